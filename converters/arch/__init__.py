@@ -1,0 +1,1 @@
+"""One small module per architecture; each defines ``SPEC`` (an ``ArchSpec``)."""

@@ -1,0 +1,122 @@
+"""What a decoder-only architecture needs to say to become a GGUF.
+
+Tensor names come from gguf-py's own tables (``gguf.TensorNameMap``); an arch
+module only states what differs: the GGUF architecture, tensors llama.cpp
+lays out differently (Llama's rotary permutation of Q/K), and which
+hyper-parameters it reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from edgemed.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    gguf_arch: "gguf.MODEL_ARCH"
+    # Hugging Face tensor-name suffixes that are not weights (buffers) and are dropped.
+    skip_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    # Per-tensor transform applied after LoRA merge, before dtype conversion: (gguf tensor kind, array, ckpt) -> array
+    transforms: dict = field(default_factory=dict)
+    # rope scaling types this arch accepts
+    rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
+    # Extra hyper-parameter writer
+    extra_hparams: Callable | None = None
+
+    @property
+    def arch_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def name_map(self, n_blocks: int) -> "gguf.TensorNameMap":
+        return gguf.TensorNameMap(self.gguf_arch, n_blocks)
+
+    def allowed(self) -> set:
+        return set(gguf.MODEL_TENSORS[self.gguf_arch])
+
+
+def rope_config(ckpt) -> tuple[float, dict]:
+    """(rope_theta, rope_scaling dict) across transformers 4.x and 5.x config layouts."""
+    params = ckpt.config.get("rope_parameters") or {}
+    scaling = ckpt.config.get("rope_scaling") or {}
+    if params and not scaling and params.get("rope_type", "default") != "default":
+        scaling = params
+    theta = ckpt.config.get("rope_theta") or params.get("rope_theta") or 10000.0
+    if scaling:
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+    return float(theta), scaling
+
+
+def head_dim(ckpt) -> int:
+    n_head = ckpt.hparam("num_attention_heads")
+    return int(ckpt.config.get("head_dim") or ckpt.hparam("hidden_size") // n_head)
+
+
+def write_decoder_hparams(spec: ArchSpec, ckpt, writer: "gguf.GGUFWriter") -> None:
+    """Hyper-parameters shared by Llama-style decoders (Llama, Qwen2, Mistral, ...)."""
+    n_head = int(ckpt.hparam("num_attention_heads"))
+    n_kv = int(ckpt.hparam("num_key_value_heads", default=n_head))
+    hidden = int(ckpt.hparam("hidden_size"))
+    hd = head_dim(ckpt)
+    writer.add_context_length(int(ckpt.hparam("max_position_embeddings")))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(ckpt.hparam("num_hidden_layers")))
+    writer.add_feed_forward_length(int(ckpt.hparam("intermediate_size")))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(float(ckpt.hparam("rms_norm_eps")))
+    writer.add_rope_dimension_count(hd)
+    if hd * n_head != hidden:
+        writer.add_key_length(hd)
+        writer.add_value_length(hd)
+    writer.add_vocab_size(int(ckpt.hparam("vocab_size")))
+    theta, scaling = rope_config(ckpt)
+    writer.add_rope_freq_base(theta)
+    rope_type = scaling.get("rope_type", "default") if scaling else "default"
+    if rope_type not in spec.rope_types:
+        raise CheckpointError(
+            f"rope scaling type '{rope_type}' is not supported for {spec.arch_name}.",
+            f"supported rope scaling types: {', '.join(spec.rope_types)}",
+        )
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+
+
+def llama3_rope_factors(ckpt) -> "np.ndarray | None":
+    """Per-frequency divisors for Llama 3.x "llama3" rope scaling (R1-Distill-Llama), else None.
+
+    Frequencies with short wavelengths keep their value, long ones are divided by
+    ``factor``, and the band between is blended linearly in 1/wavelength.
+    """
+    theta, scaling = rope_config(ckpt)
+    if not scaling or scaling.get("rope_type") != "llama3":
+        return None
+    factor = float(scaling.get("factor", 8.0))
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    hd = head_dim(ckpt)
+    freqs = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,3 @@
+from edgemed.cli import main
+
+main()

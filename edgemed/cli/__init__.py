@@ -1,0 +1,62 @@
+"""The ``edgemed`` command. Each noun/verb lives in its own small module here.
+
+Only click and edgemed's light modules are imported at start-up; a command
+imports what it needs when it runs, so ``edgemed --help`` stays instant.
+Expected failures (``EdgemedError``) become a one-paragraph message and exit
+code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from edgemed import __version__
+from edgemed.errors import EdgemedError
+
+# module under edgemed.cli -> attribute holding the click command or group
+COMMANDS: dict[str, str] = {
+    "convert": "edgemed.cli.convert:convert",
+    "check": "edgemed.cli.convert:check",
+    "quickstart": "edgemed.cli.quickstart:quickstart",
+    "run": "edgemed.cli.run:run",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command is asked for."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgemedError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted; nothing half-written was left behind.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(__version__, prog_name="edgemed")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug). Prompts and outputs are never logged.")
+def cli(verbose: int) -> None:
+    """edgemed: convert, package, run and measure medical language models on edge devices, offline."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    cli(prog_name="edgemed")

@@ -1,0 +1,78 @@
+"""The one error hierarchy.
+
+Every expected failure is an ``EdgemedError`` carrying two sentences: what is
+wrong, and what the user should do about it. The CLI turns these into a short
+message and exit code 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EdgemedError(Exception):
+    """An expected failure: ``problem`` says what is wrong, ``fix`` what to do."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.problem if not self.fix else f"{self.problem}\nFix: {self.fix}"
+
+
+class InputError(EdgemedError):
+    """The user gave us something unusable: a path, a file, an option."""
+
+
+class CheckpointError(InputError):
+    """A Hugging Face checkpoint directory is missing parts or is corrupt."""
+
+
+class UnsupportedArchitecture(InputError):
+    """The checkpoint's architecture has no converter module."""
+
+
+class AdapterError(InputError):
+    """A LoRA adapter cannot be merged into this base model."""
+
+
+class TokenizerError(InputError):
+    """The tokenizer cannot be converted faithfully."""
+
+
+class OutputExists(InputError):
+    """Refusing to overwrite an existing output."""
+
+
+class MissingDependency(EdgemedError):
+    """An optional dependency group is not installed."""
+
+    def __init__(self, module: str, extra: str):
+        super().__init__(
+            f"This command needs the Python package '{module}', which is not installed.",
+            f"install the '{extra}' extra: pip install 'edgemed[{extra}]'",
+        )
+        self.module = module
+        self.extra = extra
+
+
+class ParityError(EdgemedError):
+    """A converted model does not compute what its source computes."""
+
+
+class ModelLoadError(EdgemedError):
+    """The runtime could not load a model file."""
+
+
+class ContextOverflow(InputError):
+    """A prompt plus the requested output does not fit in the context window."""
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or raise ``MissingDependency`` naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingDependency(module, extra) from exc

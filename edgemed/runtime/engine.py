@@ -1,0 +1,113 @@
+"""The engine interface every backend (llama.cpp, ONNX Runtime) implements.
+
+An engine owns one loaded model. It streams text pieces for a list of chat
+messages (rendered with the model's own chat template) or for a raw prompt.
+Backends are picked from a table keyed by the model's on-disk form, not by
+if/elif chains, so a new backend is one module and one table row.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from edgemed.errors import InputError
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling and stopping settings for one generation. Greedy by default."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InputError(f"max_tokens must be at least 1, got {self.max_tokens}.", "pass --max-tokens 1 or more")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}.", "pass --temperature 0 for greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}.", "pass --top-p 1.0 to disable nucleus sampling")
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How to load a model: threads, context, offload. Device profiles fill these in."""
+
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_gpu_layers: int = 0
+    flash_attn: bool = False
+    type_k: str = "f16"
+    type_v: str = "f16"
+    use_mmap: bool = True
+    use_mlock: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the CLI, the server and the benchmarks may rely on."""
+
+    path: Path
+    n_ctx: int
+
+    def chat(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
+        """Stream the assistant's reply to ``messages`` (rendered by the model's chat template)."""
+
+    def complete(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
+        """Stream a continuation of a raw ``prompt``."""
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+# On-disk form -> module implementing ``load(path, LoadSettings) -> Engine``.
+_BACKENDS: dict[str, str] = {
+    "gguf": "edgemed.runtime.llama_engine",
+}
+
+
+def model_format(path: Path) -> str:
+    """Tell the model's on-disk form from the file itself (magic bytes), not its name."""
+    if path.is_file():
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+        if magic == b"GGUF":
+            return "gguf"
+        raise InputError(
+            f"'{path}' is not a GGUF file (it starts with {magic!r}, not b'GGUF').",
+            "pass a .gguf produced by `edgemed convert`, or check that the copy is complete",
+        )
+    if path.is_dir() and any(path.glob("*.onnx")):
+        return "onnx"
+    raise InputError(
+        f"Model '{path}' does not exist or is not a model file.",
+        "pass the path to a .gguf file (run `edgemed convert` to make one)",
+    )
+
+
+def open_engine(path: Path | str, load: LoadSettings | None = None) -> Engine:
+    """Load ``path`` with the backend its format needs."""
+    path = Path(path)
+    fmt = model_format(path)
+    module_name = _BACKENDS.get(fmt)
+    if module_name is None:
+        raise InputError(
+            f"No runtime backend for {fmt} models is installed in this edgemed.",
+            f"supported formats: {', '.join(sorted(_BACKENDS))}",
+        )
+    module = importlib.import_module(module_name)
+    return module.load(path, load or LoadSettings())
