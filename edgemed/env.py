@@ -7,6 +7,8 @@ from pathlib import Path
 
 #: Where edgemed keeps its own state: cached checkpoints, the model store.
 HOME_VAR = "EDGEMED_HOME"
+#: Where derived, re-creatable files go (dequantized example checkpoints, joined parts).
+CACHE_VAR = "EDGEMED_CACHE_DIR"
 #: Set to 1 to allow network access from libraries that would otherwise be told to stay offline.
 ALLOW_NETWORK_VAR = "EDGEMED_ALLOW_NETWORK"
 
@@ -28,7 +30,9 @@ def home() -> Path:
 
 
 def cache_dir(kind: str) -> Path:
-    path = home() / kind
+    """A re-creatable cache folder (``$EDGEMED_CACHE_DIR`` or ``$EDGEMED_HOME/cache``)."""
+    value = os.environ.get(CACHE_VAR)
+    path = (Path(value).expanduser() if value else home() / "cache") / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
 
