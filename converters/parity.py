@@ -78,6 +78,9 @@ def source_logits(model_dir: Path, lora: Path | None, prompts=PROMPTS) -> tuple[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if lora is not None:
@@ -100,8 +103,11 @@ def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | No
     import numpy as np
 
     n_ctx = max(len(t) for t in token_lists) + 8
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    from edgemed.converters.native_log import quiet
+
+    with quiet():
+        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
     out = []
     try:
         for tokens in token_lists:

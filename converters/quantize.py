@@ -10,13 +10,11 @@ medical text by ``imatrix.py``, is handed to the quantizer through the C API's
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from pathlib import Path
 
+from edgemed.converters.native_log import quiet
 from edgemed.errors import EdgemedError, require
-
-log = logging.getLogger(__name__)
 
 # edgemed name -> llama_ftype constant in llama_cpp
 QUANT_TYPES: dict[str, str] = {
@@ -30,7 +28,6 @@ QUANT_TYPES: dict[str, str] = {
 def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, imatrix: dict[str, "object"] | None = None) -> None:
     """Write ``dst`` as ``qtype`` from float GGUF ``src``. ``imatrix``: gguf tensor name -> float32 array."""
     llama_cpp = require("llama_cpp", "gguf")
-    quiet_llama_log()
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or os.cpu_count() or 1
     params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
@@ -47,16 +44,11 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
             entries[i].size = arr.size
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep_alive.append(entries)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with quiet():
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise EdgemedError(
             f"llama.cpp failed to quantize '{src.name}' to {qtype} (return code {rc}).",
             "run with -vv to see llama.cpp's log; check free disk space next to the output",
         )
 
-
-def quiet_llama_log() -> None:
-    """Route llama.cpp's own log to stderr only when edgemed runs with -vv."""
-    from llama_cpp import _logger
-
-    _logger.set_verbose(logging.getLogger("edgemed").isEnabledFor(logging.DEBUG))

@@ -128,6 +128,10 @@ def hf_checkpoint(name: str = DEFAULT) -> Path:
     source = gguf_file(name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     log.info("dequantizing %s to a Hugging Face checkpoint (once)", source.name)
     with atomic_path(out, force=True) as tmp:

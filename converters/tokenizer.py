@@ -178,7 +178,10 @@ def verify_tokenization(model_dir: Path, gguf_path: Path, samples=MEDICAL_SAMPLE
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    from edgemed.converters.native_log import quiet
+
+    with quiet():
+        llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     compared = 0
     try:
         for text in samples:

@@ -1,0 +1,120 @@
+"""The files an ONNX model directory carries besides the graph.
+
+Copied from the checkpoint: the tokenizer (``tokenizer.json`` is required: the
+device runtime reads it with the ``tokenizers`` library, no transformers), its
+config and special-token map, the chat template, ``generation_config.json`` and
+``config.json``. Written: ``genai_config.json`` in onnxruntime-genai's format,
+which is also what edgemed's ONNX engine reads (graph names, layer shapes,
+context length, stop tokens).
+
+``search.max_length`` is capped (``DEFAULT_MAX_LENGTH``) rather than set to the
+model's context length: onnxruntime-genai allocates the KV cache at that size
+(131,072 tokens for R1-Distill-Qwen would be gigabytes before the first token).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from edgemed.converters import onnx_trace
+from edgemed.errors import TokenizerError
+
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+          "generation_config.json", "config.json")
+GENAI_CONFIG = "genai_config.json"
+DEFAULT_MAX_LENGTH = 4096
+
+
+def copy_assets(ckpt_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer and config files present in ``ckpt_dir``; returns their names."""
+    if not (ckpt_dir / "tokenizer.json").exists():
+        raise TokenizerError(
+            f"'{ckpt_dir}' has no tokenizer.json; the ONNX runtime needs a fast (tokenizers) tokenizer.",
+            "save one with AutoTokenizer.from_pretrained(src).save_pretrained(dir) and convert again",
+        )
+    copied = []
+    for name in COPIED:
+        if (ckpt_dir / name).exists():
+            shutil.copy2(ckpt_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def eos_ids(ckpt_dir: Path, config: dict) -> list[int]:
+    """Stop token ids: generation_config.json's eos (int or list), else config.json's."""
+    value = _json(ckpt_dir / "generation_config.json").get("eos_token_id", config.get("eos_token_id"))
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def genai_config(ckpt_dir: Path, config: dict, model_file: str) -> dict:
+    """onnxruntime-genai's config for a graph written by ``onnx_trace.export``."""
+    kv_heads, head_dim = onnx_trace.kv_shape(_Cfg(config))
+    gen = _json(ckpt_dir / "generation_config.json")
+    eos = eos_ids(ckpt_dir, config)
+    context = int(config.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
+    pad = gen.get("pad_token_id", config.get("pad_token_id"))
+    return {
+        "model": {
+            "bos_token_id": gen.get("bos_token_id", config.get("bos_token_id")),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "edgemed", "provider_options": []},
+                "filename": model_file,
+                "head_size": head_dim,
+                "hidden_size": int(config["hidden_size"]),
+                "inputs": {
+                    "input_ids": onnx_trace.INPUT_IDS,
+                    "attention_mask": onnx_trace.ATTENTION_MASK,
+                    "position_ids": onnx_trace.POSITION_IDS,
+                    "past_key_names": onnx_trace.PAST_KEY,
+                    "past_value_names": onnx_trace.PAST_VALUE,
+                },
+                "outputs": {
+                    "logits": onnx_trace.LOGITS,
+                    "present_key_names": onnx_trace.PRESENT_KEY,
+                    "present_value_names": onnx_trace.PRESENT_VALUE,
+                },
+                "num_attention_heads": int(config["num_attention_heads"]),
+                "num_hidden_layers": int(config["num_hidden_layers"]),
+                "num_key_value_heads": kv_heads,
+            },
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
+            "type": config.get("model_type", "decoder"),
+            "vocab_size": int(config["vocab_size"]),
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": min(context, DEFAULT_MAX_LENGTH),
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+        },
+    }
+
+
+class _Cfg:
+    """Attribute view of a config.json dict (what ``kv_shape`` reads)."""
+
+    def __init__(self, config: dict):
+        self.num_attention_heads = int(config["num_attention_heads"])
+        self.hidden_size = int(config["hidden_size"])
+        self.head_dim = config.get("head_dim")
+        self.num_key_value_heads = config.get("num_key_value_heads")
+
+
+def write_genai_config(ckpt_dir: Path, config: dict, out_dir: Path, model_file: str) -> None:
+    (out_dir / GENAI_CONFIG).write_text(json.dumps(genai_config(ckpt_dir, config, model_file), indent=2) + "\n", encoding="utf-8")

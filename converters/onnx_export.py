@@ -1,0 +1,183 @@
+"""``convert --to onnx``: Hugging Face checkpoint (+ LoRA) -> ONNX directory with a KV cache, checked, atomic.
+
+Steps, each refusing bad input before anything is written:
+1. open the checkpoint, refuse an unsupported architecture by name, open and plan the adapter;
+2. load the model in torch float32 and merge the adapter with the spine's ``LoraAdapter.apply``;
+3. trace it to a float32 ONNX graph with past/present key-values (``onnx_trace``);
+4. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
+5. for ``int4``: ``MatMulNBits`` weights, block 32, accuracy level 4 (``onnx_quant``); parity reported;
+6. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
+7. rename the finished directory into place. A failure or Ctrl-C at any step leaves no output and no temporaries.
+
+The output loads in edgemed's ONNX engine (``edgemed run DIR``) and in onnxruntime-genai.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgemed import __version__, env
+from edgemed.atomic import atomic_path, check_destination
+from edgemed.converters import arch_spec
+from edgemed.converters.checkpoint import Checkpoint
+from edgemed.errors import InputError, ParityError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_TYPES = ("int4", "fp32")
+MODEL_FILE = "model.onnx"
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class OnnxOptions:
+    weight_type: str = "int4"
+    lora: Path | None = None
+    force: bool = False
+    parity: bool = True
+    threads: int | None = None
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    quantize_embeddings: bool = False
+
+
+@dataclass
+class OnnxReport:
+    output: str
+    weight_type: str
+    size_bytes: int
+    architecture: str
+    source: dict
+    lora: dict | None
+    quantization: dict | None
+    parity: dict = field(default_factory=dict)  # "fp32" and, for int4, "int4" -> ParityReport dict
+    timings_s: dict = field(default_factory=dict)
+    converter: dict = field(default_factory=lambda: {"name": "edgemed", "version": __version__})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> OnnxReport:
+    """Write the ONNX directory ``out`` from the HF checkpoint ``source``; returns the report (also in ``out/report.json``)."""
+    if opts.weight_type not in WEIGHT_TYPES:
+        raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(WEIGHT_TYPES)}")
+    env.enforce_offline()
+    check_destination(out, opts.force)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    ckpt = Checkpoint.open(source)
+    arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
+    adapter = None
+    if opts.lora is not None:
+        from edgemed.converters.lora import LoraAdapter
+
+        adapter = LoraAdapter.open(opts.lora, ckpt.tensors)
+    source_info = {"path": str(ckpt.path), "sha256": ckpt.digest(), "dtype": ckpt.source_dtype(), "architecture": ckpt.architecture}
+    lora_info = None if adapter is None else {
+        "path": str(adapter.path), "sha256": adapter.digest(), "r": adapter.config.get("r"),
+        "lora_alpha": adapter.config.get("lora_alpha"), "merged_tensors": len(adapter.pairs) + len(adapter.replacements),
+    }
+    quant_info = None if opts.weight_type == "fp32" else {
+        "method": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": opts.block_size,
+        "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "embeddings_quantized": opts.quantize_embeddings,
+    }
+    timings["inspect"] = time.perf_counter() - t0
+    from edgemed.converters import onnx_assets, onnx_trace
+    from edgemed.converters.merged_model import load_merged
+
+    parity: dict[str, dict] = {}
+    with atomic_path(out, force=opts.force) as tmp, tempfile.TemporaryDirectory(prefix=".edgemed-onnx-", dir=out.parent) as work:
+        tmp.mkdir()
+        work = Path(work)
+        t = time.perf_counter()
+        model = load_merged(ckpt.path, adapter)
+        fp32_path = _export_fp32(model, work, onnx_trace)
+        del model
+        gc.collect()
+        timings["export"] = time.perf_counter() - t
+
+        source_cache = None
+        if opts.parity:
+            from edgemed.converters.onnx_parity import check_onnx
+            from edgemed.converters.parity import source_logits
+
+            t = time.perf_counter()
+            source_cache = source_logits(ckpt.path, opts.lora)
+            report = check_onnx(ckpt.path, fp32_path, "fp32", threads=opts.threads, source=source_cache)
+            timings["parity_fp32"] = time.perf_counter() - t
+            echo(report.summary())
+            parity["fp32"] = report.to_dict()
+            if report.passed is False:
+                raise ParityError(
+                    f"The float32 ONNX export does not match its source: NMSE {report.nmse:.3e} "
+                    f"(must be < {report.gate_nmse:g}); nothing was written.",
+                    "this is an exporter bug for this checkpoint: rerun with -vv and report it, with the checkpoint's config.json",
+                )
+
+        final = tmp / MODEL_FILE
+        if opts.weight_type == "int4":
+            from edgemed.converters.onnx_quant import quantize_int4
+
+            t = time.perf_counter()
+            quantize_int4(fp32_path, final, block_size=opts.block_size, symmetric=opts.symmetric,
+                          accuracy_level=opts.accuracy_level, embeddings=opts.quantize_embeddings)
+            timings["quantize"] = time.perf_counter() - t
+            if opts.parity:
+                t = time.perf_counter()
+                report = check_onnx(ckpt.path, final, "int4", threads=opts.threads, source=source_cache)
+                timings["parity_int4"] = time.perf_counter() - t
+                echo(report.summary())
+                parity["int4"] = report.to_dict()
+        else:
+            for f in fp32_path.parent.iterdir():
+                shutil.move(str(f), tmp / f.name)
+
+        onnx_assets.copy_assets(ckpt.path, tmp)
+        onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
+        size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        timings["total"] = time.perf_counter() - t0
+        result = OnnxReport(
+            output=str(out), weight_type=opts.weight_type, size_bytes=size, architecture=ckpt.architecture,
+            source=source_info, lora=lora_info, quantization=quant_info, parity=parity,
+            timings_s={k: round(v, 3) for k, v in timings.items()},
+        )
+        result.converter |= {"python": platform.python_version(), "torch": _version("torch"),
+                             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")}
+        (tmp / REPORT_FILE).write_text(result.to_json() + "\n", encoding="utf-8")
+    return result
+
+
+def _export_fp32(model, work: Path, onnx_trace) -> Path:
+    """Trace into ``work/trace`` (the exporter may spill one file per tensor), re-save as one graph + one data file."""
+    import onnx
+
+    from edgemed.converters.onnx_quant import save_single_file
+
+    trace_dir, fp32_dir = work / "trace", work / "fp32"
+    trace_dir.mkdir()
+    fp32_dir.mkdir()
+    onnx_trace.export(model, trace_dir / MODEL_FILE)
+    graph = onnx.load(str(trace_dir / MODEL_FILE))
+    shutil.rmtree(trace_dir)
+    save_single_file(graph, fp32_dir / MODEL_FILE)
+    return fp32_dir / MODEL_FILE
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None

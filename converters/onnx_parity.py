@@ -1,0 +1,50 @@
+"""Parity of an exported ONNX directory against its Hugging Face source.
+
+Same prompts, same token ids, same metrics as the GGUF gate
+(``edgemed.converters.parity``): float32 ONNX must reach NMSE < 1e-4; int4 is
+reported (NMSE, KLD, top-1), not gated. Each prompt is run as one prefill with
+an empty KV cache, which is the path every generation starts with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemed.converters.parity import ParityReport, compare, source_logits
+from edgemed.converters.onnx_trace import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+
+# ONNX weight type -> the parity gate's output-type key (f32 is gated; int4 has no gate)
+GATE_TYPE = {"fp32": "f32", "int4": "int4"}
+
+
+def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
+    """float32 logits [positions, vocab] per token list, from an ONNX graph with a KV cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    past = {i.name: i.shape for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    out = []
+    for tokens in token_lists:
+        n = len(tokens)
+        feeds = {
+            INPUT_IDS: np.array([tokens], dtype=np.int64),
+            ATTENTION_MASK: np.ones((1, n), dtype=np.int64),
+            POSITION_IDS: np.arange(n, dtype=np.int64)[None, :],
+        }
+        for name, shape in past.items():  # [batch, kv_heads, past, head_dim] with past = 0
+            feeds[name] = np.zeros((1, shape[1], 0, shape[3]), dtype=np.float32)
+        logits = session.run([LOGITS], feeds)[0]
+        out.append(np.asarray(logits[0], dtype=np.float32))
+    del session
+    return out
+
+
+def check_onnx(model_dir: Path, onnx_path: Path, weight_type: str, *, lora: Path | None = None,
+               threads: int | None = None, source: tuple | None = None) -> ParityReport:
+    """Parity of ``onnx_path`` against the HF source (+ PEFT adapter, unmerged). ``source`` reuses (ids, logits)."""
+    ids, src = source or source_logits(model_dir, lora)
+    return compare("onnx", GATE_TYPE.get(weight_type, weight_type), ids, src, onnx_logits(onnx_path, ids, threads))

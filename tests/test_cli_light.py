@@ -1,0 +1,51 @@
+"""The CLI starts without heavy imports, and expected failures read as one clear paragraph."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from edgemed.cli import COMMANDS, cli
+
+HEAVY = ("numpy", "torch", "transformers", "llama_cpp", "onnxruntime", "gguf", "safetensors", "peft")
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys; from edgemed.cli import cli\n"
+        "try:\n    cli(['--help'], prog_name='edgemed')\nexcept SystemExit:\n    pass\n"
+        f"print('\\n' + __import__('json').dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
+    assert "convert" in out and "run" in out
+
+
+def test_every_command_imports_and_has_help():
+    runner = CliRunner()
+    for name in COMMANDS:
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        assert len(result.output) > 100
+
+
+def test_run_missing_model_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.gguf"), "--prompt", "hi"])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output and "edgemed convert" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_non_gguf_file_is_refused(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"PK\x03\x04 not a gguf")
+    result = CliRunner().invoke(cli, ["run", str(bogus), "--prompt", "hi"])
+    assert result.exit_code == 1 and "not a GGUF file" in result.output
+
+
+def test_convert_missing_source_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "x.gguf")])
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output

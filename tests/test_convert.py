@@ -1,0 +1,307 @@
+"""HF -> GGUF conversion on tiny random models: parity, metadata, LoRA, tokenizer, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
+from edgemed.errors import (  # noqa: E402
+    AdapterError, CheckpointError, OutputExists, TokenizerError, UnsupportedArchitecture,
+)
+
+import tiny  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": tiny.build_model(root / "llama", "llama"),
+        "qwen2": tiny.build_model(root / "qwen2", "qwen2"),
+        "lora": tiny.build_lora(root / "llama", root / "lora"),
+        "rslora": tiny.build_lora(root / "llama", root / "rslora", seed=2, rslora=True, r=8, alpha=4),
+    }
+
+
+def _read(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _tensor(reader, name: str) -> np.ndarray:
+    t = next(t for t in reader.tensors if t.name == name)
+    return np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+
+
+# -- parity ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,out_type", [("llama", "f32"), ("qwen2", "f32"), ("llama", "f16"), ("qwen2", "bf16")])
+def test_float_conversion_matches_source(models, tmp_path, arch, out_type):
+    out = tmp_path / f"{arch}-{out_type}.gguf"
+    report = convert(models[arch], out, ConvertOptions(out_type=out_type), echo=lambda s: None)
+    assert out.exists()
+    parity = report.parity
+    assert parity["passed"] is True
+    assert parity["nmse"] < {"f32": 1e-6, "f16": 1e-4, "bf16": 1e-3}[out_type]
+    assert parity["top1"] >= 0.99
+    saved = json.loads((tmp_path / f"{arch}-{out_type}.gguf.report.json").read_text())
+    assert saved["parity"]["nmse"] == parity["nmse"]
+    assert saved["source"]["sha256"] and saved["tokenizer"]["verified_tokens"] > 50
+
+
+def test_quantized_parity_is_reported_not_gated(models, tmp_path):
+    out = tmp_path / "llama-q8.gguf"
+    report = convert(models["llama"], out, ConvertOptions(out_type="q8_0"), echo=lambda s: None)
+    assert report.parity["gate_nmse"] is None and report.parity["passed"] is None
+    assert 0 < report.parity["nmse"] < 0.05  # Q8_0 is close, but not exact
+    assert _read(out).get_field("general.file_type").contents() == 7
+
+
+# -- metadata golden ------------------------------------------------------------------------
+def _describe(path: Path) -> dict:
+    reader = _read(path)
+    skip = {"general.quantized_by", "edgemed.source.sha256", "edgemed.converter_version"}
+    kv = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in skip or name in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                                                "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            continue
+        value = field.contents()
+        kv[name] = round(value, 6) if isinstance(value, float) else value
+    tensors = {t.name: {"shape": [int(d) for d in t.shape], "type": t.tensor_type.name,
+                        "sha256": hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()} for t in reader.tensors}
+    return {"kv": kv, "tensors": tensors}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_metadata_golden(models, tmp_path, arch):
+    out = tmp_path / f"{arch}.gguf"
+    convert(models[arch], out, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    got = _describe(out)
+    golden = GOLDEN / f"tiny_{arch}_f16.json"
+    if os.environ.get("EDGEMED_UPDATE_GOLDEN") == "1":  # regenerate deliberately, then review the diff
+        golden.write_text(json.dumps(got, indent=1, sort_keys=True))
+    assert got == json.loads(golden.read_text())
+
+
+def test_llama_qk_are_permuted_and_qwen2_are_not(models, tmp_path):
+    from safetensors.torch import load_file
+
+    for arch in ("llama", "qwen2"):
+        out = tmp_path / f"{arch}.gguf"
+        convert(models[arch], out, ConvertOptions(out_type="f32", parity=False), echo=lambda s: None)
+        hf = load_file(models[arch] / "model.safetensors")
+        q_hf = hf["model.layers.0.self_attn.q_proj.weight"].numpy()
+        q_gguf = _tensor(_read(out), "blk.0.attn_q.weight")
+        assert q_gguf.shape == q_hf.shape
+        assert np.array_equal(q_gguf, q_hf) == (arch == "qwen2")
+        if arch == "qwen2":
+            assert "blk.0.attn_q.bias" in {t.name for t in _read(out).tensors}
+            assert "output.weight" not in {t.name for t in _read(out).tensors}  # tied embeddings
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+def _peft_merged(base: Path, lora: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
+    return {k: v.detach().numpy() for k, v in merged.state_dict().items()}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rslora"])
+def test_lora_merge_equals_peft_merge_and_unload(models, tmp_path, adapter):
+    from edgemed.converters.arch.llama import _k, _q
+    from edgemed.converters.checkpoint import Checkpoint
+
+    out = tmp_path / "merged.gguf"
+    report = convert(models["llama"], out, ConvertOptions(out_type="f32", lora=models[adapter]), echo=lambda s: None)
+    assert report.lora["merged_tensors"] == 2 * 7
+    assert report.parity["passed"] is True  # GGUF vs PEFT's own (unmerged) forward pass
+    reader = _read(out)
+    expected = _peft_merged(models["llama"], models[adapter])
+    ckpt = Checkpoint.open(models["llama"])
+    pairs = {"self_attn.q_proj": ("attn_q", lambda w: _q(w, ckpt)), "self_attn.k_proj": ("attn_k", lambda w: _k(w, ckpt)),
+             "self_attn.v_proj": ("attn_v", None), "self_attn.o_proj": ("attn_output", None),
+             "mlp.gate_proj": ("ffn_gate", None), "mlp.up_proj": ("ffn_up", None), "mlp.down_proj": ("ffn_down", None)}
+    for layer in range(2):
+        for hf, (gg, layout) in pairs.items():
+            want = expected[f"model.layers.{layer}.{hf}.weight"]
+            want = layout(want) if layout else want
+            np.testing.assert_allclose(_tensor(reader, f"blk.{layer}.{gg}.weight"), want, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_model_logits_differ_from_base(models, tmp_path):
+    from edgemed.converters.parity import PROMPTS, gguf_logits, metrics, source_logits
+
+    base, merged = tmp_path / "base.gguf", tmp_path / "merged.gguf"
+    convert(models["llama"], base, ConvertOptions(out_type="f32", parity=False), echo=lambda s: None)
+    convert(models["llama"], merged, ConvertOptions(out_type="f32", parity=False, lora=models["lora"]), echo=lambda s: None)
+    ids, _ = source_logits(models["llama"], None, PROMPTS[:2])
+    a, b = gguf_logits(base, ids), gguf_logits(merged, ids)
+    assert metrics(np.concatenate(a), np.concatenate(b))["nmse"] > 1e-3
+
+
+def test_adapter_for_another_base_is_refused(models, tmp_path):
+    other = tiny.build_model(tmp_path / "narrow", "llama", hidden_size=32)
+    with pytest.raises(AdapterError, match="do not fit"):
+        convert(other, tmp_path / "x.gguf", ConvertOptions(out_type="f32", lora=models["lora"]), echo=lambda s: None)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_dora_adapter_is_refused(models, tmp_path):
+    bad = tmp_path / "dora"
+    shutil.copytree(models["lora"], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+    with pytest.raises(AdapterError, match="DoRA"):
+        convert(models["llama"], tmp_path / "x.gguf", ConvertOptions(out_type="f32", lora=bad), echo=lambda s: None)
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,pre", [("llama", "gpt-2"), ("qwen2", "qwen2")])
+def test_tokenizer_detection_and_llama_cpp_ids_equal_hf(models, tmp_path, arch, pre):
+    from edgemed.converters.tokenizer import MEDICAL_SAMPLES, verify_tokenization
+
+    out = tmp_path / "t.gguf"
+    report = convert(models[arch], out, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    assert report.tokenizer["pre"] == pre and report.tokenizer["model"] == "gpt2"
+    assert verify_tokenization(models[arch], out, MEDICAL_SAMPLES) == report.tokenizer["verified_tokens"]
+
+
+def test_wrong_pre_tokenizer_override_is_caught(models, tmp_path):
+    # GPT-2's regex keeps " 150" whole; qwen2's splits every digit: llama.cpp would tokenize differently
+    with pytest.raises(TokenizerError, match="tokenizes differently"):
+        convert(models["llama"], tmp_path / "x.gguf", ConvertOptions(out_type="f16", parity=False, pre_tokenizer="qwen2"),
+                echo=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_pre_tokenizer_is_refused(models, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(models["qwen2"], odd)
+    tj = json.loads((odd / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    (odd / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(TokenizerError, match="--pre-tokenizer"):
+        convert(odd, tmp_path / "x.gguf", ConvertOptions(out_type="f16"), echo=lambda s: None)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def _copy(models, tmp_path, arch="llama") -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(models[arch], dst)
+    return dst
+
+
+def test_missing_config(models, tmp_path):
+    ckpt = _copy(models, tmp_path)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(), echo=print)
+
+
+def test_corrupt_config(models, tmp_path):
+    ckpt = _copy(models, tmp_path)
+    (ckpt / "config.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(), echo=print)
+
+
+def test_truncated_shard(models, tmp_path):
+    ckpt = _copy(models, tmp_path)
+    shard = ckpt / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(), echo=print)
+
+
+def test_missing_shard_named_in_index(models, tmp_path):
+    ckpt = _copy(models, tmp_path)
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002"):
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(), echo=print)
+
+
+def test_unsupported_architecture_lists_supported(models, tmp_path):
+    ckpt = _copy(models, tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(cfg | {"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(UnsupportedArchitecture, match="LlamaForCausalLM, Qwen2ForCausalLM"):
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(), echo=print)
+
+
+def test_pickle_only_checkpoint_needs_opt_in(models, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = _copy(models, tmp_path)
+    torch.save(load_file(ckpt / "model.safetensors"), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type="f32"), echo=print)
+    report = convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type="f32", allow_pickle=True), echo=lambda s: None)
+    assert report.parity["passed"] is True
+
+
+def test_existing_output_needs_force(models, tmp_path):
+    out = tmp_path / "x.gguf"
+    out.write_text("precious")
+    with pytest.raises(OutputExists, match="--force"):
+        convert(models["llama"], out, ConvertOptions(out_type="f16", parity=False), echo=print)
+    assert out.read_text() == "precious"
+    convert(models["llama"], out, ConvertOptions(out_type="f16", parity=False, force=True), echo=print)
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
+    import edgemed.converters.gguf_out as gguf_out
+
+    calls = {"n": 0}
+    real = gguf_out._cast
+
+    def exploding_cast(array, ggml_type):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-write
+        return real(array, ggml_type)
+
+    monkeypatch.setattr(gguf_out, "_cast", exploding_cast)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        convert(models["llama"], out_dir / "x.gguf", ConvertOptions(out_type="q8_0"), echo=print)
+    assert list(out_dir.iterdir()) == []
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def test_cli_convert_and_run(models, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli.gguf"
+    result = runner.invoke(cli, ["convert", str(models["qwen2"]), "--quant", "f16", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["parity"]["passed"] is True
+    again = runner.invoke(cli, ["convert", str(models["qwen2"]), "--quant", "f16", "-o", str(out)])
+    assert again.exit_code == 1 and "--force" in again.output and "Traceback" not in again.output
+    ran = runner.invoke(cli, ["run", str(out), "--prompt", "fever and cough", "--max-tokens", "8"])
+    assert ran.exit_code == 0, ran.output
+    check = runner.invoke(cli, ["check", str(models["qwen2"]), str(out)])
+    assert check.exit_code == 0 and "PASS" in check.output
