@@ -84,6 +84,10 @@ def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conver
         adapter = LoraAdapter.open(opts.lora, ckpt.tensors)
     from edgemed.converters.tokenizer import plan_vocab, verify_tokenization
 
+    if opts.imatrix_from is not None:  # fail on a bad calibration file before writing anything
+        from edgemed.converters.imatrix import read_calibration_text
+
+        read_calibration_text(opts.imatrix_from)
     vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
     source_info = {"path": str(ckpt.path), "sha256": ckpt.digest(), "dtype": ckpt.source_dtype(), "architecture": ckpt.architecture}
     lora_info = None if adapter is None else {

@@ -1,0 +1,88 @@
+"""Importance matrix from medical text, for calibrated 4-bit quantization.
+
+For every linear layer the quantizer will touch, forward hooks on the Hugging
+Face model (with the LoRA adapter merged by PEFT, so the statistics are those of
+the model being shipped) accumulate the mean squared input activation per input
+column over calibration tokens. llama.cpp's quantizer then spends its error
+budget where activations are large. Values are keyed by GGUF tensor name,
+exactly as llama.cpp's own ``llama-imatrix`` tool would produce them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgemed.errors import InputError
+
+MAX_CHUNKS = 32
+CHUNK_TOKENS = 256
+
+
+def read_calibration_text(path: Path) -> list[str]:
+    """Texts from JSONL (fields question/text/abstract/context + options) or a plain text file."""
+    texts: list[str] = []
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"{path}:{n} is not valid JSON.", "pass a JSONL file with one object per line, or a .txt file") from None
+            parts = [str(item[k]) for k in ("question", "text", "context", "abstract") if item.get(k)]
+            if isinstance(item.get("options"), dict):
+                parts += [f"{k}. {v}" for k, v in item["options"].items()]
+            if parts:
+                texts.append("\n".join(parts))
+    else:
+        texts = [p for p in raw.split("\n\n") if p.strip()]
+    if not texts:
+        raise InputError(f"No calibration text found in '{path}'.", "JSONL lines need a 'question' or 'text' field")
+    return texts
+
+
+def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, echo=print) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    texts = read_calibration_text(text_path)
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32)
+    if lora is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
+    model.eval()
+    name_map = spec.name_map(int(ckpt.hparam("num_hidden_layers")))
+    sums: dict[str, "torch.Tensor"] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        found = name_map.get_type_and_name(f"{module_name}.weight", try_suffixes=(".weight",))
+        if found is None:
+            continue
+        gguf_name = found[1]
+
+        def hook(_mod, inputs, _out, key=gguf_name):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)  # [tokens, in_features]
+            sums[key] = sums.get(key, 0) + (x * x).sum(dim=0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(module.register_forward_hook(hook))
+    ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    chunks = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)][:MAX_CHUNKS]
+    with torch.inference_mode():
+        for chunk in chunks:
+            model(torch.tensor([chunk]))
+    for h in hooks:
+        h.remove()
+    n_tokens = sum(len(c) for c in chunks)
+    echo(f"imatrix: {len(sums)} tensors from {n_tokens} tokens of {text_path.name}")
+    return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
