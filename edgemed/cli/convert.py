@@ -7,13 +7,15 @@ from pathlib import Path
 import click
 
 OUTPUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
+ONNX_TYPES = ("int4", "fp32")  # --to onnx
+DEFAULT_QUANT = {"gguf": "q4_k_m", "onnx": "int4"}
 
 
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path), required=False)
 @click.option("--lora", type=click.Path(path_type=Path), help="A PEFT LoRA adapter directory to merge into the weights.")
-@click.option("--to", "target", type=click.Choice(["gguf"]), default="gguf", show_default=True, help="Output format.")
-@click.option("--quant", "out_type", type=click.Choice(OUTPUT_TYPES), default="q4_k_m", show_default=True, help="Output weight type.")
+@click.option("--to", "target", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True, help="Output format (onnx: a directory).")
+@click.option("--quant", "out_type", type=click.Choice(OUTPUT_TYPES + ONNX_TYPES), help="Output weight type [default: q4_k_m; int4 with --to onnx].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default: <source-name>-<quant>.gguf here).")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the source (faster; not recommended).")
@@ -39,6 +41,9 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
 
         click.echo(f"No SOURCE given: using the default model {sources.DEFAULT}.", err=True)
         source = sources.hf_checkpoint(sources.DEFAULT)
+    out_type = out_type or DEFAULT_QUANT[target]
+    if target == "onnx":
+        return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json)
     output = output or Path(f"{Path(source).name}-{out_type}.gguf")
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
                           allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty())
@@ -48,6 +53,23 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
     else:
         click.echo(f"wrote {output} ({report.size_bytes / 1e6:.1f} MB, {out_type.upper()}) in {report.timings_s['total']:.1f} s; "
                    f"report: {output}.report.json")
+
+
+def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json):
+    """``--to onnx``: a directory with the ONNX graph (KV cache), tokenizer, templates and report.json."""
+    from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
+    from edgemed.errors import InputError
+
+    if out_type not in ONNX_TYPES:
+        raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
+    output = output or Path(f"{source.name}-onnx-{out_type}")
+    opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads)
+    report = convert_onnx(source, output, opts, echo=lambda s: click.echo(s, err=as_json))
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        click.echo(f"wrote {output}/ ({report.size_bytes / 1e6:.1f} MB, ONNX {out_type.upper()}) in {report.timings_s['total']:.1f} s; "
+                   f"report: {output}/report.json")
 
 
 @click.command()

@@ -77,6 +77,7 @@ class Engine(Protocol):
 # On-disk form -> module implementing ``load(path, LoadSettings) -> Engine``.
 _BACKENDS: dict[str, str] = {
     "gguf": "edgemed.runtime.llama_engine",
+    "onnx": "edgemed.runtime.onnx_engine",
 }
 
 

@@ -1,0 +1,248 @@
+"""ONNX engine on onnxruntime: owns one ``InferenceSession`` over a directory written by ``convert --to onnx``.
+
+The directory is self-describing: ``genai_config.json`` (onnxruntime-genai's
+format) names the graph file, its inputs and outputs, the layer shapes, the
+context length and the stop tokens; ``tokenizer.json`` is read with the
+``tokenizers`` library; the chat template is rendered in a Jinja sandbox.
+No torch, no transformers, no converters: a device installs ``edgemed[onnx]``.
+
+Decoding keeps the KV cache as ORT values between steps: the prompt is run
+once (prefill, past length 0), then each new token is one step whose
+``present`` outputs become the next step's ``past`` inputs.
+
+Execution providers come from ``LoadSettings.extra["providers"]`` (short names
+from ``PROVIDERS`` or ORT's own names, in order of preference), so a device
+profile can ask for TensorRT then CUDA on a Jetson; CPU is always the fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from edgemed import env
+from edgemed.errors import ContextOverflow, ModelLoadError, require
+from edgemed.runtime.engine import GenerationSettings, LoadSettings
+
+log = logging.getLogger(__name__)
+
+GENAI_CONFIG = "genai_config.json"
+# Short names device profiles use -> onnxruntime execution provider names.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+# ORT tensor type -> numpy dtype name, for the empty past fed at prefill
+_NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"'{path}' is not valid JSON ({exc}).", "re-copy the model directory; the file is corrupt") from None
+
+
+def choose_providers(requested, available: list[str]) -> list[str]:
+    """The requested providers this onnxruntime build has, in order, then CPU."""
+    names = [PROVIDERS.get(str(p).lower(), str(p)) for p in (requested or ["cpu"])]
+    chosen = [n for n in dict.fromkeys(names) if n in available]
+    missing = [n for n in names if n not in available]
+    if missing:
+        log.warning("execution provider(s) %s not in this onnxruntime build (has: %s)", ", ".join(missing), ", ".join(available))
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _token_text(value) -> str:
+    if isinstance(value, dict):  # {"content": "<|im_end|>", ...}
+        return value.get("content", "")
+    return value or ""
+
+
+class OnnxEngine:
+    """One loaded ONNX model directory."""
+
+    def __init__(self, path: Path, load: LoadSettings):
+        env.enforce_offline()
+        ort = require("onnxruntime", "onnx")
+        self.np = require("numpy", "onnx")
+        tokenizers = require("tokenizers", "onnx")
+        self.path = path
+        config = _read_json(path / GENAI_CONFIG)
+        if not config:
+            raise ModelLoadError(f"'{path}' has no {GENAI_CONFIG}.", "convert the model with `edgemed convert --to onnx`, which writes it")
+        model = config["model"]
+        dec = model["decoder"]
+        self.n_layers = int(dec["num_hidden_layers"])
+        self.names = dec["inputs"] | dec["outputs"]
+        self.n_ctx = min(int(load.n_ctx), int(model.get("context_length") or load.n_ctx))
+        eos = model.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        gen = _read_json(path / "generation_config.json").get("eos_token_id")
+        self.eos_ids |= set(gen if isinstance(gen, list) else [] if gen is None else [gen])
+
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises its own exception type
+            raise ModelLoadError(f"Cannot read the tokenizer in '{path}': {exc}.", "re-copy tokenizer.json from the converted directory") from None
+        tok_cfg = _read_json(path / "tokenizer_config.json")
+        self.bos_token, self.eos_token = _token_text(tok_cfg.get("bos_token")), _token_text(tok_cfg.get("eos_token"))
+        self.chat_template = self._load_template(tok_cfg)
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if load.n_threads:
+            opts.intra_op_num_threads = int(load.n_threads)
+        if load.extra.get("profile"):
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(load.extra["profile"])
+        self.providers = choose_providers(load.extra.get("providers"), ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(path / dec["filename"]), opts, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelLoadError(f"onnxruntime could not load '{path / dec['filename']}': {exc}.",
+                                 "check the directory is complete (model.onnx and model.onnx.data), and that onnxruntime is >= 1.20") from None
+        self.ort = ort
+        self._past_specs = []
+        for i in range(self.n_layers):
+            for key in ("past_key_names", "past_value_names"):
+                self._past_specs.append(self.names[key] % i)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        spec = inputs[self._past_specs[0]]
+        self._kv = (int(spec.shape[1]), int(spec.shape[3]), _NP_TYPES.get(spec.type, "float32"))
+        self._outputs = [self.names["logits"]] + [
+            self.names[key] % i for i in range(self.n_layers) for key in ("present_key_names", "present_value_names")]
+
+    def _load_template(self, tok_cfg: dict) -> str | None:
+        file = self.path / "chat_template.jinja"
+        if file.exists():
+            return file.read_text(encoding="utf-8")
+        template = tok_cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
+
+    # -- text -----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special).ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        from edgemed.runtime.chat_template import render
+
+        if not self.chat_template:
+            raise ModelLoadError(f"'{self.path}' has no chat template.", "use --raw for raw completion, or convert with the tokenizer's chat template")
+        return render(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token)
+
+    # -- generation -----------------------------------------------------------------------
+    def chat(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
+        return self.generate(self.tokenize(self.render_chat(messages)), settings)
+
+    def complete(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
+        return self.generate(self.tokenize(prompt, add_special=True), settings)
+
+    def _check_fits(self, n_prompt: int, s: GenerationSettings) -> None:
+        if n_prompt + s.max_tokens > self.n_ctx:
+            raise ContextOverflow(
+                f"The prompt is {n_prompt} tokens; with max_tokens={s.max_tokens} it needs {n_prompt + s.max_tokens}, "
+                f"more than the context window of {self.n_ctx}.",
+                "shorten the prompt, lower --max-tokens, or load with a larger --ctx",
+            )
+
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+        """Stream the text of up to ``settings.max_tokens`` new tokens after ``prompt_ids``."""
+        self._check_fits(len(prompt_ids), settings)  # raised here, before the first next()
+        return self._stream(list(prompt_ids), settings)
+
+    def _stream(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+        from edgemed.runtime.text_stream import TextStream
+
+        text = TextStream(self.detokenize, settings.stop)
+        tokens = self.generate_tokens(prompt_ids, settings)
+        try:
+            for token in tokens:
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+            tail = text.flush()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()
+
+    def generate_tokens(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[int]:
+        """New token ids after ``prompt_ids``: at most ``max_tokens``, ending before a stop token."""
+        from edgemed.runtime.sampling import Sampler
+
+        sampler = Sampler(settings)
+        history = list(prompt_ids)
+        steps = self.decode_steps(prompt_ids)
+        try:
+            logits = next(steps)
+            for i in range(settings.max_tokens):
+                token = sampler.pick(logits, history)
+                if token in self.eos_ids:
+                    return
+                history.append(token)
+                yield token
+                if i < settings.max_tokens - 1:
+                    logits = steps.send(token)
+        finally:
+            steps.close()
+
+    def decode_steps(self, prompt_ids: list[int]):
+        """A generator of next-token logits (numpy [vocab]): first after the prompt, then after each token sent in.
+
+        ``logits = next(steps)`` runs the prefill; ``logits = steps.send(token)``
+        runs one decode step. The KV cache stays inside as ORT values.
+        """
+        np, ort = self.np, self.ort
+        kv_heads, head_dim, dtype = self._kv
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, 0, head_dim), dtype=dtype))
+        past = {name: empty for name in self._past_specs}
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        pos = 0
+        while True:
+            n = ids.shape[1]
+            feeds = {
+                self.names["input_ids"]: ort.OrtValue.ortvalue_from_numpy(ids),
+                self.names["attention_mask"]: ort.OrtValue.ortvalue_from_numpy(np.ones((1, pos + n), dtype=np.int64)),
+                **past,
+            }
+            if "position_ids" in self.names:
+                positions = np.arange(pos, pos + n, dtype=np.int64)[None, :]
+                feeds[self.names["position_ids"]] = ort.OrtValue.ortvalue_from_numpy(positions)
+            outs = self.session.run_with_ort_values(self._outputs, feeds)
+            past = dict(zip(self._past_specs, outs[1:]))
+            pos += n
+            token = yield outs[0].numpy()[0, -1]
+            ids = np.asarray([[token]], dtype=np.int64)
+
+    def close(self) -> None:
+        session, self.session = getattr(self, "session", None), None
+        if session is not None and self.ort is not None and session.get_session_options().enable_profiling:
+            log.info("onnxruntime profile written to %s", session.end_profiling())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(path: Path, settings: LoadSettings) -> OnnxEngine:
+    return OnnxEngine(path, settings)

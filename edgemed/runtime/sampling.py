@@ -1,0 +1,45 @@
+"""Next-token choice from a logits vector (numpy): greedy, or temperature / top-k / top-p / min-p sampling.
+
+Follows llama.cpp's order so the two backends behave alike for the same
+``GenerationSettings``: repetition penalty over the last ``REPEAT_WINDOW`` tokens,
+then top-k, temperature, top-p, min-p, and a draw from a seeded generator.
+"""
+
+from __future__ import annotations
+
+REPEAT_WINDOW = 64
+
+
+class Sampler:
+    def __init__(self, settings):
+        import numpy as np
+
+        self.s = settings
+        self.rng = np.random.default_rng(settings.seed)
+
+    def pick(self, logits, history: list[int]) -> int:
+        import numpy as np
+
+        s = self.s
+        x = np.asarray(logits, dtype=np.float64).copy()
+        if s.repeat_penalty != 1.0 and history:
+            seen = np.unique(np.asarray(history[-REPEAT_WINDOW:], dtype=np.int64))
+            v = x[seen]
+            x[seen] = np.where(v > 0, v / s.repeat_penalty, v * s.repeat_penalty)
+        if s.temperature == 0:
+            return int(np.argmax(x))
+        if 0 < s.top_k < x.size:
+            kth = np.partition(x, -s.top_k)[-s.top_k]
+            x[x < kth] = -np.inf
+        x = x / s.temperature
+        probs = np.exp(x - x.max())
+        probs /= probs.sum()
+        if s.top_p < 1.0:
+            order = np.argsort(-probs)
+            cum = np.cumsum(probs[order])
+            drop = order[(cum - probs[order]) >= s.top_p]  # keep the smallest prefix reaching top_p
+            probs[drop] = 0.0
+        if s.min_p > 0:
+            probs[probs < s.min_p * probs.max()] = 0.0
+        probs /= probs.sum()
+        return int(self.rng.choice(probs.size, p=probs))

@@ -1,0 +1,141 @@
+"""ONNX route, device side: the engine (greedy = HF, stop tokens and strings, sampling, context limit,
+sandboxed chat template, providers) and the rule that the runtime imports no torch/transformers/converters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_ir")
+torch = pytest.importorskip("torch")
+
+from onnx_tiny import build  # noqa: E402
+
+from edgemed.errors import ContextOverflow, InputError  # noqa: E402
+from edgemed.runtime.engine import GenerationSettings, LoadSettings, open_engine  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "The patient has diabetes"}]
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> tuple[Path, Path]:
+    from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
+
+    src = build(tmp_path_factory.mktemp("tiny-e") / "tiny-qwen2")
+    out = tmp_path_factory.mktemp("onnx-e") / "tiny-fp32"
+    convert_onnx(src, out, OnnxOptions(weight_type="fp32", parity=False), echo=lambda s: None)
+    return src, out
+
+
+@pytest.fixture()
+def engine(tiny_onnx):
+    eng = open_engine(tiny_onnx[1], LoadSettings(n_ctx=128))
+    yield eng
+    eng.close()
+
+
+def _hf_greedy(src: Path, prompt_ids: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=n)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_open_engine_picks_onnx_backend(engine):
+    from edgemed.runtime.onnx_engine import OnnxEngine
+
+    assert isinstance(engine, OnnxEngine)
+    assert engine.providers == ["CPUExecutionProvider"] and engine.n_ctx == 128
+
+
+def test_greedy_chat_matches_transformers(engine, tiny_onnx):
+    prompt_ids = engine.tokenize(engine.render_chat(PROMPT))
+    assert engine.detokenize(prompt_ids).startswith("user\nThe patient")  # special tokens parsed, then skipped
+    ids = list(engine.generate_tokens(prompt_ids, GenerationSettings(max_tokens=12)))
+    assert ids == _hf_greedy(tiny_onnx[0], prompt_ids, 12)
+    text = "".join(engine.chat(PROMPT, GenerationSettings(max_tokens=12)))
+    assert text == engine.detokenize(ids) and text.isascii() and len(text) > 5
+
+
+def test_streaming_yields_pieces_and_stops_on_stop_token(engine):
+    settings = GenerationSettings(max_tokens=10)
+    ids = list(engine.generate_tokens(engine.tokenize(engine.render_chat(PROMPT)), settings))
+    pieces = list(engine.chat(PROMPT, settings))
+    assert len(pieces) > 1
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    engine.eos_ids = {ids[k]}  # as if the model said <|im_end|> there
+    assert "".join(engine.chat(PROMPT, settings)) == engine.detokenize(ids[:k])
+
+
+def test_stop_string_cuts_the_reply(engine):
+    full = "".join(engine.chat(PROMPT, GenerationSettings(max_tokens=16)))
+    stop = full[4:7]
+    cut = "".join(engine.chat(PROMPT, GenerationSettings(max_tokens=16, stop=(stop,))))
+    assert cut == full[: full.find(stop)]
+
+
+def test_sampling_is_seeded(engine):
+    def sample(seed):
+        return "".join(engine.chat(PROMPT, GenerationSettings(max_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=seed)))
+
+    assert sample(1) == sample(1)
+    assert len({sample(s) for s in range(2, 6)}) > 1
+
+
+def test_context_limit_is_enforced(engine):
+    long = [{"role": "user", "content": "diabetes " * 100}]
+    with pytest.raises(ContextOverflow, match="context window of 128"):
+        engine.chat(long, GenerationSettings(max_tokens=8))
+    with pytest.raises(ContextOverflow):
+        engine.complete("hi", GenerationSettings(max_tokens=200))
+
+
+def test_chat_template_runs_in_a_sandbox(engine):
+    from edgemed.runtime.chat_template import render
+
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(InputError, match="chat template"):
+        render(evil, PROMPT)
+    with pytest.raises(InputError, match="refused"):
+        render("{{ raise_exception('no system role') }}", PROMPT)
+
+
+def test_execution_providers_chosen_from_a_list():
+    from edgemed.runtime.onnx_engine import choose_providers
+
+    cpu = ["CPUExecutionProvider"]
+    assert choose_providers(["tensorrt", "cuda"], cpu) == cpu
+    jetson = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(["tensorrt", "cuda"], jetson) == jetson
+    assert choose_providers(["CUDAExecutionProvider"], jetson) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_cli_run_answers_from_an_onnx_directory(tiny_onnx):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    result = CliRunner().invoke(main, ["run", str(tiny_onnx[1]), "--prompt", "The patient has diabetes", "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip()) > 3
+
+
+def test_runtime_imports_no_torch_transformers_or_converters(tiny_onnx):
+    code = (
+        "import sys\n"
+        "from edgemed.runtime import open_engine, GenerationSettings\n"
+        f"e = open_engine({str(tiny_onnx[1])!r})\n"
+        "print(''.join(e.chat([{'role': 'user', 'content': 'hi'}], GenerationSettings(max_tokens=4))))\n"
+        "bad = [m for m in ('torch', 'transformers', 'edgemed.converters') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert proc.returncode == 0, proc.stderr

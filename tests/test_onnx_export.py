@@ -1,0 +1,188 @@
+"""ONNX route, converter side: export with KV cache, int4, LoRA merge, parity, refusals, atomic output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_ir")
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+
+from onnx_tiny import add_lora, build  # noqa: E402
+
+from edgemed.converters.onnx_export import OnnxOptions, convert_onnx  # noqa: E402
+from edgemed.errors import ParityError, UnsupportedArchitecture  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("tiny") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny, tmp_path_factory) -> Path:
+    return add_lora(tiny, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for wt in ("fp32", "int4"):
+        out[wt] = root / f"tiny-{wt}"
+        convert_onnx(tiny, out[wt], OnnxOptions(weight_type=wt), echo=lambda s: None)
+    return out
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _onnx_logits(path: Path, ids):
+    from edgemed.converters.onnx_parity import onnx_logits
+
+    return onnx_logits(path / "model.onnx", [ids])[0]
+
+
+def _nmse(a, b) -> float:
+    return float(((a - b) ** 2).sum() / (a ** 2).sum())
+
+
+def test_export_writes_a_complete_directory(exported):
+    d = exported["fp32"]
+    names = {p.name for p in d.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "generation_config.json", "genai_config.json", "report.json"} <= names
+    cfg = json.loads((d / "genai_config.json").read_text())
+    dec = cfg["model"]["decoder"]
+    assert dec["num_hidden_layers"] == 2 and dec["num_key_value_heads"] == 2 and dec["head_size"] == 16
+    assert cfg["search"]["max_length"] <= 4096 and cfg["search"]["past_present_share_buffer"] is False
+    report = json.loads((d / "report.json").read_text())
+    assert report["parity"]["fp32"]["passed"] is True
+    assert report["parity"]["fp32"]["nmse"] < 1e-4
+
+
+def test_graph_has_past_and_present_key_values(exported):
+    import onnx
+
+    graph = onnx.load(str(exported["fp32"] / "model.onnx"), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    outputs = [o.name for o in graph.output]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.1.value" in inputs and "present.1.value" in outputs and outputs[0] == "logits"
+
+
+def test_kv_cache_decoding_equals_full_recompute(exported, tiny):
+    from transformers import AutoModelForCausalLM
+
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.onnx_engine import OnnxEngine
+
+    ids = [5, 77, 120, 9, 250, 31, 64, 200, 18, 42, 101]
+    full = _onnx_logits(exported["fp32"], ids)
+    hf = _hf_logits(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), ids)
+    np.testing.assert_allclose(full, hf, atol=1e-4)
+    engine = OnnxEngine(exported["fp32"], LoadSettings(n_ctx=64))
+    steps = engine.decode_steps(ids[:4])  # prefill 4 tokens, then one token per step
+    incremental = [next(steps)] + [steps.send(t) for t in ids[4:]]
+    np.testing.assert_allclose(np.stack(incremental), full[3:], atol=1e-4)
+    engine.close()
+
+
+def test_int4_uses_matmulnbits_and_reports_parity(exported):
+    import onnx
+
+    graph = onnx.load(str(exported["int4"] / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+    report = json.loads((exported["int4"] / "report.json").read_text())
+    int4 = report["parity"]["int4"]
+    assert int4["gate_nmse"] is None and 0 < int4["nmse"] < 0.5 and int4["top1"] > 0.5
+    assert report["quantization"]["block_size"] == 32
+    data = (exported["int4"] / "model.onnx.data").stat().st_size
+    assert data < 0.6 * (exported["fp32"] / "model.onnx.data").stat().st_size
+
+
+def test_lora_is_merged_before_export(tiny, tiny_lora, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    report = convert_onnx(tiny, out, OnnxOptions(weight_type="fp32", lora=tiny_lora), echo=lambda s: None)
+    assert report.lora["merged_tensors"] == 6 and report.parity["fp32"]["passed"]
+    ids = [3, 140, 22, 99, 7, 180, 64]
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    base_logits = _hf_logits(base, ids)
+    merged = PeftModel.from_pretrained(base, str(tiny_lora)).merge_and_unload()
+    got = _onnx_logits(out, ids)
+    assert _nmse(_hf_logits(merged, ids), got) < 1e-8
+    assert _nmse(base_logits, got) > 1e-4
+
+
+def test_unsupported_architecture_is_named(tiny, tmp_path):
+    src = tmp_path / "mamba"
+    shutil.copytree(tiny, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitecture) as exc:
+        convert_onnx(src, tmp_path / "out", OnnxOptions(), echo=lambda s: None)
+    assert "MambaForCausalLM" in str(exc.value) and "Qwen2ForCausalLM" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_failure_in_quantization_leaves_nothing(tiny, tmp_path, monkeypatch):
+    from edgemed.converters import onnx_quant
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx_quant, "quantize_int4", boom)
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_onnx(tiny, out_parent / "tiny-int4", OnnxOptions(weight_type="int4", parity=False), echo=lambda s: None)
+    assert list(out_parent.iterdir()) == []
+
+
+def test_parity_failure_refuses_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    from edgemed.converters import onnx_parity
+    from edgemed.converters.parity import ParityReport
+
+    def bad(*a, **k):
+        return ParityReport("onnx", "f32", 1, 1, 0.5, 1.0, 0.0, 9.0, 1e-4, False)
+
+    monkeypatch.setattr(onnx_parity, "check_onnx", bad)
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    with pytest.raises(ParityError, match="does not match its source"):
+        convert_onnx(tiny, out_parent / "x", OnnxOptions(weight_type="fp32"), echo=lambda s: None)
+    assert list(out_parent.iterdir()) == []
+
+
+def test_cli_convert_to_onnx(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    runner = CliRunner()
+    out = tmp_path / "cli-onnx"
+    result = runner.invoke(main, ["convert", str(tiny), "--to", "onnx", "--quant", "fp32", "--no-parity", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.onnx").exists() and "ONNX FP32" in result.output
+    again = runner.invoke(main, ["convert", str(tiny), "--to", "onnx", "-o", str(out)])
+    assert again.exit_code != 0 and "already exists" in again.output
+    wrong = runner.invoke(main, ["convert", str(tiny), "--to", "onnx", "--quant", "q4_k_m", "-o", str(tmp_path / "w")])
+    assert wrong.exit_code != 0 and "--quant int4" in wrong.output
