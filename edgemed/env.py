@@ -9,8 +9,16 @@ from pathlib import Path
 HOME_VAR = "EDGEMED_HOME"
 #: Where derived, re-creatable files go (dequantized example checkpoints, joined parts).
 CACHE_VAR = "EDGEMED_CACHE_DIR"
+#: Largest bundle (sum of its files, bytes) that install/verify accept from an archive.
+MAX_BUNDLE_VAR = "EDGEMED_MAX_BUNDLE_BYTES"
+#: Reproducible builds: a fixed creation time (seconds since 1970) for packed bundles.
+SOURCE_DATE_EPOCH_VAR = "SOURCE_DATE_EPOCH"
 #: Set to 1 to allow network access from libraries that would otherwise be told to stay offline.
 ALLOW_NETWORK_VAR = "EDGEMED_ALLOW_NETWORK"
+#: Extra folders of device profile TOML files (os.pathsep-separated); they add to, or override, the shipped ones.
+PROFILES_VAR = "EDGEMED_PROFILES_DIR"
+#: Extra folders of prompt template files (os.pathsep-separated), each with its own index.toml.
+TEMPLATES_VAR = "EDGEMED_TEMPLATES_DIR"
 
 # Variables that keep Hugging Face libraries and telemetry from reaching the network.
 _OFFLINE_VARS = {
@@ -37,9 +45,41 @@ def cache_dir(kind: str) -> Path:
     return path
 
 
+def _dirs(var: str) -> list[Path]:
+    value = os.environ.get(var, "")
+    return [Path(part).expanduser() for part in value.split(os.pathsep) if part]
+
+
+def profile_dirs() -> list[Path]:
+    """User device-profile folders: ``$EDGEMED_PROFILES_DIR`` entries, then ``$EDGEMED_HOME/profiles``."""
+    return _dirs(PROFILES_VAR) + [home() / "profiles"]
+
+
+def template_dirs() -> list[Path]:
+    """User prompt-template folders from ``$EDGEMED_TEMPLATES_DIR`` (each holds an index.toml)."""
+    return _dirs(TEMPLATES_VAR)
+
+
 def enforce_offline() -> None:
     """Tell every library we load that the network is off limits (unless allowed)."""
     if os.environ.get(ALLOW_NETWORK_VAR) == "1":
         return
     for key, value in _OFFLINE_VARS.items():
         os.environ.setdefault(key, value)
+
+
+def store_dir() -> Path:
+    """The local model store (``$EDGEMED_HOME/store``)."""
+    return home() / "store"
+
+
+def max_bundle_bytes() -> int:
+    """Upper bound on the bytes an archive may declare (default 256 GiB)."""
+    value = os.environ.get(MAX_BUNDLE_VAR)
+    return int(value) if value else 256 << 30
+
+
+def source_date_epoch() -> int | None:
+    """``$SOURCE_DATE_EPOCH`` as an int, if set (reproducible bundle timestamps)."""
+    value = os.environ.get(SOURCE_DATE_EPOCH_VAR)
+    return int(value) if value else None

@@ -68,6 +68,22 @@ class ContextOverflow(InputError):
     """A prompt plus the requested output does not fit in the context window."""
 
 
+class IntegrityError(EdgemedError):
+    """A bundle's files do not match its manifest: damaged, truncated, altered or incomplete."""
+
+
+class SignatureError(IntegrityError):
+    """A bundle's signature is missing, malformed, or not made by the expected key."""
+
+
+class UnsafeArchive(IntegrityError):
+    """An archive holds entries that could write outside its target (traversal, links, devices, bombs)."""
+
+
+class StoreError(EdgemedError):
+    """The local model store cannot do what was asked (unknown name, name taken)."""
+
+
 def require(module: str, extra: str):
     """Import ``module`` or raise ``MissingDependency`` naming the extra to install."""
     import importlib
@@ -76,3 +92,15 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise MissingDependency(module, extra) from exc
+
+
+class ProfileError(InputError):
+    """A device profile file is malformed, or no profile of that name exists."""
+
+
+class PlanError(EdgemedError):
+    """The model does not fit the device's memory budget with any usable context."""
+
+
+class TemplateError(InputError):
+    """A prompt template is malformed, missing inputs, or a chat template misbehaved."""

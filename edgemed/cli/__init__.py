@@ -23,6 +23,14 @@ COMMANDS: dict[str, str] = {
     "check": "edgemed.cli.convert:check",
     "quickstart": "edgemed.cli.quickstart:quickstart",
     "run": "edgemed.cli.run:run",
+    "pack": "edgemed.cli.pack:pack",
+    "verify": "edgemed.cli.pack:verify",
+    "inspect": "edgemed.cli.pack:inspect",
+    "keygen": "edgemed.cli.pack:keygen",
+    "install": "edgemed.cli.store:install",
+    "list": "edgemed.cli.store:list_",
+    "remove": "edgemed.cli.store:remove",
+    "export": "edgemed.cli.store:export",
 }
 
 

@@ -20,7 +20,7 @@ import click
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, help="Context window to allocate.")
 @click.option("--threads", type=int, help="CPU threads (default: physical cores).")
 def run(model, prompt, raw, system, max_tokens, temperature, top_p, seed, n_ctx, threads):
-    """Generate a reply with MODEL (a .gguf file), streaming it to stdout.
+    """Generate a reply with MODEL (a .gguf file, or an installed model's name), streaming it to stdout.
 
     With no --prompt, the prompt is read from standard input.
     """
@@ -34,6 +34,9 @@ def run(model, prompt, raw, system, max_tokens, temperature, top_p, seed, n_ctx,
         if sys.stdin.isatty():
             raise InputError("No prompt given.", "pass --prompt '...' or pipe the prompt on standard input")
         prompt = sys.stdin.read()
+    from edgemed.packaging.store import resolve_model
+
+    model = resolve_model(model)  # an installed name, or a bundle directory: verified before load
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     engine = open_engine(model, LoadSettings(n_ctx=n_ctx, n_threads=threads, seed=seed))
     try:

@@ -1,0 +1,199 @@
+"""``edgemed pack | verify | inspect | keygen``: make, check and read model bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def locate(target: str) -> tuple[str, Path | str]:
+    """A bundle argument: ('tar', path), ('directory', path) or ('store', name)."""
+    from edgemed.errors import InputError
+    from edgemed.packaging.archive import is_tar
+    from edgemed.packaging.manifest import MANIFEST
+
+    p = Path(target)
+    if p.is_dir() and (p / MANIFEST).exists():
+        return "directory", p
+    if is_tar(p):
+        return "tar", p
+    if p.exists():
+        raise InputError(f"'{target}' is not a bundle (no manifest.json, not a tar).", "pass a .edgemed file or directory made by `edgemed pack`")
+    if "/" in target or target.endswith(".edgemed"):
+        raise InputError(f"Bundle '{target}' does not exist.", "check the path; `edgemed list` shows installed models")
+    return "store", target
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", help="Model name in the store (default: from the file name).")
+@click.option("--license", "license_", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The model's license text.")
+@click.option("--card", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Model card (card.toml: CHAI / HTI-1 fields; see README).")
+@click.option("--template", "templates", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A prompt template file to ship (repeatable).")
+@click.option("--report", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Conversion report (default: MODEL.report.json when present).")
+@click.option("--no-report", is_flag=True, help="Do not include the conversion report.")
+@click.option("--sign", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Sign with this ed25519 private key (PEM).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output (default: NAME.edgemed).")
+@click.option("--dir", "as_dir", is_flag=True, help="Write the directory form (runnable in place) instead of one tar file.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def pack(model, name, license_, card, templates, report, no_report, key, output, as_dir, force, as_json):
+    """Pack MODEL (a .gguf, or an ONNX directory) into a verifiable bundle.
+
+    The bundle holds the model, LICENSE, the model card, the conversion report and a
+    manifest with every file's sha256; --sign adds an ed25519 signature.
+    """
+    from edgemed.packaging import signing
+    from edgemed.packaging.bundle import PackInputs, pack as do_pack
+
+    private_key = signing.load_private_key(key) if key else None
+    inp = PackInputs(model=model, license=license_, name=name, card=card, templates=list(templates), report=report, use_report=not no_report)
+    if output is None:
+        from edgemed.packaging.manifest import check_name
+
+        output = Path(check_name(name or model.name.split(".")[0].lower()) + ".edgemed")
+    man = do_pack(inp, output, as_dir=as_dir, private_key=private_key, force=force)
+    if as_json:
+        click.echo(man.to_bytes().decode())
+        return
+    m = man.model
+    click.echo(f"wrote {output} ({'directory' if as_dir else 'tar'}, {len(man.files)} files, {_mb(man.total_bytes)}): "
+               f"{man.name} = {m.get('arch')} {m.get('params', 0) / 1e6:.0f}M {m.get('quant')}"
+               + (f", signed by key {signing.key_id(private_key.public_key())}" if private_key else ", unsigned"))
+
+
+@click.command()
+@click.argument("bundle")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
+@click.option("--full", is_flag=True, help="Re-hash every byte (skip the verified cache).")
+@click.option("--json", "as_json", is_flag=True)
+def verify(bundle, key, full, as_json):
+    """Check BUNDLE (a .edgemed file, a bundle directory or an installed name) against its manifest.
+
+    Every file's size and sha256 must match; with --key the signature must be valid.
+    A tar is always hashed in full; directories and installed models use the verified
+    cache for files unchanged since their last full hash, unless --full.
+    """
+    import hashlib
+
+    from edgemed.packaging import signing
+    from edgemed.packaging.archive import hash_sink, read_tar
+    from edgemed.packaging.bundle import verify_dir
+    from edgemed.packaging.digest import VerifiedCache
+    from edgemed.packaging.store import Store
+
+    public_key = signing.load_public_key(key) if key else None
+    kind, where = locate(bundle)
+    signer = {}
+    if kind == "tar":
+        def on_manifest(man, data, sig):
+            if public_key is not None:
+                signer["key_id"] = signing.verify(data, sig, public_key)
+        man, data, sig = read_tar(where, hash_sink, on_manifest=on_manifest)
+        result = dict(manifest_sha256=hashlib.sha256(data).hexdigest(), has_signature=sig is not None,
+                      signed_by=signer.get("key_id"), rehashed=[f.path for f in man.files])
+    else:
+        v = (verify_dir(where, full=full, public_key=public_key, cache=VerifiedCache()) if kind == "directory"
+             else Store().verify(where, full=full, public_key=public_key))
+        man = v.manifest
+        at_install = Store().index().get(where, {}).get("signed_by") if kind == "store" and public_key is None else None
+        result = dict(manifest_sha256=v.manifest_sha256, has_signature=v.has_signature, signed_by=v.signed_by or at_install,
+                      rehashed=v.hashed)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "name": man.name, "form": kind, "files": len(man.files), "total_bytes": man.total_bytes, **result}, indent=2))
+        return
+    n_cached = len(man.files) - len(result["rehashed"])
+    how = f"{len(result['rehashed'])} re-hashed" + (f", {n_cached} unchanged since their last full hash" if n_cached else "")
+    sig = (f"signature checked at install (key {result['signed_by']})" if kind == "store" and public_key is None and result["signed_by"]
+           else f"signature valid (key {result['signed_by']})" if result["signed_by"]
+           else "signed, signature NOT checked (pass --key)" if result["has_signature"] else "unsigned")
+    click.echo(f"OK {man.name}: {len(man.files)} files, {_mb(man.total_bytes)}, every sha256 matches ({how}); {sig}")
+
+
+def _inspect_data(bundle: str) -> dict:
+    import hashlib
+
+    from edgemed.packaging import card as card_mod
+    from edgemed.packaging import signing
+    from edgemed.packaging.archive import peek_tar
+    from edgemed.packaging.bundle import read_manifest
+    from edgemed.packaging.store import Store
+
+    kind, where = locate(bundle)
+    if kind == "tar":
+        man, data, sig = peek_tar(where)
+    else:
+        man, data, sig = read_manifest(where if kind == "directory" else Store().model_dir(where))
+    return {
+        "bundle": {"source": str(where), "form": kind, "manifest_sha256": hashlib.sha256(data).hexdigest(),
+                   "signature": {"present": sig is not None, "key_id": signing.signature_key_id(sig) if sig else None},
+                   "files": len(man.files), "total_bytes": man.total_bytes, "verified": False},
+        "manifest": man.to_dict(),
+        "card_missing": card_mod.missing_fields(man.card),
+    }
+
+
+@click.command()
+@click.argument("bundle")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (documented in README, section Packaging).")
+def inspect(bundle, as_json):
+    """Show what BUNDLE holds: model facts, provenance, files, model card, memory needed.
+
+    Reads the manifest only; `edgemed verify` checks the files.
+    """
+    from edgemed.packaging import card as card_mod
+
+    info = _inspect_data(bundle)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    b, man = info["bundle"], info["manifest"]
+    m, p = man["model"], man["provenance"]
+    sig = f"signed by key {b['signature']['key_id']}" if b["signature"]["present"] else "unsigned"
+    click.echo(f"{man['name']}  ({b['form']}: {b['source']}; {sig}; not verified here, run `edgemed verify`)")
+    click.echo(f"  model      {m.get('path')}: {m.get('arch')}, {m.get('params', 0) / 1e6:.1f}M params, {m.get('quant')}, "
+               f"context {m.get('context_length')}")
+    click.echo(f"  hashes     chat template {str(m.get('chat_template_sha256'))[:16]}, tokenizer {str(m.get('tokenizer_sha256'))[:16]}")
+    click.echo(f"  provenance source {str(p.get('source_sha256', 'unknown'))[:16]}, LoRA {str(p.get('lora_sha256', 'none'))[:16]}, "
+               f"converter {p.get('converter_version', 'unknown')}, parity {'recorded' if p.get('parity') else 'not recorded'}")
+    click.echo(f"  built with {', '.join(f'{k} {v}' for k, v in p.get('built_with', {}).items())}; "
+               f"needs at least {', '.join(f'{k} {v}' for k, v in p.get('min_runtime', {}).items())}")
+    click.echo(f"  files      {b['files']} files, {_mb(b['total_bytes'])}")
+    for f in man["files"]:
+        click.echo(f"             {f['path']:<40} {_mb(f['size']):>12}  {f['sha256'][:16]}  {f['role']}")
+    mem = man["memory"]
+    click.echo(f"  memory     ({mem.get('method')}) " + ", ".join(f"ctx {c}: {_mb(n)}" for c, n in mem.get("by_context", {}).items()))
+    for prof, n in mem.get("profiles", {}).items():
+        click.echo(f"             profile {prof}: {n}")
+    if not man["card"]:
+        click.echo("  card       none (pack with --card card.toml; a clinic's AI governance will ask for one)")
+    for section, fields in card_mod.by_section(man["card"]).items():
+        click.echo(f"  card/{section}")
+        for k, v in fields.items():
+            click.echo(f"             {k}: {v}")
+    if man["card"] and info["card_missing"]:
+        click.echo(f"  card gaps  {len(info['card_missing'])} CHAI/HTI-1 fields not provided: {', '.join(info['card_missing'])}")
+
+
+@click.command()
+@click.argument("private_key", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True)
+def keygen(private_key, force):
+    """Make an ed25519 key pair for signing bundles: PRIVATE_KEY and PRIVATE_KEY.pub.pem.
+
+    Keep the private key on the build machine; give the .pub.pem to clinics.
+    """
+    from edgemed.packaging import signing
+
+    public, kid = signing.keygen(private_key, force=force)
+    click.echo(f"wrote {private_key} (private, mode 600) and {public} (public); key id {kid}")

@@ -1,0 +1,99 @@
+"""``edgemed install | list | remove | export``: the local model store and exports from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", help="Install under this name (default: the bundle's name).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
+@click.option("--force", is_flag=True, help="Replace an installed model of the same name.")
+def install(bundle, name, key, force):
+    """Install BUNDLE (a .edgemed file or bundle directory) into the local model store.
+
+    Every file is checked against the manifest as it is copied; nothing is installed
+    unless all of it matches. Then: edgemed run NAME.
+    """
+    from edgemed.packaging import signing
+    from edgemed.packaging.store import Store
+
+    public_key = signing.load_public_key(key) if key else None
+    target, man, signer = Store().install(bundle, name=name, public_key=public_key, force=force)
+    sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key)"
+    click.echo(f"installed {target}: {len(man.files)} files, {man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
+               f"Run it: edgemed run {target} --prompt '...'")
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_(as_json):
+    """List the models installed in the local store."""
+    from edgemed.packaging.store import Store
+
+    store = Store()
+    rows = store.list()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no models installed (edgemed install BUNDLE)")
+        return
+    for r in rows:
+        if "error" in r:
+            click.echo(f"{r['name']:<24} DAMAGED: {r['error']}")
+            continue
+        sig = f"key {r['signed_by']}" if r["signed_by"] else ("signed" if r["has_signature"] else "unsigned")
+        click.echo(f"{r['name']:<24} {r['arch'] or '?':<8} {(r['params'] or 0) / 1e6:>7.0f}M {r['quant'] or '?':<8} "
+                   f"{r['size_bytes'] / 1e6:>9,.1f} MB  {sig}")
+    click.echo(f"store: {store.root} ({store.disk_usage() / 1e6:,.1f} MB on disk, shared files counted once)")
+
+
+@click.command()
+@click.argument("name")
+def remove(name):
+    """Remove NAME from the local store (files another model shares stay)."""
+    from edgemed.packaging.store import Store
+
+    freed = Store().remove(name)
+    click.echo(f"removed {name}; freed {freed / 1e6:,.1f} MB")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--ollama", "ollama_dir", type=click.Path(file_okay=False, path_type=Path), help="Write Modelfile + GGUF into this directory.")
+@click.option("--llama-server", "llama_server", is_flag=True, help="Print a llama-server command line for the verified GGUF.")
+@click.option("--gguf", "gguf_out", type=click.Path(dir_okay=False, path_type=Path), help="Copy the plain GGUF here.")
+@click.option("--system", help="System prompt for the Modelfile (default: the card's system_prompt).")
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+def export(model, ollama_dir, llama_server, gguf_out, system, force):
+    """Export MODEL (an installed name or a bundle directory) for other runtimes.
+
+    --ollama DIR writes DIR/Modelfile and DIR/NAME.gguf (then: ollama create NAME -f DIR/Modelfile);
+    --llama-server prints a command that serves the verified GGUF; --gguf FILE copies it out.
+    """
+    from edgemed.errors import InputError
+    from edgemed.packaging import export as ex
+    from edgemed.packaging.bundle import verify_dir
+    from edgemed.packaging.digest import VerifiedCache
+    from edgemed.packaging.store import Store
+    from edgemed.cli.pack import locate
+
+    if not (ollama_dir or llama_server or gguf_out):
+        raise InputError("Nothing to export.", "pass --ollama DIR, --llama-server, or --gguf FILE")
+    kind, where = locate(model)
+    if kind == "tar":
+        raise InputError(f"'{model}' is a bundle archive.", f"install it first (edgemed install {model}), then export by name")
+    v = verify_dir(where, cache=VerifiedCache()) if kind == "directory" else Store().verify(where)
+    if ollama_dir:
+        path = ex.export_ollama(v, ollama_dir, system=system, force=force)
+        click.echo(f"wrote {path} and {ollama_dir / (v.manifest.name + '.gguf')}; then: ollama create {v.manifest.name} -f {path}")
+    if gguf_out:
+        ex.copy_verified(v, gguf_out, force=force)
+        click.echo(f"wrote {gguf_out} (sha256 checked)")
+    if llama_server:
+        click.echo(ex.llama_server_command(v))

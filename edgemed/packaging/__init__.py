@@ -1,0 +1,15 @@
+"""Bundles: pack a model into a verifiable, signed, self-describing package; install and run it by name.
+
+    manifest.py  the one versioned schema (files, model facts, provenance, card, memory)
+    digest.py    sha256 of files, hash-while-copy, and the verified cache behind the fast path
+    facts.py     model facts read from the GGUF (or ONNX config) and the memory estimate
+    card.py      the model card fields (CHAI applied model card / ONC HTI-1 source attributes)
+    signing.py   ed25519 keys, signatures over manifest.json, verification offline
+    bundle.py    pack a bundle (directory or tar) and verify a bundle directory
+    archive.py   write the tar form; read untrusted tars safely, streaming
+    store.py     the local content-addressed model store; ``resolve_model`` for ``edgemed run``
+    export.py    Ollama Modelfile and llama-server command line
+
+Imports flow one way: cli -> packaging -> {errors, hashing, atomic, env}. Nothing here imports
+the converters or torch; gguf and cryptography are imported inside the functions that need them.
+"""

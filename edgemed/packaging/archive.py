@@ -1,0 +1,199 @@
+"""The single-file transport form: a plain (uncompressed) tar of the bundle directory.
+
+Writing: ``manifest.json`` first, ``manifest.sig`` second, then the listed files
+in manifest order, with normalised owners, modes and times (same inputs, same
+bytes). GGUF weights do not compress, so neither do we; and an uncompressed tar
+cannot be a decompression bomb.
+
+Reading an untrusted tar, streaming, one member at a time: the manifest must come
+first and is checked before anything is written; then every member must be a
+regular file the manifest lists, with the size it lists, a safe relative name,
+seen once. Symlinks, hard links, devices, FIFOs, sparse members, compressed
+input, absolute or ``..`` names and sizes beyond the manifest (or beyond
+``EDGEMED_MAX_BUNDLE_BYTES``, or the free disk) are refused. Nothing is ever
+extracted by ``tarfile`` itself: each member's bytes go to a caller's sink that
+hashes while it copies, so nothing lands outside the caller's directory.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from edgemed import env
+from edgemed.errors import IntegrityError, UnsafeArchive
+from edgemed.packaging.digest import copy_hashed
+from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, SIGNATURE, FileEntry,
+                                         Manifest, check_relpath)
+
+_FIX = "do not install this file; ask the sender for a bundle made by `edgemed pack`"
+
+
+def _info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, mtime, 0o644
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_tar(dest: Path, manifest_bytes: bytes, sig_bytes: bytes | None, sources: list[tuple[Path, FileEntry]], mtime: int) -> None:
+    """Write the tar form to ``dest`` (a temporary path the caller renames), re-hashing as it copies."""
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20) as tf:
+        tf.addfile(_info(MANIFEST, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes))
+        if sig_bytes is not None:
+            tf.addfile(_info(SIGNATURE, len(sig_bytes), mtime), io.BytesIO(sig_bytes))
+        for src, entry in sources:
+            with open(src, "rb") as fh:
+                reader = _HashingReader(fh)
+                tf.addfile(_info(entry.path, entry.size, mtime), reader)  # tarfile copies exactly entry.size bytes
+                if fh.read(1):
+                    raise IntegrityError(f"'{src}' grew while it was being packed.", "pack again once nothing writes to the file")
+            if reader.hexdigest() != entry.sha256:
+                raise IntegrityError(f"'{src}' changed while it was being packed (expected sha256 {entry.sha256}, "
+                                     f"copied {reader.hexdigest()}).", "pack again once nothing writes to the file")
+
+
+class _HashingReader:
+    """A read-only file object that hashes what passes through it."""
+
+    def __init__(self, fh: BinaryIO):
+        import hashlib
+
+        self.fh, self.h = fh, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.fh.read(n)
+        self.h.update(block)
+        return block
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def is_tar(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    return len(head) == 512 and head[257:262] == b"ustar"
+
+
+def _refuse_type(m: tarfile.TarInfo, where: Path) -> None:
+    kinds = [(m.issym(), f"a symbolic link '{m.name}' -> '{m.linkname}'"), (m.islnk(), f"a hard link '{m.name}' -> '{m.linkname}'"),
+             (m.ischr() or m.isblk(), f"a device file '{m.name}'"), (m.isfifo(), f"a FIFO '{m.name}'"),
+             (m.issparse(), f"a sparse file '{m.name}'")]
+    for hit, what in kinds:
+        if hit:
+            raise UnsafeArchive(f"{where} holds {what}; bundles hold only regular files.", _FIX)
+    if not m.isreg():
+        raise UnsafeArchive(f"{where} holds '{m.name}' of unsupported type {m.type!r}.", _FIX)
+
+
+Sink = Callable[[FileEntry, BinaryIO], str]
+
+
+def read_tar(path: Path, sink: Sink, check_space: Path | None = None,
+             on_manifest: Callable[[Manifest, bytes, bytes | None], None] | None = None) -> tuple[Manifest, bytes, bytes | None]:
+    """Stream ``path``: check the manifest, hand each listed file to ``sink`` (which returns its sha256).
+
+    ``on_manifest(manifest, manifest_bytes, sig_bytes)`` runs once the manifest (and
+    signature, if any) have been read, before any file data: signature checks go there.
+    ``check_space``: a directory whose file system must hold the declared bytes.
+    """
+    try:
+        tf = tarfile.open(path, "r|")  # stream mode, uncompressed only
+    except tarfile.ReadError:
+        raise UnsafeArchive(f"'{path}' is not an uncompressed tar bundle.", "pass a .edgemed file made by `edgemed pack` (not gzip'd)") from None
+    manifest = manifest_bytes = sig_bytes = None
+    seen: set[str] = set()
+    started = False
+
+    def begin() -> None:
+        nonlocal started
+        if started:
+            return
+        started = True
+        total = manifest.total_bytes
+        if total > env.max_bundle_bytes():
+            raise UnsafeArchive(f"{path} declares {total} bytes, more than the {env.max_bundle_bytes()} allowed "
+                                f"(${env.MAX_BUNDLE_VAR}).", f"raise ${env.MAX_BUNDLE_VAR} if this bundle is expected to be that large")
+        if check_space is not None and total > shutil.disk_usage(check_space).free:
+            raise UnsafeArchive(f"{path} declares {total} bytes; only {shutil.disk_usage(check_space).free} are free at {check_space}.",
+                                "free disk space, or install somewhere larger (EDGEMED_HOME)")
+        if on_manifest is not None:
+            on_manifest(manifest, manifest_bytes, sig_bytes)
+
+    with tf:
+        try:
+            for m in tf:
+                name = check_relpath(m.name.rstrip("/") if m.isdir() else m.name, f"archive {path.name}")
+                if m.isdir():
+                    continue
+                _refuse_type(m, path)
+                if manifest is None:
+                    if name != MANIFEST or m.size > MAX_MANIFEST_BYTES:
+                        raise UnsafeArchive(f"{path}: the first entry is '{name}' ({m.size} bytes), not manifest.json.", _FIX)
+                    manifest_bytes = tf.extractfile(m).read(m.size)
+                    manifest = Manifest.from_bytes(manifest_bytes, str(path))
+                    continue
+                if name == SIGNATURE and not seen and sig_bytes is None:
+                    if m.size > MAX_SIGNATURE_BYTES:
+                        raise UnsafeArchive(f"{path}: manifest.sig declares {m.size} bytes.", _FIX)
+                    sig_bytes = tf.extractfile(m).read(m.size)
+                    continue
+                begin()
+                entry = manifest.entry(name)
+                if entry is None:
+                    raise IntegrityError(f"{path}: extra file '{name}' is not listed in the manifest.", _FIX)
+                if name in seen:
+                    raise UnsafeArchive(f"{path}: '{name}' appears twice.", _FIX)
+                if m.size != entry.size:
+                    raise IntegrityError(f"{path}: '{name}' declares {m.size} bytes, the manifest lists {entry.size}.", _FIX)
+                seen.add(name)
+                digest = sink(entry, tf.extractfile(m))
+                if digest != entry.sha256:
+                    raise IntegrityError(f"'{name}' does not match the manifest: expected sha256 {entry.sha256}, actual {digest}.",
+                                         "the bundle is damaged or was altered; get a fresh copy and verify again")
+        except tarfile.TarError as exc:
+            raise IntegrityError(f"{path} is damaged or truncated ({exc}).", "copy the bundle again and verify") from None
+    if manifest is None:
+        raise IntegrityError(f"{path} holds no manifest.json.", _FIX)
+    begin()
+    missing = [f.path for f in manifest.files if f.path not in seen]
+    if missing:
+        raise IntegrityError(f"{path} is incomplete: {', '.join(missing)} listed in the manifest but absent.", "copy the bundle again and verify")
+    return manifest, manifest_bytes, sig_bytes
+
+
+def hash_sink(entry: FileEntry, src: BinaryIO) -> str:
+    """A sink that only hashes (``verify`` of a tar writes nothing)."""
+    return copy_hashed(src, None, entry.size, entry.path)
+
+
+def peek_tar(path: Path) -> tuple[Manifest, bytes, bytes | None]:
+    """Read only the manifest (and signature) at the head of a tar bundle; no file data is hashed."""
+    try:
+        tf = tarfile.open(path, "r|")
+    except tarfile.ReadError:
+        raise UnsafeArchive(f"'{path}' is not an uncompressed tar bundle.", "pass a .edgemed file made by `edgemed pack`") from None
+    with tf:
+        manifest = data = sig = None
+        for m in tf:
+            name = check_relpath(m.name, f"archive {path.name}")
+            _refuse_type(m, path)
+            if manifest is None:
+                if name != MANIFEST or m.size > MAX_MANIFEST_BYTES:
+                    raise UnsafeArchive(f"{path}: the first entry is '{name}', not manifest.json.", _FIX)
+                data = tf.extractfile(m).read(m.size)
+                manifest = Manifest.from_bytes(data, str(path))
+                continue
+            if name == SIGNATURE and m.size <= MAX_SIGNATURE_BYTES:
+                sig = tf.extractfile(m).read(m.size)
+            break
+    if manifest is None:
+        raise IntegrityError(f"{path} holds no manifest.json.", _FIX)
+    return manifest, data, sig

@@ -1,0 +1,255 @@
+"""Pack a model into a bundle, and verify a bundle directory before it is loaded.
+
+Bundle directory (runnable in place; the model file is mmap'd where it lies)::
+
+    manifest.json        schema edgemed.bundle/1: every other file's path, size, sha256; facts; card
+    manifest.sig         optional ed25519 signature over manifest.json
+    model/<file>.gguf    or model/<onnx dir>/...
+    LICENSE
+    card.toml            the model card as written (its fields are also in the manifest)
+    report.json          the conversion report, when `edgemed convert` left one next to the GGUF
+    templates/...        prompt templates given with --template
+
+The tar form holds the same entries (see archive.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemed import __version__, env
+from edgemed.atomic import atomic_path
+from edgemed.errors import InputError, IntegrityError, UnsafeArchive
+from edgemed.packaging import facts as facts_mod
+from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
+from edgemed.packaging.manifest import MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURE, FileEntry, Manifest, check_name
+
+log = logging.getLogger(__name__)
+
+_DAMAGED = "the bundle is damaged or was altered; get a fresh copy from its maker and verify again"
+
+
+@dataclass
+class PackInputs:
+    model: Path
+    license: Path
+    name: str | None = None
+    card: Path | None = None
+    templates: list[Path] = field(default_factory=list)
+    report: Path | None = None  # default: <model>.report.json when it exists
+    use_report: bool = True
+
+
+def _report_for(model: Path, given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    sidecar = model.with_name(model.name + ".report.json")
+    return sidecar if sidecar.is_file() else None
+
+
+def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
+    """(source, bundle path, role) for every file; model facts; provenance."""
+    model = inp.model
+    if model.is_file():
+        with open(model, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise InputError(f"'{model}' is not a GGUF file.", "pass a .gguf made by `edgemed convert`, or an ONNX model directory")
+        model_facts, prov = facts_mod.gguf_facts(model)
+        model_facts["path"] = f"model/{model.name}"
+        files = [(model, model_facts["path"], "model")]
+    elif model.is_dir() and any(model.glob("*.onnx")):
+        model_facts, prov = facts_mod.onnx_facts(model)
+        model_facts["path"] = "model/onnx"
+        files = [(p, f"model/onnx/{p.relative_to(model).as_posix()}", "model") for p in sorted(model.rglob("*")) if p.is_file()]
+    else:
+        raise InputError(f"Model '{model}' is neither a GGUF file nor a directory with .onnx files.",
+                         "pass the .gguf that `edgemed convert` wrote")
+    if not inp.license.is_file():
+        raise InputError(f"License file '{inp.license}' does not exist.", "pass --license with the model's license text")
+    files.append((inp.license, "LICENSE", "license"))
+    if inp.card is not None:
+        files.append((inp.card, "card.toml", "card"))
+    report = _report_for(model, inp.report) if inp.use_report else None
+    if report is not None:
+        prov.update(_report_provenance(report, model))
+        files.append((report, "report.json", "report"))
+    for t in inp.templates:
+        if not t.is_file():
+            raise InputError(f"Template '{t}' does not exist.", "pass --template with an existing file")
+        files.append((t, f"templates/{t.name}", "template"))
+    return files, model_facts, prov
+
+
+def _report_provenance(report: Path, model: Path) -> dict:
+    """Provenance and parity from the converter's ``<out>.report.json`` (build-machine paths left out)."""
+    try:
+        r = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"Cannot read the conversion report '{report}': {exc}.", "re-run `edgemed convert`, or pass --no-report") from None
+    if model.is_file() and r.get("size_bytes") not in (None, model.stat().st_size):
+        raise InputError(f"The conversion report '{report}' describes a {r.get('size_bytes')}-byte file, not this {model.stat().st_size}-byte model.",
+                         "the report is stale: re-run `edgemed convert`, or pass --no-report")
+    src, lora = r.get("source") or {}, r.get("lora") or {}
+    out = {"source_sha256": src.get("sha256"), "source_dtype": src.get("dtype"), "lora_sha256": lora.get("sha256"),
+           "converter_version": (r.get("converter") or {}).get("version"), "out_type": r.get("out_type"),
+           "parity": r.get("parity"), "tokenizer_check": r.get("tokenizer")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _runtime_versions(fmt: str) -> tuple[dict, dict]:
+    from importlib import metadata
+
+    dists = {"gguf": ("llama-cpp-python", "gguf"), "onnx": ("onnxruntime", "onnxruntime-genai")}[fmt]
+    built = {}
+    for d in dists:
+        try:
+            built[d] = metadata.version(d)
+        except metadata.PackageNotFoundError:
+            pass
+    # The runtime this bundle was checked with is the minimum we vouch for; older may work, untested.
+    minimum = {"edgemed": __version__, **({dists[0]: built[dists[0]]} if dists[0] in built else {})}
+    return built, minimum
+
+
+def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov: dict, card: dict) -> Manifest:
+    built, minimum = _runtime_versions(model_facts["format"])
+    prov = {**prov, "built_with": built, "min_runtime": minimum}
+    model_bytes = sum(e.size for e in entries if e.role == "model")
+    epoch = env.source_date_epoch()
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch if epoch is not None else time.time()))
+    man = Manifest(name=name, files=entries, model=model_facts, provenance=prov, card=card,
+                   memory=facts_mod.memory_estimate(model_facts, model_bytes), created=created, edgemed_version=__version__)
+    man.validate("new manifest")
+    return man
+
+
+def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, force: bool = False) -> Manifest:
+    """Write a bundle to ``out`` (tar by default, a directory with ``as_dir``), atomically."""
+    from edgemed.packaging import card as card_mod
+    from edgemed.packaging import signing
+
+    name = check_name(inp.name or inp.model.name.split(".")[0].lower())
+    card = card_mod.load_card(inp.card) if inp.card else {}
+    sources, model_facts, prov = _gather(inp)
+    out = Path(out)
+    if as_dir:
+        with atomic_path(out, force=force) as tmp:
+            tmp.mkdir()
+            entries = []
+            for src, rel, role in sources:
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open(src, "rb") as fh, open(dest, "xb") as dst:
+                    digest = copy_hashed(fh, dst, os.fstat(fh.fileno()).st_size, str(src))
+                entries.append(FileEntry(rel, dest.stat().st_size, digest, role))
+            man = build_manifest(name, entries, model_facts, prov, card)
+            data = man.to_bytes()
+            (tmp / MANIFEST).write_bytes(data)
+            if private_key is not None:
+                (tmp / SIGNATURE).write_bytes(signing.sign(data, private_key))
+        return man
+    entries = [FileEntry(rel, src.stat().st_size, sha256_file(src), role) for src, rel, role in sources]
+    man = build_manifest(name, entries, model_facts, prov, card)
+    data = man.to_bytes()
+    sig = signing.sign(data, private_key) if private_key is not None else None
+    from edgemed.packaging.archive import write_tar
+
+    epoch = env.source_date_epoch()
+    with atomic_path(out, force=force) as tmp:
+        write_tar(tmp, data, sig, [(src, e) for (src, _, _), e in zip(sources, entries)], epoch if epoch is not None else int(time.time()))
+    return man
+
+
+# -- verification of a bundle directory ----------------------------------------------------
+@dataclass
+class Verified:
+    root: Path
+    manifest: Manifest
+    manifest_sha256: str
+    signed_by: str | None  # key id when a signature was checked
+    has_signature: bool
+    hashed: list[str] = field(default_factory=list)  # files re-hashed (the rest came from the verified cache)
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.manifest.model_path
+
+
+def read_manifest(root: Path) -> tuple[Manifest, bytes, bytes | None]:
+    mpath, spath = root / MANIFEST, root / SIGNATURE
+    for p in (mpath, spath):
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise UnsafeArchive(f"{p} is not a regular file.", _DAMAGED)
+    if not mpath.is_file():
+        raise IntegrityError(f"'{root}' has no manifest.json: it is not a bundle, or the copy is incomplete.",
+                             "pass a bundle made by `edgemed pack` (a .edgemed file or directory)")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"{mpath} is {mpath.stat().st_size} bytes, too large for a manifest.", _DAMAGED)
+    data = mpath.read_bytes()
+    sig = spath.read_bytes() if spath.is_file() else None
+    return Manifest.from_bytes(data, str(root)), data, sig
+
+
+def _walk(root: Path) -> dict[str, os.stat_result]:
+    """Every regular file under ``root`` (relative POSIX path -> lstat); anything else is refused."""
+    found: dict[str, os.stat_result] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            st = os.lstat(p)
+            rel = p.relative_to(root).as_posix()
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeArchive(f"'{rel}' in {root} is a symbolic link; bundles hold only regular files.", _DAMAGED)
+            if stat.S_ISREG(st.st_mode):
+                found[rel] = st
+            elif not stat.S_ISDIR(st.st_mode):
+                raise UnsafeArchive(f"'{rel}' in {root} is not a regular file (device, FIFO or socket).", _DAMAGED)
+    return found
+
+
+def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: VerifiedCache | None = None,
+               expect_manifest_sha256: str | None = None) -> Verified:
+    """Check every file of a bundle directory against its manifest (and signature, with ``public_key``).
+
+    Refuses (IntegrityError and subclasses) a missing, extra, resized or altered file,
+    naming the file and the expected and actual digests. ``full`` re-hashes every byte;
+    otherwise files unchanged since their last full hash come from the verified cache.
+    """
+    import hashlib
+
+    from edgemed.packaging import signing
+
+    root = Path(root).absolute()
+    man, data, sig = read_manifest(root)
+    msha = hashlib.sha256(data).hexdigest()
+    if expect_manifest_sha256 is not None and msha != expect_manifest_sha256:
+        raise IntegrityError(f"{root}/manifest.json was changed after install: expected sha256 {expect_manifest_sha256}, actual {msha}.",
+                             f"reinstall the model: edgemed install BUNDLE --force")
+    signed_by = signing.verify(data, sig, public_key) if public_key is not None else None
+    found = _walk(root)
+    extra = sorted(set(found) - {f.path for f in man.files} - set(RESERVED))
+    if extra:
+        raise IntegrityError(f"{root} holds extra files not listed in the manifest: {', '.join(extra)}.",
+                             "remove them, or get a fresh copy of the bundle")
+    hashed = []
+    for f in man.files:
+        st = found.get(f.path)
+        if st is None:
+            raise IntegrityError(f"{root} is incomplete: '{f.path}' is listed in the manifest but missing.", _DAMAGED)
+        if st.st_size != f.size:
+            raise IntegrityError(f"'{f.path}' is {st.st_size} bytes, the manifest lists {f.size} (truncated or altered): "
+                                 f"expected sha256 {f.sha256}.", _DAMAGED)
+        digest, cached = file_digest(root / f.path, cache, full)
+        if not cached:
+            hashed.append(f.path)
+        if digest != f.sha256:
+            raise IntegrityError(f"'{f.path}' does not match the manifest: expected sha256 {f.sha256}, actual {digest}.", _DAMAGED)
+    if cache is not None:
+        cache.save()
+    return Verified(root, man, msha, signed_by, sig is not None, hashed)

@@ -1,0 +1,121 @@
+"""File digests: sha256 at disk speed, hash-while-copy, and the verified cache (the fast path).
+
+The fast path: after a file has been hashed in full, its digest is remembered
+with the file's (device, inode, size, mtime_ns, ctime_ns). The next check
+re-stats the file and reuses the digest only if all five are unchanged. Any
+write through the file system changes mtime and ctime (ctime cannot be set back
+from user space), a replace changes the inode, so a hit means "not written since
+it was hashed". A file written in the same clock tick as its hash could slip
+through, so entries younger than ``RACY_S`` seconds are never cached (git's
+"racy clean" rule). What the fast path cannot see: raw writes to the block
+device, or someone who can edit the cache file itself; ``--full`` re-hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from edgemed import env
+from edgemed.atomic import write_text
+from edgemed.errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+BUF = 1 << 20  # 1 MiB reads into one reused buffer: no per-chunk allocation
+RACY_S = 2.0
+CACHE_NAME = "verified-cache.json"
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(BUF)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def copy_hashed(src: BinaryIO, dst: BinaryIO | None, size: int, name: str) -> str:
+    """Copy exactly ``size`` bytes from ``src`` to ``dst`` (or nowhere), returning their sha256.
+
+    Never reads past ``size``: a member that claims less than it holds cannot grow
+    the output, and one that holds less than it claims is reported as truncated.
+    """
+    h = hashlib.sha256()
+    left = size
+    while left:
+        block = src.read(min(BUF, left))
+        if not block:
+            raise IntegrityError(f"'{name}' is truncated: expected {size} bytes, got {size - left}.",
+                                 "the copy is incomplete; copy the bundle again and verify")
+        h.update(block)
+        if dst is not None:
+            dst.write(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class VerifiedCache:
+    """Digests of files hashed in full, keyed by absolute path and guarded by their stat stamp."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or env.home() / CACHE_NAME
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(raw, dict) and isinstance(raw.get("entries"), dict):
+                self.entries = raw["entries"]
+        except (OSError, ValueError):
+            pass  # no cache, or a damaged one: everything is re-hashed, which is always safe
+
+    def lookup(self, path: Path, st: os.stat_result) -> str | None:
+        e = self.entries.get(str(path))
+        if e and e.get("stamp") == _stamp(st):
+            return e.get("sha256")
+        return None
+
+    def record(self, path: Path, st: os.stat_result, digest: str) -> None:
+        newest = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
+        if time.time() - newest < RACY_S:
+            return  # too fresh to trust a stamp; hash again next time
+        self.entries[str(path)] = {"stamp": _stamp(st), "sha256": digest}
+        self.dirty = True
+
+    def forget_under(self, root: Path) -> None:
+        prefix = str(root) + os.sep
+        for key in [k for k in self.entries if k.startswith(prefix)]:
+            del self.entries[key]
+            self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(self.path, json.dumps({"schema": "edgemed.verified-cache/1", "entries": self.entries}))
+        self.dirty = False
+
+
+def file_digest(path: Path, cache: VerifiedCache | None, full: bool) -> tuple[str, bool]:
+    """(sha256, from_cache). With ``full`` or no cache, always hashes the bytes."""
+    path = path.absolute()
+    st = os.stat(path)
+    if cache is not None and not full:
+        hit = cache.lookup(path, st)
+        if hit:
+            return hit, True
+    digest = sha256_file(path)
+    if cache is not None and _stamp(os.stat(path)) == _stamp(st):  # unchanged while we hashed it
+        cache.record(path, st, digest)
+    return digest, False

@@ -1,0 +1,117 @@
+"""Interop: an Ollama Modelfile + GGUF, and a plain llama-server command line.
+
+Ollama's TEMPLATE is a Go template, not the Jinja template stored in the GGUF, so
+the export maps the GGUF's chat template to a Go template by the markers the
+template uses (a table, one row per prompt format). A template no row matches is
+left out of the Modelfile: Ollama then falls back to the GGUF's own template, and
+the export says so in a comment.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed import __version__
+from edgemed.atomic import atomic_path, write_text
+from edgemed.errors import InputError, IntegrityError
+from edgemed.packaging.bundle import Verified
+from edgemed.packaging.digest import copy_hashed
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str
+    markers: tuple[str, ...]  # all must appear in the GGUF's Jinja chat template
+    go_template: str
+    stops: tuple[str, ...]
+
+
+FORMATS = (
+    PromptFormat(
+        "chatml", ("<|im_start|>", "<|im_end|>"),
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+        ("<|im_start|>", "<|im_end|>"),
+    ),
+    PromptFormat(
+        "llama3", ("<|start_header_id|>", "<|eot_id|>"),
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    ),
+)
+
+DEFAULT_CTX = 4096
+
+
+def prompt_format(chat_template: str | None) -> PromptFormat | None:
+    if not chat_template:
+        return None
+    return next((f for f in FORMATS if all(m in chat_template for m in f.markers)), None)
+
+
+def _block(directive: str, text: str, what: str) -> str:
+    if '"""' in text:
+        raise InputError(f"The {what} contains '\"\"\"', which a Modelfile cannot quote.", f"edit the {what} and re-pack")
+    return f'{directive} """{text}"""'
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def modelfile(v: Verified, gguf_name: str, chat_template: str | None, system: str | None = None) -> str:
+    man = v.manifest
+    fmt = prompt_format(chat_template)
+    ctx = min(man.model.get("context_length") or DEFAULT_CTX, DEFAULT_CTX)
+    lines = [f"# Ollama Modelfile for '{man.name}', exported by edgemed {__version__}",
+             f"# bundle manifest sha256 {v.manifest_sha256}; model sha256 {man.entry(man.model_path).sha256}",
+             f"FROM ./{gguf_name}"]
+    if fmt is not None:
+        lines.append(_block("TEMPLATE", fmt.go_template, "chat template"))
+    else:
+        lines.append("# TEMPLATE left out: no known prompt format matched; Ollama uses the template stored in the GGUF")
+    system = system if system is not None else man.card.get("system_prompt")
+    if system:
+        lines.append(_block("SYSTEM", system, "system prompt"))
+    lines += [f"PARAMETER num_ctx {ctx}", "PARAMETER temperature 0"]
+    lines += [f"PARAMETER stop {_quote(s)}" for s in (fmt.stops if fmt else ())]
+    lic = man.entry("LICENSE")
+    if lic is not None:
+        lines.append(_block("LICENSE", (v.root / "LICENSE").read_text(encoding="utf-8").strip("\n"), "LICENSE file"))
+    return "\n".join(lines) + "\n"
+
+
+def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, force: bool = False) -> Path:
+    """Write ``out_dir/Modelfile`` and ``out_dir/<name>.gguf``; return the Modelfile path."""
+    from edgemed.packaging.facts import chat_template
+
+    man = v.manifest
+    if man.model.get("format") != "gguf":
+        raise InputError(f"'{man.name}' is a {man.model.get('format')} model; Ollama runs GGUF only.", "export a GGUF bundle")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gguf_name = f"{man.name}.gguf"
+    text = modelfile(v, gguf_name, chat_template(v.model_path), system)
+    copy_verified(v, out_dir / gguf_name, force=force)
+    write_text(out_dir / "Modelfile", text, force=True)
+    return out_dir / "Modelfile"
+
+
+def copy_verified(v: Verified, dest: Path, *, force: bool = False) -> Path:
+    """Copy the bundle's GGUF to ``dest`` (atomically), checking its sha256 on the way."""
+    entry = v.manifest.entry(v.manifest.model_path)
+    with atomic_path(dest, force=force) as tmp, open(v.model_path, "rb") as src, open(tmp, "xb") as dst:
+        digest = copy_hashed(src, dst, entry.size, entry.path)
+        if digest != entry.sha256:
+            raise IntegrityError(f"'{entry.path}' changed while it was copied: expected sha256 {entry.sha256}, actual {digest}.",
+                                 "verify the model (edgemed verify NAME --full) and export again")
+    return dest
+
+
+def llama_server_command(v: Verified, *, host: str = "127.0.0.1", port: int = 8080, ctx: int | None = None) -> str:
+    man = v.manifest
+    n_ctx = ctx or min(man.model.get("context_length") or DEFAULT_CTX, DEFAULT_CTX)
+    args = ["llama-server", "--model", str(v.model_path), "--alias", man.name, "--ctx-size", str(n_ctx), "--jinja",
+            "--host", host, "--port", str(port)]
+    return shlex.join(args)

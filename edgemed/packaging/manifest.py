@@ -1,0 +1,164 @@
+"""The bundle manifest: one JSON schema, versioned, validated on every read.
+
+A bundle is a directory (or a tar of one) holding ``manifest.json``, an optional
+``manifest.sig`` and the files the manifest lists. The manifest names every other
+file with its size and sha256, so a signature over the manifest's exact bytes
+covers the whole bundle. Readers refuse a manifest whose major schema version
+they do not know, and any file name that could leave the bundle directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+
+from edgemed.errors import IntegrityError, InputError, UnsafeArchive
+
+SCHEMA = "edgemed.bundle/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+RESERVED = (MANIFEST, SIGNATURE)
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SIGNATURE_BYTES = 64 << 10
+MAX_FILES = 10_000
+ROLES = ("model", "license", "card", "report", "template", "other")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_name(name: str) -> str:
+    """A model name usable as a store key and a directory name."""
+    if not NAME_RE.match(name or "") or ".." in name:
+        raise InputError(
+            f"'{name}' is not a valid model name.",
+            "use 1-64 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def check_relpath(name: str, where: str = "bundle") -> str:
+    """A file name inside a bundle: relative, POSIX, no '..', no drive, no control characters."""
+    parts = name.split("/")
+    bad = (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or any(ord(c) < 32 for c in name)
+        or re.match(r"^[A-Za-z]:", name)
+        or any(p in ("", ".", "..") for p in parts)
+        or len(name) > 1024
+    )
+    if bad:
+        kind = "an absolute path" if name.startswith("/") or re.match(r"^[A-Za-z]:", name or "") else "an unsafe path"
+        raise UnsafeArchive(
+            f"The {where} names {kind}: {name!r}. Entries must be plain relative paths inside the bundle.",
+            "do not install this file; ask the sender for a bundle made by `edgemed pack`",
+        )
+    return str(PurePosixPath(name))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+    role: str = "other"
+
+
+@dataclass
+class Manifest:
+    name: str
+    files: list[FileEntry]
+    model: dict
+    provenance: dict = field(default_factory=dict)
+    card: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    created: str = ""
+    edgemed_version: str = ""
+    schema: str = SCHEMA
+
+    # -- reading ------------------------------------------------------------------------
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "manifest") -> "Manifest":
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"{source}: the manifest is {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} allowed.",
+                                 "this is not a bundle made by `edgemed pack`")
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IntegrityError(f"{source}: manifest.json is not valid JSON ({exc}).",
+                                 "the bundle is damaged or was altered; get a fresh copy and verify again") from None
+        if not isinstance(raw, dict):
+            raise IntegrityError(f"{source}: manifest.json is not a JSON object.", "get a fresh copy of the bundle")
+        schema = raw.get("schema", "")
+        family, _, major = str(schema).partition("/")
+        if family != SCHEMA.split("/")[0]:
+            raise IntegrityError(f"{source}: not an edgemed bundle manifest (schema {schema!r}).", "pass a bundle made by `edgemed pack`")
+        if major != SCHEMA.split("/")[1]:
+            raise IntegrityError(f"{source}: manifest schema {schema!r} is not one this edgemed reads ({SCHEMA}).",
+                                 "upgrade edgemed on this machine: pip install -U edgemed")
+        try:
+            files = [FileEntry(**f) for f in raw["files"]]
+            man = cls(
+                name=raw["name"], files=files, model=dict(raw["model"]), provenance=dict(raw.get("provenance") or {}),
+                card=dict(raw.get("card") or {}), memory=dict(raw.get("memory") or {}), created=str(raw.get("created", "")),
+                edgemed_version=str(raw.get("edgemed_version", "")), schema=schema,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{source}: manifest.json is missing or mistypes a field ({exc}).",
+                                 "the bundle is damaged or was altered; get a fresh copy and verify again") from None
+        man.validate(source)
+        return man
+
+    def validate(self, source: str = "manifest") -> None:
+        check_name(self.name)
+        if not self.files or len(self.files) > MAX_FILES:
+            raise IntegrityError(f"{source}: the manifest lists {len(self.files)} files (1 to {MAX_FILES} allowed).", "get a fresh copy of the bundle")
+        seen: set[str] = set()
+        for f in self.files:
+            check_relpath(f.path, "manifest")
+            if f.path in RESERVED:
+                raise IntegrityError(f"{source}: the manifest lists the reserved name '{f.path}'.", "get a fresh copy of the bundle")
+            if not isinstance(f.size, int) or isinstance(f.size, bool) or f.size < 0:
+                raise IntegrityError(f"{source}: '{f.path}' has an invalid size {f.size!r}.", "get a fresh copy of the bundle")
+            if not isinstance(f.sha256, str) or not _HEX64.match(f.sha256):
+                raise IntegrityError(f"{source}: '{f.path}' has an invalid sha256 {f.sha256!r}.", "get a fresh copy of the bundle")
+            if f.role not in ROLES:
+                raise IntegrityError(f"{source}: '{f.path}' has an unknown role {f.role!r}.", "upgrade edgemed, or get a fresh copy")
+            key = f.path.lower()  # case-insensitive file systems (USB sticks) would merge these
+            if key in seen:
+                raise IntegrityError(f"{source}: '{f.path}' is listed twice.", "get a fresh copy of the bundle")
+            seen.add(key)
+        for key in seen:  # a file may not also be a directory ("model" and "model/x.gguf")
+            parent = PurePosixPath(key).parent
+            while str(parent) != ".":
+                if str(parent) in seen:
+                    raise IntegrityError(f"{source}: '{parent}' is listed both as a file and as a directory.", "get a fresh copy of the bundle")
+                parent = parent.parent
+        model_path = self.model.get("path")
+        if not isinstance(model_path, str) or not any(f.path == model_path or f.path.startswith(model_path + "/") for f in self.files):
+            raise IntegrityError(f"{source}: the model path {model_path!r} is not among the listed files.", "get a fresh copy of the bundle")
+
+    # -- writing ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["files"] = [asdict(f) for f in self.files]
+        return d
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+    # -- queries ------------------------------------------------------------------------
+    def entry(self, path: str) -> FileEntry | None:
+        return next((f for f in self.files if f.path == path), None)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def model_path(self) -> str:
+        return self.model["path"]

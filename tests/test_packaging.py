@@ -1,0 +1,357 @@
+"""Bundles: pack, verify (full and fast path), signatures, tamper detection, the store, inspect --json.
+
+All on a tiny synthetic GGUF (a few KB) so the whole file runs in seconds; the real
+SmolLM2 round trip is in test_packaging_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bundle_kit as kit
+from edgemed.cli import cli
+from edgemed.errors import IntegrityError, SignatureError, StoreError
+from edgemed.packaging import digest, signing
+from edgemed.packaging.bundle import PackInputs, pack, verify_dir
+from edgemed.packaging.digest import VerifiedCache
+from edgemed.packaging.store import Store, resolve_model
+
+
+@pytest.fixture
+def src(tmp_path):
+    return kit.inputs(tmp_path / "src")
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return kit.keypair(tmp_path)
+
+
+def _pack(src, out: Path, **kw) -> Path:
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name=kw.pop("name", "tiny")), out, **kw)
+    return out
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+# -- pack / inspect ------------------------------------------------------------------------
+def test_pack_directory_and_tar_hold_same_manifest(tmp_path, src):
+    d = _pack(src, tmp_path / "b.dir", as_dir=True)
+    t = _pack(src, tmp_path / "b.edgemed")
+    assert sorted(p.name for p in d.iterdir()) == ["LICENSE", "card.toml", "manifest.json", "model"]
+    man_d = json.loads((d / "manifest.json").read_text())
+    info = json.loads(_run("inspect", t, "--json").output)
+    man_t = info["manifest"]
+    assert man_d["files"] == man_t["files"]
+    assert {f["path"] for f in man_t["files"]} == {"model/tiny.gguf", "LICENSE", "card.toml"}
+    m = man_t["model"]
+    assert (m["arch"], m["context_length"], m["n_layers"], m["vocab_size"], m["params"]) == ("llama", 2048, 2, 6, 6 * 8 + 2 * 8)
+    assert len(m["chat_template_sha256"]) == 64 and len(m["tokenizer_sha256"]) == 64
+    assert man_t["card"]["intended_use"].startswith("Exercising")
+    assert info["bundle"]["form"] == "tar" and info["bundle"]["signature"]["present"] is False
+    assert set(man_t["memory"]["by_context"]) == {"2048"}
+
+
+def test_tokenizer_hash_changes_with_vocab_only(tmp_path):
+    from edgemed.packaging.facts import gguf_facts
+
+    a, _ = gguf_facts(kit.tiny_gguf(tmp_path / "a.gguf"))
+    b, _ = gguf_facts(kit.tiny_gguf(tmp_path / "b.gguf", n_layers=3))
+    assert a["tokenizer_sha256"] == b["tokenizer_sha256"] and a["chat_template_sha256"] == b["chat_template_sha256"]
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "c.gguf"), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "d"])  # one token differs
+    w.add_token_types([3, 3, 3, 1, 1, 1])
+    w.add_eos_token_id(2)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    c, _ = gguf_facts(tmp_path / "c.gguf")
+    assert c["tokenizer_sha256"] != a["tokenizer_sha256"]
+
+
+def test_pack_reads_provenance_from_gguf_and_report(tmp_path):
+    src = kit.inputs(tmp_path / "src", extra_kv={"edgemed.source.sha256": "ab" * 32, "edgemed.converter_version": "9.9"})
+    model = src["model"]
+    report = {"size_bytes": model.stat().st_size, "out_type": "q4_k_m", "source": {"path": "/build/x", "sha256": "ab" * 32},
+              "lora": {"sha256": "cd" * 32}, "parity": {"top1_agreement": 0.98}, "converter": {"version": "9.9"}}
+    model.with_name(model.name + ".report.json").write_text(json.dumps(report))
+    out = _pack(src, tmp_path / "b", as_dir=True)
+    man = json.loads((out / "manifest.json").read_text())
+    p = man["provenance"]
+    assert p["source_sha256"] == "ab" * 32 and p["lora_sha256"] == "cd" * 32 and p["converter_version"] == "9.9"
+    assert p["parity"] == {"top1_agreement": 0.98} and "llama-cpp-python" in p["built_with"]
+    assert (out / "report.json").is_file() and "/build/x" not in json.dumps(p)
+
+
+def test_pack_refuses_card_without_required_fields(tmp_path, src):
+    src["card"].write_text('intended_use = "x"\n')
+    r = _run("pack", src["model"], "--license", src["license"], "--card", src["card"], "-o", tmp_path / "x.edgemed")
+    assert r.exit_code == 1 and "intended_users" in r.output and not (tmp_path / "x.edgemed").exists()
+    src["card"].write_text(kit.CARD + 'intendd_use = "typo"\n')
+    r = _run("pack", src["model"], "--license", src["license"], "--card", src["card"], "-o", tmp_path / "x.edgemed")
+    assert r.exit_code == 1 and "intendd_use" in r.output
+
+
+def test_killed_pack_leaves_no_output(tmp_path, src, monkeypatch):
+    from edgemed.packaging import archive
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(archive, "write_tar", boom)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        _pack(src, tmp_path / "out" / "b.edgemed")
+    with pytest.raises(KeyboardInterrupt):
+        _pack(src, tmp_path / "out" / "b.dir", as_dir=True, private_key=_Dying())
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+class _Dying:
+    """A signing key whose sign() dies: the directory form is fully written by then, still nothing may appear."""
+
+    def sign(self, data):
+        raise KeyboardInterrupt
+
+
+# -- verify: good, tampered, signed ---------------------------------------------------------
+def test_verify_cli_ok_with_signature(tmp_path, src, keys):
+    priv, pub = keys
+    t = _pack(src, tmp_path / "b.edgemed", private_key=signing.load_private_key(priv))
+    r = _run("verify", t, "--key", pub)
+    assert r.exit_code == 0 and "signature valid" in r.output and "every sha256 matches" in r.output
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x01]))
+
+
+def test_flipping_any_byte_of_any_file_is_refused(tmp_path, src, keys):
+    """Every file of a signed bundle directory, at its first, a middle and its last byte."""
+    priv, pub = keys
+    good = _pack(src, tmp_path / "good", as_dir=True, private_key=signing.load_private_key(priv))
+    public = signing.load_public_key(pub)
+    files = sorted(p for p in good.rglob("*") if p.is_file())
+    assert len(files) == 5  # model, LICENSE, card.toml, manifest.json, manifest.sig
+    cases = 0
+    for f in files:
+        size = f.stat().st_size
+        for offset in sorted({0, size // 3, size // 2, size - 1}):
+            bad = tmp_path / f"bad-{cases}"
+            shutil.copytree(good, bad)
+            target = bad / f.relative_to(good)
+            _flip(target, offset)
+            with pytest.raises(IntegrityError) as exc:
+                verify_dir(bad, full=True, public_key=public)
+            msg = str(exc.value)
+            rel = f.relative_to(good).as_posix()
+            if rel not in ("manifest.json", "manifest.sig"):
+                entry = json.loads((good / "manifest.json").read_text())["files"]
+                expected = next(e["sha256"] for e in entry if e["path"] == rel)
+                assert rel in msg and expected in msg and f"actual {digest.sha256_file(target)}" in msg, msg
+            else:
+                assert isinstance(exc.value, SignatureError) or "manifest" in msg, msg
+            shutil.rmtree(bad)
+            cases += 1
+    assert cases >= 15
+
+
+def test_flipping_bytes_inside_the_tar_is_refused(tmp_path, src):
+    t = _pack(src, tmp_path / "b.edgemed")
+    import tarfile
+
+    with tarfile.open(t) as tf:
+        members = [m for m in tf.getmembers() if m.name != "manifest.json"]
+    data = t.read_bytes()
+    for m in members:
+        for off in sorted({0, m.size // 2, m.size - 1}):
+            bad = tmp_path / "bad.edgemed"
+            buf = bytearray(data)
+            buf[m.offset_data + off] ^= 0x01
+            bad.write_bytes(bytes(buf))
+            r = _run("verify", bad)
+            assert r.exit_code == 1 and m.name in r.output and "expected sha256" in r.output, r.output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "extend", "extra", "missing", "symlink"])
+def test_incomplete_or_grown_bundle_is_refused(tmp_path, src, damage):
+    b = _pack(src, tmp_path / "b", as_dir=True)
+    model = b / "model" / "tiny.gguf"
+    if damage == "truncate":
+        os.truncate(model, model.stat().st_size - 10)
+        want = "truncated"
+    elif damage == "extend":
+        with open(model, "ab") as fh:
+            fh.write(b"x")
+        want = "model/tiny.gguf"
+    elif damage == "extra":
+        (b / "model" / "evil.gguf").write_bytes(b"GGUF")
+        want = "extra files not listed in the manifest: model/evil.gguf"
+    elif damage == "missing":
+        (b / "LICENSE").unlink()
+        want = "'LICENSE' is listed in the manifest but missing"
+    else:
+        (b / "LICENSE").unlink()
+        (b / "LICENSE").symlink_to("/etc/passwd")
+        want = "symbolic link"
+    r = _run("verify", b)
+    assert r.exit_code == 1 and want in r.output, r.output
+
+
+def test_signature_checks(tmp_path, src, keys):
+    priv, pub = keys
+    other_priv, other_pub = kit.keypair(tmp_path, "other.pem")
+    signed = _pack(src, tmp_path / "s", as_dir=True, private_key=signing.load_private_key(priv))
+    unsigned = _pack(src, tmp_path / "u", as_dir=True)
+    r = _run("verify", signed, "--key", other_pub)
+    assert r.exit_code == 1 and "not by the given key" in r.output
+    r = _run("verify", unsigned, "--key", pub)
+    assert r.exit_code == 1 and "not signed" in r.output
+    # a changed manifest (a card field edited) breaks the signature even though every file hash still matches
+    man = json.loads((signed / "manifest.json").read_text())
+    man["card"]["intended_use"] = "Diagnose everything"
+    (signed / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+    r = _run("verify", signed, "--key", pub)
+    assert r.exit_code == 1 and "manifest was changed after signing" in r.output
+    # a forged signature file claiming the right key id
+    (unsigned / "manifest.sig").write_text(json.dumps({"schema": "edgemed.signature/1", "algorithm": "ed25519",
+                                                        "key_id": signing.key_id(signing.load_public_key(pub)),
+                                                        "signature": "A" * 86 + "=="}))
+    r = _run("verify", unsigned, "--key", pub)
+    assert r.exit_code == 1 and "does not match manifest.json" in r.output, r.output
+
+
+def test_changed_manifest_hash_is_refused(tmp_path, src):
+    b = _pack(src, tmp_path / "b", as_dir=True)
+    man = json.loads((b / "manifest.json").read_text())
+    man["files"][0]["sha256"] = "0" * 64
+    (b / "manifest.json").write_text(json.dumps(man))
+    r = _run("verify", b)
+    assert r.exit_code == 1 and f"expected sha256 {'0' * 64}" in r.output
+
+
+# -- fast path --------------------------------------------------------------------------------
+def test_fast_path_reuses_digests_but_sees_same_size_rewrites(tmp_path, src, monkeypatch):
+    b = _pack(src, tmp_path / "b", as_dir=True)
+    fresh = verify_dir(b, cache=VerifiedCache())
+    assert len(fresh.hashed) == 3
+    again = verify_dir(b, cache=VerifiedCache())
+    assert len(again.hashed) == 3  # files written < RACY_S ago are never trusted to the cache
+    monkeypatch.setattr(digest, "RACY_S", -1e9)
+    verify_dir(b, cache=VerifiedCache())
+    t0 = time.perf_counter()
+    fast = verify_dir(b, cache=VerifiedCache())
+    assert fast.hashed == [] and time.perf_counter() - t0 < 0.05
+    assert len(verify_dir(b, full=True, cache=VerifiedCache()).hashed) == 3
+    # rewrite one byte in place, same size, and put mtime back: ctime still moves, so the fast path re-hashes
+    model = b / "model" / "tiny.gguf"
+    st = model.stat()
+    time.sleep(0.02)
+    _flip(model, st.st_size - 1)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(IntegrityError, match="model/tiny.gguf"):
+        verify_dir(b, cache=VerifiedCache())
+
+
+# -- store ------------------------------------------------------------------------------------
+def test_install_list_remove_shares_identical_files(tmp_path, src, edgemed_home):
+    a = _pack(src, tmp_path / "a.edgemed", name="alpha")
+    b = _pack(src, tmp_path / "b.edgemed", name="beta")  # same GGUF, LICENSE and card: same blobs
+    assert _run("install", a).exit_code == 0
+    r = _run("install", b)
+    assert r.exit_code == 0 and "installed beta" in r.output
+    store = Store()
+    blobs = list(store.blobs.iterdir())
+    assert len(blobs) == 3 and all(p.stat().st_nlink == 3 for p in blobs)  # blob + two models
+    listed = json.loads(_run("list", "--json").output)
+    assert [r["name"] for r in listed] == ["alpha", "beta"] and listed[0]["arch"] == "llama"
+    assert resolve_model("alpha") == store.models / "alpha" / "model" / "tiny.gguf"
+    r = _run("install", a)
+    assert r.exit_code == 1 and "already installed" in r.output
+    assert _run("remove", "alpha").exit_code == 0
+    assert len(list(store.blobs.iterdir())) == 3  # beta still uses them
+    r = _run("remove", "beta")
+    assert r.exit_code == 0 and list(store.blobs.iterdir()) == [] and not list(store.models.iterdir())
+    r = _run("remove", "beta")
+    assert r.exit_code == 1 and "No model named 'beta'" in r.output
+
+
+def test_install_checks_signature_and_changed_manifest_in_store(tmp_path, src, keys):
+    priv, pub = keys
+    t = _pack(src, tmp_path / "b.edgemed", private_key=signing.load_private_key(priv))
+    other = kit.keypair(tmp_path, "other.pem")[1]
+    r = _run("install", t, "--key", other)
+    assert r.exit_code == 1 and "not by the given key" in r.output
+    assert list(Store().models.iterdir()) == [] and list(Store().blobs.iterdir()) == []
+    r = _run("install", t, "--key", pub)
+    assert r.exit_code == 0 and "signature valid" in r.output
+    man_path = Store().models / "tiny" / "manifest.json"
+    man_path.chmod(0o644)
+    man = json.loads(man_path.read_bytes())
+    man["card"]["known_limitations"] = "none"
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(IntegrityError, match="changed after install"):
+        resolve_model("tiny")
+
+
+def test_tampered_store_file_is_refused_before_run(tmp_path, src):
+    t = _pack(src, tmp_path / "b.edgemed")
+    _run("install", t)
+    model = Store().models / "tiny" / "model" / "tiny.gguf"
+    model.chmod(0o644)
+    _flip(model, 100)
+    r = _run("run", "tiny", "--prompt", "hi")
+    assert r.exit_code == 1 and "model/tiny.gguf" in r.output and "expected sha256" in r.output
+
+
+def test_interrupted_install_leaves_nothing(tmp_path, src, monkeypatch):
+    t = _pack(src, tmp_path / "b.edgemed")
+    from edgemed.packaging import store as store_mod
+
+    real = store_mod.copy_hashed
+    calls = []
+
+    def dying_copy(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # power cut / Ctrl-C half way through the bundle
+        return real(*a, **k)
+
+    monkeypatch.setattr(store_mod, "copy_hashed", dying_copy)
+    with pytest.raises(KeyboardInterrupt):
+        Store().install(t)
+    s = Store()
+    assert list(s.models.iterdir()) == [] and list(s.tmp.iterdir()) == [] and s.index() == {}
+    monkeypatch.setattr(store_mod, "copy_hashed", real)
+    # a SIGKILL leaves staging debris and an unlinked blob: the next store operation clears them
+    (s.tmp / "install.dead").mkdir()
+    (s.tmp / "install.dead" / "x").write_bytes(b"partial")
+    (s.blobs / ("f" * 64)).write_bytes(b"orphan")
+    s.install(t)
+    assert list(s.tmp.iterdir()) == [] and not (s.blobs / ("f" * 64)).exists()
+    assert [r["name"] for r in s.list()] == ["tiny"]
+
+
+def test_run_resolves_paths_and_names(tmp_path, src):
+    assert resolve_model(src["model"]) == src["model"]
+    b = _pack(src, tmp_path / "b", as_dir=True)
+    assert resolve_model(b) == b.absolute() / "model" / "tiny.gguf"
+    with pytest.raises(StoreError, match="No model named 'nope'"):
+        resolve_model("nope")
+    t = _pack(src, tmp_path / "b.edgemed")
+    r = _run("run", t, "--prompt", "hi")
+    assert r.exit_code == 1 and f"edgemed install {t}" in r.output

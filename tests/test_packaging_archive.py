@@ -1,0 +1,146 @@
+"""Untrusted archives: every malicious shape is refused and nothing is written outside the store's staging.
+
+Each archive is crafted by hand (raw tar headers), so what it claims need not be true:
+a member may declare 10 TB it does not hold, name '../x', or be a device node.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bundle_kit as kit
+from edgemed.cli import cli
+from edgemed.errors import IntegrityError, UnsafeArchive
+from edgemed.packaging.archive import hash_sink, read_tar
+from edgemed.packaging.store import Store
+
+PAYLOAD = b"GGUF" + bytes(range(1, 61))
+
+
+def _manifest(files: dict[str, bytes] | None = None, sizes: dict[str, int] | None = None) -> bytes:
+    files = files if files is not None else {"model/m.gguf": PAYLOAD}
+    entries = [{"path": p, "size": (sizes or {}).get(p, len(d)), "sha256": hashlib.sha256(d).hexdigest(),
+                "role": "model" if p.startswith("model/") else "other"} for p, d in files.items()]
+    man = {"schema": "edgemed.bundle/1", "name": "evil", "files": entries, "model": {"format": "gguf", "path": entries[0]["path"]},
+           "provenance": {}, "card": {}, "memory": {}, "created": "", "edgemed_version": "0"}
+    return json.dumps(man).encode()
+
+
+def _member(name: str, data: bytes = b"", *, kind=tarfile.REGTYPE, size: int | None = None, linkname: str = "") -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = kind, linkname
+    ti.size = len(data) if size is None else size
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        ti.devmajor, ti.devminor = 1, 3
+    out = ti.tobuf(tarfile.PAX_FORMAT)
+    if kind == tarfile.REGTYPE and data:
+        out += data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+    return out
+
+
+def _tar(path: Path, *members: bytes, trailer: bool = True) -> Path:
+    path.write_bytes(b"".join(members) + (tarfile.NUL * (2 * tarfile.BLOCKSIZE) if trailer else b""))
+    return path
+
+
+def _good_head(extra: dict[str, bytes] | None = None) -> bytes:
+    return _member("manifest.json", _manifest({"model/m.gguf": PAYLOAD, **(extra or {})}))
+
+
+CASES = {
+    "dotdot": lambda: [_member("manifest.json", _manifest({"../escape.gguf": PAYLOAD}))],
+    "dotdot-member": lambda: [_good_head(), _member("model/../../escape.gguf", PAYLOAD)],
+    "absolute": lambda: [_good_head(), _member("/tmp/edgemed-abs-escape.gguf", PAYLOAD)],
+    "absolute-in-manifest": lambda: [_member("manifest.json", _manifest({"/etc/cron.d/x": PAYLOAD}))],
+    "symlink": lambda: [_good_head(), _member("model/m.gguf", kind=tarfile.SYMTYPE, linkname="/etc/passwd")],
+    "symlink-dir-escape": lambda: [_good_head(), _member("model", kind=tarfile.SYMTYPE, linkname="../../outside"),
+                                   _member("model/m.gguf", PAYLOAD)],
+    "hardlink": lambda: [_good_head(), _member("model/m.gguf", kind=tarfile.LNKTYPE, linkname="/etc/passwd")],
+    "char-device": lambda: [_good_head(), _member("model/m.gguf", kind=tarfile.CHRTYPE)],
+    "block-device": lambda: [_good_head(), _member("model/m.gguf", kind=tarfile.BLKTYPE)],
+    "fifo": lambda: [_good_head(), _member("model/m.gguf", kind=tarfile.FIFOTYPE)],
+    "huge-declared-in-tar": lambda: [_good_head(), _member("model/m.gguf", size=10 * 10**12)],
+    "huge-declared-in-manifest": lambda: [_member("manifest.json", _manifest(sizes={"model/m.gguf": 10 * 10**12})),
+                                          _member("model/m.gguf", size=10 * 10**12)],
+    "huge-manifest": lambda: [_member("manifest.json", size=1 << 30)],
+    "manifest-not-first": lambda: [_member("model/m.gguf", PAYLOAD), _good_head()],
+    "extra-file": lambda: [_good_head(), _member("model/m.gguf", PAYLOAD), _member("model/backdoor.so", b"\x7fELF")],
+    "duplicate": lambda: [_good_head(), _member("model/m.gguf", PAYLOAD), _member("model/m.gguf", PAYLOAD)],
+    "truncated-member": lambda: [_good_head(), _member("model/m.gguf", PAYLOAD)[:512 + 10]],
+    "wrong-content": lambda: [_good_head(), _member("model/m.gguf", b"GGUF" + b"\1" * 60)],
+    "missing-file": lambda: [_good_head({"LICENSE": b"MIT"}), _member("model/m.gguf", PAYLOAD)],
+}
+
+EXPECT = {
+    "dotdot": "unsafe path", "dotdot-member": "unsafe path", "absolute": "absolute path", "absolute-in-manifest": "absolute path",
+    "symlink": "symbolic link", "symlink-dir-escape": "symbolic link", "hardlink": "hard link", "char-device": "device file",
+    "block-device": "device file", "fifo": "FIFO", "huge-declared-in-tar": "declares 10000000000000 bytes",
+    "huge-declared-in-manifest": "declares 10000000000000 bytes", "huge-manifest": "not manifest.json",
+    "manifest-not-first": "not manifest.json", "extra-file": "extra file 'model/backdoor.so'", "duplicate": "appears twice",
+    "truncated-member": "truncated", "wrong-content": "expected sha256", "missing-file": "LICENSE listed in the manifest but absent",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malicious_archive_is_refused_and_writes_nothing_outside(tmp_path, case, edgemed_home):
+    work = tmp_path / "work"
+    work.mkdir()
+    bundle = _tar(work / "evil.edgemed", *CASES[case](), trailer=not case.startswith("truncated"))
+    before = kit.snapshot(tmp_path)
+    r = CliRunner().invoke(cli, ["install", str(bundle)], catch_exceptions=False)
+    assert r.exit_code == 1, r.output
+    assert EXPECT[case] in r.output, r.output
+    assert "Traceback" not in r.output
+    store = Store()
+    assert list(store.models.iterdir()) == [] and list(store.tmp.iterdir()) == [] and list(store.blobs.iterdir()) == []
+    # the only new paths anywhere under tmp_path are the store's own empty skeleton
+    new = kit.snapshot(tmp_path) - before
+    assert all(p.startswith("edgemed-home") for p in new), new
+    assert not any(f.is_file() for f in edgemed_home.rglob("*") if f.name not in ("lock",)), list(edgemed_home.rglob("*"))
+    assert not Path("/tmp/edgemed-abs-escape.gguf").exists() and not (tmp_path / "escape.gguf").exists()
+    # verify refuses it too, without writing anything
+    r = CliRunner().invoke(cli, ["verify", str(bundle)], catch_exceptions=False)
+    assert r.exit_code == 1 and EXPECT[case].split()[0] in r.output, r.output
+
+
+def test_compressed_archive_is_refused(tmp_path):
+    t = _tar(tmp_path / "ok.tar", _good_head(), _member("model/m.gguf", PAYLOAD))
+    gz = tmp_path / "evil.edgemed"
+    gz.write_bytes(gzip.compress(t.read_bytes()))
+    with pytest.raises(UnsafeArchive, match="not an uncompressed tar"):
+        read_tar(gz, hash_sink)
+
+
+def test_handmade_good_archive_is_accepted(tmp_path):
+    """The crafting helpers make valid archives when asked to: the refusals above are about the attack, not the tar."""
+    t = _tar(tmp_path / "ok.edgemed", _good_head(), _member("model/m.gguf", PAYLOAD))
+    man, _, _ = read_tar(t, hash_sink)
+    assert man.name == "evil" and man.files[0].size == len(PAYLOAD)
+    s = Store()
+    name, _, _ = s.install(t)
+    assert (s.models / name / "model" / "m.gguf").read_bytes() == PAYLOAD
+
+
+def test_size_cap_from_environment(tmp_path, monkeypatch):
+    t = _tar(tmp_path / "ok.edgemed", _good_head(), _member("model/m.gguf", PAYLOAD))
+    monkeypatch.setenv("EDGEMED_MAX_BUNDLE_BYTES", "10")
+    with pytest.raises(UnsafeArchive, match="EDGEMED_MAX_BUNDLE_BYTES"):
+        read_tar(t, hash_sink)
+
+
+def test_damaged_manifest_json_is_refused(tmp_path):
+    t = _tar(tmp_path / "x.edgemed", _member("manifest.json", b"{not json"), _member("model/m.gguf", PAYLOAD))
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        read_tar(t, hash_sink)
+    newer = json.loads(_manifest())
+    newer["schema"] = "edgemed.bundle/2"
+    t = _tar(tmp_path / "y.edgemed", _member("manifest.json", json.dumps(newer).encode()), _member("model/m.gguf", PAYLOAD))
+    with pytest.raises(IntegrityError, match="upgrade edgemed"):
+        read_tar(t, hash_sink)

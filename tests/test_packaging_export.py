@@ -1,0 +1,151 @@
+"""Exports: the Ollama Modelfile parses against Ollama's documented directives; llama-server line; plain GGUF copy.
+
+The parser below follows Ollama's Modelfile reference (docs/modelfile.md): one
+instruction per line (case-insensitive) from FROM, PARAMETER, TEMPLATE, SYSTEM,
+ADAPTER, LICENSE, MESSAGE, REQUIRES; '#' comments; values optionally in "..." or
+multi-line \"\"\"...\"\"\"; FROM required; PARAMETER names and types from the
+documented table; MESSAGE roles system/user/assistant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bundle_kit as kit
+from edgemed.cli import cli
+from edgemed.errors import InputError
+from edgemed.packaging.bundle import PackInputs, pack, verify_dir
+from edgemed.packaging.export import modelfile, prompt_format
+
+DIRECTIVES = {"FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE", "REQUIRES"}
+PARAMETERS = {"mirostat": int, "mirostat_eta": float, "mirostat_tau": float, "num_ctx": int, "repeat_last_n": int,
+              "repeat_penalty": float, "temperature": float, "seed": int, "stop": str, "num_predict": int,
+              "top_k": int, "top_p": float, "min_p": float}
+
+
+class ModelfileError(ValueError):
+    pass
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, value) pairs; raises ModelfileError on anything Ollama's grammar does not allow."""
+    out, i = [], 0
+    lines = text.split("\n")
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^(\w+)\s+(.*)$", line, re.S)
+        if not m:
+            raise ModelfileError(f"line {i}: no argument: {line!r}")
+        name, rest = m.group(1).upper(), m.group(2)
+        if name not in DIRECTIVES:
+            raise ModelfileError(f"line {i}: unknown instruction {m.group(1)!r}")
+        if name in ("PARAMETER", "MESSAGE"):
+            key, _, rest = rest.partition(" ")
+            rest = rest.strip()
+        else:
+            key = None
+        if rest.startswith('"""'):
+            body = rest[3:]
+            while '"""' not in body:
+                if i >= len(lines):
+                    raise ModelfileError(f"{name}: unterminated \"\"\"")
+                body += "\n" + lines[i]
+                i += 1
+            value, _, tail = body.partition('"""')
+            if tail.strip():
+                raise ModelfileError(f"{name}: text after closing \"\"\": {tail!r}")
+        elif rest.startswith('"'):
+            try:
+                value = shlex.split(rest)[0]
+            except ValueError as exc:
+                raise ModelfileError(f"{name}: bad quoting {rest!r}") from exc
+        else:
+            value = rest
+        if name == "PARAMETER":
+            if key not in PARAMETERS:
+                raise ModelfileError(f"unknown PARAMETER {key!r}")
+            PARAMETERS[key](value)  # int("x") / float("x") raise ValueError
+            value = f"{key}={value}"
+        if name == "MESSAGE" and key not in ("system", "user", "assistant"):
+            raise ModelfileError(f"MESSAGE role {key!r}")
+        out.append((name, value))
+    if not any(n == "FROM" for n, _ in out):
+        raise ModelfileError("FROM is required")
+    return out
+
+
+def test_parser_rejects_what_ollama_rejects():
+    for bad in ("PARAMETER temprature 0\nFROM x", "FROM x\nPARAMETER num_ctx lots", "FROM x\nSYSTEM \"\"\"open",
+                "FROM x\nMESSAGE robot hi", "SYSTEM hi", "FROM x\nINCLUDE y"):
+        with pytest.raises((ModelfileError, ValueError)):
+            parse_modelfile(bad)
+    assert parse_modelfile('from ./m.gguf\nmessage user "hi there"\nadapter ./a.gguf\nrequires 0.6.0\n')[1] == ("MESSAGE", "hi there")
+
+
+@pytest.fixture
+def installed(tmp_path):
+    src = kit.inputs(tmp_path / "src")
+    out = tmp_path / "tiny.edgemed"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), out)
+    assert CliRunner().invoke(cli, ["install", str(out)]).exit_code == 0
+    return src
+
+
+def test_ollama_export_is_a_valid_modelfile(tmp_path, installed):
+    out = tmp_path / "ollama"
+    r = CliRunner().invoke(cli, ["export", "tiny", "--ollama", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    text = (out / "Modelfile").read_text()
+    parsed = parse_modelfile(text)
+    names = [n for n, _ in parsed]
+    assert names[0] == "FROM" and {"TEMPLATE", "SYSTEM", "PARAMETER", "LICENSE"} <= set(names)
+    values = dict((n, v) for n, v in parsed if n != "PARAMETER")
+    gguf = out / values["FROM"].removeprefix("./")
+    assert hashlib.sha256(gguf.read_bytes()).digest() == hashlib.sha256(installed["model"].read_bytes()).digest()
+    assert values["SYSTEM"] == "You are a careful clinical assistant."
+    assert values["LICENSE"].startswith("Apache License, Version 2.0")
+    assert "<|im_start|>{{ .Role }}" in values["TEMPLATE"] and values["TEMPLATE"].count("{{") == values["TEMPLATE"].count("}}")
+    params = [v for n, v in parsed if n == "PARAMETER"]
+    assert "num_ctx=2048" in params and 'stop=<|im_end|>' in params
+
+
+def test_unknown_chat_template_leaves_template_out(tmp_path):
+    assert prompt_format("{{ bos }}<start_of_turn>user") is None
+    assert prompt_format(kit.CHATML).name == "chatml"
+    src = kit.inputs(tmp_path / "src")
+    b = tmp_path / "b"
+    pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), b, as_dir=True)
+    text = modelfile(verify_dir(b), "tiny.gguf", "{{ weird }}")
+    parsed = parse_modelfile(text)
+    assert "TEMPLATE" not in [n for n, _ in parsed] and "TEMPLATE left out" in text
+
+
+def test_license_with_triple_quotes_is_refused(tmp_path):
+    src = kit.inputs(tmp_path / "src")
+    src["license"].write_text('Say """hi"""\n')
+    b = tmp_path / "b"
+    pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), b, as_dir=True)
+    with pytest.raises(InputError, match="LICENSE"):
+        modelfile(verify_dir(b), "tiny.gguf", kit.CHATML)
+
+
+def test_llama_server_and_plain_gguf(tmp_path, installed):
+    out = tmp_path / "plain.gguf"
+    r = CliRunner().invoke(cli, ["export", "tiny", "--llama-server", "--gguf", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    cmd = shlex.split(r.output.strip().splitlines()[-1])
+    assert cmd[0] == "llama-server" and Path(cmd[cmd.index("--model") + 1]).is_file()
+    assert cmd[cmd.index("--ctx-size") + 1] == "2048" and "--jinja" in cmd
+    assert out.read_bytes() == installed["model"].read_bytes()
+    r = CliRunner().invoke(cli, ["export", "tiny"])
+    assert r.exit_code == 1 and "--ollama DIR" in r.output
+
