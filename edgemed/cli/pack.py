@@ -82,7 +82,9 @@ def verify(bundle, key, full, as_json):
 
     Every file's size and sha256 must match; with --key the signature must be valid.
     A tar is always hashed in full; directories and installed models use the verified
-    cache for files unchanged since their last full hash, unless --full.
+    cache for files unchanged since their last full hash, unless --full. The cache
+    sees every write made through the file system (size, inode, mtime, ctime); it
+    cannot see raw writes to the disk device: use --full when that is a concern.
     """
     import hashlib
 
