@@ -169,15 +169,16 @@ class Checkpoint:
                         state = by_file[ref.file] = torch.load(ref.file, map_location="cpu", weights_only=True, mmap=True)
                     yield name, state[name]
                     continue
-                handle = by_file.get(ref.file)
-                if handle is None:
-                    handle = by_file[ref.file] = safe_open(str(ref.file), framework="pt")
+                # A fresh handle per tensor: closing it unmaps the shard, so pages already read
+                # do not pile up in the process's resident set (peak stays about one tensor).
                 try:
-                    yield name, handle.get_tensor(name)
+                    with safe_open(str(ref.file), framework="pt") as handle:
+                        tensor = handle.get_tensor(name)
                 except Exception as exc:  # safetensors raises its own types for corrupt data
                     raise CheckpointError(
                         f"Cannot read tensor '{name}' from '{ref.file}': {exc}.", "re-copy the shard; it is corrupt"
                     ) from exc
+                yield name, tensor
         finally:
             by_file.clear()
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from edgemed.converters.native_log import quiet
 from edgemed.errors import EdgemedError, require
 
+# Rows llama.cpp keeps in memory at once while quantizing (its default is 8 GiB).
+MAX_BUF_BYTES = 256 * 2**20
+
 # edgemed name -> llama_ftype constant in llama_cpp
 QUANT_TYPES: dict[str, str] = {
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -31,6 +34,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or os.cpu_count() or 1
     params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
+    params.max_buf_size = MAX_BUF_BYTES
     keep_alive = []
     if imatrix:
         import numpy as np
