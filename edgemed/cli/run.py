@@ -1,11 +1,78 @@
-"""``edgemed run``: answer one prompt or chat turn with a model file, streaming."""
+"""``edgemed run``: answer one prompt, or one templated medical question, with a model file, streaming."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
+
+
+def _item(value: str) -> dict:
+    """``--item-json``: a JSON object, or ``PATH`` / ``PATH:LINE`` of a JSONL file (line 1-based)."""
+    from edgemed.errors import InputError
+
+    text = value.strip()
+    if not text.startswith("{"):
+        path, _, line = text.rpartition(":") if ":" in text and text.rsplit(":", 1)[1].isdigit() else (text, "", "1")
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            text = lines[int(line) - 1]
+        except (OSError, IndexError, ValueError):
+            raise InputError(f"--item-json '{value}' is neither a JSON object nor a readable PATH[:LINE].",
+                             "pass one MedMCQA JSONL line, or test.jsonl:LINE") from None
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--item-json is not valid JSON ({exc}).", "pass one line of a MedMCQA-style JSONL file") from None
+    if not isinstance(item, dict):
+        raise InputError("--item-json must be a JSON object.", "pass one line of a MedMCQA-style JSONL file")
+    return item
+
+
+def template_inputs(question, options, item, pairs) -> tuple[dict, str | None]:
+    """Template inputs from the CLI options; also the item's expected answer, if it has one."""
+    from edgemed.errors import InputError
+
+    inputs: dict = {}
+    expected = None
+    if item:
+        data = _item(item)
+        inputs.update({k: data[k] for k in ("question", "options", "context") if k in data})
+        expected = data.get("answer_idx")
+    if question:
+        inputs["question"] = question
+    if options:
+        try:
+            inputs["options"] = json.loads(options)
+        except json.JSONDecodeError:
+            raise InputError("--options is not a JSON object.", "pass --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InputError(f"--input '{pair}' is not KEY=VALUE.", "pass e.g. --input reading_level='5th grade'")
+        inputs[key.strip()] = value
+    return inputs, expected
+
+
+def echo_piece(show_think: bool):
+    """A callback printing answer text, and thinking between <think> tags when asked to."""
+    state = {"in_think": False}
+
+    def on_piece(channel: str, text: str) -> None:
+        if channel == "think":
+            if not show_think:
+                return
+            if not state["in_think"]:
+                click.echo("<think>", nl=False)
+                state["in_think"] = True
+        elif state["in_think"]:
+            click.echo("</think>\n")
+            state["in_think"] = False
+        click.echo(text, nl=False)
+
+    return on_piece
 
 
 @click.command()
@@ -13,40 +80,85 @@ import click
 @click.option("--prompt", "-p", help="A user message, rendered with the model's chat template.")
 @click.option("--raw", is_flag=True, help="Send --prompt as raw text, without the chat template.")
 @click.option("--system", "-s", help="A system message to put before the prompt.")
+@click.option("--template", "-t", "template_name", help="A medical prompt template: mcq, pubmedqa, open_question, "
+              "differential, drug, triage, patient_education, note_summary.")
+@click.option("--question", "-q", help="The question (templates).")
+@click.option("--options", help="Answer options as a JSON object, e.g. '{\"A\": \"...\", \"B\": \"...\"}' (mcq).")
+@click.option("--item-json", help="One MedMCQA/MedQA JSONL item (a JSON object, or PATH:LINE): question + options.")
+@click.option("--input", "-i", "pairs", multiple=True, help="Other template inputs as KEY=VALUE (repeatable).")
+@click.option("--profile", help="Device profile to use (default: detected; see `edgemed devices list`).")
+@click.option("--think", default="hide", show_default=True, help="Reasoning models' <think> block: hide, show, or cap:N tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (templates: the parsed answer) instead of streaming.")
 @click.option("--max-tokens", default=256, show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy (reproducible).")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--ctx", "n_ctx", default=4096, show_default=True, help="Context window to allocate.")
-@click.option("--threads", type=int, help="CPU threads (default: physical cores).")
-def run(model, prompt, raw, system, max_tokens, temperature, top_p, seed, n_ctx, threads):
+@click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile's memory budget allows).")
+@click.option("--threads", type=int, help="CPU threads (default: the profile's, usually physical cores).")
+def run(model, prompt, raw, system, template_name, question, options, item_json, pairs, profile, think, as_json,
+        max_tokens, temperature, top_p, seed, n_ctx, threads):
     """Generate a reply with MODEL (a .gguf file, or an installed model's name), streaming it to stdout.
 
-    With no --prompt, the prompt is read from standard input.
+    With --template, the question is laid out by a medical prompt template and the reply's answer
+    is parsed and printed on a last line (``Parsed answer: B``). With no --prompt and no template,
+    the prompt is read from standard input. Settings come from the device profile; the memory plan
+    is checked before the model is loaded.
     """
     from edgemed.errors import InputError
     from edgemed.runtime import GenerationSettings, open_engine
-    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.session import ask, prepare, respond
+    from edgemed.templates.think import ThinkPolicy
 
     if model is None:
         raise InputError("No model given.", "pass a .gguf path: edgemed run model.gguf --prompt '...' (make one with `edgemed convert`)")
-    if prompt is None:
+    policy = ThinkPolicy.parse(think)
+    template = inputs = expected = None
+    if template_name:
+        from edgemed.templates import get_template
+
+        template = get_template(template_name)
+        inputs, expected = template_inputs(question, options, item_json, pairs)
+        template.messages(inputs)  # missing inputs fail here, before the model loads
+    elif prompt is None:
         if sys.stdin.isatty():
-            raise InputError("No prompt given.", "pass --prompt '...' or pipe the prompt on standard input")
+            raise InputError("No prompt given.", "pass --prompt '...' (or --template mcq --question ...), or pipe the prompt on standard input")
         prompt = sys.stdin.read()
     from edgemed.packaging.store import resolve_model
 
     model = resolve_model(model)  # an installed name, or a bundle directory: verified before load
+    prepared = prepare(model, profile, n_ctx, threads, seed)
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    engine = open_engine(model, LoadSettings(n_ctx=n_ctx, n_threads=threads, seed=seed))
+    engine = open_engine(model, prepared.load)
     try:
+        if template is not None:
+            answer = ask(engine, template, inputs, settings, policy, None if as_json else echo_piece(policy.show))
+            value = answer.parsed.value
+            if as_json:
+                click.echo(json.dumps({"template": template.name, "ok": answer.parsed.ok, "answer": value,
+                                       "forced": answer.forced, "expected": expected, "reply": answer.reply,
+                                       "think": answer.think if policy.show else None, "profile": prepared.profile}))
+            else:
+                click.echo()
+                shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+                note = " (the reply had no answer line; asked again, constrained to the choices)" if answer.forced else ""
+                if template.contract.kind != "text":
+                    click.echo(f"Parsed answer: {shown if answer.parsed.ok else 'none'}{note}")
+                if expected is not None:
+                    click.echo(f"Expected: {expected}")
+            if not answer.parsed.ok:
+                click.echo(f"warning: the reply does not meet the '{template.name}' contract: {answer.parsed.error}", err=True)
+            return
         if raw:
-            pieces = engine.complete(prompt, settings)
+            pieces = (("answer", p) for p in engine.complete(prompt, settings))
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            pieces = engine.chat(messages, settings)
-        for piece in pieces:
-            click.echo(piece, nl=False)
-        click.echo()
+            pieces = respond(engine, engine.render_chat(messages), settings, policy)
+        out = echo_piece(policy.show)
+        text = []
+        for channel, piece in pieces:
+            text.append(piece) if channel == "answer" else None
+            if not as_json:
+                out(channel, piece)
+        click.echo(json.dumps({"reply": "".join(text)}) if as_json else "")
     finally:
         engine.close()

@@ -28,6 +28,10 @@ class GenerationSettings:
     repeat_penalty: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    #: Constrain the output: a JSON schema (JSON text). Engines with ``supports_grammar`` enforce it.
+    json_schema: str | None = None
+    #: Constrain the output: a GBNF grammar (llama.cpp). Engines with ``supports_grammar`` enforce it.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

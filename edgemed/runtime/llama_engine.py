@@ -44,6 +44,8 @@ def physical_cores() -> int:
 class LlamaEngine:
     """One loaded GGUF model."""
 
+    supports_grammar = True  # GenerationSettings.json_schema / .grammar are enforced while sampling
+
     def __init__(self, path: Path, load: LoadSettings):
         env.enforce_offline()
         llama_cpp = require("llama_cpp", "gguf")
@@ -86,7 +88,17 @@ class LlamaEngine:
             repeat_penalty=s.repeat_penalty,
             seed=s.seed,
             stop=list(s.stop) or None,
+            grammar=self._grammar(s),
         )
+
+    def _grammar(self, s: GenerationSettings):
+        if not (s.json_schema or s.grammar):
+            return None
+        from llama_cpp import LlamaGrammar
+
+        if s.json_schema:
+            return LlamaGrammar.from_json_schema(s.json_schema, verbose=False)
+        return LlamaGrammar.from_string(s.grammar, verbose=False)
 
     def _check_fits(self, n_prompt: int, s: GenerationSettings) -> None:
         if n_prompt + s.max_tokens > self.n_ctx:
@@ -114,18 +126,18 @@ class LlamaEngine:
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt text the chat template produces (sandboxed Jinja, as llama-cpp-python renders it)."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from edgemed.runtime.chat_template import render
 
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelLoadError(f"'{self.path}' has no chat template.", "use --prompt for raw completion, or convert with the tokenizer's chat template")
         vocab = self.llm
-        formatter = Jinja2ChatFormatter(
-            template=template,
+        return render(
+            template,
+            messages,
             eos_token=vocab.detokenize([vocab.token_eos()], special=True).decode("utf-8", "replace"),
             bos_token=vocab.detokenize([vocab.token_bos()], special=True).decode("utf-8", "replace"),
         )
-        return formatter(messages=messages).prompt
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)

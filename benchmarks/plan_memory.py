@@ -1,0 +1,98 @@
+"""Planner prediction vs measured peak RSS, each model and context in its own process.
+
+    python -m edgemed.benchmarks.plan_memory                         # SmolLM2, Qwen2.5-0.5B, -1.5B if installed
+    python -m edgemed.benchmarks.plan_memory --ctx 1024 4096 --models smollm2-135m-instruct
+
+For every (model, n_ctx) a fresh Python process loads the model through the
+runtime (``open_engine`` with the settings ``make_plan`` chose for the profile),
+fills the context with a prompt of ``n_ctx - 64`` tokens (the worst case the plan
+guards against), generates 32 tokens and reports its peak RSS (``VmHWM``).
+Goal from issue 4: |predicted - measured| / measured <= 10 %.
+Results go to benchmarks/results/plan_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+MODELS = ("smollm2-135m-instruct", "qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct")
+TEXT = ("A 64-year-old man with type 2 diabetes and hypertension presents with crushing chest pain radiating to "
+        "the left arm, diaphoresis and nausea for 40 minutes. ECG shows ST elevation in leads II, III and aVF. ")
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(model: str, n_ctx: int, profile_name: str) -> dict:
+    """Runs in the measured process: plan, load through the runtime, fill the context, decode."""
+    from edgemed.converters import sources
+    from edgemed.devices.detect import resolve
+    from edgemed.planner import make_plan
+    from edgemed.runtime import GenerationSettings, open_engine
+    from edgemed.runtime.session import load_settings
+
+    path = sources.gguf_file(model)
+    profile, facts = resolve(profile_name)
+    plan = make_plan(path, profile, facts, requested_ctx=n_ctx)
+    engine = open_engine(path, load_settings(plan))
+    ids = engine.tokenize(TEXT * (n_ctx // 20))[: n_ctx - 64 - 8]
+    prompt = engine.llm.detokenize(ids).decode("utf-8", "ignore")
+    out = "".join(engine.complete(prompt, GenerationSettings(max_tokens=32)))
+    measured = peak_rss()
+    engine.close()
+    return {"model": model, "n_ctx": n_ctx, "profile": profile.name, "prompt_tokens": len(ids),
+            "generated_chars": len(out), "predicted": plan.estimate.total, "measured": measured,
+            "breakdown": plan.to_dict()["estimate"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--ctx", nargs="+", type=int, default=[1024, 4096])
+    ap.add_argument("--profile", default="x86-avx2", help="CPU profile to plan with (default x86-avx2)")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "CTX"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "plan_memory.json")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.profile)))
+        return
+
+    from edgemed.atomic import write_text
+    from edgemed.converters import sources
+    from edgemed.errors import InputError
+
+    rows = []
+    for model in args.models:
+        try:
+            sources.gguf_file(model)
+        except InputError as exc:
+            print(f"skip {model}: not installed ({exc.fix})", file=sys.stderr)
+            continue
+        for n_ctx in args.ctx:
+            proc = subprocess.run([sys.executable, "-m", "edgemed.benchmarks.plan_memory", "--profile", args.profile,
+                                   "--child", model, str(n_ctx)], capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(f"{model} ctx {n_ctx}: child failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["error_pct"] = 100.0 * (row["predicted"] - row["measured"]) / row["measured"]
+            rows.append(row)
+            print(f"{model:<24} ctx {n_ctx:>6}  predicted {row['predicted'] / 2**20:8.1f} MiB  "
+                  f"measured {row['measured'] / 2**20:8.1f} MiB  error {row['error_pct']:+6.1f} %", flush=True)
+    worst = max((abs(r["error_pct"]) for r in rows), default=float("nan"))
+    print(f"worst |error|: {worst:.1f} % (goal <= 10 %)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps({"goal_pct": 10.0, "worst_abs_error_pct": worst, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Decode speed of the `edgemed run` path vs a bare ``llama_cpp.Llama`` on the same file and threads.
+
+    python -m edgemed.benchmarks.run_overhead                       # SmolLM2 and Qwen2.5-0.5B, 1 thread
+    python -m edgemed.benchmarks.run_overhead --threads 2 --rounds 5
+
+Each measurement is a fresh process. Both sides get the same rendered chat prompt
+(a MedMCQA-style question through the model's chat template), the same n_ctx,
+n_batch, n_ubatch and thread count, greedy decoding and the same max tokens, so
+they produce the same tokens. Decode tok/s = (tokens - 1) / (time of last piece -
+time of first piece): prompt processing and load are excluded. Rounds alternate
+bare / edgemed; the best of each side is compared. Goal from issue 4: edgemed >= 0.97x bare.
+Results go to benchmarks/results/run_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUESTION = ("A 58-year-old woman has had fatigue, weight gain, constipation and cold intolerance for six months. "
+            "Explain step by step which laboratory tests you would order first and why, then how to interpret them.")
+
+
+def _settings(path, threads, n_ctx):
+    from edgemed.runtime.session import prepare
+
+    prepared = prepare(Path(path), "x86-avx2", n_ctx, threads)
+    return prepared.load
+
+
+def child(side: str, path: str, threads: int, n_ctx: int, max_tokens: int) -> dict:
+    from edgemed.runtime import GenerationSettings, open_engine
+    from edgemed.runtime.session import respond
+    from edgemed.templates.think import ThinkPolicy
+
+    load = _settings(path, threads, n_ctx)
+    engine = open_engine(path, load)  # also renders the prompt, so both sides see the same text
+    prompt = engine.render_chat([{"role": "user", "content": QUESTION}])
+    stamps, text = [], []
+    if side == "edgemed":
+        settings = GenerationSettings(max_tokens=max_tokens)
+        for channel, piece in respond(engine, prompt, settings, ThinkPolicy()):
+            stamps.append(time.perf_counter())
+            text.append(piece)
+        n_tokens = len(engine.tokenize("".join(text)))
+        engine.close()
+    else:
+        engine.close()
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=path, n_ctx=load.n_ctx, n_threads=load.n_threads,
+                              n_threads_batch=load.n_threads_batch, n_batch=load.n_batch, n_ubatch=load.n_ubatch,
+                              flash_attn=load.flash_attn, use_mmap=load.use_mmap, verbose=False)
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=0, top_p=1.0,
+                                           min_p=0.0, repeat_penalty=1.0, stream=True):
+            stamps.append(time.perf_counter())
+            text.append(chunk["choices"][0]["text"])
+        n_tokens = len(llm.tokenize("".join(text).encode("utf-8"), add_bos=False))
+        llm.close()
+    return {"side": side, "tokens": n_tokens, "decode_s": stamps[-1] - stamps[0],
+            "tok_s": (n_tokens - 1) / (stamps[-1] - stamps[0]), "text_sha": hashlib.sha256("".join(text).encode()).hexdigest()[:16]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "qwen2.5-0.5b-instruct"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--child", nargs=2, metavar=("SIDE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "run_overhead.json")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args.threads, args.ctx, args.max_tokens)))
+        return
+
+    from edgemed.atomic import write_text
+    from edgemed.converters import sources
+    from edgemed.errors import InputError
+
+    report = []
+    for model in args.models:
+        try:
+            path = str(sources.gguf_file(model))
+        except InputError as exc:
+            print(f"skip {model}: {exc.fix}", file=sys.stderr)
+            continue
+        runs = {"bare": [], "edgemed": []}
+        for _ in range(args.rounds):
+            for side in ("bare", "edgemed"):
+                proc = subprocess.run([sys.executable, "-m", "edgemed.benchmarks.run_overhead", "--threads",
+                                       str(args.threads), "--ctx", str(args.ctx), "--max-tokens", str(args.max_tokens),
+                                       "--child", side, path], capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{side} failed:\n{proc.stderr[-2000:]}")
+                runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        same = {r["text_sha"] for r in runs["bare"] + runs["edgemed"]}
+        best = {side: max(r["tok_s"] for r in rs) for side, rs in runs.items()}
+        ratio = best["edgemed"] / best["bare"]
+        row = {"model": model, "threads": args.threads, "n_ctx": args.ctx, "tokens": runs["bare"][0]["tokens"],
+               "same_text": len(same) == 1, "bare_tok_s": best["bare"], "edgemed_tok_s": best["edgemed"],
+               "ratio": ratio, "runs": runs}
+        report.append(row)
+        print(f"{model:<24} threads {args.threads}  bare {best['bare']:6.1f} tok/s  edgemed {best['edgemed']:6.1f} tok/s  "
+              f"ratio {ratio:.3f} (goal >= 0.97)  same text: {len(same) == 1}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps({"goal_ratio": 0.97, "rows": report}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

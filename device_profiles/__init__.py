@@ -1,0 +1,1 @@
+"""Device profiles: data files, installed as ``edgemed.device_profiles`` (no code lives here)."""

@@ -1,0 +1,68 @@
+"""``edgemed chat``: an interactive conversation with a model on this device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--system", "-s", help="System message (default: the templates' safety preamble).")
+@click.option("--profile", help="Device profile (default: detected).")
+@click.option("--think", default="hide", show_default=True, help="hide, show, or cap:N tokens of <think>.")
+@click.option("--max-tokens", default=512, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile allows).")
+@click.option("--threads", type=int)
+def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads):
+    """Chat with MODEL. Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits.
+
+    Thinking from reasoning models is kept out of the history, so it does not fill the context.
+    """
+    from edgemed.cli.run import echo_piece
+    from edgemed.errors import ContextOverflow
+    from edgemed.packaging.store import resolve_model
+    from edgemed.runtime import GenerationSettings, open_engine
+    from edgemed.runtime.session import prepare, respond
+    from edgemed.templates import load_templates
+    from edgemed.templates.think import ThinkPolicy
+
+    policy = ThinkPolicy.parse(think)
+    model = resolve_model(model)
+    prepared = prepare(model, profile, n_ctx, threads)
+    preamble = system or next(iter(load_templates().values())).preamble
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
+    engine = open_engine(model, prepared.load)
+    click.echo(f"edgemed chat: {model} on '{prepared.profile}', context {engine.n_ctx}. /exit to quit.", err=True)
+    history = [{"role": "system", "content": preamble}]
+    try:
+        while True:
+            try:
+                line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+            except (EOFError, click.Abort):
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                history = history[:1]
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            answer = []
+            out = echo_piece(policy.show)
+            try:
+                for channel, piece in respond(engine, engine.render_chat(history), settings, policy):
+                    out(channel, piece)
+                    if channel == "answer":
+                        answer.append(piece)
+            except ContextOverflow as exc:
+                history.pop()
+                click.echo(f"\n{exc}\n(type /reset to start over)", err=True)
+                continue
+            click.echo()
+            history.append({"role": "assistant", "content": "".join(answer)})
+    finally:
+        engine.close()

@@ -1,0 +1,47 @@
+"""``edgemed plan``: will MODEL fit this device, and with which settings? Nothing is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path, exists=True))
+@click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`).")
+@click.option("--ctx", "n_ctx", type=int, help="Check this context size instead of choosing the largest that fits.")
+@click.option("--budget-mb", type=float, help="Override the profile's memory budget (MiB).")
+@click.option("--root", type=click.Path(path_type=Path, exists=True, file_okay=False), default="/",
+              help="Detect the device from files below this folder.")
+@click.option("--json", "as_json", is_flag=True)
+def plan(model: Path, profile, n_ctx, budget_mb, root, as_json):
+    """Plan memory for MODEL (a .gguf): weights + KV cache + compute buffers vs the device budget.
+
+    Picks the largest context that fits, or exits with an error saying what to change.
+    """
+    from edgemed.devices.detect import resolve
+    from edgemed.planner import MIB, make_plan
+
+    prof, facts = resolve(profile, root)
+    budget = int(budget_mb * MIB) if budget_mb else None
+    p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    e = p.estimate
+    mib = lambda n: f"{n / MIB:8.1f} MiB"  # noqa: E731
+    click.echo(f"model    {model}\nprofile  {p.profile}  (budget {p.budget / MIB:.0f} MiB)")
+    click.echo(f"  weights        {mib(e.weights)}")
+    if e.repacked:
+        click.echo(f"  CPU repacked   {mib(e.repacked)}")
+    click.echo(f"  KV cache       {mib(e.kv_cache)}  (n_ctx {e.n_ctx}, {p.llama['type_k']}/{p.llama['type_v']})")
+    click.echo(f"  compute        {mib(e.compute)}  (n_ubatch {p.llama['n_ubatch']}, flash_attn {p.llama['flash_attn']})")
+    click.echo(f"  runtime        {mib(e.runtime)}")
+    click.echo(f"  peak (pred.)   {mib(e.total)}  = {100 * e.total / p.budget:.0f} % of budget")
+    click.echo(f"context  {e.n_ctx} tokens (limited by {p.limited_by})")
+    s = p.llama
+    click.echo(f"settings n_threads={s['n_threads']} n_threads_batch={s['n_threads_batch']} n_gpu_layers={s['n_gpu_layers']} "
+               f"n_batch={s['n_batch']} n_ubatch={s['n_ubatch']} flash_attn={s['flash_attn']} "
+               f"type_k={s['type_k']} type_v={s['type_v']} use_mmap={s['use_mmap']} use_mlock={s['use_mlock']}")

@@ -1,0 +1,132 @@
+"""What detection learns about a machine, and the small readers every platform module shares.
+
+A ``Host`` reads files below a root folder (``/`` on a real machine, a fixture tree
+in tests) and runs ``sysctl`` through an injectable runner, so each platform
+module is tested without the hardware it describes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+GIB = 1 << 30
+
+#: Runs ``sysctl -n KEY`` (or reads a fixture); returns the value or None.
+SysctlRunner = Callable[[str], "str | None"]
+
+
+@dataclass
+class Facts:
+    """Facts about one machine. ``platform`` is the probe that recognised it."""
+
+    platform: str
+    model: str = ""                       # device-tree model, CPU brand string or chip name
+    cpu_flags: frozenset[str] = frozenset()
+    physical_cores: int = 1
+    logical_cores: int = 1
+    performance_cores: int | None = None  # Apple P-cores; None where all cores are alike
+    memory_bytes: int = 0                 # physical RAM
+    memory_limit_bytes: int | None = None  # cgroup limit, when one is set below RAM
+    details: dict[str, str] = field(default_factory=dict)  # e.g. jetpack, power_mode, gpu
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """RAM, or the container's limit when that is lower."""
+        if self.memory_limit_bytes and self.memory_limit_bytes < self.memory_bytes:
+            return self.memory_limit_bytes
+        return self.memory_bytes
+
+    def summary(self) -> str:
+        """One line such as ``8 cores, 31.2 GB, JetPack 6.1, 15W mode``."""
+        parts = [f"{self.physical_cores} cores", f"{self.usable_memory_bytes / 1e9:.1f} GB"]
+        if self.memory_limit_bytes and self.memory_limit_bytes < self.memory_bytes:
+            parts[-1] += " (container limit)"
+        parts += [f"{key} {value}" if key != "power_mode" else f"{value} mode"
+                  for key, value in self.details.items() if key in ("JetPack", "power_mode")]
+        return ", ".join(parts)
+
+
+def _default_sysctl(key: str) -> str | None:
+    try:
+        out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+class Host:
+    """Read-only view of a machine rooted at ``root``."""
+
+    def __init__(self, root: Path | str = "/", sysctl: SysctlRunner | None = None):
+        self.root = Path(root)
+        if sysctl is None:
+            sysctl = _default_sysctl if self.root == Path("/") else self._fixture_sysctl
+        self.sysctl = sysctl
+
+    def read(self, path: str) -> str | None:
+        """Text of ``path`` (absolute, as on the device) below the root, or None."""
+        try:
+            return (self.root / path.lstrip("/")).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+
+    def _fixture_sysctl(self, key: str) -> str | None:
+        """Fixture trees keep ``sysctl -a`` output (``key: value`` lines) in ``sysctl.txt``."""
+        text = self.read("sysctl.txt")
+        if text is None:
+            return None
+        for line in text.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() == key:
+                return value.strip()
+        return None
+
+
+# -- Linux readers shared by the Jetson and x86 probes ------------------------------------
+
+def meminfo_total(host: Host) -> int:
+    """MemTotal from /proc/meminfo, in bytes (0 if unknown)."""
+    for line in (host.read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cgroup_limit(host: Host) -> int | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``limit_in_bytes``)."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        value = (host.read(path) or "").strip()
+        if value.isdigit() and int(value) < (1 << 60):  # v1 says "no limit" with a huge number
+            return int(value)
+    return None
+
+
+def cpuinfo(host: Host) -> tuple[frozenset[str], int, int, str]:
+    """(flags, physical cores, logical cores, model name) from /proc/cpuinfo."""
+    flags: set[str] = set()
+    cores: set[tuple[str, str]] = set()
+    logical = 0
+    model = ""
+    phys = "0"
+    for line in (host.read("/proc/cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "processor":
+            logical += 1
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            cores.add((phys, value))
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+        elif key in ("model name", "Model") and not model:
+            model = value
+    physical = len(cores) or logical or 1
+    return frozenset(flags), physical, max(logical, 1), model
+
+
+def linux_memory(host: Host) -> tuple[int, int | None]:
+    return meminfo_total(host), cgroup_limit(host)

@@ -1,0 +1,132 @@
+"""Load device profiles: the shipped ``device_profiles/`` plus the user's folders.
+
+A user profile with the same name as a shipped one replaces it. Each file is
+validated against ``schema.FIELDS`` on load; its name must match its file stem.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from edgemed import env
+from edgemed.devices.facts import GIB, Facts
+from edgemed.devices.schema import validate
+from edgemed.errors import ProfileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One device class: how to recognise it, its memory budget and its engine settings."""
+
+    name: str
+    description: str
+    priority: int
+    recommended_quant: str
+    match: dict
+    memory: dict
+    llama: dict
+    onnx: dict
+    source: str
+
+    # -- matching ---------------------------------------------------------------------
+    def matches(self, facts: Facts) -> bool:
+        """True when every rule in ``[match]`` holds for ``facts``."""
+        m = self.match
+        gb = facts.memory_bytes / GIB
+        model = facts.model.lower()
+        return (
+            m["platform"] in (facts.platform, "any")
+            and (not m.get("model_contains") or any(s.lower() in model for s in m["model_contains"]))
+            and set(m.get("cpu_flags", ())) <= facts.cpu_flags
+            and gb >= m.get("min_memory_gb", 0)
+            and gb <= m.get("max_memory_gb", float("inf"))
+        )
+
+    # -- memory -----------------------------------------------------------------------
+    def total_memory_bytes(self, facts: Facts | None) -> int:
+        """The device's memory: the profile's fixed size, else what detection found."""
+        if "total_gb" in self.memory:
+            total = int(self.memory["total_gb"] * GIB)
+            if facts is not None and facts.memory_limit_bytes:
+                total = min(total, facts.memory_limit_bytes)
+            return total
+        if facts is None or not facts.usable_memory_bytes:
+            raise ProfileError(
+                f"Profile '{self.name}' has no fixed memory size and this machine's memory is unknown.",
+                "run on the device itself, or choose a profile with memory.total_gb",
+            )
+        return facts.usable_memory_bytes
+
+    def budget_bytes(self, facts: Facts | None) -> int:
+        """Bytes a model may use: total minus the OS reserve, capped at ``max_fraction`` of total."""
+        total = self.total_memory_bytes(facts)
+        return int(max(0, min(total - self.memory["reserve_gb"] * GIB, total * self.memory["max_fraction"])))
+
+    # -- settings ---------------------------------------------------------------------
+    def threads(self, value, facts: Facts | None) -> int | None:
+        """Resolve ``"physical"``/``"performance"`` against ``facts`` (None: the engine decides)."""
+        if isinstance(value, int):
+            return value
+        if facts is None:
+            return None
+        if value == "performance" and facts.performance_cores:
+            return facts.performance_cores
+        return facts.physical_cores
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "priority": self.priority,
+                "recommended_quant": self.recommended_quant, "match": self.match, "memory": self.memory,
+                "llama": self.llama, "onnx": self.onnx, "source": self.source}
+
+
+def _shipped_dir():
+    return resources.files("edgemed.device_profiles")
+
+
+def read_profile(path: Path, text: str | None = None) -> Profile:
+    """Parse and validate one profile file."""
+    source = path.name
+    try:
+        data = tomllib.loads(text if text is not None else path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{source}: not valid TOML ({exc}).", f"fix the syntax of {path}") from None
+    validate(data, source)
+    if data["name"] != Path(source).stem:
+        raise ProfileError(f"{source}: name: '{data['name']}' does not match the file name.",
+                           f"rename the file to {data['name']}.toml or set name = \"{Path(source).stem}\"")
+    return Profile(name=data["name"], description=data["description"], priority=data["priority"],
+                   recommended_quant=data["recommended_quant"], match=data["match"], memory=data["memory"],
+                   llama=data["llama"], onnx=data["onnx"], source=str(path))
+
+
+def load_profiles() -> dict[str, Profile]:
+    """Every profile by name: shipped first, then user folders (later ones override)."""
+    found: dict[str, Profile] = {}
+    shipped = _shipped_dir()
+    for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            found[entry.name[:-5]] = read_profile(Path(str(entry)), entry.read_text(encoding="utf-8"))
+    for folder in env.profile_dirs():
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.toml")):
+                found[path.stem] = read_profile(path)
+    if not found:
+        raise ProfileError("No device profiles were found.", "reinstall edgemed: its device_profiles are missing")
+    return found
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called ``name``, or an error listing what exists."""
+    profiles = load_profiles()
+    if name not in profiles:
+        raise ProfileError(f"No device profile named '{name}'.",
+                           f"run `edgemed devices list` to see profiles; known: {', '.join(sorted(profiles))}")
+    return profiles[name]

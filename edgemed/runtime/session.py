@@ -1,0 +1,132 @@
+"""From a model file and a device profile to a loaded engine, and from a prompt to a reply.
+
+``prepare`` chooses the profile (named or detected), plans memory from the
+file's tensor table (refusing before anything loads when it cannot fit) and
+returns the ``LoadSettings`` the profile prescribes. ``respond`` streams a
+reply as ``(channel, text)`` pairs — ``think`` or ``answer`` — applying the
+think policy: capped thinking is closed with ``</think>`` and the answer is
+generated after it; an output constraint (JSON schema, grammar) applies to the
+answer only, never to the thinking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+from edgemed.devices.detect import resolve
+from edgemed.planner import Plan, make_plan
+from edgemed.runtime.engine import GenerationSettings, LoadSettings, model_format
+from edgemed.templates import Template
+from edgemed.templates.contract import Parsed, choice_grammar
+from edgemed.templates.think import CLOSE, OPEN, ThinkPolicy, ThinkSplitter
+
+@dataclass(frozen=True)
+class Prepared:
+    plan: Plan | None         # None for formats the planner does not read (ONNX)
+    load: LoadSettings
+    profile: str
+
+
+def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
+    """The engine settings a plan prescribes."""
+    s = plan.llama
+    return LoadSettings(n_ctx=s["n_ctx"], n_threads=s["n_threads"], n_threads_batch=s["n_threads_batch"],
+                        n_batch=s["n_batch"], n_ubatch=min(s["n_ubatch"], s["n_batch"]),
+                        n_gpu_layers=s["n_gpu_layers"],  # -1: every layer
+                        flash_attn=s["flash_attn"], type_k=s["type_k"], type_v=s["type_v"],
+                        use_mmap=s["use_mmap"], use_mlock=s["use_mlock"], seed=seed)
+
+
+def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+            seed: int = 0, root: Path | str = "/") -> Prepared:
+    """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded)."""
+    profile, facts = resolve(profile_name, root)
+    if model_format(Path(model)) != "gguf":
+        threads_ = threads or profile.threads(profile.onnx["intra_op_threads"], facts)
+        load = LoadSettings(n_ctx=n_ctx or profile.llama["n_ctx"], n_threads=threads_, seed=seed,
+                            extra={"providers": profile.onnx["providers"]})
+        return Prepared(None, load, profile.name)
+    plan = make_plan(model, profile, facts, requested_ctx=n_ctx)
+    load = load_settings(plan, seed)
+    if threads:
+        load = replace(load, n_threads=threads, n_threads_batch=threads)
+    return Prepared(plan, load, profile.name)
+
+
+def starts_in_think(prompt: str) -> bool:
+    """Templates of some reasoning models open the think block themselves (``...<think>\\n``)."""
+    return prompt.rstrip().endswith("<think>")
+
+
+def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolicy) -> Iterator[tuple[str, str]]:
+    """Stream ``(channel, text)`` for a rendered ``prompt``; see the module docstring."""
+    splitter = ThinkSplitter(in_think=starts_in_think(prompt))
+    constrained = bool(settings.json_schema or settings.grammar)
+    if think.cap is None and not (constrained and splitter.in_think):
+        for piece in engine.complete(prompt, settings):
+            yield from splitter.feed(piece)
+        yield from splitter.flush()
+        return
+
+    # Phase 1: think, unconstrained, at most `cap` tokens, stopping at </think>.
+    cap = min(think.cap or settings.max_tokens, settings.max_tokens)
+    first = ""
+    free = replace(settings, max_tokens=cap, stop=(CLOSE,), json_schema=None, grammar=None)
+    for piece in engine.complete(prompt, free):
+        first += piece
+        yield from splitter.feed(piece)
+    if splitter.in_think or first.lstrip().startswith("<think>"):
+        # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
+        closing = "\n" + CLOSE + "\n\n"
+        yield from splitter.feed(closing)
+        for piece in engine.complete(prompt + first + closing, settings):
+            yield from splitter.feed(piece)
+    else:
+        # The model did not think: what it wrote is the answer; continue it if the cap cut it short.
+        used = len(engine.tokenize(first))
+        if used >= cap and settings.max_tokens > used:
+            for piece in engine.complete(prompt + first, replace(settings, max_tokens=settings.max_tokens - used)):
+                yield from splitter.feed(piece)
+    yield from splitter.flush()
+
+
+@dataclass
+class Answer:
+    """A template's outcome: the parsed value, the reply, the thinking, and whether the answer had to be asked for."""
+
+    parsed: Parsed
+    reply: str
+    think: str
+    forced: bool = False
+
+
+def ask(engine, template: Template, inputs: dict, settings: GenerationSettings, think: ThinkPolicy,
+        on_piece=None) -> Answer:
+    """Render ``template`` with ``inputs`` through the model's chat template, generate, and parse the contract.
+
+    A JSON contract is enforced while sampling where the engine supports grammars. When a choice
+    contract's reply has no answer line, the model is asked once more for just the label, constrained
+    to the choices (``forced``), so a small model still yields a usable, clearly marked answer.
+    """
+    contract = template.contract
+    if contract.kind == "json" and getattr(engine, "supports_grammar", False):
+        settings = replace(settings, json_schema=contract.json_schema())
+    prompt = engine.render_chat(template.messages(inputs))
+    parts = {"think": [], "answer": []}
+    for channel, text in respond(engine, prompt, settings, think):
+        parts[channel].append(text)
+        if on_piece:
+            on_piece(channel, text)
+    thought, reply = "".join(parts["think"]), "".join(parts["answer"])
+    parsed = template.parse(reply, inputs)
+    choices = template.choices(inputs)
+    if parsed.ok or contract.kind != "choice" or not getattr(engine, "supports_grammar", False):
+        return Answer(parsed, reply, thought)
+    opened = "" if starts_in_think(prompt) else OPEN
+    so_far = prompt + ((opened + thought + CLOSE + "\n\n") if thought else "") + reply
+    follow = replace(settings, max_tokens=8, grammar=choice_grammar(choices), json_schema=None, stop=())
+    forced = "".join(engine.complete(so_far.rstrip() + f"\n{contract.label}: ", follow)).strip()
+    parsed = Parsed(forced in choices, forced if forced in choices else None, reply, parsed.error)
+    return Answer(parsed, reply, thought, forced=True)

@@ -1,0 +1,140 @@
+"""Output contracts: what a template asks the model to end with, and how the reply is parsed.
+
+Three kinds, one row each in ``KINDS``:
+* ``choice`` — a labelled line such as ``Answer: B`` from a fixed set (options' letters, or yes/no/maybe);
+* ``json``   — one JSON object matching a schema; engines that support grammars enforce it while sampling;
+* ``text``   — free text (the whole reply, thinking removed), optionally after a label.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from edgemed.templates.think import strip_think
+
+
+@dataclass(frozen=True)
+class Parsed:
+    ok: bool
+    value: object          # the choice, the JSON object, or the text
+    answer_text: str       # the reply with thinking removed
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Contract:
+    kind: str
+    label: str = "Answer"
+    choices: tuple[str, ...] = ()       # fixed choices (yes/no/maybe)
+    choices_from: str = ""              # or: the keys of this input (an options table)
+    schema: dict = field(default_factory=dict)
+
+    def resolve_choices(self, inputs: dict) -> tuple[str, ...]:
+        if self.choices_from:
+            return tuple(str(k) for k in inputs.get(self.choices_from, {}))
+        return self.choices
+
+    def instruction(self, choices: tuple[str, ...]) -> str:
+        return KINDS[self.kind][0](self, choices)
+
+    def parse(self, reply: str, choices: tuple[str, ...], started_in_think: bool = False) -> Parsed:
+        return KINDS[self.kind][1](self, strip_think(reply, started_in_think), choices)
+
+    def json_schema(self) -> str | None:
+        """JSON text for engines that constrain sampling (``GenerationSettings.json_schema``)."""
+        return json.dumps(self.schema) if self.kind == "json" else None
+
+
+def choice_grammar(choices: tuple[str, ...]) -> str:
+    """A GBNF grammar that accepts exactly one of ``choices`` (used to ask again when a reply has no answer line)."""
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+# -- choice -----------------------------------------------------------------------------
+def _choice_instruction(c: Contract, choices) -> str:
+    return (f"End your reply with a final line of the form '{c.label}: X', where X is exactly one of: "
+            f"{', '.join(choices)}.")
+
+
+def _parse_choice(c: Contract, text: str, choices) -> Parsed:
+    alts = "|".join(re.escape(x) for x in sorted(choices, key=len, reverse=True))
+    label = re.escape(c.label)
+    # Single-letter choices are matched case-sensitively outside a labelled line: "the answer is a ..." is prose.
+    strict = f"(?-i:{alts})" if all(len(x) == 1 and x.isupper() for x in choices) else alts
+    deco = r"[\s\*\(\[\"'_]*"  # markdown bold, brackets, quotes around the label or the choice
+    patterns = (
+        rf"{label}{deco}[:\-]{deco}({alts})\b",                 # Answer: B / **Answer:** (b)
+        rf"\banswer is{deco}[:\-]?{deco}({strict})\b",          # the correct answer is C (not "is a ...")
+        rf"^{deco}({strict})\s*[\)\.\:]",                       # reply starts "B." / "(B)"
+    )
+    for pattern in patterns:
+        hits = re.findall(pattern, text, flags=re.I | re.M)
+        if hits:
+            found = hits[-1]
+            canonical = next(x for x in choices if x.lower() == found.lower())
+            return Parsed(True, canonical, text)
+    return Parsed(False, None, text, f"no '{c.label}: X' line with X in {', '.join(choices)}")
+
+
+# -- json -------------------------------------------------------------------------------
+def _json_instruction(c: Contract, choices) -> str:
+    return ("Reply with one JSON object only (no prose before or after it) that matches this JSON schema:\n"
+            + json.dumps(c.schema, separators=(",", ":")))
+
+
+def _schema_errors(schema: dict, value, path: str = "$") -> list[str]:
+    """A small JSON-schema check (type, required, enum, properties, items, minItems): what llama.cpp's grammar enforces."""
+    kind = schema.get("type")
+    types = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool}
+    if kind and not isinstance(value, types[kind]):
+        return [f"{path}: expected {kind}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
+    if kind == "object":
+        errors += [f"{path}.{k}: missing" for k in schema.get("required", []) if k not in value]
+        for k, sub in schema.get("properties", {}).items():
+            if k in value:
+                errors += _schema_errors(sub, value[k], f"{path}.{k}")
+    if kind == "array":
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than {schema['minItems']} items")
+        for i, item in enumerate(value):
+            errors += _schema_errors(schema.get("items", {}), item, f"{path}[{i}]")
+    return errors
+
+
+def _parse_json(c: Contract, text: str, choices) -> Parsed:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        return Parsed(False, None, text, "no JSON object in the reply")
+    try:
+        value = json.loads(text[start:end + 1])
+    except json.JSONDecodeError as exc:
+        return Parsed(False, None, text, f"invalid JSON: {exc}")
+    errors = _schema_errors(c.schema, value)
+    return Parsed(not errors, value, text, "; ".join(errors))
+
+
+# -- text -------------------------------------------------------------------------------
+def _text_instruction(c: Contract, choices) -> str:
+    return f"Begin your reply with '{c.label}:'." if c.label else ""
+
+
+def _parse_text(c: Contract, text: str, choices) -> Parsed:
+    body = text
+    if c.label:
+        m = re.search(rf"{re.escape(c.label)}\s*:\s*", text, flags=re.I)
+        body = text[m.end():] if m else text
+    body = body.strip()
+    return Parsed(bool(body), body, text, "" if body else "empty reply")
+
+
+# kind -> (instruction, parser)
+KINDS = {
+    "choice": (_choice_instruction, _parse_choice),
+    "json": (_json_instruction, _parse_json),
+    "text": (_text_instruction, _parse_text),
+}

@@ -1,0 +1,161 @@
+"""Device profiles and detection: every shipped profile loads, fixture trees pick the right profile,
+malformed profiles fail with file:field errors, and this machine is detected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+from edgemed.devices import get_profile, load_profiles
+from edgemed.devices.detect import choose, detect
+from edgemed.devices.facts import GIB, Facts
+from edgemed.errors import ProfileError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "devices"
+
+# fixture tree -> (profile it must pick, strings the one-line summary must contain)
+EXPECTED = {
+    "jetson-orin-nano-8gb": ("jetson-orin-nano-8gb", ["6 cores", "JetPack 6.1", "15W mode"]),
+    "jetson-orin-nx-16gb": ("jetson-orin-nx-16gb", ["8 cores", "JetPack 6.0", "MAXN mode"]),
+    "jetson-agx-orin-32gb": ("jetson-agx-orin-32gb", ["8 cores", "JetPack 5.1.2", "50W mode"]),
+    "jetson-agx-orin-64gb": ("jetson-agx-orin-64gb", ["12 cores", "JetPack 6.2"]),
+    "apple-m1": ("apple-m1", ["8 cores"]),
+    "apple-m2": ("apple-m2", ["12 cores"]),
+    "apple-m3": ("apple-m3", ["16 cores"]),
+    "apple-m4": ("apple-m4", ["10 cores"]),
+    "x86-avx2": ("x86-avx2", ["8 cores", "33.5 GB"]),
+    "x86-avx512": ("x86-avx512", ["16 cores"]),
+    "x86-avx2-container": ("x86-avx2", ["container limit"]),
+    "generic-old-x86": ("generic", ["2 cores"]),
+    "generic-riscv": ("generic", ["2 cores"]),
+}
+
+
+def test_every_fixture_has_an_expectation():
+    assert sorted(p.name for p in FIXTURES.iterdir()) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("tree", sorted(EXPECTED))
+def test_fixture_tree_picks_its_profile(tree):
+    profile_name, summary_parts = EXPECTED[tree]
+    facts = detect(FIXTURES / tree)
+    assert choose(facts).name == profile_name
+    for part in summary_parts:
+        assert part in facts.summary()
+
+
+def test_every_shipped_profile_is_picked_by_some_fixture():
+    picked = {name for name, _ in EXPECTED.values()}
+    assert set(load_profiles()) == picked
+
+
+def test_apple_threads_are_performance_cores_and_budget_is_working_set():
+    facts = detect(FIXTURES / "apple-m2")
+    profile = choose(facts)
+    assert facts.performance_cores == 8 and facts.physical_cores == 12
+    assert profile.threads(profile.llama["n_threads"], facts) == 8
+    total = 16 * GIB
+    assert profile.budget_bytes(facts) == int(min(total - 3 * GIB, total * 0.67))
+
+
+def test_cgroup_limit_caps_the_budget():
+    facts = detect(FIXTURES / "x86-avx2-container")
+    assert facts.memory_limit_bytes == 4 * GIB
+    assert facts.usable_memory_bytes == 4 * GIB
+    assert choose(facts).budget_bytes(facts) == int(min(4 * GIB - 2 * GIB, 4 * GIB * 0.85))
+
+
+def test_jetson_uses_fixed_memory_and_offloads_everything():
+    profile = get_profile("jetson-orin-nano-8gb")
+    assert profile.budget_bytes(None) == int(min(7.4 * GIB - 1.5 * GIB, 7.4 * GIB * 0.8))
+    assert profile.llama["n_gpu_layers"] == -1 and profile.llama["flash_attn"] is True
+
+
+def test_this_machine_is_detected():
+    facts = detect("/")
+    profile = choose(facts)
+    assert profile.matches(facts)
+    assert facts.physical_cores >= 1 and facts.memory_bytes > 0
+    result = CliRunner().invoke(cli, ["devices", "detect"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(profile.name + " (")
+
+
+def test_cli_detect_on_fixture_root_and_json():
+    result = CliRunner().invoke(cli, ["devices", "detect", "--root", str(FIXTURES / "jetson-orin-nano-8gb")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("jetson-orin-nano-8gb (6 cores, 8.0 GB, JetPack 6.1, 15W mode)")
+    import json
+
+    data = json.loads(CliRunner().invoke(cli, ["devices", "detect", "--json", "--root", str(FIXTURES / "apple-m3")]).output)
+    assert data["profile"] == "apple-m3" and data["performance_cores"] == 12
+
+
+def test_cli_list_and_show():
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["devices", "list"])
+    assert listed.exit_code == 0
+    assert all(name in listed.output for name in load_profiles())
+    shown = runner.invoke(cli, ["devices", "show", "x86-avx512"])
+    assert shown.exit_code == 0 and 'cpu_flags = ["avx2", "fma", "avx512f", "avx512bw"]' in shown.output
+    missing = runner.invoke(cli, ["devices", "show", "pdp-11"])
+    assert missing.exit_code == 1 and "edgemed devices list" in missing.output
+
+
+# -- validation ------------------------------------------------------------------------
+GOOD = (Path(__file__).parents[1] / "device_profiles" / "generic.toml").read_text()
+
+
+def _user_profile(tmp_path, monkeypatch, name: str, text: str) -> None:
+    folder = tmp_path / "profiles"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.toml").write_text(text)
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(folder))
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda t: t.replace("n_ctx = 4096", 'n_ctx = "big"'), "llama.n_ctx"),
+    (lambda t: t.replace("n_ctx = 4096", "n_ctx = 4096\nn_ctxx = 1"), "llama.n_ctxx"),
+    (lambda t: t.replace("max_fraction = 0.75", "max_fraction = 1.5"), "memory.max_fraction"),
+    (lambda t: t.replace('type_k = "f16"', 'type_k = "q3"'), "llama.type_k"),
+    (lambda t: t.replace('n_threads = "physical"', 'n_threads = "all"'), "llama.n_threads"),
+    (lambda t: t.replace("reserve_gb = 1.0\n", ""), "memory.reserve_gb"),
+    (lambda t: t + "\n[cuda]\narch = 87\n", "cuda"),
+    (lambda t: t.replace("n_ubatch = 512", "n_ubatch = 1024"), "llama.n_ubatch"),
+])
+def test_malformed_profile_names_file_and_field(tmp_path, monkeypatch, edit, field):
+    text = edit(GOOD.replace('name = "generic"', 'name = "clinic"'))
+    _user_profile(tmp_path, monkeypatch, "clinic", text)
+    with pytest.raises(ProfileError) as err:
+        load_profiles()
+    assert str(err.value).startswith(f"clinic.toml: {field}:")
+    result = CliRunner().invoke(cli, ["devices", "list"])
+    assert result.exit_code == 1 and f"clinic.toml: {field}:" in result.output and "Traceback" not in result.output
+
+
+def test_bad_toml_and_name_mismatch(tmp_path, monkeypatch):
+    _user_profile(tmp_path, monkeypatch, "broken", "name = ")
+    with pytest.raises(ProfileError, match="broken.toml: not valid TOML"):
+        load_profiles()
+    (tmp_path / "profiles" / "broken.toml").unlink()
+    _user_profile(tmp_path, monkeypatch, "mine", GOOD)
+    with pytest.raises(ProfileError, match="mine.toml: name: 'generic' does not match"):
+        load_profiles()
+
+
+def test_user_profile_is_added_and_wins_detection(tmp_path, monkeypatch):
+    text = GOOD.replace('name = "generic"', 'name = "our-clinic-pc"').replace("priority = 0", "priority = 99")
+    text = text.replace('platform = "any"', 'platform = "x86"\nmodel_contains = ["i7-10700"]')
+    _user_profile(tmp_path, monkeypatch, "our-clinic-pc", text)
+    assert choose(detect(FIXTURES / "x86-avx2")).name == "our-clinic-pc"
+    assert choose(detect(FIXTURES / "x86-avx512")).name == "x86-avx512"
+
+
+def test_no_profile_matches_without_generic():
+    facts = Facts(platform="jetson", model="Jetson Xavier", memory_bytes=4 * GIB)
+    profiles = {k: v for k, v in load_profiles().items() if k != "generic"}
+    with pytest.raises(ProfileError, match="--profile"):
+        choose(facts, profiles)

@@ -1,0 +1,164 @@
+"""Memory planner: shape reading from a GGUF tensor table, the KV/compute formulas, context choice,
+refusal before loading, the `edgemed plan` command, and (slow) prediction vs measured RSS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+from edgemed.devices import get_profile
+from edgemed.errors import PlanError
+from edgemed.planner import MIB, choose_context, estimate, kv_cache_bytes, make_plan, read_shape
+
+gguf = pytest.importorskip("gguf")
+np = pytest.importorskip("numpy")
+
+
+def write_tiny_gguf(path: Path, *, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_vocab=100, ctx=2048):
+    """A llama-shaped GGUF with real tensor-table entries (F32, F16 and Q4_0 blocks)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layer)
+    w.add_context_length(ctx)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_vocab_size(n_vocab)
+    w.add_tensor("token_embd.weight", np.zeros((n_vocab, n_embd), dtype=np.float16))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        # Q4_0: 32 weights per 18-byte block; byte shape (rows, cols / 32 * 18)
+        w.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((n_ff, n_embd // 32 * 18), dtype=np.uint8),
+                     raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+def test_read_shape_from_tensor_table(tiny):
+    s = read_shape(tiny)
+    assert (s.arch, s.n_layer, s.n_embd, s.n_head, s.n_head_kv, s.head_dim_k, s.n_ff, s.n_vocab, s.n_ctx_train) == \
+        ("llama", 2, 64, 4, 2, 16, 128, 100, 2048)
+    q4 = 2 * 128 * (64 // 32) * 18
+    assert s.weights_bytes == 100 * 64 * 2 + 2 * 64 * 4 + q4
+    assert s.repackable_bytes == q4
+
+
+def test_fast_header_reader_agrees_with_gguf_reader(tiny):
+    from edgemed.gguf_header import read_header
+
+    ours = read_header(tiny)
+    theirs = gguf.GGUFReader(str(tiny))
+    assert [(t.name, t.type_name, t.n_elements, t.n_bytes) for t in ours.tensors] == \
+        [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in theirs.tensors]
+    for key in ("general.architecture", "llama.block_count", "llama.embedding_length", "llama.attention.head_count_kv"):
+        assert ours.metadata[key] == theirs.fields[key].contents()
+
+
+def test_real_model_weights_match_llama_cpp_mapped_buffer(smollm2_gguf):
+    """llama.cpp 0.3.36 reports "CPU_Mapped model buffer size = 92.10 MiB" for this file."""
+    s = read_shape(smollm2_gguf)
+    assert round(s.weights_bytes / MIB, 2) == 92.10
+    assert (s.n_layer, s.n_head, s.n_head_kv, s.n_vocab) == (30, 9, 3, 49152)
+
+
+def test_kv_cache_formula_gqa_and_cache_type(tiny):
+    s = read_shape(tiny)
+    # n_ctx * n_layer * n_head_kv * head_dim * (2 bytes K + 2 bytes V)
+    assert kv_cache_bytes(s, 1024) == 1024 * 2 * 2 * 16 * 4
+    assert kv_cache_bytes(s, 1024, "q8_0", "q8_0") == int(1024 * 2 * 2 * 16 * 2 * 34 / 32)
+    mha = write_tiny_gguf(tiny.with_name("mha.gguf"), n_head_kv=4)
+    assert kv_cache_bytes(read_shape(mha), 1024) == 2 * kv_cache_bytes(s, 1024)
+
+
+def test_compute_buffer_matches_llama_cpp_reports():
+    """Numbers llama.cpp 0.3.36 printed ("CPU compute buffer size") for SmolLM2-135M, no flash attention.
+
+    With GPU offload the whole reserved buffer counts; those sizes are what llama.cpp reserves."""
+    from edgemed.planner import ModelShape, compute_bytes
+
+    smol = ModelShape("llama", 30, 576, 9, 3, 64, 64, 1536, 49152, 8192, 0, 0)
+    for n_ctx, n_ubatch, reported_mib in ((8192, 512, 166.38), (16384, 512, 326.38), (16384, 128, 81.60),
+                                          (2048, 512, 99.38), (512, 128, 24.56)):
+        predicted = compute_bytes(smol, n_ctx, n_ubatch, flash_attn=False, offload=True) / MIB
+        assert predicted == pytest.approx(reported_mib, rel=0.03), (n_ctx, n_ubatch)
+
+
+def test_choose_largest_context_and_refuse(tiny):
+    s = read_shape(tiny)
+    profile = get_profile("x86-avx2")
+    budget = estimate(s, 1536).total + 1000
+    n_ctx, why = choose_context(s, profile, budget)
+    assert (n_ctx, why) == (1536, "budget")
+    assert estimate(s, n_ctx + 256).total > budget
+    assert choose_context(s, profile, 10 * estimate(s, 2048).total) == (2048, "model")
+    with pytest.raises(PlanError, match="nothing was loaded"):
+        choose_context(s, profile, estimate(s, 512).total - 1)
+    with pytest.raises(PlanError, match="leave --ctx out"):
+        choose_context(s, profile, budget, requested=2048)
+
+
+def test_flash_attention_and_q8_cache_allow_more_context(tiny):
+    s = read_shape(tiny)
+    budget = estimate(s, 1024).total
+    cpu, _ = choose_context(s, get_profile("x86-avx2"), budget)
+    jetson, _ = choose_context(s, get_profile("jetson-orin-nano-8gb"), budget)
+    assert jetson > cpu
+
+
+def test_plan_cli(tiny):
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["plan", str(tiny), "--profile", "x86-avx2", "--json"])
+    assert ok.exit_code == 0, ok.output
+    data = json.loads(ok.output)
+    assert data["fits"] and data["llama"]["n_ctx"] == 2048 and data["limited_by"] == "model"
+    text = runner.invoke(cli, ["plan", str(tiny), "--profile", "jetson-orin-nano-8gb"])
+    assert "KV cache" in text.output and "type_k=q8_0" in text.output and "n_gpu_layers=-1" in text.output
+    refused = runner.invoke(cli, ["plan", str(tiny), "--budget-mb", "1"])
+    assert refused.exit_code == 1 and "over the" in refused.output and "Traceback" not in refused.output
+    assert "not a readable GGUF" in runner.invoke(cli, ["plan", str(tiny.parent)]).output
+
+
+def test_plan_rejects_non_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    result = CliRunner().invoke(cli, ["plan", str(bad)])
+    assert result.exit_code == 1 and "not a readable GGUF" in result.output
+
+
+def test_run_refuses_before_loading_when_the_model_cannot_fit(smollm2_gguf, tmp_path, monkeypatch):
+    """A device with 0.15 GiB for models: `edgemed run` must stop at the plan, not in llama.cpp."""
+    generic = (Path(__file__).parents[1] / "device_profiles" / "generic.toml").read_text()
+    tiny_box = generic.replace('name = "generic"', 'name = "tiny-box"').replace("reserve_gb = 1.0", "total_gb = 0.3\nreserve_gb = 0.15")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "tiny-box.toml").write_text(tiny_box)
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(tmp_path / "p"))
+    import edgemed.runtime.llama_engine as le
+
+    monkeypatch.setattr(le, "load", lambda *a, **k: pytest.fail("the engine was loaded"))
+    result = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "--prompt", "hi", "--profile", "tiny-box"])
+    assert result.exit_code == 1, result.output
+    assert "over the 'tiny-box' budget" in result.output and "nothing was loaded" in result.output
+
+
+@pytest.mark.slow
+def test_prediction_within_10_percent_of_measured_rss(smollm2_gguf):
+    """One process: plan, load through the runtime, fill a 1024-token context, decode; compare peak RSS."""
+    proc = subprocess.run([sys.executable, "-m", "edgemed.benchmarks.plan_memory", "--child",
+                           "smollm2-135m-instruct", "1024"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(row["predicted"] - row["measured"]) / row["measured"] <= 0.10, row

@@ -1,0 +1,113 @@
+"""`edgemed run --template`: the answer flow (contract, forced answer, think cap) on a scripted engine,
+and on the real SmolLM2 with a MedMCQA item from ../shared/data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+from edgemed.runtime.engine import GenerationSettings
+from edgemed.runtime.session import ask, respond
+from edgemed.templates import get_template
+from edgemed.templates.think import ThinkPolicy
+
+from conftest import SHARED_DATA
+
+MEDMCQA = SHARED_DATA / "medagentsbench" / "medmcqa" / "test.jsonl"
+ITEM = {"question": "Which vitamin deficiency causes scurvy?", "options": {"A": "A", "B": "B12", "C": "C", "D": "D"}}
+
+
+class ScriptedEngine:
+    """Returns scripted replies in order and records every call (prompt, settings)."""
+
+    supports_grammar = True
+
+    def __init__(self, *replies: str, template_opens_think: bool = False):
+        self.replies = list(replies)
+        self.calls: list[tuple[str, GenerationSettings]] = []
+        self.suffix = "<think>\n" if template_opens_think else ""
+
+    def render_chat(self, messages):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>" + self.suffix
+
+    def complete(self, prompt, settings):
+        self.calls.append((prompt, settings))
+        text = self.replies.pop(0)
+        for i in range(0, len(text), 3):  # stream in small pieces, splitting tags
+            yield text[i:i + 3]
+
+    def tokenize(self, text, add_special=False):
+        return text.split()
+
+
+def test_choice_answer_is_parsed_without_a_second_call():
+    engine = ScriptedEngine("Vitamin C prevents scurvy.\nAnswer: C")
+    answer = ask(engine, get_template("mcq"), ITEM, GenerationSettings(), ThinkPolicy())
+    assert answer.parsed.value == "C" and not answer.forced and len(engine.calls) == 1
+    assert engine.calls[0][1].grammar is None and engine.calls[0][1].json_schema is None
+
+
+def test_missing_answer_line_is_asked_for_with_a_grammar():
+    engine = ScriptedEngine("Scurvy is a disease of sailors.", "C")
+    answer = ask(engine, get_template("mcq"), ITEM, GenerationSettings(), ThinkPolicy())
+    assert answer.forced and answer.parsed.ok and answer.parsed.value == "C"
+    prompt, settings = engine.calls[1]
+    assert prompt.endswith("sailors.\nAnswer: ") and settings.grammar == 'root ::= "A" | "B" | "C" | "D"'
+
+
+def test_json_contract_is_enforced_while_sampling():
+    reply = json.dumps({"urgency": "emergency", "red_flags": ["slurred speech"], "action": "stroke team"})
+    engine = ScriptedEngine(reply)
+    answer = ask(engine, get_template("triage"), {"case": "slurred speech"}, GenerationSettings(), ThinkPolicy())
+    assert answer.parsed.ok and answer.parsed.value["urgency"] == "emergency"
+    assert json.loads(engine.calls[0][1].json_schema)["required"] == ["urgency", "red_flags", "action"]
+
+
+def test_think_cap_closes_the_thought_and_constrains_only_the_answer():
+    engine = ScriptedEngine("<think>Sailors lacked fresh fruit, so", '{"urgency": "routine", "red_flags": [], "action": "diet"}')
+    settings = GenerationSettings(max_tokens=100)
+    pairs = list(respond(engine, "P", settings.__class__(max_tokens=100, json_schema='{"type": "object"}'),
+                         ThinkPolicy(cap=16)))
+    first, second = engine.calls
+    assert first[1].max_tokens == 16 and first[1].stop == ("</think>",) and first[1].json_schema is None
+    assert second[0] == "P<think>Sailors lacked fresh fruit, so\n</think>\n\n"
+    assert second[1].json_schema == '{"type": "object"}'
+    think = "".join(t for c, t in pairs if c == "think")
+    answer = "".join(t for c, t in pairs if c == "answer")
+    assert think.startswith("Sailors lacked") and answer.startswith('{"urgency"')
+
+
+def test_template_that_opens_think_is_hidden_from_parsing():
+    engine = ScriptedEngine("Fruit... maybe Answer: A?\n</think>\n\nAnswer: C", template_opens_think=True)
+    answer = ask(engine, get_template("mcq"), ITEM, GenerationSettings(), ThinkPolicy())
+    assert answer.parsed.value == "C" and "maybe Answer: A" in answer.think
+
+
+def test_cli_reports_missing_inputs_before_loading(tmp_path):
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "none.gguf"), "--template", "mcq", "--question", "q"])
+    assert result.exit_code == 1 and "needs the input 'options'" in result.output and "--options" in result.output
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "none.gguf"), "--template", "nope", "--question", "q"])
+    assert result.exit_code == 1 and "choose one of:" in result.output
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "none.gguf"), "--template", "mcq", "--item-json", "{oops"])
+    assert result.exit_code == 1 and "--item-json is not valid JSON" in result.output
+
+
+@pytest.mark.slow
+def test_run_mcq_on_a_medmcqa_item_prints_the_parsed_letter(smollm2_gguf):
+    if not MEDMCQA.exists():
+        pytest.skip(f"MedMCQA data not found at {MEDMCQA}")
+    line = MEDMCQA.read_text().splitlines()[4]
+    result = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "--template", "mcq", "--item-json", line,
+                                      "--max-tokens", "48", "--ctx", "1024", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    parsed = [ln for ln in lines if ln.startswith("Parsed answer: ")]
+    assert parsed and parsed[0].split(": ")[1][0] in "ABCD", result.output
+    assert lines[-1] == f"Expected: {json.loads(line)['answer_idx']}"
+    as_json = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "--template", "mcq", "--item-json",
+                                       f"{MEDMCQA}:5", "--max-tokens", "48", "--ctx", "1024", "--threads", "1", "--json"])
+    data = json.loads(as_json.output.strip().splitlines()[-1])
+    assert data["ok"] and data["answer"] in "ABCD" and data["answer"] == parsed[0].split(": ")[1][0]

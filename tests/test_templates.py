@@ -1,0 +1,200 @@
+"""Medical prompt templates: golden renders for every template, contracts, <think> handling, and the
+Jinja sandbox (a hostile chat template cannot run code or reach Python internals)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edgemed.errors import InputError, TemplateError
+from edgemed.runtime.chat_template import render as render_chat
+from edgemed.templates import get_template, load_templates
+from edgemed.templates.contract import choice_grammar
+from edgemed.templates.think import ThinkPolicy, ThinkSplitter, strip_think
+
+GOLDEN = Path(__file__).parent / "golden"
+CHATML = (GOLDEN / "chatml.jinja").read_text().rstrip("\n")
+UPDATE = os.environ.get("EDGEMED_UPDATE_GOLDEN") == "1"
+EXPECTED_TEMPLATES = {"mcq", "pubmedqa", "open_question", "differential", "drug", "triage",
+                      "patient_education", "note_summary"}
+
+
+def scenarios():
+    return [(name, i) for name, t in sorted(load_templates().items()) for i in range(len(t.examples))]
+
+
+def test_the_index_ships_every_template_with_a_scenario():
+    templates = load_templates()
+    assert set(templates) == EXPECTED_TEMPLATES
+    assert all(t.examples for t in templates.values())
+
+
+@pytest.mark.parametrize("name, i", scenarios())
+def test_golden_render(name, i):
+    """The exact prompt text a ChatML model sees for each template scenario."""
+    t = get_template(name)
+    prompt = render_chat(CHATML, t.messages(t.examples[i]), add_generation_prompt=True)
+    golden = GOLDEN / "templates" / f"{name}-{i}.txt"
+    if UPDATE:
+        golden.write_text(prompt)
+    assert golden.exists(), f"missing golden {golden}; run with EDGEMED_UPDATE_GOLDEN=1 and review it"
+    assert prompt == golden.read_text()
+
+
+def test_every_system_message_carries_the_safety_preamble_and_contract():
+    for t in load_templates().values():
+        system, user = t.messages(t.examples[0])
+        assert system["role"] == "system" and user["role"] == "user"
+        assert "never replace" in system["content"] and "emergency care now" in system["content"]
+        assert t.contract.instruction(t.choices(t.examples[0])) in system["content"]
+
+
+def test_missing_and_unknown_inputs_name_the_fix():
+    mcq = get_template("mcq")
+    with pytest.raises(TemplateError, match="needs the input 'question'"):
+        mcq.messages({"options": {"A": "x"}})
+    with pytest.raises(TemplateError, match="has no input colour"):
+        mcq.messages({"question": "q", "options": {"A": "x"}, "colour": "red"})
+    edu = get_template("patient_education")
+    assert "5th grade" in edu.messages({"topic": "asthma", "reading_level": "5th grade"})[0]["content"]
+    assert "6th grade" in edu.messages({"topic": "asthma"})[0]["content"]
+
+
+# -- contracts -------------------------------------------------------------------------
+MCQ_INPUTS = {"question": "q", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Scurvy is vitamin C deficiency.\nAnswer: C", "C"),
+    ("**Answer:** (b)", "B"),
+    ("The correct answer is D because ...", "D"),
+    ("A. Vitamin A is wrong... Answer: C", "C"),
+    ("C. Vitamin C", "C"),
+    ("<think>Maybe Answer: A? no.</think>\nAnswer: B", "B"),
+])
+def test_choice_contract_parses(reply, expected):
+    parsed = get_template("mcq").parse(reply, MCQ_INPUTS)
+    assert parsed.ok and parsed.value == expected
+
+
+def test_choice_contract_rejects_letters_outside_the_options_and_thinking_only():
+    mcq = get_template("mcq")
+    assert not mcq.parse("Answer: E", MCQ_INPUTS).ok
+    assert not mcq.parse("The answer is a matter of debate. Answer a simpler question.", MCQ_INPUTS).ok
+    assert not mcq.parse("<think>Answer: A", MCQ_INPUTS).ok  # unterminated thinking hides everything
+    yn = get_template("pubmedqa")
+    assert yn.parse("Answer: Maybe", {"question": "q", "context": "c"}).value == "maybe"
+
+
+def test_json_contract_checks_the_schema():
+    triage = get_template("triage")
+    good = json.dumps({"urgency": "emergency", "red_flags": ["slurred speech"], "action": "call 112"})
+    assert triage.parse(good, {"case": "x"}).value["urgency"] == "emergency"
+    bad = triage.parse(json.dumps({"urgency": "whenever", "red_flags": [], "action": "wait"}), {"case": "x"})
+    assert not bad.ok and "is not one of" in bad.error
+    assert not triage.parse("I think it is urgent.", {"case": "x"}).ok
+    assert json.loads(triage.contract.json_schema())["properties"]["urgency"]["enum"][0] == "emergency"
+
+
+def test_text_contract_and_choice_grammar():
+    t = get_template("open_question")
+    assert t.parse("<think>hmm</think>Answer: Amoxicillin.", {"question": "q"}).value == "Amoxicillin."
+    assert not t.parse("<think>only thinking</think>", {"question": "q"}).ok
+    assert choice_grammar(("A", "B")) == 'root ::= "A" | "B"'
+
+
+# -- <think> -----------------------------------------------------------------------------
+def collect(pieces, in_think=False):
+    s = ThinkSplitter(in_think)
+    out = [pair for p in pieces for pair in s.feed(p)] + list(s.flush())
+    joined = {"think": "", "answer": ""}
+    for channel, text in out:
+        joined[channel] += text
+    return joined
+
+
+def test_think_splitter_handles_tags_split_across_pieces():
+    text = "<think>The stem says scurvy.\nSo vitamin C.</think>\n\nAnswer: C"
+    for size in (1, 2, 3, 5, 7, len(text)):
+        got = collect([text[i:i + size] for i in range(0, len(text), size)])
+        assert got == {"think": "The stem says scurvy.\nSo vitamin C.", "answer": "Answer: C"}, size
+
+
+def test_think_splitter_when_the_template_opened_the_block_and_without_thinking():
+    assert collect(["reasoning...", "</th", "ink>Answer: A"], in_think=True) == {"think": "reasoning...", "answer": "Answer: A"}
+    assert collect(["Answer: <b>A</b> <thin"]) == {"think": "", "answer": "Answer: <b>A</b> <thin"}
+    assert strip_think("x</think>Answer: B", started_in_think=True) == "Answer: B"
+
+
+def test_think_policy_parsing():
+    assert ThinkPolicy.parse("hide") == ThinkPolicy() and ThinkPolicy.parse("show").show
+    assert ThinkPolicy.parse("cap:64").cap == 64
+    for bad in ("cap:0", "cap:x", "loud"):
+        with pytest.raises(InputError, match="--think"):
+            ThinkPolicy.parse(bad)
+
+
+# -- sandbox -----------------------------------------------------------------------------
+HOSTILE = [
+    "{{ messages.__class__.__mro__[1].__subclasses__() }}",
+    "{{ ''.__class__.__base__.__subclasses__() }}",
+    "{{ raise_exception.__globals__['__builtins__']['__import__']('os').system('touch {marker}') }}",
+    "{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}",
+    "{{ self.__init__.__globals__.__builtins__.open('/etc/passwd').read() }}",
+    "{% set _ = messages.append({'role': 'user', 'content': 'injected'}) %}ok",
+    "{{ messages[0].content.format.__globals__ }}",
+]
+
+
+@pytest.mark.parametrize("source", HOSTILE)
+def test_hostile_chat_template_cannot_escape(source, tmp_path):
+    marker = tmp_path / "PWNED"
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        out = render_chat(source.replace("{marker}", str(marker)), messages)
+    except InputError:
+        out = ""
+    assert not marker.exists()
+    assert "class '" not in out and "root:" not in out and "<module" not in out and "function" not in out
+    assert messages == [{"role": "user", "content": "hi"}]
+
+
+def test_hostile_user_template_file_is_sandboxed_too(tmp_path, monkeypatch):
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    (folder / "index.toml").write_text('[[template]]\nname = "evil"\nfile = "evil.toml"\n')
+    (folder / "evil.toml").write_text(
+        'name = "evil"\ntitle = "t"\nsystem = "s"\nuser = "{{ question.__class__.__mro__[1].__subclasses__() }}"\n'
+        '[inputs.question]\nhelp = "q"\n[contract]\nkind = "text"\n')
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    with pytest.raises(TemplateError, match="failed to render"):
+        get_template("evil").messages({"question": "x"})
+
+
+def test_malformed_user_template_names_file_and_field(tmp_path, monkeypatch):
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    (folder / "index.toml").write_text('[[template]]\nname = "mine"\nfile = "mine.toml"\n')
+    (folder / "mine.toml").write_text('name = "mine"\ntitle = "t"\nsystem = "s"\nuser = "u"\n[contract]\nkind = "poem"\n')
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    with pytest.raises(TemplateError, match=r"mine.toml: contract.kind: expected one of choice, json, text"):
+        load_templates()
+
+
+def test_hostile_template_inside_a_real_gguf_engine(smollm2_gguf):
+    """The llama.cpp engine renders the model's template through the same sandbox."""
+    from edgemed.runtime import open_engine
+    from edgemed.runtime.engine import LoadSettings
+
+    engine = open_engine(smollm2_gguf, LoadSettings(n_ctx=256, n_threads=1))
+    try:
+        normal = engine.render_chat([{"role": "user", "content": "hi"}])
+        assert normal.endswith("<|im_start|>assistant\n")
+        engine.llm.metadata["tokenizer.chat_template"] = HOSTILE[0]
+        with pytest.raises(InputError):
+            engine.render_chat([{"role": "user", "content": "hi"}])
+    finally:
+        engine.close()
