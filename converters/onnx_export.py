@@ -5,7 +5,7 @@ Steps, each refusing bad input before anything is written:
 2. load the model in torch float32 and merge the adapter with the spine's ``LoraAdapter.apply``;
 3. trace it to a float32 ONNX graph with past/present key-values (``onnx_trace``);
 4. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
-5. for ``int4``: ``MatMulNBits`` weights, block 32, accuracy level 4 (``onnx_quant``); parity reported;
+5. for ``int4``: ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy level 4 (``onnx_quant``); parity reported;
 6. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
 7. rename the finished directory into place. A failure or Ctrl-C at any step leaves no output and no temporaries.
 
@@ -45,9 +45,9 @@ class OnnxOptions:
     parity: bool = True
     threads: int | None = None
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool = False
     accuracy_level: int = 4
-    quantize_embeddings: bool = False
+    head_bits: int = 8
 
 
 @dataclass
@@ -90,7 +90,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
     }
     quant_info = None if opts.weight_type == "fp32" else {
         "method": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": opts.block_size,
-        "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "embeddings_quantized": opts.quantize_embeddings,
+        "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "lm_head_bits": opts.head_bits, "embeddings": "float32",
     }
     timings["inspect"] = time.perf_counter() - t0
     from edgemed.converters import onnx_assets, onnx_trace
@@ -131,7 +131,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
 
             t = time.perf_counter()
             quantize_int4(fp32_path, final, block_size=opts.block_size, symmetric=opts.symmetric,
-                          accuracy_level=opts.accuracy_level, embeddings=opts.quantize_embeddings)
+                          accuracy_level=opts.accuracy_level, head_bits=opts.head_bits)
             timings["quantize"] = time.perf_counter() - t
             if opts.parity:
                 t = time.perf_counter()

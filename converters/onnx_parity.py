@@ -8,6 +8,7 @@ an empty KV cache, which is the path every generation starts with.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from edgemed.converters.parity import ParityReport, compare, source_logits
@@ -26,7 +27,15 @@ def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | N
     if threads:
         opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    past = {i.name: i.shape for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    names = {i.name for i in session.get_inputs()}
+    decoder = json.loads((Path(model_path).parent / "genai_config.json").read_text())["model"]["decoder"] \
+        if (Path(model_path).parent / "genai_config.json").exists() else None
+    past = [n for n in sorted(names) if n.startswith("past_key_values.")]
+    if decoder:  # the KV shape from the config: a graph may leave head_dim symbolic
+        kv_heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]
+    else:
+        shape = next(i.shape for i in session.get_inputs() if i.name == past[0])
+        kv_heads, head_dim = shape[1], shape[3]
     out = []
     for tokens in token_lists:
         n = len(tokens)
@@ -35,8 +44,9 @@ def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | N
             ATTENTION_MASK: np.ones((1, n), dtype=np.int64),
             POSITION_IDS: np.arange(n, dtype=np.int64)[None, :],
         }
-        for name, shape in past.items():  # [batch, kv_heads, past, head_dim] with past = 0
-            feeds[name] = np.zeros((1, shape[1], 0, shape[3]), dtype=np.float32)
+        feeds = {k: v for k, v in feeds.items() if k in names}  # graphs that derive positions from the mask lack position_ids
+        for name in past:  # [batch, kv_heads, past, head_dim] with past = 0
+            feeds[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
         logits = session.run([LOGITS], feeds)[0]
         out.append(np.asarray(logits[0], dtype=np.float32))
     del session

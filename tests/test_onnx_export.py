@@ -101,8 +101,10 @@ def test_int4_uses_matmulnbits_and_reports_parity(exported):
     graph = onnx.load(str(exported["int4"] / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
-    attrs = {a.name: a.i for a in nbits[0].attribute}
-    assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in nbits}
+    head = attrs.pop("/model/lm_head/MatMul_Q8")
+    assert head["bits"] == 8  # the LM head keeps 8 bits, as Q4_K_M keeps Q6_K
+    assert all(a["bits"] == 4 and a["block_size"] == 32 and a["accuracy_level"] == 4 for a in attrs.values())
     report = json.loads((exported["int4"] / "report.json").read_text())
     int4 = report["parity"]["int4"]
     assert int4["gate_nmse"] is None and 0 < int4["nmse"] < 0.5 and int4["top1"] > 0.5

@@ -119,7 +119,8 @@ class OnnxEngine:
                 self._past_specs.append(self.names[key] % i)
         inputs = {i.name: i for i in self.session.get_inputs()}
         spec = inputs[self._past_specs[0]]
-        self._kv = (int(spec.shape[1]), int(spec.shape[3]), _NP_TYPES.get(spec.type, "float32"))
+        # [batch, kv_heads, past, head_dim]; taken from the config (a graph may name the last axis symbolically)
+        self._kv = (int(dec["num_key_value_heads"]), int(dec["head_size"]), _NP_TYPES.get(spec.type, "float32"))
         self._outputs = [self.names["logits"]] + [
             self.names[key] % i for i in range(self.n_layers) for key in ("present_key_names", "present_value_names")]
 
