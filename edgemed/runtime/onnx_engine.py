@@ -72,6 +72,8 @@ def _token_text(value) -> str:
 class OnnxEngine:
     """One loaded ONNX model directory."""
 
+    supports_grammar = False  # json_schema / grammar settings are not enforced by this backend
+
     def __init__(self, path: Path, load: LoadSettings):
         env.enforce_offline()
         ort = require("onnxruntime", "onnx")
