@@ -145,6 +145,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
 
         onnx_assets.copy_assets(ckpt.path, tmp)
         onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
+        for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped
+            f.chmod(0o644)
         size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
         timings["total"] = time.perf_counter() - t0
         result = OnnxReport(

@@ -63,6 +63,7 @@ def test_export_writes_a_complete_directory(exported):
     dec = cfg["model"]["decoder"]
     assert dec["num_hidden_layers"] == 2 and dec["num_key_value_heads"] == 2 and dec["head_size"] == 16
     assert cfg["search"]["max_length"] <= 4096 and cfg["search"]["past_present_share_buffer"] is False
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in d.iterdir())
     report = json.loads((d / "report.json").read_text())
     assert report["parity"]["fp32"]["passed"] is True
     assert report["parity"]["fp32"]["nmse"] < 1e-4
