@@ -111,3 +111,12 @@ def test_run_mcq_on_a_medmcqa_item_prints_the_parsed_letter(smollm2_gguf):
                                        f"{MEDMCQA}:5", "--max-tokens", "48", "--ctx", "1024", "--threads", "1", "--json"])
     data = json.loads(as_json.output.strip().splitlines()[-1])
     assert data["ok"] and data["answer"] in "ABCD" and data["answer"] == parsed[0].split(": ")[1][0]
+
+
+def test_chat_keeps_history_and_exits(smollm2_gguf):
+    result = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--max-tokens", "12", "--ctx", "512", "--threads", "1"],
+                                input="Name one symptom of anaemia.\nAnd another?\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("you> ") == 3  # two turns answered, then /exit
+    replies = [part.split("\n")[0] for part in result.output.split("you> ")[1:3]]
+    assert all(r.strip() for r in replies), result.output
