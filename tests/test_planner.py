@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from edgemed.cli import cli
 from edgemed.devices import get_profile
 from edgemed.errors import PlanError
-from edgemed.planner import MIB, choose_context, estimate, kv_cache_bytes, make_plan, read_shape
+from edgemed.planner import MIB, choose_context, estimate, kv_cache_bytes, read_shape
 
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")

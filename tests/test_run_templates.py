@@ -68,9 +68,8 @@ def test_json_contract_is_enforced_while_sampling():
 
 def test_think_cap_closes_the_thought_and_constrains_only_the_answer():
     engine = ScriptedEngine("<think>Sailors lacked fresh fruit, so", '{"urgency": "routine", "red_flags": [], "action": "diet"}')
-    settings = GenerationSettings(max_tokens=100)
-    pairs = list(respond(engine, "P", settings.__class__(max_tokens=100, json_schema='{"type": "object"}'),
-                         ThinkPolicy(cap=16)))
+    settings = GenerationSettings(max_tokens=100, json_schema='{"type": "object"}')
+    pairs = list(respond(engine, "P", settings, ThinkPolicy(cap=16)))
     first, second = engine.calls
     assert first[1].max_tokens == 16 and first[1].stop == ("</think>",) and first[1].json_schema is None
     assert second[0] == "P<think>Sailors lacked fresh fruit, so\n</think>\n\n"
