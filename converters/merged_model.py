@@ -16,7 +16,9 @@ def load_merged(model_dir: Path, adapter=None, attn_implementation: str = "eager
     """``AutoModelForCausalLM`` in float32, eval mode, with ``adapter`` (a ``LoraAdapter``) merged."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn_implementation)
     model.eval()
     if adapter is not None:

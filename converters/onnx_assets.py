@@ -61,36 +61,39 @@ def genai_config(ckpt_dir: Path, config: dict, model_file: str) -> dict:
     eos = eos_ids(ckpt_dir, config)
     context = int(config.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
     pad = gen.get("pad_token_id", config.get("pad_token_id"))
-    return {
-        "model": {
-            "bos_token_id": gen.get("bos_token_id", config.get("bos_token_id")),
-            "context_length": context,
-            "decoder": {
-                "session_options": {"log_id": "edgemed", "provider_options": []},
-                "filename": model_file,
-                "head_size": head_dim,
-                "hidden_size": int(config["hidden_size"]),
-                "inputs": {
-                    "input_ids": onnx_trace.INPUT_IDS,
-                    "attention_mask": onnx_trace.ATTENTION_MASK,
-                    "position_ids": onnx_trace.POSITION_IDS,
-                    "past_key_names": onnx_trace.PAST_KEY,
-                    "past_value_names": onnx_trace.PAST_VALUE,
-                },
-                "outputs": {
-                    "logits": onnx_trace.LOGITS,
-                    "present_key_names": onnx_trace.PRESENT_KEY,
-                    "present_value_names": onnx_trace.PRESENT_VALUE,
-                },
-                "num_attention_heads": int(config["num_attention_heads"]),
-                "num_hidden_layers": int(config["num_hidden_layers"]),
-                "num_key_value_heads": kv_heads,
+    bos = gen.get("bos_token_id", config.get("bos_token_id"))
+    model = {
+        "context_length": context,
+        "decoder": {
+            "session_options": {"log_id": "edgemed", "provider_options": []},
+            "filename": model_file,
+            "head_size": head_dim,
+            "hidden_size": int(config["hidden_size"]),
+            "inputs": {
+                "input_ids": onnx_trace.INPUT_IDS,
+                "attention_mask": onnx_trace.ATTENTION_MASK,
+                "position_ids": onnx_trace.POSITION_IDS,
+                "past_key_names": onnx_trace.PAST_KEY,
+                "past_value_names": onnx_trace.PAST_VALUE,
             },
-            "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
-            "type": config.get("model_type", "decoder"),
-            "vocab_size": int(config["vocab_size"]),
+            "outputs": {
+                "logits": onnx_trace.LOGITS,
+                "present_key_names": onnx_trace.PRESENT_KEY,
+                "present_value_names": onnx_trace.PRESENT_VALUE,
+            },
+            "num_attention_heads": int(config["num_attention_heads"]),
+            "num_hidden_layers": int(config["num_hidden_layers"]),
+            "num_key_value_heads": kv_heads,
         },
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,  # onnxruntime-genai takes an int or a list
+        "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
+        "type": config.get("model_type", "decoder"),
+        "vocab_size": int(config["vocab_size"]),
+    }
+    if bos is not None:  # onnxruntime-genai rejects null ids
+        model["bos_token_id"] = bos
+    return {
+        "model": model,
         "search": {
             "do_sample": False,
             "max_length": min(context, DEFAULT_MAX_LENGTH),

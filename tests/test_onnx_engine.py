@@ -139,3 +139,21 @@ def test_runtime_imports_no_torch_transformers_or_converters(tiny_onnx):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_onnxruntime_genai_runs_the_directory_with_the_same_greedy_tokens(engine, tiny_onnx):
+    og = pytest.importorskip("onnxruntime_genai")
+    np = pytest.importorskip("numpy")
+
+    prompt = engine.tokenize(engine.render_chat(PROMPT))
+    ours = list(engine.generate_tokens(prompt, GenerationSettings(max_tokens=10)))
+    model = og.Model(str(tiny_onnx[1]))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert theirs == ours
