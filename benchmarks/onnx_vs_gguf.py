@@ -197,6 +197,7 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="also profile the ONNX decode with onnxruntime's profiler")
     ap.add_argument("--onnx", type=Path, help="use this ONNX int4 directory instead of converting")
     ap.add_argument("--genai", type=Path, help="also run this directory with onnxruntime-genai (e.g. its model builder's int4 output)")
+    ap.add_argument("--label", default="", help="suffix for the results file (e.g. genai-graph)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--profile-prefix", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -251,7 +252,7 @@ def main(argv=None) -> None:
         for op, ms, share in rows[:12]:
             print(f"    {op:44s} {ms:7.2f} ms/step  {share * 100:5.1f}%")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"onnx_vs_gguf-{ckpt.name}.json"
+    out = RESULTS / f"onnx_vs_gguf-{ckpt.name}{'-' + args.label if args.label else ''}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

@@ -3,7 +3,8 @@
 Steps, each refusing bad input before anything is written:
 1. open the checkpoint, refuse an unsupported architecture by name, open and plan the adapter;
 2. load the model in torch float32 and merge the adapter with the spine's ``LoraAdapter.apply``;
-3. trace it to a float32 ONNX graph with past/present key-values (``onnx_trace``);
+3. trace it to a float32 ONNX graph with past/present key-values (``onnx_trace``), or, with
+   ``graph="genai"``, have onnxruntime-genai's model builder write it from the merged weights (``onnx_builder``);
 4. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
 5. for ``int4``: ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy level 4 (``onnx_quant``); parity reported;
 6. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
@@ -33,6 +34,7 @@ from edgemed.errors import InputError, ParityError
 log = logging.getLogger(__name__)
 
 WEIGHT_TYPES = ("int4", "fp32")
+GRAPHS = ("torch", "genai")
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
 
@@ -48,6 +50,7 @@ class OnnxOptions:
     symmetric: bool = False
     accuracy_level: int = 4
     head_bits: int = 8
+    graph: str = "torch"  # "torch": traced here; "genai": onnxruntime-genai's model builder (fused attention)
 
 
 @dataclass
@@ -71,6 +74,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
     """Write the ONNX directory ``out`` from the HF checkpoint ``source``; returns the report (also in ``out/report.json``)."""
     if opts.weight_type not in WEIGHT_TYPES:
         raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(WEIGHT_TYPES)}")
+    if opts.graph not in GRAPHS:
+        raise InputError(f"Unknown ONNX graph builder '{opts.graph}'.", f"choose one of: {', '.join(GRAPHS)}")
     env.enforce_offline()
     check_destination(out, opts.force)
     timings: dict[str, float] = {}
@@ -101,10 +106,17 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
         tmp.mkdir()
         work = Path(work)
         t = time.perf_counter()
-        model = load_merged(ckpt.path, adapter)
-        fp32_path = _export_fp32(model, work, onnx_trace)
-        del model
-        gc.collect()
+        if opts.graph == "genai":
+            from edgemed.converters import onnx_builder
+
+            builder_src = onnx_builder.merged_checkpoint(ckpt.path, adapter, work)
+            onnx_builder.build(builder_src, work / "fp32", "fp32", cache=work / "cache")
+            fp32_path = work / "fp32" / MODEL_FILE
+        else:
+            model = load_merged(ckpt.path, adapter)
+            fp32_path = _export_fp32(model, work, onnx_trace)
+            del model
+            gc.collect()
         timings["export"] = time.perf_counter() - t
 
         source_cache = None
@@ -130,8 +142,13 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
             from edgemed.converters.onnx_quant import quantize_int4
 
             t = time.perf_counter()
-            quantize_int4(fp32_path, final, block_size=opts.block_size, symmetric=opts.symmetric,
-                          accuracy_level=opts.accuracy_level, head_bits=opts.head_bits)
+            recipe = dict(block_size=opts.block_size, symmetric=opts.symmetric, accuracy_level=opts.accuracy_level,
+                          head_bits=opts.head_bits)
+            if opts.graph == "genai":
+                shutil.rmtree(fp32_path.parent)  # the builder quantizes from the HF weights, not from this graph
+                onnx_builder.build(builder_src, tmp, "int4", cache=work / "cache", **recipe)
+            else:
+                quantize_int4(fp32_path, final, **recipe)
             timings["quantize"] = time.perf_counter() - t
             if opts.parity:
                 t = time.perf_counter()
@@ -144,7 +161,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
                 shutil.move(str(f), tmp / f.name)
 
         onnx_assets.copy_assets(ckpt.path, tmp)
-        onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
+        if opts.graph == "torch":  # the builder wrote its own (its graph has other inputs), max_length already capped
+            onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
         for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped
             f.chmod(0o644)
         size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
@@ -154,8 +172,10 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
             source=source_info, lora=lora_info, quantization=quant_info, parity=parity,
             timings_s={k: round(v, 3) for k, v in timings.items()},
         )
-        result.converter |= {"python": platform.python_version(), "torch": _version("torch"),
-                             "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime")}
+        result.converter |= {"python": platform.python_version(), "torch": _version("torch"), "onnx": _version("onnx"),
+                             "onnxruntime": _version("onnxruntime"), "graph": opts.graph}
+        if opts.graph == "genai":
+            result.converter["onnxruntime_genai"] = _version("onnxruntime-genai")
         (tmp / REPORT_FILE).write_text(result.to_json() + "\n", encoding="utf-8")
     return result
 

@@ -189,3 +189,25 @@ def test_cli_convert_to_onnx(tiny, tmp_path):
     assert again.exit_code != 0 and "already exists" in again.output
     wrong = runner.invoke(main, ["convert", str(tiny), "--to", "onnx", "--quant", "q4_k_m", "-o", str(tmp_path / "w")])
     assert wrong.exit_code != 0 and "--quant int4" in wrong.output
+
+
+def test_genai_builder_graph_with_lora_passes_the_same_gate(tiny, tiny_lora, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "builder-int4"
+    report = convert_onnx(tiny, out, OnnxOptions(weight_type="int4", lora=tiny_lora, graph="genai"), echo=lambda s: None)
+    assert report.parity["fp32"]["passed"] and report.converter["graph"] == "genai"
+    assert json.loads((out / "genai_config.json").read_text())["search"]["max_length"] <= 4096
+    ids = [3, 140, 22, 99, 7, 180, 64]
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    base_logits = _hf_logits(base, ids)
+    ref = _hf_logits(PeftModel.from_pretrained(base, str(tiny_lora)).merge_and_unload(), ids)
+    got = _onnx_logits(out, ids)
+    assert _nmse(ref, got) < _nmse(base_logits, got)  # int4 of the merged weights, not of the base
+    from edgemed.runtime.engine import GenerationSettings, open_engine
+
+    engine = open_engine(out)
+    assert len(list(engine.generate_tokens(ids, GenerationSettings(max_tokens=5)))) == 5
+    engine.close()

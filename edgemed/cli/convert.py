@@ -24,7 +24,9 @@ DEFAULT_QUANT = {"gguf": "q4_k_m", "onnx": "int4"}
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
 @click.option("--threads", type=int, help="CPU threads for quantization and parity.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
-def convert(source, lora, target, out_type, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle, threads, as_json):
+@click.option("--onnx-graph", type=click.Choice(["torch", "genai"]), default="torch", show_default=True,
+              help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
+def convert(source, lora, target, out_type, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle, threads, as_json, onnx_graph):
     """Convert a Hugging Face checkpoint directory SOURCE to GGUF.
 
     With no SOURCE, uses the default real model (SmolLM2-135M-Instruct from the
@@ -43,7 +45,7 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
         source = sources.hf_checkpoint(sources.DEFAULT)
     out_type = out_type or DEFAULT_QUANT[target]
     if target == "onnx":
-        return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json)
+        return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json, onnx_graph)
     output = output or Path(f"{Path(source).name}-{out_type}.gguf")
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
                           allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty())
@@ -55,7 +57,7 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
                    f"report: {output}.report.json")
 
 
-def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json):
+def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph="torch"):
     """``--to onnx``: a directory with the ONNX graph (KV cache), tokenizer, templates and report.json."""
     from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
     from edgemed.errors import InputError
@@ -63,7 +65,7 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
     if out_type not in ONNX_TYPES:
         raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
     output = output or Path(f"{source.name}-onnx-{out_type}")
-    opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads)
+    opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads, graph=graph)
     report = convert_onnx(source, output, opts, echo=lambda s: click.echo(s, err=as_json))
     if as_json:
         click.echo(report.to_json())
