@@ -210,4 +210,7 @@ def test_genai_builder_graph_with_lora_passes_the_same_gate(tiny, tiny_lora, tmp
 
     engine = open_engine(out)
     assert len(list(engine.generate_tokens(ids, GenerationSettings(max_tokens=5)))) == 5
+    steps = engine.decode_steps(ids[:3])  # the builder's graph, too, decodes with its KV cache as it recomputes
+    incremental = np.stack([next(steps)] + [steps.send(t) for t in ids[3:]])
+    assert _nmse(got[2:], incremental) < 1e-4
     engine.close()
