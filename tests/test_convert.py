@@ -303,6 +303,8 @@ def test_cli_convert_and_run(models, tmp_path):
     assert again.exit_code == 1 and "--force" in again.output and "Traceback" not in again.output
     ran = runner.invoke(cli, ["run", str(out), "--prompt", "fever and cough", "--max-tokens", "8"])
     assert ran.exit_code == 0, ran.output
+    overflow = runner.invoke(cli, ["run", str(out), "--prompt", "fever", "--ctx", "256", "--max-tokens", "300"])
+    assert overflow.exit_code == 1 and "context window of 256" in overflow.output and "Traceback" not in overflow.output
     check = runner.invoke(cli, ["check", str(models["qwen2"]), str(out)])
     assert check.exit_code == 0 and "PASS" in check.output
 

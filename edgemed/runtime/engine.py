@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from edgemed.errors import InputError
+from edgemed.errors import ContextOverflow, InputError
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ class LoadSettings:
     use_mlock: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+
+def check_fits(n_prompt: int, settings: GenerationSettings, n_ctx: int) -> None:
+    """Refuse, before generating, a prompt that leaves no room for ``max_tokens`` in the context window."""
+    if n_prompt + settings.max_tokens > n_ctx:
+        raise ContextOverflow(
+            f"The prompt is {n_prompt} tokens; with max_tokens={settings.max_tokens} it needs "
+            f"{n_prompt + settings.max_tokens}, more than the context window of {n_ctx}.",
+            "shorten the prompt, lower --max-tokens, or load with a larger --ctx",
+        )
 
 
 class Engine(Protocol):

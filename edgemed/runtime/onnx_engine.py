@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed import env
-from edgemed.errors import ContextOverflow, ModelLoadError, require
-from edgemed.runtime.engine import GenerationSettings, LoadSettings
+from edgemed.errors import ModelLoadError, require
+from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,7 @@ class OnnxEngine:
         return self.generate(self.tokenize(prompt, add_special=True), settings)
 
     def _check_fits(self, n_prompt: int, s: GenerationSettings) -> None:
-        if n_prompt + s.max_tokens > self.n_ctx:
-            raise ContextOverflow(
-                f"The prompt is {n_prompt} tokens; with max_tokens={s.max_tokens} it needs {n_prompt + s.max_tokens}, "
-                f"more than the context window of {self.n_ctx}.",
-                "shorten the prompt, lower --max-tokens, or load with a larger --ctx",
-            )
+        check_fits(n_prompt, s, self.n_ctx)
 
     def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
         """Stream the text of up to ``settings.max_tokens`` new tokens after ``prompt_ids``."""
