@@ -34,6 +34,8 @@ from edgemed.errors import InputError, PlanError
 
 MIB = 1 << 20
 CTX_STEP = 256          # llama.cpp pads the KV cache to this; plans use multiples of it
+#: Names the estimate's formula in manifests and plans; bump when the model of memory changes.
+METHOD = "planner/1"
 MIN_CTX = 512           # below this a medical prompt plus an answer does not fit
 
 #: Python 3.11 + click + edgemed + llama-cpp-python imported, nothing loaded (measured: 45-50 MiB).
@@ -170,7 +172,8 @@ class Plan:
                 "estimate": {**asdict(self.estimate), "total": self.estimate.total}, "llama": self.llama}
 
 
-def _settings(profile: Profile) -> dict:
+def profile_settings(profile: Profile) -> dict:
+    """The load settings of ``profile`` that change the memory estimate (keyword arguments of ``estimate``)."""
     s = profile.llama
     return {"n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
             "flash_attn": s["flash_attn"], "offload": s["n_gpu_layers"] != 0}
@@ -178,7 +181,7 @@ def _settings(profile: Profile) -> dict:
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = _settings(profile)
+    opts = profile_settings(profile)
     if requested is not None:
         if requested < 1:
             raise InputError(f"--ctx must be positive, got {requested}.", "pass --ctx 2048 or leave it out")
@@ -219,7 +222,7 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     shape = read_shape(model)
     budget = profile.budget_bytes(facts) if budget is None else budget
     n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx)
-    est = estimate(shape, n_ctx, **_settings(profile))
+    est = estimate(shape, n_ctx, **profile_settings(profile))
     llama = dict(profile.llama, n_ctx=n_ctx,
                  n_threads=profile.threads(profile.llama["n_threads"], facts),
                  n_threads_batch=profile.threads(profile.llama["n_threads_batch"], facts))

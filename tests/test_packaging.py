@@ -58,7 +58,15 @@ def test_pack_directory_and_tar_hold_same_manifest(tmp_path, src):
     assert len(m["chat_template_sha256"]) == 64 and len(m["tokenizer_sha256"]) == 64
     assert man_t["card"]["intended_use"].startswith("Exercising")
     assert info["bundle"]["form"] == "tar" and info["bundle"]["signature"]["present"] is False
-    assert set(man_t["memory"]["by_context"]) == {"2048"}
+    mem = man_t["memory"]
+    assert set(mem["by_context"]) == {"2048"} and mem["method"] == "planner/1"
+    # every shipped device profile is planned; fixed-memory profiles are checked against their budget
+    from edgemed.devices.profiles import load_profiles
+
+    assert set(mem["profiles"]) == set(load_profiles())
+    nano = mem["profiles"]["jetson-orin-nano-8gb"]
+    assert nano["fits"] is True and 0 < nano["bytes"] < nano["budget_bytes"]
+    assert mem["profiles"]["x86-avx2"]["fits"] is None
 
 
 def test_tokenizer_hash_changes_with_vocab_only(tmp_path):

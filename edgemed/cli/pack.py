@@ -175,8 +175,9 @@ def inspect(bundle, as_json):
         click.echo(f"             {f['path']:<40} {_mb(f['size']):>12}  {f['sha256'][:16]}  {f['role']}")
     mem = man["memory"]
     click.echo(f"  memory     ({mem.get('method')}) " + ", ".join(f"ctx {c}: {_mb(n)}" for c, n in mem.get("by_context", {}).items()))
-    for prof, n in mem.get("profiles", {}).items():
-        click.echo(f"             profile {prof}: {n}")
+    for prof, need in mem.get("profiles", {}).items():
+        verdict = {True: "fits", False: "does NOT fit", None: "budget set by the machine"}[need.get("fits")]
+        click.echo(f"             {prof:<22} ctx {need['n_ctx']}: {_mb(need['bytes'])} ({verdict})")
     if not man["card"]:
         click.echo("  card       none (pack with --card card.toml; a clinic's AI governance will ask for one)")
     for section, fields in card_mod.by_section(man["card"]).items():

@@ -117,14 +117,13 @@ def _runtime_versions(fmt: str) -> tuple[dict, dict]:
     return built, minimum
 
 
-def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov: dict, card: dict) -> Manifest:
+def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov: dict, card: dict, memory: dict) -> Manifest:
     built, minimum = _runtime_versions(model_facts["format"])
     prov = {**prov, "built_with": built, "min_runtime": minimum}
-    model_bytes = sum(e.size for e in entries if e.role == "model")
     epoch = env.source_date_epoch()
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch if epoch is not None else time.time()))
     man = Manifest(name=name, files=entries, model=model_facts, provenance=prov, card=card,
-                   memory=facts_mod.memory_estimate(model_facts, model_bytes), created=created, edgemed_version=__version__)
+                   memory=memory, created=created, edgemed_version=__version__)
     man.validate("new manifest")
     return man
 
@@ -137,6 +136,7 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, 
     name = check_name(inp.name or inp.model.name.split(".")[0].lower())
     card = card_mod.load_card(inp.card) if inp.card else {}
     sources, model_facts, prov = _gather(inp)
+    memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
     out = Path(out)
     if as_dir:
         with atomic_path(out, force=force) as tmp:
@@ -148,14 +148,14 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, 
                 with open(src, "rb") as fh, open(dest, "xb") as dst:
                     digest = copy_hashed(fh, dst, os.fstat(fh.fileno()).st_size, str(src))
                 entries.append(FileEntry(rel, dest.stat().st_size, digest, role))
-            man = build_manifest(name, entries, model_facts, prov, card)
+            man = build_manifest(name, entries, model_facts, prov, card, memory)
             data = man.to_bytes()
             (tmp / MANIFEST).write_bytes(data)
             if private_key is not None:
                 (tmp / SIGNATURE).write_bytes(signing.sign(data, private_key))
         return man
     entries = [FileEntry(rel, src.stat().st_size, sha256_file(src), role) for src, rel, role in sources]
-    man = build_manifest(name, entries, model_facts, prov, card)
+    man = build_manifest(name, entries, model_facts, prov, card, memory)
     data = man.to_bytes()
     sig = signing.sign(data, private_key) if private_key is not None else None
     from edgemed.packaging.archive import write_tar

@@ -107,17 +107,48 @@ def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
 
 
 # -- memory ------------------------------------------------------------------------------
-MEMORY_METHOD = "estimate/weights+kv_f16+compute/1"
 CONTEXTS = (2048, 4096, 8192)
+ESTIMATE_METHOD = "estimate/weights+kv_f16+compute/1"
 
 
-def memory_estimate(facts: dict, model_bytes: int) -> dict:
-    """Memory needed to run, per context size: a stated estimate until the planner (issue 4) lands.
+def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
+    """Memory needed to run, per context size and per shipped device profile.
 
-    weights: the model file's size (it is mmap'd and every page is touched);
-    KV cache: 2 (K and V) x layers x context x KV heads x head dim x 2 bytes (f16);
-    compute: logits for one 512-token batch (vocab x 512 x 4 bytes) + 64 MiB of scratch.
+    GGUF: the planner (``edgemed.planner``) reads the tensor table and predicts a
+    llama.cpp process's peak, per context with default settings (f16 KV cache,
+    CPU), and per device profile with that profile's context, KV cache type,
+    flash attention and offload, checked against the profile's budget where the
+    profile fixes its memory size (Jetsons, Macs); PC profiles take their budget
+    from the machine, so ``fits`` is null there. ONNX: the planner does not read
+    ONNX graphs; a stated estimate from file size and KV-cache shape.
     """
+    if facts.get("format") != "gguf":
+        return _onnx_estimate(facts, model_bytes)
+    from edgemed.devices.profiles import load_profiles
+    from edgemed.errors import ProfileError
+    from edgemed.planner import estimate, profile_settings, read_shape
+
+    shape = read_shape(model)
+    max_ctx = shape.n_ctx_train or max(CONTEXTS)
+    by_ctx = {str(c): estimate(shape, c).total for c in sorted({c for c in CONTEXTS if c <= max_ctx} | {min(max_ctx, 32768)})}
+    profiles = {}
+    for name, profile in sorted(load_profiles().items()):
+        n_ctx = min(profile.llama["n_ctx"], max_ctx)
+        need = estimate(shape, n_ctx, **profile_settings(profile)).total
+        try:
+            budget = profile.budget_bytes(None)
+        except ProfileError:  # sized from the machine it runs on
+            budget = None
+        profiles[name] = {"n_ctx": n_ctx, "bytes": need, "budget_bytes": budget,
+                          "fits": None if budget is None else need <= budget}
+    from edgemed.planner import METHOD
+
+    return {"method": METHOD, "by_context": by_ctx, "profiles": profiles}
+
+
+def _onnx_estimate(facts: dict, model_bytes: int) -> dict:
+    """weights: the files' size; KV cache: 2 x layers x context x KV heads x head dim x 2 bytes (f16);
+    compute: logits for one 512-token batch (vocab x 512 x 4 bytes) + 64 MiB of scratch."""
     layers, kv_heads, head_dim = facts.get("n_layers"), facts.get("n_head_kv"), facts.get("head_dim")
     vocab = facts.get("vocab_size") or 0
     max_ctx = facts.get("context_length") or max(CONTEXTS)
@@ -125,5 +156,5 @@ def memory_estimate(facts: dict, model_bytes: int) -> dict:
     for ctx in sorted({c for c in CONTEXTS if c <= max_ctx} | {min(max_ctx, 32768)}):
         kv = 2 * layers * ctx * kv_heads * head_dim * 2 if layers and kv_heads and head_dim else 0
         by_ctx[str(ctx)] = model_bytes + kv + vocab * 512 * 4 + (64 << 20)
-    return {"method": MEMORY_METHOD, "by_context": by_ctx, "profiles": {},
-            "note": "estimate from file size and KV-cache shape; per-device-profile figures come from the planner when it lands"}
+    return {"method": ESTIMATE_METHOD, "by_context": by_ctx, "profiles": {},
+            "note": "ONNX: estimate from file size and KV-cache shape (the planner reads GGUF only)"}
