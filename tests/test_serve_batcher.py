@@ -1,0 +1,209 @@
+"""Continuous batching on the real SmolLM2: concurrent requests must not mix, and every stream must end.
+
+References are the same prompts run one at a time through the same batcher (greedy),
+and, for the loop itself, llama-cpp-python's own single-sequence generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+from edgemed.errors import ContextOverflow, InputError
+from edgemed.runtime.engine import GenerationSettings, LoadSettings
+
+pytest.importorskip("llama_cpp")
+
+from edgemed.serve.batcher import Batcher, Closed, Finished, Overloaded, Piece  # noqa: E402
+
+QUESTIONS = [
+    "What is the first-line treatment for anaphylaxis?",
+    "A 58-year-old woman has fatigue, weight gain, constipation and cold intolerance. Which blood tests "
+    "would you order first, and why?",
+    "Define sepsis in one sentence.",
+    "Explain how metformin lowers blood glucose in type 2 diabetes, and name its most common side effects "
+    "and the main contraindication related to kidney function.",
+    "List three red-flag symptoms of a headache.",
+]
+LOAD = LoadSettings(n_ctx=4 * 512, n_threads=1, n_batch=256, n_ubatch=256)
+GREEDY = GenerationSettings(max_tokens=24)
+
+
+def collect(stream) -> tuple[str, Finished]:
+    items = list(stream)
+    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
+    return "".join(i.text for i in items[:-1]), items[-1]
+
+
+def wait_for(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def batcher(smollm2_gguf):
+    b = Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4)
+    b.start()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(batcher):
+    return [batcher.render_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def alone(batcher, prompts):
+    """Each prompt run with nothing else in the batcher: the reference output."""
+    return [collect(batcher.submit(p, GREEDY, request_id=f"ref{i}")) for i, p in enumerate(prompts)]
+
+
+def test_concurrent_requests_match_single_runs(batcher, prompts, alone):
+    steps0 = batcher.stats()["decode_steps_total"]
+    s = {0: batcher.submit(prompts[0], GREEDY, request_id="c0"),
+         1: batcher.submit(prompts[1], GREEDY, request_id="c1")}
+    it0 = iter(s[0])
+    got0 = [next(it0) for _ in range(3)]  # c0 is generating when c2 arrives
+    s[2] = batcher.submit(prompts[2], GREEDY, request_id="c2")
+    s[3] = batcher.submit(prompts[3], GREEDY, request_id="c3")
+    wait_for(lambda: batcher.stats()["active_slots"] == 4 or s[2].done)
+    s[4] = batcher.submit(prompts[4], GREEDY, request_id="c4")  # waits in the queue for a free slot
+    results = {0: collect(got0 + list(it0))}
+    results.update({i: collect(st) for i, st in s.items() if i != 0})
+    generated = 0
+    for i, (text, fin) in results.items():
+        ref_text, ref_fin = alone[i]
+        assert text == ref_text, f"prompt {i}: batched output differs from its single run"
+        assert (fin.finish_reason, fin.completion_tokens, fin.prompt_tokens) == \
+               (ref_fin.finish_reason, ref_fin.completion_tokens, ref_fin.prompt_tokens)
+        generated += fin.completion_tokens
+    assert len({t for t, _ in results.values()}) == len(results)  # different prompts, different answers
+    assert batcher.stats()["decode_steps_total"] - steps0 < generated  # several sequences shared steps
+    assert batcher.stats()["active_slots"] == 0
+
+
+def test_single_run_matches_llama_cpp_python(smollm2_gguf, batcher, prompts, alone):
+    """Our decode loop and sampler produce what llama-cpp-python's own generation does."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf), n_ctx=512, n_threads=1, n_batch=256, verbose=False)
+    try:
+        out = llm.create_completion(prompts[0], max_tokens=GREEDY.max_tokens, temperature=0.0, top_k=0,
+                                    top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+    finally:
+        llm.close()
+    assert out["choices"][0]["text"] == alone[0][0]
+
+
+def test_async_iteration_gets_the_same_stream(batcher, prompts, alone):
+    async def run():
+        items = [item async for item in batcher.submit(prompts[2], GREEDY, request_id="a0")]
+        return "".join(i.text for i in items[:-1]), items[-1]
+
+    text, fin = asyncio.run(run())
+    assert text == alone[2][0] and fin.finish_reason == alone[2][1].finish_reason
+
+
+def test_max_tokens_finishes_with_length(batcher, prompts):
+    text, fin = collect(batcher.submit(prompts[1], GenerationSettings(max_tokens=5), request_id="len"))
+    assert fin.finish_reason == "length" and fin.completion_tokens == 5 and text
+    assert 0 < fin.ttft_s <= fin.total_s and fin.queue_s <= fin.ttft_s
+
+
+def test_stop_string_is_not_emitted(batcher, prompts, alone):
+    ref = alone[3][0]
+    words = [w for w in ref.split() if len(w) > 4 and ref.index(w) > 10]
+    stop = words[0]
+    text, fin = collect(batcher.submit(prompts[3], GenerationSettings(max_tokens=24, stop=(stop,)), request_id="stop"))
+    assert fin.finish_reason == "stop"
+    assert text == ref[:ref.index(stop)]
+
+
+def test_grammar_and_json_schema_per_request(batcher, prompts):
+    choice = GenerationSettings(max_tokens=8, grammar='root ::= "yes" | "no" | "maybe"')
+    schema = json.dumps({"type": "object", "properties": {"urgent": {"type": "boolean"}}, "required": ["urgent"]})
+    as_json = GenerationSettings(max_tokens=24, json_schema=schema)
+    s1 = batcher.submit(prompts[2], choice, request_id="g1")
+    s2 = batcher.submit(prompts[4], as_json, request_id="g2")
+    s3 = batcher.submit(prompts[2], GREEDY, request_id="g3")  # unconstrained, in the same steps
+    (t1, f1), (t2, f2), (t3, _) = collect(s1), collect(s2), collect(s3)
+    assert t1 in {"yes", "no", "maybe"} and f1.finish_reason == "stop"
+    assert isinstance(json.loads(t2)["urgent"], bool) and f2.finish_reason == "stop"
+    assert t3 not in {"yes", "no", "maybe"}
+
+
+def test_bad_settings_are_refused_at_submit(batcher, prompts):
+    with pytest.raises(InputError, match="grammar"):
+        batcher.submit(prompts[0], GenerationSettings(grammar="root ::= ("), request_id="bad")
+    with pytest.raises(ContextOverflow, match="context window of 512"):
+        batcher.submit("word " * 600, GREEDY, request_id="long")
+    with pytest.raises(ContextOverflow):
+        batcher.submit(prompts[0], GenerationSettings(max_tokens=500), request_id="long2")
+    with pytest.raises(InputError, match="vocabulary"):
+        batcher.submit([1, 10**9], GREEDY, request_id="ids")
+    assert batcher.stats()["queue_depth"] == 0 and batcher.stats()["active_slots"] == 0
+
+
+def test_seeded_sampling_is_per_sequence(batcher, prompts):
+    hot = GenerationSettings(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    a = batcher.submit(prompts[0], hot, request_id="t1")
+    b = batcher.submit(prompts[0], hot, request_id="t2")  # same seed, decoded in the same steps
+    (ta, _), (tb, _) = collect(a), collect(b)
+    assert ta == tb
+    assert collect(batcher.submit(prompts[0], hot, request_id="t3"))[0] == ta
+
+
+def test_cancel_frees_the_slot(smollm2_gguf, prompts):
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=1) as b:
+        long = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="x")
+        waiting = b.submit(prompts[2], GenerationSettings(max_tokens=4), request_id="y")
+        it = iter(long)
+        assert isinstance(next(it), Piece)
+        long.cancel()
+        rest = list(it)
+        assert isinstance(rest[-1], Finished) and rest[-1].finish_reason == "cancelled"
+        assert rest[-1].completion_tokens < 400
+        text, fin = collect(waiting)  # got the freed slot
+        assert fin.finish_reason == "length"
+        # leaving the loop early cancels too
+        for _ in b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="z"):
+            break
+        wait_for(lambda: b.stats()["active_slots"] == 0)
+        assert b.stats()["finished_total"]["cancelled"] == 2
+
+
+def test_queue_full_raises_overloaded(smollm2_gguf, prompts):
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=1) as b:
+        running = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="r")
+        queued = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="q")
+        with pytest.raises(Overloaded) as err:
+            b.submit(prompts[0], GREEDY, request_id="o")
+        assert err.value.retry_after >= 1.0 and err.value.fix
+        assert b.stats()["overloaded_total"] == 1
+        running.cancel()
+        queued.cancel()
+        assert collect(queued)[1].finish_reason == "cancelled"
+        assert collect(b.submit(prompts[2], GenerationSettings(max_tokens=3), request_id="ok"))[1].finish_reason == "length"
+
+
+def test_close_ends_every_stream(smollm2_gguf, prompts):
+    b = Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2)
+    b.start()
+    streams = [b.submit(p, GenerationSettings(max_tokens=400), request_id=f"w{i}") for i, p in enumerate(prompts[:4])]
+    wait_for(lambda: b.stats()["active_slots"] == 2)
+    ended = []
+    reader = threading.Thread(target=lambda: ended.extend(collect(s)[1] for s in streams))
+    reader.start()
+    b.close()
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert [f.finish_reason for f in ended] == ["cancelled"] * 4
+    with pytest.raises(Closed):
+        b.submit(prompts[0], GREEDY, request_id="late")
