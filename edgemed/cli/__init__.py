@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "list": "edgemed.cli.store:list_",
     "remove": "edgemed.cli.store:remove",
     "export": "edgemed.cli.store:export",
+    "bench": "edgemed.cli.bench:bench",
 }
 
 

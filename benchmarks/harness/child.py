@@ -1,0 +1,169 @@
+"""One configuration x one phase, in its own process: ``python -m edgemed.benchmarks.harness.child TASK.json``.
+
+The runner writes the task (configuration, phase, settings, result key, output
+path); this process measures and writes one JSON file atomically, so a killed
+child leaves either its complete result or nothing. Peak RSS is this process's
+own high-water mark (``getrusage(RUSAGE_SELF).ru_maxrss``), imports included.
+
+Phases:
+* ``timing``     load, warm-up, N timed requests (timing.py / torch_baseline.py), roofline figures;
+* ``accuracy``   medical QA on this very artifact (the accuracy module), resumable per item;
+* ``divergence`` the reference configuration writes its logits on medical text; every
+  other configuration reports KL divergence and top-1 agreement against them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from edgemed.atomic import write_text
+from edgemed.benchmarks.harness.configs import Config, Settings
+
+log = logging.getLogger(__name__)
+
+RAW_SCHEMA = "edgemed.bench.raw/1"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux: ``VmHWM`` from /proc/self/status, the high-water mark of this process's
+    own address space. Not ``ru_maxrss``: Linux carries that across ``exec`` from
+    the parent that forked us, so a child of a large parent would report the parent's
+    peak. Elsewhere ``getrusage`` (macOS reports bytes).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes the artifact takes on disk (all files of a directory)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _rss_now() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+# -- phases ---------------------------------------------------------------------------------
+def phase_timing(config: Config, settings: Settings, task: dict) -> dict:
+    from edgemed.benchmarks.harness import timing
+    from edgemed.benchmarks.harness.machine import TegraStats
+
+    module, attr = config.spec.timer.split(":")
+    opener = getattr(importlib.import_module(module), attr)
+    path = Path(config.path)
+    with TegraStats() as tegra:
+        timed = opener(path, settings.threads, settings.n_ctx, settings.profile, settings.seed, config.dtype)
+        load_s = timed.load_s  # the runtime's load call only (imports and planning excluded)
+        rss_loaded = _rss_now()
+        try:
+            measured = timing.measure(timed, settings.prompts, settings.runs, settings.warmup, settings.max_tokens,
+                                      progress=task.get("progress", True))
+            weights = timed.weights()
+            runtime_settings = timed.settings()
+        finally:
+            timed.close()
+    # KV read at the mean position of the timed decode: prompt + half the new tokens
+    kv_pos = sum(measured["prompt_tokens"]) / len(measured["prompt_tokens"]) + settings.max_tokens / 2
+    return {"runtime": config.spec.runtime, "model_bytes": disk_bytes(path), "load_s": load_s,
+            "peak_rss_bytes": peak_rss_bytes(), "rss_after_load_bytes": rss_loaded, "tegrastats": tegra.to_dict(),
+            "weights": weights.to_dict(), "kv_positions": kv_pos, "bytes_per_token": weights.bytes_per_token(kv_pos),
+            "runtime_settings": runtime_settings, **measured}
+
+
+def _eval_items(settings: Settings, n: int):
+    from edgemed.benchmarks.harness.datasets import load_items
+
+    items = []
+    for path in settings.evals:
+        items += load_items(Path(path), n, settings.seed)
+    return items
+
+
+def divergence_texts(settings: Settings) -> list[str]:
+    """Medical text for the divergence phase: the benchmark prompts and a seeded sample of eval questions."""
+    texts = list(settings.prompts)
+    for item in _eval_items(settings, 16):
+        options = "\n".join(f"{k}. {v}" for k, v in item.options.items())
+        texts.append(f"{item.context + chr(10) if item.context else ''}{item.question}\n{options}")
+    return texts
+
+
+def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
+    from edgemed.benchmarks.harness import accuracy
+    from edgemed.benchmarks.harness.scorer import open_scorer
+
+    items = _eval_items(settings, settings.eval_n)
+    scorer = open_scorer(Path(config.path), threads=settings.threads or 1, n_ctx=settings.eval_ctx)
+    try:
+        result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), progress=task.get("progress", True))
+    finally:
+        scorer.close()
+    return {"peak_rss_bytes": peak_rss_bytes(), **result}
+
+
+def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
+    from edgemed.benchmarks.harness import divergence
+    from edgemed.benchmarks.harness.scorer import open_scorer
+
+    reference = Path(task["reference"])
+    scorer = open_scorer(Path(config.path), threads=settings.threads or 1, n_ctx=settings.eval_ctx)
+    try:
+        if task.get("is_reference"):
+            divergence.reference_logits(scorer, divergence_texts(settings), reference)
+        result = divergence.divergence(scorer, reference)
+    finally:
+        scorer.close()
+    return {"reference": task["reference_config"], **result}
+
+
+PHASE_FUNCTIONS = {"timing": phase_timing, "accuracy": phase_accuracy, "divergence": phase_divergence}
+
+
+def run_task(task: dict) -> dict:
+    config = Config(**task["config"])
+    s = dict(task["settings"])
+    s["prompts"], s["evals"] = tuple(s["prompts"]), tuple(s["evals"])
+    settings = Settings(**s)
+    started = time.time()
+    result = PHASE_FUNCTIONS[task["phase"]](config, settings, task)
+    return {"schema": RAW_SCHEMA, "config": config.to_dict(), "phase": task["phase"], "key": task["key"],
+            "settings": settings.to_dict(), "started": started, "finished": time.time(), "pid": os.getpid(),
+            "result": result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    task = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    raw = run_task(task)
+    write_text(Path(task["out"]), json.dumps(raw, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

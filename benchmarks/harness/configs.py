@@ -1,0 +1,149 @@
+"""What a benchmark configuration is, the table of configuration kinds, and the run settings.
+
+A configuration is one artifact under one runtime: a GGUF quant under llama.cpp,
+an ONNX int4 directory under onnxruntime, or the Hugging Face checkpoint under
+torch (the baselines). Kinds are a table, so a new runtime is a row and a timer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgemed.errors import InputError
+
+
+@dataclass(frozen=True)
+class Kind:
+    runtime: str        # what executes it, as the report names it
+    timer: str          # "module:function" that opens it for timing (see timing.py)
+    scored: bool        # the accuracy and divergence phases can open it (GGUF / ONNX scorer)
+
+
+KINDS: dict[str, Kind] = {
+    "gguf": Kind("llama.cpp", "edgemed.benchmarks.harness.timing:open_gguf", True),
+    "onnx": Kind("onnxruntime", "edgemed.benchmarks.harness.timing:open_onnx", True),
+    "hf": Kind("torch", "edgemed.benchmarks.harness.torch_baseline:open_hf", False),
+}
+
+# --baselines names -> torch dtype of the HF baseline (fp16 only where a GPU exists)
+HF_BASELINES = {"hf-fp32": "float32", "hf-bf16": "bfloat16", "hf-fp16": "float16"}
+# --onnx names -> the `edgemed convert --to onnx --quant` type
+ONNX_QUANTS = ("int4", "fp32")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
+
+PHASES = ("timing", "divergence", "accuracy")
+REFERENCE = "f16"   # the same-runtime baseline, and the divergence reference
+
+#: The seed paper's claims, shown beside the measured reductions.
+PAPER = {"memory_reduction": 0.647, "latency_reduction": 0.124}
+
+#: Built-in benchmark prompts (clinical questions of ordinary length); --prompts replaces them.
+DEFAULT_PROMPTS = (
+    "A 58-year-old woman with type 2 diabetes has an eGFR of 25 mL/min. Which of her oral glucose-lowering "
+    "drugs are still safe, which should be stopped, and why?",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str           # e.g. "q4_k_m", "onnx-int4", "hf-fp32"; also the raw file prefix
+    kind: str           # key of KINDS
+    path: str           # the artifact: .gguf file, ONNX directory, HF checkpoint directory
+    dtype: str = ""     # torch dtype for HF baselines
+
+    @property
+    def spec(self) -> Kind:
+        return KINDS[self.kind]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that makes two measurements comparable; it is part of every result's key."""
+
+    runs: int = 5
+    warmup: int = 1
+    max_tokens: int = 64
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    threads: int | None = None
+    n_ctx: int = 2048
+    profile: str | None = None
+    seed: int = 0
+    scenario: str = "single-stream"
+    evals: tuple[str, ...] = ()
+    eval_n: int = 300
+    eval_ctx: int = 4096
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise InputError(f"--runs must be at least 1, got {self.runs}.", "pass --runs 5 (the default) or more")
+        if self.warmup < 0:
+            raise InputError(f"--warmup must be 0 or more, got {self.warmup}.", "pass --warmup 1")
+        if self.max_tokens < 2:
+            raise InputError(f"--max-tokens must be at least 2 (decode speed needs two tokens), got {self.max_tokens}.",
+                             "pass --max-tokens 64")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prompts"] = list(self.prompts)
+        d["evals"] = list(self.evals)
+        return d
+
+    def digest(self, phase: str) -> str:
+        """sha256 over the settings that phase depends on (a change re-measures; others do not)."""
+        d = self.to_dict()
+        keep = {"timing": ("runs", "warmup", "max_tokens", "prompts", "threads", "n_ctx", "scenario", "seed"),
+                "accuracy": ("evals", "eval_n", "seed", "threads", "eval_ctx"),
+                "divergence": ("prompts", "evals", "seed", "eval_ctx")}[phase]
+        body = json.dumps({k: d[k] for k in keep}, sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+def read_prompts(path: Path) -> tuple[str, ...]:
+    """Prompts from a .txt file (one per non-empty line) or JSONL (a "prompt" or "question" field per line)."""
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except OSError as exc:
+        raise InputError(f"Cannot read prompts file '{path}': {exc.strerror}.", "pass a readable .txt or .jsonl file") from None
+    if path.suffix != ".jsonl":
+        prompts = lines
+    else:
+        prompts = []
+        for i, ln in enumerate(lines, 1):
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                raise InputError(f"{path}:{i} is not JSON.", "write one JSON object per line with a \"prompt\" field") from None
+            text = row.get("prompt") or row.get("question") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{i} has no \"prompt\" or \"question\" string.", "add a \"prompt\" field to every line")
+            prompts.append(text)
+    if not prompts:
+        raise InputError(f"Prompts file '{path}' is empty.", "put at least one prompt in it")
+    return tuple(prompts)
+
+
+def config_for_artifact(path: Path, name: str | None = None) -> Config:
+    """One configuration for a model given by path (``bench run``): a .gguf file, an ONNX or an HF directory."""
+    from edgemed.runtime.engine import model_format
+
+    if path.is_dir() and (path / "config.json").exists() and not any(path.glob("*.onnx")):
+        return Config(name or "hf-fp32", "hf", str(path), "float32")
+    fmt = model_format(path)
+    stem = path.stem if path.is_file() else path.name
+    return Config(name or stem, fmt, str(path))
+
+
+def parse_list(text: str | None, allowed: tuple[str, ...] | dict, what: str) -> list[str]:
+    """``a,b,c`` -> ["a", "b", "c"], each checked against ``allowed``."""
+    items = [t.strip().lower() for t in (text or "").split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise InputError(f"Unknown {what}: {', '.join(bad)}.", f"choose from: {', '.join(allowed)}")
+    return items

@@ -1,0 +1,71 @@
+"""The issue's goals for the reproduction, as a table checked against results.json.
+
+Each row: label, a function of the results giving the measured figure (None when the
+configurations it needs were not run), the comparison and the threshold. Rows whose
+figure is None are left out of the report.
+"""
+
+from __future__ import annotations
+
+import operator
+
+
+def _by(results: dict) -> dict:
+    return {e["name"]: e for e in results["configs"]}
+
+
+def _p50(results, name, metric):
+    e = _by(results).get(name) or {}
+    return (e.get(metric) or {}).get("p50")
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _peak(results, name):
+    return (_by(results).get(name) or {}).get("peak_rss_bytes")
+
+
+def _best_4bit_roofline(results):
+    fractions = [(e.get("roofline") or {}).get("fraction") for e in results["configs"]
+                 if e.get("bits_per_weight") is not None and e["bits_per_weight"] < 6.5 and e["kind"] != "hf"]
+    fractions = [f for f in fractions if f is not None]
+    return max(fractions) if fractions else None
+
+
+def _acc_drop(results, name):
+    by = _by(results)
+    a, b = (by.get(name) or {}).get("accuracy") or {}, (by.get("f16") or {}).get("accuracy") or {}
+    if a.get("acc_logit") is None or b.get("acc_logit") is None:
+        return None
+    return b["acc_logit"] - a["acc_logit"]
+
+
+def _kld(results, name):
+    return ((_by(results).get(name) or {}).get("divergence") or {}).get("kld_mean")
+
+
+GOALS = (
+    ("Q4_K_M peak RSS <= 35 % of F16's", lambda r: _ratio(_peak(r, "q4_k_m"), _peak(r, "f16")), operator.le, 0.35, "pct"),
+    ("Q4_K_M decode >= 2.5x F16", lambda r: _ratio(_p50(r, "q4_k_m", "decode_tok_s"), _p50(r, "f16", "decode_tok_s")),
+     operator.ge, 2.5, "x"),
+    ("Q4_K_M e2e latency <= 15 % of HF-torch fp32", lambda r: _ratio(_p50(r, "q4_k_m", "e2e_s"), _p50(r, "hf-fp32", "e2e_s")),
+     operator.le, 0.15, "pct"),
+    ("Best 4-bit decode >= 75 % of the bandwidth roofline", _best_4bit_roofline, operator.ge, 0.75, "pct"),
+    ("Q4_K_M accuracy within 1 point of F16 (logits)", lambda r: _acc_drop(r, "q4_k_m"), operator.le, 0.01, "points"),
+    ("Q4_K_M KLD vs F16 <= 0.03", lambda r: _kld(r, "q4_k_m"), operator.le, 0.03, "plain"),
+)
+
+_FORMATS = {"pct": lambda v: f"{v * 100:.1f} %", "x": lambda v: f"{v:.2f}x", "points": lambda v: f"{v * 100:+.1f} points",
+            "plain": lambda v: f"{v:.4f}"}
+
+
+def check_goals(results: dict) -> list[list[str]]:
+    """Rows (goal, measured, met) for the goals whose figures this run has."""
+    rows = []
+    for label, figure, compare, threshold, fmt in GOALS:
+        value = figure(results)
+        if value is not None:
+            rows.append([label, _FORMATS[fmt](value), "yes" if compare(value, threshold) else "**no**"])
+    return rows

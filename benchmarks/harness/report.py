@@ -1,0 +1,269 @@
+"""From raw per-phase results to the report folder: results.json (canonical), results.csv, report.md, plots.
+
+``results.json`` is the one source: CSV, Markdown and plots are rendered from it
+and can be rebuilt from it alone (``render(out, results)``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from edgemed import __version__
+from edgemed.atomic import write_text
+from edgemed.benchmarks.harness.configs import PAPER, REFERENCE, Config, Settings
+from edgemed.benchmarks.harness.roofline import roofline
+from edgemed.benchmarks.harness.stats import reduction
+
+SCHEMA = "edgemed.bench/1"
+MIB = 1 << 20
+
+DEFINITIONS = """\
+- **Request**: the chat-rendered prompt's token ids handed to the runtime (tokenization excluded, the same text
+  for every configuration), then greedy decoding of exactly `max_tokens` new tokens. End-of-generation tokens are
+  masked out of the argmax (a count-based stop), so every configuration does the same work whatever it would say.
+- **TTFT** (time to first token): request start to the first generated token's id (prefill + first sample).
+- **TPOT** (time per output token): mean time between consecutive generated tokens after the first.
+- **End-to-end latency (e2e)**: request start to the last token's id, for the fixed prompt and `max_tokens`.
+  p50 / p90 / p99 over the timed runs (linear interpolation; with few runs p99 lies between the slowest two).
+- **Prefill tok/s** (llama-bench *pp*): prompt tokens / TTFT. **Decode tok/s** (*tg*): (n - 1) / (time from the
+  first to the last generated token).
+- **Warm-up**: runs before the timed ones, recorded in the raw files and excluded from every statistic.
+- **Peak RSS**: the measuring process's high-water resident memory (Linux `VmHWM`), imports and runtime included;
+  every configuration runs in its own process. Model files are memory-mapped, so touched weights count.
+- **Reduction** vs a baseline: 1 - value / baseline (memory: peak RSS; latency: e2e p50). Positive = better.
+- **Roofline**: stream-copy bandwidth / bytes read per decoded token (weights as stored, the token-embedding
+  table counted as one row unless tied to the output head, plus the KV cache at the mean decode position);
+  decode tok/s as a fraction of that ceiling.
+"""
+
+
+def _get(d: dict | None, *path, default=None):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+
+def _entry(config: Config, raws: dict[str, dict]) -> dict:
+    e = {"name": config.name, "kind": config.kind, "runtime": config.spec.runtime, "path": config.path,
+         "dtype": config.dtype or None, "keys": {ph: r["key"] for ph, r in raws.items()},
+         "raw": {ph: f"raw/{config.name}-{ph}.json" for ph in raws}}
+    t = _get(raws, "timing", "result")
+    if t:
+        w = t["weights"]
+        e.update({
+            "model_bytes": t["model_bytes"], "load_s": t["load_s"], "peak_rss_bytes": t["peak_rss_bytes"],
+            "rss_after_load_bytes": t.get("rss_after_load_bytes"), "tegrastats": t.get("tegrastats"),
+            "n_params": w["n_params"], "weight_bytes": w["weight_bytes"], "bytes_per_token": t["bytes_per_token"],
+            "prompt_tokens": t["prompt_tokens"], "new_tokens": t["runs"][0]["new_tokens"], "n_runs": len(t["runs"]),
+            "n_warmup": len(t["warmup_runs"]), "runtime_settings": t["runtime_settings"], **t["summary"],
+        })
+    e["accuracy"] = _get(raws, "accuracy", "result")
+    e["divergence"] = _get(raws, "divergence", "result")
+    return e
+
+
+def _p50(e: dict, metric: str):
+    return _get(e, metric, "p50")
+
+
+def _derive(entries: list[dict], bandwidth: float | None) -> dict:
+    """Bits per weight, roofline and reductions vs each baseline present."""
+    by = {e["name"]: e for e in entries}
+    ref = by.get(REFERENCE) or next((e for e in entries if e["kind"] == "gguf" and "n_params" in e), None)
+    n_params_ref = ref.get("n_params") if ref else None
+    baselines = [b for b in [REFERENCE, "hf-fp32", "hf-bf16", "hf-fp16"] if b in by and "peak_rss_bytes" in by[b]]
+    for e in entries:
+        if "weight_bytes" in e:
+            # ONNX packs int4 weights into bytes: count parameters by the reference artifact's tensor table
+            n = n_params_ref if e["kind"] == "onnx" and n_params_ref else e["n_params"]
+            e["bits_per_weight"] = 8 * e["weight_bytes"] / n if n else None
+        e["roofline"] = roofline(_p50(e, "decode_tok_s"), e.get("bytes_per_token"), bandwidth)
+        e["reductions"] = {}
+        for b in baselines:
+            base = by[b]
+            if b == e["name"] or "peak_rss_bytes" not in e:
+                continue
+            speed = _p50(e, "decode_tok_s"), _p50(base, "decode_tok_s")
+            e["reductions"][b] = {
+                "memory": reduction(e["peak_rss_bytes"], base["peak_rss_bytes"]),
+                "latency": reduction(_p50(e, "e2e_s"), _p50(base, "e2e_s")),
+                "model_bytes": reduction(e["model_bytes"], base["model_bytes"]),
+                "decode_speedup": speed[0] / speed[1] if all(speed) else None,
+            }
+    return {"same_runtime": REFERENCE if REFERENCE in baselines else None,
+            "torch": [b for b in baselines if b.startswith("hf-")]}
+
+
+def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict], machine: dict, bw: dict,
+          failed: list[dict]) -> dict:
+    """Assemble results.json from the raw files and render everything beside it."""
+    per: dict[str, dict[str, dict]] = {}
+    for raw in raws:
+        per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
+    entries = [_entry(c, per.get(c.name, {})) for c in configs]
+    baselines = _derive(entries, bw.get("bytes_per_s"))
+    results = {
+        "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "scenario": settings.scenario, "profile": settings.profile, "settings": settings.to_dict(),
+        "machine": machine, "bandwidth": bw, "baselines": baselines, "paper": PAPER,
+        "configs": entries, "failed": failed,
+    }
+    render(out, results)
+    return results
+
+
+def render(out: Path, results: dict) -> None:
+    from edgemed.benchmarks.harness import plots
+
+    write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_text(out / "results.csv", to_csv(results))
+    files = plots.render(results, out / "plots")
+    write_text(out / "report.md", to_markdown(results, [f.relative_to(out) for f in files]))
+
+
+# -- CSV --------------------------------------------------------------------------------------
+def csv_rows(results: dict) -> list[dict]:
+    rows = []
+    for e in results["configs"]:
+        row = {"config": e["name"], "runtime": e["runtime"], "model_mb": _mb(e.get("model_bytes")),
+               "bits_per_weight": _r(e.get("bits_per_weight"), 2), "load_s": _r(e.get("load_s"), 3),
+               "peak_rss_mb": _mb(e.get("peak_rss_bytes"))}
+        for m, scale, digits in (("ttft_s", 1e3, 1), ("tpot_s", 1e3, 2), ("e2e_s", 1, 3), ("prefill_tok_s", 1, 1), ("decode_tok_s", 1, 2)):
+            unit = m.replace("_s", "_ms") if scale == 1e3 else m
+            for stat in ("p50", "p90", "p99", "stdev"):
+                v = _get(e, m, stat)
+                row[f"{unit}_{stat}"] = _r(v * scale if v is not None else None, digits)
+        row["roofline_fraction"] = _r(_get(e, "roofline", "fraction"), 3)
+        for b, red in e.get("reductions", {}).items():
+            row[f"memory_reduction_vs_{b}"] = _r(red["memory"], 4)
+            row[f"latency_reduction_vs_{b}"] = _r(red["latency"], 4)
+        acc = e.get("accuracy") or {}
+        row["acc_logit"], row["acc_gen"] = _r(acc.get("acc_logit"), 4), _r(acc.get("acc_gen"), 4)
+        div = e.get("divergence") or {}
+        row["kld_mean"], row["top1"] = _r(div.get("kld_mean"), 5), _r(div.get("top1"), 4)
+        rows.append(row)
+    return rows
+
+
+def to_csv(results: dict) -> str:
+    rows = csv_rows(results)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# -- Markdown ---------------------------------------------------------------------------------
+def _r(v, digits):
+    return None if v is None else round(float(v), digits)
+
+
+def _mb(v):
+    return None if v is None else round(v / MIB, 1)
+
+
+def _f(v, fmt="{:.1f}", none="—"):
+    return none if v is None else fmt.format(v)
+
+
+def _pct(v):
+    return "—" if v is None else f"{v * 100:+.1f} %"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(results: dict, plot_files: list[Path]) -> str:
+    from edgemed.benchmarks.harness.goals import check_goals
+
+    s, m, entries = results["settings"], results["machine"], results["configs"]
+    timed = [e for e in entries if "e2e_s" in e]
+    bw = results["bandwidth"].get("bytes_per_s")
+    parts = [f"# edgemed bench — {results['scenario']}\n",
+             f"edgemed {results['edgemed_version']}, profile `{results['profile']}`, {results['created']}. "
+             f"{s['runs']} timed runs after {s['warmup']} warm-up per configuration, {s['max_tokens']} new tokens, "
+             f"{s['threads']} threads, n_ctx {s['n_ctx']}, seed {s['seed']}, {len(s['prompts'])} prompt(s). "
+             f"Machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} logical cores, "
+             f"{m['memory_bytes'] / 2**30:.1f} GiB, {m['os']} (`machine.json`).\n",
+             "## Definitions\n", DEFINITIONS,
+             "## Latency, throughput, memory\n",
+             _table(["config", "runtime", "size MiB", "bits/weight", "peak RSS MiB", "load s", "TTFT p50 ms",
+                     "TPOT p50 ms", "prefill tok/s", "decode tok/s (± sd)", "e2e p50 / p90 / p99 s", "roofline"],
+                    [[e["name"], e["runtime"], _f(_mb(e["model_bytes"])), _f(e.get("bits_per_weight"), "{:.2f}"),
+                      _f(_mb(e["peak_rss_bytes"])), _f(e["load_s"], "{:.2f}"), _f(_p50(e, "ttft_s") * 1e3),
+                      _f(_p50(e, "tpot_s") * 1e3, "{:.2f}"), _f(_p50(e, "prefill_tok_s")),
+                      f"{_p50(e, 'decode_tok_s'):.2f} ± {e['decode_tok_s']['stdev']:.2f}",
+                      f"{e['e2e_s']['p50']:.3f} / {e['e2e_s']['p90']:.3f} / {e['e2e_s']['p99']:.3f}",
+                      _pct(_get(e, "roofline", "fraction")).lstrip("+")] for e in timed]), ""]
+    for e in timed:
+        if e.get("tegrastats"):
+            parts.append(f"- {e['name']}: tegrastats unified memory peak {e['tegrastats']['unified_peak_mb']} MB "
+                         f"of {e['tegrastats']['unified_total_mb']} MB.")
+    tokens = {tuple(e["prompt_tokens"]) for e in timed}
+    if len(tokens) > 1:
+        parts.append("Note: prompt token counts differ between configurations: "
+                     + ", ".join(f"{e['name']} {e['prompt_tokens']}" for e in timed) + ".\n")
+
+    base = results["baselines"]
+    names = ([base["same_runtime"]] if base["same_runtime"] else []) + base["torch"]
+    if names:
+        header = ["config"] + [f"{w} vs {b}" for b in names for w in ("memory", "latency")] + ["paper (memory / latency)"]
+        rows = [[e["name"]] + [_pct(_get(e, "reductions", b, w)) for b in names for w in ("memory", "latency")]
+                + [f"{PAPER['memory_reduction'] * 100:.1f} % / {PAPER['latency_reduction'] * 100:.1f} %"]
+                for e in timed if e["reductions"]]
+        parts += ["## Reductions against named baselines\n",
+                  "Memory = peak RSS, latency = e2e p50; 1 - config / baseline. The paper's figures (4-bit vs its "
+                  "unquantized baseline, its own undefined latency) are shown for comparison.\n", _table(header, rows), ""]
+
+    scored = [e for e in entries if e.get("accuracy") or e.get("divergence")]
+    if scored:
+        rows = []
+        for e in scored:
+            a, d = e.get("accuracy") or {}, e.get("divergence") or {}
+            ci = a.get("ci_logit") or (None, None)
+            rows.append([e["name"], a.get("n", "—"), _pct(a.get("acc_logit")).lstrip("+"),
+                         "—" if ci[0] is None else f"{ci[0] * 100:.1f}–{ci[1] * 100:.1f} %",
+                         _pct(a.get("acc_gen")).lstrip("+"), a.get("unparsed", "—"),
+                         _f(d.get("kld_mean"), "{:.4f}"), _f(d.get("kld_p99"), "{:.4f}"), _pct(d.get("top1")).lstrip("+")])
+        parts += ["## Accuracy and divergence (measured on the benchmarked artifacts)\n",
+                  f"Accuracy by the answer letter's next-token logits and by parsing a generated answer; 95 % Wilson "
+                  f"intervals. KL divergence and top-1 agreement against `{REFERENCE}` on medical text.\n",
+                  _table(["config", "items", "acc (logits)", "95 % CI", "acc (generated)", "unparsed", "KLD mean",
+                          "KLD p99", "top-1"], rows), ""]
+        per = [(e["name"], k, v) for e in scored for k, v in ((e.get("accuracy") or {}).get("per_dataset") or {}).items()]
+        if per:
+            parts += [_table(["config", "dataset", "items", "acc (logits)", "acc (generated)"],
+                             [[n, k, v.get("n", "—"), _pct(v.get("acc_logit")).lstrip("+"), _pct(v.get("acc_gen")).lstrip("+")]
+                              for n, k, v in per]), ""]
+
+    parts += ["## Roofline\n",
+              f"Stream-copy bandwidth {bw / 1e9:.1f} GB/s ({results['bandwidth']['threads']} threads, "
+              f"{results['bandwidth']['buffer_bytes'] / MIB:.0f} MiB buffer, best of {results['bandwidth']['repeats']}, "
+              "read + write counted).\n" if bw else "Bandwidth not measured.\n",
+              _table(["config", "MB read / token", "ceiling tok/s", "decode tok/s", "fraction"],
+                     [[e["name"], _f(e["bytes_per_token"] / 1e6), _f(_get(e, "roofline", "ceiling_tok_s")),
+                       _f(_p50(e, "decode_tok_s"), "{:.2f}"), _pct(_get(e, "roofline", "fraction")).lstrip("+")]
+                      for e in timed]), ""]
+    goals = check_goals(results)
+    if goals:
+        parts += ["## Goals (issue 7)\n", _table(["goal", "measured", "met"], goals), ""]
+    if plot_files:
+        parts += ["## Plots\n"] + [f"![{p.stem}]({p.as_posix()})" for p in plot_files] + [""]
+    if results["failed"]:
+        parts += ["## Failed\n"] + [f"- {f['task']}: {f['error']}" for f in results["failed"]] + [""]
+    parts += ["## Machine\n", "```", json.dumps({k: m[k] for k in ("cpu", "platform", "physical_cores",
+              "logical_cores", "memory_bytes", "os", "python", "versions", "llama_cpp_system_info")}, indent=1), "```", ""]
+    return "\n".join(parts)

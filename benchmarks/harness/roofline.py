@@ -1,0 +1,160 @@
+"""The memory-bandwidth roofline for decoding: how fast could this model decode on this machine?
+
+Decoding one token reads every weight once (matrix-vector work, memory bound)
+plus the KV cache so far. So the ceiling is ``bandwidth / bytes read per token``,
+and a configuration's decode tok/s as a fraction of it says how close the
+runtime gets to the hardware.
+
+* **Bandwidth**: a stream copy (``numpy.copyto``) of a buffer much larger than the
+  last-level cache, best of N, counted the STREAM way (bytes read + bytes written).
+* **Bytes per token**: from the artifact's tensor table (GGUF header, ONNX
+  initializers, torch parameters). The token-embedding table is a lookup: one row
+  is read per token, not the table — unless it is tied to the output head, which
+  reads it all. The KV cache read is added at the mean position of the timed
+  decode (prompt + half the new tokens), at the cache's element size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class WeightFacts:
+    n_params: int           # weight elements
+    weight_bytes: int       # bytes of all weight tensors as stored
+    read_bytes: int         # weight bytes one decoded token reads (embedding: one row unless tied)
+    kv_bytes_per_pos: int   # K + V bytes, all layers, for one cached position
+
+    def bytes_per_token(self, kv_positions: float) -> float:
+        return self.read_bytes + self.kv_bytes_per_pos * kv_positions
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- bandwidth ------------------------------------------------------------------------------
+def llc_bytes() -> int:
+    """Largest CPU cache in bytes (Linux sysfs, e.g. "32768K"); 32 MiB when unknown."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    best = 0
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size.read_text().strip().upper()
+            best = max(best, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError):
+            continue
+    return best or 32 * MIB
+
+
+def stream_copy_bandwidth(size_bytes: int | None = None, repeats: int = 7, threads: int = 1) -> dict:
+    """Best-of-``repeats`` copy bandwidth (bytes/s, read + written) on a buffer >= 8x the LLC.
+
+    With ``threads`` > 1 the buffer is split into that many slices copied at once
+    (numpy releases the GIL while copying), as a decoder with that many threads reads.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    size = size_bytes or max(256 * MIB, 8 * llc_bytes())
+    src = np.ones(size // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, src.size, threads + 1, dtype=np.int64)
+    slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def copy(part: slice) -> None:
+        np.copyto(dst[part], src[part])
+
+    times = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(copy, slices))  # touch every page first: page faults are not bandwidth
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(copy, slices))
+            times.append(time.perf_counter() - t)
+    best = min(times)
+    return {"method": "numpy.copyto, bytes read + written, best of N", "buffer_bytes": int(src.nbytes),
+            "llc_bytes": llc_bytes(), "threads": threads, "repeats": repeats, "bytes_per_s": 2 * src.nbytes / best,
+            "runs_bytes_per_s": [2 * src.nbytes / t for t in times]}
+
+
+# -- bytes per token, one reader per artifact kind -------------------------------------------
+def gguf_facts(path: Path) -> WeightFacts:
+    from edgemed.gguf_header import read_header
+
+    header = read_header(path)
+    meta = header.metadata
+    arch = meta.get("general.architecture", "llama")
+    tensors = {t.name: t for t in header.tensors}
+    n_params = sum(t.n_elements for t in header.tensors)
+    weight_bytes = sum(t.n_bytes for t in header.tensors)
+    read = weight_bytes
+    embd = tensors.get("token_embd.weight")
+    n_vocab = int(meta.get(f"{arch}.vocab_size") or 0) or (embd.n_elements // int(meta[f"{arch}.embedding_length"]) if embd else 0)
+    if embd is not None and "output.weight" in tensors and n_vocab:
+        read -= embd.n_bytes - embd.n_bytes // n_vocab  # untied: a lookup reads one row
+    n_layer = int(meta[f"{arch}.block_count"])
+    n_head = int(meta[f"{arch}.attention.head_count"])
+    n_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
+    n_kv = max(n_kv) if isinstance(n_kv, list) else int(n_kv)
+    head_k = int(meta.get(f"{arch}.attention.key_length") or int(meta[f"{arch}.embedding_length"]) // n_head)
+    head_v = int(meta.get(f"{arch}.attention.value_length") or head_k)
+    kv = n_layer * n_kv * (head_k + head_v) * 2  # f16 cache (the profiles' type_k / type_v)
+    return WeightFacts(n_params, weight_bytes, read, kv)
+
+
+def onnx_facts(path: Path) -> WeightFacts:
+    import json
+
+    import onnx
+
+    model = onnx.load(str(next(path.glob("*.onnx"))), load_external_data=False)
+    sizes = {}
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        sizes[init.name] = (n, n * itemsize, list(init.dims))
+    gathered = {node.input[0] for node in model.graph.node if node.op_type in ("Gather", "GatherBlockQuantized")}
+    weight_bytes = sum(b for _, b, _ in sizes.values())
+    read = weight_bytes
+    for name in gathered & set(sizes):
+        n, b, dims = sizes[name]
+        if dims and dims[0] > 1000:  # the embedding table (a vocabulary-sized first axis)
+            read -= b - b // dims[0]
+    dec = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
+    kv = int(dec["num_hidden_layers"]) * int(dec["num_key_value_heads"]) * int(dec["head_size"]) * 2 * 4  # fp32 cache
+    # MatMulNBits packs weights into bytes: parameters are counted by the HF config when available
+    n_params = sum(n for n, _, _ in sizes.values())
+    return WeightFacts(n_params, weight_bytes, read, kv)
+
+
+def torch_facts(model) -> WeightFacts:
+    """From a loaded ``transformers`` causal LM (parameters as held in memory)."""
+    params = dict(model.named_parameters())
+    n_params = sum(p.numel() for p in params.values())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    read = weight_bytes
+    if head is None or head.weight.data_ptr() != emb.data_ptr():
+        read -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+    cfg = model.config
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_hidden_layers * n_kv * head_dim * 2 * emb.element_size()
+    return WeightFacts(n_params, weight_bytes, read, kv)
+
+
+def roofline(decode_tok_s: float | None, bytes_per_token: float | None, bandwidth: float | None) -> dict:
+    """Ceiling tok/s and the measured fraction of it (None where a figure is missing)."""
+    if not (decode_tok_s and bytes_per_token and bandwidth):
+        return {"ceiling_tok_s": None, "fraction": None}
+    ceiling = bandwidth / bytes_per_token
+    return {"ceiling_tok_s": ceiling, "fraction": decode_tok_s / ceiling}

@@ -1,0 +1,178 @@
+"""Orchestrate a benchmark: one child process per configuration x phase, resumable, then the report.
+
+``<out>/raw/<config>-<phase>.json`` is the unit of work. Each carries its key —
+model digest, device profile, edgemed version, and a digest of the settings that
+phase depends on. A file whose key matches is kept (the run resumes where it
+stopped); a missing, unreadable or stale one is measured again. Children write
+atomically, so a killed run leaves complete files or none. The accuracy phase also
+resumes inside a configuration: its per-item records file is appended as it goes.
+
+Order: the bandwidth measurement, every timing phase (measured first, while nothing
+else of ours runs), then divergence (the reference configuration first), then accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgemed import __version__
+from edgemed.atomic import write_text
+from edgemed.benchmarks.harness.child import RAW_SCHEMA
+from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, Config, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    config: Config
+    phase: str
+    raw: Path
+    key: dict
+
+
+def resolve_settings(settings: Settings) -> Settings:
+    """Fill the profile and thread count from the device profile, so every configuration gets the same."""
+    from edgemed.devices.detect import resolve
+
+    profile, facts = resolve(settings.profile)
+    threads = settings.threads or profile.threads(profile.llama["n_threads"], facts) or 1
+    return replace(settings, profile=profile.name, threads=int(threads))
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of a model file, or one digest over a directory's files (names + contents); cached by stat."""
+    import hashlib
+
+    from edgemed.packaging.digest import VerifiedCache, file_digest
+
+    cache = VerifiedCache()
+    try:
+        if path.is_file():
+            return file_digest(path, cache, full=False)[0]
+        h = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file, cache, full=False)[0].encode() + b"\n")
+        return h.hexdigest()
+    finally:
+        cache.save()
+
+
+def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Settings) -> list[Task]:
+    raw = out / "raw"
+    digests = {c.path: model_digest(Path(c.path)) for c in configs}
+    if "divergence" in phases and not any(c.name == REFERENCE for c in configs):
+        log.info("no %s configuration: the divergence phase is skipped", REFERENCE)
+        phases = [p for p in phases if p != "divergence"]
+    tasks = []
+    ordered = sorted(configs, key=lambda c: c.name != REFERENCE)  # the divergence reference first
+    for phase in (p for p in PHASES if p in phases):
+        for c in ordered if phase == "divergence" else configs:
+            if phase != "timing" and not c.spec.scored:
+                continue
+            if phase == "accuracy" and not settings.evals:
+                continue
+            key = {"model_sha256": digests[c.path], "profile": settings.profile, "edgemed_version": __version__,
+                   "settings_sha256": settings.digest(phase)}
+            if phase == "divergence":
+                key["reference_sha256"] = digests[next(x.path for x in configs if x.name == REFERENCE)]
+            tasks.append(Task(c, phase, raw / f"{c.name}-{phase}.json", key))
+    return tasks
+
+
+def load_raw(path: Path, key: dict | None = None) -> dict | None:
+    """A raw result, or None when it is missing, damaged, of another schema or (given ``key``) stale."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("schema") != RAW_SCHEMA or "result" not in raw:
+        return None
+    if key is not None and raw.get("key") != key:
+        return None
+    return raw
+
+
+def _run_child(task: Task, settings: Settings, out: Path, progress: bool) -> tuple[bool, str]:
+    tasks_dir = out / "raw" / "tasks"
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    body = {"config": task.config.to_dict(), "phase": task.phase, "settings": settings.to_dict(), "key": task.key,
+            "out": str(task.raw), "progress": progress,
+            "records": str(out / "raw" / f"{task.config.name}-{task.phase}.records.jsonl"),
+            "reference": str(out / "raw" / f"{REFERENCE}-reference.npz"), "reference_config": REFERENCE,
+            "is_reference": task.config.name == REFERENCE}
+    task_file = tasks_dir / f"{task.config.name}-{task.phase}.task.json"
+    write_text(task_file, json.dumps(body, indent=1))
+    cmd = [sys.executable, "-m", "edgemed.benchmarks.harness.child", str(task_file)]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or "")[-2000:]
+        return False, f"exit {proc.returncode}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")
+    return True, ""
+
+
+def bandwidth(out: Path, threads: int) -> dict:
+    """The stream-copy bandwidth, measured once per output folder and thread count (``raw/bandwidth.json``)."""
+    from edgemed.benchmarks.harness.roofline import stream_copy_bandwidth
+
+    path = out / "raw" / "bandwidth.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("threads") == threads:
+            return saved
+    except (OSError, ValueError):
+        pass
+    result = stream_copy_bandwidth(threads=threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(result, indent=1))
+    return result
+
+
+def run(out: Path, configs: list[Config], settings: Settings, phases: list[str], *, progress: bool = True,
+        echo=print) -> dict:
+    """Measure every missing configuration x phase, then write the report folder; returns results.json's content."""
+    from tqdm import tqdm
+
+    from edgemed.benchmarks.harness import machine, report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "raw").mkdir(exist_ok=True)
+    settings = resolve_settings(settings)
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"configuration names must be unique: {names}")
+    mach = machine.describe(settings.profile)
+    write_text(out / "machine.json", json.dumps(mach, indent=1))
+    bw = bandwidth(out, settings.threads)
+    tasks = plan_tasks(out, configs, phases, settings)
+    failed, redone, kept = [], [], []
+    bar = tqdm(tasks, desc="bench", unit="task", disable=not progress)
+    for task in bar:
+        label = f"{task.config.name}-{task.phase}"
+        bar.set_postfix_str(label)
+        if load_raw(task.raw, task.key) is not None:
+            kept.append(label)
+            continue
+        if task.phase == "divergence" and task.config.name != REFERENCE and \
+                load_raw(out / "raw" / f"{REFERENCE}-divergence.json") is None:
+            failed.append({"task": label, "error": "the reference logits were not written"})
+            continue
+        t = time.perf_counter()
+        ok, why = _run_child(task, settings, out, progress)
+        if ok:
+            redone.append(label)
+            log.info("%s measured in %.1f s", label, time.perf_counter() - t)
+        else:
+            failed.append({"task": label, "error": why})
+            echo(f"{label} failed ({why}); the other configurations go on")
+    bar.close()
+    raws = [r for r in (load_raw(t.raw, t.key) for t in tasks) if r is not None]
+    results = report.build(out, configs, settings, raws, mach, bw, failed)
+    results["run"] = {"measured": redone, "resumed": kept}
+    return results

@@ -1,0 +1,166 @@
+"""Timing one configuration: load, warm-up, then N timed single-stream requests of a fixed token count.
+
+Every runtime is opened as a small object with ``prompt_ids(text)``,
+``generate(ids, n) -> (t_start, token_times, tokens)``, ``weights()`` and
+``close()``; ``measure`` runs the same loop over any of them. Greedy decoding,
+with end-of-generation tokens masked out of the argmax, so every configuration
+generates exactly ``max_tokens`` tokens (a count-based stop: the work is the
+same whatever the model would have said). The timed loop is the runtime's own
+step API (llama.cpp ``eval``, the ONNX engine's ``decode_steps``, torch forward
+with its KV cache), with a timestamp taken as each token's id is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from edgemed.benchmarks.harness import stats
+from edgemed.benchmarks.harness.roofline import WeightFacts
+
+log = logging.getLogger(__name__)
+
+
+def masked_argmax(np, logits, banned):
+    """Index of the largest logit, never one of ``banned`` (end-of-generation ids)."""
+    if banned is not None and len(banned):
+        logits = logits.copy()
+        logits[banned] = -np.inf
+    return int(np.argmax(logits))
+
+
+class GgufTimed:
+    """llama.cpp through llama-cpp-python, with the device profile's load settings."""
+
+    def __init__(self, path: Path, threads: int | None, n_ctx: int, profile: str | None, seed: int):
+        import llama_cpp
+        import numpy as np
+
+        from edgemed.runtime.llama_engine import LlamaEngine
+        from edgemed.runtime.session import prepare
+
+        self.np, self.lc, self.path = np, llama_cpp, path
+        self.load = prepare(path, profile, n_ctx, threads, seed=seed).load
+        t = time.perf_counter()
+        self.engine = LlamaEngine(path, self.load)
+        self.load_s = time.perf_counter() - t
+        self.llm = self.engine.llm
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = self.llm.n_vocab()
+        self.banned = np.array([t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.int64)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        rendered = self.engine.render_chat([{"role": "user", "content": text}])
+        return self.engine.tokenize(rendered, add_special=True, parse_special=True)
+
+    def _logits(self):
+        ptr = self.lc.llama_get_logits_ith(self.llm.ctx, -1)
+        return self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def generate(self, ids: list[int], n: int):
+        llm, stamps, out = self.llm, [], []
+        llm.reset()  # a fresh request: eval() then drops the whole KV cache, no prefix reuse between runs
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        for i in range(n):
+            token = masked_argmax(self.np, self._logits(), self.banned)
+            stamps.append(time.perf_counter())
+            out.append(token)
+            if i < n - 1:
+                llm.eval([token])
+        return t0, stamps, out
+
+    def weights(self) -> WeightFacts:
+        from edgemed.benchmarks.harness.roofline import gguf_facts
+
+        return gguf_facts(self.path)
+
+    def settings(self) -> dict:
+        s = self.load
+        return {"n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "n_batch": s.n_batch, "n_ctx": s.n_ctx,
+                "flash_attn": s.flash_attn, "type_k": s.type_k, "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class OnnxTimed:
+    """An edgemed ONNX directory under the edgemed ONNX engine (onnxruntime)."""
+
+    def __init__(self, path: Path, threads: int | None, n_ctx: int, profile: str | None, seed: int):
+        import numpy as np
+
+        from edgemed.runtime.onnx_engine import OnnxEngine
+        from edgemed.runtime.session import prepare
+
+        self.np, self.path = np, path
+        self.load = prepare(path, profile, n_ctx, threads, seed=seed).load
+        t = time.perf_counter()
+        self.engine = OnnxEngine(path, self.load)
+        self.load_s = time.perf_counter() - t
+        self.banned = np.array(sorted(self.engine.eos_ids), dtype=np.int64)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.engine.tokenize(self.engine.render_chat([{"role": "user", "content": text}]))
+
+    def generate(self, ids: list[int], n: int):
+        stamps, out = [], []
+        t0 = time.perf_counter()
+        steps = self.engine.decode_steps(ids)
+        logits = next(steps)
+        for i in range(n):
+            token = masked_argmax(self.np, logits, self.banned)
+            stamps.append(time.perf_counter())
+            out.append(token)
+            if i < n - 1:
+                logits = steps.send(token)
+        steps.close()
+        return t0, stamps, out
+
+    def weights(self) -> WeightFacts:
+        from edgemed.benchmarks.harness.roofline import onnx_facts
+
+        return onnx_facts(self.path)
+
+    def settings(self) -> dict:
+        return {"n_threads": self.load.n_threads, "providers": self.engine.providers, "n_ctx": self.engine.n_ctx}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def open_gguf(path: Path, threads, n_ctx, profile, seed, dtype=""):
+    return GgufTimed(path, threads, n_ctx, profile, seed)
+
+
+def open_onnx(path: Path, threads, n_ctx, profile, seed, dtype=""):
+    return OnnxTimed(path, threads, n_ctx, profile, seed)
+
+
+# -- the measurement ------------------------------------------------------------------------
+def one_run(timed, ids: list[int], n: int) -> dict:
+    """One request: TTFT, TPOT, end-to-end, prefill and decode rates."""
+    t0, stamps, tokens = timed.generate(ids, n)
+    ttft = stamps[0] - t0
+    decode_s = stamps[-1] - stamps[0]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"prompt_tokens": len(ids), "new_tokens": len(tokens), "ttft_s": ttft, "e2e_s": stamps[-1] - t0,
+            "tpot_s": decode_s / (len(tokens) - 1), "tpot_max_s": max(gaps), "prefill_tok_s": len(ids) / ttft,
+            "decode_tok_s": (len(tokens) - 1) / decode_s, "tokens": tokens[:16]}
+
+
+METRICS = ("ttft_s", "tpot_s", "e2e_s", "prefill_tok_s", "decode_tok_s")
+
+
+def measure(timed, prompts: tuple[str, ...], runs: int, warmup: int, max_tokens: int, progress: bool = True) -> dict:
+    """Warm-up runs (recorded, excluded from statistics), then ``runs`` timed runs cycling through ``prompts``."""
+    from tqdm import tqdm
+
+    ids = [timed.prompt_ids(p) for p in prompts]
+    warm = [one_run(timed, ids[i % len(ids)], max_tokens) for i in range(warmup)]
+    timed_runs = []
+    for i in tqdm(range(runs), desc="timed runs", unit="run", disable=not progress, leave=False):
+        timed_runs.append(one_run(timed, ids[i % len(ids)], max_tokens))
+    summary = {m: stats.summary([r[m] for r in timed_runs]) for m in METRICS}
+    return {"prompt_tokens": [len(x) for x in ids], "warmup_runs": warm, "runs": timed_runs, "summary": summary}

@@ -1,0 +1,145 @@
+"""``edgemed bench run`` and ``edgemed bench reproduce``: latency, memory, roofline and medical accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+SCENARIOS = ("single-stream",)
+
+
+def _common(f):
+    """Options shared by both commands (applied bottom-up)."""
+    options = [
+        click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout."),
+        click.option("--phases", help="Comma-separated subset of timing,divergence,accuracy [default: all that apply]."),
+        click.option("--skip-accuracy", is_flag=True, help="Leave out the accuracy phase (timing only is quick)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for item sampling and runtimes."),
+        click.option("--eval-n", type=int, default=300, show_default=True, help="Items sampled (seeded) from each --eval file."),
+        click.option("--eval", "evals", help="Comma-separated QA files: MCQ JSONL (MedQA/MedMCQA format) or PubMedQA JSON."),
+        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window for timing."),
+        click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`)."),
+        click.option("--threads", type=int, help="CPU threads for every configuration [default: the device profile's]."),
+        click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per request (fixed: EOS is masked)."),
+        click.option("--warmup", type=int, default=1, show_default=True, help="Warm-up requests, excluded from statistics."),
+        click.option("--runs", type=int, default=5, show_default=True, help="Timed requests per configuration."),
+        click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Prompts file: .txt (one per line) or .jsonl (\"prompt\" field); runs cycle through them."),
+        click.option("--scenario", type=click.Choice(SCENARIOS), default="single-stream", show_default=True,
+                     help="Load pattern: one request at a time."),
+    ]
+    for option in options:
+        f = option(f)
+    return f
+
+
+def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, seed, scenario):
+    from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
+
+    eval_paths = tuple(str(Path(p.strip()).resolve()) for p in (evals or "").split(",") if p.strip())
+    for p in eval_paths:
+        if not Path(p).is_file():
+            from edgemed.errors import InputError
+
+            raise InputError(f"Evaluation file '{p}' does not exist.", "pass existing files to --eval, comma-separated")
+    return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens, prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,
+                    threads=threads, n_ctx=n_ctx, profile=profile, seed=seed, scenario=scenario, evals=eval_paths,
+                    eval_n=eval_n)
+
+
+def _phases(phases: str | None, skip_accuracy: bool, settings) -> list[str]:
+    from edgemed.benchmarks.harness.configs import PHASES, parse_list
+
+    chosen = parse_list(phases, PHASES, "phase") if phases else list(PHASES)
+    if skip_accuracy or not settings.evals:
+        chosen = [p for p in chosen if p != "accuracy"]
+    return chosen
+
+
+def _finish(results: dict, out: Path, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+        return
+    click.echo(f"{'config':<12} {'peak RSS MiB':>12} {'e2e p50 s':>10} {'decode tok/s':>12} {'roofline':>9} {'acc':>6}")
+    for e in results["configs"]:
+        if "e2e_s" not in e:
+            click.echo(f"{e['name']:<12} (no timing result)")
+            continue
+        frac = (e.get("roofline") or {}).get("fraction")
+        acc = (e.get("accuracy") or {}).get("acc_logit")
+        click.echo(f"{e['name']:<12} {e['peak_rss_bytes'] / 2**20:12.0f} {e['e2e_s']['p50']:10.3f} "
+                   f"{e['decode_tok_s']['p50']:12.2f} {'—' if frac is None else f'{frac * 100:.0f} %':>9} "
+                   f"{'—' if acc is None else f'{acc * 100:.1f}':>6}")
+    for f in results["failed"]:
+        click.echo(f"failed: {f['task']}: {f['error']}", err=True)
+    click.echo(f"report: {out / 'report.md'}  (results.json, results.csv, plots/, machine.json)")
+
+
+@click.group()
+def bench() -> None:
+    """Measure models on this machine: latency, memory, roofline, medical accuracy.
+
+    Every configuration x phase runs in its own process and writes one file
+    under OUT/raw/; a killed run resumes where it stopped (results are keyed by
+    model digest + device profile + edgemed version + settings).
+    """
+
+
+@bench.command("run")
+@click.argument("model")
+@_common
+@click.option("--name", help="Configuration name in the report [default: the file name].")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Report folder [default: bench-<name>].")
+def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, seed,
+        skip_accuracy, phases, as_json):
+    """Benchmark one MODEL (a .gguf file, an ONNX directory, an HF checkpoint directory or an installed name)."""
+    import sys
+
+    from edgemed.benchmarks.harness import runner
+    from edgemed.benchmarks.harness.configs import config_for_artifact
+
+    path = Path(model)
+    if not path.exists():
+        from edgemed.packaging.store import resolve_model
+
+        path = Path(resolve_model(model))
+    config = config_for_artifact(path.resolve(), name)
+    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, seed, scenario)
+    out = output or Path(f"bench-{config.name}")
+    results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
+                         progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True))
+    _finish(results, out, as_json)
+
+
+@bench.command("reproduce")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_common
+@click.option("--quants", default="f16,q8_0,q4_k_m,q4_0", show_default=True, help="GGUF types to convert and measure.")
+@click.option("--onnx", "onnx", default="", help="ONNX types to convert and measure (e.g. int4) [default: none].")
+@click.option("--baselines", default="hf-fp32,hf-bf16", show_default=True,
+              help="HF-torch baselines: hf-fp32, hf-bf16, hf-fp16 (GPU only); '' for none.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
+def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
+              n_ctx, evals, eval_n, seed, skip_accuracy, phases, as_json):
+    """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
+
+    Artifacts go to OUT/artifacts/ (<quant>.gguf, onnx-<type>/); existing ones made
+    from the same SOURCE are reused. Writes OUT/results.json (canonical), results.csv,
+    report.md, plots/*.png and machine.json.
+    """
+    import sys
+
+    from edgemed.benchmarks.harness import artifacts, runner
+    from edgemed.benchmarks.harness.configs import GGUF_QUANTS, HF_BASELINES, ONNX_QUANTS, parse_list
+
+    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, seed, scenario)
+    chosen = _phases(phases, skip_accuracy, settings)
+    echo = lambda s: click.echo(s, err=True)  # noqa: E731
+    base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
+    configs = artifacts.prepare(source.resolve(), output, parse_list(quants, GGUF_QUANTS, "GGUF type"),
+                                parse_list(onnx, ONNX_QUANTS, "ONNX type"), base, echo=echo)
+    results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo)
+    _finish(results, output, as_json)
