@@ -202,33 +202,44 @@ class OnnxEngine:
         finally:
             steps.close()
 
+    def empty_past(self) -> dict:
+        """An empty KV cache (past length 0) as ORT values, keyed by the graph's past input names."""
+        np, ort = self.np, self.ort
+        kv_heads, head_dim, dtype = self._kv
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, 0, head_dim), dtype=dtype))
+        return {name: empty for name in self._past_specs}
+
+    def forward(self, ids: list[int], past: dict, pos: int):
+        """Run ``ids`` after ``pos`` cached positions: (logits numpy [len(ids), vocab], the new cache).
+
+        The cache is a dict of ORT values ``[1, kv_heads, pos, head_dim]``; it is never copied to numpy here.
+        """
+        np, ort = self.np, self.ort
+        ids = np.asarray([ids], dtype=np.int64)
+        n = ids.shape[1]
+        feeds = {
+            self.names["input_ids"]: ort.OrtValue.ortvalue_from_numpy(ids),
+            self.names["attention_mask"]: ort.OrtValue.ortvalue_from_numpy(np.ones((1, pos + n), dtype=np.int64)),
+            **past,
+        }
+        if "position_ids" in self.names:
+            positions = np.arange(pos, pos + n, dtype=np.int64)[None, :]
+            feeds[self.names["position_ids"]] = ort.OrtValue.ortvalue_from_numpy(positions)
+        outs = self.session.run_with_ort_values(self._outputs, feeds)
+        return outs[0].numpy()[0], dict(zip(self._past_specs, outs[1:]))
+
     def decode_steps(self, prompt_ids: list[int]):
         """A generator of next-token logits (numpy [vocab]): first after the prompt, then after each token sent in.
 
         ``logits = next(steps)`` runs the prefill; ``logits = steps.send(token)``
         runs one decode step. The KV cache stays inside as ORT values.
         """
-        np, ort = self.np, self.ort
-        kv_heads, head_dim, dtype = self._kv
-        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, 0, head_dim), dtype=dtype))
-        past = {name: empty for name in self._past_specs}
-        ids = np.asarray([prompt_ids], dtype=np.int64)
-        pos = 0
+        past, pos, ids = self.empty_past(), 0, list(prompt_ids)
         while True:
-            n = ids.shape[1]
-            feeds = {
-                self.names["input_ids"]: ort.OrtValue.ortvalue_from_numpy(ids),
-                self.names["attention_mask"]: ort.OrtValue.ortvalue_from_numpy(np.ones((1, pos + n), dtype=np.int64)),
-                **past,
-            }
-            if "position_ids" in self.names:
-                positions = np.arange(pos, pos + n, dtype=np.int64)[None, :]
-                feeds[self.names["position_ids"]] = ort.OrtValue.ortvalue_from_numpy(positions)
-            outs = self.session.run_with_ort_values(self._outputs, feeds)
-            past = dict(zip(self._past_specs, outs[1:]))
-            pos += n
-            token = yield outs[0].numpy()[0, -1]
-            ids = np.asarray([[token]], dtype=np.int64)
+            logits, past = self.forward(ids, past, pos)
+            pos += len(ids)
+            token = yield logits[-1]
+            ids = [token]
 
     def close(self) -> None:
         session, self.session = getattr(self, "session", None), None

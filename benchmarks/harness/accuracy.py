@@ -1,0 +1,302 @@
+"""Medical QA accuracy of one artifact, scored two ways, resumable item by item.
+
+Each item becomes the prompt ``edgemed run --template`` would send: the project's template (``mcq`` for option
+questions, ``pubmedqa`` for a question with its abstract; ``template="auto"`` picks by whether the item has a
+context) builds the messages, the artifact's own chat template renders them.
+
+1. **Logits.** The contract's answer cue (``"Answer:"``, the choice contract's label) is appended to the assistant
+   turn as plain text tokens, and the next-token distribution is read. A choice's probability is the total
+   softmax mass of the first tokens of its spellings: ``"B"`` and ``" B"`` (after ``"Answer:"`` BPE models
+   write the space-prefixed token), and for word choices also the capitalised ``"Yes"`` / ``" Yes"``. A first token
+   shared by two choices is ambiguous and dropped for both. The prediction is the most probable choice; the
+   record keeps the probabilities renormalised over the choices and ``mass``, the raw share the choices got.
+2. **Generation.** Greedy decoding of up to ``max_gen_tokens`` from the plain prompt, parsed with the
+   template's contract (``Template.parse``, as ``edgemed run`` parses); a reply without an answer is wrong and
+   counted in ``unparsed``. Greedy, so the run is deterministic.
+
+One JSON line per item goes to ``records_path`` (flushed and fsync'd); ids already there are skipped, so an
+interrupted run resumes; a truncated last line (killed mid-write) is dropped and that item redone. The first line
+names the artifact and settings, and a resume with different ones is refused.
+
+The scorer reuses the KV cache of the shared prefix (system prompt; prompt -> prompt + cue). llama.cpp's
+quantized kernels give batch-shape-dependent rounding (logits differ by KLD ~1e-3 between a 2-token and a
+26-token batch for Q4_K_M), so a resumed run can differ from an uninterrupted one in the last digits of a
+probability, not beyond the sampling error the Wilson interval states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from edgemed.benchmarks.harness.datasets import Item
+from edgemed.benchmarks.harness.stats import wilson
+from edgemed.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
+AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
+RECORDS_VERSION = 1
+
+
+# -- templates and choices -------------------------------------------------------------
+def template_for(item: Item, template: str) -> str:
+    return AUTO_TEMPLATE[item.context is not None] if template == "auto" else template
+
+
+def template_inputs(tpl, item: Item) -> dict:
+    """The item's fields the template declares (question, options, context)."""
+    return {k: getattr(item, k) for k in tpl.inputs if getattr(item, k, None) is not None}
+
+
+def letter_of(choice: str, item: Item, by_letter: bool) -> str | None:
+    """The option letter a template choice stands for (letters map to themselves; "yes" -> the option that says yes)."""
+    if by_letter:
+        return choice if choice in item.options else None
+    return next((k for k, v in item.options.items() if v.strip().lower() == choice.lower()), None)
+
+
+def spellings(choice: str) -> list[str]:
+    """How a reply may write ``choice`` right after "Answer:": with or without the space, capitalised or not."""
+    cap = choice[:1].upper() + choice[1:]
+    return list(dict.fromkeys([choice, " " + choice, cap, " " + cap]))
+
+
+def choice_tokens(scorer, choices: tuple[str, ...]) -> dict[str, list[int]]:
+    """Choice -> the first token of each of its spellings, with tokens two choices share removed."""
+    firsts = {c: {scorer.tokenize(s, special=False)[0] for s in spellings(c)} for c in choices}
+    owners: dict[int, set] = {}
+    for c, toks in firsts.items():
+        for t in toks:
+            owners.setdefault(t, set()).add(c)
+    out = {c: sorted(t for t in toks if len(owners[t]) == 1) for c, toks in firsts.items()}
+    empty = [c for c, toks in out.items() if not toks]
+    if empty:
+        raise InputError(f"The choices {', '.join(empty)} have no first token of their own in this tokenizer.",
+                         "use a template whose choices start with distinct tokens (letters A-E, yes/no/maybe)")
+    return out
+
+
+def choice_probs(logits, tokens: dict[str, list[int]]) -> tuple[dict[str, float], float]:
+    """Probabilities over the choices (renormalised) and the raw softmax mass they hold together."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    raw = {c: float(p[toks].sum()) for c, toks in tokens.items()}
+    mass = sum(raw.values())
+    return {c: v / mass if mass > 0 else 1.0 / len(raw) for c, v in raw.items()}, mass
+
+
+# -- records ----------------------------------------------------------------------------
+def artifact_identity(path: Path) -> dict:
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {"name": path.name, "bytes": sum(f.stat().st_size for f in files)}
+
+
+def read_records(path: Path) -> tuple[dict | None, dict[str, dict]]:
+    """(meta, id -> record) from a records file; a truncated last line is cut off the file."""
+    if not path.exists():
+        return None, {}
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a truncated last line (%d bytes); that item is redone", path, len(data) - end)
+        with open(path, "r+b") as fh:
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
+    meta, records = None, {}
+    for lineno, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}, line {lineno} is not valid JSON ({exc.msg}).",
+                             "delete that line (its item is then redone) or start a new records file") from None
+        if "meta" in obj:
+            meta = obj["meta"]
+        else:
+            records[obj["id"]] = obj
+    return meta, records
+
+
+def append_record(path: Path, obj: dict) -> None:
+    with open(path, "ab") as fh:
+        fh.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# -- one item ---------------------------------------------------------------------------
+class _Prepared:
+    """Templates, cue tokens and choice tokens, built once per template / choice set."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self._templates: dict = {}
+        self._tokens: dict = {}
+
+    def template(self, name: str):
+        if name not in self._templates:
+            from edgemed.templates import get_template
+
+            tpl = get_template(name)
+            if tpl.contract.kind != "choice":
+                raise InputError(f"Template '{name}' has a {tpl.contract.kind} contract, not a choice.",
+                                 "evaluate with a choice template: mcq or pubmedqa")
+            self._templates[name] = (tpl, self.scorer.tokenize(f"{tpl.contract.label}:", special=False))
+        return self._templates[name]
+
+    def tokens(self, choices: tuple[str, ...]) -> dict[str, list[int]]:
+        if choices not in self._tokens:
+            self._tokens[choices] = choice_tokens(self.scorer, choices)
+        return self._tokens[choices]
+
+
+def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_tokens: int) -> dict:
+    name = template_for(item, template)
+    tpl, cue = prepared.template(name)
+    inputs = template_inputs(tpl, item)
+    choices = tpl.choices(inputs)
+    tokens = prepared.tokens(choices)
+    by_letter = bool(tpl.contract.choices_from)
+    letters = {c: letter_of(c, item, by_letter) for c in choices}
+    if None in letters.values():
+        raise InputError(f"Item {item.id}: template '{name}' offers {', '.join(choices)}, which do not map onto the "
+                         f"item's options {item.options}.", "choose the template that matches the data set (--template)")
+
+    before = dict(scorer.counters)
+    start = time.perf_counter()
+    prompt = scorer.tokenize(scorer.render(tpl.messages(inputs)))
+    probs, mass = choice_probs(scorer.next_logits(prompt + cue), tokens)
+    reply = scorer.greedy(prompt, max_gen_tokens)
+    parsed = tpl.parse(reply, inputs)
+    seconds = time.perf_counter() - start
+    logit_choice = max(probs, key=probs.get)
+    return {
+        "id": item.id, "dataset": item.dataset, "template": name, "gold": item.answer,
+        "logit_pred": letters[logit_choice], "probs": {letters[c]: round(p, 6) for c, p in probs.items()},
+        "mass": round(mass, 6), "gen_pred": letters.get(parsed.value) if parsed.ok else None,
+        "parsed_ok": parsed.ok, "reply": reply, "prompt_tokens": len(prompt) + len(cue),
+        "evaluated_tokens": scorer.counters["evaluated"] - before["evaluated"],
+        "gen_tokens": scorer.counters["generated"] - before["generated"], "seconds": round(seconds, 4),
+    }
+
+
+# -- summary ----------------------------------------------------------------------------
+def _rate(k: int, n: int) -> tuple[float | None, list[float]]:
+    return (k / n if n else None), list(wilson(k, n))
+
+
+def summarize(records: list[dict]) -> dict:
+    n = len(records)
+    k_logit = sum(r["logit_pred"] == r["gold"] for r in records)
+    k_gen = sum(r["gen_pred"] == r["gold"] for r in records)
+    acc_logit, ci_logit = _rate(k_logit, n)
+    acc_gen, ci_gen = _rate(k_gen, n)
+    return {"n": n, "acc_logit": acc_logit, "ci_logit": ci_logit, "acc_gen": acc_gen, "ci_gen": ci_gen,
+            "unparsed": sum(not r["parsed_ok"] for r in records)}
+
+
+def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path: Path, max_gen_tokens: int = 16,
+             progress: bool = True) -> dict:
+    """Score ``items`` with ``scorer`` (see the module docstring); returns the summary over all of them."""
+    records_path = Path(records_path)
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(f"Item {dup} appears twice in the evaluation set.", "pass each data set file once")
+    meta = {"version": RECORDS_VERSION, "artifact": artifact_identity(scorer.path), "template": template,
+            "max_gen_tokens": max_gen_tokens}
+    old_meta, done = read_records(records_path)
+    if old_meta is not None and old_meta != meta:
+        raise InputError(f"{records_path} holds results of another run ({old_meta}), not {meta}.",
+                         "pass a new --records file, or the same artifact and settings to resume")
+    if old_meta is None:
+        records_path.parent.mkdir(parents=True, exist_ok=True)
+        if done:
+            raise InputError(f"{records_path} has item records but no meta line.", "start a new records file")
+        append_record(records_path, {"meta": meta})
+    todo = [it for it in items if it.id not in done]
+    log.info("%d items, %d already in %s, %d to score", len(items), len(items) - len(todo), records_path, len(todo))
+
+    from tqdm import tqdm
+
+    prepared = _Prepared(scorer)
+    start = time.perf_counter()
+    evaluated = 0
+    with tqdm(total=len(todo), desc=f"accuracy {scorer.path.name}", unit="item", file=sys.stderr,
+              disable=not progress) as bar:
+        for item in todo:
+            rec = score_item(scorer, prepared, item, template, max_gen_tokens)
+            append_record(records_path, rec)
+            done[item.id] = rec
+            evaluated += rec["evaluated_tokens"]
+            bar.update(1)
+    seconds = time.perf_counter() - start
+
+    records = [done[i] for i in ids]
+    out = summarize(records)
+    out["per_dataset"] = {ds: summarize([r for r in records if r["dataset"] == ds])
+                          for ds in dict.fromkeys(r["dataset"] for r in records)}
+    total_s = sum(r["seconds"] for r in records)
+    out.update({
+        "new_items": len(todo), "resumed_items": len(items) - len(todo),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+        "evaluated_tokens": sum(r["evaluated_tokens"] for r in records),
+        "gen_tokens": sum(r["gen_tokens"] for r in records),
+        "seconds": round(total_s, 3), "seconds_this_run": round(seconds, 3),
+        "items_per_s": len(records) / total_s if total_s else None,
+        "evaluated_tok_per_s": evaluated / seconds if todo and seconds else None,
+        "records": str(records_path),
+    })
+    return out
+
+
+# -- python -m edgemed.benchmarks.harness.accuracy ----------------------------------------
+def _main(argv=None) -> int:
+    import click
+
+    @click.command()
+    @click.option("--artifact", required=True, type=click.Path(exists=True, path_type=Path),
+                  help="a .gguf file or an edgemed ONNX directory")
+    @click.option("--eval", "evals", required=True, help="comma-separated data files (MCQ JSONL, PubMedQA ori_pqal.json)")
+    @click.option("--n", type=int, default=None, help="items per file, sampled with --seed (default: all)")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--records", required=True, type=click.Path(path_type=Path), help="per-item JSONL (resumes)")
+    @click.option("--threads", type=int, default=2, show_default=True)
+    @click.option("--n-ctx", type=int, default=2048, show_default=True)
+    @click.option("--template", default="auto", show_default=True, help="auto, mcq or pubmedqa")
+    @click.option("--max-gen-tokens", type=int, default=16, show_default=True)
+    @click.option("--no-context", is_flag=True, help="PubMedQA without its abstract (question only)")
+    @click.option("--quiet", is_flag=True, help="no progress bar")
+    def cli(artifact, evals, n, seed, records, threads, n_ctx, template, max_gen_tokens, no_context, quiet):
+        """Accuracy of one artifact on medical QA files; prints the summary as JSON."""
+        from edgemed.benchmarks.harness.datasets import load_items
+        from edgemed.benchmarks.harness.scorer import open_scorer
+        from edgemed.errors import EdgemedError
+
+        try:
+            items = [it for f in evals.split(",") if f for it in load_items(Path(f), n, seed, context=not no_context)]
+            with open_scorer(artifact, threads=threads, n_ctx=n_ctx) as scorer:
+                out = evaluate(scorer, items, template=template, records_path=records,
+                               max_gen_tokens=max_gen_tokens, progress=not quiet)
+        except EdgemedError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(json.dumps(out, indent=2))
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return cli.main(args=argv, standalone_mode=True)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,150 @@
+"""How far a quantized artifact's next-token distributions drift from the F16 reference on medical text.
+
+``reference_logits(scorer, out_path)`` runs the reference artifact (F16) over fixed medical passages
+(``data/medical_text.txt``, one passage per paragraph, each evaluated from an empty cache in one batch) and saves,
+per position, the **top-k log-probabilities with their token ids and the log of the remaining tail mass**
+(``.npz``, ~2 KB a position at k = 256, vs ~300 KB for a full 151,936-entry float16 row).
+``divergence(scorer, reference_path)`` runs the same passages through another artifact, refuses if its tokenizer
+gives different token ids, and reports per-position KL(reference || artifact) in nats (mean and 99th percentile),
+top-1 agreement (the artifact's argmax equals the reference's) and the number of positions.
+
+**The approximation.** The stored reference is the distribution coarse-grained to k+1 outcomes: the top-k tokens
+one by one and "any other token" lumped together; the artifact's distribution is coarse-grained the same way
+(its probabilities on the same k ids, and the rest). The KL between coarse-grainings is a lower bound on the true
+KL (log-sum inequality) and the gap is the KL hidden inside the tail, at most the tail's share of the reference
+mass times the log-ratio spread within it. ``tail_mass_mean`` is reported so the bound can be judged; with
+k = 256 the measured difference to the full-vocabulary KLD is in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+from edgemed.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TOP_K = 256
+FORMAT = "edgemed.divergence-reference/1"
+
+
+def load_texts(path: Path | None = None) -> list[str]:
+    """Passages of ``path`` (default: the shipped medical text): paragraphs separated by blank lines, '#' comments."""
+    text = Path(path).read_text(encoding="utf-8") if path else \
+        (resources.files("edgemed.benchmarks.harness") / "data" / "medical_text.txt").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    return [" ".join(p.split()) for p in "\n".join(lines).split("\n\n") if p.strip()]
+
+
+def _log_softmax(logits):
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _tail_logmass(logp, ids):
+    """log of the probability mass outside ``ids`` per row (``logp`` [n, vocab], ``ids`` [n, k])."""
+    import numpy as np
+
+    rest = logp.copy()
+    np.put_along_axis(rest, ids, -np.inf, axis=1)
+    top = rest.max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log(np.exp(rest - top).sum(axis=1)) + top[:, 0]
+    return np.where(np.isfinite(out), out, -np.inf)
+
+
+def _passages(scorer, texts: list[str]) -> list[list[int]]:
+    tokens = [scorer.tokenize(t, special=True) for t in texts]
+    for t in tokens:
+        scorer._fits(len(t))
+    return tokens
+
+
+def reference_logits(scorer, out_path: Path, texts: list[str] | None = None, *, top_k: int = TOP_K) -> dict:
+    """Save the reference's top-``top_k`` log-probs + tail mass per position of ``texts`` to ``out_path`` (npz)."""
+    import numpy as np
+
+    from edgemed.atomic import atomic_path
+
+    texts = list(texts) if texts is not None else load_texts()
+    tokens = _passages(scorer, texts)
+    ids, logps, tails = [], [], []
+    for toks in tokens:
+        logp = _log_softmax(scorer.logits_all(toks))                         # [n, vocab]
+        k = min(top_k, logp.shape[1])
+        top = np.argpartition(-logp, k - 1, axis=1)[:, :k]                   # [n, k], unordered
+        order = np.argsort(-np.take_along_axis(logp, top, axis=1), axis=1)
+        top = np.take_along_axis(top, order, axis=1)                         # [n, k], most probable first
+        ids.append(top.astype(np.int32))
+        logps.append(np.take_along_axis(logp, top, axis=1).astype(np.float32))
+        tails.append(_tail_logmass(logp, top).astype(np.float32))
+    meta = {"format": FORMAT, "artifact": Path(scorer.path).name, "kind": scorer.kind, "top_k": int(ids[0].shape[1]),
+            "n_vocab": int(scorer.n_vocab), "texts": texts, "tokens": tokens}
+    out_path = Path(out_path)
+    with atomic_path(out_path, force=True) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, meta=np.array(json.dumps(meta)), ids=np.concatenate(ids),
+                                logp=np.concatenate(logps), tail=np.concatenate(tails))
+    n = sum(len(t) for t in tokens)
+    log.info("divergence reference: %d passages, %d positions, top-%d -> %s", len(texts), n, meta["top_k"], out_path)
+    return {"n_tokens": n, "n_texts": len(texts), "top_k": meta["top_k"], "path": str(out_path)}
+
+
+def read_reference(path: Path) -> tuple[dict, dict]:
+    import numpy as np
+
+    try:
+        with np.load(Path(path)) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in ("ids", "logp", "tail")}
+    except FileNotFoundError:
+        raise InputError(f"Divergence reference '{path}' does not exist.",
+                         "build it first from the F16 artifact with reference_logits (bench phase 'divergence')") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"'{path}' is not a divergence reference ({exc}).", "rebuild it with reference_logits") from None
+    if meta.get("format") != FORMAT:
+        raise InputError(f"'{path}' has format {meta.get('format')!r}, not {FORMAT}.", "rebuild it with this edgemed")
+    return meta, arrays
+
+
+def divergence(scorer, reference_path: Path) -> dict:
+    """KL(reference || scorer's artifact) per position over the reference's passages; top-1 agreement."""
+    import numpy as np
+
+    meta, ref = read_reference(reference_path)
+    tokens = _passages(scorer, meta["texts"])
+    if tokens != meta["tokens"]:
+        bad = next(i for i, (a, b) in enumerate(zip(tokens, meta["tokens"])) if a != b) if len(tokens) == len(meta["tokens"]) else 0
+        raise InputError(f"{Path(scorer.path).name} tokenizes passage {bad + 1} differently from the reference "
+                         f"{meta['artifact']}, so their distributions cannot be compared position by position.",
+                         "compare artifacts converted from the same checkpoint (same tokenizer)")
+    klds, agree, tail_mass = [], [], []
+    row = 0
+    for toks in tokens:
+        n = len(toks)
+        ids, p_log, p_tail = ref["ids"][row:row + n], ref["logp"][row:row + n].astype(np.float64), ref["tail"][row:row + n].astype(np.float64)
+        q_all = _log_softmax(scorer.logits_all(toks))                        # [n, vocab]
+        q_log = np.take_along_axis(q_all, ids, axis=1)
+        q_tail = _tail_logmass(q_all, ids)
+        p = np.exp(p_log)
+        kl = (p * (p_log - q_log)).sum(axis=1)
+        pt = np.exp(p_tail)
+        with np.errstate(invalid="ignore"):
+            kl += np.where(pt > 0, pt * (p_tail - q_tail), 0.0)
+        klds.append(kl)
+        agree.append(q_all.argmax(axis=1) == ids[:, 0])
+        tail_mass.append(pt)
+        row += n
+    kl = np.concatenate(klds)
+    return {
+        "kld_mean": float(max(kl.mean(), 0.0)), "kld_p99": float(max(np.percentile(kl, 99), 0.0)),
+        "kld_max": float(kl.max()), "top1": float(np.concatenate(agree).mean()), "n_tokens": int(kl.size),
+        "top_k": meta["top_k"], "tail_mass_mean": float(np.concatenate(tail_mass).mean()),
+        "reference": meta["artifact"],
+    }

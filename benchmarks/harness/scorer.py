@@ -1,0 +1,264 @@
+"""Token-level access to one artifact for accuracy and divergence: next-token logits, greedy text, all-position logits.
+
+``open_scorer(artifact, threads=..)`` opens a GGUF file (llama-cpp-python) or an edgemed ONNX directory
+(onnxruntime) through the runtime's own engines, so the chat template, tokenizer and weights are exactly what
+``edgemed run`` uses: accuracy is measured on the very artifact being benchmarked.
+
+**KV prefix reuse.** Every evaluation prompt starts with the same system message, and the logit-scoring prompt
+extends the generation prompt, so each backend keeps the KV cache of the last token sequence it saw. A new request
+is served by keeping the longest common prefix, dropping the rest of the cache and evaluating only the new
+suffix. GGUF trims with llama.cpp's ``llama_memory_seq_rm`` and decodes its own batches (llama-cpp-python's
+``Llama.scores`` is not filled when ``logits_all`` is off, and ``logits_all`` would reserve n_ctx x vocab floats);
+ONNX slices the cached key/value tensors to the prefix. At least the last token is always re-evaluated, since only
+the logits after the newest token are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits, model_format
+
+log = logging.getLogger(__name__)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scorer:
+    """Prefix-cache bookkeeping shared by the backends; a backend provides ``_trim``, ``_eval``, ``is_eog`` and text."""
+
+    kind = ""
+    n_ctx = 0
+    n_vocab = 0
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cached: list[int] = []      # tokens whose keys/values are in the cache
+        self._last = None                 # logits after the last cached token
+        #: prompt tokens evaluated (after prefix reuse), tokens taken from the cache, tokens generated
+        self.counters = {"evaluated": 0, "reused": 0, "generated": 0}
+
+    # -- backend ------------------------------------------------------------------------
+    def render(self, messages: list[dict]) -> str:
+        raise NotImplementedError
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special`` adds BOS where the model wants it and parses special-token markup
+        (a rendered prompt); without it, plain text to append after a prompt."""
+        raise NotImplementedError
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def is_eog(self, token: int) -> bool:
+        raise NotImplementedError
+
+    def _trim(self, keep: int) -> int:
+        """Drop cached positions from ``keep`` on; returns how many stay (0 when the backend cannot trim)."""
+        raise NotImplementedError
+
+    def _eval(self, tokens: list[int], n_past: int, all_rows: bool):
+        """Logits ([len(tokens), vocab] when ``all_rows``, else [1, vocab]) of ``tokens`` after ``n_past`` cached ones."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------
+    def _fits(self, n_tokens: int, max_tokens: int = 1) -> None:
+        check_fits(n_tokens, GenerationSettings(max_tokens=max_tokens), self.n_ctx)
+
+    def next_logits(self, tokens: list[int]):
+        """Float32 logits [vocab] after the last of ``tokens``, reusing the cached common prefix."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("next_logits needs at least one token")
+        keep = common_prefix(self._cached, tokens)
+        if keep == len(tokens) == len(self._cached) and self._last is not None:
+            return self._last.copy()
+        self._fits(len(tokens))
+        keep = min(keep, len(tokens) - 1)
+        if keep < len(self._cached):
+            keep = self._trim(keep)
+        rows = self._run(tokens[keep:], keep, all_rows=False)
+        self.counters["evaluated"] += len(tokens) - keep
+        self.counters["reused"] += keep
+        self._cached, self._last = tokens, rows[-1]
+        return self._last.copy()
+
+    def _run(self, tokens: list[int], n_past: int, all_rows: bool):
+        try:
+            return self._eval(tokens, n_past, all_rows)
+        except BaseException:  # the cache may hold part of the batch: forget it all (Ctrl-C included)
+            self._cached, self._last = [], None
+            self._trim(0)
+            raise
+
+    def logits_all(self, tokens: list[int]):
+        """Float32 logits [len(tokens), vocab] at every position, evaluated from an empty cache."""
+        tokens = [int(t) for t in tokens]
+        self._fits(len(tokens))
+        self._trim(0)
+        rows = self._run(tokens, 0, all_rows=True)
+        self.counters["evaluated"] += len(tokens)
+        self._cached, self._last = tokens, rows[-1].copy()
+        return rows
+
+    def greedy(self, tokens: list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+        """Greedy (argmax) continuation of ``tokens``: at most ``max_tokens``, ending at an end-of-generation
+        token or before the first ``stop`` string."""
+        import numpy as np
+
+        tokens = [int(t) for t in tokens]
+        self._fits(len(tokens), max_tokens)
+        out: list[int] = []
+        logits = self.next_logits(tokens)
+        while True:
+            token = int(np.argmax(logits))
+            if self.is_eog(token):
+                break
+            out.append(token)
+            self.counters["generated"] += 1
+            if stop:
+                text = self.detokenize(out)
+                cuts = [text.find(s) for s in stop if s in text]
+                if cuts:
+                    return text[:min(cuts)]
+            if len(out) >= max_tokens:
+                break
+            logits = self.next_logits(tokens + out)
+        return self.detokenize(out)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class GgufScorer(Scorer):
+    """A GGUF through the runtime's ``LlamaEngine``; batches decoded directly on its llama.cpp context."""
+
+    kind = "gguf"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        super().__init__(path)
+        from edgemed.runtime.llama_engine import LlamaEngine
+
+        self.engine = LlamaEngine(path, LoadSettings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads))
+        llm = self.engine.llm
+        self.n_ctx, self.n_vocab, self.n_batch = llm.n_ctx(), llm.n_vocab(), llm.n_batch
+
+    def render(self, messages: list[dict]) -> str:
+        return self.engine.render_chat(messages)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.engine.tokenize(text, add_special=special, parse_special=special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.engine.llm.detokenize(ids).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.engine.llm._model.vocab, token))
+
+    def _trim(self, keep: int) -> int:
+        ctx = self.engine.llm._ctx
+        if keep == 0:
+            ctx.kv_cache_clear()
+            return 0
+        if ctx.kv_cache_seq_rm(0, keep, -1):
+            return keep
+        ctx.kv_cache_clear()  # a memory type that cannot drop a suffix: start over
+        return 0
+
+    def _eval(self, tokens: list[int], n_past: int, all_rows: bool):
+        import numpy as np
+
+        llm = self.engine.llm
+        ctx, batch = llm._ctx, llm._batch
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            batch.set_batch(batch=chunk, n_past=n_past + start, logits_all=all_rows)
+            ctx.decode(batch)
+            if all_rows:
+                rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(len(chunk), self.n_vocab)).copy())
+        if not all_rows:
+            last = ctx.get_logits_ith(len(chunk) - 1)
+            rows.append(np.ctypeslib.as_array(last, shape=(1, self.n_vocab)).copy())
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
+
+class OnnxScorer(Scorer):
+    """An edgemed ONNX directory through the runtime's ``OnnxEngine.forward``; the cache is its ORT values."""
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        super().__init__(path)
+        from edgemed.runtime.onnx_engine import OnnxEngine
+
+        self.engine = OnnxEngine(path, LoadSettings(n_ctx=n_ctx, n_threads=threads))
+        self.n_ctx = self.engine.n_ctx
+        self.n_vocab = self.engine.tokenizer.get_vocab_size()
+        self._past = self.engine.empty_past()
+
+    def render(self, messages: list[dict]) -> str:
+        return self.engine.render_chat(messages)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.engine.tokenize(text, add_special=special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.engine.detokenize(ids)
+
+    def is_eog(self, token: int) -> bool:
+        return token in self.engine.eos_ids
+
+    def _trim(self, keep: int) -> int:
+        import numpy as np
+
+        if keep == 0:
+            self._past = self.engine.empty_past()
+            return 0
+        ort = self.engine.ort
+        # [1, kv_heads, past, head_dim] -> the first `keep` positions
+        self._past = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[:, :, :keep]))
+                      for name, value in self._past.items()}
+        return keep
+
+    def _eval(self, tokens: list[int], n_past: int, all_rows: bool):
+        import numpy as np
+
+        logits, self._past = self.engine.forward(tokens, self._past, n_past)
+        rows = logits if all_rows else logits[-1:]
+        return np.asarray(rows, dtype=np.float32)
+
+    def close(self) -> None:
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
+
+# On-disk form (runtime.engine.model_format) -> scorer class
+SCORERS = {"gguf": GgufScorer, "onnx": OnnxScorer}
+
+
+def open_scorer(artifact: Path, *, threads: int, n_ctx: int = 2048) -> Scorer:
+    """A scorer over ``artifact`` (a .gguf file or an edgemed ONNX directory) with ``threads`` threads."""
+    artifact = Path(artifact)
+    return SCORERS[model_format(artifact)](artifact, threads, n_ctx)
