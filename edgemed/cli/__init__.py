@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
     "list": "edgemed.cli.store:list_",
     "remove": "edgemed.cli.store:remove",
     "export": "edgemed.cli.store:export",
+    "serve": "edgemed.cli.serve:serve",
+    "audit": "edgemed.cli.serve:audit",
     "bench": "edgemed.cli.bench:bench",
 }
 

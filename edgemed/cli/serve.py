@@ -1,0 +1,152 @@
+"""``edgemed serve`` (an OpenAI-compatible server) and ``edgemed audit verify`` (its hash-chained audit log)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _identify(model: str) -> tuple[Path, str, str]:
+    """(verified model path, id clients pass as "model", digest for the audit log).
+
+    An installed bundle or bundle directory is verified and identified by its manifest's sha256;
+    a plain .gguf by the file's own sha256 (computed once, here).
+    """
+    from edgemed.hashing import file_sha256
+    from edgemed.packaging.bundle import verify_dir
+    from edgemed.packaging.digest import VerifiedCache
+    from edgemed.packaging.manifest import MANIFEST
+    from edgemed.packaging.store import Store, resolve_model
+
+    p = Path(model)
+    if p.is_dir() and (p / MANIFEST).is_file():
+        v = verify_dir(p, cache=VerifiedCache())
+        return v.model_path, v.manifest.name, "manifest:sha256:" + v.manifest_sha256
+    if not p.exists() and "/" not in model and not model.endswith((".gguf", ".edgemed", ".onnx")):
+        v = Store().verify(model)
+        return v.model_path, model, "manifest:sha256:" + v.manifest_sha256
+    path = resolve_model(model)  # a .gguf path (or the clear error for a missing or wrong one)
+    if not path.is_file():
+        from edgemed.runtime.engine import model_format
+
+        model_format(path)  # raises the runtime's own message for a missing path or an ONNX folder
+    return path, path.stem, "file:sha256:" + file_sha256(path)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback needs --api-key-file.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--slots", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Requests generated at once (continuous batching).")
+@click.option("--queue", "queue_size", default=16, show_default=True, type=click.IntRange(0, 4096),
+              help="Requests that may wait for a slot; beyond slots + queue the server answers 429 with Retry-After.")
+@click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(64), help="Context per request (prompt + answer), tokens. "
+              "Default: the largest the memory budget allows, split over the slots.")
+@click.option("--threads", type=int, help="CPU threads (default: the profile's).")
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="File of accepted API keys, one per line ('KEY' or 'LABEL KEY'). Required off loopback.")
+@click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False),
+              help="Hash-chained audit log (JSONL). Default: $EDGEMED_HOME/audit/<model>.jsonl.")
+@click.option("--audit-content", is_flag=True, help="Also write each prompt and answer into the audit log. "
+              "Off by default: they may hold PHI; turn on only where policy requires it.")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser pages from this origin "
+              "(repeatable, e.g. https://ehr.example.org). Default: no CORS at all.")
+@click.option("--max-body", default=1 << 20, show_default=True, type=int, help="Largest request body, bytes (413 beyond).")
+@click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(1), help="Most tokens one request may ask for "
+              "(default: what fits the context).")
+@click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(1),
+              help="max_tokens for chat requests that name none.")
+def serve(model, host, port, slots, queue_size, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
+          cors_origins, max_body, max_tokens_limit, default_max_tokens):
+    """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
+
+    Any OpenAI client works with base_url=http://127.0.0.1:8080/v1: /v1/chat/completions and
+    /v1/completions (streaming or not), /v1/models; /health and /metrics (Prometheus) beside them.
+    Extra request fields: "template" + "template_inputs" (medical templates, see `edgemed run --help`),
+    "grammar" (GBNF); response_format json_schema / json_object constrain the output.
+
+    Listens on 127.0.0.1 unless --host says otherwise, and then only with --api-key-file. Every
+    /v1 request is written to a hash-chained audit log without its text; check it with
+    `edgemed audit verify`, and keep the head hash printed at start and stop somewhere else.
+    """
+    import logging
+
+    from edgemed import env
+    from edgemed.errors import InputError, require
+    from edgemed.serve.security import ApiKeys, check_bind
+
+    keys = ApiKeys.from_file(api_key_file) if api_key_file else None
+    check_bind(host, keys)  # before anything is loaded or bound
+    require("fastapi", "serve")
+    uvicorn = require("uvicorn", "serve")
+    require("prometheus_client", "serve")
+
+    from edgemed.runtime.session import prepare
+    from edgemed.serve.app import create_app
+    from edgemed.serve.audit import AuditLog
+    from edgemed.serve.batcher import Batcher
+    from edgemed.serve.config import ServeConfig
+
+    path, model_id, digest = _identify(model)
+    prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads)
+    if prepared.plan is None:
+        raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).",
+                         "convert it with `edgemed convert ... --quant q4_k_m`")
+    audit_path = audit_log or env.home() / "audit" / f"{model_id}.jsonl"
+    audit = AuditLog(audit_path, content=audit_content)
+    batcher = None
+    try:
+        config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
+                             cors_origins=tuple(cors_origins), max_body_bytes=max_body,
+                             default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit)
+        batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size)
+        batcher.start()
+        app = create_app(batcher, config)
+        click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
+                   f"queue {queue_size}, profile {prepared.profile}", err=True)
+        click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
+                   f"head {audit.head}", err=True)
+        click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
+        level = logging.getLogger().getEffectiveLevel()
+        uvicorn.run(app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
+                    access_log=True, server_header=False, timeout_graceful_shutdown=10)
+    finally:
+        if batcher is not None:
+            batcher.close()
+        click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
+        audit.close()
+
+
+@click.group()
+def audit():
+    """Check the hash-chained audit log written by `edgemed serve`."""
+
+
+@audit.command("verify")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--anchor", help="A head hash recorded earlier: that record must still be in the chain "
+              "(detects records cut from the end, or a rewritten log).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def verify(path, anchor, as_json):
+    """Verify every record of the audit log at PATH: hashes, chain, sequence.
+
+    Exit code 0 when intact; 1 when a record was edited, deleted, reordered or truncated, naming
+    the first broken line. Prints the head hash: record it elsewhere, and pass it later as --anchor.
+    """
+    from edgemed.serve.audit import verify as verify_log
+
+    report = verify_log(path, anchor=anchor)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        click.echo(f"OK: {report.records} records, chain intact.\nhead {report.head}")
+    else:
+        click.echo(f"BROKEN at line {report.line} ({report.problem}): {report.detail}\n"
+                   f"{report.records} records verified before it; last good head {report.head}", err=True)
+    if not report.ok:
+        raise SystemExit(1)

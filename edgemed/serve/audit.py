@@ -1,0 +1,217 @@
+"""The audit log: one JSON line per request, hash-chained, without PHI (HIPAA 164.312(b)).
+
+Format ``edgemed.audit/1``. Every line is one record, encoded canonically (sorted keys,
+no spaces, UTF-8). Each record carries
+
+* ``seq`` — 0 for the genesis record, then 1, 2, ... with no gaps;
+* ``prev`` — the ``hash`` of the record before it (64 zeros for the genesis record);
+* ``hash`` — sha256 of the record's canonical encoding without the ``hash`` key.
+
+So a record changed in place no longer matches its ``hash``; a record deleted, or moved,
+breaks the next record's ``prev`` (and ``seq`` tells which of the two happened). What the
+chain cannot show on its own: records cut from the *end*, or a whole file rewritten with
+a freshly computed chain. Against both, write the head hash down somewhere else (the
+server logs it at start and stop; ``edgemed audit verify`` prints it) and check later with
+``--anchor HASH``: that record must still be in the chain.
+
+Only the fields in ``FIELDS`` can be written; the request's text (``prompt``, ``output``)
+is written only when the operator turned ``content`` on. Records are appended by one
+writer under a lock, each with its own ``write`` + ``fsync`` (per record, not batched: at
+clinic request rates the cost is a few milliseconds, and a crash loses nothing already
+answered). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
+``flock``, so a second server cannot interleave its own chain into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgemed.errors import InputError, IntegrityError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "edgemed.audit/1"
+ZERO = "0" * 64
+
+#: What a record may hold (besides seq / prev / hash / time / kind). Anything else is a bug, refused.
+FIELDS = {
+    # request records
+    "request_id", "endpoint", "client", "key_id", "model", "bundle_digest", "template", "status", "outcome",
+    "finish_reason", "stream", "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "queue_s", "error_code",
+    # genesis / start / stop records
+    "format", "log_id", "edgemed_version", "host", "port", "slots", "queue_size", "content_logged",
+}
+#: Request text: written only when the operator explicitly turns content logging on.
+CONTENT_FIELDS = {"prompt", "output"}
+
+
+def canonical(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def record_hash(record: dict) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+# -- verify -------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """The outcome of ``verify``: ok, how many records, the head hash, and the first break."""
+
+    path: str
+    ok: bool
+    records: int
+    head: str | None
+    line: int | None = None      # 1-based line of the first broken record
+    problem: str | None = None   # edited | deleted | reordered | truncated | malformed | anchor-missing
+    detail: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def verify(path: Path | str, anchor: str | None = None) -> Report:
+    """Check the whole chain of ``path``; stop at the first broken record and say what is wrong."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"Cannot read the audit log '{path}': {exc.strerror}.",
+                         "pass the file given to `edgemed serve --audit-log`") from None
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    head: str | None = None
+    count = 0
+
+    def broken(line: int, problem: str, detail: str) -> Report:
+        return Report(str(path), False, count, head, line, problem, detail)
+
+    def seq_at(later: int) -> object:
+        try:
+            return json.loads(complete[later - 1]).get("seq")
+        except (ValueError, AttributeError):
+            return None
+
+    for number, raw in enumerate(complete, 1):
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+            seq, prev, stored = rec["seq"], rec["prev"], rec["hash"]
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            return broken(number, "malformed", f"line {number} is not an audit record ({exc}); it was edited or damaged")
+        if record_hash(rec) != stored:
+            return broken(number, "edited", f"record seq {seq} (line {number}) does not match its hash: its content was changed")
+        expected = count
+        if number == 1:
+            if rec.get("kind") != "genesis" or seq != 0 or prev != ZERO:
+                return broken(1, "deleted", f"the first line is record seq {seq}, not the genesis record: "
+                                            "records at the start of the log were deleted")
+        elif prev != head:
+            if isinstance(seq, int) and seq > expected:
+                if any(seq_at(later) == expected for later in range(number + 1, len(complete) + 1)):
+                    return broken(number, "reordered", f"line {number} holds record seq {seq} where seq {expected} "
+                                                       f"belongs, and seq {expected} comes later: records were moved")
+                missing = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}..{seq - 1}"
+                return broken(number, "deleted", f"record {missing} before line {number} is missing (deleted)")
+            if isinstance(seq, int) and seq < expected:
+                return broken(number, "reordered", f"line {number} holds record seq {seq} where seq {expected} "
+                                                   "belongs: records were moved or duplicated")
+            return broken(number - 1, "edited", f"record seq {expected - 1} (line {number - 1}) was replaced: the "
+                                                f"next record (seq {seq}) was chained to a different hash")
+        elif seq != expected:
+            return broken(number, "malformed", f"line {number} has seq {seq}, expected {expected}")
+        head = stored
+        count += 1
+        if anchor and stored == anchor:
+            anchor = None  # found
+    if tail.strip():
+        return broken(len(complete) + 1, "truncated", f"the last line ({len(tail)} bytes) is an incomplete record: "
+                                                      "the file was cut, or a write was interrupted")
+    if count == 0:
+        return broken(1, "truncated", "the log is empty: it has no genesis record")
+    if anchor:
+        return broken(count + 1, "anchor-missing", f"no record has the anchored hash {anchor}: records were cut "
+                                                   "from the end, or the whole log was rewritten")
+    return Report(str(path), True, count, head)
+
+
+# -- write ----------------------------------------------------------------------------------------
+class AuditLog:
+    """The single writer of one audit file. Thread-safe; ``append`` returns the new head hash."""
+
+    def __init__(self, path: Path | str, *, content: bool = False):
+        import fcntl
+
+        self.path = Path(path)
+        self.content = content
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise InputError(f"The audit log '{self.path}' is in use by another edgemed serve.",
+                             "give each server its own --audit-log file") from None
+        try:
+            self._open_chain()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _open_chain(self) -> None:
+        if os.fstat(self._fd).st_size == 0:
+            self.head, self.seq = ZERO, 0
+            from edgemed import __version__
+
+            self._write({"kind": "genesis", "format": FORMAT, "log_id": uuid.uuid4().hex, "edgemed_version": __version__})
+            return
+        report = verify(self.path)
+        if not report.ok:
+            raise IntegrityError(
+                f"The audit log '{self.path}' is broken at line {report.line} ({report.problem}): {report.detail}.",
+                "keep that file as evidence, and start the server with a new --audit-log path")
+        self.head, self.seq = report.head, report.records
+
+    def _write(self, fields: dict) -> str:
+        record = {**fields, "seq": self.seq, "prev": self.head, "time": _now()}
+        record["hash"] = record_hash(record)
+        line = canonical(record) + b"\n"
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
+        self.head, self.seq = record["hash"], self.seq + 1
+        return self.head
+
+    def append(self, kind: str, **fields) -> str:
+        """Append one record of ``kind``. Unknown fields are refused; text only when ``content`` is on."""
+        allowed = FIELDS | (CONTENT_FIELDS if self.content else set())
+        unknown = set(fields) - allowed - CONTENT_FIELDS
+        if unknown:
+            raise ValueError(f"audit fields not in the schema: {sorted(unknown)}")
+        kept = {k: v for k, v in fields.items() if k in allowed}
+        with self._lock:
+            if self._fd < 0:
+                raise RuntimeError("audit log is closed")
+            return self._write({"kind": kind, **kept})
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)  # releases the flock
+                self._fd = -1

@@ -1,0 +1,44 @@
+"""What one ``edgemed serve`` process is told: identity of the model, limits, security, audit.
+
+Building a ``ServeConfig`` applies the bind policy (``security.check_bind``), so no code
+path can produce a server on a public address without API keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemed.errors import InputError
+from edgemed.serve.audit import AuditLog
+from edgemed.serve.security import ApiKeys, check_bind, is_loopback
+
+#: Largest request body accepted (bytes): a long clinical note is ~50 KB; 1 MiB leaves room.
+MAX_BODY_BYTES = 1 << 20
+#: max_tokens when a chat request names none (OpenAI's own default is "until the context is full").
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_id: str                          # the name clients pass as "model" (bundle name, or file stem)
+    bundle_digest: str                     # manifest sha256 (bundle) or model file sha256, for the audit log
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: ApiKeys | None = None        # None: no authentication (allowed on loopback only)
+    cors_origins: tuple[str, ...] = ()     # empty: no CORS headers at all (browsers on other origins get nothing)
+    max_body_bytes: int = MAX_BODY_BYTES
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_limit: int | None = None    # None: whatever fits the slot's context
+    audit: AuditLog | None = None          # None: no audit log (the CLI always opens one)
+
+    def __post_init__(self) -> None:
+        check_bind(self.host, self.api_keys)
+        if self.max_body_bytes < 1024:
+            raise InputError(f"--max-body {self.max_body_bytes} is too small for any request.", "pass at least 1024 bytes")
+        if "*" in self.cors_origins and self.api_keys is None:
+            raise InputError("--cors-origin '*' without API keys would let any web page use the model.",
+                             "name the exact origins (https://ehr.example.org), or add --api-key-file")
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)

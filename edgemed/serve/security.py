@@ -1,0 +1,129 @@
+"""Security defaults of ``edgemed serve``: where it may listen, and who may ask.
+
+* **Bind policy.** The server listens on loopback unless told otherwise; a non-loopback
+  address is refused unless API keys are configured (``check_bind``). A host name counts
+  as loopback only when every address it resolves to (``/etc/hosts``, no network needed)
+  is a loopback address; a name that does not resolve counts as public.
+* **API keys.** A key file holds one key per line, optionally after a label
+  (``LABEL KEY``); ``#`` starts a comment. Keys are kept only as sha256 digests and a
+  presented key is compared with every one of them with ``hmac.compare_digest`` (no early
+  exit), so neither the time taken nor the digest length says which key, or how much of
+  one, matched. A request is identified in the audit log by its key's *id*: the label, or
+  ``key-`` + the first 8 hex digits of the key's sha256 — never the key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Shortest key accepted: 16 characters (e.g. ``secrets.token_urlsafe(32)`` gives 43).
+MIN_KEY_CHARS = 16
+MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))' >> keys.txt"
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (address or name) can only be reached from this machine."""
+    text = host.strip("[]")
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    addrs = {info[4][0] for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def check_bind(host: str, keys: "ApiKeys | None") -> None:
+    """Refuse to listen on a non-loopback address without API keys."""
+    if is_loopback(host) or (keys is not None and len(keys)):
+        return
+    raise InputError(
+        f"Refusing to listen on '{host}' without API keys: anyone who can reach this machine could use the model.",
+        f"keep the default --host 127.0.0.1, or create a key file ({MAKE_KEY}) and pass --api-key-file keys.txt",
+    )
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """Accepted keys as ``(key id, sha256 digest)`` pairs."""
+
+    entries: tuple[tuple[str, bytes], ...]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @classmethod
+    def from_lines(cls, lines: list[str], source: str = "the key file") -> "ApiKeys":
+        entries: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+        for number, raw in enumerate(lines, 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                raise InputError(f"{source}: line {number} has {len(parts)} words; expected KEY or LABEL KEY.",
+                                 "put one key per line, optionally after a label without spaces")
+            label, key = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+            if len(key) < MIN_KEY_CHARS:
+                raise InputError(f"{source}: the key on line {number} is {len(key)} characters; at least "
+                                 f"{MIN_KEY_CHARS} are required.", f"generate a strong key: {MAKE_KEY}")
+            key_id = label or "key-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+            if key_id in seen:
+                raise InputError(f"{source}: the key id '{key_id}' (line {number}) is used twice.",
+                                 "give each key its own label, or remove the duplicate key")
+            seen.add(key_id)
+            entries.append((key_id, key_digest(key)))
+        if not entries:
+            raise InputError(f"{source} holds no keys.", f"add one key per line: {MAKE_KEY}")
+        return cls(tuple(entries))
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> "ApiKeys":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise InputError(f"Cannot read the API key file '{path}': {exc.strerror}.",
+                             f"create it with one key per line: {MAKE_KEY}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("API key file %s is readable by other users; run: chmod 600 %s", path, path)
+        return cls.from_lines(text.splitlines(), str(path))
+
+    def identify(self, presented: str | None) -> str | None:
+        """The id of the key ``presented`` matches, or None. Every key is compared, in constant time."""
+        if not presented:
+            return None
+        digest = key_digest(presented)
+        found = None
+        for key_id, expected in self.entries:
+            if hmac.compare_digest(digest, expected):
+                found = key_id
+        return found
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header (what OpenAI clients send)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None

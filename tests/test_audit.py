@@ -1,0 +1,173 @@
+"""The hash-chained audit log: every way of tampering with one record is reported by `edgemed audit verify`."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+from edgemed.errors import InputError, IntegrityError
+from edgemed.serve.audit import AuditLog, canonical, record_hash, verify
+
+
+def _log(path, n: int = 6, **kw) -> AuditLog:
+    log = AuditLog(path, **kw)
+    for i in range(n):
+        log.append("request", request_id=f"r{i}", status=200, outcome="ok", prompt_tokens=10 + i, completion_tokens=i)
+    return log
+
+
+@pytest.fixture
+def logfile(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _log(path).close()
+    return path
+
+
+def lines(path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def rewrite(path, new_lines) -> None:
+    path.write_bytes(b"".join(new_lines))
+
+
+def edit(line: bytes, rehash: bool = False, **changes) -> bytes:
+    rec = {**json.loads(line), **changes}
+    if rehash:
+        rec["hash"] = record_hash(rec)
+    return canonical(rec) + b"\n"
+
+
+def test_intact_log_verifies_and_names_its_head(logfile):
+    report = verify(logfile)
+    recs = [json.loads(x) for x in lines(logfile)]
+    assert report.ok and report.records == 7 and report.head == recs[-1]["hash"]
+    assert recs[0]["kind"] == "genesis" and recs[0]["prev"] == "0" * 64
+    assert [r["seq"] for r in recs] == list(range(7))
+    assert all(r["prev"] == p["hash"] for p, r in zip(recs, recs[1:]))
+    assert oct(logfile.stat().st_mode & 0o777) == "0o600"
+
+
+def test_edited_record_is_reported(logfile):
+    ls = lines(logfile)
+    ls[3] = edit(ls[3], completion_tokens=999)
+    rewrite(logfile, ls)
+    r = verify(logfile)
+    assert not r.ok and (r.line, r.problem) == (4, "edited")
+
+
+def test_edited_record_with_recomputed_hash_is_reported(logfile):
+    ls = lines(logfile)
+    ls[3] = edit(ls[3], rehash=True, outcome="unauthorized")
+    rewrite(logfile, ls)
+    r = verify(logfile)
+    assert not r.ok and (r.line, r.problem) == (4, "edited")
+
+
+def test_deleted_record_is_reported(logfile):
+    ls = lines(logfile)
+    del ls[3]
+    rewrite(logfile, ls)
+    r = verify(logfile)
+    assert not r.ok and (r.line, r.problem) == (4, "deleted") and "seq 3" in r.detail
+
+
+def test_deleted_first_records_are_reported(logfile):
+    rewrite(logfile, lines(logfile)[2:])
+    r = verify(logfile)
+    assert not r.ok and (r.line, r.problem) == (1, "deleted")
+
+
+def test_reordered_records_are_reported(logfile):
+    ls = lines(logfile)
+    ls[3], ls[4] = ls[4], ls[3]
+    rewrite(logfile, ls)
+    r = verify(logfile)
+    assert not r.ok and (r.line, r.problem) == (4, "reordered")
+
+
+def test_truncated_last_record_is_reported(logfile):
+    logfile.write_bytes(logfile.read_bytes()[:-20])
+    r = verify(logfile)
+    assert not r.ok and (r.line, r.problem) == (7, "truncated")
+
+
+def test_records_cut_from_the_end_need_the_anchor(logfile):
+    head = verify(logfile).head
+    rewrite(logfile, lines(logfile)[:-2])
+    assert verify(logfile).ok  # the chain alone cannot see this ...
+    r = verify(logfile, anchor=head)
+    assert not r.ok and r.problem == "anchor-missing"  # ... the anchored head can
+    assert verify(logfile, anchor=json.loads(lines(logfile)[2])["hash"]).ok
+
+
+def test_reopening_continues_the_chain_and_refuses_a_broken_one(logfile):
+    log = AuditLog(logfile)
+    log.append("request", request_id="again", status=200)
+    log.close()
+    assert verify(logfile).ok and verify(logfile).records == 8
+    ls = lines(logfile)
+    del ls[5]
+    rewrite(logfile, ls)
+    with pytest.raises(IntegrityError, match="line 6 .deleted"):
+        AuditLog(logfile)
+
+
+def test_one_writer_per_file(logfile):
+    log = AuditLog(logfile)
+    try:
+        with pytest.raises(InputError, match="in use"):
+            AuditLog(logfile)
+    finally:
+        log.close()
+
+
+def test_text_only_when_turned_on(tmp_path):
+    off = AuditLog(tmp_path / "off.jsonl")
+    off.append("request", request_id="a", prompt="chest pain since 2 h", output="call 911")
+    off.close()
+    assert "chest pain" not in (tmp_path / "off.jsonl").read_text()
+    on = AuditLog(tmp_path / "on.jsonl", content=True)
+    on.append("request", request_id="a", prompt="chest pain since 2 h", output="call 911")
+    on.close()
+    assert json.loads(lines(tmp_path / "on.jsonl")[-1])["prompt"] == "chest pain since 2 h"
+    with pytest.raises(ValueError, match="not in the schema"):
+        AuditLog(tmp_path / "x.jsonl").append("request", patient_name="x")
+
+
+def test_concurrent_appends_keep_one_chain(tmp_path):
+    log = AuditLog(tmp_path / "a.jsonl")
+
+    def worker(k):
+        for i in range(40):
+            log.append("request", request_id=f"{k}-{i}", status=200)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    r = verify(tmp_path / "a.jsonl")
+    assert r.ok and r.records == 1 + 6 * 40
+
+
+def test_cli_verify(logfile):
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["audit", "verify", str(logfile)])
+    assert ok.exit_code == 0 and "7 records" in ok.output and verify(logfile).head in ok.output
+    ls = lines(logfile)
+    ls[2] = edit(ls[2], status=500)
+    rewrite(logfile, ls)
+    bad = runner.invoke(cli, ["audit", "verify", str(logfile)])
+    assert bad.exit_code == 1 and "line 3" in bad.output and "edited" in bad.output
+    as_json = runner.invoke(cli, ["audit", "verify", str(logfile), "--json"])
+    assert as_json.exit_code == 1
+    report = json.loads(as_json.output)
+    assert report["ok"] is False and report["line"] == 3 and report["problem"] == "edited"
+    missing = runner.invoke(cli, ["audit", "verify", str(logfile.parent / "nope.jsonl")])
+    assert missing.exit_code == 1 and "Cannot read" in missing.output and "Traceback" not in missing.output

@@ -1,0 +1,156 @@
+"""Security defaults of ``edgemed serve``: loopback bind, API keys, CORS off, Host check, body size limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+from edgemed.errors import InputError
+from edgemed.serve.security import ApiKeys, bearer_token, check_bind, is_loopback
+
+from serve_kit import ServerThread, wait_until
+
+KEY = "k" * 8 + "-clinic-secret-0001"
+OTHER = "o" * 8 + "-clinic-secret-0002"
+
+
+# -- bind policy and keys (no server) -------------------------------------------------------------------
+@pytest.mark.parametrize("host,loop", [("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("[::1]", True),
+                                       ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                       ("192.168.1.20", False), ("no-such-host.invalid", False)])
+def test_is_loopback(host, loop):
+    assert is_loopback(host) is loop
+
+
+def test_public_bind_needs_keys():
+    with pytest.raises(InputError, match="without API keys") as e:
+        check_bind("0.0.0.0", None)
+    assert "--api-key-file" in e.value.fix
+    check_bind("0.0.0.0", ApiKeys.from_lines([KEY]))
+    check_bind("127.0.0.1", None)
+
+
+def test_config_refuses_public_bind_without_keys():
+    from edgemed.serve.config import ServeConfig
+
+    with pytest.raises(InputError, match="without API keys"):
+        ServeConfig(model_id="m", bundle_digest="d", host="0.0.0.0")
+    with pytest.raises(InputError, match="any web page"):
+        ServeConfig(model_id="m", bundle_digest="d", cors_origins=("*",))
+    assert ServeConfig(model_id="m", bundle_digest="d", host="0.0.0.0", api_keys=ApiKeys.from_lines([KEY])).host
+
+
+def test_cli_refuses_public_bind_before_loading_anything(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "absent.gguf"), "--host", "0.0.0.0"])
+    assert result.exit_code == 1
+    assert "without API keys" in result.output and "--api-key-file" in result.output
+    assert "does not exist" not in result.output and "Traceback" not in result.output
+
+
+def test_key_file(tmp_path):
+    path = tmp_path / "keys.txt"
+    path.write_text(f"# clinic keys\nehr-plugin {KEY}\n\n{OTHER}  # dr who\n")
+    path.chmod(0o600)
+    keys = ApiKeys.from_file(path)
+    assert keys.identify(KEY) == "ehr-plugin"
+    assert keys.identify(OTHER).startswith("key-") and len(keys.identify(OTHER)) == 12
+    assert keys.identify(KEY + "x") is None and keys.identify(KEY[:-1]) is None and keys.identify("") is None
+    assert KEY not in repr(keys)  # only digests are kept
+    with pytest.raises(InputError, match="at least 16"):
+        ApiKeys.from_lines(["short"])
+    with pytest.raises(InputError, match="used twice"):
+        ApiKeys.from_lines([f"a {KEY}", f"a {OTHER}"])
+    with pytest.raises(InputError, match="no keys"):
+        ApiKeys.from_lines(["# nothing"])
+    assert bearer_token(f"Bearer {KEY}") == KEY and bearer_token(f"Basic {KEY}") is None and bearer_token(None) is None
+
+
+# -- a running server ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(smollm2_gguf):
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.serve.batcher import Batcher
+
+    pytest.importorskip("fastapi")
+    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=2), slots=1, queue_size=2)
+    batcher.start()
+    yield batcher
+    batcher.close()
+
+
+def _app(batcher, tmp_path, **kw):
+    from edgemed.serve.app import create_app
+    from edgemed.serve.audit import AuditLog
+    from edgemed.serve.config import ServeConfig
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    return create_app(batcher, ServeConfig(model_id="m", bundle_digest="d", audit=log, **kw)), log
+
+
+def test_api_keys_are_checked_and_recorded(model, tmp_path):
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path, api_keys=ApiKeys.from_lines([f"ehr {KEY}"]))
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong-key-wrong-key", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            client.models.list()
+        assert e.value.code == "invalid_api_key" and "--api-key-file" in e.value.message
+        assert httpx.get(srv.url + "/v1/models").status_code == 401  # no key at all
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": []})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(srv.url + "/metrics").status_code == 401
+        assert httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(srv.url + "/health").status_code == 200  # liveness stays open, and says nothing private
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in good.models.list().data] == ["m"]
+        assert wait_until(lambda: json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1]).get("key_id") == "ehr")
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    denied = [r for r in recs if r.get("status") == 401]
+    assert len(denied) == 3 and {r["outcome"] for r in denied} == {"unauthorized"} and {r["key_id"] for r in denied} == {None}
+    assert KEY not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_cors_is_off_by_default_and_exact_when_on(model, tmp_path):
+    httpx = pytest.importorskip("httpx2")
+    preflight = {"Origin": "https://ehr.example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    app, log = _app(model, tmp_path)
+    with ServerThread(app) as srv:
+        r = httpx.get(srv.url + "/v1/models", headers={"Origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        r = httpx.options(srv.url + "/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+    log.close()
+    (tmp_path / "on").mkdir()
+    app, log = _app(model, tmp_path / "on", cors_origins=("https://ehr.example.org",))
+    with ServerThread(app) as srv:
+        r = httpx.options(srv.url + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ehr.example.org"
+        r = httpx.get(srv.url + "/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+    log.close()
+
+
+def test_body_size_limit_and_host_check(model, tmp_path):
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path, max_body_bytes=4096)
+    big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 10_000}]}).encode()
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        chunked = httpx.post(srv.url + "/v1/chat/completions", content=iter([big[:3000], big[3000:]]),
+                             headers={"content-type": "application/json"})  # no Content-Length: counted as read
+        assert chunked.status_code == 413
+        r = httpx.get(srv.url + "/v1/models", headers={"Host": "attacker.example:8080"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+        r = httpx.get(f"http://localhost:{srv.port}/v1/models")
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+        assert wait_until(lambda: "invalid_host" in (tmp_path / "audit.jsonl").read_text())
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in recs if r.get("status") == 413] == ["too_large", "too_large"]
