@@ -212,3 +212,34 @@ def test_report_and_plots_render(tmp_path):
     assert q4["reductions"]["f16"]["memory"] == pytest.approx(1 - 1150 / 3300)
     assert q4["reductions"]["hf-fp32"]["latency"] == pytest.approx(1 - 3.4 / 25.0)
     assert "Q4_K_M peak RSS <= 35 % of F16's | 34.8 % | yes" in md
+
+
+MCQ = [{"realidx": i, "question": q, "options": dict(zip("ABCD", opts)), "answer_idx": a}
+       for i, (q, opts, a) in enumerate([
+           ("Which drug is first-line for anaphylaxis?", ["Adrenaline", "Aspirin", "Insulin", "Warfarin"], "A"),
+           ("Which organ makes insulin?", ["Liver", "Pancreas", "Kidney", "Lung"], "B"),
+           ("Normal adult resting heart rate?", ["20 bpm", "200 bpm", "60-100 bpm", "5 bpm"], "C"),
+           ("Which vitamin deficiency causes scurvy?", ["A", "B12", "D", "C"], "D")])]
+
+
+def test_accuracy_and_divergence_phases_on_the_benchmarked_artifacts(model, tmp_path):
+    pytest.importorskip("edgemed.benchmarks.harness.accuracy", reason="helper B2's accuracy module has not landed")
+    out = _with_artifacts(model, tmp_path / "acc")
+    qa = tmp_path / "mcq.jsonl"
+    qa.write_text("".join(json.dumps(row) + "\n" for row in MCQ))
+    args = ["bench", "reproduce", str(model["src"]), "--quants", "f16,q8_0", "--baselines", "", *FAST,
+            "--eval", str(qa), "--eval-n", "4", "-o", str(out), "--json"]
+    results = _run(args)
+    assert results["failed"] == []
+    by = {e["name"]: e for e in results["configs"]}
+    for name in ("f16", "q8_0"):
+        acc = by[name]["accuracy"]
+        assert acc["n"] == 4 and 0 <= acc["acc_logit"] <= 1 and len(acc["ci_logit"]) == 2
+        # measured on the very file that was timed
+        assert acc["records"] == str(out / "raw" / f"{name}-accuracy.records.jsonl")
+        assert by[name]["keys"]["accuracy"]["model_sha256"] == by[name]["keys"]["timing"]["model_sha256"]
+    assert by["f16"]["divergence"]["kld_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < by["q8_0"]["divergence"]["kld_mean"] < 0.05 and by["q8_0"]["divergence"]["top1"] > 0.8
+    assert (out / "plots" / "accuracy_vs_bits.png").stat().st_size > 10_000
+    # all done: a re-run measures nothing
+    assert _run(args)["run"]["measured"] == []

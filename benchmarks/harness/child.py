@@ -101,15 +101,6 @@ def _eval_items(settings: Settings, n: int):
     return items
 
 
-def divergence_texts(settings: Settings) -> list[str]:
-    """Medical text for the divergence phase: the benchmark prompts and a seeded sample of eval questions."""
-    texts = list(settings.prompts)
-    for item in _eval_items(settings, 16):
-        options = "\n".join(f"{k}. {v}" for k, v in item.options.items())
-        texts.append(f"{item.context + chr(10) if item.context else ''}{item.question}\n{options}")
-    return texts
-
-
 def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
     from edgemed.benchmarks.harness import accuracy
     from edgemed.benchmarks.harness.scorer import open_scorer
@@ -130,8 +121,8 @@ def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
     reference = Path(task["reference"])
     scorer = open_scorer(Path(config.path), threads=settings.threads or 1, n_ctx=settings.eval_ctx)
     try:
-        if task.get("is_reference"):
-            divergence.reference_logits(scorer, divergence_texts(settings), reference)
+        if task.get("is_reference"):  # the shipped medical passages (divergence.load_texts)
+            divergence.reference_logits(scorer, reference)
         result = divergence.divergence(scorer, reference)
     finally:
         scorer.close()

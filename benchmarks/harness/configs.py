@@ -100,7 +100,7 @@ class Settings:
         d = self.to_dict()
         keep = {"timing": ("runs", "warmup", "max_tokens", "prompts", "threads", "n_ctx", "scenario", "seed"),
                 "accuracy": ("evals", "eval_n", "seed", "threads", "eval_ctx"),
-                "divergence": ("prompts", "evals", "seed", "eval_ctx")}[phase]
+                "divergence": ("eval_ctx",)}[phase]
         body = json.dumps({k: d[k] for k in keep}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 

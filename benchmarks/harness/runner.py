@@ -163,6 +163,11 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
                 load_raw(out / "raw" / f"{REFERENCE}-divergence.json") is None:
             failed.append({"task": label, "error": "the reference logits were not written"})
             continue
+        records = out / "raw" / f"{task.config.name}-{task.phase}.records.jsonl"
+        if records.exists() and load_raw(task.raw) is not None:
+            # a complete result with another key (new model, profile, version or settings): start the items afresh;
+            # without a result (a killed run) the records are kept and the phase resumes item by item
+            records.unlink()
         t = time.perf_counter()
         ok, why = _run_child(task, settings, out, progress)
         if ok:

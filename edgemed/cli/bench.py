@@ -37,12 +37,18 @@ def _common(f):
 def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, seed, scenario):
     from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
 
-    eval_paths = tuple(str(Path(p.strip()).resolve()) for p in (evals or "").split(",") if p.strip())
-    for p in eval_paths:
-        if not Path(p).is_file():
-            from edgemed.errors import InputError
+    from edgemed.errors import InputError
 
+    eval_paths = tuple(str(Path(p.strip()).resolve()) for p in (evals or "").split(",") if p.strip())
+    for p in eval_paths:  # read each file now, so a bad one fails before hours of timing, not after
+        if not Path(p).is_file():
             raise InputError(f"Evaluation file '{p}' does not exist.", "pass existing files to --eval, comma-separated")
+        from edgemed.benchmarks.harness.datasets import load_items
+
+        available = len(load_items(Path(p), None, seed))
+        if eval_n > available:
+            raise InputError(f"--eval-n {eval_n} is more than the {available} items in '{p}'.",
+                             f"pass --eval-n {available} or less")
     return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens, prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,
                     threads=threads, n_ctx=n_ctx, profile=profile, seed=seed, scenario=scenario, evals=eval_paths,
                     eval_n=eval_n)
