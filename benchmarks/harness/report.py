@@ -75,14 +75,10 @@ def _p50(e: dict, metric: str):
 def _derive(entries: list[dict], bandwidth: float | None) -> dict:
     """Bits per weight, roofline and reductions vs each baseline present."""
     by = {e["name"]: e for e in entries}
-    ref = by.get(REFERENCE) or next((e for e in entries if e["kind"] == "gguf" and "n_params" in e), None)
-    n_params_ref = ref.get("n_params") if ref else None
     baselines = [b for b in [REFERENCE, "hf-fp32", "hf-bf16", "hf-fp16"] if b in by and "peak_rss_bytes" in by[b]]
     for e in entries:
         if "weight_bytes" in e:
-            # ONNX packs int4 weights into bytes: count parameters by the reference artifact's tensor table
-            n = n_params_ref if e["kind"] == "onnx" and n_params_ref else e["n_params"]
-            e["bits_per_weight"] = 8 * e["weight_bytes"] / n if n else None
+            e["bits_per_weight"] = 8 * e["weight_bytes"] / e["n_params"] if e["n_params"] else None
         e["roofline"] = roofline(_p50(e, "decode_tok_s"), e.get("bytes_per_token"), bandwidth)
         e["reductions"] = {}
         for b in baselines:

@@ -130,8 +130,13 @@ def onnx_facts(path: Path) -> WeightFacts:
             read -= b - b // dims[0]
     dec = json.loads((path / "genai_config.json").read_text())["model"]["decoder"]
     kv = int(dec["num_hidden_layers"]) * int(dec["num_key_value_heads"]) * int(dec["head_size"]) * 2 * 4  # fp32 cache
-    # MatMulNBits packs weights into bytes: parameters are counted by the HF config when available
+    # MatMulNBits packs a K x N weight into bytes with scales and zero points beside it: K * N parameters
     n_params = sum(n for n, _, _ in sizes.values())
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            packed = [name for name in node.input[1:4] if name in sizes]
+            n_params += attrs["K"] * attrs["N"] - sum(sizes[name][0] for name in packed)
     return WeightFacts(n_params, weight_bytes, read, kv)
 
 
