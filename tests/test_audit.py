@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -137,6 +138,25 @@ def test_text_only_when_turned_on(tmp_path):
     assert json.loads(lines(tmp_path / "on.jsonl")[-1])["prompt"] == "chest pain since 2 h"
     with pytest.raises(ValueError, match="not in the schema"):
         AuditLog(tmp_path / "x.jsonl").append("request", patient_name="x")
+
+
+def _break_writes(log: AuditLog) -> None:
+    """Make the writer's descriptor refuse writes (as a full or failed disk would)."""
+    ro = os.open(log.path, os.O_RDONLY)
+    os.dup2(ro, log._fd)
+    os.close(ro)
+
+
+def test_failed_write_stops_the_writer(logfile):
+    log = AuditLog(logfile)
+    _break_writes(log)
+    with pytest.raises(OSError):
+        log.append("request", request_id="lost")
+    assert log.failed and "failed" in log.failed
+    with pytest.raises(OSError, match="failed"):
+        log.append("request", request_id="later")
+    log.close()
+    assert verify(logfile).ok
 
 
 def test_concurrent_appends_keep_one_chain(tmp_path):

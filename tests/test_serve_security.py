@@ -136,9 +136,9 @@ def test_cors_is_off_by_default_and_exact_when_on(model, tmp_path):
     log.close()
 
 
-def test_body_size_limit_and_host_check(model, tmp_path):
+def test_body_size_token_limit_and_host_check(model, tmp_path):
     httpx = pytest.importorskip("httpx2")
-    app, log = _app(model, tmp_path, max_body_bytes=4096)
+    app, log = _app(model, tmp_path, max_body_bytes=4096, max_tokens_limit=32)
     big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 10_000}]}).encode()
     with ServerThread(app) as srv:
         r = httpx.post(srv.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
@@ -146,6 +146,9 @@ def test_body_size_limit_and_host_check(model, tmp_path):
         chunked = httpx.post(srv.url + "/v1/chat/completions", content=iter([big[:3000], big[3000:]]),
                              headers={"content-type": "application/json"})  # no Content-Length: counted as read
         assert chunked.status_code == 413
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "Aspirin", "max_tokens": 100})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large"
+        assert "32" in r.json()["error"]["message"]
         r = httpx.get(srv.url + "/v1/models", headers={"Host": "attacker.example:8080"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
         r = httpx.get(f"http://localhost:{srv.port}/v1/models")
@@ -154,3 +157,22 @@ def test_body_size_limit_and_host_check(model, tmp_path):
     log.close()
     recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [r["outcome"] for r in recs if r.get("status") == 413] == ["too_large", "too_large"]
+
+
+def test_audit_failure_closes_the_api(model, tmp_path):
+    import os
+
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path)
+    with ServerThread(app) as srv:
+        assert httpx.get(srv.url + "/v1/models").status_code == 200
+        assert wait_until(lambda: (tmp_path / "audit.jsonl").read_text().count('"kind":"request"') == 1)
+        ro = os.open(log.path, os.O_RDONLY)
+        os.dup2(ro, log._fd)  # the disk stops taking writes
+        os.close(ro)
+        assert httpx.get(srv.url + "/v1/models").status_code == 200  # answered; its record could not be written
+        assert wait_until(lambda: log.failed is not None)
+        r = httpx.get(srv.url + "/v1/models")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
+        assert httpx.get(srv.url + "/health").json()["status"] == "audit_failed"
+    log.close()

@@ -11,7 +11,8 @@ Middleware, outermost first (plain ASGI, so they see streaming responses to the 
    that escapes the app becomes a 500 in OpenAI's shape here.
 2. ``CORSMiddleware`` — only when ``--cors-origin`` names origins; otherwise none, and
    browsers refuse other origins the response.
-3. ``Guard`` — on loopback binds only ``Host: 127.0.0.1 / localhost / [::1]`` (so a web page
+3. ``Guard`` — 503 for every ``/v1`` request once the audit log cannot be written (fail
+   closed); on loopback binds only ``Host: 127.0.0.1 / localhost / [::1]`` (so a web page
    cannot reach the server through DNS rebinding); then the API key (``/v1/*`` and
    ``/metrics``, 401); then the body size limit (413).
 
@@ -177,14 +178,17 @@ class Observe:
                                               f"request id {ctx.request_id}.", "server_error"))(scope, receive, send_observed)
         finally:
             self.metrics.request_done(ctx.endpoint, ctx.status or 500, time.perf_counter() - ctx.started)
-            if self.config.audit is not None and path.startswith("/v1/"):
+            if self.config.audit is not None and not self.config.audit.failed and path.startswith("/v1/"):
                 await _audit(self.config.audit, "request", ctx.audit_fields(self.config.model_id, self.config.bundle_digest))
 
 
 async def _audit(audit, kind: str, fields: dict) -> None:
     """Append off the event loop (the write fsyncs); shielded, so a cancelled request still leaves its record."""
     with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(lambda: audit.append(kind, **fields))
+        try:
+            await anyio.to_thread.run_sync(lambda: audit.append(kind, **fields))
+        except OSError as exc:
+            log.error("audit record not written (%s); refusing API requests until restarted", exc)
 
 
 class Guard:
@@ -212,6 +216,11 @@ class Guard:
                 return await refuse(ApiError(400, f"This server answers only requests addressed to it by a loopback "
                                                   f"name (Host: 127.0.0.1 or localhost), not '{host}'. Fix: use "
                                                   "http://127.0.0.1:PORT/v1.", code="invalid_host"))
+        audit = self.config.audit
+        if audit is not None and audit.failed and path.startswith("/v1/"):
+            return await refuse(ApiError(503, f"The audit log cannot be written ({audit.failed}), so requests are "
+                                              "refused. Fix: free disk space or repair the log's storage, then restart "
+                                              "the server.", "server_error", "audit_unavailable"))
         keys = self.config.api_keys
         if keys is not None and (path.startswith("/v1/") or path == "/metrics"):
             ctx.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
@@ -419,6 +428,8 @@ def create_app(batcher, config: ServeConfig):
     @app.get("/health")
     async def health():
         stats = batcher.stats()
+        if config.audit is not None and config.audit.failed:
+            return JSONResponse({"status": "audit_failed", "detail": config.audit.failed}, status_code=503)
         return {"status": "ok", "model": config.model_id, "slots": stats.get("slots"),
                 "active_slots": stats.get("active_slots"), "queue_depth": stats.get("queue_depth")}
 

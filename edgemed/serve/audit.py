@@ -18,7 +18,8 @@ Only the fields in ``FIELDS`` can be written; the request's text (``prompt``, ``
 is written only when the operator turned ``content`` on. Records are appended by one
 writer under a lock, each with its own ``write`` + ``fsync`` (per record, not batched: at
 clinic request rates the cost is a few milliseconds, and a crash loses nothing already
-answered). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
+answered). A failed write (disk full) stops the writer for good and the server then
+answers 503 instead of serving requests it cannot record (fail closed). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
 ``flock``, so a second server cannot interleave its own chain into it.
 """
 
@@ -158,6 +159,7 @@ class AuditLog:
 
         self.path = Path(path)
         self.content = content
+        self.failed: str | None = None  # set when a write failed: the server then refuses requests (fail closed)
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -192,9 +194,14 @@ class AuditLog:
         record["hash"] = record_hash(record)
         line = canonical(record) + b"\n"
         view = memoryview(line)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError as exc:
+            # a half-written line may be on disk: write nothing more, so `verify` shows the break where it is
+            self.failed = f"writing {self.path} failed: {exc.strerror or exc}"
+            raise
         self.head, self.seq = record["hash"], self.seq + 1
         return self.head
 
@@ -206,8 +213,8 @@ class AuditLog:
             raise ValueError(f"audit fields not in the schema: {sorted(unknown)}")
         kept = {k: v for k, v in fields.items() if k in allowed}
         with self._lock:
-            if self._fd < 0:
-                raise RuntimeError("audit log is closed")
+            if self._fd < 0 or self.failed:
+                raise OSError(f"audit log {self.path} is {'closed' if self._fd < 0 else 'failed'}")
             return self._write({"kind": kind, **kept})
 
     def close(self) -> None:
