@@ -176,3 +176,24 @@ def test_audit_failure_closes_the_api(model, tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
         assert httpx.get(srv.url + "/health").json()["status"] == "audit_failed"
     log.close()
+
+
+def test_model_identity_for_the_audit(tmp_path):
+    """A bundle (by name or directory) is identified by its manifest sha256; a bare .gguf by its own sha256."""
+    pytest.importorskip("gguf")
+    import bundle_kit as kit
+    from edgemed.cli.serve import _identify
+    from edgemed.hashing import file_sha256
+    from edgemed.packaging.bundle import PackInputs, pack
+    from edgemed.packaging.store import Store
+
+    src = kit.inputs(tmp_path / "src")
+    path, model_id, digest = _identify(str(src["model"]))
+    assert (path, model_id, digest) == (src["model"], "tiny", "file:sha256:" + file_sha256(src["model"]))
+    out = tmp_path / "cardio-assist.edgemed"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="cardio-assist"), out, as_dir=True)
+    _, model_id, digest = _identify(str(out))
+    assert model_id == "cardio-assist" and digest == "manifest:sha256:" + file_sha256(out / "manifest.json")
+    Store().install(out)
+    path, model_id, by_name = _identify("cardio-assist")
+    assert model_id == "cardio-assist" and by_name == digest and path.is_file()

@@ -112,6 +112,9 @@ def serve(model, host, port, slots, queue_size, profile, n_ctx, threads, api_key
         click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
                    f"head {audit.head}", err=True)
         click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
+        if not config.loopback:
+            click.echo("warning: plain HTTP off loopback: keys, prompts and answers cross the network unencrypted; "
+                       "put a TLS-terminating proxy in front, or keep --host 127.0.0.1", err=True)
         level = logging.getLogger().getEffectiveLevel()
         uvicorn.run(app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
                     access_log=True, server_header=False, timeout_graceful_shutdown=10)
