@@ -33,7 +33,7 @@ OPTIONS = {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin
 
 
 def _serve(model_path: Path, audit_path: Path, *, slots: int, queue: int, **config):
-    batcher = Batcher(model_path, LoadSettings(n_ctx=1024 * slots, n_threads=2), slots=slots, queue_size=queue)
+    batcher = Batcher(model_path, LoadSettings(n_ctx=1024 * slots, n_threads=1), slots=slots, queue_size=queue)
     batcher.start()
     log = audit.AuditLog(audit_path)
     app = create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test", audit=log, **config))

@@ -75,7 +75,7 @@ def model(smollm2_gguf):
     from edgemed.serve.batcher import Batcher
 
     pytest.importorskip("fastapi")
-    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=2), slots=1, queue_size=2)
+    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=1), slots=1, queue_size=2)
     batcher.start()
     yield batcher
     batcher.close()
