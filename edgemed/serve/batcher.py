@@ -211,6 +211,7 @@ class Batcher:
         self._model = self._ctx = self._batch = None
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
+        self._native = threading.Lock()  # request threads use the vocabulary under it; freeing waits for them
         self._queue: collections.deque[_Seq] = collections.deque()
         self._active: list[_Seq] = []
         self._free: list[int] = []
@@ -264,6 +265,7 @@ class Batcher:
 
     # -- text ------------------------------------------------------------------------------
     def _require_model(self):
+        """The loaded model (caller holds ``_native``, so it cannot be freed meanwhile)."""
         if self._model is None or self._model.ptr is None:
             raise Closed("The model is not loaded.", "call Batcher.start() first")
         return self._model
@@ -272,16 +274,18 @@ class Batcher:
         """The prompt the GGUF's own chat template makes of ``messages`` (rendered in a Jinja sandbox)."""
         from edgemed.runtime.chat_template import render
 
-        model = self._require_model()
-        template = model.meta("tokenizer.chat_template")
+        with self._native:
+            model = self._require_model()
+            template = model.meta("tokenizer.chat_template")
+            bos, eos = model.special_text(model.bos()), model.special_text(model.eos())
         if not template:
             raise ModelLoadError(f"'{self.model_path}' has no chat template.",
                                  "use the completions endpoint, or convert with the tokenizer's chat template")
-        return render(template, messages, bos_token=model.special_text(model.bos()),
-                      eos_token=model.special_text(model.eos()))
+        return render(template, messages, bos_token=bos, eos_token=eos)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return self._require_model().tokenize(text, add_special, parse_special)
+        with self._native:
+            return self._require_model().tokenize(text, add_special, parse_special)
 
     # -- requests ----------------------------------------------------------------------------
     def _check_capacity(self) -> None:
@@ -304,15 +308,16 @@ class Batcher:
             if self._stopping or self._thread is None:
                 raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
             self._check_capacity()
-        model = self._require_model()
-        tokens = model.tokenize(prompt, True, True) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not tokens:
-            raise InputError("The prompt is empty.", "send at least one token of prompt")
-        if any(not 0 <= t < model.n_vocab for t in tokens):
-            raise InputError(f"The prompt has token ids outside the vocabulary (0..{model.n_vocab - 1}).",
-                             "tokenize with this model's tokenizer")
-        check_fits(len(tokens), settings, self.n_ctx_per_slot)
-        sampler = SamplerChain(model, settings)
+        with self._native:
+            model = self._require_model()
+            tokens = model.tokenize(prompt, True, True) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if not tokens:
+                raise InputError("The prompt is empty.", "send at least one token of prompt")
+            if any(not 0 <= t < model.n_vocab for t in tokens):
+                raise InputError(f"The prompt has token ids outside the vocabulary (0..{model.n_vocab - 1}).",
+                                 "tokenize with this model's tokenizer")
+            check_fits(len(tokens), settings, self.n_ctx_per_slot)
+            sampler = SamplerChain(model, settings)
         stream = Stream(request_id, self._wake)
         seq = _Seq(stream, tokens, settings, sampler, TextStream(_Detok(model), settings.stop), t_submit)
         with self._cond:
@@ -405,6 +410,7 @@ class Batcher:
             end = min(len(seq.tokens), seq.pos + room)
             for p in range(seq.pos, end):
                 seq.index = batch.add(seq.tokens[p], p, seq.slot, p == len(seq.tokens) - 1)
+            self._n.prompt_tokens_total += end - seq.pos
             seq.pos = end
             if end == len(seq.tokens):
                 sampling.append(seq)
@@ -425,6 +431,7 @@ class Batcher:
             self._finish(seq, "stop")
             return
         seq.generated += 1
+        self._n.tokens_generated_total += 1  # written by this thread only; stats() reads it live
         text = seq.text.push(token)
         if text:
             seq.stream._put(Piece(text))
@@ -453,11 +460,7 @@ class Batcher:
         if seq.sampler is not None:
             seq.sampler.close()
             seq.sampler = None
-        n = self._n
-        n.finished[reason] += 1
-        if seq.t_admit:
-            n.prompt_tokens_total += min(seq.pos, len(seq.tokens))
-        n.tokens_generated_total += seq.generated
+        self._n.finished[reason] += 1
         admitted = seq.t_admit or now
         seq.stream._put(Finished(
             finish_reason=reason, prompt_tokens=len(seq.tokens), completion_tokens=seq.generated,
@@ -477,8 +480,9 @@ class Batcher:
             self._queue.clear()
 
     def _free_native(self) -> None:
-        for name in ("_batch", "_ctx", "_model"):  # the context before its model
-            obj = getattr(self, name)
-            if obj is not None:
-                obj.close()
-                setattr(self, name, None)
+        with self._native:
+            for name in ("_batch", "_ctx", "_model"):  # the context before its model
+                obj = getattr(self, name)
+                if obj is not None:
+                    obj.close()
+                    setattr(self, name, None)
