@@ -74,6 +74,8 @@ MCQ_INPUTS = {"question": "q", "options": {"A": "a", "B": "b", "C": "c", "D": "d
     ("A. Vitamin A is wrong... Answer: C", "C"),
     ("C. Vitamin C", "C"),
     ("<think>Maybe Answer: A? no.</think>\nAnswer: B", "B"),
+    ("B", "B"),
+    ("**D**.", "D"),
 ])
 def test_choice_contract_parses(reply, expected):
     parsed = get_template("mcq").parse(reply, MCQ_INPUTS)
@@ -87,6 +89,11 @@ def test_choice_contract_rejects_letters_outside_the_options_and_thinking_only()
     assert not mcq.parse("<think>Answer: A", MCQ_INPUTS).ok  # unterminated thinking hides everything
     yn = get_template("pubmedqa")
     assert yn.parse("Answer: Maybe", {"question": "q", "context": "c"}).value == "maybe"
+    # a reply that is one bare choice is that choice; a bare word inside prose is not
+    assert yn.parse("maybe", {"question": "q", "context": "c"}).value == "maybe"
+    assert yn.parse(" Yes.", {"question": "q", "context": "c"}).value == "yes"
+    assert not yn.parse("maybe not", {"question": "q", "context": "c"}).ok
+    assert not mcq.parse("a", MCQ_INPUTS).ok  # lower-case letter alone: prose, not option A
 
 
 def test_json_contract_checks_the_schema():

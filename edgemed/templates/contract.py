@@ -69,12 +69,18 @@ def _parse_choice(c: Contract, text: str, choices) -> Parsed:
         rf"\banswer is{deco}[:\-]?{deco}({strict})\b",          # the correct answer is C (not "is a ...")
         rf"^{deco}({strict})\s*[\)\.\:]",                       # reply starts "B." / "(B)"
     )
+    hits: list[str] = []
     for pattern in patterns:
         hits = re.findall(pattern, text, flags=re.I | re.M)
         if hits:
-            found = hits[-1]
-            canonical = next(x for x in choices if x.lower() == found.lower())
-            return Parsed(True, canonical, text)
+            break
+    else:  # the whole reply is one bare choice: "maybe", "Maybe.", "**B**"
+        bare = re.fullmatch(rf"{deco}({strict}){deco}[\.\!]?{deco}", text.strip(), flags=re.I)
+        hits = [bare.group(1)] if bare else []
+    if hits:
+        found = hits[-1]
+        canonical = next(x for x in choices if x.lower() == found.lower())
+        return Parsed(True, canonical, text)
     return Parsed(False, None, text, f"no '{c.label}: X' line with X in {', '.join(choices)}")
 
 
