@@ -21,12 +21,14 @@ same question gets the same answer).
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgemed.errors import InputError
+from edgemed.errors import ContextOverflow, EdgemedError, InputError, TemplateError
+from edgemed.serve.batcher import Closed, Overloaded
 
 # -- requests ------------------------------------------------------------------------------------
 
@@ -271,6 +273,46 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# -- errors -----------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape; ``message`` ends with the fix."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers or {}
+
+
+#: EdgemedError subclass -> (status, type, code), most specific first
+ERRORS = [
+    (Overloaded, 429, "rate_limit_error", "server_overloaded"),
+    (Closed, 503, "server_error", "unavailable"),
+    (ContextOverflow, 400, "invalid_request_error", "context_length_exceeded"),
+    (TemplateError, 400, "invalid_request_error", "invalid_template"),
+    (InputError, 400, "invalid_request_error", None),
+    (EdgemedError, 500, "server_error", None),
+]
+
+
+def as_api_error(exc: EdgemedError) -> ApiError:
+    message = exc.problem if not exc.fix else f"{exc.problem} Fix: {exc.fix}"
+    for kind, status, type_, code in ERRORS:
+        if isinstance(exc, kind):
+            headers = {}
+            if hasattr(exc, "retry_after"):
+                headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            return ApiError(status, message, type_, code, headers=headers)
+    raise TypeError(exc)  # unreachable: EdgemedError is the last row
+
+
+def error_response(err: ApiError):
+    from starlette.responses import JSONResponse
+
+    body = ErrorResponse(error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code))
+    return JSONResponse(body.model_dump(), status_code=err.status, headers=err.headers)
 
 
 #: OpenAI's finish reasons: the batcher's "cancelled" / "error" never reach a client that is still there

@@ -4,17 +4,9 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streaming 
 not), ``GET /v1/models``, ``GET /health``, ``GET /metrics``. Every error, whatever raised
 it, leaves in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
-Middleware, outermost first (plain ASGI, so they see streaming responses to the end):
-
-1. ``Observe`` — gives each request an id, and when the response is over (streams
-   included) writes one audit record (``/v1/*``) and the request metrics. An exception
-   that escapes the app becomes a 500 in OpenAI's shape here.
-2. ``CORSMiddleware`` — only when ``--cors-origin`` names origins; otherwise none, and
-   browsers refuse other origins the response.
-3. ``Guard`` — 503 for every ``/v1`` request once the audit log cannot be written (fail
-   closed); on loopback binds only ``Host: 127.0.0.1 / localhost / [::1]`` (so a web page
-   cannot reach the server through DNS rebinding); then the API key (``/v1/*`` and
-   ``/metrics``, 401); then the body size limit (413).
+Middleware, outermost first: ``Observe`` (request id, metrics, audit record; see
+``middleware.py``), ``CORSMiddleware`` only when ``--cors-origin`` names origins (otherwise
+browsers refuse other origins the response), ``Guard`` (audit ok, Host, API key, body size).
 
 A client that disconnects cancels its ``Stream``, which frees the slot before the next
 decode step: streaming through Starlette's disconnect listener, non-streaming through a
@@ -28,231 +20,25 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
-import uuid
-from dataclasses import dataclass, field
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from edgemed.errors import ContextOverflow, EdgemedError, InputError, TemplateError
+from edgemed.errors import EdgemedError, InputError, TemplateError
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.serve import api
+from edgemed.serve.api import ApiError, as_api_error, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
-from edgemed.serve.security import bearer_token
+from edgemed.serve.middleware import Context, Guard, Observe
 from edgemed.templates import load_templates
 
 log = logging.getLogger(__name__)
-
-#: Host header values a loopback-bound server answers (anything else: DNS rebinding from a web page)
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
-#: path -> endpoint label (metrics); anything else is "other", so label values stay few
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
-             "/health": "health", "/metrics": "metrics"}
-#: status -> audit outcome, where the handler did not set one
-OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 429: "overloaded", 503: "unavailable"}
-
-
-# -- errors -----------------------------------------------------------------------------------------
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.headers = headers or {}
-
-
-def _batcher_errors():
-    from edgemed.serve.batcher import Closed, Overloaded
-
-    return [(Overloaded, 429, "rate_limit_error", "server_overloaded"), (Closed, 503, "server_error", "unavailable")]
-
-
-#: EdgemedError subclass -> (status, type, code), most specific first (batcher's own errors prepended at start)
-ERRORS = [
-    (ContextOverflow, 400, "invalid_request_error", "context_length_exceeded"),
-    (TemplateError, 400, "invalid_request_error", "invalid_template"),
-    (InputError, 400, "invalid_request_error", None),
-    (EdgemedError, 500, "server_error", None),
-]
-
-
-def as_api_error(exc: EdgemedError) -> ApiError:
-    message = exc.problem if not exc.fix else f"{exc.problem} Fix: {exc.fix}"
-    for kind, status, type_, code in _batcher_errors() + ERRORS:
-        if isinstance(exc, kind):
-            headers = {}
-            if hasattr(exc, "retry_after"):
-                headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-            return ApiError(status, message, type_, code, headers=headers)
-    raise TypeError(exc)  # unreachable: EdgemedError is the last row
-
-
-def error_response(err: ApiError):
-    body = api.ErrorResponse(error=api.ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code))
-    return JSONResponse(body.model_dump(), status_code=err.status, headers=err.headers)
-
-
-# -- per-request context ------------------------------------------------------------------------------
-@dataclass
-class Context:
-    """What the audit record and the metrics of one request are made of (never its text, unless opted in)."""
-
-    request_id: str
-    endpoint: str
-    client: str | None
-    started: float = field(default_factory=time.perf_counter)
-    status: int | None = None
-    key_id: str | None = None
-    outcome: str | None = None
-    error_code: str | None = None
-    template: dict | None = None
-    stream: bool | None = None
-    finished: object = None  # batcher.Finished
-    prompt: str | None = None
-    output: str | None = None
-
-    def audit_fields(self, model: str, digest: str) -> dict:
-        fields = dict(request_id=self.request_id, endpoint=self.endpoint, client=self.client, key_id=self.key_id,
-                      model=model, bundle_digest=digest, template=self.template, status=self.status,
-                      outcome=self.outcome or self._outcome(), error_code=self.error_code, stream=self.stream,
-                      latency_s=round(time.perf_counter() - self.started, 4))
-        f = self.finished
-        if f is not None:
-            fields.update(finish_reason=f.finish_reason, prompt_tokens=f.prompt_tokens,
-                          completion_tokens=f.completion_tokens, ttft_s=round(f.ttft_s, 4), queue_s=round(f.queue_s, 4))
-        if self.prompt is not None:
-            fields.update(prompt=self.prompt, output=self.output)
-        return fields
-
-    def _outcome(self) -> str:
-        code = self.status or 500
-        if code < 400:
-            return "ok"
-        return OUTCOMES.get(code, "bad_request" if code < 500 else "error")
-
-
-def context_of(scope) -> Context:
-    return scope["state"]["edgemed"]
-
-
-# -- middleware ----------------------------------------------------------------------------------------
-class Observe:
-    """Request id, security headers, one audit record per API request, request metrics."""
-
-    def __init__(self, app, *, config: ServeConfig, metrics: Metrics):
-        self.app, self.config, self.metrics = app, config, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        client = scope.get("client")
-        ctx = Context(uuid.uuid4().hex, ENDPOINTS.get(path, "other"), client[0] if client else None)
-        scope.setdefault("state", {})["edgemed"] = ctx
-
-        async def send_observed(message):
-            if message["type"] == "http.response.start":
-                ctx.status = message["status"]
-                headers = MutableHeaders(scope=message)
-                headers["x-request-id"] = ctx.request_id
-                headers["x-content-type-options"] = "nosniff"
-                if path.startswith("/v1/"):
-                    headers["cache-control"] = "no-store"  # answers may carry PHI: no proxy or browser cache
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_observed)
-        except Exception:
-            log.exception("request %s failed", ctx.request_id)
-            ctx.outcome = "error"
-            if ctx.status is None:
-                await error_response(ApiError(500, "The server failed on this request; it is logged under "
-                                              f"request id {ctx.request_id}.", "server_error"))(scope, receive, send_observed)
-        finally:
-            self.metrics.request_done(ctx.endpoint, ctx.status or 500, time.perf_counter() - ctx.started)
-            if self.config.audit is not None and not self.config.audit.failed and path.startswith("/v1/"):
-                await _audit(self.config.audit, "request", ctx.audit_fields(self.config.model_id, self.config.bundle_digest))
-
-
-async def _audit(audit, kind: str, fields: dict) -> None:
-    """Append off the event loop (the write fsyncs); shielded, so a cancelled request still leaves its record."""
-    with anyio.CancelScope(shield=True):
-        try:
-            await anyio.to_thread.run_sync(lambda: audit.append(kind, **fields))
-        except OSError as exc:
-            log.error("audit record not written (%s); refusing API requests until restarted", exc)
-
-
-class Guard:
-    """API key for ``/v1/*`` and ``/metrics``; request bodies larger than the limit are refused (413)."""
-
-    def __init__(self, app, *, config: ServeConfig):
-        self.app, self.config = app, config
-        self.loopback = config.loopback  # resolved once: a host name is looked up in /etc/hosts
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        ctx = context_of(scope)
-        path = scope["path"]
-        headers = dict(scope["headers"])
-
-        async def refuse(err: ApiError):
-            ctx.error_code = err.code
-            await error_response(err)(scope, receive, send)
-
-        if self.loopback:
-            host = headers.get(b"host", b"").decode("latin-1").lower()
-            host = host[:host.index("]") + 1] if host.startswith("[") and "]" in host else host.split(":")[0]
-            if host not in LOOPBACK_HOSTS | {self.config.host.lower()}:
-                return await refuse(ApiError(400, f"This server answers only requests addressed to it by a loopback "
-                                                  f"name (Host: 127.0.0.1 or localhost), not '{host}'. Fix: use "
-                                                  "http://127.0.0.1:PORT/v1.", code="invalid_host"))
-        audit = self.config.audit
-        if audit is not None and audit.failed and path.startswith("/v1/"):
-            return await refuse(ApiError(503, f"The audit log cannot be written ({audit.failed}), so requests are "
-                                              "refused. Fix: free disk space or repair the log's storage, then restart "
-                                              "the server.", "server_error", "audit_unavailable"))
-        keys = self.config.api_keys
-        if keys is not None and (path.startswith("/v1/") or path == "/metrics"):
-            ctx.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
-            if ctx.key_id is None:
-                return await refuse(ApiError(401, "Missing or incorrect API key. Fix: send 'Authorization: Bearer KEY' "
-                                                  "with a key from the server's --api-key-file.", code="invalid_api_key",
-                                             headers={"WWW-Authenticate": "Bearer"}))
-        limit = self.config.max_body_bytes
-        too_large = ApiError(413, f"The request body is larger than the server's limit of {limit} bytes. Fix: shorten "
-                                  "the request, or start the server with a larger --max-body.", code="request_too_large")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await refuse(too_large)
-        body, more = bytearray(), True
-        while more:  # read the (bounded) body here, so the app never sees more than the limit
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its request
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return await refuse(too_large)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 # -- templates --------------------------------------------------------------------------------------------
