@@ -97,7 +97,7 @@ def _eval_items(settings: Settings, n: int):
 
     items = []
     for path in settings.evals:
-        items += load_items(Path(path), n, settings.seed)
+        items += load_items(Path(path), n, settings.seed, context=settings.eval_context)
     return items
 
 

@@ -77,6 +77,7 @@ class Settings:
     scenario: str = "single-stream"
     evals: tuple[str, ...] = ()
     eval_n: int = 300
+    eval_context: bool = True      # PubMedQA with its abstract (False: the question-only setting)
     eval_ctx: int = 4096
     extra: dict = field(default_factory=dict)
 
@@ -99,7 +100,7 @@ class Settings:
         """sha256 over the settings that phase depends on (a change re-measures; others do not)."""
         d = self.to_dict()
         keep = {"timing": ("runs", "warmup", "max_tokens", "prompts", "threads", "n_ctx", "scenario", "seed"),
-                "accuracy": ("evals", "eval_n", "seed", "threads", "eval_ctx"),
+                "accuracy": ("evals", "eval_n", "eval_context", "seed", "threads", "eval_ctx"),
                 "divergence": ("eval_ctx",)}[phase]
         body = json.dumps({k: d[k] for k in keep}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()

@@ -41,6 +41,14 @@ DEFINITIONS = """\
 """
 
 
+def _eval_setting(results: dict) -> str:
+    """How the items were drawn and shown, in one sentence."""
+    s = results.get("settings") or {}
+    files = ", ".join(Path(p).name for p in s.get("evals") or []) or "none"
+    ctx = "with its abstract" if s.get("eval_context", True) else "question only (no abstract: the cheaper setting)"
+    return f"Items: {s.get('eval_n')} per file, sampled with seed {s.get('seed')} from {files}; PubMedQA {ctx}."
+
+
 def _get(d: dict | None, *path, default=None):
     for p in path:
         if not isinstance(d, dict) or p not in d:
@@ -236,7 +244,8 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
                          _f(d.get("kld_mean"), "{:.4f}"), _f(d.get("kld_p99"), "{:.4f}"), _pct(d.get("top1")).lstrip("+")])
         parts += ["## Accuracy and divergence (measured on the benchmarked artifacts)\n",
                   f"Accuracy by the answer letter's next-token logits and by parsing a generated answer; 95 % Wilson "
-                  f"intervals. KL divergence and top-1 agreement against `{REFERENCE}` on medical text.\n",
+                  f"intervals. KL divergence and top-1 agreement against `{REFERENCE}` on medical text. "
+                  f"{_eval_setting(results)}\n",
                   _table(["config", "items", "acc (logits)", "95 % CI", "acc (generated)", "unparsed", "KLD mean",
                           "KLD p99", "top-1"], rows), ""]
         per = [(e["name"], k, v) for e in scored for k, v in ((e.get("accuracy") or {}).get("per_dataset") or {}).items()]
