@@ -105,6 +105,21 @@ def test_template_builds_messages_and_parses_the_answer(server):
     assert wait_until(lambda: records(server.audit_path)[-1].get("template") == extra["template"])
 
 
+def test_sse_wire_format_and_template_result_in_last_chunk(server):
+    body = {"model": MODEL, "stream": True, "max_tokens": 12, "messages": [], "template": "pubmedqa",
+            "template_inputs": {"question": "Does aspirin reduce fever?", "context": "Aspirin is an antipyretic."}}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = r.text.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+    chunks = [json.loads(e[6:]) for e in events[:-2]]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"].startswith("chatcmpl-")
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["edgemed"]["template"]["id"] == "pubmedqa" and "parsed" in chunks[-1]["edgemed"]
+    assert r.headers["x-request-id"] == chunks[0]["id"].removeprefix("chatcmpl-")
+
+
 def test_json_schema_response_format_constrains_output(server):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
               "required": ["answer"]}
