@@ -197,3 +197,22 @@ def test_model_identity_for_the_audit(tmp_path):
     Store().install(out)
     path, model_id, by_name = _identify("cardio-assist")
     assert model_id == "cardio-assist" and by_name == digest and path.is_file()
+
+
+def test_audit_content_only_when_the_operator_turns_it_on(model, tmp_path):
+    from edgemed.serve.app import create_app
+    from edgemed.serve.audit import AuditLog
+    from edgemed.serve.config import ServeConfig
+
+    httpx = pytest.importorskip("httpx2")
+    log = AuditLog(tmp_path / "audit.jsonl", content=True)
+    app = create_app(model, ServeConfig(model_id="m", bundle_digest="d", audit=log))
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "Chest pain since", "max_tokens": 3})
+        assert r.status_code == 200
+        assert wait_until(lambda: '"kind":"request"' in (tmp_path / "audit.jsonl").read_text())
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["content_logged"] for r in recs if r["kind"] == "start"] == [True]
+    req = recs[-2]  # the last one is "stop"
+    assert req["prompt"] == "Chest pain since" and req["output"] == r.json()["choices"][0]["text"]
