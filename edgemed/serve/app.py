@@ -68,7 +68,7 @@ def create_app(batcher, config: ServeConfig):
             head = await asyncio.to_thread(lambda: config.audit.append(
                 "start", content_logged=config.audit.content, **start))
             log.info("audit log %s: head %s (record it elsewhere to detect truncation or rewriting)",
-                        config.audit.path, head)
+                     config.audit.path, head)
         yield
         if config.audit is not None:
             head = await asyncio.to_thread(lambda: config.audit.append("stop", model=config.model_id))
@@ -152,7 +152,7 @@ def create_app(batcher, config: ServeConfig):
         return "".join(parts), finished
 
     def finish(ctx: Context, finished, text: str) -> str:
-        """Record a finished generation; returns OpenAI's finish reason, or raises for a failed one."""
+        """Record a finished generation for audit and metrics; return OpenAI's finish reason (or the batcher's)."""
         ctx.finished = finished
         metrics.generation_done(finished)
         if ctx.prompt is not None:
@@ -164,8 +164,13 @@ def create_app(batcher, config: ServeConfig):
         return api.FINISH_REASONS.get(finished.finish_reason, finished.finish_reason)
 
     def failed(ctx: Context, finished) -> ApiError:
-        ctx.error_code = "generation_failed"
+        """A generation that ended neither by stop nor length: the server shutting down (503) or a failure (500)."""
         detail = getattr(finished, "error", None) or finished.finish_reason
+        if finished.finish_reason == "cancelled":
+            ctx.error_code = "unavailable"
+            return ApiError(503, f"Generation stopped: {detail}. Fix: retry when the server is back.", "server_error",
+                            "unavailable", headers={"Retry-After": "5"})
+        ctx.error_code = "generation_failed"
         return ApiError(500, f"Generation stopped: {detail}. Fix: retry; if it persists, see the server log for "
                              f"request id {ctx.request_id}.", "server_error", "generation_failed")
 
