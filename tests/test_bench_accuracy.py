@@ -194,6 +194,10 @@ def test_greedy_matches_the_runtime_engines_greedy_text(tiny_artifacts):
         assert ours == theirs and ours
         cut = ours[3:6]
         assert sc.greedy(sc.tokenize(prompt_text), 12, stop=(cut,)) == ours[:ours.find(cut)]
+        # `until` ends decoding at the first token after which the text so far satisfies it
+        seen = []
+        short = sc.greedy(sc.tokenize(prompt_text), 12, until=lambda text: seen.append(text) or len(seen) == 3)
+        assert short == seen[2] and ours.startswith(short) and len(short) < len(ours)
 
 
 # -- accuracy: scoring, records, resume --------------------------------------------------------

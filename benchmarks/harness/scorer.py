@@ -111,9 +111,9 @@ class Scorer:
         self._cached, self._last = tokens, rows[-1].copy()
         return rows
 
-    def greedy(self, tokens: list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    def greedy(self, tokens: list[int], max_tokens: int, stop: tuple[str, ...] = (), until=None) -> str:
         """Greedy (argmax) continuation of ``tokens``: at most ``max_tokens``, ending at an end-of-generation
-        token or before the first ``stop`` string."""
+        token, before the first ``stop`` string, or as soon as ``until(text so far)`` is true."""
         import numpy as np
 
         tokens = [int(t) for t in tokens]
@@ -131,7 +131,7 @@ class Scorer:
                 cuts = [text.find(s) for s in stop if s in text]
                 if cuts:
                     return text[:min(cuts)]
-            if len(out) >= max_tokens:
+            if len(out) >= max_tokens or (until is not None and until(self.detokenize(out))):
                 break
             logits = self.next_logits(tokens + out)
         return self.detokenize(out)
