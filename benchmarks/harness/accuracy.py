@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 1
+RECORDS_VERSION = 2  # 2: generation stops after the first parsed answer line
 
 
 # -- templates and choices -------------------------------------------------------------
