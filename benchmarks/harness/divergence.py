@@ -3,7 +3,8 @@
 ``reference_logits(scorer, out_path)`` runs the reference artifact (F16) over fixed medical passages
 (``data/medical_text.txt``, one passage per paragraph, each evaluated from an empty cache in one batch) and saves,
 per position, the **top-k log-probabilities with their token ids and the log of the remaining tail mass**
-(``.npz``, ~2 KB a position at k = 256, vs ~300 KB for a full 151,936-entry float16 row).
+(``.npz``, 32 KB a position at k = 4096 — 45 MB for the shipped passages — vs 300 KB for a full 151,936-entry
+float16 row).
 ``divergence(scorer, reference_path)`` runs the same passages through another artifact, refuses if its tokenizer
 gives different token ids, and reports per-position KL(reference || artifact) in nats (mean and 99th percentile),
 top-1 agreement (the artifact's argmax equals the reference's) and the number of positions.
@@ -12,8 +13,9 @@ top-1 agreement (the artifact's argmax equals the reference's) and the number of
 one by one and "any other token" lumped together; the artifact's distribution is coarse-grained the same way
 (its probabilities on the same k ids, and the rest). The KL between coarse-grainings is a lower bound on the true
 KL (log-sum inequality) and the gap is the KL hidden inside the tail, at most the tail's share of the reference
-mass times the log-ratio spread within it. ``tail_mass_mean`` is reported so the bound can be judged; with
-k = 256 the measured difference to the full-vocabulary KLD is in DESIGN.md.
+mass times the log-ratio spread within it. ``tail_mass_mean`` is reported so the bound can be judged. Measured on
+Qwen2.5-0.5B Q4_K_M vs F16 (453 positions), against the full-vocabulary KLD: -9.5 % at k = 256, -4.4 % at 1024,
+-1.7 % at 4096 (the default), -0.5 % at 16384.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from edgemed.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TOP_K = 256
+TOP_K = 4096  # KLD gap vs full vocabulary: -9.5 % at 256, -4.4 % at 1024, -1.7 % at 4096 (Qwen2.5-0.5B Q4_K_M)
 FORMAT = "edgemed.divergence-reference/1"
 
 
