@@ -19,7 +19,7 @@ request is excluded. Per level:
 
 Rounds interleave the levels; the best aggregate of each level is reported, with
 every run and the load average around it (the box is shared). Goal (issue 6):
-4 streams >= 2.0x the 1-stream aggregate. Results: benchmarks/results/serve_streams-<model>.json.
+4 streams >= 2.0x the 1-stream aggregate. Results: benchmarks/results/serve_streams-<model>-t<threads>.json.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests each client sends one after another")
     ap.add_argument("--rounds", type=int, default=2, help="fresh-process runs per level, interleaved; best is reported")
     ap.add_argument("--ctx", type=int, default=SLOTS * 1024, help="KV cache for all slots together")
-    ap.add_argument("--out", type=Path, help="results file (default benchmarks/results/serve_streams-<model>.json)")
+    ap.add_argument("--out", type=Path, help="results file (default benchmarks/results/serve_streams-<model>-t<threads>.json)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -222,7 +222,7 @@ def main(argv=None) -> None:
               "levels": levels,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "note": "CPU shared with other sessions; load averages are per run"}}
-    out = args.out or Path(__file__).resolve().parent / "results" / f"serve_streams-{path.stem}.json"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"serve_streams-{path.stem}-t{args.threads}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(result, indent=2) + "\n", force=True)
     print(f"wrote {out}")
