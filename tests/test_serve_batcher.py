@@ -207,3 +207,28 @@ def test_close_ends_every_stream(smollm2_gguf, prompts):
     assert [f.finish_reason for f in ended] == ["cancelled"] * 4
     with pytest.raises(Closed):
         b.submit(prompts[0], GREEDY, request_id="late")
+
+
+def test_failed_step_ends_its_streams_and_the_scheduler_goes_on(smollm2_gguf, prompts):
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2) as b:
+        real = b._ctx.decode
+        b._ctx.decode = lambda batch: -1  # llama.cpp refuses the next batch
+        text, fin = collect(b.submit(prompts[2], GREEDY, request_id="e1"))
+        assert fin.finish_reason == "error" and "llama_decode returned -1" in fin.error
+        b._ctx.decode = real
+        assert b.stats()["active_slots"] == 0
+        assert collect(b.submit(prompts[2], GenerationSettings(max_tokens=3), request_id="e2"))[1].finish_reason == "length"
+
+
+def test_pieces_never_split_a_character():
+    from edgemed.runtime.text_stream import TextStream
+    from edgemed.serve.batcher import _Detok
+
+    class Bytes:  # token id -> its bytes; "é" is split over two tokens, "🩺" over three
+        pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9 ", 4: b"\xf0\x9f", 5: b"\xa9", 6: b"\xba"}
+
+        def piece(self, token):
+            return self.pieces[token]
+
+    stream = TextStream(_Detok(Bytes()))
+    assert [stream.push(t) for t in range(1, 7)] == ["caf", "", "é ", "", "", "🩺"]
