@@ -232,3 +232,37 @@ def test_pieces_never_split_a_character():
 
     stream = TextStream(_Detok(Bytes()))
     assert [stream.push(t) for t in range(1, 7)] == ["caf", "", "é ", "", "", "🩺"]
+
+
+def test_many_clients_with_cancels_all_end(batcher, prompts):
+    """Threads submit, some cancel mid-stream, some are refused: every stream ends once, every slot comes back."""
+    import random
+
+    rng = random.Random(6)
+    outcomes, lock = [], threading.Lock()
+
+    def client(i: int) -> None:
+        try:
+            stream = batcher.submit(prompts[i % len(prompts)], GenerationSettings(max_tokens=rng.randint(2, 12)),
+                                    request_id=f"m{i}")
+        except Overloaded:
+            with lock:
+                outcomes.append("overloaded")
+            return
+        items = []
+        for item in stream:
+            items.append(item)
+            if i % 3 == 0 and isinstance(item, Piece):
+                stream.cancel()
+        assert sum(isinstance(x, Finished) for x in items) == 1 and isinstance(items[-1], Finished)
+        with lock:
+            outcomes.append(items[-1].finish_reason)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and len(outcomes) == 12
+    assert set(outcomes) <= {"stop", "length", "cancelled", "overloaded"} and "length" in outcomes
+    wait_for(lambda: batcher.stats()["active_slots"] == 0 and batcher.stats()["queue_depth"] == 0)
