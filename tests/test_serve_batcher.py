@@ -266,3 +266,16 @@ def test_many_clients_with_cancels_all_end(batcher, prompts):
     assert not any(t.is_alive() for t in threads) and len(outcomes) == 12
     assert set(outcomes) <= {"stop", "length", "cancelled", "overloaded"} and "length" in outcomes
     wait_for(lambda: batcher.stats()["active_slots"] == 0 and batcher.stats()["queue_depth"] == 0)
+
+
+def test_kv_cache_type_and_flash_attention_from_the_settings(smollm2_gguf, prompts):
+    from dataclasses import replace
+
+    from edgemed.errors import ModelLoadError
+
+    quantized = replace(LOAD, flash_attn=True, type_k="q8_0", type_v="q8_0")
+    with Batcher(smollm2_gguf, quantized, slots=2) as b:
+        text, fin = collect(b.submit(prompts[2], GenerationSettings(max_tokens=6), request_id="kv"))
+        assert text and fin.finish_reason == "length"
+    with pytest.raises(ModelLoadError, match="flash attention"):
+        Batcher(smollm2_gguf, replace(quantized, flash_attn=False), slots=2).start()

@@ -21,6 +21,8 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 log = logging.getLogger(__name__)
 
+#: KV cache types llama.cpp's attention reads without flash attention (a quantized V cache needs it).
+FULL_PRECISION_KV = frozenset({"f32", "f16", "bf16"})
 #: Tokens the repetition penalty looks back over (as runtime/sampling.py and llama.cpp's default).
 PENALTY_LAST_N = 64
 
@@ -110,6 +112,9 @@ class Context:
         from edgemed.runtime.llama_engine import KV_TYPES
 
         lib = self.lib = model.lib
+        if load.type_v not in FULL_PRECISION_KV and not load.flash_attn:
+            raise ModelLoadError(f"A {load.type_v} V cache needs flash attention, which these settings turn off.",
+                                 "set flash_attn = true in the device profile, or keep type_v at f16")
         p = lib.llama_context_default_params()
         p.n_seq_max = slots
         p.kv_unified = False  # one KV stream per sequence: a slot can never use another slot's cells
