@@ -80,8 +80,11 @@ def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Se
                 continue
             key = {"model_sha256": digests[c.path], "profile": settings.profile, "edgemed_version": __version__,
                    "settings_sha256": settings.digest(phase)}
-            if phase == "divergence":
+            if phase == "divergence":  # the reference's truncation sets how close the KLD is to the full-vocabulary one
+                from edgemed.benchmarks.harness.divergence import TOP_K
+
                 key["reference_sha256"] = digests[next(x.path for x in configs if x.name == REFERENCE)]
+                key["reference_top_k"] = TOP_K
             tasks.append(Task(c, phase, raw / f"{c.name}-{phase}.json", key))
     return tasks
 
