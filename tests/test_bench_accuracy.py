@@ -318,3 +318,17 @@ def test_divergence_refuses_a_different_tokenizer(tiny_artifacts, smollm2_gguf, 
             divergence(other, tmp_path / "ref.npz")
     with pytest.raises(InputError, match="does not exist"):
         divergence(None, tmp_path / "nope.npz")
+
+
+def test_scores_do_not_depend_on_the_thread_count(smollm2_gguf):
+    """llama.cpp splits a matmul's rows across threads: every logit is computed the same way whatever the count,
+    which is why the accuracy key leaves threads out (``--eval-threads``)."""
+    import numpy as np
+
+    from edgemed.benchmarks.harness.scorer import open_scorer
+
+    logits = []
+    for threads in (1, 2):
+        with open_scorer(smollm2_gguf, threads=threads, n_ctx=256) as sc:
+            logits.append(sc.logits_all(_prompt(sc, "A 70-year-old man on warfarin has an INR of 6.2 and no bleeding.")))
+    np.testing.assert_array_equal(logits[0], logits[1])

@@ -106,7 +106,7 @@ def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
     from edgemed.benchmarks.harness.scorer import open_scorer
 
     items = _eval_items(settings, settings.eval_n)
-    scorer = open_scorer(Path(config.path), threads=settings.threads or 1, n_ctx=settings.eval_ctx)
+    scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx)
     try:
         result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), progress=task.get("progress", True))
     finally:
@@ -119,7 +119,7 @@ def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
     from edgemed.benchmarks.harness.scorer import open_scorer
 
     reference = Path(task["reference"])
-    scorer = open_scorer(Path(config.path), threads=settings.threads or 1, n_ctx=settings.eval_ctx)
+    scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx)
     try:
         if task.get("is_reference"):  # the shipped medical passages (divergence.load_texts)
             divergence.reference_logits(scorer, reference)

@@ -78,6 +78,7 @@ class Settings:
     evals: tuple[str, ...] = ()
     eval_n: int = 300
     eval_context: bool = True      # PubMedQA with its abstract (False: the question-only setting)
+    eval_threads: int | None = None  # threads for accuracy and divergence (None: ``threads``); scores do not depend on it
     eval_ctx: int = 4096
     extra: dict = field(default_factory=dict)
 
@@ -96,11 +97,15 @@ class Settings:
         d["evals"] = list(self.evals)
         return d
 
+    @property
+    def scoring_threads(self) -> int:
+        return self.eval_threads or self.threads or 1
+
     def digest(self, phase: str) -> str:
         """sha256 over the settings that phase depends on (a change re-measures; others do not)."""
         d = self.to_dict()
         keep = {"timing": ("runs", "warmup", "max_tokens", "prompts", "threads", "n_ctx", "scenario", "seed"),
-                "accuracy": ("evals", "eval_n", "eval_context", "seed", "threads", "eval_ctx"),
+                "accuracy": ("evals", "eval_n", "eval_context", "seed", "eval_ctx"),
                 "divergence": ("eval_ctx",)}[phase]
         body = json.dumps({k: d[k] for k in keep}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()

@@ -18,6 +18,8 @@ def _common(f):
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for item sampling and runtimes."),
         click.option("--eval-context/--no-eval-context", default=True, show_default=True,
                      help="PubMedQA with its abstract, or question only (~8x fewer prompt tokens)."),
+        click.option("--eval-threads", type=int,
+                     help="Threads for the accuracy and divergence phases [default: --threads]; scores do not depend on it."),
         click.option("--eval-n", type=int, default=300, show_default=True, help="Items sampled (seeded) from each --eval file."),
         click.option("--eval", "evals", help="Comma-separated QA files: MCQ JSONL (MedQA/MedMCQA format) or PubMedQA JSON."),
         click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window for timing."),
@@ -36,7 +38,7 @@ def _common(f):
     return f
 
 
-def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, seed, scenario):
+def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario):
     from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
 
     from edgemed.errors import InputError
@@ -53,7 +55,8 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
                              f"pass --eval-n {available} or less")
     return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens, prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,
                     threads=threads, n_ctx=n_ctx, profile=profile, seed=seed, scenario=scenario, evals=eval_paths,
-                    eval_n=eval_n, eval_context=eval_context)
+                    eval_n=eval_n, eval_context=eval_context,
+                    eval_threads=eval_threads)
 
 
 def _phases(phases: str | None, skip_accuracy: bool, settings) -> list[str]:
@@ -101,7 +104,7 @@ def bench() -> None:
 @_common
 @click.option("--name", help="Configuration name in the report [default: the file name].")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Report folder [default: bench-<name>].")
-def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, seed,
+def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed,
         skip_accuracy, phases, as_json):
     """Benchmark one MODEL (a .gguf file, an ONNX directory, an HF checkpoint directory or an installed name)."""
     import sys
@@ -115,7 +118,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
 
         path = Path(resolve_model(model))
     config = config_for_artifact(path.resolve(), name)
-    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, seed, scenario)
+    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True))
@@ -131,7 +134,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
               help="HF-torch baselines: hf-fp32, hf-bf16, hf-fp16 (GPU only); '' for none.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
 def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
-              n_ctx, evals, eval_n, eval_context, seed, skip_accuracy, phases, as_json):
+              n_ctx, evals, eval_n, eval_context, eval_threads, seed, skip_accuracy, phases, as_json):
     """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
 
     Artifacts go to OUT/artifacts/ (<quant>.gguf, onnx-<type>/); existing ones made
@@ -143,7 +146,7 @@ def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, 
     from edgemed.benchmarks.harness import artifacts, runner
     from edgemed.benchmarks.harness.configs import GGUF_QUANTS, HF_BASELINES, ONNX_QUANTS, parse_list
 
-    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, seed, scenario)
+    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
