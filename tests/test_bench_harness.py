@@ -110,6 +110,13 @@ def test_bench_run_schema_and_warmup_excluded(model, tmp_path):
     assert {"config", "peak_rss_mb", "e2e_s_p50", "decode_tok_s_p50", "roofline_fraction"} <= set(header)
     assert json.loads((out / "machine.json").read_text())["llama_cpp_system_info"]
 
+    # --report-only measures nothing: a new folder's report lists the missing phase instead of measuring it
+    other = tmp_path / "report-only"
+    empty = _run(["bench", "run", str(model["artifacts"] / "q8_0.gguf"), *FAST, "-o", str(other), "--json", "--report-only"])
+    assert not (other / "raw" / "q8_0-timing.json").exists()
+    assert [f["task"] for f in empty["failed"]] == ["q8_0-timing"] and "not measured" in empty["failed"][0]["error"]
+    assert (other / "report.md").is_file()
+
 
 def test_reproduce_resumes_after_kill(model, tmp_path):
     """Kill a reproduction after its first result; the re-run measures only what is missing."""

@@ -138,8 +138,11 @@ def bandwidth(out: Path, threads: int) -> dict:
 
 
 def run(out: Path, configs: list[Config], settings: Settings, phases: list[str], *, progress: bool = True,
-        echo=print) -> dict:
-    """Measure every missing configuration x phase, then write the report folder; returns results.json's content."""
+        echo=print, measure: bool = True) -> dict:
+    """Measure every missing configuration x phase, then write the report folder; returns results.json's content.
+
+    ``measure=False`` writes the report from the results already there and lists the missing ones (a long
+    accuracy run can be reported on while it is still going)."""
     from tqdm import tqdm
 
     from edgemed.benchmarks.harness import machine, report
@@ -161,6 +164,9 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
         bar.set_postfix_str(label)
         if load_raw(task.raw, task.key) is not None:
             kept.append(label)
+            continue
+        if not measure:
+            failed.append({"task": label, "error": "not measured yet (report written with --report-only)"})
             continue
         if task.phase == "divergence" and task.config.name != REFERENCE and \
                 load_raw(out / "raw" / f"{REFERENCE}-divergence.json") is None:

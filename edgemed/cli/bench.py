@@ -13,6 +13,8 @@ def _common(f):
     """Options shared by both commands (applied bottom-up)."""
     options = [
         click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout."),
+        click.option("--report-only", is_flag=True,
+                     help="Write the report from the results already measured; measure nothing, list what is missing."),
         click.option("--phases", help="Comma-separated subset of timing,divergence,accuracy [default: all that apply]."),
         click.option("--skip-accuracy", is_flag=True, help="Leave out the accuracy phase (timing only is quick)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for item sampling and runtimes."),
@@ -105,7 +107,7 @@ def bench() -> None:
 @click.option("--name", help="Configuration name in the report [default: the file name].")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Report folder [default: bench-<name>].")
 def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed,
-        skip_accuracy, phases, as_json):
+        skip_accuracy, phases, report_only, as_json):
     """Benchmark one MODEL (a .gguf file, an ONNX directory, an HF checkpoint directory or an installed name)."""
     import sys
 
@@ -121,7 +123,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
-                         progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True))
+                         progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only)
     _finish(results, out, as_json)
 
 
@@ -134,7 +136,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
               help="HF-torch baselines: hf-fp32, hf-bf16, hf-fp16 (GPU only); '' for none.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
 def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
-              n_ctx, evals, eval_n, eval_context, eval_threads, seed, skip_accuracy, phases, as_json):
+              n_ctx, evals, eval_n, eval_context, eval_threads, seed, skip_accuracy, phases, report_only, as_json):
     """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
 
     Artifacts go to OUT/artifacts/ (<quant>.gguf, onnx-<type>/); existing ones made
@@ -152,5 +154,6 @@ def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, 
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     configs = artifacts.prepare(source.resolve(), output, parse_list(quants, GGUF_QUANTS, "GGUF type"),
                                 parse_list(onnx, ONNX_QUANTS, "ONNX type"), base, echo=echo)
-    results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo)
+    results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,
+                         measure=not report_only)
     _finish(results, output, as_json)
