@@ -7,7 +7,9 @@ by ``edgemed.gguf_header`` with the ``gguf`` package's type tables; no model loa
 
 * **weights** — the bytes of every tensor in the file (llama.cpp maps them all).
 * **repacked** — on CPU, llama.cpp keeps a second, interleaved copy of some
-  quant types (``REPACKED_TYPES``) next to the mapped original.
+  quant types (``REPACKED_TYPES``) next to the mapped original. Without mmap
+  (``use_mmap = false``) those tensors are read straight into the interleaved
+  buffer, so they count once: the CPU profiles load that way.
 * **KV cache** — ``n_ctx * n_layer * n_head_kv * (head_dim_k * bytes(type_k) + head_dim_v * bytes(type_v))``:
   grouped-query attention shrinks it by ``n_head / n_head_kv``; a q8_0 cache halves it.
 * **compute buffer** — the largest graph stage for one micro-batch of ``n_ubatch``
@@ -139,13 +141,13 @@ def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool
 
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = "f16", type_v: str = "f16",
-             flash_attn: bool = False, offload: bool = False) -> Estimate:
+             flash_attn: bool = False, offload: bool = False, use_mmap: bool = True) -> Estimate:
     """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx``."""
     return Estimate(
         n_ctx=n_ctx,
         runtime=RUNTIME_BASE + RUNTIME_PER_TOKEN * shape.n_vocab,
         weights=shape.weights_bytes,
-        repacked=0 if offload else shape.repackable_bytes,
+        repacked=0 if offload or not use_mmap else shape.repackable_bytes,
         kv_cache=kv_cache_bytes(shape, n_ctx, type_k, type_v),
         compute=compute_bytes(shape, n_ctx, min(n_ubatch, n_ctx), flash_attn, offload),
     )
@@ -176,7 +178,7 @@ def profile_settings(profile: Profile) -> dict:
     """The load settings of ``profile`` that change the memory estimate (keyword arguments of ``estimate``)."""
     s = profile.llama
     return {"n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
-            "flash_attn": s["flash_attn"], "offload": s["n_gpu_layers"] != 0}
+            "flash_attn": s["flash_attn"], "offload": s["n_gpu_layers"] != 0, "use_mmap": s["use_mmap"]}
 
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from edgemed.cli import cli
 from edgemed.devices import get_profile
 from edgemed.errors import PlanError
-from edgemed.planner import MIB, choose_context, estimate, kv_cache_bytes, read_shape
+from edgemed.planner import MIB, choose_context, estimate, kv_cache_bytes, profile_settings, read_shape
 
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
@@ -75,6 +75,14 @@ def test_real_model_weights_match_llama_cpp_mapped_buffer(smollm2_gguf):
     assert (s.n_layer, s.n_head, s.n_head_kv, s.n_vocab) == (30, 9, 3, 49152)
 
 
+def test_repacked_copy_counts_only_with_mmap_on_cpu(tiny):
+    s = read_shape(tiny)
+    mapped, read = estimate(s, 1024), estimate(s, 1024, use_mmap=False)
+    assert mapped.repacked == s.repackable_bytes > 0 and read.repacked == 0
+    assert mapped.total - read.total == s.repackable_bytes
+    assert estimate(s, 1024, offload=True).repacked == 0
+
+
 def test_kv_cache_formula_gqa_and_cache_type(tiny):
     s = read_shape(tiny)
     # n_ctx * n_layer * n_head_kv * head_dim * (2 bytes K + 2 bytes V)
@@ -100,13 +108,14 @@ def test_compute_buffer_matches_llama_cpp_reports():
 def test_choose_largest_context_and_refuse(tiny):
     s = read_shape(tiny)
     profile = get_profile("x86-avx2")
-    budget = estimate(s, 1536).total + 1000
+    opts = profile_settings(profile)  # the profile's own load settings (no mmap on CPU)
+    budget = estimate(s, 1536, **opts).total + 1000
     n_ctx, why = choose_context(s, profile, budget)
     assert (n_ctx, why) == (1536, "budget")
-    assert estimate(s, n_ctx + 256).total > budget
-    assert choose_context(s, profile, 10 * estimate(s, 2048).total) == (2048, "model")
+    assert estimate(s, n_ctx + 256, **opts).total > budget
+    assert choose_context(s, profile, 10 * estimate(s, 2048, **opts).total) == (2048, "model")
     with pytest.raises(PlanError, match="nothing was loaded"):
-        choose_context(s, profile, estimate(s, 512).total - 1)
+        choose_context(s, profile, estimate(s, 512, **opts).total - 1)
     with pytest.raises(PlanError, match="leave --ctx out"):
         choose_context(s, profile, budget, requested=2048)
 
