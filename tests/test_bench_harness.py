@@ -221,6 +221,30 @@ def test_report_and_plots_render(tmp_path):
     assert "Q4_K_M peak RSS <= 35 % of F16's | 34.8 % | yes" in md
 
 
+def test_paired_accuracy_against_the_reference(tmp_path):
+    """Same items, two artifacts: items gained / lost and the exact McNemar p-value land in the report."""
+    from edgemed.benchmarks.harness.report import _paired
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    gold = ["A", "B", "C", "D"] * 5                                   # 20 items
+    ref = list(gold[:15]) + ["A"] * 5                                 # f16: 17 right (15..19 right only where gold is A)
+    new = list(gold[:10]) + ["D" if g != "D" else "A" for g in gold[10:15]] + list(gold[15:])  # loses 5, gains 3
+    for name, preds in (("f16", ref), ("q4_k_m", new)):
+        lines = [json.dumps({"meta": {"version": 2}})] + [
+            json.dumps({"id": f"i{k}", "gold": g, "logit_pred": p}) for k, (g, p) in enumerate(zip(gold, preds))]
+        (raw / f"{name}-accuracy.records.jsonl").write_text("\n".join(lines) + "\n{\"id\": \"cut")  # + a killed line
+    entries = [{"name": "f16", "accuracy": {"n": 20}}, {"name": "q4_k_m", "accuracy": {"n": 20}}]
+    _paired(tmp_path, entries)
+    p = entries[1]["accuracy"]["paired_vs_reference"]
+    gained = sum(n == g != r for g, r, n in zip(gold, ref, new))
+    lost = sum(r == g != n for g, r, n in zip(gold, ref, new))
+    assert (p["n"], p["gained"], p["lost"]) == (20, gained, lost) and lost == 5
+    assert p["mcnemar_p"] == pytest.approx(stats.mcnemar(gained, lost))
+    assert stats.mcnemar(0, 5) == pytest.approx(2 / 32) and stats.mcnemar(3, 3) == 1.0 and stats.mcnemar(0, 0) == 1.0
+    assert "paired_vs_reference" not in entries[0]["accuracy"]
+
+
 MCQ = [{"realidx": i, "question": q, "options": dict(zip("ABCD", opts)), "answer_idx": a}
        for i, (q, opts, a) in enumerate([
            ("Which drug is first-line for anaphylaxis?", ["Adrenaline", "Aspirin", "Insulin", "Warfarin"], "A"),

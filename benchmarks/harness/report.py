@@ -16,7 +16,7 @@ from edgemed import __version__
 from edgemed.atomic import write_text
 from edgemed.benchmarks.harness.configs import PAPER, REFERENCE, Config, Settings
 from edgemed.benchmarks.harness.roofline import roofline
-from edgemed.benchmarks.harness.stats import reduction
+from edgemed.benchmarks.harness.stats import mcnemar, reduction
 
 SCHEMA = "edgemed.bench/1"
 MIB = 1 << 20
@@ -39,6 +39,12 @@ DEFINITIONS = """\
   table counted as one row unless tied to the output head, plus the KV cache at the mean decode position);
   decode tok/s as a fraction of that ceiling.
 """
+
+
+def _paired_cell(p: dict | None) -> str:
+    if not p or not p.get("n"):
+        return "—"
+    return f"+{p['gained']} / −{p['lost']} ({p['same_answer'] * 100:.0f} % same, p = {p['mcnemar_p']:.2g})"
 
 
 def _eval_setting(results: dict) -> str:
@@ -104,6 +110,44 @@ def _derive(entries: list[dict], bandwidth: float | None) -> dict:
             "torch": [b for b in baselines if b.startswith("hf-")]}
 
 
+def _records(out: Path, name: str) -> dict[str, dict]:
+    path = out / "raw" / f"{name}-accuracy.records.jsonl"
+    found = {}
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a kill: the accuracy phase redoes it
+                continue
+            if "id" in rec:
+                found[rec["id"]] = rec
+    except OSError:
+        pass
+    return found
+
+
+def _paired(out: Path, entries: list[dict]) -> None:
+    """Accuracy against the reference on the same items: items gained and lost, exact McNemar p (logit scoring).
+    With a few hundred items a 95 % interval is several points wide; the paired count shows whether a
+    quantization changed answers or only moved within that noise."""
+    ref = next((e for e in entries if e["name"] == REFERENCE and e.get("accuracy")), None)
+    if ref is None:
+        return
+    base = _records(out, REFERENCE)
+    for e in entries:
+        if e is ref or not e.get("accuracy"):
+            continue
+        mine = _records(out, e["name"])
+        common = [i for i in mine if i in base]
+        gained = sum(mine[i]["logit_pred"] == mine[i]["gold"] != base[i]["logit_pred"] for i in common)
+        lost = sum(base[i]["logit_pred"] == base[i]["gold"] != mine[i]["logit_pred"] for i in common)
+        same = sum(mine[i]["logit_pred"] == base[i]["logit_pred"] for i in common)
+        e["accuracy"]["paired_vs_reference"] = {
+            "reference": REFERENCE, "n": len(common), "gained": gained, "lost": lost,
+            "diff": (gained - lost) / len(common) if common else None,
+            "same_answer": same / len(common) if common else None, "mcnemar_p": mcnemar(gained, lost)}
+
+
 def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict], machine: dict, bw: dict,
           failed: list[dict]) -> dict:
     """Assemble results.json from the raw files and render everything beside it."""
@@ -112,6 +156,7 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
     entries = [_entry(c, per.get(c.name, {})) for c in configs]
     baselines = _derive(entries, bw.get("bytes_per_s"))
+    _paired(out, entries)
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scenario": settings.scenario, "profile": settings.profile, "settings": settings.to_dict(),
@@ -241,13 +286,17 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
             rows.append([e["name"], a.get("n", "—"), _pct(a.get("acc_logit")).lstrip("+"),
                          "—" if ci[0] is None else f"{ci[0] * 100:.1f}–{ci[1] * 100:.1f} %",
                          _pct(a.get("acc_gen")).lstrip("+"), a.get("unparsed", "—"),
+                         _paired_cell(a.get("paired_vs_reference")),
                          _f(d.get("kld_mean"), "{:.4f}"), _f(d.get("kld_p99"), "{:.4f}"), _pct(d.get("top1")).lstrip("+")])
         parts += ["## Accuracy and divergence (measured on the benchmarked artifacts)\n",
                   f"Accuracy by the answer letter's next-token logits and by parsing a generated answer; 95 % Wilson "
                   f"intervals. KL divergence and top-1 agreement against `{REFERENCE}` on medical text. "
                   f"{_eval_setting(results)}\n",
-                  _table(["config", "items", "acc (logits)", "95 % CI", "acc (generated)", "unparsed", "KLD mean",
-                          "KLD p99", "top-1"], rows), ""]
+                  f"Paired: on the same items, gained / lost against `{REFERENCE}` (logits), the share of "
+                  "identical answers, and the exact McNemar p-value (small p: the quantization changed accuracy, "
+                  "not just noise).\n",
+                  _table(["config", "items", "acc (logits)", "95 % CI", "acc (generated)", "unparsed",
+                          f"paired vs {REFERENCE}", "KLD mean", "KLD p99", "top-1"], rows), ""]
         per = [(e["name"], k, v) for e in scored for k, v in ((e.get("accuracy") or {}).get("per_dataset") or {}).items()]
         if per:
             parts += [_table(["config", "dataset", "items", "acc (logits)", "acc (generated)"],

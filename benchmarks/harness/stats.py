@@ -46,6 +46,17 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value for paired outcomes: ``gained`` items only the new system got right,
+    ``lost`` items only the baseline got right (a binomial test of the discordant pairs against 1/2)."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    k = min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def reduction(value: float | None, baseline: float | None) -> float | None:
     """Fractional reduction of ``value`` against ``baseline`` (0.647 = 64.7 % less); None when unknown."""
     if value is None or not baseline:
