@@ -223,7 +223,7 @@ def test_report_and_plots_render(tmp_path):
 
 def test_paired_accuracy_against_the_reference(tmp_path):
     """Same items, two artifacts: items gained / lost and the exact McNemar p-value land in the report."""
-    from edgemed.benchmarks.harness.report import _paired
+    from edgemed.benchmarks.harness.report import _in_progress, _paired
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -232,10 +232,16 @@ def test_paired_accuracy_against_the_reference(tmp_path):
     new = list(gold[:10]) + ["D" if g != "D" else "A" for g in gold[10:15]] + list(gold[15:])  # loses 5, gains 3
     for name, preds in (("f16", ref), ("q4_k_m", new)):
         lines = [json.dumps({"meta": {"version": 2}})] + [
-            json.dumps({"id": f"i{k}", "gold": g, "logit_pred": p}) for k, (g, p) in enumerate(zip(gold, preds))]
+            json.dumps({"id": f"i{k}", "dataset": "medmcqa", "gold": g, "logit_pred": p, "gen_pred": p, "parsed_ok": True})
+            for k, (g, p) in enumerate(zip(gold, preds))]
         (raw / f"{name}-accuracy.records.jsonl").write_text("\n".join(lines) + "\n{\"id\": \"cut")  # + a killed line
-    entries = [{"name": "f16", "accuracy": {"n": 20}}, {"name": "q4_k_m", "accuracy": {"n": 20}}]
+    # q4_k_m's phase has not finished: it is reported from its records, marked partial
+    entries = [{"name": "f16", "accuracy": {"n": 20}}, {"name": "q4_k_m"}, {"name": "q4_0"}]
+    _in_progress(tmp_path, entries)
     _paired(tmp_path, entries)
+    assert entries[1]["accuracy"]["partial"] and entries[1]["accuracy"]["n"] == 20
+    assert entries[1]["accuracy"]["acc_logit"] == sum(n == g for g, n in zip(gold, new)) / 20
+    assert "accuracy" not in entries[2]                                # no records: nothing to report
     p = entries[1]["accuracy"]["paired_vs_reference"]
     gained = sum(n == g != r for g, r, n in zip(gold, ref, new))
     lost = sum(r == g != n for g, r, n in zip(gold, ref, new))

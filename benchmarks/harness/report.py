@@ -126,6 +126,18 @@ def _records(out: Path, name: str) -> dict[str, dict]:
     return found
 
 
+def _in_progress(out: Path, entries: list[dict]) -> None:
+    """An accuracy phase that has not finished (a run still going, or stopped) is reported from its records so
+    far, marked partial; the paired comparison then covers exactly the items both have."""
+    from edgemed.benchmarks.harness.accuracy import summarize
+
+    for e in entries:
+        recs = list(_records(out, e["name"]).values()) if not e.get("accuracy") else []
+        if recs:
+            e["accuracy"] = {**summarize(recs), "partial": True, "per_dataset": {
+                ds: summarize([r for r in recs if r["dataset"] == ds]) for ds in dict.fromkeys(r["dataset"] for r in recs)}}
+
+
 def _paired(out: Path, entries: list[dict]) -> None:
     """Accuracy against the reference on the same items: items gained and lost, exact McNemar p (logit scoring).
     With a few hundred items a 95 % interval is several points wide; the paired count shows whether a
@@ -156,6 +168,7 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
     entries = [_entry(c, per.get(c.name, {})) for c in configs]
     baselines = _derive(entries, bw.get("bytes_per_s"))
+    _in_progress(out, entries)
     _paired(out, entries)
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -283,7 +296,7 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
         for e in scored:
             a, d = e.get("accuracy") or {}, e.get("divergence") or {}
             ci = a.get("ci_logit") or (None, None)
-            rows.append([e["name"], a.get("n", "—"), _pct(a.get("acc_logit")).lstrip("+"),
+            rows.append([e["name"], f"{a['n']} (partial)" if a.get("partial") else a.get("n", "—"), _pct(a.get("acc_logit")).lstrip("+"),
                          "—" if ci[0] is None else f"{ci[0] * 100:.1f}–{ci[1] * 100:.1f} %",
                          _pct(a.get("acc_gen")).lstrip("+"), a.get("unparsed", "—"),
                          _paired_cell(a.get("paired_vs_reference")),
