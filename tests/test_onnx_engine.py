@@ -157,3 +157,12 @@ def test_onnxruntime_genai_runs_the_directory_with_the_same_greedy_tokens(engine
         gen.generate_next_token()
         theirs.append(int(gen.get_next_tokens()[0]))
     assert theirs == ours
+
+
+def test_profile_providers_reach_the_load_settings_not_extra(tmp_path):
+    """A device profile's ONNX providers travel in their own field; ``extra`` (passed to llama.cpp) stays empty."""
+    from edgemed.runtime.session import prepare
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    load = prepare(tmp_path, "jetson-orin-nano-8gb").load
+    assert load.providers == ("CUDAExecutionProvider", "CPUExecutionProvider") and load.extra == {}

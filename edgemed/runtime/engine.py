@@ -58,6 +58,9 @@ class LoadSettings:
     use_mmap: bool = True
     use_mlock: bool = False
     seed: int = 0
+    #: ONNX Runtime execution providers in order of preference (profile short names or full names; CPU is added last)
+    providers: tuple[str, ...] = ()
+    #: Backend-specific keyword arguments passed through as they are (llama.cpp: to ``Llama()``).
     extra: dict = field(default_factory=dict)
 
 

@@ -10,7 +10,7 @@ Decoding keeps the KV cache as ORT values between steps: the prompt is run
 once (prefill, past length 0), then each new token is one step whose
 ``present`` outputs become the next step's ``past`` inputs.
 
-Execution providers come from ``LoadSettings.extra["providers"]`` (short names
+Execution providers come from ``LoadSettings.providers`` (short names
 from ``PROVIDERS`` or ORT's own names, in order of preference), so a device
 profile can ask for TensorRT then CUDA on a Jetson; CPU is always the fallback.
 """
@@ -108,7 +108,7 @@ class OnnxEngine:
         if load.extra.get("profile"):
             opts.enable_profiling = True
             opts.profile_file_prefix = str(load.extra["profile"])
-        self.providers = choose_providers(load.extra.get("providers"), ort.get_available_providers())
+        self.providers = choose_providers(load.providers, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(path / dec["filename"]), opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types

@@ -46,7 +46,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
     if model_format(Path(model)) != "gguf":
         threads_ = threads or profile.threads(profile.onnx["intra_op_threads"], facts)
         load = LoadSettings(n_ctx=n_ctx or profile.llama["n_ctx"], n_threads=threads_, seed=seed,
-                            extra={"providers": profile.onnx["providers"]})
+                            providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
     plan = make_plan(model, profile, facts, requested_ctx=n_ctx)
     load = load_settings(plan, seed)
