@@ -61,7 +61,7 @@ GOALS = (
     ("Q4_K_M KLD vs F16 <= 0.03", lambda r: _kld(r, "q4_k_m"), operator.le, 0.03, "plain"),
 )
 
-_FORMATS = {"pct": lambda v: f"{v * 100:.1f} %", "x": lambda v: f"{v:.2f}x", "points": lambda v: f"{v * 100:+.1f} points",
+_FORMATS = {"pct": lambda v: f"{v * 100:.1f} %", "x": lambda v: f"{v:.2f}x", "points": lambda v: f"{abs(v) * 100:.1f} points {'below' if v > 0 else 'above'}",
             "plain": lambda v: f"{v:.4f}"}
 
 
