@@ -37,7 +37,7 @@ from edgemed.errors import InputError, PlanError
 MIB = 1 << 20
 CTX_STEP = 256          # llama.cpp pads the KV cache to this; plans use multiples of it
 #: Names the estimate's formula in manifests and plans; bump when the model of memory changes.
-METHOD = "planner/1"
+METHOD = "planner/2"  # 2: the repacked copy counts only with mmap
 MIN_CTX = 512           # below this a medical prompt plus an answer does not fit
 
 #: Python 3.11 + click + edgemed + llama-cpp-python imported, nothing loaded (measured: 45-50 MiB).

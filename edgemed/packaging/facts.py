@@ -126,7 +126,7 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
         return _onnx_estimate(facts, model_bytes)
     from edgemed.devices.profiles import load_profiles
     from edgemed.errors import ProfileError
-    from edgemed.planner import estimate, profile_settings, read_shape
+    from edgemed.planner import METHOD, estimate, profile_settings, read_shape
 
     shape = read_shape(model)
     max_ctx = shape.n_ctx_train or max(CONTEXTS)
@@ -141,8 +141,6 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
             budget = None
         profiles[name] = {"n_ctx": n_ctx, "bytes": need, "budget_bytes": budget,
                           "fits": None if budget is None else need <= budget}
-    from edgemed.planner import METHOD
-
     return {"method": METHOD, "by_context": by_ctx, "profiles": profiles}
 
 
