@@ -132,8 +132,9 @@ def create_app(batcher, config: ServeConfig):
             ctx.prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
         return batcher.submit(tokens, settings, request_id=ctx.request_id)
 
-    async def collect(request: Request, stream) -> tuple[str, object]:
-        """The whole answer; a client that leaves meanwhile cancels the stream (its slot is freed)."""
+    async def collect(ctx: Context, request: Request, stream) -> tuple[str, object, str]:
+        """The whole answer, its ``Finished`` and OpenAI's finish reason; a client that leaves meanwhile cancels
+        the stream (its slot is freed); a generation that ended neither by stop nor length raises."""
         async def watch():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
@@ -149,7 +150,11 @@ def create_app(batcher, config: ServeConfig):
                     finished = item
         finally:
             watcher.cancel()
-        return "".join(parts), finished
+        text = "".join(parts)
+        reason = finish(ctx, finished, text)
+        if reason not in api.FINISH_REASONS.values():
+            raise failed(ctx, finished)
+        return text, finished, reason
 
     def finish(ctx: Context, finished, text: str) -> str:
         """Record a finished generation for audit and metrics; return OpenAI's finish reason (or the batcher's)."""
@@ -283,10 +288,7 @@ def create_app(batcher, config: ServeConfig):
                 "usage": lambda finished: chunk([], usage=api.Usage.of(finished)),
             }
             return streaming(ctx, stream, shape, body.include_usage)
-        text, finished = await collect(request, stream)
-        reason = finish(ctx, finished, text)
-        if reason not in api.FINISH_REASONS.values():
-            raise failed(ctx, finished)
+        text, finished, reason = await collect(ctx, request, stream)
         choice = api.ChatChoice(message=api.AssistantMessage(content=text), finish_reason=reason)
         return api.ChatCompletion(id=rid, model=model, choices=[choice], usage=api.Usage.of(finished),
                                   **extra(text)).model_dump()
@@ -311,10 +313,7 @@ def create_app(batcher, config: ServeConfig):
                 "usage": lambda finished: chunk([], usage=api.Usage.of(finished)),
             }
             return streaming(ctx, stream, shape, body.include_usage)
-        text, finished = await collect(request, stream)
-        reason = finish(ctx, finished, text)
-        if reason not in api.FINISH_REASONS.values():
-            raise failed(ctx, finished)
+        text, finished, reason = await collect(ctx, request, stream)
         return api.Completion(id=rid, model=model, choices=[api.TextChoice(text=text, finish_reason=reason)],
                               usage=api.Usage.of(finished)).model_dump()
 
