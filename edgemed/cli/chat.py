@@ -25,10 +25,12 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads)
     from edgemed.errors import ContextOverflow
     from edgemed.packaging.store import resolve_model
     from edgemed.runtime import GenerationSettings, open_engine
+    from edgemed.runtime.chat_template import warm
     from edgemed.runtime.session import prepare, respond
     from edgemed.templates import load_templates
     from edgemed.templates.think import ThinkPolicy
 
+    warm()  # the template renderer process starts while the model loads
     policy = ThinkPolicy.parse(think)
     model = resolve_model(model)
     prepared = prepare(model, profile, n_ctx, threads)

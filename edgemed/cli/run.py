@@ -78,7 +78,7 @@ def echo_piece(show_think: bool):
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", "-p", help="A user message, rendered with the model's chat template.")
-@click.option("--raw", is_flag=True, help="Send --prompt as raw text, without the chat template.")
+@click.option("--raw", is_flag=True, help="Send --prompt as raw text; the model's chat template is not used at all.")
 @click.option("--system", "-s", help="A system message to put before the prompt.")
 @click.option("--template", "-t", "template_name", help="A medical prompt template: mcq, pubmedqa, open_question, "
               "differential, drug, triage, patient_education, note_summary.")
@@ -111,6 +111,14 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
 
     if model is None:
         raise InputError("No model given.", "pass a .gguf path: edgemed run model.gguf --prompt '...' (make one with `edgemed convert`)")
+    if raw and (template_name or system):
+        flag = "--template" if template_name else "--system"
+        raise InputError(f"--raw sends the prompt as it is, without the chat template, so {flag} cannot be used with it.",
+                         "drop --raw to use the model's chat template, or put everything in --prompt")
+    if not raw:
+        from edgemed.runtime.chat_template import warm
+
+        warm()  # the template renderer process starts while the model loads
     policy = ThinkPolicy.parse(think)
     template = inputs = expected = None
     if template_name:

@@ -25,7 +25,7 @@ import math
 import time
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgemed.errors import ContextOverflow, EdgemedError, InputError, TemplateError
 from edgemed.serve.batcher import Closed, Overloaded
@@ -97,8 +97,40 @@ REFUSED = {
 }
 
 
+def _not_unicode(value) -> tuple[tuple, int] | None:
+    """Where in a JSON value a string is not valid Unicode (a lone surrogate such as "\\ud800", which JSON
+    escapes can carry but no tokenizer can encode): ``(path, character index)``, or None. Iterative, so
+    a deeply nested body cannot exhaust the stack here."""
+    todo = [((), value)]
+    while todo:
+        path, item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path, exc.start
+        elif isinstance(item, dict):
+            todo.extend((path, key) for key in item)
+            todo.extend(((*path, key), sub) for key, sub in item.items())
+        elif isinstance(item, list):
+            todo.extend(((*path, i), sub) for i, sub in enumerate(item))
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data):
+        """Every string of the body, whatever its field, is checked before anything reads it."""
+        found = _not_unicode(data)
+        if found:
+            where = ".".join(str(p) for p in found[0]) or "body"
+            raise ApiError(400, f"Invalid request: {where}: the text is not valid Unicode (a lone surrogate at "
+                                f"character {found[1]}). Fix: send UTF-8 text; \\ud800-\\udfff alone are not characters.",
+                           param=where)
+        return data
 
     model: str
     max_tokens: int | None = Field(None, ge=1)

@@ -25,11 +25,13 @@ import time
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from edgemed.errors import EdgemedError, InputError, TemplateError
+from edgemed.runtime import chat_template
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.serve import api
 from edgemed.serve.api import ApiError, as_api_error, error_response
@@ -69,6 +71,7 @@ def create_app(batcher, config: ServeConfig):
                 "start", content_logged=config.audit.content, **start))
             log.info("audit log %s: head %s (record it elsewhere to detect truncation or rewriting)",
                      config.audit.path, head)
+        chat_template.warm()  # the template renderer process starts now, not at the first request
         yield
         if config.audit is not None:
             head = await asyncio.to_thread(lambda: config.audit.append("stop", model=config.model_id))
@@ -256,15 +259,17 @@ def create_app(batcher, config: ServeConfig):
                 raise TemplateError(f"No prompt template named '{body.template}'.",
                                     f"choose one of: {', '.join(sorted(templates))}")
             ctx.template = {"id": template.name, "version": template_version(template)}
-            messages = template.messages(body.template_inputs)
+            messages = await run_in_threadpool(template.messages, body.template_inputs)
             if template.contract.kind == "json" and json_schema is None and body.grammar is None:
                 json_schema = template.contract.json_schema()
         elif not body.messages:
             raise InputError("'messages' is empty.", "send at least one message, or a 'template' with its inputs")
         else:
             messages = [m.as_template_message() for m in body.messages]
-        prompt = batcher.render_chat(messages)
-        stream = submit(ctx, prompt, body, json_schema)
+        # Rendering (a limited, but possibly slow, untrusted template) and tokenizing (a long prompt) run in a
+        # worker thread: the event loop keeps answering /health and streaming other requests meanwhile.
+        prompt = await run_in_threadpool(batcher.render_chat, messages)
+        stream = await run_in_threadpool(submit, ctx, prompt, body, json_schema)
         rid, model = "chatcmpl-" + ctx.request_id, config.model_id
 
         def extra(text: str) -> dict:
@@ -298,7 +303,7 @@ def create_app(batcher, config: ServeConfig):
         ctx = ctx_of(request)
         check_model(body.model)
         body.refused()
-        stream = submit(ctx, body.prompt_value(), body, None)
+        stream = await run_in_threadpool(submit, ctx, body.prompt_value(), body, None)
         rid, model = "cmpl-" + ctx.request_id, config.model_id
         if body.stream:
             now = int(time.time())

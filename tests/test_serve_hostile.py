@@ -1,0 +1,121 @@
+"""``edgemed serve`` under hostile input (issue 12, items 2 and 7): no request freezes the server, none is a 500.
+
+A real uvicorn server on a free port serves a copy of SmolLM2 whose chat template turns hostile on cue:
+the last message's content picks a nested ``range(99999)`` loop, a 128 MiB string, a float overflow,
+unbounded recursion, or an empty prompt; anything else renders SmolLM2's ChatML. While the loop runs,
+``/health`` answers within 1 s; the hostile request ends with an ``invalid_template`` 400 in bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from serve_kit import ServerThread
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ships with
+
+from edgemed.runtime.engine import LoadSettings  # noqa: E402
+from edgemed.serve.app import create_app  # noqa: E402
+from edgemed.serve.batcher import Batcher  # noqa: E402
+from edgemed.serve.config import ServeConfig  # noqa: E402
+from test_template_limits import BOUNDED_S, LOOP, RECURSION, doubling, with_chat_template  # noqa: E402
+
+MODEL = "smollm2-hostile"
+ON_CUE = {
+    "loop": (LOOP, "ran longer than 1 s"),
+    "big": (doubling(27), "produced more than"),
+    "overflow": ("{{ 2.0 ** 5000 }}", "OverflowError"),
+    "recursion": (RECURSION, "recursed deeper than"),
+    "empty": ("", "rendered an empty prompt"),
+}
+BRANCHES = "".join(("{% if" if i == 0 else "{% elif") + f" c == '{cue}' %}}" + source
+                   for i, (cue, (source, _)) in enumerate(ON_CUE.items()))
+TEMPLATE = ("{% set c = messages[-1].content %}" + BRANCHES
+            + "{% else %}<|im_start|>user\n{{ c }}<|im_end|>\n<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    path = with_chat_template(smollm2_gguf, tmp_path_factory.mktemp("hostile") / "hostile.gguf", TEMPLATE)
+    batcher = Batcher(path, LoadSettings(n_ctx=512, n_threads=1), slots=1, queue_size=4)
+    batcher.start()
+    try:
+        with ServerThread(create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test"))) as srv:
+            yield srv
+    finally:
+        batcher.close()
+
+
+def post(server, path: str, body: dict):
+    """JSON with ASCII escapes, as a hostile client sends it: "\\ud800" reaches the server as a lone surrogate."""
+    return httpx.post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+def chat(server, content, **extra):
+    return post(server, "/v1/chat/completions",
+                {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": content}], **extra})
+
+
+def is_openai_error(r, status: int, code: str | None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["code"] == code and "Fix:" in error["message"]
+    return error
+
+
+def test_health_answers_while_a_hostile_template_runs(server):
+    result = {}
+
+    def hostile():
+        start = time.monotonic()
+        result["response"] = chat(server, "loop")
+        result["took"] = time.monotonic() - start
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    time.sleep(0.2)  # the hostile render is under way
+    health = []
+    while thread.is_alive():
+        start = time.monotonic()
+        r = httpx.get(server.url + "/health", timeout=5)
+        health.append((r.status_code, time.monotonic() - start))
+        time.sleep(0.1)
+    thread.join()
+    assert health, "the hostile request ended before /health was asked"
+    assert all(status == 200 and took < 1.0 for status, took in health), health
+    error = is_openai_error(result["response"], 400, "invalid_template")
+    assert ON_CUE["loop"][1] in error["message"] and result["took"] < BOUNDED_S
+    assert chat(server, "Name one vitamin.").status_code == 200  # and the server still serves
+
+
+@pytest.mark.parametrize("cue", sorted(set(ON_CUE) - {"loop"}))
+def test_a_template_breaking_a_limit_is_an_invalid_template_400(server, cue):
+    start = time.monotonic()
+    error = is_openai_error(chat(server, cue), 400, "invalid_template")
+    assert ON_CUE[cue][1] in error["message"] and time.monotonic() - start < BOUNDED_S
+
+
+def test_lone_surrogate_is_a_400_naming_the_field(server):
+    error = is_openai_error(chat(server, "\ud800"), 400, None)
+    assert error["param"] == "messages.0.content" and "not valid Unicode" in error["message"]
+    parts = [{"type": "text", "text": "ok"}, {"type": "text", "text": "x\udfff"}]
+    assert is_openai_error(chat(server, parts), 400, None)["param"] == "messages.0.content.1.text"
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "\ud800", "max_tokens": 2})
+    assert is_openai_error(r, 400, None)["param"] == "prompt"
+    r = chat(server, "hi", template="mcq", template_inputs={"question": "q\ud83d", "options": {"A": "a"}})
+    assert is_openai_error(r, 400, None)["param"] == "template_inputs.question"
+
+
+def test_a_schema_the_grammar_converter_rejects_is_a_400(server):
+    """llama-cpp-python's converter asserts on an unknown type; the llama layer's ``grammar_text`` makes it an
+    InputError."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "flurb"}}}
+    is_openai_error(chat(server, "Name one vitamin.", response_format=fmt), 400, None)
