@@ -72,25 +72,23 @@ def _gguf_decode(path: Path, n_tokens: int, threads: int) -> dict:
     t = time.perf_counter()
     engine = LlamaEngine(path, LoadSettings(n_ctx=4096, n_threads=threads, n_threads_batch=threads))
     load_s = time.perf_counter() - t
-    llm = engine.llm
+    ctx = engine.ctx
     prompt = engine.tokenize(engine.render_chat([{"role": "user", "content": QUESTION}]), add_special=True, parse_special=True)
 
     def run(n):
-        llm.reset()
+        ctx.clear()
         t0 = time.perf_counter()
-        llm.eval(prompt)
-        token = llm.sample(temp=0.0)
+        token = int(ctx.eval(prompt)[-1].argmax())
         t1 = time.perf_counter()
         out = [token]
-        for _ in range(n - 1):
-            llm.eval([token])
-            token = llm.sample(temp=0.0)
+        for i in range(n - 1):
+            token = int(ctx.eval([token], len(prompt) + i)[-1].argmax())
             out.append(token)
         return t1 - t0, time.perf_counter() - t1, out
 
     run(WARMUP_TOKENS)
     prefill_s, decode_s, out = run(n_tokens)
-    text = llm.detokenize(out).decode("utf-8", "replace")
+    text = engine.detokenize(out)
     engine.close()
     return {"load_s": load_s, "prompt_tokens": len(prompt), "prefill_s": prefill_s, "decode_s": decode_s, "text": text}
 

@@ -45,7 +45,7 @@ def child(model: str, n_ctx: int, profile_name: str) -> dict:
     plan = make_plan(path, profile, facts, requested_ctx=n_ctx)
     engine = open_engine(path, load_settings(plan))
     ids = engine.tokenize(TEXT * (n_ctx // 20))[: n_ctx - 64 - 8]
-    prompt = engine.llm.detokenize(ids).decode("utf-8", "ignore")
+    prompt = engine.detokenize(ids)
     out = "".join(engine.complete(prompt, GenerationSettings(max_tokens=32)))
     measured = peak_rss()
     engine.close()

@@ -1,4 +1,4 @@
-"""Decode speed of the `edgemed run` path vs a bare ``llama_cpp.Llama`` on the same file and threads.
+"""Decode speed of the `edgemed run` path vs a bare llama.cpp decode loop on the same file and threads.
 
     python -m edgemed.benchmarks.run_overhead                       # SmolLM2 and Qwen2.5-0.5B, 1 thread
     python -m edgemed.benchmarks.run_overhead --threads 2 --rounds 5
@@ -6,7 +6,8 @@
 Each measurement is a fresh process. Both sides get the same rendered chat prompt
 (a MedMCQA-style question through the model's chat template), the same n_ctx,
 n_batch, n_ubatch and thread count, greedy decoding and the same max tokens, so
-they produce the same tokens. Decode tok/s = (tokens - 1) / (time of last piece -
+they produce the same tokens. The bare side is ``llama_decode`` + argmax on the
+llama.cpp layer's context, with no sampler chain, stop strings or text streaming. Decode tok/s = (tokens - 1) / (time of last piece -
 time of first piece): prompt processing and load are excluded. Rounds alternate
 bare / edgemed; the best of each side is compared. Goal from issue 4: edgemed >= 0.97x bare.
 Results go to benchmarks/results/run_overhead.json.
@@ -50,18 +51,20 @@ def child(side: str, path: str, threads: int, n_ctx: int, max_tokens: int) -> di
         n_tokens = len(engine.tokenize("".join(text)))
         engine.close()
     else:
-        engine.close()
-        import llama_cpp
-
-        llm = llama_cpp.Llama(model_path=path, n_ctx=load.n_ctx, n_threads=load.n_threads,
-                              n_threads_batch=load.n_threads_batch, n_batch=load.n_batch, n_ubatch=load.n_ubatch,
-                              flash_attn=load.flash_attn, use_mmap=load.use_mmap, verbose=False)
-        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=0, top_p=1.0,
-                                           min_p=0.0, repeat_penalty=1.0, stream=True):
+        ctx, model = engine.ctx, engine.model
+        ids = engine.tokenize(prompt, add_special=True, parse_special=True)
+        ctx.clear()
+        logits, out = ctx.eval(ids)[-1], []
+        for i in range(max_tokens):
+            token = int(logits.argmax())
+            if model.is_eog(token):
+                break
             stamps.append(time.perf_counter())
-            text.append(chunk["choices"][0]["text"])
-        n_tokens = len(llm.tokenize("".join(text).encode("utf-8"), add_bos=False))
-        llm.close()
+            out.append(token)
+            logits = ctx.eval([token], len(ids) + i)[-1]
+        text.append(model.detokenize(out))
+        n_tokens = len(engine.tokenize("".join(text)))
+        engine.close()
     return {"side": side, "tokens": n_tokens, "decode_s": stamps[-1] - stamps[0],
             "tok_s": (n_tokens - 1) / (stamps[-1] - stamps[0]), "text_sha": hashlib.sha256("".join(text).encode()).hexdigest()[:16]}
 

@@ -104,11 +104,11 @@ def child(path: str, streams: int, waves: int, tokens: int, threads: int, n_ctx:
 def raw_child(path: str, streams: int, steps: int, threads: int, n_ctx: int) -> dict:
     """The kernel's ceiling: bare ``llama_decode`` of one token for each of ``streams`` sequences per step."""
     from edgemed.runtime.engine import LoadSettings
-    from edgemed.serve.llama_batch import Batch, Context, Model
+    from edgemed.runtime.llamacpp import Batch, Context, Model
 
     load = LoadSettings(n_ctx=n_ctx, n_threads=threads, n_batch=512, n_ubatch=512)
     model = Model(Path(path), load)
-    ctx = Context(model, load, SLOTS, n_ctx // SLOTS, threads)
+    ctx = Context(model, load, n_ctx=SLOTS * (n_ctx // SLOTS), n_seq_max=SLOTS, kv_unified=False)
     batch = Batch(model.lib, 512)
     try:
         # each sequence its own question (own tokens, own positions), fed back as if generated

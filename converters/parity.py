@@ -99,23 +99,24 @@ def source_logits(model_dir: Path, lora: Path | None, prompts=PROMPTS) -> tuple[
 
 
 def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
-    import llama_cpp
-    import numpy as np
+    """llama.cpp's logits at every position of each token list (one context, cleared between lists)."""
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.engine import LoadSettings
 
     n_ctx = max(len(t) for t in token_lists) + 8
-    from edgemed.converters.native_log import quiet
-
-    with quiet():
-        llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
+    load = LoadSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, n_threads_batch=threads)
+    model = llamacpp.Model(gguf_path, load)
     out = []
     try:
-        for tokens in token_lists:
-            llm.reset()
-            llm.eval(tokens)
-            out.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+        ctx = llamacpp.Context(model, model.load, n_ctx=n_ctx, n_batch=n_ctx)
+        try:
+            for tokens in token_lists:
+                ctx.clear()
+                out.append(ctx.eval(tokens, all_rows=True))
+        finally:
+            ctx.close()
     finally:
-        llm.close()
+        model.close()
     return out
 
 

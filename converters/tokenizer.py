@@ -174,19 +174,17 @@ def write_vocab(plan: VocabPlan, writer: "gguf.GGUFWriter") -> None:
 
 def verify_tokenization(model_dir: Path, gguf_path: Path, samples=MEDICAL_SAMPLES) -> int:
     """Tokenize ``samples`` with HF and with llama.cpp; raise on the first difference. Returns tokens compared."""
-    import llama_cpp
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    from edgemed.converters.native_log import quiet
+    from edgemed.runtime.llamacpp import Model
 
-    with quiet():
-        llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = Model(gguf_path, vocab_only=True)
     compared = 0
     try:
         for text in samples:
             hf_ids = tok(text, add_special_tokens=False)["input_ids"]
-            cpp_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            cpp_ids = llm.tokenize(text, add_special=False, parse_special=False)
             if hf_ids != cpp_ids:
                 where = next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids)) if a != b), min(len(hf_ids), len(cpp_ids)))
                 raise TokenizerError(

@@ -19,6 +19,12 @@ ALLOW_NETWORK_VAR = "EDGEMED_ALLOW_NETWORK"
 PROFILES_VAR = "EDGEMED_PROFILES_DIR"
 #: Extra folders of prompt template files (os.pathsep-separated), each with its own index.toml.
 TEMPLATES_VAR = "EDGEMED_TEMPLATES_DIR"
+#: Set to 0 to skip the host self-test before llama.cpp loads a model in process (runtime/selftest.py).
+SELFTEST_VAR = "EDGEMED_SELFTEST"
+#: Set by the self-test in its child process (the child must not test itself).
+SELFTEST_CHILD_VAR = "EDGEMED_SELFTEST_CHILD"
+#: Fault injection for edgemed's own tests (e.g. ``selftest-crash:all``); never set it in production.
+FAULT_VAR = "EDGEMED_FAULT"
 
 # Variables that keep Hugging Face libraries and telemetry from reaching the network.
 _OFFLINE_VARS = {

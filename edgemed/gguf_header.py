@@ -32,6 +32,7 @@ class TensorInfo:
     type_name: str      # ggml type, e.g. "Q4_K"
     n_elements: int
     n_bytes: int
+    dims: tuple[int, ...] = ()  # ggml order: dims[0] is the row length, dims[1] the number of rows
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def read_header(path: Path | str) -> Header:
                 for d in dims:
                     n *= d
                 block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-                tensors.append(TensorInfo(name, qtype.name, n, n // block * type_size))
+                tensors.append(TensorInfo(name, qtype.name, n, n // block * type_size, tuple(dims)))
     except (ValueError, OSError, struct.error, IndexError) as exc:
         raise InputError(f"'{path}' is not a readable GGUF file ({exc}).",
                          "pass a .gguf produced by `edgemed convert`, or check that the copy is complete") from None

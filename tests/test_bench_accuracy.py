@@ -301,7 +301,8 @@ def test_truncated_kld_matches_the_full_vocabulary_kld(tiny_artifacts, tmp_path)
         full = divergence(other, tmp_path / "full.npz")
         k8 = divergence(other, tmp_path / "k8.npz")
     exact = metrics(ref_logits, other_logits)
-    assert full["kld_mean"] == pytest.approx(exact["kld"], rel=1e-3, abs=1e-9)
+    # rel 1e-3, or 1e-8 nats where both are at float32 rounding level (the npz keeps float32 log-probs)
+    assert full["kld_mean"] == pytest.approx(exact["kld"], rel=1e-3, abs=1e-8)
     assert full["top1"] == exact["top1"] and full["tail_mass_mean"] == 0.0
     assert k8["kld_mean"] <= full["kld_mean"] + 1e-9      # a coarse-grained KL never exceeds the full one
     assert exact["kld"] < 1e-4                             # fp32 in both runtimes: the same model

@@ -200,7 +200,8 @@ def test_hostile_template_inside_a_real_gguf_engine(smollm2_gguf):
     try:
         normal = engine.render_chat([{"role": "user", "content": "hi"}])
         assert normal.endswith("<|im_start|>assistant\n")
-        engine.llm.metadata["tokenizer.chat_template"] = HOSTILE[0]
+        real_meta = engine.model.meta
+        engine.model.meta = lambda key: HOSTILE[0] if key == "tokenizer.chat_template" else real_meta(key)
         with pytest.raises(InputError):
             engine.render_chat([{"role": "user", "content": "hi"}])
     finally:

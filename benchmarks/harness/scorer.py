@@ -144,7 +144,7 @@ class Scorer:
 
 
 class GgufScorer(Scorer):
-    """A GGUF through the runtime's ``LlamaEngine``; batches decoded directly on its llama.cpp context."""
+    """A GGUF through the runtime's ``LlamaEngine``; batches decoded on its public llama.cpp-layer context."""
 
     kind = "gguf"
 
@@ -153,8 +153,7 @@ class GgufScorer(Scorer):
         from edgemed.runtime.llama_engine import LlamaEngine
 
         self.engine = LlamaEngine(path, LoadSettings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads))
-        llm = self.engine.llm
-        self.n_ctx, self.n_vocab, self.n_batch = llm.n_ctx(), llm.n_vocab(), llm.n_batch
+        self.n_ctx, self.n_vocab, self.n_batch = self.engine.ctx.n_ctx, self.engine.model.n_vocab, self.engine.ctx.n_batch
 
     def render(self, messages: list[dict]) -> str:
         return self.engine.render_chat(messages)
@@ -163,39 +162,16 @@ class GgufScorer(Scorer):
         return self.engine.tokenize(text, add_special=special, parse_special=special)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.engine.llm.detokenize(ids).decode("utf-8", "replace")
+        return self.engine.detokenize(ids)
 
     def is_eog(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self.engine.llm._model.vocab, token))
+        return self.engine.model.is_eog(token)
 
     def _trim(self, keep: int) -> int:
-        ctx = self.engine.llm._ctx
-        if keep == 0:
-            ctx.kv_cache_clear()
-            return 0
-        if ctx.kv_cache_seq_rm(0, keep, -1):
-            return keep
-        ctx.kv_cache_clear()  # a memory type that cannot drop a suffix: start over
-        return 0
+        return self.engine.ctx.keep(keep)
 
     def _eval(self, tokens: list[int], n_past: int, all_rows: bool):
-        import numpy as np
-
-        llm = self.engine.llm
-        ctx, batch = llm._ctx, llm._batch
-        rows = []
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            batch.set_batch(batch=chunk, n_past=n_past + start, logits_all=all_rows)
-            ctx.decode(batch)
-            if all_rows:
-                rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(len(chunk), self.n_vocab)).copy())
-        if not all_rows:
-            last = ctx.get_logits_ith(len(chunk) - 1)
-            rows.append(np.ctypeslib.as_array(last, shape=(1, self.n_vocab)).copy())
-        return np.concatenate(rows).astype(np.float32, copy=False)
+        return self.engine.ctx.eval(tokens, n_past, all_rows=all_rows)
 
     def close(self) -> None:
         engine, self.engine = getattr(self, "engine", None), None

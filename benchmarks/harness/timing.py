@@ -31,44 +31,38 @@ def masked_argmax(np, logits, banned):
 
 
 class GgufTimed:
-    """llama.cpp through llama-cpp-python, with the device profile's load settings."""
+    """llama.cpp through edgemed's llama.cpp layer, with the device profile's load settings."""
 
     def __init__(self, path: Path, threads: int | None, n_ctx: int, profile: str | None, seed: int):
-        import llama_cpp
         import numpy as np
 
         from edgemed.runtime.llama_engine import LlamaEngine
         from edgemed.runtime.session import prepare
 
-        self.np, self.lc, self.path = np, llama_cpp, path
+        self.np, self.path = np, path
         self.load = prepare(path, profile, n_ctx, threads, seed=seed).load
         t = time.perf_counter()
         self.engine = LlamaEngine(path, self.load)
         self.load_s = time.perf_counter() - t
-        self.llm = self.engine.llm
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.n_vocab = self.llm.n_vocab()
-        self.banned = np.array([t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.int64)
+        self.load = self.engine.load
+        self.ctx = self.engine.ctx
+        self.banned = np.array(self.engine.model.eog_ids(), dtype=np.int64)
 
     def prompt_ids(self, text: str) -> list[int]:
         rendered = self.engine.render_chat([{"role": "user", "content": text}])
         return self.engine.tokenize(rendered, add_special=True, parse_special=True)
 
-    def _logits(self):
-        ptr = self.lc.llama_get_logits_ith(self.llm.ctx, -1)
-        return self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
     def generate(self, ids: list[int], n: int):
-        llm, stamps, out = self.llm, [], []
-        llm.reset()  # a fresh request: eval() then drops the whole KV cache, no prefix reuse between runs
+        ctx, stamps, out = self.ctx, [], []
+        ctx.clear()  # a fresh request: no prefix reuse between runs
         t0 = time.perf_counter()
-        llm.eval(ids)
+        logits = ctx.eval(ids)[-1]
         for i in range(n):
-            token = masked_argmax(self.np, self._logits(), self.banned)
+            token = masked_argmax(self.np, logits, self.banned)
             stamps.append(time.perf_counter())
             out.append(token)
             if i < n - 1:
-                llm.eval([token])
+                logits = ctx.eval([token], len(ids) + i)[-1]
         return t0, stamps, out
 
     def weights(self) -> WeightFacts:
@@ -79,7 +73,7 @@ class GgufTimed:
     def settings(self) -> dict:
         s = self.load
         return {"n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "n_batch": s.n_batch, "n_ctx": s.n_ctx,
-                "flash_attn": s.flash_attn, "type_k": s.type_k, "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers}
+                "extra_buffers": self.engine.model.placement.mode, "flash_attn": s.flash_attn, "type_k": s.type_k, "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers}
 
     def close(self) -> None:
         self.engine.close()

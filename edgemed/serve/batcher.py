@@ -162,21 +162,6 @@ class _Seq:
     t_first: float = 0.0
 
 
-class _Detok:
-    """ids -> text for TextStream, appending only the new tokens' bytes."""
-
-    def __init__(self, model):
-        self.model = model
-        self.buf = bytearray()
-        self.n = 0
-
-    def __call__(self, ids: list[int]) -> str:
-        for tok in ids[self.n:]:
-            self.buf += self.model.piece(tok)
-        self.n = len(ids)
-        return self.buf.decode("utf-8", "replace")
-
-
 @dataclass
 class _Counters:
     requests_total: int = 0
@@ -222,16 +207,17 @@ class Batcher:
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
         """Load the model and start the scheduler thread."""
-        from edgemed.runtime.llama_engine import physical_cores
-        from edgemed.serve.llama_batch import Batch, Context, Model
+        from edgemed.runtime.llamacpp import Batch, Context, Model, physical_cores
 
         if self._thread is not None:
             return
         threads = self.load.n_threads or physical_cores()
         self._model = Model(self.model_path, self.load)
         try:
+            self.load = self._model.load  # the host self-test may have chosen safer buffers
             self.n_ctx_per_slot = min(self.n_ctx_per_slot, self._model.n_ctx_train)
-            self._ctx = Context(self._model, self.load, self.slots, self.n_ctx_per_slot, threads)
+            self._ctx = Context(self._model, self.load, n_ctx=self.slots * self.n_ctx_per_slot, n_seq_max=self.slots,
+                                kv_unified=False)  # one KV stream per slot: a slot can never use another's cells
             self.n_ctx_per_slot = min(self.n_ctx_per_slot, self._ctx.n_ctx_seq)
             if self._ctx.n_batch < self.slots:
                 raise ModelLoadError(f"n_batch {self._ctx.n_batch} is smaller than the {self.slots} slots.",
@@ -301,7 +287,7 @@ class Batcher:
         Raises ``Overloaded`` (no room), ``ContextOverflow`` (prompt + max_tokens > n_ctx_per_slot),
         ``InputError`` (empty prompt, unknown token ids, a grammar that does not parse), ``Closed``.
         """
-        from edgemed.serve.llama_batch import SamplerChain
+        from edgemed.runtime.llamacpp import Detokenizer, SamplerChain
 
         t_submit = time.perf_counter()
         with self._cond:
@@ -319,7 +305,7 @@ class Batcher:
             check_fits(len(tokens), settings, self.n_ctx_per_slot)
             sampler = SamplerChain(model, settings)
         stream = Stream(request_id, self._wake)
-        seq = _Seq(stream, tokens, settings, sampler, TextStream(_Detok(model), settings.stop), t_submit)
+        seq = _Seq(stream, tokens, settings, sampler, TextStream(Detokenizer(model), settings.stop), t_submit)
         with self._cond:
             try:
                 if self._stopping:

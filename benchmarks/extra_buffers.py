@@ -1,0 +1,159 @@
+"""Decode speed by llama.cpp extra-buffer mode: what the host-safe default costs (issue 11).
+
+    python -m edgemed.benchmarks.extra_buffers                 # Qwen2.5-0.5B and the 1.5B stand-in, Q4_K_M and Q4_0
+    python -m edgemed.benchmarks.extra_buffers --rounds 3 --threads 2
+
+For each model file and each mode (``all``: llama.cpp's default, AMX where the build has
+it; ``repack``: CPU_REPACK kept, AMX off; ``none``: no extra buffer), a fresh process loads
+the file with that mode, feeds a 32-token prompt, decodes 4 warm-up tokens and then times
+``--tokens`` greedy ``llama_decode`` steps: tok/s = tokens / time. Rounds interleave every
+(file, mode) pair so drift on a shared machine hits all alike; the best of the rounds is
+reported. ``safe`` marks the mode ``auto`` resolves to on this build. A child killed by a
+signal (the AMX crash) is recorded as such, not retried. The Q4_0 files are requantized
+from the shipped Q4_K_M files (speed only: their accuracy is not the point here).
+Results go to benchmarks/results/extra_buffers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ("qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct")
+MODES = ("all", "repack", "none")
+PROMPT = ("A 67-year-old man with type 2 diabetes and chronic kidney disease presents with a serum potassium of "
+          "6.4 mmol/L. The first step in management is")
+
+
+def child(path: str, mode: str, threads: int, tokens: int) -> dict:
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.engine import LoadSettings
+
+    load = LoadSettings(n_ctx=512, n_threads=threads, n_threads_batch=threads, extra_buffers=mode)
+    t = time.perf_counter()
+    model = llamacpp.Model(Path(path), load, checked=False)  # the benchmark records crashes itself
+    ctx = llamacpp.Context(model, load, n_ctx=512)
+    load_s = time.perf_counter() - t
+    ids = model.tokenize(PROMPT, add_special=True)[:32]
+    logits = ctx.eval(ids)[-1]
+    pos = len(ids)
+    for _ in range(4):  # warm-up
+        logits = ctx.eval([int(logits.argmax())], pos)[-1]
+        pos += 1
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        logits = ctx.eval([int(logits.argmax())], pos)[-1]
+        pos += 1
+    dt = time.perf_counter() - t0
+    placement = model.placement
+    ctx.close()
+    model.close()
+    return {"tok_s": tokens / dt, "load_s": load_s, "placement": placement.describe(), "pinned": placement.pinned}
+
+
+def q4_0_copy(src: Path) -> Path:
+    """``src`` requantized to Q4_0 (cached beside the joined parts)."""
+    import ctypes
+
+    import llama_cpp
+
+    from edgemed import env
+
+    out = env.cache_dir("bench-q4_0") / (src.stem.replace("q4_k_m", "").rstrip("-.") + "-q4_0.gguf")
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True
+        tmp = out.with_name(out.name + ".partial")
+        from edgemed.converters.native_log import quiet
+
+        with quiet():
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise SystemExit(f"could not requantize {src} to Q4_0")
+        tmp.replace(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "extra_buffers.json")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args.threads, args.tokens)))
+        return
+
+    import platform
+
+    from edgemed.atomic import write_text
+    from edgemed.converters import sources
+    from edgemed.errors import InputError
+    from edgemed.runtime import buffers
+    from edgemed.runtime.llamacpp import build
+
+    files = []
+    for name in args.models:
+        try:
+            shipped = sources.gguf_file(name)
+        except InputError as exc:
+            print(f"skip {name}: {exc.fix}", file=sys.stderr)
+            continue
+        files += [(name, "q4_k_m", shipped), (name, "q4_0", q4_0_copy(shipped))]
+    runs: dict[tuple, list] = {}
+    for r in range(args.rounds):
+        for name, quant, path in files:
+            for mode in MODES:
+                cmd = [sys.executable, "-m", "edgemed.benchmarks.extra_buffers", "--threads", str(args.threads),
+                       "--tokens", str(args.tokens), "--child", str(path), mode]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode < 0:
+                    row = {"crashed": signal.Signals(-proc.returncode).name}
+                elif proc.returncode:
+                    raise SystemExit(f"{name} {quant} {mode} failed:\n{proc.stderr[-2000:]}")
+                else:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs.setdefault((name, quant, mode), []).append(row)
+                print(f"round {r + 1}: {name:<24} {quant:<7} {mode:<7} "
+                      f"{row.get('crashed') or format(row['tok_s'], '.2f') + ' tok/s'}", file=sys.stderr, flush=True)
+    safe = buffers.resolve("auto", build())
+    rows = []
+    for (name, quant, mode), results in runs.items():
+        ok = [x for x in results if "tok_s" in x]
+        rows.append({"model": name, "quant": quant, "mode": mode, "safe": mode == safe,
+                     "best_tok_s": max((x["tok_s"] for x in ok), default=None),
+                     "crashed": [x["crashed"] for x in results if "crashed" in x], "runs": results})
+    print(f"\n{'model':<24} {'quant':<7} " + " ".join(f"{m:>14}" for m in MODES) + "   safe vs none")
+    for name, quant, _ in files:
+        best = {r["mode"]: r["best_tok_s"] for r in rows if r["model"] == name and r["quant"] == quant}
+        cells = " ".join(f"{(format(best[m], '.2f') + ' tok/s') if best[m] else 'crashed':>14}" for m in MODES)
+        ratio = best[safe] / best["none"] if best[safe] and best["none"] else float("nan")
+        print(f"{name:<24} {quant:<7} {cells}   {ratio:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(args.out, json.dumps({
+        "command": "python -m edgemed.benchmarks.extra_buffers " + " ".join(sys.argv[1:]),
+        "cpu": platform.processor() or _cpu_model(), "system_info": build().system_info, "safe_mode": safe,
+        "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds, "rows": rows}, indent=2) + "\n")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

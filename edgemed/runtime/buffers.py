@@ -1,0 +1,174 @@
+"""Which CPU buffer types hold a model's weights: llama.cpp's extra buffer types, chosen per host.
+
+llama.cpp's CPU backend can place weights in *extra* buffer types that repack
+them for faster kernels: ``AMX`` (Intel Sapphire Rapids and later, when the
+build was compiled with AMX_INT8) and ``CPU_REPACK`` (interleaved layouts for
+AVX2 / NEON kernels). The AMX path segfaults on the first ``llama_decode`` for
+common types (llama.cpp #20824, Ollama #17205), so an AMX build must not use it
+by default.
+
+Modes (device profile ``llama.extra_buffers``, ``LoadSettings.extra_buffers``):
+
+======== =====================================================================
+all      llama.cpp's own default: every extra buffer type (AMX where the build
+         has it, then CPU_REPACK)
+repack   CPU_REPACK without AMX: ``use_extra_bufts`` off (no extra type is
+         tried), and each weight the repack kernels take is pinned to
+         CPU_REPACK by a tensor buffer-type override (llama.cpp's ``-ot``)
+none     plain CPU buffers only
+auto     ``repack`` where the build has AMX, ``all`` elsewhere
+======== =====================================================================
+
+Overrides are only written for weights the repack kernels accept (their rules
+are ``REPACK_RULES`` below, read off ``ggml_repack_get_optimal_repack_type``):
+a weight pinned to CPU_REPACK that the kernels cannot take would abort in
+llama.cpp. Where the build has no CPU_REPACK type, ``repack`` is ``none``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed.devices.schema import EXTRA_BUFFER_MODES as MODES  # noqa: E402 - the profile schema owns the names
+#: The order ``devices check`` falls back through when a mode crashes: each one uses fewer extra buffers.
+FALLBACKS = ("all", "repack", "none")
+
+#: ggml type -> (alternatives: build features that must all be on, row multiple). x86 and Arm rules.
+REPACK_RULES: dict[str, tuple[tuple[frozenset[str], int], ...]] = {
+    "Q4_0": ((frozenset({"AVX2"}), 8), (frozenset({"NEON", "MATMUL_INT8"}), 4), (frozenset({"NEON", "DOTPROD"}), 4)),
+    "Q4_K": ((frozenset({"AVX2"}), 8), (frozenset({"NEON", "MATMUL_INT8"}), 8), (frozenset({"NEON", "DOTPROD"}), 8)),
+    "Q2_K": ((frozenset({"AVX512"}), 8),),
+    "IQ4_NL": ((frozenset({"AVX2"}), 8), (frozenset({"NEON", "DOTPROD"}), 4)),
+    "Q5_K": ((frozenset({"NEON", "MATMUL_INT8"}), 8), (frozenset({"NEON", "DOTPROD"}), 8)),
+    "Q6_K": ((frozenset({"NEON", "MATMUL_INT8"}), 8), (frozenset({"NEON", "DOTPROD"}), 8)),
+    "Q8_0": ((frozenset({"NEON", "MATMUL_INT8"}), 4), (frozenset({"NEON", "DOTPROD"}), 4)),
+}
+#: Weights that only ever feed a matrix multiplication (token_embd also feeds get_rows: never pinned).
+MATMUL_WEIGHT = re.compile(r"^(blk\.\d+\.(attn_(q|k|v|qkv|output)|ffn_(gate|up|down))|output)\.weight$")
+
+_CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
+
+
+@dataclass(frozen=True)
+class Build:
+    """What the loaded llama.cpp build can do, from ``llama_print_system_info()``."""
+
+    system_info: str
+
+    @property
+    def features(self) -> frozenset[str]:
+        """CPU backend features that are on (``AVX2 = 1`` -> ``AVX2``)."""
+        return frozenset(m.group(1) for m in re.finditer(r"([A-Z0-9_]+) = 1\b", self.system_info))
+
+    @property
+    def has_amx(self) -> bool:
+        return "AMX_INT8" in self.features
+
+
+def resolve(mode: str, build: Build) -> str:
+    """``auto`` -> the concrete mode for this build; other modes as they are."""
+    if mode not in MODES:
+        from edgemed.errors import InputError
+
+        raise InputError(f"extra_buffers is {mode!r}, not one of {', '.join(MODES)}.",
+                         "set llama.extra_buffers in the device profile to auto, all, repack or none")
+    if mode == "auto":
+        return "repack" if build.has_amx else "all"
+    return mode
+
+
+def repackable(type_name: str, dims: tuple[int, ...], features: frozenset[str]) -> bool:
+    """Whether llama.cpp's repack kernels take a 2-D weight of this type and shape on this build."""
+    if len(dims) != 2:
+        return False
+    return any(needs <= features and dims[1] % rows == 0 for needs, rows in REPACK_RULES.get(type_name, ()))
+
+
+def pinned_weights(tensors, features: frozenset[str]) -> list[str]:
+    """Names of the matmul weights to pin to CPU_REPACK (``tensors``: gguf_header.TensorInfo)."""
+    return [t.name for t in tensors if MATMUL_WEIGHT.match(t.name) and repackable(t.type_name, t.dims, features)]
+
+
+class _Override(ctypes.Structure):
+    # struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=1)
+def _extra_bufts() -> dict[str, int]:
+    """The CPU backend's extra buffer types by name (``AMX``, ``CPU_REPACK``, ...), from the loaded ggml."""
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    found: dict[str, int] = {}
+    try:
+        ggml = ctypes.CDLL(str(next(lib_dir.glob("libggml.so*"), lib_dir / "libggml.so")))
+        base = ctypes.CDLL(str(next(lib_dir.glob("libggml-base.so*"), lib_dir / "libggml-base.so")))
+    except OSError:
+        return found
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    base.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    base.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    dev = ggml.ggml_backend_dev_by_type(_CPU_DEVICE)
+    if not dev:
+        return found
+    reg = base.ggml_backend_dev_backend_reg(dev)
+    fn = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not fn:
+        return found
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)
+    array = get(dev)
+    i = 0
+    while array and array[i]:
+        found[base.ggml_backend_buft_name(array[i]).decode("ascii", "replace")] = array[i]
+        i += 1
+    return found
+
+
+@dataclass
+class Placement:
+    """How a model's weights are placed: the concrete mode, and what keeps the override array alive."""
+
+    mode: str
+    pinned: int = 0
+    _keep: object = None
+
+    def describe(self) -> str:
+        if self.mode == "repack":
+            return f"extra buffers: CPU_REPACK only ({self.pinned} weights pinned), no AMX"
+        return {"all": "extra buffers: all (llama.cpp default)", "none": "extra buffers: none"}[self.mode]
+
+
+def apply(params, path: Path, mode: str, build: Build, max_overrides: int) -> Placement:
+    """Set ``use_extra_bufts`` / ``tensor_buft_overrides`` of llama_model_params for ``mode`` (not ``auto``)."""
+    if mode == "all":
+        params.use_extra_bufts = True
+        return Placement("all")
+    params.use_extra_bufts = False
+    if mode == "none":
+        return Placement("none")
+    repack = _extra_bufts().get("CPU_REPACK")
+    if not repack:
+        return Placement("none")
+    from edgemed.gguf_header import read_header
+
+    names = pinned_weights(read_header(path).tensors, build.features)[: max_overrides - 1]
+    if not names:
+        return Placement("none")
+    array = (_Override * (len(names) + 1))()
+    patterns = [f"^{re.escape(name)}$".encode("ascii") for name in names]
+    for i, pattern in enumerate(patterns):
+        array[i].pattern = pattern
+        array[i].buft = repack
+    array[len(names)].pattern = None  # the list ends with a NULL pattern
+    params.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)
+    return Placement("repack", len(names), (array, patterns))

@@ -1,0 +1,414 @@
+"""The one llama.cpp layer: the only code in edgemed that loads a GGUF model or creates a context.
+
+Layering, as llama-cpp-python's own: raw ``llama_cpp`` bindings -> the thin owners here
+(``Model``, ``Context``, ``Batch``, ``SamplerChain``; each holds one native object and frees it
+in an idempotent ``close()``) -> their users: the run/chat engine (``llama_engine``), the server's
+batcher, the converters' tokenizer check and parity, the benchmarks and the accuracy scorer.
+llama.cpp's parameter structs are built from ``LoadSettings`` here and nowhere else, so a
+host-specific setting (which extra buffer types hold the weights, ``buffers.py``) applies to
+every load. Before a model that will compute is loaded, the host self-test's verdict for these
+settings is consulted (``selftest.ensure``): a build that would crash is never run in process.
+
+``generate`` is the one way to produce text on llama.cpp for a single sequence; the batcher
+drives the same ``Batch``/``SamplerChain`` for many.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+from edgemed import env
+from edgemed.errors import InputError, ModelLoadError, require
+from edgemed.runtime import buffers
+from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
+from edgemed.runtime.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+#: KV cache type names (profiles, CLI) -> ggml type attribute in llama_cpp
+KV_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "bf16": "GGML_TYPE_BF16", "q8_0": "GGML_TYPE_Q8_0",
+            "q4_0": "GGML_TYPE_Q4_0"}
+#: KV cache types llama.cpp's attention reads without flash attention (a quantized V cache needs it).
+FULL_PRECISION_KV = frozenset({"f32", "f16", "bf16"})
+#: Tokens the repetition penalty looks back over (as runtime/sampling.py and llama.cpp's default).
+PENALTY_LAST_N = 64
+
+
+def lib():
+    """The raw bindings, with llama.cpp's own log quiet unless edgemed runs at DEBUG."""
+    llama_cpp = require("llama_cpp", "gguf")
+    from llama_cpp import _logger
+
+    _logger.set_verbose(logging.getLogger("edgemed").isEnabledFor(logging.DEBUG))
+    return llama_cpp
+
+
+@functools.lru_cache(maxsize=1)
+def build() -> buffers.Build:
+    """This process's llama.cpp build (its system info line)."""
+    return buffers.Build(lib().llama_print_system_info().decode("utf-8", "replace"))
+
+
+def physical_cores() -> int:
+    """Threads that help llama.cpp: physical cores, not SMT siblings (best effort, Linux)."""
+    try:
+        cores = set()
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            phys = None
+            for line in fh:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    cores.add((phys, line.split(":")[1].strip()))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary. ``vocab_only`` loads no weights (tokenizer checks)."""
+
+    def __init__(self, path: Path | str, load: LoadSettings | None = None, *, vocab_only: bool = False,
+                 checked: bool = True):
+        env.enforce_offline()
+        self.path = Path(path)
+        load = load or LoadSettings()
+        if checked and not vocab_only:
+            from edgemed.runtime import selftest
+
+            load = selftest.ensure(self.path, load)
+        self.load = load
+        lc = self.lib = lib()
+        params = lc.llama_model_default_params()
+        params.vocab_only = vocab_only
+        params.n_gpu_layers = load.n_gpu_layers
+        params.use_mmap = load.use_mmap
+        params.use_mlock = load.use_mlock
+        mode = buffers.resolve(load.extra_buffers, build())
+        self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides())
+        self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
+        if not self.ptr:
+            raise ModelLoadError(
+                f"llama.cpp could not load '{self.path}'.",
+                "check that the file is a complete GGUF (compare its sha256 with the source), and that the build supports its quant type",
+            )
+        self.vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
+        log.debug("loaded %s: %s", self.path.name, self.placement.describe())
+
+    # -- vocabulary ----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"The text is not valid Unicode: {exc.reason} at character {exc.start}.",
+                             "send UTF-8 text (no lone surrogates such as \\ud800)") from None
+        n = len(raw) + 8
+        while True:
+            buf = (self.lib.llama_token * n)()
+            got = self.lib.llama_tokenize(self.vocab, raw, len(raw), buf, n, add_special, parse_special)
+            if got >= 0:
+                return list(buf[:got])
+            n = -got
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token (maybe part of a UTF-8 character)."""
+        buf = ctypes.create_string_buffer(64)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, ids: list[int], special: bool = False) -> str:
+        return b"".join(self.piece(t, special) for t in ids).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def special_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    def bos(self) -> int:
+        return self.lib.llama_vocab_bos(self.vocab)
+
+    def eos(self) -> int:
+        return self.lib.llama_vocab_eos(self.vocab)
+
+    def eog_ids(self) -> list[int]:
+        return [t for t in range(self.n_vocab) if self.is_eog(t)]
+
+    def meta(self, key: str) -> str | None:
+        size = 1 << 12
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self.lib.llama_model_meta_val_str(self.ptr, key.encode("utf-8"), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt the GGUF's own chat template makes of ``messages`` (sandboxed Jinja, with limits)."""
+        from edgemed.runtime.chat_template import render
+
+        template = self.meta("tokenizer.chat_template")
+        if not template:
+            raise ModelLoadError(f"'{self.path}' has no chat template.",
+                                 "send a raw prompt (--raw, or the completions endpoint), or convert with the tokenizer's chat template")
+        return render(template, messages, bos_token=self.special_text(self.bos()), eos_token=self.special_text(self.eos()))
+
+    def close(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            self.lib.llama_model_free(ptr)
+
+
+class Context:
+    """One llama_context: ``n_seq_max`` sequences over ``n_ctx`` cells (one KV stream each unless unified)."""
+
+    def __init__(self, model: Model, load: LoadSettings | None = None, *, n_ctx: int | None = None, n_seq_max: int = 1,
+                 kv_unified: bool = True, threads: int | None = None, n_batch: int | None = None):
+        load = load or model.load
+        lc = self.lib = model.lib
+        self.model = model
+        if load.type_v not in FULL_PRECISION_KV and not load.flash_attn:
+            raise ModelLoadError(f"A {load.type_v} V cache needs flash attention, which these settings turn off.",
+                                 "set flash_attn = true in the device profile, or keep type_v at f16")
+        asked = threads
+        threads = threads or load.n_threads or physical_cores()
+        p = lc.llama_context_default_params()
+        p.n_seq_max = n_seq_max
+        p.kv_unified = kv_unified
+        p.n_ctx = n_ctx or load.n_ctx
+        p.n_batch = n_batch or load.n_batch
+        p.n_ubatch = min(n_batch or load.n_ubatch, p.n_batch)
+        p.n_threads = threads
+        p.n_threads_batch = asked or load.n_threads_batch or threads
+        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if load.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.type_k = getattr(lc, KV_TYPES[load.type_k])
+        p.type_v = getattr(lc, KV_TYPES[load.type_v])
+        p.no_perf = True
+        self.ptr = lc.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {p.n_ctx} tokens ({n_seq_max} sequences) for '{model.path}'.",
+                "use fewer --slots or a smaller --ctx, or a KV cache type the build supports",
+            )
+        self.memory = lc.llama_get_memory(self.ptr)
+        self.n_ctx = lc.llama_n_ctx(self.ptr)
+        self.n_batch = lc.llama_n_batch(self.ptr)
+        self.n_ctx_seq = lc.llama_n_ctx_seq(self.ptr)
+        self._batch: Batch | None = None
+
+    def decode(self, batch: "Batch") -> int:
+        return self.lib.llama_decode(self.ptr, batch.raw)
+
+    def logits(self, index: int = -1):
+        """A copy of the logits at batch row ``index`` (-1: the last row that asked for logits)."""
+        import numpy as np
+
+        ptr = self.lib.llama_get_logits_ith(self.ptr, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def eval(self, tokens: list[int], n_past: int = 0, *, seq: int = 0, all_rows: bool = False):
+        """Feed ``tokens`` at positions ``n_past...``; logits of every row (n x vocab) or of the last (1 x vocab)."""
+        import numpy as np
+
+        if self._batch is None:
+            self._batch = Batch(self.lib, self.n_batch)
+        batch, rows = self._batch, []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            batch.clear()
+            last = start + len(chunk) == len(tokens)
+            for i, token in enumerate(chunk):
+                batch.add(token, n_past + start + i, seq, all_rows or (last and i == len(chunk) - 1))
+            rc = self.decode(batch)
+            if rc != 0:
+                raise ModelLoadError(f"llama_decode returned {rc} for {len(chunk)} tokens at position {n_past + start}.",
+                                     "use a larger context (--ctx), or fewer tokens")
+            if all_rows:
+                rows.extend(self.logits(i) for i in range(len(chunk)))
+        if not all_rows:
+            rows.append(self.logits(-1))
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    def drop(self, seq: int) -> None:
+        """Forget every cell of sequence ``seq`` (its slot is free again)."""
+        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.memory, True)
+
+    def keep(self, n: int, seq: int = 0) -> int:
+        """Keep the first ``n`` cells of ``seq``; returns how many are kept (0 where a suffix cannot be dropped)."""
+        if n and self.lib.llama_memory_seq_rm(self.memory, seq, n, -1):
+            return n
+        self.clear()
+        return 0
+
+    def close(self) -> None:
+        batch, self._batch = getattr(self, "_batch", None), None
+        if batch is not None:
+            batch.close()
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            self.lib.llama_free(ptr)
+
+
+class Batch:
+    """A llama_batch of up to ``capacity`` tokens, each in exactly one sequence."""
+
+    def __init__(self, lc, capacity: int):
+        self.lib = lc
+        self.capacity = capacity
+        self.raw = lc.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+        self.raw.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n = self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token; returns its index in the batch (the index its logits are read from)."""
+        i = self.n
+        b = self.raw
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        self.n = b.n_tokens = i + 1
+        return i
+
+    def close(self) -> None:
+        raw, self.raw = getattr(self, "raw", None), None
+        if raw is not None:
+            self.lib.llama_batch_free(raw)
+
+
+def grammar_text(settings: GenerationSettings) -> str | None:
+    """The GBNF a request is constrained by: its grammar, or its JSON schema converted by llama-cpp-python."""
+    if settings.grammar:
+        return settings.grammar
+    if settings.json_schema:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            return json_schema_to_gbnf(settings.json_schema)
+        except RecursionError:
+            raise InputError("The JSON schema is nested too deeply to turn into a grammar.",
+                             "send a flatter JSON schema") from None
+        except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
+            raise InputError(f"The JSON schema cannot be turned into a grammar: {type(exc).__name__} {exc}.",
+                             "send a valid JSON schema (object types, properties, enums)") from None
+    return None
+
+
+class SamplerChain:
+    """One request's sampler: grammar, repetition penalty, then greedy or top-k/top-p/min-p/temperature/seeded draw.
+
+    The order is llama.cpp's (and runtime/sampling.py's), so every path samples alike.
+    """
+
+    def __init__(self, model: Model, settings: GenerationSettings):
+        lc = self.lib = model.lib
+        self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        try:
+            gbnf = grammar_text(settings)
+            if gbnf is not None:
+                grammar = lc.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
+                if not grammar:
+                    raise InputError("The grammar does not parse (llama.cpp rejected it).",
+                                     "check the GBNF syntax; the start rule must be called 'root'")
+                self._add(grammar)
+            if settings.repeat_penalty != 1.0:
+                self._add(lc.llama_sampler_init_penalties(model.n_vocab, PENALTY_LAST_N, settings.repeat_penalty, 0.0, 0.0))
+            if settings.temperature == 0:
+                self._add(lc.llama_sampler_init_greedy())
+                return
+            if settings.top_k > 0:
+                self._add(lc.llama_sampler_init_top_k(settings.top_k))
+            if settings.top_p < 1.0:
+                self._add(lc.llama_sampler_init_top_p(settings.top_p, 1))
+            if settings.min_p > 0:
+                self._add(lc.llama_sampler_init_min_p(settings.min_p, 1))
+            self._add(lc.llama_sampler_init_temp(settings.temperature))
+            self._add(lc.llama_sampler_init_dist(settings.seed & 0xFFFFFFFF))
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, sampler) -> None:
+        self.lib.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it from here
+
+    def sample(self, ctx: Context, index: int) -> int:
+        """Pick the next token from the logits at batch ``index`` (and let the chain accept it)."""
+        return self.lib.llama_sampler_sample(self.ptr, ctx.ptr, index)
+
+    def close(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            self.lib.llama_sampler_free(ptr)
+
+
+class Detokenizer:
+    """ids -> text for ``TextStream``, appending only the new tokens' bytes (cost per token does not grow)."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.buf = bytearray()
+        self.n = 0
+
+    def __call__(self, ids: list[int]) -> str:
+        for tok in ids[self.n:]:
+            self.buf += self.model.piece(tok)
+        self.n = len(ids)
+        return self.buf.decode("utf-8", "replace")
+
+
+def generate(model: Model, ctx: Context, tokens: list[int], settings: GenerationSettings) -> Iterator[str]:
+    """Stream the continuation of ``tokens`` in sequence 0 of ``ctx`` (cleared first): text pieces, stop strings held back."""
+    if not tokens:
+        raise InputError("The prompt is empty.", "send at least one token of prompt")
+    check_fits(len(tokens), settings, ctx.n_ctx)
+    sampler = SamplerChain(model, settings)
+    text = TextStream(Detokenizer(model), settings.stop)
+    try:
+        ctx.clear()
+        ctx.eval(tokens)
+        pos = len(tokens)
+        for _ in range(settings.max_tokens):
+            token = sampler.sample(ctx, -1)
+            if model.is_eog(token):
+                break
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+            if pos >= ctx.n_ctx:
+                break
+            ctx.eval([token], pos)
+            pos += 1
+        rest = text.flush()
+        if rest:
+            yield rest
+    finally:
+        sampler.close()
+
+
+def with_buffers(load: LoadSettings, mode: str) -> LoadSettings:
+    """``load`` with another extra-buffer mode (the self-test's fallbacks)."""
+    return replace(load, extra_buffers=mode)

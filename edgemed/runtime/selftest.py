@@ -1,0 +1,247 @@
+"""The host self-test: load a model with the chosen settings and decode a few tokens in a child process.
+
+llama.cpp can crash natively on some hosts (the AMX extra buffer type segfaults on
+Sapphire Rapids, llama.cpp #20824); a crash in process would take the whole command
+with it, with no message. So before a model that will compute is loaded in process,
+``ensure`` looks up this host's verdict for the settings and the model's weight types,
+and runs the check once in a child process when there is none. A child killed by a
+signal becomes one paragraph (which signal, the build, the setting that avoids it, how
+to persist it). When the asked settings crash and a safer extra-buffer mode passes,
+that mode is used and the switch is said once (a warning).
+
+Verdicts are cached in ``$EDGEMED_CACHE_DIR/selftest/verdicts.json`` keyed by a digest
+of: llama-cpp-python's version, the build's system info, the host's CPU flags, the
+settings that change which kernels run (extra buffers, GPU layers, flash attention,
+KV types, mmap) and the model's weight types. Any of them changing runs the check again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from edgemed import env
+from edgemed.errors import ModelLoadError
+from edgemed.runtime import buffers
+from edgemed.runtime.engine import LoadSettings
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()  # crash notices already given in this process
+
+#: Seconds the child may take to load and decode before it counts as hung.
+TIMEOUT_S = 600
+#: Tokens the child decodes after its prompt (the AMX crash comes on the first decode).
+DECODE_TOKENS = 4
+CHECK_PROMPT = "The patient presents with chest pain and"
+#: Settings fields that change which native code runs (threads and context sizes do not).
+KEYED_FIELDS = ("extra_buffers", "n_gpu_layers", "flash_attn", "type_k", "type_v", "use_mmap")
+
+
+@dataclass(frozen=True)
+class Host:
+    """What a verdict depends on, besides the settings and the model."""
+
+    llama_cpp_version: str
+    system_info: str
+    cpu_flags: tuple[str, ...]
+
+    @classmethod
+    def current(cls) -> "Host":
+        import llama_cpp
+
+        from edgemed.runtime.llamacpp import build
+
+        return cls(getattr(llama_cpp, "__version__", "?"), build().system_info, tuple(sorted(cpu_flags())))
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        for line in cpuinfo.read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("model name") or line.startswith("Model"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def describe_host() -> str:
+    """One line for logs and CI: the CPU, llama.cpp's build features and the extra buffers ``auto`` picks."""
+    from edgemed.runtime.llamacpp import build
+
+    info = build()
+    mode = buffers.resolve("auto", info)
+    return (f"{cpu_model()}; llama.cpp build: {info.system_info.strip().rstrip('|').strip()}; "
+            f"extra buffers (auto): {mode}{' (AMX off: llama.cpp #20824)' if info.has_amx else ''}")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The host CPU's flags (x86 ``flags``, Arm ``Features``); empty where unreadable."""
+    try:
+        text = cpuinfo.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    mode: str                  # the concrete extra-buffer mode that was run
+    signal: str | None = None  # e.g. "SIGSEGV" when the child was killed by one
+    detail: str = ""           # the child's last words (no prompt or output text)
+
+
+def weight_types(path: Path) -> tuple[str, ...]:
+    from edgemed.gguf_header import read_header
+
+    return tuple(sorted({t.type_name for t in read_header(path).tensors}))
+
+
+def key(host: Host, load: LoadSettings, types: tuple[str, ...]) -> str:
+    keyed = {name: getattr(load, name) for name in KEYED_FIELDS}
+    fault = os.environ.get(env.FAULT_VAR, "")  # an injected fault is another host, as far as the cache goes
+    blob = json.dumps({"host": asdict(host), "settings": keyed, "weights": list(types), "fault": fault}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _cache_path() -> Path:
+    return env.cache_dir("selftest") / "verdicts.json"
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(_cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(digest: str, verdict: Verdict) -> None:
+    from edgemed.atomic import write_text
+
+    data = _read_cache()
+    data[digest] = asdict(verdict)
+    try:
+        write_text(_cache_path(), json.dumps(data, indent=1, sort_keys=True) + "\n", force=True)
+    except OSError as exc:  # a read-only cache only costs a re-check next time
+        log.warning("could not record the self-test verdict: %s", exc)
+
+
+def run_child(path: Path, load: LoadSettings, timeout: float = TIMEOUT_S) -> Verdict:
+    """Load ``path`` with ``load`` and decode a few tokens in a fresh interpreter; never raises for a crash."""
+    from edgemed.runtime.llamacpp import build
+
+    mode = buffers.resolve(load.extra_buffers, build())
+    args = [sys.executable, "-m", "edgemed.runtime.selftest", str(path), json.dumps(asdict(replace(load, extra_buffers=mode)))]
+    child_env = dict(os.environ, **{env.SELFTEST_CHILD_VAR: "1"})
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=child_env, check=False)
+    except subprocess.TimeoutExpired:
+        return Verdict(False, mode, None, f"no answer within {timeout:.0f} s")
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode == 0 and last.startswith("{"):
+        return Verdict(True, mode, None, last)
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return Verdict(False, mode, name, proc.stderr.strip()[-300:])
+    return Verdict(False, mode, None, (proc.stderr.strip() or last)[-300:])
+
+
+def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None) -> str:
+    """One paragraph for a native crash: what, on which build, what avoids it and how to keep it."""
+    what = f"was killed by {verdict.signal}" if verdict.signal else f"failed ({verdict.detail or 'no output'})"
+    avoid = (f"The setting extra_buffers = \"{passed}\" passes on this host" if passed else
+             "No extra-buffer setting passed either")
+    build = host.system_info.strip().rstrip("|").strip()
+    return (f"llama.cpp {what} loading '{path.name}' and decoding {DECODE_TOKENS} tokens with extra_buffers = "
+            f"\"{verdict.mode}\" (llama-cpp-python {host.llama_cpp_version}; build: {build}). {avoid}. To keep it, "
+            f"copy the device profile's TOML (its path: `edgemed devices show NAME`) into $EDGEMED_PROFILES_DIR, "
+            f"set extra_buffers = \"{passed or 'none'}\" under [llama] (a user profile overrides the shipped one "
+            f"of the same name), and check again with `edgemed devices check MODEL`.")
+
+
+def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True):
+    """The verdict for ``load`` and, when it fails, the first safer mode that passes: (asked, used or None)."""
+    from edgemed.runtime.llamacpp import build
+
+    host = host or Host.current()
+    runner = runner or run_child
+    types = weight_types(path)
+    cache = _read_cache() if use_cache else {}
+    mode = buffers.resolve(load.extra_buffers, build())
+    asked = replace(load, extra_buffers=mode)
+    tried: list[tuple[LoadSettings, Verdict]] = []
+    for candidate in [asked] + [replace(load, extra_buffers=m) for m in buffers.FALLBACKS
+                                if buffers.FALLBACKS.index(m) > buffers.FALLBACKS.index(mode)]:
+        digest = key(host, candidate, types)
+        hit = cache.get(digest)
+        verdict = Verdict(**hit) if isinstance(hit, dict) and set(hit) == {"ok", "mode", "signal", "detail"} else None
+        if verdict is None:
+            verdict = runner(path, candidate)
+            _remember(digest, verdict)
+        tried.append((candidate, verdict))
+        if verdict.ok:
+            break
+    return tried
+
+
+def ensure(path: Path, load: LoadSettings) -> LoadSettings:
+    """Settings safe to load ``path`` with in process: ``load``, or a safer mode that passed (said once)."""
+    if os.environ.get(env.SELFTEST_CHILD_VAR) == "1" or os.environ.get(env.SELFTEST_VAR) == "0":
+        return load
+    tried = check(path, load)
+    first_settings, first = tried[0]
+    used_settings, used = tried[-1]
+    if first.ok:
+        return first_settings
+    host = Host.current()
+    if not used.ok:
+        raise ModelLoadError(crash_paragraph(path, first, host, None),
+                             "run `edgemed devices check MODEL` for the details; report the build line above")
+    notice = crash_paragraph(path, first, host, used.mode) + f" edgemed uses extra_buffers = \"{used.mode}\" now."
+    if notice not in _said:
+        _said.add(notice)
+        log.warning(notice)
+    return used_settings
+
+
+def _child(path: str, settings_json: str) -> None:
+    """Runs in the child: load, decode, print one JSON line (no prompt or output text)."""
+    from edgemed.runtime import llamacpp
+
+    load = LoadSettings(**{k: (tuple(v) if k == "providers" else v) for k, v in json.loads(settings_json).items()})
+    fault = os.environ.get(env.FAULT_VAR, "")
+    if fault and fault == f"selftest-crash:{load.extra_buffers}":
+        os.kill(os.getpid(), signal.SIGSEGV)  # fault injection for the tests: a real native-style death
+    model = llamacpp.Model(Path(path), load, checked=False)
+    ctx = llamacpp.Context(model, load, n_ctx=128, n_batch=64, threads=1)
+    tokens = model.tokenize(CHECK_PROMPT, add_special=True)[:64]
+    ctx.eval(tokens)
+    pos = len(tokens)
+    for _ in range(DECODE_TOKENS):
+        token = int(ctx.logits(-1).argmax())
+        ctx.eval([token], pos)
+        pos += 1
+    print(json.dumps({"ok": True, "decoded": DECODE_TOKENS, "placement": model.placement.describe()}), flush=True)
+    ctx.close()
+    model.close()
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])

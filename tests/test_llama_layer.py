@@ -1,0 +1,212 @@
+"""The one llama.cpp layer, host-safe extra buffers, and the self-test that survives a native crash (issue 11)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.errors import InputError, ModelLoadError
+from edgemed.gguf_header import TensorInfo
+from edgemed.runtime import buffers, selftest
+from edgemed.runtime.engine import LoadSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+AVX2_BUILD = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+# What a native (-DGGML_NATIVE=ON) build prints on a Sapphire Rapids Xeon (AWS m7i)
+AMX_BUILD = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | "
+             "AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1 | "
+             "OPENMP = 1 | REPACK = 1 | ")
+SPR_CPUINFO = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+               "flags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
+
+
+def test_only_the_layer_loads_models_or_creates_contexts():
+    """No module but runtime/llamacpp.py loads a GGUF, creates a context or uses llama-cpp-python's generators."""
+    forbidden = re.compile(r"\bLlama\(|llama_model_load_from_file|llama_init_from_model|create_chat_completion|"
+                           r"create_completion\(")
+    layer = ROOT / "edgemed" / "runtime" / "llamacpp.py"
+    offenders = []
+    for folder in ("edgemed", "converters", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path != layer and forbidden.search(path.read_text(encoding="utf-8")):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+    assert "llama_model_load_from_file" in layer.read_text(encoding="utf-8")
+
+
+# -- host-safe settings as data -------------------------------------------------------------------
+def test_auto_keeps_amx_builds_off_the_amx_buffer():
+    assert buffers.Build(AMX_BUILD).has_amx and not buffers.Build(AVX2_BUILD).has_amx
+    assert buffers.resolve("auto", buffers.Build(AMX_BUILD)) == "repack"
+    assert buffers.resolve("auto", buffers.Build(AVX2_BUILD)) == "all"
+    for mode in ("all", "repack", "none"):
+        assert buffers.resolve(mode, buffers.Build(AMX_BUILD)) == mode
+    with pytest.raises(InputError, match="extra_buffers"):
+        buffers.resolve("amx", buffers.Build(AVX2_BUILD))
+
+
+def test_cpu_flags_of_a_sapphire_rapids_fixture(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text(SPR_CPUINFO)
+    flags = selftest.cpu_flags(info)
+    assert {"amx_int8", "amx_tile", "avx512f"} <= flags
+    assert selftest.cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_only_weights_the_repack_kernels_take_are_pinned():
+    feats = buffers.Build(AVX2_BUILD).features
+    tensors = [TensorInfo("token_embd.weight", "Q4_K", 0, 0, (896, 151936)),       # get_rows too: never
+               TensorInfo("blk.0.ffn_up.weight", "Q4_K", 0, 0, (896, 4864)),
+               TensorInfo("blk.0.attn_q.weight", "Q4_0", 0, 0, (896, 896)),
+               TensorInfo("blk.0.attn_k.weight", "Q4_0", 0, 0, (896, 130)),         # rows not a multiple of 8
+               TensorInfo("blk.0.ffn_down.weight", "Q6_K", 0, 0, (4864, 896)),      # no x86 repack kernel
+               TensorInfo("blk.0.attn_norm.weight", "F32", 0, 0, (896,)),
+               TensorInfo("output.weight", "Q4_K", 0, 0, (896, 151936))]
+    assert buffers.pinned_weights(tensors, feats) == ["blk.0.ffn_up.weight", "blk.0.attn_q.weight", "output.weight"]
+    assert buffers.pinned_weights(tensors, frozenset({"SSE3"})) == []  # no AVX2: nothing is pinned
+
+
+def test_profiles_carry_the_setting():
+    from edgemed.devices import get_profile
+    from edgemed.devices.schema import validate
+    from edgemed.errors import ProfileError
+
+    data = get_profile("generic").to_dict()
+    data = {k: v for k, v in data.items() if k != "source"}
+    validate(dict(data, llama=dict(data["llama"], extra_buffers="none")), "t.toml")
+    with pytest.raises(ProfileError, match="extra_buffers"):
+        validate(dict(data, llama=dict(data["llama"], extra_buffers="amx")), "t.toml")
+
+
+# -- the real layer ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def q4_0_gguf(smollm2_gguf):
+    """SmolLM2 requantized to Q4_0 (the type the CPU repack kernels take on x86), cached."""
+    import ctypes
+
+    import llama_cpp
+
+    from tests.conftest import TEST_CACHE
+
+    out = TEST_CACHE / "smollm2-q4_0.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True
+        tmp = out.with_suffix(".partial")
+        assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(tmp).encode(), ctypes.byref(params)) == 0
+        tmp.replace(out)
+    return out
+
+
+def _native_log(capfd, path, mode) -> tuple[str, list]:
+    from edgemed.runtime import llamacpp
+
+    logging.getLogger("edgemed").setLevel(logging.DEBUG)  # the layer lets llama.cpp's log through at DEBUG
+    try:
+        capfd.readouterr()
+        model = llamacpp.Model(path, LoadSettings(n_ctx=128, n_threads=1, extra_buffers=mode), checked=False)
+        ctx = llamacpp.Context(model, n_ctx=128)
+        logits = ctx.eval(model.tokenize("Anaphylaxis is treated with", add_special=True))
+        log = capfd.readouterr().err
+        ctx.close()
+        model.close()
+    finally:
+        logging.getLogger("edgemed").setLevel(logging.NOTSET)
+    return log, logits
+
+
+def test_repack_mode_keeps_cpu_repack_without_amx(capfd, q4_0_gguf):
+    from edgemed.runtime.llamacpp import build
+
+    if not {"REPACK", "AVX2"} <= build().features:
+        pytest.skip("this llama.cpp build has no CPU_REPACK kernels for x86 (needs AVX2 and REPACK)")
+    log_repack, repacked = _native_log(capfd, q4_0_gguf, "repack")
+    log_none, plain = _native_log(capfd, q4_0_gguf, "none")
+    assert "CPU_REPACK model buffer size" in log_repack and "AMX" not in log_repack
+    assert "CPU_REPACK" not in log_none
+    assert abs(repacked - plain).max() < 0.05 * abs(plain).max()  # same model, other kernel layout
+
+
+def test_engine_reports_where_weights_went(smollm2_gguf):
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    with LlamaEngine(smollm2_gguf, LoadSettings(n_ctx=256, n_threads=1, extra_buffers="none")) as engine:
+        assert engine.model.placement.mode == "none"
+        assert engine.load.extra_buffers == "none"
+
+
+# -- the self-test ------------------------------------------------------------------------------
+def test_devices_check_reports_a_native_crash_as_one_paragraph(smollm2_gguf, monkeypatch, tmp_path):
+    from edgemed.cli import cli
+
+    monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEMED_FAULT", "selftest-crash:all")  # the child kills itself with SIGSEGV
+    result = CliRunner().invoke(cli, ["devices", "check", str(smollm2_gguf), "--extra-buffers", "all"])
+    assert result.exit_code == 1, result.output
+    text = result.output
+    assert "killed by SIGSEGV" in text and "extra_buffers = \"all\"" in text
+    assert "llama-cpp-python" in text and "REPACK" in text               # the build info
+    assert "extra_buffers = \"repack\" passes" in text and "$EDGEMED_PROFILES_DIR" in text
+    assert "Traceback" not in text
+    ok = CliRunner().invoke(cli, ["devices", "check", str(smollm2_gguf), "--extra-buffers", "none"])
+    assert ok.exit_code == 0 and ok.output.startswith("ok:")
+
+
+def _counting():
+    calls = []
+
+    def runner(path, load):
+        calls.append(load.extra_buffers)
+        return selftest.Verdict(load.extra_buffers != "all", load.extra_buffers, None if load.extra_buffers != "all" else "SIGSEGV")
+    return calls, runner
+
+
+def test_verdicts_are_cached_and_redone_when_build_flags_or_settings_change(smollm2_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
+    host = selftest.Host("0.3.36", AVX2_BUILD, ("avx2", "avx512f"))
+    load = LoadSettings(extra_buffers="none")
+    calls, runner = _counting()
+    assert selftest.check(smollm2_gguf, load, host=host, runner=runner)[0][1].ok
+    selftest.check(smollm2_gguf, load, host=host, runner=runner)
+    assert calls == ["none"]                                                     # reused
+    selftest.check(smollm2_gguf, load, host=replace(host, system_info=AMX_BUILD), runner=runner)
+    selftest.check(smollm2_gguf, load, host=replace(host, cpu_flags=("amx_int8", "avx2")), runner=runner)
+    selftest.check(smollm2_gguf, replace(load, flash_attn=True), host=host, runner=runner)
+    selftest.check(smollm2_gguf, replace(load, n_threads=7), host=host, runner=runner)  # threads: same kernels
+    assert calls == ["none"] * 4
+
+
+def test_crashing_default_falls_back_to_safe_settings_and_says_so_once(smollm2_gguf, monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEMED_FAULT", "selftest-crash:all")
+    monkeypatch.delenv("EDGEMED_SELFTEST", raising=False)
+    load = LoadSettings(n_ctx=256, n_threads=1, extra_buffers="all")
+    with caplog.at_level(logging.WARNING, logger="edgemed"):
+        first = selftest.ensure(smollm2_gguf, load)
+        second = selftest.ensure(smollm2_gguf, load)                             # from the cache, no child
+    assert first.extra_buffers == second.extra_buffers == "repack"
+    notices = [r for r in caplog.records if "killed by SIGSEGV" in r.getMessage()]
+    assert len(notices) == 1 and "uses extra_buffers = \"repack\"" in notices[0].getMessage()
+
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    with LlamaEngine(smollm2_gguf, load) as engine:                                # the engine takes the safe mode
+        assert engine.load.extra_buffers == "repack"
+
+
+def test_when_every_mode_crashes_loading_is_refused_clearly(smollm2_gguf, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
+    def crash(path, load):
+        return selftest.Verdict(False, load.extra_buffers, "SIGSEGV")
+
+    monkeypatch.setattr(selftest, "run_child", crash)
+    with pytest.raises(ModelLoadError, match="killed by SIGSEGV") as info:
+        selftest.ensure(smollm2_gguf, LoadSettings(extra_buffers="all"))
+    assert "No extra-buffer setting passed" in str(info.value)
