@@ -20,13 +20,12 @@ import json
 import logging
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgemed import __version__, env
-from edgemed.atomic import atomic_path, check_destination
+from edgemed.atomic import atomic_path, check_destination, scratch_dir
 from edgemed.converters import arch_spec
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.errors import InputError, ParityError
@@ -77,7 +76,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
     if opts.graph not in GRAPHS:
         raise InputError(f"Unknown ONNX graph builder '{opts.graph}'.", f"choose one of: {', '.join(GRAPHS)}")
     env.enforce_offline()
-    check_destination(out, opts.force)
+    check_destination(out, opts.force, kind="onnx")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -102,7 +101,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
     from edgemed.converters.merged_model import load_merged
 
     parity: dict[str, dict] = {}
-    with atomic_path(out, force=opts.force) as tmp, tempfile.TemporaryDirectory(prefix=".edgemed-onnx-", dir=out.parent) as work:
+    with atomic_path(out, force=opts.force, kind="onnx") as tmp, scratch_dir(out.parent, out.name) as work:
         tmp.mkdir()
         work = Path(work)
         t = time.perf_counter()

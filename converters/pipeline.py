@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import __version__, env
-from edgemed.atomic import atomic_path, check_destination, write_text
+from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
 from edgemed.converters import arch_spec
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.converters.gguf_out import FLOAT_TYPES, write_float_gguf
@@ -105,7 +105,7 @@ def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conver
     timings["inspect"] = time.perf_counter() - t0
 
     parity = None
-    with atomic_path(out, force=opts.force) as tmp, tempfile.TemporaryDirectory(prefix=".edgemed-", dir=out.parent) as work:
+    with atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
         t = time.perf_counter()
         if opts.out_type in FLOAT_TYPES:
             write_float_gguf(ckpt, spec, vocab, tmp, opts.out_type, adapter=adapter, metadata=metadata, progress=opts.progress)

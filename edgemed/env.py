@@ -19,6 +19,10 @@ ALLOW_NETWORK_VAR = "EDGEMED_ALLOW_NETWORK"
 PROFILES_VAR = "EDGEMED_PROFILES_DIR"
 #: Extra folders of prompt template files (os.pathsep-separated), each with its own index.toml.
 TEMPLATES_VAR = "EDGEMED_TEMPLATES_DIR"
+#: Tests only: SIGKILL the process at its Nth filesystem step (edgemed.atomic.step); 0 counts without killing.
+KILL_AT_VAR = "EDGEMED_TEST_KILL_AT"
+#: Tests only: append each counted filesystem step ("N what") to this file.
+STEP_LOG_VAR = "EDGEMED_TEST_STEP_LOG"
 #: Set to 0 to skip the host self-test before llama.cpp loads a model in process (runtime/selftest.py).
 SELFTEST_VAR = "EDGEMED_SELFTEST"
 #: Set by the self-test in its child process (the child must not test itself).
@@ -89,3 +93,14 @@ def source_date_epoch() -> int | None:
     """``$SOURCE_DATE_EPOCH`` as an int, if set (reproducible bundle timestamps)."""
     value = os.environ.get(SOURCE_DATE_EPOCH_VAR)
     return int(value) if value else None
+
+def kill_at_step() -> int | None:
+    """``$EDGEMED_TEST_KILL_AT`` (the crash tests' injected kill), or None when unset or not a number."""
+    value = os.environ.get(KILL_AT_VAR, "")
+    return int(value) if value.isdigit() else None
+
+
+def step_log() -> Path | None:
+    """``$EDGEMED_TEST_STEP_LOG``: where the crash tests read the filesystem steps a command takes."""
+    value = os.environ.get(STEP_LOG_VAR)
+    return Path(value) if value else None

@@ -139,7 +139,7 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, 
     memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
     out = Path(out)
     if as_dir:
-        with atomic_path(out, force=force) as tmp:
+        with atomic_path(out, force=force, kind="bundle") as tmp:
             tmp.mkdir()
             entries = []
             for src, rel, role in sources:

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from edgemed.atomic import atomic_path
+from edgemed.atomic import atomic_path, check_destination
 from edgemed.errors import InputError, SignatureError, require
 
 SIG_SCHEMA = "edgemed.signature/1"
@@ -76,12 +76,14 @@ def load_public_key(path: Path):
 
 def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
     """Write a new private key (mode 0600) and its public key next to it; return (public path, key id)."""
+    check_destination(private_out, force)
     ed = _ed25519()
     s = _serialization()
     key = ed.Ed25519PrivateKey.generate()
     public_out = private_out.with_name(private_out.name.removesuffix(".pem") + ".pub.pem")
     pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
     pub = key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
+    check_destination(public_out, force)  # both refused, or both written: never a lone half of a pair
     with atomic_path(public_out, force=force) as tmp:
         tmp.write_bytes(pub)
     with atomic_path(private_out, force=force) as tmp:

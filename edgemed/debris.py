@@ -1,0 +1,240 @@
+"""Owner-tagged debris: every temporary file or folder edgemed makes next to an output.
+
+Names (the only names ``sweep`` ever removes)::
+
+    .LABEL.edgemed-OWNER.RAND[SUFFIX].partial   a temporary file or folder (LABEL: the output's name)
+    .edgemed-OWNER.lock                        its owner, held with flock(LOCK_EX) while the owner lives
+
+OWNER is 16 random hex digits drawn once per process (again after a fork). The owner
+creates and locks ``.edgemed-OWNER.lock`` in a folder before it makes any debris there,
+and unlinks it after its last debris there is gone. The kernel drops the lock when the
+process dies however it dies (SIGKILL, segfault, power cut), so "the owner is gone" is
+"the lock can be taken": no pid to be reused, no clock, and it holds across pid
+namespaces and (with working locks) network file systems. Where locks cannot be taken
+at all, debris counts as live and is left alone.
+
+``sweep(folder)`` removes the debris of gone owners, except an ``ASIDE`` (a directory
+output moved aside during a two-rename replacement) whose output is missing: that one is
+renamed back, so a kill between the two renames leaves the old output in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from edgemed import env
+
+log = logging.getLogger(__name__)
+
+ASIDE = "~aside"
+_DEBRIS = re.compile(r"\.(?P<label>.+)\.edgemed-(?P<owner>[0-9a-f]{16})\.(?P<rand>[0-9a-z]{8})(?P<suffix>.*)\.partial", re.S)
+_LOCK = re.compile(r"\.edgemed-(?P<owner>[0-9a-f]{16})\.lock")
+_MAX_LABEL = 120
+
+_steps = 0
+
+
+def step(what: str) -> None:
+    """Test hook, inert unless ``$EDGEMED_TEST_KILL_AT`` is set: count this filesystem step, and
+    SIGKILL this process at step N (what ``strace -e inject=...:signal=KILL:when=N`` does)."""
+    global _steps
+    at = env.kill_at_step()
+    if at is None:
+        return
+    _steps += 1
+    where = env.step_log()
+    if where is not None:
+        with open(where, "a", encoding="utf-8") as fh:
+            fh.write(f"{_steps} {what}\n")
+    if _steps == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Owner:
+    """This process's owner id and the lock files it holds (folder -> [fd, users])."""
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(8)
+        self.held: dict[str, list[int]] = {}
+        self.mu = threading.Lock()
+
+
+_me = _Owner()
+
+
+def _after_fork() -> None:  # a forked child is a new owner; the locks it inherited stay its parent's
+    global _me
+    _me = _Owner()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _lock_path(folder: Path, owner: str) -> Path:
+    return folder / f".edgemed-{owner}.lock"
+
+
+@contextlib.contextmanager
+def owned(folder: Path) -> Iterator[str]:
+    """Hold this process's owner lock in ``folder`` while the block makes debris there."""
+    import fcntl
+
+    key = os.path.abspath(folder)
+    me = _me
+    with me.mu:
+        entry = me.held.get(key)
+        if entry is not None:
+            entry[1] += 1
+        else:
+            for _ in range(8):
+                path = _lock_path(Path(key), me.token)
+                step("debris.lock")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweeper that is looking at it
+                except OSError:
+                    pass  # no locks on this file system: a sweeper cannot take it either, so it stays live
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False  # a sweeper took it before we locked it, and unlinked it: start again
+                if same:
+                    me.held[key] = entry = [fd, 1]
+                    break
+                os.close(fd)
+            else:
+                raise OSError(f"cannot hold an owner lock in {key}")
+    try:
+        yield me.token
+    finally:
+        with me.mu:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del me.held[key]
+                step("debris.unlock")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_lock_path(Path(key), me.token))
+                os.close(entry[0])
+
+
+def debris_path(folder: Path, label: str, suffix: str = "") -> Path:
+    """A fresh, unused owner-tagged name in ``folder`` (call inside ``owned(folder)``); nothing is created."""
+    label = label[:_MAX_LABEL] or "out"
+    while True:
+        rand = "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+        p = Path(folder) / f".{label}.edgemed-{_me.token}.{rand}{suffix}.partial"
+        if not os.path.lexists(p):
+            return p
+
+
+def is_debris(path: Path) -> bool:
+    return _DEBRIS.fullmatch(Path(path).name) is not None
+
+
+def discard(path: Path) -> None:
+    """Remove one piece of debris (file or folder). Refuses any other name: edgemed deletes only what it made."""
+    path = Path(path)
+    if not is_debris(path):
+        raise ValueError(f"refusing to remove '{path}': not a name edgemed's debris helper made")
+    if path.is_dir() and not path.is_symlink():
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=lambda f, p, exc: _log_rm_error(f, p, (type(exc), exc, None)))
+        else:
+            shutil.rmtree(path, onerror=_log_rm_error)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _log_rm_error(func, p, exc_info) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        log.warning("could not remove debris %s: %s", p, exc_info[1])
+
+
+@contextlib.contextmanager
+def scratch_dir(folder: Path, label: str = "work") -> Iterator[Path]:
+    """A private working folder next to an output, owner-tagged, removed when the block ends."""
+    folder = Path(os.path.abspath(folder))
+    with owned(folder):
+        path = debris_path(folder, label, "~work")
+        step("debris.scratch")
+        path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            discard(path)
+
+
+def sweep(folder: Path) -> list[Path]:
+    """Remove from ``folder`` the debris whose owner is gone (restoring a stranded aside); return what went."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    folder = Path(folder)
+    mine = _me.token
+    pieces: dict[str, list[re.Match]] = {}
+    owners = set()
+    for n in names:
+        if (m := _DEBRIS.fullmatch(n)) is not None:
+            pieces.setdefault(m["owner"], []).append(m)
+        elif (m := _LOCK.fullmatch(n)) is not None:
+            owners.add(m["owner"])
+    gone: list[Path] = []
+    for owner in sorted((set(pieces) | owners) - {mine}):
+        with _if_gone(folder, owner) as dead:
+            if not dead:
+                continue
+            for m in sorted(pieces.get(owner, []), key=lambda m: m["suffix"] != ASIDE):
+                p = folder / m.string
+                target = folder / m["label"]
+                if m["suffix"] == ASIDE and not os.path.lexists(target):
+                    step("debris.restore")
+                    os.rename(p, target)
+                    log.warning("restored %s (a replacement was interrupted)", target)
+                    continue
+                step("debris.sweep")
+                discard(p)
+                gone.append(p)
+    if gone:
+        log.info("removed %d piece(s) of debris left in %s by edgemed runs that died", len(gone), folder)
+    return gone
+
+
+@contextlib.contextmanager
+def _if_gone(folder: Path, owner: str) -> Iterator[bool]:
+    """Yield True, holding its lock, if ``owner`` no longer lives; the lock file goes afterwards."""
+    import fcntl
+
+    path = _lock_path(folder, owner)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True  # the owner locks before its first piece and unlinks after its last
+        return
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False  # held (alive), or no locks here: never touch what may be live
+            return
+        yield True
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                step("debris.sweep-lock")
+                os.unlink(path)
+    finally:
+        os.close(fd)

@@ -1,0 +1,212 @@
+"""The store survives a kill at every filesystem step of install, install --force and remove
+(issue 12 item 4): afterwards `verify` passes on the old model or the new one, and the next
+store operation leaves no staging, no journal and no orphaned blob."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed import atomic
+from edgemed.cli import cli
+from edgemed.packaging.bundle import PackInputs, pack
+from edgemed.packaging.store import Store
+
+import bundle_kit  # noqa: E402
+import crash_kit  # noqa: E402
+from crash_kit import KILLED
+
+
+@pytest.fixture
+def bundles(tmp_path):
+    """Two bundles of one model name, different content: 'old' and 'new'."""
+    src = bundle_kit.inputs(tmp_path / "src")
+    src_new = bundle_kit.inputs(tmp_path / "src-new", n_layers=3)
+    old = pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), tmp_path / "old.edgemed")
+    new = pack(PackInputs(model=src_new["model"], license=src_new["license"], name="tiny"), tmp_path / "new.edgemed")
+    return {"old": (tmp_path / "old.edgemed", old.to_bytes()), "new": (tmp_path / "new.edgemed", new.to_bytes())}
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verify(name: str = "tiny"):
+    return CliRunner().invoke(cli, ["verify", name, "--full", "--json"])
+
+
+def _assert_clean(store: Store) -> None:
+    """What every store operation leaves: no journal, no staging, every blob linked by a model."""
+    assert not (store.root / "journal.json").exists()
+    assert list(store.tmp.iterdir()) == []
+    assert crash_kit.debris(store.root) == []
+    assert all(b.stat().st_nlink >= 2 for b in store.blobs.iterdir())
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+@pytest.mark.parametrize("bundle_form", ["tar", "dir"])
+def test_install_force_killed_at_every_step_keeps_old_or_new(bundles, tmp_path, monkeypatch, exchange, bundle_form):
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    new_path = bundles["new"][0]
+    if bundle_form == "dir":
+        new_path = tmp_path / "new-dir"
+        pack(PackInputs(model=tmp_path / "src-new" / "tiny.gguf", license=tmp_path / "src-new" / "LICENSE", name="tiny"),
+             new_path, as_dir=True)
+    shas = {_sha(bundles["old"][1]): "old", _sha(bundles["new"][1]): "new"}
+
+    def run():
+        Store().install(new_path, force=True)
+
+    Store().install(bundles["old"][0])
+    names = crash_kit.steps(run, tmp_path)
+    assert {"store.journal-done", "store.stage"} <= {s.split()[1] for s in names}, names
+    seen = set()
+    for n in range(1, len(names) + 1):
+        Store().install(bundles["old"][0], force=True)  # start from the old model, settled
+        where = names[n - 1]
+        assert crash_kit.killed_at(run, n) == KILLED, where
+        r = _verify()  # a reader: settles the dead install first (nobody holds the lock)
+        assert r.exit_code == 0, (where, r.output)
+        got = shas[json.loads(r.stdout)["manifest_sha256"]]
+        seen.add(got)
+        with Store().locked():  # the start of any next store operation
+            pass
+        _assert_clean(Store())
+        assert [m["name"] for m in Store().list()] == ["tiny"]
+        assert _verify().exit_code == 0
+    assert seen == {"old", "new"}  # the kills straddle the commit point
+
+
+def test_fresh_install_killed_at_every_step_is_absent_or_whole(bundles, tmp_path, monkeypatch):
+    path = bundles["new"][0]
+    names = crash_kit.steps(lambda: Store(tmp_path / "count").install(path), tmp_path)
+    outcomes = set()
+    for n in range(1, len(names) + 1):
+        monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / f"home-{n}"))
+        where = names[n - 1]
+        assert crash_kit.killed_at(lambda: Store().install(path), n) == KILLED, where
+        r = _verify()
+        if r.exit_code == 0:
+            outcomes.add("installed")
+        else:  # rolled back: not installed at all, and a plain install (no --force) works
+            assert "No model named 'tiny'" in r.output and "not in its index" not in r.output, (where, r.output)
+            outcomes.add("absent")
+            Store().install(path)
+        with Store().locked():  # the next store operation
+            pass
+        _assert_clean(Store())
+        assert _verify().exit_code == 0, where
+    assert outcomes == {"installed", "absent"}
+
+
+def test_remove_killed_at_every_step_is_present_or_gone(bundles, tmp_path):
+    names = crash_kit.steps(lambda: (Store().install(bundles["old"][0]), Store().remove("tiny")), tmp_path)
+    for n in range(1, len(names) + 1):
+        Store().install(bundles["old"][0], force=True)
+        where = names[n - 1]
+        crash_kit.killed_at(lambda: Store().remove("tiny"), n)
+        rows = Store().list()
+        assert len(rows) <= 1 and all("error" not in r for r in rows), (where, rows)  # never DAMAGED
+        if rows:
+            assert _verify().exit_code == 0, where
+        with Store().locked():
+            pass
+        _assert_clean(Store())
+
+
+def test_a_live_install_is_read_through_and_never_swept(bundles, tmp_path):
+    """A reader during another process's install, at its commit point, sees a whole model."""
+    import os
+    import signal
+    import time
+
+    Store().install(bundles["old"][0])
+    steps = crash_kit.steps(lambda: Store().install(bundles["new"][0], force=True), tmp_path)
+    at = next(i for i, s in enumerate(steps, 1) if s.endswith("store.index"))  # journal written, model swapped in
+    Store().install(bundles["old"][0], force=True)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child stops itself at that step, still holding the lock
+        os.environ["EDGEMED_TEST_KILL_AT"] = "0"
+        from edgemed import debris
+
+        real = debris.step
+
+        def pause(what):
+            real(what)
+            if debris._steps == at:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+        debris.step = pause
+        import edgemed.atomic as a
+        import edgemed.packaging.store as st
+
+        a.step = st.step = pause
+        try:
+            Store().install(bundles["new"][0], force=True)
+        finally:
+            os._exit(0)
+    try:
+        for _ in range(200):
+            if os.waitpid(pid, os.WUNTRACED | os.WNOHANG)[0]:
+                break
+            time.sleep(0.02)
+        assert Store().journal_path.exists()
+        r = _verify()
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["manifest_sha256"] == _sha(bundles["new"][1])
+        assert any(Store().tmp.iterdir())  # its staging is live: the reader did not sweep it
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    with Store().locked():
+        pass
+    _assert_clean(Store())
+    assert _verify().exit_code == 0
+
+
+def test_legacy_aside_of_an_older_version_is_restored(bundles):
+    s = Store()
+    s.install(bundles["old"][0])
+    (s.models / "tiny").rename(s.tmp / "old.tiny.12345")  # what an older edgemed left when killed mid-replace
+    with s.locked():
+        pass
+    assert _verify().exit_code == 0 and list(s.tmp.iterdir()) == []
+
+
+def _strace_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-qq", "-o", "/dev/null", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _strace_works(), reason="needs strace (and ptrace permission)")
+def test_install_force_under_strace_kill_at_every_rename(bundles):
+    """The same property without edgemed's hook: the kernel-level kill from strace at each rename syscall."""
+    import os
+    import subprocess
+    import sys
+
+    Store().install(bundles["old"][0])
+    cmd = [sys.executable, "-c", "import sys; from edgemed.cli import cli; cli(sys.argv[1:])", "install", str(bundles["new"][0]), "--force"]
+    calls = "rename,renameat,renameat2"
+    for n in range(1, 30):
+        r = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={calls}", "-e", f"inject={calls}:signal=KILL:when={n}", *cmd],
+                           capture_output=True, env=os.environ.copy(), timeout=300)
+        v = _verify()
+        assert v.exit_code == 0, (n, v.output)
+        with Store().locked():
+            pass
+        _assert_clean(Store())
+        if r.returncode == 0:  # fewer than n renames: every one of them has been killed at
+            break
+        Store().install(bundles["old"][0], force=True)
+    assert n > 3
