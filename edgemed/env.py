@@ -94,6 +94,7 @@ def source_date_epoch() -> int | None:
     value = os.environ.get(SOURCE_DATE_EPOCH_VAR)
     return int(value) if value else None
 
+
 def kill_at_step() -> int | None:
     """``$EDGEMED_TEST_KILL_AT`` (the crash tests' injected kill), or None when unset or not a number."""
     value = os.environ.get(KILL_AT_VAR, "")
