@@ -27,14 +27,17 @@ anything is loaded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgemed.devices.facts import Facts
 from edgemed.devices.profiles import Profile
+from edgemed.devices.schema import MAX_CTX, MAX_THREADS
 from edgemed.errors import InputError, PlanError
 
 MIB = 1 << 20
+MAX_BUDGET_MIB = 1 << 30  # 1 PiB
 CTX_STEP = 256          # llama.cpp pads the KV cache to this; plans use multiples of it
 #: Names the estimate's formula in manifests and plans; bump when the model of memory changes.
 METHOD = "planner/2"  # 2: the repacked copy counts only with mmap
@@ -74,6 +77,25 @@ class ModelShape:
         return self.n_head_kv * max(self.head_dim_k, self.head_dim_v)
 
 
+#: Hyper-parameter (after "<arch>.") -> (smallest, largest) value the planner accepts. A GGUF is untrusted:
+#: a value outside these (or not an integer) is a corrupt or hostile file, refused before any arithmetic.
+HPARAM_RANGES = {
+    "block_count": (1, 1 << 16),
+    "embedding_length": (1, 1 << 20),
+    "attention.head_count": (1, 1 << 16),
+    "attention.head_count_kv": (1, 1 << 16),
+    "attention.key_length": (1, 1 << 16),
+    "attention.value_length": (1, 1 << 16),
+    "feed_forward_length": (0, 1 << 24),
+    "vocab_size": (1, 1 << 24),
+    "context_length": (1, 1 << 30),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_shape(path: Path | str) -> ModelShape:
     """Hyper-parameters and tensor sizes from a GGUF file's header (no tensor data is read)."""
     from edgemed.gguf_header import ArrayLength, read_header
@@ -82,22 +104,31 @@ def read_shape(path: Path | str) -> ModelShape:
     header = read_header(path)
     meta = header.metadata
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str):
+    if not isinstance(arch, str) or not arch:
         raise InputError(f"'{path}' has no general.architecture key.", "re-convert the model with `edgemed convert`")
 
     def hp(name, default=None):
-        value = meta.get(f"{arch}.{name}", default)
+        key = f"{arch}.{name}"
+        value = meta.get(key, default)
         if isinstance(value, list):  # per-layer values (e.g. head_count_kv): the largest is the worst case
-            value = max(value) if value else default
+            if not all(_is_int(v) for v in value):
+                value = "a list holding non-integers"
+            else:
+                value = max(value) if value else default
         if value is None:
-            raise InputError(f"'{path}' lacks the {arch}.{name} key the planner needs.",
+            raise InputError(f"'{path}' lacks the {key} key the planner needs.",
                              "re-convert the model with `edgemed convert`")
-        return int(value)
+        lo, hi = HPARAM_RANGES[name]
+        if not _is_int(value) or not lo <= value <= hi:
+            raise InputError(f"'{path}' has {key} = {value!r}; the planner expects an integer from {lo} to {hi}.",
+                             "the file is damaged or was not written by a GGUF converter: re-convert it with `edgemed convert`")
+        return value
 
     n_embd, n_head = hp("embedding_length"), hp("attention.head_count")
-    head_dim = n_embd // n_head
+    head_dim = max(1, n_embd // n_head)
     tokens = meta.get("tokenizer.ggml.tokens")
-    n_vocab = hp("vocab_size", tokens.length if isinstance(tokens, ArrayLength) else len(tokens or ()))
+    n_tokens = tokens.length if isinstance(tokens, ArrayLength) else len(tokens) if isinstance(tokens, list) else None
+    n_vocab = hp("vocab_size", n_tokens)
     weights = sum(t.n_bytes for t in header.tensors)
     repack = sum(t.n_bytes for t in header.tensors
                  if t.type_name in REPACKED_TYPES and not t.name.startswith("token_embd"))
@@ -185,8 +216,9 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
     opts = profile_settings(profile)
     if requested is not None:
-        if requested < 1:
-            raise InputError(f"--ctx must be positive, got {requested}.", "pass --ctx 2048 or leave it out")
+        if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
+            raise InputError(f"--ctx must be an integer from 1 to {MAX_CTX}, got {requested!r}.",
+                             "pass --ctx 2048 or leave it out")
         est = estimate(shape, requested, **opts)
         if est.total > budget:
             raise PlanError(
@@ -218,14 +250,37 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
     return best, limited_by
 
 
+def budget_from_mib(mib: float) -> int:
+    """A ``--budget-mb`` value in bytes; refuses zero, negative, infinite and NaN sizes."""
+    if not isinstance(mib, (int, float)) or isinstance(mib, bool) or not math.isfinite(mib) or not 0 < mib <= MAX_BUDGET_MIB:
+        raise InputError(f"--budget-mb must be a number above 0 and at most {MAX_BUDGET_MIB}, got {mib!r}.",
+                         "pass the memory the model may use in MiB (e.g. --budget-mb 6000), or leave it out")
+    return int(mib * MIB)
+
+
+def check_threads(n: int | None, what: str = "the thread count") -> int | None:
+    """``n`` when it is a usable thread count (or None: the engine decides); an ``InputError`` otherwise."""
+    if n is None:
+        return None
+    if not _is_int(n) or not 1 <= n <= MAX_THREADS:
+        raise InputError(f"{what} must be an integer from 1 to {MAX_THREADS}, got {n!r}.",
+                         "pass --threads N with N at most the machine's cores, or leave it out to use the profile's")
+    return n
+
+
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
               budget: int | None = None) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given)."""
     shape = read_shape(model)
     budget = profile.budget_bytes(facts) if budget is None else budget
+    if not _is_int(budget) or budget < 0:
+        raise InputError(f"The memory budget must be a whole number of bytes >= 0, got {budget!r}.",
+                         "pass --budget-mb with a finite number of MiB, or leave it out to use the profile's")
     n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx)
     est = estimate(shape, n_ctx, **profile_settings(profile))
-    llama = dict(profile.llama, n_ctx=n_ctx,
-                 n_threads=profile.threads(profile.llama["n_threads"], facts),
-                 n_threads_batch=profile.threads(profile.llama["n_threads_batch"], facts))
+    # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it
+    n_batch = min(profile.llama["n_batch"], n_ctx)
+    llama = dict(profile.llama, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(profile.llama["n_ubatch"], n_batch),
+                 n_threads=check_threads(profile.threads(profile.llama["n_threads"], facts)),
+                 n_threads_batch=check_threads(profile.threads(profile.llama["n_threads_batch"], facts)))
     return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by)

@@ -22,10 +22,10 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, as_json):
     Picks the largest context that fits, or exits with an error saying what to change.
     """
     from edgemed.devices.detect import resolve
-    from edgemed.planner import MIB, make_plan
+    from edgemed.planner import MIB, budget_from_mib, make_plan
 
+    budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
-    budget = int(budget_mb * MIB) if budget_mb else None
     p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))

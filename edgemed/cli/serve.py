@@ -74,12 +74,15 @@ def serve(model, host, port, slots, queue_size, profile, n_ctx, threads, api_key
     /v1 request is written to a hash-chained audit log without its text; check it with
     `edgemed audit verify`, and keep the head hash printed at start and stop somewhere else.
     """
+    import contextlib
     import logging
 
     from edgemed import env
     from edgemed.errors import InputError, require
-    from edgemed.serve.security import ApiKeys, check_bind
+    from edgemed.planner import check_threads
+    from edgemed.serve.security import ApiKeys, bind_socket, check_bind
 
+    check_threads(threads, "--threads")
     keys = ApiKeys.from_file(api_key_file) if api_key_file else None
     check_bind(host, keys)  # before anything is loaded or bound
     require("fastapi", "serve")
@@ -92,37 +95,48 @@ def serve(model, host, port, slots, queue_size, profile, n_ctx, threads, api_key
     from edgemed.serve.batcher import Batcher
     from edgemed.serve.config import ServeConfig
 
-    path, model_id, digest = _identify(model)
-    prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads)
-    if prepared.plan is None:
-        raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).",
-                         "convert it with `edgemed convert ... --quant q4_k_m`")
-    audit_path = audit_log or env.home() / "audit" / f"{model_id}.jsonl"
-    audit = AuditLog(audit_path, content=audit_content)
-    batcher = None
-    try:
-        config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
-                             cors_origins=tuple(cors_origins), max_body_bytes=max_body,
-                             default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit)
-        batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size)
-        batcher.start()
-        app = create_app(batcher, config)
-        click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
-                   f"queue {queue_size}, profile {prepared.profile}", err=True)
-        click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
-                   f"head {audit.head}", err=True)
-        click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
-        if not config.loopback:
-            click.echo("warning: plain HTTP off loopback: keys, prompts and answers cross the network unencrypted; "
-                       "put a TLS-terminating proxy in front, or keep --host 127.0.0.1", err=True)
-        level = logging.getLogger().getEffectiveLevel()
-        uvicorn.run(app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
-                    access_log=True, server_header=False, timeout_graceful_shutdown=10)
-    finally:
-        if batcher is not None:
-            batcher.close()
-        click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
-        audit.close()
+    # Bound first: a taken port (or an address not of this machine) is refused before any model loads,
+    # and no other process can take the port between this check and uvicorn's start.
+    with contextlib.closing(bind_socket(host, port)) as sock:
+        port = sock.getsockname()[1]  # the port the system chose for --port 0
+        path, model_id, digest = _identify(model)
+        prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads)
+        if prepared.plan is None:
+            raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).",
+                             "convert it with `edgemed convert ... --quant q4_k_m`")
+        audit_path = audit_log or env.home() / "audit" / f"{model_id}.jsonl"
+        audit = AuditLog(audit_path, content=audit_content)  # an unwritable path fails here, before the model loads
+        batcher = None
+        try:
+            config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
+                                 cors_origins=tuple(cors_origins), max_body_bytes=max_body,
+                                 default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit)
+            batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size)
+            batcher.start()
+            app = create_app(batcher, config)
+            click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
+                       f"queue {queue_size}, profile {prepared.profile}", err=True)
+            click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
+                       f"head {audit.head}", err=True)
+            click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
+            if not config.loopback:
+                click.echo("warning: plain HTTP off loopback: keys, prompts and answers cross the network unencrypted; "
+                           "put a TLS-terminating proxy in front, or keep --host 127.0.0.1", err=True)
+            level = logging.getLogger().getEffectiveLevel()
+            server = uvicorn.Server(uvicorn.Config(
+                app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
+                access_log=True, server_header=False, timeout_graceful_shutdown=10))
+            try:
+                server.run(sockets=[sock])
+            except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down
+                pass
+            if not server.started:
+                raise SystemExit(3)  # uvicorn logged why (as `uvicorn.run` would exit)
+        finally:
+            if batcher is not None:
+                batcher.close()
+            click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
+            audit.close()
 
 
 @click.group()

@@ -2,16 +2,22 @@
 
 A user profile with the same name as a shipped one replaces it. Each file is
 validated against ``schema.FIELDS`` on load; its name must match its file stem.
+A user's file is untrusted input: it must be a regular file (not a directory, FIFO
+or symlink loop) of at most ``MAX_PROFILE_BYTES`` of UTF-8 TOML nesting at most
+``bounded.MAX_DEPTH`` deep, or loading stops with a ``ProfileError`` naming it.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from edgemed import env
+from edgemed.bounded import MAX_DEPTH, too_deep
 from edgemed.devices.facts import GIB, Facts
 from edgemed.devices.schema import validate
 from edgemed.errors import ProfileError
@@ -20,6 +26,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+#: A profile is about 1 KB of TOML; anything far larger is not one.
+MAX_PROFILE_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -91,11 +101,35 @@ def _shipped_dir():
     return resources.files("edgemed.device_profiles")
 
 
+def _read_text(path: Path) -> str:
+    """A profile file's text: a regular file, at most ``MAX_PROFILE_BYTES``, UTF-8."""
+    fix = f"fix or remove {path} (profiles are small UTF-8 TOML files; see `edgemed devices show generic`)"
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ProfileError(f"{path.name}: not a regular file (a directory, device or FIFO).", fix)
+        if st.st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(f"{path.name}: {st.st_size} bytes, more than the {MAX_PROFILE_BYTES} a profile may have.", fix)
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PROFILE_BYTES + 1)
+    except OSError as exc:  # unreadable, a dangling link or a symlink loop
+        raise ProfileError(f"{path.name}: cannot be read ({exc.strerror or exc}).", fix) from None
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path.name}: more than the {MAX_PROFILE_BYTES} bytes a profile may have.", fix)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path.name}: not UTF-8 text (byte {exc.start}).", f"save {path} as UTF-8") from None
+
+
 def read_profile(path: Path, text: str | None = None) -> Profile:
     """Parse and validate one profile file."""
     source = path.name
+    text = text if text is not None else _read_text(path)
+    if too_deep(text, "toml"):
+        raise ProfileError(f"{source}: arrays or tables nest more than {MAX_DEPTH} deep.", f"fix the structure of {path}")
     try:
-        data = tomllib.loads(text if text is not None else path.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{source}: not valid TOML ({exc}).", f"fix the syntax of {path}") from None
     validate(data, source)

@@ -7,6 +7,7 @@ so a typo in a user's profile never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from edgemed.errors import ProfileError
@@ -16,27 +17,35 @@ KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 EXTRA_BUFFER_MODES = ("auto", "all", "repack", "none")
 THREAD_WORDS = ("physical", "performance")
 
+# Upper bounds: a profile is user input, and these values size allocations in llama.cpp
+# (n_batch tokens of batch buffers per sequence, n_ctx of KV cache, a thread pool).
+MAX_THREADS = 1024          # more than any edge device (or server) has cores
+MAX_CTX = 1 << 21           # 2M tokens: above every model's trained context today
+MAX_BATCH = 1 << 16         # llama.cpp's own defaults are 2048 / 512
+MAX_GPU_LAYERS = 1 << 16    # "every layer" is -1; a count past any model's depth means the same
+MAX_GB = 1 << 20            # 1 PiB of memory: a larger (or infinite) size is a typo
+MAX_PRIORITY = 1_000_000
+
 Check = Callable[[Any], "str | None"]  # returns what was expected, or None when the value is fine
 
 
-def _int(lo: int | None = None) -> Check:
+def _int(lo: int, hi: int) -> Check:
     def check(v):
-        ok = isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
-        return None if ok else f"an integer{'' if lo is None else f' >= {lo}'}"
+        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        return None if ok else f"an integer from {lo} to {hi}"
     return check
 
 
-def _num(lo: float = 0.0, hi: float | None = None, open_lo: bool = False) -> Check:
+def _num(lo: float = 0.0, hi: float = MAX_GB, open_lo: bool = False) -> Check:
     def check(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        ok = ok and (v > lo if open_lo else v >= lo) and (hi is None or v <= hi)
-        bound = f"{'>' if open_lo else '>='} {lo}" + ("" if hi is None else f" and <= {hi}")
-        return None if ok else f"a number {bound}"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if open_lo else v >= lo) and v <= hi
+        return None if ok else f"a finite number {'>' if open_lo else '>='} {lo} and <= {hi}"
     return check
 
 
 def _str(v):
-    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+    return None if isinstance(v, str) and v.strip() and len(v) <= 4096 else "a non-empty string (at most 4096 characters)"
 
 
 def _bool(v):
@@ -44,25 +53,25 @@ def _bool(v):
 
 
 def _str_list(v):
-    ok = isinstance(v, list) and all(isinstance(x, str) and x for x in v)
-    return None if ok else "a list of strings"
+    ok = isinstance(v, list) and len(v) <= 256 and all(isinstance(x, str) and x and len(x) <= 256 for x in v)
+    return None if ok else "a list of at most 256 non-empty strings"
 
 
 def _one_of(*choices: str) -> Check:
-    return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+    return lambda v: None if isinstance(v, str) and v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
 def _threads(v):
-    if v in THREAD_WORDS or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+    if (isinstance(v, str) and v in THREAD_WORDS) or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_THREADS):
         return None
-    return "an integer >= 1, or one of " + ", ".join(repr(w) for w in THREAD_WORDS)
+    return f"an integer from 1 to {MAX_THREADS}, or one of " + ", ".join(repr(w) for w in THREAD_WORDS)
 
 
 # (section, key) -> (check, required). Section "" is the top level.
 FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("", "name"): (_str, True),
     ("", "description"): (_str, True),
-    ("", "priority"): (_int(0), True),
+    ("", "priority"): (_int(0, MAX_PRIORITY), True),
     ("", "recommended_quant"): (_str, True),
     ("match", "platform"): (_str, True),
     ("match", "model_contains"): (_str_list, False),
@@ -75,10 +84,10 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("memory", "unified"): (_bool, True),
     ("llama", "n_threads"): (_threads, True),
     ("llama", "n_threads_batch"): (_threads, True),
-    ("llama", "n_gpu_layers"): (_int(-1), True),
-    ("llama", "n_ctx"): (_int(256), True),
-    ("llama", "n_batch"): (_int(1), True),
-    ("llama", "n_ubatch"): (_int(1), True),
+    ("llama", "n_gpu_layers"): (_int(-1, MAX_GPU_LAYERS), True),
+    ("llama", "n_ctx"): (_int(256, MAX_CTX), True),
+    ("llama", "n_batch"): (_int(1, MAX_BATCH), True),
+    ("llama", "n_ubatch"): (_int(1, MAX_BATCH), True),
     ("llama", "flash_attn"): (_bool, True),
     ("llama", "type_k"): (_one_of(*KV_CACHE_TYPES), True),
     ("llama", "type_v"): (_one_of(*KV_CACHE_TYPES), True),
@@ -87,9 +96,14 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("llama", "extra_buffers"): (_one_of(*EXTRA_BUFFER_MODES), False),
     ("onnx", "providers"): (_str_list, True),
     ("onnx", "intra_op_threads"): (_threads, True),
-    ("onnx", "inter_op_threads"): (_int(1), True),
+    ("onnx", "inter_op_threads"): (_int(1, MAX_THREADS), True),
 }
 SECTIONS = sorted({section for section, _ in FIELDS if section})
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def validate(data: dict, source: str) -> None:
@@ -100,6 +114,8 @@ def validate(data: dict, source: str) -> None:
                            f"fix '{field}' in {source} (see `edgemed devices show generic` for a valid profile)")
 
     for key, value in data.items():
+        if key in SECTIONS and not isinstance(value, dict):
+            fail(key, f"expected a [{key}] table, got {_short(value)}")
         if isinstance(value, dict):
             if key not in SECTIONS:
                 fail(key, f"unknown section (expected one of {', '.join(SECTIONS)})")
@@ -117,7 +133,7 @@ def validate(data: dict, source: str) -> None:
             continue
         expected = check(table[key])
         if expected:
-            fail(field, f"expected {expected}, got {table[key]!r}")
+            fail(field, f"expected {expected}, got {_short(table[key])}")
     if data["llama"]["n_ubatch"] > data["llama"]["n_batch"]:
         fail("llama.n_ubatch", f"must not exceed llama.n_batch ({data['llama']['n_batch']})")
     match = data.get("match", {})

@@ -91,9 +91,67 @@ def _refuse_type(m: tarfile.TarInfo, where: Path) -> None:
             raise UnsafeArchive(f"{where} holds {what}; bundles hold only regular files.", _FIX)
     if not m.isreg():
         raise UnsafeArchive(f"{where} holds '{m.name}' of unsupported type {m.type!r}.", _FIX)
+    if m.size < 0:
+        raise UnsafeArchive(f"{where}: '{m.name}' declares a negative size ({m.size}).", _FIX)
 
 
 Sink = Callable[[FileEntry, BinaryIO], str]
+
+
+def _open(path: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, "r|")  # stream mode, uncompressed only
+    except tarfile.ReadError:
+        raise UnsafeArchive(f"'{path}' is not an uncompressed tar bundle.", "pass a .edgemed file made by `edgemed pack` (not gzip'd)") from None
+    except OSError as exc:
+        raise IntegrityError(f"Cannot read '{path}': {exc.strerror or exc}.", "check the path and its permissions") from None
+
+
+def _files(tf: tarfile.TarFile, path: Path):
+    """(name, member) for each file entry, after the checks every entry gets: a safe name, a regular file.
+
+    Directory entries are skipped (a directory cannot hold data; names are checked all the same).
+    """
+    for m in tf:
+        name = check_relpath(m.name.rstrip("/") if m.isdir() else m.name, f"archive {path.name}")
+        if not m.isdir():
+            _refuse_type(m, path)
+            yield name, m
+
+
+def _read_small(tf: tarfile.TarFile, m: tarfile.TarInfo, path: Path) -> bytes:
+    data = tf.extractfile(m).read(m.size)
+    if len(data) != m.size:
+        raise IntegrityError(f"{path} is truncated inside '{m.name}' ({len(data)} of {m.size} bytes).", "copy the bundle again and verify")
+    return data
+
+
+def _read_head(tf: tarfile.TarFile, files, path: Path) -> tuple[Manifest, bytes, bytes | None, tuple | None]:
+    """The one rule for a bundle's head, used by ``read_tar`` and ``peek_tar`` alike.
+
+    The first file entry is ``manifest.json`` (at most ``MAX_MANIFEST_BYTES``), checked before
+    anything else is read; the second may be ``manifest.sig`` (at most ``MAX_SIGNATURE_BYTES``).
+    Returns (manifest, its bytes, signature bytes or None, the next (name, member) or None).
+    """
+    first = next(files, None)
+    if first is None:
+        raise IntegrityError(f"{path} holds no manifest.json.", _FIX)
+    name, m = first
+    if name != MANIFEST or m.size > MAX_MANIFEST_BYTES:
+        raise UnsafeArchive(f"{path}: the first entry is '{name}' ({m.size} bytes), not manifest.json "
+                            f"(of at most {MAX_MANIFEST_BYTES} bytes).", _FIX)
+    data = _read_small(tf, m, path)
+    manifest = Manifest.from_bytes(data, str(path))
+    sig, after = None, next(files, None)
+    if after is not None and after[0] == SIGNATURE:
+        if after[1].size > MAX_SIGNATURE_BYTES:
+            raise UnsafeArchive(f"{path}: manifest.sig declares {after[1].size} bytes (at most {MAX_SIGNATURE_BYTES}).", _FIX)
+        sig, after = _read_small(tf, after[1], path), next(files, None)
+    return manifest, data, sig, after
+
+
+def _damaged(path: Path, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"{path} is damaged or truncated ({exc}).", "copy the bundle again and verify")
 
 
 def read_tar(path: Path, sink: Sink, check_space: Path | None = None,
@@ -104,48 +162,22 @@ def read_tar(path: Path, sink: Sink, check_space: Path | None = None,
     signature, if any) have been read, before any file data: signature checks go there.
     ``check_space``: a directory whose file system must hold the declared bytes.
     """
-    try:
-        tf = tarfile.open(path, "r|")  # stream mode, uncompressed only
-    except tarfile.ReadError:
-        raise UnsafeArchive(f"'{path}' is not an uncompressed tar bundle.", "pass a .edgemed file made by `edgemed pack` (not gzip'd)") from None
-    manifest = manifest_bytes = sig_bytes = None
     seen: set[str] = set()
-    started = False
-
-    def begin() -> None:
-        nonlocal started
-        if started:
-            return
-        started = True
-        total = manifest.total_bytes
-        if total > env.max_bundle_bytes():
-            raise UnsafeArchive(f"{path} declares {total} bytes, more than the {env.max_bundle_bytes()} allowed "
-                                f"(${env.MAX_BUNDLE_VAR}).", f"raise ${env.MAX_BUNDLE_VAR} if this bundle is expected to be that large")
-        if check_space is not None and total > shutil.disk_usage(check_space).free:
-            raise UnsafeArchive(f"{path} declares {total} bytes; only {shutil.disk_usage(check_space).free} are free at {check_space}.",
-                                "free disk space, or install somewhere larger (EDGEMED_HOME)")
-        if on_manifest is not None:
-            on_manifest(manifest, manifest_bytes, sig_bytes)
-
-    with tf:
+    with _open(path) as tf:
         try:
-            for m in tf:
-                name = check_relpath(m.name.rstrip("/") if m.isdir() else m.name, f"archive {path.name}")
-                if m.isdir():
-                    continue
-                _refuse_type(m, path)
-                if manifest is None:
-                    if name != MANIFEST or m.size > MAX_MANIFEST_BYTES:
-                        raise UnsafeArchive(f"{path}: the first entry is '{name}' ({m.size} bytes), not manifest.json.", _FIX)
-                    manifest_bytes = tf.extractfile(m).read(m.size)
-                    manifest = Manifest.from_bytes(manifest_bytes, str(path))
-                    continue
-                if name == SIGNATURE and not seen and sig_bytes is None:
-                    if m.size > MAX_SIGNATURE_BYTES:
-                        raise UnsafeArchive(f"{path}: manifest.sig declares {m.size} bytes.", _FIX)
-                    sig_bytes = tf.extractfile(m).read(m.size)
-                    continue
-                begin()
+            files = _files(tf, path)
+            manifest, manifest_bytes, sig_bytes, member = _read_head(tf, files, path)
+            total = manifest.total_bytes
+            if total > env.max_bundle_bytes():
+                raise UnsafeArchive(f"{path} declares {total} bytes, more than the {env.max_bundle_bytes()} allowed "
+                                    f"(${env.MAX_BUNDLE_VAR}).", f"raise ${env.MAX_BUNDLE_VAR} if this bundle is expected to be that large")
+            if check_space is not None and total > shutil.disk_usage(check_space).free:
+                raise UnsafeArchive(f"{path} declares {total} bytes; only {shutil.disk_usage(check_space).free} are free at {check_space}.",
+                                    "free disk space, or install somewhere larger (EDGEMED_HOME)")
+            if on_manifest is not None:
+                on_manifest(manifest, manifest_bytes, sig_bytes)
+            while member is not None:
+                name, m = member
                 entry = manifest.entry(name)
                 if entry is None:
                     raise IntegrityError(f"{path}: extra file '{name}' is not listed in the manifest.", _FIX)
@@ -158,11 +190,9 @@ def read_tar(path: Path, sink: Sink, check_space: Path | None = None,
                 if digest != entry.sha256:
                     raise IntegrityError(f"'{name}' does not match the manifest: expected sha256 {entry.sha256}, actual {digest}.",
                                          "the bundle is damaged or was altered; get a fresh copy and verify again")
+                member = next(files, None)
         except tarfile.TarError as exc:
-            raise IntegrityError(f"{path} is damaged or truncated ({exc}).", "copy the bundle again and verify") from None
-    if manifest is None:
-        raise IntegrityError(f"{path} holds no manifest.json.", _FIX)
-    begin()
+            raise _damaged(path, exc) from None
     missing = [f.path for f in manifest.files if f.path not in seen]
     if missing:
         raise IntegrityError(f"{path} is incomplete: {', '.join(missing)} listed in the manifest but absent.", "copy the bundle again and verify")
@@ -176,24 +206,9 @@ def hash_sink(entry: FileEntry, src: BinaryIO) -> str:
 
 def peek_tar(path: Path) -> tuple[Manifest, bytes, bytes | None]:
     """Read only the manifest (and signature) at the head of a tar bundle; no file data is hashed."""
-    try:
-        tf = tarfile.open(path, "r|")
-    except tarfile.ReadError:
-        raise UnsafeArchive(f"'{path}' is not an uncompressed tar bundle.", "pass a .edgemed file made by `edgemed pack`") from None
-    with tf:
-        manifest = data = sig = None
-        for m in tf:
-            name = check_relpath(m.name, f"archive {path.name}")
-            _refuse_type(m, path)
-            if manifest is None:
-                if name != MANIFEST or m.size > MAX_MANIFEST_BYTES:
-                    raise UnsafeArchive(f"{path}: the first entry is '{name}', not manifest.json.", _FIX)
-                data = tf.extractfile(m).read(m.size)
-                manifest = Manifest.from_bytes(data, str(path))
-                continue
-            if name == SIGNATURE and m.size <= MAX_SIGNATURE_BYTES:
-                sig = tf.extractfile(m).read(m.size)
-            break
-    if manifest is None:
-        raise IntegrityError(f"{path} holds no manifest.json.", _FIX)
+    with _open(path) as tf:
+        try:
+            manifest, data, sig, _ = _read_head(tf, _files(tf, path), path)
+        except tarfile.TarError as exc:
+            raise _damaged(path, exc) from None
     return manifest, data, sig

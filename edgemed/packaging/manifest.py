@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
+from edgemed.bounded import MAX_DEPTH, too_deep
 from edgemed.errors import IntegrityError, InputError, UnsafeArchive
 
 SCHEMA = "edgemed.bundle/1"
@@ -60,6 +61,52 @@ def check_relpath(name: str, where: str = "bundle") -> str:
     return str(PurePosixPath(name))
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Top-level fields and their JSON types; a reader must not meet a list where it expects an object.
+_TOP_TYPES = {"name": str, "files": list, "model": dict, "provenance": dict, "card": dict, "memory": dict}
+_REQUIRED = ("name", "files", "model")
+_KIND_NAMES = {str: "a string", list: "a list", dict: "an object"}
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _str_map(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+
+def _need(v) -> bool:
+    return (isinstance(v, dict) and _int(v.get("n_ctx")) and _int(v.get("bytes"))
+            and v.get("fits") in (True, False, None) and _opt(_int)(v.get("budget_bytes")))
+
+
+#: Fields readers print or compute with (inspect, export, the store): (section, key) -> (check, what it must be).
+_FIELD_CHECKS = {
+    ("model", "format"): (lambda v: v in ("gguf", "onnx"), "'gguf' or 'onnx'"),
+    ("model", "arch"): (_opt(lambda v: isinstance(v, str)), "a string"),
+    ("model", "quant"): (_opt(lambda v: isinstance(v, str)), "a string"),
+    ("model", "params"): (_int, "a whole number"),
+    ("model", "context_length"): (_opt(_int), "a whole number"),
+    ("model", "chat_template_sha256"): (_opt(lambda v: isinstance(v, str)), "a string"),
+    ("model", "tokenizer_sha256"): (_opt(lambda v: isinstance(v, str)), "a string"),
+    ("provenance", "built_with"): (_str_map, "an object of version strings"),
+    ("provenance", "min_runtime"): (_str_map, "an object of version strings"),
+    ("memory", "method"): (lambda v: isinstance(v, str), "a string"),
+    ("memory", "by_context"): (lambda v: isinstance(v, dict) and all(_int(x) for x in v.values()), "an object of byte counts"),
+    ("memory", "profiles"): (lambda v: isinstance(v, dict) and all(_need(x) for x in v.values()),
+                             "an object of {n_ctx, bytes, budget_bytes, fits}"),
+}
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str
@@ -86,20 +133,28 @@ class Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise IntegrityError(f"{source}: the manifest is {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} allowed.",
                                  "this is not a bundle made by `edgemed pack`")
+        damaged = "the bundle is damaged or was altered; get a fresh copy and verify again"
+        if too_deep(data):
+            raise IntegrityError(f"{source}: manifest.json nests more than {MAX_DEPTH} levels deep.", damaged)
         try:
             raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IntegrityError(f"{source}: manifest.json is not valid JSON ({exc}).",
-                                 "the bundle is damaged or was altered; get a fresh copy and verify again") from None
+        except ValueError as exc:  # not UTF-8, not JSON, or a number too long to convert
+            raise IntegrityError(f"{source}: manifest.json is not valid JSON ({exc}).", damaged) from None
         if not isinstance(raw, dict):
             raise IntegrityError(f"{source}: manifest.json is not a JSON object.", "get a fresh copy of the bundle")
         schema = raw.get("schema", "")
         family, _, major = str(schema).partition("/")
         if family != SCHEMA.split("/")[0]:
-            raise IntegrityError(f"{source}: not an edgemed bundle manifest (schema {schema!r}).", "pass a bundle made by `edgemed pack`")
+            raise IntegrityError(f"{source}: not an edgemed bundle manifest (schema {_short(schema)}).",
+                                 "pass a bundle made by `edgemed pack`")
         if major != SCHEMA.split("/")[1]:
-            raise IntegrityError(f"{source}: manifest schema {schema!r} is not one this edgemed reads ({SCHEMA}).",
+            raise IntegrityError(f"{source}: manifest schema {_short(schema)} is not one this edgemed reads ({SCHEMA}).",
                                  "upgrade edgemed on this machine: pip install -U edgemed")
+        for key, kind in _TOP_TYPES.items():
+            if key in raw and not isinstance(raw[key], kind) or (key in _REQUIRED and key not in raw):
+                raise IntegrityError(f"{source}: manifest.json field '{key}' is "
+                                     f"{'missing' if key not in raw else 'mistyped: ' + _short(raw[key])} "
+                                     f"(expected {_KIND_NAMES[kind]}).", damaged)
         try:
             files = [FileEntry(**f) for f in raw["files"]]
             man = cls(
@@ -107,18 +162,22 @@ class Manifest:
                 card=dict(raw.get("card") or {}), memory=dict(raw.get("memory") or {}), created=str(raw.get("created", "")),
                 edgemed_version=str(raw.get("edgemed_version", "")), schema=schema,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"{source}: manifest.json is missing or mistypes a field ({exc}).",
-                                 "the bundle is damaged or was altered; get a fresh copy and verify again") from None
+        except TypeError as exc:  # a file entry that is not an object, or has other keys
+            raise IntegrityError(f"{source}: manifest.json has a malformed file entry ({exc}).", damaged) from None
         man.validate(source)
         return man
 
     def validate(self, source: str = "manifest") -> None:
+        if not isinstance(self.name, str):
+            raise IntegrityError(f"{source}: the model name {_short(self.name)} is not a string.", "get a fresh copy of the bundle")
         check_name(self.name)
         if not self.files or len(self.files) > MAX_FILES:
             raise IntegrityError(f"{source}: the manifest lists {len(self.files)} files (1 to {MAX_FILES} allowed).", "get a fresh copy of the bundle")
         seen: set[str] = set()
         for f in self.files:
+            if not isinstance(f.path, str) or not isinstance(f.role, str):
+                raise IntegrityError(f"{source}: a file entry's path or role is not a string ({_short(f.path)}, {_short(f.role)}).",
+                                     "get a fresh copy of the bundle")
             check_relpath(f.path, "manifest")
             if f.path in RESERVED:
                 raise IntegrityError(f"{source}: the manifest lists the reserved name '{f.path}'.", "get a fresh copy of the bundle")
@@ -138,6 +197,11 @@ class Manifest:
                 if str(parent) in seen:
                     raise IntegrityError(f"{source}: '{parent}' is listed both as a file and as a directory.", "get a fresh copy of the bundle")
                 parent = parent.parent
+        for (section, key), (check, expected) in _FIELD_CHECKS.items():
+            table = getattr(self, section)
+            if key in table and not check(table[key]):
+                raise IntegrityError(f"{source}: manifest field {section}.{key} is {_short(table[key])}, not {expected}.",
+                                     "get a fresh copy of the bundle")
         model_path = self.model.get("path")
         if not isinstance(model_path, str) or not any(f.path == model_path or f.path.startswith(model_path + "/") for f in self.files):
             raise IntegrityError(f"{source}: the model path {model_path!r} is not among the listed files.", "get a fresh copy of the bundle")

@@ -29,18 +29,23 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgemed.bounded import MAX_DEPTH, too_deep
 from edgemed.errors import InputError, IntegrityError
 
 log = logging.getLogger(__name__)
 
 FORMAT = "edgemed.audit/1"
 ZERO = "0" * 64
+#: Longest line ``verify`` parses. Records are a few hundred bytes; with ``content`` on they hold a
+#: prompt and an answer (``--max-body`` is 1 MiB by default), so the bound is generous.
+MAX_LINE_BYTES = 64 << 20
 
 #: What a record may hold (besides seq / prev / hash / time / kind). Anything else is a bug, refused.
 FIELDS = {
@@ -84,35 +89,86 @@ class Report:
         return asdict(self)
 
 
+def _read_record(raw: bytes) -> dict:
+    """One complete line as a record; ``ValueError`` (or ``KeyError``) when it is not one."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ValueError(f"longer than {MAX_LINE_BYTES} bytes")
+    if too_deep(raw):
+        raise ValueError(f"nests deeper than {MAX_DEPTH}")
+    rec = json.loads(raw)
+    if not isinstance(rec, dict):
+        raise ValueError("not an object")
+    return rec
+
+
+def _lines(fh):
+    """(complete, line) for each line of ``fh``, reading at most ``MAX_LINE_BYTES + 1`` bytes at a time.
+
+    A line longer than that is yielded cut (its length shows it), and the rest of it is skipped.
+    """
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if raw.endswith(b"\n"):
+            yield True, raw[:-1]
+        elif len(raw) > MAX_LINE_BYTES:
+            while (more := fh.readline(MAX_LINE_BYTES)) and not more.endswith(b"\n"):
+                pass
+            yield True, raw
+        else:
+            yield False, raw
+
+
+def _later_has_seq(lines, seq: int) -> bool:
+    for complete, raw in lines:
+        if not complete:
+            return False
+        try:
+            if _read_record(raw).get("seq") == seq:
+                return True
+        except (ValueError, KeyError):
+            continue
+    return False
+
+
 def verify(path: Path | str, anchor: str | None = None) -> Report:
-    """Check the whole chain of ``path``; stop at the first broken record and say what is wrong."""
+    """Check the whole chain of ``path``; stop at the first broken record and say what is wrong.
+
+    The file is read one line at a time: a line longer than ``MAX_LINE_BYTES`` or nested deeper
+    than ``bounded.MAX_DEPTH`` is reported ``malformed`` without being parsed.
+    """
     path = Path(path)
+    fix = "pass the file given to `edgemed serve --audit-log`"
     try:
-        data = path.read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputError(f"The audit log '{path}' is not a regular file.", fix)
+        fh = open(path, "rb")
     except OSError as exc:
-        raise InputError(f"Cannot read the audit log '{path}': {exc.strerror}.",
-                         "pass the file given to `edgemed serve --audit-log`") from None
-    lines = data.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]
+        raise InputError(f"Cannot read the audit log '{path}': {exc.strerror or exc}.", fix) from None
+    with fh:
+        return _verify(str(path), _lines(fh), anchor)
+
+
+def _verify(path: str, lines, anchor: str | None) -> Report:
     head: str | None = None
     count = 0
 
     def broken(line: int, problem: str, detail: str) -> Report:
-        return Report(str(path), False, count, head, line, problem, detail)
+        return Report(path, False, count, head, line, problem, detail)
 
-    def seq_at(later: int) -> object:
+    number = 0
+    for complete, raw in lines:
+        number += 1
+        if not complete:
+            if raw.strip():
+                return broken(number, "truncated", f"the last line ({len(raw)} bytes) is an incomplete record: "
+                                                   "the file was cut, or a write was interrupted")
+            break
         try:
-            return json.loads(complete[later - 1]).get("seq")
-        except (ValueError, AttributeError):
-            return None
-
-    for number, raw in enumerate(complete, 1):
-        try:
-            rec = json.loads(raw)
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
+            rec = _read_record(raw)
             seq, prev, stored = rec["seq"], rec["prev"], rec["hash"]
-        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError) as exc:
             return broken(number, "malformed", f"line {number} is not an audit record ({exc}); it was edited or damaged")
         if record_hash(rec) != stored:
             return broken(number, "edited", f"record seq {seq} (line {number}) does not match its hash: its content was changed")
@@ -123,7 +179,7 @@ def verify(path: Path | str, anchor: str | None = None) -> Report:
                                             "records at the start of the log were deleted")
         elif prev != head:
             if isinstance(seq, int) and seq > expected:
-                if any(seq_at(later) == expected for later in range(number + 1, len(complete) + 1)):
+                if _later_has_seq(lines, expected):
                     return broken(number, "reordered", f"line {number} holds record seq {seq} where seq {expected} "
                                                        f"belongs, and seq {expected} comes later: records were moved")
                 missing = f"seq {expected}" if seq == expected + 1 else f"seqs {expected}..{seq - 1}"
@@ -139,15 +195,12 @@ def verify(path: Path | str, anchor: str | None = None) -> Report:
         count += 1
         if anchor and stored == anchor:
             anchor = None  # found
-    if tail.strip():
-        return broken(len(complete) + 1, "truncated", f"the last line ({len(tail)} bytes) is an incomplete record: "
-                                                      "the file was cut, or a write was interrupted")
     if count == 0:
         return broken(1, "truncated", "the log is empty: it has no genesis record")
     if anchor:
         return broken(count + 1, "anchor-missing", f"no record has the anchored hash {anchor}: records were cut "
                                                    "from the end, or the whole log was rewritten")
-    return Report(str(path), True, count, head)
+    return Report(path, True, count, head)
 
 
 # -- write ----------------------------------------------------------------------------------------
@@ -161,8 +214,15 @@ class AuditLog:
         self.content = content
         self.failed: str | None = None  # set when a write failed: the server then refuses requests (fail closed)
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fix = "pass --audit-log with a file in a folder this user can write (default: $EDGEMED_HOME/audit/)"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise InputError(f"Cannot open the audit log '{self.path}' for writing: {exc.strerror or exc}.", fix) from None
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # /dev/null would take the records and keep none
+            os.close(self._fd)
+            raise InputError(f"The audit log '{self.path}' is not a regular file.", fix)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -171,6 +231,9 @@ class AuditLog:
                              "give each server its own --audit-log file") from None
         try:
             self._open_chain()
+        except OSError as exc:  # the genesis record could not be written (/proc, a full or read-only disk)
+            os.close(self._fd)
+            raise InputError(f"Cannot write the audit log '{self.path}': {exc.strerror or exc}.", fix) from None
         except BaseException:
             os.close(self._fd)
             raise

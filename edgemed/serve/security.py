@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: Shortest key accepted: 16 characters (e.g. ``secrets.token_urlsafe(32)`` gives 43).
 MIN_KEY_CHARS = 16
 MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))' >> keys.txt"
+#: A key file of 10,000 keys is about half a megabyte; a larger file is the wrong file.
+MAX_KEY_FILE_BYTES = 1 << 20
 
 
 def is_loopback(host: str) -> bool:
@@ -55,6 +57,40 @@ def check_bind(host: str, keys: "ApiKeys | None") -> None:
         f"Refusing to listen on '{host}' without API keys: anyone who can reach this machine could use the model.",
         f"keep the default --host 127.0.0.1, or create a key file ({MAKE_KEY}) and pass --api-key-file keys.txt",
     )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, bound now, so a taken port is found before a model loads.
+
+    ``edgemed serve`` hands this socket to uvicorn: no other process can take the port in between.
+    """
+    import errno
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputError(f"Cannot listen on '{host}': the name does not resolve ({exc}).",
+                         "pass --host with an address of this machine, e.g. 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what uvicorn sets; a live listener still blocks
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(f"Port {port} on {host} is already in use (another server is listening there).",
+                             f"stop that server, or pick a free port: --port {port + 1 if port < 65535 else 8081}") from None
+        if exc.errno == errno.EACCES:
+            raise InputError(f"Not allowed to listen on {where} ({exc.strerror}).",
+                             "use a port of 1024 or above, e.g. --port 8080") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise InputError(f"Cannot listen on {where}: that address does not belong to this machine.",
+                             "pass --host with one of this machine's addresses, or keep 127.0.0.1") from None
+        raise InputError(f"Cannot listen on {where}: {exc.strerror or exc}.", "pass another --host or --port") from None
+    return sock
 
 
 def key_digest(key: str) -> bytes:
@@ -98,13 +134,25 @@ class ApiKeys:
 
     @classmethod
     def from_file(cls, path: Path | str) -> "ApiKeys":
+        """Keys from a regular UTF-8 file of at most ``MAX_KEY_FILE_BYTES``."""
         path = Path(path)
+        fix = f"create it with one key per line: {MAKE_KEY}"
         try:
-            text = path.read_text(encoding="utf-8")
             mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):  # a FIFO would block, a device would never end
+                raise InputError(f"The API key file '{path}' is not a regular file.", fix)
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:
-            raise InputError(f"Cannot read the API key file '{path}': {exc.strerror}.",
-                             f"create it with one key per line: {MAKE_KEY}") from None
+            raise InputError(f"Cannot read the API key file '{path}': {exc.strerror or exc}.", fix) from None
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise InputError(f"The API key file '{path}' is larger than {MAX_KEY_FILE_BYTES} bytes: it is not a key file.",
+                             f"pass the file of keys itself ({MAKE_KEY})")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"The API key file '{path}' is not UTF-8 text (byte {exc.start}).",
+                             f"write the keys as plain text, one per line: {MAKE_KEY}") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("API key file %s is readable by other users; run: chmod 600 %s", path, path)
         return cls.from_lines(text.splitlines(), str(path))

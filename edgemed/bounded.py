@@ -1,0 +1,50 @@
+"""Checks a reader of untrusted text runs before it parses: how deeply the text nests.
+
+``json`` and ``tomllib`` recurse once per nested array or object, so a 100k-deep
+``[[[[...`` exhausts the interpreter's stack (``RecursionError``) instead of being
+refused. ``too_deep`` measures the depth first, skipping string contents, so a
+reader can refuse such input with its own error before handing it to the parser.
+Counting brackets is a fast exact bound: text with at most ``limit`` opening
+brackets cannot nest deeper, and only the rest is scanned character by character.
+"""
+
+from __future__ import annotations
+
+MAX_DEPTH = 64  # edgemed's own files nest 4 deep at most
+
+
+def _scan(text: str, *, comments: bool, literal_quote: bool) -> int:
+    """Deepest nesting of [ and { outside strings (and ``#`` comments when ``comments``)."""
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        elif c == "#" and comments:
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        elif c == '"' or (c == "'" and literal_quote):
+            quote = text[i:i + 3] if text[i:i + 3] == c * 3 else c
+            j = i + len(quote)
+            while j < n and not text.startswith(quote, j):
+                j += 2 if text[j] == "\\" and c == '"' else 1
+            i = j + len(quote)
+            continue
+        i += 1
+    return deepest
+
+
+def too_deep(text: str | bytes, kind: str = "json", limit: int = MAX_DEPTH) -> bool:
+    """True when ``text`` (``kind`` "json" or "toml") nests arrays or objects deeper than ``limit``."""
+    if isinstance(text, bytes):
+        if text.count(b"[") + text.count(b"{") <= limit:
+            return False
+        text = text.decode("utf-8", "replace")
+    elif text.count("[") + text.count("{") <= limit:
+        return False
+    return _scan(text, comments=kind == "toml", literal_quote=kind == "toml") > limit
