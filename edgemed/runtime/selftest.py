@@ -79,8 +79,10 @@ def describe_host() -> str:
 
     info = build()
     mode = buffers.resolve("auto", info)
-    return (f"{cpu_model()}; llama.cpp build: {info.system_info.strip().rstrip('|').strip()}; "
-            f"extra buffers (auto): {mode}{' (AMX off: llama.cpp #20824)' if info.has_amx else ''}")
+    amx = sorted(f for f in cpu_flags() if f.startswith("amx"))
+    return (f"{cpu_model()} (AMX: {', '.join(amx) if amx else 'no'}); llama.cpp build: "
+            f"{info.system_info.strip().rstrip('|').strip()}; "
+            f"extra buffers (auto): {mode}{' (AMX buffer off: llama.cpp #20824)' if info.has_amx else ''}")
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
