@@ -40,6 +40,7 @@ MAX_NAME_BYTES = 1024    # tensor names (llama.cpp allows 63)
 MAX_STRING_BYTES = 64 << 20  # a metadata string kept in memory (chat templates are kilobytes)
 MAX_DIMS = 4             # GGML_MAX_DIMS
 MAX_ENTRIES = 1 << 20    # metadata keys or tensors in one file (real models: hundreds to a few thousand)
+MAX_STRINGS = 1 << 24    # strings in one array, each skipped in turn (vocabularies: 32k-256k, merges up to ~1M)
 _MIN_KV_BYTES = 8 + 4 + 1          # empty key, type, one-byte value
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
 _INT64_MAX = (1 << 63) - 1
@@ -132,7 +133,7 @@ class _Cursor:
             self.skip(size * count, f"the array '{key}'")
             return ArrayLength(count)
         if etype == _STRING:
-            count = self.count(f"strings in '{key}'", 8, 1 << 62)
+            count = self.count(f"strings in '{key}'", 8, MAX_STRINGS)
             for _ in range(count):
                 self.skip(self.length(f"a string in '{key}'", self.size), f"a string in '{key}'")
             return ArrayLength(count)

@@ -193,6 +193,13 @@ def test_item8_deeply_nested_manifest_is_refused_not_a_recursion_error(bundle_di
     assert "nests more than" in run_cli("inspect", bundle_dir)
 
 
+def test_item8_oversized_signature_in_a_bundle_directory_is_not_read(bundle_dir):
+    from edgemed.packaging.manifest import MAX_SIGNATURE_BYTES
+
+    (bundle_dir / "manifest.sig").write_bytes(b"{" + b" " * MAX_SIGNATURE_BYTES + b"}")
+    assert "too large for a signature" in run_cli("inspect", bundle_dir)
+
+
 def test_item8_huge_number_in_manifest_is_refused(bundle_dir):
     from edgemed.packaging.manifest import Manifest
 

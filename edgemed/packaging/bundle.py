@@ -28,7 +28,8 @@ from edgemed.atomic import atomic_path
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
-from edgemed.packaging.manifest import MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURE, FileEntry, Manifest, check_name
+from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, RESERVED, SIGNATURE, FileEntry,
+                                         Manifest, check_name)
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,21 @@ def read_manifest(root: Path) -> tuple[Manifest, bytes, bytes | None]:
     if not mpath.is_file():
         raise IntegrityError(f"'{root}' has no manifest.json: it is not a bundle, or the copy is incomplete.",
                              "pass a bundle made by `edgemed pack` (a .edgemed file or directory)")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise IntegrityError(f"{mpath} is {mpath.stat().st_size} bytes, too large for a manifest.", _DAMAGED)
-    data = mpath.read_bytes()
-    sig = spath.read_bytes() if spath.is_file() else None
+    data = _read_at_most(mpath, MAX_MANIFEST_BYTES, "a manifest")
+    sig = _read_at_most(spath, MAX_SIGNATURE_BYTES, "a signature") if spath.is_file() else None
     return Manifest.from_bytes(data, str(root)), data, sig
+
+
+def _read_at_most(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, refused (not read) when there are more than ``limit``."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"Cannot read {path}: {exc.strerror or exc}.", "check the bundle's permissions, or copy it again") from None
+    if len(data) > limit:
+        raise IntegrityError(f"{path} holds more than {limit} bytes, too large for {what}.", _DAMAGED)
+    return data
 
 
 def _walk(root: Path) -> dict[str, os.stat_result]:
