@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from edgemed.converters.safetensors_header import (  # noqa: F401 (re-exported: the reader's public names)
+    DTYPE_SIZES, parse_safetensors_header, read_safetensors_header,
+)
 from edgemed.errors import CheckpointError
 from edgemed.hashing import files_digest
 
@@ -20,17 +23,107 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
 
 
-def _read_json(path: Path, what: str) -> dict:
+MAX_JSON_BYTES = 64 * 2**20  # config / index files are kilobytes; refuse to slurp a mislabelled blob
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a weight may be stored as
+TORCH_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}  # pickle -> safetensors names
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(path: Path, error: type, what: str, fix: str):
+    """Parse a small JSON file; any failure (missing, a directory, not UTF-8, not JSON) -> ``error``."""
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes is far too large")
         with path.open(encoding="utf-8") as fh:
-            data = json.load(fh)
+            return json.load(fh, parse_constant=_reject_constant)
     except FileNotFoundError:
-        raise CheckpointError(f"{what} '{path}' is missing.", f"copy the complete checkpoint, including {path.name}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{what} '{path}' is not valid JSON ({exc}).", "re-copy the file; it is corrupt or truncated") from None
+        raise error(f"{what} '{path}' is missing.", fix) from None
+    except IsADirectoryError:
+        raise error(f"{what} '{path}' is a directory, not a file.", fix) from None
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc}).", "check the file's permissions") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} '{path}' is not UTF-8 text.", fix) from None
+    except RecursionError:
+        raise error(f"{what} '{path}' is nested too deeply to be a real config.", fix) from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, too-long integers
+        raise error(f"{what} '{path}' is not valid JSON ({exc}).", fix) from None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    data = load_json(path, CheckpointError, what, f"re-copy {path.name} from the source checkpoint; it is missing, corrupt or truncated")
     if not isinstance(data, dict):
-        raise CheckpointError(f"{what} '{path}' must hold a JSON object.", "re-copy the file; it is not a Hugging Face config")
+        raise CheckpointError(f"{what} '{path}' must hold a JSON object, not a {type(data).__name__}.",
+                              "re-copy the file; it is not a Hugging Face config")
     return data
+
+
+# config.json fields the converters read: (keys, kind, upper bound). Bounds keep a corrupt value
+# from sizing an allocation (the vocabulary is planned as a list of vocab_size entries).
+_INT_FIELDS = {"num_hidden_layers": 4096, "hidden_size": 2**20, "vocab_size": 2**24, "num_attention_heads": 2**16,
+               "num_key_value_heads": 2**16, "intermediate_size": 2**22, "max_position_embeddings": 2**31 - 1,
+               "head_dim": 2**16}
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+_ROPE_FLOATS = ("factor", "low_freq_factor", "high_freq_factor", "rope_theta")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(config: dict, path: Path) -> None:
+    """Refuse config.json values the converters would choke on, naming the field and the fix."""
+    where = path / "config.json"
+
+    def bad(key: str, value, want: str, example) -> CheckpointError:
+        return CheckpointError(f"{where}: '{key}' must be {want}, not {json.dumps(value)[:60]}.",
+                               f"fix the value (e.g. \"{key}\": {json.dumps(example)}) or re-export the config with save_pretrained()")
+
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        raise bad("architectures", archs, "a non-empty list of class names", ["LlamaForCausalLM"])
+    for key, top in _INT_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not (_is_int(value) and 0 < value <= top):
+            raise bad(key, value, f"a positive integer (at most {top:,})", 28 if key == "num_hidden_layers" else 64)
+    for key in _FLOAT_FIELDS:
+        value = config.get(key)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise bad(key, value, "a positive number", 1e-6 if key == "rms_norm_eps" else 10000.0)
+    tie = config.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise bad("tie_word_embeddings", tie, "true or false", False)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise bad(key, rope, "an object or null", None)
+        for sub in _ROPE_FLOATS:
+            if rope.get(sub) is not None and not (_is_number(rope[sub]) and rope[sub] > 0):
+                raise bad(f"{key}.{sub}", rope[sub], "a positive number", 8.0)
+        omax = rope.get("original_max_position_embeddings")
+        if omax is not None and not (_is_int(omax) and omax > 0):
+            raise bad(f"{key}.original_max_position_embeddings", omax, "a positive integer", 8192)
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind is not None and not isinstance(kind, str):
+            raise bad(f"{key}.rope_type", kind, "a string", "default")
+    heads, kv, hidden = config.get("num_attention_heads"), config.get("num_key_value_heads"), config.get("hidden_size")
+    if heads and kv and heads % kv:
+        raise CheckpointError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv}).",
+                              "re-copy config.json from the source checkpoint; these values cannot both be right")
+    if heads and hidden and not config.get("head_dim") and hidden % heads:
+        raise CheckpointError(f"{where}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+                              "and no head_dim is given.", "re-copy config.json from the source checkpoint")
 
 
 @dataclass
@@ -60,9 +153,10 @@ class Checkpoint:
                 "pass a Hugging Face model directory (config.json, *.safetensors, tokenizer files)",
             )
         config = _read_json(path / "config.json", "Model config")
+        validate_config(config, path)
         shards = cls._safetensors_files(path)
         if shards:
-            return cls(path, config, cls._index_safetensors(shards))
+            return cls(path, config, _float_only(cls._index_safetensors(shards)))
         pickles = sorted({p for pat in PICKLE_PATTERNS for p in path.glob(pat)})
         if not pickles:
             raise CheckpointError(
@@ -74,7 +168,7 @@ class Checkpoint:
                 f"'{path}' has only pickle weights ({', '.join(p.name for p in pickles)}); loading a pickle can run arbitrary code.",
                 "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its origin",
             )
-        return cls(path, config, cls._index_pickles(pickles), pickle_files=pickles)
+        return cls(path, config, _float_only(cls._index_pickles(pickles)), pickle_files=pickles)
 
     @staticmethod
     def _safetensors_files(path: Path) -> list[Path]:
@@ -83,6 +177,10 @@ class Checkpoint:
             weight_map = _read_json(index, "Safetensors index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"'{index}' has no weight_map.", "re-copy the index file from the source checkpoint")
+            for name in weight_map.values():  # shard names are plain files of this directory, never paths elsewhere
+                if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                    raise CheckpointError(f"'{index}' names a shard {json.dumps(name)[:80]}, which is not a file name in '{path}'.",
+                                          "re-copy the index file from the source checkpoint")
             files = sorted({path / name for name in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:
@@ -97,7 +195,10 @@ class Checkpoint:
     def _index_safetensors(files: list[Path]) -> dict[str, TensorRef]:
         refs: dict[str, TensorRef] = {}
         for file in files:
-            for name, (dtype, shape) in _safetensors_header(file).items():
+            for name, (dtype, shape) in read_safetensors_header(file).items():
+                if name in refs:
+                    raise CheckpointError(f"Tensor '{name}' is in both '{refs[name].file.name}' and '{file.name}'.",
+                                          "remove stray shards: keep only those the checkpoint's index lists")
                 refs[name] = TensorRef(name, tuple(shape), dtype, file)
         return refs
 
@@ -107,9 +208,16 @@ class Checkpoint:
 
         refs: dict[str, TensorRef] = {}
         for file in files:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for a corrupt or hostile pickle
+                raise CheckpointError(f"Cannot read pickle weights '{file}': {exc}.",
+                                      "re-copy the file, or convert the checkpoint to safetensors") from None
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise CheckpointError(f"'{file}' does not hold a state dict of tensors.", "pass the model's saved state_dict")
             for name, t in state.items():
-                refs[name] = TensorRef(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), file)
+                dtype = str(t.dtype).removeprefix("torch.")
+                refs[name] = TensorRef(name, tuple(t.shape), TORCH_DTYPES.get(dtype, dtype), file)
         return refs
 
     # -- facts ----------------------------------------------------------------------------
@@ -183,35 +291,13 @@ class Checkpoint:
             by_file.clear()
 
 
-def _safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
-    """Parse a safetensors header and check it against the file size (catches truncation)."""
-    import struct
-
-    try:
-        size = file.stat().st_size
-        with file.open("rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) < 8:
-                raise ValueError("file is shorter than the 8-byte header length")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > size - 8:
-                raise ValueError(f"header length {header_len} exceeds the file size {size}")
-            header = json.loads(fh.read(header_len))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"Weights file '{file}' is corrupt: {exc}.", "re-copy the file from the source checkpoint") from None
-    out: dict[str, tuple[str, list[int]]] = {}
-    data_end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            out[name] = (info["dtype"], list(info["shape"]))
-            data_end = max(data_end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise CheckpointError(f"Weights file '{file}' has a malformed entry for '{name}'.", "re-copy the file") from None
-    if 8 + header_len + data_end > size:
-        raise CheckpointError(
-            f"Weights file '{file}' is truncated: its header needs {8 + header_len + data_end} bytes, the file has {size}.",
-            "re-copy the file; the copy did not complete",
-        )
-    return out
+def _float_only(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """Refuse integer / bool / 8-bit tensors: a weight must be floating point (GPTQ, AWQ or a damaged header are not)."""
+    for ref in refs.values():
+        if ref.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"Tensor '{ref.name}' in '{ref.file.name}' has dtype {ref.dtype}; edgemed converts floating-point weights "
+                f"only ({', '.join(FLOAT_DTYPES)}).",
+                "convert the original float checkpoint (not a pre-quantized GPTQ/AWQ/bitsandbytes one), or re-copy the shard",
+            )
+    return refs

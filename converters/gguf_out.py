@@ -68,6 +68,7 @@ def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[Planne
     names = {p.gguf_name for p in planned}
     if "token_embd.weight" not in names:
         raise CheckpointError("The checkpoint has no token embedding tensor.", "copy every shard of the checkpoint")
+    _check_shapes(ckpt, planned, n_blocks)
     if llama3_rope_factors(ckpt) is not None:
         factors = llama3_rope_factors(ckpt)
         planned.append(
@@ -75,6 +76,75 @@ def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[Planne
                           factors.shape, gguf.GGMLQuantizationType.F32)
         )
     return planned
+
+
+def _check_shapes(ckpt: Checkpoint, planned: list[PlannedTensor], n_blocks: int) -> None:
+    """Tensor shapes must agree with config.json, or llama.cpp would fail to load (or misread) the file."""
+    from edgemed.converters.arch.base import head_dim
+
+    n_head = int(ckpt.hparam("num_attention_heads"))
+    n_kv = int(ckpt.hparam("num_key_value_heads", default=n_head))
+    hidden, hd = int(ckpt.hparam("hidden_size")), head_dim(ckpt)
+    if hd % 2:
+        raise CheckpointError(f"config.json implies an odd attention head size ({hd}); rotary embeddings need an even one.",
+                              "re-copy config.json from the source checkpoint (hidden_size, num_attention_heads, head_dim)")
+    expected = {"token_embd.weight": (int(ckpt.hparam("vocab_size")), hidden), "output.weight": (int(ckpt.hparam("vocab_size")), hidden)}
+    blocks = set()
+    for p in planned:
+        if p.gguf_name.startswith("blk."):
+            blocks.add(int(p.gguf_name.split(".")[1]))
+        suffix = p.gguf_name.split(".", 2)[-1] if p.gguf_name.startswith("blk.") else None
+        want = expected.get(p.gguf_name) or {"attn_q.weight": (n_head * hd, hidden), "attn_k.weight": (n_kv * hd, hidden),
+                                              "attn_v.weight": (n_kv * hd, hidden)}.get(suffix)
+        if want is not None and tuple(p.shape) != want:
+            raise CheckpointError(
+                f"Tensor '{p.hf_name}' has shape {list(p.shape)}, but config.json implies {list(want)} "
+                f"(vocab_size, hidden_size, num_attention_heads, num_key_value_heads).",
+                "config.json does not belong to these weights: re-copy it from the source checkpoint",
+            )
+    if blocks != set(range(n_blocks)):
+        raise CheckpointError(
+            f"config.json says num_hidden_layers is {n_blocks}, but the weights hold blocks {sorted(blocks)[:3]}..."
+            f"{sorted(blocks)[-1:] if blocks else ''} ({len(blocks)} of them).",
+            "re-copy config.json and every shard from the source checkpoint",
+        )
+
+
+# Elements checked at a time for NaN / infinity: bounds the temporary mask to a few MB.
+FINITE_CHUNK = 1 << 21
+
+
+def first_nonfinite(data: np.ndarray, ggml_type) -> int | None:
+    """Flat index of the first NaN / infinity in cast tensor data, or None. One pass, chunked."""
+    flat = data.reshape(-1)
+    for start in range(0, flat.size, FINITE_CHUNK):
+        chunk = flat[start:start + FINITE_CHUNK]
+        if ggml_type == gguf.GGMLQuantizationType.BF16:  # uint16 bit patterns: exponent bits all set
+            bad = (chunk & 0x7F80) == 0x7F80
+        else:
+            bad = ~np.isfinite(chunk)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
+def _refuse_nonfinite(hf_name: str, out_type_name: str, source, merged: bool) -> CheckpointError:
+    import torch
+
+    src = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.asarray(source))
+    if bool(torch.isfinite(src).all()):  # only on the failure path: finite source, overflow in the cast
+        limit = {"F16": torch.float16, "BF16": torch.bfloat16}.get(out_type_name, torch.float32)
+        return CheckpointError(
+            f"Tensor '{hf_name}' has values beyond {out_type_name}'s range (|x| > {float(torch.finfo(limit).max):g}), "
+            "which would become infinity.",
+            "convert to bf16 or f32 (--quant bf16 / --quant f32), whose range holds these weights",
+        )
+    where = "after merging the LoRA adapter" if merged else "in the checkpoint"
+    return CheckpointError(
+        f"Tensor '{hf_name}' holds NaN or infinite values {where}; the model would compute garbage.",
+        "re-copy the checkpoint (and adapter) from their source; if the copy is intact, the training run diverged"
+        " and the weights cannot be used",
+    )
 
 
 def _cast(tensor, ggml_type) -> np.ndarray:
@@ -136,16 +206,33 @@ def write_float_gguf(
             transform = spec.transforms.get(p.kind)
             if transform is not None:
                 tensor = transform(tensor.to(torch.float32).numpy(), ckpt)
-            writer.write_tensor_data(_cast(tensor, p.ggml_type))
+            data = _cast(tensor, p.ggml_type)
+            if first_nonfinite(data, p.ggml_type) is not None:
+                raise _refuse_nonfinite(hf_name, p.ggml_type.name, tensor, adapter is not None and adapter.touches(hf_name))
+            _write(writer, data, out_path)
+            del data
             bar.update(_nbytes(p.shape, p.ggml_type))
             del tensor
         for p in planned:
             if p.hf_name is None:  # computed tensors, declared last
-                writer.write_tensor_data(_cast(llama3_rope_factors(ckpt), p.ggml_type))
+                _write(writer, _cast(llama3_rope_factors(ckpt), p.ggml_type), out_path)
     finally:
         bar.close()
         writer.close()
     return planned
+
+
+def _write(writer, data: np.ndarray, out_path: Path) -> None:
+    """Write one tensor; numpy reports a short write on a full disk without an errno: give it the real one."""
+    import errno
+    import shutil
+
+    try:
+        writer.write_tensor_data(data)
+    except OSError as exc:
+        if exc.errno is None and shutil.disk_usage(out_path.parent).free < data.nbytes:
+            raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(out_path)) from exc
+        raise
 
 
 def _write_metadata(writer, ckpt: Checkpoint, spec: ArchSpec, out_type: str, metadata: dict[str, str]) -> None:

@@ -22,15 +22,27 @@ CHUNK_TOKENS = 256
 def read_calibration_text(path: Path) -> list[str]:
     """Texts from JSONL (fields question/text/abstract/context + options) or a plain text file."""
     texts: list[str] = []
-    raw = path.read_text(encoding="utf-8")
+    fix = "pass a UTF-8 JSONL file with one object per line, or a UTF-8 .txt file"
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise InputError(f"Calibration text '{path}' is a directory, not a file.", fix) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"Calibration text '{path}' is not UTF-8 (bad byte at offset {exc.start}).",
+                         f"{fix} (e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as exc:
+        raise InputError(f"Calibration text '{path}' cannot be read ({exc.strerror or exc}).", fix) from None
     if path.suffix in (".jsonl", ".json"):
         for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 raise InputError(f"{path}:{n} is not valid JSON.", "pass a JSONL file with one object per line, or a .txt file") from None
+            if not isinstance(item, dict):
+                raise InputError(f"{path}:{n} is a JSON {type(item).__name__}, not an object.",
+                                 'each line needs an object such as {"question": "..."}')
             parts = [str(item[k]) for k in ("question", "text", "context", "abstract") if item.get(k)]
             if isinstance(item.get("options"), dict):
                 parts += [f"{k}. {v}" for k, v in item["options"].items()]

@@ -16,7 +16,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.errors import AdapterError
+from edgemed.converters.checkpoint import FLOAT_DTYPES, load_json
+from edgemed.converters.safetensors_header import read_safetensors_header
+from edgemed.errors import AdapterError, CheckpointError
 from edgemed.hashing import files_digest
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,6 +30,64 @@ class LoraPair:
     a: str  # tensor name in the adapter file
     b: str
     scale: float
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pattern_regex(key: str) -> str:
+    """PEFT's reading of a rank_pattern / alpha_pattern key: a regex matching the module name or a dotted suffix."""
+    return rf"(.*\.)?({key})$"
+
+
+def _regex(pattern: str, key: str, where: Path) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AdapterError(f"{where}: {key} {pattern[:80]!r} is not a valid regular expression ({exc}).",
+                           "fix the pattern (PEFT matches these as Python regular expressions), or re-save the adapter") from None
+
+
+def validate_adapter_config(config, where: Path) -> None:
+    """The adapter_config.json fields the merge (and PEFT, in the parity check) reads, with their types."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"{where} must hold a JSON object, not a {type(config).__name__}.",
+                           "pass the adapter_config.json written by PeftModel.save_pretrained()")
+
+    def bad(key, value, want):
+        return AdapterError(f"{where}: '{key}' must be {want}, not {json.dumps(value)[:60]}.",
+                            "fix the value or re-save the adapter with PeftModel.save_pretrained()")
+
+    if "r" in config and not _positive_int(config["r"]):
+        raise bad("r", config["r"], "a positive integer (the LoRA rank)")
+    if "lora_alpha" in config and not _finite(config["lora_alpha"]):
+        raise bad("lora_alpha", config["lora_alpha"], "a number")
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            raise bad(flag, config[flag], "true or false")
+    if config.get("peft_type") is not None and not isinstance(config["peft_type"], str):
+        raise bad("peft_type", config["peft_type"], '"LORA"')
+    for key, check, want in (("rank_pattern", _positive_int, "positive integers"), ("alpha_pattern", _finite, "numbers")):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(key, pattern, "an object of pattern -> value")
+        for name, value in pattern.items():
+            _regex(name, f"{key} key", where)
+            _regex(_pattern_regex(name), f"{key} key", where)
+            if not check(value):
+                raise bad(f"{key}.{name}", value, want)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _regex(targets, "target_modules", where)  # PEFT full-matches a string as one regex
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", targets, "a list of module names or one regular expression")
 
 
 class LoraAdapter:
@@ -52,10 +112,8 @@ class LoraAdapter:
                 f"'{path}' is not a PEFT adapter: {ADAPTER_CONFIG} is missing.",
                 "pass the directory written by PeftModel.save_pretrained()",
             )
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"'{cfg_path}' is not valid JSON ({exc}).", "re-copy the adapter") from None
+        config = load_json(cfg_path, AdapterError, "Adapter config", "re-copy the adapter from where it was trained")
+        validate_adapter_config(config, cfg_path)
         if config.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"Adapter type '{config.get('peft_type')}' is not LoRA.", "only LoRA adapters can be merged")
         for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
@@ -67,6 +125,14 @@ class LoraAdapter:
                 f"'{path}' has no {ADAPTER_WEIGHTS[0]}.",
                 "save the adapter with safe_serialization=True (pickle adapters are refused)",
             )
+        try:
+            header = read_safetensors_header(weights)
+        except CheckpointError as exc:
+            raise AdapterError(exc.problem, "re-copy the adapter; the file is corrupt") from None
+        odd = next(((k, d) for k, (d, _) in header.items() if d not in FLOAT_DTYPES), None)
+        if odd:
+            raise AdapterError(f"Adapter tensor '{odd[0]}' has dtype {odd[1]}; LoRA weights must be floating point.",
+                               "re-save the adapter with PEFT from the trained (unquantized) model")
         try:
             handle = safe_open(str(weights), framework="pt")
             keys = list(handle.keys())
@@ -83,7 +149,7 @@ class LoraAdapter:
 
     @classmethod
     def _plan(cls, config: dict, keys: list[str], handle, base_tensors: dict):
-        r_default = int(config.get("r", 8))
+        r_default = config.get("r", 8)
         alpha_default = float(config.get("lora_alpha", r_default))
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
@@ -104,13 +170,25 @@ class LoraAdapter:
                 )
             a_shape = handle.get_slice(a_key).get_shape()
             b_shape = handle.get_slice(b_key).get_shape()
-            out_f, in_f = base_tensors[base].shape
+            base_shape = base_tensors[base].shape
+            if len(a_shape) != 2 or len(b_shape) != 2 or len(base_shape) != 2:
+                raise AdapterError(
+                    f"Adapter tensors for '{module}' (A {list(a_shape)}, B {list(b_shape)}, base {list(base_shape)}) are not "
+                    "all matrices; LoRA adapts 2-D linear weights only.",
+                    "re-save the adapter with PEFT; target only linear layers (target_modules)",
+                )
+            out_f, in_f = base_shape
             if a_shape[1] != in_f or b_shape[0] != out_f or a_shape[0] != b_shape[1]:
                 raise AdapterError(
                     f"Adapter shapes for '{module}' (A {list(a_shape)}, B {list(b_shape)}) do not fit the base weight {[out_f, in_f]}.",
                     "this adapter was trained on a different base model; use the matching base checkpoint",
                 )
             r = cls._pattern_value(module, rank_pattern, r_default)
+            if r != a_shape[0]:
+                raise AdapterError(
+                    f"adapter_config.json gives '{module}' rank {r}, but its lora_A has {a_shape[0]} rows.",
+                    "the config does not belong to these weights: re-copy adapter_config.json with the adapter",
+                )
             alpha = float(cls._pattern_value(module, alpha_pattern, alpha_default))
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             pairs[base] = LoraPair(a_key, b_key, scale)
@@ -132,7 +210,7 @@ class LoraAdapter:
     def _pattern_value(module: str, pattern: dict, default):
         # PEFT matches pattern keys as regex suffixes of the module name
         for key, value in pattern.items():
-            if re.search(rf"(^|\.){key}$", module):
+            if re.match(_pattern_regex(key), module):
                 return value
         return default
 

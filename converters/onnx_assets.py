@@ -19,12 +19,22 @@ import shutil
 from pathlib import Path
 
 from edgemed.converters import onnx_trace
-from edgemed.errors import TokenizerError
+from edgemed.errors import CheckpointError, TokenizerError
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
           "generation_config.json", "config.json")
 GENAI_CONFIG = "genai_config.json"
 DEFAULT_MAX_LENGTH = 4096
+
+
+def check_assets(ckpt_dir: Path, config: dict) -> None:
+    """Refuse, before any export work, the files the ONNX directory would carry but cannot use."""
+    from edgemed.converters.tokenizer import load_tokenizer_json
+
+    if not (ckpt_dir / "tokenizer.json").exists():
+        copy_assets(ckpt_dir, None)  # raises the missing-tokenizer error
+    load_tokenizer_json(ckpt_dir / "tokenizer.json")
+    eos_ids(ckpt_dir, config)
 
 
 def copy_assets(ckpt_dir: Path, out_dir: Path) -> list[str]:
@@ -43,7 +53,14 @@ def copy_assets(ckpt_dir: Path, out_dir: Path) -> list[str]:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    from edgemed.converters.checkpoint import load_json
+
+    if not path.exists():
+        return {}
+    data = load_json(path, CheckpointError, "Checkpoint file", f"re-copy {path.name} from the source checkpoint")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' must hold a JSON object, not a {type(data).__name__}.", f"re-copy {path.name}")
+    return data
 
 
 def eos_ids(ckpt_dir: Path, config: dict) -> list[int]:
@@ -51,7 +68,11 @@ def eos_ids(ckpt_dir: Path, config: dict) -> list[int]:
     value = _json(ckpt_dir / "generation_config.json").get("eos_token_id", config.get("eos_token_id"))
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+        raise CheckpointError(f"'{ckpt_dir}': eos_token_id must be a token id or a list of them, not {json.dumps(value)[:60]}.",
+                              "fix generation_config.json / config.json (e.g. \"eos_token_id\": 2)")
+    return ids
 
 
 def genai_config(ckpt_dir: Path, config: dict, model_file: str) -> dict:

@@ -6,7 +6,8 @@ Steps, each refusing bad input before anything is written:
 3. trace it to a float32 ONNX graph with past/present key-values (``onnx_trace``), or, with
    ``graph="genai"``, have onnxruntime-genai's model builder write it from the merged weights (``onnx_builder``);
 4. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
-5. for ``int4``: ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy level 4 (``onnx_quant``); parity reported;
+5. for ``int4``: ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy level 4 (``onnx_quant``);
+   gated on finite logits and top-1 agreement >= parity.TOP1_GATE;
 6. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
 7. rename the finished directory into place. A failure or Ctrl-C at any step leaves no output and no temporaries.
 
@@ -28,7 +29,7 @@ from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir
 from edgemed.converters import arch_spec
 from edgemed.converters.checkpoint import Checkpoint
-from edgemed.errors import InputError, ParityError
+from edgemed.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
 
     ckpt = Checkpoint.open(source)
     arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
+    from edgemed.converters.onnx_assets import check_assets
+
+    check_assets(ckpt.path, ckpt.config)  # tokenizer.json and generation config, before minutes of export
     adapter = None
     if opts.lora is not None:
         from edgemed.converters.lora import LoraAdapter
@@ -121,7 +125,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
         source_cache = None
         if opts.parity:
             from edgemed.converters.onnx_parity import check_onnx
-            from edgemed.converters.parity import source_logits
+            from edgemed.converters.parity import gate_error, source_logits
 
             t = time.perf_counter()
             source_cache = source_logits(ckpt.path, opts.lora)
@@ -130,11 +134,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
             echo(report.summary())
             parity["fp32"] = report.to_dict()
             if report.passed is False:
-                raise ParityError(
-                    f"The float32 ONNX export does not match its source: NMSE {report.nmse:.3e} "
-                    f"(must be < {report.gate_nmse:g}); nothing was written.",
-                    "this is an exporter bug for this checkpoint: rerun with -vv and report it, with the checkpoint's config.json",
-                )
+                raise gate_error(report, "The float32 ONNX export")
 
         final = tmp / MODEL_FILE
         if opts.weight_type == "int4":
@@ -155,6 +155,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
                 timings["parity_int4"] = time.perf_counter() - t
                 echo(report.summary())
                 parity["int4"] = report.to_dict()
+                if report.passed is False:  # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
+                    raise gate_error(report, "The int4 ONNX model")
         else:
             for f in fp32_path.parent.iterdir():
                 shutil.move(str(f), tmp / f.name)

@@ -5,17 +5,18 @@ Steps, each refusing bad input before anything is written:
 2. stream tensors into a float GGUF (the output itself for F32/F16/BF16, an
    intermediate for quantized types), then quantize with llama.cpp;
 3. prove llama.cpp tokenizes medical text exactly like the HF tokenizer;
-4. parity against the source (float types must pass their NMSE gate);
+4. parity against the source: float types must pass their NMSE gate, quantized
+   types a minimum top-1 agreement; every type must give finite logits;
 5. rename into place, and write ``<out>.report.json`` (provenance + parity).
 A failure or Ctrl-C at any step leaves neither the output nor temporaries.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,9 @@ from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
 from edgemed.converters import arch_spec
 from edgemed.converters.checkpoint import Checkpoint
-from edgemed.converters.gguf_out import FLOAT_TYPES, write_float_gguf
+from edgemed.converters.gguf_out import FLOAT_TYPES, plan_tensors, write_float_gguf
 from edgemed.converters.quantize import QUANT_TYPES
-from edgemed.errors import InputError, ParityError
+from edgemed.errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,37 @@ def report_path(out: Path) -> Path:
 
 
 def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
+    try:
+        return _convert(source, out, opts, echo)
+    except OSError as exc:
+        raise _output_error(exc, out, opts.out_type) from None
+
+
+# errno values that mean "the output cannot be written here", whatever file the converter was on
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _output_error(exc: OSError, out: Path, out_type: str) -> Exception:
+    """A write failure as a one-paragraph error; anything that is not about the output stays what it is."""
+    where = out.parent.resolve()
+    about_output = exc.filename is None or Path(str(exc.filename)).resolve().parent == where
+    if exc.errno in _NO_SPACE:
+        return OutputError(
+            f"No space left on the disk holding '{where}' while writing the {out_type.upper()} output; "
+            "the partial output and temporaries were removed.",
+            "free space there, or write elsewhere with -o (a quantized conversion also needs room for an F16/BF16 "
+            "intermediate about the size of the source weights)",
+        )
+    if exc.errno in _NOT_WRITABLE and about_output:
+        return OutputError(
+            f"Cannot write the output into '{where}': {exc.strerror}.",
+            "choose a folder you can write to with -o (check its permissions, or whether the disk is mounted read-only)",
+        )
+    return exc
+
+
+def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
     if opts.out_type not in OUTPUT_TYPES:
         raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES)}")
     env.enforce_offline()
@@ -77,6 +109,7 @@ def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conver
 
     ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)
     spec = arch_spec(ckpt.architecture)
+    plan_tensors(ckpt, spec, "f32")  # names and shapes against config.json, before any work
     adapter = None
     if opts.lora is not None:
         from edgemed.converters.lora import LoraAdapter
@@ -133,18 +166,14 @@ def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conver
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
                     "chat_template": bool(vocab.special.chat_template)}
         if opts.parity:
-            from edgemed.converters.parity import check_gguf
+            from edgemed.converters.parity import check_gguf, gate_error
 
             t = time.perf_counter()
             report = check_gguf(ckpt.path, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
             timings["parity"] = time.perf_counter() - t
             echo(report.summary())
             if report.passed is False:
-                raise ParityError(
-                    f"The {opts.out_type.upper()} GGUF does not match its source: NMSE {report.nmse:.3e} "
-                    f"(must be < {report.gate_nmse:g}); nothing was written.",
-                    "this is a converter bug for this checkpoint: rerun with -vv and report it, with the checkpoint's config.json",
-                )
+                raise gate_error(report, f"The {opts.out_type.upper()} GGUF")
             parity = report.to_dict()
         size = tmp.stat().st_size
     timings["total"] = time.perf_counter() - t0
@@ -155,7 +184,11 @@ def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conver
     result.converter["python"] = platform.python_version()
     result.converter["llama_cpp_python"] = _version("llama-cpp-python")
     result.converter["gguf"] = _version("gguf")
-    write_text(report_path(out), result.to_json())
+    try:
+        write_text(report_path(out), result.to_json())
+    except OSError:
+        out.unlink(missing_ok=True)  # an output without its report is not a finished conversion
+        raise
     return result
 
 

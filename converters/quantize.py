@@ -9,12 +9,15 @@ medical text by ``imatrix.py``, is handed to the quantizer through the C API's
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import re
+import shutil
 from pathlib import Path
 
 from edgemed.converters.native_log import quiet
-from edgemed.errors import EdgemedError, require
+from edgemed.errors import EdgemedError, OutputError, require
 
 # Rows llama.cpp keeps in memory at once while quantizing (its default is 8 GiB).
 MAX_BUF_BYTES = 256 * 2**20
@@ -48,11 +51,66 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
             entries[i].size = arr.size
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         keep_alive.append(entries)
-    with quiet():
+    errors: list[str] = []
+    with quiet(), _log_errors(llama_cpp, errors):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise EdgemedError(
-            f"llama.cpp failed to quantize '{src.name}' to {qtype} (return code {rc}).",
-            "run with -vv to see llama.cpp's log; check free disk space next to the output",
+        raise _failure(src, dst, qtype, rc, errors)
+
+
+# ggml_log_level values (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5)
+_WARN, _ERROR, _CONT = 3, 4, 5
+
+
+@contextlib.contextmanager
+def _log_errors(llama_cpp, sink: list[str]):
+    """Collect llama.cpp's warning and error lines for the block, still passing everything to the current logger."""
+    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+    state = {"keep": False}
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, data):
+        state["keep"] = level in (_WARN, _ERROR) or (level == _CONT and state["keep"])
+        if state["keep"] and text:
+            sink.append(text.decode("utf-8", "replace"))
+        if previous:
+            previous(level, text, data)
+
+    llama_cpp.llama_log_set(collect, user_data)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(previous, user_data)
+
+
+def _failure(src: Path, dst: Path, qtype: str, rc: int, log_lines: list[str]) -> EdgemedError:
+    """Say what went wrong: llama.cpp's own error line, and the disk only when the disk is the cause."""
+    said = " ".join("".join(log_lines).split())
+    said = said[-400:] if said else f"return code {rc}, no error logged"
+    free = _free_bytes(dst.parent)
+    no_space = "No space left" in said or (free is not None and free < src.stat().st_size // 2)
+    if no_space:
+        return OutputError(
+            f"llama.cpp could not write the {qtype.upper()} file into '{dst.parent}': the disk is full "
+            f"({(free or 0) / 1e6:.1f} MB free; the output needs up to {src.stat().st_size / 2e6:.1f} MB). llama.cpp said: {said}",
+            "free space on that disk or write the output elsewhere (-o), then run the command again",
         )
+    if re.search(r"\b(nan|inf)\b|invalid data|validation failed", said, re.IGNORECASE):
+        return EdgemedError(
+            f"llama.cpp refused to quantize '{src.name}' to {qtype.upper()}: a tensor holds invalid values (NaN or "
+            f"infinity). llama.cpp said: {said}",
+            "re-copy the checkpoint from its source; if it is intact the weights are unusable (a diverged training run)",
+        )
+    return EdgemedError(
+        f"llama.cpp failed to quantize '{src.name}' to {qtype.upper()}. llama.cpp said: {said}",
+        "rerun with -vv for llama.cpp's full log and report it with the checkpoint's config.json",
+    )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 

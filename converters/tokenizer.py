@@ -15,7 +15,6 @@ llama.cpp splits medical text into the very ids the Hugging Face tokenizer does.
 
 from __future__ import annotations
 
-import json
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -99,18 +98,68 @@ def detect_pretokenizer(tokenizer_json: dict) -> str:
 def plan_vocab(model_dir: Path, n_vocab: int, pre_override: str | None = None) -> VocabPlan:
     tj_path = model_dir / "tokenizer.json"
     if tj_path.exists():
-        tj = json.loads(tj_path.read_text(encoding="utf-8"))
+        tj = load_tokenizer_json(tj_path)
         decoder = (tj.get("decoder") or {}).get("type")
         if tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback") and decoder == "ByteLevel":
             return _bpe_plan(model_dir, tj, n_vocab, pre_override)
         if tj.get("model", {}).get("type") == "BPE" and tj["model"].get("byte_fallback"):
-            return _spm_plan(model_dir, gguf.LlamaHfVocab(model_dir), n_vocab)
+            return _spm_plan(model_dir, _gguf_vocab(gguf.LlamaHfVocab, model_dir), n_vocab)
     if (model_dir / "tokenizer.model").exists():
-        return _spm_plan(model_dir, gguf.SentencePieceVocab(model_dir), n_vocab)
+        return _spm_plan(model_dir, _gguf_vocab(gguf.SentencePieceVocab, model_dir), n_vocab)
     raise TokenizerError(
         f"No supported tokenizer in '{model_dir}' (need a byte-level BPE tokenizer.json or a SentencePiece tokenizer.model).",
         "copy the tokenizer files that came with the checkpoint",
     )
+
+
+def load_tokenizer_json(path: Path) -> dict:
+    """tokenizer.json, with the parts edgemed reads checked for type (a corrupt file is refused, not crashed on)."""
+    from edgemed.converters.checkpoint import load_json
+
+    fix = "re-copy tokenizer.json from the source checkpoint, or re-save it with tokenizer.save_pretrained()"
+    tj = load_json(path, TokenizerError, "Tokenizer file", fix)
+
+    def bad(what: str) -> TokenizerError:
+        return TokenizerError(f"Tokenizer file '{path}' is malformed: {what}.", fix)
+
+    if not isinstance(tj, dict):
+        raise bad(f"it holds a JSON {type(tj).__name__}, not an object")
+    for key in ("model", "normalizer", "pre_tokenizer", "decoder"):
+        if tj.get(key) is not None and not isinstance(tj[key], dict):
+            raise bad(f"'{key}' is not an object")
+    model = tj.get("model") or {}
+    if model.get("type") == "BPE":
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
+            raise bad("model.vocab is not an object of token -> non-negative id")
+        merges = model.get("merges", [])
+        if not isinstance(merges, list) or not all(
+                isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)) for m in merges):
+            raise bad("model.merges is not a list of merge pairs")
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("id"), int) and not isinstance(a.get("id"), bool) and a["id"] >= 0
+            and isinstance(a.get("content"), str) for a in added):
+        raise bad("added_tokens is not a list of {id, content} objects")
+
+    def walk(node, depth=0):
+        if depth > 32:
+            raise bad("the pre-tokenizer chain is nested too deeply")
+        if node is None:
+            return
+        if not isinstance(node, dict):
+            raise bad("a pre-tokenizer step is not an object")
+        children = node.get("pretokenizers", [])
+        if not isinstance(children, list):
+            raise bad("pre_tokenizer.pretokenizers is not a list")
+        pattern = node.get("pattern", {})
+        if not isinstance(pattern, dict):
+            raise bad("a Split pre-tokenizer's pattern is not an object")
+        for child in children:
+            walk(child, depth + 1)
+
+    walk(tj.get("pre_tokenizer"))
+    return tj
 
 
 def _bpe_plan(model_dir: Path, tj: dict, n_vocab: int, pre_override: str | None) -> VocabPlan:
@@ -131,7 +180,7 @@ def _bpe_plan(model_dir: Path, tj: dict, n_vocab: int, pre_override: str | None)
         text, kind = by_id.get(i, (f"[PAD{i}]".encode(), gguf.TokenType.UNUSED))
         tokens.append(text)
         types.append(int(kind))
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    special = _special_vocab(model_dir, load_merges=True, n_vocab=n_vocab)
     _set_add_special(model_dir, special)
     return VocabPlan("gpt2", pre, tokens, [0.0] * n_vocab, types, special)
 
@@ -146,16 +195,41 @@ def _spm_plan(model_dir: Path, vocab, n_vocab: int) -> VocabPlan:
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(int(gguf.TokenType.UNUSED))
-    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
+    special = _special_vocab(model_dir, load_merges=False, n_vocab=n_vocab)
     _set_add_special(model_dir, special)
     return VocabPlan("llama", "default", tokens, scores, types, special)
 
 
-def _set_add_special(model_dir: Path, special: "gguf.SpecialVocab") -> None:
-    """Record whether the HF tokenizer adds BOS/EOS, by asking it rather than guessing."""
+def _gguf_vocab(kind, model_dir: Path):
+    try:
+        return kind(model_dir)
+    except Exception as exc:  # sentencepiece / gguf-py raise many types for a corrupt model file
+        raise TokenizerError(f"Cannot read the SentencePiece tokenizer in '{model_dir}': {type(exc).__name__}: {exc}.",
+                             "re-copy tokenizer.model / tokenizer.json from the source checkpoint") from None
+
+
+def _special_vocab(model_dir: Path, **kwargs) -> "gguf.SpecialVocab":
+    try:
+        return gguf.SpecialVocab(model_dir, **kwargs)
+    except Exception as exc:  # gguf-py reads tokenizer_config.json & co. without guarding their types
+        raise TokenizerError(f"Cannot read the special tokens in '{model_dir}': {type(exc).__name__}: {exc}.",
+                             "re-copy tokenizer.json, tokenizer_config.json and special_tokens_map.json from the checkpoint") from None
+
+
+def hf_tokenizer(model_dir: Path):
+    """The Hugging Face tokenizer, or a TokenizerError saying why it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # transformers and tokenizers raise many types for a broken tokenizer
+        raise TokenizerError(f"The Hugging Face tokenizer in '{model_dir}' cannot be loaded: {type(exc).__name__}: {exc}.",
+                             "re-copy the tokenizer files (tokenizer.json, tokenizer_config.json) from the checkpoint") from None
+
+
+def _set_add_special(model_dir: Path, special: "gguf.SpecialVocab") -> None:
+    """Record whether the HF tokenizer adds BOS/EOS, by asking it rather than guessing."""
+    tok = hf_tokenizer(model_dir)
     plain = tok("medicine", add_special_tokens=False)["input_ids"]
     full = tok("medicine", add_special_tokens=True)["input_ids"]
     special.add_special_token["bos"] = bool(tok.bos_token_id is not None and full[:1] == [tok.bos_token_id] and plain[:1] != full[:1])

@@ -104,3 +104,7 @@ class PlanError(EdgemedError):
 
 class TemplateError(InputError):
     """A prompt template is malformed, missing inputs, or a chat template misbehaved."""
+
+
+class OutputError(EdgemedError):
+    """An output cannot be written: no space left, no permission, a read-only file system."""

@@ -22,7 +22,7 @@ DEFAULT_QUANT = {"gguf": "q4_k_m", "onnx": "int4"}
 @click.option("--pre-tokenizer", help="Override the llama.cpp pre-tokenizer name (verified against the HF tokenizer).")
 @click.option("--imatrix-from", type=click.Path(exists=True, path_type=Path), help="Medical text (JSONL or .txt) to calibrate an importance matrix for quantization.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
-@click.option("--threads", type=int, help="CPU threads for quantization and parity.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantization and parity.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.option("--onnx-graph", type=click.Choice(["torch", "genai"]), default="torch", show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
@@ -78,26 +78,28 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--lora", type=click.Path(exists=True, path_type=Path), help="The adapter that was merged into MODEL.")
-@click.option("--threads", type=int)
+@click.option("--threads", type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
 def check(source, model, lora, threads, as_json):
-    """Parity of a GGUF MODEL against its Hugging Face SOURCE: NMSE, KL divergence, top-1 agreement."""
+    """Parity of a GGUF MODEL against its Hugging Face SOURCE: NMSE, KL divergence, top-1 agreement.
+
+    Exits 1 when MODEL fails its gate (float types: NMSE; quantized types: top-1 agreement; all: finite logits).
+    """
     import json
 
-    from edgemed.converters.parity import check_gguf
+    from edgemed.converters.parity import check_gguf, gate_error
 
     out_type = _file_type(model)
     report = check_gguf(source, model, out_type, lora=lora, threads=threads)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
     if report.passed is False:
-        raise click.exceptions.Exit(1)
+        raise gate_error(report, f"'{model.name}'", "do not ship it")
 
 
 def _file_type(model: Path) -> str:
-    import gguf
+    from edgemed.gguf_header import read_header
 
-    reader = gguf.GGUFReader(str(model))
-    field = reader.get_field("general.file_type")
-    number = int(field.contents()) if field is not None else -1
+    number = read_header(model).metadata.get("general.file_type", -1)  # validated: a corrupt file is a clear error
+    number = number if isinstance(number, int) else -1
     names = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0", 2: "q4_0", 15: "q4_k_m", 17: "q5_k_m"}
     return names.get(number, f"ftype{number}")

@@ -1,0 +1,350 @@
+"""Issue 12 item 8 (converter side): every bad input or write fault is a one-paragraph error, exit 1.
+
+Each case goes through ``edgemed convert`` with click's CliRunner and checks: exit code 1 from a
+ClickException (no traceback), a "Fix:" line, the words that name the problem, and nothing left in
+the output folder. Readers of untrusted bytes are also called directly on hostile inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.converters.safetensors_header import parse_safetensors_header  # noqa: E402
+from edgemed.errors import CheckpointError, EdgemedError  # noqa: E402
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return {"llama": tiny.build_model(root / "llama", "llama"), "lora": tiny.build_lora(root / "llama", root / "lora")}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _convert(*args):
+    return CliRunner().invoke(cli, ["convert", *map(str, args)])
+
+
+def _refused(result, *words):
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a ClickException, not a crash
+    assert "Traceback" not in result.output and "Fix:" in result.output, result.output
+    for w in words:
+        assert w in result.output, result.output
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+# -- config.json ---------------------------------------------------------------------------------------
+CONFIG_CASES = {
+    "layers as string": (lambda c: c | {"num_hidden_layers": "28"}, "num_hidden_layers"),
+    "zero hidden size": (lambda c: c | {"hidden_size": 0}, "hidden_size"),
+    "negative vocab": (lambda c: c | {"vocab_size": -1}, "vocab_size"),
+    "float heads": (lambda c: c | {"num_attention_heads": 4.0}, "num_attention_heads"),
+    "bool eps": (lambda c: c | {"rms_norm_eps": True}, "rms_norm_eps"),
+    "huge vocab": (lambda c: c | {"vocab_size": 10**12}, "vocab_size"),
+    "architectures of objects": (lambda c: c | {"architectures": [{}]}, "architectures"),
+    "rope scaling a string": (lambda c: c | {"rope_scaling": "yarn"}, "rope_scaling"),
+    "rope factor a string": (lambda c: c | {"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "rope_scaling.factor"),
+    "heads not a multiple of kv": (lambda c: c | {"num_attention_heads": 3}, "num_key_value_heads"),
+    "vocab not the embedding's": (lambda c: c | {"vocab_size": 400}, "config.json implies"),
+    "more layers than weights": (lambda c: c | {"num_hidden_layers": 3}, "num_hidden_layers is 3"),
+    "a JSON list": (lambda c: [c], "JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_values(models, tmp_path, case):
+    change, words = CONFIG_CASES[case]
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    _edit_json(ckpt / "config.json", change)
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", out / "x.gguf"), words)
+    assert list(out.iterdir()) == []
+
+
+def test_config_json_is_a_directory(models, tmp_path):
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").mkdir()
+    _refused(_convert(ckpt, "--quant", "f16", "-o", tmp_path / "x.gguf"), "is a directory")
+
+
+def test_config_json_not_utf8_or_nan(models, tmp_path):
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    (ckpt / "config.json").write_bytes(b'{"architectures": ["Llama\xff"]}')
+    _refused(_convert(ckpt, "-o", tmp_path / "x.gguf"), "not UTF-8")
+    (ckpt / "config.json").write_text('{"rms_norm_eps": NaN}')
+    _refused(_convert(ckpt, "-o", tmp_path / "x.gguf"), "not valid JSON")
+
+
+def test_index_naming_a_path_outside_the_checkpoint(models, tmp_path):
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
+    _refused(_convert(ckpt, "-o", tmp_path / "x.gguf"), "not a file name")
+
+
+# -- tokenizer.json --------------------------------------------------------------------------------------
+TOKENIZER_CASES = {
+    "corrupt": (b"{ not json", "not valid JSON"),
+    "not utf-8": (b'{"model": "\xff"}', "not UTF-8"),
+    "a list": (b"[1, 2]", "JSON list"),
+    "string ids": (json.dumps({"model": {"type": "BPE", "vocab": {"a": "0"}, "merges": []}}).encode(), "model.vocab"),
+    "bad added tokens": (json.dumps({"model": {"type": "BPE", "vocab": {}}, "added_tokens": [{"id": "x"}]}).encode(),
+                         "added_tokens"),
+    "pre_tokenizer a list": (json.dumps({"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": [1]}).encode(),
+                             "pre_tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_bad_tokenizer_json(models, tmp_path, case):
+    content, words = TOKENIZER_CASES[case]
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").write_bytes(content)
+    _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", tmp_path / "x.gguf"), "tokenizer.json", words)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_onnx_export_refuses_a_corrupt_tokenizer_before_exporting(models, tmp_path):
+    pytest.importorskip("onnx")
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").write_bytes(b"{ not json")
+    _refused(_convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", tmp_path / "onnx"), "tokenizer.json", "not valid JSON")
+    (ckpt / "tokenizer.json").write_bytes((models["llama"] / "tokenizer.json").read_bytes())
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
+    _refused(_convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", tmp_path / "onnx"), "eos_token_id")
+    assert not (tmp_path / "onnx").exists()
+
+
+# -- safetensors headers -----------------------------------------------------------------------------------
+def _blob(header, data: bytes = b"", length: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+ENTRY = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+HEADER_CASES = {
+    "a JSON list": (_blob([ENTRY]), "JSON list"),
+    "huge header length": (_blob(b"{}", length=2**62), "header length"),
+    "header longer than file": (_blob(b"{}", length=4096), "exceeds the file size"),
+    "not utf-8": (_blob(b'{"\xff": 1}'), "not UTF-8"),
+    "deeply nested": (_blob(b"[" * 200_000), "nested too deeply"),
+    "NaN offset": (_blob(b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, NaN]}}'), "NaN"),
+    "offsets past the end": (_blob({"w": ENTRY}, b"\0" * 8), "truncated"),
+    "offsets reversed": (_blob({"w": ENTRY | {"data_offsets": [16, 0]}}, b"\0" * 16), "data_offsets"),
+    "offsets overlap": (_blob({"w": ENTRY, "v": ENTRY}, b"\0" * 32), "overlap"),
+    "size not shape x dtype": (_blob({"w": ENTRY | {"shape": [3, 2]}}, b"\0" * 16), "needs 24 bytes"),
+    "shape a string": (_blob({"w": ENTRY | {"shape": "22"}}, b"\0" * 16), "shape"),
+    "negative dim": (_blob({"w": ENTRY | {"shape": [-2, -2]}}, b"\0" * 16), "shape"),
+    "unknown dtype": (_blob({"w": ENTRY | {"dtype": "F33"}}, b"\0" * 16), "unknown dtype"),
+    "entry a number": (_blob({"w": 5}), "not an object"),
+    "metadata a list": (_blob({"__metadata__": [1]}), "__metadata__"),
+    "too short": (b"\x01\x02", "shorter than"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_hostile_safetensors_headers(tmp_path, case):
+    blob, words = HEADER_CASES[case]
+    with pytest.raises(CheckpointError, match="corrupt|truncated") as info:
+        parse_safetensors_header(blob)
+    assert words in str(info.value) and info.value.fix
+    from edgemed.converters.safetensors_header import read_safetensors_header
+
+    (tmp_path / "w.safetensors").write_bytes(blob)  # the file reader says the same
+    with pytest.raises(CheckpointError):
+        read_safetensors_header(tmp_path / "w.safetensors")
+
+
+def test_hostile_header_through_convert(models, tmp_path):
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(_blob([ENTRY]))
+    _refused(_convert(ckpt, "-o", tmp_path / "x.gguf"), "model.safetensors", "JSON list")
+
+
+def test_random_bytes_never_escape_as_other_errors():
+    import random
+
+    rng = random.Random(12)
+    seeds = [_blob({"w": ENTRY}, b"\0" * 16), _blob({"__metadata__": {"a": "b"}, "w": ENTRY}, b"\0" * 16)]
+    for _ in range(3000):
+        blob = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 6)):
+            blob[rng.randrange(len(blob))] = rng.randrange(256)
+        try:
+            parse_safetensors_header(bytes(blob[: rng.randint(0, len(blob))]) if rng.random() < 0.2 else bytes(blob))
+        except EdgemedError:
+            pass
+
+
+# -- adapters ----------------------------------------------------------------------------------------------
+ADAPTER_CASES = {
+    "a list": (lambda c: [c], "JSON object"),
+    "r zero": (lambda c: c | {"r": 0}, "'r'"),
+    "r a word": (lambda c: c | {"r": "four"}, "'r'"),
+    "r not the tensors' rank": (lambda c: c | {"r": 8}, "rank 8"),
+    "alpha a string": (lambda c: c | {"lora_alpha": "8"}, "lora_alpha"),
+    "bad rank_pattern regex": (lambda c: c | {"rank_pattern": {"q_proj(": 4}}, "regular expression"),
+    "bad alpha_pattern regex": (lambda c: c | {"alpha_pattern": {"*": 4}}, "regular expression"),
+    "rank_pattern value": (lambda c: c | {"rank_pattern": {"q_proj": "4"}}, "rank_pattern.q_proj"),
+    "bad target_modules regex": (lambda c: c | {"target_modules": "(q|k"}, "target_modules"),
+    "target_modules numbers": (lambda c: c | {"target_modules": [1, 2]}, "target_modules"),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_bad_adapter_config(models, tmp_path, case):
+    change, words = ADAPTER_CASES[case]
+    lora = _copy(models["lora"], tmp_path / "lora")
+    _edit_json(lora / "adapter_config.json", change)
+    _refused(_convert(models["llama"], "--quant", "f16", "--lora", lora, "-o", tmp_path / "x.gguf"), words)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_adapter_config_not_utf8_or_a_directory(models, tmp_path):
+    lora = _copy(models["lora"], tmp_path / "lora")
+    (lora / "adapter_config.json").write_bytes(b'{"r": 4, "x": "\xfe"}')
+    _refused(_convert(models["llama"], "--lora", lora, "-o", tmp_path / "x.gguf"), "not UTF-8")
+    (lora / "adapter_config.json").unlink()
+    (lora / "adapter_config.json").mkdir()
+    _refused(_convert(models["llama"], "--lora", lora, "-o", tmp_path / "x.gguf"), "is a directory")
+
+
+def test_one_dimensional_lora_tensors(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lora = _copy(models["lora"], tmp_path / "lora")
+    tensors = load_file(lora / "adapter_model.safetensors")
+    save_file({k: v.reshape(-1) if ".lora_A." in k else v for k, v in tensors.items()}, lora / "adapter_model.safetensors")
+    _refused(_convert(models["llama"], "--lora", lora, "-o", tmp_path / "x.gguf"), "not all matrices")
+
+
+def test_integer_lora_tensors(models, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    lora = _copy(models["lora"], tmp_path / "lora")
+    tensors = load_file(lora / "adapter_model.safetensors")
+    save_file({k: v.to(torch.int32) for k, v in tensors.items()}, lora / "adapter_model.safetensors")
+    _refused(_convert(models["llama"], "--lora", lora, "-o", tmp_path / "x.gguf"), "I32")
+
+
+# -- calibration text ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,content,words", [
+    ("calib.txt", b"Fever \xe9 cough\n\nmore text", "not UTF-8"),
+    ("calib.jsonl", b'{"question": "ok"}\n[1, 2]\n', "not an object"),
+    ("calib.jsonl", b"[" * 100_000 + b"\n", "not valid JSON"),
+])
+def test_bad_calibration_text(models, tmp_path, name, content, words):
+    calib = tmp_path / name
+    calib.write_bytes(content)
+    _refused(_convert(models["llama"], "--quant", "q4_0", "--imatrix-from", calib, "-o", tmp_path / "x.gguf"), words)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_calibration_path_is_a_directory(models, tmp_path):
+    (tmp_path / "calib").mkdir()
+    _refused(_convert(models["llama"], "--quant", "q4_0", "--imatrix-from", tmp_path / "calib", "-o", tmp_path / "x.gguf"),
+             "is a directory")
+
+
+# -- where the output goes ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str):
+    """Mount a small tmpfs at ``path`` (root only); skip where mounting is not allowed."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount(2) to make a small or read-only file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_read_only_output_folder(models, tmp_path):
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        _refused(_convert(models["llama"], "--quant", "f16", "--no-parity", "-o", ro / "x.gguf"), "Cannot write", "-o")
+        assert list(ro.iterdir()) == []
+
+
+def test_unwritable_output_folder_without_root(models, tmp_path, monkeypatch):
+    import gguf
+
+    def denied(self, path=None):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path or self.path))
+
+    monkeypatch.setattr(gguf.GGUFWriter, "open_output_file", denied)
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(_convert(models["llama"], "--quant", "f16", "--no-parity", "-o", out / "x.gguf"), "Permission denied")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("quant,room_kb", [("f16", 64), ("q8_0", 64), ("q8_0", None)])
+def test_disk_full(models, tmp_path, quant, room_kb):
+    """ENOSPC from our writer (F16, or the quantizer's intermediate) or from llama.cpp's quantizer itself."""
+    if room_kb is None:  # room for the intermediate F16 but not for it plus the Q8_0 output
+        probe = tmp_path / "probe.gguf"
+        assert _convert(models["llama"], "--quant", "f16", "--no-parity", "-o", probe).exit_code == 0
+        room_kb = probe.stat().st_size // 1024 + 48
+    with _tmpfs(tmp_path / "small", f"size={room_kb}k") as small:
+        _refused(_convert(models["llama"], "--quant", quant, "--no-parity", "-o", small / "x.gguf"), "disk", "full" if
+                 quant == "q8_0" and room_kb > 64 else "No space left")
+        assert list(small.iterdir()) == []
+
+
+def test_disk_full_without_root(models, tmp_path, monkeypatch):
+    import gguf
+
+    real = gguf.GGUFWriter.write_tensor_data
+    calls = {"n": 0}
+
+    def full(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(_convert(models["llama"], "--quant", "f16", "--no-parity", "-o", out / "x.gguf"), "No space left")
+    assert list(out.iterdir()) == []
+
+
+def test_threads_must_be_positive(models, tmp_path):
+    result = _convert(models["llama"], "--threads", "0", "-o", tmp_path / "x.gguf")
+    assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_check_on_a_corrupt_gguf(models, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    result = CliRunner().invoke(cli, ["check", str(models["llama"]), str(bad)])
+    _refused(result, "bad.gguf")

@@ -1,0 +1,222 @@
+"""Issue 12 item 3: a broken model is never written, whatever the output type or flags.
+
+- integer / bool dtypes where weights are expected are refused when the checkpoint is read;
+- NaN / infinite weights are refused while tensors stream (with --no-parity too), naming the tensor;
+- quantized outputs are gated: finite logits and top-1 agreement >= parity.TOP1_GATE;
+- a quantizer failure says what went wrong (llama.cpp's own error line), not "check disk space".
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.converters import parity  # noqa: E402
+from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
+from edgemed.errors import CheckpointError, EdgemedError  # noqa: E402
+
+import tiny  # noqa: E402
+
+TENSOR = "model.layers.1.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    """A tiny llama stored as BF16, as real checkpoints are (I16 then has the same byte size)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = tiny.build_model(tmp_path_factory.mktemp("gate") / "llama", "llama")
+    weights = path / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_header(file: Path, mutate) -> None:
+    """Apply ``mutate(header_dict)`` to a safetensors header, keeping the data bytes as they are."""
+    blob = file.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    mutate(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n:])
+
+
+def _poison(ckpt: Path, value: float) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = ckpt / "model.safetensors"
+    tensors = load_file(weights)
+    t = tensors[TENSOR].clone()
+    t.view(-1)[17] = value
+    tensors[TENSOR] = t
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert not bool(torch.isfinite(load_file(weights)[TENSOR]).all())
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, ["convert", *map(str, args)])
+
+
+def _refused(result, *words):
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a clean ClickException, no traceback
+    assert "Traceback" not in result.output and "Fix:" in result.output
+    for w in words:
+        assert w in result.output, result.output
+
+
+# -- (a) integer dtypes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["I16", "U16", "BOOL"])
+def test_integer_dtype_is_refused_when_the_checkpoint_is_read(bf16_model, tmp_path, dtype):
+    ckpt = _copy(bf16_model, tmp_path / "ckpt")
+
+    def to_int(header):
+        header[TENSOR]["dtype"] = dtype
+        if dtype == "BOOL":  # 1 byte per element: keep the header consistent by halving the rows
+            shape = header[TENSOR]["shape"]
+            header[TENSOR]["shape"] = [shape[0] * 2, shape[1]]
+    rewrite_header(ckpt / "model.safetensors", to_int)
+    out = tmp_path / "x.gguf"
+    result = _cli(ckpt, "--quant", "q4_k_m", "-o", out)
+    _refused(result, TENSOR, dtype)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_gate_refuses_when_the_source_itself_is_broken():
+    """With an integer tensor let through, both sides compute the same garbage; NaN source logits are refused."""
+    src = [np.full((4, 16), np.nan, dtype=np.float32)]
+    report = parity.compare("gguf", "q4_k_m", [[1] * 4], src, [np.zeros((4, 16), np.float32)])
+    assert report.passed is False and report.source_finite is False
+    assert "source checkpoint itself" in str(parity.gate_error(report, "The Q4_K_M GGUF"))
+
+
+# -- (b) non-finite weights ------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights_refused_with_no_parity(bf16_model, tmp_path, value):
+    ckpt = _copy(bf16_model, tmp_path / "ckpt")
+    _poison(ckpt, value)
+    out = tmp_path / "out" / "x.gguf"
+    out.parent.mkdir()
+    _refused(_cli(ckpt, "--quant", "f16", "--no-parity", "-o", out), TENSOR, "NaN or infinite")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_nonfinite_weights_refused_before_quantizing(bf16_model, tmp_path):
+    ckpt = _copy(bf16_model, tmp_path / "ckpt")
+    _poison(ckpt, float("nan"))
+    out = tmp_path / "out" / "x.gguf"
+    out.parent.mkdir()
+    with pytest.raises(CheckpointError, match=TENSOR.replace(".", r"\.")) as info:
+        convert(ckpt, out, ConvertOptions(out_type="q4_k_m"), echo=lambda s: None)
+    assert "disk" not in str(info.value)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_f16_overflow_is_named_as_range_not_nan(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tiny.build_model(tmp_path / "ckpt", "llama")  # float32 weights
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[TENSOR] = tensors[TENSOR].clone()
+    tensors[TENSOR].view(-1)[3] = 1e6  # finite in F32, infinity in F16
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="beyond F16's range") as info:
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    assert "bf16" in info.value.fix
+    assert torch.isfinite(tensors[TENSOR]).all()
+
+
+def test_nonfinite_lora_merge_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny.build_model(tmp_path / "base", "llama")
+    lora = tiny.build_lora(base, tmp_path / "lora")
+    tensors = load_file(lora / "adapter_model.safetensors")
+    key = next(k for k in tensors if "layers.0.self_attn.v_proj.lora_B" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, lora / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="after merging the LoRA adapter"):
+        convert(base, tmp_path / "x.gguf", ConvertOptions(out_type="f16", parity=False, lora=lora), echo=lambda s: None)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# -- (c) the quantized gate ------------------------------------------------------------------------
+def test_quantized_output_passes_the_gate(bf16_model, tmp_path):
+    report = convert(bf16_model, tmp_path / "q.gguf", ConvertOptions(out_type="q4_k_m"), echo=lambda s: None)
+    p = report.parity
+    assert p["gate_top1"] == parity.TOP1_GATE and p["gate_nmse"] is None
+    assert p["finite"] is True and p["passed"] is True and p["top1"] >= parity.TOP1_GATE
+
+
+@pytest.mark.parametrize("broken", ["shuffled", "nan"])
+def test_quantized_output_failing_the_gate_is_not_written(bf16_model, tmp_path, monkeypatch, broken):
+    real = parity.gguf_logits
+
+    def bad_logits(path, ids, threads=None):
+        out = real(path, ids, threads)
+        if broken == "nan":
+            out[0][1, 5] = np.nan
+            return out
+        rng = np.random.default_rng(0)
+        return [rng.permutation(x, axis=1) for x in out]  # plausible numbers, wrong tokens
+
+    monkeypatch.setattr(parity, "gguf_logits", bad_logits)
+    out = tmp_path / "out" / "q.gguf"
+    out.parent.mkdir()
+    result = _cli(bf16_model, "--quant", "q4_k_m", "-o", out)
+    _refused(result, "nothing was written", "NaN or infinite" if broken == "nan" else "same next token")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_compare_gates_every_type_on_finite_logits():
+    rng = np.random.default_rng(1)
+    src = [rng.normal(size=(6, 32)).astype(np.float32)]
+    conv = [src[0].copy()]
+    conv[0][2, 3] = np.inf
+    for out_type in ("f16", "q8_0", "int4"):
+        report = parity.compare("gguf", out_type, [[1] * 6], src, conv)
+        assert report.finite is False and report.passed is False
+    ok = parity.compare("gguf", "q4_0", [[1] * 6], src, [src[0] + 0.01])
+    assert ok.passed is True and ok.top1 == 1.0 and f"top-1 >= {parity.TOP1_GATE:.0%}" in ok.summary()
+
+
+# -- (d) what the quantizer says -------------------------------------------------------------------
+def test_quantize_failure_reports_llama_cpp_reason_not_disk_space(bf16_model, tmp_path, monkeypatch):
+    """NaN weights that slip past the writer: llama.cpp's validation error is what the user reads."""
+    from edgemed.converters import arch_spec, gguf_out
+    from edgemed.converters.checkpoint import Checkpoint
+    from edgemed.converters.quantize import quantize
+    from edgemed.converters.tokenizer import plan_vocab
+
+    ckpt_dir = _copy(bf16_model, tmp_path / "ckpt")
+    _poison(ckpt_dir, float("nan"))
+    monkeypatch.setattr(gguf_out, "first_nonfinite", lambda data, t: None)
+    ckpt = Checkpoint.open(ckpt_dir)
+    f16 = tmp_path / "f16.gguf"
+    gguf_out.write_float_gguf(ckpt, arch_spec(ckpt.architecture), plan_vocab(ckpt_dir, 384), f16, "f16")
+    with pytest.raises(EdgemedError) as info:
+        quantize(f16, tmp_path / "q.gguf", "q4_0")
+    text = str(info.value)
+    assert "disk" not in text.lower() and "NaN" in text and "llama.cpp said:" in text
