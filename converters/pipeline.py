@@ -176,6 +176,9 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
                 raise gate_error(report, f"The {opts.out_type.upper()} GGUF")
             parity = report.to_dict()
         size = tmp.stat().st_size
+        # The old output's report goes before the new output arrives: a kill in between leaves an output
+        # without a report (pack says so), never a new GGUF beside the previous file's parity and provenance.
+        report_path(out).unlink(missing_ok=True)
     timings["total"] = time.perf_counter() - t0
     result = ConversionReport(
         output=str(out), out_type=opts.out_type, size_bytes=size, architecture=spec.arch_name, source=source_info,

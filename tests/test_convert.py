@@ -64,10 +64,10 @@ def test_float_conversion_matches_source(models, tmp_path, arch, out_type):
     assert saved["source"]["sha256"] and saved["tokenizer"]["verified_tokens"] > 50
 
 
-def test_quantized_parity_is_reported_not_gated(models, tmp_path):
+def test_quantized_parity_is_gated_on_finite_logits_and_top1(models, tmp_path):
     out = tmp_path / "llama-q8.gguf"
     report = convert(models["llama"], out, ConvertOptions(out_type="q8_0"), echo=lambda s: None)
-    assert report.parity["gate_nmse"] is None and report.parity["passed"] is None
+    assert report.parity["gate_nmse"] is None and report.parity["passed"] is True and report.parity["gate_top1"] == 0.4
     assert 0 < report.parity["nmse"] < 0.05  # Q8_0 is close, but not exact
     assert _read(out).get_field("general.file_type").contents() == 7
 
