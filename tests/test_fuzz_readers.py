@@ -295,3 +295,55 @@ def test_fuzz_cli_devices_show_and_audit_verify(work, monkeypatch):
     check()
 
 
+
+
+# -- safetensors headers (converters/checkpoint.py, through its public Checkpoint.open) -------------
+@st.composite
+def safetensors_bytes(draw, tensors: dict, data: bytes) -> bytes:
+    kind = draw(st.sampled_from(["entry", "entry", "header", "length", "deep"]))
+    header = json.loads(json.dumps(tensors))
+    if kind == "entry":
+        name = draw(st.sampled_from(sorted(header)))
+        key = draw(st.sampled_from(["dtype", "shape", "data_offsets", None]))
+        value = draw(json_values | st.sampled_from([[2**64, 2**64], [0, 2**63], [-8, 0], "I16", "F64", [2**40, 2**40]]))
+        if key is None:
+            header[name] = value
+        else:
+            header[name][key] = value
+    elif kind == "header":
+        header = draw(json_values)
+    elif kind == "deep":
+        n = draw(st.sampled_from([64, 1000, 100_000]))
+        raw = b'{"w": ' + b"[" * n + b"]" * n + b"}"
+        return struct.pack("<Q", len(raw)) + raw + data
+    raw = json.dumps(header).encode()
+    length = len(raw) if kind != "length" else draw(st.sampled_from(INTERESTING_U64))
+    blob = struct.pack("<Q", length) + raw + data
+    return blob[:draw(st.integers(0, len(blob)))] if draw(st.booleans()) else blob
+
+
+def test_fuzz_safetensors_headers(work):
+    np = pytest.importorskip("numpy")
+    from edgemed.converters.checkpoint import Checkpoint
+
+    ckpt = work / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    weights = {"a.weight": np.ones((2, 4), dtype=np.float32), "b.weight": np.zeros(4, dtype=np.float16)}
+    data, tensors, offset = b"", {}, 0
+    for name, array in weights.items():
+        raw = array.tobytes()
+        tensors[name] = {"dtype": {"float32": "F32", "float16": "F16"}[array.dtype.name], "shape": list(array.shape),
+                         "data_offsets": [offset, offset + len(raw)]}
+        data, offset = data + raw, offset + len(raw)
+    target = ckpt / "model.safetensors"
+    target.write_bytes(struct.pack("<Q", len(json.dumps(tensors))) + json.dumps(tensors).encode() + data)
+    assert set(Checkpoint.open(ckpt).tensors) == set(weights)
+
+    @fuzz(300)
+    @given(safetensors_bytes(tensors, data))
+    def check(blob):
+        target.write_bytes(blob)
+        parses_or_refuses(Checkpoint.open, ckpt)
+
+    check()
