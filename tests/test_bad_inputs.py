@@ -371,3 +371,16 @@ def test_item8_bind_socket_is_handed_over_listening():
         sock.close()
     with pytest.raises(EdgemedError, match="does not resolve|does not belong"):
         bind_socket("no-such-host.invalid", 0)
+
+
+@pytest.mark.parametrize("threads", ["0", "-3"])
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_run_and_chat_refuse_thread_counts_below_one(smollm2_gguf, command, threads):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    args = [command, str(smollm2_gguf), "--threads", threads] + (["--prompt", "hi"] if command == "run" else [])
+    result = CliRunner().invoke(cli, args, input="")
+    assert result.exit_code == 1, result.output
+    assert "--threads must be an integer from 1" in result.output and "Traceback" not in result.output

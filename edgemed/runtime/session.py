@@ -43,6 +43,9 @@ def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
 def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,
             seed: int = 0, root: Path | str = "/") -> Prepared:
     """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded)."""
+    from edgemed.planner import check_threads
+
+    check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
     profile, facts = resolve(profile_name, root)
     if model_format(Path(model)) != "gguf":
         threads_ = threads or profile.threads(profile.onnx["intra_op_threads"], facts)
