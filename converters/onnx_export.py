@@ -28,6 +28,7 @@ from pathlib import Path
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir
 from edgemed.converters import arch_spec
+from edgemed.conversion_report import report_path
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.errors import InputError
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 WEIGHT_TYPES = ("int4", "fp32")
 GRAPHS = ("torch", "genai")
 MODEL_FILE = "model.onnx"
-REPORT_FILE = "report.json"
 
 
 @dataclass
@@ -177,7 +177,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
                              "onnxruntime": _version("onnxruntime"), "graph": opts.graph}
         if opts.graph == "genai":
             result.converter["onnxruntime_genai"] = _version("onnxruntime-genai")
-        (tmp / REPORT_FILE).write_text(result.to_json() + "\n", encoding="utf-8")
+        report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
     return result
 
 

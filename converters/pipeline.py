@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
+from edgemed.conversion_report import report_path as _report_path
 from edgemed.converters import arch_spec
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.converters.gguf_out import FLOAT_TYPES, plan_tensors, write_float_gguf
@@ -65,7 +66,8 @@ class ConversionReport:
 
 
 def report_path(out: Path) -> Path:
-    return out.with_name(out.name + ".report.json")
+    """``<out>.report.json`` (the rule lives in ``edgemed.conversion_report``)."""
+    return _report_path(out, "gguf")
 
 
 def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:

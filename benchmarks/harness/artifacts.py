@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from edgemed.benchmarks.harness.configs import Config
+from edgemed.conversion_report import report_path
 from edgemed.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def onnx_path(out: Path, quant: str) -> Path:
 
 
 def _report(artifact: Path) -> Path:
-    return artifact / "report.json" if artifact.suffix != ".gguf" else artifact.with_name(artifact.name + ".report.json")
+    return report_path(artifact, "gguf" if artifact.suffix == ".gguf" else "onnx")
 
 
 def _check_reuse(artifact: Path, digest: str) -> bool:

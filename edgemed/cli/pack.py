@@ -40,7 +40,7 @@ def _mb(n: int) -> str:
 @click.option("--template", "templates", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A prompt template file to ship (repeatable).")
 @click.option("--report", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Conversion report (default: MODEL.report.json when present).")
+              help="Conversion report (default: MODEL.report.json, or MODEL/report.json for an ONNX directory, when present).")
 @click.option("--no-report", is_flag=True, help="Do not include the conversion report.")
 @click.option("--sign", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Sign with this ed25519 private key (PEM).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output (default: NAME.edgemed).")

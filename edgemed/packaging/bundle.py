@@ -7,7 +7,7 @@ Bundle directory (runnable in place; the model file is mmap'd where it lies)::
     model/<file>.gguf    or model/<onnx dir>/...
     LICENSE
     card.toml            the model card as written (its fields are also in the manifest)
-    report.json          the conversion report, when `edgemed convert` left one next to the GGUF
+    report.json          the conversion report, when `edgemed convert` left one (beside the GGUF, inside the ONNX directory)
     templates/...        prompt templates given with --template
 
 The tar form holds the same entries (see archive.py).
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path
+from edgemed.conversion_report import existing_report
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
@@ -43,15 +44,12 @@ class PackInputs:
     name: str | None = None
     card: Path | None = None
     templates: list[Path] = field(default_factory=list)
-    report: Path | None = None  # default: <model>.report.json when it exists
+    report: Path | None = None  # default: the converter's report (edgemed.conversion_report) when it exists
     use_report: bool = True
 
 
 def _report_for(model: Path, given: Path | None) -> Path | None:
-    if given is not None:
-        return given
-    sidecar = model.with_name(model.name + ".report.json")
-    return sidecar if sidecar.is_file() else None
+    return given if given is not None else existing_report(model)
 
 
 def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
@@ -88,7 +86,7 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
 
 
 def _report_provenance(report: Path, model: Path) -> dict:
-    """Provenance and parity from the converter's ``<out>.report.json`` (build-machine paths left out)."""
+    """Provenance and parity from the converter's report (build-machine paths left out)."""
     try:
         r = json.loads(report.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -98,7 +96,7 @@ def _report_provenance(report: Path, model: Path) -> dict:
                          "the report is stale: re-run `edgemed convert`, or pass --no-report")
     src, lora = r.get("source") or {}, r.get("lora") or {}
     out = {"source_sha256": src.get("sha256"), "source_dtype": src.get("dtype"), "lora_sha256": lora.get("sha256"),
-           "converter_version": (r.get("converter") or {}).get("version"), "out_type": r.get("out_type"),
+           "converter_version": (r.get("converter") or {}).get("version"), "out_type": r.get("out_type") or r.get("weight_type"),
            "parity": r.get("parity"), "tokenizer_check": r.get("tokenizer")}
     return {k: v for k, v in out.items() if v is not None}
 
