@@ -1,4 +1,4 @@
-"""Converters: Hugging Face checkpoint (+ LoRA) -> GGUF. Workstation side; needs ``edgemed[convert]``.
+"""Converters: Hugging Face checkpoint (+ LoRA) -> GGUF or ONNX. Workstation side; needs ``edgemed[convert]``.
 
 The registry maps a Hugging Face ``architectures`` name to the small module that
 describes it (``edgemed.converters.arch.<name>``). Adding Qwen3 or Gemma3 is one
@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import importlib
 
-from edgemed.errors import UnsupportedArchitecture
+from edgemed.errors import UnsupportedArchitecture, require
 
 # Hugging Face architecture name -> module under edgemed.converters.arch
 REGISTRY: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
 }
+
+
+# What each route imports, as (module, extra), in the order a missing one is reported. Checked before any
+# work, so that an install without them gets the one-paragraph "install the extra" message, not a traceback.
+ROUTE_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "gguf": (("gguf", "convert"), ("numpy", "convert"), ("torch", "convert"), ("transformers", "convert"), ("llama_cpp", "gguf")),
+    "onnx": (("numpy", "convert"), ("torch", "convert"), ("transformers", "convert"), ("onnx", "convert"),
+             ("onnxruntime", "convert")),
+    "check": (("gguf", "convert"), ("numpy", "convert"), ("torch", "convert"), ("transformers", "convert"), ("llama_cpp", "gguf")),
+}
+
+
+def require_route(route: str) -> None:
+    """Raise ``MissingDependency`` (naming the extra) for the first package ``route`` needs that is not installed."""
+    for module, extra in ROUTE_NEEDS[route]:
+        require(module, extra)
 
 
 def supported_architectures() -> list[str]:

@@ -14,14 +14,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
-import numpy as np
-
 from edgemed import __version__
 from edgemed.converters.arch.base import ArchSpec, llama3_rope_factors
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.converters.tokenizer import VocabPlan, write_vocab
-from edgemed.errors import CheckpointError
+from edgemed.errors import CheckpointError, require
+
+# The writer is gguf-py and numpy throughout; without them, importing it is the one-paragraph "install the extra".
+gguf = require("gguf", "convert")
+np = require("numpy", "convert")
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def write_float_gguf(
             p = by_hf[hf_name]
             if adapter is not None and adapter.touches(hf_name):
                 tensor = adapter.apply(hf_name, tensor)  # float32
-            transform = spec.transforms.get(p.kind)
+            transform = spec.transform(p.kind)
             if transform is not None:
                 tensor = transform(tensor.to(torch.float32).numpy(), ckpt)
             data = _cast(tensor, p.ggml_type)

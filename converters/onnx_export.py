@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir
-from edgemed.converters import arch_spec
+from edgemed.converters import arch_spec, require_route
 from edgemed.conversion_report import report_path
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.errors import InputError
@@ -76,6 +76,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
         raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(WEIGHT_TYPES)}")
     if opts.graph not in GRAPHS:
         raise InputError(f"Unknown ONNX graph builder '{opts.graph}'.", f"choose one of: {', '.join(GRAPHS)}")
+    require_route("onnx")
     env.enforce_offline()
     check_destination(out, opts.force, kind="onnx")
     timings: dict[str, float] = {}

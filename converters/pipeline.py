@@ -24,7 +24,7 @@ from pathlib import Path
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
 from edgemed.conversion_report import report_path as _report_path
-from edgemed.converters import arch_spec
+from edgemed.converters import arch_spec, require_route
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.converters.gguf_out import FLOAT_TYPES, plan_tensors, write_float_gguf
 from edgemed.converters.quantize import QUANT_TYPES
@@ -71,6 +71,7 @@ def report_path(out: Path) -> Path:
 
 
 def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
+    require_route("gguf")
     try:
         return _convert(source, out, opts, echo)
     except OSError as exc:

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import gguf
+from edgemed.errors import TokenizerError, require
 
-from edgemed.errors import TokenizerError
+
+def _gguf():
+    """gguf-py, imported when a vocabulary is planned or written (the ONNX route reads tokenizer.json without it)."""
+    return require("gguf", "convert")
 
 # Sentences that exercise digits, units, punctuation, accents and line breaks.
 MEDICAL_SAMPLES = (
@@ -103,9 +106,9 @@ def plan_vocab(model_dir: Path, n_vocab: int, pre_override: str | None = None) -
         if tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback") and decoder == "ByteLevel":
             return _bpe_plan(model_dir, tj, n_vocab, pre_override)
         if tj.get("model", {}).get("type") == "BPE" and tj["model"].get("byte_fallback"):
-            return _spm_plan(model_dir, _gguf_vocab(gguf.LlamaHfVocab, model_dir), n_vocab)
+            return _spm_plan(model_dir, _gguf_vocab(_gguf().LlamaHfVocab, model_dir), n_vocab)
     if (model_dir / "tokenizer.model").exists():
-        return _spm_plan(model_dir, _gguf_vocab(gguf.SentencePieceVocab, model_dir), n_vocab)
+        return _spm_plan(model_dir, _gguf_vocab(_gguf().SentencePieceVocab, model_dir), n_vocab)
     raise TokenizerError(
         f"No supported tokenizer in '{model_dir}' (need a byte-level BPE tokenizer.json or a SentencePiece tokenizer.model).",
         "copy the tokenizer files that came with the checkpoint",
@@ -166,6 +169,7 @@ def _bpe_plan(model_dir: Path, tj: dict, n_vocab: int, pre_override: str | None)
     pre = pre_override or detect_pretokenizer(tj)
     if pre_override and pre_override not in known_pretokenizers():
         raise TokenizerError(f"Unknown pre-tokenizer '{pre_override}'.", f"choose one of: {', '.join(known_pretokenizers())}")
+    gguf = _gguf()
     by_id: dict[int, tuple[bytes, int]] = {i: (t.encode("utf-8"), gguf.TokenType.NORMAL) for t, i in tj["model"]["vocab"].items()}
     for added in tj.get("added_tokens", []):
         kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
@@ -194,7 +198,7 @@ def _spm_plan(model_dir: Path, vocab, n_vocab: int) -> VocabPlan:
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
+        types.append(int(_gguf().TokenType.UNUSED))
     special = _special_vocab(model_dir, load_merges=False, n_vocab=n_vocab)
     _set_add_special(model_dir, special)
     return VocabPlan("llama", "default", tokens, scores, types, special)
@@ -210,7 +214,7 @@ def _gguf_vocab(kind, model_dir: Path):
 
 def _special_vocab(model_dir: Path, **kwargs) -> "gguf.SpecialVocab":
     try:
-        return gguf.SpecialVocab(model_dir, **kwargs)
+        return _gguf().SpecialVocab(model_dir, **kwargs)
     except Exception as exc:  # gguf-py reads tokenizer_config.json & co. without guarding their types
         raise TokenizerError(f"Cannot read the special tokens in '{model_dir}': {type(exc).__name__}: {exc}.",
                              "re-copy tokenizer.json, tokenizer_config.json and special_tokens_map.json from the checkpoint") from None

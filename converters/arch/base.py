@@ -12,18 +12,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import gguf
-import numpy as np
+from edgemed.errors import CheckpointError, require
 
-from edgemed.errors import CheckpointError
+
+def _gguf():
+    return require("gguf", "convert")
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    gguf_arch: "gguf.MODEL_ARCH"
+    # gguf-py's MODEL_ARCH member, by name ("LLAMA"): the tables stay importable without the gguf package
+    gguf_arch: str
     # Hugging Face tensor-name suffixes that are not weights (buffers) and are dropped.
     skip_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
-    # Per-tensor transform applied after LoRA merge, before dtype conversion: (gguf tensor kind, array, ckpt) -> array
+    # Per-tensor transform applied after LoRA merge, before dtype conversion, keyed by gguf-py's
+    # MODEL_TENSOR member name ("ATTN_Q"): (array, ckpt) -> array
     transforms: dict = field(default_factory=dict)
     # rope scaling types this arch accepts
     rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
@@ -31,14 +34,21 @@ class ArchSpec:
     extra_hparams: Callable | None = None
 
     @property
+    def arch(self) -> "gguf.MODEL_ARCH":
+        return _gguf().MODEL_ARCH[self.gguf_arch]
+
+    @property
     def arch_name(self) -> str:
-        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+        return _gguf().MODEL_ARCH_NAMES[self.arch]
 
     def name_map(self, n_blocks: int) -> "gguf.TensorNameMap":
-        return gguf.TensorNameMap(self.gguf_arch, n_blocks)
+        return _gguf().TensorNameMap(self.arch, n_blocks)
 
     def allowed(self) -> set:
-        return set(gguf.MODEL_TENSORS[self.gguf_arch])
+        return set(_gguf().MODEL_TENSORS[self.arch])
+
+    def transform(self, kind: "gguf.MODEL_TENSOR") -> Callable | None:
+        return self.transforms.get(kind.name)
 
 
 def rope_config(ckpt) -> tuple[float, dict]:
@@ -86,10 +96,10 @@ def write_decoder_hparams(spec: ArchSpec, ckpt, writer: "gguf.GGUFWriter") -> No
             f"supported rope scaling types: {', '.join(spec.rope_types)}",
         )
     if rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
     elif rope_type == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_type(_gguf().RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
 
@@ -107,6 +117,7 @@ def llama3_rope_factors(ckpt) -> "np.ndarray | None":
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))
     old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    np = require("numpy", "convert")
     hd = head_dim(ckpt)
     freqs = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     out = []

@@ -7,9 +7,6 @@ that permutation here (after LoRA merge, so the adapter stays in HF layout).
 
 from __future__ import annotations
 
-import gguf
-import numpy as np
-
 from edgemed.converters.arch.base import ArchSpec, write_decoder_hparams
 
 
@@ -33,7 +30,7 @@ def _k(w, ckpt):
 
 
 SPEC = ArchSpec(
-    gguf_arch=gguf.MODEL_ARCH.LLAMA,
-    transforms={gguf.MODEL_TENSOR.ATTN_Q: _q, gguf.MODEL_TENSOR.ATTN_K: _k},
+    gguf_arch="LLAMA",
+    transforms={"ATTN_Q": _q, "ATTN_K": _k},
     extra_hparams=write_decoder_hparams,
 )

@@ -6,12 +6,10 @@ half-split (NeoX) rotary form, so tensors are written as Hugging Face stores the
 
 from __future__ import annotations
 
-import gguf
-
 from edgemed.converters.arch.base import ArchSpec, write_decoder_hparams
 
 SPEC = ArchSpec(
-    gguf_arch=gguf.MODEL_ARCH.QWEN2,
+    gguf_arch="QWEN2",
     rope_types=("default", "linear", "yarn"),
     extra_hparams=write_decoder_hparams,
 )

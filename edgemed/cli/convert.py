@@ -36,16 +36,19 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
     """
     import sys
 
-    from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
+    from edgemed.converters import require_route
 
+    out_type = out_type or DEFAULT_QUANT[target]
+    require_route(target)  # before the default model is made or a converter imported: one paragraph, no traceback
     if source is None:
         from edgemed.converters import sources
 
         click.echo(f"No SOURCE given: using the default model {sources.DEFAULT}.", err=True)
         source = sources.hf_checkpoint(sources.DEFAULT)
-    out_type = out_type or DEFAULT_QUANT[target]
     if target == "onnx":
         return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json, onnx_graph)
+    from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
+
     output = output or Path(f"{Path(source).name}-{out_type}.gguf")
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
                           allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty())
@@ -87,6 +90,9 @@ def check(source, model, lora, threads, as_json):
     """
     import json
 
+    from edgemed.converters import require_route
+
+    require_route("check")
     from edgemed.converters.parity import check_gguf, gate_error
 
     out_type = _file_type(model)

@@ -19,7 +19,9 @@ def quickstart(model_name, quant, output, question):
     checkpoint, convert it to a 4-bit GGUF with a parity report, and answer a
     medical question with it. Nothing touches the network."""
     from edgemed import env
-    from edgemed.converters import sources
+    from edgemed.converters import require_route, sources
+
+    require_route("gguf")
     from edgemed.converters.pipeline import ConvertOptions, convert
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.engine import LoadSettings
