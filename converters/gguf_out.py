@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed import __version__
+from edgemed.constants import GGUF_TYPES
 from edgemed.converters.arch.base import ArchSpec, llama3_rope_factors
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.converters.tokenizer import VocabPlan, write_vocab
@@ -26,12 +27,6 @@ np = require("numpy", "convert")
 
 log = logging.getLogger(__name__)
 
-# Output float type -> (GGML tensor type for 2-D weights, llama_ftype number written as general.file_type)
-FLOAT_TYPES = {
-    "f32": (gguf.GGMLQuantizationType.F32, 0),
-    "f16": (gguf.GGMLQuantizationType.F16, 1),
-    "bf16": (gguf.GGMLQuantizationType.BF16, 32),
-}
 
 
 @dataclass
@@ -51,7 +46,7 @@ def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[Planne
     n_blocks = int(ckpt.hparam("num_hidden_layers"))
     name_map = spec.name_map(n_blocks)
     allowed = spec.allowed()
-    weight_type = FLOAT_TYPES[out_type][0]
+    weight_type = gguf.GGMLQuantizationType[GGUF_TYPES[out_type].weights]  # a float type: 2-D weights
     planned: list[PlannedTensor] = []
     for hf_name in sorted(ckpt.tensors, key=_natural_key):
         if hf_name.endswith(spec.skip_suffixes):
@@ -240,7 +235,7 @@ def _write_metadata(writer, ckpt: Checkpoint, spec: ArchSpec, out_type: str, met
     name = ckpt.config.get("_name_or_path") or ckpt.path.name
     writer.add_name(str(name))
     writer.add_quantized_by(f"edgemed {__version__}")
-    writer.add_file_type(FLOAT_TYPES[out_type][1])
+    writer.add_file_type(GGUF_TYPES[out_type].ftype)
     spec.extra_hparams(spec, ckpt, writer)
     for key, value in metadata.items():
         writer.add_string(key, value)

@@ -28,13 +28,13 @@ from pathlib import Path
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir
 from edgemed.converters import arch_spec, require_route
+from edgemed.constants import ONNX_OUTPUT_TYPES
 from edgemed.conversion_report import report_path
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.errors import InputError
 
 log = logging.getLogger(__name__)
 
-WEIGHT_TYPES = ("int4", "fp32")
 GRAPHS = ("torch", "genai")
 MODEL_FILE = "model.onnx"
 
@@ -72,8 +72,8 @@ class OnnxReport:
 
 def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> OnnxReport:
     """Write the ONNX directory ``out`` from the HF checkpoint ``source``; returns the report (also in ``out/report.json``)."""
-    if opts.weight_type not in WEIGHT_TYPES:
-        raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(WEIGHT_TYPES)}")
+    if opts.weight_type not in ONNX_OUTPUT_TYPES:
+        raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(ONNX_OUTPUT_TYPES)}")
     if opts.graph not in GRAPHS:
         raise InputError(f"Unknown ONNX graph builder '{opts.graph}'.", f"choose one of: {', '.join(GRAPHS)}")
     require_route("onnx")

@@ -26,13 +26,13 @@ from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_te
 from edgemed.conversion_report import report_path as _report_path
 from edgemed.converters import arch_spec, require_route
 from edgemed.converters.checkpoint import Checkpoint
-from edgemed.converters.gguf_out import FLOAT_TYPES, plan_tensors, write_float_gguf
-from edgemed.converters.quantize import QUANT_TYPES
+from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
+from edgemed.converters.gguf_out import plan_tensors, write_float_gguf
 from edgemed.errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
-OUTPUT_TYPES = (*FLOAT_TYPES, *QUANT_TYPES)
+OUTPUT_TYPES = GGUF_OUTPUT_TYPES
 
 
 @dataclass
@@ -143,7 +143,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     parity = None
     with atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
         t = time.perf_counter()
-        if opts.out_type in FLOAT_TYPES:
+        if opts.out_type in FLOAT_OUTPUT_TYPES:
             write_float_gguf(ckpt, spec, vocab, tmp, opts.out_type, adapter=adapter, metadata=metadata, progress=opts.progress)
             timings["write"] = time.perf_counter() - t
         else:

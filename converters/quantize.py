@@ -16,19 +16,13 @@ import re
 import shutil
 from pathlib import Path
 
+from edgemed.constants import GGUF_TYPES
 from edgemed.converters.native_log import quiet
 from edgemed.errors import EdgemedError, OutputError, require
 
 # Rows llama.cpp keeps in memory at once while quantizing (its default is 8 GiB).
 MAX_BUF_BYTES = 256 * 2**20
 
-# edgemed name -> llama_ftype constant in llama_cpp
-QUANT_TYPES: dict[str, str] = {
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-}
 
 
 def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, imatrix: dict[str, "object"] | None = None) -> None:
@@ -36,7 +30,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
     llama_cpp = require("llama_cpp", "gguf")
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or os.cpu_count() or 1
-    params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
+    params.ftype = getattr(llama_cpp, GGUF_TYPES[qtype].llama_ftype)
     params.max_buf_size = MAX_BUF_BYTES
     keep_alive = []
     if imatrix:

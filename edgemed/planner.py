@@ -31,6 +31,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgemed.constants import DEFAULT_KV_TYPE, KV_TYPES
 from edgemed.devices.facts import Facts
 from edgemed.devices.profiles import Profile
 from edgemed.devices.schema import MAX_CTX, MAX_THREADS
@@ -47,9 +48,6 @@ MIN_CTX = 512           # below this a medical prompt plus an answer does not fi
 RUNTIME_BASE = 48 * MIB
 #: llama.cpp's tokenizer tables per vocabulary entry (measured ~500 B on SmolLM2 and Qwen2.5).
 RUNTIME_PER_TOKEN = 512
-
-#: Bytes per element of each KV cache type (block-quantized types: block bytes / block size).
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 #: Quant types the CPU backend copies into an interleaved layout at load (x86 AVX2 / ARM NEON builds).
 REPACKED_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
@@ -155,8 +153,9 @@ class Estimate:
         return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute
 
 
-def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
-    per_token = shape.n_head_kv * (shape.head_dim_k * KV_BYTES[type_k] + shape.head_dim_v * KV_BYTES[type_v])
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE) -> int:
+    per_token = shape.n_head_kv * (shape.head_dim_k * KV_TYPES[type_k].bytes_per_element
+                                   + shape.head_dim_v * KV_TYPES[type_v].bytes_per_element)
     return int(n_ctx * shape.n_layer * per_token)
 
 
@@ -171,7 +170,7 @@ def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool
     return max(around_attention + scores, ffn, logits)
 
 
-def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = "f16", type_v: str = "f16",
+def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
              flash_attn: bool = False, offload: bool = False, use_mmap: bool = True) -> Estimate:
     """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx``."""
     return Estimate(

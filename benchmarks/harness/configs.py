@@ -30,9 +30,6 @@ KINDS: dict[str, Kind] = {
 
 # --baselines names -> torch dtype of the HF baseline (fp16 only where a GPU exists)
 HF_BASELINES = {"hf-fp32": "float32", "hf-bf16": "bfloat16", "hf-fp16": "float16"}
-# --onnx names -> the `edgemed convert --to onnx --quant` type
-ONNX_QUANTS = ("int4", "fp32")
-GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
 
 PHASES = ("timing", "divergence", "accuracy")
 REFERENCE = "f16"   # the same-runtime baseline, and the divergence reference

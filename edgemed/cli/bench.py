@@ -146,14 +146,15 @@ def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, 
     import sys
 
     from edgemed.benchmarks.harness import artifacts, runner
-    from edgemed.benchmarks.harness.configs import GGUF_QUANTS, HF_BASELINES, ONNX_QUANTS, parse_list
+    from edgemed.benchmarks.harness.configs import HF_BASELINES, parse_list
+    from edgemed.constants import GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
 
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
-    configs = artifacts.prepare(source.resolve(), output, parse_list(quants, GGUF_QUANTS, "GGUF type"),
-                                parse_list(onnx, ONNX_QUANTS, "ONNX type"), base, echo=echo)
+    configs = artifacts.prepare(source.resolve(), output, parse_list(quants, GGUF_OUTPUT_TYPES, "GGUF type"),
+                                parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo)
     results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,
                          measure=not report_only)
     _finish(results, output, as_json)

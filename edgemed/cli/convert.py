@@ -6,16 +6,14 @@ from pathlib import Path
 
 import click
 
-OUTPUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m")
-ONNX_TYPES = ("int4", "fp32")  # --to onnx
-DEFAULT_QUANT = {"gguf": "q4_k_m", "onnx": "int4"}
+from edgemed.constants import DEFAULT_OUTPUT_TYPE, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
 
 
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path), required=False)
 @click.option("--lora", type=click.Path(path_type=Path), help="A PEFT LoRA adapter directory to merge into the weights.")
 @click.option("--to", "target", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True, help="Output format (onnx: a directory).")
-@click.option("--quant", "out_type", type=click.Choice(OUTPUT_TYPES + ONNX_TYPES), help="Output weight type [default: q4_k_m; int4 with --to onnx].")
+@click.option("--quant", "out_type", type=click.Choice(GGUF_OUTPUT_TYPES + ONNX_OUTPUT_TYPES), help="Output weight type [default: q4_k_m; int4 with --to onnx].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default: <source-name>-<quant>.gguf here).")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the source (faster; not recommended).")
@@ -38,7 +36,7 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
 
     from edgemed.converters import require_route
 
-    out_type = out_type or DEFAULT_QUANT[target]
+    out_type = out_type or DEFAULT_OUTPUT_TYPE[target]
     require_route(target)  # before the default model is made or a converter imported: one paragraph, no traceback
     if source is None:
         from edgemed.converters import sources
@@ -65,8 +63,8 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
     from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
     from edgemed.errors import InputError
 
-    if out_type not in ONNX_TYPES:
-        raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
+    if out_type not in ONNX_OUTPUT_TYPES:
+        raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_OUTPUT_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
     output = output or Path(f"{source.name}-onnx-{out_type}")
     opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads, graph=graph)
     report = convert_onnx(source, output, opts, echo=lambda s: click.echo(s, err=as_json))
@@ -103,9 +101,8 @@ def check(source, model, lora, threads, as_json):
 
 
 def _file_type(model: Path) -> str:
+    from edgemed.constants import file_type_name
     from edgemed.gguf_header import read_header
 
     number = read_header(model).metadata.get("general.file_type", -1)  # validated: a corrupt file is a clear error
-    number = number if isinstance(number, int) else -1
-    names = {0: "f32", 1: "f16", 32: "bf16", 7: "q8_0", 2: "q4_0", 15: "q4_k_m", 17: "q5_k_m"}
-    return names.get(number, f"ftype{number}")
+    return file_type_name(number if isinstance(number, int) else -1)

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from edgemed.constants import DEFAULT_OUTPUT_TYPE
+
 QUESTION = "A patient on warfarin starts taking ibuprofen for back pain. What is the main risk, and what should be done?"
 
 
 @click.command()
 @click.option("--model", "model_name", default=None, help="Example model carried by a pip package (default: smollm2-135m-instruct).")
-@click.option("--quant", default="q4_k_m", show_default=True, help="Output weight type.")
+@click.option("--quant", default=DEFAULT_OUTPUT_TYPE["gguf"], show_default=True, help="Output weight type.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the GGUF (default: under $EDGEMED_HOME).")
 @click.option("--question", default=QUESTION, show_default=False, help="The medical question to ask at the end.")
 def quickstart(model_name, quant, output, question):

@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from edgemed.constants import EXTRA_BUFFER_MODES, KV_CACHE_TYPES
 from edgemed.errors import ProfileError
 
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-#: llama.cpp extra CPU buffer types for weights (edgemed/runtime/buffers.py says what each means)
-EXTRA_BUFFER_MODES = ("auto", "all", "repack", "none")
 THREAD_WORDS = ("physical", "performance")
 
 # Upper bounds: a profile is user input, and these values size allocations in llama.cpp

@@ -15,6 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from edgemed.constants import KV_TYPES
 from edgemed.errors import InputError, require
 
 # GGUF metadata key (after "<arch>.") -> manifest fact name
@@ -152,7 +153,7 @@ def _onnx_estimate(facts: dict, model_bytes: int) -> dict:
     max_ctx = facts.get("context_length") or max(CONTEXTS)
     by_ctx = {}
     for ctx in sorted({c for c in CONTEXTS if c <= max_ctx} | {min(max_ctx, 32768)}):
-        kv = 2 * layers * ctx * kv_heads * head_dim * 2 if layers and kv_heads and head_dim else 0
+        kv = int(2 * layers * ctx * kv_heads * head_dim * KV_TYPES["f16"].bytes_per_element) if layers and kv_heads and head_dim else 0
         by_ctx[str(ctx)] = model_bytes + kv + vocab * 512 * 4 + (64 << 20)
     return {"method": ESTIMATE_METHOD, "by_context": by_ctx, "profiles": {},
             "note": "ONNX: estimate from file size and KV-cache shape (the planner reads GGUF only)"}

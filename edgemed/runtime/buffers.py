@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.devices.schema import EXTRA_BUFFER_MODES as MODES  # noqa: E402 - the profile schema owns the names
+from edgemed.constants import EXTRA_BUFFER_MODES as MODES  # noqa: E402 - the one table of names
 #: The order ``devices check`` falls back through when a mode crashes: each one uses fewer extra buffers.
 FALLBACKS = ("all", "repack", "none")
 

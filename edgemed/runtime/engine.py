@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from edgemed.constants import DEFAULT_KV_TYPE
 from edgemed.errors import ContextOverflow, InputError
 
 
@@ -53,8 +54,8 @@ class LoadSettings:
     n_ubatch: int = 512
     n_gpu_layers: int = 0
     flash_attn: bool = False
-    type_k: str = "f16"
-    type_v: str = "f16"
+    type_k: str = DEFAULT_KV_TYPE
+    type_v: str = DEFAULT_KV_TYPE
     use_mmap: bool = True
     use_mlock: bool = False
     seed: int = 0

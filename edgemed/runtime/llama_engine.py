@@ -18,8 +18,6 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 log = logging.getLogger(__name__)
 
-#: Kept for importers of the old name; the layer owns the table.
-KV_TYPES = llamacpp.KV_TYPES
 physical_cores = llamacpp.physical_cores
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed import env
+from edgemed.constants import FULL_PRECISION_KV, KV_TYPES
 from edgemed.errors import InputError, ModelLoadError, require
 from edgemed.runtime import buffers
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
@@ -31,11 +32,6 @@ from edgemed.runtime.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
-#: KV cache type names (profiles, CLI) -> ggml type attribute in llama_cpp
-KV_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "bf16": "GGML_TYPE_BF16", "q8_0": "GGML_TYPE_Q8_0",
-            "q4_0": "GGML_TYPE_Q4_0"}
-#: KV cache types llama.cpp's attention reads without flash attention (a quantized V cache needs it).
-FULL_PRECISION_KV = frozenset({"f32", "f16", "bf16"})
 #: Tokens the repetition penalty looks back over (as runtime/sampling.py and llama.cpp's default).
 PENALTY_LAST_N = 64
 
@@ -196,8 +192,8 @@ class Context:
         p.n_threads = threads
         p.n_threads_batch = asked or load.n_threads_batch or threads
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if load.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.type_k = getattr(lc, KV_TYPES[load.type_k])
-        p.type_v = getattr(lc, KV_TYPES[load.type_v])
+        p.type_k = getattr(lc, KV_TYPES[load.type_k].ggml)
+        p.type_v = getattr(lc, KV_TYPES[load.type_v].ggml)
         p.no_perf = True
         self.ptr = lc.llama_init_from_model(model.ptr, p)
         if not self.ptr:
