@@ -134,7 +134,7 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 def config_for_artifact(path: Path, name: str | None = None) -> Config:
     """One configuration for a model given by path (``bench run``): a .gguf file, an ONNX or an HF directory."""
-    from edgemed.runtime.engine import model_format
+    from edgemed.formats import model_format
 
     if path.is_dir() and (path / "config.json").exists() and not any(path.glob("*.onnx")):
         return Config(name or "hf-fp32", "hf", str(path), "float32")

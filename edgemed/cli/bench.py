@@ -114,11 +114,10 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     from edgemed.benchmarks.harness import runner
     from edgemed.benchmarks.harness.configs import config_for_artifact
 
-    path = Path(model)
-    if not path.exists():
-        from edgemed.packaging.store import resolve_model
+    from edgemed.packaging.ref import STORE, resolve, runnable
 
-        path = Path(resolve_model(model))
+    ref = resolve(model)  # a path is measured as given; an installed name is verified first
+    path = runnable(model).model_path if ref.kind == STORE else ref.path
     config = config_for_artifact(path.resolve(), name)
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")

@@ -23,7 +23,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads)
     """
     from edgemed.cli.run import echo_piece
     from edgemed.errors import ContextOverflow
-    from edgemed.packaging.store import resolve_model
+    from edgemed.packaging.ref import runnable
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.chat_template import warm
     from edgemed.runtime.session import prepare, respond
@@ -32,7 +32,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads)
 
     warm()  # the template renderer process starts while the model loads
     policy = ThinkPolicy.parse(think)
-    model = resolve_model(model)
+    model = runnable(model).model_path
     prepared = prepare(model, profile, n_ctx, threads)
     preamble = system or next(iter(load_templates().values())).preamble
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)

@@ -85,7 +85,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, as_
     from dataclasses import replace
 
     from edgemed.runtime import selftest
-    from edgemed.runtime.engine import model_format
+    from edgemed.formats import model_format
     from edgemed.runtime.session import prepare
 
     path = _check_target(model)
@@ -117,6 +117,6 @@ def _check_target(model: str | None) -> Path:
         from edgemed.converters import sources
 
         return sources.gguf_file()
-    from edgemed.packaging.store import resolve_model
+    from edgemed.packaging.ref import runnable
 
-    return resolve_model(model)
+    return runnable(model).model_path

@@ -8,24 +8,6 @@ from pathlib import Path
 import click
 
 
-def locate(target: str) -> tuple[str, Path | str]:
-    """A bundle argument: ('tar', path), ('directory', path) or ('store', name)."""
-    from edgemed.errors import InputError
-    from edgemed.packaging.archive import is_tar
-    from edgemed.packaging.manifest import MANIFEST
-
-    p = Path(target)
-    if p.is_dir() and (p / MANIFEST).exists():
-        return "directory", p
-    if is_tar(p):
-        return "tar", p
-    if p.exists():
-        raise InputError(f"'{target}' is not a bundle (no manifest.json, not a tar).", "pass a .edgemed file or directory made by `edgemed pack`")
-    if "/" in target or target.endswith(".edgemed"):
-        raise InputError(f"Bundle '{target}' does not exist.", "check the path; `edgemed list` shows installed models")
-    return "store", target
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -90,12 +72,12 @@ def verify(bundle, key, full, as_json):
 
     from edgemed.packaging import signing
     from edgemed.packaging.archive import hash_sink, read_tar
-    from edgemed.packaging.bundle import verify_dir
-    from edgemed.packaging.digest import VerifiedCache
+    from edgemed.packaging.ref import bundle_ref, verified
     from edgemed.packaging.store import Store
 
     public_key = signing.load_public_key(key) if key else None
-    kind, where = locate(bundle)
+    ref = bundle_ref(bundle)
+    kind, where = ref.kind, ref.target
     signer = {}
     if kind == "tar":
         def on_manifest(man, data, sig):
@@ -105,8 +87,7 @@ def verify(bundle, key, full, as_json):
         result = dict(manifest_sha256=hashlib.sha256(data).hexdigest(), has_signature=sig is not None,
                       signed_by=signer.get("key_id"), rehashed=[f.path for f in man.files])
     else:
-        v = (verify_dir(where, full=full, public_key=public_key, cache=VerifiedCache()) if kind == "directory"
-             else Store().verify(where, full=full, public_key=public_key))
+        v = verified(ref, full=full, public_key=public_key)
         man = v.manifest
         at_install = Store().index().get(where, {}).get("signed_by") if kind == "store" and public_key is None else None
         result = dict(manifest_sha256=v.manifest_sha256, has_signature=v.has_signature, signed_by=v.signed_by or at_install,
@@ -129,9 +110,11 @@ def _inspect_data(bundle: str) -> dict:
     from edgemed.packaging import signing
     from edgemed.packaging.archive import peek_tar
     from edgemed.packaging.bundle import read_manifest
+    from edgemed.packaging.ref import bundle_ref
     from edgemed.packaging.store import Store
 
-    kind, where = locate(bundle)
+    ref = bundle_ref(bundle)
+    kind, where = ref.kind, ref.target
     if kind == "tar":
         man, data, sig = peek_tar(where)
     else:

@@ -131,9 +131,9 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         if sys.stdin.isatty():
             raise InputError("No prompt given.", "pass --prompt '...' (or --template mcq --question ...), or pipe the prompt on standard input")
         prompt = sys.stdin.read()
-    from edgemed.packaging.store import resolve_model
+    from edgemed.packaging.ref import runnable
 
-    model = resolve_model(model)  # an installed name, or a bundle directory: verified before load
+    model = runnable(model).model_path  # an installed name, or a bundle directory: verified before load
     prepared = prepare(model, profile, n_ctx, threads, seed)
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     engine = open_engine(model, prepared.load)

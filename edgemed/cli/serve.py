@@ -8,31 +8,25 @@ from pathlib import Path
 import click
 
 
+_NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
+
+
 def _identify(model: str) -> tuple[Path, str, str]:
-    """(verified model path, id clients pass as "model", digest for the audit log).
+    """(verified model path, id clients pass as "model", digest for the audit log), from ``packaging.ref``.
 
     An installed bundle or bundle directory is verified and identified by its manifest's sha256;
-    a plain .gguf by the file's own sha256 (computed once, here).
+    a plain .gguf by the file's own sha256, through the verified cache (hashed in full only when
+    the file changed since its last full hash).
     """
-    from edgemed.hashing import file_sha256
-    from edgemed.packaging.bundle import verify_dir
-    from edgemed.packaging.digest import VerifiedCache
-    from edgemed.packaging.manifest import MANIFEST
-    from edgemed.packaging.store import Store, resolve_model
+    from edgemed.errors import InputError
+    from edgemed.formats import model_format
+    from edgemed.packaging.ref import runnable, with_digest
 
-    p = Path(model)
-    if p.is_dir() and (p / MANIFEST).is_file():
-        v = verify_dir(p, cache=VerifiedCache())
-        return v.model_path, v.manifest.name, "manifest:sha256:" + v.manifest_sha256
-    if not p.exists() and "/" not in model and not model.endswith((".gguf", ".edgemed", ".onnx")):
-        v = Store().verify(model)
-        return v.model_path, model, "manifest:sha256:" + v.manifest_sha256
-    path = resolve_model(model)  # a .gguf path (or the clear error for a missing or wrong one)
-    if not path.is_file():
-        from edgemed.runtime.engine import model_format
-
-        model_format(path)  # raises the runtime's own message for a missing path or an ONNX folder
-    return path, path.stem, "file:sha256:" + file_sha256(path)
+    ref = runnable(model)
+    if not ref.model_path.is_file() and model_format(ref.model_path) != "gguf":  # a missing path raises here
+        raise InputError(f"'{ref.model_path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
+    ref = with_digest(ref)
+    return ref.model_path, ref.name, ref.digest
 
 
 @click.command()
@@ -102,8 +96,7 @@ def serve(model, host, port, slots, queue_size, profile, n_ctx, threads, api_key
         path, model_id, digest = _identify(model)
         prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads)
         if prepared.plan is None:
-            raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).",
-                             "convert it with `edgemed convert ... --quant q4_k_m`")
+            raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
         audit_path = audit_log or env.home() / "audit" / f"{model_id}.jsonl"
         audit = AuditLog(audit_path, content=audit_content)  # an unwritable path fails here, before the model loads
         batcher = None

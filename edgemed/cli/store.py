@@ -78,17 +78,14 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     """
     from edgemed.errors import InputError
     from edgemed.packaging import export as ex
-    from edgemed.packaging.bundle import verify_dir
-    from edgemed.packaging.digest import VerifiedCache
-    from edgemed.packaging.store import Store
-    from edgemed.cli.pack import locate
+    from edgemed.packaging.ref import TAR, bundle_ref, verified
 
     if not (ollama_dir or llama_server or gguf_out):
         raise InputError("Nothing to export.", "pass --ollama DIR, --llama-server, or --gguf FILE")
-    kind, where = locate(model)
-    if kind == "tar":
+    ref = bundle_ref(model)
+    if ref.kind == TAR:
         raise InputError(f"'{model}' is a bundle archive.", f"install it first (edgemed install {model}), then export by name")
-    v = verify_dir(where, cache=VerifiedCache()) if kind == "directory" else Store().verify(where)
+    v = verified(ref)
     if ollama_dir:
         path = ex.export_ollama(v, ollama_dir, system=system, force=force)
         click.echo(f"wrote {path} and {ollama_dir / (v.manifest.name + '.gguf')}; then: ollama create {v.manifest.name} -f {path}")

@@ -8,6 +8,7 @@
     bundle.py    pack a bundle (directory or tar) and verify a bundle directory
     archive.py   write the tar form; read untrusted tars safely, streaming
     store.py     the local content-addressed model store; ``resolve_model`` for ``edgemed run``
+    ref.py       what a MODEL / BUNDLE argument names (``ModelRef``): the one resolver every command uses
     export.py    Ollama Modelfile and llama-server command line
 
 Imports flow one way: cli -> packaging -> {errors, hashing, atomic, env}. Nothing here imports

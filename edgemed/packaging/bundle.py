@@ -27,6 +27,7 @@ from edgemed import __version__, env
 from edgemed.atomic import atomic_path
 from edgemed.conversion_report import existing_report
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
+from edgemed.formats import sniff
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
 from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, RESERVED, SIGNATURE, FileEntry,
@@ -55,14 +56,14 @@ def _report_for(model: Path, given: Path | None) -> Path | None:
 def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     """(source, bundle path, role) for every file; model facts; provenance."""
     model = inp.model
-    if model.is_file():
-        with open(model, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise InputError(f"'{model}' is not a GGUF file.", "pass a .gguf made by `edgemed convert`, or an ONNX model directory")
+    fmt = sniff(model)
+    if fmt is None and model.is_file():
+        raise InputError(f"'{model}' is not a GGUF file.", "pass a .gguf made by `edgemed convert`, or an ONNX model directory")
+    if fmt == "gguf":
         model_facts, prov = facts_mod.gguf_facts(model)
         model_facts["path"] = f"model/{model.name}"
         files = [(model, model_facts["path"], "model")]
-    elif model.is_dir() and any(model.glob("*.onnx")):
+    elif fmt == "onnx":
         model_facts, prov = facts_mod.onnx_facts(model)
         model_facts["path"] = "model/onnx"
         files = [(p, f"model/onnx/{p.relative_to(model).as_posix()}", "model") for p in sorted(model.rglob("*")) if p.is_file()]

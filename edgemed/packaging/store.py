@@ -336,18 +336,9 @@ def resolve_model(name_or_path: str | Path, *, full: bool = False) -> Path:
     - a .gguf file (or ONNX directory): returned as is (there is no manifest to check);
     - a tar bundle: refused with the install command to run;
     - a missing path: returned as is, for the engine's own "does not exist" message.
-    """
-    from edgemed.packaging.archive import is_tar
 
-    p = Path(name_or_path)
-    if p.exists():
-        if p.is_dir() and (p / MANIFEST).is_file():
-            return verify_dir(p, full=full, cache=VerifiedCache()).model_path
-        if is_tar(p):
-            raise InputError(f"'{p}' is a bundle archive; it must be installed before it runs.",
-                             f"run `edgemed install {p}`, then `edgemed run NAME`")
-        return p
-    text = str(name_or_path)
-    if os.sep in text or text.endswith((".gguf", ".edgemed", ".onnx")):
-        return p  # a path that does not exist: the engine says so, naming the fix
-    return Store().verify(text, full=full).model_path
+    The rule is ``edgemed.packaging.ref`` (``runnable``); this is its model path.
+    """
+    from edgemed.packaging.ref import runnable
+
+    return runnable(name_or_path, full=full).model_path

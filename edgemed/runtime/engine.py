@@ -15,6 +15,7 @@ from typing import Iterator, Protocol
 
 from edgemed.constants import DEFAULT_KV_TYPE
 from edgemed.errors import ContextOverflow, InputError
+from edgemed.formats import model_format  # noqa: F401 - the one sniffer; importers of engine.model_format keep working
 
 
 @dataclass(frozen=True)
@@ -99,25 +100,6 @@ _BACKENDS: dict[str, str] = {
     "gguf": "edgemed.runtime.llama_engine",
     "onnx": "edgemed.runtime.onnx_engine",
 }
-
-
-def model_format(path: Path) -> str:
-    """Tell the model's on-disk form from the file itself (magic bytes), not its name."""
-    if path.is_file():
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-        if magic == b"GGUF":
-            return "gguf"
-        raise InputError(
-            f"'{path}' is not a GGUF file (it starts with {magic!r}, not b'GGUF').",
-            "pass a .gguf produced by `edgemed convert`, or check that the copy is complete",
-        )
-    if path.is_dir() and any(path.glob("*.onnx")):
-        return "onnx"
-    raise InputError(
-        f"Model '{path}' does not exist or is not a model file.",
-        "pass the path to a .gguf file (run `edgemed convert` to make one)",
-    )
 
 
 def open_engine(path: Path | str, load: LoadSettings | None = None) -> Engine:

@@ -17,7 +17,8 @@ from typing import Iterator
 
 from edgemed.devices.detect import resolve
 from edgemed.planner import Plan, make_plan
-from edgemed.runtime.engine import GenerationSettings, LoadSettings, model_format
+from edgemed.formats import model_format
+from edgemed.runtime.engine import GenerationSettings, LoadSettings
 from edgemed.templates import Template
 from edgemed.templates.contract import Parsed, choice_grammar
 from edgemed.templates.think import CLOSE, OPEN, ThinkPolicy, ThinkSplitter

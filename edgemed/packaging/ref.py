@@ -1,0 +1,122 @@
+"""The one answer to "what does this MODEL (or BUNDLE) argument name?".
+
+``resolve`` turns an argument into a ``ModelRef`` (nothing is verified or hashed there):
+
+    file       an existing path with no manifest: a .gguf, an ONNX (or HF checkpoint) directory,
+               or a path-looking argument that does not exist (the loader says so, naming the fix)
+    directory  a bundle directory (it holds manifest.json)
+    tar        a bundle archive (``edgemed pack``'s default form)
+    store      an installed model's name
+
+The kind names are what ``verify --json`` and ``inspect --json`` print as ``form``. Then:
+``bundle_ref`` refuses anything but a bundle (verify, inspect, export); ``runnable`` gives the
+path an engine loads, a bundle verified first (run, chat, serve, bench, devices check);
+``with_digest`` adds a plain file's sha256 through the verified cache (serve's audit identity).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgemed.errors import InputError
+from edgemed.packaging.manifest import MANIFEST
+
+FILE, DIRECTORY, TAR, STORE = "file", "directory", "tar", "store"
+_PATH_SUFFIXES = (".gguf", ".edgemed", ".onnx")  # an argument ending so is a path, never a store name
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: str                 # FILE, DIRECTORY, TAR or STORE
+    path: Path | None         # the path given (FILE, DIRECTORY, TAR); for STORE, None until ``runnable``
+    name: str                 # STORE: the installed name; a verified bundle: its manifest's name; else the file's stem
+    digest: str | None = None  # "manifest:sha256:<hex>" or "file:sha256:<hex>", once known
+    model_path: Path | None = None  # what an engine loads, once known (FILE at once; bundles after verification)
+
+    @property
+    def source(self) -> str:
+        """The argument as ``inspect`` names it: the installed name, or the path."""
+        return self.name if self.kind == STORE else str(self.path)
+
+    @property
+    def target(self) -> Path | str:
+        """The bundle to read: its path, or the installed name (for ``Store``)."""
+        return self.name if self.kind == STORE else self.path
+
+
+def _is_path_text(text: str) -> bool:
+    return os.sep in text or "/" in text or text.endswith(_PATH_SUFFIXES)
+
+
+def resolve(arg: str | Path) -> ModelRef:
+    """Classify ``arg`` (see the module docstring); reads at most a tar header."""
+    from edgemed.packaging.archive import is_tar
+
+    p = Path(arg)
+    if p.exists():
+        if p.is_dir() and (p / MANIFEST).exists():
+            return ModelRef(DIRECTORY, p, p.name)
+        if is_tar(p):
+            return ModelRef(TAR, p, p.name.split(".")[0])
+        return ModelRef(FILE, p, p.stem, model_path=p)
+    text = str(arg)
+    if _is_path_text(text):
+        return ModelRef(FILE, p, p.stem, model_path=p)  # missing: the loader's own message names the fix
+    return ModelRef(STORE, None, text)
+
+
+def bundle_ref(arg: str | Path) -> ModelRef:
+    """``resolve``, refusing anything that is not a bundle (verify, inspect, export)."""
+    ref = resolve(arg)
+    if ref.kind == FILE:
+        if ref.path.exists():
+            raise InputError(f"'{arg}' is not a bundle (no manifest.json, not a tar).",
+                             "pass a .edgemed file or directory made by `edgemed pack`")
+        raise InputError(f"Bundle '{arg}' does not exist.", "check the path; `edgemed list` shows installed models")
+    return ref
+
+
+def verified(ref: ModelRef, *, full: bool = False, public_key=None):
+    """Verify a bundle directory (through the verified cache) or an installed model; returns ``bundle.Verified``."""
+    from edgemed.packaging.bundle import verify_dir
+    from edgemed.packaging.digest import VerifiedCache
+    from edgemed.packaging.store import Store
+
+    if ref.kind == DIRECTORY:
+        return verify_dir(ref.path, full=full, public_key=public_key, cache=VerifiedCache())
+    if ref.kind == STORE:
+        return Store().verify(ref.name, full=full, public_key=public_key)
+    raise ValueError(f"{ref.kind} is not a verifiable bundle directory")
+
+
+def runnable(arg: str | Path, *, full: bool = False) -> ModelRef:
+    """What ``edgemed run MODEL`` loads: ``model_path`` set, a bundle verified first (fast path unless ``full``).
+
+    A tar bundle is refused with the install command to run; a plain file or directory is returned
+    as is (there is no manifest to check), its digest left for ``with_digest``.
+    """
+    ref = resolve(arg)
+    if ref.kind == TAR:
+        raise InputError(f"'{ref.path}' is a bundle archive; it must be installed before it runs.",
+                         f"run `edgemed install {ref.path}`, then `edgemed run NAME`")
+    if ref.kind == FILE:
+        return ref
+    v = verified(ref, full=full)
+    name = ref.name if ref.kind == STORE else v.manifest.name
+    return replace(ref, name=name, digest="manifest:sha256:" + v.manifest_sha256, model_path=v.model_path,
+                   path=ref.path if ref.path is not None else v.root)
+
+
+def with_digest(ref: ModelRef) -> ModelRef:
+    """``ref`` with its digest: a bundle's is known already; a plain file's sha256 comes from the verified cache
+    (hashed in full only when the file changed since its last full hash)."""
+    if ref.digest is not None:
+        return ref
+    from edgemed.packaging.digest import VerifiedCache, file_digest
+
+    cache = VerifiedCache()
+    digest, _ = file_digest(ref.model_path, cache, full=False)
+    cache.save()
+    return replace(ref, digest="file:sha256:" + digest)
