@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir
-from edgemed.converters import arch_spec, require_route
+from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.constants import ONNX_OUTPUT_TYPES
 from edgemed.conversion_report import report_path
 from edgemed.converters.checkpoint import Checkpoint
@@ -92,11 +92,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
         from edgemed.converters.lora import LoraAdapter
 
         adapter = LoraAdapter.open(opts.lora, ckpt.tensors)
-    source_info = {"path": str(ckpt.path), "sha256": ckpt.digest(), "dtype": ckpt.source_dtype(), "architecture": ckpt.architecture}
-    lora_info = None if adapter is None else {
-        "path": str(adapter.path), "sha256": adapter.digest(), "r": adapter.config.get("r"),
-        "lora_alpha": adapter.config.get("lora_alpha"), "merged_tensors": len(adapter.pairs) + len(adapter.replacements),
-    }
+    source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
     quant_info = None if opts.weight_type == "fp32" else {
         "method": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": opts.block_size,
         "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "lm_head_bits": opts.head_bits, "embeddings": "float32",
@@ -126,16 +122,13 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
         source_cache = None
         if opts.parity:
             from edgemed.converters.onnx_parity import check_onnx
-            from edgemed.converters.parity import gate_error, source_logits
+            from edgemed.converters.parity import gated, source_logits
 
             t = time.perf_counter()
             source_cache = source_logits(ckpt.path, opts.lora)
             report = check_onnx(ckpt.path, fp32_path, "fp32", threads=opts.threads, source=source_cache)
             timings["parity_fp32"] = time.perf_counter() - t
-            echo(report.summary())
-            parity["fp32"] = report.to_dict()
-            if report.passed is False:
-                raise gate_error(report, "The float32 ONNX export")
+            parity["fp32"] = gated(report, "The float32 ONNX export", echo)
 
         final = tmp / MODEL_FILE
         if opts.weight_type == "int4":
@@ -154,10 +147,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
                 t = time.perf_counter()
                 report = check_onnx(ckpt.path, final, "int4", threads=opts.threads, source=source_cache)
                 timings["parity_int4"] = time.perf_counter() - t
-                echo(report.summary())
-                parity["int4"] = report.to_dict()
-                if report.passed is False:  # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
-                    raise gate_error(report, "The int4 ONNX model")
+                # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
+                parity["int4"] = gated(report, "The int4 ONNX model", echo)
         else:
             for f in fp32_path.parent.iterdir():
                 shutil.move(str(f), tmp / f.name)
@@ -174,10 +165,11 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
             source=source_info, lora=lora_info, quantization=quant_info, parity=parity,
             timings_s={k: round(v, 3) for k, v in timings.items()},
         )
-        result.converter |= {"python": platform.python_version(), "torch": _version("torch"), "onnx": _version("onnx"),
-                             "onnxruntime": _version("onnxruntime"), "graph": opts.graph}
+        version = provenance.installed_version
+        result.converter |= {"python": platform.python_version(), "torch": version("torch"), "onnx": version("onnx"),
+                             "onnxruntime": version("onnxruntime"), "graph": opts.graph}
         if opts.graph == "genai":
-            result.converter["onnxruntime_genai"] = _version("onnxruntime-genai")
+            result.converter["onnxruntime_genai"] = version("onnxruntime-genai")
         report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
     return result
 
@@ -196,12 +188,3 @@ def _export_fp32(model, work: Path, onnx_trace) -> Path:
     shutil.rmtree(trace_dir)
     save_single_file(graph, fp32_dir / MODEL_FILE)
     return fp32_dir / MODEL_FILE
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None

@@ -174,6 +174,14 @@ def gate_error(report: ParityReport, what: str, outcome: str = "nothing was writ
     return ParityError(f"{problem}; {outcome}.", fix)
 
 
+def gated(report: ParityReport, what: str, echo) -> dict:
+    """Show ``report``; raise its ``gate_error`` when it failed; else its dict for the conversion report."""
+    echo(report.summary())
+    if report.passed is False:
+        raise gate_error(report, what)
+    return report.to_dict()
+
+
 def check_gguf(model_dir: Path, gguf_path: Path, out_type: str, *, lora: Path | None = None, threads: int | None = None,
                source: tuple | None = None) -> ParityReport:
     """Parity of ``gguf_path`` against the HF source. ``source`` reuses (ids, logits) already computed."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
 from edgemed.conversion_report import report_path as _report_path
-from edgemed.converters import arch_spec, require_route
+from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
 from edgemed.converters.gguf_out import plan_tensors, write_float_gguf
@@ -125,12 +125,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
 
         read_calibration_text(opts.imatrix_from)
     vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
-    source_info = {"path": str(ckpt.path), "sha256": ckpt.digest(), "dtype": ckpt.source_dtype(), "architecture": ckpt.architecture}
-    lora_info = None if adapter is None else {
-        "path": str(adapter.path), "sha256": adapter.digest(), "r": adapter.config.get("r"),
-        "lora_alpha": adapter.config.get("lora_alpha"), "use_rslora": bool(adapter.config.get("use_rslora")),
-        "merged_tensors": len(adapter.pairs) + len(adapter.replacements),
-    }
+    source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
     metadata = {
         "edgemed.converter_version": __version__,
         "edgemed.source.sha256": source_info["sha256"],
@@ -169,15 +164,12 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
                     "chat_template": bool(vocab.special.chat_template)}
         if opts.parity:
-            from edgemed.converters.parity import check_gguf, gate_error
+            from edgemed.converters.parity import check_gguf, gated
 
             t = time.perf_counter()
             report = check_gguf(ckpt.path, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
             timings["parity"] = time.perf_counter() - t
-            echo(report.summary())
-            if report.passed is False:
-                raise gate_error(report, f"The {opts.out_type.upper()} GGUF")
-            parity = report.to_dict()
+            parity = gated(report, f"The {opts.out_type.upper()} GGUF", echo)
         size = tmp.stat().st_size
         # The old output's report goes before the new output arrives: a kill in between leaves an output
         # without a report (pack says so), never a new GGUF beside the previous file's parity and provenance.
@@ -188,20 +180,11 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         lora=lora_info, tokenizer=tok_info, parity=parity, timings_s={k: round(v, 3) for k, v in timings.items()},
     )
     result.converter["python"] = platform.python_version()
-    result.converter["llama_cpp_python"] = _version("llama-cpp-python")
-    result.converter["gguf"] = _version("gguf")
+    result.converter["llama_cpp_python"] = provenance.installed_version("llama-cpp-python")
+    result.converter["gguf"] = provenance.installed_version("gguf")
     try:
         write_text(report_path(out), result.to_json())
     except OSError:
         out.unlink(missing_ok=True)  # an output without its report is not a finished conversion
         raise
     return result
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None

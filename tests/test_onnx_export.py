@@ -121,6 +121,7 @@ def test_lora_is_merged_before_export(tiny, tiny_lora, tmp_path):
     out = tmp_path / "merged"
     report = convert_onnx(tiny, out, OnnxOptions(weight_type="fp32", lora=tiny_lora), echo=lambda s: None)
     assert report.lora["merged_tensors"] == 6 and report.parity["fp32"]["passed"]
+    assert report.lora["use_rslora"] is False and len(report.lora["sha256"]) == 64  # the same lora section as the GGUF route
     ids = [3, 140, 22, 99, 7, 180, 64]
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     base_logits = _hf_logits(base, ids)
