@@ -57,17 +57,18 @@ def file_type_name(number: int) -> str:
 class KvType:
     """A llama.cpp KV cache type (profile ``llama.type_k`` / ``type_v``)."""
 
-    ggml: str                 # the ggml type constant's name in llama_cpp
+    ggml: str                 # the ggml type's name (GGML_TYPE_...)
+    ggml_id: int              # its number in ggml.h's enum (llama-cpp-python 0.3.36 lacks some names, e.g. BF16)
     bytes_per_element: float  # block-quantized types: block bytes / block size
     full_precision: bool      # attention reads it without flash attention (a quantized V cache needs it)
 
 
 KV_TYPES: dict[str, KvType] = {
-    "f32": KvType("GGML_TYPE_F32", 4.0, True),
-    "f16": KvType("GGML_TYPE_F16", 2.0, True),
-    "bf16": KvType("GGML_TYPE_BF16", 2.0, True),
-    "q8_0": KvType("GGML_TYPE_Q8_0", 34 / 32, False),
-    "q4_0": KvType("GGML_TYPE_Q4_0", 18 / 32, False),
+    "f32": KvType("GGML_TYPE_F32", 0, 4.0, True),
+    "f16": KvType("GGML_TYPE_F16", 1, 2.0, True),
+    "bf16": KvType("GGML_TYPE_BF16", 30, 2.0, True),
+    "q8_0": KvType("GGML_TYPE_Q8_0", 8, 34 / 32, False),
+    "q4_0": KvType("GGML_TYPE_Q4_0", 2, 18 / 32, False),
 }
 KV_CACHE_TYPES = tuple(KV_TYPES)
 DEFAULT_KV_TYPE = "f16"

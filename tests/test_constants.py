@@ -45,3 +45,20 @@ def test_kv_byte_sizes_match_ggml_blocks():
     for name, t in c.KV_TYPES.items():
         block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.ggml.removeprefix("GGML_TYPE_")]]
         assert t.bytes_per_element == nbytes / block, name
+
+
+def test_kv_type_numbers_are_ggml_s():
+    gguf = pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    for name, t in c.KV_TYPES.items():
+        assert t.ggml_id == int(gguf.GGMLQuantizationType[t.ggml.removeprefix("GGML_TYPE_")]), name
+        assert getattr(llama_cpp, t.ggml, t.ggml_id) == t.ggml_id, name  # where llama-cpp-python names it
+
+
+def test_a_bf16_kv_cache_loads(smollm2_gguf):
+    """llama-cpp-python 0.3.36 has no GGML_TYPE_BF16: the layer passes ggml's number, so the profile value works."""
+    from edgemed.runtime.engine import GenerationSettings, LoadSettings
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    with LlamaEngine(smollm2_gguf, LoadSettings(n_ctx=256, n_threads=1, type_k="bf16", type_v="bf16")) as engine:
+        assert "".join(engine.complete("The heart has four", GenerationSettings(max_tokens=4)))

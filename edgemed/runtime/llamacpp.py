@@ -1,16 +1,11 @@
 """The one llama.cpp layer: the only code in edgemed that loads a GGUF model or creates a context.
 
-Layering, as llama-cpp-python's own: raw ``llama_cpp`` bindings -> the thin owners here
-(``Model``, ``Context``, ``Batch``, ``SamplerChain``; each holds one native object and frees it
-in an idempotent ``close()``) -> their users: the run/chat engine (``llama_engine``), the server's
-batcher, the converters' tokenizer check and parity, the benchmarks and the accuracy scorer.
-llama.cpp's parameter structs are built from ``LoadSettings`` here and nowhere else, so a
-host-specific setting (which extra buffer types hold the weights, ``buffers.py``) applies to
-every load. Before a model that will compute is loaded, the host self-test's verdict for these
-settings is consulted (``selftest.ensure``): a build that would crash is never run in process.
-
-``generate`` is the one way to produce text on llama.cpp for a single sequence; the batcher
-drives the same ``Batch``/``SamplerChain`` for many.
+Raw ``llama_cpp`` bindings -> the thin owners here (``Model``, ``Context``, ``Batch``, ``SamplerChain``,
+each freeing its native object in an idempotent ``close()``) -> the run engine, the batcher, the
+converters' checks, the benchmarks and the scorer. Parameter structs are built from ``LoadSettings``
+here only, so a host setting (extra buffer types, ``buffers.py``) applies to every load, and the host
+self-test's verdict (``selftest.ensure``) is consulted before a model that will compute is loaded.
+``generate`` is the one single-sequence generation loop; the batcher drives the same parts for many.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import ctypes
 import functools
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -192,8 +186,8 @@ class Context:
         p.n_threads = threads
         p.n_threads_batch = asked or load.n_threads_batch or threads
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if load.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.type_k = getattr(lc, KV_TYPES[load.type_k].ggml)
-        p.type_v = getattr(lc, KV_TYPES[load.type_v].ggml)
+        p.type_k = KV_TYPES[load.type_k].ggml_id  # by number: llama-cpp-python has no GGML_TYPE_BF16 name
+        p.type_v = KV_TYPES[load.type_v].ggml_id
         p.no_perf = True
         self.ptr = lc.llama_init_from_model(model.ptr, p)
         if not self.ptr:
@@ -403,8 +397,3 @@ def generate(model: Model, ctx: Context, tokens: list[int], settings: Generation
             yield rest
     finally:
         sampler.close()
-
-
-def with_buffers(load: LoadSettings, mode: str) -> LoadSettings:
-    """``load`` with another extra-buffer mode (the self-test's fallbacks)."""
-    return replace(load, extra_buffers=mode)
