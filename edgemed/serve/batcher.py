@@ -1,39 +1,35 @@
-"""Continuous batching on llama.cpp: several requests decoded together, one ``llama_decode`` per step.
+"""Continuous batching on llama.cpp: several requests decoded together, one step after another.
 
-One scheduler thread owns the llama context. Each step it builds one batch:
-first the next token of every sequence that is generating (logits on), then
-prompt chunks of newly admitted sequences up to ``n_batch`` tokens in all
-(logits only on a prompt's last token). Sequence id = slot index; each slot has
-its own KV stream (``kv_unified = false``) of ``n_ctx_per_slot`` cells, so a
-request can never spill into another's context. After the decode each sequence
-with logits samples from its own sampler chain (grammar, penalties, greedy or
-seeded sampling) and checks its own stop conditions (end-of-generation token,
-stop strings, ``max_tokens``). A finished or cancelled sequence leaves before
-the next step (its KV cells removed); queued requests join between steps.
+One scheduler thread owns the llama context. A step is one ``llama_decode`` of the next token of
+every generating sequence (in slot order), then one of prompt chunks of newly admitted sequences:
+the whole batch when nobody is generating, else a chunk sized so the step stays within
+``1 + STALL_BUDGET`` plain steps (``prefill.py``: a long prompt never stalls running streams).
+Sequence id = slot; each slot has its own KV stream (``kv_unified = false``) of ``n_ctx_per_slot``
+cells, so a request never spills into another's context. Each sequence with logits samples from its
+own sampler chain and checks its own stops (end of generation, stop strings, ``max_tokens``); a
+finished or cancelled one leaves before the next step, and queued requests join between steps.
 
-Requests arrive from other threads through ``submit``, which never waits for the
-model: it tokenizes, checks the context, builds the sampler and queues, or
-raises ``Overloaded`` when ``slots + queue_size`` requests are already in flight.
-Output goes to a ``Stream`` that can be read blocking (``for``) or from asyncio
-(``async for``); its last item is always exactly one ``Finished``.
-
-No prompt or output text is logged: request ids, token counts and timings only.
+``submit`` (any thread) never waits for the model: it tokenizes, checks the context, builds the
+sampler and queues, or raises ``Overloaded`` past ``slots + queue_size`` requests in flight. Output
+goes to a ``Stream`` (``stream.py``). No prompt or output text is logged: ids, counts, timings only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 from edgemed.errors import EdgemedError, InputError, ModelLoadError
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
+from edgemed.serve.prefill import STALL_BUDGET, PrefillBudget, chunk_of
+from edgemed.serve.stream import Finished, Piece, Stream
+
+__all__ = ["Batcher", "Closed", "Finished", "Overloaded", "Piece", "STALL_BUDGET", "Stream"]
 
 log = logging.getLogger(__name__)
 
@@ -49,98 +45,6 @@ class Overloaded(EdgemedError):
 
 class Closed(EdgemedError):
     """The batcher is not running (not started yet, or shut down)."""
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Decoded text, never half a UTF-8 character, never part of a stop string."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The last item of every stream."""
-
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float  # submit -> first sampled token (0.0 when none was sampled)
-    total_s: float  # submit -> finished
-    queue_s: float  # submit -> admitted to a slot
-    error: str | None = None  # set when finish_reason is "error" (or a cancel came from shutdown)
-
-
-class Stream:
-    """One request's output: ``Piece`` items then one ``Finished``. Closing the iterator early cancels."""
-
-    def __init__(self, request_id: str, on_cancel):
-        self.request_id = request_id
-        self._on_cancel = on_cancel
-        self._items: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-        self._wake = None  # set by __aiter__: wakes the event loop, thread-safely
-        self.cancelled = False
-        self.done = False
-
-    def _put(self, item) -> None:
-        with self._cond:
-            self._items.append(item)
-            self.done = self.done or isinstance(item, Finished)
-            self._cond.notify_all()
-            wake = self._wake
-        if wake is not None:
-            wake()
-
-    def cancel(self) -> None:
-        """Stop generating (client gone): the slot is freed before the next decode step."""
-        if not self.cancelled and not self.done:
-            self.cancelled = True
-            self._on_cancel()
-
-    def __iter__(self) -> Iterator[Piece | Finished]:
-        finished = False
-        try:
-            while not finished:
-                with self._cond:
-                    while not self._items:
-                        self._cond.wait()
-                    item = self._items.popleft()
-                finished = isinstance(item, Finished)
-                yield item
-        finally:
-            if not finished:
-                self.cancel()
-
-    async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-
-        def wake():
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-        with self._cond:
-            self._wake = wake
-        finished = False
-        try:
-            while not finished:
-                with self._cond:
-                    item = self._items.popleft() if self._items else None
-                    if item is None:
-                        ready.clear()  # under the lock: a later _put's wake() is scheduled after this
-                if item is None:
-                    await ready.wait()
-                    continue
-                finished = isinstance(item, Finished)
-                yield item
-        finally:
-            with self._cond:
-                self._wake = None
-            if not finished:
-                self.cancel()
 
 
 @dataclass(eq=False)
@@ -169,6 +73,9 @@ class _Counters:
     prompt_tokens_total: int = 0
     tokens_generated_total: int = 0
     decode_steps_total: int = 0
+    decode_seconds_total: float = 0.0  # inside llama_decode
+    step_seconds_total: float = 0.0  # whole steps: batch building, llama_decode, sampling, text, hand-over
+    idle_seconds_total: float = 0.0  # scheduler waiting for work
     finished: dict = field(default_factory=lambda: collections.Counter())
 
 
@@ -178,10 +85,12 @@ class Batcher:
     ``load.n_ctx`` is the whole KV cache, split evenly over the slots (as llama.cpp's
     server does), so the memory plan made for ``load`` still holds; pass
     ``n_ctx_per_slot`` to size each slot instead (the cache is then ``slots`` times it).
+    ``prefill_chunk`` fixes the prompt tokens a step takes while others generate; None (the
+    default) sizes it from measured step costs so running streams slow by at most 1 + STALL_BUDGET.
     """
 
     def __init__(self, model_path: Path, load: LoadSettings, *, slots: int = 4, queue_size: int = 16,
-                 n_ctx_per_slot: int | None = None):
+                 n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None):
         if slots < 1 or queue_size < 0:
             raise InputError(f"slots must be >= 1 and queue_size >= 0 (got {slots}, {queue_size}).",
                              "pass --slots 1 or more and --queue 0 or more")
@@ -193,6 +102,10 @@ class Batcher:
         if self.n_ctx_per_slot < 16:
             raise InputError(f"{slots} slots leave {self.n_ctx_per_slot} tokens of context each.",
                              "use fewer slots or a larger context")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be >= 1 (got {prefill_chunk}).", "pass --prefill-chunk 1 or more")
+        self.prefill_chunk = prefill_chunk
+        self._prefill = PrefillBudget(prefill_chunk)
         self._model = self._ctx = self._batch = None
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
@@ -333,6 +246,8 @@ class Batcher:
                 "requests_total": n.requests_total, "overloaded_total": n.overloaded_total,
                 "prompt_tokens_total": n.prompt_tokens_total, "tokens_generated_total": n.tokens_generated_total,
                 "decode_steps_total": n.decode_steps_total, "finished_total": dict(n.finished),
+                "decode_seconds_total": n.decode_seconds_total, "step_seconds_total": n.step_seconds_total,
+                "idle_seconds_total": n.idle_seconds_total, "prefill_chunk": self._prefill.chunk,
             }
 
     # -- scheduler thread --------------------------------------------------------------------
@@ -340,8 +255,11 @@ class Batcher:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._queue or self._active):
-                        self._cond.wait()
+                    if not (self._stopping or self._queue or self._active):
+                        t_idle = time.perf_counter()
+                        while not (self._stopping or self._queue or self._active):
+                            self._cond.wait()
+                        self._n.idle_seconds_total += time.perf_counter() - t_idle
                     if self._stopping:
                         break
                     self._admit()
@@ -367,6 +285,7 @@ class Batcher:
             if seq.stream.cancelled:
                 self._end(seq, "cancelled", now)
                 continue
+            self._free.sort(reverse=True)  # the lowest free slot: busy slots stay one run of ids (see _step)
             seq.slot, seq.t_admit = self._free.pop(), now
             self._active.append(seq)
             log.debug("request %s admitted to slot %d after %.3f s", seq.stream.request_id, seq.slot,
@@ -381,33 +300,52 @@ class Batcher:
                 self._finish(seq, "error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _step(self) -> None:
-        batch, ctx = self._batch, self._ctx
+        """Decode rows in slot order (one ubatch: with a KV stream per slot llama.cpp cuts a batch into
+        ubatches of consecutive sequence ids, each reading all weights again), then prompt chunks in a
+        call of their own (llama.cpp would split them off anyway; so a chunk is never cut into a one-token
+        piece, and the running streams' tokens go out before the chunk is computed).
+        """
+        t_step = time.perf_counter()
+        batch = self._batch
         batch.clear()
-        sampling: list[_Seq] = []
-        for seq in self._active:  # one token per generating sequence
-            if seq.pending is not None:
-                seq.index = batch.add(seq.pending, seq.pos, seq.slot, True)
-                seq.pos, seq.pending = seq.pos + 1, None
-                sampling.append(seq)
-        for seq in self._active:  # prompt chunks in arrival order, while room is left
-            room = batch.capacity - batch.n
-            if seq.pos >= len(seq.tokens) or room <= 0:
+        rows = [q for q in sorted(self._active, key=lambda q: q.slot) if q.pending is not None]
+        for seq in rows:
+            seq.index = batch.add(seq.pending, seq.pos, seq.slot, True)
+            seq.pos, seq.pending = seq.pos + 1, None
+        if rows:
+            self._prefill.learn(self._decode(rows), len(rows), 0)
+        batch.clear()
+        budget = whole = self._prefill.tokens(batch.capacity, len(rows))
+        done: list[_Seq] = []
+        for seq in self._active:  # prompt chunks in arrival order, while the budget lasts
+            take = chunk_of(len(seq.tokens) - seq.pos, budget, whole, len(seq.tokens))
+            if take <= 0:
                 continue
-            end = min(len(seq.tokens), seq.pos + room)
+            end = seq.pos + take
             for p in range(seq.pos, end):
                 seq.index = batch.add(seq.tokens[p], p, seq.slot, p == len(seq.tokens) - 1)
-            self._n.prompt_tokens_total += end - seq.pos
+            self._n.prompt_tokens_total += take
+            budget -= take
             seq.pos = end
             if end == len(seq.tokens):
-                sampling.append(seq)
-        rc = ctx.decode(batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc} for a batch of {batch.n} tokens")
-        now = time.perf_counter()
+                done.append(seq)
+        if batch.n:
+            self._prefill.learn(self._decode(done), len(rows), batch.n)
         with self._cond:
             self._n.decode_steps_total += 1
+            self._n.step_seconds_total += time.perf_counter() - t_step
+
+    def _decode(self, sampling: list[_Seq]) -> float:
+        """``llama_decode`` the batch, then sample each of ``sampling``; returns the seconds of the decode."""
+        t0 = time.perf_counter()
+        rc = self._ctx.decode(self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {self._batch.n} tokens")
+        now = time.perf_counter()
+        self._n.decode_seconds_total += now - t0  # this thread only; stats() reads it live
         for seq in sampling:
-            self._take(seq, seq.sampler.sample(ctx, seq.index), now)
+            self._take(seq, seq.sampler.sample(self._ctx, seq.index), now)
+        return now - t0
 
     def _take(self, seq: _Seq, token: int, now: float) -> None:
         """Handle one sampled token: emit text, or finish on EOG / stop string / max_tokens."""

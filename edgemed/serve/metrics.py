@@ -23,9 +23,15 @@ GAUGE_STATS = {
     "active_slots": ("edgemed_active_slots", "Slots generating or prefilling now."),
     "slots": ("edgemed_slots", "Parallel sequences the server runs (--slots)."),
     "queue_size": ("edgemed_queue_capacity", "Most requests that may wait (--queue); past it, 429."),
+    "prefill_chunk": ("edgemed_prefill_chunk", "Prompt tokens a step takes now while other streams generate."),
 }
 COUNTER_STATS = {
     "tokens_generated_total": ("edgemed_generated_tokens", "Tokens sampled by the batcher since start."),
+    "prompt_tokens_total": ("edgemed_batcher_prompt_tokens", "Prompt tokens the batcher has fed to llama.cpp."),
+    "decode_steps_total": ("edgemed_decode_steps", "llama_decode calls (one per batcher step)."),
+    "decode_seconds_total": ("edgemed_decode_seconds", "Seconds the scheduler spent inside llama_decode."),
+    "step_seconds_total": ("edgemed_step_seconds", "Seconds of whole batcher steps (llama_decode, sampling, text)."),
+    "idle_seconds_total": ("edgemed_idle_seconds", "Seconds the scheduler waited for work."),
 }
 
 

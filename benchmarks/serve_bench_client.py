@@ -1,0 +1,244 @@
+"""The two servers and the client load of ``serve_vs_llama_server`` (processes, SSE timing, the prefill check).
+
+A server is a child process on a free loopback port, started once and stopped with SIGINT. The
+client is one thread per stream with its own HTTP connection; every text chunk's arrival time is
+kept, so TTFT, per-request decode rate and inter-token gaps all come from the same clock for both.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from edgemed.errors import EdgemedError
+
+START_TIMEOUT_S = 300
+#: scheduler counters edgemed's /metrics exposes (batcher.stats()), read before and after a run
+EDGEMED_COUNTERS = ("decode_steps_total", "decode_seconds_total", "step_seconds_total", "idle_seconds_total")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    name = "?"
+
+    def __init__(self, path: Path, threads: int, slots: int, ctx_per_slot: int):
+        self.path, self.threads, self.slots, self.ctx_per_slot = path, threads, slots, ctx_per_slot
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+        self.model_id = ""
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        import httpx2
+
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(self.command(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EdgemedError(f"{self.name} exited at start (code {self.proc.returncode}): "
+                                   f"{self.log.read_text(errors='replace')[-1500:]}", f"read {self.log}")
+            try:
+                if httpx2.get(self.url + "/health", timeout=2).status_code == 200:
+                    models = httpx2.get(self.url + "/v1/models", timeout=5).json()
+                    self.model_id = models["data"][0]["id"]
+                    return
+            except httpx2.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise EdgemedError(f"{self.name} did not answer /health within {START_TIMEOUT_S} s.", f"read {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def describe(self) -> dict:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        info = next((ln[ln.index("CPU :"):].strip() for ln in text.splitlines() if "CPU :" in ln), None)
+        return {"command": [str(c) for c in self.command()], "system_info": info, "log": str(self.log)}
+
+
+class EdgemedServer(_Server):
+    name = "edgemed"
+
+    def command(self) -> list[str]:
+        audit = Path(tempfile.gettempdir()) / f"edgemed-bench-audit-{self.port}.jsonl"
+        return [sys.executable, "-m", "edgemed", "serve", str(self.path), "--port", str(self.port),
+                "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads),
+                "--queue", "16", "--audit-log", str(audit)]
+
+    def scheduler_metrics(self) -> dict[str, float]:
+        import httpx2
+
+        out = {}
+        for line in httpx2.get(self.url + "/metrics", timeout=10).text.splitlines():
+            for key in EDGEMED_COUNTERS:
+                if line.startswith(f"edgemed_{key} ") or line.startswith(f"edgemed_{key.removesuffix('_total')}_total "):
+                    out[key] = float(line.split()[-1])
+        out["wall_seconds"] = time.monotonic()
+        return out
+
+
+class LlamaServer(_Server):
+    name = "llama-server"
+
+    def __init__(self, binary: Path, **kw):
+        self.binary = binary
+        super().__init__(**kw)
+
+    def command(self) -> list[str]:
+        # edgemed's device-profile defaults made explicit: n_batch = n_ubatch = 512, flash attention off, no
+        # mmap, f16 KV, one KV stream per slot (-np without --kv-unified); no prompt cache kept in RAM.
+        return [str(self.binary), "-m", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
+                "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "-t", str(self.threads),
+                "-tb", str(self.threads), "-b", "512", "-ub", "512", "-fa", "off", "--load-mode", "none", "--fit", "off", "--metrics",
+                "--cache-ram", "0"]
+
+
+def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: threading.Event | None = None,
+                   times: list[float] | None = None) -> dict:
+    """One streaming /v1/completions request: arrival time of each text chunk (into ``times``, live), usage, timings."""
+    body = {"model": server.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "cache_prompt": False}
+    t0 = time.perf_counter()
+    times = [] if times is None else times
+    tokens, finish, timings = 0, None, None
+    with client.stream("POST", server.url + "/v1/completions", json=body, timeout=900) as resp:
+        if resp.status_code != 200:
+            raise EdgemedError(f"{server.name} answered {resp.status_code}: {resp.read()[:500]!r}", f"read {server.log}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data.strip() == "[DONE]":
+                break
+            event = json.loads(data)
+            now = time.perf_counter()
+            for choice in event.get("choices") or ():
+                if choice.get("text"):
+                    times.append(now)
+                finish = choice.get("finish_reason") or finish
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            timings = event.get("timings") or timings
+            if stop is not None and stop.is_set():
+                break  # closing the response cancels the request on both servers
+    decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
+    return {"t0": t0, "times": times, "ttft_s": (times[0] - t0) if times else float("nan"), "tokens": tokens or len(times),
+            "finish": finish or "cancelled", "decode_tok_s": ((tokens or len(times)) - 1) / decode_s if decode_s else None,
+            "server_tok_s": (timings or {}).get("predicted_per_second")}
+
+
+def run_level(server: _Server, prompts: list[str], streams: int, requests: int, max_tokens: int) -> list[dict]:
+    """``streams`` client threads, each sending ``requests`` requests back to back (closed loop)."""
+    import httpx2
+
+    rows: list[dict] = []
+    errors: list[BaseException] = []
+    gate = threading.Barrier(streams)
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        try:
+            with httpx2.Client() as client:
+                gate.wait()
+                for j in range(requests):
+                    row = stream_request(client, server, prompts[(i + j * streams) % len(prompts)], max_tokens)
+                    row.pop("times")
+                    with lock:
+                        rows.append(row)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return rows
+
+
+def long_prompt(vocab, n_tokens: int) -> str:
+    """A chat prompt of about ``n_tokens`` tokens: a long synthetic clinical record and one question."""
+    lines, day = [], 0
+    question = "\n\nSummarize the course above and list the three most important open problems."
+
+    def render() -> str:
+        return vocab.render_chat([{"role": "user", "content": "\n".join(lines) + question}])
+
+    while len(vocab.tokenize(render(), True, True)) < n_tokens:
+        day += 1
+        lines.append(f"Day {day}: temperature {36.5 + (day % 7) / 5:.1f} C, heart rate {70 + day % 23} per minute, "
+                     f"blood pressure {110 + day % 31}/{70 + day % 17} mmHg; creatinine {0.8 + (day % 9) / 10:.1f} mg/dL; "
+                     f"the patient reports {('less', 'more', 'unchanged')[day % 3]} shortness of breath.")
+    return render()
+
+
+def prefill_check(server: _Server, prompts: list[str], long_text: str, max_tokens: int, running: int = 3,
+                  warm_tokens: int = 24) -> dict:
+    """Inter-token time of ``running`` decoding streams before, and while, a long prompt is prefilled."""
+    import httpx2
+
+    stop = threading.Event()
+    results: list[dict | None] = [None] * running
+    live: list[list[float]] = [[] for _ in range(running)]
+
+    def worker(i: int) -> None:
+        with httpx2.Client() as client:
+            results[i] = stream_request(client, server, prompts[i % len(prompts)], 4 * max_tokens + 400, stop, live[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(running)]
+    for t in threads:
+        t.start()
+    # wait until every running stream has decoded a while (their chunk lists fill inside stream_request)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and min(len(x) for x in live) < warm_tokens:
+        time.sleep(0.05)
+    t_send = time.perf_counter()
+    with httpx2.Client() as client:
+        long_row = stream_request(client, server, long_text, 4)
+    t_first = long_row["t0"] + long_row["ttft_s"]
+    time.sleep(1.0)  # a few more tokens after the prefill
+    stop.set()
+    for t in threads:
+        t.join()
+    before, during = [], []
+    for r in results:
+        ts = r["times"]
+        for a, b in zip(ts, ts[1:]):
+            if b <= t_send and a >= ts[min(4, len(ts) - 1)]:
+                before.append(b - a)
+            elif b > t_send and a < t_first:
+                during.append(b - a)
+    base = statistics.median(before)
+    return {"gap_before_s": round(base, 4), "gaps_before": len(before),
+            "gap_during_mean_s": round(statistics.mean(during), 4) if during else None,
+            "gap_during_max_s": round(max(during), 4) if during else None, "gaps_during": len(during),
+            "growth_mean": round(statistics.mean(during) / base, 3) if during else None,
+            "growth_max": round(max(during) / base, 3) if during else None,
+            "long_ttft_s": round(long_row["ttft_s"], 3), "prefill_window_s": round(t_first - t_send, 3)}
+

@@ -1,0 +1,106 @@
+"""A request's output as the batcher hands it over: ``Piece`` items, then exactly one ``Finished``.
+
+``Stream`` is written by the scheduler thread and read by a request thread (``for``, blocking on a
+condition) or by asyncio (``async for``, woken through ``loop.call_soon_threadsafe``; no polling).
+Closing the iterator early (the client went away) cancels the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Decoded text, never half a UTF-8 character, never part of a stop string."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item of every stream."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float  # submit -> first sampled token (0.0 when none was sampled)
+    total_s: float  # submit -> finished
+    queue_s: float  # submit -> admitted to a slot
+    error: str | None = None  # set when finish_reason is "error" (or a cancel came from shutdown)
+
+
+class Stream:
+    """One request's output: ``Piece`` items then one ``Finished``. Closing the iterator early cancels."""
+
+    def __init__(self, request_id: str, on_cancel):
+        self.request_id = request_id
+        self._on_cancel = on_cancel
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._wake = None  # set by __aiter__: wakes the event loop, thread-safely
+        self.cancelled = False
+        self.done = False
+
+    def _put(self, item) -> None:
+        with self._cond:
+            self._items.append(item)
+            self.done = self.done or isinstance(item, Finished)
+            self._cond.notify_all()
+            wake = self._wake
+        if wake is not None:
+            wake()
+
+    def cancel(self) -> None:
+        """Stop generating (client gone): the slot is freed before the next decode step."""
+        if not self.cancelled and not self.done:
+            self.cancelled = True
+            self._on_cancel()
+
+    def __iter__(self) -> Iterator[Piece | Finished]:
+        finished = False
+        try:
+            while not finished:
+                with self._cond:
+                    while not self._items:
+                        self._cond.wait()
+                    item = self._items.popleft()
+                finished = isinstance(item, Finished)
+                yield item
+        finally:
+            if not finished:
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake():
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        with self._cond:
+            self._wake = wake
+        finished = False
+        try:
+            while not finished:
+                with self._cond:
+                    item = self._items.popleft() if self._items else None
+                    if item is None:
+                        ready.clear()  # under the lock: a later _put's wake() is scheduled after this
+                if item is None:
+                    await ready.wait()
+                    continue
+                finished = isinstance(item, Finished)
+                yield item
+        finally:
+            with self._cond:
+                self._wake = None
+            if not finished:
+                self.cancel()

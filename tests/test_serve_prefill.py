@@ -1,0 +1,71 @@
+"""Chunked prefill: a long prompt is fed over several steps while running streams keep getting a token every step."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from edgemed.runtime.engine import GenerationSettings, LoadSettings
+from edgemed.serve.prefill import PREFILL_FIRST, PREFILL_MIN, STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of
+
+LOAD = LoadSettings(n_ctx=2 * 512, n_threads=1, n_batch=256, n_ubatch=256)
+COUNTING = "Counting from one to five hundred: 1, 2, 3, 4, 5, 6, 7, 8,"
+
+
+def test_budget_is_the_whole_batch_when_nobody_waits_and_a_measured_chunk_otherwise():
+    b = PrefillBudget()
+    assert b.tokens(256, 0) == 256  # no generating sequence: nobody is stalled
+    assert b.tokens(256, 3) == PREFILL_FIRST  # costs not measured yet
+    b.learn(0.040, 3, 0)  # a plain decode step: 40 ms
+    b.learn(64 * 0.001, 3, 64)  # a 64-token chunk beside them: 1 ms a token
+    assert b.tokens(256, 3) == int(STALL_BUDGET * 0.040 / 0.001)  # 32 tokens: the step stays <= 1.8x
+    b.learn(64 * 0.040, 3, 64)  # tokens got dearer: the chunk shrinks, never below the floor
+    assert b.tokens(256, 3) == PREFILL_MIN
+    assert PrefillBudget(fixed=48).tokens(256, 2) == 48 and PrefillBudget(fixed=48).tokens(20, 2) == 20
+
+
+def test_a_chunk_never_leaves_or_takes_a_single_token_of_a_longer_prompt():
+    assert chunk_of(261, 30, 30) == 30 and chunk_of(231, 230, 230) == 229  # 229 + 2, not 230 + 1
+    assert chunk_of(300, 1, 30) == 0  # the 1 left after another prompt's chunk waits for the next step
+    assert chunk_of(1, 1, 30) == 1  # the prompt's last token alone is fine
+    assert chunk_of(300, 1, 1) == 1  # a budget of one still makes progress
+    assert chunk_of(WHOLE_PROMPT, 16, 16, WHOLE_PROMPT) == WHOLE_PROMPT and chunk_of(100, 16, 16, 300) == 16  # a short prompt goes whole, as llama-server feeds it
+
+
+@pytest.fixture(scope="module")
+def batcher(smollm2_gguf):
+    pytest.importorskip("llama_cpp")
+    from edgemed.serve.batcher import Batcher
+
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2, prefill_chunk=16) as b:
+        yield b
+
+
+def test_long_prompt_is_split_while_a_running_stream_gets_a_token_every_step(batcher):
+    from edgemed.serve.stream import Finished, Piece
+
+    running = batcher.submit(COUNTING, GenerationSettings(max_tokens=440), request_id="running")
+    arrivals: list[tuple[float, int]] = []  # (time, decode steps so far) of each piece of the running stream
+
+    def read() -> None:
+        for item in running:
+            if isinstance(item, Piece):
+                arrivals.append((time.perf_counter(), batcher.stats()["decode_steps_total"]))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while len(arrivals) < 8:
+        time.sleep(0.005)
+    long_text = " ".join(f"Day {d}: stable, afebrile, eating well." for d in range(1, 20))
+    n_long = len(batcher.tokenize(long_text))
+    steps0, got0 = batcher.stats()["decode_steps_total"], len(arrivals)
+    items = list(batcher.submit(long_text, GenerationSettings(max_tokens=2), request_id="long"))
+    steps1, got1 = batcher.stats()["decode_steps_total"], len(arrivals)
+    running.cancel()
+    reader.join(timeout=30)
+    assert isinstance(items[-1], Finished) and items[-1].prompt_tokens == n_long > WHOLE_PROMPT + 64
+    steps = steps1 - steps0
+    assert steps >= n_long // 16  # fed 16 prompt tokens a step, not in one step
+    assert got1 - got0 >= steps - 3  # the running stream kept getting a token (nearly) every step
