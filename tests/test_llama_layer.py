@@ -210,3 +210,35 @@ def test_when_every_mode_crashes_loading_is_refused_clearly(smollm2_gguf, monkey
     with pytest.raises(ModelLoadError, match="killed by SIGSEGV") as info:
         selftest.ensure(smollm2_gguf, LoadSettings(extra_buffers="all"))
     assert "No extra-buffer setting passed" in str(info.value)
+
+
+@pytest.mark.parametrize("verdict", [selftest.Verdict(False, "all", None, "ModelLoadError: llama.cpp could not load"),
+                                     selftest.Verdict(False, "all", "SIGKILL", "")],   # the OOM killer's signal
+                         ids=["load-error", "sigkill"])
+def test_an_inconclusive_check_is_not_cached_and_does_not_switch_settings(smollm2_gguf, tmp_path, monkeypatch, verdict):
+    """A file llama.cpp refuses, or a child the OOM killer took, says nothing about the host: no verdict is kept,
+    no safer mode is tried, and the load in process reports the problem the usual way."""
+    monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def runner(path, load):
+        calls.append(load.extra_buffers)
+        return verdict
+
+    monkeypatch.setattr(selftest, "run_child", runner)
+    load = LoadSettings(extra_buffers="all")
+    assert selftest.ensure(smollm2_gguf, load).extra_buffers == "all"
+    assert selftest.ensure(smollm2_gguf, load).extra_buffers == "all"
+    assert calls == ["all", "all"]                                                # asked again: nothing was cached
+    assert not (tmp_path / "cache" / "selftest" / "verdicts.json").exists()
+
+
+def test_devices_check_tells_a_broken_file_from_a_crash(tmp_path, monkeypatch):
+    from edgemed.cli import cli
+
+    monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 16)  # a valid empty header: no tensors, nothing to run
+    result = CliRunner().invoke(cli, ["devices", "check", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "killed by" not in result.output

@@ -107,7 +107,12 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, as_
         click.echo(f"ok: {path.name} loads and decodes with extra_buffers = \"{first.mode}\" on this host")
         click.echo(f"  llama-cpp-python {host.llama_cpp_version}; {host.system_info.strip()}")
     else:
-        click.echo(selftest.crash_paragraph(path, first, host, last.mode if last.ok else None), err=True)
+        if first.conclusive:
+            click.echo(selftest.crash_paragraph(path, first, host, last.mode if last.ok else None), err=True)
+        else:  # not a native crash: the file, the memory or the time, not the host's build
+            click.echo(f"The self-test could not load and decode '{path.name}' with extra_buffers = \"{first.mode}\": "
+                       f"{first.detail or 'no output'}. This is not a crash of llama.cpp; check the file "
+                       f"(`edgemed plan {path}`) and the free memory, then run the check again.", err=True)
     if not first.ok:
         raise SystemExit(1)
 

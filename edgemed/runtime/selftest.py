@@ -40,6 +40,9 @@ TIMEOUT_S = 600
 #: Tokens the child decodes after its prompt (the AMX crash comes on the first decode).
 DECODE_TOKENS = 4
 CHECK_PROMPT = "The patient presents with chest pain and"
+#: Deaths that say something about this host's llama.cpp build. SIGKILL is left out: it is what the
+#: kernel's OOM killer sends, so it says "not enough memory now", not "this build crashes".
+CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT", "SIGFPE"})
 #: Settings fields that change which native code runs (threads and context sizes do not).
 KEYED_FIELDS = ("extra_buffers", "n_gpu_layers", "flash_attn", "type_k", "type_v", "use_mmap")
 
@@ -105,6 +108,13 @@ class Verdict:
     signal: str | None = None  # e.g. "SIGSEGV" when the child was killed by one
     detail: str = ""           # the child's last words (no prompt or output text)
 
+    @property
+    def conclusive(self) -> bool:
+        """A pass, or a native crash: a fact about this host. Anything else (a file llama.cpp refuses, too
+        little memory, a timeout) is about this file or this moment: not cached, and the load in process
+        reports it the usual way."""
+        return self.ok or self.signal in CRASH_SIGNALS
+
 
 def weight_types(path: Path) -> tuple[str, ...]:
     from edgemed.gguf_header import read_header
@@ -162,7 +172,8 @@ def run_child(path: Path, load: LoadSettings, timeout: float = TIMEOUT_S) -> Ver
         except ValueError:
             name = f"signal {-proc.returncode}"
         return Verdict(False, mode, name, proc.stderr.strip()[-300:])
-    return Verdict(False, mode, None, (proc.stderr.strip() or last)[-300:])
+    words = [line for line in (proc.stderr or last).strip().splitlines() if line.strip()]
+    return Verdict(False, mode, None, (words[-1] if words else f"exit code {proc.returncode}")[-300:])
 
 
 def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None) -> str:
@@ -179,7 +190,9 @@ def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None
 
 
 def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True):
-    """The verdict for ``load`` and, when it fails, the first safer mode that passes: (asked, used or None)."""
+    """[(settings, verdict)]: the asked mode first, then safer modes while the last one crashed natively.
+
+    Conclusive verdicts (a pass, a native crash) are cached; an inconclusive one ends the list uncached."""
     from edgemed.runtime.llamacpp import build
 
     host = host or Host.current()
@@ -196,9 +209,10 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
         verdict = Verdict(**hit) if isinstance(hit, dict) and set(hit) == {"ok", "mode", "signal", "detail"} else None
         if verdict is None:
             verdict = runner(path, candidate)
-            _remember(digest, verdict)
+            if verdict.conclusive:
+                _remember(digest, verdict)
         tried.append((candidate, verdict))
-        if verdict.ok:
+        if not (verdict.conclusive and not verdict.ok):
             break
     return tried
 
@@ -210,12 +224,14 @@ def ensure(path: Path, load: LoadSettings) -> LoadSettings:
     tried = check(path, load)
     first_settings, first = tried[0]
     used_settings, used = tried[-1]
-    if first.ok:
+    if first.ok or not first.conclusive:  # not a crash: the load in process says what is wrong, as usual
         return first_settings
     host = Host.current()
-    if not used.ok:
+    if not used.ok and used.conclusive:
         raise ModelLoadError(crash_paragraph(path, first, host, None),
                              "run `edgemed devices check MODEL` for the details; report the build line above")
+    if not used.ok:  # a safer mode was inconclusive: try it in process, where its error reads as usual
+        return used_settings
     notice = crash_paragraph(path, first, host, used.mode) + f" edgemed uses extra_buffers = \"{used.mode}\" now."
     if notice not in _said:
         _said.add(notice)
