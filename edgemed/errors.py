@@ -108,3 +108,16 @@ class TemplateError(InputError):
 
 class OutputError(EdgemedError):
     """An output cannot be written: no space left, no permission, a read-only file system."""
+
+
+class Overloaded(EdgemedError):
+    """Every slot is busy and the waiting queue is full (the server answers 429 with Retry-After)."""
+
+    def __init__(self, in_flight: int, retry_after: float):
+        super().__init__(f"The model is busy: {in_flight} requests are already running or waiting.",
+                         f"retry in {retry_after:.0f} s, or start the server with more slots or a longer queue")
+        self.retry_after = retry_after
+
+
+class Closed(EdgemedError):
+    """The batcher is not running (not started yet, or shut down): the server answers 503."""

@@ -27,8 +27,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgemed.errors import ContextOverflow, EdgemedError, InputError, TemplateError
-from edgemed.serve.batcher import Closed, Overloaded
+from edgemed.errors import Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError
 
 # -- requests ------------------------------------------------------------------------------------
 

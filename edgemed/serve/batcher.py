@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemed.errors import EdgemedError, InputError, ModelLoadError
+from edgemed.errors import Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
 from edgemed.serve.prefill import STALL_BUDGET, PrefillBudget, chunk_of
@@ -32,19 +32,6 @@ from edgemed.serve.stream import Finished, Piece, Stream
 __all__ = ["Batcher", "Closed", "Finished", "Overloaded", "Piece", "STALL_BUDGET", "Stream"]
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(EdgemedError):
-    """Every slot is busy and the waiting queue is full (the server answers 429 with Retry-After)."""
-
-    def __init__(self, in_flight: int, retry_after: float):
-        super().__init__(f"The model is busy: {in_flight} requests are already running or waiting.",
-                         f"retry in {retry_after:.0f} s, or start the server with more slots or a longer queue")
-        self.retry_after = retry_after
-
-
-class Closed(EdgemedError):
-    """The batcher is not running (not started yet, or shut down)."""
 
 
 @dataclass(eq=False)
