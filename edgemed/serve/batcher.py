@@ -11,7 +11,8 @@ finished or cancelled one leaves before the next step, and queued requests join 
 
 ``submit`` (any thread) never waits for the model: it tokenizes, checks the context, builds the
 sampler and queues, or raises ``Overloaded`` past ``slots + queue_size`` requests in flight. Output
-goes to a ``Stream`` (``stream.py``). No prompt or output text is logged: ids, counts, timings only.
+goes to a ``Stream`` (``stream.py``); a request's state, its end and the counters are in ``sequence.py``.
+No prompt or output text is logged: ids, counts, timings only.
 """
 
 from __future__ import annotations
@@ -20,50 +21,18 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed.errors import Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
 from edgemed.serve.prefill import STALL_BUDGET, PrefillBudget, chunk_of
+from edgemed.serve.sequence import Counters, Seq
 from edgemed.serve.stream import Finished, Piece, Stream
 
 __all__ = ["Batcher", "Closed", "Finished", "Overloaded", "Piece", "STALL_BUDGET", "Stream"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Seq:
-    """Scheduler-side state of one request (touched by the scheduler thread only, after submit)."""
-
-    stream: Stream
-    tokens: list[int]
-    settings: GenerationSettings
-    sampler: object
-    text: TextStream
-    t_submit: float
-    slot: int = -1
-    pos: int = 0  # tokens of this sequence in the KV cache
-    pending: int | None = None  # sampled token still to be fed
-    index: int = -1  # batch row whose logits this sequence samples from
-    generated: int = 0
-    t_admit: float = 0.0
-    t_first: float = 0.0
-
-
-@dataclass
-class _Counters:
-    requests_total: int = 0
-    overloaded_total: int = 0
-    prompt_tokens_total: int = 0
-    tokens_generated_total: int = 0
-    decode_steps_total: int = 0
-    decode_seconds_total: float = 0.0  # inside llama_decode
-    step_seconds_total: float = 0.0  # whole steps: batch building, llama_decode, sampling, text, hand-over
-    idle_seconds_total: float = 0.0  # scheduler waiting for work
-    finished: dict = field(default_factory=lambda: collections.Counter())
 
 
 class Batcher:
@@ -97,12 +66,12 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._native = threading.Lock()  # request threads use the vocabulary under it; freeing waits for them
-        self._queue: collections.deque[_Seq] = collections.deque()
-        self._active: list[_Seq] = []
+        self._queue: collections.deque[Seq] = collections.deque()
+        self._active: list[Seq] = []
         self._free: list[int] = []
         self._stopping = False
         self._service_s = 1.0  # moving average of a request's time in a slot, for Retry-After
-        self._n = _Counters()
+        self._n = Counters()
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -205,7 +174,7 @@ class Batcher:
             check_fits(len(tokens), settings, self.n_ctx_per_slot)
             sampler = SamplerChain(model, settings)
         stream = Stream(request_id, self._wake)
-        seq = _Seq(stream, tokens, settings, sampler, TextStream(Detokenizer(model), settings.stop), t_submit)
+        seq = Seq(stream, tokens, settings, sampler, TextStream(Detokenizer(model), settings.stop), t_submit)
         with self._cond:
             try:
                 if self._stopping:
@@ -226,15 +195,10 @@ class Batcher:
 
     def stats(self) -> dict:
         with self._cond:
-            n = self._n
             return {
                 "model": self.model_path.name, "slots": self.slots, "n_ctx_per_slot": self.n_ctx_per_slot,
                 "queue_size": self.queue_size, "queue_depth": len(self._queue), "active_slots": len(self._active),
-                "requests_total": n.requests_total, "overloaded_total": n.overloaded_total,
-                "prompt_tokens_total": n.prompt_tokens_total, "tokens_generated_total": n.tokens_generated_total,
-                "decode_steps_total": n.decode_steps_total, "finished_total": dict(n.finished),
-                "decode_seconds_total": n.decode_seconds_total, "step_seconds_total": n.step_seconds_total,
-                "idle_seconds_total": n.idle_seconds_total, "prefill_chunk": self._prefill.chunk,
+                **self._n.totals(), "prefill_chunk": self._prefill.chunk,
             }
 
     # -- scheduler thread --------------------------------------------------------------------
@@ -303,7 +267,7 @@ class Batcher:
             self._prefill.learn(self._decode(rows), len(rows), 0)
         batch.clear()
         budget = whole = self._prefill.tokens(batch.capacity, len(rows))
-        done: list[_Seq] = []
+        done: list[Seq] = []
         for seq in self._active:  # prompt chunks in arrival order, while the budget lasts
             take = chunk_of(len(seq.tokens) - seq.pos, budget, whole, len(seq.tokens))
             if take <= 0:
@@ -322,7 +286,7 @@ class Batcher:
             self._n.decode_steps_total += 1
             self._n.step_seconds_total += time.perf_counter() - t_step
 
-    def _decode(self, sampling: list[_Seq]) -> float:
+    def _decode(self, sampling: list[Seq]) -> float:
         """``llama_decode`` the batch, then sample each of ``sampling``; returns the seconds of the decode."""
         t0 = time.perf_counter()
         rc = self._ctx.decode(self._batch)
@@ -334,7 +298,7 @@ class Batcher:
             self._take(seq, seq.sampler.sample(self._ctx, seq.index), now)
         return now - t0
 
-    def _take(self, seq: _Seq, token: int, now: float) -> None:
+    def _take(self, seq: Seq, token: int, now: float) -> None:
         """Handle one sampled token: emit text, or finish on EOG / stop string / max_tokens."""
         if not seq.generated:
             seq.t_first = now
@@ -353,7 +317,7 @@ class Batcher:
         else:
             seq.pending = token
 
-    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Seq, reason: str, error: str | None = None) -> None:
         """End a running sequence and free its slot (KV cells, sampler)."""
         if reason in ("stop", "length"):
             rest = seq.text.flush()
@@ -366,19 +330,10 @@ class Batcher:
             self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - seq.t_admit)
             self._end(seq, reason, time.perf_counter(), error)
 
-    def _end(self, seq: _Seq, reason: str, now: float, error: str | None = None) -> None:
-        """Close a request's sampler and send its ``Finished`` (caller holds the lock)."""
-        if seq.sampler is not None:
-            seq.sampler.close()
-            seq.sampler = None
+    def _end(self, seq: Seq, reason: str, now: float, error: str | None = None) -> None:
+        """Count a request's end and send its ``Finished`` (caller holds the lock)."""
         self._n.finished[reason] += 1
-        admitted = seq.t_admit or now
-        seq.stream._put(Finished(
-            finish_reason=reason, prompt_tokens=len(seq.tokens), completion_tokens=seq.generated,
-            ttft_s=(seq.t_first - seq.t_submit) if seq.t_first else 0.0, total_s=now - seq.t_submit,
-            queue_s=admitted - seq.t_submit, error=error))
-        log.info("request %s %s: %d prompt + %d completion tokens, %.3f s", seq.stream.request_id, reason,
-                 len(seq.tokens), seq.generated, now - seq.t_submit)
+        seq.end(reason, now, error)
 
     def _end_all(self, reason: str, error: str) -> None:
         with self._cond:
