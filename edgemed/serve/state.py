@@ -1,0 +1,35 @@
+"""What a route reads: the app's ``Served`` (on ``app.state.served``) and the request's ``Context``.
+
+``create_app`` builds one ``Served`` per app; ``Observe`` (``middleware.py``) gives every request its
+``Context``. Routes and the generation path take both from the request, so none of them closes over
+an app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from edgemed.serve.config import ServeConfig
+from edgemed.serve.metrics import Metrics
+from edgemed.serve.middleware import Context, context_of
+
+
+@dataclass(frozen=True)
+class Served:
+    """One app's model server: the running batcher, its config, metrics and the prompt templates."""
+
+    batcher: object  # batcher.Batcher, started; the caller closes it after the server stops
+    config: ServeConfig
+    metrics: Metrics
+    templates: dict = field(default_factory=dict)  # template name -> templates.Template
+    created: int = 0  # when the app was made (/v1/models' "created")
+
+
+def served(request: Request) -> Served:
+    return request.app.state.served
+
+
+def context(request: Request) -> Context:
+    return context_of(request.scope)
