@@ -14,19 +14,13 @@ import re
 import shutil
 import subprocess
 import threading
-from importlib import metadata
+
+from edgemed.versions import installed_versions
 
 log = logging.getLogger(__name__)
 
 # distributions whose versions change the figures
 VERSIONS = ("edgemed", "llama-cpp-python", "onnxruntime", "torch", "transformers", "numpy", "gguf")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def llama_system_info() -> str | None:
@@ -56,7 +50,7 @@ def describe(profile: str | None = None) -> dict:
         "details": facts.details,
         "os": platform.platform(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in VERSIONS},
+        "versions": installed_versions(VERSIONS),
         "llama_cpp_system_info": llama_system_info(),
         "tegrastats": shutil.which("tegrastats") is not None,
         "profile": profile,

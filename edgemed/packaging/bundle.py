@@ -32,6 +32,7 @@ from edgemed.packaging import facts as facts_mod
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
 from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, RESERVED, SIGNATURE, FileEntry,
                                          Manifest, check_name)
+from edgemed.versions import installed_versions
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +104,8 @@ def _report_provenance(report: Path, model: Path) -> dict:
 
 
 def _runtime_versions(fmt: str) -> tuple[dict, dict]:
-    from importlib import metadata
-
     dists = {"gguf": ("llama-cpp-python", "gguf"), "onnx": ("onnxruntime", "onnxruntime-genai")}[fmt]
-    built = {}
-    for d in dists:
-        try:
-            built[d] = metadata.version(d)
-        except metadata.PackageNotFoundError:
-            pass
+    built = installed_versions(dists, missing=False)
     # The runtime this bundle was checked with is the minimum we vouch for; older may work, untested.
     minimum = {"edgemed": __version__, **({dists[0]: built[dists[0]]} if dists[0] in built else {})}
     return built, minimum
