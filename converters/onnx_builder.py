@@ -52,6 +52,18 @@ def merged_checkpoint(ckpt_dir: Path, adapter, work: Path) -> Path:
     return out
 
 
+def fp32_step(job) -> Path:
+    """The ``genai`` row's fp32 step: merge the adapter (if any) into a temp checkpoint, build fp32 from it."""
+    job.builder_src = merged_checkpoint(job.ckpt_dir, job.adapter, job.work)
+    build(job.builder_src, job.work / "fp32", "fp32", cache=job.work / "cache")
+    return job.work / "fp32" / "model.onnx"
+
+
+def int4_step(job, fp32_model: Path, out_dir: Path, recipe: dict) -> None:
+    """The ``genai`` row's int4 step: the builder quantizes from the (merged) HF weights, not from ``fp32_model``."""
+    build(job.builder_src, out_dir, "int4", cache=job.work / "cache", **recipe)
+
+
 def build(src: Path, out: Path, precision: str, *, cache: Path, block_size: int = 32, symmetric: bool = False,
           accuracy_level: int = 4, head_bits: int = 8, max_length: int = 4096) -> None:
     """Run the builder: ``src`` (HF dir) -> ``out`` (model.onnx + data + genai_config.json), CPU, fp32 or int4."""

@@ -2,14 +2,14 @@
 
 Steps, each refusing bad input before anything is written:
 1. open the checkpoint, refuse an unsupported architecture by name, open and plan the adapter;
-2. load the model in torch float32 and merge the adapter with the spine's ``LoraAdapter.apply``;
-3. trace it to a float32 ONNX graph with past/present key-values (``onnx_trace``), or, with
-   ``graph="genai"``, have onnxruntime-genai's model builder write it from the merged weights (``onnx_builder``);
-4. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
-5. for ``int4``: ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy level 4 (``onnx_quant``);
-   gated on finite logits and top-1 agreement >= parity.TOP1_GATE;
-6. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
-7. rename the finished directory into place. A failure or Ctrl-C at any step leaves no output and no temporaries.
+2. write a float32 graph with past/present key-values by the chosen graph kind's fp32 step (``onnx_graphs``:
+   ``torch`` merges the adapter with the spine's ``LoraAdapter.apply`` and traces it, ``onnx_trace``;
+   ``genai`` has onnxruntime-genai's model builder write it from the merged weights, ``onnx_builder``);
+3. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
+4. for ``int4``: the kind's int4 step, ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy
+   level 4; gated on finite logits and top-1 agreement >= parity.TOP1_GATE;
+5. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
+6. rename the finished directory into place. A failure or Ctrl-C at any step leaves no output and no temporaries.
 
 The output loads in edgemed's ONNX engine (``edgemed run DIR``) and in onnxruntime-genai.
 """
@@ -17,70 +17,57 @@ The output loads in edgemed's ONNX engine (``edgemed run DIR``) and in onnxrunti
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import platform
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed import __version__, env
+from edgemed import env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir
-from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.constants import ONNX_OUTPUT_TYPES
-from edgemed.conversion_report import report_path
+from edgemed.conversion_report import ConversionReport, report_path
+from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.checkpoint import Checkpoint
-from edgemed.errors import InputError
+from edgemed.converters.core import RouteOptions, Timings
+from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
+from edgemed.errors import InputError, require
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("torch", "genai")
 MODEL_FILE = "model.onnx"
+# report key -> distribution, in the report's ``converter`` section (a graph kind adds its own)
+TOOLS = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime"}
+
+__all__ = ["GRAPHS", "MODEL_FILE", "OnnxOptions", "ConversionReport", "convert_onnx", "trace_fp32"]
 
 
-@dataclass
-class OnnxOptions:
+@dataclass(kw_only=True)
+class OnnxOptions(RouteOptions):
+    """``--to onnx``: the shared options (lora, force, parity, threads), the int4 recipe and the graph kind."""
+
     weight_type: str = "int4"
-    lora: Path | None = None
-    force: bool = False
-    parity: bool = True
-    threads: int | None = None
     block_size: int = 32
     symmetric: bool = False
     accuracy_level: int = 4
     head_bits: int = 8
-    graph: str = "torch"  # "torch": traced here; "genai": onnxruntime-genai's model builder (fused attention)
+    graph: str = DEFAULT_GRAPH  # a row of onnx_graphs.GRAPHS
+
+    def recipe(self) -> dict:
+        return dict(block_size=self.block_size, symmetric=self.symmetric, accuracy_level=self.accuracy_level,
+                    head_bits=self.head_bits)
 
 
-@dataclass
-class OnnxReport:
-    output: str
-    weight_type: str
-    size_bytes: int
-    architecture: str
-    source: dict
-    lora: dict | None
-    quantization: dict | None
-    parity: dict = field(default_factory=dict)  # "fp32" and, for int4, "int4" -> ParityReport dict
-    timings_s: dict = field(default_factory=dict)
-    converter: dict = field(default_factory=lambda: {"name": "edgemed", "version": __version__})
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-
-def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> OnnxReport:
+def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> ConversionReport:
     """Write the ONNX directory ``out`` from the HF checkpoint ``source``; returns the report (also in ``out/report.json``)."""
     if opts.weight_type not in ONNX_OUTPUT_TYPES:
         raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(ONNX_OUTPUT_TYPES)}")
-    if opts.graph not in GRAPHS:
-        raise InputError(f"Unknown ONNX graph builder '{opts.graph}'.", f"choose one of: {', '.join(GRAPHS)}")
+    kind = graph_kind(opts.graph)
     require_route("onnx")
+    for module, extra in kind.needs:
+        require(module, extra)
     env.enforce_offline()
     check_destination(out, opts.force, kind="onnx")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timings = Timings()
 
     ckpt = Checkpoint.open(source)
     arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
@@ -97,56 +84,34 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
         "method": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": opts.block_size,
         "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "lm_head_bits": opts.head_bits, "embeddings": "float32",
     }
-    timings["inspect"] = time.perf_counter() - t0
-    from edgemed.converters import onnx_assets, onnx_trace
-    from edgemed.converters.merged_model import load_merged
+    timings.since_start("inspect")
+    from edgemed.converters import onnx_assets
 
     parity: dict[str, dict] = {}
     with atomic_path(out, force=opts.force, kind="onnx") as tmp, scratch_dir(out.parent, out.name) as work:
         tmp.mkdir()
-        work = Path(work)
-        t = time.perf_counter()
-        if opts.graph == "genai":
-            from edgemed.converters import onnx_builder
-
-            builder_src = onnx_builder.merged_checkpoint(ckpt.path, adapter, work)
-            onnx_builder.build(builder_src, work / "fp32", "fp32", cache=work / "cache")
-            fp32_path = work / "fp32" / MODEL_FILE
-        else:
-            model = load_merged(ckpt.path, adapter)
-            fp32_path = _export_fp32(model, work, onnx_trace)
-            del model
-            gc.collect()
-        timings["export"] = time.perf_counter() - t
+        job = GraphJob(ckpt_dir=ckpt.path, adapter=adapter, work=Path(work))
+        with timings.step("export"):
+            fp32_path = kind.step("fp32")(job)
 
         source_cache = None
         if opts.parity:
             from edgemed.converters.onnx_parity import check_onnx
             from edgemed.converters.parity import gated, source_logits
 
-            t = time.perf_counter()
-            source_cache = source_logits(ckpt.path, opts.lora)
-            report = check_onnx(ckpt.path, fp32_path, "fp32", threads=opts.threads, source=source_cache)
-            timings["parity_fp32"] = time.perf_counter() - t
+            with timings.step("parity_fp32"):
+                source_cache = source_logits(ckpt.path, opts.lora)
+                report = check_onnx(ckpt.path, fp32_path, "fp32", threads=opts.threads, source=source_cache)
             parity["fp32"] = gated(report, "The float32 ONNX export", echo)
 
-        final = tmp / MODEL_FILE
         if opts.weight_type == "int4":
-            from edgemed.converters.onnx_quant import quantize_int4
-
-            t = time.perf_counter()
-            recipe = dict(block_size=opts.block_size, symmetric=opts.symmetric, accuracy_level=opts.accuracy_level,
-                          head_bits=opts.head_bits)
-            if opts.graph == "genai":
-                shutil.rmtree(fp32_path.parent)  # the builder quantizes from the HF weights, not from this graph
-                onnx_builder.build(builder_src, tmp, "int4", cache=work / "cache", **recipe)
-            else:
-                quantize_int4(fp32_path, final, **recipe)
-            timings["quantize"] = time.perf_counter() - t
+            with timings.step("quantize"):
+                if not kind.int4_from_fp32:
+                    shutil.rmtree(fp32_path.parent)  # not the int4 step's input: its disk is freed first
+                kind.step("int4")(job, fp32_path, tmp, opts.recipe())
             if opts.parity:
-                t = time.perf_counter()
-                report = check_onnx(ckpt.path, final, "int4", threads=opts.threads, source=source_cache)
-                timings["parity_int4"] = time.perf_counter() - t
+                with timings.step("parity_int4"):
+                    report = check_onnx(ckpt.path, tmp / MODEL_FILE, "int4", threads=opts.threads, source=source_cache)
                 # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
                 parity["int4"] = gated(report, "The int4 ONNX model", echo)
         else:
@@ -154,36 +119,37 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Onnx
                 shutil.move(str(f), tmp / f.name)
 
         onnx_assets.copy_assets(ckpt.path, tmp)
-        if opts.graph == "torch":  # the builder wrote its own (its graph has other inputs), max_length already capped
+        if not kind.writes_genai_config:  # a builder that writes its own has capped max_length already
             onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
         for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped
             f.chmod(0o644)
         size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-        timings["total"] = time.perf_counter() - t0
-        result = OnnxReport(
-            output=str(out), weight_type=opts.weight_type, size_bytes=size, architecture=ckpt.architecture,
-            source=source_info, lora=lora_info, quantization=quant_info, parity=parity,
-            timings_s={k: round(v, 3) for k, v in timings.items()},
+        timings.since_start("total")
+        result = ConversionReport(
+            fmt="onnx", output=str(out), out_type=opts.weight_type, size_bytes=size, architecture=ckpt.architecture,
+            source=source_info, lora=lora_info, quantization=quant_info, parity=parity, timings_s=timings.report(),
+            converter=provenance.converter_info(TOOLS | kind.tools, graph=kind.name),
         )
-        version = provenance.installed_version
-        result.converter |= {"python": platform.python_version(), "torch": version("torch"), "onnx": version("onnx"),
-                             "onnxruntime": version("onnxruntime"), "graph": opts.graph}
-        if opts.graph == "genai":
-            result.converter["onnxruntime_genai"] = version("onnxruntime-genai")
         report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
     return result
 
 
-def _export_fp32(model, work: Path, onnx_trace) -> Path:
-    """Trace into ``work/trace`` (the exporter may spill one file per tensor), re-save as one graph + one data file."""
+def trace_fp32(job: GraphJob) -> Path:
+    """The ``torch`` graph row's fp32 step: merge the adapter in torch, trace into ``work/trace`` (the exporter
+    may spill one file per tensor), re-save as one graph + one data file in ``work/fp32``."""
     import onnx
 
+    from edgemed.converters import onnx_trace
+    from edgemed.converters.merged_model import load_merged
     from edgemed.converters.onnx_quant import save_single_file
 
-    trace_dir, fp32_dir = work / "trace", work / "fp32"
+    model = load_merged(job.ckpt_dir, job.adapter)
+    trace_dir, fp32_dir = job.work / "trace", job.work / "fp32"
     trace_dir.mkdir()
     fp32_dir.mkdir()
     onnx_trace.export(model, trace_dir / MODEL_FILE)
+    del model
+    gc.collect()
     graph = onnx.load(str(trace_dir / MODEL_FILE))
     shutil.rmtree(trace_dir)
     save_single_file(graph, fp32_dir / MODEL_FILE)

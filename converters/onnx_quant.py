@@ -53,6 +53,11 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, symmetric: bool
     save_single_file(model, dst)
 
 
+def int4_step(job, fp32_model: Path, out_dir: Path, recipe: dict) -> None:
+    """The ``torch`` graph row's int4 step: quantize the gated fp32 graph into ``out_dir/model.onnx``."""
+    quantize_int4(fp32_model, out_dir / fp32_model.name, **recipe)
+
+
 def _quantize(model, bits: int, block_size: int, symmetric: bool, accuracy_level: int, *, ops, include):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 

@@ -14,18 +14,16 @@ A failure or Ctrl-C at any step leaves neither the output nor temporaries.
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import platform
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
-from edgemed.conversion_report import report_path as _report_path
+from edgemed.conversion_report import ConversionReport, report_path as _report_path
 from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.checkpoint import Checkpoint
+from edgemed.converters.core import RouteOptions, Timings
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
 from edgemed.converters.gguf_out import plan_tensors, write_float_gguf
 from edgemed.errors import InputError, OutputError
@@ -33,36 +31,21 @@ from edgemed.errors import InputError, OutputError
 log = logging.getLogger(__name__)
 
 OUTPUT_TYPES = GGUF_OUTPUT_TYPES
+# report key -> distribution, in the report's ``converter`` section
+TOOLS = {"llama_cpp_python": "llama-cpp-python", "gguf": "gguf"}
+
+__all__ = ["ConvertOptions", "ConversionReport", "OUTPUT_TYPES", "convert", "report_path"]
 
 
-@dataclass
-class ConvertOptions:
+@dataclass(kw_only=True)
+class ConvertOptions(RouteOptions):
+    """``--to gguf``: the shared options (lora, force, parity, threads) and the GGUF route's own."""
+
     out_type: str = "q4_k_m"
-    lora: Path | None = None
-    force: bool = False
-    parity: bool = True
     pre_tokenizer: str | None = None
     allow_pickle: bool = False
     imatrix_from: Path | None = None
-    threads: int | None = None
     progress: bool = False
-
-
-@dataclass
-class ConversionReport:
-    output: str
-    out_type: str
-    size_bytes: int
-    architecture: str
-    source: dict
-    lora: dict | None
-    tokenizer: dict
-    parity: dict | None
-    timings_s: dict
-    converter: dict = field(default_factory=lambda: {"name": "edgemed", "version": __version__})
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=2, sort_keys=False)
 
 
 def report_path(out: Path) -> Path:
@@ -107,8 +90,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES)}")
     env.enforce_offline()
     check_destination(out, opts.force)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timings = Timings()
 
     ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)
     spec = arch_spec(ckpt.architecture)
@@ -133,55 +115,46 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     }
     if lora_info:
         metadata["edgemed.lora.sha256"] = lora_info["sha256"]
-    timings["inspect"] = time.perf_counter() - t0
+    timings.since_start("inspect")
 
     parity = None
     with atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
-        t = time.perf_counter()
-        if opts.out_type in FLOAT_OUTPUT_TYPES:
-            write_float_gguf(ckpt, spec, vocab, tmp, opts.out_type, adapter=adapter, metadata=metadata, progress=opts.progress)
-            timings["write"] = time.perf_counter() - t
-        else:
-            inter_type = "bf16" if ckpt.source_dtype() == "BF16" else "f16"
-            inter = Path(work) / f"intermediate-{inter_type}.gguf"
-            write_float_gguf(ckpt, spec, vocab, inter, inter_type, adapter=adapter, metadata=metadata, progress=opts.progress)
-            timings["write"] = time.perf_counter() - t
+        quantized = opts.out_type not in FLOAT_OUTPUT_TYPES
+        float_type = ("bf16" if ckpt.source_dtype() == "BF16" else "f16") if quantized else opts.out_type
+        float_out = Path(work) / f"intermediate-{float_type}.gguf" if quantized else tmp
+        with timings.step("write"):
+            write_float_gguf(ckpt, spec, vocab, float_out, float_type, adapter=adapter, metadata=metadata, progress=opts.progress)
+        if quantized:
             imatrix = None
             if opts.imatrix_from is not None:
                 from edgemed.converters.imatrix import compute_imatrix
 
-                t = time.perf_counter()
-                imatrix = compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo)
-                timings["imatrix"] = time.perf_counter() - t
+                with timings.step("imatrix"):
+                    imatrix = compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo)
             from edgemed.converters.quantize import quantize
 
-            t = time.perf_counter()
-            quantize(inter, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix)
-            timings["quantize"] = time.perf_counter() - t
-        t = time.perf_counter()
-        n_tok = verify_tokenization(ckpt.path, tmp)
-        timings["tokenizer_check"] = time.perf_counter() - t
+            with timings.step("quantize"):
+                quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix)
+        with timings.step("tokenizer_check"):
+            n_tok = verify_tokenization(ckpt.path, tmp)
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
                     "chat_template": bool(vocab.special.chat_template)}
         if opts.parity:
             from edgemed.converters.parity import check_gguf, gated
 
-            t = time.perf_counter()
-            report = check_gguf(ckpt.path, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
-            timings["parity"] = time.perf_counter() - t
+            with timings.step("parity"):
+                report = check_gguf(ckpt.path, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
             parity = gated(report, f"The {opts.out_type.upper()} GGUF", echo)
         size = tmp.stat().st_size
         # The old output's report goes before the new output arrives: a kill in between leaves an output
         # without a report (pack says so), never a new GGUF beside the previous file's parity and provenance.
         report_path(out).unlink(missing_ok=True)
-    timings["total"] = time.perf_counter() - t0
+    timings.since_start("total")
     result = ConversionReport(
-        output=str(out), out_type=opts.out_type, size_bytes=size, architecture=spec.arch_name, source=source_info,
-        lora=lora_info, tokenizer=tok_info, parity=parity, timings_s={k: round(v, 3) for k, v in timings.items()},
+        fmt="gguf", output=str(out), out_type=opts.out_type, size_bytes=size, architecture=spec.arch_name,
+        source=source_info, lora=lora_info, tokenizer=tok_info, parity=parity, timings_s=timings.report(),
+        converter=provenance.converter_info(TOOLS),
     )
-    result.converter["python"] = platform.python_version()
-    result.converter["llama_cpp_python"] = provenance.installed_version("llama-cpp-python")
-    result.converter["gguf"] = provenance.installed_version("gguf")
     try:
         write_text(report_path(out), result.to_json())
     except OSError:

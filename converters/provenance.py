@@ -1,10 +1,18 @@
 """What every conversion report says about where its output came from, one way for both routes (GGUF, ONNX).
 
 ``source_info`` and ``lora_info`` are the report's ``source`` and ``lora`` sections (``edgemed pack`` reads
-their sha256s into the manifest's provenance); ``installed_version`` names the tools that made the output.
+their sha256s into the manifest's provenance); ``converter_info`` is its ``converter`` section, naming the
+tools that made the output (versions from ``edgemed.versions``, which packaging and the benchmarks share).
 """
 
 from __future__ import annotations
+
+import platform
+
+from edgemed import __version__
+from edgemed.versions import installed_version
+
+__all__ = ["source_info", "lora_info", "converter_info", "installed_version"]
 
 
 def source_info(ckpt) -> dict:
@@ -21,11 +29,7 @@ def lora_info(adapter) -> dict | None:
             "merged_tensors": len(adapter.pairs) + len(adapter.replacements)}
 
 
-def installed_version(dist: str) -> str | None:
-    """The installed version of distribution ``dist``, or None when it is not installed."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+def converter_info(tools: dict[str, str], **extra) -> dict:
+    """edgemed's name and version, Python's, and ``{report key: installed version}`` of each ``{key: distribution}``."""
+    info = {"name": "edgemed", "version": __version__, "python": platform.python_version()}
+    return info | {key: installed_version(dist) for key, dist in tools.items()} | extra

@@ -1,13 +1,19 @@
-"""Where a conversion report lives: the one rule the converters, ``edgemed pack`` and the benchmarks share.
+"""What a conversion report is and where it lives: the one type and the one rule both converters, ``edgemed pack``
+and the benchmarks share.
 
 - a GGUF file ``x.gguf`` has its report beside it: ``x.gguf.report.json``;
 - an ONNX directory ``d/`` holds its own: ``d/report.json`` (the directory is the unit that ships).
 
-Light on purpose (no imports beyond pathlib): packaging runs on devices without the converters.
+``ConversionReport`` is one type for both routes: the shared fields, plus each format's own section
+(``FORMATS``). Its JSON keeps the keys pack, inspect, bench and the tests read.
+
+Light on purpose (stdlib only): packaging runs on devices without the converters.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IN_DIRECTORY = "report.json"  # inside an ONNX output directory
@@ -33,3 +39,51 @@ def existing_report(artifact: Path) -> Path | None:
     """The report of an existing ``artifact`` when there is one."""
     path = report_path(artifact)
     return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class ReportFormat:
+    """How one format's report differs from the others'."""
+
+    type_key: str  # the JSON key its output type is written under
+    sections: tuple[str, ...]  # its own sections, written between ``lora`` and ``parity``
+
+
+FORMATS: dict[str, ReportFormat] = {
+    "gguf": ReportFormat("out_type", ("tokenizer",)),
+    "onnx": ReportFormat("weight_type", ("quantization",)),
+}
+
+
+@dataclass
+class ConversionReport:
+    """The report of one conversion (both routes). ``to_json`` writes the keys of ``FORMATS[fmt]``."""
+
+    fmt: str  # "gguf" or "onnx" (not written: the report's place and type key say it)
+    output: str
+    out_type: str
+    size_bytes: int
+    architecture: str
+    source: dict
+    lora: dict | None
+    parity: dict | None  # gguf: one parity report (None with --no-parity); onnx: {"fp32": ..., "int4": ...} per gated graph
+    timings_s: dict = field(default_factory=dict)
+    converter: dict = field(default_factory=dict)
+    tokenizer: dict | None = None  # gguf: vocabulary and the llama.cpp-vs-HF id check
+    quantization: dict | None = None  # onnx: the int4 recipe (None for fp32)
+
+    @property
+    def weight_type(self) -> str:
+        """The ONNX route's name for ``out_type``."""
+        return self.out_type
+
+    def to_dict(self) -> dict:
+        spec = FORMATS[self.fmt]
+        out = {"output": self.output, spec.type_key: self.out_type, "size_bytes": self.size_bytes,
+               "architecture": self.architecture, "source": self.source, "lora": self.lora}
+        out |= {name: getattr(self, name) for name in spec.sections}
+        return out | {"parity": self.parity, "timings_s": self.timings_s, "converter": self.converter}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from edgemed.constants import DEFAULT_OUTPUT_TYPE, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
+from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph kinds' table (light: no converter imports)
 
 
 @click.command()
@@ -22,7 +23,7 @@ from edgemed.constants import DEFAULT_OUTPUT_TYPE, GGUF_OUTPUT_TYPES, ONNX_OUTPU
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantization and parity.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
-@click.option("--onnx-graph", type=click.Choice(["torch", "genai"]), default="torch", show_default=True,
+@click.option("--onnx-graph", type=click.Choice(list(GRAPHS)), default=DEFAULT_GRAPH, show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
 def convert(source, lora, target, out_type, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle, threads, as_json, onnx_graph):
     """Convert a Hugging Face checkpoint directory SOURCE to GGUF.
@@ -58,7 +59,7 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
                    f"report: {output}.report.json")
 
 
-def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph="torch"):
+def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph=DEFAULT_GRAPH):
     """``--to onnx``: a directory with the ONNX graph (KV cache), tokenizer, templates and report.json."""
     from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
     from edgemed.errors import InputError
