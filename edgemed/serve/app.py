@@ -40,7 +40,6 @@ def create_app(batcher, config: ServeConfig):
     metrics = Metrics(batcher)
     app = FastAPI(title="edgemed", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     app.state.served = Served(batcher, config, metrics, load_templates(), int(time.time()))
-    app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(EdgemedError, _edgemed_error)
     app.add_exception_handler(RequestValidationError, _invalid)
