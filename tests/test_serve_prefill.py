@@ -69,3 +69,27 @@ def test_long_prompt_is_split_while_a_running_stream_gets_a_token_every_step(bat
     steps = steps1 - steps0
     assert steps >= n_long // 16  # fed 16 prompt tokens a step, not in one step
     assert got1 - got0 >= steps - 3  # the running stream kept getting a token (nearly) every step
+
+
+def test_serve_passes_prefill_chunk_to_the_batcher(smollm2_gguf, monkeypatch, tmp_path):
+    """`edgemed serve --prefill-chunk N` fixes the chunk; a value below 1 is a usage error before anything loads."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+    from edgemed.errors import EdgemedError
+    from edgemed.serve import batcher as batcher_module
+
+    seen = {}
+
+    class Stop(EdgemedError):
+        pass
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop("stopped before loading", "this is a test")
+
+    monkeypatch.setattr(batcher_module, "Batcher", fake)
+    args = ["serve", str(smollm2_gguf), "--port", "0", "--audit-log", str(tmp_path / "a.jsonl")]
+    result = CliRunner().invoke(cli, args + ["--prefill-chunk", "64"])
+    assert seen.get("prefill_chunk") == 64, result.output
+    assert CliRunner().invoke(cli, args + ["--prefill-chunk", "0"]).exit_code == 2
