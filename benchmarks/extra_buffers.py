@@ -93,13 +93,12 @@ def main() -> None:
         print(json.dumps(child(args.child[0], args.child[1], args.threads, args.tokens)))
         return
 
-    import platform
-
     from edgemed.atomic import write_text
     from edgemed.converters import sources
     from edgemed.errors import InputError
     from edgemed.runtime import buffers
     from edgemed.runtime.llamacpp import build
+    from edgemed.runtime.selftest import cpu_model
 
     files = []
     for name in args.models:
@@ -141,18 +140,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, json.dumps({
         "command": "python -m edgemed.benchmarks.extra_buffers " + " ".join(sys.argv[1:]),
-        "cpu": platform.processor() or _cpu_model(), "system_info": build().system_info, "safe_mode": safe,
+        "cpu": cpu_model(), "system_info": build().system_info, "safe_mode": safe,
         "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds, "rows": rows}, indent=2) + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

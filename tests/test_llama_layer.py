@@ -233,12 +233,14 @@ def test_an_inconclusive_check_is_not_cached_and_does_not_switch_settings(smollm
     assert not (tmp_path / "cache" / "selftest" / "verdicts.json").exists()
 
 
-def test_devices_check_tells_a_broken_file_from_a_crash(tmp_path, monkeypatch):
+def test_devices_check_tells_a_failed_load_from_a_crash(smollm2_gguf, tmp_path, monkeypatch):
+    """A child that exits with an error (not a signal) is reported as such: no crash paragraph, no fallback."""
     from edgemed.cli import cli
 
     monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 16)  # a valid empty header: no tensors, nothing to run
-    result = CliRunner().invoke(cli, ["devices", "check", str(bad)])
+    failed = selftest.Verdict(False, "all", None, "ModelLoadError: llama.cpp could not load 'x.gguf'.")
+    monkeypatch.setattr(selftest, "run_child", lambda path, load: failed)
+    result = CliRunner().invoke(cli, ["devices", "check", str(smollm2_gguf), "--extra-buffers", "all"])
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and "killed by" not in result.output
+    assert "This is not a crash of llama.cpp" in result.output and "could not load 'x.gguf'" in result.output
+    assert "killed by" not in result.output and "Traceback" not in result.output

@@ -148,7 +148,7 @@ class Placement:
         return {"all": "extra buffers: all (llama.cpp default)", "none": "extra buffers: none"}[self.mode]
 
 
-def apply(params, path: Path, mode: str, build: Build, max_overrides: int) -> Placement:
+def apply(params, path: Path, mode: str, build: Build, max_overrides: int, tensors=None) -> Placement:
     """Set ``use_extra_bufts`` / ``tensor_buft_overrides`` of llama_model_params for ``mode`` (not ``auto``)."""
     if mode == "all":
         params.use_extra_bufts = True
@@ -159,9 +159,11 @@ def apply(params, path: Path, mode: str, build: Build, max_overrides: int) -> Pl
     repack = _extra_bufts().get("CPU_REPACK")
     if not repack:
         return Placement("none")
-    from edgemed.gguf_header import read_header
+    if tensors is None:  # the caller had not read the tensor table yet
+        from edgemed.gguf_header import read_header
 
-    names = pinned_weights(read_header(path).tensors, build.features)[: max_overrides - 1]
+        tensors = read_header(path).tensors
+    names = pinned_weights(tensors, build.features)[: max_overrides - 1]
     if not names:
         return Placement("none")
     array = (_Override * (len(names) + 1))()

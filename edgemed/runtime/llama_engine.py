@@ -18,8 +18,6 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 log = logging.getLogger(__name__)
 
-physical_cores = llamacpp.physical_cores
-
 
 class LlamaEngine:
     """One loaded GGUF model."""

@@ -22,12 +22,10 @@ from edgemed.constants import FULL_PRECISION_KV, KV_TYPES
 from edgemed.errors import InputError, ModelLoadError, require
 from edgemed.runtime import buffers
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
+from edgemed.runtime.sampling import REPEAT_WINDOW  # the penalty window both backends use
 from edgemed.runtime.text_stream import TextStream
 
 log = logging.getLogger(__name__)
-
-#: Tokens the repetition penalty looks back over (as runtime/sampling.py and llama.cpp's default).
-PENALTY_LAST_N = 64
 
 
 def lib():
@@ -71,10 +69,13 @@ class Model:
         env.enforce_offline()
         self.path = Path(path)
         load = load or LoadSettings()
+        tensors = None  # the tensor table, read once for the self-test key and the repack overrides
         if checked and not vocab_only:
+            from edgemed.gguf_header import read_header
             from edgemed.runtime import selftest
 
-            load = selftest.ensure(self.path, load)
+            tensors = read_header(self.path).tensors
+            load = selftest.ensure(self.path, load, tensors)
         self.load = load
         lc = self.lib = lib()
         params = lc.llama_model_default_params()
@@ -83,7 +84,7 @@ class Model:
         params.use_mmap = load.use_mmap
         params.use_mlock = load.use_mlock
         mode = buffers.resolve(load.extra_buffers, build())
-        self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides())
+        self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides(), tensors)
         self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
         if not self.ptr:
             raise ModelLoadError(
@@ -324,7 +325,7 @@ class SamplerChain:
                                      "check the GBNF syntax; the start rule must be called 'root'")
                 self._add(grammar)
             if settings.repeat_penalty != 1.0:
-                self._add(lc.llama_sampler_init_penalties(model.n_vocab, PENALTY_LAST_N, settings.repeat_penalty, 0.0, 0.0))
+                self._add(lc.llama_sampler_init_penalties(model.n_vocab, REPEAT_WINDOW, settings.repeat_penalty, 0.0, 0.0))
             if settings.temperature == 0:
                 self._add(lc.llama_sampler_init_greedy())
                 return

@@ -116,10 +116,13 @@ class Verdict:
         return self.ok or self.signal in CRASH_SIGNALS
 
 
-def weight_types(path: Path) -> tuple[str, ...]:
-    from edgemed.gguf_header import read_header
+def weight_types(path: Path, tensors=None) -> tuple[str, ...]:
+    """The sorted ggml types of the model's tensors (``tensors``: an already read tensor table, else the file's)."""
+    if tensors is None:
+        from edgemed.gguf_header import read_header
 
-    return tuple(sorted({t.type_name for t in read_header(path).tensors}))
+        tensors = read_header(path).tensors
+    return tuple(sorted({t.type_name for t in tensors}))
 
 
 def key(host: Host, load: LoadSettings, types: tuple[str, ...]) -> str:
@@ -189,7 +192,8 @@ def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None
             f"of the same name), and check again with `edgemed devices check MODEL`.")
 
 
-def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True):
+def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True,
+          tensors=None):
     """[(settings, verdict)]: the asked mode first, then safer modes while the last one crashed natively.
 
     Conclusive verdicts (a pass, a native crash) are cached; an inconclusive one ends the list uncached."""
@@ -197,7 +201,7 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
 
     host = host or Host.current()
     runner = runner or run_child
-    types = weight_types(path)
+    types = weight_types(path, tensors)
     cache = _read_cache() if use_cache else {}
     mode = buffers.resolve(load.extra_buffers, build())
     asked = replace(load, extra_buffers=mode)
@@ -217,11 +221,11 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
     return tried
 
 
-def ensure(path: Path, load: LoadSettings) -> LoadSettings:
+def ensure(path: Path, load: LoadSettings, tensors=None) -> LoadSettings:
     """Settings safe to load ``path`` with in process: ``load``, or a safer mode that passed (said once)."""
     if os.environ.get(env.SELFTEST_CHILD_VAR) == "1" or os.environ.get(env.SELFTEST_VAR) == "0":
         return load
-    tried = check(path, load)
+    tried = check(path, load, tensors=tensors)
     first_settings, first = tried[0]
     used_settings, used = tried[-1]
     if first.ok or not first.conclusive:  # not a crash: the load in process says what is wrong, as usual
