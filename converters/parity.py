@@ -5,11 +5,13 @@ token ids go through the Hugging Face model (torch, float32, with the LoRA
 adapter applied by PEFT itself, unmerged) and through the converted file. Per
 position we compare next-token logits:
 
-- NMSE   = sum((converted - source)^2) / sum(source^2) over all positions and vocab
-- KLD    = mean over positions of KL(softmax(source) || softmax(converted)), in nats
-- top-1  = share of positions whose argmax agrees
+- NMSE   = sum((converted - source)^2) / sum(source^2) over all positions and vocab (the float types' gate)
+- KLD    = mean over positions of KL(softmax(source) || softmax(converted)), in nats, and
+- top-1  = share of positions whose argmax agrees, both by ``edgemed.fidelity``'s rules: the headline leaves out
+  each prompt's first position (a prediction from one token), which is reported on its own, beside the
+  llama.cpp-compatible figure (second half of each prompt) and the figure over every position.
 
-``metrics`` is shared by every backend (GGUF here, ONNX in its own module).
+``compare`` is shared by every backend (GGUF here, ONNX in its own module).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ NMSE_GATES: dict[str, float | None] = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
 # least this share of positions, and every type must give finite logits. The gate catches broken
 # conversions, it does not grade quality (KLD is reported for that): working 4-bit files measured
 # 0.59-0.89 (tiny test models Q4_0 0.59-0.70, Q4_K_M 0.78-0.83; SmolLM2-135M Q4_0 0.61, Q4_K_M 0.82;
-# Qwen2.5-0.5B Q4_K_M 0.89; ONNX int4 0.79-0.89), broken ones (NaN, an integer tensor read as float,
+# Qwen2.5-0.5B Q4_K_M 0.89; ONNX int4 0.79-0.89; measured over every position), broken ones (NaN, an integer tensor read as float,
 # garbage weights) 0.0-0.05. 0.4 leaves about five standard errors of headroom on 150 positions.
 TOP1_GATE = 0.4
 
@@ -53,6 +55,9 @@ class ParityReport:
     gate_top1: float | None = None  # quantized types: the minimum top-1 agreement
     finite: bool = True  # every converted logit is a finite number
     source_finite: bool = True  # ... and every source logit (a broken checkpoint cannot vouch for anything)
+    fidelity: dict = field(default_factory=dict)  # edgemed.fidelity.summarize: headline, first, llamacpp, all, rule
+    max_abs_diff_all: float | None = None  # max |diff| over every position (max_abs_diff: the headline positions)
+    metric_version: int = 0  # edgemed.fidelity.VERSION the figures were computed with
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,27 +68,30 @@ class ParityReport:
 
     def summary(self) -> str:
         gate = "reported, not gated" if self.passed is None else f"gate {self.gate()}: {'PASS' if self.passed else 'FAIL'}"
+        first = (self.fidelity.get("first") or {}).get("kld_mean")
+        llama = (self.fidelity.get("llamacpp") or {}).get("kld_mean")
+        side = "".join([f", first positions {first:.3e}" if first is not None else "",
+                        f", llama.cpp-compatible {llama:.3e}" if llama is not None else ""])
         return (f"parity {self.backend} {self.out_type.upper()} vs source over {self.n_positions} positions "
-                f"({self.n_prompts} medical prompts): NMSE {self.nmse:.3e}, KLD {self.kld:.3e} nats, "
-                f"top-1 {self.top1 * 100:.1f}%, max|diff| {self.max_abs_diff:.3g}; {gate}")
+                f"({self.n_prompts} medical prompts, first position of each left out): NMSE {self.nmse:.3e}, "
+                f"KLD {self.kld:.3e} nats{side}, top-1 {self.top1 * 100:.1f}%, max|diff| {self.max_abs_diff:.3g}; {gate}")
 
 
 def metrics(source_logits, converted_logits) -> dict:
-    """Compare two [positions, vocab] logit arrays (numpy, float)."""
+    """Compare two [positions, vocab] logit arrays (numpy, float) over every row (no headline rule)."""
     import numpy as np
+
+    from edgemed.fidelity import kl_rows
 
     a = np.asarray(source_logits, dtype=np.float64)
     b = np.asarray(converted_logits, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"logit shapes differ: source {a.shape}, converted {b.shape}")
-    nmse = float(((b - a) ** 2).sum() / max((a ** 2).sum(), 1e-30))
-    la = a - a.max(axis=1, keepdims=True)
-    la -= np.log(np.exp(la).sum(axis=1, keepdims=True))
-    lb = b - b.max(axis=1, keepdims=True)
-    lb -= np.log(np.exp(lb).sum(axis=1, keepdims=True))
-    kld = float((np.exp(la) * (la - lb)).sum(axis=1).mean())
-    top1 = float((a.argmax(axis=1) == b.argmax(axis=1)).mean())
-    return {"nmse": nmse, "kld": max(kld, 0.0), "top1": top1, "max_abs_diff": float(np.abs(b - a).max()), "positions": a.shape[0]}
+    kl, agree = kl_rows(a, b)
+    return {"nmse": _nmse(a, b), "kld": float(max(kl.mean(), 0.0)), "top1": float(agree.mean()),
+            "max_abs_diff": float(np.abs(b - a).max()), "positions": a.shape[0]}
+
+
+def _nmse(a, b) -> float:
+    return float(((b - a) ** 2).sum() / max((a ** 2).sum(), 1e-30))
 
 
 def source_logits(model_dir: Path, lora: Path | None, prompts=PROMPTS) -> tuple[list[list[int]], list]:
@@ -136,18 +144,34 @@ def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | No
 def compare(backend: str, out_type: str, token_lists, src: list, converted: list) -> ParityReport:
     import numpy as np
 
-    per_prompt = [metrics(s, c) | {"tokens": len(t)} for t, s, c in zip(token_lists, src, converted)]
-    total = metrics(np.concatenate(src), np.concatenate(converted))
+    from edgemed import fidelity
+
+    src = [np.asarray(s, dtype=np.float64) for s in src]
+    converted = [np.asarray(c, dtype=np.float64) for c in converted]
+    if [s.shape for s in src] != [c.shape for c in converted]:
+        raise ValueError(f"logit shapes differ: source {[s.shape for s in src]}, converted {[c.shape for c in converted]}")
+    rows = [fidelity.kl_rows(s, c) for s, c in zip(src, converted)]
+    fid = fidelity.summarize(rows)
+    per_prompt = []
+    for t, s, c, (kl, agree) in zip(token_lists, src, converted, rows):
+        one = fidelity.summarize([(kl, agree)])
+        per_prompt.append({"tokens": len(t), "nmse": _nmse(s, c), "kld": one["kld_mean"], "top1": one["top1"],
+                           "kld_first": one["first"]["kld_mean"], "max_abs_diff": float(np.abs(c - s).max())})
+    head = [np.abs(c - s)[fidelity.headline_rows(len(s))] for s, c in zip(src, converted)]
+    max_head = max((float(d.max()) for d in head if d.size), default=float(max(np.abs(c - s).max() for s, c in zip(src, converted))))
+    nmse = _nmse(np.concatenate(src), np.concatenate(converted))
     finite = all(bool(np.isfinite(c).all()) for c in converted)
     source_finite = all(bool(np.isfinite(s).all()) for s in src)
     gate = NMSE_GATES.get(out_type)
     top1_gate = None if gate is not None else TOP1_GATE
-    passed = finite and source_finite and (total["nmse"] < gate if gate is not None else total["top1"] >= top1_gate)
+    passed = finite and source_finite and (nmse < gate if gate is not None else fid["top1"] >= top1_gate)
     return ParityReport(
-        backend=backend, out_type=out_type, n_prompts=len(src), n_positions=total["positions"],
-        nmse=total["nmse"], kld=total["kld"], top1=total["top1"], max_abs_diff=total["max_abs_diff"],
+        backend=backend, out_type=out_type, n_prompts=len(src), n_positions=fid["n_tokens"],
+        nmse=nmse, kld=fid["kld_mean"], top1=fid["top1"], max_abs_diff=max_head,
         gate_nmse=gate, passed=passed, per_prompt=per_prompt, gate_top1=top1_gate, finite=finite,
-        source_finite=source_finite,
+        source_finite=source_finite, fidelity=fid,
+        max_abs_diff_all=float(max(np.abs(c - s).max() for s, c in zip(src, converted))),
+        metric_version=fidelity.VERSION,
     )
 
 

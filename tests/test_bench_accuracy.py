@@ -279,7 +279,8 @@ def test_divergence_of_an_artifact_against_itself_is_zero(tiny_artifacts, tmp_pa
     with _scorer(tiny_artifacts, "gguf") as sc:
         info = reference_logits(sc, tmp_path / "ref.npz", texts, top_k=16)
         out = divergence(sc, tmp_path / "ref.npz")
-    assert info["n_tokens"] == out["n_tokens"] > 100
+    assert info["n_tokens"] == out["all"]["n_tokens"] == out["n_tokens"] + out["first"]["n_tokens"] > 100
+    assert out["first"]["n_tokens"] == 3 and out["llamacpp"]["n_tokens"] > 0  # one first position per passage
     assert out["kld_mean"] < 1e-6 and out["kld_p99"] < 1e-6 and out["top1"] == 1.0
 
 
@@ -300,10 +301,10 @@ def test_truncated_kld_matches_the_full_vocabulary_kld(tiny_artifacts, tmp_path)
         other_logits = np.concatenate([other.logits_all(t) for t in tokens])
         full = divergence(other, tmp_path / "full.npz")
         k8 = divergence(other, tmp_path / "k8.npz")
-    exact = metrics(ref_logits, other_logits)
+    exact = metrics(ref_logits, other_logits)  # every row
     # rel 1e-3, or 1e-8 nats where both are at float32 rounding level (the npz keeps float32 log-probs)
-    assert full["kld_mean"] == pytest.approx(exact["kld"], rel=1e-3, abs=1e-8)
-    assert full["top1"] == exact["top1"] and full["tail_mass_mean"] == 0.0
+    assert full["all"]["kld_mean"] == pytest.approx(exact["kld"], rel=1e-3, abs=1e-8)
+    assert full["all"]["top1"] == exact["top1"] and full["tail_mass_mean"] == 0.0
     assert k8["kld_mean"] <= full["kld_mean"] + 1e-9      # a coarse-grained KL never exceeds the full one
     assert exact["kld"] < 1e-4                             # fp32 in both runtimes: the same model
 

@@ -7,7 +7,10 @@ per position, the **top-k log-probabilities with their token ids and the log of 
 float16 row).
 ``divergence(scorer, reference_path)`` runs the same passages through another artifact, refuses if its tokenizer
 gives different token ids, and reports per-position KL(reference || artifact) in nats (mean and 99th percentile),
-top-1 agreement (the artifact's argmax equals the reference's) and the number of positions.
+top-1 agreement (the artifact's argmax equals the reference's) and the number of positions, by the rules of
+``edgemed.fidelity``: the headline leaves out each passage's first position, which is reported on its own
+(``first``), beside the llama.cpp-compatible figure (``llamacpp``: the second half of each passage) and every
+position (``all``).
 
 **The approximation.** The stored reference is the distribution coarse-grained to k+1 outcomes: the top-k tokens
 one by one and "any other token" lumped together; the artifact's distribution is coarse-grained the same way
@@ -26,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgemed.errors import InputError
+from edgemed.fidelity import log_softmax as _log_softmax, summarize
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +43,6 @@ def load_texts(path: Path | None = None) -> list[str]:
         (resources.files("edgemed.benchmarks.harness") / "data" / "medical_text.txt").read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if not line.startswith("#")]
     return [" ".join(p.split()) for p in "\n".join(lines).split("\n\n") if p.strip()]
-
-
-def _log_softmax(logits):
-    import numpy as np
-
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _tail_logmass(logp, ids):
@@ -126,7 +122,7 @@ def divergence(scorer, reference_path: Path) -> dict:
         raise InputError(f"{Path(scorer.path).name} tokenizes passage {bad + 1} differently from the reference "
                          f"{meta['artifact']}, so their distributions cannot be compared position by position.",
                          "compare artifacts converted from the same checkpoint (same tokenizer)")
-    klds, agree, tail_mass = [], [], []
+    passages, tail_mass = [], []
     row = 0
     for toks in tokens:
         n = len(toks)
@@ -139,14 +135,10 @@ def divergence(scorer, reference_path: Path) -> dict:
         pt = np.exp(p_tail)
         with np.errstate(invalid="ignore"):
             kl += np.where(pt > 0, pt * (p_tail - q_tail), 0.0)
-        klds.append(kl)
-        agree.append(q_all.argmax(axis=1) == ids[:, 0])
+        passages.append((np.maximum(kl, 0.0), q_all.argmax(axis=1) == ids[:, 0]))
         tail_mass.append(pt)
         row += n
-    kl = np.concatenate(klds)
-    return {
-        "kld_mean": float(max(kl.mean(), 0.0)), "kld_p99": float(max(np.percentile(kl, 99), 0.0)),
-        "kld_max": float(kl.max()), "top1": float(np.concatenate(agree).mean()), "n_tokens": int(kl.size),
+    return summarize(passages) | {
         "top_k": meta["top_k"], "tail_mass_mean": float(np.concatenate(tail_mass).mean()),
         "reference": meta["artifact"],
     }

@@ -46,8 +46,10 @@ def _acc_drop(results, name):
     return b["acc_logit"] - a["acc_logit"]
 
 
-def _kld(results, name):
-    return ((_by(results).get(name) or {}).get("divergence") or {}).get("kld_mean")
+def _kld(results, name, part=None):
+    """The headline KLD of ``name`` (edgemed.fidelity), or one of its parts ("llamacpp", "first", "all")."""
+    div = (_by(results).get(name) or {}).get("divergence") or {}
+    return (div.get(part) or {}).get("kld_mean") if part else div.get("kld_mean")
 
 
 GOALS = (
@@ -58,7 +60,10 @@ GOALS = (
      operator.le, 0.15, "pct"),
     ("Best 4-bit decode >= 75 % of the bandwidth roofline", _best_4bit_roofline, operator.ge, 0.75, "pct"),
     ("Q4_K_M accuracy at most 1 point below F16 (logits, same items)", lambda r: _acc_drop(r, "q4_k_m"), operator.le, 0.01, "points"),
-    ("Q4_K_M KLD vs F16 <= 0.03", lambda r: _kld(r, "q4_k_m"), operator.le, 0.03, "plain"),
+    ("Q4_K_M KLD vs F16 <= 0.03 (headline: each passage's first position left out)", lambda r: _kld(r, "q4_k_m"),
+     operator.le, 0.03, "plain"),
+    ("Q4_K_M KLD vs F16 <= 0.03 (llama.cpp-compatible: second half of each passage)",
+     lambda r: _kld(r, "q4_k_m", "llamacpp"), operator.le, 0.03, "plain"),
 )
 
 _FORMATS = {"pct": lambda v: f"{v * 100:.1f} %", "x": lambda v: f"{v:.2f}x", "points": lambda v: f"{abs(v) * 100:.1f} points {'below' if v > 0 else 'above'}",

@@ -82,7 +82,9 @@ def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Se
                    "settings_sha256": settings.digest(phase)}
             if phase == "divergence":  # the reference's truncation sets how close the KLD is to the full-vocabulary one
                 from edgemed.benchmarks.harness.divergence import TOP_K
+                from edgemed.fidelity import VERSION
 
+                key["fidelity_version"] = VERSION  # the rules of the figures (edgemed.fidelity): new rules, new results
                 key["reference_sha256"] = digests[next(x.path for x in configs if x.name == REFERENCE)]
                 key["reference_top_k"] = TOP_K
             tasks.append(Task(c, phase, raw / f"{c.name}-{phase}.json", key))
