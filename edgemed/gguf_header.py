@@ -53,6 +53,7 @@ class TensorInfo:
     n_elements: int
     n_bytes: int
     dims: tuple[int, ...] = ()  # ggml order: dims[0] is the row length, dims[1] the number of rows
+    offset: int = 0     # where its data starts, from ``Header.data_start``
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Header:
     version: int
     metadata: dict      # key -> scalar, str, list (short numeric arrays) or ArrayLength
     tensors: tuple[TensorInfo, ...]
+    table_start: int = 0  # file position of the tensor table (the metadata ends here)
+    data_start: int = 0   # file position of the tensor data
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ def _parse(buf, gguf) -> Header:
         raise _Corrupt(f"general.alignment is {alignment!r}, not a power of two")
     if n_tensors > (cur.size - cur.pos) // _MIN_TENSOR_BYTES:
         raise _Corrupt(f"it declares {n_tensors} tensors; the {cur.size - cur.pos} bytes left hold fewer")
-    tensors, ends, names = [], [], set()
+    tensors, ends, names, table_start = [], [], set(), cur.pos
     for i in range(n_tensors):
         name, type_name, n, n_bytes, offset, dims = _tensor(cur, gguf, i)
         if name in names:
@@ -196,14 +199,14 @@ def _parse(buf, gguf) -> Header:
         if offset % alignment:
             raise _Corrupt(f"tensor '{name}' starts at offset {offset}, not a multiple of the alignment {alignment}")
         names.add(name)
-        tensors.append(TensorInfo(name, type_name, n, n_bytes, dims))
+        tensors.append(TensorInfo(name, type_name, n, n_bytes, dims, offset))
         ends.append((offset + n_bytes, name))
     data_start = -(-cur.pos // alignment) * alignment
     end, last = max(ends, default=(0, None))
     if end and data_start + end > cur.size:  # (no tensor bytes: llama.cpp reads nothing past the header)
         raise IntegrityError(f"its tensor data needs {data_start + end} bytes ('{last}' ends at {end} past the "
                              f"header), but the file has {cur.size}")
-    return Header(version, metadata, tuple(tensors))
+    return Header(version, metadata, tuple(tensors), table_start, data_start)
 
 
 def read_header(path: Path | str) -> Header:
