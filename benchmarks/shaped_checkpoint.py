@@ -251,8 +251,9 @@ def write_checkpoint(out: Path, shape: str, tokenizer_from: Path, *, seed: int =
             weight_map.update({n: fname for n in names})
         index = {"metadata": {"total_size": total, "total_parameters": params}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        (tmp / "EDGEMED_SOURCE.txt").write_text(
-            _MARKER.format(shape=shape, seed=seed, params=params, tokenizer=tokenizer_from), encoding="utf-8")
+        origin = f"{tokenizer_from}" + (f" (BPE vocabulary and merges from {bpe_from})" if bpe_from else "")
+        (tmp / "EDGEMED_SOURCE.txt").write_text(_MARKER.format(shape=shape, seed=seed, params=params, tokenizer=origin),
+                                                encoding="utf-8")
     return {"out": str(out), "shape": shape, "parameters": params, "bytes": total, "shards": len(shards),
             "tokenizer": tokenizer, "wall_s": round(time.perf_counter() - t0, 1)}
 
