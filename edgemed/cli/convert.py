@@ -19,7 +19,8 @@ from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph ki
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the source (faster; not recommended).")
 @click.option("--pre-tokenizer", help="Override the llama.cpp pre-tokenizer name (verified against the HF tokenizer).")
-@click.option("--imatrix-from", type=click.Path(exists=True, path_type=Path), help="Medical text (JSONL or .txt) to calibrate an importance matrix for quantization.")
+@click.option("--imatrix-from", help="Medical text (JSONL or .txt) to calibrate an importance matrix for quantization; "
+              "'medical' for the shipped PubMedQA abstracts (not its test split).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantization and parity.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
@@ -39,6 +40,10 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
 
     out_type = out_type or DEFAULT_OUTPUT_TYPE[target]
     require_route(target)  # before the default model is made or a converter imported: one paragraph, no traceback
+    if imatrix_from is not None:
+        from edgemed.converters.calibration import resolve
+
+        imatrix_from = resolve(imatrix_from)
     if source is None:
         from edgemed.converters import sources
 

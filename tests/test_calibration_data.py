@@ -1,0 +1,117 @@
+"""The shipped calibration text: not evaluation data, not the divergence passages, licensed, installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+from edgemed.converters import calibration
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "converters" / "data" / "calibration"
+PUBMEDQA = SHARED_DATA / "pubmedqa"
+SHINGLE = 8  # words: a shared run this long would be copied text, not shared medical phrasing
+
+
+def _sources() -> dict[str, list[str]]:
+    return json.loads(calibration.shipped("sources.json").read_text(encoding="utf-8"))
+
+
+def _build():
+    spec = importlib.util.spec_from_file_location("calibration_build", DATA / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return {tuple(words[i:i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
+
+
+def test_shipped_files_are_installed_with_their_licence():
+    for name in ("medical.txt", "medical-search.txt", "sources.json", "README.md", "LICENSE"):
+        assert calibration.shipped(name).is_file(), name
+    assert "MIT License" in calibration.shipped("LICENSE").read_text(encoding="utf-8")
+    readme = calibration.shipped("README.md").read_text(encoding="utf-8")
+    assert "pubmedqa/pubmedqa @ 1cbae8e9" in readme and "test split" in readme
+    # what pyproject's package-data ships: every file above matches one of its globs
+    import fnmatch
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["edgemed.converters"]
+    for f in DATA.iterdir():
+        if f.suffix != ".py":
+            assert any(fnmatch.fnmatch(f"data/calibration/{f.name}", g) for g in globs), f.name
+
+
+def test_each_text_holds_exactly_its_listed_abstracts():
+    sources = _sources()
+    assert set(sources) == {"medical.txt", "medical-search.txt"}
+    assert not set(sources["medical.txt"]) & set(sources["medical-search.txt"])
+    for name, pmids in sources.items():
+        assert len(calibration.passages(calibration.shipped(name))) == len(pmids) == len(set(pmids))
+
+
+def test_no_test_split_pmid_and_the_text_is_what_the_rule_gives():
+    if not (PUBMEDQA / "test_ground_truth.json").is_file():
+        pytest.skip(f"the PubMedQA files are not at {PUBMEDQA}")
+    pqal = json.loads((PUBMEDQA / "ori_pqal.json").read_text(encoding="utf-8"))
+    test = json.loads((PUBMEDQA / "test_ground_truth.json").read_text(encoding="utf-8"))
+    sources = _sources()
+    shipped = sources["medical.txt"] + sources["medical-search.txt"]
+    assert not set(shipped) & set(test)
+    build = _build()
+    assert list(build.select(pqal, test)) == [sources["medical.txt"], sources["medical-search.txt"]]
+    for name, pmids in sources.items():
+        assert calibration.shipped(name).read_text(encoding="utf-8") == build.texts(pqal, pmids)
+    # and no test abstract's text is in them, whatever the PMID list says
+    text = calibration.shipped("medical.txt").read_text(encoding="utf-8") + calibration.shipped("medical-search.txt").read_text(encoding="utf-8")
+    assert not any(build.abstract(pqal[p])[:200] in text for p in test)
+
+
+def test_no_overlap_with_the_divergence_passages():
+    divergence = (ROOT / "benchmarks" / "harness" / "data" / "medical_text.txt").read_text(encoding="utf-8")
+    held_out = _shingles("\n".join(line for line in divergence.splitlines() if not line.startswith("#")))
+    for name in ("medical.txt", "medical-search.txt"):
+        shared = _shingles(calibration.shipped(name).read_text(encoding="utf-8")) & held_out
+        assert not shared, (name, sorted(shared)[:3])
+
+
+def test_imatrix_from_medical_names_the_shipped_text(tmp_path):
+    from edgemed.errors import InputError
+
+    assert calibration.resolve("medical") == calibration.shipped("medical.txt")
+    own = tmp_path / "notes.txt"
+    own.write_text("Fever and cough.\n")
+    assert calibration.resolve(own) == own
+    with pytest.raises(InputError, match="does not exist"):
+        calibration.resolve(tmp_path / "missing.txt")
+    with pytest.raises(InputError):
+        calibration.resolve("medical-search")  # the search text stays held out of the importance matrix
+
+
+def test_convert_imatrix_from_medical(tmp_path):
+    """`--imatrix-from medical` calibrates on the shipped text."""
+    from click.testing import CliRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+
+    from edgemed.cli import cli
+
+    model = tiny.build_model(tmp_path / "llama", "llama")
+    out = tmp_path / "x.gguf"
+    result = CliRunner().invoke(cli, ["convert", str(model), "--quant", "q4_0", "--imatrix-from", "medical",
+                                      "--no-parity", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "medical.txt" in result.output and out.is_file()
