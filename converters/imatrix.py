@@ -1,8 +1,9 @@
 """Importance matrix from medical text, for calibrated 4-bit quantization.
 
 For every linear layer the quantizer will touch, forward hooks on the Hugging
-Face model (with the LoRA adapter merged by PEFT, so the statistics are those of
-the model being shipped) accumulate the mean squared input activation per input
+Face model's layers (run one layer at a time by ``layered.py``, with the LoRA
+adapter merged into each layer's weights, so the statistics are those of the
+model being shipped) accumulate the mean squared input activation per input
 column over calibration tokens. llama.cpp's quantizer then spends its error
 budget where activations are large. Values are keyed by GGUF tensor name,
 exactly as llama.cpp's own ``llama-imatrix`` tool would produce them.
@@ -56,45 +57,53 @@ def read_calibration_text(path: Path) -> list[str]:
 
 
 def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, echo=print) -> dict:
+    """Mean x² per input column of every quantized linear layer over the calibration text, by GGUF name.
+
+    The model runs one decoder layer at a time (``layered.LayeredModel``), with the adapter merged into each
+    layer's weights; the output head's input is the final-normed hidden state, so its statistics need no logits."""
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()
+    from edgemed.converters.layered import HEAD, LayeredModel
+
     texts = read_calibration_text(text_path)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32)
+    adapter = None
     if lora is not None:
-        from peft import PeftModel
+        from edgemed.converters.lora import LoraAdapter
 
-        model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
-    model.eval()
+        adapter = LoraAdapter.open(lora, ckpt.tensors)
+    model = LayeredModel(ckpt, adapter)
     name_map = spec.name_map(int(ckpt.hparam("num_hidden_layers")))
     sums: dict[str, "torch.Tensor"] = {}
     counts: dict[str, int] = {}
-    hooks = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        found = name_map.get_type_and_name(f"{module_name}.weight", try_suffixes=(".weight",))
-        if found is None:
-            continue
-        gguf_name = found[1]
 
-        def hook(_mod, inputs, _out, key=gguf_name):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)  # [tokens, in_features]
-            sums[key] = sums.get(key, 0) + (x * x).sum(dim=0)
-            counts[key] = counts.get(key, 0) + x.shape[0]
+    def add(key: str, x) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # [tokens, in_features]
+        sums[key] = sums.get(key, 0) + (x * x).sum(dim=0)
+        counts[key] = counts.get(key, 0) + x.shape[0]
 
-        hooks.append(module.register_forward_hook(hook))
+    def gguf_name(hf_weight: str) -> str | None:
+        found = name_map.get_type_and_name(hf_weight, try_suffixes=(".weight",))
+        return None if found is None else found[1]
+
+    def watch(layer_name: str, layer) -> list:
+        handles = []
+        for sub, module in layer.named_modules():
+            key = gguf_name(f"{layer_name}.{sub}.weight") if isinstance(module, torch.nn.Linear) else None
+            if key is not None:
+                handles.append(module.register_forward_hook(lambda _m, inputs, _out, key=key: add(key, inputs[0])))
+        return handles
+
     ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     chunks = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)][:MAX_CHUNKS]
     with torch.inference_mode():
-        for chunk in chunks:
-            model(torch.tensor([chunk]))
-    for h in hooks:
-        h.remove()
+        normed = model.hidden(chunks, watch)
+        head = gguf_name(HEAD)  # tied or not, the head is a linear layer over the normed state
+        if head is not None:
+            for h in normed:
+                add(head, h)
     n_tokens = sum(len(c) for c in chunks)
     echo(f"imatrix: {len(sums)} tensors from {n_tokens} tokens of {text_path.name}")
     return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}

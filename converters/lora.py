@@ -228,6 +228,20 @@ class LoraAdapter:
         b = self._handle.get_tensor(pair.b).to(torch.float32)
         return tensor.to(torch.float32) + pair.scale * (b @ a)
 
+    def apply_rows(self, name: str, block, start: int):
+        """``apply`` for rows ``[start, start + len(block))`` of base tensor ``name`` (a table read in blocks)."""
+        import torch
+
+        stop = start + block.shape[0]
+        if name in self.replacements:
+            return self._handle.get_slice(self.replacements[name])[start:stop].to(torch.float32)
+        pair = self.pairs.get(name)
+        if pair is None:
+            return block
+        a = self._handle.get_tensor(pair.a).to(torch.float32)
+        b = self._handle.get_slice(pair.b)[start:stop].to(torch.float32)
+        return block.to(torch.float32) + pair.scale * (b @ a)
+
     def touches(self, name: str) -> bool:
         return name in self.pairs or name in self.replacements
 
