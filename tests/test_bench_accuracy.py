@@ -1,16 +1,21 @@
-"""Benchmark harness, accuracy side: data set loading and seeded sampling, Wilson intervals, the scorer's KV prefix
-reuse (GGUF and ONNX), letter-logit and generated-answer scoring, resumable records, divergence against a reference."""
+"""Benchmark harness, accuracy side: data set loading and seeded, prefix-stable sampling (PubMedQA's test split only,
+the default suite), Wilson intervals and the paired statistics (Newcombe interval, exact McNemar, detectable
+difference), the scorer's KV prefix reuse (GGUF and ONNX), letter-logit and generated-answer scoring, resumable
+records that a larger draw extends, divergence against a reference."""
 
 from __future__ import annotations
 
 import collections
 import json
+import math
+import random
 from pathlib import Path
 
 import pytest
 
 from conftest import SHARED_DATA
-from edgemed.benchmarks.harness.datasets import Item, load_items
+from edgemed.benchmarks.harness import stats
+from edgemed.benchmarks.harness.datasets import PUBMEDQA_GROUND_TRUTH, SUITE, Item, draw, load_eval_set, load_items, suite_files
 from edgemed.benchmarks.harness.stats import wilson
 from edgemed.errors import InputError
 
@@ -40,6 +45,20 @@ def test_mcq_jsonl_loads_and_samples_with_seed(tmp_path):
     assert len(orders) > 1  # the seed changes the sample
     first = next(i for i in load_items(f, None, 0) if i.question.startswith("Which vitamin"))
     assert first.options["C"] == "Vitamin C" and first.answer == "C"
+    for n in range(1, 5):  # prefix-stable: a larger draw starts with the smaller one
+        assert load_items(f, n + 1, seed=3)[:n] == load_items(f, n, seed=3)
+
+
+def test_draw_is_a_seeded_permutation_prefix_for_every_n():
+    items = list(range(2816))  # MedMCQA's size
+    full = draw(items, len(items), seed=0)
+    assert sorted(full) == items and full != items
+    for n in (1, 5, 21, 300, 301, 600, 1500, 2816):
+        assert draw(items, n, seed=0) == full[:n]
+    assert draw(items, 300, seed=1) != full[:300]
+    # why not random.sample: it switches method with k (set-based below, pool-based from ~k = 300 here), so its
+    # 600-item sample does not start with its 300-item one and a larger run would score other items
+    assert random.Random(0).sample(items, 600)[:300] != random.Random(0).sample(items, 300)
 
 
 @pytest.mark.parametrize("content, where", [
@@ -73,32 +92,68 @@ def _pqal(n_yes=6, n_no=3, n_maybe=1) -> dict:
                             "LABELS": ["BACKGROUND", "RESULTS"], "final_decision": lab} for i, lab in enumerate(labels)}
 
 
-def test_pubmedqa_restricted_to_ground_truth_and_question_only(tmp_path):
+def _pubmedqa_dir(path: Path, data: dict, truth: dict | None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "ori_pqal.json").write_text(json.dumps(data, indent=1), encoding="utf-8")  # multi-line JSON object
+    if truth is not None:
+        (path / PUBMEDQA_GROUND_TRUTH).write_text(json.dumps(truth), encoding="utf-8")
+    return path / "ori_pqal.json"
+
+
+def test_pubmedqa_is_its_test_split_only(tmp_path):
     data = _pqal()
-    (tmp_path / "ori_pqal.json").write_text(json.dumps(data, indent=1), encoding="utf-8")  # multi-line JSON object
-    items = load_items(tmp_path / "ori_pqal.json", None, 0)
-    assert len(items) == 10 and {i.options["A"] for i in items} == {"yes"}
-    assert next(i for i in items if i.id == "pubmedqa:1007").answer == "B"  # "no"
+    # without the official split's PMIDs the calibration abstracts cannot be told apart: refused, not guessed
+    with pytest.raises(InputError, match="test_ground_truth.json beside it") as err:
+        load_items(_pubmedqa_dir(tmp_path / "bare", data, None), None, 0)
+    assert "imatrix calibration" in str(err.value) and "copy test_ground_truth.json" in err.value.fix
+    truth = {"1001": "yes", "1007": "no", "1003": "yes", "1009": "maybe"}
+    f = _pubmedqa_dir(tmp_path / "split", data, truth)
+    items = load_items(f, None, 0)
+    assert sorted(i.id for i in items) == ["pubmedqa:1001", "pubmedqa:1003", "pubmedqa:1007", "pubmedqa:1009"]
+    assert {i.options["A"] for i in items} == {"yes"} and {i.id: i.answer for i in items}["pubmedqa:1007"] == "B"
     assert "Results: Result 3." in next(i for i in items if i.id == "pubmedqa:1003").context
-    truth = {"1001": "yes", "1008": "no", "1009": "maybe"}
-    (tmp_path / "test_ground_truth.json").write_text(json.dumps(truth), encoding="utf-8")
-    items = load_items(tmp_path / "ori_pqal.json", None, 0, context=False)
-    assert sorted(i.id for i in items) == ["pubmedqa:1001", "pubmedqa:1008", "pubmedqa:1009"]
-    assert all(i.context is None for i in items)
-    assert {i.id: i.answer for i in items}["pubmedqa:1009"] == "C"
+    items = load_items(f, None, 0, context=False)
+    assert all(i.context is None for i in items) and {i.id: i.answer for i in items}["pubmedqa:1009"] == "C"
+    with pytest.raises(InputError, match="names PMID 4242"):
+        load_items(_pubmedqa_dir(tmp_path / "other", data, {**truth, "4242": "yes"}), None, 0)
+
+
+def _shared(rel: str) -> Path:
+    f = SHARED_DATA / rel
+    if not f.exists():
+        pytest.skip(f"{f} not present (the shared evaluation data is not on this machine)")
+    return f
 
 
 def test_real_pubmedqa_is_sampled_not_label_sorted():
-    f = SHARED_DATA / "pubmedqa" / "ori_pqal.json"
-    if not f.exists():
-        pytest.skip(f"{f} not present (the shared evaluation data is not on this machine)")
+    f = _shared("pubmedqa/ori_pqal.json")
     every = load_items(f, None, 0)
-    assert len(every) == 500  # restricted to test_ground_truth.json's PMIDs
+    split = json.loads((f.parent / PUBMEDQA_GROUND_TRUTH).read_text(encoding="utf-8"))
+    calibration = set(json.loads(f.read_text(encoding="utf-8"))) - set(split)  # the other 500 PQA-L abstracts
+    assert len(every) == 500 and len(calibration) == 500
+    assert {i.id.split(":")[1] for i in every} == set(split) and not {i.id.split(":")[1] for i in every} & calibration
     sample = load_items(f, 60, seed=0)
     counts = collections.Counter(i.answer for i in sample)
     assert set(counts) == {"A", "B", "C"} and counts["A"] < 50  # the file itself starts with ~276 "yes"
     assert [i.id for i in sample] == [i.id for i in load_items(f, 60, seed=0)]
     assert [i.id for i in sample] != [i.id for i in load_items(f, 60, seed=1)]
+
+
+def test_the_default_suite_on_the_shared_data():
+    root = _shared("medagentsbench")
+    files = suite_files(root.parent)
+    assert [n for _, n in files] == [row.n for row in SUITE] and sum(n for _, n in files) >= 1500
+    items = load_eval_set([p for p, _ in files], [n for _, n in files], seed=0, context=False)
+    counts = collections.Counter(i.dataset for i in items)
+    assert counts == {row.name: row.n for row in SUITE} and len({i.id for i in items}) == len(items)
+    split = set(json.loads((root.parent / "pubmedqa" / PUBMEDQA_GROUND_TRUTH).read_text(encoding="utf-8")))
+    assert {i.id.split(":")[1] for i in items if i.dataset == "pubmedqa"} <= split
+    assert all(i.context is None for i in items)
+    smaller = load_eval_set([p for p, _ in files], [100, 100, 100], seed=0, context=False)
+    assert set(i.id for i in smaller) <= set(i.id for i in items)  # prefix-stable per set
+    with pytest.raises(InputError, match="has no medagentsbench/medmcqa/test.jsonl") as err:
+        suite_files(root)
+    assert "--eval" in err.value.fix
 
 
 # -- statistics -----------------------------------------------------------------------------
@@ -118,6 +173,62 @@ def test_wilson_bounds_invert_the_score_test(k, n):
     z = 1.959963984540054
     for p in wilson(k, n):
         assert (k / n - p) ** 2 == pytest.approx(z * z * p * (1 - p) / n, rel=1e-9)
+
+
+def test_paired_difference_interval_matches_the_published_newcombe_value():
+    """Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8, Cavo et al. 2012:
+    [[59, 6], [16, 80]], the Newcombe square-and-add interval -0.0621 (-0.1186 to -0.0046), as the book's R
+    package contingencytables tests it."""
+    lo, hi = stats.paired_difference_ci(59, 6, 16, 80)
+    assert (round(lo, 4), round(hi, 4)) == (-0.1186, -0.0046)
+    assert stats.paired_difference_ci(59, 16, 6, 80) == pytest.approx((-hi, -lo))  # swapping the systems
+
+
+def test_paired_difference_interval_by_hand():
+    """[[500, 7], [19, 74]] (Q4_K_M vs F16 on the 1.5B, 600 items), computed step by step without stats.py."""
+    z = 1.959963984540054
+    n, p1, p2 = 600, 507 / 600, 519 / 600
+
+    def wilson_roots(p):  # the bounds solve (p - x)^2 = z^2 x (1 - x) / n: a quadratic in x
+        a, b, c = 1 + z * z / n, -(2 * p + z * z / n), p * p
+        r = math.sqrt(b * b - 4 * a * c)
+        return (-b - r) / (2 * a), (-b + r) / (2 * a)
+
+    (l1, u1), (l2, u2) = wilson_roots(p1), wilson_roots(p2)
+    a_ = 500 * 74 - 7 * 19                                    # 36867 > n / 2
+    phi = (a_ - n / 2) / math.sqrt(507 * 93 * 519 * 81)       # 0.8098...
+    lower = (p1 - p2) - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    upper = (p1 - p2) + math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2)
+    assert (round(lower, 4), round(upper, 4)) == (-0.0378, -0.0029)
+    assert stats.paired_difference_ci(500, 7, 19, 74) == pytest.approx((lower, upper), abs=1e-12)
+    # nothing discordant: a real interval around 0, not a point (the Wald interval would collapse)
+    lo, hi = stats.paired_difference_ci(40, 0, 0, 60)
+    assert lo < 0 < hi and hi - lo > 0.02
+
+
+def test_exact_mcnemar_and_detectable_difference_by_hand():
+    # Cavo: 6 vs 16 discordant pairs; 2 * P(X <= 6), X ~ Bin(22, 1/2) = 2 * (1+22+231+1540+7315+26334+74613) / 2^22
+    assert stats.mcnemar(6, 16) == pytest.approx(2 * 110056 / 2 ** 22) == pytest.approx(0.0525, abs=1e-4)
+    assert stats.mcnemar(16, 6) == stats.mcnemar(6, 16) and stats.mcnemar(0, 0) == 1.0
+    # Connor (1987): n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2; the mdd must give back n
+    za, zb = 1.959963984540054, 0.8416212335729143
+    for n, psi in ((1600, 0.043), (600, 0.043), (1600, 0.10), (3400, 0.043)):
+        d = stats.mcnemar_mdd(n, psi)
+        assert (za * math.sqrt(psi) + zb * math.sqrt(psi - d * d)) ** 2 / (d * d) == pytest.approx(n, rel=1e-9)
+    assert stats.mcnemar_mdd(1600, 0.043) == pytest.approx(0.01451, abs=1e-5)   # 1.45 points
+    assert stats.mcnemar_mdd(3400, 0.043) < 0.01 < stats.mcnemar_mdd(3300, 0.043)  # 1 point needs ~3,400 pairs
+    assert stats.mcnemar_mdd(1600, 0.0) is None and stats.mcnemar_mdd(10, 0.01) is None  # nothing / too few
+
+
+def test_paired_figures_from_a_table():
+    p = stats.paired(500, 7, 19, 74)
+    assert (p["n"], p["gained"], p["lost"], p["diff"]) == (600, 7, 19, pytest.approx(-0.02))
+    assert p["mcnemar_p"] == pytest.approx(0.02896, abs=1e-5) and p["discordance"] == pytest.approx(26 / 600)
+    assert p["diff_ci"] == pytest.approx(list(stats.paired_difference_ci(500, 7, 19, 74)))
+    assert p["mdd"] == pytest.approx(stats.mcnemar_mdd(600, 26 / 600)) and p["resolves"] is False
+    assert "Newcombe" in p["diff_ci_method"]
+    big = stats.paired(3000, 60, 70, 870)                         # 4,000 pairs, 3.25 % discordant
+    assert big["resolves"] is True and big["mdd"] < 0.01
 
 
 # -- scorer: KV prefix reuse, greedy, backends --------------------------------------------------
@@ -253,13 +364,47 @@ def test_evaluate_records_and_resumes_after_a_truncated_line(smollm2_gguf, tmp_p
             evaluate(sc, items, records_path=records, max_gen_tokens=16, progress=False)
 
 
+def test_logits_only_records_and_a_larger_draw_extends_them(smollm2_gguf, tmp_path):
+    from edgemed.benchmarks.harness.accuracy import evaluate, records_carry_over
+    from edgemed.benchmarks.harness.configs import Settings
+    from edgemed.benchmarks.harness.scorer import open_scorer
+
+    f = write_mcq(tmp_path / "medqa.jsonl")
+    records = tmp_path / "records.jsonl"
+    with open_scorer(smollm2_gguf, threads=1, n_ctx=1024) as sc:
+        small = evaluate(sc, load_items(f, 2, seed=5), records_path=records, score="logits", progress=False)
+        assert small["n"] == 2 and small["acc_gen"] is None and small["n_gen"] == 0 and small["unparsed"] == 0
+        assert small["gen_tokens"] == 0 and small["score"] == "logits"
+        big = evaluate(sc, load_items(f, 4, seed=5), records_path=records, score="logits", progress=False)
+        assert (big["new_items"], big["resumed_items"], big["n"]) == (2, 2, 4)  # the same 2 first, 2 new ones
+        # an item whose text changed under the same id is scored again, not taken from the records
+        changed = [Item(it.id, it.dataset, it.question + " (revised)", it.options, it.answer) if k == 0 else it
+                   for k, it in enumerate(load_items(f, 4, seed=5))]
+        again = evaluate(sc, changed, records_path=records, score="logits", progress=False)
+        assert (again["new_items"], again["resumed_items"]) == (1, 3)
+        with pytest.raises(InputError, match="another run"):
+            evaluate(sc, changed, records_path=records, score="both", progress=False)
+        with pytest.raises(InputError, match="Unknown score"):
+            evaluate(sc, changed, records_path=records, score="generated", progress=False)
+    recs = _lines(records)[1:]
+    assert all(r["gen_pred"] is None and r["parsed_ok"] is None and r["reply"] is None and r["gen_s"] == 0 for r in recs)
+    assert all(len(r["item_sha"]) == 16 and r["logit_s"] > 0 for r in recs)
+    # after a finished run, the runner may keep these records for a larger draw of the same artifact
+    raw = {"key": {"model_sha256": "abc", "edgemed_version": "1"}, "settings": Settings(eval_score="logits").to_dict()}
+    key = {"model_sha256": "abc", "edgemed_version": "1", "settings_sha256": "other draw"}
+    assert records_carry_over(raw, key, Settings(eval_score="logits", eval_n=600))
+    assert not records_carry_over(raw, {**key, "model_sha256": "def"}, Settings(eval_score="logits"))
+    assert not records_carry_over(raw, key, Settings(eval_score="both")) and not records_carry_over(None, key, Settings())
+
+
 def test_pubmedqa_items_use_the_pubmedqa_template_and_word_choices(smollm2_gguf, tmp_path):
     from edgemed.benchmarks.harness.accuracy import evaluate
     from edgemed.benchmarks.harness.scorer import open_scorer
 
-    (tmp_path / "ori_pqal.json").write_text(json.dumps(_pqal(2, 1, 1)), encoding="utf-8")
-    with_ctx = load_items(tmp_path / "ori_pqal.json", None, 0)
-    no_ctx = load_items(tmp_path / "ori_pqal.json", 2, 0, context=False)
+    data = _pqal(2, 1, 1)
+    f = _pubmedqa_dir(tmp_path, data, {pmid: entry["final_decision"] for pmid, entry in data.items()})
+    with_ctx = load_items(f, None, 0)
+    no_ctx = load_items(f, 2, 0, context=False)
     with open_scorer(smollm2_gguf, threads=1, n_ctx=1024) as sc:
         evaluate(sc, with_ctx, records_path=tmp_path / "ctx.jsonl", max_gen_tokens=4, progress=False)
         evaluate(sc, no_ctx, records_path=tmp_path / "q.jsonl", max_gen_tokens=4, progress=False)

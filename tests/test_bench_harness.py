@@ -1,4 +1,5 @@
-"""``edgemed bench``: the harness end to end on a tiny model — schema, warm-up exclusion, resume after a kill, plots."""
+"""``edgemed bench``: the harness end to end on a tiny model — schema, warm-up exclusion, resume after a kill, plots;
+the report's accuracy (per set, pooled, paired vs F16) and divergence (headline, llama.cpp, first position) columns."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytest.importorskip("matplotlib")
 
 from click.testing import CliRunner  # noqa: E402
 
-from edgemed.benchmarks.harness import artifacts, report, roofline, stats  # noqa: E402
+from edgemed.benchmarks.harness import artifacts, report, roofline, scores, stats  # noqa: E402
 from edgemed.cli import cli  # noqa: E402
 from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
 from edgemed.errors import InputError  # noqa: E402
@@ -187,8 +188,14 @@ def _entry(name, kind, runtime, mb, peak_mb, e2e, dec, bits, acc=None, kld=None)
                          "ci_gen": stats.wilson(int((acc - 0.02) * 600), 600), "unparsed": 3,
                          "per_dataset": {"medmcqa": {"n": 300, "acc_logit": acc - 0.05, "ci_logit": stats.wilson(int((acc - 0.05) * 300), 300), "acc_gen": acc - 0.06},
                                          "pubmedqa": {"n": 300, "acc_logit": acc + 0.05, "ci_logit": stats.wilson(int((acc + 0.05) * 300), 300), "acc_gen": acc + 0.03}}}
-    if kld is not None:
-        e["divergence"] = {"reference": "f16", "kld_mean": kld, "kld_p99": kld * 8, "top1": 1 - kld * 3, "n_tokens": 900}
+    if kld is not None:  # the divergence raw result of fidelity.summarize (headline + first / llamacpp / all)
+        e["divergence"] = {"reference": "f16", "kld_mean": kld, "kld_p99": kld * 8, "kld_max": kld * 20,
+                           "top1": 1 - kld * 3, "n_tokens": 884,
+                           "first": {"kld_mean": kld * 90, "top1": 0.5, "n_tokens": 16},
+                           "llamacpp": {"kld_mean": kld * 1.1, "kld_p99": kld * 9, "kld_max": kld * 20, "top1": 1 - kld * 3,
+                                        "n_tokens": 440},
+                           "all": {"kld_mean": kld * 2.6, "top1": 1 - kld * 3.1, "n_tokens": 900},
+                           "rule": "headline: every position except the first 1 of each passage", "version": 2}
     return e
 
 
@@ -201,8 +208,14 @@ def test_report_and_plots_render(tmp_path):
                _entry("q8_0", "gguf", "llama.cpp", 1570, 1900, 5.5, 13.0, 8.5, 0.42, 0.002),
                _entry("q4_k_m", "gguf", "llama.cpp", 940, 1150, 3.4, 21.0, 4.9, 0.41, 0.02),
                _entry("onnx-int4", "onnx", "onnxruntime", 1400, 1700, 3.9, 18.0, 4.5, 0.40, 0.05),
+               _entry("q4_0", "gguf", "llama.cpp", 900, 1100, 3.3, 22.0, 4.5, 0.40, None),
                _entry("hf-fp32", "hf", "torch", 6000, 7400, 25.0, 2.6, 32.0)]
     bw = {"bytes_per_s": 20e9, "threads": 2, "buffer_bytes": 256 << 20, "repeats": 7}
+    # a divergence raw file from before the headline rule: only the every-position figures, reported as such
+    by = {e["name"]: e for e in entries}
+    by["q4_0"]["divergence"] = {"reference": "f16", "kld_mean": 0.079, "kld_p99": 4.7, "top1": 0.87, "n_tokens": 1369}
+    by["q4_k_m"]["accuracy"]["paired_vs_reference"] = stats.paired(230, 7, 19, 344) | {"reference": "f16", "same_answer": 0.94}
+    by["q4_k_m"]["accuracy"]["per_dataset"]["medmcqa"]["paired_vs_reference"] = stats.paired(100, 2, 6, 192) | {"same_answer": 0.95}
     baselines = _derive(entries, bw["bytes_per_s"])
     results = {"schema": report.SCHEMA, "edgemed_version": "0", "created": "now", "scenario": "single-stream",
                "profile": "x86-avx2", "settings": Settings(threads=2, profile="x86-avx2").to_dict(),
@@ -213,7 +226,25 @@ def test_report_and_plots_render(tmp_path):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 15_000, name
     md = (tmp_path / "report.md").read_text()
-    assert "64.7 % / 12.4 %" in md and "memory vs hf-fp32" in md and "KLD mean" in md and "hf-bf16-timing" in md
+    assert "64.7 % / 12.4 %" in md and "memory vs hf-fp32" in md and "hf-bf16-timing" in md
+    for column in ("KLD | KLD p99 | top-1 | KLD llama.cpp | KLD first pos. | KLD all pos.", "MDD", "McNemar p",
+                   "difference, points [95 % CI]", "**pooled**"):
+        assert column in md, column
+    q4_row = next(line for line in md.splitlines() if line.startswith("| q4_k_m | 600 "))
+    assert "+7 / −19, -2.0 [-3.7, -0.3] points, p = 0.029" in q4_row and "| 0.0200 | 0.1600 | 94.0 % | 0.0220 | 1.8000 | 0.0520 |" in q4_row
+    legacy = next(line for line in md.splitlines() if line.startswith("| q4_0 | 600 "))
+    assert "| — | — | — | — | — | 0.0790 ¹ |" in legacy and "before the headline rule" in md
+    assert "2.4 points (does not resolve 1 point)" in md  # the pooled mdd of 600 pairs at 4.3 % discordance
+    assert "official test split" in md and "imatrix calibration" in md
+    rows = {r["config"]: r for r in report.csv_rows(results)}
+    q4 = rows["q4_k_m"]
+    assert (q4["kld_mean"], q4["kld_llamacpp"], q4["kld_first"], q4["kld_all"], q4["kld_n_tokens"]) == (0.02, 0.022, 1.8, 0.052, 884)
+    assert (q4["paired_n"], q4["paired_gained"], q4["paired_lost"], q4["mcnemar_p"]) == (600, 7, 19, 0.029)
+    assert q4["paired_diff_ci_low"] == -0.0369 and q4["paired_mdd"] == 0.0238 and q4["acc_n_medmcqa"] == 300
+    assert q4["paired_diff_medmcqa"] == -0.0133 and q4["paired_mdd_pubmedqa"] is None
+    assert rows["q4_0"]["kld_mean"] is None and rows["q4_0"]["kld_all"] == 0.079  # never an old figure under a new name
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"acc_logit", "acc_gen", "kld_mean", "top1", "kld_llamacpp", "kld_first", "paired_diff", "mcnemar_p"} <= set(header)
     assert baselines == {"same_runtime": "f16", "torch": ["hf-fp32"]}
     q4 = {e["name"]: e for e in entries}["q4_k_m"]
     assert q4["reductions"]["f16"]["memory"] == pytest.approx(1 - 1150 / 3300)
@@ -221,34 +252,91 @@ def test_report_and_plots_render(tmp_path):
     assert "Q4_K_M peak RSS <= 35 % of F16's | 34.8 % | yes" in md
 
 
-def test_paired_accuracy_against_the_reference(tmp_path):
-    """Same items, two artifacts: items gained / lost and the exact McNemar p-value land in the report."""
-    from edgemed.benchmarks.harness.report import _in_progress, _paired
+def _write_records(raw: Path, name: str, rows: list[tuple[str, str, str]]) -> None:
+    lines = [json.dumps({"meta": {"version": 3}})] + [
+        json.dumps({"id": f"{ds}:{k}", "dataset": ds, "gold": g, "logit_pred": p, "gen_pred": None, "parsed_ok": None})
+        for k, (ds, g, p) in enumerate(rows)]
+    (raw / f"{name}-accuracy.records.jsonl").write_text("\n".join(lines) + "\n{\"id\": \"cut")  # + a killed line
 
+
+def test_paired_accuracy_per_set_and_pooled(tmp_path):
+    """Same items, two artifacts, two sets: gained / lost, Newcombe interval, exact McNemar p and the detectable
+    difference land in the report per set and pooled; a partial run is reported from its records."""
     raw = tmp_path / "raw"
     raw.mkdir()
-    gold = ["A", "B", "C", "D"] * 5                                   # 20 items
-    ref = list(gold[:15]) + ["A"] * 5                                 # f16: 17 right (15..19 right only where gold is A)
-    new = list(gold[:10]) + ["D" if g != "D" else "A" for g in gold[10:15]] + list(gold[15:])  # loses 5, gains 3
-    for name, preds in (("f16", ref), ("q4_k_m", new)):
-        lines = [json.dumps({"meta": {"version": 2}})] + [
-            json.dumps({"id": f"i{k}", "dataset": "medmcqa", "gold": g, "logit_pred": p, "gen_pred": p, "parsed_ok": True})
-            for k, (g, p) in enumerate(zip(gold, preds))]
-        (raw / f"{name}-accuracy.records.jsonl").write_text("\n".join(lines) + "\n{\"id\": \"cut")  # + a killed line
-    # q4_k_m's phase has not finished: it is reported from its records, marked partial
-    entries = [{"name": "f16", "accuracy": {"n": 20}}, {"name": "q4_k_m"}, {"name": "q4_0"}]
-    _in_progress(tmp_path, entries)
-    _paired(tmp_path, entries)
-    assert entries[1]["accuracy"]["partial"] and entries[1]["accuracy"]["n"] == 20
-    assert entries[1]["accuracy"]["acc_logit"] == sum(n == g for g, n in zip(gold, new)) / 20
-    assert "accuracy" not in entries[2]                                # no records: nothing to report
-    p = entries[1]["accuracy"]["paired_vs_reference"]
-    gained = sum(n == g != r for g, r, n in zip(gold, ref, new))
-    lost = sum(r == g != n for g, r, n in zip(gold, ref, new))
-    assert (p["n"], p["gained"], p["lost"]) == (20, gained, lost) and lost == 5
-    assert p["mcnemar_p"] == pytest.approx(stats.mcnemar(gained, lost))
-    assert stats.mcnemar(0, 5) == pytest.approx(2 / 32) and stats.mcnemar(3, 3) == 1.0 and stats.mcnemar(0, 0) == 1.0
+    gold = ["A", "B", "C", "D"] * 10                                  # 40 items: 20 medmcqa, 20 mmlu
+    sets = ["medmcqa"] * 20 + ["mmlu"] * 20
+    ref = gold[:30] + ["A"] * 10                                      # f16 right on 30 + the 2 A's of the last 10
+    new = gold[:10] + ["D" if g != "D" else "A" for g in gold[10:20]] + gold[20:]  # loses 10 (medmcqa), gains 8 (mmlu)
+    _write_records(raw, "f16", list(zip(sets, gold, ref)))
+    _write_records(raw, "q4_k_m", list(zip(sets, gold, new)))
+    entries = [{"name": "f16", "accuracy": {"n": 40}}, {"name": "q4_k_m"}, {"name": "q4_0"}]
+    scores.in_progress(tmp_path, entries)
+    scores.add_paired(tmp_path, entries)
+    acc = entries[1]["accuracy"]
+    assert acc["partial"] and acc["n"] == 40 and acc["acc_logit"] == sum(n == g for g, n in zip(gold, new)) / 40
+    assert acc["per_dataset"]["mmlu"]["n"] == 20 and "accuracy" not in entries[2]   # no records: nothing reported
+    for name, idx in (("medmcqa", range(20)), ("mmlu", range(20, 40)), (scores.POOLED, range(40))):
+        p = acc["paired_vs_reference"] if name == scores.POOLED else acc["per_dataset"][name]["paired_vs_reference"]
+        m = [new[i] == gold[i] for i in idx]
+        b = [ref[i] == gold[i] for i in idx]
+        table = (sum(x and y for x, y in zip(m, b)), sum(x and not y for x, y in zip(m, b)),
+                 sum(y and not x for x, y in zip(m, b)), sum(not (x or y) for x, y in zip(m, b)))
+        assert (p["both_right"], p["gained"], p["lost"], p["both_wrong"]) == table, name
+        assert p["diff_ci"] == pytest.approx(list(stats.paired_difference_ci(*table)))
+        assert p["mcnemar_p"] == pytest.approx(stats.mcnemar(table[1], table[2]))
+        assert p["same_answer"] == sum(new[i] == ref[i] for i in idx) / len(idx)
+    pooled = acc["paired_vs_reference"]
+    assert (pooled["gained"], pooled["lost"]) == (8, 10) and pooled["mdd"] == pytest.approx(stats.mcnemar_mdd(40, 18 / 40))
+    assert acc["per_dataset"]["medmcqa"]["paired_vs_reference"]["lost"] == 10
     assert "paired_vs_reference" not in entries[0]["accuracy"]
+    # the items of the current draw only: records of a larger earlier draw do not enter the figures
+    again = [{"name": "f16", "accuracy": {"n": 20}}, {"name": "q4_k_m"}]
+    keep = {f"medmcqa:{k}" for k in range(20)}
+    scores.in_progress(tmp_path, again, keep)
+    scores.add_paired(tmp_path, again, keep)
+    assert again[1]["accuracy"]["n"] == 20 and set(again[1]["accuracy"]["per_dataset"]) == {"medmcqa"}
+    assert again[1]["accuracy"]["paired_vs_reference"]["lost"] == 10
+
+
+def test_eval_options_resolve_the_default_suite(tmp_path):
+    from edgemed.benchmarks.harness.datasets import SUITE
+    from edgemed.cli.bench import _settings
+
+    data = tmp_path / "data"
+    for row in SUITE:  # a tiny folder laid out like the shared data
+        f = data / row.path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if row.name == "pubmedqa":
+            f.write_text(json.dumps({str(k): {"QUESTION": f"q{k}?", "CONTEXTS": ["c"], "final_decision": "yes"}
+                                     for k in range(5)}), encoding="utf-8")
+            (f.parent / "test_ground_truth.json").write_text(json.dumps({str(k): "yes" for k in range(3)}), encoding="utf-8")
+        else:
+            f.write_text("".join(json.dumps(r) + "\n" for r in MCQ), encoding="utf-8")
+
+    def settings(**kw):
+        args = dict(prompts=None, runs=1, warmup=0, max_tokens=8, threads=1, profile=None, n_ctx=256, evals=None,
+                    eval_data=None, eval_n=None, eval_context=False, eval_score="logits", eval_threads=None, seed=0,
+                    scenario="single-stream")
+        return _settings(**(args | kw))
+
+    with pytest.raises(InputError, match="--eval-n 600 for") as err:   # the suite's counts: more than this folder has
+        settings(eval_data=data)
+    assert "between 1 and 4" in err.value.fix
+    s = settings(eval_data=data, eval_n="4,4,3")
+    assert [Path(p).relative_to(data).as_posix() for p in s.evals] == [row.path for row in SUITE]
+    assert s.eval_counts == (4, 4, 3) and s.eval_score == "logits" and not s.eval_context
+    assert settings(eval_data=data, eval_n="2").eval_counts == (2, 2, 2)
+    with pytest.raises(InputError, match="--eval-n 300 for"):          # --eval files: 300 each unless told
+        settings(evals=str(data / SUITE[0].path))
+    assert settings(evals=str(data / SUITE[0].path), eval_n="3").eval_counts == (3,)
+    for bad, match in (("1,2", "gives 2 counts for 3"), ("x", "not a count")):
+        with pytest.raises(InputError, match=match):
+            settings(eval_data=data, eval_n=bad)
+    with pytest.raises(InputError, match="Both --eval and --eval-data"):
+        settings(eval_data=data, evals=str(data / SUITE[0].path))
+    a, b = settings(eval_data=data, eval_n="2"), settings(eval_data=data, eval_n="3")
+    assert a.digest("accuracy") != b.digest("accuracy") and a.digest("timing") == b.digest("timing")
 
 
 MCQ = [{"realidx": i, "question": q, "options": dict(zip("ABCD", opts)), "answer_idx": a}
@@ -275,8 +363,13 @@ def test_accuracy_and_divergence_phases_on_the_benchmarked_artifacts(model, tmp_
         # measured on the very file that was timed
         assert acc["records"] == str(out / "raw" / f"{name}-accuracy.records.jsonl")
         assert by[name]["keys"]["accuracy"]["model_sha256"] == by[name]["keys"]["timing"]["model_sha256"]
+    # the default scores letter logits only: no generated answer, none unparsed
+    assert by["q8_0"]["accuracy"]["acc_gen"] is None and by["q8_0"]["accuracy"]["score"] == "logits"
+    assert by["q8_0"]["accuracy"]["paired_vs_reference"]["n"] == 4
     assert by["f16"]["divergence"]["kld_mean"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < by["q8_0"]["divergence"]["kld_mean"] < 0.05 and by["q8_0"]["divergence"]["top1"] > 0.8
+    row = next(r for r in report.csv_rows(results) if r["config"] == "q8_0")
+    assert row["kld_llamacpp"] is not None and row["kld_first"] is not None and row["paired_n"] == 4
     assert (out / "plots" / "accuracy_vs_bits.png").stat().st_size > 10_000
     # all done: a re-run measures nothing
     assert _run(args)["run"]["measured"] == []

@@ -10,15 +10,20 @@ context) builds the messages, the artifact's own chat template renders them.
    write the space-prefixed token), and for word choices also the capitalised ``"Yes"`` / ``" Yes"``. A first token
    shared by two choices is ambiguous and dropped for both. The prediction is the most probable choice; the
    record keeps the probabilities renormalised over the choices and ``mass``, the raw share the choices got.
-2. **Generation.** Greedy decoding of up to ``max_gen_tokens`` from the plain prompt, parsed with the
+2. **Generation** (``score="both"``; ``score="logits"`` leaves it out). Greedy decoding of up to ``max_gen_tokens`` from the plain prompt, parsed with the
    template's contract (``Template.parse``, as ``edgemed run`` parses); a reply without an answer is wrong and
    counted in ``unparsed``. Greedy, so the run is deterministic. Decoding stops at the end of the first line
    that parses ("Answer: B" then a newline): the explanation a model adds after its answer is not scored, and
    skipping it roughly halves the cost of an MCQ item on a CPU.
 
 One JSON line per item goes to ``records_path`` (flushed and fsync'd); ids already there are skipped, so an
-interrupted run resumes; a truncated last line (killed mid-write) is dropped and that item redone. The first line
-names the artifact and settings, and a resume with different ones is refused.
+interrupted run resumes, and a run over a larger draw of the same sets (``datasets.draw`` is prefix-stable) scores
+only the new items. A truncated last line (killed mid-write) is dropped and that item redone. Each record carries
+``item_sha``, a digest of what the model was shown (question, options, gold, abstract): a record whose item has
+changed (PubMedQA asked with its abstract, then without) is redone, not reused. The first line names the artifact
+and settings, and a resume with different ones is refused.
+
+``logit_s`` and ``gen_s`` in each record split the item's time between the two scores (``harness_cost.md``).
 
 The scorer reuses the KV cache of the shared prefix (system prompt; prompt -> prompt + cue). llama.cpp's
 quantized kernels give batch-shape-dependent rounding (logits differ by KLD ~1e-3 between a 2-token and a
@@ -43,7 +48,9 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 2  # 2: generation stops after the first parsed answer line
+RECORDS_VERSION = 3  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score
+#: what is scored per item: the letter logits alone, or the logits and a parsed greedy answer
+SCORES = ("logits", "both")
 
 
 # -- templates and choices -------------------------------------------------------------
@@ -97,6 +104,14 @@ def choice_probs(logits, tokens: dict[str, list[int]]) -> tuple[dict[str, float]
 
 
 # -- records ----------------------------------------------------------------------------
+def item_digest(item: Item) -> str:
+    """A short digest of everything the model is shown for ``item`` and of its gold answer."""
+    import hashlib
+
+    body = json.dumps([item.question, item.options, item.answer, item.context], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+
+
 def artifact_identity(path: Path) -> dict:
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -129,6 +144,19 @@ def read_records(path: Path) -> tuple[dict | None, dict[str, dict]]:
         else:
             records[obj["id"]] = obj
     return meta, records
+
+
+def records_carry_over(old_raw: dict | None, key: dict, settings) -> bool:
+    """Whether the records of a finished accuracy phase (raw result ``old_raw``) stay valid for a new run with
+    ``key`` and ``settings``: the same artifact (sha256), edgemed version and ``eval_score``. Another draw (more
+    items, another seed, other files) keeps them, since each record names its item and the item's digest; a
+    changed prompt (PubMedQA with or without its abstract) is redone item by item."""
+    if not old_raw:
+        return False
+    old_key, old_settings = old_raw.get("key") or {}, old_raw.get("settings") or {}
+    return (old_key.get("model_sha256") == key.get("model_sha256")
+            and old_key.get("edgemed_version") == key.get("edgemed_version")
+            and old_settings.get("eval_score", "both") == settings.eval_score)
 
 
 def append_record(path: Path, obj: dict) -> None:
@@ -164,7 +192,8 @@ class _Prepared:
         return self._tokens[choices]
 
 
-def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_tokens: int) -> dict:
+def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_tokens: int,
+               generate: bool = True) -> dict:
     name = template_for(item, template)
     tpl, cue = prepared.template(name)
     inputs = template_inputs(tpl, item)
@@ -180,18 +209,22 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
     start = time.perf_counter()
     prompt = scorer.tokenize(scorer.render(tpl.messages(inputs)))
     probs, mass = choice_probs(scorer.next_logits(prompt + cue), tokens)
-    # stop at the end of the first line that holds a parseable answer: the explanation after it is not scored
-    reply = scorer.greedy(prompt, max_gen_tokens, until=lambda text: text.endswith("\n") and tpl.parse(text, inputs).ok)
-    parsed = tpl.parse(reply, inputs)
+    logit_s = time.perf_counter() - start
+    gen_pred = parsed_ok = reply = None
+    if generate:
+        # stop at the end of the first line that holds a parseable answer: the explanation after it is not scored
+        reply = scorer.greedy(prompt, max_gen_tokens, until=lambda text: text.endswith("\n") and tpl.parse(text, inputs).ok)
+        parsed = tpl.parse(reply, inputs)
+        gen_pred, parsed_ok = (letters.get(parsed.value) if parsed.ok else None), parsed.ok
     seconds = time.perf_counter() - start
     logit_choice = max(probs, key=probs.get)
     return {
-        "id": item.id, "dataset": item.dataset, "template": name, "gold": item.answer,
+        "id": item.id, "dataset": item.dataset, "item_sha": item_digest(item), "template": name, "gold": item.answer,
         "logit_pred": letters[logit_choice], "probs": {letters[c]: round(p, 6) for c, p in probs.items()},
-        "mass": round(mass, 6), "gen_pred": letters.get(parsed.value) if parsed.ok else None,
-        "parsed_ok": parsed.ok, "reply": reply, "prompt_tokens": len(prompt) + len(cue),
-        "evaluated_tokens": scorer.counters["evaluated"] - before["evaluated"],
+        "mass": round(mass, 6), "gen_pred": gen_pred, "parsed_ok": parsed_ok, "reply": reply,
+        "prompt_tokens": len(prompt) + len(cue), "evaluated_tokens": scorer.counters["evaluated"] - before["evaluated"],
         "gen_tokens": scorer.counters["generated"] - before["generated"], "seconds": round(seconds, 4),
+        "logit_s": round(logit_s, 4), "gen_s": round(seconds - logit_s, 4),
     }
 
 
@@ -201,25 +234,33 @@ def _rate(k: int, n: int) -> tuple[float | None, list[float]]:
 
 
 def summarize(records: list[dict]) -> dict:
+    """n, letter-logit accuracy + Wilson 95 % interval; the generated-answer figures over the records that have a
+    generated answer (``n_gen``; ``acc_gen`` None when none has: ``score="logits"``)."""
     n = len(records)
-    k_logit = sum(r["logit_pred"] == r["gold"] for r in records)
-    k_gen = sum(r["gen_pred"] == r["gold"] for r in records)
-    acc_logit, ci_logit = _rate(k_logit, n)
-    acc_gen, ci_gen = _rate(k_gen, n)
-    return {"n": n, "acc_logit": acc_logit, "ci_logit": ci_logit, "acc_gen": acc_gen, "ci_gen": ci_gen,
-            "unparsed": sum(not r["parsed_ok"] for r in records)}
+    gen = [r for r in records if r.get("parsed_ok") is not None]
+    acc_logit, ci_logit = _rate(sum(r["logit_pred"] == r["gold"] for r in records), n)
+    acc_gen, ci_gen = _rate(sum(r["gen_pred"] == r["gold"] for r in gen), len(gen))
+    return {"n": n, "acc_logit": acc_logit, "ci_logit": ci_logit, "n_gen": len(gen), "acc_gen": acc_gen,
+            "ci_gen": ci_gen if gen else None, "unparsed": sum(not r["parsed_ok"] for r in gen)}
+
+
+def per_dataset(records: list[dict]) -> dict[str, dict]:
+    """``summarize`` per data set, in the order the sets first appear."""
+    return {ds: summarize([r for r in records if r["dataset"] == ds]) for ds in dict.fromkeys(r["dataset"] for r in records)}
 
 
 def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path: Path, max_gen_tokens: int = 16,
-             progress: bool = True) -> dict:
+             score: str = "both", progress: bool = True) -> dict:
     """Score ``items`` with ``scorer`` (see the module docstring); returns the summary over all of them."""
+    if score not in SCORES:
+        raise InputError(f"Unknown score {score!r}.", f"choose from: {', '.join(SCORES)}")
     records_path = Path(records_path)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError(f"Item {dup} appears twice in the evaluation set.", "pass each data set file once")
     meta = {"version": RECORDS_VERSION, "artifact": artifact_identity(scorer.path), "template": template,
-            "max_gen_tokens": max_gen_tokens}
+            "max_gen_tokens": max_gen_tokens, "score": score}
     old_meta, done = read_records(records_path)
     if old_meta is not None and old_meta != meta:
         raise InputError(f"{records_path} holds results of another run ({old_meta}), not {meta}.",
@@ -229,7 +270,7 @@ def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path:
         if done:
             raise InputError(f"{records_path} has item records but no meta line.", "start a new records file")
         append_record(records_path, {"meta": meta})
-    todo = [it for it in items if it.id not in done]
+    todo = [it for it in items if it.id not in done or done[it.id].get("item_sha") != item_digest(it)]
     log.info("%d items, %d already in %s, %d to score", len(items), len(items) - len(todo), records_path, len(todo))
 
     from tqdm import tqdm
@@ -240,7 +281,7 @@ def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path:
     with tqdm(total=len(todo), desc=f"accuracy {scorer.path.name}", unit="item", file=sys.stderr,
               disable=not progress) as bar:
         for item in todo:
-            rec = score_item(scorer, prepared, item, template, max_gen_tokens)
+            rec = score_item(scorer, prepared, item, template, max_gen_tokens, generate=score == "both")
             append_record(records_path, rec)
             done[item.id] = rec
             evaluated += rec["evaluated_tokens"]
@@ -249,10 +290,10 @@ def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path:
 
     records = [done[i] for i in ids]
     out = summarize(records)
-    out["per_dataset"] = {ds: summarize([r for r in records if r["dataset"] == ds])
-                          for ds in dict.fromkeys(r["dataset"] for r in records)}
+    out["per_dataset"] = per_dataset(records)
     total_s = sum(r["seconds"] for r in records)
     out.update({
+        "score": score, "logit_seconds": round(sum(r["logit_s"] for r in records), 3),
         "new_items": len(todo), "resumed_items": len(items) - len(todo),
         "prompt_tokens": sum(r["prompt_tokens"] for r in records),
         "evaluated_tokens": sum(r["evaluated_tokens"] for r in records),
@@ -273,26 +314,31 @@ def _main(argv=None) -> int:
     @click.option("--artifact", required=True, type=click.Path(exists=True, path_type=Path),
                   help="a .gguf file or an edgemed ONNX directory")
     @click.option("--eval", "evals", required=True, help="comma-separated data files (MCQ JSONL, PubMedQA ori_pqal.json)")
-    @click.option("--n", type=int, default=None, help="items per file, sampled with --seed (default: all)")
+    @click.option("--n", "counts", default=None,
+                  help="items drawn (--seed) from each file: one count for all, or one per file (default: all)")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--records", required=True, type=click.Path(path_type=Path), help="per-item JSONL (resumes)")
     @click.option("--threads", type=int, default=2, show_default=True)
     @click.option("--n-ctx", type=int, default=2048, show_default=True)
     @click.option("--template", default="auto", show_default=True, help="auto, mcq or pubmedqa")
     @click.option("--max-gen-tokens", type=int, default=16, show_default=True)
+    @click.option("--score", type=click.Choice(SCORES), default="both", show_default=True,
+                  help="letter logits only, or also a parsed greedy answer")
     @click.option("--no-context", is_flag=True, help="PubMedQA without its abstract (question only)")
     @click.option("--quiet", is_flag=True, help="no progress bar")
-    def cli(artifact, evals, n, seed, records, threads, n_ctx, template, max_gen_tokens, no_context, quiet):
+    def cli(artifact, evals, counts, seed, records, threads, n_ctx, template, max_gen_tokens, score, no_context, quiet):
         """Accuracy of one artifact on medical QA files; prints the summary as JSON."""
-        from edgemed.benchmarks.harness.datasets import load_items
+        from edgemed.benchmarks.harness.datasets import load_eval_set
         from edgemed.benchmarks.harness.scorer import open_scorer
         from edgemed.errors import EdgemedError
 
         try:
-            items = [it for f in evals.split(",") if f for it in load_items(Path(f), n, seed, context=not no_context)]
+            files = [f for f in evals.split(",") if f]
+            ns = [int(c) for c in counts.split(",")] if counts else [None]
+            items = load_eval_set(files, ns * len(files) if len(ns) == 1 else ns, seed, context=not no_context)
             with open_scorer(artifact, threads=threads, n_ctx=n_ctx) as scorer:
                 out = evaluate(scorer, items, template=template, records_path=records,
-                               max_gen_tokens=max_gen_tokens, progress=not quiet)
+                               max_gen_tokens=max_gen_tokens, score=score, progress=not quiet)
         except EdgemedError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(json.dumps(out, indent=2))

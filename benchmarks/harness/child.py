@@ -92,23 +92,16 @@ def phase_timing(config: Config, settings: Settings, task: dict) -> dict:
             "runtime_settings": runtime_settings, **measured}
 
 
-def _eval_items(settings: Settings, n: int):
-    from edgemed.benchmarks.harness.datasets import load_items
-
-    items = []
-    for path in settings.evals:
-        items += load_items(Path(path), n, settings.seed, context=settings.eval_context)
-    return items
-
-
 def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
     from edgemed.benchmarks.harness import accuracy
+    from edgemed.benchmarks.harness.datasets import load_eval_set
     from edgemed.benchmarks.harness.scorer import open_scorer
 
-    items = _eval_items(settings, settings.eval_n)
+    items = load_eval_set(settings.evals, settings.eval_counts, settings.seed, context=settings.eval_context)
     scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx)
     try:
-        result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), progress=task.get("progress", True))
+        result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), score=settings.eval_score,
+                                   progress=task.get("progress", True))
     finally:
         scorer.close()
     return {"peak_rss_bytes": peak_rss_bytes(), **result}

@@ -73,8 +73,10 @@ class Settings:
     seed: int = 0
     scenario: str = "single-stream"
     evals: tuple[str, ...] = ()
-    eval_n: int = 300
-    eval_context: bool = True      # PubMedQA with its abstract (False: the question-only setting)
+    eval_n: int = 300              # items drawn from each file that ``eval_sizes`` does not size
+    eval_sizes: tuple[int, ...] = ()  # items drawn from each of ``evals``, in order (empty: ``eval_n`` each)
+    eval_context: bool = False     # PubMedQA with its abstract (False: the question-only setting, ~8x cheaper)
+    eval_score: str = "logits"     # accuracy.SCORES: letter logits only, or also a parsed generated answer
     eval_threads: int | None = None  # threads for accuracy and divergence (None: ``threads``); scores do not depend on it
     eval_ctx: int = 4096
     extra: dict = field(default_factory=dict)
@@ -84,6 +86,12 @@ class Settings:
             raise InputError(f"--runs must be at least 1, got {self.runs}.", "pass --runs 5 (the default) or more")
         if self.warmup < 0:
             raise InputError(f"--warmup must be 0 or more, got {self.warmup}.", "pass --warmup 1")
+        object.__setattr__(self, "eval_sizes", tuple(int(n) for n in self.eval_sizes))
+        if self.eval_sizes and len(self.eval_sizes) != len(self.evals):
+            raise InputError(f"{len(self.eval_sizes)} item counts for {len(self.evals)} evaluation files.",
+                             "pass one --eval-n for every --eval file, or a single one for all")
+        if self.eval_score not in ("logits", "both"):
+            raise InputError(f"Unknown --eval-score {self.eval_score!r}.", "choose logits or both")
         if self.max_tokens < 2:
             raise InputError(f"--max-tokens must be at least 2 (decode speed needs two tokens), got {self.max_tokens}.",
                              "pass --max-tokens 64")
@@ -92,7 +100,13 @@ class Settings:
         d = asdict(self)
         d["prompts"] = list(self.prompts)
         d["evals"] = list(self.evals)
+        d["eval_sizes"] = list(self.eval_sizes)
         return d
+
+    @property
+    def eval_counts(self) -> tuple[int, ...]:
+        """Items drawn from each of ``evals``."""
+        return self.eval_sizes or (self.eval_n,) * len(self.evals)
 
     @property
     def scoring_threads(self) -> int:
@@ -101,8 +115,9 @@ class Settings:
     def digest(self, phase: str) -> str:
         """sha256 over the settings that phase depends on (a change re-measures; others do not)."""
         d = self.to_dict()
+        d["eval_counts"] = list(self.eval_counts)
         keep = {"timing": ("runs", "warmup", "max_tokens", "prompts", "threads", "n_ctx", "scenario", "seed"),
-                "accuracy": ("evals", "eval_n", "eval_context", "seed", "eval_ctx"),
+                "accuracy": ("evals", "eval_counts", "eval_context", "seed", "eval_ctx", "eval_score"),
                 "divergence": ("eval_ctx",)}[phase]
         body = json.dumps({k: d[k] for k in keep}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()

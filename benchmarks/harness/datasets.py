@@ -1,15 +1,24 @@
 """Medical QA evaluation items from the files people actually have: MCQ JSONL and PubMedQA's own JSON.
 
-Two formats, told apart by content, not by file name (one row each in ``READERS``):
+Two formats, told apart by content, not by file name (``_parse``):
 
 * **MCQ JSONL** — one object per line, ``{"question", "options": {"A": ..}, "answer_idx": "B", ...}``: MedQA-USMLE,
-  MedMCQA and the medagents-benchmark files (its PubMedQA file carries the abstract inside ``question``).
+  MedMCQA, MMLU-medical and the medagents-benchmark files (its PubMedQA file is the official test split and carries
+  the abstract inside ``question``).
 * **PubMedQA** ``ori_pqal.json`` — one object, PMID -> ``{QUESTION, CONTEXTS, LABELS, final_decision, ...}``.
-  When ``test_ground_truth.json`` sits beside it, only its PMIDs (the official test split) are used. Options are
-  ``A yes / B no / C maybe``; ``context=False`` drops the abstract (the question-only setting).
+  Options are ``A yes / B no / C maybe``; ``context=False`` drops the abstract (the question-only setting).
 
-Sampling is seeded and without replacement (``random.Random(seed).sample``): never the first N, because the
-PubMedQA files are sorted by label.
+**PubMedQA is evaluated on its official test split only** (``PUBMEDQA_RULE``): the items of ``ori_pqal.json`` are
+the 500 PMIDs of ``test_ground_truth.json`` beside it, and without that file the data set is refused. The other
+500 expert-labelled PQA-L abstracts are the importance-matrix calibration text of the 4-bit conversions, so they
+must never be scored.
+
+**Sampling is a seeded permutation, then the first n** (``draw``): never the first n of the file, because the
+PubMedQA files are sorted by label, and prefix-stable: a larger n keeps every item of a smaller one (same seed),
+so a run extended from 300 to 600 items per set scores only the 300 new ones and resumes from the records.
+
+``SUITE`` is the default accuracy set of the reproduction (``--eval-data DIR``): MedMCQA, MMLU-medical and the
+PubMedQA test split with the per-set counts and the reason for them.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from edgemed.errors import InputError
 
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
 PUBMEDQA_GROUND_TRUTH = "test_ground_truth.json"
+PUBMEDQA_RULE = ("PubMedQA items come only from the official test split (the 500 PMIDs of test_ground_truth.json); "
+                 "the other 500 PQA-L abstracts are imatrix calibration text, not evaluation data")
 # File stems that say nothing about the data set: the folder names it instead (medagentsbench/medmcqa/test.jsonl).
 _SPLIT_NAMES = {"test", "dev", "train", "val", "valid", "validation", "test_hard"}
 
@@ -91,22 +102,25 @@ def _abstract(entry: dict) -> str:
 
 def _pubmedqa_items(path: Path, data: dict, context: bool) -> list[Item]:
     truth_file = path.with_name(PUBMEDQA_GROUND_TRUTH)
-    wanted = None
-    if truth_file.is_file():
-        try:
-            wanted = json.loads(truth_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{truth_file} is not valid JSON ({exc.msg}).", "re-copy it from the PubMedQA repository") from None
+    if not truth_file.is_file():
+        raise InputError(f"{path} is PubMedQA without {PUBMEDQA_GROUND_TRUTH} beside it, so its official test split "
+                         f"cannot be told from the other PQA-L items ({PUBMEDQA_RULE}).",
+                         f"copy {PUBMEDQA_GROUND_TRUTH} from the same PubMedQA release next to {path.name}")
+    try:
+        wanted = json.loads(truth_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{truth_file} is not valid JSON ({exc.msg}).", "re-copy it from the PubMedQA repository") from None
+    if not isinstance(wanted, dict) or not wanted:
+        raise InputError(f"{truth_file} is not an object PMID -> label.", "re-copy it from the PubMedQA repository")
     letter = {v: k for k, v in PUBMEDQA_OPTIONS.items()}
     items = []
-    for pmid in (wanted if wanted is not None else data):
+    for pmid, gold in wanted.items():
         if pmid not in data:
             raise InputError(f"{truth_file} names PMID {pmid}, which {path} does not contain.",
                              f"use the {path.name} and {PUBMEDQA_GROUND_TRUTH} from the same PubMedQA release")
-        entry = data[pmid]
-        gold = (wanted or {}).get(pmid) or entry.get("final_decision")
         if gold not in letter:
-            raise InputError(f"{path}: PMID {pmid} has the label {gold!r}, not yes/no/maybe.", "fix that entry's final_decision")
+            raise InputError(f"{truth_file}: PMID {pmid} has the label {gold!r}, not yes/no/maybe.", "re-copy that file")
+        entry = data[pmid]
         items.append(Item(f"pubmedqa:{pmid}", "pubmedqa", str(entry["QUESTION"]), dict(PUBMEDQA_OPTIONS),
                           letter[gold], _abstract(entry) if context else None))
     return items
@@ -141,8 +155,17 @@ def _parse(path: Path) -> tuple:
                      "PubMedQA is a JSON object PMID -> {QUESTION, CONTEXTS, final_decision}")
 
 
+def draw(items: list, n: int, seed: int) -> list:
+    """The first ``n`` of a permutation of ``items`` fixed by ``seed`` alone: the draw for a larger ``n`` starts with
+    the draw for a smaller one (``random.Random(seed).shuffle`` is a Fisher-Yates pass over the whole list, so the
+    order does not depend on ``n``; ``random.sample`` does not have this property: it changes method with ``n``)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order[:n]
+
+
 def load_items(path: Path, n: int | None, seed: int, *, context: bool = True) -> list[Item]:
-    """``n`` items of ``path`` sampled with ``seed`` (all of them, shuffled, when ``n`` is None)."""
+    """``n`` items of ``path`` drawn with ``seed`` (``draw``; all of them, in the drawn order, when ``n`` is None)."""
     path = Path(path)
     reader, payload = _parse(path)
     items = reader(path, payload, context)
@@ -150,5 +173,49 @@ def load_items(path: Path, n: int | None, seed: int, *, context: bool = True) ->
         n = len(items)
     if n < 1 or n > len(items):
         raise InputError(f"Asked for {n} items from '{path}', which has {len(items)}.",
-                         f"pass --n between 1 and {len(items)}")
-    return random.Random(seed).sample(items, n)
+                         f"pass --eval-n between 1 and {len(items)}")
+    return draw(items, n, seed)
+
+
+def load_eval_set(paths, counts, seed: int, *, context: bool = True) -> list[Item]:
+    """The items of several files: ``counts[i]`` drawn from ``paths[i]`` (the same seed for each file)."""
+    paths, counts = list(paths), list(counts)
+    if len(paths) != len(counts):
+        raise InputError(f"{len(counts)} item counts for {len(paths)} evaluation files.",
+                         "pass one --eval-n for every file, or a single one for all")
+    return [it for path, n in zip(paths, counts) for it in load_items(Path(path), n, seed, context=context)]
+
+
+# -- the reproduction's default accuracy set -------------------------------------------------
+@dataclass(frozen=True)
+class SuiteSet:
+    name: str   # the data set name items carry (folder name for split-named files)
+    path: str   # relative to the data folder (laid out as the shared data: medagentsbench/, pubmedqa/)
+    n: int      # items drawn by default
+
+
+#: 1,600 paired items. The pooled paired test is what must resolve a point: at the discordance Q4_K_M showed on the
+#: 1.5B (26 of 600 pairs, 4.3 %), 1,600 pairs give a 95 % interval of about +-1.0 point on the difference and detect
+#: 1.46 points with 80 % power (stats.mcnemar_mdd); 1 point at 80 % needs ~3,400, which a larger --eval-n reaches by
+#: extending these same items. PubMedQA: its whole official test split (the cheapest set per item); MMLU-medical as
+#: many, for a like per-set precision; MedMCQA 600. Cost: DESIGN.md, benchmarks/: accuracy and divergence.
+SUITE = (
+    SuiteSet("medmcqa", "medagentsbench/medmcqa/test.jsonl", 600),
+    SuiteSet("mmlu", "medagentsbench/mmlu/test.jsonl", 500),
+    SuiteSet("pubmedqa", "pubmedqa/ori_pqal.json", 500),
+)
+
+
+def suite_files(data_dir: Path) -> list[tuple[Path, int]]:
+    """(file, default count) of each ``SUITE`` set under ``data_dir``; a missing file is named with its fix."""
+    data_dir = Path(data_dir)
+    out = []
+    for row in SUITE:
+        path = data_dir / row.path
+        if not path.is_file():
+            raise InputError(f"--eval-data {data_dir} has no {row.path} (the {row.name} set of the default suite).",
+                             "point --eval-data at a folder laid out like the shared data (medagentsbench/medmcqa/"
+                             "test.jsonl, medagentsbench/mmlu/test.jsonl, pubmedqa/ori_pqal.json + "
+                             f"{PUBMEDQA_GROUND_TRUTH}), or pass the files with --eval")
+        out.append((path.resolve(), row.n))
+    return out

@@ -1,7 +1,8 @@
 """From raw per-phase results to the report folder: results.json (canonical), results.csv, report.md, plots.
 
 ``results.json`` is the one source: CSV, Markdown and plots are rendered from it
-and can be rebuilt from it alone (``render(out, results)``).
+and can be rebuilt from it alone (``render(out, results)``). The accuracy and divergence keys of results.json and
+their results.csv columns are listed in ``scores.py``, which builds that part.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 from edgemed import __version__
 from edgemed.atomic import write_text
 from edgemed.benchmarks.harness.configs import PAPER, REFERENCE, Config, Settings
+from edgemed.benchmarks.harness import scores
 from edgemed.benchmarks.harness.roofline import roofline
-from edgemed.benchmarks.harness.stats import mcnemar, reduction
+from edgemed.benchmarks.harness.stats import reduction
 
 SCHEMA = "edgemed.bench/1"
 MIB = 1 << 20
@@ -39,20 +41,6 @@ DEFINITIONS = """\
   table counted as one row unless tied to the output head, plus the KV cache at the mean decode position);
   decode tok/s as a fraction of that ceiling.
 """
-
-
-def _paired_cell(p: dict | None) -> str:
-    if not p or not p.get("n"):
-        return "—"
-    return f"+{p['gained']} / −{p['lost']} ({p['same_answer'] * 100:.0f} % same, p = {p['mcnemar_p']:.2g})"
-
-
-def _eval_setting(results: dict) -> str:
-    """How the items were drawn and shown, in one sentence."""
-    s = results.get("settings") or {}
-    files = ", ".join(Path(p).name for p in s.get("evals") or []) or "none"
-    ctx = "with its abstract" if s.get("eval_context", True) else "question only (no abstract: the cheaper setting)"
-    return f"Items: {s.get('eval_n')} per file, sampled with seed {s.get('seed')} from {files}; PubMedQA {ctx}."
 
 
 def _get(d: dict | None, *path, default=None):
@@ -110,56 +98,6 @@ def _derive(entries: list[dict], bandwidth: float | None) -> dict:
             "torch": [b for b in baselines if b.startswith("hf-")]}
 
 
-def _records(out: Path, name: str) -> dict[str, dict]:
-    path = out / "raw" / f"{name}-accuracy.records.jsonl"
-    found = {}
-    try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut by a kill: the accuracy phase redoes it
-                continue
-            if "id" in rec:
-                found[rec["id"]] = rec
-    except OSError:
-        pass
-    return found
-
-
-def _in_progress(out: Path, entries: list[dict]) -> None:
-    """An accuracy phase that has not finished (a run still going, or stopped) is reported from its records so
-    far, marked partial; the paired comparison then covers exactly the items both have."""
-    from edgemed.benchmarks.harness.accuracy import summarize
-
-    for e in entries:
-        recs = list(_records(out, e["name"]).values()) if not e.get("accuracy") else []
-        if recs:
-            e["accuracy"] = {**summarize(recs), "partial": True, "per_dataset": {
-                ds: summarize([r for r in recs if r["dataset"] == ds]) for ds in dict.fromkeys(r["dataset"] for r in recs)}}
-
-
-def _paired(out: Path, entries: list[dict]) -> None:
-    """Accuracy against the reference on the same items: items gained and lost, exact McNemar p (logit scoring).
-    With a few hundred items a 95 % interval is several points wide; the paired count shows whether a
-    quantization changed answers or only moved within that noise."""
-    ref = next((e for e in entries if e["name"] == REFERENCE and e.get("accuracy")), None)
-    if ref is None:
-        return
-    base = _records(out, REFERENCE)
-    for e in entries:
-        if e is ref or not e.get("accuracy"):
-            continue
-        mine = _records(out, e["name"])
-        common = [i for i in mine if i in base]
-        gained = sum(mine[i]["logit_pred"] == mine[i]["gold"] != base[i]["logit_pred"] for i in common)
-        lost = sum(base[i]["logit_pred"] == base[i]["gold"] != mine[i]["logit_pred"] for i in common)
-        same = sum(mine[i]["logit_pred"] == base[i]["logit_pred"] for i in common)
-        e["accuracy"]["paired_vs_reference"] = {
-            "reference": REFERENCE, "n": len(common), "gained": gained, "lost": lost,
-            "diff": (gained - lost) / len(common) if common else None,
-            "same_answer": same / len(common) if common else None, "mcnemar_p": mcnemar(gained, lost)}
-
-
 def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict], machine: dict, bw: dict,
           failed: list[dict]) -> dict:
     """Assemble results.json from the raw files and render everything beside it."""
@@ -168,8 +106,9 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
     entries = [_entry(c, per.get(c.name, {})) for c in configs]
     baselines = _derive(entries, bw.get("bytes_per_s"))
-    _in_progress(out, entries)
-    _paired(out, entries)
+    keep = scores.current_ids(settings)  # the items of this draw (a records file may hold a larger earlier one)
+    scores.in_progress(out, entries, keep)
+    scores.add_paired(out, entries, keep)
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scenario": settings.scenario, "profile": settings.profile, "settings": settings.to_dict(),
@@ -205,10 +144,7 @@ def csv_rows(results: dict) -> list[dict]:
         for b, red in e.get("reductions", {}).items():
             row[f"memory_reduction_vs_{b}"] = _r(red["memory"], 4)
             row[f"latency_reduction_vs_{b}"] = _r(red["latency"], 4)
-        acc = e.get("accuracy") or {}
-        row["acc_logit"], row["acc_gen"] = _r(acc.get("acc_logit"), 4), _r(acc.get("acc_gen"), 4)
-        div = e.get("divergence") or {}
-        row["kld_mean"], row["top1"] = _r(div.get("kld_mean"), 5), _r(div.get("top1"), 4)
+        row.update(scores.csv_columns(e))
         rows.append(row)
     return rows
 
@@ -290,31 +226,7 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
                   "Memory = peak RSS, latency = e2e p50; 1 - config / baseline. The paper's figures (4-bit vs its "
                   "unquantized baseline, its own undefined latency) are shown for comparison.\n", _table(header, rows), ""]
 
-    scored = [e for e in entries if e.get("accuracy") or e.get("divergence")]
-    if scored:
-        rows = []
-        for e in scored:
-            a, d = e.get("accuracy") or {}, e.get("divergence") or {}
-            ci = a.get("ci_logit") or (None, None)
-            rows.append([e["name"], f"{a['n']} (partial)" if a.get("partial") else a.get("n", "—"), _pct(a.get("acc_logit")).lstrip("+"),
-                         "—" if ci[0] is None else f"{ci[0] * 100:.1f}–{ci[1] * 100:.1f} %",
-                         _pct(a.get("acc_gen")).lstrip("+"), a.get("unparsed", "—"),
-                         _paired_cell(a.get("paired_vs_reference")),
-                         _f(d.get("kld_mean"), "{:.4f}"), _f(d.get("kld_p99"), "{:.4f}"), _pct(d.get("top1")).lstrip("+")])
-        parts += ["## Accuracy and divergence (measured on the benchmarked artifacts)\n",
-                  f"Accuracy by the answer letter's next-token logits and by parsing a generated answer; 95 % Wilson "
-                  f"intervals. KL divergence and top-1 agreement against `{REFERENCE}` on medical text. "
-                  f"{_eval_setting(results)}\n",
-                  f"Paired: on the same items, gained / lost against `{REFERENCE}` (logits), the share of "
-                  "identical answers, and the exact McNemar p-value (small p: the quantization changed accuracy, "
-                  "not just noise).\n",
-                  _table(["config", "items", "acc (logits)", "95 % CI", "acc (generated)", "unparsed",
-                          f"paired vs {REFERENCE}", "KLD mean", "KLD p99", "top-1"], rows), ""]
-        per = [(e["name"], k, v) for e in scored for k, v in ((e.get("accuracy") or {}).get("per_dataset") or {}).items()]
-        if per:
-            parts += [_table(["config", "dataset", "items", "acc (logits)", "acc (generated)"],
-                             [[n, k, v.get("n", "—"), _pct(v.get("acc_logit")).lstrip("+"), _pct(v.get("acc_gen")).lstrip("+")]
-                              for n, k, v in per]), ""]
+    parts += scores.markdown(results, _table)
 
     parts += ["## Roofline\n",
               f"Stream-copy bandwidth {bw / 1e9:.1f} GB/s ({results['bandwidth']['threads']} threads, "

@@ -11,6 +11,9 @@ SCENARIOS = ("single-stream",)
 
 def _common(f):
     """Options shared by both commands (applied bottom-up)."""
+    from edgemed.benchmarks.harness.datasets import SUITE  # a table, no heavy imports
+
+    suite = ", ".join(f"{row.n} {row.name}" for row in SUITE)
     options = [
         click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout."),
         click.option("--report-only", is_flag=True,
@@ -18,12 +21,20 @@ def _common(f):
         click.option("--phases", help="Comma-separated subset of timing,divergence,accuracy [default: all that apply]."),
         click.option("--skip-accuracy", is_flag=True, help="Leave out the accuracy phase (timing only is quick)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for item sampling and runtimes."),
-        click.option("--eval-context/--no-eval-context", default=True, show_default=True,
+        click.option("--eval-score", type=click.Choice(["logits", "both"]), default="logits", show_default=True,
+                     help="Score each item by its answer-letter logits only, or also by a parsed generated answer "
+                          "(~30 % more time; the paired test uses the logits)."),
+        click.option("--eval-context/--no-eval-context", default=False, show_default=True,
                      help="PubMedQA with its abstract, or question only (~8x fewer prompt tokens)."),
         click.option("--eval-threads", type=int,
                      help="Threads for the accuracy and divergence phases [default: --threads]; scores do not depend on it."),
-        click.option("--eval-n", type=int, default=300, show_default=True, help="Items sampled (seeded) from each --eval file."),
+        click.option("--eval-n", help="Items drawn (seeded, prefix-stable) from each data file: one count for all, or "
+                                      "one per file, comma-separated [default: the suite's counts with --eval-data "
+                                      f"({suite}), else 300]."),
         click.option("--eval", "evals", help="Comma-separated QA files: MCQ JSONL (MedQA/MedMCQA format) or PubMedQA JSON."),
+        click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="A folder laid out like the shared evaluation data: measure the default medical suite "
+                          "(MedMCQA, MMLU-medical, the PubMedQA test split) from it."),
         click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window for timing."),
         click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`)."),
         click.option("--threads", type=int, help="CPU threads for every configuration [default: the device profile's]."),
@@ -40,25 +51,51 @@ def _common(f):
     return f
 
 
-def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario):
-    from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
-
+def _counts(eval_n: str | None, files: list[Path], defaults: list[int]) -> list[int]:
     from edgemed.errors import InputError
 
-    eval_paths = tuple(str(Path(p.strip()).resolve()) for p in (evals or "").split(",") if p.strip())
-    for p in eval_paths:  # read each file now, so a bad one fails before hours of timing, not after
-        if not Path(p).is_file():
-            raise InputError(f"Evaluation file '{p}' does not exist.", "pass existing files to --eval, comma-separated")
-        from edgemed.benchmarks.harness.datasets import load_items
+    if not eval_n:
+        return defaults
+    try:
+        counts = [int(c) for c in eval_n.split(",") if c.strip()]
+    except ValueError:
+        raise InputError(f"--eval-n {eval_n!r} is not a count or a comma-separated list of counts.",
+                         "pass e.g. --eval-n 300, or --eval-n 600,500,500 (one per file)") from None
+    if len(counts) == 1:
+        return counts * len(files)
+    if len(counts) != len(files):
+        raise InputError(f"--eval-n gives {len(counts)} counts for {len(files)} data files.",
+                         "pass one count for all files, or one per file in their order")
+    return counts
 
-        available = len(load_items(Path(p), None, seed))
-        if eval_n > available:
-            raise InputError(f"--eval-n {eval_n} is more than the {available} items in '{p}'.",
-                             f"pass --eval-n {available} or less")
+
+def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
+              eval_score, eval_threads, seed, scenario):
+    from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
+    from edgemed.benchmarks.harness.datasets import load_items, suite_files
+    from edgemed.errors import InputError
+
+    if evals and eval_data:
+        raise InputError("Both --eval and --eval-data were given.",
+                         "pass --eval-data DIR for the default suite, or --eval FILES for your own files")
+    if eval_data:
+        suite = suite_files(eval_data)
+        files, defaults = [p for p, _ in suite], [n for _, n in suite]
+    else:
+        files = [Path(p.strip()).resolve() for p in (evals or "").split(",") if p.strip()]
+        defaults = [300] * len(files)
+    counts = _counts(eval_n, files, defaults)
+    for p, n in zip(files, counts):  # read each file now, so a bad one fails before hours of timing, not after
+        if not p.is_file():
+            raise InputError(f"Evaluation file '{p}' does not exist.", "pass existing files to --eval, comma-separated")
+        available = len(load_items(p, None, seed))
+        if not 1 <= n <= available:
+            raise InputError(f"--eval-n {n} for '{p}', which has {available} items.",
+                             f"pass --eval-n between 1 and {available} for that file")
     return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens, prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,
-                    threads=threads, n_ctx=n_ctx, profile=profile, seed=seed, scenario=scenario, evals=eval_paths,
-                    eval_n=eval_n, eval_context=eval_context,
-                    eval_threads=eval_threads)
+                    threads=threads, n_ctx=n_ctx, profile=profile, seed=seed, scenario=scenario,
+                    evals=tuple(str(p) for p in files), eval_sizes=tuple(counts), eval_context=eval_context,
+                    eval_score=eval_score, eval_threads=eval_threads)
 
 
 def _phases(phases: str | None, skip_accuracy: bool, settings) -> list[str]:
@@ -106,8 +143,8 @@ def bench() -> None:
 @_common
 @click.option("--name", help="Configuration name in the report [default: the file name].")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Report folder [default: bench-<name>].")
-def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed,
-        skip_accuracy, phases, report_only, as_json):
+def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n,
+        eval_context, eval_score, eval_threads, seed, skip_accuracy, phases, report_only, as_json):
     """Benchmark one MODEL (a .gguf file, an ONNX directory, an HF checkpoint directory or an installed name)."""
     import sys
 
@@ -119,7 +156,8 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     ref = resolve(model)  # a path is measured as given; an installed name is verified first
     path = runnable(model).model_path if ref.kind == STORE else ref.path
     config = config_for_artifact(path.resolve(), name)
-    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario)
+    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
+                         eval_score, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only)
@@ -135,7 +173,8 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
               help="HF-torch baselines: hf-fp32, hf-bf16, hf-fp16 (GPU only); '' for none.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
 def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
-              n_ctx, evals, eval_n, eval_context, eval_threads, seed, skip_accuracy, phases, report_only, as_json):
+              n_ctx, evals, eval_data, eval_n, eval_context, eval_score, eval_threads, seed, skip_accuracy, phases,
+              report_only, as_json):
     """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
 
     Artifacts go to OUT/artifacts/ (<quant>.gguf, onnx-<type>/); existing ones made
@@ -148,7 +187,8 @@ def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, 
     from edgemed.benchmarks.harness.configs import HF_BASELINES, parse_list
     from edgemed.constants import GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
 
-    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_n, eval_context, eval_threads, seed, scenario)
+    settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
+                         eval_score, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
