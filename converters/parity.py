@@ -95,28 +95,11 @@ def _nmse(a, b) -> float:
 
 
 def source_logits(model_dir: Path, lora: Path | None, prompts=PROMPTS) -> tuple[list[list[int]], list]:
-    """Token ids and float32 logits of the Hugging Face source (+ PEFT adapter, unmerged) per prompt."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Token ids and float32 logits of the Hugging Face source (+ LoRA adapter) per prompt: PEFT's unmerged
+    model's to float32 rounding, computed one decoder layer at a time (``layered.py``)."""
+    from edgemed.converters.layered import reference_logits
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if lora is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(lora))
-    model.eval()
-    ids, logits = [], []
-    with torch.inference_mode():
-        for text in prompts:
-            t = tok(text, add_special_tokens=True)["input_ids"]
-            ids.append(t)
-            logits.append(model(torch.tensor([t])).logits[0].float().numpy())
-    del model
-    return ids, logits
+    return reference_logits(model_dir, lora, prompts)
 
 
 def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
