@@ -334,7 +334,10 @@ def _main(argv=None) -> int:
 
         try:
             files = [f for f in evals.split(",") if f]
-            ns = [int(c) for c in counts.split(",")] if counts else [None]
+            try:
+                ns = [int(c) for c in counts.split(",")] if counts else [None]
+            except ValueError:
+                raise click.BadParameter(f"{counts!r} is not a count or comma-separated counts", param_hint="--n") from None
             items = load_eval_set(files, ns * len(files) if len(ns) == 1 else ns, seed, context=not no_context)
             with open_scorer(artifact, threads=threads, n_ctx=n_ctx) as scorer:
                 out = evaluate(scorer, items, template=template, records_path=records,
