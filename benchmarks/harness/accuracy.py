@@ -10,11 +10,12 @@ context) builds the messages, the artifact's own chat template renders them.
    write the space-prefixed token), and for word choices also the capitalised ``"Yes"`` / ``" Yes"``. A first token
    shared by two choices is ambiguous and dropped for both. The prediction is the most probable choice; the
    record keeps the probabilities renormalised over the choices and ``mass``, the raw share the choices got.
-2. **Generation** (``score="both"``; ``score="logits"`` leaves it out). Greedy decoding of up to ``max_gen_tokens`` from the plain prompt, parsed with the
-   template's contract (``Template.parse``, as ``edgemed run`` parses); a reply without an answer is wrong and
-   counted in ``unparsed``. Greedy, so the run is deterministic. Decoding stops at the end of the first line
-   that parses ("Answer: B" then a newline): the explanation a model adds after its answer is not scored, and
-   skipping it roughly halves the cost of an MCQ item on a CPU.
+2. **Generation** (``score="both"``; ``score="logits"`` leaves it out). Greedy decoding of up to
+   ``max_gen_tokens`` from the plain prompt, parsed with the template's contract (``Template.parse``, as
+   ``edgemed run`` parses); a reply without an answer is wrong and counted in ``unparsed``. Greedy, so the run is
+   deterministic. Decoding stops at the end of the first line that parses ("Answer: B" then a newline): the
+   explanation a model adds after its answer is not scored, and skipping it roughly halves the cost of an MCQ
+   item on a CPU.
 
 One JSON line per item goes to ``records_path`` (flushed and fsync'd); ids already there are skipped, so an
 interrupted run resumes, and a run over a larger draw of the same sets (``datasets.draw`` is prefix-stable) scores
@@ -23,7 +24,8 @@ only the new items. A truncated last line (killed mid-write) is dropped and that
 changed (PubMedQA asked with its abstract, then without) is redone, not reused. The first line names the artifact
 and settings, and a resume with different ones is refused.
 
-``logit_s`` and ``gen_s`` in each record split the item's time between the two scores (``harness_cost.md``).
+``logit_s`` and ``gen_s`` in each record split the item's time between the two scores (what the bench default,
+logits only, saves).
 
 The scorer reuses the KV cache of the shared prefix (system prompt; prompt -> prompt + cue). llama.cpp's
 quantized kernels give batch-shape-dependent rounding (logits differ by KLD ~1e-3 between a 2-token and a
