@@ -46,6 +46,8 @@ class ConvertOptions(RouteOptions):
     allow_pickle: bool = False
     imatrix_from: Path | None = None
     progress: bool = False
+    max_kld: float | None = None  # out_type "auto": the KLD budget (auto_quant.py)
+    fit_profile: str | None = None  # out_type "auto": the device profile the output must fit
 
 
 def report_path(out: Path) -> Path:
@@ -86,8 +88,11 @@ def _output_error(exc: OSError, out: Path, out_type: str) -> Exception:
 
 
 def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
-    if opts.out_type not in OUTPUT_TYPES:
-        raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES)}")
+    from edgemed.converters.auto_quant import AUTO, check_request
+
+    if opts.out_type not in OUTPUT_TYPES + (AUTO,):
+        raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES + (AUTO,))}")
+    check_request(opts.out_type, opts.max_kld, opts.fit_profile)
     env.enforce_offline()
     check_destination(out, opts.force)
     timings = Timings()
@@ -117,7 +122,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         metadata["edgemed.lora.sha256"] = lora_info["sha256"]
     timings.since_start("inspect")
 
-    parity = None
+    parity = auto = None
     with atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
         quantized = opts.out_type not in FLOAT_OUTPUT_TYPES
         float_type = ("bf16" if ckpt.source_dtype() == "BF16" else "f16") if quantized else opts.out_type
@@ -133,8 +138,15 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
                     imatrix = compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo)
             from edgemed.converters.quantize import quantize
 
-            with timings.step("quantize"):
-                quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix)
+            if opts.out_type == AUTO:
+                from edgemed.converters.auto_quant import run as auto_quantize
+
+                with timings.step("auto_quant"):
+                    auto = auto_quantize(float_out, tmp, max_kld=opts.max_kld, fit_profile=opts.fit_profile, work=Path(work),
+                                         threads=opts.threads, imatrix=imatrix, echo=echo)
+            else:
+                with timings.step("quantize"):
+                    quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix)
         with timings.step("tokenizer_check"):
             n_tok = verify_tokenization(ckpt.path, tmp)
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
@@ -153,7 +165,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     result = ConversionReport(
         fmt="gguf", output=str(out), out_type=opts.out_type, size_bytes=size, architecture=spec.arch_name,
         source=source_info, lora=lora_info, tokenizer=tok_info, parity=parity, timings_s=timings.report(),
-        converter=provenance.converter_info(TOOLS),
+        converter=provenance.converter_info(TOOLS), auto_quant=auto,
     )
     try:
         write_text(report_path(out), result.to_json())

@@ -5,6 +5,14 @@ types itself (e.g. Q4_K_M keeps ``output.weight`` at Q6_K and gives some
 attention-V / FFN-down tensors Q6_K). An optional importance matrix, computed on
 medical text by ``imatrix.py``, is handed to the quantizer through the C API's
 ``llama_model_imatrix_data`` array.
+
+Per-tensor types (``tensor_types``, what ``--quant auto`` chooses) go through the C API's
+``tt_overrides``: in llama.cpp 0.3.36's ``llama.h`` a plain C array of ``llama_model_tensor_override``
+(``const char * pattern; enum ggml_type type``) ended by a NULL pattern, which ``llama-quantize
+--tensor-type`` fills the same way; llama-cpp-python declares both structs, so no C++ object crosses
+the boundary. Each tensor gets an anchored exact-name pattern and ``pure`` is set, so llama.cpp's mix
+rules never replace an asked type. llama.cpp may still demote a type whose block does not divide a
+row; the file's tensor table is read back and a type that is not the asked one is refused.
 """
 
 from __future__ import annotations
@@ -25,14 +33,27 @@ MAX_BUF_BYTES = 256 * 2**20
 
 
 
-def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, imatrix: dict[str, "object"] | None = None) -> None:
-    """Write ``dst`` as ``qtype`` from float GGUF ``src``. ``imatrix``: gguf tensor name -> float32 array."""
+def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, imatrix: dict[str, "object"] | None = None,
+             tensor_types: dict[str, str] | None = None, ftype: str | None = None) -> None:
+    """Write ``dst`` as ``qtype`` from float GGUF ``src``. ``imatrix``: gguf tensor name -> float32 array.
+
+    ``tensor_types``: gguf tensor name -> ggml type name ("Q6_K"), written exactly (read back and checked);
+    ``ftype`` then names the llama_ftype constant written as ``general.file_type`` (default: ``qtype``'s).
+    """
     llama_cpp = require("llama_cpp", "gguf")
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or os.cpu_count() or 1
-    params.ftype = getattr(llama_cpp, GGUF_TYPES[qtype].llama_ftype)
+    params.ftype = getattr(llama_cpp, ftype or GGUF_TYPES[qtype].llama_ftype)
     params.max_buf_size = MAX_BUF_BYTES
     keep_alive = []
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # zeroed last: NULL pattern
+        for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
+            overrides[i].pattern = f"^{re.escape(name)}$".encode()  # std::regex (ECMAScript) reads re.escape's output
+            overrides[i].type = _ggml_type(type_name)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        params.pure = True
+        keep_alive.append(overrides)
     if imatrix:
         import numpy as np
 
@@ -50,6 +71,31 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise _failure(src, dst, qtype, rc, errors)
+    if tensor_types:
+        check_types(dst, tensor_types)
+
+
+def _ggml_type(type_name: str) -> int:
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[type_name])
+    except KeyError:
+        raise ValueError(f"unknown ggml type {type_name!r}") from None
+
+
+def check_types(path: Path, asked: dict[str, str]) -> None:
+    """Refuse ``path`` unless every tensor in ``asked`` was written with the asked type (its tensor table read back)."""
+    from edgemed.gguf_header import read_header
+
+    written = {t.name: t.type_name for t in read_header(path).tensors}
+    wrong = {n: (t, written.get(n, "missing")) for n, t in asked.items() if written.get(n) != t}
+    if wrong:
+        shown = ", ".join(f"{n}: asked {a}, wrote {w}" for n, (a, w) in sorted(wrong.items())[:5])
+        raise EdgemedError(
+            f"llama.cpp did not write the asked tensor types into '{path.name}' ({len(wrong)} of {len(asked)} differ: {shown}).",
+            "report it with the checkpoint's config.json; meanwhile convert with a fixed --quant type",
+        )
 
 
 # ggml_log_level values (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5)

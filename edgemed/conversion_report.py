@@ -71,6 +71,7 @@ class ConversionReport:
     converter: dict = field(default_factory=dict)
     tokenizer: dict | None = None  # gguf: vocabulary and the llama.cpp-vs-HF id check
     quantization: dict | None = None  # onnx: the int4 recipe (None for fp32)
+    auto_quant: dict | None = None  # gguf --quant auto: the search (every candidate measured) and the chosen types
 
     @property
     def weight_type(self) -> str:
@@ -82,6 +83,8 @@ class ConversionReport:
         out = {"output": self.output, spec.type_key: self.out_type, "size_bytes": self.size_bytes,
                "architecture": self.architecture, "source": self.source, "lora": self.lora}
         out |= {name: getattr(self, name) for name in spec.sections}
+        if self.auto_quant is not None:  # only --quant auto reports have it: other reports keep their keys
+            out["auto_quant"] = self.auto_quant
         return out | {"parity": self.parity, "timings_s": self.timings_s, "converter": self.converter}
 
     def to_json(self) -> str:

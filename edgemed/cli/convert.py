@@ -14,7 +14,10 @@ from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph ki
 @click.argument("source", type=click.Path(path_type=Path), required=False)
 @click.option("--lora", type=click.Path(path_type=Path), help="A PEFT LoRA adapter directory to merge into the weights.")
 @click.option("--to", "target", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True, help="Output format (onnx: a directory).")
-@click.option("--quant", "out_type", type=click.Choice(GGUF_OUTPUT_TYPES + ONNX_OUTPUT_TYPES), help="Output weight type [default: q4_k_m; int4 with --to onnx].")
+@click.option("--quant", "out_type", type=click.Choice(GGUF_OUTPUT_TYPES + ("auto",) + ONNX_OUTPUT_TYPES),
+              help="Output weight type [default: q4_k_m; int4 with --to onnx]; auto: per-tensor types chosen by measured KLD.")
+@click.option("--max-kld", type=float, help="With --quant auto: the smallest file whose KLD vs F16 (nats, held-out medical text) is at most this.")
+@click.option("--fit-profile", help="With --quant auto: the best fidelity that fits this device profile at its context (`edgemed devices list`).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default: <source-name>-<quant>.gguf here).")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the source (faster; not recommended).")
@@ -26,7 +29,8 @@ from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph ki
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.option("--onnx-graph", type=click.Choice(list(GRAPHS)), default=DEFAULT_GRAPH, show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
-def convert(source, lora, target, out_type, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle, threads, as_json, onnx_graph):
+def convert(source, lora, target, out_type, max_kld, fit_profile, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle,
+            threads, as_json, onnx_graph):
     """Convert a Hugging Face checkpoint directory SOURCE to GGUF.
 
     With no SOURCE, uses the default real model (SmolLM2-135M-Instruct from the
@@ -40,6 +44,15 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
 
     out_type = out_type or DEFAULT_OUTPUT_TYPE[target]
     require_route(target)  # before the default model is made or a converter imported: one paragraph, no traceback
+    if target == "gguf":  # --quant auto's flags belong together: a bad mix is refused before any work
+        from edgemed.converters.auto_quant import check_request
+
+        check_request(out_type, max_kld, fit_profile)
+    elif out_type == "auto" or max_kld is not None or fit_profile is not None:
+        from edgemed.errors import InputError
+
+        raise InputError("--quant auto, --max-kld and --fit-profile choose GGUF tensor types; ONNX output has its own int4 recipe.",
+                         "leave them out with --to onnx, or convert with --to gguf")
     if imatrix_from is not None:
         from edgemed.converters.calibration import resolve
 
@@ -55,7 +68,8 @@ def convert(source, lora, target, out_type, output, force, no_parity, pre_tokeni
 
     output = output or Path(f"{Path(source).name}-{out_type}.gguf")
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
-                          allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty())
+                          allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty(),
+                          max_kld=max_kld, fit_profile=fit_profile)
     report = run_convert(Path(source), output, opts, echo=lambda s: click.echo(s, err=as_json))
     if as_json:
         click.echo(report.to_json())
