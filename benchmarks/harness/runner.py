@@ -23,6 +23,7 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.atomic import write_text
+from edgemed.benchmarks.harness.accuracy import records_carry_over
 from edgemed.benchmarks.harness.child import RAW_SCHEMA
 from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, Config, Settings
 
@@ -175,8 +176,10 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
             failed.append({"task": label, "error": "the reference logits were not written"})
             continue
         records = out / "raw" / f"{task.config.name}-{task.phase}.records.jsonl"
-        if records.exists() and load_raw(task.raw) is not None:
-            # a complete result with another key (new model, profile, version or settings): start the items afresh;
+        old = load_raw(task.raw)
+        if records.exists() and old is not None and not records_carry_over(old, task.key, settings):
+            # a complete result with another key (new model, profile, version or scoring): start the items afresh;
+            # only another draw (more items, another seed or set) keeps them (accuracy.records_carry_over);
             # without a result (a killed run) the records are kept and the phase resumes item by item
             records.unlink()
         t = time.perf_counter()
