@@ -234,8 +234,10 @@ def estimate_peak_bytes(config: dict, n_positions: int, *, longest: int | None =
     hidden states of every position + one prompt's activations inside a layer (q/k/v, attention scores, MLP)
     + one row block in both dtypes + the logits when ``logits``. The phases do not overlap, but the sum is kept:
     a layer's freed weights can stay in the C allocator's heap while the head's blocks and logits are made (75
-    MiB on Qwen2.5-0.5B). Not included: Python, torch, transformers and the tokenizer themselves (the process's
-    baseline: 423 MiB with the Qwen2.5 tokenizer loaded)."""
+    MiB on Qwen2.5-0.5B). Not included: Python, torch, transformers (with the model's modeling code) and the
+    tokenizer themselves, the process's baseline: 431 MiB peak RSS with the Qwen2.5 tokenizer and a meta
+    skeleton. Qwen2.5-0.5B, 5 parity prompts (144 positions): 268 MiB estimated, 262 MiB measured above that
+    baseline; imatrix, 541 tokens: 207 estimated, 164 measured."""
     d = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
