@@ -23,6 +23,7 @@ class RouteOptions:
     force: bool = False  # replace an existing output
     parity: bool = True  # gate the output against the source (False: --no-parity)
     threads: int | None = None  # CPU threads for quantization and parity
+    memory_budget: str | None = None  # --memory-budget: the peak the conversion may reach ("6GiB"; converters/budget.py)
 
 
 class Timings:

@@ -29,8 +29,9 @@ from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph ki
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.option("--onnx-graph", type=click.Choice(list(GRAPHS)), default=DEFAULT_GRAPH, show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
+@click.option("--memory-budget", metavar="SIZE", help="Memory the conversion may use at its peak (e.g. 6GiB) [default: what is free now].")
 def convert(source, lora, target, out_type, max_kld, fit_profile, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle,
-            threads, as_json, onnx_graph):
+            threads, as_json, onnx_graph, memory_budget):
     """Convert a Hugging Face checkpoint directory SOURCE to GGUF.
 
     With no SOURCE, uses the default real model (SmolLM2-135M-Instruct from the
@@ -63,13 +64,13 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
         click.echo(f"No SOURCE given: using the default model {sources.DEFAULT}.", err=True)
         source = sources.hf_checkpoint(sources.DEFAULT)
     if target == "onnx":
-        return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json, onnx_graph)
+        return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json, onnx_graph, memory_budget)
     from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
 
     output = output or Path(f"{Path(source).name}-{out_type}.gguf")
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
                           allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty(),
-                          max_kld=max_kld, fit_profile=fit_profile)
+                          max_kld=max_kld, fit_profile=fit_profile, memory_budget=memory_budget)
     report = run_convert(Path(source), output, opts, echo=lambda s: click.echo(s, err=as_json))
     if as_json:
         click.echo(report.to_json())
@@ -78,7 +79,7 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
                    f"report: {output}.report.json")
 
 
-def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph=DEFAULT_GRAPH):
+def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph=DEFAULT_GRAPH, memory_budget=None):
     """``--to onnx``: a directory with the ONNX graph (KV cache), tokenizer, templates and report.json."""
     from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
     from edgemed.errors import InputError
@@ -86,7 +87,8 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
     if out_type not in ONNX_OUTPUT_TYPES:
         raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_OUTPUT_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
     output = output or Path(f"{source.name}-onnx-{out_type}")
-    opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads, graph=graph)
+    opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads, graph=graph,
+                       memory_budget=memory_budget)
     report = convert_onnx(source, output, opts, echo=lambda s: click.echo(s, err=as_json))
     if as_json:
         click.echo(report.to_json())
