@@ -156,6 +156,12 @@ class LoraAdapter:
         rslora = bool(config.get("use_rslora", False))
         pairs: dict[str, LoraPair] = {}
         replacements: dict[str, str] = {}
+        # lora_A/B weights are merged; any other LoRA part (an embedding's lora_embedding_A/B, lora_B biases)
+        # would be dropped silently, and the parity reference (which merges with this class) could not see it
+        odd = next((k for k in keys if ".lora_" in k and not re.search(r"\.lora_[AB](\.[^.]+)?\.weight$", k)), None)
+        if odd is not None:
+            raise AdapterError(f"Adapter tensor '{odd}' is a LoRA part edgemed cannot merge (only lora_A/lora_B weights of "
+                               "linear layers are).", "merge it with PEFT's merge_and_unload() and convert the merged model")
         a_keys = [k for k in keys if ".lora_A." in k]
         for a_key in a_keys:
             b_key = a_key.replace(".lora_A.", ".lora_B.")

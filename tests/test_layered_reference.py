@@ -303,3 +303,15 @@ def test_qwen_layered_equals_whole_model():
     from edgemed.converters.layered import reference_logits
 
     assert_same_logits(whole_logits(QWEN_DIR, None), reference_logits(QWEN_DIR, None))
+
+
+def test_adapter_parts_the_merge_cannot_apply_are_refused(tinies, tmp_path):
+    """An embedding LoRA (lora_embedding_A/B) was dropped silently by the merge; PEFT's whole-model reference
+    would have caught that, a reference that merges with the same class cannot, so the adapter is refused."""
+    from edgemed.converters.layered import reference_logits
+    from edgemed.errors import AdapterError
+
+    base = tinies["llama", False, "single"]
+    lora = _adapter(base, tmp_path / "emb", target_modules=["embed_tokens", "q_proj"])
+    with pytest.raises(AdapterError, match="lora_embedding_A"):
+        reference_logits(base, lora)
