@@ -59,6 +59,11 @@ def device_budget(name: str) -> tuple:
     from edgemed.devices import get_profile
 
     profile = get_profile(name)
+    if "total_gb" not in profile.memory:  # its size is detected on the device; a workstation cannot stand in
+        raise InputError(f"Device profile '{name}' has no fixed memory size (memory.total_gb): it is measured on the "
+                         "device itself, so --fit-profile cannot plan for it on this machine.",
+                         "choose a profile with memory.total_gb (e.g. jetson-orin-nano-8gb), or copy this one into "
+                         "$EDGEMED_HOME/profiles with memory.total_gb set")
     return profile, profile.budget_bytes(None)
 
 

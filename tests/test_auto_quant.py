@@ -191,6 +191,7 @@ def _cli(*args):
     (["--quant", "auto", "--max-kld", "-1"], "above 0"),
     (["--quant", "auto", "--max-kld", "nan"], "above 0"),
     (["--quant", "auto", "--fit-profile", "no-such-device"], "No device profile named"),
+    (["--quant", "auto", "--fit-profile", "x86-avx2"], "no fixed memory size"),
     (["--to", "onnx", "--quant", "auto", "--max-kld", "0.01"], "GGUF tensor types"),
 ])
 def test_bad_combinations_are_refused_before_any_work(model, tmp_path, args, words):
