@@ -25,7 +25,7 @@ from __future__ import annotations
 
 VERSION = 2  # 1: the mean over every row (before the headline rule)
 CONTEXT_FREE = 1  # leading rows of each passage left out of the headline
-LLAMACPP_MIN_TOKENS = 4  # a passage gives llama.cpp-compatible rows only from this length (n // 2 <= n - 2)
+LLAMACPP_MIN_TOKENS = 3  # a passage gives llama.cpp-compatible rows only from this length (n // 2 <= n - 2)
 RULE = (f"headline: every position except the first {CONTEXT_FREE} of each passage (a prediction from one token "
         "has almost no context); first: those positions alone; llamacpp: positions n//2 .. n-2 of each n-token "
         "passage, as llama-perplexity --kl-divergence scores a window; all: every position")

@@ -16,7 +16,8 @@ def test_llamacpp_rows_are_the_second_half_of_a_window_without_its_last_row():
     assert len(range(512)[fidelity.llamacpp_rows(512)]) == 512 - 1 - 256
     assert len(range(10)[fidelity.llamacpp_rows(10)]) == 4
     assert len(range(7)[fidelity.llamacpp_rows(7)]) == 3  # rows 3, 4, 5
-    assert len(range(3)[fidelity.llamacpp_rows(3)]) == 0  # too short to say
+    assert range(3)[fidelity.llamacpp_rows(3)] == range(1, 2)  # perplexity.cpp scores row 1 of a 3-token window
+    assert len(range(2)[fidelity.llamacpp_rows(2)]) == 0  # too short to say
     assert fidelity.headline_rows(5) == slice(1, 5) and fidelity.first_rows(5) == slice(0, 1)
 
 
@@ -55,7 +56,7 @@ def test_short_passages_are_said_plainly():
     out = fidelity.summarize([(np.array([0.5]), np.array([True]))])
     assert out["fallback"] and out["n_tokens"] == 1 and out["kld_mean"] == 0.5  # nothing has context: every row, said
     assert out["llamacpp"] is None
-    two = fidelity.summarize([(np.array([0.5, 0.1]), np.array([True, False]))])
+    two = fidelity.summarize([(np.array([0.5, 0.1]), np.array([True, False]))])  # 2 tokens: no second half
     assert "fallback" not in two and two["kld_mean"] == pytest.approx(0.1) and two["llamacpp"] is None
 
 
