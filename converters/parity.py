@@ -1,8 +1,8 @@
 """Does the converted model compute what its source computes?
 
 Fixed medical prompts are tokenized once with the source tokenizer; the same
-token ids go through the Hugging Face model (torch, float32, with the LoRA
-adapter applied by PEFT itself, unmerged) and through the converted file. Per
+token ids go through the Hugging Face model (torch, float32, one decoder layer at a
+time with the LoRA adapter merged per layer: ``converters/layered.py``) and through the converted file. Per
 position we compare next-token logits:
 
 - NMSE   = sum((converted - source)^2) / sum(source^2) over all positions and vocab (the float types' gate)
