@@ -26,7 +26,7 @@ from edgemed import env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir
 from edgemed.constants import ONNX_OUTPUT_TYPES
 from edgemed.conversion_report import ConversionReport, report_path
-from edgemed.converters import arch_spec, provenance, require_route
+from edgemed.converters import arch_spec, budget, provenance, require_route
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.converters.core import RouteOptions, Timings
 from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
@@ -79,6 +79,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
         from edgemed.converters.lora import LoraAdapter
 
         adapter = LoraAdapter.open(opts.lora, ckpt.tensors)
+    budget.check_onnx(ckpt, opts, adapter)  # a conversion that cannot fit in memory is refused here, before any work
     source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
     quant_info = None if opts.weight_type == "fp32" else {
         "method": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": opts.block_size,

@@ -21,7 +21,7 @@ from pathlib import Path
 from edgemed import __version__, env
 from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
 from edgemed.conversion_report import ConversionReport, report_path as _report_path
-from edgemed.converters import arch_spec, provenance, require_route
+from edgemed.converters import arch_spec, budget, provenance, require_route
 from edgemed.converters.checkpoint import Checkpoint
 from edgemed.converters.core import RouteOptions, Timings
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
@@ -112,6 +112,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
 
         read_calibration_text(opts.imatrix_from)
     vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
+    budget.check_gguf(ckpt, opts, adapter)  # a conversion that cannot fit in memory is refused here, before any work
     source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
     metadata = {
         "edgemed.converter_version": __version__,

@@ -27,6 +27,8 @@ STEP_LOG_VAR = "EDGEMED_TEST_STEP_LOG"
 SELFTEST_VAR = "EDGEMED_SELFTEST"
 #: Set by the self-test in its child process (the child must not test itself).
 SELFTEST_CHILD_VAR = "EDGEMED_SELFTEST_CHILD"
+#: The memory a conversion may use at its peak ("6GiB", "6000MB", or bytes), instead of what is available now.
+MEMORY_BUDGET_VAR = "EDGEMED_MEMORY_BUDGET"
 #: Fault injection for edgemed's own tests (e.g. ``selftest-crash:all``); never set it in production.
 FAULT_VAR = "EDGEMED_FAULT"
 
@@ -93,6 +95,11 @@ def source_date_epoch() -> int | None:
     """``$SOURCE_DATE_EPOCH`` as an int, if set (reproducible bundle timestamps)."""
     value = os.environ.get(SOURCE_DATE_EPOCH_VAR)
     return int(value) if value else None
+
+
+def memory_budget() -> str | None:
+    """``$EDGEMED_MEMORY_BUDGET`` as written (``converters.memory_room.parse_size`` reads it), or None when unset."""
+    return os.environ.get(MEMORY_BUDGET_VAR) or None
 
 
 def kill_at_step() -> int | None:

@@ -1,0 +1,155 @@
+"""Issue 14 item 2: every conversion route estimates its peak memory from config.json and refuses, before it
+starts, a conversion that cannot fit its budget (numbers + a fix; nothing written, nothing left behind)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+pytest.importorskip("psutil")
+
+from click.testing import CliRunner  # noqa: E402
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.converters import budget, memory_room  # noqa: E402
+from edgemed.converters.budget import GIB, Dims, estimate_gguf, estimate_onnx  # noqa: E402
+from edgemed.converters.memory_room import parse_size  # noqa: E402
+from edgemed.errors import InputError  # noqa: E402
+
+import tiny  # noqa: E402
+
+# DeepSeek-R1-Distill-Qwen-7B's shape (issue 14), as config.json says it; no weights anywhere
+QWEN2_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584,
+            "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+            "tie_word_embeddings": False, "rope_theta": 10000.0, "max_position_embeddings": 131072,
+            "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny.build_model(tmp_path_factory.mktemp("budget") / "llama", "qwen2")
+
+
+def _convert(*args, env=None):
+    return CliRunner().invoke(cli, ["convert", *map(str, args)], env=env)
+
+
+def _nothing_left(folder: Path) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == [], "a refused conversion wrote or left something"
+
+
+@pytest.mark.parametrize("route", ["gguf", "onnx"])
+def test_a_conversion_that_cannot_fit_is_refused_before_it_starts(model, tmp_path, monkeypatch, route):
+    started = []
+    monkeypatch.setattr("edgemed.converters.provenance.source_info", lambda *a: started.append(a))  # hashing: the first work
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = [model, "--to", route, "-o", out_dir / ("m.gguf" if route == "gguf" else "m-onnx")]
+    result = _convert(*args, env={"EDGEMED_MEMORY_BUDGET": "1MiB"})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and "Fix:" in result.output
+    est = budget.estimate_for_dir(model, route, out_type="q4_k_m" if route == "gguf" else "int4")
+    text = " ".join(result.output.split())
+    assert f"would need about {est.resident / GIB:.1f} GiB" in text
+    assert "than the 0.0 GiB budget ($EDGEMED_MEMORY_BUDGET=1MiB)" in text
+    assert f"its biggest term: {est.biggest}" in text and "Nothing was written" in text
+    assert "so they are not counted" in text  # file-backed pages: said how they count
+    assert "close other programs" in text
+    assert started == []
+    _nothing_left(out_dir)
+
+
+def test_the_command_line_budget_wins_and_names_itself(model, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = _convert(model, "--to", "onnx", "--quant", "fp32", "--memory-budget", "2MB", "-o", out_dir / "x",
+                      env={"EDGEMED_MEMORY_BUDGET": "64GiB"})
+    assert result.exit_code == 1, result.output
+    assert "(--memory-budget 2MB)" in " ".join(result.output.split())
+    _nothing_left(out_dir)
+    bad = _convert(model, "--memory-budget", "lots", "-o", out_dir / "y.gguf")
+    assert bad.exit_code == 1 and "6GiB" in bad.output
+    _nothing_left(out_dir)
+
+
+def test_a_normal_budget_lets_the_tiny_conversions_through(model, tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEMED_MEMORY_BUDGET", raising=False)
+    detected = memory_room.detect_budget()  # what this machine has free now
+    assert detected.bytes > 0 and ("psutil" in detected.source or "cgroup" in detected.source)
+    for args, out in ((["--quant", "q4_0"], tmp_path / "m.gguf"), (["--to", "onnx", "--quant", "fp32"], tmp_path / "m-onnx")):
+        result = _convert(model, *args, "-o", out)
+        assert result.exit_code == 0, result.output
+        assert out.exists()
+
+
+def test_the_7b_estimate_follows_from_config_json_alone(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_7B))
+    dims = Dims.from_config(json.loads((tmp_path / "config.json").read_text()))
+    embed = 152064 * 3584
+    layer = 2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944 + 2 * 3584
+    assert dims.params == 2 * embed + 28 * layer + 3584 == 7_615_487_488  # + 129,024 q/k/v biases: 7,615,616,512
+    assert dims.largest == embed
+    q4 = estimate_gguf(dims, out_type="q4_k_m")
+    terms = {s.name: {t.name: t.bytes for t in s.terms} for s in q4.steps}
+    assert terms["quantize"]["llama.cpp quantize slab buffers"] == (256 << 20) + budget.QUANT_EXTRA  # quantize.MAX_BUF_BYTES
+    assert terms["write"]["largest tensor's cast copy"] == 0  # BF16 -> the BF16 intermediate: mapped, never copied
+    assert terms["write"]["largest tensor, mapped"] == embed * 2
+    from edgemed.converters.layered import estimate_peak_bytes
+
+    ref = terms["parity:reference"]["HF reference, one layer at a time (layered.estimate_peak_bytes)"]
+    assert ref == estimate_peak_bytes(QWEN2_7B, budget.PARITY_POSITIONS, longest=budget.PARITY_LONGEST, source_bytes=2)
+    assert ref < 2 * GIB  # one layer (233 M parameters) in float32, not the model
+    compare = terms["parity:compare"]["both logits in float32 and float64 (compare)"]
+    assert compare == budget.PARITY_POSITIONS * 152064 * 4 * budget.COMPARE_COPIES
+    # the Q4_K_M blocks (85 % of them Q4_K, 4.5 bits) get llama.cpp's repacked CPU copy while parity runs the GGUF
+    blocks = dims.params - 2 * embed
+    repacked = terms["parity:artifact"]["llama.cpp: the converted model (repacked copy, KV cache, compute, logits)"]
+    assert int(blocks * 0.85 * 4.5 / 8) < repacked < int(blocks * 0.85 * 4.5 / 8) + 512 * 2**20
+    assert q4.resident == q4.base + max(s.resident for s in q4.steps)
+    assert q4.resident < 6 * GIB  # a 7B fits a 24 GiB workstation with its parity check (mapped pages aside) ...
+    fp32 = estimate_onnx(dims, out_type="fp32", parity=False)
+    assert fp32.resident > 24 * GIB and dims.params * 4 > 28 * GIB  # ... its float32 ONNX export does not: 28 GiB of weights
+    with pytest.raises(InputError) as exc:
+        budget.require_fits(fp32, memory_room.Budget(24 * GIB, "a 24 GiB workstation"))
+    said = str(exc.value)
+    assert f"{fp32.resident / GIB:.1f} GiB" in said and "24.0 GiB budget (a 24 GiB workstation)" in said
+    assert "export" in said and f"at least {-(-fp32.resident // GIB)} GiB" in said
+
+
+def test_sizes_parse_in_both_units():
+    assert parse_size("6GiB") == 6 * GIB and parse_size("6 gb") == 6 * 10**9 and parse_size("1024") == 1024
+    assert parse_size("1.5G") == 1_500_000_000 and parse_size("512MiB") == 512 << 20
+    for bad in ("", "-1GiB", "0", "6 parsecs", "GiB"):
+        with pytest.raises(InputError):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_cgroup_limit_lowers_the_budget(tmp_path, version):
+    """The tightest limit on the way from the process's cgroup to the root, less what the group uses (page
+    cache it may drop excepted)."""
+    proc = tmp_path / "proc/self"
+    proc.mkdir(parents=True)
+    if version == 2:
+        (proc / "cgroup").write_text("0::/user.slice/job\n")
+        (proc / "mountinfo").write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+        group, files = tmp_path / "sys/fs/cgroup/user.slice/job", ("memory.max", "memory.current", "inactive_file")
+        parent_limit = "max"
+    else:
+        (proc / "cgroup").write_text("4:memory:/jobs/job\n1:cpu:/\n")
+        (proc / "mountinfo").write_text("35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+        group = tmp_path / "sys/fs/cgroup/memory/jobs/job"
+        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        parent_limit = str(9223372036854771712)  # v1's "no limit"
+    group.mkdir(parents=True)
+    (group / files[0]).write_text(str(8 * GIB))
+    (group / files[1]).write_text(str(3 * GIB))
+    (group / "memory.stat").write_text(f"{files[2]} {1 * GIB}\nanon 0\n")
+    (group.parent / files[0]).write_text(parent_limit)
+    room, where = memory_room._cgroup_room(tmp_path)
+    assert room == 6 * GIB and where.endswith(files[0])
+    assert memory_room._cgroup_room(tmp_path / "nowhere") is None
