@@ -40,7 +40,7 @@ REPACKED = {"q4_0": 1.0, "q4_k_m": 0.85, "auto": 1.0}
 
 # -- measured (benchmarks/results/convert_memory-*.json) --------------------------------------------------------
 BASE_GGUF = 300 * MIB     # python + torch + gguf + llama.cpp imported, checkpoint opened (inspect step) ...
-BASE_ONNX = 250 * MIB     # ... (or onnx + onnxruntime) ...
+BASE_ONNX = 300 * MIB     # ... (or onnx + onnxruntime) ...
 VOCAB_PER_TOKEN = 200     # ... + the vocabulary plan_vocab holds from then on (token lists)
 LIBS_MAPPED = 150 * MIB   # the libraries' code: file-backed pages
 QUANT_EXTRA = 64 * MIB    # llama.cpp quantize beside its slabs (output metadata, threads)
@@ -55,8 +55,8 @@ PROTOBUF_LIMIT = 2 * GIB  # torch.onnx builds a graph under this in memory; a la
 EXPORT_COPIES_SMALL = 5.0  # torch.onnx.export, graph < 2 GiB: model + folded constants + proto + bytes (x fp32)
 EXPORT_COPIES_LARGE = 2.0  # ... > 2 GiB: tensors written as external data
 ONNX_QUANT_COPIES = 2.0   # MatMulNBitsQuantizer: the fp32 graph + its working copy (x fp32)
-ORT_FP32 = 1.0            # ONNX Runtime session on the fp32 graph (x graph bytes; part of it mapped)
-ORT_INT4 = 1.5            # ... on the int4 graph: MatMulNBits weights + their pre-packed copies
+ORT_FP32 = 1.2            # ONNX Runtime session on the fp32 graph (x graph bytes; part of it mapped)
+ORT_INT4 = 1.8            # ... on the int4 graph: MatMulNBits weights + their pre-packed copies
 GENAI_COPIES = 2.0        # onnxruntime-genai's builder: HF model + the graph it builds (x fp32)
 
 
