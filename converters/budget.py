@@ -122,7 +122,6 @@ class Step:
         return sum(t.bytes for t in self.terms if not t.mapped)
 
 
-
 @dataclass(frozen=True)
 class Estimate:
     """A route's predicted peak: ``base`` plus its largest step."""
@@ -156,7 +155,7 @@ class Estimate:
 
     def phase_bytes(self, name: str) -> int | None:
         """Predicted resident bytes while step ``name`` runs (base included), or None for a step this route lacks."""
-        parts = [s.resident for s in self.steps if s.name.split(":")[0] == name]  # "parity:reference", "parity:gguf"
+        parts = [s.resident for s in self.steps if s.name.split(":")[0] == name]  # "parity:reference", "parity:artifact", ...
         return self.base + max(parts) if parts else None
 
     def to_dict(self) -> dict:
