@@ -50,7 +50,8 @@ PARITY_POSITIONS = 160    # converters.parity.PROMPTS: 150 tokens with SmolLM2's
 PARITY_LONGEST = 40       # ... 36 in the longest prompt
 IMATRIX_TOKENS, IMATRIX_LONGEST = 32 * 256, 256  # imatrix.MAX_CHUNKS x CHUNK_TOKENS, one chunk at a time
 AUTO_PASSAGE_TOKENS = 1024  # --quant auto: the longest search passage llama.cpp evaluates at once (assumed)
-COMPARE_COPIES = 15       # parity.compare: float32 + float64 copies of both, concatenated, squared differences
+COMPARE_COPIES = 2        # parity.compare: both logit sets held in float32 ...
+COMPARE_PROMPT_COPIES = 8  # ... and one prompt at a time in float64 (casts, difference, log-softmax of both)
 PROTOBUF_LIMIT = 2 * GIB  # torch.onnx builds a graph under this in memory; a larger one goes to external data
 EXPORT_COPIES_SMALL = 5.0  # torch.onnx.export, graph < 2 GiB: model + folded constants + proto + bytes (x fp32)
 EXPORT_COPIES_LARGE = 2.0  # ... > 2 GiB: tensors written as external data
@@ -183,22 +184,25 @@ def _parity(dims: Dims, src: int, lora: bool, artifact: tuple[Term, ...], prefix
     source = _logits(dims, 1, "source logits")
     return [Step(f"{prefix}:reference", ref), Step(f"{prefix}:artifact", (ref[1], source, *artifact)),
             Step(f"{prefix}:compare", (Term("transformers' model code", REF_LIBS),
-                                       _logits(dims, COMPARE_COPIES, "both logits in float32 and float64 (compare)")))]
+                                       _logits(dims, COMPARE_COPIES, "both logits in float32 (compare)"),
+                                       Term("one prompt's logits in float64 (compare)",
+                                            PARITY_LONGEST * dims.vocab * 8 * COMPARE_PROMPT_COPIES)))]
 
 
-def _llama_load(dims: Dims, out_type: str, n_ctx: int) -> tuple[Term, ...]:
-    """llama.cpp holding a converted GGUF (mmap on: the planner's repacked copy, KV cache, compute, every row's logits)."""
+def _llama_load(dims: Dims, out_type: str, n_ctx: int, *, repack: bool = True) -> tuple[Term, ...]:
+    """llama.cpp holding a converted GGUF (mmap on: the planner's repacked copy unless ``repack`` is off -- parity
+    loads with extra_buffers "none" -- KV cache, compute, every row's logits)."""
     from edgemed.planner import RUNTIME_BASE, ModelShape, estimate
 
     weights = int(dims.params * GGUF_BPW[out_type] / 8)
     blocks = dims.params - dims.embed_params * (1 if dims.tied else 2)  # the head stays Q6_K: not repacked
-    repackable = int(blocks * REPACKED.get(out_type, 0) * 4.5 / 8)
+    repackable = int(blocks * REPACKED.get(out_type, 0) * 4.5 / 8) if repack else 0
     shape = ModelShape(arch="", n_layer=dims.n_layer, n_embd=dims.hidden, n_head=dims.n_head, n_head_kv=dims.n_kv,
                        head_dim_k=dims.head_dim, head_dim_v=dims.head_dim, n_ff=dims.ffn, n_vocab=dims.vocab,
                        n_ctx_train=1 << 20, weights_bytes=weights, repackable_bytes=repackable)
     est = estimate(shape, n_ctx, n_ubatch=n_ctx, use_mmap=True)  # CPU, mmap on: repacked tensors get a copy
     held = est.total - est.weights - RUNTIME_BASE + n_ctx * dims.vocab * 4  # + every row's logits
-    return (Term("llama.cpp: the converted model (repacked copy, KV cache, compute, logits)", held),
+    return (Term("llama.cpp: the converted model (" + ("repacked copy, " if repack else "") + "KV cache, compute, logits)", held),
             Term("llama.cpp: the mapped GGUF", weights, mapped=True))
 
 
@@ -224,7 +228,7 @@ def estimate_gguf(dims: Dims, *, out_type: str, parity: bool = True, imatrix: bo
                      Step("auto_quant", (slab[0], *_llama_load(dims, out_type, AUTO_PASSAGE_TOKENS))))
     steps.append(Step("tokenizer_check", (Term("HF tokenizer + llama.cpp vocabulary", dims.vocab * TOKENIZER_PER_TOKEN),)))
     if parity:
-        steps += _parity(dims, src, bool(lora_bytes), _llama_load(dims, out_type, PARITY_LONGEST + 8), "parity")
+        steps += _parity(dims, src, bool(lora_bytes), _llama_load(dims, out_type, PARITY_LONGEST + 8, repack=False), "parity")
     what = f"convert --to gguf --quant {out_type}" + (" --imatrix-from" if imatrix else "") + ("" if parity else " --no-parity")
     return Estimate(what, BASE_GGUF + dims.vocab * VOCAB_PER_TOKEN, tuple(steps))
 
