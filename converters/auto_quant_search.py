@@ -3,10 +3,10 @@
 Every quantizable tensor is a **group** with a two-type ladder, ``low`` (4-bit) and ``high``: Q4_K -> Q6_K
 where a row is whole 256-blocks, else Q5_0 -> Q8_0 (the 32-block types llama.cpp itself falls back to for
 Q4_K and Q6_K). A candidate gives each group one of its two types. ``measure(label, types)`` writes a candidate
-and returns its headline KLD (``edgemed.fidelity``) on held-out medical text; ``size(types)`` its bytes;
-``fits(types)`` whether the device planner says it fits (``None``: no device asked).
+and returns its size and headline KLD (``edgemed.fidelity``) on held-out medical text;
+``fits(types)`` whether the device planner says it fits (no device asked: every candidate fits).
 
-The rounds, each one candidate measured (``bound`` says how many at most):
+The rounds, each one candidate measured (``bound``: at most 3 + probes + ``VERIFY``):
 
 1. **base**: every group low. It meets ``max_kld``: done (nothing smaller is on offer).
 2. **all high**: every group high. It misses ``max_kld``: one more round, every tensor Q8_0; that missing too
@@ -15,13 +15,17 @@ The rounds, each one candidate measured (``bound`` says how many at most):
    every layer) and one per layer band (``BANDS`` contiguous bands: every kind high in those layers). The gain of
    group (kind k, layer l) is modelled as gain(kind k) x gain(band of l) / (layers in band x all bands' gain),
    so that a kind's groups add up to its probe; the gains are scaled to add up to base - all high.
-4. Groups are ranked by modelled gain per extra byte; candidates are the ranking's prefixes (first n groups
-   high). **verify** rounds search the prefix length: a secant step on the modelled curve between the longest
-   measured prefix that misses and the shortest that meets, at most ``VERIFY`` rounds.
+4. **verify**: a candidate is the set of groups made high. ``Knapsack`` finds, for a modelled gain G, the set with
+   the fewest extra bytes whose modelled gains add up to at least G (0/1 knapsack: a big tensor such as
+   ``output`` that carries much of the gain is taken whole or not at all, where a ranking by gain per byte
+   would overshoot). The rounds search G: a secant step between the largest measured G that misses
+   ``max_kld`` and the smallest that meets it (base = 0, all high = the total), at most ``VERIFY`` rounds.
+   With a device, the range ends at the most modelled gain whose set the planner says fits.
 
-The answer is the smallest measured candidate that meets ``max_kld`` (and fits), or with only ``fit``, the
+The answer is the smallest measured candidate that meets ``max_kld`` (and fits), or with only a device, the
 lowest-KLD measured candidate that fits (every tensor Q8_0 first, when that fits, else all high, else the
-longest prefix that fits).
+set with the most modelled gain that fits). ``order`` in the outcome is the groups by modelled gain per byte,
+for the report.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Callable
 LADDERS = {256: ("Q4_K", "Q6_K"), 32: ("Q5_0", "Q8_0")}
 TOP = "Q8_0"  # every tensor at this type: the last candidate when all-high misses the budget
 BANDS = 4     # layer bands probed (contiguous, first to last)
-VERIFY = 4    # prefix-length rounds after the probes
+VERIFY = 4    # rounds after the probes that search the modelled gain
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
 
 
@@ -173,33 +177,96 @@ def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kl
     modelled = group_gains(groups, gains, base.kld - upper.kld)
     extra = {g.name: max(1, g.extra_bytes) for g in groups}
     order = sorted(modelled, key=lambda n: (-modelled[n] / extra[n], n))
-    curve = [0.0]
-    for name in order:
-        curve.append(curve[-1] + modelled[name])
+    pack = Knapsack(modelled, extra)
 
-    def prefix(n: int) -> dict:
-        return low | {name: high[name] for name in order[:n]}
+    def types_of(names) -> dict:
+        return low | {n: high[n] for n in names}
 
-    measured = {0: base.kld, len(order): upper.kld}
-    if upper.fits is False:  # the longest prefix that fits is the top of the range (sizes grow with n)
-        n_max = max(n for n in range(len(order) + 1) if fits(prefix(n)))
-        if n_max == 0:
+    def label(names) -> str:
+        return f"{len(names)} groups high (model {pack.gain(names):.5f})"
+
+    points = {pack.total: upper.kld}  # modelled gain -> measured KLD; the base is gain 0
+    if upper.fits is False:  # the most modelled gain the device holds caps the range
+        lo_cap, hi_cap = 0, sum(extra.values())
+        while hi_cap - lo_cap > max(1, hi_cap // 4096):  # the planner is monotone in bytes: bisect the byte cap
+            mid = (lo_cap + hi_cap) // 2
+            lo_cap, hi_cap = (mid, hi_cap) if fits(types_of(pack.within(mid))) else (lo_cap, mid)
+        names = pack.within(lo_cap)
+        if not names:
             return done("nothing but the base fits the device", order)
-        top_trial = run(f"top {n_max} groups high", prefix(n_max))
+        best = run(label(names), types_of(names))
         if max_kld is None:
-            return done(f"the {n_max} groups with the most modelled gain per byte are the most that fit", order)
-        if top_trial.kld > max_kld:
-            raise Impossible(f"the best candidate that fits gives KLD {top_trial.kld:.5f} > {max_kld:g}", trials)
-        measured = {0: base.kld, n_max: top_trial.kld}
+            return done("the most modelled gain (probes) that fits the device", order)
+        if best.kld > max_kld:
+            raise Impossible(f"the best candidate that fits gives KLD {best.kld:.5f} > {max_kld:g}", trials)
+        points = {pack.gain(names): best.kld}
+    points[0.0] = base.kld
+    tried = {frozenset(t.types.items()) for t in trials}
     for _ in range(VERIFY):
-        lo = max(n for n, k in measured.items() if k > max_kld)
-        hi = min(n for n, k in measured.items() if k <= max_kld and n > lo) if any(
-            k <= max_kld and n > lo for n, k in measured.items()) else None
-        if hi is None or hi - lo <= 1:
+        lo = max(g for g, k in points.items() if k > max_kld)
+        above = [g for g, k in points.items() if k <= max_kld and g > lo]
+        if not above:
             break
-        n = _secant(curve, lo, hi, measured[lo], measured[hi], max_kld)
-        measured[n] = run(f"top {n} groups high", prefix(n)).kld
+        hi = min(above)
+        want = lo + (points[lo] - max_kld) / max(points[lo] - points[hi], 1e-12) * (hi - lo)  # secant on the model
+        names = next((n for n in (pack.cover(want), pack.cover((lo + hi) / 2))
+                      if frozenset(types_of(n).items()) not in tried), None)
+        if names is None:
+            break
+        trial = run(label(names), types_of(names))
+        tried.add(frozenset(trial.types.items()))
+        points[pack.gain(names)] = trial.kld
     return done(f"the smallest measured candidate with KLD <= {max_kld:g}", order)
+
+
+class Knapsack:
+    """Sets of groups by modelled gain and extra bytes (0/1 knapsack, bytes in at most ``CELLS`` steps)."""
+
+    CELLS = 20_000
+
+    def __init__(self, gains: dict[str, float], costs: dict[str, int]):
+        import numpy as np
+
+        self.names = [n for n in sorted(gains) if gains[n] > 0]  # a group that gains nothing is never worth bytes
+        self.gains = gains
+        self.unit = max(1, -(-sum(costs[n] for n in self.names) // self.CELLS))
+        self.w = [-(-costs[n] // self.unit) for n in self.names]
+        size = sum(self.w) + 1
+        best = np.full(size, -np.inf)
+        best[0] = 0.0  # best[c]: the most gain at exactly c steps of bytes
+        self.take = np.zeros((len(self.names), size), dtype=bool)
+        for i, (n, w) in enumerate(zip(self.names, self.w)):
+            cand = np.full(size, -np.inf)
+            cand[w:] = best[:size - w] + gains[n]
+            self.take[i] = cand > best
+            best = np.maximum(best, cand)
+        self.best = best
+        self.total = float(sum(gains[n] for n in self.names))
+
+    def gain(self, names) -> float:
+        return float(sum(self.gains[n] for n in names))
+
+    def _pick(self, c: int) -> list[str]:
+        out = []
+        for i in range(len(self.names) - 1, -1, -1):
+            if self.take[i, c]:
+                out.append(self.names[i])
+                c -= self.w[i]
+        return sorted(out)
+
+    def cover(self, gain: float) -> list[str]:
+        """The fewest bytes whose modelled gain is at least ``gain`` (everything that gains, past the total)."""
+        import numpy as np
+
+        hit = np.nonzero(self.best >= min(gain, self.total) - 1e-15)[0]
+        return self._pick(int(hit[0]))
+
+    def within(self, cap_bytes: int) -> list[str]:
+        """The most modelled gain in at most ``cap_bytes`` extra bytes."""
+        import numpy as np
+
+        c = min(cap_bytes // self.unit, len(self.best) - 1)
+        return self._pick(int(np.argmax(self.best[:c + 1])))
 
 
 def group_gains(groups: list[Group], gains: dict[str, float], total: float) -> dict[str, float]:
@@ -218,13 +285,3 @@ def group_gains(groups: list[Group], gains: dict[str, float], total: float) -> d
         raw[g.name] = kind * max(gains[band], 0.0) / (in_band * band_sum)
     scale = max(total, 0.0) / (sum(raw.values()) or 1.0)
     return {n: v * scale for n, v in raw.items()}
-
-
-def _secant(curve: list[float], lo: int, hi: int, k_lo: float, k_hi: float, target: float) -> int:
-    """The prefix length in (lo, hi) where KLD, interpolated along the modelled curve, reaches ``target``."""
-    span = curve[hi] - curve[lo]
-    if span <= 0:
-        return (lo + hi) // 2
-    want = curve[lo] + (k_lo - target) / max(k_lo - k_hi, 1e-12) * span
-    n = next((i for i in range(lo + 1, hi) if curve[i] >= want), hi - 1)
-    return min(max(n, lo + 1), hi - 1)
