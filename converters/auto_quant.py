@@ -288,12 +288,16 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
         return rungs[level]
 
     def rungs_for(types: dict) -> list[Rung]:
-        """The quantized files a candidate's tensors come from (each made the first time it is needed)."""
-        need = ["low"]
-        if any(t == levels["high"][n] != levels["low"][n] for n, t in types.items()):
-            need.append("high")
-        if any(t == TOP and TOP not in (levels["low"][n], levels["high"][n]) for n, t in types.items()):
-            need.append("top")
+        """The fewest quantized files that hold a candidate's tensors: files already made first, each made once."""
+        need, left = [], dict(types)
+        while left:
+            level = max(levels, key=lambda lv: (any(levels[lv][n] == t for n, t in left.items()), lv in rungs,
+                                                sum(levels[lv][n] == t for n, t in left.items())))
+            covered = {n for n, t in left.items() if levels[level][n] == t}
+            if not covered:
+                raise RuntimeError(f"no ladder level holds {next(iter(left))} as {next(iter(left.values()))}")
+            need.append(level)
+            left = {n: t for n, t in left.items() if n not in covered}
         return [rung(lv) for lv in need]
 
     start = time.monotonic()

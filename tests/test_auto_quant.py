@@ -253,3 +253,12 @@ def test_smollm2_tight_budget_is_a_bigger_file(smollm2_hf, tmp_path):
     tight = convert(smollm2_hf, tmp_path / "tight.gguf", ConvertOptions(out_type="auto", max_kld=base_kld / 2, parity=False), **QUIET)
     assert tight.size_bytes > loose.size_bytes and tight.auto_quant["chosen"]["kld"] <= base_kld / 2
     assert tight.auto_quant["rounds"] <= tight.auto_quant["bound"]
+
+
+def test_best_fidelity_that_fits_quantizes_only_what_it_measures(model, tmp_path):
+    """A roomy device: every tensor Q8_0, one round, llama.cpp run twice (the Q8_0 file and the output)."""
+    report = convert(model["ckpt"], tmp_path / "q8.gguf",
+                     ConvertOptions(out_type="auto", fit_profile="jetson-orin-nano-8gb", parity=False), **QUIET)
+    section = report.auto_quant
+    assert section["rounds"] == 1 and section["quantize_runs"] == 2 and section["chosen"]["label"] == "all Q8_0"
+    assert set(_types(tmp_path / "q8.gguf")[n] for n in section["chosen"]["types"]) == {"Q8_0"}
