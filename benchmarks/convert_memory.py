@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from edgemed.benchmarks.process_memory import read_status, tree_pids
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "medagentsbench" / "pubmedqa" / "test.jsonl"
 # route name -> (convert arguments, budget route keywords)
@@ -58,33 +60,6 @@ _LAUNCHER = (
 )
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM"):
-                    out[key] = int(rest.split()[0]) * KIB
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
-
-
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as fh:
-                    todo += [int(c) for c in fh.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return pids
-
-
 def measure(cmd: list[str], period: float = 0.02, kill_above: int | None = None) -> dict:
     """Run ``cmd``; its samples (t, anon, file) summed over its process tree, its VmHWM (wait4), rc and wall time."""
     t0 = time.time()
@@ -95,7 +70,7 @@ def measure(cmd: list[str], period: float = 0.02, kill_above: int | None = None)
 
     def sample():
         while not done.is_set():
-            stats = [_status(p) for p in _tree(proc.pid)]
+            stats = [read_status(p) or {} for p in tree_pids(proc.pid)]
             anon = sum(s.get("RssAnon", 0) + s.get("RssShmem", 0) for s in stats)
             file = sum(s.get("RssFile", 0) for s in stats)
             if anon:

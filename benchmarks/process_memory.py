@@ -31,16 +31,21 @@ from pathlib import Path
 from edgemed.errors import InputError
 
 _FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
-
 def parse_size(text: str) -> int:
-    """'6GiB', '6.5G', '500MB', '1073741824' -> bytes (G/GB are 10^9, GiB 2^30)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise InputError(f"'{text}' is not a memory size.", "write it as e.g. 6GiB, 6.5G or 500MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'6GiB', '6.5G', '500MB', '1073741824' -> bytes (G/GB are 10^9, GiB 2^30): the converter's own rule."""
+    from edgemed.converters.memory_room import parse_size as _parse
+
+    return _parse(text, "--memory-cap")
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every descendant of it now ([] once it is gone)."""
+    import psutil
+
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def read_status(pid: int) -> dict[str, int] | None:
@@ -81,13 +86,7 @@ class TreeSampler:
         self._thread.join()
 
     def _pids(self) -> list[int]:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-            return [self.pid] + [c.pid for c in root.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return tree_pids(self.pid)
 
     def sample(self) -> None:
         total = {"rss": 0, "anon": 0, "file": 0, "shmem": 0}

@@ -47,7 +47,7 @@ def test_sizes_and_arguments(tmp_path):
     for bad in ("six GiB", "6XB", "0", "-1G", ""):
         with pytest.raises(InputError):
             parse_size(bad)
-    with pytest.raises(InputError, match="memory size"):
+    with pytest.raises(InputError, match="--memory-cap must be a size"):
         cc.parse_args(["--memory-cap", "lots"])
     with pytest.raises(InputError, match="not a file"):
         cc.parse_args(["--imatrix-from", str(tmp_path / "missing.jsonl")])
