@@ -93,3 +93,38 @@ def test_serve_passes_prefill_chunk_to_the_batcher(smollm2_gguf, monkeypatch, tm
     result = CliRunner().invoke(cli, args + ["--prefill-chunk", "64"])
     assert seen.get("prefill_chunk") == 64, result.output
     assert CliRunner().invoke(cli, args + ["--prefill-chunk", "0"]).exit_code == 2
+
+
+def test_short_prompts_that_arrive_together_start_generating_in_the_same_step(smollm2_gguf, monkeypatch):
+    """Three short prompts queued while a stream generates are fed in one step (as llama-server does), not
+    one a step: each new stream's first token comes before the second token of any of them."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.serve import stream as stream_module
+    from edgemed.serve.batcher import Batcher
+    from edgemed.serve.stream import Finished, Piece
+
+    events: list[tuple[str, str]] = []  # (request id, kind) in the order the scheduler emits them
+    put = stream_module.Stream._put
+
+    def recording(self, item):
+        events.append((self.request_id, "piece" if isinstance(item, Piece) else "end"))
+        put(self, item)
+
+    monkeypatch.setattr(stream_module.Stream, "_put", recording)
+    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
+        running = b.submit(COUNTING, GenerationSettings(max_tokens=60), request_id="running")
+        it = iter(running)
+        next(it)  # it is generating
+        short = ["What is the normal adult resting heart rate?", "Name two signs of dehydration.",
+                 "What does HbA1c measure?"]
+        with b._cond:  # the scheduler cannot admit between these submits (the lock is re-entrant)
+            streams = [b.submit(q, GenerationSettings(max_tokens=6), request_id=f"s{i}") for i, q in enumerate(short)]
+        for s in streams:
+            assert isinstance(list(s)[-1], Finished)
+        running.cancel()
+        list(it)
+    new = {f"s{i}" for i in range(3)}
+    pieces = [rid for rid, kind in events if rid in new and kind == "piece"]
+    firsts = [pieces.index(rid) for rid in sorted(new)]
+    seconds = [i for i, rid in enumerate(pieces) if pieces[:i].count(rid) == 1]
+    assert len(seconds) == 3 and max(firsts) < min(seconds), pieces

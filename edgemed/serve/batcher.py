@@ -1,9 +1,10 @@
 """Continuous batching on llama.cpp: several requests decoded together, one step after another.
 
 One scheduler thread owns the llama context. A step is one ``llama_decode`` of the next token of
-every generating sequence (in slot order), then one of prompt chunks of newly admitted sequences:
-the whole batch when nobody is generating, else a chunk sized so the step stays within
-``1 + STALL_BUDGET`` plain steps (``prefill.py``: a long prompt never stalls running streams).
+every generating sequence (in slot order), then one per prompt chunk of newly admitted sequences:
+every waiting short prompt whole (they start generating together), a long one in chunks of the whole
+batch when nobody is generating, else sized so the step stays within ``1 + STALL_BUDGET`` plain steps
+(``prefill.py``: a long prompt never stalls running streams).
 Sequence id = slot; each slot has its own KV stream (``kv_unified = false``) of ``n_ctx_per_slot``
 cells, so a request never spills into another's context. Each sequence with logits samples from its
 own sampler chain and checks its own stops (end of generation, stop strings, ``max_tokens``); a
@@ -26,7 +27,7 @@ from pathlib import Path
 from edgemed.errors import Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
-from edgemed.serve.prefill import STALL_BUDGET, PrefillBudget, chunk_of
+from edgemed.serve.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of
 from edgemed.serve.sequence import Counters, Seq
 from edgemed.serve.stream import Finished, Piece, Stream
 
@@ -252,9 +253,13 @@ class Batcher:
 
     def _step(self) -> None:
         """Decode rows in slot order (one ubatch: with a KV stream per slot llama.cpp cuts a batch into
-        ubatches of consecutive sequence ids, each reading all weights again), then prompt chunks in a
-        call of their own (llama.cpp would split them off anyway; so a chunk is never cut into a one-token
-        piece, and the running streams' tokens go out before the chunk is computed).
+        ubatches of consecutive sequence ids, each reading all weights again), then prompt chunks, each
+        in a call of its own (so a prompt is computed in the pieces it would have alone, never a
+        one-token piece cut off by llama.cpp's split, and the running streams' tokens go out first).
+
+        Every short prompt waiting (up to ``WHOLE_PROMPT`` tokens) goes whole in the same step, as in
+        llama-server, so requests that arrive together start generating together instead of one step
+        apart; long prompts share what is left of the step's budget.
         """
         t_step = time.perf_counter()
         batch = self._batch
@@ -265,23 +270,26 @@ class Batcher:
             seq.pos, seq.pending = seq.pos + 1, None
         if rows:
             self._prefill.learn(self._decode(rows), len(rows), 0)
-        batch.clear()
-        budget = whole = self._prefill.tokens(batch.capacity, len(rows))
-        done: list[Seq] = []
-        for seq in self._active:  # prompt chunks in arrival order, while the budget lasts
-            take = chunk_of(len(seq.tokens) - seq.pos, budget, whole, len(seq.tokens))
-            if take <= 0:
+        room = batch.capacity
+        budget = whole = self._prefill.tokens(room, len(rows))
+        for seq in self._active:  # prompt chunks in arrival order: short prompts whole, long ones in the budget
+            remaining = len(seq.tokens) - seq.pos
+            if remaining <= 0:
                 continue
+            short = len(seq.tokens) <= WHOLE_PROMPT
+            take = remaining if short else chunk_of(remaining, min(budget, room), whole, len(seq.tokens))
+            if take <= 0 or take > room:
+                continue
+            batch.clear()
             end = seq.pos + take
             for p in range(seq.pos, end):
                 seq.index = batch.add(seq.tokens[p], p, seq.slot, p == len(seq.tokens) - 1)
             self._n.prompt_tokens_total += take
-            budget -= take
+            room -= take
+            if not short:
+                budget -= take
             seq.pos = end
-            if end == len(seq.tokens):
-                done.append(seq)
-        if batch.n:
-            self._prefill.learn(self._decode(done), len(rows), batch.n)
+            self._prefill.learn(self._decode([seq] if end == len(seq.tokens) else []), len(rows), take)
         with self._cond:
             self._n.decode_steps_total += 1
             self._n.step_seconds_total += time.perf_counter() - t_step
