@@ -244,3 +244,33 @@ def test_devices_check_tells_a_failed_load_from_a_crash(smollm2_gguf, tmp_path, 
     assert result.exit_code == 1, result.output
     assert "This is not a crash of llama.cpp" in result.output and "could not load 'x.gguf'" in result.output
     assert "killed by" not in result.output and "Traceback" not in result.output
+
+
+def test_plain_greedy_reads_the_argmax_and_picks_what_llama_cpp_picks(smollm2_gguf):
+    """The plain greedy chain skips llama_sampler_sample's whole-vocabulary candidate array; it must pick
+    the same token at every row of a batch, and any chain with state (penalty, grammar) must not skip it."""
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.engine import GenerationSettings
+
+    model = llamacpp.Model(smollm2_gguf, LoadSettings(n_ctx=256, n_threads=1))
+    ctx = llamacpp.Context(model, n_ctx=256)
+    batch = llamacpp.Batch(model.lib, 64)
+    try:
+        tokens = model.tokenize("A patient with chest pain and ST elevation should receive", add_special=True)
+        for i, tok in enumerate(tokens):
+            batch.add(tok, i, 0, True)
+        assert ctx.decode(batch) == 0
+        fast = llamacpp.SamplerChain(model, GenerationSettings())
+        penalized = llamacpp.SamplerChain(model, GenerationSettings(repeat_penalty=1.3))
+        grammar = llamacpp.SamplerChain(model, GenerationSettings(grammar='root ::= "yes" | "no"'))
+        assert fast._n_vocab == model.n_vocab and penalized._n_vocab == 0 and grammar._n_vocab == 0
+        picks = [fast.sample(ctx, i) for i in range(len(tokens))]
+        fast._n_vocab = 0  # the chain itself, through llama_sampler_sample
+        assert picks == [fast.sample(ctx, i) for i in range(len(tokens))]
+        assert len(set(picks)) > 3  # different rows, different tokens: the rows were really read
+        for chain in (fast, penalized, grammar):
+            chain.close()
+    finally:
+        batch.close()
+        ctx.close()
+        model.close()

@@ -22,7 +22,7 @@ from edgemed.constants import FULL_PRECISION_KV, KV_TYPES
 from edgemed.errors import InputError, ModelLoadError, require
 from edgemed.runtime import buffers
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
-from edgemed.runtime.sampling import REPEAT_WINDOW  # the penalty window both backends use
+from edgemed.runtime.sampling import REPEAT_WINDOW, grammar_text  # the penalty window both backends use
 from edgemed.runtime.text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -289,24 +289,6 @@ class Batch:
             self.lib.llama_batch_free(raw)
 
 
-def grammar_text(settings: GenerationSettings) -> str | None:
-    """The GBNF a request is constrained by: its grammar, or its JSON schema converted by llama-cpp-python."""
-    if settings.grammar:
-        return settings.grammar
-    if settings.json_schema:
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-        try:
-            return json_schema_to_gbnf(settings.json_schema)
-        except RecursionError:
-            raise InputError("The JSON schema is nested too deeply to turn into a grammar.",
-                             "send a flatter JSON schema") from None
-        except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
-            raise InputError(f"The JSON schema cannot be turned into a grammar: {type(exc).__name__} {exc}.",
-                             "send a valid JSON schema (object types, properties, enums)") from None
-    return None
-
-
 class SamplerChain:
     """One request's sampler: grammar, repetition penalty, then greedy or top-k/top-p/min-p/temperature/seeded draw.
 
@@ -328,6 +310,8 @@ class SamplerChain:
                 self._add(lc.llama_sampler_init_penalties(model.n_vocab, REPEAT_WINDOW, settings.repeat_penalty, 0.0, 0.0))
             if settings.temperature == 0:
                 self._add(lc.llama_sampler_init_greedy())
+                # nothing before greedy and nothing stateful: the chain's pick is the first maximal logit
+                self._n_vocab = model.n_vocab if gbnf is None and settings.repeat_penalty == 1.0 else 0
                 return
             if settings.top_k > 0:
                 self._add(lc.llama_sampler_init_top_k(settings.top_k))
@@ -344,8 +328,20 @@ class SamplerChain:
     def _add(self, sampler) -> None:
         self.lib.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it from here
 
+    _n_vocab = 0  # set when the chain is plain greedy (see sample)
+
     def sample(self, ctx: Context, index: int) -> int:
-        """Pick the next token from the logits at batch ``index`` (and let the chain accept it)."""
+        """Pick the next token from the logits at batch ``index`` (and let the chain accept it).
+
+        A plain greedy chain is an argmax over the logits row, read in place: the same token as
+        ``llama_sampler_sample`` (which takes the first maximal logit too) without building its
+        candidate array of the whole vocabulary (0.26 ms a row on Qwen's 151,936 tokens, most of a
+        serving step's time outside ``llama_decode``)."""
+        if self._n_vocab:
+            import numpy as np
+
+            row = self.lib.llama_get_logits_ith(ctx.ptr, index)
+            return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
         return self.lib.llama_sampler_sample(self.ptr, ctx.ptr, index)
 
     def close(self) -> None:

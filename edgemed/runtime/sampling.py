@@ -2,10 +2,18 @@
 
 Follows llama.cpp's order so the two backends behave alike for the same
 ``GenerationSettings``: repetition penalty over the last ``REPEAT_WINDOW`` tokens,
-then top-k, temperature, top-p, min-p, and a draw from a seeded generator.
+then top-k, temperature, top-p, min-p, and a draw from a seeded generator. ``grammar_text`` is the
+GBNF a request is constrained by (llama.cpp's sampler chain applies it first).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edgemed.errors import InputError
+
+if TYPE_CHECKING:
+    from edgemed.runtime.engine import GenerationSettings
 
 REPEAT_WINDOW = 64
 
@@ -43,3 +51,21 @@ class Sampler:
             probs[probs < s.min_p * probs.max()] = 0.0
         probs /= probs.sum()
         return int(self.rng.choice(probs.size, p=probs))
+
+
+def grammar_text(settings: GenerationSettings) -> str | None:
+    """The GBNF a request is constrained by: its grammar, or its JSON schema converted by llama-cpp-python."""
+    if settings.grammar:
+        return settings.grammar
+    if settings.json_schema:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            return json_schema_to_gbnf(settings.json_schema)
+        except RecursionError:
+            raise InputError("The JSON schema is nested too deeply to turn into a grammar.",
+                             "send a flatter JSON schema") from None
+        except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
+            raise InputError(f"The JSON schema cannot be turned into a grammar: {type(exc).__name__} {exc}.",
+                             "send a valid JSON schema (object types, properties, enums)") from None
+    return None
