@@ -8,7 +8,7 @@ import time
 import pytest
 
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
-from edgemed.serve.prefill import PREFILL_FIRST, PREFILL_MIN, STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of
+from edgemed.serve.prefill import PREFILL_FIRST, PREFILL_MIN, STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
 
 LOAD = LoadSettings(n_ctx=2 * 512, n_threads=1, n_batch=256, n_ubatch=256)
 COUNTING = "Counting from one to five hundred: 1, 2, 3, 4, 5, 6, 7, 8,"
@@ -32,6 +32,24 @@ def test_a_chunk_never_leaves_or_takes_a_single_token_of_a_longer_prompt():
     assert chunk_of(1, 1, 30) == 1  # the prompt's last token alone is fine
     assert chunk_of(300, 1, 1) == 1  # a budget of one still makes progress
     assert chunk_of(WHOLE_PROMPT, 16, 16, WHOLE_PROMPT) == WHOLE_PROMPT and chunk_of(100, 16, 16, 300) == 16  # a short prompt goes whole, as llama-server feeds it
+
+
+def test_prompts_fed_together_go_in_calls_of_equal_pieces_and_no_piece_is_one_token_of_more():
+    calls = equal_pieces([("a", 62), ("b", 72), ("c", 66), ("d", 70)])
+    assert calls[0] == [("a", 62), ("b", 62), ("c", 62), ("d", 62)]  # one pass over the weights for most of it
+    for takes in ([("a", 62), ("b", 72), ("c", 66), ("d", 70)], [("a", 5), ("b", 6)], [("a", 1), ("b", 3)],
+                  [("a", 2), ("b", 3), ("c", 2)], [("a", 9), ("b", 10), ("c", 11), ("d", 12)]):
+        calls = equal_pieces(takes)
+        for call in calls:
+            assert len({n for _, n in call}) == 1  # equal pieces: llama.cpp keeps the call one ubatch
+        fed = {k: 0 for k, _ in takes}
+        for call in calls:
+            for k, n in call:
+                total = dict(takes)[k]
+                assert n > 1 or total == 1 or fed[k] + n == total  # never a one-token piece of a longer take
+                fed[k] += n
+                assert total - fed[k] != 1  # never one token left behind
+        assert fed == dict(takes)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +146,40 @@ def test_short_prompts_that_arrive_together_start_generating_in_the_same_step(sm
     firsts = [pieces.index(rid) for rid in sorted(new)]
     seconds = [i for i, rid in enumerate(pieces) if pieces[:i].count(rid) == 1]
     assert len(seconds) == 3 and max(firsts) < min(seconds), pieces
+
+
+def test_requests_sent_together_to_an_idle_server_are_gathered_into_one_first_step(smollm2_gguf, monkeypatch):
+    """HTTP requests sent at once reach the batcher milliseconds apart: an idle scheduler waits for the
+    stragglers (GATHER_QUIET_S) so all of them are prefilled in its first step."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.serve import batcher as batcher_module
+    from edgemed.serve import stream as stream_module
+    from edgemed.serve.batcher import Batcher, Piece
+
+    assert batcher_module.GATHER_QUIET_S >= 0.005 and batcher_module.GATHER_MAX_S <= 0.1  # cheap next to a prefill
+    events: list[str] = []
+    put = stream_module.Stream._put
+    monkeypatch.setattr(stream_module.Stream, "_put",
+                        lambda self, item: (events.append(self.request_id) if isinstance(item, Piece) else None,
+                                            put(self, item))[1])
+    questions = ["What is the normal adult resting heart rate?", "Name two signs of dehydration.",
+                 "What does HbA1c measure?"]
+    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
+        list(b.submit("Warm up.", GenerationSettings(max_tokens=2), request_id="warm"))
+        events.clear()
+        streams = []
+
+        def send(i: int) -> None:
+            time.sleep(0.002 * i)  # 0, 2 and 4 ms apart, like three HTTP handlers
+            streams.append(b.submit(questions[i], GenerationSettings(max_tokens=6), request_id=f"g{i}"))
+
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        for s in streams:
+            list(s)
+    firsts = [events.index(f"g{i}") for i in range(3)]
+    seconds = [i for i, rid in enumerate(events) if events[:i].count(rid) == 1]
+    assert len(seconds) == 3 and max(firsts) < min(seconds), events

@@ -27,13 +27,18 @@ from pathlib import Path
 from edgemed.errors import Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
-from edgemed.serve.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of
+from edgemed.serve.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
 from edgemed.serve.sequence import Counters, Seq
 from edgemed.serve.stream import Finished, Piece, Stream
 
 __all__ = ["Batcher", "Closed", "Finished", "Overloaded", "Piece", "STALL_BUDGET", "Stream"]
 
 log = logging.getLogger(__name__)
+
+#: An idle scheduler woken by a request waits this long for more before its first step (they share the
+#: prefill; HTTP requests sent at once reach the batcher milliseconds apart), and never longer than GATHER_MAX_S.
+GATHER_QUIET_S = 0.010
+GATHER_MAX_S = 0.050
 
 
 class Batcher:
@@ -211,6 +216,7 @@ class Batcher:
                         t_idle = time.perf_counter()
                         while not (self._stopping or self._queue or self._active):
                             self._cond.wait()
+                        self._gather()
                         self._n.idle_seconds_total += time.perf_counter() - t_idle
                     if self._stopping:
                         break
@@ -228,6 +234,17 @@ class Batcher:
                 self._stopping = True  # later submits raise Closed instead of waiting forever
             self._end_all("cancelled", "the model server is shutting down")
             self._free_native()
+
+    def _gather(self) -> None:
+        """Woken from idle by a request: let the ones sent with it arrive (until ``GATHER_QUIET_S`` passes
+        without another, at most ``GATHER_MAX_S``), so they are prefilled together and start generating
+        together rather than the first alone (caller holds the lock)."""
+        t_end = time.perf_counter() + GATHER_MAX_S
+        while not self._stopping and len(self._queue) < len(self._free):
+            n = len(self._queue)
+            wait = min(GATHER_QUIET_S, t_end - time.perf_counter())
+            if wait <= 0 or not self._cond.wait_for(lambda: self._stopping or len(self._queue) > n, wait):
+                return
 
     def _admit(self) -> None:
         """Move queued requests into free slots (caller holds the lock)."""
@@ -253,9 +270,9 @@ class Batcher:
 
     def _step(self) -> None:
         """Decode rows in slot order (one ubatch: with a KV stream per slot llama.cpp cuts a batch into
-        ubatches of consecutive sequence ids, each reading all weights again), then prompt chunks, each
-        in a call of its own (so a prompt is computed in the pieces it would have alone, never a
-        one-token piece cut off by llama.cpp's split, and the running streams' tokens go out first).
+        ubatches of consecutive sequence ids, each reading all weights again), then the prompt chunks,
+        in calls of equal pieces per sequence (``equal_pieces``: prompts share a pass over the weights,
+        and llama.cpp never cuts a one-token piece off one), after the running streams' tokens went out.
 
         Every short prompt waiting (up to ``WHOLE_PROMPT`` tokens) goes whole in the same step, as in
         llama-server, so requests that arrive together start generating together instead of one step
@@ -272,7 +289,8 @@ class Batcher:
             self._prefill.learn(self._decode(rows), len(rows), 0)
         room = batch.capacity
         budget = whole = self._prefill.tokens(room, len(rows))
-        for seq in self._active:  # prompt chunks in arrival order: short prompts whole, long ones in the budget
+        takes: list[tuple[Seq, int]] = []
+        for seq in self._active:  # arrival order: short prompts whole, long ones within the budget
             remaining = len(seq.tokens) - seq.pos
             if remaining <= 0:
                 continue
@@ -280,16 +298,22 @@ class Batcher:
             take = remaining if short else chunk_of(remaining, min(budget, room), whole, len(seq.tokens))
             if take <= 0 or take > room:
                 continue
-            batch.clear()
-            end = seq.pos + take
-            for p in range(seq.pos, end):
-                seq.index = batch.add(seq.tokens[p], p, seq.slot, p == len(seq.tokens) - 1)
-            self._n.prompt_tokens_total += take
+            takes.append((seq, take))
             room -= take
             if not short:
                 budget -= take
-            seq.pos = end
-            self._prefill.learn(self._decode([seq] if end == len(seq.tokens) else []), len(rows), take)
+        for call in equal_pieces(sorted(takes, key=lambda t: t[0].slot)):
+            batch.clear()
+            done = []
+            for seq, take in call:
+                end = seq.pos + take
+                for p in range(seq.pos, end):
+                    seq.index = batch.add(seq.tokens[p], p, seq.slot, p == len(seq.tokens) - 1)
+                seq.pos = end
+                if end == len(seq.tokens):
+                    done.append(seq)
+            self._n.prompt_tokens_total += batch.n
+            self._prefill.learn(self._decode(done), len(rows), batch.n)
         with self._cond:
             self._n.decode_steps_total += 1
             self._n.step_seconds_total += time.perf_counter() - t_step

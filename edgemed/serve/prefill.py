@@ -38,6 +38,28 @@ def chunk_of(remaining: int, budget: int, whole: int, prompt: int = 1 << 30) -> 
     return take
 
 
+def equal_pieces(takes: list[tuple[object, int]]) -> list[list[tuple[object, int]]]:
+    """Cut the prompt tokens a step feeds (``(sequence, tokens)`` in slot order) into ``llama_decode`` calls
+    whose sequences all get the same number of tokens, never leaving a single token behind.
+
+    With a KV stream per slot llama.cpp computes a call as ubatches of equal tokens per sequence, so prompts
+    of equal pieces share one pass over the weights (four 70-token prompts: 228 tok/s against 133 one by one,
+    Qwen2.5-0.5B Q4_K_M, 2 threads, llama-batched-bench) where unequal ones would be carved up by llama.cpp
+    into pieces of any size, one-token ones included (``chunk_of`` says why those are avoided).
+    """
+    left = [[key, n] for key, n in takes if n > 0]
+    calls = []
+    while left:
+        n = min(rest for _, rest in left)
+        # a sequence takes n only if that ends its tokens or leaves two or more; else it waits for a later call
+        call = [(key, n) for key, rest in left if rest == n or (n > 1 and rest - n > 1)]
+        calls.append(call)
+        fed = {id(key) for key, _ in call}
+        left = [[key, rest - n if id(key) in fed else rest] for key, rest in left]
+        left = [item for item in left if item[1] > 0]
+    return calls
+
+
 class PrefillBudget:
     """Step-cost averages and the prompt tokens a step may take (scheduler thread only)."""
 
