@@ -81,9 +81,10 @@ def report_md(result: dict) -> str:
              f"{m['threads']} threads, {SLOTS} slots, {m['n_ctx_per_slot']} tokens per slot, greedy, {m['max_tokens']} "
              f"tokens per request, {m['requests_per_stream']} requests per stream (closed loop), best of {m['rounds']} "
              f"interleaved rounds. Shared {m['machine']['cpu_count']}-CPU box: load averages per run are in the JSON.",
-             "", f"Command: `{m['command']}`", "",
-             "| streams | server | decode tok/s (runs) | llama-server reported | per stream | e2e tok/s | TTFT p50 / p99 | load avg | ratio (decode, e2e) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", f"Command: `{m['command']}`", ""]
+    if m["levels"]:
+        lines += ["| streams | server | decode tok/s (runs) | llama-server reported | per stream | e2e tok/s | TTFT p50 / p99 | load avg | ratio (decode, e2e) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     for n, lv in m["levels"].items():
         for name in [k for k in ("edgemed", "llama-server") if k in lv]:
             b = lv[name]["best"]
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=96, help="max new tokens per request (greedy)")
     ap.add_argument("--requests", type=int, default=2, help="requests each client stream sends, back to back")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every level (0: only the prefill check)")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)))
     ap.add_argument("--ctx", type=int, default=2048, help="context per slot (the prefill check needs > 1,500)")
     ap.add_argument("--prefill-tokens", type=int, default=1500, help="0 skips the prefill check")
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
     long_text = long_prompt(vocab, args.prefill_tokens) if args.prefill_tokens else None
     n_long = len(vocab.tokenize(long_text, True, True)) if long_text else 0
     vocab.close()
-    levels = [int(x) for x in args.levels.split(",")]
+    levels = [int(x) for x in args.levels.split(",")] if args.rounds else []  # --rounds 0: the prefill check alone
     common = dict(path=path, threads=args.threads, slots=SLOTS, ctx_per_slot=args.ctx)
     servers = {}
     if args.only in (None, "edgemed"):

@@ -12,7 +12,7 @@ A fixed chunk (``Batcher(prefill_chunk=N)``) skips the measurement.
 from __future__ import annotations
 
 #: While sequences are generating, a step may take at most (1 + STALL_BUDGET) x a plain decode step.
-STALL_BUDGET = 0.8
+STALL_BUDGET = 0.7
 #: Prompt tokens per step while others generate, before the step costs are measured.
 PREFILL_FIRST = 32
 #: Prompts up to this many tokens go in one step, as llama-server feeds them: chunking short ones costs
@@ -20,7 +20,7 @@ PREFILL_FIRST = 32
 WHOLE_PROMPT = 128
 #: The smallest chunk ever given while others generate. On a compute-bound CPU a prompt token costs a
 #: sixth to a tenth of a 3-row decode step (Qwen2.5-0.5B Q4_K_M, 1 thread): a floor of 16 gave 2.8x.
-PREFILL_MIN = 4
+PREFILL_MIN = 2
 
 
 def chunk_of(remaining: int, budget: int, whole: int, prompt: int = 1 << 30) -> int:
