@@ -1,4 +1,5 @@
-"""The C++ anchors, built from the llama.cpp that edgemed's runtime runs: llama-server, llama-perplexity, llama-bench.
+"""The C++ anchors, built from the llama.cpp that edgemed's runtime runs: llama-server, llama-perplexity, llama-bench,
+llama-batched-bench.
 
     python -m edgemed.benchmarks.anchors build     # download the sdist, build once, print the binaries
     python -m edgemed.benchmarks.anchors paths     # print the binaries of an existing build (JSON)
@@ -30,7 +31,7 @@ from pathlib import Path
 from edgemed.errors import EdgemedError, InputError
 
 PACKAGE = "llama-cpp-python"
-TARGETS = ("llama-server", "llama-perplexity", "llama-bench")
+TARGETS = ("llama-server", "llama-perplexity", "llama-bench", "llama-batched-bench")
 #: cmake options: llama-cpp-python's defaults on a native build, plus what a headless, offline anchor needs
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -116,7 +117,8 @@ def build(*, jobs: int = 2, force: bool = False) -> dict:
     stamp = home / "build.json"
     if stamp.exists() and not force:
         info = json.loads(stamp.read_text())
-        if info.get("flags") == list(CMAKE_FLAGS) and all(Path(p).exists() for p in info["binaries"].values()):
+        if (info.get("flags") == list(CMAKE_FLAGS) and set(info["binaries"]) == set(TARGETS)
+                and all(Path(p).exists() for p in info["binaries"].values())):
             return info
     if shutil.which("cmake") is None:
         raise AnchorError("cmake is not on PATH.", "install cmake >= 3.21 (apt-get install cmake, or pip install cmake)")
