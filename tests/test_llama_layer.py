@@ -274,3 +274,24 @@ def test_plain_greedy_reads_the_argmax_and_picks_what_llama_cpp_picks(smollm2_gg
         batch.close()
         ctx.close()
         model.close()
+
+
+def test_plain_greedy_on_a_row_without_logits_is_an_error_not_a_crash(smollm2_gguf):
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.engine import GenerationSettings
+
+    model = llamacpp.Model(smollm2_gguf, LoadSettings(n_ctx=128, n_threads=1))
+    ctx = llamacpp.Context(model, n_ctx=128)
+    batch = llamacpp.Batch(model.lib, 16)
+    chain = llamacpp.SamplerChain(model, GenerationSettings())
+    try:
+        for i, tok in enumerate(model.tokenize("Sepsis is", add_special=True)):
+            batch.add(tok, i, 0, False)  # no row asks for logits
+        assert ctx.decode(batch) == 0
+        with pytest.raises(RuntimeError, match="no logits"):
+            chain.sample(ctx, 0)
+    finally:
+        chain.close()
+        batch.close()
+        ctx.close()
+        model.close()

@@ -341,6 +341,8 @@ class SamplerChain:
             import numpy as np
 
             row = self.lib.llama_get_logits_ith(ctx.ptr, index)
+            if not row:  # llama.cpp has no logits for that row: an error, not a read through NULL
+                raise RuntimeError(f"llama.cpp returned no logits for batch row {index}")
             return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
         return self.lib.llama_sampler_sample(self.ptr, ctx.ptr, index)
 
