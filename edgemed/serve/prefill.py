@@ -48,16 +48,14 @@ def equal_pieces(takes: list[tuple[object, int]]) -> list[list[tuple[object, int
     Qwen2.5-0.5B Q4_K_M, 2 threads, llama-batched-bench) where unequal ones would be carved up by llama.cpp
     into pieces of any size, one-token ones included (``chunk_of`` says why those are avoided).
     """
-    left = [[key, n] for key, n in takes if n > 0]
+    left = [(key, n) for key, n in takes if n > 0]
     calls = []
     while left:
         n = min(rest for _, rest in left)
         # a sequence takes n only if that ends its tokens or leaves two or more; else it waits for a later call
-        call = [(key, n) for key, rest in left if rest == n or (n > 1 and rest - n > 1)]
-        calls.append(call)
-        fed = {id(key) for key, _ in call}
-        left = [[key, rest - n if id(key) in fed else rest] for key, rest in left]
-        left = [item for item in left if item[1] > 0]
+        fed = [rest == n or (n > 1 and rest - n > 1) for _, rest in left]
+        calls.append([(key, n) for (key, _), f in zip(left, fed) if f])
+        left = [(key, rest - n if f else rest) for (key, rest), f in zip(left, fed) if not (f and rest == n)]
     return calls
 
 
