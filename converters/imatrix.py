@@ -12,12 +12,28 @@ exactly as llama.cpp's own ``llama-imatrix`` tool would produce them.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed.errors import InputError
 
 MAX_CHUNKS = 32
 CHUNK_TOKENS = 256
+
+
+@dataclass
+class Imatrix:
+    """An importance matrix and where it came from (the conversion report's ``imatrix`` section)."""
+
+    values: dict = field(repr=False)  # gguf tensor name -> float32 mean x² per input column
+    text: str  # the calibration file's name (a shipped text: its name under data/calibration/)
+    sha256: str  # of the calibration file's bytes: the same name with other text is another matrix
+    tokens: int
+    chunks: int
+
+    def provenance(self) -> dict:
+        return {"text": self.text, "sha256": self.sha256, "tokens": self.tokens, "chunks": self.chunks,
+                "chunk_tokens": CHUNK_TOKENS, "tensors": len(self.values)}
 
 
 def read_calibration_text(path: Path) -> list[str]:
@@ -56,7 +72,7 @@ def read_calibration_text(path: Path) -> list[str]:
     return texts
 
 
-def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, echo=print) -> dict:
+def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, echo=print) -> Imatrix:
     """Mean x² per input column of every quantized linear layer over the calibration text, by GGUF name.
 
     The model runs one decoder layer at a time (``layered.LayeredModel``), with the adapter merged into each
@@ -66,6 +82,7 @@ def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, ec
     from transformers import AutoTokenizer
 
     from edgemed.converters.layered import HEAD, LayeredModel
+    from edgemed.hashing import file_sha256
 
     texts = read_calibration_text(text_path)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
@@ -106,4 +123,5 @@ def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, ec
                 add(head, h)
     n_tokens = sum(len(c) for c in chunks)
     echo(f"imatrix: {len(sums)} tensors from {n_tokens} tokens of {text_path.name}")
-    return {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+    values = {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
+    return Imatrix(values, Path(text_path).name, file_sha256(text_path), n_tokens, len(chunks))

@@ -123,7 +123,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         metadata["edgemed.lora.sha256"] = lora_info["sha256"]
     timings.since_start("inspect")
 
-    parity = auto = None
+    parity = auto = imatrix = None
     with atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
         quantized = opts.out_type not in FLOAT_OUTPUT_TYPES
         float_type = ("bf16" if ckpt.source_dtype() == "BF16" else "f16") if quantized else opts.out_type
@@ -131,7 +131,6 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         with timings.step("write"):
             write_float_gguf(ckpt, spec, vocab, float_out, float_type, adapter=adapter, metadata=metadata, progress=opts.progress)
         if quantized:
-            imatrix = None
             if opts.imatrix_from is not None:
                 from edgemed.converters.imatrix import compute_imatrix
 
@@ -144,10 +143,10 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
 
                 with timings.step("auto_quant"):
                     auto = auto_quantize(float_out, tmp, max_kld=opts.max_kld, fit_profile=opts.fit_profile, work=Path(work),
-                                         threads=opts.threads, imatrix=imatrix, echo=echo)
+                                         threads=opts.threads, imatrix=imatrix.values if imatrix else None, echo=echo)
             else:
                 with timings.step("quantize"):
-                    quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix)
+                    quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix.values if imatrix else None)
         with timings.step("tokenizer_check"):
             n_tok = verify_tokenization(ckpt.path, tmp)
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
@@ -167,6 +166,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         fmt="gguf", output=str(out), out_type=opts.out_type, size_bytes=size, architecture=spec.arch_name,
         source=source_info, lora=lora_info, tokenizer=tok_info, parity=parity, timings_s=timings.report(),
         converter=provenance.converter_info(TOOLS), auto_quant=auto,
+        imatrix=imatrix.provenance() if imatrix is not None else None,
     )
     try:
         write_text(report_path(out), result.to_json())

@@ -72,6 +72,7 @@ class ConversionReport:
     tokenizer: dict | None = None  # gguf: vocabulary and the llama.cpp-vs-HF id check
     quantization: dict | None = None  # onnx: the int4 recipe (None for fp32)
     auto_quant: dict | None = None  # gguf --quant auto: the search (every candidate measured) and the chosen types
+    imatrix: dict | None = None  # gguf --imatrix-from: the calibration text (name, sha256) and how much of it was used
 
     @property
     def weight_type(self) -> str:
@@ -85,6 +86,8 @@ class ConversionReport:
         out |= {name: getattr(self, name) for name in spec.sections}
         if self.auto_quant is not None:  # only --quant auto reports have it: other reports keep their keys
             out["auto_quant"] = self.auto_quant
+        if self.imatrix is not None:  # likewise: only a calibrated quantization names its text
+            out["imatrix"] = self.imatrix
         return out | {"parity": self.parity, "timings_s": self.timings_s, "converter": self.converter}
 
     def to_json(self) -> str:

@@ -170,6 +170,44 @@ def test_artifact_from_another_source_is_refused(model, tmp_path):
     assert [c.name for c in artifacts.prepare(model["src"], out, ["q8_0"], [], {})] == ["q8_0"]  # reused as is
 
 
+def test_imatrix_artifacts_are_parsed_and_reused_only_with_their_text(model, tmp_path):
+    """``<quant>-imatrix`` is a quantized type calibrated on --imatrix-from's text: its report must name that text's
+    sha256 to be reused, a plain artifact must name none, and a bad mix of options is refused before any work."""
+    assert artifacts.parse_quants("f16, Q4_K_M-imatrix,q4_0") == ["f16", "q4_k_m-imatrix", "q4_0"]
+    for bad in ("f16-imatrix", "auto-imatrix", "q4_k_m-imat"):
+        with pytest.raises(InputError, match="Unknown GGUF type"):
+            artifacts.parse_quants(bad)
+    out = _with_artifacts(model, tmp_path / "imat")
+    text = tmp_path / "calib.txt"
+    text.write_text("Aspirin inhibits platelet aggregation.\n\nMetformin lowers hepatic glucose output.\n")
+    with pytest.raises(InputError, match="need the calibration text"):
+        artifacts.prepare(model["src"], out, ["q8_0-imatrix"], [], {})
+    with pytest.raises(InputError, match="none is listed"):
+        artifacts.prepare(model["src"], out, ["q8_0"], [], {}, imatrix_from=text)
+    calibrated = out / "artifacts" / "q8_0-imatrix.gguf"
+    shutil.copy(out / "artifacts" / "q8_0.gguf", calibrated)   # a report that names no matrix: refused, kept
+    shutil.copy(out / "artifacts" / "q8_0.gguf.report.json", f"{calibrated}.report.json")
+    with pytest.raises(InputError, match="quantized with no importance matrix"):
+        artifacts.prepare(model["src"], out, ["q8_0-imatrix"], [], {}, imatrix_from=text)
+    assert calibrated.exists()
+    rep = Path(f"{calibrated}.report.json")
+    data = json.loads(rep.read_text())
+    data["imatrix"] = {"text": "calib.txt", "sha256": "f" * 64}
+    rep.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="sha256 ffffffffffff"):                     # another text: refused
+        artifacts.prepare(model["src"], out, ["q8_0-imatrix"], [], {}, imatrix_from=text)
+    from edgemed.hashing import file_sha256
+
+    data["imatrix"]["sha256"] = file_sha256(text)
+    rep.write_text(json.dumps(data))
+    configs = artifacts.prepare(model["src"], out, ["q8_0", "q8_0-imatrix"], [], {}, imatrix_from=text)
+    assert [(c.name, Path(c.path).name) for c in configs] == [("q8_0", "q8_0.gguf"), ("q8_0-imatrix", "q8_0-imatrix.gguf")]
+    plain = out / "artifacts" / "q8_0.gguf.report.json"   # a plain type whose report names a matrix: refused
+    plain.write_text(rep.read_text())
+    with pytest.raises(InputError, match="needs none"):
+        artifacts.prepare(model["src"], out, ["q8_0"], [], {})
+
+
 # -- report and plots from a full results document -----------------------------------------
 def _summary(p50):
     return {"n": 5, "mean": p50, "stdev": p50 * 0.05, "cv": 0.05, "min": p50 * 0.9, "p50": p50, "p90": p50 * 1.1,
@@ -297,6 +335,41 @@ def test_paired_accuracy_per_set_and_pooled(tmp_path):
     scores.add_paired(tmp_path, again, keep)
     assert again[1]["accuracy"]["n"] == 20 and set(again[1]["accuracy"]["per_dataset"]) == {"medmcqa"}
     assert again[1]["accuracy"]["paired_vs_reference"]["lost"] == 10
+
+
+def test_imatrix_on_off_is_paired_against_the_plain_type(tmp_path):
+    """A ``<quant>-imatrix`` configuration gets ``paired_vs_plain`` against ``<quant>`` (pooled and per set) and its
+    own report.md section with both sides' size and KL divergence; other configurations get none."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    gold = ["A", "B", "C", "D"] * 10
+    sets = ["medmcqa"] * 20 + ["pubmedqa"] * 20
+    plain = gold[:25] + ["A"] * 15                       # right on 25 + the A's of the last 15
+    calibrated = gold[:20] + ["D" if g != "D" else "A" for g in gold[20:25]] + gold[25:]
+    for name, preds in (("f16", gold), ("q4_k_m", plain), ("q4_k_m-imatrix", calibrated)):
+        _write_records(raw, name, list(zip(sets, gold, preds)))
+    entries = [{"name": "f16"}, {"name": "q4_k_m"}, {"name": "q4_k_m-imatrix"}]
+    scores.in_progress(tmp_path, entries)
+    scores.add_paired(tmp_path, entries)
+    on = entries[2]["accuracy"]["paired_vs_plain"]
+    m = [calibrated[i] == gold[i] for i in range(40)]
+    b = [plain[i] == gold[i] for i in range(40)]
+    assert on["reference"] == "q4_k_m" and on["n"] == 40
+    assert (on["gained"], on["lost"]) == (sum(x and not y for x, y in zip(m, b)), sum(y and not x for x, y in zip(m, b)))
+    assert (on["gained"], on["lost"]) == (12, 5) and on["mcnemar_p"] == pytest.approx(stats.mcnemar(12, 5))
+    assert entries[2]["accuracy"]["per_dataset"]["pubmedqa"]["paired_vs_plain"]["gained"] == 12
+    assert entries[2]["accuracy"]["paired_vs_reference"]["reference"] == "f16"
+    assert "paired_vs_plain" not in entries[1]["accuracy"] and "paired_vs_plain" not in entries[0]["accuracy"]
+    e_plain = _entry("q4_k_m", "gguf", "llama.cpp", 1066, 1243, 4.96, 16.9, 4.9, kld=0.0053)
+    e_on = _entry("q4_k_m-imatrix", "gguf", "llama.cpp", 1066, 1243, 4.96, 16.9, 4.9, kld=0.0046)
+    e_plain["accuracy"], e_on["accuracy"] = entries[1]["accuracy"], entries[2]["accuracy"]
+    md = "\n".join(scores.imatrix_markdown({"configs": [e_plain, e_on]}, report._table))
+    assert "## Importance matrix on / off" in md
+    row = next(line for line in md.splitlines() if line.startswith("| q4_k_m |"))
+    assert "1,066.0 → 1,066.0" in row and "0.0053 → 0.0046" in row and "+12 / −5, +17.5" in row
+    assert "| q4_k_m-imatrix | **pooled** | 40 |" in md and "| q4_k_m-imatrix | medmcqa | 20 |" in md
+    assert scores.imatrix_markdown({"configs": [e_plain]}, report._table) == []
+    assert scores.csv_columns(e_on)["vs_plain_gained"] == 12 and "vs_plain_gained" not in scores.csv_columns(e_plain)
 
 
 def test_eval_options_resolve_the_default_suite(tmp_path):

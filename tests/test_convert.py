@@ -323,9 +323,17 @@ def test_imatrix_calibration_lowers_weighted_error(models, tmp_path):
     plain, calibrated, ref = tmp_path / "plain.gguf", tmp_path / "imat.gguf", tmp_path / "f32.gguf"
     convert(models["llama"], ref, ConvertOptions(out_type="f32", parity=False), echo=lambda s: None)
     convert(models["llama"], plain, ConvertOptions(out_type="q4_0", parity=False), echo=lambda s: None)
-    convert(models["llama"], calibrated, ConvertOptions(out_type="q4_0", parity=False, imatrix_from=calib), echo=lambda s: None)
+    made = convert(models["llama"], calibrated, ConvertOptions(out_type="q4_0", parity=False, imatrix_from=calib),
+                   echo=lambda s: None)
+    # the report names the calibration text by its bytes; a conversion without one has no imatrix section
+    from edgemed.hashing import file_sha256
+
+    written = json.loads(Path(f"{calibrated}.report.json").read_text())
+    assert written["imatrix"] == made.imatrix and made.imatrix["sha256"] == file_sha256(calib)
+    assert made.imatrix["text"] == "calib.jsonl" and made.imatrix["tokens"] > 0 and made.imatrix["chunks"] >= 1
+    assert "imatrix" not in json.loads(Path(f"{plain}.report.json").read_text())
     ckpt = Checkpoint.open(models["llama"])
-    imatrix = compute_imatrix(ckpt, arch_spec(ckpt.architecture), calib, echo=lambda s: None)
+    imatrix = compute_imatrix(ckpt, arch_spec(ckpt.architecture), calib, echo=lambda s: None).values
     assert set(imatrix) >= {"blk.0.ffn_down.weight", "blk.1.attn_q.weight", "output.weight"}
 
     def dequant(path, name):

@@ -91,13 +91,15 @@ def test_pack_reads_provenance_from_gguf_and_report(tmp_path):
     src = kit.inputs(tmp_path / "src", extra_kv={"edgemed.source.sha256": "ab" * 32, "edgemed.converter_version": "9.9"})
     model = src["model"]
     report = {"size_bytes": model.stat().st_size, "out_type": "q4_k_m", "source": {"path": "/build/x", "sha256": "ab" * 32},
-              "lora": {"sha256": "cd" * 32}, "parity": {"top1_agreement": 0.98}, "converter": {"version": "9.9"}}
+              "lora": {"sha256": "cd" * 32}, "parity": {"top1_agreement": 0.98}, "converter": {"version": "9.9"},
+              "imatrix": {"text": "medical.txt", "sha256": "ef" * 32, "tokens": 8192, "chunks": 32}}
     model.with_name(model.name + ".report.json").write_text(json.dumps(report))
     out = _pack(src, tmp_path / "b", as_dir=True)
     man = json.loads((out / "manifest.json").read_text())
     p = man["provenance"]
     assert p["source_sha256"] == "ab" * 32 and p["lora_sha256"] == "cd" * 32 and p["converter_version"] == "9.9"
     assert p["parity"] == {"top1_agreement": 0.98} and "llama-cpp-python" in p["built_with"]
+    assert p["imatrix"]["sha256"] == "ef" * 32 and p["imatrix"]["text"] == "medical.txt"  # the calibration, named
     assert (out / "report.json").is_file() and "/build/x" not in json.dumps(p)
 
 

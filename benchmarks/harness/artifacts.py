@@ -3,12 +3,15 @@
 Layout (fixed, so artifacts can be made ahead of time with ``edgemed convert``)::
 
     <out>/artifacts/<quant>.gguf            edgemed convert SRC --quant <quant> -o <out>/artifacts/<quant>.gguf
+    <out>/artifacts/<quant>-imatrix.gguf    edgemed convert SRC --quant <quant> --imatrix-from TEXT -o ...
     <out>/artifacts/onnx-<quant>/           edgemed convert SRC --to onnx --quant <quant> -o <out>/artifacts/onnx-<quant>
 
 An existing artifact is reused only when its conversion report (``<quant>.gguf.report.json``,
-``onnx-<quant>/report.json``) names the same source checkpoint (sha256 of config + weights);
-one made from another source is refused, never silently measured. A missing one is converted
-in a child process (the converter's own progress, memory and atomic output).
+``onnx-<quant>/report.json``) names the same source checkpoint (sha256 of config + weights)
+and, for a GGUF, the same calibration: a ``-imatrix`` artifact's report must name the text's
+sha256, a plain one must have no importance matrix. Anything else is refused, never silently
+measured. A missing one is converted in a child process (the converter's own progress, memory
+and atomic output).
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ def source_digest(src: Path) -> str:
     return Checkpoint.open(src).digest()
 
 
+#: a ``--quants`` entry ``<quant>-imatrix``: that type quantized with an importance matrix (``--imatrix-from``)
+IMATRIX_SUFFIX = "-imatrix"
+
+
+def parse_quants(text: str | None) -> list[str]:
+    """``--quants``: GGUF types, each quantized one optionally with ``-imatrix`` (``q4_k_m,q4_k_m-imatrix``)."""
+    from edgemed.benchmarks.harness.configs import parse_list
+    from edgemed.constants import GGUF_OUTPUT_TYPES, QUANT_OUTPUT_TYPES
+
+    allowed = {**{q: q for q in GGUF_OUTPUT_TYPES}, **{q + IMATRIX_SUFFIX: q for q in QUANT_OUTPUT_TYPES}}
+    return parse_list(text, allowed, "GGUF type")
+
+
 def gguf_path(out: Path, quant: str) -> Path:
     return out / "artifacts" / f"{quant}.gguf"
 
@@ -45,20 +61,28 @@ def _report(artifact: Path) -> Path:
     return report_path(artifact, "gguf" if artifact.suffix == ".gguf" else "onnx")
 
 
-def _check_reuse(artifact: Path, digest: str) -> bool:
-    """True when ``artifact`` exists and was made from the checkpoint with ``digest``."""
+def _check_reuse(artifact: Path, digest: str, imatrix: str | None = None) -> bool:
+    """True when ``artifact`` exists and was made from the checkpoint with ``digest`` (GGUF: with the importance
+    matrix of the calibration text whose sha256 is ``imatrix``, or with none when that is None)."""
     if not artifact.exists():
         return False
     report = _report(artifact)
     try:
-        named = json.loads(report.read_text(encoding="utf-8"))["source"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        made = json.loads(report.read_text(encoding="utf-8"))
+        named = made["source"]["sha256"]
+        calibrated = (made.get("imatrix") or {}).get("sha256") if artifact.suffix == ".gguf" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise InputError(f"'{artifact}' exists but its conversion report '{report.name}' is missing or unreadable, so "
                          "its source cannot be checked.",
                          f"delete '{artifact}' to have it converted again, or re-run `edgemed convert` to make it") from None
     if named != digest:
         raise InputError(f"'{artifact}' was converted from another checkpoint (source sha256 {named[:12]}..., "
                          f"this one is {digest[:12]}...).", f"delete '{artifact}' or use another -o folder")
+    if calibrated != imatrix:
+        made_with = f"an importance matrix from text sha256 {str(calibrated)[:12]}..." if calibrated else "no importance matrix"
+        wanted = f"one from --imatrix-from's text (sha256 {imatrix[:12]}...)" if imatrix else "none"
+        raise InputError(f"'{artifact}' was quantized with {made_with}; this configuration needs {wanted}.",
+                         f"delete '{artifact}' or use another -o folder")
     return True
 
 
@@ -71,15 +95,29 @@ def _convert(src: Path, artifact: Path, args: list[str], echo) -> None:
                          f"fix the cause, or make the artifact yourself: {' '.join(cmd[2:])}")
 
 
-def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines: dict[str, str], echo=print) -> list[Config]:
-    """Configurations for a reproduction: GGUF quants, ONNX types, HF baselines (converting what is missing)."""
+def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines: dict[str, str], echo=print,
+            imatrix_from: Path | None = None) -> list[Config]:
+    """Configurations for a reproduction: GGUF quants (``<quant>-imatrix`` calibrated on ``imatrix_from``), ONNX
+    types, HF baselines (converting what is missing)."""
+    from edgemed.hashing import file_sha256
+
+    calibrated = [q for q in quants if q.endswith(IMATRIX_SUFFIX)]
+    if calibrated and imatrix_from is None:
+        raise InputError(f"{', '.join(calibrated)} need the calibration text the importance matrix is made from.",
+                         "pass --imatrix-from medical (the shipped abstracts) or a file of your own")
+    if imatrix_from is not None and not calibrated:
+        raise InputError("--imatrix-from is used only by the -imatrix types in --quants, and none is listed.",
+                         "add one, e.g. --quants f16,q4_k_m,q4_k_m-imatrix, or leave --imatrix-from out")
+    text_sha = file_sha256(imatrix_from) if calibrated else None
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     digest = source_digest(src)
     configs = []
     for quant in quants:
         path = gguf_path(out, quant)
-        if not _check_reuse(path, digest):
-            _convert(src, path, ["--quant", quant], echo)
+        base = quant.removesuffix(IMATRIX_SUFFIX)
+        sha = text_sha if base != quant else None
+        if not _check_reuse(path, digest, sha):
+            _convert(src, path, ["--quant", base] + (["--imatrix-from", str(imatrix_from)] if sha else []), echo)
         configs.append(Config(quant, "gguf", str(path)))
     for quant in onnx:
         path = onnx_path(out, quant)

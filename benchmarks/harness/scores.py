@@ -11,7 +11,10 @@ accuracy-and-divergence tables of report.md, and their columns in results.csv.
   (share of items with the same predicted letter), ``diff`` = (gained - lost) / n, ``diff_ci`` (95 %, Newcombe's
   hybrid score method 10, named in ``diff_ci_method``), ``mcnemar_p`` (exact), ``discordance`` = (gained + lost) /
   n, ``mdd`` (the smallest difference n pairs detect with 80 % power at alpha 0.05 at that discordance, Connor
-  1987) and ``resolves`` (mdd <= 1 point).
+  1987) and ``resolves`` (mdd <= 1 point);
+- ``paired_vs_plain`` (pooled and per set, ``<quant>-imatrix`` configurations only): the same figures against the
+  plain ``<quant>`` (importance matrix on vs off), ``reference`` naming it. report.md gives them a table of their own
+  with each side's size and KL divergence.
 
 **results.csv** (one row per configuration; empty where not measured):
 
@@ -22,6 +25,7 @@ accuracy-and-divergence tables of report.md, and their columns in results.csv.
 | ``paired_n``, ``paired_gained``, ``paired_lost``, ``paired_same_answer`` | pooled pairs vs the reference |
 | ``paired_diff``, ``paired_diff_ci_low``, ``paired_diff_ci_high``, ``mcnemar_p``, ``paired_mdd`` | pooled paired test |
 | ``paired_diff_<set>``, ``mcnemar_p_<set>``, ``paired_mdd_<set>`` | per set |
+| ``vs_plain_gained``, ``vs_plain_lost``, ``vs_plain_diff``, ``vs_plain_mcnemar_p`` | ``<quant>-imatrix`` vs ``<quant>``, pooled |
 | ``kld_mean``, ``kld_p99``, ``top1``, ``kld_n_tokens`` | headline divergence (each passage's first position left out) |
 | ``kld_llamacpp``, ``kld_llamacpp_p99``, ``top1_llamacpp`` | second half of each passage (llama-perplexity's rows) |
 | ``kld_first``, ``top1_first`` | the left-out first positions alone |
@@ -85,9 +89,9 @@ def in_progress(out: Path, entries: list[dict], keep: set | None = None) -> None
 
 
 # -- paired comparison ------------------------------------------------------------------------
-def compare(mine: dict[str, dict], base: dict[str, dict]) -> dict[str, dict]:
-    """Paired figures (``stats.paired`` + ``same_answer``) of ``mine`` vs ``base`` on the items both have, per set
-    and ``POOLED``, by the letter-logit prediction."""
+def compare(mine: dict[str, dict], base: dict[str, dict], reference: str = REFERENCE) -> dict[str, dict]:
+    """Paired figures (``stats.paired`` + ``same_answer``) of ``mine`` vs ``base`` (named ``reference``) on the items
+    both have, per set and ``POOLED``, by the letter-logit prediction."""
     common = [i for i in mine if i in base]
     groups = {POOLED: common}
     for i in common:
@@ -98,24 +102,37 @@ def compare(mine: dict[str, dict], base: dict[str, dict]) -> dict[str, dict]:
         fig = paired(sum(m and b for m, b in right), sum(m and not b for m, b in right),
                      sum(b and not m for m, b in right), sum(not (m or b) for m, b in right))
         same = sum(mine[i]["logit_pred"] == base[i]["logit_pred"] for i in ids)
-        out[name] = {"reference": REFERENCE, **fig, "same_answer": same / len(ids) if ids else None}
+        out[name] = {"reference": reference, **fig, "same_answer": same / len(ids) if ids else None}
     return out
 
 
+def _attach(entry: dict, figures: dict[str, dict], key: str, reference: str) -> None:
+    entry["accuracy"][key] = figures.get(POOLED) or {"reference": reference, "n": 0}
+    for ds, summary in (entry["accuracy"].get("per_dataset") or {}).items():
+        if ds in figures:
+            summary[key] = figures[ds]
+
+
+def plain_of(name: str) -> str | None:
+    """The configuration a ``<quant>-imatrix`` one is paired with (importance matrix off); None for any other."""
+    from edgemed.benchmarks.harness.artifacts import IMATRIX_SUFFIX
+
+    return name.removesuffix(IMATRIX_SUFFIX) if name.endswith(IMATRIX_SUFFIX) else None
+
+
 def add_paired(out: Path, entries: list[dict], keep: set | None = None) -> None:
-    """Each scored configuration's accuracy gets ``paired_vs_reference``, pooled and in every ``per_dataset``."""
-    ref = next((e for e in entries if e["name"] == REFERENCE and e.get("accuracy")), None)
-    if ref is None:
-        return
-    base = read_records(out, REFERENCE, keep)
-    for e in entries:
-        if e is ref or not e.get("accuracy"):
-            continue
-        figures = compare(read_records(out, e["name"], keep), base)
-        e["accuracy"]["paired_vs_reference"] = figures.get(POOLED) or {"reference": REFERENCE, "n": 0}
-        for ds, summary in (e["accuracy"].get("per_dataset") or {}).items():
-            if ds in figures:
-                summary["paired_vs_reference"] = figures[ds]
+    """Each scored configuration's accuracy gets ``paired_vs_reference``, pooled and in every ``per_dataset``; a
+    ``<quant>-imatrix`` one also ``paired_vs_plain`` against ``<quant>``."""
+    by_name = {e["name"]: e for e in entries if e.get("accuracy")}
+    ref = by_name.get(REFERENCE)
+    base = read_records(out, REFERENCE, keep) if ref is not None else {}
+    for e in by_name.values():
+        mine = read_records(out, e["name"], keep)
+        if ref is not None and e is not ref:
+            _attach(e, compare(mine, base), "paired_vs_reference", REFERENCE)
+        plain = plain_of(e["name"])
+        if plain in by_name:
+            _attach(e, compare(mine, read_records(out, plain, keep), plain), "paired_vs_plain", plain)
 
 
 # -- divergence ---------------------------------------------------------------------------------
@@ -158,6 +175,10 @@ def csv_columns(e: dict) -> dict:
         q = s.get("paired_vs_reference") or {}
         row[f"paired_diff_{ds}"], row[f"mcnemar_p_{ds}"] = _r(q.get("diff"), 4), _r(q.get("mcnemar_p"), 4)
         row[f"paired_mdd_{ds}"] = _r(q.get("mdd"), 4)
+    v = a.get("paired_vs_plain") or {}
+    if v.get("n"):
+        row.update({"vs_plain_gained": v["gained"], "vs_plain_lost": v["lost"], "vs_plain_diff": _r(v.get("diff"), 4),
+                    "vs_plain_mcnemar_p": _r(v.get("mcnemar_p"), 4)})
     d = divergence_figures(e.get("divergence"))
     for k in ("kld_mean", "kld_p99", "top1", "kld_n_tokens", "kld_llamacpp", "kld_llamacpp_p99", "top1_llamacpp",
               "kld_first", "top1_first", "kld_all", "top1_all"):
@@ -217,6 +238,52 @@ def eval_setting(settings: dict) -> str:
             f"Scored by {score.get(settings.get('eval_score', 'both'), 'letter logits and a generated answer')}.")
 
 
+def _size(e: dict):
+    """An entry's file size in MiB: the timing phase's, else the file's own where it is here."""
+    size = e.get("model_bytes")
+    if size is None:
+        try:
+            size = Path(e["path"]).stat().st_size
+        except (OSError, KeyError, TypeError):
+            return "—"
+    return f"{size / 2**20:,.1f}"
+
+
+def imatrix_markdown(results: dict, table) -> list[str]:
+    """The importance-matrix on / off section: each ``<quant>-imatrix`` beside its plain ``<quant>``."""
+    by_name = {e["name"]: e for e in results["configs"]}
+    pairs = [(by_name[plain_of(e["name"])], e) for e in results["configs"] if plain_of(e["name"]) in by_name]
+    if not pairs:
+        return []
+    rows, per = [], []
+    for off, on in pairs:
+        d_off, d_on = divergence_figures(off.get("divergence")), divergence_figures(on.get("divergence"))
+        a_off, a_on = off.get("accuracy") or {}, on.get("accuracy") or {}
+        arrow = lambda f, k: f"{f(d_off.get(k))} → {f(d_on.get(k))}"  # noqa: E731
+        rows.append([off["name"], f"{_size(off)} → {_size(on)}", arrow(_kld, "kld_mean"), arrow(_kld, "kld_llamacpp"),
+                     arrow(_pct, "top1"), f"{_pct(a_off.get('acc_logit'))} → {_pct(a_on.get('acc_logit'))}",
+                     paired_cell(a_on.get("paired_vs_plain"))])
+        sets = [(ds, s) for ds, s in (a_on.get("per_dataset") or {}).items()] + ([(POOLED, a_on)] if a_on.get("n") else [])
+        for ds, s in sets:
+            p = s.get("paired_vs_plain") or {}
+            if not p.get("n"):
+                continue
+            s_off = a_off if ds == POOLED else (a_off.get("per_dataset") or {}).get(ds, {})
+            per.append([on["name"], ds if ds != POOLED else "**pooled**", p["n"], _pct(s_off.get("acc_logit")),
+                        _pct(s.get("acc_logit")), f"+{p['gained']} / −{p['lost']}", _pct(p.get("same_answer")),
+                        _points(p.get("diff"), p.get("diff_ci")), _p(p.get("mcnemar_p")), _mdd_cell(p)])
+    parts = ["## Importance matrix on / off\n",
+             "Each `<type>-imatrix` artifact is `<type>` quantized with an importance matrix from the calibration "
+             "text its conversion report names (`imatrix` section); off → on. KL divergence against "
+             f"`{REFERENCE}` as above; accuracy by letter logits, paired on vs off on the same items (gained / lost "
+             "= right only with / only without the matrix).\n",
+             table(["type", "size MiB", "KLD", "KLD llama.cpp", "top-1", "acc (logits)", "paired, on vs off"], rows), ""]
+    if per:
+        parts += [table(["config", "set", "pairs", "acc off", "acc on", "gained / lost", "same answer",
+                         "difference, points [95 % CI]", "McNemar p", "MDD"], per), ""]
+    return parts
+
+
 def markdown(results: dict, table) -> list[str]:
     """The accuracy-and-divergence section of report.md (``table(header, rows)`` renders a Markdown table)."""
     entries = [e for e in results["configs"] if e.get("accuracy") or e.get("divergence")]
@@ -267,4 +334,4 @@ def markdown(results: dict, table) -> list[str]:
                   "formula); a 1-point difference is resolvable where MDD <= 1 point.\n",
                   table(["config", "set", "items", "acc (logits)", "95 % CI", "acc (generated)", "gained / lost",
                          "same answer", "difference, points [95 % CI]", "McNemar p", "MDD"], per), ""]
-    return parts
+    return parts + imatrix_markdown(results, table)

@@ -167,12 +167,16 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
 @bench.command("reproduce")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_common
-@click.option("--quants", default="f16,q8_0,q4_k_m,q4_0", show_default=True, help="GGUF types to convert and measure.")
+@click.option("--quants", default="f16,q8_0,q4_k_m,q4_0", show_default=True,
+              help="GGUF types to convert and measure; <type>-imatrix (e.g. q4_k_m-imatrix) is that type quantized "
+              "with an importance matrix from --imatrix-from, paired against the plain type in the report.")
+@click.option("--imatrix-from", help="Calibration text of the -imatrix types: 'medical' (the shipped PubMedQA abstracts, "
+              "not its test split) or a JSONL / .txt file.")
 @click.option("--onnx", "onnx", default="", help="ONNX types to convert and measure (e.g. int4) [default: none].")
 @click.option("--baselines", default="hf-fp32,hf-bf16", show_default=True,
               help="HF-torch baselines: hf-fp32, hf-bf16, hf-fp16 (GPU only); '' for none.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
-def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
+def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
               n_ctx, evals, eval_data, eval_n, eval_context, eval_score, eval_threads, seed, skip_accuracy, phases,
               report_only, as_json):
     """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
@@ -185,15 +189,20 @@ def reproduce(source, quants, onnx, baselines, output, scenario, prompts, runs, 
 
     from edgemed.benchmarks.harness import artifacts, runner
     from edgemed.benchmarks.harness.configs import HF_BASELINES, parse_list
-    from edgemed.constants import GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
+    from edgemed.constants import ONNX_OUTPUT_TYPES
 
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
-    configs = artifacts.prepare(source.resolve(), output, parse_list(quants, GGUF_OUTPUT_TYPES, "GGUF type"),
-                                parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo)
+    if imatrix_from is not None:
+        from edgemed.converters.calibration import resolve
+
+        imatrix_from = resolve(imatrix_from).resolve()
+    configs = artifacts.prepare(source.resolve(), output, artifacts.parse_quants(quants),
+                                parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo,
+                                imatrix_from=imatrix_from)
     results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,
                          measure=not report_only)
     _finish(results, output, as_json)

@@ -99,7 +99,8 @@ def _report_provenance(report: Path, model: Path) -> dict:
     src, lora = r.get("source") or {}, r.get("lora") or {}
     out = {"source_sha256": src.get("sha256"), "source_dtype": src.get("dtype"), "lora_sha256": lora.get("sha256"),
            "converter_version": (r.get("converter") or {}).get("version"), "out_type": r.get("out_type") or r.get("weight_type"),
-           "parity": r.get("parity"), "tokenizer_check": r.get("tokenizer")}
+           "parity": r.get("parity"), "tokenizer_check": r.get("tokenizer"),
+           "imatrix": r.get("imatrix")}  # the calibration text a 4-bit file was quantized with (name, sha256, tokens)
     return {k: v for k, v in out.items() if v is not None}
 
 
