@@ -1,8 +1,8 @@
 """``edgemed convert --quant auto``: per-tensor types chosen by measured KLD, written by llama.cpp's quantizer.
 
-What it costs, whatever the search decides: llama.cpp quantizes the float intermediate at most three times
-(every tensor ``low``, every tensor ``high``, and every tensor Q8_0 only when asked for), plus once for the
-output. Each other candidate is **spliced** from those files (a tensor's bytes do not depend on the other
+What it costs, whatever the search decides: llama.cpp quantizes the float intermediate at most four times
+(every tensor ``low``, every tensor ``high``, llama.cpp's own Q4_K_M mix, and every tensor Q8_0 only when asked
+for), plus once for the output. Each other candidate is **spliced** from those files (a tensor's bytes do not depend on the other
 tensors' types), so a round is a file copy and one KLD measurement, not a quantization. The output itself is
 quantized by llama.cpp with the chosen types as tensor-type overrides (``quantize.py``), its types read back and
 its tensor bytes compared with the measured candidate's; if they differ, the output is measured itself.
@@ -10,8 +10,9 @@ its tensor bytes compared with the measured candidate's; if they differ, the out
 KLD is measured against the float intermediate (F16/BF16, llama.cpp, the same engine as the candidates) on
 ``data/calibration/medical-search.txt``: PubMedQA abstracts outside the test split and outside the importance
 matrix's text, so neither the bench's accuracy items nor its divergence passages (the held-out text the final
-figures come from) steer the choice. Headline KLD by ``edgemed.fidelity``'s rule. Reference logits are computed
-once and kept on disk in the scratch folder (float32, one file a passage).
+figures come from) steer the choice. Headline KLD by ``edgemed.fidelity``'s rule, with its standard error
+between the text's 12 passages (``fidelity.headline_se``): the search holds a candidate to KLD + 1.645 SE.
+Reference logits are computed once and kept on disk in the scratch folder (float32, one file a passage).
 
 ``--fit-profile NAME``: the device planner (``edgemed.planner``) estimates each candidate at the profile's
 context (capped at the model's) against the profile's fixed memory budget.
@@ -194,17 +195,17 @@ class Reference:
             model.close()
 
     def measure(self, path: Path) -> dict:
-        """``edgemed.fidelity.summarize`` of KL(reference || ``path``) over the passages."""
+        """``edgemed.fidelity.summarize`` of KL(reference || ``path``) over the passages, + ``kld_se``."""
         import numpy as np
 
-        from edgemed.fidelity import kl_rows, summarize
+        from edgemed.fidelity import headline_se, kl_rows, summarize
 
         rows = []
         for ref_file, logits in zip(self.files, self._logits(path)):
             ref = np.load(ref_file, mmap_mode="r")
             parts = [kl_rows(ref[i:i + KL_ROWS], logits[i:i + KL_ROWS]) for i in range(0, len(logits), KL_ROWS)]
             rows.append((np.concatenate([k for k, _ in parts]), np.concatenate([a for _, a in parts])))
-        return summarize(rows)
+        return summarize(rows) | {"kld_se": headline_se(rows)}
 
     @property
     def n_positions(self) -> int:
@@ -264,7 +265,7 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
     """Search, write ``dst`` with the chosen types, and return the report's ``auto_quant`` section."""
     from edgemed import fidelity
     from edgemed.converters import calibration
-    from edgemed.converters.auto_quant_search import LADDERS, TOP, Impossible, Trial, search
+    from edgemed.converters.auto_quant_search import LADDERS, MARGIN_Z, STOCK, TOP, Impossible, Trial, search
     from edgemed.converters.quantize import quantize
     from edgemed.gguf_header import read_header
 
@@ -308,7 +309,7 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
         start = time.monotonic()
         figures = reference.measure(path)
         clock["measure_s"] += time.monotonic() - start
-        return {k: figures[k] for k in ("kld_mean", "kld_p99", "top1", "n_tokens")} | {
+        return {k: figures[k] for k in ("kld_mean", "kld_se", "kld_p99", "top1", "n_tokens")} | {
             "llamacpp_kld_mean": (figures["llamacpp"] or {}).get("kld_mean"), "first_kld_mean": figures["first"]["kld_mean"]}
 
     def measure(label: str, types: dict) -> Trial:
@@ -319,10 +320,20 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
         figures = measure_file(path)
         size = path.stat().st_size
         path.unlink()
-        return Trial(label, dict(types), size, figures["kld_mean"], fit(types) if fit else None, figures)
+        return Trial(label, dict(types), size, figures["kld_mean"], fit(types) if fit else None, figures,
+                     se=figures["kld_se"] or 0.0)
+
+    def stock() -> dict:
+        """llama.cpp's own Q4_K_M mix (its choice per tensor), quantized once: a rung of its own."""
+        start, path = time.monotonic(), work / "rung-stock.gguf"
+        quantize(float_path, path, "q4_k_m", threads=threads, imatrix=imatrix)
+        clock["quantize_s"] += time.monotonic() - start
+        rungs["stock"] = Rung(path, read_header(path))
+        levels["stock"] = {g.name: rungs["stock"].tensor(g.name).type_name for g in groups}
+        return levels["stock"]
 
     try:
-        outcome = search(groups, measure=measure, max_kld=max_kld, fits=fit, log=echo)
+        outcome = search(groups, measure=measure, max_kld=max_kld, fits=fit, stock=stock, log=echo)
     except Impossible as exc:
         echo(table(exc.trials))
         asked = " and ".join(x for x in (f"KLD <= {max_kld:g}" if max_kld is not None else "",
@@ -345,11 +356,15 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
                         "reference": f"the float intermediate ({float_path.name})", "rule": fidelity.RULE,
                         "fidelity_version": fidelity.VERSION},
         "ladders": {f"{block}-element blocks": list(pair) for block, pair in LADDERS.items()} | {"top": TOP},
+        "margin": {"z": MARGIN_Z, "rule": f"a candidate meets --max-kld when KLD + {MARGIN_Z} x SE does (SE between "
+                   "passages, edgemed.fidelity.headline_se)"},
         "rounds": len(outcome.trials), "bound": outcome.bound, "quantize_runs": len(rungs) + 1,
         "candidates": [t.row() for t in outcome.trials],
         "chosen": {"label": chosen.label, "size_bytes": dst.stat().st_size, "kld": figures["kld_mean"], "figures": figures,
                    "matches_measured_candidate": matches, "types": dict(sorted(chosen.types.items()))},
         "why": outcome.why, "ranking": outcome.order,
+        "stock": next(({"label": t.label, "size_bytes": t.size_bytes, "kld": t.kld, "kld_se": t.se, "kld_upper": t.upper}
+                       for t in outcome.trials if t.label == STOCK), None),
         "timings_s": {k: round(v, 2) for k, v in clock.items()},
     }
     if fit:
@@ -365,8 +380,9 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
 
 def table(trials) -> str:
     """The candidates as printed: label, size, headline KLD, top-1, fits."""
-    lines = [f"  {'candidate':<28} {'MiB':>9} {'KLD':>9} {'top-1':>7}  fits"]
+    lines = [f"  {'candidate':<34} {'MiB':>9} {'KLD':>9} {'± SE':>8} {'top-1':>7}  fits"]
     for t in trials:
         fits = "-" if t.fits is None else "yes" if t.fits else "no"
-        lines.append(f"  {t.label:<28} {t.size_bytes / 2**20:9.1f} {t.kld:9.5f} {t.figures.get('top1', 0) * 100:6.1f}%  {fits}")
+        lines.append(f"  {t.label:<34} {t.size_bytes / 2**20:9.1f} {t.kld:9.5f} {t.se:8.5f} "
+                     f"{t.figures.get('top1', 0) * 100:6.1f}%  {fits}")
     return "auto-quant candidates (headline KLD vs the float intermediate, held-out PubMedQA abstracts):\n" + "\n".join(lines)

@@ -3,23 +3,31 @@
 Every quantizable tensor is a **group** with a two-type ladder, ``low`` (4-bit) and ``high``: Q4_K -> Q6_K
 where a row is whole 256-blocks, else Q5_0 -> Q8_0 (the 32-block types llama.cpp itself falls back to for
 Q4_K and Q6_K). A candidate gives each group one of its two types. ``measure(label, types)`` writes a candidate
-and returns its size and headline KLD (``edgemed.fidelity``) on held-out medical text;
-``fits(types)`` whether the device planner says it fits (no device asked: every candidate fits).
+and returns its size, headline KLD (``edgemed.fidelity``) on held-out medical text and that mean's standard error
+between passages; ``fits(types)`` whether the device planner says it fits (no device asked: every candidate fits).
 
-The rounds, each one candidate measured (``bound``: at most 3 + probes + ``VERIFY``):
+**Meeting the budget** takes a margin: a candidate meets ``max_kld`` when its KLD's one-sided 95 % upper bound,
+KLD + ``MARGIN_Z`` x SE, does (``Trial.upper``). Candidates a few percent apart in size differ in KLD by about
+their own sampling error, so a bare mean under the budget is a coin toss on other text.
+
+The rounds, each one candidate measured (``bound``: at most 4 + probes + ``VERIFY``):
 
 1. **base**: every group low. It meets ``max_kld``: done (nothing smaller is on offer).
-2. **all high**: every group high. It misses ``max_kld``: one more round, every tensor Q8_0; that missing too
+2. **stock** (when given): llama.cpp's own mix for the type (Q4_K_M: Q6_K on the output and on part of the
+   ``attn_v`` / ``ffn_down`` layers). The answer must beat it: it is a candidate like the others, so nothing larger
+   that meets the budget is chosen over it, and its measured point anchors the search below.
+3. **all high**: every group high. It misses ``max_kld``: one more round, every tensor Q8_0; that missing too
    is an impossible budget (an error naming what was measured).
-3. **probes**, one per tensor kind (``attn_q`` ... ``ffn_down``, ``token_embd``, ``output``: that kind high in
+4. **probes**, one per tensor kind (``attn_q`` ... ``ffn_down``, ``token_embd``, ``output``: that kind high in
    every layer) and one per layer band (``BANDS`` contiguous bands: every kind high in those layers). The gain of
    group (kind k, layer l) is modelled as gain(kind k) x gain(band of l) / (layers in band x all bands' gain),
    so that a kind's groups add up to its probe; the gains are scaled to add up to base - all high.
-4. **verify**: a candidate is the set of groups made high. ``Knapsack`` finds, for a modelled gain G, the set with
+5. **verify**: a candidate is the set of groups made high. ``Knapsack`` finds, for a modelled gain G, the set with
    the fewest extra bytes whose modelled gains add up to at least G (0/1 knapsack: a big tensor such as
    ``output`` that carries much of the gain is taken whole or not at all, where a ranking by gain per byte
    would overshoot). The rounds search G: a secant step between the largest measured G that misses
-   ``max_kld`` and the smallest that meets it (base = 0, all high = the total), at most ``VERIFY`` rounds.
+   ``max_kld`` and the smallest that meets it (base = 0, all high = the total, stock = its high groups' modelled
+   gain), at most ``VERIFY`` rounds.
    With a device, the range ends at the most modelled gain whose set the planner says fits.
 
 The answer is the smallest measured candidate that meets ``max_kld`` (and fits), or with only a device, the
@@ -37,9 +45,11 @@ from typing import Callable
 #: (low, high) per block family: 256-element blocks (K-quants) or 32-element blocks.
 LADDERS = {256: ("Q4_K", "Q6_K"), 32: ("Q5_0", "Q8_0")}
 TOP = "Q8_0"  # every tensor at this type: the last candidate when all-high misses the budget
+MARGIN_Z = 1.645  # one-sided 95 %: a candidate meets --max-kld when KLD + MARGIN_Z x SE does
 BANDS = 4     # layer bands probed (contiguous, first to last)
 VERIFY = 4    # rounds after the probes that search the modelled gain
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
+STOCK = "llama.cpp Q4_K_M"  # the stock round's label
 
 
 @dataclass(frozen=True)
@@ -75,9 +85,16 @@ class Trial:
     kld: float
     fits: bool | None
     figures: dict = field(default_factory=dict)  # the full fidelity summary, filled by ``measure``'s caller
+    se: float = 0.0  # standard error of ``kld`` (between passages, ``edgemed.fidelity.headline_se``)
+
+    @property
+    def upper(self) -> float:
+        """The KLD this candidate is held to against a budget: its one-sided 95 % upper bound."""
+        return self.kld + MARGIN_Z * self.se
 
     def row(self) -> dict:
-        return {"label": self.label, "size_bytes": self.size_bytes, "kld": self.kld, "fits": self.fits,
+        return {"label": self.label, "size_bytes": self.size_bytes, "kld": self.kld, "kld_se": self.se,
+                "kld_upper": self.upper, "fits": self.fits,
                 "types": _counts(self.types)} | ({"figures": self.figures} if self.figures else {})
 
 
@@ -106,8 +123,8 @@ class Outcome:
 
 
 def bound(groups: list[Group]) -> int:
-    """The most rounds a search over ``groups`` takes: base, all high, Q8_0 or the fit top, probes, verify."""
-    return 3 + len(probe_slices(groups)) + VERIFY
+    """The most rounds a search over ``groups`` takes: base, stock, all high, Q8_0 or the fit top, probes, verify."""
+    return 4 + len(probe_slices(groups)) + VERIFY
 
 
 def probe_slices(groups: list[Group]) -> dict[str, set[str]]:
@@ -124,8 +141,10 @@ def probe_slices(groups: list[Group]) -> dict[str, set[str]]:
 
 
 def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kld: float | None = None,
-           fits: Callable[[dict], bool] | None = None, log: Callable[[str], None] = lambda s: None) -> Outcome:
-    """Run the rounds above. ``measure(label, types) -> Trial``; ``fits(types)``: the device check (None: no device)."""
+           fits: Callable[[dict], bool] | None = None, stock: Callable[[], dict] | None = None,
+           log: Callable[[str], None] = lambda s: None) -> Outcome:
+    """Run the rounds above. ``measure(label, types) -> Trial``; ``fits(types)``: the device check (None: no device);
+    ``stock()``: llama.cpp's own mix of the low type, group -> type (called only when that round runs)."""
     if max_kld is None and fits is None:
         raise ValueError("search needs max_kld, fits, or both")
     limit, trials = bound(groups), []
@@ -137,11 +156,11 @@ def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kl
         trial = measure(label, types)
         trials.append(trial)
         log(f"auto-quant round {len(trials)}/{limit}: {label}: {trial.size_bytes / 2**20:.1f} MiB, KLD {trial.kld:.5f}"
-            + ("" if trial.fits is None else f", {'fits' if trial.fits else 'does not fit'}"))
+            f" ± {trial.se:.5f}" + ("" if trial.fits is None else f", {'fits' if trial.fits else 'does not fit'}"))
         return trial
 
     def ok(t: Trial) -> bool:
-        return (max_kld is None or t.kld <= max_kld) and t.fits is not False
+        return (max_kld is None or t.upper <= max_kld) and t.fits is not False
 
     def done(why: str, order=()) -> Outcome:
         good = [t for t in trials if ok(t)]
@@ -163,15 +182,18 @@ def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kl
     base = run("base", low)
     if max_kld is not None and ok(base):
         return done(f"the 4-bit base meets KLD <= {max_kld:g}: nothing smaller is on offer")
+    mix = stock() if stock is not None else None
+    ref = run(STOCK, mix) if mix is not None and mix != low and fits(mix) else None
     upper = run("all high", high)
-    if max_kld is not None and upper.kld > max_kld:
+    if max_kld is not None and upper.upper > max_kld:
         if high == top:
-            raise Impossible(f"every tensor at its high type gives KLD {upper.kld:.5f} > {max_kld:g}", trials)
+            raise Impossible(f"every tensor at its high type gives KLD {upper.kld:.5f} ± {upper.se:.5f} > {max_kld:g}",
+                             trials)
         q8 = run("all Q8_0", top)
         if not ok(q8):
-            raise Impossible(f"every tensor at Q8_0 gives KLD {q8.kld:.5f}" + (" > " f"{max_kld:g}" if q8.kld > max_kld else
-                             " but does not fit the device"), trials)
-        return done(f"all high gives KLD {upper.kld:.5f} > {max_kld:g}; every tensor at Q8_0 meets it")
+            raise Impossible(f"every tensor at Q8_0 gives KLD {q8.kld:.5f} ± {q8.se:.5f}"
+                             + (f" > {max_kld:g}" if q8.upper > max_kld else " but does not fit the device"), trials)
+        return done(f"all high gives KLD {upper.kld:.5f} ± {upper.se:.5f} > {max_kld:g}; every tensor at Q8_0 meets it")
     gains = {label: base.kld - run(f"probe {label}", low | {n: high[n] for n in names}).kld
              for label, names in probe_slices(groups).items()}
     modelled = group_gains(groups, gains, base.kld - upper.kld)
@@ -185,7 +207,7 @@ def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kl
     def label(names) -> str:
         return f"{len(names)} groups high (model {pack.gain(names):.5f})"
 
-    points = {pack.total: upper.kld}  # modelled gain -> measured KLD; the base is gain 0
+    points = {pack.total: upper.upper}  # modelled gain -> measured KLD (upper bound); the base is gain 0
     if upper.fits is False:  # the most modelled gain the device holds caps the range
         lo_cap, hi_cap = 0, sum(extra.values())
         while hi_cap - lo_cap > max(1, hi_cap // 4096):  # the planner is monotone in bytes: bisect the byte cap
@@ -197,10 +219,13 @@ def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kl
         best = run(label(names), types_of(names))
         if max_kld is None:
             return done("the most modelled gain (probes) that fits the device", order)
-        if best.kld > max_kld:
-            raise Impossible(f"the best candidate that fits gives KLD {best.kld:.5f} > {max_kld:g}", trials)
-        points = {pack.gain(names): best.kld}
-    points[0.0] = base.kld
+        if not ok(best) and not (ref and ok(ref)):
+            raise Impossible(f"the best candidate that fits gives KLD {best.kld:.5f} ± {best.se:.5f} > {max_kld:g}",
+                             trials)
+        points = {pack.gain(names): best.upper}
+    points[0.0] = base.upper
+    if ref is not None and all(ref.types[g.name] in (g.low, g.high) for g in groups):
+        points[pack.gain([g.name for g in groups if ref.types[g.name] == g.high and g.high != g.low])] = ref.upper
     tried = {frozenset(t.types.items()) for t in trials}
     for _ in range(VERIFY):
         lo = max(g for g, k in points.items() if k > max_kld)
@@ -215,8 +240,15 @@ def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kl
             break
         trial = run(label(names), types_of(names))
         tried.add(frozenset(trial.types.items()))
-        points[pack.gain(names)] = trial.kld
-    return done(f"the smallest measured candidate with KLD <= {max_kld:g}", order)
+        points[pack.gain(names)] = trial.upper
+    why = f"the smallest measured candidate whose KLD upper bound (+{MARGIN_Z} SE) is <= {max_kld:g}"
+    chosen = done(why, order)
+    if ref is not None and chosen.chosen is ref:
+        chosen.why = f"{why}: llama.cpp's own mix; no smaller candidate meets the budget"
+    elif ref is not None:
+        chosen.why = f"{why}, {1 - chosen.chosen.size_bytes / ref.size_bytes:+.1%} in size against llama.cpp's own mix" \
+            + (" (which meets it too)" if ok(ref) else f" (which misses it: {ref.kld:.5f} ± {ref.se:.5f})")
+    return chosen
 
 
 class Knapsack:

@@ -99,3 +99,29 @@ def summarize(passages) -> dict:
         "all": _figures(*pick(lambda n: slice(0, n)), tails=False),
         "rule": RULE, "version": VERSION,
     }
+
+
+def headline_se(passages) -> float | None:
+    """Standard error of the headline ``kld_mean`` with each passage as one sample (cluster-robust, ratio estimator).
+
+    Rows of one passage are not independent draws (a hard sentence raises its neighbours' KL too), so the spread
+    is taken between passages: se² = P / (P - 1) · Σ (k_i - m · n_i)² / (Σ n_i)², with k_i the KL summed over the
+    headline rows of passage i, n_i their count and m the headline mean. One passage: the rows' own SE (sd / √n).
+    None when there are no headline rows."""
+    import numpy as np
+
+    sums, counts, rows = [], [], []
+    for kl, _agree in passages:
+        kl = np.asarray(kl, dtype=np.float64)[headline_rows(len(kl))]
+        if kl.size:
+            sums.append(float(kl.sum()))
+            counts.append(kl.size)
+            rows.append(kl)
+    if not counts:
+        return None
+    if len(counts) == 1:
+        return float(rows[0].std(ddof=1) / np.sqrt(rows[0].size)) if rows[0].size > 1 else 0.0
+    k, n = np.asarray(sums), np.asarray(counts, dtype=np.float64)
+    m = k.sum() / n.sum()
+    p = len(counts)
+    return float(np.sqrt(p / (p - 1) * np.sum((k - m * n) ** 2)) / n.sum())

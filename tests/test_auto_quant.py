@@ -20,7 +20,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
 from edgemed.converters import auto_quant  # noqa: E402
-from edgemed.converters.auto_quant_search import BANDS, TOP, Group, Impossible, Trial, bound, probe_slices, search  # noqa: E402
+from edgemed.converters.auto_quant_search import (  # noqa: E402
+    BANDS, MARGIN_Z, STOCK, TOP, Group, Impossible, Trial, bound, probe_slices, search)
 from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
 from edgemed.converters.quantize import quantize  # noqa: E402
 from edgemed.errors import EdgemedError, InputError  # noqa: E402
@@ -109,14 +110,15 @@ def _toy(n_layers: int = 8):
     return groups, gain
 
 
-def _measurer(groups, gain, base=0.08, fits=None):
+def _measurer(groups, gain, base=0.08, fits=None, se=0.0):
     calls = []
 
     def measure(label, types):
         calls.append(label)
         kld = base - sum(gain[n] for n, t in types.items() if t != "Q4_K") - 0.0005 * sum(t == TOP for t in types.values())
         size = sum(g.extra_bytes for g in groups if types[g.name] != "Q4_K") + 10_000
-        return Trial(label, dict(types), size, max(kld, 1e-4), None if fits is None else fits(types), {"top1": 0.9})
+        return Trial(label, dict(types), size, max(kld, 1e-4), None if fits is None else fits(types), {"top1": 0.9},
+                     se=se)
     return measure, calls
 
 
@@ -132,12 +134,51 @@ def test_tight_budget_gives_a_bigger_file_within_the_bound():
     measure, calls = _measurer(groups, gain)
     out = search(groups, measure=measure, max_kld=0.03)
     assert out.chosen.kld <= 0.03 and out.chosen.size_bytes > 10_000
-    assert len(calls) <= bound(groups) == 3 + len(probe_slices(groups)) + 4
+    assert len(calls) <= bound(groups) == 4 + len(probe_slices(groups)) + 4
     assert len(probe_slices(groups)) == 4 + BANDS  # 3 kinds + output, and the layer bands
     # the most gain per byte goes high first: output (0.02 for 400 bytes), then layer 0's attn_v
     assert out.order[:2] == ["output.weight", "blk.0.attn_v.weight"]
     # nothing measured that also meets the budget is smaller
     assert out.chosen.size_bytes == min(t.size_bytes for t in out.trials if t.kld <= 0.03)
+
+
+def _stock(groups):
+    """A stand-in for llama.cpp's Q4_K_M mix: the output and every attn_v high."""
+    return {g.name: g.high if g.kind in ("output", "attn_v") else g.low for g in groups}
+
+
+def test_the_stock_mix_is_a_candidate_the_answer_must_beat():
+    """llama.cpp's own mix is measured after the base: where it meets the budget nothing larger is chosen, where
+    a smaller candidate meets it too that one wins, and the report says how the answer compares with it."""
+    groups, gain = _toy()
+    measure, calls = _measurer(groups, gain)
+    stock = _stock(groups)   # KLD 0.08 - 0.02 - 8 x 0.004 - 0.004 = 0.024, 10,000 + 400 + 8 x 200 bytes
+    out = search(groups, measure=measure, max_kld=0.03, stock=lambda: stock)
+    assert calls[:3] == ["base", STOCK, "all high"] and len(calls) <= out.bound
+    ref = next(t for t in out.trials if t.label == STOCK)
+    assert ref.kld == pytest.approx(0.024) and ref.size_bytes == 12_000
+    assert out.chosen.size_bytes <= ref.size_bytes and out.chosen.kld <= 0.03
+    assert out.chosen is ref or "in size against llama.cpp's own mix (which meets it too)" in out.why
+    # a budget only the stock mix (and larger) meets, among what is measured: the stock mix or smaller, never larger
+    tight = search(groups, measure=_measurer(groups, gain)[0], max_kld=0.0241, stock=lambda: stock)
+    assert tight.chosen.size_bytes <= 12_000 and tight.chosen.kld <= 0.0241
+    # never asked when the base already meets the budget
+    asked = []
+    search(groups, measure=measure, max_kld=0.1, stock=lambda: asked.append(1) or stock)
+    assert asked == []
+
+
+def test_the_budget_is_met_with_a_margin():
+    """A candidate meets --max-kld only when KLD + MARGIN_Z x SE does: with an SE, the answer is larger and its
+    upper bound (not just its mean) is under the budget."""
+    groups, gain = _toy()
+    bare = search(groups, measure=_measurer(groups, gain)[0], max_kld=0.03)
+    held = search(groups, measure=_measurer(groups, gain, se=0.002)[0], max_kld=0.03)
+    assert held.chosen.upper == pytest.approx(held.chosen.kld + MARGIN_Z * 0.002) and held.chosen.upper <= 0.03
+    assert held.chosen.size_bytes >= bare.chosen.size_bytes and held.chosen.kld < bare.chosen.kld
+    assert bare.chosen.kld + MARGIN_Z * 0.002 > 0.03   # the answer without a margin would not pass with one
+    assert held.chosen.size_bytes > bare.chosen.size_bytes
+    assert held.chosen.row()["kld_upper"] == held.chosen.upper and "upper bound" in held.why
 
 
 def test_search_never_passes_its_bound():
@@ -214,6 +255,10 @@ def test_loose_and_tight_budgets(model, tmp_path):
     assert tight["rounds"] <= tight["bound"] and len(tight["candidates"]) == tight["rounds"]
     assert {n: t for n, t in _types(tmp_path / "tight.gguf").items() if n in tight["chosen"]["types"]} == tight["chosen"]["types"]
     assert tight["chosen"]["matches_measured_candidate"] is True
+    # llama.cpp's own mix was measured as a candidate; the answer is held to its KLD's upper bound
+    assert tight["stock"]["label"] == STOCK and any(c["label"] == STOCK for c in tight["candidates"])
+    se = tight["chosen"]["figures"]["kld_se"]
+    assert se > 0 and tight["chosen"]["kld"] + MARGIN_Z * se <= base_kld / 3 and tight["margin"]["z"] == MARGIN_Z
     assert "auto-quant chose" in result.output and "probe kind" in result.output
 
 

@@ -94,3 +94,21 @@ def test_parity_still_fails_non_finite_logits_and_gates_floats_on_every_row():
     off_first[0][0] += rng.normal(size=src[0].shape[1])  # an F16 file wrong only at the first position
     r = compare("gguf", "f16", [[1] * 8], src, off_first)
     assert r.kld == 0.0 and r.passed is False  # the NMSE gate sees every row: a float conversion must be exact
+
+
+def test_headline_se_takes_each_passage_as_one_sample():
+    """The SE of the headline mean is the between-passage (cluster) one: equal passages give 0 whatever their rows'
+    spread, and it matches the ratio-estimator formula computed by hand; one passage falls back to sd / sqrt(n)."""
+    rng = np.random.default_rng(0)
+    row = rng.exponential(0.01, 50)
+    same = [(np.r_[5.0, row], np.ones(51, bool))] * 3                  # row 0 (5 nats) is left out of the headline
+    assert fidelity.headline_se(same) == pytest.approx(0.0, abs=1e-15)
+    passages = [(np.r_[9.0, rng.exponential(s, n)], np.ones(n + 1, bool)) for s, n in ((0.004, 80), (0.01, 40), (0.02, 60))]
+    k = np.array([p[0][1:].sum() for p in passages])
+    n = np.array([p[0][1:].size for p in passages], dtype=float)
+    m = k.sum() / n.sum()
+    assert m == pytest.approx(fidelity.summarize(passages)["kld_mean"])
+    assert fidelity.headline_se(passages) == pytest.approx(np.sqrt(3 / 2 * ((k - m * n) ** 2).sum()) / n.sum())
+    one = passages[:1]
+    assert fidelity.headline_se(one) == pytest.approx(passages[0][0][1:].std(ddof=1) / np.sqrt(80))
+    assert fidelity.headline_se([(np.array([3.0]), np.ones(1, bool))]) is None   # no row with context
