@@ -1,17 +1,17 @@
 """``edgemed convert --quant auto``: per-tensor types chosen by measured KLD, written by llama.cpp's quantizer.
 
-What it costs, whatever the search decides: llama.cpp quantizes the float intermediate at most four times
-(every tensor ``low``, every tensor ``high``, llama.cpp's own Q4_K_M mix, and every tensor Q8_0 only when asked
-for), plus once for the output. Each other candidate is **spliced** from those files (a tensor's bytes do not depend on the other
-tensors' types), so a round is a file copy and one KLD measurement, not a quantization. The output itself is
-quantized by llama.cpp with the chosen types as tensor-type overrides (``quantize.py``), its types read back and
-its tensor bytes compared with the measured candidate's; if they differ, the output is measured itself.
+What it costs, whatever the search decides: llama.cpp quantizes the float intermediate at most four times (every
+tensor ``low``, every tensor ``high``, llama.cpp's own Q4_K_M mix, and every tensor Q8_0 only when asked for),
+plus once for the output. Each other candidate is **spliced** from those files (a tensor's bytes do not depend on
+the other tensors' types), so a round is a file copy and one KLD measurement, not a quantization. The output
+itself is quantized by llama.cpp with the chosen types as tensor-type overrides (``quantize.py``), its types read
+back and its tensor bytes compared with the measured candidate's; if they differ, the output is measured itself.
 
 KLD is measured against the float intermediate (F16/BF16, llama.cpp, the same engine as the candidates) on
 ``data/calibration/medical-search.txt``: PubMedQA abstracts outside the test split and outside the importance
 matrix's text, so neither the bench's accuracy items nor its divergence passages (the held-out text the final
 figures come from) steer the choice. Headline KLD by ``edgemed.fidelity``'s rule, with its standard error
-between the text's 12 passages (``fidelity.headline_se``): the search holds a candidate to KLD + 1.645 SE.
+between the text's passages (``fidelity.headline_se``): the search holds a candidate to KLD + 1.645 SE.
 Reference logits are computed once and kept on disk in the scratch folder (float32, one file a passage).
 
 ``--fit-profile NAME``: the device planner (``edgemed.planner``) estimates each candidate at the profile's

@@ -260,7 +260,8 @@ def imatrix_markdown(results: dict, table) -> list[str]:
         d_off, d_on = divergence_figures(off.get("divergence")), divergence_figures(on.get("divergence"))
         a_off, a_on = off.get("accuracy") or {}, on.get("accuracy") or {}
         arrow = lambda f, k: f"{f(d_off.get(k))} → {f(d_on.get(k))}"  # noqa: E731
-        rows.append([off["name"], f"{_size(off)} → {_size(on)}", arrow(_kld, "kld_mean"), arrow(_kld, "kld_llamacpp"),
+        partial = " (accuracy partial)" if a_on.get("partial") or a_off.get("partial") else ""
+        rows.append([off["name"] + partial, f"{_size(off)} → {_size(on)}", arrow(_kld, "kld_mean"), arrow(_kld, "kld_llamacpp"),
                      arrow(_pct, "top1"), f"{_pct(a_off.get('acc_logit'))} → {_pct(a_on.get('acc_logit'))}",
                      paired_cell(a_on.get("paired_vs_plain"))])
         sets = [(ds, s) for ds, s in (a_on.get("per_dataset") or {}).items()] + ([(POOLED, a_on)] if a_on.get("n") else [])
