@@ -138,15 +138,16 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
                     imatrix = compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo)
             from edgemed.converters.quantize import quantize
 
+            weights = imatrix.values if imatrix is not None else None  # what the quantizer reads
             if opts.out_type == AUTO:
                 from edgemed.converters.auto_quant import run as auto_quantize
 
                 with timings.step("auto_quant"):
                     auto = auto_quantize(float_out, tmp, max_kld=opts.max_kld, fit_profile=opts.fit_profile, work=Path(work),
-                                         threads=opts.threads, imatrix=imatrix.values if imatrix else None, echo=echo)
+                                         threads=opts.threads, imatrix=weights, echo=echo)
             else:
                 with timings.step("quantize"):
-                    quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=imatrix.values if imatrix else None)
+                    quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=weights)
         with timings.step("tokenizer_check"):
             n_tok = verify_tokenization(ckpt.path, tmp)
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
