@@ -42,8 +42,7 @@ def convert_command(src: Path, out: Path, quant: str, parity: bool, imatrix: Pat
     cmd = [sys.executable, "-m", "edgemed", "convert", str(src), "--quant", quant, "-o", str(out)]
     if not parity:
         cmd.append("--no-parity")
-    if imatrix is not None:
-        cmd += ["--imatrix-from", str(imatrix)]
+    cmd += ["--imatrix-from", str(imatrix)] if imatrix is not None else ["--no-imatrix"]  # the result names which
     if threads:
         cmd += ["--threads", str(threads)]
     return cmd

@@ -257,6 +257,11 @@ def main(argv=None) -> None:
         for p in [args.reference, *args.quants] + ([args.text] if args.text else []):
             if not p.is_file():
                 raise InputError(f"'{p}' is not a file.", "give existing GGUF files (and --text file)")
+        if args.work is not None and not args.work.is_dir():  # before the run, not as a traceback from inside it
+            raise InputError(f"--work '{args.work}' is not a folder.", "create it first, or leave --work out (system temp)")
+        if not args.output.parent.is_dir():  # the results are written at the end: a missing folder would lose them
+            raise InputError(f"-o '{args.output}': the folder '{args.output.parent}' does not exist.",
+                             "create it first, or write the results elsewhere")
         mode = args.extra_buffers if args.extra_buffers != "auto" else \
             ("none" if buffers.resolve("auto", llamacpp.build()) != "all" else "all")
         text = args.text.read_bytes() if args.text else default_text().encode("utf-8")

@@ -13,6 +13,8 @@ matrix's text, so neither the bench's accuracy items nor its divergence passages
 figures come from) steer the choice. Headline KLD by ``edgemed.fidelity``'s rule, with its standard error
 between the text's passages (``fidelity.headline_se``): the search holds a candidate to KLD + 1.645 SE.
 Reference logits are computed once and kept on disk in the scratch folder (float32, one file a passage).
+With an importance matrix (the default: ``calibration.default_imatrix``) every quantization to a type that reads
+one uses it, the stock Q4_K_M candidate included; it is computed only when the first such quantization runs.
 
 ``--fit-profile NAME``: the device planner (``edgemed.planner``) estimates each candidate at the profile's
 context (capped at the model's) against the profile's fixed memory budget.
@@ -24,6 +26,7 @@ import math
 import mmap
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,13 @@ AUTO = "auto"
 FTYPE_OF = {"Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
             "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 KL_ROWS = 64  # logit rows compared at once (a row of a 152k vocabulary is 1.2 MB in float64)
+#: ggml types whose quantizer ignores an importance matrix (llama.cpp's Q8_0 rounds each block on its own)
+IGNORES_IMATRIX = frozenset({"Q8_0", "F16", "BF16", "F32"})
+
+
+def reads_imatrix(type_name: str) -> bool:
+    """Whether llama.cpp's quantizer for ggml type ``type_name`` weighs its error by an importance matrix."""
+    return type_name not in IGNORES_IMATRIX
 
 
 def check_request(out_type: str, max_kld: float | None, fit_profile: str | None) -> None:
@@ -261,8 +271,11 @@ def dominant_type(float_header, types: dict[str, str]) -> str:
 
 
 def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str | None, work: Path,
-        threads: int | None = None, imatrix: dict | None = None, echo=print) -> dict:
-    """Search, write ``dst`` with the chosen types, and return the report's ``auto_quant`` section."""
+        threads: int | None = None, imatrix: Callable[[], dict] | None = None, echo=print) -> dict:
+    """Search, write ``dst`` with the chosen types, and return the report's ``auto_quant`` section.
+
+    ``imatrix`` gives the importance matrix when called; it is called only for a quantization with a type
+    that reads one (``reads_imatrix``), so a search that ends at every tensor Q8_0 never computes it."""
     from edgemed import fidelity
     from edgemed.converters import calibration
     from edgemed.converters.auto_quant_search import LADDERS, MARGIN_Z, STOCK, TOP, Impossible, Trial, search
@@ -280,10 +293,16 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
               "top": {g.name: TOP for g in groups}}
     rungs: dict[str, Rung] = {}
 
+    def weights(types: dict | None) -> dict | None:
+        """The importance matrix for a quantization to ``types`` (None: llama.cpp's own mix), if any type reads it."""
+        if imatrix is None or (types is not None and not any(reads_imatrix(t) for t in types.values())):
+            return None
+        return imatrix()
+
     def rung(level: str) -> Rung:
         if level not in rungs:
             start, path = time.monotonic(), work / f"rung-{level}.gguf"
-            quantize(float_path, path, "q4_k_m", threads=threads, imatrix=imatrix, tensor_types=levels[level])
+            quantize(float_path, path, "q4_k_m", threads=threads, imatrix=weights(levels[level]), tensor_types=levels[level])
             clock["quantize_s"] += time.monotonic() - start
             rungs[level] = Rung(path, read_header(path))
         return rungs[level]
@@ -326,7 +345,7 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
     def stock() -> dict:
         """llama.cpp's own Q4_K_M mix (its choice per tensor), quantized once: a rung of its own."""
         start, path = time.monotonic(), work / "rung-stock.gguf"
-        quantize(float_path, path, "q4_k_m", threads=threads, imatrix=imatrix)
+        quantize(float_path, path, "q4_k_m", threads=threads, imatrix=weights(None))
         clock["quantize_s"] += time.monotonic() - start
         rungs["stock"] = Rung(path, read_header(path))
         levels["stock"] = {g.name: rungs["stock"].tensor(g.name).type_name for g in groups}
@@ -343,7 +362,7 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
                          "raise --max-kld, choose a device profile with more memory, or convert with --quant q8_0 / f16") from None
     chosen = outcome.chosen
     start = time.monotonic()
-    quantize(float_path, dst, "q4_k_m", threads=threads, imatrix=imatrix, tensor_types=chosen.types,
+    quantize(float_path, dst, "q4_k_m", threads=threads, imatrix=weights(chosen.types), tensor_types=chosen.types,
              ftype=FTYPE_OF.get(dominant_type(header, chosen.types), FTYPE_OF["Q4_K"]))
     clock["quantize_s"] += time.monotonic() - start
     splice(rungs_for(chosen.types), chosen.types, work / "chosen.gguf")

@@ -246,7 +246,7 @@ def search(groups: list[Group], *, measure: Callable[[str, dict], Trial], max_kl
     if ref is not None and chosen.chosen is ref:
         chosen.why = f"{why}: llama.cpp's own mix; no smaller candidate meets the budget"
     elif ref is not None:
-        chosen.why = f"{why}, {1 - chosen.chosen.size_bytes / ref.size_bytes:+.1%} in size against llama.cpp's own mix" \
+        chosen.why = f"{why}, {chosen.chosen.size_bytes / ref.size_bytes - 1:+.1%} in size against llama.cpp's own mix" \
             + (" (which meets it too)" if ok(ref) else f" (which misses it: {ref.kld:.5f} ± {ref.se:.5f})")
     return chosen
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import env
+from edgemed.converters.calibration import IMATRIX_BY_DEFAULT
 from edgemed.converters.memory_room import Budget, detect_budget
 from edgemed.errors import InputError
 
@@ -229,7 +230,8 @@ def estimate_gguf(dims: Dims, *, out_type: str, parity: bool = True, imatrix: bo
     steps.append(Step("tokenizer_check", (Term("HF tokenizer + llama.cpp vocabulary", dims.vocab * TOKENIZER_PER_TOKEN),)))
     if parity:
         steps += _parity(dims, src, bool(lora_bytes), _llama_load(dims, out_type, PARITY_LONGEST + 8, repack=False), "parity")
-    what = f"convert --to gguf --quant {out_type}" + (" --imatrix-from" if imatrix else "") + ("" if parity else " --no-parity")
+    plain = not imatrix and out_type in IMATRIX_BY_DEFAULT  # calibrated by default, and turned off
+    what = f"convert --to gguf --quant {out_type}" + (" --no-imatrix" if plain else "") + ("" if parity else " --no-parity")
     return Estimate(what, BASE_GGUF + dims.vocab * VOCAB_PER_TOKEN, tuple(steps))
 
 
@@ -302,7 +304,7 @@ def check_gguf(ckpt, opts, adapter=None) -> Estimate:
     if kw["parity"]:
         alts.append(("--no-parity, then `edgemed check` on a bigger machine", estimate_gguf(dims, **kw | {"parity": False})))
     if kw["imatrix"]:
-        alts.append(("leave out --imatrix-from", estimate_gguf(dims, **kw | {"imatrix": False})))
+        alts.append(("--no-imatrix (llama.cpp's plain recipe)", estimate_gguf(dims, **kw | {"imatrix": False})))
     require_fits(est, detect_budget(opts.memory_budget), tuple(alts))
     return est
 

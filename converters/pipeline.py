@@ -131,23 +131,32 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         with timings.step("write"):
             write_float_gguf(ckpt, spec, vocab, float_out, float_type, adapter=adapter, metadata=metadata, progress=opts.progress)
         if quantized:
-            if opts.imatrix_from is not None:
-                from edgemed.converters.imatrix import compute_imatrix
-
-                with timings.step("imatrix"):
-                    imatrix = compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo)
             from edgemed.converters.quantize import quantize
 
-            weights = imatrix.values if imatrix is not None else None  # what the quantizer reads
+            made: list = []  # the Imatrix, once computed
+
+            def weights() -> dict:
+                """What the quantizer reads: the importance matrix, computed on first use (``auto`` may need none)."""
+                if not made:
+                    from edgemed.converters.imatrix import compute_imatrix
+
+                    with timings.step("imatrix"):
+                        made.append(compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo))
+                return made[0].values
+
+            calibrated = weights if opts.imatrix_from is not None else None
             if opts.out_type == AUTO:
                 from edgemed.converters.auto_quant import run as auto_quantize
 
                 with timings.step("auto_quant"):
                     auto = auto_quantize(float_out, tmp, max_kld=opts.max_kld, fit_profile=opts.fit_profile, work=Path(work),
-                                         threads=opts.threads, imatrix=weights, echo=echo)
+                                         threads=opts.threads, imatrix=calibrated, echo=echo)
+                timings.seconds["auto_quant"] -= timings.seconds.get("imatrix", 0.0)  # each second in one step
             else:
+                values = calibrated() if calibrated else None  # before the quantize step, so its time is its own
                 with timings.step("quantize"):
-                    quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=weights)
+                    quantize(float_out, tmp, opts.out_type, threads=opts.threads, imatrix=values)
+            imatrix = made[0] if made else None
         with timings.step("tokenizer_check"):
             n_tok = verify_tokenization(ckpt.path, tmp)
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,

@@ -159,6 +159,9 @@ def test_the_stock_mix_is_a_candidate_the_answer_must_beat():
     assert ref.kld == pytest.approx(0.024) and ref.size_bytes == 12_000
     assert out.chosen.size_bytes <= ref.size_bytes and out.chosen.kld <= 0.03
     assert out.chosen is ref or "in size against llama.cpp's own mix (which meets it too)" in out.why
+    if out.chosen is not ref:  # smaller than the stock mix: the change is negative
+        change = f"{out.chosen.size_bytes / 12_000 - 1:+.1%}"
+        assert change.startswith("-") and f", {change} in size against" in out.why, out.why
     # a budget only the stock mix (and larger) meets, among what is measured: the stock mix or smaller, never larger
     tight = search(groups, measure=_measurer(groups, gain)[0], max_kld=0.0241, stock=lambda: stock)
     assert tight.chosen.size_bytes <= 12_000 and tight.chosen.kld <= 0.0241
@@ -260,6 +263,7 @@ def test_loose_and_tight_budgets(model, tmp_path):
     se = tight["chosen"]["figures"]["kld_se"]
     assert se > 0 and tight["chosen"]["kld"] + MARGIN_Z * se <= base_kld / 3 and tight["margin"]["z"] == MARGIN_Z
     assert "auto-quant chose" in result.output and "probe kind" in result.output
+    assert report["imatrix"]["text"] == "medical.txt"  # the command's default for auto: calibrated on the shipped text
 
 
 def test_impossible_budget_is_one_paragraph(model, tmp_path):
@@ -302,8 +306,13 @@ def test_smollm2_tight_budget_is_a_bigger_file(smollm2_hf, tmp_path):
 
 def test_best_fidelity_that_fits_quantizes_only_what_it_measures(model, tmp_path):
     """A roomy device: every tensor Q8_0, one round, llama.cpp run twice (the Q8_0 file and the output)."""
+    from edgemed.converters.calibration import shipped
+
     report = convert(model["ckpt"], tmp_path / "q8.gguf",
-                     ConvertOptions(out_type="auto", fit_profile="jetson-orin-nano-8gb", parity=False), **QUIET)
+                     ConvertOptions(out_type="auto", fit_profile="jetson-orin-nano-8gb", parity=False,
+                                    imatrix_from=shipped("medical.txt")), **QUIET)
     section = report.auto_quant
     assert section["rounds"] == 1 and section["quantize_runs"] == 2 and section["chosen"]["label"] == "all Q8_0"
+    # Q8_0's quantizer reads no importance matrix, so none was computed and the report names none
+    assert report.imatrix is None and "imatrix" not in report.timings_s
     assert set(_types(tmp_path / "q8.gguf")[n] for n in section["chosen"]["types"]) == {"Q8_0"}

@@ -115,3 +115,42 @@ def test_convert_imatrix_from_medical(tmp_path):
                                       "--no-parity", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "medical.txt" in result.output and out.is_file()
+
+
+def test_4bit_conversions_are_calibrated_on_the_shipped_text_by_default(tmp_path):
+    """q4_0 / q4_k_m / auto use the shipped medical text unless told otherwise; --no-imatrix is the plain recipe,
+    q8_0 and float types stay plain, and a contradiction or a matrix for unquantized output is refused."""
+    from click.testing import CliRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+
+    from edgemed.cli import cli
+    from edgemed.hashing import file_sha256
+
+    model = tiny.build_model(tmp_path / "llama", "llama")
+
+    def convert(name, *args):
+        out = tmp_path / f"{name}.gguf"
+        result = CliRunner().invoke(cli, ["convert", str(model), *args, "--no-parity", "-o", str(out)])
+        report = json.loads(Path(f"{out}.report.json").read_text()) if result.exit_code == 0 else None
+        return result, report
+
+    medical = calibration.shipped("medical.txt")
+    result, report = convert("default", "--quant", "q4_0")
+    assert result.exit_code == 0, result.output
+    assert report["imatrix"]["text"] == "medical.txt" and report["imatrix"]["sha256"] == file_sha256(medical)
+    assert "imatrix" in report["timings_s"]
+    result, report = convert("plain", "--quant", "q4_0", "--no-imatrix")
+    assert result.exit_code == 0, result.output
+    assert "imatrix" not in report and "imatrix" not in report["timings_s"]
+    for quant in ("q8_0", "f16"):
+        result, report = convert(quant, "--quant", quant)
+        assert result.exit_code == 0 and "imatrix" not in report, result.output
+    result, _ = convert("both", "--quant", "q4_0", "--no-imatrix", "--imatrix-from", "medical")
+    assert result.exit_code == 1 and "contradict each other" in result.output
+    result, _ = convert("float", "--quant", "f16", "--imatrix-from", "medical")
+    assert result.exit_code == 1 and "F16 output is not quantized" in result.output
+    assert not (tmp_path / "both.gguf").exists() and not (tmp_path / "float.gguf").exists()
+    assert calibration.default_imatrix("q4_k_m") == medical and calibration.default_imatrix("auto") == medical
+    assert calibration.default_imatrix("q5_k_m") is None and calibration.default_imatrix("q8_0") is None

@@ -52,7 +52,9 @@ def test_a_conversion_that_cannot_fit_is_refused_before_it_starts(model, tmp_pat
     result = _convert(*args, env={"EDGEMED_MEMORY_BUDGET": "1MiB"})
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "Traceback" not in result.output and "Fix:" in result.output
-    est = budget.estimate_for_dir(model, route, out_type="q4_k_m" if route == "gguf" else "int4")
+    # the command's defaults: Q4_K_M calibrated on the shipped text (an imatrix pass), or ONNX int4
+    kw = dict(out_type="q4_k_m", imatrix=True) if route == "gguf" else dict(out_type="int4")
+    est = budget.estimate_for_dir(model, route, **kw)
     text = " ".join(result.output.split())
     assert f"would need about {est.resident / GIB:.1f} GiB" in text
     assert "than the 0.0 GiB budget ($EDGEMED_MEMORY_BUDGET=1MiB)" in text
@@ -154,3 +156,17 @@ def test_a_cgroup_limit_lowers_the_budget(tmp_path, version):
     room, where = memory_room._cgroup_room(tmp_path)
     assert room == 6 * GIB and where.endswith(files[0])
     assert memory_room._cgroup_room(tmp_path / "nowhere") is None
+
+
+def test_the_plain_recipe_is_offered_when_the_default_imatrix_pass_does_not_fit(model, tmp_path):
+    """A 4-bit conversion is calibrated by default; where that pass alone breaks the budget, --no-imatrix is named."""
+    calibrated = budget.estimate_for_dir(model, "gguf", out_type="q4_k_m", imatrix=True).resident
+    plain = budget.estimate_for_dir(model, "gguf", out_type="q4_k_m", imatrix=False).resident
+    assert plain < calibrated
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = _convert(model, "-o", out_dir / "m.gguf", env={"EDGEMED_MEMORY_BUDGET": str((plain + calibrated) // 2)})
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"--no-imatrix (llama.cpp's plain recipe) (peak {plain / GIB:.1f} GiB)" in text
+    _nothing_left(out_dir)

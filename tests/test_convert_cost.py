@@ -59,6 +59,8 @@ def test_sizes_and_arguments(tmp_path):
     cmd = cc.convert_command(tmp_path, tmp_path / "o.gguf", "q4_k_m", False, tmp_path / "c.txt", 2)
     assert cmd[-7:] == ["-o", str(tmp_path / "o.gguf"), "--no-parity", "--imatrix-from", str(tmp_path / "c.txt"),
                         "--threads", "2"]
+    plain = cc.convert_command(tmp_path, tmp_path / "o.gguf", "q4_k_m", True, None, None)
+    assert plain[-1] == "--no-imatrix" and "--imatrix-from" not in plain  # plain: never convert's default
     assert cc.main(["--memory-cap", "lots"]) == 2
 
 

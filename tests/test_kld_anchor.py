@@ -227,3 +227,15 @@ def test_agrees_with_llama_perplexity_on_smollm2(smollm2_f16_q4_0, tmp_path, mon
     assert result["reference_logprob_max_abs_diff"] < 0.01  # same reference logits on both sides
     assert "| smollm2-q4_0.gguf |" in out.with_name(out.name + ".md").read_text()
     assert not [p for p in tmp_path.iterdir() if "kld-anchor" in p.name]  # the scratch folder is gone
+
+
+def test_bad_folders_are_refused_before_the_run(tmp_path):
+    """A missing --work or -o folder is one line naming it, before any model is loaded (not a traceback at the end)."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: the folders are checked first
+    common = ["--reference", str(gguf), str(gguf)]
+    with pytest.raises(SystemExit, match="--work '.*missing' is not a folder"):
+        kld_anchor.main([*common, "--work", str(tmp_path / "missing"), "-o", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="the folder '.*nowhere' does not exist"):
+        kld_anchor.main([*common, "-o", str(tmp_path / "nowhere" / "r")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

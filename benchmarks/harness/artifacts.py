@@ -117,7 +117,8 @@ def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines:
         base = quant.removesuffix(IMATRIX_SUFFIX)
         sha = text_sha if base != quant else None
         if not _check_reuse(path, digest, sha):
-            _convert(src, path, ["--quant", base] + (["--imatrix-from", str(imatrix_from)] if sha else []), echo)
+            calibration = ["--imatrix-from", str(imatrix_from)] if sha else ["--no-imatrix"]  # never convert's default
+            _convert(src, path, ["--quant", base, *calibration], echo)
         configs.append(Config(quant, "gguf", str(path)))
     for quant in onnx:
         path = onnx_path(out, quant)

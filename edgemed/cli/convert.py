@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgemed.constants import DEFAULT_OUTPUT_TYPE, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
+from edgemed.constants import DEFAULT_OUTPUT_TYPE, FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
 from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph kinds' table (light: no converter imports)
 
 
@@ -23,15 +23,17 @@ from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph ki
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the source (faster; not recommended).")
 @click.option("--pre-tokenizer", help="Override the llama.cpp pre-tokenizer name (verified against the HF tokenizer).")
 @click.option("--imatrix-from", help="Medical text (JSONL or .txt) to calibrate an importance matrix for quantization; "
-              "'medical' for the shipped PubMedQA abstracts (not its test split).")
+              "'medical' for the shipped PubMedQA abstracts (not its test split) [default: medical for q4_0, q4_k_m "
+              "and auto].")
+@click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (llama.cpp's plain recipe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantization and parity.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 @click.option("--onnx-graph", type=click.Choice(list(GRAPHS)), default=DEFAULT_GRAPH, show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
 @click.option("--memory-budget", metavar="SIZE", help="Memory the conversion may use at its peak (e.g. 6GiB) [default: what is free now].")
-def convert(source, lora, target, out_type, max_kld, fit_profile, output, force, no_parity, pre_tokenizer, imatrix_from, allow_pickle,
-            threads, as_json, onnx_graph, memory_budget):
+def convert(source, lora, target, out_type, max_kld, fit_profile, output, force, no_parity, pre_tokenizer, imatrix_from, no_imatrix,
+            allow_pickle, threads, as_json, onnx_graph, memory_budget):
     """Convert a Hugging Face checkpoint directory SOURCE to GGUF.
 
     With no SOURCE, uses the default real model (SmolLM2-135M-Instruct from the
@@ -54,10 +56,13 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
         raise InputError("--quant auto, --max-kld and --fit-profile choose GGUF tensor types; ONNX output has its own int4 recipe.",
                          "leave them out with --to onnx, or convert with --to gguf")
-    if imatrix_from is not None:
-        from edgemed.converters.calibration import resolve
+    if target == "gguf":
+        imatrix_from = _calibration_text(out_type, imatrix_from, no_imatrix)
+    elif imatrix_from is not None or no_imatrix:
+        from edgemed.errors import InputError
 
-        imatrix_from = resolve(imatrix_from)
+        raise InputError("--imatrix-from and --no-imatrix calibrate llama.cpp's GGUF quantizer; ONNX int4 has its own recipe.",
+                         "leave them out with --to onnx, or convert with --to gguf")
     if source is None:
         from edgemed.converters import sources
 
@@ -77,6 +82,24 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
     else:
         click.echo(f"wrote {output} ({report.size_bytes / 1e6:.1f} MB, {out_type.upper()}) in {report.timings_s['total']:.1f} s; "
                    f"report: {output}.report.json")
+
+
+def _calibration_text(out_type: str, imatrix_from: str | None, no_imatrix: bool) -> Path | None:
+    """The text the importance matrix is computed on: the user's, the shipped default for 4-bit types, or none."""
+    from edgemed.converters.calibration import default_imatrix, resolve
+    from edgemed.errors import InputError
+
+    if imatrix_from is not None and no_imatrix:
+        raise InputError("--imatrix-from and --no-imatrix contradict each other.",
+                         "pass --imatrix-from TEXT to calibrate on TEXT, or --no-imatrix for the plain recipe")
+    if no_imatrix:
+        return None
+    if imatrix_from is None:
+        return default_imatrix(out_type)
+    if out_type in FLOAT_OUTPUT_TYPES:
+        raise InputError(f"--imatrix-from calibrates quantization, and {out_type.upper()} output is not quantized.",
+                         "leave --imatrix-from out, or pass a quantized --quant (q4_k_m, q4_0, q5_k_m, q8_0 or auto)")
+    return resolve(imatrix_from)
 
 
 def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph=DEFAULT_GRAPH, memory_budget=None):

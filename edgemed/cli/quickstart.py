@@ -22,6 +22,7 @@ def quickstart(model_name, quant, output, question):
     medical question with it. Nothing touches the network."""
     from edgemed import env
     from edgemed.converters import require_route, sources
+    from edgemed.converters.calibration import default_imatrix
 
     require_route("gguf")
     from edgemed.converters.pipeline import ConvertOptions, convert
@@ -41,7 +42,8 @@ def quickstart(model_name, quant, output, question):
     out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     click.echo(f"3/4 convert to {quant.upper()} with tokenizer check and parity report")
-    report = convert(ckpt, out, ConvertOptions(out_type=quant, force=True), echo=lambda s: click.echo(f"    {s}"))
+    opts = ConvertOptions(out_type=quant, force=True, imatrix_from=default_imatrix(quant))  # as `edgemed convert` does
+    report = convert(ckpt, out, opts, echo=lambda s: click.echo(f"    {s}"))
     click.echo(f"    wrote {out} ({report.size_bytes / 1e6:.1f} MB) in {report.timings_s['total']:.1f} s")
     click.echo(f"4/4 answer a medical question with {out.name}")
     click.echo(f"    Q: {question}")
