@@ -37,13 +37,6 @@ AUTO = "auto"
 FTYPE_OF = {"Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
             "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 KL_ROWS = 64  # logit rows compared at once (a row of a 152k vocabulary is 1.2 MB in float64)
-#: ggml types whose quantizer ignores an importance matrix (llama.cpp's Q8_0 rounds each block on its own)
-IGNORES_IMATRIX = frozenset({"Q8_0", "F16", "BF16", "F32"})
-
-
-def reads_imatrix(type_name: str) -> bool:
-    """Whether llama.cpp's quantizer for ggml type ``type_name`` weighs its error by an importance matrix."""
-    return type_name not in IGNORES_IMATRIX
 
 
 def check_request(out_type: str, max_kld: float | None, fit_profile: str | None) -> None:
@@ -274,12 +267,12 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
         threads: int | None = None, imatrix: Callable[[], dict] | None = None, echo=print) -> dict:
     """Search, write ``dst`` with the chosen types, and return the report's ``auto_quant`` section.
 
-    ``imatrix`` gives the importance matrix when called; it is called only for a quantization with a type
-    that reads one (``reads_imatrix``), so a search that ends at every tensor Q8_0 never computes it."""
+    ``imatrix()`` gives the importance matrix; it is called only for a quantization with a type that reads one
+    (``quantize.reads_imatrix``), so a search that ends at every tensor Q8_0 never computes it."""
     from edgemed import fidelity
     from edgemed.converters import calibration
     from edgemed.converters.auto_quant_search import LADDERS, MARGIN_Z, STOCK, TOP, Impossible, Trial, search
-    from edgemed.converters.quantize import quantize
+    from edgemed.converters.quantize import quantize, reads_imatrix
     from edgemed.gguf_header import read_header
 
     clock = dict.fromkeys(("quantize_s", "reference_s", "splice_s", "measure_s"), 0.0)

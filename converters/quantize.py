@@ -30,6 +30,13 @@ from edgemed.errors import EdgemedError, OutputError, require
 
 # Rows llama.cpp keeps in memory at once while quantizing (its default is 8 GiB).
 MAX_BUF_BYTES = 256 * 2**20
+#: ggml types whose quantizer ignores an importance matrix (llama.cpp's Q8_0 rounds each block on its own)
+IGNORES_IMATRIX = frozenset({"Q8_0", "F16", "BF16", "F32"})
+
+
+def reads_imatrix(type_name: str) -> bool:
+    """Whether llama.cpp's quantizer for ggml type ``type_name`` weighs its error by an importance matrix."""
+    return type_name not in IGNORES_IMATRIX
 
 
 
