@@ -41,8 +41,9 @@ def quickstart(model_name, quant, output, question):
     click.echo(f"    {ckpt}")
     out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
-    click.echo(f"3/4 convert to {quant.upper()} with tokenizer check and parity report")
     opts = ConvertOptions(out_type=quant, force=True, imatrix_from=default_imatrix(quant))  # as `edgemed convert` does
+    calibrated = f", calibrated on {opts.imatrix_from.name}," if opts.imatrix_from else ""
+    click.echo(f"3/4 convert to {quant.upper()}{calibrated} with tokenizer check and parity report")
     report = convert(ckpt, out, opts, echo=lambda s: click.echo(f"    {s}"))
     click.echo(f"    wrote {out} ({report.size_bytes / 1e6:.1f} MB) in {report.timings_s['total']:.1f} s")
     click.echo(f"4/4 answer a medical question with {out.name}")
