@@ -19,9 +19,9 @@ IMATRIX_TEXTS = {"medical": "medical.txt"}
 SEARCH_TEXT = "medical-search.txt"
 #: the text ``edgemed convert`` calibrates with when neither ``--imatrix-from`` nor ``--no-imatrix`` is given
 DEFAULT_IMATRIX = "medical"
-#: the output types calibrated by default. Measured on Qwen2.5-1.5B (DESIGN.md, "Importance matrix on by default"):
-#: Q4_K_M with the shipped text, same size, KLD 0.00563 -> 0.00511 (llama.cpp rows) and paired accuracy +1.44
-#: points on 1,600 items (McNemar p = 0.013). Q8_0's quantizer reads no importance matrix; Q5_K_M is left plain
+#: the output types calibrated by default. Measured on Qwen2.5-1.5B (benchmarks/results/imatrix-default-qwen2.5-1.5b):
+#: Q4_K_M with the shipped text, same size, KLD -13 % on held-out text and paired accuracy +1.44 points on 1,600
+#: items (McNemar p = 0.013); Q4_0 KLD -25 %. Q8_0's quantizer reads no importance matrix; Q5_K_M is left plain
 #: until it is measured. ``auto`` computes it only if a candidate has a type that reads it.
 IMATRIX_BY_DEFAULT = ("q4_0", "q4_k_m", "auto")
 
