@@ -154,3 +154,16 @@ def test_4bit_conversions_are_calibrated_on_the_shipped_text_by_default(tmp_path
     assert not (tmp_path / "both.gguf").exists() and not (tmp_path / "float.gguf").exists()
     assert calibration.default_imatrix("q4_k_m") == medical and calibration.default_imatrix("auto") == medical
     assert calibration.default_imatrix("q5_k_m") is None and calibration.default_imatrix("q8_0") is None
+
+
+def test_imatrix_flags_are_refused_with_onnx_output(tmp_path):
+    """ONNX int4 has its own quantizer: the GGUF calibration flags are refused there, before any work."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    for flag in (["--imatrix-from", "medical"], ["--no-imatrix"]):
+        result = CliRunner().invoke(cli, ["convert", str(tmp_path / "missing"), "--to", "onnx", *flag,
+                                          "-o", str(tmp_path / "x")])
+        assert result.exit_code == 1 and "ONNX int4 has its own recipe" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
