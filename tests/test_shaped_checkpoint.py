@@ -15,7 +15,7 @@ from edgemed.errors import InputError  # noqa: E402
 
 import tiny  # noqa: E402
 
-R1_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "deepseek-r1-distill-qwen-1.5b"
+R1_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "deepseek-r1-distill-qwen-1.5b"  # MIT, its LICENSE and README beside it
 
 
 @pytest.fixture(scope="module")
