@@ -6,16 +6,21 @@ Names (the only names ``sweep`` ever removes)::
     .edgemed-OWNER.lock                        its owner, held with flock(LOCK_EX) while the owner lives
 
 OWNER is 16 random hex digits drawn once per process (again after a fork). The owner
-creates and locks ``.edgemed-OWNER.lock`` in a folder before it makes any debris there,
-and unlinks it after its last debris there is gone. The kernel drops the lock when the
-process dies however it dies (SIGKILL, segfault, power cut), so "the owner is gone" is
-"the lock can be taken": no pid to be reused, no clock, and it holds across pid
-namespaces and (with working locks) network file systems. Where locks cannot be taken
-at all, debris counts as live and is left alone.
+creates (``O_EXCL``: never opening what is already there) and locks ``.edgemed-OWNER.lock``
+in a folder before it makes any debris there, and unlinks it after its last debris there
+is gone. Where that name is already taken (a directory, a FIFO, a link, any file it did
+not just create), the owner draws another id for that folder and leaves the object alone.
+The kernel drops the lock when the process dies however it dies (SIGKILL, segfault, power
+cut), so "the owner is gone" is "the lock can be taken": no pid to be reused, no clock,
+and it holds across pid namespaces and (with working locks) network file systems. Where
+locks cannot be taken at all, debris counts as live and is left alone.
 
 ``sweep(folder)`` removes the debris of gone owners, except an ``ASIDE`` (a directory
 output moved aside during a two-rename replacement) whose output is missing: that one is
-renamed back, so a kill between the two renames leaves the old output in place.
+renamed back, so a kill between the two renames leaves the old output in place. A lock
+name held by anything but a regular file (a directory, a FIFO, a link) is not edgemed's
+lock: it is opened without following links and without blocking, never removed, and its
+owner's debris counts as live.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from edgemed import env
+from edgemed.errors import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ def step(what: str) -> None:
 
 
 class _Owner:
-    """This process's owner id and the lock files it holds (folder -> [fd, users])."""
+    """This process's owner id and the lock files it holds (folder -> [fd, users, owner id used there])."""
 
     def __init__(self) -> None:
         self.token = secrets.token_hex(8)
@@ -84,9 +91,41 @@ def _lock_path(folder: Path, owner: str) -> Path:
     return folder / f".edgemed-{owner}.lock"
 
 
+#: Tries at making a lock file of our own in one folder (each with a new id after the first).
+_LOCK_TRIES = 8
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_said: set[str] = set()  # foreign lock names already reported in this process
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """True when ``path`` (not followed) is still the regular file open at ``fd``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _create_lock(path: Path) -> int | None:
+    """A new lock file at ``path``, open for writing; None when the name is already taken by anything."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return None  # not ours: a live owner's lock, or a directory, FIFO or link put there; left alone
+
+
+def _foreign(path: Path, what: str) -> None:
+    if str(path) not in _said:
+        _said.add(str(path))
+        log.warning("'%s' is %s, not an edgemed lock file: edgemed leaves it, and the debris of that owner, "
+                    "alone; remove it yourself if nothing of yours needs it", path, what)
+
+
 @contextlib.contextmanager
 def owned(folder: Path) -> Iterator[str]:
-    """Hold this process's owner lock in ``folder`` while the block makes debris there."""
+    """Hold this process's owner lock in ``folder`` while the block makes debris there; yield the owner id."""
     import fcntl
 
     key = os.path.abspath(folder)
@@ -96,43 +135,55 @@ def owned(folder: Path) -> Iterator[str]:
         if entry is not None:
             entry[1] += 1
         else:
-            for _ in range(8):
-                path = _lock_path(Path(key), me.token)
+            token = me.token
+            for _ in range(_LOCK_TRIES):
+                path = _lock_path(Path(key), token)
                 step("debris.lock")
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = _create_lock(path)
+                if fd is None:  # the name is taken (by something we did not make): another id for this folder
+                    token = secrets.token_hex(8)
+                    continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a sweeper that is looking at it
                 except OSError:
                     pass  # no locks on this file system: a sweeper cannot take it either, so it stays live
-                try:
-                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False  # a sweeper took it before we locked it, and unlinked it: start again
-                if same:
-                    me.held[key] = entry = [fd, 1]
+                if _same_file(path, fd):
+                    me.held[key] = entry = [fd, 1, token]
                     break
-                os.close(fd)
+                os.close(fd)  # a sweeper took it before we locked it, and unlinked it: start again
             else:
-                raise OSError(f"cannot hold an owner lock in {key}")
+                raise OutputError(
+                    f"edgemed could not make its lock file in '{key}': {_LOCK_TRIES} names of the form "
+                    f"'.edgemed-<16 hex digits>.lock' were taken or went away while it tried.",
+                    f"check what is making files named .edgemed-*.lock in '{key}', or write the output elsewhere")
     try:
-        yield me.token
+        yield entry[2]
     finally:
         with me.mu:
             entry[1] -= 1
             if entry[1] == 0:
                 del me.held[key]
                 step("debris.unlock")
+                path = _lock_path(Path(key), entry[2])
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(_lock_path(Path(key), me.token))
+                    if _same_file(path, entry[0]):  # never unlink what was put in its place
+                        os.unlink(path)
                 os.close(entry[0])
+
+
+def _token(folder: Path) -> str:
+    """The owner id this process uses in ``folder`` (its own, unless that lock name was taken there)."""
+    entry = _me.held.get(os.path.abspath(folder))
+    return entry[2] if entry is not None else _me.token
 
 
 def debris_path(folder: Path, label: str, suffix: str = "") -> Path:
     """A fresh, unused owner-tagged name in ``folder`` (call inside ``owned(folder)``); nothing is created."""
     label = label[:_MAX_LABEL] or "out"
+    token = _token(folder)
     while True:
         rand = "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(8))
-        p = Path(folder) / f".{label}.edgemed-{_me.token}.{rand}{suffix}.partial"
+        p = Path(folder) / f".{label}.edgemed-{token}.{rand}{suffix}.partial"
         if not os.path.lexists(p):
             return p
 
@@ -182,7 +233,7 @@ def sweep(folder: Path) -> list[Path]:
     except OSError:
         return []
     folder = Path(folder)
-    mine = _me.token
+    mine = _token(folder)
     pieces: dict[str, list[re.Match]] = {}
     owners = set()
     for n in names:
@@ -213,19 +264,38 @@ def sweep(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _if_gone(folder: Path, owner: str) -> Iterator[bool]:
-    """Yield True, holding its lock, if ``owner`` no longer lives; the lock file goes afterwards."""
+    """Yield True, holding its lock, if ``owner`` no longer lives; the lock file goes afterwards.
+
+    Only a regular file is a lock: anything else at the name (a directory, a FIFO, a link, a
+    device) yields False and is never opened in a way that blocks, nor removed."""
     import fcntl
 
     path = _lock_path(folder, owner)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.lstat(path)
     except FileNotFoundError:
         yield True  # the owner locks before its first piece and unlinks after its last
         return
     except OSError:
         yield False
         return
+    if not stat.S_ISREG(st.st_mode):
+        _foreign(path, "a directory" if stat.S_ISDIR(st.st_mode) else "a link" if stat.S_ISLNK(st.st_mode)
+                 else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file")
+        yield False
+        return
     try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield True
+        return
+    except OSError:
+        yield False
+        return
+    try:
+        if not _same_file(path, fd):  # swapped for something else since we looked: leave it
+            yield False
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -233,7 +303,7 @@ def _if_gone(folder: Path, owner: str) -> Iterator[bool]:
             return
         yield True
         with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if _same_file(path, fd):
                 step("debris.sweep-lock")
                 os.unlink(path)
     finally:

@@ -13,6 +13,7 @@ Verdicts are cached in ``$EDGEMED_CACHE_DIR/selftest/verdicts.json`` keyed by a 
 of: llama-cpp-python's version, the build's system info, the host's CPU flags, the
 settings that change which kernels run (extra buffers, GPU layers, flash attention,
 KV types, mmap) and the model's weight types. Any of them changing runs the check again.
+``verdicts.py`` reads that file as untrusted and serializes its writers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from edgemed import env
 from edgemed.errors import ModelLoadError
-from edgemed.runtime import buffers
+from edgemed.runtime import buffers, verdicts
 from edgemed.runtime.engine import LoadSettings
 
 log = logging.getLogger(__name__)
@@ -132,27 +133,12 @@ def key(host: Host, load: LoadSettings, types: tuple[str, ...]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _cache_path() -> Path:
-    return env.cache_dir("selftest") / "verdicts.json"
-
-
 def _read_cache() -> dict:
-    try:
-        data = json.loads(_cache_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return verdicts.read()
 
 
 def _remember(digest: str, verdict: Verdict) -> None:
-    from edgemed.atomic import write_text
-
-    data = _read_cache()
-    data[digest] = asdict(verdict)
-    try:
-        write_text(_cache_path(), json.dumps(data, indent=1, sort_keys=True) + "\n", force=True)
-    except OSError as exc:  # a read-only cache only costs a re-check next time
-        log.warning("could not record the self-test verdict: %s", exc)
+    verdicts.remember(digest, asdict(verdict))
 
 
 def run_child(path: Path, load: LoadSettings, timeout: float = TIMEOUT_S) -> Verdict:
