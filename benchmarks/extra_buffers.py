@@ -66,14 +66,16 @@ def q4_0_copy(src: Path) -> Path:
 
     out = env.cache_dir("bench-q4_0") / (src.stem.replace("q4_k_m", "").rstrip("-.") + "-q4_0.gguf")
     if not out.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
+        from edgemed.runtime.params import Params
+
+        params = Params(llama_cpp.llama_model_quantize_default_params())
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
         params.allow_requantize = True
         tmp = out.with_name(out.name + ".partial")
         from edgemed.converters.native_log import quiet
 
         with quiet():
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params.raw))
         if rc != 0:
             raise SystemExit(f"could not requantize {src} to Q4_0")
         tmp.replace(out)

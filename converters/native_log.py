@@ -1,5 +1,7 @@
-"""Keep llama.cpp's native log (printed by C code straight to the terminal) out of the
-user's way unless edgemed runs with -vv."""
+"""Keep llama.cpp's output out of the user's way during a conversion unless edgemed runs with -vv.
+
+llama.cpp's log goes through edgemed's logging (``edgemed.runtime.native_log``); what the quantizer and
+ggml print straight to the C streams, outside that log, is silenced for the block."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ def verbose() -> bool:
 
 @contextlib.contextmanager
 def quiet():
-    """Silence C-level stdout/stderr for the block (llama.cpp loaders, quantizer)."""
-    from llama_cpp import _logger
+    """Route llama.cpp's log through logging and silence C-level stdout/stderr for the block."""
     from llama_cpp._utils import suppress_stdout_stderr
 
-    _logger.set_verbose(verbose())
+    from edgemed.runtime.llamacpp import lib
+
+    lib()  # installs the log route
     with suppress_stdout_stderr(disable=verbose()):
         yield

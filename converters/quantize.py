@@ -27,6 +27,7 @@ from pathlib import Path
 from edgemed.constants import GGUF_TYPES
 from edgemed.converters.native_log import quiet
 from edgemed.errors import EdgemedError, OutputError, require
+from edgemed.runtime.params import Params
 
 # Rows llama.cpp keeps in memory at once while quantizing (its default is 8 GiB).
 MAX_BUF_BYTES = 256 * 2**20
@@ -48,7 +49,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
     ``ftype`` then names the llama_ftype constant written as ``general.file_type`` (default: ``qtype``'s).
     """
     llama_cpp = require("llama_cpp", "gguf")
-    params = llama_cpp.llama_model_quantize_default_params()
+    params = Params(llama_cpp.llama_model_quantize_default_params())  # every field named and read back
     params.nthread = threads or os.cpu_count() or 1
     params.ftype = getattr(llama_cpp, ftype or GGUF_TYPES[qtype].llama_ftype)
     params.max_buf_size = MAX_BUF_BYTES
@@ -75,7 +76,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
         keep_alive.append(entries)
     errors: list[str] = []
     with quiet(), _log_errors(llama_cpp, errors):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params.raw))
     if rc != 0:
         raise _failure(src, dst, qtype, rc, errors)
     if tensor_types:

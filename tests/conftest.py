@@ -49,3 +49,22 @@ def smollm2_hf(smollm2_gguf) -> Path:
 
     os.environ["EDGEMED_CACHE_DIR"] = str(TEST_CACHE)
     return sources.hf_checkpoint("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def q4_0_gguf(smollm2_gguf):
+    """SmolLM2 requantized to Q4_0 (the type the CPU repack kernels take on x86), cached."""
+    import ctypes
+
+    import llama_cpp
+
+    out = TEST_CACHE / "smollm2-q4_0.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True
+        tmp = out.with_suffix(".partial")
+        assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(tmp).encode(), ctypes.byref(params)) == 0
+        tmp.replace(out)
+    return out

@@ -84,51 +84,26 @@ def test_profiles_carry_the_setting():
 
 
 # -- the real layer ----------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def q4_0_gguf(smollm2_gguf):
-    """SmolLM2 requantized to Q4_0 (the type the CPU repack kernels take on x86), cached."""
-    import ctypes
-
-    import llama_cpp
-
-    from tests.conftest import TEST_CACHE
-
-    out = TEST_CACHE / "smollm2-q4_0.gguf"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-        params.allow_requantize = True
-        tmp = out.with_suffix(".partial")
-        assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(tmp).encode(), ctypes.byref(params)) == 0
-        tmp.replace(out)
-    return out
-
-
-def _native_log(capfd, path, mode) -> tuple[str, list]:
+def _native_log(caplog, path, mode) -> tuple[str, list]:
     from edgemed.runtime import llamacpp
 
-    logging.getLogger("edgemed").setLevel(logging.DEBUG)  # the layer lets llama.cpp's log through at DEBUG
-    try:
-        capfd.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="edgemed.llama_cpp"):  # llama.cpp's log, routed through logging
         model = llamacpp.Model(path, LoadSettings(n_ctx=128, n_threads=1, extra_buffers=mode), checked=False)
         ctx = llamacpp.Context(model, n_ctx=128)
         logits = ctx.eval(model.tokenize("Anaphylaxis is treated with", add_special=True))
-        log = capfd.readouterr().err
         ctx.close()
         model.close()
-    finally:
-        logging.getLogger("edgemed").setLevel(logging.NOTSET)
-    return log, logits
+    return caplog.text, logits
 
 
-def test_repack_mode_keeps_cpu_repack_without_amx(capfd, q4_0_gguf):
+def test_repack_mode_keeps_cpu_repack_without_amx(caplog, q4_0_gguf):
     from edgemed.runtime.llamacpp import build
 
     if not {"REPACK", "AVX2"} <= build().features:
         pytest.skip("this llama.cpp build has no CPU_REPACK kernels for x86 (needs AVX2 and REPACK)")
-    log_repack, repacked = _native_log(capfd, q4_0_gguf, "repack")
-    log_none, plain = _native_log(capfd, q4_0_gguf, "none")
+    log_repack, repacked = _native_log(caplog, q4_0_gguf, "repack")
+    log_none, plain = _native_log(caplog, q4_0_gguf, "none")
     assert "CPU_REPACK model buffer size" in log_repack and "AMX" not in log_repack
     assert "CPU_REPACK" not in log_none
     assert abs(repacked - plain).max() < 0.05 * abs(plain).max()  # same model, other kernel layout

@@ -27,8 +27,9 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, as_json):
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
     p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget)
+    load = load_description(p.llama, p.estimate.repacked)
     if as_json:
-        click.echo(json.dumps(p.to_dict(), indent=2))
+        click.echo(json.dumps({**p.to_dict(), "load_mode": load[0]}, indent=2))
         return
     e = p.estimate
     mib = lambda n: f"{n / MIB:8.1f} MiB"  # noqa: E731
@@ -41,7 +42,21 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, as_json):
     click.echo(f"  runtime        {mib(e.runtime)}")
     click.echo(f"  peak (pred.)   {mib(e.total)}  = {100 * e.total / p.budget:.0f} % of budget")
     click.echo(f"context  {e.n_ctx} tokens (limited by {p.limited_by})")
+    click.echo(f"load     {load[0]}: {load[1]}")
     s = p.llama
     click.echo(f"settings n_threads={s['n_threads']} n_threads_batch={s['n_threads_batch']} n_gpu_layers={s['n_gpu_layers']} "
                f"n_batch={s['n_batch']} n_ubatch={s['n_ubatch']} flash_attn={s['flash_attn']} "
                f"type_k={s['type_k']} type_v={s['type_v']} use_mmap={s['use_mmap']} use_mlock={s['use_mlock']}")
+
+
+def load_description(llama: dict, repacked: int) -> tuple[str, str]:
+    """llama.cpp's load mode for these settings (``runtime.params.load_mode``'s names) and what it means for memory."""
+    mmap, mlock = llama["use_mmap"], llama["use_mlock"]
+    name = ("mmap+mlock" if mlock else "mmap") if mmap else ("mlock" if mlock else "none")
+    if not mmap:
+        held = "the file is read into memory once; repacked weights are read straight into their interleaved buffers"
+    elif repacked:
+        held = f"the file is mapped, and {repacked / (1 << 20):.0f} MiB of repacked weights are copied beside its pages"
+    else:
+        held = "the file is mapped; its pages are the weights"
+    return name, held + (" (locked in RAM)" if mlock else "")

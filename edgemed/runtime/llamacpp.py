@@ -2,9 +2,9 @@
 
 Raw ``llama_cpp`` bindings -> the thin owners here (``Model``, ``Context``, ``Batch``, ``SamplerChain``,
 each freeing its native object in an idempotent ``close()``) -> the run engine, the batcher, the
-converters' checks, the benchmarks and the scorer. Parameter structs are built from ``LoadSettings``
-here only, so a host setting (extra buffer types, ``buffers.py``) applies to every load, and the host
-self-test's verdict (``selftest.ensure``) is consulted before a model that will compute is loaded.
+converters' checks, the benchmarks and the scorer. Parameter structs are built from ``LoadSettings`` here
+only, through ``params.Params`` (named fields, read back), so a host setting applies to every load, and the
+host self-test's verdict (``selftest.ensure``) is consulted before a model that will compute is loaded.
 ``generate`` is the one single-sequence generation loop; the batcher drives the same parts for many.
 """
 
@@ -20,7 +20,8 @@ from typing import Iterator
 from edgemed import env
 from edgemed.constants import FULL_PRECISION_KV, KV_TYPES
 from edgemed.errors import InputError, ModelLoadError, require
-from edgemed.runtime import buffers
+from edgemed.runtime import buffers, native_log
+from edgemed.runtime.params import Params, load_mode
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.sampling import REPEAT_WINDOW, grammar_text  # the penalty window both backends use
 from edgemed.runtime.text_stream import TextStream
@@ -29,11 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def lib():
-    """The raw bindings, with llama.cpp's own log quiet unless edgemed runs at DEBUG."""
+    """The raw bindings, with llama.cpp's own log routed through edgemed's logging (``native_log``)."""
     llama_cpp = require("llama_cpp", "gguf")
-    from llama_cpp import _logger
-
-    _logger.set_verbose(logging.getLogger("edgemed").isEnabledFor(logging.DEBUG))
+    native_log.install(llama_cpp)
     return llama_cpp
 
 
@@ -78,14 +77,13 @@ class Model:
             load = selftest.ensure(self.path, load, tensors)
         self.load = load
         lc = self.lib = lib()
-        params = lc.llama_model_default_params()
+        params = self.params = Params(lc.llama_model_default_params())
         params.vocab_only = vocab_only
         params.n_gpu_layers = load.n_gpu_layers
-        params.use_mmap = load.use_mmap
-        params.use_mlock = load.use_mlock
+        params.load_mode = load_mode(lc, load)
         mode = buffers.resolve(load.extra_buffers, build())
         self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides(), tensors)
-        self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
+        self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params.raw)
         if not self.ptr:
             raise ModelLoadError(
                 f"llama.cpp could not load '{self.path}'.",
@@ -178,7 +176,7 @@ class Context:
                                  "set flash_attn = true in the device profile, or keep type_v at f16")
         asked = threads
         threads = threads or load.n_threads or physical_cores()
-        p = lc.llama_context_default_params()
+        p = self.params = Params(lc.llama_context_default_params())
         p.n_seq_max = n_seq_max
         p.kv_unified = kv_unified
         p.n_ctx = n_ctx or load.n_ctx
@@ -190,7 +188,7 @@ class Context:
         p.type_k = KV_TYPES[load.type_k].ggml_id  # by number: llama-cpp-python has no GGML_TYPE_BF16 name
         p.type_v = KV_TYPES[load.type_v].ggml_id
         p.no_perf = True
-        self.ptr = lc.llama_init_from_model(model.ptr, p)
+        self.ptr = lc.llama_init_from_model(model.ptr, p.raw)
         if not self.ptr:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {p.n_ctx} tokens ({n_seq_max} sequences) for '{model.path}'.",
@@ -201,6 +199,9 @@ class Context:
         self.n_batch = lc.llama_n_batch(self.ptr)
         self.n_ctx_seq = lc.llama_n_ctx_seq(self.ptr)
         self._batch: Batch | None = None
+        if 0 < model.n_ctx_train < self.n_ctx_seq:  # llama.cpp's own warning is only in its log (-v)
+            log.warning("The context (%d tokens a sequence) is longer than '%s' was trained on: answers past %d tokens "
+                        "may degrade; use --ctx %d or less.", self.n_ctx_seq, model.path.name, *[model.n_ctx_train] * 2)
 
     def decode(self, batch: "Batch") -> int:
         return self.lib.llama_decode(self.ptr, batch.raw)

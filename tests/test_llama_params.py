@@ -1,0 +1,142 @@
+"""Every setting the llama.cpp layer hands to native code reaches it: named fields only, read back, and
+checked on the native side (llama.cpp's getters, the process's own mappings, llama.cpp's log)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edgemed.runtime.engine import LoadSettings
+from edgemed.runtime.params import Params
+
+
+class _Struct(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int32), ("flag", ctypes.c_bool), ("ptr", ctypes.c_void_p)]
+
+
+def test_a_field_the_struct_does_not_have_is_refused():
+    p = Params(_Struct())
+    p.n, p.flag = 7, True
+    p.ptr = ctypes.c_void_p(1234)
+    assert p.raw.n == 7 and p.raw.flag is True and p.written == {"n": 7, "flag": True, "ptr": 1234}
+    with pytest.raises(AttributeError, match="no field 'use_mmap'"):
+        p.use_mmap = False
+    with pytest.raises(ValueError, match="reads back"):
+        p.n = 2**40  # truncated by the C type: not what was asked
+
+
+def test_the_old_mmap_fields_are_gone_from_llama_cpp():
+    """The regression itself: llama-cpp-python's struct took ``use_mmap`` silently; through Params it cannot."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    raw = llama_cpp.llama_model_default_params()
+    raw.use_mmap = False  # what the layer used to do: accepted without a word, never read by llama.cpp
+    assert "use_mmap" not in {f[0] for f in type(raw)._fields_}
+    with pytest.raises(AttributeError):
+        Params(llama_cpp.llama_model_default_params()).use_mmap = False
+
+
+@pytest.mark.parametrize("mmap,mlock,mode", [(True, False, "MMAP"), (False, False, "NONE"),
+                                               (False, True, "MLOCK"), (True, True, "MMAP_MLOCK")])
+def test_mmap_and_mlock_become_llama_cpps_load_mode(mmap, mlock, mode):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from edgemed.runtime.params import load_mode
+
+    assert load_mode(llama_cpp, LoadSettings(use_mmap=mmap, use_mlock=mlock)) == getattr(llama_cpp, f"LLAMA_LOAD_MODE_{mode}")
+
+
+def test_every_field_set_reads_back_from_the_struct_and_from_llama_cpp(smollm2_gguf):
+    from edgemed.runtime import llamacpp
+
+    load = LoadSettings(n_ctx=512, n_threads=1, n_threads_batch=2, n_batch=256, n_ubatch=128, use_mmap=False,
+                        extra_buffers="none")
+    model = llamacpp.Model(smollm2_gguf, load, checked=False)
+    ctx = llamacpp.Context(model, load, n_seq_max=2)
+    try:
+        lc = model.lib
+        for params in (model.params, ctx.params):
+            assert params.written, "nothing recorded"
+            for name, value in params.written.items():
+                got = getattr(params.raw, name)
+                assert (got.value if isinstance(got, ctypes._SimpleCData) else got) == value, name
+        assert model.params.written["load_mode"] == lc.LLAMA_LOAD_MODE_NONE
+        assert model.params.written["use_extra_bufts"] is False
+        # what llama.cpp itself reports for the context
+        assert lc.llama_n_ctx(ctx.ptr) == 512 and lc.llama_n_batch(ctx.ptr) == 256 and lc.llama_n_ubatch(ctx.ptr) == 128
+        assert lc.llama_n_seq_max(ctx.ptr) == 2
+        assert lc.llama_n_threads(ctx.ptr) == 1 and lc.llama_n_threads_batch(ctx.ptr) == 2
+    finally:
+        ctx.close()
+        model.close()
+
+
+_RESIDENT = textwrap.dedent("""
+    import json, sys
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.llamacpp import Context, Model
+    path, mmap = sys.argv[1], sys.argv[2] == "mmap"
+    model = Model(path, LoadSettings(n_ctx=256, n_threads=1, use_mmap=mmap, extra_buffers="all"), checked=False)
+    ctx = Context(model, n_ctx=256)
+    ctx.eval(model.tokenize("Anaphylaxis is treated with", add_special=True))
+    mapped = rss = 0
+    inside = False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:   # a mapping's first line
+                inside = line.rstrip().endswith(path)
+                mapped += inside
+            elif inside and line.startswith("Rss:"):
+                rss += int(head[1]) * 1024
+    print(json.dumps({"mappings": mapped, "file_rss": rss, "placement": model.placement.describe()}))
+""")
+
+
+def _resident(path, mode: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _RESIDENT, str(path), mode], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_no_mmap_load_holds_repacked_weights_once(q4_0_gguf):
+    """With the CPU repack on, a mapped load keeps the file's pages of every repacked tensor resident beside the
+    interleaved copy; the profiles' ``use_mmap = false`` must reach llama.cpp so that the file is not mapped at all."""
+    from edgemed.gguf_header import read_header
+    from edgemed.runtime.buffers import pinned_weights
+    from edgemed.runtime.llamacpp import build
+
+    tensors = read_header(q4_0_gguf).tensors
+    pinned = set(pinned_weights(tensors, build().features))
+    repackable = sum(t.n_bytes for t in tensors if t.name in pinned)
+    if not repackable:
+        pytest.skip("this llama.cpp build repacks none of the Q4_0 weights (no CPU_REPACK kernels for this CPU)")
+    mapped = _resident(q4_0_gguf, "mmap")
+    assert mapped["mappings"] >= 1 and mapped["file_rss"] > repackable // 2  # the mechanism the test guards against
+    unmapped = _resident(q4_0_gguf, "no-mmap")
+    assert unmapped["mappings"] == 0 and unmapped["file_rss"] == 0, unmapped
+
+
+def test_llama_cpp_log_stays_off_the_terminal_by_default(smollm2_gguf):
+    """llama.cpp's warnings (levels mis-mapped by llama-cpp-python's own callback) print nothing at the CLI's
+    default verbosity, and show with -v."""
+    code = textwrap.dedent("""
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING - 10 * int(sys.argv[2]))
+        from edgemed.runtime.engine import LoadSettings
+        from edgemed.runtime.llamacpp import Context, Model
+        model = Model(sys.argv[1], LoadSettings(n_ctx=256, n_threads=1), checked=False)
+        ctx = Context(model, n_ctx=256)
+        model.lib.llama_log_set  # the route is installed
+        from edgemed.runtime import native_log
+        native_log._on_log(3, b"a llama.cpp warning, ", None)
+        native_log._on_log(5, b"continued\\n", None)
+    """)
+    quiet = subprocess.run([sys.executable, "-c", code, str(smollm2_gguf), "0"], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stderr == "" and quiet.stdout == ""
+    loud = subprocess.run([sys.executable, "-c", code, str(smollm2_gguf), "1"], capture_output=True, text=True, timeout=120)
+    assert "INFO:edgemed.llama_cpp:a llama.cpp warning, continued" in loud.stderr
