@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable
 
 from edgemed import env
 from edgemed.errors import IntegrityError, UnsafeArchive
+from edgemed.packaging import signing
 from edgemed.packaging.digest import copy_hashed
 from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, SIGNATURE, FileEntry,
                                          Manifest, check_relpath)
@@ -130,7 +131,8 @@ def _read_head(tf: tarfile.TarFile, files, path: Path) -> tuple[Manifest, bytes,
     """The one rule for a bundle's head, used by ``read_tar`` and ``peek_tar`` alike.
 
     The first file entry is ``manifest.json`` (at most ``MAX_MANIFEST_BYTES``), checked before
-    anything else is read; the second may be ``manifest.sig`` (at most ``MAX_SIGNATURE_BYTES``).
+    anything else is read; the second may be ``manifest.sig`` (at most ``MAX_SIGNATURE_BYTES``, and a
+    well-formed signature document: ``signing.well_formed``).
     Returns (manifest, its bytes, signature bytes or None, the next (name, member) or None).
     """
     first = next(files, None)
@@ -146,7 +148,7 @@ def _read_head(tf: tarfile.TarFile, files, path: Path) -> tuple[Manifest, bytes,
     if after is not None and after[0] == SIGNATURE:
         if after[1].size > MAX_SIGNATURE_BYTES:
             raise UnsafeArchive(f"{path}: manifest.sig declares {after[1].size} bytes (at most {MAX_SIGNATURE_BYTES}).", _FIX)
-        sig, after = _read_small(tf, after[1], path), next(files, None)
+        sig, after = signing.well_formed(_read_small(tf, after[1], path)), next(files, None)
     return manifest, data, sig, after
 
 

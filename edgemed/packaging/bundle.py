@@ -29,6 +29,7 @@ from edgemed.conversion_report import existing_report
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.formats import sniff
 from edgemed.packaging import facts as facts_mod
+from edgemed.packaging import signing
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
 from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, RESERVED, SIGNATURE, FileEntry,
                                          Manifest, check_name)
@@ -126,7 +127,6 @@ def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov:
 def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, force: bool = False) -> Manifest:
     """Write a bundle to ``out`` (tar by default, a directory with ``as_dir``), atomically."""
     from edgemed.packaging import card as card_mod
-    from edgemed.packaging import signing
 
     name = check_name(inp.name or inp.model.name.split(".")[0].lower())
     card = card_mod.load_card(inp.card) if inp.card else {}
@@ -186,7 +186,8 @@ def read_manifest(root: Path) -> tuple[Manifest, bytes, bytes | None]:
                              "pass a bundle made by `edgemed pack` (a .edgemed file or directory)")
     data = _read_at_most(mpath, MAX_MANIFEST_BYTES, "a manifest")
     sig = _read_at_most(spath, MAX_SIGNATURE_BYTES, "a signature") if spath.is_file() else None
-    return Manifest.from_bytes(data, str(root)), data, sig
+    man = Manifest.from_bytes(data, str(root))
+    return man, data, signing.well_formed(sig)
 
 
 def _read_at_most(path: Path, limit: int, what: str) -> bytes:
@@ -227,8 +228,6 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     otherwise files unchanged since their last full hash come from the verified cache.
     """
     import hashlib
-
-    from edgemed.packaging import signing
 
     root = Path(root).absolute()
     man, data, sig = read_manifest(root)

@@ -104,6 +104,16 @@ def signature_key_id(sig_bytes: bytes) -> str:
     return _parse(sig_bytes)["key_id"]
 
 
+def well_formed(sig_bytes: bytes | None) -> bytes | None:
+    """``manifest.sig`` as a bundle reader hands it on: None (no signature file) or the bytes of a
+    well-formed signature document. Any other content, an empty or whitespace-only file included, is
+    refused here (SignatureError, "malformed") whether or not a key is given: every command that reads
+    a bundle (inspect, verify, install) gives the same answer for the same file."""
+    if sig_bytes is not None:
+        _parse(sig_bytes)
+    return sig_bytes
+
+
 def _parse(sig_bytes: bytes) -> dict:
     try:
         doc = json.loads(sig_bytes.decode("utf-8"))

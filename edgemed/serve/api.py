@@ -317,8 +317,17 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class ClientClosed(EdgemedError):
+    """The client closed the connection before its answer was sent: recorded as 499, never as a server error."""
+
+    def __init__(self):
+        super().__init__("The client closed the connection before the answer was complete.",
+                         "raise the client's time-out, or stream the answer (\"stream\": true)")
+
+
 #: EdgemedError subclass -> (status, type, code), most specific first
 ERRORS = [
+    (ClientClosed, 499, "invalid_request_error", "client_closed"),
     (Overloaded, 429, "rate_limit_error", "server_overloaded"),
     (Closed, 503, "server_error", "unavailable"),
     (ContextOverflow, 400, "invalid_request_error", "context_length_exceeded"),

@@ -3,7 +3,8 @@ the whole answer, or SSE chunks then ``[DONE]``; with the audit's and the metric
 
 A client that disconnects cancels its ``Stream``, which frees the slot before the next decode step:
 streaming through Starlette's disconnect listener, non-streaming through a task that waits for
-``http.disconnect`` while the answer is collected.
+``http.disconnect`` while the answer is collected. Either way the request is recorded as the client's
+doing (``Context.client_left``: 499, ``client_disconnected``), not as a server error.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.serve import api
-from edgemed.serve.api import ApiError
+from edgemed.serve.api import ApiError, ClientClosed
 from edgemed.serve.endpoints import Endpoint
 from edgemed.serve.middleware import Context
 from edgemed.serve.state import Served, context, served
@@ -72,10 +73,15 @@ def submit(srv: Served, ctx: Context, prompt, body, json_schema: str | None):
 
 async def collect(srv: Served, ctx: Context, request: Request, stream) -> tuple[str, object, str]:
     """The whole answer, its ``Finished`` and OpenAI's finish reason; a client that leaves meanwhile cancels
-    the stream (its slot is freed); a generation that ended neither by stop nor length raises."""
+    the stream (its slot is freed) and raises ``ClientClosed``; a generation that ended neither by stop nor
+    length raises."""
+    left = False
+
     async def watch():
+        nonlocal left
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        left = True
         stream.cancel()
 
     watcher = asyncio.ensure_future(watch())
@@ -90,6 +96,9 @@ async def collect(srv: Served, ctx: Context, request: Request, stream) -> tuple[
         watcher.cancel()
     text = "".join(parts)
     reason = finish(srv, ctx, finished, text)
+    if left:  # nobody is there to answer, and it is not the server's failure (not the 503 of a shutdown)
+        ctx.client_left()
+        raise ClientClosed()
     if reason not in api.FINISH_REASONS.values():
         raise failed(ctx, finished)
     return text, finished, reason
@@ -128,7 +137,7 @@ def streaming(srv: Served, ctx: Context, stream, shape, include_usage: bool) -> 
     """SSE: the shape's head events, one chunk per piece, a final chunk with the finish reason, usage if
     asked, then [DONE]; a generation that fails after the stream started ends it with an ``error`` event."""
     async def events():
-        parts, finished = [], None
+        parts, finished, left = [], None, False
         try:
             for event in shape.head():
                 yield sse(event)
@@ -148,14 +157,31 @@ def streaming(srv: Served, ctx: Context, stream, shape, include_usage: bool) -> 
                 if include_usage:
                     yield sse(shape.usage(finished))
             yield sse("[DONE]")
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            left = True  # the client went away: Starlette cancelled (or closed) this generator
+            raise
         finally:
-            if finished is None:  # the client went away (Starlette cancelled this generator)
+            if finished is None:
                 stream.cancel()
-                ctx.outcome = "client_disconnected"
                 # the batcher ends the stream before its next step: keep its token counts for the audit
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     async for item in stream:
                         if not hasattr(item, "text"):
                             finish(srv, ctx, item, "".join(parts))
+            if left:
+                ctx.client_left()
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+    return SseResponse(events(), ctx, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+
+
+class SseResponse(StreamingResponse):
+    """A ``StreamingResponse`` that records a client gone before the end of the stream (``Context.client_left``),
+    wherever the cancellation lands (in the generator, or in a ``send`` between two events)."""
+
+    def __init__(self, content, ctx: Context, **kw):
+        super().__init__(content, **kw)
+        self.ctx = ctx
+
+    async def listen_for_disconnect(self, receive) -> None:
+        await super().listen_for_disconnect(receive)  # returns only on http.disconnect, else it is cancelled
+        self.ctx.client_left()

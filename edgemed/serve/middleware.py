@@ -2,7 +2,9 @@
 
 ``Observe`` (outermost) gives each request an id and a ``Context``, adds the security headers, and when
 the response is over — streams included — writes the request metrics and one audit record (``/v1/*``).
-An exception that escapes the app becomes a 500 in OpenAI's shape here.
+An exception that escapes the app becomes a 500 in OpenAI's shape here. A client that closes the
+connection before its body is all read or its answer all sent (``Context.client_left``) is recorded
+with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not a server error.
 
 ``Guard`` (innermost) refuses, in this order: every ``/v1`` request once the audit log cannot be
 written (503, fail closed); on loopback binds, a ``Host`` that is not a loopback name (400: DNS
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 import anyio
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 
 from edgemed.serve.api import ApiError, error_response
 from edgemed.serve.config import ServeConfig
@@ -33,8 +36,12 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 #: path -> endpoint label (metrics); anything else is "other", so label values stay few
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
              "/health": "health", "/metrics": "metrics"}
+#: nginx's "client closed request": the client left before its whole request was read or its whole answer sent.
+#: Recorded (metrics' code label, the audit's status) in place of any 5xx, so a client's time-out is not a server error.
+CLIENT_CLOSED = 499
 #: status -> audit outcome, where the handler did not set one
-OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 429: "overloaded", 503: "unavailable"}
+OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 429: "overloaded",
+            CLIENT_CLOSED: "client_disconnected", 503: "unavailable"}
 
 
 # -- per-request context ------------------------------------------------------------------------------
@@ -55,10 +62,22 @@ class Context:
     finished: object = None  # batcher.Finished
     prompt: str | None = None
     output: str | None = None
+    client_closed: bool = False  # the client left before its request was read or its answer sent
+
+    def client_left(self) -> None:
+        """The client closed the connection early (body not all sent, or answer not all received): the request
+        is recorded as ``CLIENT_CLOSED`` / ``client_disconnected``, whatever status went (or did not go) out."""
+        self.client_closed = True
+        self.outcome = OUTCOMES[CLIENT_CLOSED]
+
+    @property
+    def code(self) -> int:
+        """The status the metrics and the audit record: 499 when the client left, else the one sent (500 if none)."""
+        return CLIENT_CLOSED if self.client_closed else self.status or 500
 
     def audit_fields(self, model: str, digest: str) -> dict:
         fields = dict(request_id=self.request_id, endpoint=self.endpoint, client=self.client, key_id=self.key_id,
-                      model=model, bundle_digest=digest, template=self.template, status=self.status,
+                      model=model, bundle_digest=digest, template=self.template, status=self.code,
                       outcome=self.outcome or self._outcome(), error_code=self.error_code, stream=self.stream,
                       latency_s=round(time.perf_counter() - self.started, 4))
         f = self.finished
@@ -70,7 +89,7 @@ class Context:
         return fields
 
     def _outcome(self) -> str:
-        code = self.status or 500
+        code = self.code
         if code < 400:
             return "ok"
         return OUTCOMES.get(code, "bad_request" if code < 500 else "error")
@@ -107,14 +126,16 @@ class Observe:
 
         try:
             await self.app(scope, receive, send_observed)
+        except ClientDisconnect:  # Starlette's word for a client gone while it read or wrote
+            ctx.client_left()
         except Exception:
             log.exception("request %s failed", ctx.request_id)
-            ctx.outcome = "error"
+            ctx.outcome, ctx.client_closed = "error", False  # a failure is the server's, even if the client left too
             if ctx.status is None:
                 await error_response(ApiError(500, "The server failed on this request; it is logged under "
                                               f"request id {ctx.request_id}.", "server_error"))(scope, receive, send_observed)
         finally:
-            self.metrics.request_done(ctx.endpoint, ctx.status or 500, time.perf_counter() - ctx.started)
+            self.metrics.request_done(ctx.endpoint, ctx.code, time.perf_counter() - ctx.started)
             if self.config.audit is not None and not self.config.audit.failed and path.startswith("/v1/"):
                 await _audit(self.config.audit, "request", ctx.audit_fields(self.config.model_id, self.config.bundle_digest))
 
@@ -175,7 +196,7 @@ class Guard:
         while more:  # read the (bounded) body here, so the app never sees more than the limit
             message = await receive()
             if message["type"] != "http.request":
-                return  # the client left before sending its request
+                return ctx.client_left()  # the client closed the connection before sending its whole body
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:

@@ -1,0 +1,120 @@
+"""A client that leaves early is the client's doing, not a server error: ``edgemed serve`` records it with
+nginx's 499 ("client closed request") in ``/metrics`` and outcome ``client_disconnected`` in the audit log,
+never a 5xx, so an alert on 5xx does not fire on client time-outs. Three ways to leave, against a real
+uvicorn server and the real SmolLM2: a body cut short, a non-streaming answer abandoned mid-generation,
+a stream abandoned mid-stream. Each frees its slot, and the next request is answered.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+
+from serve_kit import ServerThread, wait_until
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ships with
+
+from edgemed.runtime.engine import LoadSettings  # noqa: E402
+from edgemed.serve import audit  # noqa: E402
+from edgemed.serve.app import create_app  # noqa: E402
+from edgemed.serve.batcher import Batcher  # noqa: E402
+from edgemed.serve.config import ServeConfig  # noqa: E402
+
+MODEL = "smollm2-abort"
+LONG = "Write a long essay on the history of medicine, century by century."
+REQUESTS = re.compile(r'^edgemed_requests_total\{code="(\d+)",endpoint="(\w+)"\} (\S+)$', re.M)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    audit_path = tmp_path_factory.mktemp("abort") / "audit.jsonl"
+    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=1), slots=1, queue_size=2)
+    batcher.start()
+    log = audit.AuditLog(audit_path)
+    try:
+        with ServerThread(create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test", audit=log))) as srv:
+            srv.batcher, srv.audit_path = batcher, audit_path
+            yield srv
+    finally:
+        batcher.close()
+        log.close()
+
+
+def records(server) -> list[dict]:
+    return [json.loads(line) for line in server.audit_path.read_text().splitlines()]
+
+
+def requests_by_code(server) -> dict[str, float]:
+    """``/metrics``' request counter, summed over endpoints: {code: count}."""
+    counts: dict[str, float] = {}
+    for code, _, value in REQUESTS.findall(httpx.get(server.url + "/metrics", timeout=30).text):
+        counts[code] = counts.get(code, 0) + float(value)
+    return counts
+
+
+def raw_request(server, body: bytes, *, declared: int | None = None) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    length = len(body) if declared is None else declared
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(length).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def chat_body(**extra) -> bytes:
+    return json.dumps({"model": MODEL, "max_tokens": 300, "messages": [{"role": "user", "content": LONG}], **extra}).encode()
+
+
+def recorded_as_client_closed(server, before_records: int, before_counts: dict) -> dict:
+    """The request's audit record (one, new, outcome client_disconnected, status 499) and the metrics' view:
+    one more 499, no 5xx at all. Then the server still answers."""
+    assert wait_until(lambda: len(records(server)) > before_records, timeout=20)
+    new = [r for r in records(server)[before_records:] if r["kind"] == "request"]
+    assert len(new) == 1, new
+    rec = new[0]
+    assert (rec["outcome"], rec["status"], rec["endpoint"]) == ("client_disconnected", 499, "chat"), rec
+    counts = requests_by_code(server)
+    assert counts.get("499", 0) == before_counts.get("499", 0) + 1, counts
+    assert not [code for code in counts if code.startswith("5")], counts
+    assert wait_until(lambda: server.batcher.stats()["active_slots"] == 0 and server.batcher.stats()["queue_depth"] == 0)
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+    assert wait_until(lambda: (records(server)[-1]["status"], records(server)[-1]["outcome"]) == (200, "ok"))
+    return rec
+
+
+def test_body_cut_short_is_499_not_500(server):
+    before, counts = len(records(server)), requests_by_code(server)
+    sock = raw_request(server, b'{"model":"', declared=1000)  # 10 bytes of 1000, then gone
+    sock.close()
+    rec = recorded_as_client_closed(server, before, counts)
+    assert rec.get("finish_reason") is None  # nothing was generated
+
+
+def test_non_streaming_client_gone_mid_generation_is_499_not_503(server):
+    before, counts = len(records(server)), requests_by_code(server)
+    generated = server.batcher.stats()["tokens_generated_total"]
+    sock = raw_request(server, chat_body())
+    assert wait_until(lambda: server.batcher.stats()["tokens_generated_total"] >= generated + 3)
+    sock.close()
+    rec = recorded_as_client_closed(server, before, counts)
+    assert rec["finish_reason"] == "cancelled" and 0 < rec["completion_tokens"] < 300 and rec["stream"] is False
+
+
+def test_streaming_client_gone_mid_stream_is_499(server):
+    before, counts = len(records(server)), requests_by_code(server)
+    sock = raw_request(server, chat_body(stream=True))
+    got = b""
+    while got.count(b"data: ") < 5:  # the head, then a few pieces of the answer
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200")
+    sock.close()
+    rec = recorded_as_client_closed(server, before, counts)
+    assert rec["finish_reason"] == "cancelled" and rec["completion_tokens"] < 300 and rec["stream"] is True
