@@ -140,3 +140,14 @@ def test_llama_cpp_log_stays_off_the_terminal_by_default(smollm2_gguf):
     assert quiet.stderr == "" and quiet.stdout == ""
     loud = subprocess.run([sys.executable, "-c", code, str(smollm2_gguf), "1"], capture_output=True, text=True, timeout=120)
     assert "INFO:edgemed.llama_cpp:a llama.cpp warning, continued" in loud.stderr
+
+
+def test_run_and_plan_print_no_llama_cpp_line_at_default_verbosity(smollm2_gguf, tmp_path):
+    import os
+
+    env = {**os.environ, "EDGEMED_CACHE_DIR": str(tmp_path / "cache")}  # a fresh cache: the self-test child runs too
+    for args in (["plan", str(smollm2_gguf)],
+                 ["run", str(smollm2_gguf), "--prompt", "Anaphylaxis is", "--max-tokens", "2", "--ctx", "512", "--threads", "1"]):
+        proc = subprocess.run([sys.executable, "-m", "edgemed", *args], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stderr == "", proc.stderr[-2000:]
