@@ -348,8 +348,9 @@ def test_interrupted_install_leaves_nothing(tmp_path, src, monkeypatch):
     assert list(s.models.iterdir()) == [] and list(s.tmp.iterdir()) == [] and s.index() == {}
     monkeypatch.setattr(store_mod, "copy_hashed", real)
     # a SIGKILL leaves staging debris and an unlinked blob: the next store operation clears them
-    (s.tmp / "install.dead").mkdir()
-    (s.tmp / "install.dead" / "x").write_bytes(b"partial")
+    dead = s.tmp / ".install.edgemed-0123456789abcdef.deadbeef.partial"  # a killed owner's staging (no live lock)
+    dead.mkdir()
+    (dead / "x").write_bytes(b"partial")
     (s.blobs / ("f" * 64)).write_bytes(b"orphan")
     s.install(t)
     assert list(s.tmp.iterdir()) == [] and not (s.blobs / ("f" * 64)).exists()

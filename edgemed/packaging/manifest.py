@@ -32,7 +32,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def check_name(name: str) -> str:
     """A model name usable as a store key and a directory name."""
-    if not NAME_RE.match(name or "") or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: "$" would let a final newline through
         raise InputError(
             f"'{name}' is not a valid model name.",
             "use 1-64 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter or digit",

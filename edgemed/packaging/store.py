@@ -19,12 +19,21 @@ files are streamed into ``tmp/``, hashed as they are written and checked against
 manifest. Then ``journal.json`` is written (atomically) naming the model, the new
 manifest's sha256, the staged folder, the aside name and the index record. Only then
 does ``models/<name>`` change: one ``renameat2(RENAME_EXCHANGE)``, or two renames
-(old -> aside, staged -> models) where exchange is unavailable. Settling a journal
-(``_settle``) is the same code after success and after a kill: if ``models/<name>``
-holds the new manifest, roll forward (write the index record, drop the old copy);
-otherwise roll back (rename the aside back, drop the staged copy). The journal goes
-last. Every store operation settles a journal first; readers settle one that no live
-operation holds, and read a live one through.
+(old -> aside, staged -> models) where exchange is unavailable. A remove writes its
+journal (the model and the trash name), then renames ``models/<name>`` into the trash.
+Settling a journal (``_settle``) is the same code after success and after a kill: an
+install rolls forward (writes the index record, drops the old copy) only if
+``models/<name>`` holds the journal's manifest; otherwise it rolls back (the aside goes
+back, if ``models/<name>`` is empty and the aside is a copy of that model). A remove
+drops the index record only once ``models/<name>`` is gone. So settling never takes a
+model out of ``models/``: it only finishes or undoes what edgemed itself moved. The
+journal goes last. Every store operation settles a journal first; readers settle one
+that no live operation holds, and read a live one through.
+
+Damaged or hostile state (``store_files``): index.json and journal.json are checked before
+anything acts on them; a journal that fails is set aside (never deleted) and nothing is done on
+its word; in ``tmp/`` only dead owners' debris is removed, and an aside copy goes back into
+``models/`` only when it holds the manifest the journal or the index names.
 """
 
 from __future__ import annotations
@@ -34,22 +43,26 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
+import stat
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from edgemed import env
 from edgemed.atomic import step, swap_in, write_text
-from edgemed.debris import debris_path, discard, is_debris, owned, sweep
+from edgemed.debris import debris_path, discard, owned, sweep
 from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
 from edgemed.packaging.manifest import MANIFEST, SIGNATURE, FileEntry, Manifest, check_name
+from edgemed.packaging.store_files import (SHA256, Damaged, aside_of, is_model_copy, manifest_sha256, read_index, read_journal,
+                                           set_aside, split_index, valid_name, warn_legacy)
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.json"
+_TMP_BLOB = re.compile(r"\.[0-9a-f]{64}\.[0-9]+")  # _dedupe's link before its rename onto the blob
 
 
 class Store:
@@ -85,98 +98,112 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _collect_garbage(self) -> int:
-        """Under the lock, after ``_settle``: drop staging debris and blobs no model links to. Returns bytes freed."""
+        """Under the lock, after ``_settle``: drop dead owners' staging and blobs no model links to. Returns bytes freed."""
         freed = 0
         sweep(self.root)  # a killed write of index.json or journal.json
+        self._rescue_asides()  # before the sweep: an aside whose journal is gone may be a model's only copy
         sweep(self.tmp)
-        for p in self.tmp.iterdir():  # staging that edgemed named before owner tags; under the lock none is live
-            kind, dot, rest = p.name.partition(".")
-            if kind not in ("install", "old", "rm") or not dot or p.is_symlink():
-                continue
-            model = rest.rpartition(".")[0]  # old.<name>.<pid>: the only copy of a model a replacement was killed over
-            if kind == "old" and model and not os.path.lexists(self.models / model):
-                os.rename(p, self.models / model)
-            elif p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+        warn_legacy(self.tmp)
         for blob in self.blobs.iterdir():
+            if not (SHA256.fullmatch(blob.name) or _TMP_BLOB.fullmatch(blob.name)):
+                continue  # not a name edgemed gives a blob: not ours to remove
             st = blob.lstat()
-            if st.st_nlink <= 1:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
                 step("store.gc-blob")
                 freed += st.st_size
                 blob.unlink()
         return freed
 
-    def index(self) -> dict:
+    def _rescue_asides(self) -> None:
+        """Under the lock, with no journal: rename back onto a missing ``models/<name>`` an aside copy (ours, or an
+        older edgemed's ``old.<name>.<pid>``) that holds exactly the manifest the index records for that name."""
         try:
-            return json.loads(self.index_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            raise StoreError(f"The store index {self.index_path} is damaged.", "reinstall your models (edgemed install BUNDLE --force)") from None
+            good, _ = split_index(self._raw_index())
+        except StoreError:
+            return  # nothing vouches for any copy
+        for p in self.tmp.iterdir():
+            name = aside_of(p.name)
+            rec = good.get(name) if name is not None else None
+            if rec is None or os.path.lexists(self.models / name) or not is_model_copy(p, rec["manifest_sha256"]):
+                continue
+            step("store.rescue")
+            os.rename(p, self.models / name)
+            log.warning("restored '%s' from %s (a replacement was interrupted)", name, p)
+
+    def index(self) -> dict:
+        """The index's well-formed records (name -> record); a damaged record is left out (``list`` shows it).
+        Raises StoreError when the file as a whole is unusable."""
+        return split_index(self._raw_index())[0]
+
+    def _raw_index(self) -> dict:
+        """index.json as a JSON object, records unchecked (a writer keeps the ones it does not change as they are)."""
+        return read_index(self.index_path, self.models)
 
     def _write_index(self, idx: dict) -> None:
         write_text(self.index_path, json.dumps(idx, indent=2, sort_keys=True) + "\n")
 
     # -- the journal -----------------------------------------------------------------------
-    def _journal(self) -> dict | None:
-        try:
-            j = json.loads(self.journal_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"The store journal {self.journal_path} is unreadable ({exc}).",
-                             f"check the models with `edgemed list`, then delete {self.journal_path}") from None
-        names = [j.get(k) for k in ("stage", "aside", "trash") if isinstance(j, dict) and j.get(k) is not None]
-        if (not isinstance(j, dict) or j.get("op") not in ("install", "remove") or not isinstance(j.get("name"), str)
-                or not all(isinstance(n, str) and "/" not in n and is_debris(Path(n)) for n in names)):
-            raise StoreError(f"The store journal {self.journal_path} is not one edgemed wrote.",
-                             f"check the models with `edgemed list`, then delete {self.journal_path}")
-        check_name(j["name"])
-        return j
-
     def _settle(self) -> None:
-        """Under the lock: finish or undo the operation a journal describes (the same after success and after a kill)."""
-        j = self._journal()
+        """Under the lock: finish or undo the operation a journal describes (the same after success and after a kill).
+
+        Settling acts only on what edgemed staged and can check: an install rolls forward only when
+        ``models/<name>`` holds the journal's manifest, and back only into an empty ``models/<name>``
+        from the journal's aside copy of that model; a remove drops the index record only once
+        ``models/<name>`` is gone. It never moves a model out of ``models/``."""
+        try:
+            j = read_journal(self.journal_path)
+        except Damaged as exc:
+            set_aside(self.journal_path, str(exc))
+            return
         if j is None:
             return
-        dest = self.models / j["name"]
-        leftovers = [self.tmp / j[k] for k in ("stage", "aside", "trash") if j.get(k)]
-        before = self.index()
+        name = j["name"]
+        dest = self.models / name
+        before = self._raw_index()  # a damaged index: StoreError, the journal stays, nothing has changed
         idx = dict(before)
         if j["op"] == "remove":
-            if os.path.lexists(dest):
-                step("store.remove-rename")
-                os.rename(dest, self.tmp / j["trash"])
-            idx.pop(j["name"], None)
-        elif _manifest_sha256(dest) == j["sha256"]:  # the new model is in place: roll forward
-            idx[j["name"]] = j["record"]
-        elif not os.path.lexists(dest) and os.path.lexists(self.tmp / j["aside"]):  # the old one was moved aside: back
-            step("store.restore")
-            os.rename(self.tmp / j["aside"], dest)
+            if not os.path.lexists(dest):  # the remove moved it into its trash (or it was gone already)
+                idx.pop(name, None)
+        elif manifest_sha256(dest) == j["sha256"]:  # the new model is in place: roll forward
+            idx[name] = j["record"]
+        elif not os.path.lexists(dest):  # the old one was moved aside: back, if the aside is a copy of it
+            aside = self.tmp / j["aside"]
+            rec = split_index(before)[0].get(name)
+            if is_model_copy(aside, rec["manifest_sha256"] if rec else None):
+                step("store.restore")
+                os.rename(aside, dest)
         if idx != before:
             step("store.index")
             self._write_index(idx)
-        for p in leftovers:
-            if os.path.lexists(p):
+        for key in ("stage", "aside", "trash"):
+            p = self.tmp / j[key] if key in j else None
+            if p is not None and os.path.lexists(p):
                 step("store.discard")
                 discard(p)
         step("store.journal-done")
         self.journal_path.unlink()
 
-    def _view(self) -> dict:
-        """The index as a reader should see it: a dead operation's journal is settled first, a live one read through."""
-        if self.journal_path.exists() and self.root.is_dir():
-            with self.locked(wait=False):
-                pass
-        idx = self.index()
-        j = self._journal()
-        if j is not None and j["op"] == "install" and _manifest_sha256(self.models / j["name"]) == j["sha256"]:
+    def _view(self) -> tuple[dict, dict]:
+        """(records, damaged) as a reader should see the index: a dead operation's journal is settled first, a live one
+        read through. ``damaged`` maps a name whose record is malformed to why. StoreError: the index is unusable."""
+        if os.path.lexists(self.journal_path) and self.root.is_dir():
+            try:
+                with self.locked(wait=False):
+                    pass
+            except StoreError as exc:  # e.g. a damaged index: settling waits for a writer; read it through
+                log.warning("%s", str(exc).replace("\n", " "))
+        idx, bad = split_index(self._raw_index())
+        try:
+            j = read_journal(self.journal_path)
+        except Damaged:
+            j = None  # a live operation's journal that someone changed: nothing is read through it
+        if j is not None and j["op"] == "install" and manifest_sha256(self.models / j["name"]) == j["sha256"]:
             idx[j["name"]] = j["record"]
-        elif j is not None and j["op"] == "remove":
+            bad.pop(j["name"], None)
+        elif j is not None and j["op"] == "remove" and not os.path.lexists(self.models / j["name"]):
             idx.pop(j["name"], None)
-        return idx
+            bad.pop(j["name"], None)
+        return idx, bad
 
     # -- install ---------------------------------------------------------------------------
     def install(self, bundle: Path, *, name: str | None = None, public_key=None, force: bool = False) -> tuple[str, Manifest, str | None]:
@@ -190,6 +217,7 @@ class Store:
         signer: dict = {}
 
         with self.locked(), owned(self.tmp):
+            self._raw_index()  # a damaged index is refused before anything is staged or swapped
             stage = debris_path(self.tmp, "install")
             step("store.stage")
             stage.mkdir()
@@ -276,7 +304,7 @@ class Store:
     def model_dir(self, name: str) -> Path:
         check_name(name)
         d = self.models / name
-        if not d.is_dir() and self.journal_path.exists():
+        if not d.is_dir() and os.path.lexists(self.journal_path):
             self._view()  # a dead install may have left it aside: settle, then look again
         if not d.is_dir():
             raise StoreError(f"No model named '{name}' is installed.", "run `edgemed list` to see installed models, or `edgemed install BUNDLE`")
@@ -284,48 +312,72 @@ class Store:
 
     def verify(self, name: str, *, full: bool = False, public_key=None) -> Verified:
         d = self.model_dir(name)
-        rec = self._view().get(name) or {}
+        idx, bad = self._view()
+        if name in bad:
+            raise IntegrityError(f"The record of '{name}' in the store index {self.index_path} is damaged ({bad[name]}).",
+                                 f"reinstall it: edgemed install BUNDLE --name {name} --force")
+        rec = idx.get(name)
         if not rec:
-            raise IntegrityError(f"'{name}' is in the store but not in its index.", f"reinstall it: edgemed install BUNDLE --force")
-        return verify_dir(d, full=full, public_key=public_key, cache=self.cache, expect_manifest_sha256=rec.get("manifest_sha256"))
+            raise IntegrityError(f"'{name}' is in the store but not in its index ({self.index_path}).",
+                                 f"reinstall it: edgemed install BUNDLE --name {name} --force")
+        return verify_dir(d, full=full, public_key=public_key, cache=self.cache, expect_manifest_sha256=rec["manifest_sha256"])
 
     def list(self) -> list[dict]:
-        out = []
-        idx = self._view()
-        for name in sorted(idx):
+        """One row per installed model; a damaged one is a row with an ``error`` (list shows what it can)."""
+        try:
+            idx, bad = self._view()
+            unusable = None
+        except StoreError as exc:  # the index as a whole is damaged: show the model folders, each saying so
+            if not any(valid_name(d.name) for d in self._model_dirs()):
+                raise
+            idx, bad, unusable = {}, {}, exc
+        rows = {}
+        for name in idx:
             d = self.models / name
             try:
                 man, _, sig = read_manifest(d)
             except Exception as exc:  # list shows damaged entries rather than failing
-                out.append({"name": name, "error": str(exc).splitlines()[0]})
+                rows[name] = {"name": name, "error": str(exc).splitlines()[0]}
                 continue
             m = man.model
-            out.append({"name": name, "arch": m.get("arch"), "quant": m.get("quant"), "params": m.get("params"),
-                        "size_bytes": man.total_bytes, "signed_by": idx[name].get("signed_by"), "has_signature": sig is not None,
-                        "installed": idx[name].get("installed"), "path": str(d / man.model_path)})
-        return out
+            rows[name] = {"name": name, "arch": m.get("arch"), "quant": m.get("quant"), "params": m.get("params"),
+                          "size_bytes": man.total_bytes, "signed_by": idx[name]["signed_by"], "has_signature": sig is not None,
+                          "installed": idx[name]["installed"], "path": str(d / man.model_path)}
+        for name, why in bad.items():
+            shown = name if valid_name(name) else ascii(name)
+            rows[shown] = {"name": shown, "error": f"its record in {self.index_path} is damaged ({why}); "
+                                                    f"reinstall it: edgemed install BUNDLE --name NAME --force"}
+        for d in self._model_dirs():
+            if valid_name(d.name) and d.name not in rows:
+                why = (f"{unusable.problem} Fix: {unusable.fix}" if unusable is not None
+                       else f"it is not in the store index {self.index_path}; reinstall it: edgemed install BUNDLE --name {d.name} --force")
+                rows[d.name] = {"name": d.name, "error": why}
+        return [rows[n] for n in sorted(rows)]
+
+    def _model_dirs(self) -> list[Path]:
+        try:
+            return [p for p in self.models.iterdir() if p.is_dir() and not p.is_symlink()]
+        except OSError:
+            return []
 
     def remove(self, name: str) -> int:
         """Remove a model; return the bytes freed (files no other model shares)."""
         with self.locked(), owned(self.tmp):
             check_name(name)
-            if not (self.models / name).is_dir() and name not in self.index():
+            if not (self.models / name).is_dir() and name not in self._raw_index():
                 self.model_dir(name)  # raises: no such model
             trash = debris_path(self.tmp, f"rm-{name}")
             write_text(self.journal_path, json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n")
-            self._settle()
+            try:  # from here on the journal decides: the model goes once it is in the trash
+                if os.path.lexists(self.models / name):
+                    step("store.remove-rename")
+                    os.rename(self.models / name, trash)
+            finally:
+                self._settle()
             return self._collect_garbage()
 
     def disk_usage(self) -> int:
-        return sum(p.stat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
-
-
-def _manifest_sha256(model_dir: Path) -> str | None:
-    """sha256 of ``model_dir/manifest.json``, or None when there is no such regular file."""
-    p = model_dir / MANIFEST
-    if p.is_symlink() or not p.is_file():
-        return None
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+        return sum(p.lstat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
 
 
 def resolve_model(name_or_path: str | Path, *, full: bool = False) -> Path:
