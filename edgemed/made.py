@@ -6,6 +6,14 @@ keeps both), its kind, and a digest of its listing (every entry's path and type;
 file's size and mtime). ``made_by_edgemed(path, kind)`` holds only while all of that
 still matches: a directory someone else made, or one where a file was added, removed
 or rewritten since, is not edgemed's to delete. Nothing is written into the output itself.
+
+The registry is read as untrusted, since it is what lets edgemed delete a directory: a file
+over ``MAX_REGISTRY_BYTES``, damaged, nested too deeply or not of the expected shape proves
+nothing (a warning): edgemed made no directory, as far as it knows, and the next directory
+output replaces the file atomically. Writers hold an flock on ``made-dirs.lock`` beside it.
+Something other than a regular file at either name (a directory, a FIFO, a link) is left
+alone, and is never opened in a way that blocks: the output is still written, but is not
+recorded, so ``--force`` will not replace it later (a warning names the object to move away).
 """
 
 from __future__ import annotations
@@ -13,14 +21,33 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+import stat
+import time
 from pathlib import Path
 from typing import Iterator
 
 from edgemed import env
+from edgemed.errors import EdgemedError
+
+log = logging.getLogger(__name__)
 
 _FILE = "made-dirs.json"
+_LOCK = "made-dirs.lock"
 _MAX_ENTRIES = 2000
+#: Largest registry read (bytes); a writer drops its oldest entries rather than write more.
+MAX_REGISTRY_BYTES = 16 << 20
+#: Seconds a writer waits for another writer's lock before it leaves its output unrecorded.
+LOCK_WAIT_S = 30.0
+_MAX_PATH = 4096  # characters in a recorded path (Linux's PATH_MAX is 4096 bytes)
+_KEY = re.compile(r"[0-9]{1,20}:[0-9]{1,20}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_warned: set[str] = set()  # warnings already given in this process
+_UNRECORDED = "directory outputs are written but not recorded as edgemed's, so --force will not replace them later"
 
 
 def _digest(root: Path) -> str:
@@ -37,26 +64,144 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
+def _warn(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def _what(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
+
+
+def _is_entry(key, e) -> bool:
+    return (isinstance(key, str) and _KEY.fullmatch(key) is not None
+            and isinstance(e, dict) and set(e) == {"kind", "digest", "path"}
+            and isinstance(e["kind"], str) and 0 < len(e["kind"]) <= 64
+            and isinstance(e["digest"], str) and _DIGEST.fullmatch(e["digest"]) is not None
+            and isinstance(e["path"], str) and 0 < len(e["path"]) <= _MAX_PATH)
+
+
+def _load(path: Path) -> tuple[dict, bool]:
+    """(the entries in ``path``, whether edgemed may write it): never raises, never blocks.
+
+    Anything but a regular file at ``path`` is not edgemed's to replace: no entries, not writable.
+    A regular file that is too large, damaged or of another shape: no entries (a warning), writable."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return {}, True
+    except OSError as exc:
+        _warn(f"cannot read edgemed's record of the directories it made, '{path}' ({exc}): no directory output "
+              f"counts as edgemed's, and {_UNRECORDED}")
+        return {}, False
+    if not stat.S_ISREG(st.st_mode):
+        _warn(f"edgemed's record of the directories it made, '{path}', is {_what(st.st_mode)}, not a file edgemed "
+              f"wrote: it is left alone, no directory output counts as edgemed's, and {_UNRECORDED}; move it away "
+              f"to record them again")
+        return {}, False
+    damaged = (f"edgemed's record of the directories it made, '{path}', {{}}: it proves nothing, so no directory "
+               f"output counts as edgemed's (--force replaces none); the next directory output replaces the file")
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}, True
+    except OSError as exc:
+        _warn(damaged.format(f"cannot be read ({exc})"))
+        return {}, True
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since we looked: not ours
+            return {}, False
+        chunks, size = [], 0
+        while size <= MAX_REGISTRY_BYTES:
+            chunk = os.read(fd, min(1 << 20, MAX_REGISTRY_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        _warn(damaged.format(f"cannot be read ({exc})"))
+        return {}, True
+    finally:
+        os.close(fd)
+    if size > MAX_REGISTRY_BYTES:
+        _warn(damaged.format(f"is larger than {MAX_REGISTRY_BYTES} bytes"))
+        return {}, True
+    try:
+        data = json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        _warn(damaged.format("is nested too deeply" if isinstance(exc, RecursionError) else "is not valid JSON"))
+        return {}, True
+    if not (isinstance(data, dict) and len(data) <= _MAX_ENTRIES and all(_is_entry(k, v) for k, v in data.items())):
+        _warn(damaged.format("does not hold edgemed's records"))
+        return {}, True
+    return data, True
+
+
+def _open_lock(path: Path) -> int | None:
+    """The writers' lock file, opened without following links or blocking; None if unusable."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        _warn(f"cannot open edgemed's lock '{path}' ({exc}): {_UNRECORDED}")
+        return None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        _warn(f"edgemed's lock '{path}' is {_what(st.st_mode)}, not a file edgemed wrote: it is left alone, and "
+              f"{_UNRECORDED}; move it away to record them again")
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        _warn(f"cannot open edgemed's lock '{path}' ({exc}): {_UNRECORDED}")
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since we looked
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
-def _registry() -> Iterator[dict]:
-    """The registry, read and (when the block changes it) written back under its lock."""
+def _locked(path: Path) -> Iterator[bool]:
+    """Yield True while holding the writers' lock at ``path`` (False: could not, record nothing)."""
     import fcntl
 
-    from edgemed.atomic import write_text
+    fd = _open_lock(path)
+    held = fd is not None
+    if held:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("another edgemed held '%s' for %.0f s: this directory output is written but not "
+                                "recorded as edgemed's, so --force will not replace it later", path, LOCK_WAIT_S)
+                    held = False
+                    break
+                time.sleep(0.01)
+            except OSError:
+                break  # no locks on this file system: write as before, a lost record only costs a refused --force
+    try:
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)
 
-    home = env.home()
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "made-dirs.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            data = json.loads((home / _FILE).read_text(encoding="utf-8"))
-            entries = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            entries = {}
-        before = json.dumps(entries, sort_keys=True)
-        yield entries
-        if json.dumps(entries, sort_keys=True) != before:
-            write_text(home / _FILE, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+
+def _fit(entries: dict) -> None:
+    """Drop the oldest entries until the registry fits in ``_MAX_ENTRIES`` and ``MAX_REGISTRY_BYTES``."""
+    while len(entries) > _MAX_ENTRIES:
+        entries.pop(next(iter(entries)))
+    sizes = {k: len(json.dumps({k: v}, indent=1)) for k, v in entries.items()}
+    total = sum(sizes.values())  # at least the size of the whole
+    while total > MAX_REGISTRY_BYTES and len(entries) > 1:
+        oldest = next(iter(entries))
+        total -= sizes[oldest]
+        del entries[oldest]
 
 
 def _key(st: os.stat_result) -> str:
@@ -64,21 +209,41 @@ def _key(st: os.stat_result) -> str:
 
 
 def record(directory: Path, kind: str) -> None:
-    """Remember ``directory`` (about to be renamed into place) as an edgemed ``kind`` output."""
+    """Remember ``directory`` (about to be renamed into place) as an edgemed ``kind`` output.
+
+    Never raises for what it finds in ``$EDGEMED_HOME``: where the record cannot be kept, the
+    output is only not replaceable with ``--force`` later (a warning says why)."""
+    from edgemed.atomic import write_text
+
     st = os.stat(directory)
-    with _registry() as entries:
-        for key in list(entries):  # forget outputs that are gone (or were replaced)
-            e = entries[key]
-            try:
-                alive = isinstance(e, dict) and _key(os.stat(e.get("path", ""))) == key
-            except OSError:
-                alive = False
-            if not alive:
-                del entries[key]
-        while len(entries) >= _MAX_ENTRIES:
-            entries.pop(next(iter(entries)))
-        # the path recorded is the final one: the caller renames ``directory`` to its output name
-        entries[_key(st)] = {"kind": kind, "digest": _digest(directory), "path": str(_final(directory))}
+    # the path recorded is the final one: the caller renames ``directory`` to its output name
+    new = {"kind": kind, "digest": _digest(directory), "path": str(_final(directory))}
+    if not _is_entry(_key(st), new):
+        log.warning("'%s' is not recorded as edgemed's (its path or kind is too long to record), so --force "
+                    "will not replace it later", new["path"])
+        return
+    try:
+        home = env.home()
+        home.mkdir(parents=True, exist_ok=True)
+        with _locked(home / _LOCK) as held:
+            if not held:
+                return
+            entries, writable = _load(home / _FILE)
+            if not writable:
+                return
+            for key in list(entries):  # forget outputs that are gone (or were replaced)
+                try:
+                    alive = _key(os.stat(entries[key]["path"])) == key
+                except (OSError, ValueError):
+                    alive = False
+                if not alive:
+                    del entries[key]
+            entries.pop(_key(st), None)
+            entries[_key(st)] = new
+            _fit(entries)
+            write_text(home / _FILE, json.dumps(entries, indent=1) + "\n")  # oldest first
+    except (OSError, EdgemedError) as exc:  # a read-only home, something put in the registry's place
+        log.warning("could not record '%s' as edgemed's (%s), so --force will not replace it later", new["path"], exc)
 
 
 def _final(tmp: Path) -> Path:
@@ -89,17 +254,18 @@ def _final(tmp: Path) -> Path:
 
 
 def made_by_edgemed(directory: Path, kind: str) -> bool:
-    """True when ``directory`` is an edgemed ``kind`` output exactly as edgemed left it."""
+    """True when ``directory`` is an edgemed ``kind`` output exactly as edgemed left it.
+
+    A registry that is missing, damaged or not a file proves nothing: False. Never blocks."""
     try:
         st = os.stat(directory)
         home = env.home()
-        entries = json.loads((home / _FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except OSError:
         return False
-    e = entries.get(_key(st)) if isinstance(entries, dict) else None
-    if not isinstance(e, dict) or e.get("kind") != kind:
+    e = _load(home / _FILE)[0].get(_key(st))
+    if e is None or e["kind"] != kind:
         return False
     try:
-        return e.get("digest") == _digest(directory)
+        return e["digest"] == _digest(directory)
     except OSError:
         return False
