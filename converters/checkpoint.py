@@ -4,6 +4,12 @@ Tensors are served one at a time from memory-mapped safetensors shards, so a
 converter's peak memory is about one tensor, not one model. Pickle checkpoints
 (``pytorch_model*.bin``) can run code when loaded: they are refused unless the
 user opts in, and then read with ``torch.load(weights_only=True)``.
+
+An opened ``Checkpoint`` is *the* source of a command: it is opened once, with the user's
+consent flags (``--allow-pickle``), and handed down to everything that reads the weights
+(the GGUF and ONNX writers, the parity reference, the importance matrix, the torch
+baseline). ``as_checkpoint`` opens a bare path without consent, so a reader given a path
+refuses pickle weights with the same paragraph as ``convert`` (``pickle_refused``).
 """
 
 from __future__ import annotations
@@ -126,6 +132,24 @@ def validate_config(config: dict, path: Path) -> None:
                               "and no head_dim is given.", "re-copy config.json from the source checkpoint")
 
 
+def pickle_refused(path: Path, pickles: list[Path]) -> CheckpointError:
+    """The one refusal of a pickle-only checkpoint opened without ``--allow-pickle`` (every command says this)."""
+    return CheckpointError(
+        f"'{path}' has only pickle weights ({', '.join(p.name for p in pickles)}); loading a pickle can run arbitrary code.",
+        "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its origin",
+    )
+
+
+def legacy_pickle_error(file: Path) -> CheckpointError:
+    """A ``pytorch_model.bin`` in torch's pre-1.6 (non-zip) format, which cannot be memory-mapped."""
+    return CheckpointError(
+        f"'{file}' is in torch's legacy (non-zip) serialization format, which cannot be memory-mapped, so edgemed "
+        "would have to hold the whole file in memory to read it.",
+        "re-save it in torch's zip format (in Python: torch.save(torch.load(path, weights_only=True), path)), or "
+        "convert the checkpoint to safetensors; then run the command again",
+    )
+
+
 @dataclass
 class TensorRef:
     name: str
@@ -164,10 +188,7 @@ class Checkpoint:
                 "copy the weight files next to config.json",
             )
         if not allow_pickle:
-            raise CheckpointError(
-                f"'{path}' has only pickle weights ({', '.join(p.name for p in pickles)}); loading a pickle can run arbitrary code.",
-                "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its origin",
-            )
+            raise pickle_refused(path, pickles)
         return cls(path, config, _float_only(cls._index_pickles(pickles)), pickle_files=pickles)
 
     @staticmethod
@@ -206,8 +227,12 @@ class Checkpoint:
     def _index_pickles(files: list[Path]) -> dict[str, TensorRef]:
         import torch
 
+        import zipfile
+
         refs: dict[str, TensorRef] = {}
         for file in files:
+            if not zipfile.is_zipfile(file):  # torch's own refusal ("mmap can only be used with ...") names no fix
+                raise legacy_pickle_error(file)
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for a corrupt or hostile pickle
@@ -253,6 +278,15 @@ class Checkpoint:
             counts[ref.dtype] = counts.get(ref.dtype, 0) + n
         return max(counts, key=counts.get) if counts else "F32"
 
+    def hf_model(self, **kw):
+        """The whole ``AutoModelForCausalLM`` from this directory (``kw``: dtype, attn_implementation, ...).
+
+        Only for a checkpoint opened with consent: a pickle-only one was refused by ``open`` unless
+        ``--allow-pickle``; transformers then reads it with ``torch.load(weights_only=True)``."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, use_safetensors=not self.pickle_files, **kw)
+
     def weight_files(self) -> list[Path]:
         return sorted({ref.file for ref in self.tensors.values()})
 
@@ -289,6 +323,14 @@ class Checkpoint:
                 yield name, tensor
         finally:
             by_file.clear()
+
+
+def as_checkpoint(source: "Checkpoint | Path | str", *, allow_pickle: bool = False) -> Checkpoint:
+    """``source`` if it is an opened ``Checkpoint`` (consent already given or not), else the directory opened
+    with ``allow_pickle`` (default: no consent, so pickle-only weights are refused by ``pickle_refused``)."""
+    if isinstance(source, Checkpoint):
+        return source
+    return Checkpoint.open(source, allow_pickle=allow_pickle)
 
 
 def _float_only(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:

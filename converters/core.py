@@ -24,6 +24,7 @@ class RouteOptions:
     parity: bool = True  # gate the output against the source (False: --no-parity)
     threads: int | None = None  # CPU threads for quantization and parity
     memory_budget: str | None = None  # --memory-budget: the peak the conversion may reach ("6GiB"; converters/budget.py)
+    allow_pickle: bool = False  # --allow-pickle: the user's consent to read pickle (pytorch_model.bin) weights
 
 
 class Timings:

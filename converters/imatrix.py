@@ -81,16 +81,18 @@ def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, ec
     import torch
     from transformers import AutoTokenizer
 
+    from edgemed.converters.checkpoint import as_checkpoint
     from edgemed.converters.layered import HEAD, LayeredModel
     from edgemed.hashing import file_sha256
 
+    ckpt = as_checkpoint(ckpt)  # the command's opened source (its pickle consent), or a path opened without consent
     texts = read_calibration_text(text_path)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     adapter = None
     if lora is not None:
         from edgemed.converters.lora import LoraAdapter
 
-        adapter = LoraAdapter.open(lora, ckpt.tensors)
+        adapter = LoraAdapter.open(lora, ckpt)
     model = LayeredModel(ckpt, adapter)
     name_map = spec.name_map(int(ckpt.hparam("num_hidden_layers")))
     sums: dict[str, "torch.Tensor"] = {}

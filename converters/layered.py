@@ -21,7 +21,7 @@ import bisect
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edgemed.converters.checkpoint import Checkpoint, TensorRef
+from edgemed.converters.checkpoint import Checkpoint, TensorRef, as_checkpoint
 from edgemed.errors import CheckpointError
 
 BLOCK_BYTES = 64 * 2**20  # one float32 row block of the embedding table or the LM head
@@ -59,15 +59,15 @@ class LayeredModel:
             self._ref(name)
 
     @classmethod
-    def open(cls, model_dir: Path, lora: Path | None = None, **kw) -> "LayeredModel":
-        # The converter asked for pickle consent when it opened the checkpoint; like transformers, pickles are
-        # read with torch.load(weights_only=True).
-        ckpt = Checkpoint.open(model_dir, allow_pickle=True)
+    def open(cls, source: "Checkpoint | Path", lora: Path | None = None, **kw) -> "LayeredModel":
+        """``source``: the command's opened ``Checkpoint`` (its pickle consent given or refused there), or a
+        directory, opened here without consent (pickle-only weights are refused, as ``convert`` refuses them)."""
+        ckpt = as_checkpoint(source)
         adapter = None
         if lora is not None:
             from edgemed.converters.lora import LoraAdapter
 
-            adapter = LoraAdapter.open(lora, ckpt.tensors)
+            adapter = LoraAdapter.open(lora, ckpt)
         return cls(ckpt, adapter, **kw)
 
     # -- reading --------------------------------------------------------------------------
@@ -210,18 +210,20 @@ class LayeredModel:
         return [o.numpy() for o in out]
 
 
-def reference_logits(model_dir: Path, lora: Path | None, prompts=None) -> tuple[list[list[int]], list]:
+def reference_logits(source: "Checkpoint | Path", lora: Path | None, prompts=None) -> tuple[list[list[int]], list]:
     """Token ids and float32 logits ``[n, vocab]`` per prompt of the HF source (+ LoRA), one layer at a time.
 
+    ``source``: an opened ``Checkpoint``, or a directory (opened without pickle consent).
     The contract of ``parity.source_logits``: same tokenization, same float32 math to rounding."""
     import torch
     from transformers import AutoTokenizer
 
     from edgemed.converters.parity import PROMPTS
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    ckpt = as_checkpoint(source)  # before the tokenizer: a refused checkpoint is refused first
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
     ids = [tok(text, add_special_tokens=True)["input_ids"] for text in (PROMPTS if prompts is None else prompts)]
-    model = LayeredModel.open(Path(model_dir), lora)
+    model = LayeredModel.open(ckpt, lora)
     with torch.inference_mode():
         return ids, model.logits(model.hidden(ids))
 

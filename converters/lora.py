@@ -90,21 +90,95 @@ def validate_adapter_config(config, where: Path) -> None:
         raise bad("target_modules", targets, "a list of module names or one regular expression")
 
 
+# model_type of a transformers modeling module: "transformers.models.qwen2.modeling_qwen2" -> "qwen2"
+_MODELING = re.compile(r"transformers\.models\.([a-z0-9_]+)\.modeling_")
+# config.json facts that differ between two different base models of one architecture
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def _names_of(ckpt) -> set[str]:
+    """The names the base checkpoint goes by: its folder's name, and the ``_name_or_path`` its config was saved from."""
+    names = {ckpt.path.resolve().name}
+    saved = ckpt.config.get("_name_or_path")
+    if isinstance(saved, str) and saved.strip():
+        names.add(Path(saved.strip().rstrip("/")).name)
+    return {n.lower() for n in names if n}
+
+
+def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
+    """Compare the base the adapter names with the checkpoint it is merged into.
+
+    Raises ``AdapterError`` when the adapter's own records prove another model: PEFT's ``auto_mapping`` names
+    another class, or ``base_model_name_or_path`` is a folder here whose config.json gives another architecture,
+    model type or shape. Returns a warning when only the name differs (a hub id or a path elsewhere cannot be
+    read offline, and a copy of a model may live under any name); None when the names agree or none is given."""
+    named = config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named.strip():
+        return None
+    named = named.strip()
+    ours_arch, ours_type = ckpt.config.get("architectures") or [None], ckpt.config.get("model_type")
+    ours = f"{ckpt.path} ({ours_arch[0]}" + (f", model_type {ours_type})" if ours_type else ")")
+    fix = "merge the adapter into the base model it was trained on (adapter_config.json: base_model_name_or_path)"
+
+    def refuse(theirs: str) -> AdapterError:
+        return AdapterError(f"The adapter was trained on '{named}' ({theirs}), not on this base model {ours}; its tensor "
+                            "shapes may fit, but merged into another model it computes nonsense.", fix)
+
+    mapping = config.get("auto_mapping")
+    if isinstance(mapping, dict):
+        cls_name, library = mapping.get("base_model_class"), mapping.get("parent_library")
+        found = _MODELING.match(library) if isinstance(library, str) else None
+        if isinstance(cls_name, str) and ours_arch[0] and cls_name.endswith("ForCausalLM") and cls_name != ours_arch[0]:
+            raise refuse(f"{cls_name}, by adapter_config.json's auto_mapping")
+        if found and ours_type and found.group(1) != ours_type:
+            raise refuse(f"model_type {found.group(1)}, by adapter_config.json's auto_mapping")
+    local = Path(named).expanduser()
+    try:
+        same = local.is_dir() and local.resolve() == ckpt.path.resolve()
+        theirs = load_json(local / "config.json", AdapterError, "Base config", "") if (local / "config.json").is_file() else None
+    except (OSError, AdapterError):
+        same, theirs = False, None
+    if same:
+        return None
+    if isinstance(theirs, dict):
+        archs = theirs.get("architectures")
+        their_arch = archs[0] if isinstance(archs, list) and archs else None
+        if isinstance(their_arch, str) and ours_arch[0] and their_arch != ours_arch[0]:
+            raise refuse(their_arch)
+        if theirs.get("model_type") and ours_type and theirs["model_type"] != ours_type:
+            raise refuse(f"model_type {theirs['model_type']}")
+        differ = [k for k in _SHAPE_KEYS if theirs.get(k) is not None and ckpt.config.get(k) is not None
+                  and theirs[k] != ckpt.config[k]]
+        if differ:
+            raise refuse(", ".join(f"{k} {theirs[k]} vs {ckpt.config[k]} here" for k in differ))
+    if Path(named.rstrip("/")).name.lower() in _names_of(ckpt):
+        return None
+    return (f"the adapter '{cfg_path.parent}' names '{named}' as its base model (adapter_config.json: "
+            f"base_model_name_or_path), but it is being merged into {ours}. Its tensor shapes fit, so it was merged; "
+            "if it was trained on another model, the output computes nonsense. Check that they belong together "
+            "(the report records both names: lora.base_model_name_or_path, lora.base_check).")
+
+
 class LoraAdapter:
     """An opened adapter: which base tensors it changes and how."""
 
-    def __init__(self, path: Path, config: dict, pairs: dict[str, LoraPair], replacements: dict[str, str], handle):
+    def __init__(self, path: Path, config: dict, pairs: dict[str, LoraPair], replacements: dict[str, str], handle,
+                 base_warning: str | None = None):
         self.path = path
         self.config = config
         self.pairs = pairs  # base tensor name -> LoraPair
         self.replacements = replacements  # base tensor name -> adapter tensor name
         self._handle = handle
+        self.base_warning = base_warning  # the adapter names another base, and nothing proves it is this one
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path | str, base_tensors: dict) -> "LoraAdapter":
+    def open(cls, path: Path | str, base) -> "LoraAdapter":
+        """Open and plan the adapter at ``path`` against ``base``: the opened base ``Checkpoint`` (its tensors, and its
+        identity, checked against the adapter's ``base_model_name_or_path``), or a bare ``{name: TensorRef}`` table."""
         from safetensors import safe_open
 
+        base_tensors = base if isinstance(base, dict) else base.tensors
         path = Path(path)
         cfg_path = path / ADAPTER_CONFIG
         if not cfg_path.exists():
@@ -138,8 +212,20 @@ class LoraAdapter:
             keys = list(handle.keys())
         except Exception as exc:
             raise AdapterError(f"Cannot read '{weights}': {exc}.", "re-copy the adapter; the file is corrupt") from None
-        pairs, replacements = cls._plan(config, keys, handle, base_tensors)
-        return cls(path, config, pairs, replacements, handle)
+        pairs, replacements = cls._plan(config, keys, handle, base_tensors)  # shapes first: the plainest refusal
+        warning = None if isinstance(base, dict) else base_mismatch(config, cfg_path, base)
+        return cls(path, config, pairs, replacements, handle, warning)
+
+    @property
+    def base_name(self) -> str | None:
+        """What adapter_config.json says the adapter was trained on (``base_model_name_or_path``)."""
+        named = self.config.get("base_model_name_or_path")
+        return named if isinstance(named, str) and named.strip() else None
+
+    def warn_base(self, echo) -> None:
+        """Say, loudly, that the adapter names another base model (the report records it: ``lora.base_check``)."""
+        if self.base_warning:
+            echo(f"WARNING: {self.base_warning}")
 
     @staticmethod
     def _base_name(key: str) -> str:

@@ -12,14 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_merged(model_dir: Path, adapter=None, attn_implementation: str = "eager"):
-    """``AutoModelForCausalLM`` in float32, eval mode, with ``adapter`` (a ``LoraAdapter``) merged."""
+def load_merged(source, adapter=None, attn_implementation: str = "eager"):
+    """``AutoModelForCausalLM`` in float32, eval mode, with ``adapter`` (a ``LoraAdapter``) merged.
+
+    ``source``: the command's opened ``Checkpoint`` (with its pickle consent), or a directory, opened without it."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from edgemed.converters.checkpoint import as_checkpoint
+
+    ckpt = as_checkpoint(source)
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn_implementation)
+    model = ckpt.hf_model(dtype=torch.float32, attn_implementation=attn_implementation)
     model.eval()
     if adapter is not None:
         merge_into(model, adapter)

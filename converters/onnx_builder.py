@@ -33,28 +33,30 @@ def available() -> bool:
     return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
-def merged_checkpoint(ckpt_dir: Path, adapter, work: Path) -> Path:
-    """``ckpt_dir`` itself, or (with an adapter) a temp HF checkpoint with the adapter merged in."""
+def merged_checkpoint(ckpt_dir, adapter, work: Path) -> Path:
+    """``ckpt_dir`` itself, or (with an adapter) a temp HF checkpoint with the adapter merged in. ``ckpt_dir``: the
+    command's opened ``Checkpoint`` (with its pickle consent) or a directory (opened without it)."""
     if adapter is None:
-        return ckpt_dir
+        return Path(getattr(ckpt_dir, "path", ckpt_dir))
     import shutil
 
     from edgemed.converters.merged_model import load_merged
     from edgemed.converters.onnx_assets import COPIED
 
     out = work / "merged-hf"
-    model = load_merged(ckpt_dir, adapter)
+    model = load_merged(ckpt_dir, adapter)  # a Checkpoint (the command's source, with its consent) or a path
     model.save_pretrained(out)  # float32 weights and a config that says so
     del model
+    src = Path(getattr(ckpt_dir, "path", ckpt_dir))
     for name in COPIED:  # tokenizer and templates; not config.json (the saved one states the merged dtype)
-        if name != "config.json" and (ckpt_dir / name).exists():
-            shutil.copy2(ckpt_dir / name, out / name)
+        if name != "config.json" and (src / name).exists():
+            shutil.copy2(src / name, out / name)
     return out
 
 
 def fp32_step(job) -> Path:
     """The ``genai`` row's fp32 step: merge the adapter (if any) into a temp checkpoint, build fp32 from it."""
-    job.builder_src = merged_checkpoint(job.ckpt_dir, job.adapter, job.work)
+    job.builder_src = merged_checkpoint(job.ckpt if job.ckpt is not None else job.ckpt_dir, job.adapter, job.work)
     build(job.builder_src, job.work / "fp32", "fp32", cache=job.work / "cache")
     return job.work / "fp32" / "model.onnx"
 

@@ -69,7 +69,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
     check_destination(out, opts.force, kind="onnx")
     timings = Timings()
 
-    ckpt = Checkpoint.open(source)
+    ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)  # the one source every step below reads
     arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
     from edgemed.converters.onnx_assets import check_assets
 
@@ -78,7 +78,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
     if opts.lora is not None:
         from edgemed.converters.lora import LoraAdapter
 
-        adapter = LoraAdapter.open(opts.lora, ckpt.tensors)
+        adapter = LoraAdapter.open(opts.lora, ckpt)
+        adapter.warn_base(echo)
     budget.check_onnx(ckpt, opts, adapter)  # a conversion that cannot fit in memory is refused here, before any work
     source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
     quant_info = None if opts.weight_type == "fp32" else {
@@ -91,7 +92,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
     parity: dict[str, dict] = {}
     with atomic_path(out, force=opts.force, kind="onnx") as tmp, scratch_dir(out.parent, out.name) as work:
         tmp.mkdir()
-        job = GraphJob(ckpt_dir=ckpt.path, adapter=adapter, work=Path(work))
+        job = GraphJob(ckpt_dir=ckpt.path, adapter=adapter, work=Path(work), ckpt=ckpt)
         with timings.step("export"):
             fp32_path = kind.step("fp32")(job)
 
@@ -101,8 +102,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
             from edgemed.converters.parity import gated, source_logits
 
             with timings.step("parity_fp32"):
-                source_cache = source_logits(ckpt.path, opts.lora)
-                report = check_onnx(ckpt.path, fp32_path, "fp32", threads=opts.threads, source=source_cache)
+                source_cache = source_logits(ckpt, opts.lora)
+                report = check_onnx(ckpt, fp32_path, "fp32", threads=opts.threads, source=source_cache)
             parity["fp32"] = gated(report, "The float32 ONNX export", echo)
 
         if opts.weight_type == "int4":
@@ -112,7 +113,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
                 kind.step("int4")(job, fp32_path, tmp, opts.recipe())
             if opts.parity:
                 with timings.step("parity_int4"):
-                    report = check_onnx(ckpt.path, tmp / MODEL_FILE, "int4", threads=opts.threads, source=source_cache)
+                    report = check_onnx(ckpt, tmp / MODEL_FILE, "int4", threads=opts.threads, source=source_cache)
                 # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
                 parity["int4"] = gated(report, "The int4 ONNX model", echo)
         else:
@@ -144,7 +145,7 @@ def trace_fp32(job: GraphJob) -> Path:
     from edgemed.converters.merged_model import load_merged
     from edgemed.converters.onnx_quant import save_single_file
 
-    model = load_merged(job.ckpt_dir, job.adapter)
+    model = load_merged(job.ckpt if job.ckpt is not None else job.ckpt_dir, job.adapter)
     trace_dir, fp32_dir = job.work / "trace", job.work / "fp32"
     trace_dir.mkdir()
     fp32_dir.mkdir()

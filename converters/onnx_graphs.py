@@ -30,6 +30,7 @@ class GraphJob:
     adapter: object | None  # the planned LoRA adapter (converters.lora.LoraAdapter), or None
     work: Path  # scratch directory, removed with everything in it after the conversion
     builder_src: Path | None = None  # genai: the HF checkpoint (adapter merged) the builder reads
+    ckpt: object | None = None  # the opened source (converters.checkpoint.Checkpoint, with the user's pickle consent)
 
 
 @dataclass(frozen=True)

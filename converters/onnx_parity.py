@@ -53,8 +53,9 @@ def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | N
     return out
 
 
-def check_onnx(model_dir: Path, onnx_path: Path, weight_type: str, *, lora: Path | None = None,
+def check_onnx(model_dir, onnx_path: Path, weight_type: str, *, lora: Path | None = None,
                threads: int | None = None, source: tuple | None = None) -> ParityReport:
-    """Parity of ``onnx_path`` against the HF source (+ PEFT adapter, unmerged). ``source`` reuses (ids, logits)."""
+    """Parity of ``onnx_path`` against the HF source ``model_dir`` (an opened ``Checkpoint``, or a directory opened
+    without pickle consent; + PEFT adapter, unmerged). ``source`` reuses (ids, logits)."""
     ids, src = source or source_logits(model_dir, lora)
     return compare("onnx", GATE_TYPE.get(weight_type, weight_type), ids, src, onnx_logits(onnx_path, ids, threads))

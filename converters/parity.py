@@ -94,12 +94,14 @@ def _nmse(a, b) -> float:
     return float(((b - a) ** 2).sum() / max((a ** 2).sum(), 1e-30))
 
 
-def source_logits(model_dir: Path, lora: Path | None, prompts=PROMPTS) -> tuple[list[list[int]], list]:
+def source_logits(source, lora: Path | None, prompts=PROMPTS) -> tuple[list[list[int]], list]:
     """Token ids and float32 logits of the Hugging Face source (+ LoRA adapter) per prompt: PEFT's unmerged
-    model's to float32 rounding, computed one decoder layer at a time (``layered.py``)."""
+    model's to float32 rounding, computed one decoder layer at a time (``layered.py``).
+
+    ``source``: the command's opened ``Checkpoint`` (with its pickle consent), or a directory, opened without it."""
     from edgemed.converters.layered import reference_logits
 
-    return reference_logits(model_dir, lora, prompts)
+    return reference_logits(source, lora, prompts)
 
 
 def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
@@ -202,9 +204,10 @@ def gated(report: ParityReport, what: str, echo) -> dict:
     return report.to_dict()
 
 
-def check_gguf(model_dir: Path, gguf_path: Path, out_type: str, *, lora: Path | None = None, threads: int | None = None,
+def check_gguf(model_dir, gguf_path: Path, out_type: str, *, lora: Path | None = None, threads: int | None = None,
                source: tuple | None = None) -> ParityReport:
-    """Parity of ``gguf_path`` against the HF source. ``source`` reuses (ids, logits) already computed."""
+    """Parity of ``gguf_path`` against the HF source ``model_dir`` (an opened ``Checkpoint``, or a directory opened
+    without pickle consent). ``source`` reuses (ids, logits) already computed."""
     ids, src = source or source_logits(model_dir, lora)
     return compare("gguf", out_type, ids, src, gguf_logits(gguf_path, ids, threads))
 

@@ -7,12 +7,13 @@ Steps, each refusing bad input before anything is written:
 3. prove llama.cpp tokenizes medical text exactly like the HF tokenizer;
 4. parity against the source: float types must pass their NMSE gate, quantized
    types a minimum top-1 agreement; every type must give finite logits;
-5. rename into place, and write ``<out>.report.json`` (provenance + parity).
+5. write ``<out>.report.json`` (provenance, parity, the output's sha256), then rename the output into place.
 A failure or Ctrl-C at any step leaves neither the output nor temporaries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from edgemed.converters.core import RouteOptions, Timings
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
 from edgemed.converters.gguf_out import plan_tensors, write_float_gguf
 from edgemed.errors import InputError, OutputError
+from edgemed.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ class ConvertOptions(RouteOptions):
 
     out_type: str = "q4_k_m"
     pre_tokenizer: str | None = None
-    allow_pickle: bool = False
     imatrix_from: Path | None = None
     progress: bool = False
     max_kld: float | None = None  # out_type "auto": the KLD budget (auto_quant.py)
@@ -104,7 +105,8 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     if opts.lora is not None:
         from edgemed.converters.lora import LoraAdapter
 
-        adapter = LoraAdapter.open(opts.lora, ckpt.tensors)
+        adapter = LoraAdapter.open(opts.lora, ckpt)
+        adapter.warn_base(echo)
     from edgemed.converters.tokenizer import plan_vocab, verify_tokenization
 
     if opts.imatrix_from is not None:  # fail on a bad calibration file before writing anything
@@ -124,7 +126,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     timings.since_start("inspect")
 
     parity = auto = imatrix = None
-    with atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
+    with _report_lands_with(out) as wrote_report, atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
         quantized = opts.out_type not in FLOAT_OUTPUT_TYPES
         float_type = ("bf16" if ckpt.source_dtype() == "BF16" else "f16") if quantized else opts.out_type
         float_out = Path(work) / f"intermediate-{float_type}.gguf" if quantized else tmp
@@ -165,22 +167,33 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
             from edgemed.converters.parity import check_gguf, gated
 
             with timings.step("parity"):
-                report = check_gguf(ckpt.path, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
+                report = check_gguf(ckpt, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
             parity = gated(report, f"The {opts.out_type.upper()} GGUF", echo)
         size = tmp.stat().st_size
-        # The old output's report goes before the new output arrives: a kill in between leaves an output
-        # without a report (pack says so), never a new GGUF beside the previous file's parity and provenance.
-        report_path(out).unlink(missing_ok=True)
-    timings.since_start("total")
-    result = ConversionReport(
-        fmt="gguf", output=str(out), out_type=opts.out_type, size_bytes=size, architecture=spec.arch_name,
-        source=source_info, lora=lora_info, tokenizer=tok_info, parity=parity, timings_s=timings.report(),
-        converter=provenance.converter_info(TOOLS), auto_quant=auto,
-        imatrix=imatrix.provenance() if imatrix is not None else None,
-    )
-    try:
+        digest = file_sha256(tmp)  # the report names its output's bytes: `edgemed pack` checks the pair by it
+        timings.since_start("total")
+        result = ConversionReport(
+            fmt="gguf", output=str(out), out_type=opts.out_type, size_bytes=size, sha256=digest, architecture=spec.arch_name,
+            source=source_info, lora=lora_info, tokenizer=tok_info, parity=parity, timings_s=timings.report(),
+            converter=provenance.converter_info(TOOLS), auto_quant=auto,
+            imatrix=imatrix.provenance() if imatrix is not None else None,
+        )
+        # The report lands before the output, so a finished output is never without its report. A kill between
+        # the two leaves the new report beside the old output (or beside none): `edgemed pack` refuses that pair
+        # (the report's sha256 is not the output's), and the next convert --force replaces both.
         write_text(report_path(out), result.to_json())
-    except OSError:
-        out.unlink(missing_ok=True)  # an output without its report is not a finished conversion
-        raise
+        wrote_report.append(True)
     return result
+
+
+@contextlib.contextmanager
+def _report_lands_with(out: Path):
+    """Yield a list the conversion appends to once it wrote ``out``'s report; when the output then does not land
+    (an error or Ctrl-C at its rename), that report is removed: it describes an output that is not there."""
+    wrote: list = []
+    try:
+        yield wrote
+    except BaseException:
+        if wrote:
+            report_path(out).unlink(missing_ok=True)
+        raise

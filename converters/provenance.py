@@ -24,9 +24,14 @@ def lora_info(adapter) -> dict | None:
     """The merged adapter (None without one): digest, rank, alpha, rsLoRA scaling, tensors it changed."""
     if adapter is None:
         return None
-    return {"path": str(adapter.path), "sha256": adapter.digest(), "r": adapter.config.get("r"),
+    info = {"path": str(adapter.path), "sha256": adapter.digest(), "r": adapter.config.get("r"),
             "lora_alpha": adapter.config.get("lora_alpha"), "use_rslora": bool(adapter.config.get("use_rslora")),
             "merged_tensors": len(adapter.pairs) + len(adapter.replacements)}
+    base = getattr(adapter, "base_name", None)
+    if base is not None:  # what the adapter says it was trained on, and whether the source is known to be it
+        info["base_model_name_or_path"] = base
+        info["base_check"] = "name differs: " + adapter.base_warning if adapter.base_warning else "matches"
+    return info
 
 
 def converter_info(tools: dict[str, str], **extra) -> dict:

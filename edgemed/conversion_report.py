@@ -73,6 +73,7 @@ class ConversionReport:
     quantization: dict | None = None  # onnx: the int4 recipe (None for fp32)
     auto_quant: dict | None = None  # gguf --quant auto: the search (every candidate measured) and the chosen types
     imatrix: dict | None = None  # gguf --imatrix-from: the calibration text (name, sha256) and how much of it was used
+    sha256: str | None = None  # gguf: the output file's sha256 (the report lands first; pack checks the pair by it)
 
     @property
     def weight_type(self) -> str:
@@ -81,8 +82,10 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         spec = FORMATS[self.fmt]
-        out = {"output": self.output, spec.type_key: self.out_type, "size_bytes": self.size_bytes,
-               "architecture": self.architecture, "source": self.source, "lora": self.lora}
+        out = {"output": self.output, spec.type_key: self.out_type, "size_bytes": self.size_bytes}
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        out |= {"architecture": self.architecture, "source": self.source, "lora": self.lora}
         out |= {name: getattr(self, name) for name in spec.sections}
         if self.auto_quant is not None:  # only --quant auto reports have it: other reports keep their keys
             out["auto_quant"] = self.auto_quant

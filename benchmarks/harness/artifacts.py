@@ -29,11 +29,12 @@ from edgemed.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def source_digest(src: Path) -> str:
-    """The digest ``edgemed convert`` records for a checkpoint (config + weight files)."""
+def source_digest(src: Path, allow_pickle: bool = False) -> str:
+    """The digest ``edgemed convert`` records for a checkpoint (config + weight files); pickle-only weights are
+    refused without the user's ``--allow-pickle``, with the paragraph ``convert`` gives."""
     from edgemed.converters.checkpoint import Checkpoint
 
-    return Checkpoint.open(src).digest()
+    return Checkpoint.open(src, allow_pickle=allow_pickle).digest()
 
 
 #: a ``--quants`` entry ``<quant>-imatrix``: that type quantized with an importance matrix (``--imatrix-from``)
@@ -96,9 +97,10 @@ def _convert(src: Path, artifact: Path, args: list[str], echo) -> None:
 
 
 def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines: dict[str, str], echo=print,
-            imatrix_from: Path | None = None) -> list[Config]:
+            imatrix_from: Path | None = None, allow_pickle: bool = False) -> list[Config]:
     """Configurations for a reproduction: GGUF quants (``<quant>-imatrix`` calibrated on ``imatrix_from``), ONNX
-    types, HF baselines (converting what is missing)."""
+    types, HF baselines (converting what is missing). ``allow_pickle``: the user's consent to read pickle-only
+    weights, checked before anything is written and handed to every conversion and baseline."""
     from edgemed.hashing import file_sha256
 
     calibrated = [q for q in quants if q.endswith(IMATRIX_SUFFIX)]
@@ -108,9 +110,10 @@ def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines:
     if imatrix_from is not None and not calibrated:
         raise InputError("--imatrix-from is used only by the -imatrix types in --quants, and none is listed.",
                          "add one, e.g. --quants f16,q4_k_m,q4_k_m-imatrix, or leave --imatrix-from out")
+    digest = source_digest(src, allow_pickle)  # the source (and the consent it needs) before anything is written
     text_sha = file_sha256(imatrix_from) if calibrated else None
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
-    digest = source_digest(src)
+    consent = ["--allow-pickle"] if allow_pickle else []
     configs = []
     for quant in quants:
         path = gguf_path(out, quant)
@@ -118,13 +121,13 @@ def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines:
         sha = text_sha if base != quant else None
         if not _check_reuse(path, digest, sha):
             calibration = ["--imatrix-from", str(imatrix_from)] if sha else ["--no-imatrix"]  # never convert's default
-            _convert(src, path, ["--quant", base, *calibration], echo)
+            _convert(src, path, ["--quant", base, *calibration, *consent], echo)
         configs.append(Config(quant, "gguf", str(path)))
     for quant in onnx:
         path = onnx_path(out, quant)
         if not _check_reuse(path, digest):
-            _convert(src, path, ["--to", "onnx", "--quant", quant], echo)
+            _convert(src, path, ["--to", "onnx", "--quant", quant, *consent], echo)
         configs.append(Config(f"onnx-{quant}", "onnx", str(path)))
     for name, dtype in baselines.items():
-        configs.append(Config(name, "hf", str(src), dtype))
+        configs.append(Config(name, "hf", str(src), dtype, allow_pickle))
     return configs

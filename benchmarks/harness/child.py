@@ -74,7 +74,8 @@ def phase_timing(config: Config, settings: Settings, task: dict) -> dict:
     opener = getattr(importlib.import_module(module), attr)
     path = Path(config.path)
     with TegraStats() as tegra:
-        timed = opener(path, settings.threads, settings.n_ctx, settings.profile, settings.seed, config.dtype)
+        consent = {"allow_pickle": True} if config.allow_pickle else {}  # an HF baseline's --allow-pickle
+        timed = opener(path, settings.threads, settings.n_ctx, settings.profile, settings.seed, config.dtype, **consent)
         load_s = timed.load_s  # the runtime's load call only (imports and planning excluded)
         rss_loaded = _rss_now()
         try:

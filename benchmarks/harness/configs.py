@@ -50,6 +50,7 @@ class Config:
     kind: str           # key of KINDS
     path: str           # the artifact: .gguf file, ONNX directory, HF checkpoint directory
     dtype: str = ""     # torch dtype for HF baselines
+    allow_pickle: bool = False  # HF baselines: the user's --allow-pickle (pickle-only weights are refused without it)
 
     @property
     def spec(self) -> Kind:
@@ -147,12 +148,18 @@ def read_prompts(path: Path) -> tuple[str, ...]:
     return tuple(prompts)
 
 
-def config_for_artifact(path: Path, name: str | None = None) -> Config:
-    """One configuration for a model given by path (``bench run``): a .gguf file, an ONNX or an HF directory."""
+def config_for_artifact(path: Path, name: str | None = None, allow_pickle: bool = False) -> Config:
+    """One configuration for a model given by path (``bench run``): a .gguf file, an ONNX or an HF directory.
+
+    An HF directory is opened here with the user's consent (``allow_pickle``): pickle-only weights are refused
+    before anything is measured, with the paragraph ``convert`` gives."""
     from edgemed.formats import model_format
 
     if path.is_dir() and (path / "config.json").exists() and not any(path.glob("*.onnx")):
-        return Config(name or "hf-fp32", "hf", str(path), "float32")
+        from edgemed.converters.checkpoint import Checkpoint
+
+        Checkpoint.open(path, allow_pickle=allow_pickle)
+        return Config(name or "hf-fp32", "hf", str(path), "float32", allow_pickle)
     fmt = model_format(path)
     stem = path.stem if path.is_file() else path.name
     return Config(name or stem, fmt, str(path))

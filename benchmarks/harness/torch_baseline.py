@@ -17,11 +17,12 @@ from edgemed.errors import InputError
 
 
 class HfTimed:
-    def __init__(self, path: Path, threads: int | None, dtype: str, seed: int):
+    def __init__(self, path: Path, threads: int | None, dtype: str, seed: int, allow_pickle: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from edgemed import env
+        from edgemed.converters.checkpoint import Checkpoint
 
         env.enforce_offline()
         if threads:
@@ -31,9 +32,10 @@ class HfTimed:
         self.device = "cuda" if dtype == "float16" and torch.cuda.is_available() else "cpu"
         if dtype == "float16" and self.device == "cpu":
             raise InputError("The hf-fp16 baseline needs a GPU, and torch sees none.", "use --baselines hf-fp32,hf-bf16 on a CPU")
+        ckpt = Checkpoint.open(path, allow_pickle=allow_pickle)  # pickle-only weights need the user's --allow-pickle
         t = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.model = ckpt.hf_model(dtype=getattr(torch, dtype)).to(self.device).eval()
         self.load_s = time.perf_counter() - t
         self.dtype, self.threads = dtype, torch.get_num_threads()
         eos = self.model.generation_config.eos_token_id
@@ -82,5 +84,5 @@ class HfTimed:
         self.model = None
 
 
-def open_hf(path: Path, threads, n_ctx, profile, seed, dtype="float32"):
-    return HfTimed(path, threads, dtype or "float32", seed)
+def open_hf(path: Path, threads, n_ctx, profile, seed, dtype="float32", allow_pickle=False):
+    return HfTimed(path, threads, dtype or "float32", seed, allow_pickle)

@@ -16,6 +16,8 @@ def _common(f):
     suite = ", ".join(f"{row.n} {row.name}" for row in SUITE)
     options = [
         click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Allow pickle (pytorch_model.bin) weights in an HF checkpoint. Only for checkpoints you trust."),
         click.option("--report-only", is_flag=True,
                      help="Write the report from the results already measured; measure nothing, list what is missing."),
         click.option("--phases", help="Comma-separated subset of timing,divergence,accuracy [default: all that apply]."),
@@ -144,7 +146,7 @@ def bench() -> None:
 @click.option("--name", help="Configuration name in the report [default: the file name].")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Report folder [default: bench-<name>].")
 def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n,
-        eval_context, eval_score, eval_threads, seed, skip_accuracy, phases, report_only, as_json):
+        eval_context, eval_score, eval_threads, seed, skip_accuracy, phases, report_only, allow_pickle, as_json):
     """Benchmark one MODEL (a .gguf file, an ONNX directory, an HF checkpoint directory or an installed name)."""
     import sys
 
@@ -155,7 +157,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
 
     ref = resolve(model)  # a path is measured as given; an installed name is verified first
     path = runnable(model).model_path if ref.kind == STORE else ref.path
-    config = config_for_artifact(path.resolve(), name)
+    config = config_for_artifact(path.resolve(), name, allow_pickle)
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")
@@ -178,7 +180,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
 def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
               n_ctx, evals, eval_data, eval_n, eval_context, eval_score, eval_threads, seed, skip_accuracy, phases,
-              report_only, as_json):
+              report_only, allow_pickle, as_json):
     """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
 
     Artifacts go to OUT/artifacts/ (<quant>.gguf, onnx-<type>/); existing ones made
@@ -202,7 +204,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
         imatrix_from = resolve(imatrix_from).resolve()
     configs = artifacts.prepare(source.resolve(), output, artifacts.parse_quants(quants),
                                 parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo,
-                                imatrix_from=imatrix_from)
+                                imatrix_from=imatrix_from, allow_pickle=allow_pickle)
     results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,
                          measure=not report_only)
     _finish(results, output, as_json)

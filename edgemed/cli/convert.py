@@ -69,7 +69,8 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
         click.echo(f"No SOURCE given: using the default model {sources.DEFAULT}.", err=True)
         source = sources.hf_checkpoint(sources.DEFAULT)
     if target == "onnx":
-        return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json, onnx_graph, memory_budget)
+        return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json, onnx_graph, memory_budget,
+                             allow_pickle)
     from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
 
     output = output or Path(f"{Path(source).name}-{out_type}.gguf")
@@ -102,7 +103,8 @@ def _calibration_text(out_type: str, imatrix_from: str | None, no_imatrix: bool)
     return resolve(imatrix_from)
 
 
-def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph=DEFAULT_GRAPH, memory_budget=None):
+def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph=DEFAULT_GRAPH, memory_budget=None,
+                  allow_pickle=False):
     """``--to onnx``: a directory with the ONNX graph (KV cache), tokenizer, templates and report.json."""
     from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
     from edgemed.errors import InputError
@@ -111,7 +113,7 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
         raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_OUTPUT_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
     output = output or Path(f"{source.name}-onnx-{out_type}")
     opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads, graph=graph,
-                       memory_budget=memory_budget)
+                       memory_budget=memory_budget, allow_pickle=allow_pickle)
     report = convert_onnx(source, output, opts, echo=lambda s: click.echo(s, err=as_json))
     if as_json:
         click.echo(report.to_json())
@@ -124,9 +126,10 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--lora", type=click.Path(exists=True, path_type=Path), help="The adapter that was merged into MODEL.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights in SOURCE. Only for checkpoints you trust.")
 @click.option("--threads", type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
-def check(source, model, lora, threads, as_json):
+def check(source, model, lora, allow_pickle, threads, as_json):
     """Parity of a GGUF MODEL against its Hugging Face SOURCE: NMSE, KL divergence, top-1 agreement.
 
     Exits 1 when MODEL fails its gate (float types: NMSE; quantized types: top-1 agreement; all: finite logits).
@@ -136,10 +139,12 @@ def check(source, model, lora, threads, as_json):
     from edgemed.converters import require_route
 
     require_route("check")
+    from edgemed.converters.checkpoint import Checkpoint
     from edgemed.converters.parity import check_gguf, gate_error
 
+    ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
     out_type = _file_type(model)
-    report = check_gguf(source, model, out_type, lora=lora, threads=threads)
+    report = check_gguf(ckpt, model, out_type, lora=lora, threads=threads)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
     if report.passed is False:
         raise gate_error(report, f"'{model.name}'", "do not ship it")

@@ -78,6 +78,12 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     if inp.card is not None:
         files.append((inp.card, "card.toml", "card"))
     report = _report_for(model, inp.report) if inp.use_report else None
+    if report is None and inp.use_report and fmt == "gguf" and "converter_version" in prov:
+        # edgemed convert writes the report first, then the GGUF: a converted GGUF without one was interrupted or moved
+        raise InputError(f"'{model}' was made by `edgemed convert`, but its conversion report '{model.name}.report.json' "
+                         "is not beside it, so its parity and provenance cannot be vouched for.",
+                         "re-run `edgemed convert` (with --force) to make the pair again, pass --report with its report, "
+                         "or pass --no-report to pack it without one")
     if report is not None:
         prov.update(_report_provenance(report, model))
         files.append((report, "report.json", "report"))
@@ -97,6 +103,10 @@ def _report_provenance(report: Path, model: Path) -> dict:
     if model.is_file() and r.get("size_bytes") not in (None, model.stat().st_size):
         raise InputError(f"The conversion report '{report}' describes a {r.get('size_bytes')}-byte file, not this {model.stat().st_size}-byte model.",
                          "the report is stale: re-run `edgemed convert`, or pass --no-report")
+    if model.is_file() and isinstance(r.get("sha256"), str) and r["sha256"] != sha256_file(model):
+        raise InputError(f"The conversion report '{report}' describes another file (sha256 {r['sha256'][:12]}...), not this "
+                         "model: a conversion was stopped between writing its report and its output, or the files were mixed up.",
+                         "re-run `edgemed convert` (with --force) to make the pair again, or pass --no-report")
     src, lora = r.get("source") or {}, r.get("lora") or {}
     out = {"source_sha256": src.get("sha256"), "source_dtype": src.get("dtype"), "lora_sha256": lora.get("sha256"),
            "converter_version": (r.get("converter") or {}).get("version"), "out_type": r.get("out_type") or r.get("weight_type"),
