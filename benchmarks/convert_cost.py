@@ -77,7 +77,7 @@ def run_one(name: str, src: Path, args, work: Path) -> dict:
     out = args.output if keep else work / f"{name}.gguf"
     cmd = convert_command(src, out, args.quant, parity, args.imatrix_from, args.threads)
     print(f"{name}: {' '.join(cmd[1:])}", file=sys.stderr)
-    r = measure(cmd, work / f"{name}.log", parse_size(args.memory_cap) if args.memory_cap else None)
+    r = measure(cmd, work / f"{name}.log", parse_size(args.memory_cap) if args.memory_cap is not None else None)
     tail = (work / f"{name}.log").read_text(errors="replace")[-3000:]
     r["command"] = ["python", *cmd[1:]]
     if r["rc"] != 0:
@@ -160,7 +160,7 @@ def parse_args(argv=None):
     ap.add_argument("--tag", help="suffix for the result files' names")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.memory_cap:
+    if args.memory_cap is not None:  # given, even empty, it must be a size
         parse_size(args.memory_cap)
     if args.imatrix_from is not None and not args.imatrix_from.is_file():
         raise InputError(f"--imatrix-from '{args.imatrix_from}' is not a file.", "name a JSONL or .txt calibration file")
@@ -174,7 +174,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        if args.memory_cap:  # refuse before any work when no cgroup can be had
+        if args.memory_cap is not None:  # refuse before any work when no cgroup can be had
             with MemoryCap(parse_size(args.memory_cap)):
                 pass
         from edgemed.converters import sources

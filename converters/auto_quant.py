@@ -37,6 +37,12 @@ AUTO = "auto"
 FTYPE_OF = {"Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
             "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 KL_ROWS = 64  # logit rows compared at once (a row of a 152k vocabulary is 1.2 MB in float64)
+#: The smallest --max-kld accepted (nats), a documented floor. The search's most faithful candidate is every tensor
+#: Q8_0 (``TOP``), and it meets a budget only when KLD + 1.645 SE does. Q8_0 measured 0.00060 (Qwen2.5-1.5B), 0.00095
+#: (Qwen2.5-0.5B) and 0.0058 (SmolLM2-135M) on the search text (DESIGN.md, benchmarks/results/kld_anchor-*); 1e-4 is
+#: 6x under the lowest of them, room for larger models whose 8-bit rounding costs less. A budget below it cannot be
+#: met by any file --quant auto writes, so it is refused here, not after every round of the search (many minutes).
+MIN_MAX_KLD = 1e-4
 
 
 def check_request(out_type: str, max_kld: float | None, fit_profile: str | None) -> None:
@@ -54,6 +60,12 @@ def check_request(out_type: str, max_kld: float | None, fit_profile: str | None)
                                 or not math.isfinite(max_kld) or max_kld <= 0):
         raise InputError(f"--max-kld must be a number above 0 (nats), got {max_kld!r}.",
                          "pass e.g. --max-kld 0.005 (Q4_K_M of Qwen2.5-1.5B measured about 0.005)")
+    if max_kld is not None and max_kld < MIN_MAX_KLD:
+        raise InputError(f"--max-kld {max_kld:g} is below {MIN_MAX_KLD:g} nats, the lowest budget --quant auto takes: not "
+                         "even its most faithful candidate (every tensor Q8_0) reaches that, and the search would say so "
+                         "only after measuring every candidate.",
+                         f"pass --max-kld {MIN_MAX_KLD:g} or more (every tensor Q8_0 of Qwen2.5-0.5B/1.5B measured "
+                         "0.0006-0.001, Q4_K_M about 0.005), or convert with --quant f16 for no quantization loss")
     if fit_profile is not None:
         device_budget(fit_profile)  # an unknown profile or one without a fixed memory size fails here
 

@@ -6,7 +6,8 @@ the output type (the module docstrings of the steps say what each holds):
 
 * GGUF ``write``: tensors stream from mapped shards; a cast copy of the largest (and its float32 LoRA merge);
 * ``quantize``: llama.cpp works in slabs of at most ``quantize.MAX_BUF_BYTES``, a tensor mapped at a time;
-* ``imatrix`` and every ``parity`` reference: one decoder layer at a time (``layered.estimate_peak_bytes``);
+* ``imatrix`` and every ``parity`` reference: one decoder layer at a time (``layered.estimate_peak_bytes``); the
+  imatrix first reads at most ``imatrix.TEXT_BYTES`` of its calibration text and tokenizes it;
 * ``parity``: then the artifact beside the source logits (llama.cpp: the planner's repacked copy, KV cache and
   compute; ONNX Runtime: the session), then the comparison of both logits in float64;
 * ONNX ``export``: the float32 model plus the exporter's copies (or onnxruntime-genai's builder process);
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from edgemed import env
 from edgemed.converters.calibration import IMATRIX_BY_DEFAULT
+from edgemed.converters.imatrix import TEXT_BYTES
 from edgemed.converters.memory_room import Budget, detect_budget
 from edgemed.errors import InputError
 
@@ -50,6 +52,9 @@ TOKENIZER_PER_TOKEN = 1000  # the reference's HF tokenizer
 PARITY_POSITIONS = 160    # converters.parity.PROMPTS: 150 tokens with SmolLM2's tokenizer, 144 with Qwen2.5's
 PARITY_LONGEST = 40       # ... 36 in the longest prompt
 IMATRIX_TOKENS, IMATRIX_LONGEST = 32 * 256, 256  # imatrix.MAX_CHUNKS x CHUNK_TOKENS, one chunk at a time
+TEXT_COPIES = 4           # the calibration text's passages (at most imatrix.TEXT_BYTES read; up to 4 bytes a character)
+TOKENIZE_PER_BYTE = 400   # the HF fast tokenizer encoding it whole, per byte: 384 measured on random ASCII with a
+                          # 384-token vocabulary (a token a byte, the worst case), 291 on prose (the joined text aside)
 AUTO_PASSAGE_TOKENS = 1024  # --quant auto: the longest search passage llama.cpp evaluates at once (assumed)
 COMPARE_COPIES = 2        # parity.compare: both logit sets held in float32 ...
 COMPARE_PROMPT_COPIES = 8  # ... and one prompt at a time in float64 (casts, difference, log-softmax of both)
@@ -220,8 +225,11 @@ def estimate_gguf(dims: Dims, *, out_type: str, parity: bool = True, imatrix: bo
     steps = [Step("write", (Term("largest tensor's cast copy", cast),  # safetensors hands out mapped tensors
                             Term("largest tensor, mapped", dims.largest * src, mapped=True)))]
     if imatrix:
-        steps.append(Step("imatrix", reference_terms(dims, IMATRIX_TOKENS, IMATRIX_LONGEST, src=src, lora=bool(lora_bytes),
-                                                     logits=False)))
+        ref = reference_terms(dims, IMATRIX_TOKENS, IMATRIX_LONGEST, src=src, lora=bool(lora_bytes), logits=False)
+        read = f"calibration text, at most {TEXT_BYTES >> 10} KiB read"
+        steps += [Step("imatrix:text", (ref[1], Term(f"{read}, joined and tokenized whole",
+                                                     TEXT_BYTES * (2 * TEXT_COPIES + TOKENIZE_PER_BYTE)))),
+                  Step("imatrix", (*ref, Term(f"{read}: its passages", TEXT_BYTES * TEXT_COPIES)))]
     if quantized:
         slab = (Term("llama.cpp quantize slab buffers", min(dims.largest * 8, MAX_BUF_BYTES) + QUANT_EXTRA),
                 Term("the mapped float intermediate, a tensor at a time", dims.largest * float_bytes, mapped=True))

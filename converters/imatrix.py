@@ -11,14 +11,15 @@ exactly as llama.cpp's own ``llama-imatrix`` tool would produce them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemed.errors import InputError
+from edgemed.converters import calibration
 
 MAX_CHUNKS = 32
 CHUNK_TOKENS = 256
+#: the calibration text read: enough bytes for the tokens used, with a wide margin (``calibration.MAX_BYTES_PER_TOKEN``)
+TEXT_BYTES = MAX_CHUNKS * CHUNK_TOKENS * calibration.MAX_BYTES_PER_TOKEN
 
 
 @dataclass
@@ -27,49 +28,22 @@ class Imatrix:
 
     values: dict = field(repr=False)  # gguf tensor name -> float32 mean x² per input column
     text: str  # the calibration file's name (a shipped text: its name under data/calibration/)
-    sha256: str  # of the calibration file's bytes: the same name with other text is another matrix
+    sha256: str  # of the calibration bytes used (the whole file unless it is over TEXT_BYTES): other text, another matrix
     tokens: int
     chunks: int
+    bytes_used: int = 0  # of the file's ...
+    file_bytes: int = 0  # ... bytes (more: only a prefix was read, calibration.read)
 
     def provenance(self) -> dict:
         return {"text": self.text, "sha256": self.sha256, "tokens": self.tokens, "chunks": self.chunks,
-                "chunk_tokens": CHUNK_TOKENS, "tensors": len(self.values)}
+                "chunk_tokens": CHUNK_TOKENS, "tensors": len(self.values), "bytes_used": self.bytes_used,
+                "file_bytes": self.file_bytes}
 
 
 def read_calibration_text(path: Path) -> list[str]:
-    """Texts from JSONL (fields question/text/abstract/context + options) or a plain text file."""
-    texts: list[str] = []
-    fix = "pass a UTF-8 JSONL file with one object per line, or a UTF-8 .txt file"
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise InputError(f"Calibration text '{path}' is a directory, not a file.", fix) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"Calibration text '{path}' is not UTF-8 (bad byte at offset {exc.start}).",
-                         f"{fix} (e.g. iconv -f latin1 -t utf-8)") from None
-    except OSError as exc:
-        raise InputError(f"Calibration text '{path}' cannot be read ({exc.strerror or exc}).", fix) from None
-    if path.suffix in (".jsonl", ".json"):
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except (ValueError, RecursionError):
-                raise InputError(f"{path}:{n} is not valid JSON.", "pass a JSONL file with one object per line, or a .txt file") from None
-            if not isinstance(item, dict):
-                raise InputError(f"{path}:{n} is a JSON {type(item).__name__}, not an object.",
-                                 'each line needs an object such as {"question": "..."}')
-            parts = [str(item[k]) for k in ("question", "text", "context", "abstract") if item.get(k)]
-            if isinstance(item.get("options"), dict):
-                parts += [f"{k}. {v}" for k, v in item["options"].items()]
-            if parts:
-                texts.append("\n".join(parts))
-    else:
-        texts = [p for p in raw.split("\n\n") if p.strip()]
-    if not texts:
-        raise InputError(f"No calibration text found in '{path}'.", "JSONL lines need a 'question' or 'text' field")
-    return texts
+    """Texts from JSONL (fields question/text/abstract/context + options) or a plain text file, at most
+    ``TEXT_BYTES`` of it (``calibration.read``: the checks every reader of calibration text makes)."""
+    return calibration.read(path, TEXT_BYTES).texts
 
 
 def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, echo=print) -> Imatrix:
@@ -83,10 +57,9 @@ def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, ec
 
     from edgemed.converters.checkpoint import as_checkpoint
     from edgemed.converters.layered import HEAD, LayeredModel
-    from edgemed.hashing import file_sha256
 
     ckpt = as_checkpoint(ckpt)  # the command's opened source (its pickle consent), or a path opened without consent
-    texts = read_calibration_text(text_path)
+    text = calibration.read(text_path, TEXT_BYTES)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     adapter = None
     if lora is not None:
@@ -115,8 +88,10 @@ def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, ec
                 handles.append(module.register_forward_hook(lambda _m, inputs, _out, key=key: add(key, inputs[0])))
         return handles
 
-    ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    ids = tok("\n\n".join(text.texts), add_special_tokens=False)["input_ids"]
     chunks = [ids[i:i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)][:MAX_CHUNKS]
+    n_read = len(ids)
+    del ids
     with torch.inference_mode():
         normed = model.hidden(chunks, watch)
         head = gguf_name(HEAD)  # tied or not, the head is a linear layer over the normed state
@@ -124,6 +99,13 @@ def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, ec
             for h in normed:
                 add(head, h)
     n_tokens = sum(len(c) for c in chunks)
-    echo(f"imatrix: {len(sums)} tensors from {n_tokens} tokens of {text_path.name}")
+    echo(f"imatrix: {len(sums)} tensors from {n_tokens} tokens of {text_path.name}" + _unused(text, n_tokens, n_read))
     values = {name: (sums[name] / counts[name]).numpy().astype(np.float32) for name in sums}
-    return Imatrix(values, Path(text_path).name, file_sha256(text_path), n_tokens, len(chunks))
+    return Imatrix(values, Path(text_path).name, text.sha256, n_tokens, len(chunks), text.bytes_used, text.file_bytes)
+
+
+def _unused(text: "calibration.CalibrationText", used: int, tokenized: int) -> str:
+    """'', or what of a longer text the matrix did not use."""
+    said = [f"the first {used} of {tokenized}{'+' if text.truncated else ''} tokens"] if tokenized > used else []
+    said += [text.describe()] if text.truncated else []
+    return f" ({'; '.join(said)}; the rest is not used)" if said else ""

@@ -96,13 +96,19 @@ def _convert(src: Path, artifact: Path, args: list[str], echo) -> None:
                          f"fix the cause, or make the artifact yourself: {' '.join(cmd[2:])}")
 
 
+def _text_sha(text: Path) -> str:
+    """The sha256 the conversion report gives the calibration text: of the bytes the importance matrix reads."""
+    from edgemed.converters.calibration import read
+    from edgemed.converters.imatrix import TEXT_BYTES
+
+    return read(text, TEXT_BYTES).sha256
+
+
 def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines: dict[str, str], echo=print,
             imatrix_from: Path | None = None, allow_pickle: bool = False) -> list[Config]:
     """Configurations for a reproduction: GGUF quants (``<quant>-imatrix`` calibrated on ``imatrix_from``), ONNX
     types, HF baselines (converting what is missing). ``allow_pickle``: the user's consent to read pickle-only
     weights, checked before anything is written and handed to every conversion and baseline."""
-    from edgemed.hashing import file_sha256
-
     calibrated = [q for q in quants if q.endswith(IMATRIX_SUFFIX)]
     if calibrated and imatrix_from is None:
         raise InputError(f"{', '.join(calibrated)} need the calibration text the importance matrix is made from.",
@@ -111,7 +117,7 @@ def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines:
         raise InputError("--imatrix-from is used only by the -imatrix types in --quants, and none is listed.",
                          "add one, e.g. --quants f16,q4_k_m,q4_k_m-imatrix, or leave --imatrix-from out")
     digest = source_digest(src, allow_pickle)  # the source (and the consent it needs) before anything is written
-    text_sha = file_sha256(imatrix_from) if calibrated else None
+    text_sha = _text_sha(imatrix_from) if calibrated else None
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     consent = ["--allow-pickle"] if allow_pickle else []
     configs = []

@@ -47,6 +47,9 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
     out_type = out_type or DEFAULT_OUTPUT_TYPE[target]
     require_route(target)  # before the default model is made or a converter imported: one paragraph, no traceback
+    from edgemed.converters.memory_room import requested_budget
+
+    requested_budget(memory_budget)  # --memory-budget (even empty) or $EDGEMED_MEMORY_BUDGET: a size, or refused now
     if target == "gguf":  # --quant auto's flags belong together: a bad mix is refused before any work
         from edgemed.converters.auto_quant import check_request
 
