@@ -1,23 +1,23 @@
 """``edgemed convert --quant auto``: per-tensor types chosen by measured KLD, written by llama.cpp's quantizer.
 
 What it costs, whatever the search decides: llama.cpp quantizes the float intermediate at most four times (every
-tensor ``low``, every tensor ``high``, llama.cpp's own Q4_K_M mix, and every tensor Q8_0 only when asked for),
-plus once for the output. Each other candidate is **spliced** from those files (a tensor's bytes do not depend on
-the other tensors' types), so a round is a file copy and one KLD measurement, not a quantization. The output
-itself is quantized by llama.cpp with the chosen types as tensor-type overrides (``quantize.py``), its types read
-back and its tensor bytes compared with the measured candidate's; if they differ, the output is measured itself.
+tensor ``low``, every tensor ``high``, llama.cpp's own Q4_K_M mix, and every tensor Q8_0 only when asked for), plus
+once for the output. Each other candidate is **spliced** from those files (a tensor's bytes do not depend on the other
+tensors' types), so a round is a file copy and one KLD measurement, not a quantization. The output itself is quantized
+by llama.cpp with the chosen types as tensor-type overrides (``quantize.py``), its types read back and its tensor
+bytes compared with the measured candidate's; if they differ, the output is measured itself.
 
 KLD is measured against the float intermediate (F16/BF16, llama.cpp, the same engine as the candidates) on
-``data/calibration/medical-search.txt``: PubMedQA abstracts outside the test split and outside the importance
-matrix's text, so neither the bench's accuracy items nor its divergence passages (the held-out text the final
-figures come from) steer the choice. Headline KLD by ``edgemed.fidelity``'s rule, with its standard error
-between the text's passages (``fidelity.headline_se``): the search holds a candidate to KLD + 1.645 SE.
-Reference logits are computed once and kept on disk in the scratch folder (float32, one file a passage).
-With an importance matrix (the default: ``calibration.default_imatrix``) every quantization to a type that reads
-one uses it, the stock Q4_K_M candidate included; it is computed only when the first such quantization runs.
-
-``--fit-profile NAME``: the device planner (``edgemed.planner``) estimates each candidate at the profile's
-context (capped at the model's) against the profile's fixed memory budget.
+``data/calibration/medical-search.txt``: PubMedQA abstracts outside the test split and outside the importance matrix's
+text, so neither the bench's accuracy items nor its divergence passages (the held-out text the final figures come
+from) steer the choice. Headline KLD by ``edgemed.fidelity``'s rule, with its standard error between the text's
+passages (``fidelity.headline_se``): the search holds a candidate to KLD + 1.645 SE. Reference logits are computed
+once and kept on disk in the scratch folder (float32, one file a passage). With an importance matrix (the default:
+``calibration.default_imatrix``) every quantization to a type that reads one uses it, the stock Q4_K_M candidate
+included; it is computed only when the first such quantization runs. ``--fit-profile NAME``: the device planner
+(``edgemed.planner``) estimates each candidate at the profile's context (capped at the model's) against the profile's
+fixed memory budget. ``--max-kld`` under ``MIN_MAX_KLD`` is refused before any work (the search would find that out
+only after every round).
 """
 
 from __future__ import annotations
@@ -37,12 +37,7 @@ AUTO = "auto"
 FTYPE_OF = {"Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
             "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 KL_ROWS = 64  # logit rows compared at once (a row of a 152k vocabulary is 1.2 MB in float64)
-#: The smallest --max-kld accepted (nats), a documented floor. The search's most faithful candidate is every tensor
-#: Q8_0 (``TOP``), and it meets a budget only when KLD + 1.645 SE does. Q8_0 measured 0.00060 (Qwen2.5-1.5B), 0.00095
-#: (Qwen2.5-0.5B) and 0.0058 (SmolLM2-135M) on the search text (DESIGN.md, benchmarks/results/kld_anchor-*); 1e-4 is
-#: 6x under the lowest of them, room for larger models whose 8-bit rounding costs less. A budget below it cannot be
-#: met by any file --quant auto writes, so it is refused here, not after every round of the search (many minutes).
-MIN_MAX_KLD = 1e-4
+MIN_MAX_KLD = 1e-4  # every tensor Q8_0, the best candidate, measured 0.0006-0.006: 6x under is unreachable
 
 
 def check_request(out_type: str, max_kld: float | None, fit_profile: str | None) -> None:
@@ -61,11 +56,8 @@ def check_request(out_type: str, max_kld: float | None, fit_profile: str | None)
         raise InputError(f"--max-kld must be a number above 0 (nats), got {max_kld!r}.",
                          "pass e.g. --max-kld 0.005 (Q4_K_M of Qwen2.5-1.5B measured about 0.005)")
     if max_kld is not None and max_kld < MIN_MAX_KLD:
-        raise InputError(f"--max-kld {max_kld:g} is below {MIN_MAX_KLD:g} nats, the lowest budget --quant auto takes: not "
-                         "even its most faithful candidate (every tensor Q8_0) reaches that, and the search would say so "
-                         "only after measuring every candidate.",
-                         f"pass --max-kld {MIN_MAX_KLD:g} or more (every tensor Q8_0 of Qwen2.5-0.5B/1.5B measured "
-                         "0.0006-0.001, Q4_K_M about 0.005), or convert with --quant f16 for no quantization loss")
+        raise InputError(f"--max-kld {max_kld:g} is below {MIN_MAX_KLD:g} nats: not even every tensor at Q8_0 reaches that.",
+                         f"pass --max-kld {MIN_MAX_KLD:g} or more (Q8_0 measured 0.0006-0.006), or --quant f16")
     if fit_profile is not None:
         device_budget(fit_profile)  # an unknown profile or one without a fixed memory size fails here
 
@@ -283,7 +275,7 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
     (``quantize.reads_imatrix``), so a search that ends at every tensor Q8_0 never computes it."""
     from edgemed import fidelity
     from edgemed.converters import calibration
-    from edgemed.converters.auto_quant_search import LADDERS, MARGIN_Z, STOCK, TOP, Impossible, Trial, search
+    from edgemed.converters.auto_quant_search import LADDERS, MARGIN_Z, STOCK, TOP, Impossible, Trial, search, table
     from edgemed.converters.quantize import quantize, reads_imatrix
     from edgemed.gguf_header import read_header
 
@@ -401,12 +393,3 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
          f"{outcome.why}; {len(outcome.trials)} rounds (bound {outcome.bound}), {len(rungs) + 1} llama.cpp quantizations")
     return section
 
-
-def table(trials) -> str:
-    """The candidates as printed: label, size, headline KLD, top-1, fits."""
-    lines = [f"  {'candidate':<34} {'MiB':>9} {'KLD':>9} {'± SE':>8} {'top-1':>7}  fits"]
-    for t in trials:
-        fits = "-" if t.fits is None else "yes" if t.fits else "no"
-        lines.append(f"  {t.label:<34} {t.size_bytes / 2**20:9.1f} {t.kld:9.5f} {t.se:8.5f} "
-                     f"{t.figures.get('top1', 0) * 100:6.1f}%  {fits}")
-    return "auto-quant candidates (headline KLD vs the float intermediate, held-out PubMedQA abstracts):\n" + "\n".join(lines)

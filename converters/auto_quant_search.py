@@ -317,3 +317,13 @@ def group_gains(groups: list[Group], gains: dict[str, float], total: float) -> d
         raw[g.name] = kind * max(gains[band], 0.0) / (in_band * band_sum)
     scale = max(total, 0.0) / (sum(raw.values()) or 1.0)
     return {n: v * scale for n, v in raw.items()}
+
+
+def table(trials) -> str:
+    """The candidates as printed: label, size, headline KLD, top-1, fits."""
+    lines = [f"  {'candidate':<34} {'MiB':>9} {'KLD':>9} {'± SE':>8} {'top-1':>7}  fits"]
+    for t in trials:
+        fits = "-" if t.fits is None else "yes" if t.fits else "no"
+        lines.append(f"  {t.label:<34} {t.size_bytes / 2**20:9.1f} {t.kld:9.5f} {t.se:8.5f} "
+                     f"{t.figures.get('top1', 0) * 100:6.1f}%  {fits}")
+    return "auto-quant candidates (headline KLD vs the float intermediate, held-out PubMedQA abstracts):\n" + "\n".join(lines)
