@@ -151,3 +151,21 @@ def test_run_and_plan_print_no_llama_cpp_line_at_default_verbosity(smollm2_gguf,
         proc = subprocess.run([sys.executable, "-m", "edgemed", *args], capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_bench_mmap_configuration_loads_the_same_file_mapped(smollm2_gguf, tmp_path):
+    """``--quants q4_k_m-mmap``: the reproduction's baseline of a read-in load is the same file, mapped."""
+    import llama_cpp
+
+    from edgemed.benchmarks.harness.artifacts import parse_quants
+    from edgemed.benchmarks.harness.timing import open_gguf
+
+    assert parse_quants("f16,q4_k_m,q4_k_m-mmap,q4_0-imatrix") == ["f16", "q4_k_m", "q4_k_m-mmap", "q4_0-imatrix"]
+    modes = {}
+    for use_mmap in (None, True):
+        timed = open_gguf(smollm2_gguf, 1, 256, "x86-avx2", 0, use_mmap=use_mmap)
+        try:
+            modes[use_mmap] = timed.settings()["load_mode"]
+        finally:
+            timed.close()
+    assert modes == {None: llama_cpp.LLAMA_LOAD_MODE_NONE, True: llama_cpp.LLAMA_LOAD_MODE_MMAP}  # x86 profiles read in

@@ -39,14 +39,19 @@ def source_digest(src: Path, allow_pickle: bool = False) -> str:
 
 #: a ``--quants`` entry ``<quant>-imatrix``: that type quantized with an importance matrix (``--imatrix-from``)
 IMATRIX_SUFFIX = "-imatrix"
+#: a ``--quants`` entry ``<quant>-mmap``: ``<quant>``'s own file, loaded with the file mapped whatever the profile says
+#: (on a CPU that repacks 4-bit weights: the repacked copy beside the file's pages, the baseline of a read-in load)
+MMAP_SUFFIX = "-mmap"
 
 
 def parse_quants(text: str | None) -> list[str]:
-    """``--quants``: GGUF types, each quantized one optionally with ``-imatrix`` (``q4_k_m,q4_k_m-imatrix``)."""
+    """``--quants``: GGUF types, each quantized one optionally with ``-imatrix`` (``q4_k_m,q4_k_m-imatrix``), and any
+    GGUF type with ``-mmap`` (the same file, loaded mapped: ``q4_k_m,q4_k_m-mmap``)."""
     from edgemed.benchmarks.harness.configs import parse_list
     from edgemed.constants import GGUF_OUTPUT_TYPES, QUANT_OUTPUT_TYPES
 
-    allowed = {**{q: q for q in GGUF_OUTPUT_TYPES}, **{q + IMATRIX_SUFFIX: q for q in QUANT_OUTPUT_TYPES}}
+    allowed = {**{q: q for q in GGUF_OUTPUT_TYPES}, **{q + IMATRIX_SUFFIX: q for q in QUANT_OUTPUT_TYPES},
+               **{q + MMAP_SUFFIX: q for q in GGUF_OUTPUT_TYPES}}
     return parse_list(text, allowed, "GGUF type")
 
 
@@ -122,13 +127,15 @@ def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines:
     consent = ["--allow-pickle"] if allow_pickle else []
     configs = []
     for quant in quants:
-        path = gguf_path(out, quant)
-        base = quant.removesuffix(IMATRIX_SUFFIX)
-        sha = text_sha if base != quant else None
+        mapped = quant.endswith(MMAP_SUFFIX)
+        made = quant.removesuffix(MMAP_SUFFIX)  # a -mmap entry measures the file of the type it names
+        path = gguf_path(out, made)
+        base = made.removesuffix(IMATRIX_SUFFIX)
+        sha = text_sha if base != made else None
         if not _check_reuse(path, digest, sha):
             calibration = ["--imatrix-from", str(imatrix_from)] if sha else ["--no-imatrix"]  # never convert's default
             _convert(src, path, ["--quant", base, *calibration, *consent], echo)
-        configs.append(Config(quant, "gguf", str(path)))
+        configs.append(Config(quant, "gguf", str(path), use_mmap=True if mapped else None))
     for quant in onnx:
         path = onnx_path(out, quant)
         if not _check_reuse(path, digest):

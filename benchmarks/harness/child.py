@@ -75,6 +75,8 @@ def phase_timing(config: Config, settings: Settings, task: dict) -> dict:
     path = Path(config.path)
     with TegraStats() as tegra:
         consent = {"allow_pickle": True} if config.allow_pickle else {}  # an HF baseline's --allow-pickle
+        if config.use_mmap is not None:
+            consent["use_mmap"] = config.use_mmap  # a -mmap configuration: the load mode over the profile's
         timed = opener(path, settings.threads, settings.n_ctx, settings.profile, settings.seed, config.dtype, **consent)
         load_s = timed.load_s  # the runtime's load call only (imports and planning excluded)
         rss_loaded = _rss_now()

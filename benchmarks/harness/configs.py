@@ -51,6 +51,7 @@ class Config:
     path: str           # the artifact: .gguf file, ONNX directory, HF checkpoint directory
     dtype: str = ""     # torch dtype for HF baselines
     allow_pickle: bool = False  # HF baselines: the user's --allow-pickle (pickle-only weights are refused without it)
+    use_mmap: bool | None = None  # GGUF: map the file (True) or read it in (False) over the profile's choice; None: the profile's
 
     @property
     def spec(self) -> Kind:

@@ -33,7 +33,10 @@ def masked_argmax(np, logits, banned):
 class GgufTimed:
     """llama.cpp through edgemed's llama.cpp layer, with the device profile's load settings."""
 
-    def __init__(self, path: Path, threads: int | None, n_ctx: int, profile: str | None, seed: int):
+    def __init__(self, path: Path, threads: int | None, n_ctx: int, profile: str | None, seed: int,
+                 use_mmap: bool | None = None):
+        from dataclasses import replace
+
         import numpy as np
 
         from edgemed.runtime.llama_engine import LlamaEngine
@@ -41,6 +44,8 @@ class GgufTimed:
 
         self.np, self.path = np, path
         self.load = prepare(path, profile, n_ctx, threads, seed=seed).load
+        if use_mmap is not None:  # a -mmap configuration overrides the profile's load mode
+            self.load = replace(self.load, use_mmap=use_mmap)
         t = time.perf_counter()
         self.engine = LlamaEngine(path, self.load)
         self.load_s = time.perf_counter() - t
@@ -73,7 +78,8 @@ class GgufTimed:
     def settings(self) -> dict:
         s = self.load
         return {"n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "n_batch": s.n_batch, "n_ctx": s.n_ctx,
-                "extra_buffers": self.engine.model.placement.mode, "flash_attn": s.flash_attn, "type_k": s.type_k, "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers}
+                "extra_buffers": self.engine.model.placement.mode, "flash_attn": s.flash_attn, "type_k": s.type_k, "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers,
+                "use_mmap": s.use_mmap, "load_mode": self.engine.model.params.written.get("load_mode")}
 
     def close(self) -> None:
         self.engine.close()
@@ -124,8 +130,8 @@ class OnnxTimed:
         self.engine.close()
 
 
-def open_gguf(path: Path, threads, n_ctx, profile, seed, dtype=""):
-    return GgufTimed(path, threads, n_ctx, profile, seed)
+def open_gguf(path: Path, threads, n_ctx, profile, seed, dtype="", use_mmap=None):
+    return GgufTimed(path, threads, n_ctx, profile, seed, use_mmap)
 
 
 def open_onnx(path: Path, threads, n_ctx, profile, seed, dtype=""):
