@@ -78,6 +78,9 @@ def test_bytes_per_token_counts_one_embedding_row_unless_tied(model, tmp_path):
     assert facts.read_bytes == facts.weight_bytes - embd + 64 * 2
     # K + V, 2 layers, 2 KV heads of 16, f16
     assert facts.kv_bytes_per_pos == 2 * 2 * (16 + 16) * 2
+    assert (facts.kv_k_per_pos, facts.kv_v_per_pos) == (2 * 2 * 16, 2 * 2 * 16)
+    # a q8_0 K cache (34 bytes per 32 elements) beside an f16 V cache
+    assert roofline.gguf_facts(out, "q8_0", "f16").kv_bytes_per_pos == 2 * 2 * 16 * 34 // 32 + 2 * 2 * 16 * 2
 
 
 # -- end to end -----------------------------------------------------------------------------
@@ -94,6 +97,12 @@ def test_bench_run_schema_and_warmup_excluded(model, tmp_path):
         assert {"p50", "p90", "p99", "stdev", "min", "max"} <= set(e[metric]), metric
     assert e["peak_rss_bytes"] > 0 and e["model_bytes"] == (model["artifacts"] / "q8_0.gguf").stat().st_size
     assert 0 < e["roofline"]["fraction"] and e["bits_per_weight"] == pytest.approx(8.5, abs=0.6)
+    # the ceiling is the read bandwidth at the decode's thread count; the copy one is kept beside it
+    bw = json.loads((out / "raw" / "bandwidth.json").read_text())
+    assert results["bandwidth"] == bw and bw["read"]["threads"] == bw["copy"]["threads"] == 1
+    assert e["roofline"]["ceiling_tok_s"] == pytest.approx(bw["read"]["bytes_per_s"] / e["bytes_per_token"])
+    assert e["roofline"]["copy"]["ceiling_tok_s"] == pytest.approx(bw["copy"]["bytes_per_s"] / e["bytes_per_token"])
+    assert e["kv_cache_type"] == "f16/f16"
 
     # warm-up recorded apart and excluded: statistics come from exactly --runs timed requests
     raw = json.loads((out / "raw" / "q8_0-timing.json").read_text())["result"]
@@ -109,7 +118,8 @@ def test_bench_run_schema_and_warmup_excluded(model, tmp_path):
     assert "TTFT" in md and "Roofline" in md and "q8_0" in md
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"config", "peak_rss_mb", "e2e_s_p50", "decode_tok_s_p50", "roofline_fraction"} <= set(header)
-    assert json.loads((out / "machine.json").read_text())["llama_cpp_system_info"]
+    mach = json.loads((out / "machine.json").read_text())
+    assert mach["llama_cpp_system_info"] and mach["memory_read_bandwidth"]["bytes_per_s"] == bw["read"]["bytes_per_s"]
 
     # --report-only measures nothing: a new folder's report lists the missing phase instead of measuring it
     other = tmp_path / "report-only"
@@ -248,13 +258,14 @@ def test_report_and_plots_render(tmp_path):
                _entry("onnx-int4", "onnx", "onnxruntime", 1400, 1700, 3.9, 18.0, 4.5, 0.40, 0.05),
                _entry("q4_0", "gguf", "llama.cpp", 900, 1100, 3.3, 22.0, 4.5, 0.40, None),
                _entry("hf-fp32", "hf", "torch", 6000, 7400, 25.0, 2.6, 32.0)]
-    bw = {"bytes_per_s": 20e9, "threads": 2, "buffer_bytes": 256 << 20, "repeats": 7}
+    bw = {"threads": 2, "read": {"bytes_per_s": 20e9, "threads": 2, "buffer_bytes": 1 << 30, "repeats": 7},
+          "copy": {"bytes_per_s": 25e9, "threads": 2, "buffer_bytes": 256 << 20, "repeats": 7}}
     # a divergence raw file from before the headline rule: only the every-position figures, reported as such
     by = {e["name"]: e for e in entries}
     by["q4_0"]["divergence"] = {"reference": "f16", "kld_mean": 0.079, "kld_p99": 4.7, "top1": 0.87, "n_tokens": 1369}
     by["q4_k_m"]["accuracy"]["paired_vs_reference"] = stats.paired(230, 7, 19, 344) | {"reference": "f16", "same_answer": 0.94}
     by["q4_k_m"]["accuracy"]["per_dataset"]["medmcqa"]["paired_vs_reference"] = stats.paired(100, 2, 6, 192) | {"same_answer": 0.95}
-    baselines = _derive(entries, bw["bytes_per_s"])
+    baselines = _derive(entries, bw)
     results = {"schema": report.SCHEMA, "edgemed_version": "0", "created": "now", "scenario": "single-stream",
                "profile": "x86-avx2", "settings": Settings(threads=2, profile="x86-avx2").to_dict(),
                "machine": machine.describe("x86-avx2"), "bandwidth": bw, "baselines": baselines, "paper": PAPER,

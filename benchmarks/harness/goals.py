@@ -28,6 +28,7 @@ def _peak(results, name):
 
 
 def _best_4bit_roofline(results):
+    """The highest read-bandwidth roofline fraction of a 4-bit-class artifact (None without a read figure)."""
     fractions = [(e.get("roofline") or {}).get("fraction") for e in results["configs"]
                  if e.get("bits_per_weight") is not None and e["bits_per_weight"] < 6.5 and e["kind"] != "hf"]
     fractions = [f for f in fractions if f is not None]
@@ -58,7 +59,7 @@ GOALS = (
      operator.ge, 2.5, "x"),
     ("Q4_K_M e2e latency <= 15 % of HF-torch fp32", lambda r: _ratio(_p50(r, "q4_k_m", "e2e_s"), _p50(r, "hf-fp32", "e2e_s")),
      operator.le, 0.15, "pct"),
-    ("Best 4-bit decode >= 75 % of the bandwidth roofline", _best_4bit_roofline, operator.ge, 0.75, "pct"),
+    ("Best 4-bit decode >= 75 % of the read-bandwidth roofline", _best_4bit_roofline, operator.ge, 0.75, "roof"),
     ("Q4_K_M accuracy at most 1 point below F16 (logits, same items)", lambda r: _acc_drop(r, "q4_k_m"), operator.le, 0.01, "points"),
     ("Q4_K_M KLD vs F16 <= 0.03 (headline: each passage's first position left out)", lambda r: _kld(r, "q4_k_m"),
      operator.le, 0.03, "plain"),
@@ -66,7 +67,7 @@ GOALS = (
      lambda r: _kld(r, "q4_k_m", "llamacpp"), operator.le, 0.03, "plain"),
 )
 
-_FORMATS = {"pct": lambda v: f"{v * 100:.1f} %", "x": lambda v: f"{v:.2f}x", "points": lambda v: f"{abs(v) * 100:.1f} points {'below' if v > 0 else 'above'}",
+_FORMATS = {"pct": lambda v: f"{v * 100:.1f} %", "roof": lambda v: f"{v * 100:.1f} %", "x": lambda v: f"{v:.2f}x", "points": lambda v: f"{abs(v) * 100:.1f} points {'below' if v > 0 else 'above'}",
             "plain": lambda v: f"{v:.4f}"}
 
 
@@ -75,6 +76,10 @@ def check_goals(results: dict) -> list[list[str]]:
     rows = []
     for label, figure, compare, threshold, fmt in GOALS:
         value = figure(results)
-        if value is not None:
-            rows.append([label, _FORMATS[fmt](value), "yes" if compare(value, threshold) else "**no**"])
+        if value is None:
+            continue
+        met = "yes" if compare(value, threshold) else "**no**"
+        if fmt == "roof" and value > 1:  # faster than the memory it reads allows: the figures disagree
+            met = "**inconsistent** (above the ceiling)"
+        rows.append([label, _FORMATS[fmt](value), met])
     return rows

@@ -131,7 +131,7 @@ def tokens_per_s(results: dict, path: Path) -> Path | None:
     ceil = [(i, e["roofline"]["ceiling_tok_s"]) for i, e in enumerate(es) if (e.get("roofline") or {}).get("ceiling_tok_s")]
     if ceil:
         ax1.scatter([c[0] for c in ceil], [c[1] for c in ceil], marker="_", s=600, color="red", zorder=3,
-                    label="bandwidth roofline")
+                    label="read-bandwidth roofline")
     ax1.set_xticks(x, names, rotation=20, ha="right")
     ax1.set_ylabel("decode (tokens/s)")
     ax1.set_xlabel("configuration")

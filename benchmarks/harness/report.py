@@ -17,7 +17,7 @@ from edgemed import __version__
 from edgemed.atomic import write_text
 from edgemed.benchmarks.harness.configs import PAPER, REFERENCE, Config, Settings
 from edgemed.benchmarks.harness import scores
-from edgemed.benchmarks.harness.roofline import roofline
+from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token
 from edgemed.benchmarks.harness.stats import reduction
 
 SCHEMA = "edgemed.bench/1"
@@ -37,9 +37,16 @@ DEFINITIONS = """\
 - **Peak RSS**: the measuring process's high-water resident memory (Linux `VmHWM`), imports and runtime included;
   every configuration runs in its own process. Model files are memory-mapped, so touched weights count.
 - **Reduction** vs a baseline: 1 - value / baseline (memory: peak RSS; latency: e2e p50). Positive = better.
-- **Roofline**: stream-copy bandwidth / bytes read per decoded token (weights as stored, the token-embedding
-  table counted as one row unless tied to the output head, plus the KV cache at the mean decode position);
-  decode tok/s as a fraction of that ceiling.
+- **Roofline**: ceiling tok/s = read bandwidth / bytes read per decoded token; the fraction is decode tok/s p50
+  over that ceiling (above 100 % the figures contradict each other). *Read bandwidth*: `numpy.maximum.reduce`
+  over uint8 (SIMD, memory bound), as many threads as the decode, each on its slice of one buffer >= 8x the
+  last-level cache (1 GiB with >= 8 GiB available), pages touched first, best of 7, bytes read counted once.
+  *Bytes per token*: every weight as stored (quantized blocks included), the token-embedding table as one row
+  unless tied to the output head, the output head, plus K + V of every layer at the mean decode position (prompt
+  + half the new tokens) at the cache's element size (llama.cpp: the run's `type_k` / `type_v`; onnxruntime:
+  fp32; torch: the weights' dtype); activations and writes are left out. *vs copy*: the same against the
+  stream-copy bandwidth (`numpy.copyto`, read + written counted) that older reports used — no limit: a copy's
+  writes cost a read too, and decoding mostly reads.
 """
 
 
@@ -58,10 +65,11 @@ def _entry(config: Config, raws: dict[str, dict]) -> dict:
     t = _get(raws, "timing", "result")
     if t:
         w = t["weights"]
+        bpt, kv_type = timing_bytes_per_token(t)
         e.update({
             "model_bytes": t["model_bytes"], "load_s": t["load_s"], "peak_rss_bytes": t["peak_rss_bytes"],
             "rss_after_load_bytes": t.get("rss_after_load_bytes"), "tegrastats": t.get("tegrastats"),
-            "n_params": w["n_params"], "weight_bytes": w["weight_bytes"], "bytes_per_token": t["bytes_per_token"],
+            "n_params": w["n_params"], "weight_bytes": w["weight_bytes"], "bytes_per_token": bpt, "kv_cache_type": kv_type,
             "prompt_tokens": t["prompt_tokens"], "new_tokens": t["runs"][0]["new_tokens"], "n_runs": len(t["runs"]),
             "n_warmup": len(t["warmup_runs"]), "runtime_settings": t["runtime_settings"], **t["summary"],
         })
@@ -74,14 +82,14 @@ def _p50(e: dict, metric: str):
     return _get(e, metric, "p50")
 
 
-def _derive(entries: list[dict], bandwidth: float | None) -> dict:
-    """Bits per weight, roofline and reductions vs each baseline present."""
+def _derive(entries: list[dict], bw: dict | None) -> dict:
+    """Bits per weight, roofline (``bw``: bandwidth.json, either layout) and reductions vs each baseline present."""
     by = {e["name"]: e for e in entries}
     baselines = [b for b in [REFERENCE, "hf-fp32", "hf-bf16", "hf-fp16"] if b in by and "peak_rss_bytes" in by[b]]
     for e in entries:
         if "weight_bytes" in e:
             e["bits_per_weight"] = 8 * e["weight_bytes"] / e["n_params"] if e["n_params"] else None
-        e["roofline"] = roofline(_p50(e, "decode_tok_s"), e.get("bytes_per_token"), bandwidth)
+        e["roofline"] = rooflines(_p50(e, "decode_tok_s"), e.get("bytes_per_token"), bw)
         e["reductions"] = {}
         for b in baselines:
             base = by[b]
@@ -105,7 +113,7 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     for raw in raws:
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
     entries = [_entry(c, per.get(c.name, {})) for c in configs]
-    baselines = _derive(entries, bw.get("bytes_per_s"))
+    baselines = _derive(entries, bw)
     keep = scores.current_ids(settings)  # the items of this draw (a records file may hold a larger earlier one)
     scores.in_progress(out, entries, keep)
     scores.add_paired(out, entries, keep)
@@ -141,6 +149,7 @@ def csv_rows(results: dict) -> list[dict]:
                 v = _get(e, m, stat)
                 row[f"{unit}_{stat}"] = _r(v * scale if v is not None else None, digits)
         row["roofline_fraction"] = _r(_get(e, "roofline", "fraction"), 3)
+        row["roofline_fraction_vs_copy"] = _r(_get(e, "roofline", "copy", "fraction"), 3)
         for b, red in e.get("reductions", {}).items():
             row[f"memory_reduction_vs_{b}"] = _r(red["memory"], 4)
             row[f"latency_reduction_vs_{b}"] = _r(red["latency"], 4)
@@ -178,6 +187,39 @@ def _pct(v):
     return "—" if v is None else f"{v * 100:+.1f} %"
 
 
+def _roof(v):
+    """A roofline fraction; one above 100 % is marked: the decode cannot beat the memory it reads."""
+    return _pct(v).lstrip("+") + (" ⚠" if v is not None and v > 1 else "")
+
+
+def _roofline_section(results: dict, timed: list[dict]) -> list[str]:
+    figures = bandwidths(results.get("bandwidth"))
+    read, copy = figures["read"] or {}, figures["copy"] or {}
+    parts = ["## Roofline\n"]
+    if read.get("bytes_per_s"):
+        parts.append(f"Read bandwidth {read['bytes_per_s'] / 1e9:.1f} GB/s ({read['threads']} threads, "
+                     f"{read['buffer_bytes'] / MIB:.0f} MiB buffer, best of {read['repeats']}, bytes read counted once) "
+                     "— the ceiling.")
+    else:
+        parts.append("Read bandwidth not measured (a folder from before the read ceiling): no roofline fraction.")
+    if copy.get("bytes_per_s"):
+        parts.append(f"Stream-copy bandwidth {copy['bytes_per_s'] / 1e9:.1f} GB/s ({copy['threads']} threads, "
+                     f"{copy['buffer_bytes'] / MIB:.0f} MiB buffer, best of {copy['repeats']}, read + write counted), "
+                     "for comparison with older reports.")
+    parts.append("")
+    parts += [_table(["config", "MB read / token", "KV cache", "ceiling tok/s", "decode tok/s", "fraction", "vs copy bandwidth"],
+                     [[e["name"], _f(e["bytes_per_token"] / 1e6), e.get("kv_cache_type") or "—",
+                       _f(_get(e, "roofline", "ceiling_tok_s")), _f(_p50(e, "decode_tok_s"), "{:.2f}"),
+                       _roof(_get(e, "roofline", "fraction")), _pct(_get(e, "roofline", "copy", "fraction")).lstrip("+")]
+                      for e in timed]), ""]
+    over = [e["name"] for e in timed if (_get(e, "roofline", "fraction") or 0) > 1]
+    if over:
+        parts += [f"⚠ Inconsistent measurement: {', '.join(over)} decoded faster than the read bandwidth allows for "
+                  "the bytes it reads per token; the bandwidth figure (a busy machine while it was measured?) or the "
+                  "bytes-per-token model is wrong for it, and its fraction is no measure of efficiency.\n"]
+    return parts
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -189,7 +231,6 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
 
     s, m, entries = results["settings"], results["machine"], results["configs"]
     timed = [e for e in entries if "e2e_s" in e]
-    bw = results["bandwidth"].get("bytes_per_s")
     parts = [f"# edgemed bench — {results['scenario']}\n",
              f"edgemed {results['edgemed_version']}, profile `{results['profile']}`, {results['created']}. "
              f"{s['runs']} timed runs after {s['warmup']} warm-up per configuration, {s['max_tokens']} new tokens, "
@@ -199,13 +240,13 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
              "## Definitions\n", DEFINITIONS,
              "## Latency, throughput, memory\n",
              _table(["config", "runtime", "size MiB", "bits/weight", "peak RSS MiB", "load s", "TTFT p50 ms",
-                     "TPOT p50 ms", "prefill tok/s", "decode tok/s (± sd)", "e2e p50 / p90 / p99 s", "roofline"],
+                     "TPOT p50 ms", "prefill tok/s", "decode tok/s (± sd)", "e2e p50 / p90 / p99 s", "roofline (read)"],
                     [[e["name"], e["runtime"], _f(_mb(e["model_bytes"])), _f(e.get("bits_per_weight"), "{:.2f}"),
                       _f(_mb(e["peak_rss_bytes"])), _f(e["load_s"], "{:.2f}"), _f(_p50(e, "ttft_s") * 1e3),
                       _f(_p50(e, "tpot_s") * 1e3, "{:.2f}"), _f(_p50(e, "prefill_tok_s")),
                       f"{_p50(e, 'decode_tok_s'):.2f} ± {e['decode_tok_s']['stdev']:.2f}",
                       f"{e['e2e_s']['p50']:.3f} / {e['e2e_s']['p90']:.3f} / {e['e2e_s']['p99']:.3f}",
-                      _pct(_get(e, "roofline", "fraction")).lstrip("+")] for e in timed]), ""]
+                      _roof(_get(e, "roofline", "fraction"))] for e in timed]), ""]
     for e in timed:
         if e.get("tegrastats"):
             parts.append(f"- {e['name']}: tegrastats unified memory peak {e['tegrastats']['unified_peak_mb']} MB "
@@ -228,21 +269,15 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
 
     parts += scores.markdown(results, _table)
 
-    parts += ["## Roofline\n",
-              f"Stream-copy bandwidth {bw / 1e9:.1f} GB/s ({results['bandwidth']['threads']} threads, "
-              f"{results['bandwidth']['buffer_bytes'] / MIB:.0f} MiB buffer, best of {results['bandwidth']['repeats']}, "
-              "read + write counted).\n" if bw else "Bandwidth not measured.\n",
-              _table(["config", "MB read / token", "ceiling tok/s", "decode tok/s", "fraction"],
-                     [[e["name"], _f(e["bytes_per_token"] / 1e6), _f(_get(e, "roofline", "ceiling_tok_s")),
-                       _f(_p50(e, "decode_tok_s"), "{:.2f}"), _pct(_get(e, "roofline", "fraction")).lstrip("+")]
-                      for e in timed]), ""]
+    parts += _roofline_section(results, timed)
     goals = check_goals(results)
     if goals:
-        parts += ["## Goals (issue 7)\n", _table(["goal", "measured", "met"], goals), ""]
+        parts += ["## Goals\n", _table(["goal", "measured", "met"], goals), ""]
     if plot_files:
         parts += ["## Plots\n"] + [f"![{p.stem}]({p.as_posix()})" for p in plot_files] + [""]
     if results["failed"]:
         parts += ["## Failed\n"] + [f"- {f['task']}: {f['error']}" for f in results["failed"]] + [""]
     parts += ["## Machine\n", "```", json.dumps({k: m[k] for k in ("cpu", "platform", "physical_cores",
-              "logical_cores", "memory_bytes", "os", "python", "versions", "llama_cpp_system_info")}, indent=1), "```", ""]
+              "logical_cores", "memory_bytes", "memory_read_bandwidth", "os", "python", "versions", "llama_cpp_system_info") if k in m},
+              indent=1), "```", ""]
     return "\n".join(parts)
