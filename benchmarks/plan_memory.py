@@ -2,6 +2,7 @@
 
     python -m edgemed.benchmarks.plan_memory                         # SmolLM2, Qwen2.5-0.5B, -1.5B if installed
     python -m edgemed.benchmarks.plan_memory --ctx 1024 4096 --models smollm2-135m-instruct
+    python -m edgemed.benchmarks.plan_memory --ctx 4096 --models out/artifacts/q4_k_m.gguf --out results/X.json
 
 For every (model, n_ctx) a fresh Python process loads the model through the
 runtime (``open_engine`` with the settings ``make_plan`` chose for the profile),
@@ -40,7 +41,7 @@ def child(model: str, n_ctx: int, profile_name: str) -> dict:
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.session import load_settings
 
-    path = sources.gguf_file(model)
+    path = Path(model) if model.endswith(".gguf") else sources.gguf_file(model)  # a file, or a pip model's name
     profile, facts = resolve(profile_name)
     plan = make_plan(path, profile, facts, requested_ctx=n_ctx)
     engine = open_engine(path, load_settings(plan))
@@ -48,8 +49,10 @@ def child(model: str, n_ctx: int, profile_name: str) -> dict:
     prompt = engine.detokenize(ids)
     out = "".join(engine.complete(prompt, GenerationSettings(max_tokens=32)))
     measured = peak_rss()
+    load_mode = engine.model.params.written.get("load_mode")  # what llama.cpp was told (0: read in, 1: mapped)
     engine.close()
     return {"model": model, "n_ctx": n_ctx, "profile": profile.name, "prompt_tokens": len(ids),
+            "load_mode": load_mode,
             "generated_chars": len(out), "predicted": plan.estimate.total, "measured": measured,
             "breakdown": plan.to_dict()["estimate"]}
 
@@ -73,7 +76,8 @@ def main() -> None:
     rows = []
     for model in args.models:
         try:
-            sources.gguf_file(model)
+            if not (model.endswith(".gguf") and Path(model).is_file()):
+                sources.gguf_file(model)
         except InputError as exc:
             print(f"skip {model}: not installed ({exc.fix})", file=sys.stderr)
             continue
