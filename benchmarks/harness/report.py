@@ -35,7 +35,8 @@ DEFINITIONS = """\
   first to the last generated token).
 - **Warm-up**: runs before the timed ones, recorded in the raw files and excluded from every statistic.
 - **Peak RSS**: the measuring process's high-water resident memory (Linux `VmHWM`), imports and runtime included;
-  every configuration runs in its own process. Model files are memory-mapped, so touched weights count.
+  every configuration runs in its own process. GGUF files are read into memory or mapped, as the load mode says
+  (`runtime_settings.load_mode`; CPU profiles read them in, `-mmap` configurations map them): resident pages count.
 - **Reduction** vs a baseline: 1 - value / baseline (memory: peak RSS; latency: e2e p50). Positive = better.
 - **Roofline**: ceiling tok/s = read bandwidth / bytes read per decoded token; the fraction is decode tok/s p50
   over that ceiling (above 100 % the figures contradict each other). *Read bandwidth*: `numpy.maximum.reduce`
