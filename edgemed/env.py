@@ -85,16 +85,30 @@ def store_dir() -> Path:
     return home() / "store"
 
 
+def _int_var(var: str, lowest: int, highest: int, example: str) -> int | None:
+    """An integer environment variable in ``[lowest, highest]``, or None when unset; anything else is refused."""
+    value = os.environ.get(var)
+    if not value:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 20 and lowest <= int(text) <= highest):
+        from edgemed.errors import InputError
+
+        shown = value[:40] + ("..." if len(value) > 40 else "")
+        raise InputError(f"${var} must be a whole number from {lowest} to {highest}, not {shown!r}.",
+                         f"set {var}={example}, or unset it")
+    return int(text)
+
+
 def max_bundle_bytes() -> int:
-    """Upper bound on the bytes an archive may declare (default 256 GiB)."""
-    value = os.environ.get(MAX_BUNDLE_VAR)
-    return int(value) if value else 256 << 30
+    """Upper bound on the bytes an archive may declare (default 256 GiB; at most 1 PiB)."""
+    value = _int_var(MAX_BUNDLE_VAR, 1, 1 << 50, str(256 << 30))
+    return 256 << 30 if value is None else value
 
 
 def source_date_epoch() -> int | None:
-    """``$SOURCE_DATE_EPOCH`` as an int, if set (reproducible bundle timestamps)."""
-    value = os.environ.get(SOURCE_DATE_EPOCH_VAR)
-    return int(value) if value else None
+    """``$SOURCE_DATE_EPOCH`` as an int, if set (reproducible bundle timestamps; a tar header holds 0 .. 8^11 - 1)."""
+    return _int_var(SOURCE_DATE_EPOCH_VAR, 0, 8 ** 11 - 1, "1700000000")
 
 
 def memory_budget() -> str | None:
