@@ -118,3 +118,43 @@ def test_streaming_client_gone_mid_stream_is_499(server):
     sock.close()
     rec = recorded_as_client_closed(server, before, counts)
     assert rec["finish_reason"] == "cancelled" and rec["completion_tokens"] < 300 and rec["stream"] is True
+
+
+def test_a_stream_read_to_its_end_is_200_however_fast_the_client_hangs_up(server):
+    """uvicorn reports a disconnect once a response is complete: a client that closes right after [DONE] got
+    everything, so it is not a client that left (the race this guards against recorded such streams as 499)."""
+    for _ in range(5):
+        before = len(records(server))
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                          content=chat_body(stream=True, max_tokens=3), headers={"Content-Type": "application/json"}) as r:
+            body = "".join(r.iter_text())
+        assert body.rstrip().endswith("data: [DONE]")
+        assert wait_until(lambda: len(records(server)) > before, timeout=20)
+        rec = [r for r in records(server)[before:] if r["kind"] == "request"][-1]
+        assert (rec["status"], rec["outcome"]) == (200, "ok"), rec
+
+
+def test_a_stream_that_fails_after_its_headers_is_a_5xx_in_metrics_and_audit(server):
+    """The other side of the line: a server failure after the 200 headers went out is still the server's: the
+    stream ends with an ``error`` event, and /metrics and the audit record say 500 (a 5xx alert fires)."""
+    before, counts = len(records(server)), requests_by_code(server)
+    ctx = server.batcher._ctx
+    real, calls = ctx.decode, []
+
+    def fail_after_a_few(batch):
+        calls.append(1)
+        return -1 if len(calls) > 4 else real(batch)  # llama.cpp refuses a batch mid-generation
+
+    ctx.decode = fail_after_a_few
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, content=chat_body(stream=True),
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status_code == 200
+            body = "".join(r.iter_text())
+    finally:
+        ctx.decode = real
+    assert '"code": "generation_failed"' in body and body.rstrip().endswith("data: [DONE]")
+    assert wait_until(lambda: len(records(server)) > before, timeout=20)
+    rec = [r for r in records(server)[before:] if r["kind"] == "request"][-1]
+    assert (rec["status"], rec["outcome"], rec["stream"]) == (500, "error", True), rec
+    assert requests_by_code(server).get("500", 0) == counts.get("500", 0) + 1

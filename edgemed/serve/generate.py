@@ -151,11 +151,13 @@ def streaming(srv: Served, ctx: Context, stream, shape, include_usage: bool) -> 
             reason = finish(srv, ctx, finished, text)
             if reason not in api.FINISH_REASONS.values():
                 err = failed(ctx, finished)
+                ctx.failed_status = err.status  # the headers said 200; metrics and audit say what happened
                 yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
             else:
                 yield sse(shape.final(reason, text))
                 if include_usage:
                     yield sse(shape.usage(finished))
+            ctx.answered = True  # every event is out but the end marker: a client gone now left nothing unread
             yield sse("[DONE]")
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             left = True  # the client went away: Starlette cancelled (or closed) this generator
@@ -184,4 +186,5 @@ class SseResponse(StreamingResponse):
 
     async def listen_for_disconnect(self, receive) -> None:
         await super().listen_for_disconnect(receive)  # returns only on http.disconnect, else it is cancelled
-        self.ctx.client_left()
+        if not self.ctx.answered:  # the server reports a disconnect once the response is complete, too
+            self.ctx.client_left()

@@ -63,6 +63,8 @@ class Context:
     prompt: str | None = None
     output: str | None = None
     client_closed: bool = False  # the client left before its request was read or its answer sent
+    failed_status: int | None = None  # a stream that failed after its 200 headers: the error's status (500, 503)
+    answered: bool = False  # a stream's last event before its end marker has been produced
 
     def client_left(self) -> None:
         """The client closed the connection early (body not all sent, or answer not all received): the request
@@ -72,8 +74,9 @@ class Context:
 
     @property
     def code(self) -> int:
-        """The status the metrics and the audit record: 499 when the client left, else the one sent (500 if none)."""
-        return CLIENT_CLOSED if self.client_closed else self.status or 500
+        """The status the metrics and the audit record: 499 when the client left; a stream that failed after its 200
+        headers went out, the error's status (its ``error`` event's); else the one sent (500 if none)."""
+        return CLIENT_CLOSED if self.client_closed else self.failed_status or self.status or 500
 
     def audit_fields(self, model: str, digest: str) -> dict:
         fields = dict(request_id=self.request_id, endpoint=self.endpoint, client=self.client, key_id=self.key_id,
