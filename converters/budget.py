@@ -271,11 +271,12 @@ def estimate_onnx(dims: Dims, *, out_type: str, graph: str = "torch", parity: bo
     return Estimate(what, BASE_ONNX, tuple(steps))
 
 
-def estimate_for_dir(path: Path | str, route: str, **kw) -> Estimate:
-    """The estimate for a checkpoint directory (config.json + its weights' headers and sizes)."""
-    from edgemed.converters.checkpoint import Checkpoint
+def estimate_for_dir(path, route: str, **kw) -> Estimate:
+    """The estimate for a checkpoint (config.json + its weights' headers and sizes): an opened ``Checkpoint`` (with
+    the consent it was opened with), or a directory, opened without consent to read pickle-only weights."""
+    from edgemed.converters.checkpoint import as_checkpoint
 
-    ckpt = Checkpoint.open(path)
+    ckpt = as_checkpoint(path)
     kw.setdefault("source_dtype", ckpt.source_dtype())
     kw.setdefault("source_bytes", sum(f.stat().st_size for f in ckpt.weight_files()))
     return (estimate_gguf if route == "gguf" else estimate_onnx)(Dims.from_config(ckpt.config, ckpt.tensors), **kw)
