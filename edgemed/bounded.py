@@ -48,3 +48,4 @@ def too_deep(text: str | bytes, kind: str = "json", limit: int = MAX_DEPTH) -> b
     elif text.count("[") + text.count("{") <= limit:
         return False
     return _scan(text, comments=kind == "toml", literal_quote=kind == "toml") > limit
+

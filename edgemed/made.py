@@ -18,18 +18,15 @@ recorded, so ``--force`` will not replace it later (a warning names the object t
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import stat
-import time
 from pathlib import Path
-from typing import Iterator
 
 from edgemed import env
+from edgemed.state_files import load, writer_lock
 from edgemed.errors import EdgemedError
 
 log = logging.getLogger(__name__)
@@ -44,8 +41,6 @@ LOCK_WAIT_S = 30.0
 _MAX_PATH = 4096  # characters in a recorded path (Linux's PATH_MAX is 4096 bytes)
 _KEY = re.compile(r"[0-9]{1,20}:[0-9]{1,20}")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _warned: set[str] = set()  # warnings already given in this process
 _UNRECORDED = "directory outputs are written but not recorded as edgemed's, so --force will not replace them later"
 
@@ -70,11 +65,6 @@ def _warn(message: str) -> None:
         log.warning(message)
 
 
-def _what(mode: int) -> str:
-    return ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
-            else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
-
-
 def _is_entry(key, e) -> bool:
     return (isinstance(key, str) and _KEY.fullmatch(key) is not None
             and isinstance(e, dict) and set(e) == {"kind", "digest", "path"}
@@ -84,112 +74,20 @@ def _is_entry(key, e) -> bool:
 
 
 def _load(path: Path) -> tuple[dict, bool]:
-    """(the entries in ``path``, whether edgemed may write it): never raises, never blocks.
-
-    Anything but a regular file at ``path`` is not edgemed's to replace: no entries, not writable.
-    A regular file that is too large, damaged or of another shape: no entries (a warning), writable."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return {}, True
-    except OSError as exc:
-        _warn(f"cannot read edgemed's record of the directories it made, '{path}' ({exc}): no directory output "
-              f"counts as edgemed's, and {_UNRECORDED}")
-        return {}, False
-    if not stat.S_ISREG(st.st_mode):
-        _warn(f"edgemed's record of the directories it made, '{path}', is {_what(st.st_mode)}, not a file edgemed "
-              f"wrote: it is left alone, no directory output counts as edgemed's, and {_UNRECORDED}; move it away "
-              f"to record them again")
-        return {}, False
-    damaged = (f"edgemed's record of the directories it made, '{path}', {{}}: it proves nothing, so no directory "
-               f"output counts as edgemed's (--force replaces none); the next directory output replaces the file")
-    try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return {}, True
-    except OSError as exc:
-        _warn(damaged.format(f"cannot be read ({exc})"))
-        return {}, True
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since we looked: not ours
-            return {}, False
-        chunks, size = [], 0
-        while size <= MAX_REGISTRY_BYTES:
-            chunk = os.read(fd, min(1 << 20, MAX_REGISTRY_BYTES + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        _warn(damaged.format(f"cannot be read ({exc})"))
-        return {}, True
-    finally:
-        os.close(fd)
-    if size > MAX_REGISTRY_BYTES:
-        _warn(damaged.format(f"is larger than {MAX_REGISTRY_BYTES} bytes"))
-        return {}, True
-    try:
-        data = json.loads(b"".join(chunks).decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
-        _warn(damaged.format("is nested too deeply" if isinstance(exc, RecursionError) else "is not valid JSON"))
-        return {}, True
-    if not (isinstance(data, dict) and len(data) <= _MAX_ENTRIES and all(_is_entry(k, v) for k, v in data.items())):
-        _warn(damaged.format("does not hold edgemed's records"))
-        return {}, True
-    return data, True
+    """(the entries in ``path``, whether edgemed may write it): never raises, never blocks (``state_files.load``)."""
+    where = f"edgemed's record of the directories it made, '{path}',"
+    return load(path, MAX_REGISTRY_BYTES,
+                lambda d: isinstance(d, dict) and len(d) <= _MAX_ENTRIES and all(_is_entry(k, v) for k, v in d.items()),
+                "edgemed's records",
+                lambda why: _warn(f"{where} {why}: no directory output counts as edgemed's, and {_UNRECORDED}; move it "
+                                  "away to record them again"),
+                lambda why: _warn(f"{where} {why}: it proves nothing, so no directory output counts as edgemed's "
+                                  "(--force replaces none); the next directory output replaces the file"))
 
 
-def _open_lock(path: Path) -> int | None:
-    """The writers' lock file, opened without following links or blocking; None if unusable."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        _warn(f"cannot open edgemed's lock '{path}' ({exc}): {_UNRECORDED}")
-        return None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        _warn(f"edgemed's lock '{path}' is {_what(st.st_mode)}, not a file edgemed wrote: it is left alone, and "
-              f"{_UNRECORDED}; move it away to record them again")
-        return None
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        _warn(f"cannot open edgemed's lock '{path}' ({exc}): {_UNRECORDED}")
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since we looked
-        os.close(fd)
-        return None
-    return fd
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[bool]:
-    """Yield True while holding the writers' lock at ``path`` (False: could not, record nothing)."""
-    import fcntl
-
-    fd = _open_lock(path)
-    held = fd is not None
-    if held:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    log.warning("another edgemed held '%s' for %.0f s: this directory output is written but not "
-                                "recorded as edgemed's, so --force will not replace it later", path, LOCK_WAIT_S)
-                    held = False
-                    break
-                time.sleep(0.01)
-            except OSError:
-                break  # no locks on this file system: write as before, a lost record only costs a refused --force
-    try:
-        yield held
-    finally:
-        if fd is not None:
-            os.close(fd)
+def _locked(path: Path):
+    """True while holding the writers' lock at ``path`` (False: could not, record nothing)."""
+    return writer_lock(path, LOCK_WAIT_S, lambda why: _warn(f"edgemed's lock '{path}' {why}: {_UNRECORDED}"))
 
 
 def _fit(entries: dict) -> None:

@@ -122,7 +122,7 @@ def test_an_oversized_registry_proves_nothing_and_is_replaced(home, tmp_path, ca
     (home / "made-dirs.json").write_text(text + " " * (17 << 20))  # was: read whole, and believed
     with caplog.at_level(logging.WARNING, logger="edgemed"):
         assert not _replaceable(tmp_path / "out")
-    _damaged_then_replaced(home, tmp_path, caplog, "larger than")
+    _damaged_then_replaced(home, tmp_path, caplog, "bytes, more than the")
     assert made.MAX_REGISTRY_BYTES < len(text) + (17 << 20)
 
 

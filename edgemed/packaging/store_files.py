@@ -18,16 +18,15 @@ copy holds the manifest the index records).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import stat
 import time
 from pathlib import Path
 
 from edgemed import debris as _debris
 from edgemed.debris import step
+from edgemed.state_files import Damaged, read_json  # noqa: F401 - the store's readers and callers use both
 from edgemed.errors import InputError, StoreError
 from edgemed.packaging.manifest import MANIFEST, check_name
 
@@ -47,43 +46,6 @@ _RECORD = {  # index record field -> (what it must be, check)
 }
 _JOURNAL_KEYS = {"install": {"op", "name", "sha256", "stage", "aside", "record"}, "remove": {"op", "name", "trash"}}
 _STAGED_LABEL = {"stage": "install", "aside": "old-{name}", "trash": "rm-{name}"}  # journal key -> debris label
-
-
-class Damaged(Exception):
-    """A store file that is not what edgemed writes; the message says why."""
-
-
-def read_json(path: Path, limit: int):
-    """Parse a JSON file edgemed wrote: a regular file (not a link, FIFO or device) of at most ``limit`` bytes,
-    nesting bounded by the parser's recursion limit. FileNotFoundError when absent; Damaged for anything else."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise Damaged(f"it cannot be opened as a plain file ({exc.strerror or exc})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Damaged("it is not a regular file")
-        if st.st_size > limit:
-            raise Damaged(f"it is {st.st_size:,} bytes, more than the {limit:,} edgemed allows")
-        chunks, size = [], 0
-        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):  # it may grow while we read
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise Damaged(f"it is more than the {limit:,} bytes edgemed allows")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise Damaged("its JSON is nested too deeply") from None
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
-        raise Damaged(f"it is not valid JSON ({exc})") from None
 
 
 def kind(value) -> str:

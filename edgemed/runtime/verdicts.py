@@ -10,16 +10,13 @@ runs keep every verdict. Nothing here raises or blocks for what it finds on disk
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
-import stat
-import time
 from pathlib import Path
 
 from edgemed import env
+from edgemed.state_files import load, writer_lock
 from edgemed.errors import EdgemedError
 
 log = logging.getLogger(__name__)
@@ -45,11 +42,6 @@ def _warn(message: str) -> None:
         log.warning(message)
 
 
-def _kind(mode: int) -> str:
-    return ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
-            else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
-
-
 def _is_record(value) -> bool:
     return (isinstance(value, dict) and set(value) == {"ok", "mode", "signal", "detail"}
             and isinstance(value["ok"], bool) and isinstance(value["mode"], str) and len(value["mode"]) <= 64
@@ -58,59 +50,15 @@ def _is_record(value) -> bool:
 
 
 def _load(path: Path) -> tuple[dict, bool]:
-    """(the verdicts in ``path``, whether edgemed may write it): never raises, never blocks.
-
-    Anything but a regular file at ``path`` is not edgemed's to replace: no verdicts, not writable.
-    A regular file that is too large, damaged or of another shape: no verdicts (a warning), writable."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return {}, True
-    except OSError as exc:
-        _warn(f"cannot read the self-test cache '{path}' ({exc}); the self-test runs without caching its verdicts")
-        return {}, False
-    if not stat.S_ISREG(st.st_mode):
-        _warn(f"the self-test cache '{path}' is {_kind(st.st_mode)}, not a file edgemed wrote: it is left alone and "
-              f"the self-test runs without caching its verdicts; move it away to cache them again")
-        return {}, False
-    damaged = (f"the self-test cache '{path}' {{}}: it is only a cache, so it counts as empty; the self-test runs "
-               f"again and its next verdict replaces the file")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return {}, True
-    except OSError as exc:
-        _warn(damaged.format(f"cannot be read ({exc})"))
-        return {}, True
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since we looked
-            return {}, False
-        chunks, size = [], 0
-        while size <= MAX_CACHE_BYTES:
-            chunk = os.read(fd, min(1 << 20, MAX_CACHE_BYTES + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        _warn(damaged.format(f"cannot be read ({exc})"))
-        return {}, True
-    finally:
-        os.close(fd)
-    if size > MAX_CACHE_BYTES:
-        _warn(damaged.format(f"is larger than {MAX_CACHE_BYTES} bytes"))
-        return {}, True
-    try:
-        data = json.loads(b"".join(chunks).decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
-        why = "is nested too deeply" if isinstance(exc, RecursionError) else "is not valid JSON"
-        _warn(damaged.format(why))
-        return {}, True
-    if not (isinstance(data, dict) and all(isinstance(k, str) and _DIGEST.fullmatch(k) and _is_record(v)
-                                           for k, v in data.items())):
-        _warn(damaged.format("does not hold self-test verdicts"))
-        return {}, True
-    return data, True
+    """(the verdicts in ``path``, whether edgemed may write it): never raises, never blocks (``state_files.load``)."""
+    return load(path, MAX_CACHE_BYTES,
+                lambda d: isinstance(d, dict) and all(isinstance(k, str) and _DIGEST.fullmatch(k) and _is_record(v)
+                                                      for k, v in d.items()),
+                "self-test verdicts",
+                lambda why: _warn(f"the self-test cache '{path}' {why}, and the self-test runs without caching its "
+                                  "verdicts; move it away to cache them again"),
+                lambda why: _warn(f"the self-test cache '{path}' {why}: it is only a cache, so it counts as empty; the "
+                                  "self-test runs again and its next verdict replaces the file"))
 
 
 def read() -> dict:
@@ -123,55 +71,10 @@ def read() -> dict:
     return _load(where)[0]
 
 
-def _open_lock(path: Path) -> int | None:
-    """The writers' lock file beside the cache, opened without following links or blocking; None if unusable."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        _warn(f"the self-test cache lock '{path}' is {_kind(st.st_mode)}, not a file edgemed wrote: it is left "
-              f"alone and self-test verdicts are not cached; move it away to cache them again")
-        return None
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-                     | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        _warn(f"cannot open the self-test cache lock '{path}' ({exc}); self-test verdicts are not cached")
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
-@contextlib.contextmanager
 def _locked(path: Path):
-    """Yield True while holding the writers' lock at ``path`` (False: could not, leave the cache be)."""
-    import fcntl
-
-    fd = _open_lock(path)
-    held = fd is not None
-    if held:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    log.warning("another edgemed held the self-test cache lock '%s' for %.0f s; this verdict is "
-                                "not cached", path, LOCK_WAIT_S)
-                    held = False
-                    break
-                time.sleep(0.005)
-            except OSError:
-                break  # no locks on this file system: write as before, a lost verdict only costs a re-check
-    try:
-        yield held
-    finally:
-        if fd is not None:
-            os.close(fd)
+    """True while holding the writers' lock at ``path`` (False: could not, leave the cache be)."""
+    return writer_lock(path, LOCK_WAIT_S, lambda why: _warn(f"the self-test cache lock '{path}' {why}; this "
+                                                             "verdict is not cached"))
 
 
 def remember(digest: str, record: dict) -> None:
