@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", default="jetson-agx-orin-64gb")
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--kv", action="append", default=None, help="KV cache types to measure (default: the profile's, then q8_0)")
+    ap.add_argument("--kv", action="append", default=None, help="KV cache types to measure (default: f16, then q8_0)")
     ap.add_argument("-o", "--out", type=Path)
     args = ap.parse_args(argv)
     if shutil.which("nvidia-smi") is None:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                "devices_check": _edgemed(python, "devices", "check", str(path), "--profile", args.profile),
                "plan": _edgemed(python, "plan", str(path), "--profile", args.profile, "--ctx", str(args.ctx)),
                "runs": []}
-        for kv in args.kv or ["", "q8_0"]:
+        for kv in args.kv or ["f16", "q8_0"]:
             row["runs"].append(measure(python, path, args.profile, args.ctx, args.tokens, kv))
         report["models"][label] = row
         print(json.dumps({label: row["runs"]}, indent=1), flush=True)
