@@ -265,3 +265,44 @@ def test_errors_name_a_fix(bundles):
     with pytest.raises(EdgemedError) as e:
         s.index()
     assert e.value.fix and str(s.index_path) in e.value.problem
+
+
+def test_an_interrupted_replacement_never_discards_the_aside_model(bundles, tmp_path):
+    """The old model is aside and ``models/tiny`` is empty when the index's record for it is wrong (a stale or
+    hand-edited sha256): settling puts the aside back rather than discarding what may be the only copy."""
+    monkeypatch_exchange = pytest.MonkeyPatch()
+    monkeypatch_exchange.setattr(atomic, "_exchange", lambda a, b: False)
+    try:
+        j = _killed_install(bundles, tmp_path, at="atomic.rename-in")
+    finally:
+        monkeypatch_exchange.undo()
+    s = Store()
+    assert not (s.models / "tiny").exists() and (s.tmp / j["aside"]).is_dir()
+    idx = json.loads(s.index_path.read_text())
+    idx["tiny"]["manifest_sha256"] = "f" * 64  # well formed, but not the aside's manifest
+    s.index_path.write_text(json.dumps(idx))
+    with s.locked():
+        pass
+    assert (s.models / "tiny" / "manifest.json").is_file()  # back in place, not deleted
+    assert _sha((s.models / "tiny" / "manifest.json").read_bytes()) == bundles["old"][1]
+    assert _cli("verify", "tiny").exit_code == 1  # the mismatch is said, not hidden
+
+
+def test_an_aside_whose_journal_is_gone_is_put_back_not_swept(bundles, tmp_path):
+    """The same, with the journal gone too: the sweep of dead owners' staging would delete the aside, the model's
+    only copy; it goes back under ``models/`` first (the index names the model), and verify says it differs."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(atomic, "_exchange", lambda a, b: False)
+    try:
+        j = _killed_install(bundles, tmp_path, at="atomic.rename-in")
+    finally:
+        mp.undo()
+    s = Store()
+    s.journal_path.unlink()
+    idx = json.loads(s.index_path.read_text())
+    idx["tiny"]["manifest_sha256"] = "f" * 64
+    s.index_path.write_text(json.dumps(idx))
+    with s.locked():
+        pass
+    assert not (s.tmp / j["aside"]).exists()
+    assert _sha((s.models / "tiny" / "manifest.json").read_bytes()) == bundles["old"][1]

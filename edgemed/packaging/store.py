@@ -51,7 +51,7 @@ from typing import BinaryIO, Iterator
 
 from edgemed import env
 from edgemed.atomic import step, swap_in, write_text
-from edgemed.debris import debris_path, discard, owned, sweep
+from edgemed.debris import debris_path, discard, is_debris, owned, sweep
 from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
@@ -115,8 +115,8 @@ class Store:
         return freed
 
     def _rescue_asides(self) -> None:
-        """Under the lock, with no journal: rename back onto a missing ``models/<name>`` an aside copy (ours, or an
-        older edgemed's ``old.<name>.<pid>``) that holds exactly the manifest the index records for that name."""
+        """Under the lock, with no journal: onto a missing ``models/<name>`` the index names, put back our aside copy
+        (the sweep would remove it) or an older edgemed's ``old.<name>.<pid>`` that holds the indexed manifest."""
         try:
             good, _ = split_index(self._raw_index())
         except StoreError:
@@ -124,11 +124,14 @@ class Store:
         for p in self.tmp.iterdir():
             name = aside_of(p.name)
             rec = good.get(name) if name is not None else None
-            if rec is None or os.path.lexists(self.models / name) or not is_model_copy(p, rec["manifest_sha256"]):
+            if rec is None or os.path.lexists(self.models / name) or not is_model_copy(p, None):
                 continue
-            step("store.rescue")
-            os.rename(p, self.models / name)
-            log.warning("restored '%s' from %s (a replacement was interrupted)", name, p)
+            vouched = is_model_copy(p, rec["manifest_sha256"])
+            if vouched or is_debris(p):  # an older edgemed's name is never swept: leaving it loses nothing
+                step("store.rescue")
+                os.rename(p, self.models / name)
+                log.warning("restored '%s' from %s (a replacement was interrupted)%s", name, p,
+                            "" if vouched else "; its manifest is not the one the index records")
 
     def index(self) -> dict:
         """The index's well-formed records (name -> record); a damaged record is left out (``list`` shows it).
@@ -146,10 +149,9 @@ class Store:
     def _settle(self) -> None:
         """Under the lock: finish or undo the operation a journal describes (the same after success and after a kill).
 
-        Settling acts only on what edgemed staged and can check: an install rolls forward only when
-        ``models/<name>`` holds the journal's manifest, and back only into an empty ``models/<name>``
-        from the journal's aside copy of that model; a remove drops the index record only once
-        ``models/<name>`` is gone. It never moves a model out of ``models/``."""
+        Settling acts only on what edgemed staged and can check: an install rolls forward only when ``models/<name>``
+        holds the journal's manifest, and back only into an empty ``models/<name>`` from the journal's aside (never
+        discarded); a remove drops the index record only once ``models/<name>`` is gone."""
         try:
             j = read_journal(self.journal_path)
         except Damaged as exc:
@@ -166,10 +168,12 @@ class Store:
                 idx.pop(name, None)
         elif manifest_sha256(dest) == j["sha256"]:  # the new model is in place: roll forward
             idx[name] = j["record"]
-        elif not os.path.lexists(dest):  # the old one was moved aside: back, if the aside is a copy of it
+        elif not os.path.lexists(dest):  # the old one was moved aside: back, whatever the index says of it
             aside = self.tmp / j["aside"]
             rec = split_index(before)[0].get(name)
-            if is_model_copy(aside, rec["manifest_sha256"] if rec else None):
+            if is_model_copy(aside, None):  # a model folder edgemed named: never discarded (it may be the only copy)
+                if not is_model_copy(aside, rec["manifest_sha256"] if rec else None):
+                    log.warning("restored '%s' from %s; its manifest is not the one the index records", name, aside)
                 step("store.restore")
                 os.rename(aside, dest)
         if idx != before:
