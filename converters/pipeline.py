@@ -186,14 +186,27 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     return result
 
 
+#: A report edgemed writes is a few KiB; a larger file at that name is not one to hold in memory and put back.
+_MAX_OLD_REPORT = 4 << 20
+
+
 @contextlib.contextmanager
 def _report_lands_with(out: Path):
     """Yield a list the conversion appends to once it wrote ``out``'s report; when the output then does not land
-    (an error or Ctrl-C at its rename), that report is removed: it describes an output that is not there."""
+    (an error or Ctrl-C at its rename), the report is put back as it was: the one of the output still in place
+    (``--force``), or none."""
+    path = report_path(out)
+    try:
+        old = path.read_bytes() if path.is_file() and path.stat().st_size <= _MAX_OLD_REPORT else None
+    except OSError:
+        old = None
     wrote: list = []
     try:
         yield wrote
     except BaseException:
-        if wrote:
-            report_path(out).unlink(missing_ok=True)
+        if wrote and old is not None:
+            with atomic_path(path, force=True) as tmp:
+                tmp.write_bytes(old)
+        elif wrote:
+            path.unlink(missing_ok=True)
         raise

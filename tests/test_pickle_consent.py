@@ -318,3 +318,28 @@ def test_pack_refuses_a_converted_gguf_without_its_report(gguf, tmp_path):
     assert not (tmp_path / "x.edgemed").exists()
     ok = _run("pack", alone, "--license", tmp_path / "LICENSE", "--no-report", "-o", tmp_path / "x.edgemed")
     assert ok.exit_code == 0, ok.output
+
+
+def test_a_force_convert_that_fails_at_its_rename_keeps_the_old_report(model, tmp_path, monkeypatch):
+    """The new report lands before the output; when the output's rename then fails, the output in place keeps
+    its own report (byte for byte), so `pack` still takes the old pair."""
+    from edgemed import atomic
+    from edgemed.converters.pipeline import ConvertOptions, convert
+    from edgemed.errors import OutputError
+
+    out = tmp_path / "x.gguf"
+    convert(model, out, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    report = out.with_name(out.name + ".report.json")
+    before, model_bytes = report.read_bytes(), out.read_bytes()
+    real = atomic.swap_in
+
+    def refuse_gguf(new, dest, aside):
+        if dest == out:
+            raise OSError(28, "No space left on device")
+        return real(new, dest, aside)
+
+    monkeypatch.setattr(atomic, "swap_in", refuse_gguf)
+    with pytest.raises(OutputError, match="No space left"):  # the disk-full paragraph convert gives
+        convert(model, out, ConvertOptions(out_type="f32", parity=False, force=True), echo=lambda s: None)
+    assert report.read_bytes() == before and out.read_bytes() == model_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf", "x.gguf.report.json"]
