@@ -72,3 +72,15 @@ def keypair(tmp: Path, name: str = "key.pem") -> tuple[Path, Path]:
 
 def snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def two_versions(tmp: Path) -> dict[str, tuple[Path, bytes]]:
+    """Two bundles of one model name, different content: 'old' and 'new' -> (bundle path, manifest bytes)."""
+    from edgemed.packaging.bundle import PackInputs, pack
+
+    out = {}
+    for label, layers in (("old", 2), ("new", 3)):
+        src = inputs(tmp / f"src-{label}", n_layers=layers)
+        man = pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), tmp / f"{label}.edgemed")
+        out[label] = (tmp / f"{label}.edgemed", man.to_bytes())
+    return out

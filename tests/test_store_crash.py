@@ -23,11 +23,7 @@ from crash_kit import KILLED
 @pytest.fixture
 def bundles(tmp_path):
     """Two bundles of one model name, different content: 'old' and 'new'."""
-    src = bundle_kit.inputs(tmp_path / "src")
-    src_new = bundle_kit.inputs(tmp_path / "src-new", n_layers=3)
-    old = pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), tmp_path / "old.edgemed")
-    new = pack(PackInputs(model=src_new["model"], license=src_new["license"], name="tiny"), tmp_path / "new.edgemed")
-    return {"old": (tmp_path / "old.edgemed", old.to_bytes()), "new": (tmp_path / "new.edgemed", new.to_bytes())}
+    return bundle_kit.two_versions(tmp_path)
 
 
 def _sha(data: bytes) -> str:

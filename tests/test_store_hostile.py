@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from edgemed import atomic
 from edgemed.cli import cli
 from edgemed.errors import EdgemedError
-from edgemed.packaging.bundle import PackInputs, pack
 from edgemed.packaging.store import Store
 
 import bundle_kit  # noqa: E402
@@ -27,11 +26,7 @@ from crash_kit import KILLED
 @pytest.fixture
 def bundles(tmp_path):
     """Two bundles of one model name, different content: 'old' and 'new' (paths, manifest sha256)."""
-    src = bundle_kit.inputs(tmp_path / "src")
-    src_new = bundle_kit.inputs(tmp_path / "src-new", n_layers=3)
-    old = pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), tmp_path / "old.edgemed")
-    new = pack(PackInputs(model=src_new["model"], license=src_new["license"], name="tiny"), tmp_path / "new.edgemed")
-    return {"old": (tmp_path / "old.edgemed", _sha(old.to_bytes())), "new": (tmp_path / "new.edgemed", _sha(new.to_bytes()))}
+    return {label: (path, _sha(man)) for label, (path, man) in bundle_kit.two_versions(tmp_path).items()}
 
 
 def _sha(data: bytes) -> str:
@@ -267,20 +262,25 @@ def test_errors_name_a_fix(bundles):
     assert e.value.fix and str(s.index_path) in e.value.problem
 
 
-def test_an_interrupted_replacement_never_discards_the_aside_model(bundles, tmp_path):
-    """The old model is aside and ``models/tiny`` is empty when the index's record for it is wrong (a stale or
-    hand-edited sha256): settling puts the aside back rather than discarding what may be the only copy."""
-    monkeypatch_exchange = pytest.MonkeyPatch()
-    monkeypatch_exchange.setattr(atomic, "_exchange", lambda a, b: False)
-    try:
+def _aside_with_a_wrong_record(bundles, tmp_path) -> dict:
+    """`install new --force` killed between its two renames (the old model aside, ``models/tiny`` empty), then
+    the index's record for tiny made well formed but wrong (not the aside's manifest); returns the journal."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atomic, "_exchange", lambda a, b: False)
         j = _killed_install(bundles, tmp_path, at="atomic.rename-in")
-    finally:
-        monkeypatch_exchange.undo()
     s = Store()
     assert not (s.models / "tiny").exists() and (s.tmp / j["aside"]).is_dir()
     idx = json.loads(s.index_path.read_text())
-    idx["tiny"]["manifest_sha256"] = "f" * 64  # well formed, but not the aside's manifest
+    idx["tiny"]["manifest_sha256"] = "f" * 64
     s.index_path.write_text(json.dumps(idx))
+    return j
+
+
+def test_an_interrupted_replacement_never_discards_the_aside_model(bundles, tmp_path):
+    """The old model is aside and ``models/tiny`` is empty when the index's record for it is wrong (a stale or
+    hand-edited sha256): settling puts the aside back rather than discarding what may be the only copy."""
+    j = _aside_with_a_wrong_record(bundles, tmp_path)
+    s = Store()
     with s.locked():
         pass
     assert (s.models / "tiny" / "manifest.json").is_file()  # back in place, not deleted
@@ -291,17 +291,9 @@ def test_an_interrupted_replacement_never_discards_the_aside_model(bundles, tmp_
 def test_an_aside_whose_journal_is_gone_is_put_back_not_swept(bundles, tmp_path):
     """The same, with the journal gone too: the sweep of dead owners' staging would delete the aside, the model's
     only copy; it goes back under ``models/`` first (the index names the model), and verify says it differs."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(atomic, "_exchange", lambda a, b: False)
-    try:
-        j = _killed_install(bundles, tmp_path, at="atomic.rename-in")
-    finally:
-        mp.undo()
+    j = _aside_with_a_wrong_record(bundles, tmp_path)
     s = Store()
     s.journal_path.unlink()
-    idx = json.loads(s.index_path.read_text())
-    idx["tiny"]["manifest_sha256"] = "f" * 64
-    s.index_path.write_text(json.dumps(idx))
     with s.locked():
         pass
     assert not (s.tmp / j["aside"]).exists()
