@@ -94,10 +94,9 @@ def stream_read_bandwidth(threads: int = 1, size_bytes: int | None = None, repea
     the timed passes: page faults are not bandwidth.
 
     The kernel is ``numpy.maximum.reduce`` over uint8: a SIMD byte max (pmaxub / umax, 16-64 bytes per
-    instruction), memory bound by a margin. Measured on a 2-core AMD EPYC (AVX2), 1 GiB, 1 thread: max over
-    uint8 22.4 GB/s, bitwise_or.reduce over uint64 20.2, maximum over uint64 19.1, count_nonzero over uint64
-    18.0, add.reduce over uint8 into uint64 2.9 (compute bound: it widens every byte); from an 8 MiB (cache
-    resident) buffer the max over uint8 runs at ~70 GB/s, so from memory it waits on memory, not on arithmetic.
+    instruction), memory bound by a margin: it was the fastest of the reductions tried (bitwise or, max over
+    uint64, count_nonzero), and far faster from a cache-resident buffer than from memory, so from memory it
+    waits on memory, not on arithmetic. A widening ``add.reduce`` (uint8 into uint64) is compute bound.
     """
     from concurrent.futures import ThreadPoolExecutor
 
