@@ -141,7 +141,7 @@ def build(*, jobs: int = 2, force: bool = False) -> dict:
     info = {"package": PACKAGE, "version": version, "sdist": str(sdist), "sdist_sha256": _sha256(sdist),
             "llama_cpp_source": str(src), "flags": list(CMAKE_FLAGS), "binaries": binaries,
             "runtime_system_info": runtime_system_info()}
-    from edgemed.atomic import write_text
+    from edgemed.files.atomic import write_text
 
     write_text(stamp, json.dumps(info, indent=2) + "\n", force=True)
     return info

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgemed.atomic import write_text
+from edgemed.files.atomic import write_text
 from edgemed.benchmarks.process_memory import MemoryCap, TreeSampler, parse_size
 from edgemed.errors import InputError
 
@@ -148,7 +148,7 @@ _STEPS = ("inspect", "write", "imatrix", "quantize", "tokenizer_check", "parity"
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="example model name (edgemed.converters.sources) or HF dir")
+    ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="example model name (edgemed.converters.source.pip_models) or HF dir")
     ap.add_argument("--quant", default="q4_k_m")
     ap.add_argument("--parity", choices=list(RUNS), default="with", help="measure the run with the parity check, without, or both")
     ap.add_argument("--with-parity", action="store_const", const="both", dest="parity", help="same as --parity both")
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         if args.memory_cap is not None:  # refuse before any work when no cgroup can be had
             with MemoryCap(parse_size(args.memory_cap)):
                 pass
-        from edgemed.converters import sources
+        from edgemed.converters.source import pip_models as sources
 
         src = Path(args.model) if Path(args.model).is_dir() else sources.hf_checkpoint(args.model)
     except InputError as exc:

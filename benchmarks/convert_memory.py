@@ -1,4 +1,4 @@
-"""Conversion budget: ``converters/budget.py``'s estimate vs the measured peak, each route in its own process.
+"""Conversion budget: ``converters/budget/peaks.py``'s estimate vs the measured peak, each route in its own process.
 
     python -m edgemed.benchmarks.convert_memory --model smollm2-135m-instruct
     python -m edgemed.benchmarks.convert_memory --model qwen2.5-0.5b-instruct --routes gguf-q4_k_m onnx-int4
@@ -134,7 +134,7 @@ def _step_peaks(samples, timings: dict, t0: float) -> dict[str, dict]:
 
 def score(row: dict, model_dir: Path) -> dict:
     """The budget estimate for ``row``'s route on ``model_dir`` next to what was measured."""
-    from edgemed.converters import budget
+    from edgemed.converters.budget import peaks as budget
 
     _, kw = ROUTES[row["route"]]
     est = budget.estimate_for_dir(model_dir, **kw)
@@ -168,8 +168,8 @@ def main(argv=None) -> None:
     ap.add_argument("-o", "--out", type=Path, help="result JSON (default benchmarks/results/convert_memory-<model>.json)")
     args = ap.parse_args(argv)
 
-    from edgemed.atomic import write_text
-    from edgemed.converters import sources
+    from edgemed.files.atomic import write_text
+    from edgemed.converters.source import pip_models as sources
 
     if args.rescore:
         result = json.loads(args.rescore.read_text())

@@ -36,7 +36,7 @@ def child(path: str, mode: str, threads: int, tokens: int) -> dict:
 
     load = LoadSettings(n_ctx=512, n_threads=threads, n_threads_batch=threads, extra_buffers=mode)
     t = time.perf_counter()
-    model = llamacpp.Model(Path(path), load, checked=False)  # the benchmark records crashes itself
+    model = llamacpp.Model(Path(path), load)  # the benchmark records crashes itself
     ctx = llamacpp.Context(model, load, n_ctx=512)
     load_s = time.perf_counter() - t
     ids = model.tokenize(PROMPT, add_special=True)[:32]
@@ -72,7 +72,7 @@ def q4_0_copy(src: Path) -> Path:
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
         params.allow_requantize = True
         tmp = out.with_name(out.name + ".partial")
-        from edgemed.converters.native_log import quiet
+        from edgemed.converters.gguf.quiet import quiet
 
         with quiet():
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params.raw))
@@ -95,8 +95,8 @@ def main() -> None:
         print(json.dumps(child(args.child[0], args.child[1], args.threads, args.tokens)))
         return
 
-    from edgemed.atomic import write_text
-    from edgemed.converters import sources
+    from edgemed.files.atomic import write_text
+    from edgemed.converters.source import pip_models as sources
     from edgemed.errors import InputError
     from edgemed.runtime import buffers
     from edgemed.runtime.llamacpp import build

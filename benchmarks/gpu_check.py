@@ -87,7 +87,8 @@ _CHILD = r"""
 import json, sys, time
 from edgemed.devices.profiles import get_profile
 from edgemed.runtime.engine import LoadSettings
-from edgemed.runtime.llamacpp import Context, Model, SamplerChain
+from edgemed.runtime.llamacpp import Context, SamplerChain
+from edgemed.runtime.loader import load_model
 from edgemed.runtime.engine import GenerationSettings
 
 path, profile_name, n_ctx, n_tokens, kv = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -96,7 +97,7 @@ kv_type = kv or s["type_k"]
 load = LoadSettings(n_gpu_layers=-1, flash_attn=True, type_k=kv_type, type_v=kv_type, use_mmap=s["use_mmap"],
                     use_mlock=False, n_ctx=n_ctx, n_batch=512, n_ubatch=512, extra_buffers=s["extra_buffers"])
 t0 = time.perf_counter()
-model = Model(path, load)
+model = load_model(path, load)
 ctx = Context(model, load, n_ctx=n_ctx)
 loaded = time.perf_counter() - t0
 prompt = model.tokenize("The patient presents with chest pain radiating to the left arm. " * 4096)[: n_ctx - n_tokens - 1]

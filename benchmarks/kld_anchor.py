@@ -7,12 +7,12 @@
 **llama-perplexity's side** (the same llama.cpp commit as the runtime): ``-m REF -f TEXT -c N
 --kl-divergence-base BASE`` once, then ``-m Q --kl-divergence-base BASE --kl-divergence`` per quant; its
 "Mean KLD" (with its uncertainty), the KLD percentiles and "Same top p" are parsed from its log. What the tool
-does, and how it was checked against ``edgemed.fidelity``'s rule: ``llama_perplexity.py``.
+does, and how it was checked against ``edgemed.converters.quality.fidelity``'s rule: ``llama_perplexity.py``.
 
 **Our side**, in the same run: the same text tokenized through the runtime's llama.cpp layer with the same rule,
 the same windows (checked token for token against the ones llama-perplexity stored in its base file), every
 row's logits from edgemed's runtime for REF and each quant (full vocabulary, one window at a time: the
-reference's logits wait in a scratch file, n x vocab x 4 B a window), KL per row by ``edgemed.fidelity.kl_rows``,
+reference's logits wait in a scratch file, n x vocab x 4 B a window), KL per row by ``edgemed.converters.quality.fidelity.kl_rows``,
 then ``fidelity.summarize`` over the windows: its ``llamacpp`` figure (to agree within ``AGREE``) and, for
 contrast, its headline (every row but each window's first) on the same windows; and the same rows with
 llama-perplexity's own estimator (``llama_perplexity.llamacpp_kl``), which tells a difference in the estimator
@@ -33,7 +33,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from edgemed import fidelity
+from edgemed.converters.quality import fidelity
 from edgemed.benchmarks import llama_perplexity as lp
 from edgemed.errors import EdgemedError, InputError
 
@@ -74,11 +74,12 @@ def windows(tokens: list[int], n_ctx: int, bos: int | None) -> tuple[list[list[i
 # -- our side -----------------------------------------------------------------------------------------------
 def _load(path: Path, ctx: int, threads: int, extra_buffers: str):
     from edgemed.runtime import llamacpp
+    from edgemed.runtime.loader import load_model
     from edgemed.runtime.engine import LoadSettings
 
     load = LoadSettings(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=threads, n_threads_batch=threads,
                         flash_attn=False, extra_buffers=extra_buffers)
-    model = llamacpp.Model(path, load)
+    model = load_model(path, load)
     if model.placement.mode != extra_buffers:
         mode = model.placement.mode
         model.close()
@@ -149,7 +150,7 @@ def quant_pass(path, fed, ctx, threads, extra_buffers, reference) -> dict:
 # -- the run ------------------------------------------------------------------------------------------------
 def run(reference: Path, quants: list[Path], text: bytes, *, ctx: int, threads: int, extra_buffers: str,
         work: Path | None = None, echo=print) -> dict:
-    from edgemed.atomic import scratch_dir
+    from edgemed.files.atomic import scratch_dir
     from edgemed.runtime import llamacpp
 
     binary = lp.binary()
@@ -232,7 +233,7 @@ def markdown(result: dict, command: str) -> str:
         f"Agreement goal: |rel. diff| <= {100 * AGREE:.0f} %. \"llama.cpp's estimator\": edgemed's logits through "
         "perplexity.cpp's own KL (16-bit base log-probs, terms at base log-prob <= -16 left out); where it equals "
         "llama-perplexity's figure, the rel. diff is that estimator's, not the logits'. Headline: every row but each "
-        "window's first (edgemed.fidelity); every row: all of them.", ""])
+        "window's first (edgemed.converters.quality.fidelity); every row: all of them.", ""])
 
 
 def main(argv=None) -> None:
@@ -250,7 +251,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import sys
 
-    from edgemed.atomic import write_text
+    from edgemed.files.atomic import write_text
     from edgemed.runtime import buffers, llamacpp
 
     try:

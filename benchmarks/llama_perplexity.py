@@ -13,7 +13,7 @@ base log-prob exceeds -16; "Mean KLD" is the mean over every scored row of every
 "Same top p" is the share of rows whose argmax equals the 16-bit base's, ± the binomial error. The statistics
 block is printed only from 100 scored rows. ``llamacpp_kl`` repeats that estimator on other logits.
 
-Checked against ``edgemed.fidelity`` (VERSION 2): ``llamacpp_rows(n)`` is this row range for every n >= 4. For
+Checked against ``edgemed.converters.quality.fidelity`` (VERSION 2): ``llamacpp_rows(n)`` is this row range for every n >= 4. For
 n = 3 perplexity.cpp scores one row (row 1) where fidelity scores none (``LLAMACPP_MIN_TOKENS = 4``; 3 would
 match): no llama-perplexity window is that short, but a 3-token passage is. fidelity clamps a row's KL at 0 and
 takes the argmax of the raw reference; perplexity.cpp does neither: differences of rounding size.
@@ -127,7 +127,7 @@ def llamacpp_kl(reference_logits, artifact_logits):
     16-bit steps over its top 16 nats of logits (lower ones at the floor), terms at base log-prob <= -16 left out."""
     import numpy as np
 
-    from edgemed import fidelity
+    from edgemed.converters.quality import fidelity
 
     a = np.asarray(reference_logits, dtype=np.float32)
     top = a.max(axis=1, keepdims=True)

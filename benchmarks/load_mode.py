@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgemed.atomic import write_text
+from edgemed.files.atomic import write_text
 
 _CHILD = r"""
 import json, sys, time
@@ -29,7 +29,7 @@ from edgemed.runtime.llamacpp import Context, Model, SamplerChain
 
 path, mode, threads, n_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
-model = Model(path, LoadSettings(n_ctx=512, n_threads=threads, use_mmap=mode == "mmap", extra_buffers="all"), checked=False)
+model = Model(path, LoadSettings(n_ctx=512, n_threads=threads, use_mmap=mode == "mmap", extra_buffers="all"))
 load_s = time.perf_counter() - t0
 ctx = Context(model, n_ctx=512, threads=threads)
 prompt = model.tokenize("Question: what is the first-line treatment of anaphylaxis in adults? Answer:", add_special=True)

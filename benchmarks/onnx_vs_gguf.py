@@ -188,7 +188,7 @@ def summarize_profile(trace_file: Path) -> list[tuple[str, float, float]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="example model name (edgemed.converters.sources) or HF dir")
+    ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="example model name (edgemed.converters.source.pip_models) or HF dir")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per measured generation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="runs per configuration (fresh process each); the best is reported")
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
         return worker(args.worker[0], args.worker[1], args.tokens, args.threads, args.profile_prefix)
 
     from edgemed import env
-    from edgemed.converters import sources
+    from edgemed.converters.source import pip_models as sources
 
     ckpt = Path(args.model) if Path(args.model).is_dir() else sources.hf_checkpoint(args.model)
     cache = env.cache_dir("bench")

@@ -4,7 +4,7 @@
     python -m edgemed.benchmarks.plan_devices a.gguf --memory-gb 8 16 32 64 --json
 
 For each file and each device profile (the shipped ones, and a user's from ``$EDGEMED_PROFILES_DIR``), the
-planner (``edgemed.planner``, the same estimate ``edgemed run`` refuses with) searches the largest context
+planner (``edgemed.runtime.plan``, the same estimate ``edgemed run`` refuses with) searches the largest context
 that fits the profile's budget with the profile's load settings (KV cache type, flash attention, offload,
 mmap), up to the model's trained context: not the profile's default ``n_ctx``, which is a setting, not a
 limit. Profiles with a fixed memory size (``memory.total_gb``: the Jetsons) get one row; the others (x86 PCs,
@@ -35,7 +35,7 @@ def _facts(memory_gb: float | None):
 def plan_one(shape, profile, memory_gb: float | None) -> dict:
     """The largest context that fits ``profile`` (at ``memory_gb`` when the profile has no fixed size)."""
     from edgemed.errors import PlanError
-    from edgemed.planner import MIB, choose_context, estimate, profile_settings
+    from edgemed.runtime.plan import MIB, choose_context, estimate, profile_settings
 
     budget = profile.budget_bytes(_facts(memory_gb))
     settings = profile_settings(profile)
@@ -61,7 +61,7 @@ def plan_one(shape, profile, memory_gb: float | None) -> dict:
 def plan_devices(models: list[Path], memory_gb: tuple[float, ...] = DEFAULT_MEMORY_GB) -> dict:
     """Every model on every profile: ``{"models": [...], "rows": [...]}``."""
     from edgemed.devices.profiles import load_profiles
-    from edgemed.planner import METHOD, MIB, read_shape
+    from edgemed.runtime.plan import METHOD, MIB, read_shape
 
     profiles = sorted(load_profiles().values(), key=lambda p: p.name)
     result = {"method": METHOD, "memory_gb": list(memory_gb), "models": [], "rows": []}
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     text = to_markdown(result)
     print(json.dumps(result, indent=2) if args.json else text, end="" if not args.json else "\n")
     if args.out:
-        from edgemed.atomic import write_text
+        from edgemed.files.atomic import write_text
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         cmd = "python -m edgemed.benchmarks.plan_devices " + " ".join(m.name for m in args.models)

@@ -35,9 +35,9 @@ def peak_rss() -> int:
 
 def child(model: str, n_ctx: int, profile_name: str) -> dict:
     """Runs in the measured process: plan, load through the runtime, fill the context, decode."""
-    from edgemed.converters import sources
+    from edgemed.converters.source import pip_models as sources
     from edgemed.devices.detect import resolve
-    from edgemed.planner import make_plan
+    from edgemed.runtime.plan import make_plan
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.session import load_settings
 
@@ -69,8 +69,8 @@ def main() -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.profile)))
         return
 
-    from edgemed.atomic import write_text
-    from edgemed.converters import sources
+    from edgemed.files.atomic import write_text
+    from edgemed.converters.source import pip_models as sources
     from edgemed.errors import InputError
 
     rows = []

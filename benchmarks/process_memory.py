@@ -33,7 +33,7 @@ from edgemed.errors import InputError
 _FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
 def parse_size(text: str) -> int:
     """'6GiB', '6.5G', '500MB', '1073741824' -> bytes (G/GB are 10^9, GiB 2^30): the converter's own rule."""
-    from edgemed.converters.memory_room import parse_size as _parse
+    from edgemed.converters.budget.memory_room import parse_size as _parse
 
     return _parse(text, "--memory-cap")
 

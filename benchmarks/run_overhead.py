@@ -83,8 +83,8 @@ def main() -> None:
         print(json.dumps(child(args.child[0], args.child[1], args.threads, args.ctx, args.max_tokens)))
         return
 
-    from edgemed.atomic import write_text
-    from edgemed.converters import sources
+    from edgemed.files.atomic import write_text
+    from edgemed.converters.source import pip_models as sources
     from edgemed.errors import InputError
 
     report = []

@@ -62,7 +62,7 @@ def percentile(values: list[float], q: float) -> float:
 def child(path: str, streams: int, waves: int, tokens: int, threads: int, n_ctx: int) -> dict:
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.engine import LoadSettings
-    from edgemed.serve.batcher import Batcher, Finished, Piece
+    from edgemed.runtime.batch.batcher import Batcher, Finished, Piece
 
     load = LoadSettings(n_ctx=n_ctx, n_threads=threads, n_batch=512, n_ubatch=512)
     settings = GenerationSettings(max_tokens=tokens)
@@ -104,10 +104,11 @@ def child(path: str, streams: int, waves: int, tokens: int, threads: int, n_ctx:
 def raw_child(path: str, streams: int, steps: int, threads: int, n_ctx: int) -> dict:
     """The kernel's ceiling: bare ``llama_decode`` of one token for each of ``streams`` sequences per step."""
     from edgemed.runtime.engine import LoadSettings
-    from edgemed.runtime.llamacpp import Batch, Context, Model
+    from edgemed.runtime.llamacpp import Batch, Context
+    from edgemed.runtime.loader import load_model
 
     load = LoadSettings(n_ctx=n_ctx, n_threads=threads, n_batch=512, n_ubatch=512)
-    model = Model(Path(path), load)
+    model = load_model(Path(path), load)
     ctx = Context(model, load, n_ctx=SLOTS * (n_ctx // SLOTS), n_seq_max=SLOTS, kv_unified=False)
     batch = Batch(model.lib, 512)
     try:
@@ -137,7 +138,7 @@ def raw_child(path: str, streams: int, steps: int, threads: int, n_ctx: int) -> 
 def _default_model(name: str) -> Path:
     """The repo's own Q4_K_M conversion of the example model (converted once, cached)."""
     from edgemed import env
-    from edgemed.converters import sources
+    from edgemed.converters.source import pip_models as sources
 
     ckpt = sources.hf_checkpoint(name)
     out = env.cache_dir("bench") / f"{ckpt.name}-q4_k_m.gguf"
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
         print(json.dumps(child(args.model, args.child, args.waves, args.tokens, args.threads, args.ctx)))
         return
 
-    from edgemed.atomic import write_text
+    from edgemed.files.atomic import write_text
 
     path = Path(args.model) if args.model.endswith(".gguf") else _default_model(args.model)
     runs: dict[int, list[dict]] = {n: [] for n in LEVELS}

@@ -47,7 +47,7 @@ GOALS = {1: 0.97, 2: None, 4: 0.95, 8: 0.95}
 def model_path(name: str) -> Path:
     if name.endswith(".gguf"):
         return Path(name)
-    from edgemed.converters import sources
+    from edgemed.converters.source import pip_models as sources
 
     return Path(sources.gguf_file(name))
 
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
-    from edgemed.atomic import write_text
+    from edgemed.files.atomic import write_text
     from edgemed.benchmarks import anchors
     from edgemed.runtime.llamacpp import Model
 

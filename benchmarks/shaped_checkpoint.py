@@ -228,7 +228,7 @@ def copy_tokenizer(src: Path, bpe_from: Path | None, dest: Path) -> list[str]:
 def write_checkpoint(out: Path, shape: str, tokenizer_from: Path, *, seed: int = 0, overrides: dict | None = None,
                      bpe_from: Path | None = None, shard_bytes: int = 3 * 10**9) -> dict:
     """Write the checkpoint atomically at ``out``; returns what was written (shards, bytes, parameters, seconds)."""
-    from edgemed.atomic import atomic_path
+    from edgemed.files.atomic import atomic_path
 
     config = shape_config(shape, overrides)
     if not Path(tokenizer_from).is_dir():

@@ -38,7 +38,7 @@ def best_of(fn, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen2.5-1.5b-instruct", help="a pip-carried model name (edgemed.converters.sources)")
+    ap.add_argument("--model", default="qwen2.5-1.5b-instruct", help="a pip-carried model name (edgemed.converters.source.pip_models)")
     ap.add_argument("--gguf", type=Path, help="use this GGUF instead of --model")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
@@ -52,7 +52,7 @@ def main() -> None:
     if args.gguf:
         gguf = args.gguf
     else:
-        from edgemed.converters import sources
+        from edgemed.converters.source import pip_models as sources
 
         gguf = sources.gguf_file(args.model)
     work = Path(tempfile.mkdtemp(prefix="verify-cost.", dir=env.cache_dir("bench")))

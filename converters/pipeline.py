@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed import __version__, env
-from edgemed.atomic import atomic_path, check_destination, scratch_dir, write_text
-from edgemed.conversion_report import ConversionReport, report_path as _report_path
-from edgemed.converters import arch_spec, budget, provenance, require_route
-from edgemed.converters.checkpoint import Checkpoint
-from edgemed.converters.core import RouteOptions, Timings
+from edgemed.files.atomic import atomic_path, check_destination, scratch_dir, write_text
+from edgemed.formats.conversion_report import ConversionReport, report_path as _report_path
+from edgemed.converters import arch_spec, provenance, require_route
+from edgemed.converters.budget import peaks as budget
+from edgemed.converters.source.checkpoint import Checkpoint
+from edgemed.converters.route import RouteOptions, Timings
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
-from edgemed.converters.gguf_out import plan_tensors, write_float_gguf
+from edgemed.converters.gguf.writer import plan_tensors, write_float_gguf
 from edgemed.errors import InputError, OutputError
-from edgemed.hashing import file_sha256
+from edgemed.files.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ConvertOptions(RouteOptions):
 
 
 def report_path(out: Path) -> Path:
-    """``<out>.report.json`` (the rule lives in ``edgemed.conversion_report``)."""
+    """``<out>.report.json`` (the rule lives in ``edgemed.formats.conversion_report``)."""
     return _report_path(out, "gguf")
 
 
@@ -89,7 +90,7 @@ def _output_error(exc: OSError, out: Path, out_type: str) -> Exception:
 
 
 def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
-    from edgemed.converters.auto_quant import AUTO, check_request
+    from edgemed.converters.gguf.auto_quant import AUTO, check_request
 
     if opts.out_type not in OUTPUT_TYPES + (AUTO,):
         raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES + (AUTO,))}")
@@ -103,14 +104,14 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     plan_tensors(ckpt, spec, "f32")  # names and shapes against config.json, before any work
     adapter = None
     if opts.lora is not None:
-        from edgemed.converters.lora import LoraAdapter
+        from edgemed.converters.source.lora import LoraAdapter
 
         adapter = LoraAdapter.open(opts.lora, ckpt)
         adapter.warn_base(echo)
-    from edgemed.converters.tokenizer import plan_vocab, verify_tokenization
+    from edgemed.converters.gguf.tokenizer import plan_vocab, verify_tokenization
 
     if opts.imatrix_from is not None:  # fail on a bad calibration file before writing anything
-        from edgemed.converters.imatrix import read_calibration_text
+        from edgemed.converters.gguf.imatrix import read_calibration_text
 
         read_calibration_text(opts.imatrix_from)
     vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
@@ -133,14 +134,14 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         with timings.step("write"):
             write_float_gguf(ckpt, spec, vocab, float_out, float_type, adapter=adapter, metadata=metadata, progress=opts.progress)
         if quantized:
-            from edgemed.converters.quantize import quantize
+            from edgemed.converters.gguf.quantize import quantize
 
             made: list = []  # the Imatrix, once computed
 
             def weights() -> dict:
                 """What the quantizer reads: the importance matrix, computed on first use (``auto`` may need none)."""
                 if not made:
-                    from edgemed.converters.imatrix import compute_imatrix
+                    from edgemed.converters.gguf.imatrix import compute_imatrix
 
                     with timings.step("imatrix"):
                         made.append(compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo))
@@ -148,7 +149,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
 
             calibrated = weights if opts.imatrix_from is not None else None
             if opts.out_type == AUTO:
-                from edgemed.converters.auto_quant import run as auto_quantize
+                from edgemed.converters.gguf.auto_quant import run as auto_quantize
 
                 with timings.step("auto_quant"):
                     auto = auto_quantize(float_out, tmp, max_kld=opts.max_kld, fit_profile=opts.fit_profile, work=Path(work),
@@ -164,7 +165,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
                     "chat_template": bool(vocab.special.chat_template)}
         if opts.parity:
-            from edgemed.converters.parity import check_gguf, gated
+            from edgemed.converters.quality.parity import check_gguf, gated
 
             with timings.step("parity"):
                 report = check_gguf(ckpt, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)

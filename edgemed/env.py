@@ -19,7 +19,7 @@ ALLOW_NETWORK_VAR = "EDGEMED_ALLOW_NETWORK"
 PROFILES_VAR = "EDGEMED_PROFILES_DIR"
 #: Extra folders of prompt template files (os.pathsep-separated), each with its own index.toml.
 TEMPLATES_VAR = "EDGEMED_TEMPLATES_DIR"
-#: Tests only: SIGKILL the process at its Nth filesystem step (edgemed.atomic.step); 0 counts without killing.
+#: Tests only: SIGKILL the process at its Nth filesystem step (edgemed.files.atomic.step); 0 counts without killing.
 KILL_AT_VAR = "EDGEMED_TEST_KILL_AT"
 #: Tests only: append each counted filesystem step ("N what") to this file.
 STEP_LOG_VAR = "EDGEMED_TEST_STEP_LOG"

@@ -25,7 +25,7 @@ def edgemed_home(tmp_path, monkeypatch):
 
 
 def _require_pip_model(name: str):
-    from edgemed.converters import sources
+    from edgemed.converters.source import pip_models as sources
     from edgemed.errors import InputError
 
     try:
@@ -45,7 +45,7 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(smollm2_gguf) -> Path:
     """The real SmolLM2 dequantized to a Hugging Face checkpoint (cached across runs)."""
     pytest.importorskip("transformers")
-    from edgemed.converters import sources
+    from edgemed.converters.source import pip_models as sources
 
     os.environ["EDGEMED_CACHE_DIR"] = str(TEST_CACHE)
     return sources.hf_checkpoint("smollm2-135m-instruct")

@@ -1,7 +1,7 @@
 """Helpers for the kill-at-every-step tests.
 
 ``killed_at(fn, n)`` runs ``fn`` in a forked child with ``$EDGEMED_TEST_KILL_AT=n``: the
-child SIGKILLs itself at its n-th filesystem step (edgemed.debris.step), the way
+child SIGKILLs itself at its n-th filesystem step (edgemed.files.debris.step), the way
 ``strace -e inject=...:signal=KILL:when=n`` would, and nothing of it runs after that
 (no finally, no atexit). ``steps(fn)`` lists the steps a clean run takes.
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgemed import atomic, debris
+from edgemed.files import atomic
+
+from edgemed.files import debris
 from edgemed.cli import cli
 from edgemed.errors import OutputExists
 

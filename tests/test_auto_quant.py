@@ -19,13 +19,13 @@ import tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
-from edgemed.converters import auto_quant  # noqa: E402
-from edgemed.converters.auto_quant_search import (  # noqa: E402
+from edgemed.converters.gguf import auto_quant  # noqa: E402
+from edgemed.converters.gguf.auto_quant_search import (  # noqa: E402
     BANDS, MARGIN_Z, STOCK, TOP, Group, Impossible, Trial, bound, probe_slices, search)
 from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
-from edgemed.converters.quantize import quantize  # noqa: E402
+from edgemed.converters.gguf.quantize import quantize  # noqa: E402
 from edgemed.errors import EdgemedError, InputError  # noqa: E402
-from edgemed.gguf_header import read_header  # noqa: E402
+from edgemed.formats.gguf_header import read_header  # noqa: E402
 
 QUIET = dict(echo=lambda s: None)
 
@@ -275,7 +275,7 @@ def test_impossible_budget_is_one_paragraph(model, tmp_path):
 
 def test_fit_profile_picks_what_the_planner_says_fits(model, tmp_path, edgemed_home):
     """A device with room for the base but not for every tensor high: the output fits it, by the planner."""
-    from edgemed.planner import make_plan
+    from edgemed.runtime.plan import make_plan
 
     groups = model["groups"]
     shipped = (Path(__file__).parents[1] / "device_profiles" / "jetson-orin-nano-8gb.toml").read_text()
@@ -298,7 +298,7 @@ def test_fit_profile_picks_what_the_planner_says_fits(model, tmp_path, edgemed_h
 
 def test_best_fidelity_that_fits_quantizes_only_what_it_measures(model, tmp_path):
     """A roomy device: every tensor Q8_0, one round, llama.cpp run twice (the Q8_0 file and the output)."""
-    from edgemed.converters.calibration import shipped
+    from edgemed.converters.gguf.calibration import shipped
 
     report = convert(model["ckpt"], tmp_path / "q8.gguf",
                      ConvertOptions(out_type="auto", fit_profile="jetson-orin-nano-8gb", parity=False,

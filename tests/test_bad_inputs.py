@@ -69,7 +69,7 @@ def test_item6_corrupt_string_length_in_array_is_input_error_not_overflow(tmp_pa
 
 @pytest.mark.parametrize("mutation", ["string", "count", "kv-count", "tensor-count", "dims", "nested"])
 def test_item6_every_length_is_bounded_by_the_file(tmp_path, mutation):
-    from edgemed.gguf_header import read_header
+    from edgemed.formats.gguf_header import read_header
 
     base = LLAMA + [kv("k", 8, s("v"))]
     data = {
@@ -129,7 +129,7 @@ def test_item6_n_batch_2_pow_32_is_refused(tmp_path, profiles_dir):
 
 def test_item6_plan_never_prescribes_a_batch_larger_than_the_context(tmp_path, profiles_dir):
     from edgemed.devices import get_profile
-    from edgemed.planner import make_plan
+    from edgemed.runtime.plan import make_plan
 
     (profiles_dir / "custom.toml").write_text(profile_text(n_batch=65536, n_ubatch=65536))
     plan = make_plan(kit.tiny_gguf(tmp_path / "tiny.gguf"), get_profile("custom"), None, requested_ctx=1024, budget=1 << 34)
@@ -339,7 +339,7 @@ def test_item8_audit_log_under_proc_is_a_clear_error():
 
 def test_item8_serve_audit_log_is_checked_before_the_model_loads(tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
-    from edgemed.serve import batcher
+    from edgemed.runtime.batch import batcher
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")

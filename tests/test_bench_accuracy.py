@@ -248,7 +248,7 @@ def tiny_artifacts(tmp_path_factory) -> dict[str, Path]:
     out = {"gguf": gguf}
     try:
         pytest.importorskip("onnx_ir")
-        from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
+        from edgemed.converters.onnx.export import OnnxOptions, convert_onnx
 
         convert_onnx(src, root / "tiny-onnx", OnnxOptions(weight_type="fp32", parity=False), echo=lambda s: None)
         out["onnx"] = root / "tiny-onnx"
@@ -434,7 +434,7 @@ def test_truncated_kld_matches_the_full_vocabulary_kld(tiny_artifacts, tmp_path)
     import numpy as np
 
     from edgemed.benchmarks.harness.divergence import divergence, load_texts, reference_logits
-    from edgemed.converters.parity import metrics
+    from edgemed.converters.quality.parity import metrics
 
     texts = [t[:250] for t in load_texts()[:2]]
     with _scorer(tiny_artifacts, "gguf") as ref:

@@ -206,7 +206,7 @@ def test_imatrix_artifacts_are_parsed_and_reused_only_with_their_text(model, tmp
     rep.write_text(json.dumps(data))
     with pytest.raises(InputError, match="sha256 ffffffffffff"):                     # another text: refused
         artifacts.prepare(model["src"], out, ["q8_0-imatrix"], [], {}, imatrix_from=text)
-    from edgemed.hashing import file_sha256
+    from edgemed.files.hashing import file_sha256
 
     data["imatrix"]["sha256"] = file_sha256(text)
     rep.write_text(json.dumps(data))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA
-from edgemed.converters import calibration
+from edgemed.converters.gguf import calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "converters" / "data" / "calibration"
@@ -126,7 +126,7 @@ def test_4bit_conversions_are_calibrated_on_the_shipped_text_by_default(tmp_path
     import tiny
 
     from edgemed.cli import cli
-    from edgemed.hashing import file_sha256
+    from edgemed.files.hashing import file_sha256
 
     model = tiny.build_model(tmp_path / "llama", "llama")
 

@@ -129,7 +129,7 @@ def _peft_merged(base: Path, lora: Path) -> dict:
 @pytest.mark.parametrize("adapter", ["lora", "rslora"])
 def test_lora_merge_equals_peft_merge_and_unload(models, tmp_path, adapter):
     from edgemed.converters.arch.llama import _k, _q
-    from edgemed.converters.checkpoint import Checkpoint
+    from edgemed.converters.source.checkpoint import Checkpoint
 
     out = tmp_path / "merged.gguf"
     report = convert(models["llama"], out, ConvertOptions(out_type="f32", lora=models[adapter]), echo=lambda s: None)
@@ -149,7 +149,7 @@ def test_lora_merge_equals_peft_merge_and_unload(models, tmp_path, adapter):
 
 
 def test_merged_model_logits_differ_from_base(models, tmp_path):
-    from edgemed.converters.parity import PROMPTS, gguf_logits, metrics, source_logits
+    from edgemed.converters.quality.parity import PROMPTS, gguf_logits, metrics, source_logits
 
     base, merged = tmp_path / "base.gguf", tmp_path / "merged.gguf"
     convert(models["llama"], base, ConvertOptions(out_type="f32", parity=False), echo=lambda s: None)
@@ -178,7 +178,7 @@ def test_dora_adapter_is_refused(models, tmp_path):
 # -- tokenizer ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,pre", [("llama", "gpt-2"), ("qwen2", "qwen2")])
 def test_tokenizer_detection_and_llama_cpp_ids_equal_hf(models, tmp_path, arch, pre):
-    from edgemed.converters.tokenizer import MEDICAL_SAMPLES, verify_tokenization
+    from edgemed.converters.gguf.tokenizer import MEDICAL_SAMPLES, verify_tokenization
 
     out = tmp_path / "t.gguf"
     report = convert(models[arch], out, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
@@ -272,7 +272,7 @@ def test_existing_output_needs_force(models, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
-    import edgemed.converters.gguf_out as gguf_out
+    import edgemed.converters.gguf.writer as gguf_out
 
     calls = {"n": 0}
     real = gguf_out._cast
@@ -315,8 +315,8 @@ def test_imatrix_calibration_lowers_weighted_error(models, tmp_path):
     import gguf
 
     from edgemed.converters import arch_spec
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.imatrix import compute_imatrix
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.gguf.imatrix import compute_imatrix
 
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"question": q, "options": {"A": "yes", "B": "no"}}) for q in tiny.CORPUS[:6]))
@@ -326,7 +326,7 @@ def test_imatrix_calibration_lowers_weighted_error(models, tmp_path):
     made = convert(models["llama"], calibrated, ConvertOptions(out_type="q4_0", parity=False, imatrix_from=calib),
                    echo=lambda s: None)
     # the report names the calibration text by its bytes; a conversion without one has no imatrix section
-    from edgemed.hashing import file_sha256
+    from edgemed.files.hashing import file_sha256
 
     written = json.loads(Path(f"{calibrated}.report.json").read_text())
     assert written["imatrix"] == made.imatrix and made.imatrix["sha256"] == file_sha256(calib)

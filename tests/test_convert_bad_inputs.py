@@ -24,7 +24,7 @@ pytest.importorskip("llama_cpp")
 from click.testing import CliRunner  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
-from edgemed.converters.safetensors_header import parse_safetensors_header  # noqa: E402
+from edgemed.converters.source.safetensors_header import parse_safetensors_header  # noqa: E402
 from edgemed.errors import CheckpointError, EdgemedError  # noqa: E402
 
 import tiny  # noqa: E402
@@ -174,7 +174,7 @@ def test_hostile_safetensors_headers(tmp_path, case):
     with pytest.raises(CheckpointError, match="corrupt|truncated") as info:
         parse_safetensors_header(blob)
     assert words in str(info.value) and info.value.fix
-    from edgemed.converters.safetensors_header import read_safetensors_header
+    from edgemed.converters.source.safetensors_header import read_safetensors_header
 
     (tmp_path / "w.safetensors").write_bytes(blob)  # the file reader says the same
     with pytest.raises(CheckpointError):

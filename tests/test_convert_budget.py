@@ -15,9 +15,10 @@ pytest.importorskip("psutil")
 from click.testing import CliRunner  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
-from edgemed.converters import budget, memory_room  # noqa: E402
-from edgemed.converters.budget import GIB, Dims, estimate_gguf, estimate_onnx  # noqa: E402
-from edgemed.converters.memory_room import parse_size  # noqa: E402
+from edgemed.converters.budget import peaks as budget  # noqa: E402
+from edgemed.converters.budget import memory_room
+from edgemed.converters.budget.peaks import GIB, Dims, estimate_gguf, estimate_onnx  # noqa: E402
+from edgemed.converters.budget.memory_room import parse_size  # noqa: E402
 from edgemed.errors import InputError  # noqa: E402
 
 import tiny  # noqa: E402
@@ -100,7 +101,7 @@ def test_the_7b_estimate_follows_from_config_json_alone(tmp_path):
     assert terms["quantize"]["llama.cpp quantize slab buffers"] == (256 << 20) + budget.QUANT_EXTRA  # quantize.MAX_BUF_BYTES
     assert terms["write"]["largest tensor's cast copy"] == 0  # BF16 -> the BF16 intermediate: mapped, never copied
     assert terms["write"]["largest tensor, mapped"] == embed * 2
-    from edgemed.converters.layered import estimate_peak_bytes
+    from edgemed.converters.quality.layered import estimate_peak_bytes
 
     ref = terms["parity:reference"]["HF reference, one layer at a time (layered.estimate_peak_bytes)"]
     assert ref == estimate_peak_bytes(QWEN2_7B, budget.PARITY_POSITIONS, longest=budget.PARITY_LONGEST, source_bytes=2)

@@ -34,7 +34,7 @@ def _env(home: Path) -> dict:
 # A real `edgemed convert` whose tensor casts are slowed down, so that it can be killed while the .partial grows.
 SLOW_CONVERT = """
 import sys, time
-import edgemed.converters.gguf_out as g
+import edgemed.converters.gguf.writer as g
 real = g._cast
 def slow(t, ty):
     time.sleep(0.15)

@@ -21,7 +21,7 @@ pytest.importorskip("llama_cpp")
 from click.testing import CliRunner  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
-from edgemed.converters import parity  # noqa: E402
+from edgemed.converters.quality import parity  # noqa: E402
 from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
 from edgemed.errors import CheckpointError, EdgemedError  # noqa: E402
 
@@ -205,10 +205,11 @@ def test_compare_gates_every_type_on_finite_logits():
 # -- (d) what the quantizer says -------------------------------------------------------------------
 def test_quantize_failure_reports_llama_cpp_reason_not_disk_space(bf16_model, tmp_path, monkeypatch):
     """NaN weights that slip past the writer: llama.cpp's validation error is what the user reads."""
-    from edgemed.converters import arch_spec, gguf_out
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.quantize import quantize
-    from edgemed.converters.tokenizer import plan_vocab
+    from edgemed.converters import arch_spec
+    from edgemed.converters.gguf import writer as gguf_out
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.gguf.quantize import quantize
+    from edgemed.converters.gguf.tokenizer import plan_vocab
 
     ckpt_dir = _copy(bf16_model, tmp_path / "ckpt")
     _poison(ckpt_dir, float("nan"))

@@ -98,7 +98,7 @@ def test_the_reader_never_reads_dev_zero():
     done = _child("""
         from pathlib import Path
         from edgemed.errors import InputError
-        from edgemed.converters.imatrix import read_calibration_text
+        from edgemed.converters.gguf.imatrix import read_calibration_text
         try:
             read_calibration_text(Path("/dev/zero"))
         except InputError as exc:
@@ -110,8 +110,8 @@ def test_the_reader_never_reads_dev_zero():
 
 @pytest.mark.parametrize("kind", ["directory", "fifo", "socket", "device"])
 def test_only_a_regular_file_is_calibration_text(tmp_path, kind):
-    from edgemed.converters import calibration
-    from edgemed.converters.imatrix import TEXT_BYTES
+    from edgemed.converters.gguf import calibration
+    from edgemed.converters.gguf.imatrix import TEXT_BYTES
 
     if kind == "directory":
         path, words = tmp_path / "calib", "is a directory"
@@ -133,7 +133,7 @@ def test_only_a_regular_file_is_calibration_text(tmp_path, kind):
 
 def test_a_file_swapped_for_a_fifo_after_the_check_does_not_block(tmp_path, monkeypatch):
     """The check and the open are two steps: what was opened (non-blocking) is checked again."""
-    from edgemed.converters import calibration
+    from edgemed.converters.gguf import calibration
 
     path = tmp_path / "calib.txt"
     path.write_text(PROSE)
@@ -175,7 +175,7 @@ def test_a_1gb_calibration_file_is_read_only_as_far_as_it_is_used(tmp_path):
     code = f"""
         import json, time
         from pathlib import Path
-        from edgemed.converters.imatrix import read_calibration_text
+        from edgemed.converters.gguf.imatrix import read_calibration_text
         start = time.monotonic()
         texts = read_calibration_text(Path({str(big)!r}))
         print(json.dumps({{"chars": sum(len(t) for t in texts), "passages": len(texts), "s": time.monotonic() - start}}))
@@ -196,8 +196,8 @@ def test_the_longer_text_is_said_in_the_log_and_the_report(tmp_path):
     import tiny
 
     from edgemed.converters import arch_spec
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.imatrix import CHUNK_TOKENS, MAX_CHUNKS, TEXT_BYTES, compute_imatrix
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.gguf.imatrix import CHUNK_TOKENS, MAX_CHUNKS, TEXT_BYTES, compute_imatrix
 
     text = tmp_path / "long.txt"
     text.write_bytes(PROSE.encode() * (2 * TEXT_BYTES // len(PROSE)))
@@ -215,15 +215,15 @@ def test_the_longer_text_is_said_in_the_log_and_the_report(tmp_path):
 
 
 def test_the_bound_follows_from_the_tokens_used():
-    from edgemed.converters import calibration
-    from edgemed.converters.imatrix import CHUNK_TOKENS, MAX_CHUNKS, TEXT_BYTES
+    from edgemed.converters.gguf import calibration
+    from edgemed.converters.gguf.imatrix import CHUNK_TOKENS, MAX_CHUNKS, TEXT_BYTES
 
     assert TEXT_BYTES == MAX_CHUNKS * CHUNK_TOKENS * calibration.MAX_BYTES_PER_TOKEN
     assert 256 << 10 <= TEXT_BYTES <= 4 << 20  # generous for 8,192 tokens, small beside a model
 
 
 def test_a_cut_keeps_whole_lines_and_whole_characters(tmp_path):
-    from edgemed.converters import calibration
+    from edgemed.converters.gguf import calibration
 
     rows = tmp_path / "calib.jsonl"
     rows.write_text("\n".join(json.dumps({"question": f"Is {i} a dose in µg?"}) for i in range(2000)) + "\n")
@@ -248,8 +248,8 @@ def test_a_cut_keeps_whole_lines_and_whole_characters(tmp_path):
     (b"Fever \xe9 cough", "not UTF-8"),
 ])
 def test_empty_binary_or_non_utf8_text_is_refused(tmp_path, content, words):
-    from edgemed.converters import calibration
-    from edgemed.converters.imatrix import read_calibration_text
+    from edgemed.converters.gguf import calibration
+    from edgemed.converters.gguf.imatrix import read_calibration_text
 
     path = tmp_path / "calib.txt"
     path.write_bytes(content)
@@ -260,8 +260,8 @@ def test_empty_binary_or_non_utf8_text_is_refused(tmp_path, content, words):
 
 
 def test_the_budget_counts_the_calibration_text():
-    from edgemed.converters.budget import Dims, estimate_gguf
-    from edgemed.converters.imatrix import TEXT_BYTES
+    from edgemed.converters.budget.peaks import Dims, estimate_gguf
+    from edgemed.converters.gguf.imatrix import TEXT_BYTES
 
     dims = Dims.from_config({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 384,
                              "intermediate_size": 128})
@@ -309,7 +309,7 @@ def test_bench_reproduce_refuses_a_fifo_before_any_work(tmp_path):
     (DIGITS_400 + "GiB", "over 1 PiB"),
 ])
 def test_a_size_that_is_not_one_is_refused(text, words):
-    from edgemed.converters.memory_room import parse_size
+    from edgemed.converters.budget.memory_room import parse_size
 
     with pytest.raises(InputError, match=words) as exc:
         parse_size(text)
@@ -320,7 +320,7 @@ def test_a_size_that_is_not_one_is_refused(text, words):
 
 
 def test_sizes_up_to_1_pib_parse_exactly():
-    from edgemed.converters.memory_room import parse_size
+    from edgemed.converters.budget.memory_room import parse_size
 
     assert parse_size("1") == 1 and parse_size("1024TiB") == 1 << 50
     assert parse_size("1125899906842624") == 1 << 50 and parse_size("6.5G") == 6_500_000_000
@@ -372,7 +372,7 @@ def test_an_impossible_max_kld_is_refused_before_any_work(tmp_path, value):
 
 
 def test_the_max_kld_floor():
-    from edgemed.converters.auto_quant import MIN_MAX_KLD, check_request
+    from edgemed.converters.gguf.auto_quant import MIN_MAX_KLD, check_request
 
     with pytest.raises(InputError, match=r"--max-kld 1e-30 is below 0.0001 nats") as exc:
         check_request("auto", 1e-30, None)

@@ -1,9 +1,9 @@
-"""edgemed.fidelity: the one definition of KLD / top-1 for parity and the bench divergence phase."""
+"""edgemed.converters.quality.fidelity: the one definition of KLD / top-1 for parity and the bench divergence phase."""
 
 import numpy as np
 import pytest
 
-from edgemed import fidelity
+from edgemed.converters.quality import fidelity
 
 
 def _logits(rng, n, vocab=32, scale=3.0):
@@ -61,7 +61,7 @@ def test_short_passages_are_said_plainly():
 
 
 def test_parity_reports_the_headline_the_first_positions_and_the_llamacpp_figure():
-    from edgemed.converters.parity import compare
+    from edgemed.converters.quality.parity import compare
 
     rng = np.random.default_rng(1)
     src = [_logits(rng, 12), _logits(rng, 9)]
@@ -82,7 +82,7 @@ def test_parity_reports_the_headline_the_first_positions_and_the_llamacpp_figure
 
 
 def test_parity_still_fails_non_finite_logits_and_gates_floats_on_every_row():
-    from edgemed.converters.parity import compare
+    from edgemed.converters.quality.parity import compare
 
     rng = np.random.default_rng(2)
     src = [_logits(rng, 8)]

@@ -49,8 +49,8 @@ def gguf_base(work) -> bytes:
 
 # -- GGUF ------------------------------------------------------------------------------------------
 def read_gguf(path: Path):
-    from edgemed.gguf_header import read_header
-    from edgemed.planner import read_shape
+    from edgemed.formats.gguf_header import read_header
+    from edgemed.runtime.plan import read_shape
 
     if parses_or_refuses(read_header, path) is not None:
         parses_or_refuses(read_shape, path)
@@ -174,7 +174,7 @@ def profile_text(draw, base: str) -> str:
 def test_fuzz_profiles(work, monkeypatch):
     from edgemed.devices import load_profiles
     from edgemed.devices.facts import Facts
-    from edgemed.planner import make_plan
+    from edgemed.runtime.plan import make_plan
 
     base = (Path(__file__).parents[1] / "device_profiles" / "generic.toml").read_text().replace('"generic"', '"fuzzed"')
     folder = work / "profiles"
@@ -297,7 +297,7 @@ def test_fuzz_cli_devices_show_and_audit_verify(work, monkeypatch):
 
 
 
-# -- safetensors headers (converters/checkpoint.py, through its public Checkpoint.open) -------------
+# -- safetensors headers (converters/source/checkpoint.py, through its public Checkpoint.open) -------------
 @st.composite
 def safetensors_bytes(draw, tensors: dict, data: bytes) -> bytes:
     kind = draw(st.sampled_from(["entry", "entry", "header", "length", "deep"]))
@@ -324,7 +324,7 @@ def safetensors_bytes(draw, tensors: dict, data: bytes) -> bytes:
 
 def test_fuzz_safetensors_headers(work):
     np = pytest.importorskip("numpy")
-    from edgemed.converters.checkpoint import Checkpoint
+    from edgemed.converters.source.checkpoint import Checkpoint
 
     ckpt = work / "ckpt"
     ckpt.mkdir()

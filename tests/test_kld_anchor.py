@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemed import fidelity
+from edgemed.converters.quality import fidelity
 from edgemed.benchmarks import kld_anchor
 from edgemed.benchmarks import llama_perplexity as lp
 from edgemed.errors import InputError

@@ -1,4 +1,4 @@
-"""The layer-at-a-time HF reference (converters/layered.py) against the whole-model one it replaces.
+"""The layer-at-a-time HF reference (converters/quality/layered.py) against the whole-model one it replaces.
 
 The oracles below are the whole-model code that ``parity.source_logits`` and ``imatrix.compute_imatrix`` ran
 before (whole model in float32, PEFT unmerged for logits, PEFT merged for the imatrix); they live here only.
@@ -33,7 +33,7 @@ def whole_logits(model_dir: Path, lora: Path | None, prompts=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgemed.converters.parity import PROMPTS
+    from edgemed.converters.quality.parity import PROMPTS
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -55,7 +55,7 @@ def whole_imatrix(ckpt, spec, text_path: Path, lora: Path | None = None) -> dict
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgemed.converters.imatrix import CHUNK_TOKENS, MAX_CHUNKS, read_calibration_text
+    from edgemed.converters.gguf.imatrix import CHUNK_TOKENS, MAX_CHUNKS, read_calibration_text
 
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32)
@@ -132,7 +132,7 @@ def tinies(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
 def test_layered_logits_equal_whole_model(tinies, arch, tie, layout, with_lora):
-    from edgemed.converters.layered import reference_logits
+    from edgemed.converters.quality.layered import reference_logits
 
     model = tinies[arch, tie, layout]
     if layout == "sharded":
@@ -145,7 +145,7 @@ def test_layered_logits_equal_whole_model(tinies, arch, tie, layout, with_lora):
 def test_half_precision_sources_are_widened_like_transformers(tinies, tmp_path, dtype):
     import torch
 
-    from edgemed.converters.layered import reference_logits
+    from edgemed.converters.quality.layered import reference_logits
 
     model = _resave(tinies["qwen2", False, "single"], tmp_path / dtype, dtype=getattr(torch, dtype), shard="60KB")
     assert_same_logits(whole_logits(model, None), reference_logits(model, None), exact=True)
@@ -173,7 +173,7 @@ def _adapter(base: Path, out: Path, **config) -> Path:
     {"target_modules": ["down_proj"], "use_rslora": True, "rank_pattern": {"layers.1.mlp.down_proj": 2}},
 ], ids=["head-lora", "modules-to-save", "rslora-rank-pattern"])
 def test_adapter_forms_match_peft(tinies, tmp_path, config):
-    from edgemed.converters.layered import reference_logits
+    from edgemed.converters.quality.layered import reference_logits
 
     base = tinies["llama", False, "single"]
     lora = _adapter(base, tmp_path / "adapter", **config)
@@ -187,8 +187,8 @@ def test_small_row_blocks_and_one_layer_at_a_time(tinies):
     """Embeddings gathered and the head filled over many small blocks; never two layers' weights at once."""
     import torch
 
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.layered import LayeredModel
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.quality.layered import LayeredModel
 
     model_dir = tinies["llama", False, "sharded"]
     want = whole_logits(model_dir, None)
@@ -212,8 +212,8 @@ def test_small_row_blocks_and_one_layer_at_a_time(tinies):
 @pytest.mark.parametrize("arch,tie,with_lora", [("llama", False, False), ("llama", False, True), ("qwen2", True, False)])
 def test_imatrix_equals_whole_model(tinies, tmp_path, arch, tie, with_lora):
     from edgemed.converters import arch_spec
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.imatrix import compute_imatrix
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.gguf.imatrix import compute_imatrix
 
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(tiny.CORPUS[:30]))  # several 256-token chunks
@@ -235,8 +235,8 @@ def test_imatrix_equals_whole_model(tinies, tmp_path, arch, tie, with_lora):
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
 def test_gguf_parity_report_equals_whole_model_reference(tinies, tmp_path, with_lora):
     pytest.importorskip("llama_cpp")
-    from edgemed.converters.layered import reference_logits
-    from edgemed.converters.parity import check_gguf
+    from edgemed.converters.quality.layered import reference_logits
+    from edgemed.converters.quality.parity import check_gguf
     from edgemed.converters.pipeline import ConvertOptions, convert
 
     model = tinies["qwen2", True, "single"]
@@ -259,7 +259,7 @@ def test_estimate_counts_one_layer_hidden_states_and_logits():
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from edgemed.converters.layered import estimate_peak_bytes
+    from edgemed.converters.quality.layered import estimate_peak_bytes
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN_7B), dtype=torch.float32)
@@ -275,7 +275,7 @@ def test_estimate_counts_one_layer_hidden_states_and_logits():
 # -- real checkpoints -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_layered_equals_whole_model(smollm2_hf):
-    from edgemed.converters.layered import reference_logits
+    from edgemed.converters.quality.layered import reference_logits
 
     assert_same_logits(whole_logits(smollm2_hf, None), reference_logits(smollm2_hf, None))
 
@@ -300,7 +300,7 @@ QWEN_DIR = _qwen_checkpoint()
 @pytest.mark.slow
 @pytest.mark.skipif(QWEN_DIR is None, reason=f"{QWEN} HF checkpoint not built here (run sources.hf_checkpoint('{QWEN}') once)")
 def test_qwen_layered_equals_whole_model():
-    from edgemed.converters.layered import reference_logits
+    from edgemed.converters.quality.layered import reference_logits
 
     assert_same_logits(whole_logits(QWEN_DIR, None), reference_logits(QWEN_DIR, None))
 
@@ -308,7 +308,7 @@ def test_qwen_layered_equals_whole_model():
 def test_adapter_parts_the_merge_cannot_apply_are_refused(tinies, tmp_path):
     """An embedding LoRA (lora_embedding_A/B) was dropped silently by the merge; PEFT's whole-model reference
     would have caught that, a reference that merges with the same class cannot, so the adapter is refused."""
-    from edgemed.converters.layered import reference_logits
+    from edgemed.converters.quality.layered import reference_logits
     from edgemed.errors import AdapterError
 
     base = tinies["llama", False, "single"]

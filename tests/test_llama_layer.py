@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgemed.errors import InputError, ModelLoadError
-from edgemed.gguf_header import TensorInfo
+from edgemed.formats.gguf_header import TensorInfo
 from edgemed.runtime import buffers, selftest
 from edgemed.runtime.engine import LoadSettings
 
@@ -37,6 +37,34 @@ def test_only_the_layer_loads_models_or_creates_contexts():
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
     assert "llama_model_load_from_file" in layer.read_text(encoding="utf-8")
+
+
+def test_the_layer_holds_no_policy_and_the_loader_consults_the_self_test(monkeypatch, smollm2_gguf):
+    """``llamacpp`` loads exactly what it is given (no self-test, no cache, no child process); the one
+    loader above it asks the self-test first and loads with the settings it returns."""
+    import ast
+
+    from edgemed.runtime import llamacpp, loader
+
+    tree = ast.parse((ROOT / "edgemed" / "runtime" / "llamacpp.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {"selftest", "verdicts", "subprocess", "edgemed.runtime.selftest", "edgemed.runtime.verdicts"} & imported
+    assert "cache_dir" not in (ROOT / "edgemed" / "runtime" / "llamacpp.py").read_text(encoding="utf-8")
+
+    asked = []
+    monkeypatch.setattr(selftest, "ensure", lambda path, load, tensors=None: asked.append(load) or
+                        replace(load, extra_buffers="none"))
+    model = loader.load_model(smollm2_gguf, LoadSettings(n_ctx=128, n_threads=1, extra_buffers="all"))
+    try:
+        assert [a.extra_buffers for a in asked] == ["all"]
+        assert model.load.extra_buffers == "none" and model.placement.mode == "none"
+    finally:
+        model.close()
+    asked.clear()
+    direct = llamacpp.Model(smollm2_gguf, LoadSettings(n_ctx=128, n_threads=1, extra_buffers="none"))
+    direct.close()
+    assert asked == []  # the layer itself never runs the self-test
 
 
 # -- host-safe settings as data -------------------------------------------------------------------
@@ -89,7 +117,7 @@ def _native_log(caplog, path, mode) -> tuple[str, list]:
 
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="edgemed.llama_cpp"):  # llama.cpp's log, routed through logging
-        model = llamacpp.Model(path, LoadSettings(n_ctx=128, n_threads=1, extra_buffers=mode), checked=False)
+        model = llamacpp.Model(path, LoadSettings(n_ctx=128, n_threads=1, extra_buffers=mode))
         ctx = llamacpp.Context(model, n_ctx=128)
         logits = ctx.eval(model.tokenize("Anaphylaxis is treated with", add_special=True))
         ctx.close()

@@ -54,7 +54,7 @@ def test_every_field_set_reads_back_from_the_struct_and_from_llama_cpp(smollm2_g
 
     load = LoadSettings(n_ctx=512, n_threads=1, n_threads_batch=2, n_batch=256, n_ubatch=128, use_mmap=False,
                         extra_buffers="none")
-    model = llamacpp.Model(smollm2_gguf, load, checked=False)
+    model = llamacpp.Model(smollm2_gguf, load)
     ctx = llamacpp.Context(model, load, n_seq_max=2)
     try:
         lc = model.lib
@@ -105,7 +105,7 @@ def _resident(path, mode: str) -> dict:
 def test_no_mmap_load_holds_repacked_weights_once(q4_0_gguf):
     """With the CPU repack on, a mapped load keeps the file's pages of every repacked tensor resident beside the
     interleaved copy; the profiles' ``use_mmap = false`` must reach llama.cpp so that the file is not mapped at all."""
-    from edgemed.gguf_header import read_header
+    from edgemed.formats.gguf_header import read_header
     from edgemed.runtime.buffers import pinned_weights
     from edgemed.runtime.llamacpp import build
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edgemed import atomic, debris
+from edgemed.files import atomic
+
+from edgemed.files import debris
 from edgemed.runtime import selftest
 from edgemed.runtime.engine import LoadSettings
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from edgemed import atomic, made
+from edgemed.files import atomic
+
+from edgemed.files import ownership as made
 from edgemed.errors import OutputExists
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +54,7 @@ def _run(home: Path, out: Path) -> subprocess.CompletedProcess:
     """Make ``out`` in a child process that must finish within 10 s."""
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from edgemed import atomic
+        from edgemed.files import atomic
         with atomic.atomic_path(Path({str(out)!r}), kind="onnx") as tmp:
             tmp.mkdir()
             (tmp / "model.onnx").write_bytes(b"graph")

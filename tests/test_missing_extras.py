@@ -80,9 +80,9 @@ def test_converter_modules_import_as_missing_dependency_not_module_not_found():
     """Code that imports the converters directly (benchmarks, scripts) meets the same error type."""
     code = PRELUDE.split("sys.argv =")[0] + textwrap.dedent('''
         from edgemed.errors import MissingDependency
-        import edgemed.converters.arch.llama, edgemed.converters.tokenizer  # tables and tokenizer.json reading: no gguf
+        import edgemed.converters.arch.llama, edgemed.converters.gguf.tokenizer  # tables and tokenizer.json reading: no gguf
         try:
-            import edgemed.converters.gguf_out
+            import edgemed.converters.gguf.writer
         except MissingDependency as exc:
             print("ok", exc.module, exc.extra)
     ''')

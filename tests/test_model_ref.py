@@ -10,7 +10,7 @@ pytest.importorskip("gguf")
 
 import bundle_kit as kit  # noqa: E402
 from edgemed.errors import InputError, StoreError  # noqa: E402
-from edgemed.formats import model_format, sniff  # noqa: E402
+from edgemed.formats.sniff import model_format, sniff  # noqa: E402
 from edgemed.packaging import digest  # noqa: E402
 from edgemed.packaging.bundle import PackInputs, pack  # noqa: E402
 from edgemed.packaging.ref import DIRECTORY, FILE, STORE, TAR, bundle_ref, resolve, runnable, with_digest  # noqa: E402

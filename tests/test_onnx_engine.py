@@ -24,7 +24,7 @@ PROMPT = [{"role": "user", "content": "The patient has diabetes"}]
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> tuple[Path, Path]:
-    from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
+    from edgemed.converters.onnx.export import OnnxOptions, convert_onnx
 
     src = build(tmp_path_factory.mktemp("tiny-e") / "tiny-qwen2")
     out = tmp_path_factory.mktemp("onnx-e") / "tiny-fp32"

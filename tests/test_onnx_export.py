@@ -15,7 +15,7 @@ np = pytest.importorskip("numpy")
 
 from onnx_tiny import add_lora, build  # noqa: E402
 
-from edgemed.converters.onnx_export import OnnxOptions, convert_onnx  # noqa: E402
+from edgemed.converters.onnx.export import OnnxOptions, convert_onnx  # noqa: E402
 from edgemed.errors import ParityError, UnsupportedArchitecture  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def _hf_logits(model, ids):
 
 
 def _onnx_logits(path: Path, ids):
-    from edgemed.converters.onnx_parity import onnx_logits
+    from edgemed.converters.onnx.parity import onnx_logits
 
     return onnx_logits(path / "model.onnx", [ids])[0]
 
@@ -148,7 +148,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 def test_failure_in_quantization_leaves_nothing(tiny, tmp_path, monkeypatch):
-    from edgemed.converters import onnx_quant
+    from edgemed.converters.onnx import quant as onnx_quant
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -162,8 +162,8 @@ def test_failure_in_quantization_leaves_nothing(tiny, tmp_path, monkeypatch):
 
 
 def test_parity_failure_refuses_and_leaves_nothing(tiny, tmp_path, monkeypatch):
-    from edgemed.converters import onnx_parity
-    from edgemed.converters.parity import ParityReport
+    from edgemed.converters.onnx import parity as onnx_parity
+    from edgemed.converters.quality.parity import ParityReport
 
     def bad(*a, **k):
         return ParityReport("onnx", "f32", 1, 1, 0.5, 1.0, 0.0, 9.0, 1e-4, False)

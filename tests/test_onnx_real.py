@@ -1,7 +1,7 @@
 """The real Qwen2.5-0.5B-Instruct (dequantized HF checkpoint) -> int4 ONNX -> a medical answer. Slow (~3 min).
 
 Skipped with a reason when the checkpoint has not been built on this machine
-(``edgemed.converters.sources.hf_checkpoint('qwen2.5-0.5b-instruct')`` builds it).
+(``edgemed.converters.source.pip_models.hf_checkpoint('qwen2.5-0.5b-instruct')`` builds it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_qwen_int4_onnx_answers_a_medical_question(tmp_path):
     ckpt = next((p for p in [*CANDIDATES, TEST_CACHE / "checkpoints" / NAME] if (p / "config.json").exists()), None)
     if ckpt is None:
         pytest.skip(f"{NAME} HF checkpoint not built here (run sources.hf_checkpoint('{NAME}') once)")
-    from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
+    from edgemed.converters.onnx.export import OnnxOptions, convert_onnx
     from edgemed.runtime import GenerationSettings, open_engine
 
     out = tmp_path / "qwen-int4"

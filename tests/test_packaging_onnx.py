@@ -18,12 +18,12 @@ import bundle_kit as kit  # noqa: E402
 from onnx_tiny import build  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
-from edgemed.conversion_report import report_path  # noqa: E402
+from edgemed.formats.conversion_report import report_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory) -> Path:
-    from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
+    from edgemed.converters.onnx.export import OnnxOptions, convert_onnx
 
     src = build(tmp_path_factory.mktemp("tiny-p") / "tiny-qwen2")
     out = tmp_path_factory.mktemp("onnx-p") / "tiny-fp32"

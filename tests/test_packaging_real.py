@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def smollm2_q4_k_m(smollm2_gguf) -> Path:
     llama_cpp = pytest.importorskip("llama_cpp")
-    from edgemed.atomic import atomic_path
+    from edgemed.files.atomic import atomic_path
 
     out = TEST_CACHE / "packaging" / "smollm2-135m-instruct.requant-q4_k_m.gguf"
     if out.is_file():

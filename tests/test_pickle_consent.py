@@ -62,7 +62,7 @@ def gguf(root, model) -> Path:
 
 def paragraph(ckpt: Path) -> str:
     """What `edgemed convert` says about ``ckpt`` without --allow-pickle (its one constructor)."""
-    from edgemed.converters.checkpoint import pickle_refused
+    from edgemed.converters.source.checkpoint import pickle_refused
 
     return str(pickle_refused(ckpt, [ckpt / "pytorch_model.bin"]))
 
@@ -112,7 +112,7 @@ def test_convert_onnx_passes_the_consent_on(pickled, monkeypatch, tmp_path):
     """With --allow-pickle the ONNX route opens the checkpoint (the flag reaches OnnxOptions and Checkpoint.open)."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from edgemed.converters import budget
+    from edgemed.converters.budget import peaks as budget
 
     seen = []
 
@@ -135,11 +135,11 @@ def test_check_passes_with_consent(pickled, gguf):
 def test_library_readers_refuse_a_bare_path(pickled, gguf):
     """A reader handed a directory (not the command's opened checkpoint) has no consent: the same refusal."""
     from edgemed.converters import arch_spec
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.imatrix import compute_imatrix
-    from edgemed.converters.layered import LayeredModel, reference_logits
-    from edgemed.converters.merged_model import load_merged
-    from edgemed.converters.parity import check_gguf
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.gguf.imatrix import compute_imatrix
+    from edgemed.converters.quality.layered import LayeredModel, reference_logits
+    from edgemed.converters.source.merged_model import load_merged
+    from edgemed.converters.quality.parity import check_gguf
 
     calls = [lambda: check_gguf(pickled, gguf, "f32"), lambda: reference_logits(pickled, None),
              lambda: LayeredModel.open(pickled), lambda: load_merged(pickled),
@@ -221,8 +221,8 @@ def test_adapter_trained_on_this_base_says_nothing(model, lora, tmp_path):
 
 
 def test_adapter_whose_base_is_proven_another_model_is_refused(model, lora, tmp_path):
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.lora import LoraAdapter
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.source.lora import LoraAdapter
 
     ckpt = Checkpoint.open(model)
     other = tmp_path / "qwen-base"
@@ -323,7 +323,7 @@ def test_pack_refuses_a_converted_gguf_without_its_report(gguf, tmp_path):
 def test_a_force_convert_that_fails_at_its_rename_keeps_the_old_report(model, tmp_path, monkeypatch):
     """The new report lands before the output; when the output's rename then fails, the output in place keeps
     its own report (byte for byte), so `pack` still takes the old pair."""
-    from edgemed import atomic
+    from edgemed.files import atomic
     from edgemed.converters.pipeline import ConvertOptions, convert
     from edgemed.errors import OutputError
 

@@ -12,7 +12,7 @@ pytest.importorskip("gguf")
 
 from edgemed.benchmarks import plan_devices  # noqa: E402
 from edgemed.devices.profiles import load_profiles  # noqa: E402
-from edgemed.planner import choose_context, estimate, profile_settings, read_shape  # noqa: E402
+from edgemed.runtime.plan import choose_context, estimate, profile_settings, read_shape  # noqa: E402
 from test_planner import write_tiny_gguf  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from edgemed.cli import cli
 from edgemed.devices import get_profile
 from edgemed.errors import PlanError
-from edgemed.planner import MIB, choose_context, estimate, kv_cache_bytes, profile_settings, read_shape
+from edgemed.runtime.plan import MIB, choose_context, estimate, kv_cache_bytes, profile_settings, read_shape
 
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
@@ -58,7 +58,7 @@ def test_read_shape_from_tensor_table(tiny):
 
 
 def test_fast_header_reader_agrees_with_gguf_reader(tiny):
-    from edgemed.gguf_header import read_header
+    from edgemed.formats.gguf_header import read_header
 
     ours = read_header(tiny)
     theirs = gguf.GGUFReader(str(tiny))
@@ -96,7 +96,7 @@ def test_compute_buffer_matches_llama_cpp_reports():
     """Numbers llama.cpp 0.3.36 printed ("CPU compute buffer size") for SmolLM2-135M, no flash attention.
 
     With GPU offload the whole reserved buffer counts; those sizes are what llama.cpp reserves."""
-    from edgemed.planner import ModelShape, compute_bytes
+    from edgemed.runtime.plan import ModelShape, compute_bytes
 
     smol = ModelShape("llama", 30, 576, 9, 3, 64, 64, 1536, 49152, 8192, 0, 0)
     for n_ctx, n_ubatch, reported_mib in ((8192, 512, 166.38), (16384, 512, 326.38), (16384, 128, 81.60),

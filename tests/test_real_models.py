@@ -16,7 +16,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
 from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
-from edgemed.converters.tokenizer import MEDICAL_SAMPLES, verify_tokenization  # noqa: E402
+from edgemed.converters.gguf.tokenizer import MEDICAL_SAMPLES, verify_tokenization  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

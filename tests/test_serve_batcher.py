@@ -18,7 +18,7 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 pytest.importorskip("llama_cpp")
 
-from edgemed.serve.batcher import Batcher, Closed, Finished, Overloaded, Piece  # noqa: E402
+from edgemed.runtime.batch.batcher import Batcher, Closed, Finished, Overloaded, Piece  # noqa: E402
 
 QUESTIONS = [
     "What is the first-line treatment for anaphylaxis?",

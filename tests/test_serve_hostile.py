@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ship
 
 from edgemed.runtime.engine import LoadSettings  # noqa: E402
 from edgemed.serve.app import create_app  # noqa: E402
-from edgemed.serve.batcher import Batcher  # noqa: E402
+from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
 from edgemed.serve.config import ServeConfig  # noqa: E402
 from test_template_limits import BOUNDED_S, LOOP, RECURSION, doubling, with_chat_template  # noqa: E402
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
-from edgemed.serve.prefill import PREFILL_FIRST, PREFILL_MIN, STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
+from edgemed.runtime.batch.prefill import PREFILL_FIRST, PREFILL_MIN, STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
 
 LOAD = LoadSettings(n_ctx=2 * 512, n_threads=1, n_batch=256, n_ubatch=256)
 COUNTING = "Counting from one to five hundred: 1, 2, 3, 4, 5, 6, 7, 8,"
@@ -55,14 +55,14 @@ def test_prompts_fed_together_go_in_calls_of_equal_pieces_and_no_piece_is_one_to
 @pytest.fixture(scope="module")
 def batcher(smollm2_gguf):
     pytest.importorskip("llama_cpp")
-    from edgemed.serve.batcher import Batcher
+    from edgemed.runtime.batch.batcher import Batcher
 
     with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2, prefill_chunk=16) as b:
         yield b
 
 
 def test_long_prompt_is_split_while_a_running_stream_gets_a_token_every_step(batcher):
-    from edgemed.serve.stream import Finished, Piece
+    from edgemed.runtime.batch.stream import Finished, Piece
 
     running = batcher.submit(COUNTING, GenerationSettings(max_tokens=440), request_id="running")
     arrivals: list[tuple[float, int]] = []  # (time, decode steps so far) of each piece of the running stream
@@ -95,7 +95,7 @@ def test_serve_passes_prefill_chunk_to_the_batcher(smollm2_gguf, monkeypatch, tm
 
     from edgemed.cli import cli
     from edgemed.errors import EdgemedError
-    from edgemed.serve import batcher as batcher_module
+    from edgemed.runtime.batch import batcher as batcher_module
 
     seen = {}
 
@@ -117,9 +117,9 @@ def test_short_prompts_that_arrive_together_start_generating_in_the_same_step(sm
     """Three short prompts queued while a stream generates are fed in one step (as llama-server does), not
     one a step: each new stream's first token comes before the second token of any of them."""
     pytest.importorskip("llama_cpp")
-    from edgemed.serve import stream as stream_module
-    from edgemed.serve.batcher import Batcher
-    from edgemed.serve.stream import Finished, Piece
+    from edgemed.runtime.batch import stream as stream_module
+    from edgemed.runtime.batch.batcher import Batcher
+    from edgemed.runtime.batch.stream import Finished, Piece
 
     events: list[tuple[str, str]] = []  # (request id, kind) in the order the scheduler emits them
     put = stream_module.Stream._put
@@ -152,9 +152,9 @@ def test_requests_sent_together_to_an_idle_server_are_gathered_into_one_first_st
     """HTTP requests sent at once reach the batcher milliseconds apart: an idle scheduler waits for the
     stragglers (GATHER_QUIET_S) so all of them are prefilled in its first step."""
     pytest.importorskip("llama_cpp")
-    from edgemed.serve import batcher as batcher_module
-    from edgemed.serve import stream as stream_module
-    from edgemed.serve.batcher import Batcher, Piece
+    from edgemed.runtime.batch import batcher as batcher_module
+    from edgemed.runtime.batch import stream as stream_module
+    from edgemed.runtime.batch.batcher import Batcher, Piece
 
     assert batcher_module.GATHER_QUIET_S >= 0.005 and batcher_module.GATHER_MAX_S <= 0.1  # cheap next to a prefill
     events: list[str] = []

@@ -72,7 +72,7 @@ def test_key_file(tmp_path):
 @pytest.fixture(scope="module")
 def model(smollm2_gguf):
     from edgemed.runtime.engine import LoadSettings
-    from edgemed.serve.batcher import Batcher
+    from edgemed.runtime.batch.batcher import Batcher
 
     pytest.importorskip("fastapi")
     batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=1), slots=1, queue_size=2)
@@ -183,7 +183,7 @@ def test_model_identity_for_the_audit(tmp_path):
     pytest.importorskip("gguf")
     import bundle_kit as kit
     from edgemed.cli.serve import _identify
-    from edgemed.hashing import file_sha256
+    from edgemed.files.hashing import file_sha256
     from edgemed.packaging.bundle import PackInputs, pack
     from edgemed.packaging.store import Store
 

@@ -38,7 +38,7 @@ def qwen_tokenizer_dir(tmp_path_factory):
     """The Qwen2.5 stand-in's tokenizer, read from its pip-packaged GGUF (skipped when not installed)."""
     from transformers import AutoTokenizer
 
-    from edgemed.converters import sources
+    from edgemed.converters.source import pip_models as sources
 
     try:
         gguf = sources.gguf_file("qwen2.5-0.5b-instruct")
@@ -149,7 +149,7 @@ def test_convert_to_f16_passes_parity(tiny_ckpt, tmp_path):
 def test_real_r1_tokenizer_is_composed_and_padded(tmp_path, qwen_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from edgemed.converters.tokenizer import plan_vocab
+    from edgemed.converters.gguf.tokenizer import plan_vocab
 
     out = tmp_path / "r1"
     sc.write_checkpoint(out, "tiny", R1_FIXTURE, bpe_from=qwen_tokenizer_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgemed import atomic
+from edgemed.files import atomic
 from edgemed.cli import cli
 from edgemed.packaging.bundle import PackInputs, pack
 from edgemed.packaging.store import Store
@@ -131,7 +131,7 @@ def test_a_live_install_is_read_through_and_never_swept(bundles, tmp_path):
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child stops itself at that step, still holding the lock
         os.environ["EDGEMED_TEST_KILL_AT"] = "0"
-        from edgemed import debris
+        from edgemed.files import debris
 
         real = debris.step
 
@@ -141,7 +141,7 @@ def test_a_live_install_is_read_through_and_never_swept(bundles, tmp_path):
                 os.kill(os.getpid(), signal.SIGSTOP)
 
         debris.step = pause
-        import edgemed.atomic as a
+        import edgemed.files.atomic as a
         import edgemed.packaging.store as st
 
         a.step = st.step = pause

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgemed import atomic
+from edgemed.files import atomic
 from edgemed.cli import cli
 from edgemed.errors import EdgemedError
 from edgemed.packaging.store import Store

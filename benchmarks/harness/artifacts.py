@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from edgemed.benchmarks.harness.configs import Config
-from edgemed.conversion_report import report_path
+from edgemed.formats.conversion_report import report_path
 from edgemed.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def source_digest(src: Path, allow_pickle: bool = False) -> str:
     """The digest ``edgemed convert`` records for a checkpoint (config + weight files); pickle-only weights are
     refused without the user's ``--allow-pickle``, with the paragraph ``convert`` gives."""
-    from edgemed.converters.checkpoint import Checkpoint
+    from edgemed.converters.source.checkpoint import Checkpoint
 
     return Checkpoint.open(src, allow_pickle=allow_pickle).digest()
 
@@ -103,8 +103,8 @@ def _convert(src: Path, artifact: Path, args: list[str], echo) -> None:
 
 def _text_sha(text: Path) -> str:
     """The sha256 the conversion report gives the calibration text: of the bytes the importance matrix reads."""
-    from edgemed.converters.calibration import read
-    from edgemed.converters.imatrix import TEXT_BYTES
+    from edgemed.converters.gguf.calibration import read
+    from edgemed.converters.gguf.imatrix import TEXT_BYTES
 
     return read(text, TEXT_BYTES).sha256
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgemed.atomic import write_text
+from edgemed.files.atomic import write_text
 from edgemed.benchmarks.harness.configs import Config, Settings
 
 log = logging.getLogger(__name__)

@@ -154,10 +154,10 @@ def config_for_artifact(path: Path, name: str | None = None, allow_pickle: bool 
 
     An HF directory is opened here with the user's consent (``allow_pickle``): pickle-only weights are refused
     before anything is measured, with the paragraph ``convert`` gives."""
-    from edgemed.formats import model_format
+    from edgemed.formats.sniff import model_format
 
     if path.is_dir() and (path / "config.json").exists() and not any(path.glob("*.onnx")):
-        from edgemed.converters.checkpoint import Checkpoint
+        from edgemed.converters.source.checkpoint import Checkpoint
 
         Checkpoint.open(path, allow_pickle=allow_pickle)
         return Config(name or "hf-fp32", "hf", str(path), "float32", allow_pickle)

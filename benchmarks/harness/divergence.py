@@ -8,7 +8,7 @@ float16 row).
 ``divergence(scorer, reference_path)`` runs the same passages through another artifact, refuses if its tokenizer
 gives different token ids, and reports per-position KL(reference || artifact) in nats (mean and 99th percentile),
 top-1 agreement (the artifact's argmax equals the reference's) and the number of positions, by the rules of
-``edgemed.fidelity``: the headline leaves out each passage's first position, which is reported on its own
+``edgemed.converters.quality.fidelity``: the headline leaves out each passage's first position, which is reported on its own
 (``first``), beside the llama.cpp-compatible figure (``llamacpp``: the second half of each passage) and every
 position (``all``).
 
@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgemed.errors import InputError
-from edgemed.fidelity import log_softmax as _log_softmax, summarize
+from edgemed.converters.quality.fidelity import log_softmax as _log_softmax, summarize
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def reference_logits(scorer, out_path: Path, texts: list[str] | None = None, *, 
     """Save the reference's top-``top_k`` log-probs + tail mass per position of ``texts`` to ``out_path`` (npz)."""
     import numpy as np
 
-    from edgemed.atomic import atomic_path
+    from edgemed.files.atomic import atomic_path
 
     texts = list(texts) if texts is not None else load_texts()
     tokens = _passages(scorer, texts)

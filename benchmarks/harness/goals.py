@@ -48,7 +48,7 @@ def _acc_drop(results, name):
 
 
 def _kld(results, name, part=None):
-    """The headline KLD of ``name`` (edgemed.fidelity), or one of its parts ("llamacpp", "first", "all")."""
+    """The headline KLD of ``name`` (edgemed.converters.quality.fidelity), or one of its parts ("llamacpp", "first", "all")."""
     div = (_by(results).get(name) or {}).get("divergence") or {}
     return (div.get(part) or {}).get("kld_mean") if part else div.get("kld_mean")
 

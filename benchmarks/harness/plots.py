@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgemed.atomic import atomic_path
+from edgemed.files.atomic import atomic_path
 
 MIB = 1 << 20
 COLORS = {"gguf": "#1f77b4", "onnx": "#2ca02c", "hf": "#7f7f7f"}

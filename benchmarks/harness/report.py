@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from edgemed import __version__
-from edgemed.atomic import write_text
+from edgemed.files.atomic import write_text
 from edgemed.benchmarks.harness.configs import PAPER, REFERENCE, Config, Settings
 from edgemed.benchmarks.harness import scores
 from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token

@@ -160,7 +160,7 @@ def stream_copy_bandwidth(size_bytes: int | None = None, repeats: int = 7, threa
 def gguf_facts(path: Path, type_k: str = "f16", type_v: str = "f16") -> WeightFacts:
     """From the GGUF header; the KV cache at llama.cpp's ``type_k`` / ``type_v`` (the profiles' default: f16)."""
     from edgemed.constants import KV_TYPES
-    from edgemed.gguf_header import read_header
+    from edgemed.formats.gguf_header import read_header
 
     header = read_header(path)
     meta = header.metadata

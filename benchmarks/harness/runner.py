@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgemed import __version__
-from edgemed.atomic import write_text
+from edgemed.files.atomic import write_text
 from edgemed.benchmarks.harness.accuracy import records_carry_over
 from edgemed.benchmarks.harness.child import RAW_SCHEMA
 from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, Config, Settings
@@ -83,9 +83,9 @@ def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Se
                    "settings_sha256": settings.digest(phase)}
             if phase == "divergence":  # the reference's truncation sets how close the KLD is to the full-vocabulary one
                 from edgemed.benchmarks.harness.divergence import TOP_K
-                from edgemed.fidelity import VERSION
+                from edgemed.converters.quality.fidelity import VERSION
 
-                key["fidelity_version"] = VERSION  # the rules of the figures (edgemed.fidelity): new rules, new results
+                key["fidelity_version"] = VERSION  # the rules of the figures (edgemed.converters.quality.fidelity): new rules, new results
                 key["reference_sha256"] = digests[next(x.path for x in configs if x.name == REFERENCE)]
                 key["reference_top_k"] = TOP_K
             tasks.append(Task(c, phase, raw / f"{c.name}-{phase}.json", key))

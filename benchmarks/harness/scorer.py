@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edgemed.formats import model_format
+from edgemed.formats.sniff import model_format
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class OnnxScorer(Scorer):
             engine.close()
 
 
-# On-disk form (edgemed.formats.model_format) -> scorer class
+# On-disk form (edgemed.formats.sniff.model_format) -> scorer class
 SCORERS = {"gguf": GgufScorer, "onnx": OnnxScorer}
 
 

@@ -22,7 +22,7 @@ class HfTimed:
         from transformers import AutoTokenizer
 
         from edgemed import env
-        from edgemed.converters.checkpoint import Checkpoint
+        from edgemed.converters.source.checkpoint import Checkpoint
 
         env.enforce_offline()
         if threads:

@@ -199,7 +199,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     if imatrix_from is not None:
-        from edgemed.converters.calibration import resolve
+        from edgemed.converters.gguf.calibration import resolve
 
         imatrix_from = resolve(imatrix_from).resolve()
     configs = artifacts.prepare(source.resolve(), output, artifacts.parse_quants(quants),

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edgemed.constants import DEFAULT_OUTPUT_TYPE, FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
-from edgemed.converters.onnx_graphs import DEFAULT_GRAPH, GRAPHS  # the graph kinds' table (light: no converter imports)
+from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS  # the graph kinds' table (light: no converter imports)
 
 
 @click.command()
@@ -47,11 +47,11 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
     out_type = out_type or DEFAULT_OUTPUT_TYPE[target]
     require_route(target)  # before the default model is made or a converter imported: one paragraph, no traceback
-    from edgemed.converters.memory_room import requested_budget
+    from edgemed.converters.budget.memory_room import requested_budget
 
     requested_budget(memory_budget)  # --memory-budget (even empty) or $EDGEMED_MEMORY_BUDGET: a size, or refused now
     if target == "gguf":  # --quant auto's flags belong together: a bad mix is refused before any work
-        from edgemed.converters.auto_quant import check_request
+        from edgemed.converters.gguf.auto_quant import check_request
 
         check_request(out_type, max_kld, fit_profile)
     elif out_type == "auto" or max_kld is not None or fit_profile is not None:
@@ -67,7 +67,7 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
         raise InputError("--imatrix-from and --no-imatrix calibrate llama.cpp's GGUF quantizer; ONNX int4 has its own recipe.",
                          "leave them out with --to onnx, or convert with --to gguf")
     if source is None:
-        from edgemed.converters import sources
+        from edgemed.converters.source import pip_models as sources
 
         click.echo(f"No SOURCE given: using the default model {sources.DEFAULT}.", err=True)
         source = sources.hf_checkpoint(sources.DEFAULT)
@@ -90,7 +90,7 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
 def _calibration_text(out_type: str, imatrix_from: str | None, no_imatrix: bool) -> Path | None:
     """The text the importance matrix is computed on: the user's, the shipped default for 4-bit types, or none."""
-    from edgemed.converters.calibration import default_imatrix, resolve
+    from edgemed.converters.gguf.calibration import default_imatrix, resolve
     from edgemed.errors import InputError
 
     if imatrix_from is not None and no_imatrix:
@@ -109,7 +109,7 @@ def _calibration_text(out_type: str, imatrix_from: str | None, no_imatrix: bool)
 def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, threads, as_json, graph=DEFAULT_GRAPH, memory_budget=None,
                   allow_pickle=False):
     """``--to onnx``: a directory with the ONNX graph (KV cache), tokenizer, templates and report.json."""
-    from edgemed.converters.onnx_export import OnnxOptions, convert_onnx
+    from edgemed.converters.onnx.export import OnnxOptions, convert_onnx
     from edgemed.errors import InputError
 
     if out_type not in ONNX_OUTPUT_TYPES:
@@ -142,8 +142,8 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     from edgemed.converters import require_route
 
     require_route("check")
-    from edgemed.converters.checkpoint import Checkpoint
-    from edgemed.converters.parity import check_gguf, gate_error
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.quality.parity import check_gguf, gate_error
 
     ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
     out_type = _file_type(model)
@@ -155,7 +155,7 @@ def check(source, model, lora, allow_pickle, threads, as_json):
 
 def _file_type(model: Path) -> str:
     from edgemed.constants import file_type_name
-    from edgemed.gguf_header import read_header
+    from edgemed.formats.gguf_header import read_header
 
     number = read_header(model).metadata.get("general.file_type", -1)  # validated: a corrupt file is a clear error
     return file_type_name(number if isinstance(number, int) else -1)

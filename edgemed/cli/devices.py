@@ -85,7 +85,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, as_
     from dataclasses import replace
 
     from edgemed.runtime import selftest
-    from edgemed.formats import model_format
+    from edgemed.formats.sniff import model_format
     from edgemed.runtime.session import prepare
 
     path = _check_target(model)
@@ -119,7 +119,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, as_
 
 def _check_target(model: str | None) -> Path:
     if model is None:
-        from edgemed.converters import sources
+        from edgemed.converters.source import pip_models as sources
 
         return sources.gguf_file()
     from edgemed.packaging.ref import runnable

@@ -22,7 +22,7 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, as_json):
     Picks the largest context that fits, or exits with an error saying what to change.
     """
     from edgemed.devices.detect import resolve
-    from edgemed.planner import MIB, budget_from_mib, make_plan
+    from edgemed.runtime.plan import MIB, budget_from_mib, make_plan
 
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)

@@ -21,8 +21,9 @@ def quickstart(model_name, quant, output, question):
     checkpoint, convert it to a 4-bit GGUF with a parity report, and answer a
     medical question with it. Nothing touches the network."""
     from edgemed import env
-    from edgemed.converters import require_route, sources
-    from edgemed.converters.calibration import default_imatrix
+    from edgemed.converters import require_route
+    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.gguf.calibration import default_imatrix
 
     require_route("gguf")
     from edgemed.converters.pipeline import ConvertOptions, convert

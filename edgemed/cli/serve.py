@@ -19,7 +19,7 @@ def _identify(model: str) -> tuple[Path, str, str]:
     the file changed since its last full hash).
     """
     from edgemed.errors import InputError
-    from edgemed.formats import model_format
+    from edgemed.formats.sniff import model_format
     from edgemed.packaging.ref import runnable, with_digest
 
     ref = runnable(model)
@@ -76,7 +76,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, profile, n_ctx, t
 
     from edgemed import env
     from edgemed.errors import InputError, require
-    from edgemed.planner import check_threads
+    from edgemed.runtime.plan import check_threads
     from edgemed.serve.security import ApiKeys, bind_socket, check_bind
 
     check_threads(threads, "--threads")
@@ -89,7 +89,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, profile, n_ctx, t
     from edgemed.runtime.session import prepare
     from edgemed.serve.app import create_app
     from edgemed.serve.audit import AuditLog
-    from edgemed.serve.batcher import Batcher
+    from edgemed.runtime.batch.batcher import Batcher
     from edgemed.serve.config import ServeConfig
 
     # Bound first: a taken port (or an address not of this machine) is refused before any model loads,

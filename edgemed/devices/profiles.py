@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgemed import env
-from edgemed.bounded import MAX_DEPTH, too_deep
+from edgemed.formats.nesting import MAX_DEPTH, too_deep
 from edgemed.devices.facts import GIB, Facts
 from edgemed.devices.schema import validate
 from edgemed.errors import ProfileError

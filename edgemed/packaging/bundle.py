@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import __version__, env
-from edgemed.atomic import atomic_path
-from edgemed.conversion_report import existing_report
+from edgemed.files.atomic import atomic_path
+from edgemed.formats.conversion_report import existing_report
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
-from edgemed.formats import sniff
+from edgemed.formats.sniff import sniff
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging import signing
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
@@ -47,7 +47,7 @@ class PackInputs:
     name: str | None = None
     card: Path | None = None
     templates: list[Path] = field(default_factory=list)
-    report: Path | None = None  # default: the converter's report (edgemed.conversion_report) when it exists
+    report: Path | None = None  # default: the converter's report (edgemed.formats.conversion_report) when it exists
     use_report: bool = True
 
 

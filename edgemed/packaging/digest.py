@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgemed import env
-from edgemed.atomic import write_text
+from edgemed.files.atomic import write_text
 from edgemed.errors import IntegrityError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed import __version__
-from edgemed.atomic import atomic_path, write_text
+from edgemed.files.atomic import atomic_path, write_text
 from edgemed.errors import InputError, IntegrityError
 from edgemed.packaging.bundle import Verified
 from edgemed.packaging.digest import copy_hashed

@@ -115,7 +115,7 @@ ESTIMATE_METHOD = "estimate/weights+kv_f16+compute/1"
 def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
     """Memory needed to run, per context size and per shipped device profile.
 
-    GGUF: the planner (``edgemed.planner``) reads the tensor table and predicts a
+    GGUF: the planner (``edgemed.runtime.plan``) reads the tensor table and predicts a
     llama.cpp process's peak, per context with default settings (f16 KV cache,
     CPU), and per device profile with that profile's context, KV cache type,
     flash attention and offload, checked against the profile's budget where the
@@ -127,7 +127,7 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
         return _onnx_estimate(facts, model_bytes)
     from edgemed.devices.profiles import load_profiles
     from edgemed.errors import ProfileError
-    from edgemed.planner import METHOD, estimate, profile_settings, read_shape
+    from edgemed.runtime.plan import METHOD, estimate, profile_settings, read_shape
 
     shape = read_shape(model)
     max_ctx = shape.n_ctx_train or max(CONTEXTS)

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
-from edgemed.bounded import MAX_DEPTH, too_deep
+from edgemed.formats.nesting import MAX_DEPTH, too_deep
 from edgemed.errors import IntegrityError, InputError, UnsafeArchive
 
 SCHEMA = "edgemed.bundle/1"

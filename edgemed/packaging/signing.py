@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from edgemed.atomic import atomic_path, check_destination
+from edgemed.files.atomic import atomic_path, check_destination
 from edgemed.errors import InputError, SignatureError, require
 
 SIG_SCHEMA = "edgemed.signature/1"

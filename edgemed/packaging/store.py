@@ -6,7 +6,7 @@ Layout under ``$EDGEMED_HOME/store``::
     models/<name>/           an installed bundle directory; its files are hard links to blobs
     index.json               name -> sha256 of its manifest.json, source, signer, install time
     journal.json             the one operation that changes models/ (present only while it runs)
-    tmp/                     owner-tagged staging (edgemed.debris); swept by the next operation
+    tmp/                     owner-tagged staging (edgemed.files.debris); swept by the next operation
     lock                     flock held by install and remove (and by a reader settling a journal)
 
 Content addressing: two bundles that share a file (same sha256) share one blob
@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from edgemed import env
-from edgemed.atomic import step, swap_in, write_text
-from edgemed.debris import debris_path, discard, is_debris, owned, sweep
+from edgemed.files.atomic import step, swap_in, write_text
+from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
 from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest

@@ -9,7 +9,7 @@ operation of that model, all from one process. Anything else is ``Damaged`` (the
 why); the store answers with a ``StoreError`` (the index) or sets the file aside (the journal),
 and acts on nothing it could not check.
 
-``tmp/`` names: owner-tagged debris (``edgemed.debris``) is the store's; a name like an older
+``tmp/`` names: owner-tagged debris (``edgemed.files.debris``) is the store's; a name like an older
 edgemed's staging (``install.*``, ``rm.*``, ``old.*``) carries no owner, so it is never removed,
 and ``aside_of`` says which model an aside copy claims to be (the store believes it only when the
 copy holds the manifest the index records).
@@ -24,9 +24,9 @@ import re
 import time
 from pathlib import Path
 
-from edgemed import debris as _debris
-from edgemed.debris import step
-from edgemed.state_files import Damaged, read_json  # noqa: F401 - the store's readers and callers use both
+from edgemed.files import debris as _debris
+from edgemed.files.debris import step
+from edgemed.files.state import Damaged, read_json  # noqa: F401 - the store's readers and callers use both
 from edgemed.errors import InputError, StoreError
 from edgemed.packaging.manifest import MANIFEST, check_name
 

@@ -160,7 +160,7 @@ def apply(params, path: Path, mode: str, build: Build, max_overrides: int, tenso
     if not repack:
         return Placement("none")
     if tensors is None:  # the caller had not read the tensor table yet
-        from edgemed.gguf_header import read_header
+        from edgemed.formats.gguf_header import read_header
 
         tensors = read_header(path).tensors
     names = pinned_weights(tensors, build.features)[: max_overrides - 1]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed.runtime import llamacpp
+from edgemed.runtime.loader import load_model
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class LlamaEngine:
 
     def __init__(self, path: Path, load: LoadSettings):
         self.path = Path(path)
-        self.model = llamacpp.Model(self.path, load)
+        self.model = load_model(self.path, load)
         try:
             self.load = self.model.load  # the self-test may have chosen safer buffers
             self.ctx = llamacpp.Context(self.model, self.load)

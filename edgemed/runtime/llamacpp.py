@@ -3,8 +3,9 @@
 Raw ``llama_cpp`` bindings -> the thin owners here (``Model``, ``Context``, ``Batch``, ``SamplerChain``,
 each freeing its native object in an idempotent ``close()``) -> the run engine, the batcher, the
 converters' checks, the benchmarks and the scorer. Parameter structs are built from ``LoadSettings`` here
-only, through ``params.Params`` (named fields, read back), so a host setting applies to every load, and the
-host self-test's verdict (``selftest.ensure``) is consulted before a model that will compute is loaded.
+only, through ``params.Params`` (named fields, read back), so a host setting applies to every load.
+No policy lives here: which settings a model that will compute is loaded with (the host self-test's
+verdict) is decided by ``loader.load_model`` above this layer, the one way the rest of edgemed loads one.
 ``generate`` is the one single-sequence generation loop; the batcher drives the same parts for many.
 """
 
@@ -61,20 +62,15 @@ def physical_cores() -> int:
 
 
 class Model:
-    """A loaded GGUF model and its vocabulary. ``vocab_only`` loads no weights (tokenizer checks)."""
+    """A loaded GGUF model and its vocabulary, with exactly the settings given. ``vocab_only`` loads no
+    weights (tokenizer checks). ``tensors``: the file's tensor table when the caller has read it already.
+    A model that will compute is loaded through ``loader.load_model``, which consults the self-test first."""
 
     def __init__(self, path: Path | str, load: LoadSettings | None = None, *, vocab_only: bool = False,
-                 checked: bool = True):
+                 tensors=None):
         env.enforce_offline()
         self.path = Path(path)
         load = load or LoadSettings()
-        tensors = None  # the tensor table, read once for the self-test key and the repack overrides
-        if checked and not vocab_only:
-            from edgemed.gguf_header import read_header
-            from edgemed.runtime import selftest
-
-            tensors = read_header(self.path).tensors
-            load = selftest.ensure(self.path, load, tensors)
         self.load = load
         lc = self.lib = lib()
         params = self.params = Params(lc.llama_model_default_params())

@@ -120,7 +120,7 @@ class Verdict:
 def weight_types(path: Path, tensors=None) -> tuple[str, ...]:
     """The sorted ggml types of the model's tensors (``tensors``: an already read tensor table, else the file's)."""
     if tensors is None:
-        from edgemed.gguf_header import read_header
+        from edgemed.formats.gguf_header import read_header
 
         tensors = read_header(path).tensors
     return tuple(sorted({t.type_name for t in tensors}))
@@ -237,7 +237,7 @@ def _child(path: str, settings_json: str) -> None:
     fault = os.environ.get(env.FAULT_VAR, "")
     if fault and fault == f"selftest-crash:{load.extra_buffers}":
         os.kill(os.getpid(), signal.SIGSEGV)  # fault injection for the tests: a real native-style death
-    model = llamacpp.Model(Path(path), load, checked=False)
+    model = llamacpp.Model(Path(path), load)
     ctx = llamacpp.Context(model, load, n_ctx=128, n_batch=64, threads=1)
     tokens = model.tokenize(CHECK_PROMPT, add_special=True)[:64]
     ctx.eval(tokens)

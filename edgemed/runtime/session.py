@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed.devices.detect import resolve
-from edgemed.planner import Plan, make_plan
-from edgemed.formats import model_format
+from edgemed.runtime.plan import Plan, make_plan
+from edgemed.formats.sniff import model_format
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
 from edgemed.templates import Template
 from edgemed.templates.contract import Parsed, choice_grammar
@@ -44,7 +44,7 @@ def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
 def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,
             seed: int = 0, root: Path | str = "/") -> Prepared:
     """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded)."""
-    from edgemed.planner import check_threads
+    from edgemed.runtime.plan import check_threads
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
     profile, facts = resolve(profile_name, root)

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from edgemed import env
-from edgemed.state_files import load, writer_lock
+from edgemed.files.state import load, writer_lock
 from edgemed.errors import EdgemedError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _locked(path: Path):
 
 def remember(digest: str, record: dict) -> None:
     """Add one verdict record: read, merge and atomically replace the cache under the writers' lock."""
-    from edgemed.atomic import write_text
+    from edgemed.files.atomic import write_text
 
     try:
         where = cache_file()

@@ -36,7 +36,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgemed.bounded import MAX_DEPTH, too_deep
+from edgemed.formats.nesting import MAX_DEPTH, too_deep
 from edgemed.errors import InputError, IntegrityError
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 SEED = 13
-# converters/imatrix.py reads MAX_CHUNKS x CHUNK_TOKENS = 32 x 256 = 8,192 tokens; PubMedQA abstracts run ~4.6
+# converters/gguf/imatrix.py reads MAX_CHUNKS x CHUNK_TOKENS = 32 x 256 = 8,192 tokens; PubMedQA abstracts run ~4.6
 # characters a token (Qwen2.5 and SmolLM2 tokenizers), so 44,000 characters fill it with ~15 % to spare.
 IMATRIX_CHARS = 44_000
 SEARCH_ABSTRACTS = 12

@@ -1,0 +1,164 @@
+"""Quantize a float GGUF with llama.cpp's own quantizer (through llama-cpp-python).
+
+llama.cpp's recipe is kept as it is: for the K-quant mixes it chooses per-tensor
+types itself (e.g. Q4_K_M keeps ``output.weight`` at Q6_K and gives some
+attention-V / FFN-down tensors Q6_K). An optional importance matrix, computed on
+medical text by ``imatrix.py``, is handed to the quantizer through the C API's
+``llama_model_imatrix_data`` array.
+
+Per-tensor types (``tensor_types``, what ``--quant auto`` chooses) go through the C API's
+``tt_overrides``: in llama.cpp 0.3.36's ``llama.h`` a plain C array of ``llama_model_tensor_override``
+(``const char * pattern; enum ggml_type type``) ended by a NULL pattern, which ``llama-quantize
+--tensor-type`` fills the same way; llama-cpp-python declares both structs, so no C++ object crosses
+the boundary. Each tensor gets an anchored exact-name pattern and ``pure`` is set, so llama.cpp's mix
+rules never replace an asked type. llama.cpp may still demote a type whose block does not divide a
+row; the file's tensor table is read back and a type that is not the asked one is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+from pathlib import Path
+
+from edgemed.constants import GGUF_TYPES
+from edgemed.converters.gguf.quiet import quiet
+from edgemed.errors import EdgemedError, OutputError, require
+from edgemed.runtime.params import Params
+
+# Rows llama.cpp keeps in memory at once while quantizing (its default is 8 GiB).
+MAX_BUF_BYTES = 256 * 2**20
+#: ggml types whose quantizer ignores an importance matrix (llama.cpp's Q8_0 rounds each block on its own)
+IGNORES_IMATRIX = frozenset({"Q8_0", "F16", "BF16", "F32"})
+
+
+def reads_imatrix(type_name: str) -> bool:
+    """Whether llama.cpp's quantizer for ggml type ``type_name`` weighs its error by an importance matrix."""
+    return type_name not in IGNORES_IMATRIX
+
+
+
+def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, imatrix: dict[str, "object"] | None = None,
+             tensor_types: dict[str, str] | None = None, ftype: str | None = None) -> None:
+    """Write ``dst`` as ``qtype`` from float GGUF ``src``. ``imatrix``: gguf tensor name -> float32 array.
+
+    ``tensor_types``: gguf tensor name -> ggml type name ("Q6_K"), written exactly (read back and checked);
+    ``ftype`` then names the llama_ftype constant written as ``general.file_type`` (default: ``qtype``'s).
+    """
+    llama_cpp = require("llama_cpp", "gguf")
+    params = Params(llama_cpp.llama_model_quantize_default_params())  # every field named and read back
+    params.nthread = threads or os.cpu_count() or 1
+    params.ftype = getattr(llama_cpp, ftype or GGUF_TYPES[qtype].llama_ftype)
+    params.max_buf_size = MAX_BUF_BYTES
+    keep_alive = []
+    if tensor_types:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # zeroed last: NULL pattern
+        for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
+            overrides[i].pattern = f"^{re.escape(name)}$".encode()  # std::regex (ECMAScript) reads re.escape's output
+            overrides[i].type = _ggml_type(type_name)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        params.pure = True
+        keep_alive.append(overrides)
+    if imatrix:
+        import numpy as np
+
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed last entry ends the list
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep_alive.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep_alive.append(entries)
+    errors: list[str] = []
+    with quiet(), _log_errors(llama_cpp, errors):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params.raw))
+    if rc != 0:
+        raise _failure(src, dst, qtype, rc, errors)
+    if tensor_types:
+        check_types(dst, tensor_types)
+
+
+def _ggml_type(type_name: str) -> int:
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[type_name])
+    except KeyError:
+        raise ValueError(f"unknown ggml type {type_name!r}") from None
+
+
+def check_types(path: Path, asked: dict[str, str]) -> None:
+    """Refuse ``path`` unless every tensor in ``asked`` was written with the asked type (its tensor table read back)."""
+    from edgemed.formats.gguf_header import read_header
+
+    written = {t.name: t.type_name for t in read_header(path).tensors}
+    wrong = {n: (t, written.get(n, "missing")) for n, t in asked.items() if written.get(n) != t}
+    if wrong:
+        shown = ", ".join(f"{n}: asked {a}, wrote {w}" for n, (a, w) in sorted(wrong.items())[:5])
+        raise EdgemedError(
+            f"llama.cpp did not write the asked tensor types into '{path.name}' ({len(wrong)} of {len(asked)} differ: {shown}).",
+            "report it with the checkpoint's config.json; meanwhile convert with a fixed --quant type",
+        )
+
+
+# ggml_log_level values (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5)
+_WARN, _ERROR, _CONT = 3, 4, 5
+
+
+@contextlib.contextmanager
+def _log_errors(llama_cpp, sink: list[str]):
+    """Collect llama.cpp's warning and error lines for the block, still passing everything to the current logger."""
+    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+    state = {"keep": False}
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, data):
+        state["keep"] = level in (_WARN, _ERROR) or (level == _CONT and state["keep"])
+        if state["keep"] and text:
+            sink.append(text.decode("utf-8", "replace"))
+        if previous:
+            previous(level, text, data)
+
+    llama_cpp.llama_log_set(collect, user_data)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(previous, user_data)
+
+
+def _failure(src: Path, dst: Path, qtype: str, rc: int, log_lines: list[str]) -> EdgemedError:
+    """Say what went wrong: llama.cpp's own error line, and the disk only when the disk is the cause."""
+    said = " ".join("".join(log_lines).split())
+    said = said[-400:] if said else f"return code {rc}, no error logged"
+    free = _free_bytes(dst.parent)
+    no_space = "No space left" in said or (free is not None and free < src.stat().st_size // 2)
+    if no_space:
+        return OutputError(
+            f"llama.cpp could not write the {qtype.upper()} file into '{dst.parent}': the disk is full "
+            f"({(free or 0) / 1e6:.1f} MB free; the output needs up to {src.stat().st_size / 2e6:.1f} MB). llama.cpp said: {said}",
+            "free space on that disk or write the output elsewhere (-o), then run the command again",
+        )
+    if re.search(r"\b(nan|inf)\b|invalid data|validation failed", said, re.IGNORECASE):
+        return EdgemedError(
+            f"llama.cpp refused to quantize '{src.name}' to {qtype.upper()}: a tensor holds invalid values (NaN or "
+            f"infinity). llama.cpp said: {said}",
+            "re-copy the checkpoint from its source; if it is intact the weights are unusable (a diverged training run)",
+        )
+    return EdgemedError(
+        f"llama.cpp failed to quantize '{src.name}' to {qtype.upper()}. llama.cpp said: {said}",
+        "rerun with -vv for llama.cpp's full log and report it with the checkpoint's config.json",
+    )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+

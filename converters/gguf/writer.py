@@ -1,0 +1,247 @@
+"""Stream a Hugging Face checkpoint (+ LoRA) into a float GGUF (F32 / F16 / BF16).
+
+gguf-py's ``GGUFWriter`` is driven as the state machine it is: every tensor's
+info is declared first (shapes and dtypes come from the safetensors headers, no
+data read), then header, key-values and tensor infos are written, then tensor
+data one tensor at a time, each read from the memory-mapped shard, merged with
+its LoRA delta, laid out for llama.cpp and cast. Peak memory is one tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed import __version__
+from edgemed.constants import GGUF_TYPES
+from edgemed.converters.arch.base import ArchSpec, llama3_rope_factors
+from edgemed.converters.source.checkpoint import Checkpoint
+from edgemed.converters.gguf.tokenizer import VocabPlan, write_vocab
+from edgemed.errors import CheckpointError, require
+
+# The writer is gguf-py and numpy throughout; without them, importing it is the one-paragraph "install the extra".
+gguf = require("gguf", "convert")
+np = require("numpy", "convert")
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class PlannedTensor:
+    hf_name: str | None  # None for tensors computed here (rope_freqs)
+    gguf_name: str
+    kind: "gguf.MODEL_TENSOR"
+    shape: tuple[int, ...]
+    ggml_type: "gguf.GGMLQuantizationType"
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[PlannedTensor]:
+    n_blocks = int(ckpt.hparam("num_hidden_layers"))
+    name_map = spec.name_map(n_blocks)
+    allowed = spec.allowed()
+    weight_type = gguf.GGMLQuantizationType[GGUF_TYPES[out_type].weights]  # a float type: 2-D weights
+    planned: list[PlannedTensor] = []
+    for hf_name in sorted(ckpt.tensors, key=_natural_key):
+        if hf_name.endswith(spec.skip_suffixes):
+            continue
+        found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None or found[0] not in allowed:
+            raise CheckpointError(
+                f"Tensor '{hf_name}' has no place in a {spec.arch_name} GGUF.",
+                "the checkpoint does not match its declared architecture; check config.json 'architectures'",
+            )
+        kind, gguf_name = found
+        shape = ckpt.tensors[hf_name].shape
+        ggml_type = weight_type if len(shape) >= 2 else gguf.GGMLQuantizationType.F32
+        planned.append(PlannedTensor(hf_name, gguf_name, kind, shape, ggml_type))
+    names = {p.gguf_name for p in planned}
+    if "token_embd.weight" not in names:
+        raise CheckpointError("The checkpoint has no token embedding tensor.", "copy every shard of the checkpoint")
+    _check_shapes(ckpt, planned, n_blocks)
+    if llama3_rope_factors(ckpt) is not None:
+        factors = llama3_rope_factors(ckpt)
+        planned.append(
+            PlannedTensor(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", gguf.MODEL_TENSOR.ROPE_FREQS,
+                          factors.shape, gguf.GGMLQuantizationType.F32)
+        )
+    return planned
+
+
+def _check_shapes(ckpt: Checkpoint, planned: list[PlannedTensor], n_blocks: int) -> None:
+    """Tensor shapes must agree with config.json, or llama.cpp would fail to load (or misread) the file."""
+    from edgemed.converters.arch.base import head_dim
+
+    n_head = int(ckpt.hparam("num_attention_heads"))
+    n_kv = int(ckpt.hparam("num_key_value_heads", default=n_head))
+    hidden, hd = int(ckpt.hparam("hidden_size")), head_dim(ckpt)
+    if hd % 2:
+        raise CheckpointError(f"config.json implies an odd attention head size ({hd}); rotary embeddings need an even one.",
+                              "re-copy config.json from the source checkpoint (hidden_size, num_attention_heads, head_dim)")
+    expected = {"token_embd.weight": (int(ckpt.hparam("vocab_size")), hidden), "output.weight": (int(ckpt.hparam("vocab_size")), hidden)}
+    blocks = set()
+    for p in planned:
+        if p.gguf_name.startswith("blk."):
+            blocks.add(int(p.gguf_name.split(".")[1]))
+        suffix = p.gguf_name.split(".", 2)[-1] if p.gguf_name.startswith("blk.") else None
+        want = expected.get(p.gguf_name) or {"attn_q.weight": (n_head * hd, hidden), "attn_k.weight": (n_kv * hd, hidden),
+                                              "attn_v.weight": (n_kv * hd, hidden)}.get(suffix)
+        if want is not None and tuple(p.shape) != want:
+            raise CheckpointError(
+                f"Tensor '{p.hf_name}' has shape {list(p.shape)}, but config.json implies {list(want)} "
+                f"(vocab_size, hidden_size, num_attention_heads, num_key_value_heads).",
+                "config.json does not belong to these weights: re-copy it from the source checkpoint",
+            )
+    if blocks != set(range(n_blocks)):
+        raise CheckpointError(
+            f"config.json says num_hidden_layers is {n_blocks}, but the weights hold blocks {sorted(blocks)[:3]}..."
+            f"{sorted(blocks)[-1:] if blocks else ''} ({len(blocks)} of them).",
+            "re-copy config.json and every shard from the source checkpoint",
+        )
+
+
+# Elements checked at a time for NaN / infinity: bounds the temporary mask to a few MB.
+FINITE_CHUNK = 1 << 21
+
+
+def first_nonfinite(data: np.ndarray, ggml_type) -> int | None:
+    """Flat index of the first NaN / infinity in cast tensor data, or None. One pass, chunked."""
+    flat = data.reshape(-1)
+    for start in range(0, flat.size, FINITE_CHUNK):
+        chunk = flat[start:start + FINITE_CHUNK]
+        if ggml_type == gguf.GGMLQuantizationType.BF16:  # uint16 bit patterns: exponent bits all set
+            bad = (chunk & 0x7F80) == 0x7F80
+        else:
+            bad = ~np.isfinite(chunk)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
+def _refuse_nonfinite(hf_name: str, out_type_name: str, source, merged: bool) -> CheckpointError:
+    import torch
+
+    src = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.asarray(source))
+    if bool(torch.isfinite(src).all()):  # only on the failure path: finite source, overflow in the cast
+        limit = {"F16": torch.float16, "BF16": torch.bfloat16}.get(out_type_name, torch.float32)
+        return CheckpointError(
+            f"Tensor '{hf_name}' has values beyond {out_type_name}'s range (|x| > {float(torch.finfo(limit).max):g}), "
+            "which would become infinity.",
+            "convert to bf16 or f32 (--quant bf16 / --quant f32), whose range holds these weights",
+        )
+    where = "after merging the LoRA adapter" if merged else "in the checkpoint"
+    return CheckpointError(
+        f"Tensor '{hf_name}' holds NaN or infinite values {where}; the model would compute garbage.",
+        "re-copy the checkpoint (and adapter) from their source; if the copy is intact, the training run diverged"
+        " and the weights cannot be used",
+    )
+
+
+def _cast(tensor, ggml_type) -> np.ndarray:
+    """A torch tensor or numpy array -> contiguous numpy data of ``ggml_type``.
+
+    Casting in torch avoids a float32 detour for tensors that need no arithmetic
+    (a 150k-token embedding would otherwise cost 4 bytes per weight more), and
+    torch rounds to bfloat16 nearest-even without numpy's wide temporaries.
+    """
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(tensor)) if isinstance(tensor, np.ndarray) else tensor
+    if ggml_type == gguf.GGMLQuantizationType.F32:
+        return t.to(torch.float32).contiguous().numpy()
+    if ggml_type == gguf.GGMLQuantizationType.F16:
+        return t.to(torch.float16).contiguous().numpy()
+    if ggml_type == gguf.GGMLQuantizationType.BF16:
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    raise ValueError(ggml_type)
+
+
+def _nbytes(shape: tuple[int, ...], ggml_type) -> int:
+    n = int(np.prod(shape)) if shape else 1
+    return n * (4 if ggml_type == gguf.GGMLQuantizationType.F32 else 2)
+
+
+def write_float_gguf(
+    ckpt: Checkpoint,
+    spec: ArchSpec,
+    vocab: VocabPlan,
+    out_path: Path,
+    out_type: str,
+    *,
+    adapter=None,
+    metadata: dict[str, str] | None = None,
+    progress: bool = False,
+) -> list[PlannedTensor]:
+    import torch
+
+    planned = plan_tensors(ckpt, spec, out_type)
+    writer = gguf.GGUFWriter(str(out_path), spec.arch_name)
+    _write_metadata(writer, ckpt, spec, out_type, metadata or {})
+    write_vocab(vocab, writer)
+    for p in planned:
+        numpy_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(p.ggml_type, np.uint16)
+        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(numpy_dtype), _nbytes(p.shape, p.ggml_type), raw_dtype=p.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+    total = sum(_nbytes(p.shape, p.ggml_type) for p in planned)
+    bar = _progress(total, progress, f"writing {out_type.upper()}")
+    try:
+        by_hf = {p.hf_name: p for p in planned if p.hf_name}
+        for hf_name, tensor in ckpt.iter_tensors([p.hf_name for p in planned if p.hf_name]):
+            p = by_hf[hf_name]
+            if adapter is not None and adapter.touches(hf_name):
+                tensor = adapter.apply(hf_name, tensor)  # float32
+            transform = spec.transform(p.kind)
+            if transform is not None:
+                tensor = transform(tensor.to(torch.float32).numpy(), ckpt)
+            data = _cast(tensor, p.ggml_type)
+            if first_nonfinite(data, p.ggml_type) is not None:
+                raise _refuse_nonfinite(hf_name, p.ggml_type.name, tensor, adapter is not None and adapter.touches(hf_name))
+            _write(writer, data, out_path)
+            del data
+            bar.update(_nbytes(p.shape, p.ggml_type))
+            del tensor
+        for p in planned:
+            if p.hf_name is None:  # computed tensors, declared last
+                _write(writer, _cast(llama3_rope_factors(ckpt), p.ggml_type), out_path)
+    finally:
+        bar.close()
+        writer.close()
+    return planned
+
+
+def _write(writer, data: np.ndarray, out_path: Path) -> None:
+    """Write one tensor; numpy reports a short write on a full disk without an errno: give it the real one."""
+    import errno
+    import shutil
+
+    try:
+        writer.write_tensor_data(data)
+    except OSError as exc:
+        if exc.errno is None and shutil.disk_usage(out_path.parent).free < data.nbytes:
+            raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(out_path)) from exc
+        raise
+
+
+def _write_metadata(writer, ckpt: Checkpoint, spec: ArchSpec, out_type: str, metadata: dict[str, str]) -> None:
+    name = ckpt.config.get("_name_or_path") or ckpt.path.name
+    writer.add_name(str(name))
+    writer.add_quantized_by(f"edgemed {__version__}")
+    writer.add_file_type(GGUF_TYPES[out_type].ftype)
+    spec.extra_hparams(spec, ckpt, writer)
+    for key, value in metadata.items():
+        writer.add_string(key, value)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, leave=False)

@@ -1,0 +1,144 @@
+"""The files an ONNX model directory carries besides the graph.
+
+Copied from the checkpoint: the tokenizer (``tokenizer.json`` is required: the
+device runtime reads it with the ``tokenizers`` library, no transformers), its
+config and special-token map, the chat template, ``generation_config.json`` and
+``config.json``. Written: ``genai_config.json`` in onnxruntime-genai's format,
+which is also what edgemed's ONNX engine reads (graph names, layer shapes,
+context length, stop tokens).
+
+``search.max_length`` is capped (``DEFAULT_MAX_LENGTH``) rather than set to the
+model's context length: onnxruntime-genai allocates the KV cache at that size
+(131,072 tokens for R1-Distill-Qwen would be gigabytes before the first token).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from edgemed.converters.onnx import trace as onnx_trace
+from edgemed.errors import CheckpointError, TokenizerError
+
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+          "generation_config.json", "config.json")
+GENAI_CONFIG = "genai_config.json"
+DEFAULT_MAX_LENGTH = 4096
+
+
+def check_assets(ckpt_dir: Path, config: dict) -> None:
+    """Refuse, before any export work, the files the ONNX directory would carry but cannot use."""
+    from edgemed.converters.gguf.tokenizer import load_tokenizer_json
+
+    if not (ckpt_dir / "tokenizer.json").exists():
+        copy_assets(ckpt_dir, None)  # raises the missing-tokenizer error
+    load_tokenizer_json(ckpt_dir / "tokenizer.json")
+    eos_ids(ckpt_dir, config)
+
+
+def copy_assets(ckpt_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer and config files present in ``ckpt_dir``; returns their names."""
+    if not (ckpt_dir / "tokenizer.json").exists():
+        raise TokenizerError(
+            f"'{ckpt_dir}' has no tokenizer.json; the ONNX runtime needs a fast (tokenizers) tokenizer.",
+            "save one with AutoTokenizer.from_pretrained(src).save_pretrained(dir) and convert again",
+        )
+    copied = []
+    for name in COPIED:
+        if (ckpt_dir / name).exists():
+            shutil.copy2(ckpt_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _json(path: Path) -> dict:
+    from edgemed.converters.source.checkpoint import load_json
+
+    if not path.exists():
+        return {}
+    data = load_json(path, CheckpointError, "Checkpoint file", f"re-copy {path.name} from the source checkpoint")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' must hold a JSON object, not a {type(data).__name__}.", f"re-copy {path.name}")
+    return data
+
+
+def eos_ids(ckpt_dir: Path, config: dict) -> list[int]:
+    """Stop token ids: generation_config.json's eos (int or list), else config.json's."""
+    value = _json(ckpt_dir / "generation_config.json").get("eos_token_id", config.get("eos_token_id"))
+    if value is None:
+        return []
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+        raise CheckpointError(f"'{ckpt_dir}': eos_token_id must be a token id or a list of them, not {json.dumps(value)[:60]}.",
+                              "fix generation_config.json / config.json (e.g. \"eos_token_id\": 2)")
+    return ids
+
+
+def genai_config(ckpt_dir: Path, config: dict, model_file: str) -> dict:
+    """onnxruntime-genai's config for a graph written by ``onnx_trace.export``."""
+    kv_heads, head_dim = onnx_trace.kv_shape(_Cfg(config))
+    gen = _json(ckpt_dir / "generation_config.json")
+    eos = eos_ids(ckpt_dir, config)
+    context = int(config.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
+    pad = gen.get("pad_token_id", config.get("pad_token_id"))
+    bos = gen.get("bos_token_id", config.get("bos_token_id"))
+    model = {
+        "context_length": context,
+        "decoder": {
+            "session_options": {"log_id": "edgemed", "provider_options": []},
+            "filename": model_file,
+            "head_size": head_dim,
+            "hidden_size": int(config["hidden_size"]),
+            "inputs": {
+                "input_ids": onnx_trace.INPUT_IDS,
+                "attention_mask": onnx_trace.ATTENTION_MASK,
+                "position_ids": onnx_trace.POSITION_IDS,
+                "past_key_names": onnx_trace.PAST_KEY,
+                "past_value_names": onnx_trace.PAST_VALUE,
+            },
+            "outputs": {
+                "logits": onnx_trace.LOGITS,
+                "present_key_names": onnx_trace.PRESENT_KEY,
+                "present_value_names": onnx_trace.PRESENT_VALUE,
+            },
+            "num_attention_heads": int(config["num_attention_heads"]),
+            "num_hidden_layers": int(config["num_hidden_layers"]),
+            "num_key_value_heads": kv_heads,
+        },
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,  # onnxruntime-genai takes an int or a list
+        "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
+        "type": config.get("model_type", "decoder"),
+        "vocab_size": int(config["vocab_size"]),
+    }
+    if bos is not None:  # onnxruntime-genai rejects null ids
+        model["bos_token_id"] = bos
+    return {
+        "model": model,
+        "search": {
+            "do_sample": False,
+            "max_length": min(context, DEFAULT_MAX_LENGTH),
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 0,
+            "top_p": 1.0,
+        },
+    }
+
+
+class _Cfg:
+    """Attribute view of a config.json dict (what ``kv_shape`` reads)."""
+
+    def __init__(self, config: dict):
+        self.num_attention_heads = int(config["num_attention_heads"])
+        self.hidden_size = int(config["hidden_size"])
+        self.head_dim = config.get("head_dim")
+        self.num_key_value_heads = config.get("num_key_value_heads")
+
+
+def write_genai_config(ckpt_dir: Path, config: dict, out_dir: Path, model_file: str) -> None:
+    (out_dir / GENAI_CONFIG).write_text(json.dumps(genai_config(ckpt_dir, config, model_file), indent=2) + "\n", encoding="utf-8")

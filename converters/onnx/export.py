@@ -1,0 +1,159 @@
+"""``convert --to onnx``: Hugging Face checkpoint (+ LoRA) -> ONNX directory with a KV cache, checked, atomic.
+
+Steps, each refusing bad input before anything is written:
+1. open the checkpoint, refuse an unsupported architecture by name, open and plan the adapter;
+2. write a float32 graph with past/present key-values by the chosen graph kind's fp32 step (``onnx_graphs``:
+   ``torch`` merges the adapter with the spine's ``LoraAdapter.apply`` and traces it, ``onnx_trace``;
+   ``genai`` has onnxruntime-genai's model builder write it from the merged weights, ``onnx_builder``);
+3. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
+4. for ``int4``: the kind's int4 step, ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy
+   level 4; gated on finite logits and top-1 agreement >= parity.TOP1_GATE;
+5. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
+6. rename the finished directory into place. A failure or Ctrl-C at any step leaves no output and no temporaries.
+
+The output loads in edgemed's ONNX engine (``edgemed run DIR``) and in onnxruntime-genai.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed import env
+from edgemed.files.atomic import atomic_path, check_destination, scratch_dir
+from edgemed.constants import ONNX_OUTPUT_TYPES
+from edgemed.formats.conversion_report import ConversionReport, report_path
+from edgemed.converters import arch_spec, provenance, require_route
+from edgemed.converters.budget import peaks as budget
+from edgemed.converters.source.checkpoint import Checkpoint
+from edgemed.converters.route import RouteOptions, Timings
+from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
+from edgemed.errors import InputError, require
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+# report key -> distribution, in the report's ``converter`` section (a graph kind adds its own)
+TOOLS = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime"}
+
+__all__ = ["GRAPHS", "MODEL_FILE", "OnnxOptions", "ConversionReport", "convert_onnx", "trace_fp32"]
+
+
+@dataclass(kw_only=True)
+class OnnxOptions(RouteOptions):
+    """``--to onnx``: the shared options (lora, force, parity, threads), the int4 recipe and the graph kind."""
+
+    weight_type: str = "int4"
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    head_bits: int = 8
+    graph: str = DEFAULT_GRAPH  # a row of onnx_graphs.GRAPHS
+
+    def recipe(self) -> dict:
+        return dict(block_size=self.block_size, symmetric=self.symmetric, accuracy_level=self.accuracy_level,
+                    head_bits=self.head_bits)
+
+
+def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> ConversionReport:
+    """Write the ONNX directory ``out`` from the HF checkpoint ``source``; returns the report (also in ``out/report.json``)."""
+    if opts.weight_type not in ONNX_OUTPUT_TYPES:
+        raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(ONNX_OUTPUT_TYPES)}")
+    kind = graph_kind(opts.graph)
+    require_route("onnx")
+    for module, extra in kind.needs:
+        require(module, extra)
+    env.enforce_offline()
+    check_destination(out, opts.force, kind="onnx")
+    timings = Timings()
+
+    ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)  # the one source every step below reads
+    arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
+    from edgemed.converters.onnx.assets import check_assets
+
+    check_assets(ckpt.path, ckpt.config)  # tokenizer.json and generation config, before minutes of export
+    adapter = None
+    if opts.lora is not None:
+        from edgemed.converters.source.lora import LoraAdapter
+
+        adapter = LoraAdapter.open(opts.lora, ckpt)
+        adapter.warn_base(echo)
+    budget.check_onnx(ckpt, opts, adapter)  # a conversion that cannot fit in memory is refused here, before any work
+    source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
+    quant_info = None if opts.weight_type == "fp32" else {
+        "method": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": opts.block_size,
+        "symmetric": opts.symmetric, "accuracy_level": opts.accuracy_level, "lm_head_bits": opts.head_bits, "embeddings": "float32",
+    }
+    timings.since_start("inspect")
+    from edgemed.converters.onnx import assets as onnx_assets
+
+    parity: dict[str, dict] = {}
+    with atomic_path(out, force=opts.force, kind="onnx") as tmp, scratch_dir(out.parent, out.name) as work:
+        tmp.mkdir()
+        job = GraphJob(ckpt_dir=ckpt.path, adapter=adapter, work=Path(work), ckpt=ckpt)
+        with timings.step("export"):
+            fp32_path = kind.step("fp32")(job)
+
+        source_cache = None
+        if opts.parity:
+            from edgemed.converters.onnx.parity import check_onnx
+            from edgemed.converters.quality.parity import gated, source_logits
+
+            with timings.step("parity_fp32"):
+                source_cache = source_logits(ckpt, opts.lora)
+                report = check_onnx(ckpt, fp32_path, "fp32", threads=opts.threads, source=source_cache)
+            parity["fp32"] = gated(report, "The float32 ONNX export", echo)
+
+        if opts.weight_type == "int4":
+            with timings.step("quantize"):
+                if not kind.int4_from_fp32:
+                    shutil.rmtree(fp32_path.parent)  # not the int4 step's input: its disk is freed first
+                kind.step("int4")(job, fp32_path, tmp, opts.recipe())
+            if opts.parity:
+                with timings.step("parity_int4"):
+                    report = check_onnx(ckpt, tmp / MODEL_FILE, "int4", threads=opts.threads, source=source_cache)
+                # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
+                parity["int4"] = gated(report, "The int4 ONNX model", echo)
+        else:
+            for f in fp32_path.parent.iterdir():
+                shutil.move(str(f), tmp / f.name)
+
+        onnx_assets.copy_assets(ckpt.path, tmp)
+        if not kind.writes_genai_config:  # a builder that writes its own has capped max_length already
+            onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
+        for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped
+            f.chmod(0o644)
+        size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        timings.since_start("total")
+        result = ConversionReport(
+            fmt="onnx", output=str(out), out_type=opts.weight_type, size_bytes=size, architecture=ckpt.architecture,
+            source=source_info, lora=lora_info, quantization=quant_info, parity=parity, timings_s=timings.report(),
+            converter=provenance.converter_info(TOOLS | kind.tools, graph=kind.name),
+        )
+        report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
+    return result
+
+
+def trace_fp32(job: GraphJob) -> Path:
+    """The ``torch`` graph row's fp32 step: merge the adapter in torch, trace into ``work/trace`` (the exporter
+    may spill one file per tensor), re-save as one graph + one data file in ``work/fp32``."""
+    import onnx
+
+    from edgemed.converters.onnx import trace as onnx_trace
+    from edgemed.converters.source.merged_model import load_merged
+    from edgemed.converters.onnx.quant import save_single_file
+
+    model = load_merged(job.ckpt if job.ckpt is not None else job.ckpt_dir, job.adapter)
+    trace_dir, fp32_dir = job.work / "trace", job.work / "fp32"
+    trace_dir.mkdir()
+    fp32_dir.mkdir()
+    onnx_trace.export(model, trace_dir / MODEL_FILE)
+    del model
+    gc.collect()
+    graph = onnx.load(str(trace_dir / MODEL_FILE))
+    shutil.rmtree(trace_dir)
+    save_single_file(graph, fp32_dir / MODEL_FILE)
+    return fp32_dir / MODEL_FILE

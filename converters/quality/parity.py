@@ -1,0 +1,216 @@
+"""Does the converted model compute what its source computes?
+
+Fixed medical prompts are tokenized once with the source tokenizer; the same
+token ids go through the Hugging Face model (torch, float32, one decoder layer at a
+time with the LoRA adapter merged per layer: ``converters/quality/layered.py``) and through the converted file. Per
+position we compare next-token logits:
+
+- NMSE   = sum((converted - source)^2) / sum(source^2) over all positions and vocab (the float types' gate)
+- KLD    = mean over positions of KL(softmax(source) || softmax(converted)), in nats, and
+- top-1  = share of positions whose argmax agrees, both by ``edgemed.converters.quality.fidelity``'s rules: the headline leaves out
+  each prompt's first position (a prediction from one token), which is reported on its own, beside the
+  llama.cpp-compatible figure (second half of each prompt) and the figure over every position.
+
+``compare`` is shared by every backend (GGUF here, ONNX in its own module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+PROMPTS = (
+    "A 58-year-old woman with type 2 diabetes presents with polyuria and a fasting glucose of 230 mg/dL. The next step in management is",
+    "Question: Which drug is first-line for uncomplicated hypertension in a patient with chronic kidney disease and albuminuria?\nAnswer:",
+    "The most common cause of community-acquired pneumonia in adults is Streptococcus pneumoniae, which",
+    "Warfarin interacts with many antibiotics. For example, trimethoprim-sulfamethoxazole increases the INR because",
+    "Triage note: 72 y/o male, sudden onset left-sided weakness and slurred speech 45 minutes ago. BP 182/104. Priority:",
+)
+
+# Float output type -> NMSE a faithful conversion must reach.
+NMSE_GATES: dict[str, float | None] = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
+# Every other (quantized) type: the converted model's next-token argmax must agree with the source's on at
+# least this share of positions, and every type must give finite logits. The gate catches broken
+# conversions, it does not grade quality (KLD is reported for that): working 4-bit files measured
+# 0.59-0.89 (tiny test models Q4_0 0.59-0.70, Q4_K_M 0.78-0.83; SmolLM2-135M Q4_0 0.61, Q4_K_M 0.82;
+# Qwen2.5-0.5B Q4_K_M 0.89; ONNX int4 0.79-0.89; measured over every position), broken ones (NaN, an integer tensor read as float,
+# garbage weights) 0.0-0.05. 0.4 leaves about five standard errors of headroom on 150 positions.
+TOP1_GATE = 0.4
+
+
+@dataclass
+class ParityReport:
+    backend: str
+    out_type: str
+    n_prompts: int
+    n_positions: int
+    nmse: float
+    kld: float
+    top1: float
+    max_abs_diff: float
+    gate_nmse: float | None
+    passed: bool | None
+    per_prompt: list[dict] = field(default_factory=list)
+    gate_top1: float | None = None  # quantized types: the minimum top-1 agreement
+    finite: bool = True  # every converted logit is a finite number
+    source_finite: bool = True  # ... and every source logit (a broken checkpoint cannot vouch for anything)
+    fidelity: dict = field(default_factory=dict)  # edgemed.converters.quality.fidelity.summarize: headline, first, llamacpp, all, rule
+    max_abs_diff_all: float | None = None  # max |diff| over every position (max_abs_diff: the headline positions)
+    metric_version: int = 0  # edgemed.converters.quality.fidelity.VERSION the figures were computed with
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def gate(self) -> str:
+        rule = f"NMSE < {self.gate_nmse:g}" if self.gate_nmse is not None else f"top-1 >= {self.gate_top1:.0%}"
+        return f"{rule} and finite logits"
+
+    def summary(self) -> str:
+        gate = "reported, not gated" if self.passed is None else f"gate {self.gate()}: {'PASS' if self.passed else 'FAIL'}"
+        first = (self.fidelity.get("first") or {}).get("kld_mean")
+        llama = (self.fidelity.get("llamacpp") or {}).get("kld_mean")
+        side = "".join([f", first positions {first:.3e}" if first is not None else "",
+                        f", llama.cpp-compatible {llama:.3e}" if llama is not None else ""])
+        return (f"parity {self.backend} {self.out_type.upper()} vs source over {self.n_positions} positions "
+                f"({self.n_prompts} medical prompts, first position of each left out): NMSE {self.nmse:.3e}, "
+                f"KLD {self.kld:.3e} nats{side}, top-1 {self.top1 * 100:.1f}%, max|diff| {self.max_abs_diff:.3g}; {gate}")
+
+
+def metrics(source_logits, converted_logits) -> dict:
+    """Compare two [positions, vocab] logit arrays (numpy, float) over every row (no headline rule)."""
+    import numpy as np
+
+    from edgemed.converters.quality.fidelity import kl_rows
+
+    a = np.asarray(source_logits, dtype=np.float64)
+    b = np.asarray(converted_logits, dtype=np.float64)
+    kl, agree = kl_rows(a, b)
+    return {"nmse": _nmse(a, b), "kld": float(max(kl.mean(), 0.0)), "top1": float(agree.mean()),
+            "max_abs_diff": float(np.abs(b - a).max()), "positions": a.shape[0]}
+
+
+def _nmse(a, b) -> float:
+    return float(((b - a) ** 2).sum() / max((a ** 2).sum(), 1e-30))
+
+
+def source_logits(source, lora: Path | None, prompts=PROMPTS) -> tuple[list[list[int]], list]:
+    """Token ids and float32 logits of the Hugging Face source (+ LoRA adapter) per prompt: PEFT's unmerged
+    model's to float32 rounding, computed one decoder layer at a time (``layered.py``).
+
+    ``source``: the command's opened ``Checkpoint`` (with its pickle consent), or a directory, opened without it."""
+    from edgemed.converters.quality.layered import reference_logits
+
+    return reference_logits(source, lora, prompts)
+
+
+def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
+    """llama.cpp's logits at every position of each token list (one context, cleared between lists)."""
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.loader import load_model
+
+    n_ctx = max(len(t) for t in token_lists) + 8
+    # extra_buffers "none": the file's weights are read in place (memory-mapped). The CPU repack would make an
+    # anonymous copy of every Q4_0/Q4_K tensor beside the mapping (3.0 GiB for a 7B Q4_K_M) for a few prompts'
+    # worth of speed; both paths compute the same quantized weights.
+    load = LoadSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                        extra_buffers="none")
+    model = load_model(gguf_path, load)
+    out = []
+    try:
+        ctx = llamacpp.Context(model, model.load, n_ctx=n_ctx, n_batch=n_ctx)
+        try:
+            for tokens in token_lists:
+                ctx.clear()
+                out.append(ctx.eval(tokens, all_rows=True))
+        finally:
+            ctx.close()
+    finally:
+        model.close()
+    return out
+
+
+def compare(backend: str, out_type: str, token_lists, src: list, converted: list) -> ParityReport:
+    """The report for per-prompt logit arrays (``src[i]``, ``converted[i]``: [tokens, vocab]). Prompt by prompt, so
+    the float64 work is one prompt's worth (a 152k vocabulary makes every row 1.2 MB in float64)."""
+    import numpy as np
+
+    from edgemed.converters.quality import fidelity
+
+    rows, per_prompt, head_diff, all_diff = [], [], [], []
+    num = den = 0.0
+    finite = source_finite = True
+    for t, s, c in zip(token_lists, src, converted):
+        s, c = np.asarray(s), np.asarray(c)
+        if s.shape != c.shape:
+            raise ValueError(f"logit shapes differ: source {s.shape}, converted {c.shape}")
+        finite, source_finite = finite and bool(np.isfinite(c).all()), source_finite and bool(np.isfinite(s).all())
+        kl, agree = fidelity.kl_rows(s, c)
+        rows.append((kl, agree))
+        s64 = s.astype(np.float64)
+        diff = np.abs(c.astype(np.float64) - s64)
+        sq, ref = float((diff ** 2).sum()), float((s64 ** 2).sum())
+        num, den = num + sq, den + ref
+        head = diff[fidelity.headline_rows(len(s))]
+        head_diff.append(float(head.max()) if head.size else float("-inf"))
+        all_diff.append(float(diff.max()))
+        one = fidelity.summarize([(kl, agree)])
+        per_prompt.append({"tokens": len(t), "nmse": sq / max(ref, 1e-30), "kld": one["kld_mean"], "top1": one["top1"],
+                           "kld_first": one["first"]["kld_mean"], "max_abs_diff": all_diff[-1]})
+        del s64, diff, head
+    fid = fidelity.summarize(rows)
+    max_all = float(np.max(all_diff))
+    max_head = float(np.max(head_diff)) if max(head_diff) != float("-inf") else max_all
+    nmse = num / max(den, 1e-30)
+    gate = NMSE_GATES.get(out_type)
+    top1_gate = None if gate is not None else TOP1_GATE
+    passed = finite and source_finite and (nmse < gate if gate is not None else fid["top1"] >= top1_gate)
+    return ParityReport(
+        backend=backend, out_type=out_type, n_prompts=len(rows), n_positions=fid["n_tokens"],
+        nmse=nmse, kld=fid["kld_mean"], top1=fid["top1"], max_abs_diff=max_head,
+        gate_nmse=gate, passed=passed, per_prompt=per_prompt, gate_top1=top1_gate, finite=finite,
+        source_finite=source_finite, fidelity=fid, max_abs_diff_all=max_all, metric_version=fidelity.VERSION,
+    )
+
+
+def gate_error(report: ParityReport, what: str, outcome: str = "nothing was written"):
+    """The ``ParityError`` for a report that failed its gate; ``what`` names the artifact ("The Q4_K_M GGUF")."""
+    from edgemed.errors import ParityError
+
+    if not report.source_finite:
+        return ParityError(
+            f"The source checkpoint itself computes NaN or infinite logits (in transformers) on the parity prompts, so "
+            f"{what} cannot be vouched for; {outcome}.",
+            "re-copy the checkpoint from its source; if it is intact, its weights are broken (a diverged training run)",
+        )
+    if not report.finite:
+        problem = f"{what} computes NaN or infinite logits on the {report.n_prompts} parity prompts"
+    elif report.gate_nmse is not None:
+        problem = f"{what} does not match its source: NMSE {report.nmse:.3e} (must be < {report.gate_nmse:g})"
+    else:
+        problem = (f"{what} picks the same next token as its source at only {report.top1:.1%} of {report.n_positions} "
+                   f"positions (must be >= {report.gate_top1:.0%}; KLD {report.kld:.3g} nats)")
+    fix = ("this is a converter bug for this checkpoint: rerun with -vv and report it, with the checkpoint's config.json"
+           if report.gate_nmse is not None else
+           "convert to a wider type (--quant q8_0, or f16) and compare; if that also fails, report it with config.json")
+    return ParityError(f"{problem}; {outcome}.", fix)
+
+
+def gated(report: ParityReport, what: str, echo) -> dict:
+    """Show ``report``; raise its ``gate_error`` when it failed; else its dict for the conversion report."""
+    echo(report.summary())
+    if report.passed is False:
+        raise gate_error(report, what)
+    return report.to_dict()
+
+
+def check_gguf(model_dir, gguf_path: Path, out_type: str, *, lora: Path | None = None, threads: int | None = None,
+               source: tuple | None = None) -> ParityReport:
+    """Parity of ``gguf_path`` against the HF source ``model_dir`` (an opened ``Checkpoint``, or a directory opened
+    without pickle consent). ``source`` reuses (ids, logits) already computed."""
+    ids, src = source or source_logits(model_dir, lora)
+    return compare("gguf", out_type, ids, src, gguf_logits(gguf_path, ids, threads))
+
+
+Checker = Callable[..., ParityReport]

@@ -1,0 +1,345 @@
+"""Read a Hugging Face checkpoint directory without loading it into memory.
+
+Tensors are served one at a time from memory-mapped safetensors shards, so a
+converter's peak memory is about one tensor, not one model. Pickle checkpoints
+(``pytorch_model*.bin``) can run code when loaded: they are refused unless the
+user opts in, and then read with ``torch.load(weights_only=True)``.
+
+An opened ``Checkpoint`` is *the* source of a command: it is opened once, with the user's
+consent flags (``--allow-pickle``), and handed down to everything that reads the weights
+(the GGUF and ONNX writers, the parity reference, the importance matrix, the torch
+baseline). ``as_checkpoint`` opens a bare path without consent, so a reader given a path
+refuses pickle weights with the same paragraph as ``convert`` (``pickle_refused``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from edgemed.converters.source.safetensors_header import (  # noqa: F401 (re-exported: the reader's public names)
+    DTYPE_SIZES, parse_safetensors_header, read_safetensors_header,
+)
+from edgemed.errors import CheckpointError
+from edgemed.files.hashing import files_digest
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
+
+
+MAX_JSON_BYTES = 64 * 2**20  # config / index files are kilobytes; refuse to slurp a mislabelled blob
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a weight may be stored as
+TORCH_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}  # pickle -> safetensors names
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(path: Path, error: type, what: str, fix: str):
+    """Parse a small JSON file; any failure (missing, a directory, not UTF-8, not JSON) -> ``error``."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes is far too large")
+        with path.open(encoding="utf-8") as fh:
+            return json.load(fh, parse_constant=_reject_constant)
+    except FileNotFoundError:
+        raise error(f"{what} '{path}' is missing.", fix) from None
+    except IsADirectoryError:
+        raise error(f"{what} '{path}' is a directory, not a file.", fix) from None
+    except OSError as exc:
+        raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc}).", "check the file's permissions") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} '{path}' is not UTF-8 text.", fix) from None
+    except RecursionError:
+        raise error(f"{what} '{path}' is nested too deeply to be a real config.", fix) from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, too-long integers
+        raise error(f"{what} '{path}' is not valid JSON ({exc}).", fix) from None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    data = load_json(path, CheckpointError, what, f"re-copy {path.name} from the source checkpoint; it is missing, corrupt or truncated")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} '{path}' must hold a JSON object, not a {type(data).__name__}.",
+                              "re-copy the file; it is not a Hugging Face config")
+    return data
+
+
+# config.json fields the converters read: (keys, kind, upper bound). Bounds keep a corrupt value
+# from sizing an allocation (the vocabulary is planned as a list of vocab_size entries).
+_INT_FIELDS = {"num_hidden_layers": 4096, "hidden_size": 2**20, "vocab_size": 2**24, "num_attention_heads": 2**16,
+               "num_key_value_heads": 2**16, "intermediate_size": 2**22, "max_position_embeddings": 2**31 - 1,
+               "head_dim": 2**16}
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+_ROPE_FLOATS = ("factor", "low_freq_factor", "high_freq_factor", "rope_theta")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(config: dict, path: Path) -> None:
+    """Refuse config.json values the converters would choke on, naming the field and the fix."""
+    where = path / "config.json"
+
+    def bad(key: str, value, want: str, example) -> CheckpointError:
+        return CheckpointError(f"{where}: '{key}' must be {want}, not {json.dumps(value)[:60]}.",
+                               f"fix the value (e.g. \"{key}\": {json.dumps(example)}) or re-export the config with save_pretrained()")
+
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        raise bad("architectures", archs, "a non-empty list of class names", ["LlamaForCausalLM"])
+    for key, top in _INT_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not (_is_int(value) and 0 < value <= top):
+            raise bad(key, value, f"a positive integer (at most {top:,})", 28 if key == "num_hidden_layers" else 64)
+    for key in _FLOAT_FIELDS:
+        value = config.get(key)
+        if value is not None and not (_is_number(value) and value > 0):
+            raise bad(key, value, "a positive number", 1e-6 if key == "rms_norm_eps" else 10000.0)
+    tie = config.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise bad("tie_word_embeddings", tie, "true or false", False)
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise bad(key, rope, "an object or null", None)
+        for sub in _ROPE_FLOATS:
+            if rope.get(sub) is not None and not (_is_number(rope[sub]) and rope[sub] > 0):
+                raise bad(f"{key}.{sub}", rope[sub], "a positive number", 8.0)
+        omax = rope.get("original_max_position_embeddings")
+        if omax is not None and not (_is_int(omax) and omax > 0):
+            raise bad(f"{key}.original_max_position_embeddings", omax, "a positive integer", 8192)
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind is not None and not isinstance(kind, str):
+            raise bad(f"{key}.rope_type", kind, "a string", "default")
+    heads, kv, hidden = config.get("num_attention_heads"), config.get("num_key_value_heads"), config.get("hidden_size")
+    if heads and kv and heads % kv:
+        raise CheckpointError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv}).",
+                              "re-copy config.json from the source checkpoint; these values cannot both be right")
+    if heads and hidden and not config.get("head_dim") and hidden % heads:
+        raise CheckpointError(f"{where}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+                              "and no head_dim is given.", "re-copy config.json from the source checkpoint")
+
+
+def pickle_refused(path: Path, pickles: list[Path]) -> CheckpointError:
+    """The one refusal of a pickle-only checkpoint opened without ``--allow-pickle`` (every command says this)."""
+    return CheckpointError(
+        f"'{path}' has only pickle weights ({', '.join(p.name for p in pickles)}); loading a pickle can run arbitrary code.",
+        "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its origin",
+    )
+
+
+def legacy_pickle_error(file: Path) -> CheckpointError:
+    """A ``pytorch_model.bin`` in torch's pre-1.6 (non-zip) format, which cannot be memory-mapped."""
+    return CheckpointError(
+        f"'{file}' is in torch's legacy (non-zip) serialization format, which cannot be memory-mapped, so edgemed "
+        "would have to hold the whole file in memory to read it.",
+        "re-save it in torch's zip format (in Python: torch.save(torch.load(path, weights_only=True), path)), or "
+        "convert the checkpoint to safetensors; then run the command again",
+    )
+
+
+@dataclass
+class TensorRef:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: F32, F16, BF16, ...
+    file: Path
+
+
+@dataclass
+class Checkpoint:
+    """A Hugging Face causal-LM directory: config, weights and tokenizer files."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorRef]
+    pickle_files: list[Path] = field(default_factory=list)
+
+    # -- opening --------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | str, *, allow_pickle: bool = False) -> "Checkpoint":
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(
+                f"Checkpoint directory '{path}' does not exist.",
+                "pass a Hugging Face model directory (config.json, *.safetensors, tokenizer files)",
+            )
+        config = _read_json(path / "config.json", "Model config")
+        validate_config(config, path)
+        shards = cls._safetensors_files(path)
+        if shards:
+            return cls(path, config, _float_only(cls._index_safetensors(shards)))
+        pickles = sorted({p for pat in PICKLE_PATTERNS for p in path.glob(pat)})
+        if not pickles:
+            raise CheckpointError(
+                f"No weights found in '{path}' (no *.safetensors, no pytorch_model*.bin).",
+                "copy the weight files next to config.json",
+            )
+        if not allow_pickle:
+            raise pickle_refused(path, pickles)
+        return cls(path, config, _float_only(cls._index_pickles(pickles)), pickle_files=pickles)
+
+    @staticmethod
+    def _safetensors_files(path: Path) -> list[Path]:
+        index = path / SAFETENSORS_INDEX
+        if index.exists():
+            weight_map = _read_json(index, "Safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"'{index}' has no weight_map.", "re-copy the index file from the source checkpoint")
+            for name in weight_map.values():  # shard names are plain files of this directory, never paths elsewhere
+                if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                    raise CheckpointError(f"'{index}' names a shard {json.dumps(name)[:80]}, which is not a file name in '{path}'.",
+                                          "re-copy the index file from the source checkpoint")
+            files = sorted({path / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(
+                    f"Shard(s) {', '.join(missing)} listed in {SAFETENSORS_INDEX} are missing from '{path}'.",
+                    "copy every shard of the checkpoint",
+                )
+            return files
+        return sorted(path.glob("*.safetensors"))
+
+    @staticmethod
+    def _index_safetensors(files: list[Path]) -> dict[str, TensorRef]:
+        refs: dict[str, TensorRef] = {}
+        for file in files:
+            for name, (dtype, shape) in read_safetensors_header(file).items():
+                if name in refs:
+                    raise CheckpointError(f"Tensor '{name}' is in both '{refs[name].file.name}' and '{file.name}'.",
+                                          "remove stray shards: keep only those the checkpoint's index lists")
+                refs[name] = TensorRef(name, tuple(shape), dtype, file)
+        return refs
+
+    @staticmethod
+    def _index_pickles(files: list[Path]) -> dict[str, TensorRef]:
+        import torch
+
+        import zipfile
+
+        refs: dict[str, TensorRef] = {}
+        for file in files:
+            if not zipfile.is_zipfile(file):  # torch's own refusal ("mmap can only be used with ...") names no fix
+                raise legacy_pickle_error(file)
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for a corrupt or hostile pickle
+                raise CheckpointError(f"Cannot read pickle weights '{file}': {exc}.",
+                                      "re-copy the file, or convert the checkpoint to safetensors") from None
+            if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+                raise CheckpointError(f"'{file}' does not hold a state dict of tensors.", "pass the model's saved state_dict")
+            for name, t in state.items():
+                dtype = str(t.dtype).removeprefix("torch.")
+                refs[name] = TensorRef(name, tuple(t.shape), TORCH_DTYPES.get(dtype, dtype), file)
+        return refs
+
+    # -- facts ----------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures")
+        if not archs or not isinstance(archs, list):
+            raise CheckpointError(
+                f"{self.path / 'config.json'} has no 'architectures' list.",
+                "add the model class, e.g. \"architectures\": [\"Qwen2ForCausalLM\"]",
+            )
+        return archs[0]
+
+    def hparam(self, *keys: str, default=None, required: bool = True):
+        """The first of ``keys`` present in config.json (or ``default``)."""
+        for key in keys:
+            if key in self.config and self.config[key] is not None:
+                return self.config[key]
+        if default is not None or not required:
+            return default
+        raise CheckpointError(
+            f"{self.path / 'config.json'} lacks '{keys[0]}'.",
+            "re-export the config with save_pretrained(); the field is required for this architecture",
+        )
+
+    def source_dtype(self) -> str:
+        """The dominant floating-point dtype of the weights (by element count)."""
+        counts: dict[str, int] = {}
+        for ref in self.tensors.values():
+            n = 1
+            for d in ref.shape:
+                n *= d
+            counts[ref.dtype] = counts.get(ref.dtype, 0) + n
+        return max(counts, key=counts.get) if counts else "F32"
+
+    def hf_model(self, **kw):
+        """The whole ``AutoModelForCausalLM`` from this directory (``kw``: dtype, attn_implementation, ...).
+
+        Only for a checkpoint opened with consent: a pickle-only one was refused by ``open`` unless
+        ``--allow-pickle``; transformers then reads it with ``torch.load(weights_only=True)``."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, use_safetensors=not self.pickle_files, **kw)
+
+    def weight_files(self) -> list[Path]:
+        return sorted({ref.file for ref in self.tensors.values()})
+
+    def digest(self) -> str:
+        """sha256 over the config and weight files (name + content), for provenance."""
+        return files_digest([self.path / "config.json", *self.weight_files()])
+
+    # -- tensors --------------------------------------------------------------------------
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, "object"]]:
+        """Yield ``(name, torch.Tensor)`` one at a time, in ``names`` order, memory-mapped."""
+        import torch
+        from safetensors import safe_open
+
+        names = list(self.tensors) if names is None else names
+        by_file: dict[Path, object] = {}
+        try:
+            for name in names:
+                ref = self.tensors[name]
+                if self.pickle_files:
+                    state = by_file.get(ref.file)
+                    if state is None:
+                        state = by_file[ref.file] = torch.load(ref.file, map_location="cpu", weights_only=True, mmap=True)
+                    yield name, state[name]
+                    continue
+                # A fresh handle per tensor: closing it unmaps the shard, so pages already read
+                # do not pile up in the process's resident set (peak stays about one tensor).
+                try:
+                    with safe_open(str(ref.file), framework="pt") as handle:
+                        tensor = handle.get_tensor(name)
+                except Exception as exc:  # safetensors raises its own types for corrupt data
+                    raise CheckpointError(
+                        f"Cannot read tensor '{name}' from '{ref.file}': {exc}.", "re-copy the shard; it is corrupt"
+                    ) from exc
+                yield name, tensor
+        finally:
+            by_file.clear()
+
+
+def as_checkpoint(source: "Checkpoint | Path | str", *, allow_pickle: bool = False) -> Checkpoint:
+    """``source`` if it is an opened ``Checkpoint`` (consent already given or not), else the directory opened
+    with ``allow_pickle`` (default: no consent, so pickle-only weights are refused by ``pickle_refused``)."""
+    if isinstance(source, Checkpoint):
+        return source
+    return Checkpoint.open(source, allow_pickle=allow_pickle)
+
+
+def _float_only(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """Refuse integer / bool / 8-bit tensors: a weight must be floating point (GPTQ, AWQ or a damaged header are not)."""
+    for ref in refs.values():
+        if ref.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"Tensor '{ref.name}' in '{ref.file.name}' has dtype {ref.dtype}; edgemed converts floating-point weights "
+                f"only ({', '.join(FLOAT_DTYPES)}).",
+                "convert the original float checkpoint (not a pre-quantized GPTQ/AWQ/bitsandbytes one), or re-copy the shard",
+            )
+    return refs

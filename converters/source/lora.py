@@ -1,0 +1,341 @@
+"""PEFT LoRA adapters merged into base weights one tensor at a time.
+
+For a target module with base weight ``W [out, in]`` the merged weight is
+``W + scale * B @ A`` with ``A [r, in]``, ``B [out, r]`` and
+``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA); per-module
+``rank_pattern`` / ``alpha_pattern`` override r and alpha. Full replacement
+weights saved through ``modules_to_save`` replace the base tensor.
+The whole model is never materialised: each base tensor is merged as it streams by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed.converters.source.checkpoint import FLOAT_DTYPES, load_json
+from edgemed.converters.source.safetensors_header import read_safetensors_header
+from edgemed.errors import AdapterError, CheckpointError
+from edgemed.files.hashing import files_digest
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class LoraPair:
+    a: str  # tensor name in the adapter file
+    b: str
+    scale: float
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _pattern_regex(key: str) -> str:
+    """PEFT's reading of a rank_pattern / alpha_pattern key: a regex matching the module name or a dotted suffix."""
+    return rf"(.*\.)?({key})$"
+
+
+def _regex(pattern: str, key: str, where: Path) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AdapterError(f"{where}: {key} {pattern[:80]!r} is not a valid regular expression ({exc}).",
+                           "fix the pattern (PEFT matches these as Python regular expressions), or re-save the adapter") from None
+
+
+def validate_adapter_config(config, where: Path) -> None:
+    """The adapter_config.json fields the merge (and PEFT, in the parity check) reads, with their types."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"{where} must hold a JSON object, not a {type(config).__name__}.",
+                           "pass the adapter_config.json written by PeftModel.save_pretrained()")
+
+    def bad(key, value, want):
+        return AdapterError(f"{where}: '{key}' must be {want}, not {json.dumps(value)[:60]}.",
+                            "fix the value or re-save the adapter with PeftModel.save_pretrained()")
+
+    if "r" in config and not _positive_int(config["r"]):
+        raise bad("r", config["r"], "a positive integer (the LoRA rank)")
+    if "lora_alpha" in config and not _finite(config["lora_alpha"]):
+        raise bad("lora_alpha", config["lora_alpha"], "a number")
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(flag) is not None and not isinstance(config[flag], bool):
+            raise bad(flag, config[flag], "true or false")
+    if config.get("peft_type") is not None and not isinstance(config["peft_type"], str):
+        raise bad("peft_type", config["peft_type"], '"LORA"')
+    for key, check, want in (("rank_pattern", _positive_int, "positive integers"), ("alpha_pattern", _finite, "numbers")):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(key, pattern, "an object of pattern -> value")
+        for name, value in pattern.items():
+            _regex(name, f"{key} key", where)
+            _regex(_pattern_regex(name), f"{key} key", where)
+            if not check(value):
+                raise bad(f"{key}.{name}", value, want)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _regex(targets, "target_modules", where)  # PEFT full-matches a string as one regex
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", targets, "a list of module names or one regular expression")
+
+
+# model_type of a transformers modeling module: "transformers.models.qwen2.modeling_qwen2" -> "qwen2"
+_MODELING = re.compile(r"transformers\.models\.([a-z0-9_]+)\.modeling_")
+# config.json facts that differ between two different base models of one architecture
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def _names_of(ckpt) -> set[str]:
+    """The names the base checkpoint goes by: its folder's name, and the ``_name_or_path`` its config was saved from."""
+    names = {ckpt.path.resolve().name}
+    saved = ckpt.config.get("_name_or_path")
+    if isinstance(saved, str) and saved.strip():
+        names.add(Path(saved.strip().rstrip("/")).name)
+    return {n.lower() for n in names if n}
+
+
+def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
+    """Compare the base the adapter names with the checkpoint it is merged into.
+
+    Raises ``AdapterError`` when the adapter's own records prove another model: PEFT's ``auto_mapping`` names
+    another class, or ``base_model_name_or_path`` is a folder here whose config.json gives another architecture,
+    model type or shape. Returns a warning when only the name differs (a hub id or a path elsewhere cannot be
+    read offline, and a copy of a model may live under any name); None when the names agree or none is given."""
+    named = config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named.strip():
+        return None
+    named = named.strip()
+    ours_arch, ours_type = ckpt.config.get("architectures") or [None], ckpt.config.get("model_type")
+    ours = f"{ckpt.path} ({ours_arch[0]}" + (f", model_type {ours_type})" if ours_type else ")")
+    fix = "merge the adapter into the base model it was trained on (adapter_config.json: base_model_name_or_path)"
+
+    def refuse(theirs: str) -> AdapterError:
+        return AdapterError(f"The adapter was trained on '{named}' ({theirs}), not on this base model {ours}; its tensor "
+                            "shapes may fit, but merged into another model it computes nonsense.", fix)
+
+    mapping = config.get("auto_mapping")
+    if isinstance(mapping, dict):
+        cls_name, library = mapping.get("base_model_class"), mapping.get("parent_library")
+        found = _MODELING.match(library) if isinstance(library, str) else None
+        if isinstance(cls_name, str) and ours_arch[0] and cls_name.endswith("ForCausalLM") and cls_name != ours_arch[0]:
+            raise refuse(f"{cls_name}, by adapter_config.json's auto_mapping")
+        if found and ours_type and found.group(1) != ours_type:
+            raise refuse(f"model_type {found.group(1)}, by adapter_config.json's auto_mapping")
+    local = Path(named).expanduser()
+    try:
+        same = local.is_dir() and local.resolve() == ckpt.path.resolve()
+        theirs = load_json(local / "config.json", AdapterError, "Base config", "") if (local / "config.json").is_file() else None
+    except (OSError, AdapterError):
+        same, theirs = False, None
+    if same:
+        return None
+    if isinstance(theirs, dict):
+        archs = theirs.get("architectures")
+        their_arch = archs[0] if isinstance(archs, list) and archs else None
+        if isinstance(their_arch, str) and ours_arch[0] and their_arch != ours_arch[0]:
+            raise refuse(their_arch)
+        if theirs.get("model_type") and ours_type and theirs["model_type"] != ours_type:
+            raise refuse(f"model_type {theirs['model_type']}")
+        differ = [k for k in _SHAPE_KEYS if theirs.get(k) is not None and ckpt.config.get(k) is not None
+                  and theirs[k] != ckpt.config[k]]
+        if differ:
+            raise refuse(", ".join(f"{k} {theirs[k]} vs {ckpt.config[k]} here" for k in differ))
+    if Path(named.rstrip("/")).name.lower() in _names_of(ckpt):
+        return None
+    return (f"the adapter '{cfg_path.parent}' names '{named}' as its base model (adapter_config.json: "
+            f"base_model_name_or_path), but it is being merged into {ours}. Its tensor shapes fit, so it was merged; "
+            "if it was trained on another model, the output computes nonsense. Check that they belong together "
+            "(the report records both names: lora.base_model_name_or_path, lora.base_check).")
+
+
+class LoraAdapter:
+    """An opened adapter: which base tensors it changes and how."""
+
+    def __init__(self, path: Path, config: dict, pairs: dict[str, LoraPair], replacements: dict[str, str], handle,
+                 base_warning: str | None = None):
+        self.path = path
+        self.config = config
+        self.pairs = pairs  # base tensor name -> LoraPair
+        self.replacements = replacements  # base tensor name -> adapter tensor name
+        self._handle = handle
+        self.base_warning = base_warning  # the adapter names another base, and nothing proves it is this one
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | str, base) -> "LoraAdapter":
+        """Open and plan the adapter at ``path`` against ``base``: the opened base ``Checkpoint`` (its tensors, and its
+        identity, checked against the adapter's ``base_model_name_or_path``), or a bare ``{name: TensorRef}`` table."""
+        from safetensors import safe_open
+
+        base_tensors = base if isinstance(base, dict) else base.tensors
+        path = Path(path)
+        cfg_path = path / ADAPTER_CONFIG
+        if not cfg_path.exists():
+            raise AdapterError(
+                f"'{path}' is not a PEFT adapter: {ADAPTER_CONFIG} is missing.",
+                "pass the directory written by PeftModel.save_pretrained()",
+            )
+        config = load_json(cfg_path, AdapterError, "Adapter config", "re-copy the adapter from where it was trained")
+        validate_adapter_config(config, cfg_path)
+        if config.get("peft_type", "LORA") != "LORA":
+            raise AdapterError(f"Adapter type '{config.get('peft_type')}' is not LoRA.", "only LoRA adapters can be merged")
+        for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
+            if config.get(flag):
+                raise AdapterError(f"Adapter uses {what}, which edgemed cannot merge.", "merge it with PEFT's merge_and_unload() and convert the merged model")
+        weights = path / ADAPTER_WEIGHTS[0]
+        if not weights.exists():
+            raise AdapterError(
+                f"'{path}' has no {ADAPTER_WEIGHTS[0]}.",
+                "save the adapter with safe_serialization=True (pickle adapters are refused)",
+            )
+        try:
+            header = read_safetensors_header(weights)
+        except CheckpointError as exc:
+            raise AdapterError(exc.problem, "re-copy the adapter; the file is corrupt") from None
+        odd = next(((k, d) for k, (d, _) in header.items() if d not in FLOAT_DTYPES), None)
+        if odd:
+            raise AdapterError(f"Adapter tensor '{odd[0]}' has dtype {odd[1]}; LoRA weights must be floating point.",
+                               "re-save the adapter with PEFT from the trained (unquantized) model")
+        try:
+            handle = safe_open(str(weights), framework="pt")
+            keys = list(handle.keys())
+        except Exception as exc:
+            raise AdapterError(f"Cannot read '{weights}': {exc}.", "re-copy the adapter; the file is corrupt") from None
+        pairs, replacements = cls._plan(config, keys, handle, base_tensors)  # shapes first: the plainest refusal
+        warning = None if isinstance(base, dict) else base_mismatch(config, cfg_path, base)
+        return cls(path, config, pairs, replacements, handle, warning)
+
+    @property
+    def base_name(self) -> str | None:
+        """What adapter_config.json says the adapter was trained on (``base_model_name_or_path``)."""
+        named = self.config.get("base_model_name_or_path")
+        return named if isinstance(named, str) and named.strip() else None
+
+    def warn_base(self, echo) -> None:
+        """Say, loudly, that the adapter names another base model (the report records it: ``lora.base_check``)."""
+        if self.base_warning:
+            echo(f"WARNING: {self.base_warning}")
+
+    @staticmethod
+    def _base_name(key: str) -> str:
+        # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" -> "model.layers.0.self_attn.q_proj"
+        key = key.removeprefix("base_model.model.")
+        return re.sub(r"\.lora_[AB](\.[^.]+)?\.weight$", "", key)
+
+    @classmethod
+    def _plan(cls, config: dict, keys: list[str], handle, base_tensors: dict):
+        r_default = config.get("r", 8)
+        alpha_default = float(config.get("lora_alpha", r_default))
+        rank_pattern = config.get("rank_pattern") or {}
+        alpha_pattern = config.get("alpha_pattern") or {}
+        rslora = bool(config.get("use_rslora", False))
+        pairs: dict[str, LoraPair] = {}
+        replacements: dict[str, str] = {}
+        # lora_A/B weights are merged; any other LoRA part (an embedding's lora_embedding_A/B, lora_B biases)
+        # would be dropped silently, and the parity reference (which merges with this class) could not see it
+        odd = next((k for k in keys if ".lora_" in k and not re.search(r"\.lora_[AB](\.[^.]+)?\.weight$", k)), None)
+        if odd is not None:
+            raise AdapterError(f"Adapter tensor '{odd}' is a LoRA part edgemed cannot merge (only lora_A/lora_B weights of "
+                               "linear layers are).", "merge it with PEFT's merge_and_unload() and convert the merged model")
+        a_keys = [k for k in keys if ".lora_A." in k]
+        for a_key in a_keys:
+            b_key = a_key.replace(".lora_A.", ".lora_B.")
+            if b_key not in keys:
+                raise AdapterError(f"Adapter has '{a_key}' but not its partner '{b_key}'.", "re-save the adapter with PEFT")
+            module = cls._base_name(a_key)
+            base = f"{module}.weight"
+            if base not in base_tensors:
+                raise AdapterError(
+                    f"Adapter targets '{module}', which this base model does not have.",
+                    "check that the adapter was trained on this base model (adapter_config.json: base_model_name_or_path)",
+                )
+            a_shape = handle.get_slice(a_key).get_shape()
+            b_shape = handle.get_slice(b_key).get_shape()
+            base_shape = base_tensors[base].shape
+            if len(a_shape) != 2 or len(b_shape) != 2 or len(base_shape) != 2:
+                raise AdapterError(
+                    f"Adapter tensors for '{module}' (A {list(a_shape)}, B {list(b_shape)}, base {list(base_shape)}) are not "
+                    "all matrices; LoRA adapts 2-D linear weights only.",
+                    "re-save the adapter with PEFT; target only linear layers (target_modules)",
+                )
+            out_f, in_f = base_shape
+            if a_shape[1] != in_f or b_shape[0] != out_f or a_shape[0] != b_shape[1]:
+                raise AdapterError(
+                    f"Adapter shapes for '{module}' (A {list(a_shape)}, B {list(b_shape)}) do not fit the base weight {[out_f, in_f]}.",
+                    "this adapter was trained on a different base model; use the matching base checkpoint",
+                )
+            r = cls._pattern_value(module, rank_pattern, r_default)
+            if r != a_shape[0]:
+                raise AdapterError(
+                    f"adapter_config.json gives '{module}' rank {r}, but its lora_A has {a_shape[0]} rows.",
+                    "the config does not belong to these weights: re-copy adapter_config.json with the adapter",
+                )
+            alpha = float(cls._pattern_value(module, alpha_pattern, alpha_default))
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            pairs[base] = LoraPair(a_key, b_key, scale)
+        for key in keys:
+            if ".lora_" in key:
+                continue
+            # modules_to_save: full weights, e.g. "base_model.model.lm_head.weight"
+            base = key.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+            if base not in base_tensors:
+                raise AdapterError(f"Adapter carries '{key}', which matches no base tensor.", "use the base model this adapter was trained on")
+            if tuple(handle.get_slice(key).get_shape()) != tuple(base_tensors[base].shape):
+                raise AdapterError(f"Adapter tensor '{key}' has a different shape from the base tensor '{base}'.", "use the matching base model")
+            replacements[base] = key
+        if not pairs and not replacements:
+            raise AdapterError("Adapter holds no LoRA weights.", "check that training saved the adapter")
+        return pairs, replacements
+
+    @staticmethod
+    def _pattern_value(module: str, pattern: dict, default):
+        # PEFT matches pattern keys as regex suffixes of the module name
+        for key, value in pattern.items():
+            if re.match(_pattern_regex(key), module):
+                return value
+        return default
+
+    # -- merging ------------------------------------------------------------------------
+    def apply(self, name: str, tensor):
+        """Return ``tensor`` (a torch tensor) with this adapter merged, in float32."""
+        import torch
+
+        if name in self.replacements:
+            return self._handle.get_tensor(self.replacements[name]).to(torch.float32)
+        pair = self.pairs.get(name)
+        if pair is None:
+            return tensor
+        a = self._handle.get_tensor(pair.a).to(torch.float32)
+        b = self._handle.get_tensor(pair.b).to(torch.float32)
+        return tensor.to(torch.float32) + pair.scale * (b @ a)
+
+    def apply_rows(self, name: str, block, start: int):
+        """``apply`` for rows ``[start, start + len(block))`` of base tensor ``name`` (a table read in blocks)."""
+        import torch
+
+        stop = start + block.shape[0]
+        if name in self.replacements:
+            return self._handle.get_slice(self.replacements[name])[start:stop].to(torch.float32)
+        pair = self.pairs.get(name)
+        if pair is None:
+            return block
+        a = self._handle.get_tensor(pair.a).to(torch.float32)
+        b = self._handle.get_slice(pair.b)[start:stop].to(torch.float32)
+        return block.to(torch.float32) + pair.scale * (b @ a)
+
+    def touches(self, name: str) -> bool:
+        return name in self.pairs or name in self.replacements
+
+    def digest(self) -> str:
+        return files_digest([self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS[0]])

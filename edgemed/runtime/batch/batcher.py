@@ -1,0 +1,387 @@
+"""Continuous batching on llama.cpp: several requests decoded together, one step after another.
+
+One scheduler thread owns the llama context. A step is one ``llama_decode`` of the next token of
+every generating sequence (in slot order), then one per prompt chunk of newly admitted sequences:
+every waiting short prompt whole (they start generating together), a long one in chunks of the whole
+batch when nobody is generating, else sized so the step stays within ``1 + STALL_BUDGET`` plain steps
+(``prefill.py``: a long prompt never stalls running streams).
+Sequence id = slot; each slot has its own KV stream (``kv_unified = false``) of ``n_ctx_per_slot``
+cells, so a request never spills into another's context. Each sequence with logits samples from its
+own sampler chain and checks its own stops (end of generation, stop strings, ``max_tokens``); a
+finished or cancelled one leaves before the next step, and queued requests join between steps.
+
+``submit`` (any thread) never waits for the model: it tokenizes, checks the context, builds the
+sampler and queues, or raises ``Overloaded`` past ``slots + queue_size`` requests in flight. Output
+goes to a ``Stream`` (``stream.py``); a request's state, its end and the counters are in ``sequence.py``.
+No prompt or output text is logged: ids, counts, timings only.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+
+from edgemed.errors import Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
+from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
+from edgemed.runtime.text_stream import TextStream
+from edgemed.runtime.batch.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
+from edgemed.runtime.batch.sequence import Counters, Seq
+from edgemed.runtime.batch.stream import Finished, Piece, Stream
+
+__all__ = ["Batcher", "Closed", "Finished", "Overloaded", "Piece", "STALL_BUDGET", "Stream"]
+
+log = logging.getLogger(__name__)
+
+#: An idle scheduler woken by a request waits this long for more before its first step (they share the
+#: prefill; HTTP requests sent at once reach the batcher milliseconds apart), and never longer than GATHER_MAX_S.
+GATHER_QUIET_S = 0.010
+GATHER_MAX_S = 0.050
+
+
+class Batcher:
+    """Continuous batching over one llama.cpp context; see the module docstring.
+
+    ``load.n_ctx`` is the whole KV cache, split evenly over the slots (as llama.cpp's
+    server does), so the memory plan made for ``load`` still holds; pass
+    ``n_ctx_per_slot`` to size each slot instead (the cache is then ``slots`` times it).
+    ``prefill_chunk`` fixes the prompt tokens a step takes while others generate; None (the
+    default) sizes it from measured step costs so running streams slow by at most 1 + STALL_BUDGET.
+    """
+
+    def __init__(self, model_path: Path, load: LoadSettings, *, slots: int = 4, queue_size: int = 16,
+                 n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None):
+        if slots < 1 or queue_size < 0:
+            raise InputError(f"slots must be >= 1 and queue_size >= 0 (got {slots}, {queue_size}).",
+                             "pass --slots 1 or more and --queue 0 or more")
+        self.model_path = Path(model_path)
+        self.load = load
+        self.slots = slots
+        self.queue_size = queue_size
+        self.n_ctx_per_slot = n_ctx_per_slot or load.n_ctx // slots
+        if self.n_ctx_per_slot < 16:
+            raise InputError(f"{slots} slots leave {self.n_ctx_per_slot} tokens of context each.",
+                             "use fewer slots or a larger context")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be >= 1 (got {prefill_chunk}).", "pass --prefill-chunk 1 or more")
+        self.prefill_chunk = prefill_chunk
+        self._prefill = PrefillBudget(prefill_chunk)
+        self._model = self._ctx = self._batch = None
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._native = threading.Lock()  # request threads use the vocabulary under it; freeing waits for them
+        self._queue: collections.deque[Seq] = collections.deque()
+        self._active: list[Seq] = []
+        self._free: list[int] = []
+        self._stopping = False
+        self._service_s = 1.0  # moving average of a request's time in a slot, for Retry-After
+        self._n = Counters()
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the model and start the scheduler thread."""
+        from edgemed.runtime.llamacpp import Batch, Context, physical_cores
+        from edgemed.runtime.loader import load_model
+
+        if self._thread is not None:
+            return
+        threads = self.load.n_threads or physical_cores()
+        self._model = load_model(self.model_path, self.load)
+        try:
+            self.load = self._model.load  # the host self-test may have chosen safer buffers
+            self.n_ctx_per_slot = min(self.n_ctx_per_slot, self._model.n_ctx_train)
+            self._ctx = Context(self._model, self.load, n_ctx=self.slots * self.n_ctx_per_slot, n_seq_max=self.slots,
+                                kv_unified=False)  # one KV stream per slot: a slot can never use another's cells
+            self.n_ctx_per_slot = min(self.n_ctx_per_slot, self._ctx.n_ctx_seq)
+            if self._ctx.n_batch < self.slots:
+                raise ModelLoadError(f"n_batch {self._ctx.n_batch} is smaller than the {self.slots} slots.",
+                                     "raise n_batch or use fewer slots")
+            self._batch = Batch(self._model.lib, self._ctx.n_batch)
+        except BaseException:
+            self._free_native()
+            raise
+        self._free = list(range(self.slots - 1, -1, -1))
+        self._thread = threading.Thread(target=self._run, name="edgemed-batcher", daemon=True)
+        self._thread.start()
+        log.info("batcher started: %s, %d slots x %d tokens, queue %d, %d threads", self.model_path.name,
+                 self.slots, self.n_ctx_per_slot, self.queue_size, threads)
+
+    def close(self) -> None:
+        """Stop the scheduler, end every queued and running stream ("cancelled"), free llama.cpp."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._free_native()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- text ------------------------------------------------------------------------------
+    def _require_model(self):
+        """The loaded model (caller holds ``_native``, so it cannot be freed meanwhile)."""
+        if self._model is None or self._model.ptr is None:
+            raise Closed("The model is not loaded.", "call Batcher.start() first")
+        return self._model
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The prompt the GGUF's own chat template makes of ``messages`` (rendered in a Jinja sandbox)."""
+        from edgemed.runtime.chat_template import render
+
+        with self._native:
+            model = self._require_model()
+            template = model.meta("tokenizer.chat_template")
+            bos, eos = model.special_text(model.bos()), model.special_text(model.eos())
+        if not template:
+            raise ModelLoadError(f"'{self.model_path}' has no chat template.",
+                                 "use the completions endpoint, or convert with the tokenizer's chat template")
+        return render(template, messages, bos_token=bos, eos_token=eos)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        with self._native:
+            return self._require_model().tokenize(text, add_special, parse_special)
+
+    # -- requests ----------------------------------------------------------------------------
+    def _check_capacity(self) -> None:
+        in_flight = len(self._queue) + len(self._active)
+        if in_flight >= self.slots + self.queue_size:
+            self._n.overloaded_total += 1
+            retry = max(1.0, self._service_s * (1 + len(self._queue)) / self.slots)
+            raise Overloaded(in_flight, retry)
+
+    def submit(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str) -> Stream:
+        """Queue a request and return its stream. Thread-safe; never waits for the model.
+
+        Raises ``Overloaded`` (no room), ``ContextOverflow`` (prompt + max_tokens > n_ctx_per_slot),
+        ``InputError`` (empty prompt, unknown token ids, a grammar that does not parse), ``Closed``.
+        """
+        from edgemed.runtime.llamacpp import Detokenizer, SamplerChain
+
+        t_submit = time.perf_counter()
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
+            self._check_capacity()
+        with self._native:
+            model = self._require_model()
+            tokens = model.tokenize(prompt, True, True) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if not tokens:
+                raise InputError("The prompt is empty.", "send at least one token of prompt")
+            if any(not 0 <= t < model.n_vocab for t in tokens):
+                raise InputError(f"The prompt has token ids outside the vocabulary (0..{model.n_vocab - 1}).",
+                                 "tokenize with this model's tokenizer")
+            check_fits(len(tokens), settings, self.n_ctx_per_slot)
+            sampler = SamplerChain(model, settings)
+        stream = Stream(request_id, self._wake)
+        seq = Seq(stream, tokens, settings, sampler, TextStream(Detokenizer(model), settings.stop), t_submit)
+        with self._cond:
+            try:
+                if self._stopping:
+                    raise Closed("The model server is shutting down.", "retry when it is back")
+                self._check_capacity()
+            except EdgemedError:
+                sampler.close()
+                raise
+            self._queue.append(seq)
+            self._n.requests_total += 1
+            self._cond.notify_all()
+        log.debug("request %s queued: %d prompt tokens, max_tokens %d", request_id, len(tokens), settings.max_tokens)
+        return stream
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {
+                "model": self.model_path.name, "slots": self.slots, "n_ctx_per_slot": self.n_ctx_per_slot,
+                "queue_size": self.queue_size, "queue_depth": len(self._queue), "active_slots": len(self._active),
+                **self._n.totals(), "prefill_chunk": self._prefill.chunk,
+            }
+
+    # -- scheduler thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if not (self._stopping or self._queue or self._active):
+                        t_idle = time.perf_counter()
+                        while not (self._stopping or self._queue or self._active):
+                            self._cond.wait()
+                        self._gather()
+                        self._n.idle_seconds_total += time.perf_counter() - t_idle
+                    if self._stopping:
+                        break
+                    self._admit()
+                for seq in [s for s in self._active if s.stream.cancelled]:
+                    self._finish(seq, "cancelled")
+                if self._active:
+                    self._step_safely()
+        except BaseException:  # a bug in the loop itself: end every stream rather than hang clients
+            log.exception("batcher scheduler stopped unexpectedly")
+            self._end_all("error", "the model server's scheduler failed; see the server log")
+            raise
+        finally:
+            with self._cond:
+                self._stopping = True  # later submits raise Closed instead of waiting forever
+            self._end_all("cancelled", "the model server is shutting down")
+            self._free_native()
+
+    def _gather(self) -> None:
+        """Woken from idle by a request: let the ones sent with it arrive (until ``GATHER_QUIET_S`` passes
+        without another, at most ``GATHER_MAX_S``), so they are prefilled together and start generating
+        together rather than the first alone (caller holds the lock)."""
+        t_end = time.perf_counter() + GATHER_MAX_S
+        while not self._stopping and len(self._queue) < len(self._free):
+            n = len(self._queue)
+            wait = min(GATHER_QUIET_S, t_end - time.perf_counter())
+            if wait <= 0 or not self._cond.wait_for(lambda: self._stopping or len(self._queue) > n, wait):
+                return
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots (caller holds the lock)."""
+        now = time.perf_counter()
+        while self._queue and (self._free or self._queue[0].stream.cancelled):
+            seq = self._queue.popleft()
+            if seq.stream.cancelled:
+                self._end(seq, "cancelled", now)
+                continue
+            self._free.sort(reverse=True)  # the lowest free slot: busy slots stay one run of ids (see _step)
+            seq.slot, seq.t_admit = self._free.pop(), now
+            self._active.append(seq)
+            log.debug("request %s admitted to slot %d after %.3f s", seq.stream.request_id, seq.slot,
+                      now - seq.t_submit)
+
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # noqa: BLE001 - end the affected streams, keep serving
+            log.exception("decode step failed; ending the %d running requests", len(self._active))
+            for seq in list(self._active):
+                self._finish(seq, "error", f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _step(self) -> None:
+        """Decode rows in slot order (one ubatch: with a KV stream per slot llama.cpp cuts a batch into
+        ubatches of consecutive sequence ids, each reading all weights again), then the prompt chunks,
+        in calls of equal pieces per sequence (``equal_pieces``: prompts share a pass over the weights,
+        and llama.cpp never cuts a one-token piece off one), after the running streams' tokens went out.
+
+        Every short prompt waiting (up to ``WHOLE_PROMPT`` tokens) goes whole in the same step, as in
+        llama-server, so requests that arrive together start generating together instead of one step
+        apart; long prompts share what is left of the step's budget.
+        """
+        t_step = time.perf_counter()
+        batch = self._batch
+        batch.clear()
+        rows = [q for q in sorted(self._active, key=lambda q: q.slot) if q.pending is not None]
+        for seq in rows:
+            seq.index = batch.add(seq.pending, seq.pos, seq.slot, True)
+            seq.pos, seq.pending = seq.pos + 1, None
+        if rows:
+            self._prefill.learn(self._decode(rows), len(rows), 0)
+        room = batch.capacity
+        budget = whole = self._prefill.tokens(room, len(rows))
+        takes: list[tuple[Seq, int]] = []
+        for seq in self._active:  # arrival order: short prompts whole, long ones within the budget
+            remaining = len(seq.tokens) - seq.pos
+            if remaining <= 0:
+                continue
+            short = len(seq.tokens) <= WHOLE_PROMPT
+            take = remaining if short else chunk_of(remaining, min(budget, room), whole, len(seq.tokens))
+            if take <= 0 or take > room:
+                continue
+            takes.append((seq, take))
+            room -= take
+            if not short:
+                budget -= take
+        for call in equal_pieces(sorted(takes, key=lambda t: t[0].slot)):
+            batch.clear()
+            done = []
+            for seq, take in call:
+                end = seq.pos + take
+                for p in range(seq.pos, end):
+                    seq.index = batch.add(seq.tokens[p], p, seq.slot, p == len(seq.tokens) - 1)
+                seq.pos = end
+                if end == len(seq.tokens):
+                    done.append(seq)
+            self._n.prompt_tokens_total += batch.n
+            self._prefill.learn(self._decode(done), len(rows), batch.n)
+        with self._cond:
+            self._n.decode_steps_total += 1
+            self._n.step_seconds_total += time.perf_counter() - t_step
+
+    def _decode(self, sampling: list[Seq]) -> float:
+        """``llama_decode`` the batch, then sample each of ``sampling``; returns the seconds of the decode."""
+        t0 = time.perf_counter()
+        rc = self._ctx.decode(self._batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {self._batch.n} tokens")
+        now = time.perf_counter()
+        self._n.decode_seconds_total += now - t0  # this thread only; stats() reads it live
+        for seq in sampling:
+            self._take(seq, seq.sampler.sample(self._ctx, seq.index), now)
+        return now - t0
+
+    def _take(self, seq: Seq, token: int, now: float) -> None:
+        """Handle one sampled token: emit text, or finish on EOG / stop string / max_tokens."""
+        if not seq.generated:
+            seq.t_first = now
+        if self._model.is_eog(token):
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        self._n.tokens_generated_total += 1  # written by this thread only; stats() reads it live
+        text = seq.text.push(token)
+        if text:
+            seq.stream._put(Piece(text))
+        if seq.text.stopped:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.settings.max_tokens or seq.pos >= self.n_ctx_per_slot:
+            self._finish(seq, "length")
+        else:
+            seq.pending = token
+
+    def _finish(self, seq: Seq, reason: str, error: str | None = None) -> None:
+        """End a running sequence and free its slot (KV cells, sampler)."""
+        if reason in ("stop", "length"):
+            rest = seq.text.flush()
+            if rest:
+                seq.stream._put(Piece(rest))
+        self._ctx.drop(seq.slot)
+        with self._cond:
+            self._active.remove(seq)
+            self._free.append(seq.slot)
+            self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - seq.t_admit)
+            self._end(seq, reason, time.perf_counter(), error)
+
+    def _end(self, seq: Seq, reason: str, now: float, error: str | None = None) -> None:
+        """Count a request's end and send its ``Finished`` (caller holds the lock)."""
+        self._n.finished[reason] += 1
+        seq.end(reason, now, error)
+
+    def _end_all(self, reason: str, error: str) -> None:
+        with self._cond:
+            now = time.perf_counter()
+            for seq in list(self._active) + list(self._queue):
+                if self._ctx is not None and seq.slot >= 0:
+                    self._ctx.drop(seq.slot)
+                self._end(seq, reason, now, error)
+            self._active.clear()
+            self._queue.clear()
+
+    def _free_native(self) -> None:
+        with self._native:
+            for name in ("_batch", "_ctx", "_model"):  # the context before its model
+                obj = getattr(self, name)
+                if obj is not None:
+                    obj.close()
+                    setattr(self, name, None)

@@ -1,0 +1,73 @@
+"""What the batcher keeps of each request and of itself: a request's scheduler-side state (``Seq``) and
+how it ends (its sampler closed, one ``Finished`` with its counts and times sent, one log line), and
+the batcher's running counters (``Counters``, read by ``Batcher.stats()`` and the metrics).
+
+No prompt or output text is logged: ids, counts, timings only.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+from edgemed.runtime.engine import GenerationSettings
+from edgemed.runtime.text_stream import TextStream
+from edgemed.runtime.batch.stream import Finished, Stream
+
+log = logging.getLogger("edgemed.runtime.batch.batcher")  # one logger for the scheduler's lines, as before the split
+
+
+@dataclass(eq=False)
+class Seq:
+    """Scheduler-side state of one request (touched by the scheduler thread only, after submit)."""
+
+    stream: Stream
+    tokens: list[int]
+    settings: GenerationSettings
+    sampler: object
+    text: TextStream
+    t_submit: float
+    slot: int = -1
+    pos: int = 0  # tokens of this sequence in the KV cache
+    pending: int | None = None  # sampled token still to be fed
+    index: int = -1  # batch row whose logits this sequence samples from
+    generated: int = 0
+    t_admit: float = 0.0
+    t_first: float = 0.0
+
+    def end(self, reason: str, now: float, error: str | None = None) -> None:
+        """Close the sampler and send this request's ``Finished`` (the caller holds the batcher's lock)."""
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+        admitted = self.t_admit or now
+        self.stream._put(Finished(
+            finish_reason=reason, prompt_tokens=len(self.tokens), completion_tokens=self.generated,
+            ttft_s=(self.t_first - self.t_submit) if self.t_first else 0.0, total_s=now - self.t_submit,
+            queue_s=admitted - self.t_submit, error=error))
+        log.info("request %s %s: %d prompt + %d completion tokens, %.3f s", self.stream.request_id, reason,
+                 len(self.tokens), self.generated, now - self.t_submit)
+
+
+@dataclass
+class Counters:
+    """The batcher's totals since start (``stats()`` keys of the same names)."""
+
+    requests_total: int = 0
+    overloaded_total: int = 0
+    prompt_tokens_total: int = 0
+    tokens_generated_total: int = 0
+    decode_steps_total: int = 0
+    decode_seconds_total: float = 0.0  # inside llama_decode
+    step_seconds_total: float = 0.0  # whole steps: batch building, llama_decode, sampling, text, hand-over
+    idle_seconds_total: float = 0.0  # scheduler waiting for work
+    finished: dict = field(default_factory=lambda: collections.Counter())
+
+    def totals(self) -> dict:
+        """The counters as ``stats()`` reports them (``finished`` as ``finished_total``, a plain dict)."""
+        return {"requests_total": self.requests_total, "overloaded_total": self.overloaded_total,
+                "prompt_tokens_total": self.prompt_tokens_total, "tokens_generated_total": self.tokens_generated_total,
+                "decode_steps_total": self.decode_steps_total, "finished_total": dict(self.finished),
+                "decode_seconds_total": self.decode_seconds_total, "step_seconds_total": self.step_seconds_total,
+                "idle_seconds_total": self.idle_seconds_total}

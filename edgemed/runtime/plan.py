@@ -1,0 +1,285 @@
+"""Memory planner: will this model fit this device, and with how much context?
+
+Everything comes from the GGUF's own tensor table and hyper-parameters (read
+by ``edgemed.formats.gguf_header`` with the ``gguf`` package's type tables; no model load):
+
+    peak = runtime + weights (+ CPU repacked copies) + KV cache + compute buffer
+
+* **weights** — the bytes of every tensor in the file (llama.cpp maps them all).
+* **repacked** — on CPU, llama.cpp keeps a second, interleaved copy of some
+  quant types (``REPACKED_TYPES``) next to the mapped original. Without mmap
+  (``use_mmap = false``) those tensors are read straight into the interleaved
+  buffer, so they count once: the CPU profiles load that way.
+* **KV cache** — ``n_ctx * n_layer * n_head_kv * (head_dim_k * bytes(type_k) + head_dim_v * bytes(type_v))``:
+  grouped-query attention shrinks it by ``n_head / n_head_kv``; a q8_0 cache halves it.
+* **compute buffer** — the largest graph stage for one micro-batch of ``n_ubatch``
+  tokens: attention scores ``n_ctx * n_ubatch * (n_head + 1) * 4`` bytes (not needed
+  with flash attention), the activations around them, or the output logits. On a
+  CPU only the pages a graph writes count; with GPU offload the whole reserved
+  buffer (logits for every token of the micro-batch) is allocated.
+* **runtime** — the interpreter and llama.cpp library, plus llama.cpp's
+  vocabulary tables (``RUNTIME_PER_TOKEN`` per vocabulary entry).
+
+``choose_context`` picks the largest context (a multiple of 256, at most the
+profile's and the model's) that fits the profile's budget, or refuses before
+anything is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgemed.constants import DEFAULT_KV_TYPE, KV_TYPES
+from edgemed.devices.facts import Facts
+from edgemed.devices.profiles import Profile
+from edgemed.devices.schema import MAX_CTX, MAX_THREADS
+from edgemed.errors import InputError, PlanError
+
+MIB = 1 << 20
+MAX_BUDGET_MIB = 1 << 30  # 1 PiB
+CTX_STEP = 256          # llama.cpp pads the KV cache to this; plans use multiples of it
+#: Names the estimate's formula in manifests and plans; bump when the model of memory changes.
+METHOD = "planner/2"  # 2: the repacked copy counts only with mmap
+MIN_CTX = 512           # below this a medical prompt plus an answer does not fit
+
+#: Python 3.11 + click + edgemed + llama-cpp-python imported, nothing loaded (measured: 45-50 MiB).
+RUNTIME_BASE = 48 * MIB
+#: llama.cpp's tokenizer tables per vocabulary entry (measured ~500 B on SmolLM2 and Qwen2.5).
+RUNTIME_PER_TOKEN = 512
+
+#: Quant types the CPU backend copies into an interleaved layout at load (x86 AVX2 / ARM NEON builds).
+REPACKED_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs from a GGUF file."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    weights_bytes: int
+    repackable_bytes: int
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.n_head_kv * max(self.head_dim_k, self.head_dim_v)
+
+
+#: Hyper-parameter (after "<arch>.") -> (smallest, largest) value the planner accepts. A GGUF is untrusted:
+#: a value outside these (or not an integer) is a corrupt or hostile file, refused before any arithmetic.
+HPARAM_RANGES = {
+    "block_count": (1, 1 << 16),
+    "embedding_length": (1, 1 << 20),
+    "attention.head_count": (1, 1 << 16),
+    "attention.head_count_kv": (1, 1 << 16),
+    "attention.key_length": (1, 1 << 16),
+    "attention.value_length": (1, 1 << 16),
+    "feed_forward_length": (0, 1 << 24),
+    "vocab_size": (1, 1 << 24),
+    "context_length": (1, 1 << 30),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_shape(path: Path | str) -> ModelShape:
+    """Hyper-parameters and tensor sizes from a GGUF file's header (no tensor data is read)."""
+    from edgemed.formats.gguf_header import ArrayLength, read_header
+
+    path = Path(path)
+    header = read_header(path)
+    meta = header.metadata
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise InputError(f"'{path}' has no general.architecture key.", "re-convert the model with `edgemed convert`")
+
+    def hp(name, default=None):
+        key = f"{arch}.{name}"
+        value = meta.get(key, default)
+        if isinstance(value, list):  # per-layer values (e.g. head_count_kv): the largest is the worst case
+            if not all(_is_int(v) for v in value):
+                value = "a list holding non-integers"
+            else:
+                value = max(value) if value else default
+        if value is None:
+            raise InputError(f"'{path}' lacks the {key} key the planner needs.",
+                             "re-convert the model with `edgemed convert`")
+        lo, hi = HPARAM_RANGES[name]
+        if not _is_int(value) or not lo <= value <= hi:
+            raise InputError(f"'{path}' has {key} = {value!r}; the planner expects an integer from {lo} to {hi}.",
+                             "the file is damaged or was not written by a GGUF converter: re-convert it with `edgemed convert`")
+        return value
+
+    n_embd, n_head = hp("embedding_length"), hp("attention.head_count")
+    head_dim = max(1, n_embd // n_head)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n_tokens = tokens.length if isinstance(tokens, ArrayLength) else len(tokens) if isinstance(tokens, list) else None
+    n_vocab = hp("vocab_size", n_tokens)
+    weights = sum(t.n_bytes for t in header.tensors)
+    repack = sum(t.n_bytes for t in header.tensors
+                 if t.type_name in REPACKED_TYPES and not t.name.startswith("token_embd"))
+    return ModelShape(arch=arch, n_layer=hp("block_count"), n_embd=n_embd, n_head=n_head,
+                      n_head_kv=hp("attention.head_count_kv", n_head),
+                      head_dim_k=hp("attention.key_length", head_dim), head_dim_v=hp("attention.value_length", head_dim),
+                      n_ff=hp("feed_forward_length"), n_vocab=n_vocab, n_ctx_train=hp("context_length"),
+                      weights_bytes=weights, repackable_bytes=repack)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted memory, in bytes, for one set of load settings."""
+
+    n_ctx: int
+    runtime: int
+    weights: int
+    repacked: int
+    kv_cache: int
+    compute: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE) -> int:
+    per_token = shape.n_head_kv * (shape.head_dim_k * KV_TYPES[type_k].bytes_per_element
+                                   + shape.head_dim_v * KV_TYPES[type_v].bytes_per_element)
+    return int(n_ctx * shape.n_layer * per_token)
+
+
+def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool, offload: bool) -> int:
+    """The compute buffer's high-water mark for one micro-batch (see the module docstring)."""
+    f32 = 4
+    around_attention = n_ubatch * f32 * (5 * shape.n_embd + 2 * shape.n_embd_kv)
+    scores = 0 if flash_attn else n_ctx * n_ubatch * f32 * (shape.n_head + 1)
+    ffn = n_ubatch * f32 * (2 * shape.n_ff + shape.n_embd)
+    outputs = n_ubatch if offload else 1  # a device buffer is allocated whole; CPU pages only when written
+    logits = n_ubatch * f32 * 2 * shape.n_embd + outputs * f32 * shape.n_vocab
+    return max(around_attention + scores, ffn, logits)
+
+
+def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
+             flash_attn: bool = False, offload: bool = False, use_mmap: bool = True) -> Estimate:
+    """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx``."""
+    return Estimate(
+        n_ctx=n_ctx,
+        runtime=RUNTIME_BASE + RUNTIME_PER_TOKEN * shape.n_vocab,
+        weights=shape.weights_bytes,
+        repacked=0 if offload or not use_mmap else shape.repackable_bytes,
+        kv_cache=kv_cache_bytes(shape, n_ctx, type_k, type_v),
+        compute=compute_bytes(shape, n_ctx, min(n_ubatch, n_ctx), flash_attn, offload),
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome: settings to load with, the estimate, and the budget it was checked against."""
+
+    model: str
+    profile: str
+    budget: int
+    estimate: Estimate
+    llama: dict          # resolved llama.cpp settings (threads as numbers, n_ctx chosen)
+    limited_by: str      # what capped the context: "budget", "profile", "model" or "request"
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.total <= self.budget
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "profile": self.profile, "budget_bytes": self.budget,
+                "fits": self.fits, "limited_by": self.limited_by,
+                "estimate": {**asdict(self.estimate), "total": self.estimate.total}, "llama": self.llama}
+
+
+def profile_settings(profile: Profile) -> dict:
+    """The load settings of ``profile`` that change the memory estimate (keyword arguments of ``estimate``)."""
+    s = profile.llama
+    return {"n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
+            "flash_attn": s["flash_attn"], "offload": s["n_gpu_layers"] != 0, "use_mmap": s["use_mmap"]}
+
+
+def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None) -> tuple[int, str]:
+    """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
+    opts = profile_settings(profile)
+    if requested is not None:
+        if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
+            raise InputError(f"--ctx must be an integer from 1 to {MAX_CTX}, got {requested!r}.",
+                             "pass --ctx 2048 or leave it out")
+        est = estimate(shape, requested, **opts)
+        if est.total > budget:
+            raise PlanError(
+                f"A {requested}-token context needs {est.total / MIB:.0f} MiB, over the '{profile.name}' budget "
+                f"of {budget / MIB:.0f} MiB.",
+                "leave --ctx out to get the largest context that fits, or use a smaller quant / model")
+        return requested, "request"
+    cap, limited_by = profile.llama["n_ctx"], "profile"
+    if shape.n_ctx_train < cap:
+        cap, limited_by = shape.n_ctx_train, "model"
+    smallest = estimate(shape, min(MIN_CTX, cap), **opts)
+    if smallest.total > budget:
+        raise PlanError(
+            f"The model needs {smallest.total / MIB:.0f} MiB even with a {smallest.n_ctx}-token context "
+            f"(weights {smallest.weights / MIB:.0f} MiB), over the '{profile.name}' budget of {budget / MIB:.0f} MiB.",
+            f"use a smaller quant (the profile recommends {profile.recommended_quant}) or a smaller model; "
+            "nothing was loaded")
+    best = smallest.n_ctx
+    lo, hi = best // CTX_STEP, cap // CTX_STEP  # binary search over multiples of CTX_STEP (memory grows with n_ctx)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(shape, mid * CTX_STEP, **opts).total <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    best = max(best, lo * CTX_STEP)
+    if best < cap:
+        limited_by = "budget"
+    return best, limited_by
+
+
+def budget_from_mib(mib: float) -> int:
+    """A ``--budget-mb`` value in bytes; refuses zero, negative, infinite and NaN sizes."""
+    if not isinstance(mib, (int, float)) or isinstance(mib, bool) or not math.isfinite(mib) or not 0 < mib <= MAX_BUDGET_MIB:
+        raise InputError(f"--budget-mb must be a number above 0 and at most {MAX_BUDGET_MIB}, got {mib!r}.",
+                         "pass the memory the model may use in MiB (e.g. --budget-mb 6000), or leave it out")
+    return int(mib * MIB)
+
+
+def check_threads(n: int | None, what: str = "the thread count") -> int | None:
+    """``n`` when it is a usable thread count (or None: the engine decides); an ``InputError`` otherwise."""
+    if n is None:
+        return None
+    if not _is_int(n) or not 1 <= n <= MAX_THREADS:
+        raise InputError(f"{what} must be an integer from 1 to {MAX_THREADS}, got {n!r}.",
+                         "pass --threads N with N at most the machine's cores, or leave it out to use the profile's")
+    return n
+
+
+def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
+              budget: int | None = None) -> Plan:
+    """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given)."""
+    shape = read_shape(model)
+    budget = profile.budget_bytes(facts) if budget is None else budget
+    if not _is_int(budget) or budget < 0:
+        raise InputError(f"The memory budget must be a whole number of bytes >= 0, got {budget!r}.",
+                         "pass --budget-mb with a finite number of MiB, or leave it out to use the profile's")
+    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx)
+    est = estimate(shape, n_ctx, **profile_settings(profile))
+    # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it
+    n_batch = min(profile.llama["n_batch"], n_ctx)
+    llama = dict(profile.llama, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(profile.llama["n_ubatch"], n_batch),
+                 n_threads=check_threads(profile.threads(profile.llama["n_threads"], facts)),
+                 n_threads_batch=check_threads(profile.threads(profile.llama["n_threads_batch"], facts)))
+    return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by)
