@@ -1,9 +1,12 @@
-"""The engine interface every backend (llama.cpp, ONNX Runtime) implements.
+"""The one-sequence engine interface every backend (llama.cpp, ONNX Runtime) implements.
 
-An engine owns one loaded model. It streams text pieces for a list of chat
-messages (rendered with the model's own chat template) or for a raw prompt.
-Backends are picked from a table keyed by the model's on-disk form, not by
-if/elif chains, so a new backend is one module and one table row.
+An engine owns one loaded model and one sequence at a time. It streams text pieces for a list of chat
+messages (rendered with the model's own chat template) or for a raw prompt: ``edgemed run``/``chat``,
+the quickstart and the benchmark harness use it. Several requests at once on one llama.cpp context are
+the batching engine's (``runtime/batch``), which ``edgemed serve`` drives; both share ``LoadSettings``,
+``GenerationSettings`` and ``check_fits`` from here.
+Backends are picked from a table keyed by the model's on-disk form, not by if/elif chains, so a new
+backend is one module and one table row.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def check_fits(n_prompt: int, settings: GenerationSettings, n_ctx: int) -> None:
 
 
 class Engine(Protocol):
-    """What the CLI, the server and the benchmarks may rely on."""
+    """What the CLI and the benchmarks may rely on (the server uses ``runtime.batch.Batcher``)."""
 
     path: Path
     n_ctx: int
