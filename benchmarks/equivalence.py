@@ -118,7 +118,10 @@ def _send(client, url: str, body: dict) -> dict:
 
 
 def server(gguf: Path, threads: int) -> dict:
-    import httpx
+    try:
+        import httpx2 as httpx  # the HTTP client the openai package ships with
+    except ImportError:
+        import httpx
 
     port = _free_port()
     cmd = _edgemed() + ["serve", str(gguf), "--port", str(port), "--slots", "4", "--threads", str(threads),
