@@ -49,7 +49,7 @@ KIB = 1024
 # to stderr, so that the report's step durations place every sample in its step exactly.
 _LAUNCHER = (
     "import sys, time\n"
-    "from edgemed.converters import core\n"
+    "from edgemed.converters import route as core\n"
     "_init = core.Timings.__init__\n"
     "def _stamped(self):\n"
     "    _init(self); print(f'EDGEMED_T0 {time.time():.3f}', file=sys.stderr, flush=True)\n"

@@ -141,7 +141,7 @@ def test_no_rmtree_of_a_callers_path_remains():
 # -- item 5: owner-tagged debris -------------------------------------------------------------------
 def _hold_debris(folder: Path) -> subprocess.Popen:
     """A live process that owns a piece of debris in ``folder`` (it waits on stdin)."""
-    code = ("import sys; from pathlib import Path; from edgemed import debris\n"
+    code = ("import sys; from pathlib import Path; from edgemed.files import debris\n"
             f"f = Path({str(folder)!r})\n"
             "with debris.owned(f):\n"
             "    p = debris.debris_path(f, 'live.gguf'); p.write_text('x'); print(p.name, flush=True); sys.stdin.read(); debris.discard(p)\n")
