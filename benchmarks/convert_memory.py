@@ -9,7 +9,7 @@ the child and its own children every 20 ms: resident anonymous memory (``RssAnon
 hold) and file-backed pages (``RssFile``: mapped safetensors / GGUF pages, which count in RSS but the kernel
 can drop and re-read). ``VmHWM`` (the kernel's exact peak RSS, anonymous + file) comes from the child's
 ``wait4`` rusage. The report's step timings place each sample in a step, so every step's peak is set
-against its own term of the estimate. Goal (issue 14): estimate >= measured and <= 1.5x measured.
+against its own term of the estimate. Goal: estimate >= measured and <= 1.5x measured.
 ``--rescore`` recomputes the estimates for saved measurements without rerunning anything.
 """
 

@@ -1,4 +1,4 @@
-"""Decode speed by llama.cpp extra-buffer mode: what the host-safe default costs (issue 11).
+"""Decode speed by llama.cpp extra-buffer mode: what the host-safe default costs.
 
     python -m edgemed.benchmarks.extra_buffers                 # Qwen2.5-0.5B and the 1.5B stand-in, Q4_K_M and Q4_0
     python -m edgemed.benchmarks.extra_buffers --rounds 3 --threads 2

@@ -8,7 +8,7 @@ For every (model, n_ctx) a fresh Python process loads the model through the
 runtime (``open_engine`` with the settings ``make_plan`` chose for the profile),
 fills the context with a prompt of ``n_ctx - 64`` tokens (the worst case the plan
 guards against), generates 32 tokens and reports its peak RSS (``VmHWM``).
-Goal from issue 4: |predicted - measured| / measured <= 10 %.
+Goal: |predicted - measured| / measured <= 10 %.
 Results go to benchmarks/results/plan_memory.json.
 """
 

@@ -9,7 +9,7 @@ n_batch, n_ubatch and thread count, greedy decoding and the same max tokens, so
 they produce the same tokens. The bare side is ``llama_decode`` + argmax on the
 llama.cpp layer's context, with no sampler chain, stop strings or text streaming. Decode tok/s = (tokens - 1) / (time of last piece -
 time of first piece): prompt processing and load are excluded. Rounds alternate
-bare / edgemed; the best of each side is compared. Goal from issue 4: edgemed >= 0.97x bare.
+bare / edgemed; the best of each side is compared. Goal: edgemed >= 0.97x bare.
 Results go to benchmarks/results/run_overhead.json.
 """
 

@@ -18,7 +18,7 @@ processed in one step, then the N sequences decode together. Per level:
   so the batcher's own cost and the hardware's limit can be told apart.
 
 Rounds interleave the levels; the best aggregate of each level is reported, with
-every run and the load average around it (the box is shared). Goal (issue 6):
+every run and the load average around it (the box is shared). Goal:
 4 streams >= 2.0x the 1-stream aggregate. Results: benchmarks/results/serve_streams-<model>-t<threads>.json.
 """
 

@@ -3,7 +3,7 @@
     python -m edgemed.benchmarks.shaped_checkpoint --shape r1-distill-qwen-7b --tokenizer-from DIR -o OUT [--seed 0]
         [--bpe-from DIR] [--override key=value ...] [--shard-gb 3]
 
-What it is for: measuring conversion, memory and latency at a size no package here carries (issue 14: the
+What it is for: measuring conversion, memory and latency at a size no package here carries (the
 paper's student is DeepSeek-R1-Distill-Qwen-7B, and no 7B safetensors can be had offline). The weights are
 random, so no accuracy figure applies to anything made from it; ``EDGEMED_SOURCE.txt`` in the output says so.
 
@@ -12,7 +12,7 @@ Shapes (``SHAPES``), written as ``config.json`` with the field names and layout 
   1.5B config's (``shared/fixtures/deepseek-r1-distill-qwen-1.5b/config.json``: Qwen2ForCausalLM, bos/eos 151643,
   silu, initializer_range 0.02, max_position_embeddings 131072, rms_norm_eps 1e-6, rope_theta 10000,
   sliding_window 4096 with use_sliding_window false, untied head, bfloat16, transformers_version 4.44.0). The
-  7B's own values are issue 14's (28 layers, hidden 3584, 28 heads / 4 KV heads, intermediate 18944, vocab
+  7B's own values are the paper's student's (28 layers, hidden 3584, 28 heads / 4 KV heads, intermediate 18944, vocab
   152064), which agree with deepseek-ai's public 7B config.json as remembered; ``max_window_layers`` 28 is from
   that memory too (it cannot be checked offline here, and it has no effect while use_sliding_window is false).
   7,615,616,512 parameters (``parameter_count``), 15.23 GB in bfloat16.

@@ -11,7 +11,7 @@ read comes first and is not timed):
   - full verify (`verify_dir(full=True)`: manifest, walk, every byte re-hashed);
   - the fast path (`verify_dir` with the verified cache), in-process, median of 20;
   - `edgemed verify NAME`-style fast path as a fresh process (Python start-up included).
-Goals from issue 5: full verify >= 80 % of sha256sum throughput; fast path < 50 ms.
+Goals: full verify >= 80 % of sha256sum throughput; fast path < 50 ms.
 """
 
 from __future__ import annotations

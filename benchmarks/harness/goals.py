@@ -1,4 +1,4 @@
-"""The issue's goals for the reproduction, as a table checked against results.json.
+"""The reproduction's goals, as a table checked against results.json.
 
 Each row: label, a function of the results giving the measured figure (None when the
 configurations it needs were not run), the comparison and the threshold. Rows whose

@@ -4,7 +4,7 @@ A step that carries a prompt chunk next to generating sequences lasts as long as
 step plus the chunk's own ``llama_decode``, and every running stream waits for it. So while anyone is generating,
 the chunk is sized from two moving averages measured on this host and model: the seconds of a
 plain decode step, and the extra seconds one prompt token adds to a step. The chunk keeps a step
-within ``1 + STALL_BUDGET`` plain steps (issue 15: inter-token time grows at most 2x during a long
+within ``1 + STALL_BUDGET`` plain steps (the goal: inter-token time grows at most 2x during a long
 prefill). With nobody generating, a prompt takes the whole batch (nobody waits on the step).
 A fixed chunk (``Batcher(prefill_chunk=N)``) skips the measurement.
 """
