@@ -6,7 +6,7 @@ Rules, for every output edgemed writes (convert, pack, keygen, export, reports, 
   output or the new one, never a half-written one.
 - Nothing edgemed did not make is deleted. ``force`` may replace an existing *file*; an
   existing *directory* is refused whatever the flag, unless edgemed made it as an output of
-  the same kind and nobody changed it since (``made.py`` keeps that proof). The current
+  the same kind and nobody changed it since (``ownership.py`` keeps that proof). The current
   directory, or one above it, is always refused.
 - Temporary files and folders are *debris* until they are renamed into place, and carry
   their owner in their name (``debris.py``). Writing into a folder first sweeps the debris of
@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
 from edgemed.errors import OutputExists
 
@@ -73,11 +74,9 @@ def _holds_cwd(path: Path) -> bool:
 
 def _refuse_directory(path: Path, kind: str | None) -> None:
     """Raise unless ``path`` is a file, or a directory edgemed made as ``kind`` and nobody changed."""
-    from edgemed.files import ownership as made
-
     if not path.is_dir():
         return
-    if kind is not None and not path.is_symlink() and made.made_by_edgemed(path, kind):
+    if kind is not None and not path.is_symlink() and ownership.made_by_edgemed(path, kind):
         return
     how = " (through a symbolic link)" if path.is_symlink() else ""
     why = (f"edgemed did not make it as a {kind} output, or its files changed since" if kind
@@ -96,8 +95,6 @@ def atomic_path(dest: Path | str, *, force: bool = False, suffix: str = "", kind
     output (see ``check_destination``). The temporary name is owner-tagged debris
     (``.NAME.edgemed-OWNER.RAND<suffix>.partial``) until it is renamed into place.
     """
-    from edgemed.files import ownership as made
-
     dest = Path(dest)
     check_destination(dest, force, kind)
     folder = _folder(dest)
@@ -110,7 +107,7 @@ def atomic_path(dest: Path | str, *, force: bool = False, suffix: str = "", kind
                 raise FileNotFoundError(f"nothing was written to {tmp}")
             if kind is not None and tmp.is_dir() and not tmp.is_symlink():
                 step("atomic.record")
-                made.record(tmp, kind)
+                ownership.record(tmp, kind)
             if os.path.lexists(dest):
                 _refuse_directory(dest, kind)  # again: it may have changed while we wrote
             old = swap_in(tmp, dest, debris_path(folder, dest.name, ASIDE))

@@ -192,6 +192,13 @@ def is_debris(path: Path) -> bool:
     return _DEBRIS.fullmatch(Path(path).name) is not None
 
 
+def label_of(path: Path) -> str:
+    """The output name a piece of debris stands for (its LABEL); any other name is returned as it is."""
+    name = Path(path).name
+    m = _DEBRIS.fullmatch(name)
+    return m["label"] if m else name
+
+
 def discard(path: Path) -> None:
     """Remove one piece of debris (file or folder). Refuses any other name: edgemed deletes only what it made."""
     path = Path(path)

@@ -26,7 +26,8 @@ import re
 from pathlib import Path
 
 from edgemed import env
-from edgemed.files.state import load, writer_lock
+from edgemed.files.debris import label_of
+from edgemed.files.state import load, replace, writer_lock
 from edgemed.errors import EdgemedError
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,6 @@ def record(directory: Path, kind: str) -> None:
 
     Never raises for what it finds in ``$EDGEMED_HOME``: where the record cannot be kept, the
     output is only not replaceable with ``--force`` later (a warning says why)."""
-    from edgemed.files.atomic import write_text
-
     st = os.stat(directory)
     # the path recorded is the final one: the caller renames ``directory`` to its output name
     new = {"kind": kind, "digest": _digest(directory), "path": str(_final(directory))}
@@ -139,16 +138,13 @@ def record(directory: Path, kind: str) -> None:
             entries.pop(_key(st), None)
             entries[_key(st)] = new
             _fit(entries)
-            write_text(home / _FILE, json.dumps(entries, indent=1) + "\n")  # oldest first
+            replace(home / _FILE, json.dumps(entries, indent=1) + "\n")  # oldest first
     except (OSError, EdgemedError) as exc:  # a read-only home, something put in the registry's place
         log.warning("could not record '%s' as edgemed's (%s), so --force will not replace it later", new["path"], exc)
 
 
 def _final(tmp: Path) -> Path:
-    from edgemed.files.debris import _DEBRIS
-
-    m = _DEBRIS.fullmatch(tmp.name)
-    return Path(os.path.abspath(tmp)).parent / (m["label"] if m else tmp.name)
+    return Path(os.path.abspath(tmp)).parent / label_of(tmp)
 
 
 def made_by_edgemed(directory: Path, kind: str) -> bool:

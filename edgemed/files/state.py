@@ -4,7 +4,7 @@ The store's index and journal, the self-test's verdict cache and the registry of
 files edgemed writes, in folders any local process can write to. ``read_json`` reads one without following a
 link or blocking on a FIFO, within a size limit and the parser's nesting limit; ``writer_lock`` serializes their
 read-merge-replace writers with an ``flock`` on a lock file beside them, opened the same careful way, and gives
-up after a wait instead of hanging. Neither deletes or replaces anything that is not a regular file: that is
+up after a wait instead of hanging; ``replace`` writes one whole, through owner-tagged debris and one rename. Neither deletes or replaces anything that is not a regular file: that is
 not edgemed's (``Damaged.foreign``), and the caller says so and carries on without it.
 """
 
@@ -17,6 +17,8 @@ import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from edgemed.files.debris import debris_path, discard, owned, step, sweep
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -150,3 +152,22 @@ def writer_lock(path: Path, wait_s: float, warn: Callable[[str], None]) -> Itera
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def replace(path: Path, text: str) -> None:
+    """Write the state file ``path`` whole: into owner-tagged debris beside it, then one rename over it, so a kill
+    leaves the old file or the new one. The caller holds ``writer_lock`` and ``load`` found ``path`` writable
+    (a regular file, or nothing), so nothing but edgemed's own file is replaced. Dead owners' debris in the
+    folder is swept first, as every atomic write does (``atomic.py``)."""
+    folder = Path(os.path.abspath(path)).parent
+    sweep(folder)
+    with owned(folder):
+        tmp = debris_path(folder, Path(path).name)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            step("state.replace")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.lexists(tmp):
+                discard(tmp)
+            raise
