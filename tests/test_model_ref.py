@@ -58,8 +58,8 @@ def test_bundle_ref_refuses_what_is_not_a_bundle(made, tmp_path):
 def test_a_plain_gguf_is_hashed_once_then_read_from_the_verified_cache(made, monkeypatch):
     monkeypatch.setattr(digest, "RACY_S", -1e9)  # the file was written just now; trust its stamp anyway
     calls = []
-    real = digest.sha256_file
-    monkeypatch.setattr(digest, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = digest.file_sha256
+    monkeypatch.setattr(digest, "file_sha256", lambda p: calls.append(p) or real(p))
     first = with_digest(runnable(made["gguf"]))
     second = with_digest(runnable(made["gguf"]))
     assert first.digest == second.digest == "file:sha256:" + real(made["gguf"]) and len(calls) == 1

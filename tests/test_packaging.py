@@ -18,10 +18,12 @@ from click.testing import CliRunner
 import bundle_kit as kit
 from edgemed.cli import cli
 from edgemed.errors import IntegrityError, SignatureError, StoreError
+from edgemed.files.hashing import file_sha256
 from edgemed.packaging import digest, signing
 from edgemed.packaging.bundle import PackInputs, pack, verify_dir
 from edgemed.packaging.digest import VerifiedCache
-from edgemed.packaging.store import Store, resolve_model
+from edgemed.packaging.ref import runnable
+from edgemed.packaging.store import Store
 
 
 @pytest.fixture
@@ -172,7 +174,7 @@ def test_flipping_any_byte_of_any_file_is_refused(tmp_path, src, keys):
             if rel not in ("manifest.json", "manifest.sig"):
                 entry = json.loads((good / "manifest.json").read_text())["files"]
                 expected = next(e["sha256"] for e in entry if e["path"] == rel)
-                assert rel in msg and expected in msg and f"actual {digest.sha256_file(target)}" in msg, msg
+                assert rel in msg and expected in msg and f"actual {file_sha256(target)}" in msg, msg
             else:
                 assert isinstance(exc.value, SignatureError) or "manifest" in msg, msg
             shutil.rmtree(bad)
@@ -289,7 +291,7 @@ def test_install_list_remove_shares_identical_files(tmp_path, src, edgemed_home)
     assert len(blobs) == 3 and all(p.stat().st_nlink == 3 for p in blobs)  # blob + two models
     listed = json.loads(_run("list", "--json").output)
     assert [r["name"] for r in listed] == ["alpha", "beta"] and listed[0]["arch"] == "llama"
-    assert resolve_model("alpha") == store.models / "alpha" / "model" / "tiny.gguf"
+    assert runnable("alpha").model_path == store.models / "alpha" / "model" / "tiny.gguf"
     r = _run("install", a)
     assert r.exit_code == 1 and "already installed" in r.output
     assert _run("remove", "alpha").exit_code == 0
@@ -315,7 +317,7 @@ def test_install_checks_signature_and_changed_manifest_in_store(tmp_path, src, k
     man["card"]["known_limitations"] = "none"
     man_path.write_text(json.dumps(man))
     with pytest.raises(IntegrityError, match="changed after install"):
-        resolve_model("tiny")
+        runnable("tiny").model_path
 
 
 def test_tampered_store_file_is_refused_before_run(tmp_path, src):
@@ -358,11 +360,11 @@ def test_interrupted_install_leaves_nothing(tmp_path, src, monkeypatch):
 
 
 def test_run_resolves_paths_and_names(tmp_path, src):
-    assert resolve_model(src["model"]) == src["model"]
+    assert runnable(src["model"]).model_path == src["model"]
     b = _pack(src, tmp_path / "b", as_dir=True)
-    assert resolve_model(b) == b.absolute() / "model" / "tiny.gguf"
+    assert runnable(b).model_path == b.absolute() / "model" / "tiny.gguf"
     with pytest.raises(StoreError, match="No model named 'nope'"):
-        resolve_model("nope")
+        runnable("nope").model_path
     t = _pack(src, tmp_path / "b.edgemed")
     r = _run("run", t, "--prompt", "hi")
     assert r.exit_code == 1 and f"edgemed install {t}" in r.output

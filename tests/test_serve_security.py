@@ -179,23 +179,28 @@ def test_audit_failure_closes_the_api(model, tmp_path):
 
 
 def test_model_identity_for_the_audit(tmp_path):
-    """A bundle (by name or directory) is identified by its manifest sha256; a bare .gguf by its own sha256."""
+    """A bundle (by name or directory) is identified by its manifest sha256; a bare .gguf by its own sha256: what
+    ``edgemed serve`` takes from the one resolver, ``packaging.ref``."""
     pytest.importorskip("gguf")
     import bundle_kit as kit
-    from edgemed.cli.serve import _identify
     from edgemed.files.hashing import file_sha256
     from edgemed.packaging.bundle import PackInputs, pack
+    from edgemed.packaging.ref import runnable, with_digest
     from edgemed.packaging.store import Store
 
+    def identify(model):
+        ref = with_digest(runnable(model))
+        return ref.model_path, ref.name, ref.digest
+
     src = kit.inputs(tmp_path / "src")
-    path, model_id, digest = _identify(str(src["model"]))
+    path, model_id, digest = identify(str(src["model"]))
     assert (path, model_id, digest) == (src["model"], "tiny", "file:sha256:" + file_sha256(src["model"]))
     out = tmp_path / "cardio-assist.edgemed"
     pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="cardio-assist"), out, as_dir=True)
-    _, model_id, digest = _identify(str(out))
+    _, model_id, digest = identify(str(out))
     assert model_id == "cardio-assist" and digest == "manifest:sha256:" + file_sha256(out / "manifest.json")
     Store().install(out)
-    path, model_id, by_name = _identify("cardio-assist")
+    path, model_id, by_name = identify("cardio-assist")
     assert model_id == "cardio-assist" and by_name == digest and path.is_file()
 
 

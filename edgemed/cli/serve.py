@@ -11,24 +11,6 @@ import click
 _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 
 
-def _identify(model: str) -> tuple[Path, str, str]:
-    """(verified model path, id clients pass as "model", digest for the audit log), from ``packaging.ref``.
-
-    An installed bundle or bundle directory is verified and identified by its manifest's sha256;
-    a plain .gguf by the file's own sha256, through the verified cache (hashed in full only when
-    the file changed since its last full hash).
-    """
-    from edgemed.errors import InputError
-    from edgemed.formats.sniff import model_format
-    from edgemed.packaging.ref import runnable, with_digest
-
-    ref = runnable(model)
-    if not ref.model_path.is_file() and model_format(ref.model_path) != "gguf":  # a missing path raises here
-        raise InputError(f"'{ref.model_path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
-    ref = with_digest(ref)
-    return ref.model_path, ref.name, ref.digest
-
-
 @click.command()
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -76,6 +58,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, profile, n_ctx, t
 
     from edgemed import env
     from edgemed.errors import InputError, require
+    from edgemed.formats.sniff import model_format
+    from edgemed.packaging.ref import runnable, with_digest
     from edgemed.runtime.plan import check_threads
     from edgemed.serve.security import ApiKeys, bind_socket, check_bind
 
@@ -96,7 +80,12 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, profile, n_ctx, t
     # and no other process can take the port between this check and uvicorn's start.
     with contextlib.closing(bind_socket(host, port)) as sock:
         port = sock.getsockname()[1]  # the port the system chose for --port 0
-        path, model_id, digest = _identify(model)
+        ref = runnable(model)  # packaging.ref, the one resolver of MODEL: a bundle is verified first
+        if not ref.model_path.is_file() and model_format(ref.model_path) != "gguf":  # a missing path raises here
+            raise InputError(f"'{ref.model_path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).",
+                             _NOT_GGUF)
+        ref = with_digest(ref)  # the audit's identity: a bundle's manifest sha256, else the file's own
+        path, model_id, digest = ref.model_path, ref.name, ref.digest
         prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads)
         if prepared.plan is None:
             raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from edgemed import __version__, env
 from edgemed.files.atomic import atomic_path
+from edgemed.files.hashing import file_sha256
 from edgemed.formats.conversion_report import existing_report
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.formats.sniff import sniff
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging import signing
-from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, sha256_file
+from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
 from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, RESERVED, SIGNATURE, FileEntry,
                                          Manifest, check_name)
 from edgemed.versions import installed_versions
@@ -103,7 +104,7 @@ def _report_provenance(report: Path, model: Path) -> dict:
     if model.is_file() and r.get("size_bytes") not in (None, model.stat().st_size):
         raise InputError(f"The conversion report '{report}' describes a {r.get('size_bytes')}-byte file, not this {model.stat().st_size}-byte model.",
                          "the report is stale: re-run `edgemed convert`, or pass --no-report")
-    if model.is_file() and isinstance(r.get("sha256"), str) and r["sha256"] != sha256_file(model):
+    if model.is_file() and isinstance(r.get("sha256"), str) and r["sha256"] != file_sha256(model):
         raise InputError(f"The conversion report '{report}' describes another file (sha256 {r['sha256'][:12]}...), not this "
                          "model: a conversion was stopped between writing its report and its output, or the files were mixed up.",
                          "re-run `edgemed convert` (with --force) to make the pair again, or pass --no-report")
@@ -159,7 +160,7 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, 
             if private_key is not None:
                 (tmp / SIGNATURE).write_bytes(signing.sign(data, private_key))
         return man
-    entries = [FileEntry(rel, src.stat().st_size, sha256_file(src), role) for src, rel, role in sources]
+    entries = [FileEntry(rel, src.stat().st_size, file_sha256(src), role) for src, rel, role in sources]
     man = build_manifest(name, entries, model_facts, prov, card, memory)
     data = man.to_bytes()
     sig = signing.sign(data, private_key) if private_key is not None else None

@@ -1,4 +1,4 @@
-"""File digests: sha256 at disk speed, hash-while-copy, and the verified cache (the fast path).
+"""File digests: hash-while-copy, and the verified cache (the fast path) over ``files.hashing.file_sha256``.
 
 The fast path: after a file has been hashed in full, its digest is remembered
 with the file's (device, inode, size, mtime_ns, ctime_ns). The next check
@@ -23,23 +23,13 @@ from typing import BinaryIO
 
 from edgemed import env
 from edgemed.files.atomic import write_text
+from edgemed.files.hashing import BLOCK, file_sha256
 from edgemed.errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
-BUF = 1 << 20  # 1 MiB reads into one reused buffer: no per-chunk allocation
 RACY_S = 2.0
 CACHE_NAME = "verified-cache.json"
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(BUF)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def copy_hashed(src: BinaryIO, dst: BinaryIO | None, size: int, name: str) -> str:
@@ -51,7 +41,7 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO | None, size: int, name: str) -> st
     h = hashlib.sha256()
     left = size
     while left:
-        block = src.read(min(BUF, left))
+        block = src.read(min(BLOCK, left))
         if not block:
             raise IntegrityError(f"'{name}' is truncated: expected {size} bytes, got {size - left}.",
                                  "the copy is incomplete; copy the bundle again and verify")
@@ -115,7 +105,7 @@ def file_digest(path: Path, cache: VerifiedCache | None, full: bool) -> tuple[st
         hit = cache.lookup(path, st)
         if hit:
             return hit, True
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if cache is not None and _stamp(os.stat(path)) == _stamp(st):  # unchanged while we hashed it
         cache.record(path, st, digest)
     return digest, False

@@ -11,7 +11,7 @@ Layout under ``$EDGEMED_HOME/store``::
 
 Content addressing: two bundles that share a file (same sha256) share one blob
 (one inode, two links). A blob whose link count falls to 1 belongs to no model and
-is removed. Every load goes through ``resolve_model``, which verifies the bundle
+is removed. Every load goes through ``packaging.ref.runnable``, which verifies the bundle
 (fast path, or ``--full``) before returning the model path.
 
 Crash safety (a kill at any instant leaves the old model or the new one installed):
@@ -383,18 +383,3 @@ class Store:
     def disk_usage(self) -> int:
         return sum(p.lstat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
 
-
-def resolve_model(name_or_path: str | Path, *, full: bool = False) -> Path:
-    """What ``edgemed run MODEL`` loads: a verified model path.
-
-    - an installed model name: the store's bundle, verified (fast path unless ``full``);
-    - a bundle directory: verified in place;
-    - a .gguf file (or ONNX directory): returned as is (there is no manifest to check);
-    - a tar bundle: refused with the install command to run;
-    - a missing path: returned as is, for the engine's own "does not exist" message.
-
-    The rule is ``edgemed.packaging.ref`` (``runnable``); this is its model path.
-    """
-    from edgemed.packaging.ref import runnable
-
-    return runnable(name_or_path, full=full).model_path
