@@ -132,31 +132,17 @@ def test_sizes_parse_in_both_units():
             parse_size(bad)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_a_cgroup_limit_lowers_the_budget(tmp_path, version):
-    """The tightest limit on the way from the process's cgroup to the root, less what the group uses (page
-    cache it may drop excepted)."""
-    proc = tmp_path / "proc/self"
-    proc.mkdir(parents=True)
-    if version == 2:
-        (proc / "cgroup").write_text("0::/user.slice/job\n")
-        (proc / "mountinfo").write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
-        group, files = tmp_path / "sys/fs/cgroup/user.slice/job", ("memory.max", "memory.current", "inactive_file")
-        parent_limit = "max"
-    else:
-        (proc / "cgroup").write_text("4:memory:/jobs/job\n1:cpu:/\n")
-        (proc / "mountinfo").write_text("35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
-        group = tmp_path / "sys/fs/cgroup/memory/jobs/job"
-        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-        parent_limit = str(9223372036854771712)  # v1's "no limit"
-    group.mkdir(parents=True)
-    (group / files[0]).write_text(str(8 * GIB))
-    (group / files[1]).write_text(str(3 * GIB))
-    (group / "memory.stat").write_text(f"{files[2]} {1 * GIB}\nanon 0\n")
-    (group.parent / files[0]).write_text(parent_limit)
-    room, where = memory_room._cgroup_room(tmp_path)
-    assert room == 6 * GIB and where.endswith(files[0])
-    assert memory_room._cgroup_room(tmp_path / "nowhere") is None
+def test_a_cgroup_limit_lowers_the_budget(monkeypatch):
+    """The room left under the tightest cgroup limit (``devices.cgroup``, the one reader) caps what psutil offers."""
+    from edgemed.devices.cgroup import Limit
+
+    where = "/sys/fs/cgroup/job/memory.max"
+    monkeypatch.setattr(memory_room, "least_room", lambda host: Limit(8 * GIB, 1 << 20, where))
+    detected = memory_room.detect_budget()
+    assert detected.source.startswith(f"room left under the cgroup limit {where}")
+    import psutil
+
+    assert 1 << 20 < detected.bytes <= (1 << 20) + psutil.Process().memory_info().rss + (256 << 20)
 
 
 def test_the_plain_recipe_is_offered_when_the_default_imatrix_pass_does_not_fit(model, tmp_path):

@@ -68,6 +68,40 @@ def test_cgroup_limit_caps_the_budget():
     assert choose(facts).budget_bytes(facts) == int(min(4 * GIB - 2 * GIB, 4 * GIB * 0.85))
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_cgroup_reader_takes_the_tightest_limit_and_its_room(tmp_path, version):
+    """Every group from the process's up to the hierarchy's root may limit it: the tightest applies, and the room
+    under it is the limit less what the group uses, its reclaimable page cache counted as room."""
+    from edgemed.devices.cgroup import least_room, limits, tightest_limit
+    from edgemed.devices.facts import Host, cgroup_limit
+
+    proc = tmp_path / "proc/self"
+    proc.mkdir(parents=True)
+    if version == 2:
+        (proc / "cgroup").write_text("0::/user.slice/job\n")
+        (proc / "mountinfo").write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+        group, files = tmp_path / "sys/fs/cgroup/user.slice/job", ("memory.max", "memory.current", "inactive_file")
+        top_limit = "max"
+    else:
+        (proc / "cgroup").write_text("4:memory:/jobs/job\n1:cpu:/\n")
+        (proc / "mountinfo").write_text("35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+        group = tmp_path / "sys/fs/cgroup/memory/jobs/job"
+        files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        top_limit = str(9223372036854771712)  # v1's "no limit"
+    group.mkdir(parents=True)
+    (group / files[0]).write_text(str(8 * GIB))
+    (group / files[1]).write_text(str(3 * GIB))
+    (group / "memory.stat").write_text(f"{files[2]} {1 * GIB}\nanon 0\n")
+    (group.parent / files[0]).write_text(str(12 * GIB))  # a parent's looser limit, its usage unreadable
+    (group.parent.parent / files[0]).write_text(top_limit)
+    host = Host(tmp_path)
+    assert sorted(lim.bytes for lim in limits(host)) == [8 * GIB, 12 * GIB]
+    assert tightest_limit(host).bytes == cgroup_limit(host) == 8 * GIB
+    room = least_room(host)
+    assert room.room == 6 * GIB and room.where.endswith(f"job/{files[0]}") and not room.where.startswith(str(tmp_path))
+    assert least_room(Host(tmp_path / "nowhere")) is None and cgroup_limit(Host(tmp_path / "nowhere")) is None
+
+
 def test_jetson_uses_fixed_memory_and_offloads_everything():
     profile = get_profile("jetson-orin-nano-8gb")
     assert profile.budget_bytes(None) == int(min(7.4 * GIB - 1.5 * GIB, 7.4 * GIB * 0.8))

@@ -1,9 +1,9 @@
 """How much memory a conversion may use: what this process holds plus what it can still get, or what the user says.
 
 ``detect_budget`` takes, in order: ``--memory-budget`` (``RouteOptions.memory_budget``), ``$EDGEMED_MEMORY_BUDGET``,
-else psutil's available memory (free pages plus the page cache the kernel can drop), lowered to the room left
-under this process's memory cgroup limit when one applies (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``,
-the tightest on the way from the process's group to the root; a group's reclaimable file cache counts as room),
+else psutil's available memory (free pages plus the page cache the kernel can drop), lowered to the least room
+left under this process's memory cgroup limits where any apply (``edgemed.devices.cgroup``, the one reader: v1 or
+v2, every group from the process's up to the root; a group's reclaimable file cache counts as room),
 plus the resident memory this process already holds. ``converters/budget/peaks.py`` sets the estimates against it.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
 from edgemed import env
+from edgemed.devices.cgroup import least_room
+from edgemed.devices.facts import Host
 from edgemed.errors import InputError, require
 
 GIB = 1 << 30
@@ -54,54 +55,6 @@ class Budget:
     source: str  # where the figure came from, for the refusal
 
 
-def _cgroup_room(root: Path = Path("/")) -> tuple[int, str] | None:
-    """Bytes this process's memory cgroup (v2 memory.max or v1 memory.limit_in_bytes) can still take, or None.
-
-    ``root``: where the filesystem is (tests pass a fixture tree)."""
-    try:
-        groups = (root / "proc/self/cgroup").read_text().splitlines()
-        mounts = (root / "proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    best = None
-    for line in groups:
-        hier, controllers, path = line.split(":", 2)
-        v2 = hier == "0" and controllers == ""
-        if not v2 and "memory" not in controllers.split(","):
-            continue
-        fstype = "cgroup2" if v2 else "cgroup"
-        for mount in mounts:  # "... root mount_point ... - fstype source options"
-            fields, _, tail = mount.partition(" - ")
-            tail_parts, parts = tail.split(), fields.split()
-            if not tail_parts or tail_parts[0] != fstype or (not v2 and "memory" not in tail_parts[-1].split(",")):
-                continue
-            group_root, point = parts[3], root / parts[4].lstrip("/")
-            rel = Path(path).relative_to(group_root) if Path(path).is_relative_to(group_root) else Path(path.lstrip("/"))
-            names = ("memory.max", "memory.current", "inactive_file") if v2 else \
-                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-            folder = point / rel
-            while True:  # the tightest limit from the process's group up to the hierarchy's root
-                room = _room(folder, *names)
-                if room is not None and (best is None or room < best[0]):
-                    best = (room, f"{folder / names[0]}")
-                if folder == point or folder == folder.parent:
-                    break
-                folder = folder.parent
-    return best
-
-
-def _room(folder: Path, limit_file: str, usage_file: str, inactive: str) -> int | None:
-    try:
-        raw = (folder / limit_file).read_text().strip()
-        if raw == "max" or int(raw) >= 1 << 60:
-            return None
-        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
-        usage = int((folder / usage_file).read_text()) - int(stat.get(inactive, 0))
-        return max(0, int(raw) - usage)
-    except (OSError, ValueError):
-        return None
-
-
 def requested_budget(override: str | None = None) -> Budget | None:
     """The budget the user set: ``override`` (``--memory-budget``; given, even empty, it must be a size), else
     ``$EDGEMED_MEMORY_BUDGET`` when set and not empty; None when neither is. The command checks it before any work."""
@@ -121,7 +74,7 @@ def detect_budget(override: str | None = None) -> Budget:
     psutil = require("psutil", "convert")
     held = psutil.Process().memory_info().rss
     room, where = psutil.virtual_memory().available, "available memory (psutil)"
-    limited = _cgroup_room()
-    if limited is not None and limited[0] < room:
-        room, where = limited[0], f"room left under the cgroup limit {limited[1]}"
+    limited = least_room(Host())
+    if limited is not None and limited.room < room:
+        room, where = limited.room, f"room left under the cgroup limit {limited.where}"
     return Budget(room + held, f"{where} {room / GIB:.1f} GiB + {held / GIB:.1f} GiB this process holds")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edgemed.devices.cgroup import tightest_limit
+
 GIB = 1 << 30
 
 #: Runs ``sysctl -n KEY`` (or reads a fixture); returns the value or None.
@@ -96,12 +98,9 @@ def meminfo_total(host: Host) -> int:
 
 
 def cgroup_limit(host: Host) -> int | None:
-    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``limit_in_bytes``)."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        value = (host.read(path) or "").strip()
-        if value.isdigit() and int(value) < (1 << 60):  # v1 says "no limit" with a huge number
-            return int(value)
-    return None
+    """The tightest memory limit on this process's cgroup, in bytes (``cgroup.py`` reads it), or None."""
+    limit = tightest_limit(host)
+    return limit.bytes if limit is not None else None
 
 
 def cpuinfo(host: Host) -> tuple[frozenset[str], int, int, str]:
