@@ -198,7 +198,7 @@ class SuiteSet:
 #: 1.5B (26 of 600 pairs, 4.3 %), 1,600 pairs give a 95 % interval of about +-1.0 point on the difference and detect
 #: 1.46 points with 80 % power (stats.mcnemar_mdd); 1 point at 80 % needs ~3,400, which a larger --eval-n reaches by
 #: extending these same items. PubMedQA: its whole official test split (the cheapest set per item); MMLU-medical as
-#: many, for a like per-set precision; MedMCQA 600. Cost: DESIGN.md, benchmarks/: accuracy and divergence.
+#: many, for a like per-set precision; MedMCQA 600. Cost: benchmarks/results/harness_cost.md.
 SUITE = (
     SuiteSet("medmcqa", "medagentsbench/medmcqa/test.jsonl", 600),
     SuiteSet("mmlu", "medagentsbench/mmlu/test.jsonl", 500),

@@ -2,7 +2,7 @@
 
 The builder writes a fused graph (GroupQueryAttention with rotary inside,
 SkipSimplifiedLayerNormalization), measured 7-16 % faster to decode than the
-traced graph (DESIGN.md, "ONNX route"). Its traps are handled here:
+traced graph (benchmarks/results/onnx_vs_gguf.md). Its traps are handled here:
 
 - it does not merge LoRA: the caller passes a checkpoint with the adapter
   already merged (``merged_checkpoint``, the spine's merge, written to a temp dir);

@@ -5,7 +5,7 @@ MLP projections) becomes a ``MatMulNBits`` contrib op: int4 blocks of
 ``block_size`` input channels with one float scale each (and a 4-bit zero point
 when asymmetric). The LM head gets ``head_bits`` (8 by default): like llama.cpp's
 Q4_K_M, which keeps ``output.weight`` at Q6_K, because the head's error lands
-directly on the logits (measured on Qwen2.5-0.5B: DESIGN.md, "ONNX route").
+directly on the logits (measured on Qwen2.5-0.5B: benchmarks/results/onnx_vs_gguf.md).
 ``accuracy_level`` 4 lets the CPU kernel quantize activations to int8 and use
 integer dot products; it does not change the stored weights. Embedding
 ``Gather`` stays float32: quantizing it needs opset 21, where the exported

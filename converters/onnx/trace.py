@@ -15,7 +15,7 @@ the prompt is never recomputed. Prefill passes a past of length 0.
 
 The export uses the TorchScript exporter (``dynamo=False``) on eager attention:
 it traces transformers 5's cache objects reliably and matched torch to ~1e-6 on
-the models tried (DESIGN.md, "ONNX route").
+the models tried (docs/convert.md, "The ONNX route").
 """
 
 from __future__ import annotations
