@@ -68,6 +68,17 @@ def test_key_file(tmp_path):
     assert bearer_token(f"Bearer {KEY}") == KEY and bearer_token(f"Basic {KEY}") is None and bearer_token(None) is None
 
 
+def test_every_route_is_labelled_by_its_handler_and_the_generation_rows_by_the_table():
+    """The metrics and the audit label a request by its route, read off the router, whose generation routes are the
+    rows of ``endpoints.ENDPOINTS``: no second table of paths to keep in step by hand."""
+    pytest.importorskip("fastapi")
+    from edgemed.serve.endpoints import ENDPOINTS
+    from edgemed.serve.routes import LABELS
+
+    assert LABELS == {"/health": "health", "/metrics": "metrics", "/v1/models": "models",
+                      **{e.path: e.name for e in ENDPOINTS}}
+
+
 # -- a running server ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(smollm2_gguf):

@@ -27,8 +27,8 @@ from edgemed.runtime import chat_template
 from edgemed.serve.api import ApiError, as_api_error, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
-from edgemed.serve.middleware import Guard, Observe, context_of
-from edgemed.serve.routes import router
+from edgemed.serve.middleware import Guard, Observe, record_of
+from edgemed.serve.routes import LABELS, router
 from edgemed.serve.state import Served
 from edgemed.templates import load_templates
 
@@ -50,7 +50,7 @@ def create_app(batcher, config: ServeConfig):
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600)
-    app.add_middleware(Observe, config=config, metrics=metrics)
+    app.add_middleware(Observe, config=config, metrics=metrics, labels=LABELS)
     return app
 
 
@@ -73,7 +73,7 @@ async def _lifespan(app):
 
 # -- error shapes ------------------------------------------------------------------------------------------
 async def _api_error(request, exc: ApiError):
-    context_of(request.scope).error_code = exc.code
+    record_of(request.scope).error_code = exc.code
     return error_response(exc)
 
 

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgemed.errors import InputError, TemplateError
 from edgemed.serve import api
-from edgemed.serve.middleware import Context
+from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served
 
 
@@ -47,7 +47,7 @@ class Prompt:
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
-async def chat_prompt(served: Served, ctx: Context, body: api.ChatRequest) -> Prompt:
+async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatRequest) -> Prompt:
     """``messages``, or a medical template's messages, through the GGUF's chat template."""
     template = None
     json_schema = body.json_schema()
@@ -59,7 +59,7 @@ async def chat_prompt(served: Served, ctx: Context, body: api.ChatRequest) -> Pr
         if template is None:
             raise TemplateError(f"No prompt template named '{body.template}'.",
                                 f"choose one of: {', '.join(sorted(served.templates))}")
-        ctx.template = {"id": template.name, "version": template_version(template)}
+        record.template = {"id": template.name, "version": template_version(template)}
         messages = await run_in_threadpool(template.messages, body.template_inputs)
         if template.contract.kind == "json" and json_schema is None and body.grammar is None:
             json_schema = template.contract.json_schema()
@@ -75,13 +75,13 @@ async def chat_prompt(served: Served, ctx: Context, body: api.ChatRequest) -> Pr
 
     def parsed(text: str) -> dict:
         result = template.parse(text, body.template_inputs)
-        return {"edgemed": {"template": ctx.template,
+        return {"edgemed": {"template": record.template,
                             "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
 
     return Prompt(prompt, json_schema, parsed)
 
 
-async def completion_prompt(served: Served, ctx: Context, body: api.CompletionRequest) -> Prompt:
+async def completion_prompt(served: Served, record: RequestRecord, body: api.CompletionRequest) -> Prompt:
     """The prompt as sent: one string or one list of token ids."""
     return Prompt(body.prompt_value())
 
@@ -146,11 +146,11 @@ class CompletionShape(Shape):
 class Endpoint:
     """One generation endpoint: where it is, what it accepts, how it prompts, how it answers."""
 
-    name: str  # the handler's name (and the metrics label in middleware.ENDPOINTS)
+    name: str  # the handler's name, and so the label of its metrics and audit records (routes.LABELS)
     path: str
     request: type  # the pydantic body model
     id_prefix: str  # of the response id, before the request id
-    prompt: Callable[[Served, Context, object], Awaitable[Prompt]]
+    prompt: Callable[[Served, RequestRecord, object], Awaitable[Prompt]]
     shape: type  # a Shape subclass
 
 

@@ -4,7 +4,7 @@ the whole answer, or SSE chunks then ``[DONE]``; with the audit's and the metric
 A client that disconnects cancels its ``Stream``, which frees the slot before the next decode step:
 streaming through Starlette's disconnect listener, non-streaming through a task that waits for
 ``http.disconnect`` while the answer is collected. Either way the request is recorded as the client's
-doing (``Context.client_left``: 499, ``client_disconnected``), not as a server error.
+doing (``RequestRecord.client_left``: 499, ``client_disconnected``), not as a server error.
 """
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ from edgemed.runtime.engine import GenerationSettings
 from edgemed.serve import api
 from edgemed.serve.api import ApiError, ClientClosed
 from edgemed.serve.endpoints import Endpoint
-from edgemed.serve.middleware import Context
-from edgemed.serve.state import Served, context, served
+from edgemed.serve.middleware import RequestRecord
+from edgemed.serve.state import Served, request_record, served
 
 
 async def generate(endpoint: Endpoint, body, request: Request):
     """Answer ``body`` (already validated as ``endpoint.request``) the way ``endpoint`` describes."""
-    srv, ctx = served(request), context(request)
+    srv, record = served(request), request_record(request)
     check_model(srv, body.model)
     body.refused()
-    prompt = await endpoint.prompt(srv, ctx, body)
-    stream = await run_in_threadpool(submit, srv, ctx, prompt.value, body, prompt.json_schema)
-    shape = endpoint.shape(id=endpoint.id_prefix + ctx.request_id, model=srv.config.model_id, extra=prompt.extra)
+    prompt = await endpoint.prompt(srv, record, body)
+    stream = await run_in_threadpool(submit, srv, record, prompt.value, body, prompt.json_schema)
+    shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=srv.config.model_id, extra=prompt.extra)
     if body.stream:
-        return streaming(srv, ctx, stream, shape, body.include_usage)
-    text, finished, reason = await collect(srv, ctx, request, stream)
+        return streaming(srv, record, stream, shape, body.include_usage)
+    text, finished, reason = await collect(srv, record, request, stream)
     return shape.whole(text, reason, finished)
 
 
@@ -60,18 +60,18 @@ def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None)
                               grammar=body.grammar)
 
 
-def submit(srv: Served, ctx: Context, prompt, body, json_schema: str | None):
+def submit(srv: Served, record: RequestRecord, prompt, body, json_schema: str | None):
     """Tokenize, size and queue the request (in a worker thread); the ``Stream`` of its output."""
     tokens = srv.batcher.tokenize(prompt) if isinstance(prompt, str) else prompt
     settings = settings_for(srv, body, len(tokens), json_schema)
-    ctx.stream = body.stream
+    record.stream = body.stream
     audit = srv.config.audit
     if audit is not None and audit.content:
-        ctx.prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
-    return srv.batcher.submit(tokens, settings, request_id=ctx.request_id)
+        record.prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
+    return srv.batcher.submit(tokens, settings, request_id=record.request_id)
 
 
-async def collect(srv: Served, ctx: Context, request: Request, stream) -> tuple[str, object, str]:
+async def collect(srv: Served, record: RequestRecord, request: Request, stream) -> tuple[str, object, str]:
     """The whole answer, its ``Finished`` and OpenAI's finish reason; a client that leaves meanwhile cancels
     the stream (its slot is freed) and raises ``ClientClosed``; a generation that ended neither by stop nor
     length raises."""
@@ -95,45 +95,45 @@ async def collect(srv: Served, ctx: Context, request: Request, stream) -> tuple[
     finally:
         watcher.cancel()
     text = "".join(parts)
-    reason = finish(srv, ctx, finished, text)
+    reason = finish(srv, record, finished, text)
     if left:  # nobody is there to answer, and it is not the server's failure (not the 503 of a shutdown)
-        ctx.client_left()
+        record.client_left()
         raise ClientClosed()
     if reason not in api.FINISH_REASONS.values():
-        raise failed(ctx, finished)
+        raise failed(record, finished)
     return text, finished, reason
 
 
-def finish(srv: Served, ctx: Context, finished, text: str) -> str:
+def finish(srv: Served, record: RequestRecord, finished, text: str) -> str:
     """Record a finished generation for audit and metrics; return OpenAI's finish reason (or the batcher's)."""
-    ctx.finished = finished
+    record.finished = finished
     srv.metrics.generation_done(finished)
-    if ctx.prompt is not None:
-        ctx.output = text
+    if record.prompt is not None:
+        record.output = text
     if finished.finish_reason == "cancelled":
-        ctx.outcome = "client_disconnected" if not getattr(finished, "error", None) else "cancelled"
+        record.outcome = "client_disconnected" if not getattr(finished, "error", None) else "cancelled"
     elif finished.finish_reason not in api.FINISH_REASONS:
-        ctx.outcome = "error"
+        record.outcome = "error"
     return api.FINISH_REASONS.get(finished.finish_reason, finished.finish_reason)
 
 
-def failed(ctx: Context, finished) -> ApiError:
+def failed(record: RequestRecord, finished) -> ApiError:
     """A generation that ended neither by stop nor length: the server shutting down (503) or a failure (500)."""
     detail = getattr(finished, "error", None) or finished.finish_reason
     if finished.finish_reason == "cancelled":
-        ctx.error_code = "unavailable"
+        record.error_code = "unavailable"
         return ApiError(503, f"Generation stopped: {detail}. Fix: retry when the server is back.", "server_error",
                         "unavailable", headers={"Retry-After": "5"})
-    ctx.error_code = "generation_failed"
+    record.error_code = "generation_failed"
     return ApiError(500, f"Generation stopped: {detail}. Fix: retry; if it persists, see the server log for "
-                         f"request id {ctx.request_id}.", "server_error", "generation_failed")
+                         f"request id {record.request_id}.", "server_error", "generation_failed")
 
 
 def sse(data) -> str:
     return "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
 
 
-def streaming(srv: Served, ctx: Context, stream, shape, include_usage: bool) -> StreamingResponse:
+def streaming(srv: Served, record: RequestRecord, stream, shape, include_usage: bool) -> StreamingResponse:
     """SSE: the shape's head events, one chunk per piece, a final chunk with the finish reason, usage if
     asked, then [DONE]; a generation that fails after the stream started ends it with an ``error`` event."""
     async def events():
@@ -148,16 +148,16 @@ def streaming(srv: Served, ctx: Context, stream, shape, include_usage: bool) -> 
                 else:
                     finished = item
             text = "".join(parts)
-            reason = finish(srv, ctx, finished, text)
+            reason = finish(srv, record, finished, text)
             if reason not in api.FINISH_REASONS.values():
-                err = failed(ctx, finished)
-                ctx.failed_status = err.status  # the headers said 200; metrics and audit say what happened
+                err = failed(record, finished)
+                record.failed_status = err.status  # the headers said 200; metrics and audit say what happened
                 yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
             else:
                 yield sse(shape.final(reason, text))
                 if include_usage:
                     yield sse(shape.usage(finished))
-            ctx.answered = True  # every event is out but the end marker: a client gone now left nothing unread
+            record.answered = True  # every event is out but the end marker: a client gone now left nothing unread
             yield sse("[DONE]")
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             left = True  # the client went away: Starlette cancelled (or closed) this generator
@@ -169,22 +169,22 @@ def streaming(srv: Served, ctx: Context, stream, shape, include_usage: bool) -> 
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     async for item in stream:
                         if not hasattr(item, "text"):
-                            finish(srv, ctx, item, "".join(parts))
+                            finish(srv, record, item, "".join(parts))
             if left:
-                ctx.client_left()
+                record.client_left()
 
-    return SseResponse(events(), ctx, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+    return SseResponse(events(), record, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
 
 class SseResponse(StreamingResponse):
-    """A ``StreamingResponse`` that records a client gone before the end of the stream (``Context.client_left``),
+    """A ``StreamingResponse`` that records a client gone before the end of the stream (``RequestRecord.client_left``),
     wherever the cancellation lands (in the generator, or in a ``send`` between two events)."""
 
-    def __init__(self, content, ctx: Context, **kw):
+    def __init__(self, content, record: RequestRecord, **kw):
         super().__init__(content, **kw)
-        self.ctx = ctx
+        self.record = record
 
     async def listen_for_disconnect(self, receive) -> None:
         await super().listen_for_disconnect(receive)  # returns only on http.disconnect, else it is cancelled
-        if not self.ctx.answered:  # the server reports a disconnect once the response is complete, too
-            self.ctx.client_left()
+        if not self.record.answered:  # the server reports a disconnect once the response is complete, too
+            self.record.client_left()

@@ -1,9 +1,9 @@
 """The two ASGI middlewares of ``edgemed serve`` (plain ASGI, so they see streaming responses to the end).
 
-``Observe`` (outermost) gives each request an id and a ``Context``, adds the security headers, and when
+``Observe`` (outermost) gives each request an id and a ``RequestRecord``, adds the security headers, and when
 the response is over — streams included — writes the request metrics and one audit record (``/v1/*``).
 An exception that escapes the app becomes a 500 in OpenAI's shape here. A client that closes the
-connection before its body is all read or its answer all sent (``Context.client_left``) is recorded
+connection before its body is all read or its answer all sent (``RequestRecord.client_left``) is recorded
 with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not a server error.
 
 ``Guard`` (innermost) refuses, in this order: every ``/v1`` request once the audit log cannot be
@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Host header values a loopback-bound server answers (anything else: DNS rebinding from a web page)
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
-#: path -> endpoint label (metrics); anything else is "other", so label values stay few
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
-             "/health": "health", "/metrics": "metrics"}
 #: nginx's "client closed request": the client left before its whole request was read or its whole answer sent.
 #: Recorded (metrics' code label, the audit's status) in place of any 5xx, so a client's time-out is not a server error.
 CLIENT_CLOSED = 499
@@ -44,9 +41,9 @@ OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too
             CLIENT_CLOSED: "client_disconnected", 503: "unavailable"}
 
 
-# -- per-request context ------------------------------------------------------------------------------
+# -- per-request record -------------------------------------------------------------------------------
 @dataclass
-class Context:
+class RequestRecord:
     """What the audit record and the metrics of one request are made of (never its text, unless opted in)."""
 
     request_id: str
@@ -98,7 +95,7 @@ class Context:
         return OUTCOMES.get(code, "bad_request" if code < 500 else "error")
 
 
-def context_of(scope) -> Context:
+def record_of(scope) -> RequestRecord:
     return scope["state"]["edgemed"]
 
 
@@ -106,22 +103,24 @@ def context_of(scope) -> Context:
 class Observe:
     """Request id, security headers, one audit record per API request, request metrics."""
 
-    def __init__(self, app, *, config: ServeConfig, metrics: Metrics):
-        self.app, self.config, self.metrics = app, config, metrics
+    def __init__(self, app, *, config: ServeConfig, metrics: Metrics, labels: dict[str, str]):
+        """``labels``: path -> endpoint label of the metrics and the audit (``routes.LABELS``); any other path is
+        "other", so label values stay few."""
+        self.app, self.config, self.metrics, self.labels = app, config, metrics, labels
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
         client = scope.get("client")
-        ctx = Context(uuid.uuid4().hex, ENDPOINTS.get(path, "other"), client[0] if client else None)
-        scope.setdefault("state", {})["edgemed"] = ctx
+        record = RequestRecord(uuid.uuid4().hex, self.labels.get(path, "other"), client[0] if client else None)
+        scope.setdefault("state", {})["edgemed"] = record
 
         async def send_observed(message):
             if message["type"] == "http.response.start":
-                ctx.status = message["status"]
+                record.status = message["status"]
                 headers = MutableHeaders(scope=message)
-                headers["x-request-id"] = ctx.request_id
+                headers["x-request-id"] = record.request_id
                 headers["x-content-type-options"] = "nosniff"
                 if path.startswith("/v1/"):
                     headers["cache-control"] = "no-store"  # answers may carry PHI: no proxy or browser cache
@@ -130,17 +129,19 @@ class Observe:
         try:
             await self.app(scope, receive, send_observed)
         except ClientDisconnect:  # Starlette's word for a client gone while it read or wrote
-            ctx.client_left()
+            record.client_left()
         except Exception:
-            log.exception("request %s failed", ctx.request_id)
-            ctx.outcome, ctx.client_closed = "error", False  # a failure is the server's, even if the client left too
-            if ctx.status is None:
-                await error_response(ApiError(500, "The server failed on this request; it is logged under "
-                                              f"request id {ctx.request_id}.", "server_error"))(scope, receive, send_observed)
+            log.exception("request %s failed", record.request_id)
+            record.outcome, record.client_closed = "error", False  # the server's failure, even if the client left too
+            if record.status is None:
+                failed = ApiError(500, f"The server failed on this request; it is logged under request id "
+                                  f"{record.request_id}.", "server_error")
+                await error_response(failed)(scope, receive, send_observed)
         finally:
-            self.metrics.request_done(ctx.endpoint, ctx.code, time.perf_counter() - ctx.started)
+            self.metrics.request_done(record.endpoint, record.code, time.perf_counter() - record.started)
             if self.config.audit is not None and not self.config.audit.failed and path.startswith("/v1/"):
-                await _audit(self.config.audit, "request", ctx.audit_fields(self.config.model_id, self.config.bundle_digest))
+                fields = record.audit_fields(self.config.model_id, self.config.bundle_digest)
+                await _audit(self.config.audit, "request", fields)
 
 
 async def _audit(audit, kind: str, fields: dict) -> None:
@@ -162,12 +163,12 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        ctx = context_of(scope)
+        record = record_of(scope)
         path = scope["path"]
         headers = dict(scope["headers"])
 
         async def refuse(err: ApiError):
-            ctx.error_code = err.code
+            record.error_code = err.code
             await error_response(err)(scope, receive, send)
 
         if self.loopback:
@@ -184,8 +185,8 @@ class Guard:
                                               "the server.", "server_error", "audit_unavailable"))
         keys = self.config.api_keys
         if keys is not None and (path.startswith("/v1/") or path == "/metrics"):
-            ctx.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
-            if ctx.key_id is None:
+            record.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+            if record.key_id is None:
                 return await refuse(ApiError(401, "Missing or incorrect API key. Fix: send 'Authorization: Bearer KEY' "
                                                   "with a key from the server's --api-key-file.", code="invalid_api_key",
                                              headers={"WWW-Authenticate": "Bearer"}))
@@ -199,7 +200,7 @@ class Guard:
         while more:  # read the (bounded) body here, so the app never sees more than the limit
             message = await receive()
             if message["type"] != "http.request":
-                return ctx.client_left()  # the client closed the connection before sending its whole body
+                return record.client_left()  # the client closed the connection before sending its whole body
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:

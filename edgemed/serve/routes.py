@@ -1,6 +1,7 @@
 """The routes of ``edgemed serve``, at module level on one ``APIRouter``: ``GET /health``, ``/metrics``,
 ``/v1/models``, and a ``POST`` route per row of ``endpoints.ENDPOINTS`` (``/v1/chat/completions``,
 ``/v1/completions``; streaming as SSE or not). Each reads the app's ``Served`` from the request.
+``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads a handler's body model from its annotation,
@@ -29,7 +30,7 @@ async def health(request: Request):
 
 
 @router.get("/metrics")
-async def prometheus(request: Request):
+async def metrics(request: Request):
     data, content_type = served(request).metrics.render()
     return Response(data, media_type=content_type)
 
@@ -52,3 +53,6 @@ def _generation_route(endpoint: Endpoint) -> None:
 
 for _endpoint in ENDPOINTS:
     _generation_route(_endpoint)
+
+#: path -> endpoint label of the metrics and the audit (``middleware.Observe``): every route's handler name
+LABELS = {route.path: route.name for route in router.routes}

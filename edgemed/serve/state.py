@@ -1,7 +1,7 @@
-"""What a route reads: the app's ``Served`` (on ``app.state.served``) and the request's ``Context``.
+"""What a route reads: the app's ``Served`` (on ``app.state.served``) and the request's ``RequestRecord``.
 
 ``create_app`` builds one ``Served`` per app; ``Observe`` (``middleware.py``) gives every request its
-``Context``. Routes and the generation path take both from the request, so none of them closes over
+``RequestRecord``. Routes and the generation path take both from the request, so none of them closes over
 an app.
 """
 
@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
-from edgemed.serve.middleware import Context, context_of
+from edgemed.serve.middleware import RequestRecord, record_of
 
 
 @dataclass(frozen=True)
@@ -31,5 +31,5 @@ def served(request: Request) -> Served:
     return request.app.state.served
 
 
-def context(request: Request) -> Context:
-    return context_of(request.scope)
+def request_record(request: Request) -> RequestRecord:
+    return record_of(request.scope)
