@@ -4,8 +4,9 @@ The store's index and journal, the self-test's verdict cache and the registry of
 files edgemed writes, in folders any local process can write to. ``read_json`` reads one without following a
 link or blocking on a FIFO, within a size limit and the parser's nesting limit; ``writer_lock`` serializes their
 read-merge-replace writers with an ``flock`` on a lock file beside them, opened the same careful way, and gives
-up after a wait instead of hanging; ``replace`` writes one whole, through owner-tagged debris and one rename. Neither deletes or replaces anything that is not a regular file: that is
-not edgemed's (``Damaged.foreign``), and the caller says so and carries on without it.
+up after a wait instead of hanging; ``replace`` writes one whole, through owner-tagged debris and one rename.
+None deletes or replaces anything that is not a regular file: that is not edgemed's (``Damaged.foreign``), and
+the caller says so and carries on without it.
 """
 
 from __future__ import annotations
