@@ -1,19 +1,75 @@
-"""Shared fixtures.
+"""Shared fixtures, and the rules that let the suite run in both installs.
 
 Every test gets its own EDGEMED_HOME (nothing touches the user's store). Derived
 caches that are slow to rebuild (a dequantized real checkpoint) live in one
 session-wide folder, ``EDGEMED_TEST_CACHE`` or ``~/.cache/edgemed-test``.
+
+The suite runs in the workstation venv (``pip install -e '.[all]'``) and in a device venv
+(``pip install '.[gguf,serve,test]'``: no torch, transformers, safetensors, peft or onnx; CI's
+device-install step). The rule is per test, at the point of need, never a list kept here:
+
+- a module that needs the converter side throughout skips at its top with
+  ``pytest.importorskip("torch", ...)``; a test that needs it in an otherwise light module calls
+  ``need_converter()`` (one line, the reason names the extra to install);
+- the kits (tiny.py, onnx_tiny.py, *_kit.py) import heavy packages inside their functions, and the
+  checkpoint builders call ``need_converter()`` themselves, so a test that builds a tiny checkpoint
+  skips in a device venv without saying so twice.
+
+A missing package is never turned into a skip after the fact: if edgemed itself imported torch on a
+device path, the device run fails, which is what it is there to catch.
+
+A device venv installs edgemed as a wheel, and the repo root's ``edgemed/`` folder is then a partial copy
+(the converters, benchmarks and device profiles are mapped in by the installer). A Python started in the repo
+root puts it first on ``sys.path``: ``python -m pytest`` does so for this process, and every ``python -c``
+child the tests start would do so too. So with a wheel install this file takes the repo root off ``sys.path``
+and sets PYTHONSAFEPATH (Python 3.11+) for the children.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 TEST_CACHE = Path(os.environ.get("EDGEMED_TEST_CACHE", Path.home() / ".cache" / "edgemed-test"))
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+CONVERTER_SIDE = ("torch", "transformers")
+
+
+def need_converter(*modules: str) -> None:
+    """Skip the calling test (or module) unless the converter side is installed (default: torch, transformers)."""
+    for module in modules or CONVERTER_SIDE:
+        pytest.importorskip(module, reason=f"needs {module}, the converter side: pip install 'edgemed[convert]'")
+
+
+def _installed_as_wheel() -> bool:
+    """True when edgemed is installed as a wheel (a device install), not in place (``pip install -e``)."""
+    from importlib import metadata
+
+    try:
+        direct_url = metadata.distribution("edgemed").read_text("direct_url.json") or "{}"
+    except metadata.PackageNotFoundError:
+        return False
+    return not json.loads(direct_url).get("dir_info", {}).get("editable", False)
+
+
+if _installed_as_wheel():
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    os.environ["PYTHONSAFEPATH"] = "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip raised by ``need_converter`` is reported at the test that needed it (``-rs``), not at this file."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and Path(report.longrepr[0]).resolve() == Path(__file__).resolve():
+        path, line = item.reportinfo()[:2]
+        report.longrepr = (os.fspath(path), line + 1, report.longrepr[2])
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +100,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf) -> Path:
     """The real SmolLM2 dequantized to a Hugging Face checkpoint (cached across runs)."""
-    pytest.importorskip("transformers")
+    need_converter()
     from edgemed.converters.source import pip_models as sources
 
     os.environ["EDGEMED_CACHE_DIR"] = str(TEST_CACHE)

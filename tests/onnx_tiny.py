@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import need_converter
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -22,6 +24,7 @@ CORPUS = [
 
 
 def build(out: Path, *, seed: int = 0) -> Path:
+    need_converter("torch", "transformers", "tokenizers")
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -58,6 +61,7 @@ def build(out: Path, *, seed: int = 0) -> Path:
 
 def add_lora(base: Path, out: Path, *, seed: int = 1) -> Path:
     """A PEFT LoRA adapter on q/v/down projections with non-zero B (so it changes the logits)."""
+    need_converter("torch", "transformers", "peft")
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -79,7 +79,7 @@ _RESIDENT = textwrap.dedent("""
     from edgemed.runtime.engine import LoadSettings
     from edgemed.runtime.llamacpp import Context, Model
     path, mmap = sys.argv[1], sys.argv[2] == "mmap"
-    model = Model(path, LoadSettings(n_ctx=256, n_threads=1, use_mmap=mmap, extra_buffers="all"), checked=False)
+    model = Model(path, LoadSettings(n_ctx=256, n_threads=1, use_mmap=mmap, extra_buffers="all"))
     ctx = Context(model, n_ctx=256)
     ctx.eval(model.tokenize("Anaphylaxis is treated with", add_special=True))
     mapped = rss = 0
@@ -128,7 +128,7 @@ def test_llama_cpp_log_stays_off_the_terminal_by_default(smollm2_gguf):
         logging.basicConfig(level=logging.WARNING - 10 * int(sys.argv[2]))
         from edgemed.runtime.engine import LoadSettings
         from edgemed.runtime.llamacpp import Context, Model
-        model = Model(sys.argv[1], LoadSettings(n_ctx=256, n_threads=1), checked=False)
+        model = Model(sys.argv[1], LoadSettings(n_ctx=256, n_threads=1))
         ctx = Context(model, n_ctx=256)
         model.lib.llama_log_set  # the route is installed
         from edgemed.runtime import native_log

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import need_converter
+
 CORPUS = [
     "The patient presents with fever, cough and shortness of breath for three days.",
     "Blood pressure 150/95 mmHg, heart rate 110 bpm, SpO2 91% on room air.",
@@ -28,6 +30,7 @@ QWEN2_SPLIT = (
 
 
 def build_tokenizer(out: Path, style: str, vocab_size: int = 384):
+    need_converter("tokenizers", "transformers")
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,6 +57,7 @@ def build_tokenizer(out: Path, style: str, vocab_size: int = 384):
 def build_model(out: Path, arch: str = "llama", seed: int = 0, tie: bool | None = None, vocab_size: int = 384,
                 hidden_size: int = 64) -> Path:
     """Write a tiny random ``arch`` checkpoint (float32 safetensors + tokenizer) to ``out``."""
+    need_converter("torch", "transformers", "tokenizers")
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -78,6 +82,7 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0, tie: bool | None 
 
 def build_lora(base: Path, out: Path, seed: int = 1, rslora: bool = False, r: int = 4, alpha: int = 8) -> Path:
     """A random PEFT LoRA adapter on attention and MLP projections (B non-zero, so it changes the model)."""
+    need_converter("torch", "transformers", "peft")
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
