@@ -73,37 +73,30 @@ def windows(tokens: list[int], n_ctx: int, bos: int | None) -> tuple[list[list[i
 
 # -- our side -----------------------------------------------------------------------------------------------
 def _load(path: Path, ctx: int, threads: int, extra_buffers: str):
-    from edgemed.runtime import llamacpp
-    from edgemed.runtime.loader import load_model
-    from edgemed.runtime.engine import LoadSettings
+    """``runtime.logits.SequenceLogits`` for windows of ``ctx`` tokens with llama-perplexity's settings (flash
+    attention off, one window a batch), refused when the weights were not placed as ``extra_buffers`` asks."""
+    from edgemed.runtime.logits import SequenceLogits
 
-    load = LoadSettings(n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=threads, n_threads_batch=threads,
-                        flash_attn=False, extra_buffers=extra_buffers)
-    model = load_model(path, load)
-    if model.placement.mode != extra_buffers:
-        mode = model.placement.mode
-        model.close()
+    run = SequenceLogits(path, ctx, threads=threads, extra_buffers=extra_buffers, flash_attn=False)
+    if run.model.placement.mode != extra_buffers:
+        mode = run.model.placement.mode
+        run.close()
         raise InputError(f"edgemed placed {path.name}'s weights as '{mode}', not '{extra_buffers}', so the two "
                          "sides would run different kernels.", "run again with --extra-buffers none")
-    return model, llamacpp.Context(model, n_ctx=ctx, n_batch=ctx, threads=threads)
-
-
-def _logits(ctx, window: list[int]):
-    ctx.clear()
-    return ctx.eval(window, 0, all_rows=True)  # [n, vocab] float32
+    return run
 
 
 def reference_pass(path, fed, ctx, threads, extra_buffers, scratch: Path, base_chunk) -> tuple:
     """REF's logits of every window into a scratch file; how far its log-probs are from the base file's."""
     import numpy as np
 
-    model, context = _load(path, ctx, threads, extra_buffers)
+    run = _load(path, ctx, threads, extra_buffers)
     try:
         store = np.lib.format.open_memmap(scratch / "reference.npy", mode="w+", dtype=np.float32,
-                                          shape=(len(fed), ctx, model.n_vocab))
+                                          shape=(len(fed), ctx, run.n_vocab))
         rows, worst = fidelity.llamacpp_rows(ctx), 0.0
         for k, window in enumerate(fed):
-            store[k] = _logits(context, window)
+            store[k] = run(window)                                       # [n, vocab] float32
             base, floor = base_chunk(k)                                   # [rows, vocab], [rows]
             ours = fidelity.log_softmax(store[k][rows]).astype(np.float32)
             kept = base > floor[:, None] + 1e-3                          # entries above the 16-nat floor
@@ -111,30 +104,28 @@ def reference_pass(path, fed, ctx, threads, extra_buffers, scratch: Path, base_c
         store.flush()
         return store, worst
     finally:
-        context.close()
-        model.close()
+        run.close()
 
 
 def quant_pass(path, fed, ctx, threads, extra_buffers, reference) -> dict:
     """KL per row of every window against REF's stored logits; fidelity's figures and llama.cpp-style stats."""
     import numpy as np
 
-    model, context = _load(path, ctx, threads, extra_buffers)
+    run = _load(path, ctx, threads, extra_buffers)
     try:
-        if model.n_vocab != reference.shape[2]:
-            raise InputError(f"{path.name} has {model.n_vocab} tokens in its vocabulary, the reference "
+        if run.n_vocab != reference.shape[2]:
+            raise InputError(f"{path.name} has {run.n_vocab} tokens in its vocabulary, the reference "
                              f"{reference.shape[2]}.", "compare files converted from the same checkpoint")
         passages, estimator = [], []
         rows = fidelity.llamacpp_rows(ctx)
         for k, window in enumerate(fed):
-            q = _logits(context, window)
+            q = run(window)
             parts = [fidelity.kl_rows(reference[k][i:i + BLOCK], q[i:i + BLOCK]) for i in range(0, ctx, BLOCK)]
             passages.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
             ref, art = reference[k][rows], q[rows]
             estimator += [lp.llamacpp_kl(ref[i:i + BLOCK], art[i:i + BLOCK]) for i in range(0, len(art), BLOCK)]
     finally:
-        context.close()
-        model.close()
+        run.close()
     figures = fidelity.summarize(passages)
     scored = np.concatenate([kl[rows] for kl, _ in passages])
     same = np.concatenate([agree[rows] for _, agree in passages])

@@ -1,7 +1,8 @@
 """``convert``: Hugging Face checkpoint (+ LoRA) -> GGUF, checked, written atomically.
 
 Steps, each refusing bad input before anything is written:
-1. open the checkpoint, pick the architecture module, open and plan the adapter;
+1. open the source once (``Source``: the checkpoint with the user's pickle consent, its architecture module
+   picked, the adapter opened and planned against it); every later step reads that ``Source``;
 2. stream tensors into a float GGUF (the output itself for F32/F16/BF16, an
    intermediate for quantized types), then quantize with llama.cpp;
 3. prove llama.cpp tokenizes medical text exactly like the HF tokenizer;
@@ -25,6 +26,7 @@ from edgemed.formats.conversion_report import ConversionReport, report_path as _
 from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.budget import peaks as budget
 from edgemed.converters.source.checkpoint import Checkpoint
+from edgemed.converters.source.source import Source
 from edgemed.converters.route import RouteOptions, Timings
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
 from edgemed.converters.gguf.writer import plan_tensors, write_float_gguf
@@ -102,12 +104,9 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)
     spec = arch_spec(ckpt.architecture)
     plan_tensors(ckpt, spec, "f32")  # names and shapes against config.json, before any work
-    adapter = None
-    if opts.lora is not None:
-        from edgemed.converters.source.lora import LoraAdapter
-
-        adapter = LoraAdapter.open(opts.lora, ckpt)
-        adapter.warn_base(echo)
+    src = Source.with_adapter(ckpt, opts.lora, allow_pickle=opts.allow_pickle)  # the one opening of the adapter
+    adapter = src.adapter
+    src.warn_base(echo)
     from edgemed.converters.gguf.tokenizer import plan_vocab, verify_tokenization
 
     if opts.imatrix_from is not None:  # fail on a bad calibration file before writing anything
@@ -115,7 +114,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
 
         read_calibration_text(opts.imatrix_from)
     vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
-    budget.check_gguf(ckpt, opts, adapter)  # a conversion that cannot fit in memory is refused here, before any work
+    budget.check_gguf(src, opts)  # a conversion that cannot fit in memory is refused here, before any work
     source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
     metadata = {
         "edgemed.converter_version": __version__,
@@ -144,7 +143,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
                     from edgemed.converters.gguf.imatrix import compute_imatrix
 
                     with timings.step("imatrix"):
-                        made.append(compute_imatrix(ckpt, spec, opts.imatrix_from, lora=opts.lora, echo=echo))
+                        made.append(compute_imatrix(src, spec, opts.imatrix_from, echo=echo))
                 return made[0].values
 
             calibrated = weights if opts.imatrix_from is not None else None
@@ -168,7 +167,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
             from edgemed.converters.quality.parity import check_gguf, gated
 
             with timings.step("parity"):
-                report = check_gguf(ckpt, tmp, opts.out_type, lora=opts.lora, threads=opts.threads)
+                report = check_gguf(src, tmp, opts.out_type, threads=opts.threads)
             parity = gated(report, f"The {opts.out_type.upper()} GGUF", echo)
         size = tmp.stat().st_size
         digest = file_sha256(tmp)  # the report names its output's bytes: `edgemed pack` checks the pair by it

@@ -154,9 +154,29 @@ def test_merged_model_logits_differ_from_base(models, tmp_path):
     base, merged = tmp_path / "base.gguf", tmp_path / "merged.gguf"
     convert(models["llama"], base, ConvertOptions(out_type="f32", parity=False), echo=lambda s: None)
     convert(models["llama"], merged, ConvertOptions(out_type="f32", parity=False, lora=models["lora"]), echo=lambda s: None)
-    ids, _ = source_logits(models["llama"], None, PROMPTS[:2])
+    ids, _ = source_logits(models["llama"], PROMPTS[:2])
     a, b = gguf_logits(base, ids), gguf_logits(merged, ids)
     assert metrics(np.concatenate(a), np.concatenate(b))["nmse"] > 1e-3
+
+
+def test_a_lora_conversion_opens_the_adapter_once(models, tmp_path, monkeypatch):
+    """A 4-bit LoRA conversion reads the adapter for the writer, the importance matrix, the layered reference and
+    parity: all from the one ``Source`` the conversion opened, none by opening the adapter again."""
+    from edgemed.converters.gguf.calibration import default_imatrix
+    from edgemed.converters.source.lora import LoraAdapter
+
+    opened = []
+    real = LoraAdapter.open.__func__
+
+    def counted(cls, path, base):
+        opened.append(Path(path))
+        return real(cls, path, base)
+
+    monkeypatch.setattr(LoraAdapter, "open", classmethod(counted))
+    report = convert(models["llama"], tmp_path / "x.gguf", ConvertOptions(out_type="q4_k_m", lora=models["lora"],
+                     imatrix_from=default_imatrix("q4_k_m")), echo=lambda s: None)
+    assert report.parity["passed"] is True and report.imatrix is not None and report.lora["merged_tensors"] == 2 * 7
+    assert opened == [models["lora"]]
 
 
 def test_adapter_for_another_base_is_refused(models, tmp_path):

@@ -100,6 +100,13 @@ def assert_same_logits(want, got, exact: bool = False) -> None:
     assert (a.argmax(1) == b.argmax(1))[clear].all()
 
 
+def _src(model: Path, lora: Path | None):
+    """The opened ``Source`` a command hands down: the checkpoint and, when given, the adapter."""
+    from edgemed.converters.source.source import Source
+
+    return Source.open(model, lora=lora)
+
+
 # -- tiny checkpoints -----------------------------------------------------------------------
 def _resave(src: Path, out: Path, *, dtype=None, shard: str | None = None) -> Path:
     """``src`` re-saved as ``dtype`` and/or in shards of ``shard`` (tokenizer files copied)."""
@@ -138,7 +145,7 @@ def test_layered_logits_equal_whole_model(tinies, arch, tie, layout, with_lora):
     if layout == "sharded":
         assert (model / "model.safetensors.index.json").exists() and len(list(model.glob("*.safetensors"))) > 1
     lora = tinies[arch, tie, "lora"] if with_lora else None
-    assert_same_logits(whole_logits(model, lora), reference_logits(model, lora), exact=not with_lora)
+    assert_same_logits(whole_logits(model, lora), reference_logits(_src(model, lora)), exact=not with_lora)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -148,7 +155,7 @@ def test_half_precision_sources_are_widened_like_transformers(tinies, tmp_path, 
     from edgemed.converters.quality.layered import reference_logits
 
     model = _resave(tinies["qwen2", False, "single"], tmp_path / dtype, dtype=getattr(torch, dtype), shard="60KB")
-    assert_same_logits(whole_logits(model, None), reference_logits(model, None), exact=True)
+    assert_same_logits(whole_logits(model, None), reference_logits(_src(model, None)), exact=True)
 
 
 def _adapter(base: Path, out: Path, **config) -> Path:
@@ -178,7 +185,7 @@ def test_adapter_forms_match_peft(tinies, tmp_path, config):
     base = tinies["llama", False, "single"]
     lora = _adapter(base, tmp_path / "adapter", **config)
     want = whole_logits(base, lora)
-    assert_same_logits(want, reference_logits(base, lora))
+    assert_same_logits(want, reference_logits(_src(base, lora)))
     plain = np.concatenate(whole_logits(base, None)[1])
     assert np.abs(np.concatenate(want[1]) - plain).max() > 0.1  # the adapter really changes the model
 
@@ -214,6 +221,7 @@ def test_imatrix_equals_whole_model(tinies, tmp_path, arch, tie, with_lora):
     from edgemed.converters import arch_spec
     from edgemed.converters.source.checkpoint import Checkpoint
     from edgemed.converters.gguf.imatrix import compute_imatrix
+    from edgemed.converters.source.source import Source
 
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(tiny.CORPUS[:30]))  # several 256-token chunks
@@ -221,7 +229,7 @@ def test_imatrix_equals_whole_model(tinies, tmp_path, arch, tie, with_lora):
     spec = arch_spec(ckpt.architecture)
     lora = tinies[arch, tie, "lora"] if with_lora else None
     want = whole_imatrix(ckpt, spec, calib, lora)
-    got = compute_imatrix(ckpt, spec, calib, lora=lora, echo=lambda s: None).values
+    got = compute_imatrix(Source.with_adapter(ckpt, lora), spec, calib, echo=lambda s: None).values
     assert list(got) == list(want) and "output.weight" in got and "blk.1.ffn_down.weight" in got
     for name in want:
         assert got[name].dtype == np.float32
@@ -243,8 +251,8 @@ def test_gguf_parity_report_equals_whole_model_reference(tinies, tmp_path, with_
     lora = tinies["qwen2", True, "lora"] if with_lora else None
     out = tmp_path / "q.gguf"
     convert(model, out, ConvertOptions(out_type="q4_k_m", parity=False, lora=lora), echo=lambda s: None)
-    want = check_gguf(model, out, "q4_k_m", lora=lora, source=whole_logits(model, lora))
-    got = check_gguf(model, out, "q4_k_m", lora=lora, source=reference_logits(model, lora))
+    want = check_gguf(_src(model, lora), out, "q4_k_m", reference=whole_logits(model, lora))
+    got = check_gguf(_src(model, lora), out, "q4_k_m", reference=reference_logits(_src(model, lora)))
     assert got.passed == want.passed and got.n_positions == want.n_positions and got.top1 == want.top1
     for key in ("nmse", "kld", "max_abs_diff"):
         assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-4 if with_lora else 1e-12), key
@@ -277,7 +285,7 @@ def test_estimate_counts_one_layer_hidden_states_and_logits():
 def test_smollm2_layered_equals_whole_model(smollm2_hf):
     from edgemed.converters.quality.layered import reference_logits
 
-    assert_same_logits(whole_logits(smollm2_hf, None), reference_logits(smollm2_hf, None))
+    assert_same_logits(whole_logits(smollm2_hf, None), reference_logits(_src(smollm2_hf, None)))
 
 
 QWEN = "qwen2.5-0.5b-instruct"
@@ -302,7 +310,7 @@ QWEN_DIR = _qwen_checkpoint()
 def test_qwen_layered_equals_whole_model():
     from edgemed.converters.quality.layered import reference_logits
 
-    assert_same_logits(whole_logits(QWEN_DIR, None), reference_logits(QWEN_DIR, None))
+    assert_same_logits(whole_logits(QWEN_DIR, None), reference_logits(_src(QWEN_DIR, None)))
 
 
 def test_adapter_parts_the_merge_cannot_apply_are_refused(tinies, tmp_path):
@@ -314,4 +322,4 @@ def test_adapter_parts_the_merge_cannot_apply_are_refused(tinies, tmp_path):
     base = tinies["llama", False, "single"]
     lora = _adapter(base, tmp_path / "emb", target_modules=["embed_tokens", "q_proj"])
     with pytest.raises(AdapterError, match="lora_embedding_A"):
-        reference_logits(base, lora)
+        reference_logits(_src(base, lora))

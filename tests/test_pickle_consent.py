@@ -116,14 +116,14 @@ def test_convert_onnx_passes_the_consent_on(pickled, monkeypatch, tmp_path):
 
     seen = []
 
-    def stop(ckpt, opts, adapter=None):  # the step after the open: the source was read with consent
-        seen.append((ckpt.pickle_files, opts.allow_pickle))
+    def stop(source, opts):  # the step after the open: the source was read with consent
+        seen.append((source.checkpoint.pickle_files, source.allow_pickle, opts.allow_pickle))
         raise InputError("stopped here by the test.", "none")
 
     monkeypatch.setattr(budget, "check_onnx", stop)
     r = _run("convert", pickled, "--to", "onnx", "--quant", "fp32", "--allow-pickle", "-o", tmp_path / "x-onnx")
     assert "stopped here by the test" in r.output, r.output
-    assert seen == [([pickled / "pytorch_model.bin"], True)]
+    assert seen == [([pickled / "pytorch_model.bin"], True, True)]
 
 
 def test_check_passes_with_consent(pickled, gguf):
@@ -141,7 +141,7 @@ def test_library_readers_refuse_a_bare_path(pickled, gguf):
     from edgemed.converters.source.merged_model import load_merged
     from edgemed.converters.quality.parity import check_gguf
 
-    calls = [lambda: check_gguf(pickled, gguf, "f32"), lambda: reference_logits(pickled, None),
+    calls = [lambda: check_gguf(pickled, gguf, "f32"), lambda: reference_logits(pickled),
              lambda: LayeredModel.open(pickled), lambda: load_merged(pickled),
              lambda: compute_imatrix(pickled, arch_spec("LlamaForCausalLM"), HERE / "missing.txt")]
     for call in calls:

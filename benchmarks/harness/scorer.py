@@ -33,7 +33,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Scorer:
-    """Prefix-cache bookkeeping shared by the backends; a backend provides ``_trim``, ``_eval``, ``is_eog`` and text."""
+    """Prefix-cache bookkeeping shared by the backends; a backend provides ``_trim``, ``_eval``, ``_all``, ``is_eog``
+    and text."""
 
     kind = ""
     n_ctx = 0
@@ -65,8 +66,12 @@ class Scorer:
         """Drop cached positions from ``keep`` on; returns how many stay (0 when the backend cannot trim)."""
         raise NotImplementedError
 
-    def _eval(self, tokens: list[int], n_past: int, all_rows: bool):
-        """Logits ([len(tokens), vocab] when ``all_rows``, else [1, vocab]) of ``tokens`` after ``n_past`` cached ones."""
+    def _eval(self, tokens: list[int], n_past: int):
+        """Logits [1, vocab] after the last of ``tokens``, fed after ``n_past`` cached ones (one row)."""
+        raise NotImplementedError
+
+    def _all(self, tokens: list[int]):
+        """Logits [len(tokens), vocab] at every position of ``tokens``, from an empty cache (which then holds them)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -88,15 +93,15 @@ class Scorer:
         keep = min(keep, len(tokens) - 1)
         if keep < len(self._cached):
             keep = self._trim(keep)
-        rows = self._run(tokens[keep:], keep, all_rows=False)
+        rows = self._run(self._eval, tokens[keep:], keep)
         self.counters["evaluated"] += len(tokens) - keep
         self.counters["reused"] += keep
         self._cached, self._last = tokens, rows[-1]
         return self._last.copy()
 
-    def _run(self, tokens: list[int], n_past: int, all_rows: bool):
+    def _run(self, step, *args):
         try:
-            return self._eval(tokens, n_past, all_rows)
+            return step(*args)
         except BaseException:  # the cache may hold part of the batch: forget it all (Ctrl-C included)
             self._cached, self._last = [], None
             self._trim(0)
@@ -106,8 +111,7 @@ class Scorer:
         """Float32 logits [len(tokens), vocab] at every position, evaluated from an empty cache."""
         tokens = [int(t) for t in tokens]
         self._fits(len(tokens))
-        self._trim(0)
-        rows = self._run(tokens, 0, all_rows=True)
+        rows = self._run(self._all, tokens)
         self.counters["evaluated"] += len(tokens)
         self._cached, self._last = tokens, rows[-1].copy()
         return rows
@@ -171,8 +175,13 @@ class GgufScorer(Scorer):
     def _trim(self, keep: int) -> int:
         return self.engine.ctx.keep(keep)
 
-    def _eval(self, tokens: list[int], n_past: int, all_rows: bool):
-        return self.engine.ctx.eval(tokens, n_past, all_rows=all_rows)
+    def _eval(self, tokens: list[int], n_past: int):
+        return self.engine.ctx.eval(tokens, n_past)
+
+    def _all(self, tokens: list[int]):
+        from edgemed.runtime.logits import rows
+
+        return rows(self.engine.ctx, tokens)  # the one whole-sequence logits path (runtime/logits.py)
 
     def close(self) -> None:
         engine, self.engine = getattr(self, "engine", None), None
@@ -218,12 +227,18 @@ class OnnxScorer(Scorer):
                       for name, value in self._past.items()}
         return keep
 
-    def _eval(self, tokens: list[int], n_past: int, all_rows: bool):
+    def _forward(self, tokens: list[int], n_past: int):
         import numpy as np
 
         logits, self._past = self.engine.forward(tokens, self._past, n_past)
-        rows = logits if all_rows else logits[-1:]
-        return np.asarray(rows, dtype=np.float32)
+        return np.asarray(logits, dtype=np.float32)
+
+    def _eval(self, tokens: list[int], n_past: int):
+        return self._forward(tokens, n_past)[-1:]
+
+    def _all(self, tokens: list[int]):
+        self._trim(0)
+        return self._forward(tokens, 0)
 
     def close(self) -> None:
         engine, self.engine = getattr(self, "engine", None), None

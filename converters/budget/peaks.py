@@ -298,16 +298,18 @@ def require_fits(est: Estimate, budget: Budget, alternatives: tuple[tuple[str, E
         f"{fix} (or set --memory-budget / ${env.MEMORY_BUDGET_VAR} if more memory will be free)")
 
 
-def _sizes(ckpt, adapter) -> dict:
+def _sizes(source) -> dict:
+    ckpt, adapter = source.checkpoint, source.adapter
     lora = sum(f.stat().st_size for f in Path(adapter.path).glob("*.safetensors")) if adapter is not None else 0
     return {"source_dtype": ckpt.source_dtype(), "source_bytes": sum(f.stat().st_size for f in ckpt.weight_files()),
             "lora_bytes": lora}
 
 
-def check_gguf(ckpt, opts, adapter=None) -> Estimate:
-    """The ``--to gguf`` hook: refuse before anything is written when the conversion cannot fit."""
-    kw = dict(out_type=opts.out_type, parity=opts.parity, imatrix=opts.imatrix_from is not None, **_sizes(ckpt, adapter))
-    dims = Dims.from_config(ckpt.config, ckpt.tensors)
+def check_gguf(source, opts) -> Estimate:
+    """The ``--to gguf`` hook: refuse before anything is written when the conversion of ``source`` (the command's
+    opened ``Source``) cannot fit."""
+    kw = dict(out_type=opts.out_type, parity=opts.parity, imatrix=opts.imatrix_from is not None, **_sizes(source))
+    dims = Dims.from_config(source.checkpoint.config, source.checkpoint.tensors)
     est = estimate_gguf(dims, **kw)
     alts = [(f"--quant {t}", estimate_gguf(dims, **kw | {"out_type": t})) for t in GGUF_BPW if t not in (opts.out_type, "auto")]
     if kw["parity"]:
@@ -318,10 +320,11 @@ def check_gguf(ckpt, opts, adapter=None) -> Estimate:
     return est
 
 
-def check_onnx(ckpt, opts, adapter=None) -> Estimate:
-    """The ``--to onnx`` hook: refuse before anything is written when the conversion cannot fit."""
-    kw = dict(out_type=opts.weight_type, graph=opts.graph, parity=opts.parity, **_sizes(ckpt, adapter))
-    dims = Dims.from_config(ckpt.config, ckpt.tensors)
+def check_onnx(source, opts) -> Estimate:
+    """The ``--to onnx`` hook: refuse before anything is written when the conversion of ``source`` (the command's
+    opened ``Source``) cannot fit."""
+    kw = dict(out_type=opts.weight_type, graph=opts.graph, parity=opts.parity, **_sizes(source))
+    dims = Dims.from_config(source.checkpoint.config, source.checkpoint.tensors)
     est = estimate_onnx(dims, **kw)
     gguf_kw = {k: v for k, v in kw.items() if k not in ("graph", "out_type")}
     alts = [("--no-parity", estimate_onnx(dims, **kw | {"parity": False}))] if kw["parity"] else []

@@ -183,24 +183,10 @@ class Reference:
             np.save(self.files[-1], logits)
 
     def _logits(self, path: Path):
-        """Every row's logits of each passage (one passage at a time, from an empty cache)."""
-        from edgemed.runtime import llamacpp
-        from edgemed.runtime.engine import LoadSettings
-        from edgemed.runtime.loader import load_model
+        """Every row's logits of each passage (one passage at a time, from an empty cache: ``runtime.logits``)."""
+        from edgemed.runtime.logits import gguf_logits
 
-        n_ctx = max(len(t) for t in self.tokens) + 8
-        load = LoadSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=self.threads, n_threads_batch=self.threads)
-        model = load_model(path, load)
-        try:
-            ctx = llamacpp.Context(model, model.load, n_ctx=n_ctx, n_batch=n_ctx)
-            try:
-                for tokens in self.tokens:
-                    ctx.clear()
-                    yield ctx.eval(tokens, all_rows=True)
-            finally:
-                ctx.close()
-        finally:
-            model.close()
+        return gguf_logits(path, self.tokens, threads=self.threads)
 
     def measure(self, path: Path) -> dict:
         """``edgemed.converters.quality.fidelity.summarize`` of KL(reference || ``path``) over the passages, + ``kld_se``."""

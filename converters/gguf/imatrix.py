@@ -46,27 +46,24 @@ def read_calibration_text(path: Path) -> list[str]:
     return calibration.read(path, TEXT_BYTES).texts
 
 
-def compute_imatrix(ckpt, spec, text_path: Path, *, lora: Path | None = None, echo=print) -> Imatrix:
+def compute_imatrix(source, spec, text_path: Path, *, echo=print) -> Imatrix:
     """Mean x² per input column of every quantized linear layer over the calibration text, by GGUF name.
 
     The model runs one decoder layer at a time (``layered.LayeredModel``), with the adapter merged into each
-    layer's weights; the output head's input is the final-normed hidden state, so its statistics need no logits."""
+    layer's weights; the output head's input is the final-normed hidden state, so its statistics need no logits.
+    ``source``: the command's opened ``Source`` (checkpoint, adapter, consent), or ``source.as_source``'s stand-ins."""
     import numpy as np
     import torch
     from transformers import AutoTokenizer
 
-    from edgemed.converters.source.checkpoint import as_checkpoint
     from edgemed.converters.quality.layered import HEAD, LayeredModel
+    from edgemed.converters.source.source import as_source
 
-    ckpt = as_checkpoint(ckpt)  # the command's opened source (its pickle consent), or a path opened without consent
+    src = as_source(source)  # the command's opened source, or a path opened without consent
+    ckpt = src.checkpoint
     text = calibration.read(text_path, TEXT_BYTES)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
-    adapter = None
-    if lora is not None:
-        from edgemed.converters.source.lora import LoraAdapter
-
-        adapter = LoraAdapter.open(lora, ckpt)
-    model = LayeredModel(ckpt, adapter)
+    model = LayeredModel.open(src)
     name_map = spec.name_map(int(ckpt.hparam("num_hidden_layers")))
     sums: dict[str, "torch.Tensor"] = {}
     counts: dict[str, int] = {}

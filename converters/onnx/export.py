@@ -1,7 +1,8 @@
 """``convert --to onnx``: Hugging Face checkpoint (+ LoRA) -> ONNX directory with a KV cache, checked, atomic.
 
 Steps, each refusing bad input before anything is written:
-1. open the checkpoint, refuse an unsupported architecture by name, open and plan the adapter;
+1. open the source once (``Source``: the checkpoint with the user's pickle consent, an unsupported architecture
+   refused by name, the adapter opened and planned against it); every later step reads that ``Source``;
 2. write a float32 graph with past/present key-values by the chosen graph kind's fp32 step (``onnx_graphs``:
    ``torch`` merges the adapter with the spine's ``LoraAdapter.apply`` and traces it, ``onnx_trace``;
    ``genai`` has onnxruntime-genai's model builder write it from the merged weights, ``onnx_builder``);
@@ -29,6 +30,7 @@ from edgemed.formats.conversion_report import ConversionReport, report_path
 from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.budget import peaks as budget
 from edgemed.converters.source.checkpoint import Checkpoint
+from edgemed.converters.source.source import Source
 from edgemed.converters.route import RouteOptions, Timings
 from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
 from edgemed.errors import InputError, require
@@ -75,13 +77,10 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
     from edgemed.converters.onnx.assets import check_assets
 
     check_assets(ckpt.path, ckpt.config)  # tokenizer.json and generation config, before minutes of export
-    adapter = None
-    if opts.lora is not None:
-        from edgemed.converters.source.lora import LoraAdapter
-
-        adapter = LoraAdapter.open(opts.lora, ckpt)
-        adapter.warn_base(echo)
-    budget.check_onnx(ckpt, opts, adapter)  # a conversion that cannot fit in memory is refused here, before any work
+    src = Source.with_adapter(ckpt, opts.lora, allow_pickle=opts.allow_pickle)  # the one opening of the adapter
+    adapter = src.adapter
+    src.warn_base(echo)
+    budget.check_onnx(src, opts)  # a conversion that cannot fit in memory is refused here, before any work
     source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(adapter)
     quant_info = None if opts.weight_type == "fp32" else {
         "method": "onnxruntime MatMulNBitsQuantizer", "bits": 4, "block_size": opts.block_size,
@@ -103,8 +102,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
             from edgemed.converters.quality.parity import gated, source_logits
 
             with timings.step("parity_fp32"):
-                source_cache = source_logits(ckpt, opts.lora)
-                report = check_onnx(ckpt, fp32_path, "fp32", threads=opts.threads, source=source_cache)
+                source_cache = source_logits(src)
+                report = check_onnx(src, fp32_path, "fp32", threads=opts.threads, reference=source_cache)
             parity["fp32"] = gated(report, "The float32 ONNX export", echo)
 
         if opts.weight_type == "int4":
@@ -114,7 +113,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
                 kind.step("int4")(job, fp32_path, tmp, opts.recipe())
             if opts.parity:
                 with timings.step("parity_int4"):
-                    report = check_onnx(ckpt, tmp / MODEL_FILE, "int4", threads=opts.threads, source=source_cache)
+                    report = check_onnx(src, tmp / MODEL_FILE, "int4", threads=opts.threads, reference=source_cache)
                 # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
                 parity["int4"] = gated(report, "The int4 ONNX model", echo)
         else:

@@ -53,9 +53,9 @@ def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | N
     return out
 
 
-def check_onnx(model_dir, onnx_path: Path, weight_type: str, *, lora: Path | None = None,
-               threads: int | None = None, source: tuple | None = None) -> ParityReport:
-    """Parity of ``onnx_path`` against the HF source ``model_dir`` (an opened ``Checkpoint``, or a directory opened
-    without pickle consent; + PEFT adapter, unmerged). ``source`` reuses (ids, logits)."""
-    ids, src = source or source_logits(model_dir, lora)
+def check_onnx(source, onnx_path: Path, weight_type: str, *, threads: int | None = None,
+               reference: tuple | None = None) -> ParityReport:
+    """Parity of ``onnx_path`` against its HF ``source`` (the command's opened ``Source``: checkpoint + PEFT adapter,
+    unmerged; as ``parity.source_logits`` takes it). ``reference`` reuses (ids, logits)."""
+    ids, src = reference or source_logits(source)
     return compare("onnx", GATE_TYPE.get(weight_type, weight_type), ids, src, onnx_logits(onnx_path, ids, threads))

@@ -21,7 +21,8 @@ import bisect
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edgemed.converters.source.checkpoint import Checkpoint, TensorRef, as_checkpoint
+from edgemed.converters.source.checkpoint import Checkpoint, TensorRef
+from edgemed.converters.source.source import Source, as_source
 from edgemed.errors import CheckpointError
 
 BLOCK_BYTES = 64 * 2**20  # one float32 row block of the embedding table or the LM head
@@ -59,16 +60,11 @@ class LayeredModel:
             self._ref(name)
 
     @classmethod
-    def open(cls, source: "Checkpoint | Path", lora: Path | None = None, **kw) -> "LayeredModel":
-        """``source``: the command's opened ``Checkpoint`` (its pickle consent given or refused there), or a
-        directory, opened here without consent (pickle-only weights are refused, as ``convert`` refuses them)."""
-        ckpt = as_checkpoint(source)
-        adapter = None
-        if lora is not None:
-            from edgemed.converters.source.lora import LoraAdapter
-
-            adapter = LoraAdapter.open(lora, ckpt)
-        return cls(ckpt, adapter, **kw)
+    def open(cls, source: "Source | Checkpoint | Path", **kw) -> "LayeredModel":
+        """``source``: the command's opened ``Source`` (its checkpoint, adapter and pickle consent), or
+        ``source.as_source``'s stand-ins (a directory is opened without consent, so pickle-only weights are refused)."""
+        src = as_source(source)
+        return cls(src.checkpoint, src.adapter, **kw)
 
     # -- reading --------------------------------------------------------------------------
     def _ref(self, name: str) -> TensorRef:
@@ -210,20 +206,19 @@ class LayeredModel:
         return [o.numpy() for o in out]
 
 
-def reference_logits(source: "Checkpoint | Path", lora: Path | None, prompts=None) -> tuple[list[list[int]], list]:
-    """Token ids and float32 logits ``[n, vocab]`` per prompt of the HF source (+ LoRA), one layer at a time.
-
-    ``source``: an opened ``Checkpoint``, or a directory (opened without pickle consent).
+def reference_logits(source: "Source | Checkpoint | Path", prompts=None) -> tuple[list[list[int]], list]:
+    """Token ids and float32 logits ``[n, vocab]`` per prompt of the HF source (+ its LoRA adapter), one layer at a
+    time. ``source``: the command's opened ``Source`` (or ``as_source``'s stand-ins: no adapter, no consent).
     The contract of ``parity.source_logits``: same tokenization, same float32 math to rounding."""
     import torch
     from transformers import AutoTokenizer
 
     from edgemed.converters.quality.parity import PROMPTS
 
-    ckpt = as_checkpoint(source)  # before the tokenizer: a refused checkpoint is refused first
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    src = as_source(source)  # before the tokenizer: a refused checkpoint is refused first
+    tok = AutoTokenizer.from_pretrained(src.path)
     ids = [tok(text, add_special_tokens=True)["input_ids"] for text in (PROMPTS if prompts is None else prompts)]
-    model = LayeredModel.open(ckpt, lora)
+    model = LayeredModel.open(src)
     with torch.inference_mode():
         return ids, model.logits(model.hidden(ids))
 

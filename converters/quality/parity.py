@@ -94,41 +94,23 @@ def _nmse(a, b) -> float:
     return float(((b - a) ** 2).sum() / max((a ** 2).sum(), 1e-30))
 
 
-def source_logits(source, lora: Path | None, prompts=PROMPTS) -> tuple[list[list[int]], list]:
-    """Token ids and float32 logits of the Hugging Face source (+ LoRA adapter) per prompt: PEFT's unmerged
+def source_logits(source, prompts=PROMPTS) -> tuple[list[list[int]], list]:
+    """Token ids and float32 logits of the Hugging Face source (+ its LoRA adapter) per prompt: PEFT's unmerged
     model's to float32 rounding, computed one decoder layer at a time (``layered.py``).
 
-    ``source``: the command's opened ``Checkpoint`` (with its pickle consent), or a directory, opened without it."""
+    ``source``: the command's opened ``Source`` (checkpoint, adapter, pickle consent); a ``Checkpoint`` or a
+    directory stands for one without adapter (a directory opened without consent)."""
     from edgemed.converters.quality.layered import reference_logits
 
-    return reference_logits(source, lora, prompts)
+    return reference_logits(source, prompts)
 
 
 def gguf_logits(gguf_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
-    """llama.cpp's logits at every position of each token list (one context, cleared between lists)."""
-    from edgemed.runtime import llamacpp
-    from edgemed.runtime.engine import LoadSettings
-    from edgemed.runtime.loader import load_model
+    """llama.cpp's logits at every position of each token list (``edgemed.runtime.logits``, its default placement:
+    the weights read in place, no repacked copy beside the mapping)."""
+    from edgemed.runtime.logits import gguf_logits as logits_of
 
-    n_ctx = max(len(t) for t in token_lists) + 8
-    # extra_buffers "none": the file's weights are read in place (memory-mapped). The CPU repack would make an
-    # anonymous copy of every Q4_0/Q4_K tensor beside the mapping (3.0 GiB for a 7B Q4_K_M) for a few prompts'
-    # worth of speed; both paths compute the same quantized weights.
-    load = LoadSettings(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                        extra_buffers="none")
-    model = load_model(gguf_path, load)
-    out = []
-    try:
-        ctx = llamacpp.Context(model, model.load, n_ctx=n_ctx, n_batch=n_ctx)
-        try:
-            for tokens in token_lists:
-                ctx.clear()
-                out.append(ctx.eval(tokens, all_rows=True))
-        finally:
-            ctx.close()
-    finally:
-        model.close()
-    return out
+    return list(logits_of(gguf_path, token_lists, threads=threads))
 
 
 def compare(backend: str, out_type: str, token_lists, src: list, converted: list) -> ParityReport:
@@ -205,11 +187,11 @@ def gated(report: ParityReport, what: str, echo) -> dict:
     return report.to_dict()
 
 
-def check_gguf(model_dir, gguf_path: Path, out_type: str, *, lora: Path | None = None, threads: int | None = None,
-               source: tuple | None = None) -> ParityReport:
-    """Parity of ``gguf_path`` against the HF source ``model_dir`` (an opened ``Checkpoint``, or a directory opened
-    without pickle consent). ``source`` reuses (ids, logits) already computed."""
-    ids, src = source or source_logits(model_dir, lora)
+def check_gguf(source, gguf_path: Path, out_type: str, *, threads: int | None = None,
+               reference: tuple | None = None) -> ParityReport:
+    """Parity of ``gguf_path`` against its HF ``source`` (the command's opened ``Source``, as ``source_logits``
+    takes it). ``reference`` reuses (ids, logits) already computed."""
+    ids, src = reference or source_logits(source)
     return compare("gguf", out_type, ids, src, gguf_logits(gguf_path, ids, threads))
 
 

@@ -142,12 +142,12 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     from edgemed.converters import require_route
 
     require_route("check")
-    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.source.source import Source
     from edgemed.converters.quality.parity import check_gguf, gate_error
 
-    ckpt = Checkpoint.open(source, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
+    opened = Source.open(source, lora=lora, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
     out_type = _file_type(model)
-    report = check_gguf(ckpt, model, out_type, lora=lora, threads=threads)
+    report = check_gguf(opened, model, out_type, threads=threads)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
     if report.passed is False:
         raise gate_error(report, f"'{model.name}'", "do not ship it")
