@@ -140,9 +140,12 @@ def server(gguf: Path, threads: int) -> dict:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"edgemed serve did not start (exit {proc.poll()})")
                 time.sleep(0.2)
-            answers = {name: _send(client, base + path, body) for name, path, body in _requests()}
+            model = client.get(base + "/v1/models").json()["data"][0]["id"]
+            requests = [(name, path, dict(body, model=model) if body.get("messages") or body.get("prompt") else body)
+                        for name, path, body in _requests()]
+            answers = {name: _send(client, base + path, body) for name, path, body in requests}
             # two at once: the batcher decodes them together; each must still be what it is alone
-            pair = [r for r in _requests() if r[0] in ("chat-greedy", "completion-greedy")]
+            pair = [r for r in requests if r[0] in ("chat-greedy", "completion-greedy")]
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 done = list(pool.map(lambda r: _send(client, base + r[1], r[2]), pair))
             for (name, _, _), answer in zip(pair, done):
@@ -175,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", type=Path, help="GGUF the server answers with")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="where to write the figures (JSON)")
+    ap.add_argument("--parts", default="converter,server", help="which parts to run (comma-separated); a part "
+                    "left out keeps its figures from an existing --out file")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
     args = ap.parse_args(argv)
     if args.compare:
@@ -187,10 +192,15 @@ def main(argv=None) -> int:
         return 1 if diffs else 0
     if not (args.source and args.gguf and args.out):
         ap.error("--source, --gguf and --out are needed (or --compare BEFORE AFTER)")
+    parts = set(args.parts.split(","))
+    result = json.loads(args.out.read_text()) if args.out.exists() and parts != {"converter", "server"} else {}
+    result.update({"source": str(args.source), "gguf": str(args.gguf), "threads": args.threads})
     work = Path(tempfile.mkdtemp(prefix="edgemed-equivalence-"))
     try:
-        result = {"source": str(args.source), "gguf": str(args.gguf), "threads": args.threads,
-                  "converter": converter(args.source, work, args.threads), "server": server(args.gguf, args.threads)}
+        if "converter" in parts:
+            result["converter"] = converter(args.source, work, args.threads)
+        if "server" in parts:
+            result["server"] = server(args.gguf, args.threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
