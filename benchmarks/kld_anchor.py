@@ -11,7 +11,7 @@ does, and how it was checked against ``edgemed.converters.quality.fidelity``'s r
 
 **Our side**, in the same run: the same text tokenized through the runtime's llama.cpp layer with the same rule,
 the same windows (checked token for token against the ones llama-perplexity stored in its base file), every
-row's logits from edgemed's runtime for REF and each quant (full vocabulary, one window at a time: the
+row's logits from edgemed's runtime (``runtime.logits``, the one whole-sequence path) for REF and each quant (full vocabulary, one window at a time: the
 reference's logits wait in a scratch file, n x vocab x 4 B a window), KL per row by ``edgemed.converters.quality.fidelity.kl_rows``,
 then ``fidelity.summarize`` over the windows: its ``llamacpp`` figure (to agree within ``AGREE``) and, for
 contrast, its headline (every row but each window's first) on the same windows; and the same rows with

@@ -1,1 +1,1 @@
-"""What a conversion reads: the checkpoint (with the user's pickle consent), its safetensors headers, a LoRA adapter, the merged model, and the real models pip packages carry."""
+"""What a conversion reads: the checkpoint (with the user's pickle consent), its safetensors headers, a LoRA adapter, the ``Source`` that holds the three (opened once by a command and handed down), the merged model, and the real models pip packages carry."""

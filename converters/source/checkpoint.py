@@ -5,11 +5,12 @@ converter's peak memory is about one tensor, not one model. Pickle checkpoints
 (``pytorch_model*.bin``) can run code when loaded: they are refused unless the
 user opts in, and then read with ``torch.load(weights_only=True)``.
 
-An opened ``Checkpoint`` is *the* source of a command: it is opened once, with the user's
-consent flags (``--allow-pickle``), and handed down to everything that reads the weights
-(the GGUF and ONNX writers, the parity reference, the importance matrix, the torch
-baseline). ``as_checkpoint`` opens a bare path without consent, so a reader given a path
-refuses pickle weights with the same paragraph as ``convert`` (``pickle_refused``).
+An opened ``Checkpoint`` is opened once by a command, with the user's consent flags
+(``--allow-pickle``), and handed down (inside a ``source.Source``, with the adapter) to
+everything that reads the weights (the GGUF and ONNX writers, the parity reference, the
+importance matrix, the budget, the torch baseline). ``as_checkpoint`` opens a bare path
+without consent, so a reader given a path refuses pickle weights with the same paragraph as
+``convert`` (``pickle_refused``).
 """
 
 from __future__ import annotations
