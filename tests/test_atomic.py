@@ -1,5 +1,5 @@
 """Outputs never delete what edgemed did not make; debris carries its owner and the next run sweeps it;
-pack survives a kill at every filesystem step (issue 12 items 1 and 5, issue 11 item 4)."""
+pack survives a kill at every filesystem step."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def src(tmp_path):
     return bundle_kit.inputs(tmp_path / "src")
 
 
-# -- item 1: a directory given as the output ------------------------------------------------------
+# -- a directory given as the output --------------------------------------------------------------
 @pytest.mark.parametrize("out", [".", "..", "sub", "sub/.."])
 def test_pack_onto_cwd_or_a_directory_is_refused_and_the_victim_intact(src, tmp_path, out):
     victim = _victim(tmp_path)
@@ -138,7 +138,7 @@ def test_no_rmtree_of_a_callers_path_remains():
         debris.discard(root / "tests")
 
 
-# -- item 5: owner-tagged debris -------------------------------------------------------------------
+# -- owner-tagged debris --------------------------------------------------------------------------
 def _hold_debris(folder: Path) -> subprocess.Popen:
     """A live process that owns a piece of debris in ``folder`` (it waits on stdin)."""
     code = ("import sys; from pathlib import Path; from edgemed.files import debris\n"

@@ -1,4 +1,4 @@
-"""Issue 12, items 6 and 8 (the readers outside the converters): each hostile input from the issue is refused
+"""The readers outside the converters: each hostile input is refused
 with a one-paragraph error that names the fix, before anything is allocated or loaded; none is a traceback."""
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def write(tmp_path: Path, data: bytes, name: str = "m.gguf") -> Path:
     return p
 
 
-# -- item 6: the GGUF header reader and the planner ----------------------------------------------
-def test_item6_corrupt_string_length_in_array_is_input_error_not_overflow(tmp_path):
+# -- the GGUF header reader and the planner -------------------------------------------------------
+def test_corrupt_string_length_in_array_is_input_error_not_overflow(tmp_path):
     # an array of 3 strings whose first length is 2**63: the old reader skipped past 2**63 and raised OverflowError
     tokens = kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 3) + s(b"a", 2**63) + s("b") + s("c"))
     path = write(tmp_path, gguf_bytes(LLAMA + [tokens, u32("x.after", 1)]))
@@ -68,7 +68,7 @@ def test_item6_corrupt_string_length_in_array_is_input_error_not_overflow(tmp_pa
 
 
 @pytest.mark.parametrize("mutation", ["string", "count", "kv-count", "tensor-count", "dims", "nested"])
-def test_item6_every_length_is_bounded_by_the_file(tmp_path, mutation):
+def test_every_length_is_bounded_by_the_file(tmp_path, mutation):
     from edgemed.formats.gguf_header import read_header
 
     base = LLAMA + [kv("k", 8, s("v"))]
@@ -85,7 +85,7 @@ def test_item6_every_length_is_bounded_by_the_file(tmp_path, mutation):
         read_header(write(tmp_path, data))
 
 
-def test_item6_plan_refuses_a_truncated_gguf(tmp_path):
+def test_plan_refuses_a_truncated_gguf(tmp_path):
     good = kit.tiny_gguf(tmp_path / "good.gguf").read_bytes()
     cut = write(tmp_path, good[:-10], "cut.gguf")
     out = run_cli("plan", cut, "--profile", "generic", "--budget-mb", "1000")
@@ -94,13 +94,13 @@ def test_item6_plan_refuses_a_truncated_gguf(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("llama.attention.head_count", 0), ("llama.block_count", 2**32 - 1)])
-def test_item6_hyperparameters_out_of_range_are_refused(tmp_path, key, value):
+def test_hyperparameters_out_of_range_are_refused(tmp_path, key, value):
     meta = [b for b in LLAMA if key.encode() not in b] + [u32(key, value)]
     out = run_cli("plan", write(tmp_path, gguf_bytes(meta)), "--profile", "generic", "--budget-mb", "1000")
     assert key in out and "expects an integer" in out
 
 
-def test_item6_float_hyperparameter_is_refused(tmp_path):
+def test_float_hyperparameter_is_refused(tmp_path):
     meta = [b for b in LLAMA if b"embedding_length" not in b] + [kv("llama.embedding_length", 12, struct.pack("<d", float("inf")))]
     assert "llama.embedding_length" in run_cli("plan", write(tmp_path, gguf_bytes(meta)), "--profile", "generic")
 
@@ -120,14 +120,14 @@ def profiles_dir(tmp_path, monkeypatch):
     return d
 
 
-def test_item6_n_batch_2_pow_32_is_refused(tmp_path, profiles_dir):
+def test_n_batch_2_pow_32_is_refused(tmp_path, profiles_dir):
     (profiles_dir / "custom.toml").write_text(profile_text(n_batch=2**32))
     model = kit.tiny_gguf(tmp_path / "tiny.gguf")
     out = run_cli("plan", model, "--profile", "custom")
     assert "llama.n_batch" in out and "65536" in out and "custom.toml" in out
 
 
-def test_item6_plan_never_prescribes_a_batch_larger_than_the_context(tmp_path, profiles_dir):
+def test_plan_never_prescribes_a_batch_larger_than_the_context(tmp_path, profiles_dir):
     from edgemed.devices import get_profile
     from edgemed.runtime.plan import make_plan
 
@@ -137,23 +137,23 @@ def test_item6_plan_never_prescribes_a_batch_larger_than_the_context(tmp_path, p
 
 
 @pytest.mark.parametrize("threads", ["0", "-3", "100000"])
-def test_item6_threads_out_of_range_are_refused_before_anything(tmp_path, threads):
+def test_threads_out_of_range_are_refused_before_anything(tmp_path, threads):
     out = run_cli("serve", tmp_path / "absent.gguf", "--threads", threads)
     assert "--threads must be an integer from 1 to 1024" in out
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-5", "0"])
-def test_item6_budget_must_be_a_finite_positive_size(tmp_path, value):
+def test_budget_must_be_a_finite_positive_size(tmp_path, value):
     out = run_cli("plan", kit.tiny_gguf(tmp_path / "tiny.gguf"), "--profile", "generic", "--budget-mb", value)
     assert "--budget-mb must be a number above 0" in out
 
 
-def test_item6_ctx_is_bounded(tmp_path):
+def test_ctx_is_bounded(tmp_path):
     assert "--ctx must be an integer from 1 to" in run_cli("plan", kit.tiny_gguf(tmp_path / "t.gguf"), "--profile", "generic",
                                                             "--ctx", str(10**30))
 
 
-# -- item 8: bundle manifests, the tar head, inspect ---------------------------------------------
+# -- bundle manifests, the tar head, inspect ------------------------------------------------------
 @pytest.fixture
 def bundle_dir(tmp_path):
     from edgemed.packaging.bundle import PackInputs, pack
@@ -168,7 +168,7 @@ def bundle_dir(tmp_path):
     ("memory", {"profiles": {"x": {"n_ctx": "big"}}}), ("provenance", {"built_with": "llama"}), ("model.params", "many"),
     ("model.context_length", "long"), ("files.0.path", 5), ("card", "text"), ("memory", {"profiles": {"x": {"n_ctx": 1, "bytes": 2, "fits": 3}}}),
 ])
-def test_item8_mistyped_manifest_fields_are_integrity_errors(bundle_dir, field, value):
+def test_mistyped_manifest_fields_are_integrity_errors(bundle_dir, field, value):
     man = json.loads((bundle_dir / "manifest.json").read_text())
     target, *path = field.split(".")
     if path:
@@ -183,7 +183,7 @@ def test_item8_mistyped_manifest_fields_are_integrity_errors(bundle_dir, field, 
     assert "manifest" in out and "fresh copy" in out
 
 
-def test_item8_deeply_nested_manifest_is_refused_not_a_recursion_error(bundle_dir):
+def test_deeply_nested_manifest_is_refused_not_a_recursion_error(bundle_dir):
     from edgemed.packaging.manifest import Manifest
 
     deep = b'{"schema": "edgemed.bundle/1", "card": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -193,21 +193,21 @@ def test_item8_deeply_nested_manifest_is_refused_not_a_recursion_error(bundle_di
     assert "nests more than" in run_cli("inspect", bundle_dir)
 
 
-def test_item8_oversized_signature_in_a_bundle_directory_is_not_read(bundle_dir):
+def test_oversized_signature_in_a_bundle_directory_is_not_read(bundle_dir):
     from edgemed.packaging.manifest import MAX_SIGNATURE_BYTES
 
     (bundle_dir / "manifest.sig").write_bytes(b"{" + b" " * MAX_SIGNATURE_BYTES + b"}")
     assert "too large for a signature" in run_cli("inspect", bundle_dir)
 
 
-def test_item8_huge_number_in_manifest_is_refused(bundle_dir):
+def test_huge_number_in_manifest_is_refused(bundle_dir):
     from edgemed.packaging.manifest import Manifest
 
     with pytest.raises(IntegrityError, match="not valid JSON"):
         Manifest.from_bytes(b'{"schema": "edgemed.bundle/1", "files": ' + b"9" * 5000 + b"}", "x")
 
 
-def test_item8_inspect_of_a_tar_cut_inside_its_manifest(tmp_path):
+def test_inspect_of_a_tar_cut_inside_its_manifest(tmp_path):
     from edgemed.packaging.bundle import PackInputs, pack
 
     inp = kit.inputs(tmp_path / "in")
@@ -238,8 +238,8 @@ def _tar(path: Path, members: list[tuple[str, bytes | None]]) -> Path:
     return path
 
 
-def test_item8_one_head_rule_for_peek_and_read(bundle_dir, tmp_path):
-    """issue 16 item 5: peek_tar silently dropped an oversized manifest.sig that read_tar refused, and refused
+def test_one_head_rule_for_peek_and_read(bundle_dir, tmp_path):
+    """peek_tar silently dropped an oversized manifest.sig that read_tar refused, and refused
     a directory entry that read_tar skipped; now both read the head with one function."""
     from edgemed.packaging.archive import hash_sink, peek_tar, read_tar
     from edgemed.packaging.manifest import MAX_SIGNATURE_BYTES
@@ -254,9 +254,9 @@ def test_item8_one_head_rule_for_peek_and_read(bundle_dir, tmp_path):
     assert peek_tar(with_dir)[1] == read_tar(with_dir, hash_sink)[1] == manifest
 
 
-# -- item 8: device profiles ----------------------------------------------------------------------
+# -- device profiles ------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["non-utf8", "inf", "nan", "nested", "directory", "symlink-loop", "fifo", "huge-int"])
-def test_item8_bad_profiles_are_profile_errors(tmp_path, profiles_dir, case):
+def test_bad_profiles_are_profile_errors(tmp_path, profiles_dir, case):
     target = profiles_dir / "custom.toml"
     if case == "non-utf8":
         target.write_bytes(profile_text().encode() + b"\n# \xff\xfe\n")
@@ -283,7 +283,7 @@ def test_item8_bad_profiles_are_profile_errors(tmp_path, profiles_dir, case):
         assert "memory.total_gb" in out and "finite" in out
 
 
-# -- item 8: audit log, API key file, serve's start-up order ---------------------------------------
+# -- audit log, API key file, serve's start-up order ----------------------------------------------
 def _log(tmp_path: Path) -> Path:
     from edgemed.serve.audit import AuditLog
 
@@ -295,7 +295,7 @@ def _log(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("line", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000])
-def test_item8_deep_audit_line_is_malformed_not_a_crash(tmp_path, line):
+def test_deep_audit_line_is_malformed_not_a_crash(tmp_path, line):
     from edgemed.serve.audit import verify
 
     path = _log(tmp_path)
@@ -307,7 +307,7 @@ def test_item8_deep_audit_line_is_malformed_not_a_crash(tmp_path, line):
     assert r.exit_code == 1 and "malformed" in r.output and "Traceback" not in r.output
 
 
-def test_item8_audit_line_length_is_bounded(tmp_path, monkeypatch):
+def test_audit_line_length_is_bounded(tmp_path, monkeypatch):
     from edgemed.serve import audit
 
     path = _log(tmp_path)
@@ -318,7 +318,7 @@ def test_item8_audit_line_length_is_bounded(tmp_path, monkeypatch):
     assert (report.problem, report.line) == ("malformed", 3) and "longer than 1000" in report.detail
 
 
-def test_item8_api_key_file_not_utf8(tmp_path):
+def test_api_key_file_not_utf8(tmp_path):
     from edgemed.serve.security import ApiKeys
 
     keys = tmp_path / "keys.txt"
@@ -328,7 +328,7 @@ def test_item8_api_key_file_not_utf8(tmp_path):
     assert "not UTF-8" in run_cli("serve", tmp_path / "absent.gguf", "--api-key-file", keys)
 
 
-def test_item8_audit_log_under_proc_is_a_clear_error():
+def test_audit_log_under_proc_is_a_clear_error():
     from edgemed.serve.audit import AuditLog
 
     with pytest.raises(InputError, match="Cannot open the audit log '/proc/edgemed-test/a.jsonl' for writing"):
@@ -337,7 +337,7 @@ def test_item8_audit_log_under_proc_is_a_clear_error():
         AuditLog("/dev/null")
 
 
-def test_item8_serve_audit_log_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+def test_serve_audit_log_is_checked_before_the_model_loads(tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
     from edgemed.runtime.batch import batcher
 
@@ -350,7 +350,7 @@ def test_item8_serve_audit_log_is_checked_before_the_model_loads(tmp_path, monke
     assert "Cannot open the audit log" in out and "--audit-log" in out
 
 
-def test_item8_port_in_use_is_found_before_the_model_is_touched(tmp_path):
+def test_port_in_use_is_found_before_the_model_is_touched(tmp_path):
     pytest.importorskip("uvicorn")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -360,7 +360,7 @@ def test_item8_port_in_use_is_found_before_the_model_is_touched(tmp_path):
     assert f"Port {port} on 127.0.0.1 is already in use" in out and "--port" in out
 
 
-def test_item8_bind_socket_is_handed_over_listening():
+def test_bind_socket_is_handed_over_listening():
     from edgemed.serve.security import bind_socket
 
     sock = bind_socket("127.0.0.1", 0)

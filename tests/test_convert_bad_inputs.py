@@ -1,4 +1,4 @@
-"""Issue 12 item 8 (converter side): every bad input or write fault is a one-paragraph error, exit 1.
+"""Converter side: every bad input or write fault is a one-paragraph error, exit 1.
 
 Each case goes through ``edgemed convert`` with click's CliRunner and checks: exit code 1 from a
 ClickException (no traceback), a "Fix:" line, the words that name the problem, and nothing left in

@@ -1,4 +1,4 @@
-"""Issue 14 item 2: every conversion route estimates its peak memory from config.json and refuses, before it
+"""Every conversion route estimates its peak memory from config.json and refuses, before it
 starts, a conversion that cannot fit its budget (numbers + a fix; nothing written, nothing left behind)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from edgemed.errors import InputError  # noqa: E402
 
 import tiny  # noqa: E402
 
-# DeepSeek-R1-Distill-Qwen-7B's shape (issue 14), as config.json says it; no weights anywhere
+# DeepSeek-R1-Distill-Qwen-7B's shape, as config.json says it; no weights anywhere
 QWEN2_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 28, "hidden_size": 3584,
             "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
             "tie_word_embeddings": False, "rope_theta": 10000.0, "max_position_embeddings": 131072,

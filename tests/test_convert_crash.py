@@ -1,5 +1,5 @@
 """`edgemed convert` killed with SIGKILL: mid-write, and at every filesystem step; the next run
-leaves no debris and the output is always the old file or the new one (issue 11 item 4, issue 12 item 5)."""
+leaves no debris and the output is always the old file or the new one."""
 
 from __future__ import annotations
 

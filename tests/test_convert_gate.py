@@ -1,4 +1,4 @@
-"""Issue 12 item 3: a broken model is never written, whatever the output type or flags.
+"""A broken model is never written, whatever the output type or flags.
 
 - integer / bool dtypes where weights are expected are refused when the checkpoint is read;
 - NaN / infinite weights are refused while tensors stream (with --no-parity too), naming the tensor;

@@ -1,4 +1,4 @@
-"""Fuzz every reader of untrusted bytes (issue 12): each input either parses or raises an ``EdgemedError``.
+"""Fuzz every reader of untrusted bytes: each input either parses or raises an ``EdgemedError``.
 
 Seeded and bounded (``derandomize=True``, a fixed number of examples per target), so a run is the same
 run every time and the whole file takes well under a minute on one core. Targets: GGUF headers (byte and

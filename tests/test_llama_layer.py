@@ -1,4 +1,4 @@
-"""The one llama.cpp layer, host-safe extra buffers, and the self-test that survives a native crash (issue 11)."""
+"""The one llama.cpp layer, host-safe extra buffers, and the self-test that survives a native crash."""
 
 from __future__ import annotations
 

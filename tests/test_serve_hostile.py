@@ -1,4 +1,4 @@
-"""``edgemed serve`` under hostile input (issue 12, items 2 and 7): no request freezes the server, none is a 500.
+"""``edgemed serve`` under hostile input: no request freezes the server, none is a 500.
 
 A real uvicorn server on a free port serves a copy of SmolLM2 whose chat template turns hostile on cue:
 the last message's content picks a nested ``range(99999)`` loop, a 128 MiB string, a float overflow,

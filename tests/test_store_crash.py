@@ -1,5 +1,5 @@
-"""The store survives a kill at every filesystem step of install, install --force and remove
-(issue 12 item 4): afterwards `verify` passes on the old model or the new one, and the next
+"""The store survives a kill at every filesystem step of install, install --force and remove:
+afterwards `verify` passes on the old model or the new one, and the next
 store operation leaves no staging, no journal and no orphaned blob."""
 
 from __future__ import annotations

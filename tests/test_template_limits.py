@@ -1,4 +1,4 @@
-"""Untrusted templates render with limits on time, output, memory and recursion (issue 12, items 2 and 8).
+"""Untrusted templates render with limits on time, output, memory and recursion.
 
 Chat templates (``runtime/chat_template.py``) and edgemed's own prompt templates
 (``templates/sandbox.py``) both render in the limited renderer process (``templates/limits.py``);
