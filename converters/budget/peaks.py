@@ -28,7 +28,7 @@ from pathlib import Path
 
 from edgemed import env
 from edgemed.converters.gguf.calibration import IMATRIX_BY_DEFAULT
-from edgemed.converters.gguf.imatrix import TEXT_BYTES
+from edgemed.converters.gguf.calibration import TEXT_BYTES
 from edgemed.converters.budget.memory_room import Budget, detect_budget
 from edgemed.errors import InputError
 

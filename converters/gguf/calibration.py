@@ -38,6 +38,11 @@ IMATRIX_BY_DEFAULT = ("q4_0", "q4_k_m", "auto")
 #: fields it skips. 64 leaves a margin of over 10x: the importance matrix's 8,192 tokens come from at most 512 KiB,
 #: and a longer file is read only that far (the log and the report say so).
 MAX_BYTES_PER_TOKEN = 64
+#: what the importance matrix takes from a calibration text: MAX_CHUNKS chunks of CHUNK_TOKENS tokens, one at a time
+MAX_CHUNKS = 32
+CHUNK_TOKENS = 256
+#: the calibration text read: enough bytes for the tokens used, with a wide margin (``MAX_BYTES_PER_TOKEN``)
+TEXT_BYTES = MAX_CHUNKS * CHUNK_TOKENS * MAX_BYTES_PER_TOKEN
 #: the shipped texts are read whole (``passages``); each is tens of KB
 SHIPPED_MAX_BYTES = 1 << 20
 _FIX = "pass a UTF-8 JSONL file with one object per line, or a UTF-8 .txt file"
@@ -57,8 +62,6 @@ def resolve(value: str | Path) -> Path:
     A shipped name wins over a file of the same name in the working folder; pass ``./medical`` for that file."""
     if str(value) in IMATRIX_TEXTS:
         return shipped(IMATRIX_TEXTS[str(value)])
-    from edgemed.converters.gguf.imatrix import TEXT_BYTES  # light: the bound the importance matrix reads under
-
     path = Path(value)
     read(path, TEXT_BYTES)  # refused here, before any work: not a regular file, not UTF-8, empty, no text
     return path

@@ -15,11 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed.converters.gguf import calibration
-
-MAX_CHUNKS = 32
-CHUNK_TOKENS = 256
-#: the calibration text read: enough bytes for the tokens used, with a wide margin (``calibration.MAX_BYTES_PER_TOKEN``)
-TEXT_BYTES = MAX_CHUNKS * CHUNK_TOKENS * calibration.MAX_BYTES_PER_TOKEN
+from edgemed.converters.gguf.calibration import CHUNK_TOKENS, MAX_CHUNKS, TEXT_BYTES  # what one pass reads
 
 
 @dataclass

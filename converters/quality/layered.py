@@ -213,7 +213,7 @@ def reference_logits(source: "Source | Checkpoint | Path", prompts=None) -> tupl
     import torch
     from transformers import AutoTokenizer
 
-    from edgemed.converters.quality.parity import PROMPTS
+    from edgemed.converters.quality.prompts import PROMPTS
 
     src = as_source(source)  # before the tokenizer: a refused checkpoint is refused first
     tok = AutoTokenizer.from_pretrained(src.path)

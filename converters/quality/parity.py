@@ -20,13 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-PROMPTS = (
-    "A 58-year-old woman with type 2 diabetes presents with polyuria and a fasting glucose of 230 mg/dL. The next step in management is",
-    "Question: Which drug is first-line for uncomplicated hypertension in a patient with chronic kidney disease and albuminuria?\nAnswer:",
-    "The most common cause of community-acquired pneumonia in adults is Streptococcus pneumoniae, which",
-    "Warfarin interacts with many antibiotics. For example, trimethoprim-sulfamethoxazole increases the INR because",
-    "Triage note: 72 y/o male, sudden onset left-sided weakness and slurred speech 45 minutes ago. BP 182/104. Priority:",
-)
+from edgemed.converters.quality.prompts import PROMPTS
 
 # Float output type -> NMSE a faithful conversion must reach.
 NMSE_GATES: dict[str, float | None] = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
