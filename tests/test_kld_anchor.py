@@ -175,7 +175,7 @@ def test_placement_flags():
 def smollm2_f16_q4_0(smollm2_hf):
     """SmolLM2 converted to F16 and Q4_0 by `edgemed convert --no-parity` (cached)."""
     from edgemed.converters.pipeline import ConvertOptions, convert
-    from tests.conftest import TEST_CACHE
+    from conftest import TEST_CACHE
 
     out = TEST_CACHE / "kld-anchor"
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def smollm2_f16_q4_0(smollm2_hf):
 def _built_perplexity() -> Path | None:
     """llama-perplexity built for the installed llama-cpp-python, in the test cache or the user's own cache."""
     from edgemed.benchmarks import anchors
-    from tests.conftest import TEST_CACHE
+    from conftest import TEST_CACHE
 
     folder = f"{anchors.PACKAGE}-{anchors.installed_version()}"
     for cache in (TEST_CACHE, USER_CACHE):
