@@ -175,7 +175,8 @@ def inspect(bundle, as_json):
 @click.argument("private_key", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True)
 def keygen(private_key, force):
-    """Make an ed25519 key pair for signing bundles: PRIVATE_KEY and PRIVATE_KEY.pub.pem.
+    """Make an ed25519 key pair for signing bundles: PRIVATE_KEY and its public half beside it
+    (key.pem -> key.pub.pem; any other name gains .pub.pem).
 
     Keep the private key on the build machine; give the .pub.pem to clinics.
     """
