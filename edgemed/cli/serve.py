@@ -23,6 +23,9 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 @click.option("--prefill-chunk", type=click.IntRange(1, 65536), help="Prompt tokens a step takes while other requests "
               "generate. Default: sized from measured step costs, so running streams slow by at most about 2x "
               "while a long prompt is read; larger gives that prompt its first token sooner.")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="Reuse the KV of the prompt prefix a slot already holds (a chat's earlier turns): only the new "
+              "tokens are computed. --no-prefix-cache computes every prompt from its first token.")
 @click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(64), help="Context per request (prompt + answer), tokens. "
               "Default: the largest the memory budget allows, split over the slots.")
@@ -40,7 +43,7 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
               "(default: what fits the context).")
 @click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(1),
               help="max_tokens for chat requests that name none.")
-def serve(model, host, port, slots, queue_size, prefill_chunk, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
+def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
           cors_origins, max_body, max_tokens_limit, default_max_tokens):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
@@ -96,7 +99,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, profile, n_ctx, t
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit)
-            batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk)
+            batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
+                              prefix_cache=prefix_cache)
             batcher.start()
             app = create_app(batcher, config)
             click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "

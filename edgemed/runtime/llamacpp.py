@@ -236,6 +236,11 @@ class Context:
         """Forget every cell of sequence ``seq`` (its slot is free again)."""
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
+    def trim(self, seq: int, n: int) -> bool:
+        """Remove the cells of ``seq`` from position ``n`` on, keeping its first ``n``; False (nothing
+        removed) where the memory cannot drop a suffix (recurrent state), other sequences untouched."""
+        return bool(self.lib.llama_memory_seq_rm(self.memory, seq, n, -1))
+
     def clear(self) -> None:
         self.lib.llama_memory_clear(self.memory, True)
 

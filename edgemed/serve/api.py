@@ -205,15 +205,21 @@ class CompletionRequest(_Request):
 # -- responses -----------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV the slot already held (prefix reuse): not computed again
+
+
 class Usage(BaseModel):
-    prompt_tokens: int
+    prompt_tokens: int  # the whole prompt, cached or not
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
     def of(cls, finished) -> "Usage":
         return cls(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens,
-                   total_tokens=finished.prompt_tokens + finished.completion_tokens)
+                   total_tokens=finished.prompt_tokens + finished.completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=getattr(finished, "cached_tokens", 0)))
 
 
 class AssistantMessage(BaseModel):

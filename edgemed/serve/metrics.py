@@ -27,7 +27,10 @@ GAUGE_STATS = {
 }
 COUNTER_STATS = {
     "tokens_generated_total": ("edgemed_generated_tokens", "Tokens sampled by the batcher since start."),
-    "prompt_tokens_total": ("edgemed_batcher_prompt_tokens", "Prompt tokens the batcher has fed to llama.cpp."),
+    "prompt_tokens_total": ("edgemed_batcher_prompt_tokens",
+                            "Prompt tokens the batcher has fed to llama.cpp (computed)."),
+    "prompt_tokens_cached_total": ("edgemed_batcher_prompt_cached_tokens",
+                                   "Prompt tokens found in a slot's cache (prefix reuse), not computed again."),
     "decode_steps_total": ("edgemed_decode_steps", "llama_decode calls (one per batcher step)."),
     "decode_seconds_total": ("edgemed_decode_seconds", "Seconds the scheduler spent inside llama_decode."),
     "step_seconds_total": ("edgemed_step_seconds", "Seconds of whole batcher steps (llama_decode, sampling, text)."),

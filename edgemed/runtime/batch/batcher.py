@@ -6,14 +6,29 @@ every waiting short prompt whole (they start generating together), a long one in
 batch when nobody is generating, else sized so the step stays within ``1 + STALL_BUDGET`` plain steps
 (``prefill.py``: a long prompt never stalls running streams).
 Sequence id = slot; each slot has its own KV stream (``kv_unified = false``) of ``n_ctx_per_slot``
-cells, so a request never spills into another's context. Each sequence with logits samples from its
-own sampler chain and checks its own stops (end of generation, stop strings, ``max_tokens``); a
-finished or cancelled one leaves before the next step, and queued requests join between steps.
+cells, so a request never spills into another's context. A finished request's slot keeps its prompt's
+cells and their token ids, and a new request whose prompt starts with the same ids is prefilled from
+where they part (prefix reuse, below; off with ``prefix_cache=False``). Each sequence with logits
+samples from its own sampler chain and checks its own stops (end of generation, stop strings,
+``max_tokens``); a finished or cancelled one leaves before the next step, and queued requests join
+between steps.
 
 ``submit`` (any thread) never waits for the model: it tokenizes, checks the context, builds the
 sampler and queues, or raises ``Overloaded`` past ``slots + queue_size`` requests in flight. Output
 goes to a ``Stream`` (``stream.py``); a request's state, its end and the counters are in ``sequence.py``.
 No prompt or output text is logged: ids, counts, timings only.
+
+Prefix reuse (a chat resends its whole history each turn): a request goes to the free slot where
+``reused - evicted`` is largest, ``reused`` being the tokens its prompt shares from the start with the
+ids the slot holds and ``evicted`` the held ones past that (removed); ties go to the lowest slot. So a
+conversation's next turn finds its own slot, and an unrelated prompt takes an empty or short slot
+rather than throwing a long history away for a few shared template tokens. At least the prompt's last
+``REFEED`` tokens are always fed again, for logits to sample from. A slot serves only the identical
+token-id prefix of what it computed itself; a request that fails mid-step leaves its slot empty (its
+cells are unknown). Only prompt cells are kept, never those of sampled tokens (``Seq.held``): those are
+computed one row at a time, and the next turn, which resends them as prompt, would answer differently
+from a cold run (4 of 5 four-turn SmolLM2 chats did); with prompt cells only, reuse answers token for
+token as cold.
 """
 
 from __future__ import annotations
@@ -39,6 +54,10 @@ log = logging.getLogger(__name__)
 #: prefill; HTTP requests sent at once reach the batcher milliseconds apart), and never longer than GATHER_MAX_S.
 GATHER_QUIET_S = 0.010
 GATHER_MAX_S = 0.050
+#: A prompt found whole in a slot still feeds its last REFEED tokens: its logits must come from a piece of
+#: several rows, as in a cold run; the last token alone goes through llama.cpp's one-row kernels and its
+#: logits differ enough to change greedy text (SmolLM2 Q4_1, AVX2: one prompt in four).
+REFEED = 2
 
 
 class Batcher:
@@ -49,10 +68,11 @@ class Batcher:
     ``n_ctx_per_slot`` to size each slot instead (the cache is then ``slots`` times it).
     ``prefill_chunk`` fixes the prompt tokens a step takes while others generate; None (the
     default) sizes it from measured step costs so running streams slow by at most 1 + STALL_BUDGET.
+    ``prefix_cache`` (default on) lets a request reuse the KV of the prompt prefix its slot already holds.
     """
 
     def __init__(self, model_path: Path, load: LoadSettings, *, slots: int = 4, queue_size: int = 16,
-                 n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None):
+                 n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None, prefix_cache: bool = True):
         if slots < 1 or queue_size < 0:
             raise InputError(f"slots must be >= 1 and queue_size >= 0 (got {slots}, {queue_size}).",
                              "pass --slots 1 or more and --queue 0 or more")
@@ -68,6 +88,8 @@ class Batcher:
             raise InputError(f"prefill_chunk must be >= 1 (got {prefill_chunk}).", "pass --prefill-chunk 1 or more")
         self.prefill_chunk = prefill_chunk
         self._prefill = PrefillBudget(prefill_chunk)
+        self.prefix_cache = prefix_cache
+        self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
         self._model = self._ctx = self._batch = None
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
@@ -205,7 +227,7 @@ class Batcher:
             return {
                 "model": self.model_path.name, "slots": self.slots, "n_ctx_per_slot": self.n_ctx_per_slot,
                 "queue_size": self.queue_size, "queue_depth": len(self._queue), "active_slots": len(self._active),
-                **self._n.totals(), "prefill_chunk": self._prefill.chunk,
+                **self._n.totals(), "prefill_chunk": self._prefill.chunk, "prefix_cache": self.prefix_cache,
             }
 
     # -- scheduler thread --------------------------------------------------------------------
@@ -255,11 +277,41 @@ class Batcher:
             if seq.stream.cancelled:
                 self._end(seq, "cancelled", now)
                 continue
-            self._free.sort(reverse=True)  # the lowest free slot: busy slots stay one run of ids (see _step)
-            seq.slot, seq.t_admit = self._free.pop(), now
+            seq.slot, seq.t_admit = self._slot_for(seq.tokens), now
+            self._free.remove(seq.slot)
+            self._reuse(seq)
             self._active.append(seq)
-            log.debug("request %s admitted to slot %d after %.3f s", seq.stream.request_id, seq.slot,
-                      now - seq.t_submit)
+            log.debug("request %s admitted to slot %d after %.3f s, %d prompt tokens cached", seq.stream.request_id,
+                      seq.slot, now - seq.t_submit, seq.cached)
+
+    def _reusable(self, slot: int, tokens: list[int]) -> int:
+        """Prompt tokens whose KV ``slot`` holds: the common prefix, leaving at least ``REFEED`` prompt
+        tokens to feed again (logits to sample from, from a piece of several rows: see ``REFEED``)."""
+        if not self.prefix_cache:
+            return 0
+        kept, n, end = self._kept[slot], 0, min(len(self._kept[slot]), len(tokens) - REFEED)
+        while n < end and kept[n] == tokens[n]:
+            n += 1
+        return n
+
+    def _slot_for(self, tokens: list[int]) -> int:
+        """The free slot where reused minus evicted tokens is largest, the lowest on a tie (empty slots
+        all score 0: without prefix reuse, the lowest free slot, so busy slots stay one run of ids)."""
+        def score(slot: int) -> tuple[int, int]:
+            reused = self._reusable(slot, tokens)
+            return reused - (len(self._kept[slot]) - reused), -slot
+
+        return max(self._free, key=score)
+
+    def _reuse(self, seq: Seq) -> None:
+        """Keep the cells of the prompt prefix ``seq``'s slot holds, remove the rest (scheduler thread)."""
+        n = self._reusable(seq.slot, seq.tokens)
+        if n < len(self._kept[seq.slot]) and not (n and self._ctx.trim(seq.slot, n)):
+            self._ctx.drop(seq.slot)  # nothing to keep, or a memory that cannot drop a suffix
+            n = 0
+        self._kept[seq.slot] = []  # the slot is the sequence's now: ``Seq.held()`` says what it holds
+        seq.pos = seq.cached = n
+        self._n.prompt_tokens_cached_total += n
 
     def _step_safely(self) -> None:
         try:
@@ -295,8 +347,9 @@ class Batcher:
             remaining = len(seq.tokens) - seq.pos
             if remaining <= 0:
                 continue
-            short = len(seq.tokens) <= WHOLE_PROMPT
-            take = remaining if short else chunk_of(remaining, min(budget, room), whole, len(seq.tokens))
+            computed = len(seq.tokens) - seq.cached  # the prompt tokens this request feeds
+            short = computed <= WHOLE_PROMPT
+            take = remaining if short else chunk_of(remaining, min(budget, room), whole, computed)
             if take <= 0 or take > room:
                 continue
             takes.append((seq, take))
@@ -351,12 +404,17 @@ class Batcher:
             seq.pending = token
 
     def _finish(self, seq: Seq, reason: str, error: str | None = None) -> None:
-        """End a running sequence and free its slot (KV cells, sampler)."""
+        """End a running sequence and free its slot (sampler; the KV cells are kept for prefix reuse
+        unless it is off or the sequence failed, when what the cells hold is not known)."""
         if reason in ("stop", "length"):
             rest = seq.text.flush()
             if rest:
                 seq.stream._put(Piece(rest))
-        self._ctx.drop(seq.slot)
+        held = seq.held() if self.prefix_cache and reason != "error" else []
+        if not (held and self._ctx.trim(seq.slot, len(held))):  # the sampled tokens' cells go
+            self._ctx.drop(seq.slot)
+            held = []
+        self._kept[seq.slot] = held
         with self._cond:
             self._active.remove(seq)
             self._free.append(seq.slot)
@@ -374,6 +432,7 @@ class Batcher:
             for seq in list(self._active) + list(self._queue):
                 if self._ctx is not None and seq.slot >= 0:
                     self._ctx.drop(seq.slot)
+                    self._kept[seq.slot] = []
                 self._end(seq, reason, now, error)
             self._active.clear()
             self._queue.clear()

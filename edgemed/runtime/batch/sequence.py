@@ -31,10 +31,18 @@ class Seq:
     slot: int = -1
     pos: int = 0  # tokens of this sequence in the KV cache
     pending: int | None = None  # sampled token still to be fed
+    cached: int = 0  # prompt tokens the slot's cache already held on admission (prefix reuse)
     index: int = -1  # batch row whose logits this sequence samples from
     generated: int = 0
     t_admit: float = 0.0
     t_first: float = 0.0
+
+    def held(self) -> list[int]:
+        """The prompt token ids whose KV this sequence computed in its slot (positions 0..n-1), the part a
+        later request may reuse. Not the sampled tokens after them: those are decoded one row at a time,
+        through llama.cpp's one-row kernels, and their KV differs from the same ids fed as a prompt enough
+        to change a later greedy answer (a cold run feeds them as prompt)."""
+        return self.tokens[:self.pos]
 
     def end(self, reason: str, now: float, error: str | None = None) -> None:
         """Close the sampler and send this request's ``Finished`` (the caller holds the batcher's lock)."""
@@ -45,9 +53,9 @@ class Seq:
         self.stream._put(Finished(
             finish_reason=reason, prompt_tokens=len(self.tokens), completion_tokens=self.generated,
             ttft_s=(self.t_first - self.t_submit) if self.t_first else 0.0, total_s=now - self.t_submit,
-            queue_s=admitted - self.t_submit, error=error))
-        log.info("request %s %s: %d prompt + %d completion tokens, %.3f s", self.stream.request_id, reason,
-                 len(self.tokens), self.generated, now - self.t_submit)
+            queue_s=admitted - self.t_submit, error=error, cached_tokens=self.cached))
+        log.info("request %s %s: %d prompt (%d cached) + %d completion tokens, %.3f s", self.stream.request_id,
+                 reason, len(self.tokens), self.cached, self.generated, now - self.t_submit)
 
 
 @dataclass
@@ -56,7 +64,8 @@ class Counters:
 
     requests_total: int = 0
     overloaded_total: int = 0
-    prompt_tokens_total: int = 0
+    prompt_tokens_total: int = 0  # fed to llama.cpp (computed)
+    prompt_tokens_cached_total: int = 0  # found in a slot's cache instead (prefix reuse)
     tokens_generated_total: int = 0
     decode_steps_total: int = 0
     decode_seconds_total: float = 0.0  # inside llama_decode
@@ -67,7 +76,9 @@ class Counters:
     def totals(self) -> dict:
         """The counters as ``stats()`` reports them (``finished`` as ``finished_total``, a plain dict)."""
         return {"requests_total": self.requests_total, "overloaded_total": self.overloaded_total,
-                "prompt_tokens_total": self.prompt_tokens_total, "tokens_generated_total": self.tokens_generated_total,
+                "prompt_tokens_total": self.prompt_tokens_total,
+                "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
+                "tokens_generated_total": self.tokens_generated_total,
                 "decode_steps_total": self.decode_steps_total, "finished_total": dict(self.finished),
                 "decode_seconds_total": self.decode_seconds_total, "step_seconds_total": self.step_seconds_total,
                 "idle_seconds_total": self.idle_seconds_total}

@@ -32,6 +32,7 @@ class Finished:
     total_s: float  # submit -> finished
     queue_s: float  # submit -> admitted to a slot
     error: str | None = None  # set when finish_reason is "error" (or a cancel came from shutdown)
+    cached_tokens: int = 0  # prompt tokens whose KV the slot already held (not fed to llama.cpp again)
 
 
 class Stream:

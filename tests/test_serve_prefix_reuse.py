@@ -1,0 +1,176 @@
+"""Prompt-prefix reuse per slot, on the real SmolLM2: a request whose prompt starts with the token ids a
+free slot holds is prefilled from where they part, and answers exactly as a cold run does.
+
+What ``cached_tokens`` counts: the prompt tokens whose KV the slot already held and that were not fed to
+llama.cpp again, i.e. the common prefix of the prompt and the slot's held ids (its last request's prompt
+only: the sampled tokens' cells are dropped), at most the prompt's length - 2 (its last tokens are always
+fed again, for logits from a piece of several rows).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from edgemed.runtime.engine import GenerationSettings, LoadSettings
+
+pytest.importorskip("llama_cpp")
+
+from edgemed.runtime.batch.batcher import Batcher, Finished, Piece  # noqa: E402
+
+LOAD = LoadSettings(n_ctx=4 * 512, n_threads=1, n_batch=256, n_ubatch=256)
+GREEDY = GenerationSettings(max_tokens=16)
+CHAT = GenerationSettings(max_tokens=32)
+TURNS = ["What is the first-line treatment for anaphylaxis?", "And the adult dose?", "Which route is preferred?"]
+CONVERSATIONS = [["What does HbA1c measure?", "What is a normal value?", "How often to test it?"], TURNS]
+OTHERS = ["Define sepsis in one sentence.", "List three red-flag symptoms of a headache.",
+          "What does HbA1c measure?", "Name a loop diuretic."]
+
+
+def collect(stream) -> tuple[str, Finished]:
+    items = list(stream)
+    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
+    return "".join(i.text for i in items[:-1]), items[-1]
+
+
+@pytest.fixture(scope="module")
+def warm(smollm2_gguf):
+    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def cold(smollm2_gguf):
+    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4, prefix_cache=False) as b:
+        yield b
+
+
+def chat(batcher: Batcher, turns: list[str], tag: str) -> list[tuple[list[int], str, Finished]]:
+    """A conversation through ``batcher``: each turn's prompt is the chat template's rendering of every earlier
+    question and answer plus the next question; (prompt token ids, answer, finished) per turn."""
+    messages, out = [], []
+    for i, question in enumerate(turns):
+        messages.append({"role": "user", "content": question})
+        prompt = batcher.tokenize(batcher.render_chat(messages))
+        text, fin = collect(batcher.submit(prompt, CHAT, request_id=f"{tag}{i}"))
+        messages.append({"role": "assistant", "content": text})
+        out.append((prompt, text, fin))
+    return out
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS, ids=["hba1c", "anaphylaxis"])
+def test_a_conversation_reuses_its_history_and_answers_as_cold(warm, cold, turns):
+    """Each turn reuses exactly the previous turn's prompt (the answer's cells are not kept: see ``Seq.held``;
+    kept, both conversations here answered differently from cold by the second or third turn)."""
+    got, ref = chat(warm, turns, "warm"), chat(cold, turns, "cold")
+    assert [g[1] for g in got] == [r[1] for r in ref]  # token-identical greedy answers, every turn
+    assert [r[2].cached_tokens for r in ref] == [0] * len(turns)
+    assert got[0][2].cached_tokens == 0
+    for (prev, _, _), (prompt, _, fin) in zip(got, got[1:]):
+        assert prompt[:len(prev)] == prev  # the history is resent as the same ids
+        assert fin.cached_tokens == len(prev)
+        assert fin.prompt_tokens == len(prompt)  # prompt_tokens stays the whole prompt
+
+
+def test_reuse_stops_where_prompts_part(smollm2_gguf):
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
+        base = b.tokenize(b.render_chat([{"role": "user", "content": OTHERS[1]}]))
+        _, first = collect(b.submit(base, GREEDY, request_id="a"))
+        assert first.cached_tokens == 0
+        k = len(base) - 6
+        other = (base[k] + 1) % b._model.n_vocab
+        _, second = collect(b.submit(base[:k] + [other] + base[k + 1:], GREEDY, request_id="b"))
+        assert second.cached_tokens == k
+        _, same = collect(b.submit(base, GREEDY, request_id="c"))  # the slot holds b's ids: shares k again
+        assert same.cached_tokens == k
+        stranger = b.tokenize("Unrelated text about chest pain.", add_special=False)
+        assert stranger[0] != base[0]
+        _, none = collect(b.submit(stranger, GREEDY, request_id="d"))
+        assert none.cached_tokens == 0
+        stats = b.stats()
+        assert stats["prompt_tokens_cached_total"] == 2 * k
+        assert stats["prompt_tokens_total"] == 3 * len(base) + len(stranger) - 2 * k
+
+
+def test_concurrent_requests_with_reuse_answer_as_alone(warm, cold):
+    prompts = [warm.render_chat([{"role": "user", "content": q}]) for q in OTHERS]
+    alone = [collect(cold.submit(p, GREEDY, request_id=f"alone{i}"))[0] for i, p in enumerate(prompts)]
+    for round_ in range(2):  # the second round finds every prompt whole in some slot
+        streams = [warm.submit(p, GREEDY, request_id=f"r{round_}.{i}") for i, p in enumerate(prompts)]
+        results = [None] * len(streams)
+
+        def read(i):
+            results[i] = collect(streams[i])
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [r[0] for r in results] == alone
+        if round_:
+            assert all(r[1].cached_tokens == r[1].prompt_tokens - 2 for r in results)
+
+
+def test_no_prefix_cache_flag_reaches_the_batcher(smollm2_gguf, monkeypatch, tmp_path):
+    """`edgemed serve --no-prefix-cache` turns reuse off; it is on by default."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+    from edgemed.errors import EdgemedError
+    from edgemed.runtime.batch import batcher as batcher_module
+
+    seen = {}
+
+    class Stop(EdgemedError):
+        pass
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop("stopped before loading", "this is a test")
+
+    monkeypatch.setattr(batcher_module, "Batcher", fake)
+    args = ["serve", str(smollm2_gguf), "--port", "0", "--audit-log", str(tmp_path / "a.jsonl")]
+    result = CliRunner().invoke(cli, args)
+    assert seen.get("prefix_cache") is True, result.output
+    seen.clear()
+    result = CliRunner().invoke(cli, args + ["--no-prefix-cache"])
+    assert seen.get("prefix_cache") is False, result.output
+
+
+def test_http_usage_and_metrics_report_cached_tokens(smollm2_gguf, tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx2")
+    from serve_kit import ServerThread
+
+    from edgemed.serve import audit
+    from edgemed.serve.app import create_app
+    from edgemed.serve.config import ServeConfig
+
+    log = audit.AuditLog(tmp_path / "audit.jsonl")
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2) as b:
+        app = create_app(b, ServeConfig(model_id="m", bundle_digest="sha256:test", audit=log))
+        with ServerThread(app) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            messages = [{"role": "user", "content": TURNS[0]}]
+            first = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+            assert first.usage.prompt_tokens_details.cached_tokens == 0
+            messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": TURNS[1]}]
+            second = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+            cached = second.usage.prompt_tokens_details.cached_tokens
+            assert 0 < cached < second.usage.prompt_tokens
+            chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0,
+                                                         stream=True, stream_options={"include_usage": True}))
+            usage = chunks[-1].usage
+            assert usage.prompt_tokens == second.usage.prompt_tokens
+            assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 2  # the same prompt again
+            text = httpx.get(srv.url + "/metrics").text
+            cached_total = [line for line in text.splitlines()
+                            if line.startswith("edgemed_batcher_prompt_cached_tokens_total ")]
+            assert cached_total and float(cached_total[0].split()[1]) == cached + usage.prompt_tokens - 2
+            assert "edgemed_batcher_prompt_tokens_total " in text
+    log.close()
