@@ -87,7 +87,8 @@ class EdgemedServer(_Server):
         audit = Path(tempfile.gettempdir()) / f"edgemed-bench-audit-{self.port}.jsonl"
         return [sys.executable, "-m", "edgemed", "serve", str(self.path), "--port", str(self.port),
                 "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads),
-                "--queue", "16", "--audit-log", str(audit)]
+                "--queue", "16", "--audit-log", str(audit),
+                "--no-prefix-cache"]  # every request cold, as llama-server is asked to be (cache_prompt: false)
 
     def scheduler_metrics(self) -> dict[str, float]:
         import httpx2

@@ -68,7 +68,8 @@ def child(path: str, streams: int, waves: int, tokens: int, threads: int, n_ctx:
     settings = GenerationSettings(max_tokens=tokens)
     done: list[dict] = []
     decoded = window = e2e_wall = 0.0
-    with Batcher(Path(path), load, slots=SLOTS, queue_size=16) as batcher:
+    # prefix_cache off: the same questions come back every wave, and this study measures decoding, not prompt reuse
+    with Batcher(Path(path), load, slots=SLOTS, queue_size=16, prefix_cache=False) as batcher:
         prompts = [batcher.render_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
         list(batcher.submit(prompts[0], GenerationSettings(max_tokens=8), request_id="warm-up"))
         load0 = os.getloadavg()[0]

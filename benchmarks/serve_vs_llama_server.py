@@ -8,7 +8,8 @@ Both servers run at once (idle while the other is measured) on the same GGUF, th
 slot, batch sizes, flash attention off and no mmap (edgemed's device-profile defaults, passed to
 llama-server explicitly). Every request is the same ``/v1/completions`` body for both: the question
 rendered through the GGUF's chat template once, greedy, ``max_tokens`` fixed, streaming with usage,
-``cache_prompt: false`` (llama-server would otherwise reuse a previous request's KV; edgemed ignores it).
+``cache_prompt: false`` for llama-server and ``--no-prefix-cache`` for edgemed: both compute every prompt cold, so
+the figures compare decoding and prefill, not prompt reuse.
 
 Load: closed loop, N client threads (N = 1, 2, 4, 8), each sending ``--requests`` requests back to back
 (httpx, raw SSE: no client-side JSON beyond each chunk). Rounds interleave levels and servers (the
