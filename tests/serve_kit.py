@@ -38,3 +38,24 @@ def wait_until(predicate, timeout: float = 20.0, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return predicate()
+
+
+def batcher_kwargs(monkeypatch, args: list[str]):
+    """What ``edgemed serve ARGS`` hands the batcher, stopped before anything loads: ``(kwargs, result)``."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+    from edgemed.errors import EdgemedError
+    from edgemed.runtime.batch import batcher as batcher_module
+
+    seen: dict = {}
+
+    class Stop(EdgemedError):
+        pass
+
+    def fake(*_args, **kwargs):
+        seen.update(kwargs)
+        raise Stop("stopped before loading", "this is a test")
+
+    monkeypatch.setattr(batcher_module, "Batcher", fake)
+    return seen, CliRunner().invoke(cli, ["serve", *args])

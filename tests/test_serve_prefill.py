@@ -91,27 +91,12 @@ def test_long_prompt_is_split_while_a_running_stream_gets_a_token_every_step(bat
 
 def test_serve_passes_prefill_chunk_to_the_batcher(smollm2_gguf, monkeypatch, tmp_path):
     """`edgemed serve --prefill-chunk N` fixes the chunk; a value below 1 is a usage error before anything loads."""
-    from click.testing import CliRunner
+    from serve_kit import batcher_kwargs
 
-    from edgemed.cli import cli
-    from edgemed.errors import EdgemedError
-    from edgemed.runtime.batch import batcher as batcher_module
-
-    seen = {}
-
-    class Stop(EdgemedError):
-        pass
-
-    def fake(*args, **kwargs):
-        seen.update(kwargs)
-        raise Stop("stopped before loading", "this is a test")
-
-    monkeypatch.setattr(batcher_module, "Batcher", fake)
-    args = ["serve", str(smollm2_gguf), "--port", "0", "--audit-log", str(tmp_path / "a.jsonl")]
-    result = CliRunner().invoke(cli, args + ["--prefill-chunk", "64"])
+    args = [str(smollm2_gguf), "--port", "0", "--audit-log", str(tmp_path / "a.jsonl")]
+    seen, result = batcher_kwargs(monkeypatch, args + ["--prefill-chunk", "64"])
     assert seen.get("prefill_chunk") == 64, result.output
-    assert CliRunner().invoke(cli, args + ["--prefill-chunk", "0"]).exit_code == 2
-
+    assert batcher_kwargs(monkeypatch, args + ["--prefill-chunk", "0"])[1].exit_code == 2
 
 def test_short_prompts_that_arrive_together_start_generating_in_the_same_step(smollm2_gguf, monkeypatch):
     """Three short prompts queued while a stream generates are fed in one step (as llama-server does), not

@@ -115,29 +115,13 @@ def test_concurrent_requests_with_reuse_answer_as_alone(warm, cold):
 
 def test_no_prefix_cache_flag_reaches_the_batcher(smollm2_gguf, monkeypatch, tmp_path):
     """`edgemed serve --no-prefix-cache` turns reuse off; it is on by default."""
-    from click.testing import CliRunner
+    from serve_kit import batcher_kwargs
 
-    from edgemed.cli import cli
-    from edgemed.errors import EdgemedError
-    from edgemed.runtime.batch import batcher as batcher_module
-
-    seen = {}
-
-    class Stop(EdgemedError):
-        pass
-
-    def fake(*args, **kwargs):
-        seen.update(kwargs)
-        raise Stop("stopped before loading", "this is a test")
-
-    monkeypatch.setattr(batcher_module, "Batcher", fake)
-    args = ["serve", str(smollm2_gguf), "--port", "0", "--audit-log", str(tmp_path / "a.jsonl")]
-    result = CliRunner().invoke(cli, args)
+    args = [str(smollm2_gguf), "--port", "0", "--audit-log", str(tmp_path / "a.jsonl")]
+    seen, result = batcher_kwargs(monkeypatch, args)
     assert seen.get("prefix_cache") is True, result.output
-    seen.clear()
-    result = CliRunner().invoke(cli, args + ["--no-prefix-cache"])
+    seen, result = batcher_kwargs(monkeypatch, args + ["--no-prefix-cache"])
     assert seen.get("prefix_cache") is False, result.output
-
 
 def test_http_usage_and_metrics_report_cached_tokens(smollm2_gguf, tmp_path):
     pytest.importorskip("fastapi")
