@@ -83,12 +83,17 @@ class _Server:
 class EdgemedServer(_Server):
     name = "edgemed"
 
+    def __init__(self, path: Path, threads: int, slots: int, ctx_per_slot: int, prefix_cache: bool = False):
+        self.prefix_cache = prefix_cache
+        super().__init__(path, threads, slots, ctx_per_slot)
+
     def command(self) -> list[str]:
         audit = Path(tempfile.gettempdir()) / f"edgemed-bench-audit-{self.port}.jsonl"
-        return [sys.executable, "-m", "edgemed", "serve", str(self.path), "--port", str(self.port),
-                "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads),
-                "--queue", "16", "--audit-log", str(audit),
-                "--no-prefix-cache"]  # every request cold, as llama-server is asked to be (cache_prompt: false)
+        cmd = [sys.executable, "-m", "edgemed", "serve", str(self.path), "--port", str(self.port),
+               "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads),
+               "--queue", "16", "--audit-log", str(audit)]
+        # by default every request cold, as llama-server is asked to be (cache_prompt: false)
+        return cmd if self.prefix_cache else cmd + ["--no-prefix-cache"]
 
     def scheduler_metrics(self) -> dict[str, float]:
         import httpx2

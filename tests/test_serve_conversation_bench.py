@@ -1,0 +1,52 @@
+"""The clinicians' conversation benchmark's pure logic: per-turn figures, ratios, answer comparison, case cuts."""
+
+from edgemed.benchmarks import serve_conversation as sc
+
+
+def _row(ttft, prompt, cached, rate=10.0, tokens=8):
+    return {"ttft_s": ttft, "prompt_tokens": prompt, "cached_tokens": cached, "decode_tok_s": rate, "tokens": tokens,
+            "text": ""}
+
+
+def test_turn_stats_are_per_turn_over_the_clinicians():
+    rows = [[_row(1.0, 300, 0), _row(0.2, 400, 298)],
+            [_row(3.0, 320, 0), _row(0.4, 420, 318, rate=None)]]
+    stats = sc.turn_stats(rows)
+    assert [s["turn"] for s in stats] == [1, 2]
+    assert stats[0]["ttft_p50_s"] == 2.0 and abs(stats[0]["ttft_p99_s"] - 2.98) < 1e-9
+    assert stats[1]["prompt_tokens_mean"] == 410 and stats[1]["prompt_tokens_max"] == 420
+    assert stats[1]["cached_tokens_mean"] == 308 and stats[1]["cached_tokens_min"] == 298
+    assert abs(stats[1]["cached_share"] - 616 / 820) < 1e-12
+    assert stats[1]["decode_tok_s_median"] == 10.0  # a request without a rate is left out, not counted as 0
+    assert stats[0]["completion_tokens"] == 16
+
+
+def test_turn_stats_without_cached_tokens_say_none():
+    stats = sc.turn_stats([[_row(1.0, 300, None)], [_row(2.0, 300, None)]])
+    assert stats[0]["cached_tokens_mean"] is None and stats[0]["cached_share"] is None
+
+
+def test_ratios_per_turn_skip_missing_values():
+    a = [{"ttft_p50_s": 0.5}, {"ttft_p50_s": 1.0}, {"ttft_p50_s": None}]
+    b = [{"ttft_p50_s": 2.0}, {"ttft_p50_s": 0.0}, {"ttft_p50_s": 1.0}]
+    assert sc.ratios(a, b) == [0.25, None, None]
+
+
+def test_first_difference_names_the_turn_per_conversation():
+    a = [["x", "y", "z"], ["p", "q"], ["m"]]
+    b = [["x", "y", "z"], ["p", "Q"], []]
+    assert sc.first_difference(a, b) == [None, 2, 1]
+
+
+def test_cut_case_keeps_whole_sentences_within_the_budget():
+    text = "One two three. Four five six. Seven eight nine."
+    words = lambda s: len(s.split())  # noqa: E731 - a stand-in tokenizer
+    assert sc.cut_case(text, 0, words) == text
+    assert sc.cut_case(text, 100, words) == text
+    assert sc.cut_case(text, 6, words) == "One two three. Four five six."
+    assert sc.cut_case(text, 2, words) == "One two three."  # the first sentence always stays
+
+
+def test_every_clinician_gets_a_different_case_and_enough_follow_ups():
+    assert len(set(sc.CASES)) == len(sc.CASES) >= 4
+    assert len(sc.FOLLOW_UPS) >= 7  # the default 8 turns without repeating a question
