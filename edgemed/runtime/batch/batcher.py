@@ -27,7 +27,7 @@ rather than throwing a long history away for a few shared template tokens. At le
 token-id prefix of what it computed itself; a request that fails mid-step leaves its slot empty (its
 cells are unknown). Only prompt cells are kept, never those of sampled tokens (``Seq.held``): those are
 computed one row at a time, and the next turn, which resends them as prompt, would answer differently
-from a cold run (4 of 5 four-turn SmolLM2 chats did); with prompt cells only, reuse answers token for
+from a cold run (seen on multi-turn SmolLM2 chats); with prompt cells only, reuse answers token for
 token as cold.
 """
 
@@ -56,7 +56,7 @@ GATHER_QUIET_S = 0.010
 GATHER_MAX_S = 0.050
 #: A prompt found whole in a slot still feeds its last REFEED tokens: its logits must come from a piece of
 #: several rows, as in a cold run; the last token alone goes through llama.cpp's one-row kernels and its
-#: logits differ enough to change greedy text (SmolLM2 Q4_1, AVX2: one prompt in four).
+#: logits differ enough to change greedy text (seen with SmolLM2 Q4_1 on AVX2).
 REFEED = 2
 
 
