@@ -7,6 +7,7 @@ kept, so TTFT, per-request decode rate and inter-token gaps all come from the sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -123,6 +124,34 @@ class LlamaServer(_Server):
                 "--cache-ram", "0"]
 
 
+def sse_events(client, server: _Server, path: str, body: dict):
+    """POST ``body`` to ``path`` and yield ``(arrival time, event)`` for each SSE data event until ``[DONE]``.
+    A status other than 200 is an error naming the server's log; leaving the loop closes the response (which
+    cancels the request on both servers)."""
+    with client.stream("POST", server.url + path, json=body, timeout=900) as resp:
+        if resp.status_code != 200:
+            raise EdgemedError(f"{server.name} answered {resp.status_code}: {resp.read()[:500]!r}", f"read {server.log}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data.strip() == "[DONE]":
+                return
+            event = json.loads(data)
+            yield time.perf_counter(), event
+
+
+def save_results(out: Path, result: dict, markdown: str) -> None:
+    """``out`` (JSON) and the report beside it (``.md``), each written atomically; the report is printed."""
+    from edgemed.files.atomic import write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(result, indent=2) + "\n", force=True)
+    write_text(out.with_suffix(".md"), markdown, force=True)
+    print(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
+
+
 def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: threading.Event | None = None,
                    times: list[float] | None = None) -> dict:
     """One streaming /v1/completions request: arrival time of each text chunk (into ``times``, live), usage, timings."""
@@ -131,17 +160,8 @@ def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: 
     t0 = time.perf_counter()
     times = [] if times is None else times
     tokens, finish, timings = 0, None, None
-    with client.stream("POST", server.url + "/v1/completions", json=body, timeout=900) as resp:
-        if resp.status_code != 200:
-            raise EdgemedError(f"{server.name} answered {resp.status_code}: {resp.read()[:500]!r}", f"read {server.log}")
-        for line in resp.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data.strip() == "[DONE]":
-                break
-            event = json.loads(data)
-            now = time.perf_counter()
+    with contextlib.closing(sse_events(client, server, "/v1/completions", body)) as events:
+        for now, event in events:
             for choice in event.get("choices") or ():
                 if choice.get("text"):
                     times.append(now)

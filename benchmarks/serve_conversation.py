@@ -30,7 +30,6 @@ Results: benchmarks/results/serve_conversation-<model>-t<threads>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, _Server
+from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, _Server, save_results, sse_events
 from edgemed.benchmarks.serve_streams import percentile
 from edgemed.errors import EdgemedError
 
@@ -182,23 +181,13 @@ def chat_turn(client, server: _Server, messages: list[dict], max_tokens: int) ->
     times: list[float] = []
     parts: list[str] = []
     usage: dict = {}
-    with client.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=900) as resp:
-        if resp.status_code != 200:
-            raise EdgemedError(f"{server.name} answered {resp.status_code}: {resp.read()[:500]!r}", f"read {server.log}")
-        for line in resp.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data.strip() == "[DONE]":
-                break
-            event = json.loads(data)
-            now = time.perf_counter()
-            for choice in event.get("choices") or ():
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    times.append(now)
-                    parts.append(piece)
-            usage = event.get("usage") or usage
+    for now, event in sse_events(client, server, "/v1/chat/completions", body):
+        for choice in event.get("choices") or ():
+            piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                times.append(now)
+                parts.append(piece)
+        usage = event.get("usage") or usage
     tokens = usage.get("completion_tokens") or len(times)
     decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
     return {"text": "".join(parts), "ttft_s": (times[0] - t0) if times else float("nan"), "tokens": tokens,
@@ -331,7 +320,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from edgemed.benchmarks import anchors
-    from edgemed.files.atomic import write_text
     from edgemed.runtime.llamacpp import Model
 
     path = model_path(args.model)
@@ -394,11 +382,7 @@ def main(argv=None) -> None:
     out = args.out or Path(__file__).resolve().parent / "results" / f"serve_conversation-{path.stem}-t{args.threads}.json"
     if out.suffix != ".json":
         out = out / f"serve_conversation-{path.stem}-t{args.threads}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(result, indent=2) + "\n", force=True)
-    write_text(out.with_suffix(".md"), report_md(result), force=True)
-    print(report_md(result))
-    print(f"wrote {out} and {out.with_suffix('.md').name}")
+    save_results(out, result, report_md(result))
 
 
 if __name__ == "__main__":

@@ -30,14 +30,14 @@ first token). Results: benchmarks/results/serve_vs_llama_server-<model>-t<thread
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import LlamaServer, EdgemedServer, long_prompt, run_level, prefill_check
+from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, long_prompt, prefill_check, run_level,
+                                                    save_results)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 
 LEVELS = (1, 2, 4, 8)
@@ -124,7 +124,6 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
-    from edgemed.files.atomic import write_text
     from edgemed.benchmarks import anchors
     from edgemed.runtime.llamacpp import Model
 
@@ -204,11 +203,7 @@ def main(argv=None) -> None:
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "note": "CPU shared with other sessions; load averages are per run"}}
     out = args.out or Path(__file__).resolve().parent / "results" / f"serve_vs_llama_server-{path.stem}-t{args.threads}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(result, indent=2) + "\n", force=True)
-    write_text(out.with_suffix(".md"), report_md(result), force=True)
-    print(report_md(result))
-    print(f"wrote {out} and {out.with_suffix('.md').name}")
+    save_results(out, result, report_md(result))
 
 
 if __name__ == "__main__":
