@@ -177,9 +177,9 @@ def main(argv=None) -> int:
         if args.memory_cap is not None:  # refuse before any work when no cgroup can be had
             with MemoryCap(parse_size(args.memory_cap)):
                 pass
-        from edgemed.converters.source import pip_models as sources
+        from edgemed.converters.source import pip_models
 
-        src = Path(args.model) if Path(args.model).is_dir() else sources.hf_checkpoint(args.model)
+        src = Path(args.model) if Path(args.model).is_dir() else pip_models.hf_checkpoint(args.model)
     except InputError as exc:
         print(f"error: {exc.problem}\nfix: {exc.fix}", file=sys.stderr)
         return 2

@@ -160,7 +160,7 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="example model name (converters.sources) or HF dir")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="example model name (converters.source.pip_models) or HF dir")
     ap.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES))
     ap.add_argument("--kill-above-gib", type=float, default=6.0,
                     help="kill a run whose RSS (anonymous + file-backed) passes this (default 6 GiB: a shared machine)")
@@ -169,14 +169,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from edgemed.files.atomic import write_text
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
 
     if args.rescore:
         result = json.loads(args.rescore.read_text())
         model_dir, out = Path(result["checkpoint"]), args.rescore
         rows = result["rows"]
     else:
-        model_dir = Path(args.model) if Path(args.model).is_dir() else sources.hf_checkpoint(args.model)
+        model_dir = Path(args.model) if Path(args.model).is_dir() else pip_models.hf_checkpoint(args.model)
         out = args.out or RESULTS / f"convert_memory-{Path(args.model).name}.json"
         old = {r["route"]: r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

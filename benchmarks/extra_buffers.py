@@ -96,7 +96,7 @@ def main() -> None:
         return
 
     from edgemed.files.atomic import write_text
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
     from edgemed.errors import InputError
     from edgemed.runtime import buffers
     from edgemed.runtime.llamacpp import build
@@ -105,7 +105,7 @@ def main() -> None:
     files = []
     for name in args.models:
         try:
-            shipped = sources.gguf_file(name)
+            shipped = pip_models.gguf_file(name)
         except InputError as exc:
             print(f"skip {name}: {exc.fix}", file=sys.stderr)
             continue

@@ -203,9 +203,9 @@ def main(argv=None) -> None:
         return worker(args.worker[0], args.worker[1], args.tokens, args.threads, args.profile_prefix)
 
     from edgemed import env
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
 
-    ckpt = Path(args.model) if Path(args.model).is_dir() else sources.hf_checkpoint(args.model)
+    ckpt = Path(args.model) if Path(args.model).is_dir() else pip_models.hf_checkpoint(args.model)
     cache = env.cache_dir("bench")
     paths = {name: (args.onnx if name == "onnx-int4" and args.onnx else _artifact(ckpt, cache, target, quant))
              for name, target, quant in CONFIGS}

@@ -35,13 +35,13 @@ def peak_rss() -> int:
 
 def child(model: str, n_ctx: int, profile_name: str) -> dict:
     """Runs in the measured process: plan, load through the runtime, fill the context, decode."""
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
     from edgemed.devices.detect import resolve
     from edgemed.runtime.plan import make_plan
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.session import load_settings
 
-    path = Path(model) if model.endswith(".gguf") else sources.gguf_file(model)  # a file, or a pip model's name
+    path = Path(model) if model.endswith(".gguf") else pip_models.gguf_file(model)  # a file, or a pip model's name
     profile, facts = resolve(profile_name)
     plan = make_plan(path, profile, facts, requested_ctx=n_ctx)
     engine = open_engine(path, load_settings(plan))
@@ -70,14 +70,14 @@ def main() -> None:
         return
 
     from edgemed.files.atomic import write_text
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
     from edgemed.errors import InputError
 
     rows = []
     for model in args.models:
         try:
             if not (model.endswith(".gguf") and Path(model).is_file()):
-                sources.gguf_file(model)
+                pip_models.gguf_file(model)
         except InputError as exc:
             print(f"skip {model}: not installed ({exc.fix})", file=sys.stderr)
             continue

@@ -84,13 +84,13 @@ def main() -> None:
         return
 
     from edgemed.files.atomic import write_text
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
     from edgemed.errors import InputError
 
     report = []
     for model in args.models:
         try:
-            path = str(sources.gguf_file(model))
+            path = str(pip_models.gguf_file(model))
         except InputError as exc:
             print(f"skip {model}: {exc.fix}", file=sys.stderr)
             continue

@@ -32,7 +32,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -139,9 +138,9 @@ def raw_child(path: str, streams: int, steps: int, threads: int, n_ctx: int) -> 
 def _default_model(name: str) -> Path:
     """The repo's own Q4_K_M conversion of the example model (converted once, cached)."""
     from edgemed import env
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
 
-    ckpt = sources.hf_checkpoint(name)
+    ckpt = pip_models.hf_checkpoint(name)
     out = env.cache_dir("bench") / f"{ckpt.name}-q4_k_m.gguf"
     if not out.exists():
         print(f"converting {ckpt.name} -> {out.name} ...", flush=True)

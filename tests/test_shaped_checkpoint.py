@@ -38,10 +38,10 @@ def qwen_tokenizer_dir(tmp_path_factory):
     """The Qwen2.5 stand-in's tokenizer, read from its pip-packaged GGUF (skipped when not installed)."""
     from transformers import AutoTokenizer
 
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
 
     try:
-        gguf = sources.gguf_file("qwen2.5-0.5b-instruct")
+        gguf = pip_models.gguf_file("qwen2.5-0.5b-instruct")
     except InputError as exc:
         pytest.skip(f"Qwen2.5 stand-in not installed: {exc.fix}")
     out = tmp_path_factory.mktemp("qwen-tok")

@@ -67,10 +67,10 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
         raise InputError("--imatrix-from and --no-imatrix calibrate llama.cpp's GGUF quantizer; ONNX int4 has its own recipe.",
                          "leave them out with --to onnx, or convert with --to gguf")
     if source is None:
-        from edgemed.converters.source import pip_models as sources
+        from edgemed.converters.source import pip_models
 
-        click.echo(f"No SOURCE given: using the default model {sources.DEFAULT}.", err=True)
-        source = sources.hf_checkpoint(sources.DEFAULT)
+        click.echo(f"No SOURCE given: using the default model {pip_models.DEFAULT}.", err=True)
+        source = pip_models.hf_checkpoint(pip_models.DEFAULT)
     if target == "onnx":
         return _convert_onnx(Path(source), lora, out_type, output, force, no_parity, threads, as_json, onnx_graph, memory_budget,
                              allow_pickle)

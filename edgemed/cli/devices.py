@@ -119,9 +119,9 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, as_
 
 def _check_target(model: str | None) -> Path:
     if model is None:
-        from edgemed.converters.source import pip_models as sources
+        from edgemed.converters.source import pip_models
 
-        return sources.gguf_file()
+        return pip_models.gguf_file()
     from edgemed.packaging.ref import runnable
 
     return runnable(model).model_path

