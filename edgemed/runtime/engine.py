@@ -18,7 +18,7 @@ from typing import Iterator, Protocol
 
 from edgemed.constants import DEFAULT_KV_TYPE
 from edgemed.errors import ContextOverflow, InputError
-from edgemed.formats.sniff import model_format  # noqa: F401 - the one sniffer; importers of engine.model_format keep working
+from edgemed.formats.sniff import model_format
 
 
 @dataclass(frozen=True)
