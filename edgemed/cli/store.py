@@ -48,8 +48,8 @@ def list_(as_json):
             click.echo(f"{r['name']:<24} DAMAGED: {r['error']}")
             continue
         sig = f"key {r['signed_by']}" if r["signed_by"] else ("signed" if r["has_signature"] else "unsigned")
-        click.echo(f"{r['name']:<24} {r['arch'] or '?':<8} {(r['params'] or 0) / 1e6:>7.0f}M {r['quant'] or '?':<8} "
-                   f"{r['size_bytes'] / 1e6:>9,.1f} MB  {sig}")
+        click.echo(f"{r['name']:<24} {r['version'] or '-':<10} {r['arch'] or '?':<8} {(r['params'] or 0) / 1e6:>7.0f}M "
+                   f"{r['quant'] or '?':<8} {r['size_bytes'] / 1e6:>9,.1f} MB  {r['digest'][:19]}  {sig}  from {r['origin']}")
     click.echo(f"store: {store.root} ({store.disk_usage() / 1e6:,.1f} MB on disk, shared files counted once)")
 
 

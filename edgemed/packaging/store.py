@@ -65,6 +65,12 @@ JOURNAL = "journal.json"
 _TMP_BLOB = re.compile(r"\.[0-9a-f]{64}\.[0-9]+")  # _dedupe's link before its rename onto the blob
 
 
+def _version(man: Manifest) -> str | None:
+    """The model's release version as its card gives it (CHAI "version"), else None."""
+    v = man.card.get("version")
+    return str(v)[:256] if v is not None else None
+
+
 class Store:
     def __init__(self, root: Path | None = None):
         self.root = Path(root or env.store_dir())
@@ -210,8 +216,12 @@ class Store:
         return idx, bad
 
     # -- install ---------------------------------------------------------------------------
-    def install(self, bundle: Path, *, name: str | None = None, public_key=None, force: bool = False) -> tuple[str, Manifest, str | None]:
-        """Install a bundle (tar or directory); return (name, manifest, signer key id)."""
+    def install(self, bundle: Path, *, name: str | None = None, public_key=None, force: bool = False,
+                origin: str | None = None) -> tuple[str, Manifest, str | None]:
+        """Install a bundle (tar or directory); return (name, manifest, signer key id).
+
+        ``origin``: where the bundle came from when that is not the local path given (``oci://HOST/REPO@sha256:...``
+        for a pull); it is recorded in the index, shown by ``list``, and selects the trust policy's entry."""
         from edgemed.packaging import signing
         from edgemed.packaging.archive import is_tar, read_tar
 
@@ -261,8 +271,9 @@ class Store:
                     (stage / SIGNATURE).write_bytes(sig)
                 target = check_name(name or man.name)
                 self._dedupe(stage, man)
-                record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": str(bundle.absolute()),
-                          "signed_by": signer.get("key_id"), "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": origin or str(bundle.absolute()),
+                          "signed_by": signer.get("key_id"), "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "origin": origin, "version": _version(man)}
                 aside = debris_path(self.tmp, f"old-{target}")
                 write_text(self.journal_path, json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
@@ -346,7 +357,9 @@ class Store:
             m = man.model
             rows[name] = {"name": name, "arch": m.get("arch"), "quant": m.get("quant"), "params": m.get("params"),
                           "size_bytes": man.total_bytes, "signed_by": idx[name]["signed_by"], "has_signature": sig is not None,
-                          "installed": idx[name]["installed"], "path": str(d / man.model_path)}
+                          "installed": idx[name]["installed"], "path": str(d / man.model_path),
+                          "version": idx[name].get("version", _version(man)), "digest": "sha256:" + idx[name]["manifest_sha256"],
+                          "origin": idx[name].get("origin") or idx[name]["source"]}
         for name, why in bad.items():
             shown = name if valid_name(name) else ascii(name)
             rows[shown] = {"name": shown, "error": f"its record in {self.index_path} is damaged ({why}); "

@@ -44,6 +44,13 @@ _RECORD = {  # index record field -> (what it must be, check)
     "signed_by": ("null or a key id", lambda v: v is None or (isinstance(v, str) and len(v) <= 256)),
     "installed": ("a UTC time like 2024-01-31T12:00:00Z", lambda v: isinstance(v, str) and _WHEN.fullmatch(v) is not None),
 }
+_OPTIONAL = {  # fields a newer edgemed writes; a record without them is an older edgemed's and stays valid
+    "origin": ("null or a location of at most 4096 characters", lambda v: v is None or (isinstance(v, str) and len(v) <= 4096)),
+    "version": ("null or a version string", lambda v: v is None or (isinstance(v, str) and len(v) <= 256)),
+    "signer_key": ("null or a PEM public key", lambda v: v is None or (isinstance(v, str) and len(v) <= 16384)),
+    "previous": ("null or an index record", lambda v: v is None or (isinstance(v, dict) and "previous" not in v
+                                                                    and record_problem(v, exact=True) is None)),
+}
 _JOURNAL_KEYS = {"install": {"op", "name", "sha256", "stage", "aside", "record"}, "remove": {"op", "name", "trash"}}
 _STAGED_LABEL = {"stage": "install", "aside": "old-{name}", "trash": "rm-{name}"}  # journal key -> debris label
 
@@ -69,7 +76,10 @@ def record_problem(rec, exact: bool = False) -> str | None:
             return f"it has no '{key}'"
         if not ok(rec[key]):
             return f"its '{key}' is not {what}"
-    extra = sorted(set(rec) - set(_RECORD))
+    for key, (what, ok) in _OPTIONAL.items():
+        if key in rec and not ok(rec[key]):
+            return f"its '{key}' is not {what}"
+    extra = sorted(set(rec) - set(_RECORD) - set(_OPTIONAL))
     if exact and extra:
         return f"it has fields edgemed does not write ({', '.join(ascii(k) for k in extra[:3])})"
     return None
