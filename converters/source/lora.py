@@ -334,6 +334,18 @@ class LoraAdapter:
         b = self._handle.get_slice(pair.b)[start:stop].to(torch.float32)
         return block.to(torch.float32) + pair.scale * (b @ a)
 
+    def factors(self, name: str):
+        """PEFT's unscaled pair for base tensor ``name``: float32 ``A [r, in]`` and ``B [out, r]`` (an adapter file
+        carries them unmerged: ``converters/gguf/adapter.py``)."""
+        import torch
+
+        pair = self.pairs[name]
+        return self._handle.get_tensor(pair.a).to(torch.float32), self._handle.get_tensor(pair.b).to(torch.float32)
+
+    def rank(self, name: str) -> int:
+        """The rank of the pair adapting base tensor ``name`` (its lora_A's rows)."""
+        return int(self._handle.get_slice(self.pairs[name].a).get_shape()[0])
+
     def touches(self, name: str) -> bool:
         return name in self.pairs or name in self.replacements
 

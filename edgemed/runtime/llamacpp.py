@@ -159,6 +159,41 @@ class Model:
             self.lib.llama_model_free(ptr)
 
 
+class Adapter:
+    """A GGUF LoRA adapter loaded for one ``Model`` (``llama_adapter_lora_init``): llama.cpp checks its
+    architecture and every pair's shape against the model's tensors. Applied per context (``Context.set_adapters``).
+    Close it before its model; which adapter belongs on which base is decided above this layer (``loader``)."""
+
+    def __init__(self, model: Model, path: Path | str):
+        self.lib = model.lib
+        self.model = model
+        self.path = Path(path)
+        self.ptr = self.lib.llama_adapter_lora_init(model.ptr, str(self.path).encode("utf-8"))
+        if not self.ptr:
+            raise ModelLoadError(
+                f"llama.cpp could not load the LoRA adapter '{self.path}' for '{model.path.name}'.",
+                "check that it is a GGUF LoRA adapter made for this base model (`edgemed convert BASE --lora ADAPTER "
+                "--adapter-only`); run with -v to see llama.cpp's reason",
+            )
+
+    def meta(self, key: str) -> str | None:
+        """An adapter metadata value as llama.cpp read it (None when absent)."""
+        size = 1 << 10
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self.lib.llama_adapter_meta_val_str(self.ptr, key.encode("utf-8"), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
+
+    def close(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            self.lib.llama_adapter_lora_free(ptr)
+
+
 class Context:
     """One llama_context: ``n_seq_max`` sequences over ``n_ctx`` cells (one KV stream each unless unified)."""
 
@@ -195,9 +230,22 @@ class Context:
         self.n_batch = lc.llama_n_batch(self.ptr)
         self.n_ctx_seq = lc.llama_n_ctx_seq(self.ptr)
         self._batch: Batch | None = None
+        self.adapters: tuple = ()  # (Adapter, scale) pairs applied to this context (set_adapters)
         if 0 < model.n_ctx_train < self.n_ctx_seq:  # llama.cpp's own warning is only in its log (-v)
             log.warning("The context (%d tokens a sequence) is longer than '%s' was trained on: answers past %d tokens "
                         "may degrade; use --ctx %d or less.", self.n_ctx_seq, model.path.name, *[model.n_ctx_train] * 2)
+
+    def set_adapters(self, adapters: "list[tuple[Adapter, float]]") -> None:
+        """Apply these ``(adapter, scale)`` pairs to every later decode of this context (none: the bare model).
+        llama.cpp keeps the set and has no getter for it, so it is kept here too (``self.adapters``)."""
+        items = list(adapters)
+        arr = (self.lib.llama_adapter_lora_p_ctypes * max(1, len(items)))(*[a.ptr for a, _ in items])
+        scales = (ctypes.c_float * max(1, len(items)))(*[float(s) for _, s in items])
+        rc = self.lib.llama_set_adapters_lora(self.ptr, arr if items else None, len(items), scales if items else None)
+        if rc != 0:
+            raise ModelLoadError(f"llama.cpp refused the LoRA adapters {[a.path.name for a, _ in items]} on this context "
+                                 f"(code {rc}).", "load the adapters for the model this context was made from")
+        self.adapters = tuple((a, float(s)) for a, s in items)
 
     def decode(self, batch: "Batch") -> int:
         return self.lib.llama_decode(self.ptr, batch.raw)
