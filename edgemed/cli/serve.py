@@ -43,12 +43,16 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
               "(default: what fits the context).")
 @click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(1),
               help="max_tokens for chat requests that name none.")
+@click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
+              "off whenever the server listens off loopback without API keys.")
 def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
-          cors_origins, max_body, max_tokens_limit, default_max_tokens):
+          cors_origins, max_body, max_tokens_limit, default_max_tokens, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
     Any OpenAI client works with base_url=http://127.0.0.1:8080/v1: /v1/chat/completions and
     /v1/completions (streaming or not), /v1/models; /health and /metrics (Prometheus) beside them.
+    A clinician opens http://127.0.0.1:8080/ in a browser: chat, the medical templates as forms, the
+    model card; served from the package, nothing loaded from elsewhere (--no-ui turns it off).
     Extra request fields: "template" + "template_inputs" (medical templates, see `edgemed run --help`),
     "grammar" (GBNF); response_format json_schema / json_object constrain the output.
 
@@ -89,6 +93,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
                              _NOT_GGUF)
         ref = with_digest(ref)  # the audit's identity: a bundle's manifest sha256, else the file's own
         path, model_id, digest = ref.model_path, ref.name, ref.digest
+        card = _card(ref)
         prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads)
         if prepared.plan is None:
             raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
@@ -98,7 +103,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
         try:
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
-                                 default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit)
+                                 default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
+                                 ui=not no_ui, card=card)
             batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
                               prefix_cache=prefix_cache)
             batcher.start()
@@ -108,6 +114,11 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
             click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
                        f"head {audit.head}", err=True)
             click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
+            if config.page_enabled:
+                click.echo(f"clinician page: http://{host}:{port}/{'  (asks for an API key)' if keys else ''}", err=True)
+            elif not no_ui:
+                logging.getLogger(__name__).warning("clinician page off: %s is not loopback and the server has no API "
+                                                    "keys (pass --api-key-file to serve it)", host)
             if not config.loopback:
                 click.echo("warning: plain HTTP off loopback: keys, prompts and answers cross the network unencrypted; "
                            "put a TLS-terminating proxy in front, or keep --host 127.0.0.1", err=True)
@@ -126,6 +137,20 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
                 batcher.close()
             click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
             audit.close()
+
+
+def _card(ref) -> dict:
+    """The model card of a verified bundle (its manifest's "card"), for the page; a plain model file has none."""
+    from edgemed.packaging.manifest import MANIFEST
+    from edgemed.packaging.ref import DIRECTORY, STORE
+
+    if ref.kind not in (DIRECTORY, STORE) or ref.path is None:
+        return {}
+    try:
+        card = json.loads((Path(ref.path) / MANIFEST).read_text(encoding="utf-8")).get("card")
+    except (OSError, ValueError):
+        return {}  # verified a moment ago: unreadable now means it changed under us; the page says "no card"
+    return card if isinstance(card, dict) else {}
 
 
 @click.group()

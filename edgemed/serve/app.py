@@ -1,7 +1,8 @@
 """The ASGI app of ``edgemed serve``: OpenAI's API over a ``Batcher``, with audit, metrics and limits.
 
 ``create_app`` wires the parts: the app's ``Served`` state (``state.py``), the routes (``routes.py``;
-the generation endpoints are rows of ``endpoints.py``, answered by ``generate.py``), the error shapes
+the generation endpoints are rows of ``endpoints.py``, answered by ``generate.py``; the clinician page,
+``page.py``, unless ``--no-ui``), the error shapes
 and the middleware. Every error, whatever raised it, leaves in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -27,6 +28,7 @@ from edgemed.runtime import chat_template
 from edgemed.serve.api import ApiError, as_api_error, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
+from edgemed.serve import page
 from edgemed.serve.middleware import Guard, Observe, record_of
 from edgemed.serve.routes import LABELS, router
 from edgemed.serve.state import Served
@@ -45,12 +47,14 @@ def create_app(batcher, config: ServeConfig):
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
     app.include_router(router)
+    if config.page_enabled:  # the clinician page at / (page.py); off with --no-ui
+        app.include_router(page.router)
     # -- middleware (added innermost first) --
     app.add_middleware(Guard, config=config)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600)
-    app.add_middleware(Observe, config=config, metrics=metrics, labels=LABELS)
+    app.add_middleware(Observe, config=config, metrics=metrics, labels={**LABELS, **page.LABELS})
     return app
 
 

@@ -6,7 +6,7 @@ path can produce a server on a public address without API keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgemed.errors import InputError
 from edgemed.serve.audit import AuditLog
@@ -30,6 +30,8 @@ class ServeConfig:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_tokens_limit: int | None = None    # None: whatever fits the slot's context
     audit: AuditLog | None = None          # None: no audit log (the CLI always opens one)
+    ui: bool = True                        # the clinician page at / (``page.py``); see ``page_enabled``
+    card: dict = field(default_factory=dict)  # the bundle's model card (manifest "card"); empty for a plain file
 
     def __post_init__(self) -> None:
         check_bind(self.host, self.api_keys)
@@ -42,3 +44,9 @@ class ServeConfig:
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def page_enabled(self) -> bool:
+        """The page is served unless ``--no-ui``, and never off loopback without keys (anyone on the network
+        could use it; ``check_bind`` refuses that bind today, this keeps the page off should it ever be allowed)."""
+        return self.ui and (self.loopback or self.api_keys is not None)

@@ -8,7 +8,7 @@ with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not
 
 ``Guard`` (innermost) refuses, in this order: every ``/v1`` request once the audit log cannot be
 written (503, fail closed); on loopback binds, a ``Host`` that is not a loopback name (400: DNS
-rebinding from a web page); a missing or wrong API key on ``/v1/*`` and ``/metrics`` (401); a body
+rebinding from a web page); a missing or wrong API key on ``/v1/*``, ``/metrics`` and ``/ui/info`` (401); a body
 over the limit (413: ``Content-Length`` first, then the body is read here and counted, so the app only
 ever sees a bounded, buffered body).
 """
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 #: Host header values a loopback-bound server answers (anything else: DNS rebinding from a web page)
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
+#: Paths outside /v1 that need the API key when the server has keys (the page's own files do not: they hold nothing
+#: of the deployment, and the page must load to ask for the key)
+KEYED_PATHS = {"/metrics", "/ui/info"}
 #: nginx's "client closed request": the client left before its whole request was read or its whole answer sent.
 #: Recorded (metrics' code label, the audit's status) in place of any 5xx, so a client's time-out is not a server error.
 CLIENT_CLOSED = 499
@@ -154,7 +157,7 @@ async def _audit(audit, kind: str, fields: dict) -> None:
 
 
 class Guard:
-    """API key for ``/v1/*`` and ``/metrics``; request bodies larger than the limit are refused (413)."""
+    """API key for ``/v1/*`` and ``KEYED_PATHS``; request bodies larger than the limit are refused (413)."""
 
     def __init__(self, app, *, config: ServeConfig):
         self.app, self.config = app, config
@@ -184,7 +187,7 @@ class Guard:
                                               "refused. Fix: free disk space or repair the log's storage, then restart "
                                               "the server.", "server_error", "audit_unavailable"))
         keys = self.config.api_keys
-        if keys is not None and (path.startswith("/v1/") or path == "/metrics"):
+        if keys is not None and (path.startswith("/v1/") or path in KEYED_PATHS):
             record.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
             if record.key_id is None:
                 return await refuse(ApiError(401, "Missing or incorrect API key. Fix: send 'Authorization: Bearer KEY' "

@@ -1,0 +1,495 @@
+// The clinician page of `edgemed serve`: talks to this server's /v1 API only (same origin), like any client.
+// Every piece of text from the model or the user is put on the page with textContent, never as HTML; the
+// server's Content-Security-Policy (Trusted Types, no inline script) makes the browser refuse HTML from strings.
+// Nothing is written to localStorage or IndexedDB; the API key, when one is needed, lives in sessionStorage.
+"use strict";
+
+(function () {
+  const KEY_SLOT = "edgemed.apiKey";
+  const THINK_OPEN = "<think>", THINK_CLOSE = "</think>";
+  const CARD_LABELS = {
+    model_name: "Model", version: "Version", developer: "Developer", intended_use: "Intended use",
+    intended_users: "Intended users", decision_role: "Decision role", out_of_scope_use: "Not for",
+    known_limitations: "Known limitations",
+  };
+
+  const $ = (id) => document.getElementById(id);
+  const state = { info: null, templates: {}, history: [], busy: null, transcript: [] };
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "text") node.textContent = v;
+      else if (k === "class") node.className = v;
+      else if (k === "hidden") node.hidden = Boolean(v);
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) if (c !== null && c !== undefined) node.append(c);
+    return node;
+  }
+
+  function setStatus(text) { $("status").textContent = text; }
+
+  // -- the key ---------------------------------------------------------------------------------------------
+  function apiKey() { return sessionStorage.getItem(KEY_SLOT) || ""; }
+
+  function headers(json) {
+    const h = {};
+    if (json) h["Content-Type"] = "application/json";
+    const key = apiKey();
+    if (key) h.Authorization = "Bearer " + key;
+    return h;
+  }
+
+  function askForKey(message) {
+    sessionStorage.removeItem(KEY_SLOT);
+    $("forget-key").hidden = true;
+    $("key-panel").hidden = false;
+    $("key-error").textContent = message || "";
+    setStatus("An API key is needed.");
+    $("key").focus();
+  }
+
+  async function errorText(response) {
+    try {
+      const body = await response.json();
+      if (body && body.error && body.error.message) return body.error.message;
+    } catch (e) { /* not JSON */ }
+    return "The server answered " + response.status + ".";
+  }
+
+  // -- start: the model, its card, the templates -------------------------------------------------------------
+  async function load() {
+    let response;
+    try {
+      response = await fetch("/ui/info", { headers: headers(false), cache: "no-store" });
+    } catch (e) {
+      setStatus("The server cannot be reached. Is `edgemed serve` running?");
+      return;
+    }
+    if (response.status === 401) {
+      askForKey(apiKey() ? "That key was refused. Check it and try again." : "");
+      return;
+    }
+    if (!response.ok) { setStatus(await errorText(response)); return; }
+    const info = await response.json();
+    state.info = info;
+    $("key-panel").hidden = true;
+    $("forget-key").hidden = !apiKey();
+    showCard(info);
+    await loadModels(info.model);
+    buildModes(info.templates);
+    $("ask").hidden = false;
+    $("conversation").hidden = state.transcript.length === 0;
+    setStatus("Ready. " + (info.keys_required ? "Requests use your key; " : "") +
+              "each answer shows its audit request id.");
+    $("prompt").focus();
+  }
+
+  function showCard(info) {
+    const dl = $("card-fields");
+    dl.replaceChildren();
+    const card = info.card || {};
+    const keys = Object.keys(CARD_LABELS).filter((k) => card[k] !== undefined && card[k] !== "");
+    for (const k of keys) {
+      const value = card[k];
+      const dd = el("dd", { "data-field": k });
+      if (Array.isArray(value)) dd.append(el("ul", {}, ...value.map((v) => el("li", { text: String(v) }))));
+      else dd.textContent = String(value);
+      dl.append(el("dt", { text: CARD_LABELS[k] }), dd);
+    }
+    $("card-missing").hidden = keys.length > 0;
+    $("card").hidden = false;
+  }
+
+  async function loadModels(served) {
+    const select = $("model");
+    select.replaceChildren();
+    let ids = [served];
+    try {
+      const response = await fetch("/v1/models", { headers: headers(false), cache: "no-store" });
+      if (response.ok) {
+        const body = await response.json();
+        const listed = (body.data || []).map((m) => m.id).filter((id) => typeof id === "string");
+        if (listed.length) ids = listed;
+      }
+    } catch (e) { /* keep the served model */ }
+    for (const id of ids) select.append(el("option", { value: id, text: id }));
+    select.value = ids.includes(served) ? served : ids[0];
+    select.disabled = ids.length < 2;
+  }
+
+  // -- tasks: the chat, or one template's form ---------------------------------------------------------------
+  function buildModes(templates) {
+    const select = $("mode");
+    select.replaceChildren(el("option", { value: "", text: "Free question (chat)" }));
+    state.templates = {};
+    for (const t of templates) {
+      state.templates[t.name] = t;
+      select.append(el("option", { value: t.name, text: t.title + " (" + t.name + ")" }));
+    }
+    showMode("");
+  }
+
+  function showMode(name) {
+    const t = state.templates[name];
+    $("chat-form").hidden = Boolean(t);
+    $("template-form").hidden = !t;
+    if (t) buildForm(t);
+  }
+
+  function fieldId(name) { return "tpl-" + name; }
+
+  function buildForm(t) {
+    $("template-title").textContent = t.title;
+    const box = $("template-fields");
+    box.replaceChildren();
+    for (const f of t.fields) {
+      const id = fieldId(f.name);
+      const label = el("label", { for: id, text: f.name.replace(/_/g, " ") + (f.required ? "" : " (optional)") });
+      const help = f.help ? el("p", { id: id + "-help", class: "hint", text: f.help }) : null;
+      if (f.kind === "options") {
+        box.append(optionsEditor(f));
+        continue;
+      }
+      const attrs = { id, name: f.name, "data-field": f.name };
+      if (help) attrs["aria-describedby"] = id + "-help";
+      const input = f.kind === "long" ? el("textarea", { ...attrs, rows: "4" }) : el("input", { ...attrs, type: "text" });
+      if (f.default) input.value = f.default;
+      box.append(el("div", { class: "field" }, label, input, help));
+    }
+  }
+
+  function optionsEditor(f) {
+    const set = el("fieldset", { class: "field options", "data-field": f.name, id: fieldId(f.name) },
+                   el("legend", { text: "Options" }));
+    const rows = el("div", { class: "option-rows" });
+    const add = el("button", { type: "button", text: "Add an option" });
+    const addRow = (text) => {
+      const letter = String.fromCharCode(65 + rows.children.length);
+      const id = fieldId(f.name) + "-" + letter;
+      rows.append(el("div", { class: "option" }, el("label", { for: id, text: "Option " + letter }),
+                     el("input", { id, type: "text", "data-letter": letter, value: text || "" })));
+      add.disabled = rows.children.length >= 26;
+    };
+    add.addEventListener("click", () => { addRow(""); rows.lastChild.querySelector("input").focus(); });
+    for (let i = 0; i < 4; i++) addRow("");
+    set.append(rows, add);
+    return set;
+  }
+
+  function fillExample() {
+    const t = state.templates[$("mode").value];
+    if (!t) return;
+    for (const f of t.fields) {
+      const value = t.example[f.name];
+      if (value === undefined) continue;
+      if (f.kind === "options") {
+        const rows = document.querySelector("#" + fieldId(f.name) + " .option-rows");
+        const inputs = rows.querySelectorAll("input");
+        Object.values(value).forEach((text, i) => { if (inputs[i]) inputs[i].value = String(text); });
+      } else {
+        $(fieldId(f.name)).value = String(value);
+      }
+    }
+  }
+
+  function formInputs(t) {
+    const inputs = {};
+    for (const f of t.fields) {
+      if (f.kind === "options") {
+        const options = {};
+        for (const input of document.querySelectorAll("#" + fieldId(f.name) + " input")) {
+          if (input.value.trim()) options[input.dataset.letter] = input.value.trim();
+        }
+        inputs[f.name] = options;
+      } else {
+        const value = $(fieldId(f.name)).value;
+        if (value.trim()) inputs[f.name] = value;
+      }
+    }
+    return inputs;
+  }
+
+  // -- one answer on the page ---------------------------------------------------------------------------------
+  function addTurn(question) {
+    const answer = el("article", { class: "answer", "aria-label": "Answer" });
+    const think = el("details", { class: "think", hidden: true },
+                     el("summary", { text: "Reasoning (folded; not part of the answer)" }), el("pre", { class: "think-text" }));
+    const text = el("div", { class: "answer-text" });
+    const structured = el("div", { class: "structured", hidden: true });
+    const raw = el("details", { class: "raw", hidden: true }, el("summary", { text: "Raw text" }), el("pre", { class: "raw-text" }));
+    const meta = el("p", { class: "meta" });
+    const copy = el("button", { type: "button", class: "copy", text: "Copy answer" });
+    const safety = el("p", { class: "safety", text: (state.info && state.info.safety) || "" });
+    answer.append(think, structured, text, raw, el("div", { class: "answer-foot" }, copy, meta), safety);
+    const item = el("li", { class: "turn" }, el("div", { class: "question" }, el("span", { class: "who", text: "You" }),
+                                                 el("div", { class: "question-text", text: question })), answer);
+    $("log").append(item);
+    $("conversation").hidden = false;
+    const turn = { item, answer, think, text, structured, raw, meta, copy, answerText: "", thinkText: "", requestId: "" };
+    copy.addEventListener("click", () => copyText(turn));
+    return turn;
+  }
+
+  // <think>…</think> split as it streams, a tag possibly cut between two pieces (as templates/think.py does).
+  function thinkSplitter() {
+    let inThink = false, pending = "";
+    const partial = (text, tag) => {
+      for (let n = Math.min(tag.length - 1, text.length); n > 0; n--) if (tag.startsWith(text.slice(-n))) return n;
+      return 0;
+    };
+    return {
+      feed(piece, out) {
+        pending += piece;
+        while (pending) {
+          const tag = inThink ? THINK_CLOSE : THINK_OPEN;
+          const at = pending.indexOf(tag);
+          if (at >= 0) {
+            out(inThink, pending.slice(0, at));
+            pending = pending.slice(at + tag.length);
+            inThink = !inThink;
+            continue;
+          }
+          const keep = partial(pending, tag);
+          out(inThink, pending.slice(0, pending.length - keep));
+          pending = pending.slice(pending.length - keep);
+          break;
+        }
+      },
+      flush(out) { out(inThink, pending); pending = ""; },
+    };
+  }
+
+  function showPiece(turn, inThink, text) {
+    if (!text) return;
+    if (inThink) {
+      turn.thinkText += text;
+      turn.think.hidden = false;
+      turn.think.querySelector(".think-text").textContent = turn.thinkText;
+    } else {
+      turn.answerText += text;
+      turn.text.textContent = turn.answerText.replace(/^\s+/, "");
+    }
+  }
+
+  function showStructured(turn, template, edgemed) {
+    const parsed = edgemed && edgemed.parsed;
+    if (!template || !parsed) return;
+    const box = turn.structured;
+    box.replaceChildren();
+    if (!parsed.ok) {
+      box.append(el("p", { class: "error", text: "The answer did not follow the form's format: " + (parsed.error || "unknown") +
+                                                 ". The model's text is shown below." }));
+      box.hidden = false;
+      return;
+    }
+    if (template.kind === "choice") {
+      const options = (turn.inputs && template.choices_from && turn.inputs[template.choices_from]) || {};
+      const chosen = String(parsed.value);
+      box.append(el("p", { class: "choice" }, el("span", { text: (template.label || "Answer") + ": " }),
+                    el("strong", { class: "choice-letter", text: chosen }),
+                    options[chosen] ? el("span", { class: "choice-text", text: " — " + options[chosen] }) : null));
+    } else if (template.kind === "json" && parsed.value && typeof parsed.value === "object") {
+      box.append(jsonTable(parsed.value, template.columns));
+    } else {
+      return;  // a text contract: the answer text is the answer
+    }
+    box.hidden = false;
+    turn.text.hidden = true;  // the raw text is one click away
+    turn.raw.hidden = false;
+    turn.raw.querySelector(".raw-text").textContent = turn.answerText;
+  }
+
+  function jsonTable(value, columns) {
+    const keys = [...(columns || []).filter((k) => k in value), ...Object.keys(value).filter((k) => !(columns || []).includes(k))];
+    const body = el("tbody");
+    for (const k of keys) {
+      const v = value[k];
+      const cell = el("td");
+      if (Array.isArray(v)) cell.append(v.length ? el("ul", {}, ...v.map((x) => el("li", { text: typeof x === "string" ? x : JSON.stringify(x) })))
+                                                   : el("span", { class: "none", text: "none" }));
+      else cell.textContent = typeof v === "string" ? v : JSON.stringify(v);
+      body.append(el("tr", {}, el("th", { scope: "row", text: k.replace(/_/g, " ") }), cell));
+    }
+    return el("table", { class: "json" }, el("caption", { text: "Structured answer" }), body);
+  }
+
+  function finishTurn(turn, note) {
+    const parts = [];
+    if (turn.requestId) parts.push(el("span", {}, "Request id ", el("code", { class: "request-id", text: turn.requestId })));
+    if (note) parts.push(el("span", { class: "note", text: note }));
+    turn.meta.replaceChildren(...parts.flatMap((p, i) => (i ? [" · ", p] : [p])));
+    turn.answer.dataset.done = note || "done";
+  }
+
+  async function copyText(turn) {
+    const text = turn.answerText.trim();
+    try {
+      await navigator.clipboard.writeText(text);
+      turn.copy.textContent = "Copied";
+    } catch (e) {
+      const range = document.createRange();
+      range.selectNodeContents(turn.text.hidden ? turn.raw.querySelector(".raw-text") : turn.text);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      turn.copy.textContent = "Selected: press Ctrl+C";
+    }
+  }
+
+  // -- asking -------------------------------------------------------------------------------------------------
+  function busy(on) {
+    $("send").disabled = on;
+    $("stop").disabled = !on;
+    $("mode").disabled = on;
+  }
+
+  async function send() {
+    if (state.busy) return;
+    const t = state.templates[$("mode").value];
+    const body = { model: $("model").value, stream: true };
+    const max = parseInt($("max-tokens").value, 10);
+    if (max > 0) body.max_tokens = max;
+    let question, inputs = null;
+    if (t) {
+      inputs = formInputs(t);
+      body.template = t.name;
+      body.template_inputs = inputs;
+      question = t.title + "\n" + Object.entries(inputs).map(([k, v]) =>
+        k.replace(/_/g, " ") + ": " + (typeof v === "object" ? Object.entries(v).map(([l, o]) => "\n  " + l + ". " + o).join("") : v)).join("\n");
+    } else {
+      question = $("prompt").value.trim();
+      if (!question) { setStatus("Type a question first."); $("prompt").focus(); return; }
+      body.messages = [...state.history, { role: "user", content: question }];
+    }
+    const turn = addTurn(question);
+    turn.inputs = inputs;
+    const controller = new AbortController();
+    state.busy = controller;
+    busy(true);
+    setStatus("Answering…");
+    let note = "";
+    try {
+      note = await stream(body, turn, t, controller.signal);
+      if (!t && note !== "error") {
+        state.history.push({ role: "user", content: question }, { role: "assistant", content: turn.answerText.trim() });
+        $("prompt").value = "";
+      }
+    } catch (e) {
+      if (e.name === "AbortError") note = "stopped";
+      else { note = "error"; showError(turn, "The request failed: " + e.message); }
+    } finally {
+      state.busy = null;
+      busy(false);
+      finishTurn(turn, note === "done" ? "" : note);
+      state.transcript.push({ question, answer: turn.answerText.trim(), requestId: turn.requestId, note });
+      setStatus(note === "stopped" ? "Stopped." : note === "error" ? "The answer failed; see the message." : "Answered.");
+      (t ? $("send") : $("prompt")).focus();
+    }
+  }
+
+  function showError(turn, message) {
+    turn.structured.replaceChildren(el("p", { class: "error", role: "alert", text: message }));
+    turn.structured.hidden = false;
+  }
+
+  // POST with stream: true; read the SSE events; returns "done", "length", "stopped" or "error".
+  async function stream(body, turn, template, signal) {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(true), body: JSON.stringify(body), signal, cache: "no-store",
+    });
+    turn.requestId = response.headers.get("x-request-id") || "";
+    if (!response.ok) {
+      const message = await errorText(response);
+      showError(turn, message);
+      if (response.status === 401) askForKey("The key was refused: " + message);
+      return "error";
+    }
+    const split = thinkSplitter();
+    const out = (inThink, text) => showPiece(turn, inThink, text);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "", result = "done";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+        if (!data || data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) { showError(turn, chunk.error.message); result = "error"; continue; }
+        for (const choice of chunk.choices || []) {
+          if (choice.delta && choice.delta.content) split.feed(choice.delta.content, out);
+          if (choice.finish_reason) {
+            split.flush(out);
+            if (choice.finish_reason === "length") result = "length";
+          }
+        }
+        if (chunk.edgemed) showStructured(turn, template, chunk.edgemed);
+      }
+    }
+    split.flush(out);
+    return result === "length" ? "cut at the answer length limit" : result;
+  }
+
+  function stop() { if (state.busy) state.busy.abort(); }
+
+  function newConversation() {
+    stop();
+    state.history = [];
+    state.transcript = [];
+    $("log").replaceChildren();
+    $("conversation").hidden = true;
+    setStatus("New conversation.");
+    $("prompt").focus();
+  }
+
+  function exportConversation() {
+    if (!state.transcript.length) { setStatus("Nothing to save yet."); return; }
+    const lines = ["edgemed conversation — model " + $("model").value, new Date().toISOString(), ""];
+    for (const t of state.transcript) {
+      lines.push("Q: " + t.question, "A: " + t.answer, "Request id: " + (t.requestId || "none") + (t.note && t.note !== "done" ? " (" + t.note + ")" : ""), "");
+    }
+    lines.push(state.info ? state.info.safety : "");
+    const url = URL.createObjectURL(new Blob([lines.join("\n")], { type: "text/plain;charset=utf-8" }));
+    const a = el("a", { href: url, download: "edgemed-conversation.txt" });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  }
+
+  // -- wiring -------------------------------------------------------------------------------------------------
+  document.addEventListener("DOMContentLoaded", () => {
+    $("key-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const key = $("key").value.trim();
+      if (!key) return;
+      sessionStorage.setItem(KEY_SLOT, key);
+      $("key").value = "";
+      load();
+    });
+    $("forget-key").addEventListener("click", () => { askForKey("Key forgotten."); });
+    $("chat-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+    $("template-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+    $("prompt").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+    });
+    $("template-form").addEventListener("keydown", (e) => {
+      if (e.key !== "Enter" || e.isComposing) return;
+      const inText = e.target.tagName === "TEXTAREA";
+      if ((inText && (e.ctrlKey || e.metaKey)) || (!inText && e.target.tagName === "INPUT")) { e.preventDefault(); send(); }
+    });
+    $("mode").addEventListener("change", () => showMode($("mode").value));
+    $("fill-example").addEventListener("click", fillExample);
+    $("send").addEventListener("click", send);
+    $("stop").addEventListener("click", stop);
+    $("new-chat").addEventListener("click", newConversation);
+    $("export").addEventListener("click", exportConversation);
+    load();
+  });
+})();
