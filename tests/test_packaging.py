@@ -6,6 +6,7 @@ SmolLM2 round trip is in test_packaging_real.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -124,16 +125,10 @@ def test_killed_pack_leaves_no_output(tmp_path, src, monkeypatch):
     (tmp_path / "out").mkdir()
     with pytest.raises(KeyboardInterrupt):
         _pack(src, tmp_path / "out" / "b.edgemed")
+    monkeypatch.setattr(signing, "sign", boom)  # signing dies: the directory form is fully written by then
     with pytest.raises(KeyboardInterrupt):
-        _pack(src, tmp_path / "out" / "b.dir", as_dir=True, private_key=_Dying())
+        _pack(src, tmp_path / "out" / "b.dir", as_dir=True, private_key=signing.load_private_key(kit.keypair(tmp_path)[0]))
     assert list((tmp_path / "out").iterdir()) == []
-
-
-class _Dying:
-    """A signing key whose sign() dies: the directory form is fully written by then, still nothing may appear."""
-
-    def sign(self, data):
-        raise KeyboardInterrupt
 
 
 # -- verify: good, tampered, signed ---------------------------------------------------------
@@ -158,7 +153,7 @@ def test_flipping_any_byte_of_any_file_is_refused(tmp_path, src, keys):
     good = _pack(src, tmp_path / "good", as_dir=True, private_key=signing.load_private_key(priv))
     public = signing.load_public_key(pub)
     files = sorted(p for p in good.rglob("*") if p.is_file())
-    assert len(files) == 5  # model, LICENSE, card.toml, manifest.json, manifest.sig
+    assert len(files) == 5  # model, LICENSE, card.toml, manifest.json, model.sig
     cases = 0
     for f in files:
         size = f.stat().st_size
@@ -171,7 +166,7 @@ def test_flipping_any_byte_of_any_file_is_refused(tmp_path, src, keys):
                 verify_dir(bad, full=True, public_key=public)
             msg = str(exc.value)
             rel = f.relative_to(good).as_posix()
-            if rel not in ("manifest.json", "manifest.sig"):
+            if rel not in ("manifest.json", "model.sig"):
                 entry = json.loads((good / "manifest.json").read_text())["files"]
                 expected = next(e["sha256"] for e in entry if e["path"] == rel)
                 assert rel in msg and expected in msg and f"actual {file_sha256(target)}" in msg, msg
@@ -239,12 +234,13 @@ def test_signature_checks(tmp_path, src, keys):
     (signed / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
     r = _run("verify", signed, "--key", pub)
     assert r.exit_code == 1 and "manifest was changed after signing" in r.output
-    # a forged signature file claiming the right key id
-    (unsigned / "manifest.sig").write_text(json.dumps({"schema": "edgemed.signature/1", "algorithm": "ed25519",
-                                                        "key_id": signing.key_id(signing.load_public_key(pub)),
-                                                        "signature": "A" * 86 + "=="}))
+    # a forged signature: the right key hint and statement, another signature value
+    good = _pack(src, tmp_path / "g", as_dir=True, private_key=signing.load_private_key(priv))
+    doc = json.loads((good / "model.sig").read_text())
+    doc["dsseEnvelope"]["signatures"][0]["sig"] = base64.b64encode(b"\x30" * 70).decode()
+    (unsigned / "model.sig").write_text(json.dumps(doc))
     r = _run("verify", unsigned, "--key", pub)
-    assert r.exit_code == 1 and "does not match manifest.json" in r.output, r.output
+    assert r.exit_code == 1 and "does not verify with key" in r.output, r.output
 
 
 def test_changed_manifest_hash_is_refused(tmp_path, src):

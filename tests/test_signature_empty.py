@@ -1,6 +1,7 @@
-"""An empty (or whitespace-only) ``manifest.sig`` is a malformed signature: every command that reads the
-bundle (inspect, verify with and without --key, install) refuses it, for a directory and a tar alike,
-with the same answer as any other malformed signature file, and installs nothing.
+"""An empty (or whitespace-only) signature file (``model.sig``, or an older edgemed's ``manifest.sig``) is a
+malformed signature: every command that reads the bundle (inspect, verify with and without --key, install)
+refuses it, for a directory and a tar alike, with the same answer as any other malformed signature file, and
+installs nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from edgemed.cli import cli
 from edgemed.errors import SignatureError
 from edgemed.packaging.bundle import PackInputs, pack
 
-MALFORMED = "manifest.sig is malformed"
+MALFORMED = "{file} is malformed"
+FILES = ("model.sig", "manifest.sig")
 SIGNATURES = {"empty": b"", "blank": b"   ", "whitespace": b"\n\t \r\n", "garbage": b"not a signature"}
 
 
@@ -31,42 +33,44 @@ def packed(tmp_path_factory):
     return tmp / "b", pub
 
 
-def _bundle(packed, tmp_path: Path, form: str, sig: bytes) -> Path:
+def _bundle(packed, tmp_path: Path, form: str, sig: bytes, file: str = "model.sig") -> Path:
     import shutil
 
     from edgemed.packaging.archive import write_tar
     from edgemed.packaging.manifest import Manifest
+    from edgemed.packaging.signing import Signature
 
     src, _ = packed
     tmp_path.mkdir(parents=True, exist_ok=True)
     if form == "directory":
         out = tmp_path / "b"
         shutil.copytree(src, out)
-        (out / "manifest.sig").write_bytes(sig)
+        (out / file).write_bytes(sig)
         return out
     data = (src / "manifest.json").read_bytes()
     man = Manifest.from_bytes(data, str(src))
     out = tmp_path / "b.edgemed"
-    write_tar(out, data, sig, [(src / f.path, f) for f in man.files], int(time.time()))
+    write_tar(out, data, Signature(file, sig), [(src / f.path, f) for f in man.files], int(time.time()))
     return out
 
 
-def _refused(*args) -> str:
+def _refused(file, *args) -> str:
     r = CliRunner().invoke(cli, [str(a) for a in args])
     assert r.exit_code == 1, (args, r.exit_code, r.output)
     assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, r.output
-    assert MALFORMED in r.output and "get a fresh copy" in r.output, r.output
+    assert MALFORMED.format(file=file) in r.output and "get a fresh copy" in r.output, r.output
     return r.output
 
 
+@pytest.mark.parametrize("file", FILES)
 @pytest.mark.parametrize("form", ["directory", "tar"])
 @pytest.mark.parametrize("sig", sorted(SIGNATURES))
-def test_every_command_refuses_a_malformed_signature(packed, tmp_path, edgemed_home, form, sig):
-    bundle = _bundle(packed, tmp_path, form, SIGNATURES[sig])
+def test_every_command_refuses_a_malformed_signature(packed, tmp_path, edgemed_home, form, sig, file):
+    bundle = _bundle(packed, tmp_path, form, SIGNATURES[sig], file)
     _, pub = packed
-    outputs = {_refused("inspect", bundle), _refused("inspect", bundle, "--json"), _refused("verify", bundle),
-               _refused("verify", bundle, "--key", pub), _refused("install", bundle),
-               _refused("install", bundle, "--key", pub)}
+    outputs = {_refused(file, "inspect", bundle), _refused(file, "inspect", bundle, "--json"), _refused(file, "verify", bundle),
+               _refused(file, "verify", bundle, "--key", pub), _refused(file, "install", bundle),
+               _refused(file, "install", bundle, "--key", pub)}
     assert len(outputs) == 1  # one answer, whichever command read the file
     assert not (edgemed_home / "models" / "tiny").exists()
 
@@ -82,14 +86,17 @@ def test_readers_refuse_an_empty_signature_and_read_a_well_formed_one(packed, tm
     readers = [read_manifest, verify_dir] if form == "directory" else [peek_tar, lambda p: read_tar(p, hash_sink)]
     empty = _bundle(packed, tmp_path / "empty", form, b"")
     for read in readers:
-        with pytest.raises(SignatureError, match=MALFORMED):
+        with pytest.raises(SignatureError, match=MALFORMED.format(file="model.sig")):
             read(empty)
-    good = signing.sign((src / "manifest.json").read_bytes(), signing.load_private_key(pub.with_name("key.pem")))
-    signed = _bundle(packed, tmp_path / "signed", form, good)
+    from edgemed.packaging.manifest import Manifest
+
+    data = (src / "manifest.json").read_bytes()
+    good = signing.sign(Manifest.from_bytes(data), data, signing.load_private_key(pub.with_name("key.pem")))
+    signed = _bundle(packed, tmp_path / "signed", form, good.data)
     for read in readers:
         result = read(signed)
         assert result.has_signature if read is verify_dir else result[2] == good
     r = CliRunner().invoke(cli, ["verify", str(signed), "--key", str(pub)])
     assert r.exit_code == 0 and "signature valid" in r.output, r.output
-    r = CliRunner().invoke(cli, ["inspect", str(src), "--json"])  # unsigned: no manifest.sig at all
+    r = CliRunner().invoke(cli, ["inspect", str(src), "--json"])  # unsigned: no signature file at all
     assert r.exit_code == 0 and json.loads(r.output)["bundle"]["signature"]["present"] is False

@@ -24,7 +24,7 @@ def _mb(n: int) -> str:
 @click.option("--report", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Conversion report (default: MODEL.report.json, or MODEL/report.json for an ONNX directory, when present).")
 @click.option("--no-report", is_flag=True, help="Do not include the conversion report.")
-@click.option("--sign", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Sign with this ed25519 private key (PEM).")
+@click.option("--sign", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Sign with this EC private key (PEM, from `edgemed keygen`): writes model.sig, the OpenSSF model signature.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output (default: NAME.edgemed).")
 @click.option("--dir", "as_dir", is_flag=True, help="Write the directory form (runnable in place) instead of one tar file.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -33,7 +33,8 @@ def pack(model, name, license_, card, templates, report, no_report, key, output,
     """Pack MODEL (a .gguf, or an ONNX directory) into a verifiable bundle.
 
     The bundle holds the model, LICENSE, the model card, the conversion report and a
-    manifest with every file's sha256; --sign adds an ed25519 signature.
+    manifest with every file's sha256; --sign adds model.sig, an OpenSSF model signature
+    over every file that `model_signing verify key` checks too.
     """
     from edgemed.packaging import signing
     from edgemed.packaging.bundle import PackInputs, pack as do_pack
@@ -51,7 +52,7 @@ def pack(model, name, license_, card, templates, report, no_report, key, output,
     m = man.model
     click.echo(f"wrote {output} ({'directory' if as_dir else 'tar'}, {len(man.files)} files, {_mb(man.total_bytes)}): "
                f"{man.name} = {m.get('arch')} {m.get('params', 0) / 1e6:.0f}M {m.get('quant')}"
-               + (f", signed by key {signing.key_id(private_key.public_key())}" if private_key else ", unsigned"))
+               + (f", signed by key {private_key.key_id} (model.sig)" if private_key else ", unsigned"))
 
 
 @click.command()
@@ -82,7 +83,7 @@ def verify(bundle, key, full, as_json):
     if kind == "tar":
         def on_manifest(man, data, sig):
             if public_key is not None:
-                signer["key_id"] = signing.verify(data, sig, public_key)
+                signer["key_id"] = signing.verify(sig, man, data, public_key)
         man, data, sig = read_tar(where, hash_sink, on_manifest=on_manifest)
         result = dict(manifest_sha256=hashlib.sha256(data).hexdigest(), has_signature=sig is not None,
                       signed_by=signer.get("key_id"), rehashed=[f.path for f in man.files])
@@ -121,7 +122,8 @@ def _inspect_data(bundle: str) -> dict:
         man, data, sig = read_manifest(where if kind == "directory" else Store().model_dir(where))
     return {
         "bundle": {"source": str(where), "form": kind, "manifest_sha256": hashlib.sha256(data).hexdigest(),
-                   "signature": {"present": sig is not None, "key_id": signing.signature_key_id(sig) if sig else None},
+                   "signature": {"present": sig is not None, "key_id": signing.signer_id(sig) if sig else None,
+                                 "file": sig.file if sig else None},
                    "files": len(man.files), "total_bytes": man.total_bytes, "verified": False},
         "manifest": man.to_dict(),
         "card_missing": card_mod.missing_fields(man.card),
@@ -175,10 +177,11 @@ def inspect(bundle, as_json):
 @click.argument("private_key", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True)
 def keygen(private_key, force):
-    """Make an ed25519 key pair for signing bundles: PRIVATE_KEY and its public half beside it
+    """Make an EC P-256 key pair for signing bundles: PRIVATE_KEY and its public half beside it
     (key.pem -> key.pub.pem; any other name gains .pub.pem).
 
-    Keep the private key on the build machine; give the .pub.pem to clinics.
+    Keep the private key on the build machine; give the .pub.pem to clinics. The pair also works
+    with the OpenSSF tool: model_signing sign key --private_key key.pem, verify key --public_key key.pub.pem.
     """
     from edgemed.packaging import signing
 

@@ -1,6 +1,6 @@
 """The single-file transport form: a plain (uncompressed) tar of the bundle directory.
 
-Writing: ``manifest.json`` first, ``manifest.sig`` second, then the listed files
+Writing: ``manifest.json`` first, the signature (``model.sig``) second, then the listed files
 in manifest order, with normalised owners, modes and times (same inputs, same
 bytes). GGUF weights do not compress, so neither do we; and an uncompressed tar
 cannot be a decompression bomb.
@@ -27,8 +27,8 @@ from edgemed import env
 from edgemed.errors import IntegrityError, UnsafeArchive
 from edgemed.packaging import signing
 from edgemed.packaging.digest import copy_hashed
-from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, SIGNATURE, FileEntry,
-                                         Manifest, check_relpath)
+from edgemed.packaging.manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURES, FileEntry, Manifest, check_relpath, max_signature_bytes
+from edgemed.packaging.signing import Signature
 
 _FIX = "do not install this file; ask the sender for a bundle made by `edgemed pack`"
 
@@ -41,12 +41,12 @@ def _info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
     return ti
 
 
-def write_tar(dest: Path, manifest_bytes: bytes, sig_bytes: bytes | None, sources: list[tuple[Path, FileEntry]], mtime: int) -> None:
+def write_tar(dest: Path, manifest_bytes: bytes, sig: Signature | None, sources: list[tuple[Path, FileEntry]], mtime: int) -> None:
     """Write the tar form to ``dest`` (a temporary path the caller renames), re-hashing as it copies."""
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20) as tf:
         tf.addfile(_info(MANIFEST, len(manifest_bytes), mtime), io.BytesIO(manifest_bytes))
-        if sig_bytes is not None:
-            tf.addfile(_info(SIGNATURE, len(sig_bytes), mtime), io.BytesIO(sig_bytes))
+        if sig is not None:
+            tf.addfile(_info(sig.file, len(sig.data), mtime), io.BytesIO(sig.data))
         for src, entry in sources:
             with open(src, "rb") as fh:
                 reader = _HashingReader(fh)
@@ -127,13 +127,13 @@ def _read_small(tf: tarfile.TarFile, m: tarfile.TarInfo, path: Path) -> bytes:
     return data
 
 
-def _read_head(tf: tarfile.TarFile, files, path: Path) -> tuple[Manifest, bytes, bytes | None, tuple | None]:
+def _read_head(tf: tarfile.TarFile, files, path: Path) -> tuple[Manifest, bytes, Signature | None, tuple | None]:
     """The one rule for a bundle's head, used by ``read_tar`` and ``peek_tar`` alike.
 
     The first file entry is ``manifest.json`` (at most ``MAX_MANIFEST_BYTES``), checked before
-    anything else is read; the second may be ``manifest.sig`` (at most ``MAX_SIGNATURE_BYTES``, and a
-    well-formed signature document: ``signing.well_formed``).
-    Returns (manifest, its bytes, signature bytes or None, the next (name, member) or None).
+    anything else is read; the second may be the signature, ``model.sig`` (or an older edgemed's
+    ``manifest.sig``), bounded (``max_signature_bytes``) and well formed (``signing.well_formed``).
+    Returns (manifest, its bytes, the signature or None, the next (name, member) or None).
     """
     first = next(files, None)
     if first is None:
@@ -145,10 +145,11 @@ def _read_head(tf: tarfile.TarFile, files, path: Path) -> tuple[Manifest, bytes,
     data = _read_small(tf, m, path)
     manifest = Manifest.from_bytes(data, str(path))
     sig, after = None, next(files, None)
-    if after is not None and after[0] == SIGNATURE:
-        if after[1].size > MAX_SIGNATURE_BYTES:
-            raise UnsafeArchive(f"{path}: manifest.sig declares {after[1].size} bytes (at most {MAX_SIGNATURE_BYTES}).", _FIX)
-        sig, after = signing.well_formed(_read_small(tf, after[1], path)), next(files, None)
+    if after is not None and after[0] in SIGNATURES:
+        limit = max_signature_bytes(after[0])
+        if after[1].size > limit:
+            raise UnsafeArchive(f"{path}: {after[0]} declares {after[1].size} bytes (at most {limit}).", _FIX)
+        sig, after = signing.well_formed(Signature(after[0], _read_small(tf, after[1], path))), next(files, None)
     return manifest, data, sig, after
 
 
@@ -157,10 +158,10 @@ def _damaged(path: Path, exc: Exception) -> IntegrityError:
 
 
 def read_tar(path: Path, sink: Sink, check_space: Path | None = None,
-             on_manifest: Callable[[Manifest, bytes, bytes | None], None] | None = None) -> tuple[Manifest, bytes, bytes | None]:
+             on_manifest: Callable[[Manifest, bytes, Signature | None], None] | None = None) -> tuple[Manifest, bytes, Signature | None]:
     """Stream ``path``: check the manifest, hand each listed file to ``sink`` (which returns its sha256).
 
-    ``on_manifest(manifest, manifest_bytes, sig_bytes)`` runs once the manifest (and
+    ``on_manifest(manifest, manifest_bytes, signature)`` runs once the manifest (and
     signature, if any) have been read, before any file data: signature checks go there.
     ``check_space``: a directory whose file system must hold the declared bytes.
     """
@@ -206,7 +207,7 @@ def hash_sink(entry: FileEntry, src: BinaryIO) -> str:
     return copy_hashed(src, None, entry.size, entry.path)
 
 
-def peek_tar(path: Path) -> tuple[Manifest, bytes, bytes | None]:
+def peek_tar(path: Path) -> tuple[Manifest, bytes, Signature | None]:
     """Read only the manifest (and signature) at the head of a tar bundle; no file data is hashed."""
     with _open(path) as tf:
         try:

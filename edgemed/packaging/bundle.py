@@ -3,7 +3,8 @@
 Bundle directory (runnable in place; the model file is mmap'd where it lies)::
 
     manifest.json        schema edgemed.bundle/1: every other file's path, size, sha256; facts; card
-    manifest.sig         optional ed25519 signature over manifest.json
+    model.sig            optional OpenSSF model signature over every other file (signing.py);
+                         manifest.sig in a bundle an older edgemed signed (ed25519, read only)
     model/<file>.gguf    or model/<onnx dir>/...
     LICENSE
     card.toml            the model card as written (its fields are also in the manifest)
@@ -32,8 +33,9 @@ from edgemed.formats.sniff import sniff
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging import signing
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
-from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, RESERVED, SIGNATURE, FileEntry,
-                                         Manifest, check_name)
+from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURES, FileEntry, Manifest, check_name,
+                                         max_signature_bytes)
+from edgemed.packaging.signing import Signature
 from edgemed.versions import installed_versions
 
 log = logging.getLogger(__name__)
@@ -135,8 +137,10 @@ def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov:
     return man
 
 
-def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, force: bool = False) -> Manifest:
-    """Write a bundle to ``out`` (tar by default, a directory with ``as_dir``), atomically."""
+def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signing.SigningKey | None = None,
+         force: bool = False) -> Manifest:
+    """Write a bundle to ``out`` (tar by default, a directory with ``as_dir``), atomically; with ``private_key``
+    (``signing.load_private_key``) it holds ``model.sig`` over every file."""
     from edgemed.packaging import card as card_mod
 
     name = check_name(inp.name or inp.model.name.split(".")[0].lower())
@@ -158,12 +162,13 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key=None, 
             data = man.to_bytes()
             (tmp / MANIFEST).write_bytes(data)
             if private_key is not None:
-                (tmp / SIGNATURE).write_bytes(signing.sign(data, private_key))
+                sig = signing.sign(man, data, private_key)
+                (tmp / sig.file).write_bytes(sig.data)
         return man
     entries = [FileEntry(rel, src.stat().st_size, file_sha256(src), role) for src, rel, role in sources]
     man = build_manifest(name, entries, model_facts, prov, card, memory)
     data = man.to_bytes()
-    sig = signing.sign(data, private_key) if private_key is not None else None
+    sig = signing.sign(man, data, private_key) if private_key is not None else None
     from edgemed.packaging.archive import write_tar
 
     epoch = env.source_date_epoch()
@@ -187,16 +192,19 @@ class Verified:
         return self.root / self.manifest.model_path
 
 
-def read_manifest(root: Path) -> tuple[Manifest, bytes, bytes | None]:
-    mpath, spath = root / MANIFEST, root / SIGNATURE
-    for p in (mpath, spath):
+def read_manifest(root: Path) -> tuple[Manifest, bytes, Signature | None]:
+    """The manifest, its bytes and the signature (``model.sig``, else an older edgemed's ``manifest.sig``), bounded
+    and well formed; nothing is verified here."""
+    mpath = root / MANIFEST
+    for p in (mpath, *(root / n for n in SIGNATURES)):
         if p.is_symlink() or (p.exists() and not p.is_file()):
             raise UnsafeArchive(f"{p} is not a regular file.", _DAMAGED)
     if not mpath.is_file():
         raise IntegrityError(f"'{root}' has no manifest.json: it is not a bundle, or the copy is incomplete.",
                              "pass a bundle made by `edgemed pack` (a .edgemed file or directory)")
     data = _read_at_most(mpath, MAX_MANIFEST_BYTES, "a manifest")
-    sig = _read_at_most(spath, MAX_SIGNATURE_BYTES, "a signature") if spath.is_file() else None
+    sig = next((Signature(n, _read_at_most(root / n, max_signature_bytes(n), "a signature")) for n in SIGNATURES
+                if (root / n).is_file()), None)
     man = Manifest.from_bytes(data, str(root))
     return man, data, signing.well_formed(sig)
 
@@ -246,7 +254,7 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     if expect_manifest_sha256 is not None and msha != expect_manifest_sha256:
         raise IntegrityError(f"{root}/manifest.json was changed after install: expected sha256 {expect_manifest_sha256}, actual {msha}.",
                              f"reinstall the model: edgemed install BUNDLE --force")
-    signed_by = signing.verify(data, sig, public_key) if public_key is not None else None
+    signed_by = signing.verify(sig, man, data, public_key) if public_key is not None else None
     found = _walk(root)
     extra = sorted(set(found) - {f.path for f in man.files} - set(RESERVED))
     if extra:

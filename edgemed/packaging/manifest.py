@@ -1,9 +1,10 @@
 """The bundle manifest: one JSON schema, versioned, validated on every read.
 
 A bundle is a directory (or a tar of one) holding ``manifest.json``, an optional
-``manifest.sig`` and the files the manifest lists. The manifest names every other
-file with its size and sha256, so a signature over the manifest's exact bytes
-covers the whole bundle. Readers refuse a manifest whose major schema version
+signature (``model.sig``, the OpenSSF model signature; ``manifest.sig`` in bundles an
+older edgemed signed) and the files the manifest lists. The manifest names every other
+file with its size and sha256, so a signature over the manifest's exact bytes covers
+the whole bundle. Readers refuse a manifest whose major schema version
 they do not know, and any file name that could leave the bundle directory.
 """
 
@@ -19,10 +20,17 @@ from edgemed.errors import IntegrityError, InputError, UnsafeArchive
 
 SCHEMA = "edgemed.bundle/1"
 MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-RESERVED = (MANIFEST, SIGNATURE)
+SIGNATURE = "model.sig"            # OpenSSF Model Signing (edgemed.packaging.signing)
+LEGACY_SIGNATURE = "manifest.sig"  # an older edgemed's ed25519 signature, read only
+SIGNATURES = (SIGNATURE, LEGACY_SIGNATURE)
+RESERVED = (MANIFEST, SIGNATURE, LEGACY_SIGNATURE)
 MAX_MANIFEST_BYTES = 4 << 20
-MAX_SIGNATURE_BYTES = 64 << 10
+MAX_SIGNATURE_BYTES = 64 << 10     # manifest.sig (a few hundred bytes)
+MAX_MODEL_SIG_BYTES = 4 << 20      # model.sig lists every file: ~200 bytes per file, up to MAX_FILES
+
+
+def max_signature_bytes(name: str) -> int:
+    return MAX_MODEL_SIG_BYTES if name == SIGNATURE else MAX_SIGNATURE_BYTES
 MAX_FILES = 10_000
 ROLES = ("model", "license", "card", "report", "template", "other")
 

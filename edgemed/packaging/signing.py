@@ -1,64 +1,131 @@
-"""Ed25519 signatures over a bundle's manifest, made and checked offline.
+"""Bundle signatures: the OpenSSF Model Signing format (``model.sig``), made and checked offline.
 
-``manifest.sig`` is a small JSON document: the algorithm, the signer's key id
-(the first 16 hex digits of sha256 over the raw 32-byte public key) and the
-signature, base64. What is signed is a domain-separation prefix plus the exact
-bytes of ``manifest.json``; the manifest holds every other file's sha256, so the
-signature covers the whole bundle. Keys are PEM files (PKCS#8 private key,
-SubjectPublicKeyInfo public key), the same ones ``openssl genpkey -algorithm
-ed25519`` writes. The ``cryptography`` package is imported only here, lazily.
+``model.sig`` sits at the bundle's root. It is a Sigstore bundle holding a DSSE envelope over an
+in-toto statement that lists every other file of the bundle (``manifest.json``, the model, LICENSE,
+the card, the report, templates) with its sha256: the format of the OpenSSF Model Signing
+specification v1.0, made and checked by its library ``model-signing`` (the ``fleet`` extra), so a
+hospital's security team checks an edgemed bundle with ``model_signing verify key`` and no edgemed.
+Keys are EC (P-256 by default; P-384 and P-521 are read too) in PEM: a PKCS#8 private key and its
+SubjectPublicKeyInfo public key, the ones ``openssl ecparam -genkey -name prime256v1`` makes.
+A key's id is the first 16 hex digits of the hint the library records in the signature (sha256
+over the PEM public key), so ``inspect`` names the signer without the key.
+
+Hashing: the library would hash every file again; edgemed already holds each file's sha256 (the
+manifest, checked file by file on every read, through the verified cache on the fast path). So
+edgemed hands the library those digests through a ``model_signing.hashing.Config`` whose ``hash``
+returns them (``_KnownDigests``) and lets the library do the rest: build and sign the statement,
+check the envelope and the key, compare statement and digests. A tar is then checked as it
+streams, and ``run`` checks a signature without re-reading the model. A statement made with other
+hashing (shards, BLAKE2) is refused with the fix: model-signing 1.1.1 cannot verify those itself.
+
+Legacy: bundles signed by an older edgemed carry ``manifest.sig`` (ed25519 over a domain prefix
+and ``manifest.json``). They still verify with the old ed25519 public key, read-only, and each
+check logs a one-line notice to re-sign; edgemed no longer makes them.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed.files.atomic import atomic_path, check_destination
 from edgemed.errors import InputError, SignatureError, require
 
-SIG_SCHEMA = "edgemed.signature/1"
-CONTEXT = b"edgemed.bundle.manifest.v1\0"
+log = logging.getLogger(__name__)
+
+MODEL_SIG = "model.sig"          # OpenSSF Model Signing (the one edgemed writes)
+LEGACY_SIG = "manifest.sig"      # an older edgemed's ed25519 signature (read-only)
+LEGACY_SCHEMA = "edgemed.signature/1"
+_LEGACY_CONTEXT = b"edgemed.bundle.manifest.v1\0"
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+_MAKE_KEY = "make an EC P-256 key pair with `edgemed keygen key.pem` (key.pem signs; key.pub.pem verifies)"
+_RESIGN = ("this bundle carries an older edgemed's ed25519 signature (manifest.sig), which only edgemed can check; "
+           "re-sign it in the standard format: edgemed pack ... --sign key.pem (an EC key from `edgemed keygen`)")
 
 
-def _ed25519():
+@dataclass(frozen=True)
+class Signature:
+    """A bundle's signature file as read (bounded, well formed): which one, and its bytes."""
+    file: str     # MODEL_SIG or LEGACY_SIG
+    data: bytes
+
+    @property
+    def legacy(self) -> bool:
+        return self.file == LEGACY_SIG
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A verifying key read from a PEM file: an EC key (model.sig) or an older ed25519 key (manifest.sig)."""
+    path: Path
+    kind: str     # "ec" or "ed25519"
+    key_id: str
+    pem: bytes    # the SubjectPublicKeyInfo PEM (a private key given is reduced to its public half)
+
+    def fingerprint(self) -> str:
+        """sha256 over the PEM public key: the hint model.sig records (EC), or the legacy key id's source."""
+        return hashlib.sha256(self.pem).hexdigest()
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    path: Path
+    key_id: str
+
+
+# -- keys ----------------------------------------------------------------------------------
+def _crypto():
     require("cryptography", "gguf")
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    return ed25519
-
-
-def _serialization():
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-    return serialization
-
-
-def key_id(public_key) -> str:
-    s = _serialization()
-    raw = public_key.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return serialization, ec, ed25519
 
 
-def load_private_key(path: Path):
-    ed = _ed25519()
-    s = _serialization()
+def _spki_pem(public) -> bytes:
+    s, _, _ = _crypto()
+    return public.public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _legacy_key_id(public) -> str:
+    s, _, _ = _crypto()
+    return hashlib.sha256(public.public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)).hexdigest()[:16]
+
+
+def _ec_key_id(pem: bytes) -> str:
+    return hashlib.sha256(pem).hexdigest()[:16]
+
+
+def _check_curve(key, path) -> None:
+    if key.curve.name not in _CURVES:
+        raise InputError(f"'{path}' is an EC key on curve {key.curve.name}; model signatures use P-256, P-384 or P-521.", _MAKE_KEY)
+
+
+def load_private_key(path: Path) -> SigningKey:
+    """A private EC key to sign with (read to check it; the library reads it again from ``path``)."""
+    s, ec, ed = _crypto()
     try:
         key = s.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"Cannot read the signing key '{path}': {exc}.",
-                         "pass an unencrypted ed25519 private key in PEM form (make one with `edgemed keygen key.pem`)") from None
-    if not isinstance(key, ed.Ed25519PrivateKey):
-        raise InputError(f"'{path}' is not an ed25519 private key.", "make one with `edgemed keygen key.pem`")
-    return key
+        raise InputError(f"Cannot read the signing key '{path}': {exc}.", f"pass an unencrypted EC private key in PEM form ({_MAKE_KEY})") from None
+    if isinstance(key, ed.Ed25519PrivateKey):
+        raise InputError(f"'{path}' is an ed25519 key: an older edgemed signed with those, and only edgemed can check such "
+                         "signatures, so edgemed no longer makes them.", _MAKE_KEY)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InputError(f"'{path}' is not an EC private key.", _MAKE_KEY)
+    _check_curve(key, path)
+    return SigningKey(Path(path), _ec_key_id(_spki_pem(key.public_key())))
 
 
-def load_public_key(path: Path):
-    ed = _ed25519()
-    s = _serialization()
+def load_public_key(path: Path) -> PublicKey:
+    s, ec, ed = _crypto()
     data = Path(path).read_bytes() if Path(path).is_file() else None
     if data is None:
         raise InputError(f"Public key '{path}' does not exist.", "pass the .pub.pem the bundle's maker gave you")
@@ -68,21 +135,31 @@ def load_public_key(path: Path):
         try:  # a private key also does: derive its public half
             key = s.load_pem_private_key(data, password=None).public_key()
         except (ValueError, TypeError) as exc:
-            raise InputError(f"Cannot read the public key '{path}': {exc}.", "pass an ed25519 public key in PEM form") from None
-    if not isinstance(key, ed.Ed25519PublicKey):
-        raise InputError(f"'{path}' is not an ed25519 public key.", "pass the .pub.pem the bundle's maker gave you")
-    return key
+            raise InputError(f"Cannot read the public key '{path}': {exc}.", "pass an EC public key in PEM form (the maker's .pub.pem)") from None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        _check_curve(key, path)
+        pem = _spki_pem(key)
+        return PublicKey(Path(path), "ec", _ec_key_id(pem), pem)
+    if isinstance(key, ed.Ed25519PublicKey):
+        return PublicKey(Path(path), "ed25519", _legacy_key_id(key), _spki_pem(key))
+    raise InputError(f"'{path}' is neither an EC nor an ed25519 public key.", "pass the .pub.pem the bundle's maker gave you")
+
+
+def as_public_key(key) -> PublicKey | None:
+    """``key`` as a PublicKey: None, a PublicKey, or a path to a PEM file."""
+    if key is None or isinstance(key, PublicKey):
+        return key
+    return load_public_key(Path(key))
 
 
 def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
-    """Write a new private key (mode 0600) and its public key next to it; return (public path, key id)."""
+    """Write a new EC P-256 private key (mode 0600) and its public key next to it; return (public path, key id)."""
     check_destination(private_out, force)
-    ed = _ed25519()
-    s = _serialization()
-    key = ed.Ed25519PrivateKey.generate()
+    s, ec, _ = _crypto()
+    key = ec.generate_private_key(ec.SECP256R1())
     public_out = private_out.with_name(private_out.name.removesuffix(".pem") + ".pub.pem")
     pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
-    pub = key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo)
+    pub = _spki_pem(key.public_key())
     check_destination(public_out, force)  # both refused, or both written: never a lone half of a pair
     with atomic_path(public_out, force=force) as tmp:
         tmp.write_bytes(pub)
@@ -90,34 +167,166 @@ def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
-    return public_out, key_id(key.public_key())
+    return public_out, _ec_key_id(pub)
 
 
-def sign(manifest_bytes: bytes, private_key) -> bytes:
-    sig = private_key.sign(CONTEXT + manifest_bytes)
-    doc = {"schema": SIG_SCHEMA, "algorithm": "ed25519", "key_id": key_id(private_key.public_key()),
-           "signature": base64.b64encode(sig).decode("ascii")}
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
+# -- the library, fed edgemed's digests ----------------------------------------------------------
+def _library():
+    return require("model_signing", "fleet")
 
 
-def signature_key_id(sig_bytes: bytes) -> str:
-    return _parse(sig_bytes)["key_id"]
+def _known_digests_config(name: str, digests: dict[str, str]):
+    """A ``model_signing.hashing.Config`` whose ``hash`` returns ``digests`` (path -> sha256) instead of reading files."""
+    ms = _library()
+    from model_signing import manifest as ms_manifest
+    from model_signing._hashing.hashing import Digest
+
+    class _KnownDigests(ms.hashing.Config):
+        def hash(self, model_path, *, files_to_hash=None):  # noqa: ARG002 - the digests are known
+            ser = ms_manifest.SerializationType.from_args({"method": "files", "hash_type": "sha256", "allow_symlinks": False,
+                                                           "ignore_paths": [MODEL_SIG]})
+            items = [ms_manifest.FileManifestItem(path=Path(p), digest=Digest("sha256", bytes.fromhex(d))) for p, d in digests.items()]
+            return ms_manifest.Manifest(name, items, ser)
+
+    return _KnownDigests()
 
 
-def well_formed(sig_bytes: bytes | None) -> bytes | None:
-    """``manifest.sig`` as a bundle reader hands it on: None (no signature file) or the bytes of a
-    well-formed signature document. Any other content, an empty or whitespace-only file included, is
-    refused here (SignatureError, "malformed") whether or not a key is given: every command that reads
-    a bundle (inspect, verify, install) gives the same answer for the same file."""
-    if sig_bytes is not None:
-        _parse(sig_bytes)
-    return sig_bytes
+def expected_digests(manifest, manifest_bytes: bytes) -> dict[str, str]:
+    """What a bundle's model.sig must list: manifest.json and every file the manifest lists, with their sha256."""
+    return {"manifest.json": hashlib.sha256(manifest_bytes).hexdigest(), **{f.path: f.sha256 for f in manifest.files}}
 
 
-def _parse(sig_bytes: bytes) -> dict:
+def sign(manifest, manifest_bytes: bytes, key: SigningKey) -> Signature:
+    """model.sig over manifest.json and every file the manifest lists (their sha256 as the manifest holds them)."""
+    ms = _library()
+    with tempfile.TemporaryDirectory(prefix="edgemed-sign-") as d:
+        out = Path(d) / MODEL_SIG
+        config = ms.signing.Config().use_elliptic_key_signer(private_key=key.path)
+        config.set_hashing_config(_known_digests_config(manifest.name, expected_digests(manifest, manifest_bytes)))
+        try:
+            config.sign(Path(d), out)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"Cannot sign with '{key.path}': {exc}.", _MAKE_KEY) from None
+        return Signature(MODEL_SIG, out.read_bytes())
+
+
+def statement(sig: Signature) -> dict:
+    """The in-toto statement inside model.sig (NOT authenticated: call ``verify`` for that)."""
     try:
-        doc = json.loads(sig_bytes.decode("utf-8"))
-        assert doc["schema"] == SIG_SCHEMA and doc["algorithm"] == "ed25519"
+        env = json.loads(sig.data.decode("utf-8"))["dsseEnvelope"]
+        return json.loads(base64.b64decode(env["payload"], validate=True))
+    except Exception:  # any malformed signature file is one answer: refuse
+        raise SignatureError("model.sig is malformed (not an OpenSSF model signature).",
+                             "the bundle was altered or damaged; get a fresh copy from its maker") from None
+
+
+def signer_id(sig: Signature) -> str | None:
+    """The key id a signature names (not checked): the legacy key id, or model.sig's public-key hint."""
+    if sig.legacy:
+        return _parse_legacy(sig.data)["key_id"]
+    try:
+        hint = json.loads(sig.data.decode("utf-8"))["verificationMaterial"]["publicKey"]["hint"]
+        return hint[:16] if isinstance(hint, str) and hint else None
+    except (KeyError, TypeError, ValueError):
+        return None  # a certificate-based signature names no key hint
+
+
+def well_formed(sig: Signature | None) -> Signature | None:
+    """A signature file as a bundle reader hands it on: None (no signature file) or a well-formed one. Any other
+    content, an empty or whitespace-only file included, is refused here (SignatureError, "malformed") whether or
+    not a key is given: every command that reads a bundle (inspect, verify, install) gives the same answer."""
+    if sig is None:
+        return None
+    if sig.legacy:
+        _parse_legacy(sig.data)
+    else:
+        st = statement(sig)
+        if not isinstance(st, dict) or not isinstance(st.get("predicate"), dict):
+            raise SignatureError("model.sig is malformed (its statement has no predicate).",
+                                 "the bundle was altered or damaged; get a fresh copy from its maker")
+    return sig
+
+
+@contextlib.contextmanager
+def _files(sig: Signature, key: PublicKey):
+    """Temporary files the library reads: the signature and the public key (a private key given is never passed on)."""
+    with tempfile.TemporaryDirectory(prefix="edgemed-verify-") as d:
+        (Path(d) / MODEL_SIG).write_bytes(sig.data)
+        (Path(d) / "key.pub.pem").write_bytes(key.pem)
+        yield Path(d)
+
+
+def _check_hashing(st: dict) -> None:
+    """edgemed checks statements made by per-file sha256 (the library's default, and what edgemed writes)."""
+    ser = (st.get("predicate") or {}).get("serialization") or {}
+    if not (ser.get("method") == "files" and ser.get("hash_type") == "sha256"):
+        raise SignatureError(f"model.sig was made with {ser.get('method')!s:.20} serialization and {ser.get('hash_type')!s:.20} "
+                             "hashing; edgemed checks per-file sha256 signatures (the model_signing default).",
+                             "re-sign the folder with `edgemed pack --sign key.pem`, or `model_signing sign key` with its "
+                             "default hashing")
+
+
+def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key) -> str:
+    """Check the signature with ``key`` (a PublicKey or a path) against the manifest; return the signer's key id.
+
+    model.sig must list exactly manifest.json and the manifest's files with their sha256 (the files themselves are
+    checked against the manifest by the caller, as for any bundle, so this costs no second read of the model).
+    Raises SignatureError."""
+    key = as_public_key(key)
+    if sig is None:
+        raise SignatureError(f"The bundle is not signed, but a key was given (key {key.key_id}).",
+                             "ask the maker for a signed bundle (edgemed pack --sign key.pem), or verify without --key")
+    if sig.legacy:
+        return _verify_legacy(sig.data, manifest_bytes, key)
+    if key.kind != "ec":
+        raise SignatureError(f"The bundle carries an OpenSSF model signature (model.sig), but '{key.path}' is an ed25519 "
+                             "key, which only checks an older edgemed's manifest.sig.", "pass the maker's EC public key (.pub.pem)")
+    ms = _library()
+    _check_hashing(statement(well_formed(sig)))
+    config = ms.verifying.Config()
+    with _files(sig, key) as d:
+        try:
+            config.use_elliptic_key_verifier(public_key=d / "key.pub.pem")
+            config.set_hashing_config(_known_digests_config(manifest.name, expected_digests(manifest, manifest_bytes)))
+            config.verify(d, d / MODEL_SIG)
+        except Exception as exc:  # the library raises ValueError, or the crypto layer's InvalidSignature
+            raise _refusal(exc, key, statement(sig), expected_digests(manifest, manifest_bytes)) from None
+    return key.key_id
+
+
+def _differences(st: dict, expected: dict[str, str]) -> str:
+    """What differs between a statement the library authenticated and the bundle: each file with both digests."""
+    signed = {r.get("name"): r.get("digest") for r in (st.get("predicate") or {}).get("resources", []) if isinstance(r, dict)}
+    out = [f"'{p}' was signed with sha256 {signed[p]}, the bundle has {d}" for p, d in sorted(expected.items())
+           if p in signed and signed[p] != d]
+    missing = sorted(set(expected) - set(signed))
+    extra = sorted(set(signed) - set(expected))
+    if missing:
+        out.append(f"not covered by the signature: {', '.join(map(str, missing[:5]))}")
+    if extra:
+        out.append(f"signed but not in the bundle: {', '.join(map(str, extra[:5]))}")
+    return "; ".join(out)
+
+
+def _refusal(exc: Exception, key: PublicKey, st: dict, expected: dict[str, str]) -> SignatureError:
+    text = str(exc).strip() or type(exc).__name__
+    if "Key mismatch" in text:
+        return SignatureError(f"model.sig was made by another key, not by the given key {key.key_id} ({key.path}).",
+                              "check that you have the maker's public key; do not install a bundle from an unknown signer")
+    if "Signature mismatch" in text:  # the envelope verified; the files it lists differ from the bundle's
+        what = _differences(st, expected)
+        changed = "the manifest was changed after signing" if "'manifest.json'" in what else "the bundle was changed after signing"
+        return SignatureError(f"The bundle does not match model.sig (key {key.key_id}): {what}: {changed}.",
+                              "do not install this bundle; get a fresh copy from its maker")
+    return SignatureError(f"model.sig does not verify with key {key.key_id} ({key.path}): {text[:200]}: the signature was "
+                          "changed after signing, or it is not this key's.", "do not install this bundle; get a fresh copy from its maker")
+
+
+# -- legacy: an older edgemed's ed25519 manifest.sig (read-only) ---------------------------------------
+def _parse_legacy(data: bytes) -> dict:
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        assert doc["schema"] == LEGACY_SCHEMA and doc["algorithm"] == "ed25519"
         doc["raw"] = base64.b64decode(doc["signature"], validate=True)
         assert len(doc["raw"]) == 64 and isinstance(doc["key_id"], str)
         return doc
@@ -126,21 +335,21 @@ def _parse(sig_bytes: bytes) -> dict:
                              "the bundle was altered or damaged; get a fresh copy from its maker") from None
 
 
-def verify(manifest_bytes: bytes, sig_bytes: bytes | None, public_key) -> str:
-    """Check the signature with ``public_key``; return the key id. Raises SignatureError."""
-    expected = key_id(public_key)
-    if sig_bytes is None:
-        raise SignatureError(f"The bundle is not signed, but a key was given (key {expected}).",
-                             "ask the maker for a signed bundle (edgemed pack --sign key.pem), or verify without --key")
-    doc = _parse(sig_bytes)
-    if doc["key_id"] != expected:
-        raise SignatureError(f"manifest.sig was made by key {doc['key_id']}, not by the given key {expected}.",
+def _verify_legacy(data: bytes, manifest_bytes: bytes, key: PublicKey) -> str:
+    doc = _parse_legacy(data)
+    if key.kind != "ed25519":
+        raise SignatureError(f"The bundle carries an older edgemed's ed25519 signature (manifest.sig, key {doc['key_id']}); "
+                             f"'{key.path}' is an EC key.", "pass the ed25519 public key it was signed with, or ask the maker to re-sign")
+    if doc["key_id"] != key.key_id:
+        raise SignatureError(f"manifest.sig was made by key {doc['key_id']}, not by the given key {key.key_id}.",
                              "check that you have the maker's public key; do not install a bundle from an unknown signer")
+    s, _, ed = _crypto()
     from cryptography.exceptions import InvalidSignature
 
     try:
-        public_key.verify(doc["raw"], CONTEXT + manifest_bytes)
+        s.load_pem_public_key(key.pem).verify(doc["raw"], _LEGACY_CONTEXT + manifest_bytes)
     except InvalidSignature:
-        raise SignatureError(f"The signature does not match manifest.json (key {expected}): the manifest was changed after signing.",
+        raise SignatureError(f"The signature does not match manifest.json (key {key.key_id}): the manifest was changed after signing.",
                              "do not install this bundle; get a fresh copy from its maker") from None
-    return expected
+    log.warning("%s", _RESIGN)
+    return key.key_id

@@ -55,7 +55,7 @@ from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
 from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
-from edgemed.packaging.manifest import MANIFEST, SIGNATURE, FileEntry, Manifest, check_name
+from edgemed.packaging.manifest import MANIFEST, FileEntry, Manifest, check_name
 from edgemed.packaging.store_files import (SHA256, Damaged, aside_of, is_model_copy, manifest_sha256, read_index, read_journal,
                                            set_aside, split_index, valid_name, warn_legacy)
 
@@ -250,7 +250,8 @@ class Store:
                     raise StoreError(f"A model named '{target}' is already installed.",
                                      f"pass --force to replace it, or remove it first: edgemed remove {target}")
                 if public_key is not None:
-                    signer["key_id"] = signing.verify(data, sig, public_key)
+                    signer["key_id"] = signing.verify(sig, man, data, public_key)
+                    signer["pem"] = signing.as_public_key(public_key).pem.decode("ascii")
 
             try:
                 if is_tar(bundle):
@@ -268,12 +269,12 @@ class Store:
                 step("store.stage-manifest")
                 (stage / MANIFEST).write_bytes(data)
                 if sig is not None:
-                    (stage / SIGNATURE).write_bytes(sig)
+                    (stage / sig.file).write_bytes(sig.data)
                 target = check_name(name or man.name)
                 self._dedupe(stage, man)
                 record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": origin or str(bundle.absolute()),
                           "signed_by": signer.get("key_id"), "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                          "origin": origin, "version": _version(man)}
+                          "origin": origin, "version": _version(man), "signer_key": signer.get("pem")}
                 aside = debris_path(self.tmp, f"old-{target}")
                 write_text(self.journal_path, json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")

@@ -1,0 +1,206 @@
+"""model.sig interop with the OpenSSF ``model-signing`` library, both ways, and the legacy ed25519 signature.
+
+- the library's own verifier (its Python API, hashing the folder itself, and its ``model_signing`` CLI)
+  accepts a bundle directory edgemed signed;
+- edgemed (verify, install) accepts an edgemed bundle folder the library signed (API and CLI);
+- one flipped byte in any file (the model, LICENSE, the card, manifest.json, model.sig) fails both;
+- a bundle an older edgemed signed (ed25519 manifest.sig) still verifies, read-only, with a notice to re-sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bundle_kit as kit
+
+ms = pytest.importorskip("model_signing", reason="the fleet extra (model-signing) is not installed")
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.errors import IntegrityError, SignatureError  # noqa: E402
+from edgemed.packaging import signing  # noqa: E402
+from edgemed.packaging.bundle import PackInputs, pack, verify_dir  # noqa: E402
+
+MS_CLI = Path(sys.executable).with_name("model_signing")
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ms")
+    inp = kit.inputs(tmp / "in")
+    priv, pub = kit.keypair(tmp)
+    ins = PackInputs(model=inp["model"], license=inp["license"], card=inp["card"], name="tiny")
+    pack(ins, tmp / "signed", as_dir=True, private_key=signing.load_private_key(priv))
+    pack(ins, tmp / "unsigned", as_dir=True)
+    pack(ins, tmp / "signed.edgemed", private_key=signing.load_private_key(priv))
+    return {"tmp": tmp, "priv": priv, "pub": pub, "signed": tmp / "signed", "unsigned": tmp / "unsigned",
+            "tar": tmp / "signed.edgemed", "inputs": ins}
+
+
+def _library_verify(folder: Path, pub: Path) -> None:
+    """The library's verifier, guessing its hashing from the signature and hashing the folder itself."""
+    ms.verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(folder, folder / "model.sig")
+
+
+def _library_cli_verify(folder: Path, pub: Path) -> subprocess.CompletedProcess:
+    if not MS_CLI.is_file():
+        pytest.skip(f"the model_signing command is not beside {sys.executable}")
+    return subprocess.run([str(MS_CLI), "verify", "key", str(folder), "--signature", str(folder / "model.sig"),
+                           "--public_key", str(pub)], capture_output=True, text=True, timeout=120)
+
+
+def test_keygen_makes_an_ec_p256_pair(made):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = serialization.load_pem_private_key(made["priv"].read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert (made["priv"].stat().st_mode & 0o777) == 0o600
+    assert serialization.load_pem_public_key(made["pub"].read_bytes()).public_numbers() == key.public_key().public_numbers()
+
+
+def test_the_library_accepts_an_edgemed_bundle(made):
+    folder = made["signed"]
+    statement = signing.statement(signing.Signature("model.sig", (folder / "model.sig").read_bytes()))
+    names = {r["name"] for r in statement["predicate"]["resources"]}
+    assert names == {"manifest.json", "LICENSE", "card.toml", "model/tiny.gguf"}  # every file but the signature
+    _library_verify(folder, made["pub"])
+    r = _library_cli_verify(folder, made["pub"])
+    assert r.returncode == 0 and "Verification succeeded" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_edgemed_accepts_a_folder_the_library_signed(made, tmp_path, how, edgemed_home):
+    folder = tmp_path / "b"
+    shutil.copytree(made["unsigned"], folder)
+    if how == "api":
+        hashing = ms.hashing.Config().set_ignored_paths(paths=["model.sig"])
+        ms.signing.Config().use_elliptic_key_signer(private_key=made["priv"]).set_hashing_config(hashing).sign(folder, folder / "model.sig")
+    else:
+        if not MS_CLI.is_file():
+            pytest.skip(f"the model_signing command is not beside {sys.executable}")
+        r = subprocess.run([str(MS_CLI), "sign", "key", str(folder), "--signature", str(folder / "model.sig"),
+                            "--private_key", str(made["priv"])], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    r = _run("verify", folder, "--key", made["pub"])
+    assert r.exit_code == 0 and "signature valid" in r.output, r.output
+    r = _run("install", folder, "--key", made["pub"])
+    assert r.exit_code == 0 and "signature valid" in r.output, r.output
+    _library_verify(edgemed_home / "store" / "models" / "tiny", made["pub"])  # the installed folder, as the library sees it
+
+
+def test_a_library_signature_made_with_other_hashing_is_refused_with_the_fix(made, tmp_path):
+    """BLAKE2 (or sharded) statements cannot reuse the manifest's sha256, and model-signing 1.1.1 cannot verify them
+    itself either ("Unsupported hashing method blake2b"; a shard size read back as a float): edgemed says so."""
+    folder = tmp_path / "b"
+    shutil.copytree(made["unsigned"], folder)
+    hashing = ms.hashing.Config().use_file_serialization(hashing_algorithm="blake2").set_ignored_paths(paths=["model.sig"])
+    ms.signing.Config().use_elliptic_key_signer(private_key=made["priv"]).set_hashing_config(hashing).sign(folder, folder / "model.sig")
+    r = _run("verify", folder, "--key", made["pub"])
+    assert r.exit_code == 1 and "blake2" in r.output and "default hashing" in r.output, r.output
+
+
+def _flip(path: Path, offset: int) -> None:
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rel", ["model/tiny.gguf", "LICENSE", "card.toml", "manifest.json", "model.sig"])
+def test_one_flipped_byte_in_any_file_fails_edgemed_and_the_library(made, tmp_path, rel):
+    folder = tmp_path / "b"
+    shutil.copytree(made["signed"], folder)
+    target = folder / rel
+    # model.sig: a byte inside the signature value (its JSON must still parse for the library to get that far)
+    offset = target.read_bytes().index(b'"sig"') + 12 if rel == "model.sig" else target.stat().st_size // 2
+    _flip(target, offset)
+    with pytest.raises((SignatureError, IntegrityError)):
+        verify_dir(folder, full=True, public_key=made["pub"])
+    r = _run("verify", folder, "--key", made["pub"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    with pytest.raises(Exception):
+        _library_verify(folder, made["pub"])
+    r = _library_cli_verify(folder, made["pub"])
+    assert r.returncode != 0 and "Verification succeeded" not in r.stdout, r.stdout
+
+
+def test_the_tar_form_carries_model_sig_and_verifies_as_it_streams(made, tmp_path):
+    import tarfile
+
+    with tarfile.open(made["tar"]) as tf:
+        assert tf.getnames()[:2] == ["manifest.json", "model.sig"]
+    r = _run("verify", made["tar"], "--key", made["pub"])
+    assert r.exit_code == 0 and "signature valid" in r.output, r.output
+    other = kit.keypair(tmp_path, "other.pem")[1]
+    r = _run("verify", made["tar"], "--key", other)
+    assert r.exit_code == 1 and "made by another key" in r.output, r.output
+
+
+def test_edgemed_refuses_a_signature_over_fewer_files(made, tmp_path):
+    """A library signature that leaves the model out (ignored when signing) does not vouch for the bundle."""
+    folder = tmp_path / "b"
+    shutil.copytree(made["unsigned"], folder)
+    hashing = ms.hashing.Config().set_ignored_paths(paths=["model.sig", "model"])
+    ms.signing.Config().use_elliptic_key_signer(private_key=made["priv"]).set_hashing_config(hashing).sign(folder, folder / "model.sig")
+    r = _run("verify", folder, "--key", made["pub"])
+    assert r.exit_code == 1 and "model/tiny.gguf" in r.output, r.output
+
+
+# -- legacy ed25519 manifest.sig -------------------------------------------------------------------
+def _legacy_pair(tmp: Path):
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp / "old.pem").write_bytes(key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
+    (tmp / "old.pub.pem").write_bytes(key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo))
+    return key, tmp / "old.pem", tmp / "old.pub.pem"
+
+
+def _legacy_sign(folder: Path, key) -> None:
+    """What an older edgemed wrote: ed25519 over a domain prefix and manifest.json, as a small JSON document."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization as s
+
+    raw = key.public_key().public_bytes(s.Encoding.Raw, s.PublicFormat.Raw)
+    sig = key.sign(b"edgemed.bundle.manifest.v1\0" + (folder / "manifest.json").read_bytes())
+    (folder / "manifest.sig").write_text(json.dumps({"schema": "edgemed.signature/1", "algorithm": "ed25519",
+                                                     "key_id": hashlib.sha256(raw).hexdigest()[:16],
+                                                     "signature": base64.b64encode(sig).decode()}))
+
+
+def test_a_legacy_ed25519_bundle_still_verifies_with_a_notice_to_re_sign(made, tmp_path, caplog, edgemed_home):
+    key, old_priv, old_pub = _legacy_pair(tmp_path)
+    folder = tmp_path / "b"
+    shutil.copytree(made["unsigned"], folder)
+    _legacy_sign(folder, key)
+    with caplog.at_level("WARNING"):
+        v = verify_dir(folder, full=True, public_key=old_pub)
+    assert v.signed_by and any("re-sign" in r.getMessage() for r in caplog.records)
+    r = _run("install", folder, "--key", old_pub)
+    assert r.exit_code == 0 and "signature valid" in r.output, r.output
+    assert (edgemed_home / "store" / "models" / "tiny" / "manifest.sig").is_file()
+    # a changed manifest still breaks it; an EC key is not an answer for it; edgemed no longer signs with ed25519
+    m = json.loads((folder / "manifest.json").read_text())
+    m["card"]["intended_use"] = "anything"
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SignatureError, match="changed after signing"):
+        verify_dir(folder, full=True, public_key=old_pub)
+    with pytest.raises(SignatureError, match="is an EC key"):
+        verify_dir(folder, full=True, public_key=made["pub"])
+    r = _run("pack", made["inputs"].model, "--license", made["inputs"].license, "--sign", old_priv, "-o", tmp_path / "x.edgemed")
+    assert r.exit_code == 1 and "ed25519" in r.output and "edgemed keygen" in r.output, r.output
+    assert not (tmp_path / "x.edgemed").exists()
