@@ -135,8 +135,11 @@ def test_errors_come_in_openai_shape(server):
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="gpt-4o", messages=msg)
     assert e.value.code == "model_not_found" and MODEL in e.value.message
+    capped = c.chat.completions.create(model=MODEL, messages=msg, max_tokens=100_000)  # capped to the room left
+    assert capped.choices[0].finish_reason in ("stop", "length")
+    assert capped.usage.prompt_tokens + capped.usage.completion_tokens <= server.batcher.n_ctx_per_slot
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model=MODEL, messages=msg, max_tokens=100_000)
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 1100}])
     assert e.value.code == "context_length_exceeded" and "context window" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=MODEL, messages=msg, temperature=5)
@@ -149,7 +152,7 @@ def test_errors_come_in_openai_shape(server):
     assert "question" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=MODEL, messages=msg, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert "tool" in e.value.message
+    assert "tool" in e.value.message and MODEL in e.value.message and e.value.body["param"] == "tools"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.get(server.url + "/v2/nothing")

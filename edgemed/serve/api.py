@@ -1,8 +1,9 @@
 """The wire format: OpenAI's request and response shapes (pydantic), and what edgemed adds to them.
 
-Requests accept the OpenAI fields edgemed can honour and refuse, with a 400 that says
-so, the ones whose silent loss would change the answer (tools, ``n`` > 1, logprobs,
-logit bias, penalties). Unknown fields are ignored, as OpenAI's own server does.
+Requests accept the OpenAI fields edgemed can honour (tools, ``n``, logprobs, logit bias,
+presence and frequency penalties, ``echo``: see docs/openai.md) and refuse, with a 400 naming
+the field in ``param``, the few whose silent loss would change the answer (``suffix``,
+``best_of``, audio output). Unknown fields are ignored, as OpenAI's own server does.
 
 edgemed's additions (request body, e.g. through the openai client's ``extra_body``):
 
@@ -30,6 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from edgemed.errors import Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError
 
 # -- requests ------------------------------------------------------------------------------------
+#: Most choices per prompt (``n``), prompts per completions request, alternatives per token, biased tokens.
+MAX_N = 8
+MAX_PROMPTS = 8
+MAX_TOP_LOGPROBS = 20
+MAX_BIAS = 300
+
 
 
 class TextPart(BaseModel):
@@ -38,15 +45,76 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
 
     def as_template_message(self) -> dict:
-        """``{"role", "content"}`` for the GGUF chat template (``developer`` is the newer name of ``system``)."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """``{"role", "content"}`` for the GGUF chat template (``developer`` is the newer name of ``system``);
+        an assistant's tool calls and a tool's answer in the shape Hugging Face templates read (arguments as
+        an object, ``tool_call_id``)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id or ""
+            if self.name:
+                message["name"] = self.name
+        return message
+
+
+def _arguments(text: str):
+    """A history's tool-call arguments (JSON text) as the object templates render; text that is not JSON stays text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -81,15 +149,8 @@ def _one(value) -> bool:
 
 #: request field -> (test that the value means "not used", why any other value is refused)
 REFUSED = {
-    "tools": (_empty, "tool calling is not supported by edgemed serve"),
-    "functions": (_empty, "function calling is not supported by edgemed serve"),
-    "tool_choice": (_empty, "tool calling is not supported by edgemed serve"),
-    "logprobs": (_empty, "log probabilities are not returned by edgemed serve"),
-    "top_logprobs": (_zero, "log probabilities are not returned by edgemed serve"),
-    "logit_bias": (_empty, "logit_bias is not supported; use a grammar or response_format to constrain output"),
-    "presence_penalty": (_zero, "presence_penalty is not supported; use repeat_penalty"),
-    "frequency_penalty": (_zero, "frequency_penalty is not supported; use repeat_penalty"),
-    "echo": (_empty, "echo is not supported"),
+    "functions": (_empty, "the deprecated 'functions' field is not supported; send 'tools'"),
+    "function_call": (_empty, "the deprecated 'function_call' field is not supported; send 'tool_choice'"),
     "suffix": (_empty, "suffix (fill-in-the-middle) is not supported"),
     "best_of": (_one, "best_of is not supported"),
     "audio": (_empty, "audio output is not supported"),
@@ -140,7 +201,10 @@ class _Request(BaseModel):
     repeat_penalty: float = Field(1.0, gt=0)
     seed: int | None = None
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> -100..100
     stream: bool = False
     stream_options: StreamOptions | None = None
     grammar: str | None = None
@@ -150,12 +214,37 @@ class _Request(BaseModel):
         extra = self.model_extra or {}
         for name, (unused, why) in REFUSED.items():
             if not unused(extra.get(name)):
-                raise InputError(f"'{name}': {why}.", f"remove '{name}' from the request")
+                raise ApiError(400, f"'{name}': {why}. Fix: remove '{name}' from the request.", param=name,
+                               code="unsupported_parameter")
+
+    def bias(self, n_vocab: int) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs, checked against the vocabulary."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < n_vocab:
+                raise ApiError(400, f"logit_bias key '{key}' is not a token id of this model (0..{n_vocab - 1}). "
+                                    "Fix: key logit_bias by token ids of this model's tokenizer.", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias value {value} for token {token} is outside -100..100. Fix: send a "
+                                    "bias from -100 (never) to 100 (always).", param="logit_bias")
+            pairs.append((token, float(value)))
+        if len(pairs) > MAX_BIAS:
+            raise ApiError(400, f"logit_bias has {len(pairs)} entries; at most {MAX_BIAS}. Fix: bias fewer tokens.",
+                           param="logit_bias")
+        return tuple(pairs)
+
+    def top_logprobs_wanted(self) -> int | None:
+        """None (no log probabilities), or how many alternatives each token's entry lists."""
+        raise NotImplementedError
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 16 or any(not s for s in stops):
-            raise InputError("'stop' takes 1 to 16 non-empty strings.", "shorten the stop list")
+            raise ApiError(400, "'stop' takes 1 to 16 non-empty strings. Fix: shorten the stop list.", param="stop")
         return tuple(stops)
 
     @property
@@ -165,6 +254,11 @@ class _Request(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(default_factory=list)
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
     template: str | None = None
@@ -173,6 +267,14 @@ class ChatRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def top_logprobs_wanted(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true. Fix: send \"logprobs\": true with it.",
+                               param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
     def json_schema(self) -> str | None:
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
@@ -180,26 +282,35 @@ class ChatRequest(_Request):
         if fmt.type == "json_object":
             return json.dumps({"type": "object"})
         if fmt.json_schema is None:
-            raise InputError("response_format json_schema needs a 'json_schema' object with a 'schema'.",
-                             'send {"type": "json_schema", "json_schema": {"name": "...", "schema": {...}}}')
+            raise ApiError(400, "response_format json_schema needs a 'json_schema' object with a 'schema'. Fix: send "
+                                '{"type": "json_schema", "json_schema": {"name": "...", "schema": {...}}}.',
+                           param="response_format")
         return json.dumps(fmt.json_schema.schema_)
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def prompt_value(self) -> str | list[int]:
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: one string or token-id list, or several (each answered as its own ``n`` choices)."""
         p = self.prompt
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, list) and not all(isinstance(t, int) for t in p):
-            raise InputError("'prompt' holds several prompts; edgemed serve answers one per request.",
-                             "send one prompt (a string or a list of token ids) per request")
-        return p
+        if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
+            return [p]
+        if not p:
+            raise ApiError(400, "'prompt' is empty. Fix: send a prompt (text or token ids).", param="prompt")
+        if len(p) > MAX_PROMPTS:
+            raise ApiError(400, f"'prompt' holds {len(p)} prompts; at most {MAX_PROMPTS} per request. Fix: split "
+                                "the list over several requests.", param="prompt")
+        return list(p)
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -222,17 +333,55 @@ class Usage(BaseModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=getattr(finished, "cached_tokens", 0)))
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat's ``choices[].logprobs``: one entry per output token."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions' ``choices[].logprobs`` (the legacy shape): parallel lists, a token's alternatives as a dict."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class FunctionOut(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -246,16 +395,24 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionOut
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -273,7 +430,7 @@ class TextChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -363,3 +520,5 @@ def error_response(err: ApiError):
 
 #: OpenAI's finish reasons: the batcher's "cancelled" / "error" never reach a client that is still there
 FINISH_REASONS = {"stop": "stop", "length": "length"}
+#: what a client may be told besides them ("tool_calls": the answer is calls, parsed from the text)
+ANSWERED = {"stop", "length", "tool_calls"}

@@ -1,9 +1,10 @@
 """The two generation endpoints as data: one ``Endpoint`` row each (path, request model, how the prompt
 is built, how the answer is shaped), read by ``routes.py`` and ``generate.py``.
 
-A prompt builder turns the request body into a ``Prompt`` (the text or token ids, the JSON schema
-that constrains sampling, what edgemed adds to the answer); a ``Shape`` turns the answer into the
-endpoint's OpenAI response, whole or as SSE chunks (head, one per piece, final, usage).
+A prompt builder turns the request body into a ``Prompt`` (the texts or token ids, the JSON schema or
+grammar that constrains sampling, the tool plan, what edgemed adds to the answer); a ``Shape`` turns
+the answers (one ``Answer`` per choice) into the endpoint's OpenAI response, whole or as SSE chunks
+(head, one per piece, final, usage), with log probabilities and tool calls in OpenAI's shapes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from edgemed.errors import InputError, TemplateError
 from edgemed.serve import api
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served
+from edgemed.serve import tools
+from edgemed.serve.tools import CallFilter, ToolPlan
 
 
 def template_version(template) -> str:
@@ -41,16 +44,23 @@ def _nothing(text: str) -> dict:
 class Prompt:
     """What the batcher is given for one request, and what the answer gains."""
 
-    value: str | list[int]  # text to tokenize, or token ids
+    values: list  # each prompt: text to tokenize, or token ids (completions may send several)
     json_schema: str | None = None  # constrains sampling (response_format, or a JSON-contract template)
     extra: Callable[[str], dict] = _nothing  # answer text -> edgemed's fields of the response
+    tools: ToolPlan = field(default_factory=ToolPlan)
+    grammar: str | None = None  # the request's own, or the one forcing a tool call
+
+    @property
+    def value(self):
+        return self.values[0]
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
 async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatRequest) -> Prompt:
-    """``messages``, or a medical template's messages, through the GGUF's chat template."""
+    """``messages``, or a medical template's messages, through the GGUF's chat template (with ``tools``)."""
     template = None
     json_schema = body.json_schema()
+    plan = ToolPlan()
     if body.template:
         if body.messages:
             raise InputError("Send either 'messages' or 'template' (with 'template_inputs'), not both.",
@@ -64,81 +74,205 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
         if template.contract.kind == "json" and json_schema is None and body.grammar is None:
             json_schema = template.contract.json_schema()
     elif not body.messages:
-        raise InputError("'messages' is empty.", "send at least one message, or a 'template' with its inputs")
+        raise api.ApiError(400, "'messages' is empty. Fix: send at least one message, or a 'template' with its "
+                                "inputs.", param="messages")
     else:
         messages = [m.as_template_message() for m in body.messages]
+        plan = tools.plan(body, served.batcher.chat_template(), served.config.model_id)
+    constraint = body.grammar
+    if plan.grammar is not None:
+        if body.grammar is not None or json_schema is not None:
+            raise api.ApiError(400, "A forced tool call is constrained by its own grammar; it cannot also follow "
+                                    "'grammar' or 'response_format'. Fix: drop one of them.", param="tool_choice")
+        constraint = plan.grammar
     # Rendering (a limited, but possibly slow, untrusted template) and tokenizing (a long prompt) run in a
     # worker thread: the event loop keeps answering /health and streaming other requests meanwhile.
-    prompt = await run_in_threadpool(served.batcher.render_chat, messages)
+    prompt = await run_in_threadpool(served.batcher.render_chat, messages, plan.tools or None)
     if template is None:
-        return Prompt(prompt, json_schema)
+        return Prompt([prompt], json_schema, tools=plan, grammar=constraint)
 
     def parsed(text: str) -> dict:
         result = template.parse(text, body.template_inputs)
         return {"edgemed": {"template": record.template,
                             "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
 
-    return Prompt(prompt, json_schema, parsed)
+    return Prompt([prompt], json_schema, parsed, grammar=constraint)
 
 
 async def completion_prompt(served: Served, record: RequestRecord, body: api.CompletionRequest) -> Prompt:
-    """The prompt as sent: one string or one list of token ids."""
-    return Prompt(body.prompt_value())
+    """The prompts as sent: strings or lists of token ids."""
+    return Prompt(body.prompts(), grammar=body.grammar)
+
+
+# -- answers ----------------------------------------------------------------------------------------------
+@dataclass
+class Answer:
+    """One choice as it comes out of the batcher: its text, log probabilities, how it ended."""
+
+    index: int
+    parts: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # options.TokenLogprob of the output tokens
+    prompt_logprobs: list = field(default_factory=list)  # echo
+    finished: object = None
+    calls: CallFilter | None = None
+    echoed: bool = False  # streaming with echo: the prompt's text went out
+    offset: int | None = None  # streaming completions' logprobs: characters of the choice's text so far
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def usage(answers: list[Answer]) -> api.Usage:
+    """A prompt counts once however many choices share it; completion tokens add up."""
+    done = [a.finished for a in answers if a.finished is not None]
+    prompt = sum(f.prompt_tokens for f in done if not f.forked)
+    completion = sum(f.completion_tokens for f in done)
+    return api.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=api.PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in done)))
+
+
+def _token(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def chat_logprobs(entries) -> api.ChoiceLogprobs:
+    return api.ChoiceLogprobs(content=[api.TokenLogprob(
+        token=_token(e.token), logprob=e.logprob, bytes=list(e.token),
+        top_logprobs=[api.TopLogprob(token=_token(t), logprob=lp, bytes=list(t)) for t, lp in e.top])
+        for e in entries])
+
+
+def completion_logprobs(entries, offset: int) -> api.CompletionLogprobs:
+    """The legacy shape; ``offset``: characters of the choice's text before these tokens."""
+    tokens, offsets = [], []
+    for e in entries:
+        tokens.append(_token(e.token))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return api.CompletionLogprobs(
+        tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
+        top_logprobs=[{_token(t): lp for t, lp in e.top} if e.logprob is not None else None for e in entries])
 
 
 # -- response shapes ------------------------------------------------------------------------------------
 @dataclass
 class Shape:
-    """One answer's OpenAI response: ``whole`` when collected, else ``head``, ``piece`` per text, ``final``, ``usage``."""
+    """One request's OpenAI response: ``whole`` when collected, else ``head``, ``piece`` per text, ``final``, ``usage``.
+    ``logprobs``: whether choices carry them; ``echo``: the prompt text (per prompt) that opens each completion."""
 
     id: str
     model: str
     extra: Callable[[str], dict] = _nothing
     created: int = field(default_factory=lambda: int(time.time()))  # of the streamed chunks
+    logprobs: bool = False
+    echo: list | None = None
+    n: int = 1
 
     def chunk(self, choices: list, **more) -> dict:
         raise NotImplementedError
 
-    def head(self) -> list[dict]:
+    def head(self, answers: list[Answer]) -> list[dict]:
         return []
 
-    def usage(self, finished) -> dict:
-        return self.chunk([], usage=api.Usage.of(finished))
+    def usage(self, answers: list[Answer]) -> dict:
+        return self.chunk([], usage=usage(answers))
 
 
 class ChatShape(Shape):
     def chunk(self, choices: list, **more) -> dict:
         return api.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
-                                       **more).model_dump()
+                                       **more).model_dump(exclude_none=False)
 
-    def head(self) -> list[dict]:
-        return [self.chunk([api.ChunkChoice(delta=api.Delta(role="assistant", content=""))])]
+    def head(self, answers: list[Answer]) -> list[dict]:
+        return [self.chunk([api.ChunkChoice(index=a.index, delta=api.Delta(role="assistant", content=""))])
+                for a in answers]
 
-    def piece(self, text: str) -> dict:
-        return self.chunk([api.ChunkChoice(delta=api.Delta(content=text))])
+    def piece(self, answer: Answer, text: str, entries) -> list[dict]:
+        lp = chat_logprobs(entries) if self.logprobs else None
+        if answer.calls is not None:
+            text = answer.calls.push(text)
+            if not text and lp is None:
+                return []
+        return [self.chunk([api.ChunkChoice(index=answer.index, delta=api.Delta(content=text), logprobs=lp)])]
 
-    def final(self, reason: str, text: str) -> dict:
-        return self.chunk([api.ChunkChoice(delta=api.Delta(), finish_reason=reason)], **self.extra(text))
+    def final(self, answer: Answer, reason: str) -> list[dict]:
+        out = []
+        if answer.calls is not None:
+            rest, calls = answer.calls.finish()
+            if rest:
+                out.append(self.chunk([api.ChunkChoice(index=answer.index, delta=api.Delta(content=rest))]))
+            for i, call in enumerate(calls):  # as OpenAI streams them: id and name first, then the arguments
+                fn = call["function"]
+                out.append(self.chunk([api.ChunkChoice(index=answer.index, delta=api.Delta(tool_calls=[
+                    api.ToolCallDelta(index=i, id=call["id"], type="function",
+                                      function=api.FunctionOut(name=fn["name"], arguments=""))]))]))
+                out.append(self.chunk([api.ChunkChoice(index=answer.index, delta=api.Delta(tool_calls=[
+                    api.ToolCallDelta(index=i, function=api.FunctionOut(arguments=fn["arguments"]))]))]))
+            if calls:
+                reason = "tool_calls"
+        out.append(self.chunk([api.ChunkChoice(index=answer.index, delta=api.Delta(), finish_reason=reason)],
+                              **self.extra(answer.text)))
+        return out
 
-    def whole(self, text: str, reason: str, finished) -> dict:
-        choice = api.ChatChoice(message=api.AssistantMessage(content=text), finish_reason=reason)
-        return api.ChatCompletion(id=self.id, model=self.model, choices=[choice], usage=api.Usage.of(finished),
-                                  **self.extra(text)).model_dump()
+    def whole(self, answers: list[Answer], reasons: list[str]) -> dict:
+        choices = []
+        for answer, reason in zip(answers, reasons):
+            content, calls = answer.text, None
+            if answer.calls is not None:
+                found = tools.parse(content)
+                if found.calls:
+                    content, calls, reason = found.content, [api.ToolCallOut(**c) for c in found.calls], "tool_calls"
+            choices.append(api.ChatChoice(index=answer.index, finish_reason=reason,
+                                          message=api.AssistantMessage(content=content, tool_calls=calls),
+                                          logprobs=chat_logprobs(answer.logprobs) if self.logprobs else None))
+        return api.ChatCompletion(id=self.id, model=self.model, choices=choices, usage=usage(answers),
+                                  **self.extra(answers[0].text)).model_dump()
 
 
 class CompletionShape(Shape):
+    """Choice ``i`` answers prompt ``i // n``; with ``echo`` its text opens with that prompt."""
+
     def chunk(self, choices: list, **more) -> dict:
         return api.Completion(id=self.id, created=self.created, model=self.model, choices=choices, **more).model_dump()
 
-    def piece(self, text: str) -> dict:
-        return self.chunk([api.TextChoice(text=text)])
+    def _echo(self, answer: Answer) -> str:
+        return self.echo[answer.index // self.n] if self.echo is not None else ""
 
-    def final(self, reason: str, text: str) -> dict:
-        return self.chunk([api.TextChoice(text="", finish_reason=reason)])
+    def head(self, answers: list[Answer]) -> list[dict]:
+        return []
 
-    def whole(self, text: str, reason: str, finished) -> dict:
-        return api.Completion(id=self.id, model=self.model, choices=[api.TextChoice(text=text, finish_reason=reason)],
-                              usage=api.Usage.of(finished)).model_dump()
+    def piece(self, answer: Answer, text: str, entries, prompt: bool = False) -> list[dict]:
+        if prompt:  # echo: the prompt's text and its tokens' log probabilities, before any output
+            lp = completion_logprobs(entries, 0) if self.logprobs else None
+            answer.echoed, answer.offset = True, len(self._echo(answer))
+            return [self.chunk([api.TextChoice(index=answer.index, text=self._echo(answer), logprobs=lp)])]
+        out = []
+        if self.echo is not None and not answer.echoed:
+            answer.echoed = True
+            out.append(self.chunk([api.TextChoice(index=answer.index, text=self._echo(answer))]))
+        offset = answer.offset if answer.offset is not None else len(self._echo(answer))
+        lp = completion_logprobs(entries, offset) if self.logprobs else None
+        answer.offset = offset + sum(len(_token(e.token)) for e in entries)
+        return out + [self.chunk([api.TextChoice(index=answer.index, text=text, logprobs=lp)])]
+
+    def final(self, answer: Answer, reason: str) -> list[dict]:
+        out = []
+        if self.echo is not None and not answer.echoed:
+            out.append(self.chunk([api.TextChoice(index=answer.index, text=self._echo(answer))]))
+        return out + [self.chunk([api.TextChoice(index=answer.index, text="", finish_reason=reason)])]
+
+    def whole(self, answers: list[Answer], reasons: list[str]) -> dict:
+        choices = []
+        for answer, reason in zip(answers, reasons):
+            echo = self._echo(answer)
+            lp = None
+            if self.logprobs:
+                entries = list(answer.prompt_logprobs) + list(answer.logprobs)
+                lp = completion_logprobs(entries, 0 if answer.prompt_logprobs else len(echo))
+            choices.append(api.TextChoice(index=answer.index, text=echo + answer.text, finish_reason=reason,
+                                          logprobs=lp))
+        return api.Completion(id=self.id, model=self.model, choices=choices, usage=usage(answers)).model_dump()
 
 
 # -- the table ---------------------------------------------------------------------------------------------

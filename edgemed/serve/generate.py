@@ -10,6 +10,7 @@ doing (``RequestRecord.client_left``: 499, ``client_disconnected``), not as a se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import anyio
@@ -17,10 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from edgemed.runtime.batch.options import Extras
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.serve import api
 from edgemed.serve.api import ApiError, ClientClosed
-from edgemed.serve.endpoints import Endpoint
+from edgemed.serve.endpoints import Answer, Endpoint, usage
+from edgemed.serve.tools import CallFilter
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served, request_record, served
 
@@ -31,12 +34,17 @@ async def generate(endpoint: Endpoint, body, request: Request):
     check_model(srv, body.model)
     body.refused()
     prompt = await endpoint.prompt(srv, record, body)
-    stream = await run_in_threadpool(submit, srv, record, prompt.value, body, prompt.json_schema)
-    shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=srv.config.model_id, extra=prompt.extra)
+    streams = await run_in_threadpool(submit, srv, record, prompt, body)
+    echo = None
+    if getattr(body, "echo", False):
+        echo = [p if isinstance(p, str) else await run_in_threadpool(srv.batcher.detokenize, p) for p in prompt.values]
+    shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=srv.config.model_id, extra=prompt.extra,
+                           logprobs=body.top_logprobs_wanted() is not None, echo=echo, n=body.n)
+    answers = [Answer(i, calls=CallFilter() if prompt.tools.parse else None) for i in range(len(streams))]
     if body.stream:
-        return streaming(srv, record, stream, shape, body.include_usage)
-    text, finished, reason = await collect(srv, record, request, stream)
-    return shape.whole(text, reason, finished)
+        return streaming(srv, record, streams, answers, shape, body.include_usage)
+    reasons = await collect(srv, record, request, streams, answers)
+    return shape.whole(answers, reasons)
 
 
 def check_model(srv: Served, name: str) -> None:
@@ -45,35 +53,107 @@ def check_model(srv: Served, name: str) -> None:
                             "(GET /v1/models lists it).", code="model_not_found", param="model")
 
 
-def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None) -> GenerationSettings:
+def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
+                 grammar: str | None = None) -> GenerationSettings:
+    """The request's sampling settings. ``max_tokens`` beyond what is left of the slot's context is capped to it
+    (the answer then ends with ``length``), as OpenAI and llama-server do; a prompt that leaves no room at all
+    is a 400 ``context_length_exceeded``."""
     config = srv.config
-    room = srv.batcher.n_ctx_per_slot - prompt_tokens
+    n_ctx = srv.batcher.n_ctx_per_slot
+    room = n_ctx - prompt_tokens
+    if room < 1:
+        field = "messages" if hasattr(body, "messages") else "prompt"
+        raise ApiError(400, f"The prompt is {prompt_tokens} tokens, which leaves no room for an answer in the context "
+                            f"window of {n_ctx} tokens. Fix: shorten the prompt, or start the server with a larger "
+                            "--ctx or fewer --slots.", code="context_length_exceeded", param=field)
     asked = body.requested_max_tokens()
     limit = config.max_tokens_limit
     if asked is not None and limit is not None and asked > limit:
         raise ApiError(400, f"max_tokens {asked} is above this server's limit of {limit}. Fix: ask for "
                             f"{limit} or fewer.", param="max_tokens", code="max_tokens_too_large")
-    max_tokens = asked or min(config.default_max_tokens, limit or config.default_max_tokens, max(room, 1))
+    max_tokens = min(asked or min(config.default_max_tokens, limit or config.default_max_tokens), room)
     return GenerationSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
                               seed=body.seed or 0, stop=body.stops(), json_schema=json_schema,
-                              grammar=body.grammar)
+                              grammar=grammar if grammar is not None else body.grammar)
 
 
-def submit(srv: Served, record: RequestRecord, prompt, body, json_schema: str | None):
-    """Tokenize, size and queue the request (in a worker thread); the ``Stream`` of its output."""
-    tokens = srv.batcher.tokenize(prompt) if isinstance(prompt, str) else prompt
-    settings = settings_for(srv, body, len(tokens), json_schema)
+def extras_for(srv: Served, body) -> Extras:
+    if body.n > srv.batcher.slots:
+        raise ApiError(400, f"n={body.n} choices need as many slots; this server runs {srv.batcher.slots}. Fix: ask "
+                            f"for n <= {srv.batcher.slots}, or start the server with more --slots.", param="n")
+    top = body.top_logprobs_wanted()
+    return Extras(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                  logit_bias=body.bias(srv.batcher.n_vocab), top_logprobs=top,
+                  prompt_logprobs=bool(getattr(body, "echo", False)) and top is not None, n=body.n)
+
+
+def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
+    """Tokenize, size and queue the request (in a worker thread): its streams, ``n`` per prompt, in choice order."""
     record.stream = body.stream
+    extras = extras_for(srv, body)
     audit = srv.config.audit
     if audit is not None and audit.content:
-        record.prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
-    return srv.batcher.submit(tokens, settings, request_id=record.request_id)
+        texts = [p if isinstance(p, str) else json.dumps(p) for p in prompt.values]
+        record.prompt = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
+    streams = []
+    try:
+        for value in prompt.values:
+            tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
+            settings = settings_for(srv, body, len(tokens), prompt.json_schema, prompt.grammar)
+            streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras)
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
 
 
-async def collect(srv: Served, record: RequestRecord, request: Request, stream) -> tuple[str, object, str]:
-    """The whole answer, its ``Finished`` and OpenAI's finish reason; a client that leaves meanwhile cancels
-    the stream (its slot is freed) and raises ``ClientClosed``; a generation that ended neither by stop nor
+async def merged(streams):
+    """``(choice index, item)`` from every stream as items arrive."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    left = len(streams)
+    try:
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()  # a no-op on a finished stream
+
+
+def take(answer: Answer, item) -> None:
+    """Add one batcher item (a ``Piece`` or the ``Finished``) to its choice."""
+    if not hasattr(item, "text"):
+        answer.finished = item
+    elif item.prompt:
+        answer.prompt_logprobs.extend(item.logprobs)
+    else:
+        answer.parts.append(item.text)
+        answer.logprobs.extend(item.logprobs)
+
+
+async def collect(srv: Served, record: RequestRecord, request: Request, streams, answers) -> list[str]:
+    """Every choice's whole answer and OpenAI's finish reasons; a client that leaves meanwhile cancels the
+    streams (their slots are freed) and raises ``ClientClosed``; a generation that ended neither by stop nor
     length raises."""
     left = False
 
@@ -82,39 +162,46 @@ async def collect(srv: Served, record: RequestRecord, request: Request, stream) 
         while (await request.receive())["type"] != "http.disconnect":
             pass
         left = True
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
 
     watcher = asyncio.ensure_future(watch())
-    parts, finished = [], None
     try:
-        async for item in stream:
-            if hasattr(item, "text"):
-                parts.append(item.text)
-            else:
-                finished = item
+        async for i, item in merged(streams):
+            take(answers[i], item)
     finally:
         watcher.cancel()
-    text = "".join(parts)
-    reason = finish(srv, record, finished, text)
+    reasons = finish(srv, record, answers)
     if left:  # nobody is there to answer, and it is not the server's failure (not the 503 of a shutdown)
         record.client_left()
         raise ClientClosed()
-    if reason not in api.FINISH_REASONS.values():
-        raise failed(record, finished)
-    return text, finished, reason
+    for answer, reason in zip(answers, reasons):
+        if reason not in api.FINISH_REASONS.values():
+            raise failed(record, answer.finished)
+    return reasons
 
 
-def finish(srv: Served, record: RequestRecord, finished, text: str) -> str:
-    """Record a finished generation for audit and metrics; return OpenAI's finish reason (or the batcher's)."""
-    record.finished = finished
-    srv.metrics.generation_done(finished)
+def finish(srv: Served, record: RequestRecord, answers) -> list[str]:
+    """Record the finished generations for audit and metrics (one record: the choices' tokens summed); return
+    OpenAI's finish reason of each (or the batcher's)."""
+    done = [a.finished for a in answers if a.finished is not None]
+    for finished in done:
+        srv.metrics.generation_done(finished)
+    if done:
+        u = usage(answers)
+        record.finished = dataclasses.replace(done[0], prompt_tokens=u.prompt_tokens,
+                                              completion_tokens=u.completion_tokens)
     if record.prompt is not None:
-        record.output = text
-    if finished.finish_reason == "cancelled":
-        record.outcome = "client_disconnected" if not getattr(finished, "error", None) else "cancelled"
-    elif finished.finish_reason not in api.FINISH_REASONS:
-        record.outcome = "error"
-    return api.FINISH_REASONS.get(finished.finish_reason, finished.finish_reason)
+        texts = [a.text for a in answers]
+        record.output = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
+    reasons = []
+    for finished in done:
+        if finished.finish_reason == "cancelled":
+            record.outcome = "client_disconnected" if not getattr(finished, "error", None) else "cancelled"
+        elif finished.finish_reason not in api.FINISH_REASONS:
+            record.outcome = "error"
+        reasons.append(api.FINISH_REASONS.get(finished.finish_reason, finished.finish_reason))
+    return reasons
 
 
 def failed(record: RequestRecord, finished) -> ApiError:
@@ -133,43 +220,51 @@ def sse(data) -> str:
     return "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
 
 
-def streaming(srv: Served, record: RequestRecord, stream, shape, include_usage: bool) -> StreamingResponse:
-    """SSE: the shape's head events, one chunk per piece, a final chunk with the finish reason, usage if
-    asked, then [DONE]; a generation that fails after the stream started ends it with an ``error`` event."""
+def streaming(srv: Served, record: RequestRecord, streams, answers, shape, include_usage: bool) -> StreamingResponse:
+    """SSE: the shape's head events, chunks per piece of each choice, a final chunk per choice with its finish
+    reason (after its tool calls), usage if asked, then [DONE]; a generation that fails after the stream
+    started ends it with an ``error`` event."""
     async def events():
-        parts, finished, left = [], None, False
+        left, ended = False, False
         try:
-            for event in shape.head():
+            for event in shape.head(answers):
                 yield sse(event)
-            async for item in stream:
+            async for i, item in merged(streams):
+                answer = answers[i]
+                take(answer, item)
                 if hasattr(item, "text"):
-                    parts.append(item.text)
-                    yield sse(shape.piece(item.text))
-                else:
-                    finished = item
-            text = "".join(parts)
-            reason = finish(srv, record, finished, text)
-            if reason not in api.FINISH_REASONS.values():
-                err = failed(record, finished)
+                    for event in (shape.piece(answer, item.text, item.logprobs, True) if item.prompt
+                                  else shape.piece(answer, item.text, item.logprobs)):
+                        yield sse(event)
+            ended = True
+            reasons = finish(srv, record, answers)
+            bad = next((a for a, r in zip(answers, reasons) if r not in api.FINISH_REASONS.values()), None)
+            if bad is not None:
+                err = failed(record, bad.finished)
                 record.failed_status = err.status  # the headers said 200; metrics and audit say what happened
                 yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
             else:
-                yield sse(shape.final(reason, text))
+                for answer, reason in zip(answers, reasons):
+                    for event in shape.final(answer, reason):
+                        yield sse(event)
                 if include_usage:
-                    yield sse(shape.usage(finished))
+                    yield sse(shape.usage(answers))
             record.answered = True  # every event is out but the end marker: a client gone now left nothing unread
             yield sse("[DONE]")
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             left = True  # the client went away: Starlette cancelled (or closed) this generator
             raise
         finally:
-            if finished is None:
-                stream.cancel()
-                # the batcher ends the stream before its next step: keep its token counts for the audit
+            if not ended:
+                for stream in streams:
+                    stream.cancel()
+                # the batcher ends the streams before its next step: keep their token counts for the audit
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    async for item in stream:
-                        if not hasattr(item, "text"):
-                            finish(srv, record, item, "".join(parts))
+                    for i, stream in enumerate(streams):
+                        if answers[i].finished is None:
+                            async for item in stream:
+                                take(answers[i], item)
+                    finish(srv, record, answers)
             if left:
                 record.client_left()
 

@@ -31,6 +31,8 @@ COUNTER_STATS = {
                             "Prompt tokens the batcher has fed to llama.cpp (computed)."),
     "prompt_tokens_cached_total": ("edgemed_batcher_prompt_cached_tokens",
                                    "Prompt tokens found in a slot's cache (prefix reuse), not computed again."),
+    "sequences_forked_total": ("edgemed_batcher_forked_sequences",
+                               "Choices of n > 1 started from another choice's prompt KV, with no prefill of their own."),
     "decode_steps_total": ("edgemed_decode_steps", "llama_decode calls (one per batcher step)."),
     "decode_seconds_total": ("edgemed_decode_seconds", "Seconds the scheduler spent inside llama_decode."),
     "step_seconds_total": ("edgemed_step_seconds", "Seconds of whole batcher steps (llama_decode, sampling, text)."),

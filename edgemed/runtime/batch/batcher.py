@@ -34,6 +34,7 @@ token as cold.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 from edgemed.errors import Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
+from edgemed.runtime.batch.options import Extras, entry, sampler_for
 from edgemed.runtime.batch.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
 from edgemed.runtime.batch.sequence import Counters, Seq
 from edgemed.runtime.batch.stream import Finished, Piece, Stream
@@ -154,8 +156,9 @@ class Batcher:
             raise Closed("The model is not loaded.", "call Batcher.start() first")
         return self._model
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The prompt the GGUF's own chat template makes of ``messages`` (rendered in a Jinja sandbox)."""
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt the GGUF's own chat template makes of ``messages`` (and ``tools``, OpenAI's tool objects,
+        for a template that renders them), rendered in a Jinja sandbox."""
         from edgemed.runtime.chat_template import render
 
         with self._native:
@@ -165,58 +168,93 @@ class Batcher:
         if not template:
             raise ModelLoadError(f"'{self.model_path}' has no chat template.",
                                  "use the completions endpoint, or convert with the tokenizer's chat template")
-        return render(template, messages, bos_token=bos, eos_token=eos)
+        return render(template, messages, bos_token=bos, eos_token=eos, **({"tools": tools} if tools else {}))
+
+    def chat_template(self) -> str | None:
+        """The GGUF's chat template text (tokenizer.chat_template), or None."""
+        with self._native:
+            return self._require_model().meta("tokenizer.chat_template")
+
+    def detokenize(self, ids: list[int]) -> str:
+        with self._native:
+            return self._require_model().detokenize(list(ids), special=True)
+
+    @property
+    def n_vocab(self) -> int:
+        with self._native:
+            return self._require_model().n_vocab
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         with self._native:
             return self._require_model().tokenize(text, add_special, parse_special)
 
     # -- requests ----------------------------------------------------------------------------
-    def _check_capacity(self) -> None:
-        in_flight = len(self._queue) + len(self._active)
-        if in_flight >= self.slots + self.queue_size:
+    def _check_capacity(self, n: int = 1) -> None:
+        in_flight = sum(1 + len(q.followers) for q in self._queue) + len(self._active)
+        if in_flight + n > self.slots + self.queue_size:
             self._n.overloaded_total += 1
             retry = max(1.0, self._service_s * (1 + len(self._queue)) / self.slots)
             raise Overloaded(in_flight, retry)
 
-    def submit(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str) -> Stream:
+    def submit(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
+               extras: Extras | None = None) -> Stream:
         """Queue a request and return its stream. Thread-safe; never waits for the model.
 
         Raises ``Overloaded`` (no room), ``ContextOverflow`` (prompt + max_tokens > n_ctx_per_slot),
         ``InputError`` (empty prompt, unknown token ids, a grammar that does not parse), ``Closed``.
         """
-        from edgemed.runtime.llamacpp import Detokenizer, SamplerChain
+        if extras is not None and extras.n != 1:
+            raise InputError("Batcher.submit answers one choice.", "call submit_n for n > 1")
+        return self.submit_n(prompt, settings, request_id=request_id, extras=extras)[0]
 
+    def submit_n(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
+                 extras: Extras | None = None) -> list[Stream]:
+        """``submit`` for ``extras.n`` choices of one prompt: one stream each. The first computes the prompt;
+        the others copy its KV once it is done (one prefill) and sample from the same last row, each with its
+        own sampler (seed + i), in slots of their own, admitted together."""
+        from edgemed.runtime.llamacpp import Detokenizer
+
+        extras = extras or Extras()
+        if not 1 <= extras.n <= self.slots:
+            raise InputError(f"n={extras.n} choices need as many slots; this server runs {self.slots}.",
+                             f"ask for n <= {self.slots}, or start the server with more --slots")
         t_submit = time.perf_counter()
         with self._cond:
             if self._stopping or self._thread is None:
                 raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
-            self._check_capacity()
-        with self._native:
-            model = self._require_model()
-            tokens = model.tokenize(prompt, True, True) if isinstance(prompt, str) else [int(t) for t in prompt]
-            if not tokens:
-                raise InputError("The prompt is empty.", "send at least one token of prompt")
-            if any(not 0 <= t < model.n_vocab for t in tokens):
-                raise InputError(f"The prompt has token ids outside the vocabulary (0..{model.n_vocab - 1}).",
-                                 "tokenize with this model's tokenizer")
-            check_fits(len(tokens), settings, self.n_ctx_per_slot)
-            sampler = SamplerChain(model, settings)
-        stream = Stream(request_id, self._wake)
-        seq = Seq(stream, tokens, settings, sampler, TextStream(Detokenizer(model), settings.stop), t_submit)
-        with self._cond:
-            try:
+            self._check_capacity(extras.n)
+        seqs: list[Seq] = []
+        try:
+            with self._native:
+                model = self._require_model()
+                tokens = model.tokenize(prompt, True, True) if isinstance(prompt, str) else [int(t) for t in prompt]
+                if not tokens:
+                    raise InputError("The prompt is empty.", "send at least one token of prompt")
+                if any(not 0 <= t < model.n_vocab for t in tokens):
+                    raise InputError(f"The prompt has token ids outside the vocabulary (0..{model.n_vocab - 1}).",
+                                     "tokenize with this model's tokenizer")
+                check_fits(len(tokens), settings, self.n_ctx_per_slot)
+                for i in range(extras.n):
+                    own = settings if i == 0 else dataclasses.replace(settings, seed=settings.seed + i)
+                    sampler = sampler_for(model, own, extras, self.n_ctx_per_slot)
+                    seqs.append(Seq(Stream(request_id, self._wake), tokens, own, sampler,
+                                    TextStream(Detokenizer(model), settings.stop), t_submit, extras=extras,
+                                    leader=seqs[0] if seqs else None))
+            seqs[0].followers = seqs[1:]
+            with self._cond:
                 if self._stopping:
                     raise Closed("The model server is shutting down.", "retry when it is back")
-                self._check_capacity()
-            except EdgemedError:
-                sampler.close()
-                raise
-            self._queue.append(seq)
-            self._n.requests_total += 1
-            self._cond.notify_all()
-        log.debug("request %s queued: %d prompt tokens, max_tokens %d", request_id, len(tokens), settings.max_tokens)
-        return stream
+                self._check_capacity(extras.n)
+                self._queue.append(seqs[0])
+                self._n.requests_total += 1
+                self._cond.notify_all()
+        except BaseException:
+            for seq in seqs:
+                seq.sampler.close()
+            raise
+        log.debug("request %s queued: %d prompt tokens, max_tokens %d, %d choices", request_id, len(tokens),
+                  settings.max_tokens, extras.n)
+        return [seq.stream for seq in seqs]
 
     def _wake(self) -> None:
         with self._cond:
@@ -272,40 +310,49 @@ class Batcher:
     def _admit(self) -> None:
         """Move queued requests into free slots (caller holds the lock)."""
         now = time.perf_counter()
-        while self._queue and (self._free or self._queue[0].stream.cancelled):
+        while self._queue and (len(self._free) > len(self._queue[0].followers) or self._queue[0].stream.cancelled):
             seq = self._queue.popleft()
-            if seq.stream.cancelled:
-                self._end(seq, "cancelled", now)
+            if seq.stream.cancelled:  # a request's choices are cancelled together (the client left)
+                for q in [seq, *seq.followers]:
+                    self._end(q, "cancelled", now)
                 continue
-            seq.slot, seq.t_admit = self._slot_for(seq.tokens), now
+            seq.slot, seq.t_admit = self._slot_for(seq), now
             self._free.remove(seq.slot)
             self._reuse(seq)
             self._active.append(seq)
+            for follower in seq.followers:  # the slots holding least to lose; their cells get the leader's
+                follower.slot, follower.t_admit = min(self._free, key=lambda s: (len(self._kept[s]), s)), now
+                self._free.remove(follower.slot)
+                self._ctx.drop(follower.slot)
+                self._kept[follower.slot] = []
+                self._active.append(follower)
             log.debug("request %s admitted to slot %d after %.3f s, %d prompt tokens cached", seq.stream.request_id,
                       seq.slot, now - seq.t_submit, seq.cached)
 
-    def _reusable(self, slot: int, tokens: list[int]) -> int:
+    def _reusable(self, slot: int, seq: Seq) -> int:
         """Prompt tokens whose KV ``slot`` holds: the common prefix, leaving at least ``REFEED`` prompt
-        tokens to feed again (logits to sample from, from a piece of several rows: see ``REFEED``)."""
-        if not self.prefix_cache:
+        tokens to feed again (logits to sample from, from a piece of several rows: see ``REFEED``). None
+        for a request that wants every prompt token's log probability (echo): it needs all their logits."""
+        tokens = seq.tokens
+        if not self.prefix_cache or seq.extras.prompt_logprobs:
             return 0
         kept, n, end = self._kept[slot], 0, min(len(self._kept[slot]), len(tokens) - REFEED)
         while n < end and kept[n] == tokens[n]:
             n += 1
         return n
 
-    def _slot_for(self, tokens: list[int]) -> int:
+    def _slot_for(self, seq: Seq) -> int:
         """The free slot where reused minus evicted tokens is largest, the lowest on a tie (empty slots
         all score 0: without prefix reuse, the lowest free slot, so busy slots stay one run of ids)."""
         def score(slot: int) -> tuple[int, int]:
-            reused = self._reusable(slot, tokens)
+            reused = self._reusable(slot, seq)
             return reused - (len(self._kept[slot]) - reused), -slot
 
         return max(self._free, key=score)
 
     def _reuse(self, seq: Seq) -> None:
         """Keep the cells of the prompt prefix ``seq``'s slot holds, remove the rest (scheduler thread)."""
-        n = self._reusable(seq.slot, seq.tokens)
+        n = self._reusable(seq.slot, seq)
         if n < len(self._kept[seq.slot]) and not (n and self._ctx.trim(seq.slot, n)):
             self._ctx.drop(seq.slot)  # nothing to keep, or a memory that cannot drop a suffix
             n = 0
@@ -345,7 +392,7 @@ class Batcher:
         takes: list[tuple[Seq, int]] = []
         for seq in self._active:  # arrival order: short prompts whole, long ones within the budget
             remaining = len(seq.tokens) - seq.pos
-            if remaining <= 0:
+            if remaining <= 0 or seq.waiting:
                 continue
             computed = len(seq.tokens) - seq.cached  # the prompt tokens this request feeds
             short = computed <= WHOLE_PROMPT
@@ -358,44 +405,78 @@ class Batcher:
                 budget -= take
         for call in equal_pieces(sorted(takes, key=lambda t: t[0].slot)):
             batch.clear()
-            done = []
+            done, scored = [], []
             for seq, take in call:
                 end = seq.pos + take
+                every = seq.extras.prompt_logprobs  # echo: every row's logits, for the prompt's log probabilities
                 for p in range(seq.pos, end):
-                    seq.index = batch.add(seq.tokens[p], p, seq.slot, p == len(seq.tokens) - 1)
+                    seq.index = batch.add(seq.tokens[p], p, seq.slot, every or p == len(seq.tokens) - 1)
+                    if every and p + 1 < len(seq.tokens):
+                        scored.append((seq, p, seq.index))
                 seq.pos = end
                 if end == len(seq.tokens):
                     done.append(seq)
             self._n.prompt_tokens_total += batch.n
-            self._prefill.learn(self._decode(done), len(rows), batch.n)
+            self._prefill.learn(self._decode(done, scored), len(rows), batch.n)
         with self._cond:
             self._n.decode_steps_total += 1
             self._n.step_seconds_total += time.perf_counter() - t_step
 
-    def _decode(self, sampling: list[Seq]) -> float:
-        """``llama_decode`` the batch, then sample each of ``sampling``; returns the seconds of the decode."""
+    def _decode(self, sampling: list[Seq], scored: list | None = None) -> float:
+        """``llama_decode`` the batch, then score the prompt rows of ``scored`` (echo: ``(seq, position, row)``)
+        and sample each of ``sampling`` (and the choices that copy its prompt); returns the decode's seconds."""
         t0 = time.perf_counter()
         rc = self._ctx.decode(self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {self._batch.n} tokens")
         now = time.perf_counter()
         self._n.decode_seconds_total += now - t0  # this thread only; stats() reads it live
+        for seq, p, row in scored or ():
+            seq.prompt_logprobs.append(entry(self._model, self._ctx.logits(row), seq.tokens[p + 1],
+                                             seq.extras.top_logprobs or 0))
         for seq in sampling:
-            self._take(seq, seq.sampler.sample(self._ctx, seq.index), now)
+            if seq.extras.prompt_logprobs and seq.pos == len(seq.tokens):  # the prompt is done: its entries go first
+                first = entry(self._model, self._ctx.logits(seq.index), seq.tokens[0], 0)
+                head = [dataclasses.replace(first, logprob=None, top=())]
+                for q in [seq, *seq.followers]:
+                    q.stream._put(Piece("", tuple(head + seq.prompt_logprobs), prompt=True))
+                seq.prompt_logprobs = []
+            followers, seq.followers = seq.followers, []
+            for follower in followers:  # n > 1: the other choices start from this prompt's KV and logits row
+                if follower.stream.cancelled:
+                    continue  # ended before the next step, its slot empty
+                self._ctx.lib.llama_memory_seq_cp(self._ctx.memory, seq.slot, follower.slot, -1, -1)
+                follower.pos, follower.index = seq.pos, seq.index
+                with self._cond:
+                    self._n.sequences_forked_total += 1
+            for q in [seq, *followers]:
+                if q.pos:
+                    self._sample(q, now)
         return now - t0
+
+    def _sample(self, seq: Seq, now: float) -> None:
+        """Sample ``seq``'s next token from its logits row (scoring it first when log probabilities are asked)."""
+        row = self._ctx.logits(seq.index) if seq.extras.top_logprobs is not None else None
+        token = seq.sampler.sample(self._ctx, seq.index)
+        if row is not None:
+            seq.logprobs.append(entry(self._model, row, token, seq.extras.top_logprobs))
+        self._take(seq, token, now)
 
     def _take(self, seq: Seq, token: int, now: float) -> None:
         """Handle one sampled token: emit text, or finish on EOG / stop string / max_tokens."""
         if not seq.generated:
             seq.t_first = now
         if self._model.is_eog(token):
+            if seq.logprobs:
+                seq.logprobs.pop()  # the end-of-generation token is no output
             self._finish(seq, "stop")
             return
         seq.generated += 1
         self._n.tokens_generated_total += 1  # written by this thread only; stats() reads it live
         text = seq.text.push(token)
         if text:
-            seq.stream._put(Piece(text))
+            seq.stream._put(Piece(text, tuple(seq.logprobs)))
+            seq.logprobs.clear()
         if seq.text.stopped:
             self._finish(seq, "stop")
         elif seq.generated >= seq.settings.max_tokens or seq.pos >= self.n_ctx_per_slot:
@@ -406,10 +487,17 @@ class Batcher:
     def _finish(self, seq: Seq, reason: str, error: str | None = None) -> None:
         """End a running sequence and free its slot (sampler; the KV cells are kept for prefix reuse
         unless it is off or the sequence failed, when what the cells hold is not known)."""
+        if seq not in self._active:  # a waiting choice its leader's end has ended already
+            return
         if reason in ("stop", "length"):
             rest = seq.text.flush()
-            if rest:
-                seq.stream._put(Piece(rest))
+            if rest or (seq.logprobs and not seq.text.stopped):
+                seq.stream._put(Piece(rest, tuple(seq.logprobs)))
+        for follower in seq.followers:  # choices still waiting for this prompt: they cannot start now
+            if not follower.stream.done:
+                self._finish(follower, reason if reason in ("cancelled", "error") else "error",
+                             error or "the choice that computes the prompt ended before it")
+        seq.followers = []
         held = seq.held() if self.prefix_cache and reason != "error" else []
         if not (held and self._ctx.trim(seq.slot, len(held))):  # the sampled tokens' cells go
             self._ctx.drop(seq.slot)
@@ -429,7 +517,8 @@ class Batcher:
     def _end_all(self, reason: str, error: str) -> None:
         with self._cond:
             now = time.perf_counter()
-            for seq in list(self._active) + list(self._queue):
+            queued = [q for seq in self._queue for q in (seq, *seq.followers)]
+            for seq in list(self._active) + queued:
                 if self._ctx is not None and seq.slot >= 0:
                     self._ctx.drop(seq.slot)
                     self._kept[seq.slot] = []

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.runtime.text_stream import TextStream
+from edgemed.runtime.batch.options import Extras
 from edgemed.runtime.batch.stream import Finished, Stream
 
 log = logging.getLogger("edgemed.runtime.batch.batcher")  # one logger for the scheduler's lines, as before the split
@@ -36,6 +37,16 @@ class Seq:
     generated: int = 0
     t_admit: float = 0.0
     t_first: float = 0.0
+    extras: Extras = field(default_factory=Extras)
+    leader: "Seq | None" = None  # n > 1: the choice whose prompt KV this one copies (it computes no prompt)
+    followers: list = field(default_factory=list)  # n > 1, on the leader: the choices waiting for its prompt
+    logprobs: list = field(default_factory=list)  # entries of sampled tokens whose text is not out yet
+    prompt_logprobs: list = field(default_factory=list)  # echo: entries of prompt tokens computed so far
+
+    @property
+    def waiting(self) -> bool:
+        """A follower whose leader has not finished its prompt yet: nothing of its own to compute."""
+        return self.leader is not None and self.pos == 0
 
     def held(self) -> list[int]:
         """The prompt token ids whose KV this sequence computed in its slot (positions 0..n-1), the part a
@@ -53,7 +64,7 @@ class Seq:
         self.stream._put(Finished(
             finish_reason=reason, prompt_tokens=len(self.tokens), completion_tokens=self.generated,
             ttft_s=(self.t_first - self.t_submit) if self.t_first else 0.0, total_s=now - self.t_submit,
-            queue_s=admitted - self.t_submit, error=error, cached_tokens=self.cached))
+            queue_s=admitted - self.t_submit, error=error, cached_tokens=self.cached, forked=self.leader is not None))
         log.info("request %s %s: %d prompt (%d cached) + %d completion tokens, %.3f s", self.stream.request_id,
                  reason, len(self.tokens), self.cached, self.generated, now - self.t_submit)
 
@@ -67,6 +78,7 @@ class Counters:
     prompt_tokens_total: int = 0  # fed to llama.cpp (computed)
     prompt_tokens_cached_total: int = 0  # found in a slot's cache instead (prefix reuse)
     tokens_generated_total: int = 0
+    sequences_forked_total: int = 0  # n > 1 choices started from another's prompt KV (no prefill of their own)
     decode_steps_total: int = 0
     decode_seconds_total: float = 0.0  # inside llama_decode
     step_seconds_total: float = 0.0  # whole steps: batch building, llama_decode, sampling, text, hand-over
@@ -79,6 +91,7 @@ class Counters:
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
                 "tokens_generated_total": self.tokens_generated_total,
+                "sequences_forked_total": self.sequences_forked_total,
                 "decode_steps_total": self.decode_steps_total, "finished_total": dict(self.finished),
                 "decode_seconds_total": self.decode_seconds_total, "step_seconds_total": self.step_seconds_total,
                 "idle_seconds_total": self.idle_seconds_total}

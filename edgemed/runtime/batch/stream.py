@@ -16,9 +16,13 @@ from typing import AsyncIterator, Iterator
 
 @dataclass(frozen=True)
 class Piece:
-    """Decoded text, never half a UTF-8 character, never part of a stop string."""
+    """Decoded text, never half a UTF-8 character, never part of a stop string; with the log probabilities
+    (``options.TokenLogprob``) of the tokens it ends, when the request asked for them. ``prompt``: the one
+    piece (no text) carrying the prompt tokens' log probabilities (echo), before any output."""
 
     text: str
+    logprobs: tuple = ()
+    prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Finished:
     queue_s: float  # submit -> admitted to a slot
     error: str | None = None  # set when finish_reason is "error" (or a cancel came from shutdown)
     cached_tokens: int = 0  # prompt tokens whose KV the slot already held (not fed to llama.cpp again)
+    forked: bool = False  # one of n > 1 choices that copied another's prompt KV: its prompt was not computed
 
 
 class Stream:

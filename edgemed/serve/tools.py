@@ -1,0 +1,189 @@
+"""Tool calling through the model's own chat template: which format a template speaks, the grammar that forces a
+call, the calls parsed back out of the answer, and the streaming filter that turns them into OpenAI deltas.
+
+A GGUF's chat template either renders ``tools`` (and assistant ``tool_calls`` / ``tool`` messages in a history)
+or it does not; edgemed never invents a format the model was not trained on. The one format edgemed parses
+is the Hermes one (Qwen2.5, Hermes, many fine-tunes), a JSON object per call between tags::
+
+    <tool_call>
+    {"name": "dose_calculator", "arguments": {"weight_kg": 70}}
+    </tool_call>
+
+A template that does not mention ``tools`` is a 400 naming the model; one that renders tools in another format
+is a 400 too (its calls could not be read back). ``tool_choice``: ``none`` renders no tools and parses nothing;
+``auto`` renders them and parses whatever calls the model writes; ``required`` and a named function constrain
+sampling with a grammar (llama.cpp GBNF, from the functions' JSON schemas) so the answer is one call (or, with
+``parallel_tool_calls``, one or more) whose arguments match the schema.
+
+Hand-written rather than taken from a library: llama-cpp-python's own chat handlers hard-code per-model
+formats and do not work on a template string, and llama.cpp's C++ ``common/chat`` parser is not exposed
+through its C API.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+
+from edgemed.serve.api import ApiError
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request does with tools: what the template gets, the grammar (if forced), whether to parse."""
+
+    tools: list[dict] = field(default_factory=list)  # rendered into the prompt (OpenAI's tool objects)
+    grammar: str | None = None
+    parse: bool = False
+
+
+def template_format(template: str | None) -> str | None:
+    """``"hermes"`` when the chat template renders tools as ``<tool_call>`` JSON, ``"other"`` when it renders
+    tools some other way, None when it has no tools at all."""
+    if not template or not re.search(r"\btools\b", template):
+        return None
+    return "hermes" if OPEN in template else "other"
+
+
+def plan(body, template: str | None, model_id: str) -> ToolPlan:
+    """The request's ``ToolPlan``; a 400 when it asks for tools the model's template cannot carry."""
+    tools = body.tools or []
+    choice = body.tool_choice or ("auto" if tools else "none")
+    history = any(m.role == "tool" or m.tool_calls for m in body.messages)
+    if not tools:
+        if choice not in ("none", "auto"):
+            raise ApiError(400, "'tool_choice' asks for a tool call but 'tools' is empty. Fix: send the functions "
+                                "in 'tools', or drop 'tool_choice'.", param="tool_choice")
+        if history:
+            _require(template, model_id, "messages")
+        return ToolPlan()
+    kind = _require(template, model_id, "tools")
+    if kind != "hermes":
+        raise ApiError(400, f"The chat template of model '{model_id}' renders tools in a format edgemed cannot read "
+                            "back (it parses <tool_call> JSON). Fix: serve a model whose template uses <tool_call>, "
+                            "or call without 'tools'.", param="tools", code="tools_not_supported")
+    functions = {t.function.name: t.function for t in tools}
+    if len(functions) != len(tools):
+        raise ApiError(400, "Two tools have the same function name. Fix: give each function its own name.",
+                       param="tools")
+    rendered = [t.model_dump(exclude_none=True) for t in tools]
+    if choice == "none":
+        return ToolPlan()
+    if choice == "auto":
+        return ToolPlan(rendered, None, True)
+    if choice == "required":
+        forced = list(functions.values())
+    else:
+        name = choice.function.name
+        if name not in functions:
+            raise ApiError(400, f"'tool_choice' names the function '{name}', which is not in 'tools'. Fix: name one "
+                                f"of: {', '.join(functions)}.", param="tool_choice")
+        forced = [functions[name]]
+    return ToolPlan(rendered, grammar(forced, body.parallel_tool_calls), True)
+
+
+def _require(template: str | None, model_id: str, param: str) -> str:
+    kind = template_format(template)
+    if kind is None:
+        raise ApiError(400, f"The model '{model_id}' has no tool-call format in its chat template, so it cannot be "
+                            "given tools or tool messages. Fix: serve a model whose chat template supports tools "
+                            "(e.g. Qwen2.5), or send the conversation without tools.", param=param,
+                       code="tools_not_supported")
+    return kind
+
+
+def grammar(functions: list, parallel: bool) -> str:
+    """GBNF for one call (or several, when ``parallel``) to one of ``functions``, arguments per their schemas."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters or {"type": "object"}},
+              "required": ["name", "arguments"]} for f in functions]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    converter = SchemaConverter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False,
+                                raw_pattern=False)
+    try:
+        converter.visit(converter.resolve_refs(schema, "tools"), "call")
+        rules = converter.format_grammar()
+    except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
+        raise ApiError(400, f"A function's 'parameters' schema cannot be turned into a grammar: {type(exc).__name__} "
+                            f"{exc}. Fix: send a JSON schema of objects, types, properties and enums.",
+                       param="tools") from None
+    one = f'"{OPEN}\\n" call "\\n{CLOSE}"'
+    root = f"root ::= {one} (\"\\n\" {one})*" if parallel else f"root ::= {one}"
+    return root + "\n" + rules
+
+
+@dataclass
+class Parsed:
+    content: str | None
+    calls: list[dict]  # OpenAI tool-call objects
+
+
+def parse(text: str) -> Parsed:
+    """The calls written in ``text`` (well-formed ones: a JSON object with a ``name``), and the text around them."""
+    calls, kept, at = [], [], 0
+    for match in _CALL.finditer(text):
+        try:
+            obj = json.loads(match.group(1))
+        except ValueError:
+            continue  # not a call: it stays in the content
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            continue
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                json.loads(args)
+            except ValueError:
+                args = json.dumps(args)  # arguments are always JSON text
+        else:
+            args = json.dumps(args, ensure_ascii=False)
+        calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
+                      "function": {"name": obj["name"], "arguments": args}})
+        kept.append(text[at:match.start()])
+        at = match.end()
+    kept.append(text[at:])
+    content = "".join(kept).strip() if calls else text
+    return Parsed(content or None, calls)
+
+
+class CallFilter:
+    """Streams the content of an answer that may hold calls: text is passed on until ``<tool_call>`` starts
+    (held back while the text could still be its beginning); after it, nothing, the calls coming at the end."""
+
+    def __init__(self):
+        self.text = ""
+        self.sent = 0
+        self.calling = False
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        if self.calling:
+            return ""
+        at = self.text.find(OPEN, self.sent)
+        if at >= 0:
+            self.calling = True
+            return self._release(at)
+        held = next((k for k in range(min(len(OPEN) - 1, len(self.text)), 0, -1) if self.text.endswith(OPEN[:k])), 0)
+        return self._release(len(self.text) - held)
+
+    def _release(self, end: int) -> str:
+        out = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """What is left to send as content (a held tail that never became a call), and the calls."""
+        parsed = parse(self.text)
+        if not parsed.calls:
+            return self._release(len(self.text)), []
+        # content before the first call went out already; content between or after calls follows here
+        rest = (parsed.content or "")
+        before = self.text[:self.sent].strip()
+        if rest.startswith(before):
+            rest = rest[len(before):]
+        return rest if rest.strip() else "", parsed.calls
