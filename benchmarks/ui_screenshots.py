@@ -104,7 +104,7 @@ class Page:
     def wait(self, predicate, timeout: float = 60.0, what: str = "the page"):
         from selenium.webdriver.support.ui import WebDriverWait
 
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(lambda d: predicate(), f"waiting for {what}")
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.15).until(lambda d: predicate(), f"waiting for {what}")
 
     def ready(self, timeout: float = 30.0) -> "Page":
         self.wait(lambda: not self.find("#ask").get_attribute("hidden") or not self.find("#key-panel").get_attribute("hidden"),

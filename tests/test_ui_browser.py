@@ -1,0 +1,232 @@
+"""The clinician page of ``edgemed serve`` in a real headless Chromium against a real server on SmolLM2.
+
+Covers: the page and its assets (CSP and the other headers; nothing but same-origin files); the model card before
+the first question; a streamed free question sent with Enter, with its audit request id; the ``mcq`` form and
+the parsed letter the server returned; stopping a long answer (the slot is freed); a server with keys (refused
+without one, works with one, the key kept in sessionStorage only); hostile input and hostile model output shown
+as text, never run; no request outside the server's origin (the browser's own network log); ``--no-ui``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from serve_kit import wait_until
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx2")
+
+import ui_kit  # noqa: E402
+from ui_kit import MODEL, Browser, audit_records, outside, page_server, stored, unlabelled  # noqa: E402
+
+CARD = {"intended_use": "Answering exam-style medical questions for the test suite.",
+        "intended_users": ["Test engineers"], "out_of_scope_use": "Patients.",
+        "known_limitations": ["Tiny model: often wrong"]}
+KEY = "test-key-" + "x" * 24
+HOSTILE = '</script><img src=x onerror="window.__pwned=1">'
+#: SmolLM2 answers this (greedy) with HTML of its own: <img src="https://example.com/image.png" onerror="window.__pwned=1"></script>
+HOSTILE_ASK = 'Write the HTML tag <img src=x onerror="window.__pwned=1"> and then </script>'
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    with page_server(smollm2_gguf, tmp_path_factory.mktemp("ui-audit") / "audit.jsonl", card=CARD,
+                     default_max_tokens=24) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ui_kit.need_browser()
+    with ui_kit.ui.chromium() as driver:
+        yield Browser(driver)
+
+
+# -- the page as files: no browser needed ---------------------------------------------------------------------
+def test_page_and_assets_carry_a_strict_csp_and_come_from_the_package(server):
+    for path in ("/", "/ui/app.js", "/ui/app.css", "/ui/icon.svg"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 200, path
+        csp = r.headers["content-security-policy"]
+        for rule in ("default-src 'self'", "script-src 'self'", "connect-src 'self'", "frame-ancestors 'none'",
+                     "require-trusted-types-for 'script'"):
+            assert rule in csp, (path, rule)
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["referrer-policy"] == "no-referrer"
+    html = httpx.get(server.url + "/").text
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/ui/app.js" defer>']  # no inline script
+    assert " style=" not in html and "<style" not in html
+    for path in ("/", "/ui/app.js", "/ui/app.css"):
+        assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", httpx.get(server.url + path).text), path
+    assert "innerHTML" not in httpx.get(server.url + "/ui/app.js").text
+
+
+def test_info_gives_the_card_and_the_template_index(server):
+    info = httpx.get(server.url + "/ui/info").json()
+    assert info["model"] == MODEL and info["card"]["intended_use"] == CARD["intended_use"]
+    templates = {t["name"]: t for t in info["templates"]}
+    assert templates["mcq"]["kind"] == "choice" and templates["mcq"]["choices_from"] == "options"
+    assert [f["kind"] for f in templates["mcq"]["fields"]] == ["long", "options"]
+    assert templates["triage"]["columns"] == ["urgency", "red_flags", "action"]
+    assert {f["name"]: f["kind"] for f in templates["patient_education"]["fields"]}["reading_level"] == "line"
+
+
+def test_no_ui_serves_the_api_alone(smollm2_gguf, tmp_path):
+    with page_server(smollm2_gguf, tmp_path / "audit.jsonl", ui=False) as srv:
+        assert httpx.get(srv.url + "/").status_code == 404
+        assert httpx.get(srv.url + "/ui/app.js").status_code == 404
+        assert httpx.get(srv.url + "/v1/models").status_code == 200
+
+
+def test_cli_no_ui_and_the_bind_rule(monkeypatch, smollm2_gguf):
+    from serve_kit import batcher_kwargs
+
+    from edgemed.serve import config as config_module
+    from edgemed.serve.security import ApiKeys
+
+    made = []
+    real = config_module.ServeConfig
+    monkeypatch.setattr(config_module, "ServeConfig", lambda **kw: made.append(real(**kw)) or made[-1])
+    _, result = batcher_kwargs(monkeypatch, ["--no-ui", "--port", "0", str(smollm2_gguf)])
+    assert made and made[-1].ui is False and not made[-1].page_enabled, result.output
+    _, result = batcher_kwargs(monkeypatch, ["--port", "0", str(smollm2_gguf)])
+    assert len(made) == 2 and made[-1].page_enabled, result.output
+    keys = ApiKeys.from_lines([KEY])
+    assert real(model_id="m", bundle_digest="d", host="0.0.0.0", api_keys=keys).page_enabled
+    off = object.__new__(real)  # a public bind without keys (check_bind refuses it at construction): never the page
+    object.__setattr__(off, "host", "0.0.0.0"), object.__setattr__(off, "api_keys", None), object.__setattr__(off, "ui", True)
+    assert not off.page_enabled
+
+
+# -- in the browser -------------------------------------------------------------------------------------------
+def test_free_question_streams_with_its_request_id_and_the_card_first(server, browser):
+    page = browser.page(server.url)
+    card = page.find("#card").text
+    assert CARD["intended_use"] in card and "Test engineers" in card and "Tiny model: often wrong" in card
+    assert page.find("#mode").get_attribute("value") == ""  # the chat comes first
+    page.max_tokens(32)
+    page.ask("Name three symptoms of anemia.")  # typed, then Enter
+    lengths = set()
+
+    def done():
+        lengths.add(len(page.find("#log .answer-text").text))
+        return page.last().get_attribute("data-done")
+
+    page.wait(done, 60, "the streamed answer")
+    answer = page.last()
+    text = answer.find_element("css selector", ".answer-text").text
+    assert text.strip()
+    assert len({n for n in lengths if 0 < n < len(text)}) >= 1, f"no partial text seen while streaming: {lengths}"
+    request_id = answer.find_element("css selector", ".request-id").text
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert "never replaces" in answer.find_element("css selector", ".safety").text
+    assert answer.find_element("css selector", ".think").get_attribute("hidden")  # no <think> from SmolLM2: folded away
+    record = [r for r in audit_records(server.audit_path) if r.get("request_id") == request_id]
+    assert record and record[0]["endpoint"] == "chat" and record[0]["status"] == 200
+    assert "anemia" not in server.audit_path.read_text()  # the audit keeps no text by default
+    assert stored(browser.driver) == {"local": [], "session": [], "indexeddb": []}
+    assert unlabelled(browser.driver) == []
+
+
+def test_mcq_form_shows_the_parsed_letter_the_server_returned(server, browser):
+    page = browser.page(server.url)
+    page.choose("mcq")
+    assert unlabelled(browser.driver) == []
+    inputs = {"question": "Which vitamin deficiency causes scurvy?",
+              "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}}
+    page.fill(inputs)
+    page.max_tokens(16)
+    page.send()
+    answer = page.wait_answer()
+    letter = answer.find_element("css selector", ".choice-letter").text
+    direct = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "template": "mcq", "template_inputs": inputs, "max_tokens": 16}).json()
+    assert direct["edgemed"]["parsed"]["ok"], direct
+    assert letter == direct["edgemed"]["parsed"]["value"]
+    assert inputs["options"][letter] in answer.text
+    raw = answer.find_element("css selector", "details.raw")
+    assert raw.get_attribute("open") is None  # the raw text one click away
+    raw.find_element("css selector", "summary").click()
+    assert raw.find_element("css selector", ".raw-text").text.strip() == direct["choices"][0]["message"]["content"].strip()
+
+
+def test_stop_ends_a_long_answer_and_frees_the_slot(server, browser):
+    page = browser.page(server.url)
+    page.max_tokens(700)
+    page.ask("Write a long, detailed essay on the history of medicine, century by century.")
+    page.wait(lambda: len(page.find("#log .answer-text").text) > 40, 60, "some of the answer")
+    page.find("#stop").click()
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done") == "stopped"
+    shown = answer.find_element("css selector", ".answer-text").text
+    assert wait_until(lambda: httpx.get(server.url + "/health").json()["active_slots"] == 0, 10)
+    time.sleep(0.5)
+    assert answer.find_element("css selector", ".answer-text").text == shown  # nothing more arrived
+    assert len(shown.split()) < 600
+    assert page.find("#send").is_enabled() and not page.find("#stop").is_enabled()
+    request_id = answer.find_element("css selector", ".request-id").text
+    assert wait_until(lambda: any(r.get("request_id") == request_id and r["outcome"] == "client_disconnected"
+                                  for r in audit_records(server.audit_path)), 10)
+
+
+def test_hostile_input_and_output_are_text_never_html(server, browser):
+    page = browser.page(server.url)
+    page.choose("mcq")
+    page.fill({"question": HOSTILE, "options": {"A": HOSTILE, "B": "<b>bold</b>", "C": "x", "D": "y"}})
+    page.max_tokens(8)
+    page.send()
+    page.wait_answer()
+    page.choose("")
+    page.max_tokens(36)
+    page.ask(HOSTILE_ASK)
+    answer = page.wait_answer()
+    log = page.find("#log").text
+    assert log.count(HOSTILE) >= 2 and "<b>bold</b>" in log  # the inputs, shown as typed
+    output = answer.find_element("css selector", ".answer-text").text
+    assert 'onerror="window.__pwned=1"' in output and "<img" in output  # the model wrote HTML ...
+    driver = browser.driver
+    assert driver.execute_script("return window.__pwned") is None  # ... and none of it ran
+    assert driver.execute_script("return document.querySelectorAll('#log img, #log script, #log b').length") == 0
+    assert outside(browser.requests(), server.url) == []
+
+
+def test_every_request_stays_on_the_servers_origin(server, browser):
+    page = browser.page(server.url)
+    page.max_tokens(8)
+    page.ask("Hello")
+    page.wait_answer()
+    page.choose("mcq")
+    seen = browser.seen + browser.requests()
+    paths = {url.split(server.url, 1)[-1] for url, _ in seen}
+    assert {"/", "/ui/app.js", "/ui/app.css", "/ui/info", "/v1/models", "/v1/chat/completions"} <= paths, paths
+    assert outside(seen, server.url) == []
+
+
+def test_a_server_with_keys_refuses_without_one_and_works_with_one(smollm2_gguf, tmp_path, browser):
+    from edgemed.serve.security import ApiKeys
+
+    keys = ApiKeys.from_lines([f"clinic-ward-3 {KEY}"])
+    with page_server(smollm2_gguf, tmp_path / "audit.jsonl", api_keys=keys, default_max_tokens=8) as srv:
+        assert httpx.get(srv.url + "/").status_code == 200  # the page loads, to ask for the key
+        assert httpx.get(srv.url + "/ui/info").status_code == 401
+        assert httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": []}).status_code == 401
+        page = browser.page(srv.url)
+        assert page.find("#ask").get_attribute("hidden") and page.find("#card").get_attribute("hidden")
+        page.find("#key").send_keys("wrong-key-" + "y" * 20 + "\n")
+        page.wait(lambda: "refused" in page.find("#key-error").text, 10, "the refusal")
+        assert page.find("#ask").get_attribute("hidden")
+        page.find("#key").send_keys(KEY + "\n")
+        page.wait(lambda: not page.find("#ask").get_attribute("hidden"), 10, "the page after the key")
+        page.ask("Hello")
+        answer = page.wait_answer()
+        assert answer.get_attribute("data-done") in ("done", "cut at the answer length limit"), answer.text
+        request_id = answer.find_element("css selector", ".request-id").text
+        record = [r for r in audit_records(srv.audit_path) if r.get("request_id") == request_id]
+        assert record and record[0]["key_id"] == "clinic-ward-3" and record[0]["status"] == 200
+        assert stored(browser.driver) == {"local": [], "session": ["edgemed.apiKey"], "indexeddb": []}
+        browser.driver.execute_script("sessionStorage.clear()")
