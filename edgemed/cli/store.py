@@ -11,20 +11,22 @@ import click
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", help="Install under this name (default: the bundle's name).")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
-@click.option("--force", is_flag=True, help="Replace an installed model of the same name.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Require a valid signature by this public key (for this command, in place of trust.toml's keys).")
+@click.option("--force", is_flag=True, help="Replace an installed model of the same name (the replaced version is kept: edgemed rollback NAME).")
 def install(bundle, name, key, force):
     """Install BUNDLE (a .edgemed file or bundle directory) into the local model store.
 
     Every file is checked against the manifest as it is copied; nothing is installed
-    unless all of it matches. Then: edgemed run NAME.
+    unless all of it matches and the trust policy ($EDGEMED_HOME/trust.toml) accepts
+    its signer. Then: edgemed run NAME.
     """
     from edgemed.packaging import signing
     from edgemed.packaging.store import Store
 
     public_key = signing.load_public_key(key) if key else None
     target, man, signer = Store().install(bundle, name=name, public_key=public_key, force=force)
-    sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key)"
+    sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key, or list the maker's key in trust.toml)"
     click.echo(f"installed {target}: {len(man.files)} files, {man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
                f"Run it: edgemed run {target} --prompt '...'")
 

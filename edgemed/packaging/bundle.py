@@ -186,6 +186,8 @@ class Verified:
     signed_by: str | None  # key id when a signature was checked
     has_signature: bool
     hashed: list[str] = field(default_factory=list)  # files re-hashed (the rest came from the verified cache)
+    signature: Signature | None = None
+    manifest_bytes: bytes = b""
 
     @property
     def model_path(self) -> Path:
@@ -275,4 +277,4 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
             raise IntegrityError(f"'{f.path}' does not match the manifest: expected sha256 {f.sha256}, actual {digest}.", _DAMAGED)
     if cache is not None:
         cache.save()
-    return Verified(root, man, msha, signed_by, sig is not None, hashed)
+    return Verified(root, man, msha, signed_by, sig is not None, hashed, sig, data)

@@ -104,9 +104,25 @@ def runnable(arg: str | Path, *, full: bool = False) -> ModelRef:
     if ref.kind == FILE:
         return ref
     v = verified(ref, full=full)
+    _check_trust(ref, v)
     name = ref.name if ref.kind == STORE else v.manifest.name
     return replace(ref, name=name, digest="manifest:sha256:" + v.manifest_sha256, model_path=v.model_path,
                    path=ref.path if ref.path is not None else v.root)
+
+
+def _check_trust(ref: ModelRef, v) -> None:
+    """The trust policy (packaging.trust) for what is about to load: an installed model by its origin and the signer
+    recorded at install, a bundle directory as a local bundle. Costs one signature check, no second read of the model."""
+    from edgemed.packaging import trust
+
+    if ref.kind == STORE:
+        from edgemed.packaging.store import Store
+
+        trust.check_installed(Store().record(ref.name) or {}, v.signature, v.manifest, v.manifest_bytes)
+        return
+    policy = trust.load()
+    if policy.exists:
+        trust.decide(None, v.signature, v.manifest, v.manifest_bytes, policy=policy)
 
 
 def with_digest(ref: ModelRef) -> ModelRef:

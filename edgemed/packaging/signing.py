@@ -125,24 +125,29 @@ def load_private_key(path: Path) -> SigningKey:
 
 
 def load_public_key(path: Path) -> PublicKey:
-    s, ec, ed = _crypto()
     data = Path(path).read_bytes() if Path(path).is_file() else None
     if data is None:
         raise InputError(f"Public key '{path}' does not exist.", "pass the .pub.pem the bundle's maker gave you")
+    return public_key_from_pem(data, Path(path))
+
+
+def public_key_from_pem(data: bytes, where: Path) -> PublicKey:
+    """A verifying key from PEM bytes (``where`` names it in messages); a private key is reduced to its public half."""
+    s, ec, ed = _crypto()
     try:
         key = s.load_pem_public_key(data)
     except ValueError:
         try:  # a private key also does: derive its public half
             key = s.load_pem_private_key(data, password=None).public_key()
         except (ValueError, TypeError) as exc:
-            raise InputError(f"Cannot read the public key '{path}': {exc}.", "pass an EC public key in PEM form (the maker's .pub.pem)") from None
+            raise InputError(f"Cannot read the public key '{where}': {exc}.", "pass an EC public key in PEM form (the maker's .pub.pem)") from None
     if isinstance(key, ec.EllipticCurvePublicKey):
-        _check_curve(key, path)
+        _check_curve(key, where)
         pem = _spki_pem(key)
-        return PublicKey(Path(path), "ec", _ec_key_id(pem), pem)
+        return PublicKey(Path(where), "ec", _ec_key_id(pem), pem)
     if isinstance(key, ed.Ed25519PublicKey):
-        return PublicKey(Path(path), "ed25519", _legacy_key_id(key), _spki_pem(key))
-    raise InputError(f"'{path}' is neither an EC nor an ed25519 public key.", "pass the .pub.pem the bundle's maker gave you")
+        return PublicKey(Path(where), "ed25519", _legacy_key_id(key), _spki_pem(key))
+    raise InputError(f"'{where}' is neither an EC nor an ed25519 public key.", "pass the .pub.pem the bundle's maker gave you")
 
 
 def as_public_key(key) -> PublicKey | None:

@@ -222,10 +222,11 @@ class Store:
 
         ``origin``: where the bundle came from when that is not the local path given (``oci://HOST/REPO@sha256:...``
         for a pull); it is recorded in the index, shown by ``list``, and selects the trust policy's entry."""
-        from edgemed.packaging import signing
+        from edgemed.packaging import signing, trust
         from edgemed.packaging.archive import is_tar, read_tar
 
         bundle = Path(bundle)
+        policy = trust.load()
         if not bundle.exists():
             raise InputError(f"Bundle '{bundle}' does not exist.", "pass a .edgemed file or bundle directory made by `edgemed pack`")
         signer: dict = {}
@@ -244,14 +245,14 @@ class Store:
                 with os.fdopen(fd, "wb") as dst:
                     return copy_hashed(src, dst, entry.size, entry.path)
 
-            def check_signature(man: Manifest, data: bytes, sig: bytes | None) -> None:
+            def check_signature(man: Manifest, data: bytes, sig: signing.Signature | None) -> None:
                 target = check_name(name or man.name)
                 if (self.models / target).exists() and not force:
                     raise StoreError(f"A model named '{target}' is already installed.",
                                      f"pass --force to replace it, or remove it first: edgemed remove {target}")
-                if public_key is not None:
-                    signer["key_id"] = signing.verify(sig, man, data, public_key)
-                    signer["pem"] = signing.as_public_key(public_key).pem.decode("ascii")
+                key = trust.decide(origin, sig, man, data, key=public_key, policy=policy)  # the trust policy (trust.py)
+                if key is not None:
+                    signer["key_id"], signer["pem"] = key.key_id, key.pem.decode("ascii")
 
             try:
                 if is_tar(bundle):
@@ -325,6 +326,10 @@ class Store:
         if not d.is_dir():
             raise StoreError(f"No model named '{name}' is installed.", "run `edgemed list` to see installed models, or `edgemed install BUNDLE`")
         return d
+
+    def record(self, name: str) -> dict | None:
+        """The index record of an installed model as readers see it (None when it has none)."""
+        return self._view()[0].get(name)
 
     def verify(self, name: str, *, full: bool = False, public_key=None) -> Verified:
         d = self.model_dir(name)

@@ -1,0 +1,191 @@
+"""The device's trust policy: which signers it accepts, for bundles from where (``$EDGEMED_HOME/trust.toml``).
+
+::
+
+    [local]                                   # bundles from a file or folder (edgemed install PATH, run DIR)
+    require_signature = false                 # the default here
+    keys = ["keys/vendor.pub.pem"]            # PEM public keys; a relative path is under $EDGEMED_HOME
+
+    [registries."registry.clinic.example"]    # every repository of a registry ...
+    keys = ["keys/vendor.pub.pem"]
+    [registries."registry.clinic.example/radiology"]   # ... or one repository (or a folder of them)
+    keys = ["keys/radiology.pub.pem"]
+    require_signature = true                  # the default for every oci:// origin
+
+A bundle pulled from ``oci://HOST[:PORT]/REPO[:TAG|@DIGEST]`` is judged by the most specific
+``registries`` entry whose name is ``HOST[:PORT]`` or a ``/``-bounded prefix of ``HOST[:PORT]/REPO``;
+with no entry, a signature is required and no key is trusted, so a pull is refused until the clinic
+names its signers. Everything else is judged by ``[local]``; with no trust.toml at all, local bundles
+behave as before (a signature is checked when ``--key`` is given).
+
+The rule, for the entry that applies: a key given on the command line (``--key``) must verify the
+signature; otherwise an unsigned bundle passes only when ``require_signature`` is false; a signed one
+must verify with one of the entry's keys (a signature by any other key is refused, whatever
+``require_signature`` says), unless the entry lists no key and does not require a signature.
+``install`` and ``pull`` apply it before any file is stored; ``run`` (and serve, chat, bench) apply it
+again to the installed copy, with the signer's key recorded at install, so a key removed from
+trust.toml stops its models from loading.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemed import env
+from edgemed.errors import InputError, SignatureError
+from edgemed.packaging import signing
+
+POLICY = "trust.toml"
+_ENTRY_KEYS = {"keys", "require_signature"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    where: str                         # how messages name it: "[local]" or [registries."HOST/REPO"]
+    keys: tuple = ()                   # signing.PublicKey
+    require_signature: bool = False
+
+
+@dataclass
+class Policy:
+    path: Path
+    exists: bool = False
+    local: Entry = field(default_factory=lambda: Entry("[local]"))
+    registries: dict[str, Entry] = field(default_factory=dict)
+
+    def entry_for(self, origin: str | None) -> tuple[Entry, str | None]:
+        """(the entry that judges ``origin``, the registry/repository it names or None for a local bundle)."""
+        repo = oci_repository(origin)
+        if repo is None:
+            return self.local, None
+        best = max((n for n in self.registries if repo == n or repo.startswith(n + "/")), key=len, default=None)
+        if best is None:
+            return Entry(f'[registries."{repo}"] (absent)', (), True), repo
+        return self.registries[best], repo
+
+
+def oci_repository(origin: str | None) -> str | None:
+    """``HOST[:PORT]/REPO`` of an ``oci://`` origin (tag and digest dropped); None for any other origin."""
+    if not origin or not origin.startswith("oci://"):
+        return None
+    ref = origin[len("oci://"):].split("@", 1)[0]
+    head, _, last = ref.rpartition("/")
+    if head and ":" in last:  # a tag on the last component (a port sits only on the host)
+        last = last.split(":", 1)[0]
+    return f"{head}/{last}" if head else last
+
+
+def load(home: Path | None = None) -> Policy:
+    """The policy in ``$EDGEMED_HOME/trust.toml`` (an empty one where there is no file)."""
+    home = Path(home) if home is not None else env.home()
+    path = home / POLICY
+    if not path.is_file():
+        return Policy(path)
+    fix = f"correct {path} (see `edgemed install --help` and docs/packaging.md, section Trust policy)"
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"Cannot read the trust policy {path}: {exc}.", fix) from None
+    unknown = sorted(set(raw) - {"local", "registries"})
+    if unknown:
+        raise InputError(f"The trust policy {path} has sections edgemed does not know: {', '.join(unknown)}.",
+                         f"{fix}: its sections are [local] and [registries.\"HOST/REPO\"]")
+    policy = Policy(path, exists=True, local=_entry(raw.get("local", {}), "[local]", False, home, path, fix))
+    regs = raw.get("registries", {})
+    if not isinstance(regs, dict):
+        raise InputError(f"In {path}, 'registries' is not a table.", fix)
+    for name, table in regs.items():
+        if not name or name.startswith(("oci://", "/")) or name.endswith("/") or any(c in name for c in "@ \t"):
+            raise InputError(f"In {path}, the registry entry {name!r} is not HOST[:PORT] or HOST[:PORT]/REPOSITORY.",
+                             f'{fix}: e.g. [registries."registry.clinic.example/models"]')
+        policy.registries[name] = _entry(table, f'[registries."{name}"]', True, home, path, fix)
+    return policy
+
+
+def _entry(table, where: str, require_default: bool, home: Path, path: Path, fix: str) -> Entry:
+    if not isinstance(table, dict):
+        raise InputError(f"In {path}, {where} is not a table.", fix)
+    unknown = sorted(set(table) - _ENTRY_KEYS)
+    if unknown:
+        raise InputError(f"In {path}, {where} has keys edgemed does not know: {', '.join(unknown)}.",
+                         f"{fix}: an entry has keys = [...] and require_signature = true|false")
+    req = table.get("require_signature", require_default)
+    files = table.get("keys", [])
+    if not isinstance(req, bool) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise InputError(f"In {path}, {where}: require_signature must be true or false and keys a list of paths.", fix)
+    keys = []
+    for f in files:
+        p = Path(f) if Path(f).is_absolute() else home / f
+        if not p.is_file():
+            raise InputError(f"The trust policy {path} names the key {p} ({where}), which does not exist.",
+                             f"put the signer's .pub.pem there, or remove it from {where}")
+        keys.append(signing.load_public_key(p))
+    return Entry(where, tuple(keys), req)
+
+
+def _fix(policy: Policy, entry: Entry, repo: str | None) -> str:
+    table = f'[registries."{repo}"]' if repo is not None else "[local]"
+    return (f"if you trust this bundle's maker, add their public key to {policy.path} under {table} "
+            f"(keys = [\"keys/maker.pub.pem\"], the file under {policy.path.parent}), or pass --key MAKER.pub.pem; "
+            "otherwise do not install it")
+
+
+def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest_bytes: bytes, *, key=None,
+           policy: Policy | None = None) -> signing.PublicKey | None:
+    """Apply the policy to a bundle about to be installed (or run); return the key that verified it (None: unchecked).
+    Raises SignatureError with a one-paragraph fix."""
+    policy = policy if policy is not None else load()
+    if key is not None:  # the operator named the signer for this command
+        key = signing.as_public_key(key)
+        signing.verify(sig, manifest, manifest_bytes, key)
+        return key
+    entry, repo = policy.entry_for(origin)
+    source = origin or "a local file"
+    if sig is None:
+        if entry.require_signature:
+            raise SignatureError(f"The bundle from {source} is not signed, and the trust policy ({entry.where} in "
+                                 f"{policy.path}) requires a signature.",
+                                 "ask the maker for a signed bundle (edgemed pack --sign key.pem) and push it again; only if "
+                                 f"unsigned bundles are acceptable there, set require_signature = false under {entry.where}")
+        return None
+    if not entry.keys:
+        if entry.require_signature:
+            elsewhere = [w for w, e in policy.registries.items() if any(k.key_id == signing.signer_id(sig) for k in e.keys)]
+            also = f" (its signer, key {signing.signer_id(sig)}, is trusted for {', '.join(elsewhere)} only)" if elsewhere else ""
+            raise SignatureError(f"No signer is trusted for {repo or source}: {policy.path} has no entry for it{also}.",
+                                 _fix(policy, entry, repo))
+        return None
+    signer = signing.signer_id(sig)
+    match = next((k for k in entry.keys if k.key_id == signer), None)
+    if match is None:
+        trusted = ", ".join(k.key_id for k in entry.keys)
+        raise SignatureError(f"The bundle from {source} is signed by key {signer}, which the trust policy does not trust "
+                             f"there ({entry.where} in {policy.path} trusts {trusted}).", _fix(policy, entry, repo))
+    signing.verify(sig, manifest, manifest_bytes, match)
+    return match
+
+
+def check_installed(record: dict, sig: signing.Signature | None, manifest, manifest_bytes: bytes) -> None:
+    """At run: the installed copy's signature with the key recorded at install, then today's policy for its origin."""
+    recorded = record.get("signer_key")
+    if recorded and sig is not None:
+        signing.verify(sig, manifest, manifest_bytes, signing.public_key_from_pem(recorded.encode("ascii"), Path("the signer's key recorded at install")))
+    policy = load()
+    if not policy.exists and not recorded:
+        return  # no policy: as before (the signature was checked at install when a key was given)
+    origin = record.get("origin")
+    entry, repo = policy.entry_for(origin)
+    if sig is None and entry.require_signature:
+        raise SignatureError(f"The installed model from {origin or record.get('source')} is not signed, and the trust policy "
+                             f"({entry.where} in {policy.path}) now requires a signature.",
+                             f"install a signed copy (edgemed install BUNDLE --force), or set require_signature = false under {entry.where}")
+    if sig is not None and entry.keys:
+        signer = signing.signer_id(sig)
+        if not any(k.key_id == signer for k in entry.keys) or (recorded and not any(k.pem.decode("ascii") == recorded for k in entry.keys)):
+            raise SignatureError(f"The installed model is signed by key {signer}, which the trust policy no longer trusts "
+                                 f"({entry.where} in {policy.path}).", _fix(policy, entry, repo))
+    elif sig is not None and entry.require_signature and not recorded:
+        raise SignatureError(f"No signer is trusted for {repo or 'local bundles'} in {policy.path}, which requires a signature.",
+                             _fix(policy, entry, repo))

@@ -1,0 +1,171 @@
+"""The device's trust policy ($EDGEMED_HOME/trust.toml): what install (and a pull, through Store.install with an
+oci:// origin) and run accept. An untrusted key, an unsigned bundle and a wrong repository are each refused with a
+one-paragraph fix, before anything is stored; run applies the policy again to the installed copy."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import bundle_kit as kit
+
+pytest.importorskip("model_signing", reason="the fleet extra (model-signing) is not installed")
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.errors import InputError, SignatureError  # noqa: E402
+from edgemed.packaging import signing, trust  # noqa: E402
+from edgemed.packaging.bundle import PackInputs, pack  # noqa: E402
+from edgemed.packaging.ref import runnable  # noqa: E402
+from edgemed.packaging.store import Store  # noqa: E402
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trust")
+    inp = kit.inputs(tmp / "in")
+    a_priv, a_pub = kit.keypair(tmp, "a.pem")
+    b_priv, b_pub = kit.keypair(tmp, "b.pem")
+    ins = PackInputs(model=inp["model"], license=inp["license"], card=inp["card"], name="tiny")
+    pack(ins, tmp / "by-a", as_dir=True, private_key=signing.load_private_key(a_priv))
+    pack(ins, tmp / "by-b", as_dir=True, private_key=signing.load_private_key(b_priv))
+    pack(ins, tmp / "unsigned", as_dir=True)
+    return {"a": a_pub, "b": b_pub, "by-a": tmp / "by-a", "by-b": tmp / "by-b", "unsigned": tmp / "unsigned"}
+
+
+@pytest.fixture
+def home(edgemed_home, made):
+    (edgemed_home / "keys").mkdir(parents=True)
+    shutil.copy(made["a"], edgemed_home / "keys" / "a.pub.pem")
+    return edgemed_home
+
+
+def _policy(home: Path, text: str) -> None:
+    (home / "trust.toml").write_text(text)
+
+
+def _refused_cli(*args) -> str:
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    problem, _, fix = r.output.partition("\nFix: ")
+    assert problem.startswith("Error: ") and fix.strip() and "\n" not in fix.strip(), r.output  # one problem, one fix
+    return r.output
+
+
+def _nothing_installed(home: Path) -> bool:
+    models = home / "store" / "models"
+    return not models.exists() or not any(models.iterdir())
+
+
+def test_an_untrusted_key_is_refused_with_the_fix(home, made):
+    _policy(home, '[local]\nkeys = ["keys/a.pub.pem"]\n')
+    out = _refused_cli("install", made["by-b"])
+    b_id = signing.load_public_key(made["b"]).key_id
+    assert f"signed by key {b_id}" in out and "does not trust" in out and "trust.toml" in out and "[local]" in out, out
+    assert _nothing_installed(home)
+    r = CliRunner().invoke(cli, ["install", str(made["by-a"])])  # the trusted signer passes, no --key needed
+    assert r.exit_code == 0 and "signature valid" in r.output, r.output
+
+
+def test_an_unsigned_bundle_is_refused_where_a_signature_is_required(home, made):
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/a.pub.pem"]\n')
+    out = _refused_cli("install", made["unsigned"])
+    assert "is not signed" in out and "requires a signature" in out and "edgemed pack --sign" in out, out
+    assert _nothing_installed(home)
+
+
+def test_a_pull_is_judged_by_its_repository(home, made):
+    """Store.install with an oci:// origin (what `edgemed pull` calls): the entry for that repository decides."""
+    _policy(home, '[registries."127.0.0.1:5000/clinic"]\nkeys = ["keys/a.pub.pem"]\n')
+    store = Store()
+    with pytest.raises(SignatureError) as exc:  # signed by a trusted key, but pulled from another repository
+        store.install(made["by-a"], origin=f"oci://127.0.0.1:5000/other/tiny@{DIGEST}")
+    msg = str(exc.value)
+    assert "No signer is trusted for 127.0.0.1:5000/other/tiny" in msg and "trusted for 127.0.0.1:5000/clinic only" in msg, msg
+    assert '[registries."127.0.0.1:5000/other/tiny"]' in exc.value.fix
+    assert _nothing_installed(home)
+    with pytest.raises(SignatureError, match="is not signed"):  # pulls require a signature by default
+        store.install(made["unsigned"], origin="oci://127.0.0.1:5000/clinic/tiny:v1")
+    with pytest.raises(SignatureError, match="does not trust"):
+        store.install(made["by-b"], origin="oci://127.0.0.1:5000/clinic/tiny:v1")
+    assert _nothing_installed(home)
+    origin = f"oci://127.0.0.1:5000/clinic/tiny@{DIGEST}"
+    name, _, signer = store.install(made["by-a"], origin=origin)
+    assert signer == signing.load_public_key(made["a"]).key_id
+    row = next(r for r in store.list() if r["name"] == name)
+    assert row["origin"] == origin and row["signed_by"] == signer and row["digest"].startswith("sha256:")
+    r = CliRunner().invoke(cli, ["list"])
+    assert origin in r.output and signer in r.output, r.output
+
+
+def test_a_pull_with_no_policy_needs_a_signature_and_a_trusted_key(edgemed_home, made):
+    with pytest.raises(SignatureError) as exc:
+        Store().install(made["by-a"], origin="oci://registry.example/models/tiny:v1")
+    assert "No signer is trusted for registry.example/models/tiny" in str(exc.value) and "--key" in exc.value.fix
+    name, _, signer = Store().install(made["by-a"], origin="oci://registry.example/models/tiny:v1", public_key=made["a"])
+    assert signer  # the operator named the signer for this command
+
+
+def test_run_applies_the_policy_to_the_installed_copy(home, made):
+    _policy(home, '[local]\nkeys = ["keys/a.pub.pem"]\n')
+    Store().install(made["by-a"])
+    assert runnable("tiny").model_path.is_file()
+    shutil.copy(made["b"], home / "keys" / "b.pub.pem")
+    _policy(home, '[local]\nkeys = ["keys/b.pub.pem"]\n')  # the clinic stops trusting key a
+    with pytest.raises(SignatureError, match="no longer trusts"):
+        runnable("tiny")
+    _policy(home, '[local]\nkeys = ["keys/a.pub.pem"]\n')
+    sig = Store().models / "tiny" / "model.sig"  # the installed signature, swapped for b's over the same files
+    sig.chmod(0o644)
+    sig.write_bytes((made["by-b"] / "model.sig").read_bytes())
+    with pytest.raises(SignatureError):
+        runnable("tiny")
+
+
+def test_run_of_a_bundle_directory_follows_the_local_entry(home, made):
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/a.pub.pem"]\n')
+    assert runnable(str(made["by-a"])).model_path.is_file()
+    with pytest.raises(SignatureError, match="is not signed"):
+        runnable(str(made["unsigned"]))
+    with pytest.raises(SignatureError, match="does not trust"):
+        runnable(str(made["by-b"]))
+
+
+@pytest.mark.parametrize("text,why", [
+    ("[local\n", "Cannot read the trust policy"),
+    ("[remote]\n", "sections edgemed does not know: remote"),
+    ('[local]\nkeys = ["keys/absent.pub.pem"]\n', "does not exist"),
+    ("[local]\nrequire_signature = \"yes\"\n", "require_signature must be true or false"),
+    ('[registries."oci://x/y"]\nkeys = []\n', "is not HOST[:PORT]"),
+])
+def test_a_bad_policy_file_is_refused_naming_it(home, made, text, why):
+    _policy(home, text)
+    with pytest.raises(InputError, match="trust.toml|keys"):
+        trust.load()
+    out = _refused_cli("install", made["by-a"])
+    assert why in out, out
+
+
+@pytest.mark.parametrize("origin,repo", [
+    ("oci://127.0.0.1:5000/clinic/smollm2:v2", "127.0.0.1:5000/clinic/smollm2"),
+    (f"oci://127.0.0.1:5000/clinic/smollm2@{DIGEST}", "127.0.0.1:5000/clinic/smollm2"),
+    ("oci://registry.example/a/b/c", "registry.example/a/b/c"),
+    (None, None), ("/tmp/x.edgemed", None),
+])
+def test_oci_repository(origin, repo):
+    assert trust.oci_repository(origin) == repo
+
+
+def test_the_most_specific_registry_entry_wins(home, made):
+    shutil.copy(made["b"], home / "keys" / "b.pub.pem")
+    _policy(home, '[registries."127.0.0.1:5000"]\nkeys = ["keys/a.pub.pem"]\n'
+                  '[registries."127.0.0.1:5000/radiology"]\nkeys = ["keys/b.pub.pem"]\n')
+    p = trust.load()
+    assert p.entry_for("oci://127.0.0.1:5000/radiology/ct:v1")[0].where == '[registries."127.0.0.1:5000/radiology"]'
+    assert p.entry_for("oci://127.0.0.1:5000/radiologyx/ct:v1")[0].where == '[registries."127.0.0.1:5000"]'
+    with pytest.raises(SignatureError, match="does not trust"):
+        Store().install(made["by-a"], origin="oci://127.0.0.1:5000/radiology/ct:v1")
