@@ -1,0 +1,87 @@
+"""``edgemed push | pull | login``: bundles through an OCI registry, as CNCF ModelPack artifacts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+_INSECURE = ("Allow plain HTTP to this registry (only on a network you trust). "
+             "Loopback addresses (127.0.0.1, localhost) use plain HTTP without it.")
+
+
+@click.command()
+@click.argument("bundle")
+@click.argument("target", metavar="oci://HOST[:PORT]/REPO:TAG")
+@click.option("--insecure", is_flag=True, help=_INSECURE)
+@click.option("--json", "as_json", is_flag=True, help="Print the result (digest, pinned reference, bytes uploaded) as JSON.")
+def push(bundle, target, insecure, as_json):
+    """Push BUNDLE (a bundle directory or an installed model's name) to a registry.
+
+    One layer per bundle file (the GGUF uncompressed, the signature too), so bundles that
+    share a GGUF share its blob; blobs the registry has are not uploaded again. Credentials
+    come from ~/.docker/config.json (edgemed login, docker login and oras login write it).
+    Then, on every device: edgemed pull oci://HOST/REPO:TAG
+    """
+    from edgemed.packaging.oci_push import push as do_push
+
+    r = do_push(bundle, target, insecure=insecure)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    click.echo(f"pushed {r.ref}: {r.layers} files, {r.bytes_uploaded / 1e6:,.1f} MB uploaded "
+               f"({r.blobs_present} already in the registry)\ndigest {r.digest}\n"
+               f"pull it pinned: edgemed pull {r.pinned}")
+
+
+@click.command()
+@click.argument("source", metavar="oci://HOST[:PORT]/REPO:TAG|@sha256:DIGEST")
+@click.option("--name", help="Install under this name (default: the bundle's name).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
+@click.option("--force", is_flag=True, help="Replace an installed model of the same name.")
+@click.option("--insecure", is_flag=True, help=_INSECURE)
+@click.option("--json", "as_json", is_flag=True, help="Print the result (name, origin, bytes downloaded and resumed) as JSON.")
+def pull(source, name, key, force, insecure, as_json):
+    """Pull a model from a registry into the local store.
+
+    Every file is hashed as it arrives and checked against its digest; nothing is installed
+    until all of them match. Files the store already holds are not downloaded; an interrupted
+    pull resumes where it stopped when run again. Then: edgemed run NAME
+    """
+    from edgemed.packaging import signing
+    from edgemed.packaging.oci_pull import pull as do_pull
+
+    public_key = signing.load_public_key(key) if key else None
+    r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    resumed = f", {r.bytes_resumed / 1e6:,.1f} MB resumed" if r.bytes_resumed else ""
+    sig = f"; signature valid (key {r.signed_by})" if r.signed_by else ""
+    click.echo(f"installed {r.name} from {r.origin}: {r.files} files, {r.bytes_downloaded / 1e6:,.1f} MB downloaded{resumed}, "
+               f"{r.blobs_in_store} already in the store; every sha256 matches{sig}. Run it: edgemed run {r.name} --prompt '...'")
+
+
+@click.command()
+@click.argument("registry", metavar="HOST[:PORT]")
+@click.option("-u", "--username", required=True, help="The registry account.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (else it is asked for).")
+@click.option("--insecure", is_flag=True, help=_INSECURE)
+def login(registry, username, password_stdin, insecure):
+    """Log in to a registry: check the credentials there, then keep them in ~/.docker/config.json.
+
+    The file is the one docker and oras use (readable by its owner only); push and pull read it.
+    """
+    from edgemed.errors import InputError
+    from edgemed.packaging.oci import login as do_login
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True)
+    if not password:
+        raise InputError("No password was given.", "pipe it in with --password-stdin, or type it when asked")
+    path = do_login(registry, username, password, insecure=insecure)
+    click.echo(f"logged in to {registry} as {username}; credentials stored in {path}")

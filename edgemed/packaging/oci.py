@@ -1,0 +1,412 @@
+"""Bundles as CNCF ModelPack artifacts in an OCI registry: references, media types, the client, the manifest.
+
+One bundle is one OCI image manifest (``artifactType: application/vnd.cncf.model.manifest.v1+json``):
+
+    config    application/vnd.cncf.model.config.v1+json, filled from the bundle manifest
+              (descriptor: name, version, title, vendor, family, createdAt; config: format, paramSize,
+              precision, quantization; modelfs: the layers' digests)
+    layers    one per bundle file, uncompressed, the file's bundle path in ``org.cncf.model.filepath``:
+              the GGUF (or ONNX files) as ``weight.v1.raw``, ``manifest.json`` and templates as
+              ``weight.config.v1.raw``, LICENSE, card, report and the signature as ``doc.v1.raw``
+
+A layer's digest is its file's sha256, so two tags whose bundles share a GGUF share one blob in the
+registry, and ``pull`` links a blob the store already holds instead of downloading it. The signature
+travels as a layer of the same manifest (the CNCF distribution registry 2.8 has no referrers API).
+
+The registry protocol and docker-style credentials (``~/.docker/config.json``) come from the ``oras``
+library; edgemed builds the manifest itself (oras's ``push`` sets no ``artifactType``) and does its own
+blob GETs (oras's download neither checks the digest nor resumes; see ``oci_pull``).
+
+Everything a registry returns is untrusted: a manifest is bounded in size before it is parsed, and
+every descriptor (media type, digest, size, file path) is checked before anything is allocated or
+written on its word.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed import env
+from edgemed.errors import EdgemedError, InputError, IntegrityError
+from edgemed.packaging.manifest import (
+    MANIFEST,
+    MAX_FILES,
+    SIGNATURES,
+    Manifest,
+    check_relpath,
+    max_signature_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
+CONFIG_TYPE = "application/vnd.cncf.model.config.v1+json"
+WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
+WEIGHT_CONFIG_RAW = "application/vnd.cncf.model.weight.config.v1.raw"
+DOC_RAW = "application/vnd.cncf.model.doc.v1.raw"
+CODE_RAW = "application/vnd.cncf.model.code.v1.raw"
+DATASET_RAW = "application/vnd.cncf.model.dataset.v1.raw"
+FILEPATH = "org.cncf.model.filepath"
+TITLE = "org.opencontainers.image.title"
+
+#: bundle file role (manifest.ROLES) -> layer media type
+ROLE_MEDIA = {"model": WEIGHT_RAW, "template": WEIGHT_CONFIG_RAW, "license": DOC_RAW, "card": DOC_RAW,
+              "report": DOC_RAW, "other": DOC_RAW}
+#: files at a bundle's root that its manifest does not list -> layer media type (the signatures: the OpenSSF
+#: ``model.sig``, and an older edgemed's ``manifest.sig``)
+META_MEDIA = {MANIFEST: WEIGHT_CONFIG_RAW, **{name: DOC_RAW for name in SIGNATURES}}
+#: layer media types a pull accepts: ModelPack's uncompressed kinds (edgemed never pushes the tar forms)
+RAW_MEDIA = frozenset((WEIGHT_RAW, WEIGHT_CONFIG_RAW, DOC_RAW, CODE_RAW, DATASET_RAW))
+#: GGUF quantization type -> ModelPack ``precision`` (the rest: ``int<bits>`` from the Q<bits> name)
+_FLOAT_PRECISION = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+MAX_OCI_MANIFEST_BYTES = 4 << 20  # what registries accept (distribution's default limit is 4 MiB)
+MAX_CONFIG_BYTES = 1 << 20
+MAX_LAYERS = MAX_FILES + len(META_MEDIA)
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REF = re.compile(r"oci://(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?"
+                  rf"/(?P<repo>{_COMPONENT}(?:/{_COMPONENT})*)"
+                  r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})|@(?P<digest>sha256:[0-9a-f]{64}))?")
+_REF_FORM = "oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:DIGEST (e.g. oci://registry.clinic.local/models/cardio:1.0)"
+
+
+class RegistryError(EdgemedError):
+    """The registry could not be reached, refused a request, or does not hold what was asked for."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed ``oci://HOST[:PORT]/REPO(:TAG|@sha256:DIGEST)``."""
+
+    host: str        # as written (an IPv6 address keeps its brackets)
+    port: int | None
+    repo: str
+    tag: str | None
+    digest: str | None  # "sha256:<hex>"
+
+    @property
+    def registry(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+    @property
+    def reference(self) -> str:
+        """What follows ``/manifests/`` in the registry API."""
+        return self.digest or self.tag or "latest"
+
+    def at(self, digest: str) -> Ref:
+        return Ref(self.host, self.port, self.repo, None, digest)
+
+    def __str__(self) -> str:
+        return f"oci://{self.registry}/{self.repo}" + (f"@{self.digest}" if self.digest else f":{self.tag}")
+
+    @property
+    def is_loopback(self) -> bool:
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_ref(text: str, *, need_tag: bool = False) -> Ref:
+    """Parse a registry reference; a tag or a digest is required (``need_tag``: a tag, as ``push`` takes)."""
+    m = _REF.fullmatch(text or "")
+    if m is None or not (m["tag"] or m["digest"]):
+        raise InputError(f"'{text}' is not a registry reference edgemed reads.",
+                         f"write {_REF_FORM}; repository names are lower case" + ("" if m is None else "; add :TAG"))
+    port = int(m["port"]) if m["port"] else None
+    if port is not None and not 0 < port < 65536:
+        raise InputError(f"'{text}' names port {port}, which does not exist.", f"write {_REF_FORM}")
+    if need_tag and not m["tag"]:
+        raise InputError(f"'{text}' names a digest; a push needs a tag.", "push to oci://HOST/REPO:TAG; pull by digest afterwards")
+    return Ref(m["host"], port, m["repo"], m["tag"], m["digest"])
+
+
+def hex_of(digest: str, what: str = "digest") -> str:
+    """The hex part of ``sha256:<hex>``; anything else is refused (a registry's answer is untrusted)."""
+    m = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
+    if m is None:
+        raise IntegrityError(f"The registry gave {what} {str(digest)[:80]!r}, not a sha256 digest.",
+                             "edgemed reads sha256 digests only; push the bundle again with `edgemed push`")
+    return m[1]
+
+
+# -- the client ---------------------------------------------------------------------------------
+def docker_config() -> Path:
+    """Where credentials live, as docker and oras keep them."""
+    return Path.home() / ".docker" / "config.json"
+
+
+class Client:
+    """An ``oras`` registry client for one registry, its scheme and its auth backend chosen by a first ``GET /v2/``.
+
+    TLS unless the host is a loopback address or ``insecure`` is given (plain HTTP on a trusted network)."""
+
+    PING_TIMEOUT_S = 15
+
+    def __init__(self, ref: Ref, *, insecure: bool = False):
+        import oras.container
+        import oras.provider
+
+        self.ref = ref
+        self.plain = insecure or ref.is_loopback
+        self.base = f"{'http' if self.plain else 'https'}://{ref.registry}"
+        backend = self._ping()
+        self.oras = oras.provider.Registry(hostname=ref.registry, insecure=self.plain, tls_verify=True, auth_backend=backend)
+        self.container = oras.container.Container(f"{ref.registry}/{ref.repo}:{ref.tag or 'latest'}")
+        if backend == "basic":
+            self.oras.auth._basic_auth = None
+        self.oras.auth.load_configs(self.container)
+        if backend == "basic" and not self.oras.auth._basic_auth:
+            raise RegistryError(f"The registry {ref.registry} asks for a user name and password, and {docker_config()} holds none for it.",
+                                f"log in first: edgemed login {ref.registry} --username USER --password-stdin")
+
+    def _ping(self) -> str:
+        """GET /v2/: reachable, the right scheme, and which auth it asks for ('basic' or 'token')."""
+        import requests
+
+        try:
+            r = requests.get(f"{self.base}/v2/", timeout=self.PING_TIMEOUT_S)
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(f"TLS with {self.ref.registry} failed ({_short(exc)}).",
+                                "give the registry a certificate this machine trusts; if it serves plain HTTP on a network "
+                                "you trust, pass --insecure") from None
+        except requests.exceptions.RequestException as exc:
+            raise RegistryError(f"Cannot reach the registry {self.base} ({_short(exc)}).",
+                                "check the host and port, and that the registry is running and reachable from here") from None
+        challenge = r.headers.get("WWW-Authenticate", "")
+        if r.status_code == 401 and challenge.lower().startswith("basic"):
+            return "basic"
+        if r.status_code not in (200, 401):
+            raise RegistryError(f"{self.base}/v2/ answered HTTP {r.status_code}: not an OCI registry API.",
+                                "check the host and port of the registry")
+        return "token"
+
+    def url(self, kind: str, reference: str) -> str:
+        return f"{self.base}/v2/{self.ref.repo}/{kind}/{reference}"
+
+    def request(self, method: str, url: str, *, headers: dict | None = None, stream: bool = False):
+        """One request through oras (which answers the registry's auth challenge); a network error is a RegistryError."""
+        import requests
+
+        try:
+            return self.oras.do_request(url, method, headers=dict(headers or {}), stream=stream)
+        except requests.exceptions.RequestException as exc:
+            raise RegistryError(f"{method} {url} failed ({_short(exc)}).", "check the network and run the command again") from None
+
+    def fail(self, r, what: str) -> RegistryError:
+        """A RegistryError naming what was asked and what the registry said."""
+        try:
+            errs = [e.get("message", "") for e in r.json().get("errors", [])][:3]
+        except (ValueError, AttributeError, TypeError):  # the body of an error need not be JSON, nor of this shape
+            errs = []
+        said = f"HTTP {r.status_code}" + (f": {'; '.join(errs)}" if errs else "")
+        if r.status_code in (401, 403):
+            return RegistryError(f"The registry refused {what} ({said}).",
+                                 f"log in with an account allowed to do this: edgemed login {self.ref.registry} --username USER --password-stdin")
+        if r.status_code == 404:
+            return RegistryError(f"The registry {self.ref.registry} has no {what} ({said}).",
+                                 "check the repository and tag (or digest); `edgemed push` puts a bundle there")
+        return RegistryError(f"The registry failed {what} ({said}).", "check the registry's log, then run the command again")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def login(registry: str, username: str, password: str, *, insecure: bool = False) -> Path:
+    """Check the credentials against the registry, then store them in ``~/.docker/config.json`` as docker does
+    (``auths[registry].auth`` = base64 of ``user:password``, the file readable by its owner only)."""
+    import oras.auth.utils
+    import requests
+
+    from edgemed.files.atomic import atomic_path
+
+    ref = parse_ref(f"oci://{registry}/login:check")
+    base = f"{'http' if insecure or ref.is_loopback else 'https'}://{ref.registry}"
+    try:
+        r = requests.get(f"{base}/v2/", auth=(username, password), timeout=Client.PING_TIMEOUT_S)
+    except requests.exceptions.RequestException as exc:
+        raise RegistryError(f"Cannot reach the registry {base} ({_short(exc)}).",
+                            "check the host and port; pass --insecure only for a registry that serves plain HTTP on a network you trust") from None
+    challenge = r.headers.get("WWW-Authenticate", "")
+    if r.status_code == 401 and challenge.lower().startswith("bearer"):  # a token service (Harbor, cloud registries)
+        import oras.auth.utils as au
+
+        realm = au.parse_auth_header(challenge).realm or ""
+        try:
+            r = requests.get(realm, params={"service": au.parse_auth_header(challenge).service or ""},
+                             auth=(username, password), timeout=Client.PING_TIMEOUT_S) if realm.startswith("https://") or \
+                (realm.startswith("http://") and (insecure or ref.is_loopback)) else None
+        except requests.exceptions.RequestException as exc:
+            raise RegistryError(f"Cannot reach the token service {realm} of {ref.registry} ({_short(exc)}).",
+                                "check that this machine can reach it") from None
+        if r is None:
+            raise RegistryError(f"The registry {ref.registry} names a token service that is not HTTPS ({realm[:80]!r}).",
+                                "ask the registry's administrator to serve the token service over HTTPS")
+    if r.status_code != 200:
+        raise RegistryError(f"The registry {ref.registry} refused the user name and password (HTTP {r.status_code}).",
+                            "check them with the registry's administrator and log in again")
+    path = docker_config()
+    cfg: dict = {}
+    if path.exists():
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc}).", f"fix or move {path}, then log in again") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("auths", {}), dict):
+            raise InputError(f"{path} is not a docker config file (no 'auths' object).", f"fix or move {path}, then log in again")
+    cfg.setdefault("auths", {})[ref.registry] = {"auth": oras.auth.utils.get_basic_auth(username, password)}
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with atomic_path(path, force=True) as tmp:
+        tmp.touch(mode=0o600)
+        tmp.chmod(0o600)
+        tmp.write_text(json.dumps(cfg, indent="\t") + "\n", encoding="utf-8")
+    return path
+
+
+def credentials_of(registry: str) -> str | None:
+    """The user name stored for ``registry`` (never the password), for messages."""
+    try:
+        auth = json.loads(docker_config().read_text(encoding="utf-8"))["auths"][registry]["auth"]
+        return base64.b64decode(auth).decode("utf-8").split(":", 1)[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- the ModelPack manifest and config ----------------------------------------------------------
+def param_size(params: int | None) -> str | None:
+    """ModelPack's ``paramSize``: a count with at most one decimal and a scale letter (``134.5M``)."""
+    if not isinstance(params, int) or params <= 0:
+        return None
+    for scale, letter in ((10 ** 15, "Q"), (10 ** 12, "T"), (10 ** 9, "B"), (10 ** 6, "M"), (10 ** 3, "K")):
+        if params >= scale:
+            return f"{params / scale:.1f}".rstrip("0").rstrip(".") + letter
+    return str(params)
+
+
+def precision(quant: str | None) -> str | None:
+    if not isinstance(quant, str):
+        return None
+    m = re.match(r"I?Q(\d)", quant.upper())
+    return _FLOAT_PRECISION.get(quant.upper()) or (f"int{m[1]}" if m else None)
+
+
+def model_config(man: Manifest, layer_digests: list[str]) -> dict:
+    """The ModelPack config JSON for a bundle manifest."""
+    m, card = man.model, man.card
+    descriptor = {"name": man.name, "createdAt": man.created or None, "version": _text(card.get("version")),
+                  "title": _text(card.get("model_name")), "vendor": _text(card.get("developer")), "family": _text(m.get("arch")),
+                  "description": _text(card.get("summary"))}
+    config = {"format": m.get("format"), "paramSize": param_size(m.get("params")), "precision": precision(m.get("quant")),
+              "quantization": m.get("quant")}
+    return {"descriptor": {k: v for k, v in descriptor.items() if v},
+            "config": {k: v for k, v in config.items() if v},
+            "modelfs": {"type": "layers", "diff_ids": list(layer_digests)}}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def layer(path: str, media_type: str, sha256: str, size: int) -> dict:
+    return {"mediaType": media_type, "digest": f"sha256:{sha256}", "size": size, "annotations": {FILEPATH: path, TITLE: path}}
+
+
+def image_manifest(config_sha256: str, config_size: int, layers: list[dict], man: Manifest) -> dict:
+    return {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+            "config": {"mediaType": CONFIG_TYPE, "digest": f"sha256:{config_sha256}", "size": config_size},
+            "layers": layers,
+            "annotations": {"org.opencontainers.image.title": man.name, "org.opencontainers.image.created": man.created}
+            if man.created else {"org.opencontainers.image.title": man.name}}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One checked layer of a pulled manifest."""
+
+    path: str
+    media_type: str
+    sha256: str
+    size: int
+
+
+def read_image_manifest(body: bytes, ref: Ref) -> list[Layer]:
+    """Check a manifest the registry returned (untrusted) and return its layers, one per bundle file."""
+    bad = f"the artifact at {ref} is not an edgemed bundle pushed as a ModelPack artifact"
+    fix = "pull an artifact that `edgemed push` made, or push the bundle again"
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except ValueError as exc:
+        raise IntegrityError(f"The manifest of {ref} is not valid JSON ({_short(exc)}).", fix) from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"The manifest of {ref} is not a JSON object.", fix)
+    if doc.get("mediaType") != OCI_MANIFEST or doc.get("schemaVersion") != 2:
+        raise IntegrityError(f"The manifest of {ref} is {str(doc.get('mediaType'))[:80]!r}, not an OCI image manifest: {bad}.", fix)
+    if doc.get("artifactType") != ARTIFACT_TYPE:
+        raise IntegrityError(f"The manifest of {ref} has artifactType {str(doc.get('artifactType'))[:80]!r}, "
+                             f"not {ARTIFACT_TYPE}: {bad}.", fix)
+    config = doc.get("config")
+    if not isinstance(config, dict) or config.get("mediaType") != CONFIG_TYPE:
+        raise IntegrityError(f"The manifest of {ref} has no ModelPack config ({CONFIG_TYPE}): {bad}.", fix)
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or not 0 < len(layers) <= MAX_LAYERS:
+        raise IntegrityError(f"The manifest of {ref} lists {len(layers) if isinstance(layers, list) else 'no'} layers "
+                             f"(1 to {MAX_LAYERS} allowed).", fix)
+    out: list[Layer] = []
+    seen: set[str] = set()
+    limit = env.max_bundle_bytes()
+    for i, d in enumerate(layers):
+        if not isinstance(d, dict):
+            raise IntegrityError(f"Layer {i} of {ref} is not a JSON object.", fix)
+        ann = d.get("annotations")
+        path = ann.get(FILEPATH) if isinstance(ann, dict) else None
+        if not isinstance(path, str):
+            raise IntegrityError(f"Layer {i} of {ref} has no {FILEPATH} annotation: {bad}.", fix)
+        path = check_relpath(path, f"layer {i} of {ref}")
+        if d.get("mediaType") not in RAW_MEDIA:
+            raise IntegrityError(f"Layer '{path}' of {ref} has media type {str(d.get('mediaType'))[:80]!r}; "
+                                 "edgemed reads ModelPack's uncompressed (.raw) layers only.", fix)
+        size = d.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= limit:
+            raise IntegrityError(f"Layer '{path}' of {ref} claims size {str(size)[:40]!r} (0 to {limit} bytes allowed).",
+                                 f"{fix}; a larger bundle needs {env.MAX_BUNDLE_VAR} raised")
+        sha = hex_of(d.get("digest"), f"layer '{path}' the digest")
+        if path.lower() in seen:
+            raise IntegrityError(f"Layer '{path}' appears twice in {ref}.", fix)
+        seen.add(path.lower())
+        out.append(Layer(path, d["mediaType"], sha, size))
+    if sum(x.size for x in out) > limit:
+        raise IntegrityError(f"The layers of {ref} add up to more than {limit} bytes.", f"{fix}; a larger bundle needs {env.MAX_BUNDLE_VAR} raised")
+    return out
+
+
+def check_against_bundle(layers: list[Layer], man: Manifest, ref: Ref) -> None:
+    """The layers must be exactly the bundle manifest's files (same sha256 and size) plus its root files."""
+    fix = "the artifact does not match the bundle it carries; push the bundle again with `edgemed push`"
+    by_path = {x.path: x for x in layers}
+    for f in man.files:
+        x = by_path.get(f.path)
+        if x is None:
+            raise IntegrityError(f"{ref} has no layer for the bundle file '{f.path}' (sha256 {f.sha256}).", fix)
+        if (x.sha256, x.size) != (f.sha256, f.size):
+            raise IntegrityError(f"Layer '{f.path}' of {ref} is sha256:{x.sha256} ({x.size} bytes); the bundle manifest "
+                                 f"expects sha256:{f.sha256} ({f.size} bytes).", fix)
+    listed = {f.path for f in man.files}
+    for x in layers:
+        if x.path not in listed and x.path not in META_MEDIA:
+            raise IntegrityError(f"Layer '{x.path}' of {ref} is not a file of the bundle it carries.", fix)
+        if x.path in SIGNATURES and x.size > max_signature_bytes(x.path):
+            raise IntegrityError(f"Layer '{x.path}' of {ref} is {x.size} bytes; a signature is at most {max_signature_bytes(x.path)}.", fix)
+

@@ -1,0 +1,285 @@
+"""``edgemed pull``: a ModelPack artifact from an OCI registry into the store, verified before it is visible.
+
+Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``):
+
+1. The manifest, by tag or digest, bounded in size and checked as untrusted (``oci.read_image_manifest``);
+   pulled by digest, its bytes must hash to that digest. Its digest pins the origin recorded in the store
+   (``oci://HOST/REPO@sha256:...``), so a tag moved later does not change what was installed.
+2. The ``manifest.json`` layer first (small): every other layer must be one of its files with the same sha256
+   and size, or a signature, before any large blob is fetched.
+3. Each layer: a blob the store already holds (``store/blobs/sha256/<hex>``) is linked, not downloaded.
+   Otherwise it streams into ``downloads/<hex>.part``, hashed as it is written. An interrupted download
+   resumes from the part's size with an HTTP ``Range`` request, after re-hashing the bytes already there.
+   A digest or size mismatch is refused naming the layer's file path and both digests, and the bad part
+   is deleted (a resumed one gets one fresh try from byte 0 first: its old bytes may be what was wrong).
+4. A staging folder of hard links (owner-tagged debris in ``downloads/``) goes to ``Store.install`` with the
+   origin; the store verifies every file again, checks the signature under the trust policy and swaps the
+   model in atomically. Nothing is under ``models/`` before that.
+
+Why the GET is edgemed's own: oras's ``download_blob`` neither checks the digest nor resumes. The requests go
+through oras's session (``Client.request``), so its credentials and token handling apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgemed import env
+from edgemed.errors import IntegrityError, StoreError
+from edgemed.files.debris import scratch_dir, step, sweep
+from edgemed.files.hashing import BLOCK
+from edgemed.packaging import oci
+from edgemed.packaging.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    SIGNATURES,
+    Manifest,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes per read from the network (and per counted step in the crash tests)
+
+
+@dataclass
+class Pulled:
+    name: str
+    ref: str                 # as given
+    origin: str              # oci://HOST/REPO@sha256:... (recorded in the store)
+    files: int
+    bytes_downloaded: int    # blob bytes received over the network by this pull
+    bytes_resumed: int       # bytes an earlier, interrupted pull had already downloaded
+    blobs_in_store: int      # layers the store already held (linked, not downloaded)
+    signed_by: str | None
+    downloaded: list[str] = field(default_factory=list)  # file paths of which this pull received bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def downloads_dir() -> Path:
+    """Where pulls keep their resumable downloads (not the store's ``tmp/``, which every store operation sweeps)."""
+    return env.home() / "downloads"
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def pull(target: str, *, name: str | None = None, insecure: bool = False, public_key=None, force: bool = False,
+         store=None) -> Pulled:
+    """Pull ``target`` (``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``) and install it as ``name``."""
+    from edgemed.packaging.store import Store
+
+    ref = oci.parse_ref(target)
+    store = store or Store()
+    client = oci.Client(ref, insecure=insecure)
+    body, digest = _fetch_manifest(client, ref)
+    origin = ref.at(digest)
+    layers = oci.read_image_manifest(body, origin)
+    by_path = {x.path: x for x in layers}
+    if MANIFEST not in by_path:
+        raise IntegrityError(f"{origin} has no '{MANIFEST}' layer: it is not an edgemed bundle.",
+                             "pull an artifact that `edgemed push` made")
+    mlayer = by_path[MANIFEST]
+    if mlayer.size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"The '{MANIFEST}' layer of {origin} is {mlayer.size} bytes, more than the {MAX_MANIFEST_BYTES} a bundle manifest may hold.",
+                             "pull an artifact that `edgemed push` made")
+    root = downloads_dir()
+    stats = Pulled(name="", ref=target, origin=str(origin), files=len(layers), bytes_downloaded=0, bytes_resumed=0,
+                   blobs_in_store=0, signed_by=None)
+    with _exclusive(root):
+        sweep(root)  # staging folders of pulls that were killed
+        sources: dict[str, Path] = {}
+        fetched: list[Path] = []
+        order = [mlayer] + [x for x in layers if x.path in SIGNATURES] + [x for x in layers if x.path not in (MANIFEST, *SIGNATURES)]
+        for i, x in enumerate(order):
+            if i == 1:  # manifest.json is verified: the rest must be its files before anything large is fetched
+                man = Manifest.from_bytes(sources[MANIFEST].read_bytes(), f"{origin} {MANIFEST}")
+                oci.check_against_bundle(layers, man, origin)
+                _check_space(root, [y for y in order[1:] if not _in_store(store, y)])
+            if _in_store(store, x):
+                sources[x.path] = store.blobs / x.sha256
+                stats.blobs_in_store += 1
+                continue
+            before = stats.bytes_downloaded
+            sources[x.path] = _fetch_blob(client, x, root, origin, stats)
+            fetched.append(sources[x.path])
+            if stats.bytes_downloaded > before or x.size == 0:
+                stats.downloaded.append(x.path)
+        if len(order) == 1:
+            man = Manifest.from_bytes(sources[MANIFEST].read_bytes(), f"{origin} {MANIFEST}")
+            oci.check_against_bundle(layers, man, origin)
+        with scratch_dir(root, "pull") as stage:
+            for path, src in sources.items():
+                dest = stage / path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                step("oci.stage-link")
+                _link_or_copy(src, dest)
+            target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin))
+        for p in fetched:  # the store holds its own copy now
+            step("oci.forget-download")
+            p.unlink(missing_ok=True)
+    stats.name, stats.signed_by = target_name, signer
+    return stats
+
+
+def _in_store(store, x: oci.Layer) -> bool:
+    try:
+        st = (store.blobs / x.sha256).lstat()
+    except OSError:
+        return False
+    import stat
+
+    return stat.S_ISREG(st.st_mode) and st.st_size == x.size  # its content is checked again by Store.install
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # a store on another file system than $EDGEMED_HOME/downloads
+        shutil.copyfile(src, dest)
+
+
+def _check_space(root: Path, todo: list[oci.Layer]) -> None:
+    need = sum(x.size for x in todo) - sum(_part_size(root, x) for x in todo)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise StoreError(f"The pull needs {need / 1e6:,.1f} MB more in {root}; {free / 1e6:,.1f} MB are free.",
+                         "free some space (edgemed remove NAME drops models), then pull again: it resumes")
+
+
+def _part_size(root: Path, x: oci.Layer) -> int:
+    for p in (root / x.sha256, root / f"{x.sha256}.part"):
+        with contextlib.suppress(OSError):
+            return min(p.stat().st_size, x.size)
+    return 0
+
+
+def _fetch_manifest(client: oci.Client, ref: oci.Ref) -> tuple[bytes, str]:
+    """The manifest's bytes (at most MAX_OCI_MANIFEST_BYTES) and their digest; by digest, they must match it."""
+    r = client.request("GET", client.url("manifests", ref.reference), headers={"Accept": oci.OCI_MANIFEST}, stream=True)
+    with r:
+        if r.status_code != 200:
+            raise client.fail(r, f"manifest {ref}")
+        body = r.raw.read(oci.MAX_OCI_MANIFEST_BYTES + 1, decode_content=True)
+    if len(body) > oci.MAX_OCI_MANIFEST_BYTES:
+        raise IntegrityError(f"The manifest of {ref} is larger than {oci.MAX_OCI_MANIFEST_BYTES} bytes.",
+                             "pull an artifact that `edgemed push` made")
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    if ref.digest is not None and digest != ref.digest:
+        raise IntegrityError(f"The registry answered {ref} with a manifest whose digest is {digest}, not {ref.digest}.",
+                             "the registry (or something between) altered it; do not use this registry until that is explained")
+    return body, digest
+
+
+def _fetch_blob(client: oci.Client, x: oci.Layer, root: Path, origin: oci.Ref, stats: Pulled) -> Path:
+    """A verified local copy of one layer (``downloads/<hex>``), resuming a part an earlier pull left."""
+    final, part = root / x.sha256, root / f"{x.sha256}.part"
+    if final.exists():  # verified by an earlier pull that stopped before its install; checked again below
+        os.replace(final, part)
+    for attempt in (0, 1):
+        h, start = _rehash(part, x)
+        resumed_from = start
+        try:
+            got = _download(client, x, part, h, start, stats)
+        except _Restart:
+            part.unlink(missing_ok=True)
+            continue
+        if got == x.sha256:
+            stats.bytes_resumed += resumed_from
+            step("oci.download-done")
+            os.replace(part, final)
+            return final
+        part.unlink(missing_ok=True)
+        if resumed_from and attempt == 0:
+            log.warning("'%s': a resumed download did not match its digest; downloading it again from the start", x.path)
+            continue
+        raise IntegrityError(f"Layer '{x.path}' of {origin} does not match its digest: expected sha256:{x.sha256}, "
+                             f"got sha256:{got}.",
+                             "the registry's copy is damaged or was altered; push the bundle again from a verified copy "
+                             "(nothing was installed)")
+    raise IntegrityError(f"Layer '{x.path}' of {origin} could not be downloaded whole.", "run the pull again")
+
+
+class _Restart(Exception):
+    """The registry ignored the Range request; the part is dropped and the download starts over."""
+
+
+def _rehash(part: Path, x: oci.Layer) -> tuple[hashlib._Hash, int]:
+    """A hash of the part's bytes so far and their count (a part longer than the layer is dropped)."""
+    h = hashlib.sha256()
+    try:
+        size = part.stat().st_size
+    except FileNotFoundError:
+        return h, 0
+    if size > x.size:
+        part.unlink()
+        return h, 0
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    with open(part, "rb", buffering=0) as fh:
+        left = size
+        while left and (n := fh.readinto(view[:min(BLOCK, left)])):
+            h.update(view[:n])
+            left -= n
+    return h, size - left
+
+
+def _download(client: oci.Client, x: oci.Layer, part: Path, h, start: int, stats: Pulled) -> str:
+    """Append the layer's bytes from ``start`` to ``part``, hashing them; return the hex digest of the whole."""
+    from edgemed.errors import EdgemedError
+
+    if start < x.size:
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        r = client.request("GET", client.url("blobs", f"sha256:{x.sha256}"), headers=headers, stream=True)
+        with r:
+            if start and r.status_code == 200:  # the registry sends the whole blob: start over
+                raise _Restart()
+            if r.status_code == 416:  # the part is not a prefix the registry can continue
+                raise _Restart()
+            if r.status_code not in (200, 206):
+                raise client.fail(r, f"layer '{x.path}' (sha256:{x.sha256})")
+            if start and not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
+                raise _Restart()
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            written = start
+            try:
+                import requests
+
+                try:
+                    for chunk in r.iter_content(CHUNK):
+                        if written + len(chunk) > x.size:
+                            raise IntegrityError(f"Layer '{x.path}' is longer than the {x.size} bytes its descriptor states "
+                                                 f"(expected sha256:{x.sha256}).",
+                                                 "the registry's copy is damaged or was altered; push the bundle again")
+                        os.write(fd, chunk)
+                        h.update(chunk)
+                        written += len(chunk)
+                        stats.bytes_downloaded += len(chunk)
+                        step("oci.pull-chunk")
+                except requests.exceptions.RequestException as exc:
+                    raise EdgemedError(f"The download of '{x.path}' stopped at {written} of {x.size} bytes ({oci._short(exc)}).",
+                                       "run the same pull again: it resumes where it stopped") from None
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if written < x.size:
+            raise EdgemedError(f"The download of '{x.path}' stopped at {written} of {x.size} bytes (the registry closed the connection).",
+                               "run the same pull again: it resumes where it stopped")
+    return h.hexdigest()

@@ -1,0 +1,379 @@
+"""Bundles through a real OCI registry (the CNCF distribution registry, started here on 127.0.0.1).
+
+push -> pull by tag and by digest into fresh stores -> run; a tampered blob in the registry's storage is refused
+with its file path and both digests; a pull SIGKILLed mid-transfer leaves nothing under models/ and the next pull
+transfers only the rest (counted by the pull and by the registry's access log); two tags sharing a GGUF keep one
+blob in the registry and one on the device; credentials through `edgemed login`; untrusted manifests refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import bundle_kit
+import crash_kit
+import pytest
+import registry_kit
+from click.testing import CliRunner
+from crash_kit import KILLED
+
+from edgemed.cli import cli
+
+pytestmark = pytest.mark.skipif(registry_kit.missing_reason() is not None, reason=registry_kit.missing_reason() or "")
+
+
+def _cli(*args, ok: bool = True, input: str | None = None):
+    r = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    if ok:
+        assert r.exit_code == 0, r.output
+    else:
+        assert r.exit_code != 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    reg = registry_kit.Registry.start(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="module")
+def maker_key(tmp_path_factory) -> tuple[Path, Path]:
+    """The bundle maker's EC key pair (private, public PEM)."""
+    return bundle_kit.keypair(tmp_path_factory.mktemp("maker"))
+
+
+@pytest.fixture(autouse=True)
+def trust(edgemed_home, maker_key, registry):
+    """``trust(home, host=registry)``: that device home trusts the maker's key for that registry (this test's home at once)."""
+    def write(home: Path, host: str = registry.host) -> Path:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "trust.toml").write_text(f'[registries."{host}"]\nkeys = ["{maker_key[1]}"]\n')
+        return home
+
+    write(edgemed_home)
+    return write
+
+
+def _pack_dir(src: dict, out: Path, name: str, key: Path | None = None) -> Path:
+    from edgemed.packaging import signing
+    from edgemed.packaging.bundle import PackInputs, pack
+
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name=name), out, as_dir=True,
+         private_key=signing.load_private_key(key) if key else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory, smollm2_gguf, maker_key):
+    """The real SmolLM2 GGUF in two bundle directories that differ in their card only (versions 1.0 and 1.1).
+
+    Both signed by the maker. 'a' is packed; 'b' is 'a' with another card.toml, its manifest rewritten through the
+    Manifest class and signed again (packing again would re-read the 98 MB GGUF's metadata, ~10 s here)."""
+    from edgemed.packaging import signing
+    from edgemed.packaging.manifest import FileEntry, Manifest
+
+    tmp = tmp_path_factory.mktemp("smol")
+    lic = tmp / "LICENSE"
+    lic.write_text("Apache License, Version 2.0\n")
+    card = tmp / "card.toml"
+    card.write_text(bundle_kit.CARD + 'version = "1.0"\n')
+    a = _pack_dir({"model": smollm2_gguf, "license": lic, "card": card}, tmp / "smol-a", "smol", maker_key[0])
+    b = tmp / "smol-b"
+    b.mkdir()
+    man = Manifest.from_bytes((a / "manifest.json").read_bytes())
+    text = (a / "card.toml").read_text().replace('version = "1.0"', 'version = "1.1"').encode()
+    for f in man.files:
+        (b / f.path).parent.mkdir(parents=True, exist_ok=True)
+        if f.role == "card":
+            (b / f.path).write_bytes(text)
+        else:
+            os.link(a / f.path, b / f.path)
+    man.files = [FileEntry(f.path, len(text), hashlib.sha256(text).hexdigest(), f.role) if f.role == "card" else f for f in man.files]
+    man.card = {**man.card, "version": "1.1"}
+    data = man.to_bytes()
+    (b / "manifest.json").write_bytes(data)
+    sig = signing.sign(man, data, signing.load_private_key(maker_key[0]))
+    (b / sig.file).write_bytes(sig.data)
+    return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def smol_pushed(registry, smol):
+    """SmolLM2 bundle 'a' pushed as clinic/smol:a (once per module)."""
+    return json.loads(_cli("push", smol["a"], registry.ref("clinic/smol:a"), "--json"))
+
+
+def _gguf_sha(bundle: Path) -> str:
+    man = json.loads((bundle / "manifest.json").read_text())
+    return next(f["sha256"] for f in man["files"] if f["role"] == "model")
+
+
+def _models(home: Path) -> list[str]:
+    d = home / "store" / "models"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def test_push_then_pull_by_tag_and_by_digest_into_fresh_stores_and_run(registry, smol, smol_pushed, edgemed_home, monkeypatch, tmp_path,
+                                                                       trust):
+    import requests
+
+    digest = smol_pushed["digest"]
+    # what the registry holds is a ModelPack artifact
+    man = requests.get(f"http://{registry.host}/v2/clinic/smol/manifests/a",
+                       headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, timeout=10)
+    assert "sha256:" + hashlib.sha256(man.content).hexdigest() == digest == man.headers["Docker-Content-Digest"]
+    doc = man.json()
+    assert doc["artifactType"] == "application/vnd.cncf.model.manifest.v1+json"
+    assert doc["config"]["mediaType"] == "application/vnd.cncf.model.config.v1+json"
+    layers = {x["annotations"]["org.cncf.model.filepath"]: x for x in doc["layers"]}
+    gguf = next(p for p in layers if p.endswith(".gguf"))
+    assert layers[gguf]["mediaType"] == "application/vnd.cncf.model.weight.v1.raw"
+    assert layers[gguf]["digest"] == "sha256:" + _gguf_sha(smol["a"])
+    assert {"manifest.json", "LICENSE", "card.toml"} <= set(layers)
+    config = requests.get(f"http://{registry.host}/v2/clinic/smol/blobs/{doc['config']['digest']}", timeout=10).json()
+    assert config["descriptor"]["name"] == "smol" and config["descriptor"]["version"] == "1.0"
+    assert config["config"]["format"] == "gguf" and config["config"]["paramSize"].endswith("M")
+    assert config["modelfs"]["diff_ids"] == [x["digest"] for x in doc["layers"]]
+
+    # by tag, into this test's fresh store; then it runs
+    out = json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--json"))
+    assert out["name"] == "smol" and out["origin"] == registry.ref(f"clinic/smol@{digest}")
+    assert out["bytes_downloaded"] == sum(x["size"] for x in doc["layers"]) and out["blobs_in_store"] == 0
+    listed = json.loads(_cli("list", "--json"))
+    assert [(r["name"], r["origin"], r["version"]) for r in listed] == [("smol", out["origin"], "1.0")]
+    answer = _cli("run", "smol", "--prompt", "Say hello.", "--max-tokens", "4", "--ctx", "256", "--threads", "1")
+    assert answer.strip()
+
+    # by digest, into another fresh store, under another name
+    monkeypatch.setenv("EDGEMED_HOME", str(trust(tmp_path / "device-2")))
+    out2 = json.loads(_cli("pull", registry.ref(f"clinic/smol@{digest}"), "--name", "cardio", "--json"))
+    assert out2["name"] == "cardio" and out2["origin"] == out["origin"]
+    assert _models(tmp_path / "device-2") == ["cardio"]
+    _cli("verify", "cardio", "--full")
+
+
+def test_pull_by_a_digest_the_registry_does_not_hold_is_refused(registry, smol_pushed):
+    out = _cli("pull", registry.ref("clinic/smol@sha256:" + "0" * 64), ok=False)
+    assert "has no manifest" in out and "Fix:" in out
+
+
+def test_a_tampered_blob_in_the_registry_is_refused_by_name_with_both_digests(registry, tmp_path, edgemed_home, monkeypatch, trust,
+                                                                              maker_key):
+    src = bundle_kit.inputs(tmp_path / "src", extra_kv={"edgemed.test.unique": "tamper"})
+    bundle = _pack_dir(src, tmp_path / "tamper", "tamper", maker_key[0])
+    _cli("push", bundle, registry.ref("clinic/tamper:v1"))
+    other = _pack_dir(bundle_kit.inputs(tmp_path / "other"), tmp_path / "other-bundle", "before")
+    _cli("install", other)  # a model that must survive the refused pull
+    sha = _gguf_sha(bundle)
+    blob = registry.blob_file(sha)
+    good = blob.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01  # one flipped bit, same size
+    blob.write_bytes(bytes(bad))
+    try:
+        models = _models(edgemed_home)
+        home2 = trust(tmp_path / "fresh")
+        for home in (edgemed_home, home2):  # a store that has other blobs, and an empty one
+            monkeypatch.setenv("EDGEMED_HOME", str(home))
+            out = _cli("pull", registry.ref("clinic/tamper:v1"), "--name", "after", ok=False)
+            assert "model/tiny.gguf" in out and f"sha256:{sha}" in out
+            assert f"sha256:{hashlib.sha256(bytes(bad)).hexdigest()}" in out
+        assert _models(edgemed_home) == models == ["before"] and _models(home2) == []
+        assert not any((home2 / "downloads").glob("*.part")), "a refused blob is not kept for a resume"
+    finally:
+        monkeypatch.setenv("EDGEMED_HOME", str(edgemed_home))
+        blob.write_bytes(good)
+    out = json.loads(_cli("pull", registry.ref("clinic/tamper:v1"), "--name", "after", "--json"))
+    assert out["name"] == "after"
+
+
+def _parts(home: Path) -> dict[str, int]:
+    d = home / "downloads"
+    return {p.name: p.stat().st_size for p in d.glob("*.part")} if d.is_dir() else {}
+
+
+def test_a_pull_killed_mid_transfer_leaves_nothing_visible_and_the_next_pull_transfers_only_the_rest(
+        registry, smol, smol_pushed, tmp_path, monkeypatch, trust):
+    from edgemed.packaging.oci_pull import pull
+    from edgemed.packaging.store import Store
+
+    ref = registry.ref("clinic/smol:a")
+    sha = _gguf_sha(smol["a"])
+    size = (smol["a"] / json.loads((smol["a"] / "manifest.json").read_text())["model"]["path"]).stat().st_size
+    results = tmp_path / "result.json"
+
+    def run():
+        results.write_text(json.dumps(pull(ref).to_dict()))
+
+    monkeypatch.setenv("EDGEMED_HOME", str(trust(tmp_path / "count")))
+    names = crash_kit.steps(run, tmp_path)
+    chunks = [i for i, line in enumerate(names, 1) if line.endswith(" oci.pull-chunk")]
+    assert len(chunks) > 50, names[:5]
+
+    home = trust(tmp_path / "device")
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    # 1. killed a few MB into the GGUF (the 1st chunk is manifest.json)
+    assert crash_kit.killed_at(run, chunks[5]) == KILLED
+    assert _models(home) == [] and Store().list() == []
+    first = _parts(home)[f"{sha}.part"]
+    assert 0 < first < size
+    # 2. the next pull resumes, and is killed again 30 chunks on
+    log = tmp_path / "second.log"
+    assert crash_kit.killed_at(run, 1 + 30, log) == KILLED
+    assert log.read_text().splitlines()[-1].endswith("oci.pull-chunk")
+    assert _models(home) == [] and Store().list() == []
+    second = _parts(home)[f"{sha}.part"]
+    assert first < second < size
+    # 3. the next one completes, fetching only what is missing: the pull's count and the registry's agree
+    assert crash_kit.killed_at(run, 0) == 0
+    out = json.loads(results.read_text())
+    layers = {x["annotations"]["org.cncf.model.filepath"]: x["size"] for x in _layers(registry, "clinic/smol", "a")}
+    first_fetched = ("manifest.json", "model.sig")  # whole before the GGUF started: only re-hashed now
+    assert _models(home) == ["smol"] and out["bytes_resumed"] == second + sum(layers[p] for p in first_fetched)
+    small = sum(n for p, n in layers.items() if not p.endswith(".gguf") and p not in first_fetched)
+    assert out["bytes_downloaded"] == size - second + small
+    last = [r for r in registry.access() if r["path"].endswith(f"/blobs/sha256:{sha}")][-1]
+    assert (last["status"], last["bytes"]) == (206, size - second)
+    assert _parts(home) == {} and not list((home / "downloads").glob("[0-9a-f]*"))
+    _cli("verify", "smol", "--full")
+
+
+@pytest.mark.parametrize("where", ["oci.download-done", "oci.stage-link", "store.stage-file"])
+def test_a_pull_killed_after_the_transfer_downloads_nothing_again(registry, smol, smol_pushed, tmp_path, monkeypatch, trust, where):
+    """Killed once the GGUF is whole (before its install, or during it): nothing visible; the next pull fetches no byte of it."""
+    from edgemed.packaging.oci_pull import pull
+    from edgemed.packaging.store import Store
+
+    ref = registry.ref("clinic/smol:a")
+    sha = _gguf_sha(smol["a"])
+    results = tmp_path / "result.json"
+
+    def run():
+        results.write_text(json.dumps(pull(ref).to_dict()))
+
+    monkeypatch.setenv("EDGEMED_HOME", str(trust(tmp_path / "count")))
+    names = crash_kit.steps(run, tmp_path)
+    run_length, gguf_done = 0, None  # the GGUF's download-done follows the one long run of chunks
+    for i, line in enumerate(names, 1):
+        if line.endswith(" oci.download-done") and run_length > 50:
+            gguf_done = i
+            break
+        run_length = run_length + 1 if line.endswith(" oci.pull-chunk") else 0
+    at = next(i for i, line in enumerate(names, 1) if line.endswith(" " + where) and i >= gguf_done)
+    home = trust(tmp_path / "device")
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    assert crash_kit.killed_at(run, at) == KILLED
+    assert _models(home) == [] and Store().list() == []
+    assert crash_kit.killed_at(run, 0) == 0
+    out = json.loads(results.read_text())
+    assert _models(home) == ["smol"] and out["bytes_resumed"] >= (home / "store" / "blobs" / "sha256" / sha).stat().st_size
+    assert not any(p.endswith(".gguf") for p in out["downloaded"]) and out["bytes_downloaded"] < 1 << 20, out
+
+
+def _layers(registry, repo: str, tag: str) -> list[dict]:
+    import requests
+
+    return requests.get(f"http://{registry.host}/v2/{repo}/manifests/{tag}",
+                        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, timeout=10).json()["layers"]
+
+
+def test_two_tags_sharing_a_gguf_keep_one_blob_in_the_registry_and_one_on_the_device(registry, smol, smol_pushed, edgemed_home):
+    sha = _gguf_sha(smol["a"])
+    assert _gguf_sha(smol["b"]) == sha
+    second = json.loads(_cli("push", smol["b"], registry.ref("clinic/smol:b"), "--json"))
+    gguf_size = registry.blob_file(sha).stat().st_size
+    assert second["bytes_uploaded"] < 1 << 20 and second["blobs_present"] >= 1  # the GGUF was not uploaded again
+    assert registry.blobs().count(sha) == 1
+    stored = sum(registry.blob_file(h).stat().st_size for h in registry.blobs())
+    assert stored < 1.5 * gguf_size
+
+    a = json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--name", "smol-a", "--json"))
+    b = json.loads(_cli("pull", registry.ref("clinic/smol:b"), "--name", "smol-b", "--json"))
+    assert a["bytes_downloaded"] > gguf_size and b["bytes_downloaded"] < 1 << 20 and b["blobs_in_store"] >= 1
+    blob = edgemed_home / "store" / "blobs" / "sha256" / sha
+    assert blob.stat().st_nlink == 3  # the blob, models/smol-a/..., models/smol-b/...
+    gguf = json.loads((smol["a"] / "manifest.json").read_text())["model"]["path"]
+    for name in ("smol-a", "smol-b"):
+        assert (edgemed_home / "store" / "models" / name / gguf).stat().st_ino == blob.stat().st_ino
+
+
+def test_login_stores_docker_credentials_and_push_pull_use_them(tmp_path, monkeypatch, edgemed_home, trust, maker_key):
+    line = registry_kit.htpasswd_line("clinic-it", "s3cret-pass")
+    if line is None:
+        pytest.skip("this Python cannot make a bcrypt htpasswd line (no crypt module)")
+    (tmp_path / "htpasswd").write_text(line + "\n")
+    reg = registry_kit.Registry.start(tmp_path / "auth-registry", htpasswd=tmp_path / "htpasswd")
+    try:
+        monkeypatch.setenv("HOME", str(tmp_path / "user"))
+        trust(edgemed_home, reg.host)
+        bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
+        out = _cli("push", bundle, reg.ref("clinic/tiny:v1"), ok=False)
+        assert f"edgemed login {reg.host}" in out
+        out = _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="wrong\n", ok=False)
+        assert "refused the user name and password" in out
+        assert not (tmp_path / "user" / ".docker" / "config.json").exists()
+        _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
+        cfg = tmp_path / "user" / ".docker" / "config.json"
+        assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+        assert reg.host in json.loads(cfg.read_text())["auths"]
+        _cli("push", bundle, reg.ref("clinic/tiny:v1"))
+        assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--json"))["name"] == "tiny"
+    finally:
+        reg.stop()
+
+
+def _put_manifest(registry, repo: str, tag: str, manifest: dict) -> None:
+    import requests
+
+    r = requests.put(f"http://{registry.host}/v2/{repo}/manifests/{tag}", data=json.dumps(manifest),
+                     headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, timeout=10)
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("change, expect", [
+    (lambda m: m.pop("artifactType"), "artifactType"),
+    (lambda m: m["config"].update(mediaType="application/vnd.oci.image.config.v1+json"), "no ModelPack config"),
+    (lambda m: m["layers"][1]["annotations"].update({"org.cncf.model.filepath": "../../etc/cron.d/x"}), "unsafe path"),
+    (lambda m: m["layers"][1]["annotations"].update({"org.cncf.model.filepath": "/etc/passwd"}), "absolute path"),
+    (lambda m: m["layers"][1].update(size=1 << 60), "claims size"),
+    (lambda m: m["layers"][1].update(mediaType="application/vnd.cncf.model.weight.v1.tar+gzip"), "uncompressed"),
+    (lambda m: m["layers"].pop(0), "has no 'manifest.json' layer"),
+])
+def test_an_untrusted_manifest_is_refused_before_anything_is_written(registry, tmp_path, edgemed_home, maker_key, change, expect):
+    bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
+    pushed = json.loads(_cli("push", bundle, registry.ref("clinic/hostile:base"), "--json"))
+    manifest = json.loads(_raw_manifest(registry, "clinic/hostile", pushed["digest"]))
+    change(manifest)
+    _put_manifest(registry, "clinic/hostile", "bad", manifest)
+    out = _cli("pull", registry.ref("clinic/hostile:bad"), ok=False)
+    assert expect in out and "Fix:" in out
+    assert _models(edgemed_home) == [] and not (edgemed_home / "etc").exists()
+
+
+def _raw_manifest(registry, repo: str, ref: str) -> bytes:
+    import requests
+
+    return requests.get(f"http://{registry.host}/v2/{repo}/manifests/{ref}",
+                        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, timeout=10).content
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("oci://registry.clinic/Models/x:1", "not a registry reference"),
+    ("oci://registry.clinic/models/x", "add :TAG"),
+    ("https://registry.clinic/models/x:1", "not a registry reference"),
+    ("oci://registry.clinic:99999/models/x:1", "port 99999"),
+])
+def test_bad_references_are_refused_with_the_form_to_write(text, expect):
+    out = _cli("pull", text, ok=False)
+    assert expect in out and "oci://HOST[:PORT]/REPO:TAG" in out
+
+
+def test_tls_is_the_default_for_a_registry_that_is_not_loopback():
+    out = _cli("pull", "oci://registry.invalid/models/x:1", ok=False)
+    assert "https://registry.invalid" in out
