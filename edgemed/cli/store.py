@@ -52,6 +52,9 @@ def list_(as_json):
         sig = f"key {r['signed_by']}" if r["signed_by"] else ("signed" if r["has_signature"] else "unsigned")
         click.echo(f"{r['name']:<24} {r['version'] or '-':<10} {r['arch'] or '?':<8} {(r['params'] or 0) / 1e6:>7.0f}M "
                    f"{r['quant'] or '?':<8} {r['size_bytes'] / 1e6:>9,.1f} MB  {r['digest'][:19]}  {sig}  from {r['origin']}")
+        if r.get("previous"):
+            p = r["previous"]
+            click.echo(f"{'':<24} previous: {p['version'] or '-'} {p['digest'][:19]} from {p['origin']} (edgemed rollback {r['name']})")
     click.echo(f"store: {store.root} ({store.disk_usage() / 1e6:,.1f} MB on disk, shared files counted once)")
 
 
@@ -96,3 +99,18 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
         click.echo(f"wrote {gguf_out} (sha256 checked)")
     if llama_server:
         click.echo(ex.llama_server_command(v))
+
+
+@click.command()
+@click.argument("name")
+def rollback(name):
+    """Return NAME to the version it had before its last update (install --force or pull).
+
+    The switch is atomic (a kill at any point leaves one of the two installed), and the
+    version rolled back from is kept: a second rollback returns to it.
+    """
+    from edgemed.packaging.store import Store
+
+    now, kept = Store().rollback(name)
+    click.echo(f"{name} is back to {now.get('version') or 'the earlier version'} (sha256:{now['manifest_sha256'][:12]}, "
+               f"from {now.get('origin') or now['source']}); kept sha256:{kept['manifest_sha256'][:12]} for `edgemed rollback {name}`")

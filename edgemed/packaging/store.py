@@ -4,7 +4,10 @@ Layout under ``$EDGEMED_HOME/store``::
 
     blobs/sha256/<digest>    each distinct file once, read-only
     models/<name>/           an installed bundle directory; its files are hard links to blobs
-    index.json               name -> sha256 of its manifest.json, source, signer, install time
+    versions/<name>/<sha>/   the version <name> had before its last update (manifest sha256), kept for rollback;
+                             hard links to the same blobs, so it costs no disk the blobs do not already hold
+    index.json               name -> sha256 of its manifest.json, source/origin, signer, install time, and
+                             ``previous``: the record of the kept version
     journal.json             the one operation that changes models/ (present only while it runs)
     tmp/                     owner-tagged staging (edgemed.files.debris); swept by the next operation
     lock                     flock held by install and remove (and by a reader settling a journal)
@@ -29,6 +32,14 @@ drops the index record only once ``models/<name>`` is gone. So settling never ta
 model out of ``models/``: it only finishes or undoes what edgemed itself moved. The
 journal goes last. Every store operation settles a journal first; readers settle one
 that no live operation holds, and read a live one through.
+
+Update and rollback: an install over an installed model records the old record as the new
+one's ``previous``; rolling forward then moves the replaced copy (the aside, or the stage
+after an exchange) to ``versions/<name>/<its sha>`` instead of discarding it, and drops any
+other version of that name. ``rollback`` is an install whose stage is a folder of hard links
+to the kept version and whose record is the kept one (with the current one as its
+``previous``), under the same journal: a kill at any step leaves the current model or the
+kept one in ``models/<name>``, and the other one kept. A remove drops the kept versions too.
 
 Damaged or hostile state (``store_files``): index.json and journal.json are checked before
 anything acts on them; a journal that fails is set aside (never deleted) and nothing is done on
@@ -71,11 +82,20 @@ def _version(man: Manifest) -> str | None:
     return str(v)[:256] if v is not None else None
 
 
+def _summary(rec: dict | None) -> dict | None:
+    """What ``list`` says of a kept version."""
+    if not rec:
+        return None
+    return {"version": rec.get("version"), "digest": "sha256:" + rec["manifest_sha256"], "signed_by": rec["signed_by"],
+            "origin": rec.get("origin") or rec["source"], "installed": rec["installed"]}
+
+
 class Store:
     def __init__(self, root: Path | None = None):
         self.root = Path(root or env.store_dir())
         self.blobs = self.root / "blobs" / "sha256"
         self.models = self.root / "models"
+        self.versions = self.root / "versions"
         self.tmp = self.root / "tmp"
         self.index_path = self.root / "index.json"
         self.journal_path = self.root / JOURNAL
@@ -185,6 +205,10 @@ class Store:
         if idx != before:
             step("store.index")
             self._write_index(idx)
+        if j["op"] == "install" and idx.get(name) == j["record"]:
+            self._keep_previous(name, j)
+        elif j["op"] == "remove" and name not in idx:
+            self._drop_versions(name, keep=None)
         for key in ("stage", "aside", "trash"):
             p = self.tmp / j[key] if key in j else None
             if p is not None and os.path.lexists(p):
@@ -192,6 +216,41 @@ class Store:
                 discard(p)
         step("store.journal-done")
         self.journal_path.unlink()
+
+    def _keep_previous(self, name: str, j: dict) -> None:
+        """Under the lock, rolling an install forward: the replaced copy (aside, or stage after an exchange) becomes
+        ``versions/<name>/<sha>`` when the new record names it as ``previous``; other kept versions of the name go.
+        Each step is idempotent: a kill here is finished by the next settle (the journal is still there)."""
+        prev = j["record"].get("previous")
+        keep = prev["manifest_sha256"] if prev else None
+        if keep is not None and keep != j["sha256"] and not os.path.lexists(self.versions / name / keep):
+            copy = next((p for p in (self.tmp / j["aside"], self.tmp / j["stage"]) if is_model_copy(p, keep)), None)
+            if copy is not None:
+                (self.versions / name).mkdir(parents=True, exist_ok=True)
+                step("store.keep-version")
+                os.rename(copy, self.versions / name / keep)
+        self._drop_versions(name, keep)
+
+    def _drop_versions(self, name: str, keep: str | None) -> None:
+        """Under the lock: remove ``versions/<name>/<sha>`` folders other than ``keep`` (only names edgemed gives)."""
+        import shutil
+
+        vdir = self.versions / name
+        if vdir.is_symlink() or not vdir.is_dir():
+            return
+        for p in vdir.iterdir():
+            if p.name != keep and SHA256.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                step("store.drop-version")
+                shutil.rmtree(p)
+        if keep is None and not any(vdir.iterdir()):
+            vdir.rmdir()
+
+    def kept_version(self, name: str, rec: dict | None = None) -> Path | None:
+        """The folder of the version ``rollback`` would return to, when one is kept whole enough to try."""
+        rec = rec if rec is not None else self.record(name)
+        prev = rec.get("previous") if rec else None
+        p = self.versions / name / prev["manifest_sha256"] if prev else None
+        return p if p is not None and is_model_copy(p, prev["manifest_sha256"]) else None
 
     def _view(self) -> tuple[dict, dict]:
         """(records, damaged) as a reader should see the index: a dead operation's journal is settled first, a live one
@@ -276,6 +335,7 @@ class Store:
                 record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": origin or str(bundle.absolute()),
                           "signed_by": signer.get("key_id"), "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "origin": origin, "version": _version(man), "signer_key": signer.get("pem")}
+                record["previous"] = self._previous_of(target, record["manifest_sha256"])
                 aside = debris_path(self.tmp, f"old-{target}")
                 write_text(self.journal_path, json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
@@ -290,6 +350,60 @@ class Store:
         self.cache.forget_under(self.models / target)
         self.cache.save()
         return target, man, signer.get("key_id")
+
+    def _previous_of(self, name: str, new_sha: str) -> dict | None:
+        """The record an install of ``new_sha`` under ``name`` keeps as ``previous``: the installed one (when
+        ``models/<name>`` holds what the index says), or, reinstalling the same version, the one it kept."""
+        rec = split_index(self._raw_index())[0].get(name)
+        if rec is None or manifest_sha256(self.models / name) != rec["manifest_sha256"]:
+            return None
+        if rec["manifest_sha256"] == new_sha:
+            return rec.get("previous")
+        return {k: v for k, v in rec.items() if k != "previous"}
+
+    def rollback(self, name: str) -> tuple[dict, dict]:
+        """Put back the version ``name`` had before its last update, atomically (the install journal); the current
+        one is kept in its place, so a second rollback returns to it. Returns (record now installed, record kept)."""
+        from edgemed.packaging import trust
+
+        with self.locked(), owned(self.tmp):
+            check_name(name)
+            current = split_index(self._raw_index())[0].get(name)
+            if current is None:
+                self.model_dir(name)  # raises: no such model
+                raise StoreError(f"'{name}' is in the store but not in its index ({self.index_path}).",
+                                 f"reinstall it: edgemed install BUNDLE --name {name} --force")
+            prev = current.get("previous")
+            src = self.kept_version(name, current)
+            if prev is None or src is None:
+                raise StoreError(f"No earlier version of '{name}' is kept: it was installed once, or by an edgemed that "
+                                 "kept none, or its kept copy is gone.",
+                                 f"install the version you want with --force: edgemed install BUNDLE --name {name} --force")
+            v = verify_dir(src, cache=self.cache, expect_manifest_sha256=prev["manifest_sha256"])
+            trust.check_installed(prev, v.signature, v.manifest, v.manifest_bytes)  # the policy of today, as run would
+            stage = debris_path(self.tmp, "install")
+            record = {**prev, "previous": {k: val for k, val in current.items() if k != "previous"}}
+            aside = debris_path(self.tmp, f"old-{name}")
+            try:
+                step("store.stage")
+                stage.mkdir()
+                for rel in [f.path for f in v.manifest.files] + [MANIFEST] + ([v.signature.file] if v.signature else []):
+                    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                    step("store.stage-link")
+                    os.link(src / rel, stage / rel)
+                write_text(self.journal_path, json.dumps({"op": "install", "name": name, "sha256": prev["manifest_sha256"],
+                                                          "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
+            except BaseException:
+                discard(stage)
+                raise
+            try:  # from here on the journal decides, as for an install
+                swap_in(stage, self.models / name, aside)
+            finally:
+                self._settle()
+            self._collect_garbage()
+        self.cache.forget_under(self.models / name)
+        self.cache.save()
+        return record, record["previous"]
 
     def _dedupe(self, stage: Path, man: Manifest) -> None:
         """Replace each staged file by a link to its blob (creating the blob if new)."""
@@ -365,7 +479,8 @@ class Store:
                           "size_bytes": man.total_bytes, "signed_by": idx[name]["signed_by"], "has_signature": sig is not None,
                           "installed": idx[name]["installed"], "path": str(d / man.model_path),
                           "version": idx[name].get("version", _version(man)), "digest": "sha256:" + idx[name]["manifest_sha256"],
-                          "origin": idx[name].get("origin") or idx[name]["source"]}
+                          "origin": idx[name].get("origin") or idx[name]["source"],
+                          "previous": _summary(idx[name].get("previous"))}
         for name, why in bad.items():
             shown = name if valid_name(name) else ascii(name)
             rows[shown] = {"name": shown, "error": f"its record in {self.index_path} is damaged ({why}); "
