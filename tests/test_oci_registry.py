@@ -157,6 +157,21 @@ def test_push_then_pull_by_tag_and_by_digest_into_fresh_stores_and_run(registry,
     assert _models(tmp_path / "device-2") == ["cardio"]
     _cli("verify", "cardio", "--full")
 
+    # an installed model pushed by name is the same artifact, byte for byte (every blob already there)
+    again = json.loads(_cli("push", "cardio", registry.ref("clinic/smol:again"), "--json"))
+    assert again["digest"] == digest and again["bytes_uploaded"] == 0
+
+
+def test_an_untrusted_bundle_is_refused_before_its_weights_are_downloaded(registry, smol, smol_pushed, tmp_path, monkeypatch):
+    home = tmp_path / "no-policy"  # no trust.toml: a pull needs a signature by a trusted key, and none is trusted
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    sha = _gguf_sha(smol["a"])
+    seen = len(registry.access())
+    out = _cli("pull", registry.ref("clinic/smol:a"), ok=False)
+    assert "No signer is trusted" in out and "trust.toml" in out and "Fix:" in out
+    assert not [r for r in registry.access()[seen:] if r["path"].endswith(sha)], "the GGUF was requested"
+    assert _models(home) == [] and _parts(home) == {}
+
 
 def test_pull_by_a_digest_the_registry_does_not_hold_is_refused(registry, smol_pushed):
     out = _cli("pull", registry.ref("clinic/smol@sha256:" + "0" * 64), ok=False)
@@ -182,7 +197,7 @@ def test_a_tampered_blob_in_the_registry_is_refused_by_name_with_both_digests(re
         for home in (edgemed_home, home2):  # a store that has other blobs, and an empty one
             monkeypatch.setenv("EDGEMED_HOME", str(home))
             out = _cli("pull", registry.ref("clinic/tamper:v1"), "--name", "after", ok=False)
-            assert "model/tiny.gguf" in out and f"sha256:{sha}" in out
+            assert "Layer 'model/tiny.gguf' of oci://" in out and f"sha256:{sha}" in out  # refused as it arrived
             assert f"sha256:{hashlib.sha256(bytes(bad)).hexdigest()}" in out
         assert _models(edgemed_home) == models == ["before"] and _models(home2) == []
         assert not any((home2 / "downloads").glob("*.part")), "a refused blob is not kept for a resume"
@@ -294,7 +309,9 @@ def test_two_tags_sharing_a_gguf_keep_one_blob_in_the_registry_and_one_on_the_de
     assert stored < 1.5 * gguf_size
 
     a = json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--name", "smol-a", "--json"))
+    seen = len(registry.access())
     b = json.loads(_cli("pull", registry.ref("clinic/smol:b"), "--name", "smol-b", "--json"))
+    assert not [r for r in registry.access()[seen:] if r["path"].endswith(sha)], "the GGUF was downloaded again"
     assert a["bytes_downloaded"] > gguf_size and b["bytes_downloaded"] < 1 << 20 and b["blobs_in_store"] >= 1
     blob = edgemed_home / "store" / "blobs" / "sha256" / sha
     assert blob.stat().st_nlink == 3  # the blob, models/smol-a/..., models/smol-b/...

@@ -25,6 +25,7 @@ written on its word.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import json
 import logging
@@ -153,6 +154,7 @@ class Client:
     TLS unless the host is a loopback address or ``insecure`` is given (plain HTTP on a trusted network)."""
 
     PING_TIMEOUT_S = 15
+    TIMEOUTS_S = (15, 120)  # connect, and silence between two reads: a stalled registry fails (a pull then resumes)
 
     def __init__(self, ref: Ref, *, insecure: bool = False):
         import oras.container
@@ -163,6 +165,8 @@ class Client:
         self.base = f"{'http' if self.plain else 'https'}://{ref.registry}"
         backend = self._ping()
         self.oras = oras.provider.Registry(hostname=ref.registry, insecure=self.plain, tls_verify=True, auth_backend=backend)
+        # oras sets no timeout on its requests; every request of this session (oras's, and the auth backend's) gets ours
+        self.oras.session.request = functools.partial(self.oras.session.request, timeout=self.TIMEOUTS_S)
         self.container = oras.container.Container(f"{ref.registry}/{ref.repo}:{ref.tag or 'latest'}")
         if backend == "basic":
             self.oras.auth._basic_auth = None

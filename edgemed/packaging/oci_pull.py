@@ -5,8 +5,9 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
 1. The manifest, by tag or digest, bounded in size and checked as untrusted (``oci.read_image_manifest``);
    pulled by digest, its bytes must hash to that digest. Its digest pins the origin recorded in the store
    (``oci://HOST/REPO@sha256:...``), so a tag moved later does not change what was installed.
-2. The ``manifest.json`` layer first (small): every other layer must be one of its files with the same sha256
-   and size, or a signature, before any large blob is fetched.
+2. The ``manifest.json`` and signature layers first (small): every other layer must be one of the manifest's
+   files with the same sha256 and size, and the trust policy (``trust.decide``) must accept the signature over
+   the manifest, before any large blob is fetched.
 3. Each layer: a blob the store already holds (``store/blobs/sha256/<hex>``) is linked, not downloaded.
    Otherwise it streams into ``downloads/<hex>.part``, hashed as it is written. An interrupted download
    resumes from the part's size with an HTTP ``Range`` request, after re-hashing the bytes already there.
@@ -107,24 +108,29 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
         sweep(root)  # staging folders of pulls that were killed
         sources: dict[str, Path] = {}
         fetched: list[Path] = []
-        order = [mlayer] + [x for x in layers if x.path in SIGNATURES] + [x for x in layers if x.path not in (MANIFEST, *SIGNATURES)]
-        for i, x in enumerate(order):
-            if i == 1:  # manifest.json is verified: the rest must be its files before anything large is fetched
-                man = Manifest.from_bytes(sources[MANIFEST].read_bytes(), f"{origin} {MANIFEST}")
-                oci.check_against_bundle(layers, man, origin)
-                _check_space(root, [y for y in order[1:] if not _in_store(store, y)])
+
+        def get(x: oci.Layer) -> None:
             if _in_store(store, x):
                 sources[x.path] = store.blobs / x.sha256
                 stats.blobs_in_store += 1
-                continue
+                return
             before = stats.bytes_downloaded
             sources[x.path] = _fetch_blob(client, x, root, origin, stats)
             fetched.append(sources[x.path])
             if stats.bytes_downloaded > before or x.size == 0:
                 stats.downloaded.append(x.path)
-        if len(order) == 1:
-            man = Manifest.from_bytes(sources[MANIFEST].read_bytes(), f"{origin} {MANIFEST}")
-            oci.check_against_bundle(layers, man, origin)
+
+        meta = [mlayer] + [x for x in layers if x.path in SIGNATURES]
+        for x in meta:  # small: manifest.json and the signature
+            get(x)
+        data = sources[MANIFEST].read_bytes()
+        man = Manifest.from_bytes(data, f"{origin} {MANIFEST}")
+        oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
+        _judge(sources, man, data, origin, public_key)  # the trust policy, before anything large is fetched
+        rest = [x for x in layers if x not in meta]
+        _check_space(root, [x for x in rest if not _in_store(store, x)])
+        for x in rest:
+            get(x)
         with scratch_dir(root, "pull") as stage:
             for path, src in sources.items():
                 dest = stage / path
@@ -137,6 +143,15 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
             p.unlink(missing_ok=True)
     stats.name, stats.signed_by = target_name, signer
     return stats
+
+
+def _judge(sources: dict[str, Path], man: Manifest, data: bytes, origin: oci.Ref, public_key) -> None:
+    """Apply the trust policy (``trust.decide``) to the manifest and signature alone: an untrusted or unsigned
+    bundle is refused before its weights are downloaded. ``Store.install`` decides again on the staged copy."""
+    from edgemed.packaging import signing, trust
+
+    sig = next((signing.Signature(n, sources[n].read_bytes()) for n in SIGNATURES if n in sources), None)
+    trust.decide(str(origin), signing.well_formed(sig), man, data, key=public_key)
 
 
 def _in_store(store, x: oci.Layer) -> bool:

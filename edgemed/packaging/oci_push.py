@@ -113,11 +113,17 @@ def _upload(client: oci.Client, path: Path, desc: dict) -> bool:
     if os.path.getsize(path) != desc["size"]:
         raise InputError(f"'{path}' changed while it was being pushed (size {os.path.getsize(path)}, expected {desc['size']}).",
                          "push again once nothing writes to the bundle")
-    if desc["size"] > CHUNK:
-        r = client.oras.chunked_upload(str(path), client.container, desc, chunk_size=CHUNK)
-    else:
-        r = client.oras.put_upload(str(path), client.container, desc)
+    import requests
+
+    name = desc.get("annotations", {}).get(oci.FILEPATH, "config")
+    try:
+        if desc["size"] > CHUNK:
+            r = client.oras.chunked_upload(str(path), client.container, desc, chunk_size=CHUNK)
+        else:
+            r = client.oras.put_upload(str(path), client.container, desc)
+    except (ValueError, requests.exceptions.RequestException) as exc:  # oras raises ValueError for a missing upload location
+        raise oci.RegistryError(f"The upload of '{name}' ({desc['digest']}) to {client.ref.registry} failed ({oci._short(exc)}).",
+                                "check the registry's log and that this account may push there, then push again") from None
     if r.status_code not in (201, 202, 204):
-        name = desc.get("annotations", {}).get(oci.FILEPATH, "config")
         raise client.fail(r, f"the upload of '{name}' ({desc['digest']})")
     return True
