@@ -204,3 +204,60 @@ def test_a_legacy_ed25519_bundle_still_verifies_with_a_notice_to_re_sign(made, t
     r = _run("pack", made["inputs"].model, "--license", made["inputs"].license, "--sign", old_priv, "-o", tmp_path / "x.edgemed")
     assert r.exit_code == 1 and "ed25519" in r.output and "edgemed keygen" in r.output, r.output
     assert not (tmp_path / "x.edgemed").exists()
+
+
+# -- certificate mode ---------------------------------------------------------------------------------
+def _ca(tmp: Path, name: str):
+    """A root certificate and a code-signing leaf under it (EC P-256), as PEM files; returns (root, leaf cert, leaf key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization as s
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} model signer")]))
+            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(2)
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp / f"{name}-root.pem").write_bytes(ca.public_bytes(s.Encoding.PEM))
+    (tmp / f"{name}-leaf.pem").write_bytes(leaf.public_bytes(s.Encoding.PEM))
+    (tmp / f"{name}-leaf.key").write_bytes(leaf_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
+    return tmp / f"{name}-root.pem", tmp / f"{name}-leaf.pem", tmp / f"{name}-leaf.key"
+
+
+def test_certificate_mode_signs_and_checks_against_the_root(made, tmp_path, edgemed_home):
+    root, leaf, key = _ca(tmp_path, "clinic")
+    other_root, _, _ = _ca(tmp_path, "elsewhere")
+    out = tmp_path / "cert-signed"
+    ins = made["inputs"]
+    r = _run("pack", ins.model, "--license", ins.license, "--card", ins.card, "--name", "tiny", "--sign", key, "--cert", leaf,
+             "--cert-chain", root, "--dir", "-o", out)
+    assert r.exit_code == 0 and "signed by key cert CN=clinic model signer" in r.output, r.output
+    r = _run("verify", out, "--cert-chain", root)
+    assert r.exit_code == 0 and "signature valid" in r.output, r.output
+    ms.verifying.Config().use_certificate_verifier(certificate_chain=[root]).verify(out, out / "model.sig")  # the library agrees
+    r = _run("verify", out, "--cert-chain", other_root)
+    assert r.exit_code == 1 and "does not verify against the certificate chain" in r.output, r.output
+    r = _run("verify", out, "--key", made["pub"])
+    assert r.exit_code == 1 and "--cert-chain" in r.output, r.output
+    (edgemed_home / "keys").mkdir(parents=True)
+    shutil.copy(root, edgemed_home / "keys" / "clinic-root.pem")
+    (edgemed_home / "trust.toml").write_text('[local]\nrequire_signature = true\nroots = ["keys/clinic-root.pem"]\n')
+    r = _run("install", out)
+    assert r.exit_code == 0 and "signature valid (key cert CN=clinic model signer" in r.output, r.output
+    from edgemed.packaging.ref import runnable
+
+    assert runnable("tiny").model_path.is_file()
+    _flip(out / "LICENSE", 3)
+    r = _run("verify", out, "--cert-chain", root)
+    assert r.exit_code == 1, r.output

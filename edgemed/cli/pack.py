@@ -25,11 +25,15 @@ def _mb(n: int) -> str:
               help="Conversion report (default: MODEL.report.json, or MODEL/report.json for an ONNX directory, when present).")
 @click.option("--no-report", is_flag=True, help="Do not include the conversion report.")
 @click.option("--sign", "key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Sign with this EC private key (PEM, from `edgemed keygen`): writes model.sig, the OpenSSF model signature.")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Certificate mode: the signing certificate (PEM) of the --sign key; model.sig then carries it.")
+@click.option("--cert-chain", "cert_chain", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --cert: the intermediate/root certificates to ship with it (repeatable).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output (default: NAME.edgemed).")
 @click.option("--dir", "as_dir", is_flag=True, help="Write the directory form (runnable in place) instead of one tar file.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def pack(model, name, license_, card, templates, report, no_report, key, output, as_dir, force, as_json):
+def pack(model, name, license_, card, templates, report, no_report, key, cert, cert_chain, output, as_dir, force, as_json):
     """Pack MODEL (a .gguf, or an ONNX directory) into a verifiable bundle.
 
     The bundle holds the model, LICENSE, the model card, the conversion report and a
@@ -39,7 +43,12 @@ def pack(model, name, license_, card, templates, report, no_report, key, output,
     from edgemed.packaging import signing
     from edgemed.packaging.bundle import PackInputs, pack as do_pack
 
-    private_key = signing.load_private_key(key) if key else None
+    from edgemed.errors import InputError
+
+    if (cert or cert_chain) and not key:
+        raise InputError("--cert and --cert-chain sign in certificate mode, which needs the certificate's key.",
+                         "pass --sign KEY.pem with --cert CERT.pem")
+    private_key = signing.load_private_key(key, cert, cert_chain) if key else None
     inp = PackInputs(model=model, license=license_, name=name, card=card, templates=list(templates), report=report, use_report=not no_report)
     if output is None:
         from edgemed.packaging.manifest import check_name
@@ -58,9 +67,11 @@ def pack(model, name, license_, card, templates, report, no_report, key, output,
 @click.command()
 @click.argument("bundle")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
+@click.option("--cert-chain", "cert_chain", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Require a valid certificate signature chaining to this root certificate (PEM; repeatable).")
 @click.option("--full", is_flag=True, help="Re-hash every byte (skip the verified cache).")
 @click.option("--json", "as_json", is_flag=True)
-def verify(bundle, key, full, as_json):
+def verify(bundle, key, cert_chain, full, as_json):
     """Check BUNDLE (a .edgemed file, a bundle directory or an installed name) against its manifest.
 
     Every file's size and sha256 must match; with --key the signature must be valid.
@@ -76,7 +87,7 @@ def verify(bundle, key, full, as_json):
     from edgemed.packaging.ref import bundle_ref, verified
     from edgemed.packaging.store import Store
 
-    public_key = signing.load_public_key(key) if key else None
+    public_key = signing.load_public_key(key) if key else signing.cert_roots(cert_chain) if cert_chain else None
     ref = bundle_ref(bundle)
     kind, where = ref.kind, ref.target
     signer = {}

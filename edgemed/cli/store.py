@@ -13,8 +13,10 @@ import click
 @click.option("--name", help="Install under this name (default: the bundle's name).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Require a valid signature by this public key (for this command, in place of trust.toml's keys).")
+@click.option("--cert-chain", "cert_chain", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Require a valid certificate signature chaining to this root certificate (PEM; repeatable).")
 @click.option("--force", is_flag=True, help="Replace an installed model of the same name (the replaced version is kept: edgemed rollback NAME).")
-def install(bundle, name, key, force):
+def install(bundle, name, key, cert_chain, force):
     """Install BUNDLE (a .edgemed file or bundle directory) into the local model store.
 
     Every file is checked against the manifest as it is copied; nothing is installed
@@ -24,7 +26,7 @@ def install(bundle, name, key, force):
     from edgemed.packaging import signing
     from edgemed.packaging.store import Store
 
-    public_key = signing.load_public_key(key) if key else None
+    public_key = signing.load_public_key(key) if key else signing.cert_roots(cert_chain) if cert_chain else None
     target, man, signer = Store().install(bundle, name=name, public_key=public_key, force=force)
     sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key, or list the maker's key in trust.toml)"
     click.echo(f"installed {target}: {len(man.files)} files, {man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "

@@ -78,6 +78,15 @@ class PublicKey:
 class SigningKey:
     path: Path
     key_id: str
+    certificate: Path | None = None   # certificate mode: the signing certificate (its key is ``path``'s)
+    chain: tuple = ()                 # and the certificates up to (not necessarily including) the root
+
+
+@dataclass(frozen=True)
+class CertRoots:
+    """Certificate mode: the root (and intermediate) certificates a signing certificate must chain to."""
+    paths: tuple
+    key_id: str = "certificate chain"
 
 
 # -- keys ----------------------------------------------------------------------------------
@@ -108,8 +117,9 @@ def _check_curve(key, path) -> None:
         raise InputError(f"'{path}' is an EC key on curve {key.curve.name}; model signatures use P-256, P-384 or P-521.", _MAKE_KEY)
 
 
-def load_private_key(path: Path) -> SigningKey:
-    """A private EC key to sign with (read to check it; the library reads it again from ``path``)."""
+def load_private_key(path: Path, certificate: Path | None = None, chain=()) -> SigningKey:
+    """A private EC key to sign with (read to check it; the library reads it again from ``path``); with
+    ``certificate`` (PEM, for that key) and its ``chain``, model.sig carries the certificates instead of a key hint."""
     s, ec, ed = _crypto()
     try:
         key = s.load_pem_private_key(Path(path).read_bytes(), password=None)
@@ -121,7 +131,30 @@ def load_private_key(path: Path) -> SigningKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise InputError(f"'{path}' is not an EC private key.", _MAKE_KEY)
     _check_curve(key, path)
+    if certificate is not None:
+        return SigningKey(Path(path), f"cert {_cert_name(Path(certificate).read_bytes(), pem=True)}", Path(certificate),
+                          tuple(Path(c) for c in chain))
     return SigningKey(Path(path), _ec_key_id(_spki_pem(key.public_key())))
+
+
+def _cert_name(data: bytes, pem: bool = False) -> str:
+    """A certificate's subject and the start of its sha256 fingerprint, as messages and the index name a signer."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    try:
+        cert = x509.load_pem_x509_certificate(data) if pem else x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise InputError(f"Cannot read the certificate: {exc}.", "pass PEM certificates (--cert, --cert-chain)") from None
+    return f"{cert.subject.rfc4514_string()[:120]} {cert.fingerprint(hashes.SHA256()).hex()[:16]}"
+
+
+def cert_roots(paths) -> CertRoots:
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"Certificate '{p}' does not exist.", "pass the PEM root certificate your clinic trusts (--cert-chain)")
+        _cert_name(Path(p).read_bytes().split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n", pem=True)
+    return CertRoots(tuple(Path(p) for p in paths))
 
 
 def load_public_key(path: Path) -> PublicKey:
@@ -150,9 +183,9 @@ def public_key_from_pem(data: bytes, where: Path) -> PublicKey:
     raise InputError(f"'{where}' is neither an EC nor an ed25519 public key.", "pass the .pub.pem the bundle's maker gave you")
 
 
-def as_public_key(key) -> PublicKey | None:
-    """``key`` as a PublicKey: None, a PublicKey, or a path to a PEM file."""
-    if key is None or isinstance(key, PublicKey):
+def as_public_key(key) -> PublicKey | CertRoots | None:
+    """``key`` as a PublicKey: None, a PublicKey (or CertRoots), or a path to a PEM file."""
+    if key is None or isinstance(key, (PublicKey, CertRoots)):
         return key
     return load_public_key(Path(key))
 
@@ -206,7 +239,11 @@ def sign(manifest, manifest_bytes: bytes, key: SigningKey) -> Signature:
     ms = _library()
     with tempfile.TemporaryDirectory(prefix="edgemed-sign-") as d:
         out = Path(d) / MODEL_SIG
-        config = ms.signing.Config().use_elliptic_key_signer(private_key=key.path)
+        config = ms.signing.Config()
+        if key.certificate is not None:
+            config.use_certificate_signer(private_key=key.path, signing_certificate=key.certificate, certificate_chain=key.chain)
+        else:
+            config.use_elliptic_key_signer(private_key=key.path)
         config.set_hashing_config(_known_digests_config(manifest.name, expected_digests(manifest, manifest_bytes)))
         try:
             config.sign(Path(d), out)
@@ -230,10 +267,13 @@ def signer_id(sig: Signature) -> str | None:
     if sig.legacy:
         return _parse_legacy(sig.data)["key_id"]
     try:
-        hint = json.loads(sig.data.decode("utf-8"))["verificationMaterial"]["publicKey"]["hint"]
+        material = json.loads(sig.data.decode("utf-8"))["verificationMaterial"]
+        if "x509CertificateChain" in material:
+            return f"cert {_cert_name(base64.b64decode(material['x509CertificateChain']['certificates'][0]['rawBytes']))}"
+        hint = material["publicKey"]["hint"]
         return hint[:16] if isinstance(hint, str) and hint else None
-    except (KeyError, TypeError, ValueError):
-        return None  # a certificate-based signature names no key hint
+    except (KeyError, IndexError, TypeError, ValueError, InputError):
+        return None
 
 
 def well_formed(sig: Signature | None) -> Signature | None:
@@ -257,7 +297,8 @@ def _files(sig: Signature, key: PublicKey):
     """Temporary files the library reads: the signature and the public key (a private key given is never passed on)."""
     with tempfile.TemporaryDirectory(prefix="edgemed-verify-") as d:
         (Path(d) / MODEL_SIG).write_bytes(sig.data)
-        (Path(d) / "key.pub.pem").write_bytes(key.pem)
+        if isinstance(key, PublicKey):
+            (Path(d) / "key.pub.pem").write_bytes(key.pem)
         yield Path(d)
 
 
@@ -282,21 +323,34 @@ def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key) -> str:
         raise SignatureError(f"The bundle is not signed, but a key was given (key {key.key_id}).",
                              "ask the maker for a signed bundle (edgemed pack --sign key.pem), or verify without --key")
     if sig.legacy:
+        if isinstance(key, CertRoots):
+            raise SignatureError("The bundle carries an older edgemed's ed25519 signature (manifest.sig), not a certificate signature.",
+                                 "pass the ed25519 public key it was signed with (--key), or ask the maker to re-sign")
         return _verify_legacy(sig.data, manifest_bytes, key)
+    if isinstance(key, CertRoots):
+        return _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_certificate_verifier(certificate_chain=key.paths))
     if key.kind != "ec":
         raise SignatureError(f"The bundle carries an OpenSSF model signature (model.sig), but '{key.path}' is an ed25519 "
                              "key, which only checks an older edgemed's manifest.sig.", "pass the maker's EC public key (.pub.pem)")
+    if (signer_id(sig) or "").startswith("cert "):
+        raise SignatureError(f"model.sig is signed with a certificate ({signer_id(sig)}), not by a bare key like {key.key_id}.",
+                             "pass the root certificate it chains to with --cert-chain ROOT.pem (or list it under roots in trust.toml)")
+    return _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_elliptic_key_verifier(public_key=d / "key.pub.pem"))
+
+
+def _verify_with(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> str:
+    """The library's verifier (set up by ``use(config, folder)``) over model.sig, fed the manifest's digests."""
     ms = _library()
     _check_hashing(statement(well_formed(sig)))
     config = ms.verifying.Config()
     with _files(sig, key) as d:
         try:
-            config.use_elliptic_key_verifier(public_key=d / "key.pub.pem")
+            use(config, d)
             config.set_hashing_config(_known_digests_config(manifest.name, expected_digests(manifest, manifest_bytes)))
             config.verify(d, d / MODEL_SIG)
-        except Exception as exc:  # the library raises ValueError, or the crypto layer's InvalidSignature
+        except Exception as exc:  # the library raises ValueError, OpenSSL's chain errors, or InvalidSignature
             raise _refusal(exc, key, statement(sig), expected_digests(manifest, manifest_bytes)) from None
-    return key.key_id
+    return signer_id(sig) if isinstance(key, CertRoots) else key.key_id
 
 
 def _differences(st: dict, expected: dict[str, str]) -> str:
@@ -315,7 +369,11 @@ def _differences(st: dict, expected: dict[str, str]) -> str:
 
 def _refusal(exc: Exception, key: PublicKey, st: dict, expected: dict[str, str]) -> SignatureError:
     text = str(exc).strip() or type(exc).__name__
-    if "Key mismatch" in text:
+    if isinstance(key, CertRoots) and "Signature mismatch" not in text:
+        return SignatureError(f"model.sig does not verify against the certificate chain {', '.join(map(str, key.paths))}: {text[:200]}.",
+                              "pass the root certificate the signer's certificate chains to (--cert-chain), or get a bundle "
+                              "signed under your clinic's certificate authority")
+    if "Key mismatch" in text or "x509CertificateChain" in text or "publicKey" in text:
         return SignatureError(f"model.sig was made by another key, not by the given key {key.key_id} ({key.path}).",
                               "check that you have the maker's public key; do not install a bundle from an unknown signer")
     if "Signature mismatch" in text:  # the envelope verified; the files it lists differ from the bundle's

@@ -311,7 +311,8 @@ class Store:
                                      f"pass --force to replace it, or remove it first: edgemed remove {target}")
                 key = trust.decide(origin, sig, man, data, key=public_key, policy=policy)  # the trust policy (trust.py)
                 if key is not None:
-                    signer["key_id"], signer["pem"] = key.key_id, key.pem.decode("ascii")
+                    signer["key_id"] = signing.signer_id(sig) if isinstance(key, signing.CertRoots) else key.key_id
+                    signer["pem"] = key.pem.decode("ascii") if isinstance(key, signing.PublicKey) else None
 
             try:
                 if is_tar(bundle):

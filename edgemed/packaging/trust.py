@@ -5,6 +5,7 @@
     [local]                                   # bundles from a file or folder (edgemed install PATH, run DIR)
     require_signature = false                 # the default here
     keys = ["keys/vendor.pub.pem"]            # PEM public keys; a relative path is under $EDGEMED_HOME
+    roots = ["keys/clinic-ca.pem"]            # certificate mode: root certificates a signing certificate chains to
 
     [registries."registry.clinic.example"]    # every repository of a registry ...
     keys = ["keys/vendor.pub.pem"]
@@ -38,7 +39,7 @@ from edgemed.errors import InputError, SignatureError
 from edgemed.packaging import signing
 
 POLICY = "trust.toml"
-_ENTRY_KEYS = {"keys", "require_signature"}
+_ENTRY_KEYS = {"keys", "roots", "require_signature"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Entry:
     where: str                         # how messages name it: "[local]" or [registries."HOST/REPO"]
     keys: tuple = ()                   # signing.PublicKey
     require_signature: bool = False
+    roots: signing.CertRoots | None = None  # certificate mode: the roots a signing certificate must chain to
 
 
 @dataclass
@@ -112,17 +114,18 @@ def _entry(table, where: str, require_default: bool, home: Path, path: Path, fix
         raise InputError(f"In {path}, {where} has keys edgemed does not know: {', '.join(unknown)}.",
                          f"{fix}: an entry has keys = [...] and require_signature = true|false")
     req = table.get("require_signature", require_default)
-    files = table.get("keys", [])
-    if not isinstance(req, bool) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        raise InputError(f"In {path}, {where}: require_signature must be true or false and keys a list of paths.", fix)
-    keys = []
-    for f in files:
-        p = Path(f) if Path(f).is_absolute() else home / f
-        if not p.is_file():
-            raise InputError(f"The trust policy {path} names the key {p} ({where}), which does not exist.",
-                             f"put the signer's .pub.pem there, or remove it from {where}")
-        keys.append(signing.load_public_key(p))
-    return Entry(where, tuple(keys), req)
+    lists = {k: table.get(k, []) for k in ("keys", "roots")}
+    if not isinstance(req, bool) or not all(isinstance(v, list) and all(isinstance(f, str) for f in v) for v in lists.values()):
+        raise InputError(f"In {path}, {where}: require_signature must be true or false, keys and roots lists of paths.", fix)
+    found = {}
+    for k, files in lists.items():
+        found[k] = [Path(f) if Path(f).is_absolute() else home / f for f in files]
+        for p in found[k]:
+            if not p.is_file():
+                raise InputError(f"The trust policy {path} names the {k[:-1]} {p} ({where}), which does not exist.",
+                                 f"put the signer's .pub.pem (or the root certificate) there, or remove it from {where}")
+    keys = tuple(signing.load_public_key(p) for p in found["keys"])
+    return Entry(where, keys, req, signing.cert_roots(found["roots"]) if found["roots"] else None)
 
 
 def _fix(policy: Policy, entry: Entry, repo: str | None) -> str:
@@ -150,6 +153,10 @@ def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest
                                  "ask the maker for a signed bundle (edgemed pack --sign key.pem) and push it again; only if "
                                  f"unsigned bundles are acceptable there, set require_signature = false under {entry.where}")
         return None
+    signer = signing.signer_id(sig)
+    if signer is not None and signer.startswith("cert ") and entry.roots is not None:
+        signing.verify(sig, manifest, manifest_bytes, entry.roots)  # certificate mode: the chain decides
+        return entry.roots
     if not entry.keys:
         if entry.require_signature:
             elsewhere = [w for w, e in policy.registries.items() if any(k.key_id == signing.signer_id(sig) for k in e.keys)]
@@ -157,7 +164,6 @@ def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest
             raise SignatureError(f"No signer is trusted for {repo or source}: {policy.path} has no entry for it{also}.",
                                  _fix(policy, entry, repo))
         return None
-    signer = signing.signer_id(sig)
     match = next((k for k in entry.keys if k.key_id == signer), None)
     if match is None:
         trusted = ", ".join(k.key_id for k in entry.keys)
@@ -181,8 +187,11 @@ def check_installed(record: dict, sig: signing.Signature | None, manifest, manif
         raise SignatureError(f"The installed model from {origin or record.get('source')} is not signed, and the trust policy "
                              f"({entry.where} in {policy.path}) now requires a signature.",
                              f"install a signed copy (edgemed install BUNDLE --force), or set require_signature = false under {entry.where}")
+    signer = signing.signer_id(sig) if sig is not None else None
+    if signer is not None and signer.startswith("cert ") and entry.roots is not None:
+        signing.verify(sig, manifest, manifest_bytes, entry.roots)
+        return
     if sig is not None and entry.keys:
-        signer = signing.signer_id(sig)
         if not any(k.key_id == signer for k in entry.keys) or (recorded and not any(k.pem.decode("ascii") == recorded for k in entry.keys)):
             raise SignatureError(f"The installed model is signed by key {signer}, which the trust policy no longer trusts "
                                  f"({entry.where} in {policy.path}).", _fix(policy, entry, repo))
