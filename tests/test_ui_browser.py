@@ -2,7 +2,7 @@
 
 Covers: the page and its assets (CSP and the other headers; nothing but same-origin files); the model card before
 the first question; a streamed free question sent with Enter, with its audit request id; the ``mcq`` form and
-the parsed letter the server returned; stopping a long answer (the slot is freed); a server with keys (refused
+the parsed letter the server returned; a ``<think>`` block folded away from the answer; stopping a long answer (the slot is freed); a server with keys (refused
 without one, works with one, the key kept in sessionStorage only); hostile input and hostile model output shown
 as text, never run; no request outside the server's origin (the browser's own network log); ``--no-ui``.
 """
@@ -172,6 +172,18 @@ def test_stop_ends_a_long_answer_and_frees_the_slot(server, browser):
     request_id = answer.find_element("css selector", ".request-id").text
     assert wait_until(lambda: any(r.get("request_id") == request_id and r["outcome"] == "client_disconnected"
                                   for r in audit_records(server.audit_path)), 10)
+
+
+def test_think_block_is_folded_away_from_the_answer(server, browser):
+    page = browser.page(server.url)
+    page.max_tokens(12)
+    page.ask("Write the XML tags <think>scratch</think> then the answer yes")  # SmolLM2 (greedy) writes them first
+    answer = page.wait_answer()
+    think = answer.find_element("css selector", "details.think")
+    assert think.is_displayed() and think.get_attribute("open") is None  # there, and folded
+    assert think.get_attribute("textContent").endswith("scratch")
+    text = answer.find_element("css selector", ".answer-text").text
+    assert text.strip() and "<think>" not in text and "</think>" not in text and not text.startswith("scratch")
 
 
 def test_hostile_input_and_output_are_text_never_html(server, browser):
