@@ -190,7 +190,7 @@ def test_hostile_input_and_output_are_text_never_html(server, browser):
     page = browser.page(server.url)
     page.choose("mcq")
     page.fill({"question": HOSTILE, "options": {"A": HOSTILE, "B": "<b>bold</b>", "C": "x", "D": "y"}})
-    page.max_tokens(8)
+    page.max_tokens(2)  # the inputs are what this part is about
     page.send()
     page.wait_answer()
     page.choose("")
@@ -209,7 +209,7 @@ def test_hostile_input_and_output_are_text_never_html(server, browser):
 
 def test_every_request_stays_on_the_servers_origin(server, browser):
     page = browser.page(server.url)
-    page.max_tokens(8)
+    page.max_tokens(1)
     page.ask("Hello")
     page.wait_answer()
     page.choose("mcq")
@@ -223,7 +223,7 @@ def test_a_server_with_keys_refuses_without_one_and_works_with_one(smollm2_gguf,
     from edgemed.serve.security import ApiKeys
 
     keys = ApiKeys.from_lines([f"clinic-ward-3 {KEY}"])
-    with page_server(smollm2_gguf, tmp_path / "audit.jsonl", api_keys=keys, default_max_tokens=8) as srv:
+    with page_server(smollm2_gguf, tmp_path / "audit.jsonl", api_keys=keys, default_max_tokens=4) as srv:
         assert httpx.get(srv.url + "/").status_code == 200  # the page loads, to ask for the key
         assert httpx.get(srv.url + "/ui/info").status_code == 401
         assert httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": []}).status_code == 401
@@ -242,3 +242,18 @@ def test_a_server_with_keys_refuses_without_one_and_works_with_one(smollm2_gguf,
         assert record and record[0]["key_id"] == "clinic-ward-3" and record[0]["status"] == 200
         assert stored(browser.driver) == {"local": [], "session": ["edgemed.apiKey"], "indexeddb": []}
         browser.driver.execute_script("sessionStorage.clear()")
+
+
+def test_readable_at_200_percent_zoom(server, browser):
+    """200 % zoom halves the CSS width: at 550 px the page and the widest form reflow, with no sideways scrolling."""
+    driver = browser.driver
+    size = driver.get_window_size()
+    driver.set_window_size(550, 900)
+    try:
+        page = browser.page(server.url)
+        for mode in ("", "mcq", "triage", "patient_education"):
+            page.choose(mode)
+            assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), mode
+            assert page.find("#send").is_displayed()
+    finally:
+        driver.set_window_size(size["width"], size["height"])
