@@ -169,3 +169,18 @@ def test_the_most_specific_registry_entry_wins(home, made):
     assert p.entry_for("oci://127.0.0.1:5000/radiologyx/ct:v1")[0].where == '[registries."127.0.0.1:5000"]'
     with pytest.raises(SignatureError, match="does not trust"):
         Store().install(made["by-a"], origin="oci://127.0.0.1:5000/radiology/ct:v1")
+
+
+def test_run_of_a_signed_model_does_not_import_the_signing_library(home, made):
+    """model-signing imports sigstore's network clients (seconds of start-up on a small device): run compares the
+    signature file with the digest recorded at install and checks the signer against the policy without it."""
+    import os
+    import subprocess
+    import sys
+
+    _policy(home, '[local]\nkeys = ["keys/a.pub.pem"]\n')
+    Store().install(made["by-a"])
+    code = ("import sys; from edgemed.packaging.ref import runnable; runnable('tiny'); "
+            "assert 'model_signing' not in sys.modules, 'imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=120)
+    assert r.returncode == 0, r.stderr

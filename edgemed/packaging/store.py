@@ -335,7 +335,8 @@ class Store:
                 self._dedupe(stage, man)
                 record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": origin or str(bundle.absolute()),
                           "signed_by": signer.get("key_id"), "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                          "origin": origin, "version": _version(man), "signer_key": signer.get("pem")}
+                          "origin": origin, "version": _version(man), "signer_key": signer.get("pem"),
+                          "signature_sha256": hashlib.sha256(sig.data).hexdigest() if sig is not None else None}
                 record["previous"] = self._previous_of(target, record["manifest_sha256"])
                 aside = debris_path(self.tmp, f"old-{target}")
                 write_text(self.journal_path, json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],

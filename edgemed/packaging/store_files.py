@@ -48,6 +48,7 @@ _OPTIONAL = {  # fields a newer edgemed writes; a record without them is an olde
     "origin": ("null or a location of at most 4096 characters", lambda v: v is None or (isinstance(v, str) and len(v) <= 4096)),
     "version": ("null or a version string", lambda v: v is None or (isinstance(v, str) and len(v) <= 256)),
     "signer_key": ("null or a PEM public key", lambda v: v is None or (isinstance(v, str) and len(v) <= 16384)),
+    "signature_sha256": ("null or 64 lower-case hex digits", lambda v: v is None or (isinstance(v, str) and SHA256.fullmatch(v) is not None)),
     "previous": ("null or an index record", lambda v: v is None or (isinstance(v, dict) and "previous" not in v
                                                                     and record_problem(v, exact=True) is None)),
 }

@@ -30,6 +30,7 @@ trust.toml stops its models from loading.
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,27 +175,40 @@ def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest
 
 
 def check_installed(record: dict, sig: signing.Signature | None, manifest, manifest_bytes: bytes) -> None:
-    """At run: the installed copy's signature with the key recorded at install, then today's policy for its origin."""
-    recorded = record.get("signer_key")
-    if recorded and sig is not None:
+    """At run: the installed copy's signature is the one checked at install, and today's policy still trusts its signer.
+
+    The signature file's sha256 recorded at install stands for the library's check (as the manifest's sha256 in the
+    index stands for the files'): run does not import model-signing (seconds of start-up) for a model with a key
+    signature. ``edgemed verify NAME --key`` re-checks the signature in full. A certificate signature is checked
+    against the entry's roots, through the library."""
+    recorded, recorded_sig = record.get("signer_key"), record.get("signature_sha256")
+    got_sig = hashlib.sha256(sig.data).hexdigest() if sig is not None else None
+    if recorded_sig is not None and got_sig != recorded_sig:
+        raise SignatureError(f"The installed model's signature ({signing.MODEL_SIG}) is not the one checked at install "
+                             f"(sha256 {recorded_sig}, now {got_sig or 'absent'}).",
+                             "reinstall the model from its bundle: edgemed install BUNDLE --force")
+    if recorded and sig is not None and recorded_sig is None:  # a record without the signature's digest: check it in full
         signing.verify(sig, manifest, manifest_bytes, signing.public_key_from_pem(recorded.encode("ascii"), Path("the signer's key recorded at install")))
     policy = load()
-    if not policy.exists and not recorded:
+    if not policy.exists:
         return  # no policy: as before (the signature was checked at install when a key was given)
     origin = record.get("origin")
     entry, repo = policy.entry_for(origin)
-    if sig is None and entry.require_signature:
-        raise SignatureError(f"The installed model from {origin or record.get('source')} is not signed, and the trust policy "
-                             f"({entry.where} in {policy.path}) now requires a signature.",
-                             f"install a signed copy (edgemed install BUNDLE --force), or set require_signature = false under {entry.where}")
-    signer = signing.signer_id(sig) if sig is not None else None
+    if sig is None:
+        if entry.require_signature:
+            raise SignatureError(f"The installed model from {origin or record.get('source')} is not signed, and the trust policy "
+                                 f"({entry.where} in {policy.path}) now requires a signature.",
+                                 f"install a signed copy (edgemed install BUNDLE --force), or set require_signature = false under {entry.where}")
+        return
+    signer = signing.signer_id(sig)
     if signer is not None and signer.startswith("cert ") and entry.roots is not None:
         signing.verify(sig, manifest, manifest_bytes, entry.roots)
         return
-    if sig is not None and entry.keys:
-        if not any(k.key_id == signer for k in entry.keys) or (recorded and not any(k.pem.decode("ascii") == recorded for k in entry.keys)):
+    if entry.keys:
+        trusted = any(k.key_id == signer for k in entry.keys) and (not recorded or any(k.pem.decode("ascii") == recorded for k in entry.keys))
+        if not trusted:
             raise SignatureError(f"The installed model is signed by key {signer}, which the trust policy no longer trusts "
                                  f"({entry.where} in {policy.path}).", _fix(policy, entry, repo))
-    elif sig is not None and entry.require_signature and not recorded:
+    elif entry.require_signature:
         raise SignatureError(f"No signer is trusted for {repo or 'local bundles'} in {policy.path}, which requires a signature.",
                              _fix(policy, entry, repo))
