@@ -361,6 +361,8 @@ def _put_manifest(registry, repo: str, tag: str, manifest: dict) -> None:
     (lambda m: m["layers"][1].update(size=1 << 60), "claims size"),
     (lambda m: m["layers"][1].update(mediaType="application/vnd.cncf.model.weight.v1.tar+gzip"), "uncompressed"),
     (lambda m: m["layers"].pop(0), "has no 'manifest.json' layer"),
+    (lambda m: m["layers"].pop(2), "has no layer for the bundle file 'model/tiny.gguf'"),
+    (lambda m: m["layers"][2].update(digest=m["layers"][3]["digest"]), "the bundle manifest expects"),
 ])
 def test_an_untrusted_manifest_is_refused_before_anything_is_written(registry, tmp_path, edgemed_home, maker_key, change, expect):
     bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
@@ -371,6 +373,17 @@ def test_an_untrusted_manifest_is_refused_before_anything_is_written(registry, t
     out = _cli("pull", registry.ref("clinic/hostile:bad"), ok=False)
     assert expect in out and "Fix:" in out
     assert _models(edgemed_home) == [] and not (edgemed_home / "etc").exists()
+
+
+def test_a_layer_missing_from_the_registry_is_refused_by_name(registry, tmp_path, edgemed_home, maker_key):
+    src = bundle_kit.inputs(tmp_path / "src", extra_kv={"edgemed.test.unique": "missing"})
+    bundle = _pack_dir(src, tmp_path / "missing", "missing", maker_key[0])
+    _cli("push", bundle, registry.ref("clinic/missing:v1"))
+    blob = registry.blob_file(_gguf_sha(bundle))
+    blob.unlink()
+    out = _cli("pull", registry.ref("clinic/missing:v1"), ok=False)
+    assert "layer 'model/tiny.gguf'" in out and _gguf_sha(bundle) in out and "Fix:" in out
+    assert _models(edgemed_home) == []
 
 
 def _raw_manifest(registry, repo: str, ref: str) -> bytes:

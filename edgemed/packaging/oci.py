@@ -174,6 +174,8 @@ class Client:
         if backend == "basic" and not self.oras.auth._basic_auth:
             raise RegistryError(f"The registry {ref.registry} asks for a user name and password, and {docker_config()} holds none for it.",
                                 f"log in first: edgemed login {ref.registry} --username USER --password-stdin")
+        if backend == "basic":  # sent with every request, not after a 401 each time (the registry hashes it per request)
+            self.oras.session.headers["Authorization"] = f"Basic {self.oras.auth._basic_auth}"
 
     def _ping(self) -> str:
         """GET /v2/: reachable, the right scheme, and which auth it asks for ('basic' or 'token')."""
