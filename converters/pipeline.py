@@ -10,6 +10,12 @@ Steps, each refusing bad input before anything is written:
    types a minimum top-1 agreement; every type must give finite logits;
 5. write ``<out>.report.json`` (provenance, parity, the output's sha256), then rename the output into place.
 A failure or Ctrl-C at any step leaves neither the output nor temporaries.
+
+``adapter_only`` (``convert --lora A --adapter-only``) writes the adapter alone as a GGUF LoRA adapter for this
+base (``gguf/adapter.py``) and gates it the same way: the base GGUF (``base_gguf``, which must have been converted
+from this checkpoint; else an F16 base made here in scratch) with the adapter applied by llama.cpp at run time,
+against the HF reference with the adapter merged (the base's type picks the gate: NMSE for float, top-1 for
+quantized). The report names the base's checkpoint sha256 (also in the file) and the base the gate ran on.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class ConvertOptions(RouteOptions):
     progress: bool = False
     max_kld: float | None = None  # out_type "auto": the KLD budget (auto_quant.py)
     fit_profile: str | None = None  # out_type "auto": the device profile the output must fit
+    adapter_only: bool = False  # write the --lora adapter alone, as a GGUF LoRA adapter (out_type: its tensors, f16/f32)
+    base_gguf: Path | None = None  # adapter_only: the base GGUF the parity gate applies the adapter to
 
 
 def report_path(out: Path) -> Path:
@@ -94,6 +102,8 @@ def _output_error(exc: OSError, out: Path, out_type: str) -> Exception:
 def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
     from edgemed.converters.gguf.auto_quant import AUTO, check_request
 
+    if opts.adapter_only or opts.base_gguf is not None:
+        return _convert_adapter(source, out, opts, echo)
     if opts.out_type not in OUTPUT_TYPES + (AUTO,):
         raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES + (AUTO,))}")
     check_request(opts.out_type, opts.max_kld, opts.fit_profile)
@@ -210,3 +220,99 @@ def _report_lands_with(out: Path):
         elif wrote:
             path.unlink(missing_ok=True)
         raise
+
+
+#: ``--adapter-only``: the types an adapter's tensors may have (``gguf/adapter.TENSOR_TYPES``).
+ADAPTER_TYPES = ("f16", "f32")
+
+
+def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
+    """The ``adapter_only`` steps (module docstring): refuse, write the adapter, gate it on a base, report."""
+    from dataclasses import replace
+
+    from edgemed.converters.gguf.adapter import plan_adapter, write_adapter_gguf
+
+    if not opts.adapter_only:
+        raise InputError("--base names the base GGUF an adapter is checked on; it goes with --adapter-only.",
+                         "add --adapter-only (and --lora ADAPTER), or leave --base out")
+    if opts.lora is None:
+        raise InputError("--adapter-only writes a LoRA adapter, and no adapter was given.", "pass the PEFT adapter with --lora DIR")
+    if opts.out_type not in ADAPTER_TYPES:
+        raise InputError(f"--adapter-only writes the adapter's tensors as F16 or F32, not {opts.out_type.upper()}; the base "
+                         "keeps its own type.", "leave --quant out (F16), or pass --quant f32; to gate the adapter on a "
+                         "quantized base, pass that base with --base BASE.gguf")
+    env.enforce_offline()
+    check_destination(out, opts.force)
+    timings = Timings()
+    ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)
+    spec = arch_spec(ckpt.architecture)
+    plan_tensors(ckpt, spec, "f32")
+    src = Source.with_adapter(ckpt, opts.lora, allow_pickle=opts.allow_pickle)
+    src.warn_base(echo)
+    planned = plan_adapter(ckpt, spec, src.adapter)  # what the file cannot carry is refused here
+    source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(src.adapter)
+    base = _adapter_base(opts.base_gguf, spec, source_info["sha256"]) if opts.base_gguf is not None else None
+    vocab = None
+    if base is None and opts.parity:
+        from edgemed.converters.gguf.tokenizer import plan_vocab
+
+        vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
+        budget.check_gguf(src, replace(opts, out_type="f16"))  # the F16 base made for the gate must fit
+    timings.since_start("inspect")
+    parity = None
+    with _report_lands_with(out) as wrote_report, atomic_path(out, force=opts.force) as tmp, \
+            scratch_dir(out.parent, out.name) as work:
+        with timings.step("write"):
+            write_adapter_gguf(ckpt, spec, src.adapter, tmp, base_source_sha256=source_info["sha256"], tensor_type=opts.out_type)
+        if opts.parity:
+            from edgemed.converters.quality.parity import check_adapter_gguf, gated
+
+            if base is None:
+                from edgemed.converters.gguf.writer import write_float_gguf
+
+                base = {"path": Path(work) / "base-f16.gguf", "out_type": "f16", "made": "for the gate, from the source"}
+                with timings.step("base"):
+                    write_float_gguf(ckpt, spec, vocab, base["path"], "f16",
+                                     metadata={"edgemed.source.sha256": source_info["sha256"]})
+            with timings.step("parity"):
+                report = check_adapter_gguf(src, base["path"], tmp, base["out_type"], threads=opts.threads)
+            what = f"The adapter on the {base['out_type'].upper()} base"
+            parity = gated(report, what, echo) | {"base": {k: str(v) for k, v in base.items()}}
+        size, digest = tmp.stat().st_size, file_sha256(tmp)
+        timings.since_start("total")
+        lora_info = (lora_info or {}) | {
+            "form": "gguf-adapter", "tensor_type": opts.out_type, "pairs": len(planned),
+            "alpha": float(src.adapter.config.get("lora_alpha", src.adapter.config.get("r", 8))),
+            "base_source_sha256": source_info["sha256"]}
+        lora_info.pop("merged_tensors", None)
+        result = ConversionReport(
+            fmt="gguf", output=str(out), out_type=opts.out_type, size_bytes=size, sha256=digest, architecture=spec.arch_name,
+            source=source_info, lora=lora_info, tokenizer=None, parity=parity, timings_s=timings.report(),
+            converter=provenance.converter_info(TOOLS))
+        write_text(report_path(out), result.to_json())
+        wrote_report.append(True)
+    return result
+
+
+def _adapter_base(path: Path, spec, source_sha256: str) -> dict:
+    """``--base``: a GGUF model of this architecture converted from this very checkpoint, else refused now."""
+    from edgemed.constants import file_type_name
+    from edgemed.errors import AdapterError
+    from edgemed.formats.gguf_header import SOURCE_SHA_KEY, read_header
+
+    meta = read_header(path).metadata
+    if meta.get("general.type") == "adapter":
+        raise InputError(f"--base '{path}' is a LoRA adapter, not a base model.", "pass the base model GGUF with --base")
+    if meta.get("general.architecture") != spec.arch_name:
+        raise AdapterError(f"--base '{path}' is a {meta.get('general.architecture')!r} model; the adapter is for "
+                           f"{spec.arch_name!r}.", "pass a GGUF converted from the adapter's base checkpoint")
+    recorded = meta.get(SOURCE_SHA_KEY)
+    if recorded != source_sha256:
+        said = f"was converted from the checkpoint {recorded[:12]}..." if isinstance(recorded, str) else \
+            f"does not record which checkpoint it was converted from ({SOURCE_SHA_KEY})"
+        raise AdapterError(f"--base '{path}' {said}, not from this one ({source_sha256[:12]}...), so the adapter "
+                           "cannot be checked on it.", "convert the base from this checkpoint with `edgemed convert` and "
+                           "pass that file, or leave --base out (an F16 base is made for the check)")
+    number = meta.get("general.file_type", -1)
+    return {"path": Path(path), "out_type": file_type_name(number if isinstance(number, int) else -1),
+            "sha256": file_sha256(path)}

@@ -48,6 +48,14 @@ def lora(smollm2_hf, work) -> Path:
     return make_lora(smollm2_hf, work / "cardio-lora")
 
 
+def cli(*args):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 @pytest.fixture(scope="module")
 def base_f16(smollm2_hf, work) -> Path:
     from edgemed.converters.pipeline import ConvertOptions, convert
@@ -73,7 +81,7 @@ def test_llamacpp_loads_the_adapter_and_it_changes_the_logits(smollm2_hf, lora, 
     edgemed's keys, and the adapter applied to a context changes the logits towards PEFT's."""
     import numpy as np
 
-    from edgemed.converters.gguf.adapter import BASE_SOURCE_KEY
+    from edgemed.formats.gguf_header import BASE_SOURCE_KEY
     from edgemed.formats.gguf_header import read_header
     from edgemed.runtime import llamacpp
     from edgemed.runtime.engine import LoadSettings
@@ -105,4 +113,84 @@ def test_llamacpp_loads_the_adapter_and_it_changes_the_logits(smollm2_hf, lora, 
             if obj is not None:
                 obj.close()
     assert np.abs(adapted - bare).max() > 0.5  # the adapter is applied on the native side
+    # ... by far more than the F16 gate lets a conversion miss by (NMSE 1e-4): a dropped adapter fails that gate
+    assert ((adapted - bare) ** 2).sum() / (bare ** 2).sum() > 100 * 1e-4
     np.testing.assert_array_equal(again, bare)  # and taken off again
+
+
+def test_convert_adapter_only_passes_the_f16_gate(smollm2_hf, lora, base_f16, work):
+    """``convert --lora A --adapter-only``: an F16 base with the adapter applied by llama.cpp at run time matches
+    the HF model with the adapter merged within the F16 gate; the base's checkpoint sha256 is in the file and the
+    report."""
+    import json
+
+    from edgemed.formats.gguf_header import BASE_SOURCE_KEY, read_header
+
+    out = work / "cardio.lora.gguf"
+    result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    parity = report["parity"]
+    print(f"adapter on F16 base: NMSE {parity['nmse']:.3e}, KLD {parity['kld']:.3e}, top-1 {parity['top1']:.3f}")
+    assert parity["backend"] == "gguf+lora" and parity["out_type"] == "f16" and parity["passed"] is True
+    assert parity["nmse"] < parity["gate_nmse"] == 1e-4
+    assert parity["base"]["out_type"] == "f16"
+    sha = report["source"]["sha256"]
+    assert report["lora"]["base_source_sha256"] == sha == read_header(out).metadata[BASE_SOURCE_KEY]
+    assert report["lora"]["form"] == "gguf-adapter" and report["lora"]["pairs"] == 210
+    assert report["sha256"] and report["size_bytes"] == out.stat().st_size
+
+
+def test_adapter_gated_on_a_q4_k_m_base_reports_top1_and_kld(smollm2_hf, lora, base_f16, work):
+    """``--base`` a Q4_K_M GGUF converted from the same checkpoint: the quantized gate (top-1), KLD reported.
+    SmolLM2's rows (576) are not a multiple of 256, so llama.cpp's Q4_K_M recipe falls back to other 4/5/8-bit
+    types for most tensors: the file is what llama.cpp makes of Q4_K_M for this model."""
+    import json
+
+    from edgemed.converters.gguf.quantize import quantize
+
+    base = work / "base-q4_k_m.gguf"
+    quantize(base_f16, base, "q4_k_m")  # what `convert --quant q4_k_m --no-imatrix` makes of the F16 base
+    out = work / "cardio-q4.lora.gguf"
+    result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "--base", base, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    parity = json.loads(out.with_name(out.name + ".report.json").read_text())["parity"]
+    print(f"adapter on Q4_K_M base: top-1 {parity['top1']:.3f}, KLD {parity['kld']:.4f} nats, NMSE {parity['nmse']:.3e}")
+    assert parity["out_type"] == "q4_k_m" and parity["gate_top1"] == 0.4 and parity["passed"] is True
+    assert parity["base"]["path"] == str(base) and len(parity["base"]["sha256"]) == 64
+    assert 0.4 <= parity["top1"] <= 1.0 and 0.0 < parity["kld"] < 1.0
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--to", "onnx", "--adapter-only"], "ONNX Runtime has no such adapter"),
+    (["--adapter-only", "--quant", "q4_k_m"], "F16 or F32"),
+    (["--base", "x.gguf"], "goes with --adapter-only"),
+])
+def test_unsupported_adapter_requests_are_refused_before_any_work(smollm2_hf, lora, tmp_path, flags, says):
+    out = tmp_path / "x.lora.gguf"
+    result = cli("convert", smollm2_hf, "--lora", lora, *flags, "-o", out)
+    assert result.exit_code == 1 and says in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_base_from_another_checkpoint_is_refused_before_any_work(smollm2_hf, smollm2_gguf, lora, tmp_path):
+    """``--base`` the pip package's own GGUF: same model and architecture, but nothing records that it was converted
+    from this checkpoint, so the adapter cannot be checked on it."""
+    out = tmp_path / "x.lora.gguf"
+    result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "--base", smollm2_gguf, "-o", out)
+    assert result.exit_code == 1 and "does not record which checkpoint" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_the_file_cannot_hold_is_refused(smollm2_hf, lora):
+    """PEFT's modules_to_save (full replacement weights) have no LoRA-pair form: refused, the merge named."""
+    from edgemed.converters import arch_spec
+    from edgemed.converters.gguf.adapter import plan_adapter
+    from edgemed.converters.source.source import Source
+    from edgemed.errors import AdapterError
+
+    src = Source.open(smollm2_hf, lora=lora)
+    src.adapter.replacements["model.norm.weight"] = "base_model.model.model.norm.weight"  # as modules_to_save plans it
+    with pytest.raises(AdapterError, match="modules_to_save") as exc:
+        plan_adapter(src.checkpoint, arch_spec(src.checkpoint.architecture), src.adapter)
+    assert "without --adapter-only" in exc.value.fix

@@ -27,14 +27,11 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.errors import AdapterError, require
+from edgemed.formats.gguf_header import BASE_ARCH_KEY, BASE_SOURCE_KEY, LORA_SHA_KEY  # the runtime reads them too
 
 gguf = require("gguf", "convert")
 np = require("numpy", "convert")
 
-#: edgemed's keys in an adapter file (the runtime reads the first three: ``runtime/loader.py``).
-BASE_SOURCE_KEY = "edgemed.base.source_sha256"
-BASE_ARCH_KEY = "edgemed.base.architecture"
-LORA_SHA_KEY = "edgemed.lora.sha256"
 #: Adapter tensor types: ggml type and numpy dtype.
 TENSOR_TYPES = {"f16": (gguf.GGMLQuantizationType.F16, np.float16), "f32": (gguf.GGMLQuantizationType.F32, np.float32)}
 DEFAULT_TENSOR_TYPE = "f16"

@@ -189,4 +189,29 @@ def check_gguf(source, gguf_path: Path, out_type: str, *, threads: int | None = 
     return compare("gguf", out_type, ids, src, gguf_logits(gguf_path, ids, threads))
 
 
+def adapter_logits(base_path: Path, adapter_path: Path, token_lists: list[list[int]], threads: int | None = None,
+                   scale: float = 1.0) -> list:
+    """``gguf_logits`` of ``base_path`` with the LoRA adapter ``adapter_path`` applied by llama.cpp at run time
+    (checked against the base and loaded by ``runtime.loader.load_adapter``)."""
+    from edgemed.runtime.loader import AdapterSpec, load_adapter
+    from edgemed.runtime.logits import CTX_MARGIN, SequenceLogits
+
+    with SequenceLogits(base_path, max(len(t) for t in token_lists) + CTX_MARGIN, threads=threads) as run:
+        adapter = load_adapter(run.model, AdapterSpec(Path(adapter_path), scale))
+        try:
+            run.ctx.set_adapters([(adapter, scale)])
+            return [run(tokens) for tokens in token_lists]
+        finally:
+            run.ctx.set_adapters([])  # the context lets go of the adapter before it is freed
+            adapter.close()
+
+
+def check_adapter_gguf(source, base_path: Path, adapter_path: Path, base_type: str, *, threads: int | None = None,
+                       reference: tuple | None = None) -> ParityReport:
+    """Parity of the base GGUF + LoRA adapter GGUF at run time against the HF ``source`` with its adapter merged;
+    ``base_type`` (the base's type) picks the gate, as for a merged conversion of that type."""
+    ids, src = reference or source_logits(source)
+    return compare("gguf+lora", base_type, ids, src, adapter_logits(base_path, adapter_path, ids, threads))
+
+
 Checker = Callable[..., ParityReport]

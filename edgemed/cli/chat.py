@@ -16,7 +16,9 @@ import click
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile allows).")
 @click.option("--threads", type=int)
-def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads):
+@click.option("--adapter", "adapters", multiple=True, metavar="FILE[:SCALE]",
+              help="A GGUF LoRA adapter for MODEL, applied at run time at SCALE (default 1). Repeatable.")
+def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads, adapters):
     """Chat with MODEL. Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits.
 
     Thinking from reasoning models is kept out of the history, so it does not fill the context.
@@ -24,20 +26,23 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads)
     from edgemed.cli.run import echo_piece
     from edgemed.errors import ContextOverflow
     from edgemed.packaging.ref import runnable
-    from edgemed.runtime import GenerationSettings, open_engine
+    from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm
-    from edgemed.runtime.session import prepare, respond
+    from edgemed.runtime.loader import AdapterSpec
+    from edgemed.runtime.session import open_with_adapters, prepare, respond
     from edgemed.templates import load_templates
     from edgemed.templates.think import ThinkPolicy
 
+    specs = [AdapterSpec.parse(a) for a in adapters]
     warm()  # the template renderer process starts while the model loads
     policy = ThinkPolicy.parse(think)
     model = runnable(model).model_path
-    prepared = prepare(model, profile, n_ctx, threads)
+    prepared = prepare(model, profile, n_ctx, threads, adapters=specs)
     preamble = system or next(iter(load_templates().values())).preamble
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
-    engine = open_engine(model, prepared.load)
-    click.echo(f"edgemed chat: {model} on '{prepared.profile}', context {engine.n_ctx}. /exit to quit.", err=True)
+    engine = open_with_adapters(model, prepared.load, specs)
+    with_adapters = f" with {', '.join(s.path.name for s in specs)}" if specs else ""
+    click.echo(f"edgemed chat: {model}{with_adapters} on '{prepared.profile}', context {engine.n_ctx}. /exit to quit.", err=True)
     history = [{"role": "system", "content": preamble}]
     try:
         while True:

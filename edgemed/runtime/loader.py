@@ -5,21 +5,128 @@
 requested extra buffers survive on this host, and safer ones are chosen when they do not. The engines, the
 batcher, parity, ``--quant auto``, the KLD anchor and the scorer all load through ``load_model``; only the
 self-test's own child and tools that record crashes themselves use the layer directly.
+
+LoRA adapters (GGUF adapter files) load through ``load_adapter``: the file is checked to be an adapter, for the
+base's architecture, made for the checkpoint the base was converted from (both record that checkpoint's sha256:
+``formats/gguf_header``'s keys), before llama.cpp reads it; the adapter's metadata is then read back from llama.cpp.
+A model that will carry adapters names them to ``load_model``, so the self-test's child decodes with them applied.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from edgemed.errors import AdapterError, InputError
 from edgemed.runtime.engine import LoadSettings
 
+log = logging.getLogger(__name__)
 
-def load_model(path: Path | str, load: LoadSettings | None = None):
-    """A ``llamacpp.Model`` for ``path`` with the settings the self-test allows (``model.load`` holds them)."""
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter to apply: its GGUF file and llama.cpp's user scale (1.0: as trained)."""
+
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "AdapterSpec":
+        """``FILE`` or ``FILE:SCALE`` (``--adapter``): the scale a finite number from 0 to 4."""
+        import math
+
+        path, value = str(text), 1.0
+        head, sep, tail = path.rpartition(":")
+        if sep and head:
+            try:
+                path, value = head, float(tail)
+            except ValueError:  # a ':' in the file's name, no scale
+                pass
+        if not math.isfinite(value) or not 0.0 <= value <= 4.0:
+            raise InputError(f"--adapter '{text}': the scale must be a number from 0 to 4, not {value!r}.",
+                             "pass FILE (scale 1, as trained) or FILE:0.5")
+        if not Path(path).is_file():
+            raise InputError(f"--adapter '{path}' is not a file.", "pass the .lora.gguf that `edgemed convert --adapter-only` wrote")
+        return cls(Path(path), value)
+
+
+def _specs(adapters) -> tuple[AdapterSpec, ...]:
+    return tuple(a if isinstance(a, AdapterSpec) else AdapterSpec(Path(a)) for a in adapters or ())
+
+
+def check_adapter(base_meta: dict, base_path: Path, adapter_path: Path):
+    """The adapter's facts, once they show it belongs on this base (``base_meta``: the base's metadata); else
+    the refusal that names the fix. An adapter another tool wrote (no base record) is let through with a
+    warning: llama.cpp still checks its architecture and every pair's shape."""
+    from edgemed.formats.gguf_header import SOURCE_SHA_KEY, adapter_facts
+
+    facts = adapter_facts(adapter_path)
+    arch = base_meta.get("general.architecture")
+    if facts.architecture != arch:
+        raise AdapterError(f"The adapter '{adapter_path.name}' is for the {facts.architecture!r} architecture, but the base "
+                           f"'{base_path.name}' is {arch!r}.", "use the adapter made for this base, or load the base it was made for")
+    ours = base_meta.get(SOURCE_SHA_KEY)
+    if facts.base_source_sha256 is None:
+        log.warning("The adapter '%s' does not record which base it was made for; only its shapes are checked.", adapter_path.name)
+    elif not isinstance(ours, str) or not ours:
+        raise AdapterError(f"The adapter '{adapter_path.name}' was made for the checkpoint {facts.base_source_sha256[:12]}..., "
+                           f"but the base '{base_path.name}' does not record which checkpoint it was converted from "
+                           f"({SOURCE_SHA_KEY}), so nothing shows they belong together.",
+                           "convert the base with `edgemed convert` from the checkpoint the adapter was trained on, and run "
+                           "the adapter on that file")
+    elif ours != facts.base_source_sha256:
+        raise AdapterError(f"The adapter '{adapter_path.name}' was made for the checkpoint {facts.base_source_sha256[:12]}..., "
+                           f"but the base '{base_path.name}' was converted from {ours[:12]}...: on another base it computes nonsense.",
+                           "run it on a GGUF converted from the checkpoint it was made for (any quant type of it), or "
+                           "re-make the adapter for this base: `edgemed convert BASE_CHECKPOINT --lora PEFT_ADAPTER --adapter-only`")
+    return facts
+
+
+def load_model(path: Path | str, load: LoadSettings | None = None, adapters=()):
+    """A ``llamacpp.Model`` for ``path`` with the settings the self-test allows (``model.load`` holds them).
+
+    ``adapters``: files (or ``AdapterSpec``) that will be applied to it; each is checked against the base before
+    anything loads, and the self-test's child decodes with them applied."""
     from edgemed.formats.gguf_header import read_header
     from edgemed.runtime import llamacpp, selftest
 
     path = Path(path)
-    tensors = read_header(path).tensors  # read once: the self-test's key and the repack overrides
-    settings = selftest.ensure(path, load or LoadSettings(), tensors)
-    return llamacpp.Model(path, settings, tensors=tensors)
+    header = read_header(path)  # read once: the self-test's key and the repack overrides
+    if header.metadata.get("general.type") == "adapter":
+        raise InputError(f"'{path.name}' is a LoRA adapter, not a model.",
+                         f"pass the base model as MODEL and the adapter with --adapter {path}")
+    specs = _specs(adapters)
+    for spec in specs:
+        check_adapter(header.metadata, path, spec.path)
+    settings = selftest.ensure(path, load or LoadSettings(), header.tensors, adapters=specs)
+    return llamacpp.Model(path, settings, tensors=header.tensors)
+
+
+def load_adapter(model, adapter):
+    """A ``llamacpp.Adapter`` for ``model`` (``adapter``: a path or ``AdapterSpec``), checked against the base first;
+    its base record is read back from llama.cpp."""
+    from edgemed.formats.gguf_header import BASE_SOURCE_KEY, read_header
+    from edgemed.runtime import llamacpp
+
+    spec = _specs([adapter])[0]
+    facts = check_adapter(read_header(model.path).metadata, model.path, spec.path)
+    loaded = llamacpp.Adapter(model, spec.path)
+    if loaded.meta(BASE_SOURCE_KEY) != facts.base_source_sha256 or loaded.meta("adapter.type") != "lora":
+        loaded.close()
+        raise AdapterError(f"llama.cpp read '{spec.path.name}' differently from edgemed's header reader.",
+                           "copy the adapter again; if it persists, report it with the file")
+    return loaded
+
+
+def load_adapters(model, adapters) -> list:
+    """``[(llamacpp.Adapter, scale)]`` for ``adapters`` (paths or ``AdapterSpec``); all or none (closed on error)."""
+    loaded: list = []
+    try:
+        for spec in _specs(adapters):
+            loaded.append((load_adapter(model, spec), spec.scale))
+    except BaseException:
+        for a, _ in loaded:
+            a.close()
+        raise
+    return loaded

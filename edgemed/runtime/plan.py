@@ -17,6 +17,9 @@ by ``edgemed.formats.gguf_header`` with the ``gguf`` package's type tables; no m
   with flash attention), the activations around them, or the output logits. On a
   CPU only the pages a graph writes count; with GPU offload the whole reserved
   buffer (logits for every token of the micro-batch) is allocated.
+* **adapters** — each LoRA adapter applied at run time: its tensors' bytes (llama.cpp reads them into a
+  buffer of their own, not a mapping), from the adapter file's header. Its pairs' intermediate products
+  (rank x micro-batch) are too small to count.
 * **runtime** — the interpreter and llama.cpp library, plus llama.cpp's
   vocabulary tables (``RUNTIME_PER_TOKEN`` per vocabulary entry).
 
@@ -147,10 +150,11 @@ class Estimate:
     repacked: int
     kv_cache: int
     compute: int
+    adapters: int = 0  # LoRA adapters applied at run time (their tensors)
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute
+        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute + self.adapters
 
 
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE) -> int:
@@ -171,8 +175,9 @@ def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool
 
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
-             flash_attn: bool = False, offload: bool = False, use_mmap: bool = True) -> Estimate:
-    """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx``."""
+             flash_attn: bool = False, offload: bool = False, use_mmap: bool = True, adapter_bytes: int = 0) -> Estimate:
+    """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx`` (with ``adapter_bytes`` of
+    LoRA adapters: ``adapters_bytes``)."""
     return Estimate(
         n_ctx=n_ctx,
         runtime=RUNTIME_BASE + RUNTIME_PER_TOKEN * shape.n_vocab,
@@ -180,7 +185,15 @@ def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str 
         repacked=0 if offload or not use_mmap else shape.repackable_bytes,
         kv_cache=kv_cache_bytes(shape, n_ctx, type_k, type_v),
         compute=compute_bytes(shape, n_ctx, min(n_ubatch, n_ctx), flash_attn, offload),
+        adapters=adapter_bytes,
     )
+
+
+def adapters_bytes(adapters) -> int:
+    """What the LoRA adapter files ``adapters`` (paths, or objects with ``.path``) add: their tensors' bytes."""
+    from edgemed.formats.gguf_header import adapter_facts
+
+    return sum(adapter_facts(getattr(a, "path", a)).n_bytes for a in adapters)
 
 
 @dataclass(frozen=True)
@@ -211,9 +224,11 @@ def profile_settings(profile: Profile) -> dict:
             "flash_attn": s["flash_attn"], "offload": s["n_gpu_layers"] != 0, "use_mmap": s["use_mmap"]}
 
 
-def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None) -> tuple[int, str]:
+def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None,
+                   adapter_bytes: int = 0) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = profile_settings(profile)
+    opts = profile_settings(profile) | {"adapter_bytes": adapter_bytes}
+    with_adapters = f" (LoRA adapters {adapter_bytes / MIB:.0f} MiB of it)" if adapter_bytes else ""
     if requested is not None:
         if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
             raise InputError(f"--ctx must be an integer from 1 to {MAX_CTX}, got {requested!r}.",
@@ -221,7 +236,7 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
         est = estimate(shape, requested, **opts)
         if est.total > budget:
             raise PlanError(
-                f"A {requested}-token context needs {est.total / MIB:.0f} MiB, over the '{profile.name}' budget "
+                f"A {requested}-token context needs {est.total / MIB:.0f} MiB{with_adapters}, over the '{profile.name}' budget "
                 f"of {budget / MIB:.0f} MiB.",
                 "leave --ctx out to get the largest context that fits, or use a smaller quant / model")
         return requested, "request"
@@ -232,7 +247,7 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
     if smallest.total > budget:
         raise PlanError(
             f"The model needs {smallest.total / MIB:.0f} MiB even with a {smallest.n_ctx}-token context "
-            f"(weights {smallest.weights / MIB:.0f} MiB), over the '{profile.name}' budget of {budget / MIB:.0f} MiB.",
+            f"(weights {smallest.weights / MIB:.0f} MiB{', LoRA adapters ' + format(adapter_bytes / MIB, '.0f') + ' MiB' if adapter_bytes else ''}), over the '{profile.name}' budget of {budget / MIB:.0f} MiB.",
             f"use a smaller quant (the profile recommends {profile.recommended_quant}) or a smaller model; "
             "nothing was loaded")
     best = smallest.n_ctx
@@ -268,15 +283,17 @@ def check_threads(n: int | None, what: str = "the thread count") -> int | None:
 
 
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
-              budget: int | None = None) -> Plan:
-    """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given)."""
+              budget: int | None = None, adapters=()) -> Plan:
+    """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
+    files ``adapters`` (paths, or objects with ``.path``) applied."""
     shape = read_shape(model)
+    adapter_bytes = adapters_bytes(adapters)
     budget = profile.budget_bytes(facts) if budget is None else budget
     if not _is_int(budget) or budget < 0:
         raise InputError(f"The memory budget must be a whole number of bytes >= 0, got {budget!r}.",
                          "pass --budget-mb with a finite number of MiB, or leave it out to use the profile's")
-    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx)
-    est = estimate(shape, n_ctx, **profile_settings(profile))
+    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes)
+    est = estimate(shape, n_ctx, **profile_settings(profile), adapter_bytes=adapter_bytes)
     # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it
     n_batch = min(profile.llama["n_batch"], n_ctx)
     llama = dict(profile.llama, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(profile.llama["n_ubatch"], n_batch),

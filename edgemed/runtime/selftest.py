@@ -12,7 +12,8 @@ that mode is used and the switch is said once (a warning).
 Verdicts are cached in ``$EDGEMED_CACHE_DIR/selftest/verdicts.json`` keyed by a digest
 of: llama-cpp-python's version, the build's system info, the host's CPU flags, the
 settings that change which kernels run (extra buffers, GPU layers, flash attention,
-KV types, mmap) and the model's weight types. Any of them changing runs the check again.
+KV types, mmap), the model's weight types and, when LoRA adapters will be applied, their tensor types (the
+child then decodes with them applied). Any of them changing runs the check again.
 ``verdicts.py`` reads that file as untrusted and serializes its writers.
 """
 
@@ -126,6 +127,13 @@ def weight_types(path: Path, tensors=None) -> tuple[str, ...]:
     return tuple(sorted({t.type_name for t in tensors}))
 
 
+def adapter_types(adapters) -> tuple[str, ...]:
+    """The sorted ggml types of the adapters' tensors ("lora:F16"), the kernels a load with them adds."""
+    from edgemed.formats.gguf_header import adapter_facts
+
+    return tuple(sorted({f"lora:{t}" for a in adapters for t in adapter_facts(a.path).types}))
+
+
 def key(host: Host, load: LoadSettings, types: tuple[str, ...]) -> str:
     keyed = {name: getattr(load, name) for name in KEYED_FIELDS}
     fault = os.environ.get(env.FAULT_VAR, "")  # an injected fault is another host, as far as the cache goes
@@ -141,12 +149,15 @@ def _remember(digest: str, verdict: Verdict) -> None:
     verdicts.remember(digest, asdict(verdict))
 
 
-def run_child(path: Path, load: LoadSettings, timeout: float = TIMEOUT_S) -> Verdict:
-    """Load ``path`` with ``load`` and decode a few tokens in a fresh interpreter; never raises for a crash."""
+def run_child(path: Path, load: LoadSettings, timeout: float = TIMEOUT_S, adapters=()) -> Verdict:
+    """Load ``path`` with ``load`` (and ``adapters``: ``loader.AdapterSpec``s, applied to the context) and decode a
+    few tokens in a fresh interpreter; never raises for a crash."""
     from edgemed.runtime.llamacpp import build
 
     mode = buffers.resolve(load.extra_buffers, build())
     args = [sys.executable, "-m", "edgemed.runtime.selftest", str(path), json.dumps(asdict(replace(load, extra_buffers=mode)))]
+    if adapters:
+        args.append(json.dumps([[str(a.path), a.scale] for a in adapters]))
     child_env = dict(os.environ, **{env.SELFTEST_CHILD_VAR: "1"})
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=child_env, check=False)
@@ -179,7 +190,7 @@ def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None
 
 
 def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True,
-          tensors=None):
+          tensors=None, adapters=()):
     """[(settings, verdict)]: the asked mode first, then safer modes while the last one crashed natively.
 
     Conclusive verdicts (a pass, a native crash) are cached; an inconclusive one ends the list uncached."""
@@ -187,7 +198,7 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
 
     host = host or Host.current()
     runner = runner or run_child
-    types = weight_types(path, tensors)
+    types = weight_types(path, tensors) + adapter_types(adapters)
     cache = _read_cache() if use_cache else {}
     mode = buffers.resolve(load.extra_buffers, build())
     asked = replace(load, extra_buffers=mode)
@@ -198,7 +209,7 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
         hit = cache.get(digest)
         verdict = Verdict(**hit) if isinstance(hit, dict) and set(hit) == {"ok", "mode", "signal", "detail"} else None
         if verdict is None:
-            verdict = runner(path, candidate)
+            verdict = runner(path, candidate, adapters=adapters) if adapters else runner(path, candidate)
             if verdict.conclusive:
                 _remember(digest, verdict)
         tried.append((candidate, verdict))
@@ -207,11 +218,12 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
     return tried
 
 
-def ensure(path: Path, load: LoadSettings, tensors=None) -> LoadSettings:
-    """Settings safe to load ``path`` with in process: ``load``, or a safer mode that passed (said once)."""
+def ensure(path: Path, load: LoadSettings, tensors=None, adapters=()) -> LoadSettings:
+    """Settings safe to load ``path`` with in process (with ``adapters`` applied): ``load``, or a safer mode that
+    passed (said once)."""
     if os.environ.get(env.SELFTEST_CHILD_VAR) == "1" or os.environ.get(env.SELFTEST_VAR) == "0":
         return load
-    tried = check(path, load, tensors=tensors)
+    tried = check(path, load, tensors=tensors, adapters=adapters)
     first_settings, first = tried[0]
     used_settings, used = tried[-1]
     if first.ok or not first.conclusive:  # not a crash: the load in process says what is wrong, as usual
@@ -229,8 +241,8 @@ def ensure(path: Path, load: LoadSettings, tensors=None) -> LoadSettings:
     return used_settings
 
 
-def _child(path: str, settings_json: str) -> None:
-    """Runs in the child: load, decode, print one JSON line (no prompt or output text)."""
+def _child(path: str, settings_json: str, adapters_json: str = "[]") -> None:
+    """Runs in the child: load, apply the adapters, decode, print one JSON line (no prompt or output text)."""
     from edgemed.runtime import llamacpp
 
     load = LoadSettings(**{k: (tuple(v) if k == "providers" else v) for k, v in json.loads(settings_json).items()})
@@ -239,6 +251,9 @@ def _child(path: str, settings_json: str) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)  # fault injection for the tests: a real native-style death
     model = llamacpp.Model(Path(path), load)
     ctx = llamacpp.Context(model, load, n_ctx=128, n_batch=64, threads=1)
+    adapters = [(llamacpp.Adapter(model, p), float(scale)) for p, scale in json.loads(adapters_json)]
+    if adapters:
+        ctx.set_adapters(adapters)
     tokens = model.tokenize(CHECK_PROMPT, add_special=True)[:64]
     ctx.eval(tokens)
     pos = len(tokens)
@@ -246,10 +261,13 @@ def _child(path: str, settings_json: str) -> None:
         token = int(ctx.logits(-1).argmax())
         ctx.eval([token], pos)
         pos += 1
-    print(json.dumps({"ok": True, "decoded": DECODE_TOKENS, "placement": model.placement.describe()}), flush=True)
+    print(json.dumps({"ok": True, "decoded": DECODE_TOKENS, "placement": model.placement.describe(),
+                      "adapters": len(adapters)}), flush=True)
     ctx.close()
+    for adapter, _ in adapters:
+        adapter.close()
     model.close()
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])
+    _child(*sys.argv[1:4])

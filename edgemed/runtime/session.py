@@ -42,22 +42,41 @@ def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
 
 
 def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-            seed: int = 0, root: Path | str = "/") -> Prepared:
-    """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded)."""
+            seed: int = 0, root: Path | str = "/", adapters=()) -> Prepared:
+    """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded); ``adapters``: the
+    LoRA adapter files (or ``loader.AdapterSpec``) that will be applied, counted by the plan."""
     from edgemed.runtime.plan import check_threads
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
     profile, facts = resolve(profile_name, root)
     if model_format(Path(model)) != "gguf":
+        if adapters:
+            from edgemed.errors import InputError
+
+            raise InputError(f"LoRA adapters apply to GGUF models at run time; '{model}' is {model_format(Path(model))}.",
+                             "merge the adapter into the ONNX export (`edgemed convert SOURCE --lora ADAPTER --to onnx`), "
+                             "or run a GGUF base with --adapter")
         threads_ = threads or profile.threads(profile.onnx["intra_op_threads"], facts)
         load = LoadSettings(n_ctx=n_ctx or profile.llama["n_ctx"], n_threads=threads_, seed=seed,
                             providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
-    plan = make_plan(model, profile, facts, requested_ctx=n_ctx)
+    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
     return Prepared(plan, load, profile.name)
+
+
+def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
+    """The engine for ``model`` (``engine.open_engine``), with LoRA ``adapters`` applied when there are any (GGUF
+    only: ``prepare`` refused the others)."""
+    if not adapters:
+        from edgemed.runtime.engine import open_engine
+
+        return open_engine(model, load)
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    return LlamaEngine(model, load, adapters)
 
 
 def starts_in_think(prompt: str) -> bool:

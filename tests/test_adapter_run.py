@@ -1,0 +1,167 @@
+"""LoRA adapters at run time: ``edgemed run/chat MODEL --adapter FILE[:SCALE]``.
+
+A real PEFT LoRA on the real SmolLM2-135M (``test_adapter_convert.make_lora``), written as a GGUF adapter; the
+base and the merged model are F16 GGUFs converted from the same checkpoint. Greedy text with the adapter applied at
+run time must equal the merged model's; the adapter is refused on a base it was not made for; the planner counts
+it; the host self-test decodes with it applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_adapter_convert import PROMPT, cli, make_lora
+
+pytestmark = pytest.mark.slow
+
+GREEDY_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def kit(smollm2_hf, tmp_path_factory) -> dict:
+    """base F16, the adapter file, and the model with the adapter merged (F16), all from one checkpoint."""
+    from edgemed.converters import arch_spec
+    from edgemed.converters.gguf.adapter import write_adapter_gguf
+    from edgemed.converters.pipeline import ConvertOptions, convert
+    from edgemed.converters.source.source import Source
+
+    work = tmp_path_factory.mktemp("adapter-run")
+    lora = make_lora(smollm2_hf, work / "cardio-lora")
+    quiet = {"echo": lambda s: None}
+    convert(smollm2_hf, work / "base.gguf", ConvertOptions(out_type="f16", parity=False), **quiet)
+    convert(smollm2_hf, work / "merged.gguf", ConvertOptions(out_type="f16", parity=False, lora=lora), **quiet)
+    src = Source.open(smollm2_hf, lora=lora)
+    write_adapter_gguf(src.checkpoint, arch_spec(src.checkpoint.architecture), src.adapter, work / "cardio.lora.gguf",
+                       base_source_sha256=src.checkpoint.digest())
+    return {"base": work / "base.gguf", "merged": work / "merged.gguf", "adapter": work / "cardio.lora.gguf", "work": work}
+
+
+def _greedy(path: Path, adapters=(), n: int = GREEDY_TOKENS):
+    """Greedy text and the first step's logits of ``path`` (with ``adapters``), one context, threads fixed."""
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.engine import GenerationSettings, LoadSettings
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    load = LoadSettings(n_ctx=256, n_threads=2, n_threads_batch=2, extra_buffers="none")
+    with LlamaEngine(path, load, adapters) as engine:
+        tokens = engine.tokenize(PROMPT, add_special=True)
+        first = engine.ctx.eval(tokens)[0]
+        text = "".join(llamacpp.generate(engine.model, engine.ctx, tokens, GenerationSettings(max_tokens=n)))
+        return text, first
+
+
+def test_greedy_text_with_the_adapter_equals_the_merged_models(kit):
+    """Base F16 + adapter at run time vs the model with the adapter merged at conversion (F16): the same greedy
+    text. The two compute the same function through different roundings (W and B@A in F16 apart, or W + B@A
+    rounded once), so their logits agree to a stated tolerance, not bit for bit."""
+    import numpy as np
+
+    text, first = _greedy(kit["base"], [kit["adapter"]])
+    merged_text, merged_first = _greedy(kit["merged"])
+    bare_text, bare_first = _greedy(kit["base"])
+    print(f"max |logit diff| adapter vs merged: {np.abs(first - merged_first).max():.4f}; "
+          f"adapter vs bare base: {np.abs(first - bare_first).max():.4f}")
+    assert text == merged_text and len(text) > 20
+    assert text != bare_text  # and the adapter changes what the model says
+    assert np.abs(first - merged_first).max() < 0.05 < np.abs(first - bare_first).max()
+
+
+def test_run_cli_applies_the_adapter_at_its_scale(kit):
+    """``edgemed run BASE --adapter FILE``: the merged model's text; ``FILE:0`` is the bare base's."""
+    args = ["--prompt", PROMPT, "--raw", "--max-tokens", "16", "--threads", "2"]
+    adapted = cli("run", kit["base"], "--adapter", kit["adapter"], *args)
+    merged = cli("run", kit["merged"], *args)
+    off = cli("run", kit["base"], "--adapter", f"{kit['adapter']}:0", *args)
+    bare = cli("run", kit["base"], *args)
+    for result in (adapted, merged, off, bare):
+        assert result.exit_code == 0, result.output
+    assert adapted.output == merged.output and off.output == bare.output and adapted.output != bare.output
+
+
+def test_the_adapter_is_refused_on_a_base_it_was_not_made_for(kit, smollm2_gguf, tmp_path):
+    """Another checkpoint's base (the pip GGUF records none), another architecture's adapter, a model passed as an
+    adapter and an adapter passed as the model: each refused before anything loads, with the fix."""
+    from edgemed.errors import AdapterError, InputError
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.loader import load_model
+
+    with pytest.raises(AdapterError, match="does not record which checkpoint") as exc:
+        load_model(smollm2_gguf, LoadSettings(n_ctx=64), [kit["adapter"]])
+    assert "edgemed convert" in exc.value.fix
+    result = cli("run", smollm2_gguf, "--adapter", kit["adapter"], "--prompt", "x", "--raw")
+    assert result.exit_code == 1 and "does not record which checkpoint" in result.output
+
+    from edgemed.formats.gguf_header import BASE_SOURCE_KEY
+
+    other = _rewritten(kit["adapter"], tmp_path / "other.lora.gguf", {BASE_SOURCE_KEY: "0" * 64})
+    with pytest.raises(AdapterError, match="converted from"):
+        load_model(kit["base"], LoadSettings(n_ctx=64), [other])
+    qwen = _rewritten(kit["adapter"], tmp_path / "qwen.lora.gguf", {"general.architecture": "qwen2"})
+    with pytest.raises(AdapterError, match="'qwen2' architecture"):
+        load_model(kit["base"], LoadSettings(n_ctx=64), [qwen])
+    with pytest.raises(InputError, match="not a GGUF LoRA adapter"):
+        load_model(kit["base"], LoadSettings(n_ctx=64), [kit["merged"]])
+    with pytest.raises(InputError, match="is a LoRA adapter, not a model"):
+        load_model(kit["adapter"], LoadSettings(n_ctx=64))
+    bad_scale = cli("run", kit["base"], "--adapter", f"{kit['adapter']}:9", "--prompt", "x")
+    assert bad_scale.exit_code == 1 and "scale must be a number from 0 to 4" in bad_scale.output
+
+
+def _rewritten(src: Path, out: Path, changes: dict) -> Path:
+    """A copy of the adapter ``src`` with string keys changed (gguf-py's reader and writer)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = changes.get("general.architecture", "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = changes.get(field.name, field.contents())
+        if field.types[0] == gguf.GGUFValueType.STRING:
+            writer.add_string(field.name, value)
+        elif field.types[0] == gguf.GGUFValueType.FLOAT32:
+            writer.add_float32(field.name, value)
+        else:
+            writer.add_key_value(field.name, value, field.types[0])
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_the_planner_counts_adapter_memory(kit):
+    """The plan with an adapter is the plan without it plus the adapter's tensors, and says so."""
+    from edgemed.devices.profiles import load_profiles
+    from edgemed.formats.gguf_header import read_header
+    from edgemed.runtime.plan import make_plan
+
+    profile = next(iter(load_profiles().values()))
+    bare = make_plan(kit["base"], profile, None, requested_ctx=512, budget=1 << 34)
+    adapted = make_plan(kit["base"], profile, None, requested_ctx=512, budget=1 << 34, adapters=[kit["adapter"]])
+    tensors = sum(t.n_bytes for t in read_header(kit["adapter"]).tensors)
+    assert adapted.estimate.adapters == tensors > 4_000_000  # 210 F16 pairs of rank 8
+    assert adapted.estimate.total == bare.estimate.total + tensors
+    assert adapted.to_dict()["estimate"]["adapters"] == tensors
+
+
+def test_the_self_test_decodes_with_the_adapter_applied(kit):
+    """The host self-test's child loads the base, applies the adapter and decodes; adapters change its cache key."""
+    import json
+
+    from edgemed.runtime import selftest
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.loader import AdapterSpec
+
+    spec = AdapterSpec(kit["adapter"], 1.0)
+    load = LoadSettings(n_ctx=128, extra_buffers="none")
+    tried = selftest.check(kit["base"], load, use_cache=False, adapters=(spec,))
+    verdict = tried[-1][1]
+    assert verdict.ok, verdict
+    assert json.loads(verdict.detail)["adapters"] == 1
+    assert selftest.adapter_types([spec]) == ("lora:F16",)
