@@ -109,6 +109,7 @@ def test_free_question_streams_with_its_request_id_and_the_card_first(server, br
     card = page.find("#card").text
     assert CARD["intended_use"] in card and "Test engineers" in card and "Tiny model: often wrong" in card
     assert page.find("#mode").get_attribute("value") == ""  # the chat comes first
+    assert browser.driver.switch_to.active_element.get_attribute("id") == "prompt"  # type at once, no mouse
     page.max_tokens(32)
     page.ask("Name three symptoms of anemia.")  # typed, then Enter
     lengths = set()
@@ -229,6 +230,7 @@ def test_a_server_with_keys_refuses_without_one_and_works_with_one(smollm2_gguf,
         assert httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": []}).status_code == 401
         page = browser.page(srv.url)
         assert page.find("#ask").get_attribute("hidden") and page.find("#card").get_attribute("hidden")
+        assert browser.driver.switch_to.active_element.get_attribute("id") == "key" and unlabelled(browser.driver) == []
         page.find("#key").send_keys("wrong-key-" + "y" * 20 + "\n")
         page.wait(lambda: "refused" in page.find("#key-error").text, 10, "the refusal")
         assert page.find("#ask").get_attribute("hidden")

@@ -269,6 +269,13 @@
       turn.think.querySelector(".think-text").textContent = turn.thinkText;
     } else {
       turn.answerText += text;
+      // Some reasoning models' chat templates open the block in the prompt: the answer then holds only the closing
+      // tag, and everything before it was thinking.
+      const close = turn.thinkText ? -1 : turn.answerText.indexOf(THINK_CLOSE);
+      if (close >= 0) {
+        showPiece(turn, true, turn.answerText.slice(0, close) || " ");
+        turn.answerText = turn.answerText.slice(close + THINK_CLOSE.length);
+      }
       turn.text.textContent = turn.answerText.replace(/^\s+/, "");
     }
   }
