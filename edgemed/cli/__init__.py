@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "install": "edgemed.cli.store:install",
     "list": "edgemed.cli.store:list_",
     "remove": "edgemed.cli.store:remove",
+    "rollback": "edgemed.cli.store:rollback",
     "export": "edgemed.cli.store:export",
     "push": "edgemed.cli.oci:push",
     "pull": "edgemed.cli.oci:pull",
