@@ -173,6 +173,22 @@ def test_an_untrusted_bundle_is_refused_before_its_weights_are_downloaded(regist
     assert _models(home) == [] and _parts(home) == {}
 
 
+def test_a_tar_bundle_is_pushed_as_the_same_files(registry, tmp_path, edgemed_home, maker_key):
+    from edgemed.packaging import signing
+    from edgemed.packaging.bundle import PackInputs, pack
+
+    src = bundle_kit.inputs(tmp_path / "src")
+    tar = tmp_path / "tiny.edgemed"
+    man = pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), tar,
+               private_key=signing.load_private_key(maker_key[0]))
+    pushed = json.loads(_cli("push", tar, registry.ref("clinic/tar:v1"), "--json"))
+    assert pushed["layers"] == len(man.files) + 2  # + manifest.json and model.sig
+    assert list((edgemed_home / "downloads").iterdir()) == []  # the unpacked copy is gone
+    out = json.loads(_cli("pull", registry.ref("clinic/tar:v1"), "--json"))
+    assert out["signed_by"] and _models(edgemed_home) == ["tiny"]
+    assert json.loads((edgemed_home / "store" / "models" / "tiny" / "manifest.json").read_bytes()) == man.to_dict()
+
+
 def test_pull_by_a_digest_the_registry_does_not_hold_is_refused(registry, smol_pushed):
     out = _cli("pull", registry.ref("clinic/smol@sha256:" + "0" * 64), ok=False)
     assert "has no manifest" in out and "Fix:" in out
@@ -318,6 +334,29 @@ def test_two_tags_sharing_a_gguf_keep_one_blob_in_the_registry_and_one_on_the_de
     gguf = json.loads((smol["a"] / "manifest.json").read_text())["model"]["path"]
     for name in ("smol-a", "smol-b"):
         assert (edgemed_home / "store" / "models" / name / gguf).stat().st_ino == blob.stat().st_ino
+
+
+def test_pulling_what_is_installed_changes_nothing_and_another_bundle_needs_force(registry, smol, smol_pushed, edgemed_home):
+    first = json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--json"))
+    seen = len(registry.access())
+    again = json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--json"))
+    assert not first["already_installed"] and again["already_installed"] and again["downloaded"] == ["manifest.json", "model.sig"]
+    assert not [r for r in registry.access()[seen:] if r["path"].endswith(_gguf_sha(smol["a"]))]
+    assert "already installed from this bundle" in _cli("pull", registry.ref("clinic/smol:a"))
+    _cli("push", smol["b"], registry.ref("clinic/smol:b"))
+    seen = len(registry.access())
+    out = _cli("pull", registry.ref("clinic/smol:b"), ok=False)
+    assert "already installed" in out and "--force" in out
+    assert [r["path"].rsplit("/", 1)[-1] for r in registry.access()[seen:] if "/blobs/" in r["path"]] == \
+        [f"sha256:{h}" for h in _meta_layer_hexes(registry, "clinic/smol", "b")]  # manifest.json and model.sig only
+    out = json.loads(_cli("pull", registry.ref("clinic/smol:b"), "--force", "--json"))
+    assert out["name"] == "smol" and not out["already_installed"]
+    assert [r["version"] for r in json.loads(_cli("list", "--json"))] == ["1.1"]
+
+
+def _meta_layer_hexes(registry, repo: str, tag: str) -> list[str]:
+    return [x["digest"].split(":")[1] for x in _layers(registry, repo, tag)
+            if x["annotations"]["org.cncf.model.filepath"] in ("manifest.json", "model.sig")]
 
 
 def test_login_stores_docker_credentials_and_push_pull_use_them(tmp_path, monkeypatch, edgemed_home, trust, maker_key):

@@ -18,7 +18,7 @@ _INSECURE = ("Allow plain HTTP to this registry (only on a network you trust). "
 @click.option("--insecure", is_flag=True, help=_INSECURE)
 @click.option("--json", "as_json", is_flag=True, help="Print the result (digest, pinned reference, bytes uploaded) as JSON.")
 def push(bundle, target, insecure, as_json):
-    """Push BUNDLE (a bundle directory or an installed model's name) to a registry.
+    """Push BUNDLE (a .edgemed file, a bundle directory, or an installed model's name) to a registry.
 
     One layer per bundle file (the GGUF uncompressed, the signature too), so bundles that
     share a GGUF share its blob; blobs the registry has are not uploaded again. Credentials
@@ -57,6 +57,9 @@ def pull(source, name, key, force, insecure, as_json):
     r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    if r.already_installed:
+        click.echo(f"{r.name} is already installed from this bundle ({r.origin}); nothing was downloaded or changed")
         return
     resumed = f", {r.bytes_resumed / 1e6:,.1f} MB resumed" if r.bytes_resumed else ""
     sig = f"; signature valid (key {r.signed_by})" if r.signed_by else ""

@@ -13,6 +13,9 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    resumes from the part's size with an HTTP ``Range`` request, after re-hashing the bytes already there.
    A digest or size mismatch is refused naming the layer's file path and both digests, and the bad part
    is deleted (a resumed one gets one fresh try from byte 0 first: its old bytes may be what was wrong).
+   A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``):
+   a nightly ``edgemed pull`` on every device downloads nothing until the tag moves. A name holding another
+   bundle is refused without ``--force`` before anything large is fetched.
 4. A staging folder of hard links (owner-tagged debris in ``downloads/``) goes to ``Store.install`` with the
    origin; the store verifies every file again, checks the signature under the trust policy and swaps the
    model in atomically. Nothing is under ``models/`` before that.
@@ -43,6 +46,7 @@ from edgemed.packaging.manifest import (
     MAX_MANIFEST_BYTES,
     SIGNATURES,
     Manifest,
+    check_name,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class Pulled:
     blobs_in_store: int      # layers the store already held (linked, not downloaded)
     signed_by: str | None
     downloaded: list[str] = field(default_factory=list)  # file paths of which this pull received bytes
+    already_installed: bool = False  # the name holds this very bundle already (same manifest): nothing was changed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +132,10 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
         man = Manifest.from_bytes(data, f"{origin} {MANIFEST}")
         oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
         _judge(sources, man, data, origin, public_key)  # the trust policy, before anything large is fetched
+        target_name = check_name(name or man.name)
+        if not force and _installed(store, target_name, data):
+            stats.name, stats.already_installed = target_name, True
+            return stats
         rest = [x for x in layers if x not in meta]
         _check_space(root, [x for x in rest if not _in_store(store, x)])
         for x in rest:
@@ -152,6 +161,18 @@ def _judge(sources: dict[str, Path], man: Manifest, data: bytes, origin: oci.Ref
 
     sig = next((signing.Signature(n, sources[n].read_bytes()) for n in SIGNATURES if n in sources), None)
     trust.decide(str(origin), signing.well_formed(sig), man, data, key=public_key)
+
+
+def _installed(store, name: str, data: bytes) -> bool:
+    """True when ``name`` holds this bundle already; a StoreError (the store's own words) when it holds another one."""
+    if not (store.models / name).exists():
+        return False
+    rec = store.record(name)
+    if rec is not None and rec.get("manifest_sha256") == hashlib.sha256(data).hexdigest():
+        return True
+    raise StoreError(f"A model named '{name}' is already installed.",
+                     f"pass --force to replace it (the store keeps the replaced version for `edgemed rollback {name}`), "
+                     f"or pull it under another name with --name")
 
 
 def _in_store(store, x: oci.Layer) -> bool:

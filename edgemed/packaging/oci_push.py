@@ -8,15 +8,19 @@ monolithic upload into memory at once).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgemed import env
 from edgemed.errors import InputError
+from edgemed.files.debris import scratch_dir
 from edgemed.files.hashing import file_sha256
 from edgemed.packaging import oci
 from edgemed.packaging.manifest import MANIFEST
@@ -39,23 +43,46 @@ class Pushed:
         return asdict(self)
 
 
-def bundle_root(arg: str | Path) -> Path:
-    """A bundle directory, or an installed model's folder in the store, verified in full."""
+@contextlib.contextmanager
+def bundle_dir(arg: str | Path) -> Iterator[Path]:
+    """A verified bundle directory for ``arg``: the directory itself, an installed model's folder in the store, or
+    a tar bundle unpacked (every file checked against its manifest as it is written) into owner-tagged scratch
+    space in ``$EDGEMED_HOME/downloads`` that goes when the push ends (or, if it is killed, with the next sweep)."""
     from edgemed.packaging.bundle import verify_dir
     from edgemed.packaging.ref import DIRECTORY, STORE, TAR, bundle_ref
     from edgemed.packaging.store import Store
 
     ref = bundle_ref(arg)
-    if ref.kind == TAR:
-        raise InputError(f"'{arg}' is a bundle archive; push takes a bundle directory or an installed model.",
-                         f"install it and push it by name (edgemed install {arg}, then edgemed push NAME oci://...), "
-                         "or pack with --dir")
     if ref.kind == STORE:
         Store().verify(ref.name, full=True)
-        return Store().model_dir(ref.name)
-    assert ref.kind == DIRECTORY
-    verify_dir(ref.path, full=True)
-    return Path(ref.path).absolute()
+        yield Store().model_dir(ref.name)
+    elif ref.kind == TAR:
+        root = env.home() / "downloads"
+        root.mkdir(parents=True, exist_ok=True)
+        with scratch_dir(root, "push") as tmp:
+            _unpack(Path(ref.path), tmp)
+            yield tmp
+    else:
+        assert ref.kind == DIRECTORY
+        verify_dir(ref.path, full=True)
+        yield Path(ref.path).absolute()
+
+
+def _unpack(tar: Path, dest: Path) -> None:
+    from edgemed.packaging.archive import read_tar
+    from edgemed.packaging.digest import copy_hashed
+
+    def sink(entry, src) -> str:
+        out = dest / entry.path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            return copy_hashed(src, fh, entry.size, entry.path)
+
+    _, data, sig = read_tar(tar, sink, check_space=dest)
+    (dest / MANIFEST).write_bytes(data)
+    if sig is not None:
+        (dest / sig.file).write_bytes(sig.data)
 
 
 def bundle_layers(root: Path) -> tuple[list[tuple[Path, dict]], object]:
@@ -74,9 +101,13 @@ def bundle_layers(root: Path) -> tuple[list[tuple[Path, dict]], object]:
 
 
 def push(bundle: str | Path, target: str, *, insecure: bool = False) -> Pushed:
-    """Push ``bundle`` (a bundle directory or an installed name) to ``target`` (``oci://HOST[:PORT]/REPO:TAG``)."""
+    """Push ``bundle`` (a bundle directory or tar, or an installed name) to ``target`` (``oci://HOST[:PORT]/REPO:TAG``)."""
     ref = oci.parse_ref(target, need_tag=True)
-    root = bundle_root(bundle)
+    with bundle_dir(bundle) as root:
+        return _push(root, ref, insecure)
+
+
+def _push(root: Path, ref: oci.Ref, insecure: bool) -> Pushed:
     layers, man = bundle_layers(root)
     client = oci.Client(ref, insecure=insecure)
     uploaded = present = 0
