@@ -32,6 +32,16 @@ HOSTILE = '</script><img src=x onerror="window.__pwned=1">'
 #: SmolLM2 answers this (greedy) with HTML of its own: <img src="https://example.com/image.png" onerror="window.__pwned=1"></script>
 HOSTILE_ASK = 'Write the HTML tag <img src=x onerror="window.__pwned=1"> and then </script>'
 
+#: Records the length of the last answer's text at every change the page makes to it (in the page, so no change is
+#: missed between two polls): a streamed answer grows in several steps, a buffered one appears at once.
+WATCH_ANSWER = """
+window.__lengths = [];
+new MutationObserver(() => {
+  const all = document.querySelectorAll('#log .answer-text');
+  if (all.length) window.__lengths.push(all[all.length - 1].textContent.length);
+}).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+"""
+
 
 @pytest.fixture(scope="module")
 def server(smollm2_gguf, tmp_path_factory):
@@ -111,18 +121,14 @@ def test_free_question_streams_with_its_request_id_and_the_card_first(server, br
     assert page.find("#mode").get_attribute("value") == ""  # the chat comes first
     assert browser.driver.switch_to.active_element.get_attribute("id") == "prompt"  # type at once, no mouse
     page.max_tokens(32)
+    browser.driver.execute_script(WATCH_ANSWER)
     page.ask("Name three symptoms of anemia.")  # typed, then Enter
-    lengths = set()
-
-    def done():
-        lengths.add(len(page.find("#log .answer-text").text))
-        return page.last().get_attribute("data-done")
-
-    page.wait(done, 60, "the streamed answer")
-    answer = page.last()
-    text = answer.find_element("css selector", ".answer-text").text
+    answer = page.wait_answer()
+    text = answer.find_element("css selector", ".answer-text").get_attribute("textContent")
     assert text.strip()
-    assert len({n for n in lengths if 0 < n < len(text)}) >= 1, f"no partial text seen while streaming: {lengths}"
+    lengths = browser.driver.execute_script("return window.__lengths")
+    partial = sorted({n for n in lengths if 0 < n < len(text)})
+    assert len(partial) >= 2, f"the answer did not arrive in pieces: text lengths seen {lengths}"
     request_id = answer.find_element("css selector", ".request-id").text
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
     assert "never replaces" in answer.find_element("css selector", ".safety").text
