@@ -155,3 +155,20 @@ def test_killed_at_every_step_leaves_a_runnable_model(bundles, tmp_path, monkeyp
         else:
             assert cur == old, where  # the update did not happen: nothing to keep yet
     assert seen == {old, new}  # the kills straddle the commit point
+
+
+def test_a_linked_versions_folder_is_never_written_through(bundles, tmp_path):
+    """versions/<name> replaced by a link to a folder elsewhere: the update keeps nothing through it (the replaced
+    copy is discarded as before), and rollback finds nothing there."""
+    s = Store()
+    s.install(bundles["old"][0])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    s.versions.mkdir(parents=True, exist_ok=True)
+    (s.versions / "tiny").symlink_to(outside)
+    s.install(bundles["new"][0], force=True)
+    assert list(outside.iterdir()) == [] and _current() == _sha(bundles["new"][1])
+    with pytest.raises(StoreError, match="No earlier version"):
+        s.rollback("tiny")
+    _runnable()
+    _assert_clean(s)

@@ -225,8 +225,7 @@ class Store:
         keep = prev["manifest_sha256"] if prev else None
         if keep is not None and keep != j["sha256"] and not os.path.lexists(self.versions / name / keep):
             copy = next((p for p in (self.tmp / j["aside"], self.tmp / j["stage"]) if is_model_copy(p, keep)), None)
-            if copy is not None:
-                (self.versions / name).mkdir(parents=True, exist_ok=True)
+            if copy is not None and self._versions_of(name, create=True) is not None:
                 step("store.keep-version")
                 os.rename(copy, self.versions / name / keep)
         self._drop_versions(name, keep)
@@ -235,8 +234,8 @@ class Store:
         """Under the lock: remove ``versions/<name>/<sha>`` folders other than ``keep`` (only names edgemed gives)."""
         import shutil
 
-        vdir = self.versions / name
-        if vdir.is_symlink() or not vdir.is_dir():
+        vdir = self._versions_of(name)
+        if vdir is None:
             return
         for p in vdir.iterdir():
             if p.name != keep and SHA256.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
@@ -245,11 +244,24 @@ class Store:
         if keep is None and not any(vdir.iterdir()):
             vdir.rmdir()
 
+    def _versions_of(self, name: str, create: bool = False) -> Path | None:
+        """``versions/<name>`` when it is a real folder of the store's (made with ``create``); None otherwise (a link
+        or a file there is left alone, with a warning: edgemed keeps nothing through it)."""
+        vdir = self.versions / name
+        for d in (self.versions, vdir):
+            if create and not os.path.lexists(d):
+                d.mkdir()
+            if os.path.lexists(d) and (d.is_symlink() or not d.is_dir()):
+                log.warning("%s is not a folder edgemed made (a link or a file); no version of '%s' is kept through it", d, name)
+                return None
+        return vdir if vdir.is_dir() else None
+
     def kept_version(self, name: str, rec: dict | None = None) -> Path | None:
         """The folder of the version ``rollback`` would return to, when one is kept whole enough to try."""
         rec = rec if rec is not None else self.record(name)
         prev = rec.get("previous") if rec else None
-        p = self.versions / name / prev["manifest_sha256"] if prev else None
+        vdir = self._versions_of(name) if prev else None
+        p = vdir / prev["manifest_sha256"] if vdir is not None else None
         return p if p is not None and is_model_copy(p, prev["manifest_sha256"]) else None
 
     def _view(self) -> tuple[dict, dict]:
