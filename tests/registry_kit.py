@@ -1,4 +1,4 @@
-"""A real CNCF distribution registry (Debian's ``docker-registry``, 2.8) for the tests, on 127.0.0.1.
+"""A real CNCF distribution registry (Debian's ``docker-registry``, 2.8) for the tests, on 127.0.0.1 (or ``ip``).
 
 ``Registry.start(folder)`` writes a config in ``folder`` (filesystem storage there, the access log to a
 file), starts ``/usr/bin/docker-registry serve`` on a free port and waits until ``GET /v2/`` answers.
@@ -29,10 +29,21 @@ def missing_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def _free_port(ip: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ip, 0))
         return s.getsockname()[1]
+
+
+def lan_address() -> str | None:
+    """This machine's IPv4 address on its default route (not loopback), or None (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))  # TEST-NET-2: only the route is looked up
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
 
 
 @dataclass
@@ -41,10 +52,11 @@ class Registry:
     port: int
     proc: subprocess.Popen
     log_path: Path
+    ip: str = "127.0.0.1"
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     def ref(self, repo_tag: str) -> str:
         return f"oci://{self.host}/{repo_tag}"
@@ -71,21 +83,21 @@ class Registry:
         return out
 
     @classmethod
-    def start(cls, folder: Path, *, htpasswd: Path | None = None) -> Registry:
+    def start(cls, folder: Path, *, htpasswd: Path | None = None, ip: str = "127.0.0.1") -> Registry:
         folder.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        port = _free_port(ip)
         auth = (f"auth:\n  htpasswd:\n    realm: edgemed-tests\n    path: {htpasswd}\n" if htpasswd else "")
         config = folder / "config.yml"
         config.write_text(
             "version: 0.1\n"
             "log:\n  level: error\n  accesslog:\n    disabled: false\n"
             f"storage:\n  filesystem:\n    rootdirectory: {folder / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{port}\n  secret: edgemed-tests-only\n" + auth)
+            f"http:\n  addr: {ip}:{port}\n  secret: edgemed-tests-only\n" + auth)
         log_path = folder / "registry.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([BINARY, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        reg = cls(folder, port, proc, log_path)
+        reg = cls(folder, port, proc, log_path, ip)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:

@@ -443,6 +443,21 @@ def test_bad_references_are_refused_with_the_form_to_write(text, expect):
     assert expect in out and "oci://HOST[:PORT]/REPO:TAG" in out
 
 
-def test_tls_is_the_default_for_a_registry_that_is_not_loopback():
-    out = _cli("pull", "oci://registry.invalid/models/x:1", ok=False)
-    assert "https://registry.invalid" in out
+def test_tls_is_the_default_for_a_registry_that_is_not_loopback(tmp_path, trust, edgemed_home, maker_key):
+    """A plain-HTTP registry on this machine's LAN address: refused without --insecure (TLS fails), used with it."""
+    ip = registry_kit.lan_address()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to serve a registry on")
+    reg = registry_kit.Registry.start(tmp_path / "lan-registry", ip=ip)
+    try:
+        trust(edgemed_home, reg.host)
+        bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
+        seen = len(reg.access())  # the kit's own readiness check
+        for cmd in (("push", bundle, reg.ref("clinic/tiny:v1")), ("pull", reg.ref("clinic/tiny:v1"))):
+            out = _cli(*cmd, ok=False)
+            assert f"TLS with {reg.host} failed" in out and "--insecure" in out
+        assert reg.access()[seen:] == []  # not one plain-HTTP request went out
+        _cli("push", bundle, reg.ref("clinic/tiny:v1"), "--insecure")
+        assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--insecure", "--json"))["name"] == "tiny"
+    finally:
+        reg.stop()
