@@ -87,7 +87,7 @@ class Page:
     def __init__(self, driver, url: str):
         self.driver, self.url = driver, url
 
-    def open(self) -> "Page":
+    def open(self) -> Page:
         self.driver.get(self.url + "/")
         return self
 
@@ -106,7 +106,7 @@ class Page:
 
         return WebDriverWait(self.driver, timeout, poll_frequency=0.15).until(lambda d: predicate(), f"waiting for {what}")
 
-    def ready(self, timeout: float = 30.0) -> "Page":
+    def ready(self, timeout: float = 30.0) -> Page:
         self.wait(lambda: not self.find("#ask").get_attribute("hidden") or not self.find("#key-panel").get_attribute("hidden"),
                   timeout, "the page to load")
         return self
@@ -229,27 +229,27 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
-    with tempfile.TemporaryDirectory() as tmp, _Server(pip_models.gguf_file(), Path(tmp) / "audit.jsonl",
-                                                       card=DEMO_CARD, default_max_tokens=160) as url:
-        with chromium(width=1000, height=800) as driver:
-            page = Page(driver, url).open().ready()
-            page.ask("What are the first steps in managing a suspected stroke?")
-            page.wait_answer(120)
-            written.append(shoot(page, args.out, "ui-chat.png"))
+    with tempfile.TemporaryDirectory() as tmp, \
+            _Server(pip_models.gguf_file(), Path(tmp) / "audit.jsonl", card=DEMO_CARD, default_max_tokens=160) as url, \
+            chromium(width=1000, height=800) as driver:
+        page = Page(driver, url).open().ready()
+        page.ask("What are the first steps in managing a suspected stroke?")
+        page.wait_answer(120)
+        written.append(shoot(page, args.out, "ui-chat.png"))
 
-            page.open().ready()
-            page.choose("mcq")
-            page.find("#fill-example").click()
-            page.send()
-            page.wait_answer(120)
-            written.append(shoot(page, args.out, "ui-mcq.png"))
+        page.open().ready()
+        page.choose("mcq")
+        page.find("#fill-example").click()
+        page.send()
+        page.wait_answer(120)
+        written.append(shoot(page, args.out, "ui-mcq.png"))
 
-            page.open().ready()
-            page.choose("triage")
-            page.find("#fill-example").click()
-            page.send()
-            page.wait_answer(180)
-            written.append(shoot(page, args.out, "ui-triage.png"))
+        page.open().ready()
+        page.choose("triage")
+        page.find("#fill-example").click()
+        page.send()
+        page.wait_answer(180)
+        written.append(shoot(page, args.out, "ui-triage.png"))
     for path in written:
         print(f"{path} ({path.stat().st_size // 1024} KiB)")
     return 0

@@ -14,15 +14,22 @@ import re
 import time
 
 import pytest
-
 from serve_kit import wait_until
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")
 
-import ui_kit  # noqa: E402
-from ui_kit import MODEL, Browser, audit_records, outside, page_server, stored, unlabelled  # noqa: E402
+import ui_kit
+from ui_kit import (
+    MODEL,
+    Browser,
+    audit_records,
+    outside,
+    page_server,
+    stored,
+    unlabelled,
+)
 
 CARD = {"intended_use": "Answering exam-style medical questions for the test suite.",
         "intended_users": ["Test engineers"], "out_of_scope_use": "Patients.",
@@ -90,6 +97,7 @@ def test_no_ui_serves_the_api_alone(smollm2_gguf, tmp_path):
     with page_server(smollm2_gguf, tmp_path / "audit.jsonl", ui=False) as srv:
         assert httpx.get(srv.url + "/").status_code == 404
         assert httpx.get(srv.url + "/ui/app.js").status_code == 404
+        assert httpx.get(srv.url + "/ui/info").status_code == 404
         assert httpx.get(srv.url + "/v1/models").status_code == 200
 
 
@@ -111,6 +119,15 @@ def test_cli_no_ui_and_the_bind_rule(monkeypatch, smollm2_gguf):
     off = object.__new__(real)  # a public bind without keys (check_bind refuses it at construction): never the page
     object.__setattr__(off, "host", "0.0.0.0"), object.__setattr__(off, "api_keys", None), object.__setattr__(off, "ui", True)
     assert not off.page_enabled
+
+
+def test_cli_reads_the_card_of_a_bundle_and_none_of_a_plain_file(tmp_path):
+    from edgemed.cli.serve import _card
+    from edgemed.packaging.ref import DIRECTORY, FILE, ModelRef
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "b", "card": CARD}))
+    assert _card(ModelRef(DIRECTORY, tmp_path, "b")) == CARD
+    assert _card(ModelRef(FILE, tmp_path / "m.gguf", "m", model_path=tmp_path / "m.gguf")) == {}
 
 
 # -- in the browser -------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
 from serve_kit import ServerThread
 
 ui = pytest.importorskip("edgemed.benchmarks.ui_screenshots")

@@ -25,10 +25,10 @@ from starlette.middleware.cors import CORSMiddleware
 
 from edgemed.errors import EdgemedError
 from edgemed.runtime import chat_template
+from edgemed.serve import page
 from edgemed.serve.api import ApiError, as_api_error, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
-from edgemed.serve import page
 from edgemed.serve.middleware import Guard, Observe, record_of
 from edgemed.serve.routes import LABELS, router
 from edgemed.serve.state import Served
