@@ -221,7 +221,7 @@ def test_incomplete_or_grown_bundle_is_refused(tmp_path, src, damage):
 
 def test_signature_checks(tmp_path, src, keys):
     priv, pub = keys
-    other_priv, other_pub = kit.keypair(tmp_path, "other.pem")
+    _, other_pub = kit.keypair(tmp_path, "other.pem")
     signed = _pack(src, tmp_path / "s", as_dir=True, private_key=signing.load_private_key(priv))
     unsigned = _pack(src, tmp_path / "u", as_dir=True)
     r = _run("verify", signed, "--key", other_pub)

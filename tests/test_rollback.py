@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-import pytest
-from click.testing import CliRunner
-
 import bundle_kit
 import crash_kit
+import pytest
+from click.testing import CliRunner
 from crash_kit import KILLED
+
 from edgemed.cli.store import rollback as rollback_cmd
 from edgemed.errors import StoreError
 from edgemed.files import atomic

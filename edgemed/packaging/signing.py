@@ -220,7 +220,7 @@ def _known_digests_config(name: str, digests: dict[str, str]):
     from model_signing._hashing.hashing import Digest
 
     class _KnownDigests(ms.hashing.Config):
-        def hash(self, model_path, *, files_to_hash=None):  # noqa: ARG002 - the digests are known
+        def hash(self, model_path, *, files_to_hash=None):  # the digests are known: nothing is read
             ser = ms_manifest.SerializationType.from_args({"method": "files", "hash_type": "sha256", "allow_symlinks": False,
                                                            "ignore_paths": [MODEL_SIG]})
             items = [ms_manifest.FileManifestItem(path=Path(p), digest=Digest("sha256", bytes.fromhex(d))) for p, d in digests.items()]
@@ -406,7 +406,7 @@ def _verify_legacy(data: bytes, manifest_bytes: bytes, key: PublicKey) -> str:
     if doc["key_id"] != key.key_id:
         raise SignatureError(f"manifest.sig was made by key {doc['key_id']}, not by the given key {key.key_id}.",
                              "check that you have the maker's public key; do not install a bundle from an unknown signer")
-    s, _, ed = _crypto()
+    s, _, _ = _crypto()
     from cryptography.exceptions import InvalidSignature
 
     try:
