@@ -220,7 +220,7 @@ class ChatShape(Shape):
         for answer, reason in zip(answers, reasons):
             content, calls = answer.text, None
             if answer.calls is not None:
-                found = tools.parse(content)
+                found = tools.parse(content, answer.calls.names)
                 if found.calls:
                     content, calls, reason = found.content, [api.ToolCallOut(**c) for c in found.calls], "tool_calls"
             choices.append(api.ChatChoice(index=answer.index, finish_reason=reason,

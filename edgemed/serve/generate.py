@@ -40,7 +40,7 @@ async def generate(endpoint: Endpoint, body, request: Request):
         echo = [p if isinstance(p, str) else await run_in_threadpool(srv.batcher.detokenize, p) for p in prompt.values]
     shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=srv.config.model_id, extra=prompt.extra,
                            logprobs=body.top_logprobs_wanted() is not None, echo=echo, n=body.n)
-    answers = [Answer(i, calls=CallFilter() if prompt.tools.parse else None) for i in range(len(streams))]
+    answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None) for i in range(len(streams))]
     if body.stream:
         return streaming(srv, record, streams, answers, shape, body.include_usage)
     reasons = await collect(srv, record, request, streams, answers)

@@ -41,6 +41,10 @@ class ToolPlan:
     grammar: str | None = None
     parse: bool = False
 
+    @property
+    def names(self) -> set[str]:
+        return {t["function"]["name"] for t in self.tools}
+
 
 def template_format(template: str | None) -> str | None:
     """``"hermes"`` when the chat template renders tools as ``<tool_call>`` JSON, ``"other"`` when it renders
@@ -124,46 +128,97 @@ class Parsed:
     calls: list[dict]  # OpenAI tool-call objects
 
 
-def parse(text: str) -> Parsed:
-    """The calls written in ``text`` (well-formed ones: a JSON object with a ``name``), and the text around them."""
+#: what a call may start with: the template's tag, or (small models drop it) a fenced or bare JSON object
+OPENERS = (OPEN, "```", "{")
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def _call(obj, names) -> dict | None:
+    """An OpenAI tool-call object from ``{"name", "arguments"}``, or None when ``obj`` is not a call."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    if names is not None and obj["name"] not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            json.loads(args)
+        except ValueError:
+            args = json.dumps(args)  # arguments are always JSON text
+    else:
+        args = json.dumps(args, ensure_ascii=False)
+    return {"id": "call_" + secrets.token_hex(12), "type": "function",
+            "function": {"name": obj["name"], "arguments": args}}
+
+
+def _bare(text: str, names) -> list[dict]:
+    """Calls written without the tag: the whole answer one or more JSON objects (maybe in a ```json fence),
+    each naming one of the functions, as llama.cpp's Hermes parser also reads them."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    body = fenced.group(1) if fenced else body
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+        try:
+            obj, end = decoder.raw_decode(body, at)
+        except ValueError:
+            return []
+        call = _call(obj, names)
+        if call is None:
+            return []
+        calls.append(call)
+        at = end
+        while at < len(body) and body[at].isspace():
+            at += 1
+    return calls
+
+
+def parse(text: str, names=None) -> Parsed:
+    """The calls written in ``text`` (well-formed ones: a JSON object with the ``name`` of one of ``names``, any
+    name when None) and the text around them."""
     calls, kept, at = [], [], 0
     for match in _CALL.finditer(text):
         try:
-            obj = json.loads(match.group(1))
+            call = _call(json.loads(match.group(1)), names)
         except ValueError:
-            continue  # not a call: it stays in the content
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            call = None  # not a call: it stays in the content
+        if call is None:
             continue
-        args = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                json.loads(args)
-            except ValueError:
-                args = json.dumps(args)  # arguments are always JSON text
-        else:
-            args = json.dumps(args, ensure_ascii=False)
-        calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
-                      "function": {"name": obj["name"], "arguments": args}})
+        calls.append(call)
         kept.append(text[at:match.start()])
         at = match.end()
+    if not calls:
+        bare = _bare(text, names)
+        return Parsed(None, bare) if bare else Parsed(text, [])
     kept.append(text[at:])
-    content = "".join(kept).strip() if calls else text
-    return Parsed(content or None, calls)
+    return Parsed("".join(kept).strip() or None, calls)
 
 
 class CallFilter:
-    """Streams the content of an answer that may hold calls: text is passed on until ``<tool_call>`` starts
-    (held back while the text could still be its beginning); after it, nothing, the calls coming at the end."""
+    """Streams the content of an answer that may hold calls. While the answer's start could still open a call
+    (``OPENERS``) it is held; an answer that opens with one is kept whole for the end, when its calls are parsed
+    (and, if it held none after all, sent as content). Other text is passed on until ``<tool_call>`` appears in
+    it (held back while the text could still be its beginning); after that, nothing until the end."""
 
-    def __init__(self):
+    def __init__(self, names=None):
+        self.names = names
         self.text = ""
         self.sent = 0
         self.calling = False
+        self.decided = False
 
     def push(self, piece: str) -> str:
         self.text += piece
         if self.calling:
             return ""
+        if not self.decided:
+            head = self.text.lstrip()
+            if any(head.startswith(o) for o in OPENERS):
+                self.calling = self.decided = True
+                return ""
+            if not head or any(o.startswith(head) for o in OPENERS):
+                return ""
+            self.decided = True
         at = self.text.find(OPEN, self.sent)
         if at >= 0:
             self.calling = True
@@ -178,11 +233,11 @@ class CallFilter:
 
     def finish(self) -> tuple[str, list[dict]]:
         """What is left to send as content (a held tail that never became a call), and the calls."""
-        parsed = parse(self.text)
+        parsed = parse(self.text, self.names)
         if not parsed.calls:
             return self._release(len(self.text)), []
         # content before the first call went out already; content between or after calls follows here
-        rest = (parsed.content or "")
+        rest = parsed.content or ""
         before = self.text[:self.sent].strip()
         if rest.startswith(before):
             rest = rest[len(before):]

@@ -1,0 +1,325 @@
+"""OpenAI conformance: the official ``openai`` client against a real ``edgemed serve`` (uvicorn, the real batcher)
+on SmolLM2 and, for what SmolLM2's template cannot show (tool calls), the pip Qwen2.5-0.5B.
+
+What each case proves:
+- models: ``models.retrieve`` answers the served id and 404s another;
+- max_tokens: a cap beyond the room left ends with ``length`` inside the context; a prompt alone too long is a
+  400 ``context_length_exceeded``;
+- errors: ``param`` names the offending field, malformed JSON names none, an image part says images are not
+  supported by this model; tools on a template without a tool format is a 400 naming the model;
+- logprobs: chat ``top_logprobs`` and completions ``echo`` prompt log probabilities agree within 1e-4 with a
+  log-softmax of the same model's logits computed directly through ``runtime/logits.py``;
+- logit_bias: a token banned with -100 never appears in three sampled choices, though greedy picks it unbanned;
+- penalties: frequency/presence penalties change a greedy answer that repeats;
+- n: three choices at temperature 0.8 from one prefill (the batcher's computed prompt tokens grow by one prompt,
+  two sequences are counted as forked) with the prompt counted once in usage; a list of prompts gives n each;
+- tools (Qwen2.5): forced, required, auto (streamed, as OpenAI streams deltas) and in a history come back as
+  ``tool_calls`` whose arguments parse as JSON and validate against the function's schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from serve_kit import ServerThread
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")
+jsonschema = pytest.importorskip("jsonschema")
+
+from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
+from edgemed.runtime.batch.options import log_softmax  # noqa: E402
+from edgemed.runtime.engine import LoadSettings  # noqa: E402
+from edgemed.serve.app import create_app  # noqa: E402
+from edgemed.serve.config import ServeConfig  # noqa: E402
+
+SMOL = "smollm2-test"
+QWEN = "qwen-test"
+N_CTX = 256  # per slot
+TOLERANCE = 1e-4
+
+
+def _server(path, model_id: str, slots: int, n_ctx: int = N_CTX):
+    batcher = Batcher(path, LoadSettings(n_ctx=n_ctx * slots, n_threads=1), slots=slots, queue_size=4)
+    batcher.start()
+    app = create_app(batcher, ServeConfig(model_id=model_id, bundle_digest="sha256:test"))
+    srv = ServerThread(app).__enter__()
+    srv.batcher, srv.path = batcher, path
+    srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return srv
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    srv = _server(smollm2_gguf, SMOL, slots=4)
+    try:
+        yield srv
+    finally:
+        srv.__exit__(None, None, None)
+        srv.batcher.close()
+
+
+@pytest.fixture(scope="module")
+def reference(smol):
+    """The same GGUF's logits computed directly (the project's one logits function), log-softmaxed per row."""
+    from edgemed.runtime.logits import SequenceLogits
+
+    with SequenceLogits(smol.path, N_CTX, threads=1) as run:
+        yield lambda tokens: [log_softmax(row) for row in run(tokens)]
+
+
+def metric(srv, name: str) -> float:
+    text = httpx.get(srv.url + "/metrics").text
+    match = re.search(rf"^{name}(?:_total)? ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def chat_tokens(srv, messages) -> list[int]:
+    return srv.batcher.tokenize(srv.batcher.render_chat(messages))
+
+
+# -- models, max_tokens, errors -----------------------------------------------------------------------------------
+def test_models_retrieve_answers_the_served_id_and_404s_another(smol):
+    card = smol.client.models.retrieve(SMOL)
+    assert card.id == SMOL and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        smol.client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found" and SMOL in e.value.message
+
+
+def test_max_tokens_beyond_the_room_left_is_capped_with_length(smol):
+    prompt = "note " * 240
+    n_prompt = len(smol.batcher.tokenize(prompt))
+    eos = smol.batcher.tokenize("<|im_end|>", add_special=False)
+    bias = {str(t): -100 for t in eos} | {"0": -100}  # never stops early: it runs into the end of the slot
+    out = smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=4096, logit_bias=bias)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == n_prompt and out.usage.completion_tokens == N_CTX - n_prompt
+    with pytest.raises(openai.BadRequestError) as e:
+        smol.client.completions.create(model=SMOL, prompt="note " * 300, max_tokens=4)
+    assert e.value.code == "context_length_exceeded" and e.value.body["param"] == "prompt"
+
+
+def test_errors_name_the_offending_field(smol):
+    c, msg = smol.client, [{"role": "user", "content": "hi"}]
+    for kwargs, param in [({"temperature": 5}, "temperature"), ({"top_logprobs": 99, "logprobs": True}, "top_logprobs"),
+                          ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"n": 9}, "n"),
+                          ({"presence_penalty": 3}, "presence_penalty")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=SMOL, messages=msg, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == param, (kwargs, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=SMOL, prompt="x", max_tokens=2, suffix="y")
+    assert e.value.body["param"] == "suffix"
+    r = httpx.post(smol.url + "/v1/chat/completions", content=b'{"model": 1,', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] is None and r.json()["error"]["code"] == "invalid_json"
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": image}])
+    assert "Images are not supported by this model" in e.value.message and e.value.body["param"] == "messages.0.content.1"
+
+
+def test_tools_on_a_template_without_a_tool_format_is_a_400_naming_the_model(smol):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        smol.client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    assert SMOL in e.value.message and "tool" in e.value.message and e.value.body["param"] == "tools"
+    history = [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "{}"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        smol.client.chat.completions.create(model=SMOL, messages=history)
+    assert SMOL in e.value.message
+
+
+# -- log probabilities ----------------------------------------------------------------------------------------------
+def test_chat_top_logprobs_agree_with_the_models_own_logits(smol, reference):
+    messages = [{"role": "user", "content": "What organ pumps blood?"}]
+    out = smol.client.chat.completions.create(model=SMOL, messages=messages, max_tokens=6, logprobs=True,
+                                              top_logprobs=5)
+    entries = out.choices[0].logprobs.content
+    assert len(entries) == out.usage.completion_tokens and "".join(e.token for e in entries) == \
+        out.choices[0].message.content
+    tokens = chat_tokens(smol, messages)
+    lp = reference(tokens)[-1]  # the first answer token's distribution: the prompt's last row
+    first = entries[0]
+    assert len(first.top_logprobs) == 5 and first.top_logprobs[0].token == first.token  # greedy picks the top one
+    want = sorted(lp, reverse=True)[:5]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(want, abs=TOLERANCE)
+    ids = smol.batcher.tokenize(first.token, add_special=False)
+    assert first.logprob == pytest.approx(lp[ids[0]], abs=TOLERANCE) and bytes(first.bytes).decode() == first.token
+
+
+def test_completion_echo_gives_every_prompt_tokens_logprob(smol, reference):
+    prompt = "The heart has four chambers"
+    out = smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=3, logprobs=2, echo=True)
+    choice = out.choices[0]
+    tokens = smol.batcher.tokenize(prompt)
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and lp.token_logprobs[0] is None
+    assert len(lp.tokens) == len(tokens) + out.usage.completion_tokens and "".join(lp.tokens) == choice.text
+    rows = reference(tokens)
+    want = [rows[i - 1][tokens[i]] for i in range(1, len(tokens))]
+    assert lp.token_logprobs[1:len(tokens)] == pytest.approx(want, abs=TOLERANCE)
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:]) and lp.text_offset[0] == 0
+    # echo skips prefix reuse: the same prompt again (now held by a slot) gives the same numbers
+    again = smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=3, logprobs=2, echo=True)
+    assert again.choices[0].logprobs.token_logprobs == lp.token_logprobs
+
+
+def test_streamed_logprobs_cover_the_streamed_text(smol):
+    chunks = list(smol.client.chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": "Name a vitamin."}], max_tokens=8, logprobs=True,
+        top_logprobs=1, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert text and "".join(e.token for e in entries) == text
+
+
+# -- sampling controls ----------------------------------------------------------------------------------------------
+def test_a_token_banned_by_logit_bias_never_appears(smol):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    greedy = smol.client.chat.completions.create(model=SMOL, messages=messages, max_tokens=4, logprobs=True)
+    favourite = greedy.choices[0].logprobs.content[0]
+    banned = smol.batcher.tokenize(favourite.token, add_special=False)
+    assert len(banned) == 1
+    out = smol.client.chat.completions.create(model=SMOL, messages=messages, max_tokens=24, temperature=1.0, n=3,
+                                              seed=5, logprobs=True, logit_bias={str(banned[0]): -100})
+    assert len(out.choices) == 3
+    for choice in out.choices:
+        assert all(e.bytes != favourite.bytes for e in choice.logprobs.content), choice.message.content
+
+
+def test_frequency_and_presence_penalties_change_a_repeating_answer(smol):
+    prompt = "List: apple, apple, apple, apple, apple,"
+    plain = smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=16).choices[0].text
+    freq = smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=16, frequency_penalty=2.0)
+    pres = smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=16, presence_penalty=2.0)
+    assert plain.count("apple") > freq.choices[0].text.count("apple")
+    assert pres.choices[0].text != plain
+
+
+def test_n_choices_come_from_one_prefill(smol):
+    messages = [{"role": "user", "content": "Write one sentence about the kidneys."}]
+    computed, forked = metric(smol, "edgemed_batcher_prompt_tokens"), metric(smol, "edgemed_batcher_forked_sequences")
+    out = smol.client.chat.completions.create(model=SMOL, messages=messages, n=3, temperature=0.8, max_tokens=16)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len({c.message.content for c in out.choices}) >= 2  # sampled apart, seed + choice
+    n_prompt = len(chat_tokens(smol, messages))
+    assert out.usage.prompt_tokens == n_prompt  # the prompt counts once
+    fed = n_prompt - out.usage.prompt_tokens_details.cached_tokens
+    assert metric(smol, "edgemed_batcher_prompt_tokens") - computed == fed  # one prefill, not three
+    assert metric(smol, "edgemed_batcher_forked_sequences") - forked == 2
+    chunks = list(smol.client.chat.completions.create(model=SMOL, messages=messages, n=2, temperature=0.8,
+                                                      max_tokens=6, stream=True))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 2
+
+
+def test_a_list_of_prompts_gives_n_choices_each(smol):
+    prompts = ["The lungs", "The liver"]
+    out = smol.client.completions.create(model=SMOL, prompt=prompts, max_tokens=4, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    single = [smol.client.completions.create(model=SMOL, prompt=p, max_tokens=4).choices[0].text for p in prompts]
+    assert [out.choices[0].text, out.choices[2].text] == single  # greedy: choice i answers prompt i // n
+    assert out.usage.prompt_tokens == sum(len(smol.batcher.tokenize(p)) for p in prompts)
+
+
+# -- tools (Qwen2.5's template carries the <tool_call> format) ----------------------------------------------------
+DOSE = {"type": "function", "function": {
+    "name": "dose_calculator", "description": "Compute a drug dose in mg from the patient's weight.",
+    "parameters": {"type": "object", "properties": {"drug": {"type": "string"}, "weight_kg": {"type": "number"}},
+                   "required": ["drug", "weight_kg"]}}}
+FORMULARY = {"type": "function", "function": {
+    "name": "formulary_lookup", "description": "Look up a drug in the hospital formulary.",
+    "parameters": {"type": "object", "properties": {"drug": {"type": "string"}}, "required": ["drug"]}}}
+TOOLS = [DOSE, FORMULARY]
+ASK = [{"role": "user", "content": "What paracetamol dose for a 20 kg child? Use the dose calculator."}]
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_gguf):
+    srv = _server(qwen_gguf, QWEN, slots=2, n_ctx=768)  # the tools' descriptions take ~300 tokens
+    try:
+        yield srv
+    finally:
+        srv.__exit__(None, None, None)
+        srv.batcher.close()
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf():
+    from edgemed.converters.source import pip_models
+    from edgemed.errors import InputError
+
+    try:
+        return pip_models.gguf_file("qwen2.5-0.5b-instruct")
+    except InputError as exc:
+        pytest.skip(f"real model 'qwen2.5-0.5b-instruct' not installed: {exc.fix}")
+
+
+def valid_calls(calls, tools=TOOLS) -> list[dict]:
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert calls, "no tool calls"
+    out = []
+    for call in calls:
+        assert call.type == "function" and call.id and call.function.name in schemas
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, schemas[call.function.name])
+        out.append(args)
+    return out
+
+
+def test_a_forced_tool_call_matches_its_schema(qwen):
+    named = {"type": "function", "function": {"name": "formulary_lookup"}}
+    out = qwen.client.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and [c.function.name for c in choice.message.tool_calls] == \
+        ["formulary_lookup"]
+    valid_calls(choice.message.tool_calls)
+    out = qwen.client.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS, tool_choice="required",
+                                              parallel_tool_calls=False, max_tokens=40)
+    assert len(out.choices[0].message.tool_calls) == 1 and valid_calls(out.choices[0].message.tool_calls)
+
+
+def test_an_auto_tool_call_streams_as_openai_deltas(qwen):
+    chunks = list(qwen.client.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS, max_tokens=48,
+                                                      stream=True))
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = call["id"] or delta.id
+            call["name"] = call["name"] or (delta.function.name if delta.function else None)
+            call["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert calls and all(c["id"] and c["name"] == "dose_calculator" for c in calls.values())
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["arguments"]), DOSE["function"]["parameters"])
+
+
+def test_tool_calls_and_results_in_a_history_render_and_answer(qwen):
+    args = {"drug": "paracetamol", "weight_kg": 20}
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "dose_calculator", "arguments": json.dumps(args)}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"dose_mg": 300})}]
+    from edgemed.serve.api import ChatMessage
+
+    rendered = qwen.batcher.render_chat([ChatMessage(**m).as_template_message() for m in history],
+                                        [DOSE, FORMULARY])
+    assert '"arguments": {"drug": "paracetamol", "weight_kg": 20}' in rendered and "<tool_response>" in rendered
+    out = qwen.client.chat.completions.create(model=QWEN, messages=history, tools=TOOLS, max_tokens=24)
+    choice = out.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    if choice.message.tool_calls:
+        valid_calls(choice.message.tool_calls)
+    else:
+        assert choice.message.content
+    none = qwen.client.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS, tool_choice="none",
+                                               max_tokens=8)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason in ("stop", "length")
