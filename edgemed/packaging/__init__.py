@@ -4,13 +4,16 @@
     digest.py    hash-while-copy, and the verified cache behind the fast path (``files.hashing`` hashes)
     facts.py     model facts read from the GGUF (or ONNX config) and the memory estimate
     card.py      the model card fields (CHAI applied model card / ONC HTI-1 source attributes)
-    signing.py   ed25519 keys, signatures over manifest.json, verification offline
+    signing.py   EC keys; model.sig in the OpenSSF Model Signing format through model-signing, offline
+                 (an older edgemed's ed25519 manifest.sig still verifies, read-only)
+    trust.py     $EDGEMED_HOME/trust.toml: which signers a device accepts, per registry or repository
     bundle.py    pack a bundle (directory or tar) and verify a bundle directory
     archive.py   write the tar form; read untrusted tars safely, streaming
-    store.py     the local content-addressed model store: install, list, remove, verify by name
+    store.py     the local content-addressed model store: install, list, remove, rollback, verify by name
     ref.py       what a MODEL / BUNDLE argument names (``ModelRef``): the one resolver every command
                  (run, chat, serve, bench, devices, verify) and every test uses
     export.py    Ollama Modelfile and llama-server command line
+    oci*.py      push / pull bundles through an OCI registry as CNCF ModelPack artifacts (oras for the protocol)
 
 Imports flow one way: cli -> packaging -> {runtime, devices, formats, files, env, errors}; inside it,
 ref -> store -> bundle -> digest -> manifest. Nothing here imports
