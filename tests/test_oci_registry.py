@@ -275,6 +275,35 @@ def test_a_pull_killed_mid_transfer_leaves_nothing_visible_and_the_next_pull_tra
     _cli("verify", "smol", "--full")
 
 
+def test_a_damaged_partial_download_is_fetched_again_from_the_start(registry, smol, smol_pushed, tmp_path, monkeypatch, trust):
+    """A part whose bytes went bad while the pull was down (a disk error, a power cut) fails the digest once resumed;
+    the pull then downloads that file again from byte 0 and installs it, instead of giving up or keeping bad bytes."""
+    from edgemed.packaging.oci_pull import pull
+
+    ref = registry.ref("clinic/smol:a")
+    sha = _gguf_sha(smol["a"])
+    size = registry.blob_file(sha).stat().st_size
+    results = tmp_path / "result.json"
+
+    def run():
+        results.write_text(json.dumps(pull(ref).to_dict()))
+
+    monkeypatch.setenv("EDGEMED_HOME", str(trust(tmp_path / "count")))
+    names = crash_kit.steps(run, tmp_path)
+    chunk = [i for i, line in enumerate(names, 1) if line.endswith(" oci.pull-chunk")][10]
+    home = trust(tmp_path / "device")
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    assert crash_kit.killed_at(run, chunk) == KILLED
+    part = home / "downloads" / f"{sha}.part"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    assert crash_kit.killed_at(run, 0) == 0
+    out = json.loads(results.read_text())
+    assert _models(home) == ["smol"] and out["bytes_downloaded"] >= size + (size - len(data))
+    _cli("verify", "smol", "--full")
+
+
 @pytest.mark.parametrize("where", ["oci.download-done", "oci.stage-link", "store.stage-file"])
 def test_a_pull_killed_after_the_transfer_downloads_nothing_again(registry, smol, smol_pushed, tmp_path, monkeypatch, trust, where):
     """Killed once the GGUF is whole (before its install, or during it): nothing visible; the next pull fetches no byte of it."""
