@@ -173,6 +173,40 @@ def test_an_untrusted_bundle_is_refused_before_its_weights_are_downloaded(regist
     assert _models(home) == [] and _parts(home) == {}
 
 
+def test_a_signature_that_does_not_cover_the_files_is_refused_before_the_weights(registry, tmp_path, edgemed_home, maker_key):
+    """A bundle whose card changed after signing (manifest rewritten, model.sig not): the artifact is well formed,
+    every blob matches its digest, and the pull refuses it on the signature, naming the file, with no GGUF request."""
+    from edgemed.packaging.manifest import FileEntry, Manifest
+
+    src = bundle_kit.inputs(tmp_path / "src", extra_kv={"edgemed.test.unique": "resigned"})
+    bundle = _pack_dir(src, tmp_path / "b", "tiny", maker_key[0])
+    signed_card = hashlib.sha256((bundle / "card.toml").read_bytes()).hexdigest()
+    card = (bundle / "card.toml").read_bytes() + b'version = "9.9"\n'
+    (bundle / "card.toml").write_bytes(card)
+    man = Manifest.from_bytes((bundle / "manifest.json").read_bytes())
+    man.files = [FileEntry(f.path, len(card), hashlib.sha256(card).hexdigest(), f.role) if f.path == "card.toml" else f
+                 for f in man.files]
+    (bundle / "manifest.json").write_bytes(man.to_bytes())
+    _cli("push", bundle, registry.ref("clinic/resigned:v1"))
+    seen = len(registry.access())
+    out = _cli("pull", registry.ref("clinic/resigned:v1"), ok=False)
+    assert f"'card.toml' was signed with sha256 {signed_card}" in out and hashlib.sha256(card).hexdigest() in out, out
+    assert "Fix:" in out
+    assert not [r for r in registry.access()[seen:] if r["path"].endswith(_gguf_sha(bundle))]
+    assert _models(edgemed_home) == []
+
+
+def test_key_on_the_command_line_decides_for_that_pull(registry, smol, smol_pushed, tmp_path, monkeypatch, maker_key):
+    home = tmp_path / "no-policy"
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    _, other = bundle_kit.keypair(tmp_path, "other.pem")
+    seen = len(registry.access())
+    out = _cli("pull", registry.ref("clinic/smol:a"), "--key", other, ok=False)
+    assert "Fix:" in out and not [r for r in registry.access()[seen:] if r["path"].endswith(_gguf_sha(smol["a"]))]
+    out = json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--key", maker_key[1], "--json"))
+    assert out["signed_by"] and _models(home) == ["smol"]
+
+
 def test_a_tar_bundle_is_pushed_as_the_same_files(registry, tmp_path, edgemed_home, maker_key):
     from edgemed.packaging import signing
     from edgemed.packaging.bundle import PackInputs, pack
