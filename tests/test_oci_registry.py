@@ -306,6 +306,7 @@ def test_a_pull_killed_mid_transfer_leaves_nothing_visible_and_the_next_pull_tra
     last = [r for r in registry.access() if r["path"].endswith(f"/blobs/sha256:{sha}")][-1]
     assert (last["status"], last["bytes"]) == (206, size - second)
     assert _parts(home) == {} and not list((home / "downloads").glob("[0-9a-f]*"))
+    assert crash_kit.debris(home / "downloads") == []  # the killed pulls' staging folders were swept
     _cli("verify", "smol", "--full")
 
 
@@ -368,6 +369,7 @@ def test_a_pull_killed_after_the_transfer_downloads_nothing_again(registry, smol
     out = json.loads(results.read_text())
     assert _models(home) == ["smol"] and out["bytes_resumed"] >= (home / "store" / "blobs" / "sha256" / sha).stat().st_size
     assert not any(p.endswith(".gguf") for p in out["downloaded"]) and out["bytes_downloaded"] < 1 << 20, out
+    assert crash_kit.debris(home / "downloads") == [] and crash_kit.debris(home / "store") == []
 
 
 def _layers(registry, repo: str, tag: str) -> list[dict]:

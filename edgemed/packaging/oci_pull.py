@@ -16,9 +16,10 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``):
    a nightly ``edgemed pull`` on every device downloads nothing until the tag moves. A name holding another
    bundle is refused without ``--force`` before anything large is fetched.
-4. A staging folder of hard links (owner-tagged debris in ``downloads/``) goes to ``Store.install`` with the
-   origin; the store verifies every file again, checks the signature under the trust policy and swaps the
-   model in atomically. Nothing is under ``models/`` before that.
+4. Each layer is hard-linked into a staging folder (owner-tagged debris in ``downloads/``) as soon as it is
+   obtained, so a store blob it links cannot be collected while the rest downloads. The folder goes to
+   ``Store.install`` with the origin; the store verifies every file again, checks the signature under the trust
+   policy and swaps the model in atomically. Nothing is under ``models/`` before that.
 
 Why the GET is edgemed's own: oras's ``download_blob`` neither checks the digest nor resumes. The requests go
 through oras's session (``Client.request``), so its credentials and token handling apply.
@@ -32,6 +33,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +84,7 @@ def _exclusive(root: Path) -> Iterator[None]:
     with open(root / "lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
+            sweep(root)  # the staging folders of pulls that were killed
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
@@ -109,57 +112,59 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
     root = downloads_dir()
     stats = Pulled(name="", ref=target, origin=str(origin), files=len(layers), bytes_downloaded=0, bytes_resumed=0,
                    blobs_in_store=0, signed_by=None)
-    with _exclusive(root):
-        sweep(root)  # staging folders of pulls that were killed
-        sources: dict[str, Path] = {}
+    with _exclusive(root), scratch_dir(root, "pull") as stage:
         fetched: list[Path] = []
 
         def get(x: oci.Layer) -> None:
+            """The layer into the staging folder: a link to the store's blob, or to a verified download."""
             if _in_store(store, x):
-                sources[x.path] = store.blobs / x.sha256
+                src = store.blobs / x.sha256
                 stats.blobs_in_store += 1
-                return
-            before = stats.bytes_downloaded
-            sources[x.path] = _fetch_blob(client, x, root, origin, stats)
-            fetched.append(sources[x.path])
-            if stats.bytes_downloaded > before or x.size == 0:
-                stats.downloaded.append(x.path)
+            else:
+                before = stats.bytes_downloaded
+                src = _fetch_blob(client, x, root, origin, stats)
+                fetched.append(src)
+                if stats.bytes_downloaded > before or x.size == 0:
+                    stats.downloaded.append(x.path)
+            dest = stage / x.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            step("oci.stage-link")
+            _link_or_copy(src, dest)  # linked now: a store blob cannot be collected while the rest downloads
 
         meta = [mlayer] + [x for x in layers if x.path in SIGNATURES]
         for x in meta:  # small: manifest.json and the signature
             get(x)
-        data = sources[MANIFEST].read_bytes()
+        data = (stage / MANIFEST).read_bytes()
         man = Manifest.from_bytes(data, f"{origin} {MANIFEST}")
         oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
-        _judge(sources, man, data, origin, public_key)  # the trust policy, before anything large is fetched
+        _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
         target_name = check_name(name or man.name)
         if not force and _installed(store, target_name, data):
             stats.name, stats.already_installed = target_name, True
+            _forget(fetched)
             return stats
         rest = [x for x in layers if x not in meta]
         _check_space(root, [x for x in rest if not _in_store(store, x)])
         for x in rest:
             get(x)
-        with scratch_dir(root, "pull") as stage:
-            for path, src in sources.items():
-                dest = stage / path
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                step("oci.stage-link")
-                _link_or_copy(src, dest)
-            target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin))
-        for p in fetched:  # the store holds its own copy now
-            step("oci.forget-download")
-            p.unlink(missing_ok=True)
+        target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin))
+        _forget(fetched)  # the store holds its own copy now
     stats.name, stats.signed_by = target_name, signer
     return stats
 
 
-def _judge(sources: dict[str, Path], man: Manifest, data: bytes, origin: oci.Ref, public_key) -> None:
+def _forget(fetched: list[Path]) -> None:
+    for p in fetched:
+        step("oci.forget-download")
+        p.unlink(missing_ok=True)
+
+
+def _judge(stage: Path, man: Manifest, data: bytes, origin: oci.Ref, public_key) -> None:
     """Apply the trust policy (``trust.decide``) to the manifest and signature alone: an untrusted or unsigned
     bundle is refused before its weights are downloaded. ``Store.install`` decides again on the staged copy."""
     from edgemed.packaging import signing, trust
 
-    sig = next((signing.Signature(n, sources[n].read_bytes()) for n in SIGNATURES if n in sources), None)
+    sig = next((signing.Signature(n, (stage / n).read_bytes()) for n in SIGNATURES if (stage / n).is_file()), None)
     trust.decide(str(origin), signing.well_formed(sig), man, data, key=public_key)
 
 
@@ -180,8 +185,6 @@ def _in_store(store, x: oci.Layer) -> bool:
         st = (store.blobs / x.sha256).lstat()
     except OSError:
         return False
-    import stat
-
     return stat.S_ISREG(st.st_mode) and st.st_size == x.size  # its content is checked again by Store.install
 
 
