@@ -12,11 +12,30 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _adapter_arg(ctx, param, values):
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            from edgemed.errors import InputError
+
+            raise InputError(f"--adapter {v!r} is not NAME=FILE.", "pass e.g. --adapter cardio=cardio.lora.gguf")
+        out.append((name, Path(path)))
+    return out
+
+
 @click.command()
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--name", help="Model name in the store (default: from the file name).")
-@click.option("--license", "license_", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The model's license text.")
+@click.argument("model", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--name", help="Model name in the store (default: from the file name; required for an adapter-only bundle).")
+@click.option("--license", "license_", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The model's license text (required with MODEL; optional for an adapter-only bundle).")
+@click.option("--adapter", "adapters", multiple=True, callback=_adapter_arg, metavar="NAME=FILE",
+              help="A GGUF LoRA adapter (`edgemed convert ... --adapter-only`) to ship under NAME (repeatable); "
+                   "it must have been made for MODEL's checkpoint. Without MODEL: an adapter-only bundle.")
+@click.option("--base-sha256", "base_sha256", metavar="HEX",
+              help="Adapter-only bundle: the base checkpoint's sha256 the adapters are for (`edgemed inspect BASE`: 'source').")
+@click.option("--for-model", "for_model", metavar="INSTALLED_NAME",
+              help="Adapter-only bundle: the base is this installed model (its checkpoint sha256 is recorded, and its name as a hint).")
 @click.option("--card", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Model card (card.toml: CHAI / HTI-1 fields; see README).")
 @click.option("--template", "templates", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -33,12 +52,15 @@ def _mb(n: int) -> str:
 @click.option("--dir", "as_dir", is_flag=True, help="Write the directory form (runnable in place) instead of one tar file.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def pack(model, name, license_, card, templates, report, no_report, key, cert, cert_chain, output, as_dir, force, as_json):
+def pack(model, name, license_, adapters, base_sha256, for_model, card, templates, report, no_report, key, cert, cert_chain,
+         output, as_dir, force, as_json):
     """Pack MODEL (a .gguf, or an ONNX directory) into a verifiable bundle.
 
-    The bundle holds the model, LICENSE, the model card, the conversion report and a
-    manifest with every file's sha256; --sign adds model.sig, an OpenSSF model signature
-    over every file that `model_signing verify key` checks too.
+    The bundle holds the model, LICENSE, the model card, the conversion report, any
+    --adapter NAME=FILE LoRA adapters, and a manifest with every file's sha256; --sign adds
+    model.sig, an OpenSSF model signature over every file that `model_signing verify key`
+    checks too. Without MODEL, --adapter with --base-sha256 or --for-model makes an
+    adapter-only bundle (a fleet update that ships the adapters alone).
     """
     from edgemed.packaging import signing
     from edgemed.packaging.bundle import PackInputs, pack as do_pack
@@ -48,20 +70,51 @@ def pack(model, name, license_, card, templates, report, no_report, key, cert, c
     if (cert or cert_chain) and not key:
         raise InputError("--cert and --cert-chain sign in certificate mode, which needs the certificate's key.",
                          "pass --sign KEY.pem with --cert CERT.pem")
+    if model is not None and license_ is None:
+        raise InputError("Missing option '--license': a model bundle ships the model's license.", "pass --license LICENSE")
+    if base_sha256 and for_model:
+        raise InputError("--base-sha256 and --for-model both name the base.", "pass one of them")
+    base_name = None
+    if for_model:
+        base_sha256, base_name = _installed_base(for_model)
     private_key = signing.load_private_key(key, cert, cert_chain) if key else None
-    inp = PackInputs(model=model, license=license_, name=name, card=card, templates=list(templates), report=report, use_report=not no_report)
+    inp = PackInputs(model=model, license=license_, name=name, card=card, templates=list(templates), report=report, use_report=not no_report,
+                     adapters=list(adapters), base_sha256=base_sha256, base_name=base_name)
     if output is None:
         from edgemed.packaging.manifest import check_name
 
+        if model is None and not name:
+            raise InputError("An adapter-only bundle needs a name.", "pass --name (e.g. --name mymodel-cardio)")
         output = Path(check_name(name or model.name.split(".")[0].lower()) + ".edgemed")
     man = do_pack(inp, output, as_dir=as_dir, private_key=private_key, force=force)
     if as_json:
         click.echo(man.to_bytes().decode())
         return
     m = man.model
+    what = (f"adapters for the base {m['base_source_sha256'][:12]}..." if man.adapters_only
+            else f"{m.get('arch')} {m.get('params', 0) / 1e6:.0f}M {m.get('quant')}")
+    ads = f" + adapters {', '.join(a['name'] for a in man.adapters)}" if man.adapters and not man.adapters_only else \
+        f" {', '.join(a['name'] for a in man.adapters)}" if man.adapters else ""
     click.echo(f"wrote {output} ({'directory' if as_dir else 'tar'}, {len(man.files)} files, {_mb(man.total_bytes)}): "
-               f"{man.name} = {m.get('arch')} {m.get('params', 0) / 1e6:.0f}M {m.get('quant')}"
+               f"{man.name} = {what}{ads}"
                + (f", signed by key {private_key.key_id} (model.sig)" if private_key else ", unsigned"))
+
+
+def _installed_base(name: str) -> tuple[str, str]:
+    """(base checkpoint sha256, name) of an installed model, for ``pack --for-model``."""
+    from edgemed.errors import InputError
+    from edgemed.packaging.bundle import read_manifest
+    from edgemed.packaging.store import Store
+
+    man, _, _ = read_manifest(Store().model_dir(name))
+    if man.adapters_only:
+        raise InputError(f"'{name}' is an adapter-only bundle, not a model.",
+                         f"pass the model it is for: --for-model {man.model.get('base_name') or 'NAME'}")
+    source = man.provenance.get("source_sha256")
+    if not source:
+        raise InputError(f"The installed model '{name}' does not record the checkpoint it was converted from, so no adapter "
+                         "can be checked against it.", "install a base GGUF made by `edgemed convert`, then pack for it")
+    return source, name
 
 
 @click.command()
@@ -105,14 +158,16 @@ def verify(bundle, key, cert_chain, full, as_json):
         result = dict(manifest_sha256=v.manifest_sha256, has_signature=v.has_signature, signed_by=v.signed_by or at_install,
                       rehashed=v.hashed)
     if as_json:
-        click.echo(json.dumps({"ok": True, "name": man.name, "form": kind, "files": len(man.files), "total_bytes": man.total_bytes, **result}, indent=2))
+        click.echo(json.dumps({"ok": True, "name": man.name, "form": kind, "files": len(man.files), "total_bytes": man.total_bytes,
+                                "adapters": [a["name"] for a in man.adapters], **result}, indent=2))
         return
     n_cached = len(man.files) - len(result["rehashed"])
     how = f"{len(result['rehashed'])} re-hashed" + (f", {n_cached} unchanged since their last full hash" if n_cached else "")
     sig = (f"signature checked at install (key {result['signed_by']})" if kind == "store" and public_key is None and result["signed_by"]
            else f"signature valid (key {result['signed_by']})" if result["signed_by"]
            else "signed, signature NOT checked (pass --key)" if result["has_signature"] else "unsigned")
-    click.echo(f"OK {man.name}: {len(man.files)} files, {_mb(man.total_bytes)}, every sha256 matches ({how}); {sig}")
+    ads = f", adapters {', '.join(a['name'] for a in man.adapters)}" if man.adapters else ""
+    click.echo(f"OK {man.name}: {len(man.files)} files{ads}, {_mb(man.total_bytes)}, every sha256 matches ({how}); {sig}")
 
 
 def _inspect_data(bundle: str) -> dict:
@@ -159,8 +214,15 @@ def inspect(bundle, as_json):
     m, p = man["model"], man["provenance"]
     sig = f"signed by key {b['signature']['key_id']}" if b["signature"]["present"] else "unsigned"
     click.echo(f"{man['name']}  ({b['form']}: {b['source']}; {sig}; not verified here, run `edgemed verify`)")
-    click.echo(f"  model      {m.get('path')}: {m.get('arch')}, {m.get('params', 0) / 1e6:.1f}M params, {m.get('quant')}, "
-               f"context {m.get('context_length')}")
+    if m.get("format") == "adapters":
+        hint = f" (installed as '{m['base_name']}' where it was packed)" if m.get("base_name") else ""
+        click.echo(f"  model      none: LoRA adapters only, for the base checkpoint {m.get('base_source_sha256')}{hint}")
+    else:
+        click.echo(f"  model      {m.get('path')}: {m.get('arch')}, {m.get('params', 0) / 1e6:.1f}M params, {m.get('quant')}, "
+                   f"context {m.get('context_length')}")
+    for a in man.get("adapters") or []:
+        click.echo(f"  adapter    {a['name']:<16} {a['path']}: {a.get('architecture')}, rank {a.get('rank') or 'mixed'}, "
+                   f"alpha {a.get('alpha')}, {_mb(a['size'])}, for base {str(a.get('base_source_sha256'))[:16]}")
     click.echo(f"  hashes     chat template {str(m.get('chat_template_sha256'))[:16]}, tokenizer {str(m.get('tokenizer_sha256'))[:16]}")
     click.echo(f"  provenance source {str(p.get('source_sha256', 'unknown'))[:16]}, LoRA {str(p.get('lora_sha256', 'none'))[:16]}, "
                f"converter {p.get('converter_version', 'unknown')}, parity {'recorded' if p.get('parity') else 'not recorded'}")

@@ -52,11 +52,22 @@ def list_(as_json):
             click.echo(f"{r['name']:<24} DAMAGED: {r['error']}")
             continue
         sig = f"key {r['signed_by']}" if r["signed_by"] else ("signed" if r["has_signature"] else "unsigned")
+        if r.get("kind") == "adapters":
+            names = ", ".join(a["name"] for a in r["adapters"])
+            base = (f"for {', '.join(r['for_models'])}" if r["for_models"]
+                    else f"base {r['base_source_sha256'][:12]}... NOT installed (install it to use these)")
+            click.echo(f"{r['name']:<24} {r['version'] or '-':<10} adapters {names} ({base}) {r['size_bytes'] / 1e6:>9,.1f} MB  "
+                       f"{r['digest'][:19]}  {sig}  from {r['origin']}")
+            continue
         click.echo(f"{r['name']:<24} {r['version'] or '-':<10} {r['arch'] or '?':<8} {(r['params'] or 0) / 1e6:>7.0f}M "
                    f"{r['quant'] or '?':<8} {r['size_bytes'] / 1e6:>9,.1f} MB  {r['digest'][:19]}  {sig}  from {r['origin']}")
         if r.get("previous"):
             p = r["previous"]
             click.echo(f"{'':<24} previous: {p['version'] or '-'} {p['digest'][:19]} from {p['origin']} (edgemed rollback {r['name']})")
+        for a in r.get("adapters") or []:
+            where = "" if a["bundle"] == r["name"] else f" (from {a['bundle']})"
+            click.echo(f"{'':<24} adapter {a['name']:<16} {a['size_bytes'] / 1e6:>9,.1f} MB{where}  "
+                       f"(edgemed run {r['name']} --adapter {a['name']})")
     click.echo(f"store: {store.root} ({store.disk_usage() / 1e6:,.1f} MB on disk, shared files counted once)")
 
 

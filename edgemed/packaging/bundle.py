@@ -6,6 +6,9 @@ Bundle directory (runnable in place; the model file is mmap'd where it lies)::
     model.sig            optional OpenSSF model signature over every other file (signing.py);
                          manifest.sig in a bundle an older edgemed signed (ed25519, read only)
     model/<file>.gguf    or model/<onnx dir>/...
+    adapters/<name>.lora.gguf  LoRA adapters for the model (``pack --adapter NAME=FILE``), listed under
+                         ``adapters`` with the base checkpoint each was made for; an adapter-only bundle
+                         has no model file and names its base by that sha256 (``model.format = "adapters"``)
     LICENSE
     card.toml            the model card as written (its fields are also in the manifest)
     report.json          the conversion report, when `edgemed convert` left one (beside the GGUF, inside the ONNX directory)
@@ -33,8 +36,8 @@ from edgemed.formats.sniff import sniff
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging import signing
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
-from edgemed.packaging.manifest import (MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURES, FileEntry, Manifest, check_name,
-                                         max_signature_bytes)
+from edgemed.packaging.manifest import (ADAPTERS_ONLY, MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURES, FileEntry, Manifest,
+                                         check_name, max_signature_bytes)
 from edgemed.packaging.signing import Signature
 from edgemed.versions import installed_versions
 
@@ -45,13 +48,79 @@ _DAMAGED = "the bundle is damaged or was altered; get a fresh copy from its make
 
 @dataclass
 class PackInputs:
-    model: Path
-    license: Path
+    model: Path | None  # None: an adapter-only bundle (``adapters`` and ``base_sha256`` given)
+    license: Path | None
     name: str | None = None
     card: Path | None = None
     templates: list[Path] = field(default_factory=list)
     report: Path | None = None  # default: the converter's report (edgemed.formats.conversion_report) when it exists
     use_report: bool = True
+    adapters: list[tuple[str, Path]] = field(default_factory=list)  # (name, GGUF LoRA adapter file)
+    base_sha256: str | None = None  # adapter-only: the base checkpoint's sha256 the adapters are for
+    base_name: str | None = None    # adapter-only: the installed model or bundle that holds that base (a hint for install)
+
+
+_ADAPTER_FIX = "make it with `edgemed convert BASE_CHECKPOINT --lora PEFT_ADAPTER --adapter-only -o NAME.lora.gguf`"
+
+
+def _adapters(inp: PackInputs, base: str | None, arch: str | None, base_label: str) -> list[tuple[Path, str, dict]]:
+    """(file, bundle path, manifest entry) per ``--adapter NAME=FILE``, each checked to be a GGUF LoRA adapter made
+    for the base checkpoint ``base`` (architecture ``arch``); the refusal names the file and the fix."""
+    out, seen = [], set()
+    for name, path in inp.adapters:
+        try:
+            check_name(name)
+        except InputError:
+            raise InputError(f"--adapter {name!r}={path}: '{name}' is not a valid adapter name.",
+                             "use 1-64 characters: lower-case letters, digits, '.', '_' or '-' (e.g. cardio=cardio.lora.gguf)") from None
+        if name in seen:
+            raise InputError(f"--adapter names '{name}' twice.", "give each adapter its own name")
+        seen.add(name)
+        if not Path(path).is_file():
+            raise InputError(f"Adapter file '{path}' (for '{name}') does not exist.", f"pass an existing .lora.gguf; {_ADAPTER_FIX}")
+        facts = facts_mod.adapter_entry(Path(path))  # InputError: not a GGUF LoRA adapter, naming the file and the fix
+        made_for = facts["base_source_sha256"]
+        if made_for is None:
+            raise InputError(f"The adapter '{path}' does not record the base checkpoint it was made for (another tool wrote it), "
+                             "so nothing can check that it belongs on this base.", f"re-make it for this base; {_ADAPTER_FIX}")
+        if base is None:
+            raise InputError(f"The base {base_label} does not record the checkpoint it was converted from, so the adapter "
+                             f"'{path}' (made for the checkpoint {made_for}) cannot be checked against it.",
+                             "pack a base GGUF made by `edgemed convert` from the adapter's base checkpoint")
+        if made_for != base:
+            raise InputError(f"The adapter '{path}' was made for the base checkpoint {made_for}, but {base_label} is "
+                             f"{base}: it would load on the wrong weights.",
+                             f"pack it with the base it was made for, or re-make it on this base; {_ADAPTER_FIX}")
+        if arch is not None and facts["architecture"] != arch:
+            raise InputError(f"The adapter '{path}' is for the {facts['architecture']!r} architecture, but {base_label} is {arch!r}.",
+                             "pack it with the base it was made for")
+        out.append((Path(path), f"adapters/{name}.lora.gguf", {"name": name, **facts}))
+    return out
+
+
+def _gather_adapters_only(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict, list]:
+    """An adapter-only bundle: the adapters, the base named by its checkpoint sha256, an optional license."""
+    base = (inp.base_sha256 or "").strip().lower()
+    if not inp.adapters:
+        raise InputError("Nothing to pack: no model and no --adapter.", "pass MODEL.gguf, or --adapter NAME=FILE with --base-sha256 or --for-model")
+    if not base:
+        raise InputError("An adapter-only bundle must name its base.",
+                         "pass --base-sha256 HEX (the base checkpoint's sha256: `edgemed inspect BASE` shows it as 'source') "
+                         "or --for-model INSTALLED_NAME")
+    if len(base) != 64 or any(c not in "0123456789abcdef" for c in base):
+        raise InputError(f"--base-sha256 {inp.base_sha256!r} is not a sha256 (64 hex digits).",
+                         "pass the base checkpoint's sha256 as `edgemed inspect BASE` shows it, or --for-model INSTALLED_NAME")
+    adapters = _adapters(inp, base, None, "the base named by --base-sha256")
+    files = [(src, rel, "adapter") for src, rel, _ in adapters]
+    if inp.license is not None:
+        if not inp.license.is_file():
+            raise InputError(f"License file '{inp.license}' does not exist.", "pass --license with the adapters' license text")
+        files.append((inp.license, "LICENSE", "license"))
+    if inp.card is not None:
+        files.append((inp.card, "card.toml", "card"))
+    model_facts = {"format": ADAPTERS_ONLY, "path": "adapters", "arch": adapters[0][2]["architecture"],
+                   "base_source_sha256": base, **({"base_name": inp.base_name} if inp.base_name else {})}
+    return files, model_facts, {}, adapters
 
 
 def _report_for(model: Path, given: Path | None) -> Path | None:
@@ -75,8 +144,9 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     else:
         raise InputError(f"Model '{model}' is neither a GGUF file nor a directory with .onnx files.",
                          "pass the .gguf that `edgemed convert` wrote")
-    if not inp.license.is_file():
-        raise InputError(f"License file '{inp.license}' does not exist.", "pass --license with the model's license text")
+    if inp.license is None or not inp.license.is_file():
+        raise InputError(f"License file '{inp.license}' does not exist." if inp.license else "A model bundle needs the model's license.",
+                         "pass --license with the model's license text")
     files.append((inp.license, "LICENSE", "license"))
     if inp.card is not None:
         files.append((inp.card, "card.toml", "card"))
@@ -126,13 +196,16 @@ def _runtime_versions(fmt: str) -> tuple[dict, dict]:
     return built, minimum
 
 
-def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov: dict, card: dict, memory: dict) -> Manifest:
-    built, minimum = _runtime_versions(model_facts["format"])
+def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov: dict, card: dict, memory: dict,
+                   adapters: list | None = None) -> Manifest:
+    built, minimum = _runtime_versions("gguf" if model_facts["format"] == ADAPTERS_ONLY else model_facts["format"])
     prov = {**prov, "built_with": built, "min_runtime": minimum}
     epoch = env.source_date_epoch()
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch if epoch is not None else time.time()))
+    by_path = {e.path: e for e in entries}
+    listed = [{**facts, "path": rel, "size": by_path[rel].size, "sha256": by_path[rel].sha256} for _, rel, facts in adapters or []]
     man = Manifest(name=name, files=entries, model=model_facts, provenance=prov, card=card,
-                   memory=memory, created=created, edgemed_version=__version__)
+                   memory=memory, adapters=listed, created=created, edgemed_version=__version__)
     man.validate("new manifest")
     return man
 
@@ -143,10 +216,24 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signi
     (``signing.load_private_key``) it holds ``model.sig`` over every file."""
     from edgemed.packaging import card as card_mod
 
+    if inp.model is None and not inp.name:
+        raise InputError("An adapter-only bundle needs a name.", "pass --name (e.g. --name mymodel-cardio)")
     name = check_name(inp.name or inp.model.name.split(".")[0].lower())
     card = card_mod.load_card(inp.card) if inp.card else {}
-    sources, model_facts, prov = _gather(inp)
-    memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
+    if inp.model is None:
+        sources, model_facts, prov, adapters = _gather_adapters_only(inp)
+        memory: dict = {}
+    else:
+        if inp.base_sha256 is not None:
+            raise InputError("--base-sha256 and --for-model name the base of an adapter-only bundle; this bundle holds its base.",
+                             "drop --base-sha256/--for-model, or drop MODEL to pack the adapters alone")
+        sources, model_facts, prov = _gather(inp)
+        if inp.adapters and model_facts["format"] != "gguf":
+            raise InputError(f"'{inp.model}' is an ONNX model; LoRA adapters are GGUF files llama.cpp applies to a GGUF base.",
+                             "pack the GGUF base with the adapters")
+        adapters = _adapters(inp, prov.get("source_sha256"), model_facts.get("arch"), f"the bundle's model '{inp.model}'")
+        sources += [(src, rel, "adapter") for src, rel, _ in adapters]
+        memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
     out = Path(out)
     if as_dir:
         with atomic_path(out, force=force, kind="bundle") as tmp:
@@ -158,7 +245,7 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signi
                 with open(src, "rb") as fh, open(dest, "xb") as dst:
                     digest = copy_hashed(fh, dst, os.fstat(fh.fileno()).st_size, str(src))
                 entries.append(FileEntry(rel, dest.stat().st_size, digest, role))
-            man = build_manifest(name, entries, model_facts, prov, card, memory)
+            man = build_manifest(name, entries, model_facts, prov, card, memory, adapters)
             data = man.to_bytes()
             (tmp / MANIFEST).write_bytes(data)
             if private_key is not None:
@@ -166,7 +253,7 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signi
                 (tmp / sig.file).write_bytes(sig.data)
         return man
     entries = [FileEntry(rel, src.stat().st_size, file_sha256(src), role) for src, rel, role in sources]
-    man = build_manifest(name, entries, model_facts, prov, card, memory)
+    man = build_manifest(name, entries, model_facts, prov, card, memory, adapters)
     data = man.to_bytes()
     sig = signing.sign(man, data, private_key) if private_key is not None else None
     from edgemed.packaging.archive import write_tar

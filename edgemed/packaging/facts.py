@@ -157,3 +157,19 @@ def _onnx_estimate(facts: dict, model_bytes: int) -> dict:
         by_ctx[str(ctx)] = model_bytes + kv + vocab * 512 * 4 + (64 << 20)
     return {"method": ESTIMATE_METHOD, "by_context": by_ctx, "profiles": {},
             "note": "ONNX: estimate from file size and KV-cache shape (the planner reads GGUF only)"}
+
+
+# -- LoRA adapters -----------------------------------------------------------------------
+def adapter_entry(path: Path) -> dict:
+    """What the manifest says of a GGUF LoRA adapter file, from its header (``edgemed.formats.gguf_header``):
+    architecture, alpha, rank (when every pair has the same), the base checkpoint it was made for, its tensors'
+    bytes and types, and the PEFT adapter's sha256. InputError when the file is not a GGUF LoRA adapter."""
+    from edgemed.formats.gguf_header import LORA_SHA_KEY, adapter_facts, read_header
+
+    facts = adapter_facts(path)
+    header = read_header(path)
+    ranks = {t.dims[1] for t in header.tensors if t.name.endswith(".lora_a") and len(t.dims) >= 2}
+    lora_sha = header.metadata.get(LORA_SHA_KEY)
+    return {"architecture": facts.architecture, "alpha": facts.alpha, "rank": ranks.pop() if len(ranks) == 1 else None,
+            "base_source_sha256": facts.base_source_sha256, "tensor_bytes": facts.n_bytes, "tensor_types": list(facts.types),
+            "n_tensors": facts.n_tensors, "lora_sha256": lora_sha if isinstance(lora_sha, str) else None}

@@ -32,7 +32,9 @@ MAX_MODEL_SIG_BYTES = 4 << 20      # model.sig lists every file: ~200 bytes per 
 def max_signature_bytes(name: str) -> int:
     return MAX_MODEL_SIG_BYTES if name == SIGNATURE else MAX_SIGNATURE_BYTES
 MAX_FILES = 10_000
-ROLES = ("model", "license", "card", "report", "template", "other")
+ROLES = ("model", "license", "card", "report", "template", "adapter", "other")
+#: ``model.format`` of a bundle that carries only LoRA adapters for a base it names by sha256 (no model file)
+ADAPTERS_ONLY = "adapters"
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -75,7 +77,7 @@ def _short(value) -> str:
 
 
 # Top-level fields and their JSON types; a reader must not meet a list where it expects an object.
-_TOP_TYPES = {"name": str, "files": list, "model": dict, "provenance": dict, "card": dict, "memory": dict}
+_TOP_TYPES = {"name": str, "files": list, "model": dict, "provenance": dict, "card": dict, "memory": dict, "adapters": list}
 _REQUIRED = ("name", "files", "model")
 _KIND_NAMES = {str: "a string", list: "a list", dict: "an object"}
 
@@ -99,7 +101,7 @@ def _need(v) -> bool:
 
 #: Fields readers print or compute with (inspect, export, the store): (section, key) -> (check, what it must be).
 _FIELD_CHECKS = {
-    ("model", "format"): (lambda v: v in ("gguf", "onnx"), "'gguf' or 'onnx'"),
+    ("model", "format"): (lambda v: v in ("gguf", "onnx", ADAPTERS_ONLY), "'gguf', 'onnx' or 'adapters'"),
     ("model", "arch"): (_opt(lambda v: isinstance(v, str)), "a string"),
     ("model", "quant"): (_opt(lambda v: isinstance(v, str)), "a string"),
     ("model", "params"): (_int, "a whole number"),
@@ -131,6 +133,7 @@ class Manifest:
     provenance: dict = field(default_factory=dict)
     card: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    adapters: list = field(default_factory=list)  # LoRA adapters: {name, path, sha256, size, alpha, rank, base_source_sha256, ...}
     created: str = ""
     edgemed_version: str = ""
     schema: str = SCHEMA
@@ -168,6 +171,7 @@ class Manifest:
             man = cls(
                 name=raw["name"], files=files, model=dict(raw["model"]), provenance=dict(raw.get("provenance") or {}),
                 card=dict(raw.get("card") or {}), memory=dict(raw.get("memory") or {}), created=str(raw.get("created", "")),
+                adapters=list(raw.get("adapters") or []),
                 edgemed_version=str(raw.get("edgemed_version", "")), schema=schema,
             )
         except TypeError as exc:  # a file entry that is not an object, or has other keys
@@ -210,14 +214,57 @@ class Manifest:
             if key in table and not check(table[key]):
                 raise IntegrityError(f"{source}: manifest field {section}.{key} is {_short(table[key])}, not {expected}.",
                                      "get a fresh copy of the bundle")
+        self._validate_adapters(source)
         model_path = self.model.get("path")
         if not isinstance(model_path, str) or not any(f.path == model_path or f.path.startswith(model_path + "/") for f in self.files):
             raise IntegrityError(f"{source}: the model path {model_path!r} is not among the listed files.", "get a fresh copy of the bundle")
+
+    def _validate_adapters(self, source: str) -> None:
+        """Each adapter: a unique name, a listed file of role 'adapter' (same size and sha256), the base checkpoint
+        it was made for; a bundle with no model names that base once, and every adapter is for it."""
+        bad = "get a fresh copy of the bundle"
+        names: set[str] = set()
+        only = self.model.get("format") == ADAPTERS_ONLY
+        base = self.model.get("base_source_sha256") if only else (self.provenance.get("source_sha256") or None)
+        if only and not (isinstance(base, str) and _HEX64.match(base)):
+            raise IntegrityError(f"{source}: an adapter bundle must name its base by sha256 (model.base_source_sha256), "
+                                 f"not {_short(base)}.", bad)
+        if only and not self.adapters:
+            raise IntegrityError(f"{source}: an adapter bundle lists no adapters.", bad)
+        for a in self.adapters:
+            if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not isinstance(a.get("path"), str):
+                raise IntegrityError(f"{source}: an adapter entry is malformed ({_short(a)}).", bad)
+            if not NAME_RE.fullmatch(a["name"]) or a["name"] in names:
+                raise IntegrityError(f"{source}: the adapter name {_short(a['name'])} is invalid or listed twice.", bad)
+            names.add(a["name"])
+            f = self.entry(a["path"])
+            if f is None or f.role != "adapter" or f.sha256 != a.get("sha256") or f.size != a.get("size"):
+                raise IntegrityError(f"{source}: adapter '{a['name']}' names {_short(a['path'])}, which is not a listed "
+                                     "adapter file of that size and sha256.", bad)
+            made_for = a.get("base_source_sha256")
+            if not (isinstance(made_for, str) and _HEX64.match(made_for)) or (base is not None and made_for != base):
+                raise IntegrityError(f"{source}: adapter '{a['name']}' was made for the base {_short(made_for)}, not this "
+                                     f"bundle's base {_short(base)}.", bad)
+        stray = [f.path for f in self.files if f.role == "adapter" and f.path not in {a["path"] for a in self.adapters}]
+        if stray:
+            raise IntegrityError(f"{source}: '{stray[0]}' has the role 'adapter' but no adapter entry names it.", bad)
+
+    @property
+    def adapters_only(self) -> bool:
+        """True for a bundle that carries only adapters for a base it names (``base_source_sha256``)."""
+        return self.model.get("format") == ADAPTERS_ONLY
+
+    @property
+    def base_source_sha256(self) -> str | None:
+        """The checkpoint this bundle's adapters apply to: the model's own source, or the named base."""
+        return self.model.get("base_source_sha256") if self.adapters_only else self.provenance.get("source_sha256")
 
     # -- writing ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
         d["files"] = [asdict(f) for f in self.files]
+        if not self.adapters:
+            del d["adapters"]  # a bundle without adapters keeps the manifest bytes an older edgemed wrote
         return d
 
     def to_bytes(self) -> bytes:

@@ -12,6 +12,11 @@ The kind names are what ``verify --json`` and ``inspect --json`` print as ``form
 ``bundle_ref`` refuses anything but a bundle (verify, inspect, export); ``runnable`` gives the
 path an engine loads, a bundle verified first (run, chat, serve, bench, devices check);
 ``with_digest`` adds a plain file's sha256 through the verified cache (serve's audit identity).
+
+LoRA adapters: ``adapters`` lists what a resolved model can apply by name (NAME -> file, scale 1.0): its own
+bundle's adapters, then those of installed adapter-only bundles made for the same base checkpoint (the sha256
+both record); ``adapter_specs`` turns ``--adapter`` arguments (NAME[:SCALE] or FILE[:SCALE]) into what the
+loader takes, an installed adapter bundle verified and checked by the trust policy first.
 """
 
 from __future__ import annotations
@@ -104,6 +109,12 @@ def runnable(arg: str | Path, *, full: bool = False) -> ModelRef:
     if ref.kind == FILE:
         return ref
     v = verified(ref, full=full)
+    if v.manifest.adapters_only:
+        man = v.manifest
+        raise InputError(f"'{arg}' holds only LoRA adapters ({', '.join(a['name'] for a in man.adapters)}) for the base "
+                         f"checkpoint {man.base_source_sha256[:12]}..., no model to run.",
+                         f"run its base with an adapter: edgemed run {man.model.get('base_name') or 'BASE'} "
+                         f"--adapter {man.adapters[0]['name']}")
     _check_trust(ref, v)
     name = ref.name if ref.kind == STORE else v.manifest.name
     return replace(ref, name=name, digest="manifest:sha256:" + v.manifest_sha256, model_path=v.model_path,
@@ -123,6 +134,98 @@ def _check_trust(ref: ModelRef, v) -> None:
     policy = trust.load()
     if policy.exists:
         trust.decide(None, v.signature, v.manifest, v.manifest_bytes, policy=policy)
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    name: str
+    path: Path
+    sha256: str
+    bundle: str              # the bundle it comes from: the model's own, or an installed adapter-only bundle's name
+    own: bool                # True: in the model's own bundle (verified with it)
+    scale: float = 1.0
+
+
+def _base_of(ref: ModelRef) -> tuple[str | None, list]:
+    """(the checkpoint sha256 ``ref``'s model was converted from, its own bundle's adapters as AdapterChoice)."""
+    if ref.kind == FILE:
+        from edgemed.formats.gguf_header import SOURCE_SHA_KEY, read_header
+
+        try:
+            source = read_header(ref.model_path).metadata.get(SOURCE_SHA_KEY)
+        except (InputError, OSError):  # not a GGUF (an ONNX directory): no adapters
+            return None, []
+        return (source if isinstance(source, str) and source else None), []
+    from edgemed.packaging.bundle import read_manifest
+
+    root = ref.path
+    man, _, _ = read_manifest(root)
+    own = [AdapterChoice(a["name"], root / a["path"], a["sha256"], man.name, True) for a in man.adapters]
+    return man.base_source_sha256, own
+
+
+def adapters(ref: ModelRef) -> dict[str, AdapterChoice]:
+    """The adapters ``ref`` (from ``runnable``) can apply, by name: its bundle's own, then each installed adapter-only
+    bundle's for the same base checkpoint (a name the model's own bundle has is not overridden; between two installed
+    adapter bundles, the later install wins). Nothing is verified here: ``adapter_specs`` verifies what it hands out."""
+    if ref.model_path is None:
+        raise ValueError("adapters() takes a resolved ref (packaging.ref.runnable)")
+    base, own = _base_of(ref)
+    found: dict[str, AdapterChoice] = {}
+    if base is not None:
+        from edgemed.packaging.store import Store
+
+        store = Store()
+        if store.root.is_dir():
+            for bundle, man in store.adapter_bundles_for(base):
+                for a in man.adapters:
+                    found[a["name"]] = AdapterChoice(a["name"], store.models / bundle / a["path"], a["sha256"], bundle, False)
+    found.update({a.name: a for a in own})
+    return found
+
+
+def _is_adapter_path(text: str) -> bool:
+    return _is_path_text(text) or Path(text).exists() or Path(text.rpartition(":")[0] or text).exists()
+
+
+def adapter_specs(ref: ModelRef, args) -> list:
+    """``--adapter`` arguments for ``ref`` as ``runtime.loader.AdapterSpec``: a FILE[:SCALE] as it is, a NAME[:SCALE]
+    from ``adapters(ref)``; an installed adapter bundle is verified (fast path) and passes the trust policy first.
+    An unknown name is refused, naming the adapters there are."""
+    from edgemed.runtime.loader import AdapterSpec
+
+    specs, available, checked = [], None, set()
+    for text in args:
+        text = str(text)
+        if _is_adapter_path(text):
+            specs.append(AdapterSpec.parse(text))
+            continue
+        if available is None:
+            available = adapters(ref)
+        name, sep, tail = text.rpartition(":")
+        if not sep or name not in available:
+            name, tail = text, None
+        choice = available.get(name)
+        if choice is None:
+            there = ", ".join(sorted(available)) or "none"
+            raise InputError(f"--adapter '{text}': '{name}' is neither a file nor an adapter of '{ref.name}' (its adapters: {there}).",
+                             f"pass an adapter name `edgemed list` shows under {ref.name}, install the adapter bundle for it "
+                             "(edgemed install NAME-ADAPTER.edgemed), or pass the .lora.gguf file")
+        if not choice.own and choice.bundle not in checked:
+            _verify_installed(choice.bundle)
+            checked.add(choice.bundle)
+        specs.append(AdapterSpec.parse(f"{choice.path}:{tail}" if tail is not None else str(choice.path)))
+    return specs
+
+
+def _verify_installed(bundle: str) -> None:
+    """An installed adapter bundle, checked as ``runnable`` checks an installed model: every file, and the trust policy."""
+    from edgemed.packaging import trust
+    from edgemed.packaging.store import Store
+
+    store = Store()
+    v = store.verify(bundle)
+    trust.check_installed(store.record(bundle) or {}, v.signature, v.manifest, v.manifest_bytes)
 
 
 def with_digest(ref: ModelRef) -> ModelRef:

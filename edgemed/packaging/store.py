@@ -321,6 +321,8 @@ class Store:
                 if (self.models / target).exists() and not force:
                     raise StoreError(f"A model named '{target}' is already installed.",
                                      f"pass --force to replace it, or remove it first: edgemed remove {target}")
+                if man.adapters_only:  # refused here, before any weights are read: its base must be installed
+                    self._check_base_installed(man, target)
                 key = trust.decide(origin, sig, man, data, key=public_key, policy=policy)  # the trust policy (trust.py)
                 if key is not None:
                     signer["key_id"] = signing.signer_id(sig) if isinstance(key, signing.CertRoots) else key.key_id
@@ -445,6 +447,36 @@ class Store:
             step("store.blob-replace")
             os.replace(tmp_blob, blob)
 
+    # -- adapters --------------------------------------------------------------------------
+    def _manifests(self) -> Iterator[tuple[str, Manifest]]:
+        """(name, manifest) of every installed bundle whose manifest reads (a damaged one is skipped: list shows it)."""
+        for name in sorted(self._view()[0]):
+            try:
+                yield name, read_manifest(self.models / name)[0]
+            except (StoreError, IntegrityError, InputError, OSError):
+                continue
+
+    def models_for_base(self, base_source_sha256: str) -> list[str]:
+        """Installed models (not adapter bundles) converted from the checkpoint ``base_source_sha256``."""
+        return [n for n, m in self._manifests() if not m.adapters_only and m.base_source_sha256 == base_source_sha256]
+
+    def adapter_bundles_for(self, base_source_sha256: str) -> list[tuple[str, Manifest]]:
+        """Installed adapter-only bundles for the checkpoint ``base_source_sha256``, oldest install first."""
+        idx = self._view()[0]
+        found = [(n, m) for n, m in self._manifests() if m.adapters_only and m.base_source_sha256 == base_source_sha256]
+        return sorted(found, key=lambda nm: (idx.get(nm[0], {}).get("installed", ""), nm[0]))
+
+    def _check_base_installed(self, man: Manifest, target: str) -> None:
+        base = man.base_source_sha256
+        if self.models_for_base(base):
+            return
+        hint = man.model.get("base_name")
+        first = (f"install the base model first (the bundle of '{hint}': edgemed install {hint}.edgemed, or edgemed pull), "
+                 if hint else "install the base model's bundle first (edgemed install BASE.edgemed), ")
+        raise StoreError(f"'{target}' carries adapters ({', '.join(a['name'] for a in man.adapters)}) for the base checkpoint "
+                         f"{base}, and no installed model was converted from it, so they could not run here.",
+                         first + f"then install this bundle again; `edgemed inspect BASE.edgemed` shows a bundle's source sha256 (it must be {base})")
+
     # -- queries ---------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
         check_name(name)
@@ -489,12 +521,23 @@ class Store:
                 rows[name] = {"name": name, "error": str(exc).splitlines()[0]}
                 continue
             m = man.model
-            rows[name] = {"name": name, "arch": m.get("arch"), "quant": m.get("quant"), "params": m.get("params"),
+            rows[name] = {"name": name, "kind": "adapters" if man.adapters_only else "model",
+                          "adapters": [{"name": a["name"], "size_bytes": a["size"], "bundle": name} for a in man.adapters],
+                          "base_source_sha256": man.base_source_sha256,
+                          "arch": m.get("arch"), "quant": m.get("quant"), "params": m.get("params"),
                           "size_bytes": man.total_bytes, "signed_by": idx[name]["signed_by"], "has_signature": sig is not None,
                           "installed": idx[name]["installed"], "path": str(d / man.model_path),
                           "version": idx[name].get("version", _version(man)), "digest": "sha256:" + idx[name]["manifest_sha256"],
                           "origin": idx[name].get("origin") or idx[name]["source"],
                           "previous": _summary(idx[name].get("previous"))}
+        bases: dict[str, list[str]] = {}
+        for r in rows.values():
+            if r.get("kind") == "model" and r["base_source_sha256"]:
+                bases.setdefault(r["base_source_sha256"], []).append(r["name"])
+        for r in sorted((r for r in rows.values() if r.get("kind") == "adapters"), key=lambda r: (r["installed"], r["name"])):
+            r["for_models"] = bases.get(r["base_source_sha256"], [])  # empty: its base was removed; the adapters cannot run
+            for model in r["for_models"]:
+                rows[model]["adapters"] += [dict(a) for a in r["adapters"]]
         for name, why in bad.items():
             shown = name if valid_name(name) else ascii(name)
             rows[shown] = {"name": shown, "error": f"its record in {self.index_path} is damaged ({why}); "
