@@ -8,6 +8,11 @@ from pathlib import Path
 
 import click
 
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} KB"
+
+
 _INSECURE = ("Allow plain HTTP to this registry (only on a network you trust). "
              "Loopback addresses (127.0.0.1, localhost) use plain HTTP without it.")
 
@@ -31,7 +36,7 @@ def push(bundle, target, insecure, as_json):
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
-    click.echo(f"pushed {r.ref}: {r.layers} files, {r.bytes_uploaded / 1e6:,.1f} MB uploaded "
+    click.echo(f"pushed {r.ref}: {r.layers} files, {_size(r.bytes_uploaded)} uploaded "
                f"({r.blobs_present} already in the registry)\ndigest {r.digest}\n"
                f"pull it pinned: edgemed pull {r.pinned}")
 
@@ -61,9 +66,9 @@ def pull(source, name, key, force, insecure, as_json):
     if r.already_installed:
         click.echo(f"{r.name} is already installed from this bundle ({r.origin}); nothing was downloaded or changed")
         return
-    resumed = f", {r.bytes_resumed / 1e6:,.1f} MB resumed" if r.bytes_resumed else ""
+    resumed = f", {_size(r.bytes_resumed)} resumed" if r.bytes_resumed else ""
     sig = f"; signature valid (key {r.signed_by})" if r.signed_by else ""
-    click.echo(f"installed {r.name} from {r.origin}: {r.files} files, {r.bytes_downloaded / 1e6:,.1f} MB downloaded{resumed}, "
+    click.echo(f"installed {r.name} from {r.origin}: {r.files} files, {_size(r.bytes_downloaded)} downloaded{resumed}, "
                f"{r.blobs_in_store} already in the store; every sha256 matches{sig}. Run it: edgemed run {r.name} --prompt '...'")
 
 

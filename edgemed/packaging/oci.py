@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed import env
-from edgemed.errors import EdgemedError, InputError, IntegrityError
+from edgemed.errors import EdgemedError, InputError, IntegrityError, require
 from edgemed.packaging.manifest import (
     MANIFEST,
     MAX_FILES,
@@ -157,6 +157,7 @@ class Client:
     TIMEOUTS_S = (15, 120)  # connect, and silence between two reads: a stalled registry fails (a pull then resumes)
 
     def __init__(self, ref: Ref, *, insecure: bool = False):
+        require("oras.provider", "fleet")  # oras brings requests
         import oras.container
         import oras.provider
 
@@ -234,6 +235,7 @@ def _short(exc: BaseException) -> str:
 def login(registry: str, username: str, password: str, *, insecure: bool = False) -> Path:
     """Check the credentials against the registry, then store them in ``~/.docker/config.json`` as docker does
     (``auths[registry].auth`` = base64 of ``user:password``, the file readable by its owner only)."""
+    require("oras.provider", "fleet")
     import oras.auth.utils
     import requests
 
