@@ -311,6 +311,31 @@ def test_a_pull_killed_mid_transfer_leaves_nothing_visible_and_the_next_pull_tra
     _cli("verify", "smol", "--full")
 
 
+def test_two_pulls_at_once_take_turns_and_download_the_gguf_once(registry, smol, smol_pushed, tmp_path, monkeypatch, trust):
+    import multiprocessing
+
+    from edgemed.packaging.oci_pull import pull
+
+    home = trust(tmp_path / "device")
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    sha = _gguf_sha(smol["a"])
+    seen = len(registry.access())
+
+    def run(i: int) -> None:
+        (tmp_path / f"out-{i}.json").write_text(json.dumps(pull(registry.ref("clinic/smol:a")).to_dict()))
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=run, args=(i,)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    outs = [json.loads((tmp_path / f"out-{i}.json").read_text()) for i in range(2)]
+    assert sorted(o["already_installed"] for o in outs) == [False, True] and _models(home) == ["smol"]
+    assert len([r for r in registry.access()[seen:] if r["path"].endswith(sha)]) == 1
+
+
 def test_a_damaged_partial_download_is_fetched_again_from_the_start(registry, smol, smol_pushed, tmp_path, monkeypatch, trust):
     """A part whose bytes went bad while the pull was down (a disk error, a power cut) fails the digest once resumed;
     the pull then downloads that file again from byte 0 and installs it, instead of giving up or keeping bad bytes."""
