@@ -270,14 +270,16 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
             if base is None:
                 from edgemed.converters.gguf.writer import write_float_gguf
 
-                base = {"path": Path(work) / "base-f16.gguf", "out_type": "f16", "made": "for the gate, from the source"}
+                base = {"path": Path(work) / "base-f16.gguf", "out_type": "f16"}
                 with timings.step("base"):
                     write_float_gguf(ckpt, spec, vocab, base["path"], "f16",
                                      metadata={"edgemed.source.sha256": source_info["sha256"]})
+                base["made"] = "F16, converted from the source for this check (not kept)"
             with timings.step("parity"):
                 report = check_adapter_gguf(src, base["path"], tmp, base["out_type"], threads=opts.threads)
             what = f"The adapter on the {base['out_type'].upper()} base"
-            parity = gated(report, what, echo) | {"base": {k: str(v) for k, v in base.items()}}
+            shown = {k: str(v) for k, v in base.items() if not (k == "path" and "made" in base)}  # scratch is gone
+            parity = gated(report, what, echo) | {"base": shown}
         size, digest = tmp.stat().st_size, file_sha256(tmp)
         timings.since_start("total")
         lora_info = (lora_info or {}) | {

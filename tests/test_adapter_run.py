@@ -70,7 +70,7 @@ def test_greedy_text_with_the_adapter_equals_the_merged_models(kit):
 
 def test_run_cli_applies_the_adapter_at_its_scale(kit):
     """``edgemed run BASE --adapter FILE``: the merged model's text; ``FILE:0`` is the bare base's."""
-    args = ["--prompt", PROMPT, "--raw", "--max-tokens", "16", "--threads", "2"]
+    args = ["--prompt", PROMPT, "--raw", "--max-tokens", "16", "--threads", "2", "--ctx", "512"]
     adapted = cli("run", kit["base"], "--adapter", kit["adapter"], *args)
     merged = cli("run", kit["merged"], *args)
     off = cli("run", kit["base"], "--adapter", f"{kit['adapter']}:0", *args)
@@ -78,6 +78,14 @@ def test_run_cli_applies_the_adapter_at_its_scale(kit):
     for result in (adapted, merged, off, bare):
         assert result.exit_code == 0, result.output
     assert adapted.output == merged.output and off.output == bare.output and adapted.output != bare.output
+
+
+def test_chat_cli_applies_the_adapter(kit):
+    """``edgemed chat BASE --adapter FILE`` says which adapter it runs with, and answers."""
+    result = cli("chat", kit["base"], "--adapter", kit["adapter"], "--max-tokens", "8", "--threads", "2", "--ctx", "512",
+                 input="What is angina?\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert f"with {kit['adapter'].name}" in result.output
 
 
 def test_the_adapter_is_refused_on_a_base_it_was_not_made_for(kit, smollm2_gguf, tmp_path):
@@ -150,13 +158,14 @@ def test_the_planner_counts_adapter_memory(kit):
     assert adapted.to_dict()["estimate"]["adapters"] == tensors
 
 
-def test_the_self_test_decodes_with_the_adapter_applied(kit):
-    """The host self-test's child loads the base, applies the adapter and decodes; adapters change its cache key."""
+def test_the_self_test_decodes_with_the_adapter_applied(kit, monkeypatch):
+    """The loader hands the adapters to the host self-test, whose child loads the base, applies them and decodes;
+    their tensor types join the verdict's key."""
     import json
 
     from edgemed.runtime import selftest
     from edgemed.runtime.engine import LoadSettings
-    from edgemed.runtime.loader import AdapterSpec
+    from edgemed.runtime.loader import AdapterSpec, load_model
 
     spec = AdapterSpec(kit["adapter"], 1.0)
     load = LoadSettings(n_ctx=128, extra_buffers="none")
@@ -165,3 +174,9 @@ def test_the_self_test_decodes_with_the_adapter_applied(kit):
     assert verdict.ok, verdict
     assert json.loads(verdict.detail)["adapters"] == 1
     assert selftest.adapter_types([spec]) == ("lora:F16",)
+
+    asked = []
+    with monkeypatch.context() as m:
+        m.setattr(selftest, "ensure", lambda path, load, tensors=None, adapters=(): asked.append(adapters) or load)
+        load_model(kit["base"], load, [spec]).close()
+    assert asked == [(spec,)]

@@ -99,7 +99,8 @@ def load_model(path: Path | str, load: LoadSettings | None = None, adapters=()):
     specs = _specs(adapters)
     for spec in specs:
         check_adapter(header.metadata, path, spec.path)
-    settings = selftest.ensure(path, load or LoadSettings(), header.tensors, adapters=specs)
+    load = load or LoadSettings()
+    settings = selftest.ensure(path, load, header.tensors, adapters=specs) if specs else selftest.ensure(path, load, header.tensors)
     return llamacpp.Model(path, settings, tensors=header.tensors)
 
 
