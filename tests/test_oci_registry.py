@@ -434,6 +434,7 @@ def test_pulling_what_is_installed_changes_nothing_and_another_bundle_needs_forc
     assert not first["already_installed"] and again["already_installed"] and again["downloaded"] == ["manifest.json", "model.sig"]
     assert not [r for r in registry.access()[seen:] if r["path"].endswith(_gguf_sha(smol["a"]))]
     assert "already installed from this bundle" in _cli("pull", registry.ref("clinic/smol:a"))
+    assert json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--force", "--json"))["already_installed"]
     _cli("push", smol["b"], registry.ref("clinic/smol:b"))
     seen = len(registry.access())
     out = _cli("pull", registry.ref("clinic/smol:b"), ok=False)

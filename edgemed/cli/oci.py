@@ -45,7 +45,8 @@ def push(bundle, target, insecure, as_json):
 @click.argument("source", metavar="oci://HOST[:PORT]/REPO:TAG|@sha256:DIGEST")
 @click.option("--name", help="Install under this name (default: the bundle's name).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
-@click.option("--force", is_flag=True, help="Replace an installed model of the same name.")
+@click.option("--force", is_flag=True, help="Replace an installed model of the same name (kept for `edgemed rollback`); "
+              "a model that is this very bundle already is left as it is.")
 @click.option("--insecure", is_flag=True, help=_INSECURE)
 @click.option("--json", "as_json", is_flag=True, help="Print the result (name, origin, bytes downloaded and resumed) as JSON.")
 def pull(source, name, key, force, insecure, as_json):
@@ -64,7 +65,8 @@ def pull(source, name, key, force, insecure, as_json):
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
     if r.already_installed:
-        click.echo(f"{r.name} is already installed from this bundle ({r.origin}); nothing was downloaded or changed")
+        click.echo(f"{r.name} is already installed from this bundle ({r.origin}); nothing was changed "
+                   f"(edgemed verify {r.name} --full checks its files)")
         return
     resumed = f", {_size(r.bytes_resumed)} resumed" if r.bytes_resumed else ""
     sig = f"; signature valid (key {r.signed_by})" if r.signed_by else ""

@@ -13,9 +13,10 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    resumes from the part's size with an HTTP ``Range`` request, after re-hashing the bytes already there.
    A digest or size mismatch is refused naming the layer's file path and both digests, and the bad part
    is deleted (a resumed one gets one fresh try from byte 0 first: its old bytes may be what was wrong).
-   A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``):
-   a nightly ``edgemed pull`` on every device downloads nothing until the tag moves. A name holding another
-   bundle is refused without ``--force`` before anything large is fetched.
+   A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``),
+   ``--force`` or not: a nightly ``edgemed pull ... --force`` on every device downloads nothing until the tag
+   moves, then installs the new bundle. A name holding another bundle is refused without ``--force`` before
+   anything large is fetched.
 4. Each layer is hard-linked into a staging folder (owner-tagged debris in ``downloads/``) as soon as it is
    obtained, so a store blob it links cannot be collected while the rest downloads. The folder goes to
    ``Store.install`` with the origin; the store verifies every file again, checks the signature under the trust
@@ -139,7 +140,7 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
         oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
         _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
         target_name = check_name(name or man.name)
-        if not force and _installed(store, target_name, data):
+        if _installed(store, target_name, data, force):
             stats.name, stats.already_installed = target_name, True
             _forget(fetched)
             return stats
@@ -168,13 +169,16 @@ def _judge(stage: Path, man: Manifest, data: bytes, origin: oci.Ref, public_key)
     trust.decide(str(origin), signing.well_formed(sig), man, data, key=public_key)
 
 
-def _installed(store, name: str, data: bytes) -> bool:
-    """True when ``name`` holds this bundle already; a StoreError (the store's own words) when it holds another one."""
+def _installed(store, name: str, data: bytes, force: bool) -> bool:
+    """True when ``name`` holds this bundle already (with or without ``force``: there is nothing to replace); when
+    it holds another one, False with ``force``, else a StoreError in the store's own words."""
     if not (store.models / name).exists():
         return False
     rec = store.record(name)
     if rec is not None and rec.get("manifest_sha256") == hashlib.sha256(data).hexdigest():
         return True
+    if force:
+        return False
     raise StoreError(f"A model named '{name}' is already installed.",
                      f"pass --force to replace it (the store keeps the replaced version for `edgemed rollback {name}`), "
                      f"or pull it under another name with --name")
