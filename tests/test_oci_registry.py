@@ -224,6 +224,20 @@ def test_a_tar_bundle_is_pushed_as_the_same_files(registry, tmp_path, edgemed_ho
     assert json.loads((edgemed_home / "store" / "models" / "tiny" / "manifest.json").read_bytes()) == man.to_dict()
 
 
+def test_an_empty_file_travels_too(registry, tmp_path, edgemed_home, maker_key):
+    from edgemed.packaging import signing
+    from edgemed.packaging.bundle import PackInputs, pack
+
+    src = bundle_kit.inputs(tmp_path / "src")
+    empty = tmp_path / "src" / "notes.txt"
+    empty.write_text("")
+    pack(PackInputs(model=src["model"], license=src["license"], name="tiny", templates=[empty]), tmp_path / "b", as_dir=True,
+         private_key=signing.load_private_key(maker_key[0]))
+    _cli("push", tmp_path / "b", registry.ref("clinic/empty:v1"))
+    assert "templates/notes.txt" in json.loads(_cli("pull", registry.ref("clinic/empty:v1"), "--json"))["downloaded"]
+    assert (edgemed_home / "store" / "models" / "tiny" / "templates" / "notes.txt").stat().st_size == 0
+
+
 def test_pull_by_a_digest_the_registry_does_not_hold_is_refused(registry, smol_pushed):
     out = _cli("pull", registry.ref("clinic/smol@sha256:" + "0" * 64), ok=False)
     assert "has no manifest" in out and "Fix:" in out
