@@ -52,9 +52,11 @@ def push(bundle, target, insecure, as_json):
 def pull(source, name, key, force, insecure, as_json):
     """Pull a model from a registry into the local store.
 
-    Every file is hashed as it arrives and checked against its digest; nothing is installed
-    until all of them match. Files the store already holds are not downloaded; an interrupted
-    pull resumes where it stopped when run again. Then: edgemed run NAME
+    The trust policy ($EDGEMED_HOME/trust.toml) must accept the bundle's signature, which is
+    checked before any weight is downloaded. Every file is hashed as it arrives and checked
+    against its digest; nothing is installed until all of them match. Files the store already
+    holds are not downloaded; an interrupted pull resumes where it stopped when run again.
+    Then: edgemed run NAME
     """
     from edgemed.packaging import signing
     from edgemed.packaging.oci_pull import pull as do_pull
