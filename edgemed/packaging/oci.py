@@ -24,7 +24,6 @@ written on its word.
 
 from __future__ import annotations
 
-import base64
 import functools
 import ipaddress
 import json
@@ -236,33 +235,27 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
     """Check the credentials against the registry, then store them in ``~/.docker/config.json`` as docker does
     (``auths[registry].auth`` = base64 of ``user:password``, the file readable by its owner only)."""
     require("oras.provider", "fleet")
-    import oras.auth.utils
+    import oras.auth.utils as au
     import requests
 
     from edgemed.files.atomic import atomic_path
 
     ref = parse_ref(f"oci://{registry}/login:check")
-    base = f"{'http' if insecure or ref.is_loopback else 'https'}://{ref.registry}"
+    plain = insecure or ref.is_loopback
+    base = f"{'http' if plain else 'https'}://{ref.registry}"
     try:
         r = requests.get(f"{base}/v2/", auth=(username, password), timeout=Client.PING_TIMEOUT_S)
+        challenge = r.headers.get("WWW-Authenticate", "")
+        if r.status_code == 401 and challenge.lower().startswith("bearer"):  # a token service (Harbor, cloud registries)
+            h = au.parse_auth_header(challenge)
+            realm = h.realm or ""
+            if not (realm.startswith("https://") or (plain and realm.startswith("http://"))):
+                raise RegistryError(f"The registry {ref.registry} names a token service that is not HTTPS ({realm[:80]!r}).",
+                                    "ask the registry's administrator to serve the token service over HTTPS")
+            r = requests.get(realm, params={"service": h.service or ""}, auth=(username, password), timeout=Client.PING_TIMEOUT_S)
     except requests.exceptions.RequestException as exc:
-        raise RegistryError(f"Cannot reach the registry {base} ({_short(exc)}).",
+        raise RegistryError(f"Cannot reach the registry {base} or its token service ({_short(exc)}).",
                             "check the host and port; pass --insecure only for a registry that serves plain HTTP on a network you trust") from None
-    challenge = r.headers.get("WWW-Authenticate", "")
-    if r.status_code == 401 and challenge.lower().startswith("bearer"):  # a token service (Harbor, cloud registries)
-        import oras.auth.utils as au
-
-        realm = au.parse_auth_header(challenge).realm or ""
-        try:
-            r = requests.get(realm, params={"service": au.parse_auth_header(challenge).service or ""},
-                             auth=(username, password), timeout=Client.PING_TIMEOUT_S) if realm.startswith("https://") or \
-                (realm.startswith("http://") and (insecure or ref.is_loopback)) else None
-        except requests.exceptions.RequestException as exc:
-            raise RegistryError(f"Cannot reach the token service {realm} of {ref.registry} ({_short(exc)}).",
-                                "check that this machine can reach it") from None
-        if r is None:
-            raise RegistryError(f"The registry {ref.registry} names a token service that is not HTTPS ({realm[:80]!r}).",
-                                "ask the registry's administrator to serve the token service over HTTPS")
     if r.status_code != 200:
         raise RegistryError(f"The registry {ref.registry} refused the user name and password (HTTP {r.status_code}).",
                             "check them with the registry's administrator and log in again")
@@ -275,22 +268,13 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
             raise InputError(f"{path} is not valid JSON ({exc}).", f"fix or move {path}, then log in again") from None
         if not isinstance(cfg, dict) or not isinstance(cfg.get("auths", {}), dict):
             raise InputError(f"{path} is not a docker config file (no 'auths' object).", f"fix or move {path}, then log in again")
-    cfg.setdefault("auths", {})[ref.registry] = {"auth": oras.auth.utils.get_basic_auth(username, password)}
+    cfg.setdefault("auths", {})[ref.registry] = {"auth": au.get_basic_auth(username, password)}
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with atomic_path(path, force=True) as tmp:
         tmp.touch(mode=0o600)
         tmp.chmod(0o600)
         tmp.write_text(json.dumps(cfg, indent="\t") + "\n", encoding="utf-8")
     return path
-
-
-def credentials_of(registry: str) -> str | None:
-    """The user name stored for ``registry`` (never the password), for messages."""
-    try:
-        auth = json.loads(docker_config().read_text(encoding="utf-8"))["auths"][registry]["auth"]
-        return base64.b64decode(auth).decode("utf-8").split(":", 1)[0]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 # -- the ModelPack manifest and config ----------------------------------------------------------
