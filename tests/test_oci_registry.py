@@ -224,6 +224,17 @@ def test_a_tar_bundle_is_pushed_as_the_same_files(registry, tmp_path, edgemed_ho
     assert json.loads((edgemed_home / "store" / "models" / "tiny" / "manifest.json").read_bytes()) == man.to_dict()
 
 
+def test_a_damaged_bundle_is_not_pushed(registry, tmp_path, maker_key):
+    import requests
+
+    bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "b", "tiny", maker_key[0])
+    (bundle / "LICENSE").write_text("Apache License, Version 2.0 (test copy)\nplus a line\n")
+    out = _cli("push", bundle, registry.ref("clinic/damaged:v1"), ok=False)
+    assert "'LICENSE'" in out and "Fix:" in out
+    r = requests.get(f"http://{registry.host}/v2/clinic/damaged/tags/list", timeout=10)
+    assert r.status_code == 404  # the repository was never created: nothing went up
+
+
 def test_an_empty_file_travels_too(registry, tmp_path, edgemed_home, maker_key):
     from edgemed.packaging import signing
     from edgemed.packaging.bundle import PackInputs, pack
