@@ -95,9 +95,10 @@ def echo_piece(show_think: bool):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile's memory budget allows).")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, usually physical cores).")
-@click.option("--adapter", "adapters", multiple=True, metavar="FILE[:SCALE]",
-              help="A GGUF LoRA adapter for MODEL (`edgemed convert ... --adapter-only`), applied at run time, at SCALE "
-              "(default 1, as trained). Repeatable.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME|FILE[:SCALE]",
+              help="A LoRA adapter for MODEL, applied at run time, at SCALE (default 1, as trained): the NAME of one in "
+              "MODEL's bundle or an installed adapter bundle for it (`edgemed list`), or a GGUF adapter file "
+              "(`edgemed convert ... --adapter-only`). Repeatable.")
 def run(model, prompt, raw, system, template_name, question, options, item_json, pairs, profile, think, as_json,
         max_tokens, temperature, top_p, seed, n_ctx, threads, adapters):
     """Generate a reply with MODEL (a .gguf file, or an installed model's name), streaming it to stdout.
@@ -110,7 +111,6 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     """
     from edgemed.errors import InputError
     from edgemed.runtime import GenerationSettings
-    from edgemed.runtime.loader import AdapterSpec
     from edgemed.runtime.session import ask, open_with_adapters, prepare, respond
     from edgemed.templates.think import ThinkPolicy
 
@@ -136,10 +136,11 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         if sys.stdin.isatty():
             raise InputError("No prompt given.", "pass --prompt '...' (or --template mcq --question ...), or pipe the prompt on standard input")
         prompt = sys.stdin.read()
-    specs = [AdapterSpec.parse(a) for a in adapters]  # a bad --adapter is refused before anything loads
-    from edgemed.packaging.ref import runnable
+    from edgemed.packaging.ref import adapter_specs, runnable
 
-    model = runnable(model).model_path  # an installed name, or a bundle directory: verified before load
+    ref = runnable(model)  # an installed name, or a bundle directory: verified before load
+    specs = adapter_specs(ref, adapters)  # NAME[:SCALE] (the model's bundle, installed adapter bundles) or FILE[:SCALE]
+    model = ref.model_path
     prepared = prepare(model, profile, n_ctx, threads, seed, adapters=specs)
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     engine = open_with_adapters(model, prepared.load, specs)
