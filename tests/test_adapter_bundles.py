@@ -254,3 +254,11 @@ def test_run_by_adapter_name_equals_the_adapter_file(ad, tmp_path):
     by_name = greedy(ref.model_path, specs)
     assert by_name == greedy(gguf, [AdapterSpec(ad["cardio"])])
     assert by_name != greedy(gguf, [])
+
+    # edgemed run NAME --adapter NAME: the same adapter through the command line; an unknown name is refused first
+    r = cli("run", "smol", "--adapter", "radiology", "--raw", "--prompt", "x")
+    assert r.exit_code != 0 and "its adapters: cardio" in r.output, r.output
+    args = ("--raw", "--json", "--max-tokens", 12, "--ctx", 256, "--prompt", "The patient presents with chest pain and")
+    named, filed = cli("run", "smol", "--adapter", "cardio", *args), cli("run", "smol", "--adapter", ad["cardio"], *args)
+    assert named.exit_code == 0 and filed.exit_code == 0, named.output + filed.output
+    assert json.loads(named.output.strip().splitlines()[-1]) == json.loads(filed.output.strip().splitlines()[-1])
