@@ -48,11 +48,13 @@ def check(cond: bool, why: str) -> None:
         raise AssertionError(why)
 
 
-def calls_valid(calls, names=None) -> list[dict]:
+def calls_valid(message, names=None) -> list[dict]:
+    """The arguments of ``message``'s tool calls, each checked against its function's schema."""
     import jsonschema
 
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    check(bool(calls), "no tool_calls")
+    calls = message.tool_calls
+    check(bool(calls), f"no tool_calls; content {(message.content or '')[:60]!r}")
     out = []
     for call in calls:
         check(call.function.name in schemas and (names is None or call.function.name in names),
@@ -184,13 +186,15 @@ def _chat_logprobs(c, m, url):
 def _completion_logprobs(c, m, url):
     r = c.completions.create(model=m, prompt="The heart has four", max_tokens=3, logprobs=2)
     lp = r.choices[0].logprobs
+    check(lp is not None and lp.tokens is not None, "no logprobs in the answer")
     check(len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens, "parallel lists")
 
 
 def _echo(c, m, url):
     r = c.completions.create(model=m, prompt="The heart has four", max_tokens=3, logprobs=1, echo=True)
     lp = r.choices[0].logprobs
-    check(r.choices[0].text.startswith("The heart has four") and lp.token_logprobs[0] is None, "prompt echoed")
+    check(r.choices[0].text.startswith("The heart has four"), f"no echo: text {r.choices[0].text[:40]!r}")
+    check(lp is not None and lp.token_logprobs and lp.token_logprobs[0] is None, "no prompt logprobs")
     check(len(lp.tokens) > r.usage.completion_tokens, "prompt tokens scored")
 
 
@@ -232,18 +236,18 @@ def _prompt_list(c, m, url):
 def _tool_named(c, m, url):
     named = {"type": "function", "function": {"name": "formulary_lookup"}}
     r = c.chat.completions.create(model=m, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=48)
+    calls_valid(r.choices[0].message, {"formulary_lookup"})
     check(r.choices[0].finish_reason == "tool_calls", f"finish_reason {r.choices[0].finish_reason}")
-    calls_valid(r.choices[0].message.tool_calls, {"formulary_lookup"})
 
 
 def _tool_required(c, m, url):
     r = c.chat.completions.create(model=m, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=48)
-    calls_valid(r.choices[0].message.tool_calls)
+    calls_valid(r.choices[0].message)
 
 
 def _tool_auto(c, m, url):
     r = c.chat.completions.create(model=m, messages=ASK, tools=TOOLS, max_tokens=64)
-    calls_valid(r.choices[0].message.tool_calls)
+    calls_valid(r.choices[0].message)
     check(r.choices[0].finish_reason == "tool_calls", f"finish_reason {r.choices[0].finish_reason}")
 
 
@@ -252,7 +256,7 @@ def _tool_auto_stream(c, m, url):
 
     calls, reason = stream_calls(c.chat.completions.create(model=m, messages=ASK, tools=TOOLS, max_tokens=64,
                                                            stream=True))
-    check(bool(calls) and reason == "tool_calls", f"calls {calls}, finish {reason}")
+    check(bool(calls) and reason == "tool_calls", f"no streamed tool_calls (finish_reason {reason})")
     for call in calls.values():
         jsonschema.validate(json.loads(call["arguments"]), DOSE["function"]["parameters"])
 
@@ -260,7 +264,7 @@ def _tool_auto_stream(c, m, url):
 def _tool_parallel_off(c, m, url):
     r = c.chat.completions.create(model=m, messages=ASK, tools=TOOLS, tool_choice="required",
                                   parallel_tool_calls=False, max_tokens=48)
-    check(len(calls_valid(r.choices[0].message.tool_calls)) == 1, "one call")
+    check(len(calls_valid(r.choices[0].message)) == 1, "one call")
 
 
 def _tool_history(c, m, url):
@@ -370,6 +374,9 @@ def report_md(result: dict) -> str:
     lines = [f"# OpenAI conformance: {result['model']}", "",
              f"`python -m edgemed.benchmarks.openai_conformance` on {result['host']['cpu']}, {result['threads']} thread, "
              f"{SLOTS} slots of {CTX} tokens, the official openai client {result['openai']}.", "",
+             "A case passes when the answer is what OpenAI documents (for an error case: the right 4xx in OpenAI's "
+             "shape); refused: a valid request answered with a 4xx; fail: a wrong answer or a 5xx. The detail is the "
+             "first check that failed.", "",
              "| case | " + " | ".join(servers) + " |", "|---|" + "---|" * len(servers)]
     for name in CASES:
         cells = []
