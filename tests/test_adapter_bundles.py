@@ -262,3 +262,21 @@ def test_run_by_adapter_name_equals_the_adapter_file(ad, tmp_path):
     named, filed = cli("run", "smol", "--adapter", "cardio", *args), cli("run", "smol", "--adapter", ad["cardio"], *args)
     assert named.exit_code == 0 and filed.exit_code == 0, named.output + filed.output
     assert json.loads(named.output.strip().splitlines()[-1]) == json.loads(filed.output.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m["adapters"][0].update(path="model/tiny.gguf"), "not a listed adapter file"),
+    (lambda m: m["adapters"][0].update(base_source_sha256="cd" * 32), "not this bundle's base"),
+    (lambda m: m["adapters"].pop(), "no adapter entry names it"),
+    (lambda m: m["adapters"].append(dict(m["adapters"][0])), "listed twice"),
+    (lambda m: m["model"].update(format="adapters"), "must name its base by sha256"),
+])
+def test_a_manifest_whose_adapters_do_not_add_up_is_refused(ad, tmp_path, change, says):
+    """A reader checks the adapter list against the files and the base before anything uses it."""
+    from edgemed.packaging.manifest import Manifest
+
+    raw = _base_bundle(ad, tmp_path / "b.edgemed", "cardio").to_dict()
+    Manifest.from_bytes(json.dumps(raw).encode())  # as packed: accepted
+    change(raw)
+    with pytest.raises(IntegrityError, match=says):
+        Manifest.from_bytes(json.dumps(raw).encode())

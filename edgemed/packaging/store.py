@@ -41,6 +41,10 @@ to the kept version and whose record is the kept one (with the current one as it
 ``previous``), under the same journal: a kill at any step leaves the current model or the
 kept one in ``models/<name>``, and the other one kept. A remove drops the kept versions too.
 
+Adapter-only bundles (LoRA adapters for a base named by its checkpoint sha256, no model file) install through
+the same path and journal; the install is refused, before any weights are read, while no installed model was
+converted from that checkpoint. ``models_for_base`` and ``adapter_bundles_for`` read the installed manifests.
+
 Damaged or hostile state (``store_files``): index.json and journal.json are checked before
 anything acts on them; a journal that fails is set aside (never deleted) and nothing is done on
 its word; in ``tmp/`` only dead owners' debris is removed, and an aside copy goes back into
