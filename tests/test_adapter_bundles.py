@@ -149,11 +149,12 @@ def test_adapter_only_bundle_needs_its_base_installed_then_resolves_by_name(ad, 
         runnable("tiny-triage")
 
     rows = {r["name"]: r for r in json.loads(cli("list", "--json").output)}
-    assert [(a["name"], a["bundle"]) for a in rows["tiny"]["adapters"]] == [
-        ("cardio", "tiny"), ("triage", "tiny-triage"), ("cardio", "tiny-triage")]
+    assert [(a["name"], a["bundle"], a["picked"]) for a in rows["tiny"]["adapters"]] == [
+        ("cardio", "tiny", True), ("triage", "tiny-triage", True), ("cardio", "tiny-triage", False)]  # as adapters() picks
     assert rows["tiny-triage"]["kind"] == "adapters" and rows["tiny-triage"]["for_models"] == ["tiny"]
     shown = cli("list").output
     assert "adapter triage" in shown and "(from tiny-triage)" in shown and "edgemed run tiny --adapter cardio" in shown
+    assert "(from tiny-triage) (shadowed)" in shown
     inspected = cli("inspect", only).output
     assert "LoRA adapters only, for the base checkpoint " + ad["digest"] in inspected and "triage" in inspected
 

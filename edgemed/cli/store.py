@@ -65,7 +65,7 @@ def list_(as_json):
             p = r["previous"]
             click.echo(f"{'':<24} previous: {p['version'] or '-'} {p['digest'][:19]} from {p['origin']} (edgemed rollback {r['name']})")
         for a in r.get("adapters") or []:
-            where = "" if a["bundle"] == r["name"] else f" (from {a['bundle']})"
+            where = ("" if a["bundle"] == r["name"] else f" (from {a['bundle']})") + ("" if a.get("picked", True) else " (shadowed)")
             click.echo(f"{'':<24} adapter {a['name']:<16} {a['size_bytes'] / 1e6:>9,.1f} MB{where}  "
                        f"(edgemed run {r['name']} --adapter {a['name']})")
     click.echo(f"store: {store.root} ({store.disk_usage() / 1e6:,.1f} MB on disk, shared files counted once)")

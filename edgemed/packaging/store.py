@@ -542,6 +542,13 @@ class Store:
             r["for_models"] = bases.get(r["base_source_sha256"], [])  # empty: its base was removed; the adapters cannot run
             for model in r["for_models"]:
                 rows[model]["adapters"] += [dict(a) for a in r["adapters"]]
+        for r in rows.values():  # the one ``--adapter NAME`` picks (packaging.ref.adapters): the model's own, else the latest
+            picked: dict[str, dict] = {}
+            for a in r.get("adapters") or []:
+                if a["name"] not in picked or picked[a["name"]]["bundle"] != r["name"]:
+                    picked[a["name"]] = a
+            for a in r.get("adapters") or []:
+                a["picked"] = r.get("kind") == "adapters" or picked[a["name"]] is a
         for name, why in bad.items():
             shown = name if valid_name(name) else ascii(name)
             rows[shown] = {"name": shown, "error": f"its record in {self.index_path} is damaged ({why}); "
