@@ -14,7 +14,8 @@ What each case proves:
 - n: three choices at temperature 0.8 from one prefill (the batcher's computed prompt tokens grow by one prompt,
   two sequences are counted as forked) with the prompt counted once in usage; a list of prompts gives n each;
 - tools (Qwen2.5): forced, required, auto (streamed, as OpenAI streams deltas) and in a history come back as
-  ``tool_calls`` whose arguments parse as JSON and validate against the function's schema.
+  ``tool_calls`` whose arguments parse as JSON and validate against the function's schema; the parser reads
+  tagged, bare and fenced calls to known functions only, and the stream filter never lets a call's text out.
 """
 
 from __future__ import annotations
@@ -323,3 +324,30 @@ def test_tool_calls_and_results_in_a_history_render_and_answer(qwen):
     none = qwen.client.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS, tool_choice="none",
                                                max_tokens=8)
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason in ("stop", "length")
+
+
+# -- the tool-call parser and stream filter on their own (no model) ---------------------------------------------
+def test_calls_are_read_tagged_bare_or_fenced_and_only_for_known_functions():
+    from edgemed.serve.tools import parse
+
+    tagged = parse('Checking.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', {"f"})
+    assert tagged.content == "Checking." and json.loads(tagged.calls[0]["function"]["arguments"]) == {"a": 1}
+    fenced = parse('```json\n{"name": "f", "arguments": {"a": 2}}\n```', {"f"})
+    assert fenced.content is None and fenced.calls[0]["function"]["name"] == "f"
+    assert parse('{"name": "g", "arguments": {}}', {"f"}).calls == []  # not one of the tools: plain content
+    assert parse('{"answer": 3}', {"f"}).content == '{"answer": 3}'
+    broken = parse("<tool_call>\n{not json}\n</tool_call>", {"f"})
+    assert broken.calls == [] and "not json" in broken.content
+
+
+def test_the_stream_filter_holds_a_call_back_and_passes_text_on():
+    from edgemed.serve.tools import CallFilter
+
+    f = CallFilter({"f"})
+    sent = [f.push(p) for p in ["Let me", " check <tool", '_call>\n{"name": "f", ', '"arguments": {}}\n</tool_call>']]
+    assert "".join(sent) == "Let me check " and "<tool" not in "".join(sent)
+    rest, calls = f.finish()
+    assert rest == "" and [c["function"]["name"] for c in calls] == ["f"]
+    f = CallFilter({"f"})
+    assert [f.push(p) for p in ["{", "1 + 1}"]] == ["", ""]  # could have been a call: held to the end
+    assert f.finish() == ("{1 + 1}", [])
