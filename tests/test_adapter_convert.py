@@ -36,14 +36,34 @@ def make_lora(base: Path, out: Path, *, r: int = 8, alpha: int = 16, std: float 
     return out
 
 
+_KIT: dict = {}  # built once per session, shared with test_adapter_run (which imports this module)
+
+
+def adapter_kit(smollm2_hf, tmp_path_factory) -> dict:
+    """The PEFT LoRA on SmolLM2 and the F16 base converted from the same checkpoint, made once per session."""
+    if not _KIT:
+        from edgemed.converters.pipeline import ConvertOptions, convert
+
+        work = tmp_path_factory.mktemp("adapter-kit")
+        lora = make_lora(smollm2_hf, work / "cardio-lora")
+        convert(smollm2_hf, work / "base-f16.gguf", ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+        _KIT.update(work=work, lora=lora, base_f16=work / "base-f16.gguf")
+    return _KIT
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("adapter")
 
 
 @pytest.fixture(scope="module")
-def lora(smollm2_hf, work) -> Path:
-    return make_lora(smollm2_hf, work / "cardio-lora")
+def lora(smollm2_hf, tmp_path_factory) -> Path:
+    return adapter_kit(smollm2_hf, tmp_path_factory)["lora"]
+
+
+@pytest.fixture(scope="module")
+def base_f16(smollm2_hf, tmp_path_factory) -> Path:
+    return adapter_kit(smollm2_hf, tmp_path_factory)["base_f16"]
 
 
 def cli(*args, input: str | None = None):
@@ -95,7 +115,7 @@ def test_llamacpp_loads_the_adapter_and_it_changes_the_logits(smollm2_hf, lora, 
     model = load_model(base_f16, LoadSettings(n_ctx=64, extra_buffers="none"))
     ctx = adapter = None
     try:
-        ctx = llamacpp.Context(model, n_ctx=64, n_batch=64)
+        ctx = llamacpp.Context(model, n_ctx=64, n_batch=64, threads=1)
         tokens = model.tokenize(PROMPT, add_special=True)
         bare = ctx.eval(tokens, all_rows=True)
         adapter = llamacpp.Adapter(model, out)
@@ -127,7 +147,7 @@ def test_convert_adapter_only_passes_the_f16_gate(smollm2_hf, lora, base_f16, wo
     from edgemed.formats.gguf_header import BASE_SOURCE_KEY, read_header
 
     out = work / "cardio.lora.gguf"
-    result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "-o", out, "--json")
+    result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "-o", out, "--json", "--threads", "1")
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_name(out.name + ".report.json").read_text())
     parity = report["parity"]
@@ -153,7 +173,7 @@ def test_adapter_gated_on_a_q4_k_m_base_reports_top1_and_kld(smollm2_hf, lora, b
     base = work / "base-q4_k_m.gguf"
     quantize(base_f16, base, "q4_k_m")  # what `convert --quant q4_k_m --no-imatrix` makes of the F16 base
     out = work / "cardio-q4.lora.gguf"
-    result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "--base", base, "-o", out, "--json")
+    result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "--base", base, "-o", out, "--json", "--threads", "1")
     assert result.exit_code == 0, result.output
     parity = json.loads(out.with_name(out.name + ".report.json").read_text())["parity"]
     print(f"adapter on Q4_K_M base: top-1 {parity['top1']:.3f}, KLD {parity['kld']:.4f} nats, NMSE {parity['nmse']:.3e}")
@@ -219,7 +239,7 @@ def test_per_module_scales_and_architectures_pass_the_gate(tmp_path, arch, extra
     base = tiny.build_model(tmp_path / arch, arch=arch)
     lora = make_lora(base, tmp_path / "lora", r=8, alpha=4, std=0.05, **extra)
     out = tmp_path / "tiny.lora.gguf"
-    report = convert(base, out, ConvertOptions(out_type="f32", adapter_only=True, lora=lora), echo=lambda s: None)
+    report = convert(base, out, ConvertOptions(out_type="f32", adapter_only=True, lora=lora, threads=1), echo=lambda s: None)
     assert report.parity["passed"] is True and report.parity["nmse"] < 1e-4, report.parity["nmse"]
     assert report.lora["tensor_type"] == "f32" and {t.type_name for t in read_header(out).tensors} == {"F32"}
     # and the scales are not all 1: without the fold, this adapter computes another model

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_adapter_convert import PROMPT, cli, make_lora
+from test_adapter_convert import PROMPT, adapter_kit, cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +27,13 @@ def kit(smollm2_hf, tmp_path_factory) -> dict:
     from edgemed.converters.pipeline import ConvertOptions, convert
     from edgemed.converters.source.source import Source
 
-    work = tmp_path_factory.mktemp("adapter-run")
-    lora = make_lora(smollm2_hf, work / "cardio-lora")
-    quiet = {"echo": lambda s: None}
-    convert(smollm2_hf, work / "base.gguf", ConvertOptions(out_type="f16", parity=False), **quiet)
-    convert(smollm2_hf, work / "merged.gguf", ConvertOptions(out_type="f16", parity=False, lora=lora), **quiet)
+    shared = adapter_kit(smollm2_hf, tmp_path_factory)  # the LoRA and the F16 base, shared with test_adapter_convert
+    work, lora = tmp_path_factory.mktemp("adapter-run"), shared["lora"]
+    convert(smollm2_hf, work / "merged.gguf", ConvertOptions(out_type="f16", parity=False, lora=lora), echo=lambda s: None)
     src = Source.open(smollm2_hf, lora=lora)
     write_adapter_gguf(src.checkpoint, arch_spec(src.checkpoint.architecture), src.adapter, work / "cardio.lora.gguf",
                        base_source_sha256=src.checkpoint.digest())
-    return {"base": work / "base.gguf", "merged": work / "merged.gguf", "adapter": work / "cardio.lora.gguf", "work": work}
+    return {"base": shared["base_f16"], "merged": work / "merged.gguf", "adapter": work / "cardio.lora.gguf", "work": work}
 
 
 def _greedy(path: Path, adapters=(), n: int = GREEDY_TOKENS):
@@ -44,7 +42,7 @@ def _greedy(path: Path, adapters=(), n: int = GREEDY_TOKENS):
     from edgemed.runtime.engine import GenerationSettings, LoadSettings
     from edgemed.runtime.llama_engine import LlamaEngine
 
-    load = LoadSettings(n_ctx=256, n_threads=2, n_threads_batch=2, extra_buffers="none")
+    load = LoadSettings(n_ctx=256, n_threads=1, n_threads_batch=1, extra_buffers="none")
     with LlamaEngine(path, load, adapters) as engine:
         tokens = engine.tokenize(PROMPT, add_special=True)
         first = engine.ctx.eval(tokens)[0]
@@ -70,7 +68,7 @@ def test_greedy_text_with_the_adapter_equals_the_merged_models(kit):
 
 def test_run_cli_applies_the_adapter_at_its_scale(kit):
     """``edgemed run BASE --adapter FILE``: the merged model's text; ``FILE:0`` is the bare base's."""
-    args = ["--prompt", PROMPT, "--raw", "--max-tokens", "16", "--threads", "2", "--ctx", "512"]
+    args = ["--prompt", PROMPT, "--raw", "--max-tokens", "16", "--threads", "1", "--ctx", "512"]
     adapted = cli("run", kit["base"], "--adapter", kit["adapter"], *args)
     merged = cli("run", kit["merged"], *args)
     off = cli("run", kit["base"], "--adapter", f"{kit['adapter']}:0", *args)
@@ -82,7 +80,7 @@ def test_run_cli_applies_the_adapter_at_its_scale(kit):
 
 def test_chat_cli_applies_the_adapter(kit):
     """``edgemed chat BASE --adapter FILE`` says which adapter it runs with, and answers."""
-    result = cli("chat", kit["base"], "--adapter", kit["adapter"], "--max-tokens", "8", "--threads", "2", "--ctx", "512",
+    result = cli("chat", kit["base"], "--adapter", kit["adapter"], "--max-tokens", "8", "--threads", "1", "--ctx", "512",
                  input="What is angina?\n/exit\n")
     assert result.exit_code == 0, result.output
     assert f"with {kit['adapter'].name}" in result.output
