@@ -171,3 +171,45 @@ def test_prediction_within_10_percent_of_measured_rss(smollm2_gguf):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(row["predicted"] - row["measured"]) / row["measured"] <= 0.10, row
+
+
+def write_tiny_adapter(path: Path, *, n_layer=2, n_embd=64, n_ff=128, r=4, general_type="adapter") -> Path:
+    """A GGUF LoRA adapter for ``write_tiny_gguf``'s model: an F16 pair per ffn_up weight."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type(general_type)
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.ffn_up.weight.lora_a", np.zeros((r, n_embd), dtype=np.float16))
+        w.add_tensor(f"blk.{i}.ffn_up.weight.lora_b", np.zeros((n_ff, r), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_adapters_count_their_tensors_and_can_tip_the_context(tiny, tmp_path):
+    """A LoRA adapter adds its tensors' bytes to the plan; a budget that fits the bare model at a context may
+    leave a smaller one with the adapter; a file that is not an adapter is refused by name."""
+    from edgemed.errors import InputError
+    from edgemed.formats.gguf_header import adapter_facts
+    from edgemed.runtime.plan import make_plan
+
+    adapter = write_tiny_adapter(tmp_path / "a.lora.gguf")
+    facts = adapter_facts(adapter)
+    assert facts.n_bytes == 2 * 2 * (4 * 64 + 128 * 4) and facts.types == ("F16",) and facts.base_source_sha256 is None
+    s = read_shape(tiny)
+    profile = get_profile("x86-avx2")
+    opts = profile_settings(profile)
+    with_adapter = estimate(s, 1536, **opts, adapter_bytes=facts.n_bytes)
+    assert with_adapter.total == estimate(s, 1536, **opts).total + facts.n_bytes
+    budget = estimate(s, 1536, **opts).total + 1000
+    assert choose_context(s, profile, budget)[0] == 1536
+    assert choose_context(s, profile, budget, adapter_bytes=facts.n_bytes)[0] < 1536
+    plan = make_plan(tiny, profile, None, budget=10 * budget, adapters=[adapter, adapter])
+    assert plan.estimate.adapters == 2 * facts.n_bytes and plan.to_dict()["estimate"]["adapters"] == 2 * facts.n_bytes
+    with pytest.raises(InputError, match="not a GGUF LoRA adapter"):
+        make_plan(tiny, profile, None, budget=10 * budget, adapters=[tiny])
+    with pytest.raises(InputError, match="not a GGUF LoRA adapter"):
+        adapter_facts(write_tiny_adapter(tmp_path / "m.gguf", general_type="model"))
