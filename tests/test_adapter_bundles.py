@@ -95,12 +95,14 @@ def test_pack_lists_each_adapter_and_model_sig_covers_it(ad, tmp_path):
     ("other", "was made for the base checkpoint abab"),
     ("base-gguf", "is not a GGUF LoRA adapter (a model, not an adapter)"),
     ("plain-base", "does not record the checkpoint it was converted from"),
+    ("license", "--adapter cardio="),
 ])
 def test_pack_refuses_an_adapter_that_does_not_belong(ad, tmp_path, which, says):
     """An adapter made for another base, a model passed as an adapter, a base that records no checkpoint: refused,
     the file and the fix named, nothing written."""
     model = ad["plain"]["model"] if which == "plain-base" else ad["base"]["model"]
-    adapter = {"other": ad["other"], "base-gguf": ad["base"]["model"], "plain-base": ad["cardio"]}[which]
+    adapter = {"other": ad["other"], "base-gguf": ad["base"]["model"], "plain-base": ad["cardio"],
+               "license": ad["base"]["license"]}[which]
     r = cli("pack", model, "--license", ad["base"]["license"], "--name", "tiny", "--adapter", f"cardio={adapter}",
             "-o", tmp_path / "out.edgemed")
     assert r.exit_code != 0 and says in r.output, r.output
@@ -130,7 +132,8 @@ def test_adapter_only_bundle_needs_its_base_installed_then_resolves_by_name(ad, 
     _base_bundle(ad, tmp_path / "tiny.edgemed", "cardio")
     assert cli("install", tmp_path / "tiny.edgemed").exit_code == 0
     r = cli("install", only)
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "adapters triage, cardio for tiny" in r.output, r.output
+    assert "edgemed run tiny --adapter triage" in r.output
     blob = store.blobs / _sha(ad["cardio"])
     assert blob.stat().st_nlink == 3  # one blob, linked by both installed bundles
     assert len(list(store.blobs.iterdir())) == len({f.sha256 for n in ("tiny", "tiny-triage")

@@ -223,16 +223,19 @@ def inspect(bundle, as_json):
     for a in man.get("adapters") or []:
         click.echo(f"  adapter    {a['name']:<16} {a['path']}: {a.get('architecture')}, rank {a.get('rank') or 'mixed'}, "
                    f"alpha {a.get('alpha')}, {_mb(a['size'])}, for base {str(a.get('base_source_sha256'))[:16]}")
-    click.echo(f"  hashes     chat template {str(m.get('chat_template_sha256'))[:16]}, tokenizer {str(m.get('tokenizer_sha256'))[:16]}")
-    click.echo(f"  provenance source {str(p.get('source_sha256', 'unknown'))[:16]}, LoRA {str(p.get('lora_sha256', 'none'))[:16]}, "
-               f"converter {p.get('converter_version', 'unknown')}, parity {'recorded' if p.get('parity') else 'not recorded'}")
+    only = m.get("format") == "adapters"
+    if not only:
+        click.echo(f"  hashes     chat template {str(m.get('chat_template_sha256'))[:16]}, tokenizer {str(m.get('tokenizer_sha256'))[:16]}")
+        click.echo(f"  provenance source {str(p.get('source_sha256', 'unknown'))[:16]}, LoRA {str(p.get('lora_sha256', 'none'))[:16]}, "
+                   f"converter {p.get('converter_version', 'unknown')}, parity {'recorded' if p.get('parity') else 'not recorded'}")
     click.echo(f"  built with {', '.join(f'{k} {v}' for k, v in p.get('built_with', {}).items())}; "
                f"needs at least {', '.join(f'{k} {v}' for k, v in p.get('min_runtime', {}).items())}")
     click.echo(f"  files      {b['files']} files, {_mb(b['total_bytes'])}")
     for f in man["files"]:
         click.echo(f"             {f['path']:<40} {_mb(f['size']):>12}  {f['sha256'][:16]}  {f['role']}")
     mem = man["memory"]
-    click.echo(f"  memory     ({mem.get('method')}) " + ", ".join(f"ctx {c}: {_mb(n)}" for c, n in mem.get("by_context", {}).items()))
+    if mem:
+        click.echo(f"  memory     ({mem.get('method')}) " + ", ".join(f"ctx {c}: {_mb(n)}" for c, n in mem.get("by_context", {}).items()))
     for prof, need in mem.get("profiles", {}).items():
         verdict = {True: "fits", False: "does NOT fit", None: "budget set by the machine"}[need.get("fits")]
         click.echo(f"             {prof:<22} ctx {need['n_ctx']}: {_mb(need['bytes'])} ({verdict})")

@@ -27,8 +27,15 @@ def install(bundle, name, key, cert_chain, force):
     from edgemed.packaging.store import Store
 
     public_key = signing.load_public_key(key) if key else signing.cert_roots(cert_chain) if cert_chain else None
-    target, man, signer = Store().install(bundle, name=name, public_key=public_key, force=force)
+    store = Store()
+    target, man, signer = store.install(bundle, name=name, public_key=public_key, force=force)
     sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key, or list the maker's key in trust.toml)"
+    if man.adapters_only:
+        bases = store.models_for_base(man.base_source_sha256)
+        click.echo(f"installed {target}: adapters {', '.join(a['name'] for a in man.adapters)} for {', '.join(bases)}, "
+                   f"{man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
+                   f"Use one: edgemed run {bases[0] if bases else 'BASE'} --adapter {man.adapters[0]['name']} --prompt '...'")
+        return
     click.echo(f"installed {target}: {len(man.files)} files, {man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
                f"Run it: edgemed run {target} --prompt '...'")
 

@@ -78,7 +78,10 @@ def _adapters(inp: PackInputs, base: str | None, arch: str | None, base_label: s
         seen.add(name)
         if not Path(path).is_file():
             raise InputError(f"Adapter file '{path}' (for '{name}') does not exist.", f"pass an existing .lora.gguf; {_ADAPTER_FIX}")
-        facts = facts_mod.adapter_entry(Path(path))  # InputError: not a GGUF LoRA adapter, naming the file and the fix
+        try:
+            facts = facts_mod.adapter_entry(Path(path))
+        except InputError as exc:  # not a GGUF, or a GGUF that is not a LoRA adapter (e.g. a model)
+            raise InputError(f"--adapter {name}={path}: {exc.problem}", f"pass a GGUF LoRA adapter file; {_ADAPTER_FIX}") from None
         made_for = facts["base_source_sha256"]
         if made_for is None:
             raise InputError(f"The adapter '{path}' does not record the base checkpoint it was made for (another tool wrote it), "
