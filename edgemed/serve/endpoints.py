@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 from starlette.concurrency import run_in_threadpool
 
 from edgemed.errors import InputError, TemplateError
+from edgemed.runtime.session import starts_in_think
 from edgemed.serve import api
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served
@@ -91,8 +92,10 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     if template is None:
         return Prompt([prompt], json_schema, tools=plan, grammar=constraint)
 
+    opened_think = starts_in_think(prompt)  # a reasoning model's template may open <think> itself
+
     def parsed(text: str) -> dict:
-        result = template.parse(text, body.template_inputs)
+        result = template.parse(text, body.template_inputs, started_in_think=opened_think)
         return {"edgemed": {"template": record.template,
                             "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
 
