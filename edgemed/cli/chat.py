@@ -16,8 +16,9 @@ import click
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile allows).")
 @click.option("--threads", type=int)
-@click.option("--adapter", "adapters", multiple=True, metavar="FILE[:SCALE]",
-              help="A GGUF LoRA adapter for MODEL, applied at run time at SCALE (default 1). Repeatable.")
+@click.option("--adapter", "adapters", multiple=True, metavar="FILE|NAME[:SCALE]",
+              help="A GGUF LoRA adapter for MODEL (a file, or the name of one of the installed model's adapters), "
+              "applied at run time at SCALE (default 1). Repeatable.")
 def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads, adapters):
     """Chat with MODEL. Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits.
 
@@ -25,18 +26,18 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     """
     from edgemed.cli.run import echo_piece
     from edgemed.errors import ContextOverflow
-    from edgemed.packaging.ref import runnable
+    from edgemed.packaging.ref import adapter_specs, runnable
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm
-    from edgemed.runtime.loader import AdapterSpec
     from edgemed.runtime.session import open_with_adapters, prepare, respond
     from edgemed.templates import load_templates
     from edgemed.templates.think import ThinkPolicy
 
-    specs = [AdapterSpec.parse(a) for a in adapters]
     warm()  # the template renderer process starts while the model loads
     policy = ThinkPolicy.parse(think)
-    model = runnable(model).model_path
+    ref = runnable(model)
+    specs = adapter_specs(ref, adapters)  # FILE[:SCALE], or NAME[:SCALE] of the model's adapters; refused before load
+    model = ref.model_path
     prepared = prepare(model, profile, n_ctx, threads, adapters=specs)
     preamble = system or next(iter(load_templates().values())).preamble
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
