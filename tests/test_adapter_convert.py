@@ -11,29 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need_converter
+from adapter_kit import make_lora
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "The patient presents with chest pain and"
-
-
-def make_lora(base: Path, out: Path, *, r: int = 8, alpha: int = 16, std: float = 0.02, seed: int = 1, **extra) -> Path:
-    """A PEFT LoRA adapter on ``base`` with random non-zero A and B (a trained adapter's shape, not its values)."""
-    need_converter("torch", "transformers", "peft")
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=TARGETS, **extra)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, std)
-    peft_model.save_pretrained(out)
-    return out
 
 
 _KIT: dict = {}  # built once per session, shared with test_adapter_run (which imports this module)
