@@ -54,15 +54,6 @@ def cli(*args, input: str | None = None):
     return CliRunner().invoke(main, [str(a) for a in args], input=input)
 
 
-@pytest.fixture(scope="module")
-def base_f16(smollm2_hf, work) -> Path:
-    from edgemed.converters.pipeline import ConvertOptions, convert
-
-    out = work / "base-f16.gguf"
-    convert(smollm2_hf, out, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
-    return out
-
-
 def _written(smollm2_hf, lora, out: Path, **kw):
     from edgemed.converters import arch_spec
     from edgemed.converters.gguf.adapter import write_adapter_gguf
