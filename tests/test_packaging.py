@@ -364,3 +364,12 @@ def test_run_resolves_paths_and_names(tmp_path, src):
     t = _pack(src, tmp_path / "b.edgemed")
     r = _run("run", t, "--prompt", "hi")
     assert r.exit_code == 1 and f"edgemed install {t}" in r.output
+
+
+def test_every_bundle_role_travels_as_a_modelpack_layer_type():
+    """A role the manifest knows and the registry channel does not would push an adapter as a document."""
+    from edgemed.packaging.manifest import ROLES
+    from edgemed.packaging.oci import RAW_MEDIA, ROLE_MEDIA, WEIGHT_RAW
+
+    assert set(ROLE_MEDIA) == set(ROLES) and set(ROLE_MEDIA.values()) <= RAW_MEDIA
+    assert ROLE_MEDIA["model"] == ROLE_MEDIA["adapter"] == WEIGHT_RAW

@@ -57,7 +57,7 @@ FILEPATH = "org.cncf.model.filepath"
 TITLE = "org.opencontainers.image.title"
 
 #: bundle file role (manifest.ROLES) -> layer media type
-ROLE_MEDIA = {"model": WEIGHT_RAW, "template": WEIGHT_CONFIG_RAW, "license": DOC_RAW, "card": DOC_RAW,
+ROLE_MEDIA = {"model": WEIGHT_RAW, "adapter": WEIGHT_RAW, "template": WEIGHT_CONFIG_RAW, "license": DOC_RAW, "card": DOC_RAW,
               "report": DOC_RAW, "other": DOC_RAW}
 #: files at a bundle's root that its manifest does not list -> layer media type (the signatures: the OpenSSF
 #: ``model.sig``, and an older edgemed's ``manifest.sig``)
