@@ -43,10 +43,16 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
               "(default: what fits the context).")
 @click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(1),
               help="max_tokens for chat requests that name none.")
+@click.option("--adapter", "adapter_args", multiple=True, metavar="NAME|FILE[:SCALE]",
+              help="Serve this LoRA adapter for MODEL (repeatable): the NAME of one in MODEL's bundle or an installed "
+              "adapter bundle for it, or a GGUF adapter file (served under its file name without .lora.gguf). "
+              "Default: every adapter of MODEL's bundle and of the installed adapter bundles for it. Requests pick one "
+              "with model MODEL:NAME; adapters can be added and removed while serving (POST/DELETE /admin/adapters).")
+@click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
 def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
-          cors_origins, max_body, max_tokens_limit, default_max_tokens, no_ui):
+          cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
     Any OpenAI client works with base_url=http://127.0.0.1:8080/v1: /v1/chat/completions and
@@ -66,7 +72,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
     from edgemed import env
     from edgemed.errors import InputError, require
     from edgemed.formats.sniff import model_format
-    from edgemed.packaging.ref import runnable, with_digest
+    from edgemed.packaging.ref import adapter_specs, runnable, with_digest
     from edgemed.runtime.plan import check_threads
     from edgemed.serve.security import ApiKeys, bind_socket, check_bind
 
@@ -94,7 +100,9 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
         ref = with_digest(ref)  # the audit's identity: a bundle's manifest sha256, else the file's own
         path, model_id, digest = ref.model_path, ref.name, ref.digest
         card = _card(ref)
-        prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads)
+        served_adapters = _adapters(ref, adapter_args, no_adapters)  # name -> AdapterSpec, checked before any load
+        prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads,
+                           **({"adapters": list(served_adapters.values())} if served_adapters else {}))
         if prepared.plan is None:
             raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
         audit_path = audit_log or env.home() / "audit" / f"{model_id}.jsonl"
@@ -104,13 +112,15 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
-                                 ui=not no_ui, card=card)
+                                 ui=not no_ui, card=card, resolve_adapter=lambda text: adapter_specs(ref, [text])[0])
             batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
-                              prefix_cache=prefix_cache)
+                              prefix_cache=prefix_cache, **({"adapters": served_adapters} if served_adapters else {}))
             batcher.start()
             app = create_app(batcher, config)
             click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
                        f"queue {queue_size}, profile {prepared.profile}", err=True)
+            if served_adapters:
+                click.echo(f"adapters: {', '.join(f'{model_id}:{n}' for n in served_adapters)}", err=True)
             click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
                        f"head {audit.head}", err=True)
             click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
@@ -137,6 +147,43 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
                 batcher.close()
             click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
             audit.close()
+
+
+def _adapters(ref, args, none: bool) -> dict:
+    """The LoRA adapters to serve, name -> ``loader.AdapterSpec``: ``--adapter`` NAME|FILE[:SCALE] (a file is named
+    after itself, less .lora.gguf), else every adapter ``packaging.ref`` finds for the model (``--no-adapters``: none)."""
+    from edgemed.errors import InputError
+    from edgemed.packaging.ref import adapter_specs, adapters
+
+    if none:
+        if args:
+            raise InputError("--no-adapters and --adapter contradict each other.", "pass one of them")
+        return {}
+    if not args:
+        args = sorted(adapters(ref))
+    specs = adapter_specs(ref, list(args))
+    named: dict = {}
+    for text, spec in zip(map(str, args), specs):
+        head, sep, tail = text.rpartition(":")
+        bare = head if sep and head and _is_number(tail) else text  # the argument less its :SCALE
+        if "/" in bare or Path(bare).exists():  # a file: named after itself, less the adapter suffixes
+            name = spec.path.name
+            for suffix in (".gguf", ".lora"):
+                name = name[:-len(suffix)] if name.endswith(suffix) else name
+        else:
+            name = bare
+        if name in named:
+            raise InputError(f"Two adapters would be served as '{name}'.", "rename one of the files, or pass each once")
+        named[name] = spec
+    return named
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _card(ref) -> dict:

@@ -29,6 +29,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgemed.errors import Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError
+from edgemed.runtime.batch.batcher import UnknownAdapter
 
 # -- requests ------------------------------------------------------------------------------------
 #: Most choices per prompt (``n``), prompts per completions request, alternatives per token, biased tokens.
@@ -493,6 +494,7 @@ ERRORS = [
     (ClientClosed, 499, "invalid_request_error", "client_closed"),
     (Overloaded, 429, "rate_limit_error", "server_overloaded"),
     (Closed, 503, "server_error", "unavailable"),
+    (UnknownAdapter, 404, "invalid_request_error", "model_not_found"),  # removed between the lookup and the queue
     (ContextOverflow, 400, "invalid_request_error", "context_length_exceeded"),
     (TemplateError, 400, "invalid_request_error", "invalid_template"),
     (InputError, 400, "invalid_request_error", None),

@@ -32,6 +32,9 @@ class ServeConfig:
     audit: AuditLog | None = None          # None: no audit log (the CLI always opens one)
     ui: bool = True                        # the clinician page at / (``page.py``); see ``page_enabled``
     card: dict = field(default_factory=dict)  # the bundle's model card (manifest "card"); empty for a plain file
+    #: NAME[:SCALE] of an installed adapter for this base -> ``loader.AdapterSpec`` (verified, trust policy applied),
+    #: for ``POST /admin/adapters {"adapter": NAME}``; the CLI passes ``packaging.ref.adapter_specs`` for the model.
+    resolve_adapter: object = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_bind(self.host, self.api_keys)

@@ -31,14 +31,14 @@ from edgemed.serve.state import Served, request_record, served
 async def generate(endpoint: Endpoint, body, request: Request):
     """Answer ``body`` (already validated as ``endpoint.request``) the way ``endpoint`` describes."""
     srv, record = served(request), request_record(request)
-    check_model(srv, body.model)
+    record.adapter = check_model(srv, body.model)
     body.refused()
     prompt = await endpoint.prompt(srv, record, body)
     streams = await run_in_threadpool(submit, srv, record, prompt, body)
     echo = None
     if getattr(body, "echo", False):
         echo = [p if isinstance(p, str) else await run_in_threadpool(srv.batcher.detokenize, p) for p in prompt.values]
-    shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=srv.config.model_id, extra=prompt.extra,
+    shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=body.model, extra=prompt.extra,
                            logprobs=body.top_logprobs_wanted() is not None, echo=echo, n=body.n)
     answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None) for i in range(len(streams))]
     if body.stream:
@@ -47,10 +47,20 @@ async def generate(endpoint: Endpoint, body, request: Request):
     return shape.whole(answers, reasons)
 
 
-def check_model(srv: Served, name: str) -> None:
-    if name != srv.config.model_id:
-        raise ApiError(404, f"The model '{name}' is not served here. Fix: use model '{srv.config.model_id}' "
-                            "(GET /v1/models lists it).", code="model_not_found", param="model")
+def served_models(srv: Served) -> list[str]:
+    """The names a request may pass as ``model``: the base's, then ``BASE:ADAPTER`` for each adapter served now."""
+    adapters = srv.batcher.adapters() if hasattr(srv.batcher, "adapters") else {}
+    return [srv.config.model_id, *(f"{srv.config.model_id}:{a}" for a in sorted(adapters))]
+
+
+def check_model(srv: Served, name: str) -> str | None:
+    """The adapter ``name`` asks for (None: the base); a name not served is a 404 naming the ones that are."""
+    names = served_models(srv)
+    if name not in names:
+        there = ", ".join(f"'{n}'" for n in names)
+        raise ApiError(404, f"The model '{name}' is not served here. Fix: use one of {there} "
+                            "(GET /v1/models lists them).", code="model_not_found", param="model")
+    return None if name == srv.config.model_id else name[len(srv.config.model_id) + 1:]
 
 
 def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
@@ -101,7 +111,8 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
         for value in prompt.values:
             tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
             settings = settings_for(srv, body, len(tokens), prompt.json_schema, prompt.grammar)
-            streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras)
+            more = {"adapter": record.adapter} if record.adapter else {}  # a batcher without adapters takes no such word
+            streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
     except BaseException:
         for stream in streams:
             stream.cancel()
@@ -186,7 +197,7 @@ def finish(srv: Served, record: RequestRecord, answers) -> list[str]:
     OpenAI's finish reason of each (or the batcher's)."""
     done = [a.finished for a in answers if a.finished is not None]
     for finished in done:
-        srv.metrics.generation_done(finished)
+        srv.metrics.generation_done(finished, record.adapter)
     if done:
         u = usage(answers)
         record.finished = dataclasses.replace(done[0], prompt_tokens=u.prompt_tokens,

@@ -5,6 +5,8 @@ depth, active slots, tokens generated) is read from ``batcher.stats()`` at scrap
 a custom collector, so a scrape always sees the present, not the last request's view.
 ``edgemed_tokens_per_second`` is the generation rate since the previous scrape (the first
 scrape: since start); for any other window use ``rate(edgemed_generated_tokens_total[1m])``.
+Generations are also counted per LoRA adapter (label ``adapter``; "" for the base model): only adapters the server
+served when the request was taken get a label value, so a client cannot mint new series.
 """
 
 from __future__ import annotations
@@ -86,14 +88,20 @@ class Metrics:
                                     buckets=TTFT_BUCKETS, registry=self.registry)
         self.latency = Histogram("edgemed_request_duration_seconds", "Whole request, arrival to last byte.",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.adapter_generations = Counter("edgemed_adapter_generations", "Finished generations, by the LoRA adapter "
+                                           "they used (\"\": the base model).", ["adapter"], registry=self.registry)
+        self.adapter_tokens = Counter("edgemed_adapter_completion_tokens", "Completion tokens, by the LoRA adapter "
+                                      "(\"\": the base model).", ["adapter"], registry=self.registry)
         self.registry.register(_BatcherCollector(batcher))
 
     def request_done(self, endpoint: str, code: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(code)).inc()
         self.latency.observe(seconds)
 
-    def generation_done(self, finished) -> None:
-        """Observe one ``Finished``: token counts, TTFT, TPOT and queue wait."""
+    def generation_done(self, finished, adapter: str | None = None) -> None:
+        """Observe one ``Finished``: token counts, TTFT, TPOT and queue wait; per ``adapter`` (a served one's name)."""
+        self.adapter_generations.labels(adapter or "").inc()
+        self.adapter_tokens.labels(adapter or "").inc(finished.completion_tokens)
         self.prompt_tokens.inc(finished.prompt_tokens)
         self.completion_tokens.inc(finished.completion_tokens)
         self.queue_wait.observe(finished.queue_s)

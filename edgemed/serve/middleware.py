@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 from edgemed.serve.api import ApiError, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
-from edgemed.serve.security import bearer_token
+from edgemed.serve.security import bearer_token, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 #: Paths outside /v1 that need the API key when the server has keys (the page's own files do not: they hold nothing
 #: of the deployment, and the page must load to ask for the key)
 KEYED_PATHS = {"/metrics", "/ui/info"}
+#: The admin calls (adding and removing adapters): the API key when the server has keys, else loopback clients only
+ADMIN = "/admin/"
 #: nginx's "client closed request": the client left before its whole request was read or its whole answer sent.
 #: Recorded (metrics' code label, the audit's status) in place of any 5xx, so a client's time-out is not a server error.
 CLIENT_CLOSED = 499
@@ -65,6 +67,7 @@ class RequestRecord:
     client_closed: bool = False  # the client left before its request was read or its answer sent
     failed_status: int | None = None  # a stream that failed after its 200 headers: the error's status (500, 503)
     answered: bool = False  # a stream's last event before its end marker has been produced
+    adapter: str | None = None  # the LoRA adapter the request asked for (its model MODEL:ADAPTER); None: the base
 
     def client_left(self) -> None:
         """The client closed the connection early (body not all sent, or answer not all received): the request
@@ -83,6 +86,8 @@ class RequestRecord:
                       model=model, bundle_digest=digest, template=self.template, status=self.code,
                       outcome=self.outcome or self._outcome(), error_code=self.error_code, stream=self.stream,
                       latency_s=round(time.perf_counter() - self.started, 4))
+        if self.adapter is not None:
+            fields["adapter"] = self.adapter
         f = self.finished
         if f is not None:
             fields.update(finish_reason=f.finish_reason, prompt_tokens=f.prompt_tokens,
@@ -142,7 +147,7 @@ class Observe:
                 await error_response(failed)(scope, receive, send_observed)
         finally:
             self.metrics.request_done(record.endpoint, record.code, time.perf_counter() - record.started)
-            if self.config.audit is not None and not self.config.audit.failed and path.startswith("/v1/"):
+            if self.config.audit is not None and not self.config.audit.failed and path.startswith(("/v1/", ADMIN)):
                 fields = record.audit_fields(self.config.model_id, self.config.bundle_digest)
                 await _audit(self.config.audit, "request", fields)
 
@@ -187,7 +192,11 @@ class Guard:
                                               "refused. Fix: free disk space or repair the log's storage, then restart "
                                               "the server.", "server_error", "audit_unavailable"))
         keys = self.config.api_keys
-        if keys is not None and (path.startswith("/v1/") or path in KEYED_PATHS):
+        if keys is None and path.startswith(ADMIN) and not (self.loopback and record.client and is_loopback(record.client)):
+            return await refuse(ApiError(403, "Admin calls without API keys are taken from this machine only. Fix: "
+                                              "call from the server's own host, or start it with --api-key-file.",
+                                         code="admin_forbidden"))
+        if keys is not None and (path.startswith("/v1/") or path.startswith(ADMIN) or path in KEYED_PATHS):
             record.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
             if record.key_id is None:
                 return await refuse(ApiError(401, "Missing or incorrect API key. Fix: send 'Authorization: Bearer KEY' "

@@ -1,6 +1,9 @@
 """The routes of ``edgemed serve``, at module level on one ``APIRouter``: ``GET /health``, ``/metrics``,
 ``/v1/models``, ``/v1/models/{id}``, and a ``POST`` route per row of ``endpoints.ENDPOINTS`` (``/v1/chat/completions``,
 ``/v1/completions``; streaming as SSE or not), whose bodies are read by ``parse_body``. Each reads the app's ``Served`` from the request.
+``/v1/models`` lists the base as MODEL and each served LoRA adapter as MODEL:ADAPTER. ``POST /admin/adapters``
+(``{"name", "path" | "adapter", "scale"}``) and ``DELETE /admin/adapters/{name}`` add and remove adapters on the
+running server (``middleware.Guard``: the API key when the server has keys, else loopback clients only).
 ``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
 """
 
@@ -12,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 
 from edgemed.serve import api
 from edgemed.serve.endpoints import ENDPOINTS, Endpoint
-from edgemed.serve.generate import generate
-from edgemed.serve.state import served
+from edgemed.serve.generate import check_model, generate, served_models
+from edgemed.serve.state import request_record, served
 
 router = APIRouter()
 
@@ -35,24 +38,82 @@ async def metrics(request: Request):
     return Response(data, media_type=content_type)
 
 
-def _card(request: Request) -> api.ModelCard:
+def _card(request: Request, name: str) -> api.ModelCard:
     srv = served(request)
-    return api.ModelCard(id=srv.config.model_id, created=srv.created, bundle_digest=srv.config.bundle_digest,
-                         context_length=srv.batcher.n_ctx_per_slot)
+    more = {}
+    if name != srv.config.model_id:
+        more = {"parent": srv.config.model_id, "adapter": name[len(srv.config.model_id) + 1:]}
+    return api.ModelCard(id=name, created=srv.created, bundle_digest=srv.config.bundle_digest,
+                         context_length=srv.batcher.n_ctx_per_slot, **more)
 
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return api.ModelList(data=[_card(request)]).model_dump()
+    return api.ModelList(data=[_card(request, n) for n in served_models(served(request))]).model_dump()
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request):
-    card = _card(request)
-    if model_id != card.id:
-        raise api.ApiError(404, f"The model '{model_id}' is not served here. Fix: use model '{card.id}' "
-                                "(GET /v1/models lists it).", code="model_not_found", param="model")
-    return card.model_dump()
+    check_model(served(request), model_id)
+    return _card(request, model_id).model_dump()
+
+
+@router.get("/admin/adapters")
+async def list_adapters(request: Request):
+    return {"adapters": served(request).batcher.adapters()}
+
+
+@router.post("/admin/adapters")
+async def add_adapter(request: Request):
+    """Load a LoRA adapter on the running server: ``{"name", "path": FILE | "adapter": INSTALLED_NAME, "scale"}``."""
+    import math
+    from pathlib import Path
+
+    from starlette.concurrency import run_in_threadpool
+
+    from edgemed.runtime.loader import AdapterSpec
+
+    srv = served(request)
+    record = request_record(request)
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or \
+            sum(isinstance(data.get(k), str) for k in ("path", "adapter")) != 1:
+        raise api.ApiError(400, "The body must be a JSON object with \"name\" and one of \"path\" (a GGUF adapter "
+                                "file on the server) or \"adapter\" (an installed adapter's name), and optionally "
+                                "\"scale\". Fix: send {\"name\": \"cardio\", \"adapter\": \"cardio\"}.", code="invalid_json")
+    scale = data.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 <= scale <= 4:
+        raise api.ApiError(400, f"scale must be a number from 0 to 4, not {scale!r}. Fix: pass 1 (as trained) or "
+                                "a fraction.", param="scale")
+    if "path" in data:
+        path = Path(data["path"])
+        if not path.is_file():
+            raise api.ApiError(400, f"'{path}' is not a file on the server. Fix: pass the path of a .lora.gguf that "
+                                    "`edgemed convert --adapter-only` wrote.", param="path")
+        spec = AdapterSpec(path, float(scale))
+    else:
+        if srv.config.resolve_adapter is None:
+            raise api.ApiError(400, "This server cannot look up installed adapters. Fix: pass \"path\".", param="adapter")
+        spec = await run_in_threadpool(srv.config.resolve_adapter, data["adapter"])
+        spec = AdapterSpec(spec.path, float(scale))
+    record.adapter = data["name"]
+    await run_in_threadpool(srv.batcher.add_adapter, data["name"], spec)
+    return {"added": data["name"], "model": f"{srv.config.model_id}:{data['name']}", "path": str(spec.path),
+            "scale": spec.scale}
+
+
+@router.delete("/admin/adapters/{name}")
+async def remove_adapter(name: str, request: Request):
+    """Stop serving an adapter: new requests for it get 404; the running ones finish first, then it is freed."""
+    from starlette.concurrency import run_in_threadpool
+
+    request_record(request).adapter = name
+    left = await run_in_threadpool(served(request).batcher.remove_adapter, name)
+    return {"removed": name, "requests_finishing": left}
 
 
 #: content part types that carry something other than text

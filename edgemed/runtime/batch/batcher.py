@@ -29,6 +29,14 @@ cells are unknown). Only prompt cells are kept, never those of sampled tokens (`
 computed one row at a time, and the next turn, which resends them as prompt, would answer differently
 from a cold run (seen on multi-turn SmolLM2 chats); with prompt cells only, reuse answers token for
 token as cold.
+
+LoRA adapters (``adapters``, ``add_adapter``, ``remove_adapter``): the base is loaded once, with one context and
+one KV cache; each named adapter is loaded once (its tensors only) and each request names one (or none: the base).
+llama.cpp applies adapters to a whole context, so a step decodes each adapter group in turn, the group's adapter
+set on the context before its ``llama_decode`` (``Context.set_adapters``): every group gets its rows every step,
+with the same batching, prefill chunking and 429 as without adapters, and KV memory is not multiplied by the
+adapters. A slot's kept prompt cells belong to the adapter (and scale) they were computed under and are never
+reused under another. A removed adapter takes no new request; it stays loaded until the last request using it ends.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgemed.errors import Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
+from edgemed.errors import AdapterError, Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
 from edgemed.runtime.batch.options import Extras, entry, sampler_for
@@ -60,6 +68,28 @@ GATHER_MAX_S = 0.050
 #: several rows, as in a cold run; the last token alone goes through llama.cpp's one-row kernels and its
 #: logits differ enough to change greedy text (seen with SmolLM2 Q4_1 on AVX2).
 REFEED = 2
+#: What a served adapter may be called (it becomes part of a model name, ``MODEL:NAME``, and a metrics label).
+ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
+class UnknownAdapter(InputError):
+    """A request named an adapter this batcher does not serve (or no longer: removed)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Loaded:
+    """A served adapter: llama.cpp's handle, its scale, the requests using it, and whether it was removed."""
+
+    name: str
+    adapter: object  # llamacpp.Adapter
+    scale: float
+    path: Path
+    refs: int = 0
+    removed: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.name, self.scale, id(self.adapter))
 
 
 class Batcher:
@@ -74,7 +104,8 @@ class Batcher:
     """
 
     def __init__(self, model_path: Path, load: LoadSettings, *, slots: int = 4, queue_size: int = 16,
-                 n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None, prefix_cache: bool = True):
+                 n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None, prefix_cache: bool = True,
+                 adapters: dict | None = None):
         if slots < 1 or queue_size < 0:
             raise InputError(f"slots must be >= 1 and queue_size >= 0 (got {slots}, {queue_size}).",
                              "pass --slots 1 or more and --queue 0 or more")
@@ -92,6 +123,10 @@ class Batcher:
         self._prefill = PrefillBudget(prefill_chunk)
         self.prefix_cache = prefix_cache
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
+        self._kept_key: list = [None] * slots  # the adapter set those cells were computed under (None: the base)
+        self._initial_adapters = dict(adapters or {})  # name -> loader.AdapterSpec, loaded by start()
+        self._adapters: dict[str, _Loaded] = {}  # served by name (removed ones stay until their last request ends)
+        self._step_lock = threading.Lock()  # held by the scheduler over a step; adapter loads and frees take it
         self._model = self._ctx = self._batch = None
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
@@ -100,6 +135,7 @@ class Batcher:
         self._active: list[Seq] = []
         self._free: list[int] = []
         self._stopping = False
+        self._releasing: list = []  # removed adapters whose last request ended: freed outside the lock
         self._service_s = 1.0  # moving average of a request's time in a slot, for Retry-After
         self._n = Counters()
 
@@ -112,7 +148,9 @@ class Batcher:
         if self._thread is not None:
             return
         threads = self.load.n_threads or physical_cores()
-        self._model = load_model(self.model_path, self.load)
+        for name in self._initial_adapters:
+            _check_name(name)
+        self._model = load_model(self.model_path, self.load, list(self._initial_adapters.values()))
         try:
             self.load = self._model.load  # the host self-test may have chosen safer buffers
             self.n_ctx_per_slot = min(self.n_ctx_per_slot, self._model.n_ctx_train)
@@ -123,6 +161,8 @@ class Batcher:
                 raise ModelLoadError(f"n_batch {self._ctx.n_batch} is smaller than the {self.slots} slots.",
                                      "raise n_batch or use fewer slots")
             self._batch = Batch(self._model.lib, self._ctx.n_batch)
+            for name, spec in self._initial_adapters.items():
+                self._adapters[name] = self._load_adapter(name, spec)
         except BaseException:
             self._free_native()
             raise
@@ -148,6 +188,82 @@ class Batcher:
 
     def __exit__(self, *exc):
         self.close()
+
+    # -- adapters --------------------------------------------------------------------------
+    def _load_adapter(self, name: str, spec) -> _Loaded:
+        from edgemed.runtime.loader import AdapterSpec, load_adapter
+
+        spec = spec if isinstance(spec, AdapterSpec) else AdapterSpec(Path(spec))
+        loaded = _Loaded(name, load_adapter(self._model, spec), float(spec.scale), spec.path)
+        log.info("adapter %s loaded: %s, scale %g", name, spec.path.name, spec.scale)
+        return loaded
+
+    def adapters(self) -> dict[str, dict]:
+        """The adapters requests may name now (removed ones are gone from here at once): name -> file, scale."""
+        with self._cond:
+            return {a.name: {"path": str(a.path), "scale": a.scale} for a in self._adapters.values() if not a.removed}
+
+    def add_adapter(self, name: str, spec) -> None:
+        """Load a LoRA adapter (``loader.AdapterSpec`` or a path) under ``name`` while serving; requests may name it
+        once this returns. The running requests keep going (the load waits for the current step to end)."""
+        _check_name(name)
+        with self._cond:
+            if self._thread is None or self._stopping:
+                raise Closed("The model server is not running.", "start it first")
+            if name in self._adapters:
+                raise InputError(f"An adapter named '{name}' is already served"
+                                 f"{' (removed, still finishing requests)' if self._adapters[name].removed else ''}.",
+                                 "remove it first, or pick another name")
+        with self._step_lock, self._native:
+            loaded = self._load_adapter(name, spec)
+        with self._cond:
+            taken = name in self._adapters  # added meanwhile by another call
+            if not taken:
+                self._adapters[name] = loaded
+        if taken:
+            with self._step_lock:
+                self._close_adapter(loaded)
+            raise InputError(f"An adapter named '{name}' is already served.", "pick another name")
+
+    def remove_adapter(self, name: str) -> int:
+        """Stop serving adapter ``name``: new requests for it are refused at once; it stays loaded until the last
+        running or queued request using it ends. Returns the number of those requests."""
+        with self._cond:
+            loaded = self._adapters.get(name)
+            if loaded is None or loaded.removed:
+                raise UnknownAdapter(f"No adapter named '{name}' is served (served: {sorted(self.adapters_unlocked()) or 'none'}).",
+                                     "GET /v1/models lists what is served")
+            loaded.removed = True
+            refs = loaded.refs
+            if not refs:
+                self._releasing.append(loaded)  # the scheduler frees it between steps (it owns the slots' cells)
+                self._cond.notify_all()
+        log.info("adapter %s removed (%d requests still using it)", name, refs)
+        return refs
+
+    def adapters_unlocked(self) -> list[str]:
+        return [a.name for a in self._adapters.values() if not a.removed]
+
+    def _release(self, loaded: _Loaded) -> None:
+        """Free a removed adapter nobody uses any more (scheduler thread, between steps)."""
+        with self._cond:
+            if not loaded.removed or loaded.refs or self._adapters.get(loaded.name) is not loaded:
+                return
+            del self._adapters[loaded.name]
+        with self._step_lock:
+            self._close_adapter(loaded)
+
+    def _close_adapter(self, loaded: _Loaded) -> None:
+        """Free one adapter's tensors (no step runs now): off the context first, and every slot's cells computed
+        under it are forgotten as reusable."""
+        if self._ctx is not None and any(a is loaded.adapter for a, _ in self._ctx.adapters):
+            self._ctx.set_adapters([])
+        for slot, key in enumerate(self._kept_key):
+            if key == loaded.key:  # a free slot's kept cells: nobody may reuse them now, so they go
+                self._ctx.drop(slot)
+                self._kept[slot], self._kept_key[slot] = [], None
+        loaded.adapter.close()
+        log.info("adapter %s freed", loaded.name)
 
     # -- text ------------------------------------------------------------------------------
     def _require_model(self):
@@ -197,7 +313,7 @@ class Batcher:
             raise Overloaded(in_flight, retry)
 
     def submit(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
-               extras: Extras | None = None) -> Stream:
+               extras: Extras | None = None, adapter: str | None = None) -> Stream:
         """Queue a request and return its stream. Thread-safe; never waits for the model.
 
         Raises ``Overloaded`` (no room), ``ContextOverflow`` (prompt + max_tokens > n_ctx_per_slot),
@@ -205,13 +321,14 @@ class Batcher:
         """
         if extras is not None and extras.n != 1:
             raise InputError("Batcher.submit answers one choice.", "call submit_n for n > 1")
-        return self.submit_n(prompt, settings, request_id=request_id, extras=extras)[0]
+        return self.submit_n(prompt, settings, request_id=request_id, extras=extras, adapter=adapter)[0]
 
     def submit_n(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
-                 extras: Extras | None = None) -> list[Stream]:
+                 extras: Extras | None = None, adapter: str | None = None) -> list[Stream]:
         """``submit`` for ``extras.n`` choices of one prompt: one stream each. The first computes the prompt;
         the others copy its KV once it is done (one prefill) and sample from the same last row, each with its
-        own sampler (seed + i), in slots of their own, admitted together."""
+        own sampler (seed + i), in slots of their own, admitted together. ``adapter``: the name of a served
+        adapter to generate with (None: the base); an unknown or removed one raises ``UnknownAdapter``."""
         from edgemed.runtime.llamacpp import Detokenizer
 
         extras = extras or Extras()
@@ -223,6 +340,7 @@ class Batcher:
             if self._stopping or self._thread is None:
                 raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
             self._check_capacity(extras.n)
+            loaded = self._acquire(adapter, extras.n)
         seqs: list[Seq] = []
         try:
             with self._native:
@@ -239,7 +357,7 @@ class Batcher:
                     sampler = sampler_for(model, own, extras, self.n_ctx_per_slot)
                     seqs.append(Seq(Stream(request_id, self._wake), tokens, own, sampler,
                                     TextStream(Detokenizer(model), settings.stop), t_submit, extras=extras,
-                                    leader=seqs[0] if seqs else None))
+                                    leader=seqs[0] if seqs else None, adapter=loaded))
             seqs[0].followers = seqs[1:]
             with self._cond:
                 if self._stopping:
@@ -251,10 +369,28 @@ class Batcher:
         except BaseException:
             for seq in seqs:
                 seq.sampler.close()
+            if loaded is not None:
+                with self._cond:
+                    loaded.refs -= extras.n
+                    if loaded.removed and not loaded.refs:
+                        self._releasing.append(loaded)
+                        self._cond.notify_all()
             raise
         log.debug("request %s queued: %d prompt tokens, max_tokens %d, %d choices", request_id, len(tokens),
                   settings.max_tokens, extras.n)
         return [seq.stream for seq in seqs]
+
+    def _acquire(self, name: str | None, n: int):
+        """The served adapter ``name`` with ``n`` more requests using it (caller holds the lock); None for the base."""
+        if name is None:
+            return None
+        loaded = self._adapters.get(name)
+        if loaded is None or loaded.removed:
+            served = ", ".join(sorted(self.adapters_unlocked())) or "none"
+            raise UnknownAdapter(f"The adapter '{name}' is not served here (adapters served: {served}).",
+                                 "name one of those, or add it (POST /admin/adapters)")
+        loaded.refs += n
+        return loaded
 
     def _wake(self) -> None:
         with self._cond:
@@ -266,6 +402,7 @@ class Batcher:
                 "model": self.model_path.name, "slots": self.slots, "n_ctx_per_slot": self.n_ctx_per_slot,
                 "queue_size": self.queue_size, "queue_depth": len(self._queue), "active_slots": len(self._active),
                 **self._n.totals(), "prefill_chunk": self._prefill.chunk, "prefix_cache": self.prefix_cache,
+                "adapters": self.adapters_unlocked(),
             }
 
     # -- scheduler thread --------------------------------------------------------------------
@@ -273,9 +410,9 @@ class Batcher:
         try:
             while True:
                 with self._cond:
-                    if not (self._stopping or self._queue or self._active):
+                    if not (self._stopping or self._queue or self._active or self._releasing):
                         t_idle = time.perf_counter()
-                        while not (self._stopping or self._queue or self._active):
+                        while not (self._stopping or self._queue or self._active or self._releasing):
                             self._cond.wait()
                         self._gather()
                         self._n.idle_seconds_total += time.perf_counter() - t_idle
@@ -286,6 +423,7 @@ class Batcher:
                     self._finish(seq, "cancelled")
                 if self._active:
                     self._step_safely()
+                self._free_released()
         except BaseException:  # a bug in the loop itself: end every stream rather than hang clients
             log.exception("batcher scheduler stopped unexpectedly")
             self._end_all("error", "the model server's scheduler failed; see the server log")
@@ -324,7 +462,7 @@ class Batcher:
                 follower.slot, follower.t_admit = min(self._free, key=lambda s: (len(self._kept[s]), s)), now
                 self._free.remove(follower.slot)
                 self._ctx.drop(follower.slot)
-                self._kept[follower.slot] = []
+                self._kept[follower.slot], self._kept_key[follower.slot] = [], None
                 self._active.append(follower)
             log.debug("request %s admitted to slot %d after %.3f s, %d prompt tokens cached", seq.stream.request_id,
                       seq.slot, now - seq.t_submit, seq.cached)
@@ -334,8 +472,8 @@ class Batcher:
         tokens to feed again (logits to sample from, from a piece of several rows: see ``REFEED``). None
         for a request that wants every prompt token's log probability (echo): it needs all their logits."""
         tokens = seq.tokens
-        if not self.prefix_cache or seq.extras.prompt_logprobs:
-            return 0
+        if not self.prefix_cache or seq.extras.prompt_logprobs or self._kept_key[slot] != _key(seq):
+            return 0  # cells computed under another adapter set are not this request's prefix
         kept, n, end = self._kept[slot], 0, min(len(self._kept[slot]), len(tokens) - REFEED)
         while n < end and kept[n] == tokens[n]:
             n += 1
@@ -356,19 +494,36 @@ class Batcher:
         if n < len(self._kept[seq.slot]) and not (n and self._ctx.trim(seq.slot, n)):
             self._ctx.drop(seq.slot)  # nothing to keep, or a memory that cannot drop a suffix
             n = 0
-        self._kept[seq.slot] = []  # the slot is the sequence's now: ``Seq.held()`` says what it holds
+        self._kept[seq.slot], self._kept_key[seq.slot] = [], None  # the slot is the sequence's now (``Seq.held()``)
         seq.pos = seq.cached = n
         self._n.prompt_tokens_cached_total += n
 
     def _step_safely(self) -> None:
         try:
-            self._step()
+            with self._step_lock:
+                groups: dict = {}
+                for seq in self._active:  # arrival order within a group; groups in order of their first request
+                    groups.setdefault(_key(seq), []).append(seq)
+                t_step = time.perf_counter()
+                for key, seqs in groups.items():
+                    self._use(seqs[0].adapter)
+                    self._step(seqs)
+                with self._cond:
+                    self._n.decode_steps_total += 1
+                    self._n.step_seconds_total += time.perf_counter() - t_step
         except Exception as exc:  # noqa: BLE001 - end the affected streams, keep serving
             log.exception("decode step failed; ending the %d running requests", len(self._active))
             for seq in list(self._active):
                 self._finish(seq, "error", f"generation failed: {type(exc).__name__}: {exc}")
 
-    def _step(self) -> None:
+    def _use(self, loaded) -> None:
+        """Put ``loaded``'s adapter (None: none) on the context for the next decodes, unless it is already."""
+        want = [] if loaded is None else [(loaded.adapter, loaded.scale)]
+        have = self._ctx.adapters
+        if len(want) != len(have) or any(a is not b or s != t for (a, s), (b, t) in zip(want, have)):
+            self._ctx.set_adapters(want)
+
+    def _step(self, active: list) -> None:
         """Decode rows in slot order (one ubatch: with a KV stream per slot llama.cpp cuts a batch into
         ubatches of consecutive sequence ids, each reading all weights again), then the prompt chunks,
         in calls of equal pieces per sequence (``equal_pieces``: prompts share a pass over the weights,
@@ -376,12 +531,12 @@ class Batcher:
 
         Every short prompt waiting (up to ``WHOLE_PROMPT`` tokens) goes whole in the same step, as in
         llama-server, so requests that arrive together start generating together instead of one step
-        apart; long prompts share what is left of the step's budget.
+        apart; long prompts share what is left of the step's budget. ``active``: one adapter group's sequences
+        (the adapter set on the context already).
         """
-        t_step = time.perf_counter()
         batch = self._batch
         batch.clear()
-        rows = [q for q in sorted(self._active, key=lambda q: q.slot) if q.pending is not None]
+        rows = [q for q in sorted(active, key=lambda q: q.slot) if q.pending is not None]
         for seq in rows:
             seq.index = batch.add(seq.pending, seq.pos, seq.slot, True)
             seq.pos, seq.pending = seq.pos + 1, None
@@ -390,7 +545,7 @@ class Batcher:
         room = batch.capacity
         budget = whole = self._prefill.tokens(room, len(rows))
         takes: list[tuple[Seq, int]] = []
-        for seq in self._active:  # arrival order: short prompts whole, long ones within the budget
+        for seq in active:  # arrival order: short prompts whole, long ones within the budget
             remaining = len(seq.tokens) - seq.pos
             if remaining <= 0 or seq.waiting:
                 continue
@@ -418,9 +573,6 @@ class Batcher:
                     done.append(seq)
             self._n.prompt_tokens_total += batch.n
             self._prefill.learn(self._decode(done, scored), len(rows), batch.n)
-        with self._cond:
-            self._n.decode_steps_total += 1
-            self._n.step_seconds_total += time.perf_counter() - t_step
 
     def _decode(self, sampling: list[Seq], scored: list | None = None) -> float:
         """``llama_decode`` the batch, then score the prompt rows of ``scored`` (echo: ``(seq, position, row)``)
@@ -502,7 +654,7 @@ class Batcher:
         if not (held and self._ctx.trim(seq.slot, len(held))):  # the sampled tokens' cells go
             self._ctx.drop(seq.slot)
             held = []
-        self._kept[seq.slot] = held
+        self._kept[seq.slot], self._kept_key[seq.slot] = held, (_key(seq) if held else None)
         with self._cond:
             self._active.remove(seq)
             self._free.append(seq.slot)
@@ -513,6 +665,11 @@ class Batcher:
         """Count a request's end and send its ``Finished`` (caller holds the lock)."""
         self._n.finished[reason] += 1
         seq.end(reason, now, error)
+        loaded, seq.adapter = seq.adapter, None
+        if loaded is not None:
+            loaded.refs -= 1
+            if loaded.removed and not loaded.refs:
+                self._releasing.append(loaded)  # freed after the lock is let go (``_free_released``)
 
     def _end_all(self, reason: str, error: str) -> None:
         with self._cond:
@@ -521,15 +678,39 @@ class Batcher:
             for seq in list(self._active) + queued:
                 if self._ctx is not None and seq.slot >= 0:
                     self._ctx.drop(seq.slot)
-                    self._kept[seq.slot] = []
+                    self._kept[seq.slot], self._kept_key[seq.slot] = [], None
                 self._end(seq, reason, now, error)
             self._active.clear()
             self._queue.clear()
 
+    def _free_released(self) -> None:
+        with self._cond:
+            released, self._releasing = self._releasing, []
+        for loaded in released:
+            self._release(loaded)
+
     def _free_native(self) -> None:
         with self._native:
+            for loaded in list(self._adapters.values()):  # adapters before the context and model
+                if self._ctx is not None:
+                    self._ctx.set_adapters([])
+                loaded.adapter.close()
+            self._adapters.clear()
             for name in ("_batch", "_ctx", "_model"):  # the context before its model
                 obj = getattr(self, name)
                 if obj is not None:
                     obj.close()
                     setattr(self, name, None)
+
+
+def _key(seq: Seq):
+    """The adapter set ``seq`` is computed under, as kept-prefix identity (None: the base)."""
+    return None if seq.adapter is None else seq.adapter.key
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(ADAPTER_NAME, name):
+        raise AdapterError(f"'{name}' is not a usable adapter name: it becomes part of a model name (MODEL:NAME).",
+                           "use letters, digits, '.', '_' or '-' (64 at most), starting with a letter or digit")

@@ -42,6 +42,7 @@ class Seq:
     followers: list = field(default_factory=list)  # n > 1, on the leader: the choices waiting for its prompt
     logprobs: list = field(default_factory=list)  # entries of sampled tokens whose text is not out yet
     prompt_logprobs: list = field(default_factory=list)  # echo: entries of prompt tokens computed so far
+    adapter: object = None  # batcher._Loaded this request generates with (None: the base); released at its end
 
     @property
     def waiting(self) -> bool:

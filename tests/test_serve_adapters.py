@@ -1,0 +1,197 @@
+"""``edgemed serve`` with LoRA adapters: one base, one context, three real adapters, requests picking one by model.
+
+The adapters are real PEFT LoRAs made on the real SmolLM2-135M checkpoint (``adapter_kit``: random non-zero A and B
+on q/k/v/o and the MLP, three seeds), written as GGUF adapter files; the base is the F16 GGUF converted from the
+same checkpoint. Concurrent requests to the base and the three adapters through the official ``openai`` client must
+each answer what a single run with that adapter answers (greedy, token for token); a kept prompt prefix is never
+reused under another adapter; an adapter removed while a request streams from it finishes that request.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ships with
+
+from adapter_kit import adapter_gguf, make_lora  # noqa: E402
+from conftest import TEST_CACHE  # noqa: E402
+from serve_kit import ServerThread, wait_until  # noqa: E402
+
+from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
+from edgemed.runtime.engine import GenerationSettings, LoadSettings  # noqa: E402
+from edgemed.runtime.loader import AdapterSpec  # noqa: E402
+from edgemed.serve.audit import AuditLog  # noqa: E402
+from edgemed.serve.config import ServeConfig  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-base"
+PROMPT = "The patient presents with chest pain and"
+TOKENS = 12
+GREEDY = GenerationSettings(max_tokens=TOKENS, temperature=0.0)
+NAMES = ("cardio", "triage", "radio")
+#: each adapter's LoRA: seed, rank, alpha, std (different enough that each changes the short greedy answer its own way)
+LORAS = {"cardio": (1, 8, 16, 0.02), "triage": (2, 4, 16, 0.03), "radio": (3, 8, 32, 0.02)}
+LOAD = LoadSettings(n_ctx=512, n_threads=1, n_threads_batch=1)
+
+
+@pytest.fixture(scope="module")
+def kit(smollm2_hf) -> dict:
+    """The F16 base and three adapter files for it (cached under the test cache: made once per checkpoint)."""
+    from edgemed.converters.pipeline import ConvertOptions, convert
+
+    work = TEST_CACHE / "serve-adapters-v2"
+    base = work / "base-f16.gguf"
+    files = {n: work / f"{n}.lora.gguf" for n in NAMES}
+    if not (base.is_file() and all(f.is_file() for f in files.values())):
+        work.mkdir(parents=True, exist_ok=True)
+        for name, (seed, r, alpha, std) in LORAS.items():
+            tmp = work / f"{name}.tmp.gguf"
+            adapter_gguf(smollm2_hf, make_lora(smollm2_hf, work / f"{name}-lora", r=r, alpha=alpha, std=std, seed=seed), tmp)
+            os.replace(tmp, files[name])
+        tmp = work / "base-f16.tmp.gguf"
+        convert(smollm2_hf, tmp, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+        os.replace(tmp, base)
+    return {"base": base, **files}
+
+
+def single(kit, adapter: str | None, max_tokens: int = TOKENS) -> str:
+    """The greedy answer of a single run (the run engine, one context) with ``adapter`` (None: the base)."""
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    adapters = [AdapterSpec(kit[adapter])] if adapter else []
+    with LlamaEngine(kit["base"], LOAD, adapters) as engine:
+        return "".join(engine.complete(PROMPT, GenerationSettings(max_tokens=max_tokens, temperature=0.0)))
+
+
+@pytest.fixture(scope="module")
+def refs(kit) -> dict:
+    return {name: single(kit, name) for name in (None, *NAMES)}
+
+
+@pytest.fixture(scope="module")
+def server(kit, tmp_path_factory):
+    audit_path = tmp_path_factory.mktemp("serve-adapters") / "audit.jsonl"
+    batcher = Batcher(kit["base"], LoadSettings(n_ctx=512 * 4, n_threads=1, n_threads_batch=1), slots=4, queue_size=8,
+                      adapters={n: AdapterSpec(kit[n]) for n in NAMES})
+    batcher.start()
+    log = AuditLog(audit_path)
+    from edgemed.serve.app import create_app
+
+    app = create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test", audit=log))
+    try:
+        with ServerThread(app) as srv:
+            srv.batcher, srv.audit_path = batcher, audit_path
+            srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+            yield srv
+    finally:
+        batcher.close()
+        log.close()
+
+
+def _model(name: str | None) -> str:
+    return MODEL if name is None else f"{MODEL}:{name}"
+
+
+def test_concurrent_requests_to_the_base_and_three_adapters_each_answer_as_their_single_run(server, refs):
+    """Four requests at once, one per model (base + 3 adapters), two rounds: each answer equals its single run."""
+    assert [m.id for m in server.client.models.list().data] == [MODEL, *(f"{MODEL}:{n}" for n in sorted(NAMES))]
+    assert len(set(refs.values())) == 4, "the adapters must change the answer, or this test proves nothing"
+    barrier = threading.Barrier(8)
+
+    def ask(name):
+        barrier.wait()
+        out = server.client.completions.create(model=_model(name), prompt=PROMPT, max_tokens=TOKENS, temperature=0)
+        return name, out.model, out.choices[0].text
+
+    steps0 = server.batcher.stats()["decode_steps_total"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, [None, *NAMES] * 2))
+    for name, model, text in answers:
+        assert model == _model(name)
+        assert text == refs[name], f"{_model(name)}: the served answer differs from its single run"
+    assert server.batcher.stats()["decode_steps_total"] - steps0 < 8 * TOKENS  # the requests shared steps
+    with pytest.raises(openai.NotFoundError) as err:
+        server.client.completions.create(model=f"{MODEL}:nope", prompt=PROMPT, max_tokens=2)
+    assert f"{MODEL}:cardio" in str(err.value) and "nope" in str(err.value)
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in NAMES:
+        assert f'edgemed_adapter_generations_total{{adapter="{name}"}} 2.0' in metrics
+    assert 'edgemed_adapter_generations_total{adapter=""} 2.0' in metrics
+    assert 'adapter="nope"' not in metrics
+    records = [json.loads(line) for line in server.audit_path.read_text().splitlines()]
+    used = [r.get("adapter") for r in records if r.get("endpoint") == "completions" and r.get("status") == 200]
+    assert sorted(map(str, used)) == sorted(map(str, [None, *NAMES] * 2))
+
+
+def test_a_kept_prefix_is_never_reused_under_another_adapter(kit, refs):
+    """One slot: the base's prompt cells stay in it, but the same prompt under an adapter computes them again (and
+    answers as its single run); under the same adapter again, they are reused."""
+    with Batcher(kit["base"], LoadSettings(n_ctx=512, n_threads=1, n_threads_batch=1), slots=1,
+                 adapters={"cardio": AdapterSpec(kit["cardio"])}) as b:
+        def run(adapter):
+            stream = b.submit(PROMPT, GREEDY, request_id="p", adapter=adapter)
+            items = list(stream)
+            return "".join(i.text for i in items[:-1]), items[-1]
+
+        text, fin = run(None)
+        assert text == refs[None] and fin.cached_tokens == 0
+        text, fin = run("cardio")
+        assert fin.cached_tokens == 0 and text == refs["cardio"]
+        text, fin = run("cardio")
+        assert fin.cached_tokens > 0 and text == refs["cardio"]
+        text, fin = run(None)
+        assert fin.cached_tokens == 0 and text == refs[None]
+
+
+def test_an_adapter_removed_while_streaming_finishes_that_request_then_can_come_back(server, kit):
+    """DELETE /admin/adapters/radio while a request streams from it: that request ends normally with its single
+    run's answer, new requests for it get 404 at once; POST /admin/adapters adds it back."""
+    long = single(kit, "radio", 40)
+    stream = server.client.completions.create(model=f"{MODEL}:radio", prompt=PROMPT, max_tokens=40, temperature=0,
+                                              stream=True)
+    chunks = iter(stream)
+    parts = [next(chunks).choices[0].text]
+    r = httpx.delete(server.url + "/admin/adapters/radio")
+    assert r.status_code == 200 and r.json()["requests_finishing"] == 1
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model=f"{MODEL}:radio", prompt=PROMPT, max_tokens=2)
+    assert f"{MODEL}:radio" not in [m.id for m in server.client.models.list().data]
+    reasons = []
+    for chunk in chunks:
+        parts.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(parts) == long and reasons[-1] == "length"
+    assert wait_until(lambda: "radio" not in server.batcher._adapters)  # freed once its last request ended
+    assert httpx.delete(server.url + "/admin/adapters/radio").status_code == 404
+    r = httpx.post(server.url + "/admin/adapters", json={"name": "radio", "path": str(kit["radio"])})
+    assert r.status_code == 200, r.text
+    out = server.client.completions.create(model=f"{MODEL}:radio", prompt=PROMPT, max_tokens=40, temperature=0)
+    assert out.choices[0].text == long
+    bad = httpx.post(server.url + "/admin/adapters", json={"name": "x", "path": str(Path(kit["base"]))})
+    assert bad.status_code == 400 and "adapter" in bad.text.lower()
+
+
+def test_serve_cli_hands_the_batcher_each_adapter_by_name(kit, monkeypatch, tmp_path):
+    """``edgemed serve BASE --adapter FILE --adapter FILE:0.5``: the batcher gets them named after their files, at
+    their scales; an adapter file for another architecture is refused before anything loads."""
+    from serve_kit import batcher_kwargs
+
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    seen, result = batcher_kwargs(monkeypatch, [str(kit["base"]), "--adapter", str(kit["cardio"]),
+                                                "--adapter", f"{kit['triage']}:0.5", "--port", "0",
+                                                "--threads", "1", "--ctx", "256", "--slots", "2"])
+    assert "stopped before loading" in result.output, result.output
+    assert {n: (s.path, s.scale) for n, s in seen["adapters"].items()} == \
+        {"cardio": (kit["cardio"], 1.0), "triage": (kit["triage"], 0.5)}
+    seen, result = batcher_kwargs(monkeypatch, [str(kit["base"]), "--port", "0", "--threads", "1", "--ctx", "256",
+                                                "--slots", "2", "--adapter", "nosuch"])
+    assert result.exit_code != 0 and "nosuch" in result.output and not seen
