@@ -60,6 +60,7 @@ def kit(smollm2_hf) -> dict:
         tmp = work / "base-f16.tmp.gguf"
         convert(smollm2_hf, tmp, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
         os.replace(tmp, base)
+        Path(f"{tmp}.report.json").unlink(missing_ok=True)  # convert's report of the temporary name
     return {"base": base, **files}
 
 
@@ -195,3 +196,24 @@ def test_serve_cli_hands_the_batcher_each_adapter_by_name(kit, monkeypatch, tmp_
     seen, result = batcher_kwargs(monkeypatch, [str(kit["base"]), "--port", "0", "--threads", "1", "--ctx", "256",
                                                 "--slots", "2", "--adapter", "nosuch"])
     assert result.exit_code != 0 and "nosuch" in result.output and not seen
+
+
+def test_admin_calls_need_the_api_key_when_the_server_has_keys(server, kit):
+    """With keys, adding or removing an adapter without the key is a 401 (nothing changes); with it, it works."""
+    from edgemed.serve.app import create_app
+    from edgemed.serve.security import ApiKeys
+
+    key = "sk-" + "a1b2c3d4" * 4
+    app = create_app(server.batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test",
+                                                 api_keys=ApiKeys.from_lines([key])))
+    with ServerThread(app) as keyed:
+        body = {"name": "extra", "path": str(kit["cardio"]), "scale": 0.5}
+        assert httpx.post(keyed.url + "/admin/adapters", json=body).status_code == 401
+        assert httpx.delete(keyed.url + "/admin/adapters/cardio").status_code == 401
+        assert "extra" not in server.batcher.adapters() and "cardio" in server.batcher.adapters()
+        auth = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(keyed.url + "/admin/adapters", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        assert server.batcher.adapters()["extra"]["scale"] == 0.5
+        assert httpx.delete(keyed.url + "/admin/adapters/extra", headers=auth).status_code == 200
+        assert "extra" not in server.batcher.adapters()

@@ -75,7 +75,7 @@ def test_every_route_is_labelled_by_its_handler_and_the_generation_rows_by_the_t
     from edgemed.serve.endpoints import ENDPOINTS
     from edgemed.serve.routes import LABELS
 
-    assert LABELS == {"/health": "health", "/metrics": "metrics", "/v1/models": "models",
+    assert LABELS == {"/health": "health", "/metrics": "metrics", "/v1/models": "models", "/admin/adapters": "adapters",
                       **{e.path: e.name for e in ENDPOINTS}}
 
 

@@ -58,12 +58,12 @@ async def model(model_id: str, request: Request):
     return _card(request, model_id).model_dump()
 
 
-@router.get("/admin/adapters")
+@router.get("/admin/adapters", name="adapters")  # one label for the path, whatever the method
 async def list_adapters(request: Request):
     return {"adapters": served(request).batcher.adapters()}
 
 
-@router.post("/admin/adapters")
+@router.post("/admin/adapters", name="adapters")
 async def add_adapter(request: Request):
     """Load a LoRA adapter on the running server: ``{"name", "path": FILE | "adapter": INSTALLED_NAME, "scale"}``."""
     import math
