@@ -196,6 +196,12 @@ def test_serve_cli_hands_the_batcher_each_adapter_by_name(kit, monkeypatch, tmp_
     seen, result = batcher_kwargs(monkeypatch, [str(kit["base"]), "--port", "0", "--threads", "1", "--ctx", "256",
                                                 "--slots", "2", "--adapter", "nosuch"])
     assert result.exit_code != 0 and "nosuch" in result.output and not seen
+    base_args = [str(kit["base"]), "--port", "0", "--threads", "1", "--ctx", "256", "--slots", "2"]
+    seen, result = batcher_kwargs(monkeypatch, base_args)  # no adapter bundle installed for this base: the base alone
+    assert "stopped before loading" in result.output, result.output
+    assert "adapters" not in seen
+    seen, result = batcher_kwargs(monkeypatch, [*base_args, "--no-adapters", "--adapter", str(kit["cardio"])])
+    assert result.exit_code != 0 and "--no-adapters" in result.output and not seen
 
 
 def test_admin_calls_need_the_api_key_when_the_server_has_keys(server, kit):
