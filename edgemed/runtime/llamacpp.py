@@ -356,12 +356,11 @@ class SamplerChain:
                     raise InputError("The grammar does not parse (llama.cpp rejected it).",
                                      "check the GBNF syntax; the start rule must be called 'root'")
                 self._add(grammar)
-            if settings.repeat_penalty != 1.0:
-                self._add(lc.llama_sampler_init_penalties(model.n_vocab, REPEAT_WINDOW, settings.repeat_penalty, 0.0, 0.0))
+            shaped = self._shape(model, settings)
             if settings.temperature == 0:
                 self._add(lc.llama_sampler_init_greedy())
                 # nothing before greedy and nothing stateful: the chain's pick is the first maximal logit
-                self._n_vocab = model.n_vocab if gbnf is None and settings.repeat_penalty == 1.0 else 0
+                self._n_vocab = model.n_vocab if gbnf is None and not shaped else 0
                 return
             if settings.top_k > 0:
                 self._add(lc.llama_sampler_init_top_k(settings.top_k))
@@ -374,6 +373,14 @@ class SamplerChain:
         except BaseException:
             self.close()
             raise
+
+    def _shape(self, model: Model, settings: GenerationSettings) -> bool:
+        """The stages between the grammar and the pick (here the repetition penalty); True when any was added.
+        A subclass adds its own in llama.cpp's order (the server's logit bias and OpenAI penalties)."""
+        if settings.repeat_penalty == 1.0:
+            return False
+        self._add(self.lib.llama_sampler_init_penalties(model.n_vocab, REPEAT_WINDOW, settings.repeat_penalty, 0.0, 0.0))
+        return True
 
     def _add(self, sampler) -> None:
         self.lib.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it from here

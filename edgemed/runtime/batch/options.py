@@ -62,47 +62,26 @@ def _serve_sampler_class():
         """``SamplerChain`` plus OpenAI's logit bias and presence/frequency penalties (llama.cpp's samplers)."""
 
         def __init__(self, model, settings: GenerationSettings, extras: Extras, n_ctx: int):
+            self._extras, self._n_ctx = extras, n_ctx
+            super().__init__(model, settings)
+
+        def _shape(self, model, settings: GenerationSettings) -> bool:
+            """Logit bias, then the repetition penalty, then OpenAI's presence/frequency penalties."""
             import ctypes
 
-            from edgemed.errors import InputError
-            from edgemed.runtime.sampling import REPEAT_WINDOW, grammar_text
-
-            lc = self.lib = model.lib
-            self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-            try:
-                gbnf = grammar_text(settings)
-                if gbnf is not None:
-                    grammar = lc.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
-                    if not grammar:
-                        raise InputError("The grammar does not parse (llama.cpp rejected it).",
-                                         "check the GBNF syntax; the start rule must be called 'root'")
-                    self._add(grammar)
-                if extras.logit_bias:
-                    biases = (lc.llama_logit_bias * len(extras.logit_bias))()
-                    for i, (token, bias) in enumerate(extras.logit_bias):
-                        biases[i].token, biases[i].bias = token, (-float("inf") if bias <= BAN else bias)
-                    self._add(lc.llama_sampler_init_logit_bias(model.n_vocab, len(extras.logit_bias),
-                                                               ctypes.cast(biases, ctypes.POINTER(lc.llama_logit_bias))))
-                if settings.repeat_penalty != 1.0:
-                    self._add(lc.llama_sampler_init_penalties(model.n_vocab, REPEAT_WINDOW, settings.repeat_penalty, 0.0, 0.0))
-                if extras.frequency_penalty or extras.presence_penalty:
-                    # the whole output counts, as in OpenAI's definition: the window is the slot's context
-                    self._add(lc.llama_sampler_init_penalties(model.n_vocab, n_ctx, 1.0, extras.frequency_penalty,
-                                                              extras.presence_penalty))
-                if settings.temperature == 0:
-                    self._add(lc.llama_sampler_init_greedy())
-                    return
-                if settings.top_k > 0:
-                    self._add(lc.llama_sampler_init_top_k(settings.top_k))
-                if settings.top_p < 1.0:
-                    self._add(lc.llama_sampler_init_top_p(settings.top_p, 1))
-                if settings.min_p > 0:
-                    self._add(lc.llama_sampler_init_min_p(settings.min_p, 1))
-                self._add(lc.llama_sampler_init_temp(settings.temperature))
-                self._add(lc.llama_sampler_init_dist(settings.seed & 0xFFFFFFFF))
-            except BaseException:
-                self.close()
-                raise
+            lc, extras = self.lib, self._extras
+            if extras.logit_bias:
+                biases = (lc.llama_logit_bias * len(extras.logit_bias))()  # llama.cpp copies them
+                for i, (token, bias) in enumerate(extras.logit_bias):
+                    biases[i].token, biases[i].bias = token, (-float("inf") if bias <= BAN else bias)
+                self._add(lc.llama_sampler_init_logit_bias(model.n_vocab, len(extras.logit_bias),
+                                                           ctypes.cast(biases, ctypes.POINTER(lc.llama_logit_bias))))
+            shaped = super()._shape(model, settings)
+            if extras.frequency_penalty or extras.presence_penalty:
+                # the whole output counts, as in OpenAI's definition: the window is the slot's context
+                self._add(lc.llama_sampler_init_penalties(model.n_vocab, self._n_ctx, 1.0, extras.frequency_penalty,
+                                                          extras.presence_penalty))
+            return shaped or not extras.plain
 
     return _ServeSampler
 
