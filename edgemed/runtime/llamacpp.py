@@ -133,15 +133,7 @@ class Model:
         return [t for t in range(self.n_vocab) if self.is_eog(t)]
 
     def meta(self, key: str) -> str | None:
-        size = 1 << 12
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self.lib.llama_model_meta_val_str(self.ptr, key.encode("utf-8"), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8", "replace")
-            size = n + 1
+        return _meta_str(self.lib.llama_model_meta_val_str, self.ptr, key, 1 << 12)
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt the GGUF's own chat template makes of ``messages`` (sandboxed Jinja, with limits)."""
@@ -157,6 +149,19 @@ class Model:
         ptr, self.ptr = getattr(self, "ptr", None), None
         if ptr:
             self.lib.llama_model_free(ptr)
+
+
+def _meta_str(read, ptr, key: str, size: int) -> str | None:
+    """A GGUF metadata string through one of llama.cpp's ``*_meta_val_str`` calls (None when the key is absent),
+    growing the buffer to the length llama.cpp reports."""
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = read(ptr, key.encode("utf-8"), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", "replace")
+        size = n + 1
 
 
 class Adapter:
@@ -178,15 +183,7 @@ class Adapter:
 
     def meta(self, key: str) -> str | None:
         """An adapter metadata value as llama.cpp read it (None when absent)."""
-        size = 1 << 10
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self.lib.llama_adapter_meta_val_str(self.ptr, key.encode("utf-8"), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8", "replace")
-            size = n + 1
+        return _meta_str(self.lib.llama_adapter_meta_val_str, self.ptr, key, 1 << 10)
 
     def close(self) -> None:
         ptr, self.ptr = getattr(self, "ptr", None), None
