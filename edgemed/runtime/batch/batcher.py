@@ -56,7 +56,7 @@ from edgemed.runtime.batch.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBud
 from edgemed.runtime.batch.sequence import Counters, Seq
 from edgemed.runtime.batch.stream import Finished, Piece, Stream
 
-__all__ = ["Batcher", "Closed", "Finished", "Overloaded", "Piece", "STALL_BUDGET", "Stream"]
+__all__ = ["Batcher", "Closed", "Finished", "Overloaded", "PREFIX_CACHE_BYTES", "Piece", "STALL_BUDGET", "Stream"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ GATHER_MAX_S = 0.050
 #: several rows, as in a cold run; the last token alone goes through llama.cpp's one-row kernels and its
 #: logits differ enough to change greedy text (seen with SmolLM2 Q4_1 on AVX2).
 REFEED = 2
+#: Host RAM the prefix cache may hold by default (bytes): a few long conversations of a small model.
+PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 #: What a served adapter may be called (it becomes part of a model name, ``MODEL:NAME``, and a metrics label).
 ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
@@ -101,11 +103,13 @@ class Batcher:
     ``prefill_chunk`` fixes the prompt tokens a step takes while others generate; None (the
     default) sizes it from measured step costs so running streams slow by at most 1 + STALL_BUDGET.
     ``prefix_cache`` (default on) lets a request reuse the KV of the prompt prefix its slot already holds.
+    ``prefix_cache_bytes``: host RAM the prefix cache may hold (saved slot prefixes, least recently used evicted
+    first); 0: no host cache.
     """
 
     def __init__(self, model_path: Path, load: LoadSettings, *, slots: int = 4, queue_size: int = 16,
                  n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None, prefix_cache: bool = True,
-                 adapters: dict | None = None):
+                 adapters: dict | None = None, prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         if slots < 1 or queue_size < 0:
             raise InputError(f"slots must be >= 1 and queue_size >= 0 (got {slots}, {queue_size}).",
                              "pass --slots 1 or more and --queue 0 or more")
@@ -122,6 +126,10 @@ class Batcher:
         self.prefill_chunk = prefill_chunk
         self._prefill = PrefillBudget(prefill_chunk)
         self.prefix_cache = prefix_cache
+        if prefix_cache_bytes < 0:
+            raise InputError(f"prefix_cache_bytes must be >= 0 (got {prefix_cache_bytes}).",
+                             "pass 0 for no host-RAM prefix cache, or a size in bytes")
+        self.prefix_cache_bytes = int(prefix_cache_bytes) if prefix_cache else 0
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
         self._kept_key: list = [None] * slots  # the adapter set those cells were computed under (None: the base)
         self._initial_adapters = dict(adapters or {})  # name -> loader.AdapterSpec, loaded by start()
