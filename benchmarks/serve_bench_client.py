@@ -84,8 +84,10 @@ class _Server:
 class EdgemedServer(_Server):
     name = "edgemed"
 
-    def __init__(self, path: Path, threads: int, slots: int, ctx_per_slot: int, prefix_cache: bool = False):
+    def __init__(self, path: Path, threads: int, slots: int, ctx_per_slot: int, prefix_cache: bool = False,
+                 adapters: tuple[Path, ...] = ()):
         self.prefix_cache = prefix_cache
+        self.adapters = tuple(adapters)  # GGUF LoRA adapter files served beside the base (model "NAME:ADAPTER")
         super().__init__(path, threads, slots, ctx_per_slot)
 
     def command(self) -> list[str]:
@@ -93,6 +95,8 @@ class EdgemedServer(_Server):
         cmd = [sys.executable, "-m", "edgemed", "serve", str(self.path), "--port", str(self.port),
                "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads),
                "--queue", "16", "--audit-log", str(audit)]
+        for adapter in self.adapters:
+            cmd += ["--adapter", str(adapter)]
         # by default every request cold, as llama-server is asked to be (cache_prompt: false)
         return cmd if self.prefix_cache else cmd + ["--no-prefix-cache"]
 
@@ -111,8 +115,9 @@ class EdgemedServer(_Server):
 class LlamaServer(_Server):
     name = "llama-server"
 
-    def __init__(self, binary: Path, **kw):
+    def __init__(self, binary: Path, loras: tuple[Path, ...] = (), **kw):
         self.binary = binary
+        self.loras = tuple(loras)  # --lora files, loaded at scale 0: a request applies one with "lora": [{"id", "scale"}]
         super().__init__(**kw)
 
     def command(self) -> list[str]:
@@ -121,7 +126,12 @@ class LlamaServer(_Server):
         return [str(self.binary), "-m", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
                 "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "-t", str(self.threads),
                 "-tb", str(self.threads), "-b", "512", "-ub", "512", "-fa", "off", "--load-mode", "none", "--fit", "off", "--metrics",
-                "--cache-ram", "0"]
+                "--cache-ram", "0"] + self._lora_args()
+
+    def _lora_args(self) -> list[str]:
+        if not self.loras:
+            return []
+        return [a for f in self.loras for a in ("--lora", str(f))] + ["--lora-init-without-apply"]
 
 
 def sse_events(client, server: _Server, path: str, body: dict):
@@ -153,10 +163,11 @@ def save_results(out: Path, result: dict, markdown: str) -> None:
 
 
 def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: threading.Event | None = None,
-                   times: list[float] | None = None) -> dict:
-    """One streaming /v1/completions request: arrival time of each text chunk (into ``times``, live), usage, timings."""
+                   times: list[float] | None = None, extra: dict | None = None) -> dict:
+    """One streaming /v1/completions request: arrival time of each text chunk (into ``times``, live), usage, timings.
+    ``extra``: body fields added or replaced (e.g. another ``model``, llama-server's ``lora``)."""
     body = {"model": server.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "cache_prompt": False}
+            "stream_options": {"include_usage": True}, "cache_prompt": False} | (extra or {})
     t0 = time.perf_counter()
     times = [] if times is None else times
     tokens, finish, timings = 0, None, None
@@ -177,8 +188,10 @@ def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: 
             "server_tok_s": (timings or {}).get("predicted_per_second")}
 
 
-def run_level(server: _Server, prompts: list[str], streams: int, requests: int, max_tokens: int) -> list[dict]:
-    """``streams`` client threads, each sending ``requests`` requests back to back (closed loop)."""
+def run_level(server: _Server, prompts: list[str], streams: int, requests: int, max_tokens: int,
+              extra_for=None) -> list[dict]:
+    """``streams`` client threads, each sending ``requests`` requests back to back (closed loop). ``extra_for``:
+    stream index -> body fields its requests add (``stream_request``'s ``extra``), kept in each row as ``extra``."""
     import httpx2
 
     rows: list[dict] = []
@@ -190,9 +203,12 @@ def run_level(server: _Server, prompts: list[str], streams: int, requests: int, 
         try:
             with httpx2.Client() as client:
                 gate.wait()
+                extra = extra_for(i) if extra_for is not None else None
                 for j in range(requests):
-                    row = stream_request(client, server, prompts[(i + j * streams) % len(prompts)], max_tokens)
+                    row = stream_request(client, server, prompts[(i + j * streams) % len(prompts)], max_tokens, extra=extra)
                     row.pop("times")
+                    if extra is not None:
+                        row["extra"] = extra
                     with lock:
                         rows.append(row)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
@@ -206,6 +222,17 @@ def run_level(server: _Server, prompts: list[str], streams: int, requests: int, 
     if errors:
         raise errors[0]
     return rows
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """Resident memory of process ``pid`` now (VmRSS) and at its peak so far (VmHWM), bytes, from /proc (Linux)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            number, unit = value.split()
+            out[key] = int(number) * 1024 if unit == "kB" else int(number)
+    return out
 
 
 def long_prompt(vocab, n_tokens: int) -> str:
