@@ -224,17 +224,6 @@ def run_level(server: _Server, prompts: list[str], streams: int, requests: int, 
     return rows
 
 
-def process_memory(pid: int) -> dict[str, int]:
-    """Resident memory of process ``pid`` now (VmRSS) and at its peak so far (VmHWM), bytes, from /proc (Linux)."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            number, unit = value.split()
-            out[key] = int(number) * 1024 if unit == "kB" else int(number)
-    return out
-
-
 def long_prompt(vocab, n_tokens: int) -> str:
     """A chat prompt of about ``n_tokens`` tokens: a long synthetic clinical record and one question."""
     lines, day = [], 0
