@@ -163,11 +163,13 @@ def save_results(out: Path, result: dict, markdown: str) -> None:
 
 
 def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: threading.Event | None = None,
-                   times: list[float] | None = None, extra: dict | None = None) -> dict:
+                   times: list[float] | None = None, extra: dict | None = None, drop: tuple[str, ...] = ()) -> dict:
     """One streaming /v1/completions request: arrival time of each text chunk (into ``times``, live), usage, timings.
-    ``extra``: body fields added or replaced (e.g. another ``model``, llama-server's ``lora``)."""
+    ``extra``: body fields added or replaced (e.g. another ``model``, llama-server's ``lora``); ``drop``: body fields
+    left out (``("cache_prompt",)``: the body a client sends, each server's own default)."""
     body = {"model": server.model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "cache_prompt": False} | (extra or {})
+    body = {k: v for k, v in body.items() if k not in drop}
     t0 = time.perf_counter()
     times = [] if times is None else times
     tokens, finish, timings = 0, None, None
@@ -224,9 +226,10 @@ def run_level(server: _Server, prompts: list[str], streams: int, requests: int, 
     return rows
 
 
-def long_prompt(vocab, n_tokens: int) -> str:
-    """A chat prompt of about ``n_tokens`` tokens: a long synthetic clinical record and one question."""
-    lines, day = [], 0
+def long_prompt(vocab, n_tokens: int, header: str = "") -> str:
+    """A chat prompt of about ``n_tokens`` tokens: a long synthetic clinical record and one question. ``header``:
+    a first line of the record (a different one per run keeps a server's prompt cache from answering it)."""
+    lines, day = ([header] if header else []), 0
     question = "\n\nSummarize the course above and list the three most important open problems."
 
     def render() -> str:
@@ -241,8 +244,9 @@ def long_prompt(vocab, n_tokens: int) -> str:
 
 
 def prefill_check(server: _Server, prompts: list[str], long_text: str, max_tokens: int, running: int = 3,
-                  warm_tokens: int = 24) -> dict:
-    """Inter-token time of ``running`` decoding streams before, and while, a long prompt is prefilled."""
+                  warm_tokens: int = 24, drop: tuple[str, ...] = ()) -> dict:
+    """Inter-token time of ``running`` decoding streams before, and while, a long prompt is prefilled. ``drop``:
+    body fields every request leaves out (``stream_request``'s)."""
     import httpx2
 
     stop = threading.Event()
@@ -251,7 +255,8 @@ def prefill_check(server: _Server, prompts: list[str], long_text: str, max_token
 
     def worker(i: int) -> None:
         with httpx2.Client() as client:
-            results[i] = stream_request(client, server, prompts[i % len(prompts)], 4 * max_tokens + 400, stop, live[i])
+            results[i] = stream_request(client, server, prompts[i % len(prompts)], 4 * max_tokens + 400, stop, live[i],
+                                        drop=drop)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(running)]
     for t in threads:
@@ -262,7 +267,7 @@ def prefill_check(server: _Server, prompts: list[str], long_text: str, max_token
         time.sleep(0.05)
     t_send = time.perf_counter()
     with httpx2.Client() as client:
-        long_row = stream_request(client, server, long_text, 4)
+        long_row = stream_request(client, server, long_text, 4, drop=drop)
     t_first = long_row["t0"] + long_row["ttft_s"]
     time.sleep(1.0)  # a few more tokens after the prefill
     stop.set()
@@ -284,3 +289,47 @@ def prefill_check(server: _Server, prompts: list[str], long_text: str, max_token
             "growth_max": round(max(during) / base, 3) if during else None,
             "long_ttft_s": round(long_row["ttft_s"], 3), "prefill_window_s": round(t_first - t_send, 3)}
 
+
+
+def openai_chat_level(server: _Server, conversations: list[list[dict]], streams: int, requests: int,
+                      max_tokens: int) -> list[dict]:
+    """``streams`` threads of the official ``openai`` client, each sending ``requests`` chat completions back to
+    back (non-streaming, greedy, ``max_tokens``; nothing but OpenAI's fields, so each server keeps its own
+    defaults, ``cache_prompt`` included). Stream ``i``'s ``j``-th request asks ``conversations[(i + j * streams) %
+    len]``. Rows: send time, latency, completion / prompt / cached tokens, finish reason."""
+    import openai
+
+    rows: list[dict] = []
+    errors: list[BaseException] = []
+    gate = threading.Barrier(streams)
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        try:
+            with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=900) as client:
+                gate.wait()
+                for j in range(requests):
+                    t0 = time.perf_counter()
+                    resp = client.chat.completions.create(
+                        model=server.model_id, messages=conversations[(i + j * streams) % len(conversations)],
+                        max_tokens=max_tokens, temperature=0)
+                    details = resp.usage.prompt_tokens_details
+                    row = {"t0": t0, "latency_s": time.perf_counter() - t0, "tokens": resp.usage.completion_tokens,
+                           "prompt_tokens": resp.usage.prompt_tokens,
+                           "cached_tokens": details.cached_tokens if details is not None else None,
+                           "finish": resp.choices[0].finish_reason}
+                    with lock:
+                        rows.append(row)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+            gate.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if errors:
+        raise (real or errors)[0]
+    return rows
