@@ -50,3 +50,23 @@ def test_cut_case_keeps_whole_sentences_within_the_budget():
 def test_every_clinician_gets_a_different_case_and_enough_follow_ups():
     assert len(set(sc.CASES)) == len(sc.CASES) >= 4
     assert len(sc.FOLLOW_UPS) >= 7  # the default 8 turns without repeating a question
+
+
+def test_goal_mark_reads_the_ratio_against_its_goal():
+    assert sc.goal_mark(0.8, 1.0) == "met" and sc.goal_mark(1.0, 1.0) == "met"
+    assert sc.goal_mark(1.2, 1.0) == "not met"
+    assert sc.goal_mark(0.9, 0.95, at_most=False) == "not met" and sc.goal_mark(0.96, 0.95, at_most=False) == "met"
+    assert sc.goal_mark(None, 1.0) == "-"
+
+
+def test_report_marks_each_turn_against_llama_server():
+    turn = {"turn": 1, "prompt_tokens_mean": 600, "cached_tokens_mean": 0, "cached_tokens_min": 0, "ttft_p50_s": 2.0,
+            "ttft_p99_s": 2.5, "decode_tok_s_median": 20.0}
+    m = {"model": "m.gguf", "clinicians": 4, "turns": 2, "max_tokens": 96, "threads": 2, "slots": 4,
+         "n_ctx_per_slot": 2048, "rounds": 1, "machine": {"cpu_count": 2}, "command": "python -m x",
+         "servers": {"edgemed": {}, "llama-server": {}},
+         "best": {"edgemed": [turn, turn | {"turn": 2}], "llama-server": [turn, turn | {"turn": 2}]},
+         "ratios": {"llama-server": [0.9, 1.4]}, "answers_identical": None}
+    text = sc.report_md(m)
+    assert "0.900x (goal <= 1.0x: met)" in text and "1.400x (goal <= 1.0x: not met)" in text
+    assert "Answers with reuse" not in text  # no cold run, no claim about the answers
