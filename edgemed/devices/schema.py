@@ -23,6 +23,7 @@ MAX_BATCH = 1 << 16         # llama.cpp's own defaults are 2048 / 512
 MAX_GPU_LAYERS = 1 << 16    # "every layer" is -1; a count past any model's depth means the same
 MAX_GB = 1 << 20            # 1 PiB of memory: a larger (or infinite) size is a typo
 MAX_PRIORITY = 1_000_000
+MAX_PREFIX_CACHE_MIB = 1 << 20  # 1 TiB of host RAM for saved prompt prefixes: a larger size is a typo
 
 Check = Callable[[Any], "str | None"]  # returns what was expected, or None when the value is fine
 
@@ -80,6 +81,9 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("memory", "reserve_gb"): (_num(), True),
     ("memory", "max_fraction"): (_num(0, 1, open_lo=True), True),
     ("memory", "unified"): (_bool, True),
+    # host RAM `edgemed serve` may keep saved prompt prefixes in (0: none); optional: absent means
+    # runtime.plan.PREFIX_CACHE_MIB, so a user profile written before the key existed still loads
+    ("memory", "prefix_cache_mib"): (_int(0, MAX_PREFIX_CACHE_MIB), False),
     ("llama", "n_threads"): (_threads, True),
     ("llama", "n_threads_batch"): (_threads, True),
     ("llama", "n_gpu_layers"): (_int(-1, MAX_GPU_LAYERS), True),

@@ -20,6 +20,10 @@ by ``edgemed.formats.gguf_header`` with the ``gguf`` package's type tables; no m
 * **adapters** — each LoRA adapter applied at run time: its tensors' bytes (llama.cpp reads them into a
   buffer of their own, not a mapping), from the adapter file's header. Its pairs' intermediate products
   (rank x micro-batch) are too small to count.
+* **prefix cache** — ``edgemed serve`` only: host RAM its saved prompt prefixes may hold (the batcher's LRU
+  never exceeds it). The size comes from the profile's ``memory.prefix_cache_mib`` (``PREFIX_CACHE_MIB`` when
+  absent) and is *reduced* to what the budget leaves after the model and its context; ``--prefix-cache-mib N``
+  is a request like ``--ctx``: counted before the context is chosen, and *refused* when it cannot fit.
 * **runtime** — the interpreter and llama.cpp library, plus llama.cpp's
   vocabulary tables (``RUNTIME_PER_TOKEN`` per vocabulary entry).
 
@@ -31,13 +35,13 @@ anything is loaded.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgemed.constants import DEFAULT_KV_TYPE, KV_TYPES
 from edgemed.devices.facts import Facts
 from edgemed.devices.profiles import Profile
-from edgemed.devices.schema import MAX_CTX, MAX_THREADS
+from edgemed.devices.schema import MAX_CTX, MAX_PREFIX_CACHE_MIB, MAX_THREADS
 from edgemed.errors import InputError, PlanError
 
 MIB = 1 << 20
@@ -46,6 +50,8 @@ CTX_STEP = 256          # llama.cpp pads the KV cache to this; plans use multipl
 #: Names the estimate's formula in manifests and plans; bump when the model of memory changes.
 METHOD = "planner/2"  # 2: the repacked copy counts only with mmap
 MIN_CTX = 512           # below this a medical prompt plus an answer does not fit
+#: The prefix cache of a profile without ``memory.prefix_cache_mib`` (the batcher's own default).
+PREFIX_CACHE_MIB = 256
 
 #: Python 3.11 + click + edgemed + llama-cpp-python imported, nothing loaded (measured: 45-50 MiB).
 RUNTIME_BASE = 48 * MIB
@@ -151,10 +157,11 @@ class Estimate:
     kv_cache: int
     compute: int
     adapters: int = 0  # LoRA adapters applied at run time (their tensors)
+    prefix_cache: int = 0  # host RAM `edgemed serve`'s saved prompt prefixes may hold
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute + self.adapters
+        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute + self.adapters + self.prefix_cache
 
 
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE) -> int:
@@ -175,9 +182,10 @@ def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool
 
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
-             flash_attn: bool = False, offload: bool = False, use_mmap: bool = True, adapter_bytes: int = 0) -> Estimate:
+             flash_attn: bool = False, offload: bool = False, use_mmap: bool = True, adapter_bytes: int = 0,
+             prefix_cache_bytes: int = 0) -> Estimate:
     """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx`` (with ``adapter_bytes`` of
-    LoRA adapters: ``adapters_bytes``)."""
+    LoRA adapters: ``adapters_bytes``, and ``prefix_cache_bytes`` of host prefix cache)."""
     return Estimate(
         n_ctx=n_ctx,
         runtime=RUNTIME_BASE + RUNTIME_PER_TOKEN * shape.n_vocab,
@@ -186,6 +194,7 @@ def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str 
         kv_cache=kv_cache_bytes(shape, n_ctx, type_k, type_v),
         compute=compute_bytes(shape, n_ctx, min(n_ubatch, n_ctx), flash_attn, offload),
         adapters=adapter_bytes,
+        prefix_cache=prefix_cache_bytes,
     )
 
 
@@ -206,6 +215,7 @@ class Plan:
     estimate: Estimate
     llama: dict          # resolved llama.cpp settings (threads as numbers, n_ctx chosen)
     limited_by: str      # what capped the context: "budget", "profile", "model" or "request"
+    prefix_cache_asked: int = 0  # the prefix cache asked for (bytes); estimate.prefix_cache is what it got
 
     @property
     def fits(self) -> bool:
@@ -213,7 +223,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "profile": self.profile, "budget_bytes": self.budget,
-                "fits": self.fits, "limited_by": self.limited_by,
+                "fits": self.fits, "limited_by": self.limited_by, "prefix_cache_asked_bytes": self.prefix_cache_asked,
                 "estimate": {**asdict(self.estimate), "total": self.estimate.total}, "llama": self.llama}
 
 
@@ -225,10 +235,12 @@ def profile_settings(profile: Profile) -> dict:
 
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None,
-                   adapter_bytes: int = 0) -> tuple[int, str]:
+                   adapter_bytes: int = 0, prefix_cache_bytes: int = 0) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = profile_settings(profile) | {"adapter_bytes": adapter_bytes}
-    with_adapters = f" (LoRA adapters {adapter_bytes / MIB:.0f} MiB of it)" if adapter_bytes else ""
+    opts = profile_settings(profile) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes}
+    parts = [f"LoRA adapters {adapter_bytes / MIB:.0f} MiB"] * bool(adapter_bytes) + \
+        [f"--prefix-cache-mib {prefix_cache_bytes / MIB:.0f} MiB"] * bool(prefix_cache_bytes)
+    with_adapters = f" ({', '.join(parts)} of it)" if parts else ""
     if requested is not None:
         if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
             raise InputError(f"--ctx must be an integer from 1 to {MAX_CTX}, got {requested!r}.",
@@ -247,7 +259,9 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
     if smallest.total > budget:
         raise PlanError(
             f"The model needs {smallest.total / MIB:.0f} MiB even with a {smallest.n_ctx}-token context "
-            f"(weights {smallest.weights / MIB:.0f} MiB{', LoRA adapters ' + format(adapter_bytes / MIB, '.0f') + ' MiB' if adapter_bytes else ''}), over the '{profile.name}' budget of {budget / MIB:.0f} MiB.",
+            f"(weights {smallest.weights / MIB:.0f} MiB{''.join(', ' + p for p in parts)}), over the '{profile.name}' budget of {budget / MIB:.0f} MiB.",
+            ("pass a smaller --prefix-cache-mib (or leave it out: the profile's cache is reduced to fit), or "
+             if prefix_cache_bytes else "") +
             f"use a smaller quant (the profile recommends {profile.recommended_quant}) or a smaller model; "
             "nothing was loaded")
     best = smallest.n_ctx
@@ -283,20 +297,50 @@ def check_threads(n: int | None, what: str = "the thread count") -> int | None:
 
 
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
-              budget: int | None = None, adapters=()) -> Plan:
+              budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
-    files ``adapters`` (paths, or objects with ``.path``) applied."""
+    files ``adapters`` (paths, or objects with ``.path``) applied.
+
+    ``prefix_cache`` (``edgemed serve``): ``(bytes, fixed)`` from ``prefix_cache_request``. A fixed size (asked on
+    the command line) is counted before the context is chosen and refused with the context when it cannot fit;
+    otherwise (the profile's) it gets what the budget leaves after the model and its context, at most ``bytes``."""
     shape = read_shape(model)
     adapter_bytes = adapters_bytes(adapters)
     budget = profile.budget_bytes(facts) if budget is None else budget
     if not _is_int(budget) or budget < 0:
         raise InputError(f"The memory budget must be a whole number of bytes >= 0, got {budget!r}.",
                          "pass --budget-mb with a finite number of MiB, or leave it out to use the profile's")
-    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes)
+    asked, fixed = prefix_cache or (0, False)
+    if not _is_int(asked) or not 0 <= asked <= MAX_PREFIX_CACHE_MIB * MIB:
+        raise InputError(f"The prefix cache must be 0 to {MAX_PREFIX_CACHE_MIB} MiB, got {asked!r} bytes.",
+                         "pass --prefix-cache-mib with a whole number of MiB (0: no host cache)")
+    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0)
     est = estimate(shape, n_ctx, **profile_settings(profile), adapter_bytes=adapter_bytes)
+    if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
+        est = replace(est, prefix_cache=asked if fixed else max(0, min(asked, (budget - est.total) // MIB * MIB)))
     # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it
     n_batch = min(profile.llama["n_batch"], n_ctx)
     llama = dict(profile.llama, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(profile.llama["n_ubatch"], n_batch),
                  n_threads=check_threads(profile.threads(profile.llama["n_threads"], facts)),
                  n_threads_batch=check_threads(profile.threads(profile.llama["n_threads_batch"], facts)))
-    return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by)
+    return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by,
+                prefix_cache_asked=asked)
+
+
+def prefix_cache_request(profile: Profile, mib: int | None = None) -> tuple[int, bool]:
+    """The prefix cache ``edgemed serve`` asks the plan for, as ``make_plan``'s ``prefix_cache``: ``mib`` (from
+    ``--prefix-cache-mib``: fixed) or the profile's ``memory.prefix_cache_mib`` (reduced to fit)."""
+    if mib is not None:
+        if not _is_int(mib) or not 0 <= mib <= MAX_PREFIX_CACHE_MIB:
+            raise InputError(f"--prefix-cache-mib must be a whole number from 0 to {MAX_PREFIX_CACHE_MIB}, got {mib!r}.",
+                             "pass the host RAM saved prompt prefixes may hold, in MiB (0: none), or leave it out "
+                             "to use the device profile's")
+        return mib * MIB, True
+    return profile.memory.get("prefix_cache_mib", PREFIX_CACHE_MIB) * MIB, False
+
+
+def adapter_room(plan: Plan, served=(), added=()) -> tuple[int, int]:
+    """``(needed, budget)`` in bytes once the LoRA adapter files ``added`` join ``served`` (what the server holds
+    now) on the model ``plan`` was made for: the plan's total with its own adapters replaced by these."""
+    base = plan.estimate.total - plan.estimate.adapters
+    return base + adapters_bytes(list(served)) + adapters_bytes(list(added)), plan.budget

@@ -42,10 +42,13 @@ def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
 
 
 def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-            seed: int = 0, root: Path | str = "/", adapters=()) -> Prepared:
+            seed: int = 0, root: Path | str = "/", adapters=(), prefix_cache: bool = False,
+            prefix_cache_mib: int | None = None) -> Prepared:
     """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded); ``adapters``: the
-    LoRA adapter files (or ``loader.AdapterSpec``) that will be applied, counted by the plan."""
-    from edgemed.runtime.plan import check_threads
+    LoRA adapter files (or ``loader.AdapterSpec``) that will be applied, counted by the plan. ``prefix_cache``
+    (``edgemed serve``): the plan also counts a host-RAM prefix cache of ``prefix_cache_mib`` MiB (None: the
+    profile's, reduced to what fits; see ``plan.make_plan``); ``plan.estimate.prefix_cache`` is its size."""
+    from edgemed.runtime.plan import check_threads, prefix_cache_request
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
     profile, facts = resolve(profile_name, root)
@@ -60,7 +63,8 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
         load = LoadSettings(n_ctx=n_ctx or profile.llama["n_ctx"], n_threads=threads_, seed=seed,
                             providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
-    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters)
+    cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
+    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
@@ -77,6 +81,32 @@ def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
     from edgemed.runtime.llama_engine import LlamaEngine
 
     return LlamaEngine(model, load, adapters)
+
+
+def admit_adapter(plan: Plan, load: LoadSettings, served=(), added=None) -> None:
+    """Before the LoRA adapter ``added`` (``loader.AdapterSpec``) joins ``served`` on a running server whose model
+    was planned as ``plan`` and loaded with ``load``: the checks ``edgemed serve --adapter`` gets at start. Made for
+    this base (``AdapterError``), fits the memory budget with what is served (``PlanError``), and the host
+    self-test passes for the model with the whole set (``ModelLoadError`` on a native crash). Nothing is loaded."""
+    from edgemed.errors import PlanError
+    from edgemed.formats.gguf_header import read_header
+    from edgemed.runtime import selftest
+    from edgemed.runtime.loader import check_adapter
+    from edgemed.runtime.plan import MIB, adapter_room, adapters_bytes
+
+    model = Path(plan.model)
+    check_adapter(read_header(model).metadata, model, added.path)
+    needed, budget = adapter_room(plan, served, [added])
+    if needed > budget:
+        size = adapters_bytes([added])
+        raise PlanError(
+            f"The adapter '{added.path.name}' ({size / MIB:.0f} MiB) would bring this server to {needed / MIB:.0f} MiB, "
+            f"over the '{plan.profile}' budget of {budget / MIB:.0f} MiB (model, {plan.estimate.n_ctx}-token context, "
+            f"prefix cache {plan.estimate.prefix_cache / MIB:.0f} MiB and {len(list(served))} served adapters); "
+            "it was not loaded and the server serves as before.",
+            "remove an adapter first (DELETE /admin/adapters/NAME), or restart edgemed serve with --adapter FILE (the "
+            "plan then makes room for it) or with a smaller --ctx or --prefix-cache-mib")
+    selftest.admit(model, load, [*served, added])
 
 
 def starts_in_think(prompt: str) -> bool:
