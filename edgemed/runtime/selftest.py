@@ -190,8 +190,9 @@ def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None
 
 
 def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True,
-          tensors=None, adapters=()):
-    """[(settings, verdict)]: the asked mode first, then safer modes while the last one crashed natively.
+          tensors=None, adapters=(), fallback: bool = True):
+    """[(settings, verdict)]: the asked mode first, then safer modes while the last one crashed natively
+    (``fallback=False``: the asked mode alone, for a model already loaded with it).
 
     Conclusive verdicts (a pass, a native crash) are cached; an inconclusive one ends the list uncached."""
     from edgemed.runtime.llamacpp import build
@@ -213,7 +214,7 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
             if verdict.conclusive:
                 _remember(digest, verdict)
         tried.append((candidate, verdict))
-        if not (verdict.conclusive and not verdict.ok):
+        if not fallback or not (verdict.conclusive and not verdict.ok):
             break
     return tried
 
@@ -239,6 +240,24 @@ def ensure(path: Path, load: LoadSettings, tensors=None, adapters=()) -> LoadSet
         _said.add(notice)
         log.warning(notice)
     return used_settings
+
+
+def admit(path: Path, load: LoadSettings, adapters) -> None:
+    """Before LoRA ``adapters`` join a model already loaded in process with ``load`` (``POST /admin/adapters``):
+    the host's verdict for the model with that whole adapter set (cached, else a child decodes with them applied),
+    in ``load``'s extra-buffer mode only (the loaded model cannot switch). A native crash raises ``ModelLoadError``;
+    a pass or an inconclusive verdict (a file llama.cpp refuses: the load in process says why) returns."""
+    if os.environ.get(env.SELFTEST_CHILD_VAR) == "1" or os.environ.get(env.SELFTEST_VAR) == "0":
+        return
+    (_, verdict), = check(path, load, adapters=adapters, fallback=False)
+    if verdict.ok or not verdict.conclusive:
+        return
+    names = ", ".join(Path(a.path).name for a in adapters)
+    raise ModelLoadError(
+        f"The host self-test crashed ({verdict.signal}) loading '{Path(path).name}' with the adapters {names} applied "
+        f"(extra_buffers = \"{verdict.mode}\"); the adapter was not loaded and the server serves as before.",
+        f"run `edgemed devices check {path} --adapter FILE` for the details; where a safer extra_buffers passes, "
+        "set it in the device profile and restart the server with --adapter FILE")
 
 
 def _child(path: str, settings_json: str, adapters_json: str = "[]") -> None:
