@@ -26,6 +26,10 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Reuse the KV of the prompt prefix a slot already holds (a chat's earlier turns): only the new "
               "tokens are computed. --no-prefix-cache computes every prompt from its first token.")
+@click.option("--prefix-cache-mib", type=click.IntRange(0), metavar="N",
+              help="Host RAM, MiB, that saved prompt prefixes may hold when slots turn over (0: none). Default: the "
+              "device profile's memory.prefix_cache_mib, reduced to what the memory budget leaves; N is counted by "
+              "the memory plan before the context is chosen, and refused if it cannot fit.")
 @click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(64), help="Context per request (prompt + answer), tokens. "
               "Default: the largest the memory budget allows, split over the slots.")
@@ -51,7 +55,7 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 @click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
-def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
+def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
           cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
@@ -77,13 +81,16 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
     from edgemed.serve.security import ApiKeys, bind_socket, check_bind
 
     check_threads(threads, "--threads")
+    if not prefix_cache and prefix_cache_mib:
+        raise InputError(f"--no-prefix-cache and --prefix-cache-mib {prefix_cache_mib} contradict each other.",
+                         "pass one of them (--no-prefix-cache turns all prompt reuse off)")
     keys = ApiKeys.from_file(api_key_file) if api_key_file else None
     check_bind(host, keys)  # before anything is loaded or bound
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
     require("prometheus_client", "serve")
 
-    from edgemed.runtime.session import prepare
+    from edgemed.runtime.session import admit_adapter, prepare
     from edgemed.serve.app import create_app
     from edgemed.serve.audit import AuditLog
     from edgemed.runtime.batch.batcher import Batcher
@@ -102,6 +109,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
         card = _card(ref)
         served_adapters = _adapters(ref, adapter_args, no_adapters)  # name -> AdapterSpec, checked before any load
         prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads,
+                           prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib,
                            **({"adapters": list(served_adapters.values())} if served_adapters else {}))
         if prepared.plan is None:
             raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
@@ -112,13 +120,16 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
-                                 ui=not no_ui, card=card, resolve_adapter=lambda text: adapter_specs(ref, [text])[0])
+                                 ui=not no_ui, card=card, resolve_adapter=lambda text: adapter_specs(ref, [text])[0],
+                                 admit_adapter=lambda served, spec: admit_adapter(prepared.plan, batcher.load, served, spec))
             batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
-                              prefix_cache=prefix_cache, **({"adapters": served_adapters} if served_adapters else {}))
+                              prefix_cache=prefix_cache, prefix_cache_bytes=prepared.plan.estimate.prefix_cache,
+                              **({"adapters": served_adapters} if served_adapters else {}))
             batcher.start()
             app = create_app(batcher, config)
             click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
                        f"queue {queue_size}, profile {prepared.profile}", err=True)
+            click.echo(_memory_line(prepared.plan, batcher), err=True)
             if served_adapters:
                 click.echo(f"adapters: {', '.join(f'{model_id}:{n}' for n in served_adapters)}", err=True)
             click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
@@ -147,6 +158,25 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pro
                 batcher.close()
             click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
             audit.close()
+
+
+def _memory_line(plan, batcher) -> str:
+    """The memory plan in one line, with the host prefix cache the batcher was given (and why, when it is less
+    than asked)."""
+    from edgemed.runtime.plan import MIB
+
+    e = plan.estimate
+    got = batcher.prefix_cache_bytes
+    if not batcher.prefix_cache:
+        cache = "prefix cache off (--no-prefix-cache)"
+    else:
+        cache = f"prefix cache {got / MIB:.0f} MiB host RAM"
+        if got < plan.prefix_cache_asked:
+            cache += (f" (reduced from {plan.prefix_cache_asked / MIB:.0f} MiB: what the budget leaves after the model "
+                      "and its context)")
+    adapters = f", adapters {e.adapters / MIB:.0f}" if e.adapters else ""
+    return (f"memory plan: {e.total / MIB:.0f} of {plan.budget / MIB:.0f} MiB (weights {e.weights / MIB:.0f}, KV "
+            f"{e.kv_cache / MIB:.0f}, compute {e.compute / MIB:.0f}{adapters}); {cache}")
 
 
 def _adapters(ref, args, none: bool) -> dict:

@@ -35,6 +35,9 @@ class ServeConfig:
     #: NAME[:SCALE] of an installed adapter for this base -> ``loader.AdapterSpec`` (verified, trust policy applied),
     #: for ``POST /admin/adapters {"adapter": NAME}``; the CLI passes ``packaging.ref.adapter_specs`` for the model.
     resolve_adapter: object = field(default=None, compare=False)
+    #: (served AdapterSpecs, the new AdapterSpec) -> None, or an ``EdgemedError``: the checks an adapter added while
+    #: serving must pass before it loads (``session.admit_adapter``: base, memory plan, host self-test); None: none.
+    admit_adapter: object = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_bind(self.host, self.api_keys)

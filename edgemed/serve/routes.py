@@ -3,11 +3,14 @@
 ``/v1/completions``; streaming as SSE or not), whose bodies are read by ``parse_body``. Each reads the app's ``Served`` from the request.
 ``/v1/models`` lists the base as MODEL and each served LoRA adapter as MODEL:ADAPTER. ``POST /admin/adapters``
 (``{"name", "path" | "adapter", "scale"}``) and ``DELETE /admin/adapters/{name}`` add and remove adapters on the
-running server (``middleware.Guard``: the API key when the server has keys, else loopback clients only).
+running server (``middleware.Guard``: the API key when the server has keys, else loopback clients only). An added
+adapter first passes ``ServeConfig.admit_adapter`` (made for this base: 400; fits the memory plan with what is
+served: 507; the host self-test for the model with the whole set: 409), one add at a time; a refusal loads nothing.
 ``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
 """
 
 import json
+import threading
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -19,6 +22,8 @@ from edgemed.serve.generate import check_model, generate, served_models
 from edgemed.serve.state import request_record, served
 
 router = APIRouter()
+#: One admin add at a time: two adds checked against the same free memory must not both load.
+_ADDING = threading.Lock()
 
 
 @router.get("/health")
@@ -101,9 +106,28 @@ async def add_adapter(request: Request):
         spec = await run_in_threadpool(srv.config.resolve_adapter, data["adapter"])
         spec = AdapterSpec(spec.path, float(scale))
     record.adapter = data["name"]
-    await run_in_threadpool(srv.batcher.add_adapter, data["name"], spec)
+    await run_in_threadpool(_admit_and_add, srv, data["name"], spec)
     return {"added": data["name"], "model": f"{srv.config.model_id}:{data['name']}", "path": str(spec.path),
             "scale": spec.scale}
+
+
+def _admit_and_add(srv, name: str, spec) -> None:
+    """``admit_adapter``'s checks, then the load (a worker thread; one add at a time)."""
+    from pathlib import Path
+
+    from edgemed.errors import ModelLoadError, PlanError
+    from edgemed.runtime.loader import AdapterSpec
+
+    with _ADDING:
+        if srv.config.admit_adapter is not None:
+            served = [AdapterSpec(Path(a["path"]), a["scale"]) for a in srv.batcher.adapters().values()]
+            try:
+                srv.config.admit_adapter(served, spec)
+            except PlanError as exc:
+                raise api.ApiError(507, f"{exc.problem} Fix: {exc.fix}", "server_error", "insufficient_memory") from None
+            except ModelLoadError as exc:
+                raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_selftest_failed") from None
+        srv.batcher.add_adapter(name, spec)
 
 
 @router.delete("/admin/adapters/{name}")

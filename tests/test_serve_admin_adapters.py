@@ -1,0 +1,114 @@
+"""``POST /admin/adapters`` goes through the checks ``edgemed serve --adapter`` gets at start: the memory plan (what is
+served plus the new adapter must fit the budget: 507 otherwise) and the host self-test for the model with the whole
+adapter set (a native crash in the child: 409). A refusal loads nothing and the server serves as before.
+
+Real pieces: the F16 SmolLM2 base and real PEFT LoRA adapter files (``test_serve_adapters``' kit), the real memory
+plan of that file with its budget set just above what the server holds, a real uvicorn server, and a real child
+process killed by SIGSEGV (the self-test's fault injection) for the crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx2")
+
+from serve_kit import ServerThread  # noqa: E402
+from test_serve_adapters import kit  # noqa: E402,F401  (the module fixture: base + adapter files, cached)
+
+from edgemed import env  # noqa: E402
+from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
+from edgemed.runtime.engine import LoadSettings  # noqa: E402
+from edgemed.runtime.loader import AdapterSpec  # noqa: E402
+from edgemed.runtime.plan import MIB, adapters_bytes, make_plan  # noqa: E402
+from edgemed.runtime.session import admit_adapter  # noqa: E402
+from edgemed.serve.config import ServeConfig  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-base"
+PROMPT = "The patient presents with chest pain and"
+#: room the budget leaves beside the model and its served adapter: more than triage's tensors, less than radio's
+SLACK = 3 * MIB
+
+
+@pytest.fixture(scope="module")
+def server(kit, tmp_path_factory):  # noqa: F811
+    from edgemed.devices.profiles import get_profile
+    from edgemed.serve.app import create_app
+
+    assert adapters_bytes([kit["triage"]]) < SLACK < adapters_bytes([kit["radio"]]), "the kit's adapters changed size"
+    plan = make_plan(kit["base"], get_profile("generic"), None, requested_ctx=1024, budget=1 << 40,
+                     adapters=[kit["cardio"]])
+    plan = dataclasses.replace(plan, budget=plan.estimate.total + SLACK)
+    batcher = Batcher(kit["base"], LoadSettings(n_ctx=1024, n_threads=1, n_threads_batch=1), slots=2, queue_size=4,
+                      adapters={"cardio": AdapterSpec(kit["cardio"])})
+    batcher.start()
+    config = ServeConfig(model_id=MODEL, bundle_digest="sha256:test",
+                         admit_adapter=lambda served, spec: admit_adapter(plan, batcher.load, served, spec))
+    try:
+        with ServerThread(create_app(batcher, config)) as srv:
+            srv.batcher, srv.plan = batcher, plan
+            yield srv
+    finally:
+        batcher.close()
+
+
+def _add(server, name: str, path) -> httpx.Response:
+    return httpx.post(server.url + "/admin/adapters", json={"name": name, "path": str(path)}, timeout=300)
+
+
+def _answer(server, model: str) -> str:
+    r = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 6,
+                                                         "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_an_adapter_over_the_memory_budget_is_refused_with_507_and_nothing_changes(server, kit, tmp_path):  # noqa: F811
+    before = _answer(server, f"{MODEL}:cardio")
+    r = _add(server, "radio", kit["radio"])
+    assert r.status_code == 507, r.text
+    error = r.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert "radio.lora.gguf" in error["message"] and "over the 'generic' budget" in error["message"]
+    assert "DELETE /admin/adapters/NAME" in error["message"] and "--adapter FILE" in error["message"]
+    assert set(server.batcher.adapters()) == {"cardio"}
+    assert _answer(server, f"{MODEL}:cardio") == before  # still serving, as before
+    assert httpx.post(server.url + "/v1/completions", json={"model": f"{MODEL}:radio", "prompt": "x"}).status_code == 404
+
+    # the smaller one fits beside cardio; a second copy of it does not (what is served is counted), until the first goes
+    assert _add(server, "triage", kit["triage"]).status_code == 200
+    copy = tmp_path / "triage2.lora.gguf"
+    shutil.copyfile(kit["triage"], copy)
+    assert _add(server, "triage2", copy).status_code == 507
+    assert httpx.delete(server.url + "/admin/adapters/triage").status_code == 200
+    assert _add(server, "triage2", copy).status_code == 200
+    assert httpx.delete(server.url + "/admin/adapters/triage2").status_code == 200
+
+
+def test_a_self_test_crash_with_the_new_set_is_refused_with_409_and_the_server_keeps_serving(server, kit, monkeypatch):  # noqa: F811
+    from edgemed.runtime import buffers
+    from edgemed.runtime.llamacpp import build
+
+    if os.environ.get(env.SELFTEST_VAR) == "0":
+        pytest.skip(f"the host self-test is off ({env.SELFTEST_VAR}=0)")
+    before = _answer(server, MODEL)
+    mode = buffers.resolve(server.batcher.load.extra_buffers, build())
+    monkeypatch.setenv(env.FAULT_VAR, f"selftest-crash:{mode}")  # the child dies by SIGSEGV in this mode
+    r = _add(server, "triage", kit["triage"])
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "adapter_selftest_failed"
+    assert "SIGSEGV" in error["message"] and "triage.lora.gguf" in error["message"]
+    assert "edgemed devices check" in error["message"]
+    assert set(server.batcher.adapters()) == {"cardio"}
+    assert _answer(server, MODEL) == before
+    monkeypatch.delenv(env.FAULT_VAR)
+    assert _add(server, "triage", kit["triage"]).status_code == 200  # the same adapter, a host that passes
+    assert httpx.delete(server.url + "/admin/adapters/triage").status_code == 200

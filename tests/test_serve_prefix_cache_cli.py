@@ -1,0 +1,95 @@
+"""``edgemed serve --prefix-cache-mib N`` / ``--no-prefix-cache``: the real command, in a child process, with the real
+SmolLM2 GGUF. Its start-up line reads the host prefix cache back from the running batcher (``prefix_cache_bytes``),
+and ``/health`` answers, so the size shown is the one the server runs with."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx2")
+
+pytestmark = pytest.mark.slow
+
+
+def _serve(model, home, *args: str, timeout: float = 120) -> list[str]:
+    """Start ``edgemed serve MODEL ARGS`` on a free port, wait for /health, stop it (SIGINT); its stderr lines."""
+    cmd = [sys.executable, "-m", "edgemed", "serve", str(model), "--port", "0", "--slots", "1", "--no-ui",
+           "--no-adapters", "--threads", "1", *args]
+    env = dict(os.environ, EDGEMED_HOME=str(home))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout
+        url = None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if line.startswith("OpenAI base_url: "):
+                url = line.split()[2].removesuffix("/v1")
+                break
+        assert url, "\n".join(lines)
+        for _ in range(100):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not answer /health")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest = proc.communicate()[1]
+        lines += (rest or "").splitlines()
+    return lines
+
+
+def _memory(lines: list[str]) -> str:
+    found = [line for line in lines if line.startswith("memory plan: ")]
+    assert len(found) == 1, "\n".join(lines)
+    return found[0]
+
+
+def test_the_option_reaches_the_batcher_and_the_plan(smollm2_gguf, tmp_path):
+    line = _memory(_serve(smollm2_gguf, tmp_path, "--profile", "generic", "--prefix-cache-mib", "48"))
+    assert line.endswith("; prefix cache 48 MiB host RAM"), line
+
+
+def test_the_profile_size_is_the_default(smollm2_gguf, tmp_path):
+    line = _memory(_serve(smollm2_gguf, tmp_path, "--profile", "generic"))
+    assert line.endswith("; prefix cache 256 MiB host RAM"), line  # generic.toml: prefix_cache_mib = 256
+
+
+def test_no_prefix_cache_turns_it_off_and_contradicting_options_are_refused(smollm2_gguf, tmp_path):
+    line = _memory(_serve(smollm2_gguf, tmp_path, "--profile", "generic", "--no-prefix-cache"))
+    assert line.endswith("; prefix cache off (--no-prefix-cache)"), line
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", str(smollm2_gguf), "--no-prefix-cache", "--prefix-cache-mib", "64"])
+    assert result.exit_code != 0
+    assert "--no-prefix-cache and --prefix-cache-mib 64 contradict each other" in result.output
+
+
+def test_an_asked_cache_larger_than_the_budget_is_refused_before_loading(smollm2_gguf, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", str(smollm2_gguf), "--port", "0", "--profile", "jetson-orin-nano-8gb",
+                                      "--prefix-cache-mib", str(64 * 1024)])
+    assert result.exit_code != 0
+    assert "--prefix-cache-mib 65536 MiB" in result.output and "smaller --prefix-cache-mib" in result.output
