@@ -74,13 +74,18 @@ def show(name: str, as_json: bool) -> None:
 @click.option("--profile", help="Device profile whose llama settings to check (default: detected).")
 @click.option("--extra-buffers", type=click.Choice(["auto", "all", "repack", "none"]),
               help="Check this extra-buffer mode instead of the profile's.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME|FILE[:SCALE]",
+              help="Check the load with this LoRA adapter applied, as `run --adapter` loads it: the NAME of one in "
+              "MODEL's bundle or an installed adapter bundle for it, or a GGUF adapter file. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
-def check(model: str | None, profile: str | None, extra_buffers: str | None, as_json: bool) -> None:
+def check(model: str | None, profile: str | None, extra_buffers: str | None, adapters: tuple, as_json: bool) -> None:
     """Load MODEL with this host's settings and decode a few tokens in a child process.
 
     A native crash (segfault, abort) in the child is reported as one paragraph with the
     setting that avoids it; the verdict is cached, and run/chat/serve/convert/bench consult
-    it before they load llama.cpp in process. MODEL defaults to the README's SmolLM2.
+    it before they load llama.cpp in process. MODEL defaults to the README's SmolLM2. With --adapter
+    the child decodes with the adapters applied (checked against MODEL and counted by the memory plan first),
+    the verdict `run --adapter` and `serve --adapter` consult.
     """
     from dataclasses import replace
 
@@ -88,23 +93,33 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, as_
     from edgemed.formats.sniff import model_format
     from edgemed.runtime.session import prepare
 
-    path = _check_target(model)
+    path, specs = _check_target(model, adapters)
     if model_format(path) != "gguf":
         raise click.ClickException(f"'{path}' is not a GGUF file: the self-test checks llama.cpp loads only.\n"
                                    "Fix: pass a .gguf file or an installed GGUF model name")
-    load = prepare(path, profile).load
+    if specs:
+        from edgemed.formats.gguf_header import read_header
+        from edgemed.runtime.loader import check_adapter
+
+        meta = read_header(path).metadata
+        for spec in specs:
+            check_adapter(meta, path, spec.path)  # made for this base, before a child loads it
+    load = prepare(path, profile, adapters=specs).load
     if extra_buffers:
         load = replace(load, extra_buffers=extra_buffers)
-    tried = selftest.check(path, load, use_cache=False)
+    tried = selftest.check(path, load, use_cache=False, adapters=specs)
     host = selftest.Host.current()
     first, last = tried[0][1], tried[-1][1]
     if as_json:
-        click.echo(json.dumps({"model": str(path), "host": {"llama_cpp": host.llama_cpp_version,
+        click.echo(json.dumps({"model": str(path), "adapters": [{"path": str(a.path), "scale": a.scale} for a in specs],
+                               "host": {"llama_cpp": host.llama_cpp_version,
                                                             "system_info": host.system_info},
-                               "verdicts": [{"ok": v.ok, "extra_buffers": v.mode, "signal": v.signal} for _, v in tried]},
+                               "verdicts": [{"ok": v.ok, "extra_buffers": v.mode, "signal": v.signal,
+                                            "child": _child_report(v)} for _, v in tried]},
                               indent=2))
     elif first.ok:
-        click.echo(f"ok: {path.name} loads and decodes with extra_buffers = \"{first.mode}\" on this host")
+        with_ = f" with the adapters {', '.join(a.path.name for a in specs)} applied" if specs else ""
+        click.echo(f"ok: {path.name} loads and decodes{with_} with extra_buffers = \"{first.mode}\" on this host")
         click.echo(f"  llama-cpp-python {host.llama_cpp_version}; {host.system_info.strip()}")
     else:
         if first.conclusive:
@@ -117,11 +132,25 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, as_
         raise SystemExit(1)
 
 
-def _check_target(model: str | None) -> Path:
+def _child_report(verdict) -> dict | None:
+    """What a passing child said of its load (``selftest._child``'s JSON line: tokens decoded, placement, adapters
+    applied); None otherwise."""
+    if not verdict.ok:
+        return None
+    try:
+        said = json.loads(verdict.detail)
+    except ValueError:
+        return None
+    return said if isinstance(said, dict) else None
+
+
+def _check_target(model: str | None, adapters=()) -> tuple[Path, list]:
+    """The model file to check and its ``--adapter`` arguments as ``loader.AdapterSpec`` (resolved as `run` does)."""
+    from edgemed.packaging.ref import adapter_specs, runnable
+
     if model is None:
         from edgemed.converters.source import pip_models
 
-        return pip_models.gguf_file()
-    from edgemed.packaging.ref import runnable
-
-    return runnable(model).model_path
+        model = str(pip_models.gguf_file())
+    ref = runnable(model)
+    return ref.model_path, adapter_specs(ref, list(adapters))
