@@ -289,6 +289,32 @@ class Context:
     def clear(self) -> None:
         self.lib.llama_memory_clear(self.memory, True)
 
+    def copy_seq(self, src: int, dst: int, n: int) -> bool:
+        """Give sequence ``dst`` the first ``n`` cells of ``src`` (its own cells go). Between KV streams llama.cpp
+        copies the whole stream buffer (ranges are refused there), deferred to the next decode's memory update,
+        so ``dst`` is trimmed to ``n`` after; False where that trim fails (``dst`` is then emptied)."""
+        self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        if self.lib.llama_memory_seq_rm(self.memory, dst, n, -1):
+            return True
+        self.drop(dst)
+        return False
+
+    def save_seq(self, seq: int) -> bytes:
+        """Sequence ``seq``'s KV cells (positions and K/V rows) as llama.cpp's per-sequence state, in host memory."""
+        size = self.lib.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_uint8 * size)()
+        got = self.lib.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        return bytes(buf)[:got]
+
+    def restore_seq(self, seq: int, data: bytes) -> bool:
+        """Put a ``save_seq`` state into sequence ``seq`` (any sequence of this context: its own cells go first);
+        False (``seq`` emptied) where llama.cpp cannot (not enough free cells)."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self.lib.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == len(data):
+            return True
+        self.drop(seq)
+        return False
+
     def keep(self, n: int, seq: int = 0) -> int:
         """Keep the first ``n`` cells of ``seq``; returns how many are kept (0 where a suffix cannot be dropped)."""
         if n and self.lib.llama_memory_seq_rm(self.memory, seq, n, -1):

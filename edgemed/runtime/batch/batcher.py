@@ -30,6 +30,31 @@ computed one row at a time, and the next turn, which resends them as prompt, wou
 from a cold run (seen on multi-turn SmolLM2 chats); with prompt cells only, reuse answers token for
 token as cold.
 
+Prefixes across slots (same switch). After its own slot, a request looks for a longer prefix, by at least
+``MIN_SHARED`` tokens, in: another free slot's kept cells, a running request's computed prompt (positions below
+its ``pos``, prompt part only), and the host cache (below). A slot's prefix is copied with ``Context.copy_seq``:
+between KV streams ``llama_memory_seq_cp`` copies the whole stream buffer (partial ranges assert there) and
+defers the data to the next decode's memory update, so the copy is trimmed to the shared part at once and the
+slots it reads and writes are ``_unsynced`` until a decode ran: no host save, restore or kept prefix touches them
+meanwhile. Requests arriving together with the same preamble compute it once: a request finding no holder, but an
+earlier admitted one computing a prompt that shares at least ``MIN_SHARED`` more tokens, waits for it
+(``Seq.donor``, ``Seq.share``: it is ``waiting`` and feeds nothing); at the start of the step after the donor's
+``pos`` passes the shared length, ``_take_shared`` copies the prefix and the request feeds only its own rest.
+It waits only where the donor's remaining shared tokens are no more than what the request would compute alone
+(the donor, earlier in arrival order, is fed first), so waiting never takes longer than computing; a donor that
+leaves first sends the request looking again (else it computes its prompt itself). Four requests with a
+300-token preamble: one prefill of ~330 tokens, then the other three's ~30 each, instead of 4 x 330 in one step.
+
+Host RAM (``prefix.PrefixCache``, ``prefix_cache_bytes``, 0: none). When a free slot's kept cells would go (an
+unrelated prompt takes the slot, a trim to a shorter shared prefix, an n > 1 choice's slot), a prefix of at least
+``HOST_MIN`` tokens is saved first (``Context.save_seq``: llama.cpp's per-sequence state), keyed by adapter key
+and the exact ids; a request whose longest match is there restores it into its own slot (``restore_seq``: into
+any sequence id, llama.cpp writes the destination's stream) and trims it to the match. LRU within the byte bound.
+Everything cached is tied to this batcher's one model, the adapter key (``_key``: name, scale, handle: never
+shared across keys; ``_close_adapter`` purges the adapter's host entries) and the identical token-id prefix;
+a request that fails mid-step leaves nothing reusable. Counters: ``prompt_tokens_cached_{slot,copied,host}_total``
+and ``prefix_host_*`` in ``stats()``; ``Finished.cached_tokens`` counts every reused token, wherever from.
+
 LoRA adapters (``adapters``, ``add_adapter``, ``remove_adapter``): the base is loaded once, with one context and
 one KV cache; each named adapter is loaded once (its tensors only) and each request names one (or none: the base).
 llama.cpp applies adapters to a whole context, so a step decodes each adapter group in turn, the group's adapter
@@ -52,6 +77,7 @@ from edgemed.errors import AdapterError, Closed, EdgemedError, InputError, Model
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
 from edgemed.runtime.batch.options import Extras, entry, sampler_for
+from edgemed.runtime.batch.prefix import HOST_MIN, PrefixCache
 from edgemed.runtime.batch.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
 from edgemed.runtime.batch.sequence import Counters, Seq
 from edgemed.runtime.batch.stream import Finished, Piece, Stream
@@ -70,6 +96,11 @@ GATHER_MAX_S = 0.050
 REFEED = 2
 #: Host RAM the prefix cache may hold by default (bytes): a few long conversations of a small model.
 PREFIX_CACHE_BYTES = 256 * 1024 * 1024
+#: A request takes a prefix from another slot (a copy of that slot's KV stream) or waits for a request
+#: computing the same prefix only when that saves at least this many prompt tokens: a cross-stream copy
+#: moves the whole stream buffer (every cell of every layer, whatever the prefix's length), and a 4-request
+#: template run (SmolLM2, 1 thread) showed no gain from sharing a dozen tokens of chat header.
+MIN_SHARED = 32
 #: What a served adapter may be called (it becomes part of a model name, ``MODEL:NAME``, and a metrics label).
 ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
@@ -130,6 +161,8 @@ class Batcher:
             raise InputError(f"prefix_cache_bytes must be >= 0 (got {prefix_cache_bytes}).",
                              "pass 0 for no host-RAM prefix cache, or a size in bytes")
         self.prefix_cache_bytes = int(prefix_cache_bytes) if prefix_cache else 0
+        self._host = PrefixCache(self.prefix_cache_bytes)  # saved prefixes of slots that turned over
+        self._unsynced: set[int] = set()  # slots a queued seq copy reads or writes: synced by the next decode
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
         self._kept_key: list = [None] * slots  # the adapter set those cells were computed under (None: the base)
         self._initial_adapters = dict(adapters or {})  # name -> loader.AdapterSpec, loaded by start()
@@ -266,6 +299,7 @@ class Batcher:
         under it are forgotten as reusable."""
         if self._ctx is not None and any(a is loaded.adapter for a, _ in self._ctx.adapters):
             self._ctx.set_adapters([])
+        self._host.purge(loaded.key)
         for slot, key in enumerate(self._kept_key):
             if key == loaded.key:  # a free slot's kept cells: nobody may reuse them now, so they go
                 self._ctx.drop(slot)
@@ -410,6 +444,7 @@ class Batcher:
                 "model": self.model_path.name, "slots": self.slots, "n_ctx_per_slot": self.n_ctx_per_slot,
                 "queue_size": self.queue_size, "queue_depth": len(self._queue), "active_slots": len(self._active),
                 **self._n.totals(), "prefill_chunk": self._prefill.chunk, "prefix_cache": self.prefix_cache,
+                **self._host.stats(),
                 "adapters": self.adapters_unlocked(),
             }
 
@@ -469,6 +504,7 @@ class Batcher:
             for follower in seq.followers:  # the slots holding least to lose; their cells get the leader's
                 follower.slot, follower.t_admit = min(self._free, key=lambda s: (len(self._kept[s]), s)), now
                 self._free.remove(follower.slot)
+                self._save(follower.slot)
                 self._ctx.drop(follower.slot)
                 self._kept[follower.slot], self._kept_key[follower.slot] = [], None
                 self._active.append(follower)
@@ -497,18 +533,106 @@ class Batcher:
         return max(self._free, key=score)
 
     def _reuse(self, seq: Seq) -> None:
-        """Keep the cells of the prompt prefix ``seq``'s slot holds, remove the rest (scheduler thread)."""
+        """Give ``seq`` (just put in its slot) the longest prompt prefix found (scheduler thread): its slot's own
+        kept cells, another free slot's, a running request's computed prompt, or a host-cache entry; else a
+        request computing the same prefix now to wait for (``Seq.donor``). What the slot held past the part
+        kept goes, saved to the host cache first."""
         n = self._reusable(seq.slot, seq)
-        if n < len(self._kept[seq.slot]) and not (n and self._ctx.trim(seq.slot, n)):
-            self._ctx.drop(seq.slot)  # nothing to keep, or a memory that cannot drop a suffix
-            n = 0
+        if n < len(self._kept[seq.slot]):
+            self._save(seq.slot)
+            if not (n and self._ctx.trim(seq.slot, n)):
+                self._ctx.drop(seq.slot)  # nothing to keep, or a memory that cannot drop a suffix
+                n = 0
         self._kept[seq.slot], self._kept_key[seq.slot] = [], None  # the slot is the sequence's now (``Seq.held()``)
-        seq.pos = seq.cached = n
-        self._n.prompt_tokens_cached_total += n
+        seq.pos = n
+        self._count(seq, n, "slot")
+        if self.prefix_cache and not seq.extras.prompt_logprobs and seq.leader is None:
+            self._borrow(seq, wait=True)
+
+    def _borrow(self, seq: Seq, wait: bool) -> None:
+        """Copy a longer prefix than ``seq`` holds from another slot or the host cache, or (``wait``) wait for one."""
+        key, tokens, limit = _key(seq), seq.tokens, len(seq.tokens) - REFEED
+        best, src = seq.cached + MIN_SHARED - 1, None
+        for slot in self._free:
+            if self._kept_key[slot] == key and (n := _common(self._kept[slot], tokens, limit)) > best:
+                best, src = n, slot
+        for q in self._active:
+            if q is not seq and _key(q) == key and not q.waiting and q.slot not in self._unsynced:
+                if (n := _common(q.tokens[:min(q.pos, len(q.tokens))], tokens, limit)) > best:
+                    best, src = n, q.slot
+        n, entry = self._host.match(key, tokens, limit) if self._host.max_bytes else (0, None)
+        if entry is not None and n > best and seq.slot not in self._unsynced:
+            if self._ctx.restore_seq(seq.slot, self._host.take(entry)) and self._ctx.trim(seq.slot, n):
+                seq.pos = n
+                self._count(seq, n, "host")
+                return
+            self._ctx.drop(seq.slot)
+            seq.pos = 0
+            self._count(seq, 0, "slot")
+        elif src is None and self._host.max_bytes and len(tokens) - seq.cached >= HOST_MIN:
+            self._host.miss()  # a prompt long enough to have been saved, found nowhere
+        if src is not None:
+            if self._ctx.copy_seq(src, seq.slot, best):
+                self._unsynced.update((src, seq.slot))  # the data moves at the next decode
+                seq.pos = best
+                self._count(seq, best, "copied")
+            else:
+                seq.pos = 0
+                self._count(seq, 0, "slot")
+            return
+        if not wait:
+            return
+        own = len(tokens) - seq.cached  # what this request computes alone
+        donor, share = None, seq.cached + MIN_SHARED - 1
+        for q in self._active:  # requests computing their prompt now, earlier in arrival order
+            if q is seq or _key(q) != key or q.waiting or q.pos >= len(q.tokens):
+                continue
+            n = _common(q.tokens, tokens, limit)
+            if n > share and n - q.pos <= own:  # it reaches the shared part no later than this one would alone
+                donor, share = q, n
+        if donor is not None:
+            seq.donor, seq.share = donor, share
+
+    def _take_shared(self) -> None:
+        """Waiting requests whose donor has computed the shared prefix copy it now (start of a step); one whose
+        donor left first looks for its prefix again, and computes it itself if none is found."""
+        for seq in self._active:
+            donor = seq.donor
+            if donor is None:
+                continue
+            if donor in self._active and donor.pos < seq.share and not donor.stream.cancelled:
+                continue
+            seq.donor = None
+            if donor in self._active and donor.pos >= seq.share and self._ctx.copy_seq(donor.slot, seq.slot, seq.share):
+                self._unsynced.update((donor.slot, seq.slot))
+                seq.pos = seq.share
+                self._count(seq, seq.share, "copied")
+            else:
+                if donor in self._active:  # a failed trim emptied the slot
+                    seq.pos = 0
+                    self._count(seq, 0, "slot")
+                self._borrow(seq, wait=False)
+
+    def _count(self, seq: Seq, n: int, where: str) -> None:
+        """``seq`` now starts from ``n`` cached prompt tokens found in ``where`` (replacing what it had counted)."""
+        n0, where0 = seq.cached, seq.cached_from
+        with self._cond:
+            self._n.cached[where0] -= n0
+            self._n.cached[where] += n
+            self._n.prompt_tokens_cached_total += n - n0
+        seq.cached, seq.cached_from = n, where
+
+    def _save(self, slot: int) -> None:
+        """Keep a free slot's prefix in host RAM before its cells go (long enough, not saved already)."""
+        kept, key = self._kept[slot], self._kept_key[slot]
+        if (self._host.max_bytes and len(kept) >= HOST_MIN and slot not in self._unsynced
+                and not self._host.has(key, kept)):
+            self._host.put(key, kept, self._ctx.save_seq(slot))
 
     def _step_safely(self) -> None:
         try:
             with self._step_lock:
+                self._take_shared()
                 groups: dict = {}
                 for seq in self._active:  # arrival order within a group; groups in order of their first request
                     groups.setdefault(_key(seq), []).append(seq)
@@ -598,6 +722,7 @@ class Batcher:
         rc = self._ctx.decode(self._batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {self._batch.n} tokens")
+        self._unsynced.clear()  # the queued seq copies ran in its memory update
         now = time.perf_counter()
         self._n.decode_seconds_total += now - t0  # this thread only; stats() reads it live
         for seq, p, row in scored or ():
@@ -667,7 +792,7 @@ class Batcher:
                 self._finish(follower, reason if reason in ("cancelled", "error") else "error",
                              error or "the choice that computes the prompt ended before it")
         seq.followers = []
-        held = seq.held() if self.prefix_cache and reason != "error" else []
+        held = seq.held() if self.prefix_cache and reason != "error" and seq.slot not in self._unsynced else []
         if not (held and self._ctx.trim(seq.slot, len(held))):  # the sampled tokens' cells go
             self._ctx.drop(seq.slot)
             held = []
@@ -707,6 +832,7 @@ class Batcher:
             self._release(loaded)
 
     def _free_native(self) -> None:
+        self._host.clear()  # states of this context's model: worthless once it is freed
         with self._native:
             for loaded in list(self._adapters.values()):  # adapters before the context and model
                 if self._ctx is not None:
@@ -723,6 +849,14 @@ class Batcher:
 def _key(seq: Seq):
     """The adapter set ``seq`` is computed under, as kept-prefix identity (None: the base)."""
     return None if seq.adapter is None else seq.adapter.key
+
+
+def _common(held, tokens: list[int], limit: int) -> int:
+    """How many ids ``held`` and ``tokens`` share from the start, at most ``limit``."""
+    n, end = 0, min(len(held), len(tokens), limit)
+    while n < end and held[n] == tokens[n]:
+        n += 1
+    return n
 
 
 def _check_name(name: str) -> None:

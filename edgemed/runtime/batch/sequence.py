@@ -32,7 +32,10 @@ class Seq:
     slot: int = -1
     pos: int = 0  # tokens of this sequence in the KV cache
     pending: int | None = None  # sampled token still to be fed
-    cached: int = 0  # prompt tokens the slot's cache already held on admission (prefix reuse)
+    cached: int = 0  # prompt tokens not computed: their KV came from a cache (prefix reuse)
+    cached_from: str = "slot"  # where those came from: "slot" (its own), "copied" (another slot), "host"
+    donor: "Seq | None" = None  # a request computing the same prompt prefix now, which this one waits for
+    share: int = 0  # with a donor: the prefix length it copies from it
     index: int = -1  # batch row whose logits this sequence samples from
     generated: int = 0
     t_admit: float = 0.0
@@ -47,7 +50,7 @@ class Seq:
     @property
     def waiting(self) -> bool:
         """A follower whose leader has not finished its prompt yet: nothing of its own to compute."""
-        return self.leader is not None and self.pos == 0
+        return (self.leader is not None and self.pos == 0) or self.donor is not None
 
     def held(self) -> list[int]:
         """The prompt token ids whose KV this sequence computed in its slot (positions 0..n-1), the part a
@@ -77,7 +80,8 @@ class Counters:
     requests_total: int = 0
     overloaded_total: int = 0
     prompt_tokens_total: int = 0  # fed to llama.cpp (computed)
-    prompt_tokens_cached_total: int = 0  # found in a slot's cache instead (prefix reuse)
+    prompt_tokens_cached_total: int = 0  # found in a cache instead (prefix reuse), wherever from
+    cached: dict = field(default_factory=lambda: collections.Counter())  # of those, by source (Seq.cached_from)
     tokens_generated_total: int = 0
     sequences_forked_total: int = 0  # n > 1 choices started from another's prompt KV (no prefill of their own)
     decode_steps_total: int = 0
@@ -91,6 +95,9 @@ class Counters:
         return {"requests_total": self.requests_total, "overloaded_total": self.overloaded_total,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
+                "prompt_tokens_cached_slot_total": self.cached["slot"],
+                "prompt_tokens_cached_copied_total": self.cached["copied"],
+                "prompt_tokens_cached_host_total": self.cached["host"],
                 "tokens_generated_total": self.tokens_generated_total,
                 "sequences_forked_total": self.sequences_forked_total,
                 "decode_steps_total": self.decode_steps_total, "finished_total": dict(self.finished),

@@ -1,0 +1,113 @@
+"""The host-RAM prefix cache: KV states of prompt prefixes that left their slot, kept for a later request.
+
+When a free slot's kept prompt cells are about to go (an unrelated prompt takes the slot, or a request
+trims them to a shorter shared prefix), the batcher saves that sequence's KV state (llama.cpp's
+per-sequence state: cell positions and K/V rows) here first, keyed by the adapter key the cells were
+computed under and the exact token ids they hold. A new request whose prompt shares the longest prefix
+with an entry restores it into its own slot (any sequence id: llama.cpp restores into the destination's
+stream) and trims it to the shared part. Plain bytes and token ids only: no model handle, so this class
+is tested without a model.
+
+Bounded: the entries' bytes never exceed ``max_bytes``; the least recently used entry (stored or
+restored) goes first, and an entry larger than the whole bound is not stored. An entry whose ids are a
+prefix of a new one's (same adapter key) is dropped when the longer one is stored: the longer serves
+every prompt the shorter did.
+
+Only prefixes of at least ``HOST_MIN`` tokens are saved. Measured (1 thread, one ``llama_state_seq``
+save or restore vs ``llama_decode`` of the same prefix, ``python scripts``-free one-off, see the
+batcher's docstring for the figures): saving and restoring cost milliseconds where recomputing costs
+tenths of seconds, so the floor is set by what an entry is worth keeping, not by the copy.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+#: Prefixes shorter than this are not saved to host RAM: a few dozen tokens recompute in a fraction of a
+#: step, while an entry still costs its bytes and a slot of the LRU.
+HOST_MIN = 64
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: object  # the adapter key (``batcher._key``: None for the base)
+    tokens: tuple
+    data: bytes
+
+
+class PrefixCache:
+    """LRU of saved prefix states, at most ``max_bytes`` in all (0: stores nothing)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self._entries: collections.OrderedDict[tuple, Entry] = collections.OrderedDict()  # oldest first
+        self.bytes = 0
+        self.hits = self.misses = self.stored = self.evicted = self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key, tokens, data: bytes) -> bool:
+        """Store the state ``data`` of ``tokens`` computed under ``key``; False where it is larger than the bound."""
+        tokens = tuple(tokens)
+        if not data or len(data) > self.max_bytes:
+            self.refused += 1
+            return False
+        for k, e in list(self._entries.items()):  # the same prefix, or a shorter one it serves too
+            if e.key == key and tokens[:len(e.tokens)] == e.tokens:
+                self._drop(k)
+        while self._entries and self.bytes + len(data) > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+            self.evicted += 1
+        self._entries[(key, tokens)] = Entry(key, tokens, data)
+        self.bytes += len(data)
+        self.stored += 1
+        return True
+
+    def has(self, key, tokens) -> bool:
+        """Whether an entry under ``key`` holds ``tokens`` or more (saving these again would add nothing)."""
+        tokens = tuple(tokens)
+        return any(e.key == key and e.tokens[:len(tokens)] == tokens for e in self._entries.values())
+
+    def match(self, key, tokens, limit: int) -> tuple[int, Entry | None]:
+        """The entry under ``key`` sharing the longest prefix with ``tokens`` (at most ``limit``), and that length;
+        (0, None) where none shares any. Does not count a hit or move the entry (``take`` does)."""
+        best, found = 0, None
+        for e in self._entries.values():
+            if e.key != key:
+                continue
+            n, end = 0, min(len(e.tokens), len(tokens), limit)
+            while n < end and e.tokens[n] == tokens[n]:
+                n += 1
+            if n > best:
+                best, found = n, e
+        return best, found
+
+    def take(self, entry: Entry) -> bytes:
+        """``entry``'s state, now the most recently used; counts a hit."""
+        self._entries.move_to_end((entry.key, entry.tokens))
+        self.hits += 1
+        return entry.data
+
+    def miss(self) -> None:
+        self.misses += 1
+
+    def purge(self, key) -> int:
+        """Forget every entry computed under ``key`` (an adapter being freed); returns how many went."""
+        gone = [k for k, e in self._entries.items() if e.key == key]
+        for k in gone:
+            self._drop(k)
+        return len(gone)
+
+    def clear(self) -> None:
+        for k in list(self._entries):
+            self._drop(k)
+
+    def _drop(self, k) -> None:
+        self.bytes -= len(self._entries.pop(k).data)
+
+    def stats(self) -> dict:
+        return {"prefix_host_bytes": self.bytes, "prefix_host_entries": len(self._entries),
+                "prefix_host_max_bytes": self.max_bytes, "prefix_host_hits_total": self.hits,
+                "prefix_host_misses_total": self.misses, "prefix_host_evicted_total": self.evicted}

@@ -1,0 +1,198 @@
+"""Prompt prefixes shared across slots and kept in host RAM, on the real SmolLM2 (1 thread).
+
+Across slots: a request takes its prefix from another free slot's kept cells or a running request's computed
+prompt (a KV stream copy), and requests arriving together with the same preamble compute it once (the later ones
+wait for the first and copy it). Host RAM: a free slot's prefix is saved before its cells go, and restored into
+a slot for a later request that shares it. Every reuse answers token for token as a cold run
+(``prefix_cache=False``), never crosses token ids or adapters, and the host cache keeps to its byte bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemed.runtime.batch.prefix import HOST_MIN, PrefixCache
+from edgemed.runtime.engine import GenerationSettings, LoadSettings
+
+pytest.importorskip("llama_cpp")
+
+from edgemed.runtime.batch.batcher import MIN_SHARED, REFEED, Batcher, Finished, Piece  # noqa: E402
+from test_serve_adapters import kit  # noqa: E402,F401 - the adapter files (made once, cached)
+
+LOAD = LoadSettings(n_ctx=4 * 512, n_threads=1, n_threads_batch=1, n_batch=512, n_ubatch=512)
+GREEDY = GenerationSettings(max_tokens=12)
+QUESTIONS = ["What is the first-line treatment for anaphylaxis?", "Name a loop diuretic and its main risk.",
+             "Define sepsis in one sentence.", "When is a head CT needed after a fall?"]
+
+
+def preamble(topic: str) -> str:
+    """A template preamble of about 300 tokens (its own per test, so no slot or host entry holds it yet)."""
+    rule = (f"You are a careful {topic} assistant for clinicians. Answer briefly, cite the guideline when you know it, "
+            "say when you are unsure, never invent doses, and advise escalation for red-flag findings. ")
+    return rule * 7 + "Question: "
+
+
+def collect(stream) -> tuple[str, Finished]:
+    items = list(stream)
+    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
+    return "".join(i.text for i in items[:-1]), items[-1]
+
+
+def common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def cold(smollm2_gguf):
+    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4, prefix_cache=False) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def warm(smollm2_gguf):
+    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
+        yield b
+
+
+def answers(b: Batcher, prompts: list[list[int]], tag: str) -> list[tuple[str, Finished]]:
+    """Submitted together (the scheduler gathers them into one admission), then collected."""
+    streams = [b.submit(p, GREEDY, request_id=f"{tag}{i}") for i, p in enumerate(prompts)]
+    return [collect(s) for s in streams]
+
+
+# -- the host cache alone -------------------------------------------------------------------------------------
+def test_host_cache_keeps_to_its_bound_least_recently_used_first():
+    c = PrefixCache(250)
+    assert c.put(None, [1, 2, 3], b"a" * 100) and c.put(None, [4, 5, 6], b"b" * 100)
+    assert c.match(None, [1, 2, 3, 9], 10)[0] == 3
+    c.take(c.match(None, [1, 2, 3, 9], 10)[1])  # [1, 2, 3] is now the most recently used
+    assert c.put(None, [7, 8, 9], b"c" * 100)  # over 250: the least recently used ([4, 5, 6]) goes
+    assert c.bytes == 200 and len(c) == 2 and c.evicted == 1
+    assert c.match(None, [4, 5, 6], 10) == (0, None)
+    assert not c.put(None, [1], b"d" * 251) and c.refused == 1 and c.bytes == 200  # bigger than the bound: not stored
+
+
+def test_host_cache_matches_only_the_same_key_and_ids_and_purges_by_key():
+    c = PrefixCache(1000)
+    c.put(("cardio", 1.0, 7), [1, 2, 3, 4], b"x" * 10)
+    assert c.match(None, [1, 2, 3, 4], 10) == (0, None)  # another adapter key: nothing
+    n, e = c.match(("cardio", 1.0, 7), [1, 2, 9, 4], 10)
+    assert n == 2 and e.tokens == (1, 2, 3, 4)  # up to the differing id only
+    assert c.match(("cardio", 1.0, 7), [1, 2, 3, 4, 5], 3)[0] == 3  # never past the limit
+    c.put(("cardio", 1.0, 7), [1, 2, 3, 4, 5], b"y" * 12)  # a longer one replaces the prefix it extends
+    assert len(c) == 1 and c.bytes == 12
+    assert c.purge(("cardio", 1.0, 7)) == 1 and c.bytes == 0 and len(c) == 0
+
+
+# -- across slots -------------------------------------------------------------------------------------------------
+def test_requests_arriving_together_compute_a_shared_preamble_once(warm, cold):
+    pre = warm.tokenize(preamble("emergency medicine"))
+    prompts = [pre + warm.tokenize(q, add_special=False) for q in QUESTIONS]
+    assert len(pre) > 250
+    before = warm.stats()
+    got = answers(warm, prompts, "t")
+    after = warm.stats()
+    ref = answers(cold, prompts, "c")
+    assert [g[0] for g in got] == [r[0] for r in ref]  # token-identical greedy answers
+    shares = [common(prompts[0], p) for p in prompts[1:]]
+    assert min(shares) >= len(pre)
+    assert [g[1].cached_tokens for g in got] == [0, *shares]
+    computed = after["prompt_tokens_total"] - before["prompt_tokens_total"]
+    assert computed == sum(map(len, prompts)) - sum(shares)  # the preamble once, each question's rest
+    assert after["prompt_tokens_cached_copied_total"] - before["prompt_tokens_cached_copied_total"] == sum(shares)
+    assert cold.stats()["prompt_tokens_cached_total"] == 0
+
+
+def test_a_running_requests_prompt_serves_another_up_to_the_first_differing_token(warm, cold):
+    pre = warm.tokenize(preamble("cardiology"))
+    first = pre + warm.tokenize(QUESTIONS[0], add_special=False)
+    m = len(pre) // 2
+    other = list(first)
+    other[m] = warm.tokenize(" banana", add_special=False)[0]  # one token differs, in the middle
+    assert other[m] != first[m] and m >= MIN_SHARED
+    settings = GenerationSettings(max_tokens=40)
+    running = warm.submit(first, settings, request_id="run")
+    it = iter(running)
+    head = next(it)  # its prompt is computed: it is generating
+    text, fin = collect(warm.submit(other, GREEDY, request_id="other"))
+    rest = list(it)
+    assert fin.cached_tokens == m  # only the part before the differing token, copied from the running slot
+    assert text == collect(cold.submit(other, GREEDY, request_id="c"))[0]
+    assert head.text + "".join(i.text for i in rest[:-1]) == collect(cold.submit(first, settings, request_id="c2"))[0]
+
+
+def test_no_prefix_cache_reuses_nothing(cold):
+    pre = cold.tokenize(preamble("nephrology"))
+    prompts = [pre + cold.tokenize(q, add_special=False) for q in QUESTIONS[:2]]
+    answers(cold, prompts, "a")
+    fins = [f for _, f in answers(cold, prompts, "b")]
+    assert [f.cached_tokens for f in fins] == [0, 0]
+    s = cold.stats()
+    assert s["prompt_tokens_cached_total"] == s["prompt_tokens_cached_copied_total"] == 0
+    assert s["prefix_host_entries"] == 0 and s["prefix_host_bytes"] == 0
+
+
+# -- host RAM -------------------------------------------------------------------------------------------------
+def test_a_prefix_pushed_out_of_its_slot_is_restored_from_host_ram(smollm2_gguf, cold):
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
+        pre = b.tokenize(preamble("infectious disease"))
+        first = pre + b.tokenize(QUESTIONS[2], add_special=False)
+        collect(b.submit(first, GREEDY, request_id="a"))
+        stranger = b.tokenize(preamble("dermatology"))  # unrelated: the slot's prefix goes to host RAM
+        assert common(stranger, first) < MIN_SHARED and len(first) >= HOST_MIN
+        collect(b.submit(stranger, GREEDY, request_id="b"))
+        s = b.stats()
+        assert s["prefix_host_entries"] == 1 and 0 < s["prefix_host_bytes"] <= b.prefix_cache_bytes
+        second = pre + b.tokenize(QUESTIONS[3], add_special=False)
+        text, fin = collect(b.submit(second, GREEDY, request_id="c"))
+        assert fin.cached_tokens == common(first, second) > len(pre) - 2
+        assert text == collect(cold.submit(second, GREEDY, request_id="c"))[0]
+        s = b.stats()
+        assert s["prefix_host_hits_total"] == 1 and s["prompt_tokens_cached_host_total"] == fin.cached_tokens
+        # one differing token in the middle: only the part before it comes back
+        m = len(pre) // 3
+        changed = list(first)
+        changed[m] = b.tokenize(" banana", add_special=False)[0]
+        collect(b.submit(stranger, GREEDY, request_id="d"))  # the slot holds the stranger again
+        text, fin = collect(b.submit(changed, GREEDY, request_id="e"))
+        assert fin.cached_tokens == m
+        assert text == collect(cold.submit(changed, GREEDY, request_id="e"))[0]
+
+
+def test_the_host_cache_evicts_the_oldest_and_refuses_what_exceeds_its_bound(smollm2_gguf):
+    def turn_over(b, topics):
+        for i, t in enumerate(topics):
+            collect(b.submit(b.tokenize(preamble(t)), GREEDY, request_id=f"r{i}"))
+
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
+        turn_over(b, ["oncology", "neurology"])
+        one = b.stats()["prefix_host_bytes"]  # one ~300-token entry
+    assert one > 0
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2, prefix_cache_bytes=one * 3 // 2) as b:
+        turn_over(b, ["oncology", "neurology", "psychiatry"])  # two saved, room for one
+        s = b.stats()
+        assert s["prefix_host_entries"] == 1 and s["prefix_host_bytes"] <= one * 3 // 2
+        assert s["prefix_host_evicted_total"] == 1
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2, prefix_cache_bytes=one // 2) as b:
+        turn_over(b, ["oncology", "neurology"])  # the entry exceeds the bound: not stored
+        assert b.stats()["prefix_host_entries"] == 0 == b.stats()["prefix_host_bytes"]
+
+
+# -- adapters -------------------------------------------------------------------------------------------------
+def test_a_running_requests_prefix_is_never_copied_to_another_adapter(kit):
+    from edgemed.runtime.loader import AdapterSpec
+
+    load = LoadSettings(n_ctx=2 * 512, n_threads=1, n_threads_batch=1, n_batch=512, n_ubatch=512)
+    with Batcher(kit["base"], load, slots=2, queue_size=2, adapters={"cardio": AdapterSpec(kit["cardio"])}) as b:
+        prompt = b.tokenize(preamble("cardiology") + QUESTIONS[0])
+        base = b.submit(prompt, GenerationSettings(max_tokens=30), request_id="base")
+        it = iter(base)
+        next(it)  # the base's prompt is computed and running in slot 0
+        _, fin = collect(b.submit(prompt, GREEDY, request_id="lora", adapter="cardio"))
+        assert fin.cached_tokens == 0  # not copied from the base's slot
+        list(it)
+        _, fin = collect(b.submit(prompt, GREEDY, request_id="lora2", adapter="cardio"))
+        assert fin.cached_tokens == len(prompt) - REFEED  # its own adapter's cells are reused
