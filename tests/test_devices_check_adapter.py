@@ -8,7 +8,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from test_serve_adapters import kit  # noqa: F401  (the module fixture: base + adapter files, cached)
 
 from edgemed.cli import cli

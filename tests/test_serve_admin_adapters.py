@@ -18,16 +18,16 @@ import pytest
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")
 
-from serve_kit import ServerThread  # noqa: E402
-from test_serve_adapters import kit  # noqa: E402,F401  (the module fixture: base + adapter files, cached)
+from serve_kit import ServerThread
+from test_serve_adapters import kit  # noqa: F401  (the module fixture: base + adapter files, cached)
 
-from edgemed import env  # noqa: E402
-from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
-from edgemed.runtime.engine import LoadSettings  # noqa: E402
-from edgemed.runtime.loader import AdapterSpec  # noqa: E402
-from edgemed.runtime.plan import MIB, adapters_bytes, make_plan  # noqa: E402
-from edgemed.runtime.session import admit_adapter  # noqa: E402
-from edgemed.serve.config import ServeConfig  # noqa: E402
+from edgemed import env
+from edgemed.runtime.batch.batcher import Batcher
+from edgemed.runtime.engine import LoadSettings
+from edgemed.runtime.loader import AdapterSpec
+from edgemed.runtime.plan import MIB, adapters_bytes, make_plan
+from edgemed.runtime.session import admit_adapter
+from edgemed.serve.config import ServeConfig
 
 pytestmark = pytest.mark.slow
 
