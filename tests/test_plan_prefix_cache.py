@@ -104,3 +104,22 @@ def _toml(value) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     return str(value)
+
+
+def test_edgemed_plan_shows_the_cache_only_when_planning_for_serve(smollm2_gguf):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    runner = CliRunner()
+    plain = runner.invoke(main, ["plan", str(smollm2_gguf), "--profile", "generic"])
+    assert plain.exit_code == 0, plain.output
+    assert "prefix cache" not in plain.output
+    served = runner.invoke(main, ["plan", str(smollm2_gguf), "--profile", "generic", "--serve"])
+    assert served.exit_code == 0, served.output
+    assert "prefix cache" in served.output and "256.0 MiB" in served.output
+    asked = runner.invoke(main, ["plan", str(smollm2_gguf), "--profile", "generic", "--prefix-cache-mib", "48", "--json"])
+    assert asked.exit_code == 0, asked.output
+    import json
+
+    assert json.loads(asked.output)["estimate"]["prefix_cache"] == 48 * MIB

@@ -15,18 +15,23 @@ import click
 @click.option("--budget-mb", type=float, help="Override the profile's memory budget (MiB).")
 @click.option("--root", type=click.Path(path_type=Path, exists=True, file_okay=False), default="/",
               help="Detect the device from files below this folder.")
+@click.option("--serve", "serving", is_flag=True, help="Plan for `edgemed serve`: also count the host RAM of its prompt-prefix "
+              "cache (the profile's memory.prefix_cache_mib, reduced to what the budget leaves).")
+@click.option("--prefix-cache-mib", type=int, help="Plan for `edgemed serve --prefix-cache-mib N` (implies --serve): "
+              "counted before the context is chosen, refused when it cannot fit.")
 @click.option("--json", "as_json", is_flag=True)
-def plan(model: Path, profile, n_ctx, budget_mb, root, as_json):
+def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib, as_json):
     """Plan memory for MODEL (a .gguf): weights + KV cache + compute buffers vs the device budget.
 
     Picks the largest context that fits, or exits with an error saying what to change.
     """
     from edgemed.devices.detect import resolve
-    from edgemed.runtime.plan import MIB, budget_from_mib, make_plan
+    from edgemed.runtime.plan import MIB, budget_from_mib, make_plan, prefix_cache_request
 
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
-    p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget)
+    cache = prefix_cache_request(prof, prefix_cache_mib) if serving or prefix_cache_mib is not None else None
+    p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget, prefix_cache=cache)
     load = load_description(p.llama, p.estimate.repacked)
     if as_json:
         click.echo(json.dumps({**p.to_dict(), "load_mode": load[0]}, indent=2))
@@ -39,6 +44,11 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, as_json):
         click.echo(f"  CPU repacked   {mib(e.repacked)}")
     click.echo(f"  KV cache       {mib(e.kv_cache)}  (n_ctx {e.n_ctx}, {p.llama['type_k']}/{p.llama['type_v']})")
     click.echo(f"  compute        {mib(e.compute)}  (n_ubatch {p.llama['n_ubatch']}, flash_attn {p.llama['flash_attn']})")
+    if e.adapters:
+        click.echo(f"  LoRA adapters  {mib(e.adapters)}")
+    if cache is not None:
+        asked = f", {p.prefix_cache_asked / MIB:.0f} MiB asked" if p.prefix_cache_asked != e.prefix_cache else ""
+        click.echo(f"  prefix cache   {mib(e.prefix_cache)}  (serve: saved prompt prefixes in host RAM{asked})")
     click.echo(f"  runtime        {mib(e.runtime)}")
     click.echo(f"  peak (pred.)   {mib(e.total)}  = {100 * e.total / p.budget:.0f} % of budget")
     click.echo(f"context  {e.n_ctx} tokens (limited by {p.limited_by})")
