@@ -25,6 +25,9 @@ Figures per level (all measured by the client, the same way for both servers):
 Then the prefill check: 3 streams decoding, one ~1,500-token prompt arrives; the running streams'
 inter-token time before the long prompt was sent against while it was being prefilled (send -> its
 first token). Results: benchmarks/results/serve_vs_llama_server-<model>-t<threads>.{json,md}.
+
+This study compares the engines under the same settings. For llama-server as a user runs it (its own defaults,
+``cache_prompt`` as clients send it, the official openai client), and for prompt reuse, see ``serve_workloads``.
 """
 
 from __future__ import annotations
