@@ -60,14 +60,15 @@ def test_unknown_part_is_refused_with_the_choices():
     assert "throughput" in exc.value.fix
 
 
-def test_quick_run_reports_every_part(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_quick_run_reports_every_part(smollm2_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
     out = tmp_path / "r.json"
-    sw.main(["--quick", "--out", str(out)])
+    sw.main(["--quick", "--model", str(smollm2_gguf), "--out", str(out)])
     m = json.loads(out.read_text())
     text = out.with_suffix(".md").read_text()
     assert m["errors"] == {} and set(m["parts"]) == set(sw.PARTS)
-    assert "python -m edgemed.benchmarks.serve_workloads --quick" in text and "load average" in text
+    assert "python -m edgemed.benchmarks.serve_workloads --quick --model" in text and "load average" in text
     servers = ["edgemed"] + (["llama-server"] if m["llama_server_skipped"] is None else [])
     assert sorted(m["servers"]) == sorted(servers)
     conv = m["parts"]["conversation"]["best"]
