@@ -1,0 +1,443 @@
+"""Serving LoRA adapters per request: `edgemed serve` against `llama-server --lora`, same base, same adapter files.
+
+    python -m edgemed.benchmarks.anchors build              # once: llama-server from the installed sdist
+    EDGEMED_CACHE_DIR=/tmp/emcache python -m edgemed.benchmarks.serve_adapters       # Qwen2.5-0.5B Q4_K_M, 2 threads
+    python -m edgemed.benchmarks.serve_adapters --rounds 3  # on a quiet box
+
+What is made (once, cached under ``$EDGEMED_CACHE_DIR/serve-adapters/<model>``): the model's Hugging Face
+checkpoint (``pip_models.hf_checkpoint``: dequantized from the pip Q4_K_M GGUF), a Q4_K_M base converted from it
+with ``edgemed convert`` (no imatrix: llama.cpp's plain recipe; it records the checkpoint's sha256, which
+``edgemed serve`` requires of a base an adapter names; the pip file records none), and ``--adapters`` (4) real PEFT
+LoRAs on that checkpoint (rank 16, alpha 32, targets q/k/v/o and the MLP, A and B random non-zero, a seed each),
+each converted with ``edgemed convert CKPT --lora L --adapter-only --base BASE`` (the converter function, its
+parity gate off: the adapter tests gate it). The same base and the same .lora.gguf files go to both servers.
+
+Servers (both up at once, idle while the other is measured; the device-profile settings of
+``serve_vs_llama_server``: 4 slots, 2 threads, the same context per slot, batch 512, flash attention off, no mmap):
+- ``edgemed serve BASE --adapter a1 ... --adapter a4 --no-prefix-cache``: a request picks one with model
+  ``NAME:ADAPTER``; every adapter group is decoded every step (one context, ``Context.set_adapters`` per group);
+- ``llama-server -m BASE --lora a1 ... --lora a4 --lora-init-without-apply -np 4 -c 4*ctx ... --cache-ram 0``: a
+  request applies one with ``"lora": [{"id": i, "scale": 1.0}]`` (the others default to 0, per its README); it does
+  not batch requests with different adapters together;
+- ``edgemed serve BASE`` without adapters, for memory only.
+Prompt reuse is off on both (``--no-prefix-cache``; ``cache_prompt: false`` and ``--cache-ram 0``): every prompt is
+computed cold, so the figures compare decoding with adapters, not caching.
+
+Load: 4 closed-loop streams (``--requests`` each, back to back), greedy, ``--tokens`` new tokens (the questions
+ask for long answers; finish reasons are in the JSON), with 0 (the base), 1, 2 and 4 distinct adapters spread
+over the streams (stream i uses adapter i mod k). Rounds interleave levels and servers, the server order flipped
+each round; ``os.getloadavg()`` is kept per run; the BEST run of the rounds is reported per level and server (all
+runs are in the JSON). Figures per level and server, measured by the client the same way for both: decode tok/s
+(``serve_vs_llama_server``'s definition: median per-request decode rate x streams decoding at once), end-to-end
+tok/s, TTFT p50; edgemed / llama-server; each adapter level / the no-adapter level on the same server.
+
+Memory: VmRSS and VmHWM (/proc/PID/status) of each server after its load: edgemed with the base alone, edgemed
+with the adapters, llama-server with the adapters; "as many merged models" = adapters x the base-alone server
+(a merged model is the base's size: the same tensors, other values).
+
+Adapter switch cost (in this process, after the servers stop): llama.cpp marks the scheduler for a re-reserve on
+every ``llama_set_adapters_lora`` that changes the set, so the next decode re-plans its graph. Timed on this base:
+a 1-row decode with the adapter unchanged vs right after a switch; then whole steps of 4 sequences (one row each):
+one decode of 4 rows (base; one adapter), 2 groups and 4 groups decoded in turn with switches (what edgemed's
+batcher does), 4 one-row decodes without switches (the floor of per-group decoding) and 4 contexts with one adapter
+each (no switch, but a KV cache and compute buffer per context).
+
+Results: benchmarks/results/serve_adapters/<base>-t<threads>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from edgemed.benchmarks.process_memory import read_status
+from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, run_level, save_results, stream_request
+from edgemed.benchmarks.serve_streams import QUESTIONS
+from edgemed.benchmarks.serve_vs_llama_server import _r, summarize
+
+SLOTS = 4
+STREAMS = 4
+LEVELS = (0, 1, 2, 4)
+GOAL_RATIO = 0.95  # edgemed / llama-server decode tok/s on the mixed-adapter loads
+GOAL_MEMORY = 1.10  # edgemed with the adapters / edgemed with the base alone (VmRSS)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: questions that ask for long answers, so greedy decoding rarely ends before --tokens
+LONG = " Answer in detail, in at least 400 words."
+
+
+# -- the files ---------------------------------------------------------------------------------------
+
+def make_lora(checkpoint: Path, out: Path, *, rank: int, alpha: int, seed: int, std: float = 0.02) -> Path:
+    """A PEFT LoRA on ``checkpoint`` with random non-zero A and B (a trained adapter's shape, not its values), as
+    the adapter tests make it (tests/adapter_kit.py); written once (``out``/adapter_config.json marks it done)."""
+    if (out / "adapter_config.json").is_file():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgemed.files.atomic import atomic_path
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, std)
+    with atomic_path(out, force=True) as tmp:
+        peft_model.save_pretrained(tmp)
+    return out
+
+
+def prepare(model: str, n_adapters: int, rank: int, echo=print) -> tuple[Path, list[Path]]:
+    """The Q4_K_M base converted from ``model``'s checkpoint and ``n_adapters`` GGUF LoRA adapters for it (cached)."""
+    from edgemed import env
+    from edgemed.converters.pipeline import ConvertOptions, convert
+    from edgemed.converters.source import pip_models
+
+    checkpoint = pip_models.hf_checkpoint(model)
+    work = env.cache_dir("serve-adapters") / model
+    work.mkdir(exist_ok=True)
+    base = work / f"{model}-q4_k_m.gguf"
+    quiet = lambda s: None  # noqa: E731
+    if not base.is_file():
+        echo(f"converting {checkpoint.name} to {base.name} (Q4_K_M, no imatrix)")
+        convert(checkpoint, base, ConvertOptions(out_type="q4_k_m", parity=False), echo=quiet)
+    files = []
+    for i in range(1, n_adapters + 1):
+        out = work / f"spec{i}-r{rank}.lora.gguf"
+        if not out.is_file():
+            echo(f"making LoRA {i} (rank {rank}, seed {i}) and converting it for {base.name}")
+            lora = make_lora(checkpoint, work / f"lora{i}-r{rank}", rank=rank, alpha=2 * rank, seed=i)
+            convert(checkpoint, out, ConvertOptions(lora=lora, adapter_only=True, base_gguf=base, out_type="f16",
+                                                    parity=False), echo=quiet)
+        files.append(out)
+    return base, files
+
+
+# -- the load ----------------------------------------------------------------------------------------
+
+def adapter_of(stream: int, k: int) -> int | None:
+    """Which adapter (0-based) stream ``stream`` uses at level ``k`` (None: the base)."""
+    return None if k == 0 else stream % k
+
+
+def fields_for(server, adapter: int | None, names: list[str]) -> dict:
+    """The body fields that pick adapter ``adapter`` (0-based; None: the base) on ``server``: edgemed by model
+    ``NAME:ADAPTER``, llama-server by ``lora`` (adapters not listed run at scale 0)."""
+    if isinstance(server, EdgemedServer):
+        return {"model": server.model_id if adapter is None else f"{server.model_id}:{names[adapter]}"}
+    return {"lora": [] if adapter is None else [{"id": adapter, "scale": 1.0}]}
+
+
+def request_fields(server, k: int, names: list[str]):
+    """stream index -> the body fields of its requests at level ``k`` (``adapter_of``)."""
+    return lambda stream: fields_for(server, adapter_of(stream, k), names)
+
+
+def compare_answers(servers: dict, prompt: str, names: list[str], tokens: int = 24) -> dict:
+    """One greedy request per adapter (and the base) on each server: how many distinct answers each server gives (the
+    adapters must change the answer) and on how many both servers answer alike. No text is kept, only the counts."""
+    import httpx2
+
+    texts: dict = {}
+    for label, server in servers.items():
+        with httpx2.Client() as client:
+            for a in [None, *range(len(names))]:
+                body = {"model": server.model_id, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                        "cache_prompt": False} | fields_for(server, a, names)
+                resp = client.post(server.url + "/v1/completions", json=body, timeout=300)
+                resp.raise_for_status()
+                texts.setdefault(label, []).append(resp.json()["choices"][0]["text"])
+    out = {"tokens": tokens, "asked": len(names) + 1, "distinct": {k: len(set(v)) for k, v in texts.items()}}
+    if len(texts) == 2:
+        e, l = texts.values()
+        out["equal"] = sum(x == y for x, y in zip(e, l))
+    return out
+
+
+# -- adapter switch cost -----------------------------------------------------------------------------
+
+def switch_cost(base: Path, files: list[Path], threads: int, prompt: str, steps: int = 16) -> dict:
+    """Milliseconds (median of ``steps``) of decodes with and without an adapter switch (module docstring)."""
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.llamacpp import Adapter, Batch, Context, Model
+
+    load = LoadSettings(n_ctx=SLOTS * 512, n_threads=threads, n_threads_batch=threads, use_mmap=False)
+    model = Model(base, load)
+    adapters = [Adapter(model, f) for f in files[:4]]
+    ctxs: list = []
+    try:
+        ids = model.tokenize(prompt, True, True)[:200]
+        main = Context(model, load, n_ctx=SLOTS * 512, n_seq_max=SLOTS, kv_unified=False)
+        ctxs.append(main)
+        for s in range(SLOTS):
+            main.eval(ids, 0, seq=s)
+        batch = Batch(model.lib, SLOTS)
+        n0 = len(ids)
+        tok = ids[-1]
+
+        def decode(ctx, seqs: list[int], pos: dict) -> float:
+            batch.clear()
+            for s in seqs:
+                batch.add(tok, pos[s], s, True)
+                pos[s] += 1
+            t = time.perf_counter()
+            if ctx.decode(batch) != 0:
+                raise RuntimeError("llama_decode failed in the switch-cost run")
+            return time.perf_counter() - t
+
+        def measure(step) -> dict:
+            pos = {s: n0 for s in range(SLOTS)}
+            times = []
+            for i in range(steps + 2):
+                t = time.perf_counter()
+                step(i, pos)
+                times.append(time.perf_counter() - t)
+            for s in range(SLOTS):
+                main.trim(s, n0)
+            times = times[2:]  # the first steps warm up
+            return {"median_ms": round(1000 * statistics.median(times), 3), "min_ms": round(1000 * min(times), 3)}
+
+        def one(adapter_for_step):
+            def step(i, pos):
+                a = adapter_for_step(i)
+                main.set_adapters([] if a is None else [(adapters[a], 1.0)])
+                decode(main, [0], pos)
+            return step
+
+        def groups(n_groups: int):
+            members = [[s for s in range(SLOTS) if s % n_groups == g] for g in range(n_groups)]
+
+            def step(i, pos):
+                order = range(n_groups) if i % 2 == 0 else range(n_groups - 1, -1, -1)  # the group on the context first
+                for g in order:
+                    main.set_adapters([(adapters[g], 1.0)])
+                    decode(main, members[g], pos)
+            return step
+
+        def rows_apart(adapter):
+            def step(i, pos):
+                main.set_adapters([] if adapter is None else [(adapters[adapter], 1.0)])
+                for s in range(SLOTS):
+                    decode(main, [s], pos)
+            return step
+
+        def whole(adapter):
+            def step(i, pos):
+                main.set_adapters([] if adapter is None else [(adapters[adapter], 1.0)])
+                decode(main, list(range(SLOTS)), pos)
+            return step
+
+        out = {
+            "1 row, base": measure(one(lambda i: None)),
+            "1 row, one adapter kept": measure(one(lambda i: 0)),
+            "1 row, adapter switched before each decode": measure(one(lambda i: i % 2)),
+            "step of 4 rows, base (one decode)": measure(whole(None)),
+            "step of 4 rows, one adapter (one decode)": measure(whole(0)),
+        }
+        for n in (2, 4):
+            if n <= len(adapters):
+                out[f"step of 4 rows, {n} adapter groups in turn (switches)"] = measure(groups(n))
+        out["step of 4 rows, 4 one-row decodes, one adapter (no switch)"] = measure(rows_apart(0))
+        # the alternative: one context per adapter (each keeps its adapter set; KV and compute buffer per context)
+        per = []
+        for a in range(len(adapters)):
+            c = Context(model, load, n_ctx=512, n_seq_max=1, kv_unified=False)
+            ctxs.append(c)
+            c.set_adapters([(adapters[a], 1.0)])
+            c.eval(ids, 0, seq=0)
+            per.append(c)
+
+        def per_context(i, pos):
+            for c in per:
+                batch.clear()
+                batch.add(tok, pos[0], 0, True)
+                if c.decode(batch) != 0:
+                    raise RuntimeError("llama_decode failed in the switch-cost run")
+            pos[0] += 1
+        times = []
+        pos = {0: n0}
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            per_context(i, pos)
+            times.append(time.perf_counter() - t)
+        times = times[2:]
+        out[f"step of {len(per)} rows, {len(per)} contexts with one adapter each (no switch)"] = {
+            "median_ms": round(1000 * statistics.median(times), 3), "min_ms": round(1000 * min(times), 3)}
+        batch.close()
+        return out
+    finally:
+        for c in ctxs:
+            c.close()
+        for a in adapters:
+            a.close()
+        model.close()
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+def memory(server) -> dict:
+    status = read_status(server.proc.pid) or {}
+    return {"VmRSS_MiB": round(status.get("VmRSS", 0) / 2**20, 1), "VmHWM_MiB": round(status.get("VmHWM", 0) / 2**20, 1)}
+
+
+def report_md(m: dict) -> str:
+    lines = [f"# Serving {m['adapters']} LoRA adapters per request: edgemed serve vs llama-server --lora ({m['model']})", "",
+             f"{m['threads']} threads, {SLOTS} slots, {m['n_ctx_per_slot']} tokens per slot, {m['streams']} closed-loop streams, "
+             f"greedy, {m['max_tokens']} tokens per request, {m['requests_per_stream']} requests per stream, prompt reuse "
+             f"off on both, best of {m['rounds']} interleaved rounds (all runs in the JSON). Adapters: rank {m['rank']}, "
+             f"q/k/v/o + MLP, {m['adapter_file_mib']} MiB each (F16). Load average during the runs: "
+             f"{m['loadavg_range'][0]:.1f}-{m['loadavg_range'][1]:.1f} on {m['machine']['cpu_count']} CPUs (shared box).", "",
+             f"Command: `{m['command']}`", "",
+             "| distinct adapters over the streams | server | decode tok/s (runs) | vs no adapter | e2e tok/s | TTFT p50 | edgemed / llama-server |",
+             "|---|---|---|---|---|---|---|"]
+    for k, lv in m["levels"].items():
+        for name in [n for n in ("edgemed", "llama-server") if n in lv]:
+            b = lv[name]["best"]
+            runs = ", ".join(f"{x:.1f}" for x in lv[name]["decode_tok_s_runs"])
+            vs0 = f"{lv[name]['vs_no_adapter']:.3f}x" if lv[name].get("vs_no_adapter") is not None else "-"
+            ratio = ""
+            if name == "edgemed" and "ratio_decode" in lv:
+                ratio = f"{lv['ratio_decode']:.3f}x" + (f" (goal >= {GOAL_RATIO})" if int(k) > 1 else "")
+            lines.append(f"| {k} | {name} | {b['decode_tok_s']:.1f} ({runs}) | {vs0} | {b['e2e_tok_s']:.1f} | "
+                         f"{b['ttft_p50_s']:.2f} s | {ratio} |")
+    mem = m["memory"]
+    lines += ["", "Resident memory after the load (VmRSS / VmHWM, MiB):", "",
+              "| process | VmRSS | VmHWM |", "|---|---|---|"]
+    for name, v in mem["servers"].items():
+        lines.append(f"| {name} | {v['VmRSS_MiB']} | {v['VmHWM_MiB']} |")
+    lines += ["", f"edgemed with {m['adapters']} adapters / base alone: {mem['adapters_vs_base']:.3f}x VmRSS "
+              f"(goal <= {GOAL_MEMORY}x); {m['adapters']} merged models (each served alone, the base-alone figure "
+              f"x {m['adapters']}): {mem['merged_estimate_MiB']} MiB, against {mem['servers']['edgemed, adapters']['VmRSS_MiB']} "
+              "MiB for one server with them all."]
+    if m.get("switch_cost"):
+        lines += ["", "Adapter switch cost on this base (in-process, llama.cpp directly, median of "
+                  f"{m['switch_steps']} steps, ms):", "", "| what | median | min |", "|---|---|---|"]
+        for what, v in m["switch_cost"].items():
+            lines.append(f"| {what} | {v['median_ms']:.2f} | {v['min_ms']:.2f} |")
+    if m.get("answers"):
+        a = m["answers"]
+        lines += ["", f"Check: the same prompt, greedy, {a['tokens']} tokens, on each adapter and the base: distinct answers "
+                  f"per server {a['distinct']}" + (f"; edgemed and llama-server answer alike on {a['equal']} of {a['asked']}" if 'equal' in a else '') + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="a pip example model name (its HF checkpoint is made)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=96, help="max new tokens per request (greedy)")
+    ap.add_argument("--requests", type=int, default=2, help="requests each client stream sends, back to back")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--adapters", type=int, default=4, help="adapters made and loaded (levels use up to this many)")
+    ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="distinct adapters over the streams, per level")
+    ap.add_argument("--streams", type=int, default=STREAMS)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=1024, help="context per slot (both servers)")
+    ap.add_argument("--switch-steps", type=int, default=16, help="steps timed per switch-cost case (0: skip)")
+    ap.add_argument("--only", choices=("edgemed",), help="edgemed alone (no llama-server)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    if max(levels) > args.adapters:
+        ap.error(f"--levels go up to {max(levels)} adapters, more than --adapters {args.adapters}")
+
+    from edgemed.benchmarks import anchors
+    from edgemed.runtime.llamacpp import Model
+
+    base, files = prepare(args.model, args.adapters, args.rank)
+    names = [f.name.removesuffix(".lora.gguf") for f in files]
+    vocab = Model(base, vocab_only=True)
+    prompts = [vocab.render_chat([{"role": "user", "content": q + LONG}]) for q in QUESTIONS]
+    vocab.close()
+    common = dict(path=base, threads=args.threads, slots=SLOTS, ctx_per_slot=args.ctx)
+    servers = {"edgemed": EdgemedServer(**common, adapters=tuple(files))}
+    if args.only is None:
+        servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], loras=tuple(files), **common)
+    alone = EdgemedServer(**common)
+    runs: dict = {k: {name: [] for name in servers} for k in levels}
+    mem: dict = {}
+    loads: list[float] = []
+    answers = None
+    try:
+        for s in servers.values():
+            s.start()
+        for s in servers.values():  # warm-up, not timed: a short request on each adapter
+            for a in [None, *range(args.adapters)]:
+                run_level(s, prompts, 1, 1, 4, lambda i, a=a, s=s: fields_for(s, a, names))
+        for r in range(args.rounds):
+            order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+            for k in (levels if r % 2 == 0 else levels[::-1]):
+                for name in order:
+                    load0 = os.getloadavg()
+                    t0 = time.perf_counter()
+                    rows = run_level(servers[name], prompts, args.streams, args.requests, args.tokens,
+                                     request_fields(servers[name], k, names))
+                    wall = time.perf_counter() - t0
+                    s = summarize(rows, args.streams, wall) | {"loadavg": (load0[0], os.getloadavg()[0]), "round": r}
+                    loads += list(s["loadavg"])
+                    runs[k][name].append(s)
+                    print(f"round {r} {name:>12s} {k} adapters: decode {s['decode_tok_s']:.1f} tok/s, e2e "
+                          f"{s['e2e_tok_s']:.1f}, TTFT p50 {s['ttft_p50_s']:.2f}s, finish {s['finish']}, load {load0[0]:.1f}",
+                          flush=True)
+        mem["edgemed, adapters"] = memory(servers["edgemed"])
+        if "llama-server" in servers:
+            mem["llama-server, adapters"] = memory(servers["llama-server"])
+        answers = compare_answers(servers, prompts[0], names)
+    finally:
+        for s in servers.values():
+            s.stop()
+    try:  # the base alone, after the others stopped: same settings, the no-adapter load once
+        alone.start()
+        run_level(alone, prompts, 1, 1, 4)
+        run_level(alone, prompts, args.streams, 1, args.tokens)
+        mem["edgemed, base alone"] = memory(alone)
+    finally:
+        alone.stop()
+    switch = switch_cost(base, files, args.threads, prompts[0], args.switch_steps) if args.switch_steps else {}
+
+    out_levels = {}
+    for k in levels:
+        lv = {}
+        for name in servers:
+            best = max(runs[k][name], key=lambda x: x["decode_tok_s"])
+            lv[name] = {"best": _r(best), "decode_tok_s_runs": [round(x["decode_tok_s"], 2) for x in runs[k][name]],
+                        "runs": [_r(x) for x in runs[k][name]]}
+        out_levels[str(k)] = lv
+    for k in levels:
+        lv = out_levels[str(k)]
+        for name in servers:
+            if 0 in levels:
+                lv[name]["vs_no_adapter"] = round(lv[name]["best"]["decode_tok_s"] / out_levels["0"][name]["best"]["decode_tok_s"], 3)
+        if len(servers) == 2:
+            lv["ratio_decode"] = round(lv["edgemed"]["best"]["decode_tok_s"] / lv["llama-server"]["best"]["decode_tok_s"], 3)
+            lv["ratio_e2e"] = round(lv["edgemed"]["best"]["e2e_tok_s"] / lv["llama-server"]["best"]["e2e_tok_s"], 3)
+    base_rss = mem["edgemed, base alone"]["VmRSS_MiB"]
+    memory_out = {"servers": mem, "adapters_vs_base": round(mem["edgemed, adapters"]["VmRSS_MiB"] / base_rss, 3),
+                  "merged_estimate_MiB": round(args.adapters * base_rss, 1),
+                  "note": "merged estimate: the base-alone server's VmRSS x adapters (a merged model has the base's tensors)"}
+    described = {k: s.describe() for k, s in servers.items()}
+    result = {"model": base.name, "model_path": str(base), "source": args.model, "threads": args.threads, "slots": SLOTS,
+              "streams": args.streams, "n_ctx_per_slot": args.ctx, "max_tokens": args.tokens,
+              "requests_per_stream": args.requests, "rounds": args.rounds, "adapters": args.adapters, "rank": args.rank,
+              "adapter_files": [str(f) for f in files],
+              "adapter_file_mib": round(statistics.mean(f.stat().st_size for f in files) / 2**20, 1),
+              "levels": out_levels, "memory": memory_out, "switch_cost": switch, "switch_steps": args.switch_steps,
+              "answers": answers, "loadavg_range": (min(loads), max(loads)) if loads else (0.0, 0.0),
+              "best_of": "the run with the highest decode tok/s per level and server", "servers": described,
+              "command": "python -m edgemed.benchmarks.serve_adapters " + " ".join(argv or __import__("sys").argv[1:]),
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "note": "CPU shared with other sessions; load averages are per run"}}
+    out = args.out or Path(__file__).resolve().parent / "results" / "serve_adapters" / f"{base.stem}-t{args.threads}.json"
+    save_results(out, result, report_md(result))
+
+
+if __name__ == "__main__":
+    main()
