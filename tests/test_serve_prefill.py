@@ -8,7 +8,8 @@ import time
 import pytest
 
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
-from edgemed.runtime.batch.prefill import PREFILL_FIRST, PREFILL_MIN, STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
+from edgemed.runtime.batch.prefill import (FIT_HALF_LIFE, FIT_WINDOW, PREFILL_FIRST, PREFILL_MIN, PREFILL_PROBE, STALL_BUDGET,
+                                          WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces)
 
 LOAD = LoadSettings(n_ctx=2 * 512, n_threads=1, n_batch=256, n_ubatch=256)
 COUNTING = "Counting from one to five hundred: 1, 2, 3, 4, 5, 6, 7, 8,"
@@ -17,13 +18,100 @@ COUNTING = "Counting from one to five hundred: 1, 2, 3, 4, 5, 6, 7, 8,"
 def test_budget_is_the_whole_batch_when_nobody_waits_and_a_measured_chunk_otherwise():
     b = PrefillBudget()
     assert b.tokens(256, 0) == 256  # no generating sequence: nobody is stalled
-    assert b.tokens(256, 3) == PREFILL_FIRST  # costs not measured yet
+    assert b.tokens(256, 3) == PREFILL_FIRST  # costs not measured yet: the first probe
     b.learn(0.040, 3, 0)  # a plain decode step: 40 ms
-    b.learn(64 * 0.001, 3, 64)  # a 64-token chunk beside them: 1 ms a token
-    assert b.tokens(256, 3) == int(STALL_BUDGET * 0.040 / 0.001)  # 28 tokens: the step stays <= 1.7x
-    b.learn(64 * 0.040, 3, 64)  # tokens got dearer: the chunk shrinks, never below the floor
-    assert b.tokens(256, 3) == PREFILL_MIN
+    b.learn(0.010 + PREFILL_FIRST * 0.0005, 3, PREFILL_FIRST)  # a call: 10 ms + 0.5 ms a token
+    assert b.tokens(256, 3) == PREFILL_PROBE  # one size cannot tell the fixed cost from the per-token one
+    b.learn(0.040, 3, 0)
+    b.learn(0.010 + PREFILL_PROBE * 0.0005, 3, PREFILL_PROBE)
+    b.learn(0.040, 3, 0)
+    # a plain step's worth saved up: 10 ms + 0.5 ms x n <= 40 ms, then each step 0.7 x 40 ms: 36 tokens, where
+    # seconds / tokens of the 8-token call (1.75 ms a token) gave 16
+    assert b.tokens(256, 3) == 60
+    b.learn(0.010 + 60 * 0.0005, 3, 60)
+    b.learn(0.040, 3, 0)
+    assert b.tokens(256, 3) == 36 == round((STALL_BUDGET * 0.040 - 0.010) / 0.0005)
+    stalls, chunks = [], []
+    for _ in range(2 * FIT_WINDOW):  # a call's fixed cost is past one step's credit: chunk steps and plain steps
+        b.learn(0.040, 3, 0)
+        n = b.tokens(256, 3)
+        chunks.append(n)
+        stalls.append(0.032 + 0.0005 * n if n else 0.0)
+        if n:
+            b.learn(stalls[-1], 3, n)
+    late = stalls[FIT_WINDOW:]
+    assert 0 in chunks[FIT_WINDOW:] and min(n for n in chunks[FIT_WINDOW:] if n) > 2 * PREFILL_MIN, chunks
+    assert sum(late) / len(late) <= STALL_BUDGET * 0.040 * 1.05  # the streams' mean step stays within 1.7x
     assert PrefillBudget(fixed=48).tokens(256, 2) == 48 and PrefillBudget(fixed=48).tokens(20, 2) == 20
+
+
+def _feed(b: PrefillBudget, a: float, per: float, steps: int, rng, noise: float = 0.0) -> None:
+    """Steps as the batcher makes them: a 40 ms decode call, then a prompt call of the size the budget gives."""
+    for _ in range(steps):
+        b.learn(0.040 * (1 + rng.uniform(-noise, noise)), 3, 0)
+        n = b.tokens(512, 3)
+        if n:
+            b.learn((a + per * n) * (1 + rng.uniform(-noise, noise)), 3, n)
+    b.learn(0.040, 3, 0)  # the next step's decode call: ``tokens`` is then asked for its prompt tokens
+
+
+def test_the_fit_finds_a_known_fixed_and_per_token_cost_through_noise():
+    import random
+
+    rng = random.Random(7)
+    for a, per in ((0.010, 0.0005), (0.002, 0.0001), (0.020, 0.00005)):
+        b = PrefillBudget()
+        _feed(b, a, per, 40, rng, noise=0.1)
+        fa, fb = b.cost.fit()
+        best = (STALL_BUDGET * 0.040 - a) / per  # the largest chunk within the budget, noise aside
+        n = b.tokens(512, 3)
+        assert abs(fa + fb * n - (a + per * n)) < 0.05 * (a + per * n), (fa, fb)  # the fit's cost of the chunk it picks
+        assert 0.7 * min(best, 512) <= b.tokens(512, 3) <= 1.3 * best, (a, per, b.tokens(512, 3))
+
+
+def test_one_slow_call_does_not_move_the_chunk_much():
+    import random
+
+    b = PrefillBudget()
+    _feed(b, 0.010, 0.0005, 30, random.Random(1))
+    before = b.tokens(512, 3)
+    b.learn(0.040, 3, 0)
+    b.learn(1.0, 3, before)  # another process took the CPU during one call
+    for _ in range(3):  # the streams' credit is spent (the step did stall them): plain steps refill it
+        b.learn(0.040, 3, 0)
+    assert b.tokens(512, 3) >= 0.8 * before
+
+
+def test_the_prior_sizes_the_first_chunk_and_measurement_replaces_it():
+    b = PrefillBudget(prior=(0.010, 0.0005))
+    b.learn(0.040, 3, 0)
+    assert b.tokens(512, 3) == 36  # from the prior, no probing
+    import random
+
+    _feed(b, 0.002, 0.0001, 40, random.Random(2))  # this host is faster than the prior said
+    assert b.tokens(512, 3) > 100
+
+
+def test_a_sudden_slowdown_shrinks_the_chunk_within_a_few_steps():
+    import random
+
+    rng = random.Random(3)
+    b = PrefillBudget()
+    _feed(b, 0.002, 0.0001, 40, rng)
+    fast = b.tokens(512, 3)  # (28 - 2) / 0.1 ms = 260
+    _feed(b, 0.004, 0.0004, 2 * FIT_HALF_LIFE, rng)  # the CPU slows (throttling, a neighbour): calls cost more
+    slow = b.tokens(512, 3)
+    assert slow <= 1.3 * (STALL_BUDGET * 0.040 - 0.004) / 0.0004 < fast / 2, (fast, slow)
+
+
+def test_every_call_of_a_step_pays_the_fixed_cost():
+    b = PrefillBudget(prior=(0.010, 0.0005))
+    b.learn(0.040, 3, 0)
+    one = b.tokens(512, 3)
+    b.learn(0.010 + 0.0005 * 10, 3, 10)  # equal_pieces made two calls of this step's prompt tokens
+    b.learn(0.010 + 0.0005 * 10, 3, 10)
+    b.learn(0.040, 3, 0)
+    assert b.calls == 2 and b.tokens(512, 3) < one
 
 
 def test_a_chunk_never_leaves_or_takes_a_single_token_of_a_longer_prompt():
@@ -172,3 +260,43 @@ def test_requests_sent_together_to_an_idle_server_are_gathered_into_one_first_st
     firsts = [events.index(f"g{i}") for i in range(3)]
     seconds = [i for i, rid in enumerate(events) if events[:i].count(rid) == 1]
     assert len(seconds) == 3 and max(firsts) < min(seconds), events
+
+
+def test_a_measured_budget_feeds_a_long_prompt_while_three_streams_keep_getting_tokens(smollm2_gguf):
+    """No fixed chunk: the cost model sizes the chunks from the batcher's own calls; the three running streams
+    get a token every step while the long prompt is read (steps without prompt tokens included)."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.runtime.batch.batcher import Batcher
+    from edgemed.runtime.batch.stream import Finished, Piece
+
+    load = LoadSettings(n_ctx=4 * 768, n_threads=1, n_batch=512, n_ubatch=512)
+    with Batcher(smollm2_gguf, load, slots=4, queue_size=2, n_ctx_per_slot=768, prefix_cache=False) as b:
+        arrivals: dict[str, list[int]] = {}
+
+        def read(name: str, stream) -> None:
+            for item in stream:
+                if isinstance(item, Piece):
+                    arrivals[name].append(b.stats()["decode_steps_total"])
+
+        streams, readers = [], []
+        for i in range(3):
+            arrivals[f"r{i}"] = []
+            s = b.submit(COUNTING + f" (list {i})", GenerationSettings(max_tokens=700), request_id=f"r{i}")
+            streams.append(s)
+            readers.append(threading.Thread(target=read, args=(f"r{i}", s)))
+            readers[-1].start()
+        while min(len(v) for v in arrivals.values()) < 8:
+            time.sleep(0.005)
+        long_text = " ".join(f"Day {d}: stable, afebrile, eating well, no new complaints." for d in range(1, 26))
+        n_long = len(b.tokenize(long_text))
+        steps0, got0 = b.stats()["decode_steps_total"], {k: len(v) for k, v in arrivals.items()}
+        items = list(b.submit(long_text, GenerationSettings(max_tokens=2), request_id="long"))
+        steps1, got1 = b.stats()["decode_steps_total"], {k: len(v) for k, v in arrivals.items()}
+        for s in streams:
+            s.cancel()
+        for r in readers:
+            r.join(timeout=30)
+    assert isinstance(items[-1], Finished) and items[-1].prompt_tokens == n_long > 400
+    steps = steps1 - steps0
+    going = [k for k in got0 if arrivals[k][-1] >= steps1 - 1]  # a stream may have ended (end of text) meanwhile
+    assert going and all(got1[k] - got0[k] >= steps - 3 for k in going), (steps, got0, got1)  # nobody stalled

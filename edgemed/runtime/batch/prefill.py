@@ -1,26 +1,55 @@
 """Chunked prefill: how many prompt tokens one batcher step may take without stalling the running streams.
 
 A step that carries a prompt chunk next to generating sequences lasts as long as a plain decode
-step plus the chunk's own ``llama_decode``, and every running stream waits for it. So while anyone is generating,
-the chunk is sized from two moving averages measured on this host and model: the seconds of a
-plain decode step, and the extra seconds one prompt token adds to a step. The chunk keeps a step
-within ``1 + STALL_BUDGET`` plain steps (the goal: inter-token time grows at most 2x during a long
-prefill). With nobody generating, a prompt takes the whole batch (nobody waits on the step).
+step plus the chunk's own ``llama_decode`` calls, and every running stream waits for it. So while anyone is
+generating, the chunk is sized from what this host and model measure: the seconds of a plain decode step (a
+moving average) and a cost model of a prompt call, ``seconds = a + b * tokens`` (``CallCost``), fitted online
+from the batcher's own calls. ``a`` is what a call costs whatever its size (graph build, a pass over the
+weights: most of a small call on a CPU), ``b`` what each token adds. The chunk is the largest ``n`` with
+``calls * a + b * n <= credit``, where the credit grows by ``STALL_BUDGET * t_decode`` each step (up to one plain
+step) and each prompt call spends its seconds: steps stay within ``1 + STALL_BUDGET`` plain steps on average (the
+goal: inter-token time grows at most 2x during a long prefill). Where a call's fixed cost alone is more than the
+credit of one step (a small model on a CPU: a call of a few tokens costs most of a 3-row decode step), a step
+without prompt tokens saves up and a larger chunk follows, rather than a two-token chunk that breaks the budget
+every step and barely moves the prompt. Folding ``a`` into a per-token cost
+(``seconds / tokens`` of small calls) instead made every token look as dear as a small call's share of the
+weight pass, and chunks collapsed to the floor at two or three running streams.
+With nobody generating, a prompt takes the whole batch (nobody waits on the step).
 A fixed chunk (``Batcher(prefill_chunk=N)``) skips the measurement.
+
+The fit is hand-written (a dozen lines of weighted least squares over a short window) rather than taken from a
+library: it runs on the scheduler thread once a step, numpy is not a device-side dependency of this module, and
+it needs the clamps below (no negative cost, no extrapolation far past what was measured) that a generic
+regression does not give.
 """
 
 from __future__ import annotations
 
-#: While sequences are generating, a step may take at most (1 + STALL_BUDGET) x a plain decode step.
+#: While sequences are generating, steps take on average at most (1 + STALL_BUDGET) x a plain decode step
+#: (the prompt calls' seconds are paced by a credit that each step adds STALL_BUDGET x a plain step to) ...
 STALL_BUDGET = 0.7
-#: Prompt tokens per step while others generate, before the step costs are measured.
+#: ... and one step at most (1 + STEP_STALL_MAX) x, unless a call's fixed cost is more than half a plain step
+#: (``PrefillBudget._cap``): then a chunk step comes every few steps rather than a two-token one every step.
+STEP_STALL_MAX = 1.0
+#: Prompt tokens per step while others generate, before the step costs are measured: the first probe of the
+#: cost model; the second probe is ``PREFILL_PROBE`` tokens, so the fit sees two sizes a factor of four apart.
 PREFILL_FIRST = 32
+PREFILL_PROBE = 8
+#: The cost model's memory: the last ``FIT_WINDOW`` prompt calls, weighted by recency (a call ``FIT_HALF_LIFE``
+#: calls old counts half), so a host that slows down (thermal throttling, another process) is followed
+#: within a few steps.
+FIT_WINDOW = 48
+FIT_HALF_LIFE = 8
+#: A chunk is never sized past this multiple of the largest prompt call measured in the window: the fit is a
+#: line through measured sizes, and attention and cache effects bend it beyond them.
+FIT_REACH = 2
 #: Prompts up to this many tokens go in one step, as llama-server feeds them: chunking short ones costs
 #: throughput (their slots idle longer) for stalls of well under a second; long prompts are chunked.
 WHOLE_PROMPT = 128
 #: The smallest chunk ever given while others generate. On a compute-bound CPU a prompt token costs a
 #: sixth to a tenth of a 3-row decode step (Qwen2.5-0.5B Q4_K_M, 1 thread): a floor of 16 gave 2.8x, and at
 #: 2 threads a floor of 4 still 2.0x (1.5B: 2.1x), the chunk's own call costing nearly half a decode step.
+#: With the cost model the floor is only what a step gets when even a call's fixed cost exceeds the budget.
 PREFILL_MIN = 2
 
 
@@ -59,13 +88,86 @@ def equal_pieces(takes: list[tuple[object, int]]) -> list[list[tuple[object, int
     return calls
 
 
-class PrefillBudget:
-    """Step-cost averages and the prompt tokens a step may take (scheduler thread only)."""
+class CallCost:
+    """``seconds = a + b * tokens`` of one prompt ``llama_decode`` call, fitted by recency-weighted least squares
+    over the last ``FIT_WINDOW`` calls, with one robust pass (a call slowed by another process on the host, far off
+    the line, is down-weighted rather than trusted). ``prior``: ``(a, b)`` in seconds (a device profile's), used
+    until the window holds two sizes at least a factor of two apart (scaled to the calls of one size measured
+    meanwhile, so a prior from a slower or faster host still lets the chunk move and the window spread)."""
 
-    def __init__(self, fixed: int | None = None):
+    def __init__(self, prior: tuple[float, float] | None = None):
+        self.prior = prior
+        self.points: list[tuple[int, float]] = []  # (tokens, seconds), oldest first
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            self.points.append((tokens, seconds))
+            del self.points[:-FIT_WINDOW]
+
+    def spread(self) -> bool:
+        """Whether the window holds sizes far enough apart to separate ``a`` from ``b``."""
+        sizes = [n for n, _ in self.points]
+        return bool(sizes) and max(sizes) >= 2 * min(sizes)
+
+    def largest(self) -> int:
+        return max((n for n, _ in self.points), default=0)
+
+    def fit(self) -> tuple[float, float] | None:
+        """``(a, b)``, or the prior (None without one) until the window can separate them."""
+        if not self.spread():
+            if self.prior is None or not self.points:
+                return self.prior
+            # one size measured: the prior's shape, scaled to what that size costs on this host
+            a0, b0 = self.prior
+            n = self.points[-1][0]
+            recent = [s for m, s in self.points[-FIT_HALF_LIFE:] if m == n]
+            k = sorted(recent)[len(recent) // 2] / (a0 + b0 * n)
+            return a0 * k, b0 * k
+        last = len(self.points) - 1
+        w = [0.5 ** ((last - i) / FIT_HALF_LIFE) for i in range(len(self.points))]
+        a, b = _line(self.points, w)
+        typical = sorted(s for _, s in self.points)[len(self.points) // 2]
+        robust = w
+        for _ in range(6):  # Huber reweighting: a point off the line by more than the scale counts less
+            residuals = sorted(abs(s - a - b * n) for n, s in self.points)
+            # three median absolute residuals, and at least a twentieth of a typical call (timer noise)
+            scale = max(3 * residuals[len(residuals) // 2], 0.05 * typical)
+            robust = [wi * min(1.0, scale / max(abs(s - a - b * n), 1e-12)) for wi, (n, s) in zip(w, self.points)]
+            a, b = _line(self.points, robust)
+        w = robust
+        if a < 0 or b <= 0:  # noise over a narrow range of sizes: keep the cost non-negative and growing
+            a = max(a, 0.0)
+            b = sum(wi * (s - a) * n for wi, (n, s) in zip(w, self.points)) / sum(wi * n * n for wi, (n, _) in zip(w, self.points))
+            if b <= 0:  # every call cost no more than ``a``: as cheap per token as the cheapest call measured
+                b = min(s / n for n, s in self.points) * 1e-3
+        return a, b
+
+
+def _line(points: list[tuple[int, float]], w: list[float]) -> tuple[float, float]:
+    """Weighted least-squares ``(a, b)`` of ``seconds = a + b * tokens``."""
+    sw = sum(w)
+    mx = sum(wi * n for wi, (n, _) in zip(w, points)) / sw
+    my = sum(wi * s for wi, (_, s) in zip(w, points)) / sw
+    sxx = sum(wi * (n - mx) ** 2 for wi, (n, _) in zip(w, points))
+    if sxx <= 0:
+        return my, 0.0
+    b = sum(wi * (n - mx) * (s - my) for wi, (n, s) in zip(w, points)) / sxx
+    return my - b * mx, b
+
+
+class PrefillBudget:
+    """Step costs and the prompt tokens a step may take (scheduler thread only). ``prior``: ``(a, b)`` seconds
+    of a prompt call (``CallCost``), e.g. from a device profile, used until this host's calls are measured."""
+
+    def __init__(self, fixed: int | None = None, prior: tuple[float, float] | None = None):
         self.fixed = fixed
         self.t_decode = 0.0  # a plain decode step (generating rows only), seconds
-        self.t_token = 0.0  # what one prompt token adds to a step, seconds
+        self.cost = CallCost(prior)
+        self.calls = 1  # prompt calls in the last step that fed prompt tokens next to generating rows
+        # stall seconds the running streams can still spare: each plain step adds STALL_BUDGET of itself,
+        # each prompt call beside generating rows spends its own length
+        self.credit = 0.0
+        self._calls_now = 0
 
     def tokens(self, room: int, generating: int) -> int:
         """Prompt tokens for a step with ``generating`` decode rows and ``room`` free batch rows."""
@@ -73,20 +175,42 @@ class PrefillBudget:
             return room
         if self.fixed is not None:
             return min(room, self.fixed)
-        if not (self.t_decode and self.t_token):
-            return min(room, PREFILL_FIRST)
-        return min(room, max(PREFILL_MIN, int(STALL_BUDGET * self.t_decode / self.t_token)))
+        fit = self.cost.fit() if self.t_decode else None
+        if fit is None:  # probe two sizes first: a call's fixed cost cannot be told from one size
+            seen = {n for n, _ in self.cost.points}
+            return min(room, PREFILL_PROBE if PREFILL_FIRST in seen else PREFILL_FIRST)
+        a, b = fit
+        cap = self._cap(a)
+        # every call of the step pays ``a`` (``equal_pieces`` may cut the step's prompt tokens into several)
+        spare = min(self.credit, cap) - self.calls * a
+        n = int(spare / b + 1e-9) if spare > 0 else 0
+        if n < PREFILL_MIN:  # the fixed cost does not fit what the streams can spare yet: a plain step saves up
+            return 0 if self.credit < cap else min(room, PREFILL_MIN)
+        reach = FIT_REACH * self.cost.largest() if self.cost.points else n
+        return min(room, n, reach)
+
+    def _cap(self, a: float) -> float:
+        """The most stall seconds one step may take: a plain step's length (that step's inter-token time 2x),
+        or twice a call's fixed cost where that alone is more than half a plain step (a call of a few tokens would
+        stall the streams nearly as long for almost no progress)."""
+        return max(STEP_STALL_MAX * self.t_decode, 2 * self.calls * a)
 
     def learn(self, seconds: float, generating: int, prompt: int) -> None:
         """Account one ``llama_decode``: of the decode rows (``prompt`` 0), or of ``prompt`` prompt tokens
         fed in a step where ``generating`` sequences decode (the batcher makes them separate calls)."""
-        if prompt == 0:
+        if prompt == 0:  # a step's decode call comes first: the previous step's prompt calls are all counted
             self.t_decode = seconds if not self.t_decode else 0.8 * self.t_decode + 0.2 * seconds
-        elif generating:
-            per = seconds / prompt
-            self.t_token = per if not self.t_token else 0.7 * self.t_token + 0.3 * per
-        elif not self.t_token:
-            self.t_token = seconds / prompt  # a first guess from a prompt-only step (cheaper per token)
+            if self._calls_now:
+                self.calls, self._calls_now = self._calls_now, 0
+            fit = self.cost.fit()
+            cap = self._cap(fit[0]) if fit else STEP_STALL_MAX * self.t_decode
+            self.credit = min(self.credit + STALL_BUDGET * self.t_decode, cap)
+            return
+        self.cost.add(prompt, seconds)  # a prompt-only step's call is on the same line (its large sizes help)
+        if generating:
+            self._calls_now += 1
+            # the streams waited this long for it; a call slowed by something else costs at most a few steps
+            self.credit = max(self.credit - seconds, -STEP_STALL_MAX * self.t_decode)
 
     @property
     def chunk(self) -> int:
