@@ -25,11 +25,11 @@ QUESTIONS = ["What is the first-line treatment for anaphylaxis?", "Name a loop d
              "Define sepsis in one sentence.", "When is a head CT needed after a fall?"]
 
 
-def preamble(topic: str) -> str:
-    """A template preamble of about 300 tokens (its own per test, so no slot or host entry holds it yet)."""
+def preamble(topic: str, times: int = 7) -> str:
+    """A template preamble of about 300 tokens (40 a time; its own per test, so no slot or host entry holds it yet)."""
     rule = (f"You are a careful {topic} assistant for clinicians. Answer briefly, cite the guideline when you know it, "
             "say when you are unsure, never invent doses, and advise escalation for red-flag findings. ")
-    return rule * 7 + "Question: "
+    return rule * times + "Question: "
 
 
 def collect(stream) -> tuple[str, Finished]:
@@ -107,13 +107,13 @@ def test_requests_arriving_together_compute_a_shared_preamble_once(warm, cold):
 
 
 def test_a_running_requests_prompt_serves_another_up_to_the_first_differing_token(warm, cold):
-    pre = warm.tokenize(preamble("cardiology"))
+    pre = warm.tokenize(preamble("cardiology", 3))
     first = pre + warm.tokenize(QUESTIONS[0], add_special=False)
     m = len(pre) // 2
     other = list(first)
     other[m] = warm.tokenize(" banana", add_special=False)[0]  # one token differs, in the middle
     assert other[m] != first[m] and m >= MIN_SHARED
-    settings = GenerationSettings(max_tokens=40)
+    settings = GenerationSettings(max_tokens=24)
     running = warm.submit(first, settings, request_id="run")
     it = iter(running)
     head = next(it)  # its prompt is computed: it is generating
@@ -125,7 +125,7 @@ def test_a_running_requests_prompt_serves_another_up_to_the_first_differing_toke
 
 
 def test_no_prefix_cache_reuses_nothing(cold):
-    pre = cold.tokenize(preamble("nephrology"))
+    pre = cold.tokenize(preamble("nephrology", 2))
     prompts = [pre + cold.tokenize(q, add_special=False) for q in QUESTIONS[:2]]
     answers(cold, prompts, "a")
     fins = [f for _, f in answers(cold, prompts, "b")]
@@ -138,10 +138,10 @@ def test_no_prefix_cache_reuses_nothing(cold):
 # -- host RAM -------------------------------------------------------------------------------------------------
 def test_a_prefix_pushed_out_of_its_slot_is_restored_from_host_ram(smollm2_gguf, cold):
     with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
-        pre = b.tokenize(preamble("infectious disease"))
+        pre = b.tokenize(preamble("infectious disease", 3))
         first = pre + b.tokenize(QUESTIONS[2], add_special=False)
         collect(b.submit(first, GREEDY, request_id="a"))
-        stranger = b.tokenize(preamble("dermatology"))  # unrelated: the slot's prefix goes to host RAM
+        stranger = b.tokenize(preamble("dermatology", 3))  # unrelated: the slot's prefix goes to host RAM
         assert common(stranger, first) < MIN_SHARED and len(first) >= HOST_MIN
         collect(b.submit(stranger, GREEDY, request_id="b"))
         s = b.stats()
@@ -165,11 +165,11 @@ def test_a_prefix_pushed_out_of_its_slot_is_restored_from_host_ram(smollm2_gguf,
 def test_the_host_cache_evicts_the_oldest_and_refuses_what_exceeds_its_bound(smollm2_gguf):
     def turn_over(b, topics):
         for i, t in enumerate(topics):
-            collect(b.submit(b.tokenize(preamble(t)), GREEDY, request_id=f"r{i}"))
+            collect(b.submit(b.tokenize(preamble(t, 2)), GREEDY, request_id=f"r{i}"))
 
     with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
         turn_over(b, ["oncology", "neurology"])
-        one = b.stats()["prefix_host_bytes"]  # one ~300-token entry
+        one = b.stats()["prefix_host_bytes"]  # one ~90-token entry
     assert one > 0
     with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2, prefix_cache_bytes=one * 3 // 2) as b:
         turn_over(b, ["oncology", "neurology", "psychiatry"])  # two saved, room for one
