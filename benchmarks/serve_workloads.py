@@ -448,6 +448,9 @@ def main(argv=None) -> None:
                               "python": platform.python_version()}}
         save_results(out, result, report_md(result))
 
+    import httpx2
+    import openai
+
     try:
         for s in servers.values():
             s.start()
@@ -463,7 +466,8 @@ def main(argv=None) -> None:
                     results[part] = part_throughput(servers, sizes, rounds)
                 else:
                     results[part] = part_long(servers, sizes, rounds, path)
-            except (EdgemedError, OSError, ValueError, RuntimeError) as exc:  # the other parts still run and report
+            except (EdgemedError, OSError, ValueError, RuntimeError, httpx2.HTTPError, openai.APIError) as exc:
+                # a part that fails (a server error, a request past its timeout) is reported; the others still run
                 errors[part] = f"{type(exc).__name__}: {str(exc)[:600]}"
                 print(f"{part} failed: {errors[part]}", flush=True)
             save()
