@@ -276,6 +276,21 @@ def part_long(servers: dict, sizes: Sizes, rounds: int, vocab_path: Path) -> dic
 
 
 # -- report ------------------------------------------------------------------------------------------------------
+def code_state() -> dict:
+    """The edgemed code the servers ran: the git commit and the files under edgemed/ changed from it (the workloads
+    measure the tree as it is), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "edgemed"], cwd=root, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "changed": []}
+    return {"commit": head.stdout.strip(), "changed": [ln[3:] for ln in dirty.stdout.splitlines()]}
+
+
 def _f(v, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -295,6 +310,10 @@ def report_md(m: dict) -> str:
              f"the end; the load around each run is in its row." + (" Taken under load from other work on the "
              "box: the ratios hold better than the absolute figures." if m["loadavg_start"][0] > 1.5 else ""), "",
              f"Command: `{m['command']}`", ""]
+    code = m.get("code") or {}
+    if code.get("commit"):
+        lines += [f"edgemed at commit {code['commit'][:12]}" + (f", with uncommitted changes to {', '.join(code['changed'])}"
+                                                              if code["changed"] else "") + ".", ""]
     if m.get("llama_server_skipped"):
         lines += [f"llama-server skipped: {m['llama_server_skipped']}", ""]
     for part, err in m.get("errors", {}).items():
@@ -425,6 +444,7 @@ def main(argv=None) -> None:
             skipped = str(exc).splitlines()[0] + " Run `python -m edgemed.benchmarks.anchors build` to include it."
             print(f"llama-server skipped: {skipped}", flush=True)
     load_start = os.getloadavg()
+    code = code_state()
     t_start = time.perf_counter()
     results: dict = {}
     errors: dict = {}
@@ -440,7 +460,7 @@ def main(argv=None) -> None:
                   "ctx": sizes.ctx, "rounds": rounds, "quick": args.quick, "sizes": asdict(sizes), "goals": GOALS,
                   "parts_asked": parts, "parts": results, "errors": errors, "template_system_tokens": system_tokens,
                   "llama_server_skipped": skipped, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                  "wall_s": round(time.perf_counter() - t_start, 1), "servers": described,
+                  "wall_s": round(time.perf_counter() - t_start, 1), "servers": described, "code": code,
                   "same_cpu_features": anchors.same_cpu_features(anchor_info) if anchor_info else None,
                   "command": "python -m edgemed.benchmarks.serve_workloads "
                              + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -90,3 +90,9 @@ def test_quick_run_reports_every_part(smollm2_gguf, tmp_path, monkeypatch):
         assert m["parts"]["throughput"]["levels"]["1"]["ratio"] > 0
         assert m["parts"]["long"]["ratio_long_ttft"] > 0 and "met |" in text  # every ratio row carries its goal mark
         assert "cache_prompt" not in " ".join(m["servers"]["llama-server"]["command"])
+
+
+def test_code_state_names_the_commit_the_servers_ran():
+    state = sw.code_state()
+    assert state["commit"] is None or (len(state["commit"]) == 40 and int(state["commit"], 16) >= 0)
+    assert all(path.startswith("edgemed/") for path in state["changed"])
