@@ -2,14 +2,16 @@
 free slot holds is prefilled from where they part, and answers exactly as a cold run does.
 
 What ``cached_tokens`` counts: the prompt tokens whose KV the slot already held and that were not fed to
-llama.cpp again, i.e. the common prefix of the prompt and the slot's held ids (its last request's prompt
-only: the sampled tokens' cells are dropped), at most the prompt's length - 2 (its last tokens are always
-fed again, for logits from a piece of several rows).
+llama.cpp again, i.e. the common prefix of the prompt and the slot's held ids (its last request's prompt;
+the sampled tokens' cells are dropped, and the answer is fed again as prompt rows only while the server is
+idle), at most the prompt's length - 2 (its last tokens are always fed again, for logits from a piece of
+several rows).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -46,11 +48,22 @@ def cold(smollm2_gguf):
         yield b
 
 
-def chat(batcher: Batcher, turns: list[str], tag: str) -> list[tuple[list[int], str, Finished]]:
+def settle(batcher: Batcher, timeout: float = 60.0) -> None:
+    """Wait until the idle scheduler has fed every finished answer back into its slot."""
+    end = time.monotonic() + timeout
+    while batcher.stats()["answer_tokens_pending"] and time.monotonic() < end:
+        time.sleep(0.02)
+    assert not batcher.stats()["answer_tokens_pending"]
+
+
+def chat(batcher: Batcher, turns: list[str], tag: str, *, think: bool = False) -> list[tuple[list[int], str, Finished]]:
     """A conversation through ``batcher``: each turn's prompt is the chat template's rendering of every earlier
-    question and answer plus the next question; (prompt token ids, answer, finished) per turn."""
+    question and answer plus the next question; (prompt token ids, answer, finished) per turn. ``think``: the
+    clinician reads each answer until the server has kept it (``settle``) before asking the next question."""
     messages, out = [], []
     for i, question in enumerate(turns):
+        if think and i:
+            settle(batcher)
         messages.append({"role": "user", "content": question})
         prompt = batcher.tokenize(batcher.render_chat(messages))
         text, fin = collect(batcher.submit(prompt, CHAT, request_id=f"{tag}{i}"))
@@ -60,16 +73,21 @@ def chat(batcher: Batcher, turns: list[str], tag: str) -> list[tuple[list[int], 
 
 
 @pytest.mark.parametrize("turns", CONVERSATIONS, ids=["hba1c", "anaphylaxis"])
-def test_a_conversation_reuses_its_history_and_answers_as_cold(warm, cold, turns):
-    """Each turn reuses exactly the previous turn's prompt (the answer's cells are not kept: see ``Seq.held``;
-    kept, both conversations here answered differently from cold by the second or third turn)."""
-    got, ref = chat(warm, turns, "warm"), chat(cold, turns, "cold")
+@pytest.mark.parametrize("think", [False, True], ids=["at-once", "reading"])
+def test_a_conversation_reuses_its_history_and_answers_as_cold(warm, cold, turns, think):
+    """Each turn reuses at least the previous turn's prompt; once the idle server has fed the answer back as
+    prompt rows (``think``: the clinician reads it first), the answer too, so the turn computes only its new
+    question. The answer's cells as sampled are never kept (see ``Seq.held``; kept, both conversations here
+    answered differently from cold by the second or third turn): greedy answers stay token-identical to cold."""
+    got, ref = chat(warm, turns, "warm", think=think), chat(cold, turns, "cold")
     assert [g[1] for g in got] == [r[1] for r in ref]  # token-identical greedy answers, every turn
     assert [r[2].cached_tokens for r in ref] == [0] * len(turns)
-    assert got[0][2].cached_tokens == 0
-    for (prev, _, _), (prompt, _, fin) in zip(got, got[1:]):
+    assert got[0][2].cached_tokens == 0 or think  # the at-once run left this conversation's first turn cached
+    for (prev, _, prev_fin), (prompt, _, fin) in zip(got, got[1:]):
         assert prompt[:len(prev)] == prev  # the history is resent as the same ids
-        assert fin.cached_tokens == len(prev)
+        assert len(prev) <= fin.cached_tokens <= len(prompt) - 2
+        if think:  # the answer's ids (and its end-of-turn token) were fed back while the clinician read
+            assert fin.cached_tokens >= len(prev) + prev_fin.completion_tokens
         assert fin.prompt_tokens == len(prompt)  # prompt_tokens stays the whole prompt
 
 

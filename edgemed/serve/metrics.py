@@ -42,6 +42,9 @@ COUNTER_STATS = {
                                           "Cached prompt tokens copied from another slot's KV (shared prefixes)."),
     "prompt_tokens_cached_host_total": ("edgemed_batcher_prompt_cached_host_tokens",
                                         "Cached prompt tokens restored from the host-RAM prefix cache."),
+    "answer_tokens_kept_total": ("edgemed_batcher_answer_kept_tokens",
+                                 "Answer tokens fed back as prompt rows into their free slot while idle (a chat's "
+                                 "next turn then computes only its new question)."),
     "prefix_host_hits_total": ("edgemed_prefix_cache_host_hits", "Requests that restored a prefix from host RAM."),
     "prefix_host_misses_total": ("edgemed_prefix_cache_host_misses",
                                  "Requests with a prompt long enough to save that found no prefix anywhere."),

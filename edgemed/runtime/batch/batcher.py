@@ -30,6 +30,14 @@ computed one row at a time, and the next turn, which resends them as prompt, wou
 from a cold run (seen on multi-turn SmolLM2 chats); with prompt cells only, reuse answers token for
 token as cold.
 
+Answers kept while idle (same switch). The next turn of a chat resends the last answer as prompt. Its cells as
+sampled are not kept (above), so when the scheduler has nothing else to do it feeds each finished answer's sampled
+ids (the end-of-generation token included) into the answer's free slot as prompt rows, ``ANSWER_CHUNK`` at a
+time and never a one-token piece, checking for new requests between calls: a clinician reading the answer gives
+the server that time, and the next turn computes only the new question, with the cells a cold run would compute
+(the same multi-row kernels). A request arriving meanwhile waits for one call at most; a slot taken by another
+request drops the rest; an answer under an adapter is fed under that adapter (a removed one's is not).
+
 Prefixes across slots (same switch). After its own slot, a request looks for a longer prefix, by at least
 ``MIN_SHARED`` tokens, in: another free slot's kept cells, a running request's computed prompt (positions below
 its ``pos``, prompt part only), and the host cache (below). A slot's prefix is copied with ``Context.copy_seq``:
@@ -101,6 +109,10 @@ PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 #: moves the whole stream buffer (every cell of every layer, whatever the prefix's length), and a 4-request
 #: template run (SmolLM2, 1 thread) showed no gain from sharing a dozen tokens of chat header.
 MIN_SHARED = 32
+#: Answer tokens one idle call feeds into a free slot (``_keep_answer``): small, so a request arriving meanwhile
+#: waits for one call at most (16 tokens of Qwen2.5-0.5B Q4_K_M at 2 threads: ~0.1 s), large enough for the
+#: call's fixed cost to stay a minor part of it.
+ANSWER_CHUNK = 16
 #: What a served adapter may be called (it becomes part of a model name, ``MODEL:NAME``, and a metrics label).
 ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
@@ -165,6 +177,7 @@ class Batcher:
         self._unsynced: set[int] = set()  # slots a queued seq copy reads or writes: synced by the next decode
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
         self._kept_key: list = [None] * slots  # the adapter set those cells were computed under (None: the base)
+        self._answers: list = [None] * slots  # (kept list, answer ids still to feed) of a free slot, for idle time
         self._initial_adapters = dict(adapters or {})  # name -> loader.AdapterSpec, loaded by start()
         self._adapters: dict[str, _Loaded] = {}  # served by name (removed ones stay until their last request ends)
         self._step_lock = threading.Lock()  # held by the scheduler over a step; adapter loads and frees take it
@@ -445,6 +458,8 @@ class Batcher:
                 "queue_size": self.queue_size, "queue_depth": len(self._queue), "active_slots": len(self._active),
                 **self._n.totals(), "prefill_chunk": self._prefill.chunk, "prefix_cache": self.prefix_cache,
                 **self._host.stats(),
+                "answer_tokens_pending": sum(len(a[1]) for i, a in enumerate(self._answers)
+                                             if a is not None and a[0] is self._kept[i] and len(a[1]) > 1),
                 "adapters": self.adapters_unlocked(),
             }
 
@@ -453,7 +468,9 @@ class Batcher:
         try:
             while True:
                 with self._cond:
-                    if not (self._stopping or self._queue or self._active or self._releasing):
+                    idle = not (self._stopping or self._queue or self._active or self._releasing)
+                    answer = self._answer_to_keep() if idle else None
+                    if idle and answer is None:
                         t_idle = time.perf_counter()
                         while not (self._stopping or self._queue or self._active or self._releasing):
                             self._cond.wait()
@@ -461,7 +478,11 @@ class Batcher:
                         self._n.idle_seconds_total += time.perf_counter() - t_idle
                     if self._stopping:
                         break
-                    self._admit()
+                    if answer is None:
+                        self._admit()
+                if answer is not None:
+                    self._keep_answer(answer)
+                    continue
                 for seq in [s for s in self._active if s.stream.cancelled]:
                     self._finish(seq, "cancelled")
                 if self._active:
@@ -622,6 +643,50 @@ class Batcher:
             self._n.prompt_tokens_cached_total += n - n0
         seq.cached, seq.cached_from = n, where
 
+    def _answer_to_keep(self) -> int | None:
+        """A free slot whose last answer still has ids to feed as prompt (caller holds the lock), else None."""
+        for slot in self._free:
+            pending = self._answers[slot]
+            if pending is None:
+                continue
+            kept, ids = pending
+            if kept is not self._kept[slot] or len(ids) < 2 or slot in self._unsynced:
+                self._answers[slot] = None  # the slot was taken meanwhile, or one id left (never a one-row piece)
+                continue
+            return slot
+        return None
+
+    def _keep_answer(self, slot: int) -> None:
+        """Feed the next ``ANSWER_CHUNK`` ids of ``slot``'s last answer as prompt rows after its kept cells
+        (scheduler thread, idle: no step runs), under the adapter those cells were computed under."""
+        kept, ids = self._answers[slot]
+        take = min(len(ids), ANSWER_CHUNK, self.n_ctx_per_slot - len(kept))
+        if 0 < len(ids) - take < 2:
+            take -= 1  # leave two for the next call rather than one
+        key = self._kept_key[slot]
+        loaded = None if key is None else next((a for a in self._adapters.values() if a.key == key), None)
+        if take < 2 or (key is not None and (loaded is None or loaded.removed)):
+            self._answers[slot] = None
+            return
+        with self._step_lock:
+            self._use(loaded)
+            batch = self._batch
+            batch.clear()
+            for i, token in enumerate(ids[:take]):
+                batch.add(token, len(kept) + i, slot, False)
+            rc = self._ctx.decode(batch)
+        if rc != 0:  # what the cells past the kept ones hold is not known: they go
+            log.warning("keeping an answer in slot %d: llama_decode returned %d; the slot keeps its prompt only", slot, rc)
+            self._answers[slot] = None
+            if not self._ctx.trim(slot, len(kept)):
+                self._ctx.drop(slot)
+                self._kept[slot], self._kept_key[slot] = [], None
+            return
+        kept.extend(ids[:take])
+        self._answers[slot] = (kept, ids[take:])
+        with self._cond:
+            self._n.answer_tokens_kept_total += take
+
     def _save(self, slot: int) -> None:
         """Keep a free slot's prefix in host RAM before its cells go (long enough, not saved already)."""
         kept, key = self._kept[slot], self._kept_key[slot]
@@ -760,6 +825,7 @@ class Batcher:
         """Handle one sampled token: emit text, or finish on EOG / stop string / max_tokens."""
         if not seq.generated:
             seq.t_first = now
+        seq.sampled.append(token)
         if self._model.is_eog(token):
             if seq.logprobs:
                 seq.logprobs.pop()  # the end-of-generation token is no output
@@ -797,6 +863,7 @@ class Batcher:
             self._ctx.drop(seq.slot)
             held = []
         self._kept[seq.slot], self._kept_key[seq.slot] = held, (_key(seq) if held else None)
+        self._answers[seq.slot] = (held, list(seq.sampled)) if held and reason in ("stop", "length") else None
         with self._cond:
             self._active.remove(seq)
             self._free.append(seq.slot)

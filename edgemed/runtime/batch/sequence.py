@@ -44,6 +44,7 @@ class Seq:
     leader: "Seq | None" = None  # n > 1: the choice whose prompt KV this one copies (it computes no prompt)
     followers: list = field(default_factory=list)  # n > 1, on the leader: the choices waiting for its prompt
     logprobs: list = field(default_factory=list)  # entries of sampled tokens whose text is not out yet
+    sampled: list = field(default_factory=list)  # every sampled token id, the end-of-generation one included
     prompt_logprobs: list = field(default_factory=list)  # echo: entries of prompt tokens computed so far
     adapter: object = None  # batcher._Loaded this request generates with (None: the base); released at its end
 
@@ -83,6 +84,7 @@ class Counters:
     prompt_tokens_cached_total: int = 0  # found in a cache instead (prefix reuse), wherever from
     cached: dict = field(default_factory=lambda: collections.Counter())  # of those, by source (Seq.cached_from)
     tokens_generated_total: int = 0
+    answer_tokens_kept_total: int = 0  # answers' tokens fed as prompt into their free slot while idle (``Batcher``)
     sequences_forked_total: int = 0  # n > 1 choices started from another's prompt KV (no prefill of their own)
     decode_steps_total: int = 0
     decode_seconds_total: float = 0.0  # inside llama_decode
@@ -99,6 +101,7 @@ class Counters:
                 "prompt_tokens_cached_copied_total": self.cached["copied"],
                 "prompt_tokens_cached_host_total": self.cached["host"],
                 "tokens_generated_total": self.tokens_generated_total,
+                "answer_tokens_kept_total": self.answer_tokens_kept_total,
                 "sequences_forked_total": self.sequences_forked_total,
                 "decode_steps_total": self.decode_steps_total, "finished_total": dict(self.finished),
                 "decode_seconds_total": self.decode_seconds_total, "step_seconds_total": self.step_seconds_total,
