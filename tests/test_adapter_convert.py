@@ -156,7 +156,7 @@ def test_adapter_gated_on_a_q4_k_m_base_reports_top1_and_kld(smollm2_hf, lora, b
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, says", [
     (["--to", "onnx", "--adapter-only"], "ONNX Runtime has no such adapter"),
-    (["--adapter-only", "--quant", "q4_k_m"], "F16 or F32"),
+    (["--adapter-only", "--quant", "q4_k_m"], "F16, Q8_0 or F32"),
     (["--base", "x.gguf"], "goes with --adapter-only"),
 ])
 def test_unsupported_adapter_requests_are_refused_before_any_work(smollm2_hf, lora, tmp_path, flags, says):

@@ -16,8 +16,14 @@ llama.cpp scales each pair by ``user_scale * alpha / r`` (``r`` from ``lora_a``'
 module (``lora_alpha / r``, ``/ sqrt(r)`` with rsLoRA, ``rank_pattern`` / ``alpha_pattern`` overrides) may differ
 from that, so the ratio is folded into ``lora_b``: with plain LoRA the factor is exactly 1 and B is written as it was.
 Full replacement weights (``modules_to_save``) cannot be expressed as a LoRA pair: refused, with the merge as fix.
-Tensors are F16 (as llama.cpp's converter writes them) unless F32 is asked; an adapter is a few MB to a few
-hundred, so the whole file is built in memory and written through gguf-py's writer.
+Tensors are F16 (as llama.cpp's converter writes them) unless F32 or Q8_0 is asked. Q8_0 (8-bit values in blocks
+of 32 along a row, one F16 scale per block: 34 bytes per 32 values against F16's 64) is gguf-py's numpy quantizer
+(``gguf.quants.quantize``, the one llama.cpp's ``convert_lora_to_gguf.py --outtype q8_0`` uses); ggml quantizes
+along a tensor's rows, so a tensor whose row length is not a multiple of the block stays F16, as there: ``lora_b``
+(rows of ``r`` values) whenever ``r`` is not a multiple of 32, i.e. every usual rank below 32. So at rank 8 or 16
+Q8_0 shrinks ``lora_a`` alone (about a fifth off the file), at rank 32, 64, ... both (about half off).
+llama.cpp's loader copies the tensors as they are and its matrix products take Q8_0 like any base weight.
+An adapter is a few MB to a few hundred, so the whole file is built in memory and written through gguf-py's writer.
 """
 
 from __future__ import annotations
@@ -27,14 +33,17 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.errors import AdapterError, require
-from edgemed.formats.gguf_header import BASE_ARCH_KEY, BASE_SOURCE_KEY, LORA_SHA_KEY  # the runtime reads them too
+from edgemed.formats.gguf_header import BASE_ARCH_KEY, BASE_SOURCE_KEY, LORA_SHA_KEY, read_header  # the runtime reads the keys too
 
 gguf = require("gguf", "convert")
 np = require("numpy", "convert")
 
-#: Adapter tensor types: ggml type and numpy dtype.
-TENSOR_TYPES = {"f16": (gguf.GGMLQuantizationType.F16, np.float16), "f32": (gguf.GGMLQuantizationType.F32, np.float32)}
+#: Adapter tensor types (``convert --adapter-only --quant``): the ggml type each tensor is written as where its rows
+#: allow; a quantized type's tensors whose row length is not a multiple of its block are written as F16.
+TENSOR_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
+                "q8_0": gguf.GGMLQuantizationType.Q8_0}
 DEFAULT_TENSOR_TYPE = "f16"
+FALLBACK_TYPE = gguf.GGMLQuantizationType.F16  # what a tensor a quantized type cannot block is written as
 
 
 @dataclass(frozen=True)
@@ -87,12 +96,36 @@ def _refuse_nonfinite(name: str) -> AdapterError:
                         "re-copy the adapter from where it was trained; if the copy is intact, the training run diverged")
 
 
-def write_adapter_gguf(ckpt, spec, adapter, out_path: Path, *, base_source_sha256: str, tensor_type: str = DEFAULT_TENSOR_TYPE,
-                       metadata: dict[str, str] | None = None) -> list[AdapterTensor]:
-    """Write ``adapter`` (an opened ``LoraAdapter``) as a GGUF LoRA adapter for ``ckpt`` at ``out_path``."""
+def stored_type(shape: tuple[int, ...], tensor_type: str) -> "gguf.GGMLQuantizationType":
+    """The ggml type a tensor of ``shape`` (numpy order: rows last) is written as for ``tensor_type``: that type, or
+    F16 where a quantized type's block does not divide the row length (``lora_b`` at ranks below 32 for Q8_0)."""
+    ggml_type = TENSOR_TYPES[tensor_type]
+    block = gguf.GGML_QUANT_SIZES[ggml_type][0]
+    return ggml_type if shape[-1] % block == 0 else FALLBACK_TYPE
+
+
+def tensor_data(data, tensor_type: str):
+    """``data`` (float32, numpy order) as ``tensor_type`` stores it: (array for the writer, its ggml type); refused
+    when a value is not finite or beyond F16's range (F16 holds every Q8_0 block's scale)."""
     from edgemed.converters.gguf.writer import first_nonfinite
 
-    ggml_type, dtype = TENSOR_TYPES[tensor_type]
+    ggml_type = stored_type(data.shape, tensor_type)
+    float_type = gguf.GGMLQuantizationType.F32 if ggml_type == gguf.GGMLQuantizationType.F32 else gguf.GGMLQuantizationType.F16
+    cast = np.ascontiguousarray(data, dtype=np.float32 if float_type == gguf.GGMLQuantizationType.F32 else np.float16)
+    if first_nonfinite(cast, float_type) is not None:
+        return None, ggml_type
+    if ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return cast, ggml_type
+    return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), ggml_type), ggml_type
+
+
+def write_adapter_gguf(ckpt, spec, adapter, out_path: Path, *, base_source_sha256: str, tensor_type: str = DEFAULT_TENSOR_TYPE,
+                       metadata: dict[str, str] | None = None) -> list[AdapterTensor]:
+    """Write ``adapter`` (an opened ``LoraAdapter``) as a GGUF LoRA adapter for ``ckpt`` at ``out_path``, its tensors
+    as ``tensor_type`` (``TENSOR_TYPES``; ``stored_type`` says which stay F16; ``tensor_type_counts`` reads back the
+    file's types)."""
+    if tensor_type not in TENSOR_TYPES:
+        raise AdapterError(f"Unknown adapter tensor type '{tensor_type}'.", f"choose one of: {', '.join(TENSOR_TYPES)}")
     planned = plan_adapter(ckpt, spec, adapter)
     writer = gguf.GGUFWriter(str(out_path), spec.arch_name)
     try:
@@ -112,13 +145,20 @@ def write_adapter_gguf(ckpt, spec, adapter, out_path: Path, *, base_source_sha25
             transform = spec.transform(t.kind)
             b = b.numpy() if transform is None else transform(b.numpy(), ckpt)  # output rows, as the base weight's
             for suffix, data in (("lora_a", a.numpy()), ("lora_b", b)):
-                cast = np.ascontiguousarray(data, dtype=dtype)
-                if first_nonfinite(cast, ggml_type) is not None:
+                stored, ggml_type = tensor_data(data, tensor_type)
+                if stored is None:
                     raise _refuse_nonfinite(f"{t.hf_name} ({suffix})")
-                writer.add_tensor(f"{t.gguf_name}.{suffix}", cast, raw_dtype=ggml_type)
+                writer.add_tensor(f"{t.gguf_name}.{suffix}", stored, raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
     return planned
+
+
+def tensor_type_counts(path: Path) -> dict[str, int]:
+    """How many of the adapter file's tensors each ggml type holds ({"F16": 210, "Q8_0": 210}), read from its header."""
+    from collections import Counter
+
+    return dict(sorted(Counter(t.type_name for t in read_header(path).tensors).items()))

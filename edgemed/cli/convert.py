@@ -9,6 +9,10 @@ import click
 from edgemed.constants import DEFAULT_OUTPUT_TYPE, FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
 from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS  # the graph kinds' table (light: no converter imports)
 
+#: ``--adapter-only --quant``: the adapter tensor types (converters/gguf/adapter.py's TENSOR_TYPES, which needs gguf
+#: and numpy to import; the CLI refuses a bad flag before either is loaded).
+ADAPTER_TENSOR_TYPES = ("f16", "q8_0", "f32")
+
 
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path), required=False)
@@ -33,7 +37,9 @@ from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS  # the graph ki
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
 @click.option("--memory-budget", metavar="SIZE", help="Memory the conversion may use at its peak (e.g. 6GiB) [default: what is free now].")
 @click.option("--adapter-only", is_flag=True, help="Write the --lora adapter alone, as a GGUF LoRA adapter for this base, "
-              "applied at run time (`edgemed run BASE.gguf --adapter FILE`); --quant is its tensors' type (f16, f32).")
+              "applied at run time (`edgemed run BASE.gguf --adapter FILE`); --quant is its tensors' type: f16 (default), "
+              "q8_0 (8-bit, where a tensor's rows are a multiple of 32 values, else F16: at ranks below 32 lora_b stays F16 "
+              "and the file is about a fifth smaller, at rank 32, 64, ... about half; the same parity gate), or f32.")
 @click.option("--base", "base_gguf", type=click.Path(path_type=Path),
               help="With --adapter-only: the base GGUF (converted from SOURCE) the adapter is gated on [default: an F16 base made for the check].")
 def convert(source, lora, target, out_type, max_kld, fit_profile, output, force, no_parity, pre_tokenizer, imatrix_from, no_imatrix,
@@ -114,10 +120,10 @@ def _check_adapter_flags(target, lora, adapter_only, out_type, imatrix_from, max
                          "add --adapter-only (and --lora ADAPTER), or leave --base out")
     if lora is None:
         raise InputError("--adapter-only writes a LoRA adapter, and no adapter was given.", "pass the PEFT adapter with --lora DIR")
-    if out_type is not None and out_type not in ("f16", "f32"):
-        raise InputError(f"--adapter-only writes the adapter's tensors as F16 or F32, not {out_type.upper()}; the base keeps "
-                         "its own type.", "leave --quant out (F16) or pass --quant f32; to gate the adapter on a quantized "
-                         "base, pass that base with --base BASE.gguf")
+    if out_type is not None and out_type not in ADAPTER_TENSOR_TYPES:
+        raise InputError(f"--adapter-only writes the adapter's tensors as F16, Q8_0 or F32, not {out_type.upper()}; the base "
+                         "keeps its own type.", "leave --quant out (F16), or pass --quant q8_0 (smaller) or f32; to gate the "
+                         "adapter on a quantized base, pass that base with --base BASE.gguf")
     if imatrix_from is not None or max_kld is not None or fit_profile is not None:
         raise InputError("--imatrix-from, --max-kld and --fit-profile shape a quantized model; --adapter-only writes an adapter.",
                          "leave them out, or quantize the base in its own `edgemed convert`")
