@@ -16,7 +16,7 @@ llama.cpp scales each pair by ``user_scale * alpha / r`` (``r`` from ``lora_a``'
 module (``lora_alpha / r``, ``/ sqrt(r)`` with rsLoRA, ``rank_pattern`` / ``alpha_pattern`` overrides) may differ
 from that, so the ratio is folded into ``lora_b``: with plain LoRA the factor is exactly 1 and B is written as it was.
 Full replacement weights (``modules_to_save``) cannot be expressed as a LoRA pair: refused, with the merge as fix.
-Tensors are F16 (as llama.cpp's converter writes them) unless F32 or Q8_0 is asked. Q8_0 (8-bit values in blocks
+Tensors are F16 unless F32 or Q8_0 is asked (llama.cpp's converter defaults to F32). Q8_0 (8-bit values in blocks
 of 32 along a row, one F16 scale per block: 34 bytes per 32 values against F16's 64) is gguf-py's numpy quantizer
 (``gguf.quants.quantize``, the one llama.cpp's ``convert_lora_to_gguf.py --outtype q8_0`` uses); ggml quantizes
 along a tensor's rows, so a tensor whose row length is not a multiple of the block stays F16, as there: ``lora_b``
