@@ -9,8 +9,14 @@ checkpoint (``pip_models.hf_checkpoint``: dequantized from the pip Q4_K_M GGUF),
 with ``edgemed convert`` (no imatrix: llama.cpp's plain recipe; it records the checkpoint's sha256, which
 ``edgemed serve`` requires of a base an adapter names; the pip file records none), and ``--adapters`` (4) real PEFT
 LoRAs on that checkpoint (rank 16, alpha 32, targets q/k/v/o and the MLP, A and B random non-zero, a seed each),
-each converted with ``edgemed convert CKPT --lora L --adapter-only --base BASE`` (the converter function, its
-parity gate off: the adapter tests gate it). The same base and the same .lora.gguf files go to both servers.
+each written as a GGUF LoRA adapter for that checkpoint by the writer ``edgemed convert CKPT --lora L
+--adapter-only`` uses (``converters/gguf/adapter.write_adapter_gguf``; the same bytes as that command with its parity
+gate off: the adapter tests gate it), its tensors ``--adapter-type`` (cached per type): Q8_0 by default, F16 where
+a tensor's rows are not a multiple of 32 (``lora_b`` at rank 16), about a fifth smaller than all-F16. Q8_0 is the
+default because it passes the F16 parity gate with a KLD against the merged HF model of 5e-6 to 1.3e-5 nats (F16's:
+4e-6; SmolLM2 at ranks 8, 16 and 32, docs/convert.md), four orders of magnitude below what a Q4_K_M base itself
+costs (0.094 nats there), so the adapters measured are what a deployment that minds memory ships. The same base
+and the same .lora.gguf files go to both servers.
 
 Servers (both up at once, idle while the other is measured; the device-profile settings of
 ``serve_vs_llama_server``: 4 slots, 2 threads, the same context per slot, batch 512, flash attention off, no mmap):
@@ -65,6 +71,8 @@ STREAMS = 4
 LEVELS = (0, 1, 2, 4)
 GOAL_RATIO = 0.95  # edgemed / llama-server decode tok/s on the mixed-adapter loads
 GOAL_MEMORY = 1.10  # edgemed with the adapters / edgemed with the base alone (VmRSS)
+ADAPTER_TYPES = ("f16", "q8_0")  # --adapter-type: the adapters' tensor types (converters/gguf/adapter.TENSOR_TYPES)
+DEFAULT_ADAPTER_TYPE = "q8_0"  # why: the module docstring
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: questions that ask for long answers, so greedy decoding rarely ends before --tokens
 LONG = " Answer in detail, in at least 400 words."
@@ -95,11 +103,17 @@ def make_lora(checkpoint: Path, out: Path, *, rank: int, alpha: int, seed: int, 
     return out
 
 
-def prepare(model: str, n_adapters: int, rank: int, echo=print) -> tuple[Path, list[Path]]:
-    """The Q4_K_M base converted from ``model``'s checkpoint and ``n_adapters`` GGUF LoRA adapters for it (cached)."""
+def prepare(model: str, n_adapters: int, rank: int, adapter_type: str = DEFAULT_ADAPTER_TYPE,
+            echo=print) -> tuple[Path, list[Path]]:
+    """The Q4_K_M base converted from ``model``'s checkpoint and ``n_adapters`` GGUF LoRA adapters for it, their
+    tensors ``adapter_type`` (cached, per type)."""
     from edgemed import env
+    from edgemed.converters import arch_spec
+    from edgemed.converters.gguf.adapter import write_adapter_gguf
     from edgemed.converters.pipeline import ConvertOptions, convert
     from edgemed.converters.source import pip_models
+    from edgemed.converters.source.source import Source
+    from edgemed.files.atomic import atomic_path
 
     checkpoint = pip_models.hf_checkpoint(model)
     work = env.cache_dir("serve-adapters") / model
@@ -110,13 +124,17 @@ def prepare(model: str, n_adapters: int, rank: int, echo=print) -> tuple[Path, l
         echo(f"converting {checkpoint.name} to {base.name} (Q4_K_M, no imatrix)")
         convert(checkpoint, base, ConvertOptions(out_type="q4_k_m", parity=False), echo=quiet)
     files = []
+    typed = work / f"adapters-{adapter_type}"  # the file names are the adapters' names on both servers: same per type
+    typed.mkdir(exist_ok=True)
     for i in range(1, n_adapters + 1):
-        out = work / f"spec{i}-r{rank}.lora.gguf"
+        out = typed / f"spec{i}-r{rank}.lora.gguf"
         if not out.is_file():
-            echo(f"making LoRA {i} (rank {rank}, seed {i}) and converting it for {base.name}")
+            echo(f"making LoRA {i} (rank {rank}, seed {i}) and writing it as a {adapter_type.upper()} adapter for {base.name}")
             lora = make_lora(checkpoint, work / f"lora{i}-r{rank}", rank=rank, alpha=2 * rank, seed=i)
-            convert(checkpoint, out, ConvertOptions(lora=lora, adapter_only=True, base_gguf=base, out_type="f16",
-                                                    parity=False), echo=quiet)
+            src = Source.open(checkpoint, lora=lora)
+            with atomic_path(out, force=True) as tmp:
+                write_adapter_gguf(src.checkpoint, arch_spec(src.checkpoint.architecture), src.adapter, tmp,
+                                   base_source_sha256=src.checkpoint.digest(), tensor_type=adapter_type)
         files.append(out)
     return base, files
 
@@ -313,12 +331,20 @@ def memory(server) -> dict:
     return {"VmRSS_MiB": round(status.get("VmRSS", 0) / 2**20, 1), "VmHWM_MiB": round(status.get("VmHWM", 0) / 2**20, 1)}
 
 
+def _types_said(m: dict) -> str:
+    """The adapters' tensor types as the report says them ("Q8_0: F16 210, Q8_0 210 tensors"); results saved before
+    --adapter-type were all F16."""
+    counts = m.get("adapter_tensor_types")
+    said = ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else ""
+    return m.get("adapter_type", "f16").upper() + (f": {said} tensors" if said else "")
+
+
 def report_md(m: dict) -> str:
     lines = [f"# Serving {m['adapters']} LoRA adapters per request: edgemed serve vs llama-server --lora ({m['model']})", "",
              f"{m['threads']} threads, {SLOTS} slots, {m['n_ctx_per_slot']} tokens per slot, {m['streams']} closed-loop streams, "
              f"greedy, {m['max_tokens']} tokens per request, {m['requests_per_stream']} requests per stream, prompt reuse "
              f"off on both, best of {m['rounds']} interleaved rounds per figure (all runs in the JSON). Adapters: rank {m['rank']}, "
-             f"q/k/v/o + MLP, {m['adapter_file_mib']} MiB each (F16). Load average during the runs: "
+             f"q/k/v/o + MLP, {m['adapter_file_mib']} MiB each ({_types_said(m)}). Load average during the runs: "
              f"{m['loadavg_range'][0]:.1f}-{m['loadavg_range'][1]:.1f} on {m['machine']['cpu_count']} CPUs (shared box).", "",
              f"Command: `{m['command']}`", "",
              "Two aggregates, both measured by the client: *decode tok/s* is `serve_vs_llama_server`'s (median per-request "
@@ -370,6 +396,8 @@ def main(argv=None) -> None:
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="distinct adapters over the streams, per level")
     ap.add_argument("--streams", type=int, default=STREAMS)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--adapter-type", choices=ADAPTER_TYPES, default=DEFAULT_ADAPTER_TYPE,
+                    help="the adapters' tensor types (q8_0: 8-bit where rows allow, else F16; why the default: above)")
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot (both servers)")
     ap.add_argument("--switch-steps", type=int, default=16, help="steps timed per switch-cost case (0: skip)")
     ap.add_argument("--only", choices=("edgemed",), help="edgemed alone (no llama-server)")
@@ -390,9 +418,10 @@ def main(argv=None) -> None:
         ap.error(f"--levels go up to {max(levels)} adapters, more than --adapters {args.adapters}")
 
     from edgemed.benchmarks import anchors
+    from edgemed.converters.gguf.adapter import tensor_type_counts
     from edgemed.runtime.llamacpp import Model
 
-    base, files = prepare(args.model, args.adapters, args.rank)
+    base, files = prepare(args.model, args.adapters, args.rank, args.adapter_type)
     names = [f.name.removesuffix(".lora.gguf") for f in files]
     vocab = Model(base, vocab_only=True)
     prompts = [vocab.render_chat([{"role": "user", "content": q + LONG}]) for q in QUESTIONS]
@@ -454,6 +483,7 @@ def main(argv=None) -> None:
               "requests_per_stream": args.requests, "rounds": args.rounds, "adapters": args.adapters, "rank": args.rank,
               "adapter_files": [str(f) for f in files],
               "adapter_file_mib": round(statistics.mean(f.stat().st_size for f in files) / 2**20, 1),
+              "adapter_type": args.adapter_type, "adapter_tensor_types": tensor_type_counts(files[0]),
               "levels": out_levels, "memory": memory_out, "switch_cost": switch, "switch_steps": args.switch_steps,
               "answers": answers, "loadavg_range": (min(loads), max(loads)) if loads else (0.0, 0.0),
               "best_of": "the run with the highest decode tok/s per level and server", "servers": described,

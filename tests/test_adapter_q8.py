@@ -9,8 +9,6 @@ rows are the layer inputs (576 or 1536 values: Q8_0), ``lora_b`` rows are r=8 va
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from test_adapter_convert import PROMPT, adapter_kit, cli

@@ -88,3 +88,12 @@ def test_the_report_names_the_command_and_the_load(result, tmp_path):
     text = report_md(result)
     assert "python -m edgemed.benchmarks.serve_adapters" in text and "Load average during the runs" in text
     assert "edgemed with 2 adapters / base alone" in text
+
+
+def test_the_adapters_are_q8_0_where_rows_allow_by_default(result):
+    """--adapter-type's default: Q8_0 lora_a, F16 lora_b at rank 16 (rows of 16 values), named in the report."""
+    from edgemed.benchmarks.serve_adapters import report_md
+
+    assert result["adapter_type"] == "q8_0" and set(result["adapter_tensor_types"]) == {"F16", "Q8_0"}
+    assert all("/adapters-q8_0/" in f for f in result["adapter_files"])
+    assert "MiB each (Q8_0: F16 " in report_md(result)

@@ -96,7 +96,7 @@ def _refuse_nonfinite(name: str) -> AdapterError:
                         "re-copy the adapter from where it was trained; if the copy is intact, the training run diverged")
 
 
-def stored_type(shape: tuple[int, ...], tensor_type: str) -> "gguf.GGMLQuantizationType":
+def stored_type(shape: tuple[int, ...], tensor_type: str) -> gguf.GGMLQuantizationType:
     """The ggml type a tensor of ``shape`` (numpy order: rows last) is written as for ``tensor_type``: that type, or
     F16 where a quantized type's block does not divide the row length (``lora_b`` at ranks below 32 for Q8_0)."""
     ggml_type = TENSOR_TYPES[tensor_type]
