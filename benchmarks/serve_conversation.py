@@ -203,8 +203,11 @@ def chat_turn(client, server: _Server, messages: list[dict], max_tokens: int) ->
             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
 
 
-def run_conversations(server: _Server, openings: list[str], turns: int, max_tokens: int) -> list[list[dict]]:
-    """One thread per clinician; turn ``t`` of every clinician is sent together. Returns rows[clinician][turn]."""
+def run_conversations(server: _Server, openings: list[str], turns: int, max_tokens: int,
+                      think_s: float = 0.0) -> list[list[dict]]:
+    """One thread per clinician; turn ``t`` of every clinician is sent together, each clinician having read its
+    last answer for ``think_s`` seconds first (0: the next question the moment the last answer ends).
+    Returns rows[clinician][turn]."""
     import httpx2
 
     n = len(openings)
@@ -218,6 +221,8 @@ def run_conversations(server: _Server, openings: list[str], turns: int, max_toke
             with httpx2.Client() as client:
                 for t in range(turns):
                     messages.append({"role": "user", "content": openings[i] if t == 0 else FOLLOW_UPS[(t - 1) % len(FOLLOW_UPS)]})
+                    if t and think_s:
+                        time.sleep(think_s)  # reading the answer, typing the next question
                     gate.wait()
                     row = chat_turn(client, server, messages, max_tokens)
                     messages.append({"role": "assistant", "content": row["text"]})

@@ -14,7 +14,8 @@ llama-server (``anchors build``) the edgemed half runs alone and the report says
 
 Parts (``--parts``; each figure's goal and whether it is met is in the report):
 - ``conversation``: ``serve_conversation``'s workload: 4 clinicians at once, 8 turns each (a 460-500-token case,
-  then follow-up questions, 96-token answers, the whole history resent: about 1,500 prompt tokens at turn 8),
+  then follow-up questions, 96-token answers, the whole history resent: about 1,500 prompt tokens at turn 8;
+  each clinician reads an answer ``--think`` seconds, default 5, before asking the next question),
   TTFT p50/p99 per turn; goal edgemed / llama-server <= 1.0x at every turn. Each round opens its conversations
   with a line of its own, so a round never reuses the previous round's cases (the shared system message is
   reused, as a deployed assistant's would be).
@@ -101,11 +102,12 @@ class Sizes:
     throughput_requests: int
     long_tokens: int
     long_stream_tokens: int
+    think_s: float = 0.0             # conversation: a clinician reads each answer this long before the next question
 
 
 FULL = Sizes(ctx=2048, clinicians=4, turns=8, answer_tokens=96, case_tokens=0, template_levels=(4, 8), template_tokens=32,
              stagger_s=0.25, throughput_levels=(1, 4, 8), throughput_tokens=96, throughput_requests=2, long_tokens=1500,
-             long_stream_tokens=96)
+             long_stream_tokens=96, think_s=5.0)
 QUICK = Sizes(ctx=512, clinicians=2, turns=2, answer_tokens=8, case_tokens=60, template_levels=(2,), template_tokens=4,
               stagger_s=0.05, throughput_levels=(1, 2), throughput_tokens=8, throughput_requests=1, long_tokens=200,
               long_stream_tokens=8)
@@ -185,7 +187,8 @@ def part_conversation(servers: dict, sizes: Sizes, rounds: int, cases: list[str]
     for r in range(rounds):
         openings = [f"Consultation {r + 1}.{i + 1}.\n\n{c}" for i, c in enumerate(cases)]
         for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-            rows, info = _timed(sc.run_conversations, servers[name], openings, sizes.turns, sizes.answer_tokens)
+            rows, info = _timed(sc.run_conversations, servers[name], openings, sizes.turns, sizes.answer_tokens,
+                                sizes.think_s)
             stats = sc.turn_stats(rows)
             runs[name].append({"round": r, **info, "turns": stats})
             print(f"conversation round {r} {name}: " + ", ".join(f"t{s['turn']} {s['ttft_p50_s']:.2f}s" for s in stats)
@@ -300,7 +303,6 @@ def _load(info: dict) -> str:
 
 
 def report_md(m: dict) -> str:
-    anchor = "llama-server" in m["servers"]
     lines = [f"# Prompt-reuse workloads: {m['model']}", "",
              f"edgemed serve (its defaults) against llama-server with its own defaults (`-m -t -c -np` only; no "
              f"`cache_prompt` in any request); {m['threads']} threads, {m['slots']} slots, {m['ctx']} tokens per slot, "
@@ -326,8 +328,10 @@ def report_md(m: dict) -> str:
         c = p["conversation"]
         lines += ["## Conversation", "", f"{m['sizes']['clinicians']} clinicians at once, {m['sizes']['turns']} turns "
                   f"each, {m['sizes']['answer_tokens']}-token answers, the whole history resent each turn "
-                  f"(`serve_conversation`). Goal: edgemed's TTFT p50 <= {GOALS['conversation']}x llama-server's at "
-                  "every turn.", "",
+                  f"(`serve_conversation`); each clinician reads an answer for {m['sizes'].get('think_s', 0):g} s "
+                  "before the next question (edgemed feeds finished answers back into their slots while idle; "
+                  "`--think 0` sends the next question the moment the last answer ends). "
+                  f"Goal: edgemed's TTFT p50 <= {GOALS['conversation']}x llama-server's at every turn.", "",
                   "| turn | prompt tokens | cached (edgemed / llama-server) | edgemed TTFT p50 / p99 | llama-server TTFT p50 / p99 | ratio p50 (p99) | goal | load |",
                   "|---|---|---|---|---|---|---|---|"]
         for i, e in enumerate(c["best"]["edgemed"]):
@@ -401,6 +405,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ctx", type=int, help="context per slot (default 2048; --quick 512)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every part (server order flips)")
     ap.add_argument("--stagger", type=float, help="seconds between staggered template requests (default 0.25)")
+    ap.add_argument("--think", type=float, help="conversation: seconds each clinician reads an answer before asking "
+                    "the next question (default 5; 0: at once)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2-135M and tiny sizes, one round: a smoke run")
     ap.add_argument("--no-llama-server", action="store_true", help="edgemed alone (no ratios)")
     ap.add_argument("--out", type=Path, help="the JSON file (the .md goes beside it) or a folder")
@@ -415,8 +421,9 @@ def main(argv=None) -> None:
 
     sizes = QUICK if args.quick else FULL
     rounds = 1 if args.quick else args.rounds
-    if args.ctx or args.stagger is not None:
-        sizes = Sizes(**asdict(sizes) | {k: v for k, v in (("ctx", args.ctx), ("stagger_s", args.stagger)) if v is not None})
+    if args.ctx or args.stagger is not None or args.think is not None:
+        sizes = Sizes(**asdict(sizes) | {k: v for k, v in (("ctx", args.ctx), ("stagger_s", args.stagger),
+                                                           ("think_s", args.think)) if v is not None})
     if args.model:
         path = sc.model_path(args.model)
     elif args.quick:
