@@ -25,12 +25,13 @@ def test_budget_is_the_whole_batch_when_nobody_waits_and_a_measured_chunk_otherw
     b.learn(0.040, 3, 0)
     b.learn(0.010 + PREFILL_PROBE * 0.0005, 3, PREFILL_PROBE)
     b.learn(0.040, 3, 0)
-    # a plain step's worth saved up: 10 ms + 0.5 ms x n <= 40 ms, then each step 0.7 x 40 ms: 36 tokens, where
-    # seconds / tokens of the 8-token call (1.75 ms a token) gave 16
-    assert b.tokens(256, 3) == 60
-    b.learn(0.010 + 60 * 0.0005, 3, 60)
-    b.learn(0.040, 3, 0)
-    assert b.tokens(256, 3) == 36 == round((STALL_BUDGET * 0.040 - 0.010) / 0.0005)
+    # credit saved over the probes (28 - 26 + 28 - 14 + 28 = 44 ms): 10 ms + 0.5 ms x n <= 44 ms gives 68, held to
+    # twice the largest call measured (no extrapolation far past the fit's data); seconds / tokens of the 8-token
+    # call (1.75 ms a token) gave 16
+    assert b.tokens(256, 3) == 2 * PREFILL_FIRST
+    b.learn(0.010 + 64 * 0.0005, 3, 64)
+    b.learn(0.040, 3, 0)  # 2 ms left + 28 ms: (30 - 10) / 0.5 = 40 tokens
+    assert b.tokens(256, 3) == 40 == round((0.002 + STALL_BUDGET * 0.040 - 0.010) / 0.0005)
     stalls, chunks = [], []
     for _ in range(2 * FIT_WINDOW):  # a call's fixed cost is past one step's credit: chunk steps and plain steps
         b.learn(0.040, 3, 0)

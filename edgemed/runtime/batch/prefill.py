@@ -29,8 +29,15 @@ from __future__ import annotations
 #: (the prompt calls' seconds are paced by a credit that each step adds STALL_BUDGET x a plain step to) ...
 STALL_BUDGET = 0.7
 #: ... and one step at most (1 + STEP_STALL_MAX) x, unless a call's fixed cost is more than half a plain step
-#: (``PrefillBudget._cap``): then a chunk step comes every few steps rather than a two-token one every step.
-STEP_STALL_MAX = 1.0
+#: (``PrefillBudget._cap``): the credit saved over several plain steps buys one larger chunk, whose fixed cost
+#: is then spread over more tokens. At 1.0 (a chunk every step or two) a 1,500-token prompt arriving while 3 stream
+#: took 85 s to its first token on Qwen2.5-0.5B Q4_K_M at 2 threads (a call of a few tokens costs about a whole
+#: plain step there), with the streams' mean growth 2.2x; at 4.0 one step stalls the streams at most 5x a plain
+#: step (~0.35 s on that box) and the mean stays the rule's (``serve_workloads --parts long``).
+STEP_STALL_MAX = 4.0
+#: A call slowed by something else (another process took the CPU) puts the streams' credit at most this many plain
+#: steps in debt, so the chunk is back within a few steps.
+DEBT_STEPS = 1.0
 #: Prompt tokens per step while others generate, before the step costs are measured: the first probe of the
 #: cost model; the second probe is ``PREFILL_PROBE`` tokens, so the fit sees two sizes a factor of four apart.
 PREFILL_FIRST = 32
@@ -210,7 +217,7 @@ class PrefillBudget:
         if generating:
             self._calls_now += 1
             # the streams waited this long for it; a call slowed by something else costs at most a few steps
-            self.credit = max(self.credit - seconds, -STEP_STALL_MAX * self.t_decode)
+            self.credit = max(self.credit - seconds, -DEBT_STEPS * self.t_decode)
 
     @property
     def chunk(self) -> int:
