@@ -222,15 +222,16 @@ def _report_lands_with(out: Path):
         raise
 
 
-#: ``--adapter-only``: the types an adapter's tensors may have (``gguf/adapter.TENSOR_TYPES``).
-ADAPTER_TYPES = ("f16", "f32")
+#: ``--adapter-only``: the types an adapter's tensors may have (``gguf/adapter.TENSOR_TYPES``; q8_0 keeps F16 where
+#: a tensor's rows are not a multiple of 32).
+ADAPTER_TYPES = ("f16", "q8_0", "f32")
 
 
 def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
     """The ``adapter_only`` steps (module docstring): refuse, write the adapter, gate it on a base, report."""
     from dataclasses import replace
 
-    from edgemed.converters.gguf.adapter import plan_adapter, write_adapter_gguf
+    from edgemed.converters.gguf.adapter import plan_adapter, tensor_type_counts, write_adapter_gguf
 
     if not opts.adapter_only:
         raise InputError("--base names the base GGUF an adapter is checked on; it goes with --adapter-only.",
@@ -238,9 +239,9 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
     if opts.lora is None:
         raise InputError("--adapter-only writes a LoRA adapter, and no adapter was given.", "pass the PEFT adapter with --lora DIR")
     if opts.out_type not in ADAPTER_TYPES:
-        raise InputError(f"--adapter-only writes the adapter's tensors as F16 or F32, not {opts.out_type.upper()}; the base "
-                         "keeps its own type.", "leave --quant out (F16), or pass --quant f32; to gate the adapter on a "
-                         "quantized base, pass that base with --base BASE.gguf")
+        raise InputError(f"--adapter-only writes the adapter's tensors as F16, Q8_0 or F32, not {opts.out_type.upper()}; the "
+                         "base keeps its own type.", "leave --quant out (F16), or pass --quant q8_0 (smaller) or f32; to gate "
+                         "the adapter on a quantized base, pass that base with --base BASE.gguf")
     env.enforce_offline()
     check_destination(out, opts.force)
     timings = Timings()
@@ -283,7 +284,7 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
         size, digest = tmp.stat().st_size, file_sha256(tmp)
         timings.since_start("total")
         lora_info = (lora_info or {}) | {
-            "form": "gguf-adapter", "tensor_type": opts.out_type, "pairs": len(planned),
+            "form": "gguf-adapter", "tensor_type": opts.out_type, "tensor_types": tensor_type_counts(tmp), "pairs": len(planned),
             "alpha": float(src.adapter.config.get("lora_alpha", src.adapter.config.get("r", 8))),
             "base_source_sha256": source_info["sha256"]}
         lora_info.pop("merged_tensors", None)
