@@ -660,7 +660,7 @@ class Batcher:
         """Feed the next ``ANSWER_CHUNK`` ids of ``slot``'s last answer as prompt rows after its kept cells
         (scheduler thread, idle: no step runs), under the adapter those cells were computed under."""
         kept, ids = self._answers[slot]
-        take = min(len(ids), ANSWER_CHUNK, self.n_ctx_per_slot - len(kept))
+        take = min(len(ids), ANSWER_CHUNK, self._batch.capacity, self.n_ctx_per_slot - len(kept))
         if 0 < len(ids) - take < 2:
             take -= 1  # leave two for the next call rather than one
         key = self._kept_key[slot]
