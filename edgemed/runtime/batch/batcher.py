@@ -481,7 +481,13 @@ class Batcher:
                     if answer is None:
                         self._admit()
                 if answer is not None:
-                    self._keep_answer(answer)
+                    try:
+                        self._keep_answer(answer)
+                    except Exception:  # noqa: BLE001 - an optimisation: the slot keeps its prompt, serving goes on
+                        log.exception("keeping an answer in slot %d failed; the slot is emptied", answer)
+                        self._answers[answer] = None
+                        self._ctx.drop(answer)
+                        self._kept[answer], self._kept_key[answer] = [], None
                     continue
                 for seq in [s for s in self._active if s.stream.cancelled]:
                     self._finish(seq, "cancelled")
