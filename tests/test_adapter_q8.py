@@ -98,19 +98,11 @@ def test_run_cli_with_the_q8_0_adapter_says_what_the_f16_adapter_says(kit):
     assert q8.output == f16.output != bare.output
 
 
-def _pipeline_takes_q8_0() -> bool:
-    from edgemed.converters import pipeline
-
-    return "q8_0" in pipeline.ADAPTER_TYPES
-
-
 @pytest.mark.slow
 def test_convert_adapter_only_quant_q8_0_reports_its_types_and_gate(smollm2_hf, kit, tmp_path):
     """``convert --lora A --adapter-only --quant q8_0``: the file, its report's tensor types and the F16 gate."""
     import json
 
-    if not _pipeline_takes_q8_0():
-        pytest.skip("converters/pipeline.py's ADAPTER_TYPES does not list q8_0 yet (the convert command refuses it)")
     out = tmp_path / "cardio-q8.lora.gguf"
     lora = kit["src"].adapter.path
     result = cli("convert", smollm2_hf, "--lora", lora, "--adapter-only", "--quant", "q8_0", "-o", out, "--json",
