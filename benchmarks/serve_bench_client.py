@@ -190,6 +190,29 @@ def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: 
             "server_tok_s": (timings or {}).get("predicted_per_second")}
 
 
+def run_gated(n: int, body) -> None:
+    """Run ``body(i, gate)`` for i in 0..n-1 on n threads released together at ``gate.wait()``. A failing thread
+    breaks the barrier, so the others never wait for it; the first error other than that break is raised here."""
+    errors: list[BaseException] = []
+    gate = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        try:
+            body(i, gate)
+        except BaseException as exc:  # noqa: BLE001 - raised below, on the caller's thread
+            errors.append(exc)
+            gate.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if errors:
+        raise (real or errors)[0]
+
+
 def run_level(server: _Server, prompts: list[str], streams: int, requests: int, max_tokens: int,
               extra_for=None) -> list[dict]:
     """``streams`` client threads, each sending ``requests`` requests back to back (closed loop). ``extra_for``:
@@ -197,32 +220,21 @@ def run_level(server: _Server, prompts: list[str], streams: int, requests: int, 
     import httpx2
 
     rows: list[dict] = []
-    errors: list[BaseException] = []
-    gate = threading.Barrier(streams)
     lock = threading.Lock()
 
-    def worker(i: int) -> None:
-        try:
-            with httpx2.Client() as client:
-                gate.wait()
-                extra = extra_for(i) if extra_for is not None else None
-                for j in range(requests):
-                    row = stream_request(client, server, prompts[(i + j * streams) % len(prompts)], max_tokens, extra=extra)
-                    row.pop("times")
-                    if extra is not None:
-                        row["extra"] = extra
-                    with lock:
-                        rows.append(row)
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
+    def worker(i: int, gate) -> None:
+        with httpx2.Client() as client:
+            gate.wait()
+            extra = extra_for(i) if extra_for is not None else None
+            for j in range(requests):
+                row = stream_request(client, server, prompts[(i + j * streams) % len(prompts)], max_tokens, extra=extra)
+                row.pop("times")
+                if extra is not None:
+                    row["extra"] = extra
+                with lock:
+                    rows.append(row)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_gated(streams, worker)
     return rows
 
 
@@ -300,36 +312,23 @@ def openai_chat_level(server: _Server, conversations: list[list[dict]], streams:
     import openai
 
     rows: list[dict] = []
-    errors: list[BaseException] = []
-    gate = threading.Barrier(streams)
     lock = threading.Lock()
 
-    def worker(i: int) -> None:
-        try:
-            with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=900) as client:
-                gate.wait()
-                for j in range(requests):
-                    t0 = time.perf_counter()
-                    resp = client.chat.completions.create(
-                        model=server.model_id, messages=conversations[(i + j * streams) % len(conversations)],
-                        max_tokens=max_tokens, temperature=0)
-                    details = resp.usage.prompt_tokens_details
-                    row = {"t0": t0, "latency_s": time.perf_counter() - t0, "tokens": resp.usage.completion_tokens,
-                           "prompt_tokens": resp.usage.prompt_tokens,
-                           "cached_tokens": details.cached_tokens if details is not None else None,
-                           "finish": resp.choices[0].finish_reason}
-                    with lock:
-                        rows.append(row)
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
-            gate.abort()
+    def worker(i: int, gate) -> None:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=900) as client:
+            gate.wait()
+            for j in range(requests):
+                t0 = time.perf_counter()
+                resp = client.chat.completions.create(
+                    model=server.model_id, messages=conversations[(i + j * streams) % len(conversations)],
+                    max_tokens=max_tokens, temperature=0)
+                details = resp.usage.prompt_tokens_details
+                row = {"t0": t0, "latency_s": time.perf_counter() - t0, "tokens": resp.usage.completion_tokens,
+                       "prompt_tokens": resp.usage.prompt_tokens,
+                       "cached_tokens": details.cached_tokens if details is not None else None,
+                       "finish": resp.choices[0].finish_reason}
+                with lock:
+                    rows.append(row)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if errors:
-        raise (real or errors)[0]
+    run_gated(streams, worker)
     return rows

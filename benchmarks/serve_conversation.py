@@ -39,11 +39,10 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, _Server, save_results, sse_events
+from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, _Server, run_gated, save_results, sse_events
 from edgemed.benchmarks.serve_streams import percentile
 from edgemed.errors import EdgemedError
 
@@ -212,33 +211,20 @@ def run_conversations(server: _Server, openings: list[str], turns: int, max_toke
 
     n = len(openings)
     rows: list[list[dict]] = [[] for _ in range(n)]
-    errors: list[BaseException] = []
-    gate = threading.Barrier(n)
 
-    def clinician(i: int) -> None:
+    def clinician(i: int, gate) -> None:
         messages: list[dict] = [{"role": "system", "content": SYSTEM}]
-        try:
-            with httpx2.Client() as client:
-                for t in range(turns):
-                    messages.append({"role": "user", "content": openings[i] if t == 0 else FOLLOW_UPS[(t - 1) % len(FOLLOW_UPS)]})
-                    if t and think_s:
-                        time.sleep(think_s)  # reading the answer, typing the next question
-                    gate.wait()
-                    row = chat_turn(client, server, messages, max_tokens)
-                    messages.append({"role": "assistant", "content": row["text"]})
-                    rows[i].append(row)
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
-            gate.abort()  # the others stop waiting for this clinician
+        with httpx2.Client() as client:
+            for t in range(turns):
+                messages.append({"role": "user", "content": openings[i] if t == 0 else FOLLOW_UPS[(t - 1) % len(FOLLOW_UPS)]})
+                if t and think_s:
+                    time.sleep(think_s)  # reading the answer, typing the next question
+                gate.wait()
+                row = chat_turn(client, server, messages, max_tokens)
+                messages.append({"role": "assistant", "content": row["text"]})
+                rows[i].append(row)
 
-    threads = [threading.Thread(target=clinician, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if errors:
-        raise (real or errors)[0]
+    run_gated(n, clinician)
     return rows
 
 

@@ -43,13 +43,12 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgemed.benchmarks import serve_conversation as sc
-from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, long_prompt, openai_chat_level,
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, long_prompt, openai_chat_level, run_gated,
                                                     prefill_check, save_results)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 from edgemed.errors import EdgemedError
@@ -151,27 +150,14 @@ def send_together(server: _Server, conversations: list[list[dict]], stagger_s: f
     import httpx2
 
     rows: list[dict | None] = [None] * len(conversations)
-    errors: list[BaseException] = []
-    gate = threading.Barrier(len(conversations))
 
-    def one(i: int) -> None:
-        try:
-            with httpx2.Client() as client:
-                gate.wait()
-                time.sleep(i * stagger_s)
-                rows[i] = sc.chat_turn(client, server, conversations[i], max_tokens) | {"offset_s": i * stagger_s}
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
-            gate.abort()
+    def one(i: int, gate) -> None:
+        with httpx2.Client() as client:
+            gate.wait()
+            time.sleep(i * stagger_s)
+            rows[i] = sc.chat_turn(client, server, conversations[i], max_tokens) | {"offset_s": i * stagger_s}
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(conversations))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if errors:
-        raise (real or errors)[0]
+    run_gated(len(conversations), one)
     return rows
 
 

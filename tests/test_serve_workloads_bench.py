@@ -8,6 +8,7 @@ positive; no speed is asserted (the figures come from full runs: benchmarks/resu
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -96,3 +97,23 @@ def test_code_state_names_the_commit_the_servers_ran():
     state = sw.code_state()
     assert state["commit"] is None or (len(state["commit"]) == 40 and int(state["commit"], 16) >= 0)
     assert all(path.startswith("edgemed/") for path in state["changed"])
+
+
+def test_a_client_thread_failing_before_the_barrier_neither_hangs_the_others_nor_hides_its_error():
+    from edgemed.benchmarks.serve_bench_client import run_gated
+
+    released = []
+
+    def body(i, gate):
+        if i == 0:
+            raise ValueError("the server refused the connection")
+        gate.wait(timeout=30)  # broken by the failing thread, not timed out
+        released.append(i)
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="refused"):
+        run_gated(3, body)
+    assert time.monotonic() - t0 < 10 and released == []
+    done = []
+    run_gated(3, lambda i, gate: (gate.wait(timeout=30), done.append(i)))
+    assert sorted(done) == [0, 1, 2]
