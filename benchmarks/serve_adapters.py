@@ -13,8 +13,8 @@ each written as a GGUF LoRA adapter for that checkpoint by the writer ``edgemed 
 --adapter-only`` uses (``converters/gguf/adapter.write_adapter_gguf``; the same bytes as that command with its parity
 gate off: the adapter tests gate it), its tensors ``--adapter-type`` (cached per type): Q8_0 by default, F16 where
 a tensor's rows are not a multiple of 32 (``lora_b`` at rank 16), about a fifth smaller than all-F16. Q8_0 is the
-default because it passes the F16 parity gate with a KLD against the merged HF model of 5e-6 to 1.3e-5 nats (F16's:
-4e-6; SmolLM2 at ranks 8, 16 and 32, docs/convert.md), four orders of magnitude below what a Q4_K_M base itself
+default because it passes the F16 parity gate with a KLD against the merged HF model of 4.9e-6 nats (F16's:
+4.1e-6; SmolLM2 at rank 8, `pytest -s tests/test_adapter_q8.py`, docs/convert.md), four orders of magnitude below what a Q4_K_M base itself
 costs (0.094 nats there), so the adapters measured are what a deployment that minds memory ships. The same base
 and the same .lora.gguf files go to both servers.
 
