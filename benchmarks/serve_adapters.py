@@ -21,7 +21,9 @@ and the same .lora.gguf files go to both servers.
 Servers (both up at once, idle while the other is measured; the device-profile settings of
 ``serve_vs_llama_server``: 4 slots, 2 threads, the same context per slot, batch 512, flash attention off, no mmap):
 - ``edgemed serve BASE --adapter a1 ... --adapter a4 --no-prefix-cache``: a request picks one with model
-  ``NAME:ADAPTER``; every adapter group is decoded every step (one context, ``Context.set_adapters`` per group);
+  ``NAME:ADAPTER``; adapter groups take the one context in turns of ``--adapter-turn`` steps (serve's default
+  unless given; ``Context.set_adapters`` at each change); ``--compare-turn N`` adds a server with turns of N
+  steps, measured in the same rounds;
 - ``llama-server -m BASE --lora a1 ... --lora a4 --lora-init-without-apply -np 4 -c 4*ctx ... --cache-ram 0``: a
   request applies one with ``"lora": [{"id": i, "scale": 1.0}]`` (the others default to 0, per its README); it does
   not batch requests with different adapters together;
@@ -174,8 +176,8 @@ def compare_answers(servers: dict, prompt: str, names: list[str], tokens: int = 
                 resp.raise_for_status()
                 texts.setdefault(label, []).append(resp.json()["choices"][0]["text"])
     out = {"tokens": tokens, "asked": len(names) + 1, "distinct": {k: len(set(v)) for k, v in texts.items()}}
-    if len(texts) == 2:
-        e, l = texts.values()
+    if "edgemed" in texts and "llama-server" in texts:
+        e, l = texts["edgemed"], texts["llama-server"]
         out["equal"] = sum(x == y for x, y in zip(e, l))
         out["equal_per_model"] = {name: x == y for name, x, y in zip(["base", *names], e, l)}
     return out
@@ -323,7 +325,16 @@ def levels_out(runs: dict) -> dict:
         if "edgemed" in lv and "llama-server" in lv:
             lv["ratio_decode"] = round(lv["edgemed"]["best"]["decode_tok_s"] / lv["llama-server"]["best"]["decode_tok_s"], 3)
             lv["ratio_e2e"] = round(lv["edgemed"]["best_e2e_tok_s"] / lv["llama-server"]["best_e2e_tok_s"], 3)
+        for name in [n for n in runs[k] if n.startswith("edgemed ") and "llama-server" in lv]:  # compared arms
+            lv[name]["ratio_decode"] = round(lv[name]["best"]["decode_tok_s"] / lv["llama-server"]["best"]["decode_tok_s"], 3)
+            lv[name]["ratio_e2e"] = round(lv[name]["best_e2e_tok_s"] / lv["llama-server"]["best_e2e_tok_s"], 3)
     return out
+
+
+def server_names(lv: dict) -> list[str]:
+    """The servers measured at a level, edgemed first, its compared arms next, llama-server last."""
+    names = [n for n, v in lv.items() if isinstance(v, dict) and "runs" in v]
+    return sorted(names, key=lambda n: (n == "llama-server", n != "edgemed", n))
 
 
 def memory(server) -> dict:
@@ -356,12 +367,13 @@ def report_md(m: dict) -> str:
              "| adapters | server | decode tok/s (runs) | e2e tok/s (runs) | vs no adapter (decode, e2e) | TTFT p50 | edgemed / llama-server (decode, e2e) |",
              "|---|---|---|---|---|---|---|"]
     for k, lv in m["levels"].items():
-        for name in [n for n in ("edgemed", "llama-server") if n in lv]:
+        for name in server_names(lv):
             x = lv[name]
             runs = ", ".join(f"{v:.1f}" for v in x["decode_tok_s_runs"])
             e2e = ", ".join(f"{v:.1f}" for v in x["e2e_tok_s_runs"])
             vs0 = f"{x['vs_no_adapter']:.3f}x, {x['vs_no_adapter_e2e']:.3f}x" if "vs_no_adapter" in x else "-"
-            ratio = f"{lv['ratio_decode']:.3f}x, {lv['ratio_e2e']:.3f}x" if name == "edgemed" and "ratio_decode" in lv else ""
+            ratio = (f"{lv['ratio_decode']:.3f}x, {lv['ratio_e2e']:.3f}x" if name == "edgemed" and "ratio_decode" in lv
+                     else f"{x['ratio_decode']:.3f}x, {x['ratio_e2e']:.3f}x" if "ratio_decode" in x else "")
             lines.append(f"| {k} | {name} | {x['best']['decode_tok_s']:.1f} ({runs}) | {x['best_e2e_tok_s']:.1f} ({e2e}) | "
                          f"{vs0} | {x['best']['ttft_p50_s']:.2f} s | {ratio} |")
     mem = m["memory"]
@@ -400,6 +412,10 @@ def main(argv=None) -> None:
                     help="the adapters' tensor types (q8_0: 8-bit where rows allow, else F16; why the default: above)")
     ap.add_argument("--ctx", type=int, default=1024, help="context per slot (both servers)")
     ap.add_argument("--switch-steps", type=int, default=16, help="steps timed per switch-cost case (0: skip)")
+    ap.add_argument("--adapter-turn", type=int, metavar="STEPS", help="edgemed serve --adapter-turn (default: serve's own)")
+    ap.add_argument("--compare-turn", type=int, action="append", default=[], metavar="STEPS",
+                    help="also measure `edgemed serve --adapter-turn STEPS` in the same rounds (repeatable), as the "
+                    "server 'edgemed turn STEPS'")
     ap.add_argument("--only", choices=("edgemed",), help="edgemed alone (no llama-server)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, metavar="JSON", help="only re-derive the figures of a saved result and rewrite "
@@ -409,7 +425,7 @@ def main(argv=None) -> None:
         import json
 
         result = json.loads(args.report.read_text())
-        result["levels"] = levels_out({k: {n: v["runs"] for n, v in lv.items() if isinstance(v, dict)}
+        result["levels"] = levels_out({k: {n: lv[n]["runs"] for n in server_names(lv)}
                                        for k, lv in result["levels"].items()})
         save_results(args.report, result, report_md(result))
         return
@@ -427,7 +443,10 @@ def main(argv=None) -> None:
     prompts = [vocab.render_chat([{"role": "user", "content": q + LONG}]) for q in QUESTIONS]
     vocab.close()
     common = dict(path=base, threads=args.threads, slots=SLOTS, ctx_per_slot=args.ctx)
-    servers = {"edgemed": EdgemedServer(**common, adapters=tuple(files))}
+    turn = ("--adapter-turn", str(args.adapter_turn)) if args.adapter_turn else ()
+    servers = {"edgemed": EdgemedServer(**common, adapters=tuple(files), extra=turn)}
+    for steps in args.compare_turn:
+        servers[f"edgemed turn {steps}"] = EdgemedServer(**common, adapters=tuple(files), extra=("--adapter-turn", str(steps)))
     if args.only is None:
         servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], loras=tuple(files), **common)
     alone = EdgemedServer(**common)

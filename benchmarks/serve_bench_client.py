@@ -85,9 +85,10 @@ class EdgemedServer(_Server):
     name = "edgemed"
 
     def __init__(self, path: Path, threads: int, slots: int, ctx_per_slot: int, prefix_cache: bool = False,
-                 adapters: tuple[Path, ...] = ()):
+                 adapters: tuple[Path, ...] = (), extra: tuple[str, ...] = ()):
         self.prefix_cache = prefix_cache
         self.adapters = tuple(adapters)  # GGUF LoRA adapter files served beside the base (model "NAME:ADAPTER")
+        self.extra = tuple(extra)  # more `edgemed serve` options (an arm of a comparison)
         super().__init__(path, threads, slots, ctx_per_slot)
 
     def command(self) -> list[str]:
@@ -97,6 +98,7 @@ class EdgemedServer(_Server):
                "--queue", "16", "--audit-log", str(audit)]
         for adapter in self.adapters:
             cmd += ["--adapter", str(adapter)]
+        cmd += list(self.extra)
         # by default every request cold, as llama-server is asked to be (cache_prompt: false)
         return cmd if self.prefix_cache else cmd + ["--no-prefix-cache"]
 

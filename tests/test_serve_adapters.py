@@ -113,13 +113,18 @@ def test_concurrent_requests_to_the_base_and_three_adapters_each_answer_as_their
         out = server.client.completions.create(model=_model(name), prompt=PROMPT, max_tokens=TOKENS, temperature=0)
         return name, out.model, out.choices[0].text
 
-    steps0 = server.batcher.stats()["decode_steps_total"]
+    before = server.batcher.stats()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, [None, *NAMES] * 2))
     for name, model, text in answers:
         assert model == _model(name)
         assert text == refs[name], f"{_model(name)}: the served answer differs from its single run"
-    assert server.batcher.stats()["decode_steps_total"] - steps0 < 8 * TOKENS  # the requests shared steps
+    after = server.batcher.stats()
+    steps = after["decode_steps_total"] - before["decode_steps_total"]
+    switches = after["adapter_switches_total"] - before["adapter_switches_total"]
+    # each adapter group keeps the context for its turn: a switch per turn, plus one where a group ran out early
+    assert 4 <= switches <= steps / server.batcher.adapter_turn + 8, (switches, steps)
+    assert f"edgemed_batcher_adapter_switches_total {float(after['adapter_switches_total'])}" in httpx.get(server.url + "/metrics").text
     with pytest.raises(openai.NotFoundError) as err:
         server.client.completions.create(model=f"{MODEL}:nope", prompt=PROMPT, max_tokens=2)
     assert f"{MODEL}:cardio" in str(err.value) and "nope" in str(err.value)

@@ -38,7 +38,7 @@ def result(smollm2_hf, tmp_path_factory) -> dict:
     both = _llama_server_built()
     cmd = [sys.executable, "-m", "edgemed.benchmarks.serve_adapters", "--model", "smollm2-135m-instruct",
            "--adapters", "2", "--levels", "0,2", "--streams", "2", "--tokens", "8", "--requests", "1", "--rounds", "1",
-           "--ctx", "256", "--threads", "1", "--switch-steps", "2", "--out", str(out)] + ([] if both else ["--only", "edgemed"])
+           "--ctx", "256", "--threads", "1", "--switch-steps", "2", "--compare-turn", "1", "--out", str(out)] + ([] if both else ["--only", "edgemed"])
     env = os.environ | {"EDGEMED_CACHE_DIR": str(TEST_CACHE)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -46,7 +46,7 @@ def result(smollm2_hf, tmp_path_factory) -> dict:
 
 
 def test_every_level_has_positive_throughput_and_ttft_on_each_server(result):
-    servers = ["edgemed", "llama-server"] if result["both"] else ["edgemed"]
+    servers = ["edgemed", "edgemed turn 1"] + (["llama-server"] if result["both"] else [])
     assert set(result["levels"]) == {"0", "2"}
     for level in result["levels"].values():
         for name in servers:
@@ -55,7 +55,16 @@ def test_every_level_has_positive_throughput_and_ttft_on_each_server(result):
             assert best["requests"] == 2 and best["completion_tokens"] > 0
             assert level[name]["vs_no_adapter"] > 0
         if result["both"]:
-            assert level["ratio_decode"] > 0
+            assert level["ratio_decode"] > 0 and level["edgemed turn 1"]["ratio_e2e"] > 0
+
+
+def test_a_compared_turn_is_a_server_of_its_own_named_in_the_report(result):
+    from edgemed.benchmarks.serve_adapters import report_md
+
+    cmd = result["servers"]["edgemed turn 1"]["command"]
+    assert cmd[cmd.index("--adapter-turn") + 1] == "1"
+    assert "--adapter-turn" not in result["servers"]["edgemed"]["command"]
+    assert "| 2 | edgemed turn 1 |" in report_md(result)
 
 
 def test_memory_of_each_server_and_the_merged_estimate_are_measured(result):

@@ -52,11 +52,15 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
               "adapter bundle for it, or a GGUF adapter file (served under its file name without .lora.gguf). "
               "Default: every adapter of MODEL's bundle and of the installed adapter bundles for it. Requests pick one "
               "with model MODEL:NAME; adapters can be added and removed while serving (POST/DELETE /admin/adapters).")
+@click.option("--adapter-turn", type=click.IntRange(1, 1024), metavar="STEPS",
+              help="When requests for several adapters run at once, the steps one adapter's requests decode before "
+              "the next adapter's take over (1: every adapter every step). Each change of adapter costs llama.cpp a "
+              "re-plan of its compute graph; longer turns spend less on it and deliver tokens in bursts. Default: 4.")
 @click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
 def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
-          cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, no_adapters, no_ui):
+          cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, adapter_turn, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
     Any OpenAI client works with base_url=http://127.0.0.1:8080/v1: /v1/chat/completions and
@@ -124,6 +128,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                                  admit_adapter=lambda served, spec: admit_adapter(prepared.plan, batcher.load, served, spec))
             batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
                               prefix_cache=prefix_cache, prefix_cache_bytes=prepared.plan.estimate.prefix_cache,
+                              **({"adapter_turn": adapter_turn} if adapter_turn else {}),
                               **({"adapters": served_adapters} if served_adapters else {}))
             batcher.start()
             app = create_app(batcher, config)

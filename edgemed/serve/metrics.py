@@ -53,6 +53,9 @@ COUNTER_STATS = {
     "sequences_forked_total": ("edgemed_batcher_forked_sequences",
                                "Choices of n > 1 started from another choice's prompt KV, with no prefill of their own."),
     "decode_steps_total": ("edgemed_decode_steps", "llama_decode calls (one per batcher step)."),
+    "adapter_switches_total": ("edgemed_batcher_adapter_switches",
+                               "Times the context's adapter set changed between steps (each costs llama.cpp a graph "
+                               "re-reserve)."),
     "decode_seconds_total": ("edgemed_decode_seconds", "Seconds the scheduler spent inside llama_decode."),
     "step_seconds_total": ("edgemed_step_seconds", "Seconds of whole batcher steps (llama_decode, sampling, text)."),
     "idle_seconds_total": ("edgemed_idle_seconds", "Seconds the scheduler waited for work."),

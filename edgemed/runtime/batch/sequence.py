@@ -87,6 +87,7 @@ class Counters:
     answer_tokens_kept_total: int = 0  # answers' tokens fed as prompt into their free slot while idle (``Batcher``)
     sequences_forked_total: int = 0  # n > 1 choices started from another's prompt KV (no prefill of their own)
     decode_steps_total: int = 0
+    adapter_switches_total: int = 0  # adapter set changes on the context (``Batcher._use``)
     decode_seconds_total: float = 0.0  # inside llama_decode
     step_seconds_total: float = 0.0  # whole steps: batch building, llama_decode, sampling, text, hand-over
     idle_seconds_total: float = 0.0  # scheduler waiting for work
@@ -103,6 +104,7 @@ class Counters:
                 "tokens_generated_total": self.tokens_generated_total,
                 "answer_tokens_kept_total": self.answer_tokens_kept_total,
                 "sequences_forked_total": self.sequences_forked_total,
-                "decode_steps_total": self.decode_steps_total, "finished_total": dict(self.finished),
+                "decode_steps_total": self.decode_steps_total, "adapter_switches_total": self.adapter_switches_total,
+                "finished_total": dict(self.finished),
                 "decode_seconds_total": self.decode_seconds_total, "step_seconds_total": self.step_seconds_total,
                 "idle_seconds_total": self.idle_seconds_total}

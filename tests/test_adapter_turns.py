@@ -1,0 +1,60 @@
+"""Which adapter group decodes each step when requests under several adapters run (``Batcher._next_group``).
+
+llama.cpp applies an adapter set to a whole context and re-plans its graph on each change, so groups take the
+context in turns of ``adapter_turn`` steps, round robin. No model is loaded: the rotation is
+plain bookkeeping over the groups a step sees.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemed.errors import InputError
+from edgemed.runtime.batch.batcher import ADAPTER_TURN, Batcher
+from edgemed.runtime.engine import LoadSettings
+
+
+def batcher(turn: int) -> Batcher:
+    return Batcher("unused.gguf", LoadSettings(n_ctx=256), slots=4, adapter_turn=turn)
+
+
+def run(b: Batcher, groups_per_step: list[list[str]]) -> list[str]:
+    """The group chosen at each step, for the groups present at that step (in order of first request)."""
+    chosen = []
+    for keys in groups_per_step:
+        chosen.append(b._next_group({k: [k] for k in keys}))
+    return chosen
+
+
+def test_groups_take_turns_of_adapter_turn_steps_in_order():
+    b = batcher(2)
+    assert run(b, [["a", "b", "c"]] * 8) == ["a", "a", "b", "b", "c", "c", "a", "a"]
+
+
+def test_turn_one_is_every_group_every_step():
+    b = batcher(1)
+    assert run(b, [[None, "x"]] * 4) == [None, "x", None, "x"]
+
+
+def test_a_new_group_queues_behind_the_groups_already_waiting():
+    b = batcher(2)
+    # a, b and c rotate; d arrives during b's turn: it queues behind c and a (waiting since before) and b (whose
+    # turn began before d came), then everyone waits three turns
+    steps = [["a", "b", "c"]] * 3 + [["a", "b", "c", "d"]] * 13
+    assert run(b, steps) == ["a", "a", "b", "b", "c", "c", "a", "a", "b", "b", "d", "d", "c", "c", "a", "a"]
+
+
+def test_a_lone_group_runs_every_step_and_a_newcomer_takes_the_next_turn():
+    b = batcher(3)
+    assert run(b, [["a"]] * 5 + [["a", "b"]] * 4) == ["a"] * 5 + ["b", "b", "b", "a"]
+
+
+def test_a_group_that_ends_mid_turn_hands_over_at_once():
+    b = batcher(4)
+    assert run(b, [["a", "b"]] * 2 + [["b"]] + [["b", "c"]] * 5) == ["a", "a", "b", "b", "b", "b", "c", "c"]
+
+
+def test_adapter_turn_must_be_positive():
+    assert ADAPTER_TURN >= 1
+    with pytest.raises(InputError, match="adapter_turn"):
+        batcher(0)
