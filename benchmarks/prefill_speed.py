@@ -256,9 +256,12 @@ def report_md(m: dict) -> str:
              f"{e['profile_type_k']}/{e['profile_type_v']}); llama-server with its defaults "
              f"(`{' '.join(m['llama_server']['command'][1:]) if m['llama_server'] else 'not run'}`"
              + ("; flash attention `auto`, which is on for the CPU backend" if m["llama_server"] else "") + "). "
-             f"Median of {m['rounds']} interleaved rounds (arm order rotated each round). **Taken under load**: the box "
-             f"is shared ({m['machine']['cpu_count']} CPUs, 1-minute load average {lo:.1f}-{hi:.1f} during the run), so "
-             f"absolute figures are low and noisy; the ratios are taken within each round.", "",
+             f"Median of {m['rounds']} interleaved rounds (arm order rotated each round). "
+             + (f"**Taken under load**: the box is shared ({m['machine']['cpu_count']} CPUs, 1-minute load average "
+                f"{lo:.1f}-{hi:.1f} during the run), so absolute figures are low and noisy; the ratios are taken within "
+                "each round." if hi > m["threads"] + 0.5 else
+                f"Quiet box: 1-minute load average {lo:.1f}-{hi:.1f} on {m['machine']['cpu_count']} CPUs during the run, "
+                f"the measured process's own {m['threads']} threads included; ratios are taken within each round."), "",
              f"Command: `{m['command']}` ({m['wall_s']:.0f} s)", "",
              (f"| arm | prefill {m['short_tokens']} tok/s | prefill {m['long_tokens']} tok/s | prefill at depth "
               f"{m['long_tokens']}-{m['double_tokens']} | prefill {m['double_tokens']} (sum) | decode at "

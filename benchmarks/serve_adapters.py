@@ -48,7 +48,8 @@ every ``llama_set_adapters_lora`` that changes the set, so the next decode re-pl
 a 1-row decode with the adapter unchanged vs right after a switch; then whole steps of 4 sequences (one row each):
 one decode of 4 rows (base; one adapter), 2 groups and 4 groups decoded in turn with switches (what edgemed's
 batcher does), 4 one-row decodes without switches (the floor of per-group decoding) and 4 contexts with one adapter
-each (no switch, but a KV cache and compute buffer per context).
+each (no switch, but a KV cache and compute buffer per context). Adapter turns (``--turns``): edgemed's batcher
+in this process, one request per adapter at once, timed for each ``adapter_turn`` (tok/s, steps, switches).
 
 Results: benchmarks/results/serve_adapters/<base>-t<threads>.{json,md}.
 """
@@ -302,6 +303,49 @@ def switch_cost(base: Path, files: list[Path], threads: int, prompt: str, steps:
         model.close()
 
 
+def turn_cost(base: Path, files: list[Path], threads: int, prompt: str, turns: list[int], tokens: int,
+              reps: int = 2) -> dict:
+    """edgemed's batcher in this process (no HTTP): ``SLOTS`` requests at once, one per adapter (as many distinct
+    adapters as files, up to ``SLOTS``), greedy, ``tokens`` each, for each ``adapter_turn``; the best of ``reps``
+    runs' tok/s, with the batcher's own counts (steps, seconds inside llama_decode, adapter switches)."""
+    import threading
+
+    from edgemed.runtime.batch.batcher import Batcher
+    from edgemed.runtime.engine import GenerationSettings, LoadSettings
+    from edgemed.runtime.loader import AdapterSpec
+
+    load = LoadSettings(n_ctx=SLOTS * 512, n_threads=threads, n_threads_batch=threads, use_mmap=False)
+    names = [f"a{i}" for i in range(min(SLOTS, len(files)))]
+    out = {}
+    for turn in turns:
+        b = Batcher(base, load, slots=SLOTS, prefix_cache=False, adapter_turn=turn,
+                    adapters={n: AdapterSpec(f) for n, f in zip(names, files)})
+        b.start()
+        runs = []
+        try:
+            for rep in range(reps):
+                def one(i: int) -> None:
+                    for _ in b.submit(prompt, GenerationSettings(max_tokens=tokens, temperature=0.0),
+                                      request_id=f"turn{turn}-{rep}-{i}", adapter=names[i % len(names)]):
+                        pass
+                s0, t0 = b.stats(), time.perf_counter()
+                threads_ = [threading.Thread(target=one, args=(i,)) for i in range(SLOTS)]
+                for t in threads_:
+                    t.start()
+                for t in threads_:
+                    t.join()
+                wall, s1 = time.perf_counter() - t0, b.stats()
+                d = {k: s1[k] - s0[k] for k in ("tokens_generated_total", "decode_steps_total", "decode_seconds_total",
+                                                "adapter_switches_total")}
+                runs.append({"tok_s": round(d["tokens_generated_total"] / wall, 2), "wall_s": round(wall, 3),
+                             "steps": d["decode_steps_total"], "switches": d["adapter_switches_total"],
+                             "ms_per_step": round(1000 * d["decode_seconds_total"] / max(d["decode_steps_total"], 1), 2)})
+        finally:
+            b.close()
+        out[str(turn)] = {"best": max(runs, key=lambda r: r["tok_s"]), "runs": runs}
+    return out
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 def levels_out(runs: dict) -> dict:
@@ -390,6 +434,14 @@ def report_md(m: dict) -> str:
                   f"{m['switch_steps']} steps, ms):", "", "| what | median | min |", "|---|---|---|"]
         for what, v in m["switch_cost"].items():
             lines.append(f"| {what} | {v['median_ms']:.2f} | {v['min_ms']:.2f} |")
+    if m.get("turn_cost"):
+        lines += ["", f"Adapter turns (edgemed's batcher in-process, no HTTP: {SLOTS} requests at once, one per adapter, "
+                  f"{m['max_tokens']} greedy tokens each; best of {len(next(iter(m['turn_cost'].values()))['runs'])} runs):", "",
+                  "| adapter_turn | tok/s (runs) | steps | switches | ms per step (in llama_decode) |", "|---|---|---|---|---|"]
+        for turn, v in m["turn_cost"].items():
+            b = v["best"]
+            runs = ", ".join(f"{r['tok_s']:.1f}" for r in v["runs"])
+            lines.append(f"| {turn} | {b['tok_s']:.1f} ({runs}) | {b['steps']} | {b['switches']} | {b['ms_per_step']:.2f} |")
     if m.get("answers"):
         a = m["answers"]
         lines += ["", f"Check: the same prompt, greedy, {a['tokens']} tokens, on each adapter and the base: distinct answers "
@@ -416,6 +468,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compare-turn", type=int, action="append", default=[], metavar="STEPS",
                     help="also measure `edgemed serve --adapter-turn STEPS` in the same rounds (repeatable), as the "
                     "server 'edgemed turn STEPS'")
+    ap.add_argument("--turns", default="1,4,16", help="adapter_turn values timed in this process at the end, one "
+                    "request per adapter at once (empty: skip)")
     ap.add_argument("--only", choices=("edgemed",), help="edgemed alone (no llama-server)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, metavar="JSON", help="only re-derive the figures of a saved result and rewrite "
@@ -490,6 +544,8 @@ def main(argv=None) -> None:
     finally:
         alone.stop()
     switch = switch_cost(base, files, args.threads, prompts[0], args.switch_steps) if args.switch_steps else {}
+    turns = [int(x) for x in args.turns.split(",")] if args.turns else []
+    turned = turn_cost(base, files, args.threads, prompts[0], turns, args.tokens) if turns else {}
 
     out_levels = levels_out({str(k): v for k, v in runs.items()})
     base_rss = mem["edgemed, base alone"]["VmRSS_MiB"]
@@ -504,6 +560,7 @@ def main(argv=None) -> None:
               "adapter_file_mib": round(statistics.mean(f.stat().st_size for f in files) / 2**20, 1),
               "adapter_type": args.adapter_type, "adapter_tensor_types": tensor_type_counts(files[0]),
               "levels": out_levels, "memory": memory_out, "switch_cost": switch, "switch_steps": args.switch_steps,
+              "turn_cost": turned,
               "answers": answers, "loadavg_range": (min(loads), max(loads)) if loads else (0.0, 0.0),
               "best_of": "the run with the highest decode tok/s per level and server", "servers": described,
               "command": "python -m edgemed.benchmarks.serve_adapters " + " ".join(argv or __import__("sys").argv[1:]),

@@ -38,7 +38,8 @@ def result(smollm2_hf, tmp_path_factory) -> dict:
     both = _llama_server_built()
     cmd = [sys.executable, "-m", "edgemed.benchmarks.serve_adapters", "--model", "smollm2-135m-instruct",
            "--adapters", "2", "--levels", "0,2", "--streams", "2", "--tokens", "8", "--requests", "1", "--rounds", "1",
-           "--ctx", "256", "--threads", "1", "--switch-steps", "2", "--compare-turn", "1", "--out", str(out)] + ([] if both else ["--only", "edgemed"])
+           "--ctx", "256", "--threads", "1", "--switch-steps", "2", "--compare-turn", "1", "--turns", "1,2",
+           "--out", str(out)] + ([] if both else ["--only", "edgemed"])
     env = os.environ | {"EDGEMED_CACHE_DIR": str(TEST_CACHE)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -56,6 +57,18 @@ def test_every_level_has_positive_throughput_and_ttft_on_each_server(result):
             assert level[name]["vs_no_adapter"] > 0
         if result["both"]:
             assert level["ratio_decode"] > 0 and level["edgemed turn 1"]["ratio_e2e"] > 0
+
+
+def test_adapter_turns_are_timed_in_process_with_fewer_switches_for_longer_turns(result):
+    from edgemed.benchmarks.serve_adapters import report_md
+
+    turns = result["turn_cost"]
+    assert set(turns) == {"1", "2"}
+    for v in turns.values():
+        assert v["best"]["tok_s"] > 0 and v["best"]["steps"] > 0 and v["best"]["ms_per_step"] > 0
+    # four requests on two adapters: a switch every step at turn 1, every other step at turn 2
+    assert turns["2"]["best"]["switches"] < turns["1"]["best"]["switches"] <= turns["1"]["best"]["steps"]
+    assert "| adapter_turn |" in report_md(result)
 
 
 def test_a_compared_turn_is_a_server_of_its_own_named_in_the_report(result):
