@@ -437,7 +437,8 @@ def report_md(m: dict) -> str:
     if m.get("turn_cost"):
         lines += ["", f"Adapter turns (edgemed's batcher in-process, no HTTP: {SLOTS} requests at once, one per adapter, "
                   f"{m['max_tokens']} greedy tokens each; best of {len(next(iter(m['turn_cost'].values()))['runs'])} runs):", "",
-                  "| adapter_turn | tok/s (runs) | steps | switches | ms per step (in llama_decode) |", "|---|---|---|---|---|"]
+                  "| adapter_turn | tok/s (runs) | steps | switches | ms in llama_decode per step (prompt calls included) |",
+                  "|---|---|---|---|---|"]
         for turn, v in m["turn_cost"].items():
             b = v["best"]
             runs = ", ".join(f"{r['tok_s']:.1f}" for r in v["runs"])

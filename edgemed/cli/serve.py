@@ -55,7 +55,7 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 @click.option("--adapter-turn", type=click.IntRange(1, 1024), metavar="STEPS",
               help="When requests for several adapters run at once, the steps one adapter's requests decode before "
               "the next adapter's take over (1: every adapter every step). Each change of adapter costs llama.cpp a "
-              "re-plan of its compute graph; longer turns spend less on it and deliver tokens in bursts. Default: 4.")
+              "re-plan of its compute graph; longer turns spend less on it and deliver tokens in longer bursts. Default: 16.")
 @click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")

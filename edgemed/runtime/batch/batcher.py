@@ -71,7 +71,7 @@ its decodes (``Context.set_adapters``), with the same batching, prefill chunking
 KV memory is not multiplied by the adapters. Each switch costs llama.cpp a re-reserve of its compute graph on the
 next decode (about a third of a one-row decode of Qwen2.5-0.5B), so a group keeps the context for
 ``adapter_turn`` steps (``ADAPTER_TURN``) before the next group in a round robin takes it: every group still
-generates every ``groups x adapter_turn`` steps, and a switch costs a quarter as much per token. A slot's kept prompt cells belong to the adapter (and scale) they were computed under and are never
+generates every ``groups x adapter_turn`` steps, in bursts, and a switch is paid once per turn. A slot's kept prompt cells belong to the adapter (and scale) they were computed under and are never
 reused under another. A removed adapter takes no new request; it stays loaded until the last request using it ends.
 """
 
@@ -117,9 +117,10 @@ MIN_SHARED = 32
 #: call's fixed cost to stay a minor part of it.
 ANSWER_CHUNK = 16
 #: Steps an adapter group decodes before the next group takes the context, when requests under several adapters
-#: run (1: every group every step). A switch re-reserves llama.cpp's graph; at 4 one-request groups on
-#: Qwen2.5-0.5B Q4_K_M, 2 threads, it added 10 ms to a 34 ms one-row decode (decision 0013).
-ADAPTER_TURN = 4
+#: run (1: every group every step). A switch re-reserves llama.cpp's graph (about 10 ms against a 35 ms one-row
+#: decode of Qwen2.5-0.5B Q4_K_M at 2 threads); four one-request groups served 0.5B tokens 1.3x faster at 16 than
+#: at 1 in-process, and a group waits (groups - 1) x 16 steps between its bursts (decision 0013).
+ADAPTER_TURN = 16
 #: What a served adapter may be called (it becomes part of a model name, ``MODEL:NAME``, and a metrics label).
 ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
