@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from edgemed.runtime.batch import prefill
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
 from edgemed.runtime.batch.prefill import (FIT_HALF_LIFE, FIT_WINDOW, PREFILL_FIRST, PREFILL_MIN, PREFILL_PROBE, STALL_BUDGET,
                                           WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces)
@@ -30,8 +31,9 @@ def test_budget_is_the_whole_batch_when_nobody_waits_and_a_measured_chunk_otherw
     # call (1.75 ms a token) gave 16
     assert b.tokens(256, 3) == 2 * PREFILL_FIRST
     b.learn(0.010 + 64 * 0.0005, 3, 64)
-    b.learn(0.040, 3, 0)  # 2 ms left + 28 ms: (30 - 10) / 0.5 = 40 tokens
-    assert b.tokens(256, 3) == 40 == round((0.002 + STALL_BUDGET * 0.040 - 0.010) / 0.0005)
+    b.learn(0.040, 3, 0)  # what the credit left after the three calls, plus a step's: (credit - 10) / 0.5 tokens
+    left = 3 * STALL_BUDGET * 0.040 - (0.010 + 0.0005 * PREFILL_FIRST) - (0.010 + 0.0005 * PREFILL_PROBE) - 0.042
+    assert b.tokens(256, 3) == round((left + STALL_BUDGET * 0.040 - 0.010) / 0.0005)
     stalls, chunks = [], []
     for _ in range(2 * FIT_WINDOW):  # a call's fixed cost is past one step's credit: chunk steps and plain steps
         b.learn(0.040, 3, 0)
@@ -42,8 +44,14 @@ def test_budget_is_the_whole_batch_when_nobody_waits_and_a_measured_chunk_otherw
             b.learn(stalls[-1], 3, n)
     late = stalls[FIT_WINDOW:]
     assert 0 in chunks[FIT_WINDOW:] and min(n for n in chunks[FIT_WINDOW:] if n) > 2 * PREFILL_MIN, chunks
-    assert sum(late) / len(late) <= STALL_BUDGET * 0.040 * 1.05  # the streams' mean step stays within 1.7x
+    assert sum(late) / len(late) <= STALL_BUDGET * 0.040 * 1.05  # the streams' mean step stays within 1 + STALL_BUDGET
     assert PrefillBudget(fixed=48).tokens(256, 2) == 48 and PrefillBudget(fixed=48).tokens(20, 2) == 20
+
+
+@pytest.fixture
+def every_step(monkeypatch):
+    """A call every step whatever its fixed share (the sizing alone, without saving up for larger calls)."""
+    monkeypatch.setattr(prefill, "FIXED_SHARE_MAX", 1.0)
 
 
 def _feed(b: PrefillBudget, a: float, per: float, steps: int, rng, noise: float = 0.0) -> None:
@@ -56,7 +64,7 @@ def _feed(b: PrefillBudget, a: float, per: float, steps: int, rng, noise: float 
     b.learn(0.040, 3, 0)  # the next step's decode call: ``tokens`` is then asked for its prompt tokens
 
 
-def test_the_fit_finds_a_known_fixed_and_per_token_cost_through_noise():
+def test_the_fit_finds_a_known_fixed_and_per_token_cost_through_noise(every_step):
     import random
 
     rng = random.Random(7)
@@ -70,7 +78,7 @@ def test_the_fit_finds_a_known_fixed_and_per_token_cost_through_noise():
         assert 0.7 * min(best, 512) <= b.tokens(512, 3) <= 1.3 * best, (a, per, b.tokens(512, 3))
 
 
-def test_one_slow_call_does_not_move_the_chunk_much():
+def test_one_slow_call_does_not_move_the_chunk_much(every_step):
     import random
 
     b = PrefillBudget()
@@ -83,17 +91,17 @@ def test_one_slow_call_does_not_move_the_chunk_much():
     assert b.tokens(512, 3) >= 0.8 * before
 
 
-def test_the_prior_sizes_the_first_chunk_and_measurement_replaces_it():
+def test_the_prior_sizes_the_first_chunk_and_measurement_replaces_it(every_step):
     b = PrefillBudget(prior=(0.010, 0.0005))
     b.learn(0.040, 3, 0)
-    assert b.tokens(512, 3) == 36  # from the prior, no probing
+    assert b.tokens(512, 3) == round((STALL_BUDGET * 0.040 - 0.010) / 0.0005)  # from the prior, no probing
     import random
 
     _feed(b, 0.002, 0.0001, 40, random.Random(2))  # this host is faster than the prior said
     assert b.tokens(512, 3) > 100
 
 
-def test_a_sudden_slowdown_shrinks_the_chunk_within_a_few_steps():
+def test_a_sudden_slowdown_shrinks_the_chunk_within_a_few_steps(every_step):
     import random
 
     rng = random.Random(3)
@@ -105,7 +113,7 @@ def test_a_sudden_slowdown_shrinks_the_chunk_within_a_few_steps():
     assert slow <= 1.3 * (STALL_BUDGET * 0.040 - 0.004) / 0.0004 < fast / 2, (fast, slow)
 
 
-def test_every_call_of_a_step_pays_the_fixed_cost():
+def test_every_call_of_a_step_pays_the_fixed_cost(every_step):
     b = PrefillBudget(prior=(0.010, 0.0005))
     b.learn(0.040, 3, 0)
     one = b.tokens(512, 3)
@@ -301,3 +309,89 @@ def test_a_measured_budget_feeds_a_long_prompt_while_three_streams_keep_getting_
     steps = steps1 - steps0
     going = [k for k in got0 if arrivals[k][-1] >= steps1 - 1]  # a stream may have ended (end of text) meanwhile
     assert going and all(got1[k] - got0[k] >= steps - 3 for k in going), (steps, got0, got1)  # nobody stalled
+
+
+class _Clock:
+    """A clock the test moves: the budget reads it when a decode call ends."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _steady(b: PrefillBudget, clock: _Clock, decode: float, period: float, steps: int) -> None:
+    """``steps`` plain steps: a ``decode``-second call every ``period`` seconds (the rest is the step's other work)."""
+    for _ in range(steps):
+        clock.now += period
+        b.learn(decode, 3, 0)
+
+
+def test_the_budget_counts_the_step_as_the_streams_see_it_not_only_the_decode_call(every_step):
+    """Sampling, text and the server's other threads make a served step longer than its llama_decode call; the
+    streams' 2x rule is about the whole step, so the credit grows with the measured period, prompt calls left out."""
+    lean, served = _Clock(), _Clock()
+    a, per = PrefillBudget(prior=(0.010, 0.0005), clock=lean), PrefillBudget(prior=(0.010, 0.0005), clock=served)
+    _steady(a, lean, 0.040, 0.040, 8)  # the step is the decode call
+    _steady(per, served, 0.040, 0.070, 8)  # 30 ms a step outside llama_decode
+    assert a.t_plain == pytest.approx(0.040) and per.t_plain == pytest.approx(0.070)
+    assert per.tokens(4096, 3) > a.tokens(4096, 3)
+    # a prompt call between two decode calls is not part of the plain step
+    served.now += 0.100
+    per.learn(0.100, 3, 64)
+    _steady(per, served, 0.040, 0.070, 1)
+    assert per.t_plain == pytest.approx(0.070)
+    # a gap longer than a few decode calls (the scheduler idled) is not a step
+    _steady(per, served, 0.040, 5.0, 1)
+    assert per.t_plain == pytest.approx(0.070)
+
+
+def test_the_mean_stall_stays_within_the_budget_of_the_served_step():
+    clock = _Clock()
+    b = PrefillBudget(prior=(0.030, 0.0005), clock=clock)
+    _steady(b, clock, 0.040, 0.070, 4)
+    stalls = []
+    for _ in range(2 * FIT_WINDOW):
+        clock.now += 0.070
+        b.learn(0.040, 3, 0)
+        n = b.tokens(256, 3)
+        stall = 0.030 + 0.0005 * n if n else 0.0
+        if n:
+            clock.now += stall
+            b.learn(stall, 3, n)
+        stalls.append(stall)
+    late = stalls[FIT_WINDOW:]
+    assert sum(late) / len(late) <= STALL_BUDGET * 0.070 * 1.05
+    assert sum(late) / len(late) > STALL_BUDGET * 0.040  # more than a budget of the decode call alone would allow
+
+
+def test_small_calls_wait_until_the_fixed_cost_is_a_small_share_and_the_mean_stall_holds():
+    """A call's fixed cost (10 ms) is a third of what one step's credit (28 ms) buys: steps save up and fewer,
+    larger calls follow, moving the prompt faster for the same mean stall of the streams."""
+    a, per = 0.010, 0.0005
+
+    def run(share: float) -> tuple[int, int, float]:
+        prefill.FIXED_SHARE_MAX = share
+        b = PrefillBudget(prior=(a, per))
+        fed = calls = 0
+        stalls = []
+        for _ in range(200):
+            b.learn(0.040, 3, 0)
+            n = b.tokens(4096, 3)
+            stall = a + per * n if n else 0.0
+            if n:
+                fed, calls = fed + n, calls + 1
+                b.learn(stall, 3, n)
+            stalls.append(stall)
+        return fed, calls, sum(stalls) / len(stalls)
+
+    saved = prefill.FIXED_SHARE_MAX
+    try:
+        each_fed, each_calls, each_stall = run(1.0)
+        fed, calls, stall = run(saved)
+    finally:
+        prefill.FIXED_SHARE_MAX = saved
+    assert calls <= each_calls / 2 and fed > 1.2 * each_fed, (fed, calls, each_fed, each_calls)
+    assert stall <= STALL_BUDGET * 0.040 * 1.05 and each_stall <= STALL_BUDGET * 0.040 * 1.05
+    assert calls * a <= 0.25 * stall * 200 * 1.05  # the fixed cost is at most a quarter of the streams' stall

@@ -2,16 +2,17 @@
 
 A step that carries a prompt chunk next to generating sequences lasts as long as a plain decode
 step plus the chunk's own ``llama_decode`` calls, and every running stream waits for it. So while anyone is
-generating, the chunk is sized from what this host and model measure: the seconds of a plain decode step (a
-moving average) and a cost model of a prompt call, ``seconds = a + b * tokens`` (``CallCost``), fitted online
+generating, the chunk is sized from what this host and model measure: the seconds of a plain step as the streams
+see it (a moving average of the time between decode calls, prompt calls taken out: sampling, text and the server's
+other threads cost the streams time too) and a cost model of a prompt call, ``seconds = a + b * tokens`` (``CallCost``), fitted online
 from the batcher's own calls. ``a`` is what a call costs whatever its size (graph build, a pass over the
 weights: most of a small call on a CPU), ``b`` what each token adds. The chunk is the largest ``n`` with
-``calls * a + b * n <= credit``, where the credit grows by ``STALL_BUDGET * t_decode`` each step (up to one plain
+``calls * a + b * n <= credit``, where the credit grows by ``STALL_BUDGET * t_plain`` each step (up to one plain
 step) and each prompt call spends its seconds: steps stay within ``1 + STALL_BUDGET`` plain steps on average (the
 goal: inter-token time grows at most 2x during a long prefill). Where a call's fixed cost alone is more than the
-credit of one step (a small model on a CPU: a call of a few tokens costs most of a 3-row decode step), a step
-without prompt tokens saves up and a larger chunk follows, rather than a two-token chunk that breaks the budget
-every step and barely moves the prompt. Folding ``a`` into a per-token cost
+credit of one step (a small model on a CPU: a call of a few tokens costs most of a 3-row decode step), or more than
+``FIXED_SHARE_MAX`` of the call the credit would buy, steps without prompt tokens save up and a larger chunk
+follows, rather than a small chunk every step that is mostly fixed cost and barely moves the prompt. Folding ``a`` into a per-token cost
 (``seconds / tokens`` of small calls) instead made every token look as dear as a small call's share of the
 weight pass, and chunks collapsed to the floor at two or three running streams.
 With nobody generating, a prompt takes the whole batch (nobody waits on the step).
@@ -25,9 +26,12 @@ regression does not give.
 
 from __future__ import annotations
 
-#: While sequences are generating, steps take on average at most (1 + STALL_BUDGET) x a plain decode step
-#: (the prompt calls' seconds are paced by a credit that each step adds STALL_BUDGET x a plain step to) ...
-STALL_BUDGET = 0.7
+import time
+
+#: While sequences are generating, steps take on average at most (1 + STALL_BUDGET) x a plain step (the prompt
+#: calls' seconds are paced by a credit that each step adds STALL_BUDGET x a plain step to): the streams' goal is
+#: at most 2x; measured 1.6-1.7x at 0.7 on a served 0.5B, so 0.8 keeps a margin and reads the prompt faster ...
+STALL_BUDGET = 0.8
 #: ... and one step at most (1 + STEP_STALL_MAX) x, unless a call's fixed cost is more than half a plain step
 #: (``PrefillBudget._cap``): the credit saved over several plain steps buys one larger chunk, whose fixed cost
 #: is then spread over more tokens. At 1.0 (a chunk every step or two) a 1,500-token prompt arriving while 3 stream
@@ -35,6 +39,16 @@ STALL_BUDGET = 0.7
 #: plain step there), with the streams' mean growth 2.2x; at 4.0 one step stalls the streams at most 5x a plain
 #: step (~0.35 s on that box) and the mean stays the rule's (``serve_workloads --parts long``).
 STEP_STALL_MAX = 4.0
+#: A plain step as the streams see it is the time from one decode call's end to the next, less the prompt calls in
+#: between (sampling, text, the HTTP threads' share of the CPU and the interpreter lock count; ``llama_decode`` alone
+#: was 60 % of it for 3 streams of Qwen2.5-0.5B served at 2 threads). A gap longer than this many decode calls is
+#: idle time (no step ran), not a step.
+PERIOD_MAX = 4.0
+#: A prompt call beside running streams is made only when its fixed cost ``a`` is at most this share of it (or the
+#: credit is full): the credit a step earns spent at once on a call of a few tokens paid mostly ``a`` (a 1,528-token
+#: prompt while 3 streamed on Qwen2.5-0.5B, 2 threads: 3.6 tokens a step, first token at 66 s against 23.7 s for
+#: llama-server); saved up over a few steps it buys calls of tens of tokens at the same mean stall.
+FIXED_SHARE_MAX = 0.25
 #: A call slowed by something else (another process took the CPU) puts the streams' credit at most this many plain
 #: steps in debt, so the chunk is back within a few steps.
 DEBT_STEPS = 1.0
@@ -166,9 +180,13 @@ class PrefillBudget:
     """Step costs and the prompt tokens a step may take (scheduler thread only). ``prior``: ``(a, b)`` seconds
     of a prompt call (``CallCost``), e.g. from a device profile, used until this host's calls are measured."""
 
-    def __init__(self, fixed: int | None = None, prior: tuple[float, float] | None = None):
+    def __init__(self, fixed: int | None = None, prior: tuple[float, float] | None = None, clock=time.perf_counter):
         self.fixed = fixed
-        self.t_decode = 0.0  # a plain decode step (generating rows only), seconds
+        self.t_decode = 0.0  # a plain decode step's llama_decode call (generating rows only), seconds
+        self.t_period = 0.0  # a plain step as the streams see it (``PERIOD_MAX``), seconds
+        self._clock = clock
+        self._last_end: float | None = None  # when the last decode call ended
+        self._since = 0.0  # prompt-call seconds since then
         self.cost = CallCost(prior)
         self.calls = 1  # prompt calls in the last step that fed prompt tokens next to generating rows
         # stall seconds the running streams can still spare: each plain step adds STALL_BUDGET of itself,
@@ -193,6 +211,8 @@ class PrefillBudget:
         n = int(spare / b + 1e-9) if spare > 0 else 0
         if n < PREFILL_MIN:  # the fixed cost does not fit what the streams can spare yet: a plain step saves up
             return 0 if self.credit < cap else min(room, PREFILL_MIN)
+        if self.credit < cap and self.calls * a > FIXED_SHARE_MAX * (self.calls * a + b * min(n, room)):
+            return 0  # a call now would be mostly its fixed cost: save up for a larger one (at most ``cap``)
         reach = FIT_REACH * self.cost.largest() if self.cost.points else n
         return min(room, n, reach)
 
@@ -200,24 +220,37 @@ class PrefillBudget:
         """The most stall seconds one step may take: a plain step's length (that step's inter-token time 2x),
         or twice a call's fixed cost where that alone is more than half a plain step (a call of a few tokens would
         stall the streams nearly as long for almost no progress)."""
-        return max(STEP_STALL_MAX * self.t_decode, 2 * self.calls * a)
+        return max(STEP_STALL_MAX * self.t_plain, 2 * self.calls * a)
+
+    @property
+    def t_plain(self) -> float:
+        """A plain step's seconds as the running streams wait for it: the measured period between decode calls
+        (prompt calls taken out), never less than the decode call itself."""
+        return max(self.t_decode, self.t_period)
 
     def learn(self, seconds: float, generating: int, prompt: int) -> None:
         """Account one ``llama_decode``: of the decode rows (``prompt`` 0), or of ``prompt`` prompt tokens
         fed in a step where ``generating`` sequences decode (the batcher makes them separate calls)."""
         if prompt == 0:  # a step's decode call comes first: the previous step's prompt calls are all counted
             self.t_decode = seconds if not self.t_decode else 0.8 * self.t_decode + 0.2 * seconds
+            end = self._clock()
+            if self._last_end is not None:
+                period = end - self._last_end - self._since
+                if seconds <= period <= PERIOD_MAX * self.t_decode:
+                    self.t_period = period if not self.t_period else 0.8 * self.t_period + 0.2 * period
+            self._last_end, self._since = end, 0.0
             if self._calls_now:
                 self.calls, self._calls_now = self._calls_now, 0
             fit = self.cost.fit()
-            cap = self._cap(fit[0]) if fit else STEP_STALL_MAX * self.t_decode
-            self.credit = min(self.credit + STALL_BUDGET * self.t_decode, cap)
+            cap = self._cap(fit[0]) if fit else STEP_STALL_MAX * self.t_plain
+            self.credit = min(self.credit + STALL_BUDGET * self.t_plain, cap)
             return
+        self._since += seconds
         self.cost.add(prompt, seconds)  # a prompt-only step's call is on the same line (its large sizes help)
         if generating:
             self._calls_now += 1
             # the streams waited this long for it; a call slowed by something else costs at most a few steps
-            self.credit = max(self.credit - seconds, -DEBT_STEPS * self.t_decode)
+            self.credit = max(self.credit - seconds, -DEBT_STEPS * self.t_plain)
 
     @property
     def chunk(self) -> int:
