@@ -71,8 +71,8 @@ its decodes (``Context.set_adapters``), with the same batching, prefill chunking
 KV memory is not multiplied by the adapters. Each switch costs llama.cpp a re-reserve of its compute graph on the
 next decode (about a third of a one-row decode of Qwen2.5-0.5B), so a group keeps the context for
 ``adapter_turn`` steps (``ADAPTER_TURN``) before the next group in a round robin takes it: every group still
-generates every ``groups x adapter_turn`` steps, in bursts, and a switch is paid once per turn. A slot's kept prompt cells belong to the adapter (and scale) they were computed under and are never
-reused under another. A removed adapter takes no new request; it stays loaded until the last request using it ends.
+generates every ``groups x adapter_turn`` steps, in bursts, and a switch is paid once per turn. A slot's kept
+prompt cells belong to the adapter (and scale) they were computed under and are never reused under another. A removed adapter takes no new request; it stays loaded until the last request using it ends.
 """
 
 from __future__ import annotations

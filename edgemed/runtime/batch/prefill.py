@@ -4,17 +4,17 @@ A step that carries a prompt chunk next to generating sequences lasts as long as
 step plus the chunk's own ``llama_decode`` calls, and every running stream waits for it. So while anyone is
 generating, the chunk is sized from what this host and model measure: the seconds of a plain step as the streams
 see it (a moving average of the time between decode calls, prompt calls taken out: sampling, text and the server's
-other threads cost the streams time too) and a cost model of a prompt call, ``seconds = a + b * tokens`` (``CallCost``), fitted online
-from the batcher's own calls. ``a`` is what a call costs whatever its size (graph build, a pass over the
-weights: most of a small call on a CPU), ``b`` what each token adds. The chunk is the largest ``n`` with
-``calls * a + b * n <= credit``, where the credit grows by ``STALL_BUDGET * t_plain`` each step (up to one plain
-step) and each prompt call spends its seconds: steps stay within ``1 + STALL_BUDGET`` plain steps on average (the
-goal: inter-token time grows at most 2x during a long prefill). Where a call's fixed cost alone is more than the
-credit of one step (a small model on a CPU: a call of a few tokens costs most of a 3-row decode step), or more than
-``FIXED_SHARE_MAX`` of the call the credit would buy, steps without prompt tokens save up and a larger chunk
-follows, rather than a small chunk every step that is mostly fixed cost and barely moves the prompt. Folding ``a`` into a per-token cost
-(``seconds / tokens`` of small calls) instead made every token look as dear as a small call's share of the
-weight pass, and chunks collapsed to the floor at two or three running streams.
+other threads cost the streams time too) and a cost model of a prompt call, ``seconds = a + b * tokens``
+(``CallCost``), fitted online from the batcher's own calls. ``a`` is what a call costs whatever its size (graph
+build, a pass over the weights: most of a small call on a CPU), ``b`` what each token adds. The chunk is the
+largest ``n`` with ``calls * a + b * n <= credit``, where the credit grows by ``STALL_BUDGET * t_plain`` each step
+(up to a few plain steps) and each prompt call spends its seconds: steps stay within ``1 + STALL_BUDGET`` plain
+steps on average (the goal: inter-token time grows at most 2x during a long prefill). Where a call's fixed cost
+alone is more than the credit of one step (a small model on a CPU: a call of a few tokens costs most of a 3-row
+decode step), or more than ``FIXED_SHARE_MAX`` of the call the credit would buy, steps without prompt tokens save
+up and a larger chunk follows, rather than a small chunk every step that is mostly fixed cost and barely moves the
+prompt. Folding ``a`` into a per-token cost (``seconds / tokens`` of small calls) instead made every token look as
+dear as a small call's share of the weight pass, and chunks collapsed to the floor at two or three running streams.
 With nobody generating, a prompt takes the whole batch (nobody waits on the step).
 A fixed chunk (``Batcher(prefill_chunk=N)``) skips the measurement.
 
