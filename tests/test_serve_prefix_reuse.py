@@ -178,42 +178,19 @@ def test_http_usage_and_metrics_report_cached_tokens(smollm2_gguf, tmp_path):
     log.close()
 
 
-def test_the_idle_server_keeps_every_free_slots_answer_in_shared_calls(smollm2_gguf):
-    """Four answers ending together are fed back together: each idle call carries every free slot's next ids (one
-    pass over the weights), not one slot's."""
-    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
-        calls: list = []
-        real = b._keep_answers
-
-        def spy(slots):
-            calls.append(list(slots))
-            return real(slots)
-
-        b._keep_answers = spy
-        prompts = [b.render_chat([{"role": "user", "content": q}]) for q in OTHERS]
-        streams = [b.submit(p, GREEDY, request_id=f"k{i}") for i, p in enumerate(prompts)]
-        kept0 = b.stats()["answer_tokens_kept_total"]
-        answers = [collect(s)[1] for s in streams]
-        settle(b)
-        kept = b.stats()["answer_tokens_kept_total"] - kept0
-        assert kept >= sum(a.completion_tokens for a in answers) - 2 * len(answers)  # up to one id held back each
-        assert calls and max(len(c) for c in calls) == len(answers), calls  # one call fed all four slots
-        assert len(calls) < len(answers), calls  # one slot a call would take a call per answer at least
-
-
-def test_a_failure_while_keeping_answers_empties_those_slots_and_serving_goes_on(smollm2_gguf, cold):
+def test_a_failure_while_keeping_an_answer_empties_that_slot_and_serving_goes_on(smollm2_gguf, cold):
     prompt = cold.render_chat([{"role": "user", "content": OTHERS[0]}])
     alone = collect(cold.submit(prompt, GREEDY, request_id="ref"))[0]
     with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
         failed = threading.Event()
 
-        def boom(slots):
+        def boom(slot):
             failed.set()
             raise RuntimeError("injected failure")
 
-        b._keep_answers = boom  # the idle scheduler's call, after the answer ends
+        b._keep_answer = boom  # the idle scheduler's call, after the answer ends
         assert collect(b.submit(prompt, GREEDY, request_id="x"))[0] == alone
         assert failed.wait(30)
-        del b._keep_answers
+        del b._keep_answer
         text, fin = collect(b.submit(prompt, GREEDY, request_id="y"))
         assert text == alone and fin.cached_tokens == 0  # the slot was emptied, and the scheduler still serves

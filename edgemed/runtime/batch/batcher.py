@@ -112,10 +112,9 @@ PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 #: moves the whole stream buffer (every cell of every layer, whatever the prefix's length), and a 4-request
 #: template run (SmolLM2, 1 thread) showed no gain from sharing a dozen tokens of chat header.
 MIN_SHARED = 32
-#: Answer tokens one idle call feeds into each free slot (``_keep_answers``: every slot under one adapter set in one
-#: call, one pass over the weights): small, so a request arriving meanwhile waits for one call at most (16 tokens
-#: of Qwen2.5-0.5B Q4_K_M at 2 threads: ~0.1 s), large enough for the call's fixed cost to stay a minor part of it.
-#: One slot a call kept ~55 of 96 answer tokens per 5 s of reading on Qwen2.5-1.5B with 4 clinicians.
+#: Answer tokens one idle call feeds into a free slot (``_keep_answer``): small, so a request arriving meanwhile
+#: waits for one call at most (16 tokens of Qwen2.5-0.5B Q4_K_M at 2 threads: ~0.1 s), large enough for the
+#: call's fixed cost to stay a minor part of it.
 ANSWER_CHUNK = 16
 #: Steps an adapter group decodes before the next group takes the context, when requests under several adapters
 #: run (1: every group every step). A switch re-reserves llama.cpp's graph (about 10 ms against a 35 ms one-row
@@ -484,8 +483,8 @@ class Batcher:
             while True:
                 with self._cond:
                     idle = not (self._stopping or self._queue or self._active or self._releasing)
-                    answers = self._answers_to_keep() if idle else []
-                    if idle and not answers:
+                    answer = self._answer_to_keep() if idle else None
+                    if idle and answer is None:
                         t_idle = time.perf_counter()
                         while not (self._stopping or self._queue or self._active or self._releasing):
                             self._cond.wait()
@@ -493,17 +492,16 @@ class Batcher:
                         self._n.idle_seconds_total += time.perf_counter() - t_idle
                     if self._stopping:
                         break
-                    if not answers:
+                    if answer is None:
                         self._admit()
-                if answers:
+                if answer is not None:
                     try:
-                        self._keep_answers(answers)
-                    except Exception:  # noqa: BLE001 - an optimisation: the slots keep their prompts, serving goes on
-                        log.exception("keeping answers in slots %s failed; those slots are emptied", answers)
-                        for slot in answers:
-                            self._answers[slot] = None
-                            self._ctx.drop(slot)
-                            self._kept[slot], self._kept_key[slot] = [], None
+                        self._keep_answer(answer)
+                    except Exception:  # noqa: BLE001 - an optimisation: the slot keeps its prompt, serving goes on
+                        log.exception("keeping an answer in slot %d failed; the slot is emptied", answer)
+                        self._answers[answer] = None
+                        self._ctx.drop(answer)
+                        self._kept[answer], self._kept_key[answer] = [], None
                     continue
                 for seq in [s for s in self._active if s.stream.cancelled]:
                     self._finish(seq, "cancelled")
@@ -665,10 +663,8 @@ class Batcher:
             self._n.prompt_tokens_cached_total += n - n0
         seq.cached, seq.cached_from = n, where
 
-    def _answers_to_keep(self) -> list[int]:
-        """Free slots whose last answers still have ids to feed as prompt, all under one adapter set (the first
-        such slot's: one call applies one), caller holds the lock; empty when there are none."""
-        slots, key = [], None
+    def _answer_to_keep(self) -> int | None:
+        """A free slot whose last answer still has ids to feed as prompt (caller holds the lock), else None."""
         for slot in self._free:
             pending = self._answers[slot]
             if pending is None:
@@ -677,60 +673,39 @@ class Batcher:
             if kept is not self._kept[slot] or len(ids) < 2 or slot in self._unsynced:
                 self._answers[slot] = None  # the slot was taken meanwhile, or one id left (never a one-row piece)
                 continue
-            if not slots:
-                key = self._kept_key[slot]
-            if self._kept_key[slot] == key:
-                slots.append(slot)
-        return slots
+            return slot
+        return None
 
-    def _keep_answers(self, slots: list[int]) -> None:
-        """Feed the next ids (``ANSWER_CHUNK`` at most) of each of ``slots``' last answers as prompt rows after its
-        kept cells, the same number for each slot so the call is one pass over the weights for all of them
+    def _keep_answer(self, slot: int) -> None:
+        """Feed the next ``ANSWER_CHUNK`` ids of ``slot``'s last answer as prompt rows after its kept cells
         (scheduler thread, idle: no step runs), under the adapter those cells were computed under."""
-        key = self._kept_key[slots[0]]
+        kept, ids = self._answers[slot]
+        take = min(len(ids), ANSWER_CHUNK, self._batch.capacity, self.n_ctx_per_slot - len(kept))
+        if 0 < len(ids) - take < 2:
+            take -= 1  # leave two for the next call rather than one
+        key = self._kept_key[slot]
         loaded = None if key is None else next((a for a in self._adapters.values() if a.key == key), None)
-        if key is not None and (loaded is None or loaded.removed):
-            for slot in slots:
-                self._answers[slot] = None
+        if take < 2 or (key is not None and (loaded is None or loaded.removed)):
+            self._answers[slot] = None
             return
-        room = self._batch.capacity // len(slots)
-        takes = {}
-        for slot in slots:
-            kept, ids = self._answers[slot]
-            take = min(len(ids), ANSWER_CHUNK, room, self.n_ctx_per_slot - len(kept))
-            if 0 < len(ids) - take < 2:
-                take -= 1  # leave two for the next call rather than one
-            if take < 2:
-                self._answers[slot] = None
-            else:
-                takes[slot] = take
-        if not takes:
-            return
-        n = min(takes.values())
-        fed = [slot for slot in takes if len(self._answers[slot][1]) - n != 1] or [min(takes, key=takes.get)]
         with self._step_lock:
             self._use(loaded)
             batch = self._batch
             batch.clear()
-            for slot in fed:
-                kept, ids = self._answers[slot]
-                for i, token in enumerate(ids[:n]):
-                    batch.add(token, len(kept) + i, slot, False)
+            for i, token in enumerate(ids[:take]):
+                batch.add(token, len(kept) + i, slot, False)
             rc = self._ctx.decode(batch)
-        for slot in fed:
-            kept, ids = self._answers[slot]
-            if rc != 0:  # what the cells past the kept ones hold is not known: they go
-                log.warning("keeping an answer in slot %d: llama_decode returned %d; the slot keeps its prompt only",
-                            slot, rc)
-                self._answers[slot] = None
-                if not self._ctx.trim(slot, len(kept)):
-                    self._ctx.drop(slot)
-                    self._kept[slot], self._kept_key[slot] = [], None
-                continue
-            kept.extend(ids[:n])
-            self._answers[slot] = (kept, ids[n:])
-            with self._cond:
-                self._n.answer_tokens_kept_total += n
+        if rc != 0:  # what the cells past the kept ones hold is not known: they go
+            log.warning("keeping an answer in slot %d: llama_decode returned %d; the slot keeps its prompt only", slot, rc)
+            self._answers[slot] = None
+            if not self._ctx.trim(slot, len(kept)):
+                self._ctx.drop(slot)
+                self._kept[slot], self._kept_key[slot] = [], None
+            return
+        kept.extend(ids[:take])
+        self._answers[slot] = (kept, ids[take:])
+        with self._cond:
+            self._n.answer_tokens_kept_total += take
 
     def _save(self, slot: int) -> None:
         """Keep a free slot's prefix in host RAM before its cells go (long enough, not saved already)."""
