@@ -7,6 +7,8 @@ plain bookkeeping over the groups a step sees.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from edgemed.errors import InputError
@@ -18,11 +20,19 @@ def batcher(turn: int) -> Batcher:
     return Batcher("unused.gguf", LoadSettings(n_ctx=256), slots=4, adapter_turn=turn)
 
 
+def seq(reading: bool = False) -> SimpleNamespace:
+    """A sequence as ``_next_group`` sees it: generating (its prompt read), or with prompt tokens still to feed."""
+    return SimpleNamespace(pos=0 if reading else 2, tokens=[7, 7], waiting=False)
+
+
 def run(b: Batcher, groups_per_step: list[list[str]]) -> list[str]:
-    """The group chosen at each step, for the groups present at that step (in order of first request)."""
+    """The group chosen at each step, for the groups present at that step (in order of first request); a key
+    ending in ``*`` is a group with a prompt to read at that step."""
     chosen = []
     for keys in groups_per_step:
-        chosen.append(b._next_group({k: [k] for k in keys}))
+        pick = b._next_group({k if k is None else k.rstrip("*"): [seq(k is not None and k.endswith("*"))]
+                              for k in keys})
+        chosen.append(pick)
     return chosen
 
 
@@ -52,6 +62,16 @@ def test_a_lone_group_runs_every_step_and_a_newcomer_takes_the_next_turn():
 def test_a_group_that_ends_mid_turn_hands_over_at_once():
     b = batcher(4)
     assert run(b, [["a", "b"]] * 2 + [["b"]] + [["b", "c"]] * 5) == ["a", "a", "b", "b", "b", "b", "c", "c"]
+
+
+def test_a_prompt_to_read_ends_the_turn_and_goes_first():
+    b = batcher(8)
+    # a holds the context; c's request arrives (its prompt to read): c goes before b, then the round robin goes on
+    steps = [["a", "b", "c"]] * 2 + [["a", "b", "c*"]] + [["a", "b", "c"]] * 9
+    assert run(b, steps) == ["a", "a", "c"] + ["c"] * 7 + ["b", "b"]
+    # the holder reading a prompt of its own keeps its turn
+    b = batcher(3)
+    assert run(b, [["a*", "b*"]] * 4) == ["a", "a", "a", "b"]
 
 
 def test_adapter_turn_must_be_positive():

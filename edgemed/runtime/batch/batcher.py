@@ -737,17 +737,20 @@ class Batcher:
         """The adapter group (key of ``groups``) that steps now. One group: it. Several: the group holding the
         context keeps it for ``adapter_turn`` steps, then the next in a round-robin queue takes it for its turn (a
         group joins the queue's end when first seen; ties in order of first request), so each of G groups waits
-        at most G - 1 turns."""
+        at most G - 1 turns. A group with a prompt to read ends the holder's turn early (unless the holder is reading
+        one too) and goes first: a request's slot would otherwise idle through the turn before its prefill."""
         key, left = self._turn
         if len(groups) == 1:  # alone it runs every step, its turn counted down (a new holder starts a turn)
             only = next(iter(groups))
             self._turn = (only, max(left - 1, 0) if only == key else self.adapter_turn - 1)
             return only
-        if key in groups and left > 0:
+        if key in groups and left > 0 and (_reading(groups[key]) or
+                                           not any(_reading(q) for k, q in groups.items() if k != key)):
             self._turn = (key, left - 1)
             return key
         self._order = [k for k in self._order if k in groups] + [k for k in groups if k not in self._order]
-        nxt = next(k for k in self._order if k != key)
+        others = [k for k in self._order if k != key]
+        nxt = next((k for k in others if _reading(groups[k])), others[0])  # a prompt to read goes first
         self._order.remove(nxt)
         self._order.append(nxt)
         self._turn = (nxt, self.adapter_turn - 1)
@@ -951,6 +954,11 @@ class Batcher:
 
 
 _NOBODY = object()  # no group has had the context yet (None is the base's key)
+
+
+def _reading(seqs) -> bool:
+    """Whether any of ``seqs`` has prompt tokens to feed now (not waiting for another request's prefix)."""
+    return any(q.pos < len(q.tokens) and not q.waiting for q in seqs)
 
 
 def _key(seq: Seq):
