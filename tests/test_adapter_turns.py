@@ -66,9 +66,13 @@ def test_a_group_that_ends_mid_turn_hands_over_at_once():
 
 def test_a_prompt_to_read_ends_the_turn_and_goes_first():
     b = batcher(8)
-    # a holds the context; c's request arrives (its prompt to read): c goes before b, then the round robin goes on
-    steps = [["a", "b", "c"]] * 2 + [["a", "b", "c*"]] + [["a", "b", "c"]] * 9
-    assert run(b, steps) == ["a", "a", "c"] + ["c"] * 7 + ["b", "b"]
+    # a holds the context; c's request arrives (its prompt to read) at a's third step: a keeps half its turn, then c
+    # goes before b, and the round robin goes on
+    steps = [["a", "b", "c"]] * 2 + [["a", "b", "c*"]] * 3 + [["a", "b", "c"]] * 9
+    assert run(b, steps) == ["a"] * 4 + ["c"] * 8 + ["b", "b"]
+    # neighbours that always have a prompt to read cut a group's turn to half, never to one step
+    b = batcher(8)
+    assert run(b, [["a", "b"]] + [["a", "b*"]] * 9) == ["a"] * 4 + ["b"] * 6
     # the holder reading a prompt of its own keeps its turn
     b = batcher(3)
     assert run(b, [["a*", "b*"]] * 4) == ["a", "a", "a", "b"]

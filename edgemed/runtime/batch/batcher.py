@@ -72,7 +72,8 @@ KV memory is not multiplied by the adapters. Each switch costs llama.cpp a re-re
 next decode (about a third of a one-row decode of Qwen2.5-0.5B), so a group keeps the context for
 ``adapter_turn`` steps (``ADAPTER_TURN``) before the next group in a round robin takes it: every group still
 generates every ``groups x adapter_turn`` steps, in bursts, and a switch is paid once per turn. A slot's kept
-prompt cells belong to the adapter (and scale) they were computed under and are never reused under another. A removed adapter takes no new request; it stays loaded until the last request using it ends.
+prompt cells belong to the adapter (and scale) they were computed under and are never reused under another. A
+removed adapter takes no new request; it stays loaded until the last request using it ends.
 """
 
 from __future__ import annotations
@@ -737,15 +738,16 @@ class Batcher:
         """The adapter group (key of ``groups``) that steps now. One group: it. Several: the group holding the
         context keeps it for ``adapter_turn`` steps, then the next in a round-robin queue takes it for its turn (a
         group joins the queue's end when first seen; ties in order of first request), so each of G groups waits
-        at most G - 1 turns. A group with a prompt to read ends the holder's turn early (unless the holder is reading
-        one too) and goes first: a request's slot would otherwise idle through the turn before its prefill."""
+        at most G - 1 turns. A group with a prompt to read ends the holder's turn once half of it has passed (unless
+        the holder is reading one too) and goes first: a request's slot would otherwise idle through the turn before
+        its prefill; the half keeps a group whose neighbours keep sending short requests from being cut to a step."""
         key, left = self._turn
         if len(groups) == 1:  # alone it runs every step, its turn counted down (a new holder starts a turn)
             only = next(iter(groups))
             self._turn = (only, max(left - 1, 0) if only == key else self.adapter_turn - 1)
             return only
-        if key in groups and left > 0 and (_reading(groups[key]) or
-                                           not any(_reading(q) for k, q in groups.items() if k != key)):
+        if key in groups and left > 0 and (_reading(groups[key]) or self.adapter_turn - left < self.adapter_turn // 2
+                                           or not any(_reading(q) for k, q in groups.items() if k != key)):
             self._turn = (key, left - 1)
             return key
         self._order = [k for k in self._order if k in groups] + [k for k in groups if k not in self._order]
