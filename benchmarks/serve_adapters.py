@@ -57,7 +57,6 @@ Results: benchmarks/results/serve_adapters/<base>-t<threads>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import statistics
@@ -65,7 +64,7 @@ import time
 from pathlib import Path
 
 from edgemed.benchmarks.process_memory import read_status
-from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, run_level, save_results, stream_request
+from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, run_gated, run_level, save_results
 from edgemed.benchmarks.serve_streams import QUESTIONS
 from edgemed.benchmarks.serve_vs_llama_server import _r, summarize
 
@@ -308,8 +307,6 @@ def turn_cost(base: Path, files: list[Path], threads: int, prompt: str, turns: l
     """edgemed's batcher in this process (no HTTP): ``SLOTS`` requests at once, one per adapter (as many distinct
     adapters as files, up to ``SLOTS``), greedy, ``tokens`` each, for each ``adapter_turn``; the best of ``reps``
     runs' tok/s, with the batcher's own counts (steps, seconds inside llama_decode, adapter switches)."""
-    import threading
-
     from edgemed.runtime.batch.batcher import Batcher
     from edgemed.runtime.engine import GenerationSettings, LoadSettings
     from edgemed.runtime.loader import AdapterSpec
@@ -324,16 +321,13 @@ def turn_cost(base: Path, files: list[Path], threads: int, prompt: str, turns: l
         runs = []
         try:
             for rep in range(reps):
-                def one(i: int) -> None:
+                def one(i: int, gate) -> None:
+                    gate.wait()
                     for _ in b.submit(prompt, GenerationSettings(max_tokens=tokens, temperature=0.0),
                                       request_id=f"turn{turn}-{rep}-{i}", adapter=names[i % len(names)]):
                         pass
                 s0, t0 = b.stats(), time.perf_counter()
-                threads_ = [threading.Thread(target=one, args=(i,)) for i in range(SLOTS)]
-                for t in threads_:
-                    t.start()
-                for t in threads_:
-                    t.join()
+                run_gated(SLOTS, one)
                 wall, s1 = time.perf_counter() - t0, b.stats()
                 d = {k: s1[k] - s0[k] for k in ("tokens_generated_total", "decode_steps_total", "decode_seconds_total",
                                                 "adapter_switches_total")}

@@ -366,13 +366,13 @@ def test_the_mean_stall_stays_within_the_budget_of_the_served_step():
     assert sum(late) / len(late) > STALL_BUDGET * 0.040  # more than a budget of the decode call alone would allow
 
 
-def test_small_calls_wait_until_the_fixed_cost_is_a_small_share_and_the_mean_stall_holds():
+def test_small_calls_wait_until_the_fixed_cost_is_a_small_share_and_the_mean_stall_holds(monkeypatch):
     """A call's fixed cost (10 ms) is a third of what one step's credit (28 ms) buys: steps save up and fewer,
     larger calls follow, moving the prompt faster for the same mean stall of the streams."""
     a, per = 0.010, 0.0005
 
     def run(share: float) -> tuple[int, int, float]:
-        prefill.FIXED_SHARE_MAX = share
+        monkeypatch.setattr(prefill, "FIXED_SHARE_MAX", share)
         b = PrefillBudget(prior=(a, per))
         fed = calls = 0
         stalls = []
@@ -386,12 +386,9 @@ def test_small_calls_wait_until_the_fixed_cost_is_a_small_share_and_the_mean_sta
             stalls.append(stall)
         return fed, calls, sum(stalls) / len(stalls)
 
-    saved = prefill.FIXED_SHARE_MAX
-    try:
-        each_fed, each_calls, each_stall = run(1.0)
-        fed, calls, stall = run(saved)
-    finally:
-        prefill.FIXED_SHARE_MAX = saved
+    default = prefill.FIXED_SHARE_MAX
+    each_fed, each_calls, each_stall = run(1.0)
+    fed, calls, stall = run(default)
     assert calls <= each_calls / 2 and fed > 1.2 * each_fed, (fed, calls, each_fed, each_calls)
     assert stall <= STALL_BUDGET * 0.040 * 1.05 and each_stall <= STALL_BUDGET * 0.040 * 1.05
     assert calls * a <= 0.25 * stall * 200 * 1.05  # the fixed cost is at most a quarter of the streams' stall

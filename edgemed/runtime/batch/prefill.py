@@ -40,9 +40,9 @@ STALL_BUDGET = 0.8
 #: step (~0.35 s on that box) and the mean stays the rule's (``serve_workloads --parts long``).
 STEP_STALL_MAX = 4.0
 #: A plain step as the streams see it is the time from one decode call's end to the next, less the prompt calls in
-#: between (sampling, text, the HTTP threads' share of the CPU and the interpreter lock count; ``llama_decode`` alone
-#: was 60 % of it for 3 streams of Qwen2.5-0.5B served at 2 threads). A gap longer than this many decode calls is
-#: idle time (no step ran), not a step.
+#: between (sampling, text, the HTTP threads' share of the CPU and the interpreter lock count: 3 streams of
+#: Qwen2.5-0.5B served at 2 threads saw 86-98 ms between tokens, where a 4-row decode call alone takes about 71 ms).
+#: A gap longer than this many decode calls is idle time (no step ran), not a step.
 PERIOD_MAX = 4.0
 #: A prompt call beside running streams is made only when its fixed cost ``a`` is at most this share of it (or the
 #: credit is full): the credit a step earns spent at once on a call of a few tokens paid mostly ``a`` (a 1,528-token
