@@ -95,7 +95,7 @@ path, profile_name, n_ctx, n_tokens, kv = sys.argv[1], sys.argv[2], int(sys.argv
 s = get_profile(profile_name).llama
 kv_type = kv or s["type_k"]
 load = LoadSettings(n_gpu_layers=-1, flash_attn=True, type_k=kv_type, type_v=kv_type, use_mmap=s["use_mmap"],
-                    use_mlock=False, n_ctx=n_ctx, n_batch=512, n_ubatch=512, extra_buffers=s["extra_buffers"])
+                    use_mlock=False, n_ctx=n_ctx, n_batch=512, n_ubatch=512, extra_buffers=s.get("extra_buffers", "auto"))
 t0 = time.perf_counter()
 model = load_model(path, load)
 ctx = Context(model, load, n_ctx=n_ctx)

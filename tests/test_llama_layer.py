@@ -99,6 +99,24 @@ def test_only_weights_the_repack_kernels_take_are_pinned():
     assert buffers.pinned_weights(tensors, frozenset({"SSE3"})) == []  # no AVX2: nothing is pinned
 
 
+def test_only_layers_left_on_the_cpu_are_pinned():
+    """An override outranks n_gpu_layers in llama.cpp: an offloaded layer's weights must never be pinned to the CPU."""
+    feats = buffers.Build(AVX2_BUILD).features
+    tensors = [TensorInfo(f"blk.{i}.ffn_up.weight", "Q4_K", 0, 0, (896, 4864)) for i in range(4)]
+    tensors.append(TensorInfo("output.weight", "Q4_K", 0, 0, (896, 151936)))
+    every = [t.name for t in tensors]
+    assert buffers.pinned_weights(tensors, feats) == every  # CPU build: every layer is on the CPU
+    assert buffers.pinned_weights(tensors, feats, n_gpu_layers=-1, gpu=False) == every  # no GPU device: same
+    assert buffers.pinned_weights(tensors, feats, n_gpu_layers=-1, gpu=True) == []  # all offloaded
+    assert buffers.pinned_weights(tensors, feats, n_gpu_layers=99, gpu=True) == []
+    assert buffers.pinned_weights(tensors, feats, n_gpu_layers=0, gpu=True) == every
+    # llama.cpp offloads the last n of the n_layer + 1 layers (the output layer counts as the last)
+    assert buffers.pinned_weights(tensors, feats, n_gpu_layers=1, gpu=True) == every[:4]
+    assert buffers.pinned_weights(tensors, feats, n_gpu_layers=3, gpu=True) == every[:2]
+    assert [buffers.cpu_layers(28, n, True) for n in (-1, 0, 1, 29, 40)] == [0, 29, 28, 0, 0]
+    assert buffers.cpu_layers(28, -1, False) == 29
+
+
 def test_profiles_carry_the_setting():
     from edgemed.devices import get_profile
     from edgemed.devices.schema import validate

@@ -23,6 +23,11 @@ Overrides are only written for weights the repack kernels accept (their rules
 are ``REPACK_RULES`` below, read off ``ggml_repack_get_optimal_repack_type``):
 a weight pinned to CPU_REPACK that the kernels cannot take would abort in
 llama.cpp. Where the build has no CPU_REPACK type, ``repack`` is ``none``.
+Only weights of layers that llama.cpp keeps on the CPU are pinned (``cpu_layers``):
+an override outranks ``n_gpu_layers``, so pinning an offloaded layer's weights
+would keep them in host memory and run their products on the CPU. A CUDA build
+on an AMX host (``auto`` is ``repack`` there) pinned all 168 matmul weights of a
+fully offloaded 28-layer Qwen2 this way before the rule (``gpu_check``).
 """
 
 from __future__ import annotations
@@ -88,9 +93,33 @@ def repackable(type_name: str, dims: tuple[int, ...], features: frozenset[str]) 
     return any(needs <= features and dims[1] % rows == 0 for needs, rows in REPACK_RULES.get(type_name, ()))
 
 
-def pinned_weights(tensors, features: frozenset[str]) -> list[str]:
-    """Names of the matmul weights to pin to CPU_REPACK (``tensors``: gguf_header.TensorInfo)."""
-    return [t.name for t in tensors if MATMUL_WEIGHT.match(t.name) and repackable(t.type_name, t.dims, features)]
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def cpu_layers(n_layer: int, n_gpu_layers: int, gpu: bool) -> int:
+    """How many layers, counted from the first, llama.cpp keeps on the CPU: ``n_layer + 1`` means every repeating
+    layer and the output layer (index ``n_layer``). Its rule (``llama_model::load_tensors``): with a GPU device,
+    the last ``n_gpu_layers`` of the ``n_layer + 1`` go to it (negative: all); without one, none."""
+    if not gpu:
+        return n_layer + 1
+    offloaded = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    return max(n_layer + 1 - offloaded, 0)
+
+
+def pinned_weights(tensors, features: frozenset[str], n_gpu_layers: int = 0, gpu: bool = False) -> list[str]:
+    """Names of the matmul weights to pin to CPU_REPACK (``tensors``: gguf_header.TensorInfo): those the repack
+    kernels take, in layers that stay on the CPU (``cpu_layers``; the output layer is the one after the last block)."""
+    tensors = list(tensors)
+    blocks = [int(m.group(1)) for t in tensors if (m := _BLOCK.match(t.name))]
+    n_layer = max(blocks) + 1 if blocks else 0
+    below = cpu_layers(n_layer, n_gpu_layers, gpu)
+
+    def on_cpu(name: str) -> bool:
+        m = _BLOCK.match(name)
+        return (int(m.group(1)) if m else n_layer) < below
+
+    return [t.name for t in tensors
+            if MATMUL_WEIGHT.match(t.name) and on_cpu(t.name) and repackable(t.type_name, t.dims, features)]
 
 
 class _Override(ctypes.Structure):
@@ -148,8 +177,10 @@ class Placement:
         return {"all": "extra buffers: all (llama.cpp default)", "none": "extra buffers: none"}[self.mode]
 
 
-def apply(params, path: Path, mode: str, build: Build, max_overrides: int, tensors=None) -> Placement:
-    """Set ``use_extra_bufts`` / ``tensor_buft_overrides`` of llama_model_params for ``mode`` (not ``auto``)."""
+def apply(params, path: Path, mode: str, build: Build, max_overrides: int, tensors=None, *, n_gpu_layers: int = 0,
+          gpu: bool = False) -> Placement:
+    """Set ``use_extra_bufts`` / ``tensor_buft_overrides`` of llama_model_params for ``mode`` (not ``auto``).
+    ``n_gpu_layers`` and ``gpu`` (the build offloads to a GPU device): which layers stay on the CPU to be pinned."""
     if mode == "all":
         params.use_extra_bufts = True
         return Placement("all")
@@ -163,7 +194,7 @@ def apply(params, path: Path, mode: str, build: Build, max_overrides: int, tenso
         from edgemed.formats.gguf_header import read_header
 
         tensors = read_header(path).tensors
-    names = pinned_weights(tensors, build.features)[: max_overrides - 1]
+    names = pinned_weights(tensors, build.features, n_gpu_layers, gpu)[: max_overrides - 1]
     if not names:
         return Placement("none")
     array = (_Override * (len(names) + 1))()

@@ -78,7 +78,8 @@ class Model:
         params.n_gpu_layers = load.n_gpu_layers
         params.load_mode = load_mode(lc, load)
         mode = buffers.resolve(load.extra_buffers, build())
-        self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides(), tensors)
+        self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides(), tensors,
+                                       n_gpu_layers=load.n_gpu_layers, gpu=bool(lc.llama_supports_gpu_offload()))
         self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params.raw)
         if not self.ptr:
             raise ModelLoadError(
