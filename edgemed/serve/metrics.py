@@ -59,6 +59,8 @@ COUNTER_STATS = {
     "decode_seconds_total": ("edgemed_decode_seconds", "Seconds the scheduler spent inside llama_decode."),
     "step_seconds_total": ("edgemed_step_seconds", "Seconds of whole batcher steps (llama_decode, sampling, text)."),
     "idle_seconds_total": ("edgemed_idle_seconds", "Seconds the scheduler waited for work."),
+    "heap_trims_total": ("edgemed_batcher_heap_trims",
+                         "Times the scheduler, going idle, handed freed heap memory back to the OS (malloc_trim)."),
 }
 
 

@@ -86,6 +86,7 @@ import time
 from pathlib import Path
 
 from edgemed.errors import AdapterError, Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
+from edgemed.runtime import heap
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
 from edgemed.runtime.batch.options import Extras, entry, sampler_for
@@ -192,6 +193,7 @@ class Batcher:
         self._unsynced: set[int] = set()  # slots a queued seq copy reads or writes: synced by the next decode
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
         self._kept_key: list = [None] * slots  # the adapter set those cells were computed under (None: the base)
+        self._worked = False  # a step or an idle call ran since the heap was last trimmed
         self._answers: list = [None] * slots  # (kept list, answer ids still to feed) of a free slot, for idle time
         self._initial_adapters = dict(adapters or {})  # name -> loader.AdapterSpec, loaded by start()
         self._adapters: dict[str, _Loaded] = {}  # served by name (removed ones stay until their last request ends)
@@ -486,6 +488,10 @@ class Batcher:
                     idle = not (self._stopping or self._queue or self._active or self._releasing)
                     answer = self._answer_to_keep() if idle else None
                     if idle and answer is None:
+                        if self._worked:  # freed memory back to the OS between bursts (``runtime.heap``)
+                            self._worked = False
+                            if heap.release():
+                                self._n.heap_trims_total += 1
                         t_idle = time.perf_counter()
                         while not (self._stopping or self._queue or self._active or self._releasing):
                             self._cond.wait()
@@ -495,6 +501,7 @@ class Batcher:
                         break
                     if answer is None:
                         self._admit()
+                self._worked = True
                 if answer is not None:
                     try:
                         self._keep_answer(answer)

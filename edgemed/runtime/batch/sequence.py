@@ -91,6 +91,7 @@ class Counters:
     decode_seconds_total: float = 0.0  # inside llama_decode
     step_seconds_total: float = 0.0  # whole steps: batch building, llama_decode, sampling, text, hand-over
     idle_seconds_total: float = 0.0  # scheduler waiting for work
+    heap_trims_total: int = 0  # idle moments that handed freed heap pages back to the OS (``runtime.heap``)
     finished: dict = field(default_factory=lambda: collections.Counter())
 
     def totals(self) -> dict:
@@ -107,4 +108,4 @@ class Counters:
                 "decode_steps_total": self.decode_steps_total, "adapter_switches_total": self.adapter_switches_total,
                 "finished_total": dict(self.finished),
                 "decode_seconds_total": self.decode_seconds_total, "step_seconds_total": self.step_seconds_total,
-                "idle_seconds_total": self.idle_seconds_total}
+                "idle_seconds_total": self.idle_seconds_total, "heap_trims_total": self.heap_trims_total}
