@@ -39,7 +39,7 @@ runs are in the JSON). Figures per level and server, measured by the client the 
 (``serve_vs_llama_server``'s definition: median per-request decode rate x streams decoding at once), end-to-end
 tok/s, TTFT p50; edgemed / llama-server; each adapter level / the no-adapter level on the same server.
 
-Memory: VmRSS and VmHWM (/proc/PID/status) of each server after its load: edgemed with the base alone, edgemed
+Memory: VmRSS and VmHWM (/proc/PID/status) of each server ``SETTLE_S`` after its load: edgemed with the base alone, edgemed
 with the adapters, llama-server with the adapters; "as many merged models" = adapters x the base-alone server
 (a merged model is the base's size: the same tensors, other values).
 
@@ -375,7 +375,13 @@ def server_names(lv: dict) -> list[str]:
     return sorted(names, key=lambda n: (n == "llama-server", n != "edgemed", n))
 
 
+#: Seconds a server is left idle after its load before its resident size is read (every server alike): the size
+#: between bursts, once edgemed's scheduler has handed freed heap back (decision 0014) and finished any idle work.
+SETTLE_S = 2.0
+
+
 def memory(server) -> dict:
+    time.sleep(SETTLE_S)
     status = read_status(server.proc.pid) or {}
     return {"VmRSS_MiB": round(status.get("VmRSS", 0) / 2**20, 1), "VmHWM_MiB": round(status.get("VmHWM", 0) / 2**20, 1)}
 
@@ -388,13 +394,22 @@ def _types_said(m: dict) -> str:
     return m.get("adapter_type", "f16").upper() + (f": {said} tensors" if said else "")
 
 
+def _cpu() -> dict:
+    """The CPU the figures were taken on: its model name and llama.cpp's own view of it (the kernels it picked)."""
+    from edgemed.benchmarks.harness.machine import llama_system_info
+    from edgemed.devices.detect import detect
+
+    return {"cpu": detect().model, "llama_cpp_system_info": llama_system_info()}
+
+
 def report_md(m: dict) -> str:
     lines = [f"# Serving {m['adapters']} LoRA adapters per request: edgemed serve vs llama-server --lora ({m['model']})", "",
              f"{m['threads']} threads, {SLOTS} slots, {m['n_ctx_per_slot']} tokens per slot, {m['streams']} closed-loop streams, "
              f"greedy, {m['max_tokens']} tokens per request, {m['requests_per_stream']} requests per stream, prompt reuse "
              f"off on both, best of {m['rounds']} interleaved rounds per figure (all runs in the JSON). Adapters: rank {m['rank']}, "
              f"q/k/v/o + MLP, {m['adapter_file_mib']} MiB each ({_types_said(m)}). Load average during the runs: "
-             f"{m['loadavg_range'][0]:.1f}-{m['loadavg_range'][1]:.1f} on {m['machine']['cpu_count']} CPUs (shared box).", "",
+             f"{m['loadavg_range'][0]:.1f}-{m['loadavg_range'][1]:.1f} on {m['machine']['cpu_count']} CPUs (shared box)"
+             + (f"; CPU: {m['machine']['cpu']} (llama.cpp: `{m['machine']['llama_cpp_system_info']}`)." if m['machine'].get('cpu') else ".") , "",
              f"Command: `{m['command']}`", "",
              "Two aggregates, both measured by the client: *decode tok/s* is `serve_vs_llama_server`'s (median per-request "
              "decode rate x streams), right when the streams decode at once; *e2e tok/s* is all completion tokens / wall "
@@ -415,7 +430,7 @@ def report_md(m: dict) -> str:
             lines.append(f"| {k} | {name} | {x['best']['decode_tok_s']:.1f} ({runs}) | {x['best_e2e_tok_s']:.1f} ({e2e}) | "
                          f"{vs0} | {x['best']['ttft_p50_s']:.2f} s | {ratio} |")
     mem = m["memory"]
-    lines += ["", "Resident memory after the load (VmRSS / VmHWM, MiB):", "",
+    lines += ["", f"Resident memory {m.get('memory_settle_s', 0):g} s after the load (VmRSS / VmHWM, MiB):", "",
               "| process | VmRSS | VmHWM |", "|---|---|---|"]
     for name, v in mem["servers"].items():
         lines.append(f"| {name} | {v['VmRSS_MiB']} | {v['VmHWM_MiB']} |")
@@ -554,13 +569,13 @@ def main(argv=None) -> None:
               "adapter_files": [str(f) for f in files],
               "adapter_file_mib": round(statistics.mean(f.stat().st_size for f in files) / 2**20, 1),
               "adapter_type": args.adapter_type, "adapter_tensor_types": tensor_type_counts(files[0]),
-              "levels": out_levels, "memory": memory_out, "switch_cost": switch, "switch_steps": args.switch_steps,
+              "levels": out_levels, "memory": memory_out, "memory_settle_s": SETTLE_S, "switch_cost": switch, "switch_steps": args.switch_steps,
               "turn_cost": turned,
               "answers": answers, "loadavg_range": (min(loads), max(loads)) if loads else (0.0, 0.0),
               "best_of": "the run with the highest decode tok/s per level and server", "servers": described,
               "command": "python -m edgemed.benchmarks.serve_adapters " + " ".join(argv or __import__("sys").argv[1:]),
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "note": "CPU shared with other sessions; load averages are per run"}}
+                          **_cpu(), "note": "CPU shared with other sessions; load averages are per run"}}
     out = args.out or Path(__file__).resolve().parent / "results" / "serve_adapters" / f"{base.stem}-t{args.threads}.json"
     save_results(out, result, report_md(result))
 
