@@ -39,8 +39,9 @@ runs are in the JSON). Figures per level and server, measured by the client the 
 (``serve_vs_llama_server``'s definition: median per-request decode rate x streams decoding at once), end-to-end
 tok/s, TTFT p50; edgemed / llama-server; each adapter level / the no-adapter level on the same server.
 
-Memory: VmRSS and VmHWM (/proc/PID/status) of each server ``SETTLE_S`` after its load: edgemed with the base alone, edgemed
-with the adapters, llama-server with the adapters; "as many merged models" = adapters x the base-alone server
+Memory: VmRSS and VmHWM (/proc/PID/status) of each server ``SETTLE_S`` after its load: edgemed with the base alone
+(given as many runs of the load, all on the base, as the adapters' server had: a server's heap grows with the requests
+it has served, not only with its adapters), edgemed with the adapters, llama-server with the adapters; "as many merged models" = adapters x the base-alone server
 (a merged model is the base's size: the same tensors, other values).
 
 Adapter switch cost (in this process, after the servers stop): llama.cpp marks the scheduler for a re-reserve on
@@ -546,10 +547,11 @@ def main(argv=None) -> None:
     finally:
         for s in servers.values():
             s.stop()
-    try:  # the base alone, after the others stopped: same settings, the no-adapter load once
-        alone.start()
+    try:  # the base alone, after the others stopped: same settings, as many runs of the load as the adapters' server
+        alone.start()  # had (every request on the base), so both sizes are read after the same number of requests
         run_level(alone, prompts, 1, 1, 4)
-        run_level(alone, prompts, args.streams, 1, args.tokens)
+        for _ in range(args.rounds * len(levels)):
+            run_level(alone, prompts, args.streams, args.requests, args.tokens)
         mem["edgemed, base alone"] = memory(alone)
     finally:
         alone.stop()
