@@ -30,8 +30,10 @@ import time
 
 #: While sequences are generating, steps take on average at most (1 + STALL_BUDGET) x a plain step (the prompt
 #: calls' seconds are paced by a credit that each step adds STALL_BUDGET x a plain step to): the streams' goal is
-#: at most 2x; measured 1.6-1.7x at 0.7 on a served 0.5B, so 0.8 keeps a margin and reads the prompt faster ...
-STALL_BUDGET = 0.8
+#: at most 2x. A 1,528-token prompt while 3 stream on a served 0.5B, 2 rounds each (Xeon, AVX-512): at 0.8 growth
+#: 1.85 / 2.02x and first token 2.68 / 2.80x llama-server's; at 0.9 growth 1.90 / 1.93x and 2.99 / 2.40x (the
+#: rounds' noise is wider than the step between the two; ``serve_workloads --parts long``, decision 0012) ...
+STALL_BUDGET = 0.9
 #: ... and one step at most (1 + STEP_STALL_MAX) x, unless a call's fixed cost is more than half a plain step
 #: (``PrefillBudget._cap``): the credit saved over several plain steps buys one larger chunk, whose fixed cost
 #: is then spread over more tokens. At 1.0 (a chunk every step or two) a 1,500-token prompt arriving while 3 stream
