@@ -367,9 +367,9 @@ def test_the_mean_stall_stays_within_the_budget_of_the_served_step():
 
 
 def test_small_calls_wait_until_the_fixed_cost_is_a_small_share_and_the_mean_stall_holds(monkeypatch):
-    """A call's fixed cost (10 ms) is a third of what one step's credit (28 ms) buys: steps save up and fewer,
+    """A call's fixed cost is a third of a step's credit (STALL_BUDGET x a 40 ms step): steps save up and fewer,
     larger calls follow, moving the prompt faster for the same mean stall of the streams."""
-    a, per = 0.010, 0.0005
+    a, per = STALL_BUDGET * 0.040 / 3, 0.0005
 
     def run(share: float) -> tuple[int, int, float]:
         monkeypatch.setattr(prefill, "FIXED_SHARE_MAX", share)
