@@ -82,3 +82,37 @@ def test_adapter_turn_must_be_positive():
     assert ADAPTER_TURN >= 1
     with pytest.raises(InputError, match="adapter_turn"):
         batcher(0)
+
+
+def test_requests_admitted_together_take_one_run_of_slots_per_adapter():
+    """llama.cpp puts only consecutive sequence ids in one ubatch (one KV stream per slot): a group in slots 0 and 2
+    would read the weights twice a step. Arrivals a, b, a, b take slots 0, 1 (a) and 2, 3 (b)."""
+    b = batcher(16)
+    b._free = [3, 2, 1, 0]  # as start() leaves them
+    b._reuse = lambda seq: None  # no prefix cache in this bookkeeping test
+    adapter = {name: SimpleNamespace(key=name) for name in "ab"}
+    queued = [SimpleNamespace(adapter=adapter[k], followers=[], stream=SimpleNamespace(cancelled=False, request_id=i),
+                              t_submit=0.0, cached=0, extras=SimpleNamespace(prompt_logprobs=False), tokens=[1, 2, 3])
+              for i, k in enumerate("abab")]
+    b._queue.extend(queued)
+    b._admit()
+    slots = {k: sorted(q.slot for q in queued if q.adapter.key == k) for k in "ab"}
+    assert slots == {"a": [0, 1], "b": [2, 3]}
+    assert [q.adapter.key for q in b._active] == ["a", "a", "b", "b"]  # groups in order of their first request
+
+
+def test_a_new_request_joins_its_groups_run_of_slots():
+    from edgemed.runtime.batch.batcher import _runs
+
+    assert (_runs({0, 1, 3}), _runs({0, 2}), _runs(set()), _runs({2})) == (2, 2, 0, 1)
+    b = batcher(16)
+    b._free = [3, 2, 1, 0]
+    b._reuse = lambda seq: None
+    running = SimpleNamespace(adapter=None, slot=2)
+    b._active.append(running)
+    b._free.remove(2)
+    new = SimpleNamespace(adapter=None, followers=[], stream=SimpleNamespace(cancelled=False, request_id="n"),
+                          t_submit=0.0, cached=0, extras=SimpleNamespace(prompt_logprobs=False), tokens=[1, 2, 3])
+    b._queue.append(new)
+    b._admit()
+    assert new.slot == 1  # next to slot 2 (one run), not slot 0 (the lowest, two runs)

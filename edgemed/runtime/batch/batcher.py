@@ -538,14 +538,20 @@ class Batcher:
                 return
 
     def _admit(self) -> None:
-        """Move queued requests into free slots (caller holds the lock)."""
+        """Move queued requests into free slots (caller holds the lock). Requests admitted together take their
+        slots grouped by adapter (in order of each group's first request), so a group's slots are one run."""
         now = time.perf_counter()
-        while self._queue and (len(self._free) > len(self._queue[0].followers) or self._queue[0].stream.cancelled):
+        taken, room = [], len(self._free)
+        while self._queue and (room > len(self._queue[0].followers) or self._queue[0].stream.cancelled):
             seq = self._queue.popleft()
             if seq.stream.cancelled:  # a request's choices are cancelled together (the client left)
                 for q in [seq, *seq.followers]:
                     self._end(q, "cancelled", now)
                 continue
+            taken.append(seq)
+            room -= 1 + len(seq.followers)
+        order = list(dict.fromkeys(_key(q) for q in taken))
+        for seq in sorted(taken, key=lambda q: order.index(_key(q))):  # stable: arrival order within a group
             seq.slot, seq.t_admit = self._slot_for(seq), now
             self._free.remove(seq.slot)
             self._reuse(seq)
@@ -573,11 +579,17 @@ class Batcher:
         return n
 
     def _slot_for(self, seq: Seq) -> int:
-        """The free slot where reused minus evicted tokens is largest, the lowest on a tie (empty slots
-        all score 0: without prefix reuse, the lowest free slot, so busy slots stay one run of ids)."""
-        def score(slot: int) -> tuple[int, int]:
+        """The free slot where reused minus evicted tokens is largest; on a tie, the one that leaves the running
+        requests of ``seq``'s adapter group (itself included) in the fewest runs of consecutive slots, then the
+        lowest. llama.cpp puts only consecutive sequence ids in one ubatch when each slot has its own KV stream
+        (``split_equal``), and each ubatch reads all the weights: a group decoding in slots 0 and 2 paid two passes
+        a step where slots 0 and 1 pay one."""
+        key = _key(seq)
+        mine = {q.slot for q in self._active if _key(q) == key}
+
+        def score(slot: int) -> tuple[int, int, int]:
             reused = self._reusable(slot, seq)
-            return reused - (len(self._kept[slot]) - reused), -slot
+            return reused - (len(self._kept[slot]) - reused), -_runs(mine | {slot}), -slot
 
         return max(self._free, key=score)
 
@@ -968,6 +980,11 @@ _NOBODY = object()  # no group has had the context yet (None is the base's key)
 def _reading(seqs) -> bool:
     """Whether any of ``seqs`` has prompt tokens to feed now (not waiting for another request's prefix)."""
     return any(q.pos < len(q.tokens) and not q.waiting for q in seqs)
+
+
+def _runs(slots: set[int]) -> int:
+    """How many runs of consecutive ids ``slots`` makes ({0, 1, 3}: two)."""
+    return sum(1 for s in slots if s - 1 not in slots)
 
 
 def _key(seq: Seq):
