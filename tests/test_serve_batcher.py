@@ -132,11 +132,12 @@ def test_going_idle_after_work_hands_freed_heap_back(batcher, prompts, monkeypat
     calls = []
     monkeypatch.setattr(heap, "release", lambda: calls.append(1) or True)
     wait_for(lambda: batcher.stats()["active_slots"] == 0 and batcher.stats()["queue_depth"] == 0)
-    before = batcher.stats()["heap_trims_total"]
+    time.sleep(0.5)  # idle work left by earlier tests (answers fed back into their slots) ends with its own trim
+    before, n_calls = batcher.stats()["heap_trims_total"], len(calls)
     collect(batcher.submit(prompts[0], GenerationSettings(max_tokens=3), request_id="trim"))
-    wait_for(lambda: batcher.stats()["heap_trims_total"] == before + 1)
-    time.sleep(0.2)  # idle stays idle: no second trim without work in between
-    assert batcher.stats()["heap_trims_total"] == before + 1 and len(calls) == 1
+    wait_for(lambda: batcher.stats()["heap_trims_total"] >= before + 1)
+    time.sleep(0.3)  # idle stays idle: no second trim without work in between
+    assert batcher.stats()["heap_trims_total"] == before + 1 and len(calls) - n_calls == 1
 
 
 def test_heap_release_calls_the_c_library():
