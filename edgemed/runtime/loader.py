@@ -93,7 +93,7 @@ def load_model(path: Path | str, load: LoadSettings | None = None, adapters=()):
 
     path = Path(path)
     # llama.cpp's libraries before the header reader's numpy: on a CUDA build (H200, numpy 2.5.2) a process that had
-    # imported numpy first segfaulted in llama_model_load_from_file; loaded in this order it loaded (docs/benchmarks.md)
+    # imported numpy first segfaulted at the model load; loaded in this order it loaded (docs/benchmarks.md)
     llamacpp.lib()
     header = read_header(path)  # read once: the self-test's key and the repack overrides
     if header.metadata.get("general.type") == "adapter":
