@@ -431,7 +431,7 @@ def report_md(m: dict) -> str:
             lines.append(f"| {k} | {name} | {x['best']['decode_tok_s']:.1f} ({runs}) | {x['best_e2e_tok_s']:.1f} ({e2e}) | "
                          f"{vs0} | {x['best']['ttft_p50_s']:.2f} s | {ratio} |")
     mem = m["memory"]
-    lines += ["", f"Resident memory {m.get('memory_settle_s', 0):g} s after the load (VmRSS / VmHWM, MiB):", "",
+    lines += ["", "Resident memory " + (f"{m['memory_settle_s']:g} s " if "memory_settle_s" in m else "") + "after the load (VmRSS / VmHWM, MiB):", "",
               "| process | VmRSS | VmHWM |", "|---|---|---|"]
     for name, v in mem["servers"].items():
         lines.append(f"| {name} | {v['VmRSS_MiB']} | {v['VmHWM_MiB']} |")

@@ -6,9 +6,8 @@ buffers on several threads. glibc keeps freed memory in its arenas for reuse, so
 resident size until ``malloc_trim`` returns the free pages; on a Jetson that memory is the GPU's too. The batcher
 calls ``release`` when it goes idle after work, so the resident size reflects what is live between bursts.
 
-Qwen2.5-0.5B Q4_K_M with four adapters in the batcher (one process, no HTTP), after a mixed load: 698 MiB
-resident, 681 MiB after a trim (base alone: 648 -> 641; decision 0014). Where the C library has no ``malloc_trim``
-(musl, macOS) ``release`` does nothing and says so (None).
+Served figures with and without it are in decision 0014. Where the C library has no ``malloc_trim`` (musl, macOS)
+``release`` does nothing and says so (None).
 
 Written against ctypes rather than a package: one libc call, no dependency for it.
 """
