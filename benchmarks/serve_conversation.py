@@ -229,7 +229,8 @@ def run_conversations(server: _Server, openings: list[str], turns: int, max_toke
 
 
 def turn_stats(rows: list[list[dict]]) -> list[dict]:
-    """Per turn, over the clinicians: TTFT p50/p99, prompt and cached tokens (mean, min, max), decode tok/s median."""
+    """Per turn, over the clinicians: TTFT p50/p99, prompt and cached tokens (mean, min, max), decode tok/s median,
+    and each clinician's TTFT and computed (not cached) prompt tokens."""
     out = []
     for t in range(min(len(r) for r in rows)):
         col = [r[t] for r in rows]
@@ -244,7 +245,11 @@ def turn_stats(rows: list[list[dict]]) -> list[dict]:
                     "cached_tokens_min": min(cached) if cached else None,
                     "cached_share": (sum(cached) / sum(prompt)) if cached and prompt and len(cached) == len(prompt) else None,
                     "decode_tok_s_median": statistics.median(rate) if rate else None,
-                    "completion_tokens": sum(x["tokens"] for x in col)})
+                    "completion_tokens": sum(x["tokens"] for x in col),
+                    # per clinician, in clinician order: where each one's wait went (not only the percentiles)
+                    "ttft_s": [_r(x) for x in ttft],
+                    "computed_tokens": [None if x["prompt_tokens"] is None or x["cached_tokens"] is None
+                                        else x["prompt_tokens"] - x["cached_tokens"] for x in col]})
     return out
 
 

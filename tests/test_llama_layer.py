@@ -316,3 +316,44 @@ def test_plain_greedy_on_a_row_without_logits_is_an_error_not_a_crash(smollm2_gg
         batch.close()
         ctx.close()
         model.close()
+
+
+def test_a_decode_given_up_removes_its_cells_and_the_callback_is_cleared(smollm2_gguf):
+    """``Context.decode_unless`` reaches llama.cpp's abort callback: a call whose ``stop`` turns true after a few
+    graph nodes returns 2, far sooner than the whole call, with its batch's cells gone and the earlier ones kept;
+    the same rows then decode normally, and a later plain decode no longer asks the callback."""
+    import time
+
+    from edgemed.runtime import llamacpp
+
+    model = llamacpp.Model(smollm2_gguf, LoadSettings(n_ctx=512, n_threads=1, n_batch=128, n_ubatch=128))
+    ctx = llamacpp.Context(model, n_ctx=512, n_seq_max=2, kv_unified=False)
+    batch = llamacpp.Batch(ctx.lib, 128)
+    try:
+        ids = model.tokenize("Sepsis is a life-threatening organ dysfunction caused by infection. " * 12)[:96]
+        batch.clear()
+        for i, t in enumerate(ids[:32]):
+            batch.add(t, i, 1, False)
+        assert ctx.decode(batch) == 0
+        batch.clear()
+        for i, t in enumerate(ids[32:]):
+            batch.add(t, 32 + i, 1, False)
+        asked = []
+        t0 = time.perf_counter()
+        assert ctx.decode_unless(batch, lambda: asked.append(1) or len(asked) > 3) == 2
+        given_up = time.perf_counter() - t0
+        assert len(asked) == 4  # asked before each node until true, then no more
+        assert ctx.lib.llama_memory_seq_pos_max(ctx.memory, 1) == 31  # the given-up call's cells are removed
+        t0 = time.perf_counter()
+        assert ctx.decode(batch) == 0 and ctx.lib.llama_memory_seq_pos_max(ctx.memory, 1) == 95
+        assert given_up < (time.perf_counter() - t0) / 2
+        asked.clear()
+        ctx.trim(1, 32)
+        assert ctx.decode_unless(batch, lambda: asked.append(1) or False) == 0 and len(asked) > 10  # once a node
+        n = len(asked)
+        ctx.trim(1, 32)
+        assert ctx.decode(batch) == 0 and len(asked) == n  # cleared after the call
+    finally:
+        batch.close()
+        ctx.close()
+        model.close()

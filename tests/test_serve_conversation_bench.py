@@ -19,11 +19,13 @@ def test_turn_stats_are_per_turn_over_the_clinicians():
     assert abs(stats[1]["cached_share"] - 616 / 820) < 1e-12
     assert stats[1]["decode_tok_s_median"] == 10.0  # a request without a rate is left out, not counted as 0
     assert stats[0]["completion_tokens"] == 16
+    assert stats[1]["ttft_s"] == [0.2, 0.4] and stats[1]["computed_tokens"] == [102, 102]  # each clinician's
 
 
 def test_turn_stats_without_cached_tokens_say_none():
     stats = sc.turn_stats([[_row(1.0, 300, None)], [_row(2.0, 300, None)]])
     assert stats[0]["cached_tokens_mean"] is None and stats[0]["cached_share"] is None
+    assert stats[0]["computed_tokens"] == [None, None]
 
 
 def test_ratios_per_turn_skip_missing_values():

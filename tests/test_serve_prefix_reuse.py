@@ -194,3 +194,38 @@ def test_a_failure_while_keeping_an_answer_empties_that_slot_and_serving_goes_on
         del b._keep_answer
         text, fin = collect(b.submit(prompt, GREEDY, request_id="y"))
         assert text == alone and fin.cached_tokens == 0  # the slot was emptied, and the scheduler still serves
+
+
+def test_a_request_stops_an_idle_answer_call_and_the_answer_is_fed_again_later(smollm2_gguf, cold):
+    """A request arriving while the idle scheduler feeds an answer back does not wait for that call: llama.cpp gives
+    it up (its cells removed), the request is served as it would be alone, and the answer is fed again at the next
+    idle moment, so the conversation's next turn finds it kept and still answers as cold."""
+    ref = chat(cold, TURNS[:2], "ref")
+    other = cold.tokenize("Sepsis is defined as", add_special=False)  # shares nothing: it takes the other slot
+    alone = collect(cold.submit(other, GREEDY, request_id="alone"))[0]
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2) as b:
+        real, held = b._ctx.decode_unless, threading.Event()
+
+        def first_call_waits_for_a_request(batch, stop):
+            if not held.is_set():
+                held.set()
+                end = time.monotonic() + 30
+                while not stop() and time.monotonic() < end:
+                    time.sleep(0.005)
+            return real(batch, stop)
+
+        b._ctx.decode_unless = first_call_waits_for_a_request
+        messages = [{"role": "user", "content": TURNS[0]}]
+        first = b.tokenize(b.render_chat(messages))
+        text, fin = collect(b.submit(first, CHAT, request_id="t0"))
+        assert held.wait(30)  # the answer's idle call has started
+        assert collect(b.submit(other, GREEDY, request_id="other"))[0] == alone
+        stats = b.stats()
+        assert stats["answer_calls_interrupted_total"] == 1
+        settle(b)  # fed again once idle, whole
+        assert b.stats()["answer_tokens_kept_total"] >= fin.completion_tokens
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": TURNS[1]}]
+        second = b.tokenize(b.render_chat(messages))
+        text2, fin2 = collect(b.submit(second, CHAT, request_id="t1"))
+    assert [text, text2] == [r[1] for r in ref]
+    assert fin2.cached_tokens >= len(first) + fin.completion_tokens

@@ -45,6 +45,9 @@ COUNTER_STATS = {
     "answer_tokens_kept_total": ("edgemed_batcher_answer_kept_tokens",
                                  "Answer tokens fed back as prompt rows into their free slot while idle (a chat's "
                                  "next turn then computes only its new question)."),
+    "answer_calls_interrupted_total": ("edgemed_batcher_answer_calls_interrupted",
+                                       "Idle calls feeding an answer back that an arriving request stopped (their rows "
+                                       "are fed again later)."),
     "prefix_host_hits_total": ("edgemed_prefix_cache_host_hits", "Requests that restored a prefix from host RAM."),
     "prefix_host_misses_total": ("edgemed_prefix_cache_host_misses",
                                  "Requests with a prompt long enough to save that found no prefix anywhere."),

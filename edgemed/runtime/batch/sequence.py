@@ -85,6 +85,7 @@ class Counters:
     cached: dict = field(default_factory=lambda: collections.Counter())  # of those, by source (Seq.cached_from)
     tokens_generated_total: int = 0
     answer_tokens_kept_total: int = 0  # answers' tokens fed as prompt into their free slot while idle (``Batcher``)
+    answer_calls_interrupted_total: int = 0  # of those idle calls, given up because a request arrived
     sequences_forked_total: int = 0  # n > 1 choices started from another's prompt KV (no prefill of their own)
     decode_steps_total: int = 0
     adapter_switches_total: int = 0  # adapter set changes on the context (``Batcher._use``)
@@ -104,6 +105,7 @@ class Counters:
                 "prompt_tokens_cached_host_total": self.cached["host"],
                 "tokens_generated_total": self.tokens_generated_total,
                 "answer_tokens_kept_total": self.answer_tokens_kept_total,
+                "answer_calls_interrupted_total": self.answer_calls_interrupted_total,
                 "sequences_forked_total": self.sequences_forked_total,
                 "decode_steps_total": self.decode_steps_total, "adapter_switches_total": self.adapter_switches_total,
                 "finished_total": dict(self.finished),
