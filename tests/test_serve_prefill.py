@@ -311,6 +311,68 @@ def test_a_measured_budget_feeds_a_long_prompt_while_three_streams_keep_getting_
     assert going and all(got1[k] - got0[k] >= steps - 3 for k in going), (steps, got0, got1)  # nobody stalled
 
 
+def _first_pieces(b, prompts: dict[str, str], max_tokens: int) -> tuple[int, dict[str, list[int]]]:
+    """Submit ``prompts`` at once to an idle batcher (one admission); per request, the decode steps counted when each
+    of its pieces arrived. Returns the steps counted before, and those lists."""
+    from edgemed.runtime.batch.stream import Piece
+
+    arrivals: dict[str, list[int]] = {name: [] for name in prompts}
+    steps0 = b.stats()["decode_steps_total"]
+    streams = {name: b.submit(text, GenerationSettings(max_tokens=max_tokens), request_id=name)
+               for name, text in prompts.items()}
+
+    def read(name: str) -> None:
+        for item in streams[name]:
+            if isinstance(item, Piece):
+                arrivals[name].append(b.stats()["decode_steps_total"])
+
+    readers = [threading.Thread(target=read, args=(name,)) for name in prompts]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join(timeout=120)
+    return steps0, arrivals
+
+
+def _case(i: int, days: int) -> str:
+    return f"Patient {i} ward notes. " + " ".join(f"Day {d}: stable, afebrile, eating well, no new complaints."
+                                                   for d in range(1, days))
+
+
+def test_long_prompts_that_arrive_together_are_read_at_full_speed_one_after_another(smollm2_gguf):
+    """Three ~300-token cases sent at once: the first starts streaming when its prompt is in, and the others are
+    still read at the whole batch (it is not a running stream to protect yet), so the last one's first token comes
+    within a few steps, not after the dozens a budgeted chunk a step would take."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.runtime.batch.batcher import Batcher
+
+    load = LoadSettings(n_ctx=4 * 768, n_threads=1, n_batch=512, n_ubatch=512)
+    with Batcher(smollm2_gguf, load, slots=4, queue_size=4, n_ctx_per_slot=768, prefix_cache=False) as b:
+        cases = {f"c{i}": _case(i, 20) for i in range(3)}
+        sizes = [len(b.tokenize(t)) for t in cases.values()]
+        assert min(sizes) > WHOLE_PROMPT + 100
+        steps0, arrivals = _first_pieces(b, cases, max_tokens=8)
+    firsts = sorted(a[0] - steps0 for a in arrivals.values())
+    assert firsts[-1] <= -(-sum(sizes) // 512) + 2, (firsts, sizes)  # the whole batch each step, then streaming
+    assert firsts[0] < firsts[-1]  # the first did start before the last was read (in arrival order)
+
+
+def test_a_short_prompt_sent_with_a_long_one_keeps_streaming_while_the_long_one_is_read(smollm2_gguf):
+    """A short question sent together with a long record is a running stream as usual: it gets a token (nearly)
+    every step while the record is read in budgeted chunks."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.runtime.batch.batcher import Batcher
+
+    load = LoadSettings(n_ctx=4 * 1024, n_threads=1, n_batch=512, n_ubatch=512)
+    with Batcher(smollm2_gguf, load, slots=4, queue_size=4, n_ctx_per_slot=1024, prefix_cache=False) as b:
+        prompts = {"short": COUNTING, "long": _case(0, 36)}
+        steps0, arrivals = _first_pieces(b, prompts, max_tokens=200)
+    long_first = arrivals["long"][0]
+    during = [s for s in arrivals["short"] if s < long_first]
+    assert long_first - steps0 > 4  # the record was read over several steps ...
+    assert len(during) >= (long_first - steps0) - 3, (during, long_first, steps0)  # ... the question streaming on
+
+
 class _Clock:
     """A clock the test moves: the budget reads it when a decode call ends."""
 
