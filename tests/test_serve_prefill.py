@@ -339,13 +339,16 @@ def _case(i: int, days: int) -> str:
                                                    for d in range(1, days))
 
 
-def test_long_prompts_that_arrive_together_are_read_at_full_speed_one_after_another(smollm2_gguf):
+def test_long_prompts_that_arrive_together_are_read_at_full_speed_one_after_another(smollm2_gguf, monkeypatch):
     """Three ~300-token cases sent at once: the first starts streaming when its prompt is in, and the others are
     still read at the whole batch (it is not a running stream to protect yet), so the last one's first token comes
     within a few steps, not after the dozens a budgeted chunk a step would take."""
     pytest.importorskip("llama_cpp")
+    from edgemed.runtime.batch import batcher as batcher_module
     from edgemed.runtime.batch.batcher import Batcher
 
+    monkeypatch.setattr(batcher_module, "GATHER_QUIET_S", 1.0)  # admitted together even on a loaded box
+    monkeypatch.setattr(batcher_module, "GATHER_MAX_S", 3.0)
     load = LoadSettings(n_ctx=4 * 768, n_threads=1, n_batch=512, n_ubatch=512)
     with Batcher(smollm2_gguf, load, slots=4, queue_size=4, n_ctx_per_slot=768, prefix_cache=False) as b:
         cases = {f"c{i}": _case(i, 20) for i in range(3)}
@@ -357,12 +360,15 @@ def test_long_prompts_that_arrive_together_are_read_at_full_speed_one_after_anot
     assert firsts[0] < firsts[-1]  # the first did start before the last was read (in arrival order)
 
 
-def test_a_short_prompt_sent_with_a_long_one_keeps_streaming_while_the_long_one_is_read(smollm2_gguf):
+def test_a_short_prompt_sent_with_a_long_one_keeps_streaming_while_the_long_one_is_read(smollm2_gguf, monkeypatch):
     """A short question sent together with a long record is a running stream as usual: it gets a token (nearly)
     every step while the record is read in budgeted chunks."""
     pytest.importorskip("llama_cpp")
+    from edgemed.runtime.batch import batcher as batcher_module
     from edgemed.runtime.batch.batcher import Batcher
 
+    monkeypatch.setattr(batcher_module, "GATHER_QUIET_S", 1.0)  # admitted together even on a loaded box
+    monkeypatch.setattr(batcher_module, "GATHER_MAX_S", 3.0)
     load = LoadSettings(n_ctx=4 * 1024, n_threads=1, n_batch=512, n_ubatch=512)
     with Batcher(smollm2_gguf, load, slots=4, queue_size=4, n_ctx_per_slot=1024, prefix_cache=False) as b:
         prompts = {"short": COUNTING, "long": _case(0, 36)}
