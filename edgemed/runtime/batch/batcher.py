@@ -103,9 +103,9 @@ log = logging.getLogger(__name__)
 
 #: An idle scheduler woken by a request waits this long for more before its first step (they share the
 #: prefill; HTTP requests sent at once reach the batcher milliseconds apart), and never longer than GATHER_MAX_S.
-#: Four clinicians' turns with 1,500-token histories, sent at once to the 1.5B's server, reached it up to 36 ms
-#: apart (each is parsed, rendered and tokenized under the interpreter lock); with 10 ms of quiet the first went
-#: alone once, and the other three waited its whole prefill step (first token 3.95 s against 2.19 s).
+#: Four clinicians' turns with 1,500-token histories, sent at once to the 1.5B's server, reached it further apart
+#: than 10 ms of quiet allowed (each is parsed, rendered and tokenized under the interpreter lock): the first went
+#: alone, and the other three waited its whole prefill step (first token 4.0 s against 2.2 s; decision 0015).
 GATHER_QUIET_S = 0.030
 GATHER_MAX_S = 0.100
 #: A prompt found whole in a slot still feeds its last REFEED tokens: its logits must come from a piece of
@@ -121,7 +121,7 @@ PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 MIN_SHARED = 32
 #: Answer tokens one idle call feeds into a free slot (``_keep_answer``). A request arriving meanwhile does not wait
 #: for the call: llama.cpp gives it up at the next graph node (``Context.decode_unless``), losing only that call's
-#: rows, so the chunk is sized for throughput: Qwen2.5-1.5B Q4_K_M at 2 threads computes 53 prompt tok/s in calls
+#: rows, so the chunk is sized for throughput: Qwen2.5-1.5B Q4_K_M at 2 threads computes 55 prompt tok/s in calls
 #: of 16 and 75 in calls of 64 (``llama-bench -p 16,64``, Xeon AVX-512), and four clinicians' 97-token answers
 #: must be in before they finish reading them.
 ANSWER_CHUNK = 64
@@ -832,7 +832,7 @@ class Batcher:
             seq.pos, seq.pending = seq.pos + 1, None
         # the streams whose inter-token time the budget protects: all but those with a long prompt of their own
         # admitted with a request whose prompt is still being read (long prompts that arrive together are read
-        # one after another at full speed, as if none had started streaming: see ``Batcher._step``)
+        # one after another at full speed, as if none had started streaming: see the docstring)
         reading = {q.t_admit for q in active if q.pos < len(q.tokens) and not q.waiting}
         streams = sum(1 for q in rows if q.t_admit not in reading or len(q.tokens) - q.cached <= WHOLE_PROMPT)
         if rows:
