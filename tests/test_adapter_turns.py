@@ -22,7 +22,7 @@ def batcher(turn: int) -> Batcher:
 
 def seq(reading: bool = False) -> SimpleNamespace:
     """A sequence as ``_next_group`` sees it: generating (its prompt read), or with prompt tokens still to feed."""
-    return SimpleNamespace(pos=0 if reading else 2, tokens=[7, 7], waiting=False)
+    return SimpleNamespace(reading=reading)
 
 
 def run(b: Batcher, groups_per_step: list[list[str]]) -> list[str]:

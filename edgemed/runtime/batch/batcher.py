@@ -637,7 +637,7 @@ class Batcher:
             self._ctx.drop(seq.slot)
             seq.pos = 0
             self._count(seq, 0, "slot")
-        elif src is None and self._host.max_bytes and len(tokens) - seq.cached >= HOST_MIN:
+        elif src is None and self._host.max_bytes and seq.computed >= HOST_MIN:
             self._host.miss()  # a prompt long enough to have been saved, found nowhere
         if src is not None:
             if self._ctx.copy_seq(src, seq.slot, best):
@@ -650,10 +650,10 @@ class Batcher:
             return
         if not wait:
             return
-        own = len(tokens) - seq.cached  # what this request computes alone
+        own = seq.computed  # what this request computes alone
         donor, share = None, seq.cached + MIN_SHARED - 1
         for q in self._active:  # requests computing their prompt now, earlier in arrival order
-            if q is seq or _key(q) != key or q.waiting or q.pos >= len(q.tokens):
+            if q is seq or _key(q) != key or not q.reading:
                 continue
             n = _common(q.tokens, tokens, limit)
             if n > share and n - q.pos <= own:  # it reaches the shared part no later than this one would alone
@@ -833,8 +833,8 @@ class Batcher:
         # the streams whose inter-token time the budget protects: all but those with a long prompt of their own
         # admitted with a request whose prompt is still being read (long prompts that arrive together are read
         # one after another at full speed, as if none had started streaming: see the docstring)
-        reading = {q.t_admit for q in active if q.pos < len(q.tokens) and not q.waiting}
-        streams = sum(1 for q in rows if q.t_admit not in reading or len(q.tokens) - q.cached <= WHOLE_PROMPT)
+        reading = {q.t_admit for q in active if q.reading}
+        streams = sum(1 for q in rows if q.t_admit not in reading or q.computed <= WHOLE_PROMPT)
         if rows:
             self._prefill.learn(self._decode(rows), streams, 0)
         room = batch.capacity
@@ -844,9 +844,8 @@ class Batcher:
             remaining = len(seq.tokens) - seq.pos
             if remaining <= 0 or seq.waiting:
                 continue
-            computed = len(seq.tokens) - seq.cached  # the prompt tokens this request feeds
-            short = computed <= WHOLE_PROMPT
-            take = remaining if short else chunk_of(remaining, min(budget, room), whole, computed)
+            short = seq.computed <= WHOLE_PROMPT  # the prompt tokens this request feeds
+            take = remaining if short else chunk_of(remaining, min(budget, room), whole, seq.computed)
             if take <= 0 or take > room:
                 continue
             takes.append((seq, take))
@@ -1007,7 +1006,7 @@ _NOBODY = object()  # no group has had the context yet (None is the base's key)
 
 def _reading(seqs) -> bool:
     """Whether any of ``seqs`` has prompt tokens to feed now (not waiting for another request's prefix)."""
-    return any(q.pos < len(q.tokens) and not q.waiting for q in seqs)
+    return any(q.reading for q in seqs)
 
 
 def _runs(slots: set[int]) -> int:

@@ -53,6 +53,16 @@ class Seq:
         """A follower whose leader has not finished its prompt yet: nothing of its own to compute."""
         return (self.leader is not None and self.pos == 0) or self.donor is not None
 
+    @property
+    def reading(self) -> bool:
+        """Prompt tokens left to feed now (not waiting for another request's prefix)."""
+        return self.pos < len(self.tokens) and not self.waiting
+
+    @property
+    def computed(self) -> int:
+        """The prompt tokens this request feeds itself: its prompt less what came from a cache."""
+        return len(self.tokens) - self.cached
+
     def held(self) -> list[int]:
         """The prompt token ids whose KV this sequence computed in its slot (positions 0..n-1), the part a
         later request may reuse. Not the sampled tokens after them: those are decoded one row at a time,
