@@ -65,7 +65,8 @@ import time
 from pathlib import Path
 
 from edgemed.benchmarks.process_memory import read_status
-from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, run_gated, run_level, save_results
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, run_gated, run_level, save_results,
+                                                    settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS
 from edgemed.benchmarks.serve_vs_llama_server import _r, summarize
 
@@ -529,12 +530,14 @@ def main(argv=None) -> None:
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
             for k in (levels if r % 2 == 0 else levels[::-1]):
                 for name in order:
+                    settle_s = settle(servers.values())
                     load0 = os.getloadavg()
                     t0 = time.perf_counter()
                     rows = run_level(servers[name], prompts, args.streams, args.requests, args.tokens,
                                      request_fields(servers[name], k, names))
                     wall = time.perf_counter() - t0
-                    s = summarize(rows, args.streams, wall) | {"loadavg": (load0[0], os.getloadavg()[0]), "round": r}
+                    s = summarize(rows, args.streams, wall) | {"loadavg": (load0[0], os.getloadavg()[0]), "round": r,
+                                                               "settle_s": settle_s}
                     loads += list(s["loadavg"])
                     runs[k][name].append(s)
                     print(f"round {r} {name:>12s} {k} adapters: decode {s['decode_tok_s']:.1f} tok/s, e2e "

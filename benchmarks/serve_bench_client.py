@@ -24,6 +24,10 @@ from edgemed.errors import EdgemedError
 START_TIMEOUT_S = 300
 #: scheduler counters edgemed's /metrics exposes (batcher.stats()), read before and after a run
 EDGEMED_COUNTERS = ("decode_steps_total", "decode_seconds_total", "step_seconds_total", "idle_seconds_total")
+#: ``settle``: a server is quiet when its process used under this share of one core over a whole window
+SETTLE_CPU_SHARE = 0.05
+SETTLE_WINDOW_S = 0.5
+SETTLE_TIMEOUT_S = 600
 
 
 def _free_port() -> int:
@@ -74,6 +78,13 @@ class _Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server's process so far (all its threads)."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
     def describe(self) -> dict:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -190,6 +201,27 @@ def stream_request(client, server: _Server, prompt: str, max_tokens: int, stop: 
     return {"t0": t0, "times": times, "ttft_s": (times[0] - t0) if times else float("nan"), "tokens": tokens or len(times),
             "finish": finish or "cancelled", "decode_tok_s": ((tokens or len(times)) - 1) / decode_s if decode_s else None,
             "server_tok_s": (timings or {}).get("predicted_per_second")}
+
+
+def settle(servers, timeout_s: float = SETTLE_TIMEOUT_S) -> float:
+    """Wait until every running server in ``servers`` has been quiet for a whole ``SETTLE_WINDOW_S`` (under
+    ``SETTLE_CPU_SHARE`` of a core); return the seconds waited. Call it before each measured unit: the servers share
+    the cores, and work one does after its last answer (edgemed feeds finished answers back into their slots while
+    idle) would otherwise run during the other's measurement and slow it down."""
+    live = [s for s in servers if s.proc is not None and s.proc.poll() is None]
+    t0 = time.monotonic()
+    last = [s.cpu_seconds() for s in live]
+    while True:
+        time.sleep(SETTLE_WINDOW_S)
+        now = [s.cpu_seconds() for s in live]
+        busy = [s.name for s, a, b in zip(live, last, now) if b - a > SETTLE_CPU_SHARE * SETTLE_WINDOW_S]
+        if not busy:
+            return round(time.monotonic() - t0, 3)
+        if time.monotonic() - t0 > timeout_s:
+            raise EdgemedError(f"{', '.join(busy)} kept using the CPU for {timeout_s:.0f} s after its last request: "
+                               "a measurement now would share the cores with it.",
+                               "read the server's log, and stop whatever else runs on this machine")
+        last = now
 
 
 def run_gated(n: int, body) -> None:

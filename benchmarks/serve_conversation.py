@@ -42,7 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, _Server, run_gated, save_results, sse_events
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, _Server, run_gated, save_results, settle,
+                                                    sse_events)
 from edgemed.benchmarks.serve_streams import percentile
 from edgemed.errors import EdgemedError
 
@@ -367,12 +368,14 @@ def main(argv=None) -> None:
             openings = [f"Consultation {r + 1}.{i + 1}.\n\n{c}" for i, c in enumerate(cases)]
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
             for name in order:
+                settle_s = settle(servers.values())
                 load0 = os.getloadavg()
                 t0 = time.perf_counter()
                 rows = run_conversations(servers[name], openings, args.turns, args.max_tokens)
                 wall = time.perf_counter() - t0
                 stats = turn_stats(rows)
-                runs[name].append({"round": r, "wall_s": wall, "loadavg": (load0[0], os.getloadavg()[0]), "turns": stats})
+                runs[name].append({"round": r, "wall_s": wall, "loadavg": (load0[0], os.getloadavg()[0]),
+                                   "settle_s": settle_s, "turns": stats})
                 answers[name].append([[x["text"] for x in conv] for conv in rows])
                 print(f"round {r} {name:>12s}: " + ", ".join(
                     f"t{s['turn']} {s['ttft_p50_s']:.2f}s/{_f(s['cached_tokens_mean'], '{:.0f}')}c" for s in stats)

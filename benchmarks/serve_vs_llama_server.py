@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, long_prompt, prefill_check, run_level,
-                                                    save_results)
+                                                    save_results, settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 
 LEVELS = (1, 2, 4, 8)
@@ -155,17 +155,20 @@ def main(argv=None) -> None:
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
             for n in levels:
                 for name in order:
+                    settle_s = settle(servers.values())
                     load0 = os.getloadavg()
                     t0 = time.perf_counter()
                     rows = run_level(servers[name], prompts, n, args.requests, args.tokens)
                     wall = time.perf_counter() - t0
-                    s = summarize(rows, n, wall) | {"loadavg": (load0[0], os.getloadavg()[0]), "round": r}
+                    s = summarize(rows, n, wall) | {"loadavg": (load0[0], os.getloadavg()[0]), "round": r,
+                                                    "settle_s": settle_s}
                     runs[n][name].append(s)
                     print(f"round {r} {name:>12s} {n} streams: decode {s['decode_tok_s']:.1f} tok/s, "
                           f"e2e {s['e2e_tok_s']:.1f}, TTFT p50 {s['ttft_p50_s']:.2f}s, load {load0[0]:.1f}", flush=True)
         profile1 = servers["edgemed"].scheduler_metrics() if "edgemed" in servers else {}
         if long_text:
             for name in servers:
+                settle(servers.values())
                 load0 = os.getloadavg()
                 prefill[name] = prefill_check(servers[name], prompts, long_text, args.tokens) | {
                     "loadavg": (load0[0], os.getloadavg()[0])}

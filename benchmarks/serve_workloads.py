@@ -6,7 +6,9 @@
     python -m edgemed.benchmarks.serve_workloads --quick      # SmolLM2-135M, tiny sizes: a smoke run
 
 Both servers start once, on the same GGUF, threads (``--threads``), slots (``--slots``) and context per slot
-(``--ctx``), and are measured one at a time (the order flips every round). edgemed runs with its defaults
+(``--ctx``), and are measured one at a time (the order flips every round). Each measured run starts once both
+processes are quiet (``serve_bench_client.settle``: what one server does after its last answer, such as edgemed
+feeding answers back into their slots, never runs during the other's measurement). edgemed runs with its defaults
 (prompt-prefix reuse on); llama-server with only ``-m -t -c -np``, the address and nothing else (flash attention
 ``auto``, ``cache_prompt`` on, its slot-similarity choice and host-RAM prompt cache as shipped). No request
 carries ``cache_prompt``: each server does what it does for a client that never heard of it. Without a built
@@ -49,7 +51,7 @@ from pathlib import Path
 
 from edgemed.benchmarks import serve_conversation as sc
 from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, long_prompt, openai_chat_level, run_gated,
-                                                    prefill_check, save_results)
+                                                    prefill_check, save_results, settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 from edgemed.errors import EdgemedError
 
@@ -161,11 +163,15 @@ def send_together(server: _Server, conversations: list[list[dict]], stagger_s: f
     return rows
 
 
-def _timed(fn, *a, **kw) -> tuple[object, dict]:
+def _timed(servers: dict, fn, *a, **kw) -> tuple[object, dict]:
+    """``fn(*a, **kw)`` once every server is quiet (``settle``), with its wall time, the seconds waited for quiet
+    and the load average before and after."""
+    settle_s = settle(servers.values())
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = fn(*a, **kw)
-    return out, {"wall_s": round(time.perf_counter() - t0, 3), "loadavg": (load0, os.getloadavg()[0])}
+    return out, {"wall_s": round(time.perf_counter() - t0, 3), "loadavg": (load0, os.getloadavg()[0]),
+                 "settle_s": settle_s}
 
 
 def part_conversation(servers: dict, sizes: Sizes, rounds: int, cases: list[str]) -> dict:
@@ -173,8 +179,8 @@ def part_conversation(servers: dict, sizes: Sizes, rounds: int, cases: list[str]
     for r in range(rounds):
         openings = [f"Consultation {r + 1}.{i + 1}.\n\n{c}" for i, c in enumerate(cases)]
         for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-            rows, info = _timed(sc.run_conversations, servers[name], openings, sizes.turns, sizes.answer_tokens,
-                                sizes.think_s)
+            rows, info = _timed(servers, sc.run_conversations, servers[name], openings, sizes.turns,
+                                sizes.answer_tokens, sizes.think_s)
             stats = sc.turn_stats(rows)
             runs[name].append({"round": r, **info, "turns": stats})
             print(f"conversation round {r} {name}: " + ", ".join(f"t{s['turn']} {s['ttft_p50_s']:.2f}s" for s in stats)
@@ -203,7 +209,7 @@ def part_template(servers: dict, sizes: Sizes, rounds: int) -> dict:
                 cell = cells.setdefault(key, {"requests": n, "arrival": arrival, "stagger_s": stagger,
                                               "runs": {name: [] for name in servers}})
                 for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                    rows, info = _timed(send_together, servers[name], convs, stagger, sizes.template_tokens)
+                    rows, info = _timed(servers, send_together, servers[name], convs, stagger, sizes.template_tokens)
                     ttft = [x["ttft_s"] for x in rows]
                     cached = [x["cached_tokens"] for x in rows if x["cached_tokens"] is not None]
                     run = {"round": r, "variant": variant, **info, "ttft_p50_s": percentile(ttft, 50),
@@ -227,9 +233,10 @@ def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
         for n in sizes.throughput_levels:
             lv = levels.setdefault(str(n), {"runs": {name: [] for name in servers}})
             for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                rows, info = _timed(openai_chat_level, servers[name], conversations, n, sizes.throughput_requests,
-                                    sizes.throughput_tokens)
-                s = {"round": r, **throughput_summary(rows, info["wall_s"]), "loadavg": info["loadavg"]}
+                rows, info = _timed(servers, openai_chat_level, servers[name], conversations, n,
+                                    sizes.throughput_requests, sizes.throughput_tokens)
+                s = {"round": r, **throughput_summary(rows, info["wall_s"]), "loadavg": info["loadavg"],
+                     "settle_s": info["settle_s"]}
                 lv["runs"][name].append(s)
                 print(f"throughput round {r} {n} streams {name}: {s['aggregate_tok_s']:.1f} tok/s, "
                       f"load {info['loadavg'][0]:.1f}", flush=True)
@@ -253,7 +260,7 @@ def part_long(servers: dict, sizes: Sizes, rounds: int, vocab_path: Path) -> dic
     runs: dict[str, list] = {name: [] for name in servers}
     for r in range(rounds):
         for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-            row, info = _timed(prefill_check, servers[name], prompts, texts[r], sizes.long_stream_tokens,
+            row, info = _timed(servers, prefill_check, servers[name], prompts, texts[r], sizes.long_stream_tokens,
                                drop=("cache_prompt",))
             runs[name].append({"round": r, **row, **info})
             print(f"long round {r} {name}: {row}", flush=True)

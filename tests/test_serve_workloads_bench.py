@@ -13,6 +13,7 @@ import time
 import pytest
 
 from edgemed.benchmarks import serve_workloads as sw
+from edgemed.benchmarks.serve_bench_client import SETTLE_WINDOW_S, _Server, settle
 from edgemed.errors import EdgemedError
 from edgemed.templates.library import get_template
 
@@ -84,6 +85,8 @@ def test_quick_run_reports_every_part(smollm2_gguf, tmp_path, monkeypatch):
     for lv in m["parts"]["throughput"]["levels"].values():
         for name in servers:
             assert lv["best"][name]["aggregate_tok_s"] > 0 and lv["best"][name]["completion_tokens"] > 0
+            # every run waited for both servers to be quiet first (at least one whole window)
+            assert all(run["settle_s"] >= SETTLE_WINDOW_S for run in lv["runs"][name])
     for name in servers:
         long = m["parts"]["long"]["best"][name]
         assert long["long_ttft_s"] > 0 and long["gap_before_s"] > 0
@@ -117,3 +120,45 @@ def test_a_client_thread_failing_before_the_barrier_neither_hangs_the_others_nor
     done = []
     run_gated(3, lambda i, gate: (gate.wait(timeout=30), done.append(i)))
     assert sorted(done) == [0, 1, 2]
+
+
+class _Process(_Server):
+    """A stand-in server: any child process (``settle`` reads only its CPU time)."""
+
+    def __init__(self, name: str, code: str):
+        import subprocess
+        import sys
+
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+
+
+BUSY_THEN_IDLE = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass\ntime.sleep(60)"
+
+
+def test_settle_waits_until_a_server_stops_using_the_cpu():
+    idle = _Process("idle", "import time; time.sleep(60)")
+    busy = _Process("busy", BUSY_THEN_IDLE)
+    try:
+        waited = settle([idle, busy])
+        assert waited >= 1.0  # not before the busy one's 1.5 s loop ended (less its interpreter's start)
+        before = busy.cpu_seconds()
+        assert before >= 1.0  # it really did burn the CPU meanwhile
+        time.sleep(0.5)
+        assert busy.cpu_seconds() - before < 0.05  # and is quiet now
+    finally:
+        for p in (idle, busy):
+            p.proc.kill()
+            p.proc.wait()
+
+
+def test_settle_names_a_server_that_never_goes_quiet():
+    spinning = _Process("spinning", "while True: pass")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EdgemedError, match="spinning kept using the CPU"):
+            settle([spinning], timeout_s=1.0)
+        assert time.monotonic() - t0 < 5
+    finally:
+        spinning.proc.kill()
+        spinning.proc.wait()
