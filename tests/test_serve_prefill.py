@@ -437,6 +437,31 @@ def test_the_mean_stall_stays_within_the_budget_of_the_served_step():
     assert sum(late) / len(late) > STALL_BUDGET * 0.040  # more than a budget of the decode call alone would allow
 
 
+def test_work_around_the_prompt_calls_is_charged_and_the_streams_mean_step_holds():
+    """Each prompt call slows the step by 40% more than its own llama_decode seconds (its batch, its rows'
+    sampling, the server's other threads): the streams' mean step stays (1 + STALL_BUDGET) plain steps, and the
+    plain step is still the one measured before the prompt came."""
+    clock = _Clock()
+    b = PrefillBudget(prior=(0.030, 0.0005), clock=clock)
+    _steady(b, clock, 0.040, 0.070, 8)
+    periods, fed = [], 0
+    for _ in range(4 * FIT_WINDOW):
+        t0 = clock.now
+        n = b.tokens(256, 3)
+        if n:
+            call = 0.030 + 0.0005 * n
+            clock.now += 1.4 * call  # the call, and the work around it that no call's seconds show
+            b.learn(call, 3, n)
+            fed += n
+        clock.now += 0.070
+        b.learn(0.040, 3, 0)
+        periods.append(clock.now - t0)
+    late = periods[FIT_WINDOW:]
+    assert b.t_plain == pytest.approx(0.070)
+    assert sum(late) / len(late) <= (1 + STALL_BUDGET) * 0.070 * 1.03, sum(late) / len(late)
+    assert fed > 0 and sum(late) / len(late) > 1.5 * 0.070  # the prompt still moved at most of the budget
+
+
 def test_small_calls_wait_until_the_fixed_cost_is_a_small_share_and_the_mean_stall_holds(monkeypatch):
     """A call's fixed cost is a third of a step's credit (STALL_BUDGET x a 40 ms step): steps save up and fewer,
     larger calls follow, moving the prompt faster for the same mean stall of the streams."""
@@ -444,15 +469,18 @@ def test_small_calls_wait_until_the_fixed_cost_is_a_small_share_and_the_mean_sta
 
     def run(share: float) -> tuple[int, int, float]:
         monkeypatch.setattr(prefill, "FIXED_SHARE_MAX", share)
-        b = PrefillBudget(prior=(a, per))
+        clock = _Clock()
+        b = PrefillBudget(prior=(a, per), clock=clock)
         fed = calls = 0
         stalls = []
         for _ in range(200):
+            clock.now += 0.040
             b.learn(0.040, 3, 0)
             n = b.tokens(4096, 3)
             stall = a + per * n if n else 0.0
             if n:
                 fed, calls = fed + n, calls + 1
+                clock.now += stall
                 b.learn(stall, 3, n)
             stalls.append(stall)
         return fed, calls, sum(stalls) / len(stalls)

@@ -8,8 +8,11 @@ other threads cost the streams time too) and a cost model of a prompt call, ``se
 (``CallCost``), fitted online from the batcher's own calls. ``a`` is what a call costs whatever its size (graph
 build, a pass over the weights: most of a small call on a CPU), ``b`` what each token adds. The chunk is the
 largest ``n`` with ``calls * a + b * n <= credit``, where the credit grows by ``STALL_BUDGET * t_plain`` each step
-(up to a few plain steps) and each prompt call spends its seconds: steps stay within ``1 + STALL_BUDGET`` plain
-steps on average (the goal: inter-token time grows at most 2x during a long prefill). Where a call's fixed cost
+(up to a few plain steps) and each prompt call spends its seconds; when the next decode call ends, whatever that
+step took beyond a plain step and those seconds (the calls' batches, their rows' sampling, the server's other
+threads) is spent too, and such a step does not move the plain step's average. So steps stay within
+``1 + STALL_BUDGET`` plain steps on average, the plain step being what the streams saw before the prompt came (the
+goal: inter-token time grows at most 2x during a long prefill). Where a call's fixed cost
 alone is more than the credit of one step (a small model on a CPU: a call of a few tokens costs most of a 3-row
 decode step), or more than ``FIXED_SHARE_MAX`` of the call the credit would buy, steps without prompt tokens save
 up and a larger chunk follows, rather than a small chunk every step that is mostly fixed cost and barely moves the
@@ -189,6 +192,7 @@ class PrefillBudget:
         self._clock = clock
         self._last_end: float | None = None  # when the last decode call ended
         self._since = 0.0  # prompt-call seconds since then
+        self._charged = 0.0  # ... of calls beside generating rows (spent from the credit as they ended)
         self.cost = CallCost(prior)
         self.calls = 1  # prompt calls in the last step that fed prompt tokens next to generating rows
         # stall seconds the running streams can still spare: each plain step adds STALL_BUDGET of itself,
@@ -236,11 +240,19 @@ class PrefillBudget:
         if prompt == 0:  # a step's decode call comes first: the previous step's prompt calls are all counted
             self.t_decode = seconds if not self.t_decode else 0.8 * self.t_decode + 0.2 * seconds
             end = self._clock()
-            if self._last_end is not None:
-                period = end - self._last_end - self._since
+            if self._last_end is not None and self._charged:
+                # what the streams really waited past a plain step, less the prompt calls' seconds already
+                # spent: work around the calls (their batches, their rows' sampling, the other threads' share of
+                # the CPU while they ran) slows the streams as much as the calls do. A step quicker than that
+                # gives nothing back (a plain step's own noise is not credit), so the streams' mean step errs short
+                rest = end - self._last_end - self.t_plain - self._charged
+                if rest > 0:
+                    self.credit = max(self.credit - min(rest, self.t_plain), -DEBT_STEPS * self.t_plain)
+            elif self._last_end is not None and not self._since:  # a plain step: nothing fed between the calls
+                period = end - self._last_end
                 if seconds <= period <= PERIOD_MAX * self.t_decode:
                     self.t_period = period if not self.t_period else 0.8 * self.t_period + 0.2 * period
-            self._last_end, self._since = end, 0.0
+            self._last_end, self._since, self._charged = end, 0.0, 0.0
             if self._calls_now:
                 self.calls, self._calls_now = self._calls_now, 0
             fit = self.cost.fit()
@@ -251,6 +263,7 @@ class PrefillBudget:
         self.cost.add(prompt, seconds)  # a prompt-only step's call is on the same line (its large sizes help)
         if generating:
             self._calls_now += 1
+            self._charged += seconds
             # the streams waited this long for it; a call slowed by something else costs at most a few steps
             self.credit = max(self.credit - seconds, -DEBT_STEPS * self.t_plain)
 
