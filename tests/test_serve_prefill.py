@@ -9,8 +9,9 @@ import pytest
 
 from edgemed.runtime.batch import prefill
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
-from edgemed.runtime.batch.prefill import (FIT_HALF_LIFE, FIT_WINDOW, PREFILL_FIRST, PREFILL_MIN, PREFILL_PROBE, STALL_BUDGET,
-                                          WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces)
+from edgemed.runtime.batch.prefill import (FIT_HALF_LIFE, FIT_WINDOW, PERIOD_WINDOW, PREFILL_FIRST, PREFILL_MIN,
+                                          PREFILL_PROBE, STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of,
+                                          equal_pieces)
 
 LOAD = LoadSettings(n_ctx=2 * 512, n_threads=1, n_batch=256, n_ubatch=256)
 COUNTING = "Counting from one to five hundred: 1, 2, 3, 4, 5, 6, 7, 8,"
@@ -416,6 +417,16 @@ def test_the_budget_counts_the_step_as_the_streams_see_it_not_only_the_decode_ca
     # a gap longer than a few decode calls (the scheduler idled) is not a step
     _steady(per, served, 0.040, 5.0, 1)
     assert per.t_plain == pytest.approx(0.070)
+
+
+def test_the_plain_step_is_the_streams_typical_gap_not_their_mean():
+    """One plain step in five is slow (the interpreter lock, an HTTP thread): the 2x rule is about the typical gap,
+    so the budget is not widened by the slow ones."""
+    clock = _Clock()
+    b = PrefillBudget(prior=(0.010, 0.0005), clock=clock)
+    for i in range(4 * PERIOD_WINDOW):
+        _steady(b, clock, 0.040, 0.150 if i % 5 == 4 else 0.060, 1)
+    assert b.t_plain == pytest.approx(0.060)  # the mean of those gaps is 78 ms
 
 
 def test_the_mean_stall_stays_within_the_budget_of_the_served_step():
