@@ -497,6 +497,16 @@ def test_login_stores_docker_credentials_and_push_pull_use_them(tmp_path, monkey
         assert reg.host in json.loads(cfg.read_text())["auths"]
         _cli("push", bundle, reg.ref("clinic/tiny:v1"))
         assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--json"))["name"] == "tiny"
+        # DOCKER_CONFIG names the folder docker reads instead of ~/.docker: the credentials there, and only there
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "ci-docker"))
+        out = _cli("push", bundle, reg.ref("clinic/tiny:v2"), ok=False)
+        assert str(tmp_path / "ci-docker" / "config.json") in out and f"edgemed login {reg.host}" in out
+        _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
+        assert reg.host in json.loads((tmp_path / "ci-docker" / "config.json").read_text())["auths"]
+        _cli("push", bundle, reg.ref("clinic/tiny:v2"))
+        (tmp_path / "ci-docker" / "config.json").write_text("{not json")
+        out = _cli("push", bundle, reg.ref("clinic/tiny:v3"), ok=False)
+        assert "is not valid JSON" in out and "Fix:" in out
     finally:
         reg.stop()
 

@@ -194,11 +194,19 @@ def test_non_streaming_client_disconnect_frees_the_slot(server):
 
 def test_metrics_and_health(server):
     server.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert server.client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(server.url + "/v1/models/no-such-model").status_code == 404
+    assert httpx.get(server.url + "/no/such/path").status_code == 404
     text = httpx.get(server.url + "/metrics").text
     for name in ("edgemed_queue_depth", "edgemed_active_slots", "edgemed_tokens_per_second",
                  "edgemed_time_to_first_token_seconds_bucket", "edgemed_time_per_output_token_seconds_bucket",
-                 'edgemed_requests_total{code="200",endpoint="chat"}', "edgemed_generated_tokens_total"):
+                 'edgemed_requests_total{code="200",endpoint="chat"}', "edgemed_generated_tokens_total",
+                 # a route with a path parameter is labelled by its route, whatever id the client sent
+                 'edgemed_requests_total{code="200",endpoint="model"}',
+                 'edgemed_requests_total{code="404",endpoint="model"}',
+                 'edgemed_requests_total{code="404",endpoint="other"}'):
         assert name in text, name
+    assert "no-such-model" not in text
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["slots"] == 2
 

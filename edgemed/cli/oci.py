@@ -27,7 +27,8 @@ def push(bundle, target, insecure, as_json):
 
     One layer per bundle file (the GGUF uncompressed, the signature too), so bundles that
     share a GGUF share its blob; blobs the registry has are not uploaded again. Credentials
-    come from ~/.docker/config.json (edgemed login, docker login and oras login write it).
+    come from ~/.docker/config.json, or $DOCKER_CONFIG/config.json where that is set (edgemed
+    login, docker login and oras login write it).
     Then, on every device: edgemed pull oci://HOST/REPO:TAG
     """
     from edgemed.packaging.oci_push import push as do_push
@@ -82,7 +83,8 @@ def pull(source, name, key, force, insecure, as_json):
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input (else it is asked for).")
 @click.option("--insecure", is_flag=True, help=_INSECURE)
 def login(registry, username, password_stdin, insecure):
-    """Log in to a registry: check the credentials there, then keep them in ~/.docker/config.json.
+    """Log in to a registry: check the credentials there, then keep them in ~/.docker/config.json
+    ($DOCKER_CONFIG/config.json where that is set).
 
     The file is the one docker and oras use (readable by its owner only); push and pull read it.
     """

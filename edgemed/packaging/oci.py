@@ -13,8 +13,8 @@ A layer's digest is its file's sha256, so two tags whose bundles share a GGUF sh
 registry, and ``pull`` links a blob the store already holds instead of downloading it. The signature
 travels as a layer of the same manifest (the CNCF distribution registry 2.8 has no referrers API).
 
-The registry protocol and docker-style credentials (``~/.docker/config.json``) come from the ``oras``
-library; edgemed builds the manifest itself (oras's ``push`` sets no ``artifactType``) and does its own
+The registry protocol and docker-style credentials (``~/.docker/config.json``, or ``$DOCKER_CONFIG/config.json``
+as docker reads it) come from the ``oras`` library; edgemed builds the manifest itself (oras's ``push`` sets no ``artifactType``) and does its own
 blob GETs (oras's download neither checks the digest nor resumes; see ``oci_pull``).
 
 Everything a registry returns is untrusted: a manifest is bounded in size before it is parsed, and
@@ -28,6 +28,7 @@ import functools
 import ipaddress
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +144,24 @@ def hex_of(digest: str, what: str = "digest") -> str:
 
 # -- the client ---------------------------------------------------------------------------------
 def docker_config() -> Path:
-    """Where credentials live, as docker and oras keep them."""
-    return Path.home() / ".docker" / "config.json"
+    """Where credentials live, as docker keeps them: ``$DOCKER_CONFIG/config.json`` where that variable is set
+    (docker then reads nothing else), ``~/.docker/config.json`` otherwise."""
+    folder = os.environ.get("DOCKER_CONFIG")
+    return (Path(folder).expanduser() if folder else Path.home() / ".docker") / "config.json"
+
+
+def read_docker_config(path: Path) -> dict:
+    """A docker config file's contents ({} where there is none); anything but a JSON object with an ``auths``
+    object is refused, naming the file."""
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}).", f"fix or move {path}, then log in again") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("auths", {}), dict):
+        raise InputError(f"{path} is not a docker config file (no 'auths' object).", f"fix or move {path}, then log in again")
+    return cfg
 
 
 class Client:
@@ -170,6 +187,11 @@ class Client:
         self.container = oras.container.Container(f"{ref.registry}/{ref.repo}:{ref.tag or 'latest'}")
         if backend == "basic":
             self.oras.auth._basic_auth = None
+        # the one file docker would read: oras on its own reads ~/.docker/config.json even where DOCKER_CONFIG
+        # names another (and then skips reading when its config is already set)
+        cfg = read_docker_config(docker_config())
+        self.oras.auth._auth_config = {"auths": cfg.get("auths", {}), "credsStore": cfg.get("credsStore"),
+                                       "credHelpers": cfg.get("credHelpers", {})}
         self.oras.auth.load_configs(self.container)
         if backend == "basic" and not self.oras.auth._basic_auth:
             raise RegistryError(f"The registry {ref.registry} asks for a user name and password, and {docker_config()} holds none for it.",
@@ -232,7 +254,7 @@ def _short(exc: BaseException) -> str:
 
 
 def login(registry: str, username: str, password: str, *, insecure: bool = False) -> Path:
-    """Check the credentials against the registry, then store them in ``~/.docker/config.json`` as docker does
+    """Check the credentials against the registry, then store them in ``docker_config()`` as docker does
     (``auths[registry].auth`` = base64 of ``user:password``, the file readable by its owner only)."""
     require("oras.provider", "fleet")
     import oras.auth.utils as au
@@ -260,14 +282,7 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
         raise RegistryError(f"The registry {ref.registry} refused the user name and password (HTTP {r.status_code}).",
                             "check them with the registry's administrator and log in again")
     path = docker_config()
-    cfg: dict = {}
-    if path.exists():
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise InputError(f"{path} is not valid JSON ({exc}).", f"fix or move {path}, then log in again") from None
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("auths", {}), dict):
-            raise InputError(f"{path} is not a docker config file (no 'auths' object).", f"fix or move {path}, then log in again")
+    cfg = read_docker_config(path)
     cfg.setdefault("auths", {})[ref.registry] = {"auth": au.get_basic_auth(username, password)}
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with atomic_path(path, force=True) as tmp:

@@ -30,7 +30,7 @@ from edgemed.serve.api import ApiError, as_api_error, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
 from edgemed.serve.middleware import Guard, Observe, record_of
-from edgemed.serve.routes import LABELS, router
+from edgemed.serve.routes import LABELS, PATTERNS, router
 from edgemed.serve.state import Served
 from edgemed.templates import load_templates
 
@@ -54,7 +54,8 @@ def create_app(batcher, config: ServeConfig):
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600)
-    app.add_middleware(Observe, config=config, metrics=metrics, labels={**LABELS, **page.LABELS})
+    app.add_middleware(Observe, config=config, metrics=metrics, labels={**LABELS, **page.LABELS},
+                       patterns=PATTERNS)
     return app
 
 

@@ -111,17 +111,25 @@ def record_of(scope) -> RequestRecord:
 class Observe:
     """Request id, security headers, one audit record per API request, request metrics."""
 
-    def __init__(self, app, *, config: ServeConfig, metrics: Metrics, labels: dict[str, str]):
-        """``labels``: path -> endpoint label of the metrics and the audit (``routes.LABELS``); any other path is
+    def __init__(self, app, *, config: ServeConfig, metrics: Metrics, labels: dict[str, str],
+                 patterns: tuple = ()):
+        """``labels``: path -> endpoint label of the metrics and the audit (``routes.LABELS``); ``patterns``:
+        (compiled path pattern, label) of the routes with a path parameter (``routes.PATTERNS``); any other path is
         "other", so label values stay few."""
-        self.app, self.config, self.metrics, self.labels = app, config, metrics, labels
+        self.app, self.config, self.metrics, self.labels, self.patterns = app, config, metrics, labels, patterns
+
+    def label(self, path: str) -> str:
+        found = self.labels.get(path)
+        if found is None:
+            found = next((name for pattern, name in self.patterns if pattern.match(path)), "other")
+        return found
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
         client = scope.get("client")
-        record = RequestRecord(uuid.uuid4().hex, self.labels.get(path, "other"), client[0] if client else None)
+        record = RequestRecord(uuid.uuid4().hex, self.label(path), client[0] if client else None)
         scope.setdefault("state", {})["edgemed"] = record
 
         async def send_observed(message):

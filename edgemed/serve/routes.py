@@ -194,7 +194,8 @@ def _generation_route(endpoint: Endpoint) -> None:
 for _endpoint in ENDPOINTS:
     _generation_route(_endpoint)
 
-#: path -> endpoint label of the metrics and the audit (``middleware.Observe``): every route's handler name. The
-#: middleware looks a request's path up as it is, so a route with a path parameter (``/v1/models/{id}``) cannot be
-#: found here and is labelled "other" (which also keeps a client from minting labels with made-up ids).
+#: path -> endpoint label of the metrics and the audit (``middleware.Observe``): every route's handler name ...
 LABELS = {route.path: route.name for route in router.routes if "{" not in route.path}
+#: ... and for a route with a path parameter (``/v1/models/{id}``), its path pattern -> its handler name: the label
+#: is the route's, never the id a client sent (a client cannot mint label values)
+PATTERNS = tuple((route.path_regex, route.name) for route in router.routes if "{" in route.path)
