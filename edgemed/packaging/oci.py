@@ -14,8 +14,9 @@ registry, and ``pull`` links a blob the store already holds instead of downloadi
 travels as a layer of the same manifest (the CNCF distribution registry 2.8 has no referrers API).
 
 The registry protocol and docker-style credentials (``~/.docker/config.json``, or ``$DOCKER_CONFIG/config.json``
-as docker reads it) come from the ``oras`` library; edgemed builds the manifest itself (oras's ``push`` sets no ``artifactType``) and does its own
-blob GETs (oras's download neither checks the digest nor resumes; see ``oci_pull``).
+as docker reads it) come from the ``oras`` library; edgemed builds the manifest itself (oras's ``push`` sets no
+``artifactType``) and does its own blob GETs (oras's download neither checks the digest nor resumes; see
+``oci_pull``).
 
 Everything a registry returns is untrusted: a manifest is bounded in size before it is parsed, and
 every descriptor (media type, digest, size, file path) is checked before anything is allocated or

@@ -10,7 +10,7 @@ build, a pass over the weights: most of a small call on a CPU), ``b`` what each 
 largest ``n`` with ``calls * a + b * n <= credit``, where the credit grows by ``STALL_BUDGET * t_plain`` each step
 (up to a few plain steps) and each prompt call spends its seconds; when the next decode call ends, whatever that
 step took beyond a plain step and those seconds (the calls' batches, their rows' sampling, the server's other
-threads) is spent too, and such a step does not move the plain step's average. So steps stay within
+threads) is spent too, and such a step is not counted as a plain one. So steps stay within
 ``1 + STALL_BUDGET`` plain steps on average, the plain step being what the streams saw before the prompt came (the
 goal: inter-token time grows at most 2x during a long prefill). Where a call's fixed cost
 alone is more than the credit of one step (a small model on a CPU: a call of a few tokens costs most of a 3-row
@@ -39,8 +39,8 @@ import time
 #: 1.85 / 2.02x and first token 2.68 / 2.80x llama-server's; at 0.9 growth 1.90 / 1.93x and 2.99 / 2.40x (the
 #: rounds' noise is wider than the step between the two; ``serve_workloads --parts long``, decision 0012). With
 #: the work around prompt calls charged too, 0.9 gave 2.19 / 1.74 / 1.96x over 3 rounds: the streams' mean gap
-#: during the prompt held at 106-116 ms while their median gap before it moved between 53 and 62 ms. 0.8 and the
-#: median plain step (``PERIOD_WINDOW``) leave that noise room under 2x ...
+#: during the prompt held at 106-116 ms while their median gap before it moved between 53 and 62 ms. At 0.8 with
+#: the median plain step (``PERIOD_WINDOW``): 1.89 / 1.78 / 1.81x, first token 2.74 / 2.67 / 2.69x ...
 STALL_BUDGET = 0.8
 #: ... and one step at most (1 + STEP_STALL_MAX) x, unless a call's fixed cost is more than half a plain step
 #: (``PrefillBudget._cap``): the credit saved over several plain steps buys one larger chunk, whose fixed cost
