@@ -201,8 +201,8 @@ class PrefillBudget:
         self._periods: collections.deque[float] = collections.deque(maxlen=PERIOD_WINDOW)
         self._clock = clock
         self._last_end: float | None = None  # when the last decode call ended
-        self._since = 0.0  # prompt-call seconds since then
-        self._charged = 0.0  # ... of calls beside generating rows (spent from the credit as they ended)
+        self._fed = False  # whether a prompt call ran since then
+        self._charged = 0.0  # seconds of those calls beside generating rows (spent from the credit as they ended)
         self.cost = CallCost(prior)
         self.calls = 1  # prompt calls in the last step that fed prompt tokens next to generating rows
         # stall seconds the running streams can still spare: each plain step adds STALL_BUDGET of itself,
@@ -258,19 +258,19 @@ class PrefillBudget:
                 rest = end - self._last_end - self.t_plain - self._charged
                 if rest > 0:
                     self.credit = max(self.credit - min(rest, self.t_plain), -DEBT_STEPS * self.t_plain)
-            elif self._last_end is not None and not self._since:  # a plain step: nothing fed between the calls
+            elif self._last_end is not None and not self._fed:  # a plain step: nothing fed between the calls
                 period = end - self._last_end
                 if seconds <= period <= PERIOD_MAX * self.t_decode:
                     self._periods.append(period)
                     self.t_period = statistics.median(self._periods)
-            self._last_end, self._since, self._charged = end, 0.0, 0.0
+            self._last_end, self._fed, self._charged = end, False, 0.0
             if self._calls_now:
                 self.calls, self._calls_now = self._calls_now, 0
             fit = self.cost.fit()
             cap = self._cap(fit[0]) if fit else STEP_STALL_MAX * self.t_plain
             self.credit = min(self.credit + STALL_BUDGET * self.t_plain, cap)
             return
-        self._since += seconds
+        self._fed = True
         self.cost.add(prompt, seconds)  # a prompt-only step's call is on the same line (its large sizes help)
         if generating:
             self._calls_now += 1
