@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -133,16 +134,19 @@ class _Process(_Server):
         self.proc = subprocess.Popen([sys.executable, "-c", code])
 
 
-BUSY_THEN_IDLE = "import time\nwhile time.process_time() < 1.5: pass\ntime.sleep(60)"  # 1.5 s of CPU, then idle
+def _busy_then_idle(done: Path) -> str:
+    """1.5 s of CPU, then a mark on disk, then idle (the mark, not the kernel's tick-rounded CPU time, says the loop ended)."""
+    return f"import time, pathlib\nwhile time.process_time() < 1.5: pass\npathlib.Path({str(done)!r}).touch()\ntime.sleep(60)"
 
 
-def test_settle_waits_until_a_server_stops_using_the_cpu():
+def test_settle_waits_until_a_server_stops_using_the_cpu(tmp_path):
+    done = tmp_path / "loop-ended"
     idle = _Process("idle", "import time; time.sleep(60)")
-    busy = _Process("busy", BUSY_THEN_IDLE)
+    busy = _Process("busy", _busy_then_idle(done))
     try:
         waited = settle([idle, busy])
         before = busy.cpu_seconds()
-        assert before >= 1.5  # not before the busy one's loop ended ...
+        assert done.exists()  # not before the busy one's loop ended ...
         assert waited >= 1.0  # ... which took at least that long (less the interpreter's start)
         time.sleep(0.5)
         assert busy.cpu_seconds() - before < 0.05  # and is quiet now
