@@ -38,7 +38,7 @@ def plan_one(shape, profile, memory_gb: float | None) -> dict:
     from edgemed.runtime.plan import MIB, choose_context, estimate, profile_settings
 
     budget = profile.budget_bytes(_facts(memory_gb))
-    settings = profile_settings(profile)
+    settings = profile_settings(profile, shape)
     row = {"profile": profile.name, "memory_gb": memory_gb if memory_gb is not None else profile.memory["total_gb"],
            "budget_mib": round(budget / MIB, 1), "profile_n_ctx": profile.llama["n_ctx"],
            "recommended_quant": profile.recommended_quant, "settings": settings}

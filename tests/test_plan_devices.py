@@ -32,7 +32,7 @@ def test_every_profile_gets_the_largest_context_that_fits(smollm2_gguf, tmp_path
         assert row["profile"] in table
         assert row["fits"], row  # a 135M model fits every shipped device
         assert row["n_ctx"] <= shape.n_ctx_train and row["n_ctx"] % 256 == 0
-        settings = profile_settings(profile)
+        settings = profile_settings(profile, shape)
         # the largest: the chosen context fits and one step more would not (or the trained context is reached)
         budget = row["budget_mib"] * 2**20
         assert estimate(shape, row["n_ctx"], **settings).total <= budget + 2**20

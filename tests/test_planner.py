@@ -108,7 +108,7 @@ def test_compute_buffer_matches_llama_cpp_reports():
 def test_choose_largest_context_and_refuse(tiny):
     s = read_shape(tiny)
     profile = get_profile("x86-avx2")
-    opts = profile_settings(profile)  # the profile's own load settings (no mmap on CPU)
+    opts = profile_settings(profile, s)  # the profile's own load settings (no mmap on CPU)
     budget = estimate(s, 1536, **opts).total + 1000
     n_ctx, why = choose_context(s, profile, budget)
     assert (n_ctx, why) == (1536, "budget")
@@ -201,7 +201,7 @@ def test_adapters_count_their_tensors_and_can_tip_the_context(tiny, tmp_path):
     assert facts.n_bytes == 2 * 2 * (4 * 64 + 128 * 4) and facts.types == ("F16",) and facts.base_source_sha256 is None
     s = read_shape(tiny)
     profile = get_profile("x86-avx2")
-    opts = profile_settings(profile)
+    opts = profile_settings(profile, s)
     with_adapter = estimate(s, 1536, **opts, adapter_bytes=facts.n_bytes)
     assert with_adapter.total == estimate(s, 1536, **opts).total + facts.n_bytes
     budget = estimate(s, 1536, **opts).total + 1000

@@ -235,7 +235,7 @@ class DeviceFit:
             if (ty or t.type_name) in self._repacked and not t.name.startswith("token_embd"):
                 repack += n
         shape = replace(self.shape, weights_bytes=weights, repackable_bytes=repack)
-        return estimate(shape, self.n_ctx, **profile_settings(self.profile))
+        return estimate(shape, self.n_ctx, **profile_settings(self.profile, shape))
 
     def __call__(self, types: dict[str, str]) -> bool:
         return self.estimate(types).total <= self.budget

@@ -26,7 +26,7 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     Picks the largest context that fits, or exits with an error saying what to change.
     """
     from edgemed.devices.detect import resolve
-    from edgemed.runtime.plan import MIB, budget_from_mib, make_plan, prefix_cache_request
+    from edgemed.runtime.plan import MIB, budget_from_mib, make_plan, prefix_cache_request, read_shape
 
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
@@ -43,7 +43,11 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     if e.repacked:
         click.echo(f"  CPU repacked   {mib(e.repacked)}")
     click.echo(f"  KV cache       {mib(e.kv_cache)}  (n_ctx {e.n_ctx}, {p.llama['type_k']}/{p.llama['type_v']})")
-    click.echo(f"  compute        {mib(e.compute)}  (n_ubatch {p.llama['n_ubatch']}, flash_attn {p.llama['flash_attn']})")
+    fa = f"flash_attn {p.llama['flash_attn']}"
+    if p.llama["flash_attn"] != prof.llama["flash_attn"]:  # on for this model's head width alone
+        shape = read_shape(model)
+        fa += f": heads {shape.head_dim_k} wide, one of the profile's flash_attn_head_dims"
+    click.echo(f"  compute        {mib(e.compute)}  (n_ubatch {p.llama['n_ubatch']}, {fa})")
     if e.adapters:
         click.echo(f"  LoRA adapters  {mib(e.adapters)}")
     if cache is not None:

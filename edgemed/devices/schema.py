@@ -21,6 +21,7 @@ MAX_THREADS = 1024          # more than any edge device (or server) has cores
 MAX_CTX = 1 << 21           # 2M tokens: above every model's trained context today
 MAX_BATCH = 1 << 16         # llama.cpp's own defaults are 2048 / 512
 MAX_GPU_LAYERS = 1 << 16    # "every layer" is -1; a count past any model's depth means the same
+MAX_HEAD_DIM = 1 << 16      # the planner's own bound on a GGUF's attention.key_length
 MAX_GB = 1 << 20            # 1 PiB of memory: a larger (or infinite) size is a typo
 MAX_PRIORITY = 1_000_000
 MAX_PREFIX_CACHE_MIB = 1 << 20  # 1 TiB of host RAM for saved prompt prefixes: a larger size is a typo
@@ -54,6 +55,13 @@ def _bool(v):
 def _str_list(v):
     ok = isinstance(v, list) and len(v) <= 256 and all(isinstance(x, str) and x and len(x) <= 256 for x in v)
     return None if ok else "a list of at most 256 non-empty strings"
+
+
+def _int_list(lo: int, hi: int) -> Check:
+    def check(v):
+        ok = isinstance(v, list) and len(v) <= 64 and all(_int(lo, hi)(x) is None for x in v)
+        return None if ok else f"a list of at most 64 integers from {lo} to {hi}"
+    return check
 
 
 def _one_of(*choices: str) -> Check:
@@ -91,6 +99,9 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("llama", "n_batch"): (_int(1, MAX_BATCH), True),
     ("llama", "n_ubatch"): (_int(1, MAX_BATCH), True),
     ("llama", "flash_attn"): (_bool, True),
+    # attention head widths for which flash attention is on even where flash_attn is false (measured per CPU:
+    # docs/decisions/0017); optional, so a user profile written before the key existed still loads
+    ("llama", "flash_attn_head_dims"): (_int_list(1, MAX_HEAD_DIM), False),
     ("llama", "type_k"): (_one_of(*KV_CACHE_TYPES), True),
     ("llama", "type_v"): (_one_of(*KV_CACHE_TYPES), True),
     ("llama", "use_mmap"): (_bool, True),

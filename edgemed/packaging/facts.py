@@ -135,7 +135,7 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
     profiles = {}
     for name, profile in sorted(load_profiles().items()):
         n_ctx = min(profile.llama["n_ctx"], max_ctx)
-        need = estimate(shape, n_ctx, **profile_settings(profile)).total
+        need = estimate(shape, n_ctx, **profile_settings(profile, shape)).total
         try:
             budget = profile.budget_bytes(None)
         except ProfileError:  # sized from the machine it runs on

@@ -213,7 +213,7 @@ class Plan:
     profile: str
     budget: int
     estimate: Estimate
-    llama: dict          # resolved llama.cpp settings (threads as numbers, n_ctx chosen)
+    llama: dict          # resolved llama.cpp settings (threads as numbers, n_ctx chosen, flash_attn for this model)
     limited_by: str      # what capped the context: "budget", "profile", "model" or "request"
     prefix_cache_asked: int = 0  # the prefix cache asked for (bytes); estimate.prefix_cache is what it got
 
@@ -227,17 +227,28 @@ class Plan:
                 "estimate": {**asdict(self.estimate), "total": self.estimate.total}, "llama": self.llama}
 
 
-def profile_settings(profile: Profile) -> dict:
-    """The load settings of ``profile`` that change the memory estimate (keyword arguments of ``estimate``)."""
+def flash_attn_for(profile: Profile, shape: ModelShape) -> bool:
+    """Whether ``profile`` runs this model with flash attention: its ``flash_attn``, or on anyway when the model's
+    attention heads are one of the widths in its ``flash_attn_head_dims``. On a CPU, llama.cpp's flash-attention
+    kernel reads prompts faster, but once the context is long it decodes at half speed with heads 64 wide and at
+    full speed with heads 128 wide (docs/decisions/0017): a profile lists the widths measured not to lose."""
+    s = profile.llama
+    widths = s.get("flash_attn_head_dims", ())
+    return bool(s["flash_attn"]) or (shape.head_dim_k in widths and shape.head_dim_v in widths)
+
+
+def profile_settings(profile: Profile, shape: ModelShape) -> dict:
+    """The load settings of ``profile`` for this model that change the memory estimate (keyword arguments of
+    ``estimate``)."""
     s = profile.llama
     return {"n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
-            "flash_attn": s["flash_attn"], "offload": s["n_gpu_layers"] != 0, "use_mmap": s["use_mmap"]}
+            "flash_attn": flash_attn_for(profile, shape), "offload": s["n_gpu_layers"] != 0, "use_mmap": s["use_mmap"]}
 
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None,
                    adapter_bytes: int = 0, prefix_cache_bytes: int = 0) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = profile_settings(profile) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes}
+    opts = profile_settings(profile, shape) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes}
     parts = [f"LoRA adapters {adapter_bytes / MIB:.0f} MiB"] * bool(adapter_bytes) + \
         [f"--prefix-cache-mib {prefix_cache_bytes / MIB:.0f} MiB"] * bool(prefix_cache_bytes)
     with_adapters = f" ({', '.join(parts)} of it)" if parts else ""
@@ -315,12 +326,13 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
         raise InputError(f"The prefix cache must be 0 to {MAX_PREFIX_CACHE_MIB} MiB, got {asked!r} bytes.",
                          "pass --prefix-cache-mib with a whole number of MiB (0: no host cache)")
     n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0)
-    est = estimate(shape, n_ctx, **profile_settings(profile), adapter_bytes=adapter_bytes)
+    est = estimate(shape, n_ctx, **profile_settings(profile, shape), adapter_bytes=adapter_bytes)
     if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
         est = replace(est, prefix_cache=asked if fixed else max(0, min(asked, (budget - est.total) // MIB * MIB)))
     # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it
     n_batch = min(profile.llama["n_batch"], n_ctx)
     llama = dict(profile.llama, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(profile.llama["n_ubatch"], n_batch),
+                 flash_attn=flash_attn_for(profile, shape),
                  n_threads=check_threads(profile.threads(profile.llama["n_threads"], facts)),
                  n_threads_batch=check_threads(profile.threads(profile.llama["n_threads_batch"], facts)))
     return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by,

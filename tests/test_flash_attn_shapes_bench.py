@@ -1,0 +1,56 @@
+"""The flash-attention-by-shape benchmark: llama-bench's rows read right, the calls it makes, and a real smoke run.
+
+The smoke run needs llama.cpp's llama-bench (``python -m edgemed.benchmarks.anchors build``) and SmolLM2-135M;
+no speed is asserted (the figures come from full runs: benchmarks/results/flash_attn_shapes/).
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from edgemed.benchmarks import flash_attn_shapes as fas
+
+ARGS = Namespace(threads=2, prompt=724, decode=16, depth=1500)
+
+
+def _row(n_prompt, n_gen, n_depth, ts):
+    return {"n_prompt": n_prompt, "n_gen": n_gen, "n_depth": n_depth, "avg_ts": ts}
+
+
+def test_rows_are_read_by_what_they_measured():
+    rows = [_row(724, 0, 0, 170.0), _row(0, 16, 0, 33.0), _row(724, 0, 1500, 124.0), _row(0, 16, 1500, 29.0)]
+    assert fas.parse(rows, ARGS) == {"prefill": 170.0, "decode": 33.0, "decode_at_depth": 29.0}
+    with pytest.raises(RuntimeError, match="no decode_at_depth row"):
+        fas.parse(rows[:3], ARGS)
+
+
+def test_each_call_sets_flash_attention_and_one_repetition():
+    on = fas.bench_command(Path("/bin/llama-bench"), Path("m.gguf"), True, ARGS)
+    off = fas.bench_command(Path("/bin/llama-bench"), Path("m.gguf"), False, ARGS)
+    assert on[on.index("-fa") + 1] == "1" and off[off.index("-fa") + 1] == "0"
+    assert on[on.index("-d") + 1] == "0,1500" and on[on.index("-r") + 1] == "1" and on[on.index("-t") + 1] == "2"
+    # nothing else of edgemed's profile: batch sizes and KV types stay llama-bench's defaults on both sides
+    assert not {"-b", "-ub", "-ctk", "-ctv"} & set(on)
+
+
+def test_a_smoke_run_writes_every_model_its_shape_and_ratios(tmp_path, smollm2_gguf):
+    from edgemed.benchmarks import anchors
+    from edgemed.errors import EdgemedError
+
+    try:
+        anchors.binaries()
+    except EdgemedError as exc:
+        pytest.skip(f"llama-bench is not built: {exc.problem}")
+    out = tmp_path / "r.json"
+    fas.main(["--model", str(smollm2_gguf), "--prompt", "32", "--decode", "2", "--depth", "64", "--rounds", "2",
+              "--out", str(out)])
+    result = json.loads(out.read_text())
+    (m,) = result["models"].values()
+    assert m["shape"]["head_dim"] == 64 and m["shape"]["n_head"] == 9 and m["shape"]["n_head_kv"] == 3
+    assert len(m["runs"]["on"]) == len(m["runs"]["off"]) == 2
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in m["ratio_on_off_per_round"].values())
+    assert result["llama_bench"]["cpu_info"] and "| 64 |" in out.with_suffix(".md").read_text()
