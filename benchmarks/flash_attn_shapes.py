@@ -4,13 +4,14 @@
     python -m edgemed.benchmarks.flash_attn_shapes --model qwen2.5-0.5b-instruct --model PATH.gguf --rounds 2
 
 Why: on a CPU, llama.cpp's flash-attention kernel speeds prefill, and on some models it halves decode once the
-context holds a conversation (decision 0011). The CPU profiles therefore turn it on only for models whose heads are
-at least ``[llama] flash_attn_min_head_dim`` wide; this is the measurement behind that number.
+context holds a conversation (decision 0011). A CPU profile therefore lists in ``[llama] flash_attn_head_dims`` the
+head widths that get it (decision 0017); this is the measurement behind that list.
 
 How: llama.cpp's own ``llama-bench`` (built by ``python -m edgemed.benchmarks.anchors build`` from the installed
 llama-cpp-python, so the same kernels as edgemed's runtime) on each model file, ``--threads`` threads, one
-repetition per call: a ``--prompt``-token prompt from an empty context, and ``--decode`` tokens decoded from an
-empty context and at depth ``--depth`` (the context a clinician's conversation reaches). Each round runs every
+repetition per call: a ``--prompt``-token prompt from an empty context, ``--decode`` tokens decoded from an empty
+context and at depth ``--depth`` (the context a clinician's conversation reaches), and a ``--question``-token prompt
+read at that depth (a conversation's next question, its history already in the cache). Each round runs every
 (model, flash attention) pair once, the on/off order alternating between rounds so drift hits both alike; the
 ratio on / off is taken per round and its median reported. The attention shape (query heads, KV heads, head
 width) comes from each file's GGUF header, as the planner reads it.
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-TESTS = ("prefill", "decode", "decode_at_depth")
+TESTS = ("prefill", "decode", "decode_at_depth", "question_at_depth")
 
 
 def model_path(name: str) -> Path:
@@ -65,22 +66,29 @@ def attention_shape(path: Path) -> dict:
 
 
 def bench_command(binary: Path, path: Path, fa: bool, args) -> list[str]:
-    """One llama-bench call: the prompt from an empty context, and decode from an empty context and at depth."""
+    """One llama-bench call: the prompt and the question from an empty context and at depth (llama-bench crosses
+    them), and decode from an empty context and at depth."""
     return [str(binary), "-m", str(path), "-t", str(args.threads), "-fa", "1" if fa else "0", "-r", "1",
-            "-p", str(args.prompt), "-n", str(args.decode), "-d", f"0,{args.depth}", "-o", "json"]
+            "-p", f"{args.prompt},{args.question}", "-n", str(args.decode), "-d", f"0,{args.depth}", "-o", "json"]
 
 
 def parse(rows: list[dict], args) -> dict[str, float]:
-    """tok/s of each test in TESTS from llama-bench's JSON rows (the prompt at depth is not asked for)."""
+    """tok/s of each test in TESTS from llama-bench's JSON rows (the rows of the prompt at depth and the question
+    from an empty context are left out: llama-bench crosses every prompt size with every depth)."""
     out = {}
     for row in rows:
         if row["n_prompt"] == args.prompt and row["n_gen"] == 0 and row["n_depth"] == 0:
             out["prefill"] = row["avg_ts"]
+        elif row["n_prompt"] == args.question and row["n_gen"] == 0 and row["n_depth"] == args.depth:
+            out["question_at_depth"] = row["avg_ts"]
         elif row["n_gen"] == args.decode and row["n_prompt"] == 0:
             out["decode" if row["n_depth"] == 0 else "decode_at_depth"] = row["avg_ts"]
     missing = [t for t in TESTS if t not in out]
     if missing:
-        raise RuntimeError(f"llama-bench gave no {', '.join(missing)} row: {json.dumps(rows)[:400]}")
+        from edgemed.benchmarks.anchors import AnchorError
+
+        raise AnchorError(f"llama-bench gave no {', '.join(missing)} row: {json.dumps(rows)[:400]}",
+                          "rebuild it (`python -m edgemed.benchmarks.anchors build --force`): its JSON output changed")
     return out
 
 
@@ -88,7 +96,10 @@ def run_bench(cmd: list[str]) -> tuple[list[dict], float]:
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}")
+        from edgemed.benchmarks.anchors import AnchorError
+
+        raise AnchorError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}",
+                          "check that the file loads (`edgemed plan FILE`), or rebuild the anchors")
     return json.loads(proc.stdout), time.monotonic() - t0
 
 
@@ -121,7 +132,7 @@ def measure(args) -> dict:
                             "ratio_on_off_per_round": {t: [round(x, 3) for x in v] for t, v in ratios.items()}}
     return {"benchmark": "flash_attn_shapes", "command": "python -m edgemed.benchmarks.flash_attn_shapes "
             + " ".join(args.argv or []), "threads": args.threads, "prompt_tokens": args.prompt,
-            "decode_tokens": args.decode, "depth": args.depth, "rounds": args.rounds, "llama_bench": meta,
+            "decode_tokens": args.decode, "question_tokens": args.question, "depth": args.depth, "rounds": args.rounds, "llama_bench": meta,
             "llama_bench_binary": str(binary), "cpu": platform.processor() or meta["cpu_info"],
             "runtime_system_info": build().system_info.strip(), "seconds": round(time.monotonic() - t_start, 1),
             "models": models_out}
@@ -134,16 +145,20 @@ def report_md(result: dict) -> str:
              f"{result['llama_bench']['n_ubatch']}, KV {result['llama_bench']['type_k']}/{result['llama_bench']['type_v']}).",
              "", f"System info: `{result['runtime_system_info']}`", "",
              f"Prompt {result['prompt_tokens']} tokens; decode {result['decode_tokens']} tokens from an empty context "
-             f"and at depth {result['depth']}; median over {result['rounds']} rounds of the per-round ratio on / off.", "",
+             f"and at depth {result['depth']}; a {result.get('question_tokens', '-')}-token question read at depth "
+             f"{result['depth']}; median over {result['rounds']} rounds of the per-round ratio on / off.", "",
              "| model | arch | heads / KV heads | head width | weights MiB | prefill on/off | decode on/off | "
-             f"decode at {result['depth']} on/off | decode at {result['depth']} tok/s off, on |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"decode at {result['depth']} on/off | decode at {result['depth']} tok/s off, on | question at "
+             f"{result['depth']} on/off |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in sorted(result["models"].items(), key=lambda kv: (kv[1]["shape"]["head_dim"], kv[0])):
         s, r = m["shape"], m["ratio_on_off"]
         off = statistics.median(x["decode_at_depth"] for x in m["runs"]["off"])
         on = statistics.median(x["decode_at_depth"] for x in m["runs"]["on"])
-        lines.append(f"| {Path(name).name if name.endswith('.gguf') else name} | {s['arch']} | {s['n_head']} / {s['n_head_kv']} | {s['head_dim']} | {s['weights_mib']} | "
-                     f"{r['prefill']:.3f}x | {r['decode']:.3f}x | {r['decode_at_depth']:.3f}x | {off:.1f}, {on:.1f} |")
+        question = f"{r['question_at_depth']:.3f}x" if "question_at_depth" in r else "-"  # runs before it was measured
+        lines.append(f"| {Path(name).name if name.endswith('.gguf') else name} | {s['arch']} | {s['n_head']} / "
+                     f"{s['n_head_kv']} | {s['head_dim']} | {s['weights_mib']} | {r['prefill']:.3f}x | {r['decode']:.3f}x | "
+                     f"{r['decode_at_depth']:.3f}x | {off:.1f}, {on:.1f} | {question} |")
     lines += ["", "Per-round ratios are in the JSON beside this page (`ratio_on_off_per_round`)."]
     return "\n".join(lines) + "\n"
 
@@ -154,7 +169,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=724, help="prompt tokens (from an empty context)")
     ap.add_argument("--decode", type=int, default=16, help="tokens decoded from an empty context and at --depth")
-    ap.add_argument("--depth", type=int, default=1500, help="context filled before the second decode")
+    ap.add_argument("--depth", type=int, default=1500, help="context filled before the second decode and the question")
+    ap.add_argument("--question", type=int, default=32, help="prompt tokens read at --depth (a conversation's next turn)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)

@@ -230,8 +230,9 @@ class Plan:
 def flash_attn_for(profile: Profile, shape: ModelShape) -> bool:
     """Whether ``profile`` runs this model with flash attention: its ``flash_attn``, or on anyway when the model's
     attention heads are one of the widths in its ``flash_attn_head_dims``. On a CPU, llama.cpp's flash-attention
-    kernel reads prompts faster, but once the context is long it decodes at half speed with heads 64 wide and at
-    full speed with heads 128 wide (docs/decisions/0017): a profile lists the widths measured not to lose."""
+    kernel reads a whole prompt faster, but once the context is long it decodes at half speed with heads 64 wide
+    (full speed with 128), and reads a few new tokens (a conversation's next question) slower with either
+    (docs/decisions/0017): a profile lists a width only where its workload was measured to gain."""
     s = profile.llama
     widths = s.get("flash_attn_head_dims", ())
     return bool(s["flash_attn"]) or (shape.head_dim_k in widths and shape.head_dim_v in widths)
