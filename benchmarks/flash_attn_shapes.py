@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import subprocess
@@ -32,14 +31,6 @@ import time
 from pathlib import Path
 
 TESTS = ("prefill", "decode", "decode_at_depth", "question_at_depth")
-
-
-def model_path(name: str) -> Path:
-    if name.endswith(".gguf"):
-        return Path(name)
-    from edgemed.converters.source import pip_models
-
-    return Path(pip_models.gguf_file(name))
 
 
 def installed_models() -> list[str]:
@@ -105,6 +96,7 @@ def run_bench(cmd: list[str]) -> tuple[list[dict], float]:
 
 def measure(args) -> dict:
     from edgemed.benchmarks import anchors
+    from edgemed.benchmarks.serve_vs_llama_server import model_path
     from edgemed.runtime.llamacpp import build
 
     binary = anchors.binaries()["llama-bench"]
@@ -133,7 +125,7 @@ def measure(args) -> dict:
     return {"benchmark": "flash_attn_shapes", "command": "python -m edgemed.benchmarks.flash_attn_shapes "
             + " ".join(args.argv or []), "threads": args.threads, "prompt_tokens": args.prompt,
             "decode_tokens": args.decode, "question_tokens": args.question, "depth": args.depth, "rounds": args.rounds, "llama_bench": meta,
-            "llama_bench_binary": str(binary), "cpu": platform.processor() or meta["cpu_info"],
+            "llama_bench_binary": str(binary), "cpu": meta["cpu_info"],
             "runtime_system_info": build().system_info.strip(), "seconds": round(time.monotonic() - t_start, 1),
             "models": models_out}
 
