@@ -45,14 +45,6 @@ FA_AUTO_NOTE = ("auto: llama_context probes the flash-attention op and keeps it 
                 "the CPU backend does, so on a CPU-only build auto means on (src/llama-context.cpp, resolve())")
 
 
-def model_path(name: str) -> Path:
-    if name.endswith(".gguf"):
-        return Path(name)
-    from edgemed.converters.source import pip_models
-
-    return Path(pip_models.gguf_file(name))
-
-
 def llama_server_command(binary: Path, path: Path, port: int, threads: int, n_ctx: int) -> list[str]:
     """llama-server as a user starts it: model, threads, context and port; every other setting its default."""
     return [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
@@ -153,6 +145,7 @@ def _load() -> float:
 def measure(args) -> dict:
     from edgemed.benchmarks import anchors
     from edgemed.benchmarks.serve_bench_client import LlamaServer, long_prompt
+    from edgemed.benchmarks.serve_vs_llama_server import model_path
 
     path = model_path(args.model)
     em = EdgemedPrefill(path, args.threads, args.profile)
