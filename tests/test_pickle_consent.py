@@ -126,6 +126,69 @@ def test_convert_onnx_passes_the_consent_on(pickled, monkeypatch, tmp_path):
     assert seen == [([pickled / "pytorch_model.bin"], True, True)]
 
 
+@pytest.fixture(scope="module")
+def redirected(root, model) -> Path:
+    """The tiny checkpoint, safetensors weights and all, whose config.json also tells transformers to load a pickle
+    (``transformers_weights``, which transformers honours whatever ``use_safetensors`` says)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = root / "redirected"
+    shutil.copytree(model, out)
+    torch.save({k: torch.zeros_like(v) for k, v in load_file(out / "model.safetensors").items()}, out / "adapter_model.bin")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
+    return out
+
+
+def test_a_config_naming_other_weights_is_refused_before_anything_is_unpickled(redirected, monkeypatch, tmp_path):
+    """Every route refuses the checkpoint at its open, so no route loads weights other than the ones it hashed."""
+    import torch
+
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    commands = {"convert": ["convert", redirected, "--quant", "f16", "--no-imatrix", "-o", "{out}/x.gguf"],
+                "bench run": ["bench", "run", redirected, "-o", "{out}/bench", "--skip-accuracy"]}
+    if _have("onnx", "onnxruntime"):
+        commands["convert --to onnx"] = ["convert", redirected, "--to", "onnx", "--quant", "fp32", "-o", "{out}/x-onnx"]
+    for what, args in commands.items():
+        out = tmp_path / what.replace(" ", "_")
+        out.mkdir()
+        r = _run(*[str(a).format(out=out) for a in args])
+        assert r.exit_code == 1, (what, r.output)
+        assert "'transformers_weights' names \"adapter_model.bin\"" in r.output, (what, r.output)
+        assert "remove the 'transformers_weights' key" in r.output and "Traceback" not in r.output, r.output
+        assert _listing(out) == [], what
+    assert loads == []
+
+
+def test_a_config_naming_the_default_weights_is_accepted(model, tmp_path):
+    from edgemed.converters.source.checkpoint import Checkpoint
+
+    ckpt = tmp_path / "named"
+    shutil.copytree(model, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "transformers_weights": "model.safetensors"}))
+    assert list(Checkpoint.open(ckpt).tensors) == list(Checkpoint.open(model).tensors)
+
+
+def test_an_adapter_beside_the_model_is_refused_on_every_route(model, lora, tmp_path):
+    """transformers would merge it on the ONNX route and the torch baseline; the GGUF route would not: refused."""
+    from edgemed.converters.source.checkpoint import Checkpoint
+
+    ckpt = tmp_path / "with-adapter"
+    shutil.copytree(model, ckpt)
+    for f in lora.iterdir():
+        shutil.copy(f, ckpt / f.name)
+    with pytest.raises(CheckpointError, match="holds a PEFT adapter") as e:
+        Checkpoint.open(ckpt)
+    assert "pass it with --lora DIR" in e.value.fix
+    r = _run("convert", ckpt, "--quant", "f16", "--no-imatrix", "-o", tmp_path / "x.gguf")
+    assert r.exit_code == 1 and "holds a PEFT adapter" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_check_passes_with_consent(pickled, gguf):
     ok = _run("check", pickled, gguf, "--allow-pickle")
     assert ok.exit_code == 0, ok.output

@@ -133,6 +133,33 @@ def validate_config(config: dict, path: Path) -> None:
                               "and no head_dim is given.", "re-copy config.json from the source checkpoint")
 
 
+def refuse_what_transformers_would_add(path: Path, config: dict) -> None:
+    """Refuse a directory from which Hugging Face loading would read more than the files edgemed indexes.
+
+    The ONNX route, the torch baseline and the ONNX Runtime GenAI builder load the directory with
+    ``from_pretrained``, which merges a PEFT adapter it finds beside the model (``adapter_config.json``), and
+    loads whatever file config.json's ``transformers_weights`` names, a pickle included, whatever
+    ``use_safetensors`` says. Either would make those routes compute other weights than the ones indexed,
+    hashed into the provenance and consented to (or not) with ``--allow-pickle``, and than the GGUF route,
+    which reads the indexed tensors only."""
+    if (path / "adapter_config.json").exists():
+        raise CheckpointError(
+            f"'{path}' holds a PEFT adapter (adapter_config.json) beside the model's weights: Hugging Face loading "
+            "would merge it into the model, a GGUF conversion would not.",
+            "move the adapter into its own folder and pass it with --lora DIR, or remove it to use the base alone",
+        )
+    named = config.get("transformers_weights")
+    if named is None:
+        return
+    default = SAFETENSORS_INDEX if (path / SAFETENSORS_INDEX).is_file() else "model.safetensors"
+    if named != default or not (path / default).is_file():
+        raise CheckpointError(
+            f"{path / 'config.json'}: 'transformers_weights' names {json.dumps(named)[:80]} as the weights to load, "
+            f"not the safetensors edgemed reads and hashes ({default}).",
+            "remove the 'transformers_weights' key from config.json",
+        )
+
+
 def pickle_refused(path: Path, pickles: list[Path]) -> CheckpointError:
     """The one refusal of a pickle-only checkpoint opened without ``--allow-pickle`` (every command says this)."""
     return CheckpointError(
@@ -179,6 +206,7 @@ class Checkpoint:
             )
         config = _read_json(path / "config.json", "Model config")
         validate_config(config, path)
+        refuse_what_transformers_would_add(path, config)
         shards = cls._safetensors_files(path)
         if shards:
             return cls(path, config, _float_only(cls._index_safetensors(shards)))
