@@ -7,6 +7,8 @@ message and exit code 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class EdgemedError(Exception):
     """An expected failure: ``problem`` says what is wrong, ``fix`` what to do."""
@@ -108,6 +110,28 @@ class TemplateError(InputError):
 
 class OutputError(EdgemedError):
     """An output cannot be written: no space left, no permission, a read-only file system."""
+
+
+_ELSEWHERE = "choose a folder you can write to (for the model store, point EDGEMED_HOME at one)"
+_PERMISSIONS = "check the permissions of that file and its folder, or " + _ELSEWHERE
+
+# errno -> (what failed, the fix): the disk or folder cannot take a write, whatever the command was doing
+DISK_REFUSED: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("No space left on the disk while writing {what}.", "free space on that disk, or choose a folder on another disk"),
+    errno.EDQUOT: ("The disk quota is used up while writing {what}.", "free space within your quota, or choose a folder on another disk"),
+    errno.EROFS: ("Cannot write {what}: the file system is mounted read-only.", _ELSEWHERE + ", or remount that disk read-write"),
+    errno.EACCES: ("Permission denied on {what}.", _PERMISSIONS),
+    errno.EPERM: ("Operation not permitted on {what}.", _PERMISSIONS),
+}
+
+
+def output_error(exc: OSError) -> OutputError | None:
+    """A full, read-only or forbidden disk as an ``OutputError`` naming the fix; ``None`` for any other OSError."""
+    if exc.errno not in DISK_REFUSED:
+        return None
+    problem, fix = DISK_REFUSED[exc.errno]
+    what = f"'{exc.filename}'" if exc.filename is not None else "a file"
+    return OutputError(problem.format(what=what), fix)
 
 
 class Overloaded(EdgemedError):

@@ -3,7 +3,9 @@
 Only click and edgemed's light modules are imported at start-up; a command
 imports what it needs when it runs, so ``edgemed --help`` stays instant.
 Expected failures (``EdgemedError``) become a one-paragraph message and exit
-code 1, never a traceback.
+code 1, never a traceback; so does a disk that is full, read-only or not ours to
+write (``errors.output_error``), whichever command hit it. Any other exception is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import click
 
 from edgemed import __version__
-from edgemed.errors import EdgemedError
+from edgemed.errors import EdgemedError, output_error
 
 # module under edgemed.cli -> attribute holding the click command or group
 COMMANDS: dict[str, str] = {
@@ -62,6 +64,12 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except EdgemedError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            clean = output_error(exc)
+            if clean is None:
+                raise
+            logging.getLogger(__name__).debug("the disk refused a write", exc_info=True)
+            raise click.ClickException(str(clean)) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted; nothing half-written was left behind.", err=True)
             sys.exit(130)

@@ -1,0 +1,94 @@
+"""A full, read-only or forbidden disk: every command ends in a one-paragraph message naming the fix, never a traceback.
+
+The box runs as root, where chmod does not stop a write, so the refusals are injected at the lowest write the code
+makes (the tar file's write, ``os.open``), with the errno and file name the kernel would give.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tarfile
+
+import pytest
+from click.testing import CliRunner
+
+import bundle_kit as kit
+from edgemed.cli import cli
+from edgemed.errors import output_error
+from edgemed.packaging.bundle import PackInputs, pack
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)  # a traceback fails the test
+
+
+def _refused(code: int, filename) -> OSError:
+    return OSError(code, os.strerror(code), None if filename is None else str(filename))
+
+
+class _FullDisk:
+    """A file opened for writing whose every write fails with ``code``, as a full disk fails it."""
+
+    def __init__(self, name, mode, code):
+        self.name, self.code = str(name), code
+        self.fh = open(name, mode)
+
+    def write(self, data):
+        raise _refused(self.code, self.name)
+
+    def __getattr__(self, attr):
+        return getattr(self.fh, attr)
+
+
+@pytest.fixture
+def src(tmp_path):
+    return kit.inputs(tmp_path / "src")
+
+
+def _pack_args(src, out):
+    return ("pack", src["model"], "--license", src["license"], "--card", src["card"], "-o", out)
+
+
+def test_pack_on_a_full_disk_is_one_clean_paragraph(tmp_path, src, monkeypatch):
+    monkeypatch.setattr(tarfile, "bltn_open", lambda name, mode: _FullDisk(name, mode, errno.ENOSPC))
+    (tmp_path / "out").mkdir()
+    r = _run(*_pack_args(src, tmp_path / "out" / "x.edgemed"))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "No space left on the disk while writing" in r.output and str(tmp_path / "out") in r.output
+    assert "Fix: free space on that disk" in r.output
+    assert list((tmp_path / "out").iterdir()) == []  # the partial tar went with the failure
+
+
+def test_other_os_errors_keep_their_traceback(tmp_path, src, monkeypatch):
+    monkeypatch.setattr(tarfile, "bltn_open", lambda name, mode: _FullDisk(name, mode, errno.EIO))
+    with pytest.raises(OSError) as caught:
+        _run(*_pack_args(src, tmp_path / "x.edgemed"))
+    assert caught.value.errno == errno.EIO  # an I/O error is not "choose another folder": it stays visible as a bug
+
+
+def test_install_into_a_read_only_store_is_one_clean_paragraph(tmp_path, src, edgemed_home, monkeypatch):
+    bundle = tmp_path / "b.edgemed"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), bundle)
+    real_open = os.open
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def read_only_store(path, flags, *a, **k):
+        if flags & writes and str(path).startswith(str(edgemed_home)):
+            raise _refused(errno.EROFS, path)
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only_store)
+    r = _run("install", bundle)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "the file system is mounted read-only" in r.output and str(edgemed_home) in r.output
+    assert "Fix: choose a folder you can write to" in r.output and "EDGEMED_HOME" in r.output
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM])
+def test_each_refusal_names_what_failed_and_the_fix(code):
+    named, unnamed = output_error(_refused(code, "/data/x.gguf")), output_error(_refused(code, None))
+    assert "'/data/x.gguf'" in named.problem and named.fix
+    assert "a file" in unnamed.problem and unnamed.fix == named.fix
+    assert output_error(_refused(errno.EIO, "/data/x.gguf")) is None
+
