@@ -1,4 +1,5 @@
-"""A full, read-only or forbidden disk: every command ends in a one-paragraph message naming the fix, never a traceback.
+"""A full, read-only or forbidden disk: every command ends in a one-paragraph message naming the fix, never a traceback;
+and the verified cache, an optional speed-up, never turns a passed check into a failure.
 
 The box runs as root, where chmod does not stop a write, so the refusals are injected at the lowest write the code
 makes (the tar file's write, ``os.open``), with the errno and file name the kernel would give.
@@ -7,6 +8,7 @@ makes (the tar file's write, ``os.open``), with the errno and file name the kern
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import tarfile
 
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 import bundle_kit as kit
 from edgemed.cli import cli
 from edgemed.errors import output_error
+from edgemed.packaging import digest
 from edgemed.packaging.bundle import PackInputs, pack
 
 
@@ -92,3 +95,27 @@ def test_each_refusal_names_what_failed_and_the_fix(code):
     assert "a file" in unnamed.problem and unnamed.fix == named.fix
     assert output_error(_refused(errno.EIO, "/data/x.gguf")) is None
 
+
+# -- the verified cache is a speed-up: failing to save it is a warning, not a failed check ----------------------
+def _cache_is_a_directory(edgemed_home, monkeypatch):
+    (edgemed_home / digest.CACHE_NAME).mkdir(parents=True)
+
+
+def _cache_disk_is_full(edgemed_home, monkeypatch):
+    def full(path, text, **kw):
+        raise _refused(errno.ENOSPC, path)
+
+    monkeypatch.setattr(digest, "write_text", full)
+
+
+@pytest.mark.parametrize("refuse", [_cache_is_a_directory, _cache_disk_is_full])
+def test_verify_passes_when_the_cache_cannot_be_saved(tmp_path, src, edgemed_home, monkeypatch, caplog, refuse):
+    bundle = tmp_path / "b"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), bundle, as_dir=True)
+    monkeypatch.setattr(digest, "RACY_S", -1e9)  # trust fresh files, so the check has digests to cache
+    refuse(edgemed_home, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=digest.__name__):
+        r = _run("verify", bundle)
+    assert r.exit_code == 0, r.output
+    warned = [rec.getMessage() for rec in caplog.records if rec.name == digest.__name__]
+    assert len(warned) == 1 and str(edgemed_home / digest.CACHE_NAME) in warned[0]

@@ -24,7 +24,7 @@ from typing import BinaryIO
 from edgemed import env
 from edgemed.files.atomic import write_text
 from edgemed.files.hashing import BLOCK, file_sha256
-from edgemed.errors import IntegrityError
+from edgemed.errors import EdgemedError, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,17 @@ class VerifiedCache:
             self.dirty = True
 
     def save(self) -> None:
+        """Write the cache, if anything changed. A cache that cannot be written (a read-only store, a full disk)
+        costs only speed, the next check re-hashes, so that is a warning, never a failed check."""
         if not self.dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(self.path, json.dumps({"schema": "edgemed.verified-cache/1", "entries": self.entries}))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(self.path, json.dumps({"schema": "edgemed.verified-cache/1", "entries": self.entries}))
+        except (OSError, EdgemedError) as exc:
+            why = exc.problem if isinstance(exc, EdgemedError) else exc.strerror or str(exc)
+            log.warning("could not save the verified cache '%s' (%s); the next check re-hashes", self.path, why)
+            return
         self.dirty = False
 
 
