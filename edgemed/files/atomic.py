@@ -26,7 +26,8 @@ from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
 from edgemed.errors import OutputExists
 
-__all__ = ["atomic_path", "check_destination", "write_text", "swap_in", "scratch_dir", "sweep", "step", "discard"]
+__all__ = ["atomic_path", "atomic_paths", "check_destination", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
+           "step", "discard"]
 
 
 def _folder(path: Path) -> Path:
@@ -93,31 +94,135 @@ def atomic_path(dest: Path | str, *, force: bool = False, suffix: str = "", kind
 
     The caller creates a file or a directory at the yielded path. ``kind`` marks a directory
     output (see ``check_destination``). The temporary name is owner-tagged debris
-    (``.NAME.edgemed-OWNER.RAND<suffix>.partial``) until it is renamed into place.
+    (``.NAME.edgemed-OWNER.RAND<suffix>.partial``) until it is renamed into place. Without
+    ``force``, an output that appeared at ``dest`` while the caller wrote is never replaced:
+    the kernel refuses the placement (``place_new``) and ``OutputExists`` is raised.
     """
-    dest = Path(dest)
-    check_destination(dest, force, kind)
-    folder = _folder(dest)
-    with owned(folder):
-        tmp = debris_path(folder, dest.name, suffix)
+    with atomic_paths([dest], force=force, suffix=suffix, kind=kind) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = "",
+                 kind: str | None = None) -> Iterator[list[Path]]:
+    """``atomic_path`` for outputs that belong together (a key pair, a GGUF and its Modelfile).
+
+    Every destination is checked before the caller writes anything, so a refusal leaves nothing
+    behind; every temporary is complete before the first rename, so an error while writing (a
+    full disk, an exception) leaves every destination as it was. The renames follow in order, one
+    per output: a kill between two of them leaves the first outputs new and the rest old, so put
+    first the ones that are cheapest to lose.
+    """
+    dests = [Path(d) for d in dests]
+    for dest in dests:
+        check_destination(dest, force, kind)
+    with contextlib.ExitStack() as held:
+        tmps = []
+        for dest in dests:
+            folder = _folder(dest)
+            held.enter_context(owned(folder))
+            tmps.append(debris_path(folder, dest.name, suffix))
         try:
-            yield tmp
+            yield tmps
             step("atomic.written")
-            if not os.path.lexists(tmp):
-                raise FileNotFoundError(f"nothing was written to {tmp}")
-            if kind is not None and tmp.is_dir() and not tmp.is_symlink():
-                step("atomic.record")
-                ownership.record(tmp, kind)
-            if os.path.lexists(dest):
-                _refuse_directory(dest, kind)  # again: it may have changed while we wrote
-            old = swap_in(tmp, dest, debris_path(folder, dest.name, ASIDE))
-            if old is not None:
-                step("atomic.discard-old")
-                discard(old)
+            for tmp, dest in zip(tmps, dests):
+                if not os.path.lexists(tmp):
+                    raise FileNotFoundError(f"nothing was written to {tmp}")
+                if kind is not None and tmp.is_dir() and not tmp.is_symlink():
+                    step("atomic.record")
+                    ownership.record(tmp, kind)
+            for dest in dests:  # again, before the first rename: they may have changed while we wrote
+                if os.path.lexists(dest):
+                    _refuse_directory(dest, kind)
+                    if not force:
+                        raise _appeared(dest)
+            olds = []
+            for tmp, dest in zip(tmps, dests):
+                if force:
+                    olds.append(swap_in(tmp, dest, debris_path(_folder(dest), dest.name, ASIDE)))
+                else:
+                    place_new(tmp, dest)
+            for old in olds:
+                if old is not None:
+                    step("atomic.discard-old")
+                    discard(old)
         except BaseException:
-            if os.path.lexists(tmp):
-                discard(tmp)
+            for tmp in tmps:
+                if os.path.lexists(tmp):
+                    discard(tmp)
             raise
+
+
+def _appeared(dest: Path) -> OutputExists:
+    return OutputExists(
+        f"Output '{dest}' appeared while edgemed was writing it (another run, or another program); it is left as "
+        "it is, and what edgemed wrote was discarded.",
+        "choose another -o path, or run again with --force to replace it",
+    )
+
+
+def place_new(new: Path, dest: Path) -> None:
+    """Put ``new`` at ``dest`` only while nothing is there, in one step the kernel checks; raise ``OutputExists``
+    when something is, even if it appeared a moment ago (no check-then-rename).
+
+    In order: ``rename`` that refuses to replace (Linux ``renameat2(RENAME_NOREPLACE)``, macOS
+    ``renamex_np(RENAME_EXCL)``); else, for a file, a hard link at ``dest`` then the temporary name
+    unlinked (a kill between the two leaves the finished output, and its second name as debris the
+    next sweep removes); else a plain ``rename``, which never replaces a file with a directory nor
+    a non-empty directory, but is the only way left on a file system without hard links.
+    """
+    step("atomic.rename-new")
+    if _rename_noreplace(new, dest):
+        return
+    if not new.is_dir() or new.is_symlink():
+        step("atomic.link")
+        try:
+            os.link(new, dest, follow_symlinks=False)
+        except FileExistsError:
+            raise _appeared(dest) from None
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED + (errno.EPERM, errno.EMLINK):
+                raise
+        else:
+            step("atomic.unlink-temp")
+            os.unlink(new)
+            return
+    if os.path.lexists(dest):
+        raise _appeared(dest)
+    step("atomic.rename")
+    try:
+        os.rename(new, dest)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise _appeared(dest) from None
+        raise
+
+
+# errno values that mean "this call or flag is not available here", not "this rename is wrong"
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def _rename_noreplace(a: Path, b: Path) -> bool:
+    """Rename ``a`` to ``b`` unless ``b`` exists (``OutputExists``); False where the system cannot refuse for us."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2"):  # Linux (glibc 2.28+, musl 1.2.4+)
+        at_fdcwd, rename_noreplace = -100, 1
+        done = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_noreplace) == 0
+    elif hasattr(libc, "renamex_np"):  # macOS 10.12+
+        rename_excl = 4
+        done = libc.renamex_np(os.fsencode(a), os.fsencode(b), rename_excl) == 0
+    else:
+        return False
+    if done:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        raise _appeared(b)
+    if code in _UNSUPPORTED + (errno.EPERM,):  # EPERM: a sandbox that filters the call
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
@@ -158,7 +263,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+    if code in _UNSUPPORTED:
         return False
     raise OSError(code, os.strerror(code), str(b))
 
