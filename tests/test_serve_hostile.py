@@ -119,3 +119,19 @@ def test_a_schema_the_grammar_converter_rejects_is_a_400(server):
     InputError."""
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "flurb"}}}
     is_openai_error(chat(server, "Name one vitamin.", response_format=fmt), 400, None)
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_500(server):
+    """json recurses once per level: 100k nested arrays were a RecursionError and a 500 before the parse."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = httpx.post(server.url + path, content='{"model": "%s", "x": %s}' % (MODEL, deep),
+                       headers={"content-type": "application/json"}, timeout=60)
+        error = is_openai_error(r, 400, "invalid_json")
+        assert "nest more than 64 levels" in error["message"], error
+    # a history's tool-call arguments are JSON text parsed again: nested too deeply, they stay text (no 500)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}
+    r = post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": "and?"}]})
+    assert r.status_code != 500, r.text

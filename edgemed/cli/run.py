@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.formats.nesting import loads_json
+
 
 def _item(value: str) -> dict:
     """``--item-json``: a JSON object, or ``PATH`` / ``PATH:LINE`` of a JSONL file (line 1-based)."""
@@ -23,8 +25,8 @@ def _item(value: str) -> dict:
             raise InputError(f"--item-json '{value}' is neither a JSON object nor a readable PATH[:LINE].",
                              "pass one MedMCQA JSONL line, or test.jsonl:LINE") from None
     try:
-        item = json.loads(text)
-    except json.JSONDecodeError as exc:
+        item = loads_json(text)
+    except ValueError as exc:  # JSONDecodeError and TooDeep
         raise InputError(f"--item-json is not valid JSON ({exc}).", "pass one line of a MedMCQA-style JSONL file") from None
     if not isinstance(item, dict):
         raise InputError("--item-json must be a JSON object.", "pass one line of a MedMCQA-style JSONL file")
@@ -45,8 +47,8 @@ def template_inputs(question, options, item, pairs) -> tuple[dict, str | None]:
         inputs["question"] = question
     if options:
         try:
-            inputs["options"] = json.loads(options)
-        except json.JSONDecodeError:
+            inputs["options"] = loads_json(options)
+        except ValueError:
             raise InputError("--options is not a JSON object.", "pass --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
     for pair in pairs:
         key, sep, value = pair.partition("=")

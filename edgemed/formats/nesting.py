@@ -49,3 +49,30 @@ def too_deep(text: str | bytes, kind: str = "json", limit: int = MAX_DEPTH) -> b
         return False
     return _scan(text, comments=kind == "toml", literal_quote=kind == "toml") > limit
 
+
+
+class TooDeep(ValueError):
+    """Untrusted text nests deeper than a reader allows: refused like any other malformed input."""
+
+
+def loads_json(text: str | bytes, limit: int = MAX_DEPTH):
+    """``json.loads`` for untrusted text: nesting deeper than ``limit`` is a ``ValueError`` (``TooDeep``), like any
+    malformed input, never the parser's ``RecursionError``."""
+    import json
+
+    if too_deep(text, "json", limit):
+        raise TooDeep(f"arrays or objects nest more than {limit} levels deep")
+    return json.loads(text)
+
+
+def loads_toml(text: str, limit: int = MAX_DEPTH) -> dict:
+    """``tomllib.loads`` for untrusted text; every failure is a ``ValueError`` (``TOMLDecodeError`` is one,
+    nesting deeper than ``limit`` is ``TooDeep``)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    if too_deep(text, "toml", limit):
+        raise TooDeep(f"arrays or tables nest more than {limit} levels deep")
+    return tomllib.loads(text)

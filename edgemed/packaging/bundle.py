@@ -19,7 +19,6 @@ The tar form holds the same entries (see archive.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -40,6 +39,7 @@ from edgemed.packaging.manifest import (ADAPTERS_ONLY, MANIFEST, MAX_MANIFEST_BY
                                          check_name, max_signature_bytes)
 from edgemed.packaging.signing import Signature
 from edgemed.versions import installed_versions
+from edgemed.formats.nesting import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
 def _report_provenance(report: Path, model: Path) -> dict:
     """Provenance and parity from the converter's report (build-machine paths left out)."""
     try:
-        r = json.loads(report.read_text(encoding="utf-8"))
+        r = loads_json(report.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"Cannot read the conversion report '{report}': {exc}.", "re-run `edgemed convert`, or pass --no-report") from None
     if model.is_file() and r.get("size_bytes") not in (None, model.stat().st_size):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.errors import InputError
+from edgemed.formats.nesting import loads_toml
 
 # key -> (section, reference). Sections follow the CHAI card's order.
 FIELDS: dict[str, tuple[str, str]] = {
@@ -88,12 +89,8 @@ def _simple(value) -> bool:
 def load_card(path: Path) -> dict:
     """Parse and check ``card.toml``; return the fields as a flat dict."""
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = loads_toml(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError, TOMLDecodeError and TooDeep are ValueErrors
         raise InputError(f"Cannot read the model card '{path}': {exc}.", "pass a TOML file (see README, section Packaging)") from None
     unknown = sorted(k for k in data if k not in FIELDS and not k.startswith("x_"))
     if unknown:

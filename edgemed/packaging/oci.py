@@ -36,6 +36,7 @@ from pathlib import Path
 
 from edgemed import env
 from edgemed.errors import EdgemedError, InputError, IntegrityError, require
+from edgemed.formats.nesting import loads_json
 from edgemed.packaging.manifest import (
     MANIFEST,
     MAX_FILES,
@@ -157,8 +158,8 @@ def read_docker_config(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        cfg = loads_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError and TooDeep
         raise InputError(f"{path} is not valid JSON ({exc}).", f"fix or move {path}, then log in again") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("auths", {}), dict):
         raise InputError(f"{path} is not a docker config file (no 'auths' object).", f"fix or move {path}, then log in again")
@@ -355,7 +356,7 @@ def read_image_manifest(body: bytes, ref: Ref) -> list[Layer]:
     bad = f"the artifact at {ref} is not an edgemed bundle pushed as a ModelPack artifact"
     fix = "pull an artifact that `edgemed push` made, or push the bundle again"
     try:
-        doc = json.loads(body.decode("utf-8"))
+        doc = loads_json(body.decode("utf-8"))
     except ValueError as exc:
         raise IntegrityError(f"The manifest of {ref} is not valid JSON ({_short(exc)}).", fix) from None
     if not isinstance(doc, dict):

@@ -31,13 +31,13 @@ trust.toml stops its models from loading.
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import env
 from edgemed.errors import InputError, SignatureError
 from edgemed.packaging import signing
+from edgemed.formats.nesting import loads_toml
 
 POLICY = "trust.toml"
 _ENTRY_KEYS = {"keys", "roots", "require_signature"}
@@ -88,8 +88,8 @@ def load(home: Path | None = None) -> Policy:
         return Policy(path)
     fix = f"correct {path} (see `edgemed install --help` and docs/packaging.md, section Trust policy)"
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raw = loads_toml(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError, TOMLDecodeError and TooDeep are ValueErrors
         raise InputError(f"Cannot read the trust policy {path}: {exc}.", fix) from None
     unknown = sorted(set(raw) - {"local", "registries"})
     if unknown:

@@ -17,13 +17,13 @@ profile can ask for TensorRT then CUDA on a Jetson; CPU is always the fallback.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Iterator
 
 from edgemed import env
 from edgemed.errors import ModelLoadError, require
+from edgemed.formats.nesting import loads_json
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,10 @@ _NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError and TooDeep
         raise ModelLoadError(f"'{path}' is not valid JSON ({exc}).", "re-copy the model directory; the file is corrupt") from None
 
 

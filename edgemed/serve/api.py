@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgemed.errors import Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError
 from edgemed.runtime.batch.batcher import UnknownAdapter
+from edgemed.formats.nesting import loads_json
 
 # -- requests ------------------------------------------------------------------------------------
 #: Most choices per prompt (``n``), prompts per completions request, alternatives per token, biased tokens.
@@ -88,7 +89,7 @@ class ChatMessage(BaseModel):
 def _arguments(text: str):
     """A history's tool-call arguments (JSON text) as the object templates render; text that is not JSON stays text."""
     try:
-        return json.loads(text)
+        return loads_json(text)
     except ValueError:
         return text
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
+from edgemed.formats.nesting import loads_json
 from edgemed.serve import api
 from edgemed.serve.endpoints import ENDPOINTS, Endpoint
 from edgemed.serve.generate import check_model, generate, served_models
@@ -82,7 +83,7 @@ async def add_adapter(request: Request):
     record = request_record(request)
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = loads_json(raw)
     except ValueError:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or \
@@ -151,8 +152,8 @@ async def parse_body(request: Request, model: type):
     so that ``param`` names the field and never a position in the JSON text."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        data = loads_json(raw)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and TooDeep
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise api.ApiError(400, f"The request body is not valid JSON{where}: {getattr(exc, 'msg', exc)}. Fix: send "
                                 "one JSON object, with content-type application/json.", code="invalid_json") from None

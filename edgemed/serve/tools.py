@@ -27,6 +27,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
+from edgemed.formats.nesting import loads_json
 from edgemed.serve.api import ApiError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -142,7 +143,7 @@ def _call(obj, names) -> dict | None:
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            json.loads(args)
+            loads_json(args)
         except ValueError:
             args = json.dumps(args)  # arguments are always JSON text
     else:
@@ -179,7 +180,7 @@ def parse(text: str, names=None) -> Parsed:
     calls, kept, at = [], [], 0
     for match in _CALL.finditer(text):
         try:
-            call = _call(json.loads(match.group(1)), names)
+            call = _call(loads_json(match.group(1)), names)
         except ValueError:
             call = None  # not a call: it stays in the content
         if call is None:

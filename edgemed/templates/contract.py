@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from edgemed.formats.nesting import loads_json
 from edgemed.templates.think import strip_think
 
 
@@ -117,8 +118,8 @@ def _parse_json(c: Contract, text: str, choices) -> Parsed:
     if start < 0 or end < start:
         return Parsed(False, None, text, "no JSON object in the reply")
     try:
-        value = json.loads(text[start:end + 1])
-    except json.JSONDecodeError as exc:
+        value = loads_json(text[start:end + 1])
+    except ValueError as exc:  # JSONDecodeError and TooDeep
         return Parsed(False, None, text, f"invalid JSON: {exc}")
     errors = _schema_errors(c.schema, value)
     return Parsed(not errors, value, text, "; ".join(errors))

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from edgemed import env
 from edgemed.errors import TemplateError
+from edgemed.formats.nesting import loads_toml
 from edgemed.templates.contract import KINDS, Contract, Parsed
 from edgemed.templates.sandbox import render
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 TOP_KEYS = {"name", "title", "system", "user", "inputs", "contract", "examples"}
 REQUIRED = ("name", "title", "system", "user", "contract")
@@ -73,8 +68,8 @@ class Template:
 
 def _load_toml(text: str, source: str) -> dict:
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        return loads_toml(text)
+    except ValueError as exc:  # TOMLDecodeError and TooDeep
         raise TemplateError(f"{source}: not valid TOML ({exc}).", f"fix the syntax of {source}") from None
 
 

@@ -1,0 +1,64 @@
+"""Files and answers that edgemed parses from untrusted text, nested deeper than any real one: each reader refuses
+them with its own error naming the file and the fix, never a RecursionError from the parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemed.errors import InputError, IntegrityError, TemplateError
+from edgemed.formats.nesting import MAX_DEPTH, TooDeep, loads_json, loads_toml
+
+DEEP_JSON = "[" * 200_000 + "]" * 200_000
+DEEP_TOML = "x = " + "[" * 5000 + "]" * 5000 + "\n"
+
+
+def test_loads_refuse_deep_nesting_as_a_value_error():
+    with pytest.raises(TooDeep, match=f"more than {MAX_DEPTH} levels"):
+        loads_json(DEEP_JSON)
+    with pytest.raises(ValueError):
+        loads_json(DEEP_JSON.encode())
+    with pytest.raises(ValueError, match="nest more than"):
+        loads_toml(DEEP_TOML)
+    assert loads_json('{"a": [[1]], "s": "[[[[["}') == {"a": [[1]], "s": "[[[[["}
+    assert loads_toml('a = [[1]]\ns = "[[[[["\n') == {"a": [[1]], "s": "[[[[["}
+    assert loads_json("[" * MAX_DEPTH + "]" * MAX_DEPTH) is not None
+
+
+def test_a_registry_manifest_nested_too_deeply_is_an_integrity_error():
+    from edgemed.packaging.oci import parse_ref, read_image_manifest
+
+    ref = parse_ref("oci://127.0.0.1:5000/clinic/model:1")
+    with pytest.raises(IntegrityError, match="not valid JSON .*nest more than") as e:
+        read_image_manifest(('{"layers": ' + DEEP_JSON + "}").encode(), ref)
+    assert e.value.fix
+
+
+def test_a_card_nested_too_deeply_is_an_input_error(tmp_path):
+    from edgemed.packaging.card import load_card
+
+    card = tmp_path / "card.toml"
+    card.write_text(DEEP_TOML.replace("x =", "intended_use ="))
+    with pytest.raises(InputError, match="Cannot read the model card .*nest more than"):
+        load_card(card)
+
+
+def test_a_trust_policy_nested_too_deeply_is_an_input_error(tmp_path):
+    from edgemed.packaging.trust import POLICY, load
+
+    (tmp_path / POLICY).write_text(DEEP_TOML)
+    with pytest.raises(InputError, match="Cannot read the trust policy .*nest more than"):
+        load(tmp_path)
+
+
+def test_a_template_file_nested_too_deeply_is_a_template_error():
+    from edgemed.templates.library import _load_toml
+
+    with pytest.raises(TemplateError, match="not valid TOML .*nest more than"):
+        _load_toml(DEEP_TOML, "deep.toml")
+
+
+def test_a_reply_nested_too_deeply_fails_its_json_contract():
+    from edgemed.templates.contract import Contract
+
+    parsed = Contract(kind="json", schema={"type": "object"}).parse('{"a": ' + DEEP_JSON + "}", ())
+    assert not parsed.ok and "nest more than" in parsed.error
