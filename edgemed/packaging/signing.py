@@ -35,8 +35,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.files.atomic import atomic_path, check_destination
-from edgemed.errors import InputError, SignatureError, require
+from edgemed.files.atomic import atomic_paths, check_destination
+from edgemed.errors import InputError, OutputError, SignatureError, require
 
 log = logging.getLogger(__name__)
 
@@ -191,20 +191,31 @@ def as_public_key(key) -> PublicKey | CertRoots | None:
 
 
 def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
-    """Write a new EC P-256 private key (mode 0600) and its public key next to it; return (public path, key id)."""
-    check_destination(private_out, force)
+    """Write a new EC P-256 private key (mode 0600) and its public key next to it; return (public path, key id).
+
+    Both halves are refused, or both written: each is written in full before either is renamed into
+    place, so a full disk or an error leaves the old pair (or none). The public half is renamed first:
+    a kill between the two renames keeps the old private key, whose public half can be derived again.
+    """
+    check_destination(private_out, force)  # first: a path like '.' has no name to put .pub.pem beside
     s, ec, _ = _crypto()
-    key = ec.generate_private_key(ec.SECP256R1())
     public_out = private_out.with_name(private_out.name.removesuffix(".pem") + ".pub.pem")
+    key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
     pub = _spki_pem(key.public_key())
-    check_destination(public_out, force)  # both refused, or both written: never a lone half of a pair
-    with atomic_path(public_out, force=force) as tmp:
-        tmp.write_bytes(pub)
-    with atomic_path(private_out, force=force) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
+    try:
+        with atomic_paths([public_out, private_out], force=force) as (pub_tmp, pem_tmp):
+            pub_tmp.write_bytes(pub)
+            fd = os.open(pem_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot write the key pair '{private_out}' and '{public_out}': {exc.strerror or exc}; "
+            "the key files there were left as they were.",
+            "free space on that disk, or choose a folder you can write to (check its permissions, or whether it is "
+            "mounted read-only), then run edgemed keygen again",
+        ) from None
     return public_out, _ec_key_id(pub)
 
 
