@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed import __version__
-from edgemed.files.atomic import atomic_path, write_text
+from edgemed.files.atomic import atomic_path, atomic_paths
 from edgemed.errors import InputError, IntegrityError
 from edgemed.packaging.bundle import Verified
 from edgemed.packaging.digest import copy_hashed
@@ -84,7 +84,11 @@ def modelfile(v: Verified, gguf_name: str, chat_template: str | None, system: st
 
 
 def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, force: bool = False) -> Path:
-    """Write ``out_dir/Modelfile`` and ``out_dir/<name>.gguf``; return the Modelfile path."""
+    """Write ``out_dir/Modelfile`` and ``out_dir/<name>.gguf``; return the Modelfile path.
+
+    Both are refused (an existing one without ``force``), or both written: each is checked before
+    either is written, and complete before either is renamed into place (the GGUF first).
+    """
     from edgemed.packaging.facts import chat_template
 
     man = v.manifest
@@ -93,20 +97,27 @@ def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, forc
     out_dir.mkdir(parents=True, exist_ok=True)
     gguf_name = f"{man.name}.gguf"
     text = modelfile(v, gguf_name, chat_template(v.model_path), system)
-    copy_verified(v, out_dir / gguf_name, force=force)
-    write_text(out_dir / "Modelfile", text, force=True)
+    with atomic_paths([out_dir / gguf_name, out_dir / "Modelfile"], force=force) as (gguf_tmp, modelfile_tmp):
+        _copy_checked(v, gguf_tmp)
+        modelfile_tmp.write_text(text, encoding="utf-8")
     return out_dir / "Modelfile"
 
 
 def copy_verified(v: Verified, dest: Path, *, force: bool = False) -> Path:
     """Copy the bundle's GGUF to ``dest`` (atomically), checking its sha256 on the way."""
-    entry = v.manifest.entry(v.manifest.model_path)
-    with atomic_path(dest, force=force) as tmp, open(v.model_path, "rb") as src, open(tmp, "xb") as dst:
-        digest = copy_hashed(src, dst, entry.size, entry.path)
-        if digest != entry.sha256:
-            raise IntegrityError(f"'{entry.path}' changed while it was copied: expected sha256 {entry.sha256}, actual {digest}.",
-                                 "verify the model (edgemed verify NAME --full) and export again")
+    with atomic_path(dest, force=force) as tmp:
+        _copy_checked(v, tmp)
     return dest
+
+
+def _copy_checked(v: Verified, tmp: Path) -> None:
+    """Copy the bundle's GGUF to the new file ``tmp``, refusing bytes that are not the manifest's."""
+    entry = v.manifest.entry(v.manifest.model_path)
+    with open(v.model_path, "rb") as src, open(tmp, "xb") as dst:
+        digest = copy_hashed(src, dst, entry.size, entry.path)
+    if digest != entry.sha256:
+        raise IntegrityError(f"'{entry.path}' changed while it was copied: expected sha256 {entry.sha256}, actual {digest}.",
+                             "verify the model (edgemed verify NAME --full) and export again")
 
 
 def llama_server_command(v: Verified, *, host: str = "127.0.0.1", port: int = 8080, ctx: int | None = None) -> str:
