@@ -99,6 +99,13 @@ def _output_error(exc: OSError, out: Path, out_type: str) -> Exception:
     return exc
 
 
+def _check_destinations(out: Path, force: bool) -> None:
+    """Refuse, before any work, an output or its ``<out>.report.json`` that is there (without ``force``) or is a
+    directory: the report lands beside the output and replaces a file of that name as the output does."""
+    check_destination(out, force)
+    check_destination(report_path(out), force)
+
+
 def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
     from edgemed.converters.gguf.auto_quant import AUTO, check_request
 
@@ -108,7 +115,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         raise InputError(f"Unknown output type '{opts.out_type}'.", f"choose one of: {', '.join(OUTPUT_TYPES + (AUTO,))}")
     check_request(opts.out_type, opts.max_kld, opts.fit_profile)
     env.enforce_offline()
-    check_destination(out, opts.force)
+    _check_destinations(out, opts.force)
     timings = Timings()
 
     ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)
@@ -191,7 +198,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         # The report lands before the output, so a finished output is never without its report. A kill between
         # the two leaves the new report beside the old output (or beside none): `edgemed pack` refuses that pair
         # (the report's sha256 is not the output's), and the next convert --force replaces both.
-        write_text(report_path(out), result.to_json())
+        write_text(report_path(out), result.to_json(), force=opts.force)
         wrote_report.append(True)
     return result
 
@@ -243,7 +250,7 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
                          "base keeps its own type.", "leave --quant out (F16), or pass --quant q8_0 (smaller) or f32; to gate "
                          "the adapter on a quantized base, pass that base with --base BASE.gguf")
     env.enforce_offline()
-    check_destination(out, opts.force)
+    _check_destinations(out, opts.force)
     timings = Timings()
     ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)
     spec = arch_spec(ckpt.architecture)
@@ -292,7 +299,7 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
             fmt="gguf", output=str(out), out_type=opts.out_type, size_bytes=size, sha256=digest, architecture=spec.arch_name,
             source=source_info, lora=lora_info, tokenizer=None, parity=parity, timings_s=timings.report(),
             converter=provenance.converter_info(TOOLS))
-        write_text(report_path(out), result.to_json())
+        write_text(report_path(out), result.to_json(), force=opts.force)
         wrote_report.append(True)
     return result
 
