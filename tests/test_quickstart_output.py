@@ -1,0 +1,49 @@
+"""`edgemed quickstart -o FILE` replaces an existing FILE (and its .report.json) only with --force, and refuses
+before any work; its default location under $EDGEMED_HOME is its own, replaced on every run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+
+pytest.importorskip("llama_cpp")
+
+
+def _quickstart(*args):
+    return CliRunner().invoke(cli, ["quickstart", "--quant", "f16", *[str(a) for a in args]])
+
+
+@pytest.mark.parametrize("mine", ["mine.gguf", "mine.gguf.report.json"])
+def test_an_existing_o_file_is_refused_before_any_work(tmp_path, mine):
+    (tmp_path / mine).write_text("the user's\n")
+    r = _quickstart("-o", tmp_path / "mine.gguf")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "already exists" in r.output and "--force" in r.output and "1/4" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "edgemed-home") == [mine]
+    assert (tmp_path / mine).read_text() == "the user's\n"
+
+
+def test_a_directory_at_o_is_refused_even_with_force(tmp_path):
+    (tmp_path / "mine.gguf").mkdir()
+    r = _quickstart("-o", tmp_path / "mine.gguf", "--force")
+    assert r.exit_code == 1 and "even with --force" in r.output and "1/4" not in r.output, r.output
+
+
+@pytest.mark.slow
+def test_force_replaces_the_o_file_and_the_default_location_is_replaced_without_it(tmp_path, edgemed_home):
+    pytest.importorskip("torch")
+    mine = tmp_path / "mine.gguf"
+    mine.write_text("the user's\n")
+    r = _quickstart("-o", mine, "--force", "--question", "Name one symptom of anaemia.")
+    assert r.exit_code == 0, r.output
+    assert mine.read_bytes()[:4] == b"GGUF" and json.loads((tmp_path / "mine.gguf.report.json").read_text())["output"] == str(mine)
+    default = edgemed_home / "quickstart" / "smollm2-135m-instruct-f16.gguf"
+    default.parent.mkdir(parents=True)
+    default.write_text("an earlier quickstart's\n")
+    r = _quickstart("--question", "Name one symptom of anaemia.")
+    assert r.exit_code == 0, r.output
+    assert default.read_bytes()[:4] == b"GGUF"
