@@ -26,6 +26,10 @@ class InputError(EdgemedError):
     """The user gave us something unusable: a path, a file, an option."""
 
 
+class NoTokenAllowed(InputError):
+    """A request's own constraints (grammar, logit bias) leave no token the model may produce next."""
+
+
 class CheckpointError(InputError):
     """A Hugging Face checkpoint directory is missing parts or is corrupt."""
 

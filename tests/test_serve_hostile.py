@@ -135,3 +135,18 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_500(server):
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": "and?"}]})
     assert r.status_code != 500, r.text
+
+
+def test_a_grammar_that_leaves_no_token_is_a_400_and_the_server_stays_up(server):
+    """llama.cpp would pick a token the grammar rejects and abort the process; the request ends alone."""
+    nothing = "root ::= [^\\x00-\\U0010FFFF]"
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Name one vitamin.", "max_tokens": 4,
+                                         "grammar": nothing})
+    error = is_openai_error(r, 400, "no_token_allowed")
+    assert "No token is allowed" in error["message"]
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Name one vitamin.", "max_tokens": 4,
+                                         "grammar": nothing, "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "no_token_allowed", r.text
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert chat(server, "hi").status_code == 200

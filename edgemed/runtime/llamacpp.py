@@ -20,7 +20,7 @@ from typing import Iterator
 
 from edgemed import env
 from edgemed.constants import FULL_PRECISION_KV, KV_TYPES
-from edgemed.errors import InputError, ModelLoadError, require
+from edgemed.errors import InputError, ModelLoadError, NoTokenAllowed, require
 from edgemed.runtime import buffers, native_log
 from edgemed.runtime.params import Params, load_mode
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
@@ -389,11 +389,13 @@ class SamplerChain:
         try:
             gbnf = grammar_text(settings)
             if gbnf is not None:
-                grammar = lc.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
+                with native_log.stderr_silenced():  # its parser prints a grammar it rejects, whole, to stderr
+                    grammar = lc.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
                 if not grammar:
                     raise InputError("The grammar does not parse (llama.cpp rejected it).",
                                      "check the GBNF syntax; the start rule must be called 'root'")
                 self._add(grammar)
+            self._vocab_size = model.n_vocab
             shaped = self._shape(model, settings)
             if settings.temperature == 0:
                 self._add(lc.llama_sampler_init_greedy())
@@ -424,6 +426,7 @@ class SamplerChain:
         self.lib.llama_sampler_chain_add(self.ptr, sampler)  # the chain owns it from here
 
     _n_vocab = 0  # set when the chain is plain greedy (see sample)
+    _candidates = None  # the candidate array ``_pick`` fills, made at its first use
 
     def sample(self, ctx: Context, index: int) -> int:
         """Pick the next token from the logits at batch ``index`` (and let the chain accept it).
@@ -431,15 +434,49 @@ class SamplerChain:
         A plain greedy chain is an argmax over the logits row, read in place: the same token as
         ``llama_sampler_sample`` (which takes the first maximal logit too) without building its
         candidate array of the whole vocabulary (0.26 ms a row on Qwen's 151,936 tokens, most of a
-        serving step's time outside ``llama_decode``)."""
+        serving step's time outside ``llama_decode``). Any other chain goes through ``_pick``."""
         if self._n_vocab:
             import numpy as np
 
-            row = self.lib.llama_get_logits_ith(ctx.ptr, index)
-            if not row:  # llama.cpp has no logits for that row: an error, not a read through NULL
-                raise RuntimeError(f"llama.cpp returned no logits for batch row {index}")
-            return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
-        return self.lib.llama_sampler_sample(self.ptr, ctx.ptr, index)
+            return int(np.ctypeslib.as_array(self._row(ctx, index), shape=(self._n_vocab,)).argmax())
+        return self._pick(ctx, index)
+
+    def _row(self, ctx: Context, index: int):
+        row = self.lib.llama_get_logits_ith(ctx.ptr, index)
+        if not row:  # llama.cpp has no logits for that row: an error, not a read through NULL
+            raise RuntimeError(f"llama.cpp returned no logits for batch row {index}")
+        return row
+
+    def _pick(self, ctx: Context, index: int) -> int:
+        """``llama_sampler_sample`` (its CPU path: edgemed sets no backend sampler) with a check between the
+        chain's apply and its accept: when the chain left no token possible (a grammar no token can continue,
+        or one whose every next token a -100 logit bias bans), llama.cpp would still pick one and its grammar
+        would then abort the process. Here it is ``NoTokenAllowed`` for this request alone."""
+        import math
+
+        import numpy as np
+
+        lc, n = self.lib, self._vocab_size
+        if self._candidates is None:  # llama_token_data: int32 id, float logit, float p
+            self._candidates = np.zeros(n, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._ids = np.arange(n, dtype=np.int32)
+        cur = self._candidates
+        cur["id"] = self._ids  # every call: stages that sort (top-k) reorder the array in place
+        cur["logit"] = np.ctypeslib.as_array(self._row(ctx, index), shape=(n,))
+        cur["p"] = 0.0
+        array = lc.llama_token_data_array(ctypes.cast(cur.ctypes.data, ctypes.POINTER(lc.llama_token_data)), n, -1,
+                                          False)
+        lc.llama_sampler_apply(self.ptr, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise RuntimeError(f"llama.cpp's sampler selected candidate {array.selected} of {array.size}")
+        chosen = array.data[array.selected]
+        if not math.isfinite(chosen.logit):
+            raise NoTokenAllowed(
+                "No token is allowed at this point of the answer: the request's grammar (its grammar, "
+                "response_format or tools) and its logit_bias leave nothing the model may write next.",
+                "remove the -100 logit_bias on tokens the format needs, or loosen the grammar")
+        lc.llama_sampler_accept(self.ptr, chosen.id)
+        return int(chosen.id)
 
     def close(self) -> None:
         ptr, self.ptr = getattr(self, "ptr", None), None

@@ -17,13 +17,19 @@ A warning that matters to the user is restated in edgemed's words by the code th
 (``CONT``) are joined, so each record is one whole line of llama.cpp's.
 
 Prompts and outputs never pass through llama.cpp's log; tensor names and file paths do, which is why even
-these lines stay off the terminal unless asked for.
+these lines stay off the terminal unless asked for. One part of llama.cpp writes past the callback: its grammar
+parser prints a grammar it rejects, whole, with ``fprintf(stderr)``, and a request's grammar is request text.
+``stderr_silenced`` points C's ``stderr`` at the null device around that call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import logging
+import os
+import sys
 import threading
 
 log = logging.getLogger("edgemed.llama_cpp")
@@ -67,3 +73,56 @@ def install(llama_cpp) -> None:
     callback = llama_cpp.llama_log_callback(_on_log)
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     _callback = callback
+
+
+_swap_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _c_stderr():
+    """``(libc's stderr FILE * variable, a FILE * on the null device)``, or None where that variable is not known
+    to be writable (glibc names it ``stderr``, macOS ``__stderrp``; musl's is const)."""
+    import platform
+
+    name = "__stderrp" if sys.platform == "darwin" else "stderr" if platform.libc_ver()[0] == "glibc" else None
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(None)  # the process's own lookup: the executable's copy of the variable where it has one
+        variable = ctypes.c_void_p.in_dll(libc, name)
+        libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+        null = libc.fopen(os.devnull.encode(), b"w")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (variable, null) if null else None
+
+
+@contextlib.contextmanager
+def stderr_silenced():
+    """Meanwhile, what C code writes to stdio's ``stderr`` goes nowhere; Python's own ``sys.stderr`` writes to file
+    descriptor 2 directly and is untouched. Where C's ``stderr`` cannot be swapped, descriptor 2 itself is pointed at
+    the null device, and a line another thread writes to stderr in that moment (a few milliseconds) is lost."""
+    handles = _c_stderr()
+    with _swap_lock:
+        if handles is not None:
+            variable, null = handles
+            saved = variable.value
+            variable.value = null
+            try:
+                yield
+            finally:
+                variable.value = saved
+            return
+        saved_fd = os.dup(2)
+        try:
+            null_fd = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null_fd, 2)
+            finally:
+                os.close(null_fd)
+            try:
+                yield
+            finally:
+                os.dup2(saved_fd, 2)
+        finally:
+            os.close(saved_fd)

@@ -216,12 +216,16 @@ def finish(srv: Served, record: RequestRecord, answers) -> list[str]:
 
 
 def failed(record: RequestRecord, finished) -> ApiError:
-    """A generation that ended neither by stop nor length: the server shutting down (503) or a failure (500)."""
+    """A generation that ended neither by stop nor length: the server shutting down (503), the request's own
+    constraints leaving no token (400) or a failure (500)."""
     detail = getattr(finished, "error", None) or finished.finish_reason
     if finished.finish_reason == "cancelled":
         record.error_code = "unavailable"
         return ApiError(503, f"Generation stopped: {detail}. Fix: retry when the server is back.", "server_error",
                         "unavailable", headers={"Retry-After": "5"})
+    if finished.finish_reason == "refused":  # the request's own grammar and logit bias left no token
+        record.error_code = "no_token_allowed"
+        return ApiError(400, f"Generation stopped: {detail}", "invalid_request_error", "no_token_allowed")
     record.error_code = "generation_failed"
     return ApiError(500, f"Generation stopped: {detail}. Fix: retry; if it persists, see the server log for "
                          f"request id {record.request_id}.", "server_error", "generation_failed")

@@ -87,7 +87,9 @@ import threading
 import time
 from pathlib import Path
 
-from edgemed.errors import AdapterError, Closed, EdgemedError, InputError, ModelLoadError, Overloaded  # re-exported
+from edgemed.errors import (  # re-exported
+    AdapterError, Closed, EdgemedError, InputError, ModelLoadError, NoTokenAllowed, Overloaded,
+)
 from edgemed.runtime import heap
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
@@ -904,7 +906,11 @@ class Batcher:
     def _sample(self, seq: Seq, now: float) -> None:
         """Sample ``seq``'s next token from its logits row (scoring it first when log probabilities are asked)."""
         row = self._ctx.logits(seq.index) if seq.extras.top_logprobs is not None else None
-        token = seq.sampler.sample(self._ctx, seq.index)
+        try:
+            token = seq.sampler.sample(self._ctx, seq.index)
+        except NoTokenAllowed as exc:  # this request's own constraints: it ends, the others go on
+            self._finish(seq, "refused", f"{exc.problem} Fix: {exc.fix}.")
+            return
         if row is not None:
             seq.logprobs.append(entry(self._model, row, token, seq.extras.top_logprobs))
         self._take(seq, token, now)
@@ -943,7 +949,7 @@ class Batcher:
                 seq.stream._put(Piece(rest, tuple(seq.logprobs)))
         for follower in seq.followers:  # choices still waiting for this prompt: they cannot start now
             if not follower.stream.done:
-                self._finish(follower, reason if reason in ("cancelled", "error") else "error",
+                self._finish(follower, reason if reason in ("cancelled", "error", "refused") else "error",
                              error or "the choice that computes the prompt ended before it")
         seq.followers = []
         held = seq.held() if self.prefix_cache and reason != "error" and seq.slot not in self._unsynced else []
