@@ -150,3 +150,9 @@ def test_a_grammar_that_leaves_no_token_is_a_400_and_the_server_stays_up(server)
     assert events[-1]["error"]["code"] == "no_token_allowed", r.text
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     assert chat(server, "hi").status_code == 200
+
+
+def test_a_stop_string_longer_than_any_meant_is_a_400(server):
+    error = is_openai_error(chat(server, "hi", stop=["x" * 1025]), 400, None)
+    assert error["param"] == "stop" and "1,025 characters" in error["message"]
+    assert chat(server, "hi", stop=["x" * 1024, "\n\n"]).status_code == 200

@@ -12,10 +12,29 @@ from __future__ import annotations
 from typing import Callable
 
 
+def _prefix_function(s: str) -> list[int]:
+    """``p[i]``: the length of the longest proper prefix of ``s[:i + 1]`` that is also its suffix (KMP)."""
+    p = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = p[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        p[i] = k
+    return p
+
+
 class TextStream:
+    """Each stop string is matched as the text grows, one KMP automaton per string: a token costs time in
+    proportion to its own characters, never to the length of the text so far or of the stop strings (a
+    quadratic search here ran on the scheduler thread, where every running request waited for it)."""
+
     def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
         self.decode = decode
         self.stop = tuple(s for s in stop if s)
+        self._fail = [_prefix_function(s) for s in self.stop]
+        self._state = [0] * len(self.stop)  # per stop string: its longest prefix that the text ends with
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
@@ -27,25 +46,38 @@ class TextStream:
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        if not text.startswith(self.text):  # the decoded text changed behind the last piece: match it anew
+            self._state = [0] * len(self.stop)
+            start = 0
+        else:
+            start = len(self.text)
         self.text = text
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
+        hit = self._scan(start)
+        if hit is not None:
             self.stopped = True
-            return self._release(min(hits))
-        return self._release(len(text) - self._held(text))
+            return self._release(hit)
+        return self._release(len(text) - max(self._state, default=0))
 
     def flush(self) -> str:
         """Whatever is left when generation ends without a stop string."""
         return "" if self.stopped else self._release(len(self.text))
 
-    def _held(self, text: str) -> int:
-        held = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
-                    held = k
+    def _scan(self, start: int) -> int | None:
+        """Feed ``text[start:]`` to every stop string's automaton; the earliest start of a completed stop string."""
+        text, hit = self.text, None
+        for j, s in enumerate(self.stop):
+            fail, k, n = self._fail[j], self._state[j], len(s)
+            for i in range(start, len(text)):
+                c = text[i]
+                while k and s[k] != c:
+                    k = fail[k - 1]
+                if s[k] == c:
+                    k += 1
+                if k == n:
+                    hit = i + 1 - n if hit is None else min(hit, i + 1 - n)
                     break
-        return held
+            self._state[j] = k
+        return hit
 
     def _release(self, end: int) -> str:
         end = max(end, self.sent)

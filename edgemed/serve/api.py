@@ -38,6 +38,7 @@ MAX_N = 8
 MAX_PROMPTS = 8
 MAX_TOP_LOGPROBS = 20
 MAX_BIAS = 300
+MAX_STOP_CHARS = 1024  # a stop string longer than this is no stop string a client means
 
 
 
@@ -247,6 +248,9 @@ class _Request(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 16 or any(not s for s in stops):
             raise ApiError(400, "'stop' takes 1 to 16 non-empty strings. Fix: shorten the stop list.", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"A stop string is {max(len(s) for s in stops):,} characters long; at most "
+                                f"{MAX_STOP_CHARS:,}. Fix: stop on a shorter string.", param="stop")
         return tuple(stops)
 
     @property
