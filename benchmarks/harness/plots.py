@@ -22,8 +22,8 @@ def _figure(width=8.0, height=4.8):
     return Figure(figsize=(width, height), dpi=120, layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path, force=True, suffix=".png") as tmp:
+def _save(fig, path: Path, replace: bool) -> Path:
+    with atomic_path(path, force=replace, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -32,7 +32,7 @@ def _timed(results):
     return [e for e in results["configs"] if "e2e_s" in e]
 
 
-def memory_bars(results: dict, path: Path) -> Path | None:
+def memory_bars(results: dict):
     es = _timed(results)
     if not es:
         return None
@@ -53,10 +53,10 @@ def memory_bars(results: dict, path: Path) -> Path | None:
     ax.set_title("Memory per configuration (each in its own process)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def latency_bars(results: dict, path: Path) -> Path | None:
+def latency_bars(results: dict):
     es = _timed(results)
     if not es:
         return None
@@ -80,10 +80,10 @@ def latency_bars(results: dict, path: Path) -> Path | None:
     ax.set_title(f"Single-stream latency: {n['max_tokens']} new tokens, p50 of {n['runs']} runs")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def accuracy_vs_bits(results: dict, path: Path) -> Path | None:
+def accuracy_vs_bits(results: dict):
     points = []  # (config, dataset, bits, acc, ci)
     for e in results["configs"]:
         acc, bits = e.get("accuracy") or {}, e.get("bits_per_weight")
@@ -110,10 +110,10 @@ def accuracy_vs_bits(results: dict, path: Path) -> Path | None:
     ax.set_title("Medical QA accuracy vs weight precision")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def tokens_per_s(results: dict, path: Path) -> Path | None:
+def tokens_per_s(results: dict):
     es = _timed(results)
     if not es:
         return None
@@ -148,17 +148,23 @@ def tokens_per_s(results: dict, path: Path) -> Path | None:
     ax2.legend(fontsize=8)
     ax2.grid(axis="y", alpha=0.3)
     fig.suptitle("Throughput per configuration (colour: runtime — blue llama.cpp, green onnxruntime, grey torch)")
-    return _save(fig, path)
+    return fig
 
 
 PLOTS = (("memory", memory_bars), ("latency", latency_bars), ("accuracy_vs_bits", accuracy_vs_bits),
          ("tokens_per_s", tokens_per_s))
 
 
-def render(results: dict, folder: Path) -> list[Path]:
-    """Every plot the results have data for, as ``folder/<name>.png``."""
+def files(folder: Path) -> list[Path]:
+    """Every file ``render`` may write into ``folder``."""
+    return [folder / f"{name}.png" for name, _ in PLOTS]
+
+
+def render(results: dict, folder: Path, *, replace: bool = False) -> list[Path]:
+    """Every plot the results have data for, as ``folder/<name>.png``; one already there is replaced only with
+    ``replace`` (the report folder is a bench's, or the user said --force: ``runner.claim``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     folder.mkdir(parents=True, exist_ok=True)
-    return [p for name, draw in PLOTS if (p := draw(results, folder / f"{name}.png")) is not None]
+    return [_save(fig, folder / f"{name}.png", replace) for name, draw in PLOTS if (fig := draw(results)) is not None]

@@ -22,6 +22,8 @@ from edgemed.benchmarks.harness.stats import reduction
 
 SCHEMA = "edgemed.bench/1"
 MIB = 1 << 20
+#: The files ``render`` writes at the top of the report folder (plots: ``plots.files``).
+FILES = ("results.json", "results.csv", "report.md")
 
 DEFINITIONS = """\
 - **Request**: the chat-rendered prompt's token ids handed to the runtime (tokenization excluded, the same text
@@ -108,8 +110,8 @@ def _derive(entries: list[dict], bw: dict | None) -> dict:
 
 
 def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict], machine: dict, bw: dict,
-          failed: list[dict]) -> dict:
-    """Assemble results.json from the raw files and render everything beside it."""
+          failed: list[dict], *, replace: bool = False) -> dict:
+    """Assemble results.json from the raw files and render everything beside it (``replace``: see ``render``)."""
     per: dict[str, dict[str, dict]] = {}
     for raw in raws:
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
@@ -124,17 +126,20 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
         "machine": machine, "bandwidth": bw, "baselines": baselines, "paper": PAPER,
         "configs": entries, "failed": failed,
     }
-    render(out, results)
+    render(out, results, replace=replace)
     return results
 
 
-def render(out: Path, results: dict) -> None:
+def render(out: Path, results: dict, *, replace: bool = False) -> None:
+    """Write ``FILES`` and the plots into ``out``; files already there are replaced only with ``replace`` (the
+    folder is a bench's, or the user said --force: ``runner.claim``)."""
     from edgemed.benchmarks.harness import plots
 
-    write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-    write_text(out / "results.csv", to_csv(results))
-    files = plots.render(results, out / "plots")
-    write_text(out / "report.md", to_markdown(results, [f.relative_to(out) for f in files]))
+    results_json, results_csv, report_md = (out / name for name in FILES)
+    write_text(results_json, json.dumps(results, indent=1) + "\n", force=replace)
+    write_text(results_csv, to_csv(results), force=replace)
+    files = plots.render(results, out / "plots", replace=replace)
+    write_text(report_md, to_markdown(results, [f.relative_to(out) for f in files]), force=replace)
 
 
 # -- CSV --------------------------------------------------------------------------------------

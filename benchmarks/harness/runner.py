@@ -9,12 +9,17 @@ resumes inside a configuration: its per-item records file is appended as it goes
 
 Order: the bandwidth measurement, every timing phase (measured first, while nothing
 else of ours runs), then divergence (the reference configuration first), then accuracy.
+
+The report files (machine.json, results.json, results.csv, report.md, plots/) are rewritten on every run of a
+folder the bench made, which ``raw/bandwidth.json`` (the first thing a run writes) marks. In any other folder a
+run refuses, before any work, to replace a file of those names unless the user says --force (``claim``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -22,12 +27,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgemed import __version__
-from edgemed.files.atomic import write_text
+from edgemed.errors import OutputExists
+from edgemed.files.atomic import check_destination, write_text
 from edgemed.benchmarks.harness.accuracy import records_carry_over
 from edgemed.benchmarks.harness.child import RAW_SCHEMA
 from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, Config, Settings
 
 log = logging.getLogger(__name__)
+
+MACHINE = "machine.json"
 
 
 @dataclass
@@ -146,16 +154,55 @@ def bandwidth(out: Path, threads: int) -> dict:
     return result
 
 
+def report_files(out: Path) -> list[Path]:
+    """Every file a run (re)writes at each report; ``raw/`` holds the measurements, which a run resumes."""
+    from edgemed.benchmarks.harness import plots, report
+
+    return [out / MACHINE, *(out / name for name in report.FILES), *plots.files(out / "plots")]
+
+
+def made_by_bench(out: Path) -> bool:
+    """True when ``out`` is a report folder of edgemed's bench: it holds the bandwidth figure a run measures first."""
+    from edgemed.benchmarks.harness.roofline import bandwidths
+
+    try:
+        saved = json.loads((out / "raw" / "bandwidth.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and any(bandwidths(saved).values())
+
+
+def claim(out: Path, force: bool) -> bool:
+    """Refuse, before any work, a report folder holding files a run would replace that edgemed's bench did not
+    make (unless ``force``); return whether this run may replace its report files."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputExists(f"The report folder '{out}' is a file.", "name a folder with -o (a new one, or one a bench made)")
+    taken = [p for p in report_files(out) if os.path.lexists(p)]
+    for path in taken:
+        check_destination(path, force=True)  # a directory at a report file's name is left alone, even with --force
+    ours = made_by_bench(out)
+    if taken and not (ours or force):
+        names = ", ".join(str(p.relative_to(out)) for p in taken)
+        raise OutputExists(
+            f"The report folder '{out}' holds {names}, which a bench run would replace, and edgemed's bench did not "
+            "make that folder (it has no raw/bandwidth.json).",
+            f"choose another report folder with -o (e.g. {out / 'bench'}), move those files away, or pass --force to "
+            "replace them")
+    return ours or force
+
+
 def run(out: Path, configs: list[Config], settings: Settings, phases: list[str], *, progress: bool = True,
-        echo=print, measure: bool = True) -> dict:
+        echo=print, measure: bool = True, force: bool = False) -> dict:
     """Measure every missing configuration x phase, then write the report folder; returns results.json's content.
 
     ``measure=False`` writes the report from the results already there and lists the missing ones (a long
-    accuracy run can be reported on while it is still going)."""
+    accuracy run can be reported on while it is still going). ``force``: replace report files in a folder the
+    bench did not make (``claim``)."""
     from tqdm import tqdm
 
     from edgemed.benchmarks.harness import machine, report
 
+    replace = claim(out, force)
     out.mkdir(parents=True, exist_ok=True)
     (out / "raw").mkdir(exist_ok=True)
     settings = resolve_settings(settings)
@@ -165,7 +212,7 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
     bw = bandwidth(out, settings.threads)
     mach = machine.describe(settings.profile)
     mach["memory_read_bandwidth"] = {k: bw["read"][k] for k in ("bytes_per_s", "threads", "buffer_bytes", "method")}
-    write_text(out / "machine.json", json.dumps(mach, indent=1))
+    write_text(out / MACHINE, json.dumps(mach, indent=1), force=replace)
     tasks = plan_tasks(out, configs, phases, settings)
     failed, redone, kept = [], [], []
     bar = tqdm(tasks, desc="bench", unit="task", disable=not progress)
@@ -199,6 +246,6 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
             echo(f"{label} failed ({why}); the other configurations go on")
     bar.close()
     raws = [r for r in (load_raw(t.raw, t.key) for t in tasks) if r is not None]
-    results = report.build(out, configs, settings, raws, mach, bw, failed)
+    results = report.build(out, configs, settings, raws, mach, bw, failed, replace=replace)
     results["run"] = {"measured": redone, "resumed": kept}
     return results

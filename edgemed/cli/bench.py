@@ -16,6 +16,9 @@ def _common(f):
     suite = ", ".join(f"{row.n} {row.name}" for row in SUITE)
     options = [
         click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout."),
+        click.option("--force", is_flag=True,
+                     help="Replace report files (machine.json, results.json, results.csv, report.md, plots/*.png) in "
+                          "an -o folder that edgemed's bench did not make; a bench's own folder is rewritten anyway."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow pickle (pytorch_model.bin) weights in an HF checkpoint. Only for checkpoints you trust."),
         click.option("--report-only", is_flag=True,
@@ -146,7 +149,7 @@ def bench() -> None:
 @click.option("--name", help="Configuration name in the report [default: the file name].")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Report folder [default: bench-<name>].")
 def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n,
-        eval_context, eval_score, eval_threads, seed, skip_accuracy, phases, report_only, allow_pickle, as_json):
+        eval_context, eval_score, eval_threads, seed, skip_accuracy, phases, report_only, allow_pickle, force, as_json):
     """Benchmark one MODEL (a .gguf file, an ONNX directory, an HF checkpoint directory or an installed name)."""
     import sys
 
@@ -162,7 +165,8 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
                          eval_score, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
-                         progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only)
+                         progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
+                         force=force)
     _finish(results, out, as_json)
 
 
@@ -180,7 +184,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
 def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
               n_ctx, evals, eval_data, eval_n, eval_context, eval_score, eval_threads, seed, skip_accuracy, phases,
-              report_only, allow_pickle, as_json):
+              report_only, allow_pickle, force, as_json):
     """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
 
     Artifacts go to OUT/artifacts/ (<quant>.gguf, onnx-<type>/); existing ones made
@@ -193,6 +197,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     from edgemed.benchmarks.harness.configs import HF_BASELINES, parse_list
     from edgemed.constants import ONNX_OUTPUT_TYPES
 
+    runner.claim(output, force)  # before the conversions: a folder whose files are not the bench's is refused now
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
@@ -206,5 +211,5 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
                                 parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo,
                                 imatrix_from=imatrix_from, allow_pickle=allow_pickle)
     results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,
-                         measure=not report_only)
+                         measure=not report_only, force=force)
     _finish(results, output, as_json)
