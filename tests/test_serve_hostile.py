@@ -156,3 +156,11 @@ def test_a_stop_string_longer_than_any_meant_is_a_400(server):
     error = is_openai_error(chat(server, "hi", stop=["x" * 1025]), 400, None)
     assert error["param"] == "stop" and "1,025 characters" in error["message"]
     assert chat(server, "hi", stop=["x" * 1024, "\n\n"]).status_code == 200
+
+
+@pytest.mark.parametrize("options", [5, True, ["a", "b"], "AB"])
+def test_template_options_that_are_not_an_object_are_a_400(server, options):
+    r = post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "template": "mcq",
+                                              "template_inputs": {"question": "Which vitamin?", "options": options}})
+    error = is_openai_error(r, 400, "invalid_template")
+    assert "as an object of labels and answers" in error["message"], error

@@ -46,7 +46,12 @@ class Template:
             elif spec.get("required", True):
                 raise TemplateError(f"Template '{self.name}' needs the input '{key}' ({spec.get('help', '')}).",
                                     f"pass it with --{key.replace('_', '-')} or --input {key}=...")
-        if self.contract.choices_from and not values.get(self.contract.choices_from):
+        options = values.get(self.contract.choices_from) if self.contract.choices_from else None
+        if self.contract.choices_from and options not in (None, "") and not isinstance(options, dict):
+            raise TemplateError(f"Template '{self.name}' takes '{self.contract.choices_from}' as an object of labels "
+                                f"and answers, not {type(options).__name__} {str(options)[:40]!r}.",
+                                "pass --options '{\"A\": \"...\", \"B\": \"...\"}'")
+        if self.contract.choices_from and not options:
             raise TemplateError(f"Template '{self.name}' needs at least one option.", "pass --options '{\"A\": \"...\"}'")
         return values
 
