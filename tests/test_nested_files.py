@@ -62,3 +62,29 @@ def test_a_reply_nested_too_deeply_fails_its_json_contract():
 
     parsed = Contract(kind="json", schema={"type": "object"}).parse('{"a": ' + DEEP_JSON + "}", ())
     assert not parsed.ok and "nest more than" in parsed.error
+
+
+@pytest.mark.parametrize("config, says", [
+    ('{"model": ', "Cannot read"),
+    ("[1, 2]", "must be JSON objects"),
+    ('{"model": []}', "must be JSON objects"),
+    ('{"model": {"decoder": {"num_hidden_layers": "x"}}}', "'model.decoder.num_hidden_layers' must be a positive integer"),
+    ('{"model": {"decoder": {"head_size": 1e308}}}', "'model.decoder.head_size' must be a positive integer"),
+    ('{"model": {"context_length": true}}', "'model.context_length' must be a positive integer"),
+    ('{"model": ' + DEEP_JSON + "}", "nest more than"),
+])
+def test_pack_refuses_a_bad_genai_config_naming_the_field(tmp_path, config, says):
+    """An ONNX folder's genai_config.json sizes the memory estimate: each field is checked before it is used."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    model = tmp_path / "onnx"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"\x08\x07")
+    (model / "genai_config.json").write_text(config)
+    (tmp_path / "LICENSE").write_text("Apache License 2.0\n")
+    r = CliRunner().invoke(cli, ["pack", str(model), "--license", str(tmp_path / "LICENSE"), "--no-report",
+                                 "-o", str(tmp_path / "x.edgemed")])
+    assert r.exit_code == 1 and says in r.output and "Fix:" in r.output, r.output
+    assert not (tmp_path / "x.edgemed").exists()
