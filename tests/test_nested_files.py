@@ -88,3 +88,16 @@ def test_pack_refuses_a_bad_genai_config_naming_the_field(tmp_path, config, says
                                  "-o", str(tmp_path / "x.edgemed")])
     assert r.exit_code == 1 and says in r.output and "Fix:" in r.output, r.output
     assert not (tmp_path / "x.edgemed").exists()
+
+
+def test_a_verified_cache_nested_too_deeply_counts_as_empty(tmp_path):
+    from edgemed.packaging.digest import VerifiedCache
+
+    (tmp_path / "verified.json").write_text('{"entries": ' + DEEP_JSON + "}")
+    assert VerifiedCache(tmp_path / "verified.json").entries == {}
+
+
+def test_a_signature_nested_too_deeply_names_no_signer():
+    from edgemed.packaging.signing import MODEL_SIG, Signature, signer_id
+
+    assert signer_id(Signature(MODEL_SIG, ('{"verificationMaterial": ' + DEEP_JSON + "}").encode())) is None

@@ -25,6 +25,7 @@ from edgemed import env
 from edgemed.files.atomic import write_text
 from edgemed.files.hashing import BLOCK, file_sha256
 from edgemed.errors import EdgemedError, IntegrityError
+from edgemed.formats.nesting import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class VerifiedCache:
         self.entries: dict[str, dict] = {}
         self.dirty = False
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            raw = loads_json(self.path.read_text(encoding="utf-8"))
             if isinstance(raw, dict) and isinstance(raw.get("entries"), dict):
                 self.entries = raw["entries"]
         except (OSError, ValueError):

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from edgemed.files.atomic import atomic_paths, check_destination
 from edgemed.errors import InputError, OutputError, SignatureError, require
+from edgemed.formats.nesting import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def signer_id(sig: Signature) -> str | None:
     if sig.legacy:
         return _parse_legacy(sig.data)["key_id"]
     try:
-        material = json.loads(sig.data.decode("utf-8"))["verificationMaterial"]
+        material = loads_json(sig.data.decode("utf-8"))["verificationMaterial"]
         if "x509CertificateChain" in material:
             return f"cert {_cert_name(base64.b64decode(material['x509CertificateChain']['certificates'][0]['rawBytes']))}"
         hint = material["publicKey"]["hint"]
