@@ -102,3 +102,17 @@ def _minimal(results: dict) -> dict:
             "profile": "x86-avx2", "settings": Settings(threads=1, profile="x86-avx2").to_dict(), "machine": {},
             "bandwidth": BANDWIDTH, "baselines": {"same_runtime": None, "torch": []}, "paper": PAPER, "failed": [],
             **results}
+
+
+def test_a_failed_measurement_ends_the_command_with_exit_1_after_the_report(tmp_path, gguf, monkeypatch):
+    """A child that fails (its pickle refused, killed, out of memory) leaves the other configurations going and the
+    report written, and the command says so in its exit status; --report-only lists what is missing and exits 0."""
+    out = tmp_path / "bench"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / "bandwidth.json").write_text(json.dumps(BANDWIDTH))
+    monkeypatch.setattr(runner, "_run_child", lambda *a, **k: (False, "exit 1: killed by the test"))
+    r = CliRunner().invoke(cli, ["bench", "run", str(gguf), "-o", str(out), "--skip-accuracy", "--threads", "1"])
+    assert r.exit_code == 1 and "killed by the test" in r.output and "measurement(s) failed" in r.output, r.output
+    assert (out / "report.md").is_file()
+    r = CliRunner().invoke(cli, ["bench", "run", str(gguf), "-o", str(out), *FAST])
+    assert r.exit_code == 0, r.output

@@ -112,7 +112,18 @@ def _phases(phases: str | None, skip_accuracy: bool, settings) -> list[str]:
     return chosen
 
 
-def _finish(results: dict, out: Path, as_json: bool) -> None:
+def _finish(results: dict, out: Path, as_json: bool, measured: bool = True) -> None:
+    """Print the results; exit 1 (the report written) when a measurement failed, so a script or CI sees it.
+    ``--report-only`` (``measured`` False) lists what is missing and exits 0."""
+    _print(results, out, as_json)
+    failed = results["failed"]
+    if measured and failed:
+        click.echo(f"{len(failed)} measurement(s) failed; the report lists them. Fix: see each one's error above, "
+                   "then run the command again (what was measured is kept).", err=True)
+        raise click.exceptions.Exit(1)
+
+
+def _print(results: dict, out: Path, as_json: bool) -> None:
     import json
 
     if as_json:
@@ -167,7 +178,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
                          force=force)
-    _finish(results, out, as_json)
+    _finish(results, out, as_json, measured=not report_only)
 
 
 @bench.command("reproduce")
@@ -212,4 +223,4 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
                                 imatrix_from=imatrix_from, allow_pickle=allow_pickle)
     results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,
                          measure=not report_only, force=force)
-    _finish(results, output, as_json)
+    _finish(results, output, as_json, measured=not report_only)
