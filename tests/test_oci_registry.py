@@ -497,6 +497,13 @@ def test_login_stores_docker_credentials_and_push_pull_use_them(tmp_path, monkey
         assert reg.host in json.loads(cfg.read_text())["auths"]
         _cli("push", bundle, reg.ref("clinic/tiny:v1"))
         assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--json"))["name"] == "tiny"
+        # a config.json that links into a dotfiles folder stays a link: login writes the file it names
+        (tmp_path / "dotfiles").mkdir()
+        cfg.rename(tmp_path / "dotfiles" / "docker.json")
+        cfg.symlink_to(tmp_path / "dotfiles" / "docker.json")
+        _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
+        assert cfg.is_symlink() and reg.host in json.loads((tmp_path / "dotfiles" / "docker.json").read_text())["auths"]
+        assert stat.S_IMODE((tmp_path / "dotfiles" / "docker.json").stat().st_mode) == 0o600
         # DOCKER_CONFIG names the folder docker reads instead of ~/.docker: the credentials there, and only there
         monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "ci-docker"))
         out = _cli("push", bundle, reg.ref("clinic/tiny:v2"), ok=False)

@@ -283,7 +283,9 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
     if r.status_code != 200:
         raise RegistryError(f"The registry {ref.registry} refused the user name and password (HTTP {r.status_code}).",
                             "check them with the registry's administrator and log in again")
-    path = docker_config()
+    shown = docker_config()
+    # a link (to a dotfiles folder) is followed as docker follows it: the file it names is replaced, the link stays
+    path = Path(os.path.realpath(shown))
     cfg = read_docker_config(path)
     cfg.setdefault("auths", {})[ref.registry] = {"auth": au.get_basic_auth(username, password)}
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -291,7 +293,7 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
         tmp.touch(mode=0o600)
         tmp.chmod(0o600)
         tmp.write_text(json.dumps(cfg, indent="\t") + "\n", encoding="utf-8")
-    return path
+    return shown
 
 
 # -- the ModelPack manifest and config ----------------------------------------------------------
