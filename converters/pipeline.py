@@ -36,7 +36,7 @@ from edgemed.converters.source.source import Source
 from edgemed.converters.route import RouteOptions, Timings
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
 from edgemed.converters.gguf.writer import plan_tensors, write_float_gguf
-from edgemed.errors import InputError, OutputError
+from edgemed.errors import DISK_REFUSED, InputError, OutputError
 from edgemed.files.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conver
         raise _output_error(exc, out, opts.out_type) from None
 
 
-# errno values that mean "the output cannot be written here", whatever file the converter was on
+# errno values that mean "the output cannot be written here", whatever file the converter was on: the CLI's own
+# (errors.DISK_REFUSED), worded here for a conversion (its -o, its F16 intermediate)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
-_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOT_WRITABLE = set(DISK_REFUSED) - _NO_SPACE
 
 
 def _output_error(exc: OSError, out: Path, out_type: str) -> Exception:
