@@ -208,3 +208,18 @@ def test_install_force_under_strace_kill_at_every_rename(bundles):
             break
         Store().install(bundles["old"][0], force=True)
     assert n > 3
+
+
+def test_a_forked_child_counts_its_steps_from_one_whatever_its_parent_counted(tmp_path, monkeypatch):
+    """An in-process run with the step hook on (a test listing a command's steps) leaves the parent's count
+    raised; a child forked afterwards is still killed at its own n-th step."""
+    from edgemed import env
+    from edgemed.files.debris import step
+
+    monkeypatch.setenv(env.KILL_AT_VAR, str(10**9))
+    for _ in range(5):
+        step("parent")
+    monkeypatch.delenv(env.KILL_AT_VAR)
+    log = tmp_path / "child.log"
+    assert crash_kit.killed_at(lambda: [step(f"child-{i}") for i in range(3)], 2, log) == KILLED
+    assert log.read_text().splitlines() == ["1 child-0", "2 child-1"]

@@ -79,9 +79,12 @@ class _Owner:
 _me = _Owner()
 
 
-def _after_fork() -> None:  # a forked child is a new owner; the locks it inherited stay its parent's
-    global _me
+def _after_fork() -> None:
+    """A forked child is a new owner (the locks it inherited stay its parent's) and a new process whose
+    filesystem steps count from one, as strace counts them, whatever its parent counted before the fork."""
+    global _me, _steps
     _me = _Owner()
+    _steps = 0
 
 
 os.register_at_fork(after_in_child=_after_fork)
