@@ -70,3 +70,21 @@ def test_a_grammar_llama_cpp_rejects_is_an_input_error_and_never_printed(smollm2
         SamplerChain(model, GenerationSettings(grammar='root ::= "yes" | "no"')).close()  # a good one still parses
     finally:
         model.close()
+
+
+def test_the_candidate_record_matches_the_bindings_struct_field_by_field():
+    import ctypes
+    import types
+
+    import llama_cpp
+
+    from edgemed.runtime.llamacpp import _token_data_dtype
+
+    assert _token_data_dtype(llama_cpp).itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+    class Moved(ctypes.Structure):  # a binding whose struct gained a field before the logit
+        _fields_ = [("id", ctypes.c_int32), ("flags", ctypes.c_int32), ("logit", ctypes.c_float),
+                    ("p", ctypes.c_float)]
+
+    with pytest.raises(RuntimeError, match="llama_token_data is laid out as"):
+        _token_data_dtype(types.SimpleNamespace(llama_token_data=Moved))

@@ -377,6 +377,22 @@ class Batch:
             self.lib.llama_batch_free(raw)
 
 
+def _token_data_dtype(lc):
+    """The numpy record ``_pick`` fills for llama.cpp to read as ``llama_token_data``, checked field by field
+    (name, offset, width) against the bindings' structure: a layout that moved is an error here, not candidates
+    read from the wrong bytes."""
+    import numpy as np
+
+    dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+    struct = lc.llama_token_data
+    fields = [(name, getattr(struct, name).offset, ctypes.sizeof(kind)) for name, kind in struct._fields_]
+    ours = [(name, dtype.fields[name][1], dtype.fields[name][0].itemsize) for name in dtype.names]
+    if fields != ours or ctypes.sizeof(struct) != dtype.itemsize:
+        raise RuntimeError(f"llama_token_data is laid out as {fields} ({ctypes.sizeof(struct)} bytes) in this "
+                           f"llama-cpp-python; edgemed fills {ours} ({dtype.itemsize} bytes)")
+    return dtype
+
+
 class SamplerChain:
     """One request's sampler: grammar, repetition penalty, then greedy or top-k/top-p/min-p/temperature/seeded draw.
 
@@ -458,7 +474,7 @@ class SamplerChain:
 
         lc, n = self.lib, self._vocab_size
         if self._candidates is None:  # llama_token_data: int32 id, float logit, float p
-            self._candidates = np.zeros(n, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._candidates = np.zeros(n, dtype=_token_data_dtype(lc))
             self._ids = np.arange(n, dtype=np.int32)
         cur = self._candidates
         cur["id"] = self._ids  # every call: stages that sort (top-k) reorder the array in place
