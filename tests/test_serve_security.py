@@ -1,4 +1,5 @@
-"""Security defaults of ``edgemed serve``: loopback bind, API keys, CORS off, Host check, body size limit."""
+"""Security defaults of ``edgemed serve``: loopback bind, API keys, CORS off, Host check, requests other web pages
+make a browser send, body size limit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 
 from edgemed.cli import cli
 from edgemed.errors import InputError
-from edgemed.serve.security import ApiKeys, bearer_token, check_bind, is_loopback
+from edgemed.serve.security import ApiKeys, bearer_token, check_bind, foreign_origin, is_loopback
 
 from serve_kit import ServerThread, wait_until
 
@@ -41,6 +42,26 @@ def test_config_refuses_public_bind_without_keys():
     with pytest.raises(InputError, match="any web page"):
         ServeConfig(model_id="m", bundle_digest="d", cors_origins=("*",))
     assert ServeConfig(model_id="m", bundle_digest="d", host="0.0.0.0", api_keys=ApiKeys.from_lines([KEY])).host
+
+
+@pytest.mark.parametrize("method,origin,site,allowed,foreign", [
+    ("POST", None, None, (), None),  # curl, the OpenAI SDK: not a browser
+    ("POST", "http://127.0.0.1:8080", "same-origin", (), None),  # the server's own page
+    ("POST", "https://clinic.example", "same-origin", (), None),  # the own page behind a proxy that rewrites Host
+    ("POST", "http://127.0.0.1:8080", None, (), None),  # a browser without Sec-Fetch-Site: Origin is Host
+    ("POST", "https://evil.example", "cross-site", (), "https://evil.example"),
+    ("POST", "http://localhost:3000", "same-site", (), "http://localhost:3000"),  # another app on this machine
+    ("POST", "null", "cross-site", (), "null"),  # a sandboxed frame, a file:// page
+    ("POST", None, "cross-site", (), "a cross-site page"),
+    ("POST", "https://evil.example", None, (), "https://evil.example"),
+    ("DELETE", "https://evil.example", "cross-site", (), "https://evil.example"),
+    ("POST", "https://ehr.example.org", "cross-site", ("https://ehr.example.org",), None),  # --cors-origin
+    ("POST", "https://evil.example", "cross-site", ("https://ehr.example.org",), "https://evil.example"),
+    ("POST", "https://evil.example", "cross-site", ("*",), None),  # --cors-origin '*' (keys required for it)
+    ("GET", "https://evil.example", "cross-site", (), None),  # reading: the browser keeps the answer from the page
+])
+def test_foreign_origin(method, origin, site, allowed, foreign):
+    assert foreign_origin(method, "127.0.0.1:8080", origin, site, allowed) == foreign
 
 
 def test_cli_refuses_public_bind_before_loading_anything(tmp_path):
@@ -145,6 +166,33 @@ def test_cors_is_off_by_default_and_exact_when_on(model, tmp_path):
         r = httpx.get(srv.url + "/v1/models", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
     log.close()
+
+
+def test_other_web_pages_cannot_make_a_browser_drive_the_api(model, tmp_path):
+    """A page elsewhere posts text/plain in no-cors mode (no preflight), from a browser on the server's machine."""
+    httpx = pytest.importorskip("httpx2")
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    evil = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors",
+            "Content-Type": "text/plain;charset=UTF-8"}
+    app, log = _app(model, tmp_path, cors_origins=("https://ehr.example.org",))
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", content=chat, headers=evil, timeout=60)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin_forbidden"
+        assert "https://evil.example" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/admin/adapters", content='{"name": "x", "path": "/etc/hostname"}', headers=evil)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin_forbidden"
+        legacy = {"Origin": "https://evil.example", "Content-Type": "text/plain"}  # no Sec-Fetch-Site: Origin decides
+        assert httpx.post(srv.url + "/v1/chat/completions", content=chat, headers=legacy).status_code == 403
+        own = {"Origin": srv.url, "Sec-Fetch-Site": "same-origin", "Content-Type": "application/json"}
+        assert httpx.post(srv.url + "/v1/chat/completions", content=chat, headers=own, timeout=60).status_code == 200
+        ehr = {**evil, "Origin": "https://ehr.example.org"}  # named by --cors-origin
+        assert httpx.post(srv.url + "/v1/chat/completions", content=chat, headers=ehr, timeout=60).status_code == 200
+        assert httpx.post(srv.url + "/v1/chat/completions", content=chat, timeout=60).status_code == 200  # no browser
+        assert wait_until(lambda: (tmp_path / "audit.jsonl").read_text().count('"request"') >= 6)
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    refused = [r for r in recs if r.get("error_code") == "cross_origin_forbidden"]
+    assert [(r["endpoint"], r["status"]) for r in refused] == [("chat", 403), ("adapters", 403), ("chat", 403)]
 
 
 def test_body_size_token_limit_and_host_check(model, tmp_path):

@@ -8,9 +8,11 @@ with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not
 
 ``Guard`` (innermost) refuses, in this order: every ``/v1`` request once the audit log cannot be
 written (503, fail closed); on loopback binds, a ``Host`` that is not a loopback name (400: DNS
-rebinding from a web page); a missing or wrong API key on ``/v1/*``, ``/metrics`` and ``/ui/info`` (401); a body
-over the limit (413: ``Content-Length`` first, then the body is read here and counted, so the app only
-ever sees a bounded, buffered body).
+rebinding from a web page); a request with effects (POST, DELETE) that a page on another origin made a
+browser send, unless ``--cors-origin`` names that origin (403; ``security.foreign_origin``); a missing or
+wrong API key on ``/v1/*``, ``/metrics`` and ``/ui/info`` (401); a body over the limit (413:
+``Content-Length`` first, then the body is read here and counted, so the app only ever sees a bounded,
+buffered body).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from edgemed.serve.api import ApiError, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
-from edgemed.serve.security import bearer_token, is_loopback
+from edgemed.serve.security import bearer_token, foreign_origin, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,10 @@ class Observe:
                 await _audit(self.config.audit, "request", fields)
 
 
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
 async def _audit(audit, kind: str, fields: dict) -> None:
     """Append off the event loop (the write fsyncs); shielded, so a cancelled request still leaves its record."""
     with anyio.CancelScope(shield=True):
@@ -194,6 +200,14 @@ class Guard:
                 return await refuse(ApiError(400, f"This server answers only requests addressed to it by a loopback "
                                                   f"name (Host: 127.0.0.1 or localhost), not '{host}'. Fix: use "
                                                   "http://127.0.0.1:PORT/v1.", code="invalid_host"))
+        foreign = foreign_origin(scope["method"], headers.get(b"host", b"").decode("latin-1"),
+                                 _text(headers.get(b"origin")), _text(headers.get(b"sec-fetch-site")),
+                                 self.config.cors_origins)
+        if foreign is not None:
+            return await refuse(ApiError(403, f"This server does not act on requests that a web page on another origin "
+                                              f"({foreign}) makes a browser send. Fix: use the page this server serves "
+                                              "or a client that is not a browser, or start the server with "
+                                              "--cors-origin naming that page's origin.", code="cross_origin_forbidden"))
         audit = self.config.audit
         if audit is not None and audit.failed and path.startswith("/v1/"):
             return await refuse(ApiError(503, f"The audit log cannot be written ({audit.failed}), so requests are "

@@ -10,6 +10,12 @@
   exit), so neither the time taken nor the digest length says which key, or how much of
   one, matched. A request is identified in the audit log by its key's *id*: the label, or
   ``key-`` + the first 8 hex digits of the key's sha256 — never the key itself.
+* **Other web pages.** A page on another origin can make the browser of anyone using this server send it a
+  request without asking first (a form post; ``fetch`` in ``no-cors`` mode with a ``text/plain`` body), and a
+  browser on the server's machine is a loopback client. Such a request changes things (a generation, an adapter
+  load, an audit record) even though the page never reads the answer, so one whose ``Sec-Fetch-Site`` (or, from a
+  browser too old to send it, ``Origin``) says it came from another origin is refused unless ``--cors-origin``
+  names that origin (``foreign_origin``). Clients that are not browsers send neither header.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edgemed.errors import InputError
 
@@ -175,3 +182,30 @@ def bearer_token(authorization: str | None) -> str | None:
         return None
     scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+#: Methods a browser sends for any page without effects of their own; every other method is checked by origin.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: ``Sec-Fetch-Site`` values of the server's own page, and of a request the user typed or bookmarked.
+OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def foreign_origin(method: str, host: str, origin: str | None, fetch_site: str | None,
+                   allowed: tuple[str, ...] = ()) -> str | None:
+    """The origin of the web page that made a browser send this request when it is not this server's own page
+    nor one of ``allowed`` (``--cors-origin``); None when the request may proceed. ``host`` is the ``Host`` header.
+
+    The browser's ``Sec-Fetch-Site`` is read first: it is right behind a proxy that rewrites ``Host``. Without it
+    (browsers before 2023), ``Origin`` is compared with ``Host``; a request with neither is not a browser's.
+    """
+    if method.upper() in SAFE_METHODS or (origin is not None and (origin in allowed or "*" in allowed)):
+        return None
+    if fetch_site is not None:
+        return None if fetch_site.lower() in OWN_FETCH_SITES else origin or f"a {fetch_site} page"
+    if origin is None:
+        return None
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:
+        netloc = ""
+    return None if netloc and netloc.lower() == host.lower() else origin
