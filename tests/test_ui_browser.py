@@ -4,7 +4,8 @@ Covers: the page and its assets (CSP and the other headers; nothing but same-ori
 the first question; a streamed free question sent with Enter, with its audit request id; the ``mcq`` form and
 the parsed letter the server returned; a ``<think>`` block folded away from the answer; stopping a long answer (the slot is freed); a server with keys (refused
 without one, works with one, the key kept in sessionStorage only); hostile input and hostile model output shown
-as text, never run; no request outside the server's origin (the browser's own network log); ``--no-ui``.
+as text, never run; no request outside the server's origin (the browser's own network log); a page on another
+origin that posts to the server is refused; ``--no-ui``.
 """
 
 from __future__ import annotations
@@ -229,6 +230,45 @@ def test_hostile_input_and_output_are_text_never_html(server, browser):
     assert driver.execute_script("return window.__pwned") is None  # ... and none of it ran
     assert driver.execute_script("return document.querySelectorAll('#log img, #log script, #log b').length") == 0
     assert outside(browser.requests(), server.url) == []
+
+
+def test_a_page_on_another_origin_cannot_make_the_browser_use_the_model(server, browser):
+    """A page elsewhere posts to the server in no-cors mode (text/plain: the browser asks nothing first); Chromium's
+    own Origin and Sec-Fetch-Site headers get it refused before any generation."""
+    import http.server
+    import threading
+
+    class Blank(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<!doctype html><title>elsewhere</title>")
+
+        def log_message(self, *args):
+            pass
+
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    before = len(audit_records(server.audit_path))
+    browser.requests()
+    kept = list(browser.seen)  # the other origin's page is this test's, not the clinician page's
+    try:
+        browser.driver.get(f"http://localhost:{elsewhere.server_address[1]}/")  # another origin, and another site
+        sent = browser.driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            fetch(arguments[0] + '/v1/chat/completions', {method: 'POST', mode: 'no-cors', body: arguments[1]})
+              .then(() => done('sent'), (e) => done(String(e)));""",
+            server.url, json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}))
+        assert sent == "sent"
+        assert wait_until(lambda: len(audit_records(server.audit_path)) > before, 10)
+    finally:
+        elsewhere.shutdown()
+        elsewhere.server_close()
+        browser.requests()
+        browser.seen = kept
+    [record] = audit_records(server.audit_path)[before:]
+    assert (record["endpoint"], record["status"], record["error_code"]) == ("chat", 403, "cross_origin_forbidden")
 
 
 def test_every_request_stays_on_the_servers_origin(server, browser):
