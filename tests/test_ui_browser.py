@@ -25,6 +25,7 @@ import ui_kit
 from ui_kit import (
     MODEL,
     Browser,
+    Page,
     audit_records,
     outside,
     page_server,
@@ -76,6 +77,7 @@ def test_page_and_assets_carry_a_strict_csp_and_come_from_the_package(server):
             assert rule in csp, (path, rule)
         assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
         assert r.headers["x-frame-options"] == "DENY" and r.headers["referrer-policy"] == "no-referrer"
+        assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff"
     html = httpx.get(server.url + "/").text
     assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/ui/app.js" defer>']  # no inline script
     assert " style=" not in html and "<style" not in html
@@ -230,6 +232,21 @@ def test_hostile_input_and_output_are_text_never_html(server, browser):
     assert driver.execute_script("return window.__pwned") is None  # ... and none of it ran
     assert driver.execute_script("return document.querySelectorAll('#log img, #log script, #log b').length") == 0
     assert outside(browser.requests(), server.url) == []
+
+
+def test_back_after_leaving_the_page_does_not_bring_the_conversation_back(server, browser):
+    """Another page opened in the same tab, then Back: the page loads afresh, with no conversation (no back/forward
+    cache), as it would for the next person at a shared workstation."""
+    page = browser.page(server.url)
+    page.max_tokens(2)
+    page.ask("Chest pain since this morning")
+    page.wait_answer()
+    driver = browser.driver
+    driver.get(server.url + "/health")
+    driver.back()
+    Page(driver, server.url).ready()
+    assert driver.execute_script("return document.getElementById('log').textContent") == ""
+    assert driver.execute_script("return performance.getEntriesByType('navigation')[0].type") == "back_forward"
 
 
 def test_a_page_on_another_origin_cannot_make_the_browser_use_the_model(server, browser):

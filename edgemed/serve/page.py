@@ -32,7 +32,9 @@ ASSETS = {
 INFO_PATH = "/ui/info"
 
 #: The browser may load and connect to this server only; no inline script, no plugin, no framing, no form posts
-#: (the page sends with fetch), and no HTML from strings (Trusted Types with no policy at all).
+#: (the page sends with fetch), and no HTML from strings (Trusted Types with no policy at all). ``no-store``: nothing
+#: cached, and the page never kept in the back/forward cache, where a Back press in the tab after the clinician
+#: went elsewhere would show the whole conversation again.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "font-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
        "require-trusted-types-for 'script'; trusted-types 'none'")
@@ -43,7 +45,7 @@ HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), clipboard-read=()",
-    "Cache-Control": "no-cache",
+    "Cache-Control": "no-store",
 }
 
 #: Shown under every answer.
@@ -104,7 +106,7 @@ async def info(request: Request):
     body = {"model": config.model_id, "context_length": srv.batcher.n_ctx_per_slot, "card": card,
             "safety": SAFETY_LINE, "keys_required": config.api_keys is not None,
             "templates": [template_info(t) for t in srv.templates.values()]}
-    return JSONResponse(body, headers={**HEADERS, "Cache-Control": "no-store"})
+    return JSONResponse(body, headers=HEADERS)
 
 
 #: path -> endpoint label of the metrics (``middleware.Observe``), as ``routes.LABELS``
