@@ -33,7 +33,8 @@ import tiny  # noqa: E402
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    return {"llama": tiny.build_model(root / "llama", "llama"), "lora": tiny.build_lora(root / "llama", root / "lora")}
+    return {"llama": tiny.build_model(root / "llama", "llama"), "lora": tiny.build_lora(root / "llama", root / "lora"),
+            "qwen2": tiny.build_model(root / "qwen2", "qwen2")}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -85,6 +86,80 @@ def test_bad_config_values(models, tmp_path, case):
     out.mkdir()
     _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", out / "x.gguf"), words)
     assert list(out.iterdir()) == []
+
+
+# -- tensors against config.json: every one llama.cpp needs, each of the shape it checks -----------------------
+def _edit_tensors(ckpt: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_file(change(load_file(ckpt / "model.safetensors")), ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def _without(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+def _with(name, *shape):
+    import torch
+
+    return lambda t: t | {name: torch.zeros(*shape)}
+
+
+TENSOR_CASES = {  # (arch, config change, tensor change, words): llama.cpp refused every one of these files at load
+    "a block lacks a projection": ("llama", None, _without("model.layers.1.mlp.down_proj.weight"), "blk.1.ffn_down.weight"),
+    "no final norm": ("llama", None, _without("model.norm.weight"), "output_norm.weight"),
+    "intermediate_size not the MLP's": ("llama", {"intermediate_size": 96}, None, "config.json implies [64, 96]"),
+    "o_proj narrower than the heads": ("llama", None, _with("model.layers.0.self_attn.o_proj.weight", 64, 32),
+                                       "config.json implies [64, 64]"),
+    "a norm with two dimensions": ("llama", None, _with("model.layers.0.input_layernorm.weight", 64, 2),
+                                   "config.json implies [64]"),
+    "a q bias of the wrong length": ("qwen2", None, _with("model.layers.0.self_attn.q_proj.bias", 32),
+                                     "config.json implies [64]"),
+    "an o_proj bias Qwen2 has no place for": ("qwen2", None, _with("model.layers.0.self_attn.o_proj.bias", 64),
+                                              "not part of a Qwen2ForCausalLM"),
+    "untied without an LM head": ("qwen2", {"tie_word_embeddings": False}, None, "no LM head"),
+}
+
+
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_tensors_llama_cpp_would_not_load_are_refused_before_work(models, tmp_path, case):
+    """Refused at open even with --no-parity: these used to be written, and llama.cpp then refused the GGUF."""
+    arch, config, change, words = TENSOR_CASES[case]
+    ckpt = _copy(models[arch], tmp_path / "ckpt")
+    if config:
+        _edit_json(ckpt / "config.json", lambda c: c | config)
+    if change:
+        _edit_tensors(ckpt, change)
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", out / "x.gguf"), words)
+    assert list(out.iterdir()) == []
+
+
+def test_optional_biases_are_kept(models, tmp_path):
+    """Llama's attention_bias / mlp_bias tensors are part of its graph: converted, and the file loads."""
+    from edgemed.formats.gguf_header import read_header
+
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    _edit_tensors(ckpt, lambda t: t | {"model.layers.0.self_attn.q_proj.bias": t["model.layers.0.self_attn.q_proj.weight"][:, 0] * 0,
+                                      "model.layers.0.mlp.up_proj.bias": t["model.layers.0.mlp.up_proj.weight"][:, 0] * 0})
+    result = _convert(ckpt, "--quant", "f16", "--no-parity", "-o", tmp_path / "x.gguf")
+    assert result.exit_code == 0, result.output
+    names = {t.name for t in read_header(tmp_path / "x.gguf").tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.ffn_up.bias"} <= names
+
+
+def test_tied_embeddings_leave_a_stored_lm_head_out(models, tmp_path):
+    """tie_word_embeddings true with an lm_head.weight stored: Hugging Face computes with the embedding, and so does
+    the GGUF (no output.weight). It used to carry the stored head, and the parity gate called that a converter bug."""
+    from edgemed.formats.gguf_header import read_header
+
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    _edit_json(ckpt / "config.json", lambda c: c | {"tie_word_embeddings": True})
+    result = _convert(ckpt, "--quant", "f16", "-o", tmp_path / "x.gguf")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    assert "output.weight" not in {t.name for t in read_header(tmp_path / "x.gguf").tensors}
 
 
 def test_config_json_is_a_directory(models, tmp_path):

@@ -32,6 +32,11 @@ class ArchSpec:
     rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
     # Extra hyper-parameter writer
     extra_hparams: Callable | None = None
+    # Block tensors (GGUF names without "blk.N.") llama.cpp's graph for this arch reads when present; a block tensor
+    # neither required (BLOCK_TENSORS) nor here would make llama.cpp refuse the file ("wrong number of tensors")
+    optional: tuple[str, ...] = ()
+    # tie_word_embeddings when config.json leaves it out: the default of transformers' config class for the arch
+    tie_default: bool = False
 
     @property
     def arch(self) -> "gguf.MODEL_ARCH":
@@ -49,6 +54,39 @@ class ArchSpec:
 
     def transform(self, kind: "gguf.MODEL_TENSOR") -> Callable | None:
         return self.transforms.get(kind.name)
+
+
+# What every Llama-style decoder has, by GGUF name: the whole model's tensors and each block's (without "blk.N.").
+# "output.weight" (the LM head) is there unless the embeddings are tied.
+MODEL_TENSORS = ("token_embd.weight", "output_norm.weight")
+BLOCK_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                 "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def decoder_shapes(ckpt) -> dict[str, tuple[int, ...]]:
+    """The shape (Hugging Face order: rows first) config.json implies for each tensor a Llama-style decoder may have,
+    by GGUF name (block tensors without "blk.N."), as llama.cpp checks them when it loads the file."""
+    n_head = int(ckpt.hparam("num_attention_heads"))
+    n_kv = int(ckpt.hparam("num_key_value_heads", default=n_head))
+    hidden, ff, vocab, hd = (int(ckpt.hparam("hidden_size")), int(ckpt.hparam("intermediate_size")),
+                             int(ckpt.hparam("vocab_size")), head_dim(ckpt))
+    q, kv = n_head * hd, n_kv * hd
+    return {
+        "token_embd.weight": (vocab, hidden), "output.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+        "attn_norm.weight": (hidden,), "ffn_norm.weight": (hidden,),
+        "attn_q.weight": (q, hidden), "attn_k.weight": (kv, hidden), "attn_v.weight": (kv, hidden),
+        "attn_output.weight": (hidden, q),
+        "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,), "attn_output.bias": (hidden,),
+        "ffn_gate.weight": (ff, hidden), "ffn_up.weight": (ff, hidden), "ffn_down.weight": (hidden, ff),
+        "ffn_gate.bias": (ff,), "ffn_up.bias": (ff,), "ffn_down.bias": (hidden,),
+    }
+
+
+def tied_embeddings(ckpt, spec: ArchSpec) -> bool:
+    """Whether the LM head is the token embedding, as Hugging Face loading decides it (config.json, else the
+    config class's default): then a stored lm_head.weight is not what the model computes with."""
+    tie = ckpt.config.get("tie_word_embeddings")
+    return spec.tie_default if tie is None else bool(tie)
 
 
 def rope_config(ckpt) -> tuple[float, dict]:

@@ -33,4 +33,7 @@ SPEC = ArchSpec(
     gguf_arch="LLAMA",
     transforms={"ATTN_Q": _q, "ATTN_K": _k},
     extra_hparams=write_decoder_hparams,
+    # attention_bias / mlp_bias checkpoints
+    optional=("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias", "ffn_gate.bias", "ffn_up.bias",
+              "ffn_down.bias"),
 )

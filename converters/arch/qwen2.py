@@ -12,4 +12,5 @@ SPEC = ArchSpec(
     gguf_arch="QWEN2",
     rope_types=("default", "linear", "yarn"),
     extra_hparams=write_decoder_hparams,
+    optional=("attn_q.bias", "attn_k.bias", "attn_v.bias"),
 )

@@ -9,6 +9,7 @@ its LoRA delta, laid out for llama.cpp and cast. Peak memory is one tensor.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -43,9 +44,12 @@ def _natural_key(name: str):
 
 
 def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[PlannedTensor]:
+    from edgemed.converters.arch.base import tied_embeddings
+
     n_blocks = int(ckpt.hparam("num_hidden_layers"))
     name_map = spec.name_map(n_blocks)
     allowed = spec.allowed()
+    tied = tied_embeddings(ckpt, spec)
     weight_type = gguf.GGMLQuantizationType[GGUF_TYPES[out_type].weights]  # a float type: 2-D weights
     planned: list[PlannedTensor] = []
     for hf_name in sorted(ckpt.tensors, key=_natural_key):
@@ -58,13 +62,18 @@ def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[Planne
                 "the checkpoint does not match its declared architecture; check config.json 'architectures'",
             )
         kind, gguf_name = found
+        if tied and gguf_name == "output.weight":
+            # Hugging Face loading ties the LM head to the embedding and never reads a stored one; the GGUF does the
+            # same (no output.weight: llama.cpp then uses the embedding), so both compute one model.
+            log.info("config.json ties the word embeddings: %s is not used, as in Hugging Face loading", hf_name)
+            continue
         shape = ckpt.tensors[hf_name].shape
         ggml_type = weight_type if len(shape) >= 2 else gguf.GGMLQuantizationType.F32
         planned.append(PlannedTensor(hf_name, gguf_name, kind, shape, ggml_type))
     names = {p.gguf_name for p in planned}
     if "token_embd.weight" not in names:
         raise CheckpointError("The checkpoint has no token embedding tensor.", "copy every shard of the checkpoint")
-    _check_shapes(ckpt, planned, n_blocks)
+    _check_shapes(ckpt, spec, planned, n_blocks, tied)
     if llama3_rope_factors(ckpt) is not None:
         factors = llama3_rope_factors(ckpt)
         planned.append(
@@ -74,28 +83,39 @@ def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[Planne
     return planned
 
 
-def _check_shapes(ckpt: Checkpoint, planned: list[PlannedTensor], n_blocks: int) -> None:
-    """Tensor shapes must agree with config.json, or llama.cpp would fail to load (or misread) the file."""
-    from edgemed.converters.arch.base import head_dim
+def _check_shapes(ckpt: Checkpoint, spec: ArchSpec, planned: list[PlannedTensor], n_blocks: int, tied: bool) -> None:
+    """Every tensor llama.cpp needs is there and every tensor has the shape config.json implies, or llama.cpp would
+    refuse to load the file (or misread it): checked here, before any work, with or without the parity gate."""
+    from edgemed.converters.arch.base import BLOCK_TENSORS, MODEL_TENSORS, decoder_shapes, head_dim
 
-    n_head = int(ckpt.hparam("num_attention_heads"))
-    n_kv = int(ckpt.hparam("num_key_value_heads", default=n_head))
-    hidden, hd = int(ckpt.hparam("hidden_size")), head_dim(ckpt)
+    hd = head_dim(ckpt)
     if hd % 2:
         raise CheckpointError(f"config.json implies an odd attention head size ({hd}); rotary embeddings need an even one.",
                               "re-copy config.json from the source checkpoint (hidden_size, num_attention_heads, head_dim)")
-    expected = {"token_embd.weight": (int(ckpt.hparam("vocab_size")), hidden), "output.weight": (int(ckpt.hparam("vocab_size")), hidden)}
-    blocks = set()
+    shapes = decoder_shapes(ckpt)
+    whole = set(MODEL_TENSORS) | ({"output.weight"} if not tied else set())
+    per_block = set(BLOCK_TENSORS) | set(spec.optional)
+    blocks, have = set(), set()
     for p in planned:
         if p.gguf_name.startswith("blk."):
-            blocks.add(int(p.gguf_name.split(".")[1]))
-        suffix = p.gguf_name.split(".", 2)[-1] if p.gguf_name.startswith("blk.") else None
-        want = expected.get(p.gguf_name) or {"attn_q.weight": (n_head * hd, hidden), "attn_k.weight": (n_kv * hd, hidden),
-                                              "attn_v.weight": (n_kv * hd, hidden)}.get(suffix)
-        if want is not None and tuple(p.shape) != want:
+            block, key = p.gguf_name.split(".", 2)[1:]
+            blocks.add(int(block))
+            known = key in per_block
+        else:
+            key, known = p.gguf_name, p.gguf_name in whole
+        if not known:
+            raise CheckpointError(
+                f"Tensor '{p.hf_name}' ({p.gguf_name}) is not part of a {ckpt.architecture} that llama.cpp loads "
+                f"(its {spec.arch_name} graph has no use for it, and refuses a file that carries it).",
+                "the checkpoint does not match its declared architecture; check config.json 'architectures' and remove "
+                "stray shards",
+            )
+        have.add(p.gguf_name)
+        want = shapes[key]
+        if tuple(p.shape) != want:
             raise CheckpointError(
                 f"Tensor '{p.hf_name}' has shape {list(p.shape)}, but config.json implies {list(want)} "
-                f"(vocab_size, hidden_size, num_attention_heads, num_key_value_heads).",
+                "(vocab_size, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim).",
                 "config.json does not belong to these weights: re-copy it from the source checkpoint",
             )
     if blocks != set(range(n_blocks)):
@@ -103,6 +123,22 @@ def _check_shapes(ckpt: Checkpoint, planned: list[PlannedTensor], n_blocks: int)
             f"config.json says num_hidden_layers is {n_blocks}, but the weights hold blocks {sorted(blocks)[:3]}..."
             f"{sorted(blocks)[-1:] if blocks else ''} ({len(blocks)} of them).",
             "re-copy config.json and every shard from the source checkpoint",
+        )
+    missing = [n for n in sorted(whole - {"output.weight"}) if n not in have]
+    missing += [f"blk.{i}.{key}" for i in range(n_blocks) for key in BLOCK_TENSORS if f"blk.{i}.{key}" not in have]
+    if not tied and "output.weight" not in have:
+        raise CheckpointError(
+            f"The checkpoint has no LM head (lm_head.weight), and config.json does not tie it to the embedding "
+            f"(tie_word_embeddings is {json.dumps(ckpt.config.get('tie_word_embeddings'))}): Hugging Face would fill "
+            "the head with random values, the GGUF would use the embedding.",
+            "copy every shard of the checkpoint; if the model does tie its embeddings, set \"tie_word_embeddings\": true "
+            "in config.json",
+        )
+    if missing:
+        raise CheckpointError(
+            f"The weights lack {len(missing)} tensor(s) every {ckpt.architecture} needs, e.g. {', '.join(missing[:4])} "
+            "(GGUF names), so llama.cpp could not load the file.",
+            "copy every shard of the checkpoint (and check model.safetensors.index.json lists them all)",
         )
 
 
