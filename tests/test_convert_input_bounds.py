@@ -379,3 +379,74 @@ def test_the_max_kld_floor():
     assert "--max-kld 0.0001 or more" in exc.value.fix
     check_request("auto", MIN_MAX_KLD, None)  # the floor itself is a budget
     check_request("auto", 0.005, None)
+
+
+# -- checkpoint and adapter files: what is not a regular file ----------------------------------------------------
+# Each is read by the reader named: the config, safetensors index and tokenizer.json (load_json), a safetensors
+# header (the checkpoint's or the adapter's), a pickle with consent. A FIFO used to block the command forever and a
+# link to /dev/zero to be read until memory ran out (load_json's size check read the device's st_size, 0).
+CHECKPOINT_FILES = {
+    "config.json": "Checkpoint.open(ckpt)",
+    "tokenizer.json": "load_tokenizer_json(ckpt / 'tokenizer.json')",
+    "model.safetensors": "Checkpoint.open(ckpt)",
+    "pytorch_model.bin": "Checkpoint.open(ckpt, allow_pickle=True)",
+}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+@pytest.mark.parametrize("name", list(CHECKPOINT_FILES))
+def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused(model, tmp_path, name, kind):
+    """In a child with a time limit and capped address space (512 MiB; 4 GiB where torch is imported, which a read to
+    the end of /dev/zero passes all the same): a hang fails the test by its timeout, an unbounded read by the memory
+    cap, and only an error naming the file passes."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(model, ckpt)
+    if name == "pytorch_model.bin":
+        (ckpt / "model.safetensors").unlink()
+    (ckpt / name).unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(ckpt / name)
+    else:
+        (ckpt / name).symlink_to("/dev/zero")
+    done = _child(f"""
+        from pathlib import Path
+        from edgemed.errors import EdgemedError
+        from edgemed.converters.source.checkpoint import Checkpoint
+        from edgemed.converters.gguf.tokenizer import load_tokenizer_json
+        ckpt = Path({str(ckpt)!r})
+        try:
+            {CHECKPOINT_FILES[name]}
+        except EdgemedError as exc:
+            print(exc.problem, "|", exc.fix)
+    """, memory=(4 << 30) if name == "pytorch_model.bin" else (512 << 20), timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    words = "a named pipe (FIFO)" if kind == "fifo" else "a character device"
+    assert name in done.stdout and words in done.stdout and "not a regular file" in done.stdout, done.stdout
+
+
+def test_an_adapter_weights_fifo_is_refused(model, tmp_path):
+    """adapter_model.safetensors as a FIFO: refused through `edgemed convert --lora`, not a hang."""
+    pytest.importorskip("peft")
+    pytest.importorskip("gguf")
+    import shutil
+
+    import tiny
+
+    lora = tiny.build_lora(model, tmp_path / "lora")
+    (lora / "adapter_model.safetensors").unlink()
+    os.mkfifo(lora / "adapter_model.safetensors")
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(_cli("convert", model, "--lora", lora, "--quant", "f16",
+                                                              "--no-parity", "-o", tmp_path / "x.gguf")), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        os.close(os.open(lora / "adapter_model.safetensors", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("an adapter's FIFO blocked the command")
+    result = done[0]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "named pipe (FIFO), not a regular file" in _said(result) and "Fix:" in result.output
+    assert not (tmp_path / "x.gguf").exists()
+    shutil.rmtree(lora)

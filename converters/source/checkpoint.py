@@ -40,23 +40,29 @@ def _reject_constant(name: str):
 
 
 def load_json(path: Path, error: type, what: str, fix: str):
-    """Parse a small JSON file; any failure (missing, a directory, not UTF-8, not JSON) -> ``error``."""
+    """Parse a small JSON file; any failure (missing, a directory, a FIFO or device, too large, not UTF-8, not JSON,
+    nested too deeply) -> ``error``."""
+    from edgemed.converters.source.input_file import NotRegular, read_at_most
+
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ValueError(f"{path.stat().st_size} bytes is far too large")
-        with path.open(encoding="utf-8") as fh:
-            return json.load(fh, parse_constant=_reject_constant)
+        raw = read_at_most(path, MAX_JSON_BYTES)
+        # nesting: the C parser stops at the interpreter's recursion limit with a RecursionError (caught below); a
+        # scan for depth first (formats.nesting) costs seconds on a real tokenizer.json's million brackets
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except FileNotFoundError:
         raise error(f"{what} '{path}' is missing.", fix) from None
     except IsADirectoryError:
         raise error(f"{what} '{path}' is a directory, not a file.", fix) from None
+    except NotRegular as exc:
+        raise error(f"{what} '{path}' cannot be read: {exc.strerror} (a pipe would block the command, a device "
+                    "never end).", fix) from None
     except OSError as exc:
         raise error(f"{what} '{path}' cannot be read ({exc.strerror or exc}).", "check the file's permissions") from None
     except UnicodeDecodeError:
         raise error(f"{what} '{path}' is not UTF-8 text.", fix) from None
     except RecursionError:
         raise error(f"{what} '{path}' is nested too deeply to be a real config.", fix) from None
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, too-long integers
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, too-long integers, too large
         raise error(f"{what} '{path}' is not valid JSON ({exc}).", fix) from None
 
 
@@ -258,9 +264,17 @@ class Checkpoint:
 
         import zipfile
 
+        from edgemed.converters.source.input_file import open_regular
+
         refs: dict[str, TensorRef] = {}
         for file in files:
-            if not zipfile.is_zipfile(file):  # torch's own refusal ("mmap can only be used with ...") names no fix
+            try:
+                with open_regular(file) as fh:  # a FIFO would block the reader, a device never end
+                    zipped = zipfile.is_zipfile(fh)
+            except OSError as exc:
+                raise CheckpointError(f"Weights file '{file}' cannot be read ({exc.strerror or exc}).",
+                                      "copy the weight file itself into the checkpoint folder") from None
+            if not zipped:  # torch's own refusal ("mmap can only be used with ...") names no fix
                 raise legacy_pickle_error(file)
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

@@ -10,6 +10,7 @@ tensor table or a ``CheckpointError`` naming what is wrong.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -37,15 +38,20 @@ def _is_int(v) -> bool:
 
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
     """Parse and validate a safetensors header against the file size; reads only the header."""
+    from edgemed.converters.source.input_file import NotRegular, open_regular
+
     try:
-        size = file.stat().st_size
-        with file.open("rb") as fh:
+        with open_regular(file) as fh:
+            size = os.fstat(fh.fileno()).st_size
             raw_len = fh.read(8)
             if len(raw_len) < 8:
                 raise _Corrupt("the file is shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", raw_len)
             _check_header_len(header_len, size)
             raw = fh.read(header_len)
+    except NotRegular as exc:
+        raise CheckpointError(f"Weights file '{file}' cannot be read: {exc.strerror} (a pipe would block the command, a "
+                              "device never end).", "copy the weight file itself into the checkpoint folder") from None
     except OSError as exc:
         raise CheckpointError(f"Weights file '{file}' cannot be read ({exc.strerror or exc}).", "check the file and its permissions") from None
     except _Corrupt as exc:
