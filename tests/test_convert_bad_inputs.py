@@ -193,6 +193,9 @@ TOKENIZER_CASES = {
                          "added_tokens"),
     "pre_tokenizer a list": (json.dumps({"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": [1]}).encode(),
                              "pre_tokenizer"),
+    "model null": (json.dumps({"model": None, "decoder": {"type": "ByteLevel"}}).encode(), "No supported tokenizer"),
+    "two tokens for one id": (json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 1}, "merges": []}}).encode(),
+                              "the same id 1"),
 }
 
 
@@ -203,6 +206,21 @@ def test_bad_tokenizer_json(models, tmp_path, case):
     (ckpt / "tokenizer.json").write_bytes(content)
     _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", tmp_path / "x.gguf"), "tokenizer.json", words)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_sentencepiece_vocabulary_longer_than_the_embedding_is_refused(models):
+    """The BPE route refused token ids past vocab_size; the SentencePiece route wrote them all, and llama.cpp then
+    refused the file (its vocabulary is the token list, the embedding has vocab_size rows)."""
+    from edgemed.converters.gguf.tokenizer import _spm_plan
+    from edgemed.errors import TokenizerError
+
+    class Vocab:
+        def all_tokens(self):
+            return ((f"t{i}".encode(), 0.0, 1) for i in range(400))
+
+    with pytest.raises(TokenizerError, match="400 tokens but the model's vocab_size is 384") as info:
+        _spm_plan(models["llama"], Vocab(), 384)
+    assert info.value.fix
 
 
 def test_onnx_export_refuses_a_corrupt_tokenizer_before_exporting(models, tmp_path):

@@ -103,9 +103,10 @@ def plan_vocab(model_dir: Path, n_vocab: int, pre_override: str | None = None) -
     if tj_path.exists():
         tj = load_tokenizer_json(tj_path)
         decoder = (tj.get("decoder") or {}).get("type")
-        if tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback") and decoder == "ByteLevel":
+        model = tj.get("model") or {}  # "model": null is as good as none
+        if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
             return _bpe_plan(model_dir, tj, n_vocab, pre_override)
-        if tj.get("model", {}).get("type") == "BPE" and tj["model"].get("byte_fallback"):
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
             return _spm_plan(model_dir, _gguf_vocab(_gguf().LlamaHfVocab, model_dir), n_vocab)
     if (model_dir / "tokenizer.model").exists():
         return _spm_plan(model_dir, _gguf_vocab(_gguf().SentencePieceVocab, model_dir), n_vocab)
@@ -135,6 +136,10 @@ def load_tokenizer_json(path: Path) -> dict:
         vocab = model.get("vocab")
         if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
             raise bad("model.vocab is not an object of token -> non-negative id")
+        if len(set(vocab.values())) != len(vocab):  # two tokens for one id: one of them could never be written
+            seen: dict[int, str] = {}
+            token, other = next((t, seen[i]) for t, i in vocab.items() if seen.setdefault(i, t) != t)
+            raise bad(f"model.vocab gives tokens {token!r} and {other!r} the same id {vocab[token]}")
         merges = model.get("merges", [])
         if not isinstance(merges, list) or not all(
                 isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)) for m in merges):
@@ -195,6 +200,11 @@ def _spm_plan(model_dir: Path, vocab, n_vocab: int) -> VocabPlan:
         tokens.append(text)
         scores.append(float(score))
         types.append(int(kind))
+    if len(tokens) > n_vocab:  # llama.cpp sizes the vocabulary by this list and would refuse the embedding's rows
+        raise TokenizerError(
+            f"Tokenizer has {len(tokens)} tokens but the model's vocab_size is {n_vocab}.",
+            "the tokenizer does not belong to this checkpoint; copy the matching tokenizer files",
+        )
     for i in range(len(tokens), n_vocab):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
