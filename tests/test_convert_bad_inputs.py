@@ -307,6 +307,12 @@ ADAPTER_CASES = {
     "rank_pattern value": (lambda c: c | {"rank_pattern": {"q_proj": "4"}}, "rank_pattern.q_proj"),
     "bad target_modules regex": (lambda c: c | {"target_modules": "(q|k"}, "target_modules"),
     "target_modules numbers": (lambda c: c | {"target_modules": [1, 2]}, "target_modules"),
+    # PEFT variants a plain W + scale * B @ A merge would get wrong: these used to be merged as plain LoRA
+    "layer replication": (lambda c: c | {"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
+    "activated LoRA": (lambda c: c | {"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
+    "QA-LoRA": (lambda c: c | {"use_qalora": True}, "use_qalora"),
+    "KaSA with its defaults": (lambda c: c | {"kasa_config": {}}, "kasa_config"),
+    "BD-LoRA": (lambda c: c | {"use_bdlora": {"lora_a_is_blockdiagonal": True}}, "use_bdlora"),
 }
 
 

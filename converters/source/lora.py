@@ -23,6 +23,20 @@ from edgemed.files.hashing import files_digest
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# adapter_config.json options under which W + scale * B @ A is not what PEFT computes (another merge, a delta applied
+# to some tokens only, other layers, a routing between adapters): refused when set. Options that only change training
+# (dropout, initialisation, VeLoRA's backward pass) or which modules carry pairs (the tensors say so) are not here.
+UNMERGEABLE = {
+    "use_dora": "DoRA",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+    "use_qalora": "QA-LoRA (A applied to pooled inputs)",
+    "alora_invocation_tokens": "Activated LoRA (applied only from its invocation tokens on)",
+    "layer_replication": "layer replication (a model with repeated layers)",
+    "use_bdlora": "BD-LoRA (block-diagonal factors)",
+    "kasa_config": "KaSA (singular values between A and B, base weight truncated)",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing between adapters",
+}
 
 
 @dataclass
@@ -190,9 +204,11 @@ class LoraAdapter:
         validate_adapter_config(config, cfg_path)
         if config.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"Adapter type '{config.get('peft_type')}' is not LoRA.", "only LoRA adapters can be merged")
-        for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
-            if config.get(flag):
-                raise AdapterError(f"Adapter uses {what}, which edgemed cannot merge.", "merge it with PEFT's merge_and_unload() and convert the merged model")
+        for flag, what in UNMERGEABLE.items():
+            if config.get(flag) not in (None, False):  # PEFT turns a variant on by any value, an empty config too
+                raise AdapterError(f"Adapter uses {what} (adapter_config.json: {flag}), which edgemed cannot merge: "
+                                   "as plain LoRA its weights would compute another model.",
+                                   "merge it with PEFT's merge_and_unload() and convert the merged model")
         weights = path / ADAPTER_WEIGHTS[0]
         if not weights.exists():
             raise AdapterError(
