@@ -79,7 +79,7 @@ _RESIDENT = textwrap.dedent("""
     from edgemed.runtime.engine import LoadSettings
     from edgemed.runtime.llamacpp import Context, Model
     path, mmap = sys.argv[1], sys.argv[2] == "mmap"
-    model = Model(path, LoadSettings(n_ctx=256, n_threads=1, use_mmap=mmap, extra_buffers="all"))
+    model = Model(path, LoadSettings(n_ctx=256, n_threads=1, use_mmap=mmap, extra_buffers="auto"))
     ctx = Context(model, n_ctx=256)
     ctx.eval(model.tokenize("Anaphylaxis is treated with", add_special=True))
     mapped = rss = 0
@@ -104,7 +104,9 @@ def _resident(path, mode: str) -> dict:
 
 def test_no_mmap_load_holds_repacked_weights_once(q4_0_gguf):
     """With the CPU repack on, a mapped load keeps the file's pages of every repacked tensor resident beside the
-    interleaved copy; the profiles' ``use_mmap = false`` must reach llama.cpp so that the file is not mapped at all."""
+    interleaved copy; the profiles' ``use_mmap = false`` must reach llama.cpp so that the file is not mapped at all.
+    The load uses ``auto``, what the profiles use: on an AMX build that is CPU_REPACK alone (llama.cpp's own default,
+    ``all``, would put the weights in the AMX buffer, whose first decode segfaults there)."""
     from edgemed.formats.gguf_header import read_header
     from edgemed.runtime.buffers import pinned_weights
     from edgemed.runtime.llamacpp import build
