@@ -45,10 +45,12 @@ FA_AUTO_NOTE = ("auto: llama_context probes the flash-attention op and keeps it 
                 "the CPU backend does, so on a CPU-only build auto means on (src/llama-context.cpp, resolve())")
 
 
-def llama_server_command(binary: Path, path: Path, port: int, threads: int, n_ctx: int) -> list[str]:
-    """llama-server as a user starts it: model, threads, context and port; every other setting its default."""
+def llama_server_command(binary: Path, path: Path, port: int, threads: int, n_ctx: int,
+                         extra: tuple[str, ...] = ()) -> list[str]:
+    """llama-server as a user starts it: model, threads, context and port; every other setting its default, except
+    ``extra`` (``--server-arg``: only where its defaults cannot run on the host, and then named in the report)."""
     return [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-            "-c", str(n_ctx)]
+            "-c", str(n_ctx), *extra]
 
 
 def prompt_timing(response: dict) -> tuple[int, float]:
@@ -161,7 +163,8 @@ def measure(args) -> dict:
         name = SERVER
 
         def command(self) -> list[str]:
-            return llama_server_command(self.binary, self.path, self.port, self.threads, n_ctx)
+            return llama_server_command(self.binary, self.path, self.port, self.threads, n_ctx,
+                                        tuple(args.server_arg or ()))
 
     server = None if args.no_server else DefaultLlamaServer(anchors.binaries()["llama-server"], path=path,
                                                             threads=args.threads, slots=1, ctx_per_slot=n_ctx)
@@ -210,7 +213,7 @@ def measure(args) -> dict:
         server_info = None
         if server is not None:
             server.stop()
-            server_info = server.describe() | {"flash_attn": FA_AUTO_NOTE}
+            server_info = server.describe() | {"flash_attn": FA_AUTO_NOTE, "changed": list(args.server_arg or ())}
     keys = ("short_prefill_tok_s", "long_prefill_tok_s", "second_half_prefill_tok_s", "double_prefill_tok_s",
             "decode_tok_s_at_long", "decode_tok_s_at_double")
     medians = {a: {k: median_by(runs[a], k) for k in keys if median_by(runs[a], k) is not None} for a in arms}
@@ -246,7 +249,9 @@ def report_md(m: dict) -> str:
     lines = [f"# Prefill speed: {m['model']}, {m['threads']} threads", "",
              f"edgemed loads as `edgemed run` does (profile `{e['profile']}`: n_ctx {e['n_ctx']}, n_batch "
              f"{e['n_batch']}, n_ubatch {e['n_ubatch']}, flash_attn {e['profile_flash_attn']}, KV "
-             f"{e['profile_type_k']}/{e['profile_type_v']}); llama-server with its defaults "
+             f"{e['profile_type_k']}/{e['profile_type_v']}); llama-server with its defaults"
+             + (f" except `{' '.join(m['llama_server']['changed'])}`" if (m["llama_server"] or {}).get("changed") else "")
+             + " "
              f"(`{' '.join(m['llama_server']['command'][1:]) if m['llama_server'] else 'not run'}`"
              + ("; flash attention `auto`, which is on for the CPU backend" if m["llama_server"] else "") + "). "
              f"Median of {m['rounds']} interleaved rounds (arm order rotated each round). "
@@ -261,7 +266,8 @@ def report_md(m: dict) -> str:
               f"{m['long_tokens']} | decode at {m['double_tokens']} |"), "|---|---|---|---|---|---|---|"]
     for a in m["arms"]:
         md = m["medians"][a]
-        label = f"edgemed {a}" + (" (profile)" if a == m["profile_arm"] else "") if a != SERVER else "llama-server (defaults)"
+        label = f"edgemed {a}" + (" (profile)" if a == m["profile_arm"] else "") if a != SERVER else (
+            "llama-server (defaults" + "".join(f" {x}" for x in (m["llama_server"] or {}).get("changed", ())) + ")")
         lines.append(f"| {label} | {_fmt(md.get('short_prefill_tok_s'))} | {_fmt(md.get('long_prefill_tok_s'))} | "
                      f"{_fmt(md.get('second_half_prefill_tok_s'))} | {_fmt(md.get('double_prefill_tok_s'))} | "
                      f"{_fmt(md.get('decode_tok_s_at_long'))} | {_fmt(md.get('decode_tok_s_at_double'))} |")
@@ -290,6 +296,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-server", action="store_true", help="edgemed's arms only (no llama-server)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2-135M, 64/128-token prompts, 4 decode tokens, 1 round")
+    ap.add_argument("--server-arg", action="append", metavar="ARG",
+                    help="one more llama-server argument (repeat for each), for a host where its defaults cannot run "
+                         "(an AMX build's default extra buffers segfault: --no-repack); the report names it")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.argv = argv
