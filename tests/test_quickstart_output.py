@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from edgemed.cli import cli
 
 pytest.importorskip("llama_cpp")
+pytest.importorskip("torch", reason="quickstart converts, so it needs the convert extra before it reads -o")
 
 
 def _quickstart(*args):
@@ -35,7 +36,6 @@ def test_a_directory_at_o_is_refused_even_with_force(tmp_path):
 
 @pytest.mark.slow
 def test_force_replaces_the_o_file_and_the_default_location_is_replaced_without_it(tmp_path, edgemed_home):
-    pytest.importorskip("torch")
     mine = tmp_path / "mine.gguf"
     mine.write_text("the user's\n")
     r = _quickstart("-o", mine, "--force", "--question", "Name one symptom of anaemia.")
