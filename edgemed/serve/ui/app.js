@@ -185,7 +185,7 @@
       const value = t.example[f.name];
       if (value === undefined) continue;
       if (f.kind === "options") {
-        const rows = document.querySelector("#" + fieldId(f.name) + " .option-rows");
+        const rows = $(fieldId(f.name)).querySelector(".option-rows");  // by id: a name may hold any character
         const inputs = rows.querySelectorAll("input");
         Object.values(value).forEach((text, i) => { if (inputs[i]) inputs[i].value = String(text); });
       } else {
@@ -199,7 +199,7 @@
     for (const f of t.fields) {
       if (f.kind === "options") {
         const options = {};
-        for (const input of document.querySelectorAll("#" + fieldId(f.name) + " input")) {
+        for (const input of $(fieldId(f.name)).querySelectorAll("input")) {
           if (input.value.trim()) options[input.dataset.letter] = input.value.trim();
         }
         inputs[f.name] = options;
