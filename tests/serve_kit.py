@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -59,3 +60,11 @@ def batcher_kwargs(monkeypatch, args: list[str]):
 
     monkeypatch.setattr(batcher_module, "Batcher", fake)
     return seen, CliRunner().invoke(cli, ["serve", *args])
+
+
+def audit_lines(path) -> list[dict]:
+    """The audit log's complete records, read while the server may be writing one: a last line without its newline
+    is a record half in the page cache (a write that crosses a page shows its first part first), not yet a record."""
+    text = path.read_text()
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]

@@ -10,7 +10,6 @@ reused under another adapter; an adapter removed while a request streams from it
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import threading
 from pathlib import Path
@@ -23,7 +22,7 @@ httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ship
 
 from adapter_kit import adapter_gguf, make_lora  # noqa: E402
 from conftest import TEST_CACHE  # noqa: E402
-from serve_kit import ServerThread, wait_until  # noqa: E402
+from serve_kit import ServerThread, audit_lines, wait_until  # noqa: E402
 
 from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
 from edgemed.runtime.engine import GenerationSettings, LoadSettings  # noqa: E402
@@ -133,7 +132,7 @@ def test_concurrent_requests_to_the_base_and_three_adapters_each_answer_as_their
         assert f'edgemed_adapter_generations_total{{adapter="{name}"}} 2.0' in metrics
     assert 'edgemed_adapter_generations_total{adapter=""} 2.0' in metrics
     assert 'adapter="nope"' not in metrics
-    records = [json.loads(line) for line in server.audit_path.read_text().splitlines()]
+    records = audit_lines(server.audit_path)
     used = [r.get("adapter") for r in records if r.get("endpoint") == "completions" and r.get("status") == 200]
     assert sorted(map(str, used)) == sorted(map(str, [None, *NAMES] * 2))
 

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from serve_kit import ServerThread, wait_until
+from serve_kit import ServerThread, audit_lines, wait_until
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -46,7 +46,7 @@ def server(smollm2_gguf, tmp_path_factory):
 
 
 def records(server) -> list[dict]:
-    return [json.loads(line) for line in server.audit_path.read_text().splitlines()]
+    return audit_lines(server.audit_path)
 
 
 def requests_by_code(server) -> dict[str, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from serve_kit import ServerThread
+from serve_kit import ServerThread, audit_lines
 
 ui = pytest.importorskip("edgemed.benchmarks.ui_screenshots")
 Page = ui.Page
@@ -90,7 +90,7 @@ def page_server(model_path: Path, audit_path: Path, *, slots: int = 1, **config)
 
 
 def audit_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return audit_lines(path)
 
 
 def stored(driver) -> dict:
