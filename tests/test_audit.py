@@ -191,3 +191,22 @@ def test_cli_verify(logfile):
     assert report["ok"] is False and report["line"] == 3 and report["problem"] == "edited"
     missing = runner.invoke(cli, ["audit", "verify", str(logfile.parent / "nope.jsonl")])
     assert missing.exit_code == 1 and "Cannot read" in missing.output and "Traceback" not in missing.output
+
+
+def test_a_record_being_written_when_verify_reads_is_not_called_truncated(logfile):
+    """A running server's record that crosses a page shows its first part first: verify reads again before it
+    calls the log cut."""
+    whole, expected = logfile.read_bytes(), verify(logfile)
+    logfile.write_bytes(whole[:-20])  # the last record half written
+
+    def rest() -> None:  # the write's second part, appended as the server's O_APPEND write lands it
+        with open(logfile, "ab") as fh:
+            fh.write(whole[-20:])
+
+    finish = threading.Timer(0.3, rest)
+    finish.start()
+    try:
+        r = verify(logfile)
+    finally:
+        finish.join()
+    assert r == expected and r.ok, r

@@ -46,6 +46,9 @@ ZERO = "0" * 64
 #: Longest line ``verify`` parses. Records are a few hundred bytes; with ``content`` on they hold a
 #: prompt and an answer (``--max-body`` is 1 MiB by default), so the bound is generous.
 MAX_LINE_BYTES = 64 << 20
+#: How long ``verify`` reads again a log that ends in half a record before it reports it ``truncated``: a running
+#: server's write of one record is done in microseconds, and a file really cut stays cut
+TORN_TAIL_WAIT_S = 1.0
 
 #: What a record may hold (besides seq / prev / hash / time / kind). Anything else is a bug, refused.
 FIELDS = {
@@ -141,14 +144,21 @@ def verify(path: Path | str, anchor: str | None = None) -> Report:
     """
     path = Path(path)
     fix = "pass the file given to `edgemed serve --audit-log`"
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise InputError(f"The audit log '{path}' is not a regular file.", fix)
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise InputError(f"Cannot read the audit log '{path}': {exc.strerror or exc}.", fix) from None
-    with fh:
-        return _verify(str(path), _lines(fh), anchor)
+    deadline = time.monotonic() + TORN_TAIL_WAIT_S
+    while True:
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise InputError(f"The audit log '{path}' is not a regular file.", fix)
+            fh = open(path, "rb")
+        except OSError as exc:
+            raise InputError(f"Cannot read the audit log '{path}': {exc.strerror or exc}.", fix) from None
+        with fh:
+            report = _verify(str(path), _lines(fh), anchor)
+        # A running server may be writing its next record: a write that crosses a page shows its first part first,
+        # so a live log can end in half a line for a moment. Read again before calling the file cut.
+        if report.problem != "truncated" or time.monotonic() >= deadline:
+            return report
+        time.sleep(0.05)
 
 
 def _verify(path: str, lines, anchor: str | None) -> Report:
