@@ -63,6 +63,21 @@ def inputs(tmp: Path, gguf_name: str = "tiny.gguf", **kv) -> dict:
     return {"model": model, "license": lic, "card": card}
 
 
+def installed_tiny(tmp: Path) -> dict:
+    """``inputs(tmp / "src")`` packed as "tiny" and installed with `edgemed install` (in ``$EDGEMED_HOME``)."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+    from edgemed.packaging.bundle import PackInputs, pack
+
+    src = inputs(tmp / "src")
+    out = tmp / "tiny.edgemed"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), out)
+    result = CliRunner().invoke(cli, ["install", str(out)])
+    assert result.exit_code == 0, result.output
+    return src
+
+
 def keypair(tmp: Path, name: str = "key.pem") -> tuple[Path, Path]:
     from edgemed.packaging import signing
 

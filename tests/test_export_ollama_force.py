@@ -9,16 +9,11 @@ from click.testing import CliRunner
 import bundle_kit as kit
 import crash_kit
 from edgemed.cli import cli
-from edgemed.packaging.bundle import PackInputs, pack
 
 
 @pytest.fixture
 def installed(tmp_path):
-    src = kit.inputs(tmp_path / "src")
-    out = tmp_path / "tiny.edgemed"
-    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), out)
-    assert CliRunner().invoke(cli, ["install", str(out)]).exit_code == 0
-    return src
+    return kit.installed_tiny(tmp_path)
 
 
 def _export(out, *extra):

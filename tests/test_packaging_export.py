@@ -93,11 +93,7 @@ def test_parser_rejects_what_ollama_rejects():
 
 @pytest.fixture
 def installed(tmp_path):
-    src = kit.inputs(tmp_path / "src")
-    out = tmp_path / "tiny.edgemed"
-    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), out)
-    assert CliRunner().invoke(cli, ["install", str(out)]).exit_code == 0
-    return src
+    return kit.installed_tiny(tmp_path)
 
 
 def test_ollama_export_is_a_valid_modelfile(tmp_path, installed):
