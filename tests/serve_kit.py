@@ -68,3 +68,12 @@ def audit_lines(path) -> list[dict]:
     text = path.read_text()
     complete = text[:text.rfind("\n") + 1]
     return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def collect(stream) -> tuple:
+    """``(text, Finished)`` of a batcher stream, checking its shape: pieces, then one ``Finished`` last."""
+    from edgemed.runtime.batch.batcher import Finished, Piece
+
+    items = list(stream)
+    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
+    return "".join(i.text for i in items[:-1]), items[-1]

@@ -11,16 +11,11 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 pytest.importorskip("llama_cpp")
 
-from edgemed.runtime.batch.batcher import Batcher, Finished, Piece  # noqa: E402
+from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
+from serve_kit import collect  # noqa: E402
 from edgemed.runtime.batch.options import Extras  # noqa: E402
 
 NOTHING = 'root ::= [^\\x00-\\U0010FFFF]'  # a character class that excludes every character
-
-
-def collect(stream) -> tuple[str, Finished]:
-    items = list(stream)
-    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
-    return "".join(i.text for i in items[:-1]), items[-1]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 pytest.importorskip("llama_cpp")
 
-from edgemed.runtime.batch.batcher import MIN_SHARED, REFEED, Batcher, Finished, Piece  # noqa: E402
+from edgemed.runtime.batch.batcher import MIN_SHARED, REFEED, Batcher, Finished  # noqa: E402
+from serve_kit import collect  # noqa: E402
 from test_serve_adapters import kit  # noqa: E402,F401 - the adapter files (made once, cached)
 
 LOAD = LoadSettings(n_ctx=4 * 512, n_threads=1, n_threads_batch=1, n_batch=512, n_ubatch=512)
@@ -30,12 +31,6 @@ def preamble(topic: str, times: int = 7) -> str:
     rule = (f"You are a careful {topic} assistant for clinicians. Answer briefly, cite the guideline when you know it, "
             "say when you are unsure, never invent doses, and advise escalation for red-flag findings. ")
     return rule * times + "Question: "
-
-
-def collect(stream) -> tuple[str, Finished]:
-    items = list(stream)
-    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
-    return "".join(i.text for i in items[:-1]), items[-1]
 
 
 def common(a: list[int], b: list[int]) -> int:

@@ -19,6 +19,7 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 pytest.importorskip("llama_cpp")
 
 from edgemed.runtime.batch.batcher import Batcher, Closed, Finished, Overloaded, Piece  # noqa: E402
+from serve_kit import collect  # noqa: E402
 
 QUESTIONS = [
     "What is the first-line treatment for anaphylaxis?",
@@ -31,12 +32,6 @@ QUESTIONS = [
 ]
 LOAD = LoadSettings(n_ctx=4 * 512, n_threads=1, n_batch=256, n_ubatch=256)
 GREEDY = GenerationSettings(max_tokens=24)
-
-
-def collect(stream) -> tuple[str, Finished]:
-    items = list(stream)
-    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
-    return "".join(i.text for i in items[:-1]), items[-1]
 
 
 def wait_for(cond, timeout=30.0):

@@ -19,7 +19,8 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 
 pytest.importorskip("llama_cpp")
 
-from edgemed.runtime.batch.batcher import Batcher, Finished, Piece  # noqa: E402
+from edgemed.runtime.batch.batcher import Batcher, Finished  # noqa: E402
+from serve_kit import collect  # noqa: E402
 
 LOAD = LoadSettings(n_ctx=4 * 512, n_threads=1, n_batch=256, n_ubatch=256)
 GREEDY = GenerationSettings(max_tokens=16)
@@ -28,12 +29,6 @@ TURNS = ["What is the first-line treatment for anaphylaxis?", "And the adult dos
 CONVERSATIONS = [["What does HbA1c measure?", "What is a normal value?", "How often to test it?"], TURNS]
 OTHERS = ["Define sepsis in one sentence.", "List three red-flag symptoms of a headache.",
           "What does HbA1c measure?", "Name a loop diuretic."]
-
-
-def collect(stream) -> tuple[str, Finished]:
-    items = list(stream)
-    assert all(isinstance(i, Piece) for i in items[:-1]) and isinstance(items[-1], Finished)
-    return "".join(i.text for i in items[:-1]), items[-1]
 
 
 @pytest.fixture(scope="module")
