@@ -22,7 +22,8 @@ def make_lora(base: Path, out: Path, *, r: int = 8, alpha: int = 16, std: float 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=TARGETS, **extra)
+    extra.setdefault("target_modules", TARGETS)
+    config = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, **extra)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():

@@ -15,7 +15,8 @@ The file is what llama.cpp's ``llama_adapter_lora_init`` reads (the layout ``con
 llama.cpp scales each pair by ``user_scale * alpha / r`` (``r`` from ``lora_a``'s shape). PEFT's own scale per
 module (``lora_alpha / r``, ``/ sqrt(r)`` with rsLoRA, ``rank_pattern`` / ``alpha_pattern`` overrides) may differ
 from that, so the ratio is folded into ``lora_b``: with plain LoRA the factor is exactly 1 and B is written as it was.
-Full replacement weights (``modules_to_save``) cannot be expressed as a LoRA pair: refused, with the merge as fix.
+Full replacement weights (``modules_to_save``) cannot be expressed as a LoRA pair: refused, with the merge as fix;
+a copy of a base layer (PEFT's ``base_layer.weight`` beside a pair on the LM head) must equal the base's.
 Tensors are F16 unless F32 or Q8_0 is asked (llama.cpp's converter defaults to F32). Q8_0 (8-bit values in blocks
 of 32 along a row, one F16 scale per block: 34 bytes per 32 values against F16's 64) is gguf-py's numpy quantizer
 (``gguf.quants.quantize``, the one llama.cpp's ``convert_lora_to_gguf.py --outtype q8_0`` uses); ggml quantizes
@@ -70,6 +71,7 @@ def plan_adapter(ckpt, spec, adapter) -> list[AdapterTensor]:
         raise AdapterError(f"The adapter carries full replacement weights ({len(adapter.replacements)}, e.g. for '{first}': "
                            "PEFT's modules_to_save), which a LoRA adapter file cannot hold.",
                            "merge it instead: convert with --lora and without --adapter-only")
+    _check_base_copies(ckpt, adapter)
     name_map = spec.name_map(int(ckpt.hparam("num_hidden_layers")))
     allowed = spec.allowed()
     alpha = file_alpha(adapter)
@@ -88,6 +90,19 @@ def plan_adapter(ckpt, spec, adapter) -> list[AdapterTensor]:
         llama_scale = alpha / rank if alpha else 1.0  # llama.cpp: alpha 0 means "no alpha / r"
         planned.append(AdapterTensor(hf_name, gguf_name, kind, rank, pair.scale / llama_scale))
     return planned
+
+
+def _check_base_copies(ckpt, adapter) -> None:
+    """An adapter file is applied to the base GGUF's own weights: a copy of a base layer the PEFT adapter carries
+    (which PEFT loads in place of the base's) must hold the base's values, or the file would compute another model."""
+    import torch
+
+    for hf_name, tensor in ckpt.iter_tensors(sorted(adapter.base_copies)):
+        if not torch.equal(adapter.base_copy(hf_name), tensor.to(torch.float32)):
+            raise AdapterError(f"The adapter carries its own copy of the base layer '{hf_name}' (PEFT's base_layer "
+                               "weight), and it differs from this base model's, which a LoRA adapter file cannot hold.",
+                               "merge it instead: convert with --lora and without --adapter-only; or check that the "
+                               "adapter was trained on this base model")
 
 
 def _refuse_nonfinite(name: str) -> AdapterError:

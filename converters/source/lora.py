@@ -4,7 +4,12 @@ For a target module with base weight ``W [out, in]`` the merged weight is
 ``W + scale * B @ A`` with ``A [r, in]``, ``B [out, r]`` and
 ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA); per-module
 ``rank_pattern`` / ``alpha_pattern`` override r and alpha. Full replacement
-weights saved through ``modules_to_save`` replace the base tensor.
+weights saved through ``modules_to_save`` replace the base tensor. A copy of a
+base layer (``<module>.base_layer.weight``: PEFT saves one beside a pair on the
+LM head or the embedding) is what PEFT loads into that layer, so the pair is
+added to the copy. A model whose LM head is its input embedding (tied) cannot
+take an adapter that changes either: PEFT changes one of the two, which a file
+holding one shared matrix cannot express.
 The whole model is never materialised: each base tensor is merged as it streams by.
 """
 
@@ -37,6 +42,45 @@ UNMERGEABLE = {
     "monteclora_config": "MonteCLoRA",
     "arrow_config": "Arrow routing between adapters",
 }
+
+
+#: the two modules a model with tied word embeddings computes with one matrix (Llama and Qwen2 names)
+TIED_MODULES = ("lm_head", "model.embed_tokens")
+#: PEFT's copy of a base layer's weight, saved when the LM head or the embedding is a target (save_embedding_layers)
+BASE_COPY = ".base_layer.weight"
+
+
+def _module_of(key: str) -> str:
+    """The base module an adapter tensor belongs to: "base_model.model.lm_head.lora_A.weight" -> "lm_head"."""
+    key = key.removeprefix("base_model.model.")
+    key = re.sub(r"\.lora_[AB](\.[^.]+)?\.weight$", "", key)
+    key = key.removesuffix(BASE_COPY).removesuffix(".weight").removesuffix(".bias")
+    return key.replace(".modules_to_save.default", "")
+
+
+def refuse_tied_change(keys: list[str], config: dict, ckpt) -> None:
+    """Refuse an adapter that changes the LM head or the input embedding of a model that ties them.
+
+    Hugging Face computes such a model with one matrix for both, and so do its GGUF (no output.weight) and the
+    layer-at-a-time reference. PEFT wraps one of the two modules: its LoRA pair, or its modules_to_save copy,
+    changes that one and leaves the other as it was, i.e. it unties them. Merged into the shared matrix the
+    change would reach both (PEFT's merge_and_unload does so); left out, the adapter's change is lost."""
+    from edgemed.converters import arch_spec
+    from edgemed.converters.arch.base import tied_embeddings
+
+    touched = sorted({m for m in map(_module_of, keys) if m in TIED_MODULES})
+    if not touched or not tied_embeddings(ckpt, arch_spec(ckpt.architecture)):
+        return
+    problem = (f"The adapter changes '{touched[0]}', but this model's LM head is its input embedding (config.json: "
+               "tie_word_embeddings), and edgemed's files hold that one matrix once")
+    if config.get("ensure_weight_tying") is True:  # PEFT changed both uses alike: its own merge keeps them one matrix
+        raise AdapterError(f"{problem}; edgemed does not merge a change to both uses (PEFT's ensure_weight_tying).",
+                           "merge it with PEFT's merge_and_unload(), save the merged model and convert that")
+    raise AdapterError(
+        f"{problem}: the adapter changes only one of its two uses, so merged it would compute another model than the "
+        "one trained.",
+        "train the adapter without lm_head and embed_tokens in target_modules and modules_to_save; or untie the "
+        "base (save it with tie_word_embeddings false and its own lm_head.weight) and train on that")
 
 
 @dataclass
@@ -177,11 +221,12 @@ class LoraAdapter:
     """An opened adapter: which base tensors it changes and how."""
 
     def __init__(self, path: Path, config: dict, pairs: dict[str, LoraPair], replacements: dict[str, str], handle,
-                 base_warning: str | None = None):
+                 base_warning: str | None = None, base_copies: dict[str, str] | None = None):
         self.path = path
         self.config = config
         self.pairs = pairs  # base tensor name -> LoraPair
         self.replacements = replacements  # base tensor name -> adapter tensor name
+        self.base_copies = base_copies or {}  # base tensor name -> the adapter's copy of it, which its pair adds to
         self._handle = handle
         self.base_warning = base_warning  # the adapter names another base, and nothing proves it is this one
 
@@ -228,9 +273,11 @@ class LoraAdapter:
             keys = list(handle.keys())
         except Exception as exc:
             raise AdapterError(f"Cannot read '{weights}': {exc}.", "re-copy the adapter; the file is corrupt") from None
-        pairs, replacements = cls._plan(config, keys, handle, base_tensors)  # shapes first: the plainest refusal
+        if not isinstance(base, dict):
+            refuse_tied_change(keys, config, base)
+        pairs, replacements, copies = cls._plan(config, keys, handle, base_tensors)  # shapes first: the plainest refusal
         warning = None if isinstance(base, dict) else base_mismatch(config, cfg_path, base)
-        return cls(path, config, pairs, replacements, handle, warning)
+        return cls(path, config, pairs, replacements, handle, warning, copies)
 
     @property
     def base_name(self) -> str | None:
@@ -258,6 +305,7 @@ class LoraAdapter:
         rslora = bool(config.get("use_rslora", False))
         pairs: dict[str, LoraPair] = {}
         replacements: dict[str, str] = {}
+        copies: dict[str, str] = {}
         # lora_A/B weights are merged; any other LoRA part (an embedding's lora_embedding_A/B, lora_B biases)
         # would be dropped silently, and the parity reference (which merges with this class) could not see it
         odd = next((k for k in keys if ".lora_" in k and not re.search(r"\.lora_[AB](\.[^.]+)?\.weight$", k)), None)
@@ -303,16 +351,21 @@ class LoraAdapter:
         for key in keys:
             if ".lora_" in key:
                 continue
-            # modules_to_save: full weights, e.g. "base_model.model.lm_head.weight"
-            base = key.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+            # modules_to_save: full weights, e.g. "base_model.model.lm_head.weight"; or PEFT's copy of a base layer
+            # under a pair ("base_model.model.lm_head.base_layer.weight"), which PEFT loads in place of the base's
+            copy = key.endswith(BASE_COPY)
+            base = key.removeprefix("base_model.model.").replace(".modules_to_save.default", "").replace(BASE_COPY, ".weight")
             if base not in base_tensors:
                 raise AdapterError(f"Adapter carries '{key}', which matches no base tensor.", "use the base model this adapter was trained on")
             if tuple(handle.get_slice(key).get_shape()) != tuple(base_tensors[base].shape):
                 raise AdapterError(f"Adapter tensor '{key}' has a different shape from the base tensor '{base}'.", "use the matching base model")
-            replacements[base] = key
+            if copy and base not in pairs:
+                raise AdapterError(f"Adapter carries a copy of the base layer '{key}' but no LoRA pair for it.",
+                                   "re-save the adapter with PEFT")
+            (copies if copy else replacements)[base] = key
         if not pairs and not replacements:
             raise AdapterError("Adapter holds no LoRA weights.", "check that training saved the adapter")
-        return pairs, replacements
+        return pairs, replacements, copies
 
     @staticmethod
     def _pattern_value(module: str, pattern: dict, default):
@@ -332,6 +385,8 @@ class LoraAdapter:
         pair = self.pairs.get(name)
         if pair is None:
             return tensor
+        if name in self.base_copies:
+            tensor = self._handle.get_tensor(self.base_copies[name])
         a = self._handle.get_tensor(pair.a).to(torch.float32)
         b = self._handle.get_tensor(pair.b).to(torch.float32)
         return tensor.to(torch.float32) + pair.scale * (b @ a)
@@ -346,6 +401,8 @@ class LoraAdapter:
         pair = self.pairs.get(name)
         if pair is None:
             return block
+        if name in self.base_copies:
+            block = self._handle.get_slice(self.base_copies[name])[start:stop]
         a = self._handle.get_tensor(pair.a).to(torch.float32)
         b = self._handle.get_slice(pair.b)[start:stop].to(torch.float32)
         return block.to(torch.float32) + pair.scale * (b @ a)
@@ -364,6 +421,13 @@ class LoraAdapter:
 
     def touches(self, name: str) -> bool:
         return name in self.pairs or name in self.replacements
+
+    def base_copy(self, name: str):
+        """The adapter's copy of base tensor ``name`` (float32), or None where it carries none."""
+        import torch
+
+        key = self.base_copies.get(name)
+        return None if key is None else self._handle.get_tensor(key).to(torch.float32)
 
     def digest(self) -> str:
         return files_digest([self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS[0]])
