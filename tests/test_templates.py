@@ -206,3 +206,85 @@ def test_hostile_template_inside_a_real_gguf_engine(smollm2_gguf):
             engine.render_chat([{"role": "user", "content": "hi"}])
     finally:
         engine.close()
+
+
+# -- a user's template folder: each malformed part refused at load, naming the file and the field ---------------
+GOOD_INDEX = '[[template]]\nname = "mine"\nfile = "mine.toml"\n'
+HEAD = {"name": '"mine"', "title": '"t"', "system": '"s"', "user": '"{{ question }}"', "contract": '{ kind = "text" }'}
+INPUTS = '[inputs.question]\nhelp = "q"\n'
+
+
+def template_text(tables: str = INPUTS, **head) -> str:
+    """A template file: top-level keys (``HEAD``, overridden or added by ``head``), then ``tables``."""
+    return "".join(f"{k} = {v}\n" for k, v in (HEAD | head).items()) + tables
+
+
+GOOD_TEMPLATE = template_text()
+BAD_TEMPLATES = {
+    "inputs a list": (template_text("", inputs='["question"]'), "inputs: expected a table, got an array"),
+    "input name with a dash": (template_text('[inputs.patient-age]\nhelp = "x"\n'), "inputs.patient-age: an input's name"),
+    "input name a Jinja word": (template_text('[inputs.none]\nhelp = "x"\n'), "inputs.none: an input's name"),
+    "input name with a space": (template_text('[inputs."the age"]\nhelp = "x"\n'), "inputs.the age: an input's name"),
+    "required a string": (template_text('[inputs.question]\nrequired = "no"\n'), "inputs.question.required: expected true or false"),
+    "help a number": (template_text('[inputs.question]\nhelp = 3\n'), "inputs.question.help: expected a string, got int"),
+    "choices of numbers": (template_text(contract='{ kind = "choice", choices = [1, 2] }'), "contract.choices: every choice"),
+    "choices_from no input": (template_text(contract='{ kind = "choice", choices_from = "opts" }'),
+                              "contract.choices_from: names no input"),
+    "contract a string": (template_text(contract='"text"'), "contract: expected a table, got a string"),
+    "system a number": (template_text(system="1"), "system: expected a string, got int"),
+    "examples a table": (template_text(INPUTS + '[examples]\nquestion = "x"\n'), "examples: expected an array, got a table"),
+}
+
+
+def _folder(tmp_path: Path, index: str, template: str | None) -> Path:
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    (folder / "index.toml").write_text(index)
+    if template is not None:
+        (folder / "mine.toml").write_text(template)
+    return folder
+
+
+@pytest.mark.parametrize("text, says", BAD_TEMPLATES.values(), ids=BAD_TEMPLATES.keys())
+def test_a_malformed_template_file_is_refused_naming_the_field(tmp_path, monkeypatch, text, says):
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, GOOD_INDEX, text)))
+    with pytest.raises(TemplateError) as exc:
+        load_templates()
+    assert f"mine.toml: {says}" in exc.value.problem and "mine.toml" in exc.value.fix
+
+
+BAD_INDEXES = {
+    "unknown key": ('preambel = "x"\n' + GOOD_INDEX, "preambel: unknown key"),
+    "template a table": ('[template]\nname = "mine"\nfile = "mine.toml"\n', "template: expected [[template]] entries"),
+    "entry without a file": ('[[template]]\nname = "mine"\n', r"template[0].file: expected a file name"),
+    "file outside the folder": ('[[template]]\nname = "mine"\nfile = "../mine.toml"\n', "is not a file inside the folder"),
+    "absolute file": ('[[template]]\nname = "mine"\nfile = "/etc/passwd"\n', "is not a file inside the folder"),
+    "listed twice": (GOOD_INDEX + GOOD_INDEX, "template[1].name: 'mine' is listed twice"),
+    "missing file": ('[[template]]\nname = "mine"\nfile = "other.toml"\n', "other.toml: no such file"),
+    "preamble a number": ('preamble = 3\n' + GOOD_INDEX, "preamble: expected a string, got int"),
+}
+
+
+@pytest.mark.parametrize("index, says", BAD_INDEXES.values(), ids=BAD_INDEXES.keys())
+def test_a_malformed_index_is_refused_naming_the_field(tmp_path, monkeypatch, index, says):
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, index, GOOD_TEMPLATE)))
+    with pytest.raises(TemplateError) as exc:
+        load_templates()
+    assert says in exc.value.problem
+
+
+def test_a_fifo_large_or_binary_template_file_is_refused_without_hanging(tmp_path, monkeypatch):
+    folder = _folder(tmp_path, GOOD_INDEX, None)
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    os.mkfifo(folder / "mine.toml")  # nobody writes: a blocking read would wait for ever
+    with pytest.raises(TemplateError, match="not a regular file"):
+        load_templates()
+    (folder / "mine.toml").unlink()
+    (folder / "mine.toml").write_text(GOOD_TEMPLATE + "#" * (256 * 1024))
+    with pytest.raises(TemplateError, match="larger than 256 KiB"):
+        load_templates()
+    (folder / "mine.toml").write_bytes(GOOD_TEMPLATE.encode() + b"# \xff\n")
+    with pytest.raises(TemplateError, match=r"not UTF-8 text \(byte"):
+        load_templates()
+    (folder / "mine.toml").write_text(GOOD_TEMPLATE)
+    assert load_templates()["mine"].messages({"question": "fever?"})[1]["content"] == "fever?"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from edgemed import env
 from edgemed.errors import TemplateError
@@ -15,6 +18,15 @@ from edgemed.templates.sandbox import render
 TOP_KEYS = {"name", "title", "system", "user", "inputs", "contract", "examples"}
 REQUIRED = ("name", "title", "system", "user", "contract")
 CONTRACT_KEYS = {"kind", "label", "choices", "choices_from", "schema"}
+INPUT_KEYS = {"required", "default", "help"}
+INDEX_KEYS = {"preamble", "preamble_file", "template"}
+ENTRY_KEYS = {"name", "file"}
+#: an input is a variable of the template's Jinja text, and a --input KEY / page field: a plain ASCII name
+INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: names Jinja reads as its own operators and literals: an input so named could not be used in the text
+JINJA_WORDS = {"and", "or", "not", "in", "is", "if", "else", "true", "false", "none", "True", "False", "None"}
+#: a template file or index is read whole; anything larger is not one
+MAX_FILE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,17 @@ def _load_toml(text: str, source: str) -> dict:
         raise TemplateError(f"{source}: not valid TOML ({exc}).", f"fix the syntax of {source}") from None
 
 
+def _kind(value) -> str:
+    return {str: "a string", bool: "true or false", dict: "a table", list: "an array"}.get(type(value), type(value).__name__)
+
+
 def _build(data: dict, source: str, preamble: str) -> Template:
     def fail(field, why):
         raise TemplateError(f"{source}: {field}: {why}.", f"fix '{field}' in {source}")
+
+    def want(field, value, kind: type):
+        if not isinstance(value, kind):
+            fail(field, f"expected {_kind(kind())}, got {_kind(value)}")
 
     for key in data:
         if key not in TOP_KEYS:
@@ -88,20 +108,48 @@ def _build(data: dict, source: str, preamble: str) -> Template:
     for key in REQUIRED:
         if key not in data:
             fail(key, "missing")
+    for key in ("name", "title", "system", "user"):
+        want(key, data[key], str)
+    if not data["name"].strip():
+        fail("name", "empty")
+    inputs = data.get("inputs", {})
+    want("inputs", inputs, dict)
+    for name, spec in inputs.items():
+        if not INPUT_NAME.fullmatch(name) or name in JINJA_WORDS:
+            fail(f"inputs.{name}", "an input's name is a variable of the template text: letters, digits and _ "
+                                   "(not first), at most 64, and not one of Jinja's words (and, or, not, in, is, if, "
+                                   "else, true, false, none)")
+        if not isinstance(spec, dict) or set(spec) - INPUT_KEYS:
+            fail(f"inputs.{name}", "expected a table with required / default / help")
+        if "required" in spec:
+            want(f"inputs.{name}.required", spec["required"], bool)
+        if "help" in spec:
+            want(f"inputs.{name}.help", spec["help"], str)
     contract = data["contract"]
+    want("contract", contract, dict)
     for key in contract:
         if key not in CONTRACT_KEYS:
             fail(f"contract.{key}", "unknown key")
     if contract.get("kind") not in KINDS:
         fail("contract.kind", f"expected one of {', '.join(KINDS)}, got {contract.get('kind')!r}")
+    if "label" in contract:
+        want("contract.label", contract["label"], str)
+    if "choices" in contract:
+        want("contract.choices", contract["choices"], list)
+        if not all(isinstance(c, str) and c.strip() for c in contract["choices"]):
+            fail("contract.choices", "every choice is a non-empty string")
+    if "choices_from" in contract:
+        want("contract.choices_from", contract["choices_from"], str)
+        if contract["choices_from"] not in inputs:
+            fail("contract.choices_from", f"names no input of this template ({', '.join(inputs) or 'it has none'})")
     if contract["kind"] == "choice" and not (contract.get("choices") or contract.get("choices_from")):
         fail("contract.choices", "a choice contract needs choices or choices_from")
     if contract["kind"] == "json" and not isinstance(contract.get("schema"), dict):
         fail("contract.schema", "a json contract needs a schema table")
-    inputs = data.get("inputs", {})
-    for name, spec in inputs.items():
-        if not isinstance(spec, dict) or set(spec) - {"required", "default", "help"}:
-            fail(f"inputs.{name}", "expected a table with required / default / help")
+    examples = data.get("examples", [])
+    want("examples", examples, list)
+    for i, example in enumerate(examples):
+        want(f"examples[{i}]", example, dict)
     return Template(name=data["name"], title=data["title"], system=data["system"], user=data["user"], inputs=inputs,
                     contract=Contract(kind=contract["kind"], label=contract.get("label", "Answer"),
                                       choices=tuple(contract.get("choices", ())),
@@ -109,12 +157,79 @@ def _build(data: dict, source: str, preamble: str) -> Template:
                     examples=tuple(data.get("examples", ())), preamble=preamble, source=source)
 
 
+def _check_index(index: dict, where: str) -> None:
+    """index.toml's shape: ``preamble`` or ``preamble_file``, and ``[[template]]`` entries of a name and a file
+    inside the folder; each problem named with its field."""
+    def fail(field, why):
+        raise TemplateError(f"{where}: {field}: {why}.", f"fix '{field}' in {where}")
+
+    def file_name(field, value):
+        if not isinstance(value, str) or not value.strip():
+            fail(field, f"expected a file name, got {_kind(value)}")
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts or "\\" in value or value.startswith("~"):
+            fail(field, f"'{value}' is not a file inside the folder (no absolute path, no '..')")
+
+    for key in index:
+        if key not in INDEX_KEYS:
+            fail(key, "unknown key")
+    if "preamble" in index and not isinstance(index["preamble"], str):
+        fail("preamble", f"expected a string, got {_kind(index['preamble'])}")
+    if "preamble_file" in index:
+        file_name("preamble_file", index["preamble_file"])
+    entries = index.get("template", [])
+    if not isinstance(entries, list):
+        fail("template", f"expected [[template]] entries, got {_kind(entries)}")
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        field = f"template[{i}]"
+        if not isinstance(entry, dict):
+            fail(field, f"expected a table with name and file, got {_kind(entry)}")
+        for key in entry:
+            if key not in ENTRY_KEYS:
+                fail(f"{field}.{key}", "unknown key")
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            fail(f"{field}.name", "missing or not a string")
+        if entry["name"] in seen:
+            fail(f"{field}.name", f"'{entry['name']}' is listed twice")
+        seen.add(entry["name"])
+        file_name(f"{field}.file", entry.get("file"))
+
+
+def _read_user_file(folder: Path, name: str) -> str:
+    """A file of a user's template folder: a regular file (a FIFO or a device would hang or never end), at most
+    ``MAX_FILE_BYTES``, UTF-8."""
+    path = folder / name
+    fix = f"check the template folder {folder}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise TemplateError(f"{path}: no such file (index.toml lists it).", f"add the file, or remove it from {folder}/index.toml") from None
+    except OSError as exc:
+        raise TemplateError(f"{path}: cannot be read ({exc.strerror}).", fix) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise TemplateError(f"{path}: not a regular file.", fix)
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise TemplateError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB, which no template is.", fix)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TemplateError(f"{path}: not UTF-8 text (byte {exc.start}).", f"save {path} as UTF-8") from None
+
+
 def _load_folder(read, label: str, found: dict[str, Template]) -> None:
     """``read(name) -> text``: one folder with an index.toml listing its template files."""
     index = _load_toml(read("index.toml"), f"{label}/index.toml")
+    _check_index(index, f"{label}/index.toml")
     preamble = index.get("preamble", "")
     if "preamble_file" in index:
-        preamble = _load_toml(read(index["preamble_file"]), f"{label}/{index['preamble_file']}").get("text", "")
+        where = f"{label}/{index['preamble_file']}"
+        preamble = _load_toml(read(index["preamble_file"]), where).get("text", "")
+        if not isinstance(preamble, str):
+            raise TemplateError(f"{where}: text: expected a string, got {_kind(preamble)}.", f"fix 'text' in {where}")
     for entry in index.get("template", []):
         source = f"{label}/{entry['file']}"
         tpl = _build(_load_toml(read(entry["file"]), source), source, preamble)
@@ -131,7 +246,7 @@ def load_templates() -> dict[str, Template]:
     _load_folder(lambda name: (shipped / name).read_text(encoding="utf-8"), "edgemed/templates/data", found)
     for folder in env.template_dirs():
         if (folder / "index.toml").is_file():
-            _load_folder(lambda name, f=folder: (Path(f) / name).read_text(encoding="utf-8"), str(folder), found)
+            _load_folder(lambda name, f=folder: _read_user_file(Path(f), name), str(folder), found)
     return found
 
 
