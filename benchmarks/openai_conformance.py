@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, save_results
+from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, add_server_arg, save_results
 
 RESULTS = Path(__file__).parent / "results" / "openai_conformance"
 SLOTS = 2
@@ -400,6 +400,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="an installed example model name or a .gguf path")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", choices=("edgemed", "llama-server"))
+    add_server_arg(ap)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -411,7 +412,7 @@ def main(argv=None) -> None:
     MODEL_PATH = path = model_path(args.model)
     common = dict(path=path, threads=args.threads, slots=SLOTS, ctx_per_slot=CTX)
     makers = {"edgemed": lambda: EdgemedServer(**common, prefix_cache=True),
-              "llama-server": lambda: JinjaLlamaServer(anchors.binaries()["llama-server"], **common)}
+              "llama-server": lambda: JinjaLlamaServer(anchors.binaries()["llama-server"], extra=args.server_arg, **common)}
     result = {"model": path.name, "threads": args.threads, "openai": openai.__version__,
               "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}, "servers": {}}
     for name, make in makers.items():

@@ -163,11 +163,11 @@ def measure(args) -> dict:
         name = SERVER
 
         def command(self) -> list[str]:
-            return llama_server_command(self.binary, self.path, self.port, self.threads, n_ctx,
-                                        tuple(args.server_arg or ()))
+            return llama_server_command(self.binary, self.path, self.port, self.threads, n_ctx, self.extra)
 
     server = None if args.no_server else DefaultLlamaServer(anchors.binaries()["llama-server"], path=path,
-                                                            threads=args.threads, slots=1, ctx_per_slot=n_ctx)
+                                                            threads=args.threads, slots=1, ctx_per_slot=n_ctx,
+                                                            extra=tuple(args.server_arg))
     arms = list(KV_ARMS) + ([] if server is None else [SERVER])
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     t_start = time.perf_counter()
@@ -213,7 +213,7 @@ def measure(args) -> dict:
         server_info = None
         if server is not None:
             server.stop()
-            server_info = server.describe() | {"flash_attn": FA_AUTO_NOTE, "changed": list(args.server_arg or ())}
+            server_info = server.describe() | {"flash_attn": FA_AUTO_NOTE, "changed": list(args.server_arg)}
     keys = ("short_prefill_tok_s", "long_prefill_tok_s", "second_half_prefill_tok_s", "double_prefill_tok_s",
             "decode_tok_s_at_long", "decode_tok_s_at_double")
     medians = {a: {k: median_by(runs[a], k) for k in keys if median_by(runs[a], k) is not None} for a in arms}
@@ -286,6 +286,8 @@ def report_md(m: dict) -> str:
 
 
 def main(argv=None) -> None:
+    from edgemed.benchmarks.serve_bench_client import add_server_arg
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="an installed example model name or a .gguf path")
     ap.add_argument("--profile", help="device profile (default: the detected one, as `edgemed run`)")
@@ -296,9 +298,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-server", action="store_true", help="edgemed's arms only (no llama-server)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2-135M, 64/128-token prompts, 4 decode tokens, 1 round")
-    ap.add_argument("--server-arg", action="append", metavar="ARG",
-                    help="one more llama-server argument (repeat for each), for a host where its defaults cannot run "
-                         "(an AMX build's default extra buffers segfault: --no-repack); the report names it")
+    add_server_arg(ap)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.argv = argv

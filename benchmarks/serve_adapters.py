@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 
 from edgemed.benchmarks.process_memory import read_status
-from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, run_gated, run_level, save_results,
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, add_server_arg, run_gated, run_level, save_results,
                                                     settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS
 from edgemed.benchmarks.serve_vs_llama_server import _r, summarize
@@ -483,6 +483,7 @@ def main(argv=None) -> None:
     ap.add_argument("--turns", default="1,4,16", help="adapter_turn values timed in this process at the end, one "
                     "request per adapter at once (empty: skip)")
     ap.add_argument("--only", choices=("edgemed",), help="edgemed alone (no llama-server)")
+    add_server_arg(ap)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, metavar="JSON", help="only re-derive the figures of a saved result and rewrite "
                     "its JSON and .md (no run)")
@@ -514,7 +515,7 @@ def main(argv=None) -> None:
     for steps in args.compare_turn:
         servers[f"edgemed turn {steps}"] = EdgemedServer(**common, adapters=tuple(files), extra=("--adapter-turn", str(steps)))
     if args.only is None:
-        servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], loras=tuple(files), **common)
+        servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], loras=tuple(files), extra=args.server_arg, **common)
     alone = EdgemedServer(**common)
     runs: dict = {k: {name: [] for name in servers} for k in levels}
     mem: dict = {}

@@ -58,8 +58,7 @@ class _Server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise EdgemedError(f"{self.name} exited at start (code {self.proc.returncode}): "
-                                   f"{self.log.read_text(errors='replace')[-1500:]}", f"read {self.log}")
+                raise self._died()
             try:
                 if httpx2.get(self.url + "/health", timeout=2).status_code == 200:
                     models = httpx2.get(self.url + "/v1/models", timeout=5).json()
@@ -69,6 +68,15 @@ class _Server:
                 pass
             time.sleep(0.5)
         raise EdgemedError(f"{self.name} did not answer /health within {START_TIMEOUT_S} s.", f"read {self.log}")
+
+    def _died(self) -> EdgemedError:
+        code = self.proc.returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited (code {code})"
+        fix = f"read {self.log}"
+        if self.name == "llama-server" and code in (-signal.SIGSEGV, 128 + signal.SIGSEGV):
+            fix += ("; on a CPU with AMX, llama.cpp's default extra buffers crash on the first decode: give it "
+                    "--server-arg=--no-repack (the report names it)")
+        return EdgemedError(f"{self.name} {how} at start: {self.log.read_text(errors='replace')[-1500:]}", fix)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -128,9 +136,10 @@ class EdgemedServer(_Server):
 class LlamaServer(_Server):
     name = "llama-server"
 
-    def __init__(self, binary: Path, loras: tuple[Path, ...] = (), **kw):
+    def __init__(self, binary: Path, loras: tuple[Path, ...] = (), extra: tuple[str, ...] = (), **kw):
         self.binary = binary
         self.loras = tuple(loras)  # --lora files, loaded at scale 0: a request applies one with "lora": [{"id", "scale"}]
+        self.extra = tuple(extra)  # --server-arg: only where the host cannot run it otherwise; its command names them
         super().__init__(**kw)
 
     def command(self) -> list[str]:
@@ -139,12 +148,20 @@ class LlamaServer(_Server):
         return [str(self.binary), "-m", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
                 "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "-t", str(self.threads),
                 "-tb", str(self.threads), "-b", "512", "-ub", "512", "-fa", "off", "--load-mode", "none", "--fit", "off", "--metrics",
-                "--cache-ram", "0"] + self._lora_args()
+                "--cache-ram", "0"] + self._lora_args() + list(self.extra)
 
     def _lora_args(self) -> list[str]:
         if not self.loras:
             return []
         return [a for f in self.loras for a in ("--lora", str(f))] + ["--lora-init-without-apply"]
+
+
+def add_server_arg(ap) -> None:
+    """``--server-arg`` (repeatable): one more llama-server argument, for a host where its settings cannot run."""
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="one more llama-server argument (repeat for each), for a host where it cannot run otherwise "
+                         "(an AMX build's default extra buffers segfault: --server-arg=--no-repack); the report "
+                         "names it in the server's command")
 
 
 def sse_events(client, server: _Server, path: str, body: dict):

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, _Server, run_gated, save_results, settle,
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, _Server, add_server_arg, run_gated, save_results, settle,
                                                     sse_events)
 from edgemed.benchmarks.serve_streams import percentile
 from edgemed.errors import EdgemedError
@@ -164,7 +164,7 @@ class LlamaServerDefaults(LlamaServer):
 
     def command(self) -> list[str]:
         return [str(self.binary), "-m", str(self.path), "--host", "127.0.0.1", "--port", str(self.port),
-                "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "-t", str(self.threads)]
+                "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "-t", str(self.threads), *self.extra]
 
 
 def cut_case(text: str, max_tokens: int, count) -> str:
@@ -333,6 +333,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (server order flips each round)")
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
                     help="also run edgemed --no-prefix-cache and check the answers equal (--no-cold: faster)")
+    add_server_arg(ap)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -353,7 +354,7 @@ def main(argv=None) -> None:
         servers["edgemed-cold"] = EdgemedCold(**common, prefix_cache=False)
     skipped = None
     try:
-        servers["llama-server"] = LlamaServerDefaults(anchors.binaries()["llama-server"], **common)
+        servers["llama-server"] = LlamaServerDefaults(anchors.binaries()["llama-server"], extra=args.server_arg, **common)
     except EdgemedError as exc:
         skipped = str(exc).splitlines()[0] + " Run `python -m edgemed.benchmarks.anchors build` to include it."
         print(f"llama-server skipped: {skipped}", flush=True)

@@ -39,7 +39,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, long_prompt, prefill_check, run_level,
+from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, add_server_arg, long_prompt, prefill_check, run_level,
                                                     save_results, settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 
@@ -124,6 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ctx", type=int, default=2048, help="context per slot (the prefill check needs > 1,500)")
     ap.add_argument("--prefill-tokens", type=int, default=1500, help="0 skips the prefill check")
     ap.add_argument("--only", choices=("edgemed", "llama-server"), help=argparse.SUPPRESS)
+    add_server_arg(ap)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
     if args.only in (None, "edgemed"):
         servers["edgemed"] = EdgemedServer(**common)
     if args.only in (None, "llama-server"):
-        servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], **common)
+        servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], extra=args.server_arg, **common)
     runs: dict = {n: {name: [] for name in servers} for n in levels}
     prefill: dict = {}
     try:

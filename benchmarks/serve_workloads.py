@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgemed.benchmarks import serve_conversation as sc
-from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, long_prompt, openai_chat_level, run_gated,
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, add_server_arg, long_prompt, openai_chat_level, run_gated,
                                                     prefill_check, save_results, settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 from edgemed.errors import EdgemedError
@@ -402,6 +402,7 @@ def main(argv=None) -> None:
                     "the next question (default 5; 0: at once)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2-135M and tiny sizes, one round: a smoke run")
     ap.add_argument("--no-llama-server", action="store_true", help="edgemed alone (no ratios)")
+    add_server_arg(ap)
     ap.add_argument("--out", type=Path, help="the JSON file (the .md goes beside it) or a folder")
     args = ap.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -439,7 +440,7 @@ def main(argv=None) -> None:
     skipped = "--no-llama-server" if args.no_llama_server else None
     if not args.no_llama_server:
         try:
-            servers["llama-server"] = sc.LlamaServerDefaults(anchors.binaries()["llama-server"], **common)
+            servers["llama-server"] = sc.LlamaServerDefaults(anchors.binaries()["llama-server"], extra=args.server_arg, **common)
         except EdgemedError as exc:
             skipped = str(exc).splitlines()[0] + " Run `python -m edgemed.benchmarks.anchors build` to include it."
             print(f"llama-server skipped: {skipped}", flush=True)

@@ -70,3 +70,43 @@ def test_report_names_the_load_and_the_profile_arm():
     assert "load average 3.0-5.0" in text and "Taken under load" in text
     assert "| edgemed fa-off-f16 (profile) | 80.0 | 60.0 |" in text
     assert "| fa-on-f16 | 1.100x |" in text
+
+
+def test_every_benchmark_that_starts_llama_server_takes_server_arg(tmp_path, capsys):
+    """--server-arg reaches llama-server's command line in each benchmark's own server class, so a host where its
+    settings crash (AMX) can still run the comparison, and the report's command names what was added."""
+    import argparse
+
+    from edgemed.benchmarks import openai_conformance, serve_adapters, serve_conversation, serve_vs_llama_server
+    from edgemed.benchmarks import serve_workloads
+    from edgemed.benchmarks.serve_bench_client import LlamaServer, add_server_arg
+
+    ap = argparse.ArgumentParser()
+    add_server_arg(ap)
+    assert ap.parse_args([]).server_arg == []
+    assert ap.parse_args(["--server-arg=--no-repack", "--server-arg=-v"]).server_arg == ["--no-repack", "-v"]
+    common = dict(path=tmp_path / "m.gguf", threads=2, slots=4, ctx_per_slot=2048, extra=("--no-repack",))
+    for cls in (LlamaServer, serve_conversation.LlamaServerDefaults, openai_conformance.JinjaLlamaServer):
+        assert "--no-repack" in cls(tmp_path / "llama-server", **common).command(), cls
+    for module in (openai_conformance, serve_adapters, serve_conversation, serve_vs_llama_server, serve_workloads, ps):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        assert "--server-arg ARG" in capsys.readouterr().out, module.__name__
+
+
+def test_a_llama_server_that_crashes_at_start_names_the_amx_way_out(tmp_path):
+    import os
+    import signal
+
+    from edgemed.benchmarks.serve_bench_client import LlamaServer
+    from edgemed.errors import EdgemedError
+
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\necho 'load_tensors: AMX model buffer size = 100 MiB'\nkill -SEGV $$\n")
+    binary.chmod(0o755)
+    server = LlamaServer(binary, path=tmp_path / "m.gguf", threads=2, slots=1, ctx_per_slot=512)
+    with pytest.raises(EdgemedError) as exc:
+        server.start()
+    assert f"killed by signal {int(signal.SIGSEGV)}" in exc.value.problem and "AMX model buffer" in exc.value.problem
+    assert "--server-arg=--no-repack" in exc.value.fix
+    os.unlink(server.log)
