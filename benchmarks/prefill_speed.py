@@ -19,6 +19,11 @@ Two questions, one run, one model file, the same thread count on both sides:
    of a long conversation) and decodes again: prefill tok/s of the first and second half, their sum (a
    2x``--long`` prompt) and decode tok/s at both depths.
 
+3. **Where the weights sit** (``--buffers MODE``, repeatable): the model loaded a second time with another
+   ``extra_buffers`` mode (``runtime/buffers.py``: ``repack``, ``none``, ``all``), the profile's flash attention
+   and KV type, as arm ``buffers-MODE``. llama.cpp's CPU repack kernels and its plain kernels trade prefill
+   against decode differently per CPU and quant type; the arm measures that trade beside the rest.
+
 Every round runs every arm once, in an order that rotates each round (A B C D, B C D A, ...), so the load of a
 shared box falls on all arms alike; ``os.getloadavg()`` is kept before and after each measurement, and the
 report gives the median of the rounds and, per round, ratios taken within that round. Results:
@@ -39,6 +44,8 @@ from pathlib import Path
 #: edgemed's context settings compared in question 2: label -> (flash_attn, type_k, type_v)
 KV_ARMS = {"fa-off-f16": (False, "f16", "f16"), "fa-on-f16": (True, "f16", "f16"), "fa-on-q8_0": (True, "q8_0", "q8_0")}
 SERVER = "llama-server"
+#: arm name of the model loaded again with another extra_buffers mode: BUFFERS + mode
+BUFFERS = "buffers-"
 GOAL = 0.95
 #: what llama-server's default ``-fa auto`` becomes here (its log at the default verbosity does not say)
 FA_AUTO_NOTE = ("auto: llama_context probes the flash-attention op and keeps it on when the layer's device runs it; "
@@ -82,22 +89,25 @@ def ratios_per_round(runs: dict[str, list[dict]], num: str, den: str, key: str) 
 class EdgemedPrefill:
     """The model loaded as ``edgemed run`` loads it, and one context per arm (same model, same threads)."""
 
-    def __init__(self, path: Path, threads: int, profile: str | None):
+    def __init__(self, path: Path, threads: int, profile: str | None, buffers: tuple[str, ...] = ()):
         from edgemed.runtime import llamacpp
         from edgemed.runtime.loader import load_model
         from edgemed.runtime.session import prepare
 
         self.prepared = prepare(path, profile, threads=threads)
         self.model = load_model(path, self.prepared.load)
+        # the same file again per other extra_buffers mode (weights placed at load: one model per mode)
+        self.others = {mode: load_model(path, replace(self.prepared.load, extra_buffers=mode)) for mode in buffers}
         self.llamacpp = llamacpp
         self.contexts: dict = {}
 
     def context(self, arm: str):
         if arm not in self.contexts:
+            model = self.others[arm.removeprefix(BUFFERS)] if arm.startswith(BUFFERS) else self.model
             fa, tk, tv = KV_ARMS.get(arm, (None, None, None))
-            load = self.model.load if fa is None else replace(self.model.load, flash_attn=fa, type_k=tk, type_v=tv)
-            ctx = self.llamacpp.Context(self.model, load)
-            ctx.eval(self.model.tokenize("Warm-up.", True, True))  # first decode allocates: not timed
+            load = model.load if fa is None else replace(model.load, flash_attn=fa, type_k=tk, type_v=tv)
+            ctx = self.llamacpp.Context(model, load)
+            ctx.eval(model.tokenize("Warm-up.", True, True))  # first decode allocates: not timed
             self.contexts[arm] = ctx
         return self.contexts[arm]
 
@@ -119,8 +129,12 @@ class EdgemedPrefill:
         return n / (time.perf_counter() - t0)
 
     def describe(self) -> dict:
+        from edgemed.runtime import buffers
+
         load = self.model.load
-        return {"profile": self.prepared.profile, "n_ctx": load.n_ctx, "n_threads": load.n_threads,
+        build = self.llamacpp.build()
+        return {"extra_buffers_mode": buffers.resolve(load.extra_buffers, build),
+                "other_buffers": {m: buffers.resolve(m, build) for m in self.others}, "profile": self.prepared.profile, "n_ctx": load.n_ctx, "n_threads": load.n_threads,
                 "n_threads_batch": load.n_threads_batch, "n_batch": load.n_batch, "n_ubatch": load.n_ubatch,
                 "profile_flash_attn": load.flash_attn, "profile_type_k": load.type_k, "profile_type_v": load.type_v,
                 "use_mmap": load.use_mmap, "extra_buffers": load.extra_buffers}
@@ -128,7 +142,8 @@ class EdgemedPrefill:
     def close(self) -> None:
         for ctx in self.contexts.values():
             ctx.close()
-        self.model.close()
+        for model in (self.model, *self.others.values()):
+            model.close()
 
 
 def server_prefill(server, tokens: list[int]) -> tuple[int, float]:
@@ -150,7 +165,7 @@ def measure(args) -> dict:
     from edgemed.benchmarks.serve_vs_llama_server import model_path
 
     path = model_path(args.model)
-    em = EdgemedPrefill(path, args.threads, args.profile)
+    em = EdgemedPrefill(path, args.threads, args.profile, tuple(args.buffers))
     n_ctx = em.model.load.n_ctx
     if 2 * args.long + 2 * args.decode + 8 > n_ctx:
         raise SystemExit(f"error: 2 x --long + decode ({2 * args.long + 2 * args.decode}) does not fit the profile's "
@@ -168,14 +183,15 @@ def measure(args) -> dict:
     server = None if args.no_server else DefaultLlamaServer(anchors.binaries()["llama-server"], path=path,
                                                             threads=args.threads, slots=1, ctx_per_slot=n_ctx,
                                                             extra=tuple(args.server_arg))
-    arms = list(KV_ARMS) + ([] if server is None else [SERVER])
+    mine = list(KV_ARMS) + [BUFFERS + mode for mode in args.buffers]
+    arms = mine + ([] if server is None else [SERVER])
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     t_start = time.perf_counter()
     try:
         if server is not None:
             server.start()
             server_prefill(server, short[:32])  # warm-up, not timed
-        for arm in KV_ARMS:
+        for arm in mine:
             em.context(arm)
         for r in range(args.rounds):
             for arm in rotation(arms, r):
@@ -221,13 +237,13 @@ def measure(args) -> dict:
                        if v == (described["profile_flash_attn"], described["profile_type_k"], described["profile_type_v"]))
     vs_server = {}
     if server is not None:
-        for a in KV_ARMS:
+        for a in mine:
             vs_server[a] = {k: {"per_round": (rr := ratios_per_round(runs, a, SERVER, k)),
                                 "median": statistics.median(rr) if rr else None}
                             for k in ("short_prefill_tok_s", "long_prefill_tok_s")}
     vs_fa_off = {a: {k: {"per_round": (rr := ratios_per_round(runs, a, "fa-off-f16", k)),
                          "median": statistics.median(rr) if rr else None} for k in keys}
-                 for a in KV_ARMS if a != "fa-off-f16"}
+                 for a in mine if a != "fa-off-f16"}
     return {"model": path.name, "model_path": str(path), "threads": args.threads, "rounds": args.rounds,
             "short_tokens": len(short), "long_tokens": len(long1), "double_tokens": len(long1) + len(rest),
             "decode_tokens": args.decode, "edgemed": described, "profile_arm": profile_arm,
@@ -249,7 +265,10 @@ def report_md(m: dict) -> str:
     lines = [f"# Prefill speed: {m['model']}, {m['threads']} threads", "",
              f"edgemed loads as `edgemed run` does (profile `{e['profile']}`: n_ctx {e['n_ctx']}, n_batch "
              f"{e['n_batch']}, n_ubatch {e['n_ubatch']}, flash_attn {e['profile_flash_attn']}, KV "
-             f"{e['profile_type_k']}/{e['profile_type_v']}); llama-server with its defaults"
+             f"{e['profile_type_k']}/{e['profile_type_v']}"
+             + (f", extra buffers `{e['extra_buffers_mode']}`" if e.get("extra_buffers_mode") else "")
+             + (f"; arms `{BUFFERS}MODE`: the same file loaded again with that mode, the profile's other settings"
+                if e.get("other_buffers") else "") + "); llama-server with its defaults"
              + (f" except `{' '.join(m['llama_server']['changed'])}`" if (m["llama_server"] or {}).get("changed") else "")
              + " "
              f"(`{' '.join(m['llama_server']['command'][1:]) if m['llama_server'] else 'not run'}`"
@@ -299,6 +318,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-server", action="store_true", help="edgemed's arms only (no llama-server)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2-135M, 64/128-token prompts, 4 decode tokens, 1 round")
     add_server_arg(ap)
+    ap.add_argument("--buffers", action="append", default=[], choices=("all", "repack", "none"),
+                    help="one more arm: the model loaded with this extra_buffers mode, the profile's flash attention "
+                         "and KV type (repeatable)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.argv = argv

@@ -110,3 +110,25 @@ def test_a_llama_server_that_crashes_at_start_names_the_amx_way_out(tmp_path):
     assert f"killed by signal {int(signal.SIGSEGV)}" in exc.value.problem and "AMX model buffer" in exc.value.problem
     assert "--server-arg=--no-repack" in exc.value.fix
     os.unlink(server.log)
+
+
+def test_a_buffers_arm_is_reported_beside_the_profile():
+    row = {"round": 0, "short_prefill_tok_s": 90.0, "long_prefill_tok_s": 87.0, "decode_tok_s_at_long": 14.0,
+           "short_loadavg": (1.0, 1.5), "long_loadavg": (1.5, 2.0)}
+    m = {"model": "m.gguf", "threads": 2, "rounds": 1, "short_tokens": 724, "long_tokens": 1500, "double_tokens": 3000,
+         "edgemed": {"profile": "x86-avx512", "n_ctx": 8192, "n_batch": 512, "n_ubatch": 512, "profile_flash_attn": False,
+                     "profile_type_k": "f16", "profile_type_v": "f16", "extra_buffers_mode": "repack",
+                     "other_buffers": {"none": "none"}},
+         "llama_server": None, "arms": ["fa-off-f16", "buffers-none"], "profile_arm": "fa-off-f16",
+         "runs": {"fa-off-f16": [row], "buffers-none": [row | {"long_prefill_tok_s": 120.0}]},
+         "medians": {"fa-off-f16": {"short_prefill_tok_s": 90.0, "long_prefill_tok_s": 87.0},
+                     "buffers-none": {"short_prefill_tok_s": 127.0, "long_prefill_tok_s": 120.0}},
+         "ratio_vs_llama_server": {}, "goal": 0.95, "wall_s": 10.0, "command": "python -m x",
+         "ratio_vs_fa_off": {"buffers-none": {"long_prefill_tok_s": {"per_round": [1.38], "median": 1.38}}},
+         "machine": {"cpu_count": 2}}
+    text = ps.report_md(m)
+    assert "extra buffers `repack`" in text and "`buffers-MODE`" in text
+    assert "| edgemed buffers-none | 127.0 | 120.0 |" in text and "| buffers-none | 1.380x |" in text
+    with pytest.raises(SystemExit) as exc:  # a mode the runtime does not have is refused before any work
+        ps.main(["--buffers", "amx"])
+    assert exc.value.code == 2
