@@ -74,6 +74,10 @@ CONFIG_CASES = {
     "vocab not the embedding's": (lambda c: c | {"vocab_size": 400}, "config.json implies"),
     "more layers than weights": (lambda c: c | {"num_hidden_layers": 3}, "num_hidden_layers is 3"),
     "a JSON list": (lambda c: [c], "JSON object"),
+    "eos beyond the vocabulary": (lambda c: c | {"eos_token_id": c["vocab_size"]}, "'eos_token_id' must be a token id below"),
+    "one of the eos ids negative": (lambda c: c | {"eos_token_id": [2, -1]}, "'eos_token_id' must be a token id"),
+    "bos a string": (lambda c: c | {"bos_token_id": "<s>"}, "'bos_token_id' must be a token id below"),
+    "bos a list": (lambda c: c | {"bos_token_id": [1]}, "'bos_token_id' must be a token id below"),
 }
 
 
@@ -205,6 +209,29 @@ def test_bad_tokenizer_json(models, tmp_path, case):
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
     (ckpt / "tokenizer.json").write_bytes(content)
     _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", tmp_path / "x.gguf"), "tokenizer.json", words)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "dangling link", "huge"])
+def test_a_tokenizer_side_file_that_is_no_regular_file_is_refused(models, tmp_path, kind):
+    """gguf-py and transformers skip a tokenizer_config.json that is not a regular file without a word: the GGUF
+    came out without its chat template and special tokens. A FIFO, a device, a link to nothing or a file far larger
+    than any tokenizer's is refused before any work."""
+    import os
+
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    side = ckpt / "tokenizer_config.json"
+    side.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(side)
+    elif kind == "device":
+        side.symlink_to("/dev/zero")
+    elif kind == "dangling link":
+        side.symlink_to(ckpt / "gone.json")
+    else:
+        with open(side, "wb") as fh:
+            fh.truncate(65 * 2**20)  # sparse: no disk used
+    _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", tmp_path / "x.gguf"), "tokenizer_config.json")
     assert not (tmp_path / "x.gguf").exists()
 
 

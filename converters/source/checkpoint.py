@@ -16,6 +16,7 @@ without consent, so a reader given a path refuses pickle weights with the same p
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +24,7 @@ from typing import Iterator
 from edgemed.converters.source.safetensors_header import (  # noqa: F401 (re-exported: the reader's public names)
     DTYPE_SIZES, parse_safetensors_header, read_safetensors_header,
 )
-from edgemed.errors import CheckpointError
+from edgemed.errors import CheckpointError, TokenizerError
 from edgemed.files.hashing import files_digest
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -115,6 +116,16 @@ def validate_config(config: dict, path: Path) -> None:
     tie = config.get("tie_word_embeddings")
     if tie is not None and not isinstance(tie, bool):
         raise bad("tie_word_embeddings", tie, "true or false", False)
+    vocab = config.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id"):
+        # gguf-py skips an id outside the vocabulary with a log line: a GGUF without its end-of-text token would
+        # never stop a generation where the model does
+        value = config.get(key)
+        ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+        if value is not None and not (ids and all(_is_int(i) and 0 <= i < (vocab or 2**31) for i in ids)):
+            within = f"below vocab_size ({vocab})" if vocab else "not negative"
+            raise bad(key, value, f"a token id {within}" + (", or a list of them" if key == "eos_token_id" else ""),
+                      2 if key == "eos_token_id" else 1)
     for key in ("rope_scaling", "rope_parameters"):
         rope = config.get(key)
         if rope is None:
@@ -137,6 +148,33 @@ def validate_config(config: dict, path: Path) -> None:
     if heads and hidden and not config.get("head_dim") and hidden % heads:
         raise CheckpointError(f"{where}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
                               "and no head_dim is given.", "re-copy config.json from the source checkpoint")
+
+
+#: The tokenizer's other files, read by gguf-py (special tokens, chat template) and by transformers. Both skip a
+#: name that is not a regular file without a word, so a FIFO or a device in its place would give a GGUF without its
+#: chat template or end-of-turn token; the largest real ones are a few MB.
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+SIDE_FILE_MAX_BYTES = 64 * 2**20
+
+
+def check_side_files(model_dir: Path) -> None:
+    """Refuse a tokenizer side file that is there but not a regular file of at most ``SIDE_FILE_MAX_BYTES``."""
+    from edgemed.converters.source.input_file import open_regular
+
+    for name in SIDE_FILES:
+        path = model_dir / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            with open_regular(path) as fh:
+                size = os.fstat(fh.fileno()).st_size
+        except OSError as exc:
+            raise TokenizerError(f"Tokenizer file '{path}' cannot be read: {exc.strerror or exc}.",
+                                 f"replace it with the {name} that came with the checkpoint, or remove it") from None
+        if size > SIDE_FILE_MAX_BYTES:
+            raise TokenizerError(f"Tokenizer file '{path}' is {size:,} bytes, far more than such a file holds "
+                                 f"(at most {SIDE_FILE_MAX_BYTES:,}).", f"re-copy {name} from the source checkpoint")
 
 
 def refuse_what_transformers_would_add(path: Path, config: dict) -> None:
@@ -213,6 +251,7 @@ class Checkpoint:
         config = _read_json(path / "config.json", "Model config")
         validate_config(config, path)
         refuse_what_transformers_would_add(path, config)
+        check_side_files(path)
         shards = cls._safetensors_files(path)
         if shards:
             return cls(path, config, _float_only(cls._index_safetensors(shards)))
