@@ -296,6 +296,8 @@ def report_md(m: dict) -> str:
              f"{m['n_ctx_per_slot']} tokens per slot; best of {m['rounds']} interleaved rounds (lowest TTFT p50 per "
              f"turn). Shared {m['machine']['cpu_count']}-CPU box: load averages per run are in the JSON.", "",
              f"Command: `{m['command']}`", ""]
+    if m.get("server_args"):
+        lines += [f"llama-server's own defaults, and `{' '.join(m['server_args'])}`, which this host needs to run it.", ""]
     if m.get("llama_server_skipped"):
         lines += [f"llama-server skipped: {m['llama_server_skipped']}", ""]
     names = list(m["servers"])
@@ -395,6 +397,7 @@ def main(argv=None) -> None:
               "llama_server_skipped": skipped,
               "best": _r(best), "ratios": {o: _r(ratios(best["edgemed"], best[o])) for o in servers if o != "edgemed"},
               "runs": _r(runs), "servers": {k: s.describe() for k, s in servers.items()},
+              "server_args": list(args.server_arg),
               "command": "python -m edgemed.benchmarks.serve_conversation " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "note": "CPU shared with other sessions; load averages are per run"}}

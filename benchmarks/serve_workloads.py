@@ -297,7 +297,9 @@ def _load(info: dict) -> str:
 
 def report_md(m: dict) -> str:
     lines = [f"# Prompt-reuse workloads: {m['model']}", "",
-             f"edgemed serve (its defaults) against llama-server with its own defaults (`-m -t -c -np` only; no "
+             "edgemed serve (its defaults) against llama-server with its own defaults (`-m -t -c -np` only"
+             + (f", and `{' '.join(m['server_args'])}`, which this host needs to run it" if m.get("server_args") else "")
+             + "; no "
              f"`cache_prompt` in any request); {m['threads']} threads, {m['slots']} slots, {m['ctx']} tokens per slot, "
              f"greedy; best of {m['rounds']} interleaved round(s). {m['machine']['cpu_count']}-CPU box, load average "
              f"{m['loadavg_start'][0]:.1f} / {m['loadavg_start'][1]:.1f} / {m['loadavg_start'][2]:.1f} (1 / 5 / 15 min) "
@@ -463,6 +465,7 @@ def main(argv=None) -> None:
                   "llama_server_skipped": skipped, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
                   "wall_s": round(time.perf_counter() - t_start, 1), "servers": described, "code": code,
                   "same_cpu_features": anchors.same_cpu_features(anchor_info) if anchor_info else None,
+                  "server_args": list(args.server_arg),
                   "command": "python -m edgemed.benchmarks.serve_workloads "
                              + " ".join(argv if argv is not None else sys.argv[1:]),
                   "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),

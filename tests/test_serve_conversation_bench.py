@@ -72,3 +72,5 @@ def test_report_marks_each_turn_against_llama_server():
     text = sc.report_md(m)
     assert "0.900x (goal <= 1.0x: met)" in text and "1.400x (goal <= 1.0x: not met)" in text
     assert "Answers with reuse" not in text  # no cold run, no claim about the answers
+    assert "which this host needs" not in text
+    assert "and `--no-repack`, which this host needs to run it" in sc.report_md(m | {"server_args": ["--no-repack"]})

@@ -166,3 +166,12 @@ def test_settle_names_a_server_that_never_goes_quiet():
     finally:
         spinning.proc.kill()
         spinning.proc.wait()
+
+
+def test_report_names_what_llama_server_was_given_beyond_its_defaults():
+    m = {"model": "m.gguf", "threads": 2, "slots": 4, "ctx": 2048, "rounds": 1, "machine": {"cpu_count": 2},
+         "loadavg_start": [0.5, 0.5, 0.5], "loadavg_end": [1.0, 1.0, 1.0], "command": "python -m x", "parts": {},
+         "servers": {}, "errors": {}}
+    assert "which this host needs" not in sw.report_md(m)
+    assert "(`-m -t -c -np` only, and `--no-repack`, which this host needs to run it;" in sw.report_md(
+        m | {"server_args": ["--no-repack"]})
