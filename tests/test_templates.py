@@ -288,3 +288,32 @@ def test_a_fifo_large_or_binary_template_file_is_refused_without_hanging(tmp_pat
         load_templates()
     (folder / "mine.toml").write_text(GOOD_TEMPLATE)
     assert load_templates()["mine"].messages({"question": "fever?"})[1]["content"] == "fever?"
+
+
+def test_every_shipped_contract_schema_turns_into_a_grammar():
+    pytest.importorskip("llama_cpp")
+    from edgemed.runtime.sampling import check_template_grammar
+
+    json_templates = [t for t in load_templates().values() if t.contract.kind == "json"]
+    assert json_templates
+    for template in json_templates:
+        check_template_grammar(template)
+
+
+def test_a_contract_schema_no_grammar_can_enforce_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Found when the template loads (run, serve), named with its file: it used to surface at each request, as a 400
+    telling the client to send a valid schema."""
+    pytest.importorskip("llama_cpp")
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    schema = '{ type = "object", properties = { a = { type = "frobnicate" } } }'
+    text = template_text(contract=f'{{ kind = "json", schema = {schema} }}')
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, GOOD_INDEX, text)))
+    missing = tmp_path / "no-such-model.gguf"  # never reached: the template is refused first
+    for args in (["run", str(missing), "--template", "mine", "--question", "fever?"], ["serve", str(missing), "--port", "0"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert "mine.toml: contract.schema" in result.output and "frobnicate" in result.output, result.output
+        assert "Fix: fix 'contract.schema'" in result.output and "no-such-model" not in result.output

@@ -134,6 +134,9 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         template = get_template(template_name)
         inputs, expected = template_inputs(question, options, item_json, pairs)
         template.messages(inputs)  # missing inputs fail here, before the model loads
+        from edgemed.runtime.sampling import check_template_grammar
+
+        check_template_grammar(template)  # and a contract schema no grammar can enforce
     elif prompt is None:
         if sys.stdin.isatty():
             raise InputError("No prompt given.", "pass --prompt '...' (or --template mcq --question ...), or pipe the prompt on standard input")

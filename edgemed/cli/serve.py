@@ -99,11 +99,16 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
     from edgemed.serve.audit import AuditLog
     from edgemed.runtime.batch.batcher import Batcher
     from edgemed.serve.config import ServeConfig
+    from edgemed.runtime.sampling import check_template_grammar
+    from edgemed.templates import load_templates
 
     # Bound first: a taken port (or an address not of this machine) is refused before any model loads,
     # and no other process can take the port between this check and uvicorn's start.
     with contextlib.closing(bind_socket(host, port)) as sock:
         port = sock.getsockname()[1]  # the port the system chose for --port 0
+        templates = load_templates()  # a broken template folder is refused before any model loads
+        for template in templates.values():
+            check_template_grammar(template)
         ref = runnable(model)  # packaging.ref, the one resolver of MODEL: a bundle is verified first
         if not ref.model_path.is_file() and model_format(ref.model_path) != "gguf":  # a missing path raises here
             raise InputError(f"'{ref.model_path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).",
@@ -131,7 +136,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                               **({"adapter_turn": adapter_turn} if adapter_turn else {}),
                               **({"adapters": served_adapters} if served_adapters else {}))
             batcher.start()
-            app = create_app(batcher, config)
+            app = create_app(batcher, config, templates)
             click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
                        f"queue {queue_size}, profile {prepared.profile}", err=True)
             click.echo(_memory_line(prepared.plan, batcher), err=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edgemed.errors import InputError
+from edgemed.errors import InputError, TemplateError
 
 if TYPE_CHECKING:
     from edgemed.runtime.engine import GenerationSettings
@@ -69,3 +69,23 @@ def grammar_text(settings: GenerationSettings) -> str | None:
             raise InputError(f"The JSON schema cannot be turned into a grammar: {type(exc).__name__} {exc}.",
                              "send a valid JSON schema (object types, properties, enums)") from None
     return None
+
+
+def check_template_grammar(template) -> None:
+    """Turn a JSON-contract template's schema into its grammar now: a schema llama-cpp-python's converter cannot take
+    is refused when the template loads, naming the template's file, rather than at each request as the client's
+    fault. Nothing to check without llama-cpp-python (an engine without grammars does not use it)."""
+    schema = template.contract.json_schema()
+    if schema is None:
+        return
+    try:
+        import llama_cpp.llama_grammar  # noqa: F401
+    except ImportError:
+        return
+    from edgemed.runtime.engine import GenerationSettings
+
+    try:
+        grammar_text(GenerationSettings(json_schema=schema))
+    except InputError as exc:
+        raise TemplateError(f"{template.source}: contract.schema: {exc.problem}",
+                            f"fix 'contract.schema' in {template.source}") from None

@@ -37,11 +37,13 @@ from edgemed.templates import load_templates
 log = logging.getLogger(__name__)
 
 
-def create_app(batcher, config: ServeConfig):
-    """The FastAPI app serving ``batcher`` (already started; the caller closes it after the server stops)."""
+def create_app(batcher, config: ServeConfig, templates: dict | None = None):
+    """The FastAPI app serving ``batcher`` (already started; the caller closes it after the server stops), with
+    ``templates`` (default: loaded now; ``edgemed serve`` loads and checks them before the model)."""
     metrics = Metrics(batcher)
     app = FastAPI(title="edgemed", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
-    app.state.served = Served(batcher, config, metrics, load_templates(), int(time.time()))
+    templates = load_templates() if templates is None else templates
+    app.state.served = Served(batcher, config, metrics, templates, int(time.time()))
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(EdgemedError, _edgemed_error)
     app.add_exception_handler(RequestValidationError, _invalid)
