@@ -479,3 +479,21 @@ def test_scores_do_not_depend_on_the_thread_count(smollm2_gguf):
         with open_scorer(smollm2_gguf, threads=threads, n_ctx=256) as sc:
             logits.append(sc.logits_all(_prompt(sc, "A 70-year-old man on warfarin has an INR of 6.2 and no bleeding.")))
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_a_logits_only_record_spends_no_generation_time_however_the_clock_runs(smollm2_gguf, tmp_path, monkeypatch):
+    """gen_s was the item's time less its logits time: a pause of the box between the two clock reads (a loaded CI
+    machine) gave a logits-only record a generation time. Each clock read here is 10 ms after the last."""
+    import itertools
+
+    from edgemed.benchmarks.harness import accuracy
+    from edgemed.benchmarks.harness.scorer import open_scorer
+
+    ticks = itertools.count()
+    monkeypatch.setattr(accuracy.time, "perf_counter", lambda: next(ticks) * 0.01)
+    records = tmp_path / "records.jsonl"
+    with open_scorer(smollm2_gguf, threads=1, n_ctx=1024) as sc:
+        accuracy.evaluate(sc, load_items(write_mcq(tmp_path / "medqa.jsonl"), 2, seed=5), records_path=records,
+                          score="logits", progress=False)
+    recs = _lines(records)[1:]
+    assert len(recs) == 2 and all(r["gen_s"] == 0 and r["logit_s"] > 0 for r in recs)

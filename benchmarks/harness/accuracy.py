@@ -213,11 +213,14 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
     probs, mass = choice_probs(scorer.next_logits(prompt + cue), tokens)
     logit_s = time.perf_counter() - start
     gen_pred = parsed_ok = reply = None
+    gen_s = 0.0  # timed on its own: a logits-only record holds exactly 0, however long the box paused in between
     if generate:
+        g0 = time.perf_counter()
         # stop at the end of the first line that holds a parseable answer: the explanation after it is not scored
         reply = scorer.greedy(prompt, max_gen_tokens, until=lambda text: text.endswith("\n") and tpl.parse(text, inputs).ok)
         parsed = tpl.parse(reply, inputs)
         gen_pred, parsed_ok = (letters.get(parsed.value) if parsed.ok else None), parsed.ok
+        gen_s = time.perf_counter() - g0
     seconds = time.perf_counter() - start
     logit_choice = max(probs, key=probs.get)
     return {
@@ -226,7 +229,7 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
         "mass": round(mass, 6), "gen_pred": gen_pred, "parsed_ok": parsed_ok, "reply": reply,
         "prompt_tokens": len(prompt) + len(cue), "evaluated_tokens": scorer.counters["evaluated"] - before["evaluated"],
         "gen_tokens": scorer.counters["generated"] - before["generated"], "seconds": round(seconds, 4),
-        "logit_s": round(logit_s, 4), "gen_s": round(seconds - logit_s, 4),
+        "logit_s": round(logit_s, 4), "gen_s": round(gen_s, 4),
     }
 
 
