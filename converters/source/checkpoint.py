@@ -43,7 +43,7 @@ def _reject_constant(name: str):
 def load_json(path: Path, error: type, what: str, fix: str):
     """Parse a small JSON file; any failure (missing, a directory, a FIFO or device, too large, not UTF-8, not JSON,
     nested too deeply) -> ``error``."""
-    from edgemed.converters.source.input_file import NotRegular, read_at_most
+    from edgemed.formats.input_file import NotRegular, read_at_most
 
     try:
         raw = read_at_most(path, MAX_JSON_BYTES)
@@ -160,7 +160,7 @@ SIDE_FILE_MAX_BYTES = 64 * 2**20
 
 def check_side_files(model_dir: Path) -> None:
     """Refuse a tokenizer side file that is there but not a regular file of at most ``SIDE_FILE_MAX_BYTES``."""
-    from edgemed.converters.source.input_file import open_regular
+    from edgemed.formats.input_file import open_regular
 
     for name in SIDE_FILES:
         path = model_dir / name
@@ -303,7 +303,7 @@ class Checkpoint:
 
         import zipfile
 
-        from edgemed.converters.source.input_file import open_regular
+        from edgemed.formats.input_file import open_regular
 
         refs: dict[str, TensorRef] = {}
         for file in files:

@@ -38,7 +38,7 @@ def _is_int(v) -> bool:
 
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
     """Parse and validate a safetensors header against the file size; reads only the header."""
-    from edgemed.converters.source.input_file import NotRegular, open_regular
+    from edgemed.formats.input_file import NotRegular, open_regular
 
     try:
         with open_regular(file) as fh:

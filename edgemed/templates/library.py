@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
 from edgemed import env
 from edgemed.errors import TemplateError
+from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_toml
 from edgemed.templates.contract import KINDS, Contract, Parsed
 from edgemed.templates.sandbox import render
@@ -202,18 +201,13 @@ def _read_user_file(folder: Path, name: str) -> str:
     path = folder / name
     fix = f"check the template folder {folder}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        data = read_at_most(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise TemplateError(f"{path}: no such file (index.toml lists it).", f"add the file, or remove it from {folder}/index.toml") from None
-    except OSError as exc:
-        raise TemplateError(f"{path}: cannot be read ({exc.strerror}).", fix) from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise TemplateError(f"{path}: not a regular file.", fix)
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise TemplateError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB, which no template is.", fix)
+    except OSError as exc:  # NotRegular says which kind of file it is
+        raise TemplateError(f"{path}: cannot be read ({exc.strerror or exc}).", fix) from None
+    except ValueError:
+        raise TemplateError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB, which no template is.", fix) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

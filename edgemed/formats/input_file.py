@@ -1,4 +1,4 @@
-"""Open a file of the user's checkpoint or adapter for reading: a regular file, or nothing.
+"""Open a file of user input (a checkpoint, an adapter, a template folder) for reading: a regular file, or nothing.
 
 A checkpoint folder is untrusted input, and a name in it may be a named pipe (opening it blocks until something
 writes to it: the command hangs) or a link to a device (``/dev/zero`` never ends: a reader sized by "the whole file"
