@@ -290,6 +290,56 @@ def test_a_fifo_large_or_binary_template_file_is_refused_without_hanging(tmp_pat
     assert load_templates()["mine"].messages({"question": "fever?"})[1]["content"] == "fever?"
 
 
+def test_a_template_folder_that_is_missing_or_has_no_index_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(tmp_path / "typo"))
+    with pytest.raises(TemplateError, match="does not exist") as exc:
+        load_templates()
+    assert "EDGEMED_TEMPLATES_DIR" in exc.value.problem and "index.toml" in exc.value.fix
+    (tmp_path / "file").write_text(GOOD_INDEX)
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(tmp_path / "file"))
+    with pytest.raises(TemplateError, match="is not a folder"):
+        load_templates()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(tmp_path / "empty"))
+    with pytest.raises(TemplateError, match="has no index.toml"):
+        load_templates()
+
+
+def test_a_user_template_takes_a_loaded_name_only_when_its_entry_says_so(tmp_path, monkeypatch):
+    shipped = load_templates()["triage"]
+    folder = _folder(tmp_path, GOOD_INDEX.replace('"mine"', '"triage"'), GOOD_TEMPLATE.replace('"mine"', '"triage"'))
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    with pytest.raises(TemplateError, match="'triage' is already the name of the template in edgemed/templates/data/") as exc:
+        load_templates()
+    assert "template[0]" in exc.value.problem and "replaces = true" in exc.value.fix
+    (folder / "index.toml").write_text(GOOD_INDEX.replace('"mine"', '"triage"') + "replaces = true\n")
+    mine = load_templates()["triage"]
+    assert mine.source == f"{folder}/mine.toml" and mine.system != shipped.system
+    # the same name in two user folders: the later one must say so too
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.toml").write_text(GOOD_INDEX)
+    (other / "mine.toml").write_text(GOOD_TEMPLATE)
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "index.toml").write_text(GOOD_INDEX)
+    (second / "mine.toml").write_text(GOOD_TEMPLATE.replace('"s"', '"second"'))
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", os.pathsep.join([str(other), str(second)]))
+    with pytest.raises(TemplateError, match=f"already the name of the template in {other}/mine.toml"):
+        load_templates()
+    (second / "index.toml").write_text(GOOD_INDEX + "replaces = true\n")
+    assert load_templates()["mine"].system.endswith("second")
+
+
+@pytest.mark.parametrize("entry, says", [("replaces = true", "no template named 'mine' loads before this folder"),
+                                         ('replaces = "yes"', "template[0].replaces: expected true or false, got a string")])
+def test_a_replaces_that_is_wrong_is_refused(tmp_path, monkeypatch, entry, says):
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, GOOD_INDEX + entry + "\n", GOOD_TEMPLATE)))
+    with pytest.raises(TemplateError) as exc:
+        load_templates()
+    assert says in exc.value.problem
+
+
 def test_every_shipped_contract_schema_turns_into_a_grammar():
     pytest.importorskip("llama_cpp")
     from edgemed.runtime.sampling import check_template_grammar

@@ -19,7 +19,7 @@ REQUIRED = ("name", "title", "system", "user", "contract")
 CONTRACT_KEYS = {"kind", "label", "choices", "choices_from", "schema"}
 INPUT_KEYS = {"required", "default", "help"}
 INDEX_KEYS = {"preamble", "preamble_file", "template"}
-ENTRY_KEYS = {"name", "file"}
+ENTRY_KEYS = {"name", "file", "replaces"}
 #: an input is a variable of the template's Jinja text, and a --input KEY / page field: a plain ASCII name
 INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: names Jinja reads as its own operators and literals: an input so named could not be used in the text
@@ -193,6 +193,8 @@ def _check_index(index: dict, where: str) -> None:
             fail(f"{field}.name", f"'{entry['name']}' is listed twice")
         seen.add(entry["name"])
         file_name(f"{field}.file", entry.get("file"))
+        if not isinstance(entry.get("replaces", False), bool):
+            fail(f"{field}.replaces", f"expected true or false, got {_kind(entry['replaces'])}")
 
 
 def _read_user_file(folder: Path, name: str) -> str:
@@ -215,7 +217,11 @@ def _read_user_file(folder: Path, name: str) -> str:
 
 
 def _load_folder(read, label: str, found: dict[str, Template]) -> None:
-    """``read(name) -> text``: one folder with an index.toml listing its template files."""
+    """``read(name) -> text``: one folder with an index.toml listing its template files.
+
+    A name already in ``found`` (shipped, or from an earlier folder) is taken over only where the entry says
+    ``replaces = true``: a template that silently stood in for a shipped one would drop that one's instructions
+    without anyone having chosen to."""
     index = _load_toml(read("index.toml"), f"{label}/index.toml")
     _check_index(index, f"{label}/index.toml")
     preamble = index.get("preamble", "")
@@ -224,23 +230,43 @@ def _load_folder(read, label: str, found: dict[str, Template]) -> None:
         preamble = _load_toml(read(index["preamble_file"]), where).get("text", "")
         if not isinstance(preamble, str):
             raise TemplateError(f"{where}: text: expected a string, got {_kind(preamble)}.", f"fix 'text' in {where}")
-    for entry in index.get("template", []):
+    for i, entry in enumerate(index.get("template", [])):
         source = f"{label}/{entry['file']}"
         tpl = _build(_load_toml(read(entry["file"]), source), source, preamble)
         if tpl.name != entry["name"]:
             raise TemplateError(f"{source}: name: '{tpl.name}' differs from the index entry '{entry['name']}'.",
                                 f"make the index and {source} agree")
+        replaces = entry.get("replaces", False)
+        where = f"{label}/index.toml: template[{i}]"
+        if tpl.name in found and not replaces:
+            raise TemplateError(f"{where}: '{tpl.name}' is already the name of the template in {found[tpl.name].source}.",
+                                "give yours another name, or add `replaces = true` to its entry to use it instead of that one")
+        if replaces and tpl.name not in found:
+            raise TemplateError(f"{where}: replaces = true, but no template named '{tpl.name}' loads before this folder.",
+                                "remove `replaces`, or check the name against `edgemed run --help`")
         found[tpl.name] = tpl
 
 
+def _user_folder(folder: Path) -> Path:
+    """A folder named in ``$EDGEMED_TEMPLATES_DIR``: it must exist and hold an index.toml (a typo in the variable
+    would otherwise leave the user's templates out without a word)."""
+    fix = f"point ${env.TEMPLATES_VAR} at a folder with an index.toml listing its templates, or take {folder} out of it"
+    if not folder.is_dir():
+        raise TemplateError(f"Template folder {folder} (from ${env.TEMPLATES_VAR}) "
+                            f"{'is not a folder' if folder.exists() else 'does not exist'}.", fix)
+    if not (folder / "index.toml").exists():
+        raise TemplateError(f"Template folder {folder} (from ${env.TEMPLATES_VAR}) has no index.toml.", fix)
+    return folder
+
+
 def load_templates() -> dict[str, Template]:
-    """Every template by name: shipped ones, then each folder in ``$EDGEMED_TEMPLATES_DIR``."""
+    """Every template by name: shipped ones, then each folder in ``$EDGEMED_TEMPLATES_DIR`` in order."""
     found: dict[str, Template] = {}
     shipped = resources.files("edgemed.templates") / "data"
     _load_folder(lambda name: (shipped / name).read_text(encoding="utf-8"), "edgemed/templates/data", found)
     for folder in env.template_dirs():
-        if (folder / "index.toml").is_file():
-            _load_folder(lambda name, f=folder: _read_user_file(Path(f), name), str(folder), found)
+        folder = _user_folder(folder)
+        _load_folder(lambda name, f=folder: _read_user_file(f, name), str(folder), found)
     return found
 
 
