@@ -5,7 +5,7 @@ the first question; a streamed free question sent with Enter, with its audit req
 the parsed letter the server returned; a ``<think>`` block folded away from the answer; stopping a long answer (the slot is freed); a server with keys (refused
 without one, works with one, the key kept in sessionStorage only); hostile input and hostile model output shown
 as text, never run; no request outside the server's origin (the browser's own network log); a page on another
-origin that posts to the server is refused; ``--no-ui``.
+origin that posts to the server is refused; no field a clinician types in is spell-checked; ``--no-ui``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ui_kit import (
     audit_records,
     outside,
     page_server,
+    spellchecked,
     stored,
     unlabelled,
 )
@@ -180,6 +181,18 @@ def test_mcq_form_shows_the_parsed_letter_the_server_returned(server, browser):
     assert raw.get_attribute("open") is None  # the raw text one click away
     raw.find_element("css selector", "summary").click()
     assert raw.find_element("css selector", ".raw-text").text.strip() == direct["choices"][0]["message"]["content"].strip()
+
+
+def test_no_field_a_clinician_types_in_is_spell_checked(server, browser):
+    page = browser.page(server.url)
+    modes = [o.get_attribute("value") for o in page.all("#mode option")]
+    assert "" in modes and "mcq" in modes and "note_summary" in modes
+    for mode in modes:
+        page.choose(mode)
+        fields = browser.driver.execute_script(
+            "return document.querySelectorAll('#ask textarea, #ask input[type=text]').length")
+        assert fields >= 1, mode
+        assert spellchecked(browser.driver) == [], f"{mode or 'chat'}: spell-checked fields"
 
 
 def test_stop_ends_a_long_answer_and_frees_the_slot(server, browser):

@@ -103,6 +103,14 @@ def stored(driver) -> dict:
             "indexeddb": databases}
 
 
+def spellchecked(driver) -> list[str]:
+    """Text controls on the page that the browser would spell-check (what is typed goes to its checker)."""
+    return driver.execute_script("""
+        return [...document.querySelectorAll('textarea, input[type=text], input:not([type])')]
+          .filter(e => e.spellcheck)
+          .map(e => e.id || e.outerHTML);""")
+
+
 def unlabelled(driver) -> list[str]:
     """Form controls on the page with no label (a <label for>, a wrapping label, or aria-label)."""
     return driver.execute_script("""

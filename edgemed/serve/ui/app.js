@@ -14,6 +14,8 @@
   };
 
   const $ = (id) => document.getElementById(id);
+  // Clinical text is not spell-checked: a browser's enhanced spell check sends what is typed to an online service.
+  const CLINICAL_TEXT = { spellcheck: "false", autocapitalize: "off" };
   const state = { info: null, templates: {}, history: [], busy: null, transcript: [] };
 
   function el(tag, attrs, ...children) {
@@ -152,7 +154,7 @@
         box.append(optionsEditor(f));
         continue;
       }
-      const attrs = { id, name: f.name, "data-field": f.name };
+      const attrs = { id, name: f.name, "data-field": f.name, ...CLINICAL_TEXT };
       if (help) attrs["aria-describedby"] = id + "-help";
       const input = f.kind === "long" ? el("textarea", { ...attrs, rows: "4" }) : el("input", { ...attrs, type: "text" });
       if (f.default) input.value = f.default;
@@ -169,7 +171,7 @@
       const letter = String.fromCharCode(65 + rows.children.length);
       const id = fieldId(f.name) + "-" + letter;
       rows.append(el("div", { class: "option" }, el("label", { for: id, text: "Option " + letter }),
-                     el("input", { id, type: "text", "data-letter": letter, value: text || "" })));
+                     el("input", { id, type: "text", "data-letter": letter, value: text || "", ...CLINICAL_TEXT })));
       add.disabled = rows.children.length >= 26;
     };
     add.addEventListener("click", () => { addRow(""); rows.lastChild.querySelector("input").focus(); });
