@@ -255,7 +255,7 @@ def test_one_head_rule_for_peek_and_read(bundle_dir, tmp_path):
 
 
 # -- device profiles ------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["non-utf8", "inf", "nan", "nested", "directory", "symlink-loop", "fifo", "huge-int"])
+@pytest.mark.parametrize("case", ["non-utf8", "inf", "nan", "nested", "directory", "symlink-loop", "fifo", "huge-int", "oversize"])
 def test_bad_profiles_are_profile_errors(tmp_path, profiles_dir, case):
     target = profiles_dir / "custom.toml"
     if case == "non-utf8":
@@ -271,6 +271,8 @@ def test_bad_profiles_are_profile_errors(tmp_path, profiles_dir, case):
         os.symlink(target, profiles_dir / "other.toml")
     elif case == "fifo":
         os.mkfifo(target)
+    elif case == "oversize":
+        target.write_text(profile_text() + "#" * (256 << 10))
     else:
         target.write_text(profile_text(n_ctx=2**70))
     from edgemed.devices import load_profiles
@@ -281,6 +283,10 @@ def test_bad_profiles_are_profile_errors(tmp_path, profiles_dir, case):
     assert "toml" in out and "Fix:" in out
     if case in ("inf", "nan"):
         assert "memory.total_gb" in out and "finite" in out
+    if case in ("fifo", "directory"):
+        assert "not a regular file" in out
+    if case == "oversize":
+        assert "bytes a profile may have" in out
 
 
 # -- audit log, API key file, serve's start-up order ----------------------------------------------

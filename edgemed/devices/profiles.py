@@ -9,18 +9,17 @@ or symlink loop) of at most ``MAX_PROFILE_BYTES`` of UTF-8 TOML nesting at most
 
 from __future__ import annotations
 
-import os
-import stat
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from edgemed import env
-from edgemed.formats.nesting import MAX_DEPTH, too_deep
 from edgemed.devices.facts import GIB, Facts
 from edgemed.devices.schema import validate
 from edgemed.errors import ProfileError
+from edgemed.formats.input_file import NotRegular, read_at_most
+from edgemed.formats.nesting import MAX_DEPTH, too_deep
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,20 +101,19 @@ def _shipped_dir():
 
 
 def _read_text(path: Path) -> str:
-    """A profile file's text: a regular file, at most ``MAX_PROFILE_BYTES``, UTF-8."""
+    """A profile file's text: a regular file (checked on the open descriptor too, so a FIFO swapped in cannot
+    block the read), at most ``MAX_PROFILE_BYTES``, UTF-8."""
     fix = f"fix or remove {path} (profiles are small UTF-8 TOML files; see `edgemed devices show generic`)"
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ProfileError(f"{path.name}: not a regular file (a directory, device or FIFO).", fix)
-        if st.st_size > MAX_PROFILE_BYTES:
-            raise ProfileError(f"{path.name}: {st.st_size} bytes, more than the {MAX_PROFILE_BYTES} a profile may have.", fix)
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_PROFILE_BYTES + 1)
+        data = read_at_most(path, MAX_PROFILE_BYTES)
+    except NotRegular as exc:
+        raise ProfileError(f"{path.name}: {exc.strerror}.", fix) from None
+    except IsADirectoryError:
+        raise ProfileError(f"{path.name}: it is a directory, not a regular file.", fix) from None
     except OSError as exc:  # unreadable, a dangling link or a symlink loop
         raise ProfileError(f"{path.name}: cannot be read ({exc.strerror or exc}).", fix) from None
-    if len(data) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path.name}: more than the {MAX_PROFILE_BYTES} bytes a profile may have.", fix)
+    except ValueError:
+        raise ProfileError(f"{path.name}: more than the {MAX_PROFILE_BYTES} bytes a profile may have.", fix) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
