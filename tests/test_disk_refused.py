@@ -96,6 +96,34 @@ def test_each_refusal_names_what_failed_and_the_fix(code):
     assert output_error(_refused(errno.EIO, "/data/x.gguf")) is None
 
 
+def test_a_write_that_names_no_file_is_named_by_the_output_it_was_for(tmp_path):
+    """``write()`` on a full disk raises ENOSPC without a file name; the atomic writer names its destination."""
+    from edgemed.files.atomic import atomic_path, atomic_paths
+
+    dest = tmp_path / "out" / "x.gguf"
+    dest.parent.mkdir()
+    with pytest.raises(OSError) as caught:
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"part")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(dest)
+    assert f"while writing '{dest}'" in output_error(caught.value).problem
+    assert list(dest.parent.iterdir()) == []  # the partial temporary went with the failure
+    pair = [dest, dest.with_name("Modelfile")]
+    with pytest.raises(PermissionError) as caught:
+        with atomic_paths(pair):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    assert caught.value.filename == f"{pair[0]} or {pair[1]}"
+    with pytest.raises(OSError) as caught:  # a name the kernel gave is kept
+        with atomic_path(dest):
+            raise _refused(errno.ENOSPC, "/elsewhere/scratch")
+    assert caught.value.filename == "/elsewhere/scratch"
+    with pytest.raises(OSError) as caught:  # and an error that is not the disk's is left as it was
+        with atomic_path(dest):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+    assert caught.value.filename is None
+
+
 # -- the verified cache is a speed-up: failing to save it is a warning, not a failed check ----------------------
 def _cache_is_a_directory(edgemed_home, monkeypatch):
     (edgemed_home / digest.CACHE_NAME).mkdir(parents=True)

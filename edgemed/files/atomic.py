@@ -24,7 +24,7 @@ from typing import Iterator
 
 from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
-from edgemed.errors import OutputExists
+from edgemed.errors import DISK_REFUSED, OutputExists
 
 __all__ = ["atomic_path", "atomic_paths", "check_destination", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
            "step", "discard"]
@@ -111,7 +111,8 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
     behind; every temporary is complete before the first rename, so an error while writing (a
     full disk, an exception) leaves every destination as it was. The renames follow in order, one
     per output: a kill between two of them leaves the first outputs new and the rest old, so put
-    first the ones that are cheapest to lose.
+    first the ones that are cheapest to lose. A full or forbidden disk's error that names no file (``write``
+    gives none) is raised again naming the destination, so the user learns which disk to free.
     """
     dests = [Path(d) for d in dests]
     for dest in dests:
@@ -146,10 +147,14 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                 if old is not None:
                     step("atomic.discard-old")
                     discard(old)
-        except BaseException:
+        except BaseException as exc:
             for tmp in tmps:
                 if os.path.lexists(tmp):
                     discard(tmp)
+            if isinstance(exc, OSError) and exc.filename is None and exc.errno in DISK_REFUSED:
+                # a write() on a full disk names no file: name the output it was for
+                raise type(exc)(exc.errno, exc.strerror, str(dests[0]) if len(dests) == 1 else
+                                " or ".join(str(d) for d in dests)) from exc
             raise
 
 
