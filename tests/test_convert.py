@@ -255,6 +255,7 @@ def test_truncated_shard(models, tmp_path):
 
 def test_missing_shard_named_in_index(models, tmp_path):
     ckpt = _copy(models, tmp_path)
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00002.safetensors")  # sharded: the index is read
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(CheckpointError, match="model-00002-of-00002"):
         convert(ckpt, tmp_path / "x.gguf", ConvertOptions(), echo=print)

@@ -183,6 +183,7 @@ def test_config_json_not_utf8_or_nan(models, tmp_path):
 
 def test_index_naming_a_path_outside_the_checkpoint(models, tmp_path):
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")  # sharded: the index is read
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../etc/passwd"}}))
     _refused(_convert(ckpt, "-o", tmp_path / "x.gguf"), "not a file name")
 

@@ -173,6 +173,84 @@ def test_a_config_naming_the_default_weights_is_accepted(model, tmp_path):
     assert list(Checkpoint.open(ckpt).tensors) == list(Checkpoint.open(model).tensors)
 
 
+@pytest.fixture(scope="module")
+def renamed(root, model) -> Path:
+    """The tiny checkpoint with its safetensors under a name Hugging Face loading does not look for."""
+    out = root / "renamed"
+    shutil.copytree(model, out)
+    (out / "model.safetensors").rename(out / "weights.safetensors")
+    return out
+
+
+def test_safetensors_transformers_would_pass_over_for_a_pickle_are_refused_before_anything_is_unpickled(
+        renamed, model, monkeypatch, tmp_path):
+    """With no model.safetensors (nor its index), from_pretrained, in the ONNX routes and the GenAI builder's child,
+    falls back to pytorch_model.bin: a pickle unpickled without --allow-pickle, and other weights than those hashed."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgemed.converters.source.checkpoint import Checkpoint
+
+    ckpt = tmp_path / "both"
+    shutil.copytree(renamed, ckpt)
+    torch.save({k: torch.zeros_like(v) for k, v in load_file(model / "model.safetensors").items()}, ckpt / "pytorch_model.bin")
+    loads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    for allow in (False, True):
+        with pytest.raises(CheckpointError, match="names Hugging Face loading does not look for") as e:
+            Checkpoint.open(ckpt, allow_pickle=allow)
+        assert "weights.safetensors" in e.value.problem and "pytorch_model.bin" in e.value.problem
+        assert "model.safetensors" in e.value.fix and "remove the pickle" in e.value.fix
+    commands = {"convert": ["convert", ckpt, "--quant", "f16", "--no-imatrix", "-o", "{out}/x.gguf"]}
+    if _have("onnx", "onnxruntime"):
+        commands["convert --to onnx"] = ["convert", ckpt, "--to", "onnx", "--quant", "fp32", "-o", "{out}/x-onnx"]
+        commands["convert --to onnx --onnx-graph genai"] = ["convert", ckpt, "--to", "onnx", "--onnx-graph", "genai",
+                                                            "--quant", "fp32", "-o", "{out}/x-onnx"]
+    for what, args in commands.items():
+        out = tmp_path / what.replace(" ", "_")
+        out.mkdir()
+        r = _run(*[str(a).format(out=out) for a in args])
+        assert r.exit_code == 1 and "does not look for" in r.output and "Traceback" not in r.output, (what, r.output)
+        assert _listing(out) == [], what
+    assert loads == []
+
+
+def test_safetensors_under_another_name_convert_to_gguf_and_the_hf_routes_say_why_not(renamed, model, tmp_path):
+    from edgemed.converters.source.checkpoint import Checkpoint, require_hf_layout
+
+    ckpt = Checkpoint.open(renamed)  # the GGUF route reads the file under any name
+    assert list(ckpt.tensors) == list(Checkpoint.open(model).tensors)
+    with pytest.raises(CheckpointError, match="the ONNX route loads the model with it") as e:
+        ckpt.hf_model()
+    assert "--to gguf" in e.value.fix
+    with pytest.raises(CheckpointError, match=r"\(weights.safetensors\)"):
+        require_hf_layout(renamed)  # the GenAI builder's check, before its child starts
+    require_hf_layout(model)
+    if _have("onnx", "onnxruntime"):
+        r = _run("convert", renamed, "--to", "onnx", "--quant", "fp32", "-o", tmp_path / "x-onnx")
+        assert r.exit_code == 1 and "does not look for" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_single_file_beside_a_shard_index_is_refused(model, tmp_path):
+    """transformers reads model.safetensors first, edgemed's GGUF route the index's shards: they would differ."""
+    from edgemed.converters.source.checkpoint import Checkpoint
+
+    ckpt = tmp_path / "both-layouts"
+    shutil.copytree(model, ckpt)
+    shutil.copy(ckpt / "model.safetensors", ckpt / "model-00001-of-00001.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(ckpt / "model.safetensors", "pt") as fh:
+        names = list(fh.keys())
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index.json"):
+        Checkpoint.open(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    assert list(Checkpoint.open(ckpt).tensors) == list(Checkpoint.open(model).tensors)
+
+
 def test_an_adapter_beside_the_model_is_refused_on_every_route(model, lora, tmp_path):
     """transformers would merge it on the ONNX route and the torch baseline; the GGUF route would not: refused."""
     from edgemed.converters.source.checkpoint import Checkpoint

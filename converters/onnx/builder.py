@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgemed.converters.source.checkpoint import require_hf_layout
+
 from edgemed import env
 from edgemed.errors import EdgemedError, require
 
@@ -40,8 +42,8 @@ def merged_checkpoint(ckpt_dir, adapter, work: Path) -> Path:
         return Path(getattr(ckpt_dir, "path", ckpt_dir))
     import shutil
 
-    from edgemed.converters.source.merged_model import load_merged
     from edgemed.converters.onnx.assets import COPIED
+    from edgemed.converters.source.merged_model import load_merged
 
     out = work / "merged-hf"
     model = load_merged(ckpt_dir, adapter)  # a Checkpoint (the command's source, with its consent) or a path
@@ -70,6 +72,7 @@ def build(src: Path, out: Path, precision: str, *, cache: Path, block_size: int 
           accuracy_level: int = 4, head_bits: int = 8, max_length: int = 4096) -> None:
     """Run the builder: ``src`` (HF dir) -> ``out`` (model.onnx + data + genai_config.json), CPU, fp32 or int4."""
     require("onnxruntime_genai", "convert")
+    require_hf_layout(src)  # the builder loads src with from_pretrained: only under the standard names, or a pickle
     env.enforce_offline()
     cmd = [sys.executable, "-m", MODULE, "-i", str(src), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
     if precision == "int4":

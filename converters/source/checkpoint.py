@@ -28,6 +28,7 @@ from edgemed.errors import CheckpointError, TokenizerError
 from edgemed.files.hashing import files_digest
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
 
 
@@ -192,16 +193,55 @@ def refuse_what_transformers_would_add(path: Path, config: dict) -> None:
             "would merge it into the model, a GGUF conversion would not.",
             "move the adapter into its own folder and pass it with --lora DIR, or remove it to use the base alone",
         )
+    if (path / SAFETENSORS_NAME).is_file() and (path / SAFETENSORS_INDEX).is_file():
+        raise CheckpointError(
+            f"'{path}' holds both {SAFETENSORS_NAME} and {SAFETENSORS_INDEX}: Hugging Face loading reads the first, "
+            "a GGUF conversion the shards the second lists, so the two routes would convert different weights.",
+            f"keep the weights the model is and remove the other ({SAFETENSORS_NAME}, or the index and its shards)",
+        )
+    safetensors = sorted(p.name for p in path.glob("*.safetensors"))
+    pickles = sorted({p.name for pat in PICKLE_PATTERNS for p in path.glob(pat)})
+    if safetensors and pickles and hf_weights_name(path) is None:
+        raise CheckpointError(
+            f"'{path}' holds safetensors under names Hugging Face loading does not look for "
+            f"({', '.join(safetensors[:3])}{', ...' if len(safetensors) > 3 else ''}) beside pickle weights "
+            f"({', '.join(pickles[:3])}), which it would load instead, unasked.",
+            f"name the weights {SAFETENSORS_NAME} (or add the {SAFETENSORS_INDEX} that lists the shards), or remove "
+            "the pickle files",
+        )
     named = config.get("transformers_weights")
     if named is None:
         return
-    default = SAFETENSORS_INDEX if (path / SAFETENSORS_INDEX).is_file() else "model.safetensors"
+    default = hf_weights_name(path) or SAFETENSORS_NAME
     if named != default or not (path / default).is_file():
         raise CheckpointError(
             f"{path / 'config.json'}: 'transformers_weights' names {json.dumps(named)[:80]} as the weights to load, "
             f"not the safetensors edgemed reads and hashes ({default}).",
             "remove the 'transformers_weights' key from config.json",
         )
+
+
+def hf_weights_name(path: Path) -> str | None:
+    """The safetensors file Hugging Face loading reads from ``path`` (``model.safetensors``, else the shard index,
+    in transformers' own order); ``None`` when neither is there: it would then fall back to a pickle, or fail."""
+    for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX):
+        if (path / name).is_file():
+            return name
+    return None
+
+
+def require_hf_layout(path: Path, pickle_files=()) -> None:
+    """Refuse, before transformers or the GenAI builder is started, a folder whose safetensors they would not find
+    (the GGUF route reads them under any name; ``from_pretrained`` only under the standard ones)."""
+    if pickle_files or hf_weights_name(path) is not None:
+        return
+    names = sorted(p.name for p in Path(path).glob("*.safetensors"))
+    raise CheckpointError(
+        f"'{path}' has its safetensors under names Hugging Face loading does not look for ({', '.join(names[:3]) or 'none'}"
+        f"{', ...' if len(names) > 3 else ''}); the ONNX route loads the model with it.",
+        f"name a single file {SAFETENSORS_NAME}, or add the {SAFETENSORS_INDEX} that lists the shards; or convert "
+        "with --to gguf, which reads them as they are",
+    )
 
 
 def pickle_refused(path: Path, pickles: list[Path]) -> CheckpointError:
@@ -367,6 +407,7 @@ class Checkpoint:
         ``--allow-pickle``; transformers then reads it with ``torch.load(weights_only=True)``."""
         from transformers import AutoModelForCausalLM
 
+        require_hf_layout(self.path, self.pickle_files)
         return AutoModelForCausalLM.from_pretrained(self.path, use_safetensors=not self.pickle_files, **kw)
 
     def weight_files(self) -> list[Path]:
