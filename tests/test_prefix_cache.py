@@ -176,6 +176,29 @@ def test_the_host_cache_evicts_the_oldest_and_refuses_what_exceeds_its_bound(smo
         assert b.stats()["prefix_host_entries"] == 0 == b.stats()["prefix_host_bytes"]
 
 
+def test_an_n_choice_slot_ended_before_its_copy_ran_saves_nothing_of_the_slots_last_request(smollm2_gguf, cold):
+    """An n > 1 choice copies the prompt's KV into its own slot, and llama.cpp moves the data at the next decode.
+    A request that ends in the same step (max_tokens 1) left that slot listed as holding the prompt while its memory
+    still held the previous request's: saved to host RAM under this prompt, and restored for the next request with
+    the same prompt, another clinician's text came back in its answer."""
+    from edgemed.runtime.batch.options import Extras
+
+    one = GenerationSettings(max_tokens=1)
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2) as b:
+        secret = b.tokenize("Secret note for Dr Adams: patient Zed Quill has syphilis, room 12. " * 9)
+        prompt = b.tokenize(preamble("cardiology", 2) + QUESTIONS[0])
+        assert len(prompt) >= HOST_MIN and common(secret, prompt) < MIN_SHARED
+        collect(b.submit(secret, one, request_id="x"))
+        collect(b.submit(b.tokenize("Hi"), one, request_id="y"))
+        for stream in b.submit_n(prompt, one, request_id="p", extras=Extras(n=2)):
+            collect(stream)
+        collect(b.submit(b.tokenize("Good morning"), one, request_id="u1"))
+        for stream in [b.submit(b.tokenize(t), one, request_id=t) for t in ("Alpha beta", "Gamma delta")]:
+            collect(stream)
+        text, fin = collect(b.submit(prompt, GREEDY, request_id="again"))
+    assert text == collect(cold.submit(prompt, GREEDY, request_id="again"))[0]
+
+
 # -- adapters -------------------------------------------------------------------------------------------------
 def test_a_running_requests_prefix_is_never_copied_to_another_adapter(kit):
     from edgemed.runtime.loader import AdapterSpec

@@ -895,6 +895,7 @@ class Batcher:
                 if follower.stream.cancelled:
                     continue  # ended before the next step, its slot empty
                 self._ctx.lib.llama_memory_seq_cp(self._ctx.memory, seq.slot, follower.slot, -1, -1)
+                self._unsynced.update((seq.slot, follower.slot))  # the data moves at the next decode, as for any copy
                 follower.pos, follower.index = seq.pos, seq.index
                 with self._cond:
                     self._n.sequences_forked_total += 1
