@@ -41,6 +41,35 @@ def render(template: str, messages: list[dict], *, bos_token: str = "", eos_toke
     return prompt
 
 
+def refuse_markup(messages: list[dict], markup: frozenset[str]) -> None:
+    """``InputError`` when a message's text holds the model's prompt markup written out (``<|im_end|>``).
+
+    The rendered prompt is tokenized with its markup tokens parsed (the template is written with them), so such
+    text in a message would end that message, and what follows would read as a turn of its own: a system turn forged
+    from pasted text, or from a template's input. OpenAI's API reads such text as characters; refusing it says so
+    at once. An assistant message is the model's own earlier answer, and may hold what the template itself strips
+    (R1-Distill's ``</think>``): it is not checked."""
+    if not markup:
+        return
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") == "assistant":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts = [content]
+        elif isinstance(content, list):
+            texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        else:
+            texts = []
+        for text in texts:
+            found = sorted(m for m in markup if m in text)
+            if found:
+                raise InputError(
+                    f"messages[{i}] ({message.get('role', '?')}) holds '{found[0]}', markup of this model's prompt "
+                    "format: the model would read it as the format's own (the end of a message, a turn or a tool "
+                    "call of its own), not as text.", f"remove '{found[0]}' from the text")
+
+
 def warm() -> None:
     """Start the renderer process now (in the background), so the first render does not wait for it."""
     limits.warm()

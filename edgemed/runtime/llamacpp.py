@@ -66,6 +66,8 @@ class Model:
     weights (tokenizer checks). ``tensors``: the file's tensor table when the caller has read it already.
     A model that will compute is loaded through ``loader.load_model``, which consults the self-test first."""
 
+    _markup: frozenset[str] | None = None  # markup_texts(), read once
+
     def __init__(self, path: Path | str, load: LoadSettings | None = None, *, vocab_only: bool = False,
                  tensors=None):
         env.enforce_offline()
@@ -136,14 +138,32 @@ class Model:
     def meta(self, key: str) -> str | None:
         return _meta_str(self.lib.llama_model_meta_val_str, self.ptr, key, 1 << 12)
 
+    def markup_texts(self) -> frozenset[str]:
+        """The text of the tokens the prompt's tokenizer turns into markup: every control token (``<|im_start|>``,
+        ``<|im_end|>``, ...) and every user-defined token the chat template is written with (R1-Distill's
+        ``<｜User｜>`` is one: llama.cpp matches those in any text). A message must not hold them
+        (``chat_template.refuse_markup``)."""
+        if self._markup is None:
+            lc, template = self.lib, self.meta("tokenizer.chat_template") or ""
+            found = set()
+            for t in range(self.n_vocab):
+                attr = lc.llama_vocab_get_attr(self.vocab, t)
+                if attr & lc.LLAMA_TOKEN_ATTR_CONTROL or attr & lc.LLAMA_TOKEN_ATTR_USER_DEFINED:
+                    text = self.special_text(t)
+                    if text and (attr & lc.LLAMA_TOKEN_ATTR_CONTROL or text in template):
+                        found.add(text)
+            self._markup = frozenset(found)
+        return self._markup
+
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt the GGUF's own chat template makes of ``messages`` (sandboxed Jinja, with limits)."""
-        from edgemed.runtime.chat_template import render
+        from edgemed.runtime.chat_template import refuse_markup, render
 
         template = self.meta("tokenizer.chat_template")
         if not template:
             raise ModelLoadError(f"'{self.path}' has no chat template.",
                                  "send a raw prompt (--raw, or the completions endpoint), or convert with the tokenizer's chat template")
+        refuse_markup(messages, self.markup_texts())
         return render(template, messages, bos_token=self.special_text(self.bos()), eos_token=self.special_text(self.eos()))
 
     def close(self) -> None:

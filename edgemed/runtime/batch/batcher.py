@@ -356,15 +356,17 @@ class Batcher:
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt the GGUF's own chat template makes of ``messages`` (and ``tools``, OpenAI's tool objects,
         for a template that renders them), rendered in a Jinja sandbox."""
-        from edgemed.runtime.chat_template import render
+        from edgemed.runtime.chat_template import refuse_markup, render
 
         with self._native:
             model = self._require_model()
             template = model.meta("tokenizer.chat_template")
             bos, eos = model.special_text(model.bos()), model.special_text(model.eos())
+            markup = model.markup_texts()
         if not template:
             raise ModelLoadError(f"'{self.model_path}' has no chat template.",
                                  "use the completions endpoint, or convert with the tokenizer's chat template")
+        refuse_markup(messages, markup)
         return render(template, messages, bos_token=bos, eos_token=eos, **({"tools": tools} if tools else {}))
 
     def chat_template(self) -> str | None:
