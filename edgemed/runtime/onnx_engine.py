@@ -142,11 +142,19 @@ class OnnxEngine:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def markup_texts(self) -> frozenset[str]:
+        """The added tokens the tokenizer matches in any text that are markup: the special ones, and those the chat
+        template is written with (``chat_template.refuse_markup``; llama.cpp's ``Model.markup_texts`` likewise)."""
+        template = self.chat_template or ""
+        return frozenset(t.content for t in self.tokenizer.get_added_tokens_decoder().values()
+                         if t.content and (t.special or t.content in template))
+
     def render_chat(self, messages: list[dict]) -> str:
-        from edgemed.runtime.chat_template import render
+        from edgemed.runtime.chat_template import refuse_markup, render
 
         if not self.chat_template:
             raise ModelLoadError(f"'{self.path}' has no chat template.", "use --raw for raw completion, or convert with the tokenizer's chat template")
+        refuse_markup(messages, self.markup_texts())
         return render(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token)
 
     # -- generation -----------------------------------------------------------------------
