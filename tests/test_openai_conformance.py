@@ -126,6 +126,39 @@ def test_errors_name_the_offending_field(smol):
     assert "Images are not supported by this model" in e.value.message and e.value.body["param"] == "messages.0.content.1"
 
 
+def test_sampler_values_no_sampler_means_are_refused(smol):
+    msg = [{"role": "user", "content": "hi"}]
+    for extra, param in [({"repeat_penalty": 11}, "repeat_penalty"), ({"top_k": 2**31}, "top_k")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            smol.client.chat.completions.create(model=SMOL, messages=msg, max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)
+    for raw in (b"Infinity", b"NaN"):  # Python's JSON reader takes both; neither is a penalty
+        r = httpx.post(smol.url + "/v1/chat/completions", headers={"content-type": "application/json"},
+                       content=b'{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], '
+                               b'"repeat_penalty": %s}' % (SMOL.encode(), raw))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "repeat_penalty", r.text
+
+
+def test_prompts_times_choices_beyond_slots_and_queue_are_a_400_not_a_429_for_ever(smol):
+    room = smol.batcher.slots + smol.batcher.queue_size
+    with pytest.raises(openai.BadRequestError) as e:
+        smol.client.completions.create(model=SMOL, prompt=["a"] * 8, n=2, max_tokens=1)
+    assert e.value.body["param"] == "prompt" and f"at most {room}" in e.value.message and 16 > room
+    out = smol.client.completions.create(model=SMOL, prompt=["a"] * 4, n=2, max_tokens=1)  # 8 fit
+    assert len(out.choices) == 8
+
+
+def test_without_a_seed_each_request_draws_its_own(smol):
+    msg = [{"role": "user", "content": "Write one sentence about the heart."}]
+
+    def ask(**kw):
+        return smol.client.chat.completions.create(model=SMOL, messages=msg, temperature=1.5, max_tokens=16,
+                                                   **kw).choices[0].message.content
+
+    assert len({ask() for _ in range(3)}) >= 2  # seed 0 for all made these one answer three times
+    assert ask(seed=7) == ask(seed=7)
+
+
 def test_tools_on_a_template_without_a_tool_format_is_a_400_naming_the_model(smol):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.BadRequestError) as e:
@@ -207,6 +240,7 @@ def test_frequency_and_presence_penalties_change_a_repeating_answer(smol):
 def test_n_choices_come_from_one_prefill(smol):
     messages = [{"role": "user", "content": "Write one sentence about the kidneys."}]
     computed, forked = metric(smol, "edgemed_batcher_prompt_tokens"), metric(smol, "edgemed_batcher_forked_sequences")
+    finished_prompts = metric(smol, "edgemed_prompt_tokens")
     out = smol.client.chat.completions.create(model=SMOL, messages=messages, n=3, temperature=0.8, max_tokens=16)
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert len({c.message.content for c in out.choices}) >= 2  # sampled apart, seed + choice
@@ -215,6 +249,7 @@ def test_n_choices_come_from_one_prefill(smol):
     fed = n_prompt - out.usage.prompt_tokens_details.cached_tokens
     assert metric(smol, "edgemed_batcher_prompt_tokens") - computed == fed  # one prefill, not three
     assert metric(smol, "edgemed_batcher_forked_sequences") - forked == 2
+    assert metric(smol, "edgemed_prompt_tokens") - finished_prompts == n_prompt  # per request, as usage counts it
     chunks = list(smol.client.chat.completions.create(model=SMOL, messages=messages, n=2, temperature=0.8,
                                                       max_tokens=6, stream=True))
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}

@@ -38,6 +38,7 @@ MAX_N = 8
 MAX_PROMPTS = 8
 MAX_TOP_LOGPROBS = 20
 MAX_BIAS = 300
+MAX_REPEAT_PENALTY = 10.0  # llama.cpp divides a repeated token's logit by it: far past any useful value
 MAX_STOP_CHARS = 1024  # a stop string longer than this is no stop string a client means
 
 
@@ -199,9 +200,9 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=2**31 - 1)  # llama.cpp's k is an int32; any k above the vocabulary keeps all
     min_p: float = Field(0.0, ge=0, le=1)
-    repeat_penalty: float = Field(1.0, gt=0)
+    repeat_penalty: float = Field(1.0, gt=0, le=MAX_REPEAT_PENALTY, allow_inf_nan=False)
     seed: int | None = None
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=MAX_N)

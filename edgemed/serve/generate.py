@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 
 import anyio
 from starlette.concurrency import run_in_threadpool
@@ -84,7 +85,8 @@ def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
     max_tokens = min(asked or min(config.default_max_tokens, limit or config.default_max_tokens), room)
     return GenerationSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
-                              seed=body.seed or 0, stop=body.stops(), json_schema=json_schema,
+                              seed=body.seed if body.seed is not None else secrets.randbits(32),
+                              stop=body.stops(), json_schema=json_schema,
                               grammar=grammar if grammar is not None else body.grammar)
 
 
@@ -106,6 +108,12 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     if audit is not None and audit.content:
         texts = [p if isinstance(p, str) else json.dumps(p) for p in prompt.values]
         record.prompt = texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
+    wanted, room = len(prompt.values) * extras.n, srv.batcher.slots + srv.batcher.queue_size
+    if wanted > room:  # each choice of each prompt is one request in flight: more than fit would be 429 for ever
+        raise api.ApiError(400, f"{len(prompt.values)} prompt(s) x n={extras.n} are {wanted} requests in flight, and this "
+                                f"server holds at most {room} ({srv.batcher.slots} slots + {srv.batcher.queue_size} "
+                                f"waiting). Fix: send at most {room} prompts x choices per request, or start the server "
+                                "with more --slots or a longer --queue.", param="prompt")
     streams = []
     try:
         for value in prompt.values:

@@ -127,7 +127,8 @@ class Metrics:
         """Observe one ``Finished``: token counts, TTFT, TPOT and queue wait; per ``adapter`` (a served one's name)."""
         self.adapter_generations.labels(adapter or "").inc()
         self.adapter_tokens.labels(adapter or "").inc(finished.completion_tokens)
-        self.prompt_tokens.inc(finished.prompt_tokens)
+        if not finished.forked:  # an n > 1 choice that copied the prompt did not compute it: usage counts it once too
+            self.prompt_tokens.inc(finished.prompt_tokens)
         self.completion_tokens.inc(finished.completion_tokens)
         self.queue_wait.observe(finished.queue_s)
         if finished.completion_tokens > 0:
