@@ -169,6 +169,27 @@ def test_sweep_removes_dead_owners_debris_only(tmp_path):
     assert crash_kit.debris(tmp_path) == []  # it finished cleanly: it took its lock file with it
 
 
+def test_files_of_debris_shape_without_edgemeds_lock_are_never_swept(tmp_path):
+    """A user's file or folder named exactly like debris, with no lock beside it (or a lock name holding a file with
+    content, which edgemed's empty locks never are), is not edgemed's: the sweep before every write leaves it."""
+    note = tmp_path / ".notes.edgemed-0123456789abcdef.draft001.partial"
+    note.write_text("notes")
+    photos = tmp_path / ".photos.edgemed-fedcba9876543210.abcdefgh-keep.partial"
+    photos.mkdir()
+    (photos / "p.jpg").write_bytes(b"jpg")
+    lock = tmp_path / ".edgemed-00112233445566aa.lock"
+    lock.write_text("user data")
+    piece = tmp_path / ".x.edgemed-00112233445566aa.abcdefgh.partial"
+    piece.write_text("x")
+    assert all(debris.is_debris(p) for p in (note, photos, piece))
+    assert debris.sweep(tmp_path) == []
+    assert note.read_text() == "notes" and (photos / "p.jpg").exists() and lock.read_text() == "user data"
+    assert piece.exists()
+    with atomic.atomic_path(tmp_path / "out.txt") as tmp:  # a write here sweeps first: still left
+        tmp.write_text("new")
+    assert note.exists() and photos.exists() and lock.exists() and piece.exists()
+
+
 def test_an_interrupted_directory_replacement_is_restored(tmp_path):
     out = tmp_path / "b"
     out.mkdir()

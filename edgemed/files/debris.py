@@ -15,6 +15,10 @@ cut), so "the owner is gone" is "the lock can be taken": no pid to be reused, no
 and it holds across pid namespaces and (with working locks) network file systems. Where
 locks cannot be taken at all, debris counts as live and is left alone.
 
+An owner is gone only when its lock is there, an empty regular file, and can be taken: debris
+whose lock is missing, or whose lock name holds a file with content, is not edgemed's to remove
+(a user's file that happens to have such a name, a folder copied without its hidden locks).
+
 ``sweep(folder)`` removes the debris of gone owners, except an ``ASIDE`` (a directory
 output moved aside during a two-rename replacement) whose output is missing: that one is
 renamed back, so a kill between the two renames leaves the old output in place. A lock
@@ -283,27 +287,22 @@ def _if_gone(folder: Path, owner: str) -> Iterator[bool]:
     path = _lock_path(folder, owner)
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
-        yield True  # the owner locks before its first piece and unlinks after its last
+    except OSError:  # no lock: the owner locks before its first piece and unlinks after its last, so a piece
+        yield False  # without one is not edgemed's (a user's file of that shape, a copied folder): left alone
         return
-    except OSError:
-        yield False
-        return
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode) or st.st_size:
         _foreign(path, "a directory" if stat.S_ISDIR(st.st_mode) else "a link" if stat.S_ISLNK(st.st_mode)
-                 else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file")
+                 else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a file with content (edgemed's locks are empty)"
+                 if stat.S_ISREG(st.st_mode) else "not a regular file")
         yield False
         return
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield True
-        return
     except OSError:
         yield False
         return
     try:
-        if not _same_file(path, fd):  # swapped for something else since we looked: leave it
+        if not _same_file(path, fd) or os.fstat(fd).st_size:  # swapped, or written to, since we looked: leave it
             yield False
             return
         try:
