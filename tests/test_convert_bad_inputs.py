@@ -181,6 +181,21 @@ def test_config_json_not_utf8_or_nan(models, tmp_path):
     _refused(_convert(ckpt, "-o", tmp_path / "x.gguf"), "not valid JSON")
 
 
+def test_an_output_that_is_one_of_the_inputs_is_refused_even_with_force(models, tmp_path):
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    before = weights.read_bytes()
+    _refused(_convert(ckpt, "--quant", "f16", "--no-parity", "-o", weights, "--force"),
+             "is the checkpoint's model.safetensors", "never writes over its own input")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Aspirin inhibits platelet aggregation. " * 40)
+    _refused(_convert(ckpt, "--quant", "q4_0", "--imatrix-from", calib, "--no-parity", "-o", calib, "--force"),
+             "is the --imatrix-from text")
+    _refused(_convert(ckpt, "--to", "onnx", "--quant", "fp32", "--no-parity", "-o", ckpt, "--force"),
+             "left alone, even with --force")  # the user's folder: never replaced, whatever it holds
+    assert weights.read_bytes() == before and calib.read_text().startswith("Aspirin")
+
+
 def test_index_naming_a_path_outside_the_checkpoint(models, tmp_path):
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
     (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")  # sharded: the index is read

@@ -115,6 +115,30 @@ def test_pack_refuses_card_without_required_fields(tmp_path, src):
     assert r.exit_code == 1 and "intendd_use" in r.output
 
 
+def test_pack_never_writes_over_one_of_its_inputs_force_or_not(tmp_path, src):
+    """`-o` naming the signing key, the license or the model with --force used to replace that file with the bundle
+    (the private key lost for good); a --dir output holding an input likewise."""
+    key = tmp_path / "signer.pem"
+    assert _run("keygen", key).exit_code == 0
+    before = {p: p.read_bytes() for p in (key, src["license"], src["model"], src["card"])}
+    base = ["pack", src["model"], "--license", src["license"], "--card", src["card"], "--name", "tiny", "--sign", key]
+    for target, what in [(key, "the --sign key"), (src["license"], "the license file"), (src["model"], "the model file"),
+                         (src["card"], "the card file")]:
+        for form in ([], ["--dir"]):
+            r = _run(*base, *form, "-o", target, "--force")
+            assert r.exit_code == 1 and f"is {what} '" in r.output and "never writes over its own input" in r.output, \
+                (target, form, r.output)
+    made = tmp_path / "made"  # a bundle folder edgemed made (so --force may replace it), holding an input
+    assert _run(*base, "--dir", "-o", made).exit_code == 0
+    r = _run("pack", made / "model" / src["model"].name, "--license", src["license"], "--name", "tiny", "--dir", "-o",
+             made, "--force")
+    assert r.exit_code == 1 and "holds the model file" in r.output, r.output
+    r = _run(*base, "--dir", "-o", src["model"].parent, "--force")  # a user's folder: left alone, its own reason
+    assert r.exit_code == 1 and "left alone, even with --force" in r.output, r.output
+    assert {p: p.read_bytes() for p in before} == before
+    assert _run(*base, "-o", tmp_path / "ok.edgemed").exit_code == 0
+
+
 def test_killed_pack_leaves_no_output(tmp_path, src, monkeypatch):
     from edgemed.packaging import archive
 
@@ -346,7 +370,8 @@ def test_interrupted_install_leaves_nothing(tmp_path, src, monkeypatch):
     assert list(s.models.iterdir()) == [] and list(s.tmp.iterdir()) == [] and s.index() == {}
     monkeypatch.setattr(store_mod, "copy_hashed", real)
     # a SIGKILL leaves staging debris and an unlinked blob: the next store operation clears them
-    dead = s.tmp / ".install.edgemed-0123456789abcdef.deadbeef.partial"  # a killed owner's staging (no live lock)
+    dead = s.tmp / ".install.edgemed-0123456789abcdef.deadbeef.partial"  # a killed owner's staging
+    (s.tmp / ".edgemed-0123456789abcdef.lock").touch()  # and its lock, which nobody holds any more
     dead.mkdir()
     (dead / "x").write_bytes(b"partial")
     (s.blobs / ("f" * 64)).write_bytes(b"orphan")

@@ -95,6 +95,7 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
     from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
 
     output = output or Path(f"{Path(lora).name}.lora.gguf" if adapter_only else f"{Path(source).name}-{out_type}.gguf")
+    _refuse_own_inputs(output, Path(source), lora, ("the --imatrix-from text", imatrix_from), ("the --base GGUF", base_gguf))
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
                           allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty(),
                           max_kld=max_kld, fit_profile=fit_profile, memory_budget=memory_budget, adapter_only=adapter_only,
@@ -105,6 +106,23 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
     else:
         click.echo(f"wrote {output} ({report.size_bytes / 1e6:.1f} MB, {out_type.upper()}) in {report.timings_s['total']:.1f} s; "
                    f"report: {output}.report.json")
+
+
+def _refuse_own_inputs(output: Path, source: Path, lora, *more, kind: str | None = None) -> None:
+    """``-o`` must not be (nor, for a directory output, hold) a file the conversion reads: the checkpoint's, the
+    adapter's, or another input's (``more``: (what, path) pairs); --force replaces outputs, never inputs."""
+    from edgemed.files.atomic import refuse_input_as_output
+
+    inputs = [(f"the checkpoint's {p.name}", p) for p in _files(source)]
+    inputs += [(f"the adapter's {p.name}", p) for p in _files(Path(lora))] if lora else []
+    refuse_input_as_output(output, inputs + [(what, Path(p)) for what, p in more if p is not None], kind)
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else [folder] if folder.is_file() else []
+    except OSError:
+        return []
 
 
 def _check_adapter_flags(target, lora, adapter_only, out_type, imatrix_from, max_kld, fit_profile) -> None:
@@ -156,6 +174,7 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
     if out_type not in ONNX_OUTPUT_TYPES:
         raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_OUTPUT_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
     output = output or Path(f"{source.name}-onnx-{out_type}")
+    _refuse_own_inputs(output, source, lora, kind="onnx")
     opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads, graph=graph,
                        memory_budget=memory_budget, allow_pickle=allow_pickle)
     report = convert_onnx(source, output, opts, echo=lambda s: click.echo(s, err=as_json))

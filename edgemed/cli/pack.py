@@ -86,6 +86,10 @@ def pack(model, name, license_, adapters, base_sha256, for_model, card, template
         if model is None and not name:
             raise InputError("An adapter-only bundle needs a name.", "pass --name (e.g. --name mymodel-cardio)")
         output = Path(check_name(name or model.name.split(".")[0].lower()) + ".edgemed")
+    from edgemed.files.atomic import refuse_input_as_output
+
+    refuse_input_as_output(output, [("the --sign key", key), ("the --cert certificate", cert)]
+                           + [("a --cert-chain certificate", c) for c in cert_chain], "bundle" if as_dir else None)
     man = do_pack(inp, output, as_dir=as_dir, private_key=private_key, force=force)
     if as_json:
         click.echo(man.to_bytes().decode())

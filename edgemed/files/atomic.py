@@ -26,7 +26,7 @@ from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
 from edgemed.errors import DISK_REFUSED, OutputExists
 
-__all__ = ["atomic_path", "atomic_paths", "check_destination", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
+__all__ = ["atomic_path", "atomic_paths", "check_destination", "refuse_input_as_output", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
            "step", "discard"]
 
 
@@ -61,6 +61,35 @@ def check_destination(path: Path, force: bool, kind: str | None = None) -> None:
             f"Output '{path}' already exists.",
             "choose another -o path, or pass --force to replace it",
         )
+
+
+def refuse_input_as_output(output: Path, inputs, kind: str | None = None) -> None:
+    """Refuse an output that is one of the command's own inputs (``inputs``: (what, path) pairs; a path may be
+    None), or a folder that holds one: ``--force`` replaces an output, never what the command reads, so a typo in
+    ``-o`` cannot turn a private key, a license or a model into the output. A directory is first put to
+    ``check_destination`` (``kind``: the directory output being written): a folder edgemed would never replace is
+    refused with that reason."""
+    output = Path(output)
+    if not os.path.lexists(output):
+        return
+    folder = None
+    if output.is_dir() and not output.is_symlink():
+        check_destination(output, True, kind)
+        folder = os.path.realpath(output)
+    for what, path in inputs:
+        if path is None:
+            continue
+        try:
+            same = os.path.samefile(output, path)
+        except OSError:
+            same = False
+        inside = folder is not None and os.path.realpath(path).startswith(folder.rstrip(os.sep) + os.sep)
+        if same or inside:
+            raise OutputExists(
+                f"Output '{output}' {'is' if same else 'holds'} {what} '{path}', which this command reads; "
+                "edgemed never writes over its own input, --force or not.",
+                "choose another -o path",
+            )
 
 
 def _holds_cwd(path: Path) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import __version__, env
-from edgemed.files.atomic import atomic_path
+from edgemed.files.atomic import atomic_path, refuse_input_as_output
 from edgemed.files.hashing import file_sha256
 from edgemed.formats.conversion_report import existing_report
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
@@ -238,6 +238,7 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signi
         sources += [(src, rel, "adapter") for src, rel, _ in adapters]
         memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
     out = Path(out)
+    refuse_input_as_output(out, [(f"the {role} file", src) for src, _, role in sources], "bundle" if as_dir else None)
     if as_dir:
         with atomic_path(out, force=force, kind="bundle") as tmp:
             tmp.mkdir()
