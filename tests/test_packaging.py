@@ -322,6 +322,30 @@ def test_install_list_remove_shares_identical_files(tmp_path, src, edgemed_home)
     assert r.exit_code == 1 and "No model named 'beta'" in r.output
 
 
+def test_a_bundle_with_x_and_x_link_installs_again_and_like_named_templates_are_refused(tmp_path, src, edgemed_home):
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    (tpl / "p.txt").write_text("a")
+    (tpl / "p.txt.link").write_text("b")  # the name install used for its own temporary link
+    base = ["pack", src["model"], "--license", src["license"], "--card", src["card"]]
+    assert _run(*base, "--name", "tl", "--template", tpl / "p.txt", "--template", tpl / "p.txt.link",
+                "-o", tmp_path / "tl.edgemed").exit_code == 0
+    assert _run("install", tmp_path / "tl.edgemed").exit_code == 0
+    r = _run("install", tmp_path / "tl.edgemed", "--name", "tl2")  # the blobs exist now: linked, not copied
+    assert r.exit_code == 0, r.output
+    store = Store()
+    assert (store.models / "tl2" / "templates" / "p.txt.link").read_text() == "b"
+    assert (store.models / "tl2" / "templates" / "p.txt").read_text() == "a"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "P.txt").write_text("c")
+    for form in ([], ["--dir"]):
+        r = _run(*base, "--name", "dup", "--template", tpl / "p.txt", "--template", other / "P.txt", *form,
+                 "-o", tmp_path / f"dup{len(form)}")
+        assert r.exit_code == 1 and "would both be templates/P.txt" in r.output and "rename one" in r.output, r.output
+        assert not (tmp_path / f"dup{len(form)}").exists()
+
+
 def test_install_checks_signature_and_changed_manifest_in_store(tmp_path, src, keys):
     priv, pub = keys
     t = _pack(src, tmp_path / "b.edgemed", private_key=signing.load_private_key(priv))

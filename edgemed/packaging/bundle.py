@@ -163,9 +163,14 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     if report is not None:
         prov.update(_report_provenance(report, model))
         files.append((report, "report.json", "report"))
+    named: dict[str, Path] = {}
     for t in inp.templates:
         if not t.is_file():
             raise InputError(f"Template '{t}' does not exist.", "pass --template with an existing file")
+        if t.name.lower() in named:  # one bundle path each (case-insensitive, as on a USB stick)
+            raise InputError(f"Templates '{named[t.name.lower()]}' and '{t}' would both be templates/{t.name} in the bundle.",
+                             "rename one of the two files, or pass only one of them")
+        named[t.name.lower()] = t
         files.append((t, f"templates/{t.name}", "template"))
     return files, model_facts, prov
 

@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -432,7 +433,7 @@ class Store:
             blob = self.blobs / entry.sha256
             os.chmod(staged, 0o444)
             if blob.exists() and file_digest(blob, self.cache, full=False)[0] == entry.sha256:
-                tmp_link = staged.with_name(staged.name + ".link")
+                tmp_link = _unused(stage)  # in the stage, under a name no file of the bundle has (not NAME.link)
                 step("store.link")
                 os.link(blob, tmp_link)
                 step("store.link-replace")
@@ -585,3 +586,10 @@ class Store:
     def disk_usage(self) -> int:
         return sum(p.lstat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
 
+
+def _unused(folder: Path) -> Path:
+    """A name in ``folder`` that nothing has: a bundle may hold any file name, ``X.link`` beside ``X`` included."""
+    while True:
+        path = folder / f".edgemed-link-{secrets.token_hex(8)}"
+        if not os.path.lexists(path):
+            return path
