@@ -55,3 +55,38 @@ def test_force_replaces_both_halves_and_without_it_neither(tmp_path):
     assert r.exit_code == 0, r.output
     assert _matched(private, public) and (private.stat().st_mode & 0o777) == 0o600
     assert crash_kit.debris(tmp_path) == []
+
+
+def test_a_keygen_force_killed_at_any_step_leaves_a_pair_or_a_refusal_that_names_the_repair(tmp_path):
+    """Killed between its two renames, keygen --force leaves the old private key beside the new public one. Signing
+    with it is refused (bundles would not verify against the file clinics have) until `keygen --public-only`
+    writes its public half again; every other step leaves the old pair or the new one, matched."""
+    import bundle_kit
+
+    from edgemed.files import debris
+
+    private, public = tmp_path / "key.pem", tmp_path / "key.pub.pem"
+    assert CliRunner().invoke(cli, ["keygen", str(private)]).exit_code == 0
+    src = bundle_kit.inputs(tmp_path / "src")
+    pack = ["pack", str(src["model"]), "--license", str(src["license"]), "--name", "tiny", "--sign", str(private)]
+
+    def run():
+        CliRunner().invoke(cli, ["keygen", str(private), "--force"], catch_exceptions=False)
+
+    names = crash_kit.steps(run, tmp_path / "src")
+    mismatched = 0
+    for n in range(1, len(names) + 1):
+        debris.sweep(tmp_path)  # the last kill's debris, here: so the run's own steps are the ones counted
+        assert crash_kit.killed_at(run, n) == crash_kit.KILLED
+        old_private = private.read_bytes()
+        if _matched(private, public):
+            continue
+        mismatched += 1
+        r = CliRunner().invoke(cli, [*pack, "-o", str(tmp_path / f"b{n}.edgemed")])
+        assert r.exit_code == 1 and "is not its public half" in r.output, r.output
+        assert f"edgemed keygen {private} --public-only --force" in r.output and not (tmp_path / f"b{n}.edgemed").exists()
+        r = CliRunner().invoke(cli, ["keygen", str(private), "--public-only", "--force"])
+        assert r.exit_code == 0 and _matched(private, public) and private.read_bytes() == old_private, r.output
+        assert CliRunner().invoke(cli, [*pack, "-o", str(tmp_path / f"b{n}.edgemed")]).exit_code == 0
+    assert mismatched == 1  # exactly the step between the two renames
+    assert CliRunner().invoke(cli, ["keygen", str(private), "--public-only"]).exit_code == 1  # it exists: --force

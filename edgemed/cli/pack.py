@@ -256,7 +256,9 @@ def inspect(bundle, as_json):
 @click.command()
 @click.argument("private_key", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True)
-def keygen(private_key, force):
+@click.option("--public-only", is_flag=True,
+              help="Write only the public half of the existing PRIVATE_KEY (again), e.g. after an interrupted --force.")
+def keygen(private_key, force, public_only):
     """Make an EC P-256 key pair for signing bundles: PRIVATE_KEY and its public half beside it
     (key.pem -> key.pub.pem; any other name gains .pub.pem).
 
@@ -265,5 +267,9 @@ def keygen(private_key, force):
     """
     from edgemed.packaging import signing
 
+    if public_only:
+        public, kid = signing.derive_public(private_key, force=force)
+        click.echo(f"wrote {public} (the public half of {private_key}); key id {kid}")
+        return
     public, kid = signing.keygen(private_key, force=force)
     click.echo(f"wrote {private_key} (private, mode 600) and {public} (public); key id {kid}")

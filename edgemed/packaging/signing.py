@@ -132,6 +132,8 @@ def load_private_key(path: Path, certificate: Path | None = None, chain=()) -> S
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise InputError(f"'{path}' is not an EC private key.", _MAKE_KEY)
     _check_curve(key, path)
+    if certificate is None:
+        _check_public_beside(Path(path), _spki_pem(key.public_key()))
     if certificate is not None:
         return SigningKey(Path(path), f"cert {_cert_name(Path(certificate).read_bytes(), pem=True)}", Path(certificate),
                           tuple(Path(c) for c in chain))
@@ -191,16 +193,60 @@ def as_public_key(key) -> PublicKey | CertRoots | None:
     return load_public_key(Path(key))
 
 
+def public_path(private_key: Path) -> Path:
+    """Where keygen puts a private key's public half: key.pem -> key.pub.pem (any other name gains .pub.pem)."""
+    private_key = Path(private_key)
+    return private_key.with_name(private_key.name.removesuffix(".pem") + ".pub.pem")
+
+
+def _check_public_beside(private_key: Path, spki: bytes) -> None:
+    """Refuse to sign with a key whose public file beside it (keygen's name for it) is another key's: bundles signed
+    now would not verify against the file the clinics were given. A kill between keygen --force's two renames
+    leaves just that: the old private key beside the new public one."""
+    from edgemed.formats.input_file import read_at_most
+
+    public = public_path(private_key)
+    try:
+        data = read_at_most(public, 64 * 1024)
+    except (OSError, ValueError):
+        return  # none there (or not a file keygen wrote): nothing to contradict
+    if data.strip() != spki.strip():
+        raise InputError(
+            f"'{public}' beside the signing key '{private_key}' is not its public half (an interrupted "
+            "`edgemed keygen --force` leaves the old private key beside the new public one): bundles signed now "
+            "would not verify against that file.",
+            f"write the key's public half again: edgemed keygen {private_key} --public-only --force (then give that "
+            "file to the clinics), or sign with the key the file belongs to")
+
+
+def derive_public(private_key: Path, force: bool = False) -> tuple[Path, str]:
+    """Write (again) the public half of the existing ``private_key`` beside it; return (public path, key id)."""
+    s, ec, _ = _crypto()
+    try:
+        key = s.load_pem_private_key(Path(private_key).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"Cannot read the private key '{private_key}': {exc}.", _MAKE_KEY) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InputError(f"'{private_key}' is not an EC private key.", _MAKE_KEY)
+    pub = _spki_pem(key.public_key())
+    public_out = public_path(private_key)
+    with atomic_paths([public_out], force=force) as (tmp,):
+        tmp.write_bytes(pub)
+    return public_out, _ec_key_id(pub)
+
+
 def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
     """Write a new EC P-256 private key (mode 0600) and its public key next to it; return (public path, key id).
 
     Both halves are refused, or both written: each is written in full before either is renamed into
     place, so a full disk or an error leaves the old pair (or none). The public half is renamed first:
-    a kill between the two renames keeps the old private key, whose public half can be derived again.
+    a kill between the two renames keeps the old private key beside the new public half. Signing with
+    that key is then refused (``_check_public_beside``) until ``derive_public`` (``keygen --public-only``)
+    writes its public half again.
     """
     check_destination(private_out, force)  # first: a path like '.' has no name to put .pub.pem beside
     s, ec, _ = _crypto()
-    public_out = private_out.with_name(private_out.name.removesuffix(".pem") + ".pub.pem")
+    public_out = public_path(private_out)
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
     pub = _spki_pem(key.public_key())
