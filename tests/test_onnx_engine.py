@@ -117,6 +117,55 @@ def test_a_message_holding_the_formats_markup_is_refused(engine):
     assert engine.render_chat(PROMPT + [{"role": "assistant", "content": "ok <|im_end|>"}])  # the model's own answer
 
 
+HOSTILE_CONFIGS = {
+    "model a number": (lambda c: {"model": 5}, "must be JSON objects"),
+    "a list": (lambda c: [1], "must be JSON objects"),
+    "inputs missing": (lambda c: _dec(c, inputs=None), "'model.decoder.inputs' must be a JSON object"),
+    "a billion layers": (lambda c: _dec(c, num_hidden_layers=10**9), "num_hidden_layers' must be a positive integer (at most 4,096)"),
+    "graph outside": (lambda c: _dec(c, filename="../model.onnx"), "'model.decoder.filename' must be the name of a file"),
+    "layer name without %d": (lambda c: _dec(c, outputs={**c["model"]["decoder"]["outputs"], "present_key_names": "present.key"}),
+                              "present_key_names' must hold one '%d'"),
+    "no head size": (lambda c: _dec(c, head_size=None), "'model.decoder.head_size' is missing"),
+}
+
+
+def _dec(config: dict, **fields) -> dict:
+    dec = {k: v for k, v in {**config["model"]["decoder"], **fields}.items() if v is not None}
+    return {**config, "model": {**config["model"], "decoder": dec}}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONFIGS))
+def test_a_hostile_genai_config_is_refused_naming_the_field(tiny_onnx, tmp_path, case):
+    import json
+    import shutil
+
+    from edgemed.errors import ModelLoadError
+
+    change, says = HOSTILE_CONFIGS[case]
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_onnx[1], folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    (folder / "genai_config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(ModelLoadError) as e:
+        open_engine(folder, LoadSettings(n_ctx=128))
+    assert says in e.value.problem and "genai_config.json" in e.value.problem
+
+
+@pytest.mark.parametrize("name", ["genai_config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"])
+def test_a_fifo_in_the_model_folder_is_refused_without_hanging(tiny_onnx, tmp_path, name):
+    import shutil
+
+    from edgemed.errors import ModelLoadError
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_onnx[1], folder)
+    if (folder / name).exists():
+        (folder / name).unlink()
+    os.mkfifo(folder / name)  # nobody writes: a blocking read would wait for ever
+    with pytest.raises(ModelLoadError, match="named pipe"):
+        open_engine(folder, LoadSettings(n_ctx=128))
+
+
 def test_execution_providers_chosen_from_a_list():
     from edgemed.runtime.onnx_engine import choose_providers
 

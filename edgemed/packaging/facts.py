@@ -11,13 +11,12 @@ same exactly when their vocabularies, merges, scores, types and special ids matc
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
 from edgemed.constants import KV_TYPES
 from edgemed.errors import InputError, require
-from edgemed.formats.nesting import loads_json
+from edgemed.formats import genai_config
 
 # GGUF metadata key (after "<arch>.") -> manifest fact name
 _ARCH_KEYS = {
@@ -98,7 +97,7 @@ def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
     facts: dict = {"format": "onnx"}
     cfg_path = model_dir / "genai_config.json"
     if cfg_path.is_file():
-        cfg = _genai_model(cfg_path)
+        cfg = genai_config.read_model(cfg_path)
         decoder = cfg.get("decoder", {})
         facts.update(arch=cfg.get("type"), context_length=cfg.get("context_length"), vocab_size=cfg.get("vocab_size"),
                      n_layers=decoder.get("num_hidden_layers"), n_head=decoder.get("num_attention_heads"),
@@ -106,37 +105,6 @@ def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
     tok = model_dir / "tokenizer.json"
     facts["tokenizer_sha256"] = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
     return facts, {}
-
-
-MAX_GENAI_CONFIG_BYTES = 1 << 20  # ONNX Runtime GenAI's config is a few kilobytes
-# genai_config.json fields the facts and the memory estimate read: (object, key) -> upper bound
-_GENAI_INTS = {("model", "context_length"): 2**24, ("model", "vocab_size"): 2**24,
-               ("decoder", "num_hidden_layers"): 4096, ("decoder", "num_attention_heads"): 2**16,
-               ("decoder", "num_key_value_heads"): 2**16, ("decoder", "head_size"): 2**16}
-
-
-def _genai_model(path: Path) -> dict:
-    """genai_config.json's ``model`` object, its fields checked before they size anything (untrusted input)."""
-    fix = f"correct {path}, or export the model again with `edgemed convert --to onnx`"
-    try:
-        if path.stat().st_size > MAX_GENAI_CONFIG_BYTES:
-            raise ValueError(f"{path.stat().st_size:,} bytes is far more than a config holds")
-        doc = loads_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError and TooDeep are ValueErrors
-        raise InputError(f"Cannot read {path}: {exc}.", fix) from None
-    model = doc.get("model", {}) if isinstance(doc, dict) else None
-    if not isinstance(model, dict) or not isinstance(model.get("decoder", {}), dict):
-        raise InputError(f"{path}: the file and its 'model' and 'model.decoder' must be JSON objects.", fix)
-    if not isinstance(model.get("type", ""), str):
-        raise InputError(f"{path}: 'model.type' must be a string, not {json.dumps(model['type'])[:40]}.", fix)
-    objects = {"model": model, "decoder": model.get("decoder", {})}
-    for (where, key), top in _GENAI_INTS.items():
-        value = objects[where].get(key)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= top):
-            name = "model." + key if where == "model" else "model.decoder." + key
-            raise InputError(f"{path}: '{name}' must be a positive integer (at most {top:,}), not "
-                             f"{json.dumps(value)[:40]}.", fix)
-    return model
 
 
 # -- memory ------------------------------------------------------------------------------

@@ -18,11 +18,14 @@ profile can ask for TensorRT then CUDA on a Jetson; CPU is always the fallback.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
 from edgemed import env
-from edgemed.errors import ModelLoadError, require
+from edgemed.errors import InputError, ModelLoadError, require
+from edgemed.formats import genai_config
+from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_json
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 
@@ -42,13 +45,33 @@ PROVIDERS = {
 _NP_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
+#: a tokenizer.json is megabytes; its side files kilobytes: anything larger is not one
+MAX_TOKENIZER_BYTES = 64 << 20
+_RECOPY = "re-copy the model directory; the file is corrupt"
+
+
+def _read_text(path: Path, limit: int = MAX_TOKENIZER_BYTES) -> str:
+    """A file of the model directory: a regular file (a FIFO would hang the load), at most ``limit`` bytes, UTF-8."""
+    try:
+        return read_at_most(path, limit).decode("utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # NotRegular says which kind of file it is
+        raise ModelLoadError(f"'{path}' cannot be read ({exc.strerror or exc}).", _RECOPY) from None
+    except ValueError as exc:  # too large, or not UTF-8
+        raise ModelLoadError(f"'{path}' cannot be read ({exc}).", _RECOPY) from None
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return loads_json(path.read_text(encoding="utf-8"))
+        doc = loads_json(_read_text(path))
     except FileNotFoundError:
         return {}
-    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError and TooDeep
-        raise ModelLoadError(f"'{path}' is not valid JSON ({exc}).", "re-copy the model directory; the file is corrupt") from None
+    except ValueError as exc:  # JSONDecodeError and TooDeep
+        raise ModelLoadError(f"'{path}' is not valid JSON ({exc}).", _RECOPY) from None
+    if not isinstance(doc, dict):
+        raise ModelLoadError(f"'{path}' is not a JSON object.", _RECOPY)
+    return doc
 
 
 def choose_providers(requested, available: list[str]) -> list[str]:
@@ -65,8 +88,16 @@ def choose_providers(requested, available: list[str]) -> list[str]:
 
 def _token_text(value) -> str:
     if isinstance(value, dict):  # {"content": "<|im_end|>", ...}
-        return value.get("content", "")
-    return value or ""
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+def _token_ids(value, where: Path) -> set[int]:
+    """``eos_token_id``: an id or a list of ids (or absent)."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
+        raise ModelLoadError(f"'{where}': eos_token_id must be a token id or a list of them, not {str(value)[:40]}.", _RECOPY)
+    return set(ids)
 
 
 class OnnxEngine:
@@ -80,21 +111,26 @@ class OnnxEngine:
         self.np = require("numpy", "onnx")
         tokenizers = require("tokenizers", "onnx")
         self.path = path
-        config = _read_json(path / GENAI_CONFIG)
-        if not config:
+        if not os.path.lexists(path / GENAI_CONFIG):
             raise ModelLoadError(f"'{path}' has no {GENAI_CONFIG}.", "convert the model with `edgemed convert --to onnx`, which writes it")
-        model = config["model"]
+        try:  # untrusted: every field the engine reads or sizes from is checked first
+            model = genai_config.read_model(path / GENAI_CONFIG, engine=True)
+        except InputError as exc:
+            raise ModelLoadError(exc.problem, exc.fix) from None
         dec = model["decoder"]
         self.n_layers = int(dec["num_hidden_layers"])
         self.names = dec["inputs"] | dec["outputs"]
         self.n_ctx = min(int(load.n_ctx), int(model.get("context_length") or load.n_ctx))
-        eos = model.get("eos_token_id")
-        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        gen = _read_json(path / "generation_config.json").get("eos_token_id")
-        self.eos_ids |= set(gen if isinstance(gen, list) else [] if gen is None else [gen])
+        self.eos_ids = _token_ids(model.get("eos_token_id"), path / GENAI_CONFIG)
+        self.eos_ids |= _token_ids(_read_json(path / "generation_config.json").get("eos_token_id"),
+                                   path / "generation_config.json")
 
         try:
-            self.tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+            text = _read_text(path / "tokenizer.json")
+        except FileNotFoundError:
+            raise ModelLoadError(f"'{path}' has no tokenizer.json.", "re-copy tokenizer.json from the converted directory") from None
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises its own exception type
             raise ModelLoadError(f"Cannot read the tokenizer in '{path}': {exc}.", "re-copy tokenizer.json from the converted directory") from None
         tok_cfg = _read_json(path / "tokenizer_config.json")
@@ -128,11 +164,13 @@ class OnnxEngine:
 
     def _load_template(self, tok_cfg: dict) -> str | None:
         file = self.path / "chat_template.jinja"
-        if file.exists():
-            return file.read_text(encoding="utf-8")
+        if os.path.lexists(file):
+            return _read_text(file)
         template = tok_cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise ModelLoadError(f"'{self.path / 'tokenizer_config.json'}': chat_template is not text.", _RECOPY)
         return template
 
     # -- text -----------------------------------------------------------------------------
