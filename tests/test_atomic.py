@@ -116,6 +116,17 @@ def test_a_directory_edgemed_made_is_replaced_unless_changed(src, tmp_path):
     assert crash_kit.debris(tmp_path) == []
 
 
+def test_a_directory_output_with_a_long_name_is_recorded_under_its_whole_name(src, tmp_path):
+    """A temporary's name keeps 120 characters of the output's; the ownership record took its path from there, so
+    edgemed refused to replace its own --dir output of a longer name ("its files changed since")."""
+    out = tmp_path / ("b" * 125)
+    args = ("pack", src["model"], "--license", src["license"], "-o", out, "--dir")
+    assert _cli(*args).exit_code == 0
+    r = _cli(*args, "--force")
+    assert r.exit_code == 0, r.output
+    assert _cli("verify", out).exit_code == 0 and crash_kit.debris(tmp_path) == []
+
+
 def test_force_still_replaces_a_file(tmp_path):
     f = tmp_path / "x.txt"
     f.write_text("old")

@@ -160,7 +160,7 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                     raise FileNotFoundError(f"nothing was written to {tmp}")
                 if kind is not None and tmp.is_dir() and not tmp.is_symlink():
                     step("atomic.record")
-                    ownership.record(tmp, kind)
+                    ownership.record(tmp, kind, dest)
             for dest in dests:  # again, before the first rename: they may have changed while we wrote
                 if os.path.lexists(dest):
                     _refuse_directory(dest, kind)

@@ -107,14 +107,16 @@ def _key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def record(directory: Path, kind: str) -> None:
-    """Remember ``directory`` (about to be renamed into place) as an edgemed ``kind`` output.
+def record(directory: Path, kind: str, final: Path | None = None) -> None:
+    """Remember ``directory`` (about to be renamed into place at ``final``) as an edgemed ``kind`` output.
 
     Never raises for what it finds in ``$EDGEMED_HOME``: where the record cannot be kept, the
     output is only not replaceable with ``--force`` later (a warning says why)."""
     st = os.stat(directory)
-    # the path recorded is the final one: the caller renames ``directory`` to its output name
-    new = {"kind": kind, "digest": _digest(directory), "path": str(_final(directory))}
+    # the path recorded is the final one: the caller renames ``directory`` to its output name (a temporary's
+    # name holds at most 120 characters of it, so a longer one is only right when the caller passes ``final``)
+    final = Path(os.path.abspath(final)) if final is not None else _final(directory)
+    new = {"kind": kind, "digest": _digest(directory), "path": str(final)}
     if not _is_entry(_key(st), new):
         log.warning("'%s' is not recorded as edgemed's (its path or kind is too long to record), so --force "
                     "will not replace it later", new["path"])
