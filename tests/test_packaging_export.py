@@ -145,3 +145,18 @@ def test_llama_server_and_plain_gguf(tmp_path, installed):
     r = CliRunner().invoke(cli, ["export", "tiny"])
     assert r.exit_code == 1 and "--ollama DIR" in r.output
 
+
+
+def test_a_refused_gguf_destination_leaves_no_ollama_files_either(tmp_path, installed):
+    """Every destination is checked before anything is written: --gguf into a missing folder, or onto an existing
+    file without --force, used to fail only after the Ollama files were written."""
+    out = tmp_path / "ollama"
+    for gguf, says in [(tmp_path / "nowhere" / "x.gguf", "does not exist"), (installed["model"], "already exists")]:
+        r = CliRunner().invoke(cli, ["export", "tiny", "--ollama", str(out), "--gguf", str(gguf)])
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+        assert not out.exists()
+    out.mkdir()
+    (out / "Modelfile").write_text("the user's")
+    r = CliRunner().invoke(cli, ["export", "tiny", "--ollama", str(out), "--gguf", str(tmp_path / "y.gguf")])
+    assert r.exit_code == 1 and "already exists" in r.output and not (tmp_path / "y.gguf").exists()
+    assert (out / "Modelfile").read_text() == "the user's" and sorted(p.name for p in out.iterdir()) == ["Modelfile"]

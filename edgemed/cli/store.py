@@ -111,6 +111,13 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     if ref.kind == TAR:
         raise InputError(f"'{model}' is a bundle archive.", f"install it first (edgemed install {model}), then export by name")
     v = verified(ref)
+    from edgemed.files.atomic import check_destination
+
+    if gguf_out:  # every destination is checked before anything is written: one refused leaves none written
+        check_destination(gguf_out, force)
+    if ollama_dir and ollama_dir.is_dir():
+        for name in (f"{v.manifest.name}.gguf", "Modelfile"):
+            check_destination(ollama_dir / name, force)
     if ollama_dir:
         path = ex.export_ollama(v, ollama_dir, system=system, force=force)
         click.echo(f"wrote {path} and {ollama_dir / (v.manifest.name + '.gguf')}; then: ollama create {v.manifest.name} -f {path}")
