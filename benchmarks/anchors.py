@@ -9,8 +9,10 @@ kept in ``$EDGEMED_CACHE_DIR/anchors/``), so its ``vendor/llama.cpp`` is the com
 bindings were built from: the same kernels on both sides of a comparison. The build uses the
 flags llama-cpp-python's own build gets by default on this host (``GGML_NATIVE=ON``:
 ``-march=native``; OpenMP on; Release), because that is how the runtime's libraries were made
-(their system info lists this CPU's own extensions and OPENMP); the side-by-side benchmark checks
-the CPU features in llama-server's start-up log against the runtime's (``same_cpu_features``).
+(their system info lists this CPU's own extensions and OPENMP); the side-by-side benchmarks check
+the build's CPU features against the runtime's (``same_cpu_features``): llama-server logs them only
+at trace verbosity, so they come from the same build's llama-perplexity
+(``serve_bench_client.probe_cpu_features``).
 Static libraries, so the binaries never load the venv's ``libllama.so`` by accident. No web UI
 (no npm, no download). Idempotent: a finished build leaves ``build.json`` (version, sdist
 sha256, flags, system info); a second ``build`` with the same version and flags only prints.
@@ -148,7 +150,7 @@ def build(*, jobs: int = 2, force: bool = False) -> dict:
 
 
 def same_cpu_features(anchor_line: str) -> bool:
-    """Whether an anchor's system info line (llama-server logs one at start) lists the runtime's CPU features."""
+    """Whether an anchor build's system info line lists the runtime's CPU features."""
     from edgemed.runtime.buffers import Build
     from edgemed.runtime.llamacpp import build as runtime_build
 

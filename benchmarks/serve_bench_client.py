@@ -96,7 +96,7 @@ class _Server:
 
     def describe(self) -> dict:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        info = next((ln[ln.index("CPU :"):].strip() for ln in text.splitlines() if "CPU :" in ln), None)
+        info = cpu_features_line(text)
         return {"command": [str(c) for c in self.command()], "system_info": info, "log": str(self.log)}
 
 
@@ -150,10 +150,44 @@ class LlamaServer(_Server):
                 "-tb", str(self.threads), "-b", "512", "-ub", "512", "-fa", "off", "--load-mode", "none", "--fit", "off", "--metrics",
                 "--cache-ram", "0"] + self._lora_args() + list(self.extra)
 
+    def describe(self) -> dict:
+        """As for any server; the CPU features from a probe of the same build when the log has none (llama-server
+        logs its system info only at trace verbosity, which would slow the run it describes)."""
+        out = super().describe()
+        if out["system_info"] is None:
+            if not hasattr(self, "_probed"):
+                self._probed = probe_cpu_features(self.binary.parent / "llama-perplexity", self.path, self.threads,
+                                                  self.extra)
+            out["system_info"], out["system_info_from"] = self._probed, "llama-perplexity of the same build"
+        return out
+
     def _lora_args(self) -> list[str]:
         if not self.loras:
             return []
         return [a for f in self.loras for a in ("--lora", str(f))] + ["--lora-init-without-apply"]
+
+
+def cpu_features_line(text: str) -> str | None:
+    """The ``CPU : SSE3 = 1 | ...`` part of llama.cpp's system info in ``text`` (a log), or None."""
+    return next((ln[ln.index("CPU :"):].strip() for ln in text.splitlines() if "CPU :" in ln), None)
+
+
+def probe_cpu_features(binary: Path, model: Path, threads: int, extra: tuple[str, ...] = ()) -> str | None:
+    """The CPU features a llama.cpp build computes with, from its ``llama-perplexity`` (built with the same flags and
+    static libraries as its llama-server, and which logs its system info at the default verbosity): one 128-token
+    chunk of a small text on ``model``. None where it cannot run (its reason is in the report's log)."""
+    if not binary.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "probe.txt"
+        text.write_text("The patient presents with fever, cough and shortness of breath for three days. " * 40)
+        cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", "128", "-b", "128", "--chunks", "1",
+               "-t", str(threads), *[a for a in extra if a == "--no-repack"]]
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    return cpu_features_line(proc.stdout)
 
 
 def add_server_arg(ap) -> None:

@@ -175,3 +175,32 @@ def test_report_names_what_llama_server_was_given_beyond_its_defaults():
     assert "which this host needs" not in sw.report_md(m)
     assert "(`-m -t -c -np` only, and `--no-repack`, which this host needs to run it;" in sw.report_md(
         m | {"server_args": ["--no-repack"]})
+
+
+def test_the_anchors_cpu_features_come_from_a_probe_of_the_same_build_when_its_log_has_none(tmp_path):
+    """llama-server logs its system info only at trace verbosity, so `same_cpu_features` was never computed: the
+    report now takes the features from the build's llama-perplexity, and says so."""
+    from edgemed.benchmarks import serve_bench_client as client
+
+    line = "CPU : SSE3 = 1 | AVX2 = 1 | OPENMP = 1 |"
+    probe = tmp_path / "llama-perplexity"
+    probe.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\necho 'system_info: n_threads = 2 | {line}'\n")
+    probe.chmod(0o755)
+    server = client.LlamaServer(tmp_path / "llama-server", path=tmp_path / "m.gguf", threads=2, slots=1,
+                                ctx_per_slot=256, extra=("--no-repack",))
+    try:
+        server.log.write_text("main: loading model\n")  # what llama-server logs at its default verbosity
+        described = server.describe()
+        assert described["system_info"] == line and described["system_info_from"].startswith("llama-perplexity")
+        args = (tmp_path / "args").read_text().split()
+        assert args[args.index("-m") + 1] == str(tmp_path / "m.gguf") and "--no-repack" in args and "-t" in args
+        server.log.write_text(f"system_info: {line.replace('AVX2', 'AVX512')}\n")  # a log that has it: taken as is
+        assert "AVX512" in server.describe()["system_info"] and "system_info_from" not in server.describe()
+        probe.unlink()
+        fresh = client.LlamaServer(tmp_path / "llama-server", path=tmp_path / "m.gguf", threads=2, slots=1,
+                                   ctx_per_slot=256)
+        fresh.log.write_text("")
+        assert fresh.describe()["system_info"] is None  # no probe to run: unknown, not assumed
+        fresh.log.unlink()
+    finally:
+        server.log.unlink()
