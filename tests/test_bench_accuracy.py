@@ -497,3 +497,29 @@ def test_a_logits_only_record_spends_no_generation_time_however_the_clock_runs(s
                           score="logits", progress=False)
     recs = _lines(records)[1:]
     assert len(recs) == 2 and all(r["gen_s"] == 0 and r["logit_s"] > 0 for r in recs)
+
+
+def test_a_generated_answer_is_read_from_the_answer_line_not_from_a_list_of_the_options(smollm2_gguf, tmp_path, monkeypatch):
+    """Decoding stopped at the first line that parsed by any rule: a reply that starts by going through the options
+    ("A. ...") stopped there and scored A, while the reply goes on to answer C."""
+    from edgemed.benchmarks.harness import accuracy
+    from edgemed.benchmarks.harness.scorer import open_scorer
+
+    reply = "A. Hypertension is unlikely here.\nB. Nor is this.\nAnswer: C\nBecause of the rash.\n"
+    records = tmp_path / "records.jsonl"
+    with open_scorer(smollm2_gguf, threads=1, n_ctx=1024) as sc:
+        def greedy(tokens, max_tokens, stop=(), until=None):  # the model's reply, one line at a time
+            text = ""
+            for line in reply.splitlines(keepends=True):
+                text += line
+                if until is not None and until(text):
+                    break
+            return text
+
+        monkeypatch.setattr(sc, "greedy", greedy)
+        accuracy.evaluate(sc, load_items(write_mcq(tmp_path / "medqa.jsonl"), 1, seed=5), records_path=records,
+                          score="both", progress=False, max_gen_tokens=64)
+    rec = _lines(records)[1]
+    options = sorted(rec["probs"])
+    assert rec["parsed_ok"] and rec["reply"].endswith("Answer: C\n") and "rash" not in rec["reply"]
+    assert rec["gen_pred"] == options[2]  # the third option, as the reply's answer line says

@@ -96,6 +96,26 @@ def test_choice_contract_rejects_letters_outside_the_options_and_thinking_only()
     assert not mcq.parse("a", MCQ_INPUTS).ok  # lower-case letter alone: prose, not option A
 
 
+@pytest.mark.parametrize("reply, expected, labelled", [
+    ("Answer: a patient with this needs C", None, False),  # the article, not option A
+    ("Answer: A patient needs rest", None, False),
+    ("Answer: A or B", None, False),                        # a hedge names no answer
+    ("Answer: B and C", None, False),
+    ("Answer: C. Vitamin C", "C", True),
+    ("Answer: C - ascorbic acid", "C", True),
+    ("Answer: B\nthe reason is", "B", True),
+    ("Answer: B, because of the rash", "B", True),
+    ("A. Hypertension is unlikely here.\nB. Nor this.\nAnswer: C", "C", True),
+    ("A. Hypertension is unlikely here.\n", "A", False),   # inferred from a list's first line: not the answer line
+])
+def test_the_answer_line_is_the_one_a_clinician_means(reply, expected, labelled):
+    parsed = get_template("mcq").parse(reply, MCQ_INPUTS)
+    assert (parsed.value if parsed.ok else None) == expected and parsed.labelled == labelled
+    yn = get_template("pubmedqa")
+    assert not yn.parse("Answer: Maybe or no", {"question": "q", "context": "c"}).ok
+    assert yn.parse("Answer: no evidence of benefit", {"question": "q", "context": "c"}).value == "no"
+
+
 def test_json_contract_checks_the_schema():
     triage = get_template("triage")
     good = json.dumps({"urgency": "emergency", "red_flags": ["slurred speech"], "action": "call 112"})

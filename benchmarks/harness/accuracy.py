@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 3  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score
+RECORDS_VERSION = 4  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
+# 4: it stops at the labelled answer line only, and a hedge ("Answer: A or B") or "Answer: a patient" is no answer
 #: what is scored per item: the letter logits alone, or the logits and a parsed greedy answer
 SCORES = ("logits", "both")
 
@@ -216,8 +217,10 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
     gen_s = 0.0  # timed on its own: a logits-only record holds exactly 0, however long the box paused in between
     if generate:
         g0 = time.perf_counter()
-        # stop at the end of the first line that holds a parseable answer: the explanation after it is not scored
-        reply = scorer.greedy(prompt, max_gen_tokens, until=lambda text: text.endswith("\n") and tpl.parse(text, inputs).ok)
+        # stop at the end of the first line that holds the instructed 'Answer: X': the explanation after it is not
+        # scored. Only that line: an answer inferred from a reply that starts by listing the options ("A. ...") would
+        # stop the reply before the answer it goes on to give.
+        reply = scorer.greedy(prompt, max_gen_tokens, until=lambda text: text.endswith("\n") and tpl.parse(text, inputs).labelled)
         parsed = tpl.parse(reply, inputs)
         gen_pred, parsed_ok = (letters.get(parsed.value) if parsed.ok else None), parsed.ok
         gen_s = time.perf_counter() - g0

@@ -22,6 +22,7 @@ class Parsed:
     value: object          # the choice, the JSON object, or the text
     answer_text: str       # the reply with thinking removed
     error: str = ""
+    labelled: bool = False  # a choice found on the instructed 'Answer: X' line (not inferred from prose or a list)
 
 
 @dataclass(frozen=True)
@@ -65,23 +66,28 @@ def _parse_choice(c: Contract, text: str, choices) -> Parsed:
     # Single-letter choices are matched case-sensitively outside a labelled line: "the answer is a ..." is prose.
     strict = f"(?-i:{alts})" if all(len(x) == 1 and x.isupper() for x in choices) else alts
     deco = r"[\s\*\(\[\"'_]*"  # markdown bold, brackets, quotes around the label or the choice
+    # On the labelled line a choice is not followed by a lower-case word ("Answer: a patient ..." is prose) nor by
+    # another choice ("Answer: A or B" is a hedge, not an answer).
+    hedge = rf"\s*(?:or|and|/|,)\s*{deco}(?:{alts})\b"
+    prose = r"(?![ \t]+(?-i:[a-z]))" if all(len(x) == 1 for x in choices) else ""
     patterns = (
-        rf"{label}{deco}[:\-]{deco}({alts})\b",                 # Answer: B / **Answer:** (b)
+        rf"{label}{deco}[:\-]{deco}({alts})\b{prose}(?!{hedge})",  # Answer: B / **Answer:** (b)
         rf"\banswer is{deco}[:\-]?{deco}({strict})\b",          # the correct answer is C (not "is a ...")
         rf"^{deco}({strict})\s*[\)\.\:]",                       # reply starts "B." / "(B)"
     )
     hits: list[str] = []
-    for pattern in patterns:
+    for i, pattern in enumerate(patterns):
         hits = re.findall(pattern, text, flags=re.I | re.M)
         if hits:
             break
     else:  # the whole reply is one bare choice: "maybe", "Maybe.", "**B**"
+        i = len(patterns)
         bare = re.fullmatch(rf"{deco}({strict}){deco}[\.\!]?{deco}", text.strip(), flags=re.I)
         hits = [bare.group(1)] if bare else []
     if hits:
         found = hits[-1]
         canonical = next(x for x in choices if x.lower() == found.lower())
-        return Parsed(True, canonical, text)
+        return Parsed(True, canonical, text, labelled=i == 0)
     return Parsed(False, None, text, f"no '{c.label}: X' line with X in {', '.join(choices)}")
 
 
