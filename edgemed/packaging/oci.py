@@ -166,6 +166,12 @@ def read_docker_config(path: Path) -> dict:
     return cfg
 
 
+def token_realm_allowed(realm: str, plain: bool) -> bool:
+    """Whether credentials may go to a registry's token service at ``realm``: over HTTPS, or plain HTTP only where
+    the registry itself is reached over plain HTTP (a loopback one, or ``--insecure``)."""
+    return realm.startswith("https://") or (plain and realm.startswith("http://"))
+
+
 class Client:
     """An ``oras`` registry client for one registry, its scheme and its auth backend chosen by a first ``GET /v2/``.
 
@@ -187,6 +193,7 @@ class Client:
         # oras sets no timeout on its requests; every request of this session (oras's, and the auth backend's) gets ours
         self.oras.session.request = functools.partial(self.oras.session.request, timeout=self.TIMEOUTS_S)
         self.container = oras.container.Container(f"{ref.registry}/{ref.repo}:{ref.tag or 'latest'}")
+        self._guard_auth()
         if backend == "basic":
             self.oras.auth._basic_auth = None
         # the one file docker would read: oras on its own reads ~/.docker/config.json even where DOCKER_CONFIG
@@ -200,6 +207,45 @@ class Client:
                                 f"log in first: edgemed login {ref.registry} --username USER --password-stdin")
         if backend == "basic":  # sent with every request, not after a 401 each time (the registry hashes it per request)
             self.oras.session.headers["Authorization"] = f"Basic {self.oras.auth._basic_auth}"
+
+    def _guard_auth(self) -> None:
+        """Two rules oras's auth backend does not keep, kept around it:
+
+        - credentials go to a token service (the challenge's realm) over HTTPS only, as ``edgemed login`` requires:
+          a registry naming an ``http://`` realm would otherwise receive the user's password in the clear;
+        - a 401 or 403 with no challenge this client can answer fails at once, named (oras raised a bare ValueError
+          and retried it, sleeping about two minutes, before a traceback)."""
+        import oras.auth
+
+        auth, plain, registry = self.oras.auth, self.plain, self.ref.registry
+
+        def realm_checked(fn):
+            def call(h, *args, **kwargs):
+                realm = getattr(h, "realm", None) or ""
+                if realm and not realm.startswith("http"):  # oras prefixes its own scheme
+                    realm = f"{'http' if plain else 'https'}://{realm}"
+                if realm and not token_realm_allowed(realm, plain):
+                    raise oras.auth.AuthenticationException(
+                        f"The registry {registry} names a token service that is not HTTPS ({realm[:80]!r}); "
+                        "edgemed sends no credentials there.")
+                return fn(h, *args, **kwargs)
+            return call
+
+        for name in ("request_token", "request_anonymous_token"):
+            if hasattr(auth, name):
+                setattr(auth, name, realm_checked(getattr(auth, name)))
+        if hasattr(auth, "authenticate_request"):
+            answer = auth.authenticate_request
+
+            def authenticate(original, headers, *args, **kwargs):
+                headers, changed = answer(original, headers, *args, **kwargs)
+                if not changed:
+                    raise oras.auth.AuthenticationException(
+                        f"The registry {registry} answered HTTP {original.status_code} to {original.request.method} "
+                        f"{original.request.url} and asked for no credentials edgemed can give.")
+                return headers, changed
+
+            auth.authenticate_request = authenticate
 
     def _ping(self) -> str:
         """GET /v2/: reachable, the right scheme, and which auth it asks for ('basic' or 'token')."""
@@ -229,8 +275,13 @@ class Client:
         """One request through oras (which answers the registry's auth challenge); a network error is a RegistryError."""
         import requests
 
+        import oras.auth
+
         try:
             return self.oras.do_request(url, method, headers=dict(headers or {}), stream=stream)
+        except oras.auth.AuthenticationException as exc:
+            raise RegistryError(str(exc), "check that the repository exists and that your login may read it "
+                                f"(edgemed login {self.ref.registry}); a token service must be served over HTTPS") from None
         except requests.exceptions.RequestException as exc:
             raise RegistryError(f"{method} {url} failed ({_short(exc)}).", "check the network and run the command again") from None
 
@@ -273,7 +324,7 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
         if r.status_code == 401 and challenge.lower().startswith("bearer"):  # a token service (Harbor, cloud registries)
             h = au.parse_auth_header(challenge)
             realm = h.realm or ""
-            if not (realm.startswith("https://") or (plain and realm.startswith("http://"))):
+            if not token_realm_allowed(realm, plain):
                 raise RegistryError(f"The registry {ref.registry} names a token service that is not HTTPS ({realm[:80]!r}).",
                                     "ask the registry's administrator to serve the token service over HTTPS")
             r = requests.get(realm, params={"service": h.service or ""}, auth=(username, password), timeout=Client.PING_TIMEOUT_S)
