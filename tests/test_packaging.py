@@ -364,6 +364,20 @@ def test_install_checks_signature_and_changed_manifest_in_store(tmp_path, src, k
         runnable("tiny").model_path
 
 
+def test_verify_of_an_installed_model_checks_its_signature_as_run_does(tmp_path, src, keys):
+    """The signature file removed (or swapped) after install: `run` refused the model, `verify NAME` said OK."""
+    priv, pub = keys
+    t = _pack(src, tmp_path / "b.edgemed", private_key=signing.load_private_key(priv))
+    assert _run("install", t, "--key", pub).exit_code == 0
+    assert _run("verify", "tiny", "--full").exit_code == 0
+    sig = Store().models / "tiny" / signing.MODEL_SIG
+    sig.unlink()
+    r = CliRunner().invoke(cli, ["verify", "tiny", "--full"])
+    assert r.exit_code == 1 and "not the one checked at install" in r.output and "now absent" in r.output, r.output
+    with pytest.raises(Exception, match="not the one checked at install"):
+        runnable("tiny").model_path
+
+
 def test_tampered_store_file_is_refused_before_run(tmp_path, src):
     t = _pack(src, tmp_path / "b.edgemed")
     _run("install", t)

@@ -506,7 +506,12 @@ class Store:
         if not rec:
             raise IntegrityError(f"'{name}' is in the store but not in its index ({self.index_path}).",
                                  f"reinstall it: edgemed install BUNDLE --name {name} --force")
-        return verify_dir(d, full=full, public_key=public_key, cache=self.cache, expect_manifest_sha256=rec["manifest_sha256"])
+        v = verify_dir(d, full=full, public_key=public_key, cache=self.cache, expect_manifest_sha256=rec["manifest_sha256"])
+        # and what `run` checks besides: the signature is the one checked at install, and today's policy trusts it
+        from edgemed.packaging import trust
+
+        trust.check_installed(rec, v.signature, v.manifest, v.manifest_bytes)
+        return v
 
     def list(self) -> list[dict]:
         """One row per installed model; a damaged one is a row with an ``error`` (list shows what it can)."""
