@@ -536,6 +536,8 @@ def _put_manifest(registry, repo: str, tag: str, manifest: dict) -> None:
     (lambda m: m["layers"].pop(0), "has no 'manifest.json' layer"),
     (lambda m: m["layers"].pop(2), "has no layer for the bundle file 'model/tiny.gguf'"),
     (lambda m: m["layers"][2].update(digest=m["layers"][3]["digest"]), "the bundle manifest expects"),
+    (lambda m: next(x for x in m["layers"] if x["annotations"]["org.cncf.model.filepath"] == "model.sig").update(size=5 << 20),
+     "a signature is at most"),  # refused before it is fetched: a signature comes before any trust
 ])
 def test_an_untrusted_manifest_is_refused_before_anything_is_written(registry, tmp_path, edgemed_home, maker_key, change, expect):
     bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
@@ -546,6 +548,8 @@ def test_an_untrusted_manifest_is_refused_before_anything_is_written(registry, t
     out = _cli("pull", registry.ref("clinic/hostile:bad"), ok=False)
     assert expect in out and "Fix:" in out
     assert _models(edgemed_home) == [] and not (edgemed_home / "etc").exists()
+    downloads = edgemed_home / "downloads"
+    assert not downloads.exists() or [p.name for p in downloads.iterdir() if p.name != "lock"] == []  # nothing kept
 
 
 def test_a_layer_missing_from_the_registry_is_refused_by_name(registry, tmp_path, edgemed_home, maker_key):

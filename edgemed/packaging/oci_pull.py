@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgemed import env
-from edgemed.errors import IntegrityError, StoreError
+from edgemed.errors import EdgemedError, IntegrityError, StoreError
 from edgemed.files.debris import scratch_dir, step, sweep
 from edgemed.files.hashing import BLOCK
 from edgemed.packaging import oci
@@ -50,6 +50,7 @@ from edgemed.packaging.manifest import (
     SIGNATURES,
     Manifest,
     check_name,
+    max_signature_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
     if mlayer.size > MAX_MANIFEST_BYTES:
         raise IntegrityError(f"The '{MANIFEST}' layer of {origin} is {mlayer.size} bytes, more than the {MAX_MANIFEST_BYTES} a bundle manifest may hold.",
                              "pull an artifact that `edgemed push` made")
+    for x in layers:  # the signatures are fetched with the manifest, before any trust: their bound comes first too
+        if x.path in SIGNATURES and x.size > max_signature_bytes(x.path):
+            raise IntegrityError(f"Layer '{x.path}' of {origin} is {x.size} bytes; a signature is at most "
+                                 f"{max_signature_bytes(x.path)}.", "pull an artifact that `edgemed push` made")
     root = downloads_dir()
     stats = Pulled(name="", ref=target, origin=str(origin), files=len(layers), bytes_downloaded=0, bytes_resumed=0,
                    blobs_in_store=0, signed_by=None)
@@ -133,12 +138,16 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
             _link_or_copy(src, dest)  # linked now: a store blob cannot be collected while the rest downloads
 
         meta = [mlayer] + [x for x in layers if x.path in SIGNATURES]
-        for x in meta:  # small: manifest.json and the signature
-            get(x)
-        data = (stage / MANIFEST).read_bytes()
-        man = Manifest.from_bytes(data, f"{origin} {MANIFEST}")
-        oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
-        _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
+        try:
+            for x in meta:  # small: manifest.json and the signature
+                get(x)
+            data = (stage / MANIFEST).read_bytes()
+            man = Manifest.from_bytes(data, f"{origin} {MANIFEST}")
+            oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
+            _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
+        except EdgemedError:  # refused: what it downloaded is not kept for a later pull to resume
+            _forget(fetched)
+            raise
         target_name = check_name(name or man.name)
         if _installed(store, target_name, data, force):
             stats.name, stats.already_installed = target_name, True
