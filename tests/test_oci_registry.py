@@ -452,6 +452,25 @@ def test_two_tags_sharing_a_gguf_keep_one_blob_in_the_registry_and_one_on_the_de
         assert (edgemed_home / "store" / "models" / name / gguf).stat().st_ino == blob.stat().st_ino
 
 
+def test_a_damaged_store_blob_is_downloaded_again_not_linked_into_the_next_pull(registry, tmp_path, edgemed_home, maker_key):
+    """A store blob of the right size was taken on its name: one flipped byte made every later pull of a bundle
+    sharing it fail, blaming the bundle, and the pull never fetched a good copy."""
+    src = bundle_kit.inputs(tmp_path / "src", extra_kv={"edgemed.test.unique": "damaged-blob"})
+    bundle = _pack_dir(src, tmp_path / "dmg", "dmg", maker_key[0])
+    _cli("push", bundle, registry.ref("clinic/dmg:v1"))
+    _cli("pull", registry.ref("clinic/dmg:v1"))
+    sha = _gguf_sha(bundle)
+    blob = edgemed_home / "store" / "blobs" / "sha256" / sha
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))  # same size, same name, other bytes (and, hard-linked, the installed copy too)
+    seen = len(registry.access())
+    pulled = json.loads(_cli("pull", registry.ref("clinic/dmg:v1"), "--name", "dmg2", "--json"))
+    assert pulled["name"] == "dmg2" and [r for r in registry.access()[seen:] if r["path"].endswith(sha)]
+    assert _cli("verify", "dmg2", "--full")  # the new install holds the registry's good bytes
+
+
 def test_pulling_what_is_installed_changes_nothing_and_another_bundle_needs_force(registry, smol, smol_pushed, edgemed_home):
     first = json.loads(_cli("pull", registry.ref("clinic/smol:a"), "--json"))
     seen = len(registry.access())
