@@ -126,17 +126,28 @@ def _peft_merged(base: Path, lora: Path) -> dict:
     return {k: v.detach().numpy() for k, v in merged.state_dict().items()}
 
 
-@pytest.mark.parametrize("adapter", ["lora", "rslora"])
+def _without_alpha(lora: Path, out: Path) -> Path:
+    """The adapter with ``lora_alpha`` left out of its config: PEFT then uses its default, 8 (not ``r``)."""
+    shutil.copytree(lora, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config.pop("lora_alpha")
+    assert config["r"] != 8  # so a default of r would show
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "no-alpha"])
 def test_lora_merge_equals_peft_merge_and_unload(models, tmp_path, adapter):
     from edgemed.converters.arch.llama import _k, _q
     from edgemed.converters.source.checkpoint import Checkpoint
 
+    lora = _without_alpha(models["lora"], tmp_path / "no-alpha") if adapter == "no-alpha" else models[adapter]
     out = tmp_path / "merged.gguf"
-    report = convert(models["llama"], out, ConvertOptions(out_type="f32", lora=models[adapter]), echo=lambda s: None)
+    report = convert(models["llama"], out, ConvertOptions(out_type="f32", lora=lora), echo=lambda s: None)
     assert report.lora["merged_tensors"] == 2 * 7
     assert report.parity["passed"] is True  # GGUF vs PEFT's own (unmerged) forward pass
     reader = _read(out)
-    expected = _peft_merged(models["llama"], models[adapter])
+    expected = _peft_merged(models["llama"], lora)
     ckpt = Checkpoint.open(models["llama"])
     pairs = {"self_attn.q_proj": ("attn_q", lambda w: _q(w, ckpt)), "self_attn.k_proj": ("attn_k", lambda w: _k(w, ckpt)),
              "self_attn.v_proj": ("attn_v", None), "self_attn.o_proj": ("attn_output", None),

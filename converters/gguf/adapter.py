@@ -35,6 +35,7 @@ from pathlib import Path
 from edgemed import __version__
 from edgemed.errors import AdapterError, require
 from edgemed.formats.gguf_header import BASE_ARCH_KEY, BASE_SOURCE_KEY, LORA_SHA_KEY, read_header  # the runtime reads the keys too
+from edgemed.converters.source.lora import lora_alpha
 
 gguf = require("gguf", "convert")
 np = require("numpy", "convert")
@@ -59,9 +60,8 @@ class AdapterTensor:
 
 
 def file_alpha(adapter) -> float:
-    """``adapter.lora.alpha``: the adapter's ``lora_alpha`` (PEFT's default: r)."""
-    config = adapter.config
-    return float(config.get("lora_alpha", config.get("r", 8)))
+    """``adapter.lora.alpha``: the adapter's ``lora_alpha`` (PEFT's default, 8, where the config has none)."""
+    return lora_alpha(adapter.config)
 
 
 def plan_adapter(ckpt, spec, adapter) -> list[AdapterTensor]:

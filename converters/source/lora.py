@@ -50,6 +50,17 @@ TIED_MODULES = ("lm_head", "model.embed_tokens")
 BASE_COPY = ".base_layer.weight"
 
 
+#: PEFT's own defaults (``LoraConfig``) for a config that leaves ``r`` or ``lora_alpha`` out: PEFT loads such an
+#: adapter with these, so a merge must use them too (``lora_alpha`` is not ``r`` by default: 8 whatever ``r`` is)
+PEFT_R = 8
+PEFT_LORA_ALPHA = 8
+
+
+def lora_alpha(config: dict) -> float:
+    """The adapter's ``lora_alpha`` as PEFT reads it: the config's, else PEFT's default (8)."""
+    return float(config.get("lora_alpha", PEFT_LORA_ALPHA))
+
+
 def _module_of(key: str) -> str:
     """The base module an adapter tensor belongs to: "base_model.model.lm_head.lora_A.weight" -> "lm_head"."""
     key = key.removeprefix("base_model.model.")
@@ -298,8 +309,8 @@ class LoraAdapter:
 
     @classmethod
     def _plan(cls, config: dict, keys: list[str], handle, base_tensors: dict):
-        r_default = config.get("r", 8)
-        alpha_default = float(config.get("lora_alpha", r_default))
+        r_default = config.get("r", PEFT_R)
+        alpha_default = lora_alpha(config)
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
         rslora = bool(config.get("use_rslora", False))
