@@ -92,6 +92,28 @@ def test_kv_cache_formula_gqa_and_cache_type(tiny):
     assert kv_cache_bytes(read_shape(mha), 1024) == 2 * kv_cache_bytes(s, 1024)
 
 
+@pytest.mark.parametrize("n_ctx, n_seq", [(300, 1), (1200, 4), (4096, 64), (2048, 4), (8192, 1)])
+def test_the_plan_counts_the_kv_cells_llama_cpp_allocates(smollm2_gguf, n_ctx, n_seq):
+    """llama.cpp pads the context to 256 cells, then each slot's stream again: 64 slots of 64 tokens hold 64 x 256
+    cells. The plan counted the tokens asked for (48 MiB of KV where 192 MiB were allocated, on a 0.5B)."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.llamacpp import Context, Model
+    from edgemed.runtime.plan import kv_cells
+
+    model = Model(smollm2_gguf, LoadSettings(n_ctx=n_ctx))
+    try:
+        ctx = Context(model, n_ctx=n_ctx, n_seq_max=n_seq, kv_unified=False, n_batch=64)
+        try:
+            assert ctx.n_ctx == kv_cells(n_ctx, n_seq)  # read back from llama.cpp
+            shape = read_shape(smollm2_gguf)
+            assert estimate(shape, n_ctx, n_seq=n_seq).kv_cache == kv_cache_bytes(shape, ctx.n_ctx)
+        finally:
+            ctx.close()
+    finally:
+        model.close()
+
+
 def test_compute_buffer_matches_llama_cpp_reports():
     """Numbers llama.cpp 0.3.36 printed ("CPU compute buffer size") for SmolLM2-135M, no flash attention.
 

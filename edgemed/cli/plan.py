@@ -26,7 +26,7 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     Picks the largest context that fits, or exits with an error saying what to change.
     """
     from edgemed.devices.detect import resolve
-    from edgemed.runtime.plan import MIB, budget_from_mib, make_plan, prefix_cache_request, read_shape
+    from edgemed.runtime.plan import MIB, budget_from_mib, kv_cells, make_plan, prefix_cache_request, read_shape
 
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
@@ -42,7 +42,9 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     click.echo(f"  weights        {mib(e.weights)}")
     if e.repacked:
         click.echo(f"  CPU repacked   {mib(e.repacked)}")
-    click.echo(f"  KV cache       {mib(e.kv_cache)}  (n_ctx {e.n_ctx}, {p.llama['type_k']}/{p.llama['type_v']})")
+    cells = kv_cells(e.n_ctx)
+    padded = f": {cells} cells, as llama.cpp pads it" if cells != e.n_ctx else ""
+    click.echo(f"  KV cache       {mib(e.kv_cache)}  (n_ctx {e.n_ctx}{padded}, {p.llama['type_k']}/{p.llama['type_v']})")
     fa = f"flash_attn {p.llama['flash_attn']}"
     if p.llama["flash_attn"] != prof.llama["flash_attn"]:  # on for this model's head width alone
         shape = read_shape(model)

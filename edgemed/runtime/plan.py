@@ -10,8 +10,9 @@ by ``edgemed.formats.gguf_header`` with the ``gguf`` package's type tables; no m
   quant types (``REPACKED_TYPES``) next to the mapped original. Without mmap
   (``use_mmap = false``) those tensors are read straight into the interleaved
   buffer, so they count once: the CPU profiles load that way.
-* **KV cache** — ``n_ctx * n_layer * n_head_kv * (head_dim_k * bytes(type_k) + head_dim_v * bytes(type_v))``:
-  grouped-query attention shrinks it by ``n_head / n_head_kv``; a q8_0 cache halves it.
+* **KV cache** — ``cells * n_layer * n_head_kv * (head_dim_k * bytes(type_k) + head_dim_v * bytes(type_v))``:
+  grouped-query attention shrinks it by ``n_head / n_head_kv``; a q8_0 cache halves it. ``cells`` is what
+  llama.cpp allocates for ``n_ctx`` (``kv_cells``): padded to 256, and each slot's stream padded again.
 * **compute buffer** — the largest graph stage for one micro-batch of ``n_ubatch``
   tokens: attention scores ``n_ctx * n_ubatch * (n_head + 1) * 4`` bytes (not needed
   with flash attention), the activations around them, or the output logits. On a
@@ -48,7 +49,7 @@ MIB = 1 << 20
 MAX_BUDGET_MIB = 1 << 30  # 1 PiB
 CTX_STEP = 256          # llama.cpp pads the KV cache to this; plans use multiples of it
 #: Names the estimate's formula in manifests and plans; bump when the model of memory changes.
-METHOD = "planner/2"  # 2: the repacked copy counts only with mmap
+METHOD = "planner/3"  # 2: the repacked copy counts only with mmap; 3: KV in the cells llama.cpp pads to (kv_cells)
 MIN_CTX = 512           # below this a medical prompt plus an answer does not fit
 #: The prefix cache of a profile without ``memory.prefix_cache_mib`` (the batcher's own default).
 PREFIX_CACHE_MIB = 256
@@ -164,6 +165,16 @@ class Estimate:
         return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute + self.adapters + self.prefix_cache
 
 
+def kv_cells(n_ctx: int, n_seq: int = 1) -> int:
+    """The KV cells llama.cpp allocates for a context of ``n_ctx`` shared by ``n_seq`` sequences, each with a stream of
+    its own (``kv_unified`` off, as ``edgemed serve``'s slots): the context padded to ``CTX_STEP``, then each stream's
+    share padded to it again (``llama_context``'s constructor), so 4 slots of 300 tokens hold 4 x 512 cells."""
+    cells = -(-n_ctx // CTX_STEP) * CTX_STEP
+    if n_seq > 1:
+        cells = -(-(cells // n_seq) // CTX_STEP) * CTX_STEP * n_seq
+    return cells
+
+
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE) -> int:
     per_token = shape.n_head_kv * (shape.head_dim_k * KV_TYPES[type_k].bytes_per_element
                                    + shape.head_dim_v * KV_TYPES[type_v].bytes_per_element)
@@ -183,16 +194,19 @@ def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
              flash_attn: bool = False, offload: bool = False, use_mmap: bool = True, adapter_bytes: int = 0,
-             prefix_cache_bytes: int = 0) -> Estimate:
+             prefix_cache_bytes: int = 0, n_seq: int = 1) -> Estimate:
     """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx`` (with ``adapter_bytes`` of
-    LoRA adapters: ``adapters_bytes``, and ``prefix_cache_bytes`` of host prefix cache)."""
+    LoRA adapters: ``adapters_bytes``, and ``prefix_cache_bytes`` of host prefix cache), its context shared by
+    ``n_seq`` sequences of their own KV streams (``edgemed serve``'s slots): the cells llama.cpp allocates
+    (``kv_cells``), not the tokens asked for."""
+    cells = kv_cells(n_ctx, n_seq)
     return Estimate(
         n_ctx=n_ctx,
         runtime=RUNTIME_BASE + RUNTIME_PER_TOKEN * shape.n_vocab,
         weights=shape.weights_bytes,
         repacked=0 if offload or not use_mmap else shape.repackable_bytes,
-        kv_cache=kv_cache_bytes(shape, n_ctx, type_k, type_v),
-        compute=compute_bytes(shape, n_ctx, min(n_ubatch, n_ctx), flash_attn, offload),
+        kv_cache=kv_cache_bytes(shape, cells, type_k, type_v),
+        compute=compute_bytes(shape, cells, min(n_ubatch, n_ctx), flash_attn, offload),
         adapters=adapter_bytes,
         prefix_cache=prefix_cache_bytes,
     )
@@ -247,9 +261,10 @@ def profile_settings(profile: Profile, shape: ModelShape) -> dict:
 
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None,
-                   adapter_bytes: int = 0, prefix_cache_bytes: int = 0) -> tuple[int, str]:
+                   adapter_bytes: int = 0, prefix_cache_bytes: int = 0, n_seq: int = 1) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = profile_settings(profile, shape) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes}
+    opts = profile_settings(profile, shape) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes,
+                                               "n_seq": n_seq}
     parts = [f"LoRA adapters {adapter_bytes / MIB:.0f} MiB"] * bool(adapter_bytes) + \
         [f"--prefix-cache-mib {prefix_cache_bytes / MIB:.0f} MiB"] * bool(prefix_cache_bytes)
     with_adapters = f" ({', '.join(parts)} of it)" if parts else ""
@@ -309,7 +324,8 @@ def check_threads(n: int | None, what: str = "the thread count") -> int | None:
 
 
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
-              budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None) -> Plan:
+              budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None,
+              n_seq: int = 1) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
     files ``adapters`` (paths, or objects with ``.path``) applied.
 
@@ -326,8 +342,8 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     if not _is_int(asked) or not 0 <= asked <= MAX_PREFIX_CACHE_MIB * MIB:
         raise InputError(f"The prefix cache must be 0 to {MAX_PREFIX_CACHE_MIB} MiB, got {asked!r} bytes.",
                          "pass --prefix-cache-mib with a whole number of MiB (0: no host cache)")
-    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0)
-    est = estimate(shape, n_ctx, **profile_settings(profile, shape), adapter_bytes=adapter_bytes)
+    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0, n_seq)
+    est = estimate(shape, n_ctx, **profile_settings(profile, shape), adapter_bytes=adapter_bytes, n_seq=n_seq)
     if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
         est = replace(est, prefix_cache=asked if fixed else max(0, min(asked, (budget - est.total) // MIB * MIB)))
     # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it

@@ -43,11 +43,12 @@ def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
 
 def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,
             seed: int = 0, root: Path | str = "/", adapters=(), prefix_cache: bool = False,
-            prefix_cache_mib: int | None = None) -> Prepared:
+            prefix_cache_mib: int | None = None, slots: int = 1) -> Prepared:
     """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded); ``adapters``: the
     LoRA adapter files (or ``loader.AdapterSpec``) that will be applied, counted by the plan. ``prefix_cache``
     (``edgemed serve``): the plan also counts a host-RAM prefix cache of ``prefix_cache_mib`` MiB (None: the
-    profile's, reduced to what fits; see ``plan.make_plan``); ``plan.estimate.prefix_cache`` is its size."""
+    profile's, reduced to what fits; see ``plan.make_plan``); ``plan.estimate.prefix_cache`` is its size. ``slots``:
+    the sequences that will share the context, each with its own KV stream (its share is padded apart)."""
     from edgemed.runtime.plan import check_threads, prefix_cache_request
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
@@ -64,7 +65,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
                             providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
-    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache)
+    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
