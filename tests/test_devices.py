@@ -108,6 +108,23 @@ def test_jetson_uses_fixed_memory_and_offloads_everything():
     assert profile.llama["n_gpu_layers"] == -1 and profile.llama["flash_attn"] is True
 
 
+def test_a_module_with_less_memory_than_its_profile_plans_with_what_it_has(tmp_path):
+    """An Orin Nano with 6.1 GiB (inside the profile's match range) got the profile's fixed 7.4 GiB: a budget of
+    nearly all its RAM. On the device the smaller of the two counts; planned from another machine, the profile's."""
+    import shutil
+
+    nano = tmp_path / "nano"
+    shutil.copytree(FIXTURES / "jetson-orin-nano-8gb", nano)
+    (nano / "proc" / "meminfo").write_text("MemTotal:       6400000 kB\nMemAvailable:   6000000 kB\n")
+    facts = detect(nano)
+    profile = get_profile("jetson-orin-nano-8gb")
+    assert profile.matches(facts)
+    assert profile.total_memory_bytes(facts) == 6400000 * 1024
+    assert profile.budget_bytes(facts) == int(min(6400000 * 1024 - 1.5 * GIB, 6400000 * 1024 * 0.8))
+    big = detect(FIXTURES / "apple-m3")  # another machine: the profile's own size
+    assert not profile.matches(big) and profile.total_memory_bytes(big) == int(7.4 * GIB)
+
+
 def test_this_machine_is_detected():
     facts = detect("/")
     profile = choose(facts)

@@ -61,11 +61,15 @@ class Profile:
 
     # -- memory -----------------------------------------------------------------------
     def total_memory_bytes(self, facts: Facts | None) -> int:
-        """The device's memory: the profile's fixed size, else what detection found."""
+        """The device's memory: the profile's fixed size (the module's MemTotal, for planning off the device), else
+        what detection found. On the device (this machine matches the profile), never more than it has: a module in
+        the profile's range with less memory plans with what it has; a container's limit caps it anywhere."""
         if "total_gb" in self.memory:
             total = int(self.memory["total_gb"] * GIB)
             if facts is not None and facts.memory_limit_bytes:
                 total = min(total, facts.memory_limit_bytes)
+            if facts is not None and facts.memory_bytes and self.matches(facts):
+                total = min(total, facts.memory_bytes)
             return total
         if facts is None or not facts.usable_memory_bytes:
             raise ProfileError(
