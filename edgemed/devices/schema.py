@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from edgemed.constants import EXTRA_BUFFER_MODES, KV_CACHE_TYPES
+from edgemed.constants import EXTRA_BUFFER_MODES, FULL_PRECISION_KV, KV_CACHE_TYPES
 from edgemed.errors import ProfileError
 
 THREAD_WORDS = ("physical", "performance")
@@ -149,6 +149,10 @@ def validate(data: dict, source: str) -> None:
             fail(field, f"expected {expected}, got {_short(table[key])}")
     if data["llama"]["n_ubatch"] > data["llama"]["n_batch"]:
         fail("llama.n_ubatch", f"must not exceed llama.n_batch ({data['llama']['n_batch']})")
+    if data["llama"]["type_v"] not in FULL_PRECISION_KV and not data["llama"]["flash_attn"]:
+        # llama.cpp refuses a quantized V cache without flash attention, and only when the model loads
+        fail("llama.type_v", f"'{data['llama']['type_v']}' (a quantized V cache) needs llama.flash_attn = true; "
+                             "or use type_v = \"f16\"")
     match = data.get("match", {})
     if match.get("min_memory_gb", 0) > match.get("max_memory_gb", float("inf")):
         fail("match.min_memory_gb", "is larger than match.max_memory_gb")
