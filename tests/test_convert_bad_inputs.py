@@ -181,6 +181,32 @@ def test_config_json_not_utf8_or_nan(models, tmp_path):
     _refused(_convert(ckpt, "-o", tmp_path / "x.gguf"), "not valid JSON")
 
 
+@pytest.mark.parametrize("change", [
+    {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 100},
+    {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 100},
+])
+def test_sliding_window_layers_are_refused_before_any_work(models, tmp_path, change):
+    """llama.cpp's qwen2 and llama graphs attend over the whole context: a window longer than the ~80-token parity
+    prompts passed the gate, and the GGUF computed another model past it."""
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    _edit_json(ckpt / "config.json", lambda c: {**c, **change})
+    _refused(_convert(ckpt, "--quant", "f16", "-o", tmp_path / "x.gguf"), "sliding window of 100 tokens")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_sliding_window_that_is_off_or_covers_the_context_converts(models, tmp_path):
+    from edgemed.converters.source.checkpoint import sliding_window_of
+
+    assert sliding_window_of({"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 21,
+                              "num_hidden_layers": 28}) is None  # R1-Distill-Qwen's own config
+    assert sliding_window_of({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 28,
+                              "num_hidden_layers": 28}) is None  # no layer from max_window_layers on
+    assert sliding_window_of({"layer_types": ["sliding_attention"], "sliding_window": 4096,
+                              "max_position_embeddings": 4096}) is None  # the window is the whole context
+    assert sliding_window_of({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 21,
+                              "num_hidden_layers": 28, "max_position_embeddings": 32768}) == 4096
+
+
 def test_an_output_that_is_one_of_the_inputs_is_refused_even_with_force(models, tmp_path):
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
     weights = ckpt / "model.safetensors"

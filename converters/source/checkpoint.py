@@ -95,9 +95,33 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def sliding_window_of(config: dict) -> int | None:
+    """The attention window of a config whose layers (some or all) attend over a sliding window, else None: Qwen2's
+    ``use_sliding_window`` with layers from ``max_window_layers`` on, or ``layer_types`` naming sliding layers. A
+    window as long as the model's context changes nothing and is None too."""
+    n_layers = config.get("num_hidden_layers")
+    types = config.get("layer_types")
+    sliding = isinstance(types, list) and "sliding_attention" in types
+    if config.get("use_sliding_window") is True and _is_int(n_layers):
+        start = config.get("max_window_layers", 0)
+        sliding = sliding or not (_is_int(start) and start >= n_layers)
+    window = config.get("sliding_window")
+    if not sliding or not _is_int(window) or window <= 0:
+        return None
+    context = config.get("max_position_embeddings")
+    return None if _is_int(context) and window >= context else window
+
+
 def validate_config(config: dict, path: Path) -> None:
     """Refuse config.json values the converters would choke on, naming the field and the fix."""
     where = path / "config.json"
+    window = sliding_window_of(config)
+    if window is not None:  # llama.cpp's llama and qwen2 graphs attend over the whole context: another model past it
+        raise CheckpointError(
+            f"{where}: its layers attend over a sliding window of {window} tokens (use_sliding_window / layer_types), "
+            "which llama.cpp's graph for this architecture does not have: the GGUF would compute another model for "
+            "any prompt longer than the window, and a short parity check would not see it.",
+            "convert a checkpoint without sliding-window layers: llama.cpp cannot run this one as it was trained")
 
     def bad(key: str, value, want: str, example) -> CheckpointError:
         return CheckpointError(f"{where}: '{key}' must be {want}, not {json.dumps(value)[:60]}.",
