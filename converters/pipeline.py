@@ -183,11 +183,15 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
                     "chat_template": bool(vocab.special.chat_template)}
         if opts.parity:
-            from edgemed.converters.quality.parity import check_gguf, gated
+            from edgemed.converters.quality.parity import check_gguf, gated, source_logits
 
             with timings.step("parity"):
-                report = check_gguf(src, tmp, opts.out_type, threads=opts.threads)
+                reference = source_logits(src)
+                intermediate = _gate_intermediate(src, float_out, float_type, opts, reference, echo) if quantized else None
+                report = check_gguf(src, tmp, opts.out_type, threads=opts.threads, reference=reference)
             parity = gated(report, f"The {opts.out_type.upper()} GGUF", echo)
+            if intermediate is not None:
+                parity["intermediate"] = intermediate
         size = tmp.stat().st_size
         digest = file_sha256(tmp)  # the report names its output's bytes: `edgemed pack` checks the pair by it
         timings.since_start("total")
@@ -328,3 +332,24 @@ def _adapter_base(path: Path, spec, source_sha256: str) -> dict:
     number = meta.get("general.file_type", -1)
     return {"path": Path(path), "out_type": file_type_name(number if isinstance(number, int) else -1),
             "sha256": file_sha256(path)}
+
+
+def _gate_intermediate(src, float_out: Path, float_type: str, opts, reference, echo) -> dict:
+    """The float GGUF the quantizer reads, held to its float NMSE gate before the quantized file's looser top-1 gate
+    is trusted: a conversion error (a wrong rope base, a tensor laid out wrong) costs a 4-bit file little top-1
+    agreement, and would pass there. Its load is mapped; under a memory budget it cannot fit it is left out, and the
+    report says so (``edgemed check SOURCE INTERMEDIATE`` on a bigger machine is the same gate)."""
+    from edgemed.converters.budget.memory_room import detect_budget
+    from edgemed.converters.quality.parity import check_gguf, gated
+
+    size = float_out.stat().st_size
+    budget = detect_budget(opts.memory_budget)
+    if size > budget.bytes:
+        why = (f"the {float_type.upper()} intermediate ({size / 2**30:.1f} GiB) is larger than the memory budget "
+               f"({budget.bytes / 2**30:.1f} GiB, {budget.source})")
+        echo(f"parity of the {float_type.upper()} intermediate left out: {why}")
+        return {"skipped": why}
+    report = check_gguf(src, float_out, float_type, threads=opts.threads, reference=reference)
+    gated(report, f"The {float_type.upper()} intermediate the quantizer read", echo)
+    return {"out_type": float_type, "nmse": report.nmse, "gate_nmse": report.gate_nmse, "passed": report.passed,
+            "top1": report.top1, "kld": report.kld}

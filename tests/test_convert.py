@@ -159,6 +159,32 @@ def test_lora_merge_equals_peft_merge_and_unload(models, tmp_path, adapter):
             np.testing.assert_allclose(_tensor(reader, f"blk.{layer}.{gg}.weight"), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_quantized_conversion_gates_its_float_intermediate(models, tmp_path, monkeypatch):
+    """A wrong rope base costs a 4-bit file little top-1 agreement (0.74 on the tiny Qwen2 with 1e4 for 1e6), so the
+    quantized gate alone passed it; the F16 the quantizer reads is now held to the float NMSE gate first."""
+    from edgemed.converters.arch import base
+    from edgemed.errors import ParityError
+
+    out = tmp_path / "q8.gguf"
+    report = convert(models["llama"], out, ConvertOptions(out_type="q8_0"), echo=lambda s: None)
+    inter = report.parity["intermediate"]
+    assert inter["passed"] is True and inter["nmse"] < inter["gate_nmse"] and inter["out_type"] in ("f16", "bf16")
+    real = base.rope_config
+    monkeypatch.setattr(base, "rope_config", lambda ckpt: (real(ckpt)[0] / 100, real(ckpt)[1]))  # a writer's slip
+    with pytest.raises(ParityError, match="intermediate the quantizer read"):
+        convert(models["llama"], tmp_path / "bad.gguf", ConvertOptions(out_type="q8_0"), echo=lambda s: None)
+    assert not (tmp_path / "bad.gguf").exists()
+    monkeypatch.setenv("EDGEMED_MEMORY_BUDGET", "1k")  # no room for the intermediate: left out, and said so
+    monkeypatch.setattr(base, "rope_config", real)
+    said = []
+    from edgemed.converters.budget import peaks
+
+    monkeypatch.setattr(peaks, "check_gguf", lambda source, opts: None)  # the conversion itself is let through
+    report = convert(models["llama"], tmp_path / "small.gguf", ConvertOptions(out_type="q8_0"), echo=said.append)
+    assert "larger than the memory budget" in report.parity["intermediate"]["skipped"]
+    assert any("intermediate left out" in line for line in said)
+
+
 def test_merged_model_logits_differ_from_base(models, tmp_path):
     from edgemed.converters.quality.parity import PROMPTS, gguf_logits, metrics, source_logits
 

@@ -176,6 +176,8 @@ def test_quantized_output_failing_the_gate_is_not_written(bf16_model, tmp_path, 
 
     def bad_logits(path, ids, threads=None):
         out = real(path, ids, threads)
+        if Path(path).name.startswith("intermediate-"):  # the float GGUF the quantizer read is sound: its gate passes
+            return out
         if broken == "nan":
             out[0][1, 5] = np.nan
             return out
