@@ -16,8 +16,9 @@ __all__ = ["source_info", "lora_info", "converter_info", "installed_version"]
 
 
 def source_info(ckpt) -> dict:
-    """The checkpoint: where it was, its digest (config + weights), dtype and architecture."""
-    return {"path": str(ckpt.path), "sha256": ckpt.digest(), "dtype": ckpt.source_dtype(), "architecture": ckpt.architecture}
+    """The checkpoint: where it was, its digest (config + weights), its tokenizer files' digest, dtype and architecture."""
+    return {"path": str(ckpt.path), "sha256": ckpt.digest(), "tokenizer_sha256": ckpt.tokenizer_digest(),
+            "dtype": ckpt.source_dtype(), "architecture": ckpt.architecture}
 
 
 def lora_info(adapter) -> dict | None:

@@ -185,6 +185,18 @@ def test_a_quantized_conversion_gates_its_float_intermediate(models, tmp_path, m
     assert any("intermediate left out" in line for line in said)
 
 
+def test_the_report_names_the_tokenizer_files_the_gguf_embeds(models, tmp_path):
+    """The source sha256 covers the config and the weights; the chat template and vocabulary the GGUF embeds come
+    from the tokenizer files, which had no digest: two GGUFs with different chat templates named one source."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(models["llama"], ckpt)
+    a = convert(ckpt, tmp_path / "a.gguf", ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    (ckpt / "chat_template.jinja").write_text("{% for m in messages %}EVIL {{ m.content }}{% endfor %}")
+    b = convert(ckpt, tmp_path / "b.gguf", ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    assert a.source["sha256"] == b.source["sha256"]  # the same weights: an adapter for one is for the other
+    assert a.source["tokenizer_sha256"] and a.source["tokenizer_sha256"] != b.source["tokenizer_sha256"]
+
+
 def test_merged_model_logits_differ_from_base(models, tmp_path):
     from edgemed.converters.quality.parity import PROMPTS, gguf_logits, metrics, source_logits
 

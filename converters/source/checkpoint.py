@@ -441,6 +441,13 @@ class Checkpoint:
         """sha256 over the config and weight files (name + content), for provenance."""
         return files_digest([self.path / "config.json", *self.weight_files()])
 
+    def tokenizer_digest(self) -> str | None:
+        """sha256 over the tokenizer files a conversion reads (tokenizer.json and the side files: the vocabulary,
+        the special tokens, the chat template), by name and content; None when there are none. ``digest`` leaves
+        them out (it names the weights an adapter was trained on); the GGUF embeds what these hold."""
+        files = [self.path / n for n in ("tokenizer.json", *SIDE_FILES) if (self.path / n).is_file()]
+        return files_digest(files) if files else None
+
     # -- tensors --------------------------------------------------------------------------
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, "object"]]:
         """Yield ``(name, torch.Tensor)`` one at a time, in ``names`` order, memory-mapped."""
