@@ -114,6 +114,18 @@ def test_the_plan_counts_the_kv_cells_llama_cpp_allocates(smollm2_gguf, n_ctx, n
         model.close()
 
 
+def test_a_context_beyond_what_the_model_was_trained_on_is_refused(tiny):
+    """--ctx 65536 on a model trained on 32,768 tokens was planned without a word."""
+    shape = read_shape(tiny)
+    profile = get_profile("generic")
+    from edgemed.errors import InputError
+
+    with pytest.raises(InputError, match=f"more than the {shape.n_ctx_train} tokens this model was trained on"):
+        choose_context(shape, profile, 1 << 40, shape.n_ctx_train + 1)
+    assert choose_context(shape, profile, 1 << 40, shape.n_ctx_train) == (shape.n_ctx_train, "request")
+    assert choose_context(shape, profile, 1 << 40, 4 * shape.n_ctx_train, n_seq=4)[0] == 4 * shape.n_ctx_train
+
+
 def test_compute_buffer_matches_llama_cpp_reports():
     """Numbers llama.cpp 0.3.36 printed ("CPU compute buffer size") for SmolLM2-135M, no flash attention.
 

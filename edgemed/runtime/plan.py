@@ -272,6 +272,11 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
         if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
             raise InputError(f"--ctx must be an integer from 1 to {MAX_CTX}, got {requested!r}.",
                              "pass --ctx 2048 or leave it out")
+        per_seq = requested // max(n_seq, 1)
+        if shape.n_ctx_train and per_seq > shape.n_ctx_train:
+            raise InputError(f"A {per_seq}-token context is more than the {shape.n_ctx_train} tokens this model was "
+                             "trained on: past them its positions are ones it never saw, and its answers degrade.",
+                             f"pass --ctx {shape.n_ctx_train} or less, or leave --ctx out")
         est = estimate(shape, requested, **opts)
         if est.total > budget:
             raise PlanError(
