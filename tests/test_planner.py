@@ -83,6 +83,24 @@ def test_repacked_copy_counts_only_with_mmap_on_cpu(tiny):
     assert estimate(s, 1024, offload=True).repacked == 0
 
 
+def test_a_gpu_profile_on_a_cpu_only_build_counts_the_repacked_copy(tiny):
+    """With a CPU-only llama.cpp, a Jetson profile's offload never happens: the weights stay on the CPU, mapped, with
+    the repacked copy beside them (1,771 MiB measured against 1,492 planned on the 1.5B). A plan for this machine
+    asks the build; a plan for the device itself keeps the profile's word."""
+    from edgemed.runtime.plan import make_plan
+
+    jetson = get_profile("jetson-orin-nano-8gb")
+    on_device = make_plan(tiny, jetson, None, requested_ctx=256)
+    here = make_plan(tiny, jetson, None, requested_ctx=256, gpu=False)
+    assert read_shape(tiny).repackable_bytes > 0
+    assert on_device.estimate.repacked == 0 and here.estimate.repacked == read_shape(tiny).repackable_bytes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if not llama_cpp.llama_supports_gpu_offload():  # this machine: `run --profile jetson-...` plans as it will load
+        from edgemed.runtime.session import prepare
+
+        assert prepare(tiny, "jetson-orin-nano-8gb", n_ctx=256).plan.estimate.repacked == here.estimate.repacked
+
+
 def test_kv_cache_formula_gqa_and_cache_type(tiny):
     s = read_shape(tiny)
     # n_ctx * n_layer * n_head_kv * head_dim * (2 bytes K + 2 bytes V)

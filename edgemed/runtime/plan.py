@@ -252,18 +252,22 @@ def flash_attn_for(profile: Profile, shape: ModelShape) -> bool:
     return bool(s["flash_attn"]) or (shape.head_dim_k in widths and shape.head_dim_v in widths)
 
 
-def profile_settings(profile: Profile, shape: ModelShape) -> dict:
+def profile_settings(profile: Profile, shape: ModelShape, gpu: bool | None = None) -> dict:
     """The load settings of ``profile`` for this model that change the memory estimate (keyword arguments of
-    ``estimate``)."""
+    ``estimate``). ``gpu``: whether the llama.cpp build that will load it offloads at all (a CPU-only wheel keeps
+    every weight on the CPU whatever ``n_gpu_layers`` says, and repacks them beside a mapping); None: the device the
+    profile describes, with the GPU build it is meant for (a plan made for another machine)."""
     s = profile.llama
+    offload = s["n_gpu_layers"] != 0 and gpu is not False
     return {"n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
-            "flash_attn": flash_attn_for(profile, shape), "offload": s["n_gpu_layers"] != 0, "use_mmap": s["use_mmap"]}
+            "flash_attn": flash_attn_for(profile, shape), "offload": offload, "use_mmap": s["use_mmap"]}
 
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None,
-                   adapter_bytes: int = 0, prefix_cache_bytes: int = 0, n_seq: int = 1) -> tuple[int, str]:
+                   adapter_bytes: int = 0, prefix_cache_bytes: int = 0, n_seq: int = 1,
+                   gpu: bool | None = None) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = profile_settings(profile, shape) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes,
+    opts = profile_settings(profile, shape, gpu) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes,
                                                "n_seq": n_seq}
     parts = [f"LoRA adapters {adapter_bytes / MIB:.0f} MiB"] * bool(adapter_bytes) + \
         [f"--prefix-cache-mib {prefix_cache_bytes / MIB:.0f} MiB"] * bool(prefix_cache_bytes)
@@ -330,7 +334,7 @@ def check_threads(n: int | None, what: str = "the thread count") -> int | None:
 
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
               budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None,
-              n_seq: int = 1) -> Plan:
+              n_seq: int = 1, gpu: bool | None = None) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
     files ``adapters`` (paths, or objects with ``.path``) applied.
 
@@ -347,8 +351,9 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     if not _is_int(asked) or not 0 <= asked <= MAX_PREFIX_CACHE_MIB * MIB:
         raise InputError(f"The prefix cache must be 0 to {MAX_PREFIX_CACHE_MIB} MiB, got {asked!r} bytes.",
                          "pass --prefix-cache-mib with a whole number of MiB (0: no host cache)")
-    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0, n_seq)
-    est = estimate(shape, n_ctx, **profile_settings(profile, shape), adapter_bytes=adapter_bytes, n_seq=n_seq)
+    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0, n_seq,
+                                       gpu)
+    est = estimate(shape, n_ctx, **profile_settings(profile, shape, gpu), adapter_bytes=adapter_bytes, n_seq=n_seq)
     if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
         est = replace(est, prefix_cache=asked if fixed else max(0, min(asked, (budget - est.total) // MIB * MIB)))
     # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it

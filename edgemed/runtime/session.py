@@ -65,11 +65,22 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
                             providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
-    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots)
+    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
+                     gpu=_build_offloads())
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
     return Prepared(plan, load, profile.name)
+
+
+def _build_offloads() -> bool | None:
+    """Whether the installed llama.cpp can offload to a GPU at all (None where it is not installed: the plan then
+    takes the profile's word)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
