@@ -127,10 +127,7 @@ def _check_trust(ref: ModelRef, v) -> None:
     from edgemed.packaging import trust
 
     if ref.kind == STORE:
-        from edgemed.packaging.store import Store
-
-        trust.check_installed(Store().record(ref.name) or {}, v.signature, v.manifest, v.manifest_bytes)
-        return
+        return  # Store.verify checked it (trust.check_installed), as `edgemed verify NAME` does
     policy = trust.load()
     if policy.exists:
         trust.decide(None, v.signature, v.manifest, v.manifest_bytes, policy=policy)
@@ -220,12 +217,9 @@ def adapter_specs(ref: ModelRef, args) -> list:
 
 def _verify_installed(bundle: str) -> None:
     """An installed adapter bundle, checked as ``runnable`` checks an installed model: every file, and the trust policy."""
-    from edgemed.packaging import trust
     from edgemed.packaging.store import Store
 
-    store = Store()
-    v = store.verify(bundle)
-    trust.check_installed(store.record(bundle) or {}, v.signature, v.manifest, v.manifest_bytes)
+    Store().verify(bundle)  # every file, the signature checked at install, and today's trust policy
 
 
 def with_digest(ref: ModelRef) -> ModelRef:
