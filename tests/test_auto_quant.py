@@ -237,6 +237,7 @@ def _cli(*args):
     (["--quant", "auto", "--fit-profile", "no-such-device"], "No device profile named"),
     (["--quant", "auto", "--fit-profile", "x86-avx2"], "no fixed memory size"),
     (["--to", "onnx", "--quant", "auto", "--max-kld", "0.01"], "GGUF tensor types"),
+    (["--to", "onnx", "--quant", "int4", "--pre-tokenizer", "llama3"], "an ONNX export keeps the Hugging Face tokenizer"),
 ])
 def test_bad_combinations_are_refused_before_any_work(model, tmp_path, args, words):
     result = _cli(model["ckpt"], *args, "-o", tmp_path / "x.gguf")

@@ -425,3 +425,20 @@ def test_bad_calibration_file_is_refused(models, tmp_path):
     with pytest.raises(Exception, match="not valid JSON"):
         convert(models["llama"], tmp_path / "x.gguf", ConvertOptions(out_type="q4_0", imatrix_from=calib), echo=lambda s: None)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_check_refuses_a_gguf_whose_tokenizer_is_not_the_sources(models, tmp_path):
+    """`check` fed the source's token ids to the GGUF and compared logits: a GGUF whose own tokenizer splits text
+    otherwise passed (NMSE 1e-6), though it answers garbage to text a user types."""
+    gguf = tmp_path / "llama-f16.gguf"
+    convert(models["llama"], gguf, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    other = tmp_path / "llama-other-tokenizer"
+    shutil.copytree(models["llama"], other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the same weights, another BPE
+        shutil.copy(models["qwen2"] / name, other / name)
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["check", str(models["llama"]), str(gguf)])
+    assert ok.exit_code == 0 and "PASS" in ok.output and "WARNING" not in ok.output, ok.output
+    bad = runner.invoke(cli, ["check", str(other), str(gguf)])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output and "PASS" not in bad.output, bad.output
+    assert "token" in bad.output.lower()

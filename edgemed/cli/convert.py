@@ -77,6 +77,11 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
         raise InputError("--quant auto, --max-kld and --fit-profile choose GGUF tensor types; ONNX output has its own int4 recipe.",
                          "leave them out with --to onnx, or convert with --to gguf")
+    elif pre_tokenizer is not None:
+        from edgemed.errors import InputError
+
+        raise InputError("--pre-tokenizer names llama.cpp's pre-tokenizer in a GGUF; an ONNX export keeps the Hugging Face "
+                         "tokenizer as it is.", "leave it out with --to onnx, or convert with --to gguf")
     if target == "gguf" and not adapter_only:
         imatrix_from = _calibration_text(out_type, imatrix_from, no_imatrix)
     elif imatrix_from is not None or no_imatrix:
@@ -207,6 +212,12 @@ def check(source, model, lora, allow_pickle, threads, as_json):
 
     opened = Source.open(source, lora=lora, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
     out_type = _file_type(model)
+    _same_source(opened, model)
+    from edgemed.converters.gguf.tokenizer import verify_tokenization
+
+    # the prompts reach MODEL as the source's token ids: a GGUF whose own tokenizer splits text otherwise would pass
+    # on those ids and answer garbage to the text a user types
+    verify_tokenization(opened.checkpoint.path, model)
     report = check_gguf(opened, model, out_type, threads=threads)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
     if report.passed is False:
@@ -214,8 +225,33 @@ def check(source, model, lora, allow_pickle, threads, as_json):
 
 
 def _file_type(model: Path) -> str:
-    from edgemed.constants import file_type_name
+    """MODEL's output type, which chooses its gate (float: NMSE; quantized: top-1); one edgemed does not know is
+    refused rather than given the looser gate."""
+    from edgemed.constants import GGUF_TYPES, file_type_name
+    from edgemed.errors import InputError
     from edgemed.formats.gguf_header import read_header
 
     number = read_header(model).metadata.get("general.file_type", -1)  # validated: a corrupt file is a clear error
-    return file_type_name(number if isinstance(number, int) else -1)
+    name = file_type_name(number if isinstance(number, int) else -1)
+    if name not in GGUF_TYPES:
+        raise InputError(f"'{model}' names no file type edgemed knows (general.file_type {number!r}), so its gate (float "
+                         "NMSE or quantized top-1 agreement) cannot be chosen.",
+                         f"check a GGUF of one of these types: {', '.join(GGUF_TYPES)}")
+    return name
+
+
+def _same_source(opened, model: Path) -> None:
+    """A GGUF edgemed made names the files of the checkpoint (and adapter) it came from: said when SOURCE or --lora
+    are other files, so a PASS is read for what it is (the same weights saved anew, as pickle or safetensors, differ
+    in their files and pass; the gate below compares what they compute). A GGUF another tool made names none."""
+    from edgemed.formats.gguf_header import LORA_SHA_KEY, read_header
+
+    meta = read_header(model).metadata
+    pairs = [("edgemed.source.sha256", opened.checkpoint.digest(), "SOURCE", "checkpoint"),
+             (LORA_SHA_KEY, opened.adapter.digest() if opened.adapter is not None else None, "--lora", "adapter")]
+    for key, here, what, kind in pairs:
+        recorded = meta.get(key)
+        if isinstance(recorded, str) and recorded != here:
+            click.echo(f"WARNING: '{model.name}' was converted from other {kind} files than {what} ({key} "
+                       f"{recorded[:12]}..., {what} {(here or 'none')[:12]}); the gate below compares what they compute.",
+                       err=True)
