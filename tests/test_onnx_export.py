@@ -131,6 +131,24 @@ def test_lora_is_merged_before_export(tiny, tiny_lora, tmp_path):
     assert _nmse(base_logits, got) > 1e-4
 
 
+def test_named_chat_templates_travel_with_the_export(tiny, tmp_path):
+    """transformers 5 keeps named chat templates (tool_use, ...) in additional_chat_templates/: the export dropped
+    them, so a tokenizer loaded from it had the default template only."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text("{% for m in messages %}TOOL {{ m.content }}{% endfor %}")
+    out = tmp_path / "out"
+    convert_onnx(src, out, OnnxOptions(weight_type="fp32", parity=False), echo=lambda s: None)
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_text().startswith("{% for m in messages %}TOOL")
+    want, got = AutoTokenizer.from_pretrained(src).chat_template, AutoTokenizer.from_pretrained(out).chat_template
+    assert isinstance(got, dict) and got == want
+
+
 def test_unsupported_architecture_is_named(tiny, tmp_path):
     src = tmp_path / "mamba"
     shutil.copytree(tiny, src)

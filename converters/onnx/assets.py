@@ -21,8 +21,10 @@ from pathlib import Path
 from edgemed.converters.onnx import trace as onnx_trace
 from edgemed.errors import CheckpointError, TokenizerError
 
-COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
           "generation_config.json", "config.json")
+#: transformers 5 saves named chat templates (``tool_use``, ...) one file each in this folder
+NAMED_TEMPLATES = "additional_chat_templates"
 GENAI_CONFIG = "genai_config.json"
 DEFAULT_MAX_LENGTH = 4096
 
@@ -49,7 +51,21 @@ def copy_assets(ckpt_dir: Path, out_dir: Path) -> list[str]:
         if (ckpt_dir / name).exists():
             shutil.copy2(ckpt_dir / name, out_dir / name)
             copied.append(name)
-    return copied
+    return copied + copy_named_templates(ckpt_dir, out_dir)
+
+
+def copy_named_templates(ckpt_dir: Path, out_dir: Path) -> list[str]:
+    """The named chat templates (``additional_chat_templates/*.jinja``), so a tokenizer loaded from the output has
+    every template the source had, not only the default; their relative names."""
+    folder = ckpt_dir / NAMED_TEMPLATES
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    names = sorted(p.name for p in folder.iterdir() if p.suffix == ".jinja" and p.is_file() and not p.is_symlink())
+    if names:
+        (out_dir / NAMED_TEMPLATES).mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy2(folder / name, out_dir / NAMED_TEMPLATES / name)
+    return [f"{NAMED_TEMPLATES}/{n}" for n in names]
 
 
 def _json(path: Path) -> dict:

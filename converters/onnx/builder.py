@@ -42,7 +42,7 @@ def merged_checkpoint(ckpt_dir, adapter, work: Path) -> Path:
         return Path(getattr(ckpt_dir, "path", ckpt_dir))
     import shutil
 
-    from edgemed.converters.onnx.assets import COPIED
+    from edgemed.converters.onnx.assets import COPIED, copy_named_templates
     from edgemed.converters.source.merged_model import load_merged
 
     out = work / "merged-hf"
@@ -53,6 +53,7 @@ def merged_checkpoint(ckpt_dir, adapter, work: Path) -> Path:
     for name in COPIED:  # tokenizer and templates; not config.json (the saved one states the merged dtype)
         if name != "config.json" and (src / name).exists():
             shutil.copy2(src / name, out / name)
+    copy_named_templates(src, out)
     return out
 
 
