@@ -271,6 +271,8 @@ def test_check_passes_with_consent(pickled, gguf):
     ok = _run("check", pickled, gguf, "--allow-pickle")
     assert ok.exit_code == 0, ok.output
     assert "PASS" in ok.output
+    # the same weights saved as a pickle are other files than the GGUF records: said, and the gate decides
+    assert "converted from other checkpoint files than SOURCE" in ok.output
 
 
 def test_library_readers_refuse_a_bare_path(pickled, gguf):

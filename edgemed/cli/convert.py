@@ -211,8 +211,11 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     from edgemed.converters.quality.parity import check_gguf, gate_error
 
     opened = Source.open(source, lora=lora, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
-    out_type = _file_type(model)
-    _same_source(opened, model)
+    from edgemed.formats.gguf_header import read_header
+
+    meta = read_header(model).metadata  # validated: a corrupt file is a clear error
+    out_type = _file_type(model, meta)
+    _same_source(opened, model, meta)
     from edgemed.converters.gguf.tokenizer import verify_tokenization
 
     # the prompts reach MODEL as the source's token ids: a GGUF whose own tokenizer splits text otherwise would pass
@@ -224,14 +227,13 @@ def check(source, model, lora, allow_pickle, threads, as_json):
         raise gate_error(report, f"'{model.name}'", "do not ship it")
 
 
-def _file_type(model: Path) -> str:
-    """MODEL's output type, which chooses its gate (float: NMSE; quantized: top-1); one edgemed does not know is
-    refused rather than given the looser gate."""
+def _file_type(model: Path, meta: dict) -> str:
+    """MODEL's output type (``meta``: its header's metadata), which chooses its gate (float: NMSE; quantized: top-1);
+    one edgemed does not know is refused rather than given the looser gate."""
     from edgemed.constants import GGUF_TYPES, file_type_name
     from edgemed.errors import InputError
-    from edgemed.formats.gguf_header import read_header
 
-    number = read_header(model).metadata.get("general.file_type", -1)  # validated: a corrupt file is a clear error
+    number = meta.get("general.file_type", -1)
     name = file_type_name(number if isinstance(number, int) else -1)
     if name not in GGUF_TYPES:
         raise InputError(f"'{model}' names no file type edgemed knows (general.file_type {number!r}), so its gate (float "
@@ -240,18 +242,21 @@ def _file_type(model: Path) -> str:
     return name
 
 
-def _same_source(opened, model: Path) -> None:
+def _same_source(opened, model: Path, meta: dict) -> None:
     """A GGUF edgemed made names the files of the checkpoint (and adapter) it came from: said when SOURCE or --lora
     are other files, so a PASS is read for what it is (the same weights saved anew, as pickle or safetensors, differ
-    in their files and pass; the gate below compares what they compute). A GGUF another tool made names none."""
-    from edgemed.formats.gguf_header import LORA_SHA_KEY, read_header
+    in their files and pass; the gate below compares what they compute). A GGUF another tool made names none, and
+    then nothing is hashed."""
+    from edgemed.formats.gguf_header import LORA_SHA_KEY, SOURCE_SHA_KEY
 
-    meta = read_header(model).metadata
-    pairs = [("edgemed.source.sha256", opened.checkpoint.digest(), "SOURCE", "checkpoint"),
-             (LORA_SHA_KEY, opened.adapter.digest() if opened.adapter is not None else None, "--lora", "adapter")]
-    for key, here, what, kind in pairs:
+    pairs = [(SOURCE_SHA_KEY, lambda: opened.checkpoint.digest(), "SOURCE", "checkpoint"),
+             (LORA_SHA_KEY, lambda: opened.adapter.digest() if opened.adapter is not None else None, "--lora", "adapter")]
+    for key, digest, what, kind in pairs:
         recorded = meta.get(key)
-        if isinstance(recorded, str) and recorded != here:
+        if not isinstance(recorded, str):
+            continue
+        here = digest()
+        if recorded != here:
             click.echo(f"WARNING: '{model.name}' was converted from other {kind} files than {what} ({key} "
                        f"{recorded[:12]}..., {what} {(here or 'none')[:12]}); the gate below compares what they compute.",
                        err=True)
