@@ -82,6 +82,43 @@ def test_host_cache_matches_only_the_same_key_and_ids_and_purges_by_key():
     assert c.purge(("cardio", 1.0, 7)) == 1 and c.bytes == 0 and len(c) == 0
 
 
+def test_host_cache_entries_of_one_adapter_go_whatever_their_scope():
+    c = PrefixCache(1000)
+    c.put((("cardio", 1.0, 7), "dr-a"), [1, 2, 3], b"x" * 10)
+    c.put((("cardio", 1.0, 7), "dr-b"), [1, 2, 3], b"y" * 10)
+    c.put((None, "dr-a"), [1, 2, 3], b"z" * 10)
+    assert c.match((("cardio", 1.0, 7), "dr-c"), [1, 2, 3], 10) == (0, None)  # another scope: nothing
+    assert c.purge_if(lambda key: key[0] == ("cardio", 1.0, 7)) == 2 and len(c) == 1 and c.bytes == 10
+
+
+def test_a_prefix_is_reused_only_within_its_scope(smollm2_gguf, cold):
+    """A request's prompt KV serves requests of the same scope only, from the slot it was left in, from host RAM
+    and from a running request alike; another scope computes the same prompt from its first token (a server
+    scopes by API key: one clinician's prompt is neither served to another nor timed by another's probe)."""
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2) as b:
+        first = b.tokenize(preamble("oncology", 3)) + b.tokenize(QUESTIONS[0], add_special=False)
+        ref = collect(cold.submit(first, GREEDY, request_id="ref"))[0]
+        once = [collect(b.submit(first, GREEDY, request_id=f"a{i}", scope="dr-a")) for i in range(2)]
+        assert [f.cached_tokens for _, f in once] == [0, len(first) - REFEED]  # its own scope: the slot's cells
+        text, fin = collect(b.submit(first, GREEDY, request_id="b", scope="dr-b"))
+        assert fin.cached_tokens == 0 and text == ref  # another scope computes it all
+        text, fin = collect(b.submit(first, GREEDY, request_id="n"))  # no scope (None) is a scope of its own
+        assert fin.cached_tokens == 0 and text == ref
+        assert b.stats()["prefix_host_entries"] >= 1  # the slots' cells that went were saved, each under its scope
+        for scope in ("dr-a", "dr-b"):
+            text, fin = collect(b.submit(first, GREEDY, request_id=f"again-{scope}", scope=scope))
+            assert fin.cached_tokens == len(first) - REFEED and text == ref
+        # a running request's computed prompt is not copied into another scope's request either
+        long = GenerationSettings(max_tokens=24)
+        second = b.tokenize(preamble("geriatrics", 3)) + b.tokenize(QUESTIONS[1], add_special=False)
+        running = iter(b.submit(second, long, request_id="run", scope="dr-a"))
+        next(running)  # its prompt is computed: it is generating
+        text, fin = collect(b.submit(second, GREEDY, request_id="probe", scope="dr-b"))
+        list(running)
+        assert fin.cached_tokens == common(first, second) < MIN_SHARED  # dr-b's own earlier prompt, not dr-a's
+        assert text == collect(cold.submit(second, GREEDY, request_id="c"))[0]
+
+
 # -- across slots -------------------------------------------------------------------------------------------------
 def test_requests_arriving_together_compute_a_shared_preamble_once(warm, cold):
     pre = warm.tokenize(preamble("emergency medicine"))

@@ -147,6 +147,51 @@ def test_api_keys_are_checked_and_recorded(model, tmp_path):
     assert KEY not in (tmp_path / "audit.jsonl").read_text()
 
 
+@pytest.mark.parametrize("scope", ["key", "shared"])
+def test_a_prompt_prefix_is_reused_only_under_the_same_key_unless_shared(model, tmp_path, scope):
+    """Under the default scope a clinician's prompt KV serves only requests with the same API key: another key's
+    request sending the same words computes them all (cached_tokens 0), so it cannot learn from cached_tokens or its
+    first token's time what the first clinician sent. ``shared`` lets every key reuse it; a ``cache_salt`` narrows
+    either to requests with the same salt."""
+    openai = pytest.importorskip("openai")
+    app, log = _app(model, tmp_path, api_keys=ApiKeys.from_lines([f"dr-a {KEY}", f"dr-b {OTHER}"]),
+                    prefix_cache_scope=scope)
+    note = "Patient Jane Roe, 54, admitted with chest pain radiating to the left arm since this morning. " * 3
+    messages = [{"role": "user", "content": note + "Summarise in one line."}]
+    with ServerThread(app) as srv:
+        def cached(key, **extra):
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+            r = client.chat.completions.create(model="m", messages=messages, max_tokens=2, **extra)
+            return r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens
+
+        total, first = cached(KEY, extra_body={"cache_salt": f"first-{scope}"})  # nothing holds it yet
+        assert first == 0
+        assert cached(KEY, extra_body={"cache_salt": f"first-{scope}"})[1] == total - 2  # the same key and salt
+        assert cached(KEY, extra_body={"cache_salt": f"other-{scope}"})[1] == 0  # another salt
+        other = cached(OTHER, extra_body={"cache_salt": f"first-{scope}"})[1]  # another key
+        assert other == (0 if scope == "key" else total - 2)
+    log.close()
+
+
+def test_a_cache_salt_must_be_text_of_1_to_256_characters(model, tmp_path):
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path)
+    with ServerThread(app) as srv:
+        for salt in ("", "x" * 257, 7):
+            r = httpx.post(srv.url + "/v1/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "cache_salt": salt})
+            assert r.status_code == 400 and "cache_salt" in r.text, (salt, r.text)
+    log.close()
+
+
+def test_an_unknown_prefix_cache_scope_is_refused():
+    from edgemed.serve.config import ServeConfig
+
+    with pytest.raises(InputError, match="prefix cache scope 'everyone'") as e:
+        ServeConfig(model_id="m", bundle_digest="d", prefix_cache_scope="everyone")
+    assert "key, shared" in e.value.fix
+
+
 def test_cors_is_off_by_default_and_exact_when_on(model, tmp_path):
     httpx = pytest.importorskip("httpx2")
     preflight = {"Origin": "https://ehr.example.org", "Access-Control-Request-Method": "POST",

@@ -30,6 +30,12 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
               help="Host RAM, MiB, that saved prompt prefixes may hold when slots turn over (0: none). Default: the "
               "device profile's memory.prefix_cache_mib, reduced to what the memory budget leaves; N is counted by "
               "the memory plan before the context is chosen, and refused if it cannot fit.")
+@click.option("--prefix-cache-scope", type=click.Choice(["key", "shared"]), default="key", show_default=True,
+              help="Who reuses whose prompt prefixes. key: only requests with the same API key (one clinician's "
+              "prompt is never served to, or timed by, another key's request; without --api-key-file every request "
+              "has the same key). shared: every request, so clinicians with keys of their own share a template's "
+              "preamble, and each can tell from cached_tokens or timing whether another sent a prompt that starts "
+              "the same way. A request's cache_salt narrows its scope further.")
 @click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(64), help="Context per request (prompt + answer), tokens. "
               "Default: the largest the memory budget allows, split over the slots.")
@@ -59,7 +65,7 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 @click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
-def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
+def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
           cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, adapter_turn, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
@@ -129,7 +135,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
-                                 ui=not no_ui, card=card, resolve_adapter=lambda text: adapter_specs(ref, [text])[0],
+                                 ui=not no_ui, card=card, prefix_cache_scope=prefix_cache_scope, resolve_adapter=lambda text: adapter_specs(ref, [text])[0],
                                  admit_adapter=lambda served, spec: admit_adapter(prepared.plan, batcher.load, served, spec))
             batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
                               prefix_cache=prefix_cache, prefix_cache_bytes=prepared.plan.estimate.prefix_cache,

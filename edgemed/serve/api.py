@@ -213,6 +213,8 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     grammar: str | None = None
     user: str | None = None  # accepted, never stored: it may identify a patient
+    #: vLLM's field: this request's prompt KV is reused only by requests with the same salt (and scope)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     def refused(self) -> None:
         extra = self.model_extra or {}

@@ -18,6 +18,10 @@ MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS = 512
 
 
+#: ``--prefix-cache-scope``: "key", requests reuse the prompt KV of requests with the same API key only; "shared": all.
+PREFIX_CACHE_SCOPES = ("key", "shared")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model_id: str                          # the name clients pass as "model" (bundle name, or file stem)
@@ -32,6 +36,9 @@ class ServeConfig:
     audit: AuditLog | None = None          # None: no audit log (the CLI always opens one)
     ui: bool = True                        # the clinician page at / (``page.py``); see ``page_enabled``
     card: dict = field(default_factory=dict)  # the bundle's model card (manifest "card"); empty for a plain file
+    #: who reuses whose prompt prefixes: "key" (requests of one API key only) or "shared" (every request);
+    #: a request's ``cache_salt`` narrows it further (``generate.scope_of``)
+    prefix_cache_scope: str = "key"
     #: NAME[:SCALE] of an installed adapter for this base -> ``loader.AdapterSpec`` (verified, trust policy applied),
     #: for ``POST /admin/adapters {"adapter": NAME}``; the CLI passes ``packaging.ref.adapter_specs`` for the model.
     resolve_adapter: object = field(default=None, compare=False)
@@ -43,6 +50,9 @@ class ServeConfig:
         check_bind(self.host, self.api_keys)
         if self.max_body_bytes < 1024:
             raise InputError(f"--max-body {self.max_body_bytes} is too small for any request.", "pass at least 1024 bytes")
+        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+            raise InputError(f"Unknown prefix cache scope '{self.prefix_cache_scope}'.",
+                             f"use one of {', '.join(PREFIX_CACHE_SCOPES)}")
         if "*" in self.cors_origins and self.api_keys is None:
             raise InputError("--cors-origin '*' without API keys would let any web page use the model.",
                              "name the exact origins (https://ehr.example.org), or add --api-key-file")

@@ -100,6 +100,15 @@ def extras_for(srv: Served, body) -> Extras:
                   prompt_logprobs=bool(getattr(body, "echo", False)) and top is not None, n=body.n)
 
 
+def scope_of(srv: Served, record: RequestRecord, body):
+    """Who may reuse this request's prompt KV (``Batcher.submit_n``'s ``scope``): requests with the same API key
+    under ``--prefix-cache-scope key`` (every request where the server has no keys), all under ``shared``; and in
+    both, only those with the same ``cache_salt``. None: everyone's scope."""
+    key = record.key_id if srv.config.prefix_cache_scope == "key" else None
+    salt = getattr(body, "cache_salt", None)
+    return None if key is None and salt is None else (key, salt)
+
+
 def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     """Tokenize, size and queue the request (in a worker thread): its streams, ``n`` per prompt, in choice order."""
     record.stream = body.stream
@@ -120,6 +129,8 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
             tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
             settings = settings_for(srv, body, len(tokens), prompt.json_schema, prompt.grammar)
             more = {"adapter": record.adapter} if record.adapter else {}  # a batcher without adapters takes no such word
+            if (scope := scope_of(srv, record, body)) is not None:
+                more["scope"] = scope
             streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
     except BaseException:
         for stream in streams:

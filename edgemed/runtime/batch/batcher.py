@@ -57,12 +57,13 @@ leaves first sends the request looking again (else it computes its prompt itself
 
 Host RAM (``prefix.PrefixCache``, ``prefix_cache_bytes``, 0: none). When a free slot's kept cells would go (an
 unrelated prompt takes the slot, a trim to a shorter shared prefix, an n > 1 choice's slot), a prefix of at least
-``HOST_MIN`` tokens is saved first (``Context.save_seq``: llama.cpp's per-sequence state), keyed by adapter key
-and the exact ids; a request whose longest match is there restores it into its own slot (``restore_seq``: into
-any sequence id, llama.cpp writes the destination's stream) and trims it to the match. LRU within the byte bound.
-Everything cached is tied to this batcher's one model, the adapter key (``_key``: name, scale, handle: never
-shared across keys; ``_close_adapter`` purges the adapter's host entries) and the identical token-id prefix;
-a request that fails mid-step leaves nothing reusable. Counters: ``prompt_tokens_cached_{slot,copied,host}_total``
+``HOST_MIN`` tokens is saved first (``Context.save_seq``: llama.cpp's per-sequence state), keyed by adapter key,
+scope and the exact ids; a request whose longest match is there restores it into its own slot (``restore_seq``:
+into any sequence id, llama.cpp writes the destination's stream) and trims it to the match. LRU within the byte
+bound. Everything cached is tied to this batcher's one model, the adapter key (``_key``: name, scale, handle: never
+shared across keys; ``_close_adapter`` purges the adapter's host entries), the request's scope (``submit_n``: a
+server scopes by API key, so one key's prompts are neither reused by nor timed against another's) and the
+identical token-id prefix (``_cache_key``); a request that fails mid-step leaves nothing reusable. Counters: ``prompt_tokens_cached_{slot,copied,host}_total``
 and ``prefix_host_*`` in ``stats()``; ``Finished.cached_tokens`` counts every reused token, wherever from.
 
 LoRA adapters (``adapters``, ``add_adapter``, ``remove_adapter``): the base is loaded once, with one context and
@@ -338,9 +339,9 @@ class Batcher:
         under it are forgotten as reusable."""
         if self._ctx is not None and any(a is loaded.adapter for a, _ in self._ctx.adapters):
             self._ctx.set_adapters([])
-        self._host.purge(loaded.key)
+        self._host.purge_if(lambda key: key[0] == loaded.key)
         for slot, key in enumerate(self._kept_key):
-            if key == loaded.key:  # a free slot's kept cells: nobody may reuse them now, so they go
+            if key is not None and key[0] == loaded.key:  # a free slot's kept cells: nobody may reuse them now
                 self._ctx.drop(slot)
                 self._kept[slot], self._kept_key[slot] = [], None
         loaded.adapter.close()
@@ -396,7 +397,7 @@ class Batcher:
             raise Overloaded(in_flight, retry)
 
     def submit(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
-               extras: Extras | None = None, adapter: str | None = None) -> Stream:
+               extras: Extras | None = None, adapter: str | None = None, scope: object = None) -> Stream:
         """Queue a request and return its stream. Thread-safe; never waits for the model.
 
         Raises ``Overloaded`` (no room), ``ContextOverflow`` (prompt + max_tokens > n_ctx_per_slot),
@@ -404,14 +405,17 @@ class Batcher:
         """
         if extras is not None and extras.n != 1:
             raise InputError("Batcher.submit answers one choice.", "call submit_n for n > 1")
-        return self.submit_n(prompt, settings, request_id=request_id, extras=extras, adapter=adapter)[0]
+        return self.submit_n(prompt, settings, request_id=request_id, extras=extras, adapter=adapter, scope=scope)[0]
 
     def submit_n(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
-                 extras: Extras | None = None, adapter: str | None = None) -> list[Stream]:
+                 extras: Extras | None = None, adapter: str | None = None, scope: object = None) -> list[Stream]:
         """``submit`` for ``extras.n`` choices of one prompt: one stream each. The first computes the prompt;
         the others copy its KV once it is done (one prefill) and sample from the same last row, each with its
         own sampler (seed + i), in slots of their own, admitted together. ``adapter``: the name of a served
-        adapter to generate with (None: the base); an unknown or removed one raises ``UnknownAdapter``."""
+        adapter to generate with (None: the base); an unknown or removed one raises ``UnknownAdapter``. ``scope``
+        (hashable): the prompt KV this request computes is reused only by requests of an equal scope, and it reuses
+        only theirs (a server scopes by API key: what one clinician's prompt holds is neither served nor timed to
+        another's probe); None is one scope of its own, everyone's."""
         from edgemed.runtime.llamacpp import Detokenizer
 
         extras = extras or Extras()
@@ -440,7 +444,7 @@ class Batcher:
                     sampler = sampler_for(model, own, extras, self.n_ctx_per_slot)
                     seqs.append(Seq(Stream(request_id, self._wake), tokens, own, sampler,
                                     TextStream(Detokenizer(model), settings.stop), t_submit, extras=extras,
-                                    leader=seqs[0] if seqs else None, adapter=loaded))
+                                    leader=seqs[0] if seqs else None, adapter=loaded, scope=scope))
             seqs[0].followers = seqs[1:]
             with self._cond:
                 if self._stopping:
@@ -582,8 +586,8 @@ class Batcher:
         tokens to feed again (logits to sample from, from a piece of several rows: see ``REFEED``). None
         for a request that wants every prompt token's log probability (echo): it needs all their logits."""
         tokens = seq.tokens
-        if not self.prefix_cache or seq.extras.prompt_logprobs or self._kept_key[slot] != _key(seq):
-            return 0  # cells computed under another adapter set are not this request's prefix
+        if not self.prefix_cache or seq.extras.prompt_logprobs or self._kept_key[slot] != _cache_key(seq):
+            return 0  # cells computed under another adapter set, or for another scope, are not this request's prefix
         kept, n, end = self._kept[slot], 0, min(len(self._kept[slot]), len(tokens) - REFEED)
         while n < end and kept[n] == tokens[n]:
             n += 1
@@ -623,13 +627,13 @@ class Batcher:
 
     def _borrow(self, seq: Seq, wait: bool) -> None:
         """Copy a longer prefix than ``seq`` holds from another slot or the host cache, or (``wait``) wait for one."""
-        key, tokens, limit = _key(seq), seq.tokens, len(seq.tokens) - REFEED
+        key, tokens, limit = _cache_key(seq), seq.tokens, len(seq.tokens) - REFEED
         best, src = seq.cached + MIN_SHARED - 1, None
         for slot in self._free:
             if self._kept_key[slot] == key and (n := _common(self._kept[slot], tokens, limit)) > best:
                 best, src = n, slot
         for q in self._active:
-            if q is not seq and _key(q) == key and not q.waiting and q.slot not in self._unsynced:
+            if q is not seq and _cache_key(q) == key and not q.waiting and q.slot not in self._unsynced:
                 if (n := _common(q.tokens[:min(q.pos, len(q.tokens))], tokens, limit)) > best:
                     best, src = n, q.slot
         n, entry = self._host.match(key, tokens, limit) if self._host.max_bytes else (0, None)
@@ -657,7 +661,7 @@ class Batcher:
         own = seq.computed  # what this request computes alone
         donor, share = None, seq.cached + MIN_SHARED - 1
         for q in self._active:  # requests computing their prompt now, earlier in arrival order
-            if q is seq or _key(q) != key or not q.reading:
+            if q is seq or _cache_key(q) != key or not q.reading:
                 continue
             n = _common(q.tokens, tokens, limit)
             if n > share and n - q.pos <= own:  # it reaches the shared part no later than this one would alone
@@ -714,9 +718,10 @@ class Batcher:
         take = min(len(ids), ANSWER_CHUNK, self._batch.capacity, self.n_ctx_per_slot - len(kept))
         if 0 < len(ids) - take < 2:
             take -= 1  # leave two for the next call rather than one
-        key = self._kept_key[slot]
+        kept_key = self._kept_key[slot]
+        key = None if kept_key is None else kept_key[0]  # the adapter set those cells were computed under
         loaded = None if key is None else next((a for a in self._adapters.values() if a.key == key), None)
-        if take < 2 or (key is not None and (loaded is None or loaded.removed)):
+        if take < 2 or kept_key is None or (key is not None and (loaded is None or loaded.removed)):
             self._answers[slot] = None
             return
         with self._step_lock:
@@ -959,7 +964,7 @@ class Batcher:
         if not (held and self._ctx.trim(seq.slot, len(held))):  # the sampled tokens' cells go
             self._ctx.drop(seq.slot)
             held = []
-        self._kept[seq.slot], self._kept_key[seq.slot] = held, (_key(seq) if held else None)
+        self._kept[seq.slot], self._kept_key[seq.slot] = held, (_cache_key(seq) if held else None)
         self._answers[seq.slot] = (held, list(seq.sampled)) if held and reason in ("stop", "length") else None
         with self._cond:
             self._active.remove(seq)
@@ -1024,8 +1029,13 @@ def _runs(slots: set[int]) -> int:
 
 
 def _key(seq: Seq):
-    """The adapter set ``seq`` is computed under, as kept-prefix identity (None: the base)."""
+    """The adapter set ``seq`` is computed under (None: the base): its group for taking the context in turn."""
     return None if seq.adapter is None else seq.adapter.key
+
+
+def _cache_key(seq: Seq) -> tuple:
+    """Kept-prefix identity: the adapter set the KV is computed under, and the scope that may reuse it."""
+    return _key(seq), seq.scope
 
 
 def _common(held, tokens: list[int], limit: int) -> int:

@@ -44,7 +44,7 @@ HOST_MIN = 64
 
 @dataclass(frozen=True)
 class Entry:
-    key: object  # the adapter key (``batcher._key``: None for the base)
+    key: object  # what the KV was computed under and who may reuse it (``batcher._cache_key``)
     tokens: tuple
     data: bytes
 
@@ -108,7 +108,11 @@ class PrefixCache:
 
     def purge(self, key) -> int:
         """Forget every entry computed under ``key`` (an adapter being freed); returns how many went."""
-        gone = [k for k, e in self._entries.items() if e.key == key]
+        return self.purge_if(lambda k: k == key)
+
+    def purge_if(self, test) -> int:
+        """Forget every entry whose key passes ``test``; returns how many went."""
+        gone = [k for k, e in self._entries.items() if test(e.key)]
         for k in gone:
             self._drop(k)
         return len(gone)

@@ -47,6 +47,7 @@ class Seq:
     sampled: list = field(default_factory=list)  # every sampled token id, the end-of-generation one included
     prompt_logprobs: list = field(default_factory=list)  # echo: entries of prompt tokens computed so far
     adapter: object = None  # batcher._Loaded this request generates with (None: the base); released at its end
+    scope: object = None  # who may reuse this request's prompt KV (``Batcher.submit_n``): None, everyone
 
     @property
     def waiting(self) -> bool:
