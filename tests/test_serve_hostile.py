@@ -121,6 +121,43 @@ def test_a_schema_the_grammar_converter_rejects_is_a_400(server):
     is_openai_error(chat(server, "Name one vitamin.", response_format=fmt), 400, None)
 
 
+@pytest.mark.parametrize("kind,value,words", [
+    # llama.cpp's parser builds rules for {2,1} until memory runs out (2.5 GB in 8 s here)
+    ("grammar", 'root ::= "a"{2,1}', "at most 1 is fewer than at least 2"),
+    # its parser recurses once per group: ~20,000 levels were a segfault, and the server gone with it
+    ("grammar", "root ::= " + '("a" ' * 20_000 + ")" * 20_000, "nests groups more than 1024 deep"),
+    # the converter nests one group per character of maxLength (a segfault at 30,000) ...
+    ("schema", {"type": "string", "maxLength": 30_000}, "maxLength is 30000"),
+    # ... and writes minItems out in full (1.8 GB of grammar text for 10^8) before anything reads it
+    ("schema", {"type": "array", "items": {"type": "integer"}, "minItems": 10**8}, "minItems is 100000000"),
+])
+def test_a_grammar_llama_cpp_cannot_parse_safely_is_a_400_and_the_server_stays_up(server, kind, value, words):
+    if kind == "grammar":
+        r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Name one vitamin.", "max_tokens": 4,
+                                             "grammar": value})
+    else:
+        r = chat(server, "Name one vitamin.",
+                 response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": value}})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text[:300]
+    assert chat(server, "hi").status_code == 200
+
+
+@pytest.mark.parametrize("text", ['root ::= "{2,1}" [{] "a"{1,2} # {9,3} in a comment', 'root ::= "\\"{5,1}" "b"',
+                                  'root ::= ' + '("a" ' * 1024 + ")" * 1024, 'root ::= ["(((("] "a"{3} "b"{0,} "c"{2,}'])
+def test_the_grammar_check_reads_literals_classes_and_comments_as_llama_cpp_does(text):
+    from edgemed.runtime.sampling import check_gbnf
+
+    check_gbnf(text)  # nothing refused: the braces and brackets are text, or the counts are in order
+
+
+def test_a_schema_within_the_limits_still_constrains_the_answer(server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"v": {"type": "string", "maxLength": 1000}}, "required": ["v"]}}}
+    r = chat(server, "Name one vitamin.", response_format=fmt, max_tokens=24)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+
 def test_a_body_nested_too_deeply_is_a_400_not_a_500(server):
     """json recurses once per level: 100k nested arrays were a RecursionError and a 500 before the parse."""
     deep = "[" * 100_000 + "]" * 100_000

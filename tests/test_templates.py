@@ -96,6 +96,15 @@ def test_choice_contract_rejects_letters_outside_the_options_and_thinking_only()
     assert not mcq.parse("a", MCQ_INPUTS).ok  # lower-case letter alone: prose, not option A
 
 
+def test_a_choice_matched_through_unicode_case_folding_is_that_choice_not_a_crash():
+    """Python's re.I folds "ſ" (long s) to "s" and "K" (Kelvin) to "k", str.lower does not: the reply's choice was
+    looked up with lower() and raised StopIteration (a 500 from the server)."""
+    mcq = get_template("mcq")
+    inputs = {"question": "q", "options": {"s": "x", "t": "y", "k": "z"}}
+    assert mcq.parse("Answer: \u017f", inputs).value == "s"
+    assert mcq.parse("Answer: \u212a", inputs).value == "k"
+
+
 @pytest.mark.parametrize("reply, expected, labelled", [
     ("Answer: a patient with this needs C", None, False),  # the article, not option A
     ("Answer: A patient needs rest", None, False),

@@ -53,21 +53,97 @@ class Sampler:
         return int(self.rng.choice(probs.size, p=probs))
 
 
+#: Largest GBNF handed to llama.cpp, characters (a request body is at most 1 MiB by default).
+MAX_GRAMMAR_CHARS = 1 << 20
+#: Deepest nesting of ( ) groups: llama.cpp parses a grammar by recursion, and ~20,000 levels overflow an 8 MiB stack
+#: (a segfault that takes the server down). A JSON schema's maxLength n nests about n groups.
+MAX_GRAMMAR_DEPTH = 1024
+#: Largest count a JSON schema may ask for (minItems, maxItems, minLength, maxLength, minProperties, maxProperties):
+#: the converter writes a count out in full, one rule copy (or one nested group) per unit, before anything checks it.
+MAX_SCHEMA_COUNT = 1000
+_SCHEMA_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+
+
+def check_gbnf(text: str) -> None:
+    """``InputError`` for a GBNF llama.cpp's parser cannot take safely: longer than ``MAX_GRAMMAR_CHARS``, groups
+    nested deeper than ``MAX_GRAMMAR_DEPTH``, or a repetition ``{m,n}`` with n < m (llama.cpp then builds rules
+    until memory runs out). String literals, character classes and comments are skipped; llama.cpp checks the rest."""
+    if len(text) > MAX_GRAMMAR_CHARS:
+        raise InputError(f"The grammar is {len(text):,} characters long; at most {MAX_GRAMMAR_CHARS:,}.",
+                         "send a shorter grammar (or a JSON schema with smaller counts)")
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
+            continue
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+            continue
+        if c == "(":
+            depth += 1
+            if depth > MAX_GRAMMAR_DEPTH:
+                raise InputError(f"The grammar nests groups more than {MAX_GRAMMAR_DEPTH} deep.",
+                                 "send a flatter grammar (or a JSON schema with a smaller maxLength / maxItems)")
+        elif c == ")":
+            depth = max(0, depth - 1)
+        elif c == "{":
+            end = text.find("}", i)
+            if end > 0:
+                low, comma, high = text[i + 1:end].partition(",")
+                low, high = low.strip(), high.strip()
+                if comma and low.isdigit() and high.isdigit() and int(high) < int(low):
+                    raise InputError(f"The grammar repeats an item {{{low},{high}}} times: at most {high} is fewer "
+                                     f"than at least {low}.", f"write {{{high},{low}}}, or the count you meant")
+        i += 1
+
+
+def _check_schema_counts(schema: str) -> None:
+    """``InputError`` naming a count of the JSON schema above ``MAX_SCHEMA_COUNT`` (before the converter writes it out)."""
+    import json
+
+    try:
+        todo = [json.loads(schema)]
+    except (ValueError, RecursionError):
+        return  # the converter says what is wrong with it
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            for name in _SCHEMA_COUNTS:
+                count = item.get(name)
+                if isinstance(count, (int, float)) and not isinstance(count, bool) and count > MAX_SCHEMA_COUNT:
+                    raise InputError(f"The JSON schema's {name} is {count}; a constrained answer takes counts up to "
+                                     f"{MAX_SCHEMA_COUNT}.", f"set {name} to {MAX_SCHEMA_COUNT} or less, or leave it out")
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+
+
 def grammar_text(settings: GenerationSettings) -> str | None:
-    """The GBNF a request is constrained by: its grammar, or its JSON schema converted by llama-cpp-python."""
+    """The GBNF a request is constrained by: its grammar, or its JSON schema converted by llama-cpp-python; checked
+    (``check_gbnf``) before llama.cpp parses it."""
     if settings.grammar:
+        check_gbnf(settings.grammar)
         return settings.grammar
     if settings.json_schema:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+        _check_schema_counts(settings.json_schema)
         try:
-            return json_schema_to_gbnf(settings.json_schema)
+            text = json_schema_to_gbnf(settings.json_schema)
         except RecursionError:
             raise InputError("The JSON schema is nested too deeply to turn into a grammar.",
                              "send a flatter JSON schema") from None
         except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
             raise InputError(f"The JSON schema cannot be turned into a grammar: {type(exc).__name__} {exc}.",
                              "send a valid JSON schema (object types, properties, enums)") from None
+        check_gbnf(text)
+        return text
     return None
 
 

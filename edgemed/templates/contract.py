@@ -86,8 +86,10 @@ def _parse_choice(c: Contract, text: str, choices) -> Parsed:
         hits = [bare.group(1)] if bare else []
     if hits:
         found = hits[-1]
-        canonical = next(x for x in choices if x.lower() == found.lower())
-        return Parsed(True, canonical, text, labelled=i == 0)
+        # the choice the pattern matched, as the pattern matched it: re.I folds more than str.lower ("ſ" is "s")
+        canonical = next((x for x in choices if re.fullmatch(re.escape(x), found, flags=re.I)), None)
+        if canonical is not None:
+            return Parsed(True, canonical, text, labelled=i == 0)
     return Parsed(False, None, text, f"no '{c.label}: X' line with X in {', '.join(choices)}")
 
 
