@@ -24,6 +24,7 @@ from adapter_kit import adapter_gguf, make_lora  # noqa: E402
 from conftest import TEST_CACHE  # noqa: E402
 from serve_kit import ServerThread, audit_lines, wait_until  # noqa: E402
 
+from edgemed.errors import InputError  # noqa: E402
 from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
 from edgemed.runtime.engine import GenerationSettings, LoadSettings  # noqa: E402
 from edgemed.runtime.loader import AdapterSpec  # noqa: E402
@@ -208,20 +209,37 @@ def test_serve_cli_hands_the_batcher_each_adapter_by_name(kit, monkeypatch, tmp_
     assert result.exit_code != 0 and "--no-adapters" in result.output and not seen
 
 
-def test_admin_calls_need_the_api_key_when_the_server_has_keys(server, kit):
-    """With keys, adding or removing an adapter without the key is a 401 (nothing changes); with it, it works."""
+def test_admin_calls_need_an_admin_key_and_a_clinicians_key_is_not_one(server, kit):
+    """With keys, adding or removing an adapter (what every clinician's answers come from, and a path on the server)
+    takes an admin key: where the server has none, every admin call is a 403; where it has, one without the admin key
+    is a 401 (nothing changes either way); with the admin key it works. A key in both files is refused."""
     from edgemed.serve.app import create_app
     from edgemed.serve.security import ApiKeys
 
-    key = "sk-" + "a1b2c3d4" * 4
+    key, admin = "sk-" + "a1b2c3d4" * 4, "adm-" + "e5f6a7b8" * 4
+    body = {"name": "extra", "path": str(kit["cardio"]), "scale": 0.5}
+    clinician = {"Authorization": f"Bearer {key}"}
     app = create_app(server.batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test",
                                                  api_keys=ApiKeys.from_lines([key])))
     with ServerThread(app) as keyed:
-        body = {"name": "extra", "path": str(kit["cardio"]), "scale": 0.5}
-        assert httpx.post(keyed.url + "/admin/adapters", json=body).status_code == 401
-        assert httpx.delete(keyed.url + "/admin/adapters/cardio").status_code == 401
+        for auth in ({}, clinician):
+            r = httpx.post(keyed.url + "/admin/adapters", json=body, headers=auth)
+            assert r.status_code == 403, r.text  # no key would do: the server has no admin keys
+            assert "--admin-key-file" in r.json()["error"]["message"]
+            assert httpx.delete(keyed.url + "/admin/adapters/cardio", headers=auth).status_code in (401, 403)
+            assert httpx.get(keyed.url + "/admin/adapters", headers=auth).status_code in (401, 403)
         assert "extra" not in server.batcher.adapters() and "cardio" in server.batcher.adapters()
-        auth = {"Authorization": f"Bearer {key}"}
+    with pytest.raises(InputError, match="both --api-key-file and --admin-key-file"):
+        ServeConfig(model_id=MODEL, bundle_digest="sha256:test", api_keys=ApiKeys.from_lines([key]),
+                    admin_keys=ApiKeys.from_lines([f"it {key}"]))
+    app = create_app(server.batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test",
+                                                 api_keys=ApiKeys.from_lines([key]),
+                                                 admin_keys=ApiKeys.from_lines([f"it {admin}"])))
+    with ServerThread(app) as keyed:
+        for auth in ({}, clinician):
+            assert httpx.post(keyed.url + "/admin/adapters", json=body, headers=auth).status_code == 401
+        assert httpx.get(keyed.url + "/v1/models", headers={"Authorization": f"Bearer {admin}"}).status_code == 401
+        auth = {"Authorization": f"Bearer {admin}"}
         r = httpx.post(keyed.url + "/admin/adapters", json=body, headers=auth)
         assert r.status_code == 200, r.text
         assert server.batcher.adapters()["extra"]["scale"] == 0.5

@@ -158,3 +158,30 @@ def test_a_stream_that_fails_after_its_headers_is_a_5xx_in_metrics_and_audit(ser
     rec = [r for r in records(server)[before:] if r["kind"] == "request"][-1]
     assert (rec["status"], rec["outcome"], rec["stream"]) == (500, "error", True), rec
     assert requests_by_code(server).get("500", 0) == counts.get("500", 0) + 1
+
+
+def test_a_stream_whose_code_raises_after_its_headers_is_a_500_in_metrics_and_audit(server, monkeypatch):
+    """A bug (an exception, not an ``error`` event) in the middle of a stream: the client's stream breaks off, and the
+    audit record and /metrics say 500 ``server_error``, not the 200 the headers had said."""
+    from edgemed.serve import generate
+
+    before, counts = len(records(server)), requests_by_code(server)
+    real, calls = generate.take, []
+
+    def take_then_fail(answer, item):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("a bug in the stream")
+        return real(answer, item)
+
+    monkeypatch.setattr(generate, "take", take_then_fail)
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, content=chat_body(stream=True),
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status_code == 200
+            "".join(r.iter_text())
+    monkeypatch.undo()
+    assert wait_until(lambda: len(records(server)) > before, timeout=20)
+    rec = [r for r in records(server)[before:] if r["kind"] == "request"][-1]
+    assert (rec["status"], rec["outcome"], rec["error_code"]) == (500, "error", "server_error"), rec
+    assert requests_by_code(server).get("500", 0) == counts.get("500", 0) + 1

@@ -18,12 +18,13 @@ httpx = pytest.importorskip("httpx2")
 pytestmark = pytest.mark.slow
 
 
-def _serve(model, home, *args: str, timeout: float = 120) -> list[str]:
-    """Start ``edgemed serve MODEL ARGS`` on a free port, wait for /health, stop it (SIGINT); its stderr lines."""
+def _serve(model, home, *args: str, timeout: float = 120, probe=None) -> list[str]:
+    """Start ``edgemed serve MODEL ARGS`` on a free port, wait for /health, call ``probe(url)``, stop it (SIGINT);
+    its stderr lines, then its stdout lines."""
     cmd = [sys.executable, "-m", "edgemed", "serve", str(model), "--port", "0", "--slots", "1", "--no-ui",
            "--no-adapters", "--threads", "1", *args]
     env = dict(os.environ, EDGEMED_HOME=str(home))
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     try:
         deadline = time.monotonic() + timeout
@@ -45,14 +46,16 @@ def _serve(model, home, *args: str, timeout: float = 120) -> list[str]:
                 time.sleep(0.1)
         else:
             pytest.fail("the server did not answer /health")
+        if probe is not None:
+            probe(url)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            rest = proc.communicate(timeout=60)[1]
+            out, rest = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            rest = proc.communicate()[1]
-        lines += (rest or "").splitlines()
+            out, rest = proc.communicate()
+        lines += (rest or "").splitlines() + (out or "").splitlines()
     return lines
 
 
@@ -93,3 +96,23 @@ def test_an_asked_cache_larger_than_the_budget_is_refused_before_loading(smollm2
                                       "--prefix-cache-mib", str(64 * 1024)])
     assert result.exit_code != 0
     assert "--prefix-cache-mib 65536 MiB" in result.output and "smaller --prefix-cache-mib" in result.output
+
+
+def test_the_access_log_names_routes_not_what_a_client_wrote_in_a_url(smollm2_gguf, tmp_path):
+    """uvicorn's access log (on by default) printed each request's raw path and query string, and took a loopback
+    client's X-Forwarded-For as its address: text a client chose, in a log and in the audit record's "client"."""
+    secret = "PATIENT-Jane-Roe-1954"
+
+    def probe(url):
+        for path in (f"/v1/models/{secret}?q={secret}", f"/{secret}", f"/admin/adapters/{secret}"):
+            httpx.request("DELETE" if path.startswith("/admin") else "GET", url + path, timeout=10)
+        httpx.get(url + "/v1/models", headers={"X-Forwarded-For": secret}, timeout=10)
+
+    home = tmp_path / "home"
+    lines = _serve(smollm2_gguf, home, "--prefix-cache-mib", "0", probe=probe)
+    access = [line for line in lines if '"GET ' in line or '"DELETE ' in line]
+    assert any('"GET /v1/models/{model_id:path} HTTP' in line for line in access), "\n".join(lines)
+    assert any('"GET - HTTP' in line for line in access) and any('"GET /v1/models HTTP' in line for line in access)
+    assert not [line for line in lines if secret in line], "\n".join(lines)
+    audit = "".join(p.read_text() for p in (home / "audit").glob("*.jsonl"))
+    assert '"client":"127.0.0.1"' in audit.replace(" ", "") and secret not in audit

@@ -42,6 +42,10 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 @click.option("--threads", type=int, help="CPU threads (default: the profile's).")
 @click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False),
               help="File of accepted API keys, one per line ('KEY' or 'LABEL KEY'). Required off loopback.")
+@click.option("--admin-key-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="File of keys for the admin calls (adding and removing adapters while serving), in the format of "
+              "--api-key-file and with keys of their own. Without it, a server with --api-key-file takes no admin "
+              "calls, and one without keys takes them from this machine only.")
 @click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False),
               help="Hash-chained audit log (JSONL). Default: $EDGEMED_HOME/audit/<model>.jsonl.")
 @click.option("--audit-content", is_flag=True, help="Also write each prompt and answer into the audit log. "
@@ -65,7 +69,7 @@ _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 @click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
-def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, audit_log, audit_content,
+def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, admin_key_file, audit_log, audit_content,
           cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, adapter_turn, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
@@ -88,20 +92,22 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
     from edgemed.formats.sniff import model_format
     from edgemed.packaging.ref import adapter_specs, runnable, with_digest
     from edgemed.runtime.plan import check_threads
-    from edgemed.serve.security import ApiKeys, bind_socket, check_bind
+    from edgemed.serve.security import ApiKeys, bind_socket, check_bind, check_key_roles
 
     check_threads(threads, "--threads")
     if not prefix_cache and prefix_cache_mib:
         raise InputError(f"--no-prefix-cache and --prefix-cache-mib {prefix_cache_mib} contradict each other.",
                          "pass one of them (--no-prefix-cache turns all prompt reuse off)")
     keys = ApiKeys.from_file(api_key_file) if api_key_file else None
+    admin_keys = ApiKeys.from_file(admin_key_file) if admin_key_file else None
+    check_key_roles(keys, admin_keys)
     check_bind(host, keys)  # before anything is loaded or bound
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
     require("prometheus_client", "serve")
 
     from edgemed.runtime.session import admit_adapter, prepare
-    from edgemed.serve.app import create_app
+    from edgemed.serve.app import AccessLogPaths, create_app
     from edgemed.serve.audit import AuditLog
     from edgemed.runtime.batch.batcher import Batcher
     from edgemed.serve.config import ServeConfig
@@ -132,7 +138,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
         audit = AuditLog(audit_path, content=audit_content)  # an unwritable path fails here, before the model loads
         batcher = None
         try:
-            config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys,
+            config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys, admin_keys=admin_keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
                                  ui=not no_ui, card=card, prefix_cache_scope=prefix_cache_scope, resolve_adapter=lambda text: adapter_specs(ref, [text])[0],
@@ -160,9 +166,12 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                 click.echo("warning: plain HTTP off loopback: keys, prompts and answers cross the network unencrypted; "
                            "put a TLS-terminating proxy in front, or keep --host 127.0.0.1", err=True)
             level = logging.getLogger().getEffectiveLevel()
+            # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback client as the client's
+            # address, so a local page or process could write what it liked into the audit record's "client"
             server = uvicorn.Server(uvicorn.Config(
                 app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
-                access_log=True, server_header=False, timeout_graceful_shutdown=10))
+                access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=10))
+            logging.getLogger("uvicorn.access").addFilter(AccessLogPaths(app))
             try:
                 server.run(sockets=[sock])
             except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down

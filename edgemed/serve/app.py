@@ -61,6 +61,33 @@ def create_app(batcher, config: ServeConfig, templates: dict | None = None):
     return app
 
 
+class AccessLogPaths(logging.Filter):
+    """uvicorn's access log line (on by default) names the route a request went to, never what a client wrote into
+    its URL (a model name, an adapter name, a query string, a path that is no route: text that may hold PHI): a route
+    with a parameter shows as its pattern (``/v1/models/{model_id:path}``), any other path as ``-``."""
+
+    def __init__(self, app):
+        super().__init__()
+        self.routes = [(r.path_regex, r.path) for r in _flat(app.routes)]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's: client, method, path with query string, HTTP version, status
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path = args[2].split("?", 1)[0]
+            shown = next((template for regex, template in self.routes if regex.match(path)), "-")
+            record.args = (*args[:2], shown, *args[3:])
+        return True
+
+
+def _flat(routes):
+    """Every route with a path pattern, through FastAPI's wrappers of included routers (none has a prefix here)."""
+    for route in routes:
+        if hasattr(route, "path_regex"):
+            yield route
+        elif getattr(route, "original_router", None) is not None:
+            yield from _flat(route.original_router.routes)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app):
     srv: Served = app.state.served

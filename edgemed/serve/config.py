@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from edgemed.errors import InputError
 from edgemed.serve.audit import AuditLog
-from edgemed.serve.security import ApiKeys, check_bind, is_loopback
+from edgemed.serve.security import ApiKeys, check_bind, check_key_roles, is_loopback
 
 #: Largest request body accepted (bytes): a long clinical note is ~50 KB; 1 MiB leaves room.
 MAX_BODY_BYTES = 1 << 20
@@ -29,6 +29,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_keys: ApiKeys | None = None        # None: no authentication (allowed on loopback only)
+    #: keys for /admin/ (adding and removing adapters); None: with api_keys, no admin calls at all; without, loopback only
+    admin_keys: ApiKeys | None = None
     cors_origins: tuple[str, ...] = ()     # empty: no CORS headers at all (browsers on other origins get nothing)
     max_body_bytes: int = MAX_BODY_BYTES
     default_max_tokens: int = DEFAULT_MAX_TOKENS
@@ -50,6 +52,7 @@ class ServeConfig:
         check_bind(self.host, self.api_keys)
         if self.max_body_bytes < 1024:
             raise InputError(f"--max-body {self.max_body_bytes} is too small for any request.", "pass at least 1024 bytes")
+        check_key_roles(self.api_keys, self.admin_keys)
         if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
             raise InputError(f"Unknown prefix cache scope '{self.prefix_cache_scope}'.",
                              f"use one of {', '.join(PREFIX_CACHE_SCOPES)}")

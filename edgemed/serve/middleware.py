@@ -151,7 +151,10 @@ class Observe:
         except Exception:
             log.exception("request %s failed", record.request_id)
             record.outcome, record.client_closed = "error", False  # the server's failure, even if the client left too
-            if record.status is None:
+            if record.status is not None:  # it failed after its headers went out: the record says 500, not what they said
+                record.failed_status = record.failed_status or 500
+                record.error_code = record.error_code or "server_error"
+            else:
                 failed = ApiError(500, f"The server failed on this request; it is logged under request id "
                                   f"{record.request_id}.", "server_error")
                 await error_response(failed)(scope, receive, send_observed)
@@ -214,11 +217,23 @@ class Guard:
                                               "refused. Fix: free disk space or repair the log's storage, then restart "
                                               "the server.", "server_error", "audit_unavailable"))
         keys = self.config.api_keys
-        if keys is None and path.startswith(ADMIN) and not (self.loopback and record.client and is_loopback(record.client)):
-            return await refuse(ApiError(403, "Admin calls without API keys are taken from this machine only. Fix: "
-                                              "call from the server's own host, or start it with --api-key-file.",
-                                         code="admin_forbidden"))
-        if keys is not None and (path.startswith("/v1/") or path.startswith(ADMIN) or path in KEYED_PATHS):
+        if path.startswith(ADMIN):  # who may change what is served: admin keys, never a clinician's key
+            admins = self.config.admin_keys
+            if admins is not None:
+                record.key_id = admins.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+                if record.key_id is None:
+                    return await refuse(ApiError(401, "Admin calls need a key from the server's --admin-key-file. Fix: "
+                                                      "send 'Authorization: Bearer ADMIN_KEY'.", code="invalid_api_key",
+                                                 headers={"WWW-Authenticate": "Bearer"}))
+            elif keys is not None:
+                return await refuse(ApiError(403, "Admin calls need an admin key, and this server has none: the keys of "
+                                                  "--api-key-file ask questions, they do not change what is served. "
+                                                  "Fix: restart the server with --admin-key-file.", code="admin_forbidden"))
+            elif not (self.loopback and record.client and is_loopback(record.client)):
+                return await refuse(ApiError(403, "Admin calls without API keys are taken from this machine only. Fix: "
+                                                  "call from the server's own host, or start it with --admin-key-file.",
+                                             code="admin_forbidden"))
+        elif keys is not None and (path.startswith("/v1/") or path in KEYED_PATHS):
             record.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
             if record.key_id is None:
                 return await refuse(ApiError(401, "Missing or incorrect API key. Fix: send 'Authorization: Bearer KEY' "

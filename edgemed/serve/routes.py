@@ -106,8 +106,8 @@ async def add_adapter(request: Request):
             raise api.ApiError(400, "This server cannot look up installed adapters. Fix: pass \"path\".", param="adapter")
         spec = await run_in_threadpool(srv.config.resolve_adapter, data["adapter"])
         spec = AdapterSpec(spec.path, float(scale))
-    record.adapter = data["name"]
     await run_in_threadpool(_admit_and_add, srv, data["name"], spec)
+    record.adapter = data["name"]  # served now
     return {"added": data["name"], "model": f"{srv.config.model_id}:{data['name']}", "path": str(spec.path),
             "scale": spec.scale}
 
@@ -136,8 +136,8 @@ async def remove_adapter(name: str, request: Request):
     """Stop serving an adapter: new requests for it get 404; the running ones finish first, then it is freed."""
     from starlette.concurrency import run_in_threadpool
 
-    request_record(request).adapter = name
     left = await run_in_threadpool(served(request).batcher.remove_adapter, name)
+    request_record(request).adapter = name  # a served name (an unknown one raised): never text a client made up
     return {"removed": name, "requests_finishing": left}
 
 

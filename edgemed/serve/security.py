@@ -10,6 +10,9 @@
   exit), so neither the time taken nor the digest length says which key, or how much of
   one, matched. A request is identified in the audit log by its key's *id*: the label, or
   ``key-`` + the first 8 hex digits of the key's sha256 — never the key itself.
+* **Admin keys.** ``/admin/`` (adding and removing adapters, which changes every clinician's answers and names
+  files on the server) takes only keys of a file of its own (``--admin-key-file``). With API keys and no admin
+  keys there are no admin calls (403); with neither, loopback clients only.
 * **Other web pages.** A page on another origin can make the browser of anyone using this server send it a
   request without asking first (a form post; ``fetch`` in ``no-cors`` mode with a ``text/plain`` body), and a
   browser on the server's machine is a loopback client. Such a request changes things (a generation, an adapter
@@ -147,22 +150,26 @@ class ApiKeys:
         try:
             mode = path.stat().st_mode
             if not stat.S_ISREG(mode):  # a FIFO would block, a device would never end
-                raise InputError(f"The API key file '{path}' is not a regular file.", fix)
+                raise InputError(f"The key file '{path}' is not a regular file.", fix)
             with open(path, "rb") as fh:
                 data = fh.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:
-            raise InputError(f"Cannot read the API key file '{path}': {exc.strerror or exc}.", fix) from None
+            raise InputError(f"Cannot read the key file '{path}': {exc.strerror or exc}.", fix) from None
         if len(data) > MAX_KEY_FILE_BYTES:
-            raise InputError(f"The API key file '{path}' is larger than {MAX_KEY_FILE_BYTES} bytes: it is not a key file.",
+            raise InputError(f"The key file '{path}' is larger than {MAX_KEY_FILE_BYTES} bytes: it is not a key file.",
                              f"pass the file of keys itself ({MAKE_KEY})")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InputError(f"The API key file '{path}' is not UTF-8 text (byte {exc.start}).",
+            raise InputError(f"The key file '{path}' is not UTF-8 text (byte {exc.start}).",
                              f"write the keys as plain text, one per line: {MAKE_KEY}") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("API key file %s is readable by other users; run: chmod 600 %s", path, path)
+            log.warning("Key file %s is readable by other users; run: chmod 600 %s", path, path)
         return cls.from_lines(text.splitlines(), str(path))
+
+    def overlaps(self, other: "ApiKeys") -> bool:
+        """Whether a key is in both sets (compared by digest: the keys themselves are not kept)."""
+        return bool({d for _, d in self.entries} & {d for _, d in other.entries})
 
     def identify(self, presented: str | None) -> str | None:
         """The id of the key ``presented`` matches, or None. Every key is compared, in constant time."""
@@ -174,6 +181,13 @@ class ApiKeys:
             if hmac.compare_digest(digest, expected):
                 found = key_id
         return found
+
+
+def check_key_roles(api_keys: "ApiKeys | None", admin_keys: "ApiKeys | None") -> None:
+    """Refuse a key that is both a clinician's (--api-key-file) and an admin's (--admin-key-file)."""
+    if api_keys is not None and admin_keys is not None and admin_keys.overlaps(api_keys):
+        raise InputError("A key is in both --api-key-file and --admin-key-file.",
+                         "give the admins keys of their own: a clinician's key must not change what is served")
 
 
 def bearer_token(authorization: str | None) -> str | None:
