@@ -69,7 +69,7 @@ def browser():
 
 # -- the page as files: no browser needed ---------------------------------------------------------------------
 def test_page_and_assets_carry_a_strict_csp_and_come_from_the_package(server):
-    for path in ("/", "/ui/app.js", "/ui/app.css", "/ui/icon.svg"):
+    for path in ("/", "/ui/app.js", "/ui/think.js", "/ui/app.css", "/ui/icon.svg"):
         r = httpx.get(server.url + path)
         assert r.status_code == 200, path
         csp = r.headers["content-security-policy"]
@@ -80,11 +80,12 @@ def test_page_and_assets_carry_a_strict_csp_and_come_from_the_package(server):
         assert r.headers["x-frame-options"] == "DENY" and r.headers["referrer-policy"] == "no-referrer"
         assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff"
     html = httpx.get(server.url + "/").text
-    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/ui/app.js" defer>']  # no inline script
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="/ui/think.js" defer>',
+                                                    '<script src="/ui/app.js" defer>']  # no inline script
     assert " style=" not in html and "<style" not in html
-    for path in ("/", "/ui/app.js", "/ui/app.css"):
+    for path in ("/", "/ui/app.js", "/ui/think.js", "/ui/app.css"):
         assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", httpx.get(server.url + path).text), path
-    assert "innerHTML" not in httpx.get(server.url + "/ui/app.js").text
+    assert not any("innerHTML" in httpx.get(server.url + path).text for path in ("/ui/app.js", "/ui/think.js"))
 
 
 def test_info_gives_the_card_and_the_template_index(server):
@@ -214,6 +215,21 @@ def test_stop_ends_a_long_answer_and_frees_the_slot(server, browser):
                                   for r in audit_records(server.audit_path)), 10)
 
 
+def test_a_new_conversation_mid_answer_keeps_nothing_of_the_last_one(server, browser):
+    """New conversation while an answer streams: the stopped request's question and partial answer used to land in
+    the emptied transcript once the request settled, so the next patient's saved conversation began with them."""
+    page = browser.page(server.url)
+    page.max_tokens(700)
+    page.ask("Patient A, 54, chest pain since this morning: write a long, detailed differential diagnosis.")
+    page.wait(lambda: len(page.find("#log .answer-text").text) > 40, 60, "some of the answer")
+    page.find("#new-chat").click()
+    assert wait_until(lambda: httpx.get(server.url + "/health").json()["active_slots"] == 0, 10)
+    time.sleep(0.5)  # the stopped request's own end has run in the page
+    assert not page.all("#log .turn") and page.find("#status").text == "New conversation."
+    page.find("#export").click()
+    assert page.find("#status").text == "Nothing to save yet."
+
+
 def test_think_block_is_folded_away_from_the_answer(server, browser):
     page = browser.page(server.url)
     page.max_tokens(12)
@@ -224,6 +240,57 @@ def test_think_block_is_folded_away_from_the_answer(server, browser):
     assert think.get_attribute("textContent").endswith("scratch")
     text = answer.find_element("css selector", ".answer-text").text
     assert text.strip() and "<think>" not in text and "</think>" not in text and not text.startswith("scratch")
+
+
+#: Feeds pieces of a streamed answer to the page's own splitter (ui/think.js) and returns [reasoning, answer].
+SPLIT = """
+const [opened, pieces] = arguments, got = ["", ""];
+const split = window.EdgemedThink.splitter(opened), out = (inThink, text) => { got[inThink ? 0 : 1] += text; };
+for (const piece of pieces) split.feed(piece, out);
+split.flush(out);
+return got;
+"""
+
+
+@pytest.mark.parametrize("opened,pieces,reasoning,answer", [
+    # a </think> in the middle of an answer is the answer's text: folding everything before it hid a warning
+    (False, ["Dose 5 mg. WARNING: contraindicated in renal failure.", "</think>", "Dose 5 mg."], "",
+     "Dose 5 mg. WARNING: contraindicated in renal failure.</think>Dose 5 mg."),
+    # the template opened the block (the response's header): reasoning up to </think>, cut anywhere
+    (True, ["weigh A against B", "</thi", "nk>", "\n\nAnswer: B"], "weigh A against B", "\n\nAnswer: B"),
+    # a block the model opens first thing is reasoning; one after the answer began is text
+    (False, ["\n<thi", "nk>plan</think>", "Yes <think>x</think>"], "plan", "\nYes <think>x</think>"),
+    (False, ["<", "think", ">", "never closed"], "never closed", ""),
+])
+def test_only_a_reasoning_block_before_the_answer_is_folded(server, browser, opened, pieces, reasoning, answer):
+    page = browser.page(server.url)
+    assert page.driver.execute_script(SPLIT, opened, pieces) == [reasoning, answer]
+
+
+@pytest.fixture(scope="module")
+def opening_server(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 with a chat template that opens the reasoning block itself, as R1-Distill's does."""
+    from test_template_limits import with_chat_template
+
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "<|im_start|>assistant\n<think>\n")
+    tmp = tmp_path_factory.mktemp("opening")
+    path = with_chat_template(smollm2_gguf, tmp / "opening.gguf", template)
+    with page_server(path, tmp / "audit.jsonl", default_max_tokens=8) as srv:
+        yield srv
+
+
+def test_a_block_the_template_opened_is_folded_and_an_answer_cut_inside_it_says_so(opening_server, browser):
+    r = httpx.post(opening_server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.headers["x-edgemed-think"] == "open"
+    page = browser.page(opening_server.url)
+    page.ask("What is the first-line treatment for anaphylaxis?")
+    answer = page.wait_answer()
+    think = answer.find_element("css selector", "details.think")
+    assert think.get_attribute("textContent").strip() and not answer.find_element("css selector", ".answer-text").text
+    assert answer.get_attribute("data-done").startswith("no answer: the reasoning reached the answer length limit")
+    browser.forget(opening_server.url)  # the origin check below is about the module's own server
 
 
 def test_hostile_input_and_output_are_text_never_html(server, browser):

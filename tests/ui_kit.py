@@ -47,6 +47,11 @@ class Browser:
         self.seen += found
         return found
 
+    def forget(self, url: str) -> None:
+        """Drop the requests made to the server at ``url`` from ``seen`` (a test's own second server)."""
+        self.requests()
+        self.seen = [r for r in self.seen if not r[0].startswith(url + "/")]
+
     def page(self, url: str) -> Page:
         self.requests()  # drop what earlier tests left in the log
         return Page(self.driver, url).open().ready()

@@ -50,6 +50,9 @@ class Prompt:
     extra: Callable[[str], dict] = _nothing  # answer text -> edgemed's fields of the response
     tools: ToolPlan = field(default_factory=ToolPlan)
     grammar: str | None = None  # the request's own, or the one forcing a tool call
+    #: the chat template ended the prompt with <think>: the answer starts inside a reasoning block (the response says
+    #: so in its ``x-edgemed-think: open`` header, so a client folds exactly that block and nothing else)
+    opened_think: bool = False
 
     @property
     def value(self):
@@ -89,17 +92,16 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     # Rendering (a limited, but possibly slow, untrusted template) and tokenizing (a long prompt) run in a
     # worker thread: the event loop keeps answering /health and streaming other requests meanwhile.
     prompt = await run_in_threadpool(served.batcher.render_chat, messages, plan.tools or None)
-    if template is None:
-        return Prompt([prompt], json_schema, tools=plan, grammar=constraint)
-
     opened_think = starts_in_think(prompt)  # a reasoning model's template may open <think> itself
+    if template is None:
+        return Prompt([prompt], json_schema, tools=plan, grammar=constraint, opened_think=opened_think)
 
     def parsed(text: str) -> dict:
         result = template.parse(text, body.template_inputs, started_in_think=opened_think)
         return {"edgemed": {"template": record.template,
                             "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
 
-    return Prompt([prompt], json_schema, parsed, grammar=constraint)
+    return Prompt([prompt], json_schema, parsed, grammar=constraint, opened_think=opened_think)
 
 
 async def completion_prompt(served: Served, record: RequestRecord, body: api.CompletionRequest) -> Prompt:

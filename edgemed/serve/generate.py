@@ -17,7 +17,7 @@ import secrets
 import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from edgemed.runtime.batch.options import Extras
 from edgemed.runtime.engine import GenerationSettings
@@ -27,6 +27,10 @@ from edgemed.serve.endpoints import Answer, Endpoint, usage
 from edgemed.serve.tools import CallFilter
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served, request_record, served
+
+#: Sent as ``open`` when the chat template opened a reasoning block (the prompt ends with ``<think>``): the answer's
+#: text up to ``</think>`` is reasoning. Without it, an answer's reasoning block is one the model opened itself.
+THINK_HEADER = "x-edgemed-think"
 
 
 async def generate(endpoint: Endpoint, body, request: Request):
@@ -42,10 +46,13 @@ async def generate(endpoint: Endpoint, body, request: Request):
     shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=body.model, extra=prompt.extra,
                            logprobs=body.top_logprobs_wanted() is not None, echo=echo, n=body.n)
     answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None) for i in range(len(streams))]
+    headers = {THINK_HEADER: "open"} if prompt.opened_think else {}
     if body.stream:
-        return streaming(srv, record, streams, answers, shape, body.include_usage)
+        response = streaming(srv, record, streams, answers, shape, body.include_usage)
+        response.headers.update(headers)
+        return response
     reasons = await collect(srv, record, request, streams, answers)
-    return shape.whole(answers, reasons)
+    return JSONResponse(shape.whole(answers, reasons), headers=headers)
 
 
 def served_models(srv: Served) -> list[str]:

@@ -6,7 +6,6 @@
 
 (function () {
   const KEY_SLOT = "edgemed.apiKey";
-  const THINK_OPEN = "<think>", THINK_CLOSE = "</think>";
   const CARD_LABELS = {
     model_name: "Model", version: "Version", developer: "Developer", intended_use: "Intended use",
     intended_users: "Intended users", decision_role: "Decision role", out_of_scope_use: "Not for",
@@ -16,7 +15,9 @@
   const $ = (id) => document.getElementById(id);
   // Clinical text is not spell-checked: a browser's enhanced spell check sends what is typed to an online service.
   const CLINICAL_TEXT = { spellcheck: "false", autocapitalize: "off" };
-  const state = { info: null, templates: {}, history: [], busy: null, transcript: [] };
+  // conversation: which conversation is on screen (New conversation counts it up): an answer still settling from an
+  // earlier one never lands in the history or the transcript of the next patient's.
+  const state = { info: null, templates: {}, history: [], busy: null, transcript: [], conversation: 0 };
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -234,35 +235,6 @@
     return turn;
   }
 
-  // <think>…</think> split as it streams, a tag possibly cut between two pieces (as templates/think.py does).
-  function thinkSplitter() {
-    let inThink = false, pending = "";
-    const partial = (text, tag) => {
-      for (let n = Math.min(tag.length - 1, text.length); n > 0; n--) if (tag.startsWith(text.slice(-n))) return n;
-      return 0;
-    };
-    return {
-      feed(piece, out) {
-        pending += piece;
-        while (pending) {
-          const tag = inThink ? THINK_CLOSE : THINK_OPEN;
-          const at = pending.indexOf(tag);
-          if (at >= 0) {
-            out(inThink, pending.slice(0, at));
-            pending = pending.slice(at + tag.length);
-            inThink = !inThink;
-            continue;
-          }
-          const keep = partial(pending, tag);
-          out(inThink, pending.slice(0, pending.length - keep));
-          pending = pending.slice(pending.length - keep);
-          break;
-        }
-      },
-      flush(out) { out(inThink, pending); pending = ""; },
-    };
-  }
-
   function showPiece(turn, inThink, text) {
     if (!text) return;
     if (inThink) {
@@ -271,13 +243,6 @@
       turn.think.querySelector(".think-text").textContent = turn.thinkText;
     } else {
       turn.answerText += text;
-      // Some reasoning models' chat templates open the block in the prompt: the answer then holds only the closing
-      // tag, and everything before it was thinking.
-      const close = turn.thinkText ? -1 : turn.answerText.indexOf(THINK_CLOSE);
-      if (close >= 0) {
-        showPiece(turn, true, turn.answerText.slice(0, close) || " ");
-        turn.answerText = turn.answerText.slice(close + THINK_CLOSE.length);
-      }
       turn.text.textContent = turn.answerText.replace(/^\s+/, "");
     }
   }
@@ -373,6 +338,8 @@
     }
     const turn = addTurn(question);
     turn.inputs = inputs;
+    const conversation = state.conversation;
+    const current = () => conversation === state.conversation;
     const controller = new AbortController();
     state.busy = controller;
     busy(true);
@@ -380,7 +347,7 @@
     let note = "";
     try {
       note = await stream(body, turn, t, controller.signal);
-      if (!t && note !== "error") {
+      if (!t && note !== "error" && current()) {
         state.history.push({ role: "user", content: question }, { role: "assistant", content: turn.answerText.trim() });
         $("prompt").value = "";
       }
@@ -391,9 +358,11 @@
       state.busy = null;
       busy(false);
       finishTurn(turn, note === "done" ? "" : note);
-      state.transcript.push({ question, answer: turn.answerText.trim(), requestId: turn.requestId, note });
-      setStatus(note === "stopped" ? "Stopped." : note === "error" ? "The answer failed; see the message." : "Answered.");
-      (t ? $("send") : $("prompt")).focus();
+      if (current()) {
+        state.transcript.push({ question, answer: turn.answerText.trim(), requestId: turn.requestId, note });
+        setStatus(note === "stopped" ? "Stopped." : note === "error" ? "The answer failed; see the message." : "Answered.");
+        (t ? $("send") : $("prompt")).focus();
+      }
     }
   }
 
@@ -414,7 +383,7 @@
       if (response.status === 401) askForKey("The key was refused: " + message);
       return "error";
     }
-    const split = thinkSplitter();
+    const split = window.EdgemedThink.splitter(response.headers.get("x-edgemed-think") === "open");
     const out = (inThink, text) => showPiece(turn, inThink, text);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -442,6 +411,9 @@
       }
     }
     split.flush(out);
+    if (result === "length" && !turn.answerText.trim() && turn.thinkText) {
+      return "no answer: the reasoning reached the answer length limit; ask again with a larger answer length";
+    }
     return result === "length" ? "cut at the answer length limit" : result;
   }
 
@@ -449,6 +421,7 @@
 
   function newConversation() {
     stop();
+    state.conversation += 1;
     state.history = [];
     state.transcript = [];
     $("log").replaceChildren();
