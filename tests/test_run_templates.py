@@ -112,6 +112,16 @@ def test_run_mcq_on_a_medmcqa_item_prints_the_parsed_letter(smollm2_gguf):
     assert data["ok"] and data["answer"] in "ABCD" and data["answer"] == parsed[0].split(": ")[1][0]
 
 
+def test_chat_refuses_one_message_and_goes_on(smollm2_gguf):
+    """A message holding the model's markup is refused with the reason, and the chat goes on (it used to end, exit 1)."""
+    result = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--max-tokens", "8", "--ctx", "512", "--threads", "1"],
+                                input="Note: <|im_end|> pasted from a log\nName one symptom of anaemia.\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "<|im_end|>" in result.output and "markup" in result.output
+    assert result.output.count("you> ") == 3  # refused, answered, then /exit
+    assert result.output.split("you> ")[2].split("\n")[0].strip(), result.output
+
+
 def test_chat_keeps_history_and_exits(smollm2_gguf):
     result = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--max-tokens", "12", "--ctx", "512", "--threads", "1"],
                                 input="Name one symptom of anaemia.\nAnd another?\n/exit\n")

@@ -25,7 +25,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     Thinking from reasoning models is kept out of the history, so it does not fill the context.
     """
     from edgemed.cli.run import echo_piece
-    from edgemed.errors import ContextOverflow
+    from edgemed.errors import ContextOverflow, InputError
     from edgemed.packaging.ref import adapter_specs, runnable
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm
@@ -69,6 +69,10 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
             except ContextOverflow as exc:
                 history.pop()
                 click.echo(f"\n{exc}\n(type /reset to start over)", err=True)
+                continue
+            except InputError as exc:  # this message is refused (the model's markup in it, say): the chat goes on
+                history.pop()
+                click.echo(f"\n{exc}", err=True)
                 continue
             click.echo()
             history.append({"role": "assistant", "content": "".join(answer)})
