@@ -185,7 +185,8 @@ def test_paired_difference_interval_matches_the_published_newcombe_value():
 
 
 def test_paired_difference_interval_by_hand():
-    """[[500, 7], [19, 74]] (Q4_K_M vs F16 on the 1.5B, 600 items), computed step by step without stats.py."""
+    """[[500, 7], [19, 74]] (a 600-item table with the 1.5B first run's discordant pairs, 7 and 19), computed step by
+    step without stats.py."""
     z = 1.959963984540054
     n, p1, p2 = 600, 507 / 600, 519 / 600
 
@@ -523,3 +524,46 @@ def test_a_generated_answer_is_read_from_the_answer_line_not_from_a_list_of_the_
     options = sorted(rec["probs"])
     assert rec["parsed_ok"] and rec["reply"].endswith("Answer: C\n") and "rash" not in rec["reply"]
     assert rec["gen_pred"] == options[2]  # the third option, as the reply's answer line says
+
+
+@pytest.mark.parametrize("diff,ci,met", [
+    (-0.008, [-0.019, 0.003], "not shown (95 % interval: up to 1.9 points below)"),  # the 1.5B's 1,600 items
+    (-0.004, [-0.009, 0.001], "yes"),
+    (-0.020, [-0.030, -0.010], "**no**"),
+])
+def test_the_accuracy_goal_is_met_only_where_the_paired_interval_stays_within_it(diff, ci, met):
+    """A point estimate within 1 point says nothing when the interval reaches past it: the report said "yes"."""
+    from edgemed.benchmarks.harness.goals import check_goals
+
+    paired = {"n": 1600, "diff": diff, "diff_ci": ci}
+    results = {"configs": [{"name": "f16", "accuracy": {"acc_logit": 0.42}},
+                           {"name": "q4_k_m", "accuracy": {"acc_logit": 0.42 + diff, "paired_vs_reference": paired}}]}
+    rows = [row for row in check_goals(results) if row[0].startswith("Q4_K_M accuracy")]
+    assert rows and rows[0][2] == met, rows
+
+
+def test_accuracy_floors_are_computed_from_the_records(tmp_path):
+    """Chance, the always-the-commonest-letter floor and each run's accuracy, per dataset, from per-item records."""
+    from edgemed.benchmarks import accuracy_baselines
+
+    def write(name, picks):
+        golds = [("pubmedqa", "A"), ("pubmedqa", "A"), ("pubmedqa", "B"), ("medmcqa", "C"), ("medmcqa", "D")]
+        lines = [json.dumps({"meta": {"version": 3}})]
+        for i, ((dataset, gold), pick) in enumerate(zip(golds, picks)):
+            k = 3 if dataset == "pubmedqa" else 4
+            lines.append(json.dumps({"id": f"{dataset}:{i}", "dataset": dataset, "gold": gold, "logit_pred": pick,
+                                     "probs": {c: 1 / k for c in "ABCD"[:k]}}))
+        (tmp_path / f"{name}-accuracy.records.jsonl").write_text("\n".join(lines) + "\n")
+
+    write("f16", ["B", "B", "B", "C", "C"])
+    write("q4", ["A", "A", "B", "A", "A"])
+    out = accuracy_baselines.main([str(tmp_path), "--out", str(tmp_path / "floors.json")])
+    assert out["pubmedqa"]["majority"] == pytest.approx(2 / 3) and out["pubmedqa"]["chance"] == pytest.approx(1 / 3)
+    assert out["pubmedqa"]["runs"]["f16"] == {"accuracy": pytest.approx(1 / 3), "commonest_pick_share": 1.0}
+    assert out["pubmedqa"]["runs"]["q4"]["accuracy"] == 1.0
+    assert out["medmcqa"]["majority"] == 0.5 and out["medmcqa"]["runs"]["f16"]["accuracy"] == 0.5
+    assert out["all"]["majority"] == pytest.approx(3 / 5) and out["all"]["chance"] == pytest.approx((3 / 3 + 2 / 4) / 5)
+    assert (tmp_path / "floors.md").read_text().count("\n| ") == 4  # header + pubmedqa, medmcqa, all ... rows
+    write("q4", ["A", "A", "B", "A"])  # one item short: not paired with the first run
+    with pytest.raises(SystemExit, match="not the same items"):
+        accuracy_baselines.main([str(tmp_path)])
