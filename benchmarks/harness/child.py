@@ -3,7 +3,7 @@
 The runner writes the task (configuration, phase, settings, result key, output
 path); this process measures and writes one JSON file atomically, so a killed
 child leaves either its complete result or nothing. Peak RSS is this process's
-own high-water mark (``getrusage(RUSAGE_SELF).ru_maxrss``), imports included.
+own high-water mark (``VmHWM`` on Linux, ``ru_maxrss`` elsewhere: ``peak_rss``), imports included.
 
 Phases:
 * ``timing``     load, warm-up, N timed requests (timing.py / torch_baseline.py), roofline figures;
