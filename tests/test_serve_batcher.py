@@ -223,6 +223,24 @@ def test_queue_full_raises_overloaded(smollm2_gguf, prompts):
         assert collect(b.submit(prompts[2], GenerationSettings(max_tokens=3), request_id="ok"))[1].finish_reason == "length"
 
 
+def test_a_request_cancelled_behind_the_head_of_the_queue_gives_its_place_back(smollm2_gguf, prompts):
+    """Only the head of the queue was dropped when cancelled: one further back kept its place until it reached the
+    head, so a new request got a 429 meanwhile, and its own client waited for that turn to learn it had ended."""
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
+        running = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="r")
+        next(iter(running))  # generating: the slot is taken
+        head = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="h")
+        behind = b.submit(prompts[2], GenerationSettings(max_tokens=4), request_id="b")
+        behind.cancel()
+        t0 = time.monotonic()
+        assert collect(behind)[1].finish_reason == "cancelled" and time.monotonic() - t0 < 5
+        assert b.stats()["queue_depth"] == 1
+        late = b.submit(prompts[0], GenerationSettings(max_tokens=2), request_id="late")  # room again: no Overloaded
+        running.cancel()
+        head.cancel()
+        assert collect(late)[1].finish_reason == "length"
+
+
 def test_close_ends_every_stream(smollm2_gguf, prompts):
     b = Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2)
     b.start()

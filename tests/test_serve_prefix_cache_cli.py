@@ -116,3 +116,62 @@ def test_the_access_log_names_routes_not_what_a_client_wrote_in_a_url(smollm2_gg
     assert not [line for line in lines if secret in line], "\n".join(lines)
     audit = "".join(p.read_text() for p in (home / "audit").glob("*.jsonl"))
     assert '"client":"127.0.0.1"' in audit.replace(" ", "") and secret not in audit
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_running_answers_with_a_503_and_records_them(smollm2_gguf, tmp_path, sig):
+    """systemd and Docker stop a service with SIGTERM: uvicorn re-raised it once shut down and the process died by it,
+    before the batcher or the audit log was closed (no final head line) and with the running requests unrecorded.
+    Now either signal leaves running answers the grace period less a margin, then ends them with a 503 event, records
+    them so, and exits 0 with the head line."""
+    import json
+    import threading
+
+    home = tmp_path / "home"
+    cmd = [sys.executable, "-m", "edgemed", "serve", str(smollm2_gguf), "--port", "0", "--slots", "1", "--no-ui",
+           "--no-adapters", "--threads", "1", "--ctx", "2048", "--prefix-cache-mib", "0"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, EDGEMED_HOME=str(home)))
+    events: list[str] = []
+    try:
+        url = None
+        while url is None:
+            line = proc.stderr.readline()
+            assert line, "the server ended before listening"
+            if line.startswith("OpenAI base_url: "):
+                url = line.split()[2]
+        body = {"model": "m", "stream": True, "max_tokens": 2000, "messages": [
+            {"role": "user", "content": "Write a very long history of medicine, century by century."}]}
+        started = threading.Event()
+
+        def stream():
+            with httpx.stream("POST", url + "/chat/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    events.append(line)
+                    started.set()
+
+        for _ in range(100):
+            try:
+                model = httpx.get(url + "/models", timeout=2).json()["data"][0]["id"]
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body["model"] = model
+        client = threading.Thread(target=stream)
+        client.start()
+        assert started.wait(60)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        client.join(60)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 30
+    assert "(record it elsewhere)" in err, err  # the audit log was closed, its head shown
+    errors = [json.loads(e[6:]) for e in events if e.startswith("data: {") and '"error"' in e]
+    assert errors and errors[-1]["error"]["code"] == "unavailable", events[-3:]
+    records = [json.loads(x) for p in (home / "audit").glob("*.jsonl") for x in p.read_text().splitlines()]
+    requests = [r for r in records if r.get("kind") == "request" and r.get("endpoint") == "chat"]
+    assert requests and requests[-1]["status"] == 503 and requests[-1]["error_code"] == "unavailable", requests

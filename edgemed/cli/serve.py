@@ -9,6 +9,43 @@ import click
 
 
 _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
+#: Seconds a stop signal leaves running answers to finish; those still running ``GRACE_MARGIN_S`` before its end are
+#: ended by the batcher (a 503 ``unavailable`` event, and an audit record saying so) before uvicorn cuts connections.
+GRACE_S, GRACE_MARGIN_S = 10, 2
+
+
+class _Stopped(Exception):
+    """SIGTERM (systemd's and Docker's stop), raised where uvicorn re-raises it once it has shut down."""
+
+
+def _stopped(signum, frame):
+    raise _Stopped()
+
+
+def _stopping_server(uvicorn):
+    """uvicorn's ``Server`` that, at the first stop signal, gives running answers the grace period less a margin and
+    then calls ``on_stop`` (the batcher's close: what is left ends with a 503 event and its audit record), so no
+    client is cut off without a word and no request goes unrecorded."""
+    import threading
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, on_stop):
+            super().__init__(config)
+            self._on_stop, self._timer = on_stop, None
+
+        def handle_exit(self, sig, frame):
+            if self._timer is None:
+                self._timer = threading.Timer(max(0, GRACE_S - GRACE_MARGIN_S), self._on_stop)
+                self._timer.daemon = True
+                self._timer.start()
+            super().handle_exit(sig, frame)
+
+        def stopped(self) -> None:
+            """The server has shut down: the timer's work is the caller's ``finally`` now."""
+            if self._timer is not None:
+                self._timer.cancel()
+
+    return Server
 
 
 @click.command()
@@ -168,14 +205,21 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             level = logging.getLogger().getEffectiveLevel()
             # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback client as the client's
             # address, so a local page or process could write what it liked into the audit record's "client"
-            server = uvicorn.Server(uvicorn.Config(
+            server = _stopping_server(uvicorn)(uvicorn.Config(
                 app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
-                access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=10))
+                access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=GRACE_S),
+                on_stop=batcher.close)
             logging.getLogger("uvicorn.access").addFilter(AccessLogPaths(app))
+            import signal
+
+            previous = signal.signal(signal.SIGTERM, _stopped)  # what uvicorn re-raises once it has shut down
             try:
                 server.run(sockets=[sock])
-            except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down
+            except (KeyboardInterrupt, _Stopped):  # uvicorn re-raises the SIGINT or SIGTERM it handled, once stopped
                 pass
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                server.stopped()
             if not server.started:
                 raise SystemExit(3)  # uvicorn logged why (as `uvicorn.run` would exit)
         finally:

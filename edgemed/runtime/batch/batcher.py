@@ -390,7 +390,9 @@ class Batcher:
 
     # -- requests ----------------------------------------------------------------------------
     def _check_capacity(self, n: int = 1) -> None:
-        in_flight = sum(1 + len(q.followers) for q in self._queue) + len(self._active)
+        """``Overloaded`` unless ``n`` more requests fit (caller holds the lock); a queued request whose client left
+        holds no place (the scheduler drops it at its next turn)."""
+        in_flight = sum(1 + len(q.followers) for q in self._queue if not q.stream.cancelled) + len(self._active)
         if in_flight + n > self.slots + self.queue_size:
             self._n.overloaded_total += 1
             retry = max(1.0, self._service_s * (1 + len(self._queue)) / self.slots)
@@ -556,6 +558,11 @@ class Batcher:
         """Move queued requests into free slots (caller holds the lock). Requests admitted together take their
         slots grouped by adapter (in order of each group's first request), so a group's slots are one run."""
         now = time.perf_counter()
+        if any(q.stream.cancelled for q in self._queue):  # clients that left while waiting: their places go now,
+            for seq in [q for q in self._queue if q.stream.cancelled]:  # wherever in the queue they are
+                self._queue.remove(seq)
+                for q in [seq, *seq.followers]:
+                    self._end(q, "cancelled", now)
         taken, room = [], len(self._free)
         while self._queue and (room > len(self._queue[0].followers) or self._queue[0].stream.cancelled):
             seq = self._queue.popleft()
