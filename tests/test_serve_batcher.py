@@ -228,7 +228,8 @@ def test_a_request_cancelled_behind_the_head_of_the_queue_gives_its_place_back(s
     head, so a new request got a 429 meanwhile, and its own client waited for that turn to learn it had ended."""
     with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
         running = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="r")
-        next(iter(running))  # generating: the slot is taken
+        pieces = iter(running)  # kept: an iterator let go of cancels its stream
+        next(pieces)  # generating: the slot is taken
         head = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="h")
         behind = b.submit(prompts[2], GenerationSettings(max_tokens=4), request_id="b")
         behind.cancel()
@@ -239,6 +240,21 @@ def test_a_request_cancelled_behind_the_head_of_the_queue_gives_its_place_back(s
         running.cancel()
         head.cancel()
         assert collect(late)[1].finish_reason == "length"
+
+
+def test_a_grammar_costlier_than_the_limit_for_one_token_ends_its_request_alone(smollm2_gguf, prompts, monkeypatch):
+    """What the probe cannot see: a request whose grammar takes longer than GRAMMAR_TOKEN_S for one token ends
+    ("costly", with the reason), and the request beside it answers as it would alone."""
+    from edgemed.runtime.batch import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "GRAMMAR_TOKEN_S", 0.0)  # every grammar is "too costly" now
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2, grammar_probe=False) as b:
+        costly = b.submit(prompts[0], GenerationSettings(max_tokens=8, grammar='root ::= "yes" | "no"'),
+                          request_id="g")
+        plain = b.submit(prompts[1], GREEDY, request_id="p")
+        fin = collect(costly)[1]
+        assert fin.finish_reason == "costly" and "took" in fin.error and "for one token" in fin.error
+        assert collect(plain)[1].finish_reason in ("stop", "length")
 
 
 def test_close_ends_every_stream(smollm2_gguf, prompts):

@@ -150,6 +150,26 @@ def test_the_grammar_check_reads_literals_classes_and_comments_as_llama_cpp_does
     check_gbnf(text)  # nothing refused: the braces and brackets are text, or the counts are in order
 
 
+@pytest.mark.parametrize("kind", ["grammar", "schema"])
+def test_a_grammar_too_costly_to_follow_is_refused_before_the_server_follows_it(server, kind):
+    """Alternatives that match the same text under a repetition grow llama.cpp's parses exponentially: with twelve,
+    one token took hours, inside the one call every other answer's step waits for. The probe process tries it first
+    (and is killed at its limit); the request is a 400, and the same grammar again is refused at once."""
+    ambiguous = "(" + " | ".join(["[a-z ]+"] * 12) + ")*"
+    for attempt in range(2):
+        t0 = time.monotonic()
+        if kind == "grammar":
+            r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Name one vitamin.", "max_tokens": 4,
+                                                 "grammar": "root ::= " + ambiguous})
+        else:
+            schema = {"type": "string", "pattern": "^" + ambiguous.replace(" | ", "|") + "$"}
+            r = chat(server, "Name one vitamin.",
+                     response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        assert r.status_code == 400 and "The grammar was refused" in r.json()["error"]["message"], r.text[:300]
+        assert time.monotonic() - t0 < (30 if attempt == 0 else 1)  # the second time from the verdict kept
+    assert chat(server, "hi").status_code == 200
+
+
 def test_a_schema_within_the_limits_still_constrains_the_answer(server):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"v": {"type": "string", "maxLength": 1000}}, "required": ["v"]}}}

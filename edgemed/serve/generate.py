@@ -252,6 +252,9 @@ def failed(record: RequestRecord, finished) -> ApiError:
     if finished.finish_reason == "refused":  # the request's own grammar and logit bias left no token
         record.error_code = "no_token_allowed"
         return ApiError(400, f"Generation stopped: {detail}", "invalid_request_error", "no_token_allowed")
+    if finished.finish_reason == "costly":  # the request's own grammar took too long to follow
+        record.error_code = "grammar_too_costly"
+        return ApiError(400, f"Generation stopped: {detail}", "invalid_request_error", "grammar_too_costly")
     record.error_code = "generation_failed"
     return ApiError(500, f"Generation stopped: {detail}. Fix: retry; if it persists, see the server log for "
                          f"request id {record.request_id}.", "server_error", "generation_failed")

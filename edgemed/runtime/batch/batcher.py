@@ -95,6 +95,8 @@ from edgemed.runtime import heap
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
 from edgemed.runtime.batch.options import Extras, entry, sampler_for
+from edgemed.runtime.grammar_probe import GrammarProbe
+from edgemed.runtime.sampling import grammar_text
 from edgemed.runtime.batch.prefix import HOST_MIN, PrefixCache
 from edgemed.runtime.batch.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
 from edgemed.runtime.batch.sequence import Counters, Seq
@@ -133,6 +135,9 @@ ANSWER_CHUNK = 64
 #: decode of Qwen2.5-0.5B Q4_K_M at 2 threads); four one-request groups served 0.5B tokens 1.3x faster at 16 than
 #: at 1 in-process, and a group waits (groups - 1) x 16 steps between its bursts (decision 0013).
 ADAPTER_TURN = 16
+#: Longest one token's sampling under a grammar may take: past it the request ends (``_sample``). The grammar probe
+#: (``runtime.grammar_probe``) refuses most costly grammars before they start; this bounds the rest.
+GRAMMAR_TOKEN_S = 2.0
 #: What a served adapter may be called (it becomes part of a model name, ``MODEL:NAME``, and a metrics label).
 ADAPTER_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
@@ -173,7 +178,7 @@ class Batcher:
     def __init__(self, model_path: Path, load: LoadSettings, *, slots: int = 4, queue_size: int = 16,
                  n_ctx_per_slot: int | None = None, prefill_chunk: int | None = None, prefix_cache: bool = True,
                  adapters: dict | None = None, prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
-                 adapter_turn: int = ADAPTER_TURN):
+                 adapter_turn: int = ADAPTER_TURN, grammar_probe: bool = True):
         if slots < 1 or queue_size < 0:
             raise InputError(f"slots must be >= 1 and queue_size >= 0 (got {slots}, {queue_size}).",
                              "pass --slots 1 or more and --queue 0 or more")
@@ -200,6 +205,9 @@ class Batcher:
                              "pass 0 for no host-RAM prefix cache, or a size in bytes")
         self.prefix_cache_bytes = int(prefix_cache_bytes) if prefix_cache else 0
         self._host = PrefixCache(self.prefix_cache_bytes)  # saved prefixes of slots that turned over
+        #: a request's grammar is tried in a worker process first (``runtime.grammar_probe``): one llama.cpp cannot
+        #: follow cheaply would otherwise hold every request's step for as long as it takes
+        self._probe = GrammarProbe(self.model_path) if grammar_probe else None
         self._unsynced: set[int] = set()  # slots a queued seq copy reads or writes: synced by the next decode
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
         self._kept_key: list = [None] * slots  # the adapter set those cells were computed under (None: the base)
@@ -262,6 +270,8 @@ class Batcher:
             self._thread.join()
         else:
             self._free_native()
+        if self._probe is not None:
+            self._probe.close()
 
     def __enter__(self):
         self.start()
@@ -421,6 +431,8 @@ class Batcher:
         from edgemed.runtime.llamacpp import Detokenizer
 
         extras = extras or Extras()
+        if self._probe is not None and (gbnf := grammar_text(settings)) is not None:
+            self._probe.check(gbnf)  # before this process parses it: a costly or crashing grammar is a 400 here
         if not 1 <= extras.n <= self.slots:
             raise InputError(f"n={extras.n} choices need as many slots; this server runs {self.slots}.",
                              f"ask for n <= {self.slots}, or start the server with more --slots")
@@ -919,12 +931,21 @@ class Batcher:
         return now - t0
 
     def _sample(self, seq: Seq, now: float) -> None:
-        """Sample ``seq``'s next token from its logits row (scoring it first when log probabilities are asked)."""
+        """Sample ``seq``'s next token from its logits row (scoring it first when log probabilities are asked). A
+        request whose grammar took longer than ``GRAMMAR_TOKEN_S`` for one token ends ("costly"): every request's
+        step waits for it."""
         row = self._ctx.logits(seq.index) if seq.extras.top_logprobs is not None else None
+        t0 = time.perf_counter()
         try:
             token = seq.sampler.sample(self._ctx, seq.index)
         except NoTokenAllowed as exc:  # this request's own constraints: it ends, the others go on
             self._finish(seq, "refused", f"{exc.problem} Fix: {exc.fix}.")
+            return
+        took = time.perf_counter() - t0
+        if took > GRAMMAR_TOKEN_S and (seq.settings.grammar or seq.settings.json_schema):
+            self._finish(seq, "costly", f"Following the request's grammar took {took:.1f} s for one token (at most "
+                                        f"{GRAMMAR_TOKEN_S:g} s; every other answer waits meanwhile). Fix: send a "
+                                        "grammar whose alternatives do not match the same text under a repetition.")
             return
         if row is not None:
             seq.logprobs.append(entry(self._model, row, token, seq.extras.top_logprobs))
@@ -964,7 +985,7 @@ class Batcher:
                 seq.stream._put(Piece(rest, tuple(seq.logprobs)))
         for follower in seq.followers:  # choices still waiting for this prompt: they cannot start now
             if not follower.stream.done:
-                self._finish(follower, reason if reason in ("cancelled", "error", "refused") else "error",
+                self._finish(follower, reason if reason in ("cancelled", "error", "refused", "costly") else "error",
                              error or "the choice that computes the prompt ended before it")
         seq.followers = []
         held = seq.held() if self.prefix_cache and reason != "error" and seq.slot not in self._unsynced else []

@@ -30,12 +30,13 @@ class Finished:
     """The last item of every stream."""
 
     finish_reason: str  # "stop" | "length" | "cancelled" | "error" | "refused" (its constraints allow no token)
+    #                     | "costly" (its grammar took too long for one token)
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float  # submit -> first sampled token (0.0 when none was sampled)
     total_s: float  # submit -> finished
     queue_s: float  # submit -> admitted to a slot
-    error: str | None = None  # set when finish_reason is "error" or "refused" (or a cancel came from shutdown)
+    error: str | None = None  # set when finish_reason is "error", "refused" or "costly" (or a cancel came from shutdown)
     cached_tokens: int = 0  # prompt tokens whose KV the slot already held (not fed to llama.cpp again)
     forked: bool = False  # one of n > 1 choices that copied another's prompt KV: its prompt was not computed
 
