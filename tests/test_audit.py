@@ -210,3 +210,20 @@ def test_a_record_being_written_when_verify_reads_is_not_called_truncated(logfil
     finally:
         finish.join()
     assert r == expected and r.ok, r
+
+
+def test_a_log_other_users_can_read_is_named_and_refused_for_content(tmp_path, caplog):
+    """A new log is 0600; one made before with wider rights kept them without a word, prompts and answers included."""
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).close()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    os.chmod(path, 0o644)
+    with pytest.raises(InputError, match="other users") as e:
+        AuditLog(path, content=True)
+    assert e.value.fix == f"run: chmod 600 {path}"
+    with caplog.at_level("WARNING"):
+        AuditLog(path).close()  # without text: it opens, and says so
+    assert any("chmod 600" in r.getMessage() for r in caplog.records)
+    os.chmod(path, 0o600)
+    AuditLog(path, content=True).close()
+    assert verify(path).ok

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -160,6 +161,10 @@ def test_a_stop_signal_ends_running_answers_with_a_503_and_records_them(smollm2_
         client = threading.Thread(target=stream)
         client.start()
         assert started.wait(60)
+        limits = Path(f"/proc/{proc.pid}/limits")
+        if limits.exists():  # a crash writes no core file of prompts and answers
+            core = next(line for line in limits.read_text().splitlines() if line.startswith("Max core file size"))
+            assert core.split()[4] == "0", core
         t0 = time.monotonic()
         proc.send_signal(sig)
         client.join(60)

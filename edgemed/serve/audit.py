@@ -231,9 +231,17 @@ class AuditLog:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
             raise InputError(f"Cannot open the audit log '{self.path}' for writing: {exc.strerror or exc}.", fix) from None
-        if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # /dev/null would take the records and keep none
+        mode = os.fstat(self._fd).st_mode
+        if not stat.S_ISREG(mode):  # /dev/null would take the records and keep none
             os.close(self._fd)
             raise InputError(f"The audit log '{self.path}' is not a regular file.", fix)
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):  # a file made before (0600 is what this class creates)
+            if content:  # prompts and answers (PHI) for every user of the machine to read
+                os.close(self._fd)
+                raise InputError(f"The audit log '{self.path}' can be read or written by other users, and "
+                                 "--audit-content would write prompts and answers into it.",
+                                 f"run: chmod 600 {self.path}")
+            log.warning("audit log %s can be read or written by other users; run: chmod 600 %s", self.path, self.path)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
