@@ -225,6 +225,20 @@ def test_audit_log_has_every_request_and_no_text(server):
     assert "prompt" not in last and "output" not in last
 
 
+def test_a_sampled_answer_names_its_seed_and_that_seed_gives_it_again(server):
+    """Without a seed the server draws one: the response header and the audit record name it, so the same prompt
+    with that seed gives the same answer (a clinician's answer can be had again)."""
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=12, temperature=1.0)
+    raw = server.client.chat.completions.with_raw_response.create(**ask)
+    seed = int(raw.headers["x-edgemed-seed"])
+    first = raw.parse().choices[0].message.content
+    request_id = raw.headers["x-request-id"]
+    assert wait_until(lambda: any(r.get("request_id") == request_id for r in records(server.audit_path)))
+    assert next(r for r in records(server.audit_path) if r.get("request_id") == request_id)["seed"] == seed
+    again = server.client.chat.completions.with_raw_response.create(**ask, seed=seed)
+    assert again.parse().choices[0].message.content == first and int(again.headers["x-edgemed-seed"]) == seed
+
+
 # -- overload ---------------------------------------------------------------------------------------------
 def test_overload_gives_429_never_5xx_and_stays_healthy(smollm2_gguf, tmp_path):
     batcher, log, app = _serve(smollm2_gguf, tmp_path / "audit.jsonl", slots=1, queue=1)

@@ -56,6 +56,7 @@ FIELDS = {
     "request_id", "endpoint", "client", "key_id", "model", "bundle_digest", "template", "status", "outcome",
     "finish_reason", "stream", "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "queue_s", "error_code",
     "adapter",  # the LoRA adapter a request used, or an admin call added or removed (a served name, never text)
+    "seed",  # the sampling seed a generation used (the client's, or the one drawn for it): with the prompt, it repeats the answer
     # genesis / start / stop records
     "format", "log_id", "edgemed_version", "host", "port", "slots", "queue_size", "content_logged",
 }

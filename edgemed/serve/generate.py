@@ -31,6 +31,8 @@ from edgemed.serve.state import Served, request_record, served
 #: Sent as ``open`` when the chat template opened a reasoning block (the prompt ends with ``<think>``): the answer's
 #: text up to ``</think>`` is reasoning. Without it, an answer's reasoning block is one the model opened itself.
 THINK_HEADER = "x-edgemed-think"
+#: The sampling seed the answer was generated with (the client's, or the one drawn for it; choice i used seed + i).
+SEED_HEADER = "x-edgemed-seed"
 
 
 async def generate(endpoint: Endpoint, body, request: Request):
@@ -46,7 +48,7 @@ async def generate(endpoint: Endpoint, body, request: Request):
     shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=body.model, extra=prompt.extra,
                            logprobs=body.top_logprobs_wanted() is not None, echo=echo, n=body.n)
     answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None) for i in range(len(streams))]
-    headers = {THINK_HEADER: "open"} if prompt.opened_think else {}
+    headers = {SEED_HEADER: str(record.seed), **({THINK_HEADER: "open"} if prompt.opened_think else {})}
     if body.stream:
         response = streaming(srv, record, streams, answers, shape, body.include_usage)
         response.headers.update(headers)
@@ -72,7 +74,7 @@ def check_model(srv: Served, name: str) -> str | None:
 
 
 def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
-                 grammar: str | None = None) -> GenerationSettings:
+                 grammar: str | None = None, seed: int | None = None) -> GenerationSettings:
     """The request's sampling settings. ``max_tokens`` beyond what is left of the slot's context is capped to it
     (the answer then ends with ``length``), as OpenAI and llama-server do; a prompt that leaves no room at all
     is a 400 ``context_length_exceeded``."""
@@ -92,7 +94,7 @@ def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
     max_tokens = min(asked or min(config.default_max_tokens, limit or config.default_max_tokens), room)
     return GenerationSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
-                              seed=body.seed if body.seed is not None else secrets.randbits(32),
+                              seed=seed if seed is not None else body.seed if body.seed is not None else secrets.randbits(32),
                               stop=body.stops(), json_schema=json_schema,
                               grammar=grammar if grammar is not None else body.grammar)
 
@@ -131,10 +133,13 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
                                 f"waiting). Fix: send at most {room} prompts x choices per request, or start the server "
                                 "with more --slots or a longer --queue.", param="prompt")
     streams = []
+    # one seed for the request, drawn when the client sent none: the response and the audit record name it, so the
+    # answer can be had again (the prompt, the model and this seed)
+    record.seed = body.seed if body.seed is not None else secrets.randbits(32)
     try:
         for value in prompt.values:
             tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
-            settings = settings_for(srv, body, len(tokens), prompt.json_schema, prompt.grammar)
+            settings = settings_for(srv, body, len(tokens), prompt.json_schema, prompt.grammar, seed=record.seed)
             more = {"adapter": record.adapter} if record.adapter else {}  # a batcher without adapters takes no such word
             if (scope := scope_of(srv, record, body)) is not None:
                 more["scope"] = scope

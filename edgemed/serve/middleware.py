@@ -70,6 +70,7 @@ class RequestRecord:
     failed_status: int | None = None  # a stream that failed after its 200 headers: the error's status (500, 503)
     answered: bool = False  # a stream's last event before its end marker has been produced
     adapter: str | None = None  # the LoRA adapter the request asked for (its model MODEL:ADAPTER); None: the base
+    seed: int | None = None  # the sampling seed its generation used (choice i: seed + i)
 
     def client_left(self) -> None:
         """The client closed the connection early (body not all sent, or answer not all received): the request
@@ -90,6 +91,8 @@ class RequestRecord:
                       latency_s=round(time.perf_counter() - self.started, 4))
         if self.adapter is not None:
             fields["adapter"] = self.adapter
+        if self.seed is not None:
+            fields["seed"] = self.seed
         f = self.finished
         if f is not None:
             fields.update(finish_reason=f.finish_reason, prompt_tokens=f.prompt_tokens,
