@@ -204,6 +204,8 @@ def test_cli_convert_to_onnx(tiny, tmp_path):
     result = runner.invoke(main, ["convert", str(tiny), "--to", "onnx", "--quant", "fp32", "--no-parity", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "model.onnx").exists() and "ONNX FP32" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"] is None  # not checked (--no-parity), as a GGUF's report says it; it said {} here
     again = runner.invoke(main, ["convert", str(tiny), "--to", "onnx", "-o", str(out)])
     assert again.exit_code != 0 and "already exists" in again.output
     wrong = runner.invoke(main, ["convert", str(tiny), "--to", "onnx", "--quant", "q4_k_m", "-o", str(tmp_path / "w")])

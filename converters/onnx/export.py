@@ -129,7 +129,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
         timings.since_start("total")
         result = ConversionReport(
             fmt="onnx", output=str(out), out_type=opts.weight_type, size_bytes=size, architecture=ckpt.architecture,
-            source=source_info, lora=lora_info, quantization=quant_info, parity=parity, timings_s=timings.report(),
+            source=source_info, lora=lora_info, quantization=quant_info, parity=parity if opts.parity else None, timings_s=timings.report(),
             converter=provenance.converter_info(TOOLS | kind.tools, graph=kind.name),
         )
         report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")

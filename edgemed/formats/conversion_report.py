@@ -66,7 +66,7 @@ class ConversionReport:
     architecture: str
     source: dict
     lora: dict | None
-    parity: dict | None  # gguf: one parity report (None with --no-parity); onnx: {"fp32": ..., "int4": ...} per gated graph
+    parity: dict | None  # gguf: one parity report; onnx: {"fp32": ..., "int4": ...} per gated graph; None: --no-parity
     timings_s: dict = field(default_factory=dict)
     converter: dict = field(default_factory=dict)
     tokenizer: dict | None = None  # gguf: vocabulary and the llama.cpp-vs-HF id check
