@@ -91,7 +91,7 @@ def test_requests_admitted_together_take_one_run_of_slots_per_adapter():
     b._free = [3, 2, 1, 0]  # as start() leaves them
     b._reuse = lambda seq: None  # no prefix cache in this bookkeeping test
     adapter = {name: SimpleNamespace(key=name) for name in "ab"}
-    queued = [SimpleNamespace(adapter=adapter[k], followers=[], stream=SimpleNamespace(cancelled=False, request_id=i),
+    queued = [SimpleNamespace(adapter=adapter[k], scope=None, followers=[], stream=SimpleNamespace(cancelled=False, request_id=i),
                               t_submit=0.0, cached=0, extras=SimpleNamespace(prompt_logprobs=False), tokens=[1, 2, 3])
               for i, k in enumerate("abab")]
     b._queue.extend(queued)
@@ -111,7 +111,7 @@ def test_a_new_request_joins_its_groups_run_of_slots():
     running = SimpleNamespace(adapter=None, slot=2)
     b._active.append(running)
     b._free.remove(2)
-    new = SimpleNamespace(adapter=None, followers=[], stream=SimpleNamespace(cancelled=False, request_id="n"),
+    new = SimpleNamespace(adapter=None, scope=None, followers=[], stream=SimpleNamespace(cancelled=False, request_id="n"),
                           t_submit=0.0, cached=0, extras=SimpleNamespace(prompt_logprobs=False), tokens=[1, 2, 3])
     b._queue.append(new)
     b._admit()

@@ -232,6 +232,9 @@ def test_admin_calls_need_an_admin_key_and_a_clinicians_key_is_not_one(server, k
     with pytest.raises(InputError, match="both --api-key-file and --admin-key-file"):
         ServeConfig(model_id=MODEL, bundle_digest="sha256:test", api_keys=ApiKeys.from_lines([key]),
                     admin_keys=ApiKeys.from_lines([f"it {key}"]))
+    with pytest.raises(InputError, match="key id 'it'"):  # one label for two people: the audit could not tell them apart
+        ServeConfig(model_id=MODEL, bundle_digest="sha256:test", api_keys=ApiKeys.from_lines([f"it {key}"]),
+                    admin_keys=ApiKeys.from_lines([f"it {admin}"]))
     app = create_app(server.batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test",
                                                  api_keys=ApiKeys.from_lines([key]),
                                                  admin_keys=ApiKeys.from_lines([f"it {admin}"])))

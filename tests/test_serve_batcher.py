@@ -190,6 +190,14 @@ def test_seeded_sampling_is_per_sequence(batcher, prompts):
     assert collect(batcher.submit(prompts[0], hot, request_id="t3"))[0] == ta
 
 
+@pytest.mark.parametrize("seed", [-1, 0xFFFFFFFF])
+def test_a_seed_that_is_llama_cpps_random_seed_still_repeats(batcher, prompts, seed):
+    """2^32 - 1 (a client's -1 too) is llama.cpp's "draw a random seed": its answers were not repeatable."""
+    hot = GenerationSettings(max_tokens=16, temperature=1.0, seed=seed)
+    first = collect(batcher.submit(prompts[1], hot, request_id="s1"))[0]
+    assert all(collect(batcher.submit(prompts[1], hot, request_id=f"s{i}"))[0] == first for i in range(2, 4))
+
+
 def test_cancel_frees_the_slot(smollm2_gguf, prompts):
     with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=1) as b:
         long = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="x")

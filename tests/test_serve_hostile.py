@@ -170,6 +170,14 @@ def test_a_grammar_too_costly_to_follow_is_refused_before_the_server_follows_it(
     assert chat(server, "hi").status_code == 200
 
 
+def test_a_count_inside_an_enum_value_is_data_not_a_schema():
+    from edgemed.runtime.engine import GenerationSettings
+    from edgemed.runtime.sampling import grammar_text
+
+    schema = {"type": "object", "properties": {"v": {"enum": [{"maxItems": 5000}], "default": {"minLength": 9999}}}}
+    assert grammar_text(GenerationSettings(json_schema=json.dumps(schema)))
+
+
 def test_a_schema_within_the_limits_still_constrains_the_answer(server):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"v": {"type": "string", "maxLength": 1000}}, "required": ["v"]}}}

@@ -37,6 +37,7 @@ def _stopping_server(uvicorn):
     """uvicorn's ``Server`` that, at the first stop signal, gives running answers the grace period less a margin and
     then calls ``on_stop`` (the batcher's close: what is left ends with a 503 event and its audit record), so no
     client is cut off without a word and no request goes unrecorded."""
+    import logging
     import threading
 
     class Server(uvicorn.Server):
@@ -46,10 +47,16 @@ def _stopping_server(uvicorn):
 
         def handle_exit(self, sig, frame):
             if self._timer is None:
-                self._timer = threading.Timer(max(0, GRACE_S - GRACE_MARGIN_S), self._on_stop)
+                self._timer = threading.Timer(max(0, GRACE_S - GRACE_MARGIN_S), self._stop_answers)
                 self._timer.daemon = True
                 self._timer.start()
             super().handle_exit(sig, frame)
+
+        def _stop_answers(self) -> None:
+            try:
+                self._on_stop()
+            except Exception:  # noqa: BLE001 - a timer thread: say it here, uvicorn's own shutdown goes on
+                logging.getLogger(__name__).exception("ending the running answers at shutdown failed")
 
         def stopped(self) -> None:
             """The server has shut down: the timer's work is the caller's ``finally`` now."""
@@ -185,7 +192,10 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
         audit_path = audit_log or env.home() / "audit" / f"{model_id}.jsonl"
         audit = AuditLog(audit_path, content=audit_content)  # an unwritable path fails here, before the model loads
-        batcher = None
+        batcher = access = None
+        import signal
+
+        previous = signal.signal(signal.SIGTERM, _stopped)  # from here a stop signal closes what is open
         try:
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys, admin_keys=admin_keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
@@ -221,20 +231,22 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                 app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
                 access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=GRACE_S),
                 on_stop=batcher.close)
-            logging.getLogger("uvicorn.access").addFilter(AccessLogPaths(app))
-            import signal
-
-            previous = signal.signal(signal.SIGTERM, _stopped)  # what uvicorn re-raises once it has shut down
+            access = AccessLogPaths(app)
+            logging.getLogger("uvicorn.access").addFilter(access)
             try:
                 server.run(sockets=[sock])
             except (KeyboardInterrupt, _Stopped):  # uvicorn re-raises the SIGINT or SIGTERM it handled, once stopped
                 pass
             finally:
-                signal.signal(signal.SIGTERM, previous)
                 server.stopped()
             if not server.started:
                 raise SystemExit(3)  # uvicorn logged why (as `uvicorn.run` would exit)
+        except _Stopped:  # SIGTERM while the model loaded: what is open closes below, and the exit is a clean one
+            click.echo("edgemed serve: stopped (SIGTERM) before serving", err=True)
         finally:
+            signal.signal(signal.SIGTERM, previous)
+            if access is not None:
+                logging.getLogger("uvicorn.access").removeFilter(access)
             if batcher is not None:
                 batcher.close()
             click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)

@@ -30,6 +30,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 import select
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgemed.errors import InputError
+from edgemed.errors import Closed, EdgemedError, InputError, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -53,115 +54,193 @@ CALIBRATION = 'root ::= [ -~]*'
 GRACE_SECONDS = 1.0
 #: A worker starting (Python, llama.cpp, the vocabulary) on a slow device; not counted in PROBE_SECONDS.
 STARTUP_SECONDS = 60.0
-#: Verdicts kept (grammar sha256 -> None, or the reason it was refused).
+#: Verdicts kept (grammar sha256 -> None, or the reason it was refused and its fix).
 VERDICTS = 256
+#: Longest a request with a new grammar waits for the worker while another new grammar is tried (then 429).
+BUSY_WAIT_S = 5.0
 
 FIX = ("send a grammar whose alternatives do not match the same text under a repetition (or a JSON schema without "
        "such a pattern), or leave it out")
 
 
+class ProbeBusy(Overloaded):
+    """Another request's new grammar is being tried: the server answers 429 with Retry-After."""
+
+    def __init__(self, retry_after: float):
+        EdgemedError.__init__(self, "Another request's grammar is being checked, and this one is new to the server.",
+                              f"retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class ProbeUnavailable(Closed):
+    """The worker process cannot run here: the server answers 503 (the grammar is not the client's fault)."""
+
+
 class GrammarProbe:
-    """Tries grammars for one model's vocabulary in a worker process; thread-safe, one probe at a time."""
+    """Tries grammars for one model's vocabulary in a worker process; thread-safe. A grammar tried before is answered
+    from its verdict at once; a new one waits at most ``BUSY_WAIT_S`` for the worker (one probe at a time), else
+    ``ProbeBusy``."""
 
     def __init__(self, model_path: Path | str, *, seconds: float = PROBE_SECONDS, tokens: int = PROBE_TOKENS):
         self.model_path, self.seconds, self.tokens = Path(model_path), seconds, tokens
-        self._lock = threading.Lock()
+        self._probing = threading.Lock()  # the worker: one probe at a time
+        self._state = threading.Lock()  # verdicts, the process handle, closed: held for moments only
         self._proc: subprocess.Popen | None = None
-        self._verdicts: collections.OrderedDict[str, str | None] = collections.OrderedDict()
+        self._closed = False
+        self._verdicts: collections.OrderedDict[str, tuple[str, str] | None] = collections.OrderedDict()
         self.limit = seconds  # the worker's calibrated limit, once it has started
         self.probes = self.refused = 0
 
+    def start(self) -> None:
+        """Start the worker now (``Batcher.start`` does, in the background), so the first grammar does not wait."""
+        with self._probing:
+            if not self._closed:
+                self._start()
+
     def check(self, gbnf: str) -> None:
-        """``InputError`` when the worker could not follow ``gbnf`` within the limits (or it crashed the worker)."""
+        """``InputError`` when the worker could not follow ``gbnf`` within the limits (or it crashed the worker);
+        ``ProbeBusy`` when another new grammar holds the worker longer than ``BUSY_WAIT_S``; ``ProbeUnavailable``
+        when the worker cannot run here."""
         key = hashlib.sha256(gbnf.encode("utf-8", "surrogatepass")).hexdigest()
-        with self._lock:
-            if key in self._verdicts:
-                self._verdicts.move_to_end(key)
-                reason = self._verdicts[key]
-            else:
-                reason = self._probe(gbnf)
-                self._verdicts[key] = reason
-                while len(self._verdicts) > VERDICTS:
-                    self._verdicts.popitem(last=False)
-        if reason is not None:
-            raise InputError(f"The grammar was refused: {reason}.", FIX)
+        verdict = self._verdict(key)
+        if verdict is _UNKNOWN:
+            if not self._probing.acquire(timeout=BUSY_WAIT_S):
+                raise ProbeBusy(self.limit + GRACE_SECONDS)
+            try:
+                verdict = self._verdict(key)  # another request may have tried it meanwhile
+                if verdict is _UNKNOWN:
+                    verdict = self._probe(gbnf)
+                    with self._state:
+                        self._verdicts[key] = verdict
+                        while len(self._verdicts) > VERDICTS:
+                            self._verdicts.popitem(last=False)
+            finally:
+                self._probing.release()
+        if verdict is not None:
+            reason, fix = verdict
+            raise InputError(f"The grammar was refused: {reason.rstrip('.')}.", fix)
 
     def close(self) -> None:
-        with self._lock:
-            self._stop()
+        """Stop the worker (at once, even while it probes); no worker starts after this."""
+        with self._state:
+            self._closed = True
+            proc, self._proc = self._proc, None
+        _kill(proc)
 
     # -- the worker ----------------------------------------------------------------------------
-    def _probe(self, gbnf: str) -> str | None:
+    def _verdict(self, key: str):
+        with self._state:
+            if key not in self._verdicts:
+                return _UNKNOWN
+            self._verdicts.move_to_end(key)
+            return self._verdicts[key]
+
+    def _probe(self, gbnf: str) -> tuple[str, str] | None:
         self.probes += 1
         proc = self._start()
-        request = json.dumps({"grammar": gbnf, "tokens": self.tokens, "seconds": self.limit}) + "\n"
+        request = json.dumps({"grammar": gbnf, "tokens": self.tokens, "seconds": self.limit}).encode() + b"\n"
         try:
             proc.stdin.write(request)
             proc.stdin.flush()
         except OSError:
-            self._stop()
+            self._stop(proc)
             return self._refuse("it crashed the grammar parser (the worker process ended)")
-        answer = self._read(proc, self.limit + GRACE_SECONDS)
-        if answer is None:
-            alive = proc.poll() is None
-            self._stop()
-            if alive:
+        answer = _read_line(proc, self.limit + GRACE_SECONDS)
+        if answer is None or answer is _ENDED:
+            self._stop(proc)
+            if answer is None:  # timed out: still following it
                 return self._refuse(f"following it for {self.tokens} tokens took longer than {self.limit:.1f} s "
                                     "(a grammar whose alternatives match the same text under a repetition grows "
                                     "the parses llama.cpp tracks exponentially)")
             return self._refuse("it crashed the grammar parser (the worker process ended)")
         if answer.get("ok"):
             return None
-        return self._refuse(answer.get("error") or "the worker refused it")
+        return self._refuse(answer.get("error") or "the worker refused it", answer.get("fix") or FIX)
 
-    def _refuse(self, reason: str) -> str:
+    def _refuse(self, reason: str, fix: str = FIX) -> tuple[str, str]:
         self.refused += 1
         log.warning("grammar refused by the probe: %s", reason)
-        return reason
+        return reason, fix
 
     def _start(self) -> subprocess.Popen:
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "edgemed.runtime.grammar_probe", str(self.model_path), str(self.tokens)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
-        ready = self._read(self._proc, STARTUP_SECONDS)
-        if not ready or not ready.get("ready"):
-            self._stop()
-            raise InputError("The grammar could not be checked: its checking process did not start.",
-                             "retry; if it persists, see the server log")
-        self.limit = max(self.seconds, PROBE_FACTOR * float(ready.get("calibration_s") or 0))
-        return self._proc
-
-    def _read(self, proc: subprocess.Popen, seconds: float) -> dict | None:
-        """The worker's next answer line, or None on time-out or its end."""
-        end = time.monotonic() + seconds
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            ready, _, _ = select.select([proc.stdout], [], [], left)
-            if ready:
-                line = proc.stdout.readline()
-                if not line:
-                    return None
-                try:
-                    return json.loads(line)
-                except ValueError:
-                    return None
-
-    def _stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
+        """The running worker, started if need be (caller holds ``_probing``)."""
+        with self._state:
+            if self._closed:
+                raise ProbeUnavailable("The model server is shutting down.", "retry when it is back")
+            if self._proc is not None and self._proc.poll() is None:
+                return self._proc
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding the edgemed package
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        why = None
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgemed.runtime.grammar_probe", str(self.model_path), str(self.tokens)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
+        except OSError as exc:
+            proc, why = None, f"{sys.executable} did not start ({exc})"
+        ready = _read_line(proc, STARTUP_SECONDS) if proc is not None else None
+        if proc is not None and not (isinstance(ready, dict) and ready.get("ready")):
             try:
-                pipe.close()
-            except OSError:
-                pass
+                code = proc.wait(timeout=1)  # it ended (its pipe closed): its exit code
+            except subprocess.TimeoutExpired:
+                code = None
+            why = f"it ended with exit code {code}" if code is not None else \
+                f"it was not ready within {STARTUP_SECONDS:g} s"
+            _kill(proc)
+        if why is not None:
+            log.error("the grammar checking process for %s could not start: %s", self.model_path.name, why)
+            raise ProbeUnavailable(f"Requests with a grammar cannot be served now: the process that checks grammars "
+                                   f"could not start ({why}).", "see the server log; requests without a grammar work")
+        with self._state:
+            if self._closed:
+                _kill(proc)
+                raise ProbeUnavailable("The model server is shutting down.", "retry when it is back")
+            self._proc = proc
+        self.limit = max(self.seconds, PROBE_FACTOR * float(ready.get("calibration_s") or 0))
+        return proc
+
+    def _stop(self, proc: subprocess.Popen) -> None:
+        with self._state:
+            if self._proc is proc:
+                self._proc = None
+        _kill(proc)
+
+
+_UNKNOWN = object()  # no verdict yet
+_ENDED = object()  # the worker's output ended: it exited, or crashed
+
+
+def _read_line(proc: subprocess.Popen, seconds: float):
+    """The worker's next answer (one JSON line as a dict), None on time-out, ``_ENDED`` when its output ended (or
+    was not JSON). Reads the pipe's file descriptor directly, so a partial line never blocks past ``seconds``."""
+    fd, data, end = proc.stdout.fileno(), b"", time.monotonic() + seconds
+    while b"\n" not in data:
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return _ENDED
+        data += chunk
+    try:
+        answer = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        return _ENDED
+    return answer if isinstance(answer, dict) else _ENDED
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
 
 
 # -- worker side -------------------------------------------------------------------------------
@@ -192,7 +271,7 @@ def _follow(model, gbnf: str, tokens: int, seconds: float) -> dict:
         try:
             chain = Chain(model, GenerationSettings(grammar=gbnf, temperature=1.0, seed=path))
         except InputError as exc:
-            return {"ok": False, "error": exc.problem}
+            return {"ok": False, "error": exc.problem, "fix": exc.fix}
         followed = 0
         try:
             while followed < tokens and time.perf_counter() - t0 <= seconds:

@@ -62,6 +62,8 @@ MAX_GRAMMAR_DEPTH = 1024
 #: the converter writes a count out in full, one rule copy (or one nested group) per unit, before anything checks it.
 MAX_SCHEMA_COUNT = 1000
 _SCHEMA_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+#: Keywords whose values are data, not schemas: a "maxItems" inside an enum value is a value
+_SCHEMA_DATA = ("enum", "const", "default", "examples")
 
 
 def check_gbnf(text: str) -> None:
@@ -119,7 +121,7 @@ def _check_schema_counts(schema: str) -> None:
                 if isinstance(count, (int, float)) and not isinstance(count, bool) and count > MAX_SCHEMA_COUNT:
                     raise InputError(f"The JSON schema's {name} is {count}; a constrained answer takes counts up to "
                                      f"{MAX_SCHEMA_COUNT}.", f"set {name} to {MAX_SCHEMA_COUNT} or less, or leave it out")
-            todo.extend(item.values())
+            todo.extend(v for k, v in item.items() if k not in _SCHEMA_DATA)
         elif isinstance(item, list):
             todo.extend(item)
 

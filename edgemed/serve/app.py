@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from urllib.parse import unquote
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -55,7 +56,8 @@ def create_app(batcher, config: ServeConfig, templates: dict | None = None):
     app.add_middleware(Guard, config=config)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600)
+                           allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600,
+                           expose_headers=["x-request-id", "x-edgemed-seed", "x-edgemed-think"])
     app.add_middleware(Observe, config=config, metrics=metrics, labels={**LABELS, **page.LABELS},
                        patterns=PATTERNS)
     return app
@@ -73,7 +75,7 @@ class AccessLogPaths(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args  # uvicorn's: client, method, path with query string, HTTP version, status
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            path = args[2].split("?", 1)[0]
+            path = unquote(args[2].split("?", 1)[0])  # uvicorn logs the raw path; routes match the decoded one
             shown = next((template for regex, template in self.routes if regex.match(path)), "-")
             record.args = (*args[:2], shown, *args[3:])
         return True

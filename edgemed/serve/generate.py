@@ -135,7 +135,7 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     streams = []
     # one seed for the request, drawn when the client sent none: the response and the audit record name it, so the
     # answer can be had again (the prompt, the model and this seed)
-    record.seed = body.seed if body.seed is not None else secrets.randbits(32)
+    record.seed = body.seed if body.seed is not None else secrets.randbits(31)  # choices' seed + i stay below 2^32 - 1
     try:
         for value in prompt.values:
             tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value

@@ -188,6 +188,11 @@ def check_key_roles(api_keys: "ApiKeys | None", admin_keys: "ApiKeys | None") ->
     if api_keys is not None and admin_keys is not None and admin_keys.overlaps(api_keys):
         raise InputError("A key is in both --api-key-file and --admin-key-file.",
                          "give the admins keys of their own: a clinician's key must not change what is served")
+    shared = sorted({k for k, _ in api_keys.entries} & {k for k, _ in admin_keys.entries}) \
+        if api_keys is not None and admin_keys is not None else []
+    if shared:
+        raise InputError(f"The key id '{shared[0]}' names a key in --api-key-file and another in --admin-key-file: "
+                         "the audit log could not tell who made a request.", "give each key a label of its own")
 
 
 def bearer_token(authorization: str | None) -> str | None:

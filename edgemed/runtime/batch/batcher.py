@@ -210,7 +210,7 @@ class Batcher:
         self._probe = GrammarProbe(self.model_path) if grammar_probe else None
         self._unsynced: set[int] = set()  # slots a queued seq copy reads or writes: synced by the next decode
         self._kept: list[list[int]] = [[] for _ in range(slots)]  # token ids a free slot's cells hold
-        self._kept_key: list = [None] * slots  # the adapter set those cells were computed under (None: the base)
+        self._kept_key: list = [None] * slots  # (adapter key, scope) those cells were computed under (None: none kept)
         self._worked = False  # a step or an idle call ran since the heap was last trimmed
         self._answers: list = [None] * slots  # (kept list, answer ids still to feed) of a free slot, for idle time
         self._initial_adapters = dict(adapters or {})  # name -> loader.AdapterSpec, loaded by start()
@@ -432,6 +432,10 @@ class Batcher:
 
         extras = extras or Extras()
         if self._probe is not None and (gbnf := grammar_text(settings)) is not None:
+            with self._cond:  # a request that could not be queued anyway is not worth a probe
+                if self._stopping or self._thread is None:
+                    raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
+                self._check_capacity(extras.n)
             self._probe.check(gbnf)  # before this process parses it: a costly or crashing grammar is a 400 here
         if not 1 <= extras.n <= self.slots:
             raise InputError(f"n={extras.n} choices need as many slots; this server runs {self.slots}.",
