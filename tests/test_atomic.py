@@ -136,6 +136,31 @@ def test_force_still_replaces_a_file(tmp_path):
     assert f.read_text() == "new" and crash_kit.debris(tmp_path) == []
 
 
+def test_force_never_replaces_a_device_a_pipe_or_a_socket(tmp_path):
+    """--force replaced whatever was at the name with a regular file: run as root, `export --gguf /dev/null --force`
+    made /dev/null a 98 MB file. A FIFO, a socket or a link to a device is refused, --force or not."""
+    import socket
+    import stat
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    link = tmp_path / "null-link"
+    link.symlink_to("/dev/null")
+    try:
+        for target, kind in ((fifo, "a named pipe"), (sock_path, "a socket"), (link, "a character device")):
+            with pytest.raises(OutputExists, match=kind):
+                atomic.write_text(target, "new", force=True)
+        r = _cli("keygen", link, "--force")
+        assert r.exit_code == 1 and "character device" in r.output
+    finally:
+        sock.close()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and link.is_symlink()
+
+
 def test_no_rmtree_of_a_callers_path_remains():
     root = Path(__file__).resolve().parents[1]
     offenders = []

@@ -40,3 +40,34 @@ def test_force_replaces_both(tmp_path, installed):
     assert (out / "Modelfile").read_text().startswith("# Ollama Modelfile for 'tiny'")
     assert (out / "tiny.gguf").read_bytes() == installed["model"].read_bytes()
     assert crash_kit.debris(out) == []
+
+
+def test_no_output_lands_in_the_store_or_in_the_bundle_it_reads(tmp_path, installed):
+    """`export NAME --gguf STORE/.../LICENSE --force` wrote the GGUF over the installed bundle's LICENSE (the model
+    was then damaged); so did `pack -o` and `keygen` into the store, and `export DIR --gguf DIR/LICENSE` into the
+    bundle folder it read. Each is refused, --force or not, and the store still verifies."""
+    from edgemed import env
+
+    bundle = next((env.store_dir() / "models").glob("tiny*"))
+    license_ = next(p for p in bundle.rglob("LICENSE*") if p.is_file())
+    before = license_.read_bytes()
+    runner = CliRunner()
+    for args in (["export", "tiny", "--gguf", str(license_), "--force"],
+                 ["export", "tiny", "--ollama", str(bundle)],
+                 ["keygen", str(bundle / "manifest.json"), "--force"],
+                 ["pack", str(installed["model"]), "--license", str(installed["license"]), "--name", "x",
+                  "-o", str(env.store_dir() / "x.edgemed"), "--force"]):
+        r = runner.invoke(cli, args)
+        assert r.exit_code == 1 and "store" in r.output and "Traceback" not in r.output, (args, r.output)
+    assert license_.read_bytes() == before
+    assert runner.invoke(cli, ["verify", "tiny"]).exit_code == 0
+    folder = tmp_path / "bundle-dir"
+    assert runner.invoke(cli, ["export", "tiny", "--gguf", str(tmp_path / "tiny.gguf")]).exit_code == 0
+    kit_bundle = tmp_path / "tiny.edgemed"  # the packed bundle the fixture installed (a tar): unpack it as a folder
+    r = runner.invoke(cli, ["pack", str(installed["model"]), "--license", str(installed["license"]), "--name", "tiny",
+                            "--dir", "-o", str(folder)])
+    assert r.exit_code == 0, r.output
+    mine = next(p for p in folder.rglob("LICENSE*") if p.is_file())
+    r = runner.invoke(cli, ["export", str(folder), "--gguf", str(mine), "--force"])
+    assert r.exit_code == 1 and "inside the bundle" in r.output, r.output
+    assert kit_bundle.exists()

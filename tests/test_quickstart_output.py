@@ -47,3 +47,18 @@ def test_force_replaces_the_o_file_and_the_default_location_is_replaced_without_
     r = _quickstart("--question", "Name one symptom of anaemia.")
     assert r.exit_code == 0, r.output
     assert default.read_bytes()[:4] == b"GGUF"
+
+
+def test_o_in_a_missing_folder_or_at_the_models_own_file_is_refused_before_any_work(tmp_path):
+    """quickstart made -o's folders (mkdir -p) where every other command refuses, and took -o at the pip package's
+    own GGUF, the file it converts from (with --force it began writing over its input)."""
+    from edgemed.converters.source import pip_models
+
+    r = _quickstart("-o", tmp_path / "no" / "such" / "mine.gguf")
+    assert r.exit_code == 1 and "does not exist" in r.output and "1/4" not in r.output, r.output
+    assert not (tmp_path / "no").exists()
+    source = pip_models.gguf_file(pip_models.DEFAULT)
+    before = source.stat()
+    r = _quickstart("-o", source, "--force")
+    assert r.exit_code == 1 and "this command reads" in r.output and "1/4" not in r.output, r.output
+    assert source.stat().st_mtime_ns == before.st_mtime_ns

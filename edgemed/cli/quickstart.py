@@ -29,7 +29,7 @@ def quickstart(model_name, quant, output, force, question):
 
     require_route("gguf")
     from edgemed.converters.pipeline import ConvertOptions, convert, report_path
-    from edgemed.files.atomic import check_destination
+    from edgemed.files.atomic import check_destination, refuse_input_as_output
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.engine import LoadSettings
 
@@ -37,7 +37,10 @@ def quickstart(model_name, quant, output, force, question):
     name = model_name or pip_models.DEFAULT
     out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
     replace = force or output is None  # the default location is edgemed's own; a file given with -o is the user's
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if output is None:
+        out.parent.mkdir(parents=True, exist_ok=True)  # edgemed's own folder; a folder given with -o must exist
+    else:  # never the pip package's own model file (the input), nor a file in edgemed's store
+        refuse_input_as_output(out, [("the pip package's model", pip_models.gguf_file(name))])
     check_destination(out, replace)  # both before the minutes of work below
     check_destination(report_path(out), replace)
     from edgemed.runtime.selftest import describe_host

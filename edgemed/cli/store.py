@@ -111,10 +111,14 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     if ref.kind == TAR:
         raise InputError(f"'{model}' is a bundle archive.", f"install it first (edgemed install {model}), then export by name")
     v = verified(ref)
-    from edgemed.files.atomic import check_destination
+    from edgemed.files.atomic import check_destination, refuse_input_as_output
 
+    read = [("the bundle", v.root)]  # and the store, which refuse_input_as_output refuses for every output
     if gguf_out:  # every destination is checked before anything is written: one refused leaves none written
+        refuse_input_as_output(gguf_out, read)
         check_destination(gguf_out, force)
+    if ollama_dir:
+        refuse_input_as_output(ollama_dir, read)
     if ollama_dir and ollama_dir.is_dir():
         for name in (f"{v.manifest.name}.gguf", "Modelfile"):
             check_destination(ollama_dir / name, force)

@@ -26,7 +26,7 @@ from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
 from edgemed.errors import DISK_REFUSED, OutputExists
 
-__all__ = ["atomic_path", "atomic_paths", "check_destination", "refuse_input_as_output", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
+__all__ = ["atomic_path", "atomic_paths", "check_destination", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
            "step", "discard"]
 
 
@@ -56,6 +56,7 @@ def check_destination(path: Path, force: bool, kind: str | None = None) -> None:
     if not os.path.lexists(path):
         return
     _refuse_directory(path, kind)
+    _refuse_special(path)
     if not force:
         raise OutputExists(
             f"Output '{path}' already exists.",
@@ -70,6 +71,11 @@ def refuse_input_as_output(output: Path, inputs, kind: str | None = None) -> Non
     ``check_destination`` (``kind``: the directory output being written): a folder edgemed would never replace is
     refused with that reason."""
     output = Path(output)
+    refuse_store(output)
+    for what, path in inputs:  # an output inside a folder the command reads (a bundle's LICENSE)
+        if path is not None and os.path.isdir(path) and _inside(output, path):
+            raise OutputExists(f"Output '{output}' is inside {what} '{path}', which this command reads; edgemed never "
+                               "writes into its own input, --force or not.", "choose another -o path")
     if not os.path.lexists(output):
         return
     folder = None
@@ -90,6 +96,40 @@ def refuse_input_as_output(output: Path, inputs, kind: str | None = None) -> Non
                 "edgemed never writes over its own input, --force or not.",
                 "choose another -o path",
             )
+
+
+def refuse_store(output: Path) -> None:
+    """Refuse a user's output inside edgemed's store: install, remove, rollback and pull change it, with its index
+    and journal; a file written there by -o (a GGUF over an installed bundle's LICENSE) damages an installed model."""
+    from edgemed import env
+
+    if _inside(output, env.store_dir()):
+        raise OutputExists(f"Output '{output}' is inside edgemed's store ({env.store_dir()}), which only install, "
+                           "remove, rollback and pull change.", "choose a path outside it")
+
+
+def _inside(path, folder) -> bool:
+    """Whether ``path`` is ``folder`` or lies in it, links resolved (``path`` need not exist)."""
+    folder = os.path.realpath(folder)
+    target = os.path.realpath(path)
+    return target == folder or target.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _refuse_special(path: Path) -> None:
+    """Raise when ``path`` is (or links to) a device, a named pipe or a socket: a file only in name, which --force
+    would replace with a regular one (``/dev/null`` made a file)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a dangling link: replacing the link loses nothing
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise OutputExists(f"Output '{path}' is {kind}; edgemed replaces files, never that, --force or not.",
+                       "choose another -o path")
 
 
 def _holds_cwd(path: Path) -> bool:

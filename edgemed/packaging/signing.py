@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.files.atomic import atomic_paths, check_destination
+from edgemed.files.atomic import atomic_paths, check_destination, refuse_store
 from edgemed.errors import InputError, OutputError, SignatureError, require
 from edgemed.formats.nesting import loads_json
 
@@ -244,6 +244,7 @@ def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
     that key is then refused (``_check_public_beside``) until ``derive_public`` (``keygen --public-only``)
     writes its public half again.
     """
+    refuse_store(private_out)
     check_destination(private_out, force)  # first: a path like '.' has no name to put .pub.pem beside
     s, ec, _ = _crypto()
     public_out = public_path(private_out)
