@@ -390,3 +390,35 @@ def test_run_and_chat_refuse_thread_counts_below_one(smollm2_gguf, command, thre
     result = CliRunner().invoke(cli, args, input="")
     assert result.exit_code == 1, result.output
     assert "--threads must be an integer from 1" in result.output and "Traceback" not in result.output
+
+
+def test_files_read_whole_are_refused_when_they_are_devices_pipes_or_huge(tmp_path, smollm2_gguf):
+    """--item-json /dev/zero:1 grew memory without end, --card and --report /dev/zero were killed for memory, and a
+    signing key or certificate from /dev/zero was a MemoryError traceback: each is refused now, naming the file,
+    before anything is read into memory (a FIFO is refused too rather than waited on)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    src = kit.inputs(tmp_path / "src")
+    key, _ = kit.keypair(tmp_path)
+    runner = CliRunner()
+    for bad in ("/dev/zero", str(fifo)):
+        cases = [
+            ["run", str(smollm2_gguf), "-t", "mcq", "--item-json", f"{bad}:1", "--threads", "1"],
+            ["pack", str(src["model"]), "--license", str(src["license"]), "--name", "t", "--card", bad,
+             "-o", str(tmp_path / "a.edgemed")],
+            ["pack", str(src["model"]), "--license", str(src["license"]), "--name", "t", "--report", bad,
+             "-o", str(tmp_path / "b.edgemed")],
+            ["pack", str(src["model"]), "--license", str(src["license"]), "--name", "t", "--sign", bad,
+             "-o", str(tmp_path / "c.edgemed")],
+            ["pack", str(src["model"]), "--license", str(src["license"]), "--name", "t", "--sign", str(key),
+             "--cert", bad, "-o", str(tmp_path / "d.edgemed")],
+            ["keygen", bad, "--public-only"],
+        ]
+        for args in cases:
+            r = runner.invoke(cli, args)
+            assert r.exit_code != 0 and "Traceback" not in r.output and bad in r.output, (args, r.output)
+            assert not isinstance(r.exception, MemoryError), args
+    r = runner.invoke(cli, ["run", str(smollm2_gguf), "-t", "mcq", "--item-json", f"{src['license']}:0"])
+    assert r.exit_code == 1 and "counted from 1" in r.output, r.output
+    r = runner.invoke(cli, ["run", str(smollm2_gguf), "-p", "hi", "--temperature", "nan"])
+    assert r.exit_code == 1 and "temperature must be from 0 to 2" in r.output, r.output

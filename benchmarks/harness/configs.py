@@ -127,10 +127,13 @@ class Settings:
 
 def read_prompts(path: Path) -> tuple[str, ...]:
     """Prompts from a .txt file (one per non-empty line) or JSONL (a "prompt" or "question" field per line)."""
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except OSError as exc:
-        raise InputError(f"Cannot read prompts file '{path}': {exc.strerror}.", "pass a readable .txt or .jsonl file") from None
+    from edgemed.formats.input_file import read_at_most
+
+    try:  # a regular file of at most 64 MiB: a FIFO would block, /dev/zero never end
+        lines = [ln.strip() for ln in read_at_most(path, 64 << 20).decode("utf-8").splitlines() if ln.strip()]
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InputError(f"Cannot read prompts file '{path}': {why}.", "pass a readable .txt or .jsonl file") from None
     if path.suffix != ".jsonl":
         prompts = lines
     else:

@@ -17,13 +17,26 @@ def _item(value: str) -> dict:
 
     text = value.strip()
     if not text.startswith("{"):
+        from edgemed.formats.input_file import open_regular
+
         path, _, line = text.rpartition(":") if ":" in text and text.rsplit(":", 1)[1].isdigit() else (text, "", "1")
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-            text = lines[int(line) - 1]
-        except (OSError, IndexError, ValueError):
-            raise InputError(f"--item-json '{value}' is neither a JSON object nor a readable PATH[:LINE].",
+        if int(line) < 1:
+            raise InputError(f"--item-json '{value}': lines are counted from 1.", f"pass {path}:1 for the first line")
+        try:  # a regular file only (a FIFO would block, /dev/zero never end), read line by line up to LINE
+            with open_regular(Path(path)) as fh:
+                found = None
+                for number, raw in enumerate(fh, 1):
+                    if number == int(line):
+                        found = raw.decode("utf-8")
+                        break
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise InputError(f"--item-json '{value}': cannot read '{path}' ({why}).",
                              "pass one MedMCQA JSONL line, or test.jsonl:LINE") from None
+        if found is None:
+            raise InputError(f"--item-json '{value}': '{path}' has fewer than {line} lines.",
+                             "pass a line number the file has (counted from 1)")
+        text = found
     try:
         item = loads_json(text)
     except ValueError as exc:  # JSONDecodeError and TooDeep

@@ -107,6 +107,11 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
 
     if not (ollama_dir or llama_server or gguf_out):
         raise InputError("Nothing to export.", "pass --ollama DIR, --llama-server, or --gguf FILE")
+    if system is not None:
+        try:
+            system.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as surrogates by click
+            raise InputError("--system is not valid UTF-8 text.", "pass the system prompt as UTF-8 text") from None
     ref = bundle_ref(model)
     if ref.kind == TAR:
         raise InputError(f"'{model}' is a bundle archive.", f"install it first (edgemed install {model}), then export by name")

@@ -30,6 +30,7 @@ from edgemed import __version__, env
 from edgemed.files.atomic import atomic_path, refuse_input_as_output
 from edgemed.files.hashing import file_sha256
 from edgemed.formats.conversion_report import existing_report
+from edgemed.formats.input_file import read_at_most
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.formats.sniff import sniff
 from edgemed.packaging import facts as facts_mod
@@ -175,10 +176,14 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     return files, model_facts, prov
 
 
+#: A conversion report is tens of kilobytes (the per-prompt parity included); a larger one is the wrong file.
+MAX_REPORT_BYTES = 16 << 20
+
+
 def _report_provenance(report: Path, model: Path) -> dict:
     """Provenance and parity from the converter's report (build-machine paths left out)."""
     try:
-        r = loads_json(report.read_text(encoding="utf-8"))
+        r = loads_json(read_at_most(report, MAX_REPORT_BYTES).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"Cannot read the conversion report '{report}': {exc}.", "re-run `edgemed convert`, or pass --no-report") from None
     if model.is_file() and r.get("size_bytes") not in (None, model.stat().st_size):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgemed.errors import InputError
+from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_toml
 
 # key -> (section, reference). Sections follow the CHAI card's order.
@@ -86,10 +87,14 @@ def _simple(value) -> bool:
     return False
 
 
+#: A model card is a page of TOML; a larger one is the wrong file (or /dev/zero).
+MAX_CARD_BYTES = 1 << 20
+
+
 def load_card(path: Path) -> dict:
     """Parse and check ``card.toml``; return the fields as a flat dict."""
     try:
-        data = loads_toml(Path(path).read_text(encoding="utf-8"))
+        data = loads_toml(read_at_most(Path(path), MAX_CARD_BYTES).decode("utf-8"))
     except (OSError, ValueError) as exc:  # UnicodeDecodeError, TOMLDecodeError and TooDeep are ValueErrors
         raise InputError(f"Cannot read the model card '{path}': {exc}.", "pass a TOML file (see README, section Packaging)") from None
     unknown = sorted(k for k in data if k not in FIELDS and not k.startswith("x_"))

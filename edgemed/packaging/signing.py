@@ -123,7 +123,7 @@ def load_private_key(path: Path, certificate: Path | None = None, chain=()) -> S
     ``certificate`` (PEM, for that key) and its ``chain``, model.sig carries the certificates instead of a key hint."""
     s, ec, ed = _crypto()
     try:
-        key = s.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = s.load_pem_private_key(_small(path), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"Cannot read the signing key '{path}': {exc}.", f"pass an unencrypted EC private key in PEM form ({_MAKE_KEY})") from None
     if isinstance(key, ed.Ed25519PrivateKey):
@@ -135,9 +135,26 @@ def load_private_key(path: Path, certificate: Path | None = None, chain=()) -> S
     if certificate is None:
         _check_public_beside(Path(path), _spki_pem(key.public_key()))
     if certificate is not None:
-        return SigningKey(Path(path), f"cert {_cert_name(Path(certificate).read_bytes(), pem=True)}", Path(certificate),
+        return SigningKey(Path(path), f"cert {_cert_name(_small(certificate), pem=True)}", Path(certificate),
                           tuple(Path(c) for c in chain))
     return SigningKey(Path(path), _ec_key_id(_spki_pem(key.public_key())))
+
+
+#: A PEM key or certificate (chain) is a few kilobytes; a larger "key" is the wrong file (or /dev/zero).
+MAX_PEM_BYTES = 1 << 20
+
+
+def _small(path) -> bytes:
+    """The bytes of a key or certificate file: a regular file of at most ``MAX_PEM_BYTES``, else ``InputError``
+    naming it (a device, a pipe or a huge file is never read)."""
+    from edgemed.formats.input_file import read_at_most
+
+    try:
+        return read_at_most(Path(path), MAX_PEM_BYTES)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InputError(f"Cannot read '{path}': {why}.", "pass the PEM file itself (a key or certificate is a few "
+                         "kilobytes)") from None
 
 
 def _cert_name(data: bytes, pem: bool = False) -> str:
@@ -156,7 +173,7 @@ def cert_roots(paths) -> CertRoots:
     for p in paths:
         if not Path(p).is_file():
             raise InputError(f"Certificate '{p}' does not exist.", "pass the PEM root certificate your clinic trusts (--cert-chain)")
-        _cert_name(Path(p).read_bytes().split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n", pem=True)
+        _cert_name(_small(p).split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n", pem=True)
     return CertRoots(tuple(Path(p) for p in paths))
 
 
@@ -223,7 +240,7 @@ def derive_public(private_key: Path, force: bool = False) -> tuple[Path, str]:
     """Write (again) the public half of the existing ``private_key`` beside it; return (public path, key id)."""
     s, ec, _ = _crypto()
     try:
-        key = s.load_pem_private_key(Path(private_key).read_bytes(), password=None)
+        key = s.load_pem_private_key(_small(private_key), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"Cannot read the private key '{private_key}': {exc}.", _MAKE_KEY) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):

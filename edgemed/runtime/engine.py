@@ -41,10 +41,15 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise InputError(f"max_tokens must be at least 1, got {self.max_tokens}.", "pass --max-tokens 1 or more")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}.", "pass --temperature 0 for greedy decoding")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails this too
+            raise InputError(f"temperature must be from 0 to {MAX_TEMPERATURE:g}, got {self.temperature}.",
+                             "pass --temperature 0 for greedy decoding, up to 2 for more varied answers")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}.", "pass --top-p 1.0 to disable nucleus sampling")
+
+
+#: Highest sampling temperature (OpenAI's bound): beyond it the answer is noise.
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
