@@ -422,3 +422,13 @@ def test_files_read_whole_are_refused_when_they_are_devices_pipes_or_huge(tmp_pa
     assert r.exit_code == 1 and "counted from 1" in r.output, r.output
     r = runner.invoke(cli, ["run", str(smollm2_gguf), "-p", "hi", "--temperature", "nan"])
     assert r.exit_code == 1 and "temperature must be from 0 to 2" in r.output, r.output
+
+
+def test_keygen_refuses_a_public_key_name_and_bench_a_thread_count_below_one(tmp_path, smollm2_gguf):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["keygen", str(tmp_path / "key.pub.pem"), "--force"])
+    assert r.exit_code == 1 and "name of a public key" in r.output and "key.pem" in r.output, r.output
+    assert not list(tmp_path.iterdir())
+    for option in ("--threads", "--eval-threads"):
+        r = runner.invoke(cli, ["bench", "run", str(smollm2_gguf), option, "0", "-o", str(tmp_path / "b")])
+        assert r.exit_code == 1 and f"{option} must be an integer from 1" in r.output, r.output

@@ -79,7 +79,10 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
     from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
     from edgemed.benchmarks.harness.datasets import load_items, suite_files
     from edgemed.errors import InputError
+    from edgemed.runtime.plan import check_threads
 
+    check_threads(threads, "--threads")  # 0 or less used to be taken as "the profile's" without a word
+    check_threads(eval_threads, "--eval-threads")
     if evals and eval_data:
         raise InputError("Both --eval and --eval-data were given.",
                          "pass --eval-data DIR for the default suite, or --eval FILES for your own files")

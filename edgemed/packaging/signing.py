@@ -262,6 +262,9 @@ def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
     writes its public half again.
     """
     refuse_store(private_out)
+    if Path(private_out).name.endswith(".pub.pem"):  # --force would put a private key where a public one is expected
+        raise InputError(f"'{private_out}' is the name of a public key (.pub.pem); keygen writes the private key there.",
+                         f"pass the private key's name, e.g. {Path(private_out).name.removesuffix('.pub.pem')}.pem")
     check_destination(private_out, force)  # first: a path like '.' has no name to put .pub.pem beside
     s, ec, _ = _crypto()
     public_out = public_path(private_out)
