@@ -265,6 +265,26 @@ def test_a_grammar_costlier_than_the_limit_for_one_token_ends_its_request_alone(
         assert collect(plain)[1].finish_reason in ("stop", "length")
 
 
+def test_one_requests_failing_sampler_ends_that_request_alone(smollm2_gguf, prompts, alone):
+    """A sampler that raises (not a decode failure: the step's decode went well) ended every running request."""
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2) as b:
+        bad = b.submit(prompts[0], GenerationSettings(max_tokens=16, temperature=0.7, seed=3), request_id="bad")
+        good = b.submit(prompts[1], GREEDY, request_id="good")
+        seq = next(q for q in list(b._active) + list(b._queue) if q.stream is bad)
+        real, calls = seq.sampler.sample, []
+
+        def fail_on_the_third(ctx, index):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("a sampler bug")
+            return real(ctx, index)
+
+        seq.sampler.sample = fail_on_the_third
+        fin = collect(bad)[1]
+        assert fin.finish_reason == "error" and "sampling" in fin.error
+        assert collect(good)[0] == alone[1][0]
+
+
 def test_close_ends_every_stream(smollm2_gguf, prompts):
     b = Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2)
     b.start()

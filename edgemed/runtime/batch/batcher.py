@@ -945,6 +945,10 @@ class Batcher:
         except NoTokenAllowed as exc:  # this request's own constraints: it ends, the others go on
             self._finish(seq, "refused", f"{exc.problem} Fix: {exc.fix}.")
             return
+        except Exception:  # noqa: BLE001 - this request's sampler failed after a good decode: it ends alone
+            log.exception("sampling for request %s failed; it ends, the others go on", seq.stream.request_id)
+            self._finish(seq, "error", "sampling its next token failed; see the server log")
+            return
         took = time.perf_counter() - t0
         if took > GRAMMAR_TOKEN_S and (seq.settings.grammar or seq.settings.json_schema):
             self._finish(seq, "costly", f"Following the request's grammar took {took:.1f} s for one token (at most "
