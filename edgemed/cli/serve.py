@@ -194,8 +194,10 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
         audit = AuditLog(audit_path, content=audit_content)  # an unwritable path fails here, before the model loads
         batcher = access = None
         import signal
+        import threading
 
-        previous = signal.signal(signal.SIGTERM, _stopped)  # from here a stop signal closes what is open
+        main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+        previous = signal.signal(signal.SIGTERM, _stopped) if main else None  # from here a stop closes what is open
         try:
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys, admin_keys=admin_keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
@@ -244,7 +246,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
         except _Stopped:  # SIGTERM while the model loaded: what is open closes below, and the exit is a clean one
             click.echo("edgemed serve: stopped (SIGTERM) before serving", err=True)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             if access is not None:
                 logging.getLogger("uvicorn.access").removeFilter(access)
             if batcher is not None:

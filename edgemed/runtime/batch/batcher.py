@@ -63,8 +63,8 @@ into any sequence id, llama.cpp writes the destination's stream) and trims it to
 bound. Everything cached is tied to this batcher's one model, the adapter key (``_key``: name, scale, handle: never
 shared across keys; ``_close_adapter`` purges the adapter's host entries), the request's scope (``submit_n``: a
 server scopes by API key, so one key's prompts are neither reused by nor timed against another's) and the
-identical token-id prefix (``_cache_key``); a request that fails mid-step leaves nothing reusable. Counters: ``prompt_tokens_cached_{slot,copied,host}_total``
-and ``prefix_host_*`` in ``stats()``; ``Finished.cached_tokens`` counts every reused token, wherever from.
+identical token-id prefix (``_cache_key``); a request that fails mid-step leaves nothing reusable. Counters:
+``prompt_tokens_cached_{slot,copied,host}_total`` and ``prefix_host_*`` in ``stats()``; ``Finished.cached_tokens`` counts every reused token, wherever from.
 
 LoRA adapters (``adapters``, ``add_adapter``, ``remove_adapter``): the base is loaded once, with one context and
 one KV cache; each named adapter is loaded once (its tensors only) and each request names one (or none: the base).
