@@ -119,11 +119,12 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     from edgemed.files.atomic import check_destination, refuse_input_as_output
 
     read = [("the bundle", v.root)]  # and the store, which refuse_input_as_output refuses for every output
+    files = ([gguf_out] if gguf_out else []) + \
+        ([ollama_dir / f"{v.manifest.name}.gguf", ollama_dir / "Modelfile"] if ollama_dir else [])
+    for out in files:  # every file written: never into the bundle read, nor into the store
+        refuse_input_as_output(out, read)
     if gguf_out:  # every destination is checked before anything is written: one refused leaves none written
-        refuse_input_as_output(gguf_out, read)
         check_destination(gguf_out, force)
-    if ollama_dir:
-        refuse_input_as_output(ollama_dir, read)
     if ollama_dir and ollama_dir.is_dir():
         for name in (f"{v.manifest.name}.gguf", "Modelfile"):
             check_destination(ollama_dir / name, force)
