@@ -91,12 +91,6 @@ class GrammarProbe:
         self.limit = seconds  # the worker's calibrated limit, once it has started
         self.probes = self.refused = 0
 
-    def start(self) -> None:
-        """Start the worker now (``Batcher.start`` does, in the background), so the first grammar does not wait."""
-        with self._probing:
-            if not self._closed:
-                self._start()
-
     def check(self, gbnf: str) -> None:
         """``InputError`` when the worker could not follow ``gbnf`` within the limits (or it crashed the worker);
         ``ProbeBusy`` when another new grammar holds the worker longer than ``BUSY_WAIT_S``; ``ProbeUnavailable``
@@ -146,6 +140,8 @@ class GrammarProbe:
             self._stop(proc)
             return self._refuse("it crashed the grammar parser (the worker process ended)")
         answer = _read_line(proc, self.limit + GRACE_SECONDS)
+        if answer is _ENDED and self._closed:  # ``close`` killed it: the server is stopping, not the grammar's doing
+            raise ProbeUnavailable("The model server is shutting down.", "retry when it is back")
         if answer is None or answer is _ENDED:
             self._stop(proc)
             if answer is None:  # timed out: still following it
