@@ -42,6 +42,16 @@ _OFFLINE_VARS = {
 }
 
 
+def worker_env() -> dict:
+    """The environment of a worker process edgemed starts with ``python -m edgemed...`` (the template renderer, the
+    grammar probe): this one, with the folder holding this edgemed package first on ``PYTHONPATH``, so the worker
+    imports the same code whether it is installed or run from a checkout."""
+    environ = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, environ.get("PYTHONPATH")) if p)
+    return environ
+
+
 def home() -> Path:
     """edgemed's state directory (``$EDGEMED_HOME`` or ``~/.cache/edgemed``)."""
     value = os.environ.get(HOME_VAR)

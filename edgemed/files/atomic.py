@@ -89,7 +89,7 @@ def refuse_input_as_output(output: Path, inputs, kind: str | None = None) -> Non
             same = os.path.samefile(output, path)
         except OSError:
             same = False
-        inside = folder is not None and os.path.realpath(path).startswith(folder.rstrip(os.sep) + os.sep)
+        inside = folder is not None and _inside(path, folder)
         if same or inside:
             raise OutputExists(
                 f"Output '{output}' {'is' if same else 'holds'} {what} '{path}', which this command reads; "

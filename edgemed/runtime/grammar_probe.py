@@ -165,14 +165,14 @@ class GrammarProbe:
                 raise ProbeUnavailable("The model server is shutting down.", "retry when it is back")
             if self._proc is not None and self._proc.poll() is None:
                 return self._proc
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # the folder holding the edgemed package
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        from edgemed.env import worker_env
+
         why = None
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "edgemed.runtime.grammar_probe", str(self.model_path), str(self.tokens)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=worker_env(),
+                close_fds=True)
         except OSError as exc:
             proc, why = None, f"{sys.executable} did not start ({exc})"
         ready = _read_line(proc, STARTUP_SECONDS) if proc is not None else None

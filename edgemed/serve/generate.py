@@ -74,7 +74,7 @@ def check_model(srv: Served, name: str) -> str | None:
 
 
 def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
-                 grammar: str | None = None, seed: int | None = None) -> GenerationSettings:
+                 grammar: str | None = None, *, seed: int) -> GenerationSettings:
     """The request's sampling settings. ``max_tokens`` beyond what is left of the slot's context is capped to it
     (the answer then ends with ``length``), as OpenAI and llama-server do; a prompt that leaves no room at all
     is a 400 ``context_length_exceeded``."""
@@ -94,7 +94,7 @@ def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
     max_tokens = min(asked or min(config.default_max_tokens, limit or config.default_max_tokens), room)
     return GenerationSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
-                              seed=seed if seed is not None else body.seed if body.seed is not None else secrets.randbits(32),
+                              seed=seed,
                               stop=body.stops(), json_schema=json_schema,
                               grammar=grammar if grammar is not None else body.grammar)
 

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from edgemed.errors import InputError, TemplateError
 
@@ -125,13 +124,13 @@ class _Worker:
     """One renderer process and its pipes."""
 
     def __init__(self):
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # the folder holding the edgemed package
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        from edgemed.env import worker_env
+
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgemed.templates.worker", str(MAX_MEMORY_BYTES), str(MAX_RECURSION)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=worker_env(),
+                close_fds=True)
         except OSError as exc:
             raise TemplateError(f"Could not start the template renderer process ({exc}).",
                                 f"check that {sys.executable} runs") from None

@@ -431,7 +431,10 @@ class Batcher:
         from edgemed.runtime.llamacpp import Detokenizer
 
         extras = extras or Extras()
-        if self._probe is not None and (gbnf := grammar_text(settings)) is not None:
+        gbnf = grammar_text(settings)
+        if settings.json_schema and gbnf is not None:  # converted once here, not again by each choice's sampler
+            settings = dataclasses.replace(settings, grammar=gbnf, json_schema=None)
+        if self._probe is not None and gbnf is not None:
             with self._cond:  # a request that could not be queued anyway is not worth a probe
                 if self._stopping or self._thread is None:
                     raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
@@ -580,12 +583,8 @@ class Batcher:
                 for q in [seq, *seq.followers]:
                     self._end(q, "cancelled", now)
         taken, room = [], len(self._free)
-        while self._queue and (room > len(self._queue[0].followers) or self._queue[0].stream.cancelled):
-            seq = self._queue.popleft()
-            if seq.stream.cancelled:  # a request's choices are cancelled together (the client left)
-                for q in [seq, *seq.followers]:
-                    self._end(q, "cancelled", now)
-                continue
+        while self._queue and room > len(self._queue[0].followers):
+            seq = self._queue.popleft()  # one cancelled since the sweep above is admitted, and ends at the next step
             taken.append(seq)
             room -= 1 + len(seq.followers)
         order = list(dict.fromkeys(_key(q) for q in taken))
