@@ -51,3 +51,45 @@ def test_convert_missing_source_is_a_clear_error(tmp_path):
     need_converter()  # without the converter side, the missing extra is named first
     result = CliRunner().invoke(cli, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "x.gguf")])
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_a_failure_under_json_is_a_json_document_on_stdout(tmp_path):
+    """A fleet script reading `verify --json` used to get an empty stdout on failure; the message stays on stderr."""
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"GGUF\x03\x00\x00\x00")
+    cases = [["verify", str(tmp_path / "nope.edgemed")], ["inspect", str(bogus)], ["plan", str(bogus)],
+             ["devices", "show", "no-such-profile"]]
+    for args in cases:
+        r = CliRunner().invoke(cli, [*args, "--json"])
+        assert r.exit_code == 1, (args, r.output)
+        doc = json.loads(r.stdout)
+        assert doc["ok"] is False and doc["problem"] and doc["error"].endswith("Error"), (args, doc)
+        assert doc["problem"] in r.stderr and "Traceback" not in r.stderr, args
+        plain = CliRunner().invoke(cli, args)
+        assert plain.exit_code == 1 and plain.stdout == "" and doc["problem"] in plain.stderr, args
+
+
+def test_every_json_option_reports_failures_as_json():
+    """A new command's `--json` made with a bare click.option would print nothing on stdout when it fails."""
+    import importlib
+
+    import click
+
+    from edgemed.cli import json_flag
+
+    marker = json_flag()(lambda: None).__click_params__[0].callback
+
+    def commands(cmd):
+        yield cmd
+        for sub in getattr(cmd, "commands", {}).values():
+            yield from commands(sub)
+
+    seen = 0
+    for target in COMMANDS.values():
+        module, attr = target.split(":")
+        for cmd in commands(getattr(importlib.import_module(module), attr)):
+            for p in cmd.params:
+                if isinstance(p, click.Option) and "--json" in p.opts:
+                    assert p.callback is not None and p.callback.__code__ is marker.__code__, cmd.name
+                    seen += 1
+    assert seen >= 15

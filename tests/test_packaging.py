@@ -139,6 +139,17 @@ def test_pack_never_writes_over_one_of_its_inputs_force_or_not(tmp_path, src):
     assert _run(*base, "-o", tmp_path / "ok.edgemed").exit_code == 0
 
 
+def test_pack_of_a_cut_short_model_names_the_missing_bytes(tmp_path, src):
+    """A partial copy used to surface the gguf library's own reshape error; now the file's shortfall is named."""
+    short = tmp_path / "short.gguf"
+    data = src["model"].read_bytes()
+    short.write_bytes(data[: len(data) - 7])
+    r = _run("pack", short, "--license", src["license"], "--name", "tiny", "-o", tmp_path / "b.edgemed")
+    assert r.exit_code == 1 and "is truncated or damaged" in r.output and f"the file has {len(data) - 7}" in r.output, \
+        r.output
+    assert "reshape" not in r.output and not (tmp_path / "b.edgemed").exists()
+
+
 def test_killed_pack_leaves_no_output(tmp_path, src, monkeypatch):
     from edgemed.packaging import archive
 

@@ -11,6 +11,7 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 
@@ -18,6 +19,29 @@ import click
 
 from edgemed import __version__
 from edgemed.errors import EdgemedError, output_error
+
+#: ``ctx.meta`` key (shared by every nested context) set when the command was given ``--json``
+_JSON_ASKED = "edgemed.json"
+
+
+def json_flag(help_text: str | None = None):
+    """The ``--json`` option. With it, a failure is also printed to stdout as one JSON object,
+    ``{"ok": false, "error": TYPE, "problem": ..., "fix": ...}``, so a script reading stdout never gets an empty
+    document; the message still goes to stderr and the exit code is still 1."""
+
+    def remember(ctx, _param, value):
+        if value:
+            ctx.meta[_JSON_ASKED] = True
+        return value
+
+    return click.option("--json", "as_json", is_flag=True, callback=remember, help=help_text)
+
+
+def _json_failure(ctx, exc: Exception) -> None:
+    if ctx.meta.get(_JSON_ASKED):
+        problem, fix = (exc.problem, exc.fix) if isinstance(exc, EdgemedError) else (str(exc), None)
+        click.echo(json.dumps({"ok": False, "error": type(exc).__name__, "problem": problem, "fix": fix}))
+
 
 # module under edgemed.cli -> attribute holding the click command or group
 COMMANDS: dict[str, str] = {
@@ -63,12 +87,14 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgemedError as exc:
+            _json_failure(ctx, exc)
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             clean = output_error(exc)
             if clean is None:
                 raise
             logging.getLogger(__name__).debug("the disk refused a write", exc_info=True)
+            _json_failure(ctx, clean)
             raise click.ClickException(str(clean)) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted; nothing half-written was left behind.", err=True)

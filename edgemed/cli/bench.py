@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
+
 SCENARIOS = ("single-stream",)
 
 
@@ -15,7 +17,7 @@ def _common(f):
 
     suite = ", ".join(f"{row.n} {row.name}" for row in SUITE)
     options = [
-        click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout."),
+        json_flag("Print results.json to stdout."),
         click.option("--force", is_flag=True,
                      help="Replace report files (machine.json, results.json, results.csv, report.md, plots/*.png) in "
                           "an -o folder that edgemed's bench did not make; a bench's own folder is rewritten anyway."),

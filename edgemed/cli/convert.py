@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
 from edgemed.constants import DEFAULT_OUTPUT_TYPE, FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
 from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS  # the graph kinds' table (light: no converter imports)
 
@@ -32,7 +33,7 @@ ADAPTER_TENSOR_TYPES = ("f16", "q8_0", "f32")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (llama.cpp's plain recipe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantization and parity.")
-@click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
+@json_flag("Print the conversion report as JSON.")
 @click.option("--onnx-graph", type=click.Choice(list(GRAPHS)), default=DEFAULT_GRAPH, show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
 @click.option("--memory-budget", metavar="SIZE", help="Memory the conversion may use at its peak (e.g. 6GiB) [default: what is free now].")
@@ -196,7 +197,7 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
 @click.option("--lora", type=click.Path(exists=True, path_type=Path), help="The adapter that was merged into MODEL.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights in SOURCE. Only for checkpoints you trust.")
 @click.option("--threads", type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True)
+@json_flag()
 def check(source, model, lora, allow_pickle, threads, as_json):
     """Parity of a GGUF MODEL against its Hugging Face SOURCE: NMSE, KL divergence, top-1 agreement.
 

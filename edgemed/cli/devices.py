@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
+
 
 @click.group()
 def devices() -> None:
@@ -16,7 +18,7 @@ def devices() -> None:
 @devices.command()
 @click.option("--root", type=click.Path(path_type=Path, exists=True, file_okay=False), default="/",
               help="Read the machine's files below this folder (a copy of another device's /proc, /etc).")
-@click.option("--json", "as_json", is_flag=True, help="Print facts and the chosen profile as JSON.")
+@json_flag("Print facts and the chosen profile as JSON.")
 def detect(root: Path, as_json: bool) -> None:
     """Detect this machine and print the profile edgemed would use."""
     from edgemed.devices.detect import choose, detect as detect_facts
@@ -37,7 +39,7 @@ def detect(root: Path, as_json: bool) -> None:
 
 
 @devices.command(name="list")
-@click.option("--json", "as_json", is_flag=True)
+@json_flag()
 def list_profiles(as_json: bool) -> None:
     """List every profile (shipped, then $EDGEMED_PROFILES_DIR)."""
     from edgemed.devices import load_profiles
@@ -53,7 +55,7 @@ def list_profiles(as_json: bool) -> None:
 
 @devices.command()
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@json_flag()
 def show(name: str, as_json: bool) -> None:
     """Show profile NAME: how it is matched, its memory budget and engine settings."""
     from edgemed.devices import get_profile
@@ -77,7 +79,7 @@ def show(name: str, as_json: bool) -> None:
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME|FILE[:SCALE]",
               help="Check the load with this LoRA adapter applied, as `run --adapter` loads it: the NAME of one in "
               "MODEL's bundle or an installed adapter bundle for it, or a GGUF adapter file. Repeatable.")
-@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@json_flag("Print the verdicts as JSON.")
 def check(model: str | None, profile: str | None, extra_buffers: str | None, adapters: tuple, as_json: bool) -> None:
     """Load MODEL with this host's settings and decode a few tokens in a child process.
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
+
 
 def _size(n: int) -> str:
     return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} KB"
@@ -21,7 +23,7 @@ _INSECURE = ("Allow plain HTTP to this registry (only on a network you trust). "
 @click.argument("bundle")
 @click.argument("target", metavar="oci://HOST[:PORT]/REPO:TAG")
 @click.option("--insecure", is_flag=True, help=_INSECURE)
-@click.option("--json", "as_json", is_flag=True, help="Print the result (digest, pinned reference, bytes uploaded) as JSON.")
+@json_flag("Print the result (digest, pinned reference, bytes uploaded) as JSON.")
 def push(bundle, target, insecure, as_json):
     """Push BUNDLE (a .edgemed file, a bundle directory, or an installed model's name) to a registry.
 
@@ -49,7 +51,7 @@ def push(bundle, target, insecure, as_json):
 @click.option("--force", is_flag=True, help="Replace an installed model of the same name (kept for `edgemed rollback`); "
               "a model that is this very bundle already is left as it is.")
 @click.option("--insecure", is_flag=True, help=_INSECURE)
-@click.option("--json", "as_json", is_flag=True, help="Print the result (name, origin, bytes downloaded and resumed) as JSON.")
+@json_flag("Print the result (name, origin, bytes downloaded and resumed) as JSON.")
 def pull(source, name, key, force, insecure, as_json):
     """Pull a model from a registry into the local store.
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
@@ -51,7 +53,7 @@ def _adapter_arg(ctx, param, values):
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output (default: NAME.edgemed).")
 @click.option("--dir", "as_dir", is_flag=True, help="Write the directory form (runnable in place) instead of one tar file.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@json_flag("Print the manifest as JSON.")
 def pack(model, name, license_, adapters, base_sha256, for_model, card, templates, report, no_report, key, cert, cert_chain,
          output, as_dir, force, as_json):
     """Pack MODEL (a .gguf, or an ONNX directory) into a verifiable bundle.
@@ -127,7 +129,7 @@ def _installed_base(name: str) -> tuple[str, str]:
 @click.option("--cert-chain", "cert_chain", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Require a valid certificate signature chaining to this root certificate (PEM; repeatable).")
 @click.option("--full", is_flag=True, help="Re-hash every byte (skip the verified cache).")
-@click.option("--json", "as_json", is_flag=True)
+@json_flag()
 def verify(bundle, key, cert_chain, full, as_json):
     """Check BUNDLE (a .edgemed file, a bundle directory or an installed name) against its manifest.
 
@@ -202,7 +204,7 @@ def _inspect_data(bundle: str) -> dict:
 
 @click.command()
 @click.argument("bundle")
-@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (documented in README, section Packaging).")
+@json_flag("Print everything as JSON (documented in README, section Packaging).")
 def inspect(bundle, as_json):
     """Show what BUNDLE holds: model facts, provenance, files, model card, memory needed.
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
+
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path, exists=True))
@@ -19,7 +21,7 @@ import click
               "cache (the profile's memory.prefix_cache_mib, reduced to what the budget leaves).")
 @click.option("--prefix-cache-mib", type=int, help="Plan for `edgemed serve --prefix-cache-mib N` (implies --serve): "
               "counted before the context is chosen, refused when it cannot fit.")
-@click.option("--json", "as_json", is_flag=True)
+@json_flag()
 def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib, as_json):
     """Plan memory for MODEL (a .gguf): weights + KV cache + compute buffers vs the device budget.
 

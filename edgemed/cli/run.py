@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
 from edgemed.formats.nesting import loads_json
 
 
@@ -103,7 +104,7 @@ def echo_piece(show_think: bool):
 @click.option("--input", "-i", "pairs", multiple=True, help="Other template inputs as KEY=VALUE (repeatable).")
 @click.option("--profile", help="Device profile to use (default: detected; see `edgemed devices list`).")
 @click.option("--think", default="hide", show_default=True, help="Reasoning models' <think> block: hide, show, or cap:N tokens.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (templates: the parsed answer) instead of streaming.")
+@json_flag("Print one JSON object (templates: the parsed answer) instead of streaming.")
 @click.option("--max-tokens", default=256, show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy (reproducible).")
 @click.option("--top-p", default=1.0, show_default=True)

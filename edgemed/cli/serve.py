@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
+
 
 _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 #: Seconds a stop signal leaves running answers to finish; those still running ``GRACE_MARGIN_S`` before its end are
@@ -335,7 +337,7 @@ def audit():
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--anchor", help="A head hash recorded earlier: that record must still be in the chain "
               "(detects records cut from the end, or a rewritten log).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@json_flag("Print the report as one JSON object.")
 def verify(path, anchor, as_json):
     """Verify every record of the audit log at PATH: hashes, chain, sequence.
 

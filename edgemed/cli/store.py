@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgemed.cli import json_flag
+
 
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
@@ -41,7 +43,7 @@ def install(bundle, name, key, cert_chain, force):
 
 
 @click.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_flag()
 def list_(as_json):
     """List the models installed in the local store."""
     from edgemed.packaging.store import Store

@@ -45,7 +45,10 @@ def _value(field):
 
 def gguf_facts(path: Path) -> tuple[dict, dict]:
     """(model facts, provenance found in metadata) for a GGUF file."""
+    from edgemed.formats.gguf_header import read_header
+
     gguf = require("gguf", "gguf")
+    read_header(path)  # bounded checks first: a short or damaged file is named as such, before GGUFReader maps it
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as exc:  # the reader raises ValueError/struct errors on damaged files
