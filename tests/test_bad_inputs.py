@@ -413,10 +413,13 @@ def test_files_read_whole_are_refused_when_they_are_devices_pipes_or_huge(tmp_pa
             ["pack", str(src["model"]), "--license", str(src["license"]), "--name", "t", "--sign", str(key),
              "--cert", bad, "-o", str(tmp_path / "d.edgemed")],
             ["keygen", bad, "--public-only"],
+            ["verify", str(src["model"]), "--key", bad],  # was "does not exist" for a file that is there
+            ["install", str(src["model"]), "--key", bad],
         ]
         for args in cases:
             r = runner.invoke(cli, args)
             assert r.exit_code != 0 and "Traceback" not in r.output and bad in r.output, (args, r.output)
+            assert "does not exist" not in r.output, (args, r.output)
             assert not isinstance(r.exception, MemoryError), args
     r = runner.invoke(cli, ["run", str(smollm2_gguf), "-t", "mcq", "--item-json", f"{src['license']}:0"])
     assert r.exit_code == 1 and "counted from 1" in r.output, r.output

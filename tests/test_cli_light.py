@@ -93,3 +93,16 @@ def test_every_json_option_reports_failures_as_json():
                     assert p.callback is not None and p.callback.__code__ is marker.__code__, cmd.name
                     seen += 1
     assert seen >= 15
+
+
+def test_run_refuses_an_empty_binary_or_endless_piped_prompt(tmp_path):
+    """An empty prompt loaded the model and answered nothing in particular; piped bytes that are not UTF-8 were a
+    traceback, and an endless pipe was read whole into memory. Each is refused before the model is read."""
+    from edgemed.cli.run import MAX_STDIN_PROMPT_BYTES
+
+    model = tmp_path / "missing.gguf"  # never reached: the prompt is refused first
+    for args, stdin, said in [(["-p", "  \n"], None, "The prompt is empty"), ([], "", "The prompt is empty"),
+                              ([], b"\xff\xfe", "not UTF-8 text (byte 0 is 0xff)"),
+                              ([], b"a" * (MAX_STDIN_PROMPT_BYTES + 1), "over 4 MiB")]:
+        r = CliRunner().invoke(cli, ["run", str(model), *args], input=stdin)
+        assert r.exit_code == 1 and said in r.output and "does not exist" not in r.output, (args, r.output)

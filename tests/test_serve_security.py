@@ -373,3 +373,14 @@ def test_audit_content_only_when_the_operator_turns_it_on(model, tmp_path):
     assert [r["content_logged"] for r in recs if r["kind"] == "start"] == [True]
     req = recs[-2]  # the last one is "stop"
     assert req["prompt"] == "Chest pain since" and req["output"] == r.json()["choices"][0]["text"]
+
+
+def test_serve_options_are_refused_before_the_audit_log_is_made(tmp_path):
+    """--max-body 0 and --cors-origin '*' without keys were refused only after the audit log file had been created."""
+    log = tmp_path / "audit.jsonl"
+    for args, said in [(["--max-body", "0"], "--max-body 0 is too small"),
+                       (["--cors-origin", "*"], "--cors-origin '*' without API keys"),
+                       (["--prefix-cache-scope", "shared", "--max-body", "100"], "--max-body 100")]:
+        r = CliRunner().invoke(cli, ["serve", str(tmp_path / "absent.gguf"), "--audit-log", str(log), *args])
+        assert r.exit_code == 1 and said in r.output, (args, r.output)
+        assert not log.exists() and "does not exist" not in r.output, args

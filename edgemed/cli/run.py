@@ -91,6 +91,25 @@ def echo_piece(show_think: bool):
     return on_piece
 
 
+#: A piped prompt is read up to this many bytes (far above any context a shipped profile plans)
+MAX_STDIN_PROMPT_BYTES = 4 << 20
+
+
+def _stdin_prompt() -> str:
+    """The prompt piped on standard input: bounded, and UTF-8 (a binary file piped by mistake is named, not a traceback)."""
+    from edgemed.errors import InputError
+
+    data = sys.stdin.buffer.read(MAX_STDIN_PROMPT_BYTES + 1)
+    if len(data) > MAX_STDIN_PROMPT_BYTES:
+        raise InputError(f"The prompt on standard input is over {MAX_STDIN_PROMPT_BYTES >> 20} MiB.",
+                         "pipe only the question (a model reads a few thousand tokens at most)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"The prompt on standard input is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}).",
+                         "pipe a text file saved as UTF-8") from None
+
+
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--prompt", "-p", help="A user message, rendered with the model's chat template.")
@@ -154,7 +173,9 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     elif prompt is None:
         if sys.stdin.isatty():
             raise InputError("No prompt given.", "pass --prompt '...' (or --template mcq --question ...), or pipe the prompt on standard input")
-        prompt = sys.stdin.read()
+        prompt = _stdin_prompt()
+    if template is None and not prompt.strip():  # an empty prompt used to load the model and answer nothing in particular
+        raise InputError("The prompt is empty.", "pass the question with --prompt '...', or pipe it on standard input")
     from edgemed.packaging.ref import adapter_specs, runnable
 
     ref = runnable(model)  # an installed name, or a bundle directory: verified before load

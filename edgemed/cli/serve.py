@@ -149,7 +149,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
     from edgemed.formats.sniff import model_format
     from edgemed.packaging.ref import adapter_specs, runnable, with_digest
     from edgemed.runtime.plan import check_threads
-    from edgemed.serve.security import ApiKeys, bind_socket, check_bind, check_key_roles
+    from edgemed.serve.config import check_options
+    from edgemed.serve.security import ApiKeys, bind_socket
 
     check_threads(threads, "--threads")
     _no_core_dumps()
@@ -158,8 +159,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                          "pass one of them (--no-prefix-cache turns all prompt reuse off)")
     keys = ApiKeys.from_file(api_key_file) if api_key_file else None
     admin_keys = ApiKeys.from_file(admin_key_file) if admin_key_file else None
-    check_key_roles(keys, admin_keys)
-    check_bind(host, keys)  # before anything is loaded or bound
+    check_options(host, keys, admin_keys, max_body, prefix_cache_scope, tuple(cors_origins))  # before anything is made
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
     require("prometheus_client", "serve")

@@ -178,10 +178,9 @@ def cert_roots(paths) -> CertRoots:
 
 
 def load_public_key(path: Path) -> PublicKey:
-    data = Path(path).read_bytes() if Path(path).is_file() else None
-    if data is None:
+    if not Path(path).exists():
         raise InputError(f"Public key '{path}' does not exist.", "pass the .pub.pem the bundle's maker gave you")
-    return public_key_from_pem(data, Path(path))
+    return public_key_from_pem(_small(path), Path(path))  # a device, a folder or a huge file: named, never read
 
 
 def public_key_from_pem(data: bytes, where: Path) -> PublicKey:

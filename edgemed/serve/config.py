@@ -22,6 +22,20 @@ DEFAULT_MAX_TOKENS = 512
 PREFIX_CACHE_SCOPES = ("key", "shared")
 
 
+def check_options(host: str, api_keys: ApiKeys | None, admin_keys: ApiKeys | None, max_body_bytes: int,
+                  prefix_cache_scope: str, cors_origins: tuple[str, ...]) -> None:
+    """The rules a ``ServeConfig`` is built under; the CLI applies them before it creates the audit log or loads."""
+    check_bind(host, api_keys)
+    if max_body_bytes < 1024:
+        raise InputError(f"--max-body {max_body_bytes} is too small for any request.", "pass at least 1024 bytes")
+    check_key_roles(api_keys, admin_keys)
+    if prefix_cache_scope not in PREFIX_CACHE_SCOPES:
+        raise InputError(f"Unknown prefix cache scope '{prefix_cache_scope}'.", f"use one of {', '.join(PREFIX_CACHE_SCOPES)}")
+    if "*" in cors_origins and api_keys is None:
+        raise InputError("--cors-origin '*' without API keys would let any web page use the model.",
+                         "name the exact origins (https://ehr.example.org), or add --api-key-file")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model_id: str                          # the name clients pass as "model" (bundle name, or file stem)
@@ -49,16 +63,8 @@ class ServeConfig:
     admit_adapter: object = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        check_bind(self.host, self.api_keys)
-        if self.max_body_bytes < 1024:
-            raise InputError(f"--max-body {self.max_body_bytes} is too small for any request.", "pass at least 1024 bytes")
-        check_key_roles(self.api_keys, self.admin_keys)
-        if self.prefix_cache_scope not in PREFIX_CACHE_SCOPES:
-            raise InputError(f"Unknown prefix cache scope '{self.prefix_cache_scope}'.",
-                             f"use one of {', '.join(PREFIX_CACHE_SCOPES)}")
-        if "*" in self.cors_origins and self.api_keys is None:
-            raise InputError("--cors-origin '*' without API keys would let any web page use the model.",
-                             "name the exact origins (https://ehr.example.org), or add --api-key-file")
+        check_options(self.host, self.api_keys, self.admin_keys, self.max_body_bytes, self.prefix_cache_scope,
+                      self.cors_origins)
 
     @property
     def loopback(self) -> bool:
