@@ -79,6 +79,32 @@ def test_sigkill_mid_write_then_rerun_leaves_no_debris(model, tmp_path, quant):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
+def test_sigterm_mid_write_cleans_up_at_once(model, tmp_path):
+    """SIGTERM (a service manager's stop) killed the process outright: its debris stayed until a later run swept it.
+    Now it unwinds as Ctrl-C does: no debris, no output, exit status 143, and a line saying so."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "x.gguf"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", str(model), "--quant", "q8_0", "--no-parity",
+                              "-o", str(out)], env=_env(tmp_path / "home"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _partials(out_dir):
+            assert child.poll() is None, child.stderr.read()
+            assert time.monotonic() < deadline, "the .partial never grew"
+            time.sleep(0.02)
+        time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)
+        err = child.communicate(timeout=120)[1]
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Stopped (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
+    assert crash_kit.debris(out_dir) == [] and list(out_dir.iterdir()) == []
+
+
 def test_convert_killed_at_every_step_leaves_old_or_new(model, tmp_path):
     out_dir = tmp_path / "work" / "out"
     out_dir.mkdir(parents=True)

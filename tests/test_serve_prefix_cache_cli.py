@@ -180,3 +180,41 @@ def test_a_stop_signal_ends_running_answers_with_a_503_and_records_them(smollm2_
     records = [json.loads(x) for p in (home / "audit").glob("*.jsonl") for x in p.read_text().splitlines()]
     requests = [r for r in records if r.get("kind") == "request" and r.get("endpoint") == "chat"]
     assert requests and requests[-1]["status"] == 503 and requests[-1]["error_code"] == "unavailable", requests
+
+
+SLOW_LOAD = """
+import sys, time
+import edgemed.runtime.batch.batcher as b
+real = b.Batcher.start
+def slow(self):
+    print("loading now", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return real(self)
+b.Batcher.start = slow
+from edgemed.cli import cli
+cli(sys.argv[1:], prog_name="edgemed")
+"""
+
+
+def test_sigterm_while_the_model_loads_closes_the_audit_log_and_exits_cleanly(smollm2_gguf, tmp_path):
+    """A stop that arrives before the server listens: the audit log is closed with its head shown, nothing is
+    served, and the exit is a clean one (not a traceback, not a death by the signal)."""
+    home = tmp_path / "home"
+    cmd = [sys.executable, "-c", SLOW_LOAD, "serve", str(smollm2_gguf), "--port", "0", "--slots", "1", "--no-ui",
+           "--no-adapters", "--threads", "1", "--ctx", "512"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, EDGEMED_HOME=str(home)))
+    try:
+        seen = []
+        while not seen or seen[-1] != "loading now":
+            line = proc.stderr.readline()
+            assert line, "\n".join(seen)
+            seen.append(line.rstrip("\n"))
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped (SIGTERM) before serving" in err and "(record it elsewhere)" in err and "Traceback" not in err, err
+    assert "OpenAI base_url" not in err

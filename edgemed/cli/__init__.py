@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 
 import click
 
@@ -70,6 +72,16 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager's or ``kill``'s stop), raised where the command is, so it unwinds as Ctrl-C does:
+    its own temporary files go, and whatever it was replacing stays as it was."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second stop must not cut the clean-up short
+    raise Terminated()
+
+
 class LazyGroup(click.Group):
     """Imports a command's module only when that command is asked for."""
 
@@ -84,6 +96,8 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx):
+        main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
+        previous = signal.signal(signal.SIGTERM, _terminated) if main else None
         try:
             return super().invoke(ctx)
         except EdgemedError as exc:
@@ -96,9 +110,15 @@ class LazyGroup(click.Group):
             logging.getLogger(__name__).debug("the disk refused a write", exc_info=True)
             _json_failure(ctx, clean)
             raise click.ClickException(str(clean)) from None
+        except Terminated:
+            click.echo("\nStopped (SIGTERM); nothing half-written was left behind.", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("\nInterrupted; nothing half-written was left behind.", err=True)
             sys.exit(130)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=LazyGroup)
