@@ -12,7 +12,7 @@ from edgemed.cli import cli
 from edgemed.devices import get_profile, load_profiles
 from edgemed.devices.detect import choose, detect
 from edgemed.devices.facts import GIB, Facts
-from edgemed.errors import ProfileError
+from edgemed.errors import PlanError, ProfileError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "devices"
 
@@ -102,6 +102,74 @@ def test_the_cgroup_reader_takes_the_tightest_limit_and_its_room(tmp_path, versi
     assert least_room(Host(tmp_path / "nowhere")) is None and cgroup_limit(Host(tmp_path / "nowhere")) is None
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_container_cpu_quota_or_cpuset_caps_the_threads(tmp_path, version):
+    """`docker --cpus=2` or `--cpuset-cpus=0-1` on a 16-core host: llama.cpp was given 16 threads, which then spin on
+    each other's barriers. The cgroup's quota (rounded up) and cpuset count now cap the profile's "physical"."""
+    import shutil
+
+    from edgemed.devices.cgroup import cpu_limit
+    from edgemed.devices.facts import Host
+
+    root = tmp_path / "box"
+    shutil.copytree(FIXTURES / "x86-avx2-container", root)
+    proc = root / "proc/self"
+    if version == 2:
+        (proc / "cgroup").write_text("0::/docker/abc\n")
+        group = root / "sys/fs/cgroup/docker/abc"
+        group.mkdir(parents=True)
+        (group / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs: 3 threads
+        (group / "cpuset.cpus.effective").write_text("0-7,12\n")
+        (group.parent / "cpu.max").write_text("max 100000\n")
+        want, where = 3, "docker/abc/cpu.max"
+    else:
+        (proc / "cgroup").write_text("4:memory:/\n3:cpuset:/docker/abc\n2:cpu,cpuacct:/docker/abc\n")
+        (proc / "mountinfo").write_text("34 31 0:31 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n"
+                                        "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n")
+        cpus = root / "sys/fs/cgroup/cpu,cpuacct/docker/abc"
+        cpus.mkdir(parents=True)
+        (cpus / "cpu.cfs_quota_us").write_text("-1\n")  # no quota
+        (cpus / "cpu.cfs_period_us").write_text("100000\n")
+        cpuset = root / "sys/fs/cgroup/cpuset/docker/abc"
+        cpuset.mkdir(parents=True)
+        (cpuset / "cpuset.cpus").write_text("2-3\n")
+        want, where = 2, "docker/abc/cpuset.cpus"
+    n, said = cpu_limit(Host(root))
+    assert n == want and said.endswith(where) and not said.startswith(str(root))
+    facts = detect(root)
+    assert facts.physical_cores == 8 and facts.cpu_limit == want and facts.usable_cores == want
+    profile = choose(facts)
+    assert profile.threads("physical", facts) == want and f"8 cores ({want} usable here)" in facts.summary()
+    r = CliRunner().invoke(cli, ["devices", "detect", "--root", str(root), "--json"])
+    assert r.exit_code == 0 and '"usable_cores": %d' % want in r.output, r.output
+
+
+def test_cpu_limits_that_are_not_limits_or_not_numbers_change_nothing(tmp_path):
+    """No quota ("max", -1), an empty or garbled cpuset, digits int() refuses ("²"), and a group path that climbs out
+    of the hierarchy (`..`, whose files are never read) leave the cores as they are."""
+    from edgemed.devices.cgroup import cpu_limit, cpuset_size, limits
+    from edgemed.devices.facts import Host
+
+    assert [cpuset_size(t) for t in ("0-3,8", "5", "0-1,1", "", "3-1", "a", "0-99999999", " 0-1\n")] == [5, 1, 2, 0, 0,
+                                                                                                          0, 0, 2]
+    proc = tmp_path / "proc/self"
+    proc.mkdir(parents=True)
+    (proc / "mountinfo").write_text("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    group = tmp_path / "sys/fs/cgroup/g"
+    group.mkdir(parents=True)
+    for quota, cpuset, memory in [("max 100000", "", "max"), ("\u00b2 100000", "x-y", "\u00b2"), ("0 100000", "9-2", "")]:
+        (proc / "cgroup").write_text("0::/g\n")
+        (group / "cpu.max").write_text(quota)
+        (group / "cpuset.cpus.effective").write_text(cpuset)
+        (group / "memory.max").write_text(memory)
+        assert cpu_limit(Host(tmp_path)) is None and limits(Host(tmp_path)) == [], quota
+    (group / "cpu.max").write_text("100000 100000")
+    (group / "memory.max").write_text(str(GIB))
+    assert cpu_limit(Host(tmp_path))[0] == 1 and limits(Host(tmp_path))[0].bytes == GIB
+    (proc / "cgroup").write_text("0::/../../g\n")  # would reach past the mount
+    assert cpu_limit(Host(tmp_path)) is None and limits(Host(tmp_path)) == []
+
+
 def test_jetson_uses_fixed_memory_and_offloads_everything():
     profile = get_profile("jetson-orin-nano-8gb")
     assert profile.budget_bytes(None) == int(min(7.4 * GIB - 1.5 * GIB, 7.4 * GIB * 0.8))
@@ -123,6 +191,26 @@ def test_a_module_with_less_memory_than_its_profile_plans_with_what_it_has(tmp_p
     assert profile.budget_bytes(facts) == int(min(6400000 * 1024 - 1.5 * GIB, 6400000 * 1024 * 0.8))
     big = detect(FIXTURES / "apple-m3")  # another machine: the profile's own size
     assert not profile.matches(big) and profile.total_memory_bytes(big) == int(7.4 * GIB)
+
+
+def test_a_profile_named_for_another_device_plans_for_it_and_loads_within_this_one(smollm2_gguf):
+    """`plan --profile jetson-agx-orin-64gb` from a 4 GiB container planned a budget of 0 (the container's limit
+    capped the module's 64 GB), and `run --profile jetson-agx-orin-64gb` on an 8 GB Orin Nano planned 53 GB and would
+    have loaded into memory the board does not have. Planning for a device ignores this machine; loading here never
+    plans more than this machine may use."""
+    from edgemed.runtime.plan import make_plan
+    from edgemed.runtime.session import prepare
+
+    agx = get_profile("jetson-agx-orin-64gb")
+    container, nano = detect(FIXTURES / "x86-avx2-container"), detect(FIXTURES / "jetson-orin-nano-8gb")
+    off_device = agx.budget_bytes(None)
+    assert agx.budget_bytes(container) == agx.budget_bytes(nano) == off_device > 40 * GIB
+    assert make_plan(smollm2_gguf, agx, container).budget == off_device
+    here = prepare(smollm2_gguf, "jetson-agx-orin-64gb", root=FIXTURES / "jetson-orin-nano-8gb").plan.budget
+    assert here == agx.budget_bytes(nano, here=True) < nano.usable_memory_bytes
+    with pytest.raises(PlanError) as err:  # its 8 GiB reserve leaves nothing of a 4 GiB container
+        prepare(smollm2_gguf, "jetson-agx-orin-64gb", root=FIXTURES / "x86-avx2-container")
+    assert "capped at the 4.0 GiB this machine may use (its container limit)" in err.value.problem
 
 
 def test_this_machine_is_detected():

@@ -29,7 +29,8 @@ def detect(root: Path, as_json: bool) -> None:
         click.echo(json.dumps({"profile": profile.name, "platform": facts.platform, "model": facts.model,
                                "physical_cores": facts.physical_cores, "logical_cores": facts.logical_cores,
                                "performance_cores": facts.performance_cores, "memory_bytes": facts.memory_bytes,
-                               "memory_limit_bytes": facts.memory_limit_bytes,
+                               "memory_limit_bytes": facts.memory_limit_bytes, "cpu_limit": facts.cpu_limit,
+                               "usable_cores": facts.usable_cores,
                                "budget_bytes": profile.budget_bytes(facts), "details": facts.details}, indent=2))
         return
     click.echo(f"{profile.name} ({facts.summary()})")

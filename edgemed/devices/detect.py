@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from edgemed.devices.facts import Facts, Host, SysctlRunner
+from edgemed.devices.facts import Facts, Host, SysctlRunner, cpus_allowed
 from edgemed.devices.profiles import Profile, get_profile, load_profiles
 from edgemed.errors import ProfileError
 
@@ -24,6 +24,7 @@ def detect(root: Path | str = "/", sysctl: SysctlRunner | None = None) -> Facts:
     for name in PROBES:
         facts = importlib.import_module(name).probe(host)
         if facts is not None:
+            facts.cpu_limit = cpus_allowed(host)
             return facts
     raise AssertionError("the generic probe always answers")  # pragma: no cover
 

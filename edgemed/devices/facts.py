@@ -7,12 +7,13 @@ module is tested without the hardware it describes.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgemed.devices.cgroup import tightest_limit
+from edgemed.devices.cgroup import cpu_limit, tightest_limit
 
 GIB = 1 << 30
 
@@ -32,6 +33,7 @@ class Facts:
     performance_cores: int | None = None  # Apple P-cores; None where all cores are alike
     memory_bytes: int = 0                 # physical RAM
     memory_limit_bytes: int | None = None  # cgroup limit, when one is set below RAM
+    cpu_limit: int | None = None          # CPUs this process may use (affinity, cgroup cpuset and quota); None: all
     details: dict[str, str] = field(default_factory=dict)  # e.g. jetpack, power_mode, gpu
 
     @property
@@ -41,9 +43,19 @@ class Facts:
             return self.memory_limit_bytes
         return self.memory_bytes
 
+    @property
+    def usable_cores(self) -> int:
+        """Physical cores, or the CPUs this process may use when that is fewer (a container's ``--cpus`` or
+        ``--cpuset-cpus``, ``taskset``): more compute threads than that only wait on each other."""
+        if self.cpu_limit and self.cpu_limit < self.physical_cores:
+            return self.cpu_limit
+        return self.physical_cores
+
     def summary(self) -> str:
         """One line such as ``8 cores, 31.2 GB, JetPack 6.1, 15W mode``."""
-        parts = [f"{self.physical_cores} cores", f"{self.usable_memory_bytes / 1e9:.1f} GB"]
+        cores = f"{self.physical_cores} cores" + (f" ({self.usable_cores} usable here)"
+                                                   if self.usable_cores < self.physical_cores else "")
+        parts = [cores, f"{self.usable_memory_bytes / 1e9:.1f} GB"]
         if self.memory_limit_bytes and self.memory_limit_bytes < self.memory_bytes:
             parts[-1] += " (container limit)"
         parts += [f"{key} {value}" if key != "power_mode" else f"{value} mode"
@@ -129,3 +141,14 @@ def cpuinfo(host: Host) -> tuple[frozenset[str], int, int, str]:
 
 def linux_memory(host: Host) -> tuple[int, int | None]:
     return meminfo_total(host), cgroup_limit(host)
+
+
+def cpus_allowed(host: Host) -> int | None:
+    """The CPUs this process may run on: its cgroups' cpuset and quota (``cgroup.cpu_limit``) and, on the machine
+    itself, its scheduler affinity; None where nothing narrows them."""
+    found = cpu_limit(host)
+    n = found[0] if found else None
+    if host.root == Path("/") and hasattr(os, "sched_getaffinity"):
+        mask = len(os.sched_getaffinity(0))
+        n = mask if n is None else min(n, mask)
+    return n

@@ -60,16 +60,15 @@ class Profile:
         )
 
     # -- memory -----------------------------------------------------------------------
-    def total_memory_bytes(self, facts: Facts | None) -> int:
+    def total_memory_bytes(self, facts: Facts | None, here: bool = False) -> int:
         """The device's memory: the profile's fixed size (the module's MemTotal, for planning off the device), else
-        what detection found. On the device (this machine matches the profile), never more than it has: a module in
-        the profile's range with less memory plans with what it has; a container's limit caps it anywhere."""
+        what detection found. On the device (``facts`` match the profile, or ``here``: the model will load on this
+        machine whatever profile was named) never more than the machine may use: its RAM, or its container's limit
+        when lower. Planned for the profile from another machine, this machine's memory and limits play no part."""
         if "total_gb" in self.memory:
             total = int(self.memory["total_gb"] * GIB)
-            if facts is not None and facts.memory_limit_bytes:
-                total = min(total, facts.memory_limit_bytes)
-            if facts is not None and facts.memory_bytes and self.matches(facts):
-                total = min(total, facts.memory_bytes)
+            if facts is not None and facts.usable_memory_bytes and (here or self.matches(facts)):
+                total = min(total, facts.usable_memory_bytes)
             return total
         if facts is None or not facts.usable_memory_bytes:
             raise ProfileError(
@@ -78,9 +77,19 @@ class Profile:
             )
         return facts.usable_memory_bytes
 
-    def budget_bytes(self, facts: Facts | None) -> int:
+    def memory_cap_note(self, facts: Facts | None, here: bool = False) -> str:
+        """Why the total is below the profile's fixed size (this machine's RAM or container limit), or ""."""
+        fixed = int(self.memory.get("total_gb", 0) * GIB)
+        total = self.total_memory_bytes(facts, here) if fixed else 0
+        if not fixed or total >= fixed or facts is None:
+            return ""
+        limit = facts.memory_limit_bytes and facts.memory_limit_bytes < facts.memory_bytes
+        return (f"the profile's {fixed / GIB:.1f} GiB is capped at the {total / GIB:.1f} GiB this machine may use"
+                f"{' (its container limit)' if limit else ''}")
+
+    def budget_bytes(self, facts: Facts | None, here: bool = False) -> int:
         """Bytes a model may use: total minus the OS reserve, capped at ``max_fraction`` of total."""
-        total = self.total_memory_bytes(facts)
+        total = self.total_memory_bytes(facts, here)
         return int(max(0, min(total - self.memory["reserve_gb"] * GIB, total * self.memory["max_fraction"])))
 
     # -- settings ---------------------------------------------------------------------
@@ -91,8 +100,8 @@ class Profile:
         if facts is None:
             return None
         if value == "performance" and facts.performance_cores:
-            return facts.performance_cores
-        return facts.physical_cores
+            return min(facts.performance_cores, facts.usable_cores)
+        return facts.usable_cores
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "priority": self.priority,

@@ -334,16 +334,19 @@ def check_threads(n: int | None, what: str = "the thread count") -> int | None:
 
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
               budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None,
-              n_seq: int = 1, gpu: bool | None = None) -> Plan:
+              n_seq: int = 1, gpu: bool | None = None, here: bool = False) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
     files ``adapters`` (paths, or objects with ``.path``) applied.
 
     ``prefix_cache`` (``edgemed serve``): ``(bytes, fixed)`` from ``prefix_cache_request``. A fixed size (asked on
     the command line) is counted before the context is chosen and refused with the context when it cannot fit;
-    otherwise (the profile's) it gets what the budget leaves after the model and its context, at most ``bytes``."""
+    otherwise (the profile's) it gets what the budget leaves after the model and its context, at most ``bytes``.
+    ``here``: the model will load on the machine ``facts`` describe, so its memory caps the budget whichever profile
+    was named (``Profile.budget_bytes``)."""
     shape = read_shape(model)
     adapter_bytes = adapters_bytes(adapters)
-    budget = profile.budget_bytes(facts) if budget is None else budget
+    budget_given = budget
+    budget = profile.budget_bytes(facts, here) if budget is None else budget
     if not _is_int(budget) or budget < 0:
         raise InputError(f"The memory budget must be a whole number of bytes >= 0, got {budget!r}.",
                          "pass --budget-mb with a finite number of MiB, or leave it out to use the profile's")
@@ -351,8 +354,14 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     if not _is_int(asked) or not 0 <= asked <= MAX_PREFIX_CACHE_MIB * MIB:
         raise InputError(f"The prefix cache must be 0 to {MAX_PREFIX_CACHE_MIB} MiB, got {asked!r} bytes.",
                          "pass --prefix-cache-mib with a whole number of MiB (0: no host cache)")
-    n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0, n_seq,
-                                       gpu)
+    try:
+        n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0,
+                                           n_seq, gpu)
+    except PlanError as exc:  # a budget this machine capped says so: the profile alone would not explain it
+        note = profile.memory_cap_note(facts, here) if budget_given is None else ""
+        if not note:
+            raise
+        raise PlanError(f"{exc.problem.rstrip('.')}; {note}.", exc.fix) from None
     est = estimate(shape, n_ctx, **profile_settings(profile, shape, gpu), adapter_bytes=adapter_bytes, n_seq=n_seq)
     if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
         est = replace(est, prefix_cache=asked if fixed else max(0, min(asked, (budget - est.total) // MIB * MIB)))

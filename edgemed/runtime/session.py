@@ -66,7 +66,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
         return Prepared(None, load, profile.name)
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
     plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
-                     gpu=_build_offloads())
+                     gpu=_build_offloads(), here=True)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
