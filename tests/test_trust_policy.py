@@ -183,3 +183,53 @@ def test_run_of_a_signed_model_does_not_import_the_signing_library(home, made):
             "assert 'model_signing' not in sys.modules, 'imported'")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=os.environ, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_signer_trusted_for_one_repository_cannot_replace_another_repositorys_model(home, made):
+    """`[registries."H/models"]` trusts a, `[registries."H/radiology"]` trusts b: a bundle b signed under the same name
+    in radiology replaced the model pulled from models, and run then loaded it (judged by its new origin)."""
+    shutil.copy(made["b"], home / "keys" / "b.pub.pem")
+    _policy(home, '[registries."127.0.0.1:5000/models"]\nkeys = ["keys/a.pub.pem"]\n'
+                  '[registries."127.0.0.1:5000/radiology"]\nkeys = ["keys/b.pub.pem"]\n')
+    store = Store()
+    models = f"oci://127.0.0.1:5000/models/tiny@{DIGEST}"
+    store.install(made["by-a"], origin=models)
+    before = store.record("tiny")
+    with pytest.raises(SignatureError) as exc:
+        store.install(made["by-b"], origin=f"oci://127.0.0.1:5000/radiology/ct@{DIGEST}", force=True)
+    b_id, a_id = (signing.load_public_key(made[k]).key_id for k in "ba")
+    msg = str(exc.value)
+    assert f"installed from {models}, signed by key {a_id}" in msg and f"signed by key {b_id}" in msg, msg
+    assert "--allow-signer-change" in exc.value.fix and "--name" in exc.value.fix
+    assert store.record("tiny") == before  # nothing was replaced
+    store.install(made["by-a"], origin=f"oci://127.0.0.1:5000/models/tiny:v2", force=True)  # its own signer: an update
+    # a key rotation made in trust.toml for the installed origin is an update too
+    _policy(home, '[registries."127.0.0.1:5000/models"]\nkeys = ["keys/a.pub.pem", "keys/b.pub.pem"]\n')
+    _, _, signer = store.install(made["by-b"], origin=f"oci://127.0.0.1:5000/models/tiny:v3", force=True)
+    assert signer == b_id
+
+
+def test_with_no_policy_a_signed_model_is_replaced_only_by_its_signer(edgemed_home, made):
+    """Without trust.toml, `install --force` of an unsigned bundle, or one another key signed, replaced a model that
+    was installed with its signature checked, silently. Its own signer's update needs no --key (the key recorded at
+    install checks it); a change of maker needs --allow-signer-change."""
+    assert CliRunner().invoke(cli, ["install", str(made["by-a"]), "--key", str(made["a"])]).exit_code == 0
+    out = _refused_cli("install", made["unsigned"], "--force")
+    assert "is not signed" in out and "--allow-signer-change" in out, out
+    out = _refused_cli("install", made["by-b"], "--force", "--key", made["b"])
+    assert "An installed model is replaced only by a bundle from its own signer" in out, out
+    assert Store().record("tiny")["signed_by"] == signing.load_public_key(made["a"]).key_id
+    r = CliRunner().invoke(cli, ["install", str(made["by-a"]), "--force"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["install", str(made["unsigned"]), "--force", "--allow-signer-change"])
+    assert r.exit_code == 0 and Store().record("tiny")["signed_by"] is None, r.output
+
+
+def test_key_on_the_command_line_must_also_be_trusted_by_an_existing_policy(home, made):
+    """`install --key b.pub.pem` where trust.toml trusts only a installed the model (and replaced a working version),
+    and run then refused it; now the install is refused, before anything is stored."""
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/a.pub.pem"]\n')
+    out = _refused_cli("install", made["by-b"], "--key", made["b"])
+    assert "does not trust" in out, out
+    assert _nothing_installed(home)
+    assert CliRunner().invoke(cli, ["install", str(made["by-a"]), "--key", str(made["a"])]).exit_code == 0

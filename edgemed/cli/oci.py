@@ -50,9 +50,12 @@ def push(bundle, target, insecure, as_json):
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
 @click.option("--force", is_flag=True, help="Replace an installed model of the same name (kept for `edgemed rollback`); "
               "a model that is this very bundle already is left as it is.")
+@click.option("--allow-signer-change", is_flag=True,
+              help="With --force: replace a signed model with one another signer (or nobody) signed; without it, an "
+                   "update must come from the installed model's signer or a key trust.toml trusts for its origin.")
 @click.option("--insecure", is_flag=True, help=_INSECURE)
 @json_flag("Print the result (name, origin, bytes downloaded and resumed) as JSON.")
-def pull(source, name, key, force, insecure, as_json):
+def pull(source, name, key, force, allow_signer_change, insecure, as_json):
     """Pull a model from a registry into the local store.
 
     The trust policy ($EDGEMED_HOME/trust.toml) must accept the bundle's signature, which is
@@ -65,7 +68,8 @@ def pull(source, name, key, force, insecure, as_json):
     from edgemed.packaging.oci_pull import pull as do_pull
 
     public_key = signing.load_public_key(key) if key else None
-    r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force)
+    r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force,
+                allow_signer_change=allow_signer_change)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return

@@ -18,7 +18,10 @@ from edgemed.cli import json_flag
 @click.option("--cert-chain", "cert_chain", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Require a valid certificate signature chaining to this root certificate (PEM; repeatable).")
 @click.option("--force", is_flag=True, help="Replace an installed model of the same name (the replaced version is kept: edgemed rollback NAME).")
-def install(bundle, name, key, cert_chain, force):
+@click.option("--allow-signer-change", is_flag=True,
+              help="With --force: replace a signed model with one another signer (or nobody) signed; without it, an "
+                   "update must come from the installed model's signer or a key trust.toml trusts for its origin.")
+def install(bundle, name, key, cert_chain, force, allow_signer_change):
     """Install BUNDLE (a .edgemed file or bundle directory) into the local model store.
 
     Every file is checked against the manifest as it is copied; nothing is installed
@@ -30,7 +33,8 @@ def install(bundle, name, key, cert_chain, force):
 
     public_key = signing.load_public_key(key) if key else signing.cert_roots(cert_chain) if cert_chain else None
     store = Store()
-    target, man, signer = store.install(bundle, name=name, public_key=public_key, force=force)
+    target, man, signer = store.install(bundle, name=name, public_key=public_key, force=force,
+                                        allow_signer_change=allow_signer_change)
     sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key, or list the maker's key in trust.toml)"
     if man.adapters_only:
         bases = store.models_for_base(man.base_source_sha256)

@@ -93,7 +93,7 @@ def _exclusive(root: Path) -> Iterator[None]:
 
 
 def pull(target: str, *, name: str | None = None, insecure: bool = False, public_key=None, force: bool = False,
-         store=None) -> Pulled:
+         store=None, allow_signer_change: bool = False) -> Pulled:
     """Pull ``target`` (``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``) and install it as ``name``."""
     from edgemed.packaging.store import Store
 
@@ -144,20 +144,26 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
             data = (stage / MANIFEST).read_bytes()
             man = Manifest.from_bytes(data, f"{origin} {MANIFEST}")
             oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
-            _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
+            sig, key = _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
+            target_name = check_name(name or man.name)
+            if _installed(store, target_name, data, force):
+                stats.name, stats.already_installed = target_name, True
+                _forget(fetched)
+                return stats
+            if (store.models / target_name).exists():  # an update: from the installed model's signer
+                from edgemed.packaging import trust
+
+                trust.check_update(target_name, store.record(target_name), str(origin), sig, man, data, key,
+                                   policy=trust.load(), allow_signer_change=allow_signer_change)
         except EdgemedError:  # refused: what it downloaded is not kept for a later pull to resume
             _forget(fetched)
             raise
-        target_name = check_name(name or man.name)
-        if _installed(store, target_name, data, force):
-            stats.name, stats.already_installed = target_name, True
-            _forget(fetched)
-            return stats
         rest = [x for x in layers if x not in meta]
         _check_space(root, [x for x in rest if not _in_store(store, x)])
         for x in rest:
             get(x)
-        target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin))
+        target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin),
+                                                 allow_signer_change=allow_signer_change)
         _forget(fetched)  # the store holds its own copy now
     stats.name, stats.signed_by = target_name, signer
     return stats
@@ -169,13 +175,15 @@ def _forget(fetched: list[Path]) -> None:
         p.unlink(missing_ok=True)
 
 
-def _judge(stage: Path, man: Manifest, data: bytes, origin: oci.Ref, public_key) -> None:
+def _judge(stage: Path, man: Manifest, data: bytes, origin: oci.Ref, public_key):
     """Apply the trust policy (``trust.decide``) to the manifest and signature alone: an untrusted or unsigned
-    bundle is refused before its weights are downloaded. ``Store.install`` decides again on the staged copy."""
+    bundle is refused before its weights are downloaded. ``Store.install`` decides again on the staged copy.
+    Returns (the signature, the key that verified it or None)."""
     from edgemed.packaging import signing, trust
 
-    sig = next((signing.Signature(n, (stage / n).read_bytes()) for n in SIGNATURES if (stage / n).is_file()), None)
-    trust.decide(str(origin), signing.well_formed(sig), man, data, key=public_key)
+    sig = signing.well_formed(next((signing.Signature(n, (stage / n).read_bytes()) for n in SIGNATURES
+                                    if (stage / n).is_file()), None))
+    return sig, trust.decide(str(origin), sig, man, data, key=public_key)
 
 
 def _installed(store, name: str, data: bytes, force: bool) -> bool:

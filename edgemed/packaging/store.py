@@ -293,8 +293,9 @@ class Store:
 
     # -- install ---------------------------------------------------------------------------
     def install(self, bundle: Path, *, name: str | None = None, public_key=None, force: bool = False,
-                origin: str | None = None) -> tuple[str, Manifest, str | None]:
-        """Install a bundle (tar or directory); return (name, manifest, signer key id).
+                origin: str | None = None, allow_signer_change: bool = False) -> tuple[str, Manifest, str | None]:
+        """Install a bundle (tar or directory); return (name, manifest, signer key id). Replacing a model that was
+        signed takes a bundle from its signer (``trust.check_update``) unless ``allow_signer_change``.
 
         ``origin``: where the bundle came from when that is not the local path given (``oci://HOST/REPO@sha256:...``
         for a pull); it is recorded in the index, shown by ``list``, and selects the trust policy's entry."""
@@ -329,6 +330,9 @@ class Store:
                 if man.adapters_only:  # refused here, before any weights are read: its base must be installed
                     self._check_base_installed(man, target)
                 key = trust.decide(origin, sig, man, data, key=public_key, policy=policy)  # the trust policy (trust.py)
+                if (self.models / target).exists():
+                    trust.check_update(target, self.record(target), origin, sig, man, data, key, policy=policy,
+                                       allow_signer_change=allow_signer_change)
                 if key is not None:
                     signer["key_id"] = signing.signer_id(sig) if isinstance(key, signing.CertRoots) else key.key_id
                     signer["pem"] = key.pem.decode("ascii") if isinstance(key, signing.PublicKey) else None

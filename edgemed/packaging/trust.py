@@ -144,6 +144,8 @@ def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest
     if key is not None:  # the operator named the signer for this command
         key = signing.as_public_key(key)
         signing.verify(sig, manifest, manifest_bytes, key)
+        if policy.exists:  # and the policy must trust it too: `run` applies the policy to the installed copy
+            decide(origin, sig, manifest, manifest_bytes, policy=policy)
         return key
     entry, repo = policy.entry_for(origin)
     source = origin or "a local file"
@@ -172,6 +174,47 @@ def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest
                              f"there ({entry.where} in {policy.path} trusts {trusted}).", _fix(policy, entry, repo))
     signing.verify(sig, manifest, manifest_bytes, match)
     return match
+
+
+def check_update(name: str, installed: dict | None, origin: str | None, sig: signing.Signature | None, manifest,
+                 manifest_bytes: bytes, key, *, policy: Policy, allow_signer_change: bool = False) -> None:
+    """Replacing the installed ``name`` (its index record ``installed``): a model that was signed is replaced only by
+    a bundle its signer signed, or one a key that the installed model's own origin trusts signed (a rotation made in
+    trust.toml). Otherwise a signer trusted for one repository, or a bundle of the same name from another maker,
+    would replace it. ``key``: what ``decide`` verified the new bundle with (None: nothing). ``allow_signer_change``
+    (``--allow-signer-change``): the operator means to change the model's maker."""
+    if not installed or not (installed.get("signer_key") or installed.get("signed_by")):
+        return  # an unsigned model: there is no signer to continue
+    old_pem, old_id = installed.get("signer_key"), installed.get("signed_by")
+    new_id = signing.signer_id(sig) if sig is not None else None
+    if sig is not None and isinstance(key, signing.CertRoots) and new_id == old_id:
+        return  # certificate mode: the same signing identity, its chain checked by decide
+    if sig is not None and old_pem:
+        old_key = signing.public_key_from_pem(old_pem.encode("ascii"), Path(f"the key '{name}' was signed with"))
+        if isinstance(key, signing.PublicKey) and key.pem.decode("ascii") == old_pem:
+            return
+        try:
+            signing.verify(sig, manifest, manifest_bytes, old_key)
+            return  # the installed model's own signer signed this one
+        except SignatureError:
+            pass
+    if sig is not None and policy.exists:
+        try:  # a signer the installed model's origin trusts (the clinic rotated the key in trust.toml)
+            if decide(installed.get("origin"), sig, manifest, manifest_bytes, policy=policy) is not None:
+                return
+        except SignatureError:
+            pass
+    if allow_signer_change:
+        return
+    was = installed.get("origin") or installed.get("source") or "an earlier install"
+    now = (f"signed by key {new_id}" if key is not None else f"signed by key {new_id}, not checked") if sig is not None \
+        else "not signed"
+    raise SignatureError(
+        f"'{name}' is installed from {was}, signed by key {old_id}; this bundle from {origin or 'a local file'} is {now}. "
+        "An installed model is replaced only by a bundle from its own signer.",
+        f"if a new maker for '{name}' is intended, pass --allow-signer-change (the replaced version is kept for "
+        f"`edgemed rollback {name}`); if its maker changed keys, add the new key to {policy.path} under the entry for "
+        f"{was}; otherwise install it under another name (--name)")
 
 
 def check_installed(record: dict, sig: signing.Signature | None, manifest, manifest_bytes: bytes) -> None:
