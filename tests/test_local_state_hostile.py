@@ -196,3 +196,32 @@ def test_our_own_lock_name_taken_by_something_else_gets_another_id(tmp_path, kin
     assert left == [taken.name]  # our stand-in lock went with the write
     with debris.owned(tmp_path) as owner:
         assert owner != debris._me.token and debris.debris_path(tmp_path, "x").name.count(owner) == 1
+
+
+def test_the_verified_digest_cache_of_another_shape_or_kind_is_not_trusted_nor_waited_on(tmp_path, caplog):
+    """verified-cache.json holding an entry of another shape made `verify NAME` a traceback (AttributeError), and a
+    FIFO in its place made `edgemed list` hang; a digest that is not one is no hit either."""
+    from edgemed.packaging.digest import VerifiedCache
+
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    st = os.stat(f)
+    from edgemed.packaging.digest import _stamp
+
+    path = tmp_path / "verified-cache.json"
+    for entry in ("x", {"stamp": "nope"}, {"stamp": _stamp(st), "sha256": 7}, {"stamp": _stamp(st), "sha256": "../x"}):
+        path.write_text(json.dumps({"entries": {str(f): entry}}))
+        assert VerifiedCache(path).lookup(f, st) is None, entry
+    good = "ab" * 32
+    path.write_text(json.dumps({"entries": {str(f): {"stamp": _stamp(st), "sha256": good}}}))
+    assert VerifiedCache(path).lookup(f, st) == good
+    path.unlink()
+    os.mkfifo(path)
+    code = (f"from edgemed.packaging.digest import VerifiedCache as V\nc = V(__import__('pathlib').Path({str(path)!r}))\n"
+            "c.entries['k'] = {}; c.dirty = True; c.save(); print(len(c.entries))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO in place of the verified cache hung")
+    assert proc.returncode == 0 and proc.stdout.strip() == "1" and "left alone" in proc.stderr, proc.stderr
+    assert path.is_fifo()  # not ours: never replaced

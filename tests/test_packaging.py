@@ -18,12 +18,12 @@ from click.testing import CliRunner
 
 import bundle_kit as kit
 from edgemed.cli import cli
-from edgemed.errors import IntegrityError, SignatureError, StoreError
+from edgemed.errors import InputError, IntegrityError, SignatureError, StoreError
 from edgemed.files.hashing import file_sha256
 from edgemed.packaging import digest, signing
 from edgemed.packaging.bundle import PackInputs, pack, verify_dir
 from edgemed.packaging.digest import VerifiedCache
-from edgemed.packaging.ref import runnable
+from edgemed.packaging.ref import resolve, runnable
 from edgemed.packaging.store import Store
 
 
@@ -438,6 +438,24 @@ def test_run_resolves_paths_and_names(tmp_path, src):
     t = _pack(src, tmp_path / "b.edgemed")
     r = _run("run", t, "--prompt", "hi")
     assert r.exit_code == 1 and f"edgemed install {t}" in r.output
+
+
+def test_a_file_named_like_an_installed_model_is_never_run_in_its_place(tmp_path, src, edgemed_home, monkeypatch):
+    """`edgemed run tiny` in a folder holding a file called `tiny` loaded that file: unverified, past the trust policy
+    that the installed `tiny` is held to. The bare name is refused as ambiguous; ./tiny names the file."""
+    Store().install(_pack(src, tmp_path / "b", as_dir=True))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tiny").write_bytes(src["model"].read_bytes())
+    monkeypatch.chdir(work)
+    with pytest.raises(InputError, match="names both an installed model and a file") as exc:
+        runnable("tiny")
+    assert "./tiny" in exc.value.fix
+    assert runnable("./tiny").kind == "file" and runnable(str(work / "tiny")).kind == "file"
+    monkeypatch.chdir(tmp_path)
+    assert runnable("tiny").kind == "store"
+    (tmp_path / "other").write_text("x")
+    assert resolve("other").kind == "file"  # a bare name nothing is installed under stays a path
 
 
 def test_every_bundle_role_travels_as_a_modelpack_layer_type():

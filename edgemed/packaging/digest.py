@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -25,12 +26,14 @@ from edgemed import env
 from edgemed.files.atomic import write_text
 from edgemed.files.hashing import BLOCK, file_sha256
 from edgemed.errors import EdgemedError, IntegrityError
-from edgemed.formats.nesting import loads_json
 
 log = logging.getLogger(__name__)
 
 RACY_S = 2.0
 CACHE_NAME = "verified-cache.json"
+#: The cache's size bound: about 200 bytes an entry, so far more files than a device's store holds
+MAX_CACHE_BYTES = 64 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def copy_hashed(src: BinaryIO, dst: BinaryIO | None, size: int, name: str) -> str:
@@ -61,20 +64,25 @@ class VerifiedCache:
     """Digests of files hashed in full, keyed by absolute path and guarded by their stat stamp."""
 
     def __init__(self, path: Path | None = None):
+        from edgemed.files.state import load
+
         self.path = path or env.home() / CACHE_NAME
-        self.entries: dict[str, dict] = {}
         self.dirty = False
-        try:
-            raw = loads_json(self.path.read_text(encoding="utf-8"))
-            if isinstance(raw, dict) and isinstance(raw.get("entries"), dict):
-                self.entries = raw["entries"]
-        except (OSError, ValueError):
-            pass  # no cache, or a damaged one: everything is re-hashed, which is always safe
+        # A missing, damaged or foreign cache counts as empty: everything is re-hashed, which is always safe. Read
+        # as every state file is (a regular file, bounded, never blocking on a FIFO); a foreign object there is
+        # never replaced.
+        raw, self.writable = load(
+            self.path, MAX_CACHE_BYTES, lambda d: isinstance(d, dict) and isinstance(d.get("entries"), dict),
+            "verified digests",
+            lambda why: log.warning("the verified cache '%s' %s; every file is hashed in full", self.path, why),
+            lambda why: log.warning("the verified cache '%s' %s; it counts as empty and is rewritten", self.path, why))
+        self.entries: dict[str, dict] = raw.get("entries", {}) if raw else {}
 
     def lookup(self, path: Path, st: os.stat_result) -> str | None:
-        e = self.entries.get(str(path))
-        if e and e.get("stamp") == _stamp(st):
-            return e.get("sha256")
+        e = self.entries.get(str(path))  # an entry of another shape (the file was edited) is no hit
+        if isinstance(e, dict) and e.get("stamp") == _stamp(st) and isinstance(e.get("sha256"), str) \
+                and _SHA256.fullmatch(e["sha256"]):
+            return e["sha256"]
         return None
 
     def record(self, path: Path, st: os.stat_result, digest: str) -> None:
@@ -93,7 +101,7 @@ class VerifiedCache:
     def save(self) -> None:
         """Write the cache, if anything changed. A cache that cannot be written (a read-only store, a full disk)
         costs only speed, the next check re-hashes, so that is a warning, never a failed check."""
-        if not self.dirty:
+        if not self.dirty or not self.writable:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,12 +55,28 @@ def _is_path_text(text: str) -> bool:
     return os.sep in text or "/" in text or text.endswith(_PATH_SUFFIXES)
 
 
+def _installed_too(text: str) -> bool:
+    """Whether ``text``, which exists as a path, is also written as an installed model's name: a file of that name
+    in the working folder would otherwise load in its place, past the store's verification and trust policy."""
+    from edgemed.packaging.manifest import NAME_RE
+
+    if _is_path_text(text) or not NAME_RE.fullmatch(text):
+        return False
+    from edgemed import env
+
+    return (Path(env.store_dir()) / "models" / text).is_dir()
+
+
 def resolve(arg: str | Path) -> ModelRef:
     """Classify ``arg`` (see the module docstring); reads at most a tar header."""
     from edgemed.packaging.archive import is_tar
 
     p = Path(arg)
     if p.exists():
+        if _installed_too(str(arg)):  # the bare name of a model in the store: the path must be written as one
+            raise InputError(f"'{arg}' names both an installed model and a file or folder in this folder.",
+                             f"pass ./{arg} for the file, or run from another folder for the installed model "
+                             "(edgemed never guesses which of the two to load)")
         if p.is_dir() and (p / MANIFEST).exists():
             return ModelRef(DIRECTORY, p, p.name)
         if is_tar(p):
