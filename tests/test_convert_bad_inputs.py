@@ -153,13 +153,40 @@ def test_optional_biases_are_kept(models, tmp_path):
     assert {"blk.0.attn_q.bias", "blk.0.ffn_up.bias"} <= names
 
 
-def test_tied_embeddings_leave_a_stored_lm_head_out(models, tmp_path):
-    """tie_word_embeddings true with an lm_head.weight stored: Hugging Face computes with the embedding, and so does
-    the GGUF (no output.weight). It used to carry the stored head, and the parity gate called that a converter bug."""
+@pytest.mark.parametrize("route", ["gguf", "onnx", "check"])
+def test_tied_embeddings_beside_a_different_stored_head_are_refused(models, tmp_path, route):
+    """tie_word_embeddings true with an lm_head.weight that is not the embedding: transformers keeps that head
+    untied and computes with it, while the GGUF and the parity reference used the embedding, so a conversion of
+    another model passed its gate. Refused before any output, on both routes and by `check`."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")  # untied: its lm_head.weight is its own random matrix
+    _edit_json(ckpt / "config.json", lambda c: c | {"tie_word_embeddings": True})
+    hf = AutoModelForCausalLM.from_pretrained(ckpt)  # the premise: Hugging Face computes with the stored head
+    assert not hf.lm_head.weight.equal(hf.model.embed_tokens.weight)
+    out = tmp_path / "out"
+    out.mkdir()
+    if route == "check":
+        gguf = tmp_path / "x.gguf"
+        assert _convert(models["llama"], "--quant", "f16", "--no-parity", "-o", gguf).exit_code == 0
+        result = CliRunner().invoke(cli, ["check", str(ckpt), str(gguf)])
+    elif route == "onnx":
+        pytest.importorskip("onnx")
+        result = _convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", out / "onnx")
+    else:
+        result = _convert(ckpt, "--quant", "f16", "-o", out / "x.gguf")
+    _refused(result, "lm_head.weight", "model.embed_tokens.weight", '"tie_word_embeddings": false', "remove lm_head.weight")
+    assert list(out.iterdir()) == []
+
+
+def test_tied_embeddings_beside_a_stored_head_equal_to_the_embedding_convert(models, tmp_path):
+    """A stored head equal to the embedding (as torch's .bin files store a tied one) is the same model however it
+    is read: converted, without output.weight, and it passes the gate."""
     from edgemed.formats.gguf_header import read_header
 
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
     _edit_json(ckpt / "config.json", lambda c: c | {"tie_word_embeddings": True})
+    _edit_tensors(ckpt, lambda t: t | {"lm_head.weight": t["model.embed_tokens.weight"].clone()})
     result = _convert(ckpt, "--quant", "f16", "-o", tmp_path / "x.gguf")
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output

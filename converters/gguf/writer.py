@@ -18,7 +18,7 @@ from pathlib import Path
 from edgemed import __version__
 from edgemed.constants import GGUF_TYPES
 from edgemed.converters.arch.base import ArchSpec, llama3_rope_factors
-from edgemed.converters.source.checkpoint import Checkpoint
+from edgemed.converters.source.checkpoint import Checkpoint, check_stored_head
 from edgemed.converters.gguf.tokenizer import VocabPlan, write_vocab
 from edgemed.errors import CheckpointError, require
 
@@ -63,9 +63,9 @@ def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[Planne
             )
         kind, gguf_name = found
         if tied and gguf_name == "output.weight":
-            # Hugging Face loading ties the LM head to the embedding and never reads a stored one; the GGUF does the
-            # same (no output.weight: llama.cpp then uses the embedding), so both compute one model.
-            log.info("config.json ties the word embeddings: %s is not used, as in Hugging Face loading", hf_name)
+            # the GGUF computes with the embedding (no output.weight: llama.cpp then uses token_embd); that is the
+            # model Hugging Face loads only where the stored head equals the embedding (check_stored_head, below)
+            log.info("config.json ties the word embeddings: %s, equal to the embedding, is not written", hf_name)
             continue
         shape = ckpt.tensors[hf_name].shape
         ggml_type = weight_type if len(shape) >= 2 else gguf.GGMLQuantizationType.F32
@@ -74,6 +74,7 @@ def plan_tensors(ckpt: Checkpoint, spec: ArchSpec, out_type: str) -> list[Planne
     if "token_embd.weight" not in names:
         raise CheckpointError("The checkpoint has no token embedding tensor.", "copy every shard of the checkpoint")
     _check_shapes(ckpt, spec, planned, n_blocks, tied)
+    check_stored_head(ckpt, tied)  # last: the one check here that reads tensor data, not headers
     if llama3_rope_factors(ckpt) is not None:
         factors = llama3_rope_factors(ckpt)
         planned.append(

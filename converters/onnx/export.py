@@ -29,7 +29,8 @@ from edgemed.constants import ONNX_OUTPUT_TYPES
 from edgemed.formats.conversion_report import ConversionReport, report_path
 from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.budget import peaks as budget
-from edgemed.converters.source.checkpoint import Checkpoint
+from edgemed.converters.arch.base import tied_embeddings
+from edgemed.converters.source.checkpoint import Checkpoint, check_stored_head
 from edgemed.converters.source.source import Source
 from edgemed.converters.route import RouteOptions, Timings
 from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
@@ -73,7 +74,8 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
     timings = Timings()
 
     ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)  # the one source every step below reads
-    arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
+    spec = arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
+    check_stored_head(ckpt, tied_embeddings(ckpt, spec))  # from_pretrained would compute with another head than the GGUF
     from edgemed.converters.onnx.assets import check_assets
 
     check_assets(ckpt.path, ckpt.config)  # tokenizer.json and generation config, before minutes of export

@@ -21,7 +21,7 @@ import bisect
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edgemed.converters.source.checkpoint import Checkpoint, TensorRef
+from edgemed.converters.source.checkpoint import Checkpoint, TensorRef, check_stored_head
 from edgemed.converters.source.source import Source, as_source
 from edgemed.errors import CheckpointError
 
@@ -58,6 +58,9 @@ class LayeredModel:
         self.head_name = EMBED if self.config.tie_word_embeddings else HEAD
         for name in (EMBED, self.head_name):
             self._ref(name)
+        # the head read below is the embedding only where from_pretrained ties them too (`edgemed check` and library
+        # callers reach here without the converters' up-front check)
+        check_stored_head(ckpt, bool(self.config.tie_word_embeddings))
 
     @classmethod
     def open(cls, source: "Source | Checkpoint | Path", **kw) -> "LayeredModel":
@@ -98,18 +101,7 @@ class LayeredModel:
 
     def _rows(self, ref: TensorRef, lo: int, hi: int):
         """Rows ``[lo, hi)`` of a 2-D tensor, read without the rest of the table (a fresh mapping per block)."""
-        import torch
-
-        if self.ckpt.pickle_files:
-            return torch.load(ref.file, map_location="cpu", weights_only=True, mmap=True)[ref.name][lo:hi].clone()
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(ref.file), framework="pt") as handle:
-                return handle.get_slice(ref.name)[lo:hi]
-        except Exception as exc:  # safetensors raises its own types for corrupt data
-            raise CheckpointError(f"Cannot read rows {lo}-{hi} of '{ref.name}' from '{ref.file}': {exc}.",
-                                  "re-copy the shard; it is corrupt") from exc
+        return self.ckpt.read_rows(ref.name, lo, hi)
 
     def blocks(self, name: str, adapted: str | None, wanted: list[int] | None = None) -> Iterator[tuple[int, object]]:
         """``(first row, float32 block)`` over the table ``name``; ``adapted`` names whose LoRA applies; only

@@ -434,6 +434,23 @@ class Checkpoint:
         require_hf_layout(self.path, self.pickle_files)
         return AutoModelForCausalLM.from_pretrained(self.path, use_safetensors=not self.pickle_files, **kw)
 
+    def read_rows(self, name: str, lo: int, hi: int):
+        """Rows ``[lo, hi)`` of the 2-D tensor ``name``, read without the rest of the table (a fresh mapping per
+        call, so the pages of a large embedding do not pile up in the resident set)."""
+        import torch
+
+        ref = self.tensors[name]
+        if self.pickle_files:
+            return torch.load(ref.file, map_location="cpu", weights_only=True, mmap=True)[name][lo:hi].clone()
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(ref.file), framework="pt") as handle:
+                return handle.get_slice(name)[lo:hi]
+        except Exception as exc:  # safetensors raises its own types for corrupt data
+            raise CheckpointError(f"Cannot read rows {lo}-{hi} of '{name}' from '{ref.file}': {exc}.",
+                                  "re-copy the shard; it is corrupt") from exc
+
     def weight_files(self) -> list[Path]:
         return sorted({ref.file for ref in self.tensors.values()})
 
@@ -477,6 +494,50 @@ class Checkpoint:
                 yield name, tensor
         finally:
             by_file.clear()
+
+
+#: The token embedding and the LM head, by their Hugging Face names in the decoders edgemed converts.
+EMBEDDING_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
+_COMPARE_BLOCK_BYTES = 64 * 2**20  # one float32 row block of each table at a time: a 7B's head is a GiB or more
+
+
+def check_stored_head(ckpt: Checkpoint, tied: bool) -> None:
+    """Refuse tied embeddings (``tied``) beside a stored ``lm_head.weight`` that is not the embedding.
+
+    With tied embeddings the GGUF leaves the stored head out (llama.cpp then computes with the embedding) and the
+    parity reference reads the embedding as the head. Transformers ties the two only when they are equal: a
+    different stored head is kept and used, so the GGUF, the ONNX export (from_pretrained) and the reference
+    would compute different models, and the parity gate compared one with itself. A head equal to the embedding
+    (as torch's own ``.bin`` files store it) is the same model every way and passes. Reads both tables, a row
+    block at a time; only checkpoints holding both pay for it."""
+    if not tied or HEAD_NAME not in ckpt.tensors or EMBEDDING_NAME not in ckpt.tensors:
+        return
+    if _same_values(ckpt, EMBEDDING_NAME, HEAD_NAME):
+        return
+    raise CheckpointError(
+        f"{ckpt.path / 'config.json'} ties the LM head to the token embedding (tie_word_embeddings is "
+        f"{json.dumps(ckpt.config.get('tie_word_embeddings'))}), but the weights also hold an {HEAD_NAME} that differs "
+        f"from {EMBEDDING_NAME}: Hugging Face loading then computes with the stored head, while a GGUF and edgemed's "
+        "parity reference compute with the embedding, so the output would be another model than the source.",
+        f"set \"tie_word_embeddings\": false in config.json to use the stored head, or remove {HEAD_NAME} from the "
+        "weights to use the embedding",
+    )
+
+
+def _same_values(ckpt: Checkpoint, a: str, b: str) -> bool:
+    """Whether tensors ``a`` and ``b`` hold the same values (compared as float32: exact for F16, BF16 and F32)."""
+    import torch
+
+    shape = ckpt.tensors[a].shape
+    if shape != ckpt.tensors[b].shape or len(shape) != 2:
+        return False
+    rows, cols = shape
+    step = max(1, _COMPARE_BLOCK_BYTES // (4 * max(1, cols)))
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        if not torch.equal(ckpt.read_rows(a, lo, hi).to(torch.float32), ckpt.read_rows(b, lo, hi).to(torch.float32)):
+            return False
+    return True
 
 
 def as_checkpoint(source: "Checkpoint | Path | str", *, allow_pickle: bool = False) -> Checkpoint:
