@@ -311,6 +311,25 @@ def test_fast_path_reuses_digests_but_sees_same_size_rewrites(tmp_path, src, mon
 
 
 # -- store ------------------------------------------------------------------------------------
+def test_an_install_from_a_very_deep_folder_is_whole(tmp_path, src, edgemed_home, monkeypatch):
+    """A bundle whose absolute path passed 4,096 characters installed, then the store set aside the journal it had
+    just written (its record's 'source' too long to be one edgemed writes): `list` showed the old version, `verify`
+    failed and the old copy was stranded. The source is shortened at its start instead."""
+    b = _pack(src, tmp_path / "b.edgemed")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(18):  # ~4,300 characters, reached one folder at a time (PATH_MAX bounds a single call)
+        os.mkdir("d" * 240)
+        os.chdir("d" * 240)
+    os.link(b, "b.edgemed")
+    assert len(str(Path("b.edgemed").absolute())) > 4096
+    store = Store()
+    name, _, _ = store.install(Path("b.edgemed"))
+    rec = store.record(name)
+    assert rec["source"].startswith("...") and len(rec["source"]) == 4096 and rec["source"].endswith("/b.edgemed")
+    assert store.verify(name).manifest.name == "tiny"
+    assert not list(store.tmp.iterdir()) and not list(store.root.glob("journal.rejected-*"))
+
+
 def test_install_list_remove_shares_identical_files(tmp_path, src, edgemed_home):
     a = _pack(src, tmp_path / "a.edgemed", name="alpha")
     b = _pack(src, tmp_path / "b.edgemed", name="beta")  # same GGUF, LICENSE and card: same blobs

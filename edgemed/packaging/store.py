@@ -73,7 +73,7 @@ from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
 from edgemed.packaging.manifest import MANIFEST, FileEntry, Manifest, check_name
 from edgemed.packaging.store_files import (SHA256, Damaged, aside_of, is_model_copy, manifest_sha256, read_index, read_journal,
-                                           set_aside, split_index, valid_name, warn_legacy)
+                                           record_problem, set_aside, split_index, valid_name, warn_legacy)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,15 @@ def _summary(rec: dict | None) -> dict | None:
         return None
     return {"version": rec.get("version"), "digest": "sha256:" + rec["manifest_sha256"], "signed_by": rec["signed_by"],
             "origin": rec.get("origin") or rec["source"], "installed": rec["installed"]}
+
+
+#: ``source`` in an index record holds at most this many characters (``store_files``): a longer path is shortened
+#: at its start, which only names where the bundle was
+_MAX_SOURCE = 4096
+
+
+def _source_text(text: str) -> str:
+    return text if len(text) <= _MAX_SOURCE else "..." + text[-(_MAX_SOURCE - 3):]
 
 
 class Store:
@@ -356,11 +365,15 @@ class Store:
                     (stage / sig.file).write_bytes(sig.data)
                 target = check_name(name or man.name)
                 self._dedupe(stage, man)
-                record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": origin or str(bundle.absolute()),
+                record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": _source_text(origin or str(bundle.absolute())),
                           "signed_by": signer.get("key_id"), "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "origin": origin, "version": _version(man), "signer_key": signer.get("pem"),
                           "signature_sha256": hashlib.sha256(sig.data).hexdigest() if sig is not None else None}
                 record["previous"] = self._previous_of(target, record["manifest_sha256"])
+                problem = record_problem(record, exact=True)
+                if problem is not None:  # the journal would be set aside as not edgemed's, and the old version lost
+                    raise StoreError(f"The store record for '{target}' would not be valid: {problem}.",
+                                     "install from a shorter path (move the bundle), or report this as a bug")
                 aside = debris_path(self.tmp, f"old-{target}")
                 write_text(self.journal_path, json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
