@@ -144,3 +144,18 @@ def test_damaged_manifest_json_is_refused(tmp_path):
     t = _tar(tmp_path / "y.edgemed", _member("manifest.json", json.dumps(newer).encode()), _member("model/m.gguf", PAYLOAD))
     with pytest.raises(IntegrityError, match="upgrade edgemed"):
         read_tar(t, hash_sink)
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME], ids=["pax", "gnu-longname"])
+def test_a_huge_extended_header_is_refused_before_it_is_read(tmp_path, edgemed_home, kind):
+    """tarfile reads a PAX (or GNU long-name) header whole into memory: a sparse 4 KB-on-disk bundle declaring a
+    300 MiB one cost twice that in RAM before any check of ours, in install, inspect and verify alike."""
+    bundle = tmp_path / "bomb.edgemed"
+    with open(bundle, "wb") as fh:
+        fh.write(_member("././@LongHeader", kind=kind, size=300 << 20))
+        fh.seek((300 << 20) + 2048, 1)  # a hole: zeros the file system does not store
+        fh.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+    for args in (["install"], ["inspect"], ["verify"]):
+        r = CliRunner().invoke(cli, [*args, str(bundle)], catch_exceptions=False)
+        assert r.exit_code == 1 and "declares an extended tar header of 314,572,800 bytes" in r.output, (args, r.output)
+    assert list(Store().models.iterdir()) == []

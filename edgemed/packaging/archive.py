@@ -99,9 +99,26 @@ def _refuse_type(m: tarfile.TarInfo, where: Path) -> None:
 Sink = Callable[[FileEntry, BinaryIO], str]
 
 
+#: The largest extended header (PAX or GNU long name) a bundle may hold: edgemed writes a few hundred bytes.
+MAX_EXTENDED_HEADER = 64 << 10
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """A member header whose extended header is refused above ``MAX_EXTENDED_HEADER`` before tarfile reads it: it
+    reads such a header whole into memory, so a sparse file declaring gigabytes there cost that much RAM before
+    any check of ours ran."""
+
+    def _proc_member(self, tf):
+        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
+            raise UnsafeArchive(f"'{tf.name}' declares an extended tar header of {self.size:,} bytes (at most "
+                                f"{MAX_EXTENDED_HEADER:,}).", _FIX)
+        return super()._proc_member(tf)
+
+
 def _open(path: Path) -> tarfile.TarFile:
     try:
-        return tarfile.open(path, "r|")  # stream mode, uncompressed only
+        return tarfile.open(path, "r|", tarinfo=_BoundedInfo)  # stream mode, uncompressed only
     except tarfile.ReadError:
         raise UnsafeArchive(f"'{path}' is not an uncompressed tar bundle.", "pass a .edgemed file made by `edgemed pack` (not gzip'd)") from None
     except OSError as exc:
