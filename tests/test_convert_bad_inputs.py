@@ -533,6 +533,29 @@ def test_disk_full_without_root(models, tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
+def _snapshot(folder: Path) -> dict:
+    """Every entry under ``folder`` by relative path: a file's bytes, a folder's None."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["gguf in the checkpoint", "onnx in the checkpoint", "gguf in the adapter"])
+def test_an_output_inside_the_checkpoint_or_adapter_folder_is_refused(models, tmp_path, case):
+    """-o inside the folder being converted used to be written there: a GGUF named model-extra.safetensors then
+    broke the next conversion of that checkpoint as a corrupt shard. Refused before any work, --force or not."""
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    lora = _copy(models["lora"], tmp_path / "lora")
+    if case == "gguf in the checkpoint":
+        watched, args = ckpt, [ckpt, "--quant", "f16", "--no-parity", "-o", ckpt / "model-extra.safetensors"]
+    elif case == "onnx in the checkpoint":
+        pytest.importorskip("onnx")
+        watched, args = ckpt, [ckpt, "--to", "onnx", "--quant", "fp32", "--no-parity", "--force", "-o", ckpt / "o"]
+    else:
+        watched, args = lora, [ckpt, "--lora", lora, "--quant", "f16", "--no-parity", "-o", lora / "o.gguf"]
+    before = _snapshot(watched)
+    _refused(_convert(*args), "is inside the", f"folder '{watched}'", "never writes into its own input")
+    assert _snapshot(watched) == before
+
+
 def test_threads_must_be_positive(models, tmp_path):
     result = _convert(models["llama"], "--threads", "0", "-o", tmp_path / "x.gguf")
     assert result.exit_code == 2 and "--threads" in result.output

@@ -116,12 +116,17 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
 def _refuse_own_inputs(output: Path, source: Path, lora, *more, kind: str | None = None) -> None:
     """``-o`` must not be (nor, for a directory output, hold) a file the conversion reads: the checkpoint's, the
-    adapter's, or another input's (``more``: (what, path) pairs); --force replaces outputs, never inputs."""
+    adapter's, or another input's (``more``: (what, path) pairs); --force replaces outputs, never inputs. Nor may it
+    lie inside the checkpoint's or the adapter's folder: every later read of that folder would take the output (and
+    its report) for part of the model, a GGUF named *.safetensors for a corrupt shard."""
     from edgemed.files.atomic import refuse_input_as_output
 
     inputs = [(f"the checkpoint's {p.name}", p) for p in _files(source)]
     inputs += [(f"the adapter's {p.name}", p) for p in _files(Path(lora))] if lora else []
     refuse_input_as_output(output, inputs + [(what, Path(p)) for what, p in more if p is not None], kind)
+    # second, so that an output that is one of the files (or the folder itself) is refused by that more precise name
+    folders = [("the checkpoint folder", source)] + ([("the adapter folder", Path(lora))] if lora else [])
+    refuse_input_as_output(output, folders, kind)
 
 
 def _files(folder: Path) -> list[Path]:
