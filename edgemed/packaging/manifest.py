@@ -50,8 +50,14 @@ def check_name(name: str) -> str:
     return name
 
 
+#: Folders a bundle path may nest (edgemed writes at most 2: model/x.gguf, adapters/y.gguf); a deeper path costs
+#: every check that walks its parents and is not one edgemed makes
+MAX_PATH_DEPTH = 16
+
+
 def check_relpath(name: str, where: str = "bundle") -> str:
-    """A file name inside a bundle: relative, POSIX, no '..', no drive, no control characters."""
+    """A file name inside a bundle: relative, POSIX, no '..', no drive, no control characters, at most
+    ``MAX_PATH_DEPTH`` components."""
     parts = name.split("/")
     bad = (
         not name
@@ -61,6 +67,7 @@ def check_relpath(name: str, where: str = "bundle") -> str:
         or re.match(r"^[A-Za-z]:", name)
         or any(p in ("", ".", "..") for p in parts)
         or len(name) > 1024
+        or len(parts) > MAX_PATH_DEPTH
     )
     if bad:
         kind = "an absolute path" if name.startswith("/") or re.match(r"^[A-Za-z]:", name or "") else "an unsafe path"
@@ -203,12 +210,16 @@ class Manifest:
             if key in seen:
                 raise IntegrityError(f"{source}: '{f.path}' is listed twice.", "get a fresh copy of the bundle")
             seen.add(key)
-        for key in seen:  # a file may not also be a directory ("model" and "model/x.gguf")
-            parent = PurePosixPath(key).parent
-            while str(parent) != ".":
-                if str(parent) in seen:
-                    raise IntegrityError(f"{source}: '{parent}' is listed both as a file and as a directory.", "get a fresh copy of the bundle")
-                parent = parent.parent
+        folders: set[str] = set()  # every folder a listed path needs, each added once
+        for key in seen:
+            cut = key.rfind("/")
+            while cut > 0 and key[:cut] not in folders:
+                folders.add(key[:cut])
+                cut = key.rfind("/", 0, cut)
+        both = folders & seen  # a file may not also be a directory ("model" and "model/x.gguf")
+        if both:
+            raise IntegrityError(f"{source}: '{min(both)}' is listed both as a file and as a directory.",
+                                 "get a fresh copy of the bundle")
         for (section, key), (check, expected) in _FIELD_CHECKS.items():
             table = getattr(self, section)
             if key in table and not check(table[key]):
@@ -224,6 +235,7 @@ class Manifest:
         it was made for; a bundle with no model names that base once, and every adapter is for it."""
         bad = "get a fresh copy of the bundle"
         names: set[str] = set()
+        by_path = {f.path: f for f in self.files}
         only = self.model.get("format") == ADAPTERS_ONLY
         base = self.model.get("base_source_sha256") if only else (self.provenance.get("source_sha256") or None)
         if only and not (isinstance(base, str) and _HEX64.match(base)):
@@ -237,7 +249,7 @@ class Manifest:
             if not NAME_RE.fullmatch(a["name"]) or a["name"] in names:
                 raise IntegrityError(f"{source}: the adapter name {_short(a['name'])} is invalid or listed twice.", bad)
             names.add(a["name"])
-            f = self.entry(a["path"])
+            f = by_path.get(a["path"])
             if f is None or f.role != "adapter" or f.sha256 != a.get("sha256") or f.size != a.get("size"):
                 raise IntegrityError(f"{source}: adapter '{a['name']}' names {_short(a['path'])}, which is not a listed "
                                      "adapter file of that size and sha256.", bad)
@@ -245,7 +257,8 @@ class Manifest:
             if not (isinstance(made_for, str) and _HEX64.match(made_for)) or (base is not None and made_for != base):
                 raise IntegrityError(f"{source}: adapter '{a['name']}' was made for the base {_short(made_for)}, not this "
                                      f"bundle's base {_short(base)}.", bad)
-        stray = [f.path for f in self.files if f.role == "adapter" and f.path not in {a["path"] for a in self.adapters}]
+        named = {a["path"] for a in self.adapters}
+        stray = [f.path for f in self.files if f.role == "adapter" and f.path not in named]
         if stray:
             raise IntegrityError(f"{source}: '{stray[0]}' has the role 'adapter' but no adapter entry names it.", bad)
 
