@@ -22,6 +22,8 @@ EXPECTED = {
     "jetson-orin-nx-16gb": ("jetson-orin-nx-16gb", ["8 cores", "JetPack 6.0", "MAXN mode"]),
     "jetson-agx-orin-32gb": ("jetson-agx-orin-32gb", ["8 cores", "JetPack 5.1.2", "50W mode"]),
     "jetson-agx-orin-64gb": ("jetson-agx-orin-64gb", ["12 cores", "JetPack 6.2"]),
+    # Docker masks /sys/firmware, so /proc/device-tree: no model string, and the generic CPU profile was picked
+    "jetson-in-container": ("jetson", ["6 cores", "JetPack 6.1"]),
     "apple-m1": ("apple-m1", ["8 cores"]),
     "apple-m2": ("apple-m2", ["12 cores"]),
     "apple-m3": ("apple-m3", ["16 cores"]),
@@ -294,8 +296,16 @@ def test_user_profile_is_added_and_wins_detection(tmp_path, monkeypatch):
     assert choose(detect(FIXTURES / "x86-avx512")).name == "x86-avx512"
 
 
+def test_a_platform_that_is_not_one_is_refused_in_a_profile(tmp_path, monkeypatch):
+    """`platform = "X86"` passed the schema and matched nothing, so its profile was never picked, without a word."""
+    text = (FIXTURES.parent.parent.parent / "device_profiles" / "x86-avx2.toml").read_text()
+    _user_profile(tmp_path, monkeypatch, "x86-avx2", text.replace('platform = "x86"', 'platform = "X86"'))
+    with pytest.raises(ProfileError, match="match.platform.*one of 'jetson', 'apple', 'x86', 'generic', 'any'"):
+        load_profiles()
+
+
 def test_no_profile_matches_without_generic():
     facts = Facts(platform="jetson", model="Jetson Xavier", memory_bytes=4 * GIB)
-    profiles = {k: v for k, v in load_profiles().items() if k != "generic"}
+    profiles = {k: v for k, v in load_profiles().items() if k not in ("generic", "jetson")}
     with pytest.raises(ProfileError, match="--profile"):
         choose(facts, profiles)

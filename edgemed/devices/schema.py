@@ -80,7 +80,8 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("", "description"): (_str, True),
     ("", "priority"): (_int(0, MAX_PRIORITY), True),
     ("", "recommended_quant"): (_str, True),
-    ("match", "platform"): (_str, True),
+    # the probes' platforms (detect.PROBES), or "any": a typo would match nothing, silently
+    ("match", "platform"): (_one_of("jetson", "apple", "x86", "generic", "any"), True),
     ("match", "model_contains"): (_str_list, False),
     ("match", "cpu_flags"): (_str_list, False),
     ("match", "min_memory_gb"): (_num(), False),
