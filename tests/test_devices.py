@@ -172,6 +172,31 @@ def test_cpu_limits_that_are_not_limits_or_not_numbers_change_nothing(tmp_path):
     assert cpu_limit(Host(tmp_path)) is None and limits(Host(tmp_path)) == []
 
 
+def test_detection_never_reads_a_fifo_a_device_or_a_huge_file(tmp_path):
+    """`devices detect --root` with a FIFO for /proc/cpuinfo hung, and a link from /proc/meminfo to /dev/zero ended in
+    a MemoryError: each is now read as absent (the files are the machine's; a fixture tree is anyone's)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "box"
+    shutil.copytree(FIXTURES / "x86-avx2", root)
+    (root / "proc" / "cpuinfo").unlink()
+    os.mkfifo(root / "proc" / "cpuinfo")
+    (root / "proc" / "meminfo").unlink()
+    (root / "proc" / "meminfo").symlink_to("/dev/zero")
+    (root / "etc").mkdir(exist_ok=True)
+    with open(root / "etc" / "nv_tegra_release", "wb") as fh:  # 5 MiB, as a hole: past the bound
+        fh.truncate(5 << 20)
+    code = f"from edgemed.devices.detect import detect; f = detect({str(root)!r}); print(f.platform, f.memory_bytes)"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("detection waited on a FIFO")
+    assert proc.returncode == 0 and proc.stdout.split() == ["generic", "0"], proc.stderr[-2000:]
+
+
 def test_jetson_uses_fixed_memory_and_offloads_everything():
     profile = get_profile("jetson-orin-nano-8gb")
     assert profile.budget_bytes(None) == int(min(7.4 * GIB - 1.5 * GIB, 7.4 * GIB * 0.8))

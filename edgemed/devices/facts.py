@@ -16,6 +16,8 @@ from typing import Callable
 from edgemed.devices.cgroup import cpu_limit, tightest_limit
 
 GIB = 1 << 30
+#: The most a detection file is read: /proc/cpuinfo of a 256-core machine is well under 1 MiB
+MAX_READ_BYTES = 4 << 20
 
 #: Runs ``sysctl -n KEY`` (or reads a fixture); returns the value or None.
 SysctlRunner = Callable[[str], "str | None"]
@@ -81,10 +83,13 @@ class Host:
         self.sysctl = sysctl
 
     def read(self, path: str) -> str | None:
-        """Text of ``path`` (absolute, as on the device) below the root, or None."""
+        """Text of ``path`` (absolute, as on the device) below the root, or None: also for what is not a regular file
+        (a FIFO would block, a link to /dev/zero never end) or holds more than ``MAX_READ_BYTES``."""
+        from edgemed.formats.input_file import read_at_most
+
         try:
-            return (self.root / path.lstrip("/")).read_text(encoding="utf-8", errors="replace")
-        except OSError:
+            return read_at_most(self.root / path.lstrip("/"), MAX_READ_BYTES).decode("utf-8", errors="replace")
+        except (OSError, ValueError):
             return None
 
     def _fixture_sysctl(self, key: str) -> str | None:
