@@ -149,8 +149,16 @@ def test_budget_must_be_a_finite_positive_size(tmp_path, value):
 
 
 def test_ctx_is_bounded(tmp_path):
-    assert "--ctx must be an integer from 1 to" in run_cli("plan", kit.tiny_gguf(tmp_path / "t.gguf"), "--profile", "generic",
-                                                            "--ctx", str(10**30))
+    assert "The context must be an integer from 1 to" in run_cli("plan", kit.tiny_gguf(tmp_path / "t.gguf"), "--profile",
+                                                                  "generic", "--ctx", str(10**30))
+
+
+def test_a_served_context_too_large_names_the_per_slot_value_typed(tmp_path):
+    """`serve --ctx 614400 --slots 4` was refused as "got 2457600", a number nobody typed."""
+    from edgemed.runtime.session import prepare
+
+    with pytest.raises(InputError, match=r"got 2457600 \(--ctx 614400 per slot x 4 slots\)"):
+        prepare(kit.tiny_gguf(tmp_path / "t.gguf"), "generic", n_ctx=614400 * 4, slots=4, prefix_cache=True)
 
 
 # -- bundle manifests, the tar head, inspect ------------------------------------------------------

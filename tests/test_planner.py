@@ -172,6 +172,18 @@ def test_choose_largest_context_and_refuse(tiny):
         choose_context(s, profile, budget, requested=2048)
 
 
+def test_a_trained_context_off_the_256_grid_is_kept_whole_when_it_fits(tmp_path):
+    """A model trained on 1,000 tokens was planned at 768 "limited by budget" with the budget all but unused (the
+    search walks multiples of 256); one trained on 300 got 300. The whole cap is taken when it fits."""
+    profile = get_profile("x86-avx2")
+    for ctx in (1000, 300, 1280):
+        s = read_shape(write_tiny_gguf(tmp_path / f"t{ctx}.gguf", ctx=ctx))
+        assert choose_context(s, profile, 1 << 40) == (ctx, "model"), ctx
+    s = read_shape(write_tiny_gguf(tmp_path / "t1000b.gguf", ctx=1000))
+    opts = profile_settings(profile, s)
+    assert choose_context(s, profile, estimate(s, 768, **opts).total + 1) == (768, "budget")
+
+
 def test_flash_attention_and_q8_cache_allow_more_context(tiny):
     s = read_shape(tiny)
     budget = estimate(s, 1024).total

@@ -274,8 +274,10 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
     with_adapters = f" ({', '.join(parts)} of it)" if parts else ""
     if requested is not None:
         if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
-            raise InputError(f"--ctx must be an integer from 1 to {MAX_CTX}, got {requested!r}.",
-                             "pass --ctx 2048 or leave it out")
+            slots = (f" (--ctx {requested // n_seq} per slot x {n_seq} slots)"
+                     if n_seq > 1 and _is_int(requested) and requested % n_seq == 0 else "")
+            raise InputError(f"The context must be an integer from 1 to {MAX_CTX} tokens in all, got {requested!r}{slots}.",
+                             "pass a smaller --ctx (or fewer --slots), or leave --ctx out")
         per_seq = requested // max(n_seq, 1)
         if shape.n_ctx_train and per_seq > shape.n_ctx_train:
             raise InputError(f"A {per_seq}-token context is more than the {shape.n_ctx_train} tokens this model was "
@@ -300,6 +302,8 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
              if prefix_cache_bytes else "") +
             f"use a smaller quant (the profile recommends {profile.recommended_quant}) or a smaller model; "
             "nothing was loaded")
+    if estimate(shape, cap, **opts).total <= budget:  # the whole cap fits: it is the answer, whatever its multiple
+        return cap, limited_by
     best = smallest.n_ctx
     lo, hi = best // CTX_STEP, cap // CTX_STEP  # binary search over multiples of CTX_STEP (memory grows with n_ctx)
     while lo < hi:
@@ -308,10 +312,7 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
             lo = mid
         else:
             hi = mid - 1
-    best = max(best, lo * CTX_STEP)
-    if best < cap:
-        limited_by = "budget"
-    return best, limited_by
+    return max(best, lo * CTX_STEP), "budget"  # the cap did not fit: the budget chose
 
 
 def budget_from_mib(mib: float) -> int:
