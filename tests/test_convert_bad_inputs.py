@@ -140,6 +140,62 @@ def test_tensors_llama_cpp_would_not_load_are_refused_before_work(models, tmp_pa
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+def test_the_onnx_route_refuses_the_same_tensors_before_work(models, tmp_path, case):
+    """The ONNX route had no tensor plan: transformers filled a missing projection with random values and the export
+    exited 0 (with --no-parity nothing noticed), and a shape config.json does not imply was a traceback."""
+    pytest.importorskip("onnx")
+    arch, config, change, words = TENSOR_CASES[case]
+    ckpt = _copy(models[arch], tmp_path / "ckpt")
+    if config:
+        _edit_json(ckpt / "config.json", lambda c: c | config)
+    if change:
+        _edit_tensors(ckpt, change)
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(_convert(ckpt, "--to", "onnx", "--quant", "fp32", "--no-parity", "-o", out / "onnx"), words)
+    assert list(out.iterdir()) == []
+
+
+def test_the_onnx_route_without_gguf_still_refuses_a_missing_tensor(models, tmp_path, monkeypatch):
+    """The plan reads gguf-py's tables and the ONNX route does not need gguf: without it, from_pretrained's own
+    loading report refuses the missing tensor, and nothing is left."""
+    import sys
+
+    pytest.importorskip("onnx")
+    monkeypatch.setitem(sys.modules, "edgemed.converters.gguf.writer", None)  # importing it fails, as without gguf
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    _edit_tensors(ckpt, _without("model.layers.1.mlp.down_proj.weight"))
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(_convert(ckpt, "--to", "onnx", "--quant", "fp32", "--no-parity", "-o", out / "onnx"),
+             "model.layers.1.mlp.down_proj.weight missing from the weights")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing", "model.layers.1.mlp.down_proj.weight missing from the weights"),
+    ("another shape", "model.layers.0.mlp.down_proj.weight, model.layers.0.mlp.gate_proj.weight"),
+    ("unexpected", "model.layers.0.self_attn.o_proj.bias stored but not part of the model"),
+])
+def test_hugging_face_loading_that_does_not_take_every_weight_is_refused(models, tmp_path, case, words):
+    """Checkpoint.hf_model (the ONNX export, the genai builder's merge, the torch baseline) used to return a model
+    with random weights where a tensor was missing, drop an unexpected one, and raise a bare RuntimeError on a shape
+    mismatch. Reached here past the up-front plan, as a library caller would."""
+    from edgemed.converters.source.checkpoint import Checkpoint
+
+    ckpt = _copy(models["qwen2" if case == "unexpected" else "llama"], tmp_path / "ckpt")
+    if case == "missing":
+        _edit_tensors(ckpt, _without("model.layers.1.mlp.down_proj.weight"))
+    elif case == "another shape":
+        _edit_json(ckpt / "config.json", lambda c: c | {"intermediate_size": 96})
+    else:
+        _edit_tensors(ckpt, _with("model.layers.0.self_attn.o_proj.bias", 64))
+    with pytest.raises(CheckpointError, match="Hugging Face loading of") as info:
+        Checkpoint.open(ckpt).hf_model()
+    assert words in str(info.value) and info.value.fix
+
+
 def test_optional_biases_are_kept(models, tmp_path):
     """Llama's attention_bias / mlp_bias tensors are part of its graph: converted, and the file loads."""
     from edgemed.formats.gguf_header import read_header

@@ -138,7 +138,8 @@ def _check_shapes(ckpt: Checkpoint, spec: ArchSpec, planned: list[PlannedTensor]
     if missing:
         raise CheckpointError(
             f"The weights lack {len(missing)} tensor(s) every {ckpt.architecture} needs, e.g. {', '.join(missing[:4])} "
-            "(GGUF names), so llama.cpp could not load the file.",
+            "(GGUF names): llama.cpp would refuse the GGUF, and Hugging Face loading (the ONNX route) would fill them "
+            "with random values.",
             "copy every shard of the checkpoint (and check model.safetensors.index.json lists them all)",
         )
 

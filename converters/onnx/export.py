@@ -29,8 +29,7 @@ from edgemed.constants import ONNX_OUTPUT_TYPES
 from edgemed.formats.conversion_report import ConversionReport, report_path
 from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.budget import peaks as budget
-from edgemed.converters.arch.base import tied_embeddings
-from edgemed.converters.source.checkpoint import Checkpoint, check_stored_head
+from edgemed.converters.source.checkpoint import Checkpoint
 from edgemed.converters.source.source import Source
 from edgemed.converters.route import RouteOptions, Timings
 from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
@@ -75,7 +74,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
 
     ckpt = Checkpoint.open(source, allow_pickle=opts.allow_pickle)  # the one source every step below reads
     spec = arch_spec(ckpt.architecture)  # refuses an unsupported architecture, naming it and the supported ones
-    check_stored_head(ckpt, tied_embeddings(ckpt, spec))  # from_pretrained would compute with another head than the GGUF
+    _check_tensors(ckpt, spec)
     from edgemed.converters.onnx.assets import check_assets
 
     check_assets(ckpt.path, ckpt.config)  # tokenizer.json and generation config, before minutes of export
@@ -136,6 +135,27 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
         )
         report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
     return result
+
+
+def _check_tensors(ckpt: Checkpoint, spec) -> None:
+    """The GGUF route's tensor plan, before any work: every tensor there, of the shape config.json implies, none
+    without a place, a tied head that is the embedding. Without it from_pretrained fills a missing tensor with random
+    values and the export succeeds, and a shape config.json does not imply is a transformers traceback.
+
+    The plan reads gguf-py's name tables, and this route does not need gguf installed: without it, the tied-head
+    check still runs here, and ``Checkpoint.hf_model`` refuses what from_pretrained did not load during the export,
+    before anything is placed."""
+    from edgemed.errors import MissingDependency
+
+    try:
+        from edgemed.converters.gguf.writer import plan_tensors
+    except (MissingDependency, ImportError):
+        from edgemed.converters.arch.base import tied_embeddings
+        from edgemed.converters.source.checkpoint import check_stored_head
+
+        check_stored_head(ckpt, tied_embeddings(ckpt, spec))
+        return
+    plan_tensors(ckpt, spec, "f32")
 
 
 def trace_fp32(job: GraphJob) -> Path:

@@ -432,7 +432,37 @@ class Checkpoint:
         from transformers import AutoModelForCausalLM
 
         require_hf_layout(self.path, self.pickle_files)
-        return AutoModelForCausalLM.from_pretrained(self.path, use_safetensors=not self.pickle_files, **kw)
+        # transformers fills a missing weight (or, with ignore_mismatched_sizes, one of another shape) with random
+        # values and drops an unexpected one with a log line: the model would load and export, as another model
+        model, info = AutoModelForCausalLM.from_pretrained(self.path, use_safetensors=not self.pickle_files,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True, **kw)
+        self._refuse_loading_gaps(info)
+        return model
+
+    def _refuse_loading_gaps(self, info: dict) -> None:
+        """Raise naming the weights ``from_pretrained``'s loading ``info`` says it did not take from the files."""
+
+        def names(key: str) -> list[str]:
+            return sorted(k[0] if isinstance(k, tuple) else str(k) for k in info.get(key) or ())
+
+        def some(items: list[str]) -> str:
+            return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+        gaps = []
+        if names("missing_keys"):
+            gaps.append(f"{some(names('missing_keys'))} missing from the weights (it would fill them with random values)")
+        if names("mismatched_keys"):
+            gaps.append(f"{some(names('mismatched_keys'))} of another shape than config.json implies")
+        if names("unexpected_keys"):
+            gaps.append(f"{some(names('unexpected_keys'))} stored but not part of the model (it would ignore them)")
+        if info.get("error_msgs"):
+            gaps.append(f"loading errors: {'; '.join(map(str, info['error_msgs']))[:300]}")
+        if gaps:
+            raise CheckpointError(
+                f"Hugging Face loading of '{self.path}' does not take the model {self.architecture} config.json "
+                f"describes from its weights: {'; '.join(gaps)}.",
+                "re-copy config.json and every shard from the source checkpoint; they must belong to the same model",
+            )
 
     def read_rows(self, name: str, lo: int, hi: int):
         """Rows ``[lo, hi)`` of the 2-D tensor ``name``, read without the rest of the table (a fresh mapping per
