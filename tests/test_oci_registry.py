@@ -618,3 +618,48 @@ def test_tls_is_the_default_for_a_registry_that_is_not_loopback(tmp_path, trust,
         assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--insecure", "--json"))["name"] == "tiny"
     finally:
         reg.stop()
+
+
+def test_the_space_check_counts_the_stores_copy_as_well_as_the_download(tmp_path, monkeypatch):
+    """A pull checked room for its downloads only; the install then copied each new file into the store, so a model
+    that fitted once failed with a full disk after the whole download."""
+    from collections import namedtuple
+
+    from edgemed.errors import StoreError
+    from edgemed.packaging import oci, oci_pull
+
+    root, store = tmp_path / "downloads", tmp_path / "home" / "store"  # one file system; the store not made yet
+    root.mkdir()
+    mb = 10**6
+    layers = [oci.Layer("model/m.gguf", "x", "ab" * 32, 600 * mb), oci.Layer("LICENSE", "x", "cd" * 32, 400 * mb)]
+    with open(root / f"{'ab' * 32}.part", "wb") as fh:  # resumed bytes are not needed again (a hole: no disk used)
+        fh.truncate(100 * mb)
+    usage = namedtuple("usage", "total used free")
+    for free, ok in [(1899 * mb, False), (1900 * mb, True)]:  # 900 MB to download + 1,000 MB for the store's copy
+        monkeypatch.setattr(oci_pull.shutil, "disk_usage", lambda p, free=free: usage(10**12, 0, free))
+        if ok:
+            oci_pull._check_space(root, store, layers)
+        else:
+            with pytest.raises(StoreError, match="needs 1,900.0 MB to download and install .* 1,899.0 MB are free"):
+                oci_pull._check_space(root, store, layers)
+
+
+def test_downloads_no_pull_touched_for_a_week_are_dropped(tmp_path):
+    """A pull abandoned once its tag moved left its parts in downloads/ for good (a multi-GB .part never reclaimed);
+    under the downloads lock, parts untouched for STALE_DOWNLOAD_S go. Fresh ones and other names stay."""
+    import time
+
+    from edgemed.packaging import oci_pull
+
+    root = tmp_path / "downloads"
+    root.mkdir()
+    old, fresh = "ab" * 32, "cd" * 32
+    paths = {n: root / n for n in (old, f"{old}.part", fresh, f"{fresh}.part", "notes.txt", f"{old}.bak")}
+    for p in paths.values():
+        p.write_bytes(b"x")
+    week_ago = time.time() - oci_pull.STALE_DOWNLOAD_S - 60
+    for n in (old, f"{old}.part", "notes.txt", f"{old}.bak"):
+        os.utime(paths[n], (week_ago, week_ago))
+    with oci_pull._exclusive(root):
+        pass
+    assert sorted(p.name for p in root.iterdir()) == sorted([fresh, f"{fresh}.part", "notes.txt", f"{old}.bak", "lock"])

@@ -33,8 +33,10 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,9 +89,32 @@ def _exclusive(root: Path) -> Iterator[None]:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             sweep(root)  # the staging folders of pulls that were killed
+            _age_out(root)
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+#: A download no pull has touched for this long is dropped (a tag that moved on leaves its parts behind)
+STALE_DOWNLOAD_S = 7 * 24 * 3600
+_DOWNLOAD_NAME = re.compile(r"[0-9a-f]{64}(\.part)?")
+
+
+def _age_out(root: Path) -> None:
+    """Under the downloads lock: drop the downloads (``<sha256>`` and ``<sha256>.part``, the names pulls give them)
+    that no pull has written for ``STALE_DOWNLOAD_S``. A pull resumes a part by appending to it, so a part in use
+    is a fresh one; any other name is left alone."""
+    cutoff = time.time() - STALE_DOWNLOAD_S
+    with os.scandir(root) as entries:
+        for entry in entries:
+            try:
+                if (_DOWNLOAD_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                    step("oci.age-out")
+                    os.unlink(entry.path)
+                    log.info("dropped the download %s, untouched for %d days", entry.name, STALE_DOWNLOAD_S // 86400)
+            except OSError:
+                continue
 
 
 def pull(target: str, *, name: str | None = None, insecure: bool = False, public_key=None, force: bool = False,
@@ -159,7 +184,7 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
             _forget(fetched)
             raise
         rest = [x for x in layers if x not in meta]
-        _check_space(root, [x for x in rest if not _in_store(store, x)])
+        _check_space(root, store.root, [x for x in rest if not _in_store(store, x)])
         for x in rest:
             get(x)
         target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin),
@@ -227,12 +252,22 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def _check_space(root: Path, todo: list[oci.Layer]) -> None:
-    need = sum(x.size for x in todo) - sum(_part_size(root, x) for x in todo)
-    free = shutil.disk_usage(root).free
-    if need > free:
-        raise StoreError(f"The pull needs {need / 1e6:,.1f} MB more in {root}; {free / 1e6:,.1f} MB are free.",
-                         "free some space (edgemed remove NAME drops models), then pull again: it resumes")
+def _check_space(root: Path, store_root: Path, todo: list[oci.Layer]) -> None:
+    """Room for what is left to download into ``root``, and for the store's own copy of each new file: the install
+    copies (and hashes) every staged file before it links the blobs, so until the downloads are dropped a new file
+    is on disk twice. Where both folders are on one file system, both needs count against its free space."""
+    download = sum(x.size for x in todo) - sum(_part_size(root, x) for x in todo)
+    copy = sum(x.size for x in todo)
+    store_at = next(p for p in (store_root, *store_root.parents) if p.exists())
+    if os.stat(root).st_dev == os.stat(store_at).st_dev:
+        needs = [(root, download + copy, "to download and install")]
+    else:
+        needs = [(root, download, "to download"), (store_at, copy, "to install")]
+    for where, need, what in needs:
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise StoreError(f"The pull needs {need / 1e6:,.1f} MB {what} in {where}; {free / 1e6:,.1f} MB are free.",
+                             "free some space (edgemed remove NAME drops models), then pull again: it resumes")
 
 
 def _part_size(root: Path, x: oci.Layer) -> int:
