@@ -70,6 +70,7 @@ CONFIG_CASES = {
     "architectures of objects": (lambda c: c | {"architectures": [{}]}, "architectures"),
     "rope scaling a string": (lambda c: c | {"rope_scaling": "yarn"}, "rope_scaling"),
     "rope factor a string": (lambda c: c | {"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "rope_scaling.factor"),
+    "yarn without a factor": (lambda c: c | {"rope_scaling": {"rope_type": "yarn"}}, "rope_scaling.factor"),
     "heads not a multiple of kv": (lambda c: c | {"num_attention_heads": 3}, "num_key_value_heads"),
     "vocab not the embedding's": (lambda c: c | {"vocab_size": 400}, "config.json implies"),
     "more layers than weights": (lambda c: c | {"num_hidden_layers": 3}, "num_hidden_layers is 3"),
@@ -247,6 +248,28 @@ def test_tied_embeddings_beside_a_stored_head_equal_to_the_embedding_convert(mod
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
     assert "output.weight" not in {t.name for t in read_header(tmp_path / "x.gguf").tensors}
+
+
+@pytest.mark.parametrize("arch,rope", [("qwen2", {"rope_type": "yarn", "factor": 4.0}),
+                                       ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0})])
+def test_rope_scaling_without_its_original_context_converts_as_transformers_reads_it(models, tmp_path, arch, rope):
+    """original_max_position_embeddings left out of a yarn or llama3 rope_scaling: transformers takes
+    max_position_embeddings. yarn was a KeyError traceback; llama3 assumed 8192 and computed other frequencies."""
+    from transformers import AutoConfig
+
+    from edgemed.formats.gguf_header import read_header
+
+    ckpt = _copy(models[arch], tmp_path / "ckpt")
+    theta = AutoConfig.from_pretrained(ckpt).rope_parameters["rope_theta"]
+    _edit_json(ckpt / "config.json", lambda c: {k: v for k, v in c.items() if k != "rope_parameters"}
+               | {"rope_theta": theta, "rope_scaling": rope})
+    assert AutoConfig.from_pretrained(ckpt).rope_parameters["original_max_position_embeddings"] == 256  # the premise
+    result = _convert(ckpt, "--quant", "f16", "-o", tmp_path / "x.gguf")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    if rope["rope_type"] == "yarn":
+        assert read_header(tmp_path / "x.gguf").metadata[f"{arch}.rope.scaling.original_context_length"] == 256
 
 
 def test_config_json_is_a_directory(models, tmp_path):

@@ -102,6 +102,13 @@ def rope_config(ckpt) -> tuple[float, dict]:
     return float(theta), scaling
 
 
+def original_context(ckpt, scaling: dict) -> int:
+    """The pre-training context a yarn or llama3 rope scaling stretches: its original_max_position_embeddings, else
+    max_position_embeddings, which is what transformers fills in (config.rope_parameters) when the key is left out."""
+    value = scaling.get("original_max_position_embeddings")
+    return int(value if value is not None else ckpt.hparam("max_position_embeddings"))
+
+
 def head_dim(ckpt) -> int:
     n_head = ckpt.hparam("num_attention_heads")
     return int(ckpt.config.get("head_dim") or ckpt.hparam("hidden_size") // n_head)
@@ -139,7 +146,7 @@ def write_decoder_hparams(spec: ArchSpec, ckpt, writer: "gguf.GGUFWriter") -> No
     elif rope_type == "yarn":
         writer.add_rope_scaling_type(_gguf().RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        writer.add_rope_scaling_orig_ctx_len(original_context(ckpt, scaling))
 
 
 def llama3_rope_factors(ckpt) -> "np.ndarray | None":
@@ -154,7 +161,7 @@ def llama3_rope_factors(ckpt) -> "np.ndarray | None":
     factor = float(scaling.get("factor", 8.0))
     low = float(scaling.get("low_freq_factor", 1.0))
     high = float(scaling.get("high_freq_factor", 4.0))
-    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    old_ctx = float(original_context(ckpt, scaling))
     np = require("numpy", "convert")
     hd = head_dim(ckpt)
     freqs = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))

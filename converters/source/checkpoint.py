@@ -166,6 +166,8 @@ def validate_config(config: dict, path: Path) -> None:
         kind = rope.get("rope_type", rope.get("type"))
         if kind is not None and not isinstance(kind, str):
             raise bad(f"{key}.rope_type", kind, "a string", "default")
+        if kind in ("linear", "yarn", "llama3") and rope.get("factor") is None:  # transformers requires it too
+            raise bad(f"{key}.factor", None, f"a positive number for {kind} rope scaling", 8.0)
     heads, kv, hidden = config.get("num_attention_heads"), config.get("num_key_value_heads"), config.get("hidden_size")
     if heads and kv and heads % kv:
         raise CheckpointError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv}).",
