@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -227,3 +228,104 @@ def test_a_log_other_users_can_read_is_named_and_refused_for_content(tmp_path, c
     os.chmod(path, 0o600)
     AuditLog(path, content=True).close()
     assert verify(path).ok
+
+
+# -- rotation ---------------------------------------------------------------------------------------
+def _rotating(tmp_path, n: int, rotate_bytes: int = 1500):
+    path = tmp_path / "audit.jsonl"
+    log = _log(path, n, rotate_bytes=rotate_bytes)
+    return path, log
+
+
+def test_rotation_keeps_one_chain_across_files_that_verify_follows(tmp_path):
+    """A long-running server's log grew for ever, and rotating it with an outside tool (copytruncate) broke the chain.
+    With rotate_bytes each full file ends in a `rotated` record, is kept as STEM.SEQ.jsonl, and the live file's genesis
+    continues it; verify follows the files back to seq 0, and an anchor from any file is found."""
+    path, log = _rotating(tmp_path, 20)
+    first_head = None
+    log.close()
+    kept = sorted(tmp_path.glob("audit.*.jsonl"))
+    assert len(kept) >= 3 and all(len(p.name) == len("audit.0000000000.jsonl") for p in kept)
+    for p in kept:  # each kept file ends with `rotated`, which names where the chain goes on
+        last = json.loads(lines(p)[-1])
+        assert last["kind"] == "rotated" and last["continued_in"] == "audit.jsonl" and p.name == f"audit.{last['seq']:010d}.jsonl"
+        first_head = first_head or json.loads(lines(p)[1])["hash"]
+    first = json.loads(lines(path)[0])
+    assert first["kind"] == "genesis" and first["continues"] == kept[-1].name and first["seq"] > 0
+    report = verify(path)
+    total = sum(len(lines(p)) for p in [*kept, path])
+    assert report.ok and report.records == total and report.files == [str(p) for p in [*kept, path]]
+    assert verify(path, anchor=first_head).ok  # an anchor written down before the first rotation
+    assert not verify(path, anchor="ab" * 32).ok
+    alone = verify(path, follow=False)
+    assert alone.ok and alone.records == len(lines(path)) and alone.files is None
+    r = CliRunner().invoke(cli, ["audit", "verify", str(path)])
+    assert r.exit_code == 0 and f"OK: {total} records in {len(kept) + 1} files" in r.output, r.output
+    # reopening goes on in the live file, and rotates again when it is full
+    log = _log(path, 20, rotate_bytes=1500)
+    log.close()
+    assert len(sorted(tmp_path.glob("audit.*.jsonl"))) > len(kept) and verify(path).ok
+
+
+def test_a_broken_or_missing_kept_file_breaks_the_rotated_chain(tmp_path):
+    path, log = _rotating(tmp_path, 20)
+    log.close()
+    kept = sorted(tmp_path.glob("audit.*.jsonl"))
+    middle = kept[1]
+    saved = middle.read_bytes()
+    rewrite(middle, [lines(middle)[0]] + [edit(lines(middle)[1], status=500)] + lines(middle)[2:])
+    report = verify(path)
+    assert not report.ok and report.problem == "edited" and report.path == str(middle)
+    middle.write_bytes(saved)
+    middle.rename(tmp_path / "elsewhere.jsonl")
+    report = verify(path)
+    assert not report.ok and report.problem == "deleted" and f"continues '{middle.name}'" in report.detail, report
+    assert not verify(kept[2]).ok if kept[2:] else True
+    (tmp_path / "elsewhere.jsonl").rename(middle)
+    rewrite(middle, lines(middle)[:-2] + [lines(middle)[-1]])  # a record cut just before `rotated`
+    assert not verify(path).ok
+    middle.write_bytes(saved)
+    rewrite(middle, lines(middle)[:-1])  # the `rotated` record cut: the next file no longer follows on
+    report = verify(path)
+    assert not report.ok and report.problem == "deleted" and "does not follow on" in report.detail, report
+
+
+@pytest.mark.parametrize("step", ["after-rotated", "after-link", "after-next"])
+def test_a_rotation_cut_short_is_finished_at_the_next_start(tmp_path, monkeypatch, step):
+    """A kill inside a rotation leaves the live file ending in `rotated` (maybe already linked, maybe with a half-made
+    next file): the chain still verifies, and the next start finishes the rotation."""
+    path = tmp_path / "audit.jsonl"
+    log = _log(path, 3, rotate_bytes=10**9)
+    real_link, real_rename = os.link, os.rename
+
+    class Killed(BaseException):
+        pass
+
+    def link(*a, **k):
+        if step == "after-rotated":
+            raise Killed
+        real_link(*a, **k)
+        if step == "after-link":
+            raise Killed
+
+    def rename(src, dst, *a, **k):
+        if step == "after-next" and str(src).endswith(".next"):
+            raise Killed
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(Killed):
+        log._rotate()
+    monkeypatch.undo()
+    for fd in os.listdir("/proc/self/fd"):  # the process is gone: its descriptors (and locks) on the log with it
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+                os.close(int(fd))
+    assert json.loads(lines(path)[-1])["kind"] == "rotated" and verify(path).ok
+    log = _log(path, 2)
+    log.close()
+    kept = list(tmp_path.glob("audit.*.jsonl"))
+    assert len(kept) == 1 and not list(tmp_path.glob(".audit.jsonl.next"))
+    report = verify(path)
+    assert report.ok and report.files == [str(kept[0]), str(path)], report

@@ -99,6 +99,11 @@ def test_an_asked_cache_larger_than_the_budget_is_refused_before_loading(smollm2
     assert "--prefix-cache-mib 65536 MiB" in result.output and "smaller --prefix-cache-mib" in result.output
 
 
+def test_audit_rotation_reaches_the_running_log(smollm2_gguf, tmp_path):
+    lines = _serve(smollm2_gguf, tmp_path / "home", "--audit-rotate-mib", "3")
+    assert any(line.startswith("audit log ") and line.endswith("; a new file every 3 MiB") for line in lines), lines
+
+
 def test_the_access_log_names_routes_not_what_a_client_wrote_in_a_url(smollm2_gguf, tmp_path):
     """uvicorn's access log (on by default) printed each request's raw path and query string, and took a loopback
     client's X-Forwarded-For as its address: text a client chose, in a log and in the audit record's "client"."""

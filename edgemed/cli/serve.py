@@ -105,6 +105,10 @@ def _stopping_server(uvicorn):
               "calls, and one without keys takes them from this machine only.")
 @click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False),
               help="Hash-chained audit log (JSONL). Default: $EDGEMED_HOME/audit/<model>.jsonl.")
+@click.option("--audit-rotate-mib", type=click.IntRange(1, 1 << 20),
+              help="Start a new audit file when the log reaches this many MiB; the full one is kept beside it as "
+                   "STEM.SEQ.jsonl and the chain goes on across files (`edgemed audit verify` follows it). Default: "
+                   "one file. Do not rotate it with logrotate's copytruncate: that breaks the chain.")
 @click.option("--audit-content", is_flag=True, help="Also write each prompt and answer into the audit log. "
               "Off by default: they may hold PHI; turn on only where policy requires it.")
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser pages from this origin "
@@ -126,7 +130,7 @@ def _stopping_server(uvicorn):
 @click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
-def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, admin_key_file, audit_log, audit_content,
+def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, admin_key_file, audit_log, audit_rotate_mib, audit_content,
           cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, adapter_turn, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
@@ -193,7 +197,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
         if prepared.plan is None:
             raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)
         audit_path = audit_log or env.home() / "audit" / f"{model_id}.jsonl"
-        audit = AuditLog(audit_path, content=audit_content)  # an unwritable path fails here, before the model loads
+        audit = AuditLog(audit_path, content=audit_content,  # an unwritable path fails here, before the model loads
+                         rotate_bytes=audit_rotate_mib << 20 if audit_rotate_mib else None)
         batcher = access = None
         import signal
         import threading
@@ -217,8 +222,9 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             click.echo(_memory_line(prepared.plan, batcher), err=True)
             if served_adapters:
                 click.echo(f"adapters: {', '.join(f'{model_id}:{n}' for n in served_adapters)}", err=True)
+            rotates = f"; a new file every {audit.rotate_bytes >> 20} MiB" if audit.rotate_bytes else ""
             click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
-                       f"head {audit.head}", err=True)
+                       f"head {audit.head}{rotates}", err=True)
             click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
             if config.page_enabled:
                 click.echo(f"clinician page: http://{host}:{port}/{'  (asks for an API key)' if keys else ''}", err=True)
@@ -337,22 +343,25 @@ def audit():
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--anchor", help="A head hash recorded earlier: that record must still be in the chain "
               "(detects records cut from the end, or a rewritten log).")
+@click.option("--no-follow", is_flag=True, help="With a rotated log: check PATH alone, not the kept files before it.")
 @json_flag("Print the report as one JSON object.")
-def verify(path, anchor, as_json):
+def verify(path, anchor, no_follow, as_json):
     """Verify every record of the audit log at PATH: hashes, chain, sequence.
 
-    Exit code 0 when intact; 1 when a record was edited, deleted, reordered or truncated, naming
-    the first broken line. Prints the head hash: record it elsewhere, and pass it later as --anchor.
+    A log rotated by `serve --audit-rotate-mib` is checked through the kept files before PATH, back to its first
+    record. Exit code 0 when intact; 1 when a record was edited, deleted, reordered or truncated, naming the first
+    broken line. Prints the head hash: record it elsewhere, and pass it later as --anchor.
     """
     from edgemed.serve.audit import verify as verify_log
 
-    report = verify_log(path, anchor=anchor)
+    report = verify_log(path, anchor=anchor, follow=not no_follow)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
-        click.echo(f"OK: {report.records} records, chain intact.\nhead {report.head}")
+        where = f" in {len(report.files)} files" if report.files else ""
+        click.echo(f"OK: {report.records} records{where}, chain intact.\nhead {report.head}")
     else:
-        click.echo(f"BROKEN at line {report.line} ({report.problem}): {report.detail}\n"
+        click.echo(f"BROKEN at line {report.line} of {report.path} ({report.problem}): {report.detail}\n"
                    f"{report.records} records verified before it; last good head {report.head}", err=True)
     if not report.ok:
         raise SystemExit(1)

@@ -21,10 +21,18 @@ clinic request rates the cost is a few milliseconds, and a crash loses nothing a
 answered). A failed write (disk full) stops the writer for good and the server then
 answers 503 instead of serving requests it cannot record (fail closed). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
 ``flock``, so a second server cannot interleave its own chain into it.
+
+Rotation (``rotate_bytes``; ``serve --audit-rotate-mib``) keeps one chain across files. Once the file reaches
+the size, a ``rotated`` record ends it and it is kept as ``STEM.SEQ.SUFFIX`` (SEQ: that record's seq, 10 digits);
+the live name starts again with a ``genesis`` record that ``continues`` the kept file, chained to its last hash,
+with the next seq. ``verify`` follows ``continues`` back through the kept files to the first genesis (seq 0).
+A tool that truncates or rewrites the live file (logrotate's ``copytruncate``) breaks the chain, and ``verify``
+says so (``deleted``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,6 +67,8 @@ FIELDS = {
     "seed",  # the sampling seed a generation used (the client's, or the one drawn for it): with the prompt, it repeats the answer
     # genesis / start / stop records
     "format", "log_id", "edgemed_version", "host", "port", "slots", "queue_size", "content_logged",
+    # rotation: a "rotated" record names the file the chain goes on in; a later file's genesis the one it continues
+    "continued_in", "continues",
 }
 #: Request text: written only when the operator explicitly turns content logging on.
 CONTENT_FIELDS = {"prompt", "output"}
@@ -89,9 +99,22 @@ class Report:
     line: int | None = None      # 1-based line of the first broken record
     problem: str | None = None   # edited | deleted | reordered | truncated | malformed | anchor-missing
     detail: str | None = None
+    files: list[str] | None = None  # with rotation: every file of the chain verified, oldest first
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class _File:
+    """What ``_verify`` learns of one file of a chain (rotation links them)."""
+
+    report: Report
+    first_seq: int = 0
+    continues: str | None = None       # the kept file its genesis continues (None: the first genesis, seq 0)
+    continues_hash: str | None = None  # the hash its genesis is chained to (that file's last record)
+    last_kind: str | None = None       # its last good record's kind ("rotated": the chain goes on elsewhere)
+    anchor_seen: bool = False
 
 
 def _read_record(raw: bytes) -> dict:
@@ -137,13 +160,55 @@ def _later_has_seq(lines, seq: int) -> bool:
     return False
 
 
-def verify(path: Path | str, anchor: str | None = None) -> Report:
+#: Most kept files ``verify`` follows back through (a chain longer than this is not one edgemed made)
+MAX_CHAIN_FILES = 100_000
+
+
+def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> Report:
     """Check the whole chain of ``path``; stop at the first broken record and say what is wrong.
 
+    A file whose genesis ``continues`` a kept file (rotation) is checked with every file before it, back to the
+    first genesis, unless ``follow`` is False: then that file alone, its link to the file before taken on trust.
     The file is read one line at a time: a line longer than ``MAX_LINE_BYTES`` or nested deeper
     than ``bounded.MAX_DEPTH`` is reported ``malformed`` without being parsed.
     """
     path = Path(path)
+    last = _verify_file(path, anchor)
+    if not last.report.ok:
+        return last.report
+    chain = [last]
+    while follow and chain[-1].continues is not None:
+        later = chain[-1]
+        earlier = path.parent / later.continues
+        if len(chain) > MAX_CHAIN_FILES or not os.path.lexists(earlier):
+            return _broken_link(later, f"its genesis continues '{later.continues}', which is not beside it: the "
+                                       "records before it cannot be checked (put the kept file back, or pass "
+                                       "--no-follow to check this file alone)")
+        before = _verify_file(earlier, anchor)
+        if not before.report.ok:
+            return before.report
+        end = before.first_seq + before.report.records  # the seq after its last record
+        if before.last_kind != "rotated" or before.report.head != later.continues_hash or end != later.first_seq:
+            return _broken_link(later, f"its genesis (seq {later.first_seq}) does not follow on from the end of "
+                                       f"'{later.continues}' (seq {end - 1}): records between the two files are "
+                                       "missing, or a file was replaced")
+        chain.append(before)
+    records = sum(f.report.records for f in chain)
+    files = [str(f.report.path) for f in reversed(chain)] if len(chain) > 1 else None
+    if anchor and not any(f.anchor_seen for f in chain):
+        unchecked = f" (the kept files before it, from '{chain[-1].continues}' back, were not checked)" \
+            if chain[-1].continues is not None else ""
+        return Report(str(path), False, records, last.report.head, last.report.records + 1, "anchor-missing",
+                      f"no record has the anchored hash {anchor}: records were cut from the end, or the whole log "
+                      f"was rewritten{unchecked}", files)
+    return Report(str(path), True, records, last.report.head, files=files)
+
+
+def _broken_link(f: _File, detail: str) -> Report:
+    return Report(f.report.path, False, 0, None, 1, "deleted", detail)
+
+
+def _verify_file(path: Path, anchor: str | None) -> _File:
     fix = "pass the file given to `edgemed serve --audit-log`"
     deadline = time.monotonic() + TORN_TAIL_WAIT_S
     while True:
@@ -154,20 +219,30 @@ def verify(path: Path | str, anchor: str | None = None) -> Report:
         except OSError as exc:
             raise InputError(f"Cannot read the audit log '{path}': {exc.strerror or exc}.", fix) from None
         with fh:
-            report = _verify(str(path), _lines(fh), anchor)
+            found = _verify(str(path), _lines(fh), anchor)
         # A running server may be writing its next record: a write that crosses a page shows its first part first,
         # so a live log can end in half a line for a moment. Read again before calling the file cut.
-        if report.problem != "truncated" or time.monotonic() >= deadline:
-            return report
+        if found.report.problem != "truncated" or time.monotonic() >= deadline:
+            return found
         time.sleep(0.05)
 
 
-def _verify(path: str, lines, anchor: str | None) -> Report:
+def _continues(rec: dict) -> str | None:
+    """The kept file a genesis record continues (a plain file name), or None."""
+    name = rec.get("continues")
+    if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name:
+        return name
+    return None
+
+
+def _verify(path: str, lines, anchor: str | None) -> _File:
     head: str | None = None
     count = 0
+    f = _File(Report(path, True, 0, None))
 
-    def broken(line: int, problem: str, detail: str) -> Report:
-        return Report(path, False, count, head, line, problem, detail)
+    def broken(line: int, problem: str, detail: str) -> _File:
+        f.report = Report(path, False, count, head, line, problem, detail)
+        return f
 
     number = 0
     for complete, raw in lines:
@@ -184,9 +259,13 @@ def _verify(path: str, lines, anchor: str | None) -> Report:
             return broken(number, "malformed", f"line {number} is not an audit record ({exc}); it was edited or damaged")
         if record_hash(rec) != stored:
             return broken(number, "edited", f"record seq {seq} (line {number}) does not match its hash: its content was changed")
-        expected = count
+        expected = f.first_seq + count
         if number == 1:
-            if rec.get("kind") != "genesis" or seq != 0 or prev != ZERO:
+            kept = _continues(rec)
+            if rec.get("kind") == "genesis" and kept is not None and isinstance(seq, int) and not isinstance(seq, bool) \
+                    and seq > 0 and isinstance(prev, str) and prev != ZERO:
+                f.first_seq, f.continues, f.continues_hash = seq, kept, prev  # a rotated chain goes on here
+            elif rec.get("kind") != "genesis" or seq != 0 or prev != ZERO:
                 return broken(1, "deleted", f"the first line is record seq {seq}, not the genesis record: "
                                             "records at the start of the log were deleted")
         elif prev != head:
@@ -204,26 +283,26 @@ def _verify(path: str, lines, anchor: str | None) -> Report:
         elif seq != expected:
             return broken(number, "malformed", f"line {number} has seq {seq}, expected {expected}")
         head = stored
+        f.last_kind = rec.get("kind")
         count += 1
         if anchor and stored == anchor:
-            anchor = None  # found
+            f.anchor_seen = True
     if count == 0:
         return broken(1, "truncated", "the log is empty: it has no genesis record")
-    if anchor:
-        return broken(count + 1, "anchor-missing", f"no record has the anchored hash {anchor}: records were cut "
-                                                   "from the end, or the whole log was rewritten")
-    return Report(path, True, count, head)
+    f.report = Report(path, True, count, head)  # an anchor is `verify`'s to look for, through every file
+    return f
 
 
 # -- write ----------------------------------------------------------------------------------------
 class AuditLog:
     """The single writer of one audit file. Thread-safe; ``append`` returns the new head hash."""
 
-    def __init__(self, path: Path | str, *, content: bool = False):
+    def __init__(self, path: Path | str, *, content: bool = False, rotate_bytes: int | None = None):
         import fcntl
 
         self.path = Path(path)
         self.content = content
+        self.rotate_bytes = rotate_bytes  # None: one file for ever
         self.failed: str | None = None  # set when a write failed: the server then refuses requests (fail closed)
         self._lock = threading.Lock()
         fix = "pass --audit-log with a file in a folder this user can write (default: $EDGEMED_HOME/audit/)"
@@ -258,19 +337,77 @@ class AuditLog:
             os.close(self._fd)
             raise
 
+    def _genesis(self, **fields) -> None:
+        from edgemed import __version__
+
+        self._write({"kind": "genesis", "format": FORMAT, "log_id": uuid.uuid4().hex, "edgemed_version": __version__,
+                     **fields})
+
     def _open_chain(self) -> None:
         if os.fstat(self._fd).st_size == 0:
             self.head, self.seq = ZERO, 0
-            from edgemed import __version__
-
-            self._write({"kind": "genesis", "format": FORMAT, "log_id": uuid.uuid4().hex, "edgemed_version": __version__})
+            self._genesis()
             return
-        report = verify(self.path)
+        found = _verify_file(self.path, None)  # this file: the kept ones before it are `verify`'s to follow
+        report = found.report
         if not report.ok:
             raise IntegrityError(
                 f"The audit log '{self.path}' is broken at line {report.line} ({report.problem}): {report.detail}.",
                 "keep that file as evidence, and start the server with a new --audit-log path")
-        self.head, self.seq = report.head, report.records
+        self.head, self.seq = report.head, found.first_seq + report.records
+        if found.last_kind == "rotated":  # a rotation that was cut short (a kill, a power cut): finish it
+            self._start_next(self._kept_name(self.seq - 1))
+
+    def _kept_name(self, seq: int) -> str:
+        """Where the file whose ``rotated`` record has ``seq`` is kept: ``STEM.SEQ.SUFFIX``, beside the live name."""
+        return f"{self.path.stem}.{seq:010d}{self.path.suffix}"
+
+    def _rotate(self) -> None:
+        """End this file with a ``rotated`` record, keep it under its own name, and go on in a new file at the live
+        name whose genesis continues it. A kill at any step leaves a chain ``verify`` accepts whole, and the next
+        start finishes the rotation; a step that fails stops the writer (fail closed) as a failed write does."""
+        kept = self._kept_name(self.seq)
+        self._write({"kind": "rotated", "continued_in": self.path.name})
+        try:
+            self._start_next(kept)
+        except OSError as exc:
+            self.failed = f"rotating {self.path} failed: {exc.strerror or exc}"
+            raise
+
+    def _start_next(self, kept_name: str) -> None:
+        import fcntl
+
+        kept = self.path.with_name(kept_name)
+        try:  # the finished file under its own name too; the live name still shows it until the swap below
+            os.link(self.path, kept)
+        except FileExistsError:
+            if not os.path.samefile(self.path, kept):  # not our earlier, interrupted try: never replaced
+                raise OSError(17, f"{kept} exists and is another file", str(kept)) from None
+        nxt = self.path.with_name(f".{self.path.name}.next")  # a name only this writer (under the flock) uses
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(nxt)  # an interrupted rotation's
+        fd = os.open(nxt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            old, self._fd = self._fd, fd
+            try:
+                self._genesis(continues=kept_name)
+            except BaseException:
+                self._fd = old
+                raise
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(nxt)
+            raise
+        os.rename(nxt, self.path)  # from here the live name holds the new file
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        os.close(old)
+        log.info("audit log rotated: records up to seq %d kept in %s", self.seq - 2, kept)
 
     def _write(self, fields: dict) -> str:
         record = {**fields, "seq": self.seq, "prev": self.head, "time": _now()}
@@ -298,7 +435,10 @@ class AuditLog:
         with self._lock:
             if self._fd < 0 or self.failed:
                 raise OSError(f"audit log {self.path} is {'closed' if self._fd < 0 else 'failed'}")
-            return self._write({"kind": kind, **kept})
+            head = self._write({"kind": kind, **kept})
+            if self.rotate_bytes and os.fstat(self._fd).st_size >= self.rotate_bytes:
+                self._rotate()
+            return head
 
     def close(self) -> None:
         with self._lock:
