@@ -640,6 +640,23 @@ def test_threads_must_be_positive(models, tmp_path):
     assert result.exit_code == 2 and "--threads" in result.output
 
 
+def test_check_and_the_reference_without_tokenizer_files(models, tmp_path):
+    """`check` (and the parity reference a library caller runs) on a checkpoint whose tokenizer files are gone: a
+    transformers ValueError traceback, now the tokenizer refusal convert gives."""
+    from edgemed.converters.quality.layered import reference_logits
+    from edgemed.errors import TokenizerError
+
+    gguf = tmp_path / "x.gguf"
+    assert _convert(models["llama"], "--quant", "f16", "--no-parity", "-o", gguf).exit_code == 0
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (ckpt / name).unlink()
+    _refused(CliRunner().invoke(cli, ["check", str(ckpt), str(gguf)]), "tokenizer", "cannot be loaded")
+    with pytest.raises(TokenizerError, match="cannot be loaded") as info:
+        reference_logits(ckpt)
+    assert info.value.fix
+
+
 def test_check_on_a_corrupt_gguf(models, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\xff" * 64)

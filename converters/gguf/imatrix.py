@@ -50,15 +50,15 @@ def compute_imatrix(source, spec, text_path: Path, *, echo=print) -> Imatrix:
     ``source``: the command's opened ``Source`` (checkpoint, adapter, consent), or ``source.as_source``'s stand-ins."""
     import numpy as np
     import torch
-    from transformers import AutoTokenizer
 
     from edgemed.converters.quality.layered import HEAD, LayeredModel
+    from edgemed.converters.source.checkpoint import hf_tokenizer
     from edgemed.converters.source.source import as_source
 
     src = as_source(source)  # the command's opened source, or a path opened without consent
     ckpt = src.checkpoint
     text = calibration.read(text_path, TEXT_BYTES)
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    tok = hf_tokenizer(ckpt.path)
     model = LayeredModel.open(src)
     name_map = spec.name_map(int(ckpt.hparam("num_hidden_layers")))
     sums: dict[str, "torch.Tensor"] = {}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edgemed.converters.source.checkpoint import hf_tokenizer  # noqa: F401 (its home is beside the checkpoint's other readers)
 from edgemed.errors import TokenizerError, require
 
 
@@ -230,17 +231,6 @@ def _special_vocab(model_dir: Path, **kwargs) -> "gguf.SpecialVocab":
                              "re-copy tokenizer.json, tokenizer_config.json and special_tokens_map.json from the checkpoint") from None
 
 
-def hf_tokenizer(model_dir: Path):
-    """The Hugging Face tokenizer, or a TokenizerError saying why it cannot be loaded."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as exc:  # transformers and tokenizers raise many types for a broken tokenizer
-        raise TokenizerError(f"The Hugging Face tokenizer in '{model_dir}' cannot be loaded: {type(exc).__name__}: {exc}.",
-                             "re-copy the tokenizer files (tokenizer.json, tokenizer_config.json) from the checkpoint") from None
-
-
 def _set_add_special(model_dir: Path, special: "gguf.SpecialVocab") -> None:
     """Record whether the HF tokenizer adds BOS/EOS, by asking it rather than guessing."""
     tok = hf_tokenizer(model_dir)
@@ -262,11 +252,9 @@ def write_vocab(plan: VocabPlan, writer: "gguf.GGUFWriter") -> None:
 
 def verify_tokenization(model_dir: Path, gguf_path: Path, samples=MEDICAL_SAMPLES) -> int:
     """Tokenize ``samples`` with HF and with llama.cpp; raise on the first difference. Returns tokens compared."""
-    from transformers import AutoTokenizer
-
     from edgemed.runtime.llamacpp import Model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = hf_tokenizer(model_dir)  # `check` reaches here first: a folder without a tokenizer is refused by name
     llm = Model(gguf_path, vocab_only=True)
     compared = 0
     try:

@@ -21,7 +21,7 @@ import bisect
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edgemed.converters.source.checkpoint import Checkpoint, TensorRef, check_stored_head
+from edgemed.converters.source.checkpoint import Checkpoint, TensorRef, check_stored_head, hf_tokenizer
 from edgemed.converters.source.source import Source, as_source
 from edgemed.errors import CheckpointError
 
@@ -203,12 +203,11 @@ def reference_logits(source: "Source | Checkpoint | Path", prompts=None) -> tupl
     time. ``source``: the command's opened ``Source`` (or ``as_source``'s stand-ins: no adapter, no consent).
     The contract of ``parity.source_logits``: same tokenization, same float32 math to rounding."""
     import torch
-    from transformers import AutoTokenizer
 
     from edgemed.converters.quality.prompts import PROMPTS
 
     src = as_source(source)  # before the tokenizer: a refused checkpoint is refused first
-    tok = AutoTokenizer.from_pretrained(src.path)
+    tok = hf_tokenizer(src.path)
     ids = [tok(text, add_special_tokens=True)["input_ids"] for text in (PROMPTS if prompts is None else prompts)]
     model = LayeredModel.open(src)
     with torch.inference_mode():

@@ -204,6 +204,17 @@ def check_side_files(model_dir: Path) -> None:
                                  f"(at most {SIDE_FILE_MAX_BYTES:,}).", f"re-copy {name} from the source checkpoint")
 
 
+def hf_tokenizer(model_dir: Path):
+    """The Hugging Face tokenizer, or a TokenizerError saying why it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # transformers and tokenizers raise many types for a broken tokenizer
+        raise TokenizerError(f"The Hugging Face tokenizer in '{model_dir}' cannot be loaded: {type(exc).__name__}: {exc}.",
+                             "re-copy the tokenizer files (tokenizer.json, tokenizer_config.json) from the checkpoint") from None
+
+
 def refuse_what_transformers_would_add(path: Path, config: dict) -> None:
     """Refuse a directory from which Hugging Face loading would read more than the files edgemed indexes.
 
