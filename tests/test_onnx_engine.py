@@ -126,6 +126,15 @@ HOSTILE_CONFIGS = {
     "layer name without %d": (lambda c: _dec(c, outputs={**c["model"]["decoder"]["outputs"], "present_key_names": "present.key"}),
                               "present_key_names' must hold one '%d'"),
     "no head size": (lambda c: _dec(c, head_size=None), "'model.decoder.head_size' is missing"),
+    # names the graph does not have: onnxruntime's InvalidArgument traceback at the first prompt
+    "one layer fewer than the graph": (lambda c: _dec(c, num_hidden_layers=c["model"]["decoder"]["num_hidden_layers"] - 1),
+                                       "graph input(s) it does not name: past_key_values.1.key"),
+    "one layer more than the graph": (lambda c: _dec(c, num_hidden_layers=c["model"]["decoder"]["num_hidden_layers"] + 1),
+                                      "input(s) the graph lacks: past_key_values.2.key"),
+    "an input the graph lacks": (lambda c: _dec(c, inputs={**c["model"]["decoder"]["inputs"], "input_ids": "tokens"}),
+                                 "input(s) the graph lacks: tokens"),
+    "an output the graph lacks": (lambda c: _dec(c, outputs={**c["model"]["decoder"]["outputs"], "logits": "scores"}),
+                                  "output(s) the graph lacks: scores"),
 }
 
 

@@ -156,11 +156,31 @@ class OnnxEngine:
             for key in ("past_key_names", "past_value_names"):
                 self._past_specs.append(self.names[key] % i)
         inputs = {i.name: i for i in self.session.get_inputs()}
+        self._check_names(dec["filename"], set(inputs), {o.name for o in self.session.get_outputs()})
         spec = inputs[self._past_specs[0]]
         # [batch, kv_heads, past, head_dim]; taken from the config (a graph may name the last axis symbolically)
         self._kv = (int(dec["num_key_value_heads"]), int(dec["head_size"]), _NP_TYPES.get(spec.type, "float32"))
         self._outputs = [self.names["logits"]] + [
             self.names[key] % i for i in range(self.n_layers) for key in ("present_key_names", "present_value_names")]
+
+    def _check_names(self, filename: str, graph_inputs: set[str], graph_outputs: set[str]) -> None:
+        """Refuse a genai_config.json whose names are not the graph's: onnxruntime would fail on the first prompt
+        with an InvalidArgument traceback (a layer count one off: a past input never fed, or one the graph lacks)."""
+        fed = {self.names["input_ids"], self.names["attention_mask"], *self._past_specs}
+        if "position_ids" in self.names:
+            fed.add(self.names["position_ids"])
+        wanted = {self.names["logits"]} | {self.names[key] % i for i in range(self.n_layers)
+                                          for key in ("present_key_names", "present_value_names")}
+        gaps = [("input(s) the graph lacks", sorted(fed - graph_inputs)),
+                ("graph input(s) it does not name", sorted(graph_inputs - fed)),
+                ("output(s) the graph lacks", sorted(wanted - graph_outputs))]
+        said = "; ".join(f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}" for what, names in gaps if names)
+        if said:
+            raise ModelLoadError(
+                f"'{self.path / GENAI_CONFIG}' does not describe the graph '{filename}' (it says "
+                f"num_hidden_layers {self.n_layers}); {said}.",
+                "re-copy genai_config.json and the graph from the same converted directory, or convert the model again "
+                "with `edgemed convert --to onnx`")
 
     def _load_template(self, tok_cfg: dict) -> str | None:
         file = self.path / "chat_template.jinja"
