@@ -54,3 +54,69 @@ def test_onnx_bundle_manifest_carries_parity_and_provenance(tiny_onnx, tmp_path)
     assert str(tiny_onnx.parent) not in json.dumps(prov)  # build-machine paths stay out of the manifest
     text = CliRunner().invoke(cli, ["inspect", str(bundle)], catch_exceptions=False).output
     assert "parity recorded" in text
+
+
+# -- the report names the directory's bytes, and pack checks them ---------------------------------------------------
+def _pack(model: Path, tmp_path: Path, *extra) -> object:
+    license_ = kit.inputs(tmp_path / "src")["license"]
+    return CliRunner().invoke(cli, ["pack", str(model), "--license", str(license_), "--name", "tiny-onnx", "--dir",
+                                    "-o", str(tmp_path / "b"), *map(str, extra)], catch_exceptions=False)
+
+
+def test_the_report_names_every_file_of_the_directory_by_size_and_sha256(tiny_onnx):
+    import hashlib
+
+    files = json.loads(report_path(tiny_onnx).read_text())["files"]
+    on_disk = {p.name for p in tiny_onnx.iterdir()} - {"report.json"}
+    assert set(files) == on_disk and {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json"} <= on_disk
+    for name, f in files.items():
+        data = (tiny_onnx / name).read_bytes()
+        assert f == {"size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("change", ["altered", "swapped", "missing", "extra"])
+def test_pack_refuses_a_directory_whose_files_are_not_the_ones_its_report_names(tiny_onnx, tmp_path, change):
+    """Weights copied in from another conversion kept this report's parity and LoRA sha256 in the manifest."""
+    import shutil
+
+    d = shutil.copytree(tiny_onnx, tmp_path / "copy")
+    data = d / "model.onnx.data"
+    if change == "altered":  # same size, one byte changed
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    elif change == "swapped":  # another model's weights
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2] * 2 + b"\0")
+    elif change == "missing":
+        (d / "genai_config.json").unlink()
+    else:
+        (d / "model_b.onnx").write_bytes((d / "model.onnx").read_bytes())
+    named = {"altered": "model.onnx.data", "swapped": "model.onnx.data", "missing": "genai_config.json", "extra": "model_b.onnx"}[change]
+    r = _pack(d, tmp_path)
+    assert r.exit_code == 1 and "does not hold the files its conversion report" in r.output and named in r.output, r.output
+    assert "re-run `edgemed convert --to onnx`" in r.output and not (tmp_path / "b").exists()
+    assert _pack(d, tmp_path, "--no-report").exit_code == 0  # the way out it names: no parity claimed
+
+
+def test_pack_takes_the_untouched_directory(tiny_onnx, tmp_path):
+    r = _pack(tiny_onnx, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["provenance"]["parity"]["fp32"]["passed"] is True
+
+
+def test_a_report_without_file_digests_packs_with_a_warning(tiny_onnx, tmp_path, caplog):
+    """As a GGUF report without its output's sha256 is taken: an older edgemed wrote it."""
+    import shutil
+
+    d = shutil.copytree(tiny_onnx, tmp_path / "old")
+    rep = json.loads((d / "report.json").read_text())
+    del rep["files"]
+    (d / "report.json").write_text(json.dumps(rep))
+    with caplog.at_level("WARNING"):
+        r = _pack(d, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "names no file digests" in caplog.text and "edgemed convert --to onnx --force" in caplog.text
+    rep["files"] = ["model.onnx"]  # not a map: refused, not a traceback
+    (d / "report.json").write_text(json.dumps(rep))
+    r = _pack(d, tmp_path, "--force")
+    assert r.exit_code == 1 and "'files' entry" in r.output, r.output

@@ -26,7 +26,8 @@ from pathlib import Path
 from edgemed import env
 from edgemed.files.atomic import atomic_path, check_destination, scratch_dir
 from edgemed.constants import ONNX_OUTPUT_TYPES
-from edgemed.formats.conversion_report import ConversionReport, report_path
+from edgemed.files.hashing import file_sha256
+from edgemed.formats.conversion_report import IN_DIRECTORY, ConversionReport, report_path
 from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.budget import peaks as budget
 from edgemed.converters.source.checkpoint import Checkpoint
@@ -126,15 +127,27 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
             onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
         for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped
             f.chmod(0o644)
-        size = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        files = output_files(tmp)  # the report names the bytes its parity was measured on: `edgemed pack` checks them
+        size = sum(f["size_bytes"] for f in files.values())
         timings.since_start("total")
         result = ConversionReport(
-            fmt="onnx", output=str(out), out_type=opts.weight_type, size_bytes=size, architecture=ckpt.architecture,
+            fmt="onnx", output=str(out), out_type=opts.weight_type, size_bytes=size, files=files, architecture=ckpt.architecture,
             source=source_info, lora=lora_info, quantization=quant_info, parity=parity if opts.parity else None, timings_s=timings.report(),
             converter=provenance.converter_info(TOOLS | kind.tools, graph=kind.name),
         )
         report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
     return result
+
+
+def output_files(directory: Path) -> dict[str, dict]:
+    """Every file of an ONNX output directory but its report: relative POSIX path -> its size and sha256, the
+    fields a GGUF's report names its one file by."""
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = f.relative_to(directory).as_posix()
+        if rel != IN_DIRECTORY:
+            out[rel] = {"size_bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    return out
 
 
 def _check_tensors(ckpt: Checkpoint, spec) -> None:

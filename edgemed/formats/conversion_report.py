@@ -74,6 +74,7 @@ class ConversionReport:
     auto_quant: dict | None = None  # gguf --quant auto: the search (every candidate measured) and the chosen types
     imatrix: dict | None = None  # gguf --imatrix-from: the calibration text (name, sha256) and how much of it was used
     sha256: str | None = None  # gguf: the output file's sha256 (the report lands first; pack checks the pair by it)
+    files: dict | None = None  # onnx: every file of the directory but the report, path -> {"size_bytes", "sha256"} (pack checks them)
 
     @property
     def weight_type(self) -> str:
@@ -85,6 +86,8 @@ class ConversionReport:
         out = {"output": self.output, spec.type_key: self.out_type, "size_bytes": self.size_bytes}
         if self.sha256 is not None:
             out["sha256"] = self.sha256
+        if self.files is not None:
+            out["files"] = self.files
         out |= {"architecture": self.architecture, "source": self.source, "lora": self.lora}
         out |= {name: getattr(self, name) for name in spec.sections}
         if self.auto_quant is not None:  # only --quant auto reports have it: other reports keep their keys

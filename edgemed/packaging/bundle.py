@@ -29,7 +29,7 @@ from pathlib import Path
 from edgemed import __version__, env
 from edgemed.files.atomic import atomic_path, refuse_input_as_output
 from edgemed.files.hashing import file_sha256
-from edgemed.formats.conversion_report import existing_report
+from edgemed.formats.conversion_report import IN_DIRECTORY, existing_report
 from edgemed.formats.input_file import read_at_most
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.formats.sniff import sniff
@@ -193,12 +193,44 @@ def _report_provenance(report: Path, model: Path) -> dict:
         raise InputError(f"The conversion report '{report}' describes another file (sha256 {r['sha256'][:12]}...), not this "
                          "model: a conversion was stopped between writing its report and its output, or the files were mixed up.",
                          "re-run `edgemed convert` (with --force) to make the pair again, or pass --no-report")
+    if model.is_dir():
+        _check_onnx_files(r, report, model)
     src, lora = r.get("source") or {}, r.get("lora") or {}
     out = {"source_sha256": src.get("sha256"), "source_dtype": src.get("dtype"), "lora_sha256": lora.get("sha256"),
            "converter_version": (r.get("converter") or {}).get("version"), "out_type": r.get("out_type") or r.get("weight_type"),
            "parity": r.get("parity"), "tokenizer_check": r.get("tokenizer"),
            "imatrix": r.get("imatrix")}  # the calibration text a 4-bit file was quantized with (name, sha256, tokens)
     return {k: v for k, v in out.items() if v is not None}
+
+
+_ONNX_REMAKE = ("re-run `edgemed convert --to onnx` (with --force) to make the directory and its report again, "
+                "or pass --no-report to pack it without the report's parity and provenance")
+
+
+def _check_onnx_files(r: dict, report: Path, model: Path) -> None:
+    """An ONNX directory holds exactly the files its report names, of the sizes and sha256 it names, so the parity
+    and provenance the bundle carries were measured on these bytes. A report without ``files`` (an older edgemed
+    wrote it) is taken with a warning, as a GGUF report without its output's sha256 is taken."""
+    listed = r.get("files")
+    if listed is None:
+        log.warning("the conversion report '%s' was written by an older edgemed and names no file digests, so nothing "
+                    "checks that its parity was measured on the files of '%s'; re-run `edgemed convert --to onnx --force` "
+                    "to have pack check them", report, model)
+        return
+    if not isinstance(listed, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size_bytes"), int) and isinstance(v.get("sha256"), str) for v in listed.values()):
+        raise InputError(f"The conversion report '{report}' has a 'files' entry that is not a map of path to size_bytes "
+                         "and sha256.", _ONNX_REMAKE)
+    found = {p.relative_to(model).as_posix(): p for p in sorted(model.rglob("*")) if p.is_file()}
+    found.pop(IN_DIRECTORY, None)
+    missing, extra = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
+    changed = [rel for rel in sorted(set(listed) & set(found))
+               if found[rel].stat().st_size != listed[rel]["size_bytes"] or file_sha256(found[rel]) != listed[rel]["sha256"]]
+    if missing or extra or changed:
+        what = "; ".join(f"{label}: {', '.join(names)}" for label, names in (
+            ("other bytes than the report names", changed), ("missing", missing), ("not in the report", extra)) if names)
+        raise InputError(f"The ONNX directory '{model}' does not hold the files its conversion report '{report}' "
+                         f"describes ({what}), so the report's parity was not measured on these weights.", _ONNX_REMAKE)
 
 
 def _runtime_versions(fmt: str) -> tuple[dict, dict]:
