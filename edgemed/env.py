@@ -44,12 +44,20 @@ _OFFLINE_VARS = {
 
 def worker_env() -> dict:
     """The environment of a worker process edgemed starts with ``python -m edgemed...`` (the template renderer, the
-    grammar probe): this one, with the folder holding this edgemed package first on ``PYTHONPATH``, so the worker
-    imports the same code whether it is installed or run from a checkout."""
+    grammar probe, the self-test): this one, with the folder holding this edgemed package first on ``PYTHONPATH``, so
+    the worker imports the same code whether it is installed or run from a checkout, and ``PYTHONSAFEPATH`` set, so
+    ``-m`` does not put the working folder first on the import path (Python 3.11+; ``worker_cwd`` covers older)."""
     environ = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, environ.get("PYTHONPATH")) if p)
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (worker_cwd(), environ.get("PYTHONPATH")) if p)
+    environ["PYTHONSAFEPATH"] = "1"
     return environ
+
+
+def worker_cwd() -> str:
+    """The folder a worker process runs in: the one holding this edgemed package. ``python -m`` imports from its
+    working folder first, so a worker started in the user's folder would run a ``json.py`` or ``struct.py`` lying
+    there (a downloaded checkpoint, a shared drive) before the standard library's."""
+    return str(Path(__file__).resolve().parents[1])
 
 
 def home() -> Path:

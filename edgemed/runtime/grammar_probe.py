@@ -82,7 +82,8 @@ class GrammarProbe:
     ``ProbeBusy``."""
 
     def __init__(self, model_path: Path | str, *, seconds: float = PROBE_SECONDS, tokens: int = PROBE_TOKENS):
-        self.model_path, self.seconds, self.tokens = Path(model_path), seconds, tokens
+        # absolute: the worker runs in another folder (env.worker_cwd)
+        self.model_path, self.seconds, self.tokens = Path(model_path).absolute(), seconds, tokens
         self._probing = threading.Lock()  # the worker: one probe at a time
         self._state = threading.Lock()  # verdicts, the process handle, closed: held for moments only
         self._proc: subprocess.Popen | None = None
@@ -165,14 +166,14 @@ class GrammarProbe:
                 raise ProbeUnavailable("The model server is shutting down.", "retry when it is back")
             if self._proc is not None and self._proc.poll() is None:
                 return self._proc
-        from edgemed.env import worker_env
+        from edgemed.env import worker_cwd, worker_env
 
         why = None
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "edgemed.runtime.grammar_probe", str(self.model_path), str(self.tokens)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=worker_env(),
-                close_fds=True)
+                cwd=worker_cwd(), close_fds=True)
         except OSError as exc:
             proc, why = None, f"{sys.executable} did not start ({exc})"
         ready = _read_line(proc, STARTUP_SECONDS) if proc is not None else None

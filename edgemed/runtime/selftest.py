@@ -155,12 +155,15 @@ def run_child(path: Path, load: LoadSettings, timeout: float = TIMEOUT_S, adapte
     from edgemed.runtime.llamacpp import build
 
     mode = buffers.resolve(load.extra_buffers, build())
-    args = [sys.executable, "-m", "edgemed.runtime.selftest", str(path), json.dumps(asdict(replace(load, extra_buffers=mode)))]
+    # paths absolute: the child runs in edgemed's own folder (env.worker_cwd), never the user's
+    args = [sys.executable, "-m", "edgemed.runtime.selftest", str(Path(path).absolute()),
+            json.dumps(asdict(replace(load, extra_buffers=mode)))]
     if adapters:
-        args.append(json.dumps([[str(a.path), a.scale] for a in adapters]))
-    child_env = dict(os.environ, **{env.SELFTEST_CHILD_VAR: "1"})
+        args.append(json.dumps([[str(Path(a.path).absolute()), a.scale] for a in adapters]))
+    child_env = dict(env.worker_env(), **{env.SELFTEST_CHILD_VAR: "1"})
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=child_env, check=False)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=child_env, check=False,
+                              cwd=env.worker_cwd())
     except subprocess.TimeoutExpired:
         return Verdict(False, mode, None, f"no answer within {timeout:.0f} s")
     last = (proc.stdout.strip().splitlines() or [""])[-1]

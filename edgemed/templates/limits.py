@@ -124,13 +124,13 @@ class _Worker:
     """One renderer process and its pipes."""
 
     def __init__(self):
-        from edgemed.env import worker_env
+        from edgemed.env import worker_cwd, worker_env
 
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgemed.templates.worker", str(MAX_MEMORY_BYTES), str(MAX_RECURSION)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=worker_env(),
-                close_fds=True)
+                cwd=worker_cwd(), close_fds=True)
         except OSError as exc:
             raise TemplateError(f"Could not start the template renderer process ({exc}).",
                                 f"check that {sys.executable} runs") from None
