@@ -220,7 +220,12 @@ def test_with_no_policy_a_signed_model_is_replaced_only_by_its_signer(edgemed_ho
     assert "An installed model is replaced only by a bundle from its own signer" in out, out
     assert Store().record("tiny")["signed_by"] == signing.load_public_key(made["a"]).key_id
     r = CliRunner().invoke(cli, ["install", str(made["by-a"]), "--force"])
-    assert r.exit_code == 0, r.output
+    a_id = signing.load_public_key(made["a"]).key_id
+    assert r.exit_code == 0 and f"signature valid (key {a_id})" in r.output, r.output
+    rec = Store().record("tiny")  # the update keeps its signer on record, so the next update is held to it too
+    assert rec["signed_by"] == a_id and rec["signer_key"], rec
+    out = _refused_cli("install", made["by-b"], "--force", "--key", made["b"])
+    assert "An installed model is replaced only by a bundle from its own signer" in out, out
     r = CliRunner().invoke(cli, ["install", str(made["unsigned"]), "--force", "--allow-signer-change"])
     assert r.exit_code == 0 and Store().record("tiny")["signed_by"] is None, r.output
 

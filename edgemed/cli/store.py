@@ -14,7 +14,7 @@ from edgemed.cli import json_flag
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", help="Install under this name (default: the bundle's name).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Require a valid signature by this public key (for this command, in place of trust.toml's keys).")
+              help="Require a valid signature by this public key (where there is a trust.toml, it must also trust the key).")
 @click.option("--cert-chain", "cert_chain", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Require a valid certificate signature chaining to this root certificate (PEM; repeatable).")
 @click.option("--force", is_flag=True, help="Replace an installed model of the same name (the replaced version is kept: edgemed rollback NAME).")

@@ -339,9 +339,9 @@ class Store:
                 if man.adapters_only:  # refused here, before any weights are read: its base must be installed
                     self._check_base_installed(man, target)
                 key = trust.decide(origin, sig, man, data, key=public_key, policy=policy)  # the trust policy (trust.py)
-                if (self.models / target).exists():
-                    trust.check_update(target, self.record(target), origin, sig, man, data, key, policy=policy,
-                                       allow_signer_change=allow_signer_change)
+                if (self.models / target).exists():  # an update: its signer continues the installed model's
+                    key = trust.check_update(target, self.record(target), origin, sig, man, data, key, policy=policy,
+                                             allow_signer_change=allow_signer_change)
                 if key is not None:
                     signer["key_id"] = signing.signer_id(sig) if isinstance(key, signing.CertRoots) else key.key_id
                     signer["pem"] = key.pem.decode("ascii") if isinstance(key, signing.PublicKey) else None

@@ -20,7 +20,7 @@ names its signers. Everything else is judged by ``[local]``; with no trust.toml 
 behave as before (a signature is checked when ``--key`` is given).
 
 The rule, for the entry that applies: a key given on the command line (``--key``) must verify the
-signature; otherwise an unsigned bundle passes only when ``require_signature`` is false; a signed one
+signature, and where a trust.toml exists the entry must trust it too; otherwise an unsigned bundle passes only when ``require_signature`` is false; a signed one
 must verify with one of the entry's keys (a signature by any other key is refused, whatever
 ``require_signature`` says), unless the entry lists no key and does not require a signature.
 ``install`` and ``pull`` apply it before any file is stored; ``run`` (and serve, chat, bench) apply it
@@ -131,9 +131,9 @@ def _entry(table, where: str, require_default: bool, home: Path, path: Path, fix
 
 def _fix(policy: Policy, entry: Entry, repo: str | None) -> str:
     table = f'[registries."{repo}"]' if repo is not None else "[local]"
+    also = "" if policy.exists else ", or pass --key MAKER.pub.pem"  # with a trust.toml, --key must be in it anyway
     return (f"if you trust this bundle's maker, add their public key to {policy.path} under {table} "
-            f"(keys = [\"keys/maker.pub.pem\"], the file under {policy.path.parent}), or pass --key MAKER.pub.pem; "
-            "otherwise do not install it")
+            f"(keys = [\"keys/maker.pub.pem\"], the file under {policy.path.parent}){also}; otherwise do not install it")
 
 
 def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest_bytes: bytes, *, key=None,
@@ -177,35 +177,40 @@ def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest
 
 
 def check_update(name: str, installed: dict | None, origin: str | None, sig: signing.Signature | None, manifest,
-                 manifest_bytes: bytes, key, *, policy: Policy, allow_signer_change: bool = False) -> None:
+                 manifest_bytes: bytes, key, *, policy: Policy, allow_signer_change: bool = False):
     """Replacing the installed ``name`` (its index record ``installed``): a model that was signed is replaced only by
     a bundle its signer signed, or one a key that the installed model's own origin trusts signed (a rotation made in
     trust.toml). Otherwise a signer trusted for one repository, or a bundle of the same name from another maker,
     would replace it. ``key``: what ``decide`` verified the new bundle with (None: nothing). ``allow_signer_change``
-    (``--allow-signer-change``): the operator means to change the model's maker."""
+    (``--allow-signer-change``): the operator means to change the model's maker.
+
+    Returns the key that verified the new bundle (``key``, or the one this check found: the installed model's own, or
+    one its origin's entry trusts), so the new record names its signer as the one it replaces did; None when neither
+    is signed, or the change of signer was allowed without one."""
     if not installed or not (installed.get("signer_key") or installed.get("signed_by")):
-        return  # an unsigned model: there is no signer to continue
+        return key  # an unsigned model: there is no signer to continue
     old_pem, old_id = installed.get("signer_key"), installed.get("signed_by")
     new_id = signing.signer_id(sig) if sig is not None else None
-    if sig is not None and isinstance(key, signing.CertRoots) and new_id == old_id:
-        return  # certificate mode: the same signing identity, its chain checked by decide
+    if sig is not None and isinstance(key, signing.CertRoots) and (new_id == old_id or old_id and old_id.startswith("cert ")):
+        return key  # certificate mode: a chain to roots the operator or the policy named verified it (decide)
     if sig is not None and old_pem:
-        old_key = signing.public_key_from_pem(old_pem.encode("ascii"), Path(f"the key '{name}' was signed with"))
         if isinstance(key, signing.PublicKey) and key.pem.decode("ascii") == old_pem:
-            return
+            return key
+        old_key = signing.public_key_from_pem(old_pem.encode("ascii"), Path(f"the key '{name}' was signed with"))
         try:
             signing.verify(sig, manifest, manifest_bytes, old_key)
-            return  # the installed model's own signer signed this one
+            return old_key  # the installed model's own signer signed this one
         except SignatureError:
             pass
     if sig is not None and policy.exists:
         try:  # a signer the installed model's origin trusts (the clinic rotated the key in trust.toml)
-            if decide(installed.get("origin"), sig, manifest, manifest_bytes, policy=policy) is not None:
-                return
+            found = decide(installed.get("origin"), sig, manifest, manifest_bytes, policy=policy)
+            if found is not None:
+                return key if key is not None else found
         except SignatureError:
             pass
     if allow_signer_change:
-        return
+        return key
     was = installed.get("origin") or installed.get("source") or "an earlier install"
     now = (f"signed by key {new_id}" if key is not None else f"signed by key {new_id}, not checked") if sig is not None \
         else "not signed"
