@@ -260,6 +260,17 @@ def test_certificate_mode_signs_and_checks_against_the_root(made, tmp_path, edge
     from edgemed.packaging.ref import runnable
 
     assert runnable("tiny").model_path.is_file()
+    # an update: a certificate chaining to the roots passes as the same maker; without a trust.toml naming it, a
+    # key-signed bundle is another signer, even with --key (refused without --allow-signer-change)
+    r = _run("install", out, "--force")
+    assert r.exit_code == 0 and "signature valid (key cert CN=clinic model signer" in r.output, r.output
+    (edgemed_home / "trust.toml").unlink()
+    r = _run("install", out, "--force", "--cert-chain", root)
+    assert r.exit_code == 0 and "signature valid (key cert CN=clinic model signer" in r.output, r.output
+    r = _run("install", made["signed"], "--force", "--key", made["pub"])
+    assert r.exit_code == 1 and "replaced only by a bundle from its own signer" in r.output, r.output
+    r = _run("install", made["signed"], "--force", "--key", made["pub"], "--allow-signer-change")
+    assert r.exit_code == 0, r.output
     _flip(out / "LICENSE", 3)
     r = _run("verify", out, "--cert-chain", root)
     assert r.exit_code == 1, r.output
