@@ -74,6 +74,15 @@ class ContextOverflow(InputError):
     """A prompt plus the requested output does not fit in the context window."""
 
 
+class NoAnswer(EdgemedError):
+    """The model used every token it was allowed on thinking: there is no answer to show."""
+
+    def __init__(self, max_tokens: int):
+        super().__init__(f"The model was still thinking when its {max_tokens} tokens ran out: it gave no answer.",
+                         "allow more with --max-tokens, or cap the thinking with --think cap:N (N well below "
+                         "--max-tokens), so tokens are left for the answer")
+
+
 class IntegrityError(EdgemedError):
     """A bundle's files do not match its manifest: damaged, truncated, altered or incomplete."""
 

@@ -129,3 +129,70 @@ def test_chat_keeps_history_and_exits(smollm2_gguf):
     assert result.output.count("you> ") == 3  # two turns answered, then /exit
     replies = [part.split("\n")[0] for part in result.output.split("you> ")[1:3]]
     assert all(r.strip() for r in replies), result.output
+
+
+def _scripted_respond(monkeypatch, turns):
+    """``session.respond`` replaced by scripted turns: each a list of (channel, text), or an exception to raise
+    after the pieces before it."""
+    from edgemed.runtime import session
+
+    calls = iter(turns)
+
+    def respond(engine, prompt, settings, policy):
+        for item in next(calls):
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    monkeypatch.setattr(session, "respond", respond)
+
+
+def test_ctrl_c_stops_one_answer_and_the_chat_goes_on(smollm2_gguf, monkeypatch):
+    """Ctrl-C while an answer was written ended the whole chat (exit 130, the conversation lost)."""
+    _scripted_respond(monkeypatch, [[("answer", "Fati"), KeyboardInterrupt()], [("answer", "Pallor.")]])
+    result = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"],
+                                input="Name one symptom of anaemia.\nName one sign of anaemia.\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "(stopped: that question is left out of the conversation)" in result.output
+    assert result.output.count("you> ") == 3 and "Pallor." in result.output
+
+
+def test_thinking_that_uses_every_token_is_no_answer(smollm2_gguf, monkeypatch):
+    """A reasoning model still thinking at --max-tokens printed an empty line and exited 0 (`run`), or saved an empty
+    turn (`chat`); both now say there is no answer and how to leave tokens for one."""
+    thinking = [("think", "Let me consider iron deficiency, then B12, then ")]
+    _scripted_respond(monkeypatch, [thinking, thinking, thinking, [("answer", "Fatigue.")]])
+    r = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "-p", "Name one symptom of anaemia.", "--threads", "1",
+                                 "--max-tokens", "16"])
+    assert r.exit_code == 1 and "still thinking when its 16 tokens ran out" in r.output and "--think cap:N" in r.output
+    r = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "-p", "Name one symptom.", "--threads", "1", "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["error"] == "NoAnswer", r.output
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"],
+                           input="Name one symptom of anaemia.\nName one.\n/exit\n")
+    assert r.exit_code == 0 and "gave no answer" in r.output and "Fatigue." in r.output, r.output
+
+
+def test_sigterm_at_the_chat_prompt_stops_it_as_a_stop(smollm2_gguf):
+    """click's prompt turned SIGTERM into its Abort, which chat took for Ctrl-D: exit 0, no word of the stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgemed", "chat", str(smollm2_gguf), "--ctx", "512", "--threads",
+                             "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "/exit to quit" not in seen:  # the model is loaded: the prompt comes next
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            seen += proc.stderr.readline()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM and "Stopped (SIGTERM)" in err, (proc.returncode, err[-2000:])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -112,7 +113,13 @@ class LazyGroup(click.Group):
             raise click.ClickException(str(clean)) from None
         except Terminated:
             click.echo("\nStopped (SIGTERM); nothing half-written was left behind.", err=True)
-            sys.exit(128 + signal.SIGTERM)
+            # Die by the signal, as without a handler: a service manager counts that as a clean stop (an exit status
+            # of 143 would be a failure to systemd), and a shell still sees 143
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            sys.exit(128 + signal.SIGTERM)  # not reached
         except KeyboardInterrupt:
             click.echo("\nInterrupted; nothing half-written was left behind.", err=True)
             sys.exit(130)

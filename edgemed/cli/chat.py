@@ -21,11 +21,14 @@ import click
               "applied at run time at SCALE (default 1). Repeatable.")
 def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads, adapters):
     """Chat with MODEL. Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits.
+    Ctrl-C while an answer is written stops that answer (the question is dropped, the conversation goes on); at the
+    prompt it quits.
 
     Thinking from reasoning models is kept out of the history, so it does not fill the context.
     """
+    from edgemed.cli import Terminated
     from edgemed.cli.run import echo_piece
-    from edgemed.errors import ContextOverflow, InputError
+    from edgemed.errors import ContextOverflow, InputError, NoAnswer
     from edgemed.packaging.ref import adapter_specs, runnable
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm
@@ -49,7 +52,9 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
         while True:
             try:
                 line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
-            except (EOFError, click.Abort):
+            except (EOFError, click.Abort) as exc:
+                if isinstance(exc.__context__, Terminated):  # a stop, not the user's Ctrl-C: exit as a stop does
+                    raise exc.__context__ from None
                 break
             if line.strip() in ("/exit", "/quit"):
                 break
@@ -59,13 +64,20 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
-            answer = []
+            answer, thought = [], False
             out = echo_piece(policy.show)
             try:
                 for channel, piece in respond(engine, engine.render_chat(history), settings, policy):
                     out(channel, piece)
+                    thought = thought or channel == "think"
                     if channel == "answer":
                         answer.append(piece)
+            except Terminated:
+                raise
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+                history.pop()
+                click.echo("\n(stopped: that question is left out of the conversation)", err=True)
+                continue
             except ContextOverflow as exc:
                 history.pop()
                 click.echo(f"\n{exc}\n(type /reset to start over)", err=True)
@@ -75,6 +87,10 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
                 click.echo(f"\n{exc}", err=True)
                 continue
             click.echo()
+            if thought and not "".join(answer).strip():  # nothing to keep: an empty turn would teach the model that
+                history.pop()
+                click.echo(f"({NoAnswer(max_tokens)}; the question is left out of the conversation)", err=True)
+                continue
             history.append({"role": "assistant", "content": "".join(answer)})
     finally:
         engine.close()

@@ -209,11 +209,18 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             pieces = respond(engine, engine.render_chat(messages), settings, policy)
         out = echo_piece(policy.show)
-        text = []
+        text, thought = [], False
         for channel, piece in pieces:
             text.append(piece) if channel == "answer" else None
+            thought = thought or channel == "think"
             if not as_json:
                 out(channel, piece)
+        if thought and not "".join(text).strip():  # an empty line and exit 0 read as an answer given
+            from edgemed.errors import NoAnswer
+
+            if not as_json:
+                click.echo()
+            raise NoAnswer(max_tokens)
         click.echo(json.dumps({"reply": "".join(text)}) if as_json else "")
     finally:
         engine.close()
