@@ -58,7 +58,8 @@ def test_a_failure_under_json_is_a_json_document_on_stdout(tmp_path):
     bogus = tmp_path / "model.gguf"
     bogus.write_bytes(b"GGUF\x03\x00\x00\x00")
     cases = [["verify", str(tmp_path / "nope.edgemed")], ["inspect", str(bogus)], ["plan", str(bogus)],
-             ["devices", "show", "no-such-profile"]]
+             ["devices", "show", "no-such-profile"], ["devices", "check", str(tmp_path)],
+             ["pack", "--adapter", "no-equals-sign"]]  # an option checked before --json is read
     for args in cases:
         r = CliRunner().invoke(cli, [*args, "--json"])
         assert r.exit_code == 1, (args, r.output)

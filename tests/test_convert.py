@@ -442,3 +442,21 @@ def test_check_refuses_a_gguf_whose_tokenizer_is_not_the_sources(models, tmp_pat
     bad = runner.invoke(cli, ["check", str(other), str(gguf)])
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "PASS" not in bad.output, bad.output
     assert "token" in bad.output.lower()
+
+
+def test_check_json_of_a_failing_model_is_one_document(models, tmp_path):
+    """`check --json` printed its report, then the failure added a second JSON document: stdout no longer parsed."""
+    gguf = tmp_path / "llama-f16.gguf"
+    convert(models["llama"], gguf, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+    from edgemed.formats.gguf_header import read_header
+
+    header = read_header(gguf)
+    t = max(header.tensors, key=lambda t: t.n_bytes)  # damage its largest tensor's values, not the header
+    data = bytearray(gguf.read_bytes())
+    start = header.data_start + t.offset
+    data[start:start + t.n_bytes] = bytes(reversed(data[start:start + t.n_bytes]))
+    gguf.write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["check", str(models["llama"]), str(gguf), "--json"])
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout)  # one document: the report, with the verdict in it
+    assert doc["passed"] is False, doc

@@ -23,25 +23,32 @@ import click
 from edgemed import __version__
 from edgemed.errors import EdgemedError, output_error
 
-#: ``ctx.meta`` key (shared by every nested context) set when the command was given ``--json``
-_JSON_ASKED = "edgemed.json"
+#: ``ctx.meta`` keys (shared by every nested context): the command was given ``--json``; it printed its JSON result
+_JSON_ASKED, _JSON_PRINTED = "edgemed.json", "edgemed.json-printed"
 
 
 def json_flag(help_text: str | None = None):
-    """The ``--json`` option. With it, a failure is also printed to stdout as one JSON object,
-    ``{"ok": false, "error": TYPE, "problem": ..., "fix": ...}``, so a script reading stdout never gets an empty
-    document; the message still goes to stderr and the exit code is still 1."""
+    """The ``--json`` option. With it, a failure edgemed reports (exit 1) is also printed to stdout as one JSON
+    object, ``{"ok": false, "error": TYPE, "problem": ..., "fix": ...}``, so a script reading stdout never gets an
+    empty document; the message still goes to stderr. Eager: it is seen before any other option's check can fail."""
 
     def remember(ctx, _param, value):
         if value:
             ctx.meta[_JSON_ASKED] = True
         return value
 
-    return click.option("--json", "as_json", is_flag=True, callback=remember, help=help_text)
+    return click.option("--json", "as_json", is_flag=True, callback=remember, is_eager=True, help=help_text)
+
+
+def echo_json_result(text: str) -> None:
+    """Print a command's JSON result; a failure raised after it (a check that did not pass) then adds no second
+    document to stdout."""
+    click.echo(text)
+    click.get_current_context().meta[_JSON_PRINTED] = True
 
 
 def _json_failure(ctx, exc: Exception) -> None:
-    if ctx.meta.get(_JSON_ASKED):
+    if ctx.meta.get(_JSON_ASKED) and not ctx.meta.get(_JSON_PRINTED):
         problem, fix = (exc.problem, exc.fix) if isinstance(exc, EdgemedError) else (str(exc), None)
         click.echo(json.dumps({"ok": False, "error": type(exc).__name__, "problem": problem, "fix": fix}))
 

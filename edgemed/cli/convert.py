@@ -228,7 +228,12 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     # on those ids and answer garbage to the text a user types
     verify_tokenization(opened.checkpoint.path, model)
     report = check_gguf(opened, model, out_type, threads=threads)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    if as_json:
+        from edgemed.cli import echo_json_result
+
+        echo_json_result(json.dumps(report.to_dict(), indent=2))  # with its "passed": the one document on stdout
+    else:
+        click.echo(report.summary())
     if report.passed is False:
         raise gate_error(report, f"'{model.name}'", "do not ship it")
 

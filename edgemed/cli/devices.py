@@ -92,14 +92,15 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     """
     from dataclasses import replace
 
+    from edgemed.errors import InputError
     from edgemed.runtime import selftest
     from edgemed.formats.sniff import model_format
     from edgemed.runtime.session import prepare
 
     path, specs = _check_target(model, adapters)
     if model_format(path) != "gguf":
-        raise click.ClickException(f"'{path}' is not a GGUF file: the self-test checks llama.cpp loads only.\n"
-                                   "Fix: pass a .gguf file or an installed GGUF model name")
+        raise InputError(f"'{path}' is not a GGUF file: the self-test checks llama.cpp loads only.",
+                         "pass a .gguf file or an installed GGUF model name")
     if specs:
         from edgemed.formats.gguf_header import read_header
         from edgemed.runtime.loader import check_adapter
