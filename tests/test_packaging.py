@@ -471,6 +471,11 @@ def test_a_file_named_like_an_installed_model_is_never_run_in_its_place(tmp_path
         runnable("tiny")
     assert "./tiny" in exc.value.fix
     assert runnable("./tiny").kind == "file" and runnable(str(work / "tiny")).kind == "file"
+    for cmd in ("run", "chat"):  # as typed on the command line (a click path type turned ./tiny into tiny)
+        r = CliRunner().invoke(cli, [cmd, "./tiny", *(["--prompt", "hi"] if cmd == "run" else [])], input="/exit\n")
+        assert "names both" not in r.output, (cmd, r.output)
+        r = CliRunner().invoke(cli, [cmd, "tiny", *(["--prompt", "hi"] if cmd == "run" else [])], input="/exit\n")
+        assert r.exit_code == 1 and "names both an installed model and a file" in r.output, (cmd, r.output)
     monkeypatch.chdir(tmp_path)
     assert runnable("tiny").kind == "store"
     (tmp_path / "other").write_text("x")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model")  # as typed: ./NAME is a path, NAME may be an installed model
 @click.option("--system", "-s", help="System message (default: the templates' safety preamble).")
 @click.option("--profile", help="Device profile (default: detected).")
 @click.option("--think", default="hide", show_default=True, help="hide, show, or cap:N tokens of <think>.")

@@ -111,7 +111,7 @@ def _stdin_prompt() -> str:
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.argument("model", required=False)  # as typed: ./NAME is a path, NAME may be an installed model
 @click.option("--prompt", "-p", help="A user message, rendered with the model's chat template.")
 @click.option("--raw", is_flag=True, help="Send --prompt as raw text; the model's chat template is not used at all.")
 @click.option("--system", "-s", help="A system message to put before the prompt.")
