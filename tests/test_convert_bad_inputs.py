@@ -250,6 +250,28 @@ def test_tied_embeddings_beside_a_stored_head_equal_to_the_embedding_convert(mod
     assert "output.weight" not in {t.name for t in read_header(tmp_path / "x.gguf").tensors}
 
 
+@pytest.mark.parametrize("route", ["gguf", "onnx"])
+def test_a_model_type_that_is_not_the_architectures_is_refused_before_work(models, tmp_path, route):
+    """A Qwen2ForCausalLM config saying "model_type": "llama": the GGUF was written as Qwen2 (with its Q/K/V biases)
+    while transformers built a Llama, so GGUF parity failed as "a converter bug", and the ONNX export dropped the
+    biases and passed. Refused when config.json is read, naming both fields and the fix."""
+    from transformers import AutoConfig
+
+    ckpt = _copy(models["qwen2"], tmp_path / "ckpt")
+    _edit_json(ckpt / "config.json", lambda c: c | {"model_type": "llama"})
+    _edit_tensors(ckpt, lambda t: t | {k: t[k] + 0.5 for k in t if k.endswith("_proj.bias")})
+    assert type(AutoConfig.from_pretrained(ckpt)).__name__ == "LlamaConfig"  # the premise: loading builds a Llama
+    out = tmp_path / "out"
+    out.mkdir()
+    if route == "onnx":
+        pytest.importorskip("onnx")
+        result = _convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", out / "onnx")
+    else:
+        result = _convert(ckpt, "--quant", "f16", "-o", out / "x.gguf")
+    _refused(result, "'model_type' is \"llama\"", "'architectures' names Qwen2ForCausalLM", '"model_type": "qwen2"')
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("arch,rope", [("qwen2", {"rope_type": "yarn", "factor": 4.0}),
                                        ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0})])

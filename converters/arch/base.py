@@ -37,6 +37,9 @@ class ArchSpec:
     optional: tuple[str, ...] = ()
     # tie_word_embeddings when config.json leaves it out: the default of transformers' config class for the arch
     tie_default: bool = False
+    # config.json's model_type for this class: Hugging Face loading builds the model of the model_type, the GGUF writer
+    # the one 'architectures' names, so a config where the two disagree is refused (source.checkpoint.validate_config)
+    model_type: str | None = None
 
     @property
     def arch(self) -> "gguf.MODEL_ARCH":

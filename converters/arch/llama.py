@@ -31,6 +31,7 @@ def _k(w, ckpt):
 
 SPEC = ArchSpec(
     gguf_arch="LLAMA",
+    model_type="llama",
     transforms={"ATTN_Q": _q, "ATTN_K": _k},
     extra_hparams=write_decoder_hparams,
     # attention_bias / mlp_bias checkpoints

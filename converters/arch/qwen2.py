@@ -10,6 +10,7 @@ from edgemed.converters.arch.base import ArchSpec, write_decoder_hparams
 
 SPEC = ArchSpec(
     gguf_arch="QWEN2",
+    model_type="qwen2",
     rope_types=("default", "linear", "yarn"),
     extra_hparams=write_decoder_hparams,
     optional=("attn_q.bias", "attn_k.bias", "attn_v.bias"),

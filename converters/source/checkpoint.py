@@ -130,6 +130,8 @@ def validate_config(config: dict, path: Path) -> None:
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
         raise bad("architectures", archs, "a non-empty list of class names", ["LlamaForCausalLM"])
+    if archs:
+        _check_model_type(config, archs[0], where)
     for key, top in _INT_FIELDS.items():
         value = config.get(key)
         if value is not None and not (_is_int(value) and 0 < value <= top):
@@ -175,6 +177,25 @@ def validate_config(config: dict, path: Path) -> None:
     if heads and hidden and not config.get("head_dim") and hidden % heads:
         raise CheckpointError(f"{where}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
                               "and no head_dim is given.", "re-copy config.json from the source checkpoint")
+
+
+def _check_model_type(config: dict, arch: str, where: Path) -> None:
+    """Refuse a 'model_type' that is not the one of the class 'architectures' names: the GGUF writer lays out the
+    class, Hugging Face loading (the ONNX export, the parity reference) builds the model_type's model, so the two
+    routes would compute different models (a Qwen2 loaded as Llama drops its Q/K/V biases)."""
+    from edgemed.converters import REGISTRY, arch_spec
+
+    have = config.get("model_type")
+    if arch not in REGISTRY or have is None:  # an unsupported class is refused by name where it is read
+        return
+    want = arch_spec(arch).model_type
+    if want is not None and have != want:
+        raise CheckpointError(
+            f"{where}: 'model_type' is {json.dumps(have)[:60]}, but 'architectures' names {arch}, whose model_type is "
+            f"\"{want}\": a GGUF would be written as {arch} while Hugging Face loading (the ONNX route and the parity "
+            "reference) builds the model_type's model, so the two would compute different models.",
+            f"set \"model_type\": \"{want}\" if the weights are a {arch}, or name the model_type's own class in "
+            "'architectures'; re-copying config.json from the source checkpoint restores both")
 
 
 #: The tokenizer's other files, read by gguf-py (special tokens, chat template) and by transformers. Both skip a
