@@ -184,7 +184,8 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
             _forget(fetched)
             raise
         rest = [x for x in layers if x not in meta]
-        _check_space(root, store.root, [x for x in rest if not _in_store(store, x)])
+        held = [x for x in rest if _in_store(store, x)]
+        _check_space(root, store.root, [x for x in rest if x not in held], held)
         for x in rest:
             get(x)
         target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin),
@@ -252,17 +253,18 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def _check_space(root: Path, store_root: Path, todo: list[oci.Layer]) -> None:
-    """Room for what is left to download into ``root``, and for the store's own copy of each new file: the install
-    copies (and hashes) every staged file before it links the blobs, so until the downloads are dropped a new file
-    is on disk twice. Where both folders are on one file system, both needs count against its free space."""
+def _check_space(root: Path, store_root: Path, todo: list[oci.Layer], kept: list[oci.Layer] = ()) -> None:
+    """Room for what is left to download into ``root`` (``todo``), and for the store's own copy of every file: the
+    install copies (and hashes) each staged file before it links the blobs, the ones the store holds already
+    (``kept``) included, so until the downloads are dropped a file is on disk twice. Where the store is on another
+    file system, the files it holds are copied into the staging folder under ``root`` too (a link cannot cross)."""
     download = sum(x.size for x in todo) - sum(_part_size(root, x) for x in todo)
-    copy = sum(x.size for x in todo)
+    copy = sum(x.size for x in [*todo, *kept])
     store_at = next(p for p in (store_root, *store_root.parents) if p.exists())
     if os.stat(root).st_dev == os.stat(store_at).st_dev:
         needs = [(root, download + copy, "to download and install")]
     else:
-        needs = [(root, download, "to download"), (store_at, copy, "to install")]
+        needs = [(root, download + sum(x.size for x in kept), "to download"), (store_at, copy, "to install")]
     for where, need, what in needs:
         free = shutil.disk_usage(where).free
         if need > free:
