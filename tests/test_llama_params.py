@@ -49,6 +49,22 @@ def test_mmap_and_mlock_become_llama_cpps_load_mode(mmap, mlock, mode):
     assert load_mode(llama_cpp, LoadSettings(use_mmap=mmap, use_mlock=mlock)) == getattr(llama_cpp, f"LLAMA_LOAD_MODE_{mode}")
 
 
+def test_a_context_off_the_256_grid_stops_where_it_was_asked(smollm2_gguf):
+    """llama.cpp pads a context to 256 cells (1,000 asked: 1,024 made); the engine took the padded size as its limit,
+    so a model planned at its whole trained context of 1,000 tokens could read positions 1,000-1,023."""
+    from edgemed.runtime import llamacpp
+
+    load = LoadSettings(n_ctx=1000, n_threads=1)
+    model = llamacpp.Model(smollm2_gguf, load)
+    ctx = llamacpp.Context(model, load, n_seq_max=2)
+    try:
+        assert model.lib.llama_n_ctx(ctx.ptr) == 1024  # what llama.cpp made
+        assert (ctx.n_ctx, ctx.n_ctx_seq) == (1000, 500)  # the limits every prompt is checked against
+    finally:
+        ctx.close()
+        model.close()
+
+
 def test_every_field_set_reads_back_from_the_struct_and_from_llama_cpp(smollm2_gguf):
     from edgemed.runtime import llamacpp
 

@@ -244,9 +244,11 @@ class Context:
                 "use fewer --slots or a smaller --ctx, or a KV cache type the build supports",
             )
         self.memory = lc.llama_get_memory(self.ptr)
-        self.n_ctx = lc.llama_n_ctx(self.ptr)
+        # llama.cpp pads the cells to a multiple of 256 (1,000 asked: 1,024 made): the limit is what was asked, so a
+        # model planned at its whole trained context never reads positions past it
+        self.n_ctx = min(lc.llama_n_ctx(self.ptr), p.n_ctx)
         self.n_batch = lc.llama_n_batch(self.ptr)
-        self.n_ctx_seq = lc.llama_n_ctx_seq(self.ptr)
+        self.n_ctx_seq = min(lc.llama_n_ctx_seq(self.ptr), max(1, p.n_ctx // n_seq_max))
         self._batch: Batch | None = None
         self.adapters: tuple = ()  # (Adapter, scale) pairs applied to this context (set_adapters)
         if 0 < model.n_ctx_train < self.n_ctx_seq:  # llama.cpp's own warning is only in its log (-v)
