@@ -177,3 +177,21 @@ def test_manifest_paths_nest_at_most_16_deep_and_files_are_not_folders():
         with pytest.raises(IntegrityError, match=f"{clash} is listed both as a file and as a directory"):
             Manifest.from_bytes(_manifest(files), "test")
     assert len(Manifest.from_bytes(_manifest({"model/m.gguf": PAYLOAD, "a/b/c": b"x", "a/b/d": b"y"}), "t").files) == 3
+
+
+def test_thousands_of_chained_extended_headers_are_refused_not_a_traceback(tmp_path, edgemed_home):
+    """tarfile reads each extended header's member by calling itself: 3,000 GNU long-name headers in a row (a 3 MB
+    bundle) were a RecursionError traceback in install, inspect and verify."""
+    bundle = _tar(tmp_path / "chain.edgemed", *[_member("././@LongLink", b"x" * 100, kind=tarfile.GNUTYPE_LONGNAME)
+                                                 for _ in range(3000)], _good_head())
+    for args in (["install"], ["inspect"], ["verify"]):
+        r = CliRunner().invoke(cli, [*args, str(bundle)], catch_exceptions=False)
+        assert r.exit_code == 1 and "extended tar headers in a row" in r.output, (args, r.output[-500:])
+    long_name = tmp_path / "long.edgemed"  # a real long file name (a PAX header before its member) still reads
+    with tarfile.open(long_name, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in (("manifest.json", _manifest({"model/" + "m" * 150 + ".gguf": PAYLOAD})),
+                           ("model/" + "m" * 150 + ".gguf", PAYLOAD)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, __import__("io").BytesIO(data))
+    assert read_tar(long_name, hash_sink)[0].files[0].path.endswith("m.gguf")

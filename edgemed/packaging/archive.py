@@ -101,6 +101,8 @@ Sink = Callable[[FileEntry, BinaryIO], str]
 
 #: The largest extended header (PAX or GNU long name) a bundle may hold: edgemed writes a few hundred bytes.
 MAX_EXTENDED_HEADER = 64 << 10
+#: Extended headers one member may have in a row (tar writers put at most a PAX header and GNU long names)
+MAX_EXTENDED_CHAIN = 8
 _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
@@ -110,10 +112,21 @@ class _BoundedInfo(tarfile.TarInfo):
     any check of ours ran."""
 
     def _proc_member(self, tf):
-        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
+        if self.type not in _EXTENDED:
+            return super()._proc_member(tf)
+        if self.size > MAX_EXTENDED_HEADER:
             raise UnsafeArchive(f"'{tf.name}' declares an extended tar header of {self.size:,} bytes (at most "
                                 f"{MAX_EXTENDED_HEADER:,}).", _FIX)
-        return super()._proc_member(tf)
+        # tarfile reads the member an extended header describes by calling itself: thousands of them in a row were
+        # a RecursionError traceback. A member has at most a few (a PAX header, a long name, a long link name).
+        depth = getattr(tf, "_edgemed_extended", 0)
+        if depth >= MAX_EXTENDED_CHAIN:
+            raise UnsafeArchive(f"'{tf.name}' has more than {MAX_EXTENDED_CHAIN} extended tar headers in a row.", _FIX)
+        tf._edgemed_extended = depth + 1
+        try:
+            return super()._proc_member(tf)
+        finally:
+            tf._edgemed_extended = depth
 
 
 def _open(path: Path) -> tarfile.TarFile:
