@@ -7,6 +7,7 @@ module is tested without the hardware it describes.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -89,7 +90,11 @@ class Host:
 
         try:
             return read_at_most(self.root / path.lstrip("/"), MAX_READ_BYTES).decode("utf-8", errors="replace")
-        except (OSError, ValueError):
+        except ValueError:  # far larger than such a file is: detection goes on without it, but says so
+            logging.getLogger(__name__).warning("%s is larger than %d MiB; detection leaves it out", path,
+                                                MAX_READ_BYTES >> 20)
+            return None
+        except OSError:
             return None
 
     def _fixture_sysctl(self, key: str) -> str | None:
