@@ -48,6 +48,8 @@ def check_destination(path: Path, force: bool, kind: str | None = None) -> None:
         )
     folder = _folder(path)
     if not folder.is_dir():
+        if os.path.lexists(folder):  # a file where the folder should be: "does not exist" would mislead
+            raise OutputExists(f"Output directory '{folder}' is not a folder.", "choose an output inside a folder")
         raise OutputExists(
             f"Output directory '{folder}' does not exist.",
             f"create it first (mkdir -p {folder})",

@@ -51,9 +51,21 @@ def prompt_format(chat_template: str | None) -> PromptFormat | None:
     return next((f for f in FORMATS if all(m in chat_template for m in f.markers)), None)
 
 
-def _block(directive: str, text: str, what: str) -> str:
+def _block(directive: str, text, what: str, fix: str) -> str:
+    '''``DIRECTIVE """text"""``, refusing text that could end the quoted block early. Ollama's Modelfile parser drops
+    characters that are not printable (Go's strconv.IsPrint: controls, format characters such as U+200B, spaces other
+    than ' '), so a quote, U+200B and two quotes would close the block there and what follows would be read as
+    directives: a bundle's card could replace the safety system prompt. Such characters are refused, as are three
+    quotes in a row.'''
+    if not isinstance(text, str):
+        raise InputError(f"The {what} is not text ({type(text).__name__}).", fix)
+    text = text.replace("\r\n", "\n")
+    bad = next((i for i, c in enumerate(text) if not (c.isprintable() or c in "\n\t")), None)
+    if bad is not None:
+        raise InputError(f"The {what} holds the character U+{ord(text[bad]):04X} (at {bad}), which Ollama's Modelfile "
+                         "parser drops: text around it could close the quoted block and be read as directives.", fix)
     if '"""' in text:
-        raise InputError(f"The {what} contains '\"\"\"', which a Modelfile cannot quote.", f"edit the {what} and re-pack")
+        raise InputError(f"The {what} contains '\"\"\"', which a Modelfile cannot quote.", fix)
     return f'{directive} """{text}"""'
 
 
@@ -69,17 +81,21 @@ def modelfile(v: Verified, gguf_name: str, chat_template: str | None, system: st
              f"# bundle manifest sha256 {v.manifest_sha256}; model sha256 {man.entry(man.model_path).sha256}",
              f"FROM ./{gguf_name}"]
     if fmt is not None:
-        lines.append(_block("TEMPLATE", fmt.go_template, "chat template"))
+        lines.append(_block("TEMPLATE", fmt.go_template, "chat template", "report this as a bug"))
     else:
         lines.append("# TEMPLATE left out: no known prompt format matched; Ollama uses the template stored in the GGUF")
-    system = system if system is not None else man.card.get("system_prompt")
+    given = system is not None
+    system = system if given else man.card.get("system_prompt")
     if system:
-        lines.append(_block("SYSTEM", system, "system prompt"))
+        lines.append(_block("SYSTEM", system, "--system text" if given else "card's system_prompt",
+                            "pass printable text with --system" if given else "edit the card's system_prompt and "
+                            "re-pack, or pass --system"))
     lines += [f"PARAMETER num_ctx {ctx}", "PARAMETER temperature 0"]
     lines += [f"PARAMETER stop {_quote(s)}" for s in (fmt.stops if fmt else ())]
     lic = man.entry("LICENSE")
     if lic is not None:
-        lines.append(_block("LICENSE", (v.root / "LICENSE").read_text(encoding="utf-8").strip("\n"), "LICENSE file"))
+        lines.append(_block("LICENSE", (v.root / "LICENSE").read_text(encoding="utf-8").strip("\n"), "LICENSE file",
+                            "edit the LICENSE and re-pack"))
     return "\n".join(lines) + "\n"
 
 
@@ -94,9 +110,12 @@ def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, forc
     man = v.manifest
     if man.model.get("format") != "gguf":
         raise InputError(f"'{man.name}' is a {man.model.get('format')} model; Ollama runs GGUF only.", "export a GGUF bundle")
-    out_dir.mkdir(parents=True, exist_ok=True)
     gguf_name = f"{man.name}.gguf"
-    text = modelfile(v, gguf_name, chat_template(v.model_path), system)
+    text = modelfile(v, gguf_name, chat_template(v.model_path), system)  # refused text leaves no folder behind
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"'{out_dir}' cannot be made a folder: a file is in the way.", "choose another --ollama folder") from None
     with atomic_paths([out_dir / gguf_name, out_dir / "Modelfile"], force=force) as (gguf_tmp, modelfile_tmp):
         _copy_checked(v, gguf_tmp)
         modelfile_tmp.write_text(text, encoding="utf-8")
