@@ -107,3 +107,10 @@ def test_run_refuses_an_empty_binary_or_endless_piped_prompt(tmp_path):
                               ([], b"a" * (MAX_STDIN_PROMPT_BYTES + 1), "over 4 MiB")]:
         r = CliRunner().invoke(cli, ["run", str(model), *args], input=stdin)
         assert r.exit_code == 1 and said in r.output and "does not exist" not in r.output, (args, r.output)
+
+
+def test_a_template_run_refuses_prompt_and_system_it_would_ignore(tmp_path):
+    """`run -t mcq --system "Reply in French only." --prompt ...` exited 0 having used neither."""
+    for extra, flag in ([["--prompt", "ignore this"], "--prompt"], [["--system", "Reply in French only."], "--system"]):
+        r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.gguf"), "-t", "mcq", "-q", "Which?", *extra])
+        assert r.exit_code == 1 and f"so {flag} cannot be used with it" in r.output, r.output

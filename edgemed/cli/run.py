@@ -151,6 +151,11 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
 
     if model is None:
         raise InputError("No model given.", "pass a .gguf path: edgemed run model.gguf --prompt '...' (make one with `edgemed convert`)")
+    if template_name and (prompt is not None or system):  # they were ignored without a word
+        flag = "--prompt" if prompt is not None else "--system"
+        raise InputError(f"--template {template_name} writes the whole prompt, its safety preamble included, so {flag} "
+                         "cannot be used with it.",
+                         "pass the question with --question/--option/-i (see `edgemed run --help`), or drop --template")
     if raw and (template_name or system):
         flag = "--template" if template_name else "--system"
         raise InputError(f"--raw sends the prompt as it is, without the chat template, so {flag} cannot be used with it.",
