@@ -10,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import jinja2
+import pytest
 from packaging.requirements import Requirement
 
+from edgemed.errors import InputError
 from edgemed.formats.nesting import loads_toml
+from edgemed.runtime.chat_template import render as render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +30,14 @@ def test_the_jinja2_floor_excludes_the_sandbox_escapes():
     jinja = Requirement(next(d for d in deps if d.lower().startswith("jinja2")))
     assert not jinja.specifier.contains("3.1.5") and not jinja.specifier.contains("3.1.4")
     assert jinja.specifier.contains("3.1.6") and jinja.specifier.contains(jinja2.__version__)
+
+
+# -- a chat template's refusal ------------------------------------------------------------------------------
+
+
+def test_a_chat_templates_refusal_is_cut_short():
+    """raise_exception's message comes from the template (here: the user's whole message): it was printed whole."""
+    huge = [{"role": "user", "content": "x" * 1_000_000}]
+    with pytest.raises(InputError, match="refused the conversation") as refused:
+        render_chat("{{ raise_exception(messages[0].content) }}", huge)
+    assert "x" * 400 in refused.value.problem and len(refused.value.problem) < 1000

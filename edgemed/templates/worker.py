@@ -31,6 +31,8 @@ MAX_INT_BITS = 1 << 16
 #: Compiled templates kept per process (a server renders one chat template, a few prompt templates).
 CACHE_SIZE = 16
 HEADER = struct.Struct(">I")
+#: the most of a template's own text (a refusal, an error) that a failure's detail carries
+MAX_DETAIL_CHARS = 500
 
 
 class Failed(BaseException):
@@ -78,8 +80,13 @@ def _check_product(left, right, max_items: int) -> None:
 
 
 # -- flavors: how each kind of template is compiled and what it may call -----------------------------------
+def _short(text: str) -> str:
+    """A detail as shown to the user: a template's own text (a refusal, a name) can be of any length."""
+    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "…"
+
+
 def _raise_exception(message):
-    raise Failed("refused", str(message))
+    raise Failed("refused", _short(str(message)))
 
 
 def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
@@ -139,11 +146,11 @@ class Renderer:
         except Failed as exc:
             return {"ok": False, "kind": exc.kind, "detail": exc.detail}
         except jinja2.TemplateSyntaxError as exc:
-            return {"ok": False, "kind": "syntax", "detail": f"line {exc.lineno}: {exc.message}"}
+            return {"ok": False, "kind": "syntax", "detail": _short(f"line {exc.lineno}: {exc.message}")}
         except jinja2.UndefinedError as exc:
-            return {"ok": False, "kind": "undefined", "detail": str(exc)}
+            return {"ok": False, "kind": "undefined", "detail": _short(str(exc))}
         except SecurityError as exc:
-            return {"ok": False, "kind": "unsafe", "detail": str(exc)}
+            return {"ok": False, "kind": "unsafe", "detail": _short(str(exc))}
         except UnicodeEncodeError:
             return {"ok": False, "kind": "unicode", "detail": ""}
         except MemoryError:
@@ -151,7 +158,7 @@ class Renderer:
         except RecursionError:
             return {"ok": False, "kind": "recursion", "detail": ""}
         except Exception as exc:  # untrusted code: every failure is the template's, and is reported as such
-            return {"ok": False, "kind": "error", "detail": f"{type(exc).__name__}: {exc}"[:500]}
+            return {"ok": False, "kind": "error", "detail": _short(f"{type(exc).__name__}: {exc}")}
         finally:
             _alarm(0)
 
