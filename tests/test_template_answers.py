@@ -16,6 +16,7 @@ from packaging.requirements import Requirement
 from edgemed.errors import InputError
 from edgemed.formats.nesting import loads_toml
 from edgemed.runtime.chat_template import render as render_chat
+from edgemed.templates import get_template
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +42,31 @@ def test_a_chat_templates_refusal_is_cut_short():
     with pytest.raises(InputError, match="refused the conversation") as refused:
         render_chat("{{ raise_exception(messages[0].content) }}", huge)
     assert "x" * 400 in refused.value.problem and len(refused.value.problem) < 1000
+
+
+# -- a user folder's preamble -------------------------------------------------------------------------------
+INDEX = '[[template]]\nname = "mine"\nfile = "mine.toml"\n'
+MINE = ('name = "mine"\ntitle = "t"\nsystem = "Task: answer."\nuser = "{{ question }}"\n'
+        '[inputs.question]\nhelp = "q"\n[contract]\nkind = "text"\n')
+
+
+def _folder(tmp_path: Path, monkeypatch, index: str, template: str) -> Path:
+    folder = tmp_path / "tpl"
+    folder.mkdir(exist_ok=True)
+    (folder / "index.toml").write_text(index)
+    (folder / "mine.toml").write_text(template)
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("preamble", ["", 'preamble = ""\n', 'preamble = "  \\n"\n'])
+def test_a_user_folder_that_sets_no_preamble_gets_the_safety_preamble(tmp_path, monkeypatch, preamble):
+    _folder(tmp_path, monkeypatch, preamble + INDEX, MINE)
+    system = get_template("mine").messages({"question": "fever?"})[0]["content"]
+    assert "never replace" in system and "emergency care now" in system and "\n\nTask: answer." in system
+
+
+def test_a_user_folder_may_set_its_own_preamble(tmp_path, monkeypatch):
+    _folder(tmp_path, monkeypatch, 'preamble = "Ward 7 rules apply."\n' + INDEX, MINE)
+    system = get_template("mine").messages({"question": "fever?"})[0]["content"]
+    assert system.startswith("Ward 7 rules apply.") and "never replace" not in system

@@ -216,8 +216,11 @@ def _read_user_file(folder: Path, name: str) -> str:
         raise TemplateError(f"{path}: not UTF-8 text (byte {exc.start}).", f"save {path} as UTF-8") from None
 
 
-def _load_folder(read, label: str, found: dict[str, Template]) -> None:
-    """``read(name) -> text``: one folder with an index.toml listing its template files.
+def _load_folder(read, label: str, found: dict[str, Template], fallback: str = "") -> str:
+    """``read(name) -> text``: one folder with an index.toml listing its template files; returns its preamble.
+
+    A folder that sets no preamble (or a blank one) gets ``fallback``, the shipped safety preamble: a user's
+    template is no less a medical answer than a shipped one.
 
     A name already in ``found`` (shipped, or from an earlier folder) is taken over only where the entry says
     ``replaces = true``: a template that silently stood in for a shipped one would drop that one's instructions
@@ -230,6 +233,8 @@ def _load_folder(read, label: str, found: dict[str, Template]) -> None:
         preamble = _load_toml(read(index["preamble_file"]), where).get("text", "")
         if not isinstance(preamble, str):
             raise TemplateError(f"{where}: text: expected a string, got {_kind(preamble)}.", f"fix 'text' in {where}")
+    if not preamble.strip():
+        preamble = fallback
     for i, entry in enumerate(index.get("template", [])):
         source = f"{label}/{entry['file']}"
         tpl = _build(_load_toml(read(entry["file"]), source), source, preamble)
@@ -245,6 +250,7 @@ def _load_folder(read, label: str, found: dict[str, Template]) -> None:
             raise TemplateError(f"{where}: replaces = true, but no template named '{tpl.name}' loads before this folder.",
                                 "remove `replaces`, or check the name against `edgemed run --help`")
         found[tpl.name] = tpl
+    return preamble
 
 
 def _user_folder(folder: Path) -> Path:
@@ -260,13 +266,14 @@ def _user_folder(folder: Path) -> Path:
 
 
 def load_templates() -> dict[str, Template]:
-    """Every template by name: shipped ones, then each folder in ``$EDGEMED_TEMPLATES_DIR`` in order."""
+    """Every template by name: shipped ones, then each folder in ``$EDGEMED_TEMPLATES_DIR`` in order (with the
+    shipped safety preamble where a folder sets none)."""
     found: dict[str, Template] = {}
     shipped = resources.files("edgemed.templates") / "data"
-    _load_folder(lambda name: (shipped / name).read_text(encoding="utf-8"), "edgemed/templates/data", found)
+    safety = _load_folder(lambda name: (shipped / name).read_text(encoding="utf-8"), "edgemed/templates/data", found)
     for folder in env.template_dirs():
         folder = _user_folder(folder)
-        _load_folder(lambda name, f=folder: _read_user_file(f, name), str(folder), found)
+        _load_folder(lambda name, f=folder: _read_user_file(f, name), str(folder), found, fallback=safety)
     return found
 
 
