@@ -13,7 +13,7 @@ import jinja2
 import pytest
 from packaging.requirements import Requirement
 
-from edgemed.errors import InputError
+from edgemed.errors import InputError, TemplateError
 from edgemed.formats.nesting import loads_toml
 from edgemed.runtime.chat_template import render as render_chat
 from edgemed.templates import get_template
@@ -70,3 +70,22 @@ def test_a_user_folder_may_set_its_own_preamble(tmp_path, monkeypatch):
     _folder(tmp_path, monkeypatch, 'preamble = "Ward 7 rules apply."\n' + INDEX, MINE)
     system = get_template("mine").messages({"question": "fever?"})[0]["content"]
     assert system.startswith("Ward 7 rules apply.") and "never replace" not in system
+
+
+# -- option labels ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"": "Vitamin A", "B": "Vitamin B12"}, "an option's label is empty ('')"),
+    ({" \t": "Vitamin A", "B": "Vitamin B12"}, "an option's label is blank (' \\t')"),
+    ({"a": "Vitamin A", "A": "Vitamin C"}, "the options 'a' and 'A' differ only in case"),
+])
+def test_option_labels_no_answer_can_tell_apart_are_refused(options, says):
+    """An empty label made a reply with no answer line parse as that option; 'a' and 'A' read as one choice."""
+    mcq = get_template("mcq")
+    inputs = {"question": "Which vitamin deficiency causes scurvy?", "options": options}
+    with pytest.raises(TemplateError) as exc:
+        mcq.messages(inputs)
+    assert "Template 'mcq'" in exc.value.problem and says in exc.value.problem and "--options" in exc.value.fix
+    with pytest.raises(TemplateError):
+        mcq.parse("I am not sure.", inputs)

@@ -64,7 +64,24 @@ class Template:
                                 "pass --options '{\"A\": \"...\", \"B\": \"...\"}'")
         if self.contract.choices_from and not options:
             raise TemplateError(f"Template '{self.name}' needs at least one option.", "pass --options '{\"A\": \"...\"}'")
+        if self.contract.choices_from:
+            self._check_labels([str(k) for k in options])
         return values
+
+    def _check_labels(self, labels: list[str]) -> None:
+        """Each option's label is what a reply names it by: none blank, no two that differ only in case (the answer
+        line is read without regard to case: "Answer: a" is option A)."""
+        fix = "label each option with its own letter or number, e.g. --options '{\"A\": \"...\", \"B\": \"...\"}'"
+        blank = [label for label in labels if not label.strip()]
+        if blank:
+            raise TemplateError(f"Template '{self.name}': an option's label is {'empty' if not blank[0] else 'blank'} "
+                                f"({blank[0]!r}), so no answer can name it.", fix)
+        seen: dict[str, str] = {}
+        for label in labels:
+            other = seen.setdefault(label.casefold(), label)
+            if other != label:
+                raise TemplateError(f"Template '{self.name}': the options {other!r} and {label!r} differ only in case, "
+                                    "so an answer cannot tell them apart.", fix)
 
     def choices(self, inputs: dict) -> tuple[str, ...]:
         return self.contract.resolve_choices(self.fill(inputs))
