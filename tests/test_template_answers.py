@@ -89,3 +89,18 @@ def test_option_labels_no_answer_can_tell_apart_are_refused(options, says):
     assert "Template 'mcq'" in exc.value.problem and says in exc.value.problem and "--options" in exc.value.fix
     with pytest.raises(TemplateError):
         mcq.parse("I am not sure.", inputs)
+
+
+# -- text contracts -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("This may be sepsis: seek emergency care now.\nAnswer: start IV antibiotics within 1 hour.", None),
+    ("Give amoxicillin 1 g TDS. In penicillin allergy the usual answer: doxycycline.", None),
+    ("Answer: Amoxicillin 1 g TDS.", "Amoxicillin 1 g TDS."),
+    ("**Answer:** Amoxicillin 1 g TDS.", "Amoxicillin 1 g TDS."),
+])
+def test_a_text_answer_drops_only_the_label_that_opens_it(reply, expected):
+    """A label further on is part of the answer: everything before it (an emergency warning) used to be dropped."""
+    parsed = get_template("open_question").parse(reply, {"question": "q"})
+    assert parsed.ok and parsed.value == (reply if expected is None else expected)

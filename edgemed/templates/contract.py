@@ -140,8 +140,8 @@ def _text_instruction(c: Contract, choices) -> str:
 
 def _parse_text(c: Contract, text: str, choices) -> Parsed:
     body = text
-    if c.label:
-        m = re.search(rf"{re.escape(c.label)}\s*:\s*", text, flags=re.I)
+    if c.label:  # the label that opens the reply; one further on is part of the answer ("the usual answer: ...")
+        m = re.match(rf"[ \t>#*_]*{re.escape(c.label)}[ \t*_]*:[ \t*_]*", text, flags=re.I)
         body = text[m.end():] if m else text
     body = body.strip()
     return Parsed(bool(body), body, text, "" if body else "empty reply")
