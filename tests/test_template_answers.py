@@ -7,6 +7,7 @@ disagree are no answer. Each case here was once read wrongly.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jinja2
@@ -16,7 +17,7 @@ from packaging.requirements import Requirement
 from edgemed.errors import InputError, TemplateError
 from edgemed.formats.nesting import loads_toml
 from edgemed.runtime.chat_template import render as render_chat
-from edgemed.templates import get_template
+from edgemed.templates import get_template, load_templates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +105,58 @@ def test_a_text_answer_drops_only_the_label_that_opens_it(reply, expected):
     """A label further on is part of the answer: everything before it (an emergency warning) used to be dropped."""
     parsed = get_template("open_question").parse(reply, {"question": "q"})
     assert parsed.ok and parsed.value == (reply if expected is None else expected)
+
+
+# -- json contracts -----------------------------------------------------------------------------------------
+SCHEMA = ('{ type = "object", required = ["dose_mg"], properties = { dose_mg = { type = ["number", "null"] }, '
+          'note = { type = "null" }, doses = { type = "array", items = { type = ["integer", "string"] } } } }')
+
+
+def _json_template(tmp_path, monkeypatch, schema: str):
+    text = ('name = "mine"\ntitle = "t"\nsystem = "Task: answer."\nuser = "{{ question }}"\n'
+            f'contract = {{ kind = "json", schema = {schema} }}\n[inputs.question]\nhelp = "q"\n')
+    _folder(tmp_path, monkeypatch, INDEX, text)
+    return load_templates()["mine"]
+
+
+@pytest.mark.parametrize("reply, error", [
+    ({"dose_mg": 500}, ""),
+    ({"dose_mg": None, "note": None}, ""),
+    ({"dose_mg": 2.5, "doses": [1, "2"]}, ""),
+    ({"dose_mg": "500"}, "$.dose_mg: expected number or null"),
+    ({"dose_mg": True}, "$.dose_mg: expected number or null"),  # JSON's true is no number
+    ({"dose_mg": 1, "note": "x"}, "$.note: expected null"),
+    ({"dose_mg": 1, "doses": [1.5]}, "$.doses[0]: expected integer or string"),
+])
+def test_a_schema_type_may_be_a_list_or_null(tmp_path, monkeypatch, reply, error):
+    """type = ["number", "null"] passed the grammar check, then every answer was a TypeError (null: a KeyError)."""
+    mine = _json_template(tmp_path, monkeypatch, SCHEMA)
+    parsed = mine.parse(json.dumps(reply), {"question": "q"})
+    assert parsed.ok == (not error) and parsed.error == error
+    try:
+        import llama_cpp.llama_grammar  # noqa: F401
+    except ImportError:
+        return
+    from edgemed.runtime.sampling import check_template_grammar
+
+    check_template_grammar(mine)  # and the grammar that enforces it builds
+
+
+@pytest.mark.parametrize("schema, says", [
+    ('{ type = "object", properties = { dose = { type = ["number", "nul"] } } }',
+     "type ['number', 'nul'] at properties.dose is not a JSON type"),
+    ('{ type = "object", properties = { doses = { type = "array", items = { type = "float" } } } }',
+     "type 'float' at properties.doses.items is not a JSON type"),
+    ('{ type = 3 }', "type 3 is not a JSON type"),
+])
+def test_a_schema_type_that_is_no_json_type_is_refused_at_load(tmp_path, monkeypatch, schema, says):
+    with pytest.raises(TemplateError) as exc:
+        _json_template(tmp_path, monkeypatch, schema)
+    assert f"mine.toml: contract.schema: {says}" in exc.value.problem and "fix 'contract.schema'" in exc.value.fix
+
+
+def test_a_json_answer_that_gives_a_key_twice_is_no_answer():
+    """json keeps the last: an answer that said emergency, then routine, read as routine."""
+    reply = '{"urgency": "emergency", "red_flags": ["slurred speech"], "action": "stroke team", "urgency": "routine"}'
+    parsed = get_template("triage").parse(reply, {"case": "x"})
+    assert not parsed.ok and "'urgency' more than once" in parsed.error

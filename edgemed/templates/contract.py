@@ -99,26 +99,64 @@ def _json_instruction(c: Contract, choices) -> str:
             + json.dumps(c.schema, separators=(",", ":")))
 
 
+#: the JSON types a schema's ``type`` names (one, or a list of them), as the parsed reply holds them
+JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool,
+              "null": type(None)}
+
+
+def _schema_types(schema: dict) -> list:
+    """The types a schema node allows: ``type = "number"`` or ``type = ["number", "null"]``; none when it says none."""
+    kind = schema.get("type")
+    return [kind] if isinstance(kind, str) else list(kind) if isinstance(kind, list) else []
+
+
+def _is_type(value, kind: str) -> bool:
+    if kind in ("integer", "number") and isinstance(value, bool):  # Python's True is an int; JSON's true is no number
+        return False
+    return isinstance(value, JSON_TYPES[kind])
+
+
 def _schema_errors(schema: dict, value, path: str = "$") -> list[str]:
     """A small JSON-schema check (type, required, enum, properties, items, minItems): what llama.cpp's grammar enforces."""
-    kind = schema.get("type")
-    types = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool}
-    if kind and not isinstance(value, types[kind]):
-        return [f"{path}: expected {kind}"]
+    kinds = _schema_types(schema)
+    # a type that is no JSON type is refused when the template loads; here it is no answer, never a crash
+    unknown = [k for k in kinds if not (isinstance(k, str) and k in JSON_TYPES)]
+    if unknown:
+        return [f"{path}: the schema's type {unknown[0]!r} is none of {', '.join(JSON_TYPES)}"]
+    if kinds and not any(_is_type(value, k) for k in kinds):
+        return [f"{path}: expected {' or '.join(kinds)}"]
     errors = []
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
-    if kind == "object":
+    if "object" in kinds and isinstance(value, dict):
         errors += [f"{path}.{k}: missing" for k in schema.get("required", []) if k not in value]
-        for k, sub in schema.get("properties", {}).items():
-            if k in value:
+        properties = schema.get("properties", {})
+        for k, sub in (properties.items() if isinstance(properties, dict) else ()):
+            if k in value and isinstance(sub, dict):
                 errors += _schema_errors(sub, value[k], f"{path}.{k}")
-    if kind == "array":
+    if "array" in kinds and isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             errors.append(f"{path}: fewer than {schema['minItems']} items")
+        items = schema.get("items", {})
         for i, item in enumerate(value):
-            errors += _schema_errors(schema.get("items", {}), item, f"{path}[{i}]")
+            errors += _schema_errors(items, item, f"{path}[{i}]") if isinstance(items, dict) else []
     return errors
+
+
+def _repeated_keys(text: str) -> str:
+    """The first key an object of ``text`` (valid JSON, depth already checked) names twice, or ''."""
+    repeated: list[str] = []
+
+    def pairs(items):
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                repeated.append(key)
+            seen.add(key)
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return repeated[0] if repeated else ""
 
 
 def _parse_json(c: Contract, text: str, choices) -> Parsed:
@@ -129,6 +167,9 @@ def _parse_json(c: Contract, text: str, choices) -> Parsed:
         value = loads_json(text[start:end + 1])
     except ValueError as exc:  # JSONDecodeError and TooDeep
         return Parsed(False, None, text, f"invalid JSON: {exc}")
+    twice = _repeated_keys(text[start:end + 1])
+    if twice:  # json keeps the last of them: '"urgency": "emergency", ..., "urgency": "routine"' would read as routine
+        return Parsed(False, None, text, f"the JSON object gives '{twice}' more than once")
     errors = _schema_errors(c.schema, value)
     return Parsed(not errors, value, text, "; ".join(errors))
 

@@ -11,7 +11,7 @@ from edgemed import env
 from edgemed.errors import TemplateError
 from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_toml
-from edgemed.templates.contract import KINDS, Contract, Parsed
+from edgemed.templates.contract import JSON_TYPES, KINDS, Contract, Parsed
 from edgemed.templates.sandbox import render
 
 TOP_KEYS = {"name", "title", "system", "user", "inputs", "contract", "examples"}
@@ -162,6 +162,8 @@ def _build(data: dict, source: str, preamble: str) -> Template:
         fail("contract.choices", "a choice contract needs choices or choices_from")
     if contract["kind"] == "json" and not isinstance(contract.get("schema"), dict):
         fail("contract.schema", "a json contract needs a schema table")
+    if contract["kind"] == "json" and (problem := _schema_type_problem(contract["schema"])):
+        fail("contract.schema", problem)
     examples = data.get("examples", [])
     want("examples", examples, list)
     for i, example in enumerate(examples):
@@ -171,6 +173,31 @@ def _build(data: dict, source: str, preamble: str) -> Template:
                                       choices=tuple(contract.get("choices", ())),
                                       choices_from=contract.get("choices_from", ""), schema=contract.get("schema", {})),
                     examples=tuple(data.get("examples", ())), preamble=preamble, source=source)
+
+
+def _schema_type_problem(node, where: str = "") -> str | None:
+    """The first ``type`` of a JSON schema (``node``) that names no JSON type, said with its place in the schema."""
+    if not isinstance(node, dict):
+        return None
+    if "type" in node:
+        kinds = node["type"] if isinstance(node["type"], list) else [node["type"]]
+        if not kinds or not all(isinstance(k, str) and k in JSON_TYPES for k in kinds):
+            return (f"type {node['type']!r}{' at ' + where if where else ''} is not a JSON type "
+                    f"(one of {', '.join(JSON_TYPES)}, or a list of them)")
+    children = []
+    for key in ("properties", "patternProperties", "$defs", "definitions"):
+        if isinstance(node.get(key), dict):
+            children += [(f"{key}.{name}", sub) for name, sub in node[key].items()]
+    for key in ("items", "additionalProperties", "not"):
+        children.append((key, node.get(key)))
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(node.get(key), list):
+            children += [(f"{key}[{i}]", sub) for i, sub in enumerate(node[key])]
+    for place, sub in children:
+        problem = _schema_type_problem(sub, f"{where}.{place}" if where else place)
+        if problem:
+            return problem
+    return None
 
 
 def _check_index(index: dict, where: str) -> None:
