@@ -202,12 +202,33 @@ def test_optional_biases_are_kept(models, tmp_path):
     from edgemed.formats.gguf_header import read_header
 
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    _edit_json(ckpt / "config.json", lambda c: c | {"attention_bias": True, "mlp_bias": True})
     _edit_tensors(ckpt, lambda t: t | {"model.layers.0.self_attn.q_proj.bias": t["model.layers.0.self_attn.q_proj.weight"][:, 0] * 0,
                                       "model.layers.0.mlp.up_proj.bias": t["model.layers.0.mlp.up_proj.weight"][:, 0] * 0})
     result = _convert(ckpt, "--quant", "f16", "--no-parity", "-o", tmp_path / "x.gguf")
     assert result.exit_code == 0, result.output
     names = {t.name for t in read_header(tmp_path / "x.gguf").tensors}
     assert {"blk.0.attn_q.bias", "blk.0.ffn_up.bias"} <= names
+
+
+@pytest.mark.parametrize("route", ["gguf", "onnx"])
+@pytest.mark.parametrize("flag,stored", [("attention_bias", "model.layers.0.self_attn.q_proj.bias"),
+                                         ("mlp_bias", "model.layers.1.mlp.down_proj.bias")])
+def test_biases_the_config_does_not_give_the_model_are_refused_before_work(models, tmp_path, route, flag, stored):
+    """A Llama config without attention_bias (or mlp_bias) beside a stored bias: transformers ignores the tensor, the
+    GGUF computed with it, and with --no-parity the file was written. Refused by name on both routes."""
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    _edit_json(ckpt / "config.json", lambda c: c | {flag: False})
+    _edit_tensors(ckpt, lambda t: t | {stored: t[stored.replace(".bias", ".weight")][:, 0] + 0.5})
+    out = tmp_path / "out"
+    out.mkdir()
+    if route == "onnx":
+        pytest.importorskip("onnx")
+        result = _convert(ckpt, "--to", "onnx", "--quant", "fp32", "--no-parity", "-o", out / "onnx")
+    else:
+        result = _convert(ckpt, "--quant", "f16", "--no-parity", "-o", out / "x.gguf")
+    _refused(result, stored, f"'{flag}' is false", f'"{flag}": true')
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("route", ["gguf", "onnx", "check"])

@@ -35,6 +35,9 @@ class ArchSpec:
     # Block tensors (GGUF names without "blk.N.") llama.cpp's graph for this arch reads when present; a block tensor
     # neither required (BLOCK_TENSORS) nor here would make llama.cpp refuse the file ("wrong number of tensors")
     optional: tuple[str, ...] = ()
+    # Those of ``optional`` the model has only where a config.json flag says so (Llama's attention_bias, mlp_bias):
+    # Hugging Face loading ignores them otherwise, so stored without the flag they are refused
+    optional_if: dict = field(default_factory=dict)
     # tie_word_embeddings when config.json leaves it out: the default of transformers' config class for the arch
     tie_default: bool = False
     # config.json's model_type for this class: Hugging Face loading builds the model of the model_type, the GGUF writer

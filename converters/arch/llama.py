@@ -37,4 +37,6 @@ SPEC = ArchSpec(
     # attention_bias / mlp_bias checkpoints
     optional=("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias", "ffn_gate.bias", "ffn_up.bias",
               "ffn_down.bias"),
+    optional_if={**dict.fromkeys(("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"), "attention_bias"),
+                 **dict.fromkeys(("ffn_gate.bias", "ffn_up.bias", "ffn_down.bias"), "mlp_bias")},
 )

@@ -119,6 +119,7 @@ def _check_shapes(ckpt: Checkpoint, spec: ArchSpec, planned: list[PlannedTensor]
                 "(vocab_size, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim).",
                 "config.json does not belong to these weights: re-copy it from the source checkpoint",
             )
+    _refuse_unflagged(ckpt, spec, planned)
     if blocks != set(range(n_blocks)):
         raise CheckpointError(
             f"config.json says num_hidden_layers is {n_blocks}, but the weights hold blocks {sorted(blocks)[:3]}..."
@@ -142,6 +143,30 @@ def _check_shapes(ckpt: Checkpoint, spec: ArchSpec, planned: list[PlannedTensor]
             "with random values.",
             "copy every shard of the checkpoint (and check model.safetensors.index.json lists them all)",
         )
+
+
+def _refuse_unflagged(ckpt: Checkpoint, spec: ArchSpec, planned: list[PlannedTensor]) -> None:
+    """Refuse tensors the architecture has only where a config.json flag says so (``ArchSpec.optional_if``), stored
+    without it: Hugging Face loading (the parity reference, the ONNX route) ignores them, the GGUF would compute
+    with them, and with --no-parity nothing would notice."""
+    stray: dict[str, list[str]] = {}
+    for p in planned:
+        key = p.gguf_name.split(".", 2)[2] if p.gguf_name.startswith("blk.") else p.gguf_name
+        flag = spec.optional_if.get(key)
+        if flag is not None and not ckpt.config.get(flag):
+            stray.setdefault(flag, []).append(p.hf_name)
+    if not stray:
+        return
+    said = "; ".join(f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} while "
+                     f"'{flag}' is {json.dumps(ckpt.config[flag]) if flag in ckpt.config else 'not set'}"
+                     for flag, names in stray.items())
+    flags = " / ".join(f'"{flag}": true' for flag in stray)
+    raise CheckpointError(
+        f"The weights hold tensors config.json says this {ckpt.architecture} does not have ({said}): Hugging Face "
+        "loading ignores them, the GGUF would compute with them, so the two would be different models.",
+        f"if the model was trained with them, set {flags} in config.json; otherwise re-copy config.json and the "
+        "shards from the source checkpoint, or remove those tensors from the weights",
+    )
 
 
 # Elements checked at a time for NaN / infinity: bounds the temporary mask to a few MB.
