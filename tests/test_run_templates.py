@@ -58,6 +58,26 @@ def test_missing_answer_line_is_asked_for_with_a_grammar():
     assert prompt.endswith("sailors.\nAnswer: ") and settings.grammar == 'root ::= "A" | "B" | "C" | "D"'
 
 
+OPTIONS_GONE_THROUGH = "A. A - no.\nB. B12 - no.\nC. C - yes.\nD. D - no."
+
+
+@pytest.mark.parametrize("reply", [OPTIONS_GONE_THROUGH, "Answer: A\n\nAnswer: C"])
+def test_an_inferred_or_contradicted_answer_is_asked_for_with_a_grammar(reply):
+    """A list of the options read as its last item, and the last of two answer lines won: both were reported as the
+    answer without asking again."""
+    engine = ScriptedEngine(reply, "C")
+    answer = ask(engine, get_template("mcq"), ITEM, GenerationSettings(), ThinkPolicy())
+    assert answer.forced and answer.parsed.ok and answer.parsed.value == "C" and len(engine.calls) == 2
+    assert engine.calls[1][0].endswith(reply.rstrip() + "\nAnswer: ")
+
+
+def test_without_grammars_an_inferred_answer_is_no_answer():
+    engine = ScriptedEngine(OPTIONS_GONE_THROUGH)
+    engine.supports_grammar = False
+    answer = ask(engine, get_template("mcq"), ITEM, GenerationSettings(), ThinkPolicy())
+    assert not answer.parsed.ok and answer.parsed.value is None and not answer.forced and len(engine.calls) == 1
+
+
 def test_json_contract_is_enforced_while_sampling():
     reply = json.dumps({"urgency": "emergency", "red_flags": ["slurred speech"], "action": "stroke team"})
     engine = ScriptedEngine(reply)

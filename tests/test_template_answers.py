@@ -160,3 +160,75 @@ def test_a_json_answer_that_gives_a_key_twice_is_no_answer():
     reply = '{"urgency": "emergency", "red_flags": ["slurred speech"], "action": "stroke team", "urgency": "routine"}'
     parsed = get_template("triage").parse(reply, {"case": "x"})
     assert not parsed.ok and "'urgency' more than once" in parsed.error
+
+
+# -- choice contracts ---------------------------------------------------------------------------------------
+SCURVY = {"question": "Which vitamin deficiency causes scurvy?",
+          "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}}
+LIST = "A. Vitamin A - no.\nB. Vitamin B12 - no.\nC. Vitamin C - yes, this is the deficiency.\nD. Vitamin D - no."
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # the answer line is one that starts with the label; other lines that name an answer are not it
+    ("Answer: C\n\nWrong answer: A (a distractor).", "C"),
+    ("Answer: C\n\nA common wrong answer: B (students confuse it).", "C"),
+    ("Final answer: C. (The most common wrong answer: B.)", "C"),
+    ("Correct answer: C. Incorrect answer: A (a distractor).", "C"),
+    ("Answer: C\nNote: Answer: A would be right in infants.", "C"),
+    ("**Final Answer**\n\n**C**", "C"),
+    ("### Answer\nC", "C"),
+    ("> **Answer:** (C)", "C"),
+    ("So, the correct answer is C.", "C"),
+    ("Answer: C. Vitamin C deficiency causes scurvy; vitamin A deficiency causes night blindness.", "C"),
+    ("</think>\n\nAnswer: B", "B"),  # a closing tag with no opening: what came before it was thinking
+    # a choice inferred from a list of the options or from prose is no answer
+    ("Answer:\n" + LIST, None),
+    (LIST, None),
+    ("A. Vitamin A is wrong... Answer: C", None),
+    ("A. Hypertension is unlikely here.", None),
+    ("Many would say the answer is B, but I am not sure.", None),
+    ("Answer: B</think> wait", None),
+    # answer lines that disagree, or one that hedges or is struck through, give no answer
+    ("Answer: A\n\nAnswer: C", None),
+    ("Answer: not B\nAnswer: C", None),
+    ("Answer: B (or C)", None),
+    ("Answer: C\u0338", None),
+    ("Answer: B\u0336", None),
+])
+def test_a_choice_is_read_only_from_the_answer_line(reply, expected):
+    parsed = get_template("mcq").parse(reply, SCURVY)
+    assert (parsed.value if parsed.ok else None) == expected, parsed
+    assert parsed.labelled == parsed.ok and (parsed.ok or parsed.error)
+
+
+def test_a_reply_that_restates_one_option_is_that_option():
+    mcq = get_template("mcq")
+    assert mcq.parse("C. Vitamin C", SCURVY).value == "C" and mcq.parse("**(C) vitamin c.**", SCURVY).value == "C"
+    assert not mcq.parse("C. Vitamin C deficiency, or A", SCURVY).ok  # not the option's text: prose
+
+
+def test_disagreeing_answer_lines_are_named_in_the_error():
+    parsed = get_template("mcq").parse("Answer: A\n\nFinal answer: C", SCURVY)
+    assert not parsed.ok and "disagree (A, C)" in parsed.error
+
+
+def test_numbered_reasoning_is_not_a_numbered_option():
+    inputs = {"question": "q", "options": {"1": "MMR", "2": "Varicella", "3": "Hepatitis B"}}
+    mcq = get_template("mcq")
+    steps = "Let me reason:\n1. The rash suggests measles.\n2. Koplik spots confirm.\n3. So vaccine history matters."
+    assert not mcq.parse(steps + "\nThe best option is the first.", inputs).ok
+    assert mcq.parse(steps + "\nAnswer: 1", inputs).value == "1"
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("No. Let me think again. The trial shows benefit so yes would be plausible but evidence is mixed.", None),
+    ("Answer: no longer recommended? Maybe.", None),
+    ("Answer: No, wait - yes", None),
+    ("Answer: Yes\u0338", None),
+    ("Answer: yes\nAnswer: maybe", None),
+    ("Final answer: maybe", "maybe"),
+    ("**Answer:** no", "no"),
+])
+def test_yes_no_maybe_is_read_only_from_the_answer_line(reply, expected):
+    parsed = get_template("pubmedqa").parse(reply, {"question": "q", "context": "c"})
+    assert (parsed.value if parsed.ok else None) == expected, parsed

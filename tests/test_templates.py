@@ -64,14 +64,14 @@ def test_missing_and_unknown_inputs_name_the_fix():
 
 
 # -- contracts -------------------------------------------------------------------------
-MCQ_INPUTS = {"question": "q", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}
+MCQ_INPUTS = {"question": "q", "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}}
 
 
 @pytest.mark.parametrize("reply, expected", [
     ("Scurvy is vitamin C deficiency.\nAnswer: C", "C"),
     ("**Answer:** (b)", "B"),
     ("The correct answer is D because ...", "D"),
-    ("A. Vitamin A is wrong... Answer: C", "C"),
+    ("A. Vitamin A is wrong.\nAnswer: C", "C"),
     ("C. Vitamin C", "C"),
     ("<think>Maybe Answer: A? no.</think>\nAnswer: B", "B"),
     ("B", "B"),
@@ -115,7 +115,7 @@ def test_a_choice_matched_through_unicode_case_folding_is_that_choice_not_a_cras
     ("Answer: B\nthe reason is", "B", True),
     ("Answer: B, because of the rash", "B", True),
     ("A. Hypertension is unlikely here.\nB. Nor this.\nAnswer: C", "C", True),
-    ("A. Hypertension is unlikely here.\n", "A", False),   # inferred from a list's first line: not the answer line
+    ("A. Hypertension is unlikely here.\n", None, False),  # a list's first line is no answer line
 ])
 def test_the_answer_line_is_the_one_a_clinician_means(reply, expected, labelled):
     parsed = get_template("mcq").parse(reply, MCQ_INPUTS)

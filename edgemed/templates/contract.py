@@ -1,7 +1,7 @@
 """Output contracts: what a template asks the model to end with, and how the reply is parsed.
 
 Three kinds, one row each in ``KINDS``:
-* ``choice`` — a labelled line such as ``Answer: B`` from a fixed set (options' letters, or yes/no/maybe);
+* ``choice`` — a line that starts ``Answer: B``, from a fixed set (options' letters, or yes/no/maybe);
 * ``json``   — one JSON object matching a schema; engines that support grammars enforce it while sampling;
 * ``text``   — free text (the whole reply, thinking removed), optionally after a label.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from edgemed.formats.nesting import loads_json
-from edgemed.templates.think import strip_think
+from edgemed.templates.think import CLOSE, strip_think
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Parsed:
     value: object          # the choice, the JSON object, or the text
     answer_text: str       # the reply with thinking removed
     error: str = ""
-    labelled: bool = False  # a choice found on the instructed 'Answer: X' line (not inferred from prose or a list)
+    labelled: bool = False  # a choice found on an answer line ('Answer: X' at a line's start), not a bare reply
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,13 @@ class Contract:
     def instruction(self, choices: tuple[str, ...]) -> str:
         return KINDS[self.kind][0](self, choices)
 
-    def parse(self, reply: str, choices: tuple[str, ...], started_in_think: bool = False) -> Parsed:
-        return KINDS[self.kind][1](self, strip_think(reply, started_in_think), choices)
+    def parse(self, reply: str, choices: tuple[str, ...], started_in_think: bool = False,
+              texts: dict | None = None) -> Parsed:
+        """``texts``: each choice's text (an options table), to recognise a reply that restates one option."""
+        text = strip_think(reply, started_in_think)
+        if CLOSE in text:  # a closing tag with no opening: the chat template opened the thinking, unannounced
+            text = text[text.rindex(CLOSE) + len(CLOSE):].strip()
+        return KINDS[self.kind][1](self, text, choices, texts)
 
     def json_schema(self) -> str | None:
         """JSON text for engines that constrain sampling (``GenerationSettings.json_schema``)."""
@@ -60,36 +66,107 @@ def _choice_instruction(c: Contract, choices) -> str:
             f"{', '.join(choices)}.")
 
 
-def _parse_choice(c: Contract, text: str, choices) -> Parsed:
+#: what may open an answer line before its label: markdown emphasis, a heading, a quote, a list bullet
+_LEAD = r"[ \t>#*_+\-]*"
+#: the only words that may come before the label on its line ("Final answer:", "So the correct answer is"); a line
+#: such as "Wrong answer: A" or "A common wrong answer: B" is not the answer line
+_PREFIX = (r"(?:(?:so|thus|therefore|hence|overall|in\s+conclusion|in\s+summary)\s*,?\s+)?"
+           r"(?:(?:the|my|our)\s+)?"
+           r"(?:(?:final|correct|best|right|single\s+best|most\s+likely)\s+){0,2}")
+_DECO = r"[ \t\*\(\[\"'_]*"  # markdown bold, brackets, quotes around the choice
+#: after the choice on its line: a correction ("No, wait - yes") makes the line no answer
+_CORRECTION = re.compile(r"[\s,;:.!\-\u2013\u2014]*(?:wait|actually|sorry|hmm+|or\s+rather|rather)\b", re.I)
+
+
+def _norm(text: str) -> str:
+    """An option's text as a reply restating it is compared: no emphasis, no final stop, case and spaces folded."""
+    return " ".join(re.sub(r"[\*_`]", " ", text).strip().rstrip(".!").split()).casefold()
+
+
+def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) -> Parsed:
+    """The choice of the reply's answer lines: a line that starts (after markdown marks) with the label ('Answer:',
+    'Final answer:', 'The correct answer is'). Every such line must give the same one choice; a choice only inferred
+    from prose or from a list of the options ("A. ...", "1. ...") is no answer (``ask`` then asks for the label). A
+    reply that is nothing but one choice ("B", "**maybe**"), or one line restating one option ("C. Vitamin C"), is
+    that choice."""
     alts = "|".join(re.escape(x) for x in sorted(choices, key=len, reverse=True))
-    label = re.escape(c.label)
-    # Single-letter choices are matched case-sensitively outside a labelled line: "the answer is a ..." is prose.
+    single = all(len(x) == 1 for x in choices)
+    # Single-letter choices are matched case-sensitively in prose: "the answer is a ..." is an article.
     strict = f"(?-i:{alts})" if all(len(x) == 1 and x.isupper() for x in choices) else alts
-    deco = r"[\s\*\(\[\"'_]*"  # markdown bold, brackets, quotes around the label or the choice
-    # On the labelled line a choice is not followed by a lower-case word ("Answer: a patient ..." is prose) nor by
-    # another choice ("Answer: A or B" is a hedge, not an answer).
-    hedge = rf"\s*(?:or|and|/|,)\s*{deco}(?:{alts})\b"
-    prose = r"(?![ \t]+(?-i:[a-z]))" if all(len(x) == 1 for x in choices) else ""
-    patterns = (
-        rf"{label}{deco}[:\-]{deco}({alts})\b{prose}(?!{hedge})",  # Answer: B / **Answer:** (b)
-        rf"\banswer is{deco}[:\-]?{deco}({strict})\b",          # the correct answer is C (not "is a ...")
-        rf"^{deco}({strict})\s*[\)\.\:]",                       # reply starts "B." / "(B)"
-    )
-    hits: list[str] = []
-    for i, pattern in enumerate(patterns):
-        hits = re.findall(pattern, text, flags=re.I | re.M)
-        if hits:
-            break
-    else:  # the whole reply is one bare choice: "maybe", "Maybe.", "**B**"
-        i = len(patterns)
-        bare = re.fullmatch(rf"{deco}({strict}){deco}[\.\!]?{deco}", text.strip(), flags=re.I)
-        hits = [bare.group(1)] if bare else []
-    if hits:
-        found = hits[-1]
+    hedge = re.compile(rf"[\s\(\[]*(?:or|and|/|,|&)[\s\*\(\[\"'_]*(?:{alts})\b", re.I)  # "A or B", "B (or C)"
+    line_re = re.compile(rf"{_LEAD}{_PREFIX}{re.escape(c.label)}"
+                         rf"(?:[ \t\*_]*[:\-]|\s+(?P<is>is)\b[ \t]*:?|[ \t\*_]*$)(?P<rest>.*)", re.I)
+
+    def canonical(found: str) -> str | None:
         # the choice the pattern matched, as the pattern matched it: re.I folds more than str.lower ("ſ" is "s")
-        canonical = next((x for x in choices if re.fullmatch(re.escape(x), found, flags=re.I)), None)
-        if canonical is not None:
-            return Parsed(True, canonical, text, labelled=i == 0)
+        return next((x for x in choices if re.fullmatch(re.escape(x), found, flags=re.I)), None)
+
+    def whole(line: str) -> str | None:
+        """``line`` is one choice and nothing else ("B", "**maybe**."), or one option restated ("C. Vitamin C")."""
+        bare = re.fullmatch(rf"{_DECO}({strict})[\s\*\)\]\"'_\.\!]*", line.strip(), flags=re.I)
+        if bare:
+            return canonical(bare.group(1))
+        listed = re.fullmatch(rf"{_DECO}({strict})\s*[\)\.\:]\s*(.+)", line.strip(), flags=re.I)
+        found = canonical(listed.group(1)) if listed else None
+        if found is not None and texts and _norm(str(texts.get(found, ""))) == _norm(listed.group(2)) != "":
+            return found
+        return None
+
+    def value(rest: str, is_form: bool) -> str | None:
+        """The choice that opens ``rest`` (what follows the label on its line), or None when it is no clean answer:
+        prose ("a patient"), a hedge ("A or B"), a correction ("No, wait - yes"), a mark over it ("C̸")."""
+        m = re.match(rf"{_DECO}({strict if is_form else alts})\b", rest, flags=re.I)
+        found = canonical(m.group(1)) if m else None
+        if found is None:
+            return None
+        tail = rest[m.end():]
+        if tail and unicodedata.category(tail[0]).startswith("M"):  # a combining mark: struck or slashed
+            return None
+        if single and (not is_form or found.islower()) and re.match(r"[ \t]+(?-i:[a-z])", tail):
+            return None
+        if hedge.match(tail) or _CORRECTION.match(tail):
+            return None
+        others = [re.escape(x) for x in choices if x != found]
+        if not single and others and re.search(rf"\b(?:{'|'.join(others)})\b", tail, flags=re.I):
+            return None  # "no longer recommended? Maybe."
+        return found
+
+    def named(rest: str) -> set[str]:
+        """The choices an unclear answer line names ("not B", "A or B")."""
+        return {x for x in (canonical(f) for f in re.findall(rf"\b({strict})\b", rest, flags=re.I)) if x}
+
+    lines = [line for line in text.splitlines() if line.strip()]
+    given: list[str] = []        # the choice of each clear answer line
+    mentioned: set[str] = set()  # the choices unclear answer lines name
+    unclear = 0                  # answer lines that give no one choice
+    for i, line in enumerate(lines):
+        m = line_re.match(line)
+        if not m:
+            continue
+        rest = m.group("rest")
+        if rest.strip(" \t*_"):
+            found = value(rest, m.group("is") is not None)
+        else:  # "Answer:" or "**Final answer**" alone: the choice is the next line, whole
+            rest = lines[i + 1] if i + 1 < len(lines) else ""
+            found = whole(rest)
+        if found:
+            given.append(found)
+        else:
+            mentioned |= named(rest)
+            unclear += 1
+    if given:
+        answers = set(given) | mentioned
+        if len(answers) == 1:
+            return Parsed(True, given[0], text, labelled=True)
+        return Parsed(False, None, text, f"the reply's '{c.label}:' lines disagree "
+                                         f"({', '.join(sorted(answers))}): no single answer")
+    if "\n" not in text.strip():
+        found = whole(text)
+        if found is not None:
+            return Parsed(True, found, text)
+    if unclear:
+        return Parsed(False, None, text, f"the '{c.label}:' line gives no single one of {', '.join(choices)} "
+                                         "(a hedge, a negation, a correction or prose)")
     return Parsed(False, None, text, f"no '{c.label}: X' line with X in {', '.join(choices)}")
 
 
@@ -159,7 +236,7 @@ def _repeated_keys(text: str) -> str:
     return repeated[0] if repeated else ""
 
 
-def _parse_json(c: Contract, text: str, choices) -> Parsed:
+def _parse_json(c: Contract, text: str, choices, texts=None) -> Parsed:
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         return Parsed(False, None, text, "no JSON object in the reply")
@@ -179,7 +256,7 @@ def _text_instruction(c: Contract, choices) -> str:
     return f"Begin your reply with '{c.label}:'." if c.label else ""
 
 
-def _parse_text(c: Contract, text: str, choices) -> Parsed:
+def _parse_text(c: Contract, text: str, choices, texts=None) -> Parsed:
     body = text
     if c.label:  # the label that opens the reply; one further on is part of the answer ("the usual answer: ...")
         m = re.match(rf"[ \t>#*_]*{re.escape(c.label)}[ \t*_]*:[ \t*_]*", text, flags=re.I)

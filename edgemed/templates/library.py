@@ -96,7 +96,9 @@ class Template:
         return [{"role": "system", "content": system}, {"role": "user", "content": render(self.user, values, where).strip()}]
 
     def parse(self, reply: str, inputs: dict, started_in_think: bool = False) -> Parsed:
-        return self.contract.parse(reply, self.choices(inputs), started_in_think)
+        values = self.fill(inputs)
+        texts = values.get(self.contract.choices_from) if self.contract.choices_from else None
+        return self.contract.parse(reply, self.contract.resolve_choices(values), started_in_think, texts)
 
 
 def _load_toml(text: str, source: str) -> dict:
