@@ -173,7 +173,8 @@ def ask(engine, template: Template, inputs: dict, settings: GenerationSettings, 
     """Render ``template`` with ``inputs`` through the model's chat template, generate, and parse the contract.
 
     A JSON contract is enforced while sampling where the engine supports grammars. When a choice
-    contract's reply has no answer line, the model is asked once more for just the label, constrained
+    contract's reply has no single clear answer line (none, lines that disagree, or a choice only inferred), the
+    model is asked once more for just the label, constrained
     to the choices (``forced``), so a small model still yields a usable, clearly marked answer.
     """
     contract = template.contract
