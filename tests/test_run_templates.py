@@ -216,3 +216,41 @@ def test_sigterm_at_the_chat_prompt_stops_it_as_a_stop(smollm2_gguf):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGTERM and "Stopped (SIGTERM)" in err, (proc.returncode, err[-2000:])
+
+
+def test_a_pasted_note_between_triple_quotes_is_one_message(smollm2_gguf, monkeypatch):
+    """A pasted note became one turn per line, each answered; between two lines of three double quotes it is one."""
+    seen = []
+    from edgemed.runtime import session
+
+    def respond(engine, prompt, settings, policy):
+        seen.append(prompt)
+        yield ("answer", f"answer {len(seen)}")
+
+    monkeypatch.setattr(session, "respond", respond)
+    note = 'Summarise:\n"""\nBP 150/95.\nHR 102, febrile.\n\nK+ 3.1.\n"""\n/exit\n'
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"], input=note)
+    assert r.exit_code == 0 and len(seen) == 2, r.output  # "Summarise:", then the note as one message
+    assert "BP 150/95.\nHR 102, febrile.\n\nK+ 3.1." in seen[1] and "answer 3" not in r.output
+
+
+def test_chat_keeps_the_shipped_safety_preamble_whatever_a_user_folder_replaces(smollm2_gguf, monkeypatch, tmp_path):
+    """chat's system message was the preamble of whichever template loaded first: a user folder replacing it changed
+    (or emptied) chat's safety message."""
+    from edgemed.runtime import session
+    from edgemed.templates.library import safety_preamble
+
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    from importlib import resources
+
+    shipped = resources.files("edgemed.templates") / "data"
+    (folder / "mcq.toml").write_text((shipped / "mcq.toml").read_text())  # the first template, replaced
+    (folder / "index.toml").write_text('preamble = "Task: local wording."\n'
+                                       '[[template]]\nname = "mcq"\nfile = "mcq.toml"\nreplaces = true\n')
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    prompts = []
+    monkeypatch.setattr(session, "respond", lambda e, prompt, s, p: iter([prompts.append(prompt), ("answer", "ok")][1:]))
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"], input="hi\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert safety_preamble().strip()[:60] in prompts[0] and "local wording" not in prompts[0]

@@ -5,6 +5,10 @@ from __future__ import annotations
 import click
 
 
+#: A line holding only this opens, and a second one closes, a message of several lines
+BLOCK = '"""'
+
+
 @click.command()
 @click.argument("model")  # as typed: ./NAME is a path, NAME may be an installed model
 @click.option("--system", "-s", help="System message (default: the templates' safety preamble).")
@@ -19,6 +23,7 @@ import click
               "applied at run time at SCALE (default 1). Repeatable.")
 def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads, adapters):
     """Chat with MODEL. Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits.
+    A message of several lines (a pasted note) goes between two lines that hold only three double quotes.
     Ctrl-C while an answer is written stops that answer (the question is dropped, the conversation goes on); at the
     prompt it quits.
 
@@ -31,7 +36,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm
     from edgemed.runtime.session import open_with_adapters, prepare, respond
-    from edgemed.templates import load_templates
+    from edgemed.templates.library import safety_preamble
     from edgemed.templates.think import ThinkPolicy
 
     warm()  # the template renderer process starts while the model loads
@@ -40,7 +45,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     specs = adapter_specs(ref, adapters)  # FILE[:SCALE], or NAME[:SCALE] of the model's adapters; refused before load
     model = ref.model_path
     prepared = prepare(model, profile, n_ctx, threads, adapters=specs)
-    preamble = system or next(iter(load_templates().values())).preamble
+    preamble = system or safety_preamble()  # the shipped one: a user folder's template must not change chat's
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
     engine = open_with_adapters(model, prepared.load, specs)
     with_adapters = f" with {', '.join(s.path.name for s in specs)}" if specs else ""
@@ -59,6 +64,19 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
             if line.strip() == "/reset":
                 history = history[:1]
                 continue
+            if line.strip() == BLOCK:  # a pasted note: one message of many lines, not a turn per line
+                lines = []
+                while True:
+                    try:
+                        more = click.prompt("...", prompt_suffix=" ", default="", show_default=False)
+                    except (EOFError, click.Abort) as exc:
+                        if isinstance(exc.__context__, Terminated):
+                            raise exc.__context__ from None
+                        more = BLOCK  # the end of input closes the block
+                    if more.strip() == BLOCK:
+                        break
+                    lines.append(more)
+                line = "\n".join(lines)
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})

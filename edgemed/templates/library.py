@@ -323,6 +323,12 @@ def load_templates() -> dict[str, Template]:
     return found
 
 
+def safety_preamble() -> str:
+    """The shipped safety preamble: `chat`'s default system message, whatever user folders replace."""
+    shipped = resources.files("edgemed.templates") / "data"
+    return _load_folder(lambda name: (shipped / name).read_text(encoding="utf-8"), "edgemed/templates/data", {})
+
+
 def get_template(name: str) -> Template:
     templates = load_templates()
     if name not in templates:
