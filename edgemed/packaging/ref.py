@@ -133,27 +133,8 @@ def runnable(arg: str | Path, *, full: bool = False) -> ModelRef:
                          f"--adapter {man.adapters[0]['name']}")
     _check_trust(ref, v)
     name = ref.name if ref.kind == STORE else v.manifest.name
-    return replace(ref, name=name, digest="manifest:sha256:" + v.manifest_sha256,
-                   model_path=_pinned(v) if ref.kind == STORE else v.model_path,
+    return replace(ref, name=name, digest="manifest:sha256:" + v.manifest_sha256, model_path=v.model_path,
                    path=ref.path if ref.path is not None else v.root)
-
-
-def _pinned(v) -> Path:
-    """The installed model file as the content-addressed blob it links to (``blobs/sha256/<its sha256>``), when it is
-    one: an update installed between this check and the engine opening the file replaces ``models/NAME``, so its path
-    would then open the new weights under the old digest. A blob's bytes never change. Where the store could not
-    link (a file system without hard links), the path as verified."""
-    entry = v.manifest.entry(v.manifest.model_path)
-    path = v.model_path
-    if entry is None or not path.is_file():  # an ONNX directory: its files are read where they are
-        return path
-    blob = v.root.parent.parent / "blobs" / "sha256" / entry.sha256
-    try:
-        if os.path.samefile(blob, path):
-            return blob
-    except OSError:
-        pass
-    return path
 
 
 def _check_trust(ref: ModelRef, v) -> None:
