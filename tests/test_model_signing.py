@@ -271,6 +271,14 @@ def test_certificate_mode_signs_and_checks_against_the_root(made, tmp_path, edge
     assert r.exit_code == 1 and "replaced only by a bundle from its own signer" in r.output, r.output
     r = _run("install", made["signed"], "--force", "--key", made["pub"], "--allow-signer-change")
     assert r.exit_code == 0, r.output
+    other_root, other_leaf, other_key = _ca(tmp_path, "vendor-b")  # another maker's certificate, back again
+    b_out = tmp_path / "b-signed"
+    r = _run("pack", ins.model, "--license", ins.license, "--card", ins.card, "--name", "tiny", "--sign", other_key,
+             "--cert", other_leaf, "--cert-chain", other_root, "--dir", "-o", b_out)
+    assert r.exit_code == 0, r.output
+    assert _run("install", out, "--force", "--cert-chain", root, "--allow-signer-change").exit_code == 0
+    r = _run("install", b_out, "--force", "--cert-chain", other_root)  # a chain that verifies, from another maker
+    assert r.exit_code == 1 and "replaced only by a bundle from its own signer" in r.output, r.output
     _flip(out / "LICENSE", 3)
     r = _run("verify", out, "--cert-chain", root)
     assert r.exit_code == 1, r.output

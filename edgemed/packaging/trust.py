@@ -191,8 +191,9 @@ def check_update(name: str, installed: dict | None, origin: str | None, sig: sig
         return key  # an unsigned model: there is no signer to continue
     old_pem, old_id = installed.get("signer_key"), installed.get("signed_by")
     new_id = signing.signer_id(sig) if sig is not None else None
-    if sig is not None and isinstance(key, signing.CertRoots) and (new_id == old_id or old_id and old_id.startswith("cert ")):
-        return key  # certificate mode: a chain to roots the operator or the policy named verified it (decide)
+    if sig is not None and isinstance(key, signing.CertRoots) and new_id == old_id:
+        return key  # certificate mode: the same signing identity, its chain to the roots verified (decide); another
+        # identity under a shared CA is another maker unless the installed origin's entry trusts it (below)
     if sig is not None and old_pem:
         if isinstance(key, signing.PublicKey) and key.pem.decode("ascii") == old_pem:
             return key
