@@ -52,20 +52,18 @@ def prompt_format(chat_template: str | None) -> PromptFormat | None:
 
 
 def _block(directive: str, text, what: str, fix: str) -> str:
-    '''``DIRECTIVE """text"""``, refusing text that could end the quoted block early. Ollama's Modelfile parser drops
-    characters that are not printable (Go's strconv.IsPrint: controls, format characters such as U+200B, spaces other
-    than ' '), so a quote, U+200B and two quotes would close the block there and what follows would be read as
-    directives: a bundle's card could replace the safety system prompt. Such characters are refused, as are three
-    quotes in a row.'''
+    '''``DIRECTIVE """text"""``, refusing text that would end the quoted block early. Ollama's Modelfile parser drops
+    the characters Go's strconv.IsPrint rejects (controls, format characters such as U+200B or a BOM, spaces other
+    than ' ') before it looks for the closing quotes, so a quote, U+200B and two quotes closed the block there and
+    the lines after it were read as directives: a bundle's card could replace the safety system prompt. The text is
+    checked as Ollama reads it; it is written as it is (Ollama drops those characters itself).'''
     if not isinstance(text, str):
         raise InputError(f"The {what} is not text ({type(text).__name__}).", fix)
     text = text.replace("\r\n", "\n")
-    bad = next((i for i, c in enumerate(text) if not (c.isprintable() or c in "\n\t")), None)
-    if bad is not None:
-        raise InputError(f"The {what} holds the character U+{ord(text[bad]):04X} (at {bad}), which Ollama's Modelfile "
-                         "parser drops: text around it could close the quoted block and be read as directives.", fix)
-    if '"""' in text:
-        raise InputError(f"The {what} contains '\"\"\"', which a Modelfile cannot quote.", fix)
+    seen = "".join(c for c in text if c.isprintable() or c in "\n\t")  # Python's isprintable: Go's IsPrint, + ' '
+    if '"""' in seen:
+        hidden = "" if '"""' in text else " once the invisible characters Ollama drops are left out"
+        raise InputError(f"The {what} contains '\"\"\"'{hidden}, which a Modelfile cannot quote.", fix)
     return f'{directive} """{text}"""'
 
 
