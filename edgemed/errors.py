@@ -78,7 +78,8 @@ class NoAnswer(EdgemedError):
     """The model used every token it was allowed on thinking: there is no answer to show."""
 
     def __init__(self, max_tokens: int):
-        super().__init__(f"The model was still thinking when its {max_tokens} tokens ran out: it gave no answer.",
+        super().__init__(f"The model's reply held only its thinking, no answer (it may at most write {max_tokens} "
+                         "tokens, thinking included).",
                          "allow more with --max-tokens, or cap the thinking with --think cap:N (N well below "
                          "--max-tokens), so tokens are left for the answer")
 

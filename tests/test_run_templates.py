@@ -184,12 +184,13 @@ def test_thinking_that_uses_every_token_is_no_answer(smollm2_gguf, monkeypatch):
     _scripted_respond(monkeypatch, [thinking, thinking, thinking, [("answer", "Fatigue.")]])
     r = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "-p", "Name one symptom of anaemia.", "--threads", "1",
                                  "--max-tokens", "16"])
-    assert r.exit_code == 1 and "still thinking when its 16 tokens ran out" in r.output and "--think cap:N" in r.output
+    assert r.exit_code == 1 and "held only its thinking, no answer" in r.output and "at most write 16" in r.output
+    assert "--think cap:N" in r.output
     r = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "-p", "Name one symptom.", "--threads", "1", "--json"])
     assert r.exit_code == 1 and json.loads(r.stdout)["error"] == "NoAnswer", r.output
     r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"],
                            input="Name one symptom of anaemia.\nName one.\n/exit\n")
-    assert r.exit_code == 0 and "gave no answer" in r.output and "Fatigue." in r.output, r.output
+    assert r.exit_code == 0 and "no answer" in r.output and "Fatigue." in r.output, r.output
 
 
 def test_sigterm_at_the_chat_prompt_stops_it_as_a_stop(smollm2_gguf):
@@ -254,3 +255,28 @@ def test_chat_keeps_the_shipped_safety_preamble_whatever_a_user_folder_replaces(
     r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"], input="hi\n/exit\n")
     assert r.exit_code == 0, r.output
     assert safety_preamble().strip()[:60] in prompts[0] and "local wording" not in prompts[0]
+
+
+def test_ctrl_c_in_a_pasted_note_drops_the_note(smollm2_gguf, monkeypatch):
+    """click turns Ctrl-C into the Abort it gives at the end of input, so a half-pasted note was sent to the model."""
+    import click
+
+    from edgemed.runtime import session
+
+    seen = []
+    monkeypatch.setattr(session, "respond", lambda e, prompt, s, p: iter([seen.append(prompt), ("answer", "ok")][1:]))
+    answers = iter(['"""', "BP 150/95.", KeyboardInterrupt, "Name one sign of anaemia.", "/exit"])
+
+    def prompt(*a, **k):
+        nxt = next(answers)
+        if nxt is KeyboardInterrupt:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise click.Abort() from None
+        return nxt
+
+    monkeypatch.setattr(click, "prompt", prompt)
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"])
+    assert r.exit_code == 0 and "(note dropped)" in r.output, r.output
+    assert len(seen) == 1 and "BP 150/95." not in seen[0] and "anaemia" in seen[0]

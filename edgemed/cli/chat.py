@@ -72,7 +72,10 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
                     except (EOFError, click.Abort) as exc:
                         if isinstance(exc.__context__, Terminated):
                             raise exc.__context__ from None
-                        more = BLOCK  # the end of input closes the block
+                        if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C: the half-pasted note is dropped
+                            lines = []
+                            click.echo("\n(note dropped)", err=True)
+                        break  # Ctrl-D, or the end of piped input: the note as it stands
                     if more.strip() == BLOCK:
                         break
                     lines.append(more)
