@@ -329,3 +329,52 @@ def test_a_rotation_cut_short_is_finished_at_the_next_start(tmp_path, monkeypatc
     assert len(kept) == 1 and not list(tmp_path.glob(".audit.jsonl.next"))
     report = verify(path)
     assert report.ok and report.files == [str(kept[0]), str(path)], report
+
+
+def test_a_folder_that_cannot_rotate_is_named_at_start_and_a_failed_rotation_keeps_serving(tmp_path, monkeypatch, caplog):
+    """Rotation needs a writable folder with hard links: a log on FAT, or in a folder the service cannot write, started
+    fine, then at the first rotation every request got a 503, and the next start refused even without rotation."""
+    import errno
+
+    path = tmp_path / "audit.jsonl"
+    real_link = os.link
+
+    def no_link(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    with pytest.raises(InputError, match="cannot take a rotation: Operation not permitted"):
+        AuditLog(path, rotate_bytes=1500)
+    assert not list(tmp_path.glob(".audit.jsonl.probe*"))
+    monkeypatch.setattr(os, "link", real_link)
+    log = AuditLog(path, rotate_bytes=1500)  # the folder could rotate at start; later it cannot
+    monkeypatch.setattr(os, "link", no_link)
+    with caplog.at_level("WARNING"):
+        for i in range(20):
+            log.append("request", request_id=f"r{i}", status=200)
+    assert log.failed is None and log.rotate_bytes is None and "could not rotate" in caplog.text
+    log.close()
+    monkeypatch.setattr(os, "link", real_link)
+    assert not list(tmp_path.glob("audit.*.jsonl")) and not list(tmp_path.glob(".audit.jsonl.next"))
+    assert verify(path).ok and verify(path).records == len(lines(path))
+    _log(path, 20, rotate_bytes=1500).close()  # restarted where it can rotate: it does, and the chain holds
+    assert list(tmp_path.glob("audit.*.jsonl")) and verify(path).ok
+
+
+def test_a_linked_log_path_rotates_beside_the_real_file_and_keeps_the_link(tmp_path):
+    real = tmp_path / "volume" / "audit.jsonl"
+    real.parent.mkdir()
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to(real)
+    _log(link, 20, rotate_bytes=1500).close()
+    assert link.is_symlink() and os.path.samefile(link, real) and list(real.parent.glob("audit.*.jsonl"))
+    assert verify(link).ok
+
+
+def test_a_missing_kept_file_is_reported_with_the_live_files_own_counts(tmp_path):
+    path, log = _rotating(tmp_path, 20)
+    log.close()
+    for kept in tmp_path.glob("audit.*.jsonl"):
+        kept.unlink()
+    report = verify(path)
+    assert not report.ok and report.problem == "deleted" and report.records == len(lines(path)) and report.head

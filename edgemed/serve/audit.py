@@ -179,7 +179,7 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
     chain = [last]
     while follow and chain[-1].continues is not None:
         later = chain[-1]
-        earlier = path.parent / later.continues
+        earlier = Path(os.path.realpath(path)).parent / later.continues  # kept beside the real file, not a link
         if len(chain) > MAX_CHAIN_FILES or not os.path.lexists(earlier):
             return _broken_link(later, f"its genesis continues '{later.continues}', which is not beside it: the "
                                        "records before it cannot be checked (put the kept file back, or pass "
@@ -205,7 +205,8 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
 
 
 def _broken_link(f: _File, detail: str) -> Report:
-    return Report(f.report.path, False, 0, None, 1, "deleted", detail)
+    """The file ``f`` verified on its own; what is wrong is the link from its genesis to the file before it."""
+    return Report(f.report.path, False, f.report.records, f.report.head, 1, "deleted", detail)
 
 
 def _verify_file(path: Path, anchor: str | None) -> _File:
@@ -300,7 +301,8 @@ class AuditLog:
     def __init__(self, path: Path | str, *, content: bool = False, rotate_bytes: int | None = None):
         import fcntl
 
-        self.path = Path(path)
+        # with rotation, the real path: the live name is replaced by a rename, which must not replace a link to it
+        self.path = Path(os.path.realpath(path)) if rotate_bytes else Path(path)
         self.content = content
         self.rotate_bytes = rotate_bytes  # None: one file for ever
         self.failed: str | None = None  # set when a write failed: the server then refuses requests (fail closed)
@@ -324,10 +326,20 @@ class AuditLog:
             log.warning("audit log %s can be read or written by other users; run: chmod 600 %s", self.path, self.path)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(self._fd), os.stat(self.path)):  # rotated away while we opened it
+                raise OSError("rotated")
         except OSError:
             os.close(self._fd)
             raise InputError(f"The audit log '{self.path}' is in use by another edgemed serve.",
                              "give each server its own --audit-log file") from None
+        if rotate_bytes:
+            try:
+                self._check_rotation_possible()
+            except OSError as exc:
+                os.close(self._fd)
+                raise InputError(f"The audit log's folder {self.path.parent} cannot take a rotation: "
+                                 f"{exc.strerror or exc}.", "run with --audit-rotate-mib in a folder this user can "
+                                 "write, on a file system with hard links (not FAT or exFAT), or without the option") from None
         try:
             self._open_chain()
         except OSError as exc:  # the genesis record could not be written (/proc, a full or read-only disk)
@@ -356,7 +368,24 @@ class AuditLog:
                 "keep that file as evidence, and start the server with a new --audit-log path")
         self.head, self.seq = report.head, found.first_seq + report.records
         if found.last_kind == "rotated":  # a rotation that was cut short (a kill, a power cut): finish it
-            self._start_next(self._kept_name(self.seq - 1))
+            try:
+                self._start_next(self._kept_name(self.seq - 1))
+            except OSError as exc:  # the records go on here: a file that cannot rotate is still a whole chain
+                log.warning("audit log %s: the rotation it ends with could not be finished (%s); records go on in "
+                            "this file", self.path, exc.strerror or exc)
+
+    def _check_rotation_possible(self) -> None:
+        """A rotation links the full file under its kept name and renames a new one into place: try both in the
+        folder now, so a folder that refuses them is named at start, not at the first rotation hours later."""
+        probe = self.path.with_name(f".{self.path.name}.probe")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            os.link(probe, probe.with_name(probe.name + "-link"))
+            os.unlink(probe.with_name(probe.name + "-link"))
+        finally:
+            os.unlink(probe)
 
     def _kept_name(self, seq: int) -> str:
         """Where the file whose ``rotated`` record has ``seq`` is kept: ``STEM.SEQ.SUFFIX``, beside the live name."""
@@ -367,45 +396,53 @@ class AuditLog:
         name whose genesis continues it. A kill at any step leaves a chain ``verify`` accepts whole, and the next
         start finishes the rotation; a step that fails stops the writer (fail closed) as a failed write does."""
         kept = self._kept_name(self.seq)
-        self._write({"kind": "rotated", "continued_in": self.path.name})
+        self._write({"kind": "rotated", "continued_in": self.path.name})  # a failed write fails closed, as any does
         try:
             self._start_next(kept)
-        except OSError as exc:
-            self.failed = f"rotating {self.path} failed: {exc.strerror or exc}"
-            raise
+        except OSError as exc:  # the chain stays whole in this file: answering goes on, rotating stops
+            self.rotate_bytes = None
+            log.warning("audit log %s could not rotate (%s): records go on in this file; fix its folder and restart "
+                        "to rotate again", self.path, exc.strerror or exc)
 
     def _start_next(self, kept_name: str) -> None:
         import fcntl
 
         kept = self.path.with_name(kept_name)
+        linked = False
         try:  # the finished file under its own name too; the live name still shows it until the swap below
             os.link(self.path, kept)
+            linked = True
         except FileExistsError:
             if not os.path.samefile(self.path, kept):  # not our earlier, interrupted try: never replaced
                 raise OSError(17, f"{kept} exists and is another file", str(kept)) from None
         nxt = self.path.with_name(f".{self.path.name}.next")  # a name only this writer (under the flock) uses
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(nxt)  # an interrupted rotation's
-        fd = os.open(nxt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        saved = (self._fd, self.head, self.seq, self.failed)
+        fd = -1
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(nxt)  # an interrupted rotation's
+            fd = os.open(nxt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            old, self._fd = self._fd, fd
-            try:
-                self._genesis(continues=kept_name)
-            except BaseException:
-                self._fd = old
-                raise
-        except BaseException:
-            os.close(fd)
+            self._fd = fd
+            self._genesis(continues=kept_name)
+            os.rename(nxt, self.path)  # from here the live name holds the new file
+        except BaseException:  # as it was: the records go on in the old file, its chain unchanged
+            self._fd, self.head, self.seq, self.failed = saved  # a failed write to the new file is not the old one's
+            if fd >= 0:
+                os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(nxt)
+            if linked:
+                with contextlib.suppress(OSError):
+                    os.unlink(kept)
             raise
-        os.rename(nxt, self.path)  # from here the live name holds the new file
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        old = saved[0]
+        with contextlib.suppress(OSError):  # the rename is done; a folder that cannot be synced loses nothing here
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         os.close(old)
         log.info("audit log rotated: records up to seq %d kept in %s", self.seq - 2, kept)
 
