@@ -316,41 +316,8 @@ def check_gguf(source, opts) -> Estimate:
         alts.append(("--no-parity, then `edgemed check` on a bigger machine", estimate_gguf(dims, **kw | {"parity": False})))
     if kw["imatrix"]:
         alts.append(("--no-imatrix (llama.cpp's plain recipe)", estimate_gguf(dims, **kw | {"imatrix": False})))
-    room = detect_budget(opts.memory_budget)
-    require_fits(est, room, tuple(alts))
-    if kw["parity"] and opts.out_type not in OUT_BYTES:
-        require_intermediate_fits(source.checkpoint, opts.out_type, room)
+    require_fits(est, detect_budget(opts.memory_budget), tuple(alts))
     return est
-
-
-#: An upper bound of a float GGUF's metadata per vocabulary entry: the token's text, its type and score, a merge.
-GGUF_META_PER_TOKEN = 256
-
-
-def intermediate_bytes(ckpt) -> int:
-    """At most the size of the F16/BF16 GGUF a quantized conversion writes first: every stored tensor (a tied head
-    too) at 2 bytes a weight, 1-D ones in F32 as the writer keeps them, and the vocabulary's metadata."""
-    tensors = sum(math.prod(ref.shape) * (2 if len(ref.shape) >= 2 else 4) for ref in ckpt.tensors.values())
-    return tensors + int(ckpt.hparam("vocab_size")) * GGUF_META_PER_TOKEN + MIB
-
-
-def require_intermediate_fits(ckpt, out_type: str, room: Budget) -> None:
-    """Refuse, before any work, a quantized conversion whose float intermediate is larger than the memory budget:
-    that intermediate's float gate (pipeline's ``_gate_intermediate``) would be left out, and the quantized file's
-    top-1 gate alone passes a conversion error."""
-    size = intermediate_bytes(ckpt)
-    if size <= room.bytes:
-        return
-    float_type = "BF16" if ckpt.source_dtype() == "BF16" else "F16"
-    need = -(-size // GIB)
-    raise InputError(
-        f"`edgemed convert --quant {out_type}` holds the {float_type} intermediate the quantizer reads (about "
-        f"{size / GIB:.1f} GiB) to the float NMSE gate before the quantized file's own top-1 gate, and that file is "
-        f"larger than the {room.bytes / GIB:.1f} GiB memory budget ({room.source}), so its float gate would be left out. "
-        "Nothing was written.",
-        f"run it on a machine with at least {need} GiB free, or set --memory-budget {need}GiB (or "
-        f"${env.MEMORY_BUDGET_VAR}) if that much will be free; --no-parity writes it with no gate at all (its report "
-        "says parity was not checked)")
 
 
 def check_onnx(source, opts) -> Estimate:
