@@ -232,3 +232,117 @@ def test_numbered_reasoning_is_not_a_numbered_option():
 def test_yes_no_maybe_is_read_only_from_the_answer_line(reply, expected):
     parsed = get_template("pubmedqa").parse(reply, {"question": "q", "context": "c"})
     assert (parsed.value if parsed.ok else None) == expected, parsed
+
+
+# -- answers the stricter reading refused, and hedges it still took -----------------------------------------
+ELIMINATION = ("Let's go through the options.\nThe answer is not A: vitamin A deficiency causes night blindness.\n"
+               "The answer is not B: B12 causes anaemia.\nAnswer: C")
+
+
+def _mcq(reply):
+    parsed = get_template("mcq").parse(reply, SCURVY)
+    return parsed.value if parsed.ok else None
+
+
+def _pubmedqa(reply):
+    parsed = get_template("pubmedqa").parse(reply, {"question": "q", "context": "c"})
+    return parsed.value if parsed.ok else None
+
+
+@pytest.mark.parametrize("reply, expected", [
+    (ELIMINATION, "C"),
+    ("The correct answer is not D.\n**Answer: C**", "C"),
+    ("The correct answer is not D (rickets).\n\n**Answer: C**", "C"),
+    ("Answer: C\n\nThe answer is not B, since B12 deficiency causes anaemia.", "C"),
+    ("The answer is definitely not A.\nAnswer: C", "C"),
+    ("The answer cannot be D.\nAnswer: C", "C"),
+    ("Answer: C, not B (B12 deficiency causes anaemia).", "C"),
+    ("Answer: C\nThis rules out B.", "C"),
+    ("The answer is not B.", None),  # an option ruled out is no answer
+])
+def test_an_option_ruled_out_is_no_competing_answer(reply, expected):
+    """'The answer is not A: ...' going through the options made the reply's answer lines 'disagree'."""
+    assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("I think the answer is C.", "C"),
+    ("Based on the above, the answer is C.", "C"),
+    ("Given the findings, the most likely answer is C.", "C"),
+    ("Based on the above, I believe the correct answer is C.", "C"),
+    ("So I think the answer is C.", "C"),
+    ("Scurvy is vitamin C deficiency.\n\nGiven the findings, the most likely answer is C.", "C"),
+    # still prose: reported speech, a condition, a letter mid-sentence
+    ("Option B looks tempting, and many say the answer is B.", None),
+    ("If the patient were a child, the answer is D.", None),
+    ("Students often say that in this case the answer is B.", None),
+    ("I think the answer is C, but it could be D.", None),
+    ("Given the findings, I think the answer is C.\nIn children, the answer is D.", None),
+])
+def test_a_short_lead_in_before_the_answer_is_still_the_answer_line(reply, expected):
+    assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Answer: Yes, although no RCT has tested it.", "yes"),
+    ("Answer: maybe. The evidence is mixed; some studies say yes, others no.", "maybe"),
+    ("Answer: yes, but maybe not in children", "yes"),
+    ("Answer: yes because no harm was seen in either arm.", "yes"),
+    ("Answer: no \u2014 the trial found no benefit.", "no"),
+    # another choice right after the answer is a hedge
+    ("Answer: yes or no", None),
+    ("Answer: yes/no", None),
+    ("Answer: maybe yes", None),
+    ("Answer: yes (possibly no)", None),
+    ("Answer: no. Yes is also possible in children.", None),
+])
+def test_a_yes_no_maybe_answer_may_explain_itself(reply, expected):
+    """'Answer: Yes, although no RCT ...' was no answer: any choice word later on the line voided it."""
+    assert _pubmedqa(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("**C. Vitamin C**\n\nExplanation: scurvy is a deficiency of ascorbic acid.", "C"),
+    ("C. Vitamin C is the answer.", "C"),
+    ("C. Vitamin C\n\nScurvy is caused by lack of vitamin C.", "C"),
+    ("C is the answer.\n\nScurvy is caused by lack of vitamin C.", "C"),
+    ("**C. Vitamin C**\n\nAnswer: C", "C"),
+    # unless another line gives a different answer, or the reply goes through the options
+    ("**C. Vitamin C**\n\nAnswer: D", None),
+    ("A. Vitamin A\nB. Vitamin B12\nC. Vitamin C\nD. Vitamin D\n\nScurvy is vitamin C deficiency.", None),
+    ("C. Vitamin C\n\nB. Vitamin B12 causes anaemia.", None),
+    ("**A. Vitamin A**\n\nIncorrect: vitamin A deficiency causes night blindness.", None),
+    ("**C**\n\nScurvy results from a lack of vitamin C.", None),  # a bare letter first is no stated option
+])
+def test_a_first_line_that_states_one_option_is_that_option(reply, expected):
+    assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply", [
+    "Answer: C (or possibly D)",
+    "Answer: C (possibly D)",
+    "Answer: C, or maybe D",
+    "Answer: C; D is also possible",
+    "Answer: C. Perhaps D.",
+    "Answer: (B) or (C)",
+    "Answer: C (D)",
+    "Answer: C, though it might also be D.",
+    "Answer: C; also consider D.",
+    "Answer: C because the answer is D in infants.",
+])
+def test_another_choice_offered_after_the_answer_is_a_hedge(reply):
+    parsed = get_template("mcq").parse(reply, SCURVY)
+    assert not parsed.ok and parsed.value is None and "no single" in parsed.error
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("<think>Bleeding gums, poor healing: scurvy.</think>\n\n**Answer:** C", "C"),
+    ("The answer is C.", "C"),
+    ("Answer: (C)", "C"),
+    ("C) Vitamin C", "C"),
+    ("answer: c", "C"),
+    ("Answer: C because the deficiency impairs collagen synthesis.", "C"),
+    ("Answer: A because night blindness is the clue.", "A"),
+])
+def test_r1_style_replies_are_read(reply, expected):
+    assert _mcq(reply) == expected

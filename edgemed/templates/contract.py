@@ -70,12 +70,40 @@ def _choice_instruction(c: Contract, choices) -> str:
 _LEAD = r"[ \t>#*_+\-]*"
 #: the only words that may come before the label on its line ("Final answer:", "So the correct answer is"); a line
 #: such as "Wrong answer: A" or "A common wrong answer: B" is not the answer line
-_PREFIX = (r"(?:(?:so|thus|therefore|hence|overall|in\s+conclusion|in\s+summary)\s*,?\s+)?"
-           r"(?:(?:the|my|our)\s+)?"
-           r"(?:(?:final|correct|best|right|single\s+best|most\s+likely)\s+){0,2}")
+_DISCOURSE = r"(?:(?:so|thus|therefore|hence|overall|in\s+conclusion|in\s+summary)\s*,?\s+)?"
+_ADJ = r"(?:(?:final|correct|best|right|single\s+best|most\s+likely)\s+){0,2}"
+_PREFIX = rf"{_DISCOURSE}(?:(?:the|my|our)\s+)?{_ADJ}"
+#: before "the answer is" only ("Based on the above, the answer is C", "I think the answer is C"): a short clause of at
+#: most eight words that ends in a comma and states no condition ("If the patient were a child, the answer is D" is
+#: no answer), and/or the model's own "I think"; reported speech ("Many would say the answer is B") is prose
+_CLAUSE = (r"(?!(?:if|unless|when|whenever|whether|otherwise|without|in\s+case)\b)[^\W\d_][\w'\u2019\-]*"
+           r"(?:[ \t]+[\w'\u2019\-]+){0,7}[ \t]*,[ \t]*")
+_FIRST_PERSON = (r"(?:I|we)[ \t]+(?:(?:still|now|would)[ \t]+)?(?:think|believe|feel|say|conclude|am[ \t]+"
+                 r"(?:fairly[ \t]+|quite[ \t]+)?(?:confident|sure))[ \t]+(?:that[ \t]+)?")
+_LEAD_IN = rf"(?:(?:{_CLAUSE})(?:{_FIRST_PERSON})?|{_DISCOURSE}{_FIRST_PERSON})"
+#: after "the answer is": an option ruled out ("The answer is not A: ..."), no answer and no competing one either
+_RULED_OUT = re.compile(r"[ \t\*_]*(?:(?:definitely|certainly|clearly|surely|obviously|probably)[ \t]+)?"
+                        r"(?:not|never|neither|unlikely)\b", re.I)
+#: what opens a reply's second line when its first line restated an option only to reject it
+_REJECTED = re.compile(r"[ \t>#*_\-]*(?:incorrect|wrong|false|unlikely|not\b|no\b[ \t]*[.,:;!\-\u2013\u2014]|"
+                       r"this\s+is\s+(?:incorrect|wrong|not)\b|ruled\s+out|eliminated?\b)", re.I)
 _DECO = r"[ \t\*\(\[\"'_]*"  # markdown bold, brackets, quotes around the choice
 #: after the choice on its line: a correction ("No, wait - yes") makes the line no answer
 _CORRECTION = re.compile(r"[\s,;:.!\-\u2013\u2014]*(?:wait|actually|sorry|hmm+|or\s+rather|rather)\b", re.I)
+#: words that offer another choice beside the answer: "C (or possibly D)", "C, or maybe D", "maybe yes"
+_HEDGE_WORD = r"(?:or|and|possibly|maybe|perhaps|probably|also|alternatively|otherwise|either|consider(?:ing)?)\b"
+_SEP = r"[\s\(\)\[\]\*_\"']*"          # what may stand between the answer and a hedge: brackets, emphasis, quotes
+_SEP_LIST = r"[\s\(\)\[\]\*_\"',/&]*"  # ... and between the words of a hedge
+#: after the choice: a reason ("C because ..."), which may run on in lower case
+_REASON = re.compile(r"[\s,;:\(\-\u2013\u2014]*(?:because|since|as|given|due\s+to|owing\s+to)\b", re.I)
+#: what says another choice X is (also) the answer, anywhere on the answer line: "D is also possible", "B could be
+#: correct", "B is also a reasonable choice" (not "B is a distractor", "B is the most common wrong answer")
+_OK = r"(?:possible|correct|right|plausible|valid|acceptable|reasonable|likely|good|best)"
+_ALSO = (r"[\s\*_\)\]\"']*(?:(?:is|are|seems|could|might|may|would|can)[ \t]+)?(?:(?:also|possibly|equally|perhaps|"
+         rf"too)[ \t]+)?(?:be[ \t]+)?(?:also[ \t]+)?(?:(?:a|an|the)[ \t]+)?(?:(?:very|quite|{_OK})[ \t]+)?"
+         rf"(?:{_OK}|answer|option|alternative|choice|possibility)\b")
+#: ... and what offers X as the answer: "it could be D", "might also be D" (not "cannot be D", "could not be D")
+_COULD_BE = r"\b(?:could|might|may)[ \t]+(?:(?:also|equally|well)[ \t]+)?be[\s\*\(\[\"'_:]*"
 
 
 def _norm(text: str) -> str:
@@ -85,36 +113,61 @@ def _norm(text: str) -> str:
 
 def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) -> Parsed:
     """The choice of the reply's answer lines: a line that starts (after markdown marks) with the label ('Answer:',
-    'Final answer:', 'The correct answer is'). Every such line must give the same one choice; a choice only inferred
-    from prose or from a list of the options ("A. ...", "1. ...") is no answer (``ask`` then asks for the label). A
-    reply that is nothing but one choice ("B", "**maybe**"), or one line restating one option ("C. Vitamin C"), is
-    that choice."""
+    'Final answer:', 'The correct answer is', 'Based on the above, the answer is'). Every such line must give the same
+    one choice; a line that rules an option out ('The answer is not A') gives none. A choice only inferred from prose
+    or from a list of the options ("A. ...", "1. ...") is no answer (``ask`` then asks for the label). A reply that is
+    nothing but one choice ("B", "**maybe**"), or whose first line states one option ("**C. Vitamin C**", "C is the
+    answer."), is that choice unless an answer line disagrees."""
     alts = "|".join(re.escape(x) for x in sorted(choices, key=len, reverse=True))
     single = all(len(x) == 1 for x in choices)
     # Single-letter choices are matched case-sensitively in prose: "the answer is a ..." is an article.
-    strict = f"(?-i:{alts})" if all(len(x) == 1 and x.isupper() for x in choices) else alts
-    hedge = re.compile(rf"[\s\(\[]*(?:or|and|/|,|&)[\s\*\(\[\"'_]*(?:{alts})\b", re.I)  # "A or B", "B (or C)"
-    line_re = re.compile(rf"{_LEAD}{_PREFIX}{re.escape(c.label)}"
-                         rf"(?:[ \t\*_]*[:\-]|\s+(?P<is>is)\b[ \t]*:?|[ \t\*_]*$)(?P<rest>.*)", re.I)
+    upper = all(len(x) == 1 and x.isupper() for x in choices)
+    strict = f"(?-i:{alts})" if upper else alts
+    # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe yes"
+    hedge = re.compile(rf"{_SEP}(?:[,/&]|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})(?:{_SEP_LIST}{_HEDGE_WORD})*"
+                       rf"{_SEP_LIST}(?:{alts})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
+                       rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{alts})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
+    label = re.escape(c.label)
+    line_re = re.compile(rf"{_LEAD}(?:{_PREFIX}{label}(?:[ \t\*_]*[:\-]|\s+(?P<is>is)\b[ \t]*:?|[ \t\*_]*$)"
+                         rf"|{_LEAD_IN}(?:the|my|our)\s+{_ADJ}{label}\s+(?P<lead_is>is)\b[ \t]*:?)(?P<rest>.*)", re.I)
 
     def canonical(found: str) -> str | None:
         # the choice the pattern matched, as the pattern matched it: re.I folds more than str.lower ("ſ" is "s")
         return next((x for x in choices if re.fullmatch(re.escape(x), found, flags=re.I)), None)
 
-    def whole(line: str) -> str | None:
-        """``line`` is one choice and nothing else ("B", "**maybe**."), or one option restated ("C. Vitamin C")."""
-        bare = re.fullmatch(rf"{_DECO}({strict})[\s\*\)\]\"'_\.\!]*", line.strip(), flags=re.I)
-        if bare:
-            return canonical(bare.group(1))
-        listed = re.fullmatch(rf"{_DECO}({strict})\s*[\)\.\:]\s*(.+)", line.strip(), flags=re.I)
-        found = canonical(listed.group(1)) if listed else None
-        if found is not None and texts and _norm(str(texts.get(found, ""))) == _norm(listed.group(2)) != "":
+    def bare(line: str) -> str | None:
+        """``line`` is one choice and nothing else ("B", "**maybe**.")."""
+        m = re.fullmatch(rf"{_DECO}({strict})[\s\*\)\]\"'_\.\!]*", line.strip(), flags=re.I)
+        return canonical(m.group(1)) if m else None
+
+    def listed(line: str) -> re.Match | None:
+        """``line`` opens like an option in a list: "C. ...", "(B) ...", "A: ..."."""
+        return re.match(rf"{_DECO}({strict})\s*[\)\.\:]", line.strip(), flags=re.I)
+
+    def restated(line: str) -> str | None:
+        """``line`` restates one option whole ("C. Vitamin C")."""
+        m = re.fullmatch(rf"{_DECO}({strict})\s*[\)\.\:]\s*(.+)", line.strip(), flags=re.I)
+        found = canonical(m.group(1)) if m else None
+        if found is not None and texts and _norm(str(texts.get(found, ""))) == _norm(m.group(2)) != "":
             return found
         return None
 
+    def whole(line: str) -> str | None:
+        """``line`` is one choice and nothing else, or one option restated."""
+        return bare(line) or restated(line)
+
+    def stated(line: str) -> str | None:
+        """``line`` states one option: restated whole ("**C. Vitamin C**"), or said to be the answer ("C is the
+        answer.", "C. Vitamin C is the answer."); a bare choice alone is not enough on a first line."""
+        line = line.strip().rstrip(" \t*_.!")
+        cut = max(0, len(line) - 80)  # the phrase is short: look only at the line's end, however long the line
+        said = re.search(r"(?<![^\s\*_])is\s+the\s+(?:(?:correct|right|best|final)\s+)?answer$", line[cut:], flags=re.I)
+        return whole(line[:cut + said.start()]) if said else restated(line)
+
     def value(rest: str, is_form: bool) -> str | None:
         """The choice that opens ``rest`` (what follows the label on its line), or None when it is no clean answer:
-        prose ("a patient"), a hedge ("A or B"), a correction ("No, wait - yes"), a mark over it ("C̸")."""
+        prose ("a patient"), a hedge ("A or B", "C (possibly D)"), a correction ("No, wait - yes"), a mark over it
+        ("C̸"), another choice said to be the answer too ("C; D is also possible")."""
         m = re.match(rf"{_DECO}({strict if is_form else alts})\b", rest, flags=re.I)
         found = canonical(m.group(1)) if m else None
         if found is None:
@@ -122,13 +175,19 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         tail = rest[m.end():]
         if tail and unicodedata.category(tail[0]).startswith("M"):  # a combining mark: struck or slashed
             return None
-        if single and (not is_form or found.islower()) and re.match(r"[ \t]+(?-i:[a-z])", tail):
-            return None
         if hedge.match(tail) or _CORRECTION.match(tail):
             return None
         others = [re.escape(x) for x in choices if x != found]
-        if not single and others and re.search(rf"\b(?:{'|'.join(others)})\b", tail, flags=re.I):
-            return None  # "no longer recommended? Maybe."
+        other = (f"(?-i:{'|'.join(others)})" if upper else "|".join(others)) if others else r"(?!)"
+        if re.search(rf"\b(?:answer\s+(?:is|would\s+be|should\s+be|must\s+be)[\s\*\(\[\"'_:]*(?:{other})\b"
+                     rf"|{_COULD_BE}(?:{other})\b|(?:{other})\b{_ALSO})", tail, flags=re.I):
+            return None  # "C because the answer is D in infants", "C; D is also possible", "C, but it could be D"
+        if _REASON.match(tail):  # "C because the deficiency ...": a reason, in lower case as it may be
+            return found
+        if single and (not is_form or found.islower()) and re.match(r"[ \t]+(?-i:[a-z])", tail):
+            return None  # "Answer: a patient ..." is prose, not option A
+        if not single and re.match(r"[ \t]+\w", tail) and re.search(rf"\b(?:{other})\b", tail, flags=re.I):
+            return None  # "no longer recommended? Maybe.": the choice word runs on into prose that names another
         return found
 
     def named(rest: str) -> set[str]:
@@ -144,8 +203,11 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         if not m:
             continue
         rest = m.group("rest")
+        is_form = m.group("is") is not None or m.group("lead_is") is not None
+        if is_form and _RULED_OUT.match(rest):
+            continue  # "The answer is not A: ...": an option ruled out, no answer line
         if rest.strip(" \t*_"):
-            found = value(rest, m.group("is") is not None)
+            found = value(rest, is_form)
         else:  # "Answer:" or "**Final answer**" alone: the choice is the next line, whole
             rest = lines[i + 1] if i + 1 < len(lines) else ""
             found = whole(rest)
@@ -154,14 +216,21 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         else:
             mentioned |= named(rest)
             unclear += 1
-    if given:
-        answers = set(given) | mentioned
+    first = None  # the option the first line states, when the reply does not go through the options
+    if len(lines) > 1 and not (unclear and not given):
+        first = stated(lines[0])
+        if first is not None and (_REJECTED.match(lines[1]) or any(
+                (o := listed(line)) and canonical(o.group(1)) != first for line in lines[1:])):
+            first = None  # "**A. Vitamin A**\n\nIncorrect: ...", or the options gone through one by one
+    if given or first:
+        answers = set(given) | mentioned | ({first} if first else set())
         if len(answers) == 1:
-            return Parsed(True, given[0], text, labelled=True)
-        return Parsed(False, None, text, f"the reply's '{c.label}:' lines disagree "
-                                         f"({', '.join(sorted(answers))}): no single answer")
+            return Parsed(True, answers.pop(), text, labelled=bool(given))
+        where = f"first line and its '{c.label}:' lines" if first else f"'{c.label}:' lines"
+        return Parsed(False, None, text, f"the reply's {where} disagree ({', '.join(sorted(answers))}): "
+                                         "no single answer")
     if "\n" not in text.strip():
-        found = whole(text)
+        found = whole(text) or stated(text)
         if found is not None:
             return Parsed(True, found, text)
     if unclear:
