@@ -123,9 +123,10 @@ def test_the_plan_counts_the_kv_cells_llama_cpp_allocates(smollm2_gguf, n_ctx, n
     try:
         ctx = Context(model, n_ctx=n_ctx, n_seq_max=n_seq, kv_unified=False, n_batch=64)
         try:
-            assert ctx.n_ctx == kv_cells(n_ctx, n_seq)  # read back from llama.cpp
+            cells = model.lib.llama_n_ctx(ctx.ptr)  # read back from llama.cpp (ctx.n_ctx is the limit asked for)
+            assert cells == kv_cells(n_ctx, n_seq) and ctx.n_ctx == min(cells, n_ctx)
             shape = read_shape(smollm2_gguf)
-            assert estimate(shape, n_ctx, n_seq=n_seq).kv_cache == kv_cache_bytes(shape, ctx.n_ctx)
+            assert estimate(shape, n_ctx, n_seq=n_seq).kv_cache == kv_cache_bytes(shape, cells)
         finally:
             ctx.close()
     finally:

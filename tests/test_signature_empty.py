@@ -59,7 +59,9 @@ def _refused(file, *args) -> str:
     assert r.exit_code == 1, (args, r.exit_code, r.output)
     assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, r.output
     assert MALFORMED.format(file=file) in r.output and "get a fresh copy" in r.output, r.output
-    return r.output
+    if "--json" in args:  # the same refusal, as the one JSON document on stdout
+        assert json.loads(r.stdout)["problem"].startswith(MALFORMED.format(file=file)), r.stdout
+    return r.stderr
 
 
 @pytest.mark.parametrize("file", FILES)
