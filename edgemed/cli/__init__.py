@@ -126,7 +126,7 @@ class LazyGroup(click.Group):
             sys.stderr.flush()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-            sys.exit(128 + signal.SIGTERM)  # not reached
+            sys.exit(128 + signal.SIGTERM)  # reached only where the signal is ignored (PID 1 in a container)
         except KeyboardInterrupt:
             click.echo("\nInterrupted; nothing half-written was left behind.", err=True)
             sys.exit(130)
