@@ -241,9 +241,12 @@ def test_rotation_keeps_one_chain_across_files_that_verify_follows(tmp_path):
     """A long-running server's log grew for ever, and rotating it with an outside tool (copytruncate) broke the chain.
     With rotate_bytes each full file ends in a `rotated` record, is kept as STEM.SEQ.jsonl, and the live file's genesis
     continues it; verify follows the files back to seq 0, and an anchor from any file is found."""
+    mine = tmp_path / ".audit.jsonl.next"  # a user's file under a name a first version used and removed
+    mine.write_text("not edgemed's")
     path, log = _rotating(tmp_path, 20)
     first_head = None
     log.close()
+    assert mine.read_text() == "not edgemed's" and not list(tmp_path.glob(".audit-*"))
     kept = sorted(tmp_path.glob("audit.*.jsonl"))
     assert len(kept) >= 3 and all(len(p.name) == len("audit.0000000000.jsonl") for p in kept)
     for p in kept:  # each kept file ends with `rotated`, which names where the chain goes on
@@ -309,7 +312,7 @@ def test_a_rotation_cut_short_is_finished_at_the_next_start(tmp_path, monkeypatc
             raise Killed
 
     def rename(src, dst, *a, **k):
-        if step == "after-next" and str(src).endswith(".next"):
+        if step == "after-next" and ".audit-next." in str(src):
             raise Killed
         return real_rename(src, dst, *a, **k)
 
@@ -326,7 +329,7 @@ def test_a_rotation_cut_short_is_finished_at_the_next_start(tmp_path, monkeypatc
     log = _log(path, 2)
     log.close()
     kept = list(tmp_path.glob("audit.*.jsonl"))
-    assert len(kept) == 1 and not list(tmp_path.glob(".audit.jsonl.next"))
+    assert len(kept) == 1 and not list(tmp_path.glob(".audit-*"))  # no new file or probe left behind
     report = verify(path)
     assert report.ok and report.files == [str(kept[0]), str(path)], report
 
@@ -345,7 +348,7 @@ def test_a_folder_that_cannot_rotate_is_named_at_start_and_a_failed_rotation_kee
     monkeypatch.setattr(os, "link", no_link)
     with pytest.raises(InputError, match="cannot take a rotation: Operation not permitted"):
         AuditLog(path, rotate_bytes=1500)
-    assert not list(tmp_path.glob(".audit.jsonl.probe*"))
+    assert not list(tmp_path.glob(".audit-*")) and not list(tmp_path.glob(".edgemed-*"))
     monkeypatch.setattr(os, "link", real_link)
     log = AuditLog(path, rotate_bytes=1500)  # the folder could rotate at start; later it cannot
     monkeypatch.setattr(os, "link", no_link)
@@ -355,7 +358,7 @@ def test_a_folder_that_cannot_rotate_is_named_at_start_and_a_failed_rotation_kee
     assert log.failed is None and log.rotate_bytes is None and "could not rotate" in caplog.text
     log.close()
     monkeypatch.setattr(os, "link", real_link)
-    assert not list(tmp_path.glob("audit.*.jsonl")) and not list(tmp_path.glob(".audit.jsonl.next"))
+    assert not list(tmp_path.glob("audit.*.jsonl")) and not list(tmp_path.glob(".audit-*"))
     assert verify(path).ok and verify(path).records == len(lines(path))
     _log(path, 20, rotate_bytes=1500).close()  # restarted where it can rotate: it does, and the chain holds
     assert list(tmp_path.glob("audit.*.jsonl")) and verify(path).ok

@@ -376,16 +376,20 @@ class AuditLog:
 
     def _check_rotation_possible(self) -> None:
         """A rotation links the full file under its kept name and renames a new one into place: try both in the
-        folder now, so a folder that refuses them is named at start, not at the first rotation hours later."""
-        probe = self.path.with_name(f".{self.path.name}.probe")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(probe)
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        try:
-            os.link(probe, probe.with_name(probe.name + "-link"))
-            os.unlink(probe.with_name(probe.name + "-link"))
-        finally:
-            os.unlink(probe)
+        folder now, so a folder that refuses them is named at start, not at the first rotation hours later. The
+        probes are owner-tagged names (``files.debris``): fresh, never a file that was there, swept if a kill
+        leaves them."""
+        from edgemed.files.debris import debris_path, owned
+
+        folder = self.path.parent
+        with owned(folder):
+            probe, link = debris_path(folder, "audit-probe"), debris_path(folder, "audit-probe-link")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            try:
+                os.link(probe, link)
+                os.unlink(link)
+            finally:
+                os.unlink(probe)
 
     def _kept_name(self, seq: int) -> str:
         """Where the file whose ``rotated`` record has ``seq`` is kept: ``STEM.SEQ.SUFFIX``, beside the live name."""
@@ -407,6 +411,8 @@ class AuditLog:
     def _start_next(self, kept_name: str) -> None:
         import fcntl
 
+        from edgemed.files.debris import debris_path, owned, sweep
+
         kept = self.path.with_name(kept_name)
         linked = False
         try:  # the finished file under its own name too; the live name still shows it until the swap below
@@ -415,27 +421,30 @@ class AuditLog:
         except FileExistsError:
             if not os.path.samefile(self.path, kept):  # not our earlier, interrupted try: never replaced
                 raise OSError(17, f"{kept} exists and is another file", str(kept)) from None
-        nxt = self.path.with_name(f".{self.path.name}.next")  # a name only this writer (under the flock) uses
         saved = (self._fd, self.head, self.seq, self.failed)
         fd = -1
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(nxt)  # an interrupted rotation's
-            fd = os.open(nxt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._fd = fd
-            self._genesis(continues=kept_name)
-            os.rename(nxt, self.path)  # from here the live name holds the new file
-        except BaseException:  # as it was: the records go on in the old file, its chain unchanged
-            self._fd, self.head, self.seq, self.failed = saved  # a failed write to the new file is not the old one's
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(nxt)
-            if linked:
-                with contextlib.suppress(OSError):
-                    os.unlink(kept)
-            raise
+        folder = self.path.parent
+        # the new file is made under an owner-tagged name (files.debris): fresh, never one that was there; an
+        # interrupted rotation's is swept once its owner is gone
+        with owned(folder):
+            sweep(folder)
+            nxt = debris_path(folder, "audit-next")
+            try:
+                fd = os.open(nxt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                self._genesis(continues=kept_name)
+                os.rename(nxt, self.path)  # from here the live name holds the new file
+            except BaseException:  # as it was: the records go on in the old file, its chain unchanged
+                self._fd, self.head, self.seq, self.failed = saved  # a failed write to the new file is not the old one's
+                if fd >= 0:
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(nxt)  # made above (O_EXCL)
+                if linked:
+                    with contextlib.suppress(OSError):
+                        os.unlink(kept)  # linked above
+                raise
         old = saved[0]
         with contextlib.suppress(OSError):  # the rename is done; a folder that cannot be synced loses nothing here
             dir_fd = os.open(self.path.parent, os.O_RDONLY)
