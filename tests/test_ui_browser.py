@@ -162,18 +162,23 @@ def test_free_question_streams_with_its_request_id_and_the_card_first(server, br
     assert unlabelled(browser.driver) == []
 
 
-def test_mcq_form_shows_the_parsed_letter_the_server_returned(server, browser):
+def _ask_mcq(server, browser, inputs: dict):
+    """The mcq form filled with ``inputs`` and sent (16 tokens); the answer element once it is done."""
     page = browser.page(server.url)
     page.choose("mcq")
     assert unlabelled(browser.driver) == []
+    page.fill(inputs)
+    page.max_tokens(16)
+    page.send()
+    return page.wait_answer()
+
+
+def test_mcq_form_shows_the_parsed_letter_the_server_returned(server, browser):
     # SmolLM2 answers this one "C. Kidney" at temperature 0: wrong, and clearly one option, which is what the page
     # must show as such (whether it is right is not the page's to say)
     inputs = {"question": "Which organ produces insulin?",
               "options": {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Heart"}}
-    page.fill(inputs)
-    page.max_tokens(16)
-    page.send()
-    answer = page.wait_answer()
+    answer = _ask_mcq(server, browser, inputs)
     letter = answer.find_element("css selector", ".choice-letter").text
     direct = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": MODEL, "template": "mcq", "template_inputs": inputs, "max_tokens": 16}).json()
@@ -189,14 +194,9 @@ def test_mcq_form_shows_the_parsed_letter_the_server_returned(server, browser):
 def test_mcq_form_shows_no_letter_for_a_reply_that_names_two_options(server, browser):
     """SmolLM2 answers this one "C. Vitamin B12" (C's letter, B's text): the server reads no answer from it, and the
     page must say so rather than show a letter (it once read C)."""
-    page = browser.page(server.url)
-    page.choose("mcq")
     inputs = {"question": "Which vitamin deficiency causes scurvy?",
               "options": {"A": "Vitamin C", "B": "Vitamin B12", "C": "Vitamin A", "D": "Vitamin D"}}
-    page.fill(inputs)
-    page.max_tokens(16)
-    page.send()
-    answer = page.wait_answer()
+    answer = _ask_mcq(server, browser, inputs)
     assert not answer.find_elements("css selector", ".choice-letter")
     assert "did not follow the form's format" in answer.text
 
