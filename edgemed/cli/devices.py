@@ -93,7 +93,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     from dataclasses import replace
 
     from edgemed.errors import InputError
-    from edgemed.runtime import selftest
+    from edgemed.runtime import native_build, selftest
     from edgemed.formats.sniff import model_format
     from edgemed.runtime.session import prepare
 
@@ -114,10 +114,17 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     tried = selftest.check(path, load, use_cache=False, adapters=specs)
     host = selftest.Host.current()
     first, last = tried[0][1], tried[-1][1]
+    if selftest.auto_fell_back(load, tried):  # auto tried the AMX buffer; CPU_REPACK is what a load uses here
+        note = selftest.amx_hint(first, host)
+        first = last
+    else:
+        note = ""
     if as_json:
         click.echo(json.dumps({"model": str(path), "adapters": [{"path": str(a.path), "scale": a.scale} for a in specs],
-                               "host": {"llama_cpp": host.llama_cpp_version,
-                                                            "system_info": host.system_info},
+                               "host": {"llama_cpp": host.llama_cpp_version, "system_info": host.system_info,
+                                        "library_sha256": host.library,
+                                        "compiled_by": list(native_build.compilers())},
+                               "uses": first.mode if first.ok else None,
                                "verdicts": [{"ok": v.ok, "extra_buffers": v.mode, "signal": v.signal,
                                             "child": _child_report(v)} for _, v in tried]},
                               indent=2))
@@ -125,6 +132,9 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
         with_ = f" with the adapters {', '.join(a.path.name for a in specs)} applied" if specs else ""
         click.echo(f"ok: {path.name} loads and decodes{with_} with extra_buffers = \"{first.mode}\" on this host")
         click.echo(f"  llama-cpp-python {host.llama_cpp_version}; {host.system_info.strip()}")
+        if note:
+            click.echo(f"  auto tried the AMX buffer first: it crashed ({tried[0][1].signal}), and loads use CPU_REPACK."
+                       f"{note}")
     else:
         if first.conclusive:
             click.echo(selftest.crash_paragraph(path, first, host, last.mode if last.ok else None), err=True)

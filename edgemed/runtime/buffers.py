@@ -3,9 +3,13 @@
 llama.cpp's CPU backend can place weights in *extra* buffer types that repack
 them for faster kernels: ``AMX`` (Intel Sapphire Rapids and later, when the
 build was compiled with AMX_INT8) and ``CPU_REPACK`` (interleaved layouts for
-AVX2 / NEON kernels). The AMX path segfaults on the first ``llama_decode`` for
-common types (llama.cpp #20824, Ollama #17205), so an AMX build must not use it
-by default.
+AVX2 / NEON kernels). Whether the AMX kernels run depends on the compiler that
+built llama.cpp: built by GCC 12.2 they fault on their first tile setup
+(``native_build`` says why; reported upstream as llama.cpp #20824, Ollama
+#17205), built by clang 16 they run, and on an AMX Xeon they read prompts
+1.36-1.42x and decode 1.2x faster than CPU_REPACK
+(``docs/decisions/0019-amx-where-the-build-runs-it.md``). Nothing in the build's
+system info tells the two apart, so only a run can: the host self-test.
 
 Modes (device profile ``llama.extra_buffers``, ``LoadSettings.extra_buffers``):
 
@@ -16,7 +20,10 @@ repack   CPU_REPACK without AMX: ``use_extra_bufts`` off (no extra type is
          tried), and each weight the repack kernels take is pinned to
          CPU_REPACK by a tensor buffer-type override (llama.cpp's ``-ot``)
 none     plain CPU buffers only
-auto     ``repack`` where the build has AMX, ``all`` elsewhere
+auto     ``all`` where the build has no AMX. On an AMX build: ``all`` when the
+         self-test runs it first (a build whose AMX kernels crash falls back
+         to ``repack`` there, quietly, and the verdict is kept), ``repack``
+         where no self-test runs (``EDGEMED_SELFTEST=0``)
 ======== =====================================================================
 
 Overrides are only written for weights the repack kernels accept (their rules
@@ -74,15 +81,16 @@ class Build:
         return "AMX_INT8" in self.features
 
 
-def resolve(mode: str, build: Build) -> str:
-    """``auto`` -> the concrete mode for this build; other modes as they are."""
+def resolve(mode: str, build: Build, *, tested: bool = False) -> str:
+    """``auto`` -> the concrete mode for this build; other modes as they are. ``tested``: the self-test will run
+    the result in a child first and fall back from a crash (``selftest.check``), so an AMX build may try ``all``."""
     if mode not in MODES:
         from edgemed.errors import InputError
 
         raise InputError(f"extra_buffers is {mode!r}, not one of {', '.join(MODES)}.",
                          "set llama.extra_buffers in the device profile to auto, all, repack or none")
     if mode == "auto":
-        return "repack" if build.has_amx else "all"
+        return "all" if tested or not build.has_amx else "repack"
     return mode
 
 
@@ -163,18 +171,48 @@ def _extra_bufts() -> dict[str, int]:
     return found
 
 
+#: llama.cpp's line for each weight buffer it allocated (``load_tensors:   CPU_REPACK model buffer size = 812.5 MiB``)
+BUFFER_LINE = r"load_tensors:\s+(\S+) model buffer size =\s+([0-9.]+) MiB"
+
+
+def extra_buffer_types() -> dict[str, int]:
+    """The CPU backend's extra buffer types by name (``AMX``, ``CPU_REPACK``, ...)."""
+    return dict(_extra_bufts())
+
+
 @dataclass
 class Placement:
-    """How a model's weights are placed: the concrete mode, and what keeps the override array alive."""
+    """How a model's weights are placed: the concrete mode, what keeps the override array alive, and the weight
+    buffers llama.cpp reported allocating (``seen``: buffer type -> MiB, read back from its log by ``llamacpp.Model``)."""
 
     mode: str
     pinned: int = 0
     _keep: object = None
+    seen: dict[str, float] | None = None
 
     def describe(self) -> str:
         if self.mode == "repack":
-            return f"extra buffers: CPU_REPACK only ({self.pinned} weights pinned), no AMX"
-        return {"all": "extra buffers: all (llama.cpp default)", "none": "extra buffers: none"}[self.mode]
+            said = f"extra buffers: CPU_REPACK only ({self.pinned} weights pinned), no AMX"
+        else:
+            said = {"all": "extra buffers: all (llama.cpp default)", "none": "extra buffers: none"}[self.mode]
+        if self.seen:
+            said += "; llama.cpp placed " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in self.seen.items())
+        return said
+
+    def unread(self, extra: dict[str, int]) -> str | None:
+        """What llama.cpp's own report contradicts in this placement (``extra``: the build's extra buffer types), or
+        None: pinned weights that reached no CPU_REPACK buffer, an AMX buffer where the mode keeps AMX off, or an
+        extra buffer at all where the mode is ``none``. None too when llama.cpp reported nothing (its log was not
+        routed here)."""
+        if not self.seen:
+            return None
+        if self.mode == "repack" and self.pinned and "CPU_REPACK" not in self.seen:
+            return f"{self.pinned} weights were pinned to CPU_REPACK and llama.cpp allocated no CPU_REPACK buffer"
+        if self.mode in ("repack", "none") and "AMX" in self.seen:
+            return f"extra_buffers = \"{self.mode}\" keeps AMX off and llama.cpp allocated an AMX buffer"
+        if self.mode == "none" and any(name in self.seen for name in extra):
+            return "extra_buffers = \"none\" and llama.cpp allocated an extra buffer"
+        return None
 
 
 def apply(params, path: Path, mode: str, build: Build, max_overrides: int, tensors=None, *, n_gpu_layers: int = 0,

@@ -82,7 +82,12 @@ class Model:
         mode = buffers.resolve(load.extra_buffers, build())
         self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides(), tensors,
                                        n_gpu_layers=load.n_gpu_layers, gpu=bool(lc.llama_supports_gpu_offload()))
-        self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params.raw)
+        with native_log.watch(buffers.BUFFER_LINE) as seen:
+            self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params.raw)
+        self.placement.seen = {m.group(1): float(m.group(2)) for m in seen}
+        if self.ptr and not vocab_only and (wrong := self.placement.unread(buffers.extra_buffer_types())):
+            log.warning("the weights of %s are not where edgemed asked: %s (%s).", self.path.name, wrong,
+                        self.placement.describe())
         if not self.ptr:
             raise ModelLoadError(
                 f"llama.cpp could not load '{self.path}'.",

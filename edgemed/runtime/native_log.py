@@ -29,6 +29,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import sys
 import threading
 
@@ -42,12 +43,35 @@ _lock = threading.Lock()
 _pending: list[str] = []
 _pending_level = logging.DEBUG
 _callback = None  # the ctypes callback object: kept alive for as long as llama.cpp may call it
+_watchers: list[tuple[int, re.Pattern, list]] = []  # (thread, pattern, matches): see watch()
 
 
 def _emit(level: int, text: str) -> None:
     text = text.rstrip()
     if text:
+        me = threading.get_ident()
+        for thread, pattern, found in _watchers:
+            if thread == me and (m := pattern.search(text)):
+                found.append(m)
         log.log(level, "%s", text)
+
+
+@contextlib.contextmanager
+def watch(pattern: str):
+    """Meanwhile, the matches of ``pattern`` in llama.cpp's log lines written from this thread are collected in the
+    list yielded, whatever the log level: how a caller reads back what llama.cpp says it did (``install`` first)."""
+    found: list[re.Match] = []
+    entry = (threading.get_ident(), re.compile(pattern), found)
+    with _lock:
+        _watchers.append(entry)
+    try:
+        yield found
+    finally:
+        with _lock:
+            if _pending:  # a line still being pieced together belongs to this call
+                _emit(_pending_level, "".join(_pending))
+                _pending.clear()
+            _watchers.remove(entry)
 
 
 def _on_log(level: int, text: bytes, _user_data) -> None:

@@ -44,6 +44,7 @@ from edgemed.devices.facts import Facts
 from edgemed.devices.profiles import Profile
 from edgemed.devices.schema import MAX_CTX, MAX_PREFIX_CACHE_MIB, MAX_THREADS
 from edgemed.errors import InputError, PlanError
+from edgemed.runtime.buffers import MATMUL_WEIGHT
 
 MIB = 1 << 20
 MAX_BUDGET_MIB = 1 << 30  # 1 PiB
@@ -61,6 +62,11 @@ RUNTIME_PER_TOKEN = 512
 
 #: Quant types the CPU backend copies into an interleaved layout at load (x86 AVX2 / ARM NEON builds).
 REPACKED_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
+#: Types llama.cpp's AMX buffer takes -> (elements per block its row must be a multiple of, bytes its layout adds
+#: per block): ggml-cpu/amx (``qtype_has_amx_kernels``, ``get_row_size``: a 4-byte scale sum per Q4_K/Q5_K
+#: super-block, a 4-byte compensation per Q8_0 block). Its rows (output features) come in multiples of 32.
+AMX_TYPES = {"Q4_0": (32, 0), "Q4_1": (32, 0), "Q8_0": (32, 4), "Q4_K": (256, 4), "Q5_K": (256, 4),
+             "Q6_K": (256, 0), "IQ4_XS": (256, 0)}
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ class ModelShape:
     n_ctx_train: int
     weights_bytes: int
     repackable_bytes: int
+    #: the matrix weights llama.cpp's AMX buffer takes (``AMX_TYPES``), and what its layout adds to them
+    amx_bytes: int = 0
+    amx_extra_bytes: int = 0
 
     @property
     def n_embd_kv(self) -> int:
@@ -140,11 +149,17 @@ def read_shape(path: Path | str) -> ModelShape:
     weights = sum(t.n_bytes for t in header.tensors)
     repack = sum(t.n_bytes for t in header.tensors
                  if t.type_name in REPACKED_TYPES and not t.name.startswith("token_embd"))
+    amx = amx_extra = 0
+    for t in header.tensors:
+        block, extra = AMX_TYPES.get(t.type_name, (0, 0))
+        if block and len(t.dims) == 2 and t.dims[0] % block == 0 and t.dims[1] % 32 == 0 and MATMUL_WEIGHT.match(t.name):
+            amx += t.n_bytes
+            amx_extra += t.dims[1] * (t.dims[0] // block) * extra
     return ModelShape(arch=arch, n_layer=hp("block_count"), n_embd=n_embd, n_head=n_head,
                       n_head_kv=hp("attention.head_count_kv", n_head),
                       head_dim_k=hp("attention.key_length", head_dim), head_dim_v=hp("attention.value_length", head_dim),
                       n_ff=hp("feed_forward_length"), n_vocab=n_vocab, n_ctx_train=hp("context_length"),
-                      weights_bytes=weights, repackable_bytes=repack)
+                      weights_bytes=weights, repackable_bytes=repack, amx_bytes=amx, amx_extra_bytes=amx_extra)
 
 
 @dataclass(frozen=True)
@@ -194,17 +209,20 @@ def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool
 
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
              flash_attn: bool = False, offload: bool = False, use_mmap: bool = True, adapter_bytes: int = 0,
-             prefix_cache_bytes: int = 0, n_seq: int = 1) -> Estimate:
+             prefix_cache_bytes: int = 0, n_seq: int = 1, amx: bool = False) -> Estimate:
     """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx`` (with ``adapter_bytes`` of
     LoRA adapters: ``adapters_bytes``, and ``prefix_cache_bytes`` of host prefix cache), its context shared by
     ``n_seq`` sequences of their own KV streams (``edgemed serve``'s slots): the cells llama.cpp allocates
-    (``kv_cells``), not the tokens asked for."""
+    (``kv_cells``), not the tokens asked for. ``amx``: the weights may sit in llama.cpp's AMX buffer (an AMX build,
+    extra buffers ``auto`` or ``all``): its layout is larger, and beside a mapping it is a copy of every weight it takes."""
     cells = kv_cells(n_ctx, n_seq)
+    amx = amx and not offload
     return Estimate(
         n_ctx=n_ctx,
         runtime=RUNTIME_BASE + RUNTIME_PER_TOKEN * shape.n_vocab,
-        weights=shape.weights_bytes,
-        repacked=0 if offload or not use_mmap else shape.repackable_bytes,
+        weights=shape.weights_bytes + (shape.amx_extra_bytes if amx and not use_mmap else 0),
+        repacked=(0 if offload or not use_mmap else
+                  max(shape.repackable_bytes, shape.amx_bytes + shape.amx_extra_bytes) if amx else shape.repackable_bytes),
         kv_cache=kv_cache_bytes(shape, cells, type_k, type_v),
         compute=compute_bytes(shape, cells, min(n_ubatch, n_ctx), flash_attn, offload),
         adapters=adapter_bytes,
@@ -252,22 +270,24 @@ def flash_attn_for(profile: Profile, shape: ModelShape) -> bool:
     return bool(s["flash_attn"]) or (shape.head_dim_k in widths and shape.head_dim_v in widths)
 
 
-def profile_settings(profile: Profile, shape: ModelShape, gpu: bool | None = None) -> dict:
+def profile_settings(profile: Profile, shape: ModelShape, gpu: bool | None = None, amx: bool = False) -> dict:
     """The load settings of ``profile`` for this model that change the memory estimate (keyword arguments of
     ``estimate``). ``gpu``: whether the llama.cpp build that will load it offloads at all (a CPU-only wheel keeps
     every weight on the CPU whatever ``n_gpu_layers`` says, and repacks them beside a mapping); None: the device the
-    profile describes, with the GPU build it is meant for (a plan made for another machine)."""
+    profile describes, with the GPU build it is meant for (a plan made for another machine). ``amx``: the build that
+    will load it has llama.cpp's AMX buffer (``estimate``); it counts where the profile's extra buffers allow it."""
     s = profile.llama
     offload = s["n_gpu_layers"] != 0 and gpu is not False
     return {"n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
-            "flash_attn": flash_attn_for(profile, shape), "offload": offload, "use_mmap": s["use_mmap"]}
+            "flash_attn": flash_attn_for(profile, shape), "offload": offload, "use_mmap": s["use_mmap"],
+            "amx": amx and s.get("extra_buffers", "auto") in ("auto", "all")}
 
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None,
                    adapter_bytes: int = 0, prefix_cache_bytes: int = 0, n_seq: int = 1,
-                   gpu: bool | None = None) -> tuple[int, str]:
+                   gpu: bool | None = None, amx: bool = False) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = profile_settings(profile, shape, gpu) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes,
+    opts = profile_settings(profile, shape, gpu, amx) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes,
                                                "n_seq": n_seq}
     parts = [f"LoRA adapters {adapter_bytes / MIB:.0f} MiB"] * bool(adapter_bytes) + \
         [f"--prefix-cache-mib {prefix_cache_bytes / MIB:.0f} MiB"] * bool(prefix_cache_bytes)
@@ -335,7 +355,7 @@ def check_threads(n: int | None, what: str = "the thread count") -> int | None:
 
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
               budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None,
-              n_seq: int = 1, gpu: bool | None = None, here: bool = False) -> Plan:
+              n_seq: int = 1, gpu: bool | None = None, here: bool = False, amx: bool = False) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
     files ``adapters`` (paths, or objects with ``.path``) applied.
 
@@ -357,13 +377,13 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
                          "pass --prefix-cache-mib with a whole number of MiB (0: no host cache)")
     try:
         n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0,
-                                           n_seq, gpu)
+                                           n_seq, gpu, amx)
     except PlanError as exc:  # a budget this machine capped says so: the profile alone would not explain it
         note = profile.memory_cap_note(facts, here) if budget_given is None else ""
         if not note:
             raise
         raise PlanError(f"{exc.problem.rstrip('.')}; {note}.", exc.fix) from None
-    est = estimate(shape, n_ctx, **profile_settings(profile, shape, gpu), adapter_bytes=adapter_bytes, n_seq=n_seq)
+    est = estimate(shape, n_ctx, **profile_settings(profile, shape, gpu, amx), adapter_bytes=adapter_bytes, n_seq=n_seq)
     if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
         est = replace(est, prefix_cache=asked if fixed else max(0, min(asked, (budget - est.total) // MIB * MIB)))
     # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it

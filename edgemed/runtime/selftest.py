@@ -10,7 +10,8 @@ to persist it). When the asked settings crash and a safer extra-buffer mode pass
 that mode is used and the switch is said once (a warning).
 
 Verdicts are cached in ``$EDGEMED_CACHE_DIR/selftest/verdicts.json`` keyed by a digest
-of: llama-cpp-python's version, the build's system info, the host's CPU flags, the
+of: llama-cpp-python's version, the build's system info, its library files' digest (a rebuild of the same
+version by another compiler is another build: ``native_build``), the host's CPU flags, the
 settings that change which kernels run (extra buffers, GPU layers, flash attention,
 KV types, mmap), the model's weight types and, when LoRA adapters will be applied, their tensor types (the
 child then decodes with them applied). Any of them changing runs the check again.
@@ -56,14 +57,19 @@ class Host:
     llama_cpp_version: str
     system_info: str
     cpu_flags: tuple[str, ...]
+    #: digest of llama-cpp-python's native library files (``native_build.digest``): the same version and
+    #: system info, compiled again by another compiler, can crash where the first build passed (AMX, GCC 12)
+    library: str = ""
 
     @classmethod
     def current(cls) -> "Host":
         import llama_cpp
 
+        from edgemed.runtime import native_build
         from edgemed.runtime.llamacpp import build
 
-        return cls(getattr(llama_cpp, "__version__", "?"), build().system_info, tuple(sorted(cpu_flags())))
+        return cls(getattr(llama_cpp, "__version__", "?"), build().system_info, tuple(sorted(cpu_flags())),
+                   native_build.digest())
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -80,14 +86,16 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 def describe_host() -> str:
     """One line for logs and CI: the CPU, llama.cpp's build features and the extra buffers ``auto`` picks."""
+    from edgemed.runtime import native_build
     from edgemed.runtime.llamacpp import build
 
     info = build()
-    mode = buffers.resolve("auto", info)
     amx = sorted(f for f in cpu_flags() if f.startswith("amx"))
+    made_by = native_build.compilers()
+    picks = ("AMX where the self-test passes, else repack" if info.has_amx else buffers.resolve("auto", info))
     return (f"{cpu_model()} (AMX: {', '.join(amx) if amx else 'no'}); llama.cpp build: "
-            f"{info.system_info.strip().rstrip('|').strip()}; "
-            f"extra buffers (auto): {mode}{' (AMX buffer off: llama.cpp #20824)' if info.has_amx else ''}")
+            f"{info.system_info.strip().rstrip('|').strip()}"
+            f"{'; compiled by ' + made_by[0] if made_by else ''}; extra buffers (auto): {picks}")
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -189,7 +197,19 @@ def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None
             f"\"{verdict.mode}\" (llama-cpp-python {host.llama_cpp_version}; build: {build}). {avoid}. To keep it, "
             f"copy the device profile's TOML (its path: `edgemed devices show NAME`) into $EDGEMED_PROFILES_DIR, "
             f"set extra_buffers = \"{passed or 'none'}\" under [llama] (a user profile overrides the shipped one "
-            f"of the same name), and check again with `edgemed devices check MODEL`.")
+            f"of the same name), and check again with `edgemed devices check MODEL`.{amx_hint(verdict, host)}")
+
+
+def amx_hint(verdict: Verdict, host: Host) -> str:
+    """For a crash with the AMX buffer in play: the build's compiler and the build that runs AMX; else ''."""
+    if verdict.ok or verdict.mode != "all" or "AMX_INT8 = 1" not in host.system_info:
+        return ""
+    from edgemed.runtime import native_build
+
+    made_by = native_build.compilers()
+    return (f" The AMX kernels are the likely cause: this llama.cpp was compiled by "
+            f"{made_by[0] if made_by else 'a compiler that left no name in it'}, and GCC 12.2 builds them so that "
+            f"their first tile setup faults; a llama-cpp-python compiled with clang runs them (README, \"AMX hosts\").")
 
 
 def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True,
@@ -204,7 +224,7 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
     runner = runner or run_child
     types = weight_types(path, tensors) + adapter_types(adapters)
     cache = _read_cache() if use_cache else {}
-    mode = buffers.resolve(load.extra_buffers, build())
+    mode = buffers.resolve(load.extra_buffers, build(), tested=fallback)
     asked = replace(load, extra_buffers=mode)
     tried: list[tuple[LoadSettings, Verdict]] = []
     for candidate in [asked] + [replace(load, extra_buffers=m) for m in buffers.FALLBACKS
@@ -220,6 +240,16 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
         if not fallback or not (verdict.conclusive and not verdict.ok):
             break
     return tried
+
+
+def auto_fell_back(load: LoadSettings, tried) -> bool:
+    """Whether ``check``'s list is ``auto``'s own AMX try on an AMX build, crashed, then CPU_REPACK passing: the
+    expected course on a build whose AMX kernels fault, not a failure of the asked settings."""
+    from edgemed.runtime.llamacpp import build
+
+    (_, first), (_, used) = tried[0], tried[-1]
+    return (load.extra_buffers == "auto" and build().has_amx and first.mode == "all" and first.conclusive
+            and not first.ok and used.ok and used.mode == "repack")
 
 
 def ensure(path: Path, load: LoadSettings, tensors=None, adapters=()) -> LoadSettings:
@@ -238,10 +268,16 @@ def ensure(path: Path, load: LoadSettings, tensors=None, adapters=()) -> LoadSet
                              "run `edgemed devices check MODEL` for the details; report the build line above")
     if not used.ok:  # a safer mode was inconclusive: try it in process, where its error reads as usual
         return used_settings
-    notice = crash_paragraph(path, first, host, used.mode) + f" edgemed uses extra_buffers = \"{used.mode}\" now."
+    if auto_fell_back(load, tried):  # the fallback is the default on such a build, not news: said at INFO
+        level, notice = logging.INFO, (f"this llama.cpp build's AMX kernels crash ({first.signal}) on this host; "
+                                       f"'{path.name}' uses extra_buffers = \"repack\" (CPU_REPACK)."
+                                       f"{amx_hint(first, host)}")
+    else:
+        level, notice = logging.WARNING, (crash_paragraph(path, first, host, used.mode)
+                                          + f" edgemed uses extra_buffers = \"{used.mode}\" now.")
     if notice not in _said:
         _said.add(notice)
-        log.warning(notice)
+        log.log(level, notice)
     return used_settings
 
 

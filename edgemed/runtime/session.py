@@ -66,7 +66,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
         return Prepared(None, load, profile.name)
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
     plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
-                     gpu=_build_offloads(), here=True)
+                     gpu=_build_offloads(), here=True, amx=_build_has_amx())
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
@@ -81,6 +81,17 @@ def _build_offloads() -> bool | None:
     except ImportError:
         return None
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _build_has_amx() -> bool:
+    """Whether the installed llama.cpp has the AMX buffer (its weights may then sit there: ``plan.estimate``)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    from edgemed.runtime.llamacpp import build
+
+    return build().has_amx
 
 
 def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
