@@ -127,6 +127,8 @@ def build(*, jobs: int = 2, force: bool = False) -> dict:
     sdist = fetch_sdist(version, home)
     src = unpack(sdist, home)
     out = home / "build"
+    if force:  # a cached configure keeps its first compiler: a rebuild (CC/CXX changed) starts from a clean folder
+        shutil.rmtree(out, ignore_errors=True)
     steps = (["cmake", "-S", str(src), "-B", str(out), *CMAKE_FLAGS],
              ["cmake", "--build", str(out), "-j", str(jobs), "--target", *TARGETS])
     for cmd in steps:
@@ -141,12 +143,43 @@ def build(*, jobs: int = 2, force: bool = False) -> dict:
     if missing:
         raise AnchorError(f"the build finished without {', '.join(missing)}.", f"read {home / 'build.log'}")
     info = {"package": PACKAGE, "version": version, "sdist": str(sdist), "sdist_sha256": _sha256(sdist),
-            "llama_cpp_source": str(src), "flags": list(CMAKE_FLAGS), "binaries": binaries,
+            "llama_cpp_source": str(src), "flags": list(CMAKE_FLAGS), "binaries": binaries, "compiler": compiler(out),
             "runtime_system_info": runtime_system_info()}
     from edgemed.files.atomic import write_text
 
     write_text(stamp, json.dumps(info, indent=2) + "\n", force=True)
     return info
+
+
+def compiler(build_dir: Path) -> str | None:
+    """The C++ compiler a CMake build folder was configured with, as its ``--version`` names it (``CC``/``CXX`` in
+    the environment choose it on a first configure): a side-by-side is like for like only with the runtime's
+    (``runtime.native_build.compilers``). None where the folder does not say."""
+    try:
+        cache = (build_dir / "CMakeCache.txt").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in cache.splitlines():
+        if line.startswith("CMAKE_CXX_COMPILER:"):
+            exe = line.partition("=")[2].strip()
+            try:
+                out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, check=False).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return exe
+            return (out.strip().splitlines() or [exe])[0]
+    return None
+
+
+def built_with() -> str | None:
+    """The compiler of the built anchors for the installed llama-cpp-python (None where not built or not known)."""
+    stamp = root(installed_version()) / "build.json"
+    if not stamp.exists():
+        return None
+    info = json.loads(stamp.read_text())
+    if info.get("compiler"):  # what the build recorded when it ran
+        return info["compiler"]
+    binaries = list((info.get("binaries") or {}).values())
+    return compiler(Path(binaries[0]).parent.parent) if binaries else None
 
 
 def same_cpu_features(anchor_line: str) -> bool:
@@ -170,7 +203,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("build", "paths"))
     ap.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile jobs")
-    ap.add_argument("--force", action="store_true", help="rebuild even when a finished build is there")
+    ap.add_argument("--force", action="store_true", help="rebuild from a clean build folder even when a finished build "
+                    "is there (CC/CXX in the environment choose the compiler: build with the runtime's)")
     args = ap.parse_args(argv)
     try:
         if args.command == "build":

@@ -125,7 +125,7 @@ def measure(args) -> dict:
     return {"benchmark": "flash_attn_shapes", "command": "python -m edgemed.benchmarks.flash_attn_shapes "
             + " ".join(args.argv or []), "threads": args.threads, "prompt_tokens": args.prompt,
             "decode_tokens": args.decode, "question_tokens": args.question, "depth": args.depth, "rounds": args.rounds, "llama_bench": meta,
-            "llama_bench_binary": str(binary), "cpu": meta["cpu_info"],
+            "llama_bench_binary": str(binary), "llama_bench_compiled_by": anchors.built_with(), "cpu": meta["cpu_info"],
             "runtime_system_info": build().system_info.strip(), "seconds": round(time.monotonic() - t_start, 1),
             "models": models_out}
 
@@ -135,7 +135,9 @@ def report_md(result: dict) -> str:
              "", f"`{result['command'].strip()}` ({result['seconds']:.0f} s); llama.cpp {result['llama_bench']['build_commit']}, "
              f"llama-bench defaults otherwise (n_batch {result['llama_bench']['n_batch']}, n_ubatch "
              f"{result['llama_bench']['n_ubatch']}, KV {result['llama_bench']['type_k']}/{result['llama_bench']['type_v']}).",
-             "", f"System info: `{result['runtime_system_info']}`", "",
+             "", f"System info: `{result['runtime_system_info']}`"
+             + (f"; llama-bench compiled by {result['llama_bench_compiled_by']}" if result.get("llama_bench_compiled_by")
+                else ""), "",
              f"Prompt {result['prompt_tokens']} tokens; decode {result['decode_tokens']} tokens from an empty context "
              f"and at depth {result['depth']}; a {result.get('question_tokens', '-')}-token question read at depth "
              f"{result['depth']}; median over {result['rounds']} rounds of the per-round ratio on / off.", "",

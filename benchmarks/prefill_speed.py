@@ -161,6 +161,7 @@ def _load() -> float:
 
 def measure(args) -> dict:
     from edgemed.benchmarks import anchors
+    from edgemed.runtime import native_build
     from edgemed.benchmarks.serve_bench_client import LlamaServer, long_prompt
     from edgemed.benchmarks.serve_vs_llama_server import model_path
 
@@ -229,7 +230,8 @@ def measure(args) -> dict:
         server_info = None
         if server is not None:
             server.stop()
-            server_info = server.describe() | {"flash_attn": FA_AUTO_NOTE, "changed": list(args.server_arg)}
+            server_info = server.describe() | {"flash_attn": FA_AUTO_NOTE, "changed": list(args.server_arg),
+                                               "compiled_by": anchors.built_with()}
     keys = ("short_prefill_tok_s", "long_prefill_tok_s", "second_half_prefill_tok_s", "double_prefill_tok_s",
             "decode_tok_s_at_long", "decode_tok_s_at_double")
     medians = {a: {k: median_by(runs[a], k) for k in keys if median_by(runs[a], k) is not None} for a in arms}
@@ -246,7 +248,9 @@ def measure(args) -> dict:
                  for a in mine if a != "fa-off-f16"}
     return {"model": path.name, "model_path": str(path), "threads": args.threads, "rounds": args.rounds,
             "short_tokens": len(short), "long_tokens": len(long1), "double_tokens": len(long1) + len(rest),
-            "decode_tokens": args.decode, "edgemed": described, "profile_arm": profile_arm,
+            "decode_tokens": args.decode, "edgemed": described | {"compiled_by": list(native_build.compilers()),
+                                                                  "library_sha256": native_build.digest()},
+            "profile_arm": profile_arm,
             "llama_server": server_info, "arms": arms, "runs": runs, "medians": medians,
             "ratio_vs_llama_server": vs_server, "ratio_vs_fa_off": vs_fa_off, "goal": GOAL,
             "wall_s": round(time.perf_counter() - t_start, 1),
@@ -280,6 +284,9 @@ def report_md(m: dict) -> str:
                 f"Quiet box: 1-minute load average {lo:.1f}-{hi:.1f} on {m['machine']['cpu_count']} CPUs during the run, "
                 f"the measured process's own {m['threads']} threads included; ratios are taken within each round."), "",
              f"Command: `{m['command']}` ({m['wall_s']:.0f} s)", "",
+             f"Builds: edgemed's llama.cpp compiled by {', '.join(e.get('compiled_by') or []) or 'a compiler that left no name'}"
+             + (f"; llama-server by {m['llama_server'].get('compiled_by') or 'an unknown compiler'}"
+                if m["llama_server"] else "") + ".", "",
              (f"| arm | prefill {m['short_tokens']} tok/s | prefill {m['long_tokens']} tok/s | prefill at depth "
               f"{m['long_tokens']}-{m['double_tokens']} | prefill {m['double_tokens']} (sum) | decode at "
               f"{m['long_tokens']} | decode at {m['double_tokens']} |"), "|---|---|---|---|---|---|---|"]

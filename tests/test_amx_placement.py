@@ -58,6 +58,7 @@ def amx_build(monkeypatch, tmp_path):
     from edgemed.runtime import llamacpp
 
     monkeypatch.setattr(llamacpp, "build", lambda: buffers.Build(AMX_BUILD))
+    monkeypatch.setattr(native_build, "amx_tiles_dropped_by", lambda: None)  # a compiler whose AMX build is tried
     monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("EDGEMED_FAULT", "selftest-crash:all")
     monkeypatch.delenv("EDGEMED_SELFTEST", raising=False)
@@ -78,7 +79,19 @@ def test_auto_falls_back_from_a_crashing_amx_buffer_quietly(smollm2_gguf, amx_bu
     assert any(r.levelno == logging.WARNING and "killed by SIGSEGV" in r.getMessage() for r in caplog.records)
 
 
-def test_devices_check_reports_what_auto_uses(smollm2_gguf, amx_build):
+@pytest.fixture
+def core_files_allowed():
+    """The test process allows core files where its hard limit lets it, so the child's own limit is what is seen."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if hard == 0:
+        pytest.skip("this process may not allow core files (hard RLIMIT_CORE 0)")
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+def test_devices_check_reports_what_auto_uses(smollm2_gguf, amx_build, core_files_allowed):
     from edgemed.cli import cli
 
     text = CliRunner().invoke(cli, ["devices", "check", str(smollm2_gguf)])
@@ -89,6 +102,67 @@ def test_devices_check_reports_what_auto_uses(smollm2_gguf, amx_build):
     assert report["uses"] == "repack"
     assert [(v["extra_buffers"], v["ok"], v["signal"]) for v in report["verdicts"]] == \
         [("all", False, "SIGSEGV"), ("repack", True, None)]
+    assert report["verdicts"][-1]["child"]["core_limit"] == 0        # an expected crash leaves no model-sized core
+    assert report["host"]["library_sha256"] == native_build.digest()
+
+
+@pytest.mark.parametrize("verdict", [selftest.Verdict(False, "all", "SIGKILL", ""),          # the OOM killer's
+                                     selftest.Verdict(False, "all", None, "no answer within 600 s")],
+                         ids=["sigkill", "timeout"])
+def test_an_amx_try_that_proves_nothing_loads_the_repack(smollm2_gguf, amx_build, monkeypatch, verdict):
+    """The AMX buffer loads in process only after a child ran it: an inconclusive try leaves auto on CPU_REPACK."""
+    calls = []
+
+    def runner(path, load):
+        calls.append(load.extra_buffers)
+        return verdict if load.extra_buffers == "all" else selftest.Verdict(True, load.extra_buffers)
+
+    monkeypatch.setattr(selftest, "run_child", runner)
+    assert selftest.ensure(smollm2_gguf, LoadSettings(extra_buffers="auto")).extra_buffers == "repack"
+    assert calls == ["all", "repack"]                                  # the repack it falls back to is run in a child
+    assert selftest.ensure(smollm2_gguf, LoadSettings(extra_buffers="auto")).extra_buffers == "repack"
+    assert calls == ["all", "repack"]                                  # kept: no AMX child at every start
+    # asked for by name: loaded as asked, where the error of a load that fails reads as usual
+    assert selftest.ensure(smollm2_gguf, LoadSettings(extra_buffers="all")).extra_buffers == "all"
+
+
+def test_a_build_whose_amx_tile_setup_is_miscompiled_is_not_tried(smollm2_gguf, amx_build, monkeypatch):
+    """Built by GCC 12, llama.cpp's AMX kernels fault on their first tile setup: no child is spent on them."""
+    from edgemed.cli import cli
+
+    calls = []
+
+    def runner(path, load):
+        calls.append(load.extra_buffers)
+        return selftest.Verdict(True, load.extra_buffers)
+
+    monkeypatch.setattr(native_build, "amx_tiles_dropped_by", lambda: "GCC: (Debian 12.2.0-14+deb12u1) 12.2.0")
+    monkeypatch.setattr(selftest, "run_child", runner)
+    assert selftest.ensure(smollm2_gguf, LoadSettings(extra_buffers="auto")).extra_buffers == "repack"
+    assert calls == ["repack"]
+    text = CliRunner().invoke(cli, ["devices", "check", str(smollm2_gguf)])
+    assert text.exit_code == 0 and "extra_buffers = \"repack\"" in text.output
+    assert "AMX not tried: this llama.cpp was compiled by GCC: (Debian 12.2.0-14+deb12u1) 12.2.0" in text.output
+    assert "not tried" in selftest.describe_host()
+
+
+@pytest.mark.parametrize("comment, dropped", [("GCC: (Debian 12.2.0-14+deb12u1) 12.2.0", True),
+                                              ("GCC: (GNU) 11.4.0", True), ("GCC: (GNU) 13.2.0", False),
+                                              ("clang version 16.0.6", False), ("GCC: (odd) x.y", False)])
+def test_which_compilers_are_known_to_drop_the_tile_setup(tmp_path, monkeypatch, comment, dropped):
+    monkeypatch.setattr(native_build, "compilers", lambda: (comment,))
+    assert (native_build.amx_tiles_dropped_by() == comment) is dropped
+
+
+def test_the_libraries_are_the_ones_llama_cpp_python_loads(tmp_path, monkeypatch):
+    """LLAMA_CPP_LIB_PATH points llama-cpp-python at another build: the digest and the compiler are that build's."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "llama_cpp.llama_cpp", raising=False)
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(tmp_path))
+    assert native_build.library_dir() == tmp_path
+    monkeypatch.delenv("LLAMA_CPP_LIB_PATH")
+    assert native_build.library_dir().name == "lib" and native_build.library_dir().parent.name == "llama_cpp"
 
 
 def test_placement_read_back_finds_what_contradicts_the_mode():

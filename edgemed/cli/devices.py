@@ -114,17 +114,22 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     tried = selftest.check(path, load, use_cache=False, adapters=specs)
     host = selftest.Host.current()
     first, last = tried[0][1], tried[-1][1]
+    note = ""
     if selftest.auto_fell_back(load, tried):  # auto tried the AMX buffer; CPU_REPACK is what a load uses here
-        note = selftest.amx_hint(first, host)
+        said = f"it crashed ({first.signal})" if first.conclusive else f"it did not finish ({first.signal or first.detail})"
+        note = (f"  auto tried the AMX buffer first: {said}, and loads use CPU_REPACK."
+                f"{selftest.amx_hint(first, host)}")
         first = last
-    else:
-        note = ""
+    elif load.extra_buffers == "auto" and "AMX_INT8 = 1" in host.system_info and native_build.amx_tiles_dropped_by():
+        note = (f"  AMX not tried: this llama.cpp was compiled by {native_build.amx_tiles_dropped_by()}, whose AMX "
+                "tile setup faults; a llama-cpp-python compiled with clang runs the AMX kernels (README, \"AMX hosts\").")
     if as_json:
         click.echo(json.dumps({"model": str(path), "adapters": [{"path": str(a.path), "scale": a.scale} for a in specs],
                                "host": {"llama_cpp": host.llama_cpp_version, "system_info": host.system_info,
                                         "library_sha256": host.library,
                                         "compiled_by": list(native_build.compilers())},
-                               "uses": first.mode if first.ok else None,
+                               "uses": first.mode if first.ok else last.mode if last.ok else None,
+                               "note": note.strip() or None,
                                "verdicts": [{"ok": v.ok, "extra_buffers": v.mode, "signal": v.signal,
                                             "child": _child_report(v)} for _, v in tried]},
                               indent=2))
@@ -133,8 +138,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
         click.echo(f"ok: {path.name} loads and decodes{with_} with extra_buffers = \"{first.mode}\" on this host")
         click.echo(f"  llama-cpp-python {host.llama_cpp_version}; {host.system_info.strip()}")
         if note:
-            click.echo(f"  auto tried the AMX buffer first: it crashed ({tried[0][1].signal}), and loads use CPU_REPACK."
-                       f"{note}")
+            click.echo(note)
     else:
         if first.conclusive:
             click.echo(selftest.crash_paragraph(path, first, host, last.mode if last.ok else None), err=True)

@@ -23,7 +23,8 @@ none     plain CPU buffers only
 auto     ``all`` where the build has no AMX. On an AMX build: ``all`` when the
          self-test runs it first (a build whose AMX kernels crash falls back
          to ``repack`` there, quietly, and the verdict is kept), ``repack``
-         where no self-test runs (``EDGEMED_SELFTEST=0``)
+         where no self-test runs (``EDGEMED_SELFTEST=0``) or the compiler is
+         one known to break them (``native_build.amx_tiles_dropped_by``)
 ======== =====================================================================
 
 Overrides are only written for weights the repack kernels accept (their rules
@@ -138,9 +139,9 @@ class _Override(ctypes.Structure):
 @functools.lru_cache(maxsize=1)
 def _extra_bufts() -> dict[str, int]:
     """The CPU backend's extra buffer types by name (``AMX``, ``CPU_REPACK``, ...), from the loaded ggml."""
-    import llama_cpp
+    from edgemed.runtime.native_build import library_dir
 
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    lib_dir = library_dir()  # the folder llama-cpp-python loaded its libraries from ($LLAMA_CPP_LIB_PATH included)
     found: dict[str, int] = {}
     try:
         ggml = ctypes.CDLL(str(next(lib_dir.glob("libggml.so*"), lib_dir / "libggml.so")))

@@ -26,9 +26,17 @@ _SHDR = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr: name, type, flags, addr, off
 
 
 def library_dir() -> Path:
-    """llama-cpp-python's folder of native libraries (``llama_cpp/lib``), without loading them."""
+    """The folder llama-cpp-python loads its native libraries from: ``$LLAMA_CPP_LIB_PATH`` where set (its own rule),
+    else its package's ``llama_cpp/lib``; found without loading them."""
     import importlib.util
+    import os
+    import sys
 
+    loaded = sys.modules.get("llama_cpp.llama_cpp")
+    if loaded is not None and getattr(loaded, "_base_path", None):
+        return Path(loaded._base_path)
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return Path(os.environ["LLAMA_CPP_LIB_PATH"])
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.origin:
         return Path("llama_cpp-not-installed")
@@ -124,3 +132,16 @@ def compilers(folder: Path | None = None) -> tuple[str, ...]:
         found.update(dict.fromkeys(elf_comment(path)))
     return tuple(found)
 
+
+
+def amx_tiles_dropped_by() -> str | None:
+    """The CPU backend's compiler when it is a GCC before 13, else None. GCC 12.2's ``_tile_loadconfig`` declares an
+    8-byte operand, so the stores of llama.cpp's tile shapes are dropped and its AMX kernels fault (this module's
+    text); GCC 13's header calls a compiler builtin instead (public build logs show it; not run here), and its builds
+    are tried under the self-test like any other."""
+    for name in compilers():
+        if name.startswith("GCC:"):
+            major = name.split()[-1].split(".")[0]
+            if major.isdigit() and int(major) < 13:
+                return name
+    return None

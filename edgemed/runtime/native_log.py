@@ -68,9 +68,6 @@ def watch(pattern: str):
         yield found
     finally:
         with _lock:
-            if _pending:  # a line still being pieced together belongs to this call
-                _emit(_pending_level, "".join(_pending))
-                _pending.clear()
             _watchers.remove(entry)
 
 

@@ -92,7 +92,9 @@ def describe_host() -> str:
     info = build()
     amx = sorted(f for f in cpu_flags() if f.startswith("amx"))
     made_by = native_build.compilers()
-    picks = ("AMX where the self-test passes, else repack" if info.has_amx else buffers.resolve("auto", info))
+    dropped = native_build.amx_tiles_dropped_by()
+    picks = (("repack (AMX not tried: the CPU backend was compiled by a GCC before 13)" if dropped else
+              "AMX where the self-test passes, else repack") if info.has_amx else buffers.resolve("auto", info))
     return (f"{cpu_model()} (AMX: {', '.join(amx) if amx else 'no'}); llama.cpp build: "
             f"{info.system_info.strip().rstrip('|').strip()}"
             f"{'; compiled by ' + made_by[0] if made_by else ''}; extra buffers (auto): {picks}")
@@ -202,7 +204,7 @@ def crash_paragraph(path: Path, verdict: Verdict, host: Host, passed: str | None
 
 def amx_hint(verdict: Verdict, host: Host) -> str:
     """For a crash with the AMX buffer in play: the build's compiler and the build that runs AMX; else ''."""
-    if verdict.ok or verdict.mode != "all" or "AMX_INT8 = 1" not in host.system_info:
+    if verdict.ok or not verdict.conclusive or verdict.mode != "all" or "AMX_INT8 = 1" not in host.system_info:
         return ""
     from edgemed.runtime import native_build
 
@@ -217,14 +219,19 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
     """[(settings, verdict)]: the asked mode first, then safer modes while the last one crashed natively
     (``fallback=False``: the asked mode alone, for a model already loaded with it).
 
-    Conclusive verdicts (a pass, a native crash) are cached; an inconclusive one ends the list uncached."""
+    Conclusive verdicts (a pass, a native crash) are cached; an inconclusive one ends the list uncached. ``auto``'s
+    own AMX try (``amx_try``) is the exception: whatever stops it, CPU_REPACK is tried next, and an inconclusive AMX
+    verdict is kept too, so a host where it runs out of memory or time does not pay for it at every start
+    (``devices check`` runs it again)."""
+    from edgemed.runtime import native_build
     from edgemed.runtime.llamacpp import build
 
     host = host or Host.current()
     runner = runner or run_child
     types = weight_types(path, tensors) + adapter_types(adapters)
     cache = _read_cache() if use_cache else {}
-    mode = buffers.resolve(load.extra_buffers, build(), tested=fallback)
+    mode = buffers.resolve(load.extra_buffers, build(),
+                           tested=fallback and native_build.amx_tiles_dropped_by() is None)
     asked = replace(load, extra_buffers=mode)
     tried: list[tuple[LoadSettings, Verdict]] = []
     for candidate in [asked] + [replace(load, extra_buffers=m) for m in buffers.FALLBACKS
@@ -232,24 +239,29 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
         digest = key(host, candidate, types)
         hit = cache.get(digest)
         verdict = Verdict(**hit) if isinstance(hit, dict) and set(hit) == {"ok", "mode", "signal", "detail"} else None
+        try_amx = amx_try(load, candidate)
         if verdict is None:
             verdict = runner(path, candidate, adapters=adapters) if adapters else runner(path, candidate)
-            if verdict.conclusive:
+            if verdict.conclusive or try_amx:
                 _remember(digest, verdict)
         tried.append((candidate, verdict))
-        if not fallback or not (verdict.conclusive and not verdict.ok):
+        if not fallback or verdict.ok or not (verdict.conclusive or try_amx):
             break
     return tried
+
+
+def amx_try(load: LoadSettings, candidate: LoadSettings) -> bool:
+    """Whether ``candidate`` is ``auto``'s own try of the AMX buffer (``all`` on an AMX build)."""
+    from edgemed.runtime.llamacpp import build
+
+    return load.extra_buffers == "auto" and candidate.extra_buffers == "all" and build().has_amx
 
 
 def auto_fell_back(load: LoadSettings, tried) -> bool:
     """Whether ``check``'s list is ``auto``'s own AMX try on an AMX build, crashed, then CPU_REPACK passing: the
     expected course on a build whose AMX kernels fault, not a failure of the asked settings."""
-    from edgemed.runtime.llamacpp import build
-
-    (_, first), (_, used) = tried[0], tried[-1]
-    return (load.extra_buffers == "auto" and build().has_amx and first.mode == "all" and first.conclusive
-            and not first.ok and used.ok and used.mode == "repack")
+    (first_settings, first), (_, used) = tried[0], tried[-1]
+    return amx_try(load, first_settings) and not first.ok and used.ok and used.mode == "repack"
 
 
 def ensure(path: Path, load: LoadSettings, tensors=None, adapters=()) -> LoadSettings:
@@ -258,9 +270,17 @@ def ensure(path: Path, load: LoadSettings, tensors=None, adapters=()) -> LoadSet
     if os.environ.get(env.SELFTEST_CHILD_VAR) == "1" or os.environ.get(env.SELFTEST_VAR) == "0":
         return load
     tried = check(path, load, tensors=tensors, adapters=adapters)
+    if amx_try(load, tried[0][0]) and not tried[0][1].ok and not tried[0][1].conclusive:
+        # the AMX try proved nothing (memory, time): the AMX buffer never loads in process unguarded, and what
+        # followed it is judged as the asked mode would be
+        if len(tried) == 1:
+            return replace(load, extra_buffers="repack")
+        tried = tried[1:]
     first_settings, first = tried[0]
     used_settings, used = tried[-1]
-    if first.ok or not first.conclusive:  # not a crash: the load in process says what is wrong, as usual
+    if first.ok:
+        return first_settings
+    if not first.conclusive:  # not a crash: the load in process says what is wrong, as usual
         return first_settings
     host = Host.current()
     if not used.ok and used.conclusive:
@@ -320,12 +340,33 @@ def _child(path: str, settings_json: str, adapters_json: str = "[]") -> None:
         ctx.eval([token], pos)
         pos += 1
     print(json.dumps({"ok": True, "decoded": DECODE_TOKENS, "placement": model.placement.describe(),
-                      "adapters": len(adapters)}), flush=True)
+                      "adapters": len(adapters), "core_limit": _core_limit()}), flush=True)
     ctx.close()
     for adapter, _ in adapters:
         adapter.close()
     model.close()
 
 
+def _core_limit() -> int | None:
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_CORE)[0]
+    except (ImportError, ValueError, OSError):
+        return None
+
+
+def _no_core_files() -> None:
+    """The child's crash is what the check looks for: no core file of a model-sized process lands in edgemed's folder
+    (the child's working folder) or the system's crash collector (systemd-coredump honours the limit)."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 if __name__ == "__main__":
+    _no_core_files()
     _child(*sys.argv[1:4])
