@@ -295,6 +295,21 @@ def test_a_short_lead_in_before_the_answer_is_still_the_answer_line(reply, expec
     ("Answer: maybe yes", None),
     ("Answer: yes (possibly no)", None),
     ("Answer: no. Yes is also possible in children.", None),
+    # after a comma, a choice word that runs on into prose is prose; a listed choice is a hedge
+    ("Answer: Yes, no adverse events were seen in either arm.", "yes"),
+    ("Answer: Yes, no doubt.", "yes"),
+    ("Answer: yes, no", None),
+    ("Answer: Yes, no.", None),
+    ("Answer: yes, maybe", None),
+    ("Answer: yes, or no", None),
+    ("Answer: Yes, no in children.", None),
+    ("Answer: Yes/no depending on the dose.", None),
+    ("Answer: Yes, or no in older patients.", None),
+    ("Answer: No, maybe yes in children.", None),
+    ("Answer: Yes, possibly no in the elderly.", None),
+    ("Answer: No, maybe in selected patients.", None),
+    ("Answer: yes & no depending on the dose", None),
+    ("Answer: No, yes only in subgroups.", None),
 ])
 def test_a_yes_no_maybe_answer_may_explain_itself(reply, expected):
     """'Answer: Yes, although no RCT ...' was no answer: any choice word later on the line voided it."""
@@ -346,3 +361,40 @@ def test_another_choice_offered_after_the_answer_is_a_hedge(reply):
 ])
 def test_r1_style_replies_are_read(reply, expected):
     assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("\\boxed{C}", "C"),
+    ("Scurvy follows a lack of ascorbic acid.\n\n\\boxed{C}", "C"),      # R1-Distill's closing line
+    ("Answer: \\boxed{C}", "C"),
+    ("So the answer is $\\boxed{C}$.", "C"),
+    ("**Final Answer**\n\\[\n\\boxed{C}\n\\]", "C"),
+    ("Final answer: $\\boxed{\\text{C}}$", "C"),
+    ("$$\n\\boxed{B}\n$$", "B"),
+    ("Reasoning.\n\n\\boxed{A}\n\nAnswer: C", None),              # a box and an answer line that disagree
+    ("\\boxed{C, D}", None),
+    ("The answer is \\boxed{C or D}.", None),
+    ("\\boxed{}", None),
+])
+def test_a_latex_box_is_an_answer_line(reply, expected):
+    """R1-Distill models close with \\boxed{X}: it was no answer (and ``run`` asked again)."""
+    assert _mcq(reply) == expected
+
+
+def test_a_boxed_yes_no_maybe():
+    assert _pubmedqa("The trial found a benefit.\n\n$\\boxed{\\text{yes}}$") == "yes"
+
+
+@pytest.mark.parametrize("reply", ["Reasoning.\n\n\\boxed{" + "\t" * 20_000 + "C",
+                                   "boxed\nx" + " " * 20_000 + "y",
+                                   "\\boxed{" + "{}" * 20_000,
+                                   "\\boxed{} " * 2_000 + "x"],
+                         ids=["spaces-in-a-box", "spaces-after-boxed", "brace-pairs", "many-boxes"])
+def test_a_long_hostile_reply_is_read_in_linear_time(reply):
+    """A model looping on whitespace, or a client's grammar, can send such a reply; serve parses it in its event loop.
+    An earlier box pattern took seconds at 2,000 characters and grew eightfold per doubling."""
+    import time
+
+    started = time.perf_counter()
+    assert _mcq(reply) is None
+    assert time.perf_counter() - started < 5

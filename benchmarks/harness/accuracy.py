@@ -50,10 +50,11 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 5  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
+RECORDS_VERSION = 6  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
 # 4: it stops at the labelled answer line only, and a hedge ("Answer: A or B") or "Answer: a patient" is no answer;
 # 5: an answer is read only from a line that starts with the label; lines that disagree, or a choice only
-# inferred, are no answer
+# inferred, are no answer; 6: a LaTeX box ("\boxed{C}") is an answer line, and "Answer: Yes, no adverse events ..."
+# is yes (a choice word running on into prose after a comma is prose, not a hedge)
 #: what is scored per item: the letter logits alone, or the logits and a parsed greedy answer
 SCORES = ("logits", "both")
 

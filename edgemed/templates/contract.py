@@ -106,6 +106,44 @@ _ALSO = (r"[\s\*_\)\]\"']*(?:(?:is|are|seems|could|might|may|would|can)[ \t]+)?(
 _COULD_BE = r"\b(?:could|might|may)[ \t]+(?:(?:also|equally|well)[ \t]+)?be[\s\*\(\[\"'_:]*"
 
 
+#: LaTeX's \boxed{X} (R1-Distill's way of marking its final answer). The body is one group with no ambiguity (a
+#: character that is no brace, or one brace pair with no braces inside), whitespace is stripped in Python: a reply
+#: is untrusted text, and nested optional whitespace runs backtrack without end on a long one.
+_BOX = r"\\boxed\s*\{(?P<in>(?:[^{}]|\{[^{}]*\})*)\}"
+_MATH_OPEN, _MATH_CLOSE = r"(?:\$\$?|\\\(|\\\[)", r"(?:\$\$?|\\\)|\\\])"
+_BOXED_LINE = re.compile(rf"[\s\*_]*(?:{_MATH_OPEN}\s*)?{_BOX}(?:\s*{_MATH_CLOSE})?[\s\*_\.]*")
+_BOXED_INLINE = re.compile(rf"(?:{_MATH_OPEN}[ \t]*)?{_BOX}(?:[ \t]*{_MATH_CLOSE})?")
+_BOX_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
+
+
+def _box_content(m: re.Match) -> str | None:
+    """What a box holds, a \\text{...} around it taken off; None for anything else with braces in it."""
+    inner = m.group("in").strip()
+    wrapped = _BOX_WRAP.fullmatch(inner)
+    if wrapped:
+        return wrapped.group(1).strip()
+    return None if "{" in inner else inner
+
+
+def _unboxed(text: str, label: str) -> str:
+    """``text`` with LaTeX boxes read as plain answers: a line that is one box ("\\boxed{C}", "$\\boxed{C}$") becomes
+    an answer line ("Answer: C"), a box inside a line becomes its content ("the answer is \\boxed{C}." -> "the answer
+    is C."), and display-math fences on lines of their own ("\\[", "\\]", "$$") are dropped. A box holding more
+    LaTeX than a \\text{...} is left as it is (no answer)."""
+    if "boxed" not in text:
+        return text
+    out = []
+    for line in text.splitlines():
+        if line.strip() in ("\\[", "\\]", "$$"):
+            continue
+        m = _BOXED_LINE.fullmatch(line)
+        if m and (inner := _box_content(m)) is not None:
+            out.append(f"{label}: {inner}")
+            continue
+        out.append(_BOXED_INLINE.sub(lambda b: b.group(0) if (inner := _box_content(b)) is None else inner, line))
+    return "\n".join(out)
+
+
 def _norm(text: str) -> str:
     """An option's text as a reply restating it is compared: no emphasis, no final stop, case and spaces folded."""
     return " ".join(re.sub(r"[\*_`]", " ", text).strip().rstrip(".!").split()).casefold()
@@ -118,13 +156,18 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     or from a list of the options ("A. ...", "1. ...") is no answer (``ask`` then asks for the label). A reply that is
     nothing but one choice ("B", "**maybe**"), or whose first line states one option ("**C. Vitamin C**", "C is the
     answer."), is that choice unless an answer line disagrees."""
+    text = _unboxed(text, c.label)
     alts = "|".join(re.escape(x) for x in sorted(choices, key=len, reverse=True))
     single = all(len(x) == 1 for x in choices)
     # Single-letter choices are matched case-sensitively in prose: "the answer is a ..." is an article.
     upper = all(len(x) == 1 and x.isupper() for x in choices)
     strict = f"(?-i:{alts})" if upper else alts
     # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe yes"
-    hedge = re.compile(rf"{_SEP}(?:[,/&]|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})(?:{_SEP_LIST}{_HEDGE_WORD})*"
+    # "Yes, no adverse events were seen": after a comma, "no" opening prose (a determiner) is no other choice; "no in
+    # children", "no depending on ...", "no, ..." still are (word choices only)
+    prose_no = "" if single else (r"(?!,[ \t]*no[ \t]+(?!(?:in|for|among|with|when|if|at|on|depending|otherwise|or|and|"
+                                  r"but|unless|except)\b)[^\W\d_])")
+    hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})(?:{_SEP_LIST}{_HEDGE_WORD})*"
                        rf"{_SEP_LIST}(?:{alts})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
                        rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{alts})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
     label = re.escape(c.label)
