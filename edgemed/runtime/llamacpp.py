@@ -341,6 +341,10 @@ class Context:
         self.drop(dst)
         return False
 
+    def seq_state_size(self, seq: int) -> int:
+        """Bytes ``save_seq`` would hold for sequence ``seq`` (llama.cpp's own count), computed before any is built."""
+        return int(self.lib.llama_state_seq_get_size(self.ptr, seq))
+
     def save_seq(self, seq: int) -> bytes:
         """Sequence ``seq``'s KV cells (positions and K/V rows) as llama.cpp's per-sequence state, in host memory."""
         size = self.lib.llama_state_seq_get_size(self.ptr, seq)

@@ -30,6 +30,10 @@ _ADDING = threading.Lock()
 @router.get("/health")
 async def health(request: Request):
     srv = served(request)
+    if not srv.batcher.alive():  # the scheduler is gone: every request would be refused, so say so here too
+        return JSONResponse({"status": "scheduler_stopped",
+                             "detail": "the model server's scheduler is not running; see the server log"},
+                            status_code=503)
     stats = srv.batcher.stats()
     audit = srv.config.audit
     if audit is not None and audit.failed:

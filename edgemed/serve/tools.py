@@ -162,7 +162,7 @@ def _bare(text: str, names) -> list[dict]:
     while at < len(body):
         try:
             obj, end = decoder.raw_decode(body, at)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the decoder's depth: the text is content
             return []
         call = _call(obj, names)
         if call is None:

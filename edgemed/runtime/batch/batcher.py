@@ -504,6 +504,10 @@ class Batcher:
         with self._cond:
             self._cond.notify_all()
 
+    def alive(self) -> bool:
+        """Whether the scheduler thread runs (False before ``start``, after ``close`` or a failure of its loop)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def stats(self) -> dict:
         with self._cond:
             return {
@@ -701,15 +705,17 @@ class Batcher:
             if donor in self._active and donor.pos < seq.share and not donor.stream.cancelled:
                 continue
             seq.donor = None
-            if donor in self._active and donor.pos >= seq.share and self._ctx.copy_seq(donor.slot, seq.slot, seq.share):
-                self._unsynced.update((donor.slot, seq.slot))
-                seq.pos = seq.share
-                self._count(seq, seq.share, "copied")
-            else:
-                if donor in self._active:  # a failed trim emptied the slot
-                    seq.pos = 0
-                    self._count(seq, 0, "slot")
-                self._borrow(seq, wait=False)
+            if donor in self._active and donor.pos >= seq.share:
+                if self._ctx.copy_seq(donor.slot, seq.slot, seq.share):
+                    self._unsynced.update((donor.slot, seq.slot))
+                    seq.pos = seq.share
+                    self._count(seq, seq.share, "copied")
+                    continue
+                seq.pos = 0  # the failed copy's trim emptied the slot
+                self._count(seq, 0, "slot")
+            # a donor that left (or was cancelled) before computing the prefix: the slot keeps its own cells and
+            # ``seq.pos`` still counts them, so the search goes on from there
+            self._borrow(seq, wait=False)
 
     def _count(self, seq: Seq, n: int, where: str) -> None:
         """``seq`` now starts from ``n`` cached prompt tokens found in ``where`` (replacing what it had counted)."""
@@ -778,8 +784,8 @@ class Batcher:
         """Keep a free slot's prefix in host RAM before its cells go (long enough, not saved already)."""
         kept, key = self._kept[slot], self._kept_key[slot]
         if (self._host.max_bytes and len(kept) >= HOST_MIN and slot not in self._unsynced
-                and not self._host.has(key, kept)):
-            self._host.put(key, kept, self._ctx.save_seq(slot))
+                and not self._host.has(key, kept) and self._ctx.seq_state_size(slot) <= self._host.max_bytes):
+            self._host.put(key, kept, self._ctx.save_seq(slot))  # a state over the whole cache is never built
 
     def _step_safely(self) -> None:
         try:
