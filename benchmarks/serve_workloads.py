@@ -311,6 +311,10 @@ def report_md(m: dict) -> str:
     if code.get("commit"):
         lines += [f"edgemed at commit {code['commit'][:12]}" + (f", with uncommitted changes to {', '.join(code['changed'])}"
                                                               if code["changed"] else "") + ".", ""]
+    made = m.get("compiled_by") or {}
+    if made:
+        lines += [f"Builds: edgemed's llama.cpp compiled by {', '.join(made.get('edgemed') or []) or 'a compiler that left no name'}"
+                  + (f"; llama-server by {made['llama-server']}" if made.get("llama-server") else "") + ".", ""]
     if m.get("llama_server_skipped"):
         lines += [f"llama-server skipped: {m['llama_server_skipped']}", ""]
     for part, err in m.get("errors", {}).items():
@@ -413,6 +417,7 @@ def main(argv=None) -> None:
         raise EdgemedError(f"Unknown part(s): {', '.join(unknown)}.", f"choose from {', '.join(PARTS)}")
 
     from edgemed.benchmarks import anchors
+    from edgemed.runtime import native_build
     from edgemed.runtime.llamacpp import Model
 
     sizes = QUICK if args.quick else FULL
@@ -466,6 +471,8 @@ def main(argv=None) -> None:
                   "wall_s": round(time.perf_counter() - t_start, 1), "servers": described, "code": code,
                   "same_cpu_features": anchors.same_cpu_features(anchor_info) if anchor_info else None,
                   "server_args": list(args.server_arg),
+                  "compiled_by": {"edgemed": list(native_build.compilers()),
+                                  "llama-server": anchors.built_with() if "llama-server" in servers else None},
                   "command": "python -m edgemed.benchmarks.serve_workloads "
                              + " ".join(argv if argv is not None else sys.argv[1:]),
                   "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
