@@ -7,7 +7,7 @@ AVX2 / NEON kernels). Whether the AMX kernels run depends on the compiler that
 built llama.cpp: built by GCC 12.2 they fault on their first tile setup
 (``native_build`` says why; reported upstream as llama.cpp #20824, Ollama
 #17205), built by clang 16 they run, and on an AMX Xeon they read prompts
-1.36-1.42x and decode 1.2x faster than CPU_REPACK
+1.35-1.38x and decode 1.17-1.18x faster than CPU_REPACK
 (``docs/decisions/0019-amx-where-the-build-runs-it.md``). Nothing in the build's
 system info tells the two apart, so only a run can: the host self-test.
 

@@ -84,14 +84,16 @@ def _build_offloads() -> bool | None:
 
 
 def _build_has_amx() -> bool:
-    """Whether the installed llama.cpp has the AMX buffer (its weights may then sit there: ``plan.estimate``)."""
+    """Whether the installed llama.cpp has an AMX buffer edgemed may try (its weights may then sit there:
+    ``plan.estimate``); not a build whose compiler is known to break its kernels (``native_build``)."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return False
+    from edgemed.runtime import native_build
     from edgemed.runtime.llamacpp import build
 
-    return build().has_amx
+    return build().has_amx and native_build.amx_tiles_dropped_by() is None
 
 
 def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
