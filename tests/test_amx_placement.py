@@ -25,10 +25,14 @@ AMX_BUILD = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F
 AVX2_BUILD = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
 
 
-def test_auto_tries_amx_only_where_the_self_test_guards_it():
+def test_auto_tries_amx_only_where_the_self_test_guards_it(monkeypatch):
     amx, avx2 = buffers.Build(AMX_BUILD), buffers.Build(AVX2_BUILD)
+    monkeypatch.setattr(native_build, "amx_tiles_dropped_by", lambda: None)
     assert buffers.resolve("auto", amx) == "repack"                     # no child first: never AMX unguarded
     assert buffers.resolve("auto", amx, tested=True) == "all"           # the child tries it, repack follows a crash
+    monkeypatch.setattr(native_build, "amx_tiles_dropped_by", lambda: "GCC: (GNU) 12.2.0")
+    assert buffers.resolve("auto", amx, tested=True) == "repack"        # a compiler known to break them: not tried
+    assert not buffers.amx_may_be_tried(amx) and not buffers.amx_may_be_tried(avx2)
     assert buffers.resolve("auto", avx2) == buffers.resolve("auto", avx2, tested=True) == "all"
     for mode in ("all", "repack", "none"):
         assert buffers.resolve(mode, amx, tested=True) == mode
@@ -242,24 +246,10 @@ def test_a_damaged_or_foreign_library_gives_no_compiler(tmp_path, blob):
 def _tiny(path, *, q8_rows=64):
     """Two layers: Q4_0 ffn_up (AMX takes it, no padding), Q8_0 attn_q (AMX adds 4 bytes per 32-weight block),
     an F16 token embedding (never AMX)."""
-    gguf = pytest.importorskip("gguf")
-    np = pytest.importorskip("numpy")
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((w.add_block_count, 2), (w.add_context_length, 2048), (w.add_embedding_length, 64),
-                       (w.add_feed_forward_length, 128), (w.add_head_count, 4), (w.add_head_count_kv, 2),
-                       (w.add_vocab_size, 100)):
-        add(value)
-    w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float16))
-    for i in range(2):
-        w.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((128, 64 // 32 * 18), dtype=np.uint8),
-                     raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-        w.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((q8_rows, 64 // 32 * 34), dtype=np.uint8),
-                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    pytest.importorskip("gguf")
+    from test_planner import write_tiny_gguf
+
+    return write_tiny_gguf(path, q8_rows=q8_rows)
 
 
 def test_the_planner_counts_the_amx_layout(tmp_path):

@@ -20,8 +20,10 @@ gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
 
-def write_tiny_gguf(path: Path, *, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_vocab=100, ctx=2048):
-    """A llama-shaped GGUF with real tensor-table entries (F32, F16 and Q4_0 blocks)."""
+def write_tiny_gguf(path: Path, *, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, n_vocab=100, ctx=2048,
+                    q8_rows: int | None = None):
+    """A llama-shaped GGUF with real tensor-table entries (F32, F16 and Q4_0 blocks; with ``q8_rows``, a Q8_0
+    attn_q of that many rows per layer too)."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(n_layer)
     w.add_context_length(ctx)
@@ -36,6 +38,9 @@ def write_tiny_gguf(path: Path, *, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, 
         # Q4_0: 32 weights per 18-byte block; byte shape (rows, cols / 32 * 18)
         w.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((n_ff, n_embd // 32 * 18), dtype=np.uint8),
                      raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        if q8_rows:  # Q8_0: 32 weights per 34-byte block
+            w.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((q8_rows, n_embd // 32 * 34), dtype=np.uint8),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -120,8 +120,9 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
         note = (f"  auto tried the AMX buffer first: {said}, and loads use CPU_REPACK."
                 f"{selftest.amx_hint(first, host)}")
         first = last
-    elif load.extra_buffers == "auto" and "AMX_INT8 = 1" in host.system_info and native_build.amx_tiles_dropped_by():
-        note = (f"  AMX not tried: this llama.cpp was compiled by {native_build.amx_tiles_dropped_by()}, whose AMX "
+    elif load.extra_buffers == "auto" and "AMX_INT8 = 1" in host.system_info and (
+            dropped := native_build.amx_tiles_dropped_by()):
+        note = (f"  AMX not tried: this llama.cpp was compiled by {dropped}, whose AMX "
                 "tile setup faults; a llama-cpp-python compiled with clang runs the AMX kernels (README, \"AMX hosts\").")
     if as_json:
         click.echo(json.dumps({"model": str(path), "adapters": [{"path": str(a.path), "scale": a.scale} for a in specs],

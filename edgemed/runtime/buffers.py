@@ -82,16 +82,25 @@ class Build:
         return "AMX_INT8" in self.features
 
 
+def amx_may_be_tried(build: Build) -> bool:
+    """An AMX build whose CPU backend no compiler known to break its kernels made (``native_build``): the one rule
+    for whether ``auto`` tries the AMX buffer, and so whether the planner counts its layout."""
+    from edgemed.runtime.native_build import amx_tiles_dropped_by
+
+    return build.has_amx and amx_tiles_dropped_by() is None
+
+
 def resolve(mode: str, build: Build, *, tested: bool = False) -> str:
     """``auto`` -> the concrete mode for this build; other modes as they are. ``tested``: the self-test will run
-    the result in a child first and fall back from a crash (``selftest.check``), so an AMX build may try ``all``."""
+    the result in a child first and fall back from a crash (``selftest.check``), so an AMX build may try ``all``
+    (``amx_may_be_tried``)."""
     if mode not in MODES:
         from edgemed.errors import InputError
 
         raise InputError(f"extra_buffers is {mode!r}, not one of {', '.join(MODES)}.",
                          "set llama.extra_buffers in the device profile to auto, all, repack or none")
     if mode == "auto":
-        return "all" if tested or not build.has_amx else "repack"
+        return "all" if not build.has_amx or (tested and amx_may_be_tried(build)) else "repack"
     return mode
 
 

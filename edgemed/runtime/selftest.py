@@ -92,9 +92,9 @@ def describe_host() -> str:
     info = build()
     amx = sorted(f for f in cpu_flags() if f.startswith("amx"))
     made_by = native_build.compilers()
-    dropped = native_build.amx_tiles_dropped_by()
-    picks = (("repack (AMX not tried: the CPU backend was compiled by a GCC before 13)" if dropped else
-              "AMX where the self-test passes, else repack") if info.has_amx else buffers.resolve("auto", info))
+    picks = (("AMX where the self-test passes, else repack" if buffers.amx_may_be_tried(info) else
+              "repack (AMX not tried: the CPU backend was compiled by a GCC before 13)")
+             if info.has_amx else buffers.resolve("auto", info))
     return (f"{cpu_model()} (AMX: {', '.join(amx) if amx else 'no'}); llama.cpp build: "
             f"{info.system_info.strip().rstrip('|').strip()}"
             f"{'; compiled by ' + made_by[0] if made_by else ''}; extra buffers (auto): {picks}")
@@ -223,15 +223,13 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
     own AMX try (``amx_try``) is the exception: whatever stops it, CPU_REPACK is tried next, and an inconclusive AMX
     verdict is kept too, so a host where it runs out of memory or time does not pay for it at every start
     (``devices check`` runs it again)."""
-    from edgemed.runtime import native_build
     from edgemed.runtime.llamacpp import build
 
     host = host or Host.current()
     runner = runner or run_child
     types = weight_types(path, tensors) + adapter_types(adapters)
     cache = _read_cache() if use_cache else {}
-    mode = buffers.resolve(load.extra_buffers, build(),
-                           tested=fallback and native_build.amx_tiles_dropped_by() is None)
+    mode = buffers.resolve(load.extra_buffers, build(), tested=fallback)
     asked = replace(load, extra_buffers=mode)
     tried: list[tuple[LoadSettings, Verdict]] = []
     for candidate in [asked] + [replace(load, extra_buffers=m) for m in buffers.FALLBACKS

@@ -90,10 +90,10 @@ def _build_has_amx() -> bool:
         import llama_cpp  # noqa: F401
     except ImportError:
         return False
-    from edgemed.runtime import native_build
+    from edgemed.runtime.buffers import amx_may_be_tried
     from edgemed.runtime.llamacpp import build
 
-    return build().has_amx and native_build.amx_tiles_dropped_by() is None
+    return amx_may_be_tried(build())
 
 
 def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
