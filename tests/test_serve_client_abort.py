@@ -185,3 +185,43 @@ def test_a_stream_whose_code_raises_after_its_headers_is_a_500_in_metrics_and_au
     rec = [r for r in records(server)[before:] if r["kind"] == "request"][-1]
     assert (rec["status"], rec["outcome"], rec["error_code"]) == (500, "error", "server_error"), rec
     assert requests_by_code(server).get("500", 0) == counts.get("500", 0) + 1
+
+
+@pytest.fixture(scope="module")
+def two_slots(smollm2_gguf, tmp_path_factory):
+    audit_path = tmp_path_factory.mktemp("abort2") / "audit.jsonl"
+    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=1), slots=2, queue_size=2)
+    batcher.start()
+    log = audit.AuditLog(audit_path)
+    try:
+        with ServerThread(create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test", audit=log))) as srv:
+            srv.batcher, srv.audit_path = batcher, audit_path
+            yield srv
+    finally:
+        batcher.close()
+        log.close()
+
+
+def test_a_stream_of_two_choices_left_mid_stream_keeps_both_counts_in_the_audit(two_slots):
+    """n=2 streamed: each choice's items come through their own reader. The client leaves mid-stream: the record
+    still says how the generations ended and how many tokens they made (both choices summed), and it is written
+    as soon as the batcher has ended them (it used to miss both, after a 5 s wait for a wake-up that had been
+    switched off by the first readers closing late)."""
+    server = two_slots
+    before, counts = len(records(server)), requests_by_code(server)
+    sock = raw_request(server, chat_body(stream=True, n=2))
+    got = b""
+    while got.count(b'"content"') < 8:  # a few pieces of both answers
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and b'"index": 1' in got
+    generated = server.batcher.stats()["tokens_generated_total"]
+    sock.close()
+    assert wait_until(lambda: len(records(server)) > before, timeout=20)
+    rec = [r for r in records(server)[before:] if r["kind"] == "request"][-1]
+    assert (rec["outcome"], rec["status"], rec["stream"]) == ("client_disconnected", 499, True), rec
+    assert rec.get("finish_reason") == "cancelled", rec
+    assert generated <= rec["completion_tokens"] < 2 * 300, rec
+    assert rec["latency_s"] < 4.5, rec  # not held up by a reader that could not be woken
+    assert requests_by_code(server).get("499", 0) == counts.get("499", 0) + 1

@@ -4,6 +4,7 @@ HTTP server still answers. The real SmolLM2 (1 thread), the real batcher, a real
 
 from __future__ import annotations
 
+import threading
 
 import pytest
 
@@ -90,3 +91,66 @@ def test_health_says_when_the_scheduler_has_stopped(smollm2_gguf):
             assert health.status_code == 503 and health.json()["status"] == "scheduler_stopped"
     finally:
         b.close()
+
+
+def test_cached_token_counters_never_go_down(smollm2_gguf):
+    """S first counted the header its own slot kept, then copied a longer prefix from D: the counters moved the
+    header's tokens from "slot" to "copied", and a scrape in between saw ``*_cached_slot_total`` fall (Prometheus
+    reads a fall as a restart). Now a request's cached tokens are counted once, when it ends, from where they
+    came in the end."""
+    names = ("prompt_tokens_cached_total", "prompt_tokens_cached_slot_total", "prompt_tokens_cached_copied_total",
+             "prompt_tokens_cached_host_total")
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=4) as b:
+        header = b.tokenize("Case review. ")
+        for s in [b.submit(header + b.tokenize(x), GREEDY, request_id=x) for x in ("ok", "go")]:
+            collect(s)                                                    # both slots now keep the header
+        settle(b)
+        shared = header + b.tokenize(RULE * 3)
+        seen = [{k: b.stats()[k] for k in names}]
+        with b._step_lock:                                                # the scheduler admits, cannot step
+            d = b.submit(shared + b.tokenize("Question: chest pain?"), GREEDY, request_id="d")
+            s = b.submit(shared + b.tokenize("Question: syncope?"), GREEDY, request_id="s")
+            assert wait_until(lambda: any(q.donor is not None for q in list(b._active)), 30)
+            waiting = next(q for q in list(b._active) if q.donor is not None)
+            assert waiting.cached == len(header) and waiting.cached_from == "slot"  # its own slot's header, for now
+            seen.append({k: b.stats()[k] for k in names})
+        fins = [collect(x)[1] for x in (d, s)]
+        seen.append({k: b.stats()[k] for k in names})
+        assert fins[1].cached_tokens > len(header)                        # it did copy D's longer prefix
+        for earlier, later in zip(seen, seen[1:]):
+            assert all(later[k] >= earlier[k] for k in names), (earlier, later)
+        assert seen[-1]["prompt_tokens_cached_total"] - seen[0]["prompt_tokens_cached_total"] == \
+            sum(f.cached_tokens for f in fins)
+        assert seen[-1]["prompt_tokens_cached_copied_total"] - seen[0]["prompt_tokens_cached_copied_total"] == \
+            fins[1].cached_tokens
+
+
+def test_host_cache_copies_and_heap_trims_let_the_lock_go(smollm2_gguf, monkeypatch):
+    """Saving a slot's state to host RAM, restoring one and trimming the heap take milliseconds to tens of them
+    (a 1,500-token history of the 1.5B is ~40 MB); they ran under the batcher's lock, which /health, /metrics,
+    a cancel and a submit take on the event loop, so every stream paused for each. Now another thread gets the
+    lock while each runs."""
+    from edgemed.runtime import heap
+
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2, prefix_cache_bytes=64 << 20) as b:
+        free: dict[str, list[bool]] = {"save": [], "restore": [], "trim": []}
+
+        def lock_free() -> bool:
+            got = []
+            reader = threading.Thread(target=lambda: got.append(b.stats()), daemon=True)
+            reader.start()
+            reader.join(2)
+            return bool(got)
+
+        def watched(name, real):
+            return lambda *a: free[name].append(lock_free()) or real(*a)
+
+        monkeypatch.setattr(b._ctx, "save_seq", watched("save", b._ctx.save_seq))
+        monkeypatch.setattr(b._ctx, "restore_seq", watched("restore", b._ctx.restore_seq))
+        monkeypatch.setattr(heap, "release", watched("trim", heap.release))
+        one, other = (b.tokenize(RULE.replace("cardiology", t) * 2) for t in ("oncology", "neurology"))
+        for i, prompt in enumerate((one, other, one + b.tokenize("Question: staging?"))):
+            collect(b.submit(prompt, GREEDY, request_id=f"r{i}"))   # the second saves the first; the third restores it
+        assert wait_until(lambda: free["trim"], 10)                 # idle after work: the heap is trimmed
+        assert b.stats()["prefix_host_hits_total"] == 1
+        assert free["save"] and free["restore"] and all(free["save"] + free["restore"] + free["trim"]), free

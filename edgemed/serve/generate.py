@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from edgemed.runtime.batch.options import Extras
+from edgemed.runtime.batch.stream import merged
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.serve import api
 from edgemed.serve.api import ApiError, ClientClosed
@@ -149,37 +150,6 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
             stream.cancel()
         raise
     return streams
-
-
-async def merged(streams):
-    """``(choice index, item)`` from every stream as items arrive."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, stream):
-        try:
-            async for item in stream:
-                await queue.put((i, item))
-        finally:
-            await queue.put((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    left = len(streams)
-    try:
-        while left:
-            i, item = await queue.get()
-            if item is None:
-                left -= 1
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            stream.cancel()  # a no-op on a finished stream
 
 
 def take(answer: Answer, item) -> None:

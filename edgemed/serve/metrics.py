@@ -35,7 +35,8 @@ COUNTER_STATS = {
     "prompt_tokens_total": ("edgemed_batcher_prompt_tokens",
                             "Prompt tokens the batcher has fed to llama.cpp (computed)."),
     "prompt_tokens_cached_total": ("edgemed_batcher_prompt_cached_tokens",
-                                   "Prompt tokens found in a cache (prefix reuse, any source), not computed again."),
+                                   "Prompt tokens found in a cache (prefix reuse, any source), not computed again; "
+                                   "counted when the request ends."),
     "prompt_tokens_cached_slot_total": ("edgemed_batcher_prompt_cached_slot_tokens",
                                         "Cached prompt tokens found in the request's own slot."),
     "prompt_tokens_cached_copied_total": ("edgemed_batcher_prompt_cached_copied_tokens",

@@ -65,6 +65,8 @@ shared across keys; ``_close_adapter`` purges the adapter's host entries), the r
 server scopes by API key, so one key's prompts are neither reused by nor timed against another's) and the
 identical token-id prefix (``_cache_key``); a request that fails mid-step leaves nothing reusable. Counters:
 ``prompt_tokens_cached_{slot,copied,host}_total`` and ``prefix_host_*`` in ``stats()``; ``Finished.cached_tokens`` counts every reused token, wherever from.
+A request's cached tokens are added to the counters when it ends, with the source it ended with (``_count`` may
+replace its own slot's tokens by a longer copy while it waits): counters that only grow, as Prometheus reads them.
 
 LoRA adapters (``adapters``, ``add_adapter``, ``remove_adapter``): the base is loaded once, with one context and
 one KV cache; each named adapter is loaded once (its tensors only) and each request names one (or none: the base).
@@ -82,6 +84,7 @@ removed adapter takes no new request; it stays loaded until the last request usi
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -527,11 +530,8 @@ class Batcher:
                 with self._cond:
                     idle = not (self._stopping or self._queue or self._active or self._releasing)
                     answer = self._answer_to_keep() if idle else None
-                    if idle and answer is None:
-                        if self._worked:  # freed memory back to the OS between bursts (``runtime.heap``)
-                            self._worked = False
-                            if heap.release():
-                                self._n.heap_trims_total += 1
+                    trim = idle and answer is None and self._worked
+                    if idle and answer is None and not trim:
                         t_idle = time.perf_counter()
                         while not (self._stopping or self._queue or self._active or self._releasing):
                             self._cond.wait()
@@ -539,8 +539,14 @@ class Batcher:
                         self._n.idle_seconds_total += time.perf_counter() - t_idle
                     if self._stopping:
                         break
-                    if answer is None:
+                    if answer is None and not trim:
                         self._admit()
+                if trim:  # memory freed between bursts goes back to the OS (``runtime.heap``), the lock let go:
+                    self._worked = False  # it may take a while, and /health, /metrics and a cancel need the lock
+                    if heap.release():
+                        with self._cond:
+                            self._n.heap_trims_total += 1
+                    continue  # then idle, or what came meanwhile
                 self._worked = True
                 if answer is not None:
                     try:
@@ -652,7 +658,8 @@ class Batcher:
             self._borrow(seq, wait=True)
 
     def _borrow(self, seq: Seq, wait: bool) -> None:
-        """Copy a longer prefix than ``seq`` holds from another slot or the host cache, or (``wait``) wait for one."""
+        """Copy a longer prefix than ``seq`` holds from another slot or the host cache, or (``wait``, at admission:
+        the caller holds the lock) wait for one."""
         key, tokens, limit = _cache_key(seq), seq.tokens, len(seq.tokens) - REFEED
         best, src = seq.cached + MIN_SHARED - 1, None
         for slot in self._free:
@@ -664,7 +671,10 @@ class Batcher:
                     best, src = n, q.slot
         n, entry = self._host.match(key, tokens, limit) if self._host.max_bytes else (0, None)
         if entry is not None and n > best and seq.slot not in self._unsynced:
-            if self._ctx.restore_seq(seq.slot, self._host.take(entry)) and self._ctx.trim(seq.slot, n):
+            data = self._host.take(entry)
+            with self._let_go() if wait else contextlib.nullcontext():
+                restored = self._ctx.restore_seq(seq.slot, data)
+            if restored and self._ctx.trim(seq.slot, n):
                 seq.pos = n
                 self._count(seq, n, "host")
                 return
@@ -717,13 +727,10 @@ class Batcher:
             # ``seq.pos`` still counts them, so the search goes on from there
             self._borrow(seq, wait=False)
 
-    def _count(self, seq: Seq, n: int, where: str) -> None:
-        """``seq`` now starts from ``n`` cached prompt tokens found in ``where`` (replacing what it had counted)."""
-        n0, where0 = seq.cached, seq.cached_from
-        with self._cond:
-            self._n.cached[where0] -= n0
-            self._n.cached[where] += n
-            self._n.prompt_tokens_cached_total += n - n0
+    @staticmethod
+    def _count(seq: Seq, n: int, where: str) -> None:
+        """``seq`` now starts from ``n`` cached prompt tokens found in ``where`` (replacing what it had found);
+        the counters take them when it ends (``_end``)."""
         seq.cached, seq.cached_from = n, where
 
     def _answer_to_keep(self) -> int | None:
@@ -781,11 +788,26 @@ class Batcher:
         return bool(self._stopping or self._queue or self._releasing)
 
     def _save(self, slot: int) -> None:
-        """Keep a free slot's prefix in host RAM before its cells go (long enough, not saved already)."""
+        """Keep a free slot's prefix in host RAM before its cells go (long enough, not saved already; at admission,
+        the caller holding the lock)."""
         kept, key = self._kept[slot], self._kept_key[slot]
         if (self._host.max_bytes and len(kept) >= HOST_MIN and slot not in self._unsynced
                 and not self._host.has(key, kept) and self._ctx.seq_state_size(slot) <= self._host.max_bytes):
-            self._host.put(key, kept, self._ctx.save_seq(slot))  # a state over the whole cache is never built
+            with self._let_go():  # a state over the whole cache is never built
+                data = self._ctx.save_seq(slot)
+            self._host.put(key, kept, data)
+
+    @contextlib.contextmanager
+    def _let_go(self):
+        """Let go of the lock (held once, by the scheduler admitting requests) around a copy of a slot's state to
+        or from host RAM: tens of MB, and ``/health``, ``/metrics``, a cancel and a submit wait for the lock on the
+        event loop. Only the scheduler thread changes the slots, the host cache and ``_active``; another thread
+        meanwhile may queue a request (admitted at the next turn) or read the counters."""
+        self._cond.release()
+        try:
+            yield
+        finally:
+            self._cond.acquire()
 
     def _step_safely(self) -> None:
         try:
@@ -1016,6 +1038,8 @@ class Batcher:
     def _end(self, seq: Seq, reason: str, now: float, error: str | None = None) -> None:
         """Count a request's end and send its ``Finished`` (caller holds the lock)."""
         self._n.finished[reason] += 1
+        self._n.cached[seq.cached_from] += seq.cached
+        self._n.prompt_tokens_cached_total += seq.cached
         seq.end(reason, now, error)
         loaded, seq.adapter = seq.adapter, None
         if loaded is not None:

@@ -49,7 +49,7 @@ class Stream:
         self._on_cancel = on_cancel
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
-        self._wake = None  # set by __aiter__: wakes the event loop, thread-safely
+        self._wake = None  # set by ``notify``: wakes the event loop, thread-safely
         self.cancelled = False
         self.done = False
 
@@ -82,32 +82,64 @@ class Stream:
             if not finished:
                 self.cancel()
 
-    async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
+    def poll(self) -> Piece | Finished | None:
+        """The next item if one is there, else None (never blocks)."""
+        with self._cond:
+            return self._items.popleft() if self._items else None
 
-        def wake():
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
+    def notify(self, wake) -> None:
+        """Call ``wake()`` (from the scheduler thread) whenever an item arrives. One listener at a time: the
+        latest reader's."""
         with self._cond:
             self._wake = wake
-        finished = False
-        try:
-            while not finished:
-                with self._cond:
-                    item = self._items.popleft() if self._items else None
-                    if item is None:
-                        ready.clear()  # under the lock: a later _put's wake() is scheduled after this
-                if item is None:
-                    await ready.wait()
-                    continue
-                finished = isinstance(item, Finished)
-                yield item
-        finally:
-            with self._cond:
+
+    def forget(self, wake) -> None:
+        """Stop calling ``wake`` (and only it: a reader closed late does not silence the one after it)."""
+        with self._cond:
+            if self._wake is wake:
                 self._wake = None
-            if not finished:
-                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
+        async for _, item in merged([self]):
+            yield item
+
+
+def waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event):
+    """A function any thread may call to set ``event`` on ``loop`` (a no-op once the loop is closed)."""
+    def wake():
+        try:
+            loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+    return wake
+
+
+async def merged(streams) -> AsyncIterator[tuple[int, Piece | Finished]]:
+    """``(index, item)`` from every stream in ``streams`` as items arrive, until each has given its ``Finished``.
+    Items are taken from a stream only when they are handed on, so one left unread when the caller stops (the
+    client went away) is still there for a later reader: ``Finished`` included, with its token counts for the
+    audit. Stopping early cancels the streams not finished."""
+    ready = asyncio.Event()
+    wake = waker(asyncio.get_running_loop(), ready)
+    left = list(range(len(streams)))
+    for stream in streams:
+        stream.notify(wake)
+    try:
+        while left:
+            ready.clear()  # before polling: an item put after a poll found nothing sets it again
+            got = False
+            for i in list(left):
+                item = streams[i].poll()
+                if item is None:
+                    continue
+                got = True
+                if isinstance(item, Finished):
+                    left.remove(i)
+                yield i, item
+            if not got:
+                await ready.wait()
+    finally:
+        for stream in streams:
+            stream.forget(wake)
+        for i in left:
+            streams[i].cancel()
