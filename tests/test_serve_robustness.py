@@ -154,3 +154,37 @@ def test_host_cache_copies_and_heap_trims_let_the_lock_go(smollm2_gguf, monkeypa
         assert wait_until(lambda: free["trim"], 10)                 # idle after work: the heap is trimmed
         assert b.stats()["prefix_host_hits_total"] == 1
         assert free["save"] and free["restore"] and all(free["save"] + free["restore"] + free["trim"]), free
+
+
+def test_requests_being_admitted_count_in_flight_while_the_lock_is_let_go(smollm2_gguf):
+    """While a host-cache save let the lock go, the request being admitted was neither queued nor active, so a
+    full server took more requests than its slots and queue hold."""
+    from edgemed.errors import Overloaded
+
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=1, prefix_cache_bytes=64 << 20) as b:
+        one, other = (b.tokenize(RULE.replace("cardiology", t) * 2) for t in ("oncology", "neurology"))
+        collect(b.submit(one, GREEDY, request_id="first"))                # the slot keeps it: saved when it goes
+        settle(b)
+        answers: dict[str, object] = {}
+        real = b._ctx.save_seq
+
+        def save_seq(seq):
+            def more():  # another client, while the scheduler copies the first prompt's state out
+                for name in ("third", "fourth"):
+                    try:
+                        answers[name] = b.submit(other + b.tokenize(f" {name}"), GREEDY, request_id=name)
+                    except Overloaded as exc:
+                        answers[name] = exc
+            client = threading.Thread(target=more)
+            client.start()
+            client.join(10)
+            return real(seq)
+
+        b._ctx.save_seq = save_seq
+        second = b.submit(other, GREEDY, request_id="second")            # admitted: the slot's prefix is saved
+        collect(second)
+        b._ctx.save_seq = real
+        assert set(answers) == {"third", "fourth"}
+        assert not isinstance(answers["third"], Overloaded)               # the one place in the queue
+        assert isinstance(answers["fourth"], Overloaded), answers         # one running, one queued: full
+        collect(answers["third"])

@@ -21,7 +21,10 @@ BLOCK = '"""'
 @click.option("--adapter", "adapters", multiple=True, metavar="FILE|NAME[:SCALE]",
               help="A GGUF LoRA adapter for MODEL (a file, or the name of one of the installed model's adapters), "
               "applied at run time at SCALE (default 1). Repeatable.")
-def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads, adapters):
+@click.option("--no-prefix-cache", is_flag=True,
+              help="Compute the whole conversation again every turn (by default the earlier turns' cells are kept "
+              "and each turn computes only what is new).")
+def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads, adapters, no_prefix_cache):
     """Chat with MODEL. Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits.
     A message of several lines (a pasted note) goes between two lines that hold only three double quotes.
     Ctrl-C while an answer is written stops that answer (the question is dropped, the conversation goes on); at the
@@ -48,6 +51,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     preamble = system or safety_preamble()  # the shipped one: a user folder's template must not change chat's
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
     engine = open_with_adapters(model, prepared.load, specs)
+    engine.prefix_reuse = engine.prefix_reuse and not no_prefix_cache
     with_adapters = f" with {', '.join(s.path.name for s in specs)}" if specs else ""
     click.echo(f"edgemed chat: {model}{with_adapters} on '{prepared.profile}', context {engine.n_ctx}. /exit to quit.", err=True)
     history = [{"role": "system", "content": preamble}]

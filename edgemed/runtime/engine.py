@@ -91,6 +91,9 @@ class Engine(Protocol):
 
     path: Path
     n_ctx: int
+    #: Whether ``complete`` keeps the cells of the previous call's prompt where the new prompt starts with the same
+    #: token ids, and feeds only the rest (a conversation's history; llama.cpp only). Settable: False feeds all.
+    prefix_reuse: bool
 
     def chat(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
         """Stream the assistant's reply to ``messages`` (rendered by the model's chat template)."""

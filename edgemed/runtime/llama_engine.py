@@ -2,7 +2,8 @@
 
 Chat messages are rendered by the GGUF's own chat template (sandboxed Jinja with
 limits, ``chat_template.py``), so the model sees the prompt format it was trained
-with; text is produced by ``llamacpp.generate``, the one generation loop.
+with; text is produced by ``llamacpp.generate``, the one generation loop, which keeps the cells of the previous
+prompt where the next one starts with the same ids (a chat's earlier turns are not computed again).
 ``model`` and ``ctx`` are public: the accuracy scorer and the timing loop drive
 them directly rather than reaching into a library's private objects. LoRA adapters
 (``adapters``: files or ``loader.AdapterSpec``) are checked against the base, loaded
@@ -26,6 +27,7 @@ class LlamaEngine:
     """One loaded GGUF model."""
 
     supports_grammar = True  # GenerationSettings.json_schema / .grammar are enforced while sampling
+    prefix_reuse = True  # a prompt starting with the previous one's ids feeds only the rest (``llamacpp.generate``)
 
     def __init__(self, path: Path, load: LoadSettings, adapters=()):
         self.path = Path(path)
@@ -47,7 +49,7 @@ class LlamaEngine:
 
     def complete(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
         tokens = self.tokenize(prompt, add_special=True, parse_special=True)
-        return llamacpp.generate(self.model, self.ctx, tokens, settings)
+        return llamacpp.generate(self.model, self.ctx, tokens, settings, reuse=self.prefix_reuse)
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt text the GGUF's chat template produces."""

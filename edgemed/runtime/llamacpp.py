@@ -217,8 +217,20 @@ class Adapter:
             self.lib.llama_adapter_lora_free(ptr)
 
 
+#: A prompt found whole in the cells still feeds its last REFEED tokens: its logits must come from a piece of
+#: several rows, as in a cold run; the last token alone goes through llama.cpp's one-row kernels and its
+#: logits differ enough to change greedy text (seen with SmolLM2 Q4_1 on AVX2).
+REFEED = 2
+
+
 class Context:
-    """One llama_context: ``n_seq_max`` sequences over ``n_ctx`` cells (one KV stream each unless unified)."""
+    """One llama_context: ``n_seq_max`` sequences over ``n_ctx`` cells (one KV stream each unless unified).
+
+    ``prompt_cells``: the token ids of sequence 0's first cells when ``generate`` fed them as prompt rows, which a
+    later prompt starting with the same ids keeps instead of computing again (a conversation resends its history
+    each turn). Only prompt rows, never the sampled tokens after them: those are computed one row at a time, and a
+    later turn resending them as prompt would answer differently from a cold run. Every other call that writes,
+    drops or moves sequence 0's cells, or changes the adapters, shortens or empties the list."""
 
     def __init__(self, model: Model, load: LoadSettings | None = None, *, n_ctx: int | None = None, n_seq_max: int = 1,
                  kv_unified: bool = True, threads: int | None = None, n_batch: int | None = None):
@@ -256,6 +268,7 @@ class Context:
         self.n_ctx_seq = min(lc.llama_n_ctx_seq(self.ptr), max(1, p.n_ctx // n_seq_max))
         self._batch: Batch | None = None
         self.adapters: tuple = ()  # (Adapter, scale) pairs applied to this context (set_adapters)
+        self.prompt_cells: list[int] = []
         if 0 < model.n_ctx_train < self.n_ctx_seq:  # llama.cpp's own warning is only in its log (-v)
             log.warning("The context (%d tokens a sequence) is longer than '%s' was trained on: answers past %d tokens "
                         "may degrade; use --ctx %d or less.", self.n_ctx_seq, model.path.name, *[model.n_ctx_train] * 2)
@@ -271,8 +284,10 @@ class Context:
             raise ModelLoadError(f"llama.cpp refused the LoRA adapters {[a.path.name for a, _ in items]} on this context "
                                  f"(code {rc}).", "load the adapters for the model this context was made from")
         self.adapters = tuple((a, float(s)) for a, s in items)
+        self.prompt_cells = []  # computed under the adapters before
 
     def decode(self, batch: "Batch") -> int:
+        self.prompt_cells = []  # a batch of any sequences and positions
         return self.lib.llama_decode(self.ptr, batch.raw)
 
     def decode_unless(self, batch: "Batch", stop) -> int:
@@ -282,6 +297,7 @@ class Context:
         no abort callback runs the call through (not checked on a GPU). Only for work that can be done again later
         (the batcher's idle calls): the callback takes the interpreter lock once a node, so it is set for this call
         alone and cleared after it."""
+        self.prompt_cells = []
         callback = self.lib.ggml_abort_callback(lambda _data: bool(stop()))
         self.lib.llama_set_abort_callback(self.ptr, callback, None)
         try:
@@ -302,6 +318,8 @@ class Context:
 
         if self._batch is None:
             self._batch = Batch(self.lib, self.n_batch)
+        if seq == 0:
+            del self.prompt_cells[n_past:]  # written again from here (``generate`` lists the prompt's rows after)
         batch, rows = self._batch, []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
@@ -309,8 +327,10 @@ class Context:
             last = start + len(chunk) == len(tokens)
             for i, token in enumerate(chunk):
                 batch.add(token, n_past + start + i, seq, all_rows or (last and i == len(chunk) - 1))
-            rc = self.decode(batch)
+            rc = self.lib.llama_decode(self.ptr, batch.raw)
             if rc != 0:
+                if seq == 0:
+                    del self.prompt_cells[n_past:]
                 raise ModelLoadError(f"llama_decode returned {rc} for {len(chunk)} tokens at position {n_past + start}.",
                                      "use a larger context (--ctx), or fewer tokens")
             if all_rows:
@@ -321,20 +341,36 @@ class Context:
 
     def drop(self, seq: int) -> None:
         """Forget every cell of sequence ``seq`` (its slot is free again)."""
+        if seq == 0:
+            self.prompt_cells = []
         self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
     def trim(self, seq: int, n: int) -> bool:
         """Remove the cells of ``seq`` from position ``n`` on, keeping its first ``n``; False (nothing
         removed) where the memory cannot drop a suffix (recurrent state), other sequences untouched."""
-        return bool(self.lib.llama_memory_seq_rm(self.memory, seq, n, -1))
+        done = bool(self.lib.llama_memory_seq_rm(self.memory, seq, n, -1))
+        if seq == 0 and done:
+            del self.prompt_cells[n:]
+        return done
 
     def clear(self) -> None:
+        self.prompt_cells = []
         self.lib.llama_memory_clear(self.memory, True)
+
+    def reusable(self, tokens: list[int]) -> int:
+        """How many of ``tokens``' first ids sequence 0 holds as prompt cells (``prompt_cells``), leaving at least
+        ``REFEED`` to feed again."""
+        cells, n, end = self.prompt_cells, 0, min(len(self.prompt_cells), len(tokens) - REFEED)
+        while n < end and cells[n] == tokens[n]:
+            n += 1
+        return n
 
     def copy_seq(self, src: int, dst: int, n: int) -> bool:
         """Give sequence ``dst`` the first ``n`` cells of ``src`` (its own cells go). Between KV streams llama.cpp
         copies the whole stream buffer (ranges are refused there), deferred to the next decode's memory update,
         so ``dst`` is trimmed to ``n`` after; False where that trim fails (``dst`` is then emptied)."""
+        if dst == 0:
+            self.prompt_cells = []
         self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         if self.lib.llama_memory_seq_rm(self.memory, dst, n, -1):
             return True
@@ -355,6 +391,8 @@ class Context:
     def restore_seq(self, seq: int, data: bytes) -> bool:
         """Put a ``save_seq`` state into sequence ``seq`` (any sequence of this context: its own cells go first);
         False (``seq`` emptied) where llama.cpp cannot (not enough free cells)."""
+        if seq == 0:
+            self.prompt_cells = []
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if self.lib.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == len(data):
             return True
@@ -364,6 +402,8 @@ class Context:
     def keep(self, n: int, seq: int = 0) -> int:
         """Keep the first ``n`` cells of ``seq``; returns how many are kept (0 where a suffix cannot be dropped)."""
         if n and self.lib.llama_memory_seq_rm(self.memory, seq, n, -1):
+            if seq == 0:
+                del self.prompt_cells[n:]
             return n
         self.clear()
         return 0
@@ -553,16 +593,26 @@ class Detokenizer:
         return self.buf.decode("utf-8", "replace")
 
 
-def generate(model: Model, ctx: Context, tokens: list[int], settings: GenerationSettings) -> Iterator[str]:
-    """Stream the continuation of ``tokens`` in sequence 0 of ``ctx`` (cleared first): text pieces, stop strings held back."""
+def generate(model: Model, ctx: Context, tokens: list[int], settings: GenerationSettings,
+             reuse: bool = True) -> Iterator[str]:
+    """Stream the continuation of ``tokens`` in sequence 0 of ``ctx``: text pieces, stop strings held back. The
+    cells before stay where they hold the prompt's first ids as prompt rows (``Context.prompt_cells``: a
+    conversation's earlier turns, a template's preamble), and only the rest is fed; ``reuse=False``: every token is
+    fed (the cells are cleared first)."""
     if not tokens:
         raise InputError("The prompt is empty.", "send at least one token of prompt")
     check_fits(len(tokens), settings, ctx.n_ctx)
     sampler = SamplerChain(model, settings)
     text = TextStream(Detokenizer(model), settings.stop)
     try:
-        ctx.clear()
-        ctx.eval(tokens)
+        n = ctx.reusable(tokens) if reuse else 0
+        if not (n and ctx.trim(0, n)):  # a memory that cannot drop a suffix (recurrent state) starts again
+            ctx.clear()
+            n = 0
+        if n:
+            log.debug("prompt: %d of %d tokens kept from the previous call", n, len(tokens))
+        ctx.eval(tokens[n:], n)
+        ctx.prompt_cells = list(tokens)  # after the last piece: several rows each (REFEED)
         pos = len(tokens)
         for _ in range(settings.max_tokens):
             token = sampler.sample(ctx, -1)

@@ -104,6 +104,7 @@ class OnnxEngine:
     """One loaded ONNX model directory."""
 
     supports_grammar = False  # json_schema / grammar settings are not enforced by this backend
+    prefix_reuse = False  # every call computes its whole prompt
 
     def __init__(self, path: Path, load: LoadSettings):
         env.enforce_offline()

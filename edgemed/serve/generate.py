@@ -10,6 +10,7 @@ doing (``RequestRecord.client_left``: 499, ``client_disconnected``), not as a se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -179,8 +180,9 @@ async def collect(srv: Served, record: RequestRecord, request: Request, streams,
 
     watcher = asyncio.ensure_future(watch())
     try:
-        async for i, item in merged(streams):
-            take(answers[i], item)
+        async with contextlib.aclosing(merged(streams)) as items:
+            async for i, item in items:
+                take(answers[i], item)
     finally:
         watcher.cancel()
     reasons = finish(srv, record, answers)
@@ -248,13 +250,14 @@ def streaming(srv: Served, record: RequestRecord, streams, answers, shape, inclu
         try:
             for event in shape.head(answers):
                 yield sse(event)
-            async for i, item in merged(streams):
-                answer = answers[i]
-                take(answer, item)
-                if hasattr(item, "text"):
-                    for event in (shape.piece(answer, item.text, item.logprobs, True) if item.prompt
-                                  else shape.piece(answer, item.text, item.logprobs)):
-                        yield sse(event)
+            async with contextlib.aclosing(merged(streams)) as items:  # closed before the drain below reads on
+                async for i, item in items:
+                    answer = answers[i]
+                    take(answer, item)
+                    if hasattr(item, "text"):
+                        for event in (shape.piece(answer, item.text, item.logprobs, True) if item.prompt
+                                      else shape.piece(answer, item.text, item.logprobs)):
+                            yield sse(event)
             ended = True
             reasons = finish(srv, record, answers)
             bad = next((a for a, r in zip(answers, reasons) if r not in api.FINISH_REASONS.values()), None)

@@ -95,6 +95,7 @@ from edgemed.errors import (  # re-exported
     AdapterError, Closed, EdgemedError, InputError, ModelLoadError, NoTokenAllowed, Overloaded,
 )
 from edgemed.runtime import heap
+from edgemed.runtime.llamacpp import REFEED  # a prompt found whole in a slot still feeds its last REFEED tokens
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.text_stream import TextStream
 from edgemed.runtime.batch.options import Extras, entry, sampler_for
@@ -116,10 +117,6 @@ log = logging.getLogger(__name__)
 #: alone, and the other three waited its whole prefill step (first token 4.0 s against 2.2 s; decision 0015).
 GATHER_QUIET_S = 0.030
 GATHER_MAX_S = 0.100
-#: A prompt found whole in a slot still feeds its last REFEED tokens: its logits must come from a piece of
-#: several rows, as in a cold run; the last token alone goes through llama.cpp's one-row kernels and its
-#: logits differ enough to change greedy text (seen with SmolLM2 Q4_1 on AVX2).
-REFEED = 2
 #: Host RAM the prefix cache may hold by default (bytes): a few long conversations of a small model.
 PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 #: A request takes a prefix from another slot (a copy of that slot's KV stream) or waits for a request
@@ -225,6 +222,7 @@ class Batcher:
         self._native = threading.Lock()  # request threads use the vocabulary under it; freeing waits for them
         self._queue: collections.deque[Seq] = collections.deque()
         self._active: list[Seq] = []
+        self._admitting: list[Seq] = []  # taken from the queue by ``_admit``, not yet in ``_active``
         self._free: list[int] = []
         self._stopping = False
         self._releasing: list = []  # removed adapters whose last request ended: freed outside the lock
@@ -405,7 +403,8 @@ class Batcher:
     def _check_capacity(self, n: int = 1) -> None:
         """``Overloaded`` unless ``n`` more requests fit (caller holds the lock); a queued request whose client left
         holds no place (the scheduler drops it at its next turn)."""
-        in_flight = sum(1 + len(q.followers) for q in self._queue if not q.stream.cancelled) + len(self._active)
+        in_flight = (sum(1 + len(q.followers) for q in self._queue if not q.stream.cancelled) + len(self._active)
+                     + len(self._admitting))
         if in_flight + n > self.slots + self.queue_size:
             self._n.overloaded_total += 1
             retry = max(1.0, self._service_s * (1 + len(self._queue)) / self.slots)
@@ -526,6 +525,7 @@ class Batcher:
     # -- scheduler thread --------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            trimmed = False
             while True:
                 with self._cond:
                     idle = not (self._stopping or self._queue or self._active or self._releasing)
@@ -537,12 +537,15 @@ class Batcher:
                             self._cond.wait()
                         self._gather()
                         self._n.idle_seconds_total += time.perf_counter() - t_idle
+                    elif trimmed and self._queue:  # a request came during the trim: its company too, as from idle
+                        self._gather()
+                    trimmed = False
                     if self._stopping:
                         break
                     if answer is None and not trim:
                         self._admit()
                 if trim:  # memory freed between bursts goes back to the OS (``runtime.heap``), the lock let go:
-                    self._worked = False  # it may take a while, and /health, /metrics and a cancel need the lock
+                    self._worked, trimmed = False, True  # it may take a while; /health, /metrics, a cancel need the lock
                     if heap.release():
                         with self._cond:
                             self._n.heap_trims_total += 1
@@ -597,12 +600,16 @@ class Batcher:
             seq = self._queue.popleft()  # one cancelled since the sweep above is admitted, and ends at the next step
             taken.append(seq)
             room -= 1 + len(seq.followers)
+        # neither queued nor active until each joins ``_active``, while a host-cache copy lets the lock go: counted
+        # in flight (``_check_capacity``) and ended by ``_end_all`` all the same
+        self._admitting = [q for seq in taken for q in (seq, *seq.followers)]
         order = list(dict.fromkeys(_key(q) for q in taken))
         for seq in sorted(taken, key=lambda q: order.index(_key(q))):  # stable: arrival order within a group
             seq.slot, seq.t_admit = self._slot_for(seq), now
             self._free.remove(seq.slot)
             self._reuse(seq)
             self._active.append(seq)
+            self._admitting.remove(seq)
             for follower in seq.followers:  # the slots holding least to lose; their cells get the leader's
                 follower.slot, follower.t_admit = min(self._free, key=lambda s: (len(self._kept[s]), s)), now
                 self._free.remove(follower.slot)
@@ -610,6 +617,7 @@ class Batcher:
                 self._ctx.drop(follower.slot)
                 self._kept[follower.slot], self._kept_key[follower.slot] = [], None
                 self._active.append(follower)
+                self._admitting.remove(follower)
             log.debug("request %s admitted to slot %d after %.3f s, %d prompt tokens cached", seq.stream.request_id,
                       seq.slot, now - seq.t_submit, seq.cached)
 
@@ -801,8 +809,9 @@ class Batcher:
     def _let_go(self):
         """Let go of the lock (held once, by the scheduler admitting requests) around a copy of a slot's state to
         or from host RAM: tens of MB, and ``/health``, ``/metrics``, a cancel and a submit wait for the lock on the
-        event loop. Only the scheduler thread changes the slots, the host cache and ``_active``; another thread
-        meanwhile may queue a request (admitted at the next turn) or read the counters."""
+        event loop. Only the scheduler thread changes the slots and ``_active`` (the host cache too, but for an
+        adapter loaded twice by a race, which has no entries); another thread meanwhile may queue a request
+        (admitted at the next turn; ``_admitting`` keeps the count in flight) or read the counters."""
         self._cond.release()
         try:
             yield
@@ -1051,13 +1060,14 @@ class Batcher:
         with self._cond:
             now = time.perf_counter()
             queued = [q for seq in self._queue for q in (seq, *seq.followers)]
-            for seq in list(self._active) + queued:
+            for seq in list(self._active) + queued + self._admitting:
                 if self._ctx is not None and seq.slot >= 0:
                     self._ctx.drop(seq.slot)
                     self._kept[seq.slot], self._kept_key[seq.slot] = [], None
                 self._end(seq, reason, now, error)
             self._active.clear()
             self._queue.clear()
+            self._admitting = []
 
     def _free_released(self) -> None:
         with self._cond:

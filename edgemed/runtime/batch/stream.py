@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
@@ -100,8 +101,9 @@ class Stream:
                 self._wake = None
 
     async def __aiter__(self) -> AsyncIterator[Piece | Finished]:
-        async for _, item in merged([self]):
-            yield item
+        async with contextlib.aclosing(merged([self])) as items:  # closed with this one: a cancel at once
+            async for _, item in items:
+                yield item
 
 
 def waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event):

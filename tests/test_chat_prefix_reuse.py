@@ -1,0 +1,123 @@
+"""The one-sequence engine (``edgemed chat``, ``run``, quickstart) keeps the cells of the previous call's prompt: a
+conversation's next turn computes only its new part, and answers token for token as a cold run of the whole
+history does. Whatever else writes sequence 0 (the accuracy scorer's ``eval``, another adapter set) leaves nothing
+stale to reuse. The real SmolLM2 (1 thread)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("llama_cpp")
+
+from edgemed.runtime.engine import GenerationSettings, LoadSettings  # noqa: E402
+from edgemed.runtime.llama_engine import LlamaEngine  # noqa: E402
+from edgemed.runtime.llamacpp import REFEED  # noqa: E402
+
+LOAD = LoadSettings(n_ctx=2048, n_threads=1, n_batch=512, n_ubatch=512)
+GREEDY = GenerationSettings(max_tokens=24)
+SYSTEM = ("You are a careful clinical assistant. Answer briefly, say when you are unsure, never invent doses, "
+          "and advise escalation for red-flag findings.")
+QUESTIONS = ("A 67-year-old man has crushing chest pain for 40 minutes, sweating and nausea. What first?",
+             "His ECG shows ST elevation in II, III and aVF. Which artery?",
+             "Blood pressure falls to 85/50 after nitroglycerin. Why?",
+             "What should be avoided in the next hour?")
+
+
+def fed_prompts(engine) -> list[int]:
+    """Record how many tokens each ``generate`` call feeds as prompt (its first ``eval``: several rows)."""
+    fed, real = [], engine.ctx.eval
+
+    def eval_(tokens, n_past=0, **kw):
+        if len(tokens) > 1:
+            fed.append(len(tokens))
+        return real(tokens, n_past, **kw)
+
+    engine.ctx.eval = eval_
+    return fed
+
+
+def converse(engine, questions=QUESTIONS) -> tuple[list[str], list[int]]:
+    """Each turn's answer and its prompt's length in tokens, the whole history resent each turn."""
+    history, answers, lengths = [{"role": "system", "content": SYSTEM}], [], []
+    for q in questions:
+        history.append({"role": "user", "content": q})
+        lengths.append(len(engine.tokenize(engine.render_chat(history), add_special=True, parse_special=True)))
+        answers.append("".join(engine.chat(history, GREEDY)))
+        history.append({"role": "assistant", "content": answers[-1]})
+    return answers, lengths
+
+
+@pytest.fixture(scope="module")
+def engines(smollm2_gguf):
+    with LlamaEngine(smollm2_gguf, LOAD) as warm, LlamaEngine(smollm2_gguf, LOAD) as cold:
+        cold.prefix_reuse = False
+        yield warm, cold
+
+
+def test_each_turn_computes_only_what_is_new_and_answers_as_a_cold_run(engines):
+    warm, cold = engines
+    warm.ctx.clear()
+    fed = fed_prompts(warm)
+    try:
+        answers, lengths = converse(warm)
+    finally:
+        del warm.ctx.eval
+    assert answers == converse(cold)[0]
+    assert all(a.strip() for a in answers)
+    assert fed[0] == lengths[0]                                    # nothing to keep before the first turn
+    for i in range(1, len(QUESTIONS)):
+        assert REFEED <= fed[i] < lengths[i] - lengths[i - 1] + 16, (fed, lengths)  # the new answer and question
+    assert sum(fed) < 0.6 * sum(lengths), (fed, lengths)
+
+
+def test_the_same_prompt_again_feeds_its_last_tokens_only_and_answers_the_same(engines):
+    warm, _ = engines
+    warm.ctx.clear()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    first = "".join(warm.chat(messages, GREEDY))
+    fed = fed_prompts(warm)
+    try:
+        again = "".join(warm.chat(messages, GREEDY))
+    finally:
+        del warm.ctx.eval
+    assert again == first and fed == [REFEED]
+
+
+def test_cells_written_by_others_are_not_reused(engines):
+    """The accuracy scorer keeps a prefix and feeds its own rows after it (``keep``, ``eval``), and an adapter set
+    computes other cells: a later prompt reuses only what is still its own prompt's."""
+    warm, cold = engines
+    warm.ctx.clear()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[1]}]
+    "".join(warm.chat(messages, GREEDY))
+    kept = list(warm.ctx.prompt_cells)
+    assert len(kept) > 20
+    other = warm.tokenize("An unrelated passage scored for its perplexity.")
+    assert warm.ctx.keep(5) == 5 and warm.ctx.prompt_cells == kept[:5]
+    warm.ctx.eval(other, 5)                                        # the scorer's rows from position 5 on
+    assert warm.ctx.prompt_cells == kept[:5]
+    fed = fed_prompts(warm)
+    try:
+        assert "".join(warm.chat(messages, GREEDY)) == "".join(cold.chat(messages, GREEDY))
+    finally:
+        del warm.ctx.eval
+    assert fed == [len(kept) - 5]                                  # its own first 5 kept, the scorer's rows gone
+    assert warm.ctx.keep(0) == 0 and warm.ctx.prompt_cells == []
+    "".join(warm.chat(messages, GREEDY))
+    warm.ctx.set_adapters([])                                      # cells computed under another adapter set
+    assert warm.ctx.prompt_cells == []
+
+
+def test_chat_cli_with_and_without_the_prefix_cache_answers_the_same(smollm2_gguf):
+    from edgemed.cli import cli
+
+    turns = "What is sepsis?\nAnd its first treatment?\n/exit\n"
+    args = ["chat", str(smollm2_gguf), "--max-tokens", "16", "--ctx", "1024", "--threads", "1"]
+    kept = CliRunner().invoke(cli, args, input=turns)
+    fresh = CliRunner().invoke(cli, args + ["--no-prefix-cache"], input=turns)
+    assert kept.exit_code == 0 and fresh.exit_code == 0, (kept.output, fresh.output)
+    assert kept.output.count("you> ") == 3                          # two turns answered, then /exit
+    replies = [part.split("\n")[0] for part in kept.output.split("you> ")[1:3]]
+    assert all(r.strip() for r in replies), kept.output
+    assert kept.stdout == fresh.stdout
