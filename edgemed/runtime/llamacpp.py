@@ -265,6 +265,7 @@ class Context:
         # model planned at its whole trained context never reads positions past it
         self.n_ctx = min(lc.llama_n_ctx(self.ptr), p.n_ctx)
         self.n_batch = lc.llama_n_batch(self.ptr)
+        self.n_ubatch = lc.llama_n_ubatch(self.ptr)
         self.n_ctx_seq = min(lc.llama_n_ctx_seq(self.ptr), max(1, p.n_ctx // n_seq_max))
         self._batch: Batch | None = None
         self.adapters: tuple = ()  # (Adapter, scale) pairs applied to this context (set_adapters)
@@ -358,12 +359,23 @@ class Context:
         self.lib.llama_memory_clear(self.memory, True)
 
     def reusable(self, tokens: list[int]) -> int:
-        """How many of ``tokens``' first ids sequence 0 holds as prompt cells (``prompt_cells``), leaving at least
-        ``REFEED`` to feed again."""
+        """How many of ``tokens``' first cells sequence 0 holds as a cold run of ``tokens`` would compute them: the
+        ids shared with ``prompt_cells`` (leaving at least ``REFEED`` to feed again), down to a whole number of
+        llama.cpp's micro-batches (``reuse_unit``)."""
         cells, n, end = self.prompt_cells, 0, min(len(self.prompt_cells), len(tokens) - REFEED)
         while n < end and cells[n] == tokens[n]:
             n += 1
-        return n
+        return n - n % self.reuse_unit
+
+    @property
+    def reuse_unit(self) -> int:
+        """The cells a kept prompt is reused by. A cold run feeds a prompt from position 0 in micro-batches of
+        ``n_ubatch`` rows (within ``n_batch`` pieces), and a row's K and V depend, in the last bits, on the
+        micro-batch it was computed in (llama.cpp's CPU kernels take rows in groups, the rest one by one): reused
+        cells that a micro-batch of another size computed made Qwen2.5-1.5B Q4_K_M answer differently at a
+        conversation's third or fourth turn. Kept whole micro-batches from position 0 on, and fed from a boundary,
+        every row is computed as the cold run computes it."""
+        return self.n_ubatch if self.n_batch % self.n_ubatch == 0 else self.n_batch
 
     def copy_seq(self, src: int, dst: int, n: int) -> bool:
         """Give sequence ``dst`` the first ``n`` cells of ``src`` (its own cells go). Between KV streams llama.cpp
@@ -596,9 +608,9 @@ class Detokenizer:
 def generate(model: Model, ctx: Context, tokens: list[int], settings: GenerationSettings,
              reuse: bool = True) -> Iterator[str]:
     """Stream the continuation of ``tokens`` in sequence 0 of ``ctx``: text pieces, stop strings held back. The
-    cells before stay where they hold the prompt's first ids as prompt rows (``Context.prompt_cells``: a
-    conversation's earlier turns, a template's preamble), and only the rest is fed; ``reuse=False``: every token is
-    fed (the cells are cleared first)."""
+    cells before stay where they hold the prompt's first ids as prompt rows, in whole micro-batches
+    (``Context.reusable``: a conversation's earlier turns, a template's preamble), and only the rest is fed, so the
+    answer is the one a cold run gives; ``reuse=False``: every token is fed (the cells are cleared first)."""
     if not tokens:
         raise InputError("The prompt is empty.", "send at least one token of prompt")
     check_fits(len(tokens), settings, ctx.n_ctx)
