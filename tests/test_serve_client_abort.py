@@ -30,10 +30,10 @@ LONG = "Write a long essay on the history of medicine, century by century."
 REQUESTS = re.compile(r'^edgemed_requests_total\{code="(\d+)",endpoint="(\w+)"\} (\S+)$', re.M)
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_gguf, tmp_path_factory):
+def serving(smollm2_gguf, tmp_path_factory, slots: int):
+    """A real uvicorn server on a real batcher of ``slots`` slots, with an audit log (``srv.audit_path``)."""
     audit_path = tmp_path_factory.mktemp("abort") / "audit.jsonl"
-    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=1), slots=1, queue_size=2)
+    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=1), slots=slots, queue_size=2)
     batcher.start()
     log = audit.AuditLog(audit_path)
     try:
@@ -43,6 +43,11 @@ def server(smollm2_gguf, tmp_path_factory):
     finally:
         batcher.close()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    yield from serving(smollm2_gguf, tmp_path_factory, 1)
 
 
 def records(server) -> list[dict]:
@@ -189,17 +194,7 @@ def test_a_stream_whose_code_raises_after_its_headers_is_a_500_in_metrics_and_au
 
 @pytest.fixture(scope="module")
 def two_slots(smollm2_gguf, tmp_path_factory):
-    audit_path = tmp_path_factory.mktemp("abort2") / "audit.jsonl"
-    batcher = Batcher(smollm2_gguf, LoadSettings(n_ctx=1024, n_threads=1), slots=2, queue_size=2)
-    batcher.start()
-    log = audit.AuditLog(audit_path)
-    try:
-        with ServerThread(create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test", audit=log))) as srv:
-            srv.batcher, srv.audit_path = batcher, audit_path
-            yield srv
-    finally:
-        batcher.close()
-        log.close()
+    yield from serving(smollm2_gguf, tmp_path_factory, 2)
 
 
 def test_a_stream_of_two_choices_left_mid_stream_keeps_both_counts_in_the_audit(two_slots):
