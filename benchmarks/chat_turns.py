@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -125,8 +124,10 @@ def main(argv=None) -> None:
     finally:
         engine.close()
     same = all(a["answer"] == b["answer"] for rk, rw in zip(runs["kept"], runs["whole"]) for a, b in zip(rk, rw))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    from edgemed.benchmarks.harness.machine import llama_system_info
+    from edgemed.devices.detect import detect
+
+    cpu = f"{detect().model} (llama.cpp: `{llama_system_info()}`)"
     m = {"model": path.name, "profile": prepared.profile, "threads": args.threads, "n_ctx": args.ctx,
          "turns": args.turns, "max_tokens": args.max_tokens, "rounds": args.rounds, "cpu": cpu,
          "command": "python -m edgemed.benchmarks.chat_turns " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -125,3 +125,21 @@ def test_chat_cli_with_and_without_the_prefix_cache_answers_the_same(smollm2_ggu
     replies = [part.split("\n")[0] for part in kept.output.split("you> ")[1:3]]
     assert all(r.strip() for r in replies), kept.output
     assert kept.stdout == fresh.stdout
+
+
+def test_chat_turns_benchmark_reports_kept_tokens_and_the_same_answers(smollm2_gguf, tmp_path):
+    """``benchmarks/chat_turns.py`` on a 2-turn conversation: its report's figures come from the rows it measured."""
+    import json
+
+    from edgemed.benchmarks import chat_turns
+
+    out = tmp_path / "chat.json"
+    chat_turns.main(["--model", str(smollm2_gguf), "--turns", "2", "--rounds", "1", "--threads", "1",
+                     "--max-tokens", "8", "--ctx", "1024", "--out", str(out)])
+    m = json.loads(out.read_text())
+    first, second = m["per_turn"]
+    assert m["answers_identical"] and first["kept_tokens"] == 0
+    assert first["prompt_tokens"] > 512                                # the case alone fills a micro-batch
+    assert second["kept_tokens"] == 512 < second["prompt_tokens"]      # the profile's n_ubatch, whole
+    assert second["ttft_ratio"] == second["kept_ttft_s"] / second["whole_ttft_s"]
+    assert out.with_suffix(".md").read_text().count("\n| ") == 3

@@ -32,8 +32,8 @@ def test_a_donor_cancelled_before_it_computed_the_prefix_leaves_the_waiting_requ
         for s in [b.submit(header + b.tokenize(x), GREEDY, request_id=x) for x in ("ok", "go")]:
             collect(s)                                                    # both slots now keep the header
         settle(b)                                                         # their answers fed back: idle
-        shared = header + b.tokenize(RULE * 3)
-        d_prompt, s_prompt = shared + b.tokenize("Question: chest pain?"), shared + b.tokenize("Question: syncope?")
+        preamble = header + b.tokenize(RULE * 3)
+        d_prompt, s_prompt = preamble + b.tokenize("Question: chest pain?"), preamble + b.tokenize("Question: syncope?")
         with b._step_lock:                                                # the scheduler admits, cannot step
             d = b.submit(d_prompt, GREEDY, request_id="d")
             s = b.submit(s_prompt, GREEDY, request_id="s")
@@ -105,11 +105,11 @@ def test_cached_token_counters_never_go_down(smollm2_gguf):
         for s in [b.submit(header + b.tokenize(x), GREEDY, request_id=x) for x in ("ok", "go")]:
             collect(s)                                                    # both slots now keep the header
         settle(b)
-        shared = header + b.tokenize(RULE * 3)
+        preamble = header + b.tokenize(RULE * 3)
         seen = [{k: b.stats()[k] for k in names}]
         with b._step_lock:                                                # the scheduler admits, cannot step
-            d = b.submit(shared + b.tokenize("Question: chest pain?"), GREEDY, request_id="d")
-            s = b.submit(shared + b.tokenize("Question: syncope?"), GREEDY, request_id="s")
+            d = b.submit(preamble + b.tokenize("Question: chest pain?"), GREEDY, request_id="d")
+            s = b.submit(preamble + b.tokenize("Question: syncope?"), GREEDY, request_id="s")
             assert wait_until(lambda: any(q.donor is not None for q in list(b._active)), 30)
             waiting = next(q for q in list(b._active) if q.donor is not None)
             assert waiting.cached == len(header) and waiting.cached_from == "slot"  # its own slot's header, for now
