@@ -283,6 +283,34 @@ def test_a_model_type_that_is_not_the_architectures_is_refused_before_work(model
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("route", ["gguf", "onnx"])
+def test_a_config_without_model_type_is_refused_before_work(models, tmp_path, route):
+    """A Qwen2ForCausalLM config.json without "model_type": transformers cannot pick a model class, so the GGUF
+    route converted the weights before the parity reference died in a ValueError traceback, and the ONNX route died
+    in the same traceback. Refused when config.json is read, naming the file, the field and the fix."""
+    ckpt = _copy(models["qwen2"], tmp_path / "ckpt")
+    _edit_json(ckpt / "config.json", lambda c: {k: v for k, v in c.items() if k != "model_type"})
+    out = tmp_path / "out"
+    out.mkdir()
+    if route == "onnx":
+        pytest.importorskip("onnx")
+        result = _convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", out / "onnx")
+    else:
+        result = _convert(ckpt, "--quant", "f16", "-o", out / "x.gguf")
+    _refused(result, str(ckpt / "config.json"), "'model_type' is missing", "'architectures' names Qwen2ForCausalLM",
+             '"model_type": "qwen2"', "save_pretrained()")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [None, 2, ["qwen2"]])
+def test_a_model_type_that_is_not_a_string_is_refused(tmp_path, value):
+    from edgemed.converters.source.checkpoint import validate_config
+
+    with pytest.raises(CheckpointError, match="not a string") as err:
+        validate_config({"architectures": ["Qwen2ForCausalLM"], "model_type": value}, tmp_path)
+    assert '"model_type": "qwen2"' in err.value.fix, err.value.fix
+
+
 @pytest.mark.parametrize("arch,rope", [("qwen2", {"rope_type": "yarn", "factor": 4.0}),
                                        ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0})])

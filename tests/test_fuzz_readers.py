@@ -328,7 +328,7 @@ def test_fuzz_safetensors_headers(work):
 
     ckpt = work / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    (ckpt / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8}))
     weights = {"a.weight": np.ones((2, 4), dtype=np.float32), "b.weight": np.zeros(4, dtype=np.float16)}
     data, tensors, offset = b"", {}, 0
     for name, array in weights.items():

@@ -182,13 +182,20 @@ def validate_config(config: dict, path: Path) -> None:
 def _check_model_type(config: dict, arch: str, where: Path) -> None:
     """Refuse a 'model_type' that is not the one of the class 'architectures' names: the GGUF writer lays out the
     class, Hugging Face loading (the ONNX export, the parity reference) builds the model_type's model, so the two
-    routes would compute different models (a Qwen2 loaded as Llama drops its Q/K/V biases)."""
+    routes would compute different models (a Qwen2 loaded as Llama drops its Q/K/V biases). A missing or non-string
+    model_type is refused too: Hugging Face loading cannot pick a model class without one."""
     from edgemed.converters import REGISTRY, arch_spec
 
-    have = config.get("model_type")
-    if arch not in REGISTRY or have is None:  # an unsupported class is refused by name where it is read
+    if arch not in REGISTRY:  # an unsupported class is refused by name where it is read
         return
-    want = arch_spec(arch).model_type
+    have, want = config.get("model_type"), arch_spec(arch).model_type
+    if want is not None and not isinstance(have, str):
+        what = "missing" if "model_type" not in config else f"{json.dumps(have)[:60]}, not a string"
+        raise CheckpointError(
+            f"{where}: 'model_type' is {what}, but 'architectures' names {arch}, and Hugging Face loading reads "
+            "model_type to pick the model class: the parity reference and the ONNX route could not load the checkpoint.",
+            f"set \"model_type\": \"{want}\" if the weights are a {arch}, or re-copy config.json from the source "
+            "checkpoint (or re-save it with save_pretrained())")
     if want is not None and have != want:
         raise CheckpointError(
             f"{where}: 'model_type' is {json.dumps(have)[:60]}, but 'architectures' names {arch}, whose model_type is "
