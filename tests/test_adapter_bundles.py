@@ -24,6 +24,7 @@ from edgemed.cli import cli as main
 from edgemed.errors import IntegrityError, StoreError
 from edgemed.packaging import signing
 from edgemed.packaging.bundle import PackInputs, pack, verify_dir
+from edgemed.packaging.digest import stamp as file_stamp
 from edgemed.packaging.store import Store
 
 
@@ -146,6 +147,10 @@ def test_adapter_only_bundle_needs_its_base_installed_then_resolves_by_name(ad, 
     specs = adapter_specs(ref, ["triage:0.5", "cardio", str(ad["other"])])
     assert [(s.path, s.scale) for s in specs] == [(store.models / "tiny-triage/adapters/triage.lora.gguf", 0.5),
                                                   (store.models / "tiny/adapters/cardio.lora.gguf", 1.0), (ad["other"], 1.0)]
+    # each adapter from a bundle carries how it was verified (checked again after it loads): the installed adapter
+    # bundle's names that bundle, the model's own the model; a file given as it is has nothing to compare
+    assert specs[0].stamp == (file_stamp(os.stat(specs[0].path)), _sha(ad["triage"]), "tiny-triage")
+    assert specs[1].stamp == (file_stamp(os.stat(specs[1].path)), _sha(ad["cardio"]), "tiny") and specs[2].stamp is None
     with pytest.raises(Exception, match="its adapters: cardio, triage"):
         adapter_specs(ref, ["radiology"])
     with pytest.raises(Exception, match="holds only LoRA adapters"):

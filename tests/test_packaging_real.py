@@ -75,3 +75,43 @@ def test_round_trip_pack_verify_install_run(tmp_path, smollm2_q4_k_m):
     answer = _cli("run", "cardio-assist", "--prompt", "What is the capital of France? Answer in one word.",
                   "--max-tokens", "16", "--ctx", "512", "--threads", "1")
     assert "Paris" in answer, answer
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_a_model_replaced_between_verification_and_load_is_not_used(tmp_path, smollm2_q4_k_m, smollm2_gguf, monkeypatch,
+                                                                     command):
+    """The installed file swapped for another real model after `runnable` verified the bundle and before llama.cpp
+    read it (here: while the memory plan is made): without the check after the load, the other model answered as
+    the verified one. The command refuses, naming the file and the fix, and answers nothing."""
+    import shutil
+
+    from edgemed.packaging.ref import runnable
+    from edgemed.packaging.store import Store
+    from edgemed.runtime import session
+
+    lic = tmp_path / "LICENSE"
+    lic.write_text("Apache License, Version 2.0\n")
+    card = tmp_path / "card.toml"
+    card.write_text('intended_use = "demo"\nintended_users = ["engineers"]\nout_of_scope_use = "clinical use"\n'
+                    'known_limitations = "135M parameters"\n')
+    _cli("pack", smollm2_q4_k_m, "--name", "cardio-assist", "--license", lic, "--card", card, "-o", tmp_path / "b.edgemed")
+    _cli("install", tmp_path / "b.edgemed")
+    installed = runnable("cardio-assist").model_path  # where the bundle's model file went
+    assert installed.is_file() and installed.is_relative_to(Store().models / "cardio-assist")
+    real_prepare = session.prepare
+
+    def swap_then_prepare(*args, **kwargs):
+        other = tmp_path / "other.gguf"
+        shutil.copyfile(smollm2_gguf, other)  # another real model (the Q4_1 it was requantized from)
+        os.replace(other, installed)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(session, "prepare", swap_then_prepare)
+    args = (["--prompt", "What is the capital of France? Answer in one word.", "--max-tokens", "8"] if command == "run"
+            else [])
+    result = CliRunner().invoke(cli, [command, "cardio-assist", "--ctx", "512", "--threads", "1", *args],
+                                input="What is the capital of France?\n/exit\n")
+    assert result.exit_code != 0
+    assert f"'{installed}' changed between its verification and its load" in result.output, result.output
+    assert "edgemed verify cardio-assist --full" in result.output
+    assert "Paris" not in result.output  # nothing was answered by the file nobody verified

@@ -248,3 +248,36 @@ def test_admin_calls_need_an_admin_key_and_a_clinicians_key_is_not_one(server, k
         assert server.batcher.adapters()["extra"]["scale"] == 0.5
         assert httpx.delete(keyed.url + "/admin/adapters/extra", headers=auth).status_code == 200
         assert "extra" not in server.batcher.adapters()
+
+
+def test_an_installed_adapter_changed_before_it_loaded_is_not_served(server, kit, tmp_path):
+    """POST /admin/adapters {"adapter": NAME}: the installed adapter's bundle is verified, then the file loads; one
+    replaced in between (here: right after its stamp was taken) would serve bytes nobody checked. The server checks
+    the stamp once it is loaded: a 409 naming the file, and the adapter is not served."""
+    import shutil
+
+    from edgemed.files.hashing import file_sha256
+    from edgemed.packaging.digest import stamp
+    from edgemed.packaging.ref import Vouched, loaded_as_verified
+    from edgemed.serve.app import create_app
+
+    file = tmp_path / "cardio.lora.gguf"
+    shutil.copyfile(kit["cardio"], file)
+
+    def resolve(name):  # what adapter_specs hands out for an installed bundle: how it was verified
+        spec = AdapterSpec(file, 1.0, stamp=Vouched(stamp(os.stat(file)), file_sha256(file), "cardio"))
+        other = tmp_path / "other.lora.gguf"
+        shutil.copyfile(kit["triage"], other)  # another real adapter for the same base
+        os.replace(other, file)
+        return spec
+
+    app = create_app(server.batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test", resolve_adapter=resolve,
+                                                 loaded_adapter=lambda spec: loaded_as_verified(None, [spec])))
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/admin/adapters", json={"name": "swapped", "adapter": "cardio"})
+        assert r.status_code == 409, r.text
+        assert "changed between its verification and its load" in r.json()["error"]["message"]
+        assert str(file) in r.json()["error"]["message"]
+        assert "swapped" not in server.batcher.adapters() and "swapped" not in server.batcher._adapters  # never served
+        models = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
+        assert f"{MODEL}:swapped" not in models

@@ -35,7 +35,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     from edgemed.cli import Terminated
     from edgemed.cli.run import echo_piece
     from edgemed.errors import ContextOverflow, InputError, NoAnswer
-    from edgemed.packaging.ref import adapter_specs, runnable
+    from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm
     from edgemed.runtime.session import open_with_adapters, prepare, respond
@@ -51,6 +51,11 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     preamble = system or safety_preamble()  # the shipped one: a user folder's template must not change chat's
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
     engine = open_with_adapters(model, prepared.load, specs)
+    try:
+        loaded_as_verified(ref, specs)  # the bytes loaded are the ones verified (a bundle, an installed model)
+    except BaseException:
+        engine.close()
+        raise
     engine.prefix_reuse = engine.prefix_reuse and not no_prefix_cache
     with_adapters = f" with {', '.join(s.path.name for s in specs)}" if specs else ""
     click.echo(f"edgemed chat: {model}{with_adapters} on '{prepared.profile}', context {engine.n_ctx}. /exit to quit.", err=True)

@@ -181,7 +181,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         prompt = _stdin_prompt()
     if template is None and not prompt.strip():  # an empty prompt used to load the model and answer nothing in particular
         raise InputError("The prompt is empty.", "pass the question with --prompt '...', or pipe it on standard input")
-    from edgemed.packaging.ref import adapter_specs, runnable
+    from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable
 
     ref = runnable(model)  # an installed name, or a bundle directory: verified before load
     specs = adapter_specs(ref, adapters)  # NAME[:SCALE] (the model's bundle, installed adapter bundles) or FILE[:SCALE]
@@ -190,6 +190,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     engine = open_with_adapters(model, prepared.load, specs)
     try:
+        loaded_as_verified(ref, specs)  # the bytes loaded are the ones verified (a bundle, an installed model)
         if template is not None:
             answer = ask(engine, template, inputs, settings, policy, None if as_json else echo_piece(policy.show))
             value = answer.parsed.value

@@ -151,7 +151,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
     from edgemed import env
     from edgemed.errors import InputError, require
     from edgemed.formats.sniff import model_format
-    from edgemed.packaging.ref import adapter_specs, runnable, with_digest
+    from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable, with_digest
     from edgemed.runtime.plan import check_threads
     from edgemed.serve.config import check_options
     from edgemed.serve.security import ApiKeys, bind_socket
@@ -210,12 +210,14 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
                                  ui=not no_ui, card=card, prefix_cache_scope=prefix_cache_scope, resolve_adapter=lambda text: adapter_specs(ref, [text])[0],
-                                 admit_adapter=lambda served, spec: admit_adapter(prepared.plan, batcher.load, served, spec))
+                                 admit_adapter=lambda served, spec: admit_adapter(prepared.plan, batcher.load, served, spec),
+                                 loaded_adapter=lambda spec: loaded_as_verified(None, [spec]))
             batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
                               prefix_cache=prefix_cache, prefix_cache_bytes=prepared.plan.estimate.prefix_cache,
                               **({"adapter_turn": adapter_turn} if adapter_turn else {}),
                               **({"adapters": served_adapters} if served_adapters else {}))
             batcher.start()
+            loaded_as_verified(ref, served_adapters.values())  # what the audit names is what loaded
             app = create_app(batcher, config, templates)
             click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
                        f"queue {queue_size}, profile {prepared.profile}", err=True)

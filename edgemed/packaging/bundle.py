@@ -35,7 +35,7 @@ from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.formats.sniff import sniff
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging import signing
-from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
+from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, stamp
 from edgemed.packaging.manifest import (ADAPTERS_ONLY, MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURES, FileEntry, Manifest,
                                          check_name, max_signature_bytes)
 from edgemed.packaging.signing import Signature
@@ -321,6 +321,9 @@ class Verified:
     hashed: list[str] = field(default_factory=list)  # files re-hashed (the rest came from the verified cache)
     signature: Signature | None = None
     manifest_bytes: bytes = b""
+    #: every listed file's (stat stamp, sha256): its ``digest.stamp`` as found before its digest was checked, and that
+    #: digest; a caller that loads a file later compares it again (``packaging.ref.loaded_as_verified``)
+    stamps: dict[Path, tuple[tuple, str]] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -395,7 +398,7 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     if extra:
         raise IntegrityError(f"{root} holds extra files not listed in the manifest: {', '.join(extra)}.",
                              "remove them, or get a fresh copy of the bundle")
-    hashed = []
+    hashed, stamps = [], {}
     for f in man.files:
         st = found.get(f.path)
         if st is None:
@@ -408,6 +411,7 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
             hashed.append(f.path)
         if digest != f.sha256:
             raise IntegrityError(f"'{f.path}' does not match the manifest: expected sha256 {f.sha256}, actual {digest}.", _DAMAGED)
+        stamps[root / f.path] = (stamp(st), f.sha256)  # found before the digest: a write since shows as another
     if cache is not None:
         cache.save()
-    return Verified(root, man, msha, signed_by, sig is not None, hashed, sig, data)
+    return Verified(root, man, msha, signed_by, sig is not None, hashed, sig, data, stamps)

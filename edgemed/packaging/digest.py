@@ -56,8 +56,14 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO | None, size: int, name: str) -> st
     return h.hexdigest()
 
 
+def stamp(st: os.stat_result) -> tuple[int, ...]:
+    """(device, inode, size, mtime_ns, ctime_ns): two equal stamps of a path mean the file was neither written nor
+    replaced between the two stats (the module docstring says why, and what it cannot see)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _stamp(st: os.stat_result) -> list[int]:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return list(stamp(st))  # as the cache's JSON holds it
 
 
 class VerifiedCache:

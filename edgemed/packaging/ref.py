@@ -21,15 +21,28 @@ loader takes, an installed adapter bundle verified and checked by the trust poli
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from edgemed.errors import InputError
 from edgemed.packaging.manifest import MANIFEST
 
+log = logging.getLogger(__name__)
+
 FILE, DIRECTORY, TAR, STORE = "file", "directory", "tar", "store"
 _PATH_SUFFIXES = (".gguf", ".edgemed", ".onnx")  # an argument ending so is a path, never a store name
+
+
+class Vouched(NamedTuple):
+    """A file as it was verified: its ``digest.stamp`` then, the sha256 it was checked as, and what ``edgemed verify``
+    takes to check it again ("": a plain file, no bundle). ``loaded_as_verified`` compares it after the load."""
+
+    stamp: tuple
+    sha256: str
+    verify: str
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,9 @@ class ModelRef:
     name: str                 # STORE: the installed name; a verified bundle: its manifest's name; else the file's stem
     digest: str | None = None  # "manifest:sha256:<hex>" or "file:sha256:<hex>", once known
     model_path: Path | None = None  # what an engine loads, once known (FILE at once; bundles after verification)
+    #: (path, ``Vouched``) of every file verified or hashed for this ref: a bundle's files, or a plain file whose
+    #: digest names it (``with_digest``); ``loaded_as_verified`` compares the model's again once it is loaded
+    stamps: tuple = ()
 
     @property
     def source(self) -> str:
@@ -134,7 +150,13 @@ def runnable(arg: str | Path, *, full: bool = False) -> ModelRef:
     _check_trust(ref, v)
     name = ref.name if ref.kind == STORE else v.manifest.name
     return replace(ref, name=name, digest="manifest:sha256:" + v.manifest_sha256, model_path=v.model_path,
-                   path=ref.path if ref.path is not None else v.root)
+                   path=ref.path if ref.path is not None else v.root,
+                   stamps=_vouched(v, ref.name if ref.kind == STORE else str(ref.path)))
+
+
+def _vouched(v, verify: str) -> tuple:
+    """``bundle.Verified.stamps`` as (path, ``Vouched``) pairs, ``verify`` being what `edgemed verify` takes."""
+    return tuple((path, Vouched(st, sha, verify)) for path, (st, sha) in v.stamps.items())
 
 
 def _check_trust(ref: ModelRef, v) -> None:
@@ -207,7 +229,7 @@ def adapter_specs(ref: ModelRef, args) -> list:
     An unknown name is refused, naming the adapters there are."""
     from edgemed.runtime.loader import AdapterSpec
 
-    specs, available, checked = [], None, set()
+    specs, available, checked = [], None, {}
     for text in args:
         text = str(text)
         if _is_adapter_path(text):
@@ -224,18 +246,66 @@ def adapter_specs(ref: ModelRef, args) -> list:
             raise InputError(f"--adapter '{text}': '{name}' is neither a file nor an adapter of '{ref.name}' (its adapters: {there}).",
                              f"pass an adapter name `edgemed list` shows under {ref.name}, install the adapter bundle for it "
                              "(edgemed install NAME-ADAPTER.edgemed), or pass the .lora.gguf file")
-        if not choice.own and choice.bundle not in checked:
-            _verify_installed(choice.bundle)
-            checked.add(choice.bundle)
-        specs.append(AdapterSpec.parse(f"{choice.path}:{tail}" if tail is not None else str(choice.path)))
+        if choice.own:
+            vouched = dict(ref.stamps)  # verified with the model (runnable)
+        else:
+            if choice.bundle not in checked:
+                checked[choice.bundle] = _verify_installed(choice.bundle)
+            vouched = checked[choice.bundle]
+        spec = AdapterSpec.parse(f"{choice.path}:{tail}" if tail is not None else str(choice.path))
+        # the stamp it was verified with travels with it: checked again once it is loaded (``loaded_as_verified``)
+        specs.append(replace(spec, stamp=vouched.get(Path(choice.path).absolute())))
     return specs
 
 
-def _verify_installed(bundle: str) -> None:
-    """An installed adapter bundle, checked as ``runnable`` checks an installed model: every file, and the trust policy."""
+def _verify_installed(bundle: str) -> dict:
+    """An installed adapter bundle, checked as ``runnable`` checks an installed model: every file, and the trust
+    policy. Returns its files as path -> ``Vouched``."""
     from edgemed.packaging.store import Store
 
-    Store().verify(bundle)  # every file, the signature checked at install, and today's trust policy
+    v = Store().verify(bundle)  # every file, the signature checked at install, and today's trust policy
+    return dict(_vouched(v, bundle))
+
+
+def loaded_as_verified(ref: ModelRef | None, specs=()) -> None:
+    """Refuse a model whose verified files changed between their verification and the load that just ended.
+
+    ``runnable`` verifies a bundle, then the caller plans, runs the self-test and loads: seconds to minutes in which
+    a file could be replaced or written, and the engine would hold bytes nobody checked. Called once the model (and
+    ``specs``, the adapters from ``adapter_specs``; ``ref`` None: those alone) is loaded, for the files that loaded:
+    the model's (its file, or every file under its directory) and each adapter's. Each stamp is compared with the one
+    its digest was checked against (``digest.stamp``; a write changes mtime and ctime, a replacement the inode). Where
+    only ctime moved (the same inode, size and mtime: another install or removal linking the shared blob, a
+    permission change), the file is hashed again and let through if it is still the verified bytes. What a
+    memory-mapped load reads after this call is not covered: a later write into the installed file (docs/packaging.md)."""
+    from edgemed.errors import IntegrityError
+    from edgemed.files.hashing import file_sha256
+    from edgemed.packaging.digest import stamp
+
+    loads = []
+    if ref is not None and ref.model_path is not None:
+        model = Path(ref.model_path).absolute()
+        loads = [(Path(p), v) for p, v in ref.stamps if Path(p).absolute() == model or model in Path(p).absolute().parents]
+    loads += [(Path(s.path), s.stamp) for s in specs if isinstance(getattr(s, "stamp", None), Vouched)]
+    for path, was in loads:
+        try:
+            now = stamp(os.stat(path))
+        except OSError:
+            now = None
+        if now == tuple(was.stamp):
+            continue
+        if now is not None and now[:4] == tuple(was.stamp[:4]) and file_sha256(path) == was.sha256:
+            log.info("'%s': only its ctime changed since it was verified (a link or a permission); hashed again, "
+                     "the same bytes", path)
+            continue
+        if was.verify:
+            fix = (f"find what writes there, then run `edgemed verify {was.verify} --full` (reinstall the bundle if it "
+                   "fails) and start again")
+        else:  # a plain file whose sha256 the audit names: no bundle to check
+            fix = "find what writes there, then start again once nothing does (the file is hashed again at start)"
+        raise IntegrityError(
+            f"'{path}' changed between its verification and its load (written, replaced or removed meanwhile): "
+            "what was loaded is not what was verified, so it is not used.", fix)
 
 
 def with_digest(ref: ModelRef) -> ModelRef:
@@ -243,9 +313,10 @@ def with_digest(ref: ModelRef) -> ModelRef:
     (hashed in full only when the file changed since its last full hash)."""
     if ref.digest is not None:
         return ref
-    from edgemed.packaging.digest import VerifiedCache, file_digest
+    from edgemed.packaging.digest import VerifiedCache, file_digest, stamp
 
     cache = VerifiedCache()
+    before = stamp(os.stat(ref.model_path))  # the digest vouches for this stamp, or the load's check refuses
     digest, _ = file_digest(ref.model_path, cache, full=False)
     cache.save()
-    return replace(ref, digest="file:sha256:" + digest)
+    return replace(ref, digest="file:sha256:" + digest, stamps=((ref.model_path, Vouched(before, digest, "")),))

@@ -15,7 +15,7 @@ A model that will carry adapters names them to ``load_model``, so the self-test'
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed.errors import AdapterError, InputError
@@ -30,6 +30,10 @@ class AdapterSpec:
 
     path: Path
     scale: float = 1.0
+    #: how the file was when the bundle it comes from was verified (``packaging.ref.Vouched``: its stat stamp and
+    #: sha256; None: a file given as it is); the caller that verified it compares it again once the adapter is loaded
+    #: (``packaging.ref.loaded_as_verified``)
+    stamp: object = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> "AdapterSpec":

@@ -61,6 +61,10 @@ class ServeConfig:
     #: (served AdapterSpecs, the new AdapterSpec) -> None, or an ``EdgemedError``: the checks an adapter added while
     #: serving must pass before it loads (``session.admit_adapter``: base, memory plan, host self-test); None: none.
     admit_adapter: object = field(default=None, compare=False)
+    #: AdapterSpec -> None, or an ``IntegrityError``: once an adapter added while serving is loaded, and before any
+    #: request can name it (``Batcher.add_adapter``'s check), whether its file is still the one its bundle was verified
+    #: as (``packaging.ref.loaded_as_verified``; a file given by path has nothing to compare); None: no check
+    loaded_adapter: object = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_options(self.host, self.api_keys, self.admin_keys, self.max_body_bytes, self.prefix_cache_scope,

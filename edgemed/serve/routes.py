@@ -9,6 +9,7 @@ served: 507; the host self-test for the model with the whole set: 409), one add 
 ``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
 """
 
+import dataclasses
 import json
 import threading
 
@@ -109,7 +110,7 @@ async def add_adapter(request: Request):
         if srv.config.resolve_adapter is None:
             raise api.ApiError(400, "This server cannot look up installed adapters. Fix: pass \"path\".", param="adapter")
         spec = await run_in_threadpool(srv.config.resolve_adapter, data["adapter"])
-        spec = AdapterSpec(spec.path, float(scale))
+        spec = dataclasses.replace(spec, scale=float(scale))  # with the stamp its bundle was verified with
     await run_in_threadpool(_admit_and_add, srv, data["name"], spec)
     record.adapter = data["name"]  # served now
     return {"added": data["name"], "model": f"{srv.config.model_id}:{data['name']}", "path": str(spec.path),
@@ -120,7 +121,7 @@ def _admit_and_add(srv, name: str, spec) -> None:
     """``admit_adapter``'s checks, then the load (a worker thread; one add at a time)."""
     from pathlib import Path
 
-    from edgemed.errors import ModelLoadError, PlanError
+    from edgemed.errors import IntegrityError, ModelLoadError, PlanError
     from edgemed.runtime.loader import AdapterSpec
 
     with _ADDING:
@@ -132,7 +133,10 @@ def _admit_and_add(srv, name: str, spec) -> None:
                 raise api.ApiError(507, f"{exc.problem} Fix: {exc.fix}", "server_error", "insufficient_memory") from None
             except ModelLoadError as exc:
                 raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_selftest_failed") from None
-        srv.batcher.add_adapter(name, spec)
+        try:  # an installed adapter: the bytes loaded must be the ones verified, before any request can name it
+            srv.batcher.add_adapter(name, spec, check=srv.config.loaded_adapter)
+        except IntegrityError as exc:
+            raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_changed") from None
 
 
 @router.delete("/admin/adapters/{name}")

@@ -297,9 +297,11 @@ class Batcher:
         with self._cond:
             return {a.name: {"path": str(a.path), "scale": a.scale} for a in self._adapters.values() if not a.removed}
 
-    def add_adapter(self, name: str, spec) -> None:
+    def add_adapter(self, name: str, spec, check=None) -> None:
         """Load a LoRA adapter (``loader.AdapterSpec`` or a path) under ``name`` while serving; requests may name it
-        once this returns. The running requests keep going (the load waits for the current step to end)."""
+        once this returns. The running requests keep going (the load waits for the current step to end). ``check``
+        (``spec`` -> None, or raises): run once the file is loaded and before any request can name it; what it raises
+        frees the adapter and propagates (the server's check that the loaded file is the verified one)."""
         _check_name(name)
         with self._cond:
             if self._thread is None or self._stopping:
@@ -310,6 +312,13 @@ class Batcher:
                                  "remove it first, or pick another name")
         with self._step_lock, self._native:
             loaded = self._load_adapter(name, spec)
+        if check is not None:
+            try:
+                check(spec)
+            except BaseException:
+                with self._step_lock:
+                    self._close_adapter(loaded)
+                raise
         with self._cond:
             taken = name in self._adapters  # added meanwhile by another call
             if not taken:
