@@ -70,7 +70,7 @@ def test_streaming_yields_pieces_and_stops_on_stop_token(engine):
     ids = list(engine.generate_tokens(engine.tokenize(engine.render_chat(PROMPT)), settings))
     pieces = list(engine.chat(PROMPT, settings))
     assert len(pieces) > 1
-    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # (the random model may repeat a pair)
     engine.eos_ids = {ids[k]}  # as if the model said <|im_end|> there
     assert "".join(engine.chat(PROMPT, settings)) == engine.detokenize(ids[:k])
 

@@ -235,3 +235,88 @@ def test_genai_builder_graph_with_lora_passes_the_same_gate(tiny, tiny_lora, tmp
     incremental = np.stack([next(steps)] + [steps.send(t) for t in ids[3:]])
     assert _nmse(got[2:], incremental) < 1e-4
     engine.close()
+
+
+def test_check_runs_the_gate_again_on_an_onnx_directory(tiny, exported, tmp_path):
+    """`edgemed check SOURCE DIR` for a directory `convert --to onnx` wrote: the conversion's gate again (both weight
+    types pass), the type read from the graph when report.json is gone, damaged weights fail it (exit 1), a directory
+    whose tokenizer splits text otherwise is refused by name, and a folder that is no ONNX export is refused."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    runner = CliRunner()
+    for wt in ("fp32", "int4"):
+        result = runner.invoke(main, ["check", str(tiny), str(exported[wt]), "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["passed"] is True and report["out_type"] == {"fp32": "f32", "int4": "int4"}[wt]
+    bare = tmp_path / "bare"
+    shutil.copytree(exported["int4"], bare)
+    (bare / "report.json").unlink()  # another tool's export: the weight type comes from the graph (MatMulNBits)
+    result = runner.invoke(main, ["check", str(tiny), str(bare), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["out_type"] == "int4", result.output
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported["fp32"], damaged)
+    data = bytearray((damaged / "model.onnx.data").read_bytes())
+    data[: len(data) // 3] = bytes(len(data) // 3)  # a third of the weights zeroed
+    (damaged / "model.onnx.data").write_bytes(bytes(data))
+    result = runner.invoke(main, ["check", str(tiny), str(damaged)])
+    assert result.exit_code == 1 and "do not ship it" in result.output, result.output
+
+    retok = tmp_path / "retokenized"
+    shutil.copytree(exported["fp32"], retok)
+    doc = json.loads((retok / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    import tokenizers
+
+    from edgemed.converters.gguf.tokenizer import MEDICAL_SAMPLES
+
+    used = tokenizers.Tokenizer.from_str(json.dumps(doc)).encode(MEDICAL_SAMPLES[0], add_special_tokens=False).tokens
+    a, b = list(dict.fromkeys(used))[:2]  # two tokens of the first sentence it checks change their ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (retok / "tokenizer.json").write_text(json.dumps(doc))
+    result = runner.invoke(main, ["check", str(tiny), str(retok)])
+    assert result.exit_code != 0 and "tokenizes differently from the source's tokenizer" in result.output, result.output
+    result = runner.invoke(main, ["check", str(tiny), str(tmp_path)])
+    assert result.exit_code != 0 and "without model.onnx" in result.output
+    stale = tmp_path / "stale"
+    shutil.copytree(exported["fp32"], stale)
+    report = json.loads((stale / "report.json").read_text())
+    (stale / "report.json").write_text(json.dumps(report | {"weight_type": "int4"}))  # would pick the looser gate
+    result = runner.invoke(main, ["check", str(tiny), str(stale)])
+    assert result.exit_code != 0 and "but the graph is fp32" in result.output, result.output
+    (stale / "report.json").unlink()
+    (stale / "model.onnx").write_bytes(b"\x00not a graph" * 8)
+    result = runner.invoke(main, ["check", str(tiny), str(stale)])
+    assert result.exit_code != 0 and "is not a readable ONNX graph" in result.output and "Traceback" not in result.output
+
+
+def test_an_export_whose_tokenizer_splits_text_otherwise_is_refused_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    """The tokenizer.json an export ships, read as the ONNX engine reads it, must give the source tokenizer's ids:
+    one that does not (here two tokens of the first checked sentence trade ids after the copy) is refused by name,
+    and nothing is written."""
+    from edgemed.converters.gguf.tokenizer import MEDICAL_SAMPLES
+    from edgemed.converters.onnx import assets
+    from edgemed.errors import TokenizerError
+
+    real = assets.copy_assets
+
+    def copy_then_change(src, dst):
+        import tokenizers
+
+        real(src, dst)
+        doc = json.loads((dst / "tokenizer.json").read_text())
+        used = tokenizers.Tokenizer.from_str(json.dumps(doc)).encode(MEDICAL_SAMPLES[0], add_special_tokens=False).tokens
+        a, b = list(dict.fromkeys(used))[:2]
+        vocab = doc["model"]["vocab"]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+        (dst / "tokenizer.json").write_text(json.dumps(doc))
+
+    monkeypatch.setattr(assets, "copy_assets", copy_then_change)
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    with pytest.raises(TokenizerError, match="tokenizes differently from the source's tokenizer"):
+        convert_onnx(tiny, out_parent / "x", OnnxOptions(weight_type="fp32", parity=False), echo=lambda s: None)
+    assert list(out_parent.iterdir()) == []

@@ -9,7 +9,9 @@ Steps, each refusing bad input before anything is written:
 3. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
 4. for ``int4``: the kind's int4 step, ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy
    level 4; gated on finite logits and top-1 agreement >= parity.TOP1_GATE;
-5. copy tokenizer, chat template, generation config; write ``genai_config.json`` and ``report.json``;
+5. copy tokenizer, chat template, generation config, and prove the copied ``tokenizer.json``, as the ONNX engine
+   reads it, splits medical text as the source's Hugging Face tokenizer does (``parity.verify_tokenizer``); write
+   ``genai_config.json`` and ``report.json``;
 6. rename the finished directory into place. A failure or Ctrl-C at any step leaves no output and no temporaries.
 
 The output loads in edgemed's ONNX engine (``edgemed run DIR``) and in onnxruntime-genai.
@@ -123,6 +125,10 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
                 shutil.move(str(f), tmp / f.name)
 
         onnx_assets.copy_assets(ckpt.path, tmp)
+        from edgemed.converters.onnx.parity import verify_tokenizer
+
+        with timings.step("tokenizer_check"):
+            verify_tokenizer(ckpt.path, tmp)  # parity fed both the source's ids: the engine must make the same ones
         if not kind.writes_genai_config:  # a builder that writes its own has capped max_length already
             onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
         for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped

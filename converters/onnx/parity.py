@@ -19,17 +19,31 @@ GATE_TYPE = {"fp32": "f32", "int4": "int4"}
 
 
 def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
-    """float32 logits [positions, vocab] per token list, from an ONNX graph with a KV cache."""
+    """float32 logits [positions, vocab] per token list, from an ONNX graph with a KV cache. A graph ONNX Runtime
+    cannot open (truncated weights, a missing data file) or a ``genai_config.json`` without the KV shape is an
+    ``InputError`` naming the file."""
     import numpy as np
     import onnxruntime as ort
+
+    from edgemed.errors import InputError
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for a damaged model
+        raise InputError(f"ONNX Runtime cannot open '{model_path}': {str(exc)[:200]}",
+                         "convert again, or re-copy the whole directory (the graph and its .data file)") from None
     names = {i.name for i in session.get_inputs()}
-    decoder = json.loads((Path(model_path).parent / "genai_config.json").read_text())["model"]["decoder"] \
-        if (Path(model_path).parent / "genai_config.json").exists() else None
+    config = Path(model_path).parent / "genai_config.json"
+    try:
+        decoder = json.loads(config.read_text())["model"]["decoder"] if config.exists() else None
+        if decoder is not None:
+            decoder["num_key_value_heads"], decoder["head_size"]  # noqa: B018 - both read below
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"'{config}' does not give the model's KV shape ({type(exc).__name__}: {exc}).",
+                         "convert again, or re-copy genai_config.json from the converted directory") from None
     past = [n for n in sorted(names) if n.startswith("past_key_values.")]
     if decoder:  # the KV shape from the config: a graph may leave head_dim symbolic
         kv_heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]
@@ -59,3 +73,64 @@ def check_onnx(source, onnx_path: Path, weight_type: str, *, threads: int | None
     unmerged; as ``parity.source_logits`` takes it). ``reference`` reuses (ids, logits)."""
     ids, src = reference or source_logits(source)
     return compare("onnx", GATE_TYPE.get(weight_type, weight_type), ids, src, onnx_logits(onnx_path, ids, threads))
+
+
+def verify_tokenizer(source_dir: Path, onnx_dir: Path, samples=None) -> int:
+    """Tokenize ``samples`` (the GGUF check's medical sentences) with the source's Hugging Face tokenizer and with the
+    directory's ``tokenizer.json`` as the ONNX engine reads it (``tokenizers``, no special tokens added); raise on
+    the first difference. Parity feeds both models the source's token ids, so a directory whose tokenizer splits
+    text otherwise would pass it and answer garbage to what a clinician types. Returns the tokens compared."""
+    import tokenizers
+
+    from edgemed.converters.gguf.tokenizer import MEDICAL_SAMPLES
+    from edgemed.converters.source.checkpoint import hf_tokenizer
+    from edgemed.errors import TokenizerError
+    from edgemed.formats.input_file import read_at_most
+    from edgemed.runtime.onnx_engine import MAX_TOKENIZER_BYTES
+
+    path = Path(onnx_dir) / "tokenizer.json"
+    fix = (f"convert again; if '{path}' is the checkpoint's own file, transformers builds the source's tokenizer "
+           "otherwise than that file says (its class, from tokenizer_config.json or the model_type, brings its own "
+           "pre-tokenizer): fix the checkpoint's tokenizer files so both split text alike")
+    try:
+        theirs = tokenizers.Tokenizer.from_str(read_at_most(path, MAX_TOKENIZER_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"'{onnx_dir}' has no tokenizer.json, which the ONNX engine tokenizes with.", fix) from None
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own types for a bad file; read_at_most an InputError
+        problem = getattr(exc, "problem", None) or f"{type(exc).__name__}: {exc}"
+        raise TokenizerError(f"The tokenizer in '{path}' cannot be read: {problem}", fix) from None
+    ours = hf_tokenizer(source_dir)
+    compared = 0
+    for text in samples or MEDICAL_SAMPLES:
+        want = ours(text, add_special_tokens=False)["input_ids"]
+        got = theirs.encode(text, add_special_tokens=False).ids
+        if want != got:
+            at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            raise TokenizerError(
+                f"'{path}' tokenizes differently from the source's tokenizer at token {at} of {text[:60]!r}: "
+                f"source {want[at:at + 5]} vs the directory {got[at:at + 5]}.", fix)
+        compared += len(want)
+    return compared
+
+
+def weight_type_of(path: Path, report: dict | None) -> str:
+    """The weight type of the ONNX graph at ``path``, read from it (int4: ``MatMulNBits`` nodes; else fp32), which
+    chooses the gate (fp32: NMSE; int4: top-1 agreement); its directory's conversion ``report`` saying otherwise is
+    refused rather than let choose the looser gate."""
+    import onnx
+
+    from edgemed.errors import InputError
+
+    path = Path(path)
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and onnx's own types for a damaged file
+        raise InputError(f"'{path}' is not a readable ONNX graph ({type(exc).__name__}: {str(exc)[:120]}).",
+                         "convert again, or re-copy the directory") from None
+    found = "int4" if any(n.op_type == "MatMulNBits" for n in graph.graph.node) else "fp32"
+    stated = (report or {}).get("weight_type")
+    if stated is not None and stated != found:
+        raise InputError(f"'{path.parent}/report.json' says weight_type {json.dumps(stated)[:40]}, but the graph is {found} "
+                         "(MatMulNBits nodes make it int4): the report is not this graph's, so neither gate can be "
+                         "chosen from it.", "convert again, or remove report.json to check the graph as it is")
+    return found

@@ -198,13 +198,14 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--lora", type=click.Path(exists=True, path_type=Path), help="The adapter that was merged into MODEL.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights in SOURCE. Only for checkpoints you trust.")
 @click.option("--threads", type=click.IntRange(min=1))
 @json_flag()
 def check(source, model, lora, allow_pickle, threads, as_json):
-    """Parity of a GGUF MODEL against its Hugging Face SOURCE: NMSE, KL divergence, top-1 agreement.
+    """Parity of MODEL (a GGUF, or a directory `convert --to onnx` wrote) against its Hugging Face SOURCE: NMSE, KL
+    divergence, top-1 agreement.
 
     Exits 1 when MODEL fails its gate (float types: NMSE; quantized types: top-1 agreement; all: finite logits).
     """
@@ -212,22 +213,27 @@ def check(source, model, lora, allow_pickle, threads, as_json):
 
     from edgemed.converters import require_route
 
-    require_route("check")
+    require_route("onnx" if model.is_dir() else "check")  # an ONNX directory needs no llama.cpp
     from edgemed.converters.source.source import Source
     from edgemed.converters.quality.parity import check_gguf, gate_error
 
     opened = Source.open(source, lora=lora, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
-    from edgemed.formats.gguf_header import read_header
+    if model.is_dir():
+        report = _check_onnx(opened, model, threads)
+    else:
+        from edgemed.formats.gguf_header import read_header
 
-    meta = read_header(model).metadata  # validated: a corrupt file is a clear error
-    out_type = _file_type(model, meta)
-    _same_source(opened, model, meta)
-    from edgemed.converters.gguf.tokenizer import verify_tokenization
+        meta = read_header(model).metadata  # validated: a corrupt file is a clear error
+        out_type = _file_type(model, meta)
+        from edgemed.formats.gguf_header import LORA_SHA_KEY, SOURCE_SHA_KEY
 
-    # the prompts reach MODEL as the source's token ids: a GGUF whose own tokenizer splits text otherwise would pass
-    # on those ids and answer garbage to the text a user types
-    verify_tokenization(opened.checkpoint.path, model)
-    report = check_gguf(opened, model, out_type, threads=threads)
+        _same_source(opened, model, (SOURCE_SHA_KEY, meta.get(SOURCE_SHA_KEY)), (LORA_SHA_KEY, meta.get(LORA_SHA_KEY)))
+        from edgemed.converters.gguf.tokenizer import verify_tokenization
+
+        # the prompts reach MODEL as the source's token ids: a GGUF whose own tokenizer splits text otherwise would pass
+        # on those ids and answer garbage to the text a user types
+        verify_tokenization(opened.checkpoint.path, model)
+        report = check_gguf(opened, model, out_type, threads=threads)
     if as_json:
         from edgemed.cli import echo_json_result
 
@@ -253,17 +259,46 @@ def _file_type(model: Path, meta: dict) -> str:
     return name
 
 
-def _same_source(opened, model: Path, meta: dict) -> None:
-    """A GGUF edgemed made names the files of the checkpoint (and adapter) it came from: said when SOURCE or --lora
-    are other files, so a PASS is read for what it is (the same weights saved anew, as pickle or safetensors, differ
-    in their files and pass; the gate below compares what they compute). A GGUF another tool made names none, and
-    then nothing is hashed."""
-    from edgemed.formats.gguf_header import LORA_SHA_KEY, SOURCE_SHA_KEY
+def _check_onnx(opened, model: Path, threads):
+    """``check`` of an ONNX directory: its weight type (report.json, else the graph), the source it names, its
+    tokenizer against the source's, then the same gate as the conversion's (``converters.onnx.parity``)."""
+    from edgemed.converters.onnx.export import MODEL_FILE
+    from edgemed.converters.onnx.parity import check_onnx, verify_tokenizer, weight_type_of
+    from edgemed.errors import InputError
+    from edgemed.formats.conversion_report import existing_report
+    from edgemed.formats.input_file import read_at_most
+    from edgemed.formats.nesting import loads_json
 
-    pairs = [(SOURCE_SHA_KEY, lambda: opened.checkpoint.digest(), "SOURCE", "checkpoint"),
-             (LORA_SHA_KEY, lambda: opened.adapter.digest() if opened.adapter is not None else None, "--lora", "adapter")]
-    for key, digest, what, kind in pairs:
-        recorded = meta.get(key)
+    if not (model / MODEL_FILE).is_file():
+        raise InputError(f"'{model}' is a folder without {MODEL_FILE}: neither a GGUF nor an ONNX directory edgemed wrote.",
+                         "pass a .gguf, or the directory `edgemed convert --to onnx` wrote")
+    report = None
+    if (found := existing_report(model)) is not None:
+        try:
+            report = loads_json(read_at_most(found, 16 << 20).decode("utf-8"))
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            raise InputError(f"'{found}' is not a conversion report: {exc}.",
+                             "convert again, or remove it to check the graph as it is") from None
+        if not isinstance(report, dict):
+            raise InputError(f"'{found}' is not a conversion report (a JSON object).",
+                             "convert again, or remove it to check the graph as it is")
+    weight_type = weight_type_of(model / MODEL_FILE, report)
+    source, lora = (report or {}).get("source"), (report or {}).get("lora")
+    _same_source(opened, model, ("report.json source.sha256", source.get("sha256") if isinstance(source, dict) else None),
+                 ("report.json lora.sha256", lora.get("sha256") if isinstance(lora, dict) else None))
+    verify_tokenizer(opened.checkpoint.path, model)
+    return check_onnx(opened, model / MODEL_FILE, weight_type, threads=threads)
+
+
+def _same_source(opened, model: Path, source: tuple[str, object], lora: tuple[str, object]) -> None:
+    """A model edgemed made names the files of the checkpoint (and adapter) it came from (``source``, ``lora``: where
+    it records each digest, and the value there: a GGUF's metadata key, an ONNX directory's report.json): said when
+    SOURCE or --lora are other files, so a PASS is read for what it is (the same weights saved anew, as pickle or
+    safetensors, differ in their files and pass; the gate below compares what they compute). A model another tool
+    made names none, and then nothing is hashed."""
+    pairs = [(*source, lambda: opened.checkpoint.digest(), "SOURCE", "checkpoint"),
+             (*lora, lambda: opened.adapter.digest() if opened.adapter is not None else None, "--lora", "adapter")]
+    for key, recorded, digest, what, kind in pairs:
         if not isinstance(recorded, str):
             continue
         here = digest()
