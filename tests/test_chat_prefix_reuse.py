@@ -143,3 +143,34 @@ def test_chat_turns_benchmark_reports_kept_tokens_and_the_same_answers(smollm2_g
     assert second["kept_tokens"] == 512 < second["prompt_tokens"]      # the profile's n_ubatch, whole
     assert second["ttft_ratio"] == second["kept_ttft_s"] / second["whole_ttft_s"]
     assert out.with_suffix(".md").read_text().count("\n| ") == 3
+
+
+def test_row_layout_benchmark_feeds_each_layout_it_names(smollm2_gguf, tmp_path, monkeypatch):
+    """``benchmarks/row_layout.py`` on a short prompt: every layout is fed as its cuts say (the calls the context sees
+    start there), the cold run comes first, and the report's rows are the ones measured."""
+    import json
+
+    from edgemed.benchmarks import row_layout
+    from edgemed.runtime import llamacpp
+
+    starts: list[list[int]] = []
+    real = llamacpp.Context.decode
+
+    def decode(self, batch):  # where each call's rows of the prompt (sequence 0) begin
+        starts.append([batch.raw.pos[i] for i in range(batch.n) if batch.raw.seq_id[i][0] == 0][:1])
+        return real(self, batch)
+
+    monkeypatch.setattr(llamacpp.Context, "decode", decode)
+    out = tmp_path / "rows.json"
+    row_layout.main(["--model", str(smollm2_gguf), "--length", "120", "--greedy", "2", "--threads", "1",
+                     "--out", str(out)])
+    m = json.loads(out.read_text())
+    assert m["length"] == 120 and m["rows"][0]["layout"] == "cold: one call" and m["rows"][0]["max_abs_diff"] == 0
+    names = [r["layout"] for r in m["rows"]]
+    assert "one row alone (100, 101)" in names and "one call beside a second sequence (it first)" in names
+    fed = [s[0] for s in starts if s]
+    for r in m["rows"]:
+        for cut in r["cuts"]:
+            assert cut in fed  # a call of the prompt began at each cut
+        assert r["greedy_same"] or r["max_abs_diff"] > 0  # the same logits give the same greedy tokens
+    assert out.with_suffix(".md").read_text().count("\n| ") == len(m["rows"]) + 1
