@@ -260,8 +260,8 @@ def _file_type(model: Path, meta: dict) -> str:
 
 
 def _check_onnx(opened, model: Path, threads):
-    """``check`` of an ONNX directory: its weight type (report.json, else the graph), the source it names, its
-    tokenizer against the source's, then the same gate as the conversion's (``converters.onnx.parity``)."""
+    """``check`` of an ONNX directory: its weight type (from the graph; a report.json naming another is refused), the
+    source its report names, its tokenizer against the source's, then the conversion's gate (``converters.onnx.parity``)."""
     from edgemed.converters.onnx.export import MODEL_FILE
     from edgemed.converters.onnx.parity import check_onnx, verify_tokenizer, weight_type_of
     from edgemed.errors import InputError
