@@ -76,7 +76,8 @@ def summarize(runs: dict[str, list[list[dict]]], turns: int) -> list[dict]:
 def report_md(m: dict) -> str:
     lines = [f"# A clinician's conversation in `edgemed chat`: {m['model']}", "",
              f"One clinician, {m['turns']} turns, {m['max_tokens']}-token greedy answers, the whole history resent "
-             f"each turn; profile `{m['profile']}`, {m['threads']} threads, context {m['n_ctx']}; median of "
+             f"each turn; profile `{m['profile']}`, {m['threads']} threads, context {m['n_ctx']}, micro-batch "
+             f"{m.get('n_ubatch', 'as profiled')}; median of "
              f"{m['rounds']} round(s), the two ways alternating. Host: {m['cpu']}; load average at the start "
              f"{m['load_start']}, at the end {m['load_end']}.", "",
              f"Command: `{m['command']}`", "",
@@ -103,6 +104,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="qwen2.5-0.5b-instruct", help="a pip model name or a .gguf path")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--ubatch", type=int, help="llama.cpp's micro-batch (the unit kept cells are reused by; default: "
+                    "the profile's)")
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=2)
@@ -113,7 +116,13 @@ def main(argv=None) -> None:
     prepared = prepare(path, None, args.ctx, args.threads)
     load_start = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     runs: dict[str, list[list[dict]]] = {way: [] for way in WAYS}
-    engine = open_with_adapters(path, prepared.load)
+    load = prepared.load
+    if args.ubatch:
+        from dataclasses import replace
+
+        load = replace(load, n_ubatch=args.ubatch)
+    engine = open_with_adapters(path, load)
+    n_ubatch = engine.ctx.n_ubatch  # read back from llama.cpp
     try:
         for rnd in range(args.rounds):
             for way in (WAYS if rnd % 2 == 0 else WAYS[::-1]):
@@ -128,7 +137,7 @@ def main(argv=None) -> None:
     from edgemed.devices.detect import detect
 
     cpu = f"{detect().model} (llama.cpp: `{llama_system_info()}`)"
-    m = {"model": path.name, "profile": prepared.profile, "threads": args.threads, "n_ctx": args.ctx,
+    m = {"model": path.name, "profile": prepared.profile, "threads": args.threads, "n_ctx": args.ctx, "n_ubatch": n_ubatch,
          "turns": args.turns, "max_tokens": args.max_tokens, "rounds": args.rounds, "cpu": cpu,
          "command": "python -m edgemed.benchmarks.chat_turns " + " ".join(argv if argv is not None else sys.argv[1:]),
          "load_start": load_start, "load_end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),

@@ -143,6 +143,13 @@ def test_chat_turns_benchmark_reports_kept_tokens_and_the_same_answers(smollm2_g
     assert second["kept_tokens"] == 512 < second["prompt_tokens"]      # the profile's n_ubatch, whole
     assert second["ttft_ratio"] == second["kept_ttft_s"] / second["whole_ttft_s"]
     assert out.with_suffix(".md").read_text().count("\n| ") == 3
+    assert m["n_ubatch"] == 512
+    chat_turns.main(["--model", str(smollm2_gguf), "--turns", "2", "--rounds", "1", "--threads", "1",
+                     "--max-tokens", "8", "--ctx", "1024", "--ubatch", "128", "--out", str(out)])
+    m = json.loads(out.read_text())  # kept in micro-batches of 128, read back from llama.cpp
+    assert m["answers_identical"] and m["n_ubatch"] == 128
+    kept = m["per_turn"][1]["kept_tokens"]
+    assert kept % 128 == 0 and first["prompt_tokens"] - 128 < kept <= first["prompt_tokens"]
 
 
 def test_row_layout_benchmark_feeds_each_layout_it_names(smollm2_gguf, tmp_path, monkeypatch):
