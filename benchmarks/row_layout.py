@@ -124,12 +124,11 @@ def report_md(m: dict) -> str:
 
 
 def main(argv=None) -> None:
-    import subprocess
-
     from edgemed.benchmarks.harness.machine import llama_system_info
     from edgemed.benchmarks.serve_bench_client import save_results
     from edgemed.benchmarks.serve_conversation import CASES
     from edgemed.benchmarks.serve_vs_llama_server import model_path
+    from edgemed.benchmarks.serve_workloads import code_state
     from edgemed.devices.detect import detect
     from edgemed.runtime.loader import load_model
     from edgemed.runtime.session import prepare
@@ -160,11 +159,8 @@ def main(argv=None) -> None:
         placement = model.placement.describe()
     finally:
         model.close()
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, check=False).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    code = code_state(("edgemed", "benchmarks/row_layout.py"))  # the runtime measured, and this script
+    commit = (code["commit"] or "unknown")[:12] + (f" with {', '.join(code['changed'])} changed" if code["changed"] else "")
     m = {"model": path.name, "profile": prepared.profile, "threads": args.threads, "length": length,
          "n_ubatch": n_ubatch, "n_batch": n_batch, "greedy": args.greedy, "placement": placement,
          "cpu": f"{detect().model} (llama.cpp: `{llama_system_info()}`)", "commit": commit,

@@ -272,15 +272,15 @@ def part_long(servers: dict, sizes: Sizes, rounds: int, vocab_path: Path) -> dic
 
 
 # -- report ------------------------------------------------------------------------------------------------------
-def code_state() -> dict:
-    """The edgemed code the servers ran: the git commit and the files under edgemed/ changed from it (the workloads
-    measure the tree as it is), or None outside a git checkout."""
+def code_state(paths: tuple[str, ...] = ("edgemed",)) -> dict:
+    """The edgemed code the servers ran: the git commit and the files under ``paths`` (edgemed/) changed from it (the
+    workloads measure the tree as it is), or None outside a git checkout."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "edgemed"], cwd=root, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,
                                text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "changed": []}

@@ -46,6 +46,15 @@ def _convert(*args):
     return CliRunner().invoke(cli, ["convert", *map(str, args)])
 
 
+def _convert_by(route: str, ckpt, out):
+    """``convert`` of ``ckpt`` into the new, empty folder ``out`` by one route: GGUF F16 or ONNX fp32."""
+    out.mkdir()
+    if route == "onnx":
+        pytest.importorskip("onnx")
+        return _convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", out / "onnx")
+    return _convert(ckpt, "--quant", "f16", "-o", out / "x.gguf")
+
+
 def _refused(result, *words):
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)  # a ClickException, not a crash
@@ -273,12 +282,7 @@ def test_a_model_type_that_is_not_the_architectures_is_refused_before_work(model
     _edit_tensors(ckpt, lambda t: t | {k: t[k] + 0.5 for k in t if k.endswith("_proj.bias")})
     assert type(AutoConfig.from_pretrained(ckpt)).__name__ == "LlamaConfig"  # the premise: loading builds a Llama
     out = tmp_path / "out"
-    out.mkdir()
-    if route == "onnx":
-        pytest.importorskip("onnx")
-        result = _convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", out / "onnx")
-    else:
-        result = _convert(ckpt, "--quant", "f16", "-o", out / "x.gguf")
+    result = _convert_by(route, ckpt, out)
     _refused(result, "'model_type' is \"llama\"", "'architectures' names Qwen2ForCausalLM", '"model_type": "qwen2"')
     assert list(out.iterdir()) == []
 
@@ -291,12 +295,7 @@ def test_a_config_without_model_type_is_refused_before_work(models, tmp_path, ro
     ckpt = _copy(models["qwen2"], tmp_path / "ckpt")
     _edit_json(ckpt / "config.json", lambda c: {k: v for k, v in c.items() if k != "model_type"})
     out = tmp_path / "out"
-    out.mkdir()
-    if route == "onnx":
-        pytest.importorskip("onnx")
-        result = _convert(ckpt, "--to", "onnx", "--quant", "fp32", "-o", out / "onnx")
-    else:
-        result = _convert(ckpt, "--quant", "f16", "-o", out / "x.gguf")
+    result = _convert_by(route, ckpt, out)
     _refused(result, str(ckpt / "config.json"), "'model_type' is missing", "'architectures' names Qwen2ForCausalLM",
              '"model_type": "qwen2"', "save_pretrained()")
     assert list(out.iterdir()) == []
