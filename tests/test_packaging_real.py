@@ -77,14 +77,17 @@ def test_round_trip_pack_verify_install_run(tmp_path, smollm2_q4_k_m):
     assert "Paris" in answer, answer
 
 
-@pytest.mark.parametrize("command", ["run", "chat"])
+@pytest.mark.parametrize("command", ["run", "chat", "devices check", "bench run"])
 def test_a_model_replaced_between_verification_and_load_is_not_used(tmp_path, smollm2_q4_k_m, smollm2_gguf, monkeypatch,
                                                                      command):
     """The installed file swapped for another real model after `runnable` verified the bundle and before llama.cpp
-    read it (here: while the memory plan is made): without the check after the load, the other model answered as
-    the verified one. The command refuses, naming the file and the fix, and answers nothing."""
+    read it (`run`, `chat`, `devices check`: while the memory plan is made; `bench run`: before its child measures):
+    without the check after the load, the other model answered as the verified one, passed the self-test as it, or
+    was measured under its digest. The command refuses, naming the file and the fix, and answers nothing; the bench
+    keeps no result of that measurement and writes no report."""
     import shutil
 
+    from edgemed.benchmarks.harness import runner
     from edgemed.packaging.ref import runnable
     from edgemed.packaging.store import Store
     from edgemed.runtime import session
@@ -98,20 +101,31 @@ def test_a_model_replaced_between_verification_and_load_is_not_used(tmp_path, sm
     _cli("install", tmp_path / "b.edgemed")
     installed = runnable("cardio-assist").model_path  # where the bundle's model file went
     assert installed.is_file() and installed.is_relative_to(Store().models / "cardio-assist")
-    real_prepare = session.prepare
 
-    def swap_then_prepare(*args, **kwargs):
-        other = tmp_path / "other.gguf"
-        shutil.copyfile(smollm2_gguf, other)  # another real model (the Q4_1 it was requantized from)
-        os.replace(other, installed)
-        return real_prepare(*args, **kwargs)
+    def swapping(real):
+        def swap_then(*args, **kwargs):
+            other = tmp_path / "other.gguf"
+            shutil.copyfile(smollm2_gguf, other)  # another real model (the Q4_1 it was requantized from)
+            os.replace(other, installed)
+            return real(*args, **kwargs)
+        return swap_then
 
-    monkeypatch.setattr(session, "prepare", swap_then_prepare)
-    args = (["--prompt", "What is the capital of France? Answer in one word.", "--max-tokens", "8"] if command == "run"
-            else [])
-    result = CliRunner().invoke(cli, [command, "cardio-assist", "--ctx", "512", "--threads", "1", *args],
-                                input="What is the capital of France?\n/exit\n")
+    bench = tmp_path / "bench"
+    if command == "bench run":
+        monkeypatch.setattr(runner, "_run_child", swapping(runner._run_child))
+    else:
+        monkeypatch.setattr(session, "prepare", swapping(session.prepare))
+    args = {"run": ["--prompt", "What is the capital of France? Answer in one word.", "--max-tokens", "8", "--ctx", "512",
+                    "--threads", "1"],
+            "chat": ["--ctx", "512", "--threads", "1"],
+            "devices check": [],
+            "bench run": ["--phases", "timing", "--runs", "1", "--warmup", "0", "--max-tokens", "4", "--threads", "1",
+                          "--ctx", "256", "-o", str(bench)]}[command]
+    result = CliRunner().invoke(cli, [*command.split(), "cardio-assist", *args], input="What is the capital of France?\n/exit\n")
     assert result.exit_code != 0
     assert f"'{installed}' changed between its verification and its load" in result.output, result.output
     assert "edgemed verify cardio-assist --full" in result.output
     assert "Paris" not in result.output  # nothing was answered by the file nobody verified
+    assert "ok:" not in result.output  # no self-test verdict for it
+    if command == "bench run":
+        assert not list((bench / "raw").glob("*-timing.json")) and not (bench / "results.json").exists()

@@ -192,12 +192,14 @@ def claim(out: Path, force: bool) -> bool:
 
 
 def run(out: Path, configs: list[Config], settings: Settings, phases: list[str], *, progress: bool = True,
-        echo=print, measure: bool = True, force: bool = False) -> dict:
+        echo=print, measure: bool = True, force: bool = False, check=None) -> dict:
     """Measure every missing configuration x phase, then write the report folder; returns results.json's content.
 
     ``measure=False`` writes the report from the results already there and lists the missing ones (a long
     accuracy run can be reported on while it is still going). ``force``: replace report files in a folder the
-    bench did not make (``claim``)."""
+    bench did not make (``claim``). ``check``: called after each measured task (an installed model's
+    ``packaging.ref.loaded_as_verified``); when it raises, the result and records that task just wrote are removed
+    (they measured bytes that are not the ones keyed) and the error ends the run, no report written."""
     from tqdm import tqdm
 
     from edgemed.benchmarks.harness import machine, report
@@ -238,6 +240,14 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
             records.unlink()
         t = time.perf_counter()
         ok, why = _run_child(task, settings, out, progress)
+        if check is not None:
+            try:
+                check()
+            except Exception:
+                task.raw.unlink(missing_ok=True)
+                records.unlink(missing_ok=True)
+                bar.close()
+                raise
         if ok:
             redone.append(label)
             log.info("%s measured in %.1f s", label, time.perf_counter() - t)

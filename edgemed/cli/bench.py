@@ -172,17 +172,18 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     from edgemed.benchmarks.harness import runner
     from edgemed.benchmarks.harness.configs import config_for_artifact
 
-    from edgemed.packaging.ref import STORE, resolve, runnable
+    from edgemed.packaging.ref import STORE, loaded_as_verified, resolve, runnable
 
     ref = resolve(model)  # a path is measured as given; an installed name is verified first
-    path = runnable(model).model_path if ref.kind == STORE else ref.path
+    verified = runnable(model) if ref.kind == STORE else None
+    path = verified.model_path if verified is not None else ref.path
     config = config_for_artifact(path.resolve(), name, allow_pickle)
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
-                         force=force)
+                         force=force, check=(lambda: loaded_as_verified(verified)) if verified is not None else None)
     _finish(results, out, as_json, measured=not report_only)
 
 

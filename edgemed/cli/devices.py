@@ -93,11 +93,13 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     from dataclasses import replace
 
     from edgemed.errors import InputError
-    from edgemed.runtime import native_build, selftest
     from edgemed.formats.sniff import model_format
+    from edgemed.packaging.ref import loaded_as_verified
+    from edgemed.runtime import native_build, selftest
     from edgemed.runtime.session import prepare
 
-    path, specs = _check_target(model, adapters)
+    ref, specs = _check_target(model, adapters)
+    path = ref.model_path
     if model_format(path) != "gguf":
         raise InputError(f"'{path}' is not a GGUF file: the self-test checks llama.cpp loads only.",
                          "pass a .gguf file or an installed GGUF model name")
@@ -112,6 +114,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     if extra_buffers:
         load = replace(load, extra_buffers=extra_buffers)
     tried = selftest.check(path, load, use_cache=False, adapters=specs)
+    loaded_as_verified(ref, specs)  # the verdict is of the verified bytes: a file changed meanwhile is refused
     host = selftest.Host.current()
     first, last = tried[0][1], tried[-1][1]
     note = ""
@@ -163,8 +166,9 @@ def _child_report(verdict) -> dict | None:
     return said if isinstance(said, dict) else None
 
 
-def _check_target(model: str | None, adapters=()) -> tuple[Path, list]:
-    """The model file to check and its ``--adapter`` arguments as ``loader.AdapterSpec`` (resolved as `run` does)."""
+def _check_target(model: str | None, adapters=()) -> tuple:
+    """The model to check (a ``packaging.ref.ModelRef``, verified where it is a bundle; its ``model_path`` is the
+    file) and its ``--adapter`` arguments as ``loader.AdapterSpec`` (resolved as `run` does)."""
     from edgemed.packaging.ref import adapter_specs, runnable
 
     if model is None:
@@ -172,4 +176,4 @@ def _check_target(model: str | None, adapters=()) -> tuple[Path, list]:
 
         model = str(pip_models.gguf_file())
     ref = runnable(model)
-    return ref.model_path, adapter_specs(ref, list(adapters))
+    return ref, adapter_specs(ref, list(adapters))
