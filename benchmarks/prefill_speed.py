@@ -23,6 +23,10 @@ Two questions, one run, one model file, the same thread count on both sides:
    ``extra_buffers`` mode (``runtime/buffers.py``: ``repack``, ``none``, ``all``), the profile's flash attention
    and KV type, as arm ``buffers-MODE``. llama.cpp's CPU repack kernels and its plain kernels trade prefill
    against decode differently per CPU and quant type; the arm measures that trade beside the rest.
+4. **The micro-batch** (``--ubatch N``, repeatable): the profile's model, flash attention and KV type in a context
+   whose ``n_ubatch`` is N (read back from llama.cpp), as arm ``ubatch-N``. The one-sequence engine keeps a
+   conversation's cells in whole micro-batches (decision 0020), so a smaller one recomputes less each turn; this arm
+   measures what it costs a whole prompt.
 
 Every round runs every arm once, in an order that rotates each round (A B C D, B C D A, ...), so the load of a
 shared box falls on all arms alike; ``os.getloadavg()`` is kept before and after each measurement, and the
@@ -46,6 +50,8 @@ KV_ARMS = {"fa-off-f16": (False, "f16", "f16"), "fa-on-f16": (True, "f16", "f16"
 SERVER = "llama-server"
 #: arm name of the model loaded again with another extra_buffers mode: BUFFERS + mode
 BUFFERS = "buffers-"
+#: arm name of the profile's context with another micro-batch: UBATCH + rows
+UBATCH = "ubatch-"
 GOAL = 0.95
 #: what llama-server's default ``-fa auto`` becomes here (its log at the default verbosity does not say)
 FA_AUTO_NOTE = ("auto: llama_context probes the flash-attention op and keeps it on when the layer's device runs it; "
@@ -106,7 +112,12 @@ class EdgemedPrefill:
             model = self.others[arm.removeprefix(BUFFERS)] if arm.startswith(BUFFERS) else self.model
             fa, tk, tv = KV_ARMS.get(arm, (None, None, None))
             load = model.load if fa is None else replace(model.load, flash_attn=fa, type_k=tk, type_v=tv)
+            if arm.startswith(UBATCH):
+                load = replace(load, n_ubatch=int(arm.removeprefix(UBATCH)))
             ctx = self.llamacpp.Context(model, load)
+            if arm.startswith(UBATCH) and ctx.n_ubatch != load.n_ubatch:  # read back: llama.cpp caps it at n_batch
+                raise SystemExit(f"error: arm {arm}: llama.cpp runs micro-batches of {ctx.n_ubatch} rows, not "
+                                 f"{load.n_ubatch} (at most n_batch = {ctx.n_batch})")
             ctx.eval(model.tokenize("Warm-up.", True, True))  # first decode allocates: not timed
             self.contexts[arm] = ctx
         return self.contexts[arm]
@@ -184,7 +195,7 @@ def measure(args) -> dict:
     server = None if args.no_server else DefaultLlamaServer(anchors.binaries()["llama-server"], path=path,
                                                             threads=args.threads, slots=1, ctx_per_slot=n_ctx,
                                                             extra=tuple(args.server_arg))
-    mine = list(KV_ARMS) + [BUFFERS + mode for mode in args.buffers]
+    mine = list(KV_ARMS) + [BUFFERS + mode for mode in args.buffers] + [UBATCH + str(n) for n in args.ubatch]
     arms = mine + ([] if server is None else [SERVER])
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     t_start = time.perf_counter()
@@ -272,7 +283,9 @@ def report_md(m: dict) -> str:
              f"{e['profile_type_k']}/{e['profile_type_v']}"
              + (f", extra buffers `{e['extra_buffers_mode']}`" if e.get("extra_buffers_mode") else "")
              + (f"; arms `{BUFFERS}MODE`: the same file loaded again with that mode, the profile's other settings"
-                if e.get("other_buffers") else "") + "); llama-server with its defaults"
+                if e.get("other_buffers") else "")
+             + (f"; arms `{UBATCH}N`: the profile's context with micro-batches of N rows (read back)"
+                if any(a.startswith(UBATCH) for a in m["arms"]) else "") + "); llama-server with its defaults"
              + (f" except `{' '.join(m['llama_server']['changed'])}`" if (m["llama_server"] or {}).get("changed") else "")
              + " "
              f"(`{' '.join(m['llama_server']['command'][1:]) if m['llama_server'] else 'not run'}`"
@@ -325,6 +338,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-server", action="store_true", help="edgemed's arms only (no llama-server)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2-135M, 64/128-token prompts, 4 decode tokens, 1 round")
     add_server_arg(ap)
+    ap.add_argument("--ubatch", action="append", default=[], type=int,
+                    help="one more arm: the profile's context with micro-batches of this many rows (n_ubatch, read "
+                    "back), its flash attention and KV type; repeatable")
     ap.add_argument("--buffers", action="append", default=[], choices=("all", "repack", "none"),
                     help="one more arm: the model loaded with this extra_buffers mode, the profile's flash attention "
                          "and KV type (repeatable)")

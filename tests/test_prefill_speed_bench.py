@@ -132,3 +132,20 @@ def test_a_buffers_arm_is_reported_beside_the_profile():
     with pytest.raises(SystemExit) as exc:  # a mode the runtime does not have is refused before any work
         ps.main(["--buffers", "amx"])
     assert exc.value.code == 2
+
+
+def test_a_ubatch_arm_runs_the_micro_batch_it_names(smollm2_gguf):
+    """A ``ubatch-N`` arm is a context whose micro-batch llama.cpp reads back as N, with the profile's other settings;
+    one llama.cpp would not run as asked (past n_batch, which caps it) is refused, not measured under its name."""
+    pytest.importorskip("llama_cpp")
+    em = ps.EdgemedPrefill(smollm2_gguf, 1, None)
+    try:
+        ctx = em.context(ps.UBATCH + "64")
+        assert ctx.n_ubatch == 64 and ctx.n_batch == em.model.load.n_batch
+        assert em.contexts[ps.UBATCH + "64"] is ctx
+        secs, logits = em.prefill(ps.UBATCH + "64", em.model.tokenize("A patient with chest pain.", True, True))
+        assert secs > 0 and len(logits) >= 1
+        with pytest.raises(SystemExit, match="not 4096"):
+            em.context(ps.UBATCH + "4096")
+    finally:
+        em.close()
