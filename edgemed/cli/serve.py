@@ -219,8 +219,10 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             batcher.start()
             loaded_as_verified(ref, served_adapters.values())  # what the audit names is what loaded
             app = create_app(batcher, config, templates)
+            n_batch, n_ubatch = batcher.micro_batch
             click.echo(f"edgemed serve: {model_id} ({digest[:24]}...), {slots} slots x {batcher.n_ctx_per_slot} tokens, "
-                       f"queue {queue_size}, profile {prepared.profile}", err=True)
+                       f"queue {queue_size}, profile {prepared.profile}, batches of {n_batch} in micro-batches of "
+                       f"{n_ubatch}", err=True)
             click.echo(_memory_line(prepared.plan, batcher), err=True)
             if served_adapters:
                 click.echo(f"adapters: {', '.join(f'{model_id}:{n}' for n in served_adapters)}", err=True)

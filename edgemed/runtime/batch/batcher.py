@@ -402,6 +402,15 @@ class Batcher:
             return self._require_model().detokenize(list(ids), special=True)
 
     @property
+    def micro_batch(self) -> tuple[int, int]:
+        """``(n_batch, n_ubatch)`` as llama.cpp's context reports them (read back, not the profile's word); once
+        started."""
+        with self._native:
+            if self._ctx is None:
+                raise RuntimeError("the batcher is not started")
+            return self._ctx.n_batch, self._ctx.n_ubatch
+
+    @property
     def n_vocab(self) -> int:
         with self._native:
             return self._require_model().n_vocab
