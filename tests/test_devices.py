@@ -291,6 +291,8 @@ def _user_profile(tmp_path, monkeypatch, name: str, text: str) -> None:
     (lambda t: t.replace("reserve_gb = 1.0\n", ""), "memory.reserve_gb"),
     (lambda t: t + "\n[cuda]\narch = 87\n", "cuda"),
     (lambda t: t.replace("n_ubatch = 512", "n_ubatch = 1024"), "llama.n_ubatch"),
+    (lambda t: t.replace("n_ubatch = 512", "n_ubatch = 512\nn_ubatch_single = 1024"), "llama.n_ubatch_single"),
+    (lambda t: t.replace("n_ubatch = 512", "n_ubatch = 512\nn_ubatch_single = 0"), "llama.n_ubatch_single"),
     (lambda t: t.replace('type_v = "f16"', 'type_v = "q8_0"'), "llama.type_v"),  # quantized V with flash_attn false
 ])
 def test_malformed_profile_names_file_and_field(tmp_path, monkeypatch, edit, field):

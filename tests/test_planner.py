@@ -211,6 +211,51 @@ def test_plan_cli(tiny):
     assert "not a readable GGUF" in runner.invoke(cli, ["plan", str(tiny.parent)]).output
 
 
+def test_run_and_chat_plan_their_own_micro_batch_and_serve_the_profiles(tiny):
+    """x86-avx512 sets ``n_ubatch_single``: the one-sequence engine's plan (``run``, ``chat``, ``edgemed plan``) runs
+    and counts micro-batches of it, the batcher's (``serve``, ``edgemed plan --serve``) those of ``n_ubatch``; a
+    profile without the key plans both alike."""
+    from edgemed.runtime.plan import for_engine, make_plan
+
+    avx512 = get_profile("x86-avx512")
+    single, served = avx512.llama["n_ubatch_single"], avx512.llama["n_ubatch"]
+    assert single < served
+    one = make_plan(tiny, avx512, None, requested_ctx=2048, budget=1 << 34)
+    many = make_plan(tiny, avx512, None, requested_ctx=2048, budget=1 << 34, batched=True)
+    assert (one.llama["n_ubatch"], many.llama["n_ubatch"]) == (single, served)
+    assert "n_ubatch_single" not in one.llama and "n_ubatch_single" not in many.llama
+    assert one.estimate.compute < many.estimate.compute  # a smaller micro-batch's graph
+    avx2 = get_profile("x86-avx2")
+    assert "n_ubatch_single" not in avx2.llama and for_engine(avx2, False) is avx2
+    runner = CliRunner()
+    plans = [json.loads(runner.invoke(cli, ["plan", str(tiny), "--profile", "x86-avx512", "--json", *flag]).output)
+             for flag in ((), ("--serve",))]
+    assert [p["llama"]["n_ubatch"] for p in plans] == [single, served]
+
+
+def test_the_engines_run_the_micro_batch_their_plan_names(smollm2_gguf):
+    """Read back from llama.cpp: a context made from ``prepare``'s one-sequence settings runs ``n_ubatch_single``
+    rows a micro-batch, one from the batcher's settings ``n_ubatch``."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.loader import load_model
+    from edgemed.runtime.session import prepare
+
+    avx512 = get_profile("x86-avx512")
+    one = prepare(smollm2_gguf, "x86-avx512", n_ctx=1024, threads=1).load
+    many = prepare(smollm2_gguf, "x86-avx512", n_ctx=1024, threads=1, slots=2, batched=True).load
+    model = load_model(smollm2_gguf, one)
+    try:
+        for load, rows in ((one, avx512.llama["n_ubatch_single"]), (many, avx512.llama["n_ubatch"])):
+            ctx = llamacpp.Context(model, load)
+            try:
+                assert ctx.n_ubatch == rows and ctx.reuse_unit == rows
+            finally:
+                ctx.close()
+    finally:
+        model.close()
+
+
 def test_plan_rejects_non_gguf(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf at all")

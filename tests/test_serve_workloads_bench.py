@@ -206,24 +206,27 @@ def test_the_anchors_cpu_features_come_from_a_probe_of_the_same_build_when_its_l
         server.log.unlink()
 
 
-def test_the_micro_batch_edgemed_serve_runs_is_read_back_into_the_report(smollm2_gguf, monkeypatch):
+@pytest.mark.parametrize("profile, slots, ctx, expected", [("x86-avx512-ub128", 1, 256, (256, 128)),
+                                                         ("x86-avx512", 2, 512, (512, 512))])
+def test_the_micro_batch_edgemed_serve_runs_is_read_back_into_the_report(smollm2_gguf, monkeypatch, profile, slots, ctx,
+                                                                          expected):
     """``--profile`` reaches `edgemed serve`, and the micro-batch in the report is the one llama.cpp's context runs
-    (serve's start line, read back from the context), not the profile's word: the benchmark's 128-row profile
-    gives 128, and the batch is the serve context's (512 capped at its 256 cells)."""
+    (serve's start line, read back from the context), not the profile's word: the benchmark's 128-row profile gives
+    128 (its batch the serve context's 512 capped at 256 cells), and the shipped x86-avx512 its n_ubatch, 512, for the
+    batcher (its n_ubatch_single is the one-sequence engine's)."""
     pytest.importorskip("llama_cpp")
     from edgemed.benchmarks.serve_bench_client import EdgemedServer
 
     monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(Path(sw.__file__).resolve().parent / "profiles"))
-    server = EdgemedServer(path=smollm2_gguf, threads=1, slots=1, ctx_per_slot=256,
-                           extra=("--profile", "x86-avx512-ub128"))
+    server = EdgemedServer(path=smollm2_gguf, threads=1, slots=slots, ctx_per_slot=ctx, extra=("--profile", profile))
     try:
         server.start()
         described = server.describe()
     finally:
         server.stop()
-    assert "--profile" in described["command"] and "x86-avx512-ub128" in described["command"]
-    assert (described["n_batch"], described["n_ubatch"]) == (256, 128)
-    m = {"model": "m.gguf", "threads": 1, "slots": 1, "ctx": 256, "rounds": 1, "machine": {"cpu_count": 2},
+    assert "--profile" in described["command"] and profile in described["command"]
+    assert (described["n_batch"], described["n_ubatch"]) == expected
+    m = {"model": "m.gguf", "threads": 1, "slots": slots, "ctx": ctx, "rounds": 1, "machine": {"cpu_count": 2},
          "loadavg_start": [0.5, 0.5, 0.5], "loadavg_end": [1.0, 1.0, 1.0], "command": "python -m x", "parts": {},
          "servers": {"edgemed": described}, "errors": {}}
-    assert "` (llama.cpp runs batches of 256 in micro-batches of 128)" in sw.report_md(m)
+    assert f"` (llama.cpp runs batches of {expected[0]} in micro-batches of {expected[1]})" in sw.report_md(m)

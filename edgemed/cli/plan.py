@@ -17,7 +17,8 @@ from edgemed.cli import json_flag
 @click.option("--budget-mb", type=float, help="Override the profile's memory budget (MiB).")
 @click.option("--root", type=click.Path(path_type=Path, exists=True, file_okay=False), default="/",
               help="Detect the device from files below this folder.")
-@click.option("--serve", "serving", is_flag=True, help="Plan for `edgemed serve`: also count the host RAM of its prompt-prefix "
+@click.option("--serve", "serving", is_flag=True, help="Plan for `edgemed serve`: its micro-batch (the profile's n_ubatch; "
+              "`run` and `chat` use n_ubatch_single where the profile sets one), and the host RAM of its prompt-prefix "
               "cache (the profile's memory.prefix_cache_mib, reduced to what the budget leaves).")
 @click.option("--prefix-cache-mib", type=int, help="Plan for `edgemed serve --prefix-cache-mib N` (implies --serve): "
               "counted before the context is chosen, refused when it cannot fit.")
@@ -33,7 +34,7 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
     cache = prefix_cache_request(prof, prefix_cache_mib) if serving or prefix_cache_mib is not None else None
-    p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget, prefix_cache=cache)
+    p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget, prefix_cache=cache, batched=cache is not None)
     load = load_description(p.llama, p.estimate.repacked)
     if as_json:
         click.echo(json.dumps({**p.to_dict(), "load_mode": load[0]}, indent=2))

@@ -192,7 +192,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
         card = _card(ref)
         served_adapters = _adapters(ref, adapter_args, no_adapters)  # name -> AdapterSpec, checked before any load
         prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads,
-                           prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, slots=slots,
+                           prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, slots=slots, batched=True,
                            **({"adapters": list(served_adapters.values())} if served_adapters else {}))
         if prepared.plan is None:
             raise InputError(f"'{path}' is not a GGUF model; edgemed serve runs GGUF models (llama.cpp).", _NOT_GGUF)

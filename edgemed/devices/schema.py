@@ -99,6 +99,9 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("llama", "n_ctx"): (_int(256, MAX_CTX), True),
     ("llama", "n_batch"): (_int(1, MAX_BATCH), True),
     ("llama", "n_ubatch"): (_int(1, MAX_BATCH), True),
+    # the micro-batch of the one-sequence engine (run, chat, quickstart, bench), where it differs from the server's
+    # n_ubatch (docs/decisions/0021); optional: absent means n_ubatch for both
+    ("llama", "n_ubatch_single"): (_int(1, MAX_BATCH), False),
     ("llama", "flash_attn"): (_bool, True),
     # attention head widths for which flash attention is on even where flash_attn is false (measured per CPU:
     # docs/decisions/0017); optional, so a user profile written before the key existed still loads
@@ -148,8 +151,9 @@ def validate(data: dict, source: str) -> None:
         expected = check(table[key])
         if expected:
             fail(field, f"expected {expected}, got {_short(table[key])}")
-    if data["llama"]["n_ubatch"] > data["llama"]["n_batch"]:
-        fail("llama.n_ubatch", f"must not exceed llama.n_batch ({data['llama']['n_batch']})")
+    for key in ("n_ubatch", "n_ubatch_single"):
+        if data["llama"].get(key, 0) > data["llama"]["n_batch"]:
+            fail(f"llama.{key}", f"must not exceed llama.n_batch ({data['llama']['n_batch']})")
     if data["llama"]["type_v"] not in FULL_PRECISION_KV and not data["llama"]["flash_attn"]:
         # llama.cpp refuses a quantized V cache without flash attention, and only when the model loads
         fail("llama.type_v", f"'{data['llama']['type_v']}' (a quantized V cache) needs llama.flash_attn = true; "

@@ -353,9 +353,21 @@ def check_threads(n: int | None, what: str = "the thread count") -> int | None:
     return n
 
 
+def for_engine(profile: Profile, batched: bool) -> Profile:
+    """``profile`` as the engine that will load the model runs it: the one-sequence engine (``run``, ``chat``; not
+    ``batched``) with the profile's ``n_ubatch_single`` where it sets one, ``edgemed serve``'s batcher with
+    ``n_ubatch``. The one-sequence engine keeps a conversation's cells in whole micro-batches, so a smaller one
+    recomputes fewer rows each turn; the batcher was measured slower with it (docs/decisions/0021)."""
+    single = profile.llama.get("n_ubatch_single")
+    if batched or single is None or single == profile.llama["n_ubatch"]:
+        return profile
+    return replace(profile, llama=dict(profile.llama, n_ubatch=single))
+
+
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
               budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None,
-              n_seq: int = 1, gpu: bool | None = None, here: bool = False, amx: bool = False) -> Plan:
+              n_seq: int = 1, gpu: bool | None = None, here: bool = False, amx: bool = False,
+              batched: bool = False) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
     files ``adapters`` (paths, or objects with ``.path``) applied.
 
@@ -363,7 +375,9 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     the command line) is counted before the context is chosen and refused with the context when it cannot fit;
     otherwise (the profile's) it gets what the budget leaves after the model and its context, at most ``bytes``.
     ``here``: the model will load on the machine ``facts`` describe, so its memory caps the budget whichever profile
-    was named (``Profile.budget_bytes``)."""
+    was named (``Profile.budget_bytes``). ``batched``: for ``edgemed serve``'s batcher, else the one-sequence engine
+    (``for_engine``: the micro-batch each runs)."""
+    profile = for_engine(profile, batched)
     shape = read_shape(model)
     adapter_bytes = adapters_bytes(adapters)
     budget_given = budget
@@ -392,6 +406,7 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
                  flash_attn=flash_attn_for(profile, shape),
                  n_threads=check_threads(profile.threads(profile.llama["n_threads"], facts)),
                  n_threads_batch=check_threads(profile.threads(profile.llama["n_threads_batch"], facts)))
+    llama.pop("n_ubatch_single", None)  # chosen above (for_engine): n_ubatch is what this engine runs
     return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by,
                 prefix_cache_asked=asked)
 

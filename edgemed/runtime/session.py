@@ -43,12 +43,14 @@ def load_settings(plan: Plan, seed: int = 0) -> LoadSettings:
 
 def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = None, threads: int | None = None,
             seed: int = 0, root: Path | str = "/", adapters=(), prefix_cache: bool = False,
-            prefix_cache_mib: int | None = None, slots: int = 1) -> Prepared:
+            prefix_cache_mib: int | None = None, slots: int = 1, batched: bool = False) -> Prepared:
     """Profile + memory plan + load settings for ``model`` on this machine (nothing is loaded); ``adapters``: the
     LoRA adapter files (or ``loader.AdapterSpec``) that will be applied, counted by the plan. ``prefix_cache``
     (``edgemed serve``): the plan also counts a host-RAM prefix cache of ``prefix_cache_mib`` MiB (None: the
     profile's, reduced to what fits; see ``plan.make_plan``); ``plan.estimate.prefix_cache`` is its size. ``slots``:
-    the sequences that will share the context, each with its own KV stream (its share is padded apart)."""
+    the sequences that will share the context, each with its own KV stream (its share is padded apart).
+    ``batched``: the settings of ``edgemed serve``'s batcher, else those of the one-sequence engine (``run``,
+    ``chat``: ``plan.for_engine``)."""
     from edgemed.runtime.plan import check_threads, prefix_cache_request
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
@@ -66,7 +68,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
         return Prepared(None, load, profile.name)
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
     plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
-                     gpu=_build_offloads(), here=True, amx=_build_has_amx())
+                     gpu=_build_offloads(), here=True, amx=_build_has_amx(), batched=batched)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
