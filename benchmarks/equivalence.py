@@ -24,7 +24,6 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import os
 import shutil
 import socket
 import subprocess

@@ -24,7 +24,7 @@ from edgemed.converters.gguf.auto_quant_search import (  # noqa: E402
     BANDS, MARGIN_Z, STOCK, TOP, Group, Impossible, Trial, bound, probe_slices, search)
 from edgemed.converters.pipeline import ConvertOptions, convert  # noqa: E402
 from edgemed.converters.gguf.quantize import quantize  # noqa: E402
-from edgemed.errors import EdgemedError, InputError  # noqa: E402
+from edgemed.errors import EdgemedError  # noqa: E402
 from edgemed.formats.gguf_header import read_header  # noqa: E402
 
 QUIET = dict(echo=lambda s: None)

@@ -20,7 +20,6 @@ from click.testing import CliRunner
 
 import bundle_kit as kit
 from edgemed.cli import cli
-from edgemed.errors import EdgemedError
 
 hypothesis = pytest.importorskip("hypothesis")
 gguf = pytest.importorskip("gguf")

@@ -237,7 +237,7 @@ def test_an_n_choice_slot_ended_before_its_copy_ran_saves_nothing_of_the_slots_l
 
 
 # -- adapters -------------------------------------------------------------------------------------------------
-def test_a_running_requests_prefix_is_never_copied_to_another_adapter(kit):
+def test_a_running_requests_prefix_is_never_copied_to_another_adapter(kit):  # noqa: F811 (the fixture)
     from edgemed.runtime.loader import AdapterSpec
 
     load = LoadSettings(n_ctx=2 * 512, n_threads=1, n_threads_batch=1, n_batch=512, n_ubatch=512)

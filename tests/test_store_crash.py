@@ -5,7 +5,6 @@ store operation leaves no staging, no journal and no orphaned blob."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -279,7 +278,7 @@ def _aside_with_a_wrong_record(bundles, tmp_path) -> dict:
 def test_an_interrupted_replacement_never_discards_the_aside_model(bundles, tmp_path):
     """The old model is aside and ``models/tiny`` is empty when the index's record for it is wrong (a stale or
     hand-edited sha256): settling puts the aside back rather than discarding what may be the only copy."""
-    j = _aside_with_a_wrong_record(bundles, tmp_path)
+    _aside_with_a_wrong_record(bundles, tmp_path)
     s = Store()
     with s.locked():
         pass

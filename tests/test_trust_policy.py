@@ -202,10 +202,10 @@ def test_a_signer_trusted_for_one_repository_cannot_replace_another_repositorys_
     assert f"installed from {models}, signed by key {a_id}" in msg and f"signed by key {b_id}" in msg, msg
     assert "--allow-signer-change" in exc.value.fix and "--name" in exc.value.fix
     assert store.record("tiny") == before  # nothing was replaced
-    store.install(made["by-a"], origin=f"oci://127.0.0.1:5000/models/tiny:v2", force=True)  # its own signer: an update
+    store.install(made["by-a"], origin="oci://127.0.0.1:5000/models/tiny:v2", force=True)  # its own signer: an update
     # a key rotation made in trust.toml for the installed origin is an update too
     _policy(home, '[registries."127.0.0.1:5000/models"]\nkeys = ["keys/a.pub.pem", "keys/b.pub.pem"]\n')
-    _, _, signer = store.install(made["by-b"], origin=f"oci://127.0.0.1:5000/models/tiny:v3", force=True)
+    _, _, signer = store.install(made["by-b"], origin="oci://127.0.0.1:5000/models/tiny:v3", force=True)
     assert signer == b_id
 
 

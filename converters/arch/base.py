@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from edgemed.errors import CheckpointError, require
+
+if TYPE_CHECKING:  # annotations only: gguf and numpy are imported when a conversion runs
+    import gguf
+    import numpy as np
 
 
 def _gguf():

@@ -7,7 +7,12 @@ that permutation here (after LoRA merge, so the adapter stays in HF layout).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from edgemed.converters.arch.base import ArchSpec, write_decoder_hparams
+
+if TYPE_CHECKING:  # annotations only: numpy is imported when a conversion runs
+    import numpy as np
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -19,9 +19,13 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgemed.converters.source.checkpoint import hf_tokenizer  # noqa: F401 (its home is beside the checkpoint's other readers)
 from edgemed.errors import TokenizerError, require
+
+if TYPE_CHECKING:  # annotations only: gguf is imported when a conversion runs
+    import gguf
 
 
 def _gguf():

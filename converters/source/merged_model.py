@@ -9,7 +9,6 @@ first, so the other keeps the base weight.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
 def load_merged(source, adapter=None, attn_implementation: str = "eager"):

@@ -391,7 +391,7 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     msha = hashlib.sha256(data).hexdigest()
     if expect_manifest_sha256 is not None and msha != expect_manifest_sha256:
         raise IntegrityError(f"{root}/manifest.json was changed after install: expected sha256 {expect_manifest_sha256}, actual {msha}.",
-                             f"reinstall the model: edgemed install BUNDLE --force")
+                             "reinstall the model: edgemed install BUNDLE --force")
     signed_by = signing.verify(sig, man, data, public_key) if public_key is not None else None
     found = _walk(root)
     extra = sorted(set(found) - {f.path for f in man.files} - set(RESERVED))

@@ -94,7 +94,7 @@ import time
 from pathlib import Path
 
 from edgemed.errors import (  # re-exported
-    AdapterError, Closed, EdgemedError, InputError, ModelLoadError, NoTokenAllowed, Overloaded,
+    AdapterError, Closed, InputError, ModelLoadError, NoTokenAllowed, Overloaded,
 )
 from edgemed.runtime import heap
 from edgemed.runtime.llamacpp import REFEED  # a prompt found whole in a slot still feeds its last REFEED tokens
