@@ -233,6 +233,37 @@ def test_run_and_chat_plan_their_own_micro_batch_and_serve_the_profiles(tiny):
     assert [p["llama"]["n_ubatch"] for p in plans] == [single, served]
 
 
+def test_memory_unified_says_which_pool_the_plan_counts(tiny, tmp_path, monkeypatch, caplog):
+    """``memory.unified`` is read: a profile that offloads to a GPU sharing the host's memory plans one pool; one whose
+    GPU has memory of its own says that memory is not planned (``edgemed plan``, its JSON, and a warning before a
+    load that would offload); a CPU profile offloads nothing."""
+    import logging
+
+    from edgemed.runtime import session
+    from edgemed.runtime.plan import GPU_MEMORY_NOTE
+
+    text = (Path(__file__).parents[1] / "device_profiles" / "x86-avx512.toml").read_text()
+    dgpu = text.replace('name = "x86-avx512"', 'name = "dgpu"').replace("n_gpu_layers = 0", "n_gpu_layers = -1")
+    assert "unified = false" in dgpu and dgpu != text
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "dgpu.toml").write_text(dgpu)
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(tmp_path / "profiles"))
+    runner = CliRunner()
+    pools = {}
+    for name in ("x86-avx512", "jetson-orin-nano-8gb", "dgpu"):
+        shown = runner.invoke(cli, ["plan", str(tiny), "--profile", name])
+        assert shown.exit_code == 0, shown.output
+        pools[name] = json.loads(runner.invoke(cli, ["plan", str(tiny), "--profile", name, "--json"]).output)["memory_pool"]
+        assert (GPU_MEMORY_NOTE in shown.output) == (name == "dgpu"), shown.output
+    assert pools == {"x86-avx512": "host", "jetson-orin-nano-8gb": "unified", "dgpu": "host+gpu"}
+    # this llama.cpp build: a CPU-only one offloads nothing, whatever the profile (without llama.cpp: the profile's word)
+    offloads = session._build_offloads() is not False
+    with caplog.at_level(logging.WARNING, logger="edgemed.runtime.session"):
+        prepared = session.prepare(tiny, "dgpu", n_ctx=512)
+    assert prepared.plan.pool == ("host+gpu" if offloads else "host")
+    assert (GPU_MEMORY_NOTE in caplog.text) == offloads
+
+
 def test_the_engines_run_the_micro_batch_their_plan_names(smollm2_gguf):
     """Read back from llama.cpp: a context made from ``prepare``'s one-sequence settings runs ``n_ubatch_single``
     rows a micro-batch, one from the batcher's settings ``n_ubatch``."""

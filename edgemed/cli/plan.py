@@ -29,7 +29,8 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     Picks the largest context that fits, or exits with an error saying what to change.
     """
     from edgemed.devices.detect import resolve
-    from edgemed.runtime.plan import MIB, budget_from_mib, kv_cells, make_plan, prefix_cache_request, read_shape
+    from edgemed.runtime.plan import (GPU_MEMORY_NOTE, MIB, budget_from_mib, kv_cells, make_plan, prefix_cache_request,
+                                      read_shape)
 
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
@@ -61,6 +62,9 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     click.echo(f"  runtime        {mib(e.runtime)}")
     click.echo(f"  peak (pred.)   {mib(e.total)}  = {100 * e.total / p.budget:.0f} % of budget")
     click.echo(f"context  {e.n_ctx} tokens (limited by {p.limited_by})")
+    pools = {"host": "host RAM: nothing is offloaded", "unified": "one pool: the GPU shares the host's memory "
+             "(memory.unified), so offloaded layers are counted in the budget", "host+gpu": GPU_MEMORY_NOTE}
+    click.echo(f"memory   {pools[p.pool]}")
     click.echo(f"load     {load[0]}: {load[1]}")
     s = p.llama
     click.echo(f"settings n_threads={s['n_threads']} n_threads_batch={s['n_threads_batch']} n_gpu_layers={s['n_gpu_layers']} "

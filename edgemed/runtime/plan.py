@@ -248,15 +248,38 @@ class Plan:
     llama: dict          # resolved llama.cpp settings (threads as numbers, n_ctx chosen, flash_attn for this model)
     limited_by: str      # what capped the context: "budget", "profile", "model" or "request"
     prefix_cache_asked: int = 0  # the prefix cache asked for (bytes); estimate.prefix_cache is what it got
+    #: where the estimate lives (``memory_pool``): "host" (nothing offloaded), "unified" (offloaded to a GPU that shares
+    #: the host's memory: Jetson, Apple; the profile's ``memory.unified``), or "host+gpu" (offloaded to a GPU with its own
+    #: memory, which the plan does not read: the estimate is counted against the host budget alone)
+    pool: str = "host"
 
     @property
     def fits(self) -> bool:
         return self.estimate.total <= self.budget
 
+    @property
+    def gpu_memory_unplanned(self) -> bool:
+        return self.pool == "host+gpu"
+
     def to_dict(self) -> dict:
         return {"model": self.model, "profile": self.profile, "budget_bytes": self.budget,
                 "fits": self.fits, "limited_by": self.limited_by, "prefix_cache_asked_bytes": self.prefix_cache_asked,
-                "estimate": {**asdict(self.estimate), "total": self.estimate.total}, "llama": self.llama}
+                "estimate": {**asdict(self.estimate), "total": self.estimate.total}, "llama": self.llama,
+                "memory_pool": self.pool}
+
+
+def memory_pool(profile: Profile, offload: bool) -> str:
+    """``Plan.pool`` for a plan that does (``offload``) or does not put layers on a GPU, read from the profile's
+    ``memory.unified``."""
+    if not offload:
+        return "host"
+    return "unified" if profile.memory["unified"] else "host+gpu"
+
+
+#: what a plan whose GPU has its own memory says (``edgemed plan``, and a warning before a load)
+GPU_MEMORY_NOTE = ("the GPU's own memory is not planned: this profile offloads layers (n_gpu_layers) to a GPU with "
+                   "memory of its own (memory.unified = false), and the estimate is checked against host RAM alone; "
+                   "llama.cpp fails the load if the offloaded part does not fit the GPU")
 
 
 def flash_attn_for(profile: Profile, shape: ModelShape) -> bool:
@@ -407,8 +430,9 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
                  n_threads=check_threads(profile.threads(profile.llama["n_threads"], facts)),
                  n_threads_batch=check_threads(profile.threads(profile.llama["n_threads_batch"], facts)))
     llama.pop("n_ubatch_single", None)  # chosen above (for_engine): n_ubatch is what this engine runs
+    pool = memory_pool(profile, profile_settings(profile, shape, gpu, amx)["offload"])
     return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by,
-                prefix_cache_asked=asked)
+                prefix_cache_asked=asked, pool=pool)
 
 
 def prefix_cache_request(profile: Profile, mib: int | None = None) -> tuple[int, bool]:

@@ -11,6 +11,7 @@ answer only, never to the thinking.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,9 @@ from edgemed.runtime.engine import GenerationSettings, LoadSettings
 from edgemed.templates import Template
 from edgemed.templates.contract import Parsed, choice_grammar
 from edgemed.templates.think import CLOSE, OPEN, ThinkPolicy, ThinkSplitter
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -51,7 +55,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
     the sequences that will share the context, each with its own KV stream (its share is padded apart).
     ``batched``: the settings of ``edgemed serve``'s batcher, else those of the one-sequence engine (``run``,
     ``chat``: ``plan.for_engine``)."""
-    from edgemed.runtime.plan import check_threads, prefix_cache_request
+    from edgemed.runtime.plan import GPU_MEMORY_NOTE, check_threads, prefix_cache_request
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
     profile, facts = resolve(profile_name, root)
@@ -69,6 +73,8 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
     plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
                      gpu=_build_offloads(), here=True, amx=_build_has_amx(), batched=batched)
+    if plan.gpu_memory_unplanned:
+        log.warning("%s", GPU_MEMORY_NOTE)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
