@@ -35,8 +35,9 @@ def _facts(memory_gb: float | None):
 def plan_one(shape, profile, memory_gb: float | None) -> dict:
     """The largest context that fits ``profile`` (at ``memory_gb`` when the profile has no fixed size)."""
     from edgemed.errors import PlanError
-    from edgemed.runtime.plan import MIB, choose_context, estimate, profile_settings
+    from edgemed.runtime.plan import MIB, choose_context, estimate, for_engine, profile_settings
 
+    profile = for_engine(profile, batched=False)  # as `edgemed plan` and `run` plan it
     budget = profile.budget_bytes(_facts(memory_gb))
     settings = profile_settings(profile, shape)
     row = {"profile": profile.name, "memory_gb": memory_gb if memory_gb is not None else profile.memory["total_gb"],

@@ -347,6 +347,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.argv = argv
+    if any(n < 1 for n in args.ubatch) or len(set(args.ubatch)) != len(args.ubatch):
+        ap.error(f"--ubatch takes distinct row counts of at least 1, got {args.ubatch}")
     if args.quick:
         args.model, args.short, args.long, args.decode, args.rounds = "smollm2-135m-instruct", 64, 128, 4, 1
     from edgemed.benchmarks.serve_bench_client import save_results

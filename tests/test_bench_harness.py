@@ -93,6 +93,8 @@ def test_bench_run_schema_and_warmup_excluded(model, tmp_path):
     (e,) = results["configs"]
     assert e["name"] == "q8_0" and e["runtime"] == "llama.cpp"
     assert e["keys"]["timing"]["model_sha256"] and e["keys"]["timing"]["profile"] and e["keys"]["timing"]["edgemed_version"]
+    assert len(e["keys"]["timing"]["profile_sha256"]) == 64  # the profile's settings, not only its name
+    assert e["runtime_settings"]["n_ubatch"] >= 1  # the micro-batch llama.cpp's context runs, read back
     for metric in ("ttft_s", "tpot_s", "e2e_s", "prefill_tok_s", "decode_tok_s"):
         assert {"p50", "p90", "p99", "stdev", "min", "max"} <= set(e[metric]), metric
     assert e["peak_rss_bytes"] > 0 and e["model_bytes"] == (model["artifacts"] / "q8_0.gguf").stat().st_size

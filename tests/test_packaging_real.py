@@ -84,13 +84,14 @@ def test_a_model_replaced_between_verification_and_load_is_not_used(tmp_path, sm
     read it (`run`, `chat`, `devices check`: while the memory plan is made; `bench run`: before its child measures):
     without the check after the load, the other model answered as the verified one, passed the self-test as it, or
     was measured under its digest. The command refuses, naming the file and the fix, and answers nothing; the bench
-    keeps no result of that measurement and writes no report."""
+    keeps no result of that measurement (an earlier result in its folder is left as it was) and writes no report;
+    the self-test keeps no verdict of it."""
     import shutil
 
     from edgemed.benchmarks.harness import runner
     from edgemed.packaging.ref import runnable
     from edgemed.packaging.store import Store
-    from edgemed.runtime import session
+    from edgemed.runtime import selftest, session
 
     lic = tmp_path / "LICENSE"
     lic.write_text("Apache License, Version 2.0\n")
@@ -111,10 +112,16 @@ def test_a_model_replaced_between_verification_and_load_is_not_used(tmp_path, sm
         return swap_then
 
     bench = tmp_path / "bench"
-    if command == "bench run":
+    if command == "bench run":  # a first, untouched run leaves a result the refused one must not lose
+        _cli("bench", "run", "cardio-assist", "--phases", "timing", "--runs", "1", "--warmup", "0", "--max-tokens", "2",
+             "--threads", "1", "--ctx", "256", "-o", bench)
+        (earlier,) = (bench / "raw").glob("*-timing.json")
+        before = earlier.read_bytes()
         monkeypatch.setattr(runner, "_run_child", swapping(runner._run_child))
     else:
         monkeypatch.setattr(session, "prepare", swapping(session.prepare))
+    kept = []  # self-test verdicts stored (a refused file's must not be: it would steer later loads)
+    monkeypatch.setattr(selftest, "_remember", lambda digest, verdict: kept.append(digest))
     args = {"run": ["--prompt", "What is the capital of France? Answer in one word.", "--max-tokens", "8", "--ctx", "512",
                     "--threads", "1"],
             "chat": ["--ctx", "512", "--threads", "1"],
@@ -126,6 +133,9 @@ def test_a_model_replaced_between_verification_and_load_is_not_used(tmp_path, sm
     assert f"'{installed}' changed between its verification and its load" in result.output, result.output
     assert "edgemed verify cardio-assist --full" in result.output
     assert "Paris" not in result.output  # nothing was answered by the file nobody verified
-    assert "ok:" not in result.output  # no self-test verdict for it
-    if command == "bench run":
-        assert not list((bench / "raw").glob("*-timing.json")) and not (bench / "results.json").exists()
+    assert "ok:" not in result.output  # no self-test verdict for it ...
+    if command == "devices check":
+        assert kept == []  # ... printed or stored
+    if command == "bench run":  # other settings (--max-tokens 4): measured again, refused, the earlier result back
+        assert "The bench keeps nothing of that measurement" in result.output
+        assert earlier.read_bytes() == before and list((bench / "raw").glob("*-timing.json")) == [earlier]

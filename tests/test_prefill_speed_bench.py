@@ -149,3 +149,7 @@ def test_a_ubatch_arm_runs_the_micro_batch_it_names(smollm2_gguf):
             em.context(ps.UBATCH + "4096")
     finally:
         em.close()
+    for bad in (["--ubatch", "0"], ["--ubatch", "128", "--ubatch", "128"]):  # refused before anything loads
+        with pytest.raises(SystemExit) as exc:
+            ps.main(bad)
+        assert exc.value.code == 2

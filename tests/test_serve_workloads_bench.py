@@ -217,7 +217,8 @@ def test_the_micro_batch_edgemed_serve_runs_is_read_back_into_the_report(smollm2
     pytest.importorskip("llama_cpp")
     from edgemed.benchmarks.serve_bench_client import EdgemedServer
 
-    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(Path(sw.__file__).resolve().parent / "profiles"))
+    # the repo's benchmarks/profiles (a device install's wheel has the benchmarks, not these test arms)
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"))
     server = EdgemedServer(path=smollm2_gguf, threads=1, slots=slots, ctx_per_slot=ctx, extra=("--profile", profile))
     try:
         server.start()

@@ -17,6 +17,7 @@ run refuses, before any work, to replace a file of those names unless the user s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -73,9 +74,20 @@ def model_digest(path: Path) -> str:
         cache.save()
 
 
+def profile_digest(name: str | None) -> str:
+    """sha256 of the device profile's settings (the named one, or the one this host detects): a result measured
+    under other settings of the same name (an edited user profile, a new release's micro-batch) is measured again."""
+    from edgemed.devices.detect import resolve
+
+    profile, _ = resolve(name)
+    body = json.dumps({"memory": profile.memory, "llama": profile.llama, "onnx": profile.onnx}, sort_keys=True)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
 def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Settings) -> list[Task]:
     raw = out / "raw"
     digests = {c.path: model_digest(Path(c.path)) for c in configs}
+    profile_sha256 = profile_digest(settings.profile)
     if "divergence" in phases and not any(c.name == REFERENCE for c in configs):
         log.info("no %s configuration: the divergence phase is skipped", REFERENCE)
         phases = [p for p in phases if p != "divergence"]
@@ -87,8 +99,8 @@ def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Se
                 continue
             if phase == "accuracy" and not settings.evals:
                 continue
-            key = {"model_sha256": digests[c.path], "profile": settings.profile, "edgemed_version": __version__,
-                   "settings_sha256": settings.digest(phase)}
+            key = {"model_sha256": digests[c.path], "profile": settings.profile, "profile_sha256": profile_sha256,
+                   "edgemed_version": __version__, "settings_sha256": settings.digest(phase)}
             if phase == "divergence":  # the reference's truncation sets how close the KLD is to the full-vocabulary one
                 from edgemed.benchmarks.harness.divergence import TOP_K
                 from edgemed.converters.quality.fidelity import VERSION
@@ -198,8 +210,9 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
     ``measure=False`` writes the report from the results already there and lists the missing ones (a long
     accuracy run can be reported on while it is still going). ``force``: replace report files in a folder the
     bench did not make (``claim``). ``check``: called after each measured task (an installed model's
-    ``packaging.ref.loaded_as_verified``); when it raises, the result and records that task just wrote are removed
-    (they measured bytes that are not the ones keyed) and the error ends the run, no report written."""
+    ``packaging.ref.loaded_as_verified``); when it raises, what that task's child wrote is taken back (the result file
+    as it was before, the records cut to their length before: they measured bytes that are not the ones keyed) and
+    the error ends the run, no report written."""
     from tqdm import tqdm
 
     from edgemed.benchmarks.harness import machine, report
@@ -238,14 +251,23 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
             # only another draw (more items, another seed or set) keeps them (accuracy.records_carry_over);
             # without a result (a killed run) the records are kept and the phase resumes item by item
             records.unlink()
+        raw_before = task.raw.read_text(encoding="utf-8") if task.raw.exists() else None
+        records_before = records.stat().st_size if records.exists() else None
         t = time.perf_counter()
         ok, why = _run_child(task, settings, out, progress)
         if check is not None:
             try:
                 check()
-            except Exception:
-                task.raw.unlink(missing_ok=True)
-                records.unlink(missing_ok=True)
+            except Exception:  # put back what this child changed, and only that
+                if raw_before is None:
+                    task.raw.unlink(missing_ok=True)
+                else:
+                    write_text(task.raw, raw_before)
+                if records_before is None:
+                    records.unlink(missing_ok=True)
+                elif records.exists():
+                    with open(records, "r+b") as fh:
+                        fh.truncate(records_before)  # the items of earlier runs stay; this run's go
                 bar.close()
                 raise
         if ok:

@@ -78,6 +78,7 @@ class GgufTimed:
     def settings(self) -> dict:
         s = self.load
         return {"n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "n_batch": s.n_batch, "n_ctx": s.n_ctx,
+                "n_ubatch": self.ctx.n_ubatch,  # read back from llama.cpp's context
                 "extra_buffers": self.engine.model.placement.mode, "flash_attn": s.flash_attn, "type_k": s.type_k, "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers,
                 "use_mmap": s.use_mmap, "load_mode": self.engine.model.params.written.get("load_mode")}
 

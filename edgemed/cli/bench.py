@@ -172,7 +172,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     from edgemed.benchmarks.harness import runner
     from edgemed.benchmarks.harness.configs import config_for_artifact
 
-    from edgemed.packaging.ref import STORE, loaded_as_verified, resolve, runnable
+    from edgemed.packaging.ref import STORE, resolve, runnable
 
     ref = resolve(model)  # a path is measured as given; an installed name is verified first
     verified = runnable(model) if ref.kind == STORE else None
@@ -183,8 +183,23 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     out = output or Path(f"bench-{config.name}")
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
-                         force=force, check=(lambda: loaded_as_verified(verified)) if verified is not None else None)
+                         force=force, check=_still_verified(verified) if verified is not None else None)
     _finish(results, out, as_json, measured=not report_only)
+
+
+def _still_verified(ref):
+    """``runner.run``'s check for an installed model: its files as they were verified (``loaded_as_verified``), said
+    the bench's way when not."""
+    from edgemed.errors import IntegrityError
+    from edgemed.packaging.ref import loaded_as_verified
+
+    def check() -> None:
+        try:
+            loaded_as_verified(ref)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc.problem} The bench keeps nothing of that measurement and writes no report.",
+                                 exc.fix) from None
+    return check
 
 
 @bench.command("reproduce")

@@ -113,8 +113,8 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     load = prepare(path, profile, adapters=specs).load
     if extra_buffers:
         load = replace(load, extra_buffers=extra_buffers)
-    tried = selftest.check(path, load, use_cache=False, adapters=specs)
-    loaded_as_verified(ref, specs)  # the verdict is of the verified bytes: a file changed meanwhile is refused
+    # each verdict is of the verified bytes: a file changed meanwhile is refused before its verdict is kept
+    tried = selftest.check(path, load, use_cache=False, adapters=specs, after_run=lambda: loaded_as_verified(ref, specs))
     host = selftest.Host.current()
     first, last = tried[0][1], tried[-1][1]
     note = ""

@@ -99,7 +99,7 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("llama", "n_ctx"): (_int(256, MAX_CTX), True),
     ("llama", "n_batch"): (_int(1, MAX_BATCH), True),
     ("llama", "n_ubatch"): (_int(1, MAX_BATCH), True),
-    # the micro-batch of the one-sequence engine (run, chat, quickstart, bench), where it differs from the server's
+    # the micro-batch of the one-sequence engine (run, chat, bench), where it differs from the server's
     # n_ubatch (docs/decisions/0021); optional: absent means n_ubatch for both
     ("llama", "n_ubatch_single"): (_int(1, MAX_BATCH), False),
     ("llama", "flash_attn"): (_bool, True),

@@ -130,7 +130,7 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
         return _onnx_estimate(facts, model_bytes)
     from edgemed.devices.profiles import load_profiles
     from edgemed.errors import ProfileError
-    from edgemed.runtime.plan import METHOD, estimate, profile_settings, read_shape
+    from edgemed.runtime.plan import METHOD, estimate, for_engine, profile_settings, read_shape
 
     shape = read_shape(model)
     max_ctx = shape.n_ctx_train or max(CONTEXTS)
@@ -138,7 +138,9 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
     profiles = {}
     for name, profile in sorted(load_profiles().items()):
         n_ctx = min(profile.llama["n_ctx"], max_ctx)
-        need = estimate(shape, n_ctx, **profile_settings(profile, shape)).total
+        # the larger of what `run` and `serve` load it with (their micro-batches may differ: plan.for_engine)
+        need = max(estimate(shape, n_ctx, **profile_settings(for_engine(profile, batched), shape)).total
+                   for batched in (False, True))
         try:
             budget = profile.budget_bytes(None)
         except ProfileError:  # sized from the machine it runs on

@@ -215,9 +215,11 @@ def amx_hint(verdict: Verdict, host: Host) -> str:
 
 
 def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=None, use_cache: bool = True,
-          tensors=None, adapters=(), fallback: bool = True):
+          tensors=None, adapters=(), fallback: bool = True, after_run=None):
     """[(settings, verdict)]: the asked mode first, then safer modes while the last one crashed natively
-    (``fallback=False``: the asked mode alone, for a model already loaded with it).
+    (``fallback=False``: the asked mode alone, for a model already loaded with it). ``after_run``: called once each
+    child has ended and before its verdict is kept; when it raises (the file the child loaded is not the one
+    verified: ``packaging.ref.loaded_as_verified``), nothing of that child is kept.
 
     Conclusive verdicts (a pass, a native crash) are cached; an inconclusive one ends the list uncached. ``auto``'s
     own AMX try (``amx_try``) is the exception: whatever stops it, CPU_REPACK is tried next, and an inconclusive AMX
@@ -240,6 +242,8 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
         try_amx = amx_try(load, candidate)
         if verdict is None:
             verdict = runner(path, candidate, adapters=adapters) if adapters else runner(path, candidate)
+            if after_run is not None:
+                after_run()
             if verdict.conclusive or try_amx:
                 _remember(digest, verdict)
         tried.append((candidate, verdict))
