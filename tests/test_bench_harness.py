@@ -459,3 +459,16 @@ def test_accuracy_and_divergence_phases_on_the_benchmarked_artifacts(model, tmp_
     assert (out / "plots" / "accuracy_vs_bits.png").stat().st_size > 10_000
     # all done: a re-run measures nothing
     assert _run(args)["run"]["measured"] == []
+
+
+def test_bench_without_its_extra_stops_before_measuring(model, tmp_path, monkeypatch):
+    """A device install (``edgemed[gguf]``) has no matplotlib: the report's plots need it only after every
+    measurement, so the bench asks for its extra first, names it, and writes nothing; `--help` still works."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["bench", "run", str(model["artifacts"] / "q8_0.gguf"), *FAST, "-o", str(out)])
+    assert result.exit_code != 0 and "pip install 'edgemed[bench]'" in result.output, result.output
+    assert "matplotlib" in result.output and "Traceback" not in result.output and not out.exists()
+    assert CliRunner().invoke(cli, ["bench", "run", "--help"]).exit_code == 0

@@ -113,6 +113,7 @@ def test_a_model_replaced_between_verification_and_load_is_not_used(tmp_path, sm
 
     bench = tmp_path / "bench"
     if command == "bench run":  # a first, untouched run leaves a result the refused one must not lose
+        pytest.importorskip("matplotlib", reason="the bench extra (a device install has none)")
         _cli("bench", "run", "cardio-assist", "--phases", "timing", "--runs", "1", "--warmup", "0", "--max-tokens", "2",
              "--threads", "1", "--ctx", "256", "-o", bench)
         (earlier,) = (bench / "raw").glob("*-timing.json")

@@ -159,6 +159,15 @@ def bench() -> None:
     """
 
 
+def _require_bench_extra() -> None:
+    """The bench's own packages (the ``bench`` extra), asked for before anything is measured: the report's plots
+    need matplotlib only once every measurement has ended, and a device install (``edgemed[gguf]``) lacks it."""
+    from edgemed.errors import require
+
+    for module in ("matplotlib", "psutil", "tqdm"):
+        require(module, "bench")
+
+
 @bench.command("run")
 @click.argument("model")
 @_common
@@ -181,6 +190,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     out = output or Path(f"bench-{config.name}")
+    _require_bench_extra()  # after the arguments and the model are checked, before anything is measured or written
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
                          force=force, check=_still_verified(verified) if verified is not None else None)
@@ -233,6 +243,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
+    _require_bench_extra()  # before the conversions: the report's plots come only after every measurement
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     if imatrix_from is not None:
