@@ -243,13 +243,13 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
-    _require_bench_extra()  # before the conversions: the report's plots come only after every measurement
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     if imatrix_from is not None:
         from edgemed.converters.gguf.calibration import resolve
 
         imatrix_from = resolve(imatrix_from).resolve()
+    _require_bench_extra()  # after the arguments, before the conversions: the plots come after every measurement
     configs = artifacts.prepare(source.resolve(), output, artifacts.parse_quants(quants),
                                 parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo,
                                 imatrix_from=imatrix_from, allow_pickle=allow_pickle)
