@@ -181,6 +181,59 @@ def test_bad_settings_are_refused_at_submit(batcher, prompts):
     assert batcher.stats()["queue_depth"] == 0 and batcher.stats()["active_slots"] == 0
 
 
+def test_a_text_sure_not_to_fit_is_refused_before_it_is_tokenized(batcher, prompts, monkeypatch):
+    """Tokenizing holds the lock every request needs, and llama.cpp's special-token matching slows down faster than
+    the text grows: a megabyte of markup held every other request for 17 s before it was refused as too long."""
+    from edgemed.runtime.llamacpp import Model
+
+    model = batcher._model
+    texts = [prompts[1], "word " * 600, "<|im_start|>" * 50 + "hi", "é中 " * 300, "a" * 2000, "<|im_end|>x" * 7]
+    for text in texts:  # a lower bound: never more than the tokens the text really is
+        assert 0 < model.at_least_tokens(text) <= len(model.tokenize(text, True, True)), text[:40]
+    assert model.at_least_tokens("<|im_start|>" * 600) == 600
+
+    def no(*args, **kwargs):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(Model, "tokenize", no)
+    for text in ["<|im_start|>" * 80_000, "x" * 2_000_000]:
+        with pytest.raises(ContextOverflow, match="at least .* context window of 512"):
+            batcher.tokenize(text)
+        with pytest.raises(ContextOverflow, match="max_tokens=24"):
+            batcher.submit(text, GREEDY, request_id="huge")
+    with pytest.raises(ContextOverflow, match="with max_tokens=24"):  # the bound counts max_tokens as check_fits does
+        batcher.submit("<|im_start|>" * 500, GREEDY, request_id="near")
+    assert batcher.stats()["queue_depth"] == 0 and batcher.stats()["active_slots"] == 0
+
+
+def test_short_prompts_are_fed_in_chunks_when_the_batch_is_smaller(smollm2_gguf, prompts):
+    """A prompt of up to WHOLE_PROMPT tokens went whole or not at all: with a profile's n_batch under it, the
+    scheduler skipped it at every step (millions of empty steps, 100 % of a core, no answer)."""
+    small = LoadSettings(n_ctx=2 * 512, n_threads=1, n_batch=32, n_ubatch=32)
+    with Batcher(smollm2_gguf, small, slots=2, queue_size=2) as b:
+        sizes = [len(b.tokenize(p)) for p in (prompts[3], prompts[1])]
+        assert all(32 < n <= 128 for n in sizes)
+        streams = [b.submit(prompts[3], GenerationSettings(max_tokens=12), request_id="a")]
+        time.sleep(0.5)  # the second arrives while the first is read or streams
+        streams.append(b.submit(prompts[1], GenerationSettings(max_tokens=6), request_id="b"))
+        got = [None, None]
+
+        def take(i):
+            got[i] = collect(streams[i])
+
+        threads = [threading.Thread(target=take, args=(i,), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        if any(t.is_alive() for t in threads):  # end both, so that the failure is reported rather than a hang
+            for stream in streams:
+                stream.cancel()
+        assert all(g is not None for g in got), "a short prompt larger than the batch never got its answer"
+        assert [fin.finish_reason for _, fin in got] == ["length", "length"]
+        assert [fin.prompt_tokens for _, fin in got] == sizes
+
+
 def test_seeded_sampling_is_per_sequence(batcher, prompts):
     hot = GenerationSettings(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=7)
     a = batcher.submit(prompts[0], hot, request_id="t1")

@@ -94,7 +94,7 @@ import time
 from pathlib import Path
 
 from edgemed.errors import (  # re-exported
-    AdapterError, Closed, InputError, ModelLoadError, NoTokenAllowed, Overloaded,
+    AdapterError, Closed, ContextOverflow, InputError, ModelLoadError, NoTokenAllowed, Overloaded,
 )
 from edgemed.runtime import heap
 from edgemed.runtime.llamacpp import REFEED  # a prompt found whole in a slot still feeds its last REFEED tokens
@@ -253,6 +253,7 @@ class Batcher:
                 raise ModelLoadError(f"n_batch {self._ctx.n_batch} is smaller than the {self.slots} slots.",
                                      "raise n_batch or use fewer slots")
             self._batch = Batch(self._model.lib, self._ctx.n_batch)
+            self._model.token_bounds()  # read from the vocabulary now, not in the first request
             for name, spec in self._initial_adapters.items():
                 self._adapters[name] = self._load_adapter(name, spec)
         except BaseException:
@@ -416,8 +417,26 @@ class Batcher:
             return self._require_model().n_vocab
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """``text``'s token ids; a text sure to be longer than a slot's context is refused before it is tokenized
+        (``ContextOverflow``: ``_refuse_unfit``)."""
         with self._native:
-            return self._require_model().tokenize(text, add_special, parse_special)
+            model = self._require_model()
+            self._refuse_unfit(model, text)
+            return model.tokenize(text, add_special, parse_special)
+
+    def _refuse_unfit(self, model, text: str, max_tokens: int = 0) -> None:
+        """``ContextOverflow`` when ``text`` is surely more tokens than fit in a slot with ``max_tokens`` (a bound
+        counted without tokenizing: ``Model.at_least_tokens``). Tokenizing runs under ``_native``, which every request
+        needs, and a text of many special tokens is slow to tokenize (a megabyte of ``<|im_start|>`` held every
+        other request for 17 s); one that cannot fit need not be."""
+        at_least = model.at_least_tokens(text)
+        if at_least + max_tokens > self.n_ctx_per_slot:
+            raise ContextOverflow(
+                f"The prompt is at least {at_least} tokens ({len(text)} characters)"
+                f"{f'; with max_tokens={max_tokens} it needs more' if max_tokens else ''} than the context window of "
+                f"{self.n_ctx_per_slot} tokens per slot.",
+                "shorten the prompt (or the conversation's history), lower max_tokens, or start the server with a "
+                "larger --ctx or fewer --slots")
 
     # -- requests ----------------------------------------------------------------------------
     def _check_capacity(self, n: int = 1) -> None:
@@ -475,6 +494,8 @@ class Batcher:
         try:
             with self._native:
                 model = self._require_model()
+                if isinstance(prompt, str):
+                    self._refuse_unfit(model, prompt, settings.max_tokens)
                 tokens = model.tokenize(prompt, True, True) if isinstance(prompt, str) else [int(t) for t in prompt]
                 if not tokens:
                     raise InputError("The prompt is empty.", "send at least one token of prompt")
@@ -932,8 +953,11 @@ class Batcher:
             remaining = len(seq.tokens) - seq.pos
             if remaining <= 0 or seq.waiting:
                 continue
-            short = seq.computed <= WHOLE_PROMPT  # the prompt tokens this request feeds
-            take = remaining if short else chunk_of(remaining, min(budget, room), whole, seq.computed)
+            # a short prompt goes whole where the step has room for it; where it has not (a profile's n_batch
+            # under WHOLE_PROMPT, or the decode rows' share), it is fed in chunks like a long one, or it would wait
+            # at every step for a room that never comes
+            short = seq.computed <= WHOLE_PROMPT and remaining <= room  # computed: the tokens this request feeds
+            take = remaining if short else chunk_of(remaining, min(budget, room), whole)
             if take <= 0 or take > room:
                 continue
             takes.append((seq, take))
