@@ -244,6 +244,24 @@ def test_dora_adapter_is_refused(models, tmp_path):
         convert(models["llama"], tmp_path / "x.gguf", ConvertOptions(out_type="f32", lora=bad), echo=lambda s: None)
 
 
+@pytest.mark.parametrize("adapter_only", [False, True], ids=["merge", "adapter-only"])
+@pytest.mark.parametrize("dropped", ["lora_A", "lora_B"])
+def test_a_lora_half_without_its_partner_is_refused(models, tmp_path, dropped, adapter_only):
+    """A lone lora_B was skipped, so the adapter merged into another model and the parity reference agreed."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "half"
+    shutil.copytree(models["lora"], bad)
+    path = bad / "adapter_model.safetensors"
+    gone = f"base_model.model.model.layers.1.mlp.down_proj.{dropped}.weight"
+    kept = gone.replace(dropped, "lora_B" if dropped == "lora_A" else "lora_A")
+    save_file({k: v for k, v in load_file(path).items() if k != gone}, path, metadata={"format": "pt"})
+    opts = ConvertOptions(out_type="f32", lora=bad, adapter_only=adapter_only)
+    with pytest.raises(AdapterError, match=f"has '{kept}' but not its partner '{gone}'") as exc:
+        convert(models["llama"], tmp_path / "x.gguf", opts, echo=lambda s: None)
+    assert "PEFT" in exc.value.fix and not (tmp_path / "x.gguf").exists()
+
+
 # -- tokenizer ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,pre", [("llama", "gpt-2"), ("qwen2", "qwen2")])
 def test_tokenizer_detection_and_llama_cpp_ids_equal_hf(models, tmp_path, arch, pre):
@@ -442,6 +460,29 @@ def test_check_refuses_a_gguf_whose_tokenizer_is_not_the_sources(models, tmp_pat
     bad = runner.invoke(cli, ["check", str(other), str(gguf)])
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "PASS" not in bad.output, bad.output
     assert "token" in bad.output.lower()
+
+
+def test_check_refuses_a_model_with_another_vocabulary_than_its_source(models, tmp_path):
+    """`check SOURCE MODEL` where MODEL's embedding was resized (the same tokenizer, 16 more rows): its logits cannot
+    be compared with the source's, and the shape mismatch ended in a ValueError traceback."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    wider = tmp_path / "llama-400"
+    shutil.copytree(models["llama"], wider)
+    weights = load_file(wider / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = torch.cat([weights[name], torch.randn(16, weights[name].shape[1]) * 0.08])
+    save_file(weights, wider / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps(config | {"vocab_size": 400}))
+    gguf = tmp_path / "v400.gguf"
+    convert(wider, gguf, ConvertOptions(out_type="f32", parity=False), echo=lambda s: None)
+    result = CliRunner().invoke(cli, ["check", str(models["llama"]), str(gguf)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "has a vocabulary of 400 tokens" in said and "one of 384: it is not a conversion" in said, said
+    assert "Fix: pass the checkpoint it was converted from" in said and "Traceback" not in said
 
 
 def test_check_json_of_a_failing_model_is_one_document(models, tmp_path):

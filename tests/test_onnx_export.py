@@ -320,3 +320,51 @@ def test_an_export_whose_tokenizer_splits_text_otherwise_is_refused_and_leaves_n
     with pytest.raises(TokenizerError, match="tokenizes differently from the source's tokenizer"):
         convert_onnx(tiny, out_parent / "x", OnnxOptions(weight_type="fp32", parity=False), echo=lambda s: None)
     assert list(out_parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["fifo", "negative-kv-heads", "no-past-inputs"])
+def test_check_refuses_a_bad_genai_config_or_a_graph_without_a_kv_cache(tiny, exported, tmp_path, case):
+    """`edgemed check SOURCE DIR` reads genai_config.json as the ONNX engine does: a named pipe there used to block it
+    for ever, a negative KV head count and a graph without past_key_values inputs ended in a traceback."""
+    import os
+    import threading
+
+    import onnx
+    from click.testing import CliRunner
+    from onnx import TensorProto, helper
+
+    from edgemed.cli import cli as main
+
+    d = tmp_path / "onnx"
+    shutil.copytree(exported["fp32"], d)
+    config = d / "genai_config.json"
+    if case == "fifo":
+        config.unlink()
+        os.mkfifo(config)
+        says = "is a named pipe (FIFO), not a regular file"
+    elif case == "negative-kv-heads":
+        doc = json.loads(config.read_text())
+        doc["model"]["decoder"]["num_key_value_heads"] = -1
+        config.write_text(json.dumps(doc))
+        says = "'model.decoder.num_key_value_heads' must be a positive integer"
+    else:  # a graph from input_ids to logits alone
+        ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "n"])
+        logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+        graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "g",
+                                  [ids], [logits])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(d / "model.onnx"))
+        (d / "model.onnx.data").unlink()
+        says = "has no past_key_values inputs"
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(CliRunner().invoke(main, ["check", str(tiny), str(d)])),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    if worker.is_alive():  # blocked in open(): give it a writer that hangs up at once, so the thread can end
+        os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=10)
+        pytest.fail("check blocked on genai_config.json instead of refusing it")
+    result = done[0]
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert says in said and "Fix:" in said and "Traceback" not in said, result.output

@@ -9,10 +9,14 @@ an empty KV cache, which is the path every generation starts with.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from edgemed.converters.quality.parity import ParityReport, compare, source_logits
+from edgemed.converters.quality.parity import ParityReport, compare, same_vocabulary, source_logits
 from edgemed.converters.onnx.trace import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from edgemed.formats import genai_config
+
+GENAI_CONFIG = "genai_config.json"
 
 # ONNX weight type -> the parity gate's output-type key (f32: the NMSE gate; int4: the quantized top-1 gate)
 GATE_TYPE = {"fp32": "f32", "int4": "int4"}
@@ -20,8 +24,9 @@ GATE_TYPE = {"fp32": "f32", "int4": "int4"}
 
 def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
     """float32 logits [positions, vocab] per token list, from an ONNX graph with a KV cache. A graph ONNX Runtime
-    cannot open (truncated weights, a missing data file) or a ``genai_config.json`` without the KV shape is an
-    ``InputError`` naming the file."""
+    cannot open (truncated weights, a missing data file), a graph without past_key_values inputs, or a
+    ``genai_config.json`` the ONNX engine would refuse (``edgemed.formats.genai_config``) is an ``InputError`` naming
+    the file."""
     import numpy as np
     import onnxruntime as ort
 
@@ -36,20 +41,23 @@ def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | N
         raise InputError(f"ONNX Runtime cannot open '{model_path}': {str(exc)[:200]}",
                          "convert again, or re-copy the whole directory (the graph and its .data file)") from None
     names = {i.name for i in session.get_inputs()}
-    config = Path(model_path).parent / "genai_config.json"
-    try:
-        decoder = json.loads(config.read_text())["model"]["decoder"] if config.exists() else None
-        if decoder is not None:
-            decoder["num_key_value_heads"], decoder["head_size"]  # noqa: B018 - both read below
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"'{config}' does not give the model's KV shape ({type(exc).__name__}: {exc}).",
-                         "convert again, or re-copy genai_config.json from the converted directory") from None
+    config = Path(model_path).parent / GENAI_CONFIG
+    # checked as the ONNX engine checks it: a regular file of bounded size, its sizes positive integers
+    decoder = genai_config.read_model(config, engine=True)["decoder"] if os.path.lexists(config) else None
     past = [n for n in sorted(names) if n.startswith("past_key_values.")]
+    if not past:
+        raise InputError(f"The ONNX graph '{model_path}' has no past_key_values inputs: it is not a decoder with a KV "
+                         "cache, which edgemed exports and checks.",
+                         "check the directory `edgemed convert --to onnx` wrote, or convert the model again")
     if decoder:  # the KV shape from the config: a graph may leave head_dim symbolic
         kv_heads, head_dim = decoder["num_key_value_heads"], decoder["head_size"]
     else:
         shape = next(i.shape for i in session.get_inputs() if i.name == past[0])
         kv_heads, head_dim = shape[1], shape[3]
+        if not (isinstance(kv_heads, int) and isinstance(head_dim, int)):
+            raise InputError(f"The ONNX graph '{model_path}' leaves its KV shape symbolic ({shape}), and its folder has "
+                             f"no {GENAI_CONFIG} to give it.",
+                             f"re-copy {GENAI_CONFIG} from the converted directory, or convert the model again")
     out = []
     for tokens in token_lists:
         n = len(tokens)
@@ -72,7 +80,9 @@ def check_onnx(source, onnx_path: Path, weight_type: str, *, threads: int | None
     """Parity of ``onnx_path`` against its HF ``source`` (the command's opened ``Source``: checkpoint + PEFT adapter,
     unmerged; as ``parity.source_logits`` takes it). ``reference`` reuses (ids, logits)."""
     ids, src = reference or source_logits(source)
-    return compare("onnx", GATE_TYPE.get(weight_type, weight_type), ids, src, onnx_logits(onnx_path, ids, threads))
+    converted = onnx_logits(onnx_path, ids, threads)
+    same_vocabulary(Path(onnx_path).parent, source, src, converted)
+    return compare("onnx", GATE_TYPE.get(weight_type, weight_type), ids, src, converted)
 
 
 def verify_tokenizer(source_dir: Path, onnx_dir: Path, samples=None) -> int:

@@ -181,12 +181,29 @@ def gated(report: ParityReport, what: str, echo) -> dict:
     return report.to_dict()
 
 
+def same_vocabulary(model: Path, source, src: list, converted: list) -> None:
+    """Refuse logits of ``model`` over another vocabulary than its ``source``'s (a ``Source``, a ``Checkpoint`` or a
+    directory): a model whose embedding was resized is not a conversion of that checkpoint, and its logits cannot
+    be compared with the source's."""
+    import numpy as np
+
+    from edgemed.errors import InputError
+
+    for s, c in zip(src, converted):
+        if np.ndim(s) == np.ndim(c) == 2 and np.shape(s)[1] != np.shape(c)[1]:
+            raise InputError(f"'{model}' has a vocabulary of {np.shape(c)[1]:,} tokens and its source "
+                             f"'{getattr(source, 'path', source)}' one of {np.shape(s)[1]:,}: it is not a conversion "
+                             "of that checkpoint.", "pass the checkpoint it was converted from as the source")
+
+
 def check_gguf(source, gguf_path: Path, out_type: str, *, threads: int | None = None,
                reference: tuple | None = None) -> ParityReport:
     """Parity of ``gguf_path`` against its HF ``source`` (the command's opened ``Source``, as ``source_logits``
     takes it). ``reference`` reuses (ids, logits) already computed."""
     ids, src = reference or source_logits(source)
-    return compare("gguf", out_type, ids, src, gguf_logits(gguf_path, ids, threads))
+    converted = gguf_logits(gguf_path, ids, threads)
+    same_vocabulary(gguf_path, source, src, converted)
+    return compare("gguf", out_type, ids, src, converted)
 
 
 def adapter_logits(base_path: Path, adapter_path: Path, token_lists: list[list[int]], threads: int | None = None,
@@ -211,7 +228,9 @@ def check_adapter_gguf(source, base_path: Path, adapter_path: Path, base_type: s
     """Parity of the base GGUF + LoRA adapter GGUF at run time against the HF ``source`` with its adapter merged;
     ``base_type`` (the base's type) picks the gate, as for a merged conversion of that type."""
     ids, src = reference or source_logits(source)
-    return compare("gguf+lora", base_type, ids, src, adapter_logits(base_path, adapter_path, ids, threads))
+    converted = adapter_logits(base_path, adapter_path, ids, threads)
+    same_vocabulary(base_path, source, src, converted)
+    return compare("gguf+lora", base_type, ids, src, converted)
 
 
 Checker = Callable[..., ParityReport]

@@ -324,6 +324,10 @@ class LoraAdapter:
             raise AdapterError(f"Adapter tensor '{odd}' is a LoRA part edgemed cannot merge (only lora_A/lora_B weights of "
                                "linear layers are).", "merge it with PEFT's merge_and_unload() and convert the merged model")
         a_keys = [k for k in keys if ".lora_A." in k]
+        for b_key in (k for k in keys if ".lora_B." in k):
+            a_key = b_key.replace(".lora_B.", ".lora_A.")
+            if a_key not in keys:
+                raise AdapterError(f"Adapter has '{b_key}' but not its partner '{a_key}'.", "re-save the adapter with PEFT")
         for a_key in a_keys:
             b_key = a_key.replace(".lora_A.", ".lora_B.")
             if b_key not in keys:
