@@ -301,6 +301,20 @@ def test_a_config_without_model_type_is_refused_before_work(models, tmp_path, ro
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("route", ["gguf", "onnx"])
+def test_a_config_with_a_quantization_config_is_refused_before_work(models, tmp_path, route):
+    """A bitsandbytes quantization_config left in config.json: the ONNX route died in transformers' ImportError, the
+    GGUF route converted the float weights that Hugging Face loading would have quantized."""
+    ckpt = _copy(models["llama"], tmp_path / "ckpt")
+    quant = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    _edit_json(ckpt / "config.json", lambda c: c | {"quantization_config": quant})
+    out = tmp_path / "out"
+    result = _convert_by(route, ckpt, out)
+    _refused(result, str(ckpt / "config.json"), "'quantization_config' (\"bitsandbytes\")",
+             "the two routes would compute different models", "remove 'quantization_config' from config.json")
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("value", [None, 2, ["qwen2"]])
 def test_a_model_type_that_is_not_a_string_is_refused(tmp_path, value):
     from edgemed.converters.source.checkpoint import validate_config

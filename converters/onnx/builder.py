@@ -60,20 +60,28 @@ def merged_checkpoint(ckpt_dir, adapter, work: Path) -> Path:
 def fp32_step(job) -> Path:
     """The ``genai`` row's fp32 step: merge the adapter (if any) into a temp checkpoint, build fp32 from it."""
     job.builder_src = merged_checkpoint(job.ckpt if job.ckpt is not None else job.ckpt_dir, job.adapter, job.work)
-    build(job.builder_src, job.work / "fp32", "fp32", cache=job.work / "cache")
+    build(job.builder_src, job.work / "fp32", "fp32", cache=job.work / "cache", pickle_files=_pickle_files(job))
     return job.work / "fp32" / "model.onnx"
 
 
 def int4_step(job, fp32_model: Path, out_dir: Path, recipe: dict) -> None:
     """The ``genai`` row's int4 step: the builder quantizes from the (merged) HF weights, not from ``fp32_model``."""
-    build(job.builder_src, out_dir, "int4", cache=job.work / "cache", **recipe)
+    build(job.builder_src, out_dir, "int4", cache=job.work / "cache", pickle_files=_pickle_files(job), **recipe)
+
+
+def _pickle_files(job) -> list:
+    """The pickle weights the builder loads: the opened checkpoint's (consented to), unless the adapter was merged
+    into a temp checkpoint (saved as safetensors)."""
+    ckpt = job.ckpt
+    return list(ckpt.pickle_files) if ckpt is not None and Path(job.builder_src) == Path(ckpt.path) else []
 
 
 def build(src: Path, out: Path, precision: str, *, cache: Path, block_size: int = 32, symmetric: bool = False,
-          accuracy_level: int = 4, head_bits: int = 8, max_length: int = 4096) -> None:
-    """Run the builder: ``src`` (HF dir) -> ``out`` (model.onnx + data + genai_config.json), CPU, fp32 or int4."""
+          accuracy_level: int = 4, head_bits: int = 8, max_length: int = 4096, pickle_files=()) -> None:
+    """Run the builder: ``src`` (HF dir) -> ``out`` (model.onnx + data + genai_config.json), CPU, fp32 or int4.
+    ``pickle_files``: the pickle weights ``src`` was opened with (the user's consent), which the builder loads."""
     require("onnxruntime_genai", "convert")
-    require_hf_layout(src)  # the builder loads src with from_pretrained: only under the standard names, or a pickle
+    require_hf_layout(src, pickle_files)  # the builder loads src with from_pretrained: only under the standard names
     env.enforce_offline()
     cmd = [sys.executable, "-m", MODULE, "-i", str(src), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
     if precision == "int4":

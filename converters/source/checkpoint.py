@@ -30,6 +30,9 @@ from edgemed.files.hashing import files_digest
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
+PICKLE_NAME = "pytorch_model.bin"  # the pickle weights Hugging Face loading reads, or the shards its index lists
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+ZIP_MAGIC = b"PK\x03\x04"  # how torch's (zip) pickle format starts; the legacy format does not
 
 
 MAX_JSON_BYTES = 64 * 2**20  # config / index files are kilobytes; refuse to slurp a mislabelled blob
@@ -122,6 +125,15 @@ def validate_config(config: dict, path: Path) -> None:
             "which llama.cpp's graph for this architecture does not have: the GGUF would compute another model for "
             "any prompt longer than the window, and a short parity check would not see it.",
             "convert a checkpoint without sliding-window layers: llama.cpp cannot run this one as it was trained")
+    quant = config.get("quantization_config")
+    if quant is not None:  # transformers quantizes (bitsandbytes) or unpacks the weights by it; a GGUF reads them as stored
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise CheckpointError(
+            f"{where}: 'quantization_config' ({json.dumps(method or quant)[:60]}) tells Hugging Face loading (the ONNX "
+            "route) to quantize the weights, or to read them as quantized, while a GGUF conversion reads the stored "
+            "tensors as they are: the two routes would compute different models.",
+            "remove 'quantization_config' from config.json once the weights are float: merge or dequantize the model "
+            "first (in transformers: model.dequantize(), or merge_and_unload() for a QLoRA, then save_pretrained())")
 
     def bad(key: str, value, want: str, example) -> CheckpointError:
         return CheckpointError(f"{where}: '{key}' must be {want}, not {json.dumps(value)[:60]}.",
@@ -296,9 +308,13 @@ def hf_weights_name(path: Path) -> str | None:
 
 
 def require_hf_layout(path: Path, pickle_files=()) -> None:
-    """Refuse, before transformers or the GenAI builder is started, a folder whose safetensors they would not find
-    (the GGUF route reads them under any name; ``from_pretrained`` only under the standard ones)."""
-    if pickle_files or hf_weights_name(path) is not None:
+    """Refuse, before transformers or the GenAI builder is started, a folder whose weights they would not find
+    (the GGUF route reads them under any name; ``from_pretrained`` only under the standard ones). ``pickle_files``:
+    the pickle weights the checkpoint was opened with (with consent), which are then what it loads."""
+    if pickle_files:
+        _require_hf_pickles(Path(path), pickle_files)
+        return
+    if hf_weights_name(path) is not None:
         return
     names = sorted(p.name for p in Path(path).glob("*.safetensors"))
     raise CheckpointError(
@@ -307,6 +323,28 @@ def require_hf_layout(path: Path, pickle_files=()) -> None:
         f"name a single file {SAFETENSORS_NAME}, or add the {SAFETENSORS_INDEX} that lists the shards; or convert "
         "with --to gguf, which reads them as they are",
     )
+
+
+def _require_hf_pickles(path: Path, pickle_files) -> None:
+    """Refuse pickle weights ``from_pretrained`` would not load: it reads ``pytorch_model.bin``, else the shards of
+    ``pytorch_model.bin.index.json``, and fails on (or passes over) a ``*.pt``, a ``*.pth`` or unindexed shards."""
+    from fnmatch import fnmatch
+
+    if (path / PICKLE_NAME).is_file():
+        loaded = {PICKLE_NAME}
+    elif (path / PICKLE_INDEX).is_file():
+        loaded = {p.name for p in pickle_files if fnmatch(p.name, PICKLE_PATTERNS[0])}
+    else:
+        loaded = set()
+    unread = sorted(p.name for p in pickle_files if p.name not in loaded)
+    if unread:
+        raise CheckpointError(
+            f"'{path}' has pickle weights under names Hugging Face loading does not look for ({', '.join(unread[:3])}"
+            f"{', ...' if len(unread) > 3 else ''}); the ONNX route loads the model with it, from {PICKLE_NAME} or "
+            f"the shards {PICKLE_INDEX} lists only.",
+            f"save the weights as safetensors ({SAFETENSORS_NAME}), or as a single {PICKLE_NAME}; or convert with "
+            "--to gguf, which reads them as they are",
+        )
 
 
 def pickle_refused(path: Path, pickles: list[Path]) -> CheckpointError:
@@ -415,9 +453,16 @@ class Checkpoint:
             try:
                 with open_regular(file) as fh:  # a FIFO would block the reader, a device never end
                     zipped = zipfile.is_zipfile(fh)
+                    fh.seek(0)
+                    magic = fh.read(4)
             except OSError as exc:
                 raise CheckpointError(f"Weights file '{file}' cannot be read ({exc.strerror or exc}).",
                                       "copy the weight file itself into the checkpoint folder") from None
+            if not zipped and magic == ZIP_MAGIC:  # a zip's start without its end (the directory): cut short
+                raise CheckpointError(f"Weights file '{file}' is truncated or corrupt: it starts as torch's zip format "
+                                      "but its zip directory is missing or damaged.",
+                                      "copy the file again from the source checkpoint (check its size against the "
+                                      "original)")
             if not zipped:  # torch's own refusal ("mmap can only be used with ...") names no fix
                 raise legacy_pickle_error(file)
             try:
