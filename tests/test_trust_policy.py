@@ -4,6 +4,8 @@ one-paragraph fix, before anything is stored; run applies the policy again to th
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 from pathlib import Path
 
@@ -123,6 +125,32 @@ def test_run_applies_the_policy_to_the_installed_copy(home, made):
     sig.write_bytes((made["by-b"] / "model.sig").read_bytes())
     with pytest.raises(SignatureError):
         runnable("tiny")
+
+
+def test_a_signature_not_checked_at_install_is_checked_once_the_policy_trusts_its_key(home, made, tmp_path):
+    """A model installed while no key applied has no signer on record: its model.sig naming key a (trusted now) with
+    signature bytes that are not a's passed verify and run, on the key id the file claims for itself."""
+    forged = tmp_path / "forged"
+    shutil.copytree(made["by-a"], forged)
+    sig = forged / "model.sig"
+    sig.chmod(0o644)
+    doc = json.loads(sig.read_bytes())
+    doc["dsseEnvelope"]["signatures"][0]["sig"] = base64.b64encode(b"x" * 64).decode()
+    sig.write_text(json.dumps(doc))
+    store = Store()
+    store.install(forged, name="forged")  # no trust.toml, no --key: installed with the signature not checked
+    store.install(made["by-a"], name="genuine")
+    assert store.record("forged")["signer_key"] is None and store.record("forged")["signature_sha256"]
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/a.pub.pem"]\n')
+    with pytest.raises(SignatureError) as exc:
+        runnable("forged")
+    assert "with its signature not checked" in str(exc.value) and "does not verify" in str(exc.value), exc.value
+    assert "edgemed install BUNDLE --force" in exc.value.fix and "edgemed verify NAME --key" in exc.value.fix
+    out = _refused_cli("verify", "forged")
+    assert "does not verify" in out, out
+    assert runnable("genuine").model_path.is_file()  # a genuine signature, installed the same way, still runs
+    r = CliRunner().invoke(cli, ["verify", "genuine"])
+    assert r.exit_code == 0, r.output
 
 
 def test_run_of_a_bundle_directory_follows_the_local_entry(home, made):

@@ -258,6 +258,21 @@ def check_installed(record: dict, sig: signing.Signature | None, manifest, manif
         if not trusted:
             raise SignatureError(f"The installed model is signed by key {signer}, which the trust policy no longer trusts "
                                  f"({entry.where} in {policy.path}).", _fix(policy, entry, repo))
+        if not recorded:  # installed with its signature not checked: the key id model.sig names is only its claim
+            _check_unchecked(record, sig, manifest, manifest_bytes, next(k for k in entry.keys if k.key_id == signer))
     elif entry.require_signature:
         raise SignatureError(f"No signer is trusted for {repo or 'local bundles'} in {policy.path}, which requires a signature.",
                              _fix(policy, entry, repo))
+
+
+def _check_unchecked(record: dict, sig: signing.Signature, manifest, manifest_bytes: bytes, key: signing.PublicKey) -> None:
+    """A model installed while no key applied (install said "signature not checked") and now judged by a policy that
+    trusts the key its model.sig names: the signature is checked in full, here, before the model is trusted."""
+    try:
+        signing.verify(sig, manifest, manifest_bytes, key)
+    except SignatureError as exc:
+        where = record.get("origin") or record.get("source") or "an earlier install"
+        raise SignatureError(f"The installed model '{manifest.name}' (from {where}) was installed with its signature not "
+                             f"checked, and that signature does not hold: {exc.problem}",
+                             "do not run it; install a copy from its maker again (edgemed install BUNDLE --force checks "
+                             "the signature now), or check this one with `edgemed verify NAME --key MAKER.pub.pem`") from None
