@@ -122,6 +122,8 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     if ref.kind == TAR:
         raise InputError(f"'{model}' is a bundle archive.", f"install it first (edgemed install {model}), then export by name")
     v = verified(ref)
+    # an ONNX or adapter-only bundle has no GGUF to hand on: refused before any destination is looked at
+    ex.require_gguf(v, "--ollama" if ollama_dir else "--gguf" if gguf_out else "--llama-server")
     from edgemed.files.atomic import check_destination, refuse_input_as_output
 
     read = [("the bundle", v.root)]  # and the store, which refuse_input_as_output refuses for every output

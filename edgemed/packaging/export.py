@@ -43,6 +43,36 @@ FORMATS = (
 )
 
 DEFAULT_CTX = 4096
+MAX_LICENSE_BYTES = 1 << 20  # a Modelfile's LICENSE block: a license text, not a book
+
+
+def require_gguf(v: Verified, what: str) -> None:
+    """``what`` (an Ollama folder, a llama-server command line, a plain GGUF copy) hands on the bundle's one GGUF
+    file: an ONNX bundle (a folder of graph files) or an adapter-only bundle (no model) is refused, named."""
+    man = v.manifest
+    fmt = man.model.get("format")
+    if fmt == "gguf":
+        return
+    if man.adapters_only:
+        raise InputError(f"'{man.name}' holds only LoRA adapters for the base checkpoint {str(man.base_source_sha256)[:12]}..., "
+                         f"no model: {what} needs a bundle whose model is a GGUF.",
+                         "export the base model's bundle instead; the adapters apply to it with "
+                         f"edgemed run BASE --adapter {man.adapters[0]['name'] if man.adapters else 'NAME'}")
+    raise InputError(f"'{man.name}' is an {fmt} bundle; {what} needs a bundle whose model is a GGUF.",
+                     "export a GGUF bundle (edgemed convert SOURCE --to gguf, then edgemed pack it); "
+                     "an ONNX bundle runs with edgemed run or edgemed serve")
+
+
+def read_license(v: Verified) -> str:
+    """The bundle's LICENSE as text: at most MAX_LICENSE_BYTES (a longer one is refused), bytes that are not UTF-8
+    shown as U+FFFD (pack takes a license in any encoding, a Latin-1 one included)."""
+    path = v.root / "LICENSE"
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_LICENSE_BYTES + 1)
+    if len(data) > MAX_LICENSE_BYTES:
+        raise InputError(f"The LICENSE of '{v.manifest.name}' is larger than {MAX_LICENSE_BYTES} bytes, too large for a Modelfile.",
+                         "shorten the LICENSE and re-pack, or export with --gguf and write the Modelfile by hand")
+    return data.decode("utf-8", errors="replace")
 
 
 def prompt_format(chat_template: str | None) -> PromptFormat | None:
@@ -92,7 +122,7 @@ def modelfile(v: Verified, gguf_name: str, chat_template: str | None, system: st
     lines += [f"PARAMETER stop {_quote(s)}" for s in (fmt.stops if fmt else ())]
     lic = man.entry("LICENSE")
     if lic is not None:
-        lines.append(_block("LICENSE", (v.root / "LICENSE").read_text(encoding="utf-8").strip("\n"), "LICENSE file",
+        lines.append(_block("LICENSE", read_license(v).strip("\n"), "LICENSE file",
                             "edit the LICENSE and re-pack"))
     return "\n".join(lines) + "\n"
 
@@ -106,8 +136,7 @@ def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, forc
     from edgemed.packaging.facts import chat_template
 
     man = v.manifest
-    if man.model.get("format") != "gguf":
-        raise InputError(f"'{man.name}' is a {man.model.get('format')} model; Ollama runs GGUF only.", "export a GGUF bundle")
+    require_gguf(v, "an Ollama export")
     gguf_name = f"{man.name}.gguf"
     text = modelfile(v, gguf_name, chat_template(v.model_path), system)  # refused text leaves no folder behind
     try:
@@ -122,6 +151,7 @@ def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, forc
 
 def copy_verified(v: Verified, dest: Path, *, force: bool = False) -> Path:
     """Copy the bundle's GGUF to ``dest`` (atomically), checking its sha256 on the way."""
+    require_gguf(v, "--gguf")
     with atomic_path(dest, force=force) as tmp:
         _copy_checked(v, tmp)
     return dest
@@ -138,6 +168,7 @@ def _copy_checked(v: Verified, tmp: Path) -> None:
 
 
 def llama_server_command(v: Verified, *, host: str = "127.0.0.1", port: int = 8080, ctx: int | None = None) -> str:
+    require_gguf(v, "--llama-server")
     man = v.manifest
     n_ctx = ctx or min(man.model.get("context_length") or DEFAULT_CTX, DEFAULT_CTX)
     args = ["llama-server", "--model", str(v.model_path), "--alias", man.name, "--ctx-size", str(n_ctx), "--jinja",
