@@ -112,3 +112,23 @@ def test_a_self_test_crash_with_the_new_set_is_refused_with_409_and_the_server_k
     monkeypatch.delenv(env.FAULT_VAR)
     assert _add(server, "triage", kit["triage"]).status_code == 200  # the same adapter, a host that passes
     assert httpx.delete(server.url + "/admin/adapters/triage").status_code == 200
+
+
+def test_an_adapter_file_llama_cpp_does_not_load_is_a_400_and_nothing_changes(server, kit, monkeypatch):  # noqa: F811
+    """It passed edgemed's header checks and the self-test's child, then llama.cpp refused it in the server: the
+    caller's file to fix, answered as a 500 server failure before (an alert on 5xx fired on it)."""
+    from edgemed.errors import ModelLoadError
+    from edgemed.runtime import llamacpp
+
+    def refuse(model, path):
+        raise ModelLoadError(f"llama.cpp could not load the LoRA adapter '{path}'.", "check the file")
+
+    before = _answer(server, MODEL)
+    monkeypatch.setattr(llamacpp, "Adapter", refuse)
+    r = _add(server, "triage", kit["triage"])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"], error["type"]) == ("adapter_not_loadable", "path", "invalid_request_error")
+    assert "triage.lora.gguf" in error["message"] and "Fix: check the file" in error["message"]
+    assert set(server.batcher.adapters()) == {"cardio"}
+    assert _answer(server, MODEL) == before

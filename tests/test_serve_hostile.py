@@ -229,3 +229,29 @@ def test_template_options_that_are_not_an_object_are_a_400(server, options):
                                               "template_inputs": {"question": "Which vitamin?", "options": options}})
     error = is_openai_error(r, 400, "invalid_template")
     assert "as an object of labels and answers" in error["message"], error
+
+
+def test_a_template_request_with_tools_is_a_400_naming_them(server):
+    """A template answers by its contract: tools sent with it were dropped without a word (200, no call)."""
+    tool = {"type": "function", "function": {"name": "order_test", "parameters": {"type": "object"}}}
+    base = {"model": MODEL, "max_tokens": 4, "template": "mcq", "template_inputs": {"question": "Q?", "options": {"A": "x", "B": "y"}}}
+    for extra, param in [({"tools": [tool], "tool_choice": "required"}, "tools"), ({"tools": [tool]}, "tools"),
+                         ({"tool_choice": "required"}, "tool_choice")]:
+        error = is_openai_error(post(server, "/v1/chat/completions", {**base, **extra}), 400, None)
+        assert error["param"] == param and "does not call tools" in error["message"]
+
+
+def test_a_model_without_a_chat_template_answers_messages_with_a_400(smollm2_gguf, tmp_path):
+    """The request's to change (the completions endpoint takes the model): it was a 500 server_error, which a 5xx
+    alert counts as the server failing."""
+    path = with_chat_template(smollm2_gguf, tmp_path / "plain.gguf", "")
+    batcher = Batcher(path, LoadSettings(n_ctx=512, n_threads=1), slots=1, queue_size=2)
+    batcher.start()
+    try:
+        with ServerThread(create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test"))) as srv:
+            error = is_openai_error(chat(srv, "Hello"), 400, None)
+            assert "no chat template" in error["message"] and "completions endpoint" in error["message"]
+            r = post(srv, "/v1/completions", {"model": MODEL, "max_tokens": 2, "prompt": "Hello"})
+            assert r.status_code == 200, r.text
+    finally:
+        batcher.close()

@@ -327,7 +327,11 @@ def test_audit_failure_closes_the_api(model, tmp_path):
         r = httpx.get(srv.url + "/v1/models")
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
         assert httpx.get(srv.url + "/health").json()["status"] == "audit_failed"
-    log.close()
+        # the calls that change what every clinician is answered by are audited too: they were still taken
+        for method, path in [("GET", "/admin/adapters"), ("POST", "/admin/adapters"), ("DELETE", "/admin/adapters/x")]:
+            r = httpx.request(method, srv.url + path, json={"name": "x", "path": str(tmp_path / "a.gguf")})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable", (method, path, r.text)
+    log.close()  # and the server stopped without a traceback for its stop record
 
 
 def test_model_identity_for_the_audit(tmp_path):

@@ -103,8 +103,12 @@ async def _lifespan(app):
     chat_template.warm()  # the template renderer process starts now, not at the first request
     yield
     if config.audit is not None:
-        head = await asyncio.to_thread(lambda: config.audit.append("stop", model=config.model_id))
-        log.info("audit log %s: head %s at stop", config.audit.path, head)
+        try:
+            head = await asyncio.to_thread(lambda: config.audit.append("stop", model=config.model_id))
+        except OSError as exc:  # the log failed while serving (requests were refused since) or fails now
+            log.error("audit log %s: the stop record was not written (%s)", config.audit.path, exc)
+        else:
+            log.info("audit log %s: head %s at stop", config.audit.path, head)
 
 
 # -- error shapes ------------------------------------------------------------------------------------------

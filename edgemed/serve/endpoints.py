@@ -69,6 +69,10 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
         if body.messages:
             raise InputError("Send either 'messages' or 'template' (with 'template_inputs'), not both.",
                              "leave 'messages' empty when a template builds them")
+        if body.tools or body.tool_choice not in (None, "none"):  # a template's answer is its contract, never a call
+            raise api.ApiError(400, "A medical template answers by its own contract; it does not call tools. Fix: "
+                                    "drop 'tools' and 'tool_choice', or send 'messages' instead of 'template'.",
+                               param="tools" if body.tools else "tool_choice")
         template = served.templates.get(body.template)
         if template is None:
             raise TemplateError(f"No prompt template named '{body.template}'.",

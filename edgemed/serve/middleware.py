@@ -215,7 +215,7 @@ class Guard:
                                               "or a client that is not a browser, or start the server with "
                                               "--cors-origin naming that page's origin.", code="cross_origin_forbidden"))
         audit = self.config.audit
-        if audit is not None and audit.failed and path.startswith("/v1/"):
+        if audit is not None and audit.failed and path.startswith(("/v1/", ADMIN)):  # every audited call
             return await refuse(ApiError(503, f"The audit log cannot be written ({audit.failed}), so requests are "
                                               "refused. Fix: free disk space or repair the log's storage, then restart "
                                               "the server.", "server_error", "audit_unavailable"))

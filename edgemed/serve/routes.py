@@ -137,6 +137,9 @@ def _admit_and_add(srv, name: str, spec) -> None:
             srv.batcher.add_adapter(name, spec, check=srv.config.loaded_adapter)
         except IntegrityError as exc:
             raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_changed") from None
+        except ModelLoadError as exc:  # a file llama.cpp does not take: the caller's to fix, not a server failure
+            raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}", code="adapter_not_loadable",
+                               param="path") from None
 
 
 @router.delete("/admin/adapters/{name}")

@@ -387,9 +387,10 @@ class Batcher:
             template = model.meta("tokenizer.chat_template")
             bos, eos = model.special_text(model.bos()), model.special_text(model.eos())
             markup = model.markup_texts()
-        if not template:
-            raise ModelLoadError(f"'{self.model_path}' has no chat template.",
-                                 "use the completions endpoint, or convert with the tokenizer's chat template")
+        if not template:  # the request's to change (a 400), not the server's failure
+            raise InputError(f"The model '{self.model_path.name}' has no chat template, so it cannot answer messages.",
+                             "send a raw prompt to the completions endpoint, or convert the model with the tokenizer's "
+                             "chat template")
         refuse_markup(messages, markup)
         return render(template, messages, bos_token=bos, eos_token=eos, **({"tools": tools} if tools else {}))
 
