@@ -195,3 +195,38 @@ def test_thousands_of_chained_extended_headers_are_refused_not_a_traceback(tmp_p
             info.size = len(data)
             tf.addfile(info, __import__("io").BytesIO(data))
     assert read_tar(long_name, hash_sink)[0].files[0].path.endswith("m.gguf")
+
+
+def test_a_global_pax_header_and_pax_key_floods_are_refused(tmp_path, edgemed_home):
+    """tarfile copies a global PAX header's keys into every later member and keeps every member: 60 KB of keys
+    before 5,000 directory entries (a 2.6 MB file) cost hundreds of MB before the manifest was looked at."""
+    bundle = _tar(tmp_path / "global.edgemed", tarfile.TarInfo.create_pax_global_header({"k": "v" * 100}),
+                  _good_head(), _member("model/m.gguf", PAYLOAD))
+    for args in (["install"], ["inspect"], ["verify"]):
+        r = CliRunner().invoke(cli, [*args, str(bundle)], catch_exceptions=False)
+        assert r.exit_code == 1 and "holds a global PAX header" in r.output and "Fix:" in r.output, (args, r.output)
+    flood = tarfile.TarInfo("manifest.json")
+    flood.pax_headers = {f"k{i:03d}": "" for i in range(100)}
+    data = _manifest()
+    flood.size = len(data)
+    bundle = _tar(tmp_path / "keys.edgemed", flood.tobuf(tarfile.PAX_FORMAT) + data + tarfile.NUL * (-len(data) % 512),
+                  _member("model/m.gguf", PAYLOAD))
+    with pytest.raises(UnsafeArchive, match="PAX header of 'manifest.json' holds 10[0-9] keys"):
+        read_tar(bundle, hash_sink)
+    assert list(Store().models.iterdir()) == []
+
+
+def test_headers_are_not_kept_as_they_are_read_and_directory_entries_are_capped(tmp_path, monkeypatch):
+    from edgemed.packaging import archive
+
+    opened = []
+    real_open = archive._open
+    monkeypatch.setattr(archive, "_open", lambda path: opened.append(real_open(path)) or opened[-1])
+    dirs = [_member(f"d{i}", kind=tarfile.DIRTYPE) for i in range(3000)]
+    bundle = _tar(tmp_path / "dirs.edgemed", *dirs, _good_head(), _member("model/m.gguf", PAYLOAD))
+    assert read_tar(bundle, hash_sink)[0].name == "evil"  # directory entries are skipped, as before
+    assert len(opened[-1].members) <= 1  # tarfile kept every header it read (3,002 here) until the file was closed
+    assert archive.peek_tar(bundle)[0].name == "evil" and len(opened[-1].members) <= 1
+    monkeypatch.setattr(archive, "MAX_FILES", 2999)
+    with pytest.raises(UnsafeArchive, match="more than 2,999 directory entries"):
+        read_tar(bundle, hash_sink)

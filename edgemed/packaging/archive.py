@@ -27,7 +27,7 @@ from edgemed import env
 from edgemed.errors import IntegrityError, UnsafeArchive
 from edgemed.packaging import signing
 from edgemed.packaging.digest import copy_hashed
-from edgemed.packaging.manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURES, FileEntry, Manifest, check_relpath, max_signature_bytes
+from edgemed.packaging.manifest import MANIFEST, MAX_FILES, MAX_MANIFEST_BYTES, SIGNATURES, FileEntry, Manifest, check_relpath, max_signature_bytes
 from edgemed.packaging.signing import Signature
 
 _FIX = "do not install this file; ask the sender for a bundle made by `edgemed pack`"
@@ -103,6 +103,8 @@ Sink = Callable[[FileEntry, BinaryIO], str]
 MAX_EXTENDED_HEADER = 64 << 10
 #: Extended headers one member may have in a row (tar writers put at most a PAX header and GNU long names)
 MAX_EXTENDED_CHAIN = 8
+#: Keys one member's PAX header may hold (edgemed writes path and size; other writers add times, owners, xattrs)
+MAX_PAX_KEYS = 64
 _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
@@ -114,6 +116,8 @@ class _BoundedInfo(tarfile.TarInfo):
     def _proc_member(self, tf):
         if self.type not in _EXTENDED:
             return super()._proc_member(tf)
+        if self.type == tarfile.XGLTYPE:  # tarfile copies its keys into every later member: a few KB times each entry
+            raise UnsafeArchive(f"'{tf.name}' holds a global PAX header ({self.size:,} bytes); `edgemed pack` writes none.", _FIX)
         if self.size > MAX_EXTENDED_HEADER:
             raise UnsafeArchive(f"'{tf.name}' declares an extended tar header of {self.size:,} bytes (at most "
                                 f"{MAX_EXTENDED_HEADER:,}).", _FIX)
@@ -124,9 +128,13 @@ class _BoundedInfo(tarfile.TarInfo):
             raise UnsafeArchive(f"'{tf.name}' has more than {MAX_EXTENDED_CHAIN} extended tar headers in a row.", _FIX)
         tf._edgemed_extended = depth + 1
         try:
-            return super()._proc_member(tf)
+            member = super()._proc_member(tf)
         finally:
             tf._edgemed_extended = depth
+        if len(member.pax_headers) > MAX_PAX_KEYS:
+            raise UnsafeArchive(f"'{tf.name}': the PAX header of '{member.name[:200]}' holds {len(member.pax_headers):,} keys "
+                                f"(at most {MAX_PAX_KEYS}).", _FIX)
+        return member
 
 
 def _open(path: Path) -> tarfile.TarFile:
@@ -141,11 +149,20 @@ def _open(path: Path) -> tarfile.TarFile:
 def _files(tf: tarfile.TarFile, path: Path):
     """(name, member) for each file entry, after the checks every entry gets: a safe name, a regular file.
 
-    Directory entries are skipped (a directory cannot hold data; names are checked all the same).
+    Directory entries are skipped (a directory cannot hold data; names are checked all the same), at most
+    ``MAX_FILES`` of them. tarfile keeps every header it reads in ``tf.members``, in stream mode too: they are
+    dropped as they are read, so a tar of millions of small headers costs no more memory than one.
     """
-    for m in tf:
+    dirs = 0
+    while (m := tf.next()) is not None:
+        tf.members.clear()
         name = check_relpath(m.name.rstrip("/") if m.isdir() else m.name, f"archive {path.name}")
-        if not m.isdir():
+        if m.isdir():
+            dirs += 1
+            if dirs > MAX_FILES:
+                raise UnsafeArchive(f"{path} holds more than {MAX_FILES:,} directory entries; a bundle lists at most "
+                                    f"{MAX_FILES:,} files.", _FIX)
+        else:
             _refuse_type(m, path)
             yield name, m
 
