@@ -72,6 +72,9 @@ _FLOAT_PRECISION = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 
 MAX_OCI_MANIFEST_BYTES = 4 << 20  # what registries accept (distribution's default limit is 4 MiB)
 MAX_CONFIG_BYTES = 1 << 20
+#: the most of an answer's body read where the body is only a message (an error, a challenge, a redirect) or a small
+#: document asked for whole (a token): a registry sending more is cut there, its connection dropped
+MAX_ANSWER_BYTES = 64 << 10
 MAX_LAYERS = MAX_FILES + len(META_MEDIA)
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -172,6 +175,36 @@ def token_realm_allowed(realm: str, plain: bool) -> bool:
     return realm.startswith("https://") or (plain and realm.startswith("http://"))
 
 
+def bounded_body(r, *args, stream: bool = False, **kwargs):
+    """A ``requests`` response hook (and ``Client.fail``'s first step): the body of an answer that is not one edgemed
+    streams on purpose (a 2xx asked for with ``stream=True``: a manifest or a blob, each read to its own bound) is
+    read here, at most MAX_ANSWER_BYTES of it, before anything parses it. ``Client.fail``, oras's retry on a 500
+    (``res.json()``), the redirects requests follows (it reads each one whole) and oras's token requests then find
+    those bytes; a longer body is cut there and its connection closed with the rest unread."""
+    import http.client
+
+    import requests
+    import urllib3
+
+    if r._content_consumed or (stream and 200 <= r.status_code < 300):
+        return r
+    whole = True
+    try:
+        body = r.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True) if r.raw is not None else b""
+    except (OSError, ValueError, http.client.HTTPException, urllib3.exceptions.HTTPError,
+            requests.exceptions.RequestException):  # a body that breaks off is no message: the status is the answer
+        body, whole = b"", False
+    if len(body) > MAX_ANSWER_BYTES:
+        log.debug("HTTP %s from %s: the body is longer than %d bytes; the rest is not read", r.status_code, r.url,
+                  MAX_ANSWER_BYTES)
+        body, whole = body[:MAX_ANSWER_BYTES], False
+    if not whole and r.raw is not None:
+        r.raw.close()  # the connection goes, and what is left of the body with it
+    r._content, r._content_consumed = body or b"", True
+    r.close()
+    return r
+
+
 class Client:
     """An ``oras`` registry client for one registry, its scheme and its auth backend chosen by a first ``GET /v2/``.
 
@@ -190,6 +223,7 @@ class Client:
         self.base = f"{'http' if self.plain else 'https'}://{ref.registry}"
         backend = self._ping()
         self.oras = oras.provider.Registry(hostname=ref.registry, insecure=self.plain, tls_verify=True, auth_backend=backend)
+        self.oras.session.hooks["response"].append(bounded_body)  # before any request of this session (oras's included)
         # oras sets no timeout on its requests; every request of this session (oras's, and the auth backend's) gets ours
         self.oras.session.request = functools.partial(self.oras.session.request, timeout=self.TIMEOUTS_S)
         self.container = oras.container.Container(f"{ref.registry}/{ref.repo}:{ref.tag or 'latest'}")
@@ -251,8 +285,10 @@ class Client:
         """GET /v2/: reachable, the right scheme, and which auth it asks for ('basic' or 'token')."""
         import requests
 
-        try:
-            r = requests.get(f"{self.base}/v2/", timeout=self.PING_TIMEOUT_S)
+        try:  # the status and headers are the answer: the body is never read (the connection is closed with it)
+            with requests.get(f"{self.base}/v2/", timeout=self.PING_TIMEOUT_S, stream=True,
+                              hooks={"response": bounded_body}) as r:  # a redirect's body too: bounded
+                pass
         except requests.exceptions.SSLError as exc:
             raise RegistryError(f"TLS with {self.ref.registry} failed ({_short(exc)}).",
                                 "give the registry a certificate this machine trusts; if it serves plain HTTP on a network "
@@ -286,7 +322,8 @@ class Client:
             raise RegistryError(f"{method} {url} failed ({_short(exc)}).", "check the network and run the command again") from None
 
     def fail(self, r, what: str) -> RegistryError:
-        """A RegistryError naming what was asked and what the registry said."""
+        """A RegistryError naming what was asked and what the registry said (at most MAX_ANSWER_BYTES of it read)."""
+        bounded_body(r)
         try:
             errs = [e.get("message", "") for e in r.json().get("errors", [])][:3]
         except (ValueError, AttributeError, TypeError):  # the body of an error need not be JSON, nor of this shape
@@ -319,7 +356,8 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
     plain = insecure or ref.is_loopback
     base = f"{'http' if plain else 'https'}://{ref.registry}"
     try:
-        r = requests.get(f"{base}/v2/", auth=(username, password), timeout=Client.PING_TIMEOUT_S)
+        r = requests.get(f"{base}/v2/", auth=(username, password), timeout=Client.PING_TIMEOUT_S,
+                         hooks={"response": bounded_body})  # the status and headers count: the body is read bounded
         challenge = r.headers.get("WWW-Authenticate", "")
         if r.status_code == 401 and challenge.lower().startswith("bearer"):  # a token service (Harbor, cloud registries)
             h = au.parse_auth_header(challenge)
@@ -327,7 +365,8 @@ def login(registry: str, username: str, password: str, *, insecure: bool = False
             if not token_realm_allowed(realm, plain):
                 raise RegistryError(f"The registry {ref.registry} names a token service that is not HTTPS ({realm[:80]!r}).",
                                     "ask the registry's administrator to serve the token service over HTTPS")
-            r = requests.get(realm, params={"service": h.service or ""}, auth=(username, password), timeout=Client.PING_TIMEOUT_S)
+            r = requests.get(realm, params={"service": h.service or ""}, auth=(username, password), timeout=Client.PING_TIMEOUT_S,
+                             hooks={"response": bounded_body})
     except requests.exceptions.RequestException as exc:
         raise RegistryError(f"Cannot reach the registry {base} or its token service ({_short(exc)}).",
                             "check the host and port; pass --insecure only for a registry that serves plain HTTP on a network you trust") from None

@@ -1,0 +1,104 @@
+"""A registry's answers are read to a bound: a huge body on ``GET /v2/`` is never read, and an error's body (a 404, a
+500 that oras retries, a redirect) is read to at most ``oci.MAX_ANSWER_BYTES`` before it is parsed. A registry sending
+hundreds of megabytes there took a pull from 19 MB to 839 MB of memory; the pull now fails with the registry's own
+message, having taken a few megabytes at most (what the sockets hold). Served here by a small server that counts
+what it managed to send (no docker-registry needed)."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("oras")
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.packaging import oci  # noqa: E402
+
+BIG = 64 << 20
+BLOCK = b" " * (1 << 20)
+MESSAGE = b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown to this registry"}]}'
+
+
+class _Registry(BaseHTTPRequestHandler):
+    """``/v2/``: 200; a manifest: ``status`` (a 302 to a missing one for "redirect"); the body of the answer named by
+    ``big`` is MESSAGE followed by BIG bytes of spaces (still that JSON document, read whole or cut)."""
+
+    protocol_version = "HTTP/1.1"
+    big, status, sent = None, 404, None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        ping = self.path == "/v2/"
+        status = 200 if ping else 404 if self.path.endswith("/gone") else self.status
+        big = (self.big == "ping") == ping and not self.path.endswith("/gone")
+        self.send_response(status)
+        if status == 302:
+            self.send_header("Location", "/v2/models/tiny/manifests/gone")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(MESSAGE) + (BIG if big else 0)))
+        self.end_headers()
+        sent = 0
+        try:
+            self.wfile.write(MESSAGE)
+            for _ in range(BIG // len(BLOCK) if big else 0):
+                self.wfile.write(BLOCK)
+                sent += len(BLOCK)
+        except OSError:  # the client closed the connection: the rest is never sent
+            pass
+        if big:
+            self.sent.append(sent)
+
+
+@pytest.mark.parametrize("big, status, says", [
+    ("ping", 404, "has no manifest"),
+    ("manifest", 404, "has no manifest"),
+    ("manifest", 302, "has no manifest"),
+    ("manifest", 500, "failed manifest"),
+], ids=["ping-body", "404-body", "redirect-body", "500-body-oras-retries"])
+def test_a_huge_answer_is_read_to_a_bound_and_the_registrys_message_still_shown(tmp_path, edgemed_home, monkeypatch,
+                                                                                big, status, says):
+    import oras.provider  # noqa: F401 - oras.decorator imports in this order only
+    import oras.decorator
+
+    monkeypatch.setattr(oras.decorator.time, "sleep", lambda s: None)  # oras retries a 500 five times, sleeping ~2 min
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    handler = type("Handler", (_Registry,), {"big": big, "status": status, "sent": []})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = CliRunner().invoke(cli, ["pull", f"oci://127.0.0.1:{srv.server_address[1]}/models/tiny:1"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert says in r.output and f"HTTP {404 if status == 302 else status}" in r.output, r.output
+    if big != "ping":  # an error's message is read (and parsed) from its first bytes
+        assert "manifest unknown to this registry" in r.output, r.output
+    assert handler.sent and len(handler.sent) == (6 if status == 500 else 1)  # a first try and oras's five retries
+    assert max(handler.sent) < 16 << 20, handler.sent  # was: all BIG bytes of every answer read into memory
+
+
+def test_an_answer_the_caller_streams_is_left_to_it_and_an_error_is_cut(monkeypatch):
+    """The hook reads nothing of a 2xx the caller streams (a blob: read to its own bound), and at most
+    MAX_ANSWER_BYTES of anything else."""
+    import io
+
+    import requests
+    import urllib3
+
+    def answer(status: int) -> requests.Response:
+        r = requests.Response()
+        r.status_code, r.url = status, "http://registry/v2/x"
+        r.raw = urllib3.HTTPResponse(io.BytesIO(b"x" * (1 << 20)), preload_content=False)
+        return r
+
+    blob = oci.bounded_body(answer(200), stream=True)
+    assert blob.raw.tell() == 0 and len(blob.raw.read()) == 1 << 20
+    for status, stream in ((404, True), (500, False), (200, False)):
+        cut = oci.bounded_body(answer(status), stream=stream)
+        assert cut.content == b"x" * oci.MAX_ANSWER_BYTES and cut.raw.closed
