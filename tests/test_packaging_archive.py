@@ -230,3 +230,32 @@ def test_headers_are_not_kept_as_they_are_read_and_directory_entries_are_capped(
     monkeypatch.setattr(archive, "MAX_FILES", 2999)
     with pytest.raises(UnsafeArchive, match="more than 2,999 directory entries"):
         read_tar(bundle, hash_sink)
+
+
+def test_lone_surrogates_in_a_manifest_or_a_name_are_refused(tmp_path, edgemed_home):
+    """json.loads turns "\\ud800" into a lone surrogate, which no text holds: one installed bundle with
+    card.version "1.0\\ud800" made `edgemed list` (and inspect) end in a UnicodeEncodeError for the whole store."""
+    from edgemed.packaging.manifest import Manifest, check_relpath
+
+    man = json.loads(_manifest())
+    man["card"]["version"] = "1.0\ud800"
+    data = json.dumps(man).encode()
+    assert b"\\ud800" in data
+    with pytest.raises(IntegrityError, match=r"field card\.version holds a lone UTF-16 surrogate"):
+        Manifest.from_bytes(data, "t")
+    with pytest.raises(IntegrityError, match=r"field files\[0\]\.path holds a lone UTF-16 surrogate"):
+        Manifest.from_bytes(_manifest({"model/m\udc80.gguf": PAYLOAD}), "t")
+    with pytest.raises(UnsafeArchive, match="unsafe path"):
+        check_relpath("model/m\udcff.gguf", "archive x")  # a tar name's undecodable byte, as tarfile decodes it
+    bundle = _tar(tmp_path / "s.edgemed", _member("manifest.json", data), _member("model/m.gguf", PAYLOAD))
+    for args in (["install"], ["inspect"], ["verify"]):
+        r = CliRunner().invoke(cli, [*args, str(bundle)], catch_exceptions=False)
+        assert r.exit_code == 1 and "surrogate" in r.output and "Traceback" not in r.output, (args, r.output)
+    # a copy installed by an earlier edgemed is one damaged row of `edgemed list`, not the end of it
+    store = Store()
+    store.install(_tar(tmp_path / "ok.edgemed", _good_head(), _member("model/m.gguf", PAYLOAD)))
+    installed = store.models / "evil" / "manifest.json"
+    installed.unlink()
+    installed.write_bytes(data)
+    row = next(r for r in store.list() if r["name"] == "evil")
+    assert "surrogate" in row.get("error", ""), row

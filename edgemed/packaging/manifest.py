@@ -55,15 +55,21 @@ def check_name(name: str) -> str:
 MAX_PATH_DEPTH = 16
 
 
+#: A lone UTF-16 surrogate: JSON's "\ud800" escape (or a tar name's undecodable byte) gives one; it is not text,
+#: and printing it (edgemed list, inspect) raised UnicodeEncodeError
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def check_relpath(name: str, where: str = "bundle") -> str:
-    """A file name inside a bundle: relative, POSIX, no '..', no drive, no control characters, at most
-    ``MAX_PATH_DEPTH`` components."""
+    """A file name inside a bundle: relative, POSIX, no '..', no drive, no control characters or lone surrogates, at
+    most ``MAX_PATH_DEPTH`` components."""
     parts = name.split("/")
     bad = (
         not name
         or name.startswith("/")
         or "\\" in name
         or any(ord(c) < 32 for c in name)
+        or _SURROGATE.search(name)
         or re.match(r"^[A-Za-z]:", name)
         or any(p in ("", ".", "..") for p in parts)
         or len(name) > 1024
@@ -76,6 +82,23 @@ def check_relpath(name: str, where: str = "bundle") -> str:
             "do not install this file; ask the sender for a bundle made by `edgemed pack`",
         )
     return str(PurePosixPath(name))
+
+
+def _surrogate_at(raw: dict) -> str | None:
+    """Where the first string (an object's keys, then its values in order) holding a lone surrogate sits: ``card.version``."""
+    stack: list = [(raw, "")]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            return at
+        if isinstance(value, dict):
+            bad = next((k for k in value if _SURROGATE.search(k)), None)
+            if bad is not None:
+                return f"{at}.{bad!a}" if at else ascii(bad)
+            stack.extend((v, f"{at}.{k}" if at else k) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((value[i], f"{at}[{i}]") for i in range(len(value) - 1, -1, -1))
+    return None
 
 
 def _short(value) -> str:
@@ -160,6 +183,10 @@ class Manifest:
             raise IntegrityError(f"{source}: manifest.json is not valid JSON ({exc}).", damaged) from None
         if not isinstance(raw, dict):
             raise IntegrityError(f"{source}: manifest.json is not a JSON object.", "get a fresh copy of the bundle")
+        at = _surrogate_at(raw)
+        if at is not None:  # json.loads accepts "\ud800"; no text has one, and printing it crashed list and inspect
+            raise IntegrityError(f"{source}: manifest.json field {at} holds a lone UTF-16 surrogate (an escape such as "
+                                 "\\ud800 that stands for no character).", damaged)
         schema = raw.get("schema", "")
         family, _, major = str(schema).partition("/")
         if family != SCHEMA.split("/")[0]:
