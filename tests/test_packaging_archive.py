@@ -259,3 +259,21 @@ def test_lone_surrogates_in_a_manifest_or_a_name_are_refused(tmp_path, edgemed_h
     installed.write_bytes(data)
     row = next(r for r in store.list() if r["name"] == "evil")
     assert "surrogate" in row.get("error", ""), row
+
+
+@pytest.mark.parametrize("path", ["manifest.json", "manifest.json/x", "model.sig/x", "MODEL.SIG/a/b", "Manifest.Sig"])
+def test_a_path_at_or_under_a_reserved_name_is_refused(tmp_path, edgemed_home, path):
+    """'manifest.json/x' passed verify, then install ended in IsADirectoryError: the manifest's own place was a
+    folder. A case-insensitive file system merges 'MODEL.SIG' with the signature."""
+    from edgemed.packaging.manifest import Manifest
+
+    with pytest.raises(IntegrityError, match="reserved name"):
+        Manifest.from_bytes(_manifest({"model/m.gguf": PAYLOAD, path: b"x"}), "t")
+    bundle = _tar(tmp_path / "r.edgemed", _good_head({path: b"x"}), _member("model/m.gguf", PAYLOAD), _member(path, b"x"))
+    for args in (["verify"], ["install"]):
+        r = CliRunner().invoke(cli, [*args, str(bundle)], catch_exceptions=False)
+        assert r.exit_code == 1 and "reserved name" in r.output and "Traceback" not in r.output, (args, r.output)
+    store = Store()
+    assert list(store.models.iterdir()) == [] and list(store.tmp.iterdir()) == []
+    near = {"model/m.gguf": PAYLOAD, "manifest.json.txt": b"x", "model.sigs/y": b"y", "docs/manifest.json": b"z"}
+    assert len(Manifest.from_bytes(_manifest(near), "t").files) == 4  # only the first component is reserved

@@ -225,8 +225,9 @@ class Manifest:
                 raise IntegrityError(f"{source}: a file entry's path or role is not a string ({_short(f.path)}, {_short(f.role)}).",
                                      "get a fresh copy of the bundle")
             check_relpath(f.path, "manifest")
-            if f.path in RESERVED:
-                raise IntegrityError(f"{source}: the manifest lists the reserved name '{f.path}'.", "get a fresh copy of the bundle")
+            if f.path.split("/", 1)[0].lower() in RESERVED:  # manifest.json/x would need a folder where the manifest goes
+                raise IntegrityError(f"{source}: the manifest lists '{f.path}', which is or lies under a reserved name "
+                                     f"({', '.join(RESERVED)}, in any case).", "get a fresh copy of the bundle")
             if not isinstance(f.size, int) or isinstance(f.size, bool) or f.size < 0:
                 raise IntegrityError(f"{source}: '{f.path}' has an invalid size {f.size!r}.", "get a fresh copy of the bundle")
             if not isinstance(f.sha256, str) or not _HEX64.match(f.sha256):
