@@ -424,3 +424,32 @@ def test_kv_cache_type_and_flash_attention_from_the_settings(smollm2_gguf, promp
         assert text and fin.finish_reason == "length"
     with pytest.raises(ModelLoadError, match="flash attention"):
         Batcher(smollm2_gguf, replace(quantized, flash_attn=False), slots=2).start()
+
+
+def test_an_echo_prompt_asks_for_at_most_echo_rows_of_logits_a_call(batcher, monkeypatch):
+    """Scoring a prompt needs a logits row per token; llama.cpp keeps its output buffer at the largest call's rows,
+    so a whole echo prompt left n_batch x n_vocab floats resident for the server's life."""
+    from edgemed.runtime.batch import batcher as module
+    from edgemed.runtime.batch.options import Extras
+
+    calls, rows = [], [0]
+    real_add, real_decode = batcher._batch.add, batcher._ctx.decode
+
+    def add(token, pos, seq, logits):
+        rows[0] += bool(logits)
+        return real_add(token, pos, seq, logits)
+
+    def decode(batch):
+        calls.append(rows[0])
+        rows[0] = 0
+        return real_decode(batch)
+
+    monkeypatch.setattr(batcher._batch, "add", add)
+    monkeypatch.setattr(batcher._ctx, "decode", decode)
+    prompt = "The patient has chest pain and shortness of breath on exertion. " * 8
+    n = len(batcher.tokenize(prompt))
+    assert n > 3 * module.ECHO_ROWS
+    echo = Extras(prompt_logprobs=True, top_logprobs=1)
+    text, fin = collect(batcher.submit(prompt, GenerationSettings(max_tokens=2), request_id="echo", extras=echo))
+    assert fin.finish_reason == "length" and fin.prompt_tokens == n
+    assert max(calls) <= module.ECHO_ROWS and sum(calls) >= n  # every prompt row scored, a piece at a time
