@@ -198,3 +198,36 @@ def test_serve_checks_the_loaded_model_and_hands_the_app_the_adapter_check(made,
     assert events == ["start", "close", "start", "close"] and len(configs) == 1  # refused before the app was made
     with pytest.raises(IntegrityError):
         check(spec)  # the file the spec was verified as is gone
+
+
+def test_adapters_come_from_the_manifest_that_was_verified(made, tmp_path):
+    """adapters() read manifest.json again after runnable verified the bundle: an adapter listed only in a manifest
+    written since was handed out with no stamp, and the check after the load passed over it."""
+    import hashlib
+    import json
+
+    from edgemed.errors import IntegrityError
+    from edgemed.packaging.ref import adapter_specs, adapters, loaded_as_verified
+
+    ref = runnable(made["dir"])
+    assert adapters(ref) == {}  # the manifest it verified: no adapters
+    lora = kit.tiny_gguf(tmp_path / "x.lora.gguf").read_bytes()
+    man_path = made["dir"] / "manifest.json"
+    man = json.loads(man_path.read_bytes())
+    man["files"].append({"path": "adapters/x.lora.gguf", "size": len(lora), "sha256": hashlib.sha256(lora).hexdigest(),
+                         "role": "adapter"})
+    man["adapters"] = [{"name": "x", "path": "adapters/x.lora.gguf", "size": len(lora), "sha256": hashlib.sha256(lora).hexdigest(),
+                        "base_source_sha256": man["provenance"].get("source_sha256") or "ab" * 32}]
+    (made["dir"] / "adapters").mkdir()
+    (made["dir"] / "adapters" / "x.lora.gguf").write_bytes(lora)
+    man_path.chmod(0o644)
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(IntegrityError, match="changed since the bundle was verified") as err:
+        specs = adapter_specs(ref, ["x"])
+        loaded_as_verified(ref, specs)  # before: passed, the adapter's stamp None
+    assert f"edgemed verify {made['dir']} --full" in err.value.fix
+    from dataclasses import replace
+
+    forged = replace(ref, digest="manifest:sha256:" + hashlib.sha256(man_path.read_bytes()).hexdigest())
+    with pytest.raises(IntegrityError, match="is not among the files verified with 'cardio'"):
+        adapter_specs(forged, ["x"])  # and an own adapter without a stamp is never handed out unchecked

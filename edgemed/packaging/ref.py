@@ -191,10 +191,20 @@ def _base_of(ref: ModelRef) -> tuple[str | None, list]:
         except (InputError, OSError):  # not a GGUF (an ONNX directory): no adapters
             return None, []
         return (source if isinstance(source, str) and source else None), []
+    import hashlib
+
+    from edgemed.errors import IntegrityError
     from edgemed.packaging.bundle import read_manifest
 
     root = ref.path
-    man, _, _ = read_manifest(root)
+    man, data, _ = read_manifest(root)
+    was = (ref.digest or "").removeprefix("manifest:sha256:")
+    now = hashlib.sha256(data).hexdigest()
+    if now != was:  # its adapters are vouched for by the manifest runnable verified, not by one written since
+        raise IntegrityError(f"'{root / MANIFEST}' changed since the bundle was verified (sha256 {was or 'unknown'}, "
+                             f"now {now}): its adapters are not the ones verified.",
+                             f"find what writes there, then run `edgemed verify {ref.source} --full` (reinstall the "
+                             "bundle if it fails) and start again")
     own = [AdapterChoice(a["name"], root / a["path"], a["sha256"], man.name, True) for a in man.adapters]
     return man.base_source_sha256, own
 
@@ -227,6 +237,7 @@ def adapter_specs(ref: ModelRef, args) -> list:
     """``--adapter`` arguments for ``ref`` as ``runtime.loader.AdapterSpec``: a FILE[:SCALE] as it is, a NAME[:SCALE]
     from ``adapters(ref)``; an installed adapter bundle is verified (fast path) and passes the trust policy first.
     An unknown name is refused, naming the adapters there are."""
+    from edgemed.errors import IntegrityError
     from edgemed.runtime.loader import AdapterSpec
 
     specs, available, checked = [], None, {}
@@ -248,6 +259,10 @@ def adapter_specs(ref: ModelRef, args) -> list:
                              "(edgemed install NAME-ADAPTER.edgemed), or pass the .lora.gguf file")
         if choice.own:
             vouched = dict(ref.stamps)  # verified with the model (runnable)
+            if Path(choice.path).absolute() not in vouched:
+                raise IntegrityError(f"--adapter '{text}': '{choice.path}' is not among the files verified with "
+                                     f"'{ref.name}'.", f"run `edgemed verify {ref.source} --full` (reinstall the bundle "
+                                     "if it fails) and start again")
         else:
             if choice.bundle not in checked:
                 checked[choice.bundle] = _verify_installed(choice.bundle)
