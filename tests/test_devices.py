@@ -146,6 +146,21 @@ def test_a_container_cpu_quota_or_cpuset_caps_the_threads(tmp_path, version):
     assert r.exit_code == 0 and '"usable_cores": %d' % want in r.output, r.output
 
 
+def test_the_engines_own_thread_count_keeps_to_the_cpus_allowed(monkeypatch):
+    """Where no profile says (quickstart's demo model, the batcher and the logits reader given no threads), the
+    engine counted the cores in /proc/cpuinfo alone: a container given 2 CPUs on a 64-core host ran 64 threads."""
+    from edgemed.devices import facts
+    from edgemed.runtime import llamacpp
+
+    monkeypatch.setattr(llamacpp, "_cores_in_cpuinfo", lambda: 64)
+    monkeypatch.setattr(facts, "cpus_allowed", lambda host: 2)
+    assert llamacpp.physical_cores() == 2
+    monkeypatch.setattr(facts, "cpus_allowed", lambda host: None)  # nothing narrows them
+    assert llamacpp.physical_cores() == 64
+    monkeypatch.setattr(facts, "cpus_allowed", lambda host: 96)  # SMT siblings allowed are not cores
+    assert llamacpp.physical_cores() == 64
+
+
 def test_cpu_limits_that_are_not_limits_or_not_numbers_change_nothing(tmp_path):
     """No quota ("max", -1), an empty or garbled cpuset, digits int() refuses ("²"), and a group path that climbs out
     of the hierarchy (`..`, whose files are never read) leave the cores as they are."""

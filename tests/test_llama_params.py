@@ -49,6 +49,50 @@ def test_mmap_and_mlock_become_llama_cpps_load_mode(mmap, mlock, mode):
     assert load_mode(llama_cpp, LoadSettings(use_mmap=mmap, use_mlock=mlock)) == getattr(llama_cpp, f"LLAMA_LOAD_MODE_{mode}")
 
 
+def _lock_limited() -> bool:
+    """Whether this process may lock less than a small model (not root, a low ``ulimit -l``)."""
+    import os
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    return os.geteuid() != 0 and soft != resource.RLIM_INFINITY and soft < 512 << 20
+
+
+def test_mlock_is_read_back_from_the_locked_memory(q4_0_gguf, caplog, monkeypatch):
+    """``use_mlock`` reached llama.cpp (its load mode), and nothing said whether it did anything: llama.cpp locks the
+    file's buffer and not its CPU_REPACK copy (29 of a Q4_0 SmolLM2's 86 MiB locked), and a locked-memory limit
+    it hits is a log line shown only at -v."""
+    from edgemed.runtime import llamacpp
+
+    if llamacpp.locked_bytes() is None:
+        pytest.skip("the kernel does not report locked memory here (VmLck: Linux only)")
+    caplog.set_level("WARNING", logger="edgemed.runtime.llamacpp")
+
+    def load(buffers: str):
+        caplog.clear()
+        before = llamacpp.locked_bytes()
+        model = llamacpp.Model(q4_0_gguf, LoadSettings(use_mlock=True, use_mmap=False, extra_buffers=buffers))
+        try:
+            return model.placement.seen, llamacpp.locked_bytes() - before, [r.getMessage() for r in caplog.records]
+        finally:
+            model.close()
+
+    seen, grew, said = load("none")
+    if _lock_limited():  # the limit stops llama.cpp: said, with the fix
+        assert any("could not lock" in m and "ulimit -l" in m for m in said), said
+    else:  # all of it locked, and nothing to say
+        assert grew >= seen["CPU"] * (1 << 20) * 0.98 and not said, (seen, grew, said)
+    seen, grew, said = load("repack")
+    if "CPU_REPACK" not in seen:
+        pytest.skip(f"this llama.cpp build repacks no Q4_0 weights ({seen})")
+    if not _lock_limited():
+        assert grew < (seen["CPU"] + seen["CPU_REPACK"]) * (1 << 20) * 0.98  # the copy is not locked
+        assert any("not locked" in m and "CPU_REPACK" in m and 'extra_buffers = "none"' in m for m in said), said
+    monkeypatch.setattr(llamacpp, "MLOCK_FAILED", r"model buffer size")  # as if llama.cpp had said it failed
+    _, _, said = load("none")
+    assert any(f"could not lock {q4_0_gguf.name}" in m for m in said), said
+
+
 def test_a_context_off_the_256_grid_stops_where_it_was_asked(smollm2_gguf):
     """llama.cpp pads a context to 256 cells (1,000 asked: 1,024 made); the engine took the padded size as its limit,
     so a model planned at its whole trained context of 1,000 tokens could read positions 1,000-1,023."""

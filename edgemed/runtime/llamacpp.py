@@ -44,8 +44,35 @@ def build() -> buffers.Build:
     return buffers.Build(lib().llama_print_system_info().decode("utf-8", "replace"))
 
 
+#: llama.cpp's warning when it cannot ``mlock`` a buffer (llama-mmap.cpp), logged where only ``-v`` shows it.
+MLOCK_FAILED = r"failed to mlock"
+MIB = 1 << 20
+
+
+def locked_bytes() -> int | None:
+    """This process's locked memory (``VmLck``), or None where the kernel does not say (not Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def physical_cores() -> int:
-    """Threads that help llama.cpp: physical cores, not SMT siblings (best effort, Linux)."""
+    """Threads that help llama.cpp where no profile says: physical cores, not SMT siblings, and no more than the
+    CPUs this process may use (a container's quota or cpuset, taskset: ``devices.facts.cpus_allowed``), as a
+    profile's ``"physical"`` resolves (best effort, Linux). A container given 2 CPUs on a 64-core host ran 64."""
+    from edgemed.devices.facts import Host, cpus_allowed
+
+    cores = _cores_in_cpuinfo()
+    allowed = cpus_allowed(Host("/"))
+    return min(cores, allowed) if allowed else cores
+
+
+def _cores_in_cpuinfo() -> int:
     try:
         cores = set()
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
@@ -84,9 +111,12 @@ class Model:
         mode = buffers.resolve(load.extra_buffers, build())
         self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides(), tensors,
                                        n_gpu_layers=load.n_gpu_layers, gpu=bool(lc.llama_supports_gpu_offload()))
-        with native_log.watch(buffers.BUFFER_LINE) as seen:
+        locked = locked_bytes() if load.use_mlock and not vocab_only else None
+        with native_log.watch(buffers.BUFFER_LINE) as seen, native_log.watch(MLOCK_FAILED) as refused:
             self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params.raw)
         self.placement.seen = {m.group(1): float(m.group(2)) for m in seen}
+        if self.ptr and load.use_mlock and not vocab_only:
+            self._check_locked(locked, bool(refused))
         if self.ptr and not vocab_only and (wrong := self.placement.unread(buffers.extra_buffer_types())):
             log.warning("the weights of %s are not where edgemed asked: %s (%s).", self.path.name, wrong,
                         self.placement.describe())
@@ -99,6 +129,28 @@ class Model:
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
         log.debug("loaded %s: %s", self.path.name, self.placement.describe())
+
+    def _check_locked(self, before: int | None, refused: bool) -> None:
+        """``use_mlock`` read back, said at WARNING (llama.cpp's own line shows only at ``-v``): llama.cpp could not
+        lock (the locked-memory limit), or the process's locked memory (Linux) grew by less than the host buffers
+        llama.cpp reported. It locks the file's buffer, not the copies in its CPU_REPACK or AMX buffers: a Q4_0
+        SmolLM2 loaded with the repack had 29 of its 86 MiB locked."""
+        after = locked_bytes()
+        host = sum(mib for name, mib in self.placement.seen.items() if name.startswith(("CPU", "AMX"))) * MIB
+        grew = after - before if before is not None and after is not None else None
+        unlocked = host - grew if grew is not None else 0
+        if refused:
+            log.warning("use_mlock is set, but llama.cpp could not lock %s in memory: the system may page the "
+                        "weights out, and the answers after that are slow. Fix: raise the process's locked-memory "
+                        "limit (`ulimit -l`, LimitMEMLOCK= in a systemd unit, memlock in limits.conf), or set "
+                        "use_mlock = false in the profile.", self.path.name)
+        elif grew is not None and unlocked > max(MIB, host // 50):
+            copies = sorted(name for name in self.placement.seen if name.startswith(("CPU_REPACK", "AMX")))
+            log.warning("use_mlock is set, but %.0f MiB of %s's weights are not locked in memory%s, and the system "
+                        "may page them out. Fix: set extra_buffers = \"none\" in the profile to lock them all "
+                        "(prompts and decoding run at other speeds: docs/decisions/0018), or use_mlock = false.",
+                        unlocked / MIB, self.path.name,
+                        f" (llama.cpp locks the file's buffer, not its {' or '.join(copies)} copies)" if copies else "")
 
     # -- vocabulary ----------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
