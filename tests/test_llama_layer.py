@@ -357,3 +357,30 @@ def test_a_decode_given_up_removes_its_cells_and_the_callback_is_cleared(smollm2
         batch.close()
         ctx.close()
         model.close()
+
+
+def test_a_crash_is_kept_for_the_file_that_crashed_not_for_every_file_of_its_types(smollm2_gguf, tmp_path, monkeypatch):
+    """A verdict was keyed by host, settings and weight types only: one damaged or hostile GGUF's native crash was
+    then a fact about every model of its types, refused without a child until `devices check` ran again."""
+    import shutil
+
+    monkeypatch.setenv("EDGEMED_CACHE_DIR", str(tmp_path / "cache"))
+    bad, good = tmp_path / "bad.gguf", tmp_path / "good.gguf"
+    shutil.copyfile(smollm2_gguf, bad)
+    shutil.copyfile(smollm2_gguf, good)
+    host = selftest.Host("0.3.36", AVX2_BUILD, ("avx2",))
+    load = LoadSettings(extra_buffers="none")
+    calls = []
+
+    def runner(path, load):
+        calls.append(path.name)
+        return selftest.Verdict(path.name != "bad.gguf", load.extra_buffers, None if path.name != "bad.gguf" else "SIGSEGV")
+
+    def ok(path):
+        return selftest.check(path, load, host=host, runner=runner, fallback=False)[0][1].ok
+
+    assert not ok(bad) and not ok(bad) and calls == ["bad.gguf"]  # kept for that file
+    with bad.open("ab") as fh:  # changed since: another file as far as its crash goes
+        fh.write(b"\0")
+    assert not ok(bad) and calls == ["bad.gguf"] * 2
+    assert ok(good) and ok(good) and calls == ["bad.gguf"] * 2 + ["good.gguf"]  # not refused for bad's crash

@@ -14,7 +14,9 @@ of: llama-cpp-python's version, the build's system info, its library files' dige
 version by another compiler is another build: ``native_build``), the host's CPU flags, the
 settings that change which kernels run (extra buffers, GPU layers, flash attention,
 KV types, mmap), the model's weight types and, when LoRA adapters will be applied, their tensor types (the
-child then decodes with them applied). Any of them changing runs the check again.
+child then decodes with them applied). Any of them changing runs the check again. A pass is kept for every file of
+those types; a crash only for the file that crashed (``file_identity``), so one damaged or hostile file does not refuse
+every other model of its types on the host.
 ``verdicts.py`` reads that file as untrusted and serializes its writers.
 """
 
@@ -144,11 +146,30 @@ def adapter_types(adapters) -> tuple[str, ...]:
     return tuple(sorted({f"lora:{t}" for a in adapters for t in adapter_facts(a.path).types}))
 
 
-def key(host: Host, load: LoadSettings, types: tuple[str, ...]) -> str:
+def key(host: Host, load: LoadSettings, types: tuple[str, ...], file: str | None = None) -> str:
+    """The cache key of a verdict: host, settings, weight types; and ``file`` (``file_identity``) for a verdict that
+    is not a pass, which is kept for that file alone."""
     keyed = {name: getattr(load, name) for name in KEYED_FIELDS}
     fault = os.environ.get(env.FAULT_VAR, "")  # an injected fault is another host, as far as the cache goes
-    blob = json.dumps({"host": asdict(host), "settings": keyed, "weights": list(types), "fault": fault}, sort_keys=True)
+    keys = {"host": asdict(host), "settings": keyed, "weights": list(types), "fault": fault}
+    if file is not None:
+        keys["file"] = file
+    blob = json.dumps(keys, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def file_identity(path: Path) -> str:
+    """Which file a crash verdict is about: its real path, size, modification time and inode (not its digest, which
+    would read the whole file at every start)."""
+    try:
+        st = Path(path).stat()
+        return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    except OSError:
+        return str(path)
+
+
+def _cached(hit) -> Verdict | None:
+    return Verdict(**hit) if isinstance(hit, dict) and set(hit) == {"ok", "mode", "signal", "detail"} else None
 
 
 def _read_cache() -> dict:
@@ -234,18 +255,22 @@ def check(path: Path, load: LoadSettings, *, host: Host | None = None, runner=No
     mode = buffers.resolve(load.extra_buffers, build(), tested=fallback)
     asked = replace(load, extra_buffers=mode)
     tried: list[tuple[LoadSettings, Verdict]] = []
+    this_file = file_identity(path)
     for candidate in [asked] + [replace(load, extra_buffers=m) for m in buffers.FALLBACKS
                                 if buffers.FALLBACKS.index(m) > buffers.FALLBACKS.index(mode)]:
-        digest = key(host, candidate, types)
-        hit = cache.get(digest)
-        verdict = Verdict(**hit) if isinstance(hit, dict) and set(hit) == {"ok", "mode", "signal", "detail"} else None
+        # a pass holds for every file of these types; a crash (or the AMX try's inconclusive end) only for the file
+        # it was seen with: one damaged or hostile file must not refuse every model of its types on this host
+        digest, own = key(host, candidate, types), key(host, candidate, types, this_file)
+        verdict = _cached(cache.get(digest))
+        if verdict is None or not verdict.ok:
+            verdict = _cached(cache.get(own))
         try_amx = amx_try(load, candidate)
         if verdict is None:
             verdict = runner(path, candidate, adapters=adapters) if adapters else runner(path, candidate)
             if after_run is not None:
                 after_run()
             if verdict.conclusive or try_amx:
-                _remember(digest, verdict)
+                _remember(digest if verdict.ok else own, verdict)
         tried.append((candidate, verdict))
         if not fallback or verdict.ok or not (verdict.conclusive or try_amx):
             break
