@@ -37,13 +37,13 @@ def child(model: str, n_ctx: int, profile_name: str) -> dict:
     """Runs in the measured process: plan, load through the runtime, fill the context, decode."""
     from edgemed.converters.source import pip_models
     from edgemed.devices.detect import resolve
-    from edgemed.runtime.plan import make_plan
+    from edgemed.runtime.plan import installed_build, make_plan
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.session import load_settings
 
     path = Path(model) if model.endswith(".gguf") else pip_models.gguf_file(model)  # a file, or a pip model's name
     profile, facts = resolve(profile_name)
-    plan = make_plan(path, profile, facts, requested_ctx=n_ctx)
+    plan = make_plan(path, profile, facts, requested_ctx=n_ctx, here=True, **installed_build())  # as `run` plans here
     engine = open_engine(path, load_settings(plan))
     ids = engine.tokenize(TEXT * (n_ctx // 20))[: n_ctx - 64 - 8]
     prompt = engine.detokenize(ids)

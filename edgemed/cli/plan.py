@@ -12,7 +12,8 @@ from edgemed.cli import json_flag
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path, exists=True))
-@click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`).")
+@click.option("--profile", help="Device profile (default: detected, planned as `run` loads here, with the installed "
+              "llama.cpp; named: the device it describes; see `edgemed devices list`).")
 @click.option("--ctx", "n_ctx", type=int, help="Check this context size instead of choosing the largest that fits.")
 @click.option("--budget-mb", type=float, help="Override the profile's memory budget (MiB).")
 @click.option("--root", type=click.Path(path_type=Path, exists=True, file_okay=False), default="/",
@@ -29,13 +30,18 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
     Picks the largest context that fits, or exits with an error saying what to change.
     """
     from edgemed.devices.detect import resolve
-    from edgemed.runtime.plan import (GPU_MEMORY_NOTE, MIB, budget_from_mib, kv_cells, make_plan, prefix_cache_request,
-                                      read_shape)
+    from edgemed.runtime.plan import (GPU_MEMORY_NOTE, MIB, budget_from_mib, installed_build, kv_cells, make_plan,
+                                      prefix_cache_request, read_shape)
 
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
     cache = prefix_cache_request(prof, prefix_cache_mib) if serving or prefix_cache_mib is not None else None
-    p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget, prefix_cache=cache, batched=cache is not None)
+    # the profile detected for this machine plans as `run` loads here: with the installed llama.cpp's offload, AMX
+    # buffer and CPU features; a named profile plans for the device it describes (with the build meant for it)
+    here = profile is None and Path(root).resolve() == Path("/")
+    build = installed_build() if here else {}
+    p = make_plan(model, prof, facts, requested_ctx=n_ctx, budget=budget, prefix_cache=cache, batched=cache is not None,
+                  here=here, **build)
     load = load_description(p.llama, p.estimate.repacked)
     if as_json:
         click.echo(json.dumps({**p.to_dict(), "load_mode": load[0]}, indent=2))
@@ -54,6 +60,8 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, prefix_cache_mib
         shape = read_shape(model)
         fa += f": heads {shape.head_dim_k} wide, one of the profile's flash_attn_head_dims"
     click.echo(f"  compute        {mib(e.compute)}  (n_ubatch {p.llama['n_ubatch']}, {fa})")
+    if e.work:
+        click.echo(f"  compute work   {mib(e.work)}  (ggml's work buffer, beside the compute buffer)")
     if e.adapters:
         click.echo(f"  LoRA adapters  {mib(e.adapters)}")
     if cache is not None:

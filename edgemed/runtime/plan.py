@@ -3,13 +3,20 @@
 Everything comes from the GGUF's own tensor table and hyper-parameters (read
 by ``edgemed.formats.gguf_header`` with the ``gguf`` package's type tables; no model load):
 
-    peak = runtime + weights (+ CPU repacked copies) + KV cache + compute buffer
+    peak = runtime + weights (+ CPU repacked copies) + KV cache + compute buffer (+ its work buffer)
 
 * **weights** — the bytes of every tensor in the file (llama.cpp maps them all).
 * **repacked** — on CPU, llama.cpp keeps a second, interleaved copy of some
-  quant types (``REPACKED_TYPES``) next to the mapped original. Without mmap
+  quant types (``repackable_bytes``) next to the mapped original. Without mmap
   (``use_mmap = false``) those tensors are read straight into the interleaved
-  buffer, so they count once: the CPU profiles load that way.
+  buffer, so they count once: the CPU profiles load that way. Which types a build repacks depends on its CPU
+  features (``buffers.REPACK_RULES``: Q4_0, Q4_K, IQ4_NL on AVX2, Q2_K on AVX-512, Q4_0, Q4_K, Q5_K, Q6_K,
+  Q8_0, IQ4_NL on NEON): the installed build's where the model loads here, else the ones the profile's device has
+  (``target_features``).
+* **tied output copy** — a model without ``output.weight`` multiplies by its token embedding: llama.cpp gives
+  the output layer a copy of ``token_embd`` in the extra buffer that takes it (AMX in its layout, else
+  CPU_REPACK for a type the build repacks; extra buffers ``all``), while ``token_embd`` itself stays in a plain
+  buffer. The copy counts with or without mmap, in ``repacked``.
 * **KV cache** — ``cells * n_layer * n_head_kv * (head_dim_k * bytes(type_k) + head_dim_v * bytes(type_v))``:
   grouped-query attention shrinks it by ``n_head / n_head_kv``; a q8_0 cache halves it. ``cells`` is what
   llama.cpp allocates for ``n_ctx`` (``kv_cells``): padded to 256, and each slot's stream padded again.
@@ -18,6 +25,10 @@ by ``edgemed.formats.gguf_header`` with the ``gguf`` package's type tables; no m
   with flash attention), the activations around them, or the output logits. On a
   CPU only the pages a graph writes count; with GPU offload the whole reserved
   buffer (logits for every token of the micro-batch) is allocated.
+* **compute work buffer** — ggml's per-graph scratch, allocated outside the compute buffer (``work_bytes``): the
+  input of a matrix product converted to the type its weight multiplies with. Without flash attention the
+  attention scores (f32) are converted to f16 for the product with the V cache: ``n_ctx * n_ubatch * n_head * 2``
+  bytes (none with an f32 V cache); otherwise the widest activation, ``n_ubatch * max(n_ff, n_embd) * 2``.
 * **adapters** — each LoRA adapter applied at run time: its tensors' bytes (llama.cpp reads them into a
   buffer of their own, not a mapping), from the adapter file's header. Its pairs' intermediate products
   (rank x micro-batch) are too small to count.
@@ -44,13 +55,14 @@ from edgemed.devices.facts import Facts
 from edgemed.devices.profiles import Profile
 from edgemed.devices.schema import MAX_CTX, MAX_PREFIX_CACHE_MIB, MAX_THREADS
 from edgemed.errors import InputError, PlanError
-from edgemed.runtime.buffers import MATMUL_WEIGHT
+from edgemed.runtime.buffers import MATMUL_WEIGHT, REPACK_RULES, repackable
 
 MIB = 1 << 20
 MAX_BUDGET_MIB = 1 << 30  # 1 PiB
 CTX_STEP = 256          # llama.cpp pads the KV cache to this; plans use multiples of it
 #: Names the estimate's formula in manifests and plans; bump when the model of memory changes.
-METHOD = "planner/3"  # 2: the repacked copy counts only with mmap; 3: KV in the cells llama.cpp pads to (kv_cells)
+METHOD = "planner/4"  # 2: the repacked copy counts only with mmap; 3: KV in the cells llama.cpp pads to (kv_cells);
+#                       4: the compute work buffer, the tied output copy, repacked types by the build's CPU features
 MIN_CTX = 512           # below this a medical prompt plus an answer does not fit
 #: The prefix cache of a profile without ``memory.prefix_cache_mib`` (the batcher's own default).
 PREFIX_CACHE_MIB = 256
@@ -60,8 +72,11 @@ RUNTIME_BASE = 48 * MIB
 #: llama.cpp's tokenizer tables per vocabulary entry (measured ~500 B on SmolLM2 and Qwen2.5).
 RUNTIME_PER_TOKEN = 512
 
-#: Quant types the CPU backend copies into an interleaved layout at load (x86 AVX2 / ARM NEON builds).
-REPACKED_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
+#: The CPU features a plan assumes where none are given (``estimate``): an x86 AVX2 build, whose repack kernels
+#: take Q4_0, Q4_K and IQ4_NL (``buffers.REPACK_RULES``).
+DEFAULT_FEATURES = frozenset({"AVX2"})
+#: Every feature a repack rule names: a device whose CPU is not known (``platform = "any"``) may repack all of them.
+ALL_REPACK_FEATURES = frozenset(f for rules in REPACK_RULES.values() for needs, _ in rules for f in needs)
 #: Types llama.cpp's AMX buffer takes -> (elements per block its row must be a multiple of, bytes its layout adds
 #: per block): ggml-cpu/amx (``qtype_has_amx_kernels``, ``get_row_size``: a 4-byte scale sum per Q4_K/Q5_K
 #: super-block, a 4-byte compensation per Q8_0 block). Its rows (output features) come in multiples of 32.
@@ -88,10 +103,41 @@ class ModelShape:
     #: the matrix weights llama.cpp's AMX buffer takes (``AMX_TYPES``), and what its layout adds to them
     amx_bytes: int = 0
     amx_extra_bytes: int = 0
+    #: (type, dims, bytes) of each weight of a type some build repacks (``REPACK_RULES``), token_embd aside
+    repack_weights: tuple[tuple[str, tuple[int, ...], int], ...] = ()
+    #: (type, dims, bytes) of token_embd where the model has no output.weight (llama.cpp's output layer copies it)
+    tied_embd: tuple[str, tuple[int, ...], int] | None = None
 
     @property
     def n_embd_kv(self) -> int:
         return self.n_head_kv * max(self.head_dim_k, self.head_dim_v)
+
+    def repack_bytes(self, features=DEFAULT_FEATURES) -> int:
+        """The weights a build with these CPU features copies into CPU_REPACK (``repackable_bytes`` for a shape
+        not read from a file)."""
+        if not self.repack_weights:
+            return self.repackable_bytes
+        return sum(n for type_name, dims, n in self.repack_weights
+                   if len(dims) in (2, 3) and repackable(type_name, dims[:2], frozenset(features)))
+
+    def tied_output_bytes(self, features=DEFAULT_FEATURES, amx: bool = False) -> int:
+        """What llama.cpp's copy of a tied ``token_embd`` for the output layer holds with extra buffers ``all``: its
+        AMX layout where ``amx`` and the AMX buffer takes it, else its bytes where the build repacks its type, else
+        nothing (the output layer shares the plain tensor)."""
+        if self.tied_embd is None:
+            return 0
+        type_name, dims, n = self.tied_embd
+        if amx and (layout := amx_layout_bytes(type_name, dims, n)) is not None:
+            return layout
+        return n if repackable(type_name, dims, frozenset(features)) else 0
+
+
+def amx_layout_bytes(type_name: str, dims: tuple[int, ...], n_bytes: int) -> int | None:
+    """A 2-D weight's size in llama.cpp's AMX buffer (``AMX_TYPES``), or None where that buffer does not take it."""
+    block, extra = AMX_TYPES.get(type_name, (0, 0))
+    if block and len(dims) == 2 and dims[0] % block == 0 and dims[1] % 32 == 0:
+        return n_bytes + dims[1] * (dims[0] // block) * extra
+    return None
 
 
 #: Hyper-parameter (after "<arch>.") -> (smallest, largest) value the planner accepts. A GGUF is untrusted:
@@ -147,19 +193,24 @@ def read_shape(path: Path | str) -> ModelShape:
     n_tokens = tokens.length if isinstance(tokens, ArrayLength) else len(tokens) if isinstance(tokens, list) else None
     n_vocab = hp("vocab_size", n_tokens)
     weights = sum(t.n_bytes for t in header.tensors)
-    repack = sum(t.n_bytes for t in header.tensors
-                 if t.type_name in REPACKED_TYPES and not t.name.startswith("token_embd"))
+    repack_weights = tuple((t.type_name, tuple(t.dims), t.n_bytes) for t in header.tensors
+                           if t.type_name in REPACK_RULES and not t.name.startswith("token_embd"))
     amx = amx_extra = 0
     for t in header.tensors:
-        block, extra = AMX_TYPES.get(t.type_name, (0, 0))
-        if block and len(t.dims) == 2 and t.dims[0] % block == 0 and t.dims[1] % 32 == 0 and MATMUL_WEIGHT.match(t.name):
+        layout = amx_layout_bytes(t.type_name, tuple(t.dims), t.n_bytes) if MATMUL_WEIGHT.match(t.name) else None
+        if layout is not None:
             amx += t.n_bytes
-            amx_extra += t.dims[1] * (t.dims[0] // block) * extra
-    return ModelShape(arch=arch, n_layer=hp("block_count"), n_embd=n_embd, n_head=n_head,
+            amx_extra += layout - t.n_bytes
+    names = {t.name: t for t in header.tensors}
+    embd = names.get("token_embd.weight")
+    tied = (embd.type_name, tuple(embd.dims), embd.n_bytes) if embd is not None and "output.weight" not in names else None
+    shape = ModelShape(arch=arch, n_layer=hp("block_count"), n_embd=n_embd, n_head=n_head,
                       n_head_kv=hp("attention.head_count_kv", n_head),
                       head_dim_k=hp("attention.key_length", head_dim), head_dim_v=hp("attention.value_length", head_dim),
                       n_ff=hp("feed_forward_length"), n_vocab=n_vocab, n_ctx_train=hp("context_length"),
-                      weights_bytes=weights, repackable_bytes=repack, amx_bytes=amx, amx_extra_bytes=amx_extra)
+                      weights_bytes=weights, repackable_bytes=0, amx_bytes=amx, amx_extra_bytes=amx_extra,
+                      repack_weights=repack_weights, tied_embd=tied)
+    return replace(shape, repackable_bytes=shape.repack_bytes(DEFAULT_FEATURES))
 
 
 @dataclass(frozen=True)
@@ -174,10 +225,12 @@ class Estimate:
     compute: int
     adapters: int = 0  # LoRA adapters applied at run time (their tensors)
     prefix_cache: int = 0  # host RAM `edgemed serve`'s saved prompt prefixes may hold
+    work: int = 0  # the compute work buffer ggml allocates beside the compute buffer (``work_bytes``)
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.repacked + self.kv_cache + self.compute + self.adapters + self.prefix_cache
+        return (self.runtime + self.weights + self.repacked + self.kv_cache + self.compute + self.work + self.adapters
+                + self.prefix_cache)
 
 
 def kv_cells(n_ctx: int, n_seq: int = 1) -> int:
@@ -207,26 +260,46 @@ def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool
     return max(around_attention + scores, ffn, logits)
 
 
+def work_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool, type_v: str = DEFAULT_KV_TYPE) -> int:
+    """The compute work buffer (``ggml_graph_plan``: kept by the backend beside the compute buffer, for the largest
+    input a matrix product converts to its weight's dot type). Without flash attention the f32 attention scores
+    (``n_ctx * n_ubatch * n_head``) become f16 (bf16) for the product with the V cache; an f32 V cache takes them as
+    they are. Otherwise, and at the least, the widest activation at 2 bytes an element (an f16 weight's; the quant
+    types' are smaller)."""
+    activations = n_ubatch * max(shape.n_ff, shape.n_embd) * 2
+    if flash_attn or type_v == "f32":
+        return activations
+    return max(activations, n_ctx * n_ubatch * shape.n_head * 2)
+
+
 def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str = DEFAULT_KV_TYPE, type_v: str = DEFAULT_KV_TYPE,
              flash_attn: bool = False, offload: bool = False, use_mmap: bool = True, adapter_bytes: int = 0,
-             prefix_cache_bytes: int = 0, n_seq: int = 1, amx: bool = False) -> Estimate:
+             prefix_cache_bytes: int = 0, n_seq: int = 1, amx: bool = False, features=DEFAULT_FEATURES,
+             extra_buffers: str = "all") -> Estimate:
     """Predicted peak memory of a llama.cpp process serving this model at ``n_ctx`` (with ``adapter_bytes`` of
     LoRA adapters: ``adapters_bytes``, and ``prefix_cache_bytes`` of host prefix cache), its context shared by
     ``n_seq`` sequences of their own KV streams (``edgemed serve``'s slots): the cells llama.cpp allocates
     (``kv_cells``), not the tokens asked for. ``amx``: the weights may sit in llama.cpp's AMX buffer (an AMX build,
-    extra buffers ``auto`` or ``all``): its layout is larger, and beside a mapping it is a copy of every weight it takes."""
+    extra buffers ``auto`` or ``all``): its layout is larger, and beside a mapping it is a copy of every weight it takes.
+    ``features``: the CPU features of the build (``buffers.Build.features``: which types it repacks);
+    ``extra_buffers``: the concrete mode (``all``, ``repack`` or ``none``; ``profile_settings`` resolves ``auto``):
+    ``none`` repacks nothing, and only ``all`` copies a tied token embedding for the output layer."""
     cells = kv_cells(n_ctx, n_seq)
-    amx = amx and not offload
+    features = frozenset(features)
+    amx = amx and not offload and extra_buffers == "all"
+    repack = 0 if extra_buffers == "none" else shape.repack_bytes(features)
+    tied = shape.tied_output_bytes(features, amx) if extra_buffers == "all" and not offload else 0
     return Estimate(
         n_ctx=n_ctx,
         runtime=RUNTIME_BASE + RUNTIME_PER_TOKEN * shape.n_vocab,
         weights=shape.weights_bytes + (shape.amx_extra_bytes if amx and not use_mmap else 0),
-        repacked=(0 if offload or not use_mmap else
-                  max(shape.repackable_bytes, shape.amx_bytes + shape.amx_extra_bytes) if amx else shape.repackable_bytes),
+        repacked=tied + (0 if offload or not use_mmap else
+                         max(repack, shape.amx_bytes + shape.amx_extra_bytes) if amx else repack),
         kv_cache=kv_cache_bytes(shape, cells, type_k, type_v),
         compute=compute_bytes(shape, cells, min(n_ubatch, n_ctx), flash_attn, offload),
         adapters=adapter_bytes,
         prefix_cache=prefix_cache_bytes,
+        work=work_bytes(shape, cells, min(n_ubatch, n_ctx), flash_attn, type_v),
     )
 
 
@@ -293,24 +366,72 @@ def flash_attn_for(profile: Profile, shape: ModelShape) -> bool:
     return bool(s["flash_attn"]) or (shape.head_dim_k in widths and shape.head_dim_v in widths)
 
 
-def profile_settings(profile: Profile, shape: ModelShape, gpu: bool | None = None, amx: bool = False) -> dict:
+def target_features(profile: Profile) -> frozenset[str]:
+    """The CPU features (``buffers.Build.features``' names) of the device ``profile`` describes, for a plan made off
+    it: NEON with the dot product on a Jetson Orin (Cortex-A78AE) and every Apple M chip, AVX2 on x86 (and AVX512
+    where its ``match.cpu_flags`` ask for avx512f), and every feature a repack rule names on a device whose CPU is not
+    known (``platform = "any"``: it may repack any of those types)."""
+    platform = profile.match["platform"]
+    if platform in ("jetson", "apple"):
+        return frozenset({"NEON", "DOTPROD"})
+    if platform == "x86":
+        return DEFAULT_FEATURES | ({"AVX512"} if "avx512f" in profile.match.get("cpu_flags", ()) else set())
+    return ALL_REPACK_FEATURES
+
+
+def installed_build() -> dict:
+    """``make_plan``'s ``gpu``, ``amx`` and ``features`` for the llama.cpp installed here, as ``session.prepare`` plans
+    a load: whether it offloads at all (None where it is not installed: the plan takes the profile's word), whether
+    it has an AMX buffer edgemed may try (``buffers.amx_may_be_tried``), and its CPU features (None: the profile's)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"gpu": None, "amx": False, "features": None}
+    from edgemed.runtime.buffers import amx_may_be_tried
+    from edgemed.runtime.llamacpp import build
+
+    return {"gpu": bool(llama_cpp.llama_supports_gpu_offload()), "amx": amx_may_be_tried(build()),
+            "features": installed_features()}
+
+
+def installed_features() -> frozenset[str] | None:
+    """The CPU features of the llama.cpp installed here (``buffers.Build.features``), or None where none is."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    from edgemed.runtime.llamacpp import build
+
+    return build().features
+
+
+def profile_settings(profile: Profile, shape: ModelShape, gpu: bool | None = None, amx: bool = False,
+                     features=None) -> dict:
     """The load settings of ``profile`` for this model that change the memory estimate (keyword arguments of
     ``estimate``). ``gpu``: whether the llama.cpp build that will load it offloads at all (a CPU-only wheel keeps
     every weight on the CPU whatever ``n_gpu_layers`` says, and repacks them beside a mapping); None: the device the
     profile describes, with the GPU build it is meant for (a plan made for another machine). ``amx``: the build that
-    will load it has llama.cpp's AMX buffer (``estimate``); it counts where the profile's extra buffers allow it."""
+    will load it has llama.cpp's AMX buffer and ``auto`` may try it (``estimate``); it counts where the profile's extra
+    buffers allow it. ``features``: that build's CPU features (None: the profile's device's, ``target_features``);
+    ``auto`` is ``all`` unless they hold AMX_INT8 and ``amx`` is false (``buffers.resolve``: ``repack`` there), and
+    ``all`` uses an AMX buffer the build has whether or not ``auto`` would try it."""
     s = profile.llama
     offload = s["n_gpu_layers"] != 0 and gpu is not False
+    features = target_features(profile) if features is None else frozenset(features)
+    mode = s.get("extra_buffers", "auto")
+    if mode == "auto":
+        mode = "all" if amx or "AMX_INT8" not in features else "repack"
     return {"n_ubatch": s["n_ubatch"], "type_k": s["type_k"], "type_v": s["type_v"],
             "flash_attn": flash_attn_for(profile, shape), "offload": offload, "use_mmap": s["use_mmap"],
-            "amx": amx and s.get("extra_buffers", "auto") in ("auto", "all")}
+            "amx": mode == "all" and (amx or "AMX_INT8" in features), "features": tuple(sorted(features)),
+            "extra_buffers": mode}
 
 
 def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: int | None = None,
                    adapter_bytes: int = 0, prefix_cache_bytes: int = 0, n_seq: int = 1,
-                   gpu: bool | None = None, amx: bool = False) -> tuple[int, str]:
+                   gpu: bool | None = None, amx: bool = False, features=None) -> tuple[int, str]:
     """Largest context that fits ``budget`` (or ``requested`` if it fits); raises ``PlanError`` otherwise."""
-    opts = profile_settings(profile, shape, gpu, amx) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes,
+    opts = profile_settings(profile, shape, gpu, amx, features) | {"adapter_bytes": adapter_bytes, "prefix_cache_bytes": prefix_cache_bytes,
                                                "n_seq": n_seq}
     parts = [f"LoRA adapters {adapter_bytes / MIB:.0f} MiB"] * bool(adapter_bytes) + \
         [f"--prefix-cache-mib {prefix_cache_bytes / MIB:.0f} MiB"] * bool(prefix_cache_bytes)
@@ -390,7 +511,7 @@ def for_engine(profile: Profile, batched: bool) -> Profile:
 def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requested_ctx: int | None = None,
               budget: int | None = None, adapters=(), prefix_cache: tuple[int, bool] | None = None,
               n_seq: int = 1, gpu: bool | None = None, here: bool = False, amx: bool = False,
-              batched: bool = False) -> Plan:
+              batched: bool = False, features=None) -> Plan:
     """Plan ``model`` on ``profile`` (budget from the profile and ``facts`` unless given), with the LoRA adapter
     files ``adapters`` (paths, or objects with ``.path``) applied.
 
@@ -398,9 +519,12 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     the command line) is counted before the context is chosen and refused with the context when it cannot fit;
     otherwise (the profile's) it gets what the budget leaves after the model and its context, at most ``bytes``.
     ``here``: the model will load on the machine ``facts`` describe, so its memory caps the budget whichever profile
-    was named (``Profile.budget_bytes``). ``batched``: for ``edgemed serve``'s batcher, else the one-sequence engine
-    (``for_engine``: the micro-batch each runs)."""
+    was named (``Profile.budget_bytes``), and the CPU features of the llama.cpp installed here are those of the build
+    that loads it unless ``features`` are given (``profile_settings``). ``batched``: for ``edgemed serve``'s batcher,
+    else the one-sequence engine (``for_engine``: the micro-batch each runs)."""
     profile = for_engine(profile, batched)
+    if features is None and here:
+        features = installed_features()
     shape = read_shape(model)
     adapter_bytes = adapters_bytes(adapters)
     budget_given = budget
@@ -414,13 +538,14 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
                          "pass --prefix-cache-mib with a whole number of MiB (0: no host cache)")
     try:
         n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0,
-                                           n_seq, gpu, amx)
+                                           n_seq, gpu, amx, features)
     except PlanError as exc:  # a budget this machine capped says so: the profile alone would not explain it
         note = profile.memory_cap_note(facts, here) if budget_given is None else ""
         if not note:
             raise
         raise PlanError(f"{exc.problem.rstrip('.')}; {note}.", exc.fix) from None
-    est = estimate(shape, n_ctx, **profile_settings(profile, shape, gpu, amx), adapter_bytes=adapter_bytes, n_seq=n_seq)
+    settings = profile_settings(profile, shape, gpu, amx, features)
+    est = estimate(shape, n_ctx, **settings, adapter_bytes=adapter_bytes, n_seq=n_seq)
     if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
         est = replace(est, prefix_cache=asked if fixed else max(0, min(asked, (budget - est.total) // MIB * MIB)))
     # llama.cpp never uses a batch larger than the context; llama-cpp-python would still allocate it
@@ -430,7 +555,7 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
                  n_threads=check_threads(profile.threads(profile.llama["n_threads"], facts)),
                  n_threads_batch=check_threads(profile.threads(profile.llama["n_threads_batch"], facts)))
     llama.pop("n_ubatch_single", None)  # chosen above (for_engine): n_ubatch is what this engine runs
-    pool = memory_pool(profile, profile_settings(profile, shape, gpu, amx)["offload"])
+    pool = memory_pool(profile, settings["offload"])
     return Plan(model=str(model), profile=profile.name, budget=budget, estimate=est, llama=llama, limited_by=limited_by,
                 prefix_cache_asked=asked, pool=pool)
 
