@@ -62,7 +62,7 @@ def test_pack_directory_and_tar_hold_same_manifest(tmp_path, src):
     assert man_t["card"]["intended_use"].startswith("Exercising")
     assert info["bundle"]["form"] == "tar" and info["bundle"]["signature"]["present"] is False
     mem = man_t["memory"]
-    assert set(mem["by_context"]) == {"2048"} and mem["method"] == "planner/3"
+    assert set(mem["by_context"]) == {"2048"} and mem["method"] == "planner/4"
     # every shipped device profile is planned; fixed-memory profiles are checked against their budget
     from edgemed.devices.profiles import load_profiles
 
