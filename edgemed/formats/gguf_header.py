@@ -25,7 +25,7 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed.errors import InputError, IntegrityError
@@ -63,6 +63,8 @@ class Header:
     tensors: tuple[TensorInfo, ...]
     table_start: int = 0  # file position of the tensor table (the metadata ends here)
     data_start: int = 0   # file position of the tensor data
+    #: key -> (start, end) file positions of its GGUF-encoded type and value, for the keys ``read_header(spans=)`` names
+    spans: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ def _tensor(cur: _Cursor, gguf, index: int) -> tuple[str, str, int, int, int, tu
     return name, qtype.name, n, n // block * type_size, offset, tuple(dims)
 
 
-def _parse(buf, gguf) -> Header:
+def _parse(buf, gguf, spans: str | None = None) -> Header:
     cur = _Cursor(buf)
     if cur.size < 4 or bytes(buf[:4]) != b"GGUF":
         raise _Corrupt("it does not start with the GGUF magic")
@@ -181,11 +183,15 @@ def _parse(buf, gguf) -> Header:
     if n_tensors > MAX_ENTRIES:
         raise _Corrupt(f"it declares {n_tensors} tensors (at most {MAX_ENTRIES})")
     metadata: dict = {}
+    where: dict = {}
     for _ in range(n_kv):
         key = cur.string("a metadata key", MAX_KEY_BYTES)
         if key in metadata:
             raise _Corrupt(f"metadata key '{key}' appears twice")
+        start = cur.pos
         metadata[key] = cur.value(cur.take("I", f"the type of '{key}'"), key)
+        if spans is not None and key.startswith(spans):
+            where[key] = (start, cur.pos)
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment & (alignment - 1):
         raise _Corrupt(f"general.alignment is {alignment!r}, not a power of two")
@@ -206,11 +212,14 @@ def _parse(buf, gguf) -> Header:
     if end and data_start + end > cur.size:  # (no tensor bytes: llama.cpp reads nothing past the header)
         raise IntegrityError(f"its tensor data needs {data_start + end} bytes ('{last}' ends at {end} past the "
                              f"header), but the file has {cur.size}")
-    return Header(version, metadata, tuple(tensors), table_start, data_start)
+    return Header(version, metadata, tuple(tensors), table_start, data_start, where)
 
 
-def read_header(path: Path | str) -> Header:
-    """Metadata and tensor table of the GGUF at ``path`` (tensor data is not read, only checked to fit)."""
+def read_header(path: Path | str, *, spans: str | None = None) -> Header:
+    """Metadata and tensor table of the GGUF at ``path`` (tensor data is not read, only checked to fit).
+
+    ``spans``: a key prefix; ``Header.spans`` then holds where each key with that prefix has its raw type and value
+    in the file (a long array's bytes, which ``metadata`` keeps only the length of, can then be read or hashed)."""
     from edgemed.errors import require
 
     gguf = require("gguf", "gguf")
@@ -223,7 +232,7 @@ def read_header(path: Path | str) -> Header:
             if os.fstat(fh.fileno()).st_size == 0:
                 raise _Corrupt("it is empty")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse(buf, gguf)
+                return _parse(buf, gguf, spans)
     except _Corrupt as exc:
         raise InputError(f"'{path}' is not a readable GGUF file: {exc}.", fix) from None
     except IntegrityError as exc:

@@ -1,11 +1,14 @@
 """Model facts for the manifest, read from the model file itself, and the memory it needs.
 
-GGUF facts come from the ``gguf`` package's ``GGUFReader`` (imported here, lazily):
+GGUF facts come from edgemed's own bounded header reader (``edgemed.formats.gguf_header``):
 architecture, parameter count, quantization, context length, a hash of the chat
 template and a hash of the tokenizer, and the provenance keys the converter writes
 (``edgemed.*``). The tokenizer hash is sha256 over every ``tokenizer.ggml.*`` key,
-in sorted order, as key name + the key's raw GGUF-encoded bytes: two files hash the
-same exactly when their vocabularies, merges, scores, types and special ids match.
+in sorted order, as key name + NUL + the key's raw GGUF-encoded type and value bytes, read
+from the file: two files hash the same exactly when their vocabularies, merges, scores,
+types and special ids match. (``gguf.GGUFReader``, which computed them before, builds
+numpy objects for every string of the vocabulary: a few megabytes of crafted strings took
+gigabytes of memory; the values, the tokenizer hash included, are the same.)
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from edgemed.constants import KV_TYPES
-from edgemed.errors import InputError, require
+from edgemed.errors import IntegrityError
 from edgemed.formats import genai_config
 
 # GGUF metadata key (after "<arch>.") -> manifest fact name
@@ -36,63 +39,82 @@ PROVENANCE_KEYS = {"edgemed.source.sha256": "source_sha256", "edgemed.lora.sha25
                    "edgemed.converter_version": "converter_version", "edgemed.source.architecture": "source_architecture"}
 
 
-def _value(field):
-    try:
-        return field.contents()
-    except Exception:  # a value type this gguf version cannot decode: leave the fact out
-        return None
+_TOKENIZER_KEYS = "tokenizer.ggml."
+_BLOCK = 1 << 20
+
+
+def _value(meta: dict, key: str):
+    """A metadata value as the manifest states it: a long or string array (kept by its length only) is left out."""
+    from edgemed.formats.gguf_header import ArrayLength
+
+    value = meta.get(key)
+    return None if isinstance(value, ArrayLength) else value
+
+
+def _tokenizer_sha256(path: Path, spans: dict) -> str:
+    """sha256 over the ``tokenizer.ggml.*`` keys in sorted order: name, NUL, the raw type and value bytes (read from
+    the file in blocks where ``read_header`` found them)."""
+    tok = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for key in sorted(spans):
+            tok.update(key.encode() + b"\0")
+            start, end = spans[key]
+            fh.seek(start)
+            left = end - start
+            while left:
+                block = fh.read(min(left, _BLOCK))
+                if not block:
+                    raise IntegrityError(f"'{path}' became shorter while it was read.", "leave the file alone while it is packed, then pack again")
+                tok.update(block)
+                left -= len(block)
+    return tok.hexdigest()
 
 
 def gguf_facts(path: Path) -> tuple[dict, dict]:
-    """(model facts, provenance found in metadata) for a GGUF file."""
+    """(model facts, provenance found in metadata) for a GGUF file: everything from its bounded header, so a damaged or
+    crafted file is an InputError before anything in proportion to its strings is allocated."""
     from edgemed.formats.gguf_header import read_header
 
-    gguf = require("gguf", "gguf")
-    read_header(path)  # bounded checks first: a short or damaged file is named as such, before GGUFReader maps it
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # the reader raises ValueError/struct errors on damaged files
-        raise InputError(f"Cannot read '{path}' as GGUF: {exc}.", "pass a complete .gguf made by `edgemed convert`") from None
-    fields = reader.fields
-    arch = _value(fields["general.architecture"]) if "general.architecture" in fields else None
+    header = read_header(path, spans=_TOKENIZER_KEYS)
+    meta = header.metadata
+    arch = _value(meta, "general.architecture")
     facts: dict = {"format": "gguf", "arch": arch}
     for key, name in _GENERAL_KEYS.items():
-        if key in fields:
-            facts[name] = _value(fields[key])
+        if key in meta:
+            facts[name] = _value(meta, key)
     for key, name in _ARCH_KEYS.items():
-        if f"{arch}.{key}" in fields:
-            facts[name] = _value(fields[f"{arch}.{key}"])
-    if "head_dim" not in facts and facts.get("n_embd") and facts.get("n_head"):
-        facts["head_dim"] = facts["n_embd"] // facts["n_head"]
-    facts["params"] = int(sum(int(t.n_elements) for t in reader.tensors))
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+        if f"{arch}.{key}" in meta:
+            facts[name] = _value(meta, f"{arch}.{key}")
+    n_embd, n_head = facts.get("n_embd"), facts.get("n_head")
+    if "head_dim" not in facts and isinstance(n_embd, int) and isinstance(n_head, int) and n_embd and n_head:
+        facts["head_dim"] = n_embd // n_head
+    facts["params"] = int(sum(t.n_elements for t in header.tensors))
+    types = Counter(t.type_name for t in header.tensors)
     facts["tensor_types"] = dict(sorted(types.items()))
-    if "general.file_type" in fields:
+    if "general.file_type" in meta:
+        import gguf  # read_header required it
+
+        file_type = _value(meta, "general.file_type")
         try:
-            facts["quant"] = gguf.LlamaFileType(int(_value(fields["general.file_type"]))).name.removeprefix("MOSTLY_")
-        except ValueError:
-            facts["quant"] = f"file_type_{_value(fields['general.file_type'])}"
+            facts["quant"] = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+        except (ValueError, TypeError):
+            facts["quant"] = f"file_type_{file_type}"
     else:  # no file type key: name it after the most common quantized tensor type
         quantized = [t for t in types.most_common() if t[0] not in ("F32", "F16", "BF16")] or types.most_common()
         facts["quant"] = quantized[0][0] if quantized else None
-    template = _value(fields["tokenizer.chat_template"]) if "tokenizer.chat_template" in fields else None
-    facts["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest() if template else None
-    tok = hashlib.sha256()
-    for key in sorted(k for k in fields if k.startswith("tokenizer.ggml.")):
-        tok.update(key.encode() + b"\0")
-        for part in fields[key].parts[2:]:  # parts[0:2] are the key's own length and name
-            tok.update(part.tobytes())
-    facts["tokenizer_sha256"] = tok.hexdigest()
-    provenance = {name: _value(fields[key]) for key, name in PROVENANCE_KEYS.items() if key in fields}
+    template = _value(meta, "tokenizer.chat_template")
+    facts["chat_template_sha256"] = hashlib.sha256(template.encode("utf-8")).hexdigest() if isinstance(template, str) and template else None
+    facts["tokenizer_sha256"] = _tokenizer_sha256(path, header.spans)
+    provenance = {name: _value(meta, key) for key, name in PROVENANCE_KEYS.items() if key in meta}
     return facts, provenance
 
 
 def chat_template(path: Path) -> str | None:
-    """The chat template stored in a GGUF (for exports)."""
-    gguf = require("gguf", "gguf")
-    reader = gguf.GGUFReader(str(path), "r")
-    field = reader.fields.get("tokenizer.chat_template")
-    return _value(field) if field is not None else None
+    """The chat template stored in a GGUF (for exports), from its bounded header."""
+    from edgemed.formats.gguf_header import read_header
+
+    template = read_header(path).metadata.get("tokenizer.chat_template")
+    return template if isinstance(template, str) else None
 
 
 def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
