@@ -297,6 +297,27 @@ def test_fit_profile_picks_what_the_planner_says_fits(model, tmp_path, edgemed_h
     assert make_plan(tmp_path / "fit.gguf", get_profile("tiny-device"), None, requested_ctx=256).fits
 
 
+@pytest.mark.parametrize("shipped", ["jetson-orin-nano-8gb", "x86-avx512", "x86-avx2"])
+def test_a_candidate_is_counted_as_the_planner_counts_its_file(model, tmp_path, edgemed_home, shipped):
+    """The search's estimate of a candidate is the plan of the file it writes: weights, the copies the device's CPU
+    repacks or its AMX buffer holds, the output layer's copy of a tied embedding (it imported a name the planner no
+    longer has, and counted the repack by a list of x86 types)."""
+    from edgemed.devices import get_profile
+    from edgemed.runtime.plan import make_plan
+
+    text = (Path(__file__).parents[1] / "device_profiles" / f"{shipped}.toml").read_text()
+    text = text.replace(f'name = "{shipped}"', 'name = "probe-device"')
+    if "total_gb" not in text:  # a size of its own, so the search may plan for it here
+        text = text.replace("[memory]\n", "[memory]\ntotal_gb = 16.0\n", 1)
+    (edgemed_home / "profiles").mkdir(parents=True, exist_ok=True)
+    (edgemed_home / "profiles" / "probe-device.toml").write_text(text)
+    out = tmp_path / "mixed.gguf"
+    quantize(model["f16"], out, "q4_k_m", tensor_types=_mixed(model["groups"]))
+    fit = auto_quant.DeviceFit("probe-device", model["f16"])
+    plans = [make_plan(out, get_profile("probe-device"), None, requested_ctx=fit.n_ctx, batched=b) for b in (False, True)]
+    assert fit.estimate(_types(out)) == max((p.estimate for p in plans), key=lambda e: e.total)  # `run`'s or `serve`'s
+
+
 def test_best_fidelity_that_fits_quantizes_only_what_it_measures(model, tmp_path):
     """A roomy device: every tensor Q8_0, one round, llama.cpp run twice (the Q8_0 file and the output)."""
     from edgemed.converters.gguf.calibration import shipped

@@ -213,29 +213,45 @@ class DeviceFit:
         import gguf
 
         from edgemed.formats.gguf_header import read_header
-        from edgemed.runtime.plan import REPACKED_TYPES, read_shape
+        from edgemed.runtime.plan import read_shape
 
         self.profile, self.budget = device_budget(name)
         self.shape = read_shape(float_path)
         self.n_ctx = min(self.profile.llama["n_ctx"], self.shape.n_ctx_train)
         self._tensors = read_header(float_path).tensors
         self._bytes = lambda t, ty: tensor_bytes(gguf, t, ty)
-        self._repacked = REPACKED_TYPES
 
     def estimate(self, types: dict[str, str]):
+        """The plan's estimate for the file these ``types`` (tensor name -> quant type; the rest stay as they are)
+        would make, counted as ``plan.read_shape`` counts a written file: its weights, the ones the device's CPU
+        repacks or its AMX buffer takes, and the output layer's copy of a tied token embedding."""
         from dataclasses import replace
 
-        from edgemed.runtime.plan import estimate, profile_settings
+        from edgemed.runtime.buffers import MATMUL_WEIGHT, REPACK_RULES
+        from edgemed.runtime.plan import amx_layout_bytes, estimate, for_engine, profile_settings, target_features
 
-        weights = repack = 0
+        weights = amx = amx_extra = 0
+        repack, tied = [], None
+        names = {t.name for t in self._tensors}
         for t in self._tensors:
-            ty = types.get(t.name)
-            n = self._bytes(t, ty) if ty else t.n_bytes
+            ty = types.get(t.name) or t.type_name
+            n = self._bytes(t, types[t.name]) if t.name in types else t.n_bytes
+            dims = tuple(t.dims)
             weights += n
-            if (ty or t.type_name) in self._repacked and not t.name.startswith("token_embd"):
-                repack += n
-        shape = replace(self.shape, weights_bytes=weights, repackable_bytes=repack)
-        return estimate(shape, self.n_ctx, **profile_settings(self.profile, shape))
+            if ty in REPACK_RULES and not t.name.startswith("token_embd"):
+                repack.append((ty, dims, n))
+            layout = amx_layout_bytes(ty, dims, n) if MATMUL_WEIGHT.match(t.name) else None
+            if layout is not None:
+                amx, amx_extra = amx + n, amx_extra + layout - n
+            if t.name == "token_embd.weight" and "output.weight" not in names:
+                tied = (ty, dims, n)
+        shape = replace(self.shape, weights_bytes=weights, repack_weights=tuple(repack), tied_embd=tied,
+                        amx_bytes=amx, amx_extra_bytes=amx_extra, repackable_bytes=0)
+        shape = replace(shape, repackable_bytes=shape.repack_bytes(target_features(self.profile)))
+        # the larger of what `run` and `serve` load it with (their micro-batches may differ: plan.for_engine), as a
+        # bundle's memory facts count it
+        return max((estimate(shape, self.n_ctx, **profile_settings(for_engine(self.profile, batched), shape))
+                    for batched in (False, True)), key=lambda e: e.total)
 
     def __call__(self, types: dict[str, str]) -> bool:
         return self.estimate(types).total <= self.budget
@@ -373,7 +389,8 @@ def run(float_path: Path, dst: Path, *, max_kld: float | None, fit_profile: str 
     if fit:
         from edgemed.runtime.plan import make_plan
 
-        plan = make_plan(dst, fit.profile, None, requested_ctx=fit.n_ctx, budget=fit.budget)
+        plan = max((make_plan(dst, fit.profile, None, requested_ctx=fit.n_ctx, budget=fit.budget, batched=batched)
+                    for batched in (False, True)), key=lambda p: p.estimate.total)  # `run`'s or `serve`'s, the larger
         section["plan"] = {"fits": plan.fits, "total_bytes": plan.estimate.total, "n_ctx": plan.estimate.n_ctx}
     echo(table(outcome.trials))
     echo(f"auto-quant chose '{chosen.label}' ({dst.stat().st_size / 2**20:.1f} MiB, KLD {figures['kld_mean']:.5f}): "
