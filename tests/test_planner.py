@@ -483,3 +483,22 @@ def test_adapters_count_their_tensors_and_can_tip_the_context(tiny, tmp_path):
         make_plan(tiny, profile, None, budget=10 * budget, adapters=[tiny])
     with pytest.raises(InputError, match="not a GGUF LoRA adapter"):
         adapter_facts(write_tiny_adapter(tmp_path / "m.gguf", general_type="model"))
+
+
+def test_a_llama_cpp_that_does_not_load_here_leaves_the_plan_to_the_profile(monkeypatch):
+    """A CUDA wheel on a machine without the driver raises while importing (not ImportError): `edgemed plan` plans
+    with the profile's word, as where llama.cpp is not installed, instead of a traceback."""
+    import sys
+
+    from edgemed.runtime.plan import installed_build, installed_features
+
+    class Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name == "llama_cpp":
+                raise RuntimeError("Failed to load shared library 'libllama.so': libcuda.so.1: cannot open shared object file")
+            return None
+
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    assert installed_build() == {"gpu": None, "amx": False, "features": None}
+    assert installed_features() is None

@@ -385,8 +385,8 @@ def installed_build() -> dict:
     it has an AMX buffer edgemed may try (``buffers.amx_may_be_tried``), and its CPU features (None: the profile's)."""
     try:
         import llama_cpp
-    except ImportError:
-        return {"gpu": None, "amx": False, "features": None}
+    except (ImportError, OSError, RuntimeError):  # not installed, or its library does not load here (a CUDA wheel
+        return {"gpu": None, "amx": False, "features": None}  # without the driver): the profile's word
     from edgemed.runtime.buffers import amx_may_be_tried
     from edgemed.runtime.llamacpp import build
 
@@ -398,7 +398,7 @@ def installed_features() -> frozenset[str] | None:
     """The CPU features of the llama.cpp installed here (``buffers.Build.features``), or None where none is."""
     try:
         import llama_cpp  # noqa: F401
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):
         return None
     from edgemed.runtime.llamacpp import build
 
