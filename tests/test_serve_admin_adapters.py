@@ -132,3 +132,13 @@ def test_an_adapter_file_llama_cpp_does_not_load_is_a_400_and_nothing_changes(se
     assert "triage.lora.gguf" in error["message"] and "Fix: check the file" in error["message"]
     assert set(server.batcher.adapters()) == {"cardio"}
     assert _answer(server, MODEL) == before
+
+
+def test_a_taken_or_bad_name_is_refused_before_the_self_test_runs(server, kit, monkeypatch):  # noqa: F811
+    """The self-test's child (seconds) ran for the new set before the name was looked at."""
+    called = []
+    monkeypatch.setitem(globals(), "admit_adapter", lambda *args: called.append(args))
+    for name, words in [("cardio", "already served"), ("no spaces", "not a usable adapter name")]:
+        r = _add(server, name, kit["triage"])
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert called == [] and set(server.batcher.adapters()) == {"cardio"}

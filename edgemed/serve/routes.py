@@ -125,6 +125,7 @@ def _admit_and_add(srv, name: str, spec) -> None:
     from edgemed.runtime.loader import AdapterSpec
 
     with _ADDING:
+        srv.batcher.check_new_adapter(name)  # a bad or taken name is said before the self-test's child runs for it
         if srv.config.admit_adapter is not None:
             served = [AdapterSpec(Path(a["path"]), a["scale"]) for a in srv.batcher.adapters().values()]
             try:

@@ -305,6 +305,16 @@ class Batcher:
         with self._cond:
             return {a.name: {"path": str(a.path), "scale": a.scale} for a in self._adapters.values() if not a.removed}
 
+    def check_new_adapter(self, name: str) -> None:
+        """What ``add_adapter`` refuses ``name`` for, said before anything costly is done for it (the server's self-test
+        of the new set): a name no model name can carry, or one already served (a removed one still finishing too)."""
+        _check_name(name)
+        with self._cond:
+            if name in self._adapters:
+                raise InputError(f"An adapter named '{name}' is already served"
+                                 f"{' (removed, still finishing requests)' if self._adapters[name].removed else ''}.",
+                                 "remove it first, or pick another name")
+
     def add_adapter(self, name: str, spec, check=None) -> None:
         """Load a LoRA adapter (``loader.AdapterSpec`` or a path) under ``name`` while serving; requests may name it
         once this returns. The running requests keep going (the load waits for the current step to end). ``check``
