@@ -14,10 +14,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
+from fifo_kit import run_unblocked
 
 from edgemed.errors import InputError
 
@@ -63,17 +63,9 @@ def test_imatrix_from_a_fifo_is_refused_without_hanging(model, tmp_path):
     pytest.importorskip("llama_cpp")
     fifo = tmp_path / "calib.fifo"
     os.mkfifo(fifo)
-    done: list = []
-    worker = threading.Thread(target=lambda: done.append(_cli("convert", model, "--quant", "q4_0", "--no-parity",
-                                                              "--imatrix-from", fifo, "-o", tmp_path / "x.gguf")),
-                              daemon=True)
-    worker.start()
-    worker.join(timeout=10)
-    if worker.is_alive():  # blocked in open(): give it a writer that hangs up at once, so the thread can end
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        worker.join(timeout=10)
-        pytest.fail("--imatrix-from a FIFO blocked instead of being refused")
-    result = done[0]
+    result = run_unblocked(lambda: _cli("convert", model, "--quant", "q4_0", "--no-parity", "--imatrix-from", fifo,
+                                        "-o", tmp_path / "x.gguf"),
+                           fifo, 10, "--imatrix-from a FIFO blocked instead of being refused")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "is a named pipe (FIFO), not a regular file" in _said(result) and "Fix:" in result.output
     assert not (tmp_path / "x.gguf").exists()
@@ -147,14 +139,9 @@ def test_a_file_swapped_for_a_fifo_after_the_check_does_not_block(tmp_path, monk
         return st
 
     monkeypatch.setattr(calibration.os, "stat", stat_then_swap)
-    done: list = []
-    worker = threading.Thread(target=lambda: done.append(_catch(lambda: calibration.read(path, 1 << 20))), daemon=True)
-    worker.start()
-    worker.join(timeout=10)
-    if worker.is_alive():
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail("opening a swapped-in FIFO blocked")
-    assert isinstance(done[0], InputError) and "named pipe (FIFO)" in str(done[0])
+    got = run_unblocked(lambda: _catch(lambda: calibration.read(path, 1 << 20)), path, 10,
+                        "opening a swapped-in FIFO blocked")
+    assert isinstance(got, InputError) and "named pipe (FIFO)" in str(got)
 
 
 def _catch(call):
@@ -280,16 +267,10 @@ def test_bench_reproduce_refuses_a_fifo_before_any_work(tmp_path):
     (tmp_path / "src").mkdir()
     fifo = tmp_path / "calib.fifo"
     os.mkfifo(fifo)
-    done: list = []
-    worker = threading.Thread(target=lambda: done.append(_cli("bench", "reproduce", tmp_path / "src", "--quants",
-                                                              "q4_0-imatrix", "--imatrix-from", fifo, "-o",
-                                                              tmp_path / "out")), daemon=True)
-    worker.start()
-    worker.join(timeout=10)
-    if worker.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail("bench reproduce --imatrix-from a FIFO blocked")
-    assert done[0].exit_code == 1 and "named pipe (FIFO), not a regular file" in _said(done[0]), done[0].output
+    result = run_unblocked(lambda: _cli("bench", "reproduce", tmp_path / "src", "--quants", "q4_0-imatrix",
+                                        "--imatrix-from", fifo, "-o", tmp_path / "out"),
+                           fifo, 10, "bench reproduce --imatrix-from a FIFO blocked")
+    assert result.exit_code == 1 and "named pipe (FIFO), not a regular file" in _said(result), result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -437,15 +418,9 @@ def test_an_adapter_weights_fifo_is_refused(model, tmp_path):
     lora = tiny.build_lora(model, tmp_path / "lora")
     (lora / "adapter_model.safetensors").unlink()
     os.mkfifo(lora / "adapter_model.safetensors")
-    done: list = []
-    worker = threading.Thread(target=lambda: done.append(_cli("convert", model, "--lora", lora, "--quant", "f16",
-                                                              "--no-parity", "-o", tmp_path / "x.gguf")), daemon=True)
-    worker.start()
-    worker.join(timeout=60)
-    if worker.is_alive():
-        os.close(os.open(lora / "adapter_model.safetensors", os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail("an adapter's FIFO blocked the command")
-    result = done[0]
+    result = run_unblocked(lambda: _cli("convert", model, "--lora", lora, "--quant", "f16", "--no-parity", "-o",
+                                        tmp_path / "x.gguf"),
+                           lora / "adapter_model.safetensors", 60, "an adapter's FIFO blocked the command")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "named pipe (FIFO), not a regular file" in _said(result) and "Fix:" in result.output
     assert not (tmp_path / "x.gguf").exists()

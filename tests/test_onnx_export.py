@@ -327,10 +327,9 @@ def test_check_refuses_a_bad_genai_config_or_a_graph_without_a_kv_cache(tiny, ex
     """`edgemed check SOURCE DIR` reads genai_config.json as the ONNX engine does: a named pipe there used to block it
     for ever, a negative KV head count and a graph without past_key_values inputs ended in a traceback."""
     import os
-    import threading
-
     import onnx
     from click.testing import CliRunner
+    from fifo_kit import run_unblocked
     from onnx import TensorProto, helper
 
     from edgemed.cli import cli as main
@@ -355,16 +354,8 @@ def test_check_refuses_a_bad_genai_config_or_a_graph_without_a_kv_cache(tiny, ex
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(d / "model.onnx"))
         (d / "model.onnx.data").unlink()
         says = "has no past_key_values inputs"
-    done: list = []
-    worker = threading.Thread(target=lambda: done.append(CliRunner().invoke(main, ["check", str(tiny), str(d)])),
-                              daemon=True)
-    worker.start()
-    worker.join(timeout=120)
-    if worker.is_alive():  # blocked in open(): give it a writer that hangs up at once, so the thread can end
-        os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
-        worker.join(timeout=10)
-        pytest.fail("check blocked on genai_config.json instead of refusing it")
-    result = done[0]
+    result = run_unblocked(lambda: CliRunner().invoke(main, ["check", str(tiny), str(d)]), config, 120,
+                           "check blocked on genai_config.json instead of refusing it")
     said = " ".join(result.output.split())
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert says in said and "Fix:" in said and "Traceback" not in said, result.output
