@@ -8,6 +8,8 @@ For every (model, n_ctx) a fresh Python process loads the model through the
 runtime (``open_engine`` with the settings ``make_plan`` chose for the profile),
 fills the context with a prompt of ``n_ctx - 64`` tokens (the worst case the plan
 guards against), generates 32 tokens and reports its peak RSS (``VmHWM``).
+``--slots N`` (N > 1) measures ``edgemed serve``'s batcher instead: planned as serve plans N slots of ``n_ctx``
+tokens each, every slot filled with a prompt of its own.
 Goal: |predicted - measured| / measured <= 10 %.
 Results go to benchmarks/results/plan_memory.json.
 """
@@ -33,7 +35,7 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def child(model: str, n_ctx: int, profile_name: str) -> dict:
+def child(model: str, n_ctx: int, profile_name: str, slots: int = 1) -> dict:
     """Runs in the measured process: plan, load through the runtime, fill the context, decode."""
     from edgemed.converters.source import pip_models
     from edgemed.devices.detect import resolve
@@ -43,6 +45,8 @@ def child(model: str, n_ctx: int, profile_name: str) -> dict:
 
     path = Path(model) if model.endswith(".gguf") else pip_models.gguf_file(model)  # a file, or a pip model's name
     profile, facts = resolve(profile_name)
+    if slots > 1:
+        return served(path, model, n_ctx, profile, facts, slots)
     plan = make_plan(path, profile, facts, requested_ctx=n_ctx, here=True, **installed_build())  # as `run` plans here
     engine = open_engine(path, load_settings(plan))
     ids = engine.tokenize(TEXT * (n_ctx // 20))[: n_ctx - 64 - 8]
@@ -57,17 +61,45 @@ def child(model: str, n_ctx: int, profile_name: str) -> dict:
             "breakdown": plan.to_dict()["estimate"]}
 
 
+def served(path: Path, model: str, n_ctx: int, profile, facts, slots: int) -> dict:
+    """``child`` for ``edgemed serve``'s batcher: ``slots`` slots of ``n_ctx`` tokens, planned as serve plans them
+    (its host prefix cache off, so that what is measured is the context's), every slot filled at once."""
+    from edgemed.runtime import GenerationSettings
+    from edgemed.runtime.batch.batcher import Batcher
+    from edgemed.runtime.plan import installed_build, make_plan
+    from edgemed.runtime.session import load_settings
+
+    plan = make_plan(path, profile, facts, requested_ctx=n_ctx * slots, n_seq=slots, batched=True, here=True,
+                     **installed_build())
+    batcher = Batcher(path, load_settings(plan), slots=slots, queue_size=slots, prefix_cache=False)
+    batcher.start()
+    try:
+        ids = [batcher.tokenize(f"Patient {i}. " + TEXT * (n_ctx // 20))[: n_ctx - 64 - 8] for i in range(slots)]
+        streams = [batcher.submit(p, GenerationSettings(max_tokens=32), request_id=str(i)) for i, p in enumerate(ids)]
+        chars = sum(len(getattr(item, "text", "")) for stream in streams for item in stream)
+        measured = peak_rss()
+    finally:
+        batcher.close()
+    return {"model": model, "n_ctx": n_ctx, "slots": slots, "profile": profile.name, "prompt_tokens": len(ids[0]),
+            "load_mode": None, "generated_chars": chars, "predicted": plan.estimate.total, "measured": measured,
+            "breakdown": plan.to_dict()["estimate"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--ctx", nargs="+", type=int, default=[1024, 4096])
     ap.add_argument("--profile", default="x86-avx2", help="CPU profile to plan with (default x86-avx2)")
+    ap.add_argument("--slots", type=int, default=1, help="measure edgemed serve's batcher with this many slots, "
+                                                         "each of --ctx tokens (default 1: the one-sequence engine)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "CTX"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "plan_memory.json")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.profile)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.profile, args.slots)))
         return
+    if args.slots < 1:
+        ap.error("--slots must be 1 or more")
 
     from edgemed.files.atomic import write_text
     from edgemed.converters.source import pip_models
@@ -83,14 +115,15 @@ def main() -> None:
             continue
         for n_ctx in args.ctx:
             proc = subprocess.run([sys.executable, "-m", "edgemed.benchmarks.plan_memory", "--profile", args.profile,
-                                   "--child", model, str(n_ctx)], capture_output=True, text=True, check=False)
+                                   "--slots", str(args.slots), "--child", model, str(n_ctx)], capture_output=True,
+                                  text=True, check=False)
             if proc.returncode != 0:
                 print(f"{model} ctx {n_ctx}: child failed\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["error_pct"] = 100.0 * (row["predicted"] - row["measured"]) / row["measured"]
             rows.append(row)
-            print(f"{model:<24} ctx {n_ctx:>6}  predicted {row['predicted'] / 2**20:8.1f} MiB  "
+            print(f"{model:<24} ctx {n_ctx:>6}{f' x {args.slots} slots' if args.slots > 1 else ''}  predicted {row['predicted'] / 2**20:8.1f} MiB  "
                   f"measured {row['measured'] / 2**20:8.1f} MiB  error {row['error_pct']:+6.1f} %", flush=True)
     worst = max((abs(r["error_pct"]) for r in rows), default=float("nan"))
     print(f"worst |error|: {worst:.1f} % (goal <= 10 %)")

@@ -502,3 +502,18 @@ def test_a_llama_cpp_that_does_not_load_here_leaves_the_plan_to_the_profile(monk
     monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
     assert installed_build() == {"gpu": None, "amx": False, "features": None}
     assert installed_features() is None
+
+
+def test_the_attention_of_serve_slots_covers_one_slots_cells_on_a_cpu():
+    """With a KV stream per slot a micro-batch attends its own slot's cells: on a CPU the score pages written are one
+    slot's (4 slots of 2,048 on Qwen2.5-0.5B: 778 MiB planned, 753 measured; 1,042 planned over every slot's cells).
+    A device buffer is reserved for the whole context."""
+    from edgemed.runtime.plan import ModelShape, compute_bytes, work_bytes
+
+    smol = ModelShape("llama", 30, 576, 9, 3, 64, 64, 1536, 49152, 8192, 0, 0)
+    four, one = estimate(smol, 4 * 2048, n_seq=4), estimate(smol, 2048)
+    assert (four.compute, four.work) == (one.compute, one.work) == \
+        (compute_bytes(smol, 2048, 512, False, False), work_bytes(smol, 2048, 512, False))
+    assert four.kv_cache == 4 * one.kv_cache  # the cells themselves are every slot's
+    gpu = estimate(smol, 4 * 2048, n_seq=4, offload=True)
+    assert gpu.compute == compute_bytes(smol, 4 * 2048, 512, False, True)

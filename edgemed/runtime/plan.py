@@ -285,6 +285,10 @@ def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str 
     ``extra_buffers``: the concrete mode (``all``, ``repack`` or ``none``; ``profile_settings`` resolves ``auto``):
     ``none`` repacks nothing, and only ``all`` copies a tied token embedding for the output layer."""
     cells = kv_cells(n_ctx, n_seq)
+    # the attention of one micro-batch spans its own sequence's KV stream: on a CPU the score pages written are one
+    # stream's (Qwen2.5-0.5B, 2 slots of 4,096 filled: 174.4 MiB of growth, as 1 slot of 4,096: 173.9 MiB;
+    # `python -m edgemed.benchmarks.plan_memory --slots 2`); a device buffer is reserved for all the cells
+    attention = cells if offload else cells // n_seq
     features = frozenset(features)
     amx = amx and not offload and extra_buffers == "all"
     repack = 0 if extra_buffers == "none" else shape.repack_bytes(features)
@@ -296,10 +300,10 @@ def estimate(shape: ModelShape, n_ctx: int, *, n_ubatch: int = 512, type_k: str 
         repacked=tied + (0 if offload or not use_mmap else
                          max(repack, shape.amx_bytes + shape.amx_extra_bytes) if amx else repack),
         kv_cache=kv_cache_bytes(shape, cells, type_k, type_v),
-        compute=compute_bytes(shape, cells, min(n_ubatch, n_ctx), flash_attn, offload),
+        compute=compute_bytes(shape, attention, min(n_ubatch, n_ctx), flash_attn, offload),
         adapters=adapter_bytes,
         prefix_cache=prefix_cache_bytes,
-        work=work_bytes(shape, cells, min(n_ubatch, n_ctx), flash_attn, type_v),
+        work=work_bytes(shape, attention, min(n_ubatch, n_ctx), flash_attn, type_v),
     )
 
 
