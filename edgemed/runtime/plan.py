@@ -384,8 +384,8 @@ def target_features(profile: Profile) -> frozenset[str]:
 
 
 def installed_build() -> dict:
-    """``make_plan``'s ``gpu``, ``amx`` and ``features`` for the llama.cpp installed here, as ``session.prepare`` plans
-    a load: whether it offloads at all (None where it is not installed: the plan takes the profile's word), whether
+    """``make_plan``'s ``gpu``, ``amx`` and ``features`` for the llama.cpp installed here (``session.prepare``'s, so
+    every plan of a load here is made alike): whether it offloads at all (None where it is not installed: the plan takes the profile's word), whether
     it has an AMX buffer edgemed may try (``buffers.amx_may_be_tried``), and its CPU features (None: the profile's)."""
     try:
         import llama_cpp

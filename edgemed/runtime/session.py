@@ -55,7 +55,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
     the sequences that will share the context, each with its own KV stream (its share is padded apart).
     ``batched``: the settings of ``edgemed serve``'s batcher, else those of the one-sequence engine (``run``,
     ``chat``: ``plan.for_engine``)."""
-    from edgemed.runtime.plan import GPU_MEMORY_NOTE, check_threads, prefix_cache_request
+    from edgemed.runtime.plan import GPU_MEMORY_NOTE, check_threads, installed_build, prefix_cache_request
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
     profile, facts = resolve(profile_name, root)
@@ -72,36 +72,13 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
         return Prepared(None, load, profile.name)
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
     plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
-                     gpu=_build_offloads(), here=True, amx=_build_has_amx(), batched=batched)
+                     here=True, batched=batched, **installed_build())
     if plan.gpu_memory_unplanned:
         log.warning("%s", GPU_MEMORY_NOTE)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
     return Prepared(plan, load, profile.name)
-
-
-def _build_offloads() -> bool | None:
-    """Whether the installed llama.cpp can offload to a GPU at all (None where it is not installed: the plan then
-    takes the profile's word)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def _build_has_amx() -> bool:
-    """Whether the installed llama.cpp has an AMX buffer edgemed may try (its weights may then sit there:
-    ``plan.estimate``); not a build whose compiler is known to break its kernels (``native_build``)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    from edgemed.runtime.buffers import amx_may_be_tried
-    from edgemed.runtime.llamacpp import build
-
-    return amx_may_be_tried(build())
 
 
 def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
