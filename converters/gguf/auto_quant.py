@@ -227,27 +227,11 @@ class DeviceFit:
         repacks or its AMX buffer takes, and the output layer's copy of a tied token embedding."""
         from dataclasses import replace
 
-        from edgemed.runtime.buffers import MATMUL_WEIGHT, REPACK_RULES
-        from edgemed.runtime.plan import amx_layout_bytes, estimate, for_engine, profile_settings, target_features
+        from edgemed.runtime.plan import estimate, for_engine, profile_settings, weight_facts
 
-        weights = amx = amx_extra = 0
-        repack, tied = [], None
-        names = {t.name for t in self._tensors}
-        for t in self._tensors:
-            ty = types.get(t.name) or t.type_name
-            n = self._bytes(t, types[t.name]) if t.name in types else t.n_bytes
-            dims = tuple(t.dims)
-            weights += n
-            if ty in REPACK_RULES and not t.name.startswith("token_embd"):
-                repack.append((ty, dims, n))
-            layout = amx_layout_bytes(ty, dims, n) if MATMUL_WEIGHT.match(t.name) else None
-            if layout is not None:
-                amx, amx_extra = amx + n, amx_extra + layout - n
-            if t.name == "token_embd.weight" and "output.weight" not in names:
-                tied = (ty, dims, n)
-        shape = replace(self.shape, weights_bytes=weights, repack_weights=tuple(repack), tied_embd=tied,
-                        amx_bytes=amx, amx_extra_bytes=amx_extra, repackable_bytes=0)
-        shape = replace(shape, repackable_bytes=shape.repack_bytes(target_features(self.profile)))
+        written = weight_facts((t.name, types.get(t.name) or t.type_name, tuple(t.dims),
+                                self._bytes(t, types[t.name]) if t.name in types else t.n_bytes) for t in self._tensors)
+        shape = replace(self.shape, repackable_bytes=0, **written)  # estimate repacks by the device's features
         # the larger of what `run` and `serve` load it with (their micro-batches may differ: plan.for_engine), as a
         # bundle's memory facts count it
         return max((estimate(shape, self.n_ctx, **profile_settings(for_engine(self.profile, batched), shape))

@@ -192,25 +192,33 @@ def read_shape(path: Path | str) -> ModelShape:
     tokens = meta.get("tokenizer.ggml.tokens")
     n_tokens = tokens.length if isinstance(tokens, ArrayLength) else len(tokens) if isinstance(tokens, list) else None
     n_vocab = hp("vocab_size", n_tokens)
-    weights = sum(t.n_bytes for t in header.tensors)
-    repack_weights = tuple((t.type_name, tuple(t.dims), t.n_bytes) for t in header.tensors
-                           if t.type_name in REPACK_RULES and not t.name.startswith("token_embd"))
-    amx = amx_extra = 0
-    for t in header.tensors:
-        layout = amx_layout_bytes(t.type_name, tuple(t.dims), t.n_bytes) if MATMUL_WEIGHT.match(t.name) else None
-        if layout is not None:
-            amx += t.n_bytes
-            amx_extra += layout - t.n_bytes
-    names = {t.name: t for t in header.tensors}
-    embd = names.get("token_embd.weight")
-    tied = (embd.type_name, tuple(embd.dims), embd.n_bytes) if embd is not None and "output.weight" not in names else None
+    weights = weight_facts((t.name, t.type_name, tuple(t.dims), t.n_bytes) for t in header.tensors)
     shape = ModelShape(arch=arch, n_layer=hp("block_count"), n_embd=n_embd, n_head=n_head,
                       n_head_kv=hp("attention.head_count_kv", n_head),
                       head_dim_k=hp("attention.key_length", head_dim), head_dim_v=hp("attention.value_length", head_dim),
                       n_ff=hp("feed_forward_length"), n_vocab=n_vocab, n_ctx_train=hp("context_length"),
-                      weights_bytes=weights, repackable_bytes=0, amx_bytes=amx, amx_extra_bytes=amx_extra,
-                      repack_weights=repack_weights, tied_embd=tied)
+                      repackable_bytes=0, **weights)
     return replace(shape, repackable_bytes=shape.repack_bytes(DEFAULT_FEATURES))
+
+
+def weight_facts(tensors) -> dict:
+    """``ModelShape``'s weight fields from a file's tensors, ``(name, type, dims, bytes)`` each (``read_shape``'s, or
+    those a quantization would write: ``--quant auto``'s search counts a candidate as the file it makes): all the bytes,
+    the weights some build repacks, what the AMX buffer takes and its layout adds, and a tied ``token_embd``."""
+    weights = amx = amx_extra = 0
+    repack, names, embd = [], set(), None
+    for name, type_name, dims, n in tensors:
+        weights += n
+        names.add(name)
+        if type_name in REPACK_RULES and not name.startswith("token_embd"):
+            repack.append((type_name, dims, n))
+        layout = amx_layout_bytes(type_name, dims, n) if MATMUL_WEIGHT.match(name) else None
+        if layout is not None:
+            amx, amx_extra = amx + n, amx_extra + layout - n
+        if name == "token_embd.weight":
+            embd = (type_name, dims, n)
+    return {"weights_bytes": weights, "repack_weights": tuple(repack), "amx_bytes": amx, "amx_extra_bytes": amx_extra,
+            "tied_embd": embd if "output.weight" not in names else None}
 
 
 @dataclass(frozen=True)
