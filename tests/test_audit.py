@@ -381,3 +381,62 @@ def test_a_missing_kept_file_is_reported_with_the_live_files_own_counts(tmp_path
         kept.unlink()
     report = verify(path)
     assert not report.ok and report.problem == "deleted" and report.records == len(lines(path)) and report.head
+
+
+# -- refusals no key identified: a budget per client, the rest counted ------------------------------------
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_refusals_past_the_budget_are_counted_and_the_counts_written_once_the_window_is_over(tmp_path):
+    from edgemed.serve.audit import RefusalBudget
+
+    clock = _Clock()
+    log = AuditLog(tmp_path / "audit.jsonl", refusals=RefusalBudget(per_client=3, total=5, window_s=60, clock=clock))
+    written = [log.append_refused(request_id=f"a{i}", client="10.0.0.9", status=401, outcome="unauthorized")
+               for i in range(10)]
+    assert [w is not None for w in written] == [True] * 3 + [False] * 7
+    written = [log.append_refused(request_id=f"b{i}", client="10.0.0.7", status=401) for i in range(4)]
+    assert [w is not None for w in written] == [True, True, False, False]  # 5 in all: the total budget is spent
+    log.append("request", request_id="keyed", key_id="dr-a", status=200)  # identified requests are always written
+    clock.now += 60  # the window is over: its counts go out with the next record, each once
+    assert log.append_refused(request_id="c0", client="10.0.0.9", status=401) is not None
+    log.append("request", request_id="keyed2", key_id="dr-a", status=200)
+    log.append("stop")
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    counted = {r["client"]: r["suppressed"] for r in recs if r["kind"] == "refusals"}
+    assert counted == {"10.0.0.9": 7, "10.0.0.7": 2}
+    assert [r["request_id"] for r in recs if r["kind"] == "request"] == \
+        ["a0", "a1", "a2", "b0", "b1", "keyed", "c0", "keyed2"]
+    assert all(r["window_s"] == 60 and r["window_start"] for r in recs if r["kind"] == "refusals")
+    assert verify(tmp_path / "audit.jsonl").ok
+
+
+def test_the_stop_record_writes_the_counts_of_the_window_still_open(tmp_path):
+    from edgemed.serve.audit import MAX_COUNTED_CLIENTS, RefusalBudget
+
+    budget = RefusalBudget(per_client=1, total=1, window_s=60, clock=_Clock())
+    log = AuditLog(tmp_path / "audit.jsonl", refusals=budget)
+    clients = [f"10.1.{i // 256}.{i % 256}" for i in range(MAX_COUNTED_CLIENTS + 50)]
+    assert [log.append_refused(request_id=c, client=c, status=403) is not None for c in clients].count(True) == 1
+    assert len(budget._counted) == MAX_COUNTED_CLIENTS + 1  # the memory is bounded: past the limit, "other"
+    log.append("stop")
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    counted = [r for r in recs if r["kind"] == "refusals"]
+    assert recs[-1]["kind"] == "stop" and sum(r["suppressed"] for r in counted) == len(clients) - 1
+    assert {"client": "other", "suppressed": len(clients) - 1 - MAX_COUNTED_CLIENTS} == {k: counted[-1][k] for k in ("client", "suppressed")}
+    assert verify(tmp_path / "audit.jsonl").ok
+
+
+def test_a_refusal_budget_that_cannot_hold_is_refused():
+    from edgemed.serve.audit import RefusalBudget
+
+    for bad in [dict(per_client=0), dict(per_client=5, total=4), dict(window_s=0)]:
+        with pytest.raises(ValueError):
+            RefusalBudget(**bad)

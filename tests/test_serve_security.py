@@ -147,6 +147,32 @@ def test_api_keys_are_checked_and_recorded(model, tmp_path):
     assert KEY not in (tmp_path / "audit.jsonl").read_text()
 
 
+def test_wrong_keys_in_a_loop_do_not_grow_the_audit_log_past_their_budget(model, tmp_path):
+    """Anyone on the network can send wrong keys as fast as the server answers 401: their records are budgeted per
+    client address and the rest counted in one ``refusals`` record, while every identified request keeps its own."""
+    from edgemed.serve.audit import REFUSALS_PER_CLIENT
+
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path, api_keys=ApiKeys.from_lines([f"ehr {KEY}"]))
+    sent = REFUSALS_PER_CLIENT + 45
+    with ServerThread(app) as srv:
+        with httpx.Client(base_url=srv.url) as client:
+            codes = {client.post("/v1/chat/completions", json={}, headers={"Authorization": "Bearer wrong"}).status_code
+                     for _ in range(sent)}
+            assert codes == {401}
+            assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert wait_until(lambda: '"key_id":"ehr"' in (tmp_path / "audit.jsonl").read_text())
+    log.close()  # the stop record writes the counts of the window still open
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    denied = [r for r in recs if r["kind"] == "request" and r["status"] == 401]
+    counted = [r for r in recs if r["kind"] == "refusals"]
+    assert len(denied) == REFUSALS_PER_CLIENT and [r["key_id"] for r in recs if r["kind"] == "request"][-1] == "ehr"
+    assert [(r["client"], r["suppressed"]) for r in counted] == [("127.0.0.1", sent - REFUSALS_PER_CLIENT)]
+    from edgemed.serve.audit import verify
+
+    assert verify(tmp_path / "audit.jsonl").ok
+
+
 @pytest.mark.parametrize("scope", ["key", "shared"])
 def test_a_prompt_prefix_is_reused_only_under_the_same_key_unless_shared(model, tmp_path, scope):
     """Under the default scope a clinician's prompt KV serves only requests with the same API key: another key's

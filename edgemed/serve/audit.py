@@ -28,6 +28,12 @@ the live name starts again with a ``genesis`` record that ``continues`` the kept
 with the next seq. ``verify`` follows ``continues`` back through the kept files to the first genesis (seq 0).
 A tool that truncates or rewrites the live file (logrotate's ``copytruncate``) breaks the chain, and ``verify``
 says so (``deleted``).
+
+Refused requests that no API key identifies (a wrong key, a foreign Host or Origin, a full queue on a server without
+keys) are recorded one by one up to a budget (``RefusalBudget``: 30 per client address and 300 in all per minute); the
+rest are counted, and each client's count is written as one ``refusals`` record once the minute is over (with the next
+record, or the stop record). Otherwise a client sending wrong keys in a loop grows the log as fast as the server can
+answer 401, until the disk is full and the server fails closed for every clinician.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ FIELDS = {
     "format", "log_id", "edgemed_version", "host", "port", "slots", "queue_size", "content_logged",
     # rotation: a "rotated" record names the file the chain goes on in; a later file's genesis the one it continues
     "continued_in", "continues",
+    # refusals: how many refused requests of one client were counted in a window, not recorded one by one
+    "suppressed", "window_start", "window_s",
 }
 #: Request text: written only when the operator explicitly turns content logging on.
 CONTENT_FIELDS = {"prompt", "output"}
@@ -295,10 +303,75 @@ def _verify(path: str, lines, anchor: str | None) -> _File:
 
 
 # -- write ----------------------------------------------------------------------------------------
+#: Records of refused, unidentified requests one client address may add per window, and all clients together
+REFUSALS_PER_CLIENT = 30
+REFUSALS_TOTAL = 300
+REFUSAL_WINDOW_S = 60.0
+#: Clients whose counts are kept apart in one window; the counts of any more are summed under "other"
+MAX_COUNTED_CLIENTS = 1024
+
+
+class RefusalBudget:
+    """Which refused requests get a record of their own: ``per_client`` per client address and ``total`` in all, per
+    window of ``window_s`` seconds (windows fixed on the clock, not sliding). Beyond that ``admit`` says no and the
+    request is counted; ``due`` hands out each client's count once its window is over. Not thread-safe: the log calls
+    it under its lock."""
+
+    def __init__(self, per_client: int = REFUSALS_PER_CLIENT, total: int = REFUSALS_TOTAL,
+                 window_s: float = REFUSAL_WINDOW_S, clock=time.monotonic):
+        if per_client < 1 or total < per_client or window_s <= 0:
+            raise ValueError(f"refusal budget: per_client {per_client}, total {total}, window {window_s} s")
+        self.per_client, self.total, self.window_s, self.clock = per_client, total, window_s, clock
+        self._window: int | None = None
+        self._started = ""
+        self._written: dict[str, int] = {}  # at most `total` entries: each holds a record written
+        self._total = 0
+        self._counted: dict[str, int] = {}  # at most MAX_COUNTED_CLIENTS + 1 entries
+        self._due: list[dict] = []
+
+    def _roll(self) -> None:
+        window = int(self.clock() // self.window_s)
+        if window != self._window:
+            self._close_window()
+            self._window, self._started, self._written, self._total = window, _now(), {}, 0
+
+    def _close_window(self) -> None:
+        self._due.extend(dict(client=client, suppressed=n, window_start=self._started, window_s=self.window_s)
+                         for client, n in self._counted.items())
+        self._counted = {}
+
+    def admit(self, client: str | None) -> bool:
+        """True: write this refusal's record; False: it was counted (the first count of a window logs a warning
+        naming the client, never the request)."""
+        self._roll()
+        client = client or "unknown"
+        if self._written.get(client, 0) < self.per_client and self._total < self.total:
+            self._written[client] = self._written.get(client, 0) + 1
+            self._total += 1
+            return True
+        if client not in self._counted and len(self._counted) >= MAX_COUNTED_CLIENTS:
+            client = "other"
+        if not self._counted:
+            log.warning("audit: more refused requests (first from %s) than the log records one by one (%d per client, "
+                        "%d in all, per %g s); the rest are counted in 'refusals' records", client, self.per_client,
+                        self.total, self.window_s)
+        self._counted[client] = self._counted.get(client, 0) + 1
+        return False
+
+    def due(self, final: bool = False) -> list[dict]:
+        """The counts of windows that are over (``final``: the current one too), each once."""
+        self._roll()
+        if final:
+            self._close_window()
+        due, self._due = self._due, []
+        return due
+
+
 class AuditLog:
     """The single writer of one audit file. Thread-safe; ``append`` returns the new head hash."""
 
-    def __init__(self, path: Path | str, *, content: bool = False, rotate_bytes: int | None = None):
+    def __init__(self, path: Path | str, *, content: bool = False, rotate_bytes: int | None = None,
+                 refusals: RefusalBudget | None = None):
         import fcntl
 
         # with rotation, the real path: the live name is replaced by a rename, which must not replace a link to it
@@ -306,6 +379,7 @@ class AuditLog:
         self.content = content
         self.rotate_bytes = rotate_bytes  # None: one file for ever
         self.failed: str | None = None  # set when a write failed: the server then refuses requests (fail closed)
+        self.refusals = refusals or RefusalBudget()
         self._lock = threading.Lock()
         fix = "pass --audit-log with a file in a folder this user can write (default: $EDGEMED_HOME/audit/)"
         try:
@@ -481,10 +555,19 @@ class AuditLog:
         with self._lock:
             if self._fd < 0 or self.failed:
                 raise OSError(f"audit log {self.path} is {'closed' if self._fd < 0 else 'failed'}")
+            for counted in self.refusals.due(final=kind == "stop"):
+                self._write({"kind": "refusals", **counted})
             head = self._write({"kind": kind, **kept})
             if self.rotate_bytes and os.fstat(self._fd).st_size >= self.rotate_bytes:
                 self._rotate()
             return head
+
+    def append_refused(self, **fields) -> str | None:
+        """Append the record of a request refused before any key identified it, within its client's budget
+        (``RefusalBudget``); None: it was counted instead, for a later ``refusals`` record."""
+        with self._lock:
+            admitted = self.refusals.admit(fields.get("client"))
+        return self.append("request", **fields) if admitted else None
 
     def close(self) -> None:
         with self._lock:

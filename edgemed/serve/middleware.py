@@ -1,7 +1,8 @@
 """The two ASGI middlewares of ``edgemed serve`` (plain ASGI, so they see streaming responses to the end).
 
 ``Observe`` (outermost) gives each request an id and a ``RequestRecord``, adds the security headers, and when
-the response is over — streams included — writes the request metrics and one audit record (``/v1/*``).
+the response is over — streams included — writes the request metrics and one audit record (``/v1/*``; a refusal
+that no API key identified within its client's budget, ``audit.RefusalBudget``, else it is counted).
 An exception that escapes the app becomes a 500 in OpenAI's shape here. A client that closes the
 connection before its body is all read or its answer all sent (``RequestRecord.client_left``) is recorded
 with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not a server error.
@@ -84,6 +85,12 @@ class RequestRecord:
         headers went out, the error's status (its ``error`` event's); else the one sent (500 if none)."""
         return CLIENT_CLOSED if self.client_closed else self.failed_status or self.status or 500
 
+    @property
+    def refused_unidentified(self) -> bool:
+        """Refused (4xx, nothing generated) with no API key identified: anyone on the network can send these in a
+        loop, so their records are budgeted per client address."""
+        return self.key_id is None and self.finished is None and 400 <= self.code < 500
+
     def audit_fields(self, model: str, digest: str) -> dict:
         fields = dict(request_id=self.request_id, endpoint=self.endpoint, client=self.client, key_id=self.key_id,
                       model=model, bundle_digest=digest, template=self.template, status=self.code,
@@ -165,18 +172,22 @@ class Observe:
             self.metrics.request_done(record.endpoint, record.code, time.perf_counter() - record.started)
             if self.config.audit is not None and not self.config.audit.failed and path.startswith(("/v1/", ADMIN)):
                 fields = record.audit_fields(self.config.model_id, self.config.bundle_digest)
-                await _audit(self.config.audit, "request", fields)
+                await _audit(self.config.audit, "request", fields, refused=record.refused_unidentified)
 
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-async def _audit(audit, kind: str, fields: dict) -> None:
-    """Append off the event loop (the write fsyncs); shielded, so a cancelled request still leaves its record."""
+async def _audit(audit, kind: str, fields: dict, refused: bool = False) -> None:
+    """Append off the event loop (the write fsyncs); shielded, so a cancelled request still leaves its record.
+    ``refused``: a refusal no key identified, recorded within its client's budget (``audit.RefusalBudget``)."""
     with anyio.CancelScope(shield=True):
         try:
-            await anyio.to_thread.run_sync(lambda: audit.append(kind, **fields))
+            if refused:
+                await anyio.to_thread.run_sync(lambda: audit.append_refused(**fields))
+            else:
+                await anyio.to_thread.run_sync(lambda: audit.append(kind, **fields))
         except OSError as exc:
             log.error("audit record not written (%s); refusing API requests until restarted", exc)
 
