@@ -150,6 +150,29 @@ def test_pack_of_a_cut_short_model_names_the_missing_bytes(tmp_path, src):
     assert "reshape" not in r.output and not (tmp_path / "b.edgemed").exists()
 
 
+@pytest.mark.parametrize("change", ["shrink", "grow"])
+def test_a_file_that_changes_size_while_it_is_packed_is_named_and_nothing_is_written(tmp_path, src, monkeypatch,
+                                                                                    change):
+    """The tar copies the sizes hashed before: a file cut short meanwhile was tarfile's bare OSError traceback."""
+    from edgemed.packaging import bundle
+
+    real = bundle.file_sha256
+
+    def hash_then_change(path, *a, **k):
+        digest = real(path, *a, **k)
+        if Path(path) == src["model"]:
+            with open(path, "r+b") as fh:
+                fh.truncate(os.path.getsize(path) + (-100 if change == "shrink" else 100))
+        return digest
+
+    monkeypatch.setattr(bundle, "file_sha256", hash_then_change)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IntegrityError, match="shrank" if change == "shrink" else "grew") as e:
+        _pack(src, tmp_path / "out" / "b.edgemed")
+    assert str(src["model"]) in str(e.value) and "pack again" in e.value.fix
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_killed_pack_leaves_no_output(tmp_path, src, monkeypatch):
     from edgemed.packaging import archive
 

@@ -277,3 +277,29 @@ def test_a_path_at_or_under_a_reserved_name_is_refused(tmp_path, edgemed_home, p
     assert list(store.models.iterdir()) == [] and list(store.tmp.iterdir()) == []
     near = {"model/m.gguf": PAYLOAD, "manifest.json.txt": b"x", "model.sigs/y": b"y", "docs/manifest.json": b"z"}
     assert len(Manifest.from_bytes(_manifest(near), "t").files) == 4  # only the first component is reserved
+
+
+@pytest.mark.parametrize("pair", [("model/Notes.md", "model/notes.md"), ("model/caf\u00e9.md", "model/cafe\u0301.md"),
+                                  ("MODEL/x.md", "model/x.md"), ("model/Stra\u00dfe.md", "model/STRASSE.md")])
+def test_names_one_file_system_would_merge_are_refused(tmp_path, edgemed_home, pair):
+    """macOS (APFS, HFS+), Windows and FAT fold case and Unicode normalisation: two such names land in one file there,
+    and the second copy would replace the first after its hash was checked."""
+    from edgemed.packaging.manifest import Manifest, folded
+
+    assert folded(pair[0]) == folded(pair[1]) and pair[0] != pair[1]
+    with pytest.raises(IntegrityError, match="listed twice"):
+        Manifest.from_bytes(_manifest({"model/m.gguf": PAYLOAD, pair[0]: b"x", pair[1]: b"y"}), "t")
+    bundle = _tar(tmp_path / "d.edgemed", _good_head({pair[0]: b"x", pair[1]: b"y"}), _member("model/m.gguf", PAYLOAD),
+                  _member(pair[0], b"x"), _member(pair[1], b"y"))
+    r = CliRunner().invoke(cli, ["install", str(bundle)], catch_exceptions=False)
+    assert r.exit_code == 1 and "listed twice" in r.output and "Traceback" not in r.output, r.output
+    assert list(Store().models.iterdir()) == []
+    assert folded("model/caf\u00e9.md") != folded("model/cafe.md")  # an accent is not folded away
+
+
+@pytest.mark.parametrize("path", ["MANIFEST.JSON", "Model.SIG/x", "manife\u017ft.json"])  # U+017F folds to "s"
+def test_a_reserved_name_in_any_case_is_refused_after_folding(path):
+    from edgemed.packaging.manifest import Manifest
+
+    with pytest.raises(IntegrityError, match="reserved name"):
+        Manifest.from_bytes(_manifest({"model/m.gguf": PAYLOAD, path: b"x"}), "t")

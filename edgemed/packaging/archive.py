@@ -49,7 +49,7 @@ def write_tar(dest: Path, manifest_bytes: bytes, sig: Signature | None, sources:
             tf.addfile(_info(sig.file, len(sig.data), mtime), io.BytesIO(sig.data))
         for src, entry in sources:
             with open(src, "rb") as fh:
-                reader = _HashingReader(fh)
+                reader = _HashingReader(fh, src, entry.size)
                 tf.addfile(_info(entry.path, entry.size, mtime), reader)  # tarfile copies exactly entry.size bytes
                 if fh.read(1):
                     raise IntegrityError(f"'{src}' grew while it was being packed.", "pack again once nothing writes to the file")
@@ -59,16 +59,21 @@ def write_tar(dest: Path, manifest_bytes: bytes, sig: Signature | None, sources:
 
 
 class _HashingReader:
-    """A read-only file object that hashes what passes through it."""
+    """A read-only file object that hashes what passes through it, and says so when its file ends before ``size``
+    (tarfile would raise a bare ``OSError('unexpected end of data')``)."""
 
-    def __init__(self, fh: BinaryIO):
+    def __init__(self, fh: BinaryIO, src: Path, size: int):
         import hashlib
 
-        self.fh, self.h = fh, hashlib.sha256()
+        self.fh, self.h, self.src, self.left = fh, hashlib.sha256(), src, size
 
     def read(self, n: int = -1) -> bytes:
         block = self.fh.read(n)
         self.h.update(block)
+        self.left -= len(block)
+        if self.left > 0 and (n < 0 or len(block) < n):  # a regular file reads short only at its end
+            raise IntegrityError(f"'{self.src}' shrank while it was being packed ({self.left} bytes fewer than when "
+                                 "it was hashed).", "pack again once nothing writes to the file")
         return block
 
     def hexdigest(self) -> str:

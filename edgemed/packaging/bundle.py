@@ -37,7 +37,7 @@ from edgemed.packaging import facts as facts_mod
 from edgemed.packaging import signing
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, stamp
 from edgemed.packaging.manifest import (ADAPTERS_ONLY, MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURES, FileEntry, Manifest,
-                                         check_name, max_signature_bytes)
+                                         check_name, folded, max_signature_bytes)
 from edgemed.packaging.signing import Signature
 from edgemed.versions import installed_versions
 from edgemed.formats.nesting import loads_json
@@ -168,10 +168,10 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     for t in inp.templates:
         if not t.is_file():
             raise InputError(f"Template '{t}' does not exist.", "pass --template with an existing file")
-        if t.name.lower() in named:  # one bundle path each (case-insensitive, as on a USB stick)
-            raise InputError(f"Templates '{named[t.name.lower()]}' and '{t}' would both be templates/{t.name} in the bundle.",
+        if folded(t.name) in named:  # one bundle path each (case- and normalisation-insensitive, as on macOS)
+            raise InputError(f"Templates '{named[folded(t.name)]}' and '{t}' would both be templates/{t.name} in the bundle.",
                              "rename one of the two files, or pass only one of them")
-        named[t.name.lower()] = t
+        named[folded(t.name)] = t
         files.append((t, f"templates/{t.name}", "template"))
     return files, model_facts, prov
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
@@ -82,6 +83,13 @@ def check_relpath(name: str, where: str = "bundle") -> str:
             "do not install this file; ask the sender for a bundle made by `edgemed pack`",
         )
     return str(PurePosixPath(name))
+
+
+def folded(path: str) -> str:
+    """The name a case-insensitive, normalisation-insensitive file system (macOS's APFS and HFS+, Windows, FAT on a
+    USB stick) takes ``path`` to be: Unicode case folding of the canonical decomposition. Two listed paths with one
+    folded name would land in one file there ("Model.gguf" and "model.gguf"; "é" composed and decomposed)."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", path).casefold())
 
 
 def _surrogate_at(raw: dict) -> str | None:
@@ -225,7 +233,7 @@ class Manifest:
                 raise IntegrityError(f"{source}: a file entry's path or role is not a string ({_short(f.path)}, {_short(f.role)}).",
                                      "get a fresh copy of the bundle")
             check_relpath(f.path, "manifest")
-            if f.path.split("/", 1)[0].lower() in RESERVED:  # manifest.json/x would need a folder where the manifest goes
+            if folded(f.path.split("/", 1)[0]) in RESERVED:  # manifest.json/x would need a folder where the manifest goes
                 raise IntegrityError(f"{source}: the manifest lists '{f.path}', which is or lies under a reserved name "
                                      f"({', '.join(RESERVED)}, in any case).", "get a fresh copy of the bundle")
             if not isinstance(f.size, int) or isinstance(f.size, bool) or f.size < 0:
@@ -234,9 +242,11 @@ class Manifest:
                 raise IntegrityError(f"{source}: '{f.path}' has an invalid sha256 {f.sha256!r}.", "get a fresh copy of the bundle")
             if f.role not in ROLES:
                 raise IntegrityError(f"{source}: '{f.path}' has an unknown role {f.role!r}.", "upgrade edgemed, or get a fresh copy")
-            key = f.path.lower()  # case-insensitive file systems (USB sticks) would merge these
+            key = folded(f.path)  # case- and normalisation-insensitive file systems would merge these
             if key in seen:
-                raise IntegrityError(f"{source}: '{f.path}' is listed twice.", "get a fresh copy of the bundle")
+                raise IntegrityError(f"{source}: '{f.path}' is listed twice (names that differ only in case or Unicode "
+                                     "normalisation are one file on macOS, Windows and USB sticks).",
+                                     "get a fresh copy of the bundle")
             seen.add(key)
         folders: set[str] = set()  # every folder a listed path needs, each added once
         for key in seen:

@@ -43,6 +43,7 @@ from edgemed.packaging.manifest import (
     SIGNATURES,
     Manifest,
     check_relpath,
+    folded,
     max_signature_bytes,
 )
 
@@ -484,9 +485,9 @@ def read_image_manifest(body: bytes, ref: Ref) -> list[Layer]:
             raise IntegrityError(f"Layer '{path}' of {ref} claims size {str(size)[:40]!r} (0 to {limit} bytes allowed).",
                                  f"{fix}; a larger bundle needs {env.MAX_BUNDLE_VAR} raised")
         sha = hex_of(d.get("digest"), f"layer '{path}' the digest")
-        if path.lower() in seen:
+        if folded(path) in seen:  # case- and normalisation-insensitive file systems would write both to one file
             raise IntegrityError(f"Layer '{path}' appears twice in {ref}.", fix)
-        seen.add(path.lower())
+        seen.add(folded(path))
         out.append(Layer(path, d["mediaType"], sha, size))
     if sum(x.size for x in out) > limit:
         raise IntegrityError(f"The layers of {ref} add up to more than {limit} bytes.", f"{fix}; a larger bundle needs {env.MAX_BUNDLE_VAR} raised")
