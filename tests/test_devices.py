@@ -351,3 +351,31 @@ def test_no_profile_matches_without_generic():
     profiles = {k: v for k, v in load_profiles().items() if k not in ("generic", "jetson")}
     with pytest.raises(ProfileError, match="--profile"):
         choose(facts, profiles)
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+def test_a_profiles_folder_named_in_the_variable_must_be_one(tmp_path, monkeypatch, edgemed_home, kind):
+    """`EDGEMED_PROFILES_DIR=/no-such-dir` was skipped without a word: the shipped profiles loaded, and detection
+    picked one of them instead of the site's own. A folder the variable names must be one; the default
+    `$EDGEMED_HOME/profiles` may be absent."""
+    import os
+
+    good = tmp_path / "site-profiles"
+    good.mkdir()
+    (good / "clinic.toml").write_text(GOOD.replace('name = "generic"', 'name = "clinic"'))
+    bad = tmp_path / "no-such-dir"
+    if kind == "a file":
+        bad.write_text("")
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", f"{good}{os.pathsep}{bad}")
+    with pytest.raises(ProfileError) as err:
+        load_profiles()
+    said = "is not a folder" if kind == "a file" else "does not exist"
+    assert f"Profile folder {bad} (from $EDGEMED_PROFILES_DIR) {said}" in err.value.problem
+    assert "$EDGEMED_PROFILES_DIR" in err.value.fix and str(bad) in err.value.fix
+    result = CliRunner().invoke(cli, ["devices", "list"])
+    assert result.exit_code == 1 and said in result.output and "Traceback" not in result.output
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(good))
+    assert "clinic" in load_profiles()
+    monkeypatch.delenv("EDGEMED_PROFILES_DIR")
+    assert not (edgemed_home / "profiles").exists()  # the default folder absent: no error
+    assert "generic" in load_profiles()

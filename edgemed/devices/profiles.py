@@ -152,17 +152,29 @@ def read_profile(path: Path, text: str | None = None) -> Profile:
                    llama=data["llama"], onnx=data["onnx"], source=str(path))
 
 
+def _named_folder(folder: Path) -> Path:
+    """A folder named in ``$EDGEMED_PROFILES_DIR``: it must be one (a typo in the variable would otherwise leave the
+    user's profiles out without a word, and detection pick a shipped one). ``$EDGEMED_HOME/profiles`` may be absent."""
+    if not folder.is_dir():
+        raise ProfileError(f"Profile folder {folder} (from ${env.PROFILES_VAR}) "
+                           f"{'is not a folder' if folder.exists() else 'does not exist'}.",
+                           f"point ${env.PROFILES_VAR} at a folder of profile .toml files, or take {folder} out of it "
+                           "(see `edgemed devices show generic` for a valid profile)")
+    return folder
+
+
 def load_profiles() -> dict[str, Profile]:
-    """Every profile by name: shipped first, then user folders (later ones override)."""
+    """Every profile by name: shipped first, then user folders (later ones override). Each folder named in
+    ``$EDGEMED_PROFILES_DIR`` must exist; ``$EDGEMED_HOME/profiles`` is read where it does."""
     found: dict[str, Profile] = {}
     shipped = _shipped_dir()
     for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
             found[entry.name[:-5]] = read_profile(Path(str(entry)), entry.read_text(encoding="utf-8"))
-    for folder in env.profile_dirs():
-        if folder.is_dir():
-            for path in sorted(folder.glob("*.toml")):
-                found[path.stem] = read_profile(path)
+    *named, default = env.profile_dirs()  # $EDGEMED_PROFILES_DIR's folders, then $EDGEMED_HOME/profiles
+    for folder in [*map(_named_folder, named), *([default] if default.is_dir() else [])]:
+        for path in sorted(folder.glob("*.toml")):
+            found[path.stem] = read_profile(path)
     if not found:
         raise ProfileError("No device profiles were found.", "reinstall edgemed: its device_profiles are missing")
     return found
