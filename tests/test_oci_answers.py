@@ -99,6 +99,63 @@ def test_an_answer_the_caller_streams_is_left_to_it_and_an_error_is_cut(monkeypa
 
     blob = oci.bounded_body(answer(200), stream=True)
     assert blob.raw.tell() == 0 and len(blob.raw.read()) == 1 << 20
-    for status, stream in ((404, True), (500, False), (200, False)):
+    for status, stream in ((404, True), (500, False)):
         cut = oci.bounded_body(answer(status), stream=stream)
         assert cut.content == b"x" * oci.MAX_ANSWER_BYTES and cut.raw.closed
+    with pytest.raises(oci.answer_too_long(), match="over"):  # a 2xx no caller streams: cut, and an error at once
+        oci.bounded_body(answer(200), stream=False)
+
+
+class _TokenRegistry(BaseHTTPRequestHandler):
+    """Token auth whose token service answers 200 with BIG bytes: no token is that long, and asking again gets the
+    same answer."""
+
+    protocol_version = "HTTP/1.1"
+    sent = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/token"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(BIG))
+            self.end_headers()
+            sent = 0
+            try:
+                for _ in range(BIG // len(BLOCK)):
+                    self.wfile.write(BLOCK)
+                    sent += len(BLOCK)
+            except OSError:
+                pass
+            self.sent.append(sent)
+            return
+        port = self.server.server_address[1]
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", f'Bearer realm="http://127.0.0.1:{port}/token",service="reg",'
+                                             'scope="repository:models/tiny:pull"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_token_answer_over_the_bound_fails_at_once_without_oras_retrying(tmp_path, edgemed_home, monkeypatch):
+    """A 2xx cut at MAX_ANSWER_BYTES cannot be parsed and asking again gets the same bytes: oras's retry slept about
+    two minutes on it before a traceback-free but late error."""
+    import oras.provider  # noqa: F401 - oras.decorator imports in this order only
+    import oras.decorator
+
+    slept = []
+    monkeypatch.setattr(oras.decorator.time, "sleep", slept.append)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    handler = type("Handler", (_TokenRegistry,), {"sent": []})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = CliRunner().invoke(cli, ["pull", f"oci://127.0.0.1:{srv.server_address[1]}/models/tiny:1"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"over {oci.MAX_ANSWER_BYTES} bytes" in r.output and "not a proxy" in r.output, r.output
+    assert slept == [] and len(handler.sent) == 1 and handler.sent[0] < 16 << 20, (slept, handler.sent)

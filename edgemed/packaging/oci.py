@@ -195,7 +195,8 @@ def bounded_body(r, *args, stream: bool = False, **kwargs):
     except (OSError, ValueError, http.client.HTTPException, urllib3.exceptions.HTTPError,
             requests.exceptions.RequestException):  # a body that breaks off is no message: the status is the answer
         body, whole = b"", False
-    if len(body) > MAX_ANSWER_BYTES:
+    too_long = len(body) > MAX_ANSWER_BYTES
+    if too_long:
         log.debug("HTTP %s from %s: the body is longer than %d bytes; the rest is not read", r.status_code, r.url,
                   MAX_ANSWER_BYTES)
         body, whole = body[:MAX_ANSWER_BYTES], False
@@ -203,7 +204,21 @@ def bounded_body(r, *args, stream: bool = False, **kwargs):
         r.raw.close()  # the connection goes, and what is left of the body with it
     r._content, r._content_consumed = body or b"", True
     r.close()
+    if too_long and 200 <= r.status_code < 300:  # a token or an upload's answer: cut, it cannot be parsed, and asking
+        # again gets the same bytes; oras's retry sleeps about two minutes on any other exception before it gives up
+        raise answer_too_long()(f"The registry answered HTTP {r.status_code} to {r.request.method if r.request else ''} "
+                                f"{str(r.url)[:200]} with over {MAX_ANSWER_BYTES} bytes, more than such an answer "
+                                "holds; edgemed did not read the rest.")
     return r
+
+
+@functools.cache
+def answer_too_long() -> type:
+    """The error of a 2xx answer cut at MAX_ANSWER_BYTES: one of oras's ``AuthenticationException``s, the kind its
+    retry re-raises at once (made on first use: oras is imported only where the fleet extra is installed)."""
+    import oras.auth
+
+    return type("AnswerTooLong", (oras.auth.AuthenticationException,), {"__module__": __name__})
 
 
 class Client:
@@ -316,6 +331,9 @@ class Client:
 
         try:
             return self.oras.do_request(url, method, headers=dict(headers or {}), stream=stream)
+        except answer_too_long() as exc:
+            raise RegistryError(str(exc), f"check that {self.ref.registry} is the registry itself, not a proxy or a web "
+                                "page answering in its place") from None
         except oras.auth.AuthenticationException as exc:
             raise RegistryError(str(exc), "check that the repository exists and that your login may read it "
                                 f"(edgemed login {self.ref.registry}); a token service must be served over HTTPS") from None
