@@ -3,6 +3,7 @@ malformed profiles fail with file:field errors, and this machine is detected."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ EXPECTED = {
     "apple-m2": ("apple-m2", ["12 cores"]),
     "apple-m3": ("apple-m3", ["16 cores"]),
     "apple-m4": ("apple-m4", ["10 cores"]),
+    # a chip no apple-m* profile names: the Apple catch-all, not the generic CPU-only profile
+    "apple-m5-pro": ("apple", ["14 cores", "25.8 GB"]),
     "x86-avx2": ("x86-avx2", ["8 cores", "33.5 GB"]),
     "x86-avx512": ("x86-avx512", ["16 cores"]),
     "x86-avx2-container": ("x86-avx2", ["container limit"]),
@@ -61,6 +64,53 @@ def test_apple_threads_are_performance_cores_and_budget_is_working_set():
     assert profile.threads(profile.llama["n_threads"], facts) == 8
     total = 16 * GIB
     assert profile.budget_bytes(facts) == int(min(total - 3 * GIB, total * 0.67))
+
+
+def test_a_mac_with_a_chip_no_profile_names_gets_the_apple_catch_all():
+    """An "Apple M5 Pro" got the generic profile: CPU only (n_gpu_layers 0, no Metal), a budget of 0.75 of its RAM
+    instead of Metal's working set. The catch-all `apple` profile takes any Mac the chip profiles leave, with the
+    newest M-series profile's settings, and never wins over a chip profile."""
+    facts = Facts(platform="apple", model="Apple M5 Pro", physical_cores=14, performance_cores=10,
+                  memory_bytes=24 * GIB)
+    profile = choose(facts)
+    assert profile.name == "apple" and profile.llama["n_gpu_layers"] == -1 and profile.memory["unified"]
+    assert profile.budget_bytes(facts) == int(min(24 * GIB - 3 * GIB, 24 * GIB * 0.67))
+    assert profile.threads(profile.llama["n_threads"], facts) == 10
+    profiles = load_profiles()
+    chips = [p for name, p in profiles.items() if name.startswith("apple-m")]
+    newest = max(chips, key=lambda p: int(p.name.removeprefix("apple-m")))
+    for section in ("memory", "llama", "onnx"):
+        assert getattr(profile, section) == getattr(newest, section), section
+    assert profile.recommended_quant == newest.recommended_quant
+    assert all(p.priority > profile.priority for p in chips)
+    assert choose(Facts(platform="apple", model="Apple Silicon", memory_bytes=8 * GIB)).name == "apple"  # name unread
+    for chip in chips:  # every chip profile still wins on its own chip
+        assert choose(replace(facts, model=chip.match["model_contains"][0] + " Max")).name == chip.name
+
+
+@pytest.mark.parametrize("wired_mb, profile_name, want_gib", [
+    (0, "apple-m2", 16 * 0.67),        # not set: Metal's default working set, the profile's max_fraction
+    (12288, "apple-m2", 12.0),         # raised: the model may use up to the limit (still under RAM less the reserve)
+    (15360, "apple-m2", 13.0),         # raised past RAM less the reserve: the reserve still holds
+    (6144, "apple-m2", 6.0),           # lowered: the GPU cannot wire more than that
+    (6144, "generic", 16 * 0.75),      # a CPU-only profile here: nothing goes to the GPU, the limit plays no part
+])
+def test_an_operators_gpu_wired_limit_is_the_apple_budgets_cap(tmp_path, wired_mb, profile_name, want_gib):
+    """`sysctl iogpu.wired_limit_mb` was read into the facts' details and used nowhere: a Mac whose operator raised
+    the GPU's wired-memory limit for a bigger model was planned at two thirds of its RAM all the same."""
+    text = (FIXTURES / "apple-m2" / "sysctl.txt").read_text().replace("iogpu.wired_limit_mb: 0",
+                                                                      f"iogpu.wired_limit_mb: {wired_mb}")
+    (tmp_path / "sysctl.txt").write_text(text)
+    facts = detect(tmp_path)
+    assert facts.gpu_wired_limit_bytes == (wired_mb << 20 or None)
+    profile = get_profile(profile_name)
+    assert profile.budget_bytes(facts, here=True) == int(min(16 * GIB - profile.memory["reserve_gb"] * GIB,
+                                                             want_gib * GIB))
+    if profile_name == "apple-m2":
+        assert choose(facts).name == "apple-m2" and profile.budget_bytes(facts) == profile.budget_bytes(facts, True)
+    # planned for a Mac from another machine (or for another device from this Mac): this Mac's limit is not read
+    assert get_profile("apple-m2").budget_bytes(Facts(platform="x86", memory_bytes=16 * GIB)) == int(16 * GIB * 0.67)
+    assert get_profile("jetson-orin-nano-8gb").budget_bytes(facts) == get_profile("jetson-orin-nano-8gb").budget_bytes(None)
 
 
 def test_cgroup_limit_caps_the_budget():

@@ -1,4 +1,4 @@
-"""Apple Silicon (macOS): chip name, cores and memory from ``sysctl``."""
+"""Apple Silicon (macOS): chip name, cores, memory and the GPU wired-memory limit from ``sysctl``."""
 
 from __future__ import annotations
 
@@ -22,4 +22,5 @@ def probe(host: Host) -> Facts | None:
     return Facts(platform="apple", model=brand or "Apple Silicon", physical_cores=physical,
                  logical_cores=_int(host, "hw.logicalcpu") or physical,
                  performance_cores=_int(host, "hw.perflevel0.physicalcpu"),
-                 memory_bytes=_int(host, "hw.memsize") or 0, details=details)
+                 memory_bytes=_int(host, "hw.memsize") or 0, details=details,
+                 gpu_wired_limit_bytes=wired << 20 if wired else None)  # 0: macOS's default working set

@@ -37,6 +37,7 @@ class Facts:
     memory_bytes: int = 0                 # physical RAM
     memory_limit_bytes: int | None = None  # cgroup limit, when one is set below RAM
     cpu_limit: int | None = None          # CPUs this process may use (affinity, cgroup cpuset and quota); None: all
+    gpu_wired_limit_bytes: int | None = None  # the GPU wired-memory cap an operator set (macOS iogpu.wired_limit_mb)
     details: dict[str, str] = field(default_factory=dict)  # e.g. jetpack, power_mode, gpu
 
     @property

@@ -88,9 +88,21 @@ class Profile:
                 f"{' (its container limit)' if limit else ''}")
 
     def budget_bytes(self, facts: Facts | None, here: bool = False) -> int:
-        """Bytes a model may use: total minus the OS reserve, capped at ``max_fraction`` of total."""
+        """Bytes a model may use: total minus the OS reserve, capped at ``max_fraction`` of total; or, where the
+        GPU's wired-memory limit was set on this machine (``gpu_wired_limit``), capped at that limit instead."""
         total = self.total_memory_bytes(facts, here)
-        return int(max(0, min(total - self.memory["reserve_gb"] * GIB, total * self.memory["max_fraction"])))
+        wired = self.gpu_wired_limit(facts, here)
+        cap = min(wired, total) if wired else total * self.memory["max_fraction"]
+        return int(max(0, min(total - self.memory["reserve_gb"] * GIB, cap)))
+
+    def gpu_wired_limit(self, facts: Facts | None, here: bool = False) -> int | None:
+        """The GPU wired-memory limit an operator set on this machine (a Mac's ``iogpu.wired_limit_mb``, raised or
+        lowered), where the model's layers go to that GPU: on the device (``facts`` match, or ``here``), with a
+        profile that offloads into unified memory. ``max_fraction`` stands for Metal's default working set, which
+        this limit replaces. None: not set, or another machine's plan."""
+        if facts is None or not facts.gpu_wired_limit_bytes or not (here or self.matches(facts)):
+            return None
+        return facts.gpu_wired_limit_bytes if self.memory["unified"] and self.llama["n_gpu_layers"] != 0 else None
 
     # -- settings ---------------------------------------------------------------------
     def threads(self, value, facts: Facts | None) -> int | None:
