@@ -64,6 +64,40 @@ def test_foreign_origin(method, origin, site, allowed, foreign):
     assert foreign_origin(method, "127.0.0.1:8080", origin, site, allowed) == foreign
 
 
+@pytest.mark.parametrize("method,site,origin,allowed,foreign", [
+    ("GET", "cross-site", None, (), "a cross-site page"),  # fetch(..., {mode: "no-cors"}) from any web page
+    ("HEAD", "same-site", "http://localhost:3000", (), "http://localhost:3000"),
+    ("OPTIONS", "cross-site", "https://evil.example", (), "https://evil.example"),
+    ("GET", "same-origin", None, (), None),  # the server's own page
+    ("GET", "none", None, (), None),  # typed into the address bar
+    ("GET", None, "https://evil.example", (), None),  # no Sec-Fetch-Site: a GET is not judged by Origin alone
+    ("GET", "cross-site", "https://ehr.example.org", ("https://ehr.example.org",), None),  # --cors-origin
+])
+def test_reads_of_audited_paths_that_another_site_sent_are_refused(method, site, origin, allowed, foreign):
+    """Every /v1/ and /admin/ request writes an audit record: a page looping no-cors GETs would fill the log."""
+    assert foreign_origin(method, "127.0.0.1:8080", origin, site, allowed, audited=True) == foreign
+    assert foreign_origin(method, "127.0.0.1:8080", origin, site, allowed) is None  # the page, /health: open
+
+
+def test_a_web_page_looping_reads_does_not_grow_the_audit_log(model, tmp_path):
+    from edgemed.serve.audit import REFUSALS_PER_CLIENT
+
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path)  # loopback, no keys: a browser on this machine is a loopback client
+    sent = REFUSALS_PER_CLIENT + 20
+    foreign = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+    with ServerThread(app) as srv:
+        with httpx.Client(base_url=srv.url) as client:
+            assert {client.get("/v1/models", headers=foreign).status_code for _ in range(sent)} == {403}
+            assert client.get("/v1/models").status_code == 200  # a client that is not a browser
+            assert client.get("/", headers=foreign).status_code == 200  # a link to the page from an intranet portal
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    refused = [r for r in recs if r["kind"] == "request" and r["status"] == 403]
+    assert len(refused) == REFUSALS_PER_CLIENT and refused[0]["error_code"] == "cross_origin_forbidden"
+    assert [r["suppressed"] for r in recs if r["kind"] == "refusals"] == [sent - REFUSALS_PER_CLIENT]
+
+
 def test_cli_refuses_public_bind_before_loading_anything(tmp_path):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "absent.gguf"), "--host", "0.0.0.0"])
     assert result.exit_code == 1

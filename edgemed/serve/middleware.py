@@ -219,7 +219,7 @@ class Guard:
                                                   "http://127.0.0.1:PORT/v1.", code="invalid_host"))
         foreign = foreign_origin(scope["method"], headers.get(b"host", b"").decode("latin-1"),
                                  _text(headers.get(b"origin")), _text(headers.get(b"sec-fetch-site")),
-                                 self.config.cors_origins)
+                                 self.config.cors_origins, audited=path.startswith(("/v1/", ADMIN)))
         if foreign is not None:
             return await refuse(ApiError(403, f"This server does not act on requests that a web page on another origin "
                                               f"({foreign}) makes a browser send. Fix: use the page this server serves "

@@ -210,14 +210,20 @@ OWN_FETCH_SITES = frozenset({"same-origin", "none"})
 
 
 def foreign_origin(method: str, host: str, origin: str | None, fetch_site: str | None,
-                   allowed: tuple[str, ...] = ()) -> str | None:
+                   allowed: tuple[str, ...] = (), *, audited: bool = False) -> str | None:
     """The origin of the web page that made a browser send this request when it is not this server's own page
     nor one of ``allowed`` (``--cors-origin``); None when the request may proceed. ``host`` is the ``Host`` header.
 
     The browser's ``Sec-Fetch-Site`` is read first: it is right behind a proxy that rewrites ``Host``. Without it
     (browsers before 2023), ``Origin`` is compared with ``Host``; a request with neither is not a browser's.
+    A GET, HEAD or OPTIONS passes, unless ``audited`` (``/v1/``, ``/admin/``: each one writes an audit record, so a
+    page looping ``fetch`` in ``no-cors`` mode would fill the log) and the browser says another site sent it.
     """
-    if method.upper() in SAFE_METHODS or (origin is not None and (origin in allowed or "*" in allowed)):
+    if origin is not None and (origin in allowed or "*" in allowed):
+        return None
+    if method.upper() in SAFE_METHODS:
+        if audited and fetch_site is not None and fetch_site.lower() not in OWN_FETCH_SITES:
+            return origin or f"a {fetch_site} page"
         return None
     if fetch_site is not None:
         return None if fetch_site.lower() in OWN_FETCH_SITES else origin or f"a {fetch_site} page"
