@@ -276,6 +276,13 @@ def streaming(srv: Served, record: RequestRecord, streams, answers, shape, inclu
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             left = True  # the client went away: Starlette cancelled (or closed) this generator
             raise
+        except Exception:  # a bug: the stream ends with an error event (a client, or the page, may take a close
+            # between two whole events for the end of an answer), then the failure goes on to Observe's 500 and log
+            record.failed_status = 500
+            yield sse({"error": {"message": f"The server failed on this request; it is logged under request id "
+                                            f"{record.request_id}. The answer above is cut off.",
+                                 "type": "server_error", "param": None, "code": "server_error"}})
+            raise
         finally:
             if not ended:
                 for stream in streams:
