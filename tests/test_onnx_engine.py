@@ -233,3 +233,59 @@ def test_profile_providers_reach_the_load_settings_not_extra(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"")
     load = prepare(tmp_path, "jetson-orin-nano-8gb").load
     assert load.providers == ("CUDAExecutionProvider", "CPUExecutionProvider") and load.extra == {}
+
+
+def test_the_profiles_inter_op_threads_reach_the_session_and_are_read_back(tiny_onnx, tmp_path):
+    """`onnx.inter_op_threads` was required in every profile and reached no session: only the intra-op count was
+    set. Both travel in the load settings and onnxruntime's session options report them."""
+    from edgemed.runtime.session import prepare
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert prepare(tmp_path, "jetson-orin-nano-8gb").load.inter_op_threads == 1
+    with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=2, inter_op_threads=3)) as eng:
+        took = eng.session.get_session_options()
+        assert (took.intra_op_num_threads, took.inter_op_num_threads) == (2, 3)
+    with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128)) as eng:  # unset: onnxruntime's own default (0)
+        assert eng.session.get_session_options().inter_op_num_threads == 0
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+def test_a_provider_onnxruntime_did_not_take_is_read_back_and_said(tiny_onnx, monkeypatch, caplog):
+    """A CUDA build whose libraries do not load falls back to the CPU, saying so only in onnxruntime's own log, and
+    the engine reported the providers it had asked for. Here the build is made to list CUDA, which the session
+    then cannot take: the engine reports what the session runs on, and warns naming the provider."""
+    import logging
+
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING, logger="edgemed.runtime.onnx_engine"):
+        with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, providers=("cuda", "cpu"))) as eng:
+            assert eng.providers == eng.session.get_providers() == ["CPUExecutionProvider"]
+            assert "".join(eng.chat(PROMPT, GenerationSettings(max_tokens=4)))  # the load went on, on the CPU
+    said = [r.getMessage() for r in caplog.records if "did not take" in r.getMessage()]
+    assert len(said) == 1 and "CUDAExecutionProvider" in said[0] and "runs on CPUExecutionProvider" in said[0]
+    assert "onnx.providers" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgemed.runtime.onnx_engine"):
+        with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, providers=("cpu",))) as eng:
+            assert eng.providers == ["CPUExecutionProvider"]
+    assert not [r for r in caplog.records if "did not take" in r.getMessage()]  # taken as asked: nothing said
+
+
+def test_a_thread_count_the_session_does_not_report_is_said(tiny_onnx, monkeypatch, caplog):
+    import logging
+
+    import onnxruntime
+
+    class Reporting(onnxruntime.InferenceSession):
+        def get_session_options(self):
+            took = super().get_session_options()
+            took.inter_op_num_threads = 7
+            return took
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Reporting)
+    with caplog.at_level(logging.WARNING, logger="edgemed.runtime.onnx_engine"):
+        open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=2, inter_op_threads=3)).close()
+    assert any("inter_op_num_threads reads back 7 after 3 was set" in r.getMessage() for r in caplog.records)

@@ -13,6 +13,10 @@ once (prefill, past length 0), then each new token is one step whose
 Execution providers come from ``LoadSettings.providers`` (short names
 from ``PROVIDERS`` or ORT's own names, in order of preference), so a device
 profile can ask for TensorRT then CUDA on a Jetson; CPU is always the fallback.
+What the session took is read back: its providers (``session.get_providers()``:
+onnxruntime drops one whose libraries do not load, with a line in its own log
+only) and the thread counts its options report; a difference is said at WARNING,
+as a llama.cpp load says weights placed elsewhere than asked.
 """
 
 from __future__ import annotations
@@ -140,17 +144,21 @@ class OnnxEngine:
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if load.n_threads:
-            opts.intra_op_num_threads = int(load.n_threads)
+        threads = {"intra_op_num_threads": load.n_threads, "inter_op_num_threads": load.inter_op_threads}
+        threads = {name: int(n) for name, n in threads.items() if n}  # unset: onnxruntime's default
+        for name, n in threads.items():
+            setattr(opts, name, n)
         if load.extra.get("profile"):
             opts.enable_profiling = True
             opts.profile_file_prefix = str(load.extra["profile"])
-        self.providers = choose_providers(load.providers, ort.get_available_providers())
+        asked = choose_providers(load.providers, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(str(path / dec["filename"]), opts, providers=self.providers)
+            self.session = ort.InferenceSession(str(path / dec["filename"]), opts, providers=asked)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelLoadError(f"onnxruntime could not load '{path / dec['filename']}': {exc}.",
                                  "check the directory is complete (model.onnx and model.onnx.data), and that onnxruntime is >= 1.20") from None
+        self.providers = list(self.session.get_providers())  # what onnxruntime took, not what it was asked for
+        self._read_back(asked, threads)
         self.ort = ort
         self._past_specs = []
         for i in range(self.n_layers):
@@ -163,6 +171,25 @@ class OnnxEngine:
         self._kv = (int(dec["num_key_value_heads"]), int(dec["head_size"]), _NP_TYPES.get(spec.type, "float32"))
         self._outputs = [self.names["logits"]] + [
             self.names[key] % i for i in range(self.n_layers) for key in ("present_key_names", "present_value_names")]
+
+    def _read_back(self, asked: list[str], threads: dict[str, int]) -> None:
+        """Say at WARNING where the session differs from what it was asked: an execution provider onnxruntime did not
+        take (a CUDA or TensorRT build whose libraries, cuDNN or driver do not load falls back to the next provider,
+        saying so only in its own log), or a thread count its session options read back otherwise. The load goes on,
+        as a llama.cpp load whose GPU layers cannot be offloaded runs on the CPU: the answers are the same, slower."""
+        dropped = [p for p in asked if p not in self.providers]
+        if dropped:
+            log.warning("onnxruntime did not take the execution provider(s) %s asked for %s: it runs on %s, slower. "
+                        "Fix: make the provider's libraries loadable here (for CUDA: onnxruntime-gpu with the CUDA "
+                        "and cuDNN it was built for; onnxruntime's own log names what failed), or list only the "
+                        "providers this machine has in the profile's onnx.providers.",
+                        ", ".join(dropped), self.path.name, ", ".join(self.providers) or "nothing")
+        got = self.session.get_session_options()
+        wrong = [f"{name} reads back {getattr(got, name)} after {n} was set"
+                 for name, n in threads.items() if getattr(got, name) != n]
+        if wrong:
+            log.warning("onnxruntime's session for %s did not take edgemed's settings: %s.", self.path.name,
+                        "; ".join(wrong))
 
     def _check_names(self, filename: str, graph_inputs: set[str], graph_outputs: set[str]) -> None:
         """Refuse a genai_config.json whose names are not the graph's: onnxruntime would fail on the first prompt

@@ -68,7 +68,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
                              "or run a GGUF base with --adapter")
         threads_ = threads or profile.threads(profile.onnx["intra_op_threads"], facts)
         load = LoadSettings(n_ctx=n_ctx or profile.llama["n_ctx"], n_threads=threads_, seed=seed,
-                            providers=tuple(profile.onnx["providers"]))
+                            inter_op_threads=profile.onnx["inter_op_threads"], providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
     cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
     plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
