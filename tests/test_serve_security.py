@@ -394,6 +394,29 @@ def test_audit_failure_closes_the_api(model, tmp_path):
     log.close()  # and the server stopped without a traceback for its stop record
 
 
+def test_the_audit_log_may_not_go_into_the_store_or_the_bundle_served(tmp_path):
+    """A log inside an installed bundle made it fail verification, and `edgemed remove` deleted the log with it."""
+    pytest.importorskip("gguf")
+    import bundle_kit as kit
+    from edgemed import env
+    from edgemed.packaging.bundle import PackInputs, pack
+    from edgemed.packaging.store import Store
+
+    src = kit.inputs(tmp_path / "src")
+    out = tmp_path / "cardio-assist.edgemed"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="cardio-assist"), out, as_dir=True)
+    Store().install(out)
+    installed = env.store_dir() / "models" / "cardio-assist"
+    for model, log in [("cardio-assist", installed / "audit.jsonl"), ("cardio-assist", env.store_dir() / "a.jsonl"),
+                       (str(out), out / "logs" / "audit.jsonl")]:
+        r = CliRunner().invoke(cli, ["serve", model, "--port", "0", "--audit-log", str(log)])
+        assert r.exit_code == 1 and "--audit-log" in r.output and "Traceback" not in r.output, r.output
+        assert ("store" in r.output) if "store" in str(log) else ("inside the bundle" in r.output), r.output
+        assert not log.exists() and not log.parent.joinpath("logs").exists()
+    r = CliRunner().invoke(cli, ["verify", "cardio-assist"])
+    assert r.exit_code == 0, r.output
+
+
 def test_model_identity_for_the_audit(tmp_path):
     """A bundle (by name or directory) is identified by its manifest sha256; a bare .gguf by its own sha256: what
     ``edgemed serve`` takes from the one resolver, ``packaging.ref``."""

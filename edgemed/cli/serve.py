@@ -189,6 +189,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                              _NOT_GGUF)
         ref = with_digest(ref)  # the audit's identity: a bundle's manifest sha256, else the file's own
         path, model_id, digest = ref.model_path, ref.name, ref.digest
+        _refuse_audit_path(Path(audit_log or env.home() / "audit" / f"{model_id}.jsonl"),
+                           ref.path if ref.path is not None and ref.path.is_dir() else None)
         card = _card(ref)
         served_adapters = _adapters(ref, adapter_args, no_adapters)  # name -> AdapterSpec, checked before any load
         prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads,
@@ -266,6 +268,26 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                 batcher.close()
             click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
             audit.close()
+
+
+def _refuse_audit_path(audit_path: Path, bundle: Path | None) -> None:
+    """The audit log may not go into edgemed's store or the bundle being served: the bundle would then hold a file
+    its manifest does not list (it no longer verifies), and `edgemed remove` would delete the log with the model."""
+    import os
+
+    from edgemed.errors import InputError, OutputExists
+    from edgemed.files.atomic import refuse_store
+
+    fix = "pass --audit-log with a path outside edgemed's store and the model's bundle (default: $EDGEMED_HOME/audit/)"
+    try:
+        refuse_store(audit_path)
+    except OutputExists as exc:
+        raise InputError(f"The audit log '{audit_path}' would be inside edgemed's store, which only install, remove, "
+                         "rollback and pull change.", fix) from exc
+    if bundle is not None:
+        real, folder = os.path.realpath(audit_path), os.path.realpath(bundle)
+        if os.path.commonpath([real, folder]) == folder:
+            raise InputError(f"The audit log '{audit_path}' would be inside the bundle '{bundle}' being served.", fix)
 
 
 def _memory_line(plan, batcher) -> str:
