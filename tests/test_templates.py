@@ -262,7 +262,27 @@ BAD_TEMPLATES = {
     "contract a string": (template_text(contract='"text"'), "contract: expected a table, got a string"),
     "system a number": (template_text(system="1"), "system: expected a string, got int"),
     "examples a table": (template_text(INPUTS + '[examples]\nquestion = "x"\n'), "examples: expected an array, got a table"),
+    # an input named self failed every render with a TypeError; loop is shadowed inside a for loop
+    "input named self": (template_text('[inputs.self]\nhelp = "x"\n', user='"{{ self }}"'), "inputs.self: an input's name"),
+    "input named loop": (template_text('[inputs.loop]\nhelp = "x"\n', user='"{{ loop }}"'), "inputs.loop: an input's name"),
+    # a choice contract's keys that were accepted and then ignored, or made any line an answer line
+    "choice label empty": (template_text(contract='{ kind = "choice", label = "", choices = ["yes", "no"] }'),
+                           "contract.label: template 'mine': a choice contract's label opens its answer line"),
+    "choices differ in case": (template_text(contract='{ kind = "choice", choices = ["yes", "no", "Yes"] }'),
+                               "contract.choices: template 'mine': the choices 'yes' and 'Yes' differ only in case"),
+    "choices twice": (template_text(contract='{ kind = "choice", choices = ["yes", "no", "no"] }'),
+                      "contract.choices: template 'mine': the choices 'no' and 'no' are the same"),
+    "choices and choices_from": (template_text(contract='{ kind = "choice", choices = ["yes"], choices_from = "question" }'),
+                                 "contract.choices_from: template 'mine' gives both choices and choices_from"),
+    "schema on a choice": (template_text(contract='{ kind = "choice", choices = ["yes", "no"], schema = { type = "object" } }'),
+                           "contract.schema: template 'mine' has a choice contract, which does not use 'schema'"),
+    "choices on a text": (template_text(contract='{ kind = "text", choices = ["yes", "no"] }'),
+                          "contract.choices: template 'mine' has a text contract, which does not use 'choices'"),
 }
+#: the fix each refusal above names, where it says more than "fix the field"
+FIXES = {"input named self": "rename the input", "choice label empty": 'set label = "Answer"',
+         "choices differ in case": "list each choice once", "choices and choices_from": "keep either choices",
+         "schema on a choice": "remove 'schema' from [contract]"}
 
 
 def _folder(tmp_path: Path, index: str, template: str | None) -> Path:
@@ -274,12 +294,22 @@ def _folder(tmp_path: Path, index: str, template: str | None) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("text, says", BAD_TEMPLATES.values(), ids=BAD_TEMPLATES.keys())
-def test_a_malformed_template_file_is_refused_naming_the_field(tmp_path, monkeypatch, text, says):
+@pytest.mark.parametrize("text, says, fix", [(text, says, FIXES.get(case, "")) for case, (text, says) in BAD_TEMPLATES.items()],
+                         ids=BAD_TEMPLATES.keys())
+def test_a_malformed_template_file_is_refused_naming_the_field(tmp_path, monkeypatch, text, says, fix):
     monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, GOOD_INDEX, text)))
     with pytest.raises(TemplateError) as exc:
         load_templates()
-    assert f"mine.toml: {says}" in exc.value.problem and "mine.toml" in exc.value.fix
+    assert f"mine.toml: {says}" in exc.value.problem and "mine.toml" in exc.value.fix and fix in exc.value.fix
+
+
+def test_an_optional_input_without_a_default_renders_empty(tmp_path, monkeypatch):
+    """It was left out of the values, and rendering failed "'context' is undefined ... pass the missing input"."""
+    text = template_text(INPUTS + '[inputs.context]\nrequired = false\nhelp = "c"\n', user='"{{ question }}|{{ context }}|"')
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, GOOD_INDEX, text)))
+    mine = load_templates()["mine"]
+    assert mine.messages({"question": "fever?"})[1]["content"] == "fever?||"
+    assert mine.messages({"question": "fever?", "context": "day 2"})[1]["content"] == "fever?|day 2|"
 
 
 BAD_INDEXES = {

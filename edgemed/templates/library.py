@@ -16,7 +16,9 @@ from edgemed.templates.sandbox import render
 
 TOP_KEYS = {"name", "title", "system", "user", "inputs", "contract", "examples"}
 REQUIRED = ("name", "title", "system", "user", "contract")
-CONTRACT_KEYS = {"kind", "label", "choices", "choices_from", "schema"}
+#: the keys of a contract each kind reads (besides ``kind``); another known key is refused, not ignored
+KIND_KEYS = {"choice": {"label", "choices", "choices_from"}, "json": {"schema"}, "text": {"label"}}
+CONTRACT_KEYS = {"kind"}.union(*KIND_KEYS.values())
 INPUT_KEYS = {"required", "default", "help"}
 INDEX_KEYS = {"preamble", "preamble_file", "template"}
 ENTRY_KEYS = {"name", "file", "replaces"}
@@ -24,6 +26,9 @@ ENTRY_KEYS = {"name", "file", "replaces"}
 INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: names Jinja reads as its own operators and literals: an input so named could not be used in the text
 JINJA_WORDS = {"and", "or", "not", "in", "is", "if", "else", "true", "false", "none", "True", "False", "None"}
+#: names Jinja gives a meaning of its own: ``self`` (the template; an input so named fails every render), ``loop``
+#: (inside a for loop), ``super``, ``caller``, ``varargs`` and ``kwargs`` (inside blocks and macros)
+JINJA_NAMES = {"self", "loop", "super", "caller", "varargs", "kwargs"}
 #: a template file or index is read whole; anything larger is not one
 MAX_FILE_BYTES = 256 * 1024
 
@@ -57,6 +62,8 @@ class Template:
             elif spec.get("required", True):
                 raise TemplateError(f"Template '{self.name}' needs the input '{key}' ({spec.get('help', '')}).",
                                     f"pass it with --{key.replace('_', '-')} or --input {key}=...")
+            else:  # optional, no default: the text renders it empty
+                values[key] = ""
         options = values.get(self.contract.choices_from) if self.contract.choices_from else None
         if self.contract.choices_from and options not in (None, "") and not isinstance(options, dict):
             raise TemplateError(f"Template '{self.name}' takes '{self.contract.choices_from}' as an object of labels "
@@ -113,8 +120,9 @@ def _kind(value) -> str:
 
 
 def _build(data: dict, source: str, preamble: str) -> Template:
-    def fail(field, why):
-        raise TemplateError(f"{source}: {field}: {why}.", f"fix '{field}' in {source}")
+    def fail(field, why, fix=""):
+        fix = fix or f"fix '{field}'"
+        raise TemplateError(f"{source}: {field}: {why}.", f"{fix} in {source}")
 
     def want(field, value, kind: type):
         if not isinstance(value, kind):
@@ -133,10 +141,11 @@ def _build(data: dict, source: str, preamble: str) -> Template:
     inputs = data.get("inputs", {})
     want("inputs", inputs, dict)
     for name, spec in inputs.items():
-        if not INPUT_NAME.fullmatch(name) or name in JINJA_WORDS:
+        if not INPUT_NAME.fullmatch(name) or name in JINJA_WORDS | JINJA_NAMES:
             fail(f"inputs.{name}", "an input's name is a variable of the template text: letters, digits and _ "
                                    "(not first), at most 64, and not one of Jinja's words (and, or, not, in, is, if, "
-                                   "else, true, false, none)")
+                                   "else, true, false, none) or its own names (self, loop, super, caller, varargs, "
+                                   "kwargs)", "rename the input (and its uses in the text)")
         if not isinstance(spec, dict) or set(spec) - INPUT_KEYS:
             fail(f"inputs.{name}", "expected a table with required / default / help")
         if "required" in spec:
@@ -150,12 +159,32 @@ def _build(data: dict, source: str, preamble: str) -> Template:
             fail(f"contract.{key}", "unknown key")
     if contract.get("kind") not in KINDS:
         fail("contract.kind", f"expected one of {', '.join(KINDS)}, got {contract.get('kind')!r}")
+    kind, tpl = contract["kind"], f"template '{data['name']}'"
+    for key in contract:
+        if key != "kind" and key not in KIND_KEYS[kind]:
+            fail(f"contract.{key}", f"{tpl} has a {kind} contract, which does not use '{key}' (it takes "
+                                    f"{', '.join(sorted(KIND_KEYS[kind]))})", f"remove '{key}' from [contract]")
     if "label" in contract:
         want("contract.label", contract["label"], str)
+        if kind == "choice" and not contract["label"].strip():
+            fail("contract.label", f"{tpl}: a choice contract's label opens its answer line ('Answer: B'); an empty "
+                                   "one makes any line, a bullet or a word, an answer line",
+                 "set label = \"Answer\" (or leave it out)")
+    if "choices" in contract and "choices_from" in contract:
+        fail("contract.choices_from", f"{tpl} gives both choices and choices_from: one of them would be ignored",
+             "keep either choices (a fixed set) or choices_from (an options input)")
     if "choices" in contract:
         want("contract.choices", contract["choices"], list)
         if not all(isinstance(c, str) and c.strip() for c in contract["choices"]):
             fail("contract.choices", "every choice is a non-empty string")
+        seen: dict[str, str] = {}
+        for choice in contract["choices"]:
+            if (other := seen.get(choice.casefold())) is not None:
+                fail("contract.choices", f"{tpl}: the choices {other!r} and {choice!r} "
+                                         f"{'are the same' if other == choice else 'differ only in case'}, so an "
+                                         "answer cannot tell them apart (the answer line is read without regard to "
+                                         "case)", "list each choice once")
+            seen[choice.casefold()] = choice
     if "choices_from" in contract:
         want("contract.choices_from", contract["choices_from"], str)
         if contract["choices_from"] not in inputs:
