@@ -306,7 +306,8 @@ def _is_type(value, kind: str) -> bool:
 
 
 def _schema_errors(schema: dict, value, path: str = "$") -> list[str]:
-    """A small JSON-schema check (type, required, enum, properties, items, minItems): what llama.cpp's grammar enforces."""
+    """A small JSON-schema check (type, required, enum, properties, additionalProperties: false, items, minItems,
+    minLength): what llama.cpp's grammar enforces."""
     kinds = _schema_types(schema)
     # a type that is no JSON type is refused when the template loads; here it is no answer, never a crash
     unknown = [k for k in kinds if not (isinstance(k, str) and k in JSON_TYPES)]
@@ -320,9 +321,15 @@ def _schema_errors(schema: dict, value, path: str = "$") -> list[str]:
     if "object" in kinds and isinstance(value, dict):
         errors += [f"{path}.{k}: missing" for k in schema.get("required", []) if k not in value]
         properties = schema.get("properties", {})
-        for k, sub in (properties.items() if isinstance(properties, dict) else ()):
+        properties = properties if isinstance(properties, dict) else {}
+        for k, sub in properties.items():
             if k in value and isinstance(sub, dict):
                 errors += _schema_errors(sub, value[k], f"{path}.{k}")
+        if schema.get("additionalProperties") is False:  # "urgency " beside "urgency" is no key of the schema
+            errors += [f"{path}: unexpected key {k!r}" for k in value if k not in properties]
+    least = schema.get("minLength", 0)
+    if "string" in kinds and isinstance(value, str) and isinstance(least, int) and len(value) < least:
+        errors.append(f"{path}: shorter than {least} characters" if value else f"{path}: empty")
     if "array" in kinds and isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             errors.append(f"{path}: fewer than {schema['minItems']} items")
@@ -348,15 +355,24 @@ def _repeated_keys(text: str) -> str:
     return repeated[0] if repeated else ""
 
 
+#: one markdown code fence around the whole reply ("```json\n{...}\n```"), the only thing the object may come in
+_FENCE = re.compile(r"```[ \t]*[\w.+-]*[ \t]*\n(?P<body>(?:(?!```).)*)```", re.S)
+
+
 def _parse_json(c: Contract, text: str, choices, texts=None) -> Parsed:
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         return Parsed(False, None, text, "no JSON object in the reply")
+    fenced = _FENCE.fullmatch(text.strip())
+    body = (fenced.group("body") if fenced else text).strip()
+    if not (body.startswith("{") and body.endswith("}")):  # "On second thought this is an emergency: ..." after it
+        return Parsed(False, None, text, "prose outside the JSON object: the reply must be the object alone, and "
+                                         "what is outside it may contradict it")
     try:
-        value = loads_json(text[start:end + 1])
+        value = loads_json(body)
     except ValueError as exc:  # JSONDecodeError and TooDeep
         return Parsed(False, None, text, f"invalid JSON: {exc}")
-    twice = _repeated_keys(text[start:end + 1])
+    twice = _repeated_keys(body)
     if twice:  # json keeps the last of them: '"urgency": "emergency", ..., "urgency": "routine"' would read as routine
         return Parsed(False, None, text, f"the JSON object gives '{twice}' more than once")
     errors = _schema_errors(c.schema, value)
