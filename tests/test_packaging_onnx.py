@@ -120,3 +120,19 @@ def test_a_report_without_file_digests_packs_with_a_warning(tiny_onnx, tmp_path,
     (d / "report.json").write_text(json.dumps(rep))
     r = _pack(d, tmp_path, "--force")
     assert r.exit_code == 1 and "'files' entry" in r.output, r.output
+
+
+@pytest.mark.parametrize("as_dir", [False, True])
+def test_pack_refuses_an_output_inside_the_onnx_folder_it_packs(tiny_onnx, tmp_path, as_dir):
+    """A bundle written into the folder became a file its report does not name: that folder could then neither be
+    packed nor replaced by `convert --to onnx --force`."""
+    import shutil
+
+    d = shutil.copytree(tiny_onnx, tmp_path / "onx")
+    before = sorted(p.name for p in d.iterdir())
+    license_ = kit.inputs(tmp_path / "src")["license"]
+    r = CliRunner().invoke(cli, ["pack", str(d), "--license", str(license_), "--name", "onx", "-o", str(d / "onx.edgemed"),
+                                 *(["--dir"] if as_dir else [])], catch_exceptions=False)
+    assert r.exit_code == 1 and "inside the ONNX model folder" in r.output and "choose another -o path" in r.output, r.output
+    assert sorted(p.name for p in d.iterdir()) == before
+    assert _pack(d, tmp_path).exit_code == 0  # still packable as it was

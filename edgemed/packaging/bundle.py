@@ -280,7 +280,10 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signi
         sources += [(src, rel, "adapter") for src, rel, _ in adapters]
         memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
     out = Path(out)
-    refuse_input_as_output(out, [(f"the {role} file", src) for src, _, role in sources], "bundle" if as_dir else None)
+    read = [(f"the {role} file", src) for src, _, role in sources]
+    if inp.model is not None and inp.model.is_dir():  # an output inside the ONNX folder would become part of the model
+        read.append(("the ONNX model folder", inp.model))
+    refuse_input_as_output(out, read, "bundle" if as_dir else None)
     if as_dir:
         with atomic_path(out, force=force, kind="bundle") as tmp:
             tmp.mkdir()
