@@ -44,13 +44,25 @@
     return h;
   }
 
-  function askForKey(message) {
+  function askForKey(message, status) {
     sessionStorage.removeItem(KEY_SLOT);
     $("forget-key").hidden = true;
     $("key-panel").hidden = false;
     $("key-error").textContent = message || "";
-    setStatus("An API key is needed.");
+    setStatus(status || "An API key is needed.");
     $("key").focus();
+  }
+
+  // Sign out (forget key), for the next person at a shared workstation: the key goes, and with it everything New
+  // conversation clears (the history, the transcript Save would write, the answers on screen, an answer still
+  // streaming) and the question typed but not sent; the ask form stays hidden until a key is given again.
+  function signOut() {
+    clearConversation();
+    $("prompt").value = "";
+    $("template-fields").replaceChildren();
+    $("ask").hidden = true;
+    $("card").hidden = true;
+    askForKey("", "Signed out: the key is forgotten and the conversation cleared. Enter a key to go on.");
   }
 
   async function errorText(response) {
@@ -215,8 +227,32 @@
   }
 
   // -- one answer on the page ---------------------------------------------------------------------------------
+  // How a streamed answer ended (``stream`` returns the key) and what the page makes of it: the note under the answer
+  // (and its data-done), the status line, a warning on the answer itself, the mark on the answer in the saved
+  // transcript and on Copy, whether there is an answer at all, and whether the turn goes back to the model as the
+  // conversation so far (only an answer that arrived whole does: the model would read anything else as its own).
+  const ASK_AGAIN_LONGER = "the reasoning reached the answer length limit; ask again with a larger answer length";
+  const ENDINGS = {
+    done: { note: "", status: "Answered.", history: true },
+    length: { note: "cut at the answer length limit", status: "Answered, up to the answer length limit.",
+              history: true },
+    cut: { note: "cut off: the answer stopped before its end; ask again", mark: "CUT OFF, incomplete",
+           status: "The answer was cut off before its end; ask again.",
+           warn: "The answer was cut off before its end: what is shown is incomplete. Ask again." },
+    thinking: { note: "no answer: the model gave no answer outside its reasoning; ask again", noAnswer: true,
+                status: "The model gave no answer outside its reasoning; ask again.",
+                warn: "The model gave no answer outside its reasoning; ask again." },
+    thinkingLength: { note: "no answer: " + ASK_AGAIN_LONGER, noAnswer: true,
+                      status: "No answer: " + ASK_AGAIN_LONGER + ".", warn: "No answer: " + ASK_AGAIN_LONGER + "." },
+    empty: { note: "no answer: the answer was empty; ask again", noAnswer: true,
+             status: "The model gave an empty answer; ask again.", warn: "The model gave an empty answer; ask again." },
+    stopped: { note: "stopped", status: "Stopped." },
+    error: { note: "error", status: "The answer failed; see the message." },
+  };
+
   function addTurn(question) {
     const answer = el("article", { class: "answer", "aria-label": "Answer" });
+    const warn = el("p", { class: "error ending", role: "alert", hidden: true });
     const think = el("details", { class: "think", hidden: true },
                      el("summary", { text: "Reasoning (folded; not part of the answer)" }), el("pre", { class: "think-text" }));
     const text = el("div", { class: "answer-text" });
@@ -225,12 +261,13 @@
     const meta = el("p", { class: "meta" });
     const copy = el("button", { type: "button", class: "copy", text: "Copy answer" });
     const safety = el("p", { class: "safety", text: (state.info && state.info.safety) || "" });
-    answer.append(think, structured, text, raw, el("div", { class: "answer-foot" }, copy, meta), safety);
+    answer.append(warn, think, structured, text, raw, el("div", { class: "answer-foot" }, copy, meta), safety);
     const item = el("li", { class: "turn" }, el("div", { class: "question" }, el("span", { class: "who", text: "You" }),
                                                  el("div", { class: "question-text", text: question })), answer);
     $("log").append(item);
     $("conversation").hidden = false;
-    const turn = { item, answer, think, text, structured, raw, meta, copy, answerText: "", thinkText: "", requestId: "" };
+    const turn = { item, answer, warn, think, text, structured, raw, meta, copy,
+                   answerText: "", thinkText: "", requestId: "", ending: "" };
     copy.addEventListener("click", () => copyText(turn));
     return turn;
   }
@@ -289,16 +326,21 @@
     return el("table", { class: "json" }, el("caption", { text: "Structured answer" }), body);
   }
 
-  function finishTurn(turn, note) {
+  function finishTurn(turn, ending) {
+    const end = ENDINGS[ending];
     const parts = [];
     if (turn.requestId) parts.push(el("span", {}, "Request id ", el("code", { class: "request-id", text: turn.requestId })));
-    if (note) parts.push(el("span", { class: "note", text: note }));
+    if (end.note) parts.push(el("span", { class: "note", text: end.note }));
     turn.meta.replaceChildren(...parts.flatMap((p, i) => (i ? [" · ", p] : [p])));
-    turn.answer.dataset.done = note || "done";
+    if (end.warn) { turn.warn.textContent = end.warn; turn.warn.hidden = false; }
+    turn.copy.disabled = Boolean(end.noAnswer);  // no answer to copy: never an empty one pasted as the answer
+    turn.ending = ending;
+    turn.answer.dataset.done = end.note || "done";
   }
 
   async function copyText(turn) {
-    const text = turn.answerText.trim();
+    const mark = (ENDINGS[turn.ending] || {}).mark;
+    const text = (mark ? "[" + mark + "] " : "") + turn.answerText.trim();
     try {
       await navigator.clipboard.writeText(text);
       turn.copy.textContent = "Copied";
@@ -344,23 +386,25 @@
     state.busy = controller;
     busy(true);
     setStatus("Answering…");
-    let note = "";
+    let ending = "error";
     try {
-      note = await stream(body, turn, t, controller.signal);
-      if (!t && note !== "error" && current()) {
-        state.history.push({ role: "user", content: question }, { role: "assistant", content: turn.answerText.trim() });
-        $("prompt").value = "";
-      }
+      ending = await stream(body, turn, t, controller.signal);
     } catch (e) {
-      if (e.name === "AbortError") note = "stopped";
-      else { note = "error"; showError(turn, "The request failed: " + e.message); }
+      if (e.name === "AbortError") ending = "stopped";
+      else { ending = "error"; showError(turn, "The request failed: " + e.message); }
     } finally {
       state.busy = null;
       busy(false);
-      finishTurn(turn, note === "done" ? "" : note);
+      finishTurn(turn, ending);
       if (current()) {
-        state.transcript.push({ question, answer: turn.answerText.trim(), requestId: turn.requestId, note });
-        setStatus(note === "stopped" ? "Stopped." : note === "error" ? "The answer failed; see the message." : "Answered.");
+        const end = ENDINGS[ending];
+        if (!t && end.history) {  // otherwise the question stays in the box: asking again is one key press
+          state.history.push({ role: "user", content: question }, { role: "assistant", content: turn.answerText.trim() });
+          $("prompt").value = "";
+        }
+        state.transcript.push({ question, answer: turn.answerText.trim(), reasoning: turn.thinkText.trim(),
+                                requestId: turn.requestId, ending });
+        setStatus(end.status);
         (t ? $("send") : $("prompt")).focus();
       }
     }
@@ -371,7 +415,9 @@
     turn.structured.hidden = false;
   }
 
-  // POST with stream: true; read the SSE events; returns "done", "length", "stopped" or "error".
+  // POST with stream: true; read the SSE events; returns how the answer ended, a key of ENDINGS. The answer is whole
+  // only once a finish_reason or [DONE] arrives: a body that ends without either (a server that failed and closed
+  // between two events; Firefox and some proxies end the body normally then) is cut off, whatever it held.
   async function stream(body, turn, template, signal) {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(true), body: JSON.stringify(body), signal, cache: "no-store",
@@ -387,7 +433,7 @@
     const out = (inThink, text) => showPiece(turn, inThink, text);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
-    let buffer = "", result = "done";
+    let buffer = "", finish = "", failed = false;
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -397,45 +443,60 @@
         const event = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
         const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
-        if (!data || data === "[DONE]") continue;
+        if (!data) continue;
+        if (data === "[DONE]") { finish = finish || "stop"; continue; }
         const chunk = JSON.parse(data);
-        if (chunk.error) { showError(turn, chunk.error.message); result = "error"; continue; }
+        if (chunk.error) { showError(turn, chunk.error.message); failed = true; continue; }
         for (const choice of chunk.choices || []) {
           if (choice.delta && choice.delta.content) split.feed(choice.delta.content, out);
           if (choice.finish_reason) {
             split.flush(out);
-            if (choice.finish_reason === "length") result = "length";
+            finish = choice.finish_reason;
           }
         }
         if (chunk.edgemed) showStructured(turn, template, chunk.edgemed);
       }
     }
     split.flush(out);
-    if (result === "length" && !turn.answerText.trim() && turn.thinkText) {
-      return "no answer: the reasoning reached the answer length limit; ask again with a larger answer length";
-    }
-    return result === "length" ? "cut at the answer length limit" : result;
+    if (failed) return "error";
+    if (!finish) return "cut";
+    if (split.thinking()) return finish === "length" ? "thinkingLength" : "thinking";  // whatever the finish reason
+    if (finish === "length") return "length";
+    return turn.answerText.trim() ? "done" : "empty";
   }
 
   function stop() { if (state.busy) state.busy.abort(); }
 
-  function newConversation() {
+  function clearConversation() {
     stop();
     state.conversation += 1;
     state.history = [];
     state.transcript = [];
     $("log").replaceChildren();
     $("conversation").hidden = true;
+  }
+
+  function newConversation() {
+    clearConversation();
     setStatus("New conversation.");
     $("prompt").focus();
+  }
+
+  // One question and its answer in the saved transcript. An answer cut off says so on its own line; where there is
+  // no answer the line says that, and any reasoning the model wrote follows under its own label, never as the answer.
+  function transcriptLines(entry) {
+    const end = ENDINGS[entry.ending];
+    const lines = ["Q: " + entry.question,
+                   end.noAnswer ? "A: none. " + end.warn : (end.mark ? "A (" + end.mark + "): " : "A: ") + entry.answer];
+    if (entry.reasoning && !entry.answer) lines.push("Reasoning (not an answer): " + entry.reasoning);
+    lines.push("Request id: " + (entry.requestId || "none") + (end.note ? " (" + end.note + ")" : ""), "");
+    return lines;
   }
 
   function exportConversation() {
     if (!state.transcript.length) { setStatus("Nothing to save yet."); return; }
     const lines = ["edgemed conversation — model " + $("model").value, new Date().toISOString(), ""];
-    for (const t of state.transcript) {
-      lines.push("Q: " + t.question, "A: " + t.answer, "Request id: " + (t.requestId || "none") + (t.note && t.note !== "done" ? " (" + t.note + ")" : ""), "");
-    }
+    for (const entry of state.transcript) lines.push(...transcriptLines(entry));
     lines.push(state.info ? state.info.safety : "");
     const url = URL.createObjectURL(new Blob([lines.join("\n")], { type: "text/plain;charset=utf-8" }));
     const a = el("a", { href: url, download: "edgemed-conversation.txt" });
@@ -455,7 +516,7 @@
       $("key").value = "";
       load();
     });
-    $("forget-key").addEventListener("click", () => { askForKey("Key forgotten."); });
+    $("forget-key").addEventListener("click", signOut);
     $("chat-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
     $("template-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
     $("prompt").addEventListener("keydown", (e) => {

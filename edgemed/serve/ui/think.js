@@ -31,6 +31,9 @@ window.EdgemedThink = (function () {
         }
       },
       flush(out) { out(inThink, pending); pending = ""; },
+      // Still inside the reasoning block: no </think> came after it, so there is no answer yet, whatever the reason
+      // the stream ended for.
+      thinking() { return inThink; },
     };
   }
 
