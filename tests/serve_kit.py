@@ -10,10 +10,11 @@ import time
 class ServerThread:
     """``with ServerThread(app) as srv: srv.url`` — uvicorn serving ``app`` until the block ends."""
 
-    def __init__(self, app, host: str = "127.0.0.1"):
+    def __init__(self, app, host: str = "127.0.0.1", **config):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on",
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
 
     def __enter__(self) -> "ServerThread":

@@ -113,6 +113,16 @@ def test_the_access_log_names_routes_not_what_a_client_wrote_in_a_url(smollm2_gg
         for path in (f"/v1/models/{secret}?q={secret}", f"/{secret}", f"/admin/adapters/{secret}"):
             httpx.request("DELETE" if path.startswith("/admin") else "GET", url + path, timeout=10)
         httpx.get(url + "/v1/models", headers={"X-Forwarded-For": secret}, timeout=10)
+        # and `serve` lets go of a client that never finishes its request head (transport.header_deadline)
+        import socket
+
+        from edgemed.serve.transport import HEADER_TIMEOUT_S
+
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=HEADER_TIMEOUT_S + 20) as held:
+            held.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            start = time.monotonic()
+            assert held.recv(1024) == b"" and time.monotonic() - start < HEADER_TIMEOUT_S + 10
 
     home = tmp_path / "home"
     lines = _serve(smollm2_gguf, home, "--prefix-cache-mib", "0", probe=probe)

@@ -243,9 +243,17 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             level = logging.getLogger().getEffectiveLevel()
             # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback client as the client's
             # address, so a local page or process could write what it liked into the audit record's "client"
+            from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+            from edgemed.serve.transport import header_deadline, raise_open_files_limit
+
+            files = raise_open_files_limit()
+            if files is not None:
+                logging.getLogger(__name__).info("open files limit %d (hard %d)", *files)
             server = _stopping_server(uvicorn)(uvicorn.Config(
                 app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
-                access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=GRACE_S),
+                access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=GRACE_S,
+                http=header_deadline(AutoHTTPProtocol)),  # a client that never finishes its request head is let go
                 on_stop=batcher.close)
             access = AccessLogPaths(app)
             logging.getLogger("uvicorn.access").addFilter(access)

@@ -13,7 +13,7 @@ rebinding from a web page); a request with effects (POST, DELETE) that a page on
 browser send, unless ``--cors-origin`` names that origin (403; ``security.foreign_origin``); a missing or
 wrong API key on ``/v1/*``, ``/metrics`` and ``/ui/info`` (401); a body over the limit (413:
 ``Content-Length`` first, then the body is read here and counted, so the app only ever sees a bounded,
-buffered body).
+buffered body); a body not all there ``BODY_TIMEOUT_S`` after the headers (408, and the connection closed).
 """
 
 from __future__ import annotations
@@ -39,14 +39,17 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 #: Paths outside /v1 that need the API key when the server has keys (the page's own files do not: they hold nothing
 #: of the deployment, and the page must load to ask for the key)
 KEYED_PATHS = {"/metrics", "/ui/info"}
+#: Seconds a request's body may take to arrive once its headers have (``--max-body`` is 1 MiB by default: a slow
+#: link sends that in a second or two); the head itself has ``transport.HEADER_TIMEOUT_S``
+BODY_TIMEOUT_S = 30.0
 #: The admin calls (adding and removing adapters): the API key when the server has keys, else loopback clients only
 ADMIN = "/admin/"
 #: nginx's "client closed request": the client left before its whole request was read or its whole answer sent.
 #: Recorded (metrics' code label, the audit's status) in place of any 5xx, so a client's time-out is not a server error.
 CLIENT_CLOSED = 499
 #: status -> audit outcome, where the handler did not set one
-OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 429: "overloaded",
-            CLIENT_CLOSED: "client_disconnected", 503: "unavailable"}
+OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 408: "timed_out", 413: "too_large",
+            429: "overloaded", CLIENT_CLOSED: "client_disconnected", 503: "unavailable"}
 
 
 # -- per-request record -------------------------------------------------------------------------------
@@ -260,14 +263,19 @@ class Guard:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await refuse(too_large)
         body, more = bytearray(), True
-        while more:  # read the (bounded) body here, so the app never sees more than the limit
-            message = await receive()
-            if message["type"] != "http.request":
-                return record.client_left()  # the client closed the connection before sending its whole body
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return await refuse(too_large)
+        with anyio.move_on_after(BODY_TIMEOUT_S) as reading:
+            while more:  # read the (bounded) body here, so the app never sees more than the limit
+                message = await receive()
+                if message["type"] != "http.request":
+                    return record.client_left()  # the client closed the connection before sending its whole body
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > limit:
+                    return await refuse(too_large)
+        if reading.cancelled_caught:  # a client holding the request open: the connection goes with the answer
+            return await refuse(ApiError(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} s. Fix: send "
+                                              "the whole body at once, as HTTP clients do.", code="request_timeout",
+                                         headers={"Connection": "close"}))
         replayed = False
 
         async def replay():
