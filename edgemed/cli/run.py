@@ -12,6 +12,28 @@ from edgemed.cli import json_flag
 from edgemed.formats.nesting import loads_json
 
 
+#: One line of an ``--item-json`` JSONL file (one question and its options) is read up to this many bytes
+MAX_ITEM_LINE_BYTES = 1 << 20
+
+
+def _line(fh, wanted: int) -> bytes | None:
+    """Line ``wanted`` (1-based) of the binary file ``fh``, newline included, or None when the file has fewer lines.
+    Never more than ``MAX_ITEM_LINE_BYTES + 1`` bytes are held: a longer line before it is skipped block by block,
+    and the line itself is cut there (the caller refuses it)."""
+    number = 0
+    while True:
+        raw = fh.readline(MAX_ITEM_LINE_BYTES + 1)
+        if not raw:
+            return None
+        number += 1
+        if number == wanted:
+            return raw
+        while not raw.endswith(b"\n"):  # the rest of a long line
+            raw = fh.readline(MAX_ITEM_LINE_BYTES + 1)
+            if not raw:
+                return None
+
+
 def _item(value: str) -> dict:
     """``--item-json``: a JSON object, or ``PATH`` / ``PATH:LINE`` of a JSONL file (line 1-based)."""
     from edgemed.errors import InputError
@@ -25,11 +47,12 @@ def _item(value: str) -> dict:
             raise InputError(f"--item-json '{value}': lines are counted from 1.", f"pass {path}:1 for the first line")
         try:  # a regular file only (a FIFO would block, /dev/zero never end), read line by line up to LINE
             with open_regular(Path(path)) as fh:
-                found = None
-                for number, raw in enumerate(fh, 1):
-                    if number == int(line):
-                        found = raw.decode("utf-8")
-                        break
+                found = _line(fh, int(line))
+                if found is not None and len(found.removesuffix(b"\n")) > MAX_ITEM_LINE_BYTES:
+                    raise InputError(f"--item-json '{value}': line {line} of '{path}' is longer than "
+                                     f"{MAX_ITEM_LINE_BYTES >> 20} MiB, far more than one question and its options.",
+                                     "pass a JSONL file with one item per line (a line number that holds one item)")
+                found = found.decode("utf-8") if found is not None else None
         except (OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise InputError(f"--item-json '{value}': cannot read '{path}' ({why}).",

@@ -1,0 +1,47 @@
+"""The command line's file layer: what each command reads is bounded, what it writes is refused with a message that
+names the real option and the fix, and an option that would be ignored is refused rather than dropped."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from edgemed.errors import InputError
+
+
+# -- run --item-json PATH:LINE reads one line, bounded ------------------------------------------------------------
+def test_item_json_refuses_a_line_over_the_bound_without_holding_it(tmp_path):
+    from edgemed.cli.run import MAX_ITEM_LINE_BYTES, _item
+
+    item = {"question": "Which drug?", "options": {"A": "x", "B": "y"}, "answer_idx": "A"}
+    jsonl = tmp_path / "items.jsonl"
+    with open(jsonl, "wb") as fh:
+        fh.write(b'{"question": "' + b"a" * (32 * MAX_ITEM_LINE_BYTES) + b'"}\n')  # a 32 MiB line 1
+        fh.write(json.dumps(item).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as err:
+            _item(f"{jsonl}:1")
+        assert _item(f"{jsonl}:2") == item  # the long line before it is skipped, not held
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MAX_ITEM_LINE_BYTES, peak  # the line whole would be 32
+    assert "line 1" in err.value.problem and "1 MiB" in err.value.problem and str(jsonl) in err.value.problem
+    with pytest.raises(InputError, match="fewer than 3 lines"):
+        _item(f"{jsonl}:3")
+
+
+def test_item_json_takes_a_line_exactly_at_the_bound(tmp_path):
+    from edgemed.cli.run import MAX_ITEM_LINE_BYTES, _item
+
+    head = b'{"question": "'
+    text = head + b"q" * (MAX_ITEM_LINE_BYTES - len(head) - 2) + b'"}'
+    assert len(text) == MAX_ITEM_LINE_BYTES
+    (tmp_path / "one.jsonl").write_bytes(text + b"\n")
+    assert len(_item(f"{tmp_path / 'one.jsonl'}:1")["question"]) == MAX_ITEM_LINE_BYTES - len(head) - 2
+    (tmp_path / "over.jsonl").write_bytes(text + b" \n")
+    with pytest.raises(InputError, match="longer than 1 MiB"):
+        _item(f"{tmp_path / 'over.jsonl'}:1")
