@@ -119,7 +119,7 @@ def test_bench_run_schema_and_warmup_excluded(model, tmp_path):
     md = (out / "report.md").read_text()
     assert "TTFT" in md and "Roofline" in md and "q8_0" in md
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
-    assert {"config", "peak_rss_mb", "e2e_s_p50", "decode_tok_s_p50", "roofline_fraction"} <= set(header)
+    assert {"config", "peak_rss_mib", "e2e_s_p50", "decode_tok_s_p50", "roofline_fraction"} <= set(header)
     mach = json.loads((out / "machine.json").read_text())
     assert mach["llama_cpp_system_info"] and mach["memory_read_bandwidth"]["bytes_per_s"] == bw["read"]["bytes_per_s"]
 

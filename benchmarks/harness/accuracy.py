@@ -22,7 +22,8 @@ interrupted run resumes, and a run over a larger draw of the same sets (``datase
 only the new items. A truncated last line (killed mid-write) is dropped and that item redone. Each record carries
 ``item_sha``, a digest of what the model was shown (question, options, gold, abstract): a record whose item has
 changed (PubMedQA asked with its abstract, then without) is redone, not reused. The first line names the artifact
-and settings, and a resume with different ones is refused.
+(name, size and sha256: Q4_K_M with and without an importance matrix have one size) and settings, and a resume with
+different ones is refused; the bench runner starts such a file afresh (``records_resume``).
 
 ``logit_s`` and ``gen_s`` in each record split the item's time between the two scores (what the bench default,
 logits only, saves).
@@ -50,11 +51,12 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 6  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
+RECORDS_VERSION = 7  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
 # 4: it stops at the labelled answer line only, and a hedge ("Answer: A or B") or "Answer: a patient" is no answer;
 # 5: an answer is read only from a line that starts with the label; lines that disagree, or a choice only
 # inferred, are no answer; 6: a LaTeX box ("\boxed{C}") is an answer line, and "Answer: Yes, no adverse events ..."
-# is yes (a choice word running on into prose after a comma is prose, not a hedge)
+# is yes (a choice word running on into prose after a comma is prose, not a hedge); 7: the meta names the artifact's
+# sha256 (two files of one name and size were taken for one) and, under the bench runner, the result's key
 #: what is scored per item: the letter logits alone, or the logits and a parsed greedy answer
 SCORES = ("logits", "both")
 
@@ -118,10 +120,16 @@ def item_digest(item: Item) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
 
 
-def artifact_identity(path: Path) -> dict:
+def artifact_identity(path: Path, sha256: str | None = None) -> dict:
+    """Name, size and sha256 (``artifacts.model_digest``; given by the caller that has it) of the scored artifact:
+    two files of one name and size (Q4_K_M with and without an importance matrix) are told apart by the digest."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {"name": path.name, "bytes": sum(f.stat().st_size for f in files)}
+    if sha256 is None:
+        from edgemed.benchmarks.harness.artifacts import model_digest
+
+        sha256 = model_digest(path)
+    return {"name": path.name, "bytes": sum(f.stat().st_size for f in files), "sha256": sha256}
 
 
 def read_records(path: Path) -> tuple[dict | None, dict[str, dict]]:
@@ -152,17 +160,27 @@ def read_records(path: Path) -> tuple[dict | None, dict[str, dict]]:
     return meta, records
 
 
-def records_carry_over(old_raw: dict | None, key: dict, settings) -> bool:
-    """Whether the records of a finished accuracy phase (raw result ``old_raw``) stay valid for a new run with
-    ``key`` and ``settings``: the same artifact (sha256), edgemed version and ``eval_score``. Another draw (more
-    items, another seed, other files) keeps them, since each record names its item and the item's digest; a
-    changed prompt (PubMedQA with or without its abstract) is redone item by item."""
-    if not old_raw:
+def records_meta(path: Path) -> dict | None:
+    """The meta line of a records file (its first line), or None when there is none or it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            first = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return None
+    return first.get("meta") if isinstance(first, dict) and isinstance(first.get("meta"), dict) else None
+
+
+def records_resume(path: Path, key: dict, settings) -> bool:
+    """Whether the runner may resume the records file at ``path`` (a killed or finished accuracy phase) for a task
+    with ``key``: its meta names the same artifact (sha256, not only name and size), the same scoring and the same
+    key but for the draw of items (``configs.beyond_settings``). Records of another artifact, build or edgemed
+    version are started afresh, never resumed on another model's answers."""
+    from edgemed.benchmarks.harness.configs import beyond_settings
+
+    meta = records_meta(path)
+    if not meta or meta.get("version") != RECORDS_VERSION or meta.get("score") != settings.eval_score:
         return False
-    old_key, old_settings = old_raw.get("key") or {}, old_raw.get("settings") or {}
-    return (old_key.get("model_sha256") == key.get("model_sha256")
-            and old_key.get("edgemed_version") == key.get("edgemed_version")
-            and old_settings.get("eval_score", "both") == settings.eval_score)
+    return (meta.get("artifact") or {}).get("sha256") == key.get("model_sha256") and meta.get("key") == beyond_settings(key)
 
 
 def append_record(path: Path, obj: dict) -> None:
@@ -261,8 +279,12 @@ def per_dataset(records: list[dict]) -> dict[str, dict]:
 
 
 def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path: Path, max_gen_tokens: int = 16,
-             score: str = "both", progress: bool = True) -> dict:
-    """Score ``items`` with ``scorer`` (see the module docstring); returns the summary over all of them."""
+             score: str = "both", progress: bool = True, artifact_sha256: str | None = None, key: dict | None = None) -> dict:
+    """Score ``items`` with ``scorer`` (see the module docstring); returns the summary over all of them.
+
+    ``artifact_sha256``: the scored artifact's digest where the caller has it (else computed); ``key``: the bench
+    runner's result key without its settings (``configs.beyond_settings``), written into the meta line so that a
+    resume under another runtime build or version is refused like one of another artifact."""
     if score not in SCORES:
         raise InputError(f"Unknown score {score!r}.", f"choose from: {', '.join(SCORES)}")
     records_path = Path(records_path)
@@ -270,8 +292,8 @@ def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError(f"Item {dup} appears twice in the evaluation set.", "pass each data set file once")
-    meta = {"version": RECORDS_VERSION, "artifact": artifact_identity(scorer.path), "template": template,
-            "max_gen_tokens": max_gen_tokens, "score": score}
+    meta = {"version": RECORDS_VERSION, "artifact": artifact_identity(scorer.path, artifact_sha256), "template": template,
+            "max_gen_tokens": max_gen_tokens, "score": score, **({"key": key} if key is not None else {})}
     old_meta, done = read_records(records_path)
     if old_meta is not None and old_meta != meta:
         raise InputError(f"{records_path} holds results of another run ({old_meta}), not {meta}.",

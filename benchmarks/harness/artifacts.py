@@ -29,6 +29,24 @@ from edgemed.errors import InputError
 log = logging.getLogger(__name__)
 
 
+def model_digest(path: Path) -> str:
+    """sha256 of a model file, or one digest over a directory's files (names + contents); cached by stat."""
+    import hashlib
+
+    from edgemed.packaging.digest import VerifiedCache, file_digest
+
+    cache = VerifiedCache()
+    try:
+        if path.is_file():
+            return file_digest(path, cache, full=False)[0]
+        h = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file, cache, full=False)[0].encode() + b"\n")
+        return h.hexdigest()
+    finally:
+        cache.save()
+
+
 def source_digest(src: Path, allow_pickle: bool = False) -> str:
     """The digest ``edgemed convert`` records for a checkpoint (config + weight files); pickle-only weights are
     refused without the user's ``--allow-pickle``, with the paragraph ``convert`` gives."""

@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 RAW_SCHEMA = "edgemed.bench.raw/1"
 
 
+def load_raw(path: Path, key: dict | None = None) -> dict | None:
+    """A raw result, or None when it is missing, damaged, of another schema or (given ``key``) stale."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("schema") != RAW_SCHEMA or "result" not in raw:
+        return None
+    if key is not None and raw.get("key") != key:
+        return None
+    return raw
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size.
 
@@ -97,6 +110,7 @@ def phase_timing(config: Config, settings: Settings, task: dict) -> dict:
 
 def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
     from edgemed.benchmarks.harness import accuracy
+    from edgemed.benchmarks.harness.configs import beyond_settings
     from edgemed.benchmarks.harness.datasets import load_eval_set
     from edgemed.benchmarks.harness.scorer import open_scorer
 
@@ -104,7 +118,8 @@ def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
     scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx)
     try:
         result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), score=settings.eval_score,
-                                   progress=task.get("progress", True))
+                                   progress=task.get("progress", True), artifact_sha256=task["key"]["model_sha256"],
+                                   key=beyond_settings(task["key"]))
     finally:
         scorer.close()
     return {"peak_rss_bytes": peak_rss_bytes(), **result}

@@ -20,12 +20,14 @@ class Kind:
     runtime: str        # what executes it, as the report names it
     timer: str          # "module:function" that opens it for timing (see timing.py)
     scored: bool        # the accuracy and divergence phases can open it (GGUF / ONNX scorer)
+    dists: tuple[str, ...] = ()  # distributions whose installed version is part of a result's key (runner.runtime_identity)
+    native: bool = False  # llama.cpp: its native libraries' digest is part of the key too (a rebuild, same version)
 
 
 KINDS: dict[str, Kind] = {
-    "gguf": Kind("llama.cpp", "edgemed.benchmarks.harness.timing:open_gguf", True),
-    "onnx": Kind("onnxruntime", "edgemed.benchmarks.harness.timing:open_onnx", True),
-    "hf": Kind("torch", "edgemed.benchmarks.harness.torch_baseline:open_hf", False),
+    "gguf": Kind("llama.cpp", "edgemed.benchmarks.harness.timing:open_gguf", True, ("llama-cpp-python",), True),
+    "onnx": Kind("onnxruntime", "edgemed.benchmarks.harness.timing:open_onnx", True, ("onnxruntime",)),
+    "hf": Kind("torch", "edgemed.benchmarks.harness.torch_baseline:open_hf", False, ("torch", "transformers")),
 }
 
 # --baselines names -> torch dtype of the HF baseline (fp16 only where a GPU exists)
@@ -123,6 +125,11 @@ class Settings:
                 "divergence": ("eval_ctx",)}[phase]
         body = json.dumps({k: d[k] for k in keep}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
+
+
+def beyond_settings(key: dict | None) -> dict:
+    """A result's key without its settings digest: what says which artifact, runtime, profile and methods measured it."""
+    return {k: v for k, v in (key or {}).items() if k != "settings_sha256"}
 
 
 def read_prompts(path: Path) -> tuple[str, ...]:

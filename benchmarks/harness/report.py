@@ -2,7 +2,12 @@
 
 ``results.json`` is the one source: CSV, Markdown and plots are rendered from it
 and can be rebuilt from it alone (``render(out, results)``). The accuracy and divergence keys of results.json and
-their results.csv columns are listed in ``scores.py``, which builds that part.
+their results.csv columns are listed in ``scores.py``, which builds that part. Sizes and memory in results.csv are
+MiB (2**20 bytes): ``model_mib``, ``peak_rss_mib`` (reports before these names called the same MiB figures
+``model_mb`` / ``peak_rss_mb``).
+
+``python -m edgemed.benchmarks.harness.report OUT`` renders OUT's report again from its ``raw/`` folder and
+``results.json`` without measuring anything (``rebuild``): every raw result there is reported, with its date.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.files.atomic import write_text
-from edgemed.benchmarks.harness.configs import PAPER, REFERENCE, Config, Settings
+from edgemed.benchmarks.harness.configs import PAPER, PHASES, REFERENCE, Config, Settings
 from edgemed.benchmarks.harness import scores
 from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token
 from edgemed.benchmarks.harness.stats import reduction
@@ -61,10 +66,17 @@ def _get(d: dict | None, *path, default=None):
     return d
 
 
-def _entry(config: Config, raws: dict[str, dict]) -> dict:
+def _day(stamp) -> str | None:
+    return time.strftime("%Y-%m-%d", time.gmtime(stamp)) if isinstance(stamp, (int, float)) else None
+
+
+def _entry(config: Config, raws: dict[str, dict], measured: set[str]) -> dict:
     e = {"name": config.name, "kind": config.kind, "runtime": config.spec.runtime, "path": config.path,
          "dtype": config.dtype or None, "keys": {ph: r["key"] for ph, r in raws.items()},
-         "raw": {ph: f"raw/{config.name}-{ph}.json" for ph in raws}}
+         "raw": {ph: f"raw/{config.name}-{ph}.json" for ph in raws},
+         # whether this run measured each result or kept it from an earlier run, and the day (UTC) it was measured
+         "provenance": {ph: {"this_run": f"{config.name}-{ph}" in measured, "started": _day(r.get("started")),
+                             "finished": _day(r.get("finished"))} for ph, r in raws.items()}}
     t = _get(raws, "timing", "result")
     if t:
         w = t["weights"]
@@ -110,20 +122,29 @@ def _derive(entries: list[dict], bw: dict | None) -> dict:
 
 
 def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict], machine: dict, bw: dict,
-          failed: list[dict], *, replace: bool = False) -> dict:
-    """Assemble results.json from the raw files and render everything beside it (``replace``: see ``render``)."""
+          failed: list[dict], *, replace: bool = False, measured: set[str] = frozenset()) -> dict:
+    """Assemble results.json from the raw files and render everything beside it (``replace``: see ``render``).
+
+    ``measured``: the ``<config>-<phase>`` results this run measured; every other one was kept from an earlier run,
+    and report.md says so with its date. Accuracy results kept from a run with other settings (``--phases`` left the
+    accuracy out of this one) are described by the settings they were measured with (``eval_settings``)."""
     per: dict[str, dict[str, dict]] = {}
     for raw in raws:
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
-    entries = [_entry(c, per.get(c.name, {})) for c in configs]
+    entries = [_entry(c, per.get(c.name, {}), measured) for c in configs]
     baselines = _derive(entries, bw)
-    keep = scores.current_ids(settings)  # the items of this draw (a records file may hold a larger earlier one)
+    scored = [r["settings"] for r in raws if r["phase"] == "accuracy" and isinstance(r.get("settings"), dict)]
+    eval_settings = scored[0] if scored and not settings.evals else settings.to_dict()
+    if scored and not settings.evals:
+        keep = None  # this run draws no items: the records count as the run that measured them drew them
+    else:
+        keep = scores.current_ids(settings)  # the items of this draw (a records file may hold a larger earlier one)
     scores.in_progress(out, entries, keep)
     scores.add_paired(out, entries, keep)
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scenario": settings.scenario, "profile": settings.profile, "settings": settings.to_dict(),
-        "machine": machine, "bandwidth": bw, "baselines": baselines, "paper": PAPER,
+        "eval_settings": eval_settings, "machine": machine, "bandwidth": bw, "baselines": baselines, "paper": PAPER,
         "configs": entries, "failed": failed,
     }
     render(out, results, replace=replace)
@@ -146,9 +167,9 @@ def render(out: Path, results: dict, *, replace: bool = False) -> None:
 def csv_rows(results: dict) -> list[dict]:
     rows = []
     for e in results["configs"]:
-        row = {"config": e["name"], "runtime": e["runtime"], "model_mb": _mb(e.get("model_bytes")),
+        row = {"config": e["name"], "runtime": e["runtime"], "model_mib": _mb(e.get("model_bytes")),
                "bits_per_weight": _r(e.get("bits_per_weight"), 2), "load_s": _r(e.get("load_s"), 3),
-               "peak_rss_mb": _mb(e.get("peak_rss_bytes"))}
+               "peak_rss_mib": _mb(e.get("peak_rss_bytes"))}
         for m, scale, digits in (("ttft_s", 1e3, 1), ("tpot_s", 1e3, 2), ("e2e_s", 1, 3), ("prefill_tok_s", 1, 1), ("decode_tok_s", 1, 2)):
             unit = m.replace("_s", "_ms") if scale == 1e3 else m
             for stat in ("p50", "p90", "p99", "stdev"):
@@ -182,6 +203,7 @@ def _r(v, digits):
 
 
 def _mb(v):
+    """Bytes as MiB (2**20) to one decimal: the unit of results.csv's ``model_mib`` / ``peak_rss_mib`` and the tables."""
     return None if v is None else round(v / MIB, 1)
 
 
@@ -224,6 +246,28 @@ def _roofline_section(results: dict, timed: list[dict]) -> list[str]:
                   "the bytes it reads per token; the bandwidth figure (a busy machine while it was measured?) or the "
                   "bytes-per-token model is wrong for it, and its fraction is no measure of efficiency.\n"]
     return parts
+
+
+def _provenance_cell(p: dict | None) -> str:
+    if not p:
+        return "—"
+    day = p.get("started") or "date unknown"
+    return f"measured ({day})" if p.get("this_run") else f"resumed from an earlier run ({day})"
+
+
+def _provenance_section(entries: list[dict]) -> list[str]:
+    """Which result this run measured and which it kept from an earlier one (resumed: its key matched), with the
+    day (UTC) each was measured: a table mixing runs says so."""
+    rows = [[e["name"]] + [_provenance_cell((e.get("provenance") or {}).get(ph)) for ph in PHASES]
+            for e in entries if e.get("provenance")]
+    if not rows:
+        return []
+    return ["## Where each result comes from\n",
+            "Measured by the run that wrote this report, or resumed from an earlier run into this folder: its key "
+            "(artifact sha256, profile and its settings, runtime versions and native build, methods, the phase's "
+            "settings) still matched, or its phase was left out of this run's `--phases` and it keeps the settings "
+            "it was measured with. The date is the day its measurement started (UTC).\n",
+            _table(["config", *PHASES], rows), ""]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -275,6 +319,7 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
 
     parts += scores.markdown(results, _table)
 
+    parts += _provenance_section(entries)
     parts += _roofline_section(results, timed)
     goals = check_goals(results)
     if goals:
@@ -287,3 +332,32 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
               "logical_cores", "memory_bytes", "memory_read_bandwidth", "os", "python", "versions", "llama_cpp_system_info") if k in m},
               indent=1), "```", ""]
     return "\n".join(parts)
+
+
+# -- python -m edgemed.benchmarks.harness.report OUT ---------------------------------------------------------------
+def rebuild(out: Path) -> dict:
+    """Render ``out``'s report again from what is there, measuring nothing: the configurations and settings of its
+    results.json, machine.json, raw/bandwidth.json and every raw result in raw/ (whatever its key: each is marked as
+    from an earlier run, with its date). For a folder whose report an older edgemed wrote, or a run with fewer phases
+    than raw/ holds. Failures of the earlier report stay listed while their result is still missing."""
+    from edgemed.benchmarks.harness.child import load_raw
+
+    old = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    s = dict(old["settings"])
+    s["prompts"], s["evals"] = tuple(s.get("prompts") or ()), tuple(s.get("evals") or ())
+    settings = Settings(**{k: v for k, v in s.items() if k in Settings.__dataclass_fields__})
+    configs = [Config(e["name"], e["kind"], e["path"], e.get("dtype") or "") for e in old["configs"]]
+    raws = [r for c in configs for ph in PHASES if (r := load_raw(out / "raw" / f"{c.name}-{ph}.json")) is not None]
+    machine = json.loads((out / "machine.json").read_text(encoding="utf-8"))
+    bw = json.loads((out / "raw" / "bandwidth.json").read_text(encoding="utf-8"))
+    have = {f"{r['config']['name']}-{r['phase']}" for r in raws}
+    failed = [f for f in old.get("failed") or [] if f.get("task") not in have]
+    return build(out, configs, settings, raws, machine, bw, failed, replace=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m edgemed.benchmarks.harness.report OUT  (a report folder edgemed's bench made)")
+    rebuild(Path(sys.argv[1]))

@@ -1,11 +1,18 @@
 """Orchestrate a benchmark: one child process per configuration x phase, resumable, then the report.
 
-``<out>/raw/<config>-<phase>.json`` is the unit of work. Each carries its key —
-model digest, device profile, edgemed version, and a digest of the settings that
-phase depends on. A file whose key matches is kept (the run resumes where it
-stopped); a missing, unreadable or stale one is measured again. Children write
-atomically, so a killed run leaves complete files or none. The accuracy phase also
-resumes inside a configuration: its per-item records file is appended as it goes.
+``<out>/raw/<config>-<phase>.json`` is the unit of work. Each carries its key (``task_key``) —
+model digest, device profile and a digest of its settings, edgemed version, the harness's methods version
+(``METHODS_VERSION``), the runtime's installed versions and, for llama.cpp, the digest of its native libraries
+(a rebuild with another compiler keeps the version and changes the speed), and a digest of the settings that
+phase depends on. A file whose key matches is kept (the run resumes where it stopped); a missing, unreadable or
+stale one is measured again, and report.md says of each result whether this run measured it or kept it from an
+earlier one (with its date). Children write atomically, so a killed run leaves complete files or none. The accuracy
+phase also resumes inside a configuration: its per-item records file is appended as it goes, and is started afresh
+when its first line names another artifact (sha256) or key (``accuracy.records_resume``).
+
+A phase this run does not measure (left out of ``--phases``) keeps its earlier results in the report when they are
+of the same artifacts, runtime and profile (``earlier_results``). A ``<quant>-mmap`` configuration (the same file,
+another load mode) is timed only: its twin's divergence and accuracy are of the same bytes (``twin_of``).
 
 Order: the bandwidth measurement, every timing phase (measured first, while nothing
 else of ours runs), then divergence (the reference configuration first), then accuracy.
@@ -30,13 +37,18 @@ from pathlib import Path
 from edgemed import __version__
 from edgemed.errors import OutputExists
 from edgemed.files.atomic import check_destination, write_text
-from edgemed.benchmarks.harness.accuracy import records_carry_over
-from edgemed.benchmarks.harness.child import RAW_SCHEMA
-from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, Config, Settings
+from edgemed.benchmarks.harness.accuracy import records_resume
+from edgemed.benchmarks.harness.artifacts import model_digest
+from edgemed.benchmarks.harness.child import load_raw
+from edgemed.benchmarks.harness.configs import KINDS, PHASES, REFERENCE, Config, Settings, beyond_settings
 
 log = logging.getLogger(__name__)
 
 MACHINE = "machine.json"
+#: How the harness measures (the timing loop, the memory reading, the divergence and accuracy rules): part of every
+#: result's key. Raise it with a change to that code that makes an earlier result incomparable, and the next run
+#: measures everything again instead of resuming.
+METHODS_VERSION = 1
 
 
 @dataclass
@@ -56,24 +68,6 @@ def resolve_settings(settings: Settings) -> Settings:
     return replace(settings, profile=profile.name, threads=int(threads))
 
 
-def model_digest(path: Path) -> str:
-    """sha256 of a model file, or one digest over a directory's files (names + contents); cached by stat."""
-    import hashlib
-
-    from edgemed.packaging.digest import VerifiedCache, file_digest
-
-    cache = VerifiedCache()
-    try:
-        if path.is_file():
-            return file_digest(path, cache, full=False)[0]
-        h = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file, cache, full=False)[0].encode() + b"\n")
-        return h.hexdigest()
-    finally:
-        cache.save()
-
-
 def profile_digest(name: str | None) -> str:
     """sha256 of the device profile's settings (the named one, or the one this host detects): a result measured
     under other settings of the same name (an edited user profile, a new release's micro-batch) is measured again."""
@@ -82,6 +76,54 @@ def profile_digest(name: str | None) -> str:
     profile, _ = resolve(name)
     body = json.dumps({"memory": profile.memory, "llama": profile.llama, "onnx": profile.onnx}, sort_keys=True)
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def runtime_identity(kind: str) -> dict:
+    """What of the installed runtime a result of ``kind`` depends on: its distributions' versions and, for llama.cpp,
+    the digest of the native libraries it loads (``native_build.digest``). A llama-cpp-python rebuilt with another
+    compiler keeps its version and changes its speed (README, "AMX hosts"): the digest tells the two apart."""
+    from edgemed.versions import installed_version
+
+    spec = KINDS[kind]
+    ident: dict = {dist: installed_version(dist) for dist in spec.dists}
+    if spec.native:
+        from edgemed.runtime import native_build
+
+        ident["native_sha256"] = native_build.digest()
+    return ident
+
+
+def twin_of(config: Config, configs: list[Config]) -> Config | None:
+    """The configuration ``config`` differs from only in its load mode (``<quant>-mmap`` and ``<quant>``: the same
+    file mapped or read in), or None. Load mode changes timing and memory, not a logit: the twin's divergence and
+    accuracy stand for both."""
+    if config.use_mmap is None:
+        return None
+    return next((c for c in configs if c is not config and (c.kind, c.path, c.dtype) == (config.kind, config.path, config.dtype)
+                 and c.use_mmap != config.use_mmap), None)
+
+
+def applies(config: Config, phase: str, configs: list[Config]) -> bool:
+    """Whether ``phase`` measures anything of ``config``: timing always; divergence and accuracy only for a kind the
+    scorer opens, and not for a load-mode twin (``twin_of``), whose scores would repeat its twin's on the same bytes."""
+    return phase == "timing" or (config.spec.scored and twin_of(config, configs) is None)
+
+
+def task_key(config: Config, phase: str, settings: Settings, configs: list[Config], digests: dict, profile_sha256: str) -> dict:
+    """The key of one configuration x phase: a raw result is kept only while every part of it is unchanged."""
+    key = {"model_sha256": digests[config.path], "profile": settings.profile, "profile_sha256": profile_sha256,
+           "edgemed_version": __version__, "methods_version": METHODS_VERSION,
+           "runtime": runtime_identity(config.kind), "settings_sha256": settings.digest(phase)}
+    if phase == "divergence":  # the reference's truncation sets how close the KLD is to the full-vocabulary one
+        from edgemed.benchmarks.harness.divergence import TOP_K
+        from edgemed.converters.quality.fidelity import VERSION
+
+        reference = next(x for x in configs if x.name == REFERENCE)
+        key["fidelity_version"] = VERSION  # the rules of the figures (edgemed.converters.quality.fidelity): new rules, new results
+        key["reference_sha256"] = digests[reference.path]
+        key["reference_runtime"] = runtime_identity(reference.kind)  # the logits compared against come from it
+        key["reference_top_k"] = TOP_K
+    return key
 
 
 def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Settings) -> list[Task]:
@@ -95,34 +137,35 @@ def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Se
     ordered = sorted(configs, key=lambda c: c.name != REFERENCE)  # the divergence reference first
     for phase in (p for p in PHASES if p in phases):
         for c in ordered if phase == "divergence" else configs:
-            if phase != "timing" and not c.spec.scored:
+            if not applies(c, phase, configs):
                 continue
             if phase == "accuracy" and not settings.evals:
                 continue
-            key = {"model_sha256": digests[c.path], "profile": settings.profile, "profile_sha256": profile_sha256,
-                   "edgemed_version": __version__, "settings_sha256": settings.digest(phase)}
-            if phase == "divergence":  # the reference's truncation sets how close the KLD is to the full-vocabulary one
-                from edgemed.benchmarks.harness.divergence import TOP_K
-                from edgemed.converters.quality.fidelity import VERSION
-
-                key["fidelity_version"] = VERSION  # the rules of the figures (edgemed.converters.quality.fidelity): new rules, new results
-                key["reference_sha256"] = digests[next(x.path for x in configs if x.name == REFERENCE)]
-                key["reference_top_k"] = TOP_K
+            key = task_key(c, phase, settings, configs, digests, profile_sha256)
             tasks.append(Task(c, phase, raw / f"{c.name}-{phase}.json", key))
     return tasks
 
 
-def load_raw(path: Path, key: dict | None = None) -> dict | None:
-    """A raw result, or None when it is missing, damaged, of another schema or (given ``key``) stale."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(raw, dict) or raw.get("schema") != RAW_SCHEMA or "result" not in raw:
-        return None
-    if key is not None and raw.get("key") != key:
-        return None
-    return raw
+def earlier_results(out: Path, configs: list[Config], settings: Settings, planned: list[Task]) -> list[dict]:
+    """Raw results of the phases this run does not measure (left out of ``--phases``, or accuracy without ``--eval``)
+    that are still of these artifacts, runtime, profile and methods: a report rebuilt with fewer phases keeps what was
+    measured before. Their settings may be another run's (its draw of items, its context): each raw file holds its own,
+    and the report describes the accuracy items from them (``report.build``)."""
+    done = {(t.config.name, t.phase) for t in planned}
+    wanted = [(c, phase) for c in configs for phase in PHASES if (c.name, phase) not in done and applies(c, phase, configs)
+              and (phase != "divergence" or any(x.name == REFERENCE for x in configs))]
+    found = [(c, phase, load_raw(out / "raw" / f"{c.name}-{phase}.json")) for c, phase in wanted]
+    found = [(c, phase, r) for c, phase, r in found if r is not None]
+    if not found:
+        return []
+    digests = {c.path: model_digest(Path(c.path)) for c in configs}
+    profile_sha256 = profile_digest(settings.profile)
+    kept = []
+    for c, phase, raw in found:
+        key = task_key(c, phase, settings, configs, digests, profile_sha256)
+        if isinstance(raw.get("key"), dict) and beyond_settings(raw["key"]) == beyond_settings(key):
+            kept.append(raw)
+    return kept
 
 
 def _run_child(task: Task, settings: Settings, out: Path, progress: bool) -> tuple[bool, str]:
@@ -245,11 +288,10 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
             failed.append({"task": label, "error": "the reference logits were not written"})
             continue
         records = out / "raw" / f"{task.config.name}-{task.phase}.records.jsonl"
-        old = load_raw(task.raw)
-        if records.exists() and old is not None and not records_carry_over(old, task.key, settings):
-            # a complete result with another key (new model, profile, version or scoring): start the items afresh;
-            # only another draw (more items, another seed or set) keeps them (accuracy.records_carry_over);
-            # without a result (a killed run) the records are kept and the phase resumes item by item
+        if records.exists() and not records_resume(records, task.key, settings):
+            # records of another artifact (sha256), build, profile, version or scoring, finished or killed: start
+            # the items afresh; only another draw (more items, another seed or set) keeps them and a killed run
+            # resumes item by item (accuracy.records_resume)
             records.unlink()
         raw_before = task.raw.read_text(encoding="utf-8") if task.raw.exists() else None
         records_before = records.stat().st_size if records.exists() else None
@@ -278,6 +320,7 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
             echo(f"{label} failed ({why}); the other configurations go on")
     bar.close()
     raws = [r for r in (load_raw(t.raw, t.key) for t in tasks) if r is not None]
-    results = report.build(out, configs, settings, raws, mach, bw, failed, replace=replace)
+    raws += earlier_results(out, configs, settings, tasks)  # phases left out of this run, measured before: kept
+    results = report.build(out, configs, settings, raws, mach, bw, failed, replace=replace, measured=set(redone))
     results["run"] = {"measured": redone, "resumed": kept}
     return results

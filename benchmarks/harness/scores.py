@@ -305,7 +305,7 @@ def markdown(results: dict, table) -> list[str]:
                  if divergence_figures(e.get("divergence")).get("rule")), None)
     parts = ["## Accuracy and divergence (measured on the benchmarked artifacts)\n",
              f"Accuracy pooled over every item of every set, by the answer letter's next-token logits (and by "
-             f"parsing a generated answer where it was scored); 95 % Wilson intervals. {eval_setting(results['settings'])}\n",
+             f"parsing a generated answer where it was scored); 95 % Wilson intervals. {eval_setting(results.get('eval_settings') or results['settings'])}\n",
              f"Paired against `{REFERENCE}` on the same items (logits): items gained / lost, the difference in "
              "percentage points with its 95 % interval (Newcombe's hybrid score method for paired proportions) and "
              f"the exact McNemar p-value. KL divergence (nats) and top-1 agreement against `{REFERENCE}` on medical "

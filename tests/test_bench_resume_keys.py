@@ -1,0 +1,147 @@
+"""The bench runner's resume rules: what a result's key holds (the runtime's build and the harness's methods), a
+load-mode twin timed only, phases left out of a run kept in its report, report.md saying which result this run
+measured, and accuracy records resumed only on the artifact (sha256) and key that wrote them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgemed.benchmarks.harness import accuracy, report, runner, scores
+from edgemed.benchmarks.harness.configs import PHASES, Config, Settings, beyond_settings
+from edgemed.benchmarks.harness.datasets import Item
+from edgemed.errors import InputError
+
+
+def _file(path: Path, body: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    return path
+
+
+def _raw(task: runner.Task, settings: Settings, started: float = 1_764_000_000.0) -> dict:
+    """A raw result as a child writes it (``child.run_task``), with an empty result."""
+    from edgemed.benchmarks.harness.child import RAW_SCHEMA
+
+    return {"schema": RAW_SCHEMA, "config": task.config.to_dict(), "phase": task.phase, "key": task.key,
+            "settings": settings.to_dict(), "started": started, "finished": started + 60, "pid": 1, "result": {}}
+
+
+@pytest.fixture()
+def gguf(tmp_path):
+    return _file(tmp_path / "artifacts" / "q4_k_m.gguf", b"GGUF" + b"\0" * 60)
+
+
+def test_key_names_the_native_build_the_runtime_version_and_the_methods(gguf, tmp_path, monkeypatch):
+    """A llama.cpp rebuilt with another compiler keeps its version: its library digest makes the old result stale."""
+    from edgemed.runtime import native_build
+
+    out, settings = tmp_path / "out", Settings(profile="x86-avx2")
+    config = Config("q4_k_m", "gguf", str(gguf))
+    monkeypatch.setattr(native_build, "digest", lambda folder=None: "a" * 64)
+    task, = runner.plan_tasks(out, [config], ["timing"], settings)
+    assert task.key["runtime"]["native_sha256"] == "a" * 64 and "llama-cpp-python" in task.key["runtime"]
+    assert task.key["methods_version"] == runner.METHODS_VERSION and task.key["profile_sha256"]
+    _file(task.raw, json.dumps(_raw(task, settings)).encode())
+    assert runner.load_raw(task.raw, task.key) is not None  # the same build: resumed
+
+    monkeypatch.setattr(native_build, "digest", lambda folder=None: "b" * 64)  # rebuilt, same version
+    again, = runner.plan_tasks(out, [config], ["timing"], settings)
+    assert runner.load_raw(again.raw, again.key) is None  # measured again, not kept
+    monkeypatch.setattr(runner, "METHODS_VERSION", runner.METHODS_VERSION + 1)
+    assert runner.plan_tasks(out, [config], ["timing"], settings)[0].key != again.key
+
+
+def test_a_load_mode_twin_is_timed_only(gguf, tmp_path):
+    f16 = _file(tmp_path / "artifacts" / "f16.gguf", b"GGUF" + b"\1" * 60)
+    plain, mapped = Config("q4_k_m", "gguf", str(gguf)), Config("q4_k_m-mmap", "gguf", str(gguf), use_mmap=True)
+    configs = [Config("f16", "gguf", str(f16)), plain, mapped]
+    settings = Settings(profile="x86-avx2", evals=("medqa.jsonl",))
+    planned = {(t.config.name, t.phase) for t in runner.plan_tasks(tmp_path / "out", configs, list(PHASES), settings)}
+    assert ("q4_k_m-mmap", "timing") in planned
+    assert ("q4_k_m-mmap", "divergence") not in planned and ("q4_k_m-mmap", "accuracy") not in planned
+    assert {("q4_k_m", "divergence"), ("q4_k_m", "accuracy")} <= planned
+    # alone, a mapped configuration is the only one of its bytes: it is scored
+    alone = [configs[0], mapped]
+    planned = {(t.config.name, t.phase) for t in runner.plan_tasks(tmp_path / "out", alone, list(PHASES), settings)}
+    assert ("q4_k_m-mmap", "accuracy") in planned
+
+
+def test_phases_left_out_keep_their_results_and_the_report_says_where_each_comes_from(gguf, tmp_path, monkeypatch):
+    out, config = tmp_path / "out", Config("q4_k_m", "gguf", str(gguf))
+    measured_with = Settings(profile="x86-avx2", evals=("/data/medagentsbench/medmcqa/test.jsonl",), eval_n=300)
+    acc, = runner.plan_tasks(out, [config], ["accuracy"], measured_with)
+    _file(acc.raw, json.dumps(_raw(acc, measured_with)).encode())
+    records = out / "raw" / "q4_k_m-accuracy.records.jsonl"
+    records.write_text("\n".join(json.dumps(r) for r in [{"meta": {}}] + [
+        {"id": f"medmcqa:{k}", "dataset": "medmcqa", "gold": "A", "logit_pred": "A" if k % 2 else "B", "gen_pred": None,
+         "parsed_ok": None} for k in range(4)]) + "\n")
+
+    timing_only = Settings(profile="x86-avx2")  # a later run: --phases timing, no --eval
+    planned = runner.plan_tasks(out, [config], ["timing"], timing_only)
+    kept = runner.earlier_results(out, [config], timing_only, planned)
+    assert [r["phase"] for r in kept] == ["accuracy"]
+    other = Config("q4_k_m", "gguf", str(_file(tmp_path / "other.gguf", b"GGUF" + b"\2" * 60)))
+    assert runner.earlier_results(out, [other], timing_only, planned) == []  # another artifact's result: not kept
+
+    monkeypatch.setattr(report, "render", lambda *a, **k: None)
+    results = report.build(out, [config], timing_only, kept, {}, {}, [], measured=set())
+    entry, = results["configs"]
+    assert entry["accuracy"] is not None and entry["provenance"]["accuracy"]["this_run"] is False
+    md = "\n".join(scores.markdown(results, report._table))
+    assert "Items: 300 from medmcqa/test.jsonl" in md and "Items: none" not in md
+    section = "\n".join(report._provenance_section(results["configs"]))
+    assert "| q4_k_m | — | — | resumed from an earlier run (2025-11-24) |" in section
+    fresh = report._entry(config, {"timing": {**kept[0], "phase": "timing"}}, {"q4_k_m-timing"})
+    assert report._provenance_cell(fresh["provenance"]["timing"]) == "measured (2025-11-24)"
+
+
+# -- accuracy records -------------------------------------------------------------------------------
+class _Scorer:
+    """Just what ``accuracy.evaluate`` reads when every item is already in the records."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+
+def _records(path: Path, artifact: Path, items: list[Item], **meta) -> None:
+    head = {"version": accuracy.RECORDS_VERSION, "artifact": accuracy.artifact_identity(artifact), "template": "auto",
+            "max_gen_tokens": 16, "score": "logits", **meta}
+    lines = [{"meta": head}] + [
+        {"id": it.id, "dataset": it.dataset, "item_sha": accuracy.item_digest(it), "gold": it.answer, "logit_pred": "A",
+         "gen_pred": None, "parsed_ok": None, "prompt_tokens": 9, "evaluated_tokens": 9, "gen_tokens": 0,
+         "seconds": 0.1, "logit_s": 0.1, "gen_s": 0.0} for it in items]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_records_of_a_file_with_the_same_name_and_size_are_not_resumed(tmp_path):
+    """Q4_K_M with and without an importance matrix have one size: the sha256 tells them apart."""
+    plain = _file(tmp_path / "a" / "q4_k_m.gguf", b"GGUF" + b"\3" * 60)
+    calibrated = _file(tmp_path / "b" / "q4_k_m.gguf", b"GGUF" + b"\4" * 60)
+    items = [Item(f"medqa:{k}", "medqa", f"q{k}", {"A": "x", "B": "y"}, "A") for k in range(3)]
+    records = tmp_path / "records.jsonl"
+    _records(records, plain, items)
+    assert accuracy.evaluate(_Scorer(plain), items, records_path=records, score="logits", progress=False)["n"] == 3
+    with pytest.raises(InputError, match="another run"):
+        accuracy.evaluate(_Scorer(calibrated), items, records_path=records, score="logits", progress=False)
+
+
+def test_the_runner_resumes_records_only_under_their_artifact_and_key(tmp_path):
+    plain = _file(tmp_path / "a" / "q4_k_m.gguf", b"GGUF" + b"\3" * 60)
+    calibrated = _file(tmp_path / "b" / "q4_k_m.gguf", b"GGUF" + b"\4" * 60)
+    settings = Settings(profile="x86-avx2", evals=("medqa.jsonl",), eval_score="logits")
+    task, = runner.plan_tasks(tmp_path / "out", [Config("q4_k_m", "gguf", str(plain))], ["accuracy"], settings)
+    items = [Item("medqa:0", "medqa", "q", {"A": "x", "B": "y"}, "A")]
+    records = tmp_path / "records.jsonl"
+    _records(records, plain, items, key=beyond_settings(task.key))
+    assert accuracy.records_resume(records, task.key, settings)
+    assert accuracy.records_resume(records, {**task.key, "settings_sha256": "a larger draw"}, settings)
+    assert not accuracy.records_resume(records, task.key, Settings(evals=("medqa.jsonl",), eval_score="both"))
+    other, = runner.plan_tasks(tmp_path / "out", [Config("q4_k_m", "gguf", str(calibrated))], ["accuracy"], settings)
+    assert not accuracy.records_resume(records, other.key, settings)  # same name and size, other bytes
+    rebuilt = {**task.key, "runtime": {**task.key["runtime"], "native_sha256": "another build"}}
+    assert not accuracy.records_resume(records, rebuilt, settings)
+    _records(records, plain, items)  # written outside the runner (no key): started afresh by it
+    assert not accuracy.records_resume(records, task.key, settings)
