@@ -11,7 +11,8 @@ guards against), generates 32 tokens and reports its peak RSS (``VmHWM``).
 ``--slots N`` (N > 1) measures ``edgemed serve``'s batcher instead: planned as serve plans N slots of ``n_ctx``
 tokens each, every slot filled with a prompt of its own.
 Goal: |predicted - measured| / measured <= 10 %.
-Results go to benchmarks/results/plan_memory.json.
+Results go to benchmarks/results/plan_memory.json; a model not installed or a failed child is listed in its
+``failed`` and the exit status is 1, and a run with fewer rows does not replace that file (``study_output``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgemed.benchmarks import study_output
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "plan_memory.json"
 MODELS = ("smollm2-135m-instruct", "qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct")
 TEXT = ("A 64-year-old man with type 2 diabetes and hypertension presents with crushing chest pain radiating to "
         "the left arm, diaphoresis and nausea for 40 minutes. ECG shows ST elevation in leads II, III and aVF. ")
@@ -85,7 +89,7 @@ def served(path: Path, model: str, n_ctx: int, profile, facts, slots: int) -> di
             "breakdown": plan.to_dict()["estimate"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--ctx", nargs="+", type=int, default=[1024, 4096])
@@ -93,25 +97,24 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=1, help="measure edgemed serve's batcher with this many slots, "
                                                          "each of --ctx tokens (default 1: the one-sequence engine)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "CTX"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "plan_memory.json")
-    args = ap.parse_args()
+    study_output.add_arguments(ap, DEFAULT_OUT)
+    args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.profile, args.slots)))
-        return
+        return 0
     if args.slots < 1:
         ap.error("--slots must be 1 or more")
 
-    from edgemed.files.atomic import write_text
     from edgemed.converters.source import pip_models
     from edgemed.errors import InputError
 
-    rows = []
+    rows, failed = [], []
     for model in args.models:
         try:
             if not (model.endswith(".gguf") and Path(model).is_file()):
                 pip_models.gguf_file(model)
         except InputError as exc:
-            print(f"skip {model}: not installed ({exc.fix})", file=sys.stderr)
+            failed += [{"arm": f"{model} ctx {n_ctx}", "error": f"not installed ({exc.fix})"} for n_ctx in args.ctx]
             continue
         for n_ctx in args.ctx:
             proc = subprocess.run([sys.executable, "-m", "edgemed.benchmarks.plan_memory", "--profile", args.profile,
@@ -119,17 +122,18 @@ def main() -> None:
                                   text=True, check=False)
             if proc.returncode != 0:
                 print(f"{model} ctx {n_ctx}: child failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                failed.append({"arm": f"{model} ctx {n_ctx}", "error": study_output.child_error(proc)})
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             row["error_pct"] = 100.0 * (row["predicted"] - row["measured"]) / row["measured"]
             rows.append(row)
             print(f"{model:<24} ctx {n_ctx:>6}{f' x {args.slots} slots' if args.slots > 1 else ''}  predicted {row['predicted'] / 2**20:8.1f} MiB  "
                   f"measured {row['measured'] / 2**20:8.1f} MiB  error {row['error_pct']:+6.1f} %", flush=True)
-    worst = max((abs(r["error_pct"]) for r in rows), default=float("nan"))
-    print(f"worst |error|: {worst:.1f} % (goal <= 10 %)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps({"goal_pct": 10.0, "worst_abs_error_pct": worst, "rows": rows}, indent=2) + "\n")
+    worst = max((abs(r["error_pct"]) for r in rows), default=None)  # over the rows measured; failed arms listed
+    print(f"worst |error|: {'—' if worst is None else f'{worst:.1f} %'} (goal <= 10 %)"
+          + (f"; {len(failed)} arm(s) failed" if failed else ""))
+    return study_output.write(args, DEFAULT_OUT, {"goal_pct": 10.0, "worst_abs_error_pct": worst, "rows": rows}, failed)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,8 @@ they produce the same tokens. The bare side is ``llama_decode`` + argmax on the
 llama.cpp layer's context, with no sampler chain, stop strings or text streaming. Decode tok/s = (tokens - 1) / (time of last piece -
 time of first piece): prompt processing and load are excluded. Rounds alternate
 bare / edgemed; the best of each side is compared. Goal: edgemed >= 0.97x bare.
-Results go to benchmarks/results/run_overhead.json.
+Results go to benchmarks/results/run_overhead.json; a model not installed or a failed child is listed in its
+``failed`` with exit status 1, and a run with fewer rows does not replace that file (``study_output``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from edgemed.benchmarks import study_output
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "run_overhead.json"
 QUESTION = ("A 58-year-old woman has had fatigue, weight gain, constipation and cold intolerance for six months. "
             "Explain step by step which laboratory tests you would order first and why, then how to interpret them.")
 
@@ -69,7 +73,7 @@ def child(side: str, path: str, threads: int, n_ctx: int, max_tokens: int) -> di
             "tok_s": (n_tokens - 1) / (stamps[-1] - stamps[0]), "text_sha": hashlib.sha256("".join(text).encode()).hexdigest()[:16]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "qwen2.5-0.5b-instruct"])
     ap.add_argument("--threads", type=int, default=1)
@@ -77,32 +81,37 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "PATH"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "run_overhead.json")
-    args = ap.parse_args()
+    study_output.add_arguments(ap, DEFAULT_OUT)
+    args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.threads, args.ctx, args.max_tokens)))
-        return
+        return 0
 
-    from edgemed.files.atomic import write_text
     from edgemed.converters.source import pip_models
     from edgemed.errors import InputError
 
-    report = []
+    report, failed = [], []
     for model in args.models:
         try:
             path = str(pip_models.gguf_file(model))
         except InputError as exc:
-            print(f"skip {model}: {exc.fix}", file=sys.stderr)
+            failed.append({"arm": model, "error": f"not installed ({exc.fix})"})
             continue
         runs = {"bare": [], "edgemed": []}
+        error = None
         for _ in range(args.rounds):
             for side in ("bare", "edgemed"):
                 proc = subprocess.run([sys.executable, "-m", "edgemed.benchmarks.run_overhead", "--threads",
                                        str(args.threads), "--ctx", str(args.ctx), "--max-tokens", str(args.max_tokens),
                                        "--child", side, path], capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
-                    raise SystemExit(f"{side} failed:\n{proc.stderr[-2000:]}")
+                    print(f"{model} {side} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    error = error or f"{side}: {study_output.child_error(proc)}"
+                    continue
                 runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if not (runs["bare"] and runs["edgemed"]) or error:  # a side that failed once is no fair best-of-rounds
+            failed.append({"arm": model, "error": error or "no run of one side"})
+            continue
         same = {r["text_sha"] for r in runs["bare"] + runs["edgemed"]}
         best = {side: max(r["tok_s"] for r in rs) for side, rs in runs.items()}
         ratio = best["edgemed"] / best["bare"]
@@ -112,9 +121,8 @@ def main() -> None:
         report.append(row)
         print(f"{model:<24} threads {args.threads}  bare {best['bare']:6.1f} tok/s  edgemed {best['edgemed']:6.1f} tok/s  "
               f"ratio {ratio:.3f} (goal >= 0.97)  same text: {len(same) == 1}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps({"goal_ratio": 0.97, "rows": report}, indent=2) + "\n")
+    return study_output.write(args, DEFAULT_OUT, {"goal_ratio": 0.97, "rows": report}, failed)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
