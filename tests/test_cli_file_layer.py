@@ -45,3 +45,34 @@ def test_item_json_takes_a_line_exactly_at_the_bound(tmp_path):
     (tmp_path / "over.jsonl").write_bytes(text + b" \n")
     with pytest.raises(InputError, match="longer than 1 MiB"):
         _item(f"{tmp_path / 'over.jsonl'}:1")
+
+
+# -- a file where edgemed's home or store goes ----------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["list"], ["install", "BUNDLE"], ["remove", "tiny"], ["rollback", "tiny"]])
+def test_a_home_that_is_a_file_is_named_not_a_traceback_nor_a_damaged_index(tmp_path, monkeypatch, args):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    monkeypatch.setenv("EDGEMED_HOME", str(afile))
+    args = [str(afile) if a == "BUNDLE" else a for a in args]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 1 and "Traceback" not in r.output and not isinstance(r.exception, OSError), r.output
+    assert f"'{afile}' is a file, not a folder" in r.output and "EDGEMED_HOME" in r.output, r.output
+    assert "damaged" not in r.output and "index.json" not in r.output, r.output
+    assert afile.read_text() == "not a folder\n"
+
+
+def test_a_file_where_a_store_folder_goes_is_named(tmp_path, edgemed_home):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    (edgemed_home / "store").mkdir(parents=True)
+    (edgemed_home / "store" / "blobs").write_text("x")
+    r = CliRunner().invoke(cli, ["remove", "tiny"])
+    assert r.exit_code == 1 and not isinstance(r.exception, OSError), r.output
+    assert f"'{edgemed_home / 'store' / 'blobs'}' is a file, not a folder" in r.output, r.output
+    assert (edgemed_home / "store" / "blobs").read_text() == "x"

@@ -62,3 +62,13 @@ def test_o_in_a_missing_folder_or_at_the_models_own_file_is_refused_before_any_w
     r = _quickstart("-o", source, "--force")
     assert r.exit_code == 1 and "this command reads" in r.output and "1/4" not in r.output, r.output
     assert source.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_a_home_that_is_a_file_is_named_before_any_work(tmp_path, monkeypatch):
+    """The default output's folder under $EDGEMED_HOME was made with mkdir: a NotADirectoryError traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    monkeypatch.setenv("EDGEMED_HOME", str(afile))
+    r = _quickstart()
+    assert r.exit_code == 1 and not isinstance(r.exception, OSError) and "1/4" not in r.output, r.output
+    assert f"'{afile}' is a file, not a folder" in r.output and "EDGEMED_HOME" in r.output, r.output

@@ -38,6 +38,9 @@ def quickstart(model_name, quant, output, force, question):
     out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
     replace = force or output is None  # the default location is edgemed's own; a file given with -o is the user's
     if output is None:
+        from edgemed.files.state import require_folder
+
+        require_folder(out.parent, "The quickstart's folder", env.HOME_VAR)  # a file in the way: named, no traceback
         out.parent.mkdir(parents=True, exist_ok=True)  # edgemed's own folder; a folder given with -o must exist
     else:  # never the pip package's own model file (the input), nor a file in edgemed's store
         refuse_input_as_output(out, [("the pip package's model", pip_models.gguf_file(name))])

@@ -31,6 +31,33 @@ def kind_of(mode: int) -> str:
             else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
 
 
+def require_folder(path: Path, what: str, var: str) -> None:
+    """Refuse (``InputError``) a folder edgemed keeps its state in (``what``, e.g. "edgemed's model store") when a part
+    of ``path`` is a file, a link to nothing or anything else that is not a folder: making it would fail with ENOTDIR
+    or EEXIST, and reading a file under it would call that file damaged. The message names the part in the way and
+    ``var``, the environment variable that places the folder. A part that does not exist yet is fine (edgemed makes
+    it)."""
+    from edgemed.errors import InputError
+
+    path = Path(os.path.abspath(path))
+    for part in (*reversed(path.parents), path):
+        try:
+            mode = os.stat(part).st_mode
+        except FileNotFoundError:
+            if not os.path.lexists(part):
+                return  # nothing there yet, nor below it
+            kind = "a symbolic link to nothing"
+        except OSError:  # cannot be searched (permissions): the command's own access says so
+            return
+        else:
+            if stat.S_ISDIR(mode):
+                continue
+            kind = "a file" if stat.S_ISREG(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "neither a file nor a folder"
+        raise InputError(f"{what} '{path}' cannot be made: '{part}' is {kind}, not a folder.",
+                         f"point ${var} at a folder, or at a path that does not exist yet (now: "
+                         f"{os.environ.get(var) or 'not set'}), or move '{part}' out of the way")
+
+
 class Damaged(Exception):
     """A state file that is not what edgemed writes; the message says why. ``foreign``: not a regular file at all
     (a link, FIFO, device, directory), so not edgemed's to replace."""

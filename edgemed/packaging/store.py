@@ -68,6 +68,7 @@ from typing import BinaryIO, Iterator
 from edgemed import env
 from edgemed.files.atomic import step, swap_in, write_text
 from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
+from edgemed.files.state import require_folder
 from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
@@ -107,6 +108,7 @@ def _source_text(text: str) -> str:
 class Store:
     def __init__(self, root: Path | None = None):
         self.root = Path(root or env.store_dir())
+        require_folder(self.root, "edgemed's model store", env.HOME_VAR)  # a file in the way: named once, here
         self.blobs = self.root / "blobs" / "sha256"
         self.models = self.root / "models"
         self.versions = self.root / "versions"
@@ -123,7 +125,11 @@ class Store:
         import fcntl
 
         for d in (self.blobs, self.models, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # a file where one of the store's folders goes
+                require_folder(d, "The store's folder", env.HOME_VAR)
+                raise
         with open(self.root / "lock", "a") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
