@@ -1,16 +1,20 @@
 """Decode speed and peak memory: ONNX int4 vs GGUF Q4_K_M vs GGUF F16, same model, same prompt, one run.
 
     python -m edgemed.benchmarks.onnx_vs_gguf [--model qwen2.5-0.5b-instruct] [--tokens 64] [--threads 2] [--profile]
+        [--device-profile x86-avx2]
 
 Each configuration runs in its own fresh process (peak RSS is that process's
-own), on the same chat-rendered medical prompt, greedy, for a fixed number of
-new tokens (end-of-sequence ignored, so every backend does the same work).
+own ``VmHWM``, not ``ru_maxrss``, which Linux carries across ``exec`` from the parent), on the same chat-rendered
+medical prompt, greedy, for a fixed number of new tokens (end-of-sequence ignored, so every backend does the same
+work). The GGUF configurations load with the device profile's settings (``session.prepare``: CPU profiles read the
+file in rather than map it, decision 0004), as ``edgemed run`` would; the JSON records the load mode.
 A short warm-up generation is run first and excluded from timing. Decode tok/s
 counts tokens after the first (prefill is timed separately). Missing artifacts
 are converted first with ``edgemed convert`` into the cache (``$EDGEMED_CACHE_DIR/bench``).
 ``--profile`` also runs the ONNX model with onnxruntime's profiler and prints
 where decode time goes, by operator type.
-Writes ``benchmarks/results/onnx_vs_gguf-<model>.json``.
+Writes ``benchmarks/results/onnx_vs_gguf-<model>.json``. Sizes and peak RSS are MiB (2**20 bytes): ``size_mib``,
+``peak_rss_mib`` (files written before these names call the same MiB figures ``size_mb`` / ``peak_rss_mb``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = "A 58-year-old woman with type 2 diabetes has an eGFR of 25 mL/min. Which oral drugs are safe, and which should be stopped?"
 CONFIGS = (("onnx-int4", "onnx", "int4"), ("gguf-q4_k_m", "gguf", "q4_k_m"), ("gguf-f16", "gguf", "f16"))
 WARMUP_TOKENS = 8
+MIB = 1 << 20
 
 
 # -- worker: runs inside the measured process -------------------------------------------------
@@ -65,13 +69,15 @@ def _onnx_decode(path: Path, n_tokens: int, threads: int, profile: str | None) -
     return {"load_s": load_s, "prompt_tokens": len(prompt), "prefill_s": prefill_s, "decode_s": decode_s, "text": text}
 
 
-def _gguf_decode(path: Path, n_tokens: int, threads: int) -> dict:
-    from edgemed.runtime.engine import LoadSettings
+def _gguf_decode(path: Path, n_tokens: int, threads: int, device_profile: str | None = None, n_ctx: int = 4096) -> dict:
     from edgemed.runtime.llama_engine import LlamaEngine
+    from edgemed.runtime.session import prepare
 
+    prepared = prepare(path, device_profile, n_ctx, threads)  # the profile's load settings, as `edgemed run` plans them
     t = time.perf_counter()
-    engine = LlamaEngine(path, LoadSettings(n_ctx=4096, n_threads=threads, n_threads_batch=threads))
+    engine = LlamaEngine(path, prepared.load)
     load_s = time.perf_counter() - t
+    use_mmap = engine.load.use_mmap
     ctx = engine.ctx
     prompt = engine.tokenize(engine.render_chat([{"role": "user", "content": QUESTION}]), add_special=True, parse_special=True)
 
@@ -90,7 +96,8 @@ def _gguf_decode(path: Path, n_tokens: int, threads: int) -> dict:
     prefill_s, decode_s, out = run(n_tokens)
     text = engine.detokenize(out)
     engine.close()
-    return {"load_s": load_s, "prompt_tokens": len(prompt), "prefill_s": prefill_s, "decode_s": decode_s, "text": text}
+    return {"load_s": load_s, "prompt_tokens": len(prompt), "prefill_s": prefill_s, "decode_s": decode_s, "text": text,
+            "device_profile": prepared.profile, "load_mode": "mapped" if use_mmap else "read in"}
 
 
 def _genai_decode(path: Path, n_tokens: int, threads: int) -> dict:
@@ -128,16 +135,18 @@ def _genai_decode(path: Path, n_tokens: int, threads: int) -> dict:
     return {"load_s": load_s, "prompt_tokens": len(prompt), "prefill_s": prefill_s, "decode_s": decode_s, "text": tok.decode(out)}
 
 
-def worker(kind: str, path: str, n_tokens: int, threads: int, profile: str | None) -> None:
+def worker(kind: str, path: str, n_tokens: int, threads: int, profile: str | None, device_profile: str | None = None) -> None:
+    from edgemed.benchmarks.harness.child import peak_rss_bytes
+
     if kind == "onnx":
         r = _onnx_decode(Path(path), n_tokens, threads, profile)
     elif kind == "genai":
         r = _genai_decode(Path(path), n_tokens, threads)
     else:
-        r = _gguf_decode(Path(path), n_tokens, threads)
+        r = _gguf_decode(Path(path), n_tokens, threads, device_profile)
     r["decode_tok_s"] = (n_tokens - 1) / r["decode_s"]
     r["prefill_tok_s"] = r["prompt_tokens"] / r["prefill_s"]
-    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    r["peak_rss_mib"] = peak_rss_bytes() / MIB  # this process's own high-water mark (VmHWM), not the parent's
     print(json.dumps(r))
 
 
@@ -145,6 +154,8 @@ def worker(kind: str, path: str, n_tokens: int, threads: int, profile: str | Non
 def _measure(kind: str, path: Path, args, profile: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "edgemed.benchmarks.onnx_vs_gguf", "--worker", kind, str(path),
            "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    if args.device_profile:
+        cmd += ["--device-profile", args.device_profile]
     if profile:
         cmd += ["--profile-prefix", profile]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -196,11 +207,12 @@ def main(argv=None) -> None:
     ap.add_argument("--onnx", type=Path, help="use this ONNX int4 directory instead of converting")
     ap.add_argument("--genai", type=Path, help="also run this directory with onnxruntime-genai (e.g. its model builder's int4 output)")
     ap.add_argument("--label", default="", help="suffix for the results file (e.g. genai-graph)")
+    ap.add_argument("--device-profile", help="device profile whose load settings the GGUF runs use [default: detected]")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--profile-prefix", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.tokens, args.threads, args.profile_prefix)
+        return worker(args.worker[0], args.worker[1], args.tokens, args.threads, args.profile_prefix, args.device_profile)
 
     from edgemed import env
     from edgemed.converters.source import pip_models
@@ -221,22 +233,22 @@ def main(argv=None) -> None:
               "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}}
     print(f"{ckpt.name}: {args.tokens} new tokens, greedy, {args.threads} threads, best of {args.repeat} fresh processes")
-    print(f"  {'config':12s} {'decode tok/s':>12s} {'(all runs)':>16s} {'prefill tok/s':>13s} {'peak RSS MB':>11s} {'size MB':>8s}")
+    print(f"  {'config':12s} {'decode tok/s':>12s} {'(all runs)':>16s} {'prefill tok/s':>13s} {'peak RSS MiB':>12s} {'size MiB':>8s}")
     for name, _, _ in configs:
         rs = runs[name]
         best = max(rs, key=lambda r: r["decode_tok_s"])
         size = sum(f.stat().st_size for f in (paths[name].iterdir() if paths[name].is_dir() else [paths[name]]))
         result["configs"][name] = {
-            "path": str(paths[name]), "size_mb": round(size / 2**20, 1),
+            "path": str(paths[name]), "size_mib": round(size / MIB, 1),
             "decode_tok_s": round(best["decode_tok_s"], 2), "decode_tok_s_runs": [round(r["decode_tok_s"], 2) for r in rs],
             "decode_tok_s_median": round(statistics.median(r["decode_tok_s"] for r in rs), 2),
             "prefill_tok_s": round(best["prefill_tok_s"], 1), "prompt_tokens": best["prompt_tokens"],
-            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1), "load_s": round(best["load_s"], 2),
-            "text": best["text"][:200],
+            "peak_rss_mib": round(max(r["peak_rss_mib"] for r in rs), 1), "load_s": round(best["load_s"], 2),
+            "text": best["text"][:200], **{k: best[k] for k in ("device_profile", "load_mode") if k in best},
         }
         c = result["configs"][name]
         runs_txt = ", ".join(f"{v:.1f}" for v in c["decode_tok_s_runs"])
-        print(f"  {name:12s} {c['decode_tok_s']:12.1f} {runs_txt:>16s} {c['prefill_tok_s']:13.1f} {c['peak_rss_mb']:11.0f} {c['size_mb']:8.0f}")
+        print(f"  {name:12s} {c['decode_tok_s']:12.1f} {runs_txt:>16s} {c['prefill_tok_s']:13.1f} {c['peak_rss_mib']:12.0f} {c['size_mib']:8.0f}")
     ratio = result["configs"]["onnx-int4"]["decode_tok_s"] / result["configs"]["gguf-q4_k_m"]["decode_tok_s"]
     result["onnx_int4_over_gguf_q4_k_m"] = round(ratio, 3)
     print(f"  ONNX int4 / GGUF Q4_K_M decode: {ratio:.2f}x (goal >= 0.8x)")
