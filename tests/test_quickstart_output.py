@@ -72,3 +72,18 @@ def test_a_home_that_is_a_file_is_named_before_any_work(tmp_path, monkeypatch):
     r = _quickstart()
     assert r.exit_code == 1 and not isinstance(r.exception, OSError) and "1/4" not in r.output, r.output
     assert f"'{afile}' is a file, not a folder" in r.output and "EDGEMED_HOME" in r.output, r.output
+
+
+@pytest.mark.parametrize("quant", ["q4km", "auto", "int4"])
+def test_a_bad_quant_is_refused_before_any_work(monkeypatch, quant):
+    """--quant was first checked by the conversion, after the checkpoint was dequantized (16 s here, minutes on a
+    device); auto needs --max-kld or --fit-profile, which quickstart does not take."""
+    from edgemed.converters.source import pip_models
+
+    def no_work(*a, **k):
+        raise AssertionError("quickstart began its work")
+
+    monkeypatch.setattr(pip_models, "hf_checkpoint", no_work)
+    r = CliRunner().invoke(cli, ["quickstart", "--quant", quant])
+    assert r.exit_code == 2 and "1/4" not in r.output, r.output
+    assert f"Invalid value for '--quant': '{quant}' is not one of" in r.output and "'q4_k_m'" in r.output, r.output

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
-from edgemed.constants import DEFAULT_OUTPUT_TYPE
+from edgemed.constants import DEFAULT_OUTPUT_TYPE, GGUF_OUTPUT_TYPES
 
 QUESTION = "A patient on warfarin starts taking ibuprofen for back pain. What is the main risk, and what should be done?"
 
 
 @click.command()
 @click.option("--model", "model_name", default=None, help="Example model carried by a pip package (default: smollm2-135m-instruct).")
-@click.option("--quant", default=DEFAULT_OUTPUT_TYPE["gguf"], show_default=True, help="Output weight type.")
+@click.option("--quant", type=click.Choice(GGUF_OUTPUT_TYPES), default=DEFAULT_OUTPUT_TYPE["gguf"], show_default=True,
+              help="Output weight type (auto needs --max-kld or --fit-profile: `edgemed convert --quant auto`).")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Where to write the GGUF (default: under $EDGEMED_HOME, replaced by the next quickstart).")
 @click.option("--force", is_flag=True, help="Replace the -o file and its .report.json if they exist.")
