@@ -76,3 +76,43 @@ def test_a_file_where_a_store_folder_goes_is_named(tmp_path, edgemed_home):
     assert r.exit_code == 1 and not isinstance(r.exception, OSError), r.output
     assert f"'{edgemed_home / 'store' / 'blobs'}' is a file, not a folder" in r.output, r.output
     assert (edgemed_home / "store" / "blobs").read_text() == "x"
+
+
+# -- an option that would be ignored is refused, naming both options ---------------------------------------------
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_export_refuses_system_where_no_modelfile_is_written(tmp_path):
+    import bundle_kit as kit
+
+    kit.installed_tiny(tmp_path)
+    for other in (["--gguf", tmp_path / "x.gguf"], ["--llama-server"]):
+        r = _cli("export", "tiny", *other, "--system", "Answer briefly.")
+        assert r.exit_code == 1 and "--system" in r.output and other[0] in r.output and "--ollama" in r.output, r.output
+    assert not (tmp_path / "x.gguf").exists()
+    r = _cli("export", "tiny", "--ollama", tmp_path / "od", "--system", "Answer briefly.")
+    assert r.exit_code == 0 and 'SYSTEM """Answer briefly."""' in (tmp_path / "od" / "Modelfile").read_text(), r.output
+
+
+def test_pack_refuses_report_with_no_report(tmp_path):
+    import bundle_kit as kit
+
+    src = kit.inputs(tmp_path / "src")
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+    r = _cli("pack", src["model"], "--license", src["license"], "--report", report, "--no-report", "-o", tmp_path / "b.edgemed")
+    assert r.exit_code == 1 and "--report" in r.output and "--no-report" in r.output and "contradict" in r.output, r.output
+    assert not (tmp_path / "b.edgemed").exists()
+
+
+@pytest.mark.parametrize("graph", ["genai", "torch"])  # the default too, when it is given
+def test_convert_refuses_onnx_graph_without_to_onnx(tmp_path, graph):
+    r = _cli("convert", tmp_path / "ckpt", "--onnx-graph", graph, "-o", tmp_path / "m.gguf")
+    assert r.exit_code == 1 and f"--onnx-graph {graph}" in r.output and "--to gguf" in r.output, r.output
+    r = _cli("convert", tmp_path / "ckpt", "--to", "gguf", "--onnx-graph", graph)
+    assert r.exit_code == 1 and "--to onnx" in r.output, r.output

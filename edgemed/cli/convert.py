@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from edgemed.cli import json_flag
 from edgemed.constants import DEFAULT_OUTPUT_TYPE, FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES, ONNX_OUTPUT_TYPES
@@ -61,6 +62,11 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
     from edgemed.converters import require_route
 
+    if target != "onnx" and click.get_current_context().get_parameter_source("onnx_graph") != ParameterSource.DEFAULT:
+        from edgemed.errors import InputError
+
+        raise InputError(f"--onnx-graph {onnx_graph} chooses how an ONNX graph is made, and --to {target} writes no ONNX graph.",
+                         "leave --onnx-graph out, or convert with --to onnx")
     if adapter_only or base_gguf is not None:
         _check_adapter_flags(target, lora, adapter_only, out_type, imatrix_from, max_kld, fit_profile)
         out_type = out_type or "f16"

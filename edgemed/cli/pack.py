@@ -72,6 +72,9 @@ def pack(model, name, license_, adapters, base_sha256, for_model, card, template
     if (cert or cert_chain) and not key:
         raise InputError("--cert and --cert-chain sign in certificate mode, which needs the certificate's key.",
                          "pass --sign KEY.pem with --cert CERT.pem")
+    if report is not None and no_report:  # one of the two was dropped without a word
+        raise InputError(f"--report {report} and --no-report contradict each other.",
+                         "pass --report FILE to ship that report, or --no-report to pack without one")
     if model is not None and license_ is None:
         raise InputError("Missing option '--license': a model bundle ships the model's license.", "pass --license LICENSE")
     if base_sha256 and for_model:

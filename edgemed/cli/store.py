@@ -113,6 +113,11 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
 
     if not (ollama_dir or llama_server or gguf_out):
         raise InputError("Nothing to export.", "pass --ollama DIR, --llama-server, or --gguf FILE")
+    if system is not None and not ollama_dir:  # it went nowhere, with exit 0
+        other = "--gguf" if gguf_out else "--llama-server"
+        raise InputError(f"--system sets the system prompt of the Modelfile that --ollama writes; {other} writes no "
+                         "Modelfile, so --system would have no effect.",
+                         f"pass --ollama DIR with --system, or leave --system out of {other}")
     if system is not None:
         try:
             system.encode("utf-8")
