@@ -116,3 +116,46 @@ def test_convert_refuses_onnx_graph_without_to_onnx(tmp_path, graph):
     assert r.exit_code == 1 and f"--onnx-graph {graph}" in r.output and "--to gguf" in r.output, r.output
     r = _cli("convert", tmp_path / "ckpt", "--to", "gguf", "--onnx-graph", graph)
     assert r.exit_code == 1 and "--to onnx" in r.output, r.output
+
+
+# -- a refusal's fix names the option the command has ----------------------------------------------------------
+def _fix(result) -> str:
+    return result.output.partition("Fix:")[2]
+
+
+def test_keygen_and_export_fixes_name_their_own_options(tmp_path, monkeypatch):
+    import bundle_kit as kit
+
+    pytest.importorskip("cryptography")
+    monkeypatch.chdir(tmp_path)
+    r = _cli("keygen", ".")
+    assert r.exit_code == 1 and "-o " not in _fix(r) and "PRIVATE_KEY" in _fix(r), r.output
+    assert _cli("keygen", "k.pem").exit_code == 0
+    r = _cli("keygen", "k.pem")
+    assert r.exit_code == 1 and "-o " not in _fix(r) and "choose another PRIVATE_KEY path" in _fix(r), r.output
+    kit.installed_tiny(tmp_path / "b")
+    assert _cli("export", "tiny", "--ollama", tmp_path / "od", "--gguf", tmp_path / "t.gguf").exit_code == 0
+    for args, option in ((["--ollama", tmp_path / "od"], "--ollama"), (["--gguf", tmp_path / "t.gguf"], "--gguf")):
+        r = _cli("export", "tiny", *args)
+        assert r.exit_code == 1 and "already exists" in r.output, r.output
+        assert f"choose another {option} path, or pass --force" in _fix(r) and "-o " not in _fix(r), r.output
+
+
+@pytest.mark.parametrize("first, second", [("k", "k.pem"), ("k.pem", "k")])
+def test_keygen_never_writes_over_another_keys_public_half(tmp_path, monkeypatch, first, second):
+    """`keygen k` then `keygen k.pem`: both name their public half k.pub.pem. The second was refused with "pass
+    --force", which would have replaced the first key's public half."""
+    pytest.importorskip("cryptography")
+    monkeypatch.chdir(tmp_path)
+    assert _cli("keygen", first).exit_code == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {first, "k.pub.pem"}
+    for extra in ([], ["--force"], ["--public-only", "--force"]):
+        if "--public-only" in extra:
+            (tmp_path / second).write_bytes(before[first])  # a private key there too: still not its public file
+        r = _cli("keygen", second, *extra)
+        assert r.exit_code == 1 and "Traceback" not in r.output, (extra, r.output)
+        assert f"'{first}'" in r.output and f"'{second}'" in r.output and "k.pub.pem" in r.output, r.output
+        assert "--force" not in _fix(r), r.output
+        assert (tmp_path / "k.pub.pem").read_bytes() == before["k.pub.pem"]
+    assert (tmp_path / first).read_bytes() == before[first]

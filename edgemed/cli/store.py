@@ -132,15 +132,15 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     from edgemed.files.atomic import check_destination, refuse_input_as_output
 
     read = [("the bundle", v.root)]  # and the store, which refuse_input_as_output refuses for every output
-    files = ([gguf_out] if gguf_out else []) + \
-        ([ollama_dir / f"{v.manifest.name}.gguf", ollama_dir / "Modelfile"] if ollama_dir else [])
-    for out in files:  # every file written: never into the bundle read, nor into the store
-        refuse_input_as_output(out, read)
+    files = ([(gguf_out, "--gguf")] if gguf_out else []) + \
+        ([(ollama_dir / f"{v.manifest.name}.gguf", "--ollama"), (ollama_dir / "Modelfile", "--ollama")] if ollama_dir else [])
+    for out, option in files:  # every file written: never into the bundle read, nor into the store
+        refuse_input_as_output(out, read, option=option)
     if gguf_out:  # every destination is checked before anything is written: one refused leaves none written
-        check_destination(gguf_out, force)
+        check_destination(gguf_out, force, option="--gguf")
     if ollama_dir and ollama_dir.is_dir():
         for name in (f"{v.manifest.name}.gguf", "Modelfile"):
-            check_destination(ollama_dir / name, force)
+            check_destination(ollama_dir / name, force, option="--ollama")
     if ollama_dir:
         path = ex.export_ollama(v, ollama_dir, system=system, force=force)
         click.echo(f"wrote {path} and {ollama_dir / (v.manifest.name + '.gguf')}; then: ollama create {v.manifest.name} -f {path}")

@@ -34,17 +34,27 @@ def _folder(path: Path) -> Path:
     return Path(os.path.abspath(path)).parent
 
 
-def check_destination(path: Path, force: bool, kind: str | None = None) -> None:
+def _another(option: str) -> str:
+    """The fix's words for another path given as ``option``: an option ("-o", "--gguf") or an argument ("PRIVATE_KEY")."""
+    return f"choose another {option} path"
+
+
+def _example(option: str, path) -> str:
+    return f"{option} {path}" if option.startswith("-") else f"{path} as {option}"
+
+
+def check_destination(path: Path, force: bool, kind: str | None = None, option: str = "-o") -> None:
     """Refuse an output that would lose something, and sweep dead owners' debris from its folder.
 
     ``kind`` names the directory output being written ("bundle", "onnx"); only a directory
-    edgemed made as that kind, unchanged since, may be replaced (with ``force``).
+    edgemed made as that kind, unchanged since, may be replaced (with ``force``). ``option`` is how the
+    command was given the path ("-o", "--gguf", or an argument's name, "PRIVATE_KEY"): the fixes name it.
     """
     path = Path(path)
     if _holds_cwd(path):
         raise OutputExists(
             f"Output '{path}' is the current directory or a folder above it; edgemed never replaces it.",
-            f"name a new path inside it instead, e.g. -o {Path(path) / 'NAME'}",
+            f"name a new path inside it instead, e.g. {_example(option, Path(path) / 'NAME')}",
         )
     folder = _folder(path)
     if not folder.is_dir():
@@ -58,15 +68,15 @@ def check_destination(path: Path, force: bool, kind: str | None = None) -> None:
     if not os.path.lexists(path):
         return
     _refuse_directory(path, kind)
-    _refuse_special(path)
+    _refuse_special(path, option)
     if not force:
         raise OutputExists(
             f"Output '{path}' already exists.",
-            "choose another -o path, or pass --force to replace it",
+            f"{_another(option)}, or pass --force to replace it",
         )
 
 
-def refuse_input_as_output(output: Path, inputs, kind: str | None = None) -> None:
+def refuse_input_as_output(output: Path, inputs, kind: str | None = None, option: str = "-o") -> None:
     """Refuse an output that is one of the command's own inputs (``inputs``: (what, path) pairs; a path may be
     None), or a folder that holds one: ``--force`` replaces an output, never what the command reads, so a typo in
     ``-o`` cannot turn a private key, a license or a model into the output. A directory is first put to
@@ -77,12 +87,12 @@ def refuse_input_as_output(output: Path, inputs, kind: str | None = None) -> Non
     for what, path in inputs:  # an output inside a folder the command reads (a bundle's LICENSE)
         if path is not None and os.path.isdir(path) and _inside(output, path):
             raise OutputExists(f"Output '{output}' is inside {what} '{path}', which this command reads; edgemed never "
-                               "writes into its own input, --force or not.", "choose another -o path")
+                               "writes into its own input, --force or not.", _another(option))
     if not os.path.lexists(output):
         return
     folder = None
     if output.is_dir() and not output.is_symlink():
-        check_destination(output, True, kind)
+        check_destination(output, True, kind, option)
         folder = os.path.realpath(output)
     for what, path in inputs:
         if path is None:
@@ -96,7 +106,7 @@ def refuse_input_as_output(output: Path, inputs, kind: str | None = None) -> Non
             raise OutputExists(
                 f"Output '{output}' {'is' if same else 'holds'} {what} '{path}', which this command reads; "
                 "edgemed never writes over its own input, --force or not.",
-                "choose another -o path",
+                _another(option),
             )
 
 
@@ -117,7 +127,7 @@ def _inside(path, folder) -> bool:
     return target == folder or target.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _refuse_special(path: Path) -> None:
+def _refuse_special(path: Path, option: str) -> None:
     """Raise when ``path`` is (or links to) a device, a named pipe or a socket: a file only in name, which --force
     would replace with a regular one (``/dev/null`` made a file)."""
     import stat
@@ -131,7 +141,7 @@ def _refuse_special(path: Path) -> None:
     kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
             else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
     raise OutputExists(f"Output '{path}' is {kind}; edgemed replaces files, never that, --force or not.",
-                       "choose another -o path")
+                       _another(option))
 
 
 def _holds_cwd(path: Path) -> bool:
@@ -160,22 +170,23 @@ def _refuse_directory(path: Path, kind: str | None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: Path | str, *, force: bool = False, suffix: str = "", kind: str | None = None) -> Iterator[Path]:
+def atomic_path(dest: Path | str, *, force: bool = False, suffix: str = "", kind: str | None = None,
+                option: str = "-o") -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success move it onto ``dest``.
 
     The caller creates a file or a directory at the yielded path. ``kind`` marks a directory
-    output (see ``check_destination``). The temporary name is owner-tagged debris
+    output, ``option`` the way the command was given ``dest`` (see ``check_destination``). The temporary name is owner-tagged debris
     (``.NAME.edgemed-OWNER.RAND<suffix>.partial``) until it is renamed into place. Without
     ``force``, an output that appeared at ``dest`` while the caller wrote is never replaced:
     the kernel refuses the placement (``place_new``) and ``OutputExists`` is raised.
     """
-    with atomic_paths([dest], force=force, suffix=suffix, kind=kind) as (tmp,):
+    with atomic_paths([dest], force=force, suffix=suffix, kind=kind, option=option) as (tmp,):
         yield tmp
 
 
 @contextlib.contextmanager
 def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = "",
-                 kind: str | None = None) -> Iterator[list[Path]]:
+                 kind: str | None = None, option: str = "-o") -> Iterator[list[Path]]:
     """``atomic_path`` for outputs that belong together (a key pair, a GGUF and its Modelfile).
 
     Every destination is checked before the caller writes anything, so a refusal leaves nothing
@@ -187,7 +198,7 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
     """
     dests = [Path(d) for d in dests]
     for dest in dests:
-        check_destination(dest, force, kind)
+        check_destination(dest, force, kind, option)
     with contextlib.ExitStack() as held:
         tmps = []
         for dest in dests:
@@ -207,13 +218,16 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                 if os.path.lexists(dest):
                     _refuse_directory(dest, kind)
                     if not force:
-                        raise _appeared(dest)
+                        raise _appeared(dest, option)
             olds = []
             for tmp, dest in zip(tmps, dests):
                 if force:
                     olds.append(swap_in(tmp, dest, debris_path(_folder(dest), dest.name, ASIDE)))
                 else:
-                    place_new(tmp, dest)
+                    try:
+                        place_new(tmp, dest)
+                    except OutputExists:  # it appeared since the check above: said naming the command's option
+                        raise _appeared(dest, option) from None
             for old in olds:
                 if old is not None:
                     step("atomic.discard-old")
@@ -229,11 +243,11 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
             raise
 
 
-def _appeared(dest: Path) -> OutputExists:
+def _appeared(dest: Path, option: str = "-o") -> OutputExists:
     return OutputExists(
         f"Output '{dest}' appeared while edgemed was writing it (another run, or another program); it is left as "
         "it is, and what edgemed wrote was discarded.",
-        "choose another -o path, or run again with --force to replace it",
+        f"{_another(option)}, or run again with --force to replace it",
     )
 
 

@@ -143,7 +143,7 @@ def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, forc
         out_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise InputError(f"'{out_dir}' cannot be made a folder: a file is in the way.", "choose another --ollama folder") from None
-    with atomic_paths([out_dir / gguf_name, out_dir / "Modelfile"], force=force) as (gguf_tmp, modelfile_tmp):
+    with atomic_paths([out_dir / gguf_name, out_dir / "Modelfile"], force=force, option="--ollama") as (gguf_tmp, modelfile_tmp):
         _copy_checked(v, gguf_tmp)
         modelfile_tmp.write_text(text, encoding="utf-8")
     return out_dir / "Modelfile"
@@ -152,7 +152,7 @@ def export_ollama(v: Verified, out_dir: Path, *, system: str | None = None, forc
 def copy_verified(v: Verified, dest: Path, *, force: bool = False) -> Path:
     """Copy the bundle's GGUF to ``dest`` (atomically), checking its sha256 on the way."""
     require_gguf(v, "--gguf")
-    with atomic_path(dest, force=force) as tmp:
+    with atomic_path(dest, force=force, option="--gguf") as tmp:
         _copy_checked(v, tmp)
     return dest
 

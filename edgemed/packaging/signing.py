@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemed.files.atomic import atomic_paths, check_destination, refuse_store
-from edgemed.errors import InputError, OutputError, SignatureError, require
+from edgemed.errors import InputError, OutputError, OutputExists, SignatureError, require
 from edgemed.formats.nesting import loads_json
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,37 @@ def public_path(private_key: Path) -> Path:
     return private_key.with_name(private_key.name.removesuffix(".pem") + ".pub.pem")
 
 
+def _other_private(private_key: Path) -> Path | None:
+    """The other private key whose public half keygen would also put at ``public_path(private_key)`` (``key`` and
+    ``key.pem`` both have ``key.pub.pem``), when a PEM private key is there; else None."""
+    from edgemed.formats.input_file import read_at_most
+
+    name = Path(private_key).name
+    other = Path(private_key).with_name(name.removesuffix(".pem") if name.endswith(".pem") else name + ".pem")
+    try:
+        head = read_at_most(other, MAX_PEM_BYTES)
+    except (OSError, ValueError):
+        return None  # none there, or not a key file: nothing to take the public file from
+    return other if b"PRIVATE KEY-----" in head else None
+
+
+def _refuse_shared_public(private_key: Path) -> None:
+    """Refuse to write the public half of ``private_key`` where another private key's public half belongs (``key``
+    then ``key.pem``): --force would have replaced it, and bundles that key signs would no longer verify against
+    the file its clinics were given."""
+    if not Path(private_key).name or Path(private_key).name in (".", ".."):
+        return  # no name to put .pub.pem beside: check_destination refuses such a path
+    other = _other_private(private_key)
+    if other is not None:
+        stem = Path(private_key).name.removesuffix(".pem")
+        raise OutputExists(
+            f"The public half of '{private_key}' would be '{public_path(private_key)}', which is the public half of "
+            f"the private key '{other}' (keygen names both '{other.name}' and '{Path(private_key).name}' public "
+            "halves that way): writing it would leave that key without its public file.",
+            f"give the new key another name (e.g. {Path(private_key).with_name(stem + '-2.pem')}); "
+            f"'{other}' and its public file stay as they are")
+
+
 def _check_public_beside(private_key: Path, spki: bytes) -> None:
     """Refuse to sign with a key whose public file beside it (keygen's name for it) is another key's: bundles signed
     now would not verify against the file the clinics were given. A kill between keygen --force's two renames
@@ -246,7 +277,8 @@ def derive_public(private_key: Path, force: bool = False) -> tuple[Path, str]:
         raise InputError(f"'{private_key}' is not an EC private key.", _MAKE_KEY)
     pub = _spki_pem(key.public_key())
     public_out = public_path(private_key)
-    with atomic_paths([public_out], force=force) as (tmp,):
+    _refuse_shared_public(private_key)
+    with atomic_paths([public_out], force=force, option="PRIVATE_KEY") as (tmp,):
         tmp.write_bytes(pub)
     return public_out, _ec_key_id(pub)
 
@@ -264,14 +296,15 @@ def keygen(private_out: Path, force: bool = False) -> tuple[Path, str]:
     if Path(private_out).name.endswith(".pub.pem"):  # --force would put a private key where a public one is expected
         raise InputError(f"'{private_out}' is the name of a public key (.pub.pem); keygen writes the private key there.",
                          f"pass the private key's name, e.g. {Path(private_out).name.removesuffix('.pub.pem')}.pem")
-    check_destination(private_out, force)  # first: a path like '.' has no name to put .pub.pem beside
+    _refuse_shared_public(private_out)  # before "pass --force", which would replace another key's public half
+    check_destination(private_out, force, option="PRIVATE_KEY")  # a path like '.' has no name to put .pub.pem beside
     s, ec, _ = _crypto()
     public_out = public_path(private_out)
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())
     pub = _spki_pem(key.public_key())
     try:
-        with atomic_paths([public_out, private_out], force=force) as (pub_tmp, pem_tmp):
+        with atomic_paths([public_out, private_out], force=force, option="PRIVATE_KEY") as (pub_tmp, pem_tmp):
             pub_tmp.write_bytes(pub)
             fd = os.open(pem_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
