@@ -224,6 +224,13 @@ def sse_events(client, server: _Server, path: str, body: dict):
             yield time.perf_counter(), event
 
 
+def ttft_cell(p50: float | None, p99: float | None, n: int | None) -> str:
+    """A report's "TTFT p50 / p99" cell with the number of requests behind it: over fewer than 100 samples the p99
+    lies between the slowest two (linear interpolation), so without its n it reads as a tail it is not."""
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    return f"{f(p50)} / {f(p99)} s" + (f" (n = {n})" if n else "")
+
+
 def save_results(out: Path, result: dict, markdown: str) -> None:
     """``out`` (JSON) and the report beside it (``.md``), each written atomically; the report is printed."""
     from edgemed.files.atomic import write_text

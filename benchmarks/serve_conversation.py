@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, _Server, add_server_arg, run_gated, save_results, settle,
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, _Server, add_server_arg, run_gated, save_results, settle, ttft_cell,
                                                     sse_events)
 from edgemed.benchmarks.serve_streams import percentile
 from edgemed.errors import EdgemedError
@@ -303,7 +303,7 @@ def report_md(m: dict) -> str:
     names = list(m["servers"])
     for name in names:
         best = m["best"][name]
-        lines += [f"## {name}", "", "| turn | prompt tokens | cached tokens (mean, min) | TTFT p50 / p99 | decode tok/s |"
+        lines += [f"## {name}", "", "| turn | prompt tokens | cached tokens (mean, min) | TTFT p50 / p99 (n clinicians) | decode tok/s |"
                   + "".join(f" TTFT p50 ratio vs {o} |" for o in names if o != name and name == "edgemed"),
                   "|---|---|---|---|---|" + "".join("---|" for o in names if o != name and name == "edgemed")]
         for i, s in enumerate(best):
@@ -313,7 +313,8 @@ def report_md(m: dict) -> str:
                             for o in names if o != name and name == "edgemed")
             lines.append(f"| {s['turn']} | {_f(s['prompt_tokens_mean'], '{:.0f}')} | "
                          f"{_f(s['cached_tokens_mean'], '{:.0f}')}, {_f(s['cached_tokens_min'], '{:.0f}')} | "
-                         f"{_f(s['ttft_p50_s'])} / {_f(s['ttft_p99_s'])} s | {_f(s['decode_tok_s_median'], '{:.1f}')} |{extra}")
+                         f"{ttft_cell(s['ttft_p50_s'], s['ttft_p99_s'], len(s.get('ttft_s') or ()))} | "
+                         f"{_f(s['decode_tok_s_median'], '{:.1f}')} |{extra}")
         lines.append("")
     if m["answers_identical"] is not None:
         lines.append(f"Answers with reuse equal to without (greedy, every conversation, every round): "

@@ -39,7 +39,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, add_server_arg, long_prompt, prefill_check, run_level,
+from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, add_server_arg, long_prompt, prefill_check, run_level, ttft_cell,
                                                     save_results, settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 
@@ -87,7 +87,7 @@ def report_md(result: dict) -> str:
              f"interleaved rounds. Shared {m['machine']['cpu_count']}-CPU box: load averages per run are in the JSON.",
              "", f"Command: `{m['command']}`", ""]
     if m["levels"]:
-        lines += ["| streams | server | decode tok/s (runs) | llama-server reported | per stream | e2e tok/s | TTFT p50 / p99 | load avg | ratio (decode, e2e) |",
+        lines += ["| streams | server | decode tok/s (runs) | llama-server reported | per stream | e2e tok/s | TTFT p50 / p99 (n requests) | load avg | ratio (decode, e2e) |",
                   "|---|---|---|---|---|---|---|---|---|"]
     for n, lv in m["levels"].items():
         for name in [k for k in ("edgemed", "llama-server") if k in lv]:
@@ -97,7 +97,7 @@ def report_md(result: dict) -> str:
             ratio = (f"{lv['ratio_decode']:.3f}x, {lv['ratio_e2e']:.3f}x" + (f" (goal {lv['goal']})" if lv["goal"] else "")
                      if name == "edgemed" and "ratio_decode" in lv else "")
             lines.append(f"| {n} | {name} | {b['decode_tok_s']:.1f} ({runs}) | {rep} | {b['per_stream_tok_s']:.1f} | "
-                         f"{b['e2e_tok_s']:.1f} | {b['ttft_p50_s']:.2f} / {b['ttft_p99_s']:.2f} s | "
+                         f"{b['e2e_tok_s']:.1f} | {ttft_cell(b['ttft_p50_s'], b['ttft_p99_s'], b.get('requests'))} | "
                          f"{b['loadavg'][0]:.1f}-{b['loadavg'][1]:.1f} | {ratio} |")
     if m.get("prefill"):
         lines += ["", f"Prefill check: {m['prefill_prompt_tokens']} prompt tokens arriving while 3 streams decode.", "",

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from edgemed.benchmarks import serve_conversation as sc
 from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, add_server_arg, long_prompt, openai_chat_level, run_gated,
-                                                    prefill_check, save_results, settle)
+                                                    prefill_check, save_results, settle, ttft_cell)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 from edgemed.errors import EdgemedError
 
@@ -331,15 +331,15 @@ def report_md(m: dict) -> str:
                   "before the next question (edgemed feeds finished answers back into their slots while idle; "
                   "`--think 0` sends the next question the moment the last answer ends). "
                   f"Goal: edgemed's TTFT p50 <= {GOALS['conversation']}x llama-server's at every turn.", "",
-                  "| turn | prompt tokens | cached (edgemed / llama-server) | edgemed TTFT p50 / p99 | llama-server TTFT p50 / p99 | ratio p50 (p99) | goal | load |",
+                  "| turn | prompt tokens | cached (edgemed / llama-server) | edgemed TTFT p50 / p99 (n) | llama-server TTFT p50 / p99 (n) | ratio p50 (p99) | goal | load |",
                   "|---|---|---|---|---|---|---|---|"]
         for i, e in enumerate(c["best"]["edgemed"]):
             ls = c["best"].get("llama-server", [None] * (i + 1))[i] or {}
             rp50 = c.get("ratio_p50", [None] * (i + 1))[i]
             rp99 = c.get("ratio_p99", [None] * (i + 1))[i]
             lines.append(f"| {e['turn']} | {_f(e['prompt_tokens_mean'], '{:.0f}')} | {_f(e['cached_tokens_mean'], '{:.0f}')}"
-                         f" / {_f(ls.get('cached_tokens_mean'), '{:.0f}')} | {_f(e['ttft_p50_s'])} / {_f(e['ttft_p99_s'])} s"
-                         f" | {_f(ls.get('ttft_p50_s'))} / {_f(ls.get('ttft_p99_s'))} s | {_f(rp50, '{:.3f}x')}"
+                         f" / {_f(ls.get('cached_tokens_mean'), '{:.0f}')} | {ttft_cell(e['ttft_p50_s'], e['ttft_p99_s'], len(e.get('ttft_s') or ()))}"
+                         f" | {ttft_cell(ls.get('ttft_p50_s'), ls.get('ttft_p99_s'), len(ls.get('ttft_s') or ()))} | {_f(rp50, '{:.3f}x')}"
                          f" ({_f(rp99, '{:.3f}x')}) | {goal_mark(rp50, GOALS['conversation'])} | "
                          + ", ".join(_load(run) for name in c["runs"] for run in c["runs"][name]) + " |")
         lines.append("")
@@ -350,13 +350,13 @@ def report_md(m: dict) -> str:
                   f"different presentation per request, {m['sizes']['template_tokens']} tokens each. A fresh preamble "
                   "variant per cell (its first line names round, level and arrival), so no earlier cell's cache makes "
                   f"it free. Goal: edgemed's TTFT p50 <= {GOALS['template']}x llama-server's.", "",
-                  "| requests | arrival | edgemed TTFT p50 / p99 | llama-server TTFT p50 / p99 | ratio p50 | goal | load |",
+                  "| requests | arrival | edgemed TTFT p50 / p99 (n) | llama-server TTFT p50 / p99 (n) | ratio p50 | goal | load |",
                   "|---|---|---|---|---|---|---|"]
         for cell in t["cells"].values():
             e, ls = cell["best"]["edgemed"], cell["best"].get("llama-server") or {}
             arrival = cell["arrival"] + (f" ({1000 * cell['stagger_s']:.0f} ms apart)" if cell["stagger_s"] else "")
-            lines.append(f"| {cell['requests']} | {arrival} | {_f(e['ttft_p50_s'])} / {_f(e['ttft_p99_s'])} s | "
-                         f"{_f(ls.get('ttft_p50_s'))} / {_f(ls.get('ttft_p99_s'))} s | {_f(cell.get('ratio_p50'), '{:.3f}x')} | "
+            lines.append(f"| {cell['requests']} | {arrival} | {ttft_cell(e['ttft_p50_s'], e['ttft_p99_s'], len(e.get('ttft_s') or ()))} | "
+                         f"{ttft_cell(ls.get('ttft_p50_s'), ls.get('ttft_p99_s'), len(ls.get('ttft_s') or ()))} | {_f(cell.get('ratio_p50'), '{:.3f}x')} | "
                          f"{goal_mark(cell.get('ratio_p50'), GOALS['template'])} | "
                          + ", ".join(_load(run) for rs in cell["runs"].values() for run in rs) + " |")
         lines.append("")
