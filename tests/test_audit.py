@@ -440,3 +440,26 @@ def test_a_refusal_budget_that_cannot_hold_is_refused():
     for bad in [dict(per_client=0), dict(per_client=5, total=4), dict(window_s=0)]:
         with pytest.raises(ValueError):
             RefusalBudget(**bad)
+
+
+# -- generations accepted and never recorded as over ----------------------------------------------------
+def test_verify_counts_generations_accepted_with_no_record_of_their_end(tmp_path):
+    """The server writes ``accepted`` before a generation is queued and ``request`` once it is over: a kill in
+    between leaves the first alone, which verify names; one finished in the next file of a rotation is not."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, rotate_bytes=1500)
+    log.append("accepted", request_id="done", key_id="dr-a", seed=1)
+    log.append("request", request_id="done", key_id="dr-a", status=200)
+    log.append("accepted", request_id="across", key_id="dr-a", seed=2)
+    while len(list(tmp_path.glob("audit.*.jsonl"))) == 0:  # rotate: "across" ends in the next file
+        log.append("request", request_id="other", status=404)
+    log.append("request", request_id="across", key_id="dr-a", status=200)
+    log.append("accepted", request_id="killed", key_id="dr-b", seed=3)  # the server dies while it runs
+    log.close()
+    report = verify(path)
+    assert report.ok and report.files and (report.unfinished, report.unfinished_ids) == (1, ["killed"]), report
+    r = CliRunner().invoke(cli, ["audit", "verify", str(path)])
+    assert r.exit_code == 0 and "1 generation(s) accepted with no record of their end" in r.output
+    assert "killed" in r.output, r.output
+    _log(tmp_path / "clean.jsonl").close()
+    assert verify(tmp_path / "clean.jsonl").unfinished == 0

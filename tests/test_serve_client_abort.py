@@ -51,7 +51,9 @@ def server(smollm2_gguf, tmp_path_factory):
 
 
 def records(server) -> list[dict]:
-    return audit_lines(server.audit_path)
+    """The audit's ``request`` records: one per request once it is over (a generation's ``accepted`` record,
+    written before it is queued, is left out)."""
+    return [r for r in audit_lines(server.audit_path) if r["kind"] == "request"]
 
 
 def requests_by_code(server) -> dict[str, float]:

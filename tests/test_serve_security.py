@@ -156,6 +156,33 @@ def _app(batcher, tmp_path, **kw):
     return create_app(batcher, ServeConfig(model_id="m", bundle_digest="d", audit=log, **kw)), log
 
 
+def test_a_generation_is_on_record_before_it_is_queued(model, tmp_path):
+    """An ``accepted`` record (who, which endpoint, the seed) is fsynced before the batcher sees the request, so a
+    kill while it runs still leaves it on record; a log that cannot take it refuses the request, generating nothing."""
+    import os
+
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path, api_keys=ApiKeys.from_lines([f"ehr {KEY}"]))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "m", "messages": [{"role": "user", "content": "Fever since"}], "max_tokens": 2}
+    with ServerThread(app) as srv:
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=60).status_code == 200
+        assert wait_until(lambda: '"kind":"request"' in (tmp_path / "audit.jsonl").read_text())
+        recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        kinds = [(r["kind"], r.get("request_id")) for r in recs if r["kind"] in ("accepted", "request")]
+        assert [k for k, _ in kinds] == ["accepted", "request"] and kinds[0][1] == kinds[1][1], kinds
+        accepted = recs[[r["kind"] for r in recs].index("accepted")]
+        assert accepted["key_id"] == "ehr" and accepted["endpoint"] == "chat" and isinstance(accepted["seed"], int)
+        generated = model.stats()["tokens_generated_total"]
+        ro = os.open(log.path, os.O_RDONLY)
+        os.dup2(ro, log._fd)  # the disk stops taking writes
+        os.close(ro)
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable", r.text
+        assert model.stats()["tokens_generated_total"] == generated  # refused before it was queued
+    log.close()
+
+
 def test_api_keys_are_checked_and_recorded(model, tmp_path):
     openai = pytest.importorskip("openai")
     httpx = pytest.importorskip("httpx2")

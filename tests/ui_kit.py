@@ -95,7 +95,9 @@ def page_server(model_path: Path, audit_path: Path, *, slots: int = 1, **config)
 
 
 def audit_records(path: Path) -> list[dict]:
-    return audit_lines(path)
+    """The audit's ``request`` records, one per request once it is over (a generation's ``accepted`` record, written
+    before it is queued, is left out)."""
+    return [r for r in audit_lines(path) if r["kind"] == "request"]
 
 
 def stored(driver) -> dict:

@@ -394,6 +394,9 @@ def verify(path, anchor, no_follow, as_json):
     elif report.ok:
         where = f" in {len(report.files)} files" if report.files else ""
         click.echo(f"OK: {report.records} records{where}, chain intact.\nhead {report.head}")
+        if report.unfinished:
+            click.echo(f"{report.unfinished} generation(s) accepted with no record of their end (the server stopped "
+                       f"while they ran: a crash or a kill), e.g. request id {', '.join(report.unfinished_ids or [])}")
     else:
         click.echo(f"BROKEN at line {report.line} of {report.path} ({report.problem}): {report.detail}\n"
                    f"{report.records} records verified before it; last good head {report.head}", err=True)

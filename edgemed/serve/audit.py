@@ -17,8 +17,11 @@ server logs it at start and stop; ``edgemed audit verify`` prints it) and check 
 Only the fields in ``FIELDS`` can be written; the request's text (``prompt``, ``output``)
 is written only when the operator turned ``content`` on. Records are appended by one
 writer under a lock, each with its own ``write`` + ``fsync`` (per record, not batched: at
-clinic request rates the cost is a few milliseconds, and a crash loses nothing already
-answered). A failed write (disk full) stops the writer for good and the server then
+clinic request rates the cost is a few milliseconds). A generation is recorded twice: an
+``accepted`` record before it is queued (who asked, for what; the request is refused if
+that record cannot be written) and its ``request`` record once it is over (status, tokens,
+timings). A crash or a kill in between leaves the ``accepted`` record with no ``request``
+record of its id; ``verify`` counts those (``unfinished``). A failed write (disk full) stops the writer for good and the server then
 answers 503 instead of serving requests it cannot record (fail closed). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
 ``flock``, so a second server cannot interleave its own chain into it.
 
@@ -47,7 +50,7 @@ import stat
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgemed.formats.nesting import MAX_DEPTH, too_deep
@@ -108,6 +111,10 @@ class Report:
     problem: str | None = None   # edited | deleted | reordered | truncated | malformed | anchor-missing
     detail: str | None = None
     files: list[str] | None = None  # with rotation: every file of the chain verified, oldest first
+    #: generations ``accepted`` with no ``request`` record of their id (the server died while they ran), and the
+    #: first few of their request ids
+    unfinished: int = 0
+    unfinished_ids: list[str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +130,13 @@ class _File:
     continues_hash: str | None = None  # the hash its genesis is chained to (that file's last record)
     last_kind: str | None = None       # its last good record's kind ("rotated": the chain goes on elsewhere)
     anchor_seen: bool = False
+    #: request ids of its ``accepted`` records with no ``request`` record after them in this file (at most
+    #: MAX_TRACKED_OPEN; ``open_over``: how many more)
+    opened: dict = field(default_factory=dict)
+    open_over: int = 0
+    #: request ids of ``request`` records among its first MAX_IN_FLIGHT records that no ``accepted`` record of this
+    #: file opened: generations accepted in the file before it (rotation) and finished here
+    closed_early: set = field(default_factory=set)
 
 
 def _read_record(raw: bytes) -> dict:
@@ -209,7 +223,8 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
         return Report(str(path), False, records, last.report.head, last.report.records + 1, "anchor-missing",
                       f"no record has the anchored hash {anchor}: records were cut from the end, or the whole log "
                       f"was rewritten{unchecked}", files)
-    return Report(str(path), True, records, last.report.head, files=files)
+    unfinished, ids = _unfinished(chain)
+    return Report(str(path), True, records, last.report.head, files=files, unfinished=unfinished, unfinished_ids=ids)
 
 
 def _broken_link(f: _File, detail: str) -> Report:
@@ -234,6 +249,40 @@ def _verify_file(path: Path, anchor: str | None) -> _File:
         if found.report.problem != "truncated" or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
+
+
+#: Generations one file's ``accepted`` records may leave open that ``verify`` names (more are only counted), and how
+#: many records at the start of a file may finish a generation accepted in the file before it (rotation): at most
+#: slots + queue are in flight, 64 + 4,096
+MAX_TRACKED_OPEN = 10_000
+MAX_IN_FLIGHT = 8_192
+
+
+def _track_open(f: _File, rec: dict, index: int) -> None:
+    rid, kind = rec.get("request_id"), rec.get("kind")
+    if not isinstance(rid, str):
+        return
+    if kind == "accepted":
+        if len(f.opened) < MAX_TRACKED_OPEN:
+            f.opened[rid] = rec.get("seq")
+        else:
+            f.open_over += 1
+    elif kind == "request":
+        if f.opened.pop(rid, None) is None and index < MAX_IN_FLIGHT:
+            f.closed_early.add(rid)
+
+
+def _unfinished(chain: list[_File]) -> tuple[int, list[str] | None]:
+    """Generations accepted and never recorded as over, through the chain's files oldest first."""
+    still: dict = {}
+    over = 0
+    for f in reversed(chain):  # the chain is newest first
+        for rid in f.closed_early:
+            still.pop(rid, None)
+        still.update(f.opened)
+        over += f.open_over
+    count = len(still) + over
+    return count, (list(still)[:5] if still else None)
 
 
 def _continues(rec: dict) -> str | None:
@@ -293,6 +342,7 @@ def _verify(path: str, lines, anchor: str | None) -> _File:
             return broken(number, "malformed", f"line {number} has seq {seq}, expected {expected}")
         head = stored
         f.last_kind = rec.get("kind")
+        _track_open(f, rec, count)
         count += 1
         if anchor and stored == anchor:
             f.anchor_seen = True

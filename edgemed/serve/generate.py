@@ -138,6 +138,8 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     # one seed for the request, drawn when the client sent none: the response and the audit record name it, so the
     # answer can be had again (the prompt, the model and this seed)
     record.seed = body.seed if body.seed is not None else secrets.randbits(31)  # choices' seed + i stay below 2^32 - 1
+    if audit is not None:
+        accepted(audit, srv, record)
     try:
         for value in prompt.values:
             tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
@@ -151,6 +153,22 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
             stream.cancel()
         raise
     return streams
+
+
+def accepted(audit, srv: Served, record: RequestRecord) -> None:
+    """The ``accepted`` record, written (and fsynced) before the request is queued: a crash or a kill while it runs
+    leaves who asked what on record, and a log that cannot take it refuses the request (fail closed)."""
+    fields = dict(request_id=record.request_id, endpoint=record.endpoint, client=record.client, key_id=record.key_id,
+                  model=srv.config.model_id, bundle_digest=srv.config.bundle_digest, template=record.template,
+                  stream=record.stream, seed=record.seed)
+    if record.adapter is not None:
+        fields["adapter"] = record.adapter
+    try:
+        audit.append("accepted", **fields)
+    except OSError as exc:
+        raise api.ApiError(503, f"The audit log cannot be written ({audit.failed or exc}), so requests are refused. "
+                                "Fix: free disk space or repair the log's storage, then restart the server.",
+                           "server_error", "audit_unavailable") from None
 
 
 def take(answer: Answer, item) -> None:
