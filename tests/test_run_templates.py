@@ -71,6 +71,16 @@ def test_an_inferred_or_contradicted_answer_is_asked_for_with_a_grammar(reply):
     assert engine.calls[1][0].endswith(reply.rstrip() + "\nAnswer: ")
 
 
+@pytest.mark.parametrize("reply", ["Answer: C\nActually, D.", "Answer: B. Vitamin C"])
+def test_a_corrected_or_self_contradicting_answer_is_asked_for_with_a_grammar(reply):
+    """The first choice was reported as the answer: the correction, or the other option's text, dropped."""
+    engine = ScriptedEngine(reply, "D")
+    options = {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}
+    answer = ask(engine, get_template("mcq"), {"question": ITEM["question"], "options": options}, GenerationSettings(),
+                 ThinkPolicy())
+    assert answer.forced and answer.parsed.ok and answer.parsed.value == "D" and len(engine.calls) == 2
+
+
 def test_without_grammars_an_inferred_answer_is_no_answer():
     engine = ScriptedEngine(OPTIONS_GONE_THROUGH)
     engine.supports_grammar = False

@@ -46,3 +46,150 @@ def test_the_triage_schema_refuses_an_empty_action_and_keys_it_does_not_name(ans
     assert not parsed.ok and parsed.error == error
     schema = json.loads(triage.contract.json_schema())  # and the grammar that constrains sampling says so too
     assert schema["additionalProperties"] is False and schema["properties"]["action"]["minLength"] == 1
+
+
+# -- choice contracts: the letter and the option's text ---------------------------------------------------------
+SCURVY = {"question": "Which vitamin deficiency causes scurvy?",
+          "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}}
+YES_NO = {"question": "Does daily aspirin prevent a first myocardial infarction after 70?", "context": "c"}
+
+
+def _mcq(reply: str):
+    return get_template("mcq").parse(reply, SCURVY)
+
+
+def _pubmedqa(reply: str):
+    return get_template("pubmedqa").parse(reply, YES_NO)
+
+
+@pytest.mark.parametrize("reply", [
+    "Answer: B. Vitamin C",
+    "Answer: B (Vitamin C)",
+    "Answer: **B** \u2013 Vitamin C deficiency causes scurvy.",
+    "The answer is B, vitamin C.",
+    "Answer: A. Vitamin B12",
+])
+def test_a_letter_with_another_options_text_is_no_answer(reply):
+    """Read as the letter: 'Answer: B. Vitamin C' was option B (vitamin B12), the text it names being C's."""
+    parsed = _mcq(reply)
+    assert not parsed.ok and parsed.value is None and "another option's text" in parsed.error, parsed
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Answer: C. Vitamin C", "C"),
+    ("Answer: C (Vitamin C)", "C"),
+    ("Answer: **C** \u2013 Vitamin C deficiency causes scurvy.", "C"),
+    ("Answer: B. Vitamin B12 deficiency causes anaemia, not scurvy.", "B"),  # wrong, but one answer
+    ("Answer: C - ascorbic acid", "C"),
+    ("Answer: C. Vitamin C deficiency causes scurvy; vitamin A deficiency causes night blindness.", "C"),
+])
+def test_a_letter_with_its_own_text_or_other_words_is_that_letter(reply, expected):
+    parsed = _mcq(reply)
+    assert parsed.ok and parsed.value == expected, parsed
+
+
+# -- choice contracts: a correction, a second answer, an alternative under a condition ---------------------------
+CORRECTED_MCQ = [
+    "Answer: C. No, D.",
+    "Answer: C \u2014 no, D",
+    "Answer: C\nActually, D.",
+    "Answer: C\n\nCorrection: the answer is D.",
+    "Answer: C\n\nRevised answer: D",
+    "Answer: C\n\nUpdated answer: D",
+    "Answer: C\nThe answer should be D.",
+    "Answer: C\n\nWait, the answer is not C; it is D.",
+    "Answer: C (D in pregnancy)",
+    "Answer: C; but D if pregnant",
+    "C; but D if pregnant",
+    "**C. Vitamin C**\nThat's a common distractor; the real answer is D.",
+    "Answer: C\n\nOn second thought, D.",
+    "Answer: C\nSorry, I meant D.",
+    "Answer: C\n\nHmm, D actually.",
+    "Answer: C\n\nI change my answer to D.",
+    "Answer: C\n\nD is the correct answer.",
+    "Answer: C\nThe correct answer is actually D.",
+    "Answer: C\nScratch that: D",
+    "Answer: C\n\nIn pregnancy, D.",
+    "Answer: C. D.",
+    "Answer: C\n\nD",
+]
+CORRECTED_YES_NO = [
+    "Answer: yes. No, wait \u2014 the trial showed no reduction.",
+    "Answer: No. Yes.",
+    "Answer: yes, if the dose is under 100 mg; otherwise no",
+    "Answer: maybe. Evidence is limited; in some subgroups, yes.",
+    "Answer: no\nActually, yes.",
+]
+
+
+@pytest.mark.parametrize("reply", CORRECTED_MCQ)
+def test_a_second_choice_after_the_answer_is_no_answer_mcq(reply):
+    """Each was read as its first choice, C, the correction or the alternative dropped without a word."""
+    parsed = _mcq(reply)
+    assert not parsed.ok and parsed.value is None and parsed.error, parsed
+
+
+@pytest.mark.parametrize("reply", CORRECTED_YES_NO)
+def test_a_second_choice_after_the_answer_is_no_answer_yes_no(reply):
+    parsed = _pubmedqa(reply)
+    assert not parsed.ok and parsed.value is None, parsed
+
+
+# what only discusses another option, or restates the answer, stays the answer
+CLEAR_MCQ = [
+    "Answer: C\n\nExplanation: Scurvy results from a lack of vitamin C (ascorbic acid). Option A (vitamin A) causes "
+    "night blindness; option B (B12) causes megaloblastic anaemia; option D (vitamin D) causes rickets in children.",
+    "Answer: C. Vitamin C\n\nA is incorrect because vitamin A deficiency causes night blindness.\nB is incorrect: B12 "
+    "deficiency causes anaemia.\nD is incorrect: vitamin D deficiency causes rickets.",
+    "Answer: C\n\nWhy not the others?\n- A: night blindness\n- B: anaemia\n- D: rickets",
+    "Answer: C\n\nNote: in infants, D deficiency causes rickets.",
+    "Answer: C\n\nVitamin C deficiency leads to scurvy. It is not D, which causes rickets.",
+    "Answer: C\n\nThe other options are incorrect: A causes night blindness, B causes anaemia, D causes rickets.",
+    "Answer: C\nVitamin C. Not A, B or D.",
+    "Answer: C\n\n(A, B and D are distractors.)",
+    "Answer: C\nD is a common distractor.",
+    "Answer: C\nB is the most common wrong answer.",
+    "Final answer: C\n\nSo the answer is C, not D.",
+    "Answer: C\n\nActually, vitamin C deficiency is scurvy.",
+    "Answer: C\n\nWait, let me double-check: scurvy is vitamin C deficiency. Yes, C.",
+    "Answer: C\n\nIn contrast, A, B and D cause other diseases.",
+    "Answer: C\n\nNo, it is not B: B12 deficiency causes anaemia.",
+    "Answer: C\n\nThe answer is not D; D deficiency causes rickets.",
+    "Answer: **C. Vitamin C**\n\nScurvy is due to vitamin C deficiency, not vitamin D (rickets) or vitamin A.",
+    "C. Vitamin C\n\nExplanation: Option A, vitamin A, causes night blindness.",
+    "Scurvy is vitamin C deficiency; vitamin D deficiency causes rickets.\n\nAnswer: C",
+]
+CLEAR_YES_NO = [
+    ("Answer: no\n\nThe trial found no reduction in cardiovascular events, and major haemorrhage increased.", "no"),
+    ("Answer: yes\n\nIn patients over 70, aspirin reduced events; however, bleeding increased.", "yes"),
+    ("Answer: maybe\n\nSome trials say yes, others say no; the evidence is mixed.", "maybe"),
+    ("Answer: yes\n\nYes \u2014 the trial showed a 20% reduction.", "yes"),
+    ("Answer: No\n\nNo, aspirin did not reduce events.", "no"),
+    ("Answer: no. The trial showed no benefit; if anything, harm.", "no"),
+    ("Answer: no\n\nWhile some observational data suggested yes, the randomized trial did not.", "no"),
+    ("Answer: yes. The results were significant, no doubt.", "yes"),
+]
+
+
+@pytest.mark.parametrize("reply", CLEAR_MCQ)
+def test_discussing_another_option_keeps_the_answer_mcq(reply):
+    parsed = _mcq(reply)
+    assert parsed.ok and parsed.value == "C", parsed
+
+
+@pytest.mark.parametrize("reply, expected", CLEAR_YES_NO)
+def test_discussing_another_choice_keeps_the_answer_yes_no(reply, expected):
+    parsed = _pubmedqa(reply)
+    assert parsed.ok and parsed.value == expected, parsed
+
+
+@pytest.mark.parametrize("tail", ["\n" + "no, " * 10_000, "\n" + "_" * 40_000, "\n. " + " " * 40_000 + "D x",
+                                  "\nD" + " " * 40_000 + "x", "\nin " + "a" * 40_000 + ",", "\n" + "D, " * 13_000 + "x",
+                                  "\nwait" + " ," * 20_000 + "x", "\nbut D" + " " * 40_000 + "x"])
+def test_a_long_hostile_tail_is_read_in_linear_time(tail):
+    """serve parses in its event loop: the patterns that look for a second choice must not backtrack on a long run."""
+    import time
+
+    started = time.perf_counter()
+    _mcq("Answer: C" + tail)
+    assert time.perf_counter() - started < 5

@@ -71,7 +71,8 @@ _LEAD = r"[ \t>#*_+\-]*"
 #: the only words that may come before the label on its line ("Final answer:", "So the correct answer is"); a line
 #: such as "Wrong answer: A" or "A common wrong answer: B" is not the answer line
 _DISCOURSE = r"(?:(?:so|thus|therefore|hence|overall|in\s+conclusion|in\s+summary)\s*,?\s+)?"
-_ADJ = r"(?:(?:final|correct|best|right|single\s+best|most\s+likely)\s+){0,2}"
+_ADJ = (r"(?:(?:final|correct|best|right|single\s+best|most\s+likely|revised|updated|corrected|amended|real|actual|"
+        r"true)\s+){0,2}")
 _PREFIX = rf"{_DISCOURSE}(?:(?:the|my|our)\s+)?{_ADJ}"
 #: before "the answer is" only ("Based on the above, the answer is C", "I think the answer is C"): a short clause of at
 #: most eight words that ends in a comma and states no condition ("If the patient were a child, the answer is D" is
@@ -88,8 +89,9 @@ _RULED_OUT = re.compile(r"[ \t\*_]*(?:(?:definitely|certainly|clearly|surely|obv
 _REJECTED = re.compile(r"[ \t>#*_\-]*(?:incorrect|wrong|false|unlikely|not\b|no\b[ \t]*[.,:;!\-\u2013\u2014]|"
                        r"this\s+is\s+(?:incorrect|wrong|not)\b|ruled\s+out|eliminated?\b)", re.I)
 _DECO = r"[ \t\*\(\[\"'_]*"  # markdown bold, brackets, quotes around the choice
-#: after the choice on its line: a correction ("No, wait - yes") makes the line no answer
-_CORRECTION = re.compile(r"[\s,;:.!\-\u2013\u2014]*(?:wait|actually|sorry|hmm+|or\s+rather|rather)\b", re.I)
+#: after the choice on its line: a correction ("No, wait - yes", "yes. No, wait") makes the line no answer
+_CORRECTION = re.compile(r"[\s,;:.!\-\u2013\u2014]*(?:(?:no|oh|oops)[ \t]*[,.;:!\-\u2013\u2014][ \t]*)?"
+                         r"(?:wait|actually|sorry|hmm+|or\s+rather|rather)\b", re.I)
 #: words that offer another choice beside the answer: "C (or possibly D)", "C, or maybe D", "maybe yes"
 _HEDGE_WORD = r"(?:or|and|possibly|maybe|perhaps|probably|also|alternatively|otherwise|either|consider(?:ing)?)\b"
 _SEP = r"[\s\(\)\[\]\*_\"']*"          # what may stand between the answer and a hedge: brackets, emphasis, quotes
@@ -104,6 +106,47 @@ _ALSO = (r"[\s\*_\)\]\"']*(?:(?:is|are|seems|could|might|may|would|can)[ \t]+)?(
          rf"(?:{_OK}|answer|option|alternative|choice|possibility)\b")
 #: ... and what offers X as the answer: "it could be D", "might also be D" (not "cannot be D", "could not be D")
 _COULD_BE = r"\b(?:could|might|may)[ \t]+(?:(?:also|equally|well)[ \t]+)?be[\s\*\(\[\"'_:]*"
+
+#: What names a second choice X after the answer, on its line or below it: a correction, a second answer, or an
+#: alternative under a condition. Any of them makes the reply no answer, so ``run`` asks again; a reply that only
+#: discusses another option ("B is wrong because ...", "not C", "A, B and D are less likely") names none. ``{x}``
+#: stands for the choices other than the answer, ``{any}`` for every choice. Each pattern has one unbounded run per
+#: place it starts: the reply is untrusted text (see _BOX).
+#: X ends its clause ("Actually, D.", "it is D, because"), not a list ("No, A, B and D are wrong")
+_ENDS = r"(?=[ \t\*_\)\]\"']*(?:$|[.;!?:]|,(?![ \t]*(?:and[ \t]+|or[ \t]+)?(?:{any})\b)))"
+_COND = r"(?:in|if|when|whenever|during|among|unless|once|where|otherwise|depending)\b"
+_SECOND = (
+    # a correction, then X alone or said to be the answer: "No, D.", "Actually, D", "Correction: the answer is D",
+    # "Revised answer: D", "Wait, ... it's D"
+    r"\b(?:no[ \t]*[,.;:!\-\u2013\u2014]|(?:wait|actually|sorry|oops|hmm+|correction|scratch[ \t]+that|on[ \t]+second"
+    r"[ \t]+thoughts?|on[ \t]+reflection|i[ \t]+meant?|or[ \t]+rather|rather|revised|updated|corrected|amended|edit|"
+    r"update)\b)[ \t,;:.!\*_\-\u2013\u2014]*(?:(?:(?:the|my)[ \t]+)?(?:[a-z]+[ \t]+){0,2}answer(?:[ \t]+(?:is|should"
+    r"[ \t]+be|must[ \t]+be|would[ \t]+be)|[ \t\*_]*:)[ \t\*_:\"'(]*|it(?:'s|\u2019s|[ \t]+is)[ \t\*_:\"'(]*)?"
+    rf"(?:{{x}})\b(?:{_ENDS}|{_ALSO})",
+    # a second answer: "the real answer is D", "the answer should be D", "so the answer is D", "it is D." (after
+    # "the answer is not C;"), "D is the correct answer.", "give D instead", "I change my answer to D"
+    r"\b(?:(?:the|my)[ \t]+(?:(?:real|actual|true|revised|updated|corrected|amended)[ \t]+)+answer[ \t]+(?:is|should"
+    r"[ \t]+be|must[ \t]+be)|(?:so|thus|therefore|hence)[ \t,]+(?:the|my)[ \t]+answer[ \t]+is|(?:the|my)[ \t]+"
+    r"(?:[a-z]+[ \t]+){0,2}answer[ \t]+(?:should|must)[ \t]+be)(?:[ \t]+(?:actually|really|instead))?"
+    r"[ \t\*_:\"'(]*(?:{x})\b",
+    rf"\bit(?:'s|\u2019s|[ \t]+is)[ \t]+(?:(?:actually|really)[ \t]+)?(?:{{x}}){_ENDS}",
+    r"(?:^|[.;!?][ \t])[ \t>\*_\-]*(?:option[ \t]+)?(?:{x})\b[ \t\*_\)\]\"']*(?:is|was)[ \t]+"
+    r"(?:(?:actually|really|also)[ \t]+)?(?:the[ \t]+)?(?:(?:correct|right|best|real|actual|true|final)[ \t]+)?"
+    r"(?:answer|correct|right)\b",
+    r"(?:{x})[ \t\*_,]+(?:instead|actually)\b",
+    r"\b(?:chang(?:e|ing)|switch(?:ing)?)[ \t]+(?:my[ \t]+)?(?:answer[ \t]+)?to[ \t\*_:\"'(]*(?:{x})\b",
+    # an alternative under a condition: "C (D in pregnancy)", "C; but D if pregnant", "but D for children",
+    # "if not, no", "otherwise no", "In pregnancy, D."
+    r"(?:[\(\[,;:\-\u2013\u2014]|\b(?:but|though|although|except|unless)\b)[ \t\*_\"']*"
+    rf"(?:(?:but|then|and|use|give|choose)[ \t]+)?(?:{{x}})[ \t\*_\"'\)\]]*{_COND}",
+    r"\bbut[ \t]+(?:{x})[ \t\*_\"'\)\]]*(?:for|with|without|after|before|under|over)\b",
+    r"\b(?:otherwise|else|if[ \t]+not)\b[ \t,:\*_\"']*(?:{x})\b",
+    rf"\b(?:for\b|{_COND})[^.;\n]{{0,80}},[ \t\*_\"']*(?:{{x}}){_ENDS}",
+    # X alone as a sentence, or a line of its own, after the answer: "No. Yes.", "C. D."
+    r"(?:^|[.;!?][ \t])[ \t>\*_\-]*(?:{x})[ \t\*_\"'\)\]]*(?:[.!][ \t\*_]*)?$",
+)
+#: ... and, for words (yes / no / maybe), X opening a sentence of its own: "Answer: yes. No, the trial ..."
+_SECOND_WORD = r"[.;!?][ \t]+(?:{x})[ \t]*[,:!\-\u2013\u2014]"
 
 
 #: LaTeX's \boxed{X} (R1-Distill's way of marking its final answer). The body is one group with no ambiguity (a
@@ -207,10 +250,21 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         said = re.search(r"(?<![^\s\*_])is\s+the\s+(?:(?:correct|right|best|final)\s+)?answer$", line[cut:], flags=re.I)
         return whole(line[:cut + said.start()]) if said else restated(line)
 
+    # each option's text as a reply restates it, longest first: "Vitamin B12" before a "Vitamin B" beside it
+    known = sorted(((x, t) for x in choices if texts and (t := _norm(str(texts.get(x, ""))))),
+                   key=lambda pair: len(pair[1]), reverse=True)
+
+    def text_of(tail: str) -> str | None:
+        """The option whose text opens ``tail``, what follows a choice ("B. Vitamin C", "B (Vitamin C)", "**B** -
+        Vitamin C deficiency ...": option C's text)."""
+        said = _norm(tail.lstrip(" \t*_.,;:()[]\"'-\u2013\u2014"))
+        return next((x for x, t in known if said.startswith(t) and not said[len(t):len(t) + 1].isalnum()), None)
+
     def value(rest: str, is_form: bool) -> str | None:
         """The choice that opens ``rest`` (what follows the label on its line), or None when it is no clean answer:
         prose ("a patient"), a hedge ("A or B", "C (possibly D)"), a correction ("No, wait - yes"), a mark over it
-        ("C̸"), another choice said to be the answer too ("C; D is also possible")."""
+        ("C̸"), another choice said to be the answer too ("C; D is also possible"), another option's text after the
+        letter ("B. Vitamin C")."""
         m = re.match(rf"{_DECO}({strict if is_form else alts})\b", rest, flags=re.I)
         found = canonical(m.group(1)) if m else None
         if found is None:
@@ -219,6 +273,8 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         if tail and unicodedata.category(tail[0]).startswith("M"):  # a combining mark: struck or slashed
             return None
         if hedge.match(tail) or _CORRECTION.match(tail):
+            return None
+        if text_of(tail) not in (None, found):  # the letter says one option, the text another
             return None
         others = [re.escape(x) for x in choices if x != found]
         other = (f"(?-i:{'|'.join(others)})" if upper else "|".join(others)) if others else r"(?!)"
@@ -237,10 +293,24 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         """The choices an unclear answer line names ("not B", "A or B")."""
         return {x for x in (canonical(f) for f in re.findall(rf"\b({strict})\b", rest, flags=re.I)) if x}
 
+    def second(after: str, answer: str) -> str | None:
+        """The other choice ``after`` (the reply from its first answer on) names as a correction, a second answer or
+        an alternative under a condition (``_SECOND``), if any."""
+        others = [re.escape(x) for x in choices if x != answer]
+        if not others:
+            return None
+        other = f"(?-i:{'|'.join(others)})" if upper else "|".join(others)
+        for pattern in _SECOND + (() if single else (_SECOND_WORD,)):
+            said = re.search(pattern.replace("{x}", f"(?P<x>{other})").replace("{any}", strict), after, re.I | re.M)
+            if said:
+                return canonical(said.group("x"))
+        return None
+
     lines = [line for line in text.splitlines() if line.strip()]
     given: list[str] = []        # the choice of each clear answer line
     mentioned: set[str] = set()  # the choices unclear answer lines name
     unclear = 0                  # answer lines that give no one choice
+    start = None                 # the first clear answer line
     for i, line in enumerate(lines):
         m = line_re.match(line)
         if not m:
@@ -256,6 +326,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
             found = whole(rest)
         if found:
             given.append(found)
+            start = i if start is None else start
         else:
             mentioned |= named(rest)
             unclear += 1
@@ -268,7 +339,12 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     if given or first:
         answers = set(given) | mentioned | ({first} if first else set())
         if len(answers) == 1:
-            return Parsed(True, answers.pop(), text, labelled=bool(given))
+            answer = answers.pop()
+            other = second("\n".join(lines[0 if first else start:]), answer)
+            if other is None:
+                return Parsed(True, answer, text, labelled=bool(given))
+            return Parsed(False, None, text, f"the reply names {other} after its answer {answer} (a correction, a "
+                                             "second answer or an alternative under a condition): no single answer")
         where = f"first line and its '{c.label}:' lines" if first else f"'{c.label}:' lines"
         return Parsed(False, None, text, f"the reply's {where} disagree ({', '.join(sorted(answers))}): "
                                          "no single answer")
@@ -278,7 +354,8 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
             return Parsed(True, found, text)
     if unclear:
         return Parsed(False, None, text, f"the '{c.label}:' line gives no single one of {', '.join(choices)} "
-                                         "(a hedge, a negation, a correction or prose)")
+                                         "(a hedge, a negation, a correction, another option's text after the letter, "
+                                         "or prose)")
     return Parsed(False, None, text, f"no '{c.label}: X' line with X in {', '.join(choices)}")
 
 
