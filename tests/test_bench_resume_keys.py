@@ -145,3 +145,25 @@ def test_the_runner_resumes_records_only_under_their_artifact_and_key(tmp_path):
     assert not accuracy.records_resume(records, rebuilt, settings)
     _records(records, plain, items)  # written outside the runner (no key): started afresh by it
     assert not accuracy.records_resume(records, task.key, settings)
+
+
+def test_a_report_is_rendered_again_from_raw_alone(gguf, tmp_path):
+    """``python -m edgemed.benchmarks.harness.report OUT``: every raw result there, whatever its key, with its date."""
+    pytest.importorskip("matplotlib")
+    out, config = tmp_path / "out", Config("q4_k_m", "gguf", str(gguf))
+    measured_with = Settings(profile="x86-avx2", evals=("/data/medagentsbench/medmcqa/test.jsonl",), eval_n=300)
+    acc, = runner.plan_tasks(out, [config], ["accuracy"], measured_with)
+    raw = _raw(acc, measured_with) | {"key": {"model_sha256": "an older key"}}
+    raw["result"] = {"n": 2, "acc_logit": 0.5, "ci_logit": [0.1, 0.9], "per_dataset": {}}
+    _file(acc.raw, json.dumps(raw).encode())
+    later = Settings(profile="x86-avx2")  # the run that wrote results.json measured no accuracy
+    (out / "results.json").write_text(json.dumps({"settings": later.to_dict(), "configs": [
+        {"name": "q4_k_m", "kind": "gguf", "path": str(gguf), "dtype": None}], "failed": [
+        {"task": "q4_k_m-accuracy", "error": "gone now"}, {"task": "q4_k_m-timing", "error": "exit 1"}]}))
+    (out / "machine.json").write_text(json.dumps({"cpu": "x", "physical_cores": 2, "logical_cores": 2,
+                                                  "memory_bytes": 2 << 30, "os": "Linux"}))
+    (out / "raw" / "bandwidth.json").write_text(json.dumps({"threads": 2}))
+    results = report.rebuild(out)
+    assert results["configs"][0]["accuracy"]["n"] == 2 and results["failed"] == [{"task": "q4_k_m-timing", "error": "exit 1"}]
+    md = (out / "report.md").read_text()
+    assert "Items: 300 from medmcqa/test.jsonl" in md and "resumed from an earlier run (2025-11-24)" in md
