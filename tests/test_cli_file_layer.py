@@ -159,3 +159,39 @@ def test_keygen_never_writes_over_another_keys_public_half(tmp_path, monkeypatch
         assert "--force" not in _fix(r), r.output
         assert (tmp_path / "k.pub.pem").read_bytes() == before["k.pub.pem"]
     assert (tmp_path / first).read_bytes() == before[first]
+
+
+# -- a file output given with a trailing separator names a folder ----------------------------------------------
+@pytest.mark.parametrize("tail", ["/", "//", "/."])
+def test_a_file_output_with_a_trailing_separator_is_refused(tmp_path, monkeypatch, tail):
+    """`pack ... -o newdir/` wrote a file 'newdir', `export NAME --gguf gdir/` a file 'gdir'."""
+    import bundle_kit as kit
+
+    src = kit.installed_tiny(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "there").mkdir()
+    cases = [(["pack", src["model"], "--license", src["license"], "-o"], "-o", "NAME.edgemed"),
+             (["export", "tiny", "--gguf"], "--gguf", "NAME.gguf"),
+             (["convert", tmp_path / "no-ckpt", "-o"], "-o", "NAME.gguf")]
+    if kit_has_crypto():
+        cases.append((["keygen"], "PRIVATE_KEY", "key.pem"))
+    for folder in ("newdir", "there"):
+        for args, option, example in cases:
+            r = _cli(*args, folder + tail)
+            if option == "--gguf" and folder == "there":  # click's own check of an existing folder (dir_okay=False)
+                assert r.exit_code == 2 and "is a directory" in r.output, r.output
+                continue
+            assert r.exit_code == 1 and "names a folder" in r.output and option in r.output, (args, r.output)
+            assert f"{folder}/{example}" in _fix(r), (args, r.output)
+    assert not (tmp_path / "newdir").exists() and not any((tmp_path / "there").iterdir())
+    assert not (tmp_path / "newdir.pub.pem").exists() and not (tmp_path / "there.pub.pem").exists()
+    r = _cli("pack", src["model"], "--license", src["license"], "--dir", "-o", "newdir" + tail)  # a folder output: fine
+    assert r.exit_code == 0 and (tmp_path / "newdir" / "manifest.json").is_file(), r.output
+
+
+def kit_has_crypto() -> bool:
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        return False
+    return True

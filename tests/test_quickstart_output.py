@@ -87,3 +87,9 @@ def test_a_bad_quant_is_refused_before_any_work(monkeypatch, quant):
     r = CliRunner().invoke(cli, ["quickstart", "--quant", quant])
     assert r.exit_code == 2 and "1/4" not in r.output, r.output
     assert f"Invalid value for '--quant': '{quant}' is not one of" in r.output and "'q4_k_m'" in r.output, r.output
+
+
+def test_o_with_a_trailing_separator_is_refused_before_any_work(tmp_path):
+    r = _quickstart("-o", f"{tmp_path / 'newdir'}/")
+    assert r.exit_code == 1 and "names a folder" in r.output and "1/4" not in r.output, r.output
+    assert f"-o {tmp_path / 'newdir' / 'NAME.gguf'}" in r.output and not (tmp_path / "newdir").exists()

@@ -24,7 +24,7 @@ ADAPTER_TENSOR_TYPES = ("f16", "q8_0", "f32")
               help="Output weight type [default: q4_k_m; int4 with --to onnx]; auto: per-tensor types chosen by measured KLD.")
 @click.option("--max-kld", type=float, help="With --quant auto: the smallest file whose KLD vs F16 (nats, held-out medical text) is at most this.")
 @click.option("--fit-profile", help="With --quant auto: the best fidelity that fits this device profile at its context (`edgemed devices list`).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file (default: <source-name>-<quant>.gguf here).")
+@click.option("-o", "--output", type=click.Path(), help="Output file (default: <source-name>-<quant>.gguf here).")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the source (faster; not recommended).")
 @click.option("--pre-tokenizer", help="Override the llama.cpp pre-tokenizer name (verified against the HF tokenizer).")
@@ -67,6 +67,10 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
 
         raise InputError(f"--onnx-graph {onnx_graph} chooses how an ONNX graph is made, and --to {target} writes no ONNX graph.",
                          "leave --onnx-graph out, or convert with --to onnx")
+    if output is not None:  # as typed: a GGUF's 'dir/' named a folder, and made a file of that name
+        from edgemed.files.atomic import file_destination
+
+        output = Path(output) if target == "onnx" else file_destination(output, "-o", "NAME.gguf")
     if adapter_only or base_gguf is not None:
         _check_adapter_flags(target, lora, adapter_only, out_type, imatrix_from, max_kld, fit_profile)
         out_type = out_type or "f16"

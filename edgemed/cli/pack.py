@@ -50,7 +50,7 @@ def _adapter_arg(ctx, param, values):
               help="Certificate mode: the signing certificate (PEM) of the --sign key; model.sig then carries it.")
 @click.option("--cert-chain", "cert_chain", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="With --cert: the intermediate/root certificates to ship with it (repeatable).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output (default: NAME.edgemed).")
+@click.option("-o", "--output", type=click.Path(), help="Output (default: NAME.edgemed).")
 @click.option("--dir", "as_dir", is_flag=True, help="Write the directory form (runnable in place) instead of one tar file.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @json_flag("Print the manifest as JSON.")
@@ -72,6 +72,10 @@ def pack(model, name, license_, adapters, base_sha256, for_model, card, template
     if (cert or cert_chain) and not key:
         raise InputError("--cert and --cert-chain sign in certificate mode, which needs the certificate's key.",
                          "pass --sign KEY.pem with --cert CERT.pem")
+    if output is not None:  # as typed: a file output's trailing '/' named a folder, and made a file of that name
+        from edgemed.files.atomic import file_destination
+
+        output = Path(output) if as_dir else file_destination(output, "-o", "NAME.edgemed")
     if report is not None and no_report:  # one of the two was dropped without a word
         raise InputError(f"--report {report} and --no-report contradict each other.",
                          "pass --report FILE to ship that report, or --no-report to pack without one")
@@ -259,7 +263,7 @@ def inspect(bundle, as_json):
 
 
 @click.command()
-@click.argument("private_key", type=click.Path(path_type=Path))
+@click.argument("private_key", type=click.Path())
 @click.option("--force", is_flag=True)
 @click.option("--public-only", is_flag=True,
               help="Write only the public half of the existing PRIVATE_KEY (again), e.g. after an interrupted --force.")
@@ -270,8 +274,10 @@ def keygen(private_key, force, public_only):
     Keep the private key on the build machine; give the .pub.pem to clinics. The pair also works
     with the OpenSSF tool: model_signing sign key --private_key key.pem, verify key --public_key key.pub.pem.
     """
+    from edgemed.files.atomic import file_destination
     from edgemed.packaging import signing
 
+    private_key = Path(private_key) if public_only else file_destination(private_key, "PRIVATE_KEY", "key.pem")
     if public_only:
         public, kid = signing.derive_public(private_key, force=force)
         click.echo(f"wrote {public} (the public half of {private_key}); key id {kid}")

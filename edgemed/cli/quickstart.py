@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from edgemed.constants import DEFAULT_OUTPUT_TYPE, GGUF_OUTPUT_TYPES
@@ -15,7 +13,7 @@ QUESTION = "A patient on warfarin starts taking ibuprofen for back pain. What is
 @click.option("--model", "model_name", default=None, help="Example model carried by a pip package (default: smollm2-135m-instruct).")
 @click.option("--quant", type=click.Choice(GGUF_OUTPUT_TYPES), default=DEFAULT_OUTPUT_TYPE["gguf"], show_default=True,
               help="Output weight type (auto needs --max-kld or --fit-profile: `edgemed convert --quant auto`).")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
+@click.option("-o", "--output", type=click.Path(),
               help="Where to write the GGUF (default: under $EDGEMED_HOME, replaced by the next quickstart).")
 @click.option("--force", is_flag=True, help="Replace the -o file and its .report.json if they exist.")
 @click.option("--question", default=QUESTION, show_default=False, help="The medical question to ask at the end.")
@@ -30,11 +28,12 @@ def quickstart(model_name, quant, output, force, question):
 
     require_route("gguf")
     from edgemed.converters.pipeline import ConvertOptions, convert, report_path
-    from edgemed.files.atomic import check_destination, refuse_input_as_output
+    from edgemed.files.atomic import check_destination, file_destination, refuse_input_as_output
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.engine import LoadSettings
 
     env.enforce_offline()
+    output = file_destination(output, "-o", "NAME.gguf") if output is not None else None  # 'dir/' names no file
     name = model_name or pip_models.DEFAULT
     out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
     replace = force or output is None  # the default location is edgemed's own; a file given with -o is the user's

@@ -98,7 +98,7 @@ def remove(name):
 @click.argument("model")
 @click.option("--ollama", "ollama_dir", type=click.Path(file_okay=False, path_type=Path), help="Write Modelfile + GGUF into this directory.")
 @click.option("--llama-server", "llama_server", is_flag=True, help="Print a llama-server command line for the verified GGUF.")
-@click.option("--gguf", "gguf_out", type=click.Path(dir_okay=False, path_type=Path), help="Copy the plain GGUF here.")
+@click.option("--gguf", "gguf_out", type=click.Path(dir_okay=False), help="Copy the plain GGUF here.")
 @click.option("--system", help="System prompt for the Modelfile (default: the card's system_prompt).")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 def export(model, ollama_dir, llama_server, gguf_out, system, force):
@@ -113,6 +113,10 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
 
     if not (ollama_dir or llama_server or gguf_out):
         raise InputError("Nothing to export.", "pass --ollama DIR, --llama-server, or --gguf FILE")
+    if gguf_out is not None:  # as typed: 'gdir/' named a folder, and made a file 'gdir'
+        from edgemed.files.atomic import file_destination
+
+        gguf_out = file_destination(gguf_out, "--gguf", "NAME.gguf")
     if system is not None and not ollama_dir:  # it went nowhere, with exit 0
         other = "--gguf" if gguf_out else "--llama-server"
         raise InputError(f"--system sets the system prompt of the Modelfile that --ollama writes; {other} writes no "

@@ -26,7 +26,7 @@ from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
 from edgemed.errors import DISK_REFUSED, OutputExists
 
-__all__ = ["atomic_path", "atomic_paths", "check_destination", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
+__all__ = ["atomic_path", "atomic_paths", "check_destination", "file_destination", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
            "step", "discard"]
 
 
@@ -43,6 +43,22 @@ def _example(option: str, path) -> str:
     return f"{option} {path}" if option.startswith("-") else f"{path} as {option}"
 
 
+def file_destination(text: str | os.PathLike, option: str = "-o", example: str = "NAME") -> Path:
+    """The path of a *file* output as the user typed it (``option``: "-o", "--gguf", "PRIVATE_KEY"), refused when it
+    ends with a path separator (or ``/.``): that names a folder, and ``Path`` drops the separator, so edgemed wrote a
+    file named after the folder meant (``-o newdir/`` made a file 'newdir'). ``example``: a file name for the fix."""
+    text = os.fspath(text)
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    dotted = tuple(s + "." for s in seps)
+    if text.endswith(seps + dotted):
+        folder = str(Path(text))  # what would have been written
+        raise OutputExists(
+            f"Output '{text}' ends with '{text[-2:] if text.endswith(dotted) else text[-1]}', so it names a folder, "
+            f"but {option} names the file edgemed writes (it would be a file named '{folder}').",
+            f"give the file's name, e.g. {_example(option, os.path.join(folder, example))}")
+    return Path(text)
+
+
 def check_destination(path: Path, force: bool, kind: str | None = None, option: str = "-o") -> None:
     """Refuse an output that would lose something, and sweep dead owners' debris from its folder.
 
@@ -50,6 +66,8 @@ def check_destination(path: Path, force: bool, kind: str | None = None, option: 
     edgemed made as that kind, unchanged since, may be replaced (with ``force``). ``option`` is how the
     command was given the path ("-o", "--gguf", or an argument's name, "PRIVATE_KEY"): the fixes name it.
     """
+    if kind is None and isinstance(path, str):  # a file output, as typed: a trailing separator names a folder
+        file_destination(path, option)
     path = Path(path)
     if _holds_cwd(path):
         raise OutputExists(
