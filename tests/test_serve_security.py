@@ -197,7 +197,8 @@ def test_api_keys_are_checked_and_recorded(model, tmp_path):
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(srv.url + "/metrics").status_code == 401
         assert httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-        assert httpx.get(srv.url + "/health").status_code == 200  # liveness stays open, and says nothing private
+        health = httpx.get(srv.url + "/health")  # liveness stays open, and says nothing private: not even the load
+        assert health.status_code == 200 and health.json() == {"status": "ok"}, health.text
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
         assert [m.id for m in good.models.list().data] == ["m"]
         assert wait_until(lambda: json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1]).get("key_id") == "ehr")

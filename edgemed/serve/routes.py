@@ -30,15 +30,21 @@ _ADDING = threading.Lock()
 
 @router.get("/health")
 async def health(request: Request):
+    """Liveness, open to anyone. On a server with API keys it says only its status: busy slots and queue depth,
+    polled, would time other clinicians' requests, and a failed log's detail names a path (``/metrics``, keyed,
+    has the load)."""
     srv = served(request)
+    private = srv.config.api_keys is None
     if not srv.batcher.alive():  # the scheduler is gone: every request would be refused, so say so here too
-        return JSONResponse({"status": "scheduler_stopped",
-                             "detail": "the model server's scheduler is not running; see the server log"},
-                            status_code=503)
-    stats = srv.batcher.stats()
+        detail = {"detail": "the model server's scheduler is not running; see the server log"}
+        return JSONResponse({"status": "scheduler_stopped", **detail}, status_code=503)
     audit = srv.config.audit
     if audit is not None and audit.failed:
-        return JSONResponse({"status": "audit_failed", "detail": audit.failed}, status_code=503)
+        return JSONResponse({"status": "audit_failed", **({"detail": audit.failed} if private else {})},
+                            status_code=503)
+    if not private:
+        return {"status": "ok"}
+    stats = srv.batcher.stats()
     return {"status": "ok", "model": srv.config.model_id, "slots": stats.get("slots"),
             "active_slots": stats.get("active_slots"), "queue_depth": stats.get("queue_depth")}
 
