@@ -155,7 +155,8 @@ def bench() -> None:
 
     Every configuration x phase runs in its own process and writes one file
     under OUT/raw/; a killed run resumes where it stopped (results are keyed by
-    model digest + device profile + edgemed version + settings).
+    model digest + device profile and its contents + edgemed and runtime versions
+    + llama.cpp build + harness methods + settings).
     """
 
 
