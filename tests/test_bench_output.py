@@ -116,3 +116,30 @@ def test_a_failed_measurement_ends_the_command_with_exit_1_after_the_report(tmp_
     assert (out / "report.md").is_file()
     r = CliRunner().invoke(cli, ["bench", "run", str(gguf), "-o", str(out), *FAST])
     assert r.exit_code == 0, r.output
+
+
+def test_a_report_folder_in_the_store_or_in_what_the_run_measures_is_refused_before_any_work(tmp_path, gguf):
+    """A report written into an installed bundle made it fail verification (and `remove` deleted the report with it);
+    one written into a checkpoint changed the folder being measured."""
+    from edgemed import env
+    from edgemed.packaging.bundle import PackInputs, pack
+    from edgemed.packaging.store import Store
+
+    src = bundle_kit.inputs(tmp_path / "b")
+    bundle = tmp_path / "smol.edgemed"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="smol"), bundle, as_dir=True)
+    Store().install(bundle)
+    installed = env.store_dir() / "models" / "smol"
+    for out in (installed, installed / "bench", env.store_dir() / "reports"):
+        r = CliRunner().invoke(cli, ["bench", "run", "smol", *FAST, "-o", str(out)])
+        assert r.exit_code == 1 and "store" in r.output and "Traceback" not in r.output, r.output
+    model = next(bundle.rglob("*.gguf"))  # a bundle folder's model, measured by path
+    r = CliRunner().invoke(cli, ["bench", "run", str(model), *FAST, "-o", str(bundle / "bench")])
+    assert r.exit_code == 1 and "inside" in r.output and "-o" in r.output, r.output
+    assert not (bundle / "bench").exists() and CliRunner().invoke(cli, ["verify", "smol"]).exit_code == 0
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    with pytest.raises(OutputExists, match="inside"):
+        runner.claim(checkpoint / "report", False, [checkpoint])
+    assert runner.claim(tmp_path / "elsewhere", False, [checkpoint, gguf]) is False  # a new folder: nothing to replace
+    assert not list(installed.glob("raw")) and not (checkpoint / "report").exists()

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.errors import OutputExists
-from edgemed.files.atomic import check_destination, write_text
+from edgemed.files.atomic import check_destination, refuse_store, write_text
+from edgemed.packaging.manifest import MANIFEST
 from edgemed.benchmarks.harness.accuracy import records_resume
 from edgemed.benchmarks.harness.artifacts import model_digest
 from edgemed.benchmarks.harness.child import load_raw
@@ -227,9 +228,21 @@ def made_by_bench(out: Path) -> bool:
     return isinstance(saved, dict) and any(bandwidths(saved).values())
 
 
-def claim(out: Path, force: bool) -> bool:
+def claim(out: Path, force: bool, inputs=()) -> bool:
     """Refuse, before any work, a report folder holding files a run would replace that edgemed's bench did not
-    make (unless ``force``); return whether this run may replace its report files."""
+    make (unless ``force``), one inside edgemed's store, or one inside a folder the run reads (``inputs``: the
+    paths measured; a file's bundle folder, the one up to three levels above it holding a manifest.json, counts as
+    read); return whether this
+    run may replace its report files."""
+    refuse_store(out)  # an installed model would hold files its manifest does not list, and stop verifying
+    real = os.path.realpath(out)
+    for path in inputs:
+        path = Path(path)
+        folder = path if path.is_dir() else next((p for p in list(path.parents)[:3] if (p / MANIFEST).is_file()), None)
+        if folder is not None and os.path.commonpath([real, os.path.realpath(folder)]) == os.path.realpath(folder):
+            raise OutputExists(f"The report folder '{out}' is inside '{folder}', which this run measures; a report "
+                               "there would change what it reads (a bundle would no longer verify).",
+                               "choose a report folder outside it with -o")
     if os.path.lexists(out) and not out.is_dir():
         raise OutputExists(f"The report folder '{out}' is a file.", "name a folder with -o (a new one, or one a bench made)")
     taken = [p for p in report_files(out) if os.path.lexists(p)]
@@ -260,7 +273,7 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
 
     from edgemed.benchmarks.harness import machine, report
 
-    replace = claim(out, force)
+    replace = claim(out, force, [c.path for c in configs if c.path])
     out.mkdir(parents=True, exist_ok=True)
     (out / "raw").mkdir(exist_ok=True)
     settings = resolve_settings(settings)

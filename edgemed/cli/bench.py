@@ -240,7 +240,8 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     from edgemed.benchmarks.harness.configs import HF_BASELINES, parse_list
     from edgemed.constants import ONNX_OUTPUT_TYPES
 
-    runner.claim(output, force)  # before the conversions: a folder whose files are not the bench's is refused now
+    runner.claim(output, force, [source])  # before the conversions: a folder whose files are not the bench's, or
+    # one inside the checkpoint, is refused now
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario)
     chosen = _phases(phases, skip_accuracy, settings)
