@@ -136,3 +136,29 @@ def test_pack_refuses_an_output_inside_the_onnx_folder_it_packs(tiny_onnx, tmp_p
     assert r.exit_code == 1 and "inside the ONNX model folder" in r.output and "choose another -o path" in r.output, r.output
     assert sorted(p.name for p in d.iterdir()) == before
     assert _pack(d, tmp_path).exit_code == 0  # still packable as it was
+
+
+def test_pack_and_inspect_state_the_onnx_facts_they_have_and_unknown_for_the_rest(tiny_onnx, tmp_path):
+    """An ONNX bundle printed "llama 0M None" and "chat template None" though the folder has chat_template.jinja and
+    its report names the weight type: the template's hash and the report's type are recorded now, and the parameter
+    count, which neither holds, is said to be unknown."""
+    import hashlib
+
+    license_ = kit.inputs(tmp_path / "src")["license"]
+    for extra, quant in (([], "fp32"), (["--no-report"], None)):
+        bundle = tmp_path / f"t{len(extra)}.edgemed"
+        r = CliRunner().invoke(cli, ["pack", str(tiny_onnx), "--license", str(license_), "--name", "tiny-onnx", "-o", str(bundle),
+                                     *extra], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert " 0M" not in r.output and "None" not in r.output and "unknown size" in r.output, r.output
+        assert (quant or "unknown weight type") in r.output, r.output
+        man = json.loads(CliRunner().invoke(cli, ["inspect", str(bundle), "--json"], catch_exceptions=False).output)["manifest"]
+        template = hashlib.sha256((tiny_onnx / "chat_template.jinja").read_bytes()).hexdigest()
+        assert man["model"]["chat_template_sha256"] == template and man["model"].get("quant") == quant
+        assert "params" not in man["model"]
+        text = CliRunner().invoke(cli, ["inspect", str(bundle)], catch_exceptions=False).output
+        assert "parameter count unknown" in text and "0.0M" not in text and "None" not in text, text
+        assert f"chat template {template[:16]}" in text and (quant or "weight type unknown") in text, text
+    assert CliRunner().invoke(cli, ["install", str(tmp_path / "t0.edgemed")]).exit_code == 0
+    listed = CliRunner().invoke(cli, ["list"], catch_exceptions=False).output
+    assert "tiny-onnx" in listed and " 0M" not in listed and "fp32" in listed, listed

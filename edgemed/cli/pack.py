@@ -14,6 +14,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _millions(model: dict, digits: int) -> str | None:
+    """The model's parameter count in millions, or None where the manifest does not know it (an ONNX bundle)."""
+    params = model.get("params")
+    return f"{params / 1e6:.{digits}f}M" if isinstance(params, int) and not isinstance(params, bool) and params > 0 else None
+
+
 def _adapter_arg(ctx, param, values):
     out = []
     for v in values:
@@ -105,7 +111,8 @@ def pack(model, name, license_, adapters, base_sha256, for_model, card, template
         return
     m = man.model
     what = (f"adapters for the base {m['base_source_sha256'][:12]}..." if man.adapters_only
-            else f"{m.get('arch')} {m.get('params', 0) / 1e6:.0f}M {m.get('quant')}")
+            else f"{m.get('arch') or 'unknown architecture'} {_millions(m, 0) or 'unknown size'} "
+                 f"{m.get('quant') or 'unknown weight type'}")
     ads = f" + adapters {', '.join(a['name'] for a in man.adapters)}" if man.adapters and not man.adapters_only else \
         f" {', '.join(a['name'] for a in man.adapters)}" if man.adapters else ""
     click.echo(f"wrote {output} ({'directory' if as_dir else 'tar'}, {len(man.files)} files, {_mb(man.total_bytes)}): "
@@ -231,14 +238,17 @@ def inspect(bundle, as_json):
         hint = f" (installed as '{m['base_name']}' where it was packed)" if m.get("base_name") else ""
         click.echo(f"  model      none: LoRA adapters only, for the base checkpoint {m.get('base_source_sha256')}{hint}")
     else:
-        click.echo(f"  model      {m.get('path')}: {m.get('arch')}, {m.get('params', 0) / 1e6:.1f}M params, {m.get('quant')}, "
-                   f"context {m.get('context_length')}")
+        params = _millions(m, 1)
+        click.echo(f"  model      {m.get('path')}: {m.get('arch') or 'architecture unknown'}, "
+                   f"{params + ' params' if params else 'parameter count unknown'}, {m.get('quant') or 'weight type unknown'}, "
+                   f"context {m.get('context_length') or 'unknown'}")
     for a in man.get("adapters") or []:
         click.echo(f"  adapter    {a['name']:<16} {a['path']}: {a.get('architecture')}, rank {a.get('rank') or 'mixed'}, "
                    f"alpha {a.get('alpha')}, {_mb(a['size'])}, for base {str(a.get('base_source_sha256'))[:16]}")
     only = m.get("format") == "adapters"
     if not only:
-        click.echo(f"  hashes     chat template {str(m.get('chat_template_sha256'))[:16]}, tokenizer {str(m.get('tokenizer_sha256'))[:16]}")
+        click.echo(f"  hashes     chat template {str(m.get('chat_template_sha256') or 'none')[:16]}, "
+                   f"tokenizer {str(m.get('tokenizer_sha256') or 'none')[:16]}")
         click.echo(f"  provenance source {str(p.get('source_sha256', 'unknown'))[:16]}, LoRA {str(p.get('lora_sha256', 'none'))[:16]}, "
                    f"converter {p.get('converter_version', 'unknown')}, parity {'recorded' if p.get('parity') else 'not recorded'}")
     click.echo(f"  built with {', '.join(f'{k} {v}' for k, v in p.get('built_with', {}).items())}; "

@@ -72,7 +72,8 @@ def list_(as_json):
             click.echo(f"{r['name']:<24} {r['version'] or '-':<10} adapters {names} ({base}) {r['size_bytes'] / 1e6:>9,.1f} MB  "
                        f"{r['digest'][:19]}  {sig}  from {r['origin']}")
             continue
-        click.echo(f"{r['name']:<24} {r['version'] or '-':<10} {r['arch'] or '?':<8} {(r['params'] or 0) / 1e6:>7.0f}M "
+        params = f"{r['params'] / 1e6:.0f}M" if r["params"] else "?"  # an ONNX bundle's count is not recorded
+        click.echo(f"{r['name']:<24} {r['version'] or '-':<10} {r['arch'] or '?':<8} {params:>8} "
                    f"{r['quant'] or '?':<8} {r['size_bytes'] / 1e6:>9,.1f} MB  {r['digest'][:19]}  {sig}  from {r['origin']}")
         if r.get("previous"):
             p = r["previous"]

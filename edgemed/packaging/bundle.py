@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import __version__, env
+from edgemed.constants import ONNX_OUTPUT_TYPES
 from edgemed.files.atomic import atomic_path, refuse_input_as_output
 from edgemed.files.hashing import file_sha256
 from edgemed.formats.conversion_report import IN_DIRECTORY, existing_report
@@ -164,6 +165,8 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     if report is not None:
         prov.update(_report_provenance(report, model))
         files.append((report, "report.json", "report"))
+    if fmt == "onnx" and prov.get("out_type") in ONNX_OUTPUT_TYPES:  # the graph's weight type, as its conversion made it
+        model_facts["quant"] = prov["out_type"]
     named: dict[str, Path] = {}
     for t in inp.templates:
         if not t.is_file():

@@ -117,8 +117,17 @@ def chat_template(path: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+#: tokenizer_config.json is read whole for its chat template only up to this size (a tokenizer's is kilobytes)
+MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
+
+
 def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
-    """Facts for an ONNX model directory, from genai_config.json when there is one."""
+    """Facts for an ONNX model directory, from genai_config.json when there is one, and the sha256 of the chat
+    template the ONNX engine renders (chat_template.jinja, else tokenizer_config.json's). Its parameter count and
+    weight type are not in these files: the weight type comes from the conversion report (``bundle``), the count
+    is left out (readers say "unknown")."""
+    from edgemed.files.hashing import file_sha256
+
     facts: dict = {"format": "onnx"}
     cfg_path = model_dir / "genai_config.json"
     if cfg_path.is_file():
@@ -128,8 +137,30 @@ def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
                      n_layers=decoder.get("num_hidden_layers"), n_head=decoder.get("num_attention_heads"),
                      n_head_kv=decoder.get("num_key_value_heads"), head_dim=decoder.get("head_size"))
     tok = model_dir / "tokenizer.json"
-    facts["tokenizer_sha256"] = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
+    facts["tokenizer_sha256"] = file_sha256(tok) if tok.is_file() else None
+    facts["chat_template_sha256"] = _onnx_template_sha256(model_dir)
     return facts, {}
+
+
+def _onnx_template_sha256(model_dir: Path) -> str | None:
+    """sha256 of the chat template's UTF-8 text, found where the ONNX engine looks (``runtime.onnx_engine``):
+    chat_template.jinja, else tokenizer_config.json's ``chat_template`` (text, or the one named "default"). None
+    when there is none, or tokenizer_config.json is too large or not JSON (the engine then says why at load)."""
+    from edgemed.files.hashing import file_sha256
+    from edgemed.formats.input_file import read_at_most
+    from edgemed.formats.nesting import loads_json
+
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return file_sha256(jinja) if jinja.stat().st_size else None  # an empty one: the engine renders none
+    try:
+        cfg = loads_json(read_at_most(model_dir / "tokenizer_config.json", MAX_TOKENIZER_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, ValueError):  # none there, too large, not UTF-8 or not JSON
+        return None
+    template = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return hashlib.sha256(template.encode("utf-8")).hexdigest() if isinstance(template, str) and template else None
 
 
 # -- memory ------------------------------------------------------------------------------
