@@ -81,6 +81,32 @@ def test_a_corrected_or_self_contradicting_answer_is_asked_for_with_a_grammar(re
     assert answer.forced and answer.parsed.ok and answer.parsed.value == "D" and len(engine.calls) == 2
 
 
+def test_a_choice_reply_cut_at_max_tokens_is_asked_for_with_a_grammar():
+    """'Answer: C because vitamin' stopped at max_tokens: what came next could have been a correction."""
+    engine = ScriptedEngine("Answer: C because vitamin", "C")
+    answer = ask(engine, get_template("mcq"), ITEM, GenerationSettings(max_tokens=4), ThinkPolicy())
+    assert answer.forced and answer.parsed.ok and answer.parsed.value == "C" and len(engine.calls) == 2
+    assert "cut at the token limit" in answer.parsed.error
+    complete = ScriptedEngine("Answer: C because vitamin")  # the same words, under the limit: the answer, as before
+    answer = ask(complete, get_template("mcq"), ITEM, GenerationSettings(max_tokens=5), ThinkPolicy())
+    assert not answer.forced and answer.parsed.ok and answer.parsed.value == "C" and len(complete.calls) == 1
+
+
+def test_a_text_reply_cut_at_max_tokens_is_not_ok_and_says_why():
+    engine = ScriptedEngine("Answer: give 0.5 mg of")
+    answer = ask(engine, get_template("open_question"), {"question": "Adrenaline dose in anaphylaxis?"},
+                 GenerationSettings(max_tokens=5), ThinkPolicy())
+    assert not answer.parsed.ok and "cut at the token limit" in answer.parsed.error and len(engine.calls) == 1
+    engine = ScriptedEngine("<think>Anaphylaxis: IM adrenaline", "Answer: give 0.5 mg of")  # capped thinking
+    answer = ask(engine, get_template("open_question"), {"question": "q"}, GenerationSettings(max_tokens=5),
+                 ThinkPolicy(cap=16))
+    assert not answer.parsed.ok and "cut at the token limit" in answer.parsed.error and len(engine.calls) == 2
+    engine = ScriptedEngine("<think>Anaphylaxis: IM adrenaline", "Answer: 0.5 mg IM.")  # the answer, whole
+    answer = ask(engine, get_template("open_question"), {"question": "q"}, GenerationSettings(max_tokens=5),
+                 ThinkPolicy(cap=16))
+    assert answer.parsed.ok and answer.parsed.value == "0.5 mg IM."
+
+
 def test_without_grammars_an_inferred_answer_is_no_answer():
     engine = ScriptedEngine(OPTIONS_GONE_THROUGH)
     engine.supports_grammar = False

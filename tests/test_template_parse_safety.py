@@ -193,3 +193,77 @@ def test_a_long_hostile_tail_is_read_in_linear_time(tail):
     started = time.perf_counter()
     _mcq("Answer: C" + tail)
     assert time.perf_counter() - started < 5
+
+
+# -- a reply cut at max_tokens ----------------------------------------------------------------------------------
+CUT = [("open_question", {"question": "Dose of adrenaline in anaphylaxis?"}, "Answer: give 0.5 mg of"),
+       ("mcq", SCURVY, "Answer: C. Vitamin C, or rather"),
+       ("triage", TRIAGE, ROUTINE)]
+
+
+@pytest.mark.parametrize("name, inputs, reply", CUT, ids=[c[0] for c in CUT])
+def test_a_reply_cut_at_max_tokens_is_no_answer(name, inputs, reply):
+    """'Answer: give 0.5 mg of' was parsed ok beside finish_reason 'length'."""
+    template = get_template(name)
+    assert template.parse(reply, inputs).ok  # complete, each is an answer
+    parsed = template.parse(reply, inputs, truncated=True)
+    assert not parsed.ok and parsed.value is None and "cut at the token limit" in parsed.error
+
+
+def _chat_prompt(template: str, inputs: dict):
+    import asyncio
+    from types import SimpleNamespace
+
+    from edgemed.serve import api
+    from edgemed.serve.endpoints import chat_prompt
+    from edgemed.serve.middleware import RequestRecord
+    from edgemed.templates import load_templates
+
+    class Batcher:
+        def chat_template(self):
+            return None
+
+        def render_chat(self, messages, tools=None):
+            return "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
+
+    served = SimpleNamespace(batcher=Batcher(), templates=load_templates(), config=SimpleNamespace(model_id="m"))
+    body = api.ChatRequest(model="m", messages=[], template=template, template_inputs=inputs)
+    return asyncio.run(chat_prompt(served, RequestRecord("r1", "chat", None), body))
+
+
+def test_serve_parses_a_reply_cut_at_max_tokens_as_no_answer():
+    prompt = _chat_prompt("open_question", {"question": "Dose of adrenaline in anaphylaxis?"})
+    cut = prompt.extra("Answer: give 0.5 mg of", "length")["edgemed"]["parsed"]
+    assert cut["ok"] is False and cut["value"] is None and "cut at the token limit" in cut["error"]
+    whole = prompt.extra("Answer: give 0.5 mg IM.", "stop")["edgemed"]["parsed"]
+    assert whole == {"ok": True, "value": "give 0.5 mg IM.", "error": None}
+
+
+def _answer(index: int, text: str):
+    from edgemed.serve.endpoints import Answer
+
+    return Answer(index=index, parts=[text])
+
+
+def test_serve_parses_each_of_n_choices_on_that_choice():
+    """With n > 1 only the first choice's text was parsed, and put on the response as if it were every choice's."""
+    from edgemed.serve.endpoints import ChatShape
+
+    prompt = _chat_prompt("mcq", SCURVY)
+    shape = ChatShape(id="chatcmpl-r1", model="m", extra=prompt.extra, n=3)
+    out = shape.whole([_answer(0, "Answer: C"), _answer(1, "Answer: B. Vitamin C"), _answer(2, "Answer: D because")],
+                      ["stop", "stop", "length"])
+    parsed = [c["edgemed"]["parsed"] for c in out["choices"]]
+    assert [p["ok"] for p in parsed] == [True, False, False] and parsed[0]["value"] == "C"
+    assert "cut at the token limit" in parsed[2]["error"]
+    assert out["edgemed"]["parsed"] == parsed[0] and out["edgemed"]["template"]["id"] == "mcq"  # as with n = 1
+
+
+def test_serve_keeps_the_shape_of_one_choice():
+    from edgemed.serve.endpoints import ChatShape
+
+    prompt = _chat_prompt("mcq", SCURVY)
+    out = ChatShape(id="chatcmpl-r1", model="m", extra=prompt.extra).whole([_answer(0, "Answer: C")], ["stop"])
+    assert out["edgemed"]["parsed"] == {"ok": True, "value": "C", "error": None} and "edgemed" not in out["choices"][0]
+    streamed = ChatShape(id="chatcmpl-r1", model="m", extra=prompt.extra).final(_answer(0, "Answer: C. Vitamin"), "length")
+    assert streamed[-1]["edgemed"]["parsed"]["ok"] is False  # the final chunk of a stream says so too

@@ -124,12 +124,25 @@ def starts_in_think(prompt: str) -> bool:
     return prompt.rstrip().endswith("<think>")
 
 
-def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolicy) -> Iterator[tuple[str, str]]:
-    """Stream ``(channel, text)`` for a rendered ``prompt``; see the module docstring."""
+def _generate(engine, prompt: str, settings: GenerationSettings, cut: list | None) -> Iterator[str]:
+    """``engine.complete``'s pieces; with ``cut``, then appends whether the call used all its ``max_tokens`` (counted
+    by tokenizing what it wrote, as ``respond`` counts a capped thought: the engines report no finish reason)."""
+    text = []
+    for piece in engine.complete(prompt, settings):
+        text.append(piece)
+        yield piece
+    if cut is not None:
+        cut.append(len(engine.tokenize("".join(text))) >= settings.max_tokens)
+
+
+def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolicy,
+            cut: list | None = None) -> Iterator[tuple[str, str]]:
+    """Stream ``(channel, text)`` for a rendered ``prompt``; see the module docstring. ``cut``: a list that gains,
+    per generation call, whether it stopped at its token limit; its last entry says whether the answer was cut short."""
     splitter = ThinkSplitter(in_think=starts_in_think(prompt))
     constrained = bool(settings.json_schema or settings.grammar)
     if think.cap is None and not (constrained and splitter.in_think):
-        for piece in engine.complete(prompt, settings):
+        for piece in _generate(engine, prompt, settings, cut):
             yield from splitter.feed(piece)
         yield from splitter.flush()
         return
@@ -138,20 +151,21 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
     cap = min(think.cap or settings.max_tokens, settings.max_tokens)
     first = ""
     free = replace(settings, max_tokens=cap, stop=(CLOSE,), json_schema=None, grammar=None)
-    for piece in engine.complete(prompt, free):
+    for piece in _generate(engine, prompt, free, cut):
         first += piece
         yield from splitter.feed(piece)
     if splitter.in_think or first.lstrip().startswith("<think>"):
         # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
         closing = "\n" + CLOSE + "\n\n"
         yield from splitter.feed(closing)
-        for piece in engine.complete(prompt + first + closing, settings):
+        for piece in _generate(engine, prompt + first + closing, settings, cut):
             yield from splitter.feed(piece)
     else:
         # The model did not think: what it wrote is the answer; continue it if the cap cut it short.
         used = len(engine.tokenize(first))
         if used >= cap and settings.max_tokens > used:
-            for piece in engine.complete(prompt + first, replace(settings, max_tokens=settings.max_tokens - used)):
+            more = replace(settings, max_tokens=settings.max_tokens - used)
+            for piece in _generate(engine, prompt + first, more, cut):
                 yield from splitter.feed(piece)
     yield from splitter.flush()
 
@@ -171,21 +185,24 @@ def ask(engine, template: Template, inputs: dict, settings: GenerationSettings, 
     """Render ``template`` with ``inputs`` through the model's chat template, generate, and parse the contract.
 
     A JSON contract is enforced while sampling where the engine supports grammars. When a choice
-    contract's reply has no single clear answer line (none, lines that disagree, or a choice only inferred), the
-    model is asked once more for just the label, constrained
-    to the choices (``forced``), so a small model still yields a usable, clearly marked answer.
+    contract's reply has no single clear answer line (none, lines that disagree, a choice only inferred, or a reply
+    cut at ``max_tokens``), the model is asked once more for just the label, constrained
+    to the choices (``forced``), so a small model still yields a usable, clearly marked answer. Any other contract's
+    reply cut at ``max_tokens`` is not ok, its error saying so.
     """
     contract = template.contract
     if contract.kind == "json" and getattr(engine, "supports_grammar", False):
         settings = replace(settings, json_schema=contract.json_schema())
     prompt = engine.render_chat(template.messages(inputs))
     parts = {"think": [], "answer": []}
-    for channel, text in respond(engine, prompt, settings, think):
+    cut: list[bool] = []
+    for channel, text in respond(engine, prompt, settings, think, cut):
         parts[channel].append(text)
         if on_piece:
             on_piece(channel, text)
     thought, reply = "".join(parts["think"]), "".join(parts["answer"])
-    parsed = template.parse(reply, inputs)
+    # a reply cut at max_tokens is no answer (its end may hold a correction): a choice is asked for again
+    parsed = template.parse(reply, inputs, truncated=bool(cut) and cut[-1])
     choices = template.choices(inputs)
     if parsed.ok or contract.kind != "choice" or not getattr(engine, "supports_grammar", False):
         return Answer(parsed, reply, thought)

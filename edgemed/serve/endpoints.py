@@ -37,7 +37,7 @@ def template_version(template) -> str:
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _nothing(text: str) -> dict:
+def _nothing(text: str, finish_reason: str | None = None) -> dict:
     return {}
 
 
@@ -47,7 +47,7 @@ class Prompt:
 
     values: list  # each prompt: text to tokenize, or token ids (completions may send several)
     json_schema: str | None = None  # constrains sampling (response_format, or a JSON-contract template)
-    extra: Callable[[str], dict] = _nothing  # answer text -> edgemed's fields of the response
+    extra: Callable[..., dict] = _nothing  # (answer text, finish reason) -> edgemed's fields of the response
     tools: ToolPlan = field(default_factory=ToolPlan)
     grammar: str | None = None  # the request's own, or the one forcing a tool call
     #: the chat template ended the prompt with <think>: the answer starts inside a reasoning block (the response says
@@ -100,8 +100,10 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     if template is None:
         return Prompt([prompt], json_schema, tools=plan, grammar=constraint, opened_think=opened_think)
 
-    def parsed(text: str) -> dict:
-        result = template.parse(text, body.template_inputs, started_in_think=opened_think)
+    def parsed(text: str, finish_reason: str | None = None) -> dict:
+        # an answer cut at max_tokens is no answer, whatever it holds so far ("give 0.5 mg of")
+        result = template.parse(text, body.template_inputs, started_in_think=opened_think,
+                                truncated=finish_reason == "length")
         return {"edgemed": {"template": record.template,
                             "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
 
@@ -172,7 +174,7 @@ class Shape:
 
     id: str
     model: str
-    extra: Callable[[str], dict] = _nothing
+    extra: Callable[..., dict] = _nothing
     created: int = field(default_factory=lambda: int(time.time()))  # of the streamed chunks
     logprobs: bool = False
     echo: list | None = None
@@ -221,7 +223,7 @@ class ChatShape(Shape):
             if calls:
                 reason = "tool_calls"
         out.append(self.chunk([api.ChunkChoice(index=answer.index, delta=api.Delta(), finish_reason=reason)],
-                              **self.extra(answer.text)))
+                              **self.extra(answer.text, reason)))
         return out
 
     def whole(self, answers: list[Answer], reasons: list[str]) -> dict:
@@ -235,8 +237,12 @@ class ChatShape(Shape):
             choices.append(api.ChatChoice(index=answer.index, finish_reason=reason,
                                           message=api.AssistantMessage(content=content, tool_calls=calls),
                                           logprobs=chat_logprobs(answer.logprobs) if self.logprobs else None))
-        return api.ChatCompletion(id=self.id, model=self.model, choices=choices, usage=usage(answers),
-                                  **self.extra(answers[0].text)).model_dump()
+        out = api.ChatCompletion(id=self.id, model=self.model, choices=choices, usage=usage(answers),
+                                 **self.extra(answers[0].text, reasons[0])).model_dump()
+        if len(answers) > 1:  # n > 1: each choice carries its own parse; the top-level one stays the first choice's
+            for choice, answer, reason in zip(out["choices"], answers, reasons):
+                choice.update(self.extra(answer.text, reason))
+        return out
 
 
 class CompletionShape(Shape):

@@ -102,10 +102,11 @@ class Template:
         system = "\n\n".join(p for p in (self.preamble.strip(), task, self.contract.instruction(choices)) if p)
         return [{"role": "system", "content": system}, {"role": "user", "content": render(self.user, values, where).strip()}]
 
-    def parse(self, reply: str, inputs: dict, started_in_think: bool = False) -> Parsed:
+    def parse(self, reply: str, inputs: dict, started_in_think: bool = False, truncated: bool = False) -> Parsed:
+        """``reply`` read by the contract; ``truncated``: it was cut at its token limit, and is no answer."""
         values = self.fill(inputs)
         texts = values.get(self.contract.choices_from) if self.contract.choices_from else None
-        return self.contract.parse(reply, self.contract.resolve_choices(values), started_in_think, texts)
+        return self.contract.parse(reply, self.contract.resolve_choices(values), started_in_think, texts, truncated)
 
 
 def _load_toml(text: str, source: str) -> dict:
