@@ -17,8 +17,9 @@ from importlib import metadata
 from pathlib import Path
 
 from edgemed import env
+from edgemed.files import ownership
 from edgemed.files.atomic import atomic_path
-from edgemed.errors import InputError
+from edgemed.errors import InputError, OutputExists
 from edgemed.files.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -120,30 +121,49 @@ def gguf_file(name: str = DEFAULT) -> Path:
     return out
 
 
+#: ``atomic_path``'s kind for a dequantized checkpoint: the proof (``edgemed.files.ownership``) that a folder found at
+#: the cache's name is one a run of edgemed finished, not someone's
+CHECKPOINT_KIND = "pip-checkpoint"
+
+
 def hf_checkpoint(name: str = DEFAULT) -> Path:
-    """A Hugging Face directory for ``name``, dequantized from its GGUF once and cached."""
+    """A Hugging Face directory for ``name``, dequantized from its GGUF once and cached.
+
+    Two runs at once on a fresh cache (two quickstarts) both dequantize; the one that finishes second finds the
+    first one's folder in place and uses it (both hold the same weights), unless something other than a complete,
+    unchanged checkpoint edgemed made is there: that is refused, and left as it is."""
     out = env.cache_dir("checkpoints") / name
     if (out / "config.json").exists():
         return out
     source = gguf_file(name)
+    log.info("dequantizing %s to a Hugging Face checkpoint (once)", source.name)
+    try:
+        with atomic_path(out, kind=CHECKPOINT_KIND) as tmp:
+            _dequantize(source, tmp)
+    except OutputExists:
+        if (out / "config.json").is_file() and ownership.made_by_edgemed(out, CHECKPOINT_KIND):
+            log.info("another run finished %s first; using it", out)
+            return out
+        raise
+    return out
+
+
+def _dequantize(source: Path, tmp: Path) -> None:
+    """Write the Hugging Face checkpoint of the GGUF ``source`` (bf16 weights, tokenizer) into the new folder ``tmp``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-
-    log.info("dequantizing %s to a Hugging Face checkpoint (once)", source.name)
-    with atomic_path(out, force=True) as tmp:
-        tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
-        model.hf_quantizer = None  # weights are already dequantized to bf16
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "EDGEMED_SOURCE.txt").write_text(
-            f"Dequantized by edgemed from {source.name} ({model.config.architectures[0]}).\n"
-            "These weights carry the source file's quantization noise.\n"
-        )
-    return out
+    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None  # weights are already dequantized to bf16
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "EDGEMED_SOURCE.txt").write_text(
+        f"Dequantized by edgemed from {source.name} ({model.config.architectures[0]}).\n"
+        "These weights carry the source file's quantization noise.\n"
+    )
