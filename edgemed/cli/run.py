@@ -224,7 +224,8 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
             else:
                 click.echo()
                 shown = json.dumps(value) if isinstance(value, (dict, list)) else value
-                note = " (the reply gave no single clear answer line; asked again, constrained to the choices)" if answer.forced else ""
+                why = answer.parsed.error or "the reply gave no single clear answer line"  # the first reply's
+                note = f" ({why.rstrip('.')}; asked again, constrained to the choices)" if answer.forced else ""
                 if template.contract.kind != "text":
                     click.echo(f"Parsed answer: {shown if answer.parsed.ok else 'none'}{note}")
                 if expected is not None:
