@@ -54,6 +54,22 @@ class _Registry(BaseHTTPRequestHandler):
             self.sent.append(sent)
 
 
+def _pull(handler, tmp_path, monkeypatch, sleep):
+    """``edgemed pull`` from a registry served by ``handler``, oras's retry sleeping through ``sleep``."""
+    import oras.provider  # noqa: F401 - oras.decorator imports in this order only
+    import oras.decorator
+
+    monkeypatch.setattr(oras.decorator.time, "sleep", sleep)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        return CliRunner().invoke(cli, ["pull", f"oci://127.0.0.1:{srv.server_address[1]}/models/tiny:1"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.mark.parametrize("big, status, says", [
     ("ping", 404, "has no manifest"),
     ("manifest", 404, "has no manifest"),
@@ -62,19 +78,8 @@ class _Registry(BaseHTTPRequestHandler):
 ], ids=["ping-body", "404-body", "redirect-body", "500-body-oras-retries"])
 def test_a_huge_answer_is_read_to_a_bound_and_the_registrys_message_still_shown(tmp_path, edgemed_home, monkeypatch,
                                                                                 big, status, says):
-    import oras.provider  # noqa: F401 - oras.decorator imports in this order only
-    import oras.decorator
-
-    monkeypatch.setattr(oras.decorator.time, "sleep", lambda s: None)  # oras retries a 500 five times, sleeping ~2 min
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     handler = type("Handler", (_Registry,), {"big": big, "status": status, "sent": []})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        r = CliRunner().invoke(cli, ["pull", f"oci://127.0.0.1:{srv.server_address[1]}/models/tiny:1"])
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    r = _pull(handler, tmp_path, monkeypatch, lambda s: None)  # oras retries a 500 five times, sleeping ~2 min
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert says in r.output and f"HTTP {404 if status == 302 else status}" in r.output, r.output
     if big != "ping":  # an error's message is read (and parsed) from its first bytes
@@ -142,20 +147,9 @@ class _TokenRegistry(BaseHTTPRequestHandler):
 def test_a_token_answer_over_the_bound_fails_at_once_without_oras_retrying(tmp_path, edgemed_home, monkeypatch):
     """A 2xx cut at MAX_ANSWER_BYTES cannot be parsed and asking again gets the same bytes: oras's retry slept about
     two minutes on it before a traceback-free but late error."""
-    import oras.provider  # noqa: F401 - oras.decorator imports in this order only
-    import oras.decorator
-
     slept = []
-    monkeypatch.setattr(oras.decorator.time, "sleep", slept.append)
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     handler = type("Handler", (_TokenRegistry,), {"sent": []})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        r = CliRunner().invoke(cli, ["pull", f"oci://127.0.0.1:{srv.server_address[1]}/models/tiny:1"])
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    r = _pull(handler, tmp_path, monkeypatch, slept.append)
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert f"over {oci.MAX_ANSWER_BYTES} bytes" in r.output and "not a proxy" in r.output, r.output
     assert slept == [] and len(handler.sent) == 1 and handler.sent[0] < 16 << 20, (slept, handler.sent)
