@@ -463,3 +463,25 @@ def test_verify_counts_generations_accepted_with_no_record_of_their_end(tmp_path
     assert "killed" in r.output, r.output
     _log(tmp_path / "clean.jsonl").close()
     assert verify(tmp_path / "clean.jsonl").unfinished == 0
+
+
+def test_generations_a_running_server_may_still_be_answering_are_not_called_crashed(tmp_path):
+    """`audit verify` beside a running server: what it accepted since its start is in flight, not a crash; what an
+    earlier server accepted before this one started is."""
+    path = tmp_path / "audit.jsonl"
+    first = AuditLog(path)
+    first.append("start", model="m")
+    first.append("accepted", request_id="old", seed=1)
+    first.close()  # killed: no request record, no stop
+    second = AuditLog(path)
+    try:
+        second.append("start", model="m")
+        second.append("accepted", request_id="now", seed=2)
+        report = verify(path)
+        assert report.ok and (report.unfinished, report.unfinished_ids, report.in_flight) == (1, ["old"], 1), report
+        r = CliRunner().invoke(cli, ["audit", "verify", str(path)])
+        assert "1 generation(s) accepted with no record of their end (the server stopped" in r.output, r.output
+        assert "may still be answering them" in r.output, r.output
+    finally:
+        second.close()
+    assert (verify(path).unfinished, verify(path).in_flight) == (2, 0)  # nobody holds the log now

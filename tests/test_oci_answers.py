@@ -165,3 +165,74 @@ def test_a_token_answer_over_the_bound_fails_at_once_without_oras_retrying(tmp_p
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert f"over {oci.MAX_ANSWER_BYTES} bytes" in r.output and "not a proxy" in r.output, r.output
     assert slept == [] and _sent(handler, 1) == 1 and handler.sent[0] < 16 << 20, (slept, handler.sent)
+
+
+class _OversizedOk(BaseHTTPRequestHandler):
+    """A web server in a registry's place: GET /v2/ and an upload's PUT answer 2xx with BIG bytes; HEAD of a blob is
+    404 and the upload's POST names where to PUT."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _big(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(BIG))
+        self.end_headers()
+        try:
+            for _ in range(BIG // len(BLOCK)):
+                self.wfile.write(BLOCK)
+        except OSError:
+            pass
+
+    def do_GET(self):
+        self._big(200)
+
+    def do_HEAD(self):
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(202)
+        self.send_header("Location", "/v2/models/tiny/blobs/uploads/1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_PUT(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._big(201)
+
+
+@pytest.mark.parametrize("command", ["login", "push"])
+def test_an_oversized_2xx_on_login_or_push_is_a_named_error(tmp_path, edgemed_home, monkeypatch, command):
+    """oras's push and edgemed's login call the registry outside ``Client.request``: the cut answer's error must
+    still be the named one, not a traceback of oras's exception."""
+    import bundle_kit
+
+    import oras.provider  # noqa: F401 - oras.decorator imports in this order only
+    import oras.decorator
+
+    monkeypatch.setattr(oras.decorator.time, "sleep", lambda s: None)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _OversizedOk)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{srv.server_address[1]}"
+    try:
+        if command == "login":
+            r = CliRunner().invoke(cli, ["login", host, "--username", "u", "--password-stdin"], input="pw\n")
+        else:
+            src = bundle_kit.inputs(tmp_path / "src")
+            bundle = tmp_path / "tiny.edgemed"
+            packed = CliRunner().invoke(cli, ["pack", str(src["model"]), "--license", str(src["license"]), "--card",
+                                              str(src["card"]), "--name", "tiny", "-o", str(bundle)])
+            assert packed.exit_code == 0, packed.output
+            r = CliRunner().invoke(cli, ["push", str(bundle), f"oci://{host}/models/tiny:1"])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.exit_code == 1 and "Traceback" not in r.output and not isinstance(r.exception, AssertionError), r.output
+    assert f"over {oci.MAX_ANSWER_BYTES} bytes" in r.output and "not a proxy" in r.output, r.output

@@ -156,9 +156,10 @@ def _app(batcher, tmp_path, **kw):
     return create_app(batcher, ServeConfig(model_id="m", bundle_digest="d", audit=log, **kw)), log
 
 
-def test_a_generation_is_on_record_before_it_is_queued(model, tmp_path):
-    """An ``accepted`` record (who, which endpoint, the seed) is fsynced before the batcher sees the request, so a
-    kill while it runs still leaves it on record; a log that cannot take it refuses the request, generating nothing."""
+def test_a_generation_is_on_record_before_any_of_its_answer_is_sent(model, tmp_path):
+    """An ``accepted`` record (who, which endpoint, the seed) is fsynced once the request is queued, before any of its
+    answer goes out, so a kill while it runs still leaves it on record; a log that cannot take it refuses the
+    request (503) and its generation is cancelled."""
     import os
 
     httpx = pytest.importorskip("httpx2")
@@ -173,14 +174,34 @@ def test_a_generation_is_on_record_before_it_is_queued(model, tmp_path):
         assert [k for k, _ in kinds] == ["accepted", "request"] and kinds[0][1] == kinds[1][1], kinds
         accepted = recs[[r["kind"] for r in recs].index("accepted")]
         assert accepted["key_id"] == "ehr" and accepted["endpoint"] == "chat" and isinstance(accepted["seed"], int)
-        generated = model.stats()["tokens_generated_total"]
         ro = os.open(log.path, os.O_RDONLY)
         os.dup2(ro, log._fd)  # the disk stops taking writes
         os.close(ro)
-        r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=60)
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "max_tokens": 200}, headers=auth, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable", r.text
-        assert model.stats()["tokens_generated_total"] == generated  # refused before it was queued
+        assert wait_until(lambda: model.stats()["active_slots"] == 0 and model.stats()["queue_depth"] == 0)
     log.close()
+
+
+def test_refusals_after_the_prompt_is_read_leave_no_generation_open_on_a_keyless_server(model, tmp_path):
+    """A prompt too long for the slot is refused after it is tokenized: it gets no ``accepted`` record, so past the
+    refusal budget `audit verify` does not take the ones counted for generations a crash cut."""
+    from edgemed.serve.audit import REFUSALS_PER_CLIENT, verify
+
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path)
+    long = {"model": "m", "messages": [{"role": "user", "content": "chest pain " * 600}], "max_tokens": 4}
+    sent = REFUSALS_PER_CLIENT + 5
+    with ServerThread(app) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            codes = {client.post("/v1/chat/completions", json=long).status_code for _ in range(sent)}
+    log.close()
+    assert codes == {400}
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert not [r for r in recs if r["kind"] == "accepted"]
+    assert [r["suppressed"] for r in recs if r["kind"] == "refusals"] == [sent - REFUSALS_PER_CLIENT]
+    report = verify(tmp_path / "audit.jsonl")
+    assert report.ok and report.unfinished == 0 and report.in_flight == 0
 
 
 def test_api_keys_are_checked_and_recorded(model, tmp_path):

@@ -397,6 +397,9 @@ def verify(path, anchor, no_follow, as_json):
         if report.unfinished:
             click.echo(f"{report.unfinished} generation(s) accepted with no record of their end (the server stopped "
                        f"while they ran: a crash or a kill), e.g. request id {', '.join(report.unfinished_ids or [])}")
+        if report.in_flight:
+            click.echo(f"{report.in_flight} generation(s) accepted with no record of their end yet: the server writing "
+                       "this log is running, and may still be answering them")
     else:
         click.echo(f"BROKEN at line {report.line} of {report.path} ({report.problem}): {report.detail}\n"
                    f"{report.records} records verified before it; last good head {report.head}", err=True)

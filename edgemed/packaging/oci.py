@@ -33,6 +33,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edgemed import env
 from edgemed.errors import EdgemedError, InputError, IntegrityError, require
@@ -208,17 +209,20 @@ def bounded_body(r, *args, stream: bool = False, **kwargs):
         # again gets the same bytes; oras's retry sleeps about two minutes on any other exception before it gives up
         raise answer_too_long()(f"The registry answered HTTP {r.status_code} to {r.request.method if r.request else ''} "
                                 f"{str(r.url)[:200]} with over {MAX_ANSWER_BYTES} bytes, more than such an answer "
-                                "holds; edgemed did not read the rest.")
+                                "holds; edgemed did not read the rest.",
+                                f"check that {urlsplit(str(r.url)).netloc or 'the address'} is the registry itself, "
+                                "not a proxy or a web page answering in its place")
     return r
 
 
 @functools.cache
 def answer_too_long() -> type:
-    """The error of a 2xx answer cut at MAX_ANSWER_BYTES: one of oras's ``AuthenticationException``s, the kind its
-    retry re-raises at once (made on first use: oras is imported only where the fleet extra is installed)."""
+    """The error of a 2xx answer cut at MAX_ANSWER_BYTES: a RegistryError (named with its fix wherever it surfaces:
+    a pull, a push, a login) that is also one of oras's ``AuthenticationException``s, the kind its retry re-raises at
+    once (made on first use: oras is imported only where the fleet extra is installed)."""
     import oras.auth
 
-    return type("AnswerTooLong", (oras.auth.AuthenticationException,), {"__module__": __name__})
+    return type("AnswerTooLong", (RegistryError, oras.auth.AuthenticationException), {"__module__": __name__})
 
 
 class Client:
@@ -331,9 +335,8 @@ class Client:
 
         try:
             return self.oras.do_request(url, method, headers=dict(headers or {}), stream=stream)
-        except answer_too_long() as exc:
-            raise RegistryError(str(exc), f"check that {self.ref.registry} is the registry itself, not a proxy or a web "
-                                "page answering in its place") from None
+        except answer_too_long():
+            raise
         except oras.auth.AuthenticationException as exc:
             raise RegistryError(str(exc), "check that the repository exists and that your login may read it "
                                 f"(edgemed login {self.ref.registry}); a token service must be served over HTTPS") from None

@@ -18,10 +18,12 @@ Only the fields in ``FIELDS`` can be written; the request's text (``prompt``, ``
 is written only when the operator turned ``content`` on. Records are appended by one
 writer under a lock, each with its own ``write`` + ``fsync`` (per record, not batched: at
 clinic request rates the cost is a few milliseconds). A generation is recorded twice: an
-``accepted`` record before it is queued (who asked, for what; the request is refused if
-that record cannot be written) and its ``request`` record once it is over (status, tokens,
-timings). A crash or a kill in between leaves the ``accepted`` record with no ``request``
-record of its id; ``verify`` counts those (``unfinished``). A failed write (disk full) stops the writer for good and the server then
+``accepted`` record once it is queued and before any of its answer is sent (who asked, for
+what; the request is refused if that record cannot be written) and its ``request`` record
+once it is over (status, tokens, timings). A crash or a kill in between leaves the
+``accepted`` record with no ``request`` record of its id; ``verify`` counts those
+(``unfinished``), apart from the ones a running server may still be answering (``in_flight``:
+accepted since its last ``start`` while a writer holds the file's lock). A failed write (disk full) stops the writer for good and the server then
 answers 503 instead of serving requests it cannot record (fail closed). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
 ``flock``, so a second server cannot interleave its own chain into it.
 
@@ -115,6 +117,8 @@ class Report:
     #: first few of their request ids
     unfinished: int = 0
     unfinished_ids: list[str] | None = None
+    #: generations accepted since the last start of a server that still holds the log (it may be answering them)
+    in_flight: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +141,7 @@ class _File:
     #: request ids of ``request`` records among its first MAX_IN_FLIGHT records that no ``accepted`` record of this
     #: file opened: generations accepted in the file before it (rotation) and finished here
     closed_early: set = field(default_factory=set)
+    last_start: int = -1  # seq of its last ``start`` record (-1: none)
 
 
 def _read_record(raw: bytes) -> dict:
@@ -223,8 +228,9 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
         return Report(str(path), False, records, last.report.head, last.report.records + 1, "anchor-missing",
                       f"no record has the anchored hash {anchor}: records were cut from the end, or the whole log "
                       f"was rewritten{unchecked}", files)
-    unfinished, ids = _unfinished(chain)
-    return Report(str(path), True, records, last.report.head, files=files, unfinished=unfinished, unfinished_ids=ids)
+    unfinished, ids, in_flight = _unfinished(chain, path)
+    return Report(str(path), True, records, last.report.head, files=files, unfinished=unfinished, unfinished_ids=ids,
+                  in_flight=in_flight)
 
 
 def _broken_link(f: _File, detail: str) -> Report:
@@ -260,6 +266,8 @@ MAX_IN_FLIGHT = 8_192
 
 def _track_open(f: _File, rec: dict, index: int) -> None:
     rid, kind = rec.get("request_id"), rec.get("kind")
+    if kind == "start" and isinstance(rec.get("seq"), int):
+        f.last_start = rec["seq"]
     if not isinstance(rid, str):
         return
     if kind == "accepted":
@@ -272,8 +280,9 @@ def _track_open(f: _File, rec: dict, index: int) -> None:
             f.closed_early.add(rid)
 
 
-def _unfinished(chain: list[_File]) -> tuple[int, list[str] | None]:
-    """Generations accepted and never recorded as over, through the chain's files oldest first."""
+def _unfinished(chain: list[_File], live: Path) -> tuple[int, list[str] | None, int]:
+    """Generations accepted and never recorded as over, through the chain's files oldest first: (how many ended with
+    their server, the first few of their ids, how many a server still holding ``live`` may be answering)."""
     still: dict = {}
     over = 0
     for f in reversed(chain):  # the chain is newest first
@@ -281,8 +290,34 @@ def _unfinished(chain: list[_File]) -> tuple[int, list[str] | None]:
             still.pop(rid, None)
         still.update(f.opened)
         over += f.open_over
-    count = len(still) + over
-    return count, (list(still)[:5] if still else None)
+    in_flight = 0
+    if still and _writer_holds(live):
+        last_start = max(f.last_start for f in chain)
+        running = [rid for rid, seq in still.items() if isinstance(seq, int) and seq > last_start]
+        for rid in running:
+            del still[rid]
+        in_flight = len(running)
+    return len(still) + over, (list(still)[:5] if still else None), in_flight
+
+
+def _writer_holds(path: Path) -> bool:
+    """Whether a process holds the log's lock (``AuditLog`` keeps an exclusive ``flock`` while it writes; a process
+    that dies lets it go)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock: nothing tells a live writer apart
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _continues(rec: dict) -> str | None:

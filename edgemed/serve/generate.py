@@ -138,8 +138,6 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     # one seed for the request, drawn when the client sent none: the response and the audit record name it, so the
     # answer can be had again (the prompt, the model and this seed)
     record.seed = body.seed if body.seed is not None else secrets.randbits(31)  # choices' seed + i stay below 2^32 - 1
-    if audit is not None:
-        accepted(audit, srv, record)
     try:
         for value in prompt.values:
             tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
@@ -148,6 +146,8 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
             if (scope := scope_of(srv, record, body)) is not None:
                 more["scope"] = scope
             streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
+        if audit is not None:  # queued, and nothing of it sent yet: a refusal (400, 429) never gets here
+            accepted(audit, srv, record)
     except BaseException:
         for stream in streams:
             stream.cancel()
@@ -156,8 +156,9 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
 
 
 def accepted(audit, srv: Served, record: RequestRecord) -> None:
-    """The ``accepted`` record, written (and fsynced) before the request is queued: a crash or a kill while it runs
-    leaves who asked what on record, and a log that cannot take it refuses the request (fail closed)."""
+    """The ``accepted`` record, written (and fsynced) once the request is queued and before anything of its answer is
+    sent: a crash or a kill while it runs leaves who asked what on record, and a log that cannot take it refuses the
+    request (fail closed; its streams are cancelled)."""
     fields = dict(request_id=record.request_id, endpoint=record.endpoint, client=record.client, key_id=record.key_id,
                   model=srv.config.model_id, bundle_digest=srv.config.bundle_digest, template=record.template,
                   stream=record.stream, seed=record.seed)
@@ -165,6 +166,7 @@ def accepted(audit, srv: Served, record: RequestRecord) -> None:
         fields["adapter"] = record.adapter
     try:
         audit.append("accepted", **fields)
+        record.accepted = True
     except OSError as exc:
         raise api.ApiError(503, f"The audit log cannot be written ({audit.failed or exc}), so requests are refused. "
                                 "Fix: free disk space or repair the log's storage, then restart the server.",

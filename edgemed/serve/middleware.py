@@ -75,6 +75,7 @@ class RequestRecord:
     answered: bool = False  # a stream's last event before its end marker has been produced
     adapter: str | None = None  # the LoRA adapter the request asked for (its model MODEL:ADAPTER); None: the base
     seed: int | None = None  # the sampling seed its generation used (choice i: seed + i)
+    accepted: bool = False  # its generation was queued and has an ``accepted`` audit record: its end is always written
 
     def client_left(self) -> None:
         """The client closed the connection early (body not all sent, or answer not all received): the request
@@ -92,7 +93,7 @@ class RequestRecord:
     def refused_unidentified(self) -> bool:
         """Refused (4xx, nothing generated) with no API key identified: anyone on the network can send these in a
         loop, so their records are budgeted per client address."""
-        return self.key_id is None and self.finished is None and 400 <= self.code < 500
+        return self.key_id is None and not self.accepted and self.finished is None and 400 <= self.code < 500
 
     def audit_fields(self, model: str, digest: str) -> dict:
         fields = dict(request_id=self.request_id, endpoint=self.endpoint, client=self.client, key_id=self.key_id,
