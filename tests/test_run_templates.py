@@ -107,6 +107,19 @@ def test_a_text_reply_cut_at_max_tokens_is_not_ok_and_says_why():
     assert answer.parsed.ok and answer.parsed.value == "0.5 mg IM."
 
 
+@pytest.mark.parametrize("reply, options, expected", [
+    ("Answer: B. Aspirin + clopidogrel", {"A": "Aspirin", "B": "Aspirin plus clopidogrel", "C": "Warfarin"}, "B"),
+    ("Answer: C\n\nCompare pernicious anemia (B) in vegans.", {"A": "A", "B": "B12", "C": "C", "D": "D"}, "C"),
+    ("Answer: C\n\nFor bone health, D.", {"A": "A", "B": "B12", "C": "C", "D": "D"}, "C"),
+])
+def test_a_single_answer_is_taken_without_asking_again(reply, options, expected):
+    """Each was asked again, constrained, as a clash or a second choice, and the first answer dropped."""
+    engine = ScriptedEngine(reply, "A")
+    answer = ask(engine, get_template("mcq"), {"question": ITEM["question"], "options": options}, GenerationSettings(),
+                 ThinkPolicy())
+    assert not answer.forced and answer.parsed.ok and answer.parsed.value == expected and len(engine.calls) == 1
+
+
 def test_without_grammars_an_inferred_answer_is_no_answer():
     engine = ScriptedEngine(OPTIONS_GONE_THROUGH)
     engine.supports_grammar = False

@@ -1,6 +1,7 @@
 """A parse that is not ok makes ``run`` ask again, constrained; one that is ok is reported as the answer. So a reply
 that says two things (a letter and another option's text, an answer and its correction, a JSON object and prose that
-contradicts it) or was cut short must not parse ok. Each case here once did."""
+contradicts it) or was cut short must not parse ok: each such case here once did. And a reply that says one thing
+must: each such case here was once refused by the checks for the others."""
 
 from __future__ import annotations
 
@@ -88,6 +89,47 @@ def test_a_letter_with_its_own_text_or_other_words_is_that_letter(reply, expecte
     assert parsed.ok and parsed.value == expected, parsed
 
 
+ASPIRIN = {"A": "Aspirin", "B": "Aspirin plus clopidogrel", "C": "Warfarin", "D": "Heparin"}
+IRON = {"A": "Iron", "B": "Iron and folate", "C": "Folate", "D": "Vitamin B12"}
+HYPERTENSION = {"A": "Hypertension", "B": "Hypertension and diabetes", "C": "Diabetes", "D": "Smoking"}
+DOSE = {"A": "2 mg", "B": "4 mg", "C": "6 mg", "D": "8 mg"}
+TABLETS = {"A": "2", "B": "4", "C": "6", "D": "8"}
+COMBINED = [
+    ("Answer: B. Aspirin + clopidogrel", ASPIRIN),
+    ("Answer: B. Aspirin and clopidogrel (dual antiplatelet therapy)", ASPIRIN),
+    ("Answer: B. Iron + folic acid", IRON),
+    ("Answer: B. Hypertension, diabetes", HYPERTENSION),
+    ("Answer: B. 2 tablets of 2 mg = 4 mg", DOSE),
+    ("Answer: B. 2 tablets of 2 mg = 4 mg", TABLETS),
+    ("Answer: B. 2.5 mg, rounded up to 4 mg", TABLETS),
+]
+
+
+@pytest.mark.parametrize("reply, options", COMBINED)
+def test_a_letter_whose_own_text_opens_with_another_options_is_that_letter(reply, options):
+    """Each was refused as the letter and another option's text: A's 'Aspirin' opens B's 'Aspirin plus clopidogrel',
+    and '2' opens the working '2 tablets of 2 mg = 4 mg'."""
+    parsed = get_template("mcq").parse(reply, {"question": "q", "options": options})
+    assert parsed.ok and parsed.value == "B", parsed
+
+
+@pytest.mark.parametrize("reply, options", [
+    ("Answer: A. Aspirin plus clopidogrel", ASPIRIN),
+    ("Answer: B. Aspirin", ASPIRIN),
+    ("Answer: B (Aspirin)", ASPIRIN),
+    ("Answer: **B** \u2013 *Aspirin*.", ASPIRIN),
+    ("Answer: B. Warfarin", ASPIRIN),
+    ("Answer: A. Iron and folate", IRON),
+    ("Answer: B. 2", TABLETS),
+    ("Answer: B (2)", TABLETS),
+    ("Answer: B. 2, twice daily", TABLETS),
+    ("Answer: B. 2 mg", DOSE),
+])
+def test_a_combination_or_a_number_that_is_another_options_text_is_still_a_clash(reply, options):
+    parsed = get_template("mcq").parse(reply, {"question": "q", "options": options})
+    assert not parsed.ok and "another option's text" in parsed.error, parsed
+
+
 # -- choice contracts: a correction, a second answer, an alternative under a condition ---------------------------
 CORRECTED_MCQ = [
     "Answer: C. No, D.",
@@ -112,6 +154,10 @@ CORRECTED_MCQ = [
     "Answer: C\n\nIn pregnancy, D.",
     "Answer: C. D.",
     "Answer: C\n\nD",
+    # an alternative under a condition on the answer's line or in the sentence after it, however the answer is given
+    "Answer:\nC\n\nIn pregnancy, D.",
+    "**C. Vitamin C**\nIn pregnancy, D.",
+    "Answer: C; for children, D.",
 ]
 CORRECTED_YES_NO = [
     "Answer: yes. No, wait \u2014 the trial showed no reduction.",
@@ -119,6 +165,11 @@ CORRECTED_YES_NO = [
     "Answer: yes, if the dose is under 100 mg; otherwise no",
     "Answer: maybe. Evidence is limited; in some subgroups, yes.",
     "Answer: no\nActually, yes.",
+    # below 'maybe' a correction still counts, and a yes under a condition on its own line
+    "Answer: maybe\n\nActually, yes.",
+    "Answer: maybe\n\nThe answer is yes.",
+    "Answer: maybe. If the subgroup analysis is trusted, yes.",
+    "Answer: yes\n\nIf the dose is over 100 mg, no.",
 ]
 
 
@@ -159,7 +210,22 @@ CLEAR_MCQ = [
     "C. Vitamin C\n\nExplanation: Option A, vitamin A, causes night blindness.",
     "Scurvy is vitamin C deficiency; vitamin D deficiency causes rickets.\n\nAnswer: C",
 ]
+# each was refused as a second choice: a label in brackets, a purpose, the mixed evidence that 'maybe' means, a choice
+# word in the explanation that is not presented as the answer
+CLEAR_MCQ += [
+    "Answer: C\n\nCompare pernicious anemia (B) in vegans.",
+    "Answer: C\n\n...Vitamin D (D) in excess causes hypercalcemia.",
+    "Answer: C\n\nNote that B12 deficiency (B) when severe causes neuropathy.",
+    "Answer: C\n\nFor bone health, D.",
+    "Answer: C. Pernicious anemia (B) in vegans is a different deficiency.",
+    "Answer: C\n\nScurvy is vitamin C deficiency. In pregnancy, needs rise.",
+]
 CLEAR_YES_NO = [
+    ("Answer: maybe\n\nIn women, yes; in men, no.", "maybe"),
+    ("Answer: maybe\n\nIf the subgroup analysis is trusted, yes.", "maybe"),
+    ("Answer: maybe\n\nMaybe: yes in one cohort, no in the other.", "maybe"),
+    ("Answer: maybe\n\nThe study was small. Yes, there was a trend, but it was not significant.", "maybe"),
+    ("Answer: no\n\nDoes aspirin help? No. Does it harm? Yes: it increases bleeding.", "no"),
     ("Answer: no\n\nThe trial found no reduction in cardiovascular events, and major haemorrhage increased.", "no"),
     ("Answer: yes\n\nIn patients over 70, aspirin reduced events; however, bleeding increased.", "yes"),
     ("Answer: maybe\n\nSome trials say yes, others say no; the evidence is mixed.", "maybe"),

@@ -112,11 +112,12 @@ _ALSO = (r"[\s\*_\)\]\"']*(?:(?:is|are|seems|could|might|may|would|can)[ \t]+)?(
 #: ... and what offers X as the answer: "it could be D", "might also be D" (not "cannot be D", "could not be D")
 _COULD_BE = r"\b(?:could|might|may)[ \t]+(?:(?:also|equally|well)[ \t]+)?be[\s\*\(\[\"'_:]*"
 
-#: What names a second choice X after the answer, on its line or below it: a correction, a second answer, or an
-#: alternative under a condition. Any of them makes the reply no answer, so ``run`` asks again; a reply that only
-#: discusses another option ("B is wrong because ...", "not C", "A, B and D are less likely") names none. ``{x}``
-#: stands for the choices other than the answer, ``{any}`` for every choice. Each pattern has one unbounded run per
-#: place it starts: the reply is untrusted text (see _BOX).
+#: What names a second choice X after the answer: a correction or a second answer anywhere below it (``_SECOND``), an
+#: alternative under a condition on the answer's line or in the sentence after it (``_ALTERNATIVE``). Any of them makes
+#: the reply no answer, so ``run`` asks again; a reply that only discusses another option ("B is wrong because ...",
+#: "not C", "A, B and D are less likely", "pernicious anaemia (B) in vegans") names none. ``{x}`` stands for the
+#: choices other than the answer, ``{any}`` for every choice. Each pattern has one unbounded run per place it starts:
+#: the reply is untrusted text (see _BOX).
 #: X ends its clause ("Actually, D.", "it is D, because"), not a list ("No, A, B and D are wrong")
 _ENDS = r"(?=[ \t\*_\)\]\"']*(?:$|[.;!?:]|,(?![ \t]*(?:and[ \t]+|or[ \t]+)?(?:{any})\b)))"
 _COND = r"(?:in|if|when|whenever|during|among|unless|once|where|otherwise|depending)\b"
@@ -140,18 +141,30 @@ _SECOND = (
     r"(?:answer|correct|right)\b",
     r"(?:{x})[ \t\*_,]+(?:instead|actually)\b",
     r"\b(?:chang(?:e|ing)|switch(?:ing)?)[ \t]+(?:my[ \t]+)?(?:answer[ \t]+)?to[ \t\*_:\"'(]*(?:{x})\b",
-    # an alternative under a condition: "C (D in pregnancy)", "C; but D if pregnant", "but D for children",
-    # "if not, no", "otherwise no", "In pregnancy, D."
-    r"(?:[\(\[,;:\-\u2013\u2014]|\b(?:but|though|although|except|unless)\b)[ \t\*_\"']*"
-    rf"(?:(?:but|then|and|use|give|choose)[ \t]+)?(?:{{x}})[ \t\*_\"'\)\]]*{_COND}",
-    r"\bbut[ \t]+(?:{x})[ \t\*_\"'\)\]]*(?:for|with|without|after|before|under|over)\b",
-    r"\b(?:otherwise|else|if[ \t]+not)\b[ \t,:\*_\"']*(?:{x})\b",
-    rf"\b(?:for\b|{_COND})[^.;\n]{{0,80}},[ \t\*_\"']*(?:{{x}}){_ENDS}",
     # X alone as a sentence, or a line of its own, after the answer: "No. Yes.", "C. D."
     r"(?:^|[.;!?][ \t])[ \t>\*_\-]*(?:{x})[ \t\*_\"'\)\]]*(?:[.!][ \t\*_]*)?$",
 )
-#: ... and, for words (yes / no / maybe), X opening a sentence of its own: "Answer: yes. No, the trial ..."
+#: An alternative under a condition: "C (D in pregnancy)", "C; but D if pregnant", "but D for children", "if not, no",
+#: "otherwise no", "In pregnancy, D.". Read on the answer's line and in the sentence after it only: further on, an
+#: explanation compares and qualifies ("Compare pernicious anaemia (B) in vegans"). A bracket holds the condition
+#: with X ("(D in pregnancy)"); "(B) in vegans" is a label.
+_ALTERNATIVE = (
+    r"(?:[\(\[,;:\-\u2013\u2014]|\b(?:but|though|although|except|unless)\b)[ \t\*_\"']*"
+    rf"(?:(?:but|then|and|use|give|choose)[ \t]+)?(?:{{x}})[ \t\*_\"']*{_COND}",
+    r"\bbut[ \t]+(?:{x})[ \t\*_\"'\)\]]*(?:for|with|without|after|before|under|over)\b",
+    r"\b(?:otherwise|else|if[ \t]+not)\b[ \t,:\*_\"']*(?:{x})\b",
+    rf"\b{_COND}[^.;\n]{{0,80}},[ \t\*_\"']*(?:{{x}}){_ENDS}",
+)
+#: ... on the answer's line only: "C; for children, D" (below it, "For bone health, D." names a purpose)
+_ALTERNATIVE_LINE = (rf"\bfor\b[^.;\n]{{0,80}},[ \t\*_\"']*(?:{{x}}){_ENDS}",)
+#: ... and, for words (yes / no / maybe), X opening a sentence of its own on the answer's line: "Answer: yes. No, the
+#: trial ..." (below it, "Yes, there was a trend" is part of the explanation)
 _SECOND_WORD = r"[.;!?][ \t]+(?:{x})[ \t]*[,:!\-\u2013\u2014]"
+#: the sentence that opens a line (up to its first stop)
+_SENTENCE = re.compile(r"[\s.!?]*[^.!?]*[.!?]*")
+#: what follows an option's text that ends its clause: the end, or a stop, a comma or a bracket that no letter or
+#: digit follows at once ("2 mg." and "2, 4", not "2.5 mg")
+_TEXT_ENDS = re.compile(r"[ \t]*(?:$|[.;:!?,\)\]](?!\w))")
 
 
 #: LaTeX's \boxed{X} (R1-Distill's way of marking its final answer). The body is one group with no ambiguity (a
@@ -259,11 +272,25 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     known = sorted(((x, t) for x in choices if texts and (t := _norm(str(texts.get(x, ""))))),
                    key=lambda pair: len(pair[1]), reverse=True)
 
-    def text_of(tail: str) -> str | None:
-        """The option whose text opens ``tail``, what follows a choice ("B. Vitamin C", "B (Vitamin C)", "**B** -
-        Vitamin C deficiency ...": option C's text)."""
+    def opens(said: str, t: str) -> bool:
+        return said.startswith(t) and not said[len(t):len(t) + 1].isalnum()
+
+    def clash(tail: str, found: str) -> str | None:
+        """The other option whose text opens ``tail``, what follows the choice ``found`` ("B. Vitamin C", "B (Vitamin
+        C)", "**B** - Vitamin C deficiency ...": option C's text), if any. Not one whose text opens this option's own
+        and runs on ("B. Aspirin + clopidogrel" for B "Aspirin plus clopidogrel" beside A "Aspirin", where "B. Aspirin"
+        is a clash), nor a number that runs on ("B. 2 tablets of 2 mg = 4 mg" beside A "2"): working towards this
+        option, not the name of the other."""
         said = _norm(tail.lstrip(" \t*_.,;:()[]\"'-\u2013\u2014"))
-        return next((x for x, t in known if said.startswith(t) and not said[len(t):len(t) + 1].isalnum()), None)
+        own = _norm(str(texts.get(found, ""))) if texts else ""
+        for x, t in known:  # longest first: this option's own text before a shorter one it opens with
+            if not opens(said, t):
+                continue
+            if x == found or (own and opens(own, t) and said[len(t):].strip(" .,;:!?)]\"'")) or (
+                    t[0].isdigit() and not _TEXT_ENDS.match(said, len(t))):
+                return None
+            return x
+        return None
 
     def value(rest: str, is_form: bool) -> str | None:
         """The choice that opens ``rest`` (what follows the label on its line), or None when it is no clean answer:
@@ -279,7 +306,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
             return None
         if hedge.match(tail) or _CORRECTION.match(tail):
             return None
-        if text_of(tail) not in (None, found):  # the letter says one option, the text another
+        if clash(tail, found) is not None:  # the letter says one option, the text another
             return None
         others = [re.escape(x) for x in choices if x != found]
         other = (f"(?-i:{'|'.join(others)})" if upper else "|".join(others)) if others else r"(?!)"
@@ -298,15 +325,22 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         """The choices an unclear answer line names ("not B", "A or B")."""
         return {x for x in (canonical(f) for f in re.findall(rf"\b({strict})\b", rest, flags=re.I)) if x}
 
-    def second(after: str, answer: str) -> str | None:
-        """The other choice ``after`` (the reply from its first answer on) names as a correction, a second answer or
-        an alternative under a condition (``_SECOND``), if any."""
+    def second(after: list[str], span: int, answer: str) -> str | None:
+        """The other choice that ``after`` (the reply's lines from its answer on, the answer taking ``span`` of them)
+        names as a correction or a second answer (``_SECOND``), or as an alternative under a condition on the answer's
+        line or in the sentence after it (``_ALTERNATIVE``), if any. Below an answer that is itself 'maybe', a yes
+        and a no under conditions are the mixed evidence it means ("In women, yes; in men, no.")."""
         others = [re.escape(x) for x in choices if x != answer]
         if not others:
             return None
         other = f"(?-i:{'|'.join(others)})" if upper else "|".join(others)
-        for pattern in _SECOND + (() if single else (_SECOND_WORD,)):
-            said = re.search(pattern.replace("{x}", f"(?P<x>{other})").replace("{any}", strict), after, re.I | re.M)
+        line = "\n".join(after[:span])
+        mixed = answer.casefold() == "maybe" or bool(texts) and _norm(str(texts.get(answer, ""))) == "maybe"
+        near = line if mixed or len(after) <= span else f"{line}\n{_SENTENCE.match(after[span]).group(0)}"
+        where = ([("\n".join(after), p) for p in _SECOND] + [(near, p) for p in _ALTERNATIVE]
+                 + [(line, p) for p in _ALTERNATIVE_LINE + (() if single else (_SECOND_WORD,))])
+        for part, pattern in where:
+            said = re.search(pattern.replace("{x}", f"(?P<x>{other})").replace("{any}", strict), part, re.I | re.M)
             if said:
                 return canonical(said.group("x"))
         return None
@@ -316,6 +350,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     mentioned: set[str] = set()  # the choices unclear answer lines name
     unclear = 0                  # answer lines that give no one choice
     start = None                 # the first clear answer line
+    span = 1                     # ... and the lines it takes ("Answer:" alone, then the choice: two)
     for i, line in enumerate(lines):
         m = line_re.match(line)
         if not m:
@@ -331,7 +366,8 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
             found = whole(rest)
         if found:
             given.append(found)
-            start = i if start is None else start
+            if start is None:
+                start, span = i, 1 if m.group("rest").strip(" \t*_") else 2
         else:
             mentioned |= named(rest)
             unclear += 1
@@ -345,7 +381,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         answers = set(given) | mentioned | ({first} if first else set())
         if len(answers) == 1:
             answer = answers.pop()
-            other = second("\n".join(lines[0 if first else start:]), answer)
+            other = second(lines if first else lines[start:], 1 if first else span, answer)
             if other is None:
                 return Parsed(True, answer, text, labelled=bool(given))
             return Parsed(False, None, text, f"the reply names {other} after its answer {answer} (a correction, a "
