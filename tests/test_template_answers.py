@@ -155,6 +155,34 @@ def test_a_schema_type_that_is_no_json_type_is_refused_at_load(tmp_path, monkeyp
     assert f"mine.toml: contract.schema: {says}" in exc.value.problem and "fix 'contract.schema'" in exc.value.fix
 
 
+PATTERNS = ('{ type = "object", required = ["code"], properties = { '
+            'code = { type = "string", pattern = "^[A-Z][0-9]+$" }, note = { type = "string", pattern = "\\\\S" }, '
+            'bad = { type = "string", pattern = "(" } } }')
+
+
+@pytest.mark.parametrize("reply, error", [
+    ({"code": "A12", "note": " ok "}, ""),
+    ({"code": "a12"}, "$.code: does not match the pattern '^[A-Z][0-9]+$'"),
+    ({"code": "A1", "note": " \t"}, "$.note: does not match the pattern '\\\\S'"),
+    ({"code": "A1", "bad": "x"}, "$.bad: the schema's pattern '(' is no regular expression"),
+])
+def test_a_schema_pattern_is_searched_for_and_only_an_anchored_one_reaches_the_grammar(tmp_path, monkeypatch, reply,
+                                                                                         error):
+    """A pattern was not checked at all; llama-cpp-python's converter asserts on one that is not ^...$."""
+    mine = _json_template(tmp_path, monkeypatch, PATTERNS)
+    parsed = mine.parse(json.dumps(reply), {"question": "q"})
+    assert parsed.ok == (not error) and parsed.error == error
+    sent = json.loads(mine.contract.json_schema())["properties"]
+    assert sent["code"]["pattern"] == "^[A-Z][0-9]+$" and "pattern" not in sent["note"] and "pattern" not in sent["bad"]
+    try:
+        import llama_cpp.llama_grammar  # noqa: F401
+    except ImportError:
+        return
+    from edgemed.runtime.sampling import check_template_grammar
+
+    check_template_grammar(mine)
+
+
 def test_a_json_answer_that_gives_a_key_twice_is_no_answer():
     """json keeps the last: an answer that said emergency, then routine, read as routine."""
     reply = '{"urgency": "emergency", "red_flags": ["slurred speech"], "action": "stroke team", "urgency": "routine"}'

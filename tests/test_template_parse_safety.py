@@ -37,9 +37,27 @@ def test_the_object_alone_or_in_one_code_fence_is_the_answer(reply):
     assert parsed.ok and parsed.value["urgency"] == "routine", parsed
 
 
+@pytest.mark.parametrize("reply", [f"\ufeff{ROUTINE}", f"\ufeff```json\n{ROUTINE}\n```",
+                                   f"```json\n\ufeff{ROUTINE}\n```", f"```json\r\n{ROUTINE}\r\n```",
+                                   f"```json\r\n{ROUTINE}```\r\n", f"```json {ROUTINE} ```", f"```{ROUTINE}```"])
+def test_a_byte_order_mark_windows_line_ends_or_a_one_line_fence_keep_the_answer(reply):
+    """Each was refused as prose outside the object."""
+    parsed = get_template("triage").parse(reply, TRIAGE)
+    assert parsed.ok and parsed.value["urgency"] == "routine", parsed
+
+
+@pytest.mark.parametrize("reply", [f"```json\n{ROUTINE}", f"```json {ROUTINE}", f"Here it is: ```json {ROUTINE} ```",
+                                   f"```json {ROUTINE} ``` Call 911.", f"\ufeffNote: {ROUTINE}"])
+def test_an_unterminated_fence_or_prose_beside_a_fence_stays_no_answer(reply):
+    parsed = get_template("triage").parse(reply, TRIAGE)
+    assert not parsed.ok and "prose outside the JSON object" in parsed.error, parsed
+
+
 @pytest.mark.parametrize("answer, error", [
     ({"urgency": "routine", "red_flags": [], "action": ""}, "$.action: empty"),
     ({"urgency": "routine", "red_flags": [], "action": "home", "urgency ": "emergency"}, "$: unexpected key 'urgency '"),
+    ({"urgency": "routine", "red_flags": [], "action": " "}, "$.action: does not match the pattern '\\\\S'"),
+    ({"urgency": "routine", "red_flags": [], "action": "\t\n"}, "$.action: does not match the pattern '\\\\S'"),
 ])
 def test_the_triage_schema_refuses_an_empty_action_and_keys_it_does_not_name(answer, error):
     triage = get_template("triage")
@@ -47,6 +65,16 @@ def test_the_triage_schema_refuses_an_empty_action_and_keys_it_does_not_name(ans
     assert not parsed.ok and parsed.error == error
     schema = json.loads(triage.contract.json_schema())  # and the grammar that constrains sampling says so too
     assert schema["additionalProperties"] is False and schema["properties"]["action"]["minLength"] == 1
+
+
+def test_a_blank_action_is_refused_by_the_parse_and_the_pattern_kept_from_the_grammar():
+    """'"action": " "' passed minLength 1. llama-cpp-python turns only an anchored pattern (^...$) into a grammar and
+    asserts on "\\S": the schema the model reads names it, the one its sampling is constrained by leaves it out."""
+    triage = get_template("triage")
+    assert triage.contract.schema["properties"]["action"]["pattern"] == "\\S"
+    assert '"pattern":"\\\\S"' in triage.messages(TRIAGE)[0]["content"]
+    assert "pattern" not in json.loads(triage.contract.json_schema())["properties"]["action"]
+    assert triage.parse(json.dumps({"urgency": "routine", "red_flags": [], "action": " go home "}), TRIAGE).ok
 
 
 # -- choice contracts: the letter and the option's text ---------------------------------------------------------

@@ -56,8 +56,21 @@ class Contract:
         return KINDS[self.kind][1](self, text, choices, texts)
 
     def json_schema(self) -> str | None:
-        """JSON text for engines that constrain sampling (``GenerationSettings.json_schema``)."""
-        return json.dumps(self.schema) if self.kind == "json" else None
+        """JSON text for engines that constrain sampling (``GenerationSettings.json_schema``). A pattern that is not
+        anchored (``^...$``), as JSON Schema's search for one ("\\S": not blank), is left out: llama-cpp-python turns
+        only anchored ones into a grammar, and the parse checks it on the answer (``_schema_errors``)."""
+        return json.dumps(_for_grammar(self.schema)) if self.kind == "json" else None
+
+
+def _for_grammar(node):
+    """``node`` (a JSON schema, or a part of one) without the unanchored patterns of its string nodes."""
+    if isinstance(node, list):
+        return [_for_grammar(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    pattern = node.get("pattern")
+    searched = isinstance(pattern, str) and not (pattern.startswith("^") and pattern.endswith("$"))
+    return {k: _for_grammar(v) for k, v in node.items() if not (k == "pattern" and searched)}
 
 
 def choice_grammar(choices: tuple[str, ...]) -> str:
@@ -425,7 +438,8 @@ def _is_type(value, kind: str) -> bool:
 
 def _schema_errors(schema: dict, value, path: str = "$") -> list[str]:
     """A small JSON-schema check (type, required, enum, properties, additionalProperties: false, items, minItems,
-    minLength): what llama.cpp's grammar enforces."""
+    minLength, pattern): what llama.cpp's grammar enforces, and a pattern it may not (``Contract.json_schema``). A
+    pattern is searched for in the string, as JSON Schema says, with Python's ``re``."""
     kinds = _schema_types(schema)
     # a type that is no JSON type is refused when the template loads; here it is no answer, never a crash
     unknown = [k for k in kinds if not (isinstance(k, str) and k in JSON_TYPES)]
@@ -445,9 +459,15 @@ def _schema_errors(schema: dict, value, path: str = "$") -> list[str]:
                 errors += _schema_errors(sub, value[k], f"{path}.{k}")
         if schema.get("additionalProperties") is False:  # "urgency " beside "urgency" is no key of the schema
             errors += [f"{path}: unexpected key {k!r}" for k in value if k not in properties]
-    least = schema.get("minLength", 0)
+    least, pattern = schema.get("minLength", 0), schema.get("pattern")
     if "string" in kinds and isinstance(value, str) and isinstance(least, int) and len(value) < least:
         errors.append(f"{path}: shorter than {least} characters" if value else f"{path}: empty")
+    elif isinstance(value, str) and isinstance(pattern, str):
+        try:
+            if not re.search(pattern, value):
+                errors.append(f"{path}: does not match the pattern {pattern!r}")
+        except re.error:  # a template's mistake: no answer, never a crash
+            errors.append(f"{path}: the schema's pattern {pattern!r} is no regular expression")
     if "array" in kinds and isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             errors.append(f"{path}: fewer than {schema['minItems']} items")
@@ -473,16 +493,19 @@ def _repeated_keys(text: str) -> str:
     return repeated[0] if repeated else ""
 
 
-#: one markdown code fence around the whole reply ("```json\n{...}\n```"), the only thing the object may come in
-_FENCE = re.compile(r"```[ \t]*[\w.+-]*[ \t]*\n(?P<body>(?:(?!```).)*)```", re.S)
+#: one markdown code fence around the whole reply, the only thing the object may come in: "```json\n{...}\n```", with
+#: Windows line ends, or on one line ("```json {...} ```")
+_FENCE = re.compile(r"```[ \t]*[\w.+-]*[ \t]*(?:\r?\n|(?=\{))(?P<body>(?:(?!```).)*)```", re.S)
+_BOM = "\ufeff"  # a byte order mark some models and tools put before the text
 
 
 def _parse_json(c: Contract, text: str, choices, texts=None) -> Parsed:
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         return Parsed(False, None, text, "no JSON object in the reply")
-    fenced = _FENCE.fullmatch(text.strip())
-    body = (fenced.group("body") if fenced else text).strip()
+    reply = text.strip().lstrip(_BOM).strip()
+    fenced = _FENCE.fullmatch(reply)
+    body = (fenced.group("body") if fenced else reply).strip().lstrip(_BOM).strip()
     if not (body.startswith("{") and body.endswith("}")):  # "On second thought this is an emergency: ..." after it
         return Parsed(False, None, text, "prose outside the JSON object: the reply must be the object alone, and "
                                          "what is outside it may contradict it")
