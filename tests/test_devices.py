@@ -86,6 +86,9 @@ def test_a_mac_with_a_chip_no_profile_names_gets_the_apple_catch_all():
     assert choose(Facts(platform="apple", model="Apple Silicon", memory_bytes=8 * GIB)).name == "apple"  # name unread
     for chip in chips:  # every chip profile still wins on its own chip
         assert choose(replace(facts, model=chip.match["model_contains"][0] + " Max")).name == chip.name
+        assert choose(replace(facts, model=chip.match["model_contains"][0])).name == chip.name
+    for later in ("Apple M10", "Apple M11 Pro", "Apple M40 Max"):  # a name holds a chip's only as whole words
+        assert choose(replace(facts, model=later)).name == "apple", later
 
 
 @pytest.mark.parametrize("wired_mb, profile_name, want_gib", [

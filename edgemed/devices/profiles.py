@@ -9,6 +9,7 @@ or symlink loop) of at most ``MAX_PROFILE_BYTES`` of UTF-8 TOML nesting at most
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -29,6 +30,12 @@ else:  # pragma: no cover
 
 #: A profile is about 1 KB of TOML; anything far larger is not one.
 MAX_PROFILE_BYTES = 256 << 10
+
+
+def _names(model: str, words: str) -> bool:
+    """Whether the device name ``model`` (lower case) holds ``words`` as whole words: "Apple M1" names an "Apple M1
+    Pro", not an "Apple M10"; "Orin NX" names a "Jetson Orin NX 16GB"."""
+    return re.search(r"(?<![0-9a-z])" + re.escape(words.lower()) + r"(?![0-9a-z])", model) is not None
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class Profile:
         model = facts.model.lower()
         return (
             m["platform"] in (facts.platform, "any")
-            and (not m.get("model_contains") or any(s.lower() in model for s in m["model_contains"]))
+            and (not m.get("model_contains") or any(_names(model, s) for s in m["model_contains"]))
             and set(m.get("cpu_flags", ())) <= facts.cpu_flags
             and gb >= m.get("min_memory_gb", 0)
             and gb <= m.get("max_memory_gb", float("inf"))
