@@ -23,8 +23,8 @@ what; the request is refused if that record cannot be written) and its ``request
 once it is over (status, tokens, timings). A crash or a kill in between leaves the
 ``accepted`` record with no ``request`` record of its id; ``verify`` counts those
 (``unfinished``), apart from the ones a running server may still be answering (``in_flight``:
-accepted since its last ``start`` while a writer holds the file's lock). A failed write (disk full) stops the writer for good and the server then
-answers 503 instead of serving requests it cannot record (fail closed). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
+accepted since its last ``start`` while a writer holds the file's lock). A failed write (disk
+full) stops the writer for good and the server then answers 503 instead of serving requests it cannot record (fail closed). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
 ``flock``, so a second server cannot interleave its own chain into it.
 
 Rotation (``rotate_bytes``; ``serve --audit-rotate-mib``) keeps one chain across files. Once the file reaches
