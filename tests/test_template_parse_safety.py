@@ -111,6 +111,10 @@ def test_a_letter_with_another_options_text_is_no_answer(reply):
     ("Answer: B. Vitamin B12 deficiency causes anaemia, not scurvy.", "B"),  # wrong, but one answer
     ("Answer: C - ascorbic acid", "C"),
     ("Answer: C. Vitamin C deficiency causes scurvy; vitamin A deficiency causes night blindness.", "C"),
+    # another option's text ruled out in its clause, or set against this option's own text
+    ("Answer: C. Vitamin D is not involved.", "C"),
+    ("Answer: C \u2014 Vitamin D deficiency would cause rickets instead.", "C"),
+    ("Answer: C. Vitamin A deficiency causes night blindness, whereas vitamin C deficiency causes scurvy.", "C"),
 ])
 def test_a_letter_with_its_own_text_or_other_words_is_that_letter(reply, expected):
     parsed = _mcq(reply)
@@ -131,6 +135,32 @@ COMBINED = [
     ("Answer: B. 2 tablets of 2 mg = 4 mg", TABLETS),
     ("Answer: B. 2.5 mg, rounded up to 4 mg", TABLETS),
 ]
+
+
+SURGERY = {"A": "Surgery", "B": "Radiotherapy", "C": "Chemotherapy", "D": "Observation"}
+METFORMIN = {"A": "Metformin", "B": "Insulin", "C": "Glipizide", "D": "Sitagliptin"}
+
+
+@pytest.mark.parametrize("reply, options, expected", [
+    ("Answer: D. Surgery is not indicated for a small non-functioning adenoma.", SURGERY, "D"),
+    ("Answer: D (surgery is reserved for tumours > 4 cm)", SURGERY, "D"),
+    ("Answer: A. Insulin is not first-line.", METFORMIN, "A"),
+])
+def test_another_options_text_ruled_out_after_the_letter_keeps_the_letter(reply, options, expected):
+    """Each was refused as the letter and another option's text: the explanation names that option to rule it out."""
+    parsed = get_template("mcq").parse(reply, {"question": "q", "options": options})
+    assert parsed.ok and parsed.value == expected, parsed
+
+
+@pytest.mark.parametrize("reply", [
+    "Answer: A. Metformin or Insulin",
+    "Answer: A. Metformin; if eGFR < 30, then B.",
+    "Answer: A\n\nHowever, if the eGFR is below 30, the answer would be B.",
+])
+def test_two_options_joined_or_one_under_a_condition_is_no_answer(reply):
+    """Each was read as A: the answer line joins B's text to A's, or gives B under a condition."""
+    parsed = get_template("mcq").parse(reply, {"question": "q", "options": METFORMIN})
+    assert not parsed.ok and parsed.value is None, parsed
 
 
 @pytest.mark.parametrize("reply, options", COMBINED)
@@ -187,6 +217,28 @@ CORRECTED_MCQ = [
     "**C. Vitamin C**\nIn pregnancy, D.",
     "Answer: C; for children, D.",
 ]
+# each was read as its first answer: an apology or a conclusion that gives another, a second one said to be right too,
+# an alternative after a condition or an arrow; or as the answer line below a first line that is another choice alone
+CORRECTED_MCQ += [
+    "Answer: C\n\nI apologize for the confusion. The correct answer is D.",
+    "Answer: C\n\nVitamin C deficiency causes scurvy. However, the correct answer is D.",
+    "Answer: C\n\nTherefore, D.",
+    "Answer: C\n\nHence D.",
+    "Answer: C\n\nNope, D.",
+    "Answer: C\n\nApologies, D.",
+    "Answer: C\n\nActually, it should be D.",
+    "Answer: C\n\nHowever, D is also correct.",
+    "Answer: C\n\nBoth C and D are correct.",
+    "Answer: C\n\nIt could also be D.",
+    "Answer: C\n\nAlternatively, D.",
+    "Answer: C, unless pregnant, then D.",
+    "Answer: C \u2192 D",
+    "**C**\n\nAnswer: D",
+    "C\n\nVitamin C deficiency causes scurvy.\n\nAnswer: D",
+    # X alone after the answer, as before
+    "Answer: C\n\n**D**",
+    "Answer: C\n\nWait. D.",
+]
 CORRECTED_YES_NO = [
     "Answer: yes. No, wait \u2014 the trial showed no reduction.",
     "Answer: No. Yes.",
@@ -198,6 +250,15 @@ CORRECTED_YES_NO = [
     "Answer: maybe\n\nThe answer is yes.",
     "Answer: maybe. If the subgroup analysis is trusted, yes.",
     "Answer: yes\n\nIf the dose is over 100 mg, no.",
+    # a conclusion that gives another, an arrow, a first line that is another choice alone
+    "Answer: yes\n\nOverall, no.",
+    "Answer: yes\n\nTherefore, no.",
+    "Answer: yes\n\nBottom line: no.",
+    "Answer: no\n\nYes, in fact.",
+    "Answer: maybe\n\nIn conclusion, yes.",
+    "Answer: yes \u2192 no",
+    "Yes.\n\nAnswer: no",
+    "Answer: yes\nNo.",
 ]
 
 
@@ -248,6 +309,15 @@ CLEAR_MCQ += [
     "Answer: C. Pernicious anemia (B) in vegans is a different deficiency.",
     "Answer: C\n\nScurvy is vitamin C deficiency. In pregnancy, needs rise.",
 ]
+# each was refused as a second choice: the options ruled out one by one as questions, labels or a bulleted list, and a
+# first line that is the answer alone
+CLEAR_MCQ += [
+    "Answer: C\n\nA? No. B? No. D? No.",
+    "Answer: C\n\nA: No. B: No. C: Yes. D: No.",
+    "Answer: C\n\nWait, D? No.",
+    "Answer: C\n\nEliminated options:\n- A\n- B\n- D",
+    "C\n\nAnswer: C",
+]
 CLEAR_YES_NO = [
     ("Answer: maybe\n\nIn women, yes; in men, no.", "maybe"),
     ("Answer: maybe\n\nIf the subgroup analysis is trusted, yes.", "maybe"),
@@ -262,6 +332,11 @@ CLEAR_YES_NO = [
     ("Answer: no. The trial showed no benefit; if anything, harm.", "no"),
     ("Answer: no\n\nWhile some observational data suggested yes, the randomized trial did not.", "no"),
     ("Answer: yes. The results were significant, no doubt.", "yes"),
+    # a choice word that answers a question in the explanation
+    ("Answer: no\n\nSafety concerns? Yes.", "no"),
+    ("Answer: yes\n\nCould this be chance? No.", "yes"),
+    ("Answer: no\n\n1. Did aspirin reduce MI? No.\n2. Did it increase bleeding? Yes.", "no"),
+    ("Answer: yes\n\nLong-term data? Maybe.", "yes"),
 ]
 
 
@@ -286,6 +361,19 @@ def test_a_long_hostile_tail_is_read_in_linear_time(tail):
 
     started = time.perf_counter()
     _mcq("Answer: C" + tail)
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("tail", [" but" * 12_000, " whereas" * 6_000 + " vitamin c", " or" * 16_000,
+                                  " ," * 25_000, "\nBoth" + " C and" * 9_000, "\n" + ". therefore," * 4_000,
+                                  "\n" + " it could be" * 4_000, " ->" * 16_000])
+def test_a_long_hostile_answer_line_or_conclusion_is_read_in_linear_time(tail):
+    """The clause after another option's text, the options joined to this one's and the conclusions below it."""
+    import time
+
+    started = time.perf_counter()
+    _mcq("Answer: C. Vitamin D" + tail)
+    _mcq("Answer: C. Vitamin C" + tail)
     assert time.perf_counter() - started < 5
 
 

@@ -133,6 +133,12 @@ _COULD_BE = r"\b(?:could|might|may)[ \t]+(?:(?:also|equally|well)[ \t]+)?be[\s\*
 #: the reply is untrusted text (see _BOX).
 #: X ends its clause ("Actually, D.", "it is D, because"), not a list ("No, A, B and D are wrong")
 _ENDS = r"(?=[ \t\*_\)\]\"']*(?:$|[.;!?:]|,(?![ \t]*(?:and[ \t]+|or[ \t]+)?(?:{any})\b)))"
+#: ... and after a correction, where a question or a label does not end it: "Wait, D? No." asks and rejects, and "A: No.
+#: B: No." labels each option
+_ENDS_STATED = _ENDS.replace("[.;!?:]", "[.;!]")
+_ENDS_SAID = _ENDS.replace("[.;!?:]", "[.;!:]")  # after "Therefore," a label still ends it: "Bottom line: no."
+#: where a sentence starts: a line's start, or after a stop (one blank: a run of them is read by what follows)
+_SENTENCE_START = r"(?:^|[.;!?][ \t])[ \t>\*_\-]*"
 _COND = r"(?:in|if|when|whenever|during|among|unless|once|where|otherwise|depending)\b"
 _SECOND = (
     # a correction, then X alone or said to be the answer: "No, D.", "Actually, D", "Correction: the answer is D",
@@ -140,8 +146,9 @@ _SECOND = (
     r"\b(?:no[ \t]*[,.;:!\-\u2013\u2014]|(?:wait|actually|sorry|oops|hmm+|correction|scratch[ \t]+that|on[ \t]+second"
     r"[ \t]+thoughts?|on[ \t]+reflection|i[ \t]+meant?|or[ \t]+rather|rather|revised|updated|corrected|amended|edit|"
     r"update)\b)[ \t,;:.!\*_\-\u2013\u2014]*(?:(?:(?:the|my)[ \t]+)?(?:[a-z]+[ \t]+){0,2}answer(?:[ \t]+(?:is|should"
-    r"[ \t]+be|must[ \t]+be|would[ \t]+be)|[ \t\*_]*:)[ \t\*_:\"'(]*|it(?:'s|\u2019s|[ \t]+is)[ \t\*_:\"'(]*)?"
-    rf"(?:{{x}})\b(?:{_ENDS}|{_ALSO})",
+    r"[ \t]+be|must[ \t]+be|would[ \t]+be)|[ \t\*_]*:)[ \t\*_:\"'(]*|it(?:'s|\u2019s|[ \t]+is|[ \t]+(?:should|must|"
+    r"would)[ \t]+be)[ \t\*_:\"'(]*)?"
+    rf"(?:{{x}})\b(?:{_ENDS_STATED}|{_ALSO})",
     # a second answer: "the real answer is D", "the answer should be D", "so the answer is D", "it is D." (after
     # "the answer is not C;"), "D is the correct answer.", "give D instead", "I change my answer to D"
     r"\b(?:(?:the|my)[ \t]+(?:(?:real|actual|true|revised|updated|corrected|amended)[ \t]+)+answer[ \t]+(?:is|should"
@@ -154,8 +161,23 @@ _SECOND = (
     r"(?:answer|correct|right)\b",
     r"(?:{x})[ \t\*_,]+(?:instead|actually)\b",
     r"\b(?:chang(?:e|ing)|switch(?:ing)?)[ \t]+(?:my[ \t]+)?(?:answer[ \t]+)?to[ \t\*_:\"'(]*(?:{x})\b",
-    # X alone as a sentence, or a line of its own, after the answer: "No. Yes.", "C. D."
-    r"(?:^|[.;!?][ \t])[ \t>\*_\-]*(?:{x})[ \t\*_\"'\)\]]*(?:[.!][ \t\*_]*)?$",
+    # a sentence that gives X as the answer or as the conclusion: "I apologize for the confusion. The correct answer
+    # is D.", "However, the answer would be D", "Therefore, D.", "Bottom line: no.", "Nope, D.", "Yes, in fact." (not
+    # "The most common wrong answer is D", nor a question, "So, D? No.")
+    _SENTENCE_START + r"(?:(?:however|but|so|thus|therefore|hence|overall|instead|in[ \t]+fact)[ \t,]+)?(?:the|my)"
+    r"[ \t]+(?:(?!(?:wrong|incorrect|false|tempting|common|popular|obvious|naive|trap)\b)[a-z]+[ \t]+){0,2}answer"
+    r"[ \t]+(?:is|would[ \t]+be)[ \t\*_:\"'(]*(?:{x})\b",
+    _SENTENCE_START + r"(?:therefore|thus|hence|so|overall|in[ \t]+summary|in[ \t]+conclusion|in[ \t]+fact|bottom"
+    r"[ \t]+line|conclusion|to[ \t]+conclude|alternatively|nope|apologies|my[ \t]+mistake)\b[ \t,:\-\u2013\u2014]*"
+    rf"(?:{{x}}){_ENDS_SAID}",
+    _SENTENCE_START + rf"(?:{{x}})[ \t\*_,]+in[ \t]+fact{_ENDS_SAID}",
+    # X said to be right too: "However, D is also correct.", "Both C and D are correct.", "It could also be D."
+    _SENTENCE_START + r"(?:(?:however|but|though|alternatively|both)[ \t,]+)?(?:option[ \t]+)?(?:(?:{any})[ \t,]+"
+    rf"(?:and|&)[ \t]+(?:option[ \t]+)?)?(?:{{x}})\b{_ALSO}",
+    rf"\b(?:it|this|that)[ \t]+{_COULD_BE}(?:{{x}}){_ENDS_STATED}",
+    # X alone as a sentence, or a line of its own, after the answer: "No. Yes.", "C. D." (not the answer to a question,
+    # "Safety concerns? Yes.", nor an item of a bulleted list, "Eliminated options:\n- A\n- D")
+    r"(?:^(?![ \t]*[-+*][ \t])|[.;!][ \t])[ \t>\*_\-]*(?:{x})[ \t\*_\"'\)\]]*(?:[.!][ \t\*_]*)?$",
 )
 #: An alternative under a condition: "C (D in pregnancy)", "C; but D if pregnant", "but D for children", "if not, no",
 #: "otherwise no", "In pregnancy, D.". Read on the answer's line and in the sentence after it only: further on, an
@@ -166,13 +188,23 @@ _ALTERNATIVE = (
     rf"(?:(?:but|then|and|use|give|choose)[ \t]+)?(?:{{x}})[ \t\*_\"']*{_COND}",
     r"\bbut[ \t]+(?:{x})[ \t\*_\"'\)\]]*(?:for|with|without|after|before|under|over)\b",
     r"\b(?:otherwise|else|if[ \t]+not)\b[ \t,:\*_\"']*(?:{x})\b",
-    rf"\b{_COND}[^.;\n]{{0,80}},[ \t\*_\"']*(?:{{x}}){_ENDS}",
+    rf"\b{_COND}[^.;\n]{{0,80}}[,:][ \t\*_\"']*(?:(?:then|use|give|prefer|choose)[ \t]+|(?:the[ \t]+)?answer[ \t]+"
+    rf"(?:is|would[ \t]+be|should[ \t]+be)[ \t\*_:\"'(]*)?(?:{{x}}){_ENDS}",
 )
 #: ... on the answer's line only: "C; for children, D" (below it, "For bone health, D." names a purpose)
 _ALTERNATIVE_LINE = (rf"\bfor\b[^.;\n]{{0,80}},[ \t\*_\"']*(?:{{x}}){_ENDS}",)
 #: ... and, for words (yes / no / maybe), X opening a sentence of its own on the answer's line: "Answer: yes. No, the
 #: trial ..." (below it, "Yes, there was a trend" is part of the explanation)
 _SECOND_WORD = r"[.;!?][ \t]+(?:{x})[ \t]*[,:!\-\u2013\u2014]"
+#: after an option's text on the answer line: another option's joined to it ("Metformin or Insulin"), ...
+_JOINED = re.compile(r"[ \t]*(?:[,/&+]|\b(?:or|and|plus|vs\.?|versus)\b)[ \t]*")
+#: ... in the rest of its clause, what rules that option out ("Surgery is not indicated", "Vitamin D deficiency would
+#: cause rickets instead", "surgery is reserved for ..."), or in its sentence what sets it against the answer's own text
+#: ("Vitamin A deficiency causes night blindness, whereas vitamin C deficiency ...")
+_RULED_OUT_IN = re.compile(r"\b(?:not|never|neither|nor|instead|reserved|unlikely|incorrect|wrong)\b|n['\u2019]t\b")
+_CONTRAST = re.compile(r"\b(?:whereas|while|unlike|but|in[ \t]+contrast|by[ \t]+contrast)\b")
+_CLAUSE_END = re.compile(r"[,;:.!?()\[\]\n]")
+_SENTENCE_END = re.compile(r"[;.!?()\[\]\n]")
 #: the sentence that opens a line (up to its first stop)
 _SENTENCE = re.compile(r"[\s.!?]*[^.!?]*[.!?]*")
 #: what follows an option's text that ends its clause: the end, or a stop, a comma or a bracket that no letter or
@@ -236,13 +268,15 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     # Single-letter choices are matched case-sensitively in prose: "the answer is a ..." is an article.
     upper = all(len(x) == 1 and x.isupper() for x in choices)
     strict = f"(?-i:{alts})" if upper else alts
-    # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe yes"
+    # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe
+    # yes", "C -> D"
     # "Yes, no adverse events were seen": after a comma, "no" opening prose (a determiner) is no other choice; "no in
     # children", "no depending on ...", "no, ..." still are (word choices only)
     prose_no = "" if single else (r"(?!,[ \t]*no[ \t]+(?!(?:in|for|among|with|when|if|at|on|depending|otherwise|or|and|"
                                   r"but|unless|except)\b)[^\W\d_])")
-    hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})(?:{_SEP_LIST}{_HEDGE_WORD})*"
-                       rf"{_SEP_LIST}(?:{alts})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
+    arrow = r"->|=>|[\u2192\u21d2\u27f6]"
+    hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
+                       rf"(?:{_SEP_LIST}{_HEDGE_WORD})*{_SEP_LIST}(?:{alts})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
                        rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{alts})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
     label = re.escape(c.label)
     line_re = re.compile(rf"{_LEAD}(?:{_PREFIX}{label}(?:[ \t\*_]*[:\-]|\s+(?P<is>is)\b[ \t]*:?|[ \t\*_]*$)"
@@ -290,17 +324,28 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
 
     def clash(tail: str, found: str) -> str | None:
         """The other option whose text opens ``tail``, what follows the choice ``found`` ("B. Vitamin C", "B (Vitamin
-        C)", "**B** - Vitamin C deficiency ...": option C's text), if any. Not one whose text opens this option's own
-        and runs on ("B. Aspirin + clopidogrel" for B "Aspirin plus clopidogrel" beside A "Aspirin", where "B. Aspirin"
-        is a clash), nor a number that runs on ("B. 2 tablets of 2 mg = 4 mg" beside A "2"): working towards this
-        option, not the name of the other."""
+        C)", "**B** - Vitamin C deficiency ...": option C's text), or that is joined to this option's own ("A.
+        Metformin or Insulin"), if any. Not one whose text opens this option's own and runs on ("B. Aspirin +
+        clopidogrel" for B "Aspirin plus clopidogrel" beside A "Aspirin", where "B. Aspirin" is a clash), nor a number
+        that runs on ("B. 2 tablets of 2 mg = 4 mg" beside A "2"): working towards this option, not the name of the
+        other. Nor one ruled out in its clause ("D. Surgery is not indicated", "(surgery is reserved for ...)") or set
+        against this option's text ("C. Vitamin A deficiency causes ..., whereas vitamin C deficiency ...")."""
         said = _norm(tail.lstrip(" \t*_.,;:()[]\"'-\u2013\u2014"))
         own = _norm(str(texts.get(found, ""))) if texts else ""
         for x, t in known:  # longest first: this option's own text before a shorter one it opens with
             if not opens(said, t):
                 continue
-            if x == found or (own and opens(own, t) and said[len(t):].strip(" .,;:!?)]\"'")) or (
+            after = said[len(t):]
+            if x == found:
+                joined = _JOINED.match(after)
+                return next((y for y, u in known if y != found and joined and opens(after[joined.end():], u)), None)
+            if (own and opens(own, t) and after.strip(" .,;:!?)]\"'")) or (
                     t[0].isdigit() and not _TEXT_ENDS.match(said, len(t))):
+                return None
+            clause, sentence = _CLAUSE_END.split(after, 1)[0], _SENTENCE_END.split(after, 1)[0]
+            contrast = _CONTRAST.search(sentence)
+            if _RULED_OUT_IN.search(clause) or (own and contrast and re.search(
+                    rf"(?<!\w){re.escape(own)}(?!\w)", sentence[contrast.end():])):
                 return None
             return x
         return None
@@ -390,8 +435,11 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         if first is not None and (_REJECTED.match(lines[1]) or any(
                 (o := listed(line)) and canonical(o.group(1)) != first for line in lines[1:])):
             first = None  # "**A. Vitamin A**\n\nIncorrect: ...", or the options gone through one by one
+    # a first line that is a choice alone is no answer by itself, but one that differs from the answer lines is a
+    # second answer: "**C**\n\nAnswer: D", "Yes.\n\nAnswer: no"
+    alone = bare(lines[0]) if given and first is None and len(lines) > 1 and not line_re.match(lines[0]) else None
     if given or first:
-        answers = set(given) | mentioned | ({first} if first else set())
+        answers = set(given) | mentioned | ({first} if first else set()) | ({alone} if alone else set())
         if len(answers) == 1:
             answer = answers.pop()
             other = second(lines if first else lines[start:], 1 if first else span, answer)
@@ -399,7 +447,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
                 return Parsed(True, answer, text, labelled=bool(given))
             return Parsed(False, None, text, f"the reply names {other} after its answer {answer} (a correction, a "
                                              "second answer or an alternative under a condition): no single answer")
-        where = f"first line and its '{c.label}:' lines" if first else f"'{c.label}:' lines"
+        where = f"first line and its '{c.label}:' lines" if first or alone else f"'{c.label}:' lines"
         return Parsed(False, None, text, f"the reply's {where} disagree ({', '.join(sorted(answers))}): "
                                          "no single answer")
     if "\n" not in text.strip():
