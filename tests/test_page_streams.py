@@ -239,3 +239,24 @@ def test_sign_out_forgets_the_key_and_clears_the_conversation(served, script, br
     page.wait_answer(10)
     assert script.bodies[-1]["messages"] == [{"role": "user", "content": "Hello"}]
     driver.execute_script("sessionStorage.clear()")
+
+
+def test_a_key_refused_mid_conversation_signs_out_and_clears_the_conversation(served, script, browser):
+    """A key revoked or rotated while a conversation is on screen: the page asked for a key again and left the
+    conversation, and the transcript Save writes, to whoever sat down next, with Sign out hidden."""
+    script.require(KEY)
+    page = browser.page(served.url)
+    page.find("#key").send_keys(KEY + "\n")
+    page.wait(lambda: not page.find("#ask").get_attribute("hidden"), 10, "the page after the key")
+    page.ask("Patient B, 61, dyspnoea on exertion: next test?")
+    page.wait_answer(10)
+    assert "Patient B" in page.find("#log").text
+    script.require("rotated-" + "k" * 24)  # IT rotates the keys at the shift change
+    page.ask("Patient B's BNP is 900: next step?")
+    page.wait(lambda: not page.find("#key-panel").get_attribute("hidden"), 10, "the key prompt")
+    driver = browser.driver
+    assert driver.execute_script("return Object.keys(sessionStorage)") == []
+    assert page.find("#ask").get_attribute("hidden") and page.find("#conversation").get_attribute("hidden")
+    assert "Patient B" not in driver.execute_script("return document.body.textContent")
+    assert "The key was refused" in page.find("#key-error").text and "cleared" in page.find("#status").text
+    driver.execute_script("sessionStorage.clear()")

@@ -56,13 +56,20 @@
   // Sign out (forget key), for the next person at a shared workstation: the key goes, and with it everything New
   // conversation clears (the history, the transcript Save would write, the answers on screen, an answer still
   // streaming) and the question typed but not sent; the ask form stays hidden until a key is given again.
-  function signOut() {
+  // A key the server refuses mid-conversation (revoked, rotated at a shift change) signs out the same way: whoever
+  // sits at the screen next has no key either, so the conversation goes with it.
+  function signOut(refused) {
     clearConversation();
     $("prompt").value = "";
     $("template-fields").replaceChildren();
     $("ask").hidden = true;
     $("card").hidden = true;
-    askForKey("", "Signed out: the key is forgotten and the conversation cleared. Enter a key to go on.");
+    if (refused === undefined) {
+      askForKey("", "Signed out: the key is forgotten and the conversation cleared. Enter a key to go on.");
+    } else {
+      askForKey("The key was refused: " + refused,
+                "The key was refused, so the conversation on screen was cleared. Enter a key to go on.");
+    }
   }
 
   async function errorText(response) {
@@ -407,6 +414,7 @@
         setStatus(end.status);
         (t ? $("send") : $("prompt")).focus();
       }
+      if (turn.refused !== undefined) signOut(turn.refused);
     }
   }
 
@@ -426,7 +434,7 @@
     if (!response.ok) {
       const message = await errorText(response);
       showError(turn, message);
-      if (response.status === 401) askForKey("The key was refused: " + message);
+      if (response.status === 401) turn.refused = message;  // signed out once the turn is closed
       return "error";
     }
     const split = window.EdgemedThink.splitter(response.headers.get("x-edgemed-think") === "open");
@@ -516,7 +524,7 @@
       $("key").value = "";
       load();
     });
-    $("forget-key").addEventListener("click", signOut);
+    $("forget-key").addEventListener("click", () => signOut());
     $("chat-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
     $("template-form").addEventListener("submit", (e) => { e.preventDefault(); send(); });
     $("prompt").addEventListener("keydown", (e) => {
