@@ -207,11 +207,17 @@ def test_reasoning_cut_at_the_length_limit_still_says_so(served, script, browser
     assert "Reasoning (not an answer): Weigh A against B" in saved(browser)
 
 
-def test_sign_out_forgets_the_key_and_clears_the_conversation(served, script, browser):
+def _signed_in(served, script, browser):
+    """The page of a server that wants KEY, with KEY given and the ask form shown."""
     script.require(KEY)
     page = browser.page(served.url)
     page.find("#key").send_keys(KEY + "\n")
     page.wait(lambda: not page.find("#ask").get_attribute("hidden"), 10, "the page after the key")
+    return page
+
+
+def test_sign_out_forgets_the_key_and_clears_the_conversation(served, script, browser):
+    page = _signed_in(served, script, browser)
     page.ask("Patient A, 54, chest pain since this morning: differential?")
     page.wait_answer(10)
     page.find("#prompt").send_keys("Patient A's troponin is")  # a draft, not sent
@@ -244,10 +250,7 @@ def test_sign_out_forgets_the_key_and_clears_the_conversation(served, script, br
 def test_a_key_refused_mid_conversation_signs_out_and_clears_the_conversation(served, script, browser):
     """A key revoked or rotated while a conversation is on screen: the page asked for a key again and left the
     conversation, and the transcript Save writes, to whoever sat down next, with Sign out hidden."""
-    script.require(KEY)
-    page = browser.page(served.url)
-    page.find("#key").send_keys(KEY + "\n")
-    page.wait(lambda: not page.find("#ask").get_attribute("hidden"), 10, "the page after the key")
+    page = _signed_in(served, script, browser)
     page.ask("Patient B, 61, dyspnoea on exertion: next test?")
     page.wait_answer(10)
     assert "Patient B" in page.find("#log").text

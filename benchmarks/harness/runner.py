@@ -36,7 +36,7 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.errors import OutputExists
-from edgemed.files.atomic import check_destination, refuse_store, write_text
+from edgemed.files.atomic import check_destination, inside, refuse_store, write_text
 from edgemed.packaging.manifest import MANIFEST
 from edgemed.benchmarks.harness.accuracy import records_resume
 from edgemed.benchmarks.harness.artifacts import model_digest
@@ -235,11 +235,10 @@ def claim(out: Path, force: bool, inputs=()) -> bool:
     read); return whether this
     run may replace its report files."""
     refuse_store(out)  # an installed model would hold files its manifest does not list, and stop verifying
-    real = os.path.realpath(out)
     for path in inputs:
         path = Path(path)
         folder = path if path.is_dir() else next((p for p in list(path.parents)[:3] if (p / MANIFEST).is_file()), None)
-        if folder is not None and os.path.commonpath([real, os.path.realpath(folder)]) == os.path.realpath(folder):
+        if folder is not None and inside(out, folder):
             raise OutputExists(f"The report folder '{out}' is inside '{folder}', which this run measures; a report "
                                "there would change what it reads (a bundle would no longer verify).",
                                "choose a report folder outside it with -o")

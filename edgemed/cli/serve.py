@@ -281,10 +281,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
 def _refuse_audit_path(audit_path: Path, bundle: Path | None) -> None:
     """The audit log may not go into edgemed's store or the bundle being served: the bundle would then hold a file
     its manifest does not list (it no longer verifies), and `edgemed remove` would delete the log with the model."""
-    import os
-
     from edgemed.errors import InputError, OutputExists
-    from edgemed.files.atomic import refuse_store
+    from edgemed.files.atomic import inside, refuse_store
 
     fix = "pass --audit-log with a path outside edgemed's store and the model's bundle (default: $EDGEMED_HOME/audit/)"
     try:
@@ -292,10 +290,8 @@ def _refuse_audit_path(audit_path: Path, bundle: Path | None) -> None:
     except OutputExists as exc:
         raise InputError(f"The audit log '{audit_path}' would be inside edgemed's store, which only install, remove, "
                          "rollback and pull change.", fix) from exc
-    if bundle is not None:
-        real, folder = os.path.realpath(audit_path), os.path.realpath(bundle)
-        if os.path.commonpath([real, folder]) == folder:
-            raise InputError(f"The audit log '{audit_path}' would be inside the bundle '{bundle}' being served.", fix)
+    if bundle is not None and inside(audit_path, bundle):
+        raise InputError(f"The audit log '{audit_path}' would be inside the bundle '{bundle}' being served.", fix)
 
 
 def _memory_line(plan, batcher) -> str:

@@ -26,7 +26,7 @@ from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
 from edgemed.errors import DISK_REFUSED, OutputExists
 
-__all__ = ["atomic_path", "atomic_paths", "check_destination", "file_destination", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
+__all__ = ["atomic_path", "atomic_paths", "check_destination", "file_destination", "inside", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
            "step", "discard"]
 
 
@@ -103,7 +103,7 @@ def refuse_input_as_output(output: Path, inputs, kind: str | None = None, option
     output = Path(output)
     refuse_store(output)
     for what, path in inputs:  # an output inside a folder the command reads (a bundle's LICENSE)
-        if path is not None and os.path.isdir(path) and _inside(output, path):
+        if path is not None and os.path.isdir(path) and inside(output, path):
             raise OutputExists(f"Output '{output}' is inside {what} '{path}', which this command reads; edgemed never "
                                "writes into its own input, --force or not.", _another(option))
     if not os.path.lexists(output):
@@ -119,8 +119,8 @@ def refuse_input_as_output(output: Path, inputs, kind: str | None = None, option
             same = os.path.samefile(output, path)
         except OSError:
             same = False
-        inside = folder is not None and _inside(path, folder)
-        if same or inside:
+        held = folder is not None and inside(path, folder)
+        if same or held:
             raise OutputExists(
                 f"Output '{output}' {'is' if same else 'holds'} {what} '{path}', which this command reads; "
                 "edgemed never writes over its own input, --force or not.",
@@ -133,12 +133,12 @@ def refuse_store(output: Path) -> None:
     and journal; a file written there by -o (a GGUF over an installed bundle's LICENSE) damages an installed model."""
     from edgemed import env
 
-    if _inside(output, env.store_dir()):
+    if inside(output, env.store_dir()):
         raise OutputExists(f"Output '{output}' is inside edgemed's store ({env.store_dir()}), which only install, "
                            "remove, rollback and pull change.", "choose a path outside it")
 
 
-def _inside(path, folder) -> bool:
+def inside(path, folder) -> bool:
     """Whether ``path`` is ``folder`` or lies in it, links resolved (``path`` need not exist)."""
     folder = os.path.realpath(folder)
     target = os.path.realpath(path)
