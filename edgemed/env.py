@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: Where edgemed keeps its own state: cached checkpoints, the model store.
+#: Where edgemed keeps its own state: the model store, the trust policy, audit logs, keys (default: the user's data
+#: folder, ``~/.local/share/edgemed`` on Linux; see ``home()``).
 HOME_VAR = "EDGEMED_HOME"
-#: Where derived, re-creatable files go (dequantized example checkpoints, joined parts).
+#: Where derived, re-creatable files go (dequantized example checkpoints, joined parts; default: ``cache_root()``).
 CACHE_VAR = "EDGEMED_CACHE_DIR"
 #: Largest bundle (sum of its files, bytes) that install/verify accept from an archive.
 MAX_BUNDLE_VAR = "EDGEMED_MAX_BUNDLE_BYTES"
@@ -60,17 +61,97 @@ def worker_cwd() -> str:
     return str(Path(__file__).resolve().parents[1])
 
 
+#: The one entry of a state folder that is not state: the re-creatable cache (``cache_root()`` on Linux).
+CACHE_ENTRY = "cache"
+_told: set[str] = set()  # the state-folder warnings already given in this process
+
+
 def home() -> Path:
-    """edgemed's state directory (``$EDGEMED_HOME`` or ``~/.cache/edgemed``)."""
+    """edgemed's state folder: the model store, ``trust.toml``, audit logs, keys, the made-dirs record.
+
+    ``$EDGEMED_HOME`` when set; else the user's data folder (``default_home()``: ``$XDG_DATA_HOME/edgemed`` or
+    ``~/.local/share/edgemed`` on Linux, ``~/Library/Application Support/edgemed`` on macOS). Earlier versions kept it
+    in ``~/.cache/edgemed`` (``legacy_home()``), where cache cleaners empty it, trust policy and all; a state
+    folder left there is still used, with a warning, while the default one holds none (``edgemed home --move``
+    moves it): switching silently would drop its trust policy, and with it the signature checks."""
     value = os.environ.get(HOME_VAR)
-    path = Path(value).expanduser() if value else Path.home() / ".cache" / "edgemed"
-    return path
+    if value:
+        return Path(value).expanduser()
+    new, old = default_home(), legacy_home()
+    if holds_state(new):
+        if holds_state(old) and new != old:
+            _tell(f"{old} holds an older edgemed state folder (a store, trust policy or audit logs) that is no "
+                  f"longer read: edgemed's state is in {new}. Move what you still need from there into {new}, or "
+                  f"set {HOME_VAR}={old} to use it instead")
+        return new
+    if holds_state(old):
+        _tell(f"edgemed's state (store, trust policy, audit logs) is in {old}, a cache folder that cache cleaners "
+              f"empty: without its trust policy, signatures would go unchecked. Move it to {new} with "
+              f"`edgemed home --move`, or set {HOME_VAR}={old} to keep it there")
+        return old
+    return new
+
+
+def default_home() -> Path:
+    """The state folder where ``$EDGEMED_HOME`` is unset and nothing is left in ``legacy_home()``."""
+    import platformdirs
+
+    return platformdirs.user_data_path("edgemed", appauthor=False)
+
+
+def legacy_home() -> Path:
+    """Where edgemed kept its state before it moved to the user's data folder: ``~/.cache/edgemed``."""
+    return Path.home() / ".cache" / "edgemed"
+
+
+def holds_state(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but the cache (an empty or missing folder holds no state)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name != CACHE_ENTRY for e in entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:  # unreadable: treat it as holding state, so it is neither passed over nor written around
+        return True
+
+
+def stranded_home() -> Path | None:
+    """The older state folder that holds state while another is in use (``home()`` warns of it), else None."""
+    if os.environ.get(HOME_VAR):
+        return None
+    old = legacy_home()
+    return old if home() != old and holds_state(old) else None
+
+
+def _tell(message: str) -> None:
+    if message not in _told:
+        _told.add(message)
+        import logging
+
+        logging.getLogger("edgemed").warning("%s.", message)
+
+
+def cache_root() -> Path:
+    """The re-creatable cache: ``$EDGEMED_CACHE_DIR``, else ``$EDGEMED_HOME/cache`` where that is set, else the
+    user's cache folder (``~/.cache/edgemed/cache`` on Linux, where it has always been)."""
+    value = os.environ.get(CACHE_VAR)
+    if value:
+        return Path(value).expanduser()
+    if os.environ.get(HOME_VAR):
+        return home() / CACHE_ENTRY
+    return default_cache_root()
+
+
+def default_cache_root() -> Path:
+    """The cache where neither ``$EDGEMED_CACHE_DIR`` nor ``$EDGEMED_HOME`` is set."""
+    import platformdirs
+
+    return platformdirs.user_cache_path("edgemed", appauthor=False) / CACHE_ENTRY
 
 
 def cache_dir(kind: str) -> Path:
-    """A re-creatable cache folder (``$EDGEMED_CACHE_DIR`` or ``$EDGEMED_HOME/cache``)."""
-    value = os.environ.get(CACHE_VAR)
-    path = (Path(value).expanduser() if value else home() / "cache") / kind
+    """A re-creatable cache folder of one kind (``cache_root() / kind``), made if missing."""
+    path = cache_root() / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -77,6 +77,7 @@ COMMANDS: dict[str, str] = {
     "serve": "edgemed.cli.serve:serve",
     "audit": "edgemed.cli.serve:audit",
     "bench": "edgemed.cli.bench:bench",
+    "home": "edgemed.cli.home:home",
 }
 
 

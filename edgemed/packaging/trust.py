@@ -82,9 +82,15 @@ def oci_repository(origin: str | None) -> str | None:
 
 def load(home: Path | None = None) -> Policy:
     """The policy in ``$EDGEMED_HOME/trust.toml`` (an empty one where there is no file)."""
+    stranded = env.stranded_home() if home is None else None
     home = Path(home) if home is not None else env.home()
     path = home / POLICY
     if not path.is_file():
+        if stranded is not None and (stranded / POLICY).exists():
+            raise InputError(f"A trust policy is at {stranded / POLICY}, in an older edgemed state folder that is no "
+                             f"longer read, and there is none at {path}: without it, signatures would go unchecked.",
+                             f"move that folder's trust.toml and keys/ into {home} (or set {env.HOME_VAR}={stranded} "
+                             f"to go on using that folder)")
         return Policy(path)
     fix = f"correct {path} (see `edgemed install --help` and docs/packaging.md, section Trust policy)"
     try:
