@@ -197,6 +197,17 @@ def test_verify_cli_ok_with_signature(tmp_path, src, keys):
     assert r.exit_code == 0 and "signature valid" in r.output and "every sha256 matches" in r.output
 
 
+def test_verify_of_an_installed_model_names_it_as_installed(tmp_path, src):
+    """`install --name` may differ from the bundle's own name: verify says which installed copy it checked."""
+    t = _pack(src, tmp_path / "b.edgemed")
+    assert _run("install", t, "--name", "cardio-a").exit_code == 0
+    r = _run("verify", "cardio-a")
+    assert r.exit_code == 0 and r.output.startswith("OK cardio-a (bundle tiny): "), r.output
+    facts = json.loads(_run("verify", "cardio-a", "--json").output)
+    assert facts["installed_as"] == "cardio-a" and facts["name"] == "tiny"
+    assert json.loads(_run("verify", t, "--json").output)["installed_as"] is None
+
+
 def _flip(path: Path, offset: int) -> None:
     with open(path, "r+b") as fh:
         fh.seek(offset)

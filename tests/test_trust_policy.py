@@ -177,6 +177,36 @@ def test_a_bad_policy_file_is_refused_naming_it(home, made, text, why):
     assert why in out, out
 
 
+def _unreadable(home: Path, what: str) -> None:
+    """Put at trust.toml something that is there but cannot be read as a policy."""
+    import os
+
+    path = home / "trust.toml"
+    path.unlink(missing_ok=True)
+    if what == "dangling link":  # config management links it to /etc/..., which is not mounted
+        path.symlink_to(home / "gone" / "trust.toml")
+    elif what == "folder":
+        path.mkdir()
+    elif what == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"[local]\n" + b"#" * (trust.MAX_POLICY_BYTES + 1))
+
+
+@pytest.mark.parametrize("what", ["dangling link", "folder", "fifo", "huge"])
+def test_a_policy_that_is_there_but_unreadable_fails_closed(home, made, what):
+    """Something at trust.toml that cannot be read is not taken for 'no policy' (which would let unsigned bundles
+    in, and models whose key was taken out of the policy run again): install and run refuse, naming it."""
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/a.pub.pem"]\n')
+    Store().install(made["by-a"])
+    _unreadable(home, what)
+    out = _refused_cli("install", made["unsigned"])
+    assert "Cannot read the trust policy" in out and "trust.toml" in out, out
+    with pytest.raises(InputError, match="Cannot read the trust policy"):
+        runnable("tiny")
+    assert [p.name for p in (home / "store" / "models").iterdir()] == ["tiny"]
+
+
 @pytest.mark.parametrize("origin,repo", [
     ("oci://127.0.0.1:5000/clinic/smollm2:v2", "127.0.0.1:5000/clinic/smollm2"),
     (f"oci://127.0.0.1:5000/clinic/smollm2@{DIGEST}", "127.0.0.1:5000/clinic/smollm2"),

@@ -177,9 +177,11 @@ def verify(bundle, key, cert_chain, full, as_json):
         at_install = Store().index().get(where, {}).get("signed_by") if kind == "store" and public_key is None else None
         result = dict(manifest_sha256=v.manifest_sha256, has_signature=v.has_signature, signed_by=v.signed_by or at_install,
                       rehashed=v.hashed)
+    installed_as = where if kind == "store" else None  # `install --name` may differ from the manifest's name
     if as_json:
-        click.echo(json.dumps({"ok": True, "name": man.name, "form": kind, "files": len(man.files), "total_bytes": man.total_bytes,
-                                "adapters": [a["name"] for a in man.adapters], **result}, indent=2))
+        click.echo(json.dumps({"ok": True, "name": man.name, "installed_as": installed_as, "form": kind,
+                               "files": len(man.files), "total_bytes": man.total_bytes,
+                               "adapters": [a["name"] for a in man.adapters], **result}, indent=2))
         return
     n_cached = len(man.files) - len(result["rehashed"])
     how = f"{len(result['rehashed'])} re-hashed" + (f", {n_cached} unchanged since their last full hash" if n_cached else "")
@@ -187,7 +189,8 @@ def verify(bundle, key, cert_chain, full, as_json):
            else f"signature valid (key {result['signed_by']})" if result["signed_by"]
            else "signed, signature NOT checked (pass --key)" if result["has_signature"] else "unsigned")
     ads = f", adapters {', '.join(a['name'] for a in man.adapters)}" if man.adapters else ""
-    click.echo(f"OK {man.name}: {len(man.files)} files{ads}, {_mb(man.total_bytes)}, every sha256 matches ({how}); {sig}")
+    named = man.name if installed_as in (None, man.name) else f"{installed_as} (bundle {man.name})"
+    click.echo(f"OK {named}: {len(man.files)} files{ads}, {_mb(man.total_bytes)}, every sha256 matches ({how}); {sig}")
 
 
 def _inspect_data(bundle: str) -> dict:

@@ -16,7 +16,8 @@
 A bundle pulled from ``oci://HOST[:PORT]/REPO[:TAG|@DIGEST]`` is judged by the most specific
 ``registries`` entry whose name is ``HOST[:PORT]`` or a ``/``-bounded prefix of ``HOST[:PORT]/REPO``;
 with no entry, a signature is required and no key is trusted, so a pull is refused until the clinic
-names its signers. Everything else is judged by ``[local]``; with no trust.toml at all, local bundles
+names its signers. Everything else is judged by ``[local]``; with no trust.toml at all (nothing at that name:
+a dangling link, a folder or a file that cannot be read there is refused, never taken for none), local bundles
 behave as before (a signature is checked when ``--key`` is given).
 
 The rule, for the entry that applies: a key given on the command line (``--key``) must verify the
@@ -31,15 +32,19 @@ trust.toml stops its models from loading.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import env
 from edgemed.errors import InputError, SignatureError
 from edgemed.packaging import signing
+from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_toml
 
 POLICY = "trust.toml"
+#: Largest trust.toml read (bytes): a policy names a few keys per registry.
+MAX_POLICY_BYTES = 1 << 20
 _ENTRY_KEYS = {"keys", "roots", "require_signature"}
 
 
@@ -85,18 +90,21 @@ def load(home: Path | None = None) -> Policy:
     stranded = env.stranded_home() if home is None else None
     home = Path(home) if home is not None else env.home()
     path = home / POLICY
-    if not path.is_file():
-        if stranded is not None and (stranded / POLICY).exists():
+    if not os.path.lexists(path):
+        if stranded is not None and os.path.lexists(stranded / POLICY):
             raise InputError(f"A trust policy is at {stranded / POLICY}, in an older edgemed state folder that is no "
                              f"longer read, and there is none at {path}: without it, signatures would go unchecked.",
                              f"move that folder's trust.toml and keys/ into {home} (or set {env.HOME_VAR}={stranded} "
                              f"to go on using that folder)")
         return Policy(path)
     fix = f"correct {path} (see `edgemed install --help` and docs/packaging.md, section Trust policy)"
-    try:
-        raw = loads_toml(path.read_text(encoding="utf-8"))
+    try:  # something there that cannot be read (a dangling link, a folder, a FIFO) is refused, never taken as no policy
+        raw = loads_toml(read_at_most(path, MAX_POLICY_BYTES).decode("utf-8"))
     except (OSError, ValueError) as exc:  # UnicodeDecodeError, TOMLDecodeError and TooDeep are ValueErrors
-        raise InputError(f"Cannot read the trust policy {path}: {exc}.", fix) from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InputError(f"Cannot read the trust policy {path}: {why}. Without it, signatures would go unchecked, so "
+                         "nothing that reads it goes on.",
+                         f"{fix}; where it is a link, restore what it points to") from None
     unknown = sorted(set(raw) - {"local", "registries"})
     if unknown:
         raise InputError(f"The trust policy {path} has sections edgemed does not know: {', '.join(unknown)}.",
