@@ -16,6 +16,8 @@ from serve_kit import ServerThread, wait_until
 
 KEY = "k" * 8 + "-clinic-secret-0001"
 OTHER = "o" * 8 + "-clinic-secret-0002"
+ADMIN = "a" * 8 + "-admin-secret-0003"
+SCRAPER = "m" * 8 + "-metrics-secret-0004"
 
 
 # -- bind policy and keys (no server) -------------------------------------------------------------------
@@ -216,8 +218,6 @@ def test_api_keys_are_checked_and_recorded(model, tmp_path):
         assert httpx.get(srv.url + "/v1/models").status_code == 401  # no key at all
         r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": []})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        assert httpx.get(srv.url + "/metrics").status_code == 401
-        assert httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         health = httpx.get(srv.url + "/health")  # liveness stays open, and says nothing private: not even the load
         assert health.status_code == 200 and health.json() == {"status": "ok"}, health.text
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
@@ -228,6 +228,125 @@ def test_api_keys_are_checked_and_recorded(model, tmp_path):
     denied = [r for r in recs if r.get("status") == 401]
     assert len(denied) == 3 and {r["outcome"] for r in denied} == {"unauthorized"} and {r["key_id"] for r in denied} == {None}
     assert KEY not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_metrics_take_a_metrics_or_admin_key_and_refuse_a_clinicians(model, tmp_path):
+    """/metrics says how loaded the server is and how much each adapter (each specialty) is used: on a server with
+    keys it is the monitoring system's, read with a key of --metrics-key-file (which reads nothing else) or an admin
+    key. A clinician's key is a 403 that names the fix and is audited under its key id; no key or a wrong one, a 401
+    audited within the refusal budget. Scrapes themselves write no record."""
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path, api_keys=ApiKeys.from_lines([f"ehr {KEY}"]),
+                    admin_keys=ApiKeys.from_lines([f"it {ADMIN}"]),
+                    metrics_keys=ApiKeys.from_lines([f"prometheus {SCRAPER}"]))
+    with ServerThread(app) as srv:
+        def get(path, key=None):
+            return httpx.get(srv.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+        r = get("/metrics", KEY)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "metrics_forbidden", r.text
+        message = r.json()["error"]["message"]
+        assert "--metrics-key-file" in message and "credentials_file" in message and "\n" not in message, message
+        assert "edgemed_" not in r.text
+        for key in (None, "wrong-key-wrong-key"):
+            r = get("/metrics", key)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+            assert r.json()["error"]["code"] == "invalid_api_key" and "--metrics-key-file" in r.json()["error"]["message"]
+        for key in (SCRAPER, ADMIN):
+            r = get("/metrics", key)
+            assert r.status_code == 200 and "edgemed_adapter_generations_total" in r.text, r.text
+        for path in ("/v1/models", "/ui/info", "/admin/adapters"):  # the scraper's key reads /metrics alone
+            assert get(path, SCRAPER).status_code == 401, path
+        assert get("/v1/models", KEY).status_code == 200
+
+        def requests():
+            return [r for r in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())
+                    if r["kind"] == "request"]
+
+        assert wait_until(lambda: ("models", "ehr") in {(r["endpoint"], r["key_id"]) for r in requests()}
+                          and [r["endpoint"] for r in requests()].count("metrics") >= 3)
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    scrapes = sorted((r["status"], r["key_id"] or "", r["error_code"]) for r in recs
+                     if r["kind"] == "request" and r["endpoint"] == "metrics")
+    assert scrapes == [(401, "", "invalid_api_key"), (401, "", "invalid_api_key"), (403, "ehr", "metrics_forbidden")]
+    assert SCRAPER not in (tmp_path / "audit.jsonl").read_text() and KEY not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_who_reads_metrics_without_metrics_or_admin_keys_and_without_any_keys(model, tmp_path):
+    """With clinicians' keys only, no key reads /metrics and the 403 says to restart with --metrics-key-file. A server
+    without keys (loopback only) serves it to its clients as before, admin keys or not; --metrics-key-file alone keys
+    it. The clinician's page reads /ui/info and /v1, never /metrics, so it works whoever may read /metrics."""
+    from edgemed.serve.page import ASSETS, UI_DIR
+
+    httpx = pytest.importorskip("httpx2")
+    for sub, kw, open_, fix in [
+            ("clinicians", dict(api_keys=ApiKeys.from_lines([f"ehr {KEY}"])), False, "restart the server"),
+            ("none", {}, True, None),
+            ("admins", dict(admin_keys=ApiKeys.from_lines([f"it {ADMIN}"])), True, None),
+            ("scraper", dict(metrics_keys=ApiKeys.from_lines([f"prometheus {SCRAPER}"])), False, None)]:
+        (tmp_path / sub).mkdir()
+        app, log = _app(model, tmp_path / sub, **kw)
+        with ServerThread(app) as srv:
+            bare = httpx.get(srv.url + "/metrics")
+            assert bare.status_code == (200 if open_ else 401), (sub, bare.text)
+            if fix is not None:
+                r = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+                assert r.status_code == 403 and fix in r.json()["error"]["message"], r.text
+            if "metrics_keys" in kw:
+                r = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {SCRAPER}"})
+                assert r.status_code == 200 and "edgemed_requests_total" in r.text
+                assert httpx.get(srv.url + "/v1/models").status_code == 200  # the API stays as keyless as it was
+        log.close()
+    from importlib import resources
+
+    for name, _ in ASSETS.values():
+        assert "/metrics" not in resources.files("edgemed.serve").joinpath(UI_DIR, name).read_text(encoding="utf-8")
+
+
+def test_a_key_has_one_role():
+    """A key, or a key id, in two of the key files is refused: a clinician's key that read /metrics, or a scraper's
+    that could load adapters, would be the role the files were meant to keep apart."""
+    from edgemed.serve.config import ServeConfig
+
+    clinician, admin, scraper = (ApiKeys.from_lines([line]) for line in (f"ehr {KEY}", f"it {ADMIN}",
+                                                                        f"prometheus {SCRAPER}"))
+    for kw, said in [(dict(api_keys=clinician, metrics_keys=ApiKeys.from_lines([KEY])),
+                      "both --api-key-file and --metrics-key-file"),
+                     (dict(api_keys=clinician, admin_keys=admin, metrics_keys=ApiKeys.from_lines([ADMIN])),
+                      "both --admin-key-file and --metrics-key-file"),
+                     (dict(api_keys=clinician, metrics_keys=ApiKeys.from_lines([f"ehr {SCRAPER}"])),
+                      "key id 'ehr' names a key in --api-key-file and another in --metrics-key-file")]:
+        with pytest.raises(InputError, match=said):
+            ServeConfig(model_id="m", bundle_digest="d", **kw)
+    ServeConfig(model_id="m", bundle_digest="d", api_keys=clinician, admin_keys=admin, metrics_keys=scraper)
+
+
+def test_the_start_up_line_says_who_reads_metrics():
+    """A server with clinicians' keys only answers no one on /metrics: said at start, not found from a failing scrape."""
+    from edgemed.cli.serve import _metrics_access
+    from edgemed.serve.config import ServeConfig
+
+    clinician, scraper = ApiKeys.from_lines([f"ehr {KEY}"]), ApiKeys.from_lines([f"prometheus {SCRAPER}"])
+    assert _metrics_access(ServeConfig(model_id="m", bundle_digest="d")) == ""
+    assert "pass --metrics-key-file" in _metrics_access(ServeConfig(model_id="m", bundle_digest="d", api_keys=clinician))
+    assert "required" in _metrics_access(ServeConfig(model_id="m", bundle_digest="d", api_keys=clinician,
+                                                     metrics_keys=scraper))
+
+
+def test_cli_refuses_a_key_in_two_roles_before_loading_anything(tmp_path):
+    keys, scraper, log = tmp_path / "keys.txt", tmp_path / "metrics.txt", tmp_path / "audit.jsonl"
+    keys.write_text(f"ehr {KEY}\n")
+    scraper.write_text(f"prometheus {KEY}\n")
+    for path in (keys, scraper):
+        path.chmod(0o600)
+    r = CliRunner().invoke(cli, ["serve", str(tmp_path / "absent.gguf"), "--audit-log", str(log),
+                                 "--api-key-file", str(keys), "--metrics-key-file", str(scraper)])
+    assert r.exit_code == 1 and "both --api-key-file and --metrics-key-file" in r.output, r.output
+    assert "scraper a key of its own" in r.output
+    assert not log.exists() and "does not exist" not in r.output
+    help_text = CliRunner().invoke(cli, ["serve", "--help"]).output
+    assert "--metrics-key-file" in help_text
 
 
 def test_wrong_keys_in_a_loop_do_not_grow_the_audit_log_past_their_budget(model, tmp_path):

@@ -101,8 +101,13 @@ def _stopping_server(uvicorn):
               help="File of accepted API keys, one per line ('KEY' or 'LABEL KEY'). Required off loopback.")
 @click.option("--admin-key-file", type=click.Path(path_type=Path, dir_okay=False),
               help="File of keys for the admin calls (adding and removing adapters while serving), in the format of "
-              "--api-key-file and with keys of their own. Without it, a server with --api-key-file takes no admin "
-              "calls, and one without keys takes them from this machine only.")
+              "--api-key-file and with keys of their own; they also read /metrics. Without it, a server with "
+              "--api-key-file takes no admin calls, and one without keys takes them from this machine only.")
+@click.option("--metrics-key-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="File of keys that read /metrics (Prometheus) and nothing else, for the monitoring system's "
+              "scraper; in the format of --api-key-file and with keys of their own. Given this file or "
+              "--api-key-file, /metrics takes only the keys of this file and of --admin-key-file (a clinician's key "
+              "is refused, 403); a server with neither serves it to this machine's clients without a key.")
 @click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False),
               help="Hash-chained audit log (JSONL). Default: $EDGEMED_HOME/audit/<model>.jsonl.")
 @click.option("--audit-rotate-mib", type=click.IntRange(1, 1 << 20),
@@ -130,12 +135,13 @@ def _stopping_server(uvicorn):
 @click.option("--no-adapters", is_flag=True, help="Serve the base model alone, none of its adapters.")
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
-def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, admin_key_file, audit_log, audit_rotate_mib, audit_content,
+def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, admin_key_file, metrics_key_file, audit_log, audit_rotate_mib, audit_content,
           cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, adapter_turn, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
     Any OpenAI client works with base_url=http://127.0.0.1:8080/v1: /v1/chat/completions and
-    /v1/completions (streaming or not), /v1/models; /health and /metrics (Prometheus) beside them.
+    /v1/completions (streaming or not), /v1/models; /health and /metrics (Prometheus) beside them
+    (/metrics, on a server with keys: a key of --metrics-key-file or --admin-key-file, not a clinician's).
     A clinician opens http://127.0.0.1:8080/ in a browser: chat, the medical templates as forms, the
     model card; served from the package, nothing loaded from elsewhere (--no-ui turns it off).
     Extra request fields: "template" + "template_inputs" (medical templates, see `edgemed run --help`),
@@ -163,7 +169,9 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                          "pass one of them (--no-prefix-cache turns all prompt reuse off)")
     keys = ApiKeys.from_file(api_key_file) if api_key_file else None
     admin_keys = ApiKeys.from_file(admin_key_file) if admin_key_file else None
-    check_options(host, keys, admin_keys, max_body, prefix_cache_scope, tuple(cors_origins))  # before anything is made
+    metrics_keys = ApiKeys.from_file(metrics_key_file) if metrics_key_file else None
+    check_options(host, keys, admin_keys, max_body, prefix_cache_scope, tuple(cors_origins),  # before anything is made
+                  metrics_keys)
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
     require("prometheus_client", "serve")
@@ -209,6 +217,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
         previous = signal.signal(signal.SIGTERM, _stopped) if main else None  # from here a stop closes what is open
         try:
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys, admin_keys=admin_keys,
+                                 metrics_keys=metrics_keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
                                  ui=not no_ui, card=card, prefix_cache_scope=prefix_cache_scope, resolve_adapter=lambda text: adapter_specs(ref, [text])[0],
@@ -232,6 +241,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             click.echo(f"audit log {audit_path}{' (WITH prompt and output text)' if audit_content else ''}; "
                        f"head {audit.head}{rotates}", err=True)
             click.echo(f"OpenAI base_url: http://{host}:{port}/v1{'  (API key required)' if keys else ''}", err=True)
+            click.echo(f"metrics: http://{host}:{port}/metrics{_metrics_access(config)}", err=True)
             if config.page_enabled:
                 click.echo(f"clinician page: http://{host}:{port}/{'  (asks for an API key)' if keys else ''}", err=True)
             elif not no_ui:
@@ -276,6 +286,17 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                 batcher.close()
             click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
             audit.close()
+
+
+def _metrics_access(config) -> str:
+    """Who may read /metrics, for the start-up line (a server with clinicians' keys and no metrics or admin keys
+    answers no one there: said here, not found out from a failing scrape)."""
+    if not config.metrics_keyed:
+        return ""
+    if config.metrics_keys is None and config.admin_keys is None:
+        return ("  (no key reads it: a clinician's key is refused; pass --metrics-key-file for the monitoring "
+                "system's scraper)")
+    return "  (a key of --metrics-key-file or --admin-key-file required)"
 
 
 def _refuse_audit_path(audit_path: Path, bundle: Path | None) -> None:

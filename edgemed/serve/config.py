@@ -23,12 +23,12 @@ PREFIX_CACHE_SCOPES = ("key", "shared")
 
 
 def check_options(host: str, api_keys: ApiKeys | None, admin_keys: ApiKeys | None, max_body_bytes: int,
-                  prefix_cache_scope: str, cors_origins: tuple[str, ...]) -> None:
+                  prefix_cache_scope: str, cors_origins: tuple[str, ...], metrics_keys: ApiKeys | None = None) -> None:
     """The rules a ``ServeConfig`` is built under; the CLI applies them before it creates the audit log or loads."""
     check_bind(host, api_keys)
     if max_body_bytes < 1024:
         raise InputError(f"--max-body {max_body_bytes} is too small for any request.", "pass at least 1024 bytes")
-    check_key_roles(api_keys, admin_keys)
+    check_key_roles(api_keys, admin_keys, metrics_keys)
     if prefix_cache_scope not in PREFIX_CACHE_SCOPES:
         raise InputError(f"Unknown prefix cache scope '{prefix_cache_scope}'.", f"use one of {', '.join(PREFIX_CACHE_SCOPES)}")
     if "*" in cors_origins and api_keys is None:
@@ -45,6 +45,9 @@ class ServeConfig:
     api_keys: ApiKeys | None = None        # None: no authentication (allowed on loopback only)
     #: keys for /admin/ (adding and removing adapters); None: with api_keys, no admin calls at all; without, loopback only
     admin_keys: ApiKeys | None = None
+    #: keys that read /metrics and nothing else (a Prometheus scraper's); admin keys read it too. /metrics needs one of
+    #: them when the server has api_keys or metrics_keys (``metrics_keyed``); a server without keys serves it as is.
+    metrics_keys: ApiKeys | None = None
     cors_origins: tuple[str, ...] = ()     # empty: no CORS headers at all (browsers on other origins get nothing)
     max_body_bytes: int = MAX_BODY_BYTES
     default_max_tokens: int = DEFAULT_MAX_TOKENS
@@ -68,11 +71,17 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         check_options(self.host, self.api_keys, self.admin_keys, self.max_body_bytes, self.prefix_cache_scope,
-                      self.cors_origins)
+                      self.cors_origins, self.metrics_keys)
 
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def metrics_keyed(self) -> bool:
+        """Whether /metrics needs a metrics or admin key: on a server with API keys (a clinician's key is not one),
+        or with --metrics-key-file; a server without keys (loopback only) serves it to its clients as before."""
+        return self.api_keys is not None or self.metrics_keys is not None
 
     @property
     def page_enabled(self) -> bool:

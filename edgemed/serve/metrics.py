@@ -7,6 +7,8 @@ a custom collector, so a scrape always sees the present, not the last request's 
 scrape: since start); for any other window use ``rate(edgemed_generated_tokens_total[1m])``.
 Generations are also counted per LoRA adapter (label ``adapter``; "" for the base model): only adapters the server
 served when the request was taken get a label value, so a client cannot mint new series.
+Which adapters are used, and how much, and the server's load are for operators: on a server with keys ``/metrics``
+takes a metrics or an admin key, not a clinician's (``middleware.Guard``, ``ServeConfig.metrics_keyed``).
 """
 
 from __future__ import annotations

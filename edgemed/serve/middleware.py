@@ -1,8 +1,9 @@
 """The two ASGI middlewares of ``edgemed serve`` (plain ASGI, so they see streaming responses to the end).
 
 ``Observe`` (outermost) gives each request an id and a ``RequestRecord``, adds the security headers, and when
-the response is over — streams included — writes the request metrics and one audit record (``/v1/*``; a refusal
-that no API key identified within its client's budget, ``audit.RefusalBudget``, else it is counted).
+the response is over — streams included — writes the request metrics and one audit record (``/v1/*``, ``/admin/*``,
+and ``/metrics``' key refusals but not its scrapes; a refusal that no API key identified within its client's budget,
+``audit.RefusalBudget``, else it is counted).
 An exception that escapes the app becomes a 500 in OpenAI's shape here. A client that closes the
 connection before its body is all read or its answer all sent (``RequestRecord.client_left``) is recorded
 with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not a server error.
@@ -11,7 +12,9 @@ with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not
 written (503, fail closed); on loopback binds, a ``Host`` that is not a loopback name (400: DNS
 rebinding from a web page); a request with effects (POST, DELETE) that a page on another origin made a
 browser send, unless ``--cors-origin`` names that origin (403; ``security.foreign_origin``); a missing or
-wrong API key on ``/v1/*``, ``/metrics`` and ``/ui/info`` (401); a body over the limit (413:
+wrong API key on ``/v1/*`` and ``/ui/info`` (401); on ``/admin/*`` anything but an admin key (401, 403); on
+``/metrics``, where ``ServeConfig.metrics_keyed``, anything but a metrics or admin key (401; a clinician's key,
+403); a body over the limit (413:
 ``Content-Length`` first, then the body is read here and counted, so the app only ever sees a bounded,
 buffered body); a body not all there ``BODY_TIMEOUT_S`` after the headers (408, and the connection closed).
 """
@@ -38,7 +41,14 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 #: Paths outside /v1 that need the API key when the server has keys (the page's own files do not: they hold nothing
 #: of the deployment, and the page must load to ask for the key)
-KEYED_PATHS = {"/metrics", "/ui/info"}
+KEYED_PATHS = {"/ui/info"}
+#: Prometheus' page: the server's load and each adapter's use, for monitoring. Where the server has keys it takes a
+#: metrics key (--metrics-key-file) or an admin key, never a clinician's (``ServeConfig.metrics_keyed``).
+METRICS = "/metrics"
+#: The error codes of ``/metrics``' key check: these refusals are audited (its scrapes are not: they read counters)
+METRICS_REFUSALS = {"invalid_api_key", "metrics_forbidden"}
+#: How a scraper sends its key (Prometheus' scrape_config), for the messages of /metrics' refusals
+PROMETHEUS_AUTH = "in Prometheus, put the key in a file and set 'authorization: {credentials_file: FILE}' on the job"
 #: Seconds a request's body may take to arrive once its headers have (``--max-body`` is 1 MiB by default: a slow
 #: link sends that in a second or two); the head itself has ``transport.HEADER_TIMEOUT_S``
 BODY_TIMEOUT_S = 30.0
@@ -174,9 +184,14 @@ class Observe:
                 await error_response(failed)(scope, receive, send_observed)
         finally:
             self.metrics.request_done(record.endpoint, record.code, time.perf_counter() - record.started)
-            if self.config.audit is not None and not self.config.audit.failed and path.startswith(("/v1/", ADMIN)):
+            if self.config.audit is not None and not self.config.audit.failed and _audited(path, record):
                 fields = record.audit_fields(self.config.model_id, self.config.bundle_digest)
                 await _audit(self.config.audit, "request", fields, refused=record.refused_unidentified)
+
+
+def _audited(path: str, record: RequestRecord) -> bool:
+    """Whether a request gets an audit record: every ``/v1/*`` and ``/admin/*`` one; on ``/metrics``, a key refused."""
+    return path.startswith(("/v1/", ADMIN)) or (path == METRICS and record.error_code in METRICS_REFUSALS)
 
 
 def _text(value: bytes | None) -> str | None:
@@ -197,7 +212,8 @@ async def _audit(audit, kind: str, fields: dict, refused: bool = False) -> None:
 
 
 class Guard:
-    """API key for ``/v1/*`` and ``KEYED_PATHS``; request bodies larger than the limit are refused (413)."""
+    """API key for ``/v1/*`` and ``KEYED_PATHS``, admin key for ``/admin/*``, metrics or admin key for ``/metrics``;
+    request bodies larger than the limit are refused (413)."""
 
     def __init__(self, app, *, config: ServeConfig):
         self.app, self.config = app, config
@@ -251,6 +267,10 @@ class Guard:
                 return await refuse(ApiError(403, "Admin calls without API keys are taken from this machine only. Fix: "
                                                   "call from the server's own host, or start it with --admin-key-file.",
                                              code="admin_forbidden"))
+        elif path == METRICS and self.config.metrics_keyed:  # monitoring: a metrics or an admin key, not a clinician's
+            refused = self._metrics_key(record, bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
+            if refused is not None:
+                return await refuse(refused)
         elif keys is not None and (path.startswith("/v1/") or path in KEYED_PATHS):
             record.key_id = keys.identify(bearer_token(headers.get(b"authorization", b"").decode("latin-1")))
             if record.key_id is None:
@@ -287,3 +307,27 @@ class Guard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _metrics_key(self, record: RequestRecord, token: str | None) -> ApiError | None:
+        """Who may read ``/metrics``: a key of --metrics-key-file or --admin-key-file (its id goes on the record), else
+        the refusal: 403 for a clinician's key (named in the audit record), 401 for a missing or unknown one."""
+        config = self.config
+        found = {name: keys.identify(token) if keys is not None else None
+                 for name, keys in (("metrics", config.metrics_keys), ("admin", config.admin_keys),
+                                    ("clinician", config.api_keys))}  # every set compared: no early exit
+        record.key_id = found["metrics"] or found["admin"]
+        if record.key_id is not None:
+            return None
+        if config.metrics_keys is None and config.admin_keys is None:
+            fix = ("restart the server with --metrics-key-file (keys that read /metrics and nothing else) and scrape "
+                   f"with one of its keys; {PROMETHEUS_AUTH}")
+        else:
+            fix = f"scrape with a key from the server's --metrics-key-file (or --admin-key-file); {PROMETHEUS_AUTH}"
+        if found["clinician"] is not None:
+            record.key_id = found["clinician"]
+            return ApiError(403, "/metrics shows the server's load and how much each adapter (each specialty) is used: "
+                                 "it is for monitoring, and a clinician's key from --api-key-file does not read it. "
+                                 f"Fix: {fix}.", code="metrics_forbidden")
+        return ApiError(401, "Missing or incorrect key for /metrics: it takes a key of the server's --metrics-key-file "
+                             f"or --admin-key-file, sent as 'Authorization: Bearer KEY'. Fix: {fix}.",
+                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

@@ -13,6 +13,11 @@
 * **Admin keys.** ``/admin/`` (adding and removing adapters, which changes every clinician's answers and names
   files on the server) takes only keys of a file of its own (``--admin-key-file``). With API keys and no admin
   keys there are no admin calls (403); with neither, loopback clients only.
+* **Metrics keys.** ``/metrics`` (the server's load, and how much each adapter, each specialty, is used) is for
+  monitoring: on a server with API keys (or metrics keys) it takes a key of ``--metrics-key-file``, which reads
+  ``/metrics`` and nothing else, or an admin key; a clinician's key is refused (403). Without keys, loopback clients
+  read it as before.
+* **One key, one role.** A key, or a key id, in two of the key files is refused at start (``check_key_roles``).
 * **Other web pages.** A page on another origin can make the browser of anyone using this server send it a
   request without asking first (a form post; ``fetch`` in ``no-cors`` mode with a ``text/plain`` body), and a
   browser on the server's machine is a loopback client. Such a request changes things (a generation, an adapter
@@ -183,16 +188,33 @@ class ApiKeys:
         return found
 
 
-def check_key_roles(api_keys: "ApiKeys | None", admin_keys: "ApiKeys | None") -> None:
-    """Refuse a key that is both a clinician's (--api-key-file) and an admin's (--admin-key-file)."""
-    if api_keys is not None and admin_keys is not None and admin_keys.overlaps(api_keys):
-        raise InputError("A key is in both --api-key-file and --admin-key-file.",
-                         "give the admins keys of their own: a clinician's key must not change what is served")
-    shared = sorted({k for k, _ in api_keys.entries} & {k for k, _ in admin_keys.entries}) \
-        if api_keys is not None and admin_keys is not None else []
-    if shared:
-        raise InputError(f"The key id '{shared[0]}' names a key in --api-key-file and another in --admin-key-file: "
-                         "the audit log could not tell who made a request.", "give each key a label of its own")
+#: The key files, each the keys of one role: a clinician's asks questions, an admin's changes what is served (and may
+#: read /metrics), a metrics key reads /metrics alone (a Prometheus scraper's).
+KEY_FILES = ("--api-key-file", "--admin-key-file", "--metrics-key-file")
+#: (file, file) -> why one key must not be in both: the fix of the refusal at start
+ROLE_CLASHES = {
+    ("--api-key-file", "--admin-key-file"): "give the admins keys of their own: a clinician's key must not change what "
+                                            "is served",
+    ("--api-key-file", "--metrics-key-file"): "give the scraper a key of its own: a clinician's key must not read "
+                                              "every clinician's load and use of each adapter",
+    ("--admin-key-file", "--metrics-key-file"): "give the scraper a key of its own: an admin key also adds and removes "
+                                                "adapters (admins need no metrics key: their own keys read /metrics)",
+}
+
+
+def check_key_roles(api_keys: ApiKeys | None, admin_keys: ApiKeys | None, metrics_keys: ApiKeys | None = None) -> None:
+    """Refuse a key in two of the key files (``KEY_FILES``), and a key id that names keys in two of them."""
+    files = dict(zip(KEY_FILES, (api_keys, admin_keys, metrics_keys)))
+    for (one, other), fix in ROLE_CLASHES.items():
+        a, b = files[one], files[other]
+        if a is None or b is None:
+            continue
+        if a.overlaps(b):
+            raise InputError(f"A key is in both {one} and {other}.", fix)
+        shared = sorted({k for k, _ in a.entries} & {k for k, _ in b.entries})
+        if shared:
+            raise InputError(f"The key id '{shared[0]}' names a key in {one} and another in {other}: the audit log "
+                             "could not tell who made a request.", "give each key a label of its own")
 
 
 def bearer_token(authorization: str | None) -> str | None:
