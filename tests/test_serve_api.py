@@ -243,27 +243,29 @@ def test_a_sampled_answer_names_its_seed_and_that_seed_gives_it_again(server):
 def test_overload_gives_429_never_5xx_and_stays_healthy(smollm2_gguf, tmp_path):
     batcher, log, app = _serve(smollm2_gguf, tmp_path / "audit.jsonl", slots=1, queue=1)
     body = {"model": MODEL, "max_tokens": 24, "messages": [{"role": "user", "content": "Describe the kidney."}]}
-    statuses, retry_after = [], []
+    responses = []  # (status, retry-after, error code): the threads only collect, the test asserts after join
     go = threading.Barrier(8)
     try:
         with ServerThread(app) as srv:
             def one():
                 go.wait()
                 r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
-                statuses.append(r.status_code)
-                if r.status_code == 429:
-                    retry_after.append(r.headers.get("retry-after"))
-                    assert r.json()["error"]["code"] == "server_overloaded"
+                code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
+                responses.append((r.status_code, r.headers.get("retry-after"), code))
 
             threads = [threading.Thread(target=one) for _ in range(8)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(timeout=180)
+            assert not any(t.is_alive() for t in threads)
+            statuses = [status for status, _, _ in responses]
             assert len(statuses) == 8
             assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
             assert not [s for s in statuses if s >= 500] and set(statuses) <= {200, 429}
-            assert all(v and int(v) >= 1 for v in retry_after)
+            refused = [(retry, code) for status, retry, code in responses if status == 429]
+            assert all(code == "server_overloaded" for _, code in refused), refused
+            assert all(retry and int(retry) >= 1 for retry, _ in refused), refused
             health = httpx.get(srv.url + "/health").json()
             assert health["status"] == "ok" and health["active_slots"] == 0 and health["queue_depth"] == 0
             ok = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
