@@ -177,6 +177,10 @@ def test_text_ollama_would_read_as_directives_is_refused(tmp_path, hidden):
             card = tmp_path / "card.toml"
             card.write_text(src["card"].read_text().replace('system_prompt = "You are a careful clinical assistant."',
                                                             f"system_prompt = {json.dumps(evil)}"))  # a TOML string
+            if hidden == "\x0b":  # a control character: pack refuses the card itself (tests/test_bundle_text.py)
+                with pytest.raises(InputError, match=r"field system_prompt holds U\+000B"):
+                    pack(PackInputs(model=src["model"], license=src["license"], card=card, name="tiny"), b, as_dir=True)
+                continue
             pack(PackInputs(model=src["model"], license=src["license"], card=card, name="tiny"), b, as_dir=True)
         else:
             src["license"].write_text(evil)

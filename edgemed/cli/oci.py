@@ -1,4 +1,7 @@
-"""``edgemed push | pull | login``: bundles through an OCI registry, as CNCF ModelPack artifacts."""
+"""``edgemed push | pull | login``: bundles through an OCI registry, as CNCF ModelPack artifacts.
+
+What a registry answers is printed through ``shown``: a character a terminal acts on is written escaped.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 import click
 
 from edgemed.cli import json_flag
+from edgemed.formats.terminal_text import shown
 
 
 def _size(n: int) -> str:
@@ -39,9 +43,10 @@ def push(bundle, target, insecure, as_json):
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
-    click.echo(f"pushed {r.ref}: {r.layers} files, {_size(r.bytes_uploaded)} uploaded "
-               f"({r.blobs_present} already in the registry)\ndigest {r.digest}\n"
-               f"pull it pinned: edgemed pull {r.pinned}")
+    click.echo(shown(f"pushed {r.ref}: {r.layers} files, {_size(r.bytes_uploaded)} uploaded "
+                     f"({r.blobs_present} already in the registry)"))
+    click.echo(shown(f"digest {r.digest}"))
+    click.echo(shown(f"pull it pinned: edgemed pull {r.pinned}"))
 
 
 @click.command()
@@ -74,13 +79,13 @@ def pull(source, name, key, force, allow_signer_change, insecure, as_json):
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
     if r.already_installed:
-        click.echo(f"{r.name} is already installed from this bundle ({r.origin}); nothing was changed "
-                   f"(edgemed verify {r.name} --full checks its files)")
+        click.echo(shown(f"{r.name} is already installed from this bundle ({r.origin}); nothing was changed "
+                         f"(edgemed verify {r.name} --full checks its files)"))
         return
     resumed = f", {_size(r.bytes_resumed)} resumed" if r.bytes_resumed else ""
     sig = f"; signature valid (key {r.signed_by})" if r.signed_by else ""
-    click.echo(f"installed {r.name} from {r.origin}: {r.files} files, {_size(r.bytes_downloaded)} downloaded{resumed}, "
-               f"{r.blobs_in_store} already in the store; every sha256 matches{sig}. Run it: edgemed run {r.name} --prompt '...'")
+    click.echo(shown(f"installed {r.name} from {r.origin}: {r.files} files, {_size(r.bytes_downloaded)} downloaded{resumed}, "
+                     f"{r.blobs_in_store} already in the store; every sha256 matches{sig}. Run it: edgemed run {r.name} --prompt '...'"))
 
 
 @click.command()
@@ -104,4 +109,4 @@ def login(registry, username, password_stdin, insecure):
     if not password:
         raise InputError("No password was given.", "pipe it in with --password-stdin, or type it when asked")
     path = do_login(registry, username, password, insecure=insecure)
-    click.echo(f"logged in to {registry} as {username}; credentials stored in {path}")
+    click.echo(shown(f"logged in to {registry} as {username}; credentials stored in {path}"))

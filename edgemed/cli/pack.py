@@ -1,4 +1,9 @@
-"""``edgemed pack | verify | inspect | keygen``: make, check and read model bundles."""
+"""``edgemed pack | verify | inspect | keygen``: make, check and read model bundles.
+
+A bundle's text is refused at read when it holds a character a terminal acts on; every line printed here goes
+through ``shown`` all the same (defence in depth: a certificate subject, a file name, a store written by an older
+edgemed), and ``--json`` is escaped by ``json.dumps``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 import click
 
 from edgemed.cli import json_flag
+from edgemed.formats.terminal_text import shown, shown_prose
 
 
 def _mb(n: int) -> str:
@@ -115,9 +121,9 @@ def pack(model, name, license_, adapters, base_sha256, for_model, card, template
                  f"{m.get('quant') or 'unknown weight type'}")
     ads = f" + adapters {', '.join(a['name'] for a in man.adapters)}" if man.adapters and not man.adapters_only else \
         f" {', '.join(a['name'] for a in man.adapters)}" if man.adapters else ""
-    click.echo(f"wrote {output} ({'directory' if as_dir else 'tar'}, {len(man.files)} files, {_mb(man.total_bytes)}): "
-               f"{man.name} = {what}{ads}"
-               + (f", signed by key {private_key.key_id} (model.sig)" if private_key else ", unsigned"))
+    click.echo(shown(f"wrote {output} ({'directory' if as_dir else 'tar'}, {len(man.files)} files, {_mb(man.total_bytes)}): "
+                     f"{man.name} = {what}{ads}"
+                     + (f", signed by key {private_key.key_id} (model.sig)" if private_key else ", unsigned")))
 
 
 def _installed_base(name: str) -> tuple[str, str]:
@@ -190,7 +196,7 @@ def verify(bundle, key, cert_chain, full, as_json):
            else "signed, signature NOT checked (pass --key)" if result["has_signature"] else "unsigned")
     ads = f", adapters {', '.join(a['name'] for a in man.adapters)}" if man.adapters else ""
     named = man.name if installed_as in (None, man.name) else f"{installed_as} (bundle {man.name})"
-    click.echo(f"OK {named}: {len(man.files)} files{ads}, {_mb(man.total_bytes)}, every sha256 matches ({how}); {sig}")
+    click.echo(shown(f"OK {named}: {len(man.files)} files{ads}, {_mb(man.total_bytes)}, every sha256 matches ({how}); {sig}"))
 
 
 def _inspect_data(bundle: str) -> dict:
@@ -233,46 +239,50 @@ def inspect(bundle, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
+
+    def say(line: str) -> None:  # every line is one line: what came from the bundle is escaped in it
+        click.echo(shown(line))
+
     b, man = info["bundle"], info["manifest"]
     m, p = man["model"], man["provenance"]
     sig = f"signed by key {b['signature']['key_id']}" if b["signature"]["present"] else "unsigned"
-    click.echo(f"{man['name']}  ({b['form']}: {b['source']}; {sig}; not verified here, run `edgemed verify`)")
+    say(f"{man['name']}  ({b['form']}: {b['source']}; {sig}; not verified here, run `edgemed verify`)")
     if m.get("format") == "adapters":
         hint = f" (installed as '{m['base_name']}' where it was packed)" if m.get("base_name") else ""
-        click.echo(f"  model      none: LoRA adapters only, for the base checkpoint {m.get('base_source_sha256')}{hint}")
+        say(f"  model      none: LoRA adapters only, for the base checkpoint {m.get('base_source_sha256')}{hint}")
     else:
         params = _millions(m, 1)
-        click.echo(f"  model      {m.get('path')}: {m.get('arch') or 'architecture unknown'}, "
-                   f"{params + ' params' if params else 'parameter count unknown'}, {m.get('quant') or 'weight type unknown'}, "
-                   f"context {m.get('context_length') or 'unknown'}")
+        say(f"  model      {m.get('path')}: {m.get('arch') or 'architecture unknown'}, "
+            f"{params + ' params' if params else 'parameter count unknown'}, {m.get('quant') or 'weight type unknown'}, "
+            f"context {m.get('context_length') or 'unknown'}")
     for a in man.get("adapters") or []:
-        click.echo(f"  adapter    {a['name']:<16} {a['path']}: {a.get('architecture')}, rank {a.get('rank') or 'mixed'}, "
-                   f"alpha {a.get('alpha')}, {_mb(a['size'])}, for base {str(a.get('base_source_sha256'))[:16]}")
+        say(f"  adapter    {a['name']:<16} {a['path']}: {a.get('architecture')}, rank {a.get('rank') or 'mixed'}, "
+            f"alpha {a.get('alpha')}, {_mb(a['size'])}, for base {str(a.get('base_source_sha256'))[:16]}")
     only = m.get("format") == "adapters"
     if not only:
-        click.echo(f"  hashes     chat template {str(m.get('chat_template_sha256') or 'none')[:16]}, "
-                   f"tokenizer {str(m.get('tokenizer_sha256') or 'none')[:16]}")
-        click.echo(f"  provenance source {str(p.get('source_sha256', 'unknown'))[:16]}, LoRA {str(p.get('lora_sha256', 'none'))[:16]}, "
-                   f"converter {p.get('converter_version', 'unknown')}, parity {'recorded' if p.get('parity') else 'not recorded'}")
-    click.echo(f"  built with {', '.join(f'{k} {v}' for k, v in p.get('built_with', {}).items())}; "
-               f"needs at least {', '.join(f'{k} {v}' for k, v in p.get('min_runtime', {}).items())}")
-    click.echo(f"  files      {b['files']} files, {_mb(b['total_bytes'])}")
+        say(f"  hashes     chat template {str(m.get('chat_template_sha256') or 'none')[:16]}, "
+            f"tokenizer {str(m.get('tokenizer_sha256') or 'none')[:16]}")
+        say(f"  provenance source {str(p.get('source_sha256', 'unknown'))[:16]}, LoRA {str(p.get('lora_sha256', 'none'))[:16]}, "
+            f"converter {p.get('converter_version', 'unknown')}, parity {'recorded' if p.get('parity') else 'not recorded'}")
+    say(f"  built with {', '.join(f'{k} {v}' for k, v in p.get('built_with', {}).items())}; "
+        f"needs at least {', '.join(f'{k} {v}' for k, v in p.get('min_runtime', {}).items())}")
+    say(f"  files      {b['files']} files, {_mb(b['total_bytes'])}")
     for f in man["files"]:
-        click.echo(f"             {f['path']:<40} {_mb(f['size']):>12}  {f['sha256'][:16]}  {f['role']}")
+        say(f"             {f['path']:<40} {_mb(f['size']):>12}  {f['sha256'][:16]}  {f['role']}")
     mem = man["memory"]
     if mem:
-        click.echo(f"  memory     ({mem.get('method')}) " + ", ".join(f"ctx {c}: {_mb(n)}" for c, n in mem.get("by_context", {}).items()))
+        say(f"  memory     ({mem.get('method')}) " + ", ".join(f"ctx {c}: {_mb(n)}" for c, n in mem.get("by_context", {}).items()))
     for prof, need in mem.get("profiles", {}).items():
         verdict = {True: "fits", False: "does NOT fit", None: "budget set by the machine"}[need.get("fits")]
-        click.echo(f"             {prof:<22} ctx {need['n_ctx']}: {_mb(need['bytes'])} ({verdict})")
+        say(f"             {prof:<22} ctx {need['n_ctx']}: {_mb(need['bytes'])} ({verdict})")
     if not man["card"]:
-        click.echo("  card       none (pack with --card card.toml; a clinic's AI governance will ask for one)")
+        say("  card       none (pack with --card card.toml; a clinic's AI governance will ask for one)")
     for section, fields in card_mod.by_section(man["card"]).items():
-        click.echo(f"  card/{section}")
-        for k, v in fields.items():
-            click.echo(f"             {k}: {v}")
+        say(f"  card/{section}")
+        for k, v in fields.items():  # prose keeps its lines, each indented under its field
+            click.echo(f"             {shown(k)}: {shown_prose(v, ' ' * 15)}")
     if man["card"] and info["card_missing"]:
-        click.echo(f"  card gaps  {len(info['card_missing'])} CHAI/HTI-1 fields not provided: {', '.join(info['card_missing'])}")
+        say(f"  card gaps  {len(info['card_missing'])} CHAI/HTI-1 fields not provided: {', '.join(info['card_missing'])}")
 
 
 @click.command()
@@ -293,7 +303,7 @@ def keygen(private_key, force, public_only):
     private_key = Path(private_key) if public_only else file_destination(private_key, "PRIVATE_KEY", "key.pem")
     if public_only:
         public, kid = signing.derive_public(private_key, force=force)
-        click.echo(f"wrote {public} (the public half of {private_key}); key id {kid}")
+        click.echo(shown(f"wrote {public} (the public half of {private_key}); key id {kid}"))
         return
     public, kid = signing.keygen(private_key, force=force)
-    click.echo(f"wrote {private_key} (private, mode 600) and {public} (public); key id {kid}")
+    click.echo(shown(f"wrote {private_key} (private, mode 600) and {public} (public); key id {kid}"))

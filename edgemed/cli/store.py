@@ -1,4 +1,8 @@
-"""``edgemed install | list | remove | export``: the local model store and exports from it."""
+"""``edgemed install | list | remove | export``: the local model store and exports from it.
+
+Every line printed here goes through ``shown``: a character a terminal acts on (from a bundle an older edgemed
+installed, a certificate subject, a file name) is written escaped; ``--json`` is escaped by ``json.dumps``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import click
 
 from edgemed.cli import json_flag
+from edgemed.formats.terminal_text import shown
 
 
 @click.command()
@@ -38,12 +43,12 @@ def install(bundle, name, key, cert_chain, force, allow_signer_change):
     sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key, or list the maker's key in trust.toml)"
     if man.adapters_only:
         bases = store.models_for_base(man.base_source_sha256)
-        click.echo(f"installed {target}: adapters {', '.join(a['name'] for a in man.adapters)} for {', '.join(bases)}, "
-                   f"{man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
-                   f"Use one: edgemed run {bases[0] if bases else 'BASE'} --adapter {man.adapters[0]['name']} --prompt '...'")
+        click.echo(shown(f"installed {target}: adapters {', '.join(a['name'] for a in man.adapters)} for {', '.join(bases)}, "
+                         f"{man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
+                         f"Use one: edgemed run {bases[0] if bases else 'BASE'} --adapter {man.adapters[0]['name']} --prompt '...'"))
         return
-    click.echo(f"installed {target}: {len(man.files)} files, {man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
-               f"Run it: edgemed run {target} --prompt '...'")
+    click.echo(shown(f"installed {target}: {len(man.files)} files, {man.total_bytes / 1e6:,.1f} MB, every sha256 matches; {sig}. "
+                     f"Run it: edgemed run {target} --prompt '...'"))
 
 
 @click.command("list")
@@ -62,27 +67,27 @@ def list_(as_json):
         return
     for r in rows:
         if "error" in r:
-            click.echo(f"{r['name']:<24} DAMAGED: {r['error']}")
+            click.echo(shown(f"{r['name']:<24} DAMAGED: {r['error']}"))
             continue
         sig = f"key {r['signed_by']}" if r["signed_by"] else ("signed" if r["has_signature"] else "unsigned")
         if r.get("kind") == "adapters":
             names = ", ".join(a["name"] for a in r["adapters"])
             base = (f"for {', '.join(r['for_models'])}" if r["for_models"]
                     else f"base {r['base_source_sha256'][:12]}... NOT installed (install it to use these)")
-            click.echo(f"{r['name']:<24} {r['version'] or '-':<10} adapters {names} ({base}) {r['size_bytes'] / 1e6:>9,.1f} MB  "
-                       f"{r['digest'][:19]}  {sig}  from {r['origin']}")
+            click.echo(shown(f"{r['name']:<24} {r['version'] or '-':<10} adapters {names} ({base}) {r['size_bytes'] / 1e6:>9,.1f} MB  "
+                             f"{r['digest'][:19]}  {sig}  from {r['origin']}"))
             continue
         params = f"{r['params'] / 1e6:.0f}M" if r["params"] else "?"  # an ONNX bundle's count is not recorded
-        click.echo(f"{r['name']:<24} {r['version'] or '-':<10} {r['arch'] or '?':<8} {params:>8} "
-                   f"{r['quant'] or '?':<8} {r['size_bytes'] / 1e6:>9,.1f} MB  {r['digest'][:19]}  {sig}  from {r['origin']}")
+        click.echo(shown(f"{r['name']:<24} {r['version'] or '-':<10} {r['arch'] or '?':<8} {params:>8} "
+                         f"{r['quant'] or '?':<8} {r['size_bytes'] / 1e6:>9,.1f} MB  {r['digest'][:19]}  {sig}  from {r['origin']}"))
         if r.get("previous"):
             p = r["previous"]
-            click.echo(f"{'':<24} previous: {p['version'] or '-'} {p['digest'][:19]} from {p['origin']} (edgemed rollback {r['name']})")
+            click.echo(shown(f"{'':<24} previous: {p['version'] or '-'} {p['digest'][:19]} from {p['origin']} (edgemed rollback {r['name']})"))
         for a in r.get("adapters") or []:
             where = ("" if a["bundle"] == r["name"] else f" (from {a['bundle']})") + ("" if a.get("picked", True) else " (shadowed)")
-            click.echo(f"{'':<24} adapter {a['name']:<16} {a['size_bytes'] / 1e6:>9,.1f} MB{where}  "
-                       f"(edgemed run {r['name']} --adapter {a['name']})")
-    click.echo(f"store: {store.root} ({store.disk_usage() / 1e6:,.1f} MB on disk, shared files counted once)")
+            click.echo(shown(f"{'':<24} adapter {a['name']:<16} {a['size_bytes'] / 1e6:>9,.1f} MB{where}  "
+                             f"(edgemed run {r['name']} --adapter {a['name']})"))
+    click.echo(shown(f"store: {store.root} ({store.disk_usage() / 1e6:,.1f} MB on disk, shared files counted once)"))
 
 
 @click.command()
@@ -92,7 +97,7 @@ def remove(name):
     from edgemed.packaging.store import Store
 
     freed = Store().remove(name)
-    click.echo(f"removed {name}; freed {freed / 1e6:,.1f} MB")
+    click.echo(shown(f"removed {name}; freed {freed / 1e6:,.1f} MB"))
 
 
 @click.command()
@@ -148,12 +153,12 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
             check_destination(ollama_dir / name, force, option="--ollama")
     if ollama_dir:
         path = ex.export_ollama(v, ollama_dir, system=system, force=force)
-        click.echo(f"wrote {path} and {ollama_dir / (v.manifest.name + '.gguf')}; then: ollama create {v.manifest.name} -f {path}")
+        click.echo(shown(f"wrote {path} and {ollama_dir / (v.manifest.name + '.gguf')}; then: ollama create {v.manifest.name} -f {path}"))
     if gguf_out:
         ex.copy_verified(v, gguf_out, force=force)
-        click.echo(f"wrote {gguf_out} (sha256 checked)")
+        click.echo(shown(f"wrote {gguf_out} (sha256 checked)"))
     if llama_server:
-        click.echo(ex.llama_server_command(v))
+        click.echo(shown(ex.llama_server_command(v)))
 
 
 @click.command()
@@ -167,5 +172,5 @@ def rollback(name):
     from edgemed.packaging.store import Store
 
     now, kept = Store().rollback(name)
-    click.echo(f"{name} is back to {now.get('version') or 'the earlier version'} (sha256:{now['manifest_sha256'][:12]}, "
-               f"from {now.get('origin') or now['source']}); kept sha256:{kept['manifest_sha256'][:12]} for `edgemed rollback {name}`")
+    click.echo(shown(f"{name} is back to {now.get('version') or 'the earlier version'} (sha256:{now['manifest_sha256'][:12]}, "
+                     f"from {now.get('origin') or now['source']}); kept sha256:{kept['manifest_sha256'][:12]} for `edgemed rollback {name}`"))

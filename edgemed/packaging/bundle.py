@@ -34,11 +34,12 @@ from edgemed.formats.conversion_report import IN_DIRECTORY, existing_report
 from edgemed.formats.input_file import read_at_most
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.formats.sniff import sniff
+from edgemed.formats.terminal_text import WHY_REFUSED, describe
 from edgemed.packaging import facts as facts_mod
 from edgemed.packaging import signing
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest, stamp
 from edgemed.packaging.manifest import (ADAPTERS_ONLY, MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURES, FileEntry, Manifest,
-                                         check_name, folded, max_signature_bytes)
+                                         check_name, folded, max_signature_bytes, text_fault)
 from edgemed.packaging.signing import Signature
 from edgemed.versions import installed_versions
 from edgemed.formats.nesting import loads_json
@@ -255,6 +256,13 @@ def build_manifest(name: str, entries: list[FileEntry], model_facts: dict, prov:
     man = Manifest(name=name, files=entries, model=model_facts, provenance=prov, card=card,
                    memory=memory, adapters=listed, created=created, edgemed_version=__version__)
     man.validate("new manifest")
+    fault = text_fault(man.to_dict())  # the card was checked as it was read; facts and the report's text are here
+    if fault is not None:
+        raise InputError(f"The bundle's manifest field {fault[0]} would hold {describe(fault[1])}, taken from the model "
+                         f"file, its conversion report or the card. {WHY_REFUSED} edgemed makes no such bundle, and "
+                         "refuses to read one.",
+                         "remove the character where that field comes from (the GGUF's metadata, report.json or "
+                         "card.toml) and pack again")
     return man
 
 

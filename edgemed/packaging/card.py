@@ -6,6 +6,9 @@ the source attributes of ONC's HTI-1 rule for decision support interventions
 values are text, lists of text, numbers, or small tables (for metrics). Unknown
 keys are refused (a typo must not silently drop a governance field) unless they
 start with ``x_``. ``inspect`` shows which fields are missing.
+
+Card text is printed to the operator (``inspect``, ``list``), so it holds no character a terminal acts on
+(``formats.terminal_text``): line breaks and tabs only in prose, never in the fields shown on one line.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from edgemed.errors import InputError
 from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_toml
+from edgemed.formats.terminal_text import WHY_REFUSED, control_in, describe
 
 # key -> (section, reference). Sections follow the CHAI card's order.
 FIELDS: dict[str, tuple[str, str]] = {
@@ -77,6 +81,17 @@ FIELDS: dict[str, tuple[str, str]] = {
 REQUIRED = ("intended_use", "intended_users", "out_of_scope_use", "known_limitations")
 
 
+#: Fields that name or date the model: shown on one line (``list``'s version column, a registry's annotations), so
+#: without line breaks or tabs. Every other field, ``x_`` ones included, is prose.
+ONE_LINE = ("model_name", "developer", "version", "release_date", "release_stage", "keywords", "decision_role",
+            "clinical_risk_level", "model_type")
+
+
+def is_prose(path: tuple) -> bool:
+    """Whether the card value at ``path`` (its field, then any list index or table key) may hold line breaks and tabs."""
+    return bool(path) and path[0] not in ONE_LINE
+
+
 def _simple(value) -> bool:
     if isinstance(value, (str, int, float, bool)):
         return True
@@ -97,6 +112,14 @@ def load_card(path: Path) -> dict:
         data = loads_toml(read_at_most(Path(path), MAX_CARD_BYTES).decode("utf-8"))
     except (OSError, ValueError) as exc:  # UnicodeDecodeError, TOMLDecodeError and TooDeep are ValueErrors
         raise InputError(f"Cannot read the model card '{path}': {exc}.", "pass a TOML file (see README, section Packaging)") from None
+    fault = control_in(data, is_prose)
+    if fault is not None:
+        where, char = fault
+        raise InputError(f"The model card '{path}' field {where} holds {describe(char)}. {WHY_REFUSED} edgemed makes "
+                         "no bundle whose text holds control characters (line breaks and tabs are allowed in prose "
+                         "fields only), DEL or bidirectional overrides.",
+                         f"remove the character from {where} in card.toml and pack again (line breaks and tabs are "
+                         f"fine in prose fields, not in {', '.join(ONE_LINE)})")
     unknown = sorted(k for k in data if k not in FIELDS and not k.startswith("x_"))
     if unknown:
         raise InputError(f"The model card '{path}' has unknown fields: {', '.join(unknown)}.",

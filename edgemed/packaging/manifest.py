@@ -5,7 +5,8 @@ signature (``model.sig``, the OpenSSF model signature; ``manifest.sig`` in bundl
 older edgemed signed) and the files the manifest lists. The manifest names every other
 file with its size and sha256, so a signature over the manifest's exact bytes covers
 the whole bundle. Readers refuse a manifest whose major schema version
-they do not know, and any file name that could leave the bundle directory.
+they do not know, any file name that could leave the bundle directory, and any text a terminal would act on
+instead of showing (control characters, bidirectional overrides: ``formats.terminal_text``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
 from edgemed.formats.nesting import MAX_DEPTH, too_deep
+from edgemed.formats.terminal_text import WHY_REFUSED, control_in, describe, first_control
 from edgemed.errors import IntegrityError, InputError, UnsafeArchive
+from edgemed.packaging.card import is_prose
 
 SCHEMA = "edgemed.bundle/1"
 MANIFEST = "manifest.json"
@@ -56,21 +59,16 @@ def check_name(name: str) -> str:
 MAX_PATH_DEPTH = 16
 
 
-#: A lone UTF-16 surrogate: JSON's "\ud800" escape (or a tar name's undecodable byte) gives one; it is not text,
-#: and printing it (edgemed list, inspect) raised UnicodeEncodeError
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def check_relpath(name: str, where: str = "bundle") -> str:
-    """A file name inside a bundle: relative, POSIX, no '..', no drive, no control characters or lone surrogates, at
-    most ``MAX_PATH_DEPTH`` components."""
+    """A file name inside a bundle: relative, POSIX, no '..', no drive, at most ``MAX_PATH_DEPTH`` components, no
+    control character, bidirectional override or lone surrogate (``terminal_text.CONTROL``: a tar name's undecodable
+    byte is one)."""
     parts = name.split("/")
     bad = (
         not name
         or name.startswith("/")
         or "\\" in name
-        or any(ord(c) < 32 for c in name)
-        or _SURROGATE.search(name)
+        or first_control(name) is not None
         or re.match(r"^[A-Za-z]:", name)
         or any(p in ("", ".", "..") for p in parts)
         or len(name) > 1024
@@ -92,21 +90,15 @@ def folded(path: str) -> str:
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", path).casefold())
 
 
-def _surrogate_at(raw: dict) -> str | None:
-    """Where the first string (an object's keys, then its values in order) holding a lone surrogate sits: ``card.version``."""
-    stack: list = [(raw, "")]
-    while stack:
-        value, at = stack.pop()
-        if isinstance(value, str) and _SURROGATE.search(value):
-            return at
-        if isinstance(value, dict):
-            bad = next((k for k in value if _SURROGATE.search(k)), None)
-            if bad is not None:
-                return f"{at}.{bad!a}" if at else ascii(bad)
-            stack.extend((v, f"{at}.{k}" if at else k) for k, v in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend((value[i], f"{at}[{i}]") for i in range(len(value) - 1, -1, -1))
-    return None
+def _prose(path: tuple) -> bool:
+    """The model card's prose fields may hold line breaks and tabs; no other string of a manifest may."""
+    return len(path) > 1 and path[0] == "card" and is_prose(path[1:])
+
+
+def text_fault(tree: dict) -> tuple[str, str] | None:
+    """Where a manifest (parsed, or ``Manifest.to_dict``) holds a character no manifest may, and which:
+    ``("card.version", "\x1b")``; None when it holds none."""
+    return control_in(tree, _prose)
 
 
 def _short(value) -> str:
@@ -191,10 +183,18 @@ class Manifest:
             raise IntegrityError(f"{source}: manifest.json is not valid JSON ({exc}).", damaged) from None
         if not isinstance(raw, dict):
             raise IntegrityError(f"{source}: manifest.json is not a JSON object.", "get a fresh copy of the bundle")
-        at = _surrogate_at(raw)
-        if at is not None:  # json.loads accepts "\ud800"; no text has one, and printing it crashed list and inspect
-            raise IntegrityError(f"{source}: manifest.json field {at} holds a lone UTF-16 surrogate (an escape such as "
-                                 "\\ud800 that stands for no character).", damaged)
+        fault = text_fault(raw)  # before any of it is used or printed
+        if fault is not None and 0xD800 <= ord(fault[1]) <= 0xDFFF:  # json.loads accepts "\ud800": it is no character
+            raise IntegrityError(f"{source}: manifest.json field {fault[0]} holds a lone UTF-16 surrogate (an escape such "
+                                 "as \\ud800 that stands for no character).", damaged)
+        if fault is not None:
+            raise IntegrityError(
+                f"{source}: manifest.json field {fault[0]} holds {describe(fault[1])}. {WHY_REFUSED} edgemed reads no "
+                "bundle whose text holds control characters (line breaks and tabs only in the card's prose), DEL or "
+                "bidirectional overrides, signed or not: a signature says who made a bundle, not that its text is safe "
+                "to print, so a bundle signed with such text is refused too.",
+                "do not install it; ask its maker to remove the character (from card.toml, or wherever that field "
+                "comes from) and pack it again with this edgemed, which refuses to make such a bundle")
         schema = raw.get("schema", "")
         family, _, major = str(schema).partition("/")
         if family != SCHEMA.split("/")[0]:
