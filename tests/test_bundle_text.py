@@ -181,3 +181,21 @@ def test_the_helpers():
     assert shown_prose("one\ntwo\x1b", "  ") == "one\n  two\\x1b"
     assert control_in({"a": ["ok", {"b": "x\x85"}]}) == ("a[1].b", "\x85")
     assert control_in({"a": "x\ny"}, lambda path: path == ("a",)) is None
+
+
+def test_every_error_and_log_line_the_cli_prints_is_escaped(tmp_path):
+    """A refusal may quote a name it was given (a path, a registry's answer): the CLI's error printer and its log
+    lines escape what a terminal would act on, and keep the message's own line breaks."""
+    hostile = tmp_path / "x\x1b[2K\rsignature valid\u202e"
+    result = CliRunner().invoke(cli, ["verify", str(hostile)])
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output and "\r" not in result.output and "\u202e" not in result.output
+    assert "x\\x1b[2K\\rsignature valid\\u202e" in result.output and "\nFix: " in result.output
+
+    import logging
+
+    from edgemed.cli import _PrintableFormatter
+
+    line = _PrintableFormatter("%(message)s").format(logging.LogRecord(
+        "edgemed", logging.WARNING, __file__, 1, "left %s alone\nsecond line", ("a\x1b]52;c;evil\x07",), None))
+    assert line == "left a\\x1b]52;c;evil\\x07 alone\nsecond line"

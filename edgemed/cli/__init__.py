@@ -111,14 +111,14 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except EdgemedError as exc:
             _json_failure(ctx, exc)
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_printable(exc)) from None
         except OSError as exc:
             clean = output_error(exc)
             if clean is None:
                 raise
             logging.getLogger(__name__).debug("the disk refused a write", exc_info=True)
             _json_failure(ctx, clean)
-            raise click.ClickException(str(clean)) from None
+            raise click.ClickException(_printable(clean)) from None
         except Terminated:
             click.echo("\nStopped (SIGTERM); nothing half-written was left behind.", err=True)
             # Die by the signal, as without a handler: a service manager counts that as a clean stop (an exit status
@@ -142,7 +142,26 @@ class LazyGroup(click.Group):
 def cli(verbose: int) -> None:
     """edgemed: convert, package, run and measure medical language models on edge devices, offline."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def _printable(exc: Exception) -> str:
+    """An error as the terminal gets it: a message may quote a bundle's text, a registry's answer or a file name,
+    so every character a terminal would act on (ESC, CR, bidi controls) is written escaped; line breaks stay."""
+    from edgemed.formats.terminal_text import shown_prose
+
+    return shown_prose(str(exc), "")
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with the same escaping as ``_printable`` (a warning may name a file or a registry's answer)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from edgemed.formats.terminal_text import shown_prose
+
+        return shown_prose(super().format(record), "")
 
 
 def main() -> None:
