@@ -434,7 +434,6 @@ MCQ = [{"realidx": i, "question": q, "options": dict(zip("ABCD", opts)), "answer
 
 
 def test_accuracy_and_divergence_phases_on_the_benchmarked_artifacts(model, tmp_path):
-    pytest.importorskip("edgemed.benchmarks.harness.accuracy", reason="helper B2's accuracy module has not landed")
     out = _with_artifacts(model, tmp_path / "acc")
     qa = tmp_path / "mcq.jsonl"
     qa.write_text("".join(json.dumps(row) + "\n" for row in MCQ))

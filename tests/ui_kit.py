@@ -15,7 +15,9 @@ from urllib.parse import urlsplit
 import pytest
 from serve_kit import ServerThread, audit_lines
 
-ui = pytest.importorskip("edgemed.benchmarks.ui_screenshots")
+# the repo's own module: imported, never skipped (at import it needs only the standard library;
+# selenium and Chromium are checked by need_browser)
+from edgemed.benchmarks import ui_screenshots as ui
 Page = ui.Page
 
 #: The model id the page's servers answer to.
