@@ -103,18 +103,27 @@ def test_fresh_install_killed_at_every_step_is_absent_or_whole(bundles, tmp_path
 
 
 def test_remove_killed_at_every_step_is_present_or_gone(bundles, tmp_path):
-    names = crash_kit.steps(lambda: (Store().install(bundles["old"][0]), Store().remove("tiny")), tmp_path)
+    Store().install(bundles["old"][0])
+    names = crash_kit.steps(lambda: Store().remove("tiny"), tmp_path)  # the steps of the remove alone
+    assert "store.remove-rename" in {s.split()[1] for s in names}, names
+    outcomes = set()
     for n in range(1, len(names) + 1):
         Store().install(bundles["old"][0], force=True)
         where = names[n - 1]
-        crash_kit.killed_at(lambda: Store().remove("tiny"), n)
+        assert crash_kit.killed_at(lambda: Store().remove("tiny"), n) == KILLED, where
         rows = Store().list()
         assert len(rows) <= 1 and all("error" not in r for r in rows), (where, rows)  # never DAMAGED
         if rows:
             assert _verify().exit_code == 0, where
+            outcomes.add("present")
+        else:
+            r = _verify()
+            assert r.exit_code != 0 and "No model named 'tiny'" in r.output, (where, r.output)
+            outcomes.add("gone")
         with Store().locked():
             pass
         _assert_clean(Store())
+    assert outcomes == {"present", "gone"}  # the kills straddle the commit point
 
 
 def test_a_live_install_is_read_through_and_never_swept(bundles, tmp_path):
