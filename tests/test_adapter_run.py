@@ -65,7 +65,9 @@ def test_greedy_text_with_the_adapter_equals_the_merged_models(kit):
           f"adapter vs bare base: {np.abs(first - bare_first).max():.4f}")
     assert text == merged_text and len(text) > 20
     assert text != bare_text  # and the adapter changes what the model says
-    assert np.abs(first - merged_first).max() < 0.05 < np.abs(first - bare_first).max()
+    # F16 rounding of the merged weights against the adapter applied in F32: small beside the adapter's own effect
+    # (0.038 against 1.66 on the AMX Xeon; a bound relative to the effect holds across seeds and CPUs' kernels)
+    assert np.abs(first - merged_first).max() < 0.1 * np.abs(first - bare_first).max()
 
 
 def test_run_cli_applies_the_adapter_at_its_scale(kit):
