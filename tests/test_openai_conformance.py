@@ -124,6 +124,10 @@ def test_errors_name_the_offending_field(smol):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": image}])
     assert "Images are not supported by this model" in e.value.message and e.value.body["param"] == "messages.0.content.1"
+    for kind in ({"image": 1}, ["image_url"], 7):  # a part's type that is not a string: a 400, not a server error
+        r = httpx.post(smol.url + "/v1/chat/completions", json={
+            "model": SMOL, "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": kind, "text": "hi"}]}]})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text[:300]
 
 
 def test_sampler_values_no_sampler_means_are_refused(smol):

@@ -38,6 +38,9 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm
+    from edgemed.phi import no_core_dumps
+
+    no_core_dumps()  # the conversation never goes to a core file (nor the template worker's: it inherits this)
     from edgemed.runtime.session import open_with_adapters, prepare, respond
     from edgemed.templates.library import safety_preamble
     from edgemed.templates.think import ThinkPolicy

@@ -171,6 +171,9 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.session import ask, open_with_adapters, prepare, respond
     from edgemed.templates.think import ThinkPolicy
+    from edgemed.phi import no_core_dumps
+
+    no_core_dumps()  # the prompt and the reply never go to a core file (nor the template worker's: it inherits this)
 
     if model is None:
         raise InputError("No model given.", "pass a .gguf path: edgemed run model.gguf --prompt '...' (make one with `edgemed convert`)")

@@ -24,17 +24,6 @@ def _stopped(signum, frame):
     raise _Stopped()
 
 
-def _no_core_dumps() -> None:
-    """A crash of the server must not write its memory (prompts, answers, the prefix cache) to a core file: the
-    soft core size limit goes to 0 for this process (the hard limit is left as it is)."""
-    try:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-    except (ImportError, ValueError, OSError):  # no such limit here (not POSIX): nothing to turn off
-        pass
-
-
 def _stopping_server(uvicorn):
     """uvicorn's ``Server`` that, at the first stop signal, gives running answers the grace period less a margin and
     then calls ``on_stop`` (the batcher's close: what is left ends with a 503 event and its audit record), so no
@@ -163,7 +152,9 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
     from edgemed.serve.security import ApiKeys, bind_socket
 
     check_threads(threads, "--threads")
-    _no_core_dumps()
+    from edgemed.phi import no_core_dumps
+
+    no_core_dumps()  # a crash must not write prompts, answers or the prefix cache to a core file
     if not prefix_cache and prefix_cache_mib:
         raise InputError(f"--no-prefix-cache and --prefix-cache-mib {prefix_cache_mib} contradict each other.",
                          "pass one of them (--no-prefix-cache turns all prompt reuse off)")

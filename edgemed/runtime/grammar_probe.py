@@ -293,8 +293,10 @@ def _follow(model, gbnf: str, tokens: int, seconds: float) -> dict:
 def _worker(path: str, tokens: int) -> None:
     """The worker's loop (its stderr, llama.cpp's messages included, goes to the null device: ``GrammarProbe``).
     Ready once it has timed ``CALIBRATION`` for ``tokens`` tokens."""
+    from edgemed.phi import no_core_dumps
     from edgemed.runtime.llamacpp import Model
 
+    no_core_dumps()  # it follows requests' grammars and schemas: whoever started it, a crash leaves no core file
     model = Model(path, vocab_only=True)
     t0 = time.perf_counter()
     _follow(model, CALIBRATION, tokens, float("inf"))

@@ -195,7 +195,7 @@ def _text_only(data: dict, model_id: str) -> None:
         content = message.get("content") if isinstance(message, dict) else None
         for j, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind in NOT_TEXT:
+            if isinstance(kind, str) and kind in NOT_TEXT:  # any other type is the request model's to refuse (400)
                 raise api.ApiError(400, f"{NOT_TEXT[kind].capitalize()} are not supported by this model: "
                                         f"'{model_id}' reads text only. Fix: send the content as text parts "
                                         "(describe the image in words).", param=f"messages.{i}.content.{j}",

@@ -26,6 +26,8 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from edgemed.phi import no_core_dumps
+
 #: Largest integer a template may compute with ``*`` or ``**`` (bits).
 MAX_INT_BITS = 1 << 16
 #: Compiled templates kept per process (a server renders one chat template, a few prompt templates).
@@ -200,6 +202,7 @@ def write_frame(stream, message: dict) -> None:
 
 def main(argv: list[str]) -> int:
     memory, recursion = int(argv[0]), int(argv[1])
+    no_core_dumps()  # it renders clinicians' text: whoever started it, a crash leaves no core file
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner handles Ctrl-C, then closes our stdin
     if hasattr(signal, "SIGALRM"):
         signal.signal(signal.SIGALRM, _on_alarm)
