@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import need_converter
@@ -99,12 +100,12 @@ def test_every_json_option_reports_failures_as_json():
 def test_run_refuses_an_empty_binary_or_endless_piped_prompt(tmp_path):
     """An empty prompt loaded the model and answered nothing in particular; piped bytes that are not UTF-8 were a
     traceback, and an endless pipe was read whole into memory. Each is refused before the model is read."""
-    from edgemed.cli.run import MAX_STDIN_PROMPT_BYTES
+    from edgemed.cli.run import MAX_TEXT_BYTES
 
     model = tmp_path / "missing.gguf"  # never reached: the prompt is refused first
     for args, stdin, said in [(["-p", "  \n"], None, "The prompt is empty"), ([], "", "The prompt is empty"),
                               ([], b"\xff\xfe", "not UTF-8 text (byte 0 is 0xff)"),
-                              ([], b"a" * (MAX_STDIN_PROMPT_BYTES + 1), "over 4 MiB")]:
+                              ([], b"a" * (MAX_TEXT_BYTES + 1), "over 4 MiB")]:
         r = CliRunner().invoke(cli, ["run", str(model), *args], input=stdin)
         assert r.exit_code == 1 and said in r.output and "does not exist" not in r.output, (args, r.output)
 
@@ -114,3 +115,36 @@ def test_a_template_run_refuses_prompt_and_system_it_would_ignore(tmp_path):
     for extra, flag in ([["--prompt", "ignore this"], "--prompt"], [["--system", "Reply in French only."], "--system"]):
         r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.gguf"), "-t", "mcq", "-q", "Which?", *extra])
         assert r.exit_code == 1 and f"so {flag} cannot be used with it" in r.output, r.output
+
+
+def test_text_options_read_from_a_file_or_standard_input(tmp_path, monkeypatch):
+    """Patient details on the command line are in every local user's `ps` and in shell history: --question,
+    --options, --prompt, --system and each -i value take @PATH (a file) and @- (standard input) instead."""
+    import io
+
+    from edgemed.cli.run import TextSource, template_inputs
+    from edgemed.errors import InputError
+
+    note = tmp_path / "note.txt"
+    note.write_text("72-year-old, chest pain since 06:00\n", encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("Which test first?".encode())))
+    inputs, _ = template_inputs("@-", None, None, [f"note=@{note}", "tone=@@ward", "plain=as typed"])
+    assert inputs == {"question": "Which test first?", "note": "72-year-old, chest pain since 06:00\n",
+                      "tone": "@ward", "plain": "as typed"}
+    with pytest.raises(InputError, match="both ask for standard input"):
+        template_inputs("@-", None, None, ["note=@-"])
+    with pytest.raises(InputError, match="cannot read") as err:
+        TextSource()("--question", f"@{tmp_path / 'absent.txt'}")
+    assert "write @@" in err.value.fix
+    (tmp_path / "bin.txt").write_bytes(b"\xff")
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        TextSource()("--input note", f"@{tmp_path / 'bin.txt'}")
+
+    model = tmp_path / "missing.gguf"  # never reached: the inputs are read and refused first
+    (tmp_path / "blank.txt").write_text("  \n")
+    r = CliRunner().invoke(cli, ["run", str(model), "--prompt", f"@{tmp_path / 'blank.txt'}"])
+    assert r.exit_code == 1 and "The prompt is empty" in r.output, r.output
+    r = CliRunner().invoke(cli, ["run", str(model), "-t", "note_summary", "-i", f"note=@{tmp_path / 'absent.txt'}"])
+    assert r.exit_code == 1 and "--input note @" in r.output and "does not exist" not in r.output, r.output
+    r = CliRunner().invoke(cli, ["run", str(model), "-t", "mcq", "-q", "@-"], input="Which?")
+    assert r.exit_code == 1 and "options" in r.output, r.output  # the question came from standard input; options did not

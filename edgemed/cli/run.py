@@ -70,16 +70,73 @@ def _item(value: str) -> dict:
     return item
 
 
-def template_inputs(question, options, item, pairs) -> tuple[dict, str | None]:
-    """Template inputs from the CLI options; also the item's expected answer, if it has one."""
+#: A text option's value read from a file (``@PATH``) or standard input (``@-``) is read up to this many bytes
+MAX_TEXT_BYTES = 4 << 20
+
+
+class TextSource:
+    """Where a text option's value comes from. Patient details typed on the command line are in every local user's
+    ``ps`` (``/proc/PID/cmdline`` is world-readable) and in the shell's history; ``@PATH`` reads the value from a file
+    and ``@-`` from standard input (once per run), as curl reads ``-d @file``; ``@@...`` is a text that starts with
+    one ``@``."""
+
+    def __init__(self):
+        self.stdin_by: str | None = None  # the option that took standard input
+
+    def __call__(self, option: str, value: str | None) -> str | None:
+        from edgemed.errors import InputError
+
+        if value is None or not value.startswith("@"):
+            return value
+        if value.startswith("@@"):
+            return value[1:]
+        if value == "@-":
+            if self.stdin_by is not None:
+                raise InputError(f"{option} and {self.stdin_by} both ask for standard input (@-), which holds one text.",
+                                 f"pass one of them from a file instead: {option} @PATH")
+            self.stdin_by = option
+            return _read_text(sys.stdin.buffer, f"The text of {option} on standard input")
+        from edgemed.formats.input_file import open_regular
+
+        path = Path(value[1:])
+        try:
+            with open_regular(path) as fh:
+                return _read_text(fh, f"The text of {option} in '{path}'")
+        except OSError as exc:
+            raise InputError(f"{option} @{path}: cannot read '{path}' ({exc.strerror or exc}).",
+                             "pass a text file's path after @ (or @- for standard input); to send a text that starts "
+                             "with @, write @@") from None
+
+
+def _read_text(fh, what: str) -> str:
+    """Text read from ``fh`` (standard input, a file): bounded, and UTF-8 (a binary file passed by mistake is named,
+    not a traceback). ``what`` starts the messages: "The prompt on standard input"."""
     from edgemed.errors import InputError
 
+    data = fh.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise InputError(f"{what} is over {MAX_TEXT_BYTES >> 20} MiB.",
+                         "pass only what the model should read (a model reads a few thousand tokens at most)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}).",
+                         "pass a text file saved as UTF-8") from None
+
+
+def template_inputs(question, options, item, pairs, text: TextSource | None = None) -> tuple[dict, str | None]:
+    """Template inputs from the CLI options (``--question``, ``--options`` and each ``-i`` value may be ``@PATH`` or
+    ``@-``: ``TextSource``); also the item's expected answer, if it has one."""
+    from edgemed.errors import InputError
+
+    text = text or TextSource()
     inputs: dict = {}
     expected = None
     if item:
         data = _item(item)
         inputs.update({k: data[k] for k in ("question", "options", "context") if k in data})
         expected = data.get("answer_idx")
+    question, options = text("--question", question), text("--options", options)
     if question:
         inputs["question"] = question
     if options:
@@ -91,7 +148,7 @@ def template_inputs(question, options, item, pairs) -> tuple[dict, str | None]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise InputError(f"--input '{pair}' is not KEY=VALUE.", "pass e.g. --input reading_level='5th grade'")
-        inputs[key.strip()] = value
+        inputs[key.strip()] = text(f"--input {key.strip()}", value)
     return inputs, expected
 
 
@@ -114,36 +171,24 @@ def echo_piece(show_think: bool):
     return on_piece
 
 
-#: A piped prompt is read up to this many bytes (far above any context a shipped profile plans)
-MAX_STDIN_PROMPT_BYTES = 4 << 20
-
-
 def _stdin_prompt() -> str:
-    """The prompt piped on standard input: bounded, and UTF-8 (a binary file piped by mistake is named, not a traceback)."""
-    from edgemed.errors import InputError
-
-    data = sys.stdin.buffer.read(MAX_STDIN_PROMPT_BYTES + 1)
-    if len(data) > MAX_STDIN_PROMPT_BYTES:
-        raise InputError(f"The prompt on standard input is over {MAX_STDIN_PROMPT_BYTES >> 20} MiB.",
-                         "pipe only the question (a model reads a few thousand tokens at most)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"The prompt on standard input is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}).",
-                         "pipe a text file saved as UTF-8") from None
+    """The prompt piped on standard input."""
+    return _read_text(sys.stdin.buffer, "The prompt on standard input")
 
 
 @click.command()
 @click.argument("model", required=False)  # as typed: ./NAME is a path, NAME may be an installed model
-@click.option("--prompt", "-p", help="A user message, rendered with the model's chat template.")
+@click.option("--prompt", "-p", help="A user message, rendered with the model's chat template (@PATH: from a file; "
+              "with no --prompt, standard input is read).")
 @click.option("--raw", is_flag=True, help="Send --prompt as raw text; the model's chat template is not used at all.")
-@click.option("--system", "-s", help="A system message to put before the prompt.")
+@click.option("--system", "-s", help="A system message to put before the prompt (@PATH: from a file).")
 @click.option("--template", "-t", "template_name", help="A medical prompt template: mcq, pubmedqa, open_question, "
               "differential, drug, triage, patient_education, note_summary.")
-@click.option("--question", "-q", help="The question (templates).")
+@click.option("--question", "-q", help="The question (templates; @PATH: from a file, @-: standard input).")
 @click.option("--options", help="Answer options as a JSON object, e.g. '{\"A\": \"...\", \"B\": \"...\"}' (mcq).")
 @click.option("--item-json", help="One MedMCQA/MedQA JSONL item (a JSON object, or PATH:LINE): question + options.")
-@click.option("--input", "-i", "pairs", multiple=True, help="Other template inputs as KEY=VALUE (repeatable).")
+@click.option("--input", "-i", "pairs", multiple=True, help="Other template inputs as KEY=VALUE (repeatable); KEY=@PATH "
+              "reads the value from a file, KEY=@- from standard input (e.g. -i note=@note.txt).")
 @click.option("--profile", help="Device profile to use (default: detected; see `edgemed devices list`).")
 @click.option("--think", default="hide", show_default=True, help="Reasoning models' <think> block: hide, show, or cap:N tokens.")
 @json_flag("Print one JSON object (templates: the parsed answer) instead of streaming.")
@@ -166,6 +211,10 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     the prompt is read from standard input. Settings come from the device profile; the memory plan
     is checked before the model is loaded. With --adapter, the LoRA adapter is checked against MODEL (made for
     the checkpoint MODEL was converted from), counted by the memory plan and applied at run time.
+
+    Patient details typed as options are visible to every user of this machine (`ps`) and kept in the shell's
+    history: pass them from a file (--question @q.txt, -i note=@note.txt, --prompt @case.txt) or standard input
+    (@-, or no --prompt at all). A text that starts with @ is written @@.
     """
     from edgemed.errors import InputError
     from edgemed.runtime import GenerationSettings
@@ -191,17 +240,22 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
 
         warm()  # the template renderer process starts while the model loads
     policy = ThinkPolicy.parse(think)
+    text = TextSource()
+    prompt, system = text("--prompt", prompt), text("--system", system)
     template = inputs = expected = None
     if template_name:
         from edgemed.templates import get_template
 
         template = get_template(template_name)
-        inputs, expected = template_inputs(question, options, item_json, pairs)
+        inputs, expected = template_inputs(question, options, item_json, pairs, text)
         template.messages(inputs)  # missing inputs fail here, before the model loads
         from edgemed.runtime.sampling import check_template_grammar
 
         check_template_grammar(template)  # and a contract schema no grammar can enforce
     elif prompt is None:
+        if text.stdin_by is not None:
+            raise InputError(f"No prompt given, and standard input went to {text.stdin_by}.",
+                             "pass the prompt with --prompt @PATH (a file)")
         if sys.stdin.isatty():
             raise InputError("No prompt given.", "pass --prompt '...' (or --template mcq --question ...), or pipe the prompt on standard input")
         prompt = _stdin_prompt()
