@@ -35,9 +35,22 @@ from pathlib import Path
 import pytest
 
 TEST_CACHE = Path(os.environ.get("EDGEMED_TEST_CACHE", Path.home() / ".cache" / "edgemed-test"))
+#: the evaluation data the tests read, in the repo (MIT, its README says where from and how it was drawn):
+#: ``pubmedqa-test-split/`` (PubMedQA's 500 test-split PMIDs) and ``sample/`` (laid out like the full data)
+EVAL_DATA = Path(__file__).resolve().parent / "fixtures" / "eval-data"
+#: the full evaluation sets beside the repo (the project's own machines only; never in a user's clone)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
 CONVERTER_SIDE = ("torch", "transformers")
+
+
+def need_shared_data(rel: str, why: str) -> Path:
+    """``SHARED_DATA / rel``, or skip the calling test: it needs a whole evaluation set (``why``), not the sample."""
+    path = SHARED_DATA / rel
+    if not path.exists():
+        pytest.skip(f"needs the full {rel} ({why}); {SHARED_DATA} is not on this machine "
+                    "(tests/fixtures/eval-data holds a sample of it)")
+    return path
 
 
 def need_converter(*modules: str) -> None:

@@ -6,6 +6,7 @@ records that a larger draw extends, divergence against a reference."""
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import math
 import random
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import EVAL_DATA, need_shared_data
 from edgemed.benchmarks.harness import stats
 from edgemed.benchmarks.harness.datasets import PUBMEDQA_GROUND_TRUTH, SUITE, Item, draw, load_eval_set, load_items, suite_files
 from edgemed.benchmarks.harness.stats import wilson
 from edgemed.errors import InputError
+
+SAMPLE = EVAL_DATA / "sample"  # laid out like the full data, MIT: its README names the sources and how it was drawn
+TEST_SPLIT = EVAL_DATA / "pubmedqa-test-split" / PUBMEDQA_GROUND_TRUTH  # PubMedQA's 500 test-split PMIDs
 
 MCQ = [
     {"question": "Which vitamin deficiency causes scurvy?", "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}, "answer_idx": "C"},
@@ -118,42 +122,79 @@ def test_pubmedqa_is_its_test_split_only(tmp_path):
         load_items(_pubmedqa_dir(tmp_path / "other", data, {**truth, "4242": "yes"}), None, 0)
 
 
-def _shared(rel: str) -> Path:
-    f = SHARED_DATA / rel
-    if not f.exists():
-        pytest.skip(f"{f} not present (the shared evaluation data is not on this machine)")
-    return f
-
-
-def test_real_pubmedqa_is_sampled_not_label_sorted():
-    f = _shared("pubmedqa/ori_pqal.json")
+def test_real_pubmedqa_is_its_test_split_sampled_not_label_sorted():
+    """Real PubMedQA entries (the repo's sample: 32 test-split abstracts and 8 of the other PQA-L ones, its labels
+    sorted as the real file's are): only the test split is scored, and a draw is not the file's first items."""
+    f = SAMPLE / "pubmedqa" / "ori_pqal.json"
     every = load_items(f, None, 0)
-    split = json.loads((f.parent / PUBMEDQA_GROUND_TRUTH).read_text(encoding="utf-8"))
-    calibration = set(json.loads(f.read_text(encoding="utf-8"))) - set(split)  # the other 500 PQA-L abstracts
-    assert len(every) == 500 and len(calibration) == 500
-    assert {i.id.split(":")[1] for i in every} == set(split) and not {i.id.split(":")[1] for i in every} & calibration
-    sample = load_items(f, 60, seed=0)
+    truth = json.loads(f.with_name(PUBMEDQA_GROUND_TRUTH).read_text(encoding="utf-8"))
+    calibration = set(json.loads(f.read_text(encoding="utf-8"))) - set(truth)  # PQA-L abstracts outside the split
+    split = set(json.loads(TEST_SPLIT.read_text(encoding="utf-8")))
+    assert len(split) == 500 and len(every) == len(truth) == 32 and len(calibration) == 8
+    ids = {i.id.split(":")[1] for i in every}
+    assert ids == set(truth) <= split and not ids & calibration and not calibration & split
+    assert list(truth.values()) == sorted(truth.values(), key=["yes", "no", "maybe"].index)  # 17 "yes" first
+    sample = load_items(f, 12, seed=0)
     counts = collections.Counter(i.answer for i in sample)
-    assert set(counts) == {"A", "B", "C"} and counts["A"] < 50  # the file itself starts with ~276 "yes"
-    assert [i.id for i in sample] == [i.id for i in load_items(f, 60, seed=0)]
-    assert [i.id for i in sample] != [i.id for i in load_items(f, 60, seed=1)]
+    assert set(counts) == {"A", "B", "C"} and counts["A"] < 12  # the file's first 12 are all "yes"
+    assert [i.id for i in sample] == [i.id for i in load_items(f, 12, seed=0)]
+    assert [i.id for i in sample] != [i.id for i in load_items(f, 12, seed=1)]
 
 
-def test_the_default_suite_on_the_shared_data():
-    root = _shared("medagentsbench")
+def test_the_default_suite_reads_a_folder_laid_out_like_the_shared_data():
+    """The suite's files, drawn per set with one seed and prefix-stable, on the repo's sample of the real sets; the
+    default counts need the full sets, and asking the sample for them names the file and its size."""
+    files = suite_files(SAMPLE)
+    paths = [p for p, _ in files]
+    assert paths == [(SAMPLE / row.path).resolve() for row in SUITE] and [n for _, n in files] == [row.n for row in SUITE]
+    items = load_eval_set(paths, [20, 20, 20], seed=0, context=False)
+    counts = collections.Counter(i.dataset for i in items)
+    assert counts == {row.name: 20 for row in SUITE} and len({i.id for i in items}) == len(items)
+    assert {i.id.split(":")[1] for i in items if i.dataset == "pubmedqa"} <= set(json.loads(TEST_SPLIT.read_text()))
+    assert all(i.context is None for i in items)
+    smaller = load_eval_set(paths, [10, 10, 10], seed=0, context=False)
+    assert [i.id for i in smaller] == [i.id for k in range(3) for i in items[20 * k:20 * k + 10]]  # prefix-stable per set
+    with pytest.raises(InputError, match="has no medagentsbench/medmcqa/test.jsonl") as err:
+        suite_files(SAMPLE / "medagentsbench")
+    assert "--eval" in err.value.fix
+    with pytest.raises(InputError, match="Asked for 600 items from .*medmcqa.*, which has 40"):
+        load_eval_set(paths, [n for _, n in files], seed=0)
+
+
+def test_the_default_suite_on_the_full_shared_data():
+    root = need_shared_data("medagentsbench", "the default suite draws 600 + 500 + 500 items")
     files = suite_files(root.parent)
     assert [n for _, n in files] == [row.n for row in SUITE] and sum(n for _, n in files) >= 1500
     items = load_eval_set([p for p, _ in files], [n for _, n in files], seed=0, context=False)
     counts = collections.Counter(i.dataset for i in items)
     assert counts == {row.name: row.n for row in SUITE} and len({i.id for i in items}) == len(items)
     split = set(json.loads((root.parent / "pubmedqa" / PUBMEDQA_GROUND_TRUTH).read_text(encoding="utf-8")))
-    assert {i.id.split(":")[1] for i in items if i.dataset == "pubmedqa"} <= split
+    assert {i.id.split(":")[1] for i in items if i.dataset == "pubmedqa"} <= split and len(split) == 500
     assert all(i.context is None for i in items)
     smaller = load_eval_set([p for p, _ in files], [100, 100, 100], seed=0, context=False)
     assert set(i.id for i in smaller) <= set(i.id for i in items)  # prefix-stable per set
-    with pytest.raises(InputError, match="has no medagentsbench/medmcqa/test.jsonl") as err:
-        suite_files(root)
-    assert "--eval" in err.value.fix
+
+
+def test_the_repo_sample_is_what_its_script_draws(tmp_path):
+    """tests/fixtures/eval-data is draw.py's output from the full sets, byte for byte, and every line or entry in it
+    is the source's own text."""
+    source = need_shared_data("pubmedqa/ori_pqal.json", "the sample is redrawn from the full sets").parents[1]
+    spec = importlib.util.spec_from_file_location("eval_data_draw", EVAL_DATA / "draw.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.draw(source, tmp_path)
+    drawn = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    kept = sorted(p.relative_to(EVAL_DATA) for p in EVAL_DATA.rglob("*")
+                  if p.is_file() and p.name not in ("README.md", "draw.py") and "__pycache__" not in p.parts)
+    assert drawn == kept
+    for rel in drawn:
+        assert (tmp_path / rel).read_bytes() == (EVAL_DATA / rel).read_bytes(), rel
+    for name in ("medmcqa", "mmlu"):
+        full = set((source / "medagentsbench" / name / "test.jsonl").read_text(encoding="utf-8").splitlines())
+        assert set((SAMPLE / "medagentsbench" / name / "test.jsonl").read_text(encoding="utf-8").splitlines()) <= full
+    full = (source / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8")
+    for pmid, entry in json.loads((SAMPLE / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8")).items():
+        assert json.dumps({pmid: entry}, indent=4)[2:-2] in full, pmid  # the entry as the source writes it
 
 
 # -- statistics -----------------------------------------------------------------------------

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, need_converter
+from conftest import EVAL_DATA, need_converter, need_shared_data
 from edgemed.converters.gguf import calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "converters" / "data" / "calibration"
-PUBMEDQA = SHARED_DATA / "pubmedqa"
+TEST_SPLIT = EVAL_DATA / "pubmedqa-test-split" / "test_ground_truth.json"  # PubMedQA's 500 test PMIDs, MIT
 SHINGLE = 8  # words: a shared run this long would be copied text, not shared medical phrasing
 
 
@@ -62,20 +62,39 @@ def test_each_text_holds_exactly_its_listed_abstracts():
         assert len(calibration.passages(calibration.shipped(name))) == len(pmids) == len(set(pmids))
 
 
-def test_no_test_split_pmid_and_the_text_is_what_the_rule_gives():
-    if not (PUBMEDQA / "test_ground_truth.json").is_file():
-        pytest.skip(f"the PubMedQA files are not at {PUBMEDQA}")
-    pqal = json.loads((PUBMEDQA / "ori_pqal.json").read_text(encoding="utf-8"))
-    test = json.loads((PUBMEDQA / "test_ground_truth.json").read_text(encoding="utf-8"))
+def _shipped_text() -> str:
+    return "".join(calibration.shipped(n).read_text(encoding="utf-8") for n in ("medical.txt", "medical-search.txt"))
+
+
+def test_no_test_split_pmid():
+    """The leakage guard, in every clone: no calibration abstract is one of PubMedQA's official test split (the
+    evaluation data), by the repo's copy of its 500 PMIDs; and no test abstract of the repo's sample is in the text,
+    whatever the PMID list says."""
+    test = json.loads(TEST_SPLIT.read_text(encoding="utf-8"))
+    assert len(test) == 500 and set(test.values()) == {"yes", "no", "maybe"}
     sources = _sources()
     shipped = sources["medical.txt"] + sources["medical-search.txt"]
     assert not set(shipped) & set(test)
+    sample = json.loads((EVAL_DATA / "sample" / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8"))
+    sample_test = [p for p in sample if p in test]
+    assert len(sample_test) == 32
+    text = _shipped_text()
+    assert not any(_build().abstract(sample[p])[:200] in text for p in sample_test)
+
+
+def test_the_text_is_what_the_rule_gives():
+    """Where the whole PQA-L file is at hand: the shipped text is exactly what build.py's rule draws from it, and no
+    test abstract of the 500 is in it."""
+    pqal_file = need_shared_data("pubmedqa/ori_pqal.json", "the rule draws from all 1,000 PQA-L abstracts")
+    pqal = json.loads(pqal_file.read_text(encoding="utf-8"))
+    test = json.loads(TEST_SPLIT.read_text(encoding="utf-8"))
+    sources = _sources()
     build = _build()
     assert list(build.select(pqal, test)) == [sources["medical.txt"], sources["medical-search.txt"]]
     for name, pmids in sources.items():
         assert calibration.shipped(name).read_text(encoding="utf-8") == build.texts(pqal, pmids)
     # and no test abstract's text is in them, whatever the PMID list says
-    text = calibration.shipped("medical.txt").read_text(encoding="utf-8") + calibration.shipped("medical-search.txt").read_text(encoding="utf-8")
+    text = _shipped_text()
     assert not any(build.abstract(pqal[p])[:200] in text for p in test)
 
 

@@ -1,5 +1,5 @@
 """`edgemed run --template`: the answer flow (contract, forced answer, think cap) on a scripted engine,
-and on the real SmolLM2 with a MedMCQA item from ../shared/data."""
+and on the real SmolLM2 with a real MedMCQA item (the repo's sample, tests/fixtures/eval-data)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from edgemed.runtime.session import ask, respond
 from edgemed.templates import get_template
 from edgemed.templates.think import ThinkPolicy
 
-from conftest import SHARED_DATA
+from conftest import EVAL_DATA
 
-MEDMCQA = SHARED_DATA / "medagentsbench" / "medmcqa" / "test.jsonl"
+MEDMCQA = EVAL_DATA / "sample" / "medagentsbench" / "medmcqa" / "test.jsonl"  # 40 real items, MIT
 ITEM = {"question": "Which vitamin deficiency causes scurvy?", "options": {"A": "A", "B": "B12", "C": "C", "D": "D"}}
 
 
@@ -165,8 +165,6 @@ def test_cli_reports_missing_inputs_before_loading(tmp_path):
 
 @pytest.mark.slow
 def test_run_mcq_on_a_medmcqa_item_prints_the_parsed_letter(smollm2_gguf):
-    if not MEDMCQA.exists():
-        pytest.skip(f"MedMCQA data not found at {MEDMCQA}")
     line = MEDMCQA.read_text().splitlines()[4]
     result = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "--template", "mcq", "--item-json", line,
                                       "--max-tokens", "48", "--ctx", "1024", "--threads", "1"])
