@@ -322,8 +322,6 @@ def test_a_decode_given_up_removes_its_cells_and_the_callback_is_cleared(smollm2
     """``Context.decode_unless`` reaches llama.cpp's abort callback: a call whose ``stop`` turns true after a few
     graph nodes returns 2, far sooner than the whole call, with its batch's cells gone and the earlier ones kept;
     the same rows then decode normally, and a later plain decode no longer asks the callback."""
-    import time
-
     from edgemed.runtime import llamacpp
 
     model = llamacpp.Model(smollm2_gguf, LoadSettings(n_ctx=512, n_threads=1, n_batch=128, n_ubatch=128))
@@ -339,18 +337,16 @@ def test_a_decode_given_up_removes_its_cells_and_the_callback_is_cleared(smollm2
         for i, t in enumerate(ids[32:]):
             batch.add(t, 32 + i, 1, False)
         asked = []
-        t0 = time.perf_counter()
         assert ctx.decode_unless(batch, lambda: asked.append(1) or len(asked) > 3) == 2
-        given_up = time.perf_counter() - t0
-        assert len(asked) == 4  # asked before each node until true, then no more
+        given_up = len(asked)
+        assert given_up == 4  # asked before each node until true, then no more: no node computed after it
         assert ctx.lib.llama_memory_seq_pos_max(ctx.memory, 1) == 31  # the given-up call's cells are removed
-        t0 = time.perf_counter()
         assert ctx.decode(batch) == 0 and ctx.lib.llama_memory_seq_pos_max(ctx.memory, 1) == 95
-        assert given_up < (time.perf_counter() - t0) / 2
         asked.clear()
         ctx.trim(1, 32)
-        assert ctx.decode_unless(batch, lambda: asked.append(1) or False) == 0 and len(asked) > 10  # once a node
+        assert ctx.decode_unless(batch, lambda: asked.append(1) or False) == 0  # asked once a node
         n = len(asked)
+        assert n > 25 * given_up  # the given-up call stopped after 4 of the whole call's nodes: far sooner
         ctx.trim(1, 32)
         assert ctx.decode(batch) == 0 and len(asked) == n  # cleared after the call
     finally:

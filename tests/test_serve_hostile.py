@@ -2,8 +2,8 @@
 
 A real uvicorn server on a free port serves a copy of SmolLM2 whose chat template turns hostile on cue:
 the last message's content picks a nested ``range(99999)`` loop, a 128 MiB string, a float overflow,
-unbounded recursion, or an empty prompt; anything else renders SmolLM2's ChatML. While the loop runs,
-``/health`` answers within 1 s; the hostile request ends with an ``invalid_template`` 400 in bounded time.
+unbounded recursion, or an empty prompt; anything else renders SmolLM2's ChatML. While the loop renders,
+``/health`` answers; the hostile request ends with an ``invalid_template`` 400 in bounded time.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def server(smollm2_gguf, tmp_path_factory):
     batcher.start()
     try:
         with ServerThread(create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test"))) as srv:
+            srv.batcher = batcher  # for the tests that watch what the server asked of it
             yield srv
     finally:
         batcher.close()
@@ -71,8 +72,19 @@ def is_openai_error(r, status: int, code: str | None) -> dict:
     return error
 
 
-def test_health_answers_while_a_hostile_template_runs(server):
+def test_health_answers_while_a_hostile_template_runs(server, monkeypatch):
     result = {}
+    rendering = threading.Event()  # set while the server renders a chat template
+    real_render = server.batcher.render_chat
+
+    def render_chat(*args, **kwargs):
+        rendering.set()
+        try:
+            return real_render(*args, **kwargs)
+        finally:
+            rendering.clear()
+
+    monkeypatch.setattr(server.batcher, "render_chat", render_chat)
 
     def hostile():
         start = time.monotonic()
@@ -81,16 +93,18 @@ def test_health_answers_while_a_hostile_template_runs(server):
 
     thread = threading.Thread(target=hostile)
     thread.start()
-    time.sleep(0.2)  # the hostile render is under way
-    health = []
+    assert rendering.wait(timeout=60), "the hostile request never reached the template"
+    health = []  # (status, whether the render was still running when the answer came)
     while thread.is_alive():
-        start = time.monotonic()
-        r = httpx.get(server.url + "/health", timeout=5)
-        health.append((r.status_code, time.monotonic() - start))
-        time.sleep(0.1)
+        r = httpx.get(server.url + "/health", timeout=30)
+        health.append((r.status_code, rendering.is_set()))
+        time.sleep(0.05)
     thread.join()
     assert health, "the hostile request ended before /health was asked"
-    assert all(status == 200 and took < 1.0 for status, took in health), health
+    assert all(status == 200 for status, _ in health), health
+    # answered while the render ran: a render that held the server's event loop would let no answer out until it
+    # ended, however long it took
+    assert any(during for _, during in health), health
     error = is_openai_error(result["response"], 400, "invalid_template")
     assert ON_CUE["loop"][1] in error["message"] and result["took"] < BOUNDED_S
     assert chat(server, "Name one vitamin.").status_code == 200  # and the server still serves
@@ -156,8 +170,9 @@ def test_a_grammar_too_costly_to_follow_is_refused_before_the_server_follows_it(
     one token took hours, inside the one call every other answer's step waits for. The probe process tries it first
     (and is killed at its limit); the request is a 400, and the same grammar again is refused at once."""
     ambiguous = "(" + " | ".join(["[a-z ]+"] * 12) + ")*"
+    probe = server.batcher._probe
     for attempt in range(2):
-        t0 = time.monotonic()
+        t0, probes = time.monotonic(), probe.probes
         if kind == "grammar":
             r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Name one vitamin.", "max_tokens": 4,
                                                  "grammar": "root ::= " + ambiguous})
@@ -166,7 +181,10 @@ def test_a_grammar_too_costly_to_follow_is_refused_before_the_server_follows_it(
             r = chat(server, "Name one vitamin.",
                      response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
         assert r.status_code == 400 and "The grammar was refused" in r.json()["error"]["message"], r.text[:300]
-        assert time.monotonic() - t0 < (30 if attempt == 0 else 1)  # the second time from the verdict kept
+        if attempt == 0:  # the probe is killed at its limit (2 s + 1 s grace): 30 s leaves room for a loaded box
+            assert probe.probes == probes + 1 and time.monotonic() - t0 < 30
+        else:
+            assert probe.probes == probes  # the second time from the verdict kept: the probe was not asked
     assert chat(server, "hi").status_code == 200
 
 

@@ -8,6 +8,7 @@ a template that breaks a limit is a ``TemplateError`` in bounded time, and the n
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -98,12 +99,22 @@ def test_a_hostile_chat_template_is_a_template_error_in_bounded_time(source, rea
 def test_a_template_stuck_past_the_alarm_is_killed_and_replaced(monkeypatch):
     """What the worker's own alarm cannot stop (a long C call) the owner stops: here the owner's deadline is
     made to fall before the alarm, so the kill path is the one taken."""
+    killed = []  # (pid, how it ended) of each renderer process this side killed
+    real_kill = limits._Worker.kill
+
+    def kill(worker):
+        real_kill(worker)
+        killed.append((worker.proc.pid, worker.proc.returncode))
+
+    monkeypatch.setattr(limits._Worker, "kill", kill)
     monkeypatch.setattr(limits, "GRACE_SECONDS", -0.8)
     exc, took = timed(render, LOOP, HI)
     assert isinstance(exc, TemplateError) and "ran longer than 1 s" in str(exc)
-    assert took < 1.0
+    assert [code for _, code in killed] == [-signal.SIGKILL], killed  # still rendering at the deadline: killed
+    assert took < BOUNDED_S
     monkeypatch.undo()
     assert render("{{ messages[0].content }}", HI) == "hi"
+    assert killed[0][0] not in {w.proc.pid for w in limits._POOL.idle}  # rendered by a fresh process
 
 
 def test_output_limit_grows_with_the_input():
