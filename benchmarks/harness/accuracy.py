@@ -25,6 +25,12 @@ changed (PubMedQA asked with its abstract, then without) is redone, not reused. 
 (name, size and sha256: Q4_K_M with and without an importance matrix have one size) and settings, and a resume with
 different ones is refused; the bench runner starts such a file afresh (``records_resume``).
 
+A generated reply's text (``reply``) is kept only with ``keep_replies``: scoring needs the parsed answer
+(``gen_pred``, ``parsed_ok``), not the text, and a reply may repeat a clinic's own question back. A file holding
+replies is made owner-only (0600); a resume without ``keep_replies`` drops the replies already there (``reply`` is
+None in a record whose text was not kept, as in one with no generated answer). ``edgemed bench`` keeps none unless
+told (``--keep-replies``), and a run without it takes them out of every records file in its folder.
+
 ``logit_s`` and ``gen_s`` in each record split the item's time between the two scores (what the bench default,
 logits only, saves).
 
@@ -184,10 +190,35 @@ def records_resume(path: Path, key: dict, settings) -> bool:
 
 
 def append_record(path: Path, obj: dict) -> None:
-    with open(path, "ab") as fh:
+    with open(path, "ab") as fh:  # created as the folder's other files are; ``private_replies`` narrows it
         fh.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def private_replies(path: Path, keep: bool) -> None:
+    """Records at ``path`` that may hold replies' text (``keep``) made readable by their owner only; without
+    ``keep``, the text of replies an earlier run kept is taken out (the file rewritten atomically, its mode kept; a
+    line that does not parse, cut by a kill, is left for ``read_records``)."""
+    from edgemed.files.atomic import write_text
+
+    if keep:
+        os.chmod(path, 0o600)
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and obj.get("reply") is not None:
+            line = (json.dumps({**obj, "reply": None}, ensure_ascii=False) + "\n").encode("utf-8")
+        kept.append(line)
+    if kept != lines:
+        mode = os.stat(path).st_mode & 0o777
+        write_text(path, b"".join(kept).decode("utf-8", errors="replace"))
+        os.chmod(path, mode)
 
 
 # -- one item ---------------------------------------------------------------------------
@@ -279,12 +310,14 @@ def per_dataset(records: list[dict]) -> dict[str, dict]:
 
 
 def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path: Path, max_gen_tokens: int = 16,
-             score: str = "both", progress: bool = True, artifact_sha256: str | None = None, key: dict | None = None) -> dict:
+             score: str = "both", progress: bool = True, artifact_sha256: str | None = None, key: dict | None = None,
+             keep_replies: bool = True) -> dict:
     """Score ``items`` with ``scorer`` (see the module docstring); returns the summary over all of them.
 
     ``artifact_sha256``: the scored artifact's digest where the caller has it (else computed); ``key``: the bench
     runner's result key without its settings (``configs.beyond_settings``), written into the meta line so that a
-    resume under another runtime build or version is refused like one of another artifact."""
+    resume under another runtime build or version is refused like one of another artifact. ``keep_replies``: write
+    each generated reply's text into the records (made 0600); the bench runner passes its ``--keep-replies``."""
     if score not in SCORES:
         raise InputError(f"Unknown score {score!r}.", f"choose from: {', '.join(SCORES)}")
     records_path = Path(records_path)
@@ -303,6 +336,7 @@ def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path:
         if done:
             raise InputError(f"{records_path} has item records but no meta line.", "start a new records file")
         append_record(records_path, {"meta": meta})
+    private_replies(records_path, keep_replies)
     todo = [it for it in items if it.id not in done or done[it.id].get("item_sha") != item_digest(it)]
     log.info("%d items, %d already in %s, %d to score", len(items), len(items) - len(todo), records_path, len(todo))
 
@@ -315,7 +349,7 @@ def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path:
               disable=not progress) as bar:
         for item in todo:
             rec = score_item(scorer, prepared, item, template, max_gen_tokens, generate=score == "both")
-            append_record(records_path, rec)
+            append_record(records_path, rec if keep_replies else {**rec, "reply": None})
             done[item.id] = rec
             evaluated += rec["evaluated_tokens"]
             bar.update(1)
@@ -359,7 +393,9 @@ def _main(argv=None) -> int:
                   help="letter logits only, or also a parsed greedy answer")
     @click.option("--no-context", is_flag=True, help="PubMedQA without its abstract (question only)")
     @click.option("--quiet", is_flag=True, help="no progress bar")
-    def cli(artifact, evals, counts, seed, records, threads, n_ctx, template, max_gen_tokens, score, no_context, quiet):
+    @click.option("--keep-replies", is_flag=True, help="write each generated reply's text into --records (made 0600)")
+    def cli(artifact, evals, counts, seed, records, threads, n_ctx, template, max_gen_tokens, score, no_context, quiet,
+            keep_replies):
         """Accuracy of one artifact on medical QA files; prints the summary as JSON."""
         from edgemed.benchmarks.harness.datasets import load_eval_set
         from edgemed.benchmarks.harness.scorer import open_scorer
@@ -373,8 +409,8 @@ def _main(argv=None) -> int:
                 raise click.BadParameter(f"{counts!r} is not a count or comma-separated counts", param_hint="--n") from None
             items = load_eval_set(files, ns * len(files) if len(ns) == 1 else ns, seed, context=not no_context)
             with open_scorer(artifact, threads=threads, n_ctx=n_ctx) as scorer:
-                out = evaluate(scorer, items, template=template, records_path=records,
-                               max_gen_tokens=max_gen_tokens, score=score, progress=not quiet)
+                out = evaluate(scorer, items, template=template, records_path=records, max_gen_tokens=max_gen_tokens,
+                               score=score, progress=not quiet, keep_replies=keep_replies)
         except EdgemedError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(json.dumps(out, indent=2))

@@ -1,8 +1,9 @@
 """One configuration x one phase, in its own process: ``python -m edgemed.benchmarks.harness.child TASK.json``.
 
-The runner writes the task (configuration, phase, settings, result key, output
-path); this process measures and writes one JSON file atomically, so a killed
-child leaves either its complete result or nothing. Peak RSS is this process's
+The runner writes the task (configuration, phase, settings in their public form, result key, output
+path) and sends the prompts' text on this process's stdin as a JSON array (a clinic's prompts are never written
+to disk: ``configs.Settings``); by hand, ``... child TASK.json < prompts.json``. This process measures and writes
+one JSON file atomically, so a killed child leaves either its complete result or nothing. Peak RSS is this process's
 own high-water mark (``VmHWM`` on Linux, ``ru_maxrss`` elsewhere: ``peak_rss``), imports included.
 
 Phases:
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from edgemed.files.atomic import write_text
-from edgemed.benchmarks.harness.configs import Config, Settings
+from edgemed.benchmarks.harness.configs import Config, Settings, public_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,17 @@ def load_raw(path: Path, key: dict | None = None) -> dict | None:
     if key is not None and raw.get("key") != key:
         return None
     return raw
+
+
+def publish_raw(path: Path) -> None:
+    """Rewrite a raw result whose settings hold a file's prompts by text (an earlier edgemed wrote them so) in their
+    public form (``configs.public_settings``); its key and result stay as they are. Anything else is left alone."""
+    raw = load_raw(path)
+    if raw is None or not isinstance(raw.get("settings"), dict):
+        return
+    public = public_settings(raw["settings"])
+    if public != raw["settings"]:
+        write_text(path, json.dumps({**raw, "settings": public}, indent=1) + "\n")
 
 
 def peak_rss_bytes() -> int:
@@ -95,7 +107,8 @@ def phase_timing(config: Config, settings: Settings, task: dict) -> dict:
         rss_loaded = _rss_now()
         try:
             measured = timing.measure(timed, settings.prompts, settings.runs, settings.warmup, settings.max_tokens,
-                                      progress=task.get("progress", True))
+                                      progress=task.get("progress", True),
+                                      token_ids=settings.prompts_source == "built-in")
             weights = timed.weights()
             runtime_settings = timed.settings()
         finally:
@@ -119,7 +132,7 @@ def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
     try:
         result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), score=settings.eval_score,
                                    progress=task.get("progress", True), artifact_sha256=task["key"]["model_sha256"],
-                                   key=beyond_settings(task["key"]))
+                                   key=beyond_settings(task["key"]), keep_replies=settings.eval_replies)
     finally:
         scorer.close()
     return {"peak_rss_bytes": peak_rss_bytes(), **result}
@@ -143,11 +156,10 @@ def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
 PHASE_FUNCTIONS = {"timing": phase_timing, "accuracy": phase_accuracy, "divergence": phase_divergence}
 
 
-def run_task(task: dict) -> dict:
+def run_task(task: dict, prompts: list[str]) -> dict:
+    """Measure ``task`` (the runner's task file) with ``prompts``, the text its settings name by digest."""
     config = Config(**task["config"])
-    s = dict(task["settings"])
-    s["prompts"], s["evals"] = tuple(s["prompts"]), tuple(s["evals"])
-    settings = Settings(**s)
+    settings = Settings.from_dict(task["settings"], prompts=prompts)
     started = time.time()
     result = PHASE_FUNCTIONS[task["phase"]](config, settings, task)
     return {"schema": RAW_SCHEMA, "config": config.to_dict(), "phase": task["phase"], "key": task["key"],
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     task = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    raw = run_task(task)
+    prompts = json.loads(sys.stdin.buffer.read().decode("utf-8"))  # the runner's: the text is never in the task file
+    raw = run_task(task, prompts)
     write_text(Path(task["out"]), json.dumps(raw, indent=1) + "\n")
     return 0
 

@@ -44,6 +44,31 @@ DEFAULT_PROMPTS = (
     "A 58-year-old woman with type 2 diabetes has an eGFR of 25 mL/min. Which of her oral glucose-lowering "
     "drugs are still safe, which should be stopped, and why?",
 )
+#: Where a run's prompts came from: the harness's own (public: recorded by text) or a user's file (a clinic's
+#: prompts are health information: recorded by digest and count only, never by text).
+PROMPT_SOURCES = ("built-in", "file")
+
+
+def prompts_digest(prompts) -> str:
+    """sha256 of the prompts as a list, not of a file's bytes: the UTF-8 of their JSON array (``ensure_ascii`` off).
+    The same prompts as .txt or .jsonl, or with other blank lines, are the same measurement and the same digest."""
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def public_settings(d: dict) -> dict:
+    """A settings dict (``Settings.to_dict``, or one an older edgemed wrote with every prompt's text in it) as it may
+    be written to a shared file: a file's prompts by digest and count, never by text (``Settings.to_dict``)."""
+    d = dict(d)
+    if "prompts" not in d:
+        return d
+    prompts = tuple(d.pop("prompts") or ())
+    source = d.get("prompts_source") or ("built-in" if prompts == DEFAULT_PROMPTS else "file")
+    if prompts:
+        d.update(prompts_sha256=prompts_digest(prompts), n_prompts=len(prompts))
+    d["prompts_source"] = source
+    if source == "built-in":
+        d["prompts"] = list(prompts)
+    return d
 
 
 @dataclass(frozen=True)
@@ -65,12 +90,20 @@ class Config:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that makes two measurements comparable; it is part of every result's key."""
+    """Everything that makes two measurements comparable; it is part of every result's key.
+
+    The prompts' text is held here for the measuring child, never written: ``to_dict`` (results.json, raw results,
+    the child's task file) gives ``prompts_sha256`` (``prompts_digest``), ``n_prompts`` and ``prompts_source``, and
+    the text itself only for the built-in prompts. ``prompts`` is empty in settings read back from a report (the text
+    is not there to read): they describe a measurement and cannot make one."""
 
     runs: int = 5
     warmup: int = 1
     max_tokens: int = 64
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    prompts_source: str | None = None  # PROMPT_SOURCES; None: "built-in" for DEFAULT_PROMPTS, else "file"
+    prompts_sha256: str = ""       # derived from ``prompts``; given only without them (settings read from a report)
+    n_prompts: int = 0             # likewise
     threads: int | None = None
     n_ctx: int = 2048
     profile: str | None = None
@@ -83,9 +116,11 @@ class Settings:
     eval_score: str = "logits"     # accuracy.SCORES: letter logits only, or also a parsed generated answer
     eval_threads: int | None = None  # threads for accuracy and divergence (None: ``threads``); scores do not depend on it
     eval_ctx: int = 4096
+    eval_replies: bool = False     # keep generated replies' text in the accuracy records (--keep-replies); not scored
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_prompts()
         if self.runs < 1:
             raise InputError(f"--runs must be at least 1, got {self.runs}.", "pass --runs 5 (the default) or more")
         if self.warmup < 0:
@@ -100,12 +135,45 @@ class Settings:
             raise InputError(f"--max-tokens must be at least 2 (decode speed needs two tokens), got {self.max_tokens}.",
                              "pass --max-tokens 64")
 
+    def _check_prompts(self) -> None:
+        prompts = tuple(self.prompts)
+        object.__setattr__(self, "prompts", prompts)
+        if prompts:
+            digest = prompts_digest(prompts)
+            if self.prompts_sha256 and self.prompts_sha256 != digest:
+                raise ValueError("these prompts are not the ones whose digest the settings name")
+            object.__setattr__(self, "prompts_sha256", digest)
+            object.__setattr__(self, "n_prompts", len(prompts))
+        elif not self.prompts_sha256:
+            raise ValueError("settings without prompts must name their digest (prompts_sha256)")
+        source = self.prompts_source or ("built-in" if prompts == DEFAULT_PROMPTS else "file")
+        if source not in PROMPT_SOURCES:
+            raise ValueError(f"prompts_source {source!r}: one of {', '.join(PROMPT_SOURCES)}")
+        if source == "built-in" and not prompts:
+            raise ValueError("built-in prompts are recorded by text: settings of built-in prompts hold them")
+        object.__setattr__(self, "prompts_source", source)
+
     def to_dict(self) -> dict:
+        """The public form, written to every shared file: a file's prompts by digest and count, never by text."""
         d = asdict(self)
-        d["prompts"] = list(self.prompts)
+        if self.prompts_source == "built-in":  # the harness's own, public
+            d["prompts"] = list(self.prompts)
+        else:
+            del d["prompts"]
         d["evals"] = list(self.evals)
         d["eval_sizes"] = list(self.eval_sizes)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict, prompts=None) -> Settings:
+        """Settings from ``to_dict``'s form (or an older edgemed's, with the prompts' text), with the prompts' text
+        where the caller has it (the child reads it from its stdin); keys that are not settings are left out."""
+        s = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if prompts is not None:
+            s["prompts"] = prompts
+        s["prompts"] = tuple(s.get("prompts") or ())
+        s["evals"] = tuple(s.get("evals") or ())
+        return cls(**s)
 
     @property
     def eval_counts(self) -> tuple[int, ...]:
@@ -120,7 +188,9 @@ class Settings:
         """sha256 over the settings that phase depends on (a change re-measures; others do not)."""
         d = self.to_dict()
         d["eval_counts"] = list(self.eval_counts)
-        keep = {"timing": ("runs", "warmup", "max_tokens", "prompts", "threads", "n_ctx", "scenario", "seed"),
+        # the prompts by their digest: a digest over their text (edgemed before prompts_sha256) is of another body and
+        # never matches, so a timing result measured before is measured again, not taken under the new key
+        keep = {"timing": ("runs", "warmup", "max_tokens", "prompts_sha256", "threads", "n_ctx", "scenario", "seed"),
                 "accuracy": ("evals", "eval_counts", "eval_context", "seed", "eval_ctx", "eval_score"),
                 "divergence": ("eval_ctx",)}[phase]
         body = json.dumps({k: d[k] for k in keep}, sort_keys=True)

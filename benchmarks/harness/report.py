@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.files.atomic import write_text
-from edgemed.benchmarks.harness.configs import PAPER, PHASES, REFERENCE, Config, Settings
+from edgemed.benchmarks.harness.configs import PAPER, PHASES, REFERENCE, Config, Settings, public_settings
 from edgemed.benchmarks.harness import scores
 from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token
 from edgemed.benchmarks.harness.stats import reduction
@@ -134,7 +134,8 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     entries = [_entry(c, per.get(c.name, {}), measured) for c in configs]
     baselines = _derive(entries, bw)
     scored = [r["settings"] for r in raws if r["phase"] == "accuracy" and isinstance(r.get("settings"), dict)]
-    eval_settings = scored[0] if scored and not settings.evals else settings.to_dict()
+    # an accuracy result's own settings; one an earlier edgemed measured holds the prompts' text: public form only
+    eval_settings = public_settings(scored[0]) if scored and not settings.evals else settings.to_dict()
     if scored and not settings.evals:
         keep = None  # this run draws no items: the records count as the run that measured them drew them
     else:
@@ -270,6 +271,14 @@ def _provenance_section(entries: list[dict]) -> list[str]:
             _table(["config", *PHASES], rows), ""]
 
 
+def _prompts_line(s: dict) -> str:
+    """How many prompts, and whence: a file's are named by digest only (``configs.Settings``)."""
+    n = s.get("n_prompts") or len(s.get("prompts") or ())
+    if s.get("prompts_source") == "file":
+        return f"{n} prompt(s) from a file (sha256 {str(s.get('prompts_sha256'))[:12]}…, text not recorded)"
+    return f"{n} prompt(s)" + (" (built-in)" if s.get("prompts_source") == "built-in" else "")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -284,7 +293,7 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
     parts = [f"# edgemed bench — {results['scenario']}\n",
              f"edgemed {results['edgemed_version']}, profile `{results['profile']}`, {results['created']}. "
              f"{s['runs']} timed runs after {s['warmup']} warm-up per configuration, {s['max_tokens']} new tokens, "
-             f"{s['threads']} threads, n_ctx {s['n_ctx']}, seed {s['seed']}, {len(s['prompts'])} prompt(s). "
+             f"{s['threads']} threads, n_ctx {s['n_ctx']}, seed {s['seed']}, {_prompts_line(s)}. "
              f"Machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} logical cores, "
              f"{m['memory_bytes'] / 2**30:.1f} GiB, {m['os']} (`machine.json`).\n",
              "## Definitions\n", DEFINITIONS,
@@ -340,12 +349,12 @@ def rebuild(out: Path) -> dict:
     results.json, machine.json, raw/bandwidth.json and every raw result in raw/ (whatever its key: each is marked as
     from an earlier run, with its date). For a folder whose report an older edgemed wrote, or a run with fewer phases
     than raw/ holds. Failures of the earlier report stay listed while their result is still missing."""
-    from edgemed.benchmarks.harness.child import load_raw
+    from edgemed.benchmarks.harness.child import load_raw, publish_raw
 
     old = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    s = dict(old["settings"])
-    s["prompts"], s["evals"] = tuple(s.get("prompts") or ()), tuple(s.get("evals") or ())
-    settings = Settings(**{k: v for k, v in s.items() if k in Settings.__dataclass_fields__})
+    settings = Settings.from_dict(old["settings"])  # an earlier edgemed's holds a file's prompts: written public
+    for path in (out / "raw").glob("*.json"):
+        publish_raw(path)
     configs = [Config(e["name"], e["kind"], e["path"], e.get("dtype") or "") for e in old["configs"]]
     raws = [r for c in configs for ph in PHASES if (r := load_raw(out / "raw" / f"{c.name}-{ph}.json")) is not None]
     machine = json.loads((out / "machine.json").read_text(encoding="utf-8"))

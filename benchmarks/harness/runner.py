@@ -38,9 +38,9 @@ from edgemed import __version__
 from edgemed.errors import OutputExists
 from edgemed.files.atomic import check_destination, inside, refuse_store, write_text
 from edgemed.packaging.manifest import MANIFEST
-from edgemed.benchmarks.harness.accuracy import records_resume
+from edgemed.benchmarks.harness.accuracy import private_replies, records_resume
 from edgemed.benchmarks.harness.artifacts import model_digest
-from edgemed.benchmarks.harness.child import load_raw
+from edgemed.benchmarks.harness.child import load_raw, publish_raw
 from edgemed.benchmarks.harness.configs import KINDS, PHASES, REFERENCE, Config, Settings, beyond_settings
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,9 @@ def earlier_results(out: Path, configs: list[Config], settings: Settings, planne
 
 
 def _run_child(task: Task, settings: Settings, out: Path, progress: bool) -> tuple[bool, str]:
+    """Run one task's child. The task file holds the public settings (``Settings.to_dict``: a file's prompts by
+    digest); the prompts' text goes to the child on its stdin, so it is never on disk. The task file is removed
+    when the child ends, however it ends; one a killed run leaves is swept by the next (``forget_clinic_text``)."""
     tasks_dir = out / "raw" / "tasks"
     tasks_dir.mkdir(parents=True, exist_ok=True)
     body = {"config": task.config.to_dict(), "phase": task.phase, "settings": settings.to_dict(), "key": task.key,
@@ -180,11 +183,29 @@ def _run_child(task: Task, settings: Settings, out: Path, progress: bool) -> tup
     task_file = tasks_dir / f"{task.config.name}-{task.phase}.task.json"
     write_text(task_file, json.dumps(body, indent=1))
     cmd = [sys.executable, "-m", "edgemed.benchmarks.harness.child", str(task_file)]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(list(settings.prompts), ensure_ascii=False), encoding="utf-8",
+                              stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, check=False)
+    finally:
+        task_file.unlink(missing_ok=True)
     if proc.returncode != 0:
         tail = (proc.stderr or "")[-2000:]
         return False, f"exit {proc.returncode}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")
     return True, ""
+
+
+def forget_clinic_text(out: Path, keep_replies: bool = False) -> None:
+    """Take out of ``out/raw`` the text that a killed run or an earlier edgemed left there: the task files (an
+    earlier edgemed wrote the prompts into them; ours hold none, and are removed as each child ends), the prompts in
+    the settings of raw results (rewritten in their public form, their key and result unchanged: they still resume)
+    and, unless ``keep_replies`` (``--keep-replies``: then the records are made owner-only), the generated replies in
+    the accuracy records (an earlier edgemed kept them all; their scores stay)."""
+    for task_file in (out / "raw" / "tasks").glob("*.task.json"):
+        task_file.unlink(missing_ok=True)
+    for path in (out / "raw").glob("*.json"):
+        publish_raw(path)
+    for path in (out / "raw").glob("*.records.jsonl"):
+        private_replies(path, keep_replies)
 
 
 def bandwidth(out: Path, threads: int) -> dict:
@@ -275,6 +296,7 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
     replace = claim(out, force, [c.path for c in configs if c.path])
     out.mkdir(parents=True, exist_ok=True)
     (out / "raw").mkdir(exist_ok=True)
+    forget_clinic_text(out, settings.eval_replies)
     settings = resolve_settings(settings)
     names = [c.name for c in configs]
     if len(set(names)) != len(names):

@@ -12,6 +12,7 @@ with its KV cache), with a timestamp taken as each token's id is known.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -154,8 +155,13 @@ def one_run(timed, ids: list[int], n: int) -> dict:
 METRICS = ("ttft_s", "tpot_s", "e2e_s", "prefill_tok_s", "decode_tok_s")
 
 
-def measure(timed, prompts: tuple[str, ...], runs: int, warmup: int, max_tokens: int, progress: bool = True) -> dict:
-    """Warm-up runs (recorded, excluded from statistics), then ``runs`` timed runs cycling through ``prompts``."""
+def measure(timed, prompts: tuple[str, ...], runs: int, warmup: int, max_tokens: int, progress: bool = True,
+            token_ids: bool = True) -> dict:
+    """Warm-up runs (recorded, excluded from statistics), then ``runs`` timed runs cycling through ``prompts``.
+
+    Each run records the ids of its first 16 generated tokens (``tokens``) only with ``token_ids``: the answer to a
+    user's prompt is decodable from them, so for those it records their sha256 (``tokens_sha256``), which still
+    tells whether two configurations said the same."""
     from tqdm import tqdm
 
     ids = [timed.prompt_ids(p) for p in prompts]
@@ -163,5 +169,10 @@ def measure(timed, prompts: tuple[str, ...], runs: int, warmup: int, max_tokens:
     timed_runs = []
     for i in tqdm(range(runs), desc="timed runs", unit="run", disable=not progress, leave=False):
         timed_runs.append(one_run(timed, ids[i % len(ids)], max_tokens))
+    if not token_ids:
+        import hashlib
+
+        for r in warm + timed_runs:
+            r["tokens_sha256"] = hashlib.sha256(json.dumps(r.pop("tokens")).encode()).hexdigest()
     summary = {m: stats.summary([r[m] for r in timed_runs]) for m in METRICS}
     return {"prompt_tokens": [len(x) for x in ids], "warmup_runs": warm, "runs": timed_runs, "summary": summary}

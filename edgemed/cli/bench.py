@@ -31,6 +31,10 @@ def _common(f):
         click.option("--eval-score", type=click.Choice(["logits", "both"]), default="logits", show_default=True,
                      help="Score each item by its answer-letter logits only, or also by a parsed generated answer "
                           "(~30 % more time; the paired test uses the logits)."),
+        click.option("--keep-replies", "eval_replies", is_flag=True,
+                     help="Keep each generated reply's text (--eval-score both) in OUT/raw/<config>-accuracy."
+                          "records.jsonl, made readable by you only. Without it a run keeps none and takes those there "
+                          "out: scores need the parsed answer, not the text, and a reply may repeat your questions."),
         click.option("--eval-context/--no-eval-context", default=False, show_default=True,
                      help="PubMedQA with its abstract, or question only (~8x fewer prompt tokens)."),
         click.option("--eval-threads", type=int,
@@ -49,7 +53,8 @@ def _common(f):
         click.option("--warmup", type=int, default=1, show_default=True, help="Warm-up requests, excluded from statistics."),
         click.option("--runs", type=int, default=5, show_default=True, help="Timed requests per configuration."),
         click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="Prompts file: .txt (one per line) or .jsonl (\"prompt\" field); runs cycle through them."),
+                     help="Prompts file: .txt (one per line) or .jsonl (\"prompt\" field); runs cycle through them. "
+                          "The report names them by sha256 and count, never by text."),
         click.option("--scenario", type=click.Choice(SCENARIOS), default="single-stream", show_default=True,
                      help="Load pattern: one request at a time."),
     ]
@@ -77,7 +82,7 @@ def _counts(eval_n: str | None, files: list[Path], defaults: list[int]) -> list[
 
 
 def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-              eval_score, eval_threads, seed, scenario):
+              eval_score, eval_threads, seed, scenario, eval_replies=False):
     from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
     from edgemed.benchmarks.harness.datasets import load_items, suite_files
     from edgemed.errors import InputError
@@ -102,10 +107,13 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
         if not 1 <= n <= available:
             raise InputError(f"--eval-n {n} for '{p}', which has {available} items.",
                              f"pass --eval-n between 1 and {available} for that file")
-    return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens, prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,
+    # a file's prompts are a clinic's: the settings record them by digest (prompts_source "file"), never by text
+    return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens,
+                    prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,
+                    prompts_source="file" if prompts else "built-in",
                     threads=threads, n_ctx=n_ctx, profile=profile, seed=seed, scenario=scenario,
                     evals=tuple(str(p) for p in files), eval_sizes=tuple(counts), eval_context=eval_context,
-                    eval_score=eval_score, eval_threads=eval_threads)
+                    eval_score=eval_score, eval_threads=eval_threads, eval_replies=eval_replies)
 
 
 def _phases(phases: str | None, skip_accuracy: bool, settings) -> list[str]:
@@ -175,7 +183,8 @@ def _require_bench_extra() -> None:
 @click.option("--name", help="Configuration name in the report [default: the file name].")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Report folder [default: bench-<name>].")
 def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n,
-        eval_context, eval_score, eval_threads, seed, skip_accuracy, phases, report_only, allow_pickle, force, as_json):
+        eval_context, eval_score, eval_replies, eval_threads, seed, skip_accuracy, phases, report_only, allow_pickle,
+        force, as_json):
     """Benchmark one MODEL (a .gguf file, an ONNX directory, an HF checkpoint directory or an installed name)."""
     import sys
 
@@ -189,7 +198,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     path = verified.model_path if verified is not None else ref.path
     config = config_for_artifact(path.resolve(), name, allow_pickle)
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-                         eval_score, eval_threads, seed, scenario)
+                         eval_score, eval_threads, seed, scenario, eval_replies)
     out = output or Path(f"bench-{config.name}")
     _require_bench_extra()  # after the arguments and the model are checked, before anything is measured or written
     results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
@@ -226,8 +235,8 @@ def _still_verified(ref):
               help="HF-torch baselines: hf-fp32, hf-bf16, hf-fp16 (GPU only); '' for none.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True, help="Report folder.")
 def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, prompts, runs, warmup, max_tokens, threads, profile,
-              n_ctx, evals, eval_data, eval_n, eval_context, eval_score, eval_threads, seed, skip_accuracy, phases,
-              report_only, allow_pickle, force, as_json):
+              n_ctx, evals, eval_data, eval_n, eval_context, eval_score, eval_replies, eval_threads, seed,
+              skip_accuracy, phases, report_only, allow_pickle, force, as_json):
     """Check the paper's claim on SOURCE (an HF checkpoint): F16 vs quantized GGUF (+ ONNX) vs HF-torch.
 
     Artifacts go to OUT/artifacts/ (<quant>.gguf, onnx-<type>/); existing ones made
@@ -243,7 +252,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     runner.claim(output, force, [source])  # before the conversions: a folder whose files are not the bench's, or
     # one inside the checkpoint, is refused now
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-                         eval_score, eval_threads, seed, scenario)
+                         eval_score, eval_threads, seed, scenario, eval_replies)
     chosen = _phases(phases, skip_accuracy, settings)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
