@@ -96,9 +96,21 @@ def test_the_grammar_probe_worker_lowers_it_itself(smollm2_gguf):
         proc.wait()
 
 
-@pytest.mark.parametrize("command", [["chat"], ["serve", "--port", "1"]])
-def test_chat_and_serve_lower_it_before_they_load_a_model(command, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", [["chat"], ["serve", "--port", "1"], ["bench", "run"]])
+def test_chat_serve_and_bench_lower_it_before_they_load_a_model(command, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(phi, "no_core_dumps", lambda: calls.append(True))
-    result = CliRunner().invoke(cli, [command[0], str(tmp_path / "absent.gguf"), *command[1:]])
+    result = CliRunner().invoke(cli, [*command, str(tmp_path / "absent.gguf")])
     assert result.exit_code != 0 and calls == [True], result.output
+
+
+def test_the_bench_child_lowers_it_itself(tmp_path, monkeypatch):
+    """The measuring child holds the prompts and the replies: it lowers the limit before it reads them."""
+    from edgemed.benchmarks.harness import child
+
+    calls = []
+    monkeypatch.setattr(phi, "no_core_dumps", lambda: calls.append(True))
+    (tmp_path / "task.json").write_text("not json")
+    with pytest.raises(ValueError):
+        child.main([str(tmp_path / "task.json")])
+    assert calls == [True]

@@ -166,6 +166,9 @@ def bench() -> None:
     model digest + device profile and its contents + edgemed and runtime versions
     + llama.cpp build + harness methods + settings).
     """
+    from edgemed.phi import no_core_dumps
+
+    no_core_dumps()  # a clinic's prompts and the replies to them never go to a core file (the children inherit it)
 
 
 def _require_bench_extra() -> None:
