@@ -224,3 +224,45 @@ def test_a_request_stops_an_idle_answer_call_and_the_answer_is_fed_again_later(s
         text2, fin2 = collect(b.submit(second, CHAT, request_id="t1"))
     assert [text, text2] == [r[1] for r in ref]
     assert fin2.cached_tokens >= len(first) + fin.completion_tokens
+
+
+def test_cells_a_given_up_idle_call_left_are_trimmed_and_no_request_fails(smollm2_gguf, cold):
+    """llama.cpp gives an idle answer call up at its next graph node, and keeps the micro-batches it had finished
+    ("processed ubatches will remain"). The batcher trims its slot back to the kept cells after any call that did
+    not finish: else the next turn was fed on top of cells it did not know of, llama_decode refused the step (-1),
+    and every running request ended with an error, another clinician's too. Here the call writes some of its rows
+    and then reports itself given up, as a call stopped in its second micro-batch does."""
+    from edgemed.runtime.llamacpp import Batch
+
+    ref = chat(cold, TURNS[:2], "ref")
+    other = cold.tokenize("Sepsis is defined as", add_special=False)
+    alone = collect(cold.submit(other, GREEDY, request_id="alone"))[0]
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=4) as b:
+        real, queued, left = b._ctx.decode_unless, threading.Event(), {}
+
+        def first_call_writes_half_then_gives_up(batch, stop):
+            if left:
+                return real(batch, stop)
+            queued.wait(30)  # the next turn and another clinician's request are waiting now
+            part = Batch(b._ctx.lib, batch.n)
+            try:
+                for i in range(batch.n // 2):
+                    part.add(batch.raw.token[i], batch.raw.pos[i], batch.raw.seq_id[i][0], False)
+                assert real(part, lambda: False) == 0
+            finally:
+                part.close()
+            slot = batch.raw.seq_id[0][0]
+            left.update(slot=slot, kept=len(b._kept[slot]), written=batch.n // 2)
+            return 2
+
+        b._ctx.decode_unless = first_call_writes_half_then_gives_up
+        messages = [{"role": "user", "content": TURNS[0]}]
+        text, fin = collect(b.submit(b.tokenize(b.render_chat(messages)), CHAT, request_id="t0"))
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": TURNS[1]}]
+        second = b.submit(b.tokenize(b.render_chat(messages)), CHAT, request_id="t1")
+        another = b.submit(other, GREEDY, request_id="other")
+        queued.set()
+        (text2, fin2), (text_other, fin_other) = collect(second), collect(another)
+        assert left["written"] >= 2 and b.stats()["answer_calls_interrupted_total"] == 1
+    assert fin2.finish_reason in ("stop", "length") and fin_other.finish_reason in ("stop", "length"), (fin2, fin_other)
+    assert [text, text2] == [r[1] for r in ref] and text_other == alone

@@ -375,8 +375,9 @@ class Context:
 
     def decode_unless(self, batch: "Batch", stop) -> int:
         """``decode``, given up as soon as ``stop()`` is true: llama.cpp's CPU backend asks its abort callback
-        before each node of the graph, and a call given up returns 2 with the cells its batch wrote removed
-        (``llama_context::decode``: every sequence of the batch from its first position on); a backend that takes
+        before each node of the graph, and a call given up returns 2 with the cells of the micro-batch it was in
+        removed, those of the micro-batches it finished before kept (llama.h: "processed ubatches will remain"; the
+        caller trims them); a backend that takes
         no abort callback runs the call through (not checked on a GPU). Only for work that can be done again later
         (the batcher's idle calls): the callback takes the interpreter lock once a node, so it is set for this call
         alone and cleared after it."""

@@ -817,7 +817,9 @@ class Batcher:
         """Feed the next ``ANSWER_CHUNK`` ids of ``slot``'s last answer as prompt rows after its kept cells
         (scheduler thread, idle: no step runs), under the adapter those cells were computed under."""
         kept, ids = self._answers[slot]
-        take = min(len(ids), ANSWER_CHUNK, self._batch.capacity, self.n_ctx_per_slot - len(kept))
+        # one micro-batch at most: a call given up keeps the micro-batches it finished (llama.h), so a call of one
+        # leaves nothing behind; the slot is trimmed back to ``kept`` after any call that did not finish regardless
+        take = min(len(ids), ANSWER_CHUNK, self._batch.capacity, self._ctx.n_ubatch, self.n_ctx_per_slot - len(kept))
         if 0 < len(ids) - take < 2:
             take -= 1  # leave two for the next call rather than one
         kept_key = self._kept_key[slot]
@@ -833,17 +835,18 @@ class Batcher:
             for i, token in enumerate(ids[:take]):
                 batch.add(token, len(kept) + i, slot, False)
             rc = self._ctx.decode_unless(batch, self._wanted)
-        if rc == 2:  # given up for a request (llama.cpp removed the call's cells): the rest waits for idle time
+        if rc != 0 and not self._ctx.trim(slot, len(kept)):  # cells past the kept ones: none of them is known whole
+            self._ctx.drop(slot)  # (llama.cpp removes a given-up micro-batch's cells, not those of the ones before it)
+            self._kept[slot], self._kept_key[slot], self._answers[slot] = [], None, None
+            return
+        if rc == 2:  # given up for a request: the rest waits for idle time
             with self._cond:
                 self._n.answer_calls_interrupted_total += 1
                 self._gather()  # the request that stopped the call may have company on its way: prefill them together
             return
-        if rc != 0:  # what the cells past the kept ones hold is not known: they go
+        if rc != 0:
             log.warning("keeping an answer in slot %d: llama_decode returned %d; the slot keeps its prompt only", slot, rc)
             self._answers[slot] = None
-            if not self._ctx.trim(slot, len(kept)):
-                self._ctx.drop(slot)
-                self._kept[slot], self._kept_key[slot] = [], None
             return
         kept.extend(ids[:take])
         self._answers[slot] = (kept, ids[take:])
