@@ -1,13 +1,13 @@
 """benchmarks/kld_anchor.py: llama-perplexity's windows and rows, its files and log, and agreement with it.
 
 The hand-made cases need nothing; the end-to-end case converts SmolLM2 to F16 and Q4_0 (``--no-parity``, cached)
-and needs llama-perplexity built from the installed llama-cpp-python sdist (skipped otherwise, naming the build).
+and needs llama-perplexity built from the installed llama-cpp-python sdist into the test cache (CI builds it there
+before the tests; skipped otherwise, naming the build). The user's own cache is never read.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -18,10 +18,6 @@ from edgemed.converters.quality import fidelity
 from edgemed.benchmarks import kld_anchor
 from edgemed.benchmarks import llama_perplexity as lp
 from edgemed.errors import InputError
-
-#: the user's cache as it was before the fixtures point EDGEMED_CACHE_DIR at the test cache (anchor builds live there)
-USER_CACHE = Path(os.environ["EDGEMED_CACHE_DIR"]) if "EDGEMED_CACHE_DIR" in os.environ else \
-    Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed")) / "cache"
 
 
 def test_windows_follow_llama_perplexity_chunks_and_bos_rule():
@@ -188,26 +184,24 @@ def smollm2_f16_q4_0(smollm2_hf):
     return paths
 
 
-def _built_perplexity() -> Path | None:
-    """llama-perplexity built for the installed llama-cpp-python, in the test cache or the user's own cache."""
+@pytest.fixture(scope="session")
+def llama_perplexity() -> Path:
+    """llama-perplexity built for the installed llama-cpp-python in the test cache (before any conversion is paid for)."""
+    pytest.importorskip("llama_cpp")
     from edgemed.benchmarks import anchors
     from conftest import TEST_CACHE
 
-    folder = f"{anchors.PACKAGE}-{anchors.installed_version()}"
-    for cache in (TEST_CACHE, USER_CACHE):
-        stamp = cache / "anchors" / folder / "build.json"
-        if stamp.exists() and Path(path := json.loads(stamp.read_text())["binaries"]["llama-perplexity"]).exists():
-            return Path(path)
-    return None
+    stamp = TEST_CACHE / "anchors" / f"{anchors.PACKAGE}-{anchors.installed_version()}" / "build.json"
+    exe = Path(json.loads(stamp.read_text())["binaries"]["llama-perplexity"]) if stamp.is_file() else None
+    if exe is None or not exe.is_file():
+        pytest.skip("llama-perplexity is not built in the test cache: run "
+                    f"`EDGEMED_CACHE_DIR={TEST_CACHE} python -m edgemed.benchmarks.anchors build`")
+    return exe
 
 
 @pytest.mark.slow
-def test_agrees_with_llama_perplexity_on_smollm2(smollm2_f16_q4_0, tmp_path, monkeypatch):
-    pytest.importorskip("llama_cpp")
-    exe = _built_perplexity()
-    if exe is None:
-        pytest.skip("llama-perplexity is not built: run `python -m edgemed.benchmarks.anchors build`")
-    monkeypatch.setattr(lp, "binary", lambda: exe)
+def test_agrees_with_llama_perplexity_on_smollm2(llama_perplexity, smollm2_f16_q4_0, tmp_path, monkeypatch):
+    monkeypatch.setattr(lp, "binary", lambda: llama_perplexity)
     from edgemed.benchmarks.harness.divergence import load_texts
 
     f16, q4_0 = smollm2_f16_q4_0
