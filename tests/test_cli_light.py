@@ -148,3 +148,20 @@ def test_text_options_read_from_a_file_or_standard_input(tmp_path, monkeypatch):
     assert r.exit_code == 1 and "--input note @" in r.output and "does not exist" not in r.output, r.output
     r = CliRunner().invoke(cli, ["run", str(model), "-t", "mcq", "-q", "@-"], input="Which?")
     assert r.exit_code == 1 and "options" in r.output, r.output  # the question came from standard input; options did not
+
+
+def test_a_text_option_reads_a_pipe_the_shell_made(tmp_path):
+    """`-i note=@<(decrypt note.gpg)`: the note comes through a pipe, and no copy of it is written to disk."""
+    import os
+    import threading
+
+    from edgemed.cli.run import TextSource
+
+    fifo = tmp_path / "note.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("chest pain since 06:00", encoding="utf-8"))
+    writer.start()
+    try:
+        assert TextSource()("--input note", f"@{fifo}") == "chest pain since 06:00"
+    finally:
+        writer.join(10)

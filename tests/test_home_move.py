@@ -205,3 +205,60 @@ def test_cli_home_shows_and_moves(user):
     assert f"state:        {new} (default)" in moved.output
     again = runner.invoke(cli, ["home", "--move"])
     assert "nothing to move" in again.output
+
+
+def test_a_policy_written_into_the_new_folder_first_joins_the_move(user):
+    """The trust-policy steps run on a device an earlier version set up, before the move: the new folder holds
+    only trust.toml and keys/. The move brings them into the state and moves all of it; nothing is split."""
+    old = _old_state(user)
+    (old / "trust.toml").unlink()
+    shutil.rmtree(old / "keys")
+    new = user / ".local" / "share" / "edgemed"
+    (new / "keys").mkdir(parents=True)
+    (new / "keys" / "vendor.pub.pem").write_bytes(PEM)
+    (new / "trust.toml").write_text(POLICY)
+    assert home_move.move().state_moved
+    assert (new / "store" / "models" / "cardio" / "model.gguf").read_bytes() == b"GGUF weights"
+    assert trust.load().path == new / "trust.toml" and trust.load().local.require_signature
+    assert env.stranded_home() is None
+
+
+def test_a_policy_naming_keys_by_full_path_inside_the_old_folder_is_not_moved_broken(user):
+    old = _old_state(user)
+    (old / "trust.toml").write_text(f'[local]\nkeys = ["{old / "keys" / "vendor.pub.pem"}"]\n')
+    with pytest.raises(InputError, match="by its full path") as err:
+        home_move.move()
+    assert "keys/vendor.pub.pem" in err.value.fix and (old / "trust.toml").is_file()
+    assert not (user / ".local" / "share" / "edgemed").exists()
+
+
+def test_a_command_that_began_before_the_move_writes_nothing_where_the_state_was(user, tmp_path):
+    """An install or pull that resolved the store before `home --move` (it takes the store's lock only later) is
+    refused, and a verify's cache of digests is not saved there: the old folder holds no state again."""
+    from edgemed.packaging.bundle import PackInputs, pack
+    from edgemed.packaging.digest import VerifiedCache
+    from edgemed.packaging.store import Store
+
+    old = _old_state(user)
+    src = bundle_kit.inputs(tmp_path / "src")
+    bundle = tmp_path / "tiny.edgemed"
+    pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), bundle)
+    (old / "trust.toml").write_text("[local]\nrequire_signature = false\n")
+    store, cache = Store(), VerifiedCache()
+    home_move.move()
+    with pytest.raises(InputError, match="state moved"):
+        store.install(bundle)
+    cache.entries["x"], cache.dirty = {"stamp": [], "sha256": "0" * 64}, True
+    cache.save()
+    assert sorted(p.name for p in old.iterdir()) == ["cache"] and env.stranded_home() is None
+    Store().install(bundle)  # run again: it lands in the moved store
+    assert "tiny" in [m["name"] for m in Store().list()]
+
+
+def test_cli_home_names_a_policy_it_cannot_read_and_prints_its_path(user):
+    new = user / ".local" / "share" / "edgemed"
+    new.mkdir(parents=True)
+    (new / "trust.toml").symlink_to(user / "gone.toml")
+    shown = CliRunner().invoke(cli, ["home"])
+    assert "absent" not in shown.output and "refused" in shown.output, shown.output
+    assert CliRunner().invoke(cli, ["home", "--path"]).output == f"{new}\n"

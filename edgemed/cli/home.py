@@ -14,8 +14,10 @@ from edgemed.cli import echo_json_result, json_flag
 @click.option("--move", is_flag=True,
               help="Move the state from ~/.cache/edgemed (where earlier versions kept it, and cache cleaners "
                    "empty it) into the default state folder; its cache goes back to the cache folder.")
+@click.option("--path", "path_only", is_flag=True,
+              help="Print only the state folder's path (for scripts: home=$(edgemed home --path)).")
 @json_flag()
-def home(move, as_json):
+def home(move, path_only, as_json):
     """Show where edgemed keeps its state (the model store, trust.toml, audit logs, keys) and its cache.
 
     The state folder is $EDGEMED_HOME when set, else the user's data folder (~/.local/share/edgemed on Linux).
@@ -33,9 +35,13 @@ def home(move, as_json):
         why = "older default, in a cache folder: move it with `edgemed home --move`"
     else:
         why = "default"
+    if path_only:
+        click.echo(str(state))
+        return
     policy = state / "trust.toml"
+    said = _policy_state()
     facts = {"state": str(state), "state_from": why, "cache": str(env.cache_root()),
-             "trust_policy": str(policy), "trust_policy_present": policy.is_file(),
+             "trust_policy": str(policy), "trust_policy_present": os.path.lexists(policy), "trust_policy_state": said,
              "older_state_left": str(stranded) if stranded else None}
     if move:
         facts["moved"] = bool(moved and moved.state_moved)
@@ -54,7 +60,21 @@ def home(move, as_json):
             click.echo(f"an old cache stays at {moved.left}, unused ({env.default_cache_root()} was already there): "
                        "delete it to free the space, or leave it")
     click.echo(f"state:        {state} ({why})")
-    click.echo(f"trust policy: {policy} ({'present' if policy.is_file() else 'absent: local bundles install without a signature check unless --key is given'})")
+    click.echo(f"trust policy: {policy} ({said})")
     click.echo(f"cache:        {env.cache_root()}")
     if stranded:
         click.echo(f"older state:  {stranded} (not read; move what you need from it into {state})")
+
+
+def _policy_state() -> str:
+    """What the trust policy is, as the commands that read it find it."""
+    from edgemed.errors import EdgemedError
+    from edgemed.packaging import trust
+
+    try:
+        policy = trust.load()
+    except EdgemedError as exc:
+        return f"refused: installs, pulls and runs stop here until it is fixed: {exc.problem}"
+    if not policy.exists:
+        return "absent: local bundles install without a signature check unless --key is given"
+    return "present"

@@ -96,11 +96,15 @@ class TextSource:
                                  f"pass one of them from a file instead: {option} @PATH")
             self.stdin_by = option
             return _read_text(sys.stdin.buffer, f"The text of {option} on standard input")
+        import os
+        import stat
+
         from edgemed.formats.input_file import open_regular
 
         path = Path(value[1:])
-        try:
-            with open_regular(path) as fh:
+        try:  # a file, or a pipe the shell made (-i note=@<(decrypt note.gpg)): no copy of the text on disk
+            opened = open(path, "rb") if stat.S_ISFIFO(os.stat(path).st_mode) else open_regular(path)
+            with opened as fh:
                 return _read_text(fh, f"The text of {option} in '{path}'")
         except OSError as exc:
             raise InputError(f"{option} @{path}: cannot read '{path}' ({exc.strerror or exc}).",

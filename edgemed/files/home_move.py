@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def move(old: Path | None = None, new: Path | None = None, cache: Path | None = 
         return None
     if not env.holds_state(old):
         return _finish(new, cache)
-    if env.holds_state(new):
+    _refuse_absolute_paths_into(old)
+    policy_only = _policy_only(new, old)
+    if env.holds_state(new) and not policy_only:
         raise InputError(f"Both {old} and {new} hold edgemed state (a store, trust policy, audit logs or keys), and "
                          "edgemed will not merge them.",
                          f"edgemed uses {new}; move what you still need from {old} into it by hand, or set "
@@ -65,11 +68,16 @@ def move(old: Path | None = None, new: Path | None = None, cache: Path | None = 
                          f"move {new} away, or set {env.HOME_VAR} to the folder edgemed should use")
     new.parent.mkdir(parents=True, exist_ok=True)
     if os.stat(old).st_dev != os.stat(new.parent).st_dev:
+        src, dst = shlex.quote(str(old)), shlex.quote(str(new))
         raise InputError(f"{old} and {new.parent} are on different file systems: moving the state would be a copy, "
                          "which a kill could leave half-done.",
-                         f"stop every edgemed command, then `cp -a {old} {new}` and check it, then remove {old} "
-                         f"yourself; or set {env.HOME_VAR}={old} to go on using it")
+                         f"stop every edgemed command, then `mkdir -p {dst} && cp -a {src}/. {dst}/` and check it, "
+                         f"then remove {old} yourself; or set {env.HOME_VAR}={old} to go on using it")
     with _holding_locks(old):
+        for name in policy_only:  # a trust policy written into the new folder first (the policy steps, run before
+            step(f"bring {name} into the state folder")  # the move): it joins the state, then all moves as one
+            os.rename(new / name, old / name)
+        _sync(old)
         if new.exists():  # empty, or holding only a cache: a rename onto it needs it empty
             with contextlib.suppress(OSError):
                 new.rmdir()
@@ -82,6 +90,47 @@ def move(old: Path | None = None, new: Path | None = None, cache: Path | None = 
         _sync(new.parent)
     done = _finish(new, cache)
     return Moved(new, True, done.cache if done else None, done.left if done else None)
+
+
+#: What the trust-policy steps write into a state folder: a new folder holding only these (and a cache) joins the old
+POLICY_ENTRIES = ("keys", "trust.toml")
+
+
+def _policy_only(new: Path, old: Path) -> list[str]:
+    """The entries of ``new`` to bring into ``old`` before the move: where ``new`` holds only a trust policy and its
+    keys (besides a cache) and ``old`` has neither, those; else none (``new`` holds no state, or more than that)."""
+    try:
+        names = sorted(n for n in os.listdir(new) if n != env.CACHE_ENTRY)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    if not names or not set(names) <= set(POLICY_ENTRIES) or any(os.path.lexists(old / n) for n in names):
+        return []
+    return names
+
+
+def _refuse_absolute_paths_into(old: Path) -> None:
+    """A trust policy naming its keys by absolute paths inside ``old`` would name files that are gone after the move
+    (and every install and run would then be refused): refused before anything moves, with the fix."""
+    from edgemed.formats.input_file import read_at_most
+    from edgemed.formats.nesting import loads_toml
+
+    path = old / "trust.toml"
+    try:
+        raw = loads_toml(read_at_most(path, 1 << 20).decode("utf-8"))
+    except (OSError, ValueError):  # none, or unreadable: the move changes nothing of it (commands refuse it anyway)
+        return
+    entries = [raw.get("local")] + list((raw.get("registries") or {}).values()) if isinstance(raw, dict) else []
+    inside = []
+    for entry in (e for e in entries if isinstance(e, dict)):
+        for value in (v for k in ("keys", "roots") for v in (entry.get(k) or []) if isinstance(v, str)):
+            if os.path.isabs(value) and os.path.abspath(value).startswith(str(old) + os.sep):
+                inside.append(value)
+    if inside:
+        first = inside[0]
+        raise InputError(f"The trust policy {path} names {first} by its full path inside {old}, which the move would "
+                         "leave pointing at nothing (every install and run would then be refused).",
+                         f"write it relative to the state folder ({os.path.relpath(first, old)}), as every key and "
+                         "root under it, then run `edgemed home --move` again")
 
 
 def _finish(new: Path, cache: Path) -> Moved | None:

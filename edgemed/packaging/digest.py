@@ -73,6 +73,7 @@ class VerifiedCache:
         from edgemed.files.state import load
 
         self.path = path or env.home() / CACHE_NAME
+        self._follows_home = path is None  # the default cache: it moves with `edgemed home --move`
         self.dirty = False
         # A missing, damaged or foreign cache counts as empty: everything is re-hashed, which is always safe. Read
         # as every state file is (a regular file, bounded, never blocking on a FIFO); a foreign object there is
@@ -108,6 +109,9 @@ class VerifiedCache:
         """Write the cache, if anything changed. A cache that cannot be written (a read-only store, a full disk)
         costs only speed, the next check re-hashes, so that is a warning, never a failed check."""
         if not self.dirty or not self.writable:
+            return
+        if self._follows_home and self.path.parent != env.home():  # the state moved while this command ran: not
+            log.debug("the state folder moved; the verified cache is not saved")  # a state folder made again there
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

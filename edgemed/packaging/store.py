@@ -108,6 +108,7 @@ def _source_text(text: str) -> str:
 class Store:
     def __init__(self, root: Path | None = None):
         self.root = Path(root or env.store_dir())
+        self._follows_home = root is None  # the default store: it moves with `edgemed home --move`
         require_folder(self.root, "edgemed's model store", env.HOME_VAR)  # a file in the way: named once, here
         self.blobs = self.root / "blobs" / "sha256"
         self.models = self.root / "models"
@@ -124,6 +125,7 @@ class Store:
         at once, without the lock, if ``wait`` is False and a live operation holds it."""
         import fcntl
 
+        self._same_home()  # before a folder is made: never a store again where the state moved away from
         for d in (self.blobs, self.models, self.tmp):
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -137,11 +139,19 @@ class Store:
                 yield False
                 return
             try:
+                self._same_home()  # `edgemed home --move` holds this lock while it renames
                 self._settle()
                 self._collect_garbage()
                 yield True
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _same_home(self) -> None:
+        """Refuse to change the default store once ``edgemed home --move`` has moved the state folder away from it
+        (this command resolved it before): what it wrote there would be in a store nothing reads."""
+        if self._follows_home and env.store_dir() != self.root:
+            raise InputError(f"edgemed's state moved to {env.home()} while this command ran (it had started on the "
+                             f"store in {self.root}); nothing was changed.", "run the command again")
 
     def _collect_garbage(self) -> int:
         """Under the lock, after ``_settle``: drop dead owners' staging and blobs no model links to. Returns bytes freed."""
