@@ -267,3 +267,26 @@ def test_an_installed_adapter_changed_before_it_loaded_is_not_served(server, kit
         assert "swapped" not in server.batcher.adapters() and "swapped" not in server.batcher._adapters  # never served
         models = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
         assert f"{MODEL}:swapped" not in models
+
+
+def test_a_failed_step_ends_only_the_requests_it_was_computing(kit, refs):
+    """Each step computes one adapter group. A step that fails ends that group's requests (the cells it was writing
+    are unknown); another clinician's request under another adapter was not in the call, and answers as alone."""
+    with Batcher(kit["base"], LoadSettings(n_ctx=512 * 2, n_threads=1, n_threads_batch=1), slots=2, queue_size=4,
+                 adapters={"cardio": AdapterSpec(kit["cardio"])}) as b:
+        real, failed = b._step, []
+
+        def cardio_fails_once(seqs):
+            if not failed and seqs[0].adapter is not None:
+                failed.append(len(seqs))
+                raise RuntimeError("llama_decode returned -3")
+            return real(seqs)
+
+        b._step = cardio_fails_once
+        base = b.submit(PROMPT, GREEDY, request_id="base")
+        cardio = b.submit(PROMPT, GREEDY, request_id="cardio", adapter="cardio")
+        from serve_kit import collect
+
+        (text, fin), (_, fin_cardio) = collect(base), collect(cardio)
+    assert failed == [1] and fin_cardio.finish_reason == "error" and "returned -3" in fin_cardio.error
+    assert fin.finish_reason in ("stop", "length") and text == refs[None]

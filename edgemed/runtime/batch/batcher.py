@@ -881,6 +881,10 @@ class Batcher:
             self._cond.acquire()
 
     def _step_safely(self) -> None:
+        """One decode step of one adapter group. A step that fails ends the requests of that group, whose cells it
+        was writing (their slots are emptied); the other groups' cells were not in the call, and their requests go on.
+        A failure before a group was chosen (copying shared prefixes) ends every running request."""
+        seqs = None
         try:
             with self._step_lock:
                 self._take_shared()
@@ -895,8 +899,10 @@ class Batcher:
                     self._n.decode_steps_total += 1
                     self._n.step_seconds_total += time.perf_counter() - t_step
         except Exception as exc:  # noqa: BLE001 - end the affected streams, keep serving
-            log.exception("decode step failed; ending the %d running requests", len(self._active))
-            for seq in list(self._active):
+            ended = list(seqs) if seqs is not None else list(self._active)
+            log.exception("decode step failed; ending the %d requests it was computing (%d running)", len(ended),
+                          len(self._active))
+            for seq in ended:  # (``_finish`` ends the choices waiting on a prompt with it)
                 self._finish(seq, "error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _next_group(self, groups: dict):
