@@ -290,3 +290,24 @@ def test_a_failed_step_ends_only_the_requests_it_was_computing(kit, refs):
         (text, fin), (_, fin_cardio) = collect(base), collect(cardio)
     assert failed == [1] and fin_cardio.finish_reason == "error" and "returned -3" in fin_cardio.error
     assert fin.finish_reason in ("stop", "length") and text == refs[None]
+
+
+def test_an_adapter_refused_by_its_check_is_freed_without_touching_what_the_scheduler_owns(kit, refs):
+    """`add_adapter` runs on the caller's thread. An adapter its check refuses was never served: freeing it must not
+    walk the host prefix cache or the slots, which the scheduler may be admitting into at that moment (a dict
+    changing size under the walk could fail the add with a server error)."""
+    with Batcher(kit["base"], LoadSettings(n_ctx=512 * 2, n_threads=1, n_threads_batch=1), slots=2, queue_size=4) as b:
+        walked = []
+        b._host.purge_if = lambda *a: walked.append("host")
+        real_drop = b._ctx.drop
+        b._ctx.drop = lambda slot: (walked.append("slot"), real_drop(slot))
+
+        def refuse(spec):
+            raise InputError("the loaded file is not the verified one", "install it again")
+
+        with pytest.raises(InputError, match="not the verified one"):
+            b.add_adapter("triage", AdapterSpec(kit["triage"]), check=refuse)
+        assert walked == [] and b.adapters_unlocked() == []
+        from serve_kit import collect
+
+        assert collect(b.submit(PROMPT, GREEDY, request_id="base"))[0] == refs[None]

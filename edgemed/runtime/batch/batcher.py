@@ -335,7 +335,7 @@ class Batcher:
                 check(spec)
             except BaseException:
                 with self._step_lock:
-                    self._close_adapter(loaded)
+                    self._close_adapter(loaded, served=False)
                 raise
         with self._cond:
             taken = name in self._adapters  # added meanwhile by another call
@@ -343,7 +343,7 @@ class Batcher:
                 self._adapters[name] = loaded
         if taken:
             with self._step_lock:
-                self._close_adapter(loaded)
+                self._close_adapter(loaded, served=False)
             raise InputError(f"An adapter named '{name}' is already served.", "pick another name")
 
     def remove_adapter(self, name: str) -> int:
@@ -374,16 +374,19 @@ class Batcher:
         with self._step_lock:
             self._close_adapter(loaded)
 
-    def _close_adapter(self, loaded: _Loaded) -> None:
+    def _close_adapter(self, loaded: _Loaded, served: bool = True) -> None:
         """Free one adapter's tensors (no step runs now): off the context first, and every slot's cells computed
-        under it are forgotten as reusable."""
+        under it are forgotten as reusable. ``served=False``: one ``add_adapter`` loaded and never served (no
+        request ran under it, so no cells or saved prefixes are its); freed from the caller's thread, it leaves the
+        slots and the host cache, which the scheduler may be admitting into, alone."""
         if self._ctx is not None and any(a is loaded.adapter for a, _ in self._ctx.adapters):
             self._ctx.set_adapters([])
-        self._host.purge_if(lambda key: key[0] == loaded.key)
-        for slot, key in enumerate(self._kept_key):
-            if key is not None and key[0] == loaded.key:  # a free slot's kept cells: nobody may reuse them now
-                self._ctx.drop(slot)
-                self._kept[slot], self._kept_key[slot] = [], None
+        if served:
+            self._host.purge_if(lambda key: key[0] == loaded.key)
+            for slot, key in enumerate(self._kept_key):
+                if key is not None and key[0] == loaded.key:  # a free slot's kept cells: nobody may reuse them now
+                    self._ctx.drop(slot)
+                    self._kept[slot], self._kept_key[slot] = [], None
         loaded.adapter.close()
         log.info("adapter %s freed", loaded.name)
 
