@@ -4,7 +4,8 @@ A process that holds a clinician's text must not write it to a core file when it
 process's working folder (for edgemed's worker processes, the folder holding the edgemed package: a checkout a
 `git add .` would commit) or wherever ``kernel.core_pattern`` sends it, readable by whoever reads that folder.
 Every edgemed process that holds such text (``run``, ``chat``, ``serve``, ``bench``, and the template renderer
-and grammar probe workers they start) calls ``no_core_dumps`` first. It imports nothing of edgemed's.
+and grammar probe workers they start) calls ``no_core_dumps`` first, as does the self-test's child (a model-sized
+process whose crash is expected). It imports nothing of edgemed's.
 """
 
 from __future__ import annotations

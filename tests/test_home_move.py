@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from edgemed import env
 from edgemed.cli import cli
 from edgemed.errors import InputError
-from edgemed.files import home_move
+from edgemed.packaging import home_move
 from edgemed.packaging import trust
 
 import bundle_kit  # noqa: E402

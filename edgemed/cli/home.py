@@ -24,7 +24,7 @@ def home(move, path_only, as_json):
     A state folder that earlier versions left in ~/.cache/edgemed is used, with a warning, until --move moves it:
     stop `edgemed serve` and let installs and pulls finish first (the move refuses while they hold its locks)."""
     from edgemed import env
-    from edgemed.files import home_move
+    from edgemed.packaging import home_move
 
     moved = home_move.move() if move else None
     state = env.home()

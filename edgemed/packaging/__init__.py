@@ -7,6 +7,7 @@
     signing.py   EC keys; model.sig in the OpenSSF Model Signing format through model-signing, offline
                  (an older edgemed's ed25519 manifest.sig still verifies, read-only)
     trust.py     $EDGEMED_HOME/trust.toml: which signers a device accepts, per registry or repository
+    home_move.py moving a state folder an earlier edgemed left in ~/.cache into the data folder
     bundle.py    pack a bundle (directory or tar) and verify a bundle directory
     archive.py   write the tar form; read untrusted tars safely, streaming
     store.py     the local content-addressed model store: install, list, remove, rollback, verify by name

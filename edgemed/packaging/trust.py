@@ -121,6 +121,19 @@ def load(home: Path | None = None) -> Policy:
     return policy
 
 
+def paths_as_written(home: Path) -> list[str]:
+    """Every key and root path ``home/trust.toml`` names, as written there (nothing loaded, nothing checked); [] where
+    the file is not there or cannot be read (the commands that read it refuse it anyway)."""
+    try:
+        raw = loads_toml(read_at_most(Path(home) / POLICY, MAX_POLICY_BYTES).decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    regs = raw.get("registries")
+    tables = [raw.get("local"), *(regs.values() if isinstance(regs, dict) else ())]
+    return [v for t in tables if isinstance(t, dict) for k in ("keys", "roots")
+            for v in (t.get(k) if isinstance(t.get(k), list) else ()) if isinstance(v, str)]
+
+
 def _entry(table, where: str, require_default: bool, home: Path, path: Path, fix: str) -> Entry:
     if not isinstance(table, dict):
         raise InputError(f"In {path}, {where} is not a table.", fix)

@@ -383,17 +383,10 @@ def _core_limit() -> int | None:
         return None
 
 
-def _no_core_files() -> None:
-    """The child's crash is what the check looks for: no core file of a model-sized process lands in edgemed's folder
-    (the child's working folder) or the system's crash collector (systemd-coredump honours the limit)."""
-    try:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-    except (ImportError, ValueError, OSError):
-        pass
-
-
 if __name__ == "__main__":
-    _no_core_files()
+    from edgemed.phi import no_core_dumps
+
+    # the child's crash is what the check looks for: no core file of a model-sized process lands in edgemed's folder
+    # (the child's working folder) or the system's crash collector (systemd-coredump honours the limit)
+    no_core_dumps()
     _child(*sys.argv[1:4])

@@ -27,6 +27,7 @@ from pathlib import Path
 from edgemed import env
 from edgemed.errors import InputError
 from edgemed.files.debris import step
+from edgemed.packaging import trust
 
 #: The lock files of a state folder (relative paths), each held by the edgemed commands that change it; every
 #: ``audit/*.jsonl`` is held too (``edgemed serve`` keeps an exclusive lock on the log it writes).
@@ -93,7 +94,7 @@ def move(old: Path | None = None, new: Path | None = None, cache: Path | None = 
 
 
 #: What the trust-policy steps write into a state folder: a new folder holding only these (and a cache) joins the old
-POLICY_ENTRIES = ("keys", "trust.toml")
+POLICY_ENTRIES = ("keys", trust.POLICY)
 
 
 def _policy_only(new: Path, old: Path) -> list[str]:
@@ -111,24 +112,12 @@ def _policy_only(new: Path, old: Path) -> list[str]:
 def _refuse_absolute_paths_into(old: Path) -> None:
     """A trust policy naming its keys by absolute paths inside ``old`` would name files that are gone after the move
     (and every install and run would then be refused): refused before anything moves, with the fix."""
-    from edgemed.formats.input_file import read_at_most
-    from edgemed.formats.nesting import loads_toml
-
-    path = old / "trust.toml"
-    try:
-        raw = loads_toml(read_at_most(path, 1 << 20).decode("utf-8"))
-    except (OSError, ValueError):  # none, or unreadable: the move changes nothing of it (commands refuse it anyway)
-        return
-    entries = [raw.get("local")] + list((raw.get("registries") or {}).values()) if isinstance(raw, dict) else []
-    inside = []
-    for entry in (e for e in entries if isinstance(e, dict)):
-        for value in (v for k in ("keys", "roots") for v in (entry.get(k) or []) if isinstance(v, str)):
-            if os.path.isabs(value) and os.path.abspath(value).startswith(str(old) + os.sep):
-                inside.append(value)
+    inside = [v for v in trust.paths_as_written(old)
+              if os.path.isabs(v) and os.path.abspath(v).startswith(str(old) + os.sep)]
     if inside:
         first = inside[0]
-        raise InputError(f"The trust policy {path} names {first} by its full path inside {old}, which the move would "
-                         "leave pointing at nothing (every install and run would then be refused).",
+        raise InputError(f"The trust policy {old / trust.POLICY} names {first} by its full path inside {old}, which "
+                         "the move would leave pointing at nothing (every install and run would then be refused).",
                          f"write it relative to the state folder ({os.path.relpath(first, old)}), as every key and "
                          "root under it, then run `edgemed home --move` again")
 
