@@ -44,7 +44,9 @@ class _Server:
         self.path, self.threads, self.slots, self.ctx_per_slot = path, threads, slots, ctx_per_slot
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")[1])
+        # the server's log and audit log, in a folder of its own (private, unpredictable; the report names the log)
+        self.folder = Path(tempfile.mkdtemp(prefix=f"edgemed-bench-{self.name}-"))
+        self.log = self.folder / "server.log"
         self.proc: subprocess.Popen | None = None
         self.model_id = ""
 
@@ -112,7 +114,7 @@ class EdgemedServer(_Server):
         super().__init__(path, threads, slots, ctx_per_slot)
 
     def command(self) -> list[str]:
-        audit = Path(tempfile.gettempdir()) / f"edgemed-bench-audit-{self.port}.jsonl"
+        audit = self.folder / "audit.jsonl"
         cmd = [sys.executable, "-m", "edgemed", "serve", str(self.path), "--port", str(self.port),
                "--slots", str(self.slots), "--ctx", str(self.ctx_per_slot), "--threads", str(self.threads),
                "--queue", "16", "--audit-log", str(audit)]

@@ -85,6 +85,23 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (os.fspath(path), line + 1, report.longrepr[2])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_in_the_run(tmp_path_factory):
+    """Every temporary file of the run, in this process and the processes it starts (servers, benchmarks, the
+    browser), goes under pytest's base folder, which the retention settings clean: none is left in the system's."""
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp", numbered=False)
+    before, before_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
+    yield folder
+    tempfile.tempdir = before
+    if before_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before_env
+
+
 @pytest.fixture(autouse=True)
 def edgemed_home(tmp_path, monkeypatch):
     home = tmp_path / "edgemed-home"

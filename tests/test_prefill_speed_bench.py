@@ -95,7 +95,7 @@ def test_every_benchmark_that_starts_llama_server_takes_server_arg(tmp_path, cap
 
 
 def test_a_llama_server_that_crashes_at_start_names_the_amx_way_out(tmp_path):
-    import os
+    import shutil
     import signal
 
     from edgemed.benchmarks.serve_bench_client import LlamaServer
@@ -109,7 +109,7 @@ def test_a_llama_server_that_crashes_at_start_names_the_amx_way_out(tmp_path):
         server.start()
     assert f"killed by signal {int(signal.SIGSEGV)}" in exc.value.problem and "AMX model buffer" in exc.value.problem
     assert "--server-arg=--no-repack" in exc.value.fix
-    os.unlink(server.log)
+    shutil.rmtree(server.folder)
 
 
 def test_a_buffers_arm_is_reported_beside_the_profile():

@@ -8,6 +8,7 @@ positive; no speed is asserted (the figures come from full runs: benchmarks/resu
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -201,9 +202,9 @@ def test_the_anchors_cpu_features_come_from_a_probe_of_the_same_build_when_its_l
                                    ctx_per_slot=256)
         fresh.log.write_text("")
         assert fresh.describe()["system_info"] is None  # no probe to run: unknown, not assumed
-        fresh.log.unlink()
+        shutil.rmtree(fresh.folder)
     finally:
-        server.log.unlink()
+        shutil.rmtree(server.folder)
 
 
 @pytest.mark.parametrize("profile, slots, ctx, expected", [("x86-avx512-ub128", 1, 256, (256, 128)),
