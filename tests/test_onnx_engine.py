@@ -126,6 +126,15 @@ HOSTILE_CONFIGS = {
     "layer name without %d": (lambda c: _dec(c, outputs={**c["model"]["decoder"]["outputs"], "present_key_names": "present.key"}),
                               "present_key_names' must hold one '%d'"),
     "no head size": (lambda c: _dec(c, head_size=None), "'model.decoder.head_size' is missing"),
+    # the names the engine feeds: a KeyError traceback at load when one was missing
+    "no input_ids": (lambda c: _names(c, "inputs", input_ids=None), "'model.decoder.inputs.input_ids' is missing"),
+    "no attention_mask": (lambda c: _names(c, "inputs", attention_mask=None), "'model.decoder.inputs.attention_mask' is missing"),
+    "input_ids empty": (lambda c: _names(c, "inputs", input_ids=""), "'model.decoder.inputs.input_ids' must not be empty"),
+    "attention_mask with %": (lambda c: _names(c, "inputs", attention_mask="mask.%d"),
+                              "'model.decoder.inputs.attention_mask' must not hold '%'"),
+    "position_ids with %": (lambda c: _names(c, "inputs", position_ids="pos%s"), "'model.decoder.inputs.position_ids' must not hold '%'"),
+    "logits among the inputs only": (lambda c: _names(_names(c, "inputs", logits="logits"), "outputs", logits=None),
+                                     "'model.decoder.outputs.logits' is missing"),
     # names the graph does not have: onnxruntime's InvalidArgument traceback at the first prompt
     "one layer fewer than the graph": (lambda c: _dec(c, num_hidden_layers=c["model"]["decoder"]["num_hidden_layers"] - 1),
                                        "graph input(s) it does not name: past_key_values.1.key"),
@@ -143,6 +152,11 @@ def _dec(config: dict, **fields) -> dict:
     return {**config, "model": {**config["model"], "decoder": dec}}
 
 
+def _names(config: dict, table: str, **names) -> dict:
+    """``config`` with names of ``model.decoder.<table>`` set (None: left out)."""
+    return _dec(config, **{table: {k: v for k, v in {**config["model"]["decoder"][table], **names}.items() if v is not None}})
+
+
 @pytest.mark.parametrize("case", list(HOSTILE_CONFIGS))
 def test_a_hostile_genai_config_is_refused_naming_the_field(tiny_onnx, tmp_path, case):
     import json
@@ -158,6 +172,26 @@ def test_a_hostile_genai_config_is_refused_naming_the_field(tiny_onnx, tmp_path,
     with pytest.raises(ModelLoadError) as e:
         open_engine(folder, LoadSettings(n_ctx=128))
     assert says in e.value.problem and "genai_config.json" in e.value.problem
+
+
+def test_run_on_a_genai_config_without_input_ids_is_one_paragraph(tiny_onnx, tmp_path):
+    """`edgemed run DIR` on a genai_config.json whose decoder inputs leave out input_ids: it was a KeyError traceback
+    at load; it is a one-paragraph error naming the field and the fix, exit 1."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_onnx[1], folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    (folder / "genai_config.json").write_text(json.dumps(_names(config, "inputs", input_ids=None)))
+    result = CliRunner().invoke(main, ["run", str(folder), "--prompt", "The patient has diabetes", "--max-tokens", "4"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and "KeyError" not in result.output, result.output
+    assert "'model.decoder.inputs.input_ids' is missing" in result.output and "Fix:" in result.output, result.output
 
 
 @pytest.mark.parametrize("name", ["genai_config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"])

@@ -21,9 +21,13 @@ MAX_BYTES = 1 << 20  # the config is a few kilobytes
 INTS = {("model", "context_length"): 2**24, ("model", "vocab_size"): 2**24,
         ("decoder", "num_hidden_layers"): 4096, ("decoder", "num_attention_heads"): 2**16,
         ("decoder", "num_key_value_heads"): 2**16, ("decoder", "head_size"): 2**16}
-#: what the engine needs besides: sizes, and the names of its graph's inputs and outputs (a per-layer name has one %d)
+#: what the engine needs besides: sizes, and the names of its graph's inputs and outputs it feeds and fetches, by
+#: table (a per-layer name has one %d, the layer; the others no '%'); ``OPTIONAL_NAMES`` are fed when given
 ENGINE_INTS = ("num_hidden_layers", "num_key_value_heads", "head_size")
 PER_LAYER = ("past_key_names", "past_value_names", "present_key_names", "present_value_names")
+NAMES = {"inputs": ("input_ids", "attention_mask", "past_key_names", "past_value_names"),
+         "outputs": ("logits", "present_key_names", "present_value_names")}
+OPTIONAL_NAMES = {"inputs": ("position_ids",), "outputs": ()}
 
 
 def read_model(path: Path, *, engine: bool = False) -> dict:
@@ -61,16 +65,15 @@ def _check_engine_fields(path: Path, dec: dict, fix: str) -> None:
     name = dec.get("filename")
     if not isinstance(name, str) or not name or PurePosixPath(name).name != name or name in (".", "..") or "\\" in name:
         fail("filename", f"must be the name of a file in the model's folder, not {json.dumps(name)[:60]}")
-    names = {}
-    for part in ("inputs", "outputs"):
+    for part, required in NAMES.items():
         table = dec.get(part)
         if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
             fail(part, "must be a JSON object of names")
-        names |= table
-    for key in (*PER_LAYER, "logits"):
-        value = names.get(key)
-        if not isinstance(value, str) or not value:
-            fail(f"inputs/outputs.{key}", "is missing")
-        per_layer = value.count("%d") == 1 and value.count("%") == 1
-        if (key in PER_LAYER) != per_layer:
-            fail(f"inputs/outputs.{key}", "must hold one '%d' (the layer)" if key in PER_LAYER else "must not hold '%'")
+        for key in (*required, *(k for k in OPTIONAL_NAMES[part] if k in table)):
+            value = table.get(key)
+            if not value:
+                fail(f"{part}.{key}", "is missing" if value is None else "must not be empty")
+            if key in PER_LAYER and not (value.count("%d") == 1 and value.count("%") == 1):
+                fail(f"{part}.{key}", "must hold one '%d' (the layer) and no other '%'")
+            if key not in PER_LAYER and "%" in value:
+                fail(f"{part}.{key}", "must not hold '%'")
