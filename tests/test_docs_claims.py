@@ -107,3 +107,77 @@ def test_the_offline_sentence_names_every_command_that_opens_a_connection():
         named = {code.removeprefix("edgemed ") for code in re.findall(r"`([^`]+)`", sentence)} & commands
         missing = found - named
         assert not missing, f"{path.name} says no command reaches the network but leaves out {sorted(missing)}"
+
+
+#: options of other programs the docs quote, with a name the page must also mention
+FOREIGN_OPTIONS = {
+    "--force-reinstall": "pip", "--no-cache-dir": "pip",
+    "--signature": "model_signing", "--public_key": "model_signing", "--private_key": "model_signing",
+    "--outtype": "convert_lora_to_gguf",
+}
+_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*")
+
+
+def _options(cmd: click.Command) -> set[str]:
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} | {"--help"}
+
+
+def _benchmark_options() -> set[str]:
+    """Options the ``python -m edgemed.benchmarks...`` modules define (their parsers name them as string literals)."""
+    found = set()
+    for path in (ROOT / "benchmarks").rglob("*.py"):
+        found.update(re.findall(r"[\"'](--[a-z][a-z0-9_-]*)[\"']", path.read_text(encoding="utf-8")))
+    return found
+
+
+def _code_and_prose(text: str) -> tuple[list[str], str]:
+    """A page's code-block lines (a line ending in a backslash joined to the next; ``#`` comments cut) and the
+    rest as one line of prose."""
+    code, prose, in_block, carried = [], [], False, ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        elif not in_block:
+            prose.append(line)
+        else:
+            line = line.split(" #")[0].rstrip()
+            if line.endswith("\\"):
+                carried += line[:-1] + " "
+            else:
+                code.append(carried + line)
+                carried = ""
+    return code, " ".join(" ".join(prose).split())
+
+
+def _command_lines(spans, commands):
+    """(command, options) for each ``edgemed COMMAND ...`` in the spans, up to the next ``|``, ``;`` or ``&&``."""
+    names = "|".join(re.escape(n) for n in sorted(commands, key=len, reverse=True))
+    start = re.compile(rf"(?<![\w./-])edgemed ({names})(?![\w-])")
+    for span in spans:
+        for piece in re.split(r"\s(?:\||;|&&|\|\|)\s|\$\(", span):
+            match = start.search(piece)
+            if match:
+                yield match.group(1), _OPTION.findall(piece[match.end():])
+
+
+def test_options_written_beside_a_command_are_that_commands():
+    commands = _commands()
+    wrong, seen = [], 0
+    for path in DOCS:
+        code, prose = _code_and_prose(path.read_text(encoding="utf-8"))
+        for name, options in _command_lines(code + re.findall(r"`([^`]+)`", prose), commands):
+            seen += len(options)
+            wrong += [f"{path.name}: edgemed {name} {o}" for o in options if o not in _options(commands[name])]
+    assert seen > 50  # the pages were read: the README alone writes dozens
+    assert not wrong, f"options the commands do not have: {wrong}"
+
+
+def test_every_option_the_docs_name_exists():
+    known = set().union(*map(_options, _commands().values())) | _benchmark_options()
+    unknown = []
+    for path in DOCS:
+        code, prose = _code_and_prose(text := path.read_text(encoding="utf-8"))
+        for option in sorted(set(_OPTION.findall(" ".join(code) + " " + prose)) - known):
+            if FOREIGN_OPTIONS.get(option, "\0") not in text:
+                unknown.append(f"{path.name}: {option}")
+    assert not unknown, f"options no edgemed command, benchmark or named tool has: {unknown}"
