@@ -181,3 +181,29 @@ def test_every_option_the_docs_name_exists():
             if FOREIGN_OPTIONS.get(option, "\0") not in text:
                 unknown.append(f"{path.name}: {option}")
     assert not unknown, f"options no edgemed command, benchmark or named tool has: {unknown}"
+
+
+def _csv_row(folder: str, config: str) -> dict:
+    import csv
+
+    with open(ROOT / "benchmarks" / "results" / folder / "results.csv", newline="", encoding="utf-8") as f:
+        return next(row for row in csv.DictReader(f) if row["config"] == config)
+
+
+def _paper_claim_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### The paper's claim, reproduced here", 1)[1].split("\n### ", 1)[0]
+    return " ".join(section.split())
+
+
+def test_the_paper_claim_gives_each_runs_ttft_beside_its_end_to_end_latency():
+    """The paper's latency figure is end to end; the README says so and puts the first-token latency of every
+    reproduce run beside it, as its results.csv has it."""
+    section = _paper_claim_section()
+    assert "end to end" in section
+    for folder in ("reproduce-qwen2.5-1.5b", "reproduce-qwen2.5-1.5b-load-mode", "reproduce-r1-distill-qwen-7b-shaped"):
+        f16, q4 = (float(_csv_row(folder, c)["ttft_ms_p50"]) for c in ("f16", "q4_k_m"))
+        change = f"{(q4 / f16 - 1) * 100:+.1f} %"
+        quoted = f"{q4:,.1f} against {f16:,.1f} ms"
+        assert quoted in section, f"{folder}: README lacks Q4_K_M's and F16's TTFT p50 ({quoted})"
+        assert change in section, f"{folder}: README lacks the TTFT change {change}"
