@@ -22,7 +22,9 @@ from edgemed.converters.gguf.calibration import CHUNK_TOKENS, MAX_CHUNKS, TEXT_B
 class Imatrix:
     """An importance matrix and where it came from (the conversion report's ``imatrix`` section)."""
 
-    values: dict = field(repr=False)  # gguf tensor name -> float32 mean x² per input column
+    # gguf tensor name -> float32 mean x² per input column; every name is a tensor of the float GGUF (quantize refuses
+    # another), so the report's ``tensors`` counts entries the quantizer looks up
+    values: dict = field(repr=False)
     text: str  # the calibration file's name (a shipped text: its name under data/calibration/)
     sha256: str  # of the calibration bytes used (the whole file unless it is over TEXT_BYTES): other text, another matrix
     tokens: int
@@ -51,7 +53,7 @@ def compute_imatrix(source, spec, text_path: Path, *, echo=print) -> Imatrix:
     import numpy as np
     import torch
 
-    from edgemed.converters.quality.layered import HEAD, LayeredModel
+    from edgemed.converters.quality.layered import LayeredModel
     from edgemed.converters.source.checkpoint import hf_tokenizer
     from edgemed.converters.source.source import as_source
 
@@ -87,7 +89,9 @@ def compute_imatrix(source, spec, text_path: Path, *, echo=print) -> Imatrix:
     del ids
     with torch.inference_mode():
         normed = model.hidden(chunks, watch)
-        head = gguf_name(HEAD)  # tied or not, the head is a linear layer over the normed state
+        # tied or not, the head is a linear layer over the normed state; a tied head is the embedding, which the GGUF
+        # names token_embd.weight (it has no output.weight: writer.plan_tensors), and llama.cpp looks it up by that name
+        head = gguf_name(model.head_name)
         if head is not None:
             for h in normed:
                 add(head, h)

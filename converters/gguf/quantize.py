@@ -65,6 +65,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
     if imatrix:
         import numpy as np
 
+        check_imatrix_names(src, imatrix)
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed last entry ends the list
         for i, (name, values) in enumerate(sorted(imatrix.items())):
             arr = np.ascontiguousarray(values, dtype=np.float32)
@@ -81,6 +82,25 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
         raise _failure(src, dst, qtype, rc, errors)
     if tensor_types:
         check_types(dst, tensor_types)
+
+
+def check_imatrix_names(src: Path, imatrix: dict) -> None:
+    """Refuse an importance matrix with an entry that names no tensor of float GGUF ``src``.
+
+    llama.cpp looks each tensor's entry up by name and quantizes a tensor it finds none for without one, saying so
+    only at INFO level; an entry under another name is never read. The matrix is keyed by the converter's own
+    names, so a stray key is the converter's bug (a tied head keyed ``output.weight`` was one), refused here
+    rather than shipped as a silently uncalibrated tensor."""
+    from edgemed.formats.gguf_header import read_header
+
+    stray = sorted(set(imatrix) - {t.name for t in read_header(src).tensors})
+    if stray:
+        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        raise EdgemedError(
+            f"The importance matrix for '{src.name}' has {len(stray)} of {len(imatrix)} entries under names no tensor "
+            f"of that file has ({shown}); llama.cpp would quantize without them and not say so. This is a converter bug.",
+            "report it with the checkpoint's config.json; meanwhile convert with --no-imatrix",
+        )
 
 
 def _ggml_type(type_name: str) -> int:
