@@ -359,3 +359,70 @@ def test_check_refuses_a_bad_genai_config_or_a_graph_without_a_kv_cache(tiny, ex
     said = " ".join(result.output.split())
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert says in said and "Fix:" in said and "Traceback" not in said, result.output
+
+
+@pytest.mark.parametrize("graph", ["torch", "genai"])
+def test_a_context_the_onnx_engine_cannot_take_is_refused_before_the_export(tiny, tmp_path, monkeypatch, graph):
+    """max_position_embeddings above what edgemed's ONNX engine reads as a context length (2**24): the export ran,
+    the directory was renamed into place with exit 0, and `edgemed pack` and `edgemed run` then refused it. It is
+    refused before any export work, naming the field and the bound, and nothing is written."""
+    if graph == "genai":
+        pytest.importorskip("onnxruntime_genai")
+    import importlib
+
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+    from edgemed.converters.onnx.graphs import GRAPHS
+
+    src = tmp_path / "long"
+    shutil.copytree(tiny, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 2**25}))
+
+    def no_export(*a, **k):
+        raise AssertionError("the export started")
+
+    module, function = GRAPHS[graph].fp32.split(":")  # the kind's first step, looked up when it runs
+    monkeypatch.setattr(importlib.import_module(module), function, no_export)
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    result = CliRunner().invoke(main, ["convert", str(src), "--to", "onnx", "--onnx-graph", graph, "--quant", "fp32",
+                                       "--no-parity", "-o", str(outs / "onnx")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "max_position_embeddings 33,554,432" in said and "16,777,216" in said and "Fix:" in said, result.output
+    assert list(outs.iterdir()) == []
+
+
+@pytest.mark.parametrize("graph", ["torch", "genai"])
+def test_a_genai_config_the_engine_would_refuse_fails_the_conversion_and_leaves_nothing(tiny, tmp_path, monkeypatch,
+                                                                                         graph):
+    """Whichever kind wrote genai_config.json (edgemed's writer, or onnxruntime-genai's builder), it is read as the
+    ONNX engine reads it before the rename: a writer that puts there what the reader refuses (here a context length
+    over its bound) fails the conversion, not the first run on a device."""
+    from edgemed.converters.onnx import assets
+    from edgemed.errors import CheckpointError
+
+    def too_long(config_file: Path) -> None:
+        doc = json.loads(config_file.read_text())
+        doc["model"]["context_length"] = 2**25
+        config_file.write_text(json.dumps(doc))
+
+    if graph == "genai":
+        pytest.importorskip("onnxruntime_genai")
+        from edgemed.converters.onnx import builder
+
+        real_cap = builder.cap_max_length
+        monkeypatch.setattr(builder, "cap_max_length", lambda f, n: (real_cap(f, n), too_long(f)))
+    else:
+        real_write = assets.write_genai_config
+        monkeypatch.setattr(assets, "write_genai_config",
+                            lambda ckpt, config, out, name: (real_write(ckpt, config, out, name), too_long(out / "genai_config.json")))
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    with pytest.raises(CheckpointError) as e:
+        convert_onnx(tiny, outs / "x", OnnxOptions(weight_type="fp32", parity=False, graph=graph), echo=lambda s: None)
+    assert "would be refused by edgemed's ONNX engine" in e.value.problem
+    assert f"{outs / 'x' / 'genai_config.json'}: 'model.context_length' must be a positive integer" in e.value.problem
+    assert list(outs.iterdir()) == []

@@ -5,7 +5,8 @@ device runtime reads it with the ``tokenizers`` library, no transformers), its
 config and special-token map, the chat template, ``generation_config.json`` and
 ``config.json``. Written: ``genai_config.json`` in onnxruntime-genai's format,
 which is also what edgemed's ONNX engine reads (graph names, layer shapes,
-context length, stop tokens).
+context length, stop tokens); before the rename it is read back with the engine's
+reader (``edgemed.formats.genai_config``), whichever graph kind wrote it.
 
 ``search.max_length`` is capped (``DEFAULT_MAX_LENGTH``) rather than set to the
 model's context length: onnxruntime-genai allocates the KV cache at that size
@@ -19,7 +20,8 @@ import shutil
 from pathlib import Path
 
 from edgemed.converters.onnx import trace as onnx_trace
-from edgemed.errors import CheckpointError, TokenizerError
+from edgemed.errors import CheckpointError, InputError, TokenizerError
+from edgemed.formats import genai_config as genai_format
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
           "generation_config.json", "config.json")
@@ -37,6 +39,28 @@ def check_assets(ckpt_dir: Path, config: dict) -> None:
         copy_assets(ckpt_dir, None)  # raises the missing-tokenizer error
     load_tokenizer_json(ckpt_dir / "tokenizer.json")
     eos_ids(ckpt_dir, config)
+    top = genai_format.INTS[("model", "context_length")]  # what the ONNX engine reads as a context length
+    context = config.get("max_position_embeddings", DEFAULT_MAX_LENGTH)
+    if context > top:  # the GGUF route writes it as it is (a 32-bit field): only this route's reader caps it
+        raise CheckpointError(
+            f"'{ckpt_dir}': max_position_embeddings {context:,} is more than the {top:,} tokens edgemed's ONNX engine "
+            "takes as a context length; the directory it would become could be neither packed nor run.",
+            f"convert with --to gguf, or give config.json the context the model was trained for (at most {top:,})")
+
+
+def check_written(tmp: Path, out: Path) -> None:
+    """The ``genai_config.json`` an export wrote into ``tmp`` (edgemed's writer or the model builder), read as the ONNX
+    engine reads it, before ``tmp`` becomes ``out``: a writer and a reader that disagree fail the conversion, not the
+    first run on a device."""
+    try:
+        genai_format.read_model(tmp / GENAI_CONFIG, engine=True)
+    except InputError as exc:
+        raise CheckpointError(
+            f"The {GENAI_CONFIG} this conversion wrote for '{out}' would be refused by edgemed's ONNX engine: "
+            f"{exc.problem.replace(str(tmp), str(out))} Nothing was written.",
+            "report it to edgemed with the checkpoint's config.json (a value the export copies and the engine bounds); "
+            "meanwhile convert with --to gguf"
+        ) from None
 
 
 def copy_assets(ckpt_dir: Path, out_dir: Path) -> list[str]:

@@ -131,6 +131,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
             verify_tokenizer(ckpt.path, tmp)  # parity fed both the source's ids: the engine must make the same ones
         if not kind.writes_genai_config:  # a builder that writes its own has capped max_length already
             onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
+        onnx_assets.check_written(tmp, out)  # read as the engine reads it, whichever kind wrote it
         for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped
             f.chmod(0o644)
         files = output_files(tmp)  # the report names the bytes its parity was measured on: `edgemed pack` checks them
