@@ -402,6 +402,27 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_even_with_force(models, 
     assert weights.read_bytes() == before and calib.read_text().startswith("Aspirin")
 
 
+@pytest.mark.parametrize("route", ["gguf", "onnx"])
+def test_a_file_as_source_is_named_a_file_and_a_gguf_points_to_run_and_pack(models, tmp_path, route):
+    """`edgemed convert model.gguf` said "Checkpoint directory 'model.gguf' does not exist." of a file that is there."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    out = tmp_path / "out"
+    out.mkdir()
+    to = ["--to", "onnx", "--quant", "fp32", "-o", out / "onnx"] if route == "onnx" else ["--quant", "f16", "-o", out / "x.gguf"]
+    if route == "onnx":
+        pytest.importorskip("onnx")
+    result = _convert(gguf, *to, "--no-parity")
+    _refused(result, f"'{gguf}' is a GGUF file", f"`edgemed run {gguf}`", f"`edgemed pack {gguf}")
+    assert "does not exist" not in result.output, result.output
+    config = models["llama"] / "config.json"
+    result = _convert(config, *to, "--no-parity")
+    _refused(result, f"'{config}' is a file, not a Hugging Face checkpoint directory", "the folder that holds config.json")
+    assert "does not exist" not in result.output and "edgemed run" not in result.output, result.output
+    _refused(_convert(tmp_path / "nowhere", *to, "--no-parity"), "does not exist")
+    assert list(out.iterdir()) == []
+
+
 def test_index_naming_a_path_outside_the_checkpoint(models, tmp_path):
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
     (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")  # sharded: the index is read

@@ -387,10 +387,16 @@ class Checkpoint:
     def open(cls, path: Path | str, *, allow_pickle: bool = False) -> "Checkpoint":
         path = Path(path)
         if not path.is_dir():
-            raise CheckpointError(
-                f"Checkpoint directory '{path}' does not exist.",
-                "pass a Hugging Face model directory (config.json, *.safetensors, tokenizer files)",
-            )
+            hf_dir = "pass a Hugging Face model directory (config.json, *.safetensors, tokenizer files)"
+            if path.suffix.lower() == ".gguf" and path.is_file():
+                raise CheckpointError(f"'{path}' is a GGUF file, a model already converted, not a Hugging Face "
+                                      "checkpoint directory to convert.",
+                                      f"run it with `edgemed run {path}`, or package it with `edgemed pack {path} "
+                                      f"--license FILE`; to convert, {hf_dir}")
+            if path.is_file():
+                raise CheckpointError(f"'{path}' is a file, not a Hugging Face checkpoint directory.",
+                                      f"{hf_dir}: the folder that holds config.json")
+            raise CheckpointError(f"Checkpoint directory '{path}' does not exist.", hf_dir)
         config = _read_json(path / "config.json", "Model config")
         validate_config(config, path)
         refuse_what_transformers_would_add(path, config)
