@@ -10,7 +10,8 @@ Layout under ``$EDGEMED_HOME/store``::
                              ``previous``: the record of the kept version
     journal.json             the one operation that changes models/ (present only while it runs)
     tmp/                     owner-tagged staging (edgemed.files.debris); swept by the next operation
-    lock                     flock held by install and remove (and by a reader settling a journal)
+    lock                     flock held by install, rollback and remove (and by a reader settling a journal);
+                             held shared by a reader reading again what failed (``Store.reading``)
 
 Content addressing: two bundles that share a file (same sha256) share one blob
 (one inode, two links). A blob whose link count falls to 1 belongs to no model and
@@ -31,7 +32,9 @@ back, if ``models/<name>`` is empty and the aside is a copy of that model). A re
 drops the index record only once ``models/<name>`` is gone. So settling never takes a
 model out of ``models/``: it only finishes or undoes what edgemed itself moved. The
 journal goes last. Every store operation settles a journal first; readers settle one
-that no live operation holds, and read a live one through.
+that no live operation holds, and read a live one through. Readers take no lock; one whose
+read fails (a swap came between its reads of the index, the manifest and the files) reads
+again holding the lock shared, under which nothing is swapped (``Store.verify``, ``list``).
 
 Update and rollback: an install over an installed model records the old record as the new
 one's ``previous``; rolling forward then moves the replaced copy (the aside, or the stage
@@ -61,11 +64,13 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from edgemed import env
+from edgemed.files import flocks
 from edgemed.files.atomic import step, swap_in, write_text
 from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
 from edgemed.files.state import require_folder
@@ -86,6 +91,21 @@ def _version(man: Manifest) -> str | None:
     """The model's release version as its card gives it (CHAI "version"), else None."""
     v = man.card.get("version")
     return str(v)[:256] if v is not None else None
+
+
+_HELD = threading.local()
+
+
+def _held() -> set[tuple[int, int]]:
+    """The store locks this thread holds as a writer, by (st_dev, st_ino) of the lock file: ``reading`` leaves them be."""
+    if not hasattr(_HELD, "keys"):
+        _HELD.keys = set()
+    return _HELD.keys
+
+
+def _lock_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _summary(rec: dict | None) -> dict | None:
@@ -122,7 +142,7 @@ class Store:
     @contextlib.contextmanager
     def locked(self, wait: bool = True) -> Iterator[bool]:
         """Hold the store lock (settling a dead operation's journal, then sweeping); yields False
-        at once, without the lock, if ``wait`` is False and a live operation holds it."""
+        at once, without the lock, if ``wait`` is False and a live operation holds it. Waiting, it says so."""
         import fcntl
 
         self._same_home()  # before a folder is made: never a store again where the state moved away from
@@ -134,17 +154,56 @@ class Store:
                 raise
         with open(self.root / "lock", "a") as fh:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if wait:
+                    flocks.take(fh, fcntl.LOCK_EX, self._waiting())
+                else:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 yield False
                 return
+            key = _lock_key(fh.fileno())
+            _held().add(key)
             try:
                 self._same_home()  # `edgemed home --move` holds this lock while it renames
                 self._settle()
                 self._collect_garbage()
                 yield True
             finally:
+                _held().discard(key)
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[bool]:
+        """Hold the store lock shared: while a reader holds it, no install, pull, rollback or remove can change
+        ``models/`` or the index (each holds the lock exclusively, from its first staged file to its settled
+        journal). A dead operation's journal is settled first. Waiting, it says so (a long install is waited for).
+
+        Yields False, without the lock, where this thread holds the store lock already (a writer reading: taken
+        again on another descriptor, the lock would wait on itself for ever), or where the lock file cannot be
+        opened (a store this user may only read: read as before, without the lock)."""
+        import fcntl
+
+        self._settle_dead()
+        try:
+            fd = os.open(self.root / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            log.debug("reading the store in %s without its lock (%s)", self.root, exc)
+            yield False
+            return
+        try:
+            if _lock_key(fd) in _held():
+                yield False
+                return
+            flocks.take(fd, fcntl.LOCK_SH, self._waiting())
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _waiting(self) -> str:
+        return f"waiting for another edgemed command to finish with the store in {self.root} (one change at a time)"
 
     def _same_home(self) -> None:
         """Refuse to change the default store once ``edgemed home --move`` has moved the state folder away from it
@@ -294,15 +353,19 @@ class Store:
         p = vdir / prev["manifest_sha256"] if vdir is not None else None
         return p if p is not None and is_model_copy(p, prev["manifest_sha256"]) else None
 
-    def _view(self) -> tuple[dict, dict]:
-        """(records, damaged) as a reader should see the index: a dead operation's journal is settled first, a live one
-        read through. ``damaged`` maps a name whose record is malformed to why. StoreError: the index is unusable."""
+    def _settle_dead(self) -> None:
+        """Settle the journal of an operation that died (its lock is free); a live one's is left to it."""
         if os.path.lexists(self.journal_path) and self.root.is_dir():
             try:
                 with self.locked(wait=False):
                     pass
             except StoreError as exc:  # e.g. a damaged index: settling waits for a writer; read it through
                 log.warning("%s", str(exc).replace("\n", " "))
+
+    def _view(self) -> tuple[dict, dict]:
+        """(records, damaged) as a reader should see the index: a dead operation's journal is settled first, a live one
+        read through. ``damaged`` maps a name whose record is malformed to why. StoreError: the index is unusable."""
+        self._settle_dead()
         idx, bad = split_index(self._raw_index())
         try:
             j = read_journal(self.journal_path)
@@ -530,6 +593,23 @@ class Store:
         return self._view()[0].get(name)
 
     def verify(self, name: str, *, full: bool = False, public_key=None) -> Verified:
+        """Verify an installed model (``bundle.verify_dir`` against its index record, then the trust policy).
+
+        The first read takes no lock. One that fails is read again holding the store lock shared (``reading``)
+        before the failure is reported: an update, a ``pull --force`` or a rollback in another process may have
+        swapped ``models/<name>`` in the middle of it (one version's manifest checked against the other's files);
+        no swap can happen under the lock, so what fails then is what is on disk. Not locking the first read keeps a
+        model started during an update from waiting for it (the writer holds the lock while it stages and hashes the
+        whole new bundle: a minute for a large model on slow storage); a retry without the lock could meet a swap
+        again (a rollback and back leaves the same record, so no change shows)."""
+        try:
+            return self._verify(name, full=full, public_key=public_key)
+        except (IntegrityError, StoreError, OSError) as exc:
+            log.debug("'%s' did not verify (%s); reading it again under the store lock", name, str(exc).splitlines()[0])
+        with self.reading():
+            return self._verify(name, full=full, public_key=public_key)
+
+    def _verify(self, name: str, *, full: bool, public_key) -> Verified:
         d = self.model_dir(name)
         idx, bad = self._view()
         if name in bad:
@@ -547,7 +627,20 @@ class Store:
         return v
 
     def list(self) -> list[dict]:
-        """One row per installed model; a damaged one is a row with an ``error`` (list shows what it can)."""
+        """One row per installed model; a damaged one is a row with an ``error`` (list shows what it can).
+
+        As ``verify``: a read that shows a row with an error, or a model whose manifest is not the one its record
+        names, is read again under the shared store lock (a swap in another process may have come between reading
+        the index and reading the manifests)."""
+        rows, whole = self._rows()
+        if whole:
+            return rows
+        with self.reading():
+            return self._rows()[0]
+
+    def _rows(self) -> tuple[list[dict], bool]:
+        """(``list``'s rows, whether every row read whole: no error, each manifest the one its record names)."""
+        whole = True
         try:
             idx, bad = self._view()
             unusable = None
@@ -559,10 +652,11 @@ class Store:
         for name in idx:
             d = self.models / name
             try:
-                man, _, sig = read_manifest(d)
+                man, data, sig = read_manifest(d)
             except Exception as exc:  # list shows damaged entries rather than failing
                 rows[name] = {"name": name, "error": str(exc).splitlines()[0]}
                 continue
+            whole = whole and hashlib.sha256(data).hexdigest() == idx[name]["manifest_sha256"]
             m = man.model
             rows[name] = {"name": name, "kind": "adapters" if man.adapters_only else "model",
                           "adapters": [{"name": a["name"], "size_bytes": a["size"], "bundle": name} for a in man.adapters],
@@ -597,7 +691,7 @@ class Store:
                 why = (f"{unusable.problem} Fix: {unusable.fix}" if unusable is not None
                        else f"it is not in the store index {self.index_path}; reinstall it: edgemed install BUNDLE --name {d.name} --force")
                 rows[d.name] = {"name": d.name, "error": why}
-        return [rows[n] for n in sorted(rows)]
+        return [rows[n] for n in sorted(rows)], whole and not any("error" in r for r in rows.values())
 
     def _model_dirs(self) -> list[Path]:
         try:
