@@ -265,7 +265,8 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
     src.warn_base(echo)
     planned = plan_adapter(ckpt, spec, src.adapter)  # what the file cannot carry is refused here
     source_info, lora_info = provenance.source_info(ckpt), provenance.lora_info(src.adapter)
-    base = _adapter_base(opts.base_gguf, spec, source_info["sha256"]) if opts.base_gguf is not None else None
+    base = _adapter_base(opts.base_gguf, spec, source_info["sha256"], opts.lora, lora_info["sha256"]) \
+        if opts.base_gguf is not None else None
     vocab = None
     if base is None and opts.parity:
         from edgemed.converters.gguf.tokenizer import plan_vocab
@@ -310,11 +311,13 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
     return result
 
 
-def _adapter_base(path: Path, spec, source_sha256: str) -> dict:
-    """``--base``: a GGUF model of this architecture converted from this very checkpoint, else refused now."""
+def _adapter_base(path: Path, spec, source_sha256: str, lora: Path, lora_sha256: str) -> dict:
+    """``--base``: a GGUF model of this architecture converted from this very checkpoint without a LoRA merged into
+    it (``lora``: the adapter being made, ``lora_sha256`` its digest), else refused now."""
     from edgemed.constants import file_type_name
     from edgemed.errors import AdapterError
     from edgemed.formats.gguf_header import SOURCE_SHA_KEY, read_header
+    from edgemed.runtime.loader import refuse_merged_base
 
     meta = read_header(path).metadata
     if meta.get("general.type") == "adapter":
@@ -329,6 +332,9 @@ def _adapter_base(path: Path, spec, source_sha256: str) -> dict:
         raise AdapterError(f"--base '{path}' {said}, not from this one ({source_sha256[:12]}...), so the adapter "
                            "cannot be checked on it.", "convert the base from this checkpoint with `edgemed convert` and "
                            "pass that file, or leave --base out (an F16 base is made for the check)")
+    refuse_merged_base(meta, str(path), lora.name, lora_sha256,
+                       fix="pass a GGUF converted from this checkpoint without --lora as --base, or leave --base out (an F16 "
+                           "base is made for the check)")
     number = meta.get("general.file_type", -1)
     return {"path": Path(path), "out_type": file_type_name(number if isinstance(number, int) else -1),
             "sha256": file_sha256(path)}

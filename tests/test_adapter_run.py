@@ -119,6 +119,26 @@ def test_the_adapter_is_refused_on_a_base_it_was_not_made_for(kit, smollm2_gguf,
     assert bad_scale.exit_code == 1 and "scale must be a number from 0 to 4" in bad_scale.output
 
 
+def test_the_adapter_is_refused_on_a_base_that_has_it_merged_in(kit, tmp_path):
+    """``convert --lora`` writes a merged GGUF that records the checkpoint (the one the adapter records as its base)
+    and the LoRA merged into it: the adapter on it would add its change twice. The kit's merged model, marked as
+    convert marks one, is refused by the loader and by ``run``; the plain base takes the adapter (above)."""
+    from edgemed.errors import AdapterError
+    from edgemed.formats.gguf_header import BASE_SOURCE_KEY, LORA_SHA_KEY, SOURCE_SHA_KEY, read_header
+    from edgemed.runtime.engine import LoadSettings
+    from edgemed.runtime.loader import load_model
+
+    marks = {LORA_SHA_KEY: "cd" * 32}  # the PEFT adapter's sha256, which convert writes into both files
+    adapter = lora_gguf_kit.rewrite(kit["adapter"], tmp_path / "cardio.lora.gguf", marks)
+    merged = lora_gguf_kit.rewrite(kit["merged"], tmp_path / "merged.gguf", marks)
+    assert read_header(merged).metadata[SOURCE_SHA_KEY] == read_header(adapter).metadata[BASE_SOURCE_KEY]
+    with pytest.raises(AdapterError, match="already has this very adapter merged into its weights") as exc:
+        load_model(merged, LoadSettings(n_ctx=64), [adapter])
+    assert "without --lora" in exc.value.fix and "without --adapter" in exc.value.fix
+    result = cli("run", merged, "--adapter", adapter, "--prompt", "x", "--raw", "--max-tokens", "2")
+    assert result.exit_code == 1 and "already has this very adapter merged" in result.output, result.output
+
+
 def test_the_planner_counts_adapter_memory(kit):
     """The plan with an adapter is the plan without it plus the adapter's tensors, and says so."""
     from edgemed.devices.profiles import load_profiles

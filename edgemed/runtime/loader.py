@@ -8,7 +8,7 @@ self-test's own child and tools that record crashes themselves use the layer dir
 
 LoRA adapters (GGUF adapter files) load through ``load_adapter``: the file is checked to be an adapter, for the
 base's architecture, made for the checkpoint the base was converted from (both record that checkpoint's sha256:
-``formats/gguf_header``'s keys), before llama.cpp reads it; the adapter's metadata is then read back from llama.cpp.
+``formats/gguf_header``'s keys) without a LoRA merged into it (``convert --lora``), before llama.cpp reads it; the adapter's metadata is then read back from llama.cpp.
 A model that will carry adapters names them to ``load_model``, so the self-test's child decodes with them applied.
 """
 
@@ -59,11 +59,37 @@ def _specs(adapters) -> tuple[AdapterSpec, ...]:
     return tuple(a if isinstance(a, AdapterSpec) else AdapterSpec(Path(a)) for a in adapters or ())
 
 
+#: what to do with a base that has a LoRA merged in, at run time (``convert --adapter-only --base`` says its own)
+MERGED_BASE_FIX = ("run the adapter on a GGUF converted from the checkpoint without --lora (`edgemed convert CHECKPOINT`), "
+                   "or run the merged file as it is, without --adapter")
+
+
+def refuse_merged_base(base_meta: dict, base_name: str, adapter_name: str, adapter_lora: str | None,
+                       fix: str = MERGED_BASE_FIX) -> None:
+    """Refuse a base GGUF with a LoRA merged into its weights for an adapter edgemed made.
+
+    ``convert --lora`` writes such a file: it records the LoRA's sha256 (``LORA_SHA_KEY``) beside the checkpoint's
+    (``SOURCE_SHA_KEY``), the very checkpoint an adapter of it records as its base. But the adapter was made, and
+    gated, for the plain checkpoint: on the merged weights it computes base + merged LoRA + adapter (the same LoRA:
+    its change twice). ``adapter_lora``: the adapter's own ``LORA_SHA_KEY``, to say which of the two it is."""
+    from edgemed.formats.gguf_header import LORA_SHA_KEY
+
+    merged = base_meta.get(LORA_SHA_KEY)
+    if not isinstance(merged, str) or not merged:
+        return
+    if merged == adapter_lora:
+        what, effect = "this very adapter", "applied again it adds its change twice"
+    else:
+        what, effect = f"a LoRA adapter ({merged[:12]}...)", "applied on top it changes a model it was not trained on"
+    raise AdapterError(f"The base '{base_name}' already has {what} merged into its weights ({LORA_SHA_KEY}), and the "
+                       f"adapter '{adapter_name}' was made and gated for the plain checkpoint: {effect}.", fix)
+
+
 def check_adapter(base_meta: dict, base_path: Path, adapter_path: Path):
     """The adapter's facts, once they show it belongs on this base (``base_meta``: the base's metadata); else
     the refusal that names the fix. An adapter another tool wrote (no base record) is let through with a
     warning: llama.cpp still checks its architecture and every pair's shape."""
-    from edgemed.formats.gguf_header import SOURCE_SHA_KEY, adapter_facts
+    from edgemed.formats.gguf_header import LORA_SHA_KEY, SOURCE_SHA_KEY, adapter_facts, read_header
 
     facts = adapter_facts(adapter_path)
     arch = base_meta.get("general.architecture")
@@ -73,7 +99,8 @@ def check_adapter(base_meta: dict, base_path: Path, adapter_path: Path):
     ours = base_meta.get(SOURCE_SHA_KEY)
     if facts.base_source_sha256 is None:
         log.warning("The adapter '%s' does not record which base it was made for; only its shapes are checked.", adapter_path.name)
-    elif not isinstance(ours, str) or not ours:
+        return facts
+    if not isinstance(ours, str) or not ours:
         raise AdapterError(f"The adapter '{adapter_path.name}' was made for the checkpoint {facts.base_source_sha256[:12]}..., "
                            f"but the base '{base_path.name}' does not record which checkpoint it was converted from "
                            f"({SOURCE_SHA_KEY}), so nothing shows they belong together.",
@@ -84,6 +111,7 @@ def check_adapter(base_meta: dict, base_path: Path, adapter_path: Path):
                            f"but the base '{base_path.name}' was converted from {ours[:12]}...: on another base it computes nonsense.",
                            "run it on a GGUF converted from the checkpoint it was made for (any quant type of it), or "
                            "re-make the adapter for this base: `edgemed convert BASE_CHECKPOINT --lora PEFT_ADAPTER --adapter-only`")
+    refuse_merged_base(base_meta, base_path.name, adapter_path.name, read_header(adapter_path).metadata.get(LORA_SHA_KEY))
     return facts
 
 
