@@ -236,3 +236,45 @@ def test_an_oversized_2xx_on_login_or_push_is_a_named_error(tmp_path, edgemed_ho
         srv.server_close()
     assert r.exit_code == 1 and "Traceback" not in r.output and not isinstance(r.exception, AssertionError), r.output
     assert f"over {oci.MAX_ANSWER_BYTES} bytes" in r.output and "not a proxy" in r.output, r.output
+
+
+class _CutManifest(BaseHTTPRequestHandler):
+    """A manifest answer that promises 5000 bytes and sends 21: then closes the connection ("breaks") or goes silent
+    (``stall``) until the test lets it go."""
+
+    protocol_version = "HTTP/1.1"
+    how, stall = None, None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        self.send_header("Content-Length", "5000" if self.path != "/v2/" else "2")
+        self.end_headers()
+        if self.path == "/v2/":
+            self.wfile.write(b"{}")
+            return
+        self.wfile.write(b'{"schemaVersion": 2, ')
+        self.wfile.flush()
+        if self.how == "stalls":
+            self.stall.wait(30)
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("how", ["breaks", "stalls"])
+def test_a_manifest_answer_that_breaks_off_or_stalls_is_a_named_error(tmp_path, edgemed_home, monkeypatch, how):
+    """Was: urllib3's ProtocolError (or ReadTimeoutError) out of the manifest's read, a traceback."""
+    import threading as th
+
+    monkeypatch.setattr(oci.Client, "TIMEOUTS_S", (15, 1))  # a second of silence is a stall here
+    stall = th.Event()
+    handler = type("Handler", (_CutManifest,), {"how": how, "stall": stall})
+    try:
+        r = _pull(handler, tmp_path, monkeypatch, lambda s: None)
+    finally:
+        stall.set()
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (r.exception, r.output)
+    assert "manifest" in r.output and "check the network and run the pull again" in r.output, r.output
+    assert r.output.count("Error:") == 1 and "\n\n" not in r.output.strip(), r.output  # one paragraph

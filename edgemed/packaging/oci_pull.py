@@ -29,6 +29,7 @@ through oras's session (``Client.request``), so its credentials and token handli
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -42,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgemed import env
-from edgemed.errors import EdgemedError, IntegrityError, StoreError
+from edgemed.errors import EdgemedError, IntegrityError, OutputError, StoreError, output_error
+from edgemed.files import flocks
 from edgemed.files.debris import scratch_dir, step, sweep
 from edgemed.files.hashing import BLOCK
 from edgemed.packaging import oci
@@ -86,7 +88,7 @@ def downloads_dir() -> Path:
 def _exclusive(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        flocks.take(fh, fcntl.LOCK_EX, f"waiting for another pull in {root} to finish (one pull at a time)")
         try:
             sweep(root)  # the staging folders of pulls that were killed
             _age_out(root)
@@ -281,11 +283,19 @@ def _part_size(root: Path, x: oci.Layer) -> int:
 
 def _fetch_manifest(client: oci.Client, ref: oci.Ref) -> tuple[bytes, str]:
     """The manifest's bytes (at most MAX_OCI_MANIFEST_BYTES) and their digest; by digest, they must match it."""
+    import http.client
+
+    import urllib3
+
     r = client.request("GET", client.url("manifests", ref.reference), headers={"Accept": oci.OCI_MANIFEST}, stream=True)
     with r:
         if r.status_code != 200:
             raise client.fail(r, f"manifest {ref}")
-        body = r.raw.read(oci.MAX_OCI_MANIFEST_BYTES + 1, decode_content=True)
+        try:  # read from the socket here, past requests: its errors are urllib3's (a cut answer, a stall)
+            body = r.raw.read(oci.MAX_OCI_MANIFEST_BYTES + 1, decode_content=True)
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+            raise oci.RegistryError(f"The manifest of {ref} could not be read from {ref.registry} ({oci._short(exc)}).",
+                                    "check the network and run the pull again") from None
     if len(body) > oci.MAX_OCI_MANIFEST_BYTES:
         raise IntegrityError(f"The manifest of {ref} is larger than {oci.MAX_OCI_MANIFEST_BYTES} bytes.",
                              "pull an artifact that `edgemed push` made")
@@ -325,6 +335,29 @@ def _fetch_blob(client: oci.Client, x: oci.Layer, root: Path, origin: oci.Ref, s
                              "the registry's copy is damaged or was altered; push the bundle again from a verified copy "
                              "(nothing was installed)")
     raise IntegrityError(f"Layer '{x.path}' of {origin} could not be downloaded whole.", "run the pull again")
+
+
+def _write_all(fd: int, chunk: bytes, part: Path) -> None:
+    """Write the whole ``chunk`` (a write may take only part of it: a disk or quota about to fill). A disk that
+    takes nothing more stops the pull with its error naming the download; the bytes it took stay, to resume from."""
+    view = memoryview(chunk)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as exc:
+            _disk_refused(exc.errno, part)
+            raise
+        if n == 0:  # a regular file takes at least a byte, or says why not: taken as a full disk
+            _disk_refused(errno.ENOSPC, part)
+        view = view[n:]
+
+
+def _disk_refused(code: int | None, part: Path) -> None:
+    """Raise the disk's own error (``errors.output_error``) for a download that cannot be written, with how to go on;
+    return for an error that is not the disk's."""
+    refused = output_error(OSError(code, os.strerror(code) if code else "", str(part)))
+    if refused is not None:
+        raise OutputError(refused.problem, f"{refused.fix}; then run the same pull again: it resumes where it stopped") from None
 
 
 class _Restart(Exception):
@@ -378,7 +411,7 @@ def _download(client: oci.Client, x: oci.Layer, part: Path, h, start: int, stats
                             raise IntegrityError(f"Layer '{x.path}' is longer than the {x.size} bytes its descriptor states "
                                                  f"(expected sha256:{x.sha256}).",
                                                  "the registry's copy is damaged or was altered; push the bundle again")
-                        os.write(fd, chunk)
+                        _write_all(fd, chunk, part)
                         h.update(chunk)
                         written += len(chunk)
                         stats.bytes_downloaded += len(chunk)
