@@ -3,6 +3,10 @@
 - A GGUF converted with ``--lora X`` records the checkpoint's sha256 (the one an adapter of that checkpoint records
   as its base) and X's. X's adapter file on it computes base + X + X: ``run`` / ``serve --adapter`` and ``convert
   --adapter-only --base`` refuse such a base.
+- An adapter whose ``adapter_config.json`` names a checkpoint folder here is compared with the checkpoint it is
+  merged into by their weights, not by their folders' names: two training runs of one recipe (``runs/v1/model``,
+  ``runs/v2/model``) have the same shapes and the same folder name. The parity gate cannot see the swap: its
+  reference merges the same adapter into the same wrong base.
 
 Tiny random Llamas (``tiny.py``) with a PEFT LoRA: the converter side (torch, transformers, peft), seconds each.
 """
@@ -10,6 +14,8 @@ Tiny random Llamas (``tiny.py``) with a PEFT LoRA: the converter side (torch, tr
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +100,69 @@ def test_adapter_only_refuses_a_merged_base_before_writing_anything(runs, made, 
     assert result.exit_code == 1, result.output
     assert "already has this very adapter merged" in result.output and "without --lora as --base" in result.output
     assert list(out.iterdir()) == []
+
+
+# -- an adapter naming another checkpoint folder here ------------------------------------------------------------
+def test_an_adapter_naming_another_run_of_the_same_recipe_is_refused(runs, tmp_path):
+    """v2 has v1's shapes and folder name: only the weights tell them apart. Refused before any work, both routes."""
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.source.lora import LoraAdapter
+
+    with pytest.raises(AdapterError, match="other weights") as exc:
+        LoraAdapter.open(runs["lora"], Checkpoint.open(runs["v2"]))
+    assert str(runs["v1"]) in str(exc.value) and "the parity gate cannot see it" in str(exc.value)
+    assert f"edgemed convert {runs['v1']} --lora" in exc.value.fix
+    for extra in ([], ["--adapter-only"]):
+        out = tmp_path / f"out{len(extra)}"
+        out.mkdir()
+        result = _convert(runs["v2"], "--lora", runs["lora"], *extra, "--quant", "f16", "-o", out / "x.gguf")
+        assert result.exit_code == 1 and "other weights" in result.output, result.output
+        assert list(out.iterdir()) == []
+
+
+def _resaved(src: Path, out: Path, dtype: str = "float32", **kw) -> Path:
+    """``src`` loaded as ``dtype`` and saved again by transformers (``kw``: save_pretrained's), with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).save_pretrained(out, **kw)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("copy", ["copied", "config edited", "sharded"])
+def test_a_copy_of_the_named_checkpoint_matches(runs, tmp_path, copy):
+    """The same weights under another name, beside a config saved otherwise, or in other shards: merged, no
+    warning, the report says it matches."""
+    if copy == "sharded":
+        ckpt = _resaved(runs["v1"], tmp_path / "elsewhere", max_shard_size="100KB")
+        assert len(list(ckpt.glob("*.safetensors"))) > 1
+    else:
+        ckpt = shutil.copytree(runs["v1"], tmp_path / "elsewhere")
+        if copy == "config edited":
+            config = json.loads((ckpt / "config.json").read_text())
+            (ckpt / "config.json").write_text(json.dumps(config | {"transformers_version": "0.0.1"}))
+    out = tmp_path / "x.gguf"
+    result = _convert(ckpt, "--lora", runs["lora"], "--quant", "f32", "-o", out)
+    assert result.exit_code == 0 and "WARNING" not in result.output, result.output
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    assert report["lora"]["base_model_name_or_path"] == str(runs["v1"]) and report["lora"]["base_check"] == "matches"
+
+
+@pytest.mark.parametrize("case", ["gone", "bf16 copy"])
+def test_a_named_checkpoint_that_cannot_be_compared_falls_back_to_its_name(runs, tmp_path, case):
+    """A named folder whose weights cannot be read (gone), or are stored in another dtype (a BF16 copy of the F32
+    checkpoint is the same model, rounded), is compared by name: another name merges with the warning."""
+    lora, ckpt = runs["lora"], runs["v2"]
+    if case == "gone":
+        lora = shutil.copytree(runs["lora"], tmp_path / "lora")
+        config = json.loads((lora / "adapter_config.json").read_text())
+        (lora / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tmp_path / "gone" / "base")}))
+    else:
+        ckpt = _resaved(runs["v1"], tmp_path / "v1-bf16", dtype="bfloat16")
+    out = tmp_path / "x.gguf"
+    result = _convert(ckpt, "--lora", lora, "--quant", "f32", "-o", out)
+    assert result.exit_code == 0 and "WARNING: " in result.output, result.output
+    assert json.loads(out.with_name(out.name + ".report.json").read_text())["lora"]["base_check"].startswith("name differs")

@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.converters.source.checkpoint import FLOAT_DTYPES, load_json
+from edgemed.converters.source.checkpoint import FLOAT_DTYPES, Checkpoint, load_json
 from edgemed.converters.source.safetensors_header import read_safetensors_header
-from edgemed.errors import AdapterError, CheckpointError
+from edgemed.errors import AdapterError, CheckpointError, InputError
 from edgemed.files.hashing import files_digest
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -174,13 +174,85 @@ def _names_of(ckpt) -> set[str]:
     return {n.lower() for n in names if n}
 
 
+_COMPARE_BLOCK = 1 << 20  # bytes read from each file per step
+_COMPARE_ROWS_BYTES = 64 * 2**20  # a row block of a 2-D tensor at a time: a 7B's embedding is a GiB or more
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes: one file (a link, the hub cache's shared blob) or files of other sizes
+    without reading them, else read side by side to the first difference."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    if a.samefile(b):
+        return True
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(_COMPARE_BLOCK)
+            if block != fb.read(_COMPARE_BLOCK):
+                return False
+            if not block:
+                return True
+
+
+def _same_tensor(ours, theirs, name: str) -> bool:
+    """Whether tensor ``name`` (of one shape and dtype in both) holds the same bits in the two checkpoints; a 2-D one
+    compared a row block at a time."""
+    import numpy as np
+    import torch
+
+    def same(a, b) -> bool:  # as integers of the element's width: bitwise (NaN, -0.0), and numpy has no BF16
+        width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return np.array_equal(*(t.contiguous().reshape(-1).view(width).numpy() for t in (a, b)))
+
+    shape = ours.tensors[name].shape
+    if len(shape) != 2:
+        return same(next(ours.iter_tensors([name]))[1], next(theirs.iter_tensors([name]))[1])
+    rows, cols = shape
+    step = max(1, _COMPARE_ROWS_BYTES // (4 * max(1, cols)))
+    return all(same(ours.read_rows(name, lo, min(rows, lo + step)), theirs.read_rows(name, lo, min(rows, lo + step)))
+               for lo in range(0, rows, step))
+
+
+def _weights_compared(local: Path, ckpt) -> str | None:
+    """How the weights of the checkpoint folder ``local`` compare with ``ckpt``'s: "" when they are the same tensors
+    holding the same bits, else what differs; None when that cannot be told: ``local`` is not a safetensors
+    checkpoint here (none, pickle only: it is not unpickled to be compared, a folder ``Checkpoint`` refuses), or a
+    tensor is stored in another dtype (a BF16 copy of an F32 model is the same model, rounded).
+
+    The weights alone, not config.json (a config saved again by another transformers version is the same model; its
+    shape keys were compared already). Weight files of the same names and bytes are the same weights (compared side
+    by side to the first difference, no hashing); else tensor by tensor, so a copy saved in other shards is still
+    the same. Two training runs of one recipe (runs/v1/model, runs/v2/model) agree in every name, shape and size and
+    differ in their bits: their comparison stops at the first block that differs."""
+    try:
+        theirs = Checkpoint.open(local)
+        if set(theirs.tensors) != set(ckpt.tensors):
+            odd = sorted(set(theirs.tensors) ^ set(ckpt.tensors))
+            return f"tensors {', '.join(odd[:3])}{' and more' if len(odd) > 3 else ''} are in only one of the two"
+        for name, ref in ckpt.tensors.items():
+            other = theirs.tensors[name]
+            if tuple(other.shape) != tuple(ref.shape):
+                return f"{name} is {list(other.shape)} there and {list(ref.shape)} here"
+            if other.dtype != ref.dtype:
+                return None
+        files, their_files = ckpt.weight_files(), theirs.weight_files()
+        if [f.name for f in files] == [f.name for f in their_files] and all(map(_same_bytes, files, their_files)):
+            return ""
+        differ = next((name for name in ckpt.tensors if not _same_tensor(ckpt, theirs, name)), None)
+    except (InputError, OSError):
+        return None
+    return f"{differ} holds other values" if differ else ""
+
+
 def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
     """Compare the base the adapter names with the checkpoint it is merged into.
 
     Raises ``AdapterError`` when the adapter's own records prove another model: PEFT's ``auto_mapping`` names
     another class, or ``base_model_name_or_path`` is a folder here whose config.json gives another architecture,
-    model type or shape. Returns a warning when only the name differs (a hub id or a path elsewhere cannot be
-    read offline, and a copy of a model may live under any name); None when the names agree or none is given."""
+    model type or shape, or whose weights are not this checkpoint's (``_weights_compared``). Returns a warning when
+    only the name differs and the named base cannot be read (a hub id, a path elsewhere: nothing can be compared
+    offline, and a copy of a model may live under any name); None when the named folder holds these very weights,
+    when the names agree and the named base cannot be read, or when none is named."""
     named = config.get("base_model_name_or_path")
     if not isinstance(named, str) or not named.strip():
         return None
@@ -220,6 +292,17 @@ def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
                   and theirs[k] != ckpt.config[k]]
         if differ:
             raise refuse(", ".join(f"{k} {theirs[k]} vs {ckpt.config[k]} here" for k in differ))
+    weights = _weights_compared(local, ckpt)
+    if weights == "":
+        return None
+    if weights is not None:  # a checkpoint here, of this shape, with other weights: the name proves nothing
+        raise AdapterError(
+            f"The adapter '{cfg_path.parent}' was trained on '{named}' (adapter_config.json: base_model_name_or_path), "
+            f"a checkpoint here with the same architecture and shapes as {ckpt.path} but other weights ({weights}): "
+            "merged into this one it computes nonsense, and the parity gate cannot see it (its reference merges the "
+            "same adapter into the same weights).",
+            f"point --lora at the adapter trained for '{ckpt.path}', or convert the checkpoint the adapter names: "
+            f"`edgemed convert {named} --lora {cfg_path.parent}`")
     if Path(named.rstrip("/")).name.lower() in _names_of(ckpt):
         return None
     return (f"the adapter '{cfg_path.parent}' names '{named}' as its base model (adapter_config.json: "
