@@ -92,6 +92,11 @@ def test_pack_refuses_a_directory_whose_files_are_not_the_ones_its_report_names(
     else:
         (d / "model_b.onnx").write_bytes((d / "model.onnx").read_bytes())
     named = {"altered": "model.onnx.data", "swapped": "model.onnx.data", "missing": "genai_config.json", "extra": "model_b.onnx"}[change]
+    if change == "missing":  # refused with or without the report: the ONNX engine cannot run the directory
+        for extra in ((), ("--no-report",)):
+            r = _pack(d, tmp_path, *extra)
+            assert r.exit_code == 1 and "has no genai_config.json" in r.output and not (tmp_path / "b").exists(), r.output
+        return
     r = _pack(d, tmp_path)
     assert r.exit_code == 1 and "does not hold the files its conversion report" in r.output and named in r.output, r.output
     assert "re-run `edgemed convert --to onnx`" in r.output and not (tmp_path / "b").exists()
@@ -162,3 +167,18 @@ def test_pack_and_inspect_state_the_onnx_facts_they_have_and_unknown_for_the_res
     assert CliRunner().invoke(cli, ["install", str(tmp_path / "t0.edgemed")]).exit_code == 0
     listed = CliRunner().invoke(cli, ["list"], catch_exceptions=False).output
     assert "tiny-onnx" in listed and " 0M" not in listed and "fp32" in listed, listed
+
+
+@pytest.mark.parametrize("field", ["input_ids", "attention_mask"])
+def test_pack_refuses_a_genai_config_the_onnx_engine_would_refuse(tiny_onnx, tmp_path, field):
+    """A config without an input name the engine feeds packed, and the bundle failed only on the device, at load."""
+    import shutil
+
+    d = shutil.copytree(tiny_onnx, tmp_path / "edited")
+    cfg_path = d / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["model"]["decoder"]["inputs"][field]
+    cfg_path.write_text(json.dumps(cfg))
+    r = _pack(d, tmp_path, "--no-report")
+    assert r.exit_code == 1 and f"inputs.{field}" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "b").exists()

@@ -14,11 +14,12 @@ gigabytes of memory; the values, the tokenizer hash included, are the same.)
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from pathlib import Path
 
 from edgemed.constants import KV_TYPES
-from edgemed.errors import IntegrityError
+from edgemed.errors import InputError, IntegrityError
 from edgemed.formats import genai_config
 
 # GGUF metadata key (after "<arch>.") -> manifest fact name
@@ -130,12 +131,14 @@ def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
 
     facts: dict = {"format": "onnx"}
     cfg_path = model_dir / "genai_config.json"
-    if cfg_path.is_file():
-        cfg = genai_config.read_model(cfg_path)
-        decoder = cfg.get("decoder", {})
-        facts.update(arch=cfg.get("type"), context_length=cfg.get("context_length"), vocab_size=cfg.get("vocab_size"),
-                     n_layers=decoder.get("num_hidden_layers"), n_head=decoder.get("num_attention_heads"),
-                     n_head_kv=decoder.get("num_key_value_heads"), head_dim=decoder.get("head_size"))
+    if not os.path.lexists(cfg_path):  # the ONNX engine refuses a directory without it: a bundle of it would never run
+        raise InputError(f"'{model_dir}' has no genai_config.json, which the ONNX engine reads to run the model.",
+                         "pack the directory `edgemed convert --to onnx` wrote, which has it, or convert the model again")
+    cfg = genai_config.read_model(cfg_path, engine=True)  # the checks the engine makes at load, made before packing
+    decoder = cfg.get("decoder", {})
+    facts.update(arch=cfg.get("type"), context_length=cfg.get("context_length"), vocab_size=cfg.get("vocab_size"),
+                 n_layers=decoder.get("num_hidden_layers"), n_head=decoder.get("num_attention_heads"),
+                 n_head_kv=decoder.get("num_key_value_heads"), head_dim=decoder.get("head_size"))
     tok = model_dir / "tokenizer.json"
     facts["tokenizer_sha256"] = file_sha256(tok) if tok.is_file() else None
     facts["chat_template_sha256"] = _onnx_template_sha256(model_dir)
