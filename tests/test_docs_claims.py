@@ -207,3 +207,35 @@ def test_the_paper_claim_gives_each_runs_ttft_beside_its_end_to_end_latency():
         quoted = f"{q4:,.1f} against {f16:,.1f} ms"
         assert quoted in section, f"{folder}: README lacks Q4_K_M's and F16's TTFT p50 ({quoted})"
         assert change in section, f"{folder}: README lacks the TTFT change {change}"
+
+
+def _step_timings(step: str) -> set[float]:
+    """Every ``timings_s[step]`` and its ``total`` in the kept result files (conversion reports and
+    convert_cost/convert_memory JSON), to 0.1 s."""
+    import json
+
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            timings = node.get("timings_s")
+            if isinstance(timings, dict) and step in timings:
+                found.update(round(float(timings[k]), 1) for k in (step, "total") if k in timings)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in (ROOT / "benchmarks" / "results").rglob("*.json"):
+        walk(json.loads(path.read_text(encoding="utf-8")))
+    return found
+
+
+def test_the_imatrix_cost_the_readme_quotes_is_in_a_kept_result():
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    sentence = text.split("It adds a pass over 8,192 tokens", 1)[1].split("`--imatrix-from FILE`", 1)[0]
+    quoted = [float(n) for pair in re.findall(r"(\d[\d.]*)(?:-(\d[\d.]*))? s\b", sentence) for n in pair if n]
+    assert len(quoted) >= 3, sentence
+    kept = _step_timings("imatrix")
+    assert not [q for q in quoted if q not in kept], f"imatrix timings with no result file: {quoted} vs {sorted(kept)}"
