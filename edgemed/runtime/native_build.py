@@ -7,13 +7,15 @@ that the tile configuration they load is mostly stack garbage: its ``_tile_loadc
 instruction reads 8 bytes, so the stores of the tile shapes are removed, and the first ``ldtilecfg`` raises a
 general-protection fault (SIGSEGV). The same source built with clang 16 runs them. So the self-test's verdicts
 (``selftest.Host``) are keyed by the library files' digest (``digest``), and the crash notice names the compiler
-(``compilers``, from each library's ELF ``.comment`` section, where the compiler left one).
+(``compilers``, from each library's ELF ``.comment`` section, where the compiler left one: a clang build installed
+by pip has none).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import struct
 from pathlib import Path
 
@@ -121,27 +123,45 @@ def elf_comment(path: Path) -> tuple[str, ...]:
     return ()
 
 
+def _gcc_version(name: str) -> tuple[int, ...] | None:
+    """``GCC: (Debian 12.2.0-14+deb12u1) 12.2.0`` -> (12, 2, 0), ``GCC: (GNU) 13.2.1 20230801`` -> (13, 2, 1); None
+    for another compiler or an unreadable one."""
+    found = re.match(r"\s*(\d+(?:\.\d+)*)\b", name.rpartition(")")[2]) if name.startswith("GCC:") else None
+    return tuple(int(p) for p in found.group(1).split(".")) if found else None
+
+
+def _code_first(name: str) -> tuple:
+    """Sort key: a compiler other than GCC first, then GCCs newest first. clang on Linux links the system GCC's start
+    files (``crtbeginS.o``), which carry GCC's name, so a library clang compiled names GCC too, and first:
+    ``GCC: (Debian 12.2.0-14+deb12u1) 12.2.0`` then ``Debian clang version 16.0.6 (15~deb12u1)``."""
+    if not name.startswith("GCC:"):
+        return (0,)
+    version = _gcc_version(name)
+    return (1, *(-v for v in version)) if version else (2,)
+
+
 @functools.lru_cache(maxsize=4)
 def compilers(folder: Path | None = None) -> tuple[str, ...]:
     """The compilers named in the CPU backend's library (``libggml-cpu``, where the AMX kernels live; else every
-    library), in the order found; () where none left its name."""
+    library), the one that compiled its code first (``_code_first``); () where none left its name. A library
+    stripped by ``llvm-strip`` has no ``.comment``: CMake strips a clang build with it where it is installed, and
+    llama-cpp-python's build backend (scikit-build-core) strips what it installs, so a ``CC=clang-16 pip install``
+    can leave no name."""
     files = library_files(folder)
     cpu = [p for p in files if p.name.startswith("libggml-cpu")]
     found: dict[str, None] = {}
     for path in cpu or files:
         found.update(dict.fromkeys(elf_comment(path)))
-    return tuple(found)
+    return tuple(sorted(found, key=_code_first))
 
 
 
 def amx_tiles_dropped_by() -> str | None:
-    """The CPU backend's compiler when it is a GCC before 13, else None. GCC 12.2's ``_tile_loadconfig`` declares an
-    8-byte operand, so the stores of llama.cpp's tile shapes are dropped and its AMX kernels fault (this module's
-    text); GCC 13's header calls a compiler builtin instead (public build logs show it; not run here), and its builds
-    are tried under the self-test like any other."""
-    for name in compilers():
-        if name.startswith("GCC:"):
-            major = name.split()[-1].split(".")[0]
-            if major.isdigit() and int(major) < 13:
-                return name
-    return None
+    """The CPU backend's compiler (the first of ``compilers``) when it is a GCC before 13, else None. GCC 12.2's
+    ``_tile_loadconfig`` declares an 8-byte operand, so the stores of llama.cpp's tile shapes are dropped and its AMX
+    kernels fault (this module's text); GCC 13's header calls a compiler builtin instead (public build logs show it;
+    not run here), and its builds are tried under the self-test like any other. A clang build, which names the GCC of
+    its start files too, is tried."""
+    named = compilers()
+    version = _gcc_version(named[0]) if named else None
+    return named[0] if version and version[0] < 13 else None
