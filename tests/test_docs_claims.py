@@ -239,3 +239,10 @@ def test_the_imatrix_cost_the_readme_quotes_is_in_a_kept_result():
     assert len(quoted) >= 3, sentence
     kept = _step_timings("imatrix")
     assert not [q for q in quoted if q not in kept], f"imatrix timings with no result file: {quoted} vs {sorted(kept)}"
+
+
+def test_no_page_counts_a_test_files_tests():
+    """A test count beside a test file's name is stale at the next test added; the file says it better."""
+    counted = [f"{path.name}: {m.group()}" for path in DOCS
+               for m in re.finditer(r"\b\d+ tests\b[^.;)]*", path.read_text(encoding="utf-8"))]
+    assert not counted, counted
