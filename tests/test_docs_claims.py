@@ -246,3 +246,21 @@ def test_no_page_counts_a_test_files_tests():
     counted = [f"{path.name}: {m.group()}" for path in DOCS
                for m in re.finditer(r"\b\d+ tests\b[^.;)]*", path.read_text(encoding="utf-8"))]
     assert not counted, counted
+
+
+def test_the_adapter_memory_ratios_quoted_are_in_the_results():
+    """Every ratio decision 0014 and the serve page quote for four adapters' memory is one a serve_adapters result
+    prints (a range's ends included)."""
+    printed = set()
+    for path in (ROOT / "benchmarks" / "results" / "serve_adapters").glob("*.md"):
+        printed.update(re.findall(r"\b1\.\d{3}x", path.read_text(encoding="utf-8")))
+    pages = [ROOT / "docs" / "decisions" / "0014-trim-the-heap-when-idle.md", ROOT / "docs" / "serve.md"]
+    quoted = []
+    for path in pages:
+        text = path.read_text(encoding="utf-8")
+        if path.name == "serve.md":
+            text = text.split("(`malloc_trim`", 1)[1].split("decision 0014", 1)[0]
+        for low, high in re.findall(r"\b(1\.\d{3})(?:x?(?: to |-)(1\.\d{3}))?x", text):
+            quoted += [f"{low}x"] + ([f"{high}x"] if high else [])
+    assert len(quoted) >= 8
+    assert not [q for q in quoted if q not in printed], sorted(set(quoted) - printed)
