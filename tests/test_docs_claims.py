@@ -264,3 +264,50 @@ def test_the_adapter_memory_ratios_quoted_are_in_the_results():
             quoted += [f"{low}x"] + ([f"{high}x"] if high else [])
     assert len(quoted) >= 8
     assert not [q for q in quoted if q not in printed], sorted(set(quoted) - printed)
+
+
+def _decisions() -> list[Path]:
+    return sorted((ROOT / "docs" / "decisions").glob("0*.md"))
+
+
+def test_a_superseded_record_names_the_record_that_supersedes_it():
+    """The decisions README's rule: a record that is overturned, even in part, stays, and its status names the
+    record that replaces it."""
+    status = {path.name[:4]: path.read_text(encoding="utf-8").split("\n\n", 2)[1] for path in _decisions()}
+    pairs = [(path.name[:4], old) for path in _decisions()
+             for old in re.findall(r"Supersedes[^\[]*\[(\d{4})\]", path.read_text(encoding="utf-8"))]
+    assert pairs  # 0012 supersedes part of 0006
+    assert not [(new, old) for new, old in pairs if new not in status[old]], pairs
+
+
+def _code_constants() -> dict[str, set[float]]:
+    """Module-level numeric constants of edgemed and converters, by name."""
+    found: dict[str, set[float]] = {}
+    for base in ("edgemed", "converters"):
+        for path in (ROOT / base).rglob("*.py"):
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) \
+                        and type(node.value.value) in (int, float):
+                    for target in node.targets:
+                        if isinstance(target, ast.Name) and target.id.isupper():
+                            found.setdefault(target.id, set()).add(float(node.value.value))
+    return found
+
+
+def test_constants_the_docs_give_as_decided_are_the_codes():
+    """`NAME` = VALUE in the README, the topic pages and a decision's status and Decision section (not its
+    measurements, where other values were tried) is the value in the code."""
+    texts = {path.name: path.read_text(encoding="utf-8") for path in DOCS}
+    for path in _decisions():
+        text = path.read_text(encoding="utf-8")
+        decided = text.split("\n## Decision", 1)[1].split("\n## ", 1)[0] if "\n## Decision" in text else ""
+        texts[path.name] = text.split("\n## ", 1)[0] + decided
+    constants = _code_constants()
+    pattern = re.compile(r"`([A-Z][A-Z0-9_]+)`\s*=\s*(\d[\d.]*)|`([A-Z][A-Z0-9_]+) = (\d[\d.]*)`")
+    written = [(m[1] or m[3], page, float((m[2] or m[4]).rstrip(".")))
+               for page, text in texts.items() for m in pattern.finditer(text)]
+    written = [w for w in written if w[0] in constants]
+    assert len(written) >= 3  # the prefill budget's and the headline KLD's
+    wrong = [f"{page}: {name} = {value:g} (code: {sorted(constants[name])})" for name, page, value in written
+             if value not in constants[name]]
+    assert not wrong, wrong
