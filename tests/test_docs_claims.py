@@ -311,3 +311,35 @@ def test_constants_the_docs_give_as_decided_are_the_codes():
     wrong = [f"{page}: {name} = {value:g} (code: {sorted(constants[name])})" for name, page, value in written
              if value not in constants[name]]
     assert not wrong, wrong
+
+
+def _blocks(text: str) -> list[str]:
+    """A page's paragraphs and list items, each as one line."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith(("- ", "| ", "#")):
+            if current:
+                blocks.append(" ".join(current))
+            current = [line.strip()] if line.strip() else []
+        else:
+            current.append(line.strip())
+    return blocks + ([" ".join(current)] if current else [])
+
+
+def test_a_plan_from_an_older_planner_is_quoted_with_its_planner():
+    """A ``plan_devices`` result made by a planner other than the current one is named, wherever the docs cite it,
+    with the planner that made it."""
+    import json
+
+    from edgemed.runtime.plan import METHOD
+
+    old = {}
+    for path in (ROOT / "benchmarks" / "results").glob("plan_devices-*.json"):
+        method = json.loads(path.read_text(encoding="utf-8"))["method"]
+        if method != METHOD:
+            old[path.stem] = method
+    pages = DOCS + _decisions()
+    unlabelled = [f"{page.name}: {stem} ({method})" for page in pages
+                  for block in _blocks(page.read_text(encoding="utf-8"))
+                  for stem, method in old.items() if stem in block and f"`{method}`" not in block]
+    assert not unlabelled, unlabelled
