@@ -201,17 +201,18 @@ def test_a_container_cpu_quota_or_cpuset_caps_the_threads(tmp_path, version):
 
 def test_the_engines_own_thread_count_keeps_to_the_cpus_allowed(monkeypatch):
     """Where no profile says (quickstart's demo model, the batcher and the logits reader given no threads), the
-    engine counted the cores in /proc/cpuinfo alone: a container given 2 CPUs on a 64-core host ran 64 threads."""
-    from edgemed.devices import facts
+    engine counted the cores in /proc/cpuinfo alone: a container given 2 CPUs on a 64-core host ran 64 threads.
+    It takes detection's count now (``usable_cores``), as a profile's "physical" does."""
+    from edgemed.devices import detect as detection
     from edgemed.runtime import llamacpp
 
-    monkeypatch.setattr(llamacpp, "_cores_in_cpuinfo", lambda: 64)
-    monkeypatch.setattr(facts, "cpus_allowed", lambda host: 2)
-    assert llamacpp.physical_cores() == 2
-    monkeypatch.setattr(facts, "cpus_allowed", lambda host: None)  # nothing narrows them
-    assert llamacpp.physical_cores() == 64
-    monkeypatch.setattr(facts, "cpus_allowed", lambda host: 96)  # SMT siblings allowed are not cores
-    assert llamacpp.physical_cores() == 64
+    root = FIXTURES / "x86-avx512"  # 16 cores, 32 logical CPUs
+    monkeypatch.setattr(detection, "cpus_allowed", lambda host: 2)
+    assert llamacpp.physical_cores(root) == 2
+    monkeypatch.setattr(detection, "cpus_allowed", lambda host: None)  # nothing narrows them
+    assert llamacpp.physical_cores(root) == 16
+    monkeypatch.setattr(detection, "cpus_allowed", lambda host: 32)  # SMT siblings allowed are not cores
+    assert llamacpp.physical_cores(root) == 16
 
 
 def test_cpu_limits_that_are_not_limits_or_not_numbers_change_nothing(tmp_path):

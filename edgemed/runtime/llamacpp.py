@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -61,32 +60,15 @@ def locked_bytes() -> int | None:
     return None
 
 
-def physical_cores() -> int:
-    """Threads that help llama.cpp where no profile says: physical cores, not SMT siblings, and no more than the
-    CPUs this process may use (a container's quota or cpuset, taskset: ``devices.facts.cpus_allowed``), as a
-    profile's ``"physical"`` resolves (best effort, Linux). A container given 2 CPUs on a 64-core host ran 64."""
-    from edgemed.devices.facts import Host, cpus_allowed
+def physical_cores(root: Path | str = "/") -> int:
+    """Threads that help llama.cpp where no profile says: what a profile's ``"physical"`` resolves to, read by the
+    devices module (``detect(root).usable_cores``): physical cores, not SMT siblings, and no more than the CPUs this
+    process may use (a container's quota or cpuset, taskset). A container given 2 CPUs on a 64-core host ran 64; an
+    arm64 Linux (a Jetson), whose /proc/cpuinfo has no ``core id`` lines, and macOS, which has no /proc/cpuinfo, ran
+    half their cores when this layer counted them itself."""
+    from edgemed.devices.detect import detect
 
-    cores = _cores_in_cpuinfo()
-    allowed = cpus_allowed(Host("/"))
-    return min(cores, allowed) if allowed else cores
-
-
-def _cores_in_cpuinfo() -> int:
-    try:
-        cores = set()
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            phys = None
-            for line in fh:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    cores.add((phys, line.split(":")[1].strip()))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return max(1, (os.cpu_count() or 2) // 2)
+    return detect(root).usable_cores
 
 
 class Model:
