@@ -96,6 +96,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     from edgemed.formats.sniff import model_format
     from edgemed.packaging.ref import loaded_as_verified
     from edgemed.runtime import native_build, selftest
+    from edgemed.runtime.llamacpp import lib
     from edgemed.runtime.session import prepare
 
     ref, specs = _check_target(model, adapters)
@@ -110,7 +111,8 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
         meta = read_header(path).metadata
         for spec in specs:
             check_adapter(meta, path, spec.path)  # made for this base, before a child loads it
-    load = prepare(path, profile, adapters=specs).load
+    prepared = prepare(path, profile, adapters=specs)
+    load = prepared.load
     if extra_buffers:
         load = replace(load, extra_buffers=extra_buffers)
     # each verdict is of the verified bytes: a file changed meanwhile is refused before its verdict is kept
@@ -127,11 +129,14 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
             dropped := native_build.amx_tiles_dropped_by()):
         note = (f"  AMX not tried: this llama.cpp was compiled by {dropped}, whose AMX "
                 "tile setup faults; a llama-cpp-python compiled with clang runs the AMX kernels (README, \"AMX hosts\").")
+    offloads = bool(lib().llama_supports_gpu_offload())
     if as_json:
         click.echo(json.dumps({"model": str(path), "adapters": [{"path": str(a.path), "scale": a.scale} for a in specs],
                                "host": {"llama_cpp": host.llama_cpp_version, "system_info": host.system_info,
                                         "library_sha256": host.library,
-                                        "compiled_by": list(native_build.compilers())},
+                                        "compiled_by": list(native_build.compilers()),
+                                        "gpu_offload": offloads},
+                               "n_gpu_layers": load.n_gpu_layers,
                                "uses": first.mode if first.ok else last.mode if last.ok else None,
                                "note": note.strip() or None,
                                "verdicts": [{"ok": v.ok, "extra_buffers": v.mode, "signal": v.signal,
@@ -139,7 +144,14 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
                               indent=2))
     elif first.ok:
         with_ = f" with the adapters {', '.join(a.path.name for a in specs)} applied" if specs else ""
-        click.echo(f"ok: {path.name} loads and decodes{with_} with extra_buffers = \"{first.mode}\" on this host")
+        cpu_only = "" if offloads else ", CPU only: this llama.cpp build cannot offload"
+        click.echo(f"ok: {path.name} loads and decodes{with_} with extra_buffers = \"{first.mode}\" on this host{cpu_only}")
+        if placement := (_child_report(first) or {}).get("placement"):
+            click.echo(f"  placement: {placement}")  # llama.cpp's buffers, and the layers it offloaded
+        if not offloads and load.n_gpu_layers:
+            click.echo(f"  the profile {prepared.profile} asks for n_gpu_layers = {load.n_gpu_layers} (layers on the "
+                       "GPU), and every layer runs on the CPU: install a llama-cpp-python built for this machine's GPU "
+                       "(on a Jetson, with CUDA: README, \"On a Jetson\"), or set n_gpu_layers = 0 in the profile.")
         click.echo(f"  llama-cpp-python {host.llama_cpp_version}; {host.system_info.strip()}")
         if note:
             click.echo(note)

@@ -183,6 +183,10 @@ def _extra_bufts() -> dict[str, int]:
 
 #: llama.cpp's line for each weight buffer it allocated (``load_tensors:   CPU_REPACK model buffer size = 812.5 MiB``)
 BUFFER_LINE = r"load_tensors:\s+(\S+) model buffer size =\s+([0-9.]+) MiB"
+#: llama.cpp's count of the layers it assigned to a GPU (``load_tensors: offloaded 31/31 layers to GPU``), written only
+#: by a build that can offload (``llama_supports_gpu_offload``). It repeats the request (``min(n_gpu_layers, n_layer
+#: + 1)``) even where no GPU device took a layer: the weight buffers are what says where they went.
+OFFLOAD_LINE = r"load_tensors: offloaded (\d+)/(\d+) layers to GPU"
 
 
 def extra_buffer_types() -> dict[str, int]:
@@ -199,6 +203,18 @@ class Placement:
     pinned: int = 0
     _keep: object = None
     seen: dict[str, float] | None = None
+    #: the layers asked for the GPU (``LoadSettings.n_gpu_layers``: -1 all, 0 none) and whether the build can offload
+    #: at all (None: not said, as for a placement made outside a load)
+    n_gpu_layers: int = 0
+    gpu: bool | None = None
+    #: llama.cpp's ``offloaded N/M layers to GPU`` (``OFFLOAD_LINE``), read back by ``llamacpp.Model``
+    offloaded: tuple[int, int] | None = None
+
+    def read_log(self, buffer_lines, offload_lines) -> None:
+        """Take what llama.cpp's log said of the load: the ``BUFFER_LINE`` and ``OFFLOAD_LINE`` matches
+        (``native_log.watch``)."""
+        self.seen = {m.group(1): float(m.group(2)) for m in buffer_lines}
+        self.offloaded = (int(offload_lines[-1].group(1)), int(offload_lines[-1].group(2))) if offload_lines else None
 
     def describe(self) -> str:
         if self.mode == "repack":
@@ -207,7 +223,46 @@ class Placement:
             said = {"all": "extra buffers: all (llama.cpp default)", "none": "extra buffers: none"}[self.mode]
         if self.seen:
             said += "; llama.cpp placed " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in self.seen.items())
+        if (layers := self.layers()) is not None:
+            said += f"; {layers}"
         return said
+
+    def device_buffers(self) -> dict[str, float]:
+        """The weight buffers llama.cpp reported on a GPU device (``CUDA0``, ``Metal_Mapped``, ...): not the CPU's own
+        (``CPU``, ``CPU_Mapped``, ``CPU_REPACK``, ``AMX``) nor a backend's pinned host memory (``CUDA_Host``)."""
+        return {name: mib for name, mib in (self.seen or {}).items()
+                if not name.startswith(("CPU", "AMX")) and not name.endswith("_Host")}
+
+    def layers(self) -> str | None:
+        """Where the layers are, in a few words: ``CPU only: this llama.cpp build cannot offload``, ``every layer on
+        the CPU`` and why, or llama.cpp's ``31/31 layers offloaded to the GPU`` with the GPU buffers; None where the
+        build was not asked (``gpu`` None) or a GPU build's log said nothing."""
+        if self.gpu is None:
+            return None
+        if not self.gpu:
+            return "CPU only: this llama.cpp build cannot offload"
+        if not self.n_gpu_layers:
+            return "every layer on the CPU (n_gpu_layers = 0)"
+        if why := self.offload_unread():
+            return f"every layer on the CPU: {why}"
+        if self.offloaded is None:
+            return None
+        on_gpu = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in self.device_buffers().items()) or "no GPU buffer"
+        return f"{self.offloaded[0]}/{self.offloaded[1]} layers offloaded to the GPU ({on_gpu})"
+
+    def offload_unread(self) -> str | None:
+        """Why the layers asked for the GPU (``n_gpu_layers`` not 0) run on the CPU, or None: the build cannot offload
+        (a CPU-only llama-cpp-python, or a CUDA one that found no device), or llama.cpp reported its weight buffers
+        and none of them is on a GPU (its ``offloaded`` line counts the layers asked, not the ones placed). None too
+        where offload was not asked, or where a GPU build reported nothing (its log was not routed here)."""
+        if not self.n_gpu_layers or self.gpu is None:
+            return None
+        if not self.gpu:
+            return "this llama.cpp build cannot offload (llama_supports_gpu_offload() is false)"
+        if self.seen and not self.device_buffers():
+            placed = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in self.seen.items())
+            return f"llama.cpp put none of the weights in a GPU buffer (it allocated {placed})"
+        return None
 
     def unread(self, extra: dict[str, int]) -> str | None:
         """What llama.cpp's own report contradicts in this placement (``extra``: the build's extra buffer types), or
@@ -228,7 +283,15 @@ class Placement:
 def apply(params, path: Path, mode: str, build: Build, max_overrides: int, tensors=None, *, n_gpu_layers: int = 0,
           gpu: bool = False) -> Placement:
     """Set ``use_extra_bufts`` / ``tensor_buft_overrides`` of llama_model_params for ``mode`` (not ``auto``).
-    ``n_gpu_layers`` and ``gpu`` (the build offloads to a GPU device): which layers stay on the CPU to be pinned."""
+    ``n_gpu_layers`` and ``gpu`` (the build offloads to a GPU device): which layers stay on the CPU to be pinned,
+    kept in the placement for its read-back (``offload_unread``)."""
+    placement = _place(params, path, mode, build, max_overrides, tensors, n_gpu_layers, gpu)
+    placement.n_gpu_layers, placement.gpu = n_gpu_layers, gpu
+    return placement
+
+
+def _place(params, path: Path, mode: str, build: Build, max_overrides: int, tensors, n_gpu_layers: int,
+           gpu: bool) -> Placement:
     if mode == "all":
         params.use_extra_bufts = True
         return Placement("all")

@@ -94,14 +94,20 @@ class Model:
         self.placement = buffers.apply(params, self.path, mode, build(), lc.llama_max_tensor_buft_overrides(), tensors,
                                        n_gpu_layers=load.n_gpu_layers, gpu=bool(lc.llama_supports_gpu_offload()))
         locked = locked_bytes() if load.use_mlock and not vocab_only else None
-        with native_log.watch(buffers.BUFFER_LINE) as seen, native_log.watch(MLOCK_FAILED) as refused:
+        with native_log.watch(buffers.BUFFER_LINE) as seen, native_log.watch(buffers.OFFLOAD_LINE) as offloaded, \
+                native_log.watch(MLOCK_FAILED) as refused:
             self.ptr = lc.llama_model_load_from_file(str(self.path).encode("utf-8"), params.raw)
-        self.placement.seen = {m.group(1): float(m.group(2)) for m in seen}
+        self.placement.read_log(seen, offloaded)
         if self.ptr and load.use_mlock and not vocab_only:
             self._check_locked(locked, bool(refused))
         if self.ptr and not vocab_only and (wrong := self.placement.unread(buffers.extra_buffer_types())):
             log.warning("the weights of %s are not where edgemed asked: %s (%s).", self.path.name, wrong,
                         self.placement.describe())
+        if self.ptr and not vocab_only and (why := self.placement.offload_unread()):
+            log.warning("n_gpu_layers = %d asks for %s's layers on a GPU, and %s: every layer runs on the CPU, slower. "
+                        "Fix: install a llama-cpp-python built for this machine's GPU (on a Jetson, built with CUDA: "
+                        "README, \"On a Jetson\"; `edgemed devices check` then reports the layers offloaded), or set "
+                        "n_gpu_layers = 0 in the device profile.", load.n_gpu_layers, self.path.name, why)
         if not self.ptr:
             raise ModelLoadError(
                 f"llama.cpp could not load '{self.path}'.",
