@@ -343,3 +343,32 @@ def test_a_plan_from_an_older_planner_is_quoted_with_its_planner():
                   for block in _blocks(page.read_text(encoding="utf-8"))
                   for stem, method in old.items() if stem in block and f"`{method}`" not in block]
     assert not unlabelled, unlabelled
+
+
+def test_the_verify_cost_the_readme_quotes_is_verify_cost_json():
+    import json
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "verify_cost.json").read_text(encoding="utf-8"))
+    kept = {f"{v:g}" for v in result.values() if isinstance(v, (int, float))} | {f"{result['size_bytes'] / 1e9:.1f}"}
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    paragraph = text.split("Verify cost (", 1)[1].split("###", 1)[0]
+    number = r"(?<![\w.,-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d{3,})(?![\d.,]|[A-Za-wyz_])"  # 5.42x counts
+    figures = [n.replace(",", "") for n in re.findall(number, paragraph)]
+    assert len(figures) >= 5, paragraph
+    assert not [f for f in figures if f not in kept], (figures, sorted(kept))
+
+
+def test_the_parity_figures_the_readme_quotes_are_the_convert_cost_jsons():
+    import json
+
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    paragraph = text.split("## Measured here", 1)[1].split("## ", 1)[0]
+    names = re.findall(r"convert_cost-\*-parity-table\.json|-quickstart-shape-quiet\.json", paragraph)
+    assert len(names) == 2, paragraph
+    results = [*(ROOT / "benchmarks" / "results").glob("convert_cost-*-parity-table.json"),
+               *(ROOT / "benchmarks" / "results").glob("convert_cost-*-quickstart-shape-quiet.json")]
+    assert len(results) == 4
+    for path in results:
+        parity = json.loads(path.read_text(encoding="utf-8"))["runs"]["convert+parity"]["parity"]
+        assert f"{parity['nmse']:.3e}" in paragraph, path.name
+        assert f"{parity['top1'] * 100:.1f} %".replace(".0 %", " %") in paragraph, path.name
