@@ -109,14 +109,20 @@ def test_a_context_off_the_256_grid_stops_where_it_was_asked(smollm2_gguf):
         model.close()
 
 
-def test_every_field_set_reads_back_from_the_struct_and_from_llama_cpp(smollm2_gguf):
+def test_every_field_set_reads_back_from_the_struct_and_from_llama_cpp(smollm2_gguf, caplog):
+    """The struct's fields, llama.cpp's getters, and where it has none (flash attention, the KV cache types) its own
+    lines for the context, watched at the CLI's default verbosity (llama.cpp's INFO lines are not shown there)."""
     from edgemed.runtime import llamacpp
 
+    caplog.set_level("WARNING", logger="edgemed.llama_cpp")
     load = LoadSettings(n_ctx=512, n_threads=1, n_threads_batch=2, n_batch=256, n_ubatch=128, use_mmap=False,
-                        extra_buffers="none")
+                        extra_buffers="none", flash_attn=True, type_k="q8_0", type_v="q8_0")
     model = llamacpp.Model(smollm2_gguf, load)
     ctx = llamacpp.Context(model, load, n_seq_max=2)
     try:
+        assert ctx.said == {"flash_attn": "enabled", "kv": [("q8_0", "q8_0")]}  # what llama.cpp says it made
+        assert ctx.params.written["flash_attn_type"] == model.lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        assert ctx.params.written["type_k"] == ctx.params.written["type_v"] == 8  # GGML_TYPE_Q8_0
         lc = model.lib
         for params in (model.params, ctx.params):
             assert params.written, "nothing recorded"
@@ -131,6 +137,30 @@ def test_every_field_set_reads_back_from_the_struct_and_from_llama_cpp(smollm2_g
         assert lc.llama_n_threads(ctx.ptr) == 1 and lc.llama_n_threads_batch(ctx.ptr) == 2
     finally:
         ctx.close()
+        model.close()
+
+
+def test_a_context_llama_cpp_made_otherwise_is_refused(smollm2_gguf, monkeypatch):
+    """llama.cpp overrules a context's flash attention on its own (off for Grok) and says so only in its log: a
+    context whose lines contradict the settings is freed and refused, not used."""
+    from edgemed.errors import ModelLoadError
+    from edgemed.runtime import llamacpp
+
+    load = LoadSettings(n_ctx=256, n_threads=1, extra_buffers="none")
+    said = {"flash_attn": "enabled", "kv": [("f16", "f16"), ("q8_0", "f16")]}
+    assert llamacpp.context_unread(said, load) == ("flash_attn enabled (edgemed set it disabled); a KV cache of K q8_0 "
+                                                   "and V f16 (edgemed set K f16 and V f16)")
+    assert llamacpp.context_unread({"flash_attn": None, "kv": []}, load) is None  # nothing said: nothing to hold to
+    model = llamacpp.Model(smollm2_gguf, load)
+    try:
+        freed = []
+        # llama.cpp's "kv_unified = true" read as its flash attention line, as if it had turned it on
+        monkeypatch.setattr(llamacpp, "CONTEXT_LINE", r"^llama_context: kv_unified += (?P<flash_attn>\w+)(?P<k>)(?P<v>)")
+        monkeypatch.setattr(model.lib, "llama_free", lambda ptr, free=model.lib.llama_free: freed.append(ptr) or free(ptr))
+        with pytest.raises(ModelLoadError, match="with flash_attn true \\(edgemed set it disabled\\)"):
+            llamacpp.Context(model, load)
+        assert len(freed) == 1
+    finally:
         model.close()
 
 

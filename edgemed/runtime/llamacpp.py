@@ -287,6 +287,28 @@ class Adapter:
             self.lib.llama_adapter_lora_free(ptr)
 
 
+#: llama.cpp's lines for a new context that say what it made, read back once per context (one pattern: each line of
+#: llama.cpp's log is searched once for it; a context writes some 1,700, most of them its graph's inputs at DEBUG):
+#: each KV cache (llama-kv-cache.cpp; a sliding-window model has two, a recurrent one none), ``llama_kv_cache: size =
+#: 12.00 MiB (   512 cells,  30 layers,  2/2 seqs), K (q8_0):    6.00 MiB, V (q8_0):    6.00 MiB``, and flash
+#: attention (llama-context.cpp, ``llama_flash_attn_type_name``: auto, disabled, enabled), written after llama.cpp
+#: overrules the setting (it turns flash attention off for Grok): ``llama_context: flash_attn            = enabled``
+CONTEXT_LINE = (r"^llama_(?:kv_cache: size = +[0-9.]+ MiB \(.*\), K \((?P<k>\w+)\): +[0-9.]+ MiB, V \((?P<v>\w+)\): "
+                r"+[0-9.]+ MiB|context: flash_attn += (?P<flash_attn>\w+))")
+
+
+def context_unread(said: dict, load: LoadSettings) -> str | None:
+    """What llama.cpp's own lines for a new context (``said``: ``Context.said``) contradict in ``load``'s flash
+    attention and KV cache types, or None; None too where it wrote none of them (its log not routed here)."""
+    wrong = []
+    want = "enabled" if load.flash_attn else "disabled"
+    if said["flash_attn"] is not None and said["flash_attn"] != want:
+        wrong.append(f"flash_attn {said['flash_attn']} (edgemed set it {want})")
+    wrong += [f"a KV cache of K {k} and V {v} (edgemed set K {load.type_k} and V {load.type_v})"
+              for k, v in said["kv"] if (k, v) != (load.type_k, load.type_v)]
+    return "; ".join(wrong) or None
+
+
 #: A prompt found whole in the cells still feeds its last REFEED tokens: its logits must come from a piece of
 #: several rows, as in a cold run; the last token alone goes through llama.cpp's one-row kernels and its
 #: logits differ enough to change greedy text (seen with SmolLM2 Q4_1 on AVX2).
@@ -324,12 +346,21 @@ class Context:
         p.type_k = KV_TYPES[load.type_k].ggml_id  # by number: llama-cpp-python has no GGML_TYPE_BF16 name
         p.type_v = KV_TYPES[load.type_v].ggml_id
         p.no_perf = True
-        self.ptr = lc.llama_init_from_model(model.ptr, p.raw)
+        with native_log.watch(CONTEXT_LINE) as said:
+            self.ptr = lc.llama_init_from_model(model.ptr, p.raw)
         if not self.ptr:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {p.n_ctx} tokens ({n_seq_max} sequences) for '{model.path}'.",
                 "use fewer --slots or a smaller --ctx, or a KV cache type the build supports",
             )
+        #: what llama.cpp's log said of the context it made: flash attention, and each KV cache's (K, V) types
+        flash = [m["flash_attn"] for m in said if m["flash_attn"]]
+        self.said = {"flash_attn": flash[-1] if flash else None, "kv": [(m["k"], m["v"]) for m in said if m["k"]]}
+        if wrong := context_unread(self.said, load):
+            self.close()
+            raise ModelLoadError(f"llama.cpp made the context for '{model.path.name}' with {wrong}.",
+                                 "set flash_attn, type_k and type_v in the device profile to what this model and "
+                                 "build take (run with -v to see llama.cpp's reason)")
         self.memory = lc.llama_get_memory(self.ptr)
         # llama.cpp pads the cells to a multiple of 256 (1,000 asked: 1,024 made): the limit is what was asked, so a
         # model planned at its whole trained context never reads positions past it
