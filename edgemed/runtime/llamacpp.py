@@ -3,7 +3,9 @@
 Raw ``llama_cpp`` bindings -> the thin owners here (``Model``, ``Context``, ``Batch``, ``SamplerChain``,
 each freeing its native object in an idempotent ``close()``) -> the run engine, the batcher, the
 converters' checks, the benchmarks and the scorer. Parameter structs are built from ``LoadSettings`` here
-only, through ``params.Params`` (named fields, read back), so a host setting applies to every load.
+only, through ``params.Params`` (named fields, read back), so a host setting applies to every load. What only
+llama.cpp's log says is read back too (``native_log.watch``): where the weights went (``buffers.Placement``: the
+extra buffers, the layers offloaded, ``use_mlock``) and what a context was made with (flash attention, the KV types).
 No policy lives here: which settings a model that will compute is loaded with (the host self-test's
 verdict) is decided by ``loader.load_model`` above this layer, the one way the rest of edgemed loads one.
 ``generate`` is the one single-sequence generation loop; the batcher drives the same parts for many.
