@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import click
+import pytest
 
 from edgemed.cli import cli
 
@@ -372,3 +373,33 @@ def test_the_parity_figures_the_readme_quotes_are_the_convert_cost_jsons():
         parity = json.loads(path.read_text(encoding="utf-8"))["runs"]["convert+parity"]["parity"]
         assert f"{parity['nmse']:.3e}" in paragraph, path.name
         assert f"{parity['top1'] * 100:.1f} %".replace(".0 %", " %") in paragraph, path.name
+
+
+def test_the_serve_slots_plan_error_the_runtime_page_quotes_is_the_jsons():
+    import json
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "plan_memory-serve-4slots.json").read_text())["rows"]
+    errors = sorted(abs(r["error_pct"]) for r in rows)
+    text = " ".join((ROOT / "docs" / "runtime.md").read_text(encoding="utf-8").split())
+    sentence = text.split("4 slots of 2,048 tokens", 1)[1].split("`)", 1)[0]
+    assert f"{errors[0]:.1f}-{errors[-1]:.1f} %" in sentence and "plan_memory-serve-4slots.json" in sentence
+    assert not re.findall(r"\d+-\d+ %", sentence.replace(f"{errors[0]:.1f}-{errors[-1]:.1f} %", ""))
+
+
+def test_the_amx_buffer_decision_0019_quotes_is_what_the_planner_reads():
+    """0019's AMX buffer (llama.cpp's log on the AMX host, kept in no result file) is checked against the tensor
+    table, which any box reads: ``plan.read_shape`` of the same 1.5B file."""
+    from edgemed.converters.source import pip_models
+
+    from edgemed.errors import InputError
+    from edgemed.runtime.plan import MIB, read_shape
+
+    try:
+        path = pip_models.gguf_file("qwen2.5-1.5b-instruct")
+    except InputError as exc:
+        pytest.skip(f"real model 'qwen2.5-1.5b-instruct' not installed: {exc.fix}")
+    shape = read_shape(path)
+    text = " ".join((ROOT / "docs" / "decisions" / "0019-amx-where-the-build-runs-it.md").read_text().split())
+    amx, extra = shape.amx_bytes / MIB, shape.amx_extra_bytes / MIB
+    for figure in (f"{amx:.2f} MiB", f"{extra:.2f} MiB", f"{amx + extra:.2f} MiB", f"{shape.weights_bytes / MIB:,.2f} MiB"):
+        assert figure in text, figure
