@@ -12,6 +12,8 @@ read comes first and is not timed):
   - the fast path (`verify_dir` with the verified cache), in-process, median of 20;
   - `edgemed verify NAME`-style fast path as a fresh process (Python start-up included).
 Goals: full verify >= 80 % of sha256sum throughput; fast path < 50 ms.
+The figures are written to ``<results-dir>/verify_cost.json`` (``verify_cost-<model>.json`` for another model
+or a --gguf file); verify_cost.md beside it quotes them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgemed.files.atomic import write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODEL = "qwen2.5-1.5b-instruct"
+
 
 def best_of(fn, repeat: int) -> float:
     times = []
@@ -38,10 +45,11 @@ def best_of(fn, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen2.5-1.5b-instruct", help="a pip-carried model name (edgemed.converters.source.pip_models)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a pip-carried model name (edgemed.converters.source.pip_models)")
     ap.add_argument("--gguf", type=Path, help="use this GGUF instead of --model")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the JSON instead of the summary (it is written either way)")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     from edgemed import env
@@ -98,6 +106,10 @@ def main() -> None:
         "fast_path_ms_median": round(statistics.median(fast) * 1e3, 2), "fast_path_ms_max": round(max(fast) * 1e3, 2),
         "fast_path_new_process_ms": round(proc_inner * 1e3, 1), "new_process_total_ms": round(proc_total * 1e3),
     }
+    stem = "verify_cost" if not args.gguf and args.model == DEFAULT_MODEL else f"verify_cost-{args.gguf.stem if args.gguf else args.model}"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    write_text(args.results_dir / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.results_dir / stem}.json", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -403,3 +403,74 @@ def test_the_amx_buffer_decision_0019_quotes_is_what_the_planner_reads():
     amx, extra = shape.amx_bytes / MIB, shape.amx_extra_bytes / MIB
     for figure in (f"{amx:.2f} MiB", f"{extra:.2f} MiB", f"{amx + extra:.2f} MiB", f"{shape.weights_bytes / MIB:,.2f} MiB"):
         assert figure in text, figure
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _table_rows(text: str, after: str) -> list[list[str]]:
+    """The cells of each body row of the first table whose header follows the text ``after`` (or holds it)."""
+    lines = text.split(after, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|---"))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _figures(text: str) -> list[str]:
+    """The decimal figures of ``text`` (thousands commas dropped), leaving out code spans and link targets."""
+    text = re.sub(r"`[^`]*`|\]\([^)]*\)", " ", text)
+    number = r"(?<![\w.,-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e[-+]\d+)?)(?!\d|[.,]\d|[A-Za-wyz_])"  # 5.42x counts
+    return [n.replace(",", "") for n in re.findall(number, text)]
+
+
+def test_the_convert_cost_parity_table_is_its_jsons():
+    """Each row of convert_cost.md's parity table names its result, and every figure in the row is that JSON's."""
+    import json
+
+    rows = _table_rows((RESULTS / "convert_cost.md").read_text(encoding="utf-8"), "## Parity and size of converted files")
+    assert len(rows) == 4, rows
+    for model, output, parity, size, result in rows:
+        name = re.search(r"\((convert_cost-[\w.+-]+\.json)\)", result)
+        assert name, result
+        run = json.loads((RESULTS / name[1]).read_text(encoding="utf-8"))["runs"]["convert+parity"]
+        p = run["parity"]
+        assert p["passed"] and output.split(",")[0].lower() == p["out_type"], (output, name[1])
+        kept = {f"{p['nmse']:.3e}", f"{p['kld']:.3e}", f"{p['top1'] * 100:.1f}", str(p["n_positions"]),
+                f"{run['output_bytes'] / 1e6:.0f}", "576"}  # d=576: the model's width, named for its Q5_0 fallback
+        quoted = _figures(f"{parity} {size}")
+        assert len(quoted) >= 5, (parity, size)
+        assert not [f for f in quoted if f not in kept], (name[1], quoted, sorted(kept))
+
+
+def test_the_verify_cost_page_is_verify_cost_json():
+    import json
+
+    result = json.loads((RESULTS / "verify_cost.json").read_text(encoding="utf-8"))
+    kept = {f"{v:g}" for v in result.values() if isinstance(v, (int, float))}
+    rows = _table_rows((RESULTS / "verify_cost.md").read_text(encoding="utf-8"), "`python -m edgemed.benchmarks.verify_cost`")
+    quoted = [f for _, cost in rows for f in _figures(cost)]
+    assert len(quoted) >= 10, rows
+    assert not [f for f in quoted if f not in kept], (quoted, sorted(kept))
+    assert len(rows[0]) == 2, "one column of figures: the run verify_cost.json keeps"
+
+
+def test_the_plan_memory_tables_are_their_jsons():
+    """Every predicted and measured MiB and every error in plan_memory.md's two tables is its JSON row's, row for
+    row, and the tables have no other columns of figures."""
+    import json
+
+    text = (RESULTS / "plan_memory.md").read_text(encoding="utf-8")
+    for after, result in (("| `python -m edgemed.benchmarks.plan_memory`", "plan_memory.json"),
+                          ("`edgemed serve` plans 4 slots", "plan_memory-serve-4slots.json")):
+        rows = json.loads((RESULTS / result).read_text(encoding="utf-8"))["rows"]
+        table = _table_rows(text, after)
+        assert len(table) == len(rows), (result, table)
+        for cells, row in zip(table, rows):
+            mib = 1024 * 1024
+            assert cells[1:4] == [f"{row['predicted'] / mib:,.1f} MiB", f"{row['measured'] / mib:,.1f} MiB",
+                                  f"{row['error_pct']:+.1f} %"], (result, cells, row["model"], row["n_ctx"])
+            assert not _figures(" ".join(cells[4:]).replace(str(row.get("load_mode")), "")), (result, cells)
