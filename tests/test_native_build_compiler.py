@@ -48,6 +48,16 @@ def test_a_gcc_build_is_gccs_and_the_newest_gcc_named_is_the_compiler(lib_dir):
     assert native_build.amx_tiles_dropped_by() is None
 
 
+@pytest.mark.parametrize("linker", ["Linker: LLD 16.0.6", "mold 2.4.0 (compatible with GNU ld)"])
+def test_a_linker_named_beside_gcc_12_does_not_pass_for_a_compiler(lib_dir, linker):
+    """A GCC 12 build linked by lld or mold names its linker in .comment too; taken first, AMX was tried on it."""
+    _comment(lib_dir, GCC12, linker)
+    assert native_build.compilers()[0] == GCC12 and native_build.amx_tiles_dropped_by() == GCC12
+    native_build.compilers.cache_clear()
+    _comment(lib_dir, GCC12, CLANG16, linker)  # clang linked by lld: clang's build, tried
+    assert native_build.compilers()[0] == CLANG16 and native_build.amx_tiles_dropped_by() is None
+
+
 def _compile(cc: str, lib, *flags: str) -> None:
     source = lib.parent / "add.c"
     source.write_text("int add(int a, int b) { return a + b; }\n")

@@ -135,7 +135,9 @@ def _code_first(name: str) -> tuple:
     files (``crtbeginS.o``), which carry GCC's name, so a library clang compiled names GCC too, and first:
     ``GCC: (Debian 12.2.0-14+deb12u1) 12.2.0`` then ``Debian clang version 16.0.6 (15~deb12u1)``."""
     if not name.startswith("GCC:"):
-        return (0,)
+        # a linker writes its name there too (``Linker: LLD 16.0.6``, ``mold 2.4.0 (compatible with GNU ld)``): only
+        # a compiler's name may outrank GCC's, or a GCC 12 build linked by lld would be taken for a safe one
+        return (0,) if "clang" in name or "compiler" in name.lower() else (3,)
     version = _gcc_version(name)
     return (1, *(-v for v in version)) if version else (2,)
 
