@@ -306,9 +306,22 @@ class Manifest:
         return self.model.get("format") == ADAPTERS_ONLY
 
     @property
+    def merged_lora_sha256(self) -> str | None:
+        """The sha256 of the LoRA adapter merged into this model's weights (``convert --lora``: the GGUF's
+        ``edgemed.lora.sha256``, or its report's ``lora``, which pack keeps as ``provenance.lora_sha256``); None for a
+        plain model and for an adapter-only bundle."""
+        merged = None if self.adapters_only else self.provenance.get("lora_sha256")
+        return merged if isinstance(merged, str) and merged else None
+
+    @property
     def base_source_sha256(self) -> str | None:
-        """The checkpoint this bundle's adapters apply to: the model's own source, or the named base."""
-        return self.model.get("base_source_sha256") if self.adapters_only else self.provenance.get("source_sha256")
+        """The checkpoint this bundle's adapters apply to: the named base, or the model's own source. None for a model
+        with a LoRA merged into its weights: it records the plain checkpoint's sha256 as its source, but an adapter of
+        that checkpoint was made and gated for the plain weights (``runtime.loader.refuse_merged_base`` refuses the pair
+        at load), so the store pairs no adapter bundle with it, nor takes it as an adapter bundle's installed base."""
+        if self.adapters_only:
+            return self.model.get("base_source_sha256")
+        return None if self.merged_lora_sha256 else self.provenance.get("source_sha256")
 
     # -- writing ------------------------------------------------------------------------
     def to_dict(self) -> dict:
