@@ -347,7 +347,9 @@ def admit(path: Path, load: LoadSettings, adapters) -> None:
 
 
 def _child(path: str, settings_json: str, adapters_json: str = "[]") -> None:
-    """Runs in the child: load, apply the adapters, decode, print one JSON line (no prompt or output text)."""
+    """Runs in the child: load, apply the adapters, decode, print one JSON line (no prompt or output text): the
+    placement in words, and ``offload_unread``, why layers asked for the GPU run on the CPU (``Placement.offload_unread``:
+    a build that cannot offload, or weights that reached no GPU buffer), null where nothing contradicts the ask."""
     from edgemed.runtime import llamacpp
 
     load = LoadSettings(**{k: (tuple(v) if k == "providers" else v) for k, v in json.loads(settings_json).items()})
@@ -367,6 +369,7 @@ def _child(path: str, settings_json: str, adapters_json: str = "[]") -> None:
         ctx.eval([token], pos)
         pos += 1
     print(json.dumps({"ok": True, "decoded": DECODE_TOKENS, "placement": model.placement.describe(),
+                      "offload_unread": model.placement.offload_unread(),
                       "adapters": len(adapters), "core_limit": _core_limit()}), flush=True)
     ctx.close()
     for adapter, _ in adapters:
