@@ -72,3 +72,19 @@ def test_list_and_adapter_names_pair_the_bundle_with_the_plain_model_only(made):
     assert [a["name"] for a in rows["plain"]["adapters"]] == ["cardio"] and rows["merged"]["adapters"] == []
     assert set(adapters(runnable("plain"))) == {"cardio"}
     assert adapters(runnable("merged")) == {}
+
+
+def test_pack_refuses_adapters_for_a_merged_model(smollm2_gguf, tmp_path, made):
+    """`pack MERGED.gguf --adapter` and `pack --adapter ... --for-model MERGED` made bundles the runtime refuses."""
+    smol = lora_gguf_kit.base(smollm2_gguf)
+    cardio = shutil.copyfile(lora_gguf_kit.adapter(smol, "cardio"), tmp_path / "cardio2.lora.gguf")
+    merged = bundle_kit.inputs(tmp_path / "m2", extra_kv={SOURCE_SHA_KEY: made["digest"], LORA_SHA_KEY: "ef" * 32})
+    r = cli("pack", merged["model"], "--license", merged["license"], "--adapter", f"cardio={cardio}", "--name", "m2",
+            "-o", tmp_path / "m2.edgemed")
+    assert r.exit_code == 1 and "merged into its weights" in r.output and not (tmp_path / "m2.edgemed").exists(), r.output
+    assert cli("install", made["merged"]).exit_code == 0
+    r = cli("pack", "--adapter", f"cardio={cardio}", "--for-model", "merged", "--name", "notes2", "-o", tmp_path / "n2.edgemed")
+    assert r.exit_code == 1 and "merged into its weights" in r.output and not (tmp_path / "n2.edgemed").exists(), r.output
+    assert cli("install", made["plain"]).exit_code == 0
+    r = cli("pack", "--adapter", f"cardio={cardio}", "--for-model", "plain", "--name", "notes2", "-o", tmp_path / "n2.edgemed")
+    assert r.exit_code == 0, r.output

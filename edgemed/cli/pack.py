@@ -136,6 +136,10 @@ def _installed_base(name: str) -> tuple[str, str]:
     if man.adapters_only:
         raise InputError(f"'{name}' is an adapter-only bundle, not a model.",
                          f"pass the model it is for: --for-model {man.model.get('base_name') or 'NAME'}")
+    if man.merged_lora_sha256:
+        raise InputError(f"The installed model '{name}' has a LoRA adapter merged into its weights (convert --lora); an "
+                         "adapter is made and gated for the plain checkpoint, and would change a model it was not "
+                         "trained on.", "install a GGUF converted without --lora and pack for it")
     source = man.provenance.get("source_sha256")
     if not source:
         raise InputError(f"The installed model '{name}' does not record the checkpoint it was converted from, so no adapter "

@@ -287,6 +287,12 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signi
         if inp.adapters and model_facts["format"] != "gguf":
             raise InputError(f"'{inp.model}' is an ONNX model; LoRA adapters are GGUF files llama.cpp applies to a GGUF base.",
                              "pack the GGUF base with the adapters")
+        if inp.adapters and prov.get("lora_sha256"):  # the runtime refuses the pair at load (runtime.loader)
+            raise InputError(f"'{inp.model}' has a LoRA adapter merged into its weights (convert --lora), and an adapter "
+                             "is made and gated for the plain checkpoint: on the merged weights it would change a model "
+                             "it was not trained on.",
+                             "pack the adapters with a GGUF converted without --lora (`edgemed convert CHECKPOINT`), or "
+                             "pack the merged file alone")
         adapters = _adapters(inp, prov.get("source_sha256"), model_facts.get("arch"), f"the bundle's model '{inp.model}'")
         sources += [(src, rel, "adapter") for src, rel, _ in adapters]
         memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
