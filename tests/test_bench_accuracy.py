@@ -342,15 +342,17 @@ def test_greedy_matches_the_runtime_engines_greedy_text(tiny_artifacts):
     with _scorer(tiny_artifacts, "gguf") as sc:
         prompt_text = sc.render([{"role": "user", "content": "The patient has diabetes"}])
         sc.next_logits(_prompt(sc, "Warfarin raises the INR"))   # a different prompt in the cache first
-        ours = sc.greedy(sc.tokenize(prompt_text), 12)
+        before = sc.counters["generated"]
+        ours, at_limit = sc.greedy(sc.tokenize(prompt_text), 12)
         theirs = "".join(sc.engine.complete(prompt_text, GenerationSettings(max_tokens=12)))
         assert ours == theirs and ours
+        assert at_limit == (sc.counters["generated"] - before == 12)  # cut only where it ran to the limit
         cut = ours[3:6]
-        assert sc.greedy(sc.tokenize(prompt_text), 12, stop=(cut,)) == ours[:ours.find(cut)]
-        # `until` ends decoding at the first token after which the text so far satisfies it
+        assert sc.greedy(sc.tokenize(prompt_text), 12, stop=(cut,)) == (ours[:ours.find(cut)], False)
+        # `until` ends decoding at the first token after which the text so far satisfies it: not cut
         seen = []
-        short = sc.greedy(sc.tokenize(prompt_text), 12, until=lambda text: seen.append(text) or len(seen) == 3)
-        assert short == seen[2] and ours.startswith(short) and len(short) < len(ours)
+        short, at_limit = sc.greedy(sc.tokenize(prompt_text), 12, until=lambda text: seen.append(text) or len(seen) == 3)
+        assert short == seen[2] and ours.startswith(short) and len(short) < len(ours) and not at_limit
 
 
 # -- accuracy: scoring, records, resume --------------------------------------------------------
@@ -550,7 +552,7 @@ def test_a_generated_answer_is_read_from_the_answer_line_not_from_a_list_of_the_
                 text += line
                 if until is not None and until(text):
                     break
-            return text
+            return text, False
 
         monkeypatch.setattr(sc, "greedy", greedy)
         accuracy.evaluate(sc, load_items(write_mcq(tmp_path / "medqa.jsonl"), 1, seed=5), records_path=records,

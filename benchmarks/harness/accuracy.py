@@ -15,7 +15,14 @@ context) builds the messages, the artifact's own chat template renders them.
    ``edgemed run`` parses); a reply without an answer is wrong and counted in ``unparsed``. Greedy, so the run is
    deterministic. Decoding stops at the end of the first line that parses ("Answer: B" then a newline): the
    explanation a model adds after its answer is not scored, and skipping it roughly halves the cost of an MCQ
-   item on a CPU.
+   item on a CPU. A reply cut at ``max_gen_tokens`` is no answer, as ``edgemed run`` reads one.
+
+**Reasoning models.** Where the chat template opens a thought itself (an R1 distill's prompt ends ``<think>\n``;
+``thinks`` in the record), "Answer:" written inside it would score the model's musing: the logits cue follows the
+thought closed at once (``"\n</think>\n\n"``, as ``edgemed run`` closes a capped one), and the generated answer
+follows a thought capped at ``max_gen_tokens`` tokens and closed (``edgemed run --think cap:<max_gen_tokens>``),
+parsed with the thought left out. A generated score of such a model therefore depends on ``max_gen_tokens``; the
+report says when its items were scored so.
 
 One JSON line per item goes to ``records_path`` (flushed and fsync'd); ids already there are skipped, so an
 interrupted run resumes, and a run over a larger draw of the same sets (``datasets.draw`` is prefix-stable) scores
@@ -52,17 +59,24 @@ from pathlib import Path
 from edgemed.benchmarks.harness.datasets import Item
 from edgemed.benchmarks.harness.stats import wilson
 from edgemed.errors import InputError
+from edgemed.runtime.session import starts_in_think
+from edgemed.templates.think import CLOSE
+
+#: what closes a thought before the answer: ``session.respond``'s text after a capped or finished thought
+THINK_CLOSING = "\n" + CLOSE + "\n\n"
 
 log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 7  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
+RECORDS_VERSION = 8  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
 # 4: it stops at the labelled answer line only, and a hedge ("Answer: A or B") or "Answer: a patient" is no answer;
 # 5: an answer is read only from a line that starts with the label; lines that disagree, or a choice only
 # inferred, are no answer; 6: a LaTeX box ("\boxed{C}") is an answer line, and "Answer: Yes, no adverse events ..."
 # is yes (a choice word running on into prose after a comma is prose, not a hedge); 7: the meta names the artifact's
-# sha256 (two files of one name and size were taken for one) and, under the bench runner, the result's key
+# sha256 (two files of one name and size were taken for one) and, under the bench runner, the result's key; 8: a chat
+# template that opens a thought (R1 distills) has it closed before the cue and the answer, and a reply cut at
+# max_gen_tokens is no answer (records carry ``thinks``)
 #: what is scored per item: the letter logits alone, or the logits and a parsed greedy answer
 SCORES = ("logits", "both")
 
@@ -262,8 +276,13 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
 
     before = dict(scorer.counters)
     start = time.perf_counter()
-    prompt = scorer.tokenize(scorer.render(tpl.messages(inputs)))
-    probs, mass = choice_probs(scorer.next_logits(prompt + cue), tokens)
+    rendered = scorer.render(tpl.messages(inputs))
+    thinks = starts_in_think(rendered)  # a reasoning model's chat template opens the thought (R1: "<think>\n")
+    prompt = scorer.tokenize(rendered)
+    # the cue after the thought, closed as ``session.respond`` closes a capped one: "Answer:" inside an open thought
+    # reads the model's musing, not its answer
+    cued = (scorer.tokenize(rendered + THINK_CLOSING) if thinks else prompt) + cue
+    probs, mass = choice_probs(scorer.next_logits(cued), tokens)
     logit_s = time.perf_counter() - start
     gen_pred = parsed_ok = reply = None
     gen_s = 0.0  # timed on its own: a logits-only record holds exactly 0, however long the box paused in between
@@ -272,8 +291,18 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
         # stop at the end of the first line that holds the instructed 'Answer: X': the explanation after it is not
         # scored. Only that line: an answer inferred from a reply that starts by listing the options ("A. ...") would
         # stop the reply before the answer it goes on to give.
-        reply = scorer.greedy(prompt, max_gen_tokens, until=lambda text: text.endswith("\n") and tpl.parse(text, inputs).labelled)
-        parsed = tpl.parse(reply, inputs)
+        def answered(text: str) -> bool:
+            return text.endswith("\n") and tpl.parse(text, inputs).labelled
+
+        thought, answer_prompt = "", prompt
+        if thinks:  # as ``edgemed run --think cap:<max_gen_tokens>``: the thought, closed, then the answer
+            thought, _ = scorer.greedy(prompt, max_gen_tokens, stop=(CLOSE,))
+            thought += THINK_CLOSING
+            answer_prompt = scorer.tokenize(rendered + thought)
+        answer, cut = scorer.greedy(answer_prompt, max_gen_tokens, until=answered)
+        reply = thought + answer
+        # a reply cut at the token limit is no answer, as ``session.ask`` reads it ("Answer: C (or possibly")
+        parsed = tpl.parse(reply, inputs, started_in_think=thinks, truncated=cut)
         gen_pred, parsed_ok = (letters.get(parsed.value) if parsed.ok else None), parsed.ok
         gen_s = time.perf_counter() - g0
     seconds = time.perf_counter() - start
@@ -282,7 +311,7 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
         "id": item.id, "dataset": item.dataset, "item_sha": item_digest(item), "template": name, "gold": item.answer,
         "logit_pred": letters[logit_choice], "probs": {letters[c]: round(p, 6) for c, p in probs.items()},
         "mass": round(mass, 6), "gen_pred": gen_pred, "parsed_ok": parsed_ok, "reply": reply,
-        "prompt_tokens": len(prompt) + len(cue), "evaluated_tokens": scorer.counters["evaluated"] - before["evaluated"],
+        "thinks": thinks, "prompt_tokens": len(cued), "evaluated_tokens": scorer.counters["evaluated"] - before["evaluated"],
         "gen_tokens": scorer.counters["generated"] - before["generated"], "seconds": round(seconds, 4),
         "logit_s": round(logit_s, 4), "gen_s": round(gen_s, 4),
     }
@@ -301,7 +330,8 @@ def summarize(records: list[dict]) -> dict:
     acc_logit, ci_logit = _rate(sum(r["logit_pred"] == r["gold"] for r in records), n)
     acc_gen, ci_gen = _rate(sum(r["gen_pred"] == r["gold"] for r in gen), len(gen))
     return {"n": n, "acc_logit": acc_logit, "ci_logit": ci_logit, "n_gen": len(gen), "acc_gen": acc_gen,
-            "ci_gen": ci_gen if gen else None, "unparsed": sum(not r["parsed_ok"] for r in gen)}
+            "ci_gen": ci_gen if gen else None, "unparsed": sum(not r["parsed_ok"] for r in gen),
+            "thinking": sum(bool(r.get("thinks")) for r in records)}
 
 
 def per_dataset(records: list[dict]) -> dict[str, dict]:

@@ -116,9 +116,10 @@ class Scorer:
         self._cached, self._last = tokens, rows[-1].copy()
         return rows
 
-    def greedy(self, tokens: list[int], max_tokens: int, stop: tuple[str, ...] = (), until=None) -> str:
-        """Greedy (argmax) continuation of ``tokens``: at most ``max_tokens``, ending at an end-of-generation
-        token, before the first ``stop`` string, or as soon as ``until(text so far)`` is true."""
+    def greedy(self, tokens: list[int], max_tokens: int, stop: tuple[str, ...] = (), until=None) -> tuple[str, bool]:
+        """Greedy (argmax) continuation of ``tokens`` and whether it was cut at ``max_tokens`` (what a finish reason
+        ``length`` says: its end is missing): at most ``max_tokens``, ending at an end-of-generation token, before
+        the first ``stop`` string, or as soon as ``until(text so far)`` is true (then not cut, whatever its length)."""
         import numpy as np
 
         tokens = [int(t) for t in tokens]
@@ -135,11 +136,13 @@ class Scorer:
                 text = self.detokenize(out)
                 cuts = [text.find(s) for s in stop if s in text]
                 if cuts:
-                    return text[:min(cuts)]
-            if len(out) >= max_tokens or (until is not None and until(self.detokenize(out))):
+                    return text[:min(cuts)], False
+            if until is not None and until(self.detokenize(out)):
                 break
+            if len(out) >= max_tokens:
+                return self.detokenize(out), True
             logits = self.next_logits(tokens + out)
-        return self.detokenize(out)
+        return self.detokenize(out), False
 
     def __enter__(self):
         return self

@@ -3,7 +3,8 @@ accuracy-and-divergence tables of report.md, and their columns in results.csv.
 
 **results.json** (each configuration's ``accuracy``; ``stats.paired`` computes the paired dicts):
 
-- ``n``, ``acc_logit``, ``ci_logit`` (Wilson 95 %), ``n_gen``, ``acc_gen``, ``ci_gen``, ``unparsed``: pooled over
+- ``n``, ``acc_logit``, ``ci_logit`` (Wilson 95 %), ``n_gen``, ``acc_gen``, ``ci_gen``, ``unparsed``, ``thinking`` (items
+  whose chat template opened a thought: ``accuracy`` says how they are scored): pooled over
   every item of every set (a micro-average: each item counts once, so a set weighs by its count);
 - ``per_dataset[<set>]``: the same per set, each with its own ``paired_vs_reference``;
 - ``paired_vs_reference`` (pooled): ``reference``, ``n`` (items both have), ``gained`` / ``lost`` (right only for
@@ -317,6 +318,12 @@ def markdown(results: dict, table) -> list[str]:
                     "KLD", "KLD p99", "top-1", "KLD llama.cpp", "KLD first pos.", "KLD all pos."], rows), ""]
     if legacy:
         parts += ["¹ measured before the headline rule: that raw file has only the every-position figure.\n"]
+    thinking = [e["name"] for e in entries if (e.get("accuracy") or {}).get("thinking")]
+    if thinking:
+        parts += [f"{', '.join(f'`{n}`' for n in thinking)}: a reasoning model (its chat template opens a thought). "
+                  "The answer letter's logits are read after that thought closed at once; a generated answer after "
+                  "a thought capped at the generation's token limit and closed (as `edgemed run --think cap:N`), so "
+                  "that accuracy depends on the limit.\n"]
     per = []
     for e in entries:
         a = e.get("accuracy") or {}

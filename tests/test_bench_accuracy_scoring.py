@@ -1,0 +1,96 @@
+"""What the accuracy harness scores for one item, with a scripted scorer (no model): where the answer cue goes, which
+text of a generated reply is read as the answer, and the paired comparison and floors read from records files."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgemed.benchmarks.harness import accuracy
+from edgemed.benchmarks.harness.datasets import Item
+
+ITEM = Item(id="medqa:1", dataset="medqa", question="Which vitamin deficiency causes scurvy?",
+            options={"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}, answer="C")
+
+
+class ScriptedScorer:
+    """One character one token; the chat template ends with ``tail`` (an R1 distill's opens the thought); each
+    ``greedy`` call returns the next scripted ``(text, cut at the limit)``."""
+
+    def __init__(self, tail: str, replies=()):
+        self.tail, self.replies = tail, list(replies)
+        self.counters = {"evaluated": 0, "reused": 0, "generated": 0}
+        self.scored: list[str] = []    # the text of each sequence whose next-token logits were read
+        self.prompts: list[str] = []   # the text each greedy call continued
+
+    def render(self, messages):
+        return "<｜User｜>" + messages[-1]["content"] + self.tail
+
+    def tokenize(self, text, special=True):
+        return [ord(c) for c in text]
+
+    def detokenize(self, ids):
+        return "".join(map(chr, ids))
+
+    def next_logits(self, tokens):
+        self.scored.append(self.detokenize(tokens))
+        logits = np.zeros(128, dtype=np.float32)
+        logits[ord("C")] = 5.0
+        return logits
+
+    def greedy(self, tokens, max_tokens, stop=(), until=None):
+        self.prompts.append(self.detokenize(tokens))
+        return self.replies.pop(0)
+
+
+R1_TAIL = "<｜Assistant｜><think>\n"
+
+
+def _score(scorer, generate=True):
+    return accuracy.score_item(scorer, accuracy._Prepared(scorer), ITEM, "mcq", 16, generate=generate)
+
+
+def test_the_answer_cue_follows_a_closed_thought_when_the_template_opens_one():
+    """An R1 distill's template ends its prompt in an open thought: "Answer:" appended there was scored inside it."""
+    sc = ScriptedScorer(R1_TAIL)
+    rec = _score(sc, generate=False)
+    assert sc.scored[-1].endswith(R1_TAIL + "\n</think>\n\nAnswer:") and rec["thinks"] is True
+    assert rec["logit_pred"] == "C"
+    plain = ScriptedScorer("<｜Assistant｜>")
+    rec = _score(plain, generate=False)
+    assert plain.scored[-1].endswith("<｜Assistant｜>Answer:") and rec["thinks"] is False
+
+
+def test_a_thought_is_never_read_as_the_generated_answer():
+    """A thought line 'Okay, the answer is B.' was credited as the answer: the reply was parsed as if the thought
+    had not been opened. The thought is capped and closed as ``edgemed run --think cap:N`` does, then the answer read."""
+    sc = ScriptedScorer(R1_TAIL, [("Okay, the answer is B.\n", True), ("I am not sure.\n", False)])
+    rec = _score(sc)
+    assert rec["parsed_ok"] is False and rec["gen_pred"] is None
+    assert sc.prompts[1].endswith(R1_TAIL + "Okay, the answer is B.\n\n</think>\n\n")  # the answer asked after it
+    sc = ScriptedScorer(R1_TAIL, [("Okay, the answer is B.\n", True), ("Answer: C\n", False)])
+    rec = _score(sc)
+    assert rec["parsed_ok"] is True and rec["gen_pred"] == "C"
+
+
+def test_a_generated_reply_cut_at_the_token_limit_is_no_answer():
+    """'Answer: C' cut at max_gen_tokens may have gone on 'or D': it was credited, as ``edgemed run`` does not."""
+    rec = _score(ScriptedScorer("<｜Assistant｜>", [("Answer: C", True)]))
+    assert rec["parsed_ok"] is False and rec["gen_pred"] is None
+    rec = _score(ScriptedScorer("<｜Assistant｜>", [("Answer: C", False)]))  # ended by the model itself
+    assert rec["parsed_ok"] is True and rec["gen_pred"] == "C"
+
+
+def test_the_report_says_which_configurations_were_scored_as_reasoning_models():
+    from edgemed.benchmarks.harness import scores
+
+    def table(header, rows):
+        return "\n".join("|".join(map(str, r)) for r in [header, *rows])
+
+    rec = _score(ScriptedScorer(R1_TAIL, [("Hmm.\n", True), ("Answer: C\n", False)]))
+    acc = accuracy.summarize([rec])
+    assert acc["thinking"] == 1
+    text = "\n".join(scores.markdown({"configs": [{"name": "f16", "accuracy": acc}], "settings": {}}, table))
+    assert "`f16`: a reasoning model" in text
+    acc = accuracy.summarize([_score(ScriptedScorer("<｜Assistant｜>", [("Answer: C\n", False)]))])
+    text = "\n".join(scores.markdown({"configs": [{"name": "f16", "accuracy": acc}], "settings": {}}, table))
+    assert acc["thinking"] == 0 and "reasoning model" not in text
