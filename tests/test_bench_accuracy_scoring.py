@@ -4,6 +4,7 @@ text of a generated reply is read as the answer, and the paired comparison and f
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edgemed.benchmarks.harness import accuracy
 from edgemed.benchmarks.harness.datasets import Item
@@ -94,3 +95,25 @@ def test_the_report_says_which_configurations_were_scored_as_reasoning_models():
     acc = accuracy.summarize([_score(ScriptedScorer("<｜Assistant｜>", [("Answer: C\n", False)]))])
     text = "\n".join(scores.markdown({"configs": [{"name": "f16", "accuracy": acc}], "settings": {}}, table))
     assert acc["thinking"] == 0 and "reasoning model" not in text
+
+
+@pytest.mark.parametrize("reply,value", [
+    ("Answer: Option B", "B"), ("**Answer:** Option C", "C"), ("Answer: option (D)", "D"),
+    ("The answer is option B.", "B"), ("Answer: Option B or C", None), ("Answer: optional A", None),
+])
+def test_an_answer_line_may_name_the_option_before_its_letter(reply, value):
+    """'Answer: Option B', '**Answer:** Option C' and 'The answer is option B.' were no answer (a hedge still is)."""
+    from edgemed.templates import get_template
+
+    parsed = get_template("mcq").parse(reply, {"question": ITEM.question, "options": ITEM.options})
+    assert (parsed.value if parsed.ok else None) == value
+
+
+def test_a_hedge_cut_at_the_token_limit_is_no_answer():
+    """'Answer: C (or possibly' read as C: the harness parsed it without saying the reply was cut."""
+    from edgemed.templates import get_template
+
+    tpl, inputs = get_template("mcq"), {"question": ITEM.question, "options": ITEM.options}
+    assert not tpl.parse("Answer: C (or possibly", inputs, truncated=True).ok
+    rec = _score(ScriptedScorer("<｜Assistant｜>", [("Answer: C (or possibly", True)]))
+    assert rec["parsed_ok"] is False

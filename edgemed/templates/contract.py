@@ -355,7 +355,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         prose ("a patient"), a hedge ("A or B", "C (possibly D)"), a correction ("No, wait - yes"), a mark over it
         ("C̸"), another choice said to be the answer too ("C; D is also possible"), another option's text after the
         letter ("B. Vitamin C")."""
-        m = re.match(rf"{_DECO}({strict if is_form else alts})\b", rest, flags=re.I)
+        m = re.match(rf"{_DECO}(?:option[ \t]+{_DECO})?({strict if is_form else alts})\b", rest, flags=re.I)
         found = canonical(m.group(1)) if m else None
         if found is None:
             return None
