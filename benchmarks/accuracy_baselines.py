@@ -28,22 +28,20 @@ SUFFIX = "-accuracy.records.jsonl"
 
 
 def read_records(path: Path) -> list[dict]:
-    """The item records of one records file (its first line is the run's meta record)."""
-    items = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            record = json.loads(line)
-            if "meta" not in record:
-                items.append(record)
-    return items
+    """The item records of one records file as the harness reads them (``scores.read_file``: the last record of an
+    id wins, a line cut by a kill is left out), ordered by id."""
+    from edgemed.benchmarks.harness.scores import read_file
+
+    found = read_file(path)
+    return [found[i] for i in sorted(found)]
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
     """Per dataset (and ``all``): items, chance, majority and each run's accuracy and commonest-letter share."""
     first = next(iter(runs.values()))
-    keys = [(r["dataset"], r["id"]) for r in first]
+    keys = [(r["dataset"], r["id"], r.get("item_sha")) for r in first]  # the same id asked another way is another item
     for name, items in runs.items():
-        if [(r["dataset"], r["id"]) for r in items] != keys:
+        if [(r["dataset"], r["id"], r.get("item_sha")) for r in items] != keys:
             raise SystemExit(f"{name}: not the same items, in the same order, as the first run; compare paired runs")
     groups: dict[str, list[int]] = collections.defaultdict(list)
     for i, r in enumerate(first):

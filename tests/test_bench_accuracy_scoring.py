@@ -3,6 +3,8 @@ text of a generated reply is read as the answer, and the paired comparison and f
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,32 @@ def test_a_hedge_cut_at_the_token_limit_is_no_answer():
     assert not tpl.parse("Answer: C (or possibly", inputs, truncated=True).ok
     rec = _score(ScriptedScorer("<｜Assistant｜>", [("Answer: C (or possibly", True)]))
     assert rec["parsed_ok"] is False
+
+
+def _records(path, rows, meta=None):
+    """A records file: the meta line, then one line per (id, dataset, gold, logit_pred[, item_sha])."""
+    lines = [json.dumps({"meta": meta or {"version": accuracy.RECORDS_VERSION}})]
+    for row in rows:
+        i, ds, gold, pick, *sha = row
+        lines.append(json.dumps({"id": i, "dataset": ds, "gold": gold, "logit_pred": pick, "item_sha": sha[0] if sha else "s",
+                                 "probs": {c: 0.25 for c in "ABCD"}}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_floors_count_each_item_once_as_the_harness_reads_the_records(tmp_path):
+    """Every line was counted: an item redone (its question changed, or a resume) counted twice, though the harness
+    keeps only its last record."""
+    from edgemed.benchmarks import accuracy_baselines
+
+    rows = [("medqa:2", "medqa", "A", "B"), ("medqa:1", "medqa", "C", "C"), ("medqa:2", "medqa", "A", "A")]
+    _records(tmp_path / "f16-accuracy.records.jsonl", rows)
+    _records(tmp_path / "q4-accuracy.records.jsonl", [rows[1], rows[2]])  # the same items, each once, other order
+    out = accuracy_baselines.main([str(tmp_path)])
+    assert out["medqa"]["items"] == 2 and out["medqa"]["runs"]["f16"]["accuracy"] == 1.0
+    assert out["medqa"]["runs"]["q4"]["accuracy"] == 1.0
+    # the same id asked another way (PubMedQA with its abstract, then without) is not the same item
+    _records(tmp_path / "q4-accuracy.records.jsonl", [rows[1], (*rows[2], "other")])
+    with pytest.raises(SystemExit, match="not the same items"):
+        accuracy_baselines.main([str(tmp_path)])

@@ -46,9 +46,14 @@ POOLED = "pooled"
 
 # -- records ----------------------------------------------------------------------------------
 def read_records(out: Path, name: str, keep: set | None = None) -> dict[str, dict]:
-    """id -> record of a configuration's accuracy records (the last line of an id wins; a line cut by a kill is
-    skipped), restricted to the ids in ``keep`` when given (the items of the current draw)."""
-    path = out / "raw" / f"{name}-accuracy.records.jsonl"
+    """id -> record of a configuration's accuracy records (``read_file``), restricted to the ids in ``keep`` when
+    given (the items of the current draw)."""
+    return read_file(out / "raw" / f"{name}-accuracy.records.jsonl", keep)
+
+
+def read_file(path: Path, keep: set | None = None) -> dict[str, dict]:
+    """id -> record of an accuracy records file, read only: the last line of an id wins (a record redone after its
+    item changed, a resumed run), a line cut by a kill is skipped; restricted to the ids in ``keep`` when given."""
     found = {}
     try:
         for line in path.read_text(encoding="utf-8").splitlines():
