@@ -163,7 +163,7 @@ def test_replies_are_dropped_unless_kept_and_kept_ones_are_owner_only(smollm2_gg
     dropped, kept = tmp_path / "dropped.jsonl", tmp_path / "kept.jsonl"
     with open_scorer(smollm2_gguf, threads=1, n_ctx=1024) as sc:
         reply = f"{MARKER} said back.\nAnswer: D\n"
-        monkeypatch.setattr(sc, "greedy", lambda tokens, max_tokens, stop=(), until=None: reply)
+        monkeypatch.setattr(sc, "greedy", lambda tokens, max_tokens, stop=(), until=None: (reply, False))
         for path, keep in ((dropped, False), (kept, True)):
             out = accuracy.evaluate(sc, items, records_path=path, score="both", progress=False, keep_replies=keep)
             assert out["n_gen"] == 1 and out["acc_gen"] == 1.0  # scored from the reply either way
