@@ -148,3 +148,25 @@ def test_the_floors_count_each_item_once_as_the_harness_reads_the_records(tmp_pa
     _records(tmp_path / "q4-accuracy.records.jsonl", [rows[1], (*rows[2], "other")])
     with pytest.raises(SystemExit, match="not the same items"):
         accuracy_baselines.main([str(tmp_path)])
+
+
+def test_the_paired_comparison_pairs_only_items_asked_the_same_way(tmp_path):
+    """Ids were paired whatever each side was shown: an F16 result kept from a run that gave PubMedQA its abstract
+    was paired with a Q4_K_M one asked without it. Such ids are left unpaired and counted in ``excluded``."""
+    from edgemed.benchmarks.harness import scores
+
+    rows = [(f"pubmedqa:{k}", "pubmedqa", "A", "A" if k % 2 else "B") for k in range(6)]
+    _records(tmp_path / "raw" / "f16-accuracy.records.jsonl", [(*r, "with-abstract") for r in rows])
+    _records(tmp_path / "raw" / "q4_k_m-accuracy.records.jsonl", [(*r, "question-only") for r in rows])
+    entries = [{"name": "f16", "accuracy": {"n": 6}}, {"name": "q4_k_m", "accuracy": {"n": 6, "per_dataset": {}}}]
+    scores.add_paired(tmp_path, entries)
+    paired = entries[1]["accuracy"]["paired_vs_reference"]
+    assert paired["n"] == 0 and paired["excluded"] == 6
+    assert "6 ids not paired" in scores.paired_cell(paired)
+    # asked the same way but for two items: the four alike are paired, the two others counted out
+    _records(tmp_path / "raw" / "q4_k_m-accuracy.records.jsonl",
+             [(*r, "with-abstract" if k < 4 else "question-only") for k, r in enumerate(rows)])
+    mine, base = (scores.read_records(tmp_path, n) for n in ("q4_k_m", "f16"))
+    out = scores.compare(mine, base)
+    assert (out[scores.POOLED]["n"], out[scores.POOLED]["excluded"]) == (4, 2)
+    assert (out["pubmedqa"]["n"], out["pubmedqa"]["excluded"]) == (4, 2)

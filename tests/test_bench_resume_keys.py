@@ -167,3 +167,28 @@ def test_a_report_is_rendered_again_from_raw_alone(gguf, tmp_path):
     assert results["configs"][0]["accuracy"]["n"] == 2 and results["failed"] == [{"task": "q4_k_m-timing", "error": "exit 1"}]
     md = (out / "report.md").read_text()
     assert "Items: 300 from medmcqa/test.jsonl" in md and "resumed from an earlier run (2025-11-24)" in md
+
+
+def test_accuracy_results_kept_from_runs_with_other_settings_are_flagged_each_with_its_own(gguf, tmp_path, monkeypatch):
+    """Every accuracy result was described by the first one's settings: an F16 result kept from a run that gave
+    PubMedQA its abstract sat beside a Q4_K_M one asked without it under one description."""
+    out = tmp_path / "out"
+    f16 = Config("f16", "gguf", str(_file(tmp_path / "artifacts" / "f16.gguf", b"GGUF" + b"\1" * 60)))
+    q4 = Config("q4_k_m", "gguf", str(gguf))
+    evals = ("/data/pubmedqa/ori_pqal.json",)
+    with_abstract = Settings(profile="x86-avx2", evals=evals, eval_context=True)
+    without = Settings(profile="x86-avx2", evals=evals)
+    kept = []
+    for config, settings in ((f16, with_abstract), (q4, without)):
+        task, = runner.plan_tasks(out, [config], ["accuracy"], settings)
+        kept.append(_raw(task, settings))
+    monkeypatch.setattr(report, "render", lambda *a, **k: None)
+    results = report.build(out, [f16, q4], Settings(profile="x86-avx2"), kept, {}, {}, [], measured=set())
+    differ = results["eval_settings_differ"]
+    assert set(differ) == {"f16", "q4_k_m"} and differ["f16"]["eval_context"] != differ["q4_k_m"]["eval_context"]
+    results["configs"][0]["accuracy"] = {"n": 1}  # the section is rendered where a result has figures
+    md = "\n".join(scores.markdown(results, report._table))
+    assert "measured with different settings" in md and "- `f16`: " in md and "- `q4_k_m`: " in md
+    same, = [r for r in kept if r["config"]["name"] == "f16"]
+    alike = report.build(out, [f16], Settings(profile="x86-avx2"), [same], {}, {}, [], measured=set())
+    assert alike["eval_settings_differ"] is None

@@ -127,13 +127,20 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
 
     ``measured``: the ``<config>-<phase>`` results this run measured; every other one was kept from an earlier run,
     and report.md says so with its date. Accuracy results kept from a run with other settings (``--phases`` left the
-    accuracy out of this one) are described by the settings they were measured with (``eval_settings``)."""
+    accuracy out of this one) are described by the settings they were measured with (``eval_settings``); accuracy results measured with
+    different settings from one another are flagged, each with its own (``eval_settings_differ``, None when they
+    agree), and paired only on items asked the same way (``scores.compare``)."""
     per: dict[str, dict[str, dict]] = {}
     for raw in raws:
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
     entries = [_entry(c, per.get(c.name, {}), measured) for c in configs]
     baselines = _derive(entries, bw)
-    scored = [r["settings"] for r in raws if r["phase"] == "accuracy" and isinstance(r.get("settings"), dict)]
+    kept = [r for r in raws if r["phase"] == "accuracy" and isinstance(r.get("settings"), dict)]
+    scored = [r["settings"] for r in kept]
+    # accuracy results measured with different settings (kept from earlier runs: another draw, PubMedQA with or
+    # without its abstract) are not described by one: each by its own (``eval_settings_differ``)
+    digests = {(r.get("key") or {}).get("settings_sha256") or json.dumps(r["settings"], sort_keys=True) for r in kept}
+    differ = {r["config"]["name"]: public_settings(r["settings"]) for r in kept} if len(digests) > 1 else None
     # an accuracy result's own settings; one an earlier edgemed measured holds the prompts' text: public form only
     eval_settings = public_settings(scored[0]) if scored and not settings.evals else settings.to_dict()
     if scored and not settings.evals:
@@ -145,7 +152,7 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scenario": settings.scenario, "profile": settings.profile, "settings": settings.to_dict(),
-        "eval_settings": eval_settings, "machine": machine, "bandwidth": bw, "baselines": baselines, "paper": PAPER,
+        "eval_settings": eval_settings, "eval_settings_differ": differ, "machine": machine, "bandwidth": bw, "baselines": baselines, "paper": PAPER,
         "configs": entries, "failed": failed,
     }
     render(out, results, replace=replace)

@@ -9,7 +9,8 @@ accuracy-and-divergence tables of report.md, and their columns in results.csv.
 - ``per_dataset[<set>]``: the same per set, each with its own ``paired_vs_reference``;
 - ``paired_vs_reference`` (pooled): ``reference``, ``n`` (items both have), ``gained`` / ``lost`` (right only for
   this configuration / only for the reference, letter logits), ``both_right``, ``both_wrong``, ``same_answer``
-  (share of items with the same predicted letter), ``diff`` = (gained - lost) / n, ``diff_ci`` (95 %, Newcombe's
+  (share of items with the same predicted letter), ``excluded`` (ids both have that are not one item: another
+  ``item_sha`` or gold, as PubMedQA with and without its abstract; left unpaired), ``diff`` = (gained - lost) / n, ``diff_ci`` (95 %, Newcombe's
   hybrid score method 10, named in ``diff_ci_method``), ``mcnemar_p`` (exact), ``discordance`` = (gained + lost) /
   n, ``mdd`` (the smallest difference n pairs detect with 80 % power at alpha 0.05 at that discordance, Connor
   1987) and ``resolves`` (mdd <= 1 point);
@@ -97,18 +98,29 @@ def in_progress(out: Path, entries: list[dict], keep: set | None = None) -> None
 # -- paired comparison ------------------------------------------------------------------------
 def compare(mine: dict[str, dict], base: dict[str, dict], reference: str = REFERENCE) -> dict[str, dict]:
     """Paired figures (``stats.paired`` + ``same_answer``) of ``mine`` vs ``base`` (named ``reference``) on the items
-    both have, per set and ``POOLED``, by the letter-logit prediction."""
-    common = [i for i in mine if i in base]
-    groups = {POOLED: common}
-    for i in common:
-        groups.setdefault(mine[i]["dataset"], []).append(i)
+    both have, per set and ``POOLED``, by the letter-logit prediction. An id both have is one item only where what
+    the model was shown and the gold answer are the same (``item_sha``, ``gold``): PubMedQA asked with its abstract in
+    one result kept from an earlier run and without it in the other is not paired, and counted in ``excluded``."""
+    def one_item(i: str) -> bool:
+        return all(mine[i].get(k) == base[i].get(k) for k in ("item_sha", "gold", "dataset"))
+
+    shared = [i for i in mine if i in base]
+    common = [i for i in shared if one_item(i)]
+    groups, excluded = {POOLED: common}, {POOLED: len(shared) - len(common)}
+    for i in shared:
+        groups.setdefault(mine[i]["dataset"], [])
+        if one_item(i):
+            groups[mine[i]["dataset"]].append(i)
+        else:
+            excluded[mine[i]["dataset"]] = excluded.get(mine[i]["dataset"], 0) + 1
     out = {}
     for name, ids in groups.items():
         right = [(mine[i]["logit_pred"] == mine[i]["gold"], base[i]["logit_pred"] == base[i]["gold"]) for i in ids]
         fig = paired(sum(m and b for m, b in right), sum(m and not b for m, b in right),
                      sum(b and not m for m, b in right), sum(not (m or b) for m, b in right))
         same = sum(mine[i]["logit_pred"] == base[i]["logit_pred"] for i in ids)
-        out[name] = {"reference": reference, **fig, "same_answer": same / len(ids) if ids else None}
+        out[name] = {"reference": reference, **fig, "same_answer": same / len(ids) if ids else None,
+                     "excluded": excluded.get(name, 0)}
     return out
 
 
@@ -219,8 +231,9 @@ def _p(v):
 
 def paired_cell(p: dict | None) -> str:
     if not p or not p.get("n"):
-        return "—"
-    return f"+{p['gained']} / −{p['lost']}, {_points(p.get('diff'), p.get('diff_ci'))} points, p = {_p(p['mcnemar_p'])}"
+        return "—" + (f" ({p['excluded']} ids not paired: asked differently)" if p and p.get("excluded") else "")
+    cell = f"+{p['gained']} / −{p['lost']}, {_points(p.get('diff'), p.get('diff_ci'))} points, p = {_p(p['mcnemar_p'])}"
+    return cell + (f"; {p['excluded']} ids not paired (asked differently)" if p.get("excluded") else "")
 
 
 def _mdd_cell(p: dict) -> str:
@@ -321,6 +334,11 @@ def markdown(results: dict, table) -> list[str]:
                 "window; first = the first positions alone; all = every position.\n"),
              table(["config", "items", "acc (logits)", "95 % CI", "acc (generated)", f"paired vs {REFERENCE}",
                     "KLD", "KLD p99", "top-1", "KLD llama.cpp", "KLD first pos.", "KLD all pos."], rows), ""]
+    differ = results.get("eval_settings_differ")
+    if differ:  # accuracy results kept from runs with other settings: each described by its own
+        parts += ["**The accuracy results were measured with different settings** (kept from earlier runs); only "
+                  "items asked the same way are paired. Each configuration's:\n",
+                  *(f"- `{name}`: {eval_setting(d)}" for name, d in differ.items()), ""]
     if legacy:
         parts += ["¹ measured before the headline rule: that raw file has only the every-position figure.\n"]
     thinking = [e["name"] for e in entries if (e.get("accuracy") or {}).get("thinking")]
