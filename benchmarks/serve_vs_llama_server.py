@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, add_server_arg, long_prompt, prefill_check, run_level, ttft_cell,
                                                     save_results, settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
+from edgemed.benchmarks.provenance import machine, paired, paired_ratios, range_cell
 
 LEVELS = (1, 2, 4, 8)
 SLOTS = 4
@@ -79,12 +79,64 @@ def _r(d: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
 
+def summarize_levels(runs: dict, names: list[str]) -> dict:
+    """Per level: each server's runs and its best run (highest decode tok/s, shown as that server's figures), and,
+    with both servers, the edgemed / llama-server ratios taken inside each round (``provenance.paired``): the
+    level's ``ratio_decode`` / ``ratio_e2e`` are the medians of those per-round ratios, judged against the goal."""
+    out = {}
+    for n, by_name in runs.items():
+        lv: dict = {}
+        for name in names:
+            rs = by_name[name]
+            lv[name] = {"best": _r(max(rs, key=lambda x: x["decode_tok_s"])),
+                        "decode_tok_s_runs": [round(x["decode_tok_s"], 2) for x in rs],
+                        "e2e_tok_s_runs": [round(x["e2e_tok_s"], 2) for x in rs], "runs": [_r(x) for x in rs]}
+        if "edgemed" in names and "llama-server" in names:
+            goal = GOALS.get(int(n))
+            for key, short in (("decode_tok_s", "decode"), ("e2e_tok_s", "e2e")):
+                p = paired(paired_ratios(by_name["edgemed"], by_name["llama-server"], key), goal if short == "decode" else None)
+                lv[f"ratio_{short}"] = p["median"]
+                lv[f"ratio_{short}_paired"] = p
+            lv["goal"] = goal
+        out[str(n)] = lv
+    return out
+
+
+def rerender(path: Path) -> None:
+    """Recompute a stored result's level summary from its runs (kept per round in the JSON) and write the JSON and
+    its page again; nothing is measured."""
+    import json
+
+    result = json.loads(path.read_text())
+    names = [k for k in ("edgemed", "llama-server") if any(k in lv for lv in result["levels"].values())]
+    result["levels"] = summarize_levels({n: {name: lv[name]["runs"] for name in names}
+                                         for n, lv in result["levels"].items()}, names)
+    save_results(path, result, report_md(result))
+
+
+def _ratio_cell(lv: dict) -> str:
+    """decode and e2e ratio cells: paired medians with their range, the goal and the rounds that miss it. A result
+    stored before the ratios were paired has no ``ratio_decode_paired``: its single figures are shown as they are."""
+    pd, pe = lv.get("ratio_decode_paired"), lv.get("ratio_e2e_paired")
+    if pd is None:
+        return f"{lv['ratio_decode']:.3f}x, {lv['ratio_e2e']:.3f}x" + (f" (goal {lv['goal']})" if lv["goal"] else "")
+    cell = f"decode {range_cell(pd)}, e2e {range_cell(pe)}"
+    if lv.get("goal"):
+        cell += f" (goal {lv['goal']}: {'met' if pd['goal_met'] else 'not met'}"
+        miss = pd.get("rounds_missing_goal")
+        cell += (f"; {miss} of {len(pd['per_round'])} rounds miss it)" if miss else ")")
+    return cell
+
+
 def report_md(result: dict) -> str:
     m = result
     lines = [f"# edgemed serve vs llama-server: {m['model']}", "",
              f"{m['threads']} threads, {SLOTS} slots, {m['n_ctx_per_slot']} tokens per slot, greedy, {m['max_tokens']} "
-             f"tokens per request, {m['requests_per_stream']} requests per stream (closed loop), best of {m['rounds']} "
-             f"interleaved rounds. Shared {m['machine']['cpu_count']}-CPU box: load averages per run are in the JSON.",
+             f"tokens per request, {m['requests_per_stream']} requests per stream (closed loop), {m['rounds']} "
+             f"interleaved rounds: each server's row is its best round; the ratios are taken inside each round (the "
+             f"two servers' runs of the same round, under the same load), their median with the range over the rounds, "
+             f"and the goal is judged on the median. Shared {m['machine']['cpu_count']}-CPU box: load averages per run "
+             f"are in the JSON.",
              "", f"Command: `{m['command']}`", ""]
     if m["levels"]:
         lines += ["| streams | server | decode tok/s (runs) | llama-server reported | per stream | e2e tok/s | TTFT p50 / p99 (n requests) | load avg | ratio (decode, e2e) |",
@@ -94,8 +146,7 @@ def report_md(result: dict) -> str:
             b = lv[name]["best"]
             runs = ", ".join(f"{x:.1f}" for x in lv[name]["decode_tok_s_runs"])
             rep = f"{b['server_reported_decode_tok_s']:.1f}" if b.get("server_reported_decode_tok_s") else "-"
-            ratio = (f"{lv['ratio_decode']:.3f}x, {lv['ratio_e2e']:.3f}x" + (f" (goal {lv['goal']})" if lv["goal"] else "")
-                     if name == "edgemed" and "ratio_decode" in lv else "")
+            ratio = (_ratio_cell(lv) if name == "edgemed" and "ratio_decode" in lv else "")
             lines.append(f"| {n} | {name} | {b['decode_tok_s']:.1f} ({runs}) | {rep} | {b['per_stream_tok_s']:.1f} | "
                          f"{b['e2e_tok_s']:.1f} | {ttft_cell(b['ttft_p50_s'], b['ttft_p99_s'], b.get('requests'))} | "
                          f"{b['loadavg'][0]:.1f}-{b['loadavg'][1]:.1f} | {ratio} |")
@@ -126,7 +177,11 @@ def main(argv=None) -> None:
     ap.add_argument("--only", choices=("edgemed", "llama-server"), help=argparse.SUPPRESS)
     add_server_arg(ap)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--rerender", type=Path, metavar="JSON",
+                    help="recompute a stored result's ratios from its per-round runs and rewrite its JSON and page")
     args = ap.parse_args(argv)
+    if args.rerender:
+        return rerender(args.rerender)
 
     from edgemed.benchmarks import anchors
     from edgemed.runtime.llamacpp import Model
@@ -177,18 +232,7 @@ def main(argv=None) -> None:
     finally:
         for s in servers.values():
             s.stop()
-    out_levels = {}
-    for n in levels:
-        lv = {}
-        for name in servers:
-            best = max(runs[n][name], key=lambda x: x["decode_tok_s"])
-            lv[name] = {"best": _r(best), "decode_tok_s_runs": [round(x["decode_tok_s"], 2) for x in runs[n][name]],
-                        "e2e_tok_s_runs": [round(x["e2e_tok_s"], 2) for x in runs[n][name]], "runs": [_r(x) for x in runs[n][name]]}
-        if len(servers) == 2:
-            lv["ratio_decode"] = round(lv["edgemed"]["best"]["decode_tok_s"] / lv["llama-server"]["best"]["decode_tok_s"], 3)
-            lv["ratio_e2e"] = round(lv["edgemed"]["best"]["e2e_tok_s"] / lv["llama-server"]["best"]["e2e_tok_s"], 3)
-            lv["goal"] = GOALS.get(n)
-        out_levels[str(n)] = lv
+    out_levels = summarize_levels({n: runs[n] for n in levels}, list(servers))
     step = {}
     if profile1:
         d = {k: profile1[k] - profile0.get(k, 0.0) for k in profile1}
@@ -207,8 +251,7 @@ def main(argv=None) -> None:
               "edgemed_step_profile": step, "servers": described,
               "same_cpu_features": anchors.same_cpu_features(anchor_info) if anchor_info else None,
               "command": "python -m edgemed.benchmarks.serve_vs_llama_server " + " ".join(argv or __import__("sys").argv[1:]),
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "note": "CPU shared with other sessions; load averages are per run"}}
+              "machine": machine()}
     out = args.out or Path(__file__).resolve().parent / "results" / f"serve_vs_llama_server-{path.stem}-t{args.threads}.json"
     save_results(out, result, report_md(result))
 
