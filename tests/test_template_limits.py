@@ -124,6 +124,13 @@ def test_output_limit_grows_with_the_input():
         render("{{ messages[0].content }}", HI, max_output=1)
 
 
+def test_control_characters_up_to_the_output_limit_render():
+    """The reply frame is JSON, where a control character takes 6 bytes (\\u0001): text within the output limit
+    comes back whole, not as a crashed renderer."""
+    text = limits.render('{{ "\\x01" * 1000000 }}', {}, flavor="prompt")
+    assert text == "\x01" * 1_000_000
+
+
 def test_empty_render_and_refusal_and_bad_text():
     with pytest.raises(TemplateError, match="rendered an empty prompt"):
         render("{% if false %}x{% endif %}  \n", HI)

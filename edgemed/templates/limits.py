@@ -242,7 +242,8 @@ def render(source: str, values: dict, *, flavor: str, seconds: float = MAX_SECON
         max_output = max(MAX_OUTPUT_CHARS, OUTPUT_PER_INPUT * size)
     payload = body[:-1] + b', "max_output": %d}' % max_output  # the limit depends on the encoded size
     try:
-        reply = _POOL.call(payload, seconds, 4 * max_output + 4096)
+        # a reply frame is JSON: a control character of the text takes 6 bytes there (\u0001), any other at most 4
+        reply = _POOL.call(payload, seconds, 6 * max_output + 4096)
     except _Late:
         raise RenderFailure("time", seconds=seconds) from None
     except (_Dead, OSError, ValueError):  # the pipe broke, or the worker wrote garbage as it died
