@@ -327,3 +327,35 @@ def test_ctrl_c_in_a_pasted_note_drops_the_note(smollm2_gguf, monkeypatch):
     r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"])
     assert r.exit_code == 0 and "(note dropped)" in r.output, r.output
     assert len(seen) == 1 and "BP 150/95." not in seen[0] and "anaemia" in seen[0]
+
+
+@pytest.mark.parametrize("reply", ["The case is urgent", "  \n{\"urgency\": \"emergency\"} and more"])
+def test_think_cap_keeps_the_constraint_when_the_model_does_not_think(reply):
+    """The first words of a model that does not think were sampled without the schema and became the answer (prose,
+    then the JSON): they are dropped as soon as they show no <think>, and the answer is asked for, constrained."""
+    wanted = '{"urgency":"routine","red_flags":[],"action":"x"}'
+    engine = ScriptedEngine(reply, wanted)
+    settings = GenerationSettings(max_tokens=100, json_schema='{"type":"object"}')
+    cut: list[bool] = []
+    pairs = list(respond(engine, "P", settings, ThinkPolicy(cap=16), cut))
+    assert "".join(t for c, t in pairs if c == "answer") == wanted and not [t for c, t in pairs if c == "think"]
+    assert engine.calls[-1] == ("P", settings) and len(engine.calls) == 2 and cut == [False]
+
+
+def test_think_cap_with_a_constraint_streams_a_thought_begun_after_blank_lines():
+    engine = ScriptedEngine("\n <think>Stroke signs", '{"urgency": "emergency"}')
+    settings = GenerationSettings(max_tokens=100, json_schema='{"type":"object"}')
+    pairs = list(respond(engine, "P", settings, ThinkPolicy(cap=16)))
+    assert "".join(t for c, t in pairs if c == "think") == "Stroke signs\n"
+    assert "".join(t for c, t in pairs if c == "answer") == '{"urgency": "emergency"}'
+    assert engine.calls[1][0] == "P\n <think>Stroke signs\n</think>\n\n" and engine.calls[1][1] == settings
+
+
+def test_run_triage_with_a_think_cap_on_a_model_that_does_not_think(smollm2_gguf):
+    """SmolLM2 does not think: its first words, sampled without the schema, used to become the answer (ok: false)."""
+    result = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "--template", "triage", "-i",
+                                      "case=Crushing chest pain for 40 minutes, sweating.", "--think", "cap:6",
+                                      "--max-tokens", "96", "--ctx", "1024", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["reply"].lstrip().startswith("{") and data["ok"], data

@@ -127,10 +127,13 @@ def starts_in_think(prompt: str) -> bool:
 def _generate(engine, prompt: str, settings: GenerationSettings, cut: list | None) -> Iterator[str]:
     """``engine.complete``'s pieces; with ``cut``, then appends whether the call used all its ``max_tokens`` (counted
     by tokenizing what it wrote, as ``respond`` counts a capped thought: the engines report no finish reason)."""
-    text = []
-    for piece in engine.complete(prompt, settings):
-        text.append(piece)
-        yield piece
+    text, stream = [], engine.complete(prompt, settings)
+    try:
+        for piece in stream:
+            text.append(piece)
+            yield piece
+    finally:  # left unfinished (``respond`` drops an answer begun without thinking): the engine's sampler goes now
+        getattr(stream, "close", lambda: None)()
     if cut is not None:
         cut.append(len(engine.tokenize("".join(text))) >= settings.max_tokens)
 
@@ -151,9 +154,33 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
     cap = min(think.cap or settings.max_tokens, settings.max_tokens)
     first = ""
     free = replace(settings, max_tokens=cap, stop=(CLOSE,), json_schema=None, grammar=None)
-    for piece in _generate(engine, prompt, free, cut):
-        first += piece
-        yield from splitter.feed(piece)
+    if constrained and not splitter.in_think:
+        # Whether the model thinks shows in its first tokens: held back until they say; an answer begun without a
+        # thought would have been sampled unconstrained, so it is dropped and asked for again, constrained.
+        thinks = None
+        pieces = _generate(engine, prompt, free, cut)
+        for piece in pieces:
+            first += piece
+            head = first.lstrip()
+            if head.startswith(OPEN):
+                thinks = True
+                yield from splitter.feed(first)
+                break
+            if head and not OPEN.startswith(head):
+                break
+        if not thinks:
+            pieces.close()  # the engine's next call keeps the prompt's cells only (its own prompt is the same)
+            for piece in _generate(engine, prompt, settings, cut):
+                yield from splitter.feed(piece)
+            yield from splitter.flush()
+            return
+        for piece in pieces:
+            first += piece
+            yield from splitter.feed(piece)
+    else:
+        for piece in _generate(engine, prompt, free, cut):
+            first += piece
+            yield from splitter.feed(piece)
     if splitter.in_think or first.lstrip().startswith("<think>"):
         # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
         closing = "\n" + CLOSE + "\n\n"
