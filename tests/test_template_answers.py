@@ -186,6 +186,20 @@ def test_a_json_answer_that_gives_a_key_twice_is_no_answer():
     assert not parsed.ok and "'urgency' more than once" in parsed.error
 
 
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity"])
+def test_a_json_answer_with_a_number_that_is_not_finite_is_no_answer(tmp_path, monkeypatch, number):
+    """Python's json read NaN, Infinity and 1e999 (inf) as numbers: the answer passed the schema, then the server's
+    JSON response raised (a 500, the answer lost) and the stream and `run --json` wrote NaN, which is no JSON."""
+    reply = ('{"severity": "major", "mechanism": "additive", "recommendation": "avoid", '
+             f'"check_with_pharmacist": true, "dose_mg": {number}}}')
+    parsed = get_template("drug").parse(reply, {"drugs": "x, y", "question": "q"})
+    assert not parsed.ok and parsed.error == f"invalid JSON: {number} is not a finite number"
+    mine = _json_template(tmp_path, monkeypatch, SCHEMA)
+    parsed = mine.parse(f'{{"dose_mg": {number}}}', {"question": "q"})
+    assert not parsed.ok and "is not a finite number" in parsed.error
+    assert mine.parse('{"dose_mg": 1e300}', {"question": "q"}).ok
+
+
 # -- choice contracts ---------------------------------------------------------------------------------------
 SCURVY = {"question": "Which vitamin deficiency causes scurvy?",
           "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}}

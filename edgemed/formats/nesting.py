@@ -55,13 +55,31 @@ class TooDeep(ValueError):
     """Untrusted text nests deeper than a reader allows: refused like any other malformed input."""
 
 
-def loads_json(text: str | bytes, limit: int = MAX_DEPTH):
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999: too large for a float
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def loads_json(text: str | bytes, limit: int = MAX_DEPTH, *, finite: bool = False):
     """``json.loads`` for untrusted text: nesting deeper than ``limit`` is a ``ValueError`` (``TooDeep``), like any
-    malformed input, never the parser's ``RecursionError``."""
+    malformed input, never the parser's ``RecursionError``.
+
+    ``finite``: ``NaN``, ``Infinity`` and a number too large for a float (``1e999``) are a ``ValueError`` too ("... is
+    not a finite number"), for text whose value is written out again as JSON (a model's answer): ``json.dumps`` would
+    write them as invalid JSON, a strict encoder refuse them. Without it they are read as Python reads them, for
+    callers that check the numbers themselves and say which field is wrong (a request's ``repeat_penalty``)."""
     import json
 
     if too_deep(text, "json", limit):
         raise TooDeep(f"arrays or objects nest more than {limit} levels deep")
+    if finite:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     return json.loads(text)
 
 

@@ -558,8 +558,8 @@ def _parse_json(c: Contract, text: str, choices, texts=None) -> Parsed:
         return Parsed(False, None, text, "prose outside the JSON object: the reply must be the object alone, and "
                                          "what is outside it may contradict it")
     try:
-        value = loads_json(body)
-    except ValueError as exc:  # JSONDecodeError and TooDeep
+        value = loads_json(body, finite=True)
+    except ValueError as exc:  # JSONDecodeError, TooDeep, and NaN or 1e999 (no JSON, and json.dumps would write it)
         return Parsed(False, None, text, f"invalid JSON: {exc}")
     twice = _repeated_keys(body)
     if twice:  # json keeps the last of them: '"urgency": "emergency", ..., "urgency": "routine"' would read as routine
