@@ -211,8 +211,11 @@ def add_server_arg(ap) -> None:
 
 def sse_events(client, server: _Server, path: str, body: dict):
     """POST ``body`` to ``path`` and yield ``(arrival time, event)`` for each SSE data event until ``[DONE]``.
-    A status other than 200 is an error naming the server's log; leaving the loop closes the response (which
-    cancels the request on both servers)."""
+    A status other than 200 is an error naming the server's log; so is a failure after the 200 header (both servers
+    send it as an ``{"error": ...}`` event) and a stream that ends without ``[DONE]`` (cut off): a request that
+    failed is never measured as one that answered. Leaving the loop closes the response (which cancels the request
+    on both servers)."""
+    chunks = 0
     with client.stream("POST", server.url + path, json=body, timeout=900) as resp:
         if resp.status_code != 200:
             raise EdgemedError(f"{server.name} answered {resp.status_code}: {resp.read()[:500]!r}", f"read {server.log}")
@@ -223,7 +226,13 @@ def sse_events(client, server: _Server, path: str, body: dict):
             if data.strip() == "[DONE]":
                 return
             event = json.loads(data)
+            if isinstance(event, dict) and event.get("error") is not None:
+                raise EdgemedError(f"{server.name} failed a request after {chunks} events (mid-stream, after its 200 "
+                                   f"header): {json.dumps(event['error'])[:500]}", f"read {server.log}")
+            chunks += 1
             yield time.perf_counter(), event
+    raise EdgemedError(f"{server.name}'s stream ended after {chunks} events without [DONE]: the request was cut off, "
+                       "not answered", f"read {server.log}")
 
 
 def ttft_cell(p50: float | None, p99: float | None, n: int | None) -> str:

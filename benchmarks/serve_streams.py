@@ -51,7 +51,11 @@ QUESTIONS = (
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default), without numpy."""
+    """Linear-interpolation percentile (numpy's default), without numpy. A NaN is refused: ``sorted`` would leave it
+    where it stood (NaN compares false both ways), so the result would depend on the order of the values."""
+    if any(v != v for v in values):
+        raise ValueError(f"percentile of values with a NaN ({sum(v != v for v in values)} of {len(values)}): a "
+                         "request without a measurement is an error, not a sample")
     xs = sorted(values)
     k = (len(xs) - 1) * q / 100
     lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
