@@ -80,9 +80,13 @@ def test_a_user_folder_may_set_its_own_preamble(tmp_path, monkeypatch):
     ({"": "Vitamin A", "B": "Vitamin B12"}, "an option's label is empty ('')"),
     ({" \t": "Vitamin A", "B": "Vitamin B12"}, "an option's label is blank (' \\t')"),
     ({"a": "Vitamin A", "A": "Vitamin C"}, "the options 'a' and 'A' differ only in case"),
+    ({"A": "Vitamin A", "_": "Vitamin C"}, "the option label '_' has no letter or digit"),
+    ({"A": "Vitamin A", "**": "Vitamin C"}, "the option label '**' has no letter or digit"),
+    ({"A": "Vitamin A", "-": "Vitamin C"}, "the option label '-' has no letter or digit"),
 ])
 def test_option_labels_no_answer_can_tell_apart_are_refused(options, says):
-    """An empty label made a reply with no answer line parse as that option; 'a' and 'A' read as one choice."""
+    """An empty label made a reply with no answer line parse as that option; 'a' and 'A' read as one choice; a label
+    of markdown ("_") made a reply of underscores that option, and a long one took seconds to read."""
     mcq = get_template("mcq")
     inputs = {"question": "Which vitamin deficiency causes scurvy?", "options": options}
     with pytest.raises(TemplateError) as exc:

@@ -272,6 +272,8 @@ BAD_TEMPLATES = {
                                "contract.choices: template 'mine': the choices 'yes' and 'Yes' differ only in case"),
     "choices twice": (template_text(contract='{ kind = "choice", choices = ["yes", "no", "no"] }'),
                       "contract.choices: template 'mine': the choices 'no' and 'no' are the same"),
+    "a choice of markdown": (template_text(contract='{ kind = "choice", choices = ["yes", "no", "**"] }'),
+                             "contract.choices: template 'mine': the choice '**' has no letter or digit"),
     "choices and choices_from": (template_text(contract='{ kind = "choice", choices = ["yes"], choices_from = "question" }'),
                                  "contract.choices_from: template 'mine' gives both choices and choices_from"),
     "schema on a choice": (template_text(contract='{ kind = "choice", choices = ["yes", "no"], schema = { type = "object" } }'),
@@ -281,7 +283,7 @@ BAD_TEMPLATES = {
 }
 #: the fix each refusal above names, where it says more than "fix the field"
 FIXES = {"input named self": "rename the input", "choice label empty": 'set label = "Answer"',
-         "choices differ in case": "list each choice once", "choices and choices_from": "keep either choices",
+         "choices differ in case": "list each choice once", "a choice of markdown": "name each choice in words", "choices and choices_from": "keep either choices",
          "schema on a choice": "remove 'schema' from [contract]"}
 
 

@@ -56,7 +56,9 @@ async def generate(endpoint: Endpoint, body, request: Request):
         response.headers.update(headers)
         return response
     reasons = await collect(srv, record, request, streams, answers)
-    return JSONResponse(shape.whole(answers, reasons), headers=headers)
+    # the whole answer is read by its template's contract (and for tool calls): a long reply takes a while to read,
+    # so the event loop keeps answering other requests meanwhile
+    return JSONResponse(await run_in_threadpool(shape.whole, answers, reasons), headers=headers)
 
 
 def served_models(srv: Served) -> list[str]:
@@ -287,7 +289,7 @@ def streaming(srv: Served, record: RequestRecord, streams, answers, shape, inclu
                 yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
             else:
                 for answer, reason in zip(answers, reasons):
-                    for event in shape.final(answer, reason):
+                    for event in await run_in_threadpool(shape.final, answer, reason):  # reads the answer, as above
                         yield sse(event)
                 if include_usage:
                     yield sse(shape.usage(answers))

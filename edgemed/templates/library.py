@@ -76,13 +76,19 @@ class Template:
         return values
 
     def _check_labels(self, labels: list[str]) -> None:
-        """Each option's label is what a reply names it by: none blank, no two that differ only in case (the answer
-        line is read without regard to case: "Answer: a" is option A)."""
+        """Each option's label is what a reply names it by: none blank, none without a letter or digit (a reply's
+        markdown, "**", "_" and "-", would read as that option, and the parse takes a long time over a reply made of
+        them), no two that differ only in case (the answer line is read without regard to case: "Answer: a" is option
+        A)."""
         fix = "label each option with its own letter or number, e.g. --options '{\"A\": \"...\", \"B\": \"...\"}'"
         blank = [label for label in labels if not label.strip()]
         if blank:
             raise TemplateError(f"Template '{self.name}': an option's label is {'empty' if not blank[0] else 'blank'} "
                                 f"({blank[0]!r}), so no answer can name it.", fix)
+        marks = [label for label in labels if not re.search(r"[^\W_]", label)]
+        if marks:
+            raise TemplateError(f"Template '{self.name}': the option label {marks[0]!r} has no letter or digit, so a "
+                                "reply's punctuation or markdown would read as that option.", fix)
         seen: dict[str, str] = {}
         for label in labels:
             other = seen.setdefault(label.casefold(), label)
@@ -178,6 +184,9 @@ def _build(data: dict, source: str, preamble: str) -> Template:
         want("contract.choices", contract["choices"], list)
         if not all(isinstance(c, str) and c.strip() for c in contract["choices"]):
             fail("contract.choices", "every choice is a non-empty string")
+        if marks := [c for c in contract["choices"] if not re.search(r"[^\W_]", c)]:
+            fail("contract.choices", f"{tpl}: the choice {marks[0]!r} has no letter or digit, so a reply's "
+                                     "punctuation or markdown would read as that choice", "name each choice in words")
         seen: dict[str, str] = {}
         for choice in contract["choices"]:
             if (other := seen.get(choice.casefold())) is not None:
