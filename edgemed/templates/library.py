@@ -203,8 +203,8 @@ def _build(data: dict, source: str, preamble: str) -> Template:
         fail("contract.choices", "a choice contract needs choices or choices_from")
     if contract["kind"] == "json" and not isinstance(contract.get("schema"), dict):
         fail("contract.schema", "a json contract needs a schema table")
-    if contract["kind"] == "json" and (problem := _schema_type_problem(contract["schema"])):
-        fail("contract.schema", problem)
+    if contract["kind"] == "json" and (problem := _schema_problem(contract["schema"])):
+        fail(*problem)
     examples = data.get("examples", [])
     want("examples", examples, list)
     for i, example in enumerate(examples):
@@ -216,15 +216,43 @@ def _build(data: dict, source: str, preamble: str) -> Template:
                     examples=tuple(data.get("examples", ())), preamble=preamble, source=source)
 
 
-def _schema_type_problem(node, where: str = "") -> str | None:
-    """The first ``type`` of a JSON schema (``node``) that names no JSON type, said with its place in the schema."""
+def _keyword_problem(key: str, value) -> str | None:
+    """Why ``value`` is no ``key`` of a JSON schema that the parse (``_schema_errors``) can check, or None. A string
+    where a list belongs was read letter by letter ("intravenous" as an enum took "ven"), a string count made every
+    answer a TypeError."""
+    if key == "required" and not (isinstance(value, list) and all(isinstance(k, str) for k in value)):
+        return f"expected an array of property names, got {_kind(value)} {value!r}"
+    if key == "enum" and not isinstance(value, list):
+        return f"expected an array of the values allowed, got {_kind(value)} {value!r}"
+    if key in ("minItems", "minLength") and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        return f"expected a whole number of at least 0, got {_kind(value)} {value!r}"
+    if key == "pattern":
+        if not isinstance(value, str):
+            return f"expected a regular expression (a string), got {_kind(value)} {value!r}"
+        try:
+            re.compile(value)
+        except re.error as exc:
+            return f"{value!r} is no regular expression ({exc})"
+    if key in ("properties", "items") and not isinstance(value, dict):
+        return f"expected a table (a schema{' per property' if key == 'properties' else ''}), got {_kind(value)}"
+    if key == "properties" and (bad := next((k for k, sub in value.items() if not isinstance(sub, dict)), None)):
+        return f"the property {bad!r} is {_kind(value[bad])}, not a table (a schema)"
+    return None
+
+
+def _schema_problem(node, where: str = "") -> tuple[str, str] | None:
+    """The first problem of a JSON schema (``node``) as (the field, why): a ``type`` that names no JSON type, or a
+    keyword the parse checks (required, enum, minItems, minLength, pattern, properties, items) of the wrong shape."""
     if not isinstance(node, dict):
         return None
     if "type" in node:
         kinds = node["type"] if isinstance(node["type"], list) else [node["type"]]
         if not kinds or not all(isinstance(k, str) and k in JSON_TYPES for k in kinds):
-            return (f"type {node['type']!r}{' at ' + where if where else ''} is not a JSON type "
-                    f"(one of {', '.join(JSON_TYPES)}, or a list of them)")
+            return "contract.schema", (f"type {node['type']!r}{' at ' + where if where else ''} is not a JSON type "
+                                       f"(one of {', '.join(JSON_TYPES)}, or a list of them)")
+    for key in ("required", "enum", "minItems", "minLength", "pattern", "properties", "items"):
+        if key in node and (why := _keyword_problem(key, node[key])):
+            return f"contract.schema.{where + '.' if where else ''}{key}", why
     children = []
     for key in ("properties", "patternProperties", "$defs", "definitions"):
         if isinstance(node.get(key), dict):
@@ -235,7 +263,7 @@ def _schema_type_problem(node, where: str = "") -> str | None:
         if isinstance(node.get(key), list):
             children += [(f"{key}[{i}]", sub) for i, sub in enumerate(node[key])]
     for place, sub in children:
-        problem = _schema_type_problem(sub, f"{where}.{place}" if where else place)
+        problem = _schema_problem(sub, f"{where}.{place}" if where else place)
         if problem:
             return problem
     return None
