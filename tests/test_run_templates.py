@@ -205,7 +205,7 @@ def _scripted_respond(monkeypatch, turns):
 
     calls = iter(turns)
 
-    def respond(engine, prompt, settings, policy):
+    def respond(engine, prompt, settings, policy, cut=None):
         for item in next(calls):
             if isinstance(item, BaseException):
                 raise item
@@ -271,7 +271,7 @@ def test_a_pasted_note_between_triple_quotes_is_one_message(smollm2_gguf, monkey
     seen = []
     from edgemed.runtime import session
 
-    def respond(engine, prompt, settings, policy):
+    def respond(engine, prompt, settings, policy, cut=None):
         seen.append(prompt)
         yield ("answer", f"answer {len(seen)}")
 
@@ -298,7 +298,7 @@ def test_chat_keeps_the_shipped_safety_preamble_whatever_a_user_folder_replaces(
                                        '[[template]]\nname = "mcq"\nfile = "mcq.toml"\nreplaces = true\n')
     monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
     prompts = []
-    monkeypatch.setattr(session, "respond", lambda e, prompt, s, p: iter([prompts.append(prompt), ("answer", "ok")][1:]))
+    monkeypatch.setattr(session, "respond", lambda e, prompt, s, p, cut=None: iter([prompts.append(prompt), ("answer", "ok")][1:]))
     r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"], input="hi\n/exit\n")
     assert r.exit_code == 0, r.output
     assert safety_preamble().strip()[:60] in prompts[0] and "local wording" not in prompts[0]
@@ -311,7 +311,7 @@ def test_ctrl_c_in_a_pasted_note_drops_the_note(smollm2_gguf, monkeypatch):
     from edgemed.runtime import session
 
     seen = []
-    monkeypatch.setattr(session, "respond", lambda e, prompt, s, p: iter([seen.append(prompt), ("answer", "ok")][1:]))
+    monkeypatch.setattr(session, "respond", lambda e, prompt, s, p, cut=None: iter([seen.append(prompt), ("answer", "ok")][1:]))
     answers = iter(['"""', "BP 150/95.", KeyboardInterrupt, "Name one sign of anaemia.", "/exit"])
 
     def prompt(*a, **k):

@@ -9,6 +9,35 @@ import click
 BLOCK = '"""'
 
 
+def opening(engine, system: str, named: bool) -> list[dict]:
+    """The messages a conversation starts with: the system message, or none where the model's chat template takes no
+    system role (Mistral's, Gemma 2's), the system text then going before the first user message (``with_system``). A
+    system text the template refuses in any place (the model's markup in it) is an ``InputError`` naming --system
+    (``named``: the user's text), before any turn: it used to refuse every turn, /reset included."""
+    from edgemed.errors import InputError
+
+    system_msg = {"role": "system", "content": system}
+    try:
+        engine.render_chat([system_msg, {"role": "user", "content": "x"}])
+        return [system_msg]
+    except InputError as exc:
+        refused = exc
+    try:
+        engine.render_chat([{"role": "user", "content": with_system(system, "x")}])
+    except InputError as exc:
+        what = "--system" if named else "the safety preamble (the default system message)"
+        raise InputError(f"{what} cannot be sent to this model: {exc.problem}",
+                         "pass a --system text without the model's markup" if named else exc.fix) from None
+    click.echo(f"({refused.problem.rstrip('.')}; this model's chat template takes no system message, so the system "
+               "text goes before your first message)", err=True)
+    return []
+
+
+def with_system(system: str, line: str) -> str:
+    """The first user message where the system text cannot be a message of its own."""
+    return f"{system}\n\n{line}"
+
+
 @click.command()
 @click.argument("model")  # as typed: ./NAME is a path, NAME may be an installed model
 @click.option("--system", "-s", help="System message (default: the templates' safety preamble).")
@@ -62,8 +91,9 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     engine.prefix_reuse = engine.prefix_reuse and not no_prefix_cache
     with_adapters = f" with {', '.join(s.path.name for s in specs)}" if specs else ""
     click.echo(f"edgemed chat: {model}{with_adapters} on '{prepared.profile}', context {engine.n_ctx}. /exit to quit.", err=True)
-    history = [{"role": "system", "content": preamble}]
     try:
+        base = opening(engine, preamble, bool(system))
+        history = list(base)
         while True:
             try:
                 line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
@@ -74,7 +104,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
             if line.strip() in ("/exit", "/quit"):
                 break
             if line.strip() == "/reset":
-                history = history[:1]
+                history = list(base)
                 continue
             if line.strip() == BLOCK:  # a pasted note: one message of many lines, not a turn per line
                 lines = []
@@ -94,11 +124,12 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
                 line = "\n".join(lines)
             if not line.strip():
                 continue
-            history.append({"role": "user", "content": line})
-            answer, thought = [], False
+            folded = not base and not any(m["role"] == "user" for m in history)
+            history.append({"role": "user", "content": with_system(preamble, line) if folded else line})
+            answer, thought, cut = [], False, []
             out = echo_piece(policy.show)
             try:
-                for channel, piece in respond(engine, engine.render_chat(history), settings, policy):
+                for channel, piece in respond(engine, engine.render_chat(history), settings, policy, cut=cut):
                     out(channel, piece)
                     thought = thought or channel == "think"
                     if channel == "answer":
@@ -122,6 +153,8 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
                 history.pop()
                 click.echo(f"({NoAnswer(max_tokens)}; the question is left out of the conversation)", err=True)
                 continue
+            if cut and cut[-1]:  # kept as the model's turn, as it stands: the next question may ask it to go on
+                click.echo(f"(cut at --max-tokens {max_tokens}: the answer is kept as it stands)", err=True)
             history.append({"role": "assistant", "content": "".join(answer)})
     finally:
         engine.close()

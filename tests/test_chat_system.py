@@ -1,0 +1,56 @@
+"""``edgemed chat``'s system message: a model whose chat template takes no system role gets the system text before
+the first message, a system text the model's format refuses ends chat before the first turn, and an answer cut at
+--max-tokens says so. The real SmolLM2 (1 thread), re-templated where a test needs another chat template."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+
+from test_template_limits import with_chat_template  # noqa: E402
+
+#: SmolLM2's own format (ChatML), refusing a system role as Mistral's and Gemma 2's templates do
+NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+             "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+ARGS = ["--ctx", "512", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def no_system_gguf(smollm2_gguf, tmp_path_factory):
+    return with_chat_template(smollm2_gguf, tmp_path_factory.mktemp("nosys") / "mistral-style.gguf", NO_SYSTEM)
+
+
+def chat(model, *args, text):
+    return CliRunner().invoke(cli, ["chat", str(model), *ARGS, *args], input=text)
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_message(no_system_gguf, monkeypatch):
+    """Every message was refused (the system message sent each turn), exit 0, with a fix naming nothing to change."""
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    prompts, real = [], LlamaEngine.complete
+    monkeypatch.setattr(LlamaEngine, "complete", lambda self, prompt, s: prompts.append(prompt) or real(self, prompt, s))
+    result = chat(no_system_gguf, "--system", "Be brief.", "--max-tokens", "8",
+                  text="Name one symptom of anaemia.\nAnd another?\n/reset\nName a cause.\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "takes no system message" in result.output and "refused" not in result.output.split("you> ", 1)[1]
+    assert result.output.count("you> ") == 5  # two turns, /reset, one turn, then /exit
+    assert all(r.split("\n")[0].strip() for r in result.output.split("you> ")[1:3]), result.output
+    assert [p.count("Be brief.") for p in prompts] == [1, 1, 1]  # once, in the first message, again after /reset
+    assert prompts[0] == "<|im_start|>user\nBe brief.\n\nName one symptom of anaemia.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("system", ["Be brief.<|im_end|>", "Be brief.<|im_start|>system"])
+def test_a_system_text_with_the_model_markup_ends_chat_before_the_first_turn(smollm2_gguf, system):
+    """It was accepted, then every turn was refused, /reset included."""
+    result = chat(smollm2_gguf, "--system", system, "--max-tokens", "4", text="Name one symptom of anaemia.\n/exit\n")
+    assert result.exit_code == 1 and "--system" in result.output and "you> " not in result.output, result.output
+
+
+def test_an_answer_cut_at_max_tokens_says_so(smollm2_gguf):
+    result = chat(smollm2_gguf, "--max-tokens", "3", text="Describe anaemia in detail.\n/exit\n")
+    assert result.exit_code == 0 and "(cut at --max-tokens 3" in result.output, result.output
