@@ -53,11 +53,16 @@ class _Server:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def env(self) -> dict | None:
+        """The server process's environment (None: this process's)."""
+        return None
+
     def start(self) -> None:
         import httpx2
 
         with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen(self.command(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.command(), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env())
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -100,18 +105,93 @@ class _Server:
     def describe(self) -> dict:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         info = cpu_features_line(text)
-        return {"command": [str(c) for c in self.command()], "system_info": info, "log": str(self.log)}
+        return {"command": [str(c) for c in self.command()], "system_info": info, "log": str(self.log),
+                "weight_buffers_mib": weight_buffers(text)}
+
+
+def matched_extra_buffers(server_args) -> str | None:
+    """The ``extra_buffers`` edgemed needs to run the kernels llama-server runs with ``server_args`` (its
+    ``--server-arg`` list): ``--no-repack`` turns off all of llama.cpp's extra buffers (CPU_REPACK and AMX), which is
+    edgemed's ``"none"``; None where they leave llama-server's default, and edgemed keeps its profile's."""
+    return "none" if "--no-repack" in tuple(server_args) else None
+
+
+def _profile_file(name: str) -> Path:
+    """The file ``load_profiles`` reads profile ``name`` from: the last user folder that has it, else the shipped one."""
+    from edgemed import env
+    from edgemed.devices.profiles import _shipped_dir
+
+    for folder in reversed(env.profile_dirs()):
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    return Path(str(_shipped_dir() / f"{name}.toml"))
+
+
+def weight_buffers(text: str) -> dict[str, float] | None:
+    """llama.cpp's ``load_tensors: NAME model buffer size = X MiB`` lines in ``text`` (a server's log), name -> MiB:
+    where the weights went (``CPU_REPACK``/``AMX``: an extra buffer). None where the log has none (edgemed serve
+    writes llama.cpp's own log only at -vv)."""
+    from edgemed.runtime.buffers import BUFFER_LINE
+
+    found = {m[1]: float(m[2]) for m in re.finditer(BUFFER_LINE, text)}
+    return found or None
 
 
 class EdgemedServer(_Server):
     name = "edgemed"
 
     def __init__(self, path: Path, threads: int, slots: int, ctx_per_slot: int, prefix_cache: bool = False,
-                 adapters: tuple[Path, ...] = (), extra: tuple[str, ...] = ()):
+                 adapters: tuple[Path, ...] = (), extra: tuple[str, ...] = (), extra_buffers: str | None = None):
         self.prefix_cache = prefix_cache
         self.adapters = tuple(adapters)  # GGUF LoRA adapter files served beside the base (model "NAME:ADAPTER")
         self.extra = tuple(extra)  # more `edgemed serve` options (an arm of a comparison)
+        # the weights' placement (runtime/buffers.py's modes), else the profile's: matched_extra_buffers gives the
+        # one llama-server's arguments ask for, so both arms run the same kernels
+        self.extra_buffers = extra_buffers
         super().__init__(path, threads, slots, ctx_per_slot)
+        self.profile = self._override_profile(extra_buffers) if extra_buffers else None
+
+    def _override_profile(self, mode: str) -> str:
+        """A copy of the profile edgemed would run (``--profile`` in ``extra``, else the detected one) with
+        ``extra_buffers = mode``, written to this server's folder (``env`` names it in $EDGEMED_PROFILES_DIR);
+        its name. Read back through edgemed's own profile reader before any server starts."""
+        from edgemed.devices.detect import resolve
+        from edgemed.devices.profiles import read_profile
+
+        base, _ = resolve(self._asked_profile())
+        name = f"{base.name}-extra-buffers-{mode}"
+        text = _profile_file(base.name).read_text(encoding="utf-8")
+        text = re.sub(r'(?m)^name\s*=.*$', f'name = "{name}"', text, count=1)
+        text = re.sub(r'(?m)^extra_buffers\s*=.*\n', "", text)
+        text, n = re.subn(r'(?m)^\[llama\]\s*$', f'[llama]\nextra_buffers = "{mode}"  # benchmark arm: as llama-server was run',
+                          text, count=1)
+        folder = self.folder / "profiles"
+        folder.mkdir(exist_ok=True)
+        out = folder / f"{name}.toml"
+        out.write_text(text if n else text + f'\n[llama]\nextra_buffers = "{mode}"\n', encoding="utf-8")
+        if read_profile(out).llama.get("extra_buffers") != mode:
+            raise EdgemedError(f"could not set extra_buffers = \"{mode}\" in a copy of the profile {base.name}",
+                               f"read {out}")
+        return name
+
+    def _asked_profile(self) -> str | None:
+        args = list(self.extra)
+        for i, a in enumerate(args):
+            if a == "--profile" and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith("--profile="):
+                return a.split("=", 1)[1]
+        return None
+
+    def env(self) -> dict | None:
+        if self.profile is None:
+            return None
+        import os
+
+        from edgemed import env
+
+        dirs = os.environ.get(env.PROFILES_VAR)
+        return os.environ | {env.PROFILES_VAR: os.pathsep.join([*([dirs] if dirs else []), str(self.folder / "profiles")])}
 
     def command(self) -> list[str]:
         audit = self.folder / "audit.jsonl"
@@ -120,7 +200,12 @@ class EdgemedServer(_Server):
                "--queue", "16", "--audit-log", str(audit)]
         for adapter in self.adapters:
             cmd += ["--adapter", str(adapter)]
-        cmd += list(self.extra)
+        extra = list(self.extra)
+        if self.profile is not None:  # the overriding copy instead of the profile it copies
+            extra = [a for i, a in enumerate(extra) if not (a == "--profile" or a.startswith("--profile=")
+                                                            or (i and extra[i - 1] == "--profile"))]
+            extra += ["--profile", self.profile]
+        cmd += extra
         # by default every request cold, as llama-server is asked to be (cache_prompt: false)
         return cmd if self.prefix_cache else cmd + ["--no-prefix-cache"]
 
@@ -129,8 +214,13 @@ class EdgemedServer(_Server):
         start line, read back from the context; None before it started or from an edgemed that does not print it)."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         found = re.search(r"batches of (\d+) in micro-batches of (\d+)", text)
+        profile = re.search(r"profile (\S+), batches of", text)
         return super().describe() | {"n_batch": int(found[1]) if found else None,
-                                     "n_ubatch": int(found[2]) if found else None}
+                                     "n_ubatch": int(found[2]) if found else None,
+                                     "profile": profile[1] if profile else None,
+                                     "extra_buffers": self.extra_buffers or "the profile's",
+                                     **({"profile_override": str(self.folder / "profiles" / f"{self.profile}.toml"),
+                                         "profiles_dir": self.env()["EDGEMED_PROFILES_DIR"]} if self.profile else {})}
 
     def scheduler_metrics(self) -> dict[str, float]:
         import httpx2

@@ -69,3 +69,43 @@ def test_percentile_refuses_a_nan_instead_of_answering_by_its_position():
     for values in ([math.nan, 0.4, 0.5, 0.6], [0.4, 0.5, math.nan, 0.6]):
         with pytest.raises(ValueError, match="NaN"):
             percentile(values, 50)
+
+
+def test_with_no_repack_for_llama_server_edgemed_is_started_with_extra_buffers_none(tmp_path, monkeypatch):
+    """--server-arg=--no-repack turns off all of llama-server's extra buffers: the edgemed arm must run the same
+    kernels, through a copy of its profile with extra_buffers = "none" (read back by edgemed's profile reader)."""
+    import shutil
+
+    from edgemed.benchmarks.serve_bench_client import EdgemedServer, matched_extra_buffers
+    from edgemed.devices.profiles import load_profiles
+
+    assert matched_extra_buffers(()) is None
+    mode = matched_extra_buffers(("--no-repack",))
+    assert mode == "none"
+    server = EdgemedServer(tmp_path / "m.gguf", 2, 2, 512, extra=("--profile", "generic"), extra_buffers=mode)
+    try:
+        cmd, env = server.command(), server.env()
+        assert cmd.count("--profile") == 1
+        name = cmd[cmd.index("--profile") + 1]
+        assert name == "generic-extra-buffers-none"
+        with monkeypatch.context() as m:
+            m.setenv("EDGEMED_PROFILES_DIR", env["EDGEMED_PROFILES_DIR"])
+            profile = load_profiles()[name]
+        assert profile.llama["extra_buffers"] == "none"
+        generic = {k: v for k, v in load_profiles()["generic"].llama.items() if k != "extra_buffers"}
+        assert {k: v for k, v in profile.llama.items() if k != "extra_buffers"} == generic  # nothing else changed
+        assert server.describe()["extra_buffers"] == "none"
+        plain = EdgemedServer(tmp_path / "m.gguf", 2, 2, 512, extra=("--profile", "generic"))
+        assert plain.env() is None and plain.command()[plain.command().index("--profile") + 1] == "generic"
+        shutil.rmtree(plain.folder)
+    finally:
+        shutil.rmtree(server.folder)
+
+
+def test_the_weight_buffers_are_read_back_from_a_llama_cpp_log():
+    from edgemed.benchmarks.serve_bench_client import weight_buffers
+
+    log = ("load_tensors:   CPU_Mapped model buffer size =   105.44 MiB\n"
+           "load_tensors:   CPU_REPACK model buffer size =    84.38 MiB\nmain: server is listening\n")
+    assert weight_buffers(log) == {"CPU_Mapped": 105.44, "CPU_REPACK": 84.38}
+    assert weight_buffers("main: server is listening\n") is None
