@@ -272,6 +272,12 @@ BAD_TEMPLATES = {
                                "contract.choices: template 'mine': the choices 'yes' and 'Yes' differ only in case"),
     "choices twice": (template_text(contract='{ kind = "choice", choices = ["yes", "no", "no"] }'),
                       "contract.choices: template 'mine': the choices 'no' and 'no' are the same"),
+    # a variable no input declares failed only at its first use, with a fix (pass --input ward) the template refused
+    "undeclared variable": (template_text(INPUTS, user='"Note: {{ question }}\\nWard: {{ ward }}"'),
+                            "user: uses {{ ward }}, which is no input of 'mine' (its inputs: question)"),
+    "undeclared in system": (template_text(INPUTS, system='"{% if urgent %}Hurry.{% endif %}"'),
+                             "system: uses {{ urgent }}, which is no input of 'mine'"),
+    "jinja syntax error": (template_text(INPUTS, user='"{{ question "'), "user: a Jinja syntax error at line 1"),
     "a choice of markdown": (template_text(contract='{ kind = "choice", choices = ["yes", "no", "**"] }'),
                              "contract.choices: template 'mine': the choice '**' has no letter or digit"),
     "choices and choices_from": (template_text(contract='{ kind = "choice", choices = ["yes"], choices_from = "question" }'),
@@ -282,7 +288,7 @@ BAD_TEMPLATES = {
                           "contract.choices: template 'mine' has a text contract, which does not use 'choices'"),
 }
 #: the fix each refusal above names, where it says more than "fix the field"
-FIXES = {"input named self": "rename the input", "choice label empty": 'set label = "Answer"',
+FIXES = {"input named self": "rename the input", "undeclared variable": "declare [inputs.ward]", "choice label empty": 'set label = "Answer"',
          "choices differ in case": "list each choice once", "a choice of markdown": "name each choice in words", "choices and choices_from": "keep either choices",
          "schema on a choice": "remove 'schema' from [contract]"}
 
@@ -303,6 +309,18 @@ def test_a_malformed_template_file_is_refused_naming_the_field(tmp_path, monkeyp
     with pytest.raises(TemplateError) as exc:
         load_templates()
     assert f"mine.toml: {says}" in exc.value.problem and "mine.toml" in exc.value.fix and fix in exc.value.fix
+
+
+def test_the_load_reads_a_templates_variables_without_running_any_of_it(tmp_path, monkeypatch):
+    """jinja2.meta.find_undeclared_variables compiles the text, and compiling calls a filter on constants: "x" |
+    center(300000000) built 300 MB in the loading process, outside the renderer's limits."""
+    import jinja2.defaults
+
+    calls = []  # Jinja's constant folding swallows whatever a filter raises: the calls are counted instead
+    monkeypatch.setitem(jinja2.defaults.DEFAULT_FILTERS, "center", lambda *args, **kwargs: calls.append(args))
+    text = template_text(user='"{{ question }}{{ \'x\' | center(300000000) }}"')
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, GOOD_INDEX, text)))
+    assert "mine" in load_templates() and calls == []
 
 
 def test_an_optional_input_without_a_default_renders_empty(tmp_path, monkeypatch):

@@ -159,6 +159,13 @@ def _build(data: dict, source: str, preamble: str) -> Template:
             want(f"inputs.{name}.required", spec["required"], bool)
         if "help" in spec:
             want(f"inputs.{name}.help", spec["help"], str)
+    for key in ("system", "user"):
+        problem, name = _undeclared(data[key], set(inputs))
+        if problem:
+            fail(key, problem)
+        if name:
+            fail(key, f"uses {{{{ {name} }}}}, which is no input of {data['name']!r} (its inputs: "
+                      f"{', '.join(inputs) or 'none'})", f"declare [inputs.{name}] (or correct the name)")
     contract = data["contract"]
     want("contract", contract, dict)
     for key in contract:
@@ -214,6 +221,33 @@ def _build(data: dict, source: str, preamble: str) -> Template:
                                       choices=tuple(contract.get("choices", ())),
                                       choices_from=contract.get("choices_from", ""), schema=contract.get("schema", {})),
                     examples=tuple(data.get("examples", ())), preamble=preamble, source=source)
+
+
+def _undeclared(source: str, inputs: set[str]) -> tuple[str, str]:
+    """(a syntax error, '') or ('', the first variable ``source`` reads that is none of ``inputs``), or ('', '').
+
+    The text is parsed, never rendered (rendering is the sandboxed worker's, ``sandbox.py``), and the tree walked
+    here: ``jinja2.meta.find_undeclared_variables`` compiles it, and compiling evaluates constant expressions
+    (``"x"|center(300000000)`` builds 300 MB in this process). A name the text sets itself ({% set %}, a for loop's
+    target, a macro's argument) counts as declared, wherever it is set; Jinja's own globals (range, dict, ...) and
+    names (loop, caller, ...) too. Every other name is an input the renderer must be given: one that no input
+    declares failed only at its first use, with a fix (pass --input ward) that the template then refused."""
+    import jinja2
+    from jinja2 import nodes
+
+    env = jinja2.Environment()  # the prompt flavor's syntax (worker.py): the default delimiters, no extensions
+    try:
+        tree = env.parse(source)
+        names = list(tree.find_all(nodes.Name))
+        imported = [n for node in tree.find_all(nodes.FromImport) for n in node.names]
+    except jinja2.TemplateSyntaxError as exc:
+        return f"a Jinja syntax error at line {exc.lineno}: {str(exc.message).rstrip('.')}", ""
+    except RecursionError:
+        return "nests its Jinja expressions too deeply to read", ""
+    declared = {n.name for n in names if n.ctx in ("store", "param")} | set(env.globals) | JINJA_NAMES | inputs
+    declared |= {n[1] if isinstance(n, tuple) else n for n in imported}
+    declared |= {node.target for node in tree.find_all(nodes.Import)} | {m.name for m in tree.find_all(nodes.Macro)}
+    return "", next((n.name for n in names if n.ctx == "load" and n.name not in declared), "")
 
 
 def _keyword_problem(key: str, value) -> str | None:
