@@ -222,7 +222,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     """
     from edgemed.errors import InputError
     from edgemed.runtime import GenerationSettings
-    from edgemed.runtime.session import ask, open_with_adapters, prepare, respond
+    from edgemed.runtime.session import ask, generate, open_with_adapters, prepare, respond
     from edgemed.templates.think import ThinkPolicy
     from edgemed.phi import no_core_dumps
 
@@ -294,15 +294,16 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
             if not answer.parsed.ok:
                 click.echo(f"warning: the reply does not meet the '{template.name}' contract: {answer.parsed.error}", err=True)
             return
+        cut: list[bool] = []  # per generation call, whether it stopped at its token limit (the last: the answer)
         if raw:
-            pieces = (("answer", p) for p in engine.complete(prompt, settings))
+            pieces = (("answer", p) for p in generate(engine, prompt, settings, cut))
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            pieces = respond(engine, engine.render_chat(messages), settings, policy)
+            pieces = respond(engine, engine.render_chat(messages), settings, policy, cut=cut)
         out = echo_piece(policy.show)
-        text, thought = [], False
+        text, thinking, thought = [], [], False
         for channel, piece in pieces:
-            text.append(piece) if channel == "answer" else None
+            (text if channel == "answer" else thinking).append(piece)
             thought = thought or channel == "think"
             if not as_json:
                 out(channel, piece)
@@ -312,6 +313,15 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
             if not as_json:
                 click.echo()
             raise NoAnswer(max_tokens)
-        click.echo(json.dumps({"reply": "".join(text)}) if as_json else "")
+        was_cut = bool(cut) and cut[-1]
+        if as_json:
+            reply = {"reply": "".join(text), "cut": was_cut}
+            if policy.show:
+                reply["think"] = "".join(thinking)
+            click.echo(json.dumps(reply))
+        else:
+            click.echo()
+            if was_cut:  # a reply that stops mid-sentence reads as complete otherwise
+                click.echo(f"(cut at --max-tokens {max_tokens})", err=True)
     finally:
         engine.close()

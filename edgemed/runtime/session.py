@@ -124,7 +124,7 @@ def starts_in_think(prompt: str) -> bool:
     return prompt.rstrip().endswith("<think>")
 
 
-def _generate(engine, prompt: str, settings: GenerationSettings, cut: list | None) -> Iterator[str]:
+def generate(engine, prompt: str, settings: GenerationSettings, cut: list | None) -> Iterator[str]:
     """``engine.complete``'s pieces; with ``cut``, then appends whether the call used all its ``max_tokens`` (counted
     by tokenizing what it wrote, as ``respond`` counts a capped thought: the engines report no finish reason)."""
     text, stream = [], engine.complete(prompt, settings)
@@ -145,7 +145,7 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
     splitter = ThinkSplitter(in_think=starts_in_think(prompt))
     constrained = bool(settings.json_schema or settings.grammar)
     if think.cap is None and not (constrained and splitter.in_think):
-        for piece in _generate(engine, prompt, settings, cut):
+        for piece in generate(engine, prompt, settings, cut):
             yield from splitter.feed(piece)
         yield from splitter.flush()
         return
@@ -158,7 +158,7 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
         # Whether the model thinks shows in its first tokens: held back until they say; an answer begun without a
         # thought would have been sampled unconstrained, so it is dropped and asked for again, constrained.
         thinks = None
-        pieces = _generate(engine, prompt, free, cut)
+        pieces = generate(engine, prompt, free, cut)
         for piece in pieces:
             first += piece
             head = first.lstrip()
@@ -170,7 +170,7 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
                 break
         if not thinks:
             pieces.close()  # the engine's next call keeps the prompt's cells only (its own prompt is the same)
-            for piece in _generate(engine, prompt, settings, cut):
+            for piece in generate(engine, prompt, settings, cut):
                 yield from splitter.feed(piece)
             yield from splitter.flush()
             return
@@ -178,21 +178,21 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
             first += piece
             yield from splitter.feed(piece)
     else:
-        for piece in _generate(engine, prompt, free, cut):
+        for piece in generate(engine, prompt, free, cut):
             first += piece
             yield from splitter.feed(piece)
     if splitter.in_think or first.lstrip().startswith("<think>"):
         # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
         closing = "\n" + CLOSE + "\n\n"
         yield from splitter.feed(closing)
-        for piece in _generate(engine, prompt + first + closing, settings, cut):
+        for piece in generate(engine, prompt + first + closing, settings, cut):
             yield from splitter.feed(piece)
     else:
         # The model did not think: what it wrote is the answer; continue it if the cap cut it short.
         used = len(engine.tokenize(first))
         if used >= cap and settings.max_tokens > used:
             more = replace(settings, max_tokens=settings.max_tokens - used)
-            for piece in _generate(engine, prompt + first, more, cut):
+            for piece in generate(engine, prompt + first, more, cut):
                 yield from splitter.feed(piece)
     yield from splitter.flush()
 
