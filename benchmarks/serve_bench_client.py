@@ -215,7 +215,12 @@ class EdgemedServer(_Server):
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         found = re.search(r"batches of (\d+) in micro-batches of (\d+)", text)
         profile = re.search(r"profile (\S+), batches of", text)
+        placed = re.search(r"^placement: (.*)$", text, re.M)  # `edgemed serve`'s start line, read back from llama.cpp
+        buffers = placed and re.search(r"llama\.cpp placed ([^;]*)", placed[1])
         return super().describe() | {"n_batch": int(found[1]) if found else None,
+                                     "placement": placed[1] if placed else None,
+                                     "weight_buffers_mib": {name: float(mib) for name, mib in re.findall(
+                                         r"(\S+) ([\d.]+) MiB", buffers[1])} if buffers else None,
                                      "n_ubatch": int(found[2]) if found else None,
                                      "profile": profile[1] if profile else None,
                                      "extra_buffers": self.extra_buffers or "the profile's",

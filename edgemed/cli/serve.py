@@ -226,6 +226,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                        f"queue {queue_size}, profile {prepared.profile}, batches of {n_batch} in micro-batches of "
                        f"{n_ubatch}", err=True)
             click.echo(_memory_line(prepared.plan, batcher), err=True)
+            click.echo(f"placement: {batcher.placement}", err=True)  # read back from llama.cpp's load lines
             if served_adapters:
                 click.echo(f"adapters: {', '.join(f'{model_id}:{n}' for n in served_adapters)}", err=True)
             rotates = f"; a new file every {audit.rotate_bytes >> 20} MiB" if audit.rotate_bytes else ""

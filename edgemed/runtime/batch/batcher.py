@@ -424,6 +424,13 @@ class Batcher:
             return self._require_model().detokenize(list(ids), special=True)
 
     @property
+    def placement(self) -> str:
+        """Where llama.cpp put the weights, as it reported them at load (``buffers.Placement.describe``); once
+        started."""
+        with self._native:
+            return self._require_model().placement.describe()
+
+    @property
     def micro_batch(self) -> tuple[int, int]:
         """``(n_batch, n_ubatch)`` as llama.cpp's context reports them (read back, not the profile's word); once
         started."""
