@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+from pathlib import Path
 from typing import Callable
 
 
@@ -88,13 +89,26 @@ def _llama_cpp_python() -> str | None:
         return None
 
 
+def code_state(paths: tuple[str, ...] = ("edgemed",)) -> dict:
+    """The edgemed code the servers ran: the git commit and the files under ``paths`` (edgemed/) changed from it (the
+    workloads measure the tree as it is), or None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "changed": []}
+    return {"commit": head.stdout.strip(), "changed": [ln[3:] for ln in dirty.stdout.splitlines()]}
+
+
 def machine(code: dict | None = None, **extra) -> dict:
     """The machine block of a serving study: CPU count, model and flags, platform, Python, llama-cpp-python's
     version, the compilers of the anchors (llama-server) and of the runtime's llama.cpp, the edgemed commit (and
     files changed from it), and the load averages when it was taken. ``code``: a ``code_state()`` already taken."""
     if code is None:
-        from edgemed.benchmarks.serve_workloads import code_state
-
         code = code_state()
     return {"cpu_count": os.cpu_count(), **_cpu(), "platform": platform.platform(), "python": platform.python_version(),
             "llama_cpp_python": _llama_cpp_python(), **_compilers(), "edgemed_commit": code.get("commit"),

@@ -53,6 +53,7 @@ from edgemed.benchmarks import serve_conversation as sc
 from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, add_server_arg, long_prompt, openai_chat_level, run_gated,
                                                     prefill_check, save_results, settle, ttft_cell)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
+from edgemed.benchmarks.provenance import code_state
 from edgemed.errors import EdgemedError
 
 PARTS = ("conversation", "template", "throughput", "long")
@@ -272,21 +273,6 @@ def part_long(servers: dict, sizes: Sizes, rounds: int, vocab_path: Path) -> dic
 
 
 # -- report ------------------------------------------------------------------------------------------------------
-def code_state(paths: tuple[str, ...] = ("edgemed",)) -> dict:
-    """The edgemed code the servers ran: the git commit and the files under ``paths`` (edgemed/) changed from it (the
-    workloads measure the tree as it is), or None outside a git checkout."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,
-                               text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "changed": []}
-    return {"commit": head.stdout.strip(), "changed": [ln[3:] for ln in dirty.stdout.splitlines()]}
-
-
 def _f(v, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
