@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ from edgemed.benchmarks import serve_conversation as sc
 from edgemed.benchmarks.serve_bench_client import (EdgemedServer, _Server, add_server_arg, long_prompt, openai_chat_level, run_gated,
                                                     prefill_check, save_results, settle, ttft_cell)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
-from edgemed.benchmarks.provenance import code_state
+from edgemed.benchmarks.provenance import code_state, machine, paired, paired_ratios, range_cell
 from edgemed.errors import EdgemedError
 
 PARTS = ("conversation", "template", "throughput", "long")
@@ -186,12 +185,25 @@ def part_conversation(servers: dict, sizes: Sizes, rounds: int, cases: list[str]
             runs[name].append({"round": r, **info, "turns": stats})
             print(f"conversation round {r} {name}: " + ", ".join(f"t{s['turn']} {s['ttft_p50_s']:.2f}s" for s in stats)
                   + f" (TTFT p50), load {info['loadavg'][0]:.1f}", flush=True)
-    bests = {name: [best([run["turns"][t] for run in runs[name]], "ttft_p50_s") for t in range(sizes.turns)]
-             for name in servers}
+    return summarize_conversation(runs, sizes.turns)
+
+
+def _turn(t: int, key: str):
+    return lambda run: run["turns"][t].get(key) if t < len(run["turns"]) else None
+
+
+def summarize_conversation(runs: dict[str, list[dict]], turns: int) -> dict:
+    """Each server's best run per turn (lowest TTFT p50), and per turn the edgemed / llama-server TTFT ratios taken
+    inside each round: ``ratio_p50`` / ``ratio_p99`` are the medians of those per-round ratios (``*_paired``: the
+    rounds, the range, the goal), the goal judged on the median."""
+    bests = {name: [best([run["turns"][t] for run in rs], "ttft_p50_s") for t in range(turns)] for name, rs in runs.items()}
     out = {"best": sc._r(bests), "runs": sc._r(runs)}
-    if "llama-server" in servers:
-        out["ratio_p50"] = sc._r(sc.ratios(bests["edgemed"], bests["llama-server"]))
-        out["ratio_p99"] = sc._r(sc.ratios(bests["edgemed"], bests["llama-server"], "ttft_p99_s"))
+    if "llama-server" in runs and "edgemed" in runs:
+        for key, short, goal in (("ttft_p50_s", "p50", GOALS["conversation"]), ("ttft_p99_s", "p99", None)):
+            ps = [paired(paired_ratios(runs["edgemed"], runs["llama-server"], _turn(t, key)), goal, at_most=True)
+                  for t in range(turns)]
+            out[f"ratio_{short}"] = [x["median"] for x in ps]
+            out[f"ratio_{short}_paired"] = ps
         out["goal_met"] = all(x is not None and x <= GOALS["conversation"] for x in out["ratio_p50"])
     return out
 
@@ -220,11 +232,18 @@ def part_template(servers: dict, sizes: Sizes, rounds: int) -> dict:
                     cell["runs"][name].append(run)
                     print(f"template round {r} {key} {name}: TTFT p50 {run['ttft_p50_s']:.2f}s, cached {cached}, "
                           f"load {info['loadavg'][0]:.1f}", flush=True)
+    return {"template": TEMPLATE, "cells": sc._r(summarize_template(cells))}
+
+
+def summarize_template(cells: dict) -> dict:
+    """Each cell's best run per server (lowest TTFT p50) and its ``ratio_p50``: the median of the per-round ratios."""
     for cell in cells.values():
         cell["best"] = {name: best(runs, "ttft_p50_s") for name, runs in cell["runs"].items()}
-        if "llama-server" in servers:
-            cell["ratio_p50"] = ratio(cell["best"]["edgemed"]["ttft_p50_s"], cell["best"]["llama-server"]["ttft_p50_s"])
-    return {"template": TEMPLATE, "cells": sc._r(cells)}
+        if "llama-server" in cell["runs"] and "edgemed" in cell["runs"]:
+            p = paired(paired_ratios(cell["runs"]["edgemed"], cell["runs"]["llama-server"], "ttft_p50_s"),
+                       GOALS["template"], at_most=True)
+            cell["ratio_p50"], cell["ratio_p50_paired"] = p["median"], p
+    return cells
 
 
 def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
@@ -241,11 +260,18 @@ def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
                 lv["runs"][name].append(s)
                 print(f"throughput round {r} {n} streams {name}: {s['aggregate_tok_s']:.1f} tok/s, "
                       f"load {info['loadavg'][0]:.1f}", flush=True)
+    return {"levels": sc._r(summarize_throughput(levels))}
+
+
+def summarize_throughput(levels: dict) -> dict:
+    """Each level's best run per server (highest aggregate tok/s) and its ``ratio``: the median per-round ratio."""
     for lv in levels.values():
         lv["best"] = {name: best(runs, "aggregate_tok_s", highest=True) for name, runs in lv["runs"].items()}
-        if "llama-server" in servers:
-            lv["ratio"] = ratio(lv["best"]["edgemed"]["aggregate_tok_s"], lv["best"]["llama-server"]["aggregate_tok_s"])
-    return {"levels": sc._r(levels)}
+        if "llama-server" in lv["runs"] and "edgemed" in lv["runs"]:
+            p = paired(paired_ratios(lv["runs"]["edgemed"], lv["runs"]["llama-server"], "aggregate_tok_s"),
+                       GOALS["throughput"])
+            lv["ratio"], lv["ratio_paired"] = p["median"], p
+    return levels
 
 
 def part_long(servers: dict, sizes: Sizes, rounds: int, vocab_path: Path) -> dict:
@@ -265,11 +291,35 @@ def part_long(servers: dict, sizes: Sizes, rounds: int, vocab_path: Path) -> dic
                                drop=("cache_prompt",))
             runs[name].append({"round": r, **row, **info})
             print(f"long round {r} {name}: {row}", flush=True)
-    out = {"prompt_tokens": n_long, "runs": runs,
-           "best": {name: best([x for x in rs if x["long_ttft_s"] is not None], "long_ttft_s") for name, rs in runs.items()}}
-    if "llama-server" in servers:
-        out["ratio_long_ttft"] = ratio(out["best"]["edgemed"]["long_ttft_s"], out["best"]["llama-server"]["long_ttft_s"])
+    return summarize_long({"prompt_tokens": n_long, "runs": runs})
+
+
+def summarize_long(out: dict) -> dict:
+    """Each server's best run (lowest long-prompt TTFT) and ``ratio_long_ttft``: the median per-round ratio."""
+    runs = out["runs"]
+    out["best"] = {name: best([x for x in rs if x["long_ttft_s"] is not None], "long_ttft_s") for name, rs in runs.items()}
+    if "llama-server" in runs and "edgemed" in runs:
+        p = paired(paired_ratios(runs["edgemed"], runs["llama-server"], "long_ttft_s"), GOALS["long_ttft"], at_most=True)
+        out["ratio_long_ttft"], out["ratio_long_ttft_paired"] = p["median"], p
     return out
+
+
+def rerender(path: Path) -> None:
+    """Recompute a stored result's summaries (bests, ratios paired by round) from the runs kept in its JSON and write
+    the JSON and its page again; nothing is measured."""
+    import json
+
+    m = json.loads(path.read_text())
+    p = m["parts"]
+    if "conversation" in p:
+        p["conversation"] = summarize_conversation(p["conversation"]["runs"], len(p["conversation"]["best"]["edgemed"]))
+    if "template" in p:
+        p["template"]["cells"] = sc._r(summarize_template(p["template"]["cells"]))
+    if "throughput" in p:
+        p["throughput"]["levels"] = sc._r(summarize_throughput(p["throughput"]["levels"]))
+    if "long" in p:
+        p["long"] = summarize_long(p["long"])
+    save_results(path, m, report_md(m))
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -281,13 +331,32 @@ def _load(info: dict) -> str:
     return f"{info['loadavg'][0]:.1f}-{info['loadavg'][1]:.1f}"
 
 
+def _at(items: list | None, i: int):
+    return items[i] if items and i < len(items) else None
+
+
+def _ratio(value: float | None, p: dict | None) -> str:
+    """A ratio cell: the paired median with its range over the rounds; a result stored before the ratios were paired
+    shows its single figure."""
+    return range_cell(p) if p else _f(value, "{:.3f}x")
+
+
+def _goal(value: float | None, p: dict | None, goal: float, at_most: bool = True) -> str:
+    """The goal mark of the (median) ratio, and how many rounds miss the goal when any does."""
+    mark = goal_mark(value, goal, at_most)
+    miss = (p or {}).get("rounds_missing_goal")
+    return mark + (f" ({miss} of {len(p['per_round'])} rounds miss)" if miss else "")
+
+
 def report_md(m: dict) -> str:
     lines = [f"# Prompt-reuse workloads: {m['model']}", "",
              "edgemed serve (its defaults) against llama-server with its own defaults (`-m -t -c -np` only"
              + (f", and `{' '.join(m['server_args'])}`, which this host needs to run it" if m.get("server_args") else "")
              + "; no "
              f"`cache_prompt` in any request); {m['threads']} threads, {m['slots']} slots, {m['ctx']} tokens per slot, "
-             f"greedy; best of {m['rounds']} interleaved round(s). {m['machine']['cpu_count']}-CPU box, load average "
+             f"greedy; {m['rounds']} interleaved round(s): the figures are each server's best round, the ratios are taken "
+             f"inside each round (both servers under the same load), their median with the range over the rounds, the "
+             f"goal judged on the median. {m['machine']['cpu_count']}-CPU box, load average "
              f"{m['loadavg_start'][0]:.1f} / {m['loadavg_start'][1]:.1f} / {m['loadavg_start'][2]:.1f} (1 / 5 / 15 min) "
              f"at the start and {m['loadavg_end'][0]:.1f} / {m['loadavg_end'][1]:.1f} / {m['loadavg_end'][2]:.1f} at "
              f"the end; the load around each run is in its row." + (" Taken under load from other work on the "
@@ -325,8 +394,9 @@ def report_md(m: dict) -> str:
             rp99 = c.get("ratio_p99", [None] * (i + 1))[i]
             lines.append(f"| {e['turn']} | {_f(e['prompt_tokens_mean'], '{:.0f}')} | {_f(e['cached_tokens_mean'], '{:.0f}')}"
                          f" / {_f(ls.get('cached_tokens_mean'), '{:.0f}')} | {ttft_cell(e['ttft_p50_s'], e['ttft_p99_s'], len(e.get('ttft_s') or ()))}"
-                         f" | {ttft_cell(ls.get('ttft_p50_s'), ls.get('ttft_p99_s'), len(ls.get('ttft_s') or ()))} | {_f(rp50, '{:.3f}x')}"
-                         f" ({_f(rp99, '{:.3f}x')}) | {goal_mark(rp50, GOALS['conversation'])} | "
+                         f" | {ttft_cell(ls.get('ttft_p50_s'), ls.get('ttft_p99_s'), len(ls.get('ttft_s') or ()))} | "
+                         f"{_ratio(rp50, _at(c.get('ratio_p50_paired'), i))} ({_ratio(rp99, _at(c.get('ratio_p99_paired'), i))}) | "
+                         f"{_goal(rp50, _at(c.get('ratio_p50_paired'), i), GOALS['conversation'])} | "
                          + ", ".join(_load(run) for name in c["runs"] for run in c["runs"][name]) + " |")
         lines.append("")
     if "template" in p:
@@ -342,8 +412,8 @@ def report_md(m: dict) -> str:
             e, ls = cell["best"]["edgemed"], cell["best"].get("llama-server") or {}
             arrival = cell["arrival"] + (f" ({1000 * cell['stagger_s']:.0f} ms apart)" if cell["stagger_s"] else "")
             lines.append(f"| {cell['requests']} | {arrival} | {ttft_cell(e['ttft_p50_s'], e['ttft_p99_s'], len(e.get('ttft_s') or ()))} | "
-                         f"{ttft_cell(ls.get('ttft_p50_s'), ls.get('ttft_p99_s'), len(ls.get('ttft_s') or ()))} | {_f(cell.get('ratio_p50'), '{:.3f}x')} | "
-                         f"{goal_mark(cell.get('ratio_p50'), GOALS['template'])} | "
+                         f"{ttft_cell(ls.get('ttft_p50_s'), ls.get('ttft_p99_s'), len(ls.get('ttft_s') or ()))} | {_ratio(cell.get('ratio_p50'), cell.get('ratio_p50_paired'))} | "
+                         f"{_goal(cell.get('ratio_p50'), cell.get('ratio_p50_paired'), GOALS['template'])} | "
                          + ", ".join(_load(run) for rs in cell["runs"].values() for run in rs) + " |")
         lines.append("")
     if "throughput" in p:
@@ -357,7 +427,8 @@ def report_md(m: dict) -> str:
             ls = lv["best"].get("llama-server") or {}
             lines.append(f"| {n} | {lv['best']['edgemed']['aggregate_tok_s']:.1f} ({runs['edgemed']}) | "
                          f"{_f(ls.get('aggregate_tok_s'), '{:.1f}')} ({runs.get('llama-server', '-')}) | "
-                         f"{_f(lv.get('ratio'), '{:.3f}x')} | {goal_mark(lv.get('ratio'), GOALS['throughput'], at_most=False)} | "
+                         f"{_ratio(lv.get('ratio'), lv.get('ratio_paired'))} | "
+                         f"{_goal(lv.get('ratio'), lv.get('ratio_paired'), GOALS['throughput'], at_most=False)} | "
                          + ", ".join(_load(run) for rs in lv["runs"].values() for run in rs) + " |")
         lines.append("")
     if "long" in p:
@@ -374,7 +445,8 @@ def report_md(m: dict) -> str:
                          f" / {_f(b['gap_during_max_s'] and 1000 * b['gap_during_max_s'], '{:.0f}')} ms | "
                          f"{_f(b['growth_mean'])}x, {_f(b['growth_max'])}x | "
                          f"{goal_mark(b['growth_mean'], GOALS['long_growth']) if edge else '-'} | {b['long_ttft_s']:.2f} s | "
-                         f"{_f(r, '{:.3f}x')} | {goal_mark(r, GOALS['long_ttft']) if edge else '-'} | {_load(b)} |")
+                         f"{_ratio(r, lg.get('ratio_long_ttft_paired') if edge else None)} | "
+                         f"{_goal(r, lg.get('ratio_long_ttft_paired'), GOALS['long_ttft']) if edge else '-'} | {_load(b)} |")
         lines.append("")
     lines += ["Servers:", ""] + [f"- {name}: `{' '.join(s['command'])}`"
                                  + (f" (llama.cpp runs batches of {s['n_batch']} in micro-batches of {s['n_ubatch']})"
@@ -400,7 +472,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-llama-server", action="store_true", help="edgemed alone (no ratios)")
     add_server_arg(ap)
     ap.add_argument("--out", type=Path, help="the JSON file (the .md goes beside it) or a folder")
+    ap.add_argument("--rerender", type=Path, metavar="JSON",
+                    help="recompute a stored result's bests and ratios from its per-round runs; rewrite its JSON and page")
     args = ap.parse_args(argv)
+    if args.rerender:
+        return rerender(args.rerender)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -467,8 +543,7 @@ def main(argv=None) -> None:
                   "command": "".join(f"{var}={os.environ[var]} " for var in ("EDGEMED_PROFILES_DIR",) if os.environ.get(var))
                              + "python -m edgemed.benchmarks.serve_workloads "
                              + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                              "python": platform.python_version()}}
+                  "machine": machine(code)}
         save_results(out, result, report_md(result))
 
     import httpx2

@@ -232,3 +232,40 @@ def test_the_micro_batch_edgemed_serve_runs_is_read_back_into_the_report(smollm2
          "loadavg_start": [0.5, 0.5, 0.5], "loadavg_end": [1.0, 1.0, 1.0], "command": "python -m x", "parts": {},
          "servers": {"edgemed": described}, "errors": {}}
     assert f"` (llama.cpp runs batches of {expected[0]} in micro-batches of {expected[1]})" in sw.report_md(m)
+
+
+def _turns(*p50s: float) -> list[dict]:
+    return [{"turn": t + 1, "ttft_p50_s": v, "ttft_p99_s": 2 * v, "prompt_tokens_mean": 100.0 * (t + 1)}
+            for t, v in enumerate(p50s)]
+
+
+def test_conversation_ratio_is_the_median_of_per_round_ratios():
+    # edgemed is fastest in round 0, llama-server in round 1: best over best would pair two different rounds
+    runs = {"edgemed": [{"round": 0, "turns": _turns(1.0, 2.0)}, {"round": 1, "turns": _turns(1.6, 2.4)},
+                        {"round": 2, "turns": _turns(1.3, 2.2)}],
+            "llama-server": [{"round": 0, "turns": _turns(1.2, 2.0)}, {"round": 1, "turns": _turns(1.1, 2.0)},
+                             {"round": 2, "turns": _turns(1.25, 2.1)}]}
+    out = sw.summarize_conversation(runs, 2)
+    import statistics
+    turn1 = [1.0 / 1.2, 1.6 / 1.1, 1.3 / 1.25]
+    assert out["ratio_p50"][0] == pytest.approx(statistics.median(turn1), abs=1e-4)  # not 1.0 / 1.1
+    assert out["ratio_p50_paired"][0]["rounds_missing_goal"] == 2 and out["ratio_p50_paired"][0]["goal_met"] is False
+    assert out["ratio_p99"][1] == pytest.approx(statistics.median([1.0, 1.2, 2.2 / 2.1]), abs=1e-4)
+    assert out["best"]["edgemed"][0]["ttft_p50_s"] == 1.0 and out["best"]["llama-server"][0]["ttft_p50_s"] == 1.1
+    assert out["goal_met"] is False
+
+
+def test_template_throughput_and_long_ratios_are_paired_by_round():
+    cells = {"2-together": {"requests": 2, "arrival": "together", "stagger_s": 0.0,
+                            "runs": {"edgemed": [{"round": 0, "ttft_p50_s": 0.2}, {"round": 1, "ttft_p50_s": 0.5}],
+                                     "llama-server": [{"round": 0, "ttft_p50_s": 0.8}, {"round": 1, "ttft_p50_s": 0.4}]}}}
+    cell = sw.summarize_template(cells)["2-together"]
+    assert cell["ratio_p50"] == pytest.approx((0.25 + 1.25) / 2) and cell["ratio_p50_paired"]["rounds_missing_goal"] == 1
+    levels = {"4": {"runs": {"edgemed": [{"round": 0, "aggregate_tok_s": 30.0}, {"round": 1, "aggregate_tok_s": 20.0}],
+                             "llama-server": [{"round": 0, "aggregate_tok_s": 20.0}, {"round": 1, "aggregate_tok_s": 25.0}]}}}
+    assert sw.summarize_throughput(levels)["4"]["ratio"] == pytest.approx((1.5 + 0.8) / 2)
+    long = sw.summarize_long({"prompt_tokens": [1500], "runs": {
+        "edgemed": [{"round": 0, "long_ttft_s": 2.0}, {"round": 1, "long_ttft_s": 4.0}],
+        "llama-server": [{"round": 0, "long_ttft_s": 4.0}, {"round": 1, "long_ttft_s": 1.0}]}})
+    assert long["ratio_long_ttft"] == pytest.approx((0.5 + 4.0) / 2)
+    assert "1 of 2 rounds miss" in sw._goal(long["ratio_long_ttft"], long["ratio_long_ttft_paired"], 2.5)
