@@ -188,13 +188,19 @@ def chat_turn(client, server: _Server, messages: list[dict], max_tokens: int) ->
     times: list[float] = []
     parts: list[str] = []
     usage: dict = {}
+    finish = None
+    # sse_events raises on an error event after the 200 header and on a stream cut off before [DONE]
     for now, event in sse_events(client, server, "/v1/chat/completions", body):
         for choice in event.get("choices") or ():
             piece = (choice.get("delta") or {}).get("content")
             if piece:
                 times.append(now)
                 parts.append(piece)
+            finish = choice.get("finish_reason") or finish
         usage = event.get("usage") or usage
+    if finish is None:  # an answer that never finished is no turn: its text would go into the history as if it were
+        raise EdgemedError(f"{server.name} ended a chat turn without a finish_reason after {len(parts)} text chunks: "
+                           "the answer did not finish", f"read {server.log}")
     tokens = usage.get("completion_tokens") or len(times)
     decode_s = times[-1] - times[0] if len(times) > 1 else 0.0
     return {"text": "".join(parts), "ttft_s": (times[0] - t0) if times else float("nan"), "tokens": tokens,

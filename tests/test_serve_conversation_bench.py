@@ -1,6 +1,9 @@
 """The clinicians' conversation benchmark's pure logic: per-turn figures, ratios, answer comparison, case cuts."""
 
+import pytest
+
 from edgemed.benchmarks import serve_conversation as sc
+from edgemed.errors import EdgemedError
 
 
 def _row(ttft, prompt, cached, rate=10.0, tokens=8):
@@ -74,3 +77,51 @@ def test_report_marks_each_turn_against_llama_server():
     assert "Answers with reuse" not in text  # no cold run, no claim about the answers
     assert "which this host needs" not in text
     assert "and `--no-repack`, which this host needs to run it" in sc.report_md(m | {"server_args": ["--no-repack"]})
+
+
+class _Resp:
+    status_code = 200
+
+    def __init__(self, lines):
+        self.lines = lines
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def iter_lines(self):
+        return iter(self.lines)
+
+
+class _Client:
+    def __init__(self, lines):
+        self.lines = lines
+
+    def stream(self, method, url, json, timeout):
+        return _Resp(self.lines)
+
+
+class _Server:
+    name, url, log, model_id = "fake", "http://127.0.0.1:1", "fake.log", "m"
+
+
+def _chunk(content=None, finish=None):
+    import json
+    return "data: " + json.dumps({"choices": [{"delta": {"content": content} if content else {}, "finish_reason": finish}]})
+
+
+def test_chat_turn_reads_a_whole_answer():
+    row = sc.chat_turn(_Client([_chunk("Hel"), _chunk("lo"), _chunk(finish="stop"), "data: [DONE]"]), _Server(), [], 8)
+    assert row["text"] == "Hello" and row["ttft_s"] >= 0
+
+
+@pytest.mark.parametrize("lines", [
+    [_chunk("Hel"), 'data: {"error": {"message": "out of memory"}}', "data: [DONE]"],  # failed after the 200 header
+    [_chunk("Hel"), _chunk("lo")],                                                     # cut off: no [DONE]
+    [_chunk("Hel"), "data: [DONE]"],                                                   # ended without finishing
+], ids=["error-event", "no-done", "no-finish"])
+def test_chat_turn_that_fails_mid_stream_is_an_error_not_a_turn(lines):
+    with pytest.raises(EdgemedError):
+        sc.chat_turn(_Client(lines), _Server(), [], 8)
