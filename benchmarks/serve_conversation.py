@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, _Server, add_server_arg, run_gated, save_results, settle, ttft_cell,
                                                     sse_events)
 from edgemed.benchmarks.serve_streams import percentile
+from edgemed.benchmarks.provenance import machine, paired, paired_ratios, range_cell
 from edgemed.errors import EdgemedError
 
 SLOTS = 4
@@ -265,6 +265,30 @@ def ratios(a: list[dict], b: list[dict], key: str = "ttft_p50_s") -> list[float 
     return [(x[key] / y[key]) if x.get(key) is not None and y.get(key) else None for x, y in zip(a, b)]
 
 
+def summarize(runs: dict[str, list[dict]], turns: int) -> dict:
+    """Each server's best run per turn (lowest TTFT p50), and per turn edgemed's TTFT p50 over each other server's
+    taken inside each round (both under the same load): ``ratios`` are the medians of those per-round ratios,
+    ``ratios_paired`` their rounds, range and (against llama-server) the goal, judged on the median."""
+    best = {name: [min((run["turns"][t] for run in rs), key=lambda x: x["ttft_p50_s"]) for t in range(turns)]
+            for name, rs in runs.items()}
+
+    def p50(t: int):
+        return lambda run: run["turns"][t]["ttft_p50_s"] if t < len(run["turns"]) else None
+
+    pairs = {o: [paired(paired_ratios(runs["edgemed"], runs[o], p50(t)), GOAL_RATIO if o == "llama-server" else None,
+                        at_most=True) for t in range(turns)] for o in runs if o != "edgemed"}
+    return {"best": _r(best), "ratios": {o: [x["median"] for x in ps] for o, ps in pairs.items()}, "ratios_paired": pairs}
+
+
+def rerender(path: Path) -> None:
+    """Recompute a stored result's bests and ratios from the per-round runs in its JSON; rewrite the JSON and page."""
+    import json
+
+    m = json.loads(path.read_text())
+    m.update(summarize(m["runs"], m["turns"]))
+    save_results(path, m, report_md(m))
+
+
 def first_difference(a: list[list[str]], b: list[list[str]]) -> list[int | None]:
     """Per conversation, the first turn (1-based) whose answer differs between ``a`` and ``b``; None when all equal."""
     out = []
@@ -295,12 +319,27 @@ def goal_mark(ratio: float | None, goal: float, at_most: bool = True) -> str:
     return "met" if (ratio <= goal if at_most else ratio >= goal) else "not met"
 
 
+def _ratio_cell(m: dict, o: str, i: int) -> str:
+    """Turn ``i``'s ratio against ``o``: the paired median with its range (a result stored before the ratios were
+    paired: its single figure), and against llama-server the goal, with the rounds that miss it."""
+    value = m["ratios"][o][i]
+    p = (m.get("ratios_paired") or {}).get(o)
+    p = p[i] if p and i < len(p) else None
+    cell = range_cell(p) if p else _f(value, "{:.3f}x")
+    if o == "llama-server":
+        miss = (p or {}).get("rounds_missing_goal")
+        cell += (f" (goal <= {GOAL_RATIO}x: {goal_mark(value, GOAL_RATIO)}"
+                 + (f"; {miss} of {len(p['per_round'])} rounds miss it" if miss else "") + ")")
+    return cell
+
+
 def report_md(m: dict) -> str:
     lines = [f"# Clinicians' conversations: {m['model']}", "",
              f"{m['clinicians']} clinicians at once, {m['turns']} turns each (the whole history resent every turn), "
              f"greedy, {m['max_tokens']} tokens per answer; {m['threads']} threads, {m['slots']} slots, "
-             f"{m['n_ctx_per_slot']} tokens per slot; best of {m['rounds']} interleaved rounds (lowest TTFT p50 per "
-             f"turn). Shared {m['machine']['cpu_count']}-CPU box: load averages per run are in the JSON.", "",
+             f"{m['n_ctx_per_slot']} tokens per slot; {m['rounds']} interleaved rounds: each server's figures are its best "
+             f"round per turn (lowest TTFT p50), the ratios are taken inside each round (both servers under the same "
+             f"load), their median with the range over the rounds, the goal judged on the median. Shared {m['machine']['cpu_count']}-CPU box: load averages per run are in the JSON.", "",
              f"Command: `{m['command']}`", ""]
     if m.get("server_args"):
         lines += [f"llama-server's own defaults, and `{' '.join(m['server_args'])}`, which this host needs to run it.", ""]
@@ -313,9 +352,7 @@ def report_md(m: dict) -> str:
                   + "".join(f" TTFT p50 ratio vs {o} |" for o in names if o != name and name == "edgemed"),
                   "|---|---|---|---|---|" + "".join("---|" for o in names if o != name and name == "edgemed")]
         for i, s in enumerate(best):
-            extra = "".join(f" {_f(m['ratios'][o][i], '{:.3f}x')}"
-                            + (f" (goal <= {GOAL_RATIO}x: {goal_mark(m['ratios'][o][i], GOAL_RATIO)})"
-                               if o == "llama-server" else "") + " |"
+            extra = "".join(f" {_ratio_cell(m, o, i)}" + " |"
                             for o in names if o != name and name == "edgemed")
             lines.append(f"| {s['turn']} | {_f(s['prompt_tokens_mean'], '{:.0f}')} | "
                          f"{_f(s['cached_tokens_mean'], '{:.0f}')}, {_f(s['cached_tokens_min'], '{:.0f}')} | "
@@ -344,7 +381,11 @@ def main(argv=None) -> None:
                     help="also run edgemed --no-prefix-cache and check the answers equal (--no-cold: faster)")
     add_server_arg(ap)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--rerender", type=Path, metavar="JSON",
+                    help="recompute a stored result's ratios from its per-round runs and rewrite its JSON and page")
     args = ap.parse_args(argv)
+    if args.rerender:
+        return rerender(args.rerender)
 
     from edgemed.benchmarks import anchors
     from edgemed.runtime.llamacpp import Model
@@ -393,8 +434,7 @@ def main(argv=None) -> None:
     finally:
         for s in servers.values():
             s.stop()
-    best = {name: [min((run["turns"][t] for run in runs[name]), key=lambda x: x["ttft_p50_s"])
-                   for t in range(args.turns)] for name in servers}
+    summary = summarize(runs, args.turns)
     diff = [first_difference(a, b) for a, b in zip(answers["edgemed"], answers["edgemed-cold"])] if args.cold else None
     result = {"model": path.name, "model_path": str(path), "threads": args.threads, "slots": args.slots,
               "n_ctx_per_slot": args.ctx, "clinicians": args.clinicians, "turns": args.turns,
@@ -402,12 +442,11 @@ def main(argv=None) -> None:
               "answers_identical": all(d is None for rnd in diff for d in rnd) if args.cold else None,
               "first_difference": diff, "goal_ratio": GOAL_RATIO,
               "llama_server_skipped": skipped,
-              "best": _r(best), "ratios": {o: _r(ratios(best["edgemed"], best[o])) for o in servers if o != "edgemed"},
+              **summary,
               "runs": _r(runs), "servers": {k: s.describe() for k, s in servers.items()},
               "server_args": list(args.server_arg),
               "command": "python -m edgemed.benchmarks.serve_conversation " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "note": "CPU shared with other sessions; load averages are per run"}}
+              "machine": machine()}
     if "llama-server" in servers and args.cold:
         result["llama_server_first_difference_vs_cold"] = [first_difference(a, b) for a, b in
                                                      zip(answers["llama-server"], answers["edgemed-cold"])]

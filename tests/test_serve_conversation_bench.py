@@ -125,3 +125,22 @@ def test_chat_turn_reads_a_whole_answer():
 def test_chat_turn_that_fails_mid_stream_is_an_error_not_a_turn(lines):
     with pytest.raises(EdgemedError):
         sc.chat_turn(_Client(lines), _Server(), [], 8)
+
+
+def _run(r, *p50s):
+    return {"round": r, "turns": [{"turn": t + 1, "ttft_p50_s": v, "ttft_p99_s": v} for t, v in enumerate(p50s)]}
+
+
+def test_ratios_are_the_median_of_per_round_ratios():
+    # edgemed is fastest in round 0, llama-server in round 1: best over best would pair two different rounds
+    runs = {"edgemed": [_run(0, 1.0, 2.0), _run(1, 1.6, 2.4), _run(2, 1.3, 2.2)],
+            "llama-server": [_run(0, 1.2, 2.0), _run(1, 1.1, 2.0), _run(2, 1.25, 2.1)]}
+    out = sc.summarize(runs, 2)
+    import statistics
+    assert out["ratios"]["llama-server"][0] == pytest.approx(statistics.median([1.0 / 1.2, 1.6 / 1.1, 1.3 / 1.25]), abs=1e-4)
+    assert out["ratios"]["llama-server"][0] != pytest.approx(1.0 / 1.1, abs=1e-3)
+    p = out["ratios_paired"]["llama-server"][0]
+    assert p["rounds_missing_goal"] == 2 and p["goal_met"] is False and len(p["per_round"]) == 3
+    assert out["best"]["edgemed"][0]["ttft_p50_s"] == 1.0
+    m = {"ratios": out["ratios"], "ratios_paired": out["ratios_paired"]}
+    assert "2 of 3 rounds miss it" in sc._ratio_cell(m, "llama-server", 0)
