@@ -59,12 +59,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 from edgemed.benchmarks.process_memory import read_status
+from edgemed.benchmarks.provenance import machine
 from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, add_server_arg, run_gated, run_level, save_results,
                                                     settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS
@@ -580,8 +580,7 @@ def main(argv=None) -> None:
               "answers": answers, "loadavg_range": (min(loads), max(loads)) if loads else (0.0, 0.0),
               "best_of": "the run with the highest decode tok/s per level and server", "servers": described,
               "command": "python -m edgemed.benchmarks.serve_adapters " + " ".join(argv or __import__("sys").argv[1:]),
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          **_cpu(), "note": "CPU shared with other sessions; load averages are per run"}}
+              "machine": machine(**_cpu())}
     out = args.out or Path(__file__).resolve().parent / "results" / "serve_adapters" / f"{base.stem}-t{args.threads}.json"
     save_results(out, result, report_md(result))
 
