@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, add_server_arg, save_results
+from edgemed.benchmarks.serve_bench_client import EdgemedServer, LlamaServer, add_server_arg, matched_extra_buffers, save_results
 
 RESULTS = Path(__file__).parent / "results" / "openai_conformance"
 SLOTS = 2
@@ -411,7 +411,7 @@ def main(argv=None) -> None:
 
     MODEL_PATH = path = model_path(args.model)
     common = dict(path=path, threads=args.threads, slots=SLOTS, ctx_per_slot=CTX)
-    makers = {"edgemed": lambda: EdgemedServer(**common, prefix_cache=True),
+    makers = {"edgemed": lambda: EdgemedServer(**common, prefix_cache=True, extra_buffers=matched_extra_buffers(args.server_arg)),
               "llama-server": lambda: JinjaLlamaServer(anchors.binaries()["llama-server"], extra=args.server_arg, **common)}
     result = {"model": path.name, "threads": args.threads, "openai": openai.__version__,
               "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}, "servers": {}}

@@ -65,7 +65,7 @@ from pathlib import Path
 
 from edgemed.benchmarks.process_memory import read_status
 from edgemed.benchmarks.provenance import machine
-from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, add_server_arg, run_gated, run_level, save_results,
+from edgemed.benchmarks.serve_bench_client import (EdgemedServer, LlamaServer, add_server_arg, matched_extra_buffers, run_gated, run_level, save_results,
                                                     settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS
 from edgemed.benchmarks.serve_vs_llama_server import _r, summarize
@@ -511,12 +511,14 @@ def main(argv=None) -> None:
     vocab.close()
     common = dict(path=base, threads=args.threads, slots=SLOTS, ctx_per_slot=args.ctx)
     turn = ("--adapter-turn", str(args.adapter_turn)) if args.adapter_turn else ()
-    servers = {"edgemed": EdgemedServer(**common, adapters=tuple(files), extra=turn)}
+    same = {"extra_buffers": matched_extra_buffers(args.server_arg)}  # the kernels llama-server runs (--no-repack)
+    servers = {"edgemed": EdgemedServer(**common, **same, adapters=tuple(files), extra=turn)}
     for steps in args.compare_turn:
-        servers[f"edgemed turn {steps}"] = EdgemedServer(**common, adapters=tuple(files), extra=("--adapter-turn", str(steps)))
+        servers[f"edgemed turn {steps}"] = EdgemedServer(**common, **same, adapters=tuple(files),
+                                                         extra=("--adapter-turn", str(steps)))
     if args.only is None:
         servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], loras=tuple(files), extra=args.server_arg, **common)
-    alone = EdgemedServer(**common)
+    alone = EdgemedServer(**common, **same)
     runs: dict = {k: {name: [] for name in servers} for k in levels}
     mem: dict = {}
     loads: list[float] = []

@@ -38,7 +38,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, add_server_arg, long_prompt, prefill_check, run_level, ttft_cell,
+from edgemed.benchmarks.serve_bench_client import (LlamaServer, EdgemedServer, add_server_arg, long_prompt, matched_extra_buffers, prefill_check, run_level, ttft_cell,
                                                     save_results, settle)
 from edgemed.benchmarks.serve_streams import QUESTIONS, percentile
 from edgemed.benchmarks.provenance import machine, paired, paired_ratios, range_cell
@@ -196,7 +196,8 @@ def main(argv=None) -> None:
     common = dict(path=path, threads=args.threads, slots=SLOTS, ctx_per_slot=args.ctx)
     servers = {}
     if args.only in (None, "edgemed"):
-        servers["edgemed"] = EdgemedServer(**common)
+        # the kernels llama-server runs: with --no-repack, edgemed without its extra buffers too
+        servers["edgemed"] = EdgemedServer(**common, extra_buffers=matched_extra_buffers(args.server_arg))
     if args.only in (None, "llama-server"):
         servers["llama-server"] = LlamaServer(anchors.binaries()["llama-server"], extra=args.server_arg, **common)
     runs: dict = {n: {name: [] for name in servers} for n in levels}
