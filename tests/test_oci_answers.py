@@ -7,12 +7,14 @@ what it managed to send (no docker-registry needed)."""
 from __future__ import annotations
 
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from click.testing import CliRunner
 
 pytest.importorskip("oras")
+
+from registry_kit import ScriptedServer  # noqa: E402
 
 from edgemed.cli import cli  # noqa: E402
 from edgemed.packaging import oci  # noqa: E402
@@ -72,7 +74,7 @@ def _pull(handler, tmp_path, monkeypatch, sleep):
 
     monkeypatch.setattr(oras.decorator.time, "sleep", sleep)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv = ScriptedServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         return CliRunner().invoke(cli, ["pull", f"oci://127.0.0.1:{srv.server_address[1]}/models/tiny:1"])
@@ -212,13 +214,12 @@ def test_an_oversized_2xx_on_login_or_push_is_a_named_error(tmp_path, edgemed_ho
     """oras's push and edgemed's login call the registry outside ``Client.request``: the cut answer's error must
     still be the named one, not a traceback of oras's exception."""
     import bundle_kit
-
     import oras.provider  # noqa: F401 - oras.decorator imports in this order only
     import oras.decorator
 
     monkeypatch.setattr(oras.decorator.time, "sleep", lambda s: None)
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _OversizedOk)
+    srv = ScriptedServer(("127.0.0.1", 0), _OversizedOk)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     host = f"127.0.0.1:{srv.server_address[1]}"
     try:
@@ -278,3 +279,22 @@ def test_a_manifest_answer_that_breaks_off_or_stalls_is_a_named_error(tmp_path, 
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (r.exception, r.output)
     assert "manifest" in r.output and "check the network and run the pull again" in r.output, r.output
     assert r.output.count("Error:") == 1 and "\n\n" not in r.output.strip(), r.output  # one paragraph
+
+
+def test_a_client_resetting_the_scripted_registry_prints_nothing_into_the_commands_output(capsys):
+    """The registry the tests script stays quiet when a client resets its kept-alive connection: socketserver's
+    traceback went to stderr, into the CLI runner's output, and failed the tests' no-traceback checks at random."""
+    srv = ScriptedServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            srv.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a handler's own bug")
+        except ValueError:
+            srv.handle_error(None, ("127.0.0.1", 1))
+        assert "a handler's own bug" in capsys.readouterr().err  # anything else is still shown
+    finally:
+        srv.server_close()

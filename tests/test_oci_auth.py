@@ -51,7 +51,7 @@ class _Registry(BaseHTTPRequestHandler):
 
 
 def _serve(host: str, handler, tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
-    srv = ThreadingHTTPServer((host, 0), handler)
+    srv = registry_kit.ScriptedServer((host, 0), handler)
     if tls is not None:
         srv.socket = tls.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
