@@ -86,10 +86,10 @@ def median_by(runs: list[dict], key: str) -> float | None:
 
 
 def ratios_per_round(runs: dict[str, list[dict]], num: str, den: str, key: str) -> list[float]:
-    """``num / den`` of ``key`` within each round both arms ran (a ratio from the same load)."""
-    by_round = {x["round"]: x[key] for x in runs.get(den, []) if x.get(key)}
-    return [round(x[key] / by_round[x["round"]], 4) for x in runs.get(num, [])
-            if x.get(key) and x["round"] in by_round]
+    """``num / den`` of ``key`` within each round both arms ran (a ratio from the same load), in round order."""
+    from edgemed.benchmarks.provenance import paired_ratios
+
+    return paired_ratios(runs.get(num, []), runs.get(den, []), key)
 
 
 class EdgemedPrefill:

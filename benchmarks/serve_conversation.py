@@ -260,11 +260,6 @@ def turn_stats(rows: list[list[dict]]) -> list[dict]:
     return out
 
 
-def ratios(a: list[dict], b: list[dict], key: str = "ttft_p50_s") -> list[float | None]:
-    """Per turn a[key] / b[key] (None where either is missing or b is 0)."""
-    return [(x[key] / y[key]) if x.get(key) is not None and y.get(key) else None for x, y in zip(a, b)]
-
-
 def summarize(runs: dict[str, list[dict]], turns: int) -> dict:
     """Each server's best run per turn (lowest TTFT p50), and per turn edgemed's TTFT p50 over each other server's
     taken inside each round (both under the same load): ``ratios`` are the medians of those per-round ratios,

@@ -126,10 +126,6 @@ def goal_mark(ratio: float | None, goal: float, at_most: bool = True) -> str:
     return sc.goal_mark(ratio, goal, at_most)
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 4) if a is not None and b else None
-
-
 def best(runs: list[dict], key: str, highest: bool = False) -> dict:
     """The run with the lowest (``highest``: highest) ``key``."""
     return (max if highest else min)(runs, key=lambda x: x[key])

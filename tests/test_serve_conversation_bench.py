@@ -31,12 +31,6 @@ def test_turn_stats_without_cached_tokens_say_none():
     assert stats[0]["computed_tokens"] == [None, None]
 
 
-def test_ratios_per_turn_skip_missing_values():
-    a = [{"ttft_p50_s": 0.5}, {"ttft_p50_s": 1.0}, {"ttft_p50_s": None}]
-    b = [{"ttft_p50_s": 2.0}, {"ttft_p50_s": 0.0}, {"ttft_p50_s": 1.0}]
-    assert sc.ratios(a, b) == [0.25, None, None]
-
-
 def test_first_difference_names_the_turn_per_conversation():
     a = [["x", "y", "z"], ["p", "q"], ["m"]]
     b = [["x", "y", "z"], ["p", "Q"], []]
