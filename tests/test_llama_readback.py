@@ -181,7 +181,7 @@ def test_devices_check_says_cpu_only_where_the_profile_asks_for_the_gpu(smollm2_
     assert first.startswith(f"ok: {smollm2_gguf.name} loads and decodes") and \
         first.endswith("on this host, CPU only: this llama.cpp build cannot offload"), first
     assert any(line.startswith("  placement: ") and "llama.cpp placed CPU" in line for line in rest), rest
-    assert any("jetson-orin-nano-8gb asks for n_gpu_layers = -1" in line and "n_gpu_layers = 0 in the profile" in line
+    assert any("jetson-orin-nano-8gb asks for n_gpu_layers = -1" in line and "n_gpu_layers = 0 in the device profile" in line
                for line in rest), rest
     plain = CliRunner().invoke(cli, ["devices", "check", str(smollm2_gguf), "--profile", "x86-avx2"])
     assert plain.exit_code == 0 and "CPU only" in plain.output.splitlines()[0] and "asks for n_gpu_layers" not in \

@@ -96,6 +96,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
     from edgemed.formats.sniff import model_format
     from edgemed.packaging.ref import loaded_as_verified
     from edgemed.runtime import native_build, selftest
+    from edgemed.runtime.buffers import OFFLOAD_FIX
     from edgemed.runtime.llamacpp import lib
     from edgemed.runtime.session import prepare
 
@@ -150,8 +151,7 @@ def check(model: str | None, profile: str | None, extra_buffers: str | None, ada
             click.echo(f"  placement: {placement}")  # llama.cpp's buffers, and the layers it offloaded
         if not offloads and load.n_gpu_layers:
             click.echo(f"  the profile {prepared.profile} asks for n_gpu_layers = {load.n_gpu_layers} (layers on the "
-                       "GPU), and every layer runs on the CPU: install a llama-cpp-python built for this machine's GPU "
-                       "(on a Jetson, with CUDA: README, \"On a Jetson\"), or set n_gpu_layers = 0 in the profile.")
+                       f"GPU), and every layer runs on the CPU: {OFFLOAD_FIX}.")
         click.echo(f"  llama-cpp-python {host.llama_cpp_version}; {host.system_info.strip()}")
         if note:
             click.echo(note)

@@ -187,6 +187,10 @@ BUFFER_LINE = r"load_tensors:\s+(\S+) model buffer size =\s+([0-9.]+) MiB"
 #: by a build that can offload (``llama_supports_gpu_offload``). It repeats the request (``min(n_gpu_layers, n_layer
 #: + 1)``) even where no GPU device took a layer: the weight buffers are what says where they went.
 OFFLOAD_LINE = r"load_tensors: offloaded (\d+)/(\d+) layers to GPU"
+#: the way out where layers asked for the GPU run on the CPU (the load's warning, ``devices check``)
+OFFLOAD_FIX = ("install a llama-cpp-python built for this machine's GPU (on a Jetson, built with CUDA: README, \"On a "
+               "Jetson\"; `edgemed devices check` then reports the layers offloaded), or set n_gpu_layers = 0 in the "
+               "device profile")
 
 
 def extra_buffer_types() -> dict[str, int]:

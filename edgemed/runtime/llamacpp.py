@@ -107,9 +107,7 @@ class Model:
                         self.placement.describe())
         if self.ptr and not vocab_only and (why := self.placement.offload_unread()):
             log.warning("n_gpu_layers = %d asks for %s's layers on a GPU, and %s: every layer runs on the CPU, slower. "
-                        "Fix: install a llama-cpp-python built for this machine's GPU (on a Jetson, built with CUDA: "
-                        "README, \"On a Jetson\"; `edgemed devices check` then reports the layers offloaded), or set "
-                        "n_gpu_layers = 0 in the device profile.", load.n_gpu_layers, self.path.name, why)
+                        "Fix: %s.", load.n_gpu_layers, self.path.name, why, buffers.OFFLOAD_FIX)
         if not self.ptr:
             raise ModelLoadError(
                 f"llama.cpp could not load '{self.path}'.",
