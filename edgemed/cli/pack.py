@@ -129,7 +129,7 @@ def pack(model, name, license_, adapters, base_sha256, for_model, card, template
 def _installed_base(name: str) -> tuple[str, str]:
     """(base checkpoint sha256, name) of an installed model, for ``pack --for-model``."""
     from edgemed.errors import InputError
-    from edgemed.packaging.bundle import read_manifest
+    from edgemed.packaging.bundle import read_manifest, refuse_merged_base
     from edgemed.packaging.store import Store
 
     man, _, _ = read_manifest(Store().model_dir(name))
@@ -137,9 +137,7 @@ def _installed_base(name: str) -> tuple[str, str]:
         raise InputError(f"'{name}' is an adapter-only bundle, not a model.",
                          f"pass the model it is for: --for-model {man.model.get('base_name') or 'NAME'}")
     if man.merged_lora_sha256:
-        raise InputError(f"The installed model '{name}' has a LoRA adapter merged into its weights (convert --lora); an "
-                         "adapter is made and gated for the plain checkpoint, and would change a model it was not "
-                         "trained on.", "install a GGUF converted without --lora and pack for it")
+        refuse_merged_base(f"The installed model '{name}'", "install a GGUF converted without --lora and pack for it")
     source = man.provenance.get("source_sha256")
     if not source:
         raise InputError(f"The installed model '{name}' does not record the checkpoint it was converted from, so no adapter "

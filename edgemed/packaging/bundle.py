@@ -63,6 +63,14 @@ class PackInputs:
     base_name: str | None = None    # adapter-only: the installed model or bundle that holds that base (a hint for install)
 
 
+def refuse_merged_base(model: str, fix: str) -> None:
+    """Refuse adapters for ``model``, which has a LoRA merged into its weights (``provenance.lora_sha256``): pack's
+    and ``pack --for-model``'s form of the refusal the runtime makes at load (``runtime.loader.refuse_merged_base``)."""
+    raise InputError(f"{model} has a LoRA adapter merged into its weights (convert --lora), and an adapter is made and "
+                     "gated for the plain checkpoint: on the merged weights it would change a model it was not trained "
+                     "on.", fix)
+
+
 _ADAPTER_FIX = "make it with `edgemed convert BASE_CHECKPOINT --lora PEFT_ADAPTER --adapter-only -o NAME.lora.gguf`"
 
 
@@ -287,12 +295,9 @@ def pack(inp: PackInputs, out: Path, *, as_dir: bool = False, private_key: signi
         if inp.adapters and model_facts["format"] != "gguf":
             raise InputError(f"'{inp.model}' is an ONNX model; LoRA adapters are GGUF files llama.cpp applies to a GGUF base.",
                              "pack the GGUF base with the adapters")
-        if inp.adapters and prov.get("lora_sha256"):  # the runtime refuses the pair at load (runtime.loader)
-            raise InputError(f"'{inp.model}' has a LoRA adapter merged into its weights (convert --lora), and an adapter "
-                             "is made and gated for the plain checkpoint: on the merged weights it would change a model "
-                             "it was not trained on.",
-                             "pack the adapters with a GGUF converted without --lora (`edgemed convert CHECKPOINT`), or "
-                             "pack the merged file alone")
+        if inp.adapters and prov.get("lora_sha256"):
+            refuse_merged_base(f"'{inp.model}'", "pack the adapters with a GGUF converted without --lora (`edgemed "
+                                                 "convert CHECKPOINT`), or pack the merged file alone")
         adapters = _adapters(inp, prov.get("source_sha256"), model_facts.get("arch"), f"the bundle's model '{inp.model}'")
         sources += [(src, rel, "adapter") for src, rel, _ in adapters]
         memory = facts_mod.memory_needs(inp.model, model_facts, sum(src.stat().st_size for src, _, role in sources if role == "model"))
