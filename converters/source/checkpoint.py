@@ -623,6 +623,14 @@ EMBEDDING_NAME, HEAD_NAME = "model.embed_tokens.weight", "lm_head.weight"
 _COMPARE_BLOCK_BYTES = 64 * 2**20  # one float32 row block of each table at a time: a 7B's head is a GiB or more
 
 
+def row_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """``(lo, hi)`` row spans of a ``rows`` x ``cols`` table that hold about ``_COMPARE_BLOCK_BYTES`` as float32: a
+    table compared a block at a time, never read whole."""
+    step = max(1, _COMPARE_BLOCK_BYTES // (4 * max(1, cols)))
+    for lo in range(0, rows, step):
+        yield lo, min(rows, lo + step)
+
+
 def check_stored_head(ckpt: Checkpoint, tied: bool) -> None:
     """Refuse tied embeddings (``tied``) beside a stored ``lm_head.weight`` that is not the embedding.
 
@@ -653,13 +661,8 @@ def _same_values(ckpt: Checkpoint, a: str, b: str) -> bool:
     shape = ckpt.tensors[a].shape
     if shape != ckpt.tensors[b].shape or len(shape) != 2:
         return False
-    rows, cols = shape
-    step = max(1, _COMPARE_BLOCK_BYTES // (4 * max(1, cols)))
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        if not torch.equal(ckpt.read_rows(a, lo, hi).to(torch.float32), ckpt.read_rows(b, lo, hi).to(torch.float32)):
-            return False
-    return True
+    return all(torch.equal(ckpt.read_rows(a, lo, hi).to(torch.float32), ckpt.read_rows(b, lo, hi).to(torch.float32))
+               for lo, hi in row_blocks(*shape))
 
 
 def as_checkpoint(source: "Checkpoint | Path | str", *, allow_pickle: bool = False) -> Checkpoint:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.converters.source.checkpoint import FLOAT_DTYPES, Checkpoint, load_json
+from edgemed.converters.source.checkpoint import FLOAT_DTYPES, Checkpoint, load_json, row_blocks
 from edgemed.converters.source.safetensors_header import read_safetensors_header
 from edgemed.errors import AdapterError, CheckpointError, InputError
 from edgemed.files.hashing import files_digest
@@ -174,24 +174,12 @@ def _names_of(ckpt) -> set[str]:
     return {n.lower() for n in names if n}
 
 
-_COMPARE_BLOCK = 1 << 20  # bytes read from each file per step
-_COMPARE_ROWS_BYTES = 64 * 2**20  # a row block of a 2-D tensor at a time: a 7B's embedding is a GiB or more
-
-
 def _same_bytes(a: Path, b: Path) -> bool:
-    """Whether two files hold the same bytes: one file (a link, the hub cache's shared blob) or files of other sizes
-    without reading them, else read side by side to the first difference."""
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    if a.samefile(b):
-        return True
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            block = fa.read(_COMPARE_BLOCK)
-            if block != fb.read(_COMPARE_BLOCK):
-                return False
-            if not block:
-                return True
+    """Whether two files hold the same bytes: one file (a link, the hub cache's shared blob) without reading it, else
+    ``filecmp`` (files of other sizes unread, the rest side by side to the first difference)."""
+    import filecmp
+
+    return a.samefile(b) or filecmp.cmp(a, b, shallow=False)
 
 
 def _same_tensor(ours, theirs, name: str) -> bool:
@@ -207,10 +195,7 @@ def _same_tensor(ours, theirs, name: str) -> bool:
     shape = ours.tensors[name].shape
     if len(shape) != 2:
         return same(next(ours.iter_tensors([name]))[1], next(theirs.iter_tensors([name]))[1])
-    rows, cols = shape
-    step = max(1, _COMPARE_ROWS_BYTES // (4 * max(1, cols)))
-    return all(same(ours.read_rows(name, lo, min(rows, lo + step)), theirs.read_rows(name, lo, min(rows, lo + step)))
-               for lo in range(0, rows, step))
+    return all(same(ours.read_rows(name, lo, hi), theirs.read_rows(name, lo, hi)) for lo, hi in row_blocks(*shape))
 
 
 def _weights_compared(local: Path, ckpt) -> str | None:
