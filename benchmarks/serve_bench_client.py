@@ -116,17 +116,6 @@ def matched_extra_buffers(server_args) -> str | None:
     return "none" if "--no-repack" in tuple(server_args) else None
 
 
-def _profile_file(name: str) -> Path:
-    """The file ``load_profiles`` reads profile ``name`` from: the last user folder that has it, else the shipped one."""
-    from edgemed import env
-    from edgemed.devices.profiles import _shipped_dir
-
-    for folder in reversed(env.profile_dirs()):
-        if (folder / f"{name}.toml").is_file():
-            return folder / f"{name}.toml"
-    return Path(str(_shipped_dir() / f"{name}.toml"))
-
-
 def weight_buffers(text: str) -> dict[str, float] | None:
     """llama.cpp's ``load_tensors: NAME model buffer size = X MiB`` lines in ``text`` (a server's log), name -> MiB:
     where the weights went (``CPU_REPACK``/``AMX``: an extra buffer). None where the log has none (edgemed serve
@@ -160,7 +149,7 @@ class EdgemedServer(_Server):
 
         base, _ = resolve(self._asked_profile())
         name = f"{base.name}-extra-buffers-{mode}"
-        text = _profile_file(base.name).read_text(encoding="utf-8")
+        text = Path(base.source).read_text(encoding="utf-8")  # the file the profile was read from
         text = re.sub(r'(?m)^name\s*=.*$', f'name = "{name}"', text, count=1)
         text = re.sub(r'(?m)^extra_buffers\s*=.*\n', "", text)
         text, n = re.subn(r'(?m)^\[llama\]\s*$', f'[llama]\nextra_buffers = "{mode}"  # benchmark arm: as llama-server was run',
