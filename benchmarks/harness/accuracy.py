@@ -59,11 +59,8 @@ from pathlib import Path
 from edgemed.benchmarks.harness.datasets import Item
 from edgemed.benchmarks.harness.stats import wilson
 from edgemed.errors import InputError
-from edgemed.runtime.session import starts_in_think
+from edgemed.runtime.session import THOUGHT_CLOSING, starts_in_think
 from edgemed.templates.think import CLOSE
-
-#: what closes a thought before the answer: ``session.respond``'s text after a capped or finished thought
-THINK_CLOSING = "\n" + CLOSE + "\n\n"
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +278,7 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
     prompt = scorer.tokenize(rendered)
     # the cue after the thought, closed as ``session.respond`` closes a capped one: "Answer:" inside an open thought
     # reads the model's musing, not its answer
-    cued = (scorer.tokenize(rendered + THINK_CLOSING) if thinks else prompt) + cue
+    cued = (scorer.tokenize(rendered + THOUGHT_CLOSING) if thinks else prompt) + cue
     probs, mass = choice_probs(scorer.next_logits(cued), tokens)
     logit_s = time.perf_counter() - start
     gen_pred = parsed_ok = reply = None
@@ -297,7 +294,7 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
         thought, answer_prompt = "", prompt
         if thinks:  # as ``edgemed run --think cap:<max_gen_tokens>``: the thought, closed, then the answer
             thought, _ = scorer.greedy(prompt, max_gen_tokens, stop=(CLOSE,))
-            thought += THINK_CLOSING
+            thought += THOUGHT_CLOSING
             answer_prompt = scorer.tokenize(rendered + thought)
         answer, cut = scorer.greedy(answer_prompt, max_gen_tokens, until=answered)
         reply = thought + answer

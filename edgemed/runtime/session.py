@@ -119,6 +119,10 @@ def admit_adapter(plan: Plan, load: LoadSettings, served=(), added=None) -> None
     selftest.admit(model, load, [*served, added])
 
 
+#: what closes a thought (finished or capped) before the answer is asked for (``respond``; the accuracy harness's cue)
+THOUGHT_CLOSING = "\n" + CLOSE + "\n\n"
+
+
 def starts_in_think(prompt: str) -> bool:
     """Templates of some reasoning models open the think block themselves (``...<think>\\n``)."""
     return prompt.rstrip().endswith("<think>")
@@ -183,7 +187,7 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
             yield from splitter.feed(piece)
     if splitter.in_think or first.lstrip().startswith("<think>"):
         # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
-        closing = "\n" + CLOSE + "\n\n"
+        closing = THOUGHT_CLOSING
         yield from splitter.feed(closing)
         for piece in generate(engine, prompt + first + closing, settings, cut):
             yield from splitter.feed(piece)
