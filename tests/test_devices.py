@@ -433,3 +433,26 @@ def test_a_profiles_folder_named_in_the_variable_must_be_one(tmp_path, monkeypat
     monkeypatch.delenv("EDGEMED_PROFILES_DIR")
     assert not (edgemed_home / "profiles").exists()  # the default folder absent: no error
     assert "generic" in load_profiles()
+
+
+def test_the_apple_probes_sysctl_runs_no_process_off_macos(monkeypatch):
+    """Linux has a ``sysctl`` of its own that knows none of the Apple probe's keys: every context made without a thread
+    count ran it twice (about 5 ms) to learn so. Off macOS no process runs; on macOS the real command is asked."""
+    import subprocess
+    import sys
+
+    from edgemed.devices import facts as facts_module
+
+    ran = []
+
+    def run(argv, **kwargs):
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="8\n", stderr="")
+
+    monkeypatch.setattr(facts_module.subprocess, "run", run)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert facts_module._default_sysctl("hw.physicalcpu") is None and ran == []
+    detect("/")
+    assert not [argv for argv in ran if argv[0] == "sysctl"]
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert facts_module._default_sysctl("hw.physicalcpu") == "8" and ran == [["sysctl", "-n", "hw.physicalcpu"]]
