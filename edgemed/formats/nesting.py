@@ -72,8 +72,8 @@ def loads_json(text: str | bytes, limit: int = MAX_DEPTH, *, finite: bool = Fals
 
     ``finite``: ``NaN``, ``Infinity`` and a number too large for a float (``1e999``) are a ``ValueError`` too ("... is
     not a finite number"), for text whose value is written out again as JSON (a model's answer): ``json.dumps`` would
-    write them as invalid JSON, a strict encoder refuse them. Without it they are read as Python reads them, for
-    callers that check the numbers themselves and say which field is wrong (a request's ``repeat_penalty``)."""
+    write them as invalid JSON, a strict encoder refuse them; and for requests (RFC 8259 JSON has no such numbers).
+    Without it they are read as Python reads them."""
     import json
 
     if too_deep(text, "json", limit):
@@ -81,6 +81,14 @@ def loads_json(text: str | bytes, limit: int = MAX_DEPTH, *, finite: bool = Fals
     if finite:
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     return json.loads(text)
+
+
+def finite_decoder():
+    """A ``json.JSONDecoder`` that refuses what ``loads_json(..., finite=True)`` refuses, for a reader taking several
+    values from one text (``raw_decode``). It does not bound nesting: such a reader catches ``RecursionError``."""
+    import json
+
+    return json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
 def loads_toml(text: str, limit: int = MAX_DEPTH) -> dict:

@@ -3,7 +3,8 @@
 Requests accept the OpenAI fields edgemed can honour (tools, ``n``, logprobs, logit bias,
 presence and frequency penalties, ``echo``: see docs/openai.md) and refuse, with a 400 naming
 the field in ``param``, the few whose silent loss would change the answer (``suffix``,
-``best_of``, audio output). Unknown fields are ignored, as OpenAI's own server does.
+``best_of``, audio output). Unknown fields are ignored, as OpenAI's own server does. A body holding ``NaN``,
+``Infinity`` or ``1e999`` anywhere, which RFC 8259 JSON cannot, is refused before any field is read (``loads_body``).
 
 edgemed's additions (request body, e.g. through the openai client's ``extra_body``):
 
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgemed.errors import Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError
 from edgemed.runtime.batch.batcher import UnknownAdapter
-from edgemed.formats.nesting import loads_json
+from edgemed.formats.nesting import TooDeep, loads_json
 
 # -- requests ------------------------------------------------------------------------------------
 #: Most choices per prompt (``n``), prompts per completions request, alternatives per token, biased tokens.
@@ -89,9 +90,10 @@ class ChatMessage(BaseModel):
 
 
 def _arguments(text: str):
-    """A history's tool-call arguments (JSON text) as the object templates render; text that is not JSON stays text."""
+    """A history's tool-call arguments (JSON text) as the object templates render; text that is not JSON (``NaN``
+    and ``Infinity`` included: RFC 8259 has neither) stays text."""
     try:
-        return loads_json(text)
+        return loads_json(text, finite=True)
     except ValueError:
         return text
 
@@ -179,6 +181,56 @@ def _not_unicode(value) -> tuple[tuple, int] | None:
         elif isinstance(item, list):
             todo.extend(((*path, i), sub) for i, sub in enumerate(item))
     return None
+
+
+class _Literal(str):
+    """A number JSON has no place for (``NaN``, ``Infinity``, ``-Infinity``, ``1e999``), kept as the text sent."""
+
+
+def _float_or_literal(text: str):
+    value = float(text)
+    return _Literal(text) if math.isinf(value) else value
+
+
+def _not_finite(raw: bytes | str) -> tuple[tuple, str] | None:
+    """The first number in a JSON text that is not finite, in the text's order: ``(path, literal)``, or None
+    (none, or the text is not JSON even as Python reads it). Iterative; the caller has bounded the nesting."""
+    try:
+        value = json.loads(raw, parse_constant=_Literal, parse_float=_float_or_literal)
+    except (ValueError, RecursionError):
+        return None
+    todo = [((), value)]
+    while todo:
+        path, item = todo.pop()
+        if isinstance(item, _Literal):
+            return path, str(item)
+        if isinstance(item, dict):
+            todo.extend(reversed([((*path, key), sub) for key, sub in item.items()]))
+        elif isinstance(item, list):
+            todo.extend(reversed([((*path, i), sub) for i, sub in enumerate(item)]))
+    return None
+
+
+def loads_body(raw: bytes | str):
+    """A request body's JSON value. ``NaN``, ``Infinity``, ``-Infinity`` and a number too large for a float
+    (``1e999``) are refused here, before any field is read, with a 400 naming the literal and where it stands
+    (``param``: ``repeat_penalty``, ``tools.0.function.parameters.properties.dose.maximum``): RFC 8259 JSON has
+    no such numbers, Python's reader alone takes them, and none may reach a sampler, a grammar or a template.
+    Other malformed JSON is the reader's ``ValueError`` (``JSONDecodeError``, ``TooDeep``, ``UnicodeDecodeError``)."""
+    try:
+        return loads_json(raw, finite=True)
+    except (TooDeep, json.JSONDecodeError, UnicodeDecodeError):  # malformed before any such number
+        raise
+    except ValueError:  # "... is not a finite number": read again, to name it and its field
+        found = _not_finite(raw)
+        if found is None:
+            raise
+    path, literal = found
+    where = ".".join(str(p) for p in path)
+    at = f"'{where}' is {literal}" if where else f"the body is {literal}"
+    raise ApiError(400, f"Invalid request: {at}, which is not a finite number; JSON (RFC 8259) has no NaN or "
+                        "Infinity (Python's json.dumps writes them unless allow_nan=False). Fix: send a finite number"
+                        + (f" in '{where}'." if where else "."), param=where or None, code="invalid_json")
 
 
 class _Request(BaseModel):

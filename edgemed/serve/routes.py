@@ -17,7 +17,6 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 
-from edgemed.formats.nesting import loads_json
 from edgemed.serve import api
 from edgemed.serve.endpoints import ENDPOINTS, Endpoint
 from edgemed.serve.generate import check_model, generate, served_models
@@ -94,7 +93,7 @@ async def add_adapter(request: Request):
     record = request_record(request)
     raw = await request.body()
     try:
-        data = loads_json(raw)
+        data = api.loads_body(raw)
     except ValueError:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str) or \
@@ -165,12 +164,13 @@ NOT_TEXT = {"image_url": "images", "input_image": "images", "image": "images", "
 
 
 async def parse_body(request: Request, model: type):
-    """The request body as ``model``: malformed JSON, a part this text model cannot read, or a field failing
-    validation is a 400 naming the field in ``param`` (OpenAI's shape), read here rather than by FastAPI
-    so that ``param`` names the field and never a position in the JSON text."""
+    """The request body as ``model``: malformed JSON, a number JSON has no place for (``NaN``: ``api.loads_body``),
+    a part this text model cannot read, or a field failing validation is a 400 naming the field in ``param``
+    (OpenAI's shape), read here rather than by FastAPI so that ``param`` names the field and never a position in
+    the JSON text."""
     raw = await request.body()
     try:
-        data = loads_json(raw)
+        data = api.loads_body(raw)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and TooDeep
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise api.ApiError(400, f"The request body is not valid JSON{where}: {getattr(exc, 'msg', exc)}. Fix: send "

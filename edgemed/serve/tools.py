@@ -27,7 +27,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from edgemed.formats.nesting import loads_json
+from edgemed.formats.nesting import finite_decoder, loads_json
 from edgemed.serve.api import ApiError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -143,8 +143,8 @@ def _call(obj, names) -> dict | None:
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
         try:
-            loads_json(args)
-        except ValueError:
+            loads_json(args, finite=True)
+        except ValueError:  # NaN / Infinity too: model text, and no JSON a client's parser reads
             args = json.dumps(args)  # arguments are always JSON text
     else:
         args = json.dumps(args, ensure_ascii=False)
@@ -158,7 +158,7 @@ def _bare(text: str, names) -> list[dict]:
     body = text.strip()
     fenced = _FENCE.match(body)
     body = fenced.group(1) if fenced else body
-    decoder, calls, at = json.JSONDecoder(), [], 0
+    decoder, calls, at = finite_decoder(), [], 0
     while at < len(body):
         try:
             obj, end = decoder.raw_decode(body, at)
@@ -180,7 +180,7 @@ def parse(text: str, names=None) -> Parsed:
     calls, kept, at = [], [], 0
     for match in _CALL.finditer(text):
         try:
-            call = _call(loads_json(match.group(1)), names)
+            call = _call(loads_json(match.group(1), finite=True), names)
         except ValueError:
             call = None  # not a call: it stays in the content
         if call is None:
