@@ -121,6 +121,33 @@ def test_a_hedge_cut_at_the_token_limit_is_no_answer():
     assert rec["parsed_ok"] is False
 
 
+@pytest.mark.parametrize("reply", ["Answer: C (or possibly D)\n", "Answer: C or D\n", "Answer: C/D\n",
+                                   "Answer: C, maybe D\n", "Answer: C (or option D)\n", "Answer: C, but possibly D\n",
+                                   "Answer: C|D\n", "Answer: C (second choice: D)\n"])
+def test_a_hedge_the_model_ended_itself_is_no_answer_and_the_report_counts_it(reply):
+    """'Answer: C (or option D)' or 'Answer: C, but possibly D', not cut, was credited as C, the gold answer: the model
+    named two options. It is no answer, and report.md and results.csv say how many generated replies gave none."""
+    from edgemed.benchmarks.harness import scores
+
+    hedged = _score(ScriptedScorer("<｜Assistant｜>", [(reply, False)]))
+    assert hedged["parsed_ok"] is False and hedged["gen_pred"] is None
+    plain = _score(ScriptedScorer("<｜Assistant｜>", [("Answer: C\n", False)]))
+    assert plain["parsed_ok"] is True and plain["gen_pred"] == "C"
+    acc = accuracy.summarize([hedged, plain])
+    acc["per_dataset"] = accuracy.per_dataset([hedged, plain])
+    assert acc["n_gen"] == 2 and acc["unparsed"] == 1 and acc["acc_gen"] == 0.5
+
+    def table(header, rows):
+        return "\n".join("|".join(map(str, r)) for r in [header, *rows])
+
+    entry = {"name": "q4_k_m", "accuracy": acc}
+    text = "\n".join(scores.markdown({"configs": [entry], "settings": {}}, table))
+    assert "q4_k_m|2|100.0 %|34.2 to 100.0|50.0 % (1 no answer)|" in text and "counted as *no answer*" in text
+    assert "q4_k_m|medqa|2|100.0 %|34.2 to 100.0|50.0 % (1 no answer)|" in text  # the per-set table too
+    row = scores.csv_columns(entry)
+    assert row["acc_gen"] == 0.5 and row["acc_gen_n"] == 2 and row["acc_gen_no_answer"] == 1
+
+
 def _records(path, rows, meta=None):
     """A records file: the meta line, then one line per (id, dataset, gold, logit_pred[, item_sha])."""
     lines = [json.dumps({"meta": meta or {"version": accuracy.RECORDS_VERSION}})]

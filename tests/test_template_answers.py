@@ -414,10 +414,35 @@ def test_a_first_line_that_states_one_option_is_that_option(reply, expected):
     "Answer: C, though it might also be D.",
     "Answer: C; also consider D.",
     "Answer: C because the answer is D in infants.",
+    # a second option a few words on, after a word that offers it as an alternative
+    "Answer: C (or option D)",
+    "Answer: C, or possibly option D",
+    "Answer: C, but possibly D",
+    "Answer: C (though maybe D)",
+    "Answer: C; less likely D",
+    "Answer: C (second choice: D)",
+    "Answer: C|D",
+    "Answer: C vs. D",
+    "Answer: C (70%) or D (30%)",
+    "Answer: C (D possibly)",
+    "Answer: C (D?)",
 ])
 def test_another_choice_offered_after_the_answer_is_a_hedge(reply):
     parsed = get_template("mcq").parse(reply, SCURVY)
     assert not parsed.ok and parsed.value is None and "no single" in parsed.error
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # words a hedge uses, offering no second option
+    ("Answer: C, but possibly a mild case", "C"),
+    ("Answer: C (probably)", "C"),
+    ("Answer: C (Vitamin C), not D", "C"),
+    ("Answer: C, either way", "C"),
+    ("Answer: C (B also causes bleeding, but not scurvy)", "C"),
+    ("Answer: C, though possibly B12-related", "C"),
+])
+def test_hedge_words_without_a_second_option_keep_the_answer(reply, expected):
+    assert _mcq(reply) == expected
 
 
 @pytest.mark.parametrize("reply, expected", [

@@ -12,8 +12,9 @@ context) builds the messages, the artifact's own chat template renders them.
    record keeps the probabilities renormalised over the choices and ``mass``, the raw share the choices got.
 2. **Generation** (``score="both"``; ``score="logits"`` leaves it out). Greedy decoding of up to
    ``max_gen_tokens`` from the plain prompt, parsed with the template's contract (``Template.parse``, as
-   ``edgemed run`` parses); a reply without an answer is wrong and counted in ``unparsed``. Greedy, so the run is
-   deterministic. Decoding stops at the end of the first line that parses ("Answer: B" then a newline): the
+   ``edgemed run`` parses); a reply without an answer is wrong and counted in ``unparsed`` (report.md's "no
+   answer"), a hedge that offers a second option on the answer line ("Answer: C (or possibly D)") among them.
+   Greedy, so the run is deterministic. Decoding stops at the end of the first line that parses ("Answer: B" then a newline): the
    explanation a model adds after its answer is not scored, and skipping it roughly halves the cost of an MCQ
    item on a CPU. A reply cut at ``max_gen_tokens`` is no answer, as ``edgemed run`` reads one.
 

@@ -23,6 +23,7 @@ accuracy-and-divergence tables of report.md, and their columns in results.csv.
 | column | meaning |
 |---|---|
 | ``acc_n``, ``acc_logit``, ``acc_logit_ci_low``, ``acc_logit_ci_high``, ``acc_gen`` | pooled accuracy (fractions) |
+| ``acc_gen_n``, ``acc_gen_no_answer`` | generated answers scored, and those with no single answer (``unparsed``) |
 | ``acc_n_<set>``, ``acc_logit_<set>`` | per set |
 | ``paired_n``, ``paired_gained``, ``paired_lost``, ``paired_same_answer`` | pooled pairs vs the reference |
 | ``paired_diff``, ``paired_diff_ci_low``, ``paired_diff_ci_high``, ``mcnemar_p``, ``paired_mdd`` | pooled paired test |
@@ -180,7 +181,8 @@ def csv_columns(e: dict) -> dict:
     a = e.get("accuracy") or {}
     ci = a.get("ci_logit") or (None, None)
     row = {"acc_n": a.get("n"), "acc_logit": _r(a.get("acc_logit"), 4), "acc_logit_ci_low": _r(ci[0], 4),
-           "acc_logit_ci_high": _r(ci[1], 4), "acc_gen": _r(a.get("acc_gen"), 4)}
+           "acc_logit_ci_high": _r(ci[1], 4), "acc_gen": _r(a.get("acc_gen"), 4),
+           "acc_gen_n": a.get("n_gen") or None, "acc_gen_no_answer": a.get("unparsed") if a.get("n_gen") else None}
     for ds, s in (a.get("per_dataset") or {}).items():
         row[f"acc_n_{ds}"], row[f"acc_logit_{ds}"] = s.get("n"), _r(s.get("acc_logit"), 4)
     p = a.get("paired_vs_reference") or {}
@@ -219,6 +221,12 @@ def _points(v, ci):
     if v is None:
         return "—"
     return f"{v * 100:+.1f}" + ("" if not ci or ci[0] is None else f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]")
+
+
+def _gen(s: dict) -> str:
+    """The generated-answer accuracy with the replies that gave no single answer: "61.0 % (3 no answer)"."""
+    cell = _pct(s.get("acc_gen"))
+    return cell if s.get("acc_gen") is None or s.get("unparsed") is None else f"{cell} ({s['unparsed']} no answer)"
 
 
 def _kld(v):
@@ -315,7 +323,7 @@ def markdown(results: dict, table) -> list[str]:
         legacy = legacy or bool(d.get("legacy"))
         n = a.get("n")
         rows.append([e["name"], "—" if n is None else f"{n} (partial)" if a.get("partial") else n,
-                     _pct(a.get("acc_logit")), _ci(a.get("ci_logit")), _pct(a.get("acc_gen")),
+                     _pct(a.get("acc_logit")), _ci(a.get("ci_logit")), _gen(a),
                      "reference" if e["name"] == REFERENCE and n else paired_cell(a.get("paired_vs_reference")),
                      _kld(d.get("kld_mean")), _kld(d.get("kld_p99")), _pct(d.get("top1")),
                      _kld(d.get("kld_llamacpp")), _kld(d.get("kld_first")),
@@ -334,6 +342,11 @@ def markdown(results: dict, table) -> list[str]:
                 "window; first = the first positions alone; all = every position.\n"),
              table(["config", "items", "acc (logits)", "95 % CI", "acc (generated)", f"paired vs {REFERENCE}",
                     "KLD", "KLD p99", "top-1", "KLD llama.cpp", "KLD first pos.", "KLD all pos."], rows), ""]
+    if any((e.get("accuracy") or {}).get("n_gen") for e in entries):
+        parts += ["A generated reply that gives no single answer is wrong and counted as *no answer* beside its "
+                  "accuracy: one with no answer line, a hedge that offers a second option on it ('Answer: C (or "
+                  "possibly D)', 'Answer: C or D', 'Answer: C/D'), a correction or a second answer after it, or a reply "
+                  "cut at the generation's token limit.\n"]
     differ = results.get("eval_settings_differ")
     if differ:  # accuracy results kept from runs with other settings: each described by its own
         parts += ["**The accuracy results were measured with different settings** (kept from earlier runs); only "
@@ -355,7 +368,7 @@ def markdown(results: dict, table) -> list[str]:
             p = s.get("paired_vs_reference") or {}
             has = bool(p.get("n"))
             per.append([e["name"], ds if ds != POOLED else "**pooled**", s.get("n", "—"), _pct(s.get("acc_logit")),
-                        _ci(s.get("ci_logit")), _pct(s.get("acc_gen")),
+                        _ci(s.get("ci_logit")), _gen(s),
                         f"+{p['gained']} / −{p['lost']}" if has else "—", _pct(p.get("same_answer")) if has else "—",
                         _points(p.get("diff"), p.get("diff_ci")) if has else "—",
                         _p(p.get("mcnemar_p")) if has else "—", _mdd_cell(p) if has else "—"])

@@ -278,6 +278,19 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
                        rf"(?:{_SEP_LIST}{_HEDGE_WORD})*{_SEP_LIST}(?:{alts})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
                        rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{alts})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
+    # ... and a few words on: a second choice after a word that offers it as an alternative ("or", "possibly", "maybe",
+    # "less likely", "second choice", "vs", "/", "|"; after "but" or "though" too, and after a short aside on the
+    # answer), with "option" or "choice" before it, or a choice in brackets with such a word after it: "C (or option
+    # D)", "C, but possibly D", "C; less likely D", "C (second choice: D)", "C|D", "C (70%) or D", "C (D possibly)".
+    # The choice is cased as in ``strict``: "C, but possibly a mild case" is prose.
+    offer = (r"(?:or|possibly|maybe|perhaps|probably|alternatively|otherwise|else|either|if[ \t]+not|less[ \t]+likely|"
+             r"second[ \t\-]+(?:choice|best|option|most[ \t]+likely)|next[ \t]+best|vs|versus)\b|[/|]")
+    filler = r"(?:or|possibly|maybe|perhaps|probably|also|else|even|likely|option|choice|answer)\b"
+    offered = re.compile(rf"(?:[ \t\*_]*[\(\[][^\(\)\[\]\n]{{0,40}}[\)\]])?[\s\*_\"'\(\[,;:.\-\u2013\u2014]*"
+                         rf"(?:(?:but|though|although|yet|and)\b[\s,]*)?(?:{offer})(?:[\s\*_\"'\(\[,:.]*{filler})*"
+                         rf"[\s\*_\"'\(\[,:]*(?:{strict})\b"
+                         rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{strict})[ \t\*_\"']*"
+                         r"(?:(?:possibly|maybe|perhaps|probably)\b|\?)[ \t\*_\"'.!?]*[\)\]]", re.I)
     label = re.escape(c.label)
     line_re = re.compile(rf"{_LEAD}(?:{_PREFIX}{label}(?:[ \t\*_]*[:\-]|\s+(?P<is>is)\b[ \t]*:?|[ \t\*_]*$)"
                          rf"|{_LEAD_IN}(?:the|my|our)\s+{_ADJ}{label}\s+(?P<lead_is>is)\b[ \t]*:?)(?P<rest>.*)", re.I)
@@ -362,7 +375,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         tail = rest[m.end():]
         if tail and unicodedata.category(tail[0]).startswith("M"):  # a combining mark: struck or slashed
             return None
-        if hedge.match(tail) or _CORRECTION.match(tail):
+        if hedge.match(tail) or offered.match(tail) or _CORRECTION.match(tail):
             return None
         if clash(tail, found) is not None:  # the letter says one option, the text another
             return None
