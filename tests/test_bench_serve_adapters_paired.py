@@ -1,6 +1,8 @@
 """serve_adapters' summary: ratios taken inside each round, not best over best; stored results re-rendered that way."""
 
+import itertools
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -10,6 +12,8 @@ from edgemed.benchmarks import serve_adapters as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve_adapters"
+#: a figure with three decimals, alone or before "x" or "-" (1.106x, 0.757-0.887)
+FIGURE = r"(?<![\d.])\d\.\d{3}(?![\d.])"
 
 
 def _run(r: int, decode: float, e2e: float) -> dict:
@@ -99,3 +103,42 @@ def test_every_stored_result_is_what_rerender_writes(stored, tmp_path):
     assert path.with_suffix(".md").read_text() == stored.with_suffix(".md").read_text()
     assert json.loads(path.read_text()) == json.loads(stored.read_text())
 
+
+def test_the_adapter_ratios_decision_0013_quotes_are_printed_by_the_results():
+    """Every three-decimal figure of decision 0013 (ratios, their ranges, memory) is one a serve_adapters page
+    prints, so a figure computed another way (best over best) cannot stay quoted."""
+    printed = set()
+    for page in RESULTS.glob("*.md"):
+        printed.update(re.findall(FIGURE, page.read_text(encoding="utf-8")))
+    text = next((ROOT / "docs" / "decisions").glob("0013-*.md")).read_text(encoding="utf-8")
+    quoted = re.findall(FIGURE, text)
+    assert len(quoted) >= 12
+    assert not [q for q in quoted if q not in printed], sorted(set(quoted) - printed)
+
+
+def _rows(text: str, header: str) -> list[list[str]]:
+    """The cells of the table whose header row starts with ``header`` (markdown bold taken off)."""
+    lines = itertools.takewhile(lambda ln: ln.startswith("|"), text[text.index(header):].splitlines()[2:])
+    return [[c.strip().replace("**", "") for c in ln.strip("|").split("|")] for ln in lines]
+
+
+def _paired_cell(p: dict) -> str:
+    return f"{p['median']:.3f}x ({p['min']:.3f}-{p['max']:.3f})"
+
+
+def test_decision_0013s_tables_give_each_files_ratios_paired_by_round():
+    """The e2e ratio cells of decision 0013's two tables are the median and range the file each names keeps."""
+    text = next((ROOT / "docs" / "decisions").glob("0013-*.md")).read_text(encoding="utf-8")
+    stem = "qwen2.5-0.5b-instruct-q4_k_m"
+    xeon = _rows(text, "| run | 2 adapters | 4 adapters |")
+    assert len(xeon) == 4
+    for run, two, four, mem in xeon:
+        m = json.loads((RESULTS / f"{stem}{run.split('`')[1]}.json").read_text())
+        assert [two, four] == [_paired_cell(m["levels"][k]["ratio_e2e_paired"]) for k in ("2", "4")], run
+        assert mem == f"{m['memory']['adapters_vs_base']:.3f}x", run
+    m = json.loads((RESULTS / f"{stem}-t2.json").read_text())
+    turns = _rows(text, "| adapters | turn 16 (runs) |")
+    assert [r[0] for r in turns] == ["2", "4"]
+    for k, *_, turn16, turn4 in turns:
+        assert turn16 == _paired_cell(m["levels"][k]["ratio_e2e_paired"])
+        assert turn4 == _paired_cell(m["levels"][k]["edgemed turn 4"]["ratio_e2e_paired"])
