@@ -16,6 +16,10 @@ NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}"
              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
              "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+#: the same format with the system message left out of the prompt without a word, as some Mistral templates do
+DROPS_SYSTEM = ("{% for m in messages %}{% if m['role'] != 'system' %}"
+                "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 ARGS = ["--ctx", "512", "--threads", "1"]
 
 
@@ -42,6 +46,20 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_first_mess
     assert all(r.split("\n")[0].strip() for r in result.output.split("you> ")[1:3]), result.output
     assert [p.count("Be brief.") for p in prompts] == [1, 1, 1]  # once, in the first message, again after /reset
     assert prompts[0] == "<|im_start|>user\nBe brief.\n\nName one symptom of anaemia.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_template_that_drops_the_system_message_gets_the_system_text_in_the_first_message(smollm2_gguf, tmp_path,
+                                                                                            monkeypatch):
+    """The template rendered the system message to nothing, and the --system text never reached the model."""
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    model = with_chat_template(smollm2_gguf, tmp_path / "drops-system.gguf", DROPS_SYSTEM)
+    prompts, real = [], LlamaEngine.complete
+    monkeypatch.setattr(LlamaEngine, "complete", lambda self, prompt, s: prompts.append(prompt) or real(self, prompt, s))
+    result = chat(model, "--system", "Be brief.", "--max-tokens", "4", text="Name one symptom of anaemia.\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "leaves a system message out of the prompt" in result.output and "takes no system message" in result.output
+    assert prompts == ["<|im_start|>user\nBe brief.\n\nName one symptom of anaemia.<|im_end|>\n<|im_start|>assistant\n"]
 
 
 @pytest.mark.parametrize("system", ["Be brief.<|im_end|>", "Be brief.<|im_start|>system"])

@@ -11,31 +11,23 @@ BLOCK = '"""'
 
 def opening(engine, system: str, named: bool) -> list[dict]:
     """The messages a conversation starts with: the system message, or none where the model's chat template takes no
-    system role (Mistral's, Gemma 2's), the system text then going before the first user message (``with_system``). A
-    system text the template refuses in any place (the model's markup in it) is an ``InputError`` naming --system
-    (``named``: the user's text), before any turn: it used to refuse every turn, /reset included."""
+    system role (Mistral's, Gemma 2's: ``no_system_role``), the system text then going before the first user message
+    (``with_system``). A system text the template refuses in any place (the model's markup in it) is an ``InputError``
+    naming --system (``named``: the user's text), before any turn: it used to refuse every turn, /reset included."""
     from edgemed.errors import InputError
+    from edgemed.runtime.chat_template import no_system_role
 
-    system_msg = {"role": "system", "content": system}
     try:
-        engine.render_chat([system_msg, {"role": "user", "content": "x"}])
-        return [system_msg]
-    except InputError as exc:
-        refused = exc
-    try:
-        engine.render_chat([{"role": "user", "content": with_system(system, "x")}])
+        why = no_system_role(engine.render_chat, system)
     except InputError as exc:
         what = "--system" if named else "the safety preamble (the default system message)"
         raise InputError(f"{what} cannot be sent to this model: {exc.problem}",
                          "pass a --system text without the model's markup" if named else exc.fix) from None
-    click.echo(f"({refused.problem.rstrip('.')}; this model's chat template takes no system message, so the system "
-               "text goes before your first message)", err=True)
+    if why is None:
+        return [{"role": "system", "content": system}]
+    click.echo(f"({why}; this model's chat template takes no system message, so the system text goes before your "
+               "first message)", err=True)
     return []
-
-
-def with_system(system: str, line: str) -> str:
-    """The first user message where the system text cannot be a message of its own."""
-    return f"{system}\n\n{line}"
 
 
 @click.command()
@@ -66,7 +58,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     from edgemed.errors import ContextOverflow, InputError, NoAnswer
     from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable
     from edgemed.runtime import GenerationSettings
-    from edgemed.runtime.chat_template import warm
+    from edgemed.runtime.chat_template import warm, with_system
     from edgemed.phi import no_core_dumps
 
     no_core_dumps()  # the conversation never goes to a core file (nor the template worker's: it inherits this)

@@ -175,6 +175,26 @@ def echo_piece(show_think: bool):
     return on_piece
 
 
+def _messages(engine, system: str | None, prompt: str) -> list[dict]:
+    """The conversation ``run`` sends: --system as a message of its own, or before the prompt in the user message
+    where the model's chat template takes no system role (``no_system_role``: it refuses or drops one), as chat does."""
+    from edgemed.errors import InputError
+    from edgemed.runtime.chat_template import no_system_role, with_system
+
+    if not system:
+        return [{"role": "user", "content": prompt}]
+    try:
+        why = no_system_role(engine.render_chat, system)
+    except InputError as exc:
+        raise InputError(f"--system cannot be sent to this model: {exc.problem}",
+                         "pass a --system text without the model's markup") from None
+    if why is None:
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    click.echo(f"({why}; this model's chat template takes no system message, so --system goes before the prompt)",
+               err=True)
+    return [{"role": "user", "content": with_system(system, prompt)}]
+
+
 def _stdin_prompt() -> str:
     """The prompt piped on standard input."""
     return _read_text(sys.stdin.buffer, "The prompt on standard input")
@@ -298,7 +318,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         if raw:
             pieces = (("answer", p) for p in generate(engine, prompt, settings, cut))
         else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = _messages(engine, system, prompt)
             pieces = respond(engine, engine.render_chat(messages), settings, policy, cut=cut)
         out = echo_piece(policy.show)
         text, thinking, thought = [], [], False

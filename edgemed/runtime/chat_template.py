@@ -70,6 +70,30 @@ def refuse_markup(messages: list[dict], markup: frozenset[str]) -> None:
                     "call of its own), not as text.", f"remove '{found[0]}' from the text")
 
 
+def no_system_role(render_chat, system: str) -> str | None:
+    """Why ``system`` goes before the first user message (``with_system``) rather than in a system message of its own,
+    or None when the model's chat template takes one. ``render_chat``: the engine's (messages to prompt text).
+
+    A template without a system role (Mistral's, Gemma 2's) either refuses a system message (the reason is its
+    refusal) or leaves it out of the prompt without a word (the prompt is the same with it as without it): either way
+    the text would not reach the model. ``InputError`` when the template refuses the text in the first user message
+    too (the model's markup in it); the caller names where the text came from."""
+    probe = {"role": "user", "content": "x"}
+    try:
+        if render_chat([{"role": "system", "content": system}, probe]) != render_chat([probe]):
+            return None
+        why = "the model's chat template leaves a system message out of the prompt"
+    except InputError as exc:
+        why = exc.problem.rstrip(".")
+    render_chat([{"role": "user", "content": with_system(system, probe["content"])}])
+    return why
+
+
+def with_system(system: str, text: str) -> str:
+    """The first user message where the system text cannot be a message of its own (``no_system_role``)."""
+    return f"{system}\n\n{text}"
+
+
 def warm() -> None:
     """Start the renderer process now (in the background), so the first render does not wait for it."""
     limits.warm()

@@ -1,0 +1,77 @@
+"""``edgemed run --system``: a model whose chat template takes no system role (it refuses a system message, or leaves
+it out of the prompt) gets the --system text before the prompt, in the user message, as ``edgemed chat`` does; a
+template with a system role gets a system message. The real SmolLM2 (1 thread), re-templated where a test
+needs another chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+
+from test_chat_system import DROPS_SYSTEM, NO_SYSTEM  # noqa: E402
+from test_template_limits import with_chat_template  # noqa: E402
+
+ARGS = ["--ctx", "512", "--threads", "1", "--max-tokens", "4"]
+ASK = "Name one symptom of anaemia."
+FOLDED = f"<|im_start|>user\nBe brief.\n\n{ASK}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module", params=["refuses", "drops"])
+def no_system_gguf(request, smollm2_gguf, tmp_path_factory):
+    template = NO_SYSTEM if request.param == "refuses" else DROPS_SYSTEM
+    return with_chat_template(smollm2_gguf, tmp_path_factory.mktemp("nosys") / f"{request.param}.gguf", template)
+
+
+@pytest.fixture
+def prompts(monkeypatch):
+    """The prompts the model is asked to complete."""
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    seen, real = [], LlamaEngine.complete
+    monkeypatch.setattr(LlamaEngine, "complete", lambda self, prompt, s: seen.append(prompt) or real(self, prompt, s))
+    return seen
+
+
+def run(model, *args):
+    return CliRunner().invoke(cli, ["run", str(model), *ARGS, *args])
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_before_the_prompt(no_system_gguf, prompts):
+    """The run failed (the template refused the system message) or the --system text never reached the model."""
+    result = run(no_system_gguf, "--system", "Be brief.", "-p", ASK, "--json")
+    assert result.exit_code == 0, result.output
+    assert prompts == [FOLDED]
+    assert set(json.loads(result.stdout)) == {"reply", "cut"}  # --json as documented; the note is on stderr
+    assert "takes no system message, so --system goes before the prompt" in result.stderr
+
+
+def test_a_template_with_a_system_role_gets_a_system_message(smollm2_gguf, prompts):
+    result = run(smollm2_gguf, "--system", "Be brief.", "-p", ASK)
+    assert result.exit_code == 0, result.output
+    assert prompts[0].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + ASK), prompts
+    assert "takes no system message" not in result.output
+
+
+def test_a_system_text_with_the_model_markup_is_refused_naming_system(no_system_gguf, prompts):
+    result = run(no_system_gguf, "--system", "Be brief.<|im_end|>", "-p", ASK)
+    assert result.exit_code == 1 and "--system cannot be sent to this model" in result.output, result.output
+    assert prompts == []
+
+
+def test_a_template_with_its_own_default_system_message_takes_ours():
+    """Qwen2.5's way: with no system message the template writes its own, so a prompt that differs without ours is
+    not a dropped one."""
+    from edgemed.runtime.chat_template import no_system_role, render
+
+    qwen_like = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n{% endif %}"
+                 "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                 "{% endfor %}")
+    assert no_system_role(lambda messages: render(qwen_like, messages), "Be brief.") is None
+    dropped = no_system_role(lambda messages: render(DROPS_SYSTEM, messages), "Be brief.")
+    assert dropped == "the model's chat template leaves a system message out of the prompt"
+    refused = no_system_role(lambda messages: render(NO_SYSTEM, messages), "Be brief.")
+    assert refused.startswith("The model's chat template refused the conversation: Conversation roles must alternate")
