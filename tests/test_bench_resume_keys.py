@@ -192,3 +192,32 @@ def test_accuracy_results_kept_from_runs_with_other_settings_are_flagged_each_wi
     same, = [r for r in kept if r["config"]["name"] == "f16"]
     alike = report.build(out, [f16], Settings(profile="x86-avx2"), [same], {}, {}, [], measured=set())
     assert alike["eval_settings_differ"] is None
+
+
+@pytest.mark.parametrize("other, differs", [
+    ({"eval_n": 100}, False),                              # a smaller draw of the same items
+    ({"eval_sizes": (50, 300)}, False),                    # ... sized per file
+    ({"eval_n": 100, "eval_threads": 8}, False),           # threads do not change a score
+    ({"seed": 1}, True),
+    ({"eval_context": True}, True),
+    ({"eval_score": "both"}, True),
+    ({"eval_ctx": 2048}, True),
+    ({"evals": ("/data/medagentsbench/medqa/test.jsonl",), "eval_n": 100}, True),
+])
+def test_only_the_draw_size_is_no_difference_in_accuracy_settings(gguf, tmp_path, monkeypatch, other, differs):
+    """An F16 result kept from a 100-item draw beside a Q4_K_M one of 300 was flagged 'measured with different
+    settings', though a larger draw extends the same items and pairs are over the items both have."""
+    out = tmp_path / "out"
+    f16 = Config("f16", "gguf", str(_file(tmp_path / "artifacts" / "f16.gguf", b"GGUF" + b"\1" * 60)))
+    q4 = Config("q4_k_m", "gguf", str(gguf))
+    evals = ("/data/medagentsbench/medqa/test.jsonl", "/data/pubmedqa/ori_pqal.json")
+    base = dict(profile="x86-avx2", evals=evals, eval_n=300)
+    mine, theirs = Settings(**base), Settings(**{**base, **other})
+    kept = []
+    for config, settings in ((f16, theirs), (q4, mine)):
+        task, = runner.plan_tasks(out, [config], ["accuracy"], settings)
+        kept.append(_raw(task, settings))
+    assert kept[0]["key"]["settings_sha256"] != kept[1]["key"]["settings_sha256"]  # each keyed by its own draw
+    monkeypatch.setattr(report, "render", lambda *a, **k: None)
+    results = report.build(out, [f16, q4], Settings(profile="x86-avx2"), kept, {}, {}, [], measured=set())
+    assert (results["eval_settings_differ"] is not None) == differs

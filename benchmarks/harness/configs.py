@@ -34,6 +34,12 @@ KINDS: dict[str, Kind] = {
 HF_BASELINES = {"hf-fp32": "float32", "hf-bf16": "bfloat16", "hf-fp16": "float16"}
 
 PHASES = ("timing", "divergence", "accuracy")
+#: The settings each phase's results depend on (``Settings.digest``: a change re-measures that phase, others do not).
+PHASE_SETTINGS = {"timing": ("runs", "warmup", "max_tokens", "prompts_sha256", "threads", "n_ctx", "scenario", "seed"),
+                  "accuracy": ("evals", "eval_counts", "eval_context", "seed", "eval_ctx", "eval_score"),
+                  "divergence": ("eval_ctx",)}
+#: ... of the accuracy's, the one that only sizes its draw: a larger draw extends the same items (prefix-stable)
+DRAW_SIZE = "eval_counts"
 REFERENCE = "f16"   # the same-runtime baseline, and the divergence reference
 
 #: The seed paper's claims, shown beside the measured reductions.
@@ -190,11 +196,17 @@ class Settings:
         d["eval_counts"] = list(self.eval_counts)
         # the prompts by their digest: a digest over their text (edgemed before prompts_sha256) is of another body and
         # never matches, so a timing result measured before is measured again, not taken under the new key
-        keep = {"timing": ("runs", "warmup", "max_tokens", "prompts_sha256", "threads", "n_ctx", "scenario", "seed"),
-                "accuracy": ("evals", "eval_counts", "eval_context", "seed", "eval_ctx", "eval_score"),
-                "divergence": ("eval_ctx",)}[phase]
-        body = json.dumps({k: d[k] for k in keep}, sort_keys=True)
+        body = json.dumps({k: d[k] for k in PHASE_SETTINGS[phase]}, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
+
+
+def asked_as(settings: dict) -> dict:
+    """How an accuracy result asked and scored its items: its phase's settings (``PHASE_SETTINGS``) but the draw's
+    size, from the settings its raw file holds (``Settings.to_dict``; one an older edgemed wrote may lack a key, which
+    then had its default). Two results that differ only in the size of their draw asked the items they share alike."""
+    defaults = {name: f.default for name, f in Settings.__dataclass_fields__.items()}
+    return {k: list(v) if isinstance(v := settings.get(k, defaults.get(k)), (list, tuple)) else v
+            for k in PHASE_SETTINGS["accuracy"] if k != DRAW_SIZE}
 
 
 def beyond_settings(key: dict | None) -> dict:

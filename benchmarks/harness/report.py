@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edgemed import __version__
 from edgemed.files.atomic import write_text
-from edgemed.benchmarks.harness.configs import PAPER, PHASES, REFERENCE, Config, Settings, public_settings
+from edgemed.benchmarks.harness.configs import PAPER, PHASES, REFERENCE, Config, Settings, asked_as, public_settings
 from edgemed.benchmarks.harness import scores
 from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token
 from edgemed.benchmarks.harness.stats import reduction
@@ -129,7 +129,8 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     and report.md says so with its date. Accuracy results kept from a run with other settings (``--phases`` left the
     accuracy out of this one) are described by the settings they were measured with (``eval_settings``); accuracy results measured with
     different settings from one another are flagged, each with its own (``eval_settings_differ``, None when they
-    agree), and paired only on items asked the same way (``scores.compare``)."""
+    agree but for the size of their draw, ``configs.asked_as``), and paired only on items asked the same way
+    (``scores.compare``)."""
     per: dict[str, dict[str, dict]] = {}
     for raw in raws:
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
@@ -137,10 +138,11 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     baselines = _derive(entries, bw)
     kept = [r for r in raws if r["phase"] == "accuracy" and isinstance(r.get("settings"), dict)]
     scored = [r["settings"] for r in kept]
-    # accuracy results measured with different settings (kept from earlier runs: another draw, PubMedQA with or
-    # without its abstract) are not described by one: each by its own (``eval_settings_differ``)
-    digests = {(r.get("key") or {}).get("settings_sha256") or json.dumps(r["settings"], sort_keys=True) for r in kept}
-    differ = {r["config"]["name"]: public_settings(r["settings"]) for r in kept} if len(digests) > 1 else None
+    # accuracy results measured with different settings (kept from earlier runs: another seed or set, PubMedQA with
+    # or without its abstract) are not described by one: each by its own (``eval_settings_differ``). The size of the
+    # draw alone is no difference: a larger one extends the same items, and pairs are over the items both have
+    asked = {json.dumps(asked_as(r["settings"]), sort_keys=True) for r in kept}
+    differ = {r["config"]["name"]: public_settings(r["settings"]) for r in kept} if len(asked) > 1 else None
     # an accuracy result's own settings; one an earlier edgemed measured holds the prompts' text: public form only
     eval_settings = public_settings(scored[0]) if scored and not settings.evals else settings.to_dict()
     if scored and not settings.evals:
