@@ -163,6 +163,25 @@ def test_cli_reports_missing_inputs_before_loading(tmp_path):
     assert result.exit_code == 1 and "--item-json is not valid JSON" in result.output
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_options_refuse_numbers_json_cannot_write(tmp_path, number):
+    """They were read as Python floats and went on into the prompt; refused before the model is looked for."""
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "--template", "mcq", "-q", "Which?",
+                                      "--options", f'{{"A": {number}, "B": "iron"}}'])
+    assert result.exit_code == 1, result.output
+    assert f"--options is not plain JSON: {number} is not a finite number" in result.output
+    assert "quoted string" in result.output
+
+
+def test_options_still_name_malformed_json():
+    from edgemed.cli.run import template_inputs
+    from edgemed.errors import InputError
+
+    with pytest.raises(InputError, match="--options is not a JSON object"):
+        template_inputs("Which?", '{"A": "iron",', None, [])
+    assert template_inputs("Which?", '{"A": 1.5}', None, [])[0]["options"] == {"A": 1.5}
+
+
 @pytest.mark.slow
 def test_run_mcq_on_a_medmcqa_item_prints_the_parsed_letter(smollm2_gguf):
     line = MEDMCQA.read_text().splitlines()[4]

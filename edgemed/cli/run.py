@@ -145,9 +145,12 @@ def template_inputs(question, options, item, pairs, text: TextSource | None = No
         inputs["question"] = question
     if options:
         try:
-            inputs["options"] = loads_json(options)
-        except ValueError:
+            inputs["options"] = loads_json(options, finite=True)
+        except json.JSONDecodeError:
             raise InputError("--options is not a JSON object.", "pass --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
+        except ValueError as exc:  # NaN, Infinity, 1e999 (which no JSON reader takes back), or nesting too deep
+            raise InputError(f"--options is not plain JSON: {exc}.",
+                             "write each option as a quoted string: --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
