@@ -46,6 +46,32 @@ def test_config_refuses_public_bind_without_keys():
     assert ServeConfig(model_id="m", bundle_digest="d", host="0.0.0.0", api_keys=ApiKeys.from_lines([KEY])).host
 
 
+@pytest.mark.parametrize("origin,message,fix", [
+    # every file:// document and every sandboxed frame of any site sends Origin: null: as open as '*', keys or not
+    ("null", "every HTML file", "serve the page from a web server"),
+    ("NULL", "every HTML file", "serve the page from a web server"),
+    # copied from the address bar: a browser's Origin has no slash, path, capitals or the scheme's own port
+    ("https://ehr.example.org/", "would never match", "--cors-origin https://ehr.example.org"),
+    ("https://EHR.example.org/app", "would never match", "--cors-origin https://ehr.example.org"),
+    ("https://ehr.example.org:443", "would never match", "--cors-origin https://ehr.example.org"),
+    ("http://[::1]:80", "would never match", "--cors-origin http://[::1]"),
+    ("ehr.example.org", "is not a web page's origin", "scheme://host[:port]"),
+    ("ftp://ehr.example.org", "is not a web page's origin", "scheme://host[:port]"),
+    ("https://ehr.example.org:99999", "is not a web page's origin", "scheme://host[:port]"),
+])
+def test_a_cors_origin_no_browser_sends_or_every_local_file_sends_is_refused(origin, message, fix):
+    """--cors-origin null was taken without keys, opening the API (/admin too) to any HTML attachment opened on the
+    workstation; an origin pasted with its slash was taken and never matched, and the 403s said only to pass it."""
+    from edgemed.serve.config import ServeConfig
+
+    for keys in (None, ApiKeys.from_lines([KEY])):
+        with pytest.raises(InputError) as e:
+            ServeConfig(model_id="m", bundle_digest="d", cors_origins=(origin,), api_keys=keys)
+        assert message in e.value.problem and fix in e.value.fix, (origin, e.value)
+    for good in ("https://ehr.example.org", "http://localhost:3000", "http://[::1]:8080", "https://x.example:8443"):
+        assert ServeConfig(model_id="m", bundle_digest="d", cors_origins=(good,)).cors_origins == (good,)
+
+
 @pytest.mark.parametrize("method,origin,site,allowed,foreign", [
     ("POST", None, None, (), None),  # curl, the OpenAI SDK: not a browser
     ("POST", "http://127.0.0.1:8080", "same-origin", (), None),  # the server's own page

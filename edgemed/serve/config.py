@@ -7,6 +7,7 @@ path can produce a server on a public address without API keys.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from edgemed.errors import InputError
 from edgemed.serve.audit import AuditLog
@@ -31,9 +32,40 @@ def check_options(host: str, api_keys: ApiKeys | None, admin_keys: ApiKeys | Non
     check_key_roles(api_keys, admin_keys, metrics_keys)
     if prefix_cache_scope not in PREFIX_CACHE_SCOPES:
         raise InputError(f"Unknown prefix cache scope '{prefix_cache_scope}'.", f"use one of {', '.join(PREFIX_CACHE_SCOPES)}")
+    for origin in cors_origins:
+        check_origin(origin)
     if "*" in cors_origins and api_keys is None:
         raise InputError("--cors-origin '*' without API keys would let any web page use the model.",
                          "name the exact origins (https://ehr.example.org), or add --api-key-file")
+
+
+def check_origin(origin: str) -> None:
+    """One ``--cors-origin`` value: ``*``, or an origin exactly as a browser sends it in its ``Origin`` header
+    (``scheme://host[:port]``, lower case, no path). Anything else would never match a request, and the 403 pages get
+    would not say why; ``null`` is what every ``file://`` document and every sandboxed frame of any site sends."""
+    if origin == "*":
+        return
+    if origin.strip().lower() == "null":
+        raise InputError("--cors-origin null would let every HTML file opened on this computer (an e-mail attachment) "
+                         "and every sandboxed frame of any web site use the model: browsers send 'null' for all of them.",
+                         "serve the page from a web server and name its origin (https://ehr.example.org)")
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InputError(f"--cors-origin '{origin}' is not a web page's origin.",
+                         "name it as scheme://host[:port], as the browser's address bar shows it "
+                         "(https://ehr.example.org)")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    default = {"http": 80, "https": 443}[parts.scheme.lower()]  # a browser leaves the scheme's own port out
+    exact = f"{parts.scheme.lower()}://{host}" + (f":{port}" if port not in (None, default) else "")
+    if parts.username is not None or parts.password is not None or parts.path not in ("", "/") or parts.query \
+            or parts.fragment or origin != exact:
+        raise InputError(f"--cors-origin '{origin}' would never match: a browser sends a page's origin as "
+                         "scheme://host[:port], without a path, a slash at the end, capitals or the scheme's own port.",
+                         f"pass --cors-origin {exact}")
 
 
 @dataclass(frozen=True)
