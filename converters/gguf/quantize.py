@@ -13,12 +13,19 @@ Per-tensor types (``tensor_types``, what ``--quant auto`` chooses) go through th
 the boundary. Each tensor gets an anchored exact-name pattern and ``pure`` is set, so llama.cpp's mix
 rules never replace an asked type. llama.cpp may still demote a type whose block does not divide a
 row; the file's tensor table is read back and a type that is not the asked one is refused.
+
+llama.cpp looks each tensor's importance-matrix entry up by name and, finding none, quantizes that tensor without
+one, saying so only at INFO level. So the matrix is checked both ways: an entry that names no tensor is refused
+before any work, an asked type llama.cpp cannot write without an entry (the very-low-bit IQ types) is refused
+before llama.cpp starts, and a tensor quantized with a type the matrix improves but no entry for it is a warning,
+given once, with how many and which.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import re
 import shutil
@@ -26,19 +33,49 @@ from pathlib import Path
 
 from edgemed.constants import GGUF_TYPES
 from edgemed.converters.gguf.quiet import quiet
-from edgemed.errors import EdgemedError, OutputError, require
+from edgemed.errors import EdgemedError, InputError, OutputError, require
 from edgemed.runtime.params import Params
+
+log = logging.getLogger(__name__)
 
 # Rows llama.cpp keeps in memory at once while quantizing (its default is 8 GiB).
 MAX_BUF_BYTES = 256 * 2**20
 #: ggml types whose quantizer ignores an importance matrix (llama.cpp's Q8_0 rounds each block on its own)
 IGNORES_IMATRIX = frozenset({"Q8_0", "F16", "BF16", "F32"})
+#: the embedding, whose rows are looked up, not multiplied, when the model has its own head: llama.cpp's
+#: llama-imatrix collects no entry for it and llama.cpp quantizes it plainly (a tied model's head is it, and has one)
+EMBEDDING = "token_embd.weight"
+HEAD = "output.weight"
+#: ggml types llama.cpp will not write for a tensor the importance matrix has no entry for ("Missing importance
+#: matrix for tensor ... in a very low-bit quantization": llama-quant.cpp's tensor_requires_imatrix), and the file
+#: type under which Q2_K joins them; llama.cpp lets the embedding and the head through without one ...
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+Q2_K_S = "LLAMA_FTYPE_MOSTLY_Q2_K_S"
+NEEDS_IMATRIX_EXEMPT = (EMBEDDING, HEAD)
+#: ... where ggml's quantizers for these types assert that they have one and abort the process (llama-cpp-python
+#: 0.3.36: exit 134 for output.weight as IQ1_S, IQ2_XXS or IQ2_XS; IQ1_M, IQ2_S and IQ3_XXS fall back to x² weights)
+ABORTS_WITHOUT_IMATRIX = frozenset({"IQ1_S", "IQ2_XXS", "IQ2_XS"})
+_SHOWN = 5  # tensor names an error or warning lists before "and N more"
+_warned: set[tuple] = set()  # (float GGUF, its mtime, the matrix's names): one warning per conversion, not per call
 
 
 def reads_imatrix(type_name: str) -> bool:
     """Whether llama.cpp's quantizer for ggml type ``type_name`` weighs its error by an importance matrix."""
     return type_name not in IGNORES_IMATRIX
 
+
+def needs_imatrix(name: str, type_name: str, ftype: str | None = None) -> bool:
+    """Whether tensor ``name`` cannot be quantized to ``type_name`` without an importance-matrix entry: llama.cpp
+    refuses it (``ftype``: the llama_ftype constant's name, for Q2_K in a Q2_K_S file), or ggml aborts."""
+    if type_name in ABORTS_WITHOUT_IMATRIX:
+        return True
+    if name in NEEDS_IMATRIX_EXEMPT:
+        return False
+    return type_name in NEEDS_IMATRIX or (type_name == "Q2_K" and ftype == Q2_K_S)
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
 def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, imatrix: dict[str, "object"] | None = None,
@@ -49,9 +86,12 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
     ``ftype`` then names the llama_ftype constant written as ``general.file_type`` (default: ``qtype``'s).
     """
     llama_cpp = require("llama_cpp", "gguf")
+    ftype = ftype or GGUF_TYPES[qtype].llama_ftype
+    if tensor_types:
+        check_imatrix_needed(src, imatrix or {}, tensor_types, ftype)
     params = Params(llama_cpp.llama_model_quantize_default_params())  # every field named and read back
     params.nthread = threads or os.cpu_count() or 1
-    params.ftype = getattr(llama_cpp, ftype or GGUF_TYPES[qtype].llama_ftype)
+    params.ftype = getattr(llama_cpp, ftype)
     params.max_buf_size = MAX_BUF_BYTES
     keep_alive = []
     if tensor_types:
@@ -82,6 +122,8 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None, im
         raise _failure(src, dst, qtype, rc, errors)
     if tensor_types:
         check_types(dst, tensor_types)
+    if imatrix:
+        warn_uncovered(src, dst, imatrix)
 
 
 def check_imatrix_names(src: Path, imatrix: dict) -> None:
@@ -101,6 +143,56 @@ def check_imatrix_names(src: Path, imatrix: dict) -> None:
             f"of that file has ({shown}); llama.cpp would quantize without them and not say so. This is a converter bug.",
             "report it with the checkpoint's config.json; meanwhile convert with --no-imatrix",
         )
+
+
+#: what to do about a matrix that misses tensors: ``edgemed convert`` makes it from the model it converts
+_MAKE_IT_HERE = ("make the matrix from this model: `edgemed convert SOURCE --quant TYPE --imatrix-from TEXT` computes it "
+                 "on SOURCE itself (a matrix made for another model, or cut short, covers only part of this one); from "
+                 "`edgemed convert` itself this is a converter bug: report it with the checkpoint's config.json")
+
+
+def check_imatrix_needed(src: Path, imatrix: dict, tensor_types: dict[str, str], ftype: str | None = None) -> None:
+    """Refuse, before llama.cpp starts, asked types (``tensor_types``) that cannot be written without an
+    importance-matrix entry the matrix does not have (``needs_imatrix``): llama.cpp refuses at that tensor, after
+    writing the ones before it, and ggml aborts the whole process for some (the exempt names as IQ2_XS)."""
+    lacking = sorted(n for n, t in tensor_types.items() if needs_imatrix(n, t, ftype) and n not in imatrix)
+    if lacking:
+        types = sorted({tensor_types[n] for n in lacking})
+        raise InputError(
+            f"{len(lacking)} tensor(s) of '{src.name}' are asked as {', '.join(types)}, which llama.cpp cannot write "
+            f"without an importance-matrix entry for each, and the matrix {'has none for them' if imatrix else 'is missing'}"
+            f" ({_listed(lacking)}); llama.cpp would stop there (or, for {' and '.join(NEEDS_IMATRIX_EXEMPT)} as "
+            f"{', '.join(sorted(ABORTS_WITHOUT_IMATRIX))}, abort the process).",
+            f"{_MAKE_IT_HERE}; or give these tensors a type that needs none (Q4_K, Q6_K, Q8_0)",
+        )
+
+
+def uncovered(dst: Path, imatrix: dict) -> tuple[list[str], int]:
+    """The tensors llama.cpp wrote into ``dst`` with a type it weighs by an importance matrix (``reads_imatrix``)
+    but found no entry for in ``imatrix`` (it quantized them without one, saying so only at INFO level: "did not find
+    weights for ..."), and how many it wrote with such types. The embedding of a model with its own head is left out:
+    its rows are looked up, no matrix has an entry for it, and llama.cpp quantizes it plainly."""
+    from edgemed.formats.gguf_header import read_header
+
+    tensors = read_header(dst).tensors
+    untied = any(t.name == HEAD for t in tensors)
+    weighed = [t.name for t in tensors if reads_imatrix(t.type_name) and not (untied and t.name == EMBEDDING)]
+    return sorted(n for n in weighed if n not in imatrix), len(weighed)
+
+
+def warn_uncovered(src: Path, dst: Path, imatrix: dict) -> None:
+    """Warn, once for a float GGUF and matrix (``--quant auto`` quantizes one many times), that llama.cpp quantized
+    part of ``dst`` without the importance matrix: how many tensors, and which first."""
+    missing, weighed = uncovered(dst, imatrix)
+    stat = src.stat()
+    key = (str(src.resolve()), stat.st_ino, stat.st_mtime_ns, frozenset(imatrix))
+    if not missing or key in _warned:
+        return
+    _warned.add(key)
+    log.warning(
+        "The importance matrix has no entry for %d of the %d tensors llama.cpp quantized from '%s' with types it "
+        "weighs by one (%s): those were quantized without it, as if calibration were off for them. Fix: %s.",
+        len(missing), weighed, src.name, _listed(missing), _MAKE_IT_HERE)
 
 
 def _ggml_type(type_name: str) -> int:
