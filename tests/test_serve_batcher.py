@@ -197,9 +197,10 @@ def test_a_text_sure_not_to_fit_is_refused_before_it_is_tokenized(batcher, promp
 
     monkeypatch.setattr(Model, "tokenize", no)
     for text in ["<|im_start|>" * 80_000, "x" * 2_000_000]:
-        with pytest.raises(ContextOverflow, match="at least .* context window of 512"):
+        with pytest.raises(ContextOverflow,
+                           match=r"at least \d+ tokens \(\d+ characters\), more than the context window of 512"):
             batcher.tokenize(text)
-        with pytest.raises(ContextOverflow, match="max_tokens=24"):
+        with pytest.raises(ContextOverflow, match="with max_tokens=24 it needs more than the context window"):
             batcher.submit(text, GREEDY, request_id="huge")
     with pytest.raises(ContextOverflow, match="with max_tokens=24"):  # the bound counts max_tokens as check_fits does
         batcher.submit("<|im_start|>" * 500, GREEDY, request_id="near")

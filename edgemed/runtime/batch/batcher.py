@@ -461,7 +461,7 @@ class Batcher:
         if at_least + max_tokens > self.n_ctx_per_slot:
             raise ContextOverflow(
                 f"The prompt is at least {at_least} tokens ({len(text)} characters)"
-                f"{f'; with max_tokens={max_tokens} it needs more' if max_tokens else ''} than the context window of "
+                f"{f'; with max_tokens={max_tokens} it needs' if max_tokens else ','} more than the context window of "
                 f"{self.n_ctx_per_slot} tokens per slot.",
                 "shorten the prompt (or the conversation's history), lower max_tokens, or start the server with a "
                 "larger --ctx or fewer --slots")
