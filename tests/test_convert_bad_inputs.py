@@ -423,6 +423,36 @@ def test_a_file_as_source_is_named_a_file_and_a_gguf_points_to_run_and_pack(mode
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "dangling link"])
+def test_a_source_that_is_no_folder_nor_file_is_named_for_what_it_is(tmp_path, kind):
+    """A named pipe given as SOURCE was "Checkpoint directory '...' does not exist."; it is said to be a pipe (or a
+    device, or a link to nothing) beside what convert reads, and never opened (a reader would wait for a writer)."""
+    import threading
+
+    source = tmp_path / "src"
+    if kind == "fifo":
+        os.mkfifo(source)
+    elif kind == "device":
+        source.symlink_to("/dev/zero")
+    else:
+        source.symlink_to(tmp_path / "gone")
+
+    def unblock():  # should the FIFO be opened to read after all, a writer that closes at once ends that wait
+        with contextlib.suppress(OSError):
+            os.close(os.open(source, os.O_WRONLY | os.O_NONBLOCK))
+
+    watchdog = threading.Timer(30, unblock)
+    watchdog.start()
+    try:
+        result = _convert(source, "--quant", "f16", "--no-parity", "-o", tmp_path / "x.gguf")
+    finally:
+        watchdog.cancel()
+    said = {"fifo": "is a named pipe (FIFO)", "device": "is a character device",
+            "dangling link": f"is a link to '{tmp_path / 'gone'}', which does not exist"}[kind]
+    _refused(result, f"'{source}' {said}, not a Hugging Face checkpoint directory", "the folder that holds config.json")
+    assert "Checkpoint directory" not in result.output and not (tmp_path / "x.gguf").exists(), result.output
+
+
 def test_index_naming_a_path_outside_the_checkpoint(models, tmp_path):
     ckpt = _copy(models["llama"], tmp_path / "ckpt")
     (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")  # sharded: the index is read

@@ -396,6 +396,13 @@ class Checkpoint:
             if path.is_file():
                 raise CheckpointError(f"'{path}' is a file, not a Hugging Face checkpoint directory.",
                                       f"{hf_dir}: the folder that holds config.json")
+            from edgemed.formats.input_file import odd_kind
+
+            odd = odd_kind(path)  # a FIFO is not opened to find out: that would wait for a writer forever
+            if odd is not None:  # something is there (or a link to nothing): "does not exist" would mislead
+                why = "; edgemed reads a checkpoint from its folder, never from a pipe or a device" if path.exists() else ""
+                raise CheckpointError(f"'{path}' is {odd}, not a Hugging Face checkpoint directory{why}.",
+                                      f"{hf_dir}: the folder that holds config.json")
             raise CheckpointError(f"Checkpoint directory '{path}' does not exist.", hf_dir)
         config = _read_json(path / "config.json", "Model config")
         validate_config(config, path)

@@ -24,13 +24,30 @@ class NotRegular(OSError):
     ``IsADirectoryError``, as ``open`` reports it."""
 
 
+def _kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
 def _regular(path: Path, mode: int) -> None:
     if stat.S_ISREG(mode):
         return
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(21, "Is a directory", str(path))
-    kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
-    raise NotRegular(None, f"it is {kind}, not a regular file", str(path))
+    raise NotRegular(None, f"it is {_kind(mode)}, not a regular file", str(path))
+
+
+def odd_kind(path: Path) -> str | None:
+    """What ``path`` is when something is there that is neither a folder nor a regular file, in words for "'PATH' is
+    ...": "a named pipe (FIFO)", "a character device", "a link to 'X', which does not exist". None for a folder, a
+    regular file (or a link to either) and a path where nothing is. Told from its status alone: never opened, so a
+    FIFO cannot block the caller."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"a link to '{os.readlink(path)}', which does not exist" if os.path.islink(path) else None
+    except OSError as exc:  # a loop of links, a folder on the way that may not be searched
+        return f"there but cannot be looked at ({exc.strerror})" if os.path.lexists(path) else None
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else _kind(mode)
 
 
 def open_regular(path: Path) -> BinaryIO:
