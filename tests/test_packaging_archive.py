@@ -303,3 +303,72 @@ def test_a_reserved_name_in_any_case_is_refused_after_folding(path):
 
     with pytest.raises(IntegrityError, match="reserved name"):
         Manifest.from_bytes(_manifest({"model/m.gguf": PAYLOAD, path: b"x"}), "t")
+
+
+def _with_checksum(block: bytearray) -> bytes:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _old_gnu_sparse(name: str, extension_blocks: int, *, truncated: bool = False) -> bytes:
+    """An old-style GNU sparse member (type 'S'): a header whose map continues in ``extension_blocks`` blocks of 21
+    (offset, size) entries each; ``truncated`` ends the file where the header says another block follows."""
+    head = bytearray(tarfile.TarInfo(name).tobuf(tarfile.GNU_FORMAT))
+    head[156:157] = tarfile.GNUTYPE_SPARSE
+    head[386:410] = b"%011o\0%011o\0" % (512, 512)
+    head[482] = 1 if extension_blocks or truncated else 0
+    head[483:495] = b"%011o\0" % (1 << 30)
+    ext = bytearray(b"".join(b"%011o\0%011o\0" % (4096 * (i + 1), 512) for i in range(21)) + bytes(8))
+    ext[504] = 1
+    last = bytearray(ext)
+    last[504] = 0
+    return _with_checksum(head) + (b"" if truncated else bytes(ext) * (extension_blocks - 1) + bytes(last))
+
+
+def _gnu_sparse_1_0(name: str, pairs: int, *, written: int) -> bytes:
+    """A GNU sparse 1.0 member: a PAX header (GNU.sparse.major=1, minor=0) and a data area whose map declares
+    ``pairs`` (offset, size) pairs and holds ``written`` of them."""
+    data = b"%d\n" % pairs + b"".join(b"%d\n%d\n" % (4096 * i, 512) for i in range(written))
+    return _pax_member("GNUSparseFile.0/" + name, data, {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                                         "GNU.sparse.name": name, "GNU.sparse.realsize": str(1 << 30)})
+
+
+def _pax_member(name: str, data: bytes, pax_headers: dict[str, str]) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.pax_headers, info.size = pax_headers, len(data)
+    return info.tobuf(tarfile.PAX_FORMAT) + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+
+
+SPARSE = {  # each a 4-10 MB tar whose first member is a sparse manifest.json
+    "old-gnu-long": lambda: [_old_gnu_sparse("manifest.json", 8_000)],
+    "old-gnu-truncated": lambda: [_old_gnu_sparse("manifest.json", 0, truncated=True)],
+    "gnu-1.0-long": lambda: [_gnu_sparse_1_0("manifest.json", 400_000, written=400_000)],
+    "gnu-1.0-truncated": lambda: [_gnu_sparse_1_0("manifest.json", 99_999_999, written=2)],
+    "gnu-0.1-map": lambda: [_pax_member("manifest.json", _manifest(), {"GNU.sparse.map": "0,512", "GNU.sparse.size": "4096"})],
+    "pax-realsize-not-a-number": lambda: [_pax_member("manifest.json", _manifest(), {"GNU.sparse.realsize": "lots"})],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE))
+def test_a_sparse_member_is_refused_before_its_map_is_read(tmp_path, edgemed_home, case):
+    """tarfile read an old GNU sparse member's every extension block (80,000 of them: 144 MB and 6.6 s before the
+    type check) and a GNU sparse 1.0 map as long as it declared; a truncated map was an IndexError or ValueError
+    traceback from verify, inspect and install."""
+    import tracemalloc
+
+    truncated = case.endswith("truncated")  # the file ends inside the map
+    bundle = _tar(tmp_path / "sparse.edgemed", *SPARSE[case](), *([] if truncated else [_member("model/m.gguf", PAYLOAD)]),
+                  trailer=not truncated)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsafeArchive, match="holds a sparse file 'manifest.json'; bundles hold only regular files"):
+            read_tar(bundle, hash_sink)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"{peak:,} bytes traced while refusing a {bundle.stat().st_size:,}-byte bundle"
+    for args in (["verify"], ["inspect"], ["install"]):
+        r = CliRunner().invoke(cli, [*args, str(bundle)], catch_exceptions=False)
+        assert r.exit_code == 1 and "holds a sparse file 'manifest.json'" in r.output and "Fix:" in r.output, (args, r.output[-500:])
+    assert list(Store().models.iterdir()) == [] and list(Store().tmp.iterdir()) == []

@@ -113,12 +113,48 @@ MAX_PAX_KEYS = 64
 _EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
 
+class _SparseMember(Exception):
+    """Raised inside tarfile's header parsing where a sparse map would be read; ``_BoundedInfo._proc_member`` names
+    the archive."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _refuse_sparse_map(header: tarfile.TarInfo, member: tarfile.TarInfo, pax_headers: dict, *_) -> None:
+    """Stands in for tarfile's readers of a GNU sparse map (PAX formats 0.0, 0.1 and 1.0), which it calls on the PAX
+    header with the member that header describes."""
+    raise _SparseMember(pax_headers.get("GNU.sparse.name") or pax_headers.get("path") or member.name)
+
+
 class _BoundedInfo(tarfile.TarInfo):
     """A member header whose extended header is refused above ``MAX_EXTENDED_HEADER`` before tarfile reads it: it
     reads such a header whole into memory, so a sparse file declaring gigabytes there cost that much RAM before
-    any check of ours ran."""
+    any check of ours ran.
+
+    Sparse members are refused before their map is read: for an old GNU sparse header (type 'S') tarfile reads
+    every extension block that follows and keeps each entry, and for GNU sparse 1.0 (declared in a PAX header) it
+    reads the map from the member's data, as long as the map says (80,000 blocks cost 144 MB and 6.6 s before the
+    type check; a truncated or lying map was an IndexError or ValueError traceback). Any ``GNU.sparse.*`` PAX key
+    is refused with them: tarfile applies ``GNU.sparse.size`` and ``realsize`` as the member's size."""
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse_map
+
+    def _apply_pax_info(self, pax_headers, encoding, errors):
+        if any(key.startswith("GNU.sparse.") for key in pax_headers):
+            raise _SparseMember(pax_headers.get("GNU.sparse.name") or pax_headers.get("path") or self.name)
+        super()._apply_pax_info(pax_headers, encoding, errors)
 
     def _proc_member(self, tf):
+        try:
+            return self._bounded_member(tf)
+        except _SparseMember as exc:
+            raise UnsafeArchive(f"'{tf.name}' holds a sparse file '{exc.name[:200]}'; bundles hold only regular files.", _FIX) from None
+
+    def _bounded_member(self, tf):
+        if self.type == tarfile.GNUTYPE_SPARSE:  # before ``_proc_sparse`` reads its extension blocks
+            raise _SparseMember(self.name)
         if self.type not in _EXTENDED:
             return super()._proc_member(tf)
         if self.type == tarfile.XGLTYPE:  # tarfile copies its keys into every later member: a few KB times each entry
