@@ -135,6 +135,40 @@ def test_size_cap_from_environment(tmp_path, monkeypatch):
         read_tar(t, hash_sink)
 
 
+def test_a_bundle_folder_is_held_to_the_size_cap_and_the_free_disk_before_it_is_hashed(tmp_path, edgemed_home, monkeypatch):
+    """Only the tar form checked $EDGEMED_MAX_BUNDLE_BYTES and the free disk: a folder over the cap installed, and one
+    whose manifest declares a huge (sparse) file was hashed in full and copied until the disk filled."""
+    import shutil
+
+    from edgemed.packaging import bundle as bundle_mod
+    from edgemed.packaging import store as store_mod
+    from edgemed.packaging.bundle import PackInputs, pack
+
+    src = kit.inputs(tmp_path / "src")
+    folder = tmp_path / "tinydir"
+    man = pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), folder, as_dir=True)
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("a file of the bundle was hashed before its declared size was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(bundle_mod, "file_digest", no_hashing)
+        m.setattr(store_mod, "copy_hashed", no_hashing)
+        m.setenv("EDGEMED_MAX_BUNDLE_BYTES", str(man.total_bytes - 1))
+        with pytest.raises(UnsafeArchive, match=f"declares {man.total_bytes} bytes, more than the {man.total_bytes - 1} allowed"):
+            Store().install(folder)
+        r = CliRunner().invoke(cli, ["install", str(folder)], catch_exceptions=False)
+        assert r.exit_code == 1 and "EDGEMED_MAX_BUNDLE_BYTES" in r.output, r.output
+        m.delenv("EDGEMED_MAX_BUNDLE_BYTES")
+        real_usage = shutil.disk_usage
+        m.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=man.total_bytes - 1))
+        with pytest.raises(UnsafeArchive, match=f"only {man.total_bytes - 1} are free at"):
+            Store().install(folder)
+    assert list(Store().models.iterdir()) == [] and list(Store().tmp.iterdir()) == []
+    Store().install(folder)  # under the cap, with room: installed as before
+    assert (Store().models / "tiny" / man.model_path).is_file()
+
+
 def test_damaged_manifest_json_is_refused(tmp_path):
     t = _tar(tmp_path / "x.edgemed", _member("manifest.json", b"{not json"), _member("model/m.gguf", PAYLOAD))
     with pytest.raises(IntegrityError, match="not valid JSON"):

@@ -245,6 +245,18 @@ def _damaged(path: Path, exc: Exception) -> IntegrityError:
     return IntegrityError(f"{path} is damaged or truncated ({exc}).", "copy the bundle again and verify")
 
 
+def check_room(manifest: Manifest, path: Path, space: Path | None = None) -> None:
+    """Refuse a bundle (tar or folder) whose manifest declares more bytes than ``EDGEMED_MAX_BUNDLE_BYTES`` or, with
+    ``space``, than the file system holding that directory has free: before any of its bytes is hashed or copied."""
+    total, cap = manifest.total_bytes, env.max_bundle_bytes()
+    if total > cap:
+        raise UnsafeArchive(f"{path} declares {total} bytes, more than the {cap} allowed (${env.MAX_BUNDLE_VAR}).",
+                            f"raise ${env.MAX_BUNDLE_VAR} if this bundle is expected to be that large")
+    if space is not None and total > (free := shutil.disk_usage(space).free):
+        raise UnsafeArchive(f"{path} declares {total} bytes; only {free} are free at {space}.",
+                            "free disk space, or install somewhere larger (EDGEMED_HOME)")
+
+
 def read_tar(path: Path, sink: Sink, check_space: Path | None = None,
              on_manifest: Callable[[Manifest, bytes, Signature | None], None] | None = None) -> tuple[Manifest, bytes, Signature | None]:
     """Stream ``path``: check the manifest, hand each listed file to ``sink`` (which returns its sha256).
@@ -258,13 +270,7 @@ def read_tar(path: Path, sink: Sink, check_space: Path | None = None,
         try:
             files = _files(tf, path)
             manifest, manifest_bytes, sig_bytes, member = _read_head(tf, files, path)
-            total = manifest.total_bytes
-            if total > env.max_bundle_bytes():
-                raise UnsafeArchive(f"{path} declares {total} bytes, more than the {env.max_bundle_bytes()} allowed "
-                                    f"(${env.MAX_BUNDLE_VAR}).", f"raise ${env.MAX_BUNDLE_VAR} if this bundle is expected to be that large")
-            if check_space is not None and total > shutil.disk_usage(check_space).free:
-                raise UnsafeArchive(f"{path} declares {total} bytes; only {shutil.disk_usage(check_space).free} are free at {check_space}.",
-                                    "free disk space, or install somewhere larger (EDGEMED_HOME)")
+            check_room(manifest, path, check_space)
             if on_manifest is not None:
                 on_manifest(manifest, manifest_bytes, sig_bytes)
             while member is not None:

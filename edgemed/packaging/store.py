@@ -388,7 +388,7 @@ class Store:
         ``origin``: where the bundle came from when that is not the local path given (``oci://HOST/REPO@sha256:...``
         for a pull); it is recorded in the index, shown by ``list``, and selects the trust policy's entry."""
         from edgemed.packaging import signing, trust
-        from edgemed.packaging.archive import is_tar, read_tar
+        from edgemed.packaging.archive import check_room, is_tar, read_tar
 
         bundle = Path(bundle)
         policy = trust.load()
@@ -430,6 +430,7 @@ class Store:
                     man, data, sig = read_tar(bundle, sink, check_space=self.root, on_manifest=check_signature)
                 else:
                     man, data, sig = read_manifest(bundle)
+                    check_room(man, bundle, self.root)  # as for a tar: before a byte of it is hashed or copied
                     check_signature(man, data, sig)
                     verify_dir(bundle, full=True)  # the source must be whole before we copy it
                     for entry in man.files:
