@@ -149,6 +149,29 @@ def test_a_copy_of_the_named_checkpoint_matches(runs, tmp_path, copy):
     assert result.exit_code == 0 and "WARNING" not in result.output, result.output
     report = json.loads(out.with_name(out.name + ".report.json").read_text())
     assert report["lora"]["base_model_name_or_path"] == str(runs["v1"]) and report["lora"]["base_check"] == "matches"
+    # and it says so by the weights: a copy is not taken on its name
+    how = "the same tensors as" if copy == "sharded" else "the same weight files as"
+    assert f"adapter base: matches (weights compared): '{runs['v1']}' holds {how} {ckpt}" in result.output, result.output
+
+
+def test_the_base_check_says_what_it_compared(runs, tmp_path):
+    """'matches' did not say whether the weights were compared or only the names (and why only they)."""
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.source.lora import LoraAdapter
+
+    own = LoraAdapter.open(runs["lora"], Checkpoint.open(runs["v1"])).base_check
+    assert (own.matched, own.by) == (True, "folder") and str(own).startswith("matches (the same folder): ")
+    elsewhere = shutil.copytree(runs["lora"], tmp_path / "lora")  # names a folder called "model" that is not here
+    config = json.loads((elsewhere / "adapter_config.json").read_text())
+    (elsewhere / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tmp_path / "gone" / "model")}))
+    check = LoraAdapter.open(elsewhere, Checkpoint.open(runs["v2"])).base_check
+    assert (check.matched, check.by) == (True, "names"), check
+    assert str(check) == (f"matches (names only): '{tmp_path / 'gone' / 'model'}' has this checkpoint's name; its weights "
+                          f"were not compared: there is no folder '{tmp_path / 'gone' / 'model'}' here (a hub id, or a "
+                          "path on another machine)")
+    result = _convert(runs["v2"], "--lora", elsewhere, "--quant", "f32", "-o", tmp_path / "x.gguf")
+    assert result.exit_code == 0 and "WARNING" not in result.output, result.output
+    assert f"adapter base: {check}" in result.output, result.output
 
 
 @pytest.mark.parametrize("case", ["gone", "bf16 copy"])
@@ -166,3 +189,6 @@ def test_a_named_checkpoint_that_cannot_be_compared_falls_back_to_its_name(runs,
     result = _convert(ckpt, "--lora", lora, "--quant", "f32", "-o", out)
     assert result.exit_code == 0 and "WARNING: " in result.output, result.output
     assert json.loads(out.with_name(out.name + ".report.json").read_text())["lora"]["base_check"].startswith("name differs")
+    why = (f"there is no folder '{tmp_path / 'gone' / 'base'}' here" if case == "gone" else
+           f"'{runs['v1']}' stores lm_head.weight as F32 and {ckpt} as BF16, so bits cannot be compared")
+    assert f"the weights could not be compared ({why}" in " ".join(result.output.split()), result.output

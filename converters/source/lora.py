@@ -198,46 +198,71 @@ def _same_tensor(ours, theirs, name: str) -> bool:
     return all(same(ours.read_rows(name, lo, hi), theirs.read_rows(name, lo, hi)) for lo, hi in row_blocks(*shape))
 
 
-def _weights_compared(local: Path, ckpt) -> str | None:
-    """How the weights of the checkpoint folder ``local`` compare with ``ckpt``'s: "" when they are the same tensors
-    holding the same bits, else what differs; None when that cannot be told: ``local`` is not a safetensors
-    checkpoint here (none, pickle only: it is not unpickled to be compared, a folder ``Checkpoint`` refuses), or a
-    tensor is stored in another dtype (a BF16 copy of an F32 model is the same model, rounded).
+@dataclass(frozen=True)
+class BaseCheck:
+    """How the base an adapter names (``base_model_name_or_path``) was found to be, or not to be, the checkpoint it is
+    merged into: the report's ``lora.base_check`` and the line a conversion prints."""
+
+    matched: bool  # False: its name differs, and nothing could be compared (merged, with a warning)
+    by: str  # "folder": it names this very folder; "weights": compared, the same; "names": the weights could not be
+    detail: str  # what was compared, or why the weights could not be
+
+    def __str__(self) -> str:
+        return f"{'matches' if self.matched else 'name differs'} ({_COMPARED[self.by]}): {self.detail}"
+
+
+_COMPARED = {"folder": "the same folder", "weights": "weights compared", "names": "names only"}  # BaseCheck.by, in words
+
+
+def _weights_compared(local: Path, ckpt) -> tuple[str | None, str]:
+    """How the weights of the checkpoint folder ``local`` compare with ``ckpt``'s: ``("", how)`` when they are the same
+    tensors holding the same bits, ``(what differs, "")`` when not, ``(None, why)`` when that cannot be told: ``local``
+    is not a safetensors checkpoint here (none, pickle only: it is not unpickled to be compared, a folder
+    ``Checkpoint`` refuses), or a tensor is stored in another dtype (a BF16 copy of an F32 model is the same model,
+    rounded).
 
     The weights alone, not config.json (a config saved again by another transformers version is the same model; its
     shape keys were compared already). Weight files of the same names and bytes are the same weights (compared side
     by side to the first difference, no hashing); else tensor by tensor, so a copy saved in other shards is still
     the same. Two training runs of one recipe (runs/v1/model, runs/v2/model) agree in every name, shape and size and
     differ in their bits: their comparison stops at the first block that differs."""
+    if not local.is_dir():
+        return None, f"there is no folder '{local}' here (a hub id, or a path on another machine)"
     try:
         theirs = Checkpoint.open(local)
         if set(theirs.tensors) != set(ckpt.tensors):
             odd = sorted(set(theirs.tensors) ^ set(ckpt.tensors))
-            return f"tensors {', '.join(odd[:3])}{' and more' if len(odd) > 3 else ''} are in only one of the two"
+            return f"tensors {', '.join(odd[:3])}{' and more' if len(odd) > 3 else ''} are in only one of the two", ""
         for name, ref in ckpt.tensors.items():
             other = theirs.tensors[name]
             if tuple(other.shape) != tuple(ref.shape):
-                return f"{name} is {list(other.shape)} there and {list(ref.shape)} here"
+                return f"{name} is {list(other.shape)} there and {list(ref.shape)} here", ""
             if other.dtype != ref.dtype:
-                return None
+                return None, (f"'{local}' stores {name} as {other.dtype} and {ckpt.path} as {ref.dtype}, so bits "
+                              "cannot be compared (a copy saved in another dtype is the same model, rounded)")
         files, their_files = ckpt.weight_files(), theirs.weight_files()
         if [f.name for f in files] == [f.name for f in their_files] and all(map(_same_bytes, files, their_files)):
-            return ""
+            return "", f"'{local}' holds the same weight files as {ckpt.path}, byte for byte"
         differ = next((name for name in ckpt.tensors if not _same_tensor(ckpt, theirs, name)), None)
-    except (InputError, OSError):
-        return None
-    return f"{differ} holds other values" if differ else ""
+    except InputError as exc:  # pickle only (never unpickled to be compared), no config, ...
+        return None, f"'{local}' is not a checkpoint edgemed compares ({exc.problem.rstrip('.')})"
+    except OSError as exc:
+        return None, f"'{local}' could not be read ({exc.strerror or exc})"
+    if differ:
+        return f"{differ} holds other values", ""
+    return "", f"'{local}' holds the same tensors as {ckpt.path}, bit for bit, in other files"
 
 
-def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
+def check_base(config: dict, cfg_path: Path, ckpt) -> BaseCheck | None:
     """Compare the base the adapter names with the checkpoint it is merged into.
 
     Raises ``AdapterError`` when the adapter's own records prove another model: PEFT's ``auto_mapping`` names
     another class, or ``base_model_name_or_path`` is a folder here whose config.json gives another architecture,
-    model type or shape, or whose weights are not this checkpoint's (``_weights_compared``). Returns a warning when
-    only the name differs and the named base cannot be read (a hub id, a path elsewhere: nothing can be compared
-    offline, and a copy of a model may live under any name); None when the named folder holds these very weights,
-    when the names agree and the named base cannot be read, or when none is named."""
+    model type or shape, or whose weights are not this checkpoint's (``_weights_compared``). Otherwise says how it
+    matched: it names this very folder, or a folder holding these very weights (``by`` "folder", "weights"); or, when
+    the named base cannot be read (a hub id, a path elsewhere, pickle weights, another dtype: nothing to compare
+    offline, and a copy of a model may live under any name), by name alone (``by`` "names", with why), which when
+    the names differ is a warning (``matched`` False). None when no base is named."""
     named = config.get("base_model_name_or_path")
     if not isinstance(named, str) or not named.strip():
         return None
@@ -265,7 +290,7 @@ def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
     except (OSError, AdapterError):
         same, theirs = False, None
     if same:
-        return None
+        return BaseCheck(True, "folder", f"the adapter names this checkpoint's own folder ('{named}')")
     if isinstance(theirs, dict):
         archs = theirs.get("architectures")
         their_arch = archs[0] if isinstance(archs, list) and archs else None
@@ -277,9 +302,9 @@ def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
                   and theirs[k] != ckpt.config[k]]
         if differ:
             raise refuse(", ".join(f"{k} {theirs[k]} vs {ckpt.config[k]} here" for k in differ))
-    weights = _weights_compared(local, ckpt)
+    weights, why = _weights_compared(local, ckpt)
     if weights == "":
-        return None
+        return BaseCheck(True, "weights", why)
     if weights is not None:  # a checkpoint here, of this shape, with other weights: the name proves nothing
         raise AdapterError(
             f"The adapter '{cfg_path.parent}' was trained on '{named}' (adapter_config.json: base_model_name_or_path), "
@@ -289,25 +314,29 @@ def base_mismatch(config: dict, cfg_path: Path, ckpt) -> str | None:
             f"point --lora at the adapter trained for '{ckpt.path}', or convert the checkpoint the adapter names: "
             f"`edgemed convert {named} --lora {cfg_path.parent}`")
     if Path(named.rstrip("/")).name.lower() in _names_of(ckpt):
-        return None
-    return (f"the adapter '{cfg_path.parent}' names '{named}' as its base model (adapter_config.json: "
-            f"base_model_name_or_path), but it is being merged into {ours}. Its tensor shapes fit, so it was merged; "
-            "if it was trained on another model, the output computes nonsense. Check that they belong together "
-            "(the report records both names: lora.base_model_name_or_path, lora.base_check).")
+        return BaseCheck(True, "names", f"'{named}' has this checkpoint's name; its weights were not compared: {why}")
+    return BaseCheck(False, "names", (
+        f"the adapter '{cfg_path.parent}' names '{named}' as its base model (adapter_config.json: "
+        f"base_model_name_or_path), but it is being merged into {ours}, and the weights could not be compared ({why}). "
+        "Its tensor shapes fit, so it was merged; if it was trained on another model, the output computes nonsense. "
+        "Check that they belong together (the report records both names: lora.base_model_name_or_path, "
+        "lora.base_check)."))
 
 
 class LoraAdapter:
     """An opened adapter: which base tensors it changes and how."""
 
     def __init__(self, path: Path, config: dict, pairs: dict[str, LoraPair], replacements: dict[str, str], handle,
-                 base_warning: str | None = None, base_copies: dict[str, str] | None = None):
+                 base_check: BaseCheck | None = None, base_copies: dict[str, str] | None = None):
         self.path = path
         self.config = config
         self.pairs = pairs  # base tensor name -> LoraPair
         self.replacements = replacements  # base tensor name -> adapter tensor name
         self.base_copies = base_copies or {}  # base tensor name -> the adapter's copy of it, which its pair adds to
         self._handle = handle
-        self.base_warning = base_warning  # the adapter names another base, and nothing proves it is this one
+        self.base_check = base_check  # how the base it names was found to be this one (None: none named, or not checked)
+        # the adapter names another base, and nothing proves it is this one
+        self.base_warning = base_check.detail if base_check is not None and not base_check.matched else None
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -355,8 +384,8 @@ class LoraAdapter:
         if not isinstance(base, dict):
             refuse_tied_change(keys, config, base)
         pairs, replacements, copies = cls._plan(config, keys, handle, base_tensors)  # shapes first: the plainest refusal
-        warning = None if isinstance(base, dict) else base_mismatch(config, cfg_path, base)
-        return cls(path, config, pairs, replacements, handle, warning, copies)
+        checked = None if isinstance(base, dict) else check_base(config, cfg_path, base)
+        return cls(path, config, pairs, replacements, handle, checked, copies)
 
     @property
     def base_name(self) -> str | None:
@@ -365,9 +394,12 @@ class LoraAdapter:
         return named if isinstance(named, str) and named.strip() else None
 
     def warn_base(self, echo) -> None:
-        """Say, loudly, that the adapter names another base model (the report records it: ``lora.base_check``)."""
+        """Say how the base the adapter names was checked, by its weights or by its name alone and why; loudly when
+        it names another base model (the report records it: ``lora.base_check``)."""
         if self.base_warning:
             echo(f"WARNING: {self.base_warning}")
+        elif self.base_check is not None:
+            echo(f"adapter base: {self.base_check}")
 
     @staticmethod
     def _base_name(key: str) -> str:
