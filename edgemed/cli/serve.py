@@ -403,6 +403,10 @@ def verify(path, anchor, no_follow, as_json):
     elif report.ok:
         where = f" in {len(report.files)} files" if report.files else ""
         click.echo(f"OK: {report.records} records{where}, chain intact.\nhead {report.head}")
+        for cut in report.torn or []:
+            click.echo(f"line {cut['line']} of {cut['path']} is a record cut short ({cut['bytes']} bytes, sha256 "
+                       f"{cut['sha256']}): a kill, or a full disk, while the server wrote it; that file is kept as it "
+                       "was, and the genesis of the file after it records those bytes")
         if report.unfinished:
             click.echo(f"{report.unfinished} generation(s) accepted with no record of their end (the server stopped "
                        f"while they ran: a crash or a kill), e.g. request id {', '.join(report.unfinished_ids or [])}")

@@ -24,8 +24,10 @@ once it is over (status, tokens, timings). A crash or a kill in between leaves t
 ``accepted`` record with no ``request`` record of its id; ``verify`` counts those
 (``unfinished``), apart from the ones a running server may still be answering (``in_flight``:
 accepted since its last ``start`` while a writer holds the file's lock). A failed write (disk
-full) stops the writer for good and the server then answers 503 instead of serving requests it cannot record (fail closed). The file is opened ``O_APPEND`` with mode 0600 and held under an exclusive
-``flock``, so a second server cannot interleave its own chain into it.
+full) stops the writer for good and the server then answers 503 instead of serving requests it cannot record (fail closed);
+the part of its record that did reach the file is cut off again, so the restart that follows finds a whole chain. The file
+is opened ``O_APPEND`` with mode 0600 and held under an exclusive ``flock``, so a second server cannot interleave its own
+chain into it.
 
 Rotation (``rotate_bytes``; ``serve --audit-rotate-mib``) keeps one chain across files. Once the file reaches
 the size, a ``rotated`` record ends it and it is kept as ``STEM.SEQ.SUFFIX`` (SEQ: that record's seq, 10 digits);
@@ -33,6 +35,13 @@ the live name starts again with a ``genesis`` record that ``continues`` the kept
 with the next seq. ``verify`` follows ``continues`` back through the kept files to the first genesis (seq 0).
 A tool that truncates or rewrites the live file (logrotate's ``copytruncate``) breaks the chain, and ``verify``
 says so (``deleted``).
+
+A record cut short by a kill (a write that crosses a page can land in part) leaves the file ending in half a line. The
+next start never removes or rewrites those bytes: it keeps that file as rotation keeps one (``STEM.SEQ.SUFFIX``, SEQ: its
+last whole record's seq) and starts the live name with a genesis that ``continues`` it and holds the torn line's length
+and sha256 (``torn_bytes``, ``torn_sha256``). ``verify`` takes a kept file that ends in exactly those bytes, and reports
+each such cut (``Report.torn``). Any other fault (a changed byte, a broken link, a torn line with records after it) is
+refused as before.
 
 Refused requests that no API key identifies (a wrong key, a foreign Host or Origin, a full queue on a server without
 keys) are recorded one by one up to a budget (``RefusalBudget``: 30 per client address and 300 in all per minute); the
@@ -80,6 +89,8 @@ FIELDS = {
     "format", "log_id", "edgemed_version", "host", "port", "slots", "queue_size", "content_logged",
     # rotation: a "rotated" record names the file the chain goes on in; a later file's genesis the one it continues
     "continued_in", "continues",
+    # a kept file that ends in a record cut short (a kill while it was written): the torn line's length and sha256
+    "torn_bytes", "torn_sha256",
     # refusals: how many refused requests of one client were counted in a window, not recorded one by one
     "suppressed", "window_start", "window_s",
 }
@@ -119,6 +130,9 @@ class Report:
     unfinished_ids: list[str] | None = None
     #: generations accepted since the last start of a server that still holds the log (it may be answering them)
     in_flight: int = 0
+    #: kept files of the chain that end in a record cut short (a kill while it was written), which the genesis after
+    #: each accounts for: {"path", "line", "bytes", "sha256"} each, oldest first
+    torn: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +146,8 @@ class _File:
     first_seq: int = 0
     continues: str | None = None       # the kept file its genesis continues (None: the first genesis, seq 0)
     continues_hash: str | None = None  # the hash its genesis is chained to (that file's last record)
+    continues_torn: tuple | None = None  # (torn_bytes, torn_sha256) its genesis holds: that file ends in a torn line
+    torn: dict | None = None           # its last line cut short: {"line", "bytes", "sha256"}
     last_kind: str | None = None       # its last good record's kind ("rotated": the chain goes on elsewhere)
     anchor_seen: bool = False
     #: request ids of its ``accepted`` records with no ``request`` record after them in this file (at most
@@ -211,17 +227,20 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
             return _broken_link(later, f"its genesis continues '{later.continues}', which is not beside it: the "
                                        "records before it cannot be checked (put the kept file back, or pass "
                                        "--no-follow to check this file alone)")
-        before = _verify_file(earlier, anchor)
-        if not before.report.ok:
-            return before.report
+        before = _verify_file(earlier, anchor, wait=False)  # a kept file: nobody writes it any more
+        cut = _torn_link(before, later)
+        if cut is not None:
+            return cut
         end = before.first_seq + before.report.records  # the seq after its last record
-        if before.last_kind != "rotated" or before.report.head != later.continues_hash or end != later.first_seq:
+        ended = before.torn is not None or before.last_kind == "rotated"  # kept by a rotation, or as a kill left it
+        if not ended or before.report.head != later.continues_hash or end != later.first_seq:
             return _broken_link(later, f"its genesis (seq {later.first_seq}) does not follow on from the end of "
                                        f"'{later.continues}' (seq {end - 1}): records between the two files are "
                                        "missing, or a file was replaced")
         chain.append(before)
     records = sum(f.report.records for f in chain)
     files = [str(f.report.path) for f in reversed(chain)] if len(chain) > 1 else None
+    torn = [{"path": f.report.path, **f.torn} for f in reversed(chain) if f.torn is not None] or None
     if anchor and not any(f.anchor_seen for f in chain):
         unchecked = f" (the kept files before it, from '{chain[-1].continues}' back, were not checked)" \
             if chain[-1].continues is not None else ""
@@ -230,7 +249,7 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
                       f"was rewritten{unchecked}", files)
     unfinished, ids, in_flight = _unfinished(chain, path)
     return Report(str(path), True, records, last.report.head, files=files, unfinished=unfinished, unfinished_ids=ids,
-                  in_flight=in_flight)
+                  in_flight=in_flight, torn=torn)
 
 
 def _broken_link(f: _File, detail: str) -> Report:
@@ -238,9 +257,41 @@ def _broken_link(f: _File, detail: str) -> Report:
     return Report(f.report.path, False, f.report.records, f.report.head, 1, "deleted", detail)
 
 
-def _verify_file(path: Path, anchor: str | None) -> _File:
+def _torn_link(before: _File, later: _File) -> Report | None:
+    """What is wrong with ``before`` (the kept file ``later``'s genesis continues), None when nothing is: it verified
+    whole, or its only fault is a last line cut short whose length and sha256 that genesis holds."""
+    torn, declared = before.torn, later.continues_torn
+    if torn is None and before.report.ok:
+        if declared is None:
+            return None
+        return _broken_tail(before, before.report.records + 1, "deleted",
+                            f"the genesis of '{Path(later.report.path).name}' records that this file ends in a record "
+                            f"cut short ({declared[0]} bytes), and it ends after a whole record: its last bytes were "
+                            "removed")
+    if torn is None or before.report.problem != "truncated":
+        return before.report
+    if declared is None:
+        return _broken_tail(before, torn["line"], "truncated",
+                            f"its last line ({torn['bytes']} bytes) is a record cut short, and the genesis of "
+                            f"'{Path(later.report.path).name}' that continues this file does not record it")
+    if declared != (torn["bytes"], torn["sha256"]):
+        return _broken_tail(before, torn["line"], "edited",
+                            f"its last line, a record cut short, is {torn['bytes']} bytes with sha256 {torn['sha256']}; "
+                            f"the genesis of '{Path(later.report.path).name}' records {declared[0]} bytes with sha256 "
+                            f"{declared[1]}: the file was changed after it was kept")
+    return None
+
+
+def _broken_tail(f: _File, line: int, problem: str, detail: str) -> Report:
+    """The kept file ``f`` verified up to its end; what is wrong is its end, against what the next file recorded."""
+    return Report(f.report.path, False, f.report.records, f.report.head, line, problem, detail)
+
+
+def _verify_file(path: Path, anchor: str | None, wait: bool = True) -> _File:
+    """``wait``: a file a server may be writing (not a kept file, nor one whose lock the caller holds): one that ends
+    in half a line is read again for up to ``TORN_TAIL_WAIT_S`` before it is reported ``truncated``."""
     fix = "pass the file given to `edgemed serve --audit-log`"
-    deadline = time.monotonic() + TORN_TAIL_WAIT_S
+    deadline = time.monotonic() + (TORN_TAIL_WAIT_S if wait else 0.0)
     while True:
         try:
             if not stat.S_ISREG(os.stat(path).st_mode):
@@ -342,8 +393,11 @@ def _verify(path: str, lines, anchor: str | None) -> _File:
         number += 1
         if not complete:
             if raw.strip():
+                f.torn = {"line": number, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
                 return broken(number, "truncated", f"the last line ({len(raw)} bytes) is an incomplete record: "
-                                                   "the file was cut, or a write was interrupted")
+                                                   "the file was cut, or a write was interrupted (a kill, a full "
+                                                   "disk); the next start of `edgemed serve` on it keeps this file as "
+                                                   "it is and goes on in a new one that records the cut")
             break
         try:
             rec = _read_record(raw)
@@ -358,6 +412,8 @@ def _verify(path: str, lines, anchor: str | None) -> _File:
             if rec.get("kind") == "genesis" and kept is not None and isinstance(seq, int) and not isinstance(seq, bool) \
                     and seq > 0 and isinstance(prev, str) and prev != ZERO:
                 f.first_seq, f.continues, f.continues_hash = seq, kept, prev  # a rotated chain goes on here
+                if "torn_bytes" in rec or "torn_sha256" in rec:  # ... after a file a kill cut short
+                    f.continues_torn = (rec.get("torn_bytes"), rec.get("torn_sha256"))
             elif rec.get("kind") != "genesis" or seq != 0 or prev != ZERO:
                 return broken(1, "deleted", f"the first line is record seq {seq}, not the genesis record: "
                                             "records at the start of the log were deleted")
@@ -519,19 +575,41 @@ class AuditLog:
             self.head, self.seq = ZERO, 0
             self._genesis()
             return
-        found = _verify_file(self.path, None)  # this file: the kept ones before it are `verify`'s to follow
+        # this file (the kept ones before it are `verify`'s to follow), under our lock: no writer is halfway
+        found = _verify_file(self.path, None, wait=False)
         report = found.report
-        if not report.ok:
+        torn = found.torn if report.problem == "truncated" and report.records else None
+        if not report.ok and torn is None:
             raise IntegrityError(
                 f"The audit log '{self.path}' is broken at line {report.line} ({report.problem}): {report.detail}.",
                 "keep that file as evidence, and start the server with a new --audit-log path")
         self.head, self.seq = report.head, found.first_seq + report.records
-        if found.last_kind == "rotated":  # a rotation that was cut short (a kill, a power cut): finish it
+        if torn is not None:  # whole up to a last record a kill cut short: keep it as it is, go on in a new file
+            self._keep_torn(torn)
+        elif found.last_kind == "rotated":  # a rotation that was cut short (a kill, a power cut): finish it
             try:
                 self._start_next(self._kept_name(self.seq - 1))
             except OSError as exc:  # the records go on here: a file that cannot rotate is still a whole chain
                 log.warning("audit log %s: the rotation it ends with could not be finished (%s); records go on in "
                             "this file", self.path, exc.strerror or exc)
+
+    def _keep_torn(self, torn: dict) -> None:
+        """The live file verified up to its last line, a record cut short (a kill while it was written): keep the
+        file as it is, as a rotation keeps a full one, and go on at the live name in a new file whose genesis
+        continues it and holds the torn line's length and sha256, so ``verify`` takes exactly those bytes there."""
+        self.path = Path(os.path.realpath(self.path))  # the live name is replaced by a rename: never a link to it
+        kept = self._kept_name(self.seq - 1)
+        what = (f"The audit log '{self.path}' ends in a record cut short (line {torn['line']}, {torn['bytes']} bytes: "
+                "the server was killed, or the disk filled, while it wrote it)")
+        try:
+            self._start_next(kept, torn_bytes=torn["bytes"], torn_sha256=torn["sha256"])
+        except OSError as exc:
+            raise IntegrityError(f"{what}, and that file could not be kept as {kept} with a new file going on after "
+                                 f"it: {exc.strerror or exc}.",
+                                 "let the server write in its folder (and use a file system with hard links), or keep "
+                                 "that file as evidence and start the server with a new --audit-log path") from None
+        log.warning("%s; that file is kept as it is in %s, and the records go on in a new %s that continues it",
+                    what, kept, self.path.name)
 
     def _check_rotation_possible(self) -> None:
         """A rotation links the full file under its kept name and renames a new one into place: try both in the
@@ -567,7 +645,9 @@ class AuditLog:
             log.warning("audit log %s could not rotate (%s): records go on in this file; fix its folder and restart "
                         "to rotate again", self.path, exc.strerror or exc)
 
-    def _start_next(self, kept_name: str) -> None:
+    def _start_next(self, kept_name: str, **genesis) -> None:
+        """Keep the live file as ``kept_name`` and go on at the live name in a new file whose genesis continues it
+        (with ``genesis``' fields too)."""
         import fcntl
 
         from edgemed.files.debris import debris_path, owned, sweep
@@ -592,7 +672,7 @@ class AuditLog:
                 fd = os.open(nxt, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self._fd = fd
-                self._genesis(continues=kept_name)
+                self._genesis(continues=kept_name, **genesis)
                 os.rename(nxt, self.path)  # from here the live name holds the new file
             except BaseException:  # as it was: the records go on in the old file, its chain unchanged
                 self._fd, self.head, self.seq, self.failed = saved  # a failed write to the new file is not the old one's
@@ -612,23 +692,35 @@ class AuditLog:
             finally:
                 os.close(dir_fd)
         os.close(old)
-        log.info("audit log rotated: records up to seq %d kept in %s", self.seq - 2, kept)
+        log.info("audit log: records up to seq %d kept in %s", self.seq - 2, kept)
 
     def _write(self, fields: dict) -> str:
         record = {**fields, "seq": self.seq, "prev": self.head, "time": _now()}
         record["hash"] = record_hash(record)
         line = canonical(record) + b"\n"
         view = memoryview(line)
+        written = 0
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
+            size = os.fstat(self._fd).st_size  # where this record starts: the file's end (O_APPEND, our lock)
+            while written < len(line):
+                written += os.write(self._fd, view[written:])
             os.fsync(self._fd)
         except OSError as exc:
-            # a half-written line may be on disk: write nothing more, so `verify` shows the break where it is
-            self.failed = f"writing {self.path} failed: {exc.strerror or exc}"
+            if 0 < written < len(line):  # part of the line went in (a full disk): take it back, so a restart opens
+                self._cut_back(size, written)
+            self.failed = f"writing {self.path} failed: {exc.strerror or exc}"  # write nothing more: fail closed
             raise
         self.head, self.seq = record["hash"], self.seq + 1
         return self.head
+
+    def _cut_back(self, size: int, written: int) -> None:
+        """Cut off the ``written`` bytes of a record that did not all go in, if the file still ends with them (only
+        this writer's own bytes: shrinking a file needs no free space). Where it cannot, the torn line stays, and the
+        next start keeps that file as it is (``_keep_torn``)."""
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_size == size + written:
+                os.ftruncate(self._fd, size)
+                os.fsync(self._fd)
 
     def append(self, kind: str, **fields) -> str:
         """Append one record of ``kind``. Unknown fields are refused; text only when ``content`` is on."""
