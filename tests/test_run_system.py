@@ -75,3 +75,39 @@ def test_a_template_with_its_own_default_system_message_takes_ours():
     assert dropped == "the model's chat template leaves a system message out of the prompt"
     refused = no_system_role(lambda messages: render(NO_SYSTEM, messages), "Be brief.")
     assert refused.startswith("The model's chat template refused the conversation: Conversation roles must alternate")
+
+
+#: one MedMCQA-style question for ``run --template mcq``
+QUESTION, OPTIONS = "Which vitamin deficiency causes scurvy?", {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C"}
+MCQ = ["--template", "mcq", "--question", QUESTION, "--options", json.dumps(OPTIONS)]
+
+
+def _mcq_messages() -> tuple[str, str]:
+    """The mcq template's system text (safety preamble, task, contract) and user text for the question."""
+    from edgemed.templates import get_template
+
+    system, user = get_template("mcq").messages({"question": QUESTION, "options": OPTIONS})
+    return system["content"], user["content"]
+
+
+def test_run_template_without_a_system_role_sends_the_preamble_in_the_user_turn(no_system_gguf, prompts):
+    """The template's safety preamble went as a system message: the run failed (the chat template refused it) or the
+    model never read it (the chat template dropped it)."""
+    from edgemed.templates import get_template
+
+    system, user = _mcq_messages()
+    result = run(no_system_gguf, *MCQ, "--json")
+    assert result.exit_code == 0, result.output
+    assert prompts[0] == f"<|im_start|>user\n{system}\n\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    assert get_template("mcq").preamble.strip() in prompts[0]
+    assert json.loads(result.stdout)["template"] == "mcq"  # the note is on stderr
+    assert "takes no system message, so the 'mcq' template's safety preamble" in result.stderr
+
+
+def test_run_template_with_a_system_role_sends_the_template_messages_as_they_are(smollm2_gguf, prompts):
+    system, user = _mcq_messages()
+    result = run(smollm2_gguf, *MCQ)
+    assert result.exit_code == 0, result.output
+    assert prompts[0] == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                          "<|im_start|>assistant\n")
+    assert "takes no system message" not in result.output

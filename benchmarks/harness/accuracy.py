@@ -2,7 +2,8 @@
 
 Each item becomes the prompt ``edgemed run --template`` would send: the project's template (``mcq`` for option
 questions, ``pubmedqa`` for a question with its abstract; ``template="auto"`` picks by whether the item has a
-context) builds the messages, the artifact's own chat template renders them.
+context) builds the messages, the artifact's own chat template renders them (one without a system role gets the
+system text before the question, in the user message, as ``edgemed run`` sends it: ``chat_template.fold_system``).
 
 1. **Logits.** The contract's answer cue (``"Answer:"``, the choice contract's label) is appended to the assistant
    turn as plain text tokens, and the next-token distribution is read. A choice's probability is the total
@@ -60,6 +61,7 @@ from pathlib import Path
 from edgemed.benchmarks.harness.datasets import Item
 from edgemed.benchmarks.harness.stats import wilson
 from edgemed.errors import InputError
+from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.session import THOUGHT_CLOSING, starts_in_think
 from edgemed.templates.think import CLOSE
 
@@ -274,7 +276,9 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
 
     before = dict(scorer.counters)
     start = time.perf_counter()
-    rendered = scorer.render(tpl.messages(inputs))
+    # as ``session.ask`` sends it: the system message folded into the user's where the chat template takes none (a
+    # model with a system role gets the very messages the template wrote, so its stored results' prompts stand)
+    rendered = scorer.render(fold_system(scorer.render, tpl.messages(inputs))[0])
     thinks = starts_in_think(rendered)  # a reasoning model's chat template opens the thought (R1: "<think>\n")
     prompt = scorer.tokenize(rendered)
     # the cue after the thought, closed as ``session.respond`` closes a capped one: "Answer:" inside an open thought

@@ -180,22 +180,20 @@ def echo_piece(show_think: bool):
 
 def _messages(engine, system: str | None, prompt: str) -> list[dict]:
     """The conversation ``run`` sends: --system as a message of its own, or before the prompt in the user message
-    where the model's chat template takes no system role (``no_system_role``: it refuses or drops one), as chat does."""
+    where the model's chat template takes no system role (``fold_system``: it refuses or drops one), as chat does."""
     from edgemed.errors import InputError
-    from edgemed.runtime.chat_template import no_system_role, with_system
+    from edgemed.runtime.chat_template import fold_system
 
-    if not system:
-        return [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
-        why = no_system_role(engine.render_chat, system)
+        messages, why = fold_system(engine.render_chat, messages)
     except InputError as exc:
         raise InputError(f"--system cannot be sent to this model: {exc.problem}",
                          "pass a --system text without the model's markup") from None
-    if why is None:
-        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-    click.echo(f"({why}; this model's chat template takes no system message, so --system goes before the prompt)",
-               err=True)
-    return [{"role": "user", "content": with_system(system, prompt)}]
+    if why is not None:
+        click.echo(f"({why}; this model's chat template takes no system message, so --system goes before the prompt)",
+                   err=True)
+    return messages
 
 
 def _stdin_prompt() -> str:
@@ -314,6 +312,10 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
                     click.echo(f"Parsed answer: {shown if answer.parsed.ok else 'none'}{note}")
                 if expected is not None:
                     click.echo(f"Expected: {expected}")
+            if answer.system_folded is not None:
+                click.echo(f"({answer.system_folded}; this model's chat template takes no system message, so the "
+                           f"'{template.name}' template's safety preamble and instructions went before the question)",
+                           err=True)
             if not answer.parsed.ok:
                 click.echo(f"warning: the reply does not meet the '{template.name}' contract: {answer.parsed.error}", err=True)
             return

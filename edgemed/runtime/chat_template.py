@@ -94,6 +94,25 @@ def with_system(system: str, text: str) -> str:
     return f"{system}\n\n{text}"
 
 
+def fold_system(render_chat, messages: list[dict]) -> tuple[list[dict], str | None]:
+    """``messages`` as the model's chat template takes them, and why they were changed (None: they were not).
+
+    A system message followed by a user message stays as it is where the template takes a system role; where it has
+    none (``no_system_role``: it refuses or drops one) the system text goes before the user's, in one user message
+    (``with_system``), so it reaches the model: ``edgemed run``'s --system and a template's safety preamble alike.
+    Other conversations are returned as they are. ``InputError`` as ``no_system_role`` raises it; the caller names
+    where the text came from."""
+    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+        return messages, None
+    system, first = messages[0].get("content"), messages[1].get("content")
+    if not isinstance(system, str) or not isinstance(first, str):
+        return messages, None
+    why = no_system_role(render_chat, system)
+    if why is None:
+        return messages, None
+    return [{**messages[1], "content": with_system(system, first)}, *messages[2:]], why
+
+
 def warm() -> None:
     """Start the renderer process now (in the background), so the first render does not wait for it."""
     limits.warm()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed.devices.detect import resolve
+from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.plan import Plan, make_plan
 from edgemed.formats.sniff import model_format
 from edgemed.runtime.engine import GenerationSettings, LoadSettings
@@ -203,12 +204,14 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
 
 @dataclass
 class Answer:
-    """A template's outcome: the parsed value, the reply, the thinking, and whether the answer had to be asked for."""
+    """A template's outcome: the parsed value, the reply, the thinking, whether the answer had to be asked for, and
+    why the template's system message went into the user message (``fold_system``; None: it did not)."""
 
     parsed: Parsed
     reply: str
     think: str
     forced: bool = False
+    system_folded: str | None = None
 
 
 def ask(engine, template: Template, inputs: dict, settings: GenerationSettings, think: ThinkPolicy,
@@ -219,12 +222,15 @@ def ask(engine, template: Template, inputs: dict, settings: GenerationSettings, 
     contract's reply has no single clear answer line (none, lines that disagree, a choice only inferred, or a reply
     cut at ``max_tokens``), the model is asked once more for just the label, constrained
     to the choices (``forced``), so a small model still yields a usable, clearly marked answer. Any other contract's
-    reply cut at ``max_tokens`` is not ok, its error saying so.
+    reply cut at ``max_tokens`` is not ok, its error saying so. Where the model's chat template takes no system role,
+    the template's system message (its safety preamble, task and contract) goes before the question in the user
+    message (``fold_system``), so the model still reads it.
     """
     contract = template.contract
     if contract.kind == "json" and getattr(engine, "supports_grammar", False):
         settings = replace(settings, json_schema=contract.json_schema())
-    prompt = engine.render_chat(template.messages(inputs))
+    messages, folded = fold_system(engine.render_chat, template.messages(inputs))
+    prompt = engine.render_chat(messages)
     parts = {"think": [], "answer": []}
     cut: list[bool] = []
     for channel, text in respond(engine, prompt, settings, think, cut):
@@ -236,10 +242,10 @@ def ask(engine, template: Template, inputs: dict, settings: GenerationSettings, 
     parsed = template.parse(reply, inputs, truncated=bool(cut) and cut[-1])
     choices = template.choices(inputs)
     if parsed.ok or contract.kind != "choice" or not getattr(engine, "supports_grammar", False):
-        return Answer(parsed, reply, thought)
+        return Answer(parsed, reply, thought, system_folded=folded)
     opened = "" if starts_in_think(prompt) else OPEN
     so_far = prompt + ((opened + thought + CLOSE + "\n\n") if thought else "") + reply
     follow = replace(settings, max_tokens=8, grammar=choice_grammar(choices), json_schema=None, stop=())
     forced = "".join(engine.complete(so_far.rstrip() + f"\n{contract.label}: ", follow)).strip()
     parsed = Parsed(forced in choices, forced if forced in choices else None, reply, parsed.error)
-    return Answer(parsed, reply, thought, forced=True)
+    return Answer(parsed, reply, thought, forced=True, system_folded=folded)

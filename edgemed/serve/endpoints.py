@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 from starlette.concurrency import run_in_threadpool
 
 from edgemed.errors import InputError, TemplateError
+from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.session import starts_in_think
 from edgemed.serve import api
 from edgemed.serve.middleware import RequestRecord
@@ -79,6 +80,8 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
                                 f"choose one of: {', '.join(sorted(served.templates))}")
         record.template = {"id": template.name, "version": template_version(template)}
         messages = await run_in_threadpool(template.messages, body.template_inputs)
+        # a chat template without a system role (it refuses or drops one): the safety preamble goes in the user message
+        messages, _ = await run_in_threadpool(fold_system, served.batcher.render_chat, messages)
         if template.contract.kind == "json" and json_schema is None and body.grammar is None:
             json_schema = template.contract.json_schema()
     elif not body.messages:
