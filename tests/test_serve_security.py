@@ -588,6 +588,52 @@ def test_audit_failure_closes_the_api(model, tmp_path):
     log.close()  # and the server stopped without a traceback for its stop record
 
 
+def test_wrong_keys_on_the_page_info_are_audited_like_the_apis(model, tmp_path):
+    """/ui/info takes the API key as /v1 does: a wrong or missing key there is a refusal on record (within the refusal
+    budget), so key guessing against it is not silent. Its reads with a key, like /metrics' scrapes, write nothing."""
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path, api_keys=ApiKeys.from_lines([f"ehr {KEY}"]))
+    with ServerThread(app) as srv:
+        for headers in ({"Authorization": "Bearer wrong-key-wrong-key"}, {}):
+            assert httpx.get(srv.url + "/ui/info", headers=headers).status_code == 401
+        assert httpx.get(srv.url + "/ui/info", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert wait_until(lambda: '"key_id":"ehr"' in (tmp_path / "audit.jsonl").read_text())
+    log.close()
+    recs = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    info = [(r["status"], r["key_id"], r["error_code"], r["outcome"]) for r in recs
+            if r["kind"] == "request" and r["endpoint"] == "info"]
+    assert info == [(401, None, "invalid_api_key", "unauthorized")] * 2, info
+
+
+def test_a_failed_audit_log_is_named_only_to_a_request_with_a_key(model, tmp_path):
+    """The 503 of a failed log names its path (the user's home, the model's name): on a server with keys a request
+    without one gets the 401 first, as /health says only `audit_failed` to it; a clinician's request still gets the
+    503 with what failed, and an admin's likewise."""
+    import os
+
+    httpx = pytest.importorskip("httpx2")
+    app, log = _app(model, tmp_path, api_keys=ApiKeys.from_lines([f"ehr {KEY}"]),
+                    admin_keys=ApiKeys.from_lines([f"it {ADMIN}"]))
+    with ServerThread(app) as srv:
+        ro = os.open(log.path, os.O_RDONLY)
+        os.dup2(ro, log._fd)  # the disk stops taking writes
+        os.close(ro)
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert wait_until(lambda: log.failed is not None)  # that answer's record could not be written
+        for path, key in [("/v1/models", None), ("/v1/models", "wrong-key-wrong-key"), ("/v1/chat/completions", None),
+                          ("/admin/adapters", None), ("/admin/adapters", KEY)]:
+            r = httpx.get(srv.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+            assert r.status_code == 401 and str(log.path) not in r.text and str(tmp_path) not in r.text, (path, r.text)
+        health = httpx.get(srv.url + "/health")
+        assert health.json() == {"status": "audit_failed"} and str(tmp_path) not in health.text
+        for path, key in [("/v1/models", KEY), ("/admin/adapters", ADMIN)]:
+            r = httpx.get(srv.url + path, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable", (path, r.text)
+            assert str(log.path) in r.json()["error"]["message"] and "free disk space" in r.json()["error"]["message"]
+    log.close()
+
+
 def test_the_audit_log_may_not_go_into_the_store_or_the_bundle_served(tmp_path):
     """A log inside an installed bundle made it fail verification, and `edgemed remove` deleted the log with it."""
     pytest.importorskip("gguf")

@@ -2,19 +2,19 @@
 
 ``Observe`` (outermost) gives each request an id and a ``RequestRecord``, adds the security headers, and when
 the response is over — streams included — writes the request metrics and one audit record (``/v1/*``, ``/admin/*``,
-and ``/metrics``' key refusals but not its scrapes; a refusal that no API key identified within its client's budget,
-``audit.RefusalBudget``, else it is counted).
+and the key refusals of ``/metrics`` and ``KEYED_PATHS`` but not their reads; a refusal that no API key identified within
+its client's budget, ``audit.RefusalBudget``, else it is counted).
 An exception that escapes the app becomes a 500 in OpenAI's shape here. A client that closes the
 connection before its body is all read or its answer all sent (``RequestRecord.client_left``) is recorded
 with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not a server error.
 
-``Guard`` (innermost) refuses, in this order: every ``/v1`` request once the audit log cannot be
-written (503, fail closed); on loopback binds, a ``Host`` that is not a loopback name (400: DNS
+``Guard`` (innermost) refuses, in this order: on loopback binds, a ``Host`` that is not a loopback name (400: DNS
 rebinding from a web page); a request with effects (POST, DELETE) that a page on another origin made a
 browser send, unless ``--cors-origin`` names that origin (403; ``security.foreign_origin``); a missing or
 wrong API key on ``/v1/*`` and ``/ui/info`` (401); on ``/admin/*`` anything but an admin key (401, 403); on
 ``/metrics``, where ``ServeConfig.metrics_keyed``, anything but a metrics or admin key (401; a clinician's key,
-403); a body over the limit (413:
+403); every ``/v1`` and ``/admin`` request once the audit log cannot be written (503, fail closed: after the key
+check, so only a caller with a key learns what failed, the log's path with it); a body over the limit (413:
 ``Content-Length`` first, then the body is read here and counted, so the app only ever sees a bounded,
 buffered body); a body not all there ``BODY_TIMEOUT_S`` after the headers (408, and the connection closed).
 """
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: Host header values a loopback-bound server answers (anything else: DNS rebinding from a web page)
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
 #: Paths outside /v1 that need the API key when the server has keys (the page's own files do not: they hold nothing
-#: of the deployment, and the page must load to ask for the key)
+#: of the deployment, and the page must load to ask for the key). Their key refusals are audited, their reads are not.
 KEYED_PATHS = {"/ui/info"}
 #: Prometheus' page: the server's load and each adapter's use, for monitoring. Where the server has keys it takes a
 #: metrics key (--metrics-key-file) or an admin key, never a clinician's (``ServeConfig.metrics_keyed``).
@@ -190,8 +190,10 @@ class Observe:
 
 
 def _audited(path: str, record: RequestRecord) -> bool:
-    """Whether a request gets an audit record: every ``/v1/*`` and ``/admin/*`` one; on ``/metrics``, a key refused."""
-    return path.startswith(("/v1/", ADMIN)) or (path == METRICS and record.error_code in METRICS_REFUSALS)
+    """Whether a request gets an audit record: every ``/v1/*`` and ``/admin/*`` one; on ``/metrics`` and
+    ``KEYED_PATHS``, a key refused (key guessing leaves a trace wherever a key is asked for)."""
+    return path.startswith(("/v1/", ADMIN)) or (path == METRICS and record.error_code in METRICS_REFUSALS) \
+        or (path in KEYED_PATHS and record.error_code == "invalid_api_key")
 
 
 def _text(value: bytes | None) -> str | None:
@@ -245,11 +247,6 @@ class Guard:
                                               f"({foreign}) makes a browser send. Fix: use the page this server serves "
                                               "or a client that is not a browser, or start the server with "
                                               "--cors-origin naming that page's origin.", code="cross_origin_forbidden"))
-        audit = self.config.audit
-        if audit is not None and audit.failed and path.startswith(("/v1/", ADMIN)):  # every audited call
-            return await refuse(ApiError(503, f"The audit log cannot be written ({audit.failed}), so requests are "
-                                              "refused. Fix: free disk space or repair the log's storage, then restart "
-                                              "the server.", "server_error", "audit_unavailable"))
         keys = self.config.api_keys
         if path.startswith(ADMIN):  # who may change what is served: admin keys, never a clinician's key
             admins = self.config.admin_keys
@@ -277,6 +274,12 @@ class Guard:
                 return await refuse(ApiError(401, "Missing or incorrect API key. Fix: send 'Authorization: Bearer KEY' "
                                                   "with a key from the server's --api-key-file.", code="invalid_api_key",
                                              headers={"WWW-Authenticate": "Bearer"}))
+        audit = self.config.audit
+        # every audited call, once its key passed: the message names the log's path (the home folder, the model)
+        if audit is not None and audit.failed and path.startswith(("/v1/", ADMIN)):
+            return await refuse(ApiError(503, f"The audit log cannot be written ({audit.failed}), so requests are "
+                                              "refused. Fix: free disk space or repair the log's storage, then restart "
+                                              "the server.", "server_error", "audit_unavailable"))
         limit = self.config.max_body_bytes
         too_large = ApiError(413, f"The request body is larger than the server's limit of {limit} bytes. Fix: shorten "
                                   "the request, or start the server with a larger --max-body.", code="request_too_large")
