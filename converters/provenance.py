@@ -31,7 +31,9 @@ def lora_info(adapter) -> dict | None:
     base = getattr(adapter, "base_name", None)
     if base is not None:  # what the adapter says it was trained on, and whether the source is known to be it
         info["base_model_name_or_path"] = base
-        info["base_check"] = "name differs: " + adapter.base_warning if adapter.base_warning else "matches"
+        check = getattr(adapter, "base_check", None)  # None: opened against a bare tensor table, nothing compared
+        info["base_check"] = ("name differs: " + adapter.base_warning if adapter.base_warning
+                              else str(check) if check is not None else "matches")
     return info
 
 
