@@ -215,6 +215,53 @@ def test_huge_number_in_manifest_is_refused(bundle_dir):
         Manifest.from_bytes(b'{"schema": "edgemed.bundle/1", "files": ' + b"9" * 5000 + b"}", "x")
 
 
+@pytest.mark.parametrize("field,value", [
+    ("model.params", 10**400), ("model.params", 2**53), ("model.context_length", 10**400),
+    ("memory.by_context", {"4096": 10**400}), ("memory.profiles", {"x": {"n_ctx": 4096, "bytes": 2**50 + 1, "fits": True}}),
+], ids=["params-401-digits", "params-2**53", "context-401-digits", "by-context-401-digits", "profile-bytes-2**50+1"])
+def test_a_huge_number_in_the_manifest_is_refused_at_verify_and_install(bundle_dir, field, value):
+    """"params": 1 followed by 400 zeros verified and installed, then `edgemed list` (and inspect) ended in an
+    OverflowError (n / 1e6) for the whole store until that model was removed."""
+    from edgemed.packaging.store import Store
+
+    man = json.loads((bundle_dir / "manifest.json").read_text())
+    section, key = field.split(".")
+    man[section][key] = value
+    (bundle_dir / "manifest.json").write_text(json.dumps(man))
+    for command in ("verify", "install", "inspect"):
+        out = run_cli(command, bundle_dir)
+        assert f"manifest field {field} is" in out and "2**5" in out and "fresh copy" in out, (command, out)
+    assert Store().list() == []
+
+
+def test_manifest_sizes_and_counts_have_an_upper_bound(bundle_dir):
+    from edgemed.packaging.manifest import MAX_COUNT, MAX_PARAMS, Manifest
+
+    man = json.loads((bundle_dir / "manifest.json").read_text())
+    man["model"]["params"], man["model"]["context_length"] = MAX_PARAMS, MAX_COUNT
+    assert Manifest.from_bytes(json.dumps(man).encode(), "x").model["params"] == 2**53 - 1  # the bounds themselves pass
+    man["files"][0]["size"] = 10**400
+    with pytest.raises(IntegrityError, match=rf"'{man['files'][0]['path']}' has an invalid size 1000.*at most 2\*\*50"):
+        Manifest.from_bytes(json.dumps(man).encode(), "x")
+
+
+def test_an_installed_manifest_with_a_huge_number_is_one_damaged_row_of_list(bundle_dir):
+    """A store an earlier edgemed filled: the bound at read makes that model a damaged row; the rest still lists."""
+    from edgemed.packaging.store import Store
+
+    store = Store()
+    store.install(bundle_dir, name="good")
+    store.install(bundle_dir, name="huge")
+    installed = store.models / "huge" / "manifest.json"
+    man = json.loads(installed.read_text())
+    man["model"]["params"] = 10**400
+    installed.unlink()  # the store's files are hard links into its blobs
+    installed.write_text(json.dumps(man))
+    r = CliRunner().invoke(cli, ["list"], catch_exceptions=False)
+    assert r.exit_code == 0 and "good" in r.output, r.output
+    assert "huge" in r.output and "DAMAGED" in r.output and "model.params" in r.output, r.output
+
+
 def test_inspect_of_a_tar_cut_inside_its_manifest(tmp_path):
     from edgemed.packaging.bundle import PackInputs, pack
 

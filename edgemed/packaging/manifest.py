@@ -112,8 +112,16 @@ _REQUIRED = ("name", "files", "model")
 _KIND_NAMES = {str: "a string", list: "a list", dict: "an object"}
 
 
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+#: The largest size, byte count or context length a manifest may hold (1 PiB, $EDGEMED_MAX_BUNDLE_BYTES's own ceiling):
+#: readers show them as floats (``n / 1e6``), which "params": 1 followed by 400 zeros overflowed, in `edgemed list`
+#: for the whole store
+MAX_COUNT = 1 << 50
+#: A parameter count stays below 2**53, where a float (as ``list`` and ``inspect`` show it) still holds it exactly
+MAX_PARAMS = (1 << 53) - 1
+
+
+def _int(v, most: int = MAX_COUNT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= most
 
 
 def _opt(check):
@@ -134,16 +142,17 @@ _FIELD_CHECKS = {
     ("model", "format"): (lambda v: v in ("gguf", "onnx", ADAPTERS_ONLY), "'gguf', 'onnx' or 'adapters'"),
     ("model", "arch"): (_opt(lambda v: isinstance(v, str)), "a string"),
     ("model", "quant"): (_opt(lambda v: isinstance(v, str)), "a string"),
-    ("model", "params"): (_int, "a whole number"),
-    ("model", "context_length"): (_opt(_int), "a whole number"),
+    ("model", "params"): (lambda v: _int(v, MAX_PARAMS), "a whole number below 2**53"),
+    ("model", "context_length"): (_opt(_int), "a whole number of at most 2**50"),
     ("model", "chat_template_sha256"): (_opt(lambda v: isinstance(v, str)), "a string"),
     ("model", "tokenizer_sha256"): (_opt(lambda v: isinstance(v, str)), "a string"),
     ("provenance", "built_with"): (_str_map, "an object of version strings"),
     ("provenance", "min_runtime"): (_str_map, "an object of version strings"),
     ("memory", "method"): (lambda v: isinstance(v, str), "a string"),
-    ("memory", "by_context"): (lambda v: isinstance(v, dict) and all(_int(x) for x in v.values()), "an object of byte counts"),
+    ("memory", "by_context"): (lambda v: isinstance(v, dict) and all(_int(x) for x in v.values()),
+                               "an object of byte counts (each at most 2**50)"),
     ("memory", "profiles"): (lambda v: isinstance(v, dict) and all(_need(x) for x in v.values()),
-                             "an object of {n_ctx, bytes, budget_bytes, fits}"),
+                             "an object of {n_ctx, bytes, budget_bytes, fits} (whole numbers of at most 2**50)"),
 }
 
 
@@ -236,8 +245,9 @@ class Manifest:
             if folded(f.path.split("/", 1)[0]) in RESERVED:  # manifest.json/x would need a folder where the manifest goes
                 raise IntegrityError(f"{source}: the manifest lists '{f.path}', which is or lies under a reserved name "
                                      f"({', '.join(RESERVED)}, in any case).", "get a fresh copy of the bundle")
-            if not isinstance(f.size, int) or isinstance(f.size, bool) or f.size < 0:
-                raise IntegrityError(f"{source}: '{f.path}' has an invalid size {f.size!r}.", "get a fresh copy of the bundle")
+            if not _int(f.size):
+                raise IntegrityError(f"{source}: '{f.path}' has an invalid size {_short(f.size)} (a whole number of bytes, at "
+                                     "most 2**50).", "get a fresh copy of the bundle")
             if not isinstance(f.sha256, str) or not _HEX64.match(f.sha256):
                 raise IntegrityError(f"{source}: '{f.path}' has an invalid sha256 {f.sha256!r}.", "get a fresh copy of the bundle")
             if f.role not in ROLES:
