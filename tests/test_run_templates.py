@@ -182,6 +182,28 @@ def test_options_still_name_malformed_json():
     assert template_inputs("Which?", '{"A": 1.5}', None, [])[0]["options"] == {"A": 1.5}
 
 
+@pytest.mark.parametrize("field", ["options", "answer_idx"])
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_item_json_refuses_numbers_json_cannot_write(tmp_path, field, number):
+    """They were read as Python floats: an option's went into the prompt, and ``run --json`` printed
+    ``"expected": NaN``, which is not JSON. Refused before the model is looked for, inline and as PATH:LINE."""
+    def item(options: str, answer: str) -> str:
+        return f'{{"question": "Which vitamin deficiency causes scurvy?", "options": {options}, "answer_idx": {answer}}}'
+
+    plain = item('{"A": "Vitamin C", "B": "Vitamin D"}', '"A"')
+    line = item('{"A": "Vitamin C", "B": %s}' % number, '"A"') if field == "options" else item(
+        '{"A": "Vitamin C", "B": "Vitamin D"}', number)
+    (tmp_path / "items.jsonl").write_text(plain + "\n" + line + "\n")
+    for value in (line, f"{tmp_path / 'items.jsonl'}:2"):
+        result = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "--template", "mcq", "--item-json",
+                                          value, "--json"])
+        assert result.exit_code == 1, result.output
+        assert f"--item-json is not plain JSON: {number} is not a finite number" in result.output
+        assert "quoted string" in result.output
+    assert "absent.gguf" in CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "--template", "mcq",
+                                                     "--item-json", f"{tmp_path / 'items.jsonl'}:1"]).output
+
+
 @pytest.mark.slow
 def test_run_mcq_on_a_medmcqa_item_prints_the_parsed_letter(smollm2_gguf):
     line = MEDMCQA.read_text().splitlines()[4]

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from edgemed.cli import json_flag
-from edgemed.formats.nesting import loads_json
+from edgemed.formats.nesting import TooDeep, loads_json
 
 
 #: One line of an ``--item-json`` JSONL file (one question and its options) is read up to this many bytes
@@ -62,9 +62,12 @@ def _item(value: str) -> dict:
                              "pass a line number the file has (counted from 1)")
         text = found
     try:
-        item = loads_json(text)
-    except ValueError as exc:  # JSONDecodeError and TooDeep
+        item = loads_json(text, finite=True)
+    except (json.JSONDecodeError, TooDeep) as exc:
         raise InputError(f"--item-json is not valid JSON ({exc}).", "pass one line of a MedMCQA-style JSONL file") from None
+    except ValueError as exc:  # NaN, Infinity, 1e999: an option's text, or an answer `run --json` could not write back
+        raise InputError(f"--item-json is not plain JSON: {exc}.",
+                         "write each option and the answer_idx as a quoted string, as MedMCQA's JSONL lines do") from None
     if not isinstance(item, dict):
         raise InputError("--item-json must be a JSON object.", "pass one line of a MedMCQA-style JSONL file")
     return item
