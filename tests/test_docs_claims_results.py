@@ -1,0 +1,255 @@
+"""The figures the results pages quote are their JSON's, and the few no result file keeps say so.
+
+A figure quoted from a result JSON is compared with that JSON at the precision the page writes it, and each section
+checked here has no figure besides those. A figure from a run no result file keeps (a one-off observation, or an
+older planner's run whose JSON the tree has since replaced) stands in a note naming the commit that recorded it and
+saying no result file keeps it; where this clone holds that commit, the figure is the one that commit recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from test_docs_claims import RESULTS, ROOT, _blocks, _table_rows
+
+GIB, MIB = 2**30, 2**20
+
+#: (page, its words, the commit that recorded them, the file that held them there): runs no result file keeps
+RECORDED = [
+    ("convert_cost.md", ("peaked at 5.6 GB (numpy's BF16 rounding made 8-byte temporaries of the 136 M-element "
+                         "embedding)"), "1384b23", "DESIGN.md"),
+    ("convert_cost.md", ("NMSE 1.54e-5, KLD 1.1e-5, top-1 98.6 %: PASS, in 240 s (15.6 GB RSS, nearly all the "
+                         "memory-mapped 15.2 GB F16 file)"), "fe3da00", "benchmarks/results/convert_cost.md"),
+    ("convert_cost.md", "10.4 GiB", "b29a9ff", "DESIGN.md"),
+    ("onnx_vs_gguf.md", "55 s wall, 5.6 GB peak (vs 92-118 s for the traced route", "f45636a", "DESIGN.md"),
+    ("onnx_vs_gguf.md", "fp32 NMSE 1.0e-11, int4 KLD 0.126 / top-1 78.5 %", "f45636a", "DESIGN.md"),
+    ("onnx_vs_gguf.md", ("92-118 s wall, 5.9 GB peak RSS (export 55-60 s, fp32 parity 32-37 s incl. the HF source, "
+                         "quantize 13 s, int4 parity 7 s)"), "c6cba6d", "DESIGN.md"),
+]
+#: (page, its words, commit): an older planner's figures, each a row's of plan_memory.json as that commit held it
+PLANNED = [
+    ("plan_memory.md", ("2-6 % (SmolLM2: 213.0 / 340.5 MiB predicted against 217.2 / 361.6 measured, -1.9 / -5.8 %); "
+                        "the Qwen2.5 rows were 636.4 / 762.4 / 1,252.1 / 1,414.1 MiB predicted against "
+                        "622.7 / 774.0 / 1,266.9 / 1,418.3 measured"), "76d136c"),
+    ("plan_memory.md", ("1,849 / 2,011 MiB predicted and 1,864 / 2,023 MiB measured for the 1.5B at 1,024 / 4,096 "
+                        "tokens"), "1b2b285"),
+]
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _page(name: str) -> str:
+    return (RESULTS / name).read_text(encoding="utf-8")
+
+
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
+
+
+def _section(text: str, heading: str) -> str:
+    """The body of the section under ``heading`` (its heading line left out), up to the next ``## ``."""
+    return text.split(heading, 1)[1].split("\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _without_recorded(text: str) -> str:
+    """``text`` on one line, the words of every recorded run cut out."""
+    text = _flat(text)
+    for _, words, *_ in RECORDED + PLANNED:
+        text = text.replace(words, " ")
+    return text
+
+
+def _numbers(text: str) -> list[str]:
+    """The figures of ``text`` (thousands commas dropped, both ends of a range), leaving out code spans, link
+    targets, names with a digit in them (Q4_K_M, 1.5B, top-1, 4-bit, a commit) and decision numbers."""
+    text = re.sub(r"`[^`]*`|\]\([^)]*\)|\btop-1\b|\b1-minute\b|\b\d+-bit\b|decision \d{4}", " ", text)
+    number = r"(?<![\w.,])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e[-+]?\d+)?)(?!\d|[.,]\d|[A-Za-wyz_])"
+    return [n.replace(",", "") for n in re.findall(number, text)]
+
+
+def _as_written(value: float, quoted: str) -> str:
+    """``value`` written as ``quoted`` is: as many decimals, and its power of ten where it has one (4.59e-3)."""
+    mantissa, _, exponent = quoted.replace(",", "").partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    if exponent:
+        return f"{value / 10 ** int(exponent):.{decimals}f}e{exponent}"
+    return f"{value:.{decimals}f}"
+
+
+def _labelled(text: str, found: dict[str, float]) -> None:
+    """Each pattern's figure in ``text`` is its value as the page writes it, and ``text`` has no other figure."""
+    for pattern, value in found.items():
+        match = re.search(pattern, text)
+        assert match, f"not on the page: {pattern}"
+        assert _as_written(value, match[1]) == match[1].replace(",", ""), (pattern, match[1], value)
+    numbers = _numbers(text)
+    assert len(numbers) == len(found), f"figures with no result checked here: {numbers} ({text})"
+
+
+def test_the_convert_cost_example_is_its_json():
+    result = _json("convert_cost-smollm2-135m-instruct-q4_k_m.json")
+    run = result["runs"]["convert"]
+    memory, cgroup = run["memory"], run["cgroup"]
+    text = _flat(_section(_page("convert_cost.md"), "## How cost is measured now"))
+    assert "(`convert_cost-smollm2-135m-instruct-q4_k_m.json`)" in text
+    assert "no OOM kill" in text and cgroup["oom_kills"] == 0 and run["rc"] == 0
+    _labelled(text, {r"every (\d+) ms": memory["interval_s"] * 1000,
+                     r"under a (\d[\d.]*) GiB cap": cgroup["limit_bytes"] / GIB,
+                     r"(\d[\d.]*) s wall": run["wall_s"],
+                     r"tree peak (\d[\d.]*) GiB RSS": memory["tree_peak_rss_bytes"] / GIB,
+                     r"\((\d[\d.]*) GiB anonymous": memory["tree_peak_anon_bytes"] / GIB,
+                     r"(\d[\d.]*) GiB file-backed": memory["tree_peak_file_bytes"] / GIB})
+
+
+CAPPED = "## With parity, one decoder layer at a time"
+
+
+def test_the_memory_cap_table_is_its_jsons():
+    """Each row's cap, wall time and the step times it names, peaks and parity are its JSON's."""
+    rows = _table_rows(_page("convert_cost.md"), CAPPED)
+    assert len(rows) == 3, rows
+    for run_cell, cap, wall, peak, anon, file_, parity in rows:
+        name = re.search(r"\]\((convert_cost-[\w.+-]+)\.md\)", run_cell)
+        assert name, run_cell
+        ((_, run),) = _json(name[1] + ".json")["runs"].items()
+        memory, cgroup = run["memory"], run["cgroup"]
+        assert cap == f"{cgroup['limit_bytes'] / GIB:g} GiB", (name[1], cap)
+        assert cgroup["oom_kills"] == 0, name[1]
+        steps = dict(re.findall(r"([a-z_]+) (\d[\d.]*) s\b", wall))
+        _labelled(wall, {r"^(\d[\d.]*) s\b": run["wall_s"],
+                         **{rf"\b{step} (\d[\d.]*) s\b": run["timings_s"][step] for step in steps}})
+        _labelled(_without_recorded(peak), {r"\*\*(\d[\d.]*) GiB\*\*": memory["tree_peak_rss_bytes"] / GIB})
+        _labelled(anon, {r"(\d[\d.]*) GiB": memory["tree_peak_anon_bytes"] / GIB})
+        _labelled(file_, {r"(\d[\d.]*) GiB": memory["tree_peak_file_bytes"] / GIB})
+        if run["rc"] == 0:
+            p = run["parity"]
+            assert p["passed"] and "PASS" in parity, (name[1], parity)
+            values = {"KLD": p["kld"], "NMSE": p["nmse"], "top-1": p["top1"] * 100}
+        else:  # the gate refused: its figures are in the log the JSON keeps
+            log = run["log_tail"]
+            assert "refused" in parity and ": FAIL" in log, (name[1], parity)
+            values = {"NMSE": float(re.search(r"NMSE (\S+?),", log)[1]),
+                      "top-1": float(re.search(r"top-1 ([\d.]+)%", log)[1])}
+        named = [label for label in values if re.search(rf"\b{label} \d", parity)]
+        _labelled(parity, {rf"\b{label} (\d[\d.e-]*\d)": values[label] for label in named})
+
+
+def test_the_memory_cap_sections_prose_is_its_jsons_or_a_recorded_run():
+    results = [_json(re.search(r"\]\((convert_cost-[\w.+-]+)\.md\)", row[0])[1] + ".json")
+               for row in _table_rows(_page("convert_cost.md"), CAPPED)]
+    loads = [r["machine"]["load_avg_1m_at_start"] for r in results]
+    prose = "\n".join(line for line in _section(_page("convert_cost.md"), CAPPED).splitlines()
+                      if not line.startswith("|"))
+    text = _without_recorded(prose)
+    assert f"load {min(loads):.1f}-{max(loads):.1f} at their start" in text, loads
+    assert "0 OOM kills" in text and all(r["runs"][k]["cgroup"]["oom_kills"] == 0 for r in results for k in r["runs"])
+    kept = {f"{min(loads):.1f}", f"{max(loads):.1f}", "0",
+            *(str(r["machine"]["cpu_count"]) for r in results),
+            *(f"{r['runs'][k]['cgroup']['limit_bytes'] / GIB:g}" for r in results for k in r["runs"])}
+    assert not set(_numbers(text)) - kept, (sorted(set(_numbers(text)) - kept), sorted(kept))
+
+
+def test_the_schema_1_cost_is_its_json():
+    from edgemed.converters.quality.prompts import PROMPTS
+
+    result = _json("convert_cost-qwen2.5-0.5b-instruct-q4_k_m.json")
+    convert, parity = result["runs"]["convert"], result["runs"]["convert+parity"]
+    text = _without_recorded(_section(_page("convert_cost.md"), "## Cost: `convert_cost-qwen2.5-0.5b-instruct"))
+    _labelled(text, {r"\(([\d,]+) MB of BF16": result["checkpoint_mb"],
+                     r"\*\*(\d[\d.]*) s wall": convert["wall_s"],
+                     r"(\d[\d.]*) MB peak RSS": convert["peak_rss_mb"],
+                     r"\((\d[\d.]*)x the checkpoint": convert["peak_rss_mb"] / result["checkpoint_mb"],
+                     r"with the parity check, (\d[\d.]*) s": parity["wall_s"],
+                     r"s and (\d[\d.]*) GB": parity["peak_rss_mb"] / 1000,  # MB to GB, as the page writes both
+                     r"for (\d+) prompts": len(PROMPTS)})
+
+
+def test_the_plan_memory_prose_is_its_jsons_or_an_older_planners_recorded_run():
+    from edgemed.formats.nesting import loads_toml
+
+    result = _json("plan_memory.json")
+    text = _page("plan_memory.md")
+    prose = _without_recorded("All within the" + text.split("\nAll within the", 1)[1].split("\n## ", 1)[0])
+    n_ctx = int(re.search(r"for SmolLM2 at ([\d,]+) /", prose)[1].replace(",", ""))
+    row = next(r for r in result["rows"] if r["model"].startswith("smollm2") and r["n_ctx"] == n_ctx)
+    profile = loads_toml((ROOT / "device_profiles" / f"{row['profile']}.toml").read_text(encoding="utf-8"))
+    load_modes = {r["load_mode"] for r in result["rows"]}
+    assert len(load_modes) == 1, load_modes
+    mapped = _json("load_mode-qwen2.5-1.5b-q4_k_m.json")["median"]["mmap"]
+    _labelled(prose, {r"within the (\d+) % goal": result["goal_pct"],
+                      r"\((\d+) MiB for SmolLM2": row["breakdown"]["work"] / MIB,
+                      r"for SmolLM2 at ([\d,]+) /": row["n_ctx"],
+                      r"for SmolLM2 at [\d,]+ / (\d+);": profile["llama"]["n_ubatch"],
+                      r"`load_mode` (\d+) is": load_modes.pop(),
+                      r"mapped, ([\d,]+) MiB": mapped["peak_rss"] / MIB})
+
+
+def test_the_onnx_conversion_figures_are_a_json_or_a_recorded_run():
+    text = _page("onnx_vs_gguf.md")
+    genai = _without_recorded("The `--onnx-graph genai` route on"
+                              + text.split("The `--onnx-graph genai` route on", 1)[1].split("\n\n", 1)[0])
+    assert not _numbers(genai), _numbers(genai)
+    conversion = _without_recorded("Conversion (" + text.split("\nConversion (", 1)[1].split("\n\n", 1)[0])
+    assert "`convert_memory-qwen2.5-0.5b-instruct.json`" in conversion and "--routes onnx-int4`" in conversion
+    row = next(r for r in _json("convert_memory-qwen2.5-0.5b-instruct.json")["rows"] if r["route"] == "onnx-int4")
+    steps = {"export": "export", "fp32 parity": "parity_fp32", "quantize": "quantize", "int4 parity": "parity_int4"}
+    _labelled(conversion, {r"(\d[\d.]*) s wall": row["wall_s"],
+                           # peak RSS as convert_memory.md defines it: the larger of the sampled sum and wait4's
+                           r"([\d,]+) MiB peak RSS": max(row["vmhwm"], row["peak_sampled_rss"]) / MIB,
+                           **{rf"{words} (\d[\d.]*) s\b": row["timings_s"][key] for words, key in steps.items()}})
+
+
+def _blocks_holding(text: str, words: str) -> list[tuple[str, str]]:
+    """Each block (paragraph or list item) holding ``words``, with the paragraph leading into its list."""
+    blocks = [_flat(block) for block in _blocks(text)]
+    found = []
+    for i, block in enumerate(blocks):
+        if words in block:
+            lead = next((b for b in reversed(blocks[:i]) if not b.startswith("- ")), "") if block.startswith("- ") \
+                else ""
+            found.append((block, lead))
+    return found
+
+
+@pytest.mark.parametrize("page, words, commit", [(p, w, c) for p, w, c, _ in RECORDED] + PLANNED,
+                         ids=[f"{p}:{w[:24]}" for p, w, *_ in RECORDED + PLANNED])
+def test_a_run_no_result_file_keeps_is_a_note_naming_the_commit_that_recorded_it(page, words, commit):
+    holding = _blocks_holding(_page(page), words)
+    assert holding, f"{page} no longer says {words!r}: a figure of a run no result file keeps cannot be changed"
+    assert any(commit in block and "no result file" in f"{block} {lead}".lower() for block, lead in holding), \
+        f"{page}: {words!r} is not in a note naming commit {commit} and saying no result file keeps it"
+
+
+def _at(commit: str, path: str) -> str:
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed: the recorded figures cannot be compared with their commits")
+    done = subprocess.run([git, "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        pytest.skip(f"this copy has no commit {commit} (a shallow clone or an export): {done.stderr.strip()}")
+    return done.stdout
+
+
+@pytest.mark.parametrize("page, words, commit, path", RECORDED, ids=[f"{p}:{w[:24]}" for p, w, *_ in RECORDED])
+def test_a_recorded_figure_is_what_its_commit_recorded(page, words, commit, path):
+    assert words in _flat(_at(commit, path)), f"{path} at {commit} does not say {words!r}"
+
+
+@pytest.mark.parametrize("page, words, commit", PLANNED, ids=[c for *_, c in PLANNED])
+def test_an_older_planners_figures_are_plan_memory_json_at_its_commit(page, words, commit):
+    rows = json.loads(_at(commit, "benchmarks/results/plan_memory.json"))["rows"]
+    kept = set()
+    for row in rows:
+        for value in (row["predicted"] / MIB, row["measured"] / MIB, abs(row["error_pct"])):
+            kept |= {f"{value:.1f}", f"{value:.0f}"}
+        kept.add(str(row["n_ctx"]))
+    quoted = _numbers(words)
+    assert len(quoted) >= 6 and not set(quoted) - kept, (sorted(set(quoted) - kept), sorted(kept))
+
