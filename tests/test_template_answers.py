@@ -426,6 +426,11 @@ def test_a_first_line_that_states_one_option_is_that_option(reply, expected):
     "Answer: C (70%) or D (30%)",
     "Answer: C (D possibly)",
     "Answer: C (D?)",
+    # a lower-case letter no word follows is still an option, whichever case the answer is in
+    "Answer: C, or d",
+    "Answer: C/d",
+    "answer: c, or d",
+    "Answer: C, or A mild variant",
 ])
 def test_another_choice_offered_after_the_answer_is_a_hedge(reply):
     parsed = get_template("mcq").parse(reply, SCURVY)
@@ -440,6 +445,11 @@ def test_another_choice_offered_after_the_answer_is_a_hedge(reply):
     ("Answer: C, either way", "C"),
     ("Answer: C (B also causes bleeding, but not scurvy)", "C"),
     ("Answer: C, though possibly B12-related", "C"),
+    # the article 'a' after 'or' or a comma, not option A
+    ("Answer: C, or a mild variant", "C"),
+    ("Answer: C, or a mild variant of it", "C"),
+    ("Answer: C, a mild variant of it", "C"),
+    ("So the answer is C, or a mild variant of it.", "C"),
 ])
 def test_hedge_words_without_a_second_option_keep_the_answer(reply, expected):
     assert _mcq(reply) == expected

@@ -275,8 +275,12 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     prose_no = "" if single else (r"(?!,[ \t]*no[ \t]+(?!(?:in|for|among|with|when|if|at|on|depending|otherwise|or|and|"
                                   r"but|unless|except)\b)[^\W\d_])")
     arrow = r"->|=>|[\u2192\u21d2\u27f6]"
+    # after "or", ",", "/" and the like, letters are read in their case, as ``offered`` reads them: "C, or a mild
+    # variant of it" holds the article, not option A. A lower-case letter no word follows is still a choice ("C, or d",
+    # "c/d")
+    worded = rf"(?-i:{alts})|(?:{alts})(?![ \t]+[^\W\d_])" if upper else alts
     hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
-                       rf"(?:{_SEP_LIST}{_HEDGE_WORD})*{_SEP_LIST}(?:{alts})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
+                       rf"(?:{_SEP_LIST}{_HEDGE_WORD})*{_SEP_LIST}(?:{worded})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
                        rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{alts})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
     # ... and a few words on: a second choice after a word that offers it as an alternative ("or", "possibly", "maybe",
     # "less likely", "second choice", "vs", "/", "|"; after "but" or "though" too, and after a short aside on the
