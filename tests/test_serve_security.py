@@ -467,6 +467,32 @@ def test_cors_is_off_by_default_and_exact_when_on(model, tmp_path):
     log.close()
 
 
+def test_a_cors_origin_reaches_the_api_only_never_admin_or_metrics(model, tmp_path):
+    """A page on a --cors-origin origin may ask the model questions; it could also add adapters from the server's disk
+    (a loopback browser passes the admin rule) and read /admin/ and /metrics, with the CORS headers that let it read
+    the answers."""
+    httpx = pytest.importorskip("httpx2")
+    ehr = {"Origin": "https://ehr.example.org", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}
+    preflight = {"Origin": "https://ehr.example.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    app, log = _app(model, tmp_path, cors_origins=("https://ehr.example.org",))
+    with ServerThread(app) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", headers=ehr, timeout=60, json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ehr.example.org"
+        r = httpx.post(srv.url + "/admin/adapters", headers=ehr, json={"path": "/etc/hostname"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin_forbidden", r.text
+        assert "access-control-allow-origin" not in r.headers and "hostname" not in r.text
+        r = httpx.get(srv.url + "/admin/adapters", headers=ehr)
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        for path in ("/admin/adapters", "/metrics"):
+            r = httpx.options(srv.url + path, headers=preflight)
+            assert "access-control-allow-origin" not in r.headers, path
+        r = httpx.get(srv.url + "/metrics", headers=ehr)
+        assert "access-control-allow-origin" not in r.headers
+    log.close()
+
+
 def test_other_web_pages_cannot_make_a_browser_drive_the_api(model, tmp_path):
     """A page elsewhere posts text/plain in no-cors mode (no preflight), from a browser on the server's machine."""
     httpx = pytest.importorskip("httpx2")

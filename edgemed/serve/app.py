@@ -7,8 +7,9 @@ and the middleware. Every error, whatever raised it, leaves in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Middleware, outermost first: ``Observe`` (request id, metrics, audit record; see
-``middleware.py``), ``CORSMiddleware`` only when ``--cors-origin`` names origins (otherwise
-browsers refuse other origins the response), ``Guard`` (audit ok, Host, API key, body size).
+``middleware.py``), ``CORSMiddleware`` only when ``--cors-origin`` names origins, and only on ``/v1/``
+(``ApiCors``; otherwise browsers refuse other origins the response), ``Guard`` (Host, origin, API key, audit ok,
+body size).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from edgemed.serve import page
 from edgemed.serve.api import ApiError, as_api_error, error_response
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
-from edgemed.serve.middleware import Guard, Observe, record_of
+from edgemed.serve.middleware import CORS_PATHS, Guard, Observe, record_of
 from edgemed.serve.routes import LABELS, PATTERNS, router
 from edgemed.serve.state import Served
 from edgemed.templates import load_templates
@@ -55,12 +56,25 @@ def create_app(batcher, config: ServeConfig, templates: dict | None = None):
     # -- middleware (added innermost first) --
     app.add_middleware(Guard, config=config)
     if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(ApiCors, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600,
                            expose_headers=["x-request-id", "x-edgemed-seed", "x-edgemed-think"])
     app.add_middleware(Observe, config=config, metrics=metrics, labels={**LABELS, **page.LABELS},
                        patterns=PATTERNS)
     return app
+
+
+class ApiCors:
+    """``--cors-origin``'s allowance, for the OpenAI API (``/v1/``) only: a web page on a named origin asks the model
+    questions; it never reads ``/metrics`` or the clinician page's data, nor adds or removes adapters at ``/admin/``
+    (``Guard`` refuses its requests there as it refuses any other origin's)."""
+
+    def __init__(self, app, **options):
+        self.app, self.cors = app, CORSMiddleware(app, **options)
+
+    async def __call__(self, scope, receive, send):
+        api = scope["type"] == "http" and scope["path"].startswith(CORS_PATHS)
+        await (self.cors if api else self.app)(scope, receive, send)
 
 
 class AccessLogPaths(logging.Filter):

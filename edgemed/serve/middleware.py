@@ -10,7 +10,8 @@ with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not
 
 ``Guard`` (innermost) refuses, in this order: on loopback binds, a ``Host`` that is not a loopback name (400: DNS
 rebinding from a web page); a request with effects (POST, DELETE) that a page on another origin made a
-browser send, unless ``--cors-origin`` names that origin (403; ``security.foreign_origin``); a missing or
+browser send, unless ``--cors-origin`` names that origin and the path is the API's (``CORS_PATHS``) (403;
+``security.foreign_origin``); a missing or
 wrong API key on ``/v1/*`` and ``/ui/info`` (401); on ``/admin/*`` anything but an admin key (401, 403); on
 ``/metrics``, where ``ServeConfig.metrics_keyed``, anything but a metrics or admin key (401; a clinician's key,
 403); every ``/v1`` and ``/admin`` request once the audit log cannot be written (503, fail closed: after the key
@@ -54,6 +55,9 @@ PROMETHEUS_AUTH = "in Prometheus, put the key in a file and set 'authorization: 
 BODY_TIMEOUT_S = 30.0
 #: The admin calls (adding and removing adapters): the API key when the server has keys, else loopback clients only
 ADMIN = "/admin/"
+#: Where ``--cors-origin``'s pages are let in (``app.ApiCors``): the OpenAI API. /admin/, /metrics and the page's own
+#: data take only this server's page and clients that are not browsers, whatever --cors-origin names.
+CORS_PATHS = ("/v1/",)
 #: nginx's "client closed request": the client left before its whole request was read or its whole answer sent.
 #: Recorded (metrics' code label, the audit's status) in place of any 5xx, so a client's time-out is not a server error.
 CLIENT_CLOSED = 499
@@ -241,7 +245,8 @@ class Guard:
                                                   "http://127.0.0.1:PORT/v1.", code="invalid_host"))
         foreign = foreign_origin(scope["method"], headers.get(b"host", b"").decode("latin-1"),
                                  _text(headers.get(b"origin")), _text(headers.get(b"sec-fetch-site")),
-                                 self.config.cors_origins, audited=path.startswith(("/v1/", ADMIN)))
+                                 self.config.cors_origins if path.startswith(CORS_PATHS) else (),
+                                 audited=path.startswith(("/v1/", ADMIN)))
         if foreign is not None:
             return await refuse(ApiError(403, f"This server does not act on requests that a web page on another origin "
                                               f"({foreign}) makes a browser send. Fix: use the page this server serves "
