@@ -4,6 +4,7 @@ A figure quoted from a result JSON is compared with that JSON at the precision t
 checked here has no figure besides those. A figure from a run no result file keeps (a one-off observation, or an
 older planner's run whose JSON the tree has since replaced) stands in a note naming the commit that recorded it and
 saying no result file keeps it; where this clone holds that commit, the figure is the one that commit recorded.
+The OpenAI page's account of a body holding ``NaN`` is checked against ``api.loads_body``.
 """
 
 from __future__ import annotations
@@ -253,3 +254,46 @@ def test_an_older_planners_figures_are_plan_memory_json_at_its_commit(page, word
     quoted = _numbers(words)
     assert len(quoted) >= 6 and not set(quoted) - kept, (sorted(set(quoted) - kept), sorted(kept))
 
+
+def _body_at(path: str, literal: str) -> str:
+    """A JSON text holding ``literal`` at the dotted ``path`` (a number there is a list index)."""
+    text = literal
+    for part in reversed(path.split(".")):
+        text = f"[{'0, ' * int(part)}{text}]" if part.isdigit() else f'{{"{part}": {text}}}'
+    return text
+
+
+def test_the_openai_page_refuses_nan_as_loads_body_does():
+    """docs/openai.md's paragraph on NaN, Infinity, -Infinity and 1e999: each literal, the status, type and code,
+    each ``param`` it gives as an example, the quoted message and the words as text are what ``loads_body`` does."""
+    pytest.importorskip("pydantic")
+    from edgemed.serve.api import ApiError, loads_body
+
+    blocks = [_flat(b) for b in _blocks((ROOT / "docs" / "openai.md").read_text(encoding="utf-8")) if "1e999" in b]
+    assert len(blocks) == 1, "docs/openai.md should say, in one paragraph, how a body holding NaN is refused"
+    (text,) = blocks
+    status, type_, code = re.search(r"a (\d{3}) `(\w+)`, code `(\w+)`", text).groups()
+
+    def refused(body: str) -> ApiError:
+        with pytest.raises(ApiError) as caught:
+            loads_body(body)
+        error = caught.value
+        assert (str(error.status), error.type, error.code) == (status, type_, code), (body, vars(error))
+        return error
+
+    for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
+        assert f"`{literal}`" in text, literal
+        error = refused(_body_at("a.0.b", literal))
+        assert error.param == "a.0.b" and f"'a.0.b' is {literal}," in error.message, vars(error)
+    examples = re.findall(r"`([\w.]+)`", re.search(r"the first such number in the body \(([^;]*);", text)[1])
+    assert len(examples) >= 3, examples
+    for path in examples:
+        assert refused(_body_at(path, "NaN")).param == path
+    assert refused('{"a": 1, "b": Infinity, "c": NaN}').param == "b"  # the first in the body
+    assert "`null` when the whole body is one" in text and refused("NaN").param is None
+    message = re.search(r"`(Invalid request: [^`]*)`", text)[1]
+    field, literal = re.search(r"'([\w.]+)' is (\S+),", message).groups()
+    actual = refused(_body_at(field, literal)).message
+    assert all(part in actual for part in message.split(" ... ")), (message, actual)
+    assert "inside a string are text" in text
+    assert loads_body('{"content": "NaN Infinity -Infinity 1e999"}') == {"content": "NaN Infinity -Infinity 1e999"}
