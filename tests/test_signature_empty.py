@@ -102,3 +102,45 @@ def test_readers_refuse_an_empty_signature_and_read_a_well_formed_one(packed, tm
     assert r.exit_code == 0 and "signature valid" in r.output, r.output
     r = CliRunner().invoke(cli, ["inspect", str(src), "--json"])  # unsigned: no signature file at all
     assert r.exit_code == 0 and json.loads(r.output)["bundle"]["signature"]["present"] is False
+
+
+def _with_predicate(data: bytes, **fields) -> bytes:
+    """model.sig ``data`` with its statement's predicate fields replaced (the envelope's signature no longer matches,
+    but the file is read, and must be refused, before any signature check)."""
+    import base64
+
+    doc = json.loads(data)
+    st = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
+    st["predicate"].update(fields)
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(st).encode()).decode()
+    return json.dumps(doc).encode()
+
+
+PREDICATES = {
+    "serialization string": {"serialization": "files"},
+    "serialization list": {"serialization": ["files", "sha256"]},
+    "resources string": {"resources": "model/tiny.gguf"},
+    "resources object": {"resources": {"name": "model/tiny.gguf"}},
+    "resource not an object": {"resources": ["model/tiny.gguf"]},
+    "resource name a list": {"resources": [{"name": ["LICENSE"], "algorithm": "sha256", "digest": "00"}]},
+    "resource digest missing": {"resources": [{"name": "LICENSE", "algorithm": "sha256"}]},
+}
+
+
+@pytest.mark.parametrize("form", ["directory", "tar"])
+@pytest.mark.parametrize("case", sorted(PREDICATES))
+def test_a_statement_of_the_wrong_shape_is_malformed_not_a_traceback(packed, tmp_path, edgemed_home, form, case):
+    """A predicate whose serialization or resources are not what the format says (a string, a list, an entry that is
+    not an object) crashed verify --key and install with AttributeError; now every reader refuses it as malformed."""
+    from edgemed.packaging import signing
+    from edgemed.packaging.manifest import Manifest
+
+    src, pub = packed
+    data = (src / "manifest.json").read_bytes()
+    good = signing.sign(Manifest.from_bytes(data), data, signing.load_private_key(pub.with_name("key.pem")))
+    bundle = _bundle(packed, tmp_path, form, _with_predicate(good.data, **PREDICATES[case]))
+    outputs = {_refused("model.sig", "inspect", bundle), _refused("model.sig", "verify", bundle, "--key", pub),
+               _refused("model.sig", "verify", bundle, "--key", pub, "--json"), _refused("model.sig", "install", bundle),
+               _refused("model.sig", "install", bundle, "--key", pub)}
+    assert len(outputs) == 1, outputs
+    assert not (edgemed_home / "store" / "models" / "tiny").exists()

@@ -396,11 +396,32 @@ def well_formed(sig: Signature | None) -> Signature | None:
     if sig.legacy:
         _parse_legacy(sig.data)
     else:
-        st = statement(sig)
-        if not isinstance(st, dict) or not isinstance(st.get("predicate"), dict):
-            raise SignatureError("model.sig is malformed (its statement has no predicate).",
-                                 "the bundle was altered or damaged; get a fresh copy from its maker")
+        _check_statement(statement(sig))
     return sig
+
+
+def _check_statement(st) -> None:
+    """The statement's shape, as far as edgemed and the library read it: a predicate object whose serialization (when
+    present) is an object and whose resources (when present) are a list of objects with a string name, algorithm and
+    digest. Anything else is refused as malformed here, rather than failing inside a reader with a traceback."""
+    predicate = st.get("predicate") if isinstance(st, dict) else None
+    if not isinstance(predicate, dict):
+        why = "its statement has no predicate"
+    elif not isinstance(predicate.get("serialization", {}), dict):
+        why = f"its serialization is a {_json_type(predicate['serialization'])}, not an object"
+    elif not isinstance(predicate.get("resources", []), list):
+        why = f"its resources are a {_json_type(predicate['resources'])}, not a list"
+    else:
+        bad = next((i for i, r in enumerate(predicate.get("resources", []))
+                    if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("name", "algorithm", "digest")))), None)
+        if bad is None:
+            return
+        why = f"its resource #{bad + 1} is not an object with a string name, algorithm and digest"
+    raise SignatureError(f"model.sig is malformed ({why}).", "the bundle was altered or damaged; get a fresh copy from its maker")
+
+
+def _json_type(value) -> str:
+    return {str: "string", list: "list", dict: "object", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 @contextlib.contextmanager
@@ -415,7 +436,7 @@ def _files(sig: Signature, key: PublicKey):
 
 def _check_hashing(st: dict) -> None:
     """edgemed checks statements made by per-file sha256 (the library's default, and what edgemed writes)."""
-    ser = (st.get("predicate") or {}).get("serialization") or {}
+    ser = st["predicate"].get("serialization") or {}  # its shape checked by well_formed
     if not (ser.get("method") == "files" and ser.get("hash_type") == "sha256"):
         raise SignatureError(f"model.sig was made with {ser.get('method')!s:.20} serialization and {ser.get('hash_type')!s:.20} "
                              "hashing; edgemed checks per-file sha256 signatures (the model_signing default).",
