@@ -296,3 +296,27 @@ def test_key_on_the_command_line_must_also_be_trusted_by_an_existing_policy(home
     assert "does not trust" in out, out
     assert _nothing_installed(home)
     assert CliRunner().invoke(cli, ["install", str(made["by-a"]), "--key", str(made["a"])]).exit_code == 0
+
+
+def test_export_of_a_bundle_folder_obeys_the_policy(home, made, tmp_path):
+    """`run ./dir` and `install ./dir` obeyed `[local] require_signature = true`, but `export ./dir` handed the GGUF of
+    an unsigned (or untrusted) folder to another runtime. Every input export reads now passes the policy: a folder as
+    run judges it, an installed name as run judges the installed copy; a .edgemed file must be installed first."""
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/a.pub.pem"]\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    for folder, why in ((made["unsigned"], "is not signed"), (made["by-b"], "does not trust")):
+        for option in (["--gguf", out / "m.gguf"], ["--ollama", out / "ollama"], ["--llama-server"]):
+            assert why in _refused_cli("export", folder, *option)
+    assert not any(out.iterdir())
+    r = CliRunner().invoke(cli, ["export", str(made["by-a"]), "--gguf", str(out / "m.gguf")])  # a trusted signer
+    assert r.exit_code == 0 and (out / "m.gguf").is_file(), r.output
+    Store().install(made["by-a"])  # an installed name: the policy of today, as run applies it
+    assert CliRunner().invoke(cli, ["export", "tiny", "--llama-server"]).exit_code == 0
+    shutil.copy(made["b"], home / "keys" / "b.pub.pem")
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/b.pub.pem"]\n')
+    assert "no longer trusts" in _refused_cli("export", "tiny", "--gguf", out / "again.gguf")
+    assert not (out / "again.gguf").exists()
+    tar = tmp_path / "tiny.edgemed"  # an archive: never exported as it is
+    pack(PackInputs(model=made["by-a"] / "model" / "tiny.gguf", license=made["by-a"] / "LICENSE", name="tiny"), tar)
+    assert "install it first" in _refused_cli("export", tar, "--gguf", out / "tar.gguf")

@@ -110,12 +110,14 @@ def remove(name):
 def export(model, ollama_dir, llama_server, gguf_out, system, force):
     """Export MODEL (an installed name or a bundle directory) for other runtimes.
 
+    MODEL is verified and must pass the trust policy ($EDGEMED_HOME/trust.toml) as for `edgemed run`.
+
     --ollama DIR writes DIR/Modelfile and DIR/NAME.gguf (then: ollama create NAME -f DIR/Modelfile);
     --llama-server prints a command that serves the verified GGUF; --gguf FILE copies it out.
     """
     from edgemed.errors import InputError
     from edgemed.packaging import export as ex
-    from edgemed.packaging.ref import TAR, bundle_ref, verified
+    from edgemed.packaging.ref import TAR, bundle_ref, trusted
 
     if not (ollama_dir or llama_server or gguf_out):
         raise InputError("Nothing to export.", "pass --ollama DIR, --llama-server, or --gguf FILE")
@@ -136,7 +138,7 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     ref = bundle_ref(model)
     if ref.kind == TAR:
         raise InputError(f"'{model}' is a bundle archive.", f"install it first (edgemed install {model}), then export by name")
-    v = verified(ref)
+    v = trusted(ref)  # every file, and the trust policy as run applies it (an installed name: at Store.verify)
     # an ONNX or adapter-only bundle has no GGUF to hand on: refused before any destination is looked at
     ex.require_gguf(v, "--ollama" if ollama_dir else "--gguf" if gguf_out else "--llama-server")
     from edgemed.files.atomic import check_destination, refuse_input_as_output

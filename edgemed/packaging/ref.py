@@ -128,6 +128,15 @@ def verified(ref: ModelRef, *, full: bool = False, public_key=None):
     raise ValueError(f"{ref.kind} is not a verifiable bundle directory")
 
 
+def trusted(ref: ModelRef, *, full: bool = False):
+    """``verified``, and the trust policy as ``run`` and ``install`` apply it (``_check_trust``): what hands a bundle's
+    model to another runtime (``export``) reads it through this, so an unsigned or untrusted bundle directory is
+    refused there as it is by run."""
+    v = verified(ref, full=full)
+    _check_trust(ref, v)
+    return v
+
+
 def runnable(arg: str | Path, *, full: bool = False) -> ModelRef:
     """What ``edgemed run MODEL`` loads: ``model_path`` set, a bundle verified first (fast path unless ``full``).
 
