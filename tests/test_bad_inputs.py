@@ -262,6 +262,23 @@ def test_an_installed_manifest_with_a_huge_number_is_one_damaged_row_of_list(bun
     assert "huge" in r.output and "DAMAGED" in r.output and "model.params" in r.output, r.output
 
 
+def test_a_gguf_model_path_that_is_a_folder_is_refused(bundle_dir, tmp_path):
+    """With format gguf and model.path "model", validation passed because a listed file lay under model/; `export
+    --gguf` then ended in IsADirectoryError. Only an ONNX model (and an adapter bundle's path) is a folder."""
+    from edgemed.packaging.manifest import Manifest
+
+    man = json.loads((bundle_dir / "manifest.json").read_text())
+    assert man["model"]["format"] == "gguf" and man["model"]["path"].startswith("model/")
+    man["model"]["path"] = "model"
+    (bundle_dir / "manifest.json").write_text(json.dumps(man))
+    for args in (["verify", bundle_dir], ["export", bundle_dir, "--gguf", tmp_path / "out.gguf"], ["install", bundle_dir]):
+        out = run_cli(*args)
+        assert "the model path 'model' is not among the listed files (a GGUF model is one listed file" in out, (args, out)
+    assert not (tmp_path / "out.gguf").exists()
+    man["model"]["format"] = "onnx"  # an ONNX model is the folder of its graph files
+    assert Manifest.from_bytes(json.dumps(man).encode(), "x").model_path == "model"
+
+
 def test_inspect_of_a_tar_cut_inside_its_manifest(tmp_path):
     from edgemed.packaging.bundle import PackInputs, pack
 

@@ -39,6 +39,9 @@ MAX_FILES = 10_000
 ROLES = ("model", "license", "card", "report", "template", "adapter", "other")
 #: ``model.format`` of a bundle that carries only LoRA adapters for a base it names by sha256 (no model file)
 ADAPTERS_ONLY = "adapters"
+#: Formats whose ``model.path`` is a folder of listed files (ONNX: model/onnx/...; adapters: adapters/...); any other
+#: model is exactly one listed file
+_FOLDER_MODELS = ("onnx", ADAPTERS_ONLY)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -275,8 +278,12 @@ class Manifest:
                                      "get a fresh copy of the bundle")
         self._validate_adapters(source)
         model_path = self.model.get("path")
-        if not isinstance(model_path, str) or not any(f.path == model_path or f.path.startswith(model_path + "/") for f in self.files):
-            raise IntegrityError(f"{source}: the model path {model_path!r} is not among the listed files.", "get a fresh copy of the bundle")
+        folder = self.model.get("format") in _FOLDER_MODELS  # a GGUF is one file: export and the loader open it as one
+        if not isinstance(model_path, str) or not any(f.path == model_path or folder and f.path.startswith(model_path + "/")
+                                                      for f in self.files):
+            raise IntegrityError(f"{source}: the model path {_short(model_path)} is not among the listed files"
+                                 f"{'' if folder else ' (a GGUF model is one listed file, not a folder)'}.",
+                                 "get a fresh copy of the bundle")
 
     def _validate_adapters(self, source: str) -> None:
         """Each adapter: a unique name, a listed file of role 'adapter' (same size and sha256), the base checkpoint
