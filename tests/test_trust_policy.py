@@ -298,6 +298,45 @@ def test_key_on_the_command_line_must_also_be_trusted_by_an_existing_policy(home
     assert CliRunner().invoke(cli, ["install", str(made["by-a"]), "--key", str(made["a"])]).exit_code == 0
 
 
+def _without_hint(src: Path, dst: Path) -> Path:
+    """A copy of the bundle ``src`` whose model.sig names no key, as older model-signing versions wrote it (the hint
+    is not signed: anyone can remove it without breaking the signature)."""
+    shutil.copytree(src, dst)
+    sig = dst / "model.sig"
+    doc = json.loads(sig.read_bytes())
+    del doc["verificationMaterial"]["publicKey"]["hint"]
+    sig.chmod(0o644)
+    sig.write_text(json.dumps(doc))
+    return dst
+
+
+def test_a_signature_that_names_no_key_is_judged_by_the_signature(home, made, tmp_path, caplog):
+    """Without a key hint the library printed a WARNING line on stdout (so `verify --json` was not JSON), and a
+    trust.toml listing the signer's key refused the bundle as 'signed by key None'. The signature decides: each key the
+    entry trusts is tried, and the one that made it is the signer."""
+    by_a, by_b = _without_hint(made["by-a"], tmp_path / "a"), _without_hint(made["by-b"], tmp_path / "b")
+    a_id = signing.load_public_key(made["a"]).key_id
+    with caplog.at_level("WARNING"):
+        r = CliRunner().invoke(cli, ["verify", str(by_a), "--key", str(made["a"]), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["signed_by"] == a_id, r.stdout  # stdout is the one JSON document
+    assert any("names no key" in rec.getMessage() and "re-sign" in rec.getMessage().lower() for rec in caplog.records)
+    r = CliRunner().invoke(cli, ["install", str(by_a), "--name", "unchecked"])  # no policy yet: not checked
+    assert r.exit_code == 0 and "signature not checked" in r.output, r.output
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/a.pub.pem"]\n')
+    r = CliRunner().invoke(cli, ["install", str(by_a)])
+    assert r.exit_code == 0 and f"signature valid (key {a_id})" in r.output, r.output
+    assert runnable("tiny").model_path.is_file() and runnable("unchecked").model_path.is_file()
+    out = _refused_cli("install", by_b, "--name", "other")
+    assert "names no key" in out and "none of the keys the trust policy trusts" in out and a_id in out, out
+    assert {p.name for p in (home / "store" / "models").iterdir()} == {"tiny", "unchecked"}
+    shutil.copy(made["b"], home / "keys" / "b.pub.pem")
+    _policy(home, '[local]\nrequire_signature = true\nkeys = ["keys/b.pub.pem"]\n')  # the clinic stops trusting key a
+    with pytest.raises(SignatureError, match="no longer trusts"):
+        runnable("tiny")
+    with pytest.raises(SignatureError, match="names no key"):
+        runnable("unchecked")
+
+
 def test_export_of_a_bundle_folder_obeys_the_policy(home, made, tmp_path):
     """`run ./dir` and `install ./dir` obeyed `[local] require_signature = true`, but `export ./dir` handed the GGUF of
     an unsigned (or untrusted) folder to another runtime. Every input export reads now passes the policy: a folder as

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -460,29 +461,75 @@ def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key) -> str:
                                  "pass the ed25519 public key it was signed with (--key), or ask the maker to re-sign")
         return _verify_legacy(sig.data, manifest_bytes, key)
     if isinstance(key, CertRoots):
-        return _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_certificate_verifier(certificate_chain=key.paths))
+        _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_certificate_verifier(certificate_chain=key.paths))
+        return signer_id(sig)
     if key.kind != "ec":
         raise SignatureError(f"The bundle carries an OpenSSF model signature (model.sig), but '{key.path}' is an ed25519 "
                              "key, which only checks an older edgemed's manifest.sig.", "pass the maker's EC public key (.pub.pem)")
     if (signer_id(sig) or "").startswith("cert "):
         raise SignatureError(f"model.sig is signed with a certificate ({signer_id(sig)}), not by a bare key like {key.key_id}.",
                              "pass the root certificate it chains to with --cert-chain ROOT.pem (or list it under roots in trust.toml)")
-    return _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_elliptic_key_verifier(public_key=d / "key.pub.pem"))
+    _verify_with(sig, manifest, manifest_bytes, key, _use_key)
+    if signer_id(sig) is None:
+        _warn_no_hint(f"it was checked against the given key {key.key_id}")
+    return key.key_id
 
 
-def _verify_with(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> str:
-    """The library's verifier (set up by ``use(config, folder)``) over model.sig, fed the manifest's digests."""
-    ms = _library()
+def _use_key(config, folder: Path) -> None:
+    config.use_elliptic_key_verifier(public_key=folder / "key.pub.pem")
+
+
+def _warn_no_hint(how: str) -> None:
+    log.warning("model.sig names no key (an older model-signing wrote no key hint; the hint is not signed, so anyone can "
+                "remove it): %s. Re-sign the bundle with `edgemed pack --sign key.pem` to record it.", how)
+
+
+def verify_unnamed(sig: Signature, manifest, manifest_bytes: bytes, keys) -> PublicKey | None:
+    """The key among ``keys`` (a policy entry's) that made ``sig``, a model.sig that names no key: each EC key is tried
+    with the library, in full, so the signature decides, never the (unsigned, absent) hint. None: it is none of
+    theirs. A key whose envelope verifies while the files differ is refused as for any bundle (SignatureError)."""
+    from cryptography.exceptions import InvalidSignature
+
     _check_hashing(statement(well_formed(sig)))
-    config = ms.verifying.Config()
-    with _files(sig, key) as d:
+    for key in keys:
+        if key.kind != "ec":
+            continue
         try:
+            _run_library(sig, manifest, manifest_bytes, key, _use_key)
+        except InvalidSignature:  # not this key's envelope
+            continue
+        except Exception as exc:  # this key's envelope (or a fault any key meets): the bundle is refused, as in _verify_with
+            raise _refusal(exc, key, statement(sig), expected_digests(manifest, manifest_bytes)) from None
+        _warn_no_hint(f"each key the trust policy trusts there was tried, and key {key.key_id} made it")
+        return key
+    return None
+
+
+def _verify_with(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> None:
+    """The library's verifier (set up by ``use(config, folder)``) over model.sig, fed the manifest's digests."""
+    _check_hashing(statement(well_formed(sig)))
+    try:
+        _run_library(sig, manifest, manifest_bytes, key, use)
+    except Exception as exc:  # the library raises ValueError, OpenSSL's chain errors, or InvalidSignature
+        raise _refusal(exc, key, statement(sig), expected_digests(manifest, manifest_bytes)) from None
+
+
+def _run_library(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> None:
+    """One run of the library's verifier; raises what it raises. What it prints (model-signing 1.1.1 prints a warning
+    for a signature without a key hint) is captured and logged, never written to stdout, where `--json` puts its
+    one document."""
+    ms = _library()
+    config = ms.verifying.Config()
+    printed = io.StringIO()
+    try:
+        with _files(sig, key) as d, contextlib.redirect_stdout(printed):
             use(config, d)
             config.set_hashing_config(_known_digests_config(manifest.name, expected_digests(manifest, manifest_bytes)))
             config.verify(d, d / MODEL_SIG)
-        except Exception as exc:  # the library raises ValueError, OpenSSL's chain errors, or InvalidSignature
-            raise _refusal(exc, key, statement(sig), expected_digests(manifest, manifest_bytes)) from None
-    return signer_id(sig) if isinstance(key, CertRoots) else key.key_id
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.info("model-signing printed: %s", line.strip())
 
 
 def _differences(st: dict, expected: dict[str, str]) -> str:

@@ -195,6 +195,14 @@ def decide(origin: str | None, sig: signing.Signature | None, manifest, manifest
                                  _fix(policy, entry, repo))
         return None
     match = next((k for k in entry.keys if k.key_id == signer), None)
+    if match is None and signer is None and not sig.legacy:  # model.sig names no key: the signature decides which
+        match = signing.verify_unnamed(sig, manifest, manifest_bytes, entry.keys)
+        if match is None:
+            raise SignatureError(f"The bundle from {source} carries a model.sig that names no key (older model-signing "
+                                 "versions wrote none, and anyone can remove it), and none of the keys the trust policy "
+                                 f"trusts there ({entry.where} in {policy.path}: "
+                                 f"{', '.join(k.key_id for k in entry.keys)}) made it.", _fix(policy, entry, repo))
+        return match  # verified in full by verify_unnamed
     if match is None:
         trusted = ", ".join(k.key_id for k in entry.keys)
         raise SignatureError(f"The bundle from {source} is signed by key {signer}, which the trust policy does not trust "
@@ -280,6 +288,9 @@ def check_installed(record: dict, sig: signing.Signature | None, manifest, manif
     if signer is not None and signer.startswith("cert ") and entry.roots is not None:
         signing.verify(sig, manifest, manifest_bytes, entry.roots)
         return
+    if entry.keys and signer is None and not sig.legacy:
+        _check_unnamed(record, sig, manifest, manifest_bytes, entry, policy, repo)
+        return
     if entry.keys:
         trusted = any(k.key_id == signer for k in entry.keys) and (not recorded or any(k.pem.decode("ascii") == recorded for k in entry.keys))
         if not trusted:
@@ -303,3 +314,28 @@ def _check_unchecked(record: dict, sig: signing.Signature, manifest, manifest_by
                              f"checked, and that signature does not hold: {exc.problem}",
                              "do not run it; install a copy from its maker again (edgemed install BUNDLE --force checks "
                              "the signature now), or check this one with `edgemed verify NAME --key MAKER.pub.pem`") from None
+
+
+def _check_unnamed(record: dict, sig: signing.Signature, manifest, manifest_bytes: bytes, entry: Entry, policy: Policy,
+                   repo: str | None) -> None:
+    """At run, an installed model whose model.sig names no key: the key recorded at install (which verified this very
+    signature file, its sha256 recorded with it) must still be trusted. Installed with its signature not checked
+    (nothing recorded), each key the entry trusts is tried in full, as ``decide`` does."""
+    recorded = record.get("signer_key")
+    if recorded:
+        if any(k.pem.decode("ascii") == recorded for k in entry.keys):
+            return
+        raise SignatureError(f"The installed model is signed by key {record.get('signed_by')}, which the trust policy no "
+                             f"longer trusts ({entry.where} in {policy.path}).", _fix(policy, entry, repo))
+    where = record.get("origin") or record.get("source") or "an earlier install"
+    fix = ("do not run it; install a copy from its maker again (edgemed install BUNDLE --force checks the signature "
+           "now), or check this one with `edgemed verify NAME --key MAKER.pub.pem`")
+    try:
+        found = signing.verify_unnamed(sig, manifest, manifest_bytes, entry.keys)
+    except SignatureError as exc:
+        raise SignatureError(f"The installed model '{manifest.name}' (from {where}) was installed with its signature not "
+                             f"checked, and that signature does not hold: {exc.problem}", fix) from None
+    if found is None:
+        raise SignatureError(f"The installed model '{manifest.name}' (from {where}) was installed with its signature not "
+                             "checked; its model.sig names no key, and none of the keys the trust policy trusts "
+                             f"({entry.where} in {policy.path}) made it.", fix)
