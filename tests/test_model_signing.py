@@ -208,8 +208,10 @@ def test_a_legacy_ed25519_bundle_still_verifies_with_a_notice_to_re_sign(made, t
 
 
 # -- certificate mode ---------------------------------------------------------------------------------
-def _ca(tmp: Path, name: str):
-    """A root certificate and a code-signing leaf under it (EC P-256), as PEM files; returns (root, leaf cert, leaf key)."""
+def _ca(tmp: Path, name: str, leaf_from=None, leaf_until=None):
+    """A root certificate and a code-signing leaf under it (EC P-256), as PEM files; returns (root, leaf cert, leaf key).
+    The leaf is valid from an hour ago for 30 days unless ``leaf_from``/``leaf_until`` (aware datetimes) say otherwise;
+    the root from before the leaf until after it."""
     import datetime
 
     from cryptography import x509
@@ -219,16 +221,19 @@ def _ca(tmp: Path, name: str):
     from cryptography.x509.oid import NameOID
 
     now = datetime.datetime.now(datetime.timezone.utc)
+    leaf_from = leaf_from or now - datetime.timedelta(hours=1)
+    leaf_until = leaf_until or now + datetime.timedelta(days=30)
     ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(1).not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+          .serial_number(1).not_valid_before(min(leaf_from, now) - datetime.timedelta(days=1))
+          .not_valid_after(max(leaf_until, now) + datetime.timedelta(days=30))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
           .sign(ca_key, hashes.SHA256()))
     leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} model signer")]))
             .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(2)
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .not_valid_before(leaf_from).not_valid_after(leaf_until)
             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
             .sign(ca_key, hashes.SHA256()))
     (tmp / f"{name}-root.pem").write_bytes(ca.public_bytes(s.Encoding.PEM))
@@ -282,3 +287,76 @@ def test_certificate_mode_signs_and_checks_against_the_root(made, tmp_path, edge
     _flip(out / "LICENSE", 3)
     r = _run("verify", out, "--cert-chain", root)
     assert r.exit_code == 1, r.output
+
+
+def _utc(text: str):
+    import datetime
+
+    return datetime.datetime.fromisoformat(text).replace(tzinfo=datetime.timezone.utc)
+
+
+def _cert_signed(made, tmp_path: Path, name: str, leaf_from, leaf_until) -> tuple[Path, Path, Path, Path]:
+    """A bundle folder signed in certificate mode by a leaf valid only from ``leaf_from`` to ``leaf_until``, made the
+    way someone holding that leaf's key would (pack refuses such a certificate, so the signing key is handed to pack
+    directly); returns (bundle, root, leaf, leaf key)."""
+    root, leaf, key = _ca(tmp_path, name, leaf_from, leaf_until)
+    out = tmp_path / f"{name}-signed"
+    pack(made["inputs"], out, as_dir=True, private_key=signing.SigningKey(key, "cert", leaf, (root,)))
+    return out, root, leaf, key
+
+
+def test_an_expired_or_not_yet_valid_signing_certificate_is_refused(made, tmp_path, edgemed_home):
+    """model-signing checks the chain at the leaf's own start of validity, and model.sig does not say when it was
+    made: a certificate that expired in 2022 signed a bundle today, and verify, install and a trust.toml root all
+    accepted it. Now the leaf must be valid now; pack refuses such a certificate before signing."""
+    import datetime
+
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=10)
+    cases = {"old": (_utc("2020-10-28"), _utc("2022-10-28"), "expired on 2022-10-28 00:00 UTC"),
+             "future": (soon, soon + datetime.timedelta(days=30), f"is not valid until {soon:%Y-%m-%d %H:%M} UTC")}
+    (edgemed_home / "keys").mkdir(parents=True)
+    ins = made["inputs"]
+    for name, (start, end, why) in cases.items():
+        bundle, root, leaf, key = _cert_signed(made, tmp_path, name, start, end)
+        ms.verifying.Config().use_certificate_verifier(certificate_chain=[root]).verify(bundle, bundle / "model.sig")  # the library accepts it
+        for args in (["verify", bundle, "--cert-chain", root], ["install", bundle, "--cert-chain", root]):
+            r = _run(*args)
+            assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+            assert f"the signing certificate CN={name} model signer" in r.output and why in r.output, r.output
+            assert "re-sign the bundle with a current certificate" in r.output, r.output
+        shutil.copy(root, edgemed_home / "keys" / f"{name}-root.pem")
+        (edgemed_home / "trust.toml").write_text(f'[local]\nrequire_signature = true\nroots = ["keys/{name}-root.pem"]\n')
+        r = _run("install", bundle)
+        assert r.exit_code == 1 and why in r.output, r.output
+        (edgemed_home / "trust.toml").unlink()
+        assert not (edgemed_home / "store" / "models" / "tiny").exists()
+        r = _run("pack", ins.model, "--license", ins.license, "--name", "tiny", "--sign", key, "--cert", leaf,
+                 "--cert-chain", root, "-o", tmp_path / f"{name}.edgemed")
+        assert r.exit_code == 1 and why in r.output and "--cert" in r.output, r.output
+        assert not (tmp_path / f"{name}.edgemed").exists()
+    bundle, root, _, _ = _cert_signed(made, tmp_path, "current", None, None)  # a certificate in force installs
+    r = _run("install", bundle, "--cert-chain", root)
+    assert r.exit_code == 0 and "signature valid (key cert CN=current model signer" in r.output, r.output
+
+
+def test_an_installed_copy_is_judged_by_its_certificate_at_install_time(made, tmp_path, edgemed_home):
+    """At run, a certificate signature is checked as of the time the copy was installed (its signature file's sha256
+    recorded then): a model installed while its certificate was valid keeps running after the certificate expires;
+    one installed after it expired does not."""
+    import json as _json
+
+    from edgemed.packaging.ref import runnable
+    from edgemed.packaging.store import Store
+
+    bundle, root, _, _ = _cert_signed(made, tmp_path, "old", _utc("2020-10-28"), _utc("2022-10-28"))
+    assert _run("install", bundle).exit_code == 0  # no policy, no key: installed with the signature not checked
+    (edgemed_home / "keys").mkdir(parents=True)
+    shutil.copy(root, edgemed_home / "keys" / "root.pem")
+    (edgemed_home / "trust.toml").write_text('[local]\nrequire_signature = true\nroots = ["keys/root.pem"]\n')
+    with pytest.raises(SignatureError, match="expired on 2022-10-28 00:00 UTC, so it does not vouch for the bundle when this copy was installed"):
+        runnable("tiny")
+    store = Store()
+    idx = _json.loads(store.index_path.read_text())
+    idx["tiny"]["installed"] = "2021-06-01T00:00:00Z"  # installed while the certificate was in force
+    store.index_path.write_text(_json.dumps(idx))
+    assert runnable("tiny").model_path.is_file()

@@ -136,6 +136,7 @@ def load_private_key(path: Path, certificate: Path | None = None, chain=()) -> S
     if certificate is None:
         _check_public_beside(Path(path), _spki_pem(key.public_key()))
     if certificate is not None:
+        check_certificate_files(Path(certificate), chain)
         return SigningKey(Path(path), f"cert {_cert_name(_small(certificate), pem=True)}", Path(certificate),
                           tuple(Path(c) for c in chain))
     return SigningKey(Path(path), _ec_key_id(_spki_pem(key.public_key())))
@@ -445,11 +446,13 @@ def _check_hashing(st: dict) -> None:
                              "default hashing")
 
 
-def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key) -> str:
+def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key, *, at=None) -> str:
     """Check the signature with ``key`` (a PublicKey or a path) against the manifest; return the signer's key id.
 
     model.sig must list exactly manifest.json and the manifest's files with their sha256 (the files themselves are
     checked against the manifest by the caller, as for any bundle, so this costs no second read of the model).
+    Certificate mode (``key`` a CertRoots): the signing certificate and its intermediates must also be valid at
+    ``at`` (an aware datetime; now by default; ``trust.check_installed`` passes the time the copy was installed).
     Raises SignatureError."""
     key = as_public_key(key)
     if sig is None:
@@ -462,6 +465,7 @@ def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key) -> str:
         return _verify_legacy(sig.data, manifest_bytes, key)
     if isinstance(key, CertRoots):
         _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_certificate_verifier(certificate_chain=key.paths))
+        _check_validity(sig, at)  # the chain is authentic now: is it still in force?
         return signer_id(sig)
     if key.kind != "ec":
         raise SignatureError(f"The bundle carries an OpenSSF model signature (model.sig), but '{key.path}' is an ed25519 "
@@ -530,6 +534,75 @@ def _run_library(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> N
         for line in printed.getvalue().splitlines():
             if line.strip():
                 log.info("model-signing printed: %s", line.strip())
+
+
+# -- certificate validity ----------------------------------------------------------------------------
+def _carried_certificates(sig: Signature) -> list:
+    """The certificates model.sig carries, signing certificate first (read after the library accepted them)."""
+    from cryptography import x509
+
+    chain = loads_json(sig.data.decode("utf-8"))["verificationMaterial"]["x509CertificateChain"]["certificates"]
+    return [x509.load_der_x509_certificate(base64.b64decode(c["rawBytes"])) for c in chain]
+
+
+def _validity_problem(cert, at, role: str) -> str | None:
+    """Why ``cert`` is not in force at ``at`` (an aware datetime), naming it and the date; None when it is."""
+    from cryptography.hazmat.primitives import hashes
+
+    name = f"{cert.subject.rfc4514_string()[:120]} {cert.fingerprint(hashes.SHA256()).hex()[:16]}"
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if at > end:
+        return f"the {role} {name} expired on {end:%Y-%m-%d %H:%M} UTC"
+    if at < start:
+        return f"the {role} {name} is not valid until {start:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def _check_validity(sig: Signature, at=None) -> None:
+    """Certificate mode: refuse model.sig unless its signing certificate and each intermediate it carries are valid at
+    ``at`` (now by default). model-signing checks the chain at the signing certificate's own start of validity, and
+    nothing in model.sig says when it was made, so without this anyone holding the key of a certificate that expired
+    years ago could sign a bundle today. A self-signed root carried along is skipped: the roots the chain is checked
+    against are the trust policy's (or --cert-chain's), not the signature's."""
+    import datetime
+
+    installed = at is not None
+    at = at or datetime.datetime.now(datetime.timezone.utc)
+    for i, cert in enumerate(_carried_certificates(sig)):
+        if i > 0 and cert.subject == cert.issuer:
+            continue
+        why = _validity_problem(cert, at, "signing certificate" if i == 0 else "intermediate certificate")
+        if why is not None:
+            when = f"when this copy was installed ({at:%Y-%m-%d %H:%M} UTC)" if installed else f"now ({at:%Y-%m-%d %H:%M} UTC)"
+            raise SignatureError(
+                f"model.sig is refused: {why}, so it does not vouch for the bundle {when}. model.sig does not record "
+                "when it was made, so a certificate out of its validity period signs nothing edgemed accepts.",
+                "ask the maker to re-sign the bundle with a current certificate (edgemed pack --sign KEY.pem --cert "
+                "CERT.pem --cert-chain ROOT.pem); if the date looks wrong, check this machine's clock")
+
+
+def check_certificate_files(certificate: Path, chain=()) -> None:
+    """Before signing (pack --cert): refuse a signing certificate, or a chain certificate other than a self-signed
+    root, that is not valid now: every device would refuse the bundle it signs."""
+    import datetime
+
+    from cryptography import x509
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    found = []
+    for path, option in [(certificate, "--cert"), *((c, "--cert-chain") for c in chain)]:
+        try:
+            certs = x509.load_pem_x509_certificates(_small(path))
+        except ValueError as exc:
+            raise InputError(f"Cannot read the certificate '{path}' ({option}): {exc}.", "pass PEM certificates (--cert, --cert-chain)") from None
+        found += [(path, option, c) for c in (certs[:1] if option == "--cert" else certs) if option == "--cert" or c.subject != c.issuer]
+    for path, option, cert in found:
+        why = _validity_problem(cert, now, "signing certificate" if option == "--cert" else "chain certificate")
+        if why is not None:
+            raise InputError(f"Cannot sign with '{path}' ({option}): {why} (now is {now:%Y-%m-%d %H:%M} UTC), so every "
+                             "device would refuse the bundle it signs.",
+                             f"ask your certificate authority for a current certificate and pass it with {option}; "
+                             "if the date looks wrong, check this machine's clock")
 
 
 def _differences(st: dict, expected: dict[str, str]) -> str:

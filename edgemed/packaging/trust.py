@@ -286,7 +286,8 @@ def check_installed(record: dict, sig: signing.Signature | None, manifest, manif
         return
     signer = signing.signer_id(sig)
     if signer is not None and signer.startswith("cert ") and entry.roots is not None:
-        signing.verify(sig, manifest, manifest_bytes, entry.roots)
+        # the certificates must have been in force when this signature file (its sha256 recorded then) was installed
+        signing.verify(sig, manifest, manifest_bytes, entry.roots, at=_installed_at(record) if recorded_sig else None)
         return
     if entry.keys and signer is None and not sig.legacy:
         _check_unnamed(record, sig, manifest, manifest_bytes, entry, policy, repo)
@@ -314,6 +315,16 @@ def _check_unchecked(record: dict, sig: signing.Signature, manifest, manifest_by
                              f"checked, and that signature does not hold: {exc.problem}",
                              "do not run it; install a copy from its maker again (edgemed install BUNDLE --force checks "
                              "the signature now), or check this one with `edgemed verify NAME --key MAKER.pub.pem`") from None
+
+
+def _installed_at(record: dict):
+    """When the index says the model was installed (an aware datetime), or None where it says nothing readable."""
+    import datetime
+
+    try:
+        return datetime.datetime.strptime(record.get("installed") or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None
 
 
 def _check_unnamed(record: dict, sig: signing.Signature, manifest, manifest_bytes: bytes, entry: Entry, policy: Policy,
