@@ -169,6 +169,36 @@ def test_a_bundle_folder_is_held_to_the_size_cap_and_the_free_disk_before_it_is_
     assert (Store().models / "tiny" / man.model_path).is_file()
 
 
+def test_verify_of_a_bundle_folder_is_held_to_the_size_cap_before_it_is_hashed(tmp_path, edgemed_home, monkeypatch):
+    """`edgemed verify FOLDER` (and run ./FOLDER) hashed whatever the manifest listed: a folder declaring a huge
+    (sparse) file was read in full. The folder is held to $EDGEMED_MAX_BUNDLE_BYTES first; an installed copy, held to
+    it at install, is not held again (a cap raised for one install does not strand the model)."""
+    from edgemed.packaging import bundle as bundle_mod
+    from edgemed.packaging.bundle import PackInputs, pack, verify_dir
+
+    src = kit.inputs(tmp_path / "src")
+    folder = tmp_path / "tinydir"
+    man = pack(PackInputs(model=src["model"], license=src["license"], card=src["card"], name="tiny"), folder, as_dir=True)
+    Store().install(folder)
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("a file of the bundle was hashed before its declared size was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(bundle_mod, "file_digest", no_hashing)
+        m.setenv("EDGEMED_MAX_BUNDLE_BYTES", str(man.total_bytes - 1))
+        with pytest.raises(UnsafeArchive, match=f"declares {man.total_bytes} bytes, more than the {man.total_bytes - 1} allowed"):
+            verify_dir(folder, full=True)
+        for args in (["verify", str(folder)], ["verify", str(folder), "--full"]):
+            r = CliRunner().invoke(cli, args, catch_exceptions=False)
+            assert r.exit_code == 1 and "EDGEMED_MAX_BUNDLE_BYTES" in r.output and "Traceback" not in r.output, r.output
+    with monkeypatch.context() as m:
+        m.setenv("EDGEMED_MAX_BUNDLE_BYTES", str(man.total_bytes - 1))
+        assert Store().verify("tiny", full=True).manifest.total_bytes == man.total_bytes  # installed: not held again
+        m.setenv("EDGEMED_MAX_BUNDLE_BYTES", str(man.total_bytes))
+        assert verify_dir(folder, full=True).manifest.total_bytes == man.total_bytes  # at the cap: verified as before
+
+
 def test_damaged_manifest_json_is_refused(tmp_path):
     t = _tar(tmp_path / "x.edgemed", _member("manifest.json", b"{not json"), _member("model/m.gguf", PAYLOAD))
     with pytest.raises(IntegrityError, match="not valid JSON"):

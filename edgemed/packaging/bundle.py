@@ -408,11 +408,18 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     Refuses (IntegrityError and subclasses) a missing, extra, resized or altered file,
     naming the file and the expected and actual digests. ``full`` re-hashes every byte;
     otherwise files unchanged since their last full hash come from the verified cache.
+    A folder whose manifest declares more than ``$EDGEMED_MAX_BUNDLE_BYTES`` is refused before anything is hashed
+    (``archive.check_room``, as a tar is); an installed copy (``expect_manifest_sha256``: the manifest recorded at
+    install, held to the cap then) is not held to it again, so a cap raised for one install does not strand the model.
     """
     import hashlib
 
+    from edgemed.packaging.archive import check_room
+
     root = Path(root).absolute()
     man, data, sig = read_manifest(root)
+    if expect_manifest_sha256 is None:
+        check_room(man, root)  # a huge (sparse) file declared in the manifest would be read in full below
     msha = hashlib.sha256(data).hexdigest()
     if expect_manifest_sha256 is not None and msha != expect_manifest_sha256:
         raise IntegrityError(f"{root}/manifest.json was changed after install: expected sha256 {expect_manifest_sha256}, actual {msha}.",
