@@ -21,6 +21,9 @@ from edgemed.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+#: where a figure may start: after a dash a digit leads (a range's upper end, "4-8") or after no word, dot, comma or
+#: dash (not top-1's 1, Q4_K_M's 4, a minus sign's figure or 1.5's 5)
+_AFTER_A_RANGES_DASH_OR_NO_WORD = r"(?:(?<=\d-)|(?<![\w.,-]))"
 
 #: modules that open a connection or listen on one
 NETWORK = ("requests", "urllib3", "httpx", "http.client", "urllib.request", "socket", "uvicorn")
@@ -353,7 +356,8 @@ def test_the_verify_cost_the_readme_quotes_is_verify_cost_json():
     kept = {f"{v:g}" for v in result.values() if isinstance(v, (int, float))} | {f"{result['size_bytes'] / 1e9:.1f}"}
     text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     paragraph = text.split("Verify cost (", 1)[1].split("###", 1)[0]
-    number = r"(?<![\w.,-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d{3,})(?![\d.,]|[A-Za-wyz_])"  # 5.42x counts
+    number = (_AFTER_A_RANGES_DASH_OR_NO_WORD  # 5.42x counts
+              + r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d{3,})(?![\d.,]|[A-Za-wyz_])")
     figures = [n.replace(",", "") for n in re.findall(number, paragraph)]
     assert len(figures) >= 5, paragraph
     assert not [f for f in figures if f not in kept], (figures, sorted(kept))
@@ -421,11 +425,19 @@ def _table_rows(text: str, after: str) -> list[list[str]]:
 
 
 def _figures(text: str) -> list[str]:
-    """The decimal figures of ``text`` (thousands commas dropped), leaving out code spans and link targets."""
+    """The decimal figures of ``text`` (thousands commas dropped, both ends of a range: "4-8" is 4 and 8), leaving out
+    code spans, link targets and a figure a dash joins to a word (top-1) or that a minus sign leads."""
     text = re.sub(r"`[^`]*`|\]\([^)]*\)", " ", text)
-    number = r"(?<![\w.,-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e[-+]\d+)?)(?!\d|[.,]\d|[A-Za-wyz_])"  # 5.42x counts
+    number = (_AFTER_A_RANGES_DASH_OR_NO_WORD  # 5.42x counts
+              + r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e[-+]\d+)?)(?!\d|[.,]\d|[A-Za-wyz_])")
     return [n.replace(",", "") for n in re.findall(number, text)]
 
+
+def test_figures_are_both_ends_of_a_range_and_no_name_or_sign():
+    """A check built on ``_figures`` sees a range's upper end too ("4-8" was read as 4 alone), and still leaves out a
+    figure a dash or an underscore joins to a word and the figure a minus sign leads."""
+    assert _figures("1.8-7.6 at start, +2,938-3,460 MiB, 4-8 GiB") == ["1.8", "7.6", "2938", "3460", "4", "8"]
+    assert _figures("top-1 3.6 %, Q4_K_M, -1.9 %, NMSE 1.140e-06, `--threads 2`") == ["3.6", "1.140e-06"]
 
 def test_the_convert_cost_parity_table_is_its_jsons():
     """Each row of convert_cost.md's parity table names its result, and every figure in the row is that JSON's."""
