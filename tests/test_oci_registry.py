@@ -249,6 +249,22 @@ def test_an_empty_file_travels_too(registry, tmp_path, edgemed_home, maker_key):
     assert (edgemed_home / "store" / "models" / "tiny" / "templates" / "notes.txt").stat().st_size == 0
 
 
+def test_a_pull_over_the_size_cap_is_refused_as_a_tar_or_a_folder_is(registry, tmp_path, edgemed_home, maker_key, monkeypatch):
+    """The layers' total is held to $EDGEMED_MAX_BUNDLE_BYTES by the one check a tar and a folder go through
+    (archive.check_room), with its words and its fix, before any layer is fetched; pull's own disk check stays."""
+    bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "capped", "capped", maker_key[0])
+    pushed = json.loads(_cli("push", bundle, registry.ref("clinic/capped:v1"), "--json"))
+    total = sum(x["size"] for x in json.loads(_raw_manifest(registry, "clinic/capped", pushed["digest"]))["layers"])
+    monkeypatch.setenv("EDGEMED_MAX_BUNDLE_BYTES", str(total - 1))
+    out = _cli("pull", registry.ref("clinic/capped:v1"), ok=False)
+    assert f"declares {total} bytes, more than the {total - 1} allowed ($EDGEMED_MAX_BUNDLE_BYTES)" in out, out
+    assert "raise $EDGEMED_MAX_BUNDLE_BYTES if this bundle is expected to be that large" in out, out
+    assert _models(edgemed_home) == [] and not (edgemed_home / "downloads").exists()
+    monkeypatch.setenv("EDGEMED_MAX_BUNDLE_BYTES", str(total))
+    _cli("pull", registry.ref("clinic/capped:v1"))  # at the cap: pulled as before
+    assert _models(edgemed_home) == ["capped"]
+
+
 def test_pull_by_a_digest_the_registry_does_not_hold_is_refused(registry, smol_pushed):
     out = _cli("pull", registry.ref("clinic/smol@sha256:" + "0" * 64), ok=False)
     assert "has no manifest" in out and "Fix:" in out

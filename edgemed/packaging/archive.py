@@ -248,12 +248,17 @@ def _damaged(path: Path, exc: Exception) -> IntegrityError:
 def check_room(manifest: Manifest, path: Path, space: Path | None = None) -> None:
     """Refuse a bundle (tar or folder) whose manifest declares more bytes than ``EDGEMED_MAX_BUNDLE_BYTES`` or, with
     ``space``, than the file system holding that directory has free: before any of its bytes is hashed or copied."""
-    total, cap = manifest.total_bytes, env.max_bundle_bytes()
+    check_bytes(manifest.total_bytes, str(path), space)
+
+
+def check_bytes(total: int, what: str, space: Path | None = None) -> None:
+    """``check_room`` for ``total`` bytes that ``what`` declares (a bundle, or a pulled artifact's layers)."""
+    cap = env.max_bundle_bytes()
     if total > cap:
-        raise UnsafeArchive(f"{path} declares {total} bytes, more than the {cap} allowed (${env.MAX_BUNDLE_VAR}).",
+        raise UnsafeArchive(f"{what} declares {total} bytes, more than the {cap} allowed (${env.MAX_BUNDLE_VAR}).",
                             f"raise ${env.MAX_BUNDLE_VAR} if this bundle is expected to be that large")
     if space is not None and total > (free := shutil.disk_usage(space).free):
-        raise UnsafeArchive(f"{path} declares {total} bytes; only {free} are free at {space}.",
+        raise UnsafeArchive(f"{what} declares {total} bytes; only {free} are free at {space}.",
                             "free disk space, or install somewhere larger (EDGEMED_HOME)")
 
 

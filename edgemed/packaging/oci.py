@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from edgemed import env
 from edgemed.errors import EdgemedError, InputError, IntegrityError, require
 from edgemed.formats.nesting import loads_json
+from edgemed.packaging.archive import check_bytes
 from edgemed.packaging.manifest import (
     MANIFEST,
+    MAX_COUNT,
     MAX_FILES,
     SIGNATURES,
     Manifest,
@@ -489,7 +490,6 @@ def read_image_manifest(body: bytes, ref: Ref) -> list[Layer]:
                              f"(1 to {MAX_LAYERS} allowed).", fix)
     out: list[Layer] = []
     seen: set[str] = set()
-    limit = env.max_bundle_bytes()
     for i, d in enumerate(layers):
         if not isinstance(d, dict):
             raise IntegrityError(f"Layer {i} of {ref} is not a JSON object.", fix)
@@ -502,16 +502,14 @@ def read_image_manifest(body: bytes, ref: Ref) -> list[Layer]:
             raise IntegrityError(f"Layer '{path}' of {ref} has media type {str(d.get('mediaType'))[:80]!r}; "
                                  "edgemed reads ModelPack's uncompressed (.raw) layers only.", fix)
         size = d.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= limit:
-            raise IntegrityError(f"Layer '{path}' of {ref} claims size {str(size)[:40]!r} (0 to {limit} bytes allowed).",
-                                 f"{fix}; a larger bundle needs {env.MAX_BUNDLE_VAR} raised")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_COUNT:
+            raise IntegrityError(f"Layer '{path}' of {ref} claims size {str(size)[:40]!r} (0 to {MAX_COUNT} bytes allowed).", fix)
         sha = hex_of(d.get("digest"), f"layer '{path}' the digest")
         if folded(path) in seen:  # case- and normalisation-insensitive file systems would write both to one file
             raise IntegrityError(f"Layer '{path}' appears twice in {ref}.", fix)
         seen.add(folded(path))
         out.append(Layer(path, d["mediaType"], sha, size))
-    if sum(x.size for x in out) > limit:
-        raise IntegrityError(f"The layers of {ref} add up to more than {limit} bytes.", f"{fix}; a larger bundle needs {env.MAX_BUNDLE_VAR} raised")
+    check_bytes(sum(x.size for x in out), f"The artifact {ref}")  # the cap a tar or folder is held to (the pull checks the disk)
     return out
 
 
