@@ -337,6 +337,20 @@ def test_a_signature_that_names_no_key_is_judged_by_the_signature(home, made, tm
         runnable("unchecked")
 
 
+def test_inspect_of_a_signature_that_names_no_key_says_so(home, made, tmp_path):
+    """inspect printed 'signed by key None' for a model.sig without a key hint: it says what is known instead."""
+    by_a = _without_hint(made["by-a"], tmp_path / "a")
+    for bundle in (by_a, made["by-a"]):
+        r = CliRunner().invoke(cli, ["inspect", str(bundle)])
+        assert r.exit_code == 0 and "None" not in r.output.splitlines()[0], r.output
+    r = CliRunner().invoke(cli, ["inspect", str(by_a)])
+    assert "signed (model.sig names no key; verify with --key or a trust policy)" in r.output.splitlines()[0], r.output
+    r = CliRunner().invoke(cli, ["inspect", str(made["by-a"])])
+    assert f"signed by key {signing.load_public_key(made['a']).key_id}" in r.output.splitlines()[0], r.output
+    r = CliRunner().invoke(cli, ["inspect", str(by_a), "--json"])
+    assert json.loads(r.output)["bundle"]["signature"] == {"present": True, "key_id": None, "file": "model.sig"}, r.output
+
+
 def test_export_of_a_bundle_folder_obeys_the_policy(home, made, tmp_path):
     """`run ./dir` and `install ./dir` obeyed `[local] require_signature = true`, but `export ./dir` handed the GGUF of
     an unsigned (or untrusted) folder to another runtime. Every input export reads now passes the policy: a folder as

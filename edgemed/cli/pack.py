@@ -247,7 +247,8 @@ def inspect(bundle, as_json):
 
     b, man = info["bundle"], info["manifest"]
     m, p = man["model"], man["provenance"]
-    sig = f"signed by key {b['signature']['key_id']}" if b["signature"]["present"] else "unsigned"
+    sig = ("unsigned" if not b["signature"]["present"] else f"signed by key {b['signature']['key_id']}"
+           if b["signature"]["key_id"] else "signed (model.sig names no key; verify with --key or a trust policy)")
     say(f"{man['name']}  ({b['form']}: {b['source']}; {sig}; not verified here, run `edgemed verify`)")
     if m.get("format") == "adapters":
         hint = f" (installed as '{m['base_name']}' where it was packed)" if m.get("base_name") else ""
