@@ -206,6 +206,55 @@ def test_the_onnx_conversion_figures_are_a_json_or_a_recorded_run():
                            **{rf"{words} (\d[\d.]*) s\b": row["timings_s"][key] for words, key in steps.items()}})
 
 
+
+def _results_csv(folder: str) -> dict[str, dict[str, str]]:
+    import csv
+
+    with open(RESULTS / folder / "results.csv", newline="", encoding="utf-8") as f:
+        return {row["config"]: row for row in csv.DictReader(f)}
+
+
+SEVEN_B = "reproduce-r1-distill-qwen-7b-shaped"
+SEVEN_B_PLAN = "plan_memory-r1-distill-qwen-7b-shaped.json"
+SEVEN_B_CAPPED = "convert_cost-r1-distill-qwen-7b-shaped-q4_k_m-parity-cap6g.json"
+
+
+def test_the_readme_paragraph_after_the_7b_table_is_its_results():
+    """The paper's memory figure, the mapped loads' extra memory, the roofline and its bandwidth, the planners'
+    errors, the 1.5B re-run's ratio and the capped 7B conversion are their result files', and the paragraph has no
+    other figure."""
+    from edgemed.runtime.plan import METHOD
+
+    text = _flat((ROOT / "README.md").read_text(encoding="utf-8"))
+    paragraph = re.search(r'The paper\'s "memory -[\d.]+ %" now holds.*?(?= ### )', text)[0]
+    reproduce, table = json.loads((RESULTS / SEVEN_B / "results.json").read_text(encoding="utf-8")), _results_csv(SEVEN_B)
+    extra = [float(table[f"{q}-mmap"]["peak_rss_mb"]) - float(table[q]["peak_rss_mb"]) for q in ("q4_k_m", "q4_0")]
+    roofline = [float(row["roofline_fraction"]) * 100 for row in table.values() if row["runtime"] == "llama.cpp"]
+    (plan,) = _json(SEVEN_B_PLAN)["rows"]
+    errors = [row["error_pct"] for row in _json("plan_memory.json")["rows"]]
+    rerun = _results_csv("reproduce-qwen2.5-1.5b-load-mode")
+    run = _json(SEVEN_B_CAPPED)["runs"]["convert+parity"]
+    log = run["log_tail"]
+    assert "(`planner/2`) of the Q4_K_M" in paragraph and f"the planner is `{METHOD}` now" in paragraph
+    _labelled(paragraph, {r'"memory -(\d[\d.]*) %"': reproduce["paper"]["memory_reduction"] * 100,
+                          r"\(\+([\d,]+)-[\d,]+ MiB here\)": min(extra),
+                          r"\(\+[\d,]+-([\d,]+) MiB here\)": max(extra),
+                          r"runs at (\d+)-\d+ % of the read-bandwidth roofline": min(roofline),
+                          r"runs at \d+-(\d+) % of the read-bandwidth roofline": max(roofline),
+                          r"roofline \((\d[\d.]*) GB/s": reproduce["bandwidth"]["read"]["bytes_per_s"] / 1e9,
+                          r"GB/s with (\d+) threads": reproduce["bandwidth"]["threads"],
+                          r"a filled ([\d,]+)-token context": plan["n_ctx"],
+                          r"within (\d[\d.]*) % of the measured peak": abs(plan["error_pct"]),
+                          r"within (-?\d[\d.]*) to \+": min(errors),
+                          r"to \+(\d[\d.]*) % \(": max(errors),
+                          r"gives Q4_K_M (\d[\d.]*) of F16's peak": float(rerun["q4_k_m"]["peak_rss_mb"])
+                          / float(rerun["f16"]["peak_rss_mb"]),
+                          r"under a (\d+) GiB hard cap": run["cgroup"]["limit_bytes"] / GIB,
+                          r"\((\d[\d.]*) GiB peak RSS\)": run["memory"]["tree_peak_rss_bytes"] / GIB,
+                          r"it exited (\d+) because": run["rc"],
+                          r"\(top-1 (\d[\d.]*) %, must": float(re.search(r"top-1 ([\d.]+)%", log)[1]),
+                          r"must be >= (\d+) %\)": float(re.search(r"must be >= (\d+)%", log)[1])})
+
 def _blocks_holding(text: str, words: str) -> list[tuple[str, str]]:
     """Each block (paragraph or list item) holding ``words``, with the paragraph leading into its list."""
     blocks = [_flat(block) for block in _blocks(text)]
@@ -254,6 +303,14 @@ def test_an_older_planners_figures_are_plan_memory_json_at_its_commit(page, word
     quoted = _numbers(words)
     assert len(quoted) >= 6 and not set(quoted) - kept, (sorted(set(quoted) - kept), sorted(kept))
 
+
+
+def test_the_7b_plan_is_the_one_its_planner_made_at_the_commit_named():
+    """The 7B plan the README quotes as `planner/2`'s is the result file commit fb02b70 wrote, with that planner."""
+    assert "`planner/2` at commit fb02b70, in `plan_memory-r1-distill-qwen-7b-shaped.json`" in _flat(
+        _page("plan_memory.md"))
+    assert json.loads(_at("fb02b70", f"benchmarks/results/{SEVEN_B_PLAN}")) == _json(SEVEN_B_PLAN)
+    assert 'METHOD = "planner/2"' in _at("fb02b70", "edgemed/planner.py")
 
 def _body_at(path: str, literal: str) -> str:
     """A JSON text holding ``literal`` at the dotted ``path`` (a number there is a list index)."""
