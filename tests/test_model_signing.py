@@ -360,3 +360,84 @@ def test_an_installed_copy_is_judged_by_its_certificate_at_install_time(made, tm
     idx["tiny"]["installed"] = "2021-06-01T00:00:00Z"  # installed while the certificate was in force
     store.index_path.write_text(_json.dumps(idx))
     assert runnable("tiny").model_path.is_file()
+
+
+def _root_and_leaf(tmp: Path, name: str, root_from, root_until, leaf_from, leaf_until, renewed_until=None):
+    """A root valid only from ``root_from`` to ``root_until`` and a code-signing leaf under it (EC P-256), as PEM files;
+    with ``renewed_until`` also the root re-issued (same name and key, valid from ``root_from`` until then), the way a
+    certificate authority renews one. Returns (root, renewed root or None, leaf, leaf key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import serialization as s
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
+
+    def root(serial, start, end):
+        return (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+                .serial_number(serial).not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} model signer")]))
+            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(2)
+            .not_valid_before(leaf_from).not_valid_after(leaf_until)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp / f"{name}-root.pem").write_bytes(root(1, root_from, root_until).public_bytes(s.Encoding.PEM))
+    renewed = None
+    if renewed_until is not None:
+        renewed = tmp / f"{name}-root-renewed.pem"
+        renewed.write_bytes(root(3, root_from, renewed_until).public_bytes(s.Encoding.PEM))
+    (tmp / f"{name}-leaf.pem").write_bytes(leaf.public_bytes(s.Encoding.PEM))
+    (tmp / f"{name}-leaf.key").write_bytes(leaf_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
+    return tmp / f"{name}-root.pem", renewed, tmp / f"{name}-leaf.pem", tmp / f"{name}-leaf.key"
+
+
+def test_a_root_out_of_its_validity_period_anchors_nothing(made, tmp_path, edgemed_home):
+    """model-signing checks the chain at the signing certificate's start of validity, so a trust.toml (or --cert-chain)
+    root that expired in 2021 still anchored a current certificate's chain, and verify, install and run accepted its
+    bundles. The root the chain ends at must be valid now (at install time, for an installed copy); a root renewed under
+    the same name and key, listed beside the expired one, anchors it."""
+    import datetime
+    import json as _json
+
+    from edgemed.packaging.ref import runnable
+    from edgemed.packaging.store import Store
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    root, renewed, leaf, key = _root_and_leaf(tmp_path, "lapsed", _utc("2019-01-01"), _utc("2021-01-01"), _utc("2020-01-01"),
+                                              now + datetime.timedelta(days=30), renewed_until=now + datetime.timedelta(days=300))
+    bundle = tmp_path / "lapsed-signed"
+    pack(made["inputs"], bundle, as_dir=True, private_key=signing.SigningKey(key, "cert", leaf, (root,)))
+    ms.verifying.Config().use_certificate_verifier(certificate_chain=[root]).verify(bundle, bundle / "model.sig")  # the library accepts it
+    why = "the root certificate CN=lapsed root"
+    for args in (["verify", bundle, "--cert-chain", root], ["install", bundle, "--cert-chain", root]):
+        r = _run(*args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert why in r.output and "expired on 2021-01-01 00:00 UTC" in r.output and str(root) in r.output, r.output
+        assert "current root under roots in trust.toml" in r.output, r.output
+    (edgemed_home / "keys").mkdir(parents=True)
+    shutil.copy(root, edgemed_home / "keys" / "root.pem")
+    (edgemed_home / "trust.toml").write_text('[local]\nrequire_signature = true\nroots = ["keys/root.pem"]\n')
+    r = _run("install", bundle)
+    assert r.exit_code == 1 and why in r.output and "expired on 2021-01-01 00:00 UTC" in r.output, r.output
+    assert not (edgemed_home / "store" / "models" / "tiny").exists()
+    r = _run("verify", bundle, "--cert-chain", renewed)  # the same root, renewed: the chain is anchored now
+    assert r.exit_code == 0 and "signature valid" in r.output, r.output
+    both = tmp_path / "both.pem"
+    both.write_bytes(root.read_bytes() + renewed.read_bytes())  # the expired one beside it changes nothing
+    assert _run("verify", bundle, "--cert-chain", both).exit_code == 0
+    (edgemed_home / "trust.toml").unlink()
+    assert _run("install", bundle).exit_code == 0  # no policy: installed with its signature not checked
+    (edgemed_home / "trust.toml").write_text('[local]\nrequire_signature = true\nroots = ["keys/root.pem"]\n')
+    with pytest.raises(SignatureError, match="expired on 2021-01-01 00:00 UTC .* when this copy was installed"):
+        runnable("tiny")
+    store = Store()
+    idx = _json.loads(store.index_path.read_text())
+    idx["tiny"]["installed"] = "2020-06-01T00:00:00Z"  # installed while the root was in force
+    store.index_path.write_text(_json.dumps(idx))
+    assert runnable("tiny").model_path.is_file()

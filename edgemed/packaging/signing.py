@@ -451,8 +451,9 @@ def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key, *, at=No
 
     model.sig must list exactly manifest.json and the manifest's files with their sha256 (the files themselves are
     checked against the manifest by the caller, as for any bundle, so this costs no second read of the model).
-    Certificate mode (``key`` a CertRoots): the signing certificate and its intermediates must also be valid at
-    ``at`` (an aware datetime; now by default; ``trust.check_installed`` passes the time the copy was installed).
+    Certificate mode (``key`` a CertRoots): the signing certificate, its intermediates and the root (of ``key``) the
+    chain ends at must also be valid at ``at`` (an aware datetime; now by default; ``trust.check_installed`` passes the
+    time the copy was installed).
     Raises SignatureError."""
     key = as_public_key(key)
     if sig is None:
@@ -465,7 +466,7 @@ def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key, *, at=No
         return _verify_legacy(sig.data, manifest_bytes, key)
     if isinstance(key, CertRoots):
         _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_certificate_verifier(certificate_chain=key.paths))
-        _check_validity(sig, at)  # the chain is authentic now: is it still in force?
+        _check_validity(sig, key, at)  # the chain is authentic now: is it still in force, its root included?
         return signer_id(sig)
     if key.kind != "ec":
         raise SignatureError(f"The bundle carries an OpenSSF model signature (model.sig), but '{key.path}' is an ed25519 "
@@ -558,27 +559,67 @@ def _validity_problem(cert, at, role: str) -> str | None:
     return None
 
 
-def _check_validity(sig: Signature, at=None) -> None:
-    """Certificate mode: refuse model.sig unless its signing certificate and each intermediate it carries are valid at
-    ``at`` (now by default). model-signing checks the chain at the signing certificate's own start of validity, and
-    nothing in model.sig says when it was made, so without this anyone holding the key of a certificate that expired
-    years ago could sign a bundle today. A self-signed root carried along is skipped: the roots the chain is checked
+def _check_validity(sig: Signature, roots: CertRoots, at=None) -> None:
+    """Certificate mode: refuse model.sig unless its signing certificate, each intermediate it carries, and the
+    certificates of ``roots`` its chain ends at are valid at ``at`` (now by default). model-signing checks the chain at
+    the signing certificate's own start of validity, and nothing in model.sig says when it was made, so without this
+    anyone holding the key of a certificate that expired years ago could sign a bundle today, and a root that expired
+    years ago still anchored one. A self-signed root carried along is not the anchor: the roots the chain is checked
     against are the trust policy's (or --cert-chain's), not the signature's."""
     import datetime
 
     installed = at is not None
-    at = at or datetime.datetime.now(datetime.timezone.utc)
-    for i, cert in enumerate(_carried_certificates(sig)):
+    at = (at or datetime.datetime.now(datetime.timezone.utc)).astimezone(datetime.timezone.utc)
+    when = f"when this copy was installed ({at:%Y-%m-%d %H:%M} UTC)" if installed else f"now ({at:%Y-%m-%d %H:%M} UTC)"
+    carried = _carried_certificates(sig)
+    for i, cert in enumerate(carried):
         if i > 0 and cert.subject == cert.issuer:
             continue
         why = _validity_problem(cert, at, "signing certificate" if i == 0 else "intermediate certificate")
         if why is not None:
-            when = f"when this copy was installed ({at:%Y-%m-%d %H:%M} UTC)" if installed else f"now ({at:%Y-%m-%d %H:%M} UTC)"
             raise SignatureError(
                 f"model.sig is refused: {why}, so it does not vouch for the bundle {when}. model.sig does not record "
                 "when it was made, so a certificate out of its validity period signs nothing edgemed accepts.",
                 "ask the maker to re-sign the bundle with a current certificate (edgemed pack --sign KEY.pem --cert "
                 "CERT.pem --cert-chain ROOT.pem); if the date looks wrong, check this machine's clock")
+    _check_anchor(carried, roots, at, when)
+
+
+def _check_anchor(carried: list, roots: CertRoots, at, when: str) -> None:
+    """The chain from ``carried`` (signing certificate first) to a certificate of ``roots`` built again as of ``at``
+    (OpenSSL, as the library builds it, which takes an issuer in force at that time where it has one): a refusal
+    names the root (or a chain certificate from ``roots``) out of its validity period, the file it came from and the
+    date."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from OpenSSL import crypto
+
+    anchors = [(path, cert) for path in roots.paths for cert in x509.load_pem_x509_certificates(_small(path))]
+    store = crypto.X509Store()
+    for _, cert in anchors:
+        store.add_cert(crypto.X509.from_cryptography(cert))
+    store.set_time(at)
+    context = crypto.X509StoreContext(store, crypto.X509.from_cryptography(carried[0]),
+                                      [crypto.X509.from_cryptography(c) for c in carried[1:]])
+    try:
+        context.verify_certificate()
+        return
+    except crypto.X509StoreContextError as exc:
+        failed, text = exc.certificate.to_cryptography(), str(exc)
+    fingerprint = failed.fingerprint(hashes.SHA256())
+    source = next((str(path) for path, cert in anchors if cert.fingerprint(hashes.SHA256()) == fingerprint), None)
+    why = _validity_problem(failed, at, "root certificate" if failed.subject == failed.issuer else "chain certificate")
+    if why is None:  # not a matter of dates: the chain that verified at the signing certificate's start does not now
+        raise SignatureError(f"model.sig is refused: its certificate chain does not verify against "
+                             f"{', '.join(map(str, roots.paths))} {when}: {text[:200]}.",
+                             "pass the root certificate the signer's certificate chains to (--cert-chain, or roots in "
+                             "trust.toml), or ask the maker to re-sign the bundle with a current certificate")
+    raise SignatureError(
+        f"model.sig is refused: {why}{f' (it is in {source})' if source else ''}, so the chain it anchors does not "
+        f"vouch for the bundle {when}.",
+        "list the certificate authority's current root under roots in trust.toml (or pass it with --cert-chain); a "
+        "bundle whose chain ends only at that root must be re-signed by its maker under a current one; if the date looks wrong, "
+        "check this machine's clock")
 
 
 def check_certificate_files(certificate: Path, chain=()) -> None:
