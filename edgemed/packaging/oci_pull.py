@@ -13,6 +13,11 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    resumes from the part's size with an HTTP ``Range`` request, after re-hashing the bytes already there.
    A digest or size mismatch is refused naming the layer's file path and both digests, and the bad part
    is deleted (a resumed one gets one fresh try from byte 0 first: its old bytes may be what was wrong).
+   An answer that says the registry's blob is another size than the layer's (its Content-Length, the total of
+   its Content-Range, a 416 naming the size) is refused before a byte of it is written, naming both sizes, and
+   the part is deleted: a blob cut short in the registry (its disk filled during a push) is no interrupted
+   download, and resuming it would fetch it whole again on every pull. A 416 that names no size, followed by a
+   whole blob that ends short, is the same refusal.
    A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``),
    ``--force`` or not: a nightly ``edgemed pull ... --force`` on every device downloads nothing until the tag
    moves, then installs the new bundle. A name holding another bundle is refused without ``--force`` before
@@ -311,16 +316,24 @@ def _fetch_blob(client: oci.Client, x: oci.Layer, root: Path, origin: oci.Ref, s
     final, part = root / x.sha256, root / f"{x.sha256}.part"
     if final.exists():  # verified by an earlier pull that stopped before its install; checked again below
         os.replace(final, part)
+    refused_range = False  # a 416: the registry holds no byte at the part's end, so the layer may be short there
     for attempt in (0, 1):
         if x.size == 0:  # an empty file: nothing to request, its digest is still checked
             part.touch()
         h, start = _rehash(part, x)
         resumed_from = start
         try:
-            got = _download(client, x, part, h, start, stats)
-        except _Restart:
+            got = _download(client, x, part, h, start, stats, whole_or_short=refused_range)
+        except _Restart as exc:
             part.unlink(missing_ok=True)
+            refused_range = refused_range or exc.refused_range
             continue
+        except _Held as exc:  # the registry's blob is not the layer's size: no retry, no resume can mend that
+            part.unlink(missing_ok=True)
+            raise IntegrityError(f"The registry holds {exc.held} bytes for layer '{x.path}' (sha256:{x.sha256}) of {origin}; "
+                                 f"its descriptor says {x.size}.",
+                                 "the registry's copy is cut short or was altered (a registry whose disk filled keeps a "
+                                 "short blob); push the bundle again from a verified copy (nothing was installed)") from None
         if got == x.sha256:
             stats.bytes_resumed += resumed_from
             step("oci.download-done")
@@ -361,7 +374,44 @@ def _disk_refused(code: int | None, part: Path) -> None:
 
 
 class _Restart(Exception):
-    """The registry ignored the Range request; the part is dropped and the download starts over."""
+    """The registry ignored the Range request, or refused it (416, ``refused_range``): the part is dropped and the
+    download starts over."""
+
+    def __init__(self, refused_range: bool = False):
+        super().__init__()
+        self.refused_range = refused_range
+
+
+class _Held(Exception):
+    """The registry's answer says its blob holds ``held`` bytes, not the layer's size."""
+
+    def __init__(self, held: int):
+        super().__init__(held)
+        self.held = held
+
+
+_CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)")
+
+
+def _held(r, start: int, x: oci.Layer) -> int | None:
+    """What the answer ``r`` to a GET from byte ``start`` says the registry's blob holds, in bytes, where that is not
+    the layer's size (None: as the descriptor says, or unstated). The total of a Content-Range (``bytes S-E/T``,
+    ``bytes */T``) first; else ``start`` plus the Content-Length, unless the body is encoded (its length is then the
+    encoding's)."""
+    m = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", "").strip())
+    if m is not None and m[3] != "*":
+        held = int(m[3])
+    elif r.status_code == 416:
+        return None
+    elif m is not None and m[2] is not None:  # a range with no total: the registry holds at least its end
+        held = int(m[2]) + 1
+        return held if held > x.size else None
+    elif r.headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity") and \
+            (length := r.headers.get("Content-Length", "").strip()).isdigit():
+        held = start + int(length)
+    else:
+        return None
+    return held if held != x.size else None
 
 
 def _rehash(part: Path, x: oci.Layer) -> tuple[hashlib._Hash, int]:
@@ -384,8 +434,14 @@ def _rehash(part: Path, x: oci.Layer) -> tuple[hashlib._Hash, int]:
     return h, size - left
 
 
-def _download(client: oci.Client, x: oci.Layer, part: Path, h, start: int, stats: Pulled) -> str:
-    """Append the layer's bytes from ``start`` to ``part``, hashing them; return the hex digest of the whole."""
+def _download(client: oci.Client, x: oci.Layer, part: Path, h, start: int, stats: Pulled, *,
+              whole_or_short: bool = False) -> str:
+    """Append the layer's bytes from ``start`` to ``part``, hashing them; return the hex digest of the whole.
+
+    An answer that says the registry's blob is not the layer's size (``_held``) is refused before a byte is written
+    (``_Held``), and so is a 416 whose Content-Range names the blob's size. ``whole_or_short``: the registry refused
+    a Range inside the layer (416) before, so this whole download ending short is the registry's size, not a cut
+    connection, and is refused as such rather than left to resume."""
     from edgemed.errors import EdgemedError
 
     if start < x.size:
@@ -394,8 +450,11 @@ def _download(client: oci.Client, x: oci.Layer, part: Path, h, start: int, stats
         with r:
             if start and r.status_code == 200:  # the registry sends the whole blob: start over
                 raise _Restart()
-            if r.status_code == 416:  # the part is not a prefix the registry can continue
-                raise _Restart()
+            if r.status_code in (200, 206, 416) and (held := _held(r, start, x)) is not None:
+                raise _Held(held)
+            if r.status_code == 416:  # a Range inside the layer refused: unless the answer gave the blob's size (the
+                # layer's), the registry's blob may end before the part does
+                raise _Restart(refused_range=not _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", "").strip()))
             if r.status_code not in (200, 206):
                 raise client.fail(r, f"layer '{x.path}' (sha256:{x.sha256})")
             if start and not r.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
@@ -422,6 +481,8 @@ def _download(client: oci.Client, x: oci.Layer, part: Path, h, start: int, stats
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if written < x.size and whole_or_short:
+            raise _Held(written)
         if written < x.size:
             raise EdgemedError(f"The download of '{x.path}' stopped at {written} of {x.size} bytes (the registry closed the connection).",
                                "run the same pull again: it resumes where it stopped")
