@@ -337,6 +337,32 @@ def test_a_signature_that_names_no_key_is_judged_by_the_signature(home, made, tm
         runnable("unchecked")
 
 
+def test_another_threads_output_during_a_verification_reaches_stdout(made, tmp_path, capsys, caplog, monkeypatch):
+    """The library's WARNING (a model.sig without a key hint) was kept off stdout by swapping sys.stdout for the whole
+    process while it verified: `edgemed serve` verifies an installed adapter bundle on a worker thread, and another
+    thread's output in that window went into the log. Only the library's own print is taken now."""
+    import threading
+
+    from edgemed.packaging.bundle import read_manifest
+
+    man, data, sig = read_manifest(_without_hint(made["by-a"], tmp_path / "a"))
+    real = signing._use_key
+
+    def use_while_another_thread_prints(config, folder):  # called inside the verification
+        other = threading.Thread(target=print, args=("the server's own line",))
+        other.start()
+        other.join()
+        real(config, folder)
+
+    monkeypatch.setattr(signing, "_use_key", use_while_another_thread_prints)
+    with caplog.at_level("INFO", logger="edgemed.packaging.signing"):
+        assert signing.verify(sig, man, data, signing.load_public_key(made["a"])) == signing.load_public_key(made["a"]).key_id
+    out = capsys.readouterr().out
+    assert "the server's own line" in out and "WARNING" not in out, out
+    assert any(r.getMessage().startswith("model-signing printed: WARNING") for r in caplog.records), caplog.records
+    assert not any("the server's own line" in r.getMessage() for r in caplog.records)
+
+
 def test_inspect_of_a_signature_that_names_no_key_says_so(home, made, tmp_path):
     """inspect printed 'signed by key None' for a model.sig without a key hint: it says what is known instead."""
     by_a = _without_hint(made["by-a"], tmp_path / "a")

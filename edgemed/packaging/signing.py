@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -520,21 +519,37 @@ def _verify_with(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> N
 
 
 def _run_library(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> None:
-    """One run of the library's verifier; raises what it raises. What it prints (model-signing 1.1.1 prints a warning
-    for a signature without a key hint) is captured and logged, never written to stdout, where `--json` puts its
-    one document."""
+    """One run of the library's verifier; raises what it raises. What it prints (model-signing 1.1.1's EC verifier
+    prints a warning for a signature without a key hint) is logged, never written to stdout, where `--json` puts its
+    one document (``_route_library_print``)."""
     ms = _library()
+    _route_library_print()
     config = ms.verifying.Config()
-    printed = io.StringIO()
+    with _files(sig, key) as d:
+        use(config, d)
+        config.set_hashing_config(_known_digests_config(manifest.name, expected_digests(manifest, manifest_bytes)))
+        config.verify(d, d / MODEL_SIG)
+
+
+def _library_print(*values, sep=" ", end="\n", file=None, flush=False) -> None:
+    """The ``print`` of the library's EC verifier module: its text, logged."""
+    text = (" " if sep is None else sep).join(map(str, values)).strip()
+    if text:
+        log.info("model-signing printed: %s", text)
+
+
+def _route_library_print() -> None:
+    """Give the library's EC verifier module (the one that prints, with the builtin ``print``) a module-level ``print``
+    that logs: a name in a module shadows the builtin for that module alone. Swapping ``sys.stdout`` around a
+    verification (``contextlib.redirect_stdout``) did it for the whole process: in `edgemed serve`, which verifies an
+    installed adapter bundle on a worker thread, another thread's output in that window went into the log. Set once
+    and left (nothing to restore, so two verifications at once cannot leave each other's stand-in behind); a library
+    that moved the module prints as it does, which the tests of `verify --json` would show."""
     try:
-        with _files(sig, key) as d, contextlib.redirect_stdout(printed):
-            use(config, d)
-            config.set_hashing_config(_known_digests_config(manifest.name, expected_digests(manifest, manifest_bytes)))
-            config.verify(d, d / MODEL_SIG)
-    finally:
-        for line in printed.getvalue().splitlines():
-            if line.strip():
-                log.info("model-signing printed: %s", line.strip())
+        from model_signing._signing import sign_ec_key
+    except ImportError:  # another layout of the library: nothing of ours to set
+        return
+    sign_ec_key.print = _library_print
 
 
 # -- certificate validity ----------------------------------------------------------------------------
