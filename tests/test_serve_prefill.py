@@ -132,6 +132,22 @@ def test_a_chunk_never_leaves_or_takes_a_single_token_of_a_longer_prompt():
     assert chunk_of(WHOLE_PROMPT, 16, 16, WHOLE_PROMPT) == WHOLE_PROMPT and chunk_of(100, 16, 16, 300) == 16  # a short prompt goes whole, as llama-server feeds it
 
 
+def test_a_chunk_of_two_never_leaves_the_prompts_last_token_alone():
+    """A guard that only worked for chunks over two: ``chunk_of(3, 2, 2)`` took 2, and the next step fed the prompt's
+    last token alone (``edgemed serve --prefill-chunk 2``, the floor of two on a slow host, or the rest of a step's
+    budget after another prompt's chunk). Now the rest goes together where the batch has room, else it waits."""
+    assert chunk_of(3, 2, 2) == 3 and chunk_of(3, 2, 2, room=2) == 0 and chunk_of(2, 1, 30) == 2
+    for remaining in range(2, 601):
+        for budget in (*range(1, 40), 64, 127, 128, 255, 512, 1 << 30):
+            for whole in {budget, budget + 1, 2 * budget, 512, 1 << 30} - {1}:  # a step's budget of one: below
+                for room in {budget, budget + 1, remaining - 1, remaining, 512, 1 << 30}:
+                    take = chunk_of(remaining, min(budget, room), whole, room=room)
+                    assert 0 <= take <= min(room, remaining), (remaining, budget, whole, room, take)
+                    assert remaining - take != 1, (remaining, budget, whole, room, take)
+                    assert take <= budget + 1 and (take == 0 or take >= 2), (remaining, budget, whole, room, take)
+    assert chunk_of(2, 1, 1, room=1) == 1  # a budget of one, in a batch of one free row, still makes progress
+
+
 def test_prompts_fed_together_go_in_calls_of_equal_pieces_and_no_piece_is_one_token_of_more():
     calls = equal_pieces([("a", 62), ("b", 72), ("c", 66), ("d", 70)])
     assert calls[0] == [("a", 62), ("b", 62), ("c", 62), ("d", 62)]  # one pass over the weights for most of it
