@@ -19,6 +19,9 @@ from test_docs_claims import RESULTS, ROOT, _blocks, _table_rows
 
 GIB, MIB = 2**30, 2**20
 
+D0004, D0005, D0008 = (f"docs/decisions/{name}.md" for name in ("0004-no-mmap-on-cpu-profiles",
+                                                                    "0005-parity-without-the-cpu-repack",
+                                                                    "0008-layer-at-a-time-reference"))
 #: (page, its words, the commit that recorded them, the file that held them there): runs no result file keeps
 RECORDED = [
     ("convert_cost.md", ("peaked at 5.6 GB (numpy's BF16 rounding made 8-byte temporaries of the 136 M-element "
@@ -26,6 +29,10 @@ RECORDED = [
     ("convert_cost.md", ("NMSE 1.54e-5, KLD 1.1e-5, top-1 98.6 %: PASS, in 240 s (15.6 GB RSS, nearly all the "
                          "memory-mapped 15.2 GB F16 file)"), "fe3da00", "benchmarks/results/convert_cost.md"),
     ("convert_cost.md", "10.4 GiB", "b29a9ff", "DESIGN.md"),
+    (D0005, "290 MiB anonymous + 420 MiB file-backed for the 0.5B Q4_0; at 7B Q4_K_M this is 3.0 GiB, the route's "
+            "largest term", "c73dcef", "benchmarks/results/convert_memory.md"),
+    (D0008, "10.4 GiB", "b29a9ff", "DESIGN.md"),
+    (D0008, "NMSE 1.54e-5", "fe3da00", "benchmarks/results/convert_cost.md"),
     ("onnx_vs_gguf.md", "55 s wall, 5.6 GB peak (vs 92-118 s for the traced route", "f45636a", "DESIGN.md"),
     ("onnx_vs_gguf.md", "fp32 NMSE 1.0e-11, int4 KLD 0.126 / top-1 78.5 %", "f45636a", "DESIGN.md"),
     ("onnx_vs_gguf.md", ("92-118 s wall, 5.9 GB peak RSS (export 55-60 s, fp32 parity 32-37 s incl. the HF source, "
@@ -46,7 +53,8 @@ def _flat(text: str) -> str:
 
 
 def _page(name: str) -> str:
-    return (RESULTS / name).read_text(encoding="utf-8")
+    """A results page by its name, or another page by its path from the repository's root."""
+    return (ROOT / name if "/" in name else RESULTS / name).read_text(encoding="utf-8")
 
 
 def _json(name: str) -> dict:
@@ -227,7 +235,8 @@ def test_the_readme_paragraph_after_the_7b_table_is_its_results():
 
     text = _flat((ROOT / "README.md").read_text(encoding="utf-8"))
     paragraph = re.search(r'The paper\'s "memory -[\d.]+ %" now holds.*?(?= ### )', text)[0]
-    reproduce, table = json.loads((RESULTS / SEVEN_B / "results.json").read_text(encoding="utf-8")), _results_csv(SEVEN_B)
+    reproduce = json.loads((RESULTS / SEVEN_B / "results.json").read_text(encoding="utf-8"))
+    table = _results_csv(SEVEN_B)
     extra = [float(table[f"{q}-mmap"]["peak_rss_mb"]) - float(table[q]["peak_rss_mb"]) for q in ("q4_k_m", "q4_0")]
     roofline = [float(row["roofline_fraction"]) * 100 for row in table.values() if row["runtime"] == "llama.cpp"]
     (plan,) = _json(SEVEN_B_PLAN)["rows"]
@@ -254,6 +263,70 @@ def test_the_readme_paragraph_after_the_7b_table_is_its_results():
                           r"it exited (\d+) because": run["rc"],
                           r"\(top-1 (\d[\d.]*) %, must": float(re.search(r"top-1 ([\d.]+)%", log)[1]),
                           r"must be >= (\d+) %\)": float(re.search(r"must be >= (\d+)%", log)[1])})
+
+
+def _measurement(page: str) -> str:
+    """A decision record's Measurement section on one line, the words of every recorded run cut out."""
+    return _without_recorded(_section(_page(page), "## Measurement"))
+
+
+def test_decision_0004s_measurements_are_their_jsons():
+    """The load-mode run, the 7B-shaped reproduce run and the planner's 1.5B row, each its result file's."""
+    text = _measurement(D0004)
+    mapped, read_in = (_json("load_mode-qwen2.5-1.5b-q4_k_m.json")["median"][mode] for mode in ("mmap", "none"))
+    table = _results_csv(SEVEN_B)
+    row = next(r for r in _json("plan_memory.json")["rows"] if r["model"].startswith("qwen2.5-1.5b")
+               and r["n_ctx"] == int(re.search(r"the 1\.5B Q4_K_M at ([\d,]+) tokens", text)[1].replace(",", "")))
+    _labelled(text, {r"mapped ([\d,]+) MiB peak": mapped["peak_rss"] / MIB,
+                     r"\(([\d,]+) MiB file pages": mapped["rss_file"] / MIB,
+                     r"\+ ([\d,]+) MiB anonymous\)": mapped["rss_anon"] / MIB,
+                     r"read in ([\d,]+) MiB \(": read_in["peak_rss"] / MIB,
+                     r"\(([\d,]+) MiB file\)": read_in["rss_file"] / MIB,
+                     r"decode (\d[\d.]*) vs \d[\d.]* tok/s; load": mapped["decode_tok_s"],
+                     r"decode \d[\d.]* vs (\d[\d.]*) tok/s; load": read_in["decode_tok_s"],
+                     r"load (\d[\d.]*) vs": mapped["load_s"],
+                     r"load \d[\d.]* vs (\d[\d.]*) s": read_in["load_s"],
+                     r"Q4_K_M ([\d,]+) MiB read in": float(table["q4_k_m"]["peak_rss_mb"]),
+                     r"against ([\d,]+) MiB mapped": float(table["q4_k_m-mmap"]["peak_rss_mb"]),
+                     r"decode (\d[\d.]*) vs \d[\d.]* tok/s; Q4_K_M": float(table["q4_k_m"]["decode_tok_s_p50"]),
+                     r"vs (\d[\d.]*) tok/s; Q4_K_M's": float(table["q4_k_m-mmap"]["decode_tok_s_p50"]),
+                     r"peak is (\d[\d.]*) of F16's": float(table["q4_k_m"]["peak_rss_mb"])
+                     / float(table["f16"]["peak_rss_mb"]),
+                     r"\(([\d,]+) / [\d,]+ MiB\)": float(table["q4_k_m"]["peak_rss_mb"]),
+                     r"\([\d,]+ / ([\d,]+) MiB\)": float(table["f16"]["peak_rss_mb"]),
+                     r"at ([\d,]+) tokens": row["n_ctx"],
+                     r"predicted ([\d,.]+) MiB": row["predicted"] / MIB,
+                     r"measured ([\d,.]+) MiB": row["measured"] / MIB,
+                     r"\(\+(\d[\d.]*) %\)": row["error_pct"]})  # "+" as written: above the measured
+
+
+def test_decision_0005s_measurements_are_a_json_or_a_recorded_run():
+    """The capped 7B conversion is its JSON's and is said to predate the change, as convert_cost.md's table notes;
+    the default buffers' figures are a recorded run's."""
+    text = _measurement(D0005)
+    run = _json(SEVEN_B_CAPPED)["runs"]["convert+parity"]
+    _labelled(text, {r"under a (\d+) GiB cap": run["cgroup"]["limit_bytes"] / GIB,
+                     r"cap, (\d[\d.]*) GiB tree peak": run["memory"]["tree_peak_rss_bytes"] / GIB,
+                     r"of which (\d[\d.]*) GiB anonymous": run["memory"]["tree_peak_anon_bytes"] / GIB})
+    assert "in a run made before this change (commit 7e83cbf)" in text
+    rows = _table_rows(_page("convert_cost.md"), CAPPED)
+    assert SEVEN_B_CAPPED.removesuffix(".json") in rows[2][0], rows
+    assert "The first and third runs were made before parity compared prompt by prompt and loaded the GGUF without " \
+           "the CPU repack (commit 7e83cbf)" in _flat(_page("convert_cost.md"))
+
+
+def test_decision_0008s_measurements_are_their_jsons_a_recorded_run_or_the_tests_tolerance():
+    text = _measurement(D0008)
+    capped = [_json(name)["runs"]["convert+parity"]
+              for name in ("convert_cost-qwen2.5-1.5b-instruct-q4_k_m-parity-cap2.5g.json", SEVEN_B_CAPPED)]
+    tolerance = re.search(r"^TOL = (\S+)", (ROOT / "tests" / "test_layered_reference.py").read_text(encoding="utf-8"),
+                          re.MULTILINE)[1]
+    assert capped[0]["parity"]["passed"] and "parity PASS" in text
+    _labelled(text, {r"stand-in, (\d[\d.]*) GiB cap": capped[0]["cgroup"]["limit_bytes"] / GIB,
+                     r"tree peak (\d[\d.]*) GiB": capped[0]["memory"]["tree_peak_rss_bytes"] / GIB,
+                     r"random weights\), (\d+) GiB cap": capped[1]["cgroup"]["limit_bytes"] / GIB,
+                     r"cap: (\d[\d.]*) GiB peak, parity ran": capped[1]["memory"]["tree_peak_rss_bytes"] / GIB,
+                     r"within (\d[\d.e-]*) of the largest": float(tolerance)})
 
 def _blocks_holding(text: str, words: str) -> list[tuple[str, str]]:
     """Each block (paragraph or list item) holding ``words``, with the paragraph leading into its list."""
