@@ -226,6 +226,27 @@ def answer_too_long() -> type:
     return type("AnswerTooLong", (RegistryError, oras.auth.AuthenticationException), {"__module__": __name__})
 
 
+@functools.cache
+def credentials_withheld() -> type:
+    """The error of a challenge edgemed will not answer with the registry's credentials (a storage host the registry
+    redirected to, a token service other than the registry's own): a RegistryError carrying its own fix, and one of
+    oras's ``AuthenticationException``s, which its retry re-raises at once."""
+    import oras.auth
+
+    return type("CredentialsWithheld", (RegistryError, oras.auth.AuthenticationException), {"__module__": __name__})
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the port filled in for the scheme: what makes two URLs one server."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # a port out of range: matches no registry
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
 class Client:
     """An ``oras`` registry client for one registry, its scheme and its auth backend chosen by a first ``GET /v2/``.
 
@@ -242,6 +263,7 @@ class Client:
         self.ref = ref
         self.plain = insecure or ref.is_loopback
         self.base = f"{'http' if self.plain else 'https'}://{ref.registry}"
+        self.realm: str | None = None  # the token service the registry named first (its /v2/ challenge)
         backend = self._ping()
         self.oras = oras.provider.Registry(hostname=ref.registry, insecure=self.plain, tls_verify=True, auth_backend=backend)
         self.oras.session.hooks["response"].append(bounded_body)  # before any request of this session (oras's included)
@@ -263,26 +285,42 @@ class Client:
         if backend == "basic":  # sent with every request, not after a 401 each time (the registry hashes it per request)
             self.oras.session.headers["Authorization"] = f"Basic {self.oras.auth._basic_auth}"
 
+    def _full_realm(self, realm: str | None) -> str:
+        """A challenge's realm as oras requests it (oras prefixes its own scheme to one without)."""
+        realm = realm or ""
+        return realm if not realm or realm.startswith("http") else f"{'http' if self.plain else 'https'}://{realm}"
+
     def _guard_auth(self) -> None:
-        """Two rules oras's auth backend does not keep, kept around it:
+        """The rules oras's auth backend does not keep, kept around it:
 
         - credentials go to a token service (the challenge's realm) over HTTPS only, as ``edgemed login`` requires:
           a registry naming an ``http://`` realm would otherwise receive the user's password in the clear;
+        - credentials go to the registry's own token service only: the one its first challenge named (``GET /v2/``),
+          and only on a challenge from the registry itself. A blob GET that the registry redirects to a storage host
+          (a CDN, S3) carries no credentials there (requests drops them); when that host answers with a challenge of
+          its own, oras fetched a fresh token from the realm it named, sending the stored user name and password;
         - a 401 or 403 with no challenge this client can answer fails at once, named (oras raised a bare ValueError
           and retried it, sleeping about two minutes, before a traceback)."""
         import oras.auth
 
         auth, plain, registry = self.oras.auth, self.plain, self.ref.registry
+        home = _origin(self.base)
 
         def realm_checked(fn):
             def call(h, *args, **kwargs):
-                realm = getattr(h, "realm", None) or ""
-                if realm and not realm.startswith("http"):  # oras prefixes its own scheme
-                    realm = f"{'http' if plain else 'https'}://{realm}"
+                realm = self._full_realm(getattr(h, "realm", None))
                 if realm and not token_realm_allowed(realm, plain):
                     raise oras.auth.AuthenticationException(
                         f"The registry {registry} names a token service that is not HTTPS ({realm[:80]!r}); "
                         "edgemed sends no credentials there.")
+                if realm and self.realm is None:
+                    self.realm = realm  # its /v2/ asked for none: the first challenge names the registry's own
+                if realm and realm != self.realm:
+                    raise credentials_withheld()(
+                        f"The registry {registry} named the token service {self.realm[:120]!r} first and now "
+                        f"{realm[:120]!r}; edgemed sends credentials only to the first.",
+                        "check that the address is the registry itself and not a proxy answering in its place; the "
+                        "registry's administrator can tell which token service it uses")
                 return fn(h, *args, **kwargs)
             return call
 
@@ -292,8 +330,17 @@ class Client:
         if hasattr(auth, "authenticate_request"):
             answer = auth.authenticate_request
 
-            def authenticate(original, headers, *args, **kwargs):
-                headers, changed = answer(original, headers, *args, **kwargs)
+            def authenticate(original, headers, refresh=False):
+                if original.headers.get("WWW-Authenticate") and _origin(original.url) != home:
+                    where = urlsplit(original.url)
+                    raise credentials_withheld()(
+                        f"The storage host {where.netloc} that the registry {registry} redirected to asked for "
+                        f"credentials (HTTP {original.status_code} to {original.request.method} {where.path[:120]}); "
+                        "edgemed sends them only to the registry.",
+                        "ask the registry's administrator to have its redirects work without the registry's "
+                        "credentials (signed storage links), or to serve blobs itself (Distribution: storage "
+                        "redirect disable: true)")
+                headers, changed = answer(original, headers, refresh=refresh)
                 if not changed:
                     raise oras.auth.AuthenticationException(
                         f"The registry {registry} answered HTTP {original.status_code} to {original.request.method} "
@@ -320,6 +367,10 @@ class Client:
         challenge = r.headers.get("WWW-Authenticate", "")
         if r.status_code == 401 and challenge.lower().startswith("basic"):
             return "basic"
+        if r.status_code == 401 and challenge.lower().startswith("bearer"):
+            import oras.auth.utils
+
+            self.realm = self._full_realm(oras.auth.utils.parse_auth_header(challenge).realm) or None
         if r.status_code not in (200, 401):
             raise RegistryError(f"{self.base}/v2/ answered HTTP {r.status_code}: not an OCI registry API.",
                                 "check the host and port of the registry")
@@ -336,7 +387,7 @@ class Client:
 
         try:
             return self.oras.do_request(url, method, headers=dict(headers or {}), stream=stream)
-        except answer_too_long():
+        except RegistryError:  # named with its own fix (an answer cut at its bound, credentials withheld)
             raise
         except oras.auth.AuthenticationException as exc:
             raise RegistryError(str(exc), "check that the repository exists and that your login may read it "
