@@ -18,6 +18,7 @@ pytest.importorskip("llama_cpp")
 
 from edgemed.runtime.batch.batcher import MIN_SHARED, REFEED, Batcher, Finished  # noqa: E402
 from serve_kit import collect  # noqa: E402
+from test_serve_prefix_reuse import settle  # noqa: E402
 from test_serve_adapters import kit  # noqa: E402,F401 - the adapter files (made once, cached)
 
 LOAD = LoadSettings(n_ctx=4 * 512, n_threads=1, n_threads_batch=1, n_batch=512, n_ubatch=512)
@@ -89,6 +90,18 @@ def test_host_cache_entries_of_one_adapter_go_whatever_their_scope():
     c.put((None, "dr-a"), [1, 2, 3], b"z" * 10)
     assert c.match((("cardio", 1.0, 7), "dr-c"), [1, 2, 3], 10) == (0, None)  # another scope: nothing
     assert c.purge_if(lambda key: key[0] == ("cardio", 1.0, 7)) == 2 and len(c) == 1 and c.bytes == 10
+
+
+def test_room_is_made_before_a_state_is_built_and_never_from_the_entry_being_restored():
+    c = PrefixCache(250)
+    assert c.put(None, [1, 2, 3], bytearray(b"a" * 100)) and c.put(None, [4, 5, 6], bytearray(b"b" * 100))
+    keep = c.match(None, [1, 2, 3], 10)[1]
+    assert c.make_room(None, [7, 8, 9], 100, keep)  # [1, 2, 3] is older, but about to be restored: [4, 5, 6] goes
+    assert c.bytes == 100 and c.evicted == 1 and c.match(None, [1, 2, 3], 10)[1] is keep
+    assert not c.make_room(None, [7, 8, 9], 151, keep) and c.bytes == 100  # cannot fit beside it: nothing dropped
+    assert c.make_room(None, [1, 2, 3, 4], 240) and len(c) == 0  # the entry it extends goes first, counted as no eviction
+    assert c.evicted == 1 and c.bytes + 240 <= c.max_bytes
+    assert not c.make_room(None, [1], 251) and not c.put(None, [1], bytearray())  # over the bound; a failed save
 
 
 def test_a_prefix_is_reused_only_within_its_scope(smollm2_gguf, cold):
@@ -211,6 +224,106 @@ def test_the_host_cache_evicts_the_oldest_and_refuses_what_exceeds_its_bound(smo
     with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2, prefix_cache_bytes=one // 2) as b:
         turn_over(b, ["oncology", "neurology"])  # the entry exceeds the bound: not stored
         assert b.stats()["prefix_host_entries"] == 0 == b.stats()["prefix_host_bytes"]
+
+
+def test_the_host_cache_and_the_state_being_saved_or_restored_stay_within_the_bound(smollm2_gguf):
+    """Three unrelated 300-token prompts through one slot, a bound with room for one saved state but not two, then
+    the last one's state restored. The state was built before room was made for it and then copied (``bytes(buf)``)
+    beside the entries, and a restore copied the entry again: 20.1 MiB of Python heap at the peak for a 10 MiB bound
+    (59.7 for 20 MiB with 900-token prompts). Now room is made first, the state is written into the one buffer that is kept, and a restore reads
+    that buffer: Python's heap (tracemalloc, from before the first request) holds the bound at most, plus a MiB for
+    the requests' own objects."""
+    import tracemalloc
+
+    bound = 10 << 20
+    load = LoadSettings(n_ctx=1024, n_threads=1, n_threads_batch=1, n_batch=512, n_ubatch=512)
+    with Batcher(smollm2_gguf, load, slots=1, queue_size=2, prefix_cache_bytes=bound) as b:
+        a, c, d = (b.tokenize(preamble(t, 8))[:300] for t in ("oncology", "neurology", "psychiatry"))
+        assert max(common(a, c), common(a, d), common(c, d)) < MIN_SHARED
+        peaks = []
+        tracemalloc.start()
+        try:
+            for i, prompt in enumerate((a, c, d)):  # each saves the one before it; the third must evict the first
+                collect(b.submit(prompt, GREEDY, request_id=f"r{i}"))
+                settle(b)
+                if i == 1:
+                    one = b.stats()["prefix_host_bytes"]
+                    assert bound // 2 < one <= bound  # one state fits, two do not
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            collect(b.submit(b.tokenize("Hello"), GREEDY, request_id="short"))  # d's state is saved, c's evicted
+            settle(b)
+            tracemalloc.reset_peak()  # (the heap still holds d's entry)
+            again = d + b.tokenize(QUESTIONS[0], add_special=False)
+            _, fin = collect(b.submit(again, GREEDY, request_id="again"))  # restores d's (the short prompt: no save)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        for peak, what in zip(peaks, ("saves", "a restore")):
+            assert peak <= bound + (1 << 20), f"{what}: {peak / 2**20:.1f} MiB of Python heap, bound {bound >> 20} MiB"
+        s = b.stats()
+        assert fin.cached_tokens == len(d) and s["prefix_host_hits_total"] == 1
+        assert s["prefix_host_bytes"] <= bound and s["prefix_host_evicted_total"] == 2
+
+
+def test_a_state_llama_cpp_writes_or_reads_short_is_not_kept(smollm2_gguf, monkeypatch):
+    """llama.cpp's count of the bytes it wrote (or read) is read back against the buffer: a state written short was
+    kept as it came (``bytes(buf)[:got]``) and would have been restored as a whole one."""
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
+        lib = b._ctx.lib
+
+        class Short:
+            def __getattr__(self, name):
+                return getattr(lib, name)
+
+            def llama_state_seq_get_data(self, ctx, dst, size, seq):
+                return lib.llama_state_seq_get_data(ctx, dst, size, seq) - 1
+
+            def llama_state_seq_set_data(self, ctx, src, size, seq):
+                return lib.llama_state_seq_set_data(ctx, src, size, seq) - 1
+
+        first = b.tokenize(preamble("oncology", 2))
+        assert len(first) >= HOST_MIN
+        collect(b.submit(first, GREEDY, request_id="a"))
+        settle(b)
+        with b._step_lock:  # the idle scheduler feeds nothing meanwhile
+            whole = b._ctx.save_seq(0)
+            assert len(whole) == b._ctx.seq_state_size(0) > 0
+            monkeypatch.setattr(b._ctx, "lib", Short())
+            assert b._ctx.save_seq(0) == bytearray()
+            assert not b._ctx.restore_seq(0, whole)  # read short: refused, the sequence emptied
+            monkeypatch.setattr(b._ctx, "lib", lib)
+            assert b._ctx.restore_seq(0, whole)
+            b._ctx.drop(0)
+            b._kept[0], b._kept_key[0] = [], None
+        collect(b.submit(first, GREEDY, request_id="b"))
+        monkeypatch.setattr(b._ctx, "lib", Short())
+        collect(b.submit(b.tokenize(preamble("neurology", 2)), GREEDY, request_id="c"))  # b's prefix, saved short
+        assert b.stats()["prefix_host_entries"] == 0
+
+
+def test_a_prefix_saved_for_room_never_evicts_the_one_the_request_restores(smollm2_gguf):
+    """Two conversations taking turns in one slot, each prefix ~6.5 MiB, a 16 MiB cache. The displaced prefix was
+    saved before the incoming request looked in host RAM, and evicted the least recently used entry: the very one
+    it needed (cached tokens A0:0 B0:4 A1:276 B1:4 A2:276 B2:4, B never served). Now the entry to restore is found
+    first and kept. At 9 MiB, where one state fits, the swap would need both in RAM at once: the entry being
+    restored still stays (A is served every turn), and the displaced prefix is not saved (B is not)."""
+    load = LoadSettings(n_ctx=1024, n_threads=1, n_threads_batch=1, n_batch=512, n_ubatch=512)
+    for mib, served in ((16, "AB"), (9, "A")):
+        with Batcher(smollm2_gguf, load, slots=1, queue_size=2, prefix_cache_bytes=mib << 20) as b:
+            pre = {c: b.tokenize(preamble(t)) for c, t in (("A", "oncology"), ("B", "neurology"))}
+            assert common(pre["A"], pre["B"]) < MIN_SHARED
+            prompts, got = {}, {}
+            for turn in range(3 if mib == 16 else 2):
+                for c in "AB":
+                    prompts[c, turn] = pre[c] + b.tokenize(f" Question {turn}: {QUESTIONS[turn]}", add_special=False)
+                    got[c, turn] = collect(b.submit(prompts[c, turn], GREEDY, request_id=f"{c}{turn}"))[1].cached_tokens
+                    settle(b)
+            one = b._ctx.seq_state_size(0)
+            assert 6 << 20 < one and 2 * one < 16 << 20 and one < 9 << 20 < 2 * one
+            for (c, turn), cached in got.items():
+                if turn:
+                    want = common(prompts[c, turn - 1], prompts[c, turn]) if c in served else common(pre["A"], pre["B"])
+                    assert cached == want > 0 if c in served else cached == want, (mib, c, turn, got)
 
 
 def test_an_n_choice_slot_ended_before_its_copy_ran_saves_nothing_of_the_slots_last_request(smollm2_gguf, cold):

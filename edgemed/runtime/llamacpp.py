@@ -495,20 +495,26 @@ class Context:
         """Bytes ``save_seq`` would hold for sequence ``seq`` (llama.cpp's own count), computed before any is built."""
         return int(self.lib.llama_state_seq_get_size(self.ptr, seq))
 
-    def save_seq(self, seq: int) -> bytes:
-        """Sequence ``seq``'s KV cells (positions and K/V rows) as llama.cpp's per-sequence state, in host memory."""
-        size = self.lib.llama_state_seq_get_size(self.ptr, seq)
-        buf = (ctypes.c_uint8 * size)()
-        got = self.lib.llama_state_seq_get_data(self.ptr, buf, size, seq)
-        return bytes(buf)[:got]
+    def save_seq(self, seq: int) -> bytearray:
+        """Sequence ``seq``'s KV cells (positions and K/V rows) as llama.cpp's per-sequence state, in host memory:
+        one buffer of llama.cpp's own count (``seq_state_size``) that it writes into, nothing copied after. Empty
+        where llama.cpp reports writing another number of bytes than that count (a state cut short is no state)."""
+        size = self.seq_state_size(seq)
+        data = bytearray(size)
+        if size and self.lib.llama_state_seq_get_data(self.ptr, (ctypes.c_uint8 * size).from_buffer(data), size,
+                                                      seq) == size:
+            return data
+        return bytearray()
 
-    def restore_seq(self, seq: int, data: bytes) -> bool:
-        """Put a ``save_seq`` state into sequence ``seq`` (any sequence of this context: its own cells go first);
-        False (``seq`` emptied) where llama.cpp cannot (not enough free cells)."""
+    def restore_seq(self, seq: int, data: bytearray) -> bool:
+        """Put a ``save_seq`` state into sequence ``seq`` (any sequence of this context: its own cells go first),
+        read by llama.cpp from ``data`` itself (no copy: the caller keeps it); False (``seq`` emptied) where
+        llama.cpp does not read it whole (not enough free cells)."""
         if seq == 0:
             self.prompt_cells = []
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if self.lib.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == len(data):
+        size = len(data)
+        if size and self.lib.llama_state_seq_set_data(self.ptr, (ctypes.c_uint8 * size).from_buffer(data), size,
+                                                      seq) == size:
             return True
         self.drop(seq)
         return False

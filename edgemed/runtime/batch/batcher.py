@@ -103,7 +103,7 @@ from edgemed.runtime.text_stream import TextStream
 from edgemed.runtime.batch.options import Extras, entry, sampler_for
 from edgemed.runtime.grammar_probe import GrammarProbe
 from edgemed.runtime.sampling import grammar_text
-from edgemed.runtime.batch.prefix import HOST_MIN, PrefixCache
+from edgemed.runtime.batch.prefix import HOST_MIN, Entry, PrefixCache
 from edgemed.runtime.batch.prefill import STALL_BUDGET, WHOLE_PROMPT, PrefillBudget, chunk_of, equal_pieces
 from edgemed.runtime.batch.sequence import Counters, Seq
 from edgemed.runtime.batch.stream import Finished, Piece, Stream
@@ -724,7 +724,8 @@ class Batcher:
         kept goes, saved to the host cache first."""
         n = self._reusable(seq.slot, seq)
         if n < len(self._kept[seq.slot]):
-            self._save(seq.slot)
+            # the host entry this request will restore is found first, and the saved prefix never evicts it
+            self._save(seq.slot, keep=self._host_entry(seq, n + MIN_SHARED - 1))
             if not (n and self._ctx.trim(seq.slot, n)):
                 self._ctx.drop(seq.slot)  # nothing to keep, or a memory that cannot drop a suffix
                 n = 0
@@ -733,6 +734,13 @@ class Batcher:
         self._count(seq, n, "slot")
         if self.prefix_cache and not seq.extras.prompt_logprobs and seq.leader is None:
             self._borrow(seq, wait=True)
+
+    def _host_entry(self, seq: Seq, floor: int) -> Entry | None:
+        """The host-cache entry sharing more than ``floor`` prompt tokens with ``seq`` (the longest), else None."""
+        if not (self.prefix_cache and self._host.max_bytes) or seq.extras.prompt_logprobs or seq.leader is not None:
+            return None
+        n, entry = self._host.match(_cache_key(seq), seq.tokens, len(seq.tokens) - REFEED)
+        return entry if n > floor else None
 
     def _borrow(self, seq: Seq, wait: bool) -> None:
         """Copy a longer prefix than ``seq`` holds from another slot or the host cache, or (``wait``, at admission:
@@ -867,15 +875,20 @@ class Batcher:
         """Whether the scheduler has something other than idle work to do (any thread, no lock: one read each)."""
         return bool(self._stopping or self._queue or self._releasing)
 
-    def _save(self, slot: int) -> None:
+    def _save(self, slot: int, keep: Entry | None = None) -> None:
         """Keep a free slot's prefix in host RAM before its cells go (long enough, not saved already; at admission,
-        the caller holding the lock)."""
+        the caller holding the lock). Room is made before the state is built, with llama.cpp's count of its bytes,
+        so the entries and the state being written never exceed the bound; ``keep``, the entry the request taking
+        the slot is about to restore, is never evicted for it (the prefix is not saved where both cannot fit)."""
         kept, key = self._kept[slot], self._kept_key[slot]
-        if (self._host.max_bytes and len(kept) >= HOST_MIN and slot not in self._unsynced
-                and not self._host.has(key, kept) and self._ctx.seq_state_size(slot) <= self._host.max_bytes):
-            with self._let_go():  # a state over the whole cache is never built
-                data = self._ctx.save_seq(slot)
-            self._host.put(key, kept, data)
+        if not (self._host.max_bytes and len(kept) >= HOST_MIN and slot not in self._unsynced
+                and not self._host.has(key, kept)):
+            return
+        if not self._host.make_room(key, kept, self._ctx.seq_state_size(slot), keep):
+            return  # a state over the whole cache (less ``keep``) is never built
+        with self._let_go():
+            data = self._ctx.save_seq(slot)
+        self._host.put(key, kept, data, keep)
 
     @contextlib.contextmanager
     def _let_go(self):

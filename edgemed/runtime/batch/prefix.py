@@ -8,10 +8,12 @@ with an entry restores it into its own slot (any sequence id: llama.cpp restores
 stream) and trims it to the shared part. Plain bytes and token ids only: no model handle, so this class
 is tested without a model.
 
-Bounded: the entries' bytes never exceed ``max_bytes``; the least recently used entry (stored or
-restored) goes first, and an entry larger than the whole bound is not stored. An entry whose ids are a
-prefix of a new one's (same adapter key) is dropped when the longer one is stored: the longer serves
-every prompt the shorter did.
+Bounded: the entries' bytes never exceed ``max_bytes``, nor do they with the state being saved: room is made
+(``make_room``, with llama.cpp's count of the state's bytes) before its buffer is allocated, the state is written
+into that one buffer and kept as it is, and a restore hands the kept buffer to llama.cpp without a copy. The least
+recently used entry (stored or restored) goes first, never the one a request being admitted is about to restore
+(``keep``), and an entry larger than the whole bound is not stored. An entry whose ids are a prefix of a new one's
+(same adapter key) is dropped when room is made for the longer one: the longer serves every prompt the shorter did.
 
 Only prefixes of at least ``HOST_MIN`` tokens are saved. Measured (1 thread, on a 2-core box shared with
 other jobs, best of 3, a 4-slot context of 2,048 cells a slot; ``Context.save_seq`` / ``restore_seq`` into
@@ -46,7 +48,7 @@ HOST_MIN = 64
 class Entry:
     key: object  # what the KV was computed under and who may reuse it (``batcher._cache_key``)
     tokens: tuple
-    data: bytes
+    data: bytearray  # llama.cpp's per-sequence state (``Context.save_seq``), handed back to it as it is
 
 
 class PrefixCache:
@@ -61,18 +63,31 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, key, tokens, data: bytes) -> bool:
-        """Store the state ``data`` of ``tokens`` computed under ``key``; False where it is larger than the bound."""
+    def make_room(self, key, tokens, size: int, keep: Entry | None = None) -> bool:
+        """Make room for a ``size``-byte state of ``tokens`` under ``key`` before it is built, so the entries and
+        that state together stay within the bound: the entries it serves too go, then the least recently used,
+        never ``keep``. False, with nothing dropped, where it cannot fit (larger than the bound, or than the bound
+        less ``keep``)."""
         tokens = tuple(tokens)
-        if not data or len(data) > self.max_bytes:
-            self.refused += 1
+        if size <= 0 or size + (len(keep.data) if keep is not None else 0) > self.max_bytes:
             return False
         for k, e in list(self._entries.items()):  # the same prefix, or a shorter one it serves too
-            if e.key == key and tokens[:len(e.tokens)] == e.tokens:
+            if e is not keep and e.key == key and tokens[:len(e.tokens)] == e.tokens:
                 self._drop(k)
-        while self._entries and self.bytes + len(data) > self.max_bytes:
-            self._drop(next(iter(self._entries)))
+        for k in [k for k, e in self._entries.items() if e is not keep]:  # oldest first
+            if self.bytes + size <= self.max_bytes:
+                break
+            self._drop(k)
             self.evicted += 1
+        return True
+
+    def put(self, key, tokens, data: bytearray, keep: Entry | None = None) -> bool:
+        """Store the state ``data`` of ``tokens`` computed under ``key`` (``make_room`` first, so this evicts nothing
+        more); False where it is larger than the bound (less ``keep``)."""
+        tokens = tuple(tokens)
+        if not data or not self.make_room(key, tokens, len(data), keep):
+            self.refused += 1
+            return False
         self._entries[(key, tokens)] = Entry(key, tokens, data)
         self.bytes += len(data)
         self.stored += 1
@@ -97,8 +112,9 @@ class PrefixCache:
                 best, found = n, e
         return best, found
 
-    def take(self, entry: Entry) -> bytes:
-        """``entry``'s state, now the most recently used; counts a hit."""
+    def take(self, entry: Entry) -> bytearray:
+        """``entry``'s state, now the most recently used (it stays cached: the caller passes it to llama.cpp as it
+        is); counts a hit."""
         self._entries.move_to_end((entry.key, entry.tokens))
         self.hits += 1
         return entry.data
