@@ -104,6 +104,14 @@ def test_room_is_made_before_a_state_is_built_and_never_from_the_entry_being_res
     assert not c.make_room(None, [1], 251) and not c.put(None, [1], bytearray())  # over the bound; a failed save
 
 
+def test_hits_are_counted_by_the_caller_not_by_take():
+    c = PrefixCache(100)
+    c.put(None, [1, 2, 3], bytearray(b"a" * 10))
+    assert c.take(c.match(None, [1, 2, 3], 10)[1]) == b"a" * 10 and c.hits == 0  # a restore may still fail
+    c.hit()
+    assert c.stats()["prefix_host_hits_total"] == 1
+
+
 def test_a_prefix_is_reused_only_within_its_scope(smollm2_gguf, cold):
     """A request's prompt KV serves requests of the same scope only, from the slot it was left in, from host RAM
     and from a running request alike; another scope computes the same prompt from its first token (a server
@@ -324,6 +332,32 @@ def test_a_prefix_saved_for_room_never_evicts_the_one_the_request_restores(smoll
                 if turn:
                     want = common(prompts[c, turn - 1], prompts[c, turn]) if c in served else common(pre["A"], pre["B"])
                     assert cached == want > 0 if c in served else cached == want, (mib, c, turn, got)
+
+
+def test_host_misses_count_requests_that_reused_nothing_and_hits_only_restores_that_worked(smollm2_gguf,
+                                                                                            monkeypatch):
+    """A chat turn whose history came from its own slot counted a host miss (the metric read "found no prefix
+    anywhere"), so the hit ratio operators watch read too low; and a restore that then failed counted a hit."""
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=2) as b:
+        first = b.tokenize(preamble("oncology", 3))[:85]
+        collect(b.submit(first, GREEDY, request_id="a"))
+        assert b.stats()["prefix_host_misses_total"] == 1  # long enough to save, found nowhere
+        longer = first + b.tokenize(preamble("neurology", 3), add_special=False)[:90]
+        _, fin = collect(b.submit(longer, GREEDY, request_id="b"))
+        assert fin.cached_tokens >= len(first) - REFEED and b.stats()["prefix_host_misses_total"] == 1  # its own slot
+        stranger = b.tokenize(preamble("dermatology", 3))
+        collect(b.submit(stranger, GREEDY, request_id="c"))  # "b"'s prefix goes to host RAM
+        s = b.stats()
+        assert s["prefix_host_entries"] == 1 and s["prefix_host_misses_total"] == 2
+        monkeypatch.setattr(b._ctx, "restore_seq", lambda seq, data: False)  # llama.cpp refuses the state
+        _, fin = collect(b.submit(longer, GREEDY, request_id="d"))
+        s = b.stats()
+        assert fin.cached_tokens == 0 and s["prefix_host_hits_total"] == 0 and s["prefix_host_misses_total"] == 3
+        monkeypatch.undo()
+        fins = [collect(b.submit(p, GREEDY, request_id=f"again{i}"))[1] for i, p in enumerate((stranger, longer))]
+        s = b.stats()  # each restored from host RAM (the stranger was saved when "d" took the slot)
+        assert [f.cached_tokens for f in fins] == [len(stranger) - REFEED, len(longer) - REFEED]
+        assert s["prefix_host_hits_total"] == 2 and s["prefix_host_misses_total"] == 3
 
 
 def test_an_n_choice_slot_ended_before_its_copy_ran_saves_nothing_of_the_slots_last_request(smollm2_gguf, cold):

@@ -53,7 +53,8 @@ COUNTER_STATS = {
                                        "are fed again later)."),
     "prefix_host_hits_total": ("edgemed_prefix_cache_host_hits", "Requests that restored a prefix from host RAM."),
     "prefix_host_misses_total": ("edgemed_prefix_cache_host_misses",
-                                 "Requests with a prompt long enough to save that found no prefix anywhere."),
+                                 "Requests with a prompt long enough to save that reused no prefix of that length "
+                                 "from any cache (their own slot, another slot, a running request or host RAM)."),
     "prefix_host_evicted_total": ("edgemed_prefix_cache_host_evictions",
                                   "Host prefix-cache entries evicted for room (least recently used)."),
     "sequences_forked_total": ("edgemed_batcher_forked_sequences",

@@ -744,7 +744,9 @@ class Batcher:
 
     def _borrow(self, seq: Seq, wait: bool) -> None:
         """Copy a longer prefix than ``seq`` holds from another slot or the host cache, or (``wait``, at admission:
-        the caller holds the lock) wait for one."""
+        the caller holds the lock) wait for one. Where it ends up reusing less than ``HOST_MIN`` tokens of a prompt
+        that long from anywhere, the host cache counts a miss (a request waiting for a donor counts when it copies
+        or looks again)."""
         key, tokens, limit = _cache_key(seq), seq.tokens, len(seq.tokens) - REFEED
         best, src = seq.cached + MIN_SHARED - 1, None
         for slot in self._free:
@@ -762,33 +764,39 @@ class Batcher:
             if restored and self._ctx.trim(seq.slot, n):
                 seq.pos = n
                 self._count(seq, n, "host")
+                self._host.hit()  # counted once the state is in the slot
                 return
             self._ctx.drop(seq.slot)
             seq.pos = 0
             self._count(seq, 0, "slot")
-        elif src is None and self._host.max_bytes and seq.computed >= HOST_MIN:
-            self._host.miss()  # a prompt long enough to have been saved, found nowhere
         if src is not None:
             if self._ctx.copy_seq(src, seq.slot, best):
                 self._unsynced.update((src, seq.slot))  # the data moves at the next decode
                 seq.pos = best
                 self._count(seq, best, "copied")
-            else:
-                seq.pos = 0
-                self._count(seq, 0, "slot")
+                return
+            seq.pos = 0
+            self._count(seq, 0, "slot")
+        elif wait and self._wait_for_donor(seq, key, limit):
             return
-        if not wait:
-            return
+        if self._host.max_bytes and seq.cached < HOST_MIN <= len(tokens):
+            self._host.miss()  # a prompt long enough to have been saved that found no prefix that long anywhere
+
+    def _wait_for_donor(self, seq: Seq, key, limit: int) -> bool:
+        """Let ``seq`` wait for an earlier request computing a longer shared prefix now (``Seq.donor``), where
+        that one reaches the shared part no later than ``seq`` would alone; whether it waits."""
         own = seq.computed  # what this request computes alone
         donor, share = None, seq.cached + MIN_SHARED - 1
         for q in self._active:  # requests computing their prompt now, earlier in arrival order
             if q is seq or _cache_key(q) != key or not q.reading:
                 continue
-            n = _common(q.tokens, tokens, limit)
+            n = _common(q.tokens, seq.tokens, limit)
             if n > share and n - q.pos <= own:  # it reaches the shared part no later than this one would alone
                 donor, share = q, n
-        if donor is not None:
-            seq.donor, seq.share = donor, share
+        if donor is None:
+            return False
+        seq.donor, seq.share = donor, share
+        return True
 
     def _take_shared(self) -> None:
         """Waiting requests whose donor has computed the shared prefix copy it now (start of a step); one whose

@@ -114,10 +114,13 @@ class PrefixCache:
 
     def take(self, entry: Entry) -> bytearray:
         """``entry``'s state, now the most recently used (it stays cached: the caller passes it to llama.cpp as it
-        is); counts a hit."""
+        is). Counts nothing: the caller counts a ``hit`` once the state is in a slot, a ``miss`` where a request
+        reused nothing."""
         self._entries.move_to_end((entry.key, entry.tokens))
-        self.hits += 1
         return entry.data
+
+    def hit(self) -> None:
+        self.hits += 1
 
     def miss(self) -> None:
         self.misses += 1
