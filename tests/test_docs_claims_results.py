@@ -33,10 +33,24 @@ RECORDED = [
             "largest term", "c73dcef", "benchmarks/results/convert_memory.md"),
     (D0008, "10.4 GiB", "b29a9ff", "DESIGN.md"),
     (D0008, "NMSE 1.54e-5", "fe3da00", "benchmarks/results/convert_cost.md"),
+    ("onnx_vs_gguf.md", ("with transformers 5.24 on this machine: Qwen2.5-0.5B -> int4 CPU in 37 s wall, 5.3 GB peak "
+                         "RSS, 862 MB output"), "c6cba6d", "DESIGN.md"),
+    ("onnx_vs_gguf.md", "(32768 here, 131072 for R1-Distill)", "c6cba6d", "DESIGN.md"),
+    ("onnx_vs_gguf.md", ("symmetric 0.189 / 71.5 %, asymmetric 0.153 / 71.5 %, asym + fp32 head 0.128 / 78.5 % "
+                         "(+460 MB), asym + 8-bit head 0.128 / 79.2 % (+70 MB), all 8-bit 0.0024 / 96.5 %"),
+     "c6cba6d", "DESIGN.md"),
+    ("onnx_vs_gguf.md", "Parity on the spine's 5 medical prompts (144 positions)", "c6cba6d", "DESIGN.md"),
     ("onnx_vs_gguf.md", "55 s wall, 5.6 GB peak (vs 92-118 s for the traced route", "f45636a", "DESIGN.md"),
     ("onnx_vs_gguf.md", "fp32 NMSE 1.0e-11, int4 KLD 0.126 / top-1 78.5 %", "f45636a", "DESIGN.md"),
     ("onnx_vs_gguf.md", ("92-118 s wall, 5.9 GB peak RSS (export 55-60 s, fp32 parity 32-37 s incl. the HF source, "
                          "quantize 13 s, int4 parity 7 s)"), "c6cba6d", "DESIGN.md"),
+]
+#: (page, the text a table follows, commit, the file that held it there, the text it followed there, how many of its
+#: first cells each row has as that file held them; the rest are checked against a JSON): tables of recorded runs
+RECORDED_TABLES = [
+    ("onnx_vs_gguf.md", "## The builder, evaluated first", "c6cba6d", "DESIGN.md", "**Builder evaluated first.**",
+     (5, 5, 5, 5)),
+    ("onnx_vs_gguf.md", "## Parity (", "c6cba6d", "DESIGN.md", "Parity on the spine's 5 medical prompts", (5, 4, 4)),
 ]
 #: (page, its words, commit): an older planner's figures, each a row's of plan_memory.json as that commit held it
 PLANNED = [
@@ -328,6 +342,89 @@ def test_decision_0008s_measurements_are_their_jsons_a_recorded_run_or_the_tests
                      r"cap: (\d[\d.]*) GiB peak, parity ran": capped[1]["memory"]["tree_peak_rss_bytes"] / GIB,
                      r"within (\d[\d.e-]*) of the largest": float(tolerance)})
 
+
+ONNX_DECODE = "onnx_vs_gguf-qwen2.5-0.5b-instruct.json"
+ONNX_CONVERTED = "convert_memory-qwen2.5-0.5b-instruct.json"
+
+
+def _builder_rows() -> list[list[str]]:
+    return _table_rows(_page("onnx_vs_gguf.md"), "## The builder, evaluated first")
+
+
+def test_the_builder_evaluation_is_a_recorded_run():
+    """The builder's conversion and its traps are figures of a recorded run, and the paragraph has no other."""
+    text = _section(_page("onnx_vs_gguf.md"), "## The builder, evaluated first").split("\n|", 1)[0]
+    assert not _numbers(_without_recorded(text)), _numbers(_without_recorded(text))
+
+
+def test_the_fused_graphs_worth_is_the_builder_tables_decode_speeds():
+    """'7-16 %' (twice on the page) is the builder's decode speed over ours, with the same int4 settings."""
+    rows = _builder_rows()
+    assert len(rows) == 4, rows
+    gains = []
+    for builder, ours in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert builder[0].startswith("builder") and ours[0].strip("*").startswith("ours"), (builder, ours)
+        assert builder[1].split(",")[0] == ours[1].split(",")[0], (builder, ours)  # symmetric / asymmetric
+        gains.append((float(builder[2]) / float(ours[2]) - 1) * 100)
+    worth = f"{min(gains):.0f}-{max(gains):.0f} %"
+    text = _flat(_page("onnx_vs_gguf.md"))
+    assert f"the builder's fused graph is worth {worth} of decode speed" in text, (worth, gains)
+    assert f"which is its {worth};" in text, (worth, gains)
+
+
+def test_the_int4_recipe_section_is_a_recorded_run_and_its_jsons():
+    """The variants are a recorded run's; the fp32 embedding is its shape in float32, of the directory's size."""
+    text = _without_recorded(_section(_page("onnx_vs_gguf.md"), "## The int4 recipe"))
+    shape = re.search(r"stays fp32: ([\d,]+) x ([\d,]+) values", text).groups()
+    vocab, width = (int(n.replace(",", "")) for n in shape)
+    row = next(r for r in _json(ONNX_CONVERTED)["rows"] if r["route"] == "onnx-int4")
+    _labelled(text, {r"stays fp32: ([\d,]+) x": vocab, r"x ([\d,]+) values": width,
+                     r"values \([^)]*\), (\d[\d.]*) MB": vocab * width * 4 / 1e6,  # float32: 4 bytes a value
+                     r"MB \((\d[\d.]*) MiB\) of the int4": vocab * width * 4 / MIB,
+                     r"directory's (\d[\d.]*) MB": row["size_bytes"] / 1e6,
+                     r"; (\d[\d.]*) MiB, `size_mb`": _json(ONNX_DECODE)["configs"]["onnx-int4"]["size_mb"]})
+    assert f"`size_bytes` in `{ONNX_CONVERTED}`" in text
+
+
+def test_the_fp32_embeddings_shape_is_the_models():
+    """The shape the int4 recipe section gives the embedding is the 0.5B model's (vocabulary by width), read from the
+    GGUF the pip package carries where it is installed."""
+    from edgemed.converters.source import pip_models
+
+    from edgemed.errors import InputError
+    from edgemed.runtime.plan import read_shape
+
+    try:
+        path = pip_models.gguf_file("qwen2.5-0.5b-instruct")
+    except InputError as exc:
+        pytest.skip(f"real model 'qwen2.5-0.5b-instruct' not installed: {exc.fix}")
+    shape = read_shape(path)
+    assert f"stays fp32: {shape.n_vocab:,} x {shape.n_embd:,} values" in _flat(_page("onnx_vs_gguf.md"))
+
+
+def test_the_parity_sections_figures_are_a_recorded_run_or_their_jsons():
+    """Beside the recorded run: the prompts are the spine's, the later GGUF run's positions and the int4 and GGUF
+    sizes are their JSONs', and the caveat's block size is the converter's."""
+    from edgemed.converters.quality.prompts import PROMPTS
+
+    page = _page("onnx_vs_gguf.md")
+    section = _section(page, "## Parity (")
+    lead = _flat(section.split("\n|", 1)[0])
+    assert f"the spine's {len(PROMPTS)} medical prompts" in lead
+    gguf = _json("convert_cost-qwen2.5-0.5b-instruct-q4_k_m-parity-table.json")["runs"]["convert+parity"]
+    _labelled(_without_recorded(lead), {r"run, on (\d+) positions": gguf["parity"]["n_positions"]})
+    assert "`output_bytes` of `convert_cost-qwen2.5-0.5b-instruct-q4_k_m-parity-table.json`" in lead
+    onnx = next(r for r in _json(ONNX_CONVERTED)["rows"] if r["route"] == "onnx-int4")
+    mib = {name: config["size_mb"] for name, config in _json(ONNX_DECODE)["configs"].items()}
+    rows = _table_rows(page, "## Parity (")
+    assert [row[0].split(" ")[:2] for row in rows] == [["ONNX", "fp32"], ["ONNX", "int4"], ["GGUF", "Q4_K_M"]], rows
+    _labelled(rows[1][4], {r"^(\d[\d,]*) MB": onnx["size_bytes"] / 1e6, r"(\d[\d.]*) MiB": mib["onnx-int4"]})
+    _labelled(rows[2][4], {r"^(\d[\d,]*) MB": gguf["output_bytes"] / 1e6, r"(\d[\d.]*) MiB": mib["gguf-q4_k_m"]})
+    caveat = _flat(next(block for block in _blocks(section) if block.startswith("Caveat:")))
+    export = (ROOT / "converters" / "onnx" / "export.py").read_text(encoding="utf-8")
+    block = re.search(r"block_size: int = (\d+)", export)
+    _labelled(caveat, {r"\(block (\d+), RTN\)": int(block[1])})
+
 def _blocks_holding(text: str, words: str) -> list[tuple[str, str]]:
     """Each block (paragraph or list item) holding ``words``, with the paragraph leading into its list."""
     blocks = [_flat(block) for block in _blocks(text)]
@@ -384,6 +481,19 @@ def test_the_7b_plan_is_the_one_its_planner_made_at_the_commit_named():
         _page("plan_memory.md"))
     assert json.loads(_at("fb02b70", f"benchmarks/results/{SEVEN_B_PLAN}")) == _json(SEVEN_B_PLAN)
     assert 'METHOD = "planner/2"' in _at("fb02b70", "edgemed/planner.py")
+
+
+@pytest.mark.parametrize("page, after, commit, path, there, cells", RECORDED_TABLES,
+                         ids=[after for _, after, *_ in RECORDED_TABLES])
+def test_a_table_of_a_run_no_result_file_keeps_is_what_its_commit_recorded(page, after, commit, path, there, cells):
+    """Each row's first cells (``cells``, row by row) are the row the commit recorded, and the paragraph leading into
+    the table names the commit and says no result file keeps it."""
+    text = _page(page)
+    lead = _flat(_blocks(text.split(after, 1)[1].split("\n|", 1)[0])[-1])
+    assert commit in lead and "no result file" in lead.lower(), lead
+    rows, recorded = _table_rows(text, after), _table_rows(_at(commit, path), there)
+    assert len(rows) == len(recorded) == len(cells), (rows, recorded)
+    assert [row[:n] for row, n in zip(rows, cells)] == [row[:n] for row, n in zip(recorded, cells)]
 
 def _body_at(path: str, literal: str) -> str:
     """A JSON text holding ``literal`` at the dotted ``path`` (a number there is a list index)."""
