@@ -40,6 +40,9 @@ RECORDED = [
                          "(+460 MB), asym + 8-bit head 0.128 / 79.2 % (+70 MB), all 8-bit 0.0024 / 96.5 %"),
      "c6cba6d", "DESIGN.md"),
     ("onnx_vs_gguf.md", "Parity on the spine's 5 medical prompts (144 positions)", "c6cba6d", "DESIGN.md"),
+    ("onnx_vs_gguf.md", ("(load average 4-5 from other sessions) both engines collapse (GGUF Q4_K_M 0.7-1.6 tok/s, "
+                         "ONNX 5-11 tok/s"), "c6cba6d", "DESIGN.md"),
+    ("onnx_vs_gguf.md", "~400 small unfused nodes", "c6cba6d", "DESIGN.md"),
     ("onnx_vs_gguf.md", "55 s wall, 5.6 GB peak (vs 92-118 s for the traced route", "f45636a", "DESIGN.md"),
     ("onnx_vs_gguf.md", "fp32 NMSE 1.0e-11, int4 KLD 0.126 / top-1 78.5 %", "f45636a", "DESIGN.md"),
     ("onnx_vs_gguf.md", ("92-118 s wall, 5.9 GB peak RSS (export 55-60 s, fp32 parity 32-37 s incl. the HF source, "
@@ -357,8 +360,8 @@ def test_the_builder_evaluation_is_a_recorded_run():
     assert not _numbers(_without_recorded(text)), _numbers(_without_recorded(text))
 
 
-def test_the_fused_graphs_worth_is_the_builder_tables_decode_speeds():
-    """'7-16 %' (twice on the page) is the builder's decode speed over ours, with the same int4 settings."""
+def _fused_graphs_gains() -> list[float]:
+    """The builder's decode speed over ours, in %, for each int4 setting the builder table has both graphs with."""
     rows = _builder_rows()
     assert len(rows) == 4, rows
     gains = []
@@ -366,6 +369,12 @@ def test_the_fused_graphs_worth_is_the_builder_tables_decode_speeds():
         assert builder[0].startswith("builder") and ours[0].strip("*").startswith("ours"), (builder, ours)
         assert builder[1].split(",")[0] == ours[1].split(",")[0], (builder, ours)  # symmetric / asymmetric
         gains.append((float(builder[2]) / float(ours[2]) - 1) * 100)
+    return gains
+
+
+def test_the_fused_graphs_worth_is_the_builder_tables_decode_speeds():
+    """'7-16 %' (twice on the page) is the builder's decode speed over ours, with the same int4 settings."""
+    gains = _fused_graphs_gains()
     worth = f"{min(gains):.0f}-{max(gains):.0f} %"
     text = _flat(_page("onnx_vs_gguf.md"))
     assert f"the builder's fused graph is worth {worth} of decode speed" in text, (worth, gains)
@@ -424,6 +433,61 @@ def test_the_parity_sections_figures_are_a_recorded_run_or_their_jsons():
     export = (ROOT / "converters" / "onnx" / "export.py").read_text(encoding="utf-8")
     block = re.search(r"block_size: int = (\d+)", export)
     _labelled(caveat, {r"\(block (\d+), RTN\)": int(block[1])})
+
+
+DECODE = "## Decode: `onnx_vs_gguf-qwen2.5-0.5b-instruct.json`"
+#: the decode table's configurations, by the names the JSON gives them
+DECODE_ROWS = {"ONNX int4 (edgemed engine)": "onnx-int4", "GGUF Q4_K_M (llama.cpp)": "gguf-q4_k_m",
+               "GGUF F16": "gguf-f16", "builder int4 default, onnxruntime-genai runtime": "genai-builder"}
+
+
+def test_the_onnx_decode_table_is_its_json():
+    configs = _json(ONNX_DECODE)["configs"]
+    section = _section(_page("onnx_vs_gguf.md"), DECODE)
+    rows = _table_rows(section, "interleaved):")
+    assert [row[0] for row in rows] == list(DECODE_ROWS), rows
+    for name, best, runs, prefill, peak, size in rows:
+        config = configs[DECODE_ROWS[name]]
+        assert best.strip("*") == f"{config['decode_tok_s']:.1f}" == f"{max(config['decode_tok_s_runs']):.1f}", name
+        assert runs == ", ".join(f"{run:.1f}" for run in config["decode_tok_s_runs"]), name
+        assert [prefill, peak, size] == [f"{config['prefill_tok_s']:.0f}", f"{config['peak_rss_mb']:,.0f}",
+                                         f"{config['size_mb']:,.0f}"], name
+    assert {len(c["decode_tok_s_runs"]) for c in configs.values()} == {3} and "(best of 3)" in section
+
+
+def test_the_onnx_decode_prose_is_its_json_or_a_recorded_run():
+    """The tokens, the ratio and its goal (the benchmark's), the profile's thread and shares, the fused graph's worth
+    and the builder's speed; the --threads 2 collapse and the node count are a recorded run's."""
+    result = _json(ONNX_DECODE)
+    profile = {row["op"]: row["share"] * 100 for row in result["onnx_decode_profile"]}
+    outside = next(share for op, share in profile.items() if op.startswith("(outside kernels"))
+    benchmark = (ROOT / "benchmarks" / "onnx_vs_gguf.py").read_text(encoding="utf-8")
+    goal = re.search(r"\(goal >= (\d[\d.]*)x\)", benchmark)
+    gains = _fused_graphs_gains()
+    prose = "\n".join(line for line in _section(_page("onnx_vs_gguf.md"), DECODE).splitlines()
+                      if not line.startswith("|"))
+    text = _without_recorded(prose)
+    assert "are MiB (2^20 bytes)" in text
+    _labelled(text.replace("(2^20 bytes)", " "),
+              {r"\((\d+) greedy tokens": result["tokens"],
+               r"= (\d[\d.]*)x \(goal": result["onnx_int4_over_gguf_q4_k_m"],
+               r"\(goal >= (\d[\d.]*)x\)": float(goal[1]),
+               r"decode steps only, (\d+) thread\)": result["threads"],
+               r"`MatMulNBits` (\d+) %": profile["MatMulNBits"],
+               r"Where/Equal\) (\d+) %": 100 - profile["MatMulNBits"] - outside,
+               r"allocation\) (\d+) %": outside,
+               r"which is its (\d+)-\d+ %": min(gains),
+               r"which is its \d+-(\d+) %": max(gains),
+               r"the rest of its (\d+) tok/s": result["configs"]["genai-builder"]["decode_tok_s"]})
+
+
+def test_the_genai_graph_decode_is_its_json():
+    configs = _json("onnx_vs_gguf-qwen2.5-0.5b-instruct-genai-graph.json")["configs"]
+    text = _flat(_section(_page("onnx_vs_gguf.md"), "## The genai graph: "))
+    _labelled(text, {r"edgemed engine (\d[\d.]*) tok/s": configs["onnx-int4"]["decode_tok_s"],
+                     r"onnxruntime-genai runtime (\d[\d.]*),": configs["genai-builder"]["decode_tok_s"],
+                     r"GGUF Q4_K_M (\d[\d.]*),": configs["gguf-q4_k_m"]["decode_tok_s"],
+                     r"F16 (\d[\d.]*)\.": configs["gguf-f16"]["decode_tok_s"]})
 
 def _blocks_holding(text: str, words: str) -> list[tuple[str, str]]:
     """Each block (paragraph or list item) holding ``words``, with the paragraph leading into its list."""
