@@ -1,9 +1,11 @@
-"""The figures the results pages quote are their JSON's, and the few no result file keeps say so.
+"""The figures the results pages, the README's 7B paragraph and decision records 0004, 0005 and 0008 quote are their
+JSON's, and the few no result file keeps say so.
 
 A figure quoted from a result JSON is compared with that JSON at the precision the page writes it, and each section
 checked here has no figure besides those. A figure from a run no result file keeps (a one-off observation, or an
 older planner's run whose JSON the tree has since replaced) stands in a note naming the commit that recorded it and
-saying no result file keeps it; where this clone holds that commit, the figure is the one that commit recorded.
+saying no result file keeps it; where this clone holds that commit, the figure is the one that commit recorded (a
+table of such a run: each row as that commit held it).
 The OpenAI page's account of a body holding ``NaN`` is checked against ``api.loads_body``.
 """
 
