@@ -90,12 +90,27 @@ def snapshot(root: Path) -> set[str]:
 
 
 def two_versions(tmp: Path) -> dict[str, tuple[Path, bytes]]:
-    """Two bundles of one model name, different content: 'old' and 'new' -> (bundle path, manifest bytes)."""
+    """Two bundles of one model name, different content: 'old' and 'new' -> (bundle path, manifest bytes).
+
+    Both without a card version and packed at one instant ($SOURCE_DATE_EPOCH): neither is an older release than
+    the other (edgemed/packaging/release_order.py), so a test may install either over the other with force alone,
+    whichever second each was packed in."""
+    import os
+
+    from edgemed import env
     from edgemed.packaging.bundle import PackInputs, pack
 
     out = {}
-    for label, layers in (("old", 2), ("new", 3)):
-        src = inputs(tmp / f"src-{label}", n_layers=layers)
-        man = pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), tmp / f"{label}.edgemed")
-        out[label] = (tmp / f"{label}.edgemed", man.to_bytes())
+    was = os.environ.get(env.SOURCE_DATE_EPOCH_VAR)
+    os.environ[env.SOURCE_DATE_EPOCH_VAR] = "1735689600"  # 2025-01-01T00:00:00Z
+    try:
+        for label, layers in (("old", 2), ("new", 3)):
+            src = inputs(tmp / f"src-{label}", n_layers=layers)
+            man = pack(PackInputs(model=src["model"], license=src["license"], name="tiny"), tmp / f"{label}.edgemed")
+            out[label] = (tmp / f"{label}.edgemed", man.to_bytes())
+    finally:
+        if was is None:
+            del os.environ[env.SOURCE_DATE_EPOCH_VAR]
+        else:
+            os.environ[env.SOURCE_DATE_EPOCH_VAR] = was
     return out

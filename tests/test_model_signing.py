@@ -274,7 +274,8 @@ def test_certificate_mode_signs_and_checks_against_the_root(made, tmp_path, edge
     assert r.exit_code == 0 and "signature valid (key cert CN=clinic model signer" in r.output, r.output
     r = _run("install", made["signed"], "--force", "--key", made["pub"])
     assert r.exit_code == 1 and "replaced only by a bundle from its own signer" in r.output, r.output
-    r = _run("install", made["signed"], "--force", "--key", made["pub"], "--allow-signer-change")
+    # made["signed"] was packed before `out`: an older release by its creation time, when a second passed between
+    r = _run("install", made["signed"], "--force", "--key", made["pub"], "--allow-signer-change", "--allow-downgrade")
     assert r.exit_code == 0, r.output
     other_root, other_leaf, other_key = _ca(tmp_path, "vendor-b")  # another maker's certificate, back again
     b_out = tmp_path / "b-signed"

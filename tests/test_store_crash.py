@@ -51,10 +51,11 @@ def test_install_force_killed_at_every_step_keeps_old_or_new(bundles, tmp_path, 
     new_path = bundles["new"][0]
     if bundle_form == "dir":
         new_path = tmp_path / "new-dir"
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", "1735689600")  # two_versions' instant: no older release either way
         pack(PackInputs(model=tmp_path / "src-new" / "tiny.gguf", license=tmp_path / "src-new" / "LICENSE", name="tiny"),
              new_path, as_dir=True)
     shas = {_sha(bundles["old"][1]): "old", _sha(bundles["new"][1]): "new"}
-    if bundle_form == "dir":  # packed later than the tar: its manifest may carry another creation second
+    if bundle_form == "dir":  # the folder's manifest too (packed apart from the tar)
         shas[_sha((new_path / "manifest.json").read_bytes())] = "new"
 
     def run():

@@ -58,15 +58,21 @@ def push(bundle, target, insecure, as_json):
 @click.option("--allow-signer-change", is_flag=True,
               help="With --force: replace a signed model with one another signer (or nobody) signed; without it, an "
                    "update must come from the installed model's signer or a key trust.toml trusts for its origin.")
+@click.option("--allow-downgrade", is_flag=True,
+              help="With --force: install the bundle even though it is an older release than the installed model (its "
+                   "card version, else its creation time); without it that is refused. edgemed rollback NAME returns "
+                   "to the copy kept before the last update.")
 @click.option("--insecure", is_flag=True, help=_INSECURE)
 @json_flag("Print the result (name, origin, bytes downloaded and resumed) as JSON.")
-def pull(source, name, key, force, allow_signer_change, insecure, as_json):
+def pull(source, name, key, force, allow_signer_change, allow_downgrade, insecure, as_json):
     """Pull a model from a registry into the local store.
 
     The trust policy ($EDGEMED_HOME/trust.toml) must accept the bundle's signature, which is
     checked before any weight is downloaded. Every file is hashed as it arrives and checked
     against its digest; nothing is installed until all of them match. Files the store already
     holds are not downloaded; an interrupted pull resumes where it stopped when run again.
+    An older release than the installed one (card version, else creation time) is refused
+    without --allow-downgrade, so a tag moved back does not roll devices back.
     Then: edgemed run NAME
     """
     from edgemed.packaging import signing
@@ -74,7 +80,7 @@ def pull(source, name, key, force, allow_signer_change, insecure, as_json):
 
     public_key = signing.load_public_key(key) if key else None
     r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force,
-                allow_signer_change=allow_signer_change)
+                allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return
@@ -82,6 +88,9 @@ def pull(source, name, key, force, allow_signer_change, insecure, as_json):
         click.echo(shown(f"{r.name} is already installed from this bundle ({r.origin}); nothing was changed "
                          f"(edgemed verify {r.name} --full checks its files)"))
         return
+    note = r.release.note(r.name) if r.release is not None else None
+    if note:
+        click.echo(shown(note))
     resumed = f", {_size(r.bytes_resumed)} resumed" if r.bytes_resumed else ""
     sig = f"; signature valid (key {r.signed_by})" if r.signed_by else ""
     click.echo(shown(f"installed {r.name} from {r.origin}: {r.files} files, {_size(r.bytes_downloaded)} downloaded{resumed}, "

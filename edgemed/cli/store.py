@@ -26,7 +26,11 @@ from edgemed.formats.terminal_text import shown
 @click.option("--allow-signer-change", is_flag=True,
               help="With --force: replace a signed model with one another signer (or nobody) signed; without it, an "
                    "update must come from the installed model's signer or a key trust.toml trusts for its origin.")
-def install(bundle, name, key, cert_chain, force, allow_signer_change):
+@click.option("--allow-downgrade", is_flag=True,
+              help="With --force: install the bundle even though it is an older release than the installed model (its "
+                   "card version, else its creation time); without it that is refused. edgemed rollback NAME returns "
+                   "to the copy kept before the last update.")
+def install(bundle, name, key, cert_chain, force, allow_signer_change, allow_downgrade):
     """Install BUNDLE (a .edgemed file or bundle directory) into the local model store.
 
     Every file is checked against the manifest as it is copied; nothing is installed
@@ -38,8 +42,13 @@ def install(bundle, name, key, cert_chain, force, allow_signer_change):
 
     public_key = signing.load_public_key(key) if key else signing.cert_roots(cert_chain) if cert_chain else None
     store = Store()
+    orders = []
     target, man, signer = store.install(bundle, name=name, public_key=public_key, force=force,
-                                        allow_signer_change=allow_signer_change)
+                                        allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade,
+                                        on_order=orders.append)
+    note = orders[-1].note(target) if orders else None
+    if note:
+        click.echo(shown(note))
     sig = f"signature valid (key {signer})" if signer else "signature not checked (pass --key, or list the maker's key in trust.toml)"
     if man.adapters_only:
         bases = store.models_for_base(man.base_source_sha256)

@@ -21,7 +21,9 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``),
    ``--force`` or not: a nightly ``edgemed pull ... --force`` on every device downloads nothing until the tag
    moves, then installs the new bundle. A name holding another bundle is refused without ``--force`` before
-   anything large is fetched.
+   anything large is fetched, and so is an older release than the one installed (``release_order``: the card's
+   version, else the manifest's creation time) without ``allow_downgrade``: a tag moved back must not roll every
+   device back without a word.
 4. Each layer is hard-linked into a staging folder (owner-tagged debris in ``downloads/``) as soon as it is
    obtained, so a store blob it links cannot be collected while the rest downloads. The folder goes to
    ``Store.install`` with the origin; the store verifies every file again, checks the signature under the trust
@@ -52,7 +54,7 @@ from edgemed.errors import EdgemedError, IntegrityError, OutputError, StoreError
 from edgemed.files import flocks
 from edgemed.files.debris import scratch_dir, step, sweep
 from edgemed.files.hashing import BLOCK
-from edgemed.packaging import oci
+from edgemed.packaging import oci, release_order
 from edgemed.packaging.manifest import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -79,6 +81,7 @@ class Pulled:
     signed_by: str | None
     downloaded: list[str] = field(default_factory=list)  # file paths of which this pull received bytes
     already_installed: bool = False  # the name holds this very bundle already (same manifest): nothing was changed
+    release: release_order.Order | None = None  # how the bundle ordered against the model it replaced (None: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,8 +128,9 @@ def _age_out(root: Path) -> None:
 
 
 def pull(target: str, *, name: str | None = None, insecure: bool = False, public_key=None, force: bool = False,
-         store=None, allow_signer_change: bool = False) -> Pulled:
-    """Pull ``target`` (``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``) and install it as ``name``."""
+         store=None, allow_signer_change: bool = False, allow_downgrade: bool = False) -> Pulled:
+    """Pull ``target`` (``oci://HOST[:PORT]/REPO:TAG`` or ``...@sha256:DIGEST``) and install it as ``name``.
+    ``allow_downgrade``: install it over a newer release of ``name`` (else refused before the weights download)."""
     from edgemed.packaging.store import Store
 
     ref = oci.parse_ref(target)
@@ -187,6 +191,7 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
 
                 trust.check_update(target_name, store.record(target_name), str(origin), sig, man, data, key,
                                    policy=trust.load(), allow_signer_change=allow_signer_change)
+                release_order.check(store, target_name, man, data, str(origin), allow_downgrade=allow_downgrade)
         except EdgemedError:  # refused: what it downloaded is not kept for a later pull to resume
             _forget(fetched)
             raise
@@ -195,8 +200,11 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
         _check_space(root, store.root, [x for x in rest if x not in held], held)
         for x in rest:
             get(x)
+        orders: list[release_order.Order] = []
         target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin),
-                                                 allow_signer_change=allow_signer_change)
+                                                 allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade,
+                                                 on_order=orders.append)
+        stats.release = orders[-1] if orders else None
         _forget(fetched)  # the store holds its own copy now
     stats.name, stats.signed_by = target_name, signer
     return stats

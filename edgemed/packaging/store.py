@@ -381,13 +381,16 @@ class Store:
 
     # -- install ---------------------------------------------------------------------------
     def install(self, bundle: Path, *, name: str | None = None, public_key=None, force: bool = False,
-                origin: str | None = None, allow_signer_change: bool = False) -> tuple[str, Manifest, str | None]:
+                origin: str | None = None, allow_signer_change: bool = False, allow_downgrade: bool = False,
+                on_order=None) -> tuple[str, Manifest, str | None]:
         """Install a bundle (tar or directory); return (name, manifest, signer key id). Replacing a model that was
-        signed takes a bundle from its signer (``trust.check_update``) unless ``allow_signer_change``.
+        signed takes a bundle from its signer (``trust.check_update``) unless ``allow_signer_change``; replacing
+        one with an older release is refused (``release_order.check``) unless ``allow_downgrade``, and
+        ``on_order`` (when given) is called with how the releases ordered.
 
         ``origin``: where the bundle came from when that is not the local path given (``oci://HOST/REPO@sha256:...``
         for a pull); it is recorded in the index, shown by ``list``, and selects the trust policy's entry."""
-        from edgemed.packaging import signing, trust
+        from edgemed.packaging import release_order, signing, trust
         from edgemed.packaging.archive import check_room, is_tar, read_tar
 
         bundle = Path(bundle)
@@ -421,6 +424,9 @@ class Store:
                 if (self.models / target).exists():  # an update: its signer continues the installed model's
                     key = trust.check_update(target, self.record(target), origin, sig, man, data, key, policy=policy,
                                              allow_signer_change=allow_signer_change)
+                    order = release_order.check(self, target, man, data, origin or str(bundle), allow_downgrade=allow_downgrade)
+                    if on_order is not None:
+                        on_order(order)
                 if key is not None:
                     signer["key_id"] = signing.signer_id(sig) if isinstance(key, signing.CertRoots) else key.key_id
                     signer["pem"] = key.pem.decode("ascii") if isinstance(key, signing.PublicKey) else None

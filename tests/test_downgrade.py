@@ -1,0 +1,193 @@
+"""An older release does not replace a newer one without the operator asking (``--allow-downgrade``).
+
+The trust policy checks who signed an update, not which release is newer. docs/fleet.md tells every device to run
+a nightly ``edgemed pull oci://.../cardio-assist:stable --force``: with the tag moved back to the 1.0 bundle (a
+mistaken retag, or someone with push rights replaying an old signed release with a known flaw), every device
+replaced 1.1 with 1.0, exit 0, "installed ...; signature valid". ``install --force`` of an old .edgemed file did the
+same. Now both compare the signed releases first: the card's version (PEP 440), else the manifest's creation time;
+when neither orders them, the install goes on and says what was compared.
+
+Through the real CNCF registry (Debian's ``docker-registry``) for the pull; the store and the comparison without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import bundle_kit
+import pytest
+import registry_kit
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+from edgemed.errors import StoreError
+from edgemed.packaging import release_order
+from edgemed.packaging.release_order import CREATED, VERSION, compare
+
+JAN, FEB = 1735689600, 1738368000  # 2025-01-01, 2025-02-01 (UTC): the bundles' creation times
+
+
+def _cli(*args, ok: bool = True) -> str:
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert (r.exit_code == 0) == ok, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+    return r.output
+
+
+def _pack(tmp: Path, monkeypatch, label: str, version: str | None, epoch: int, key: Path | None = None, *,
+          as_dir: bool = False) -> Path:
+    """Bundle ``label`` of the model "cardio" (one tiny GGUF for all): its card's version and creation time."""
+    from edgemed.packaging import signing
+    from edgemed.packaging.bundle import PackInputs, pack
+
+    src = tmp / "src"
+    if not src.is_dir():
+        bundle_kit.inputs(src)
+    card = tmp / f"card-{label}.toml"
+    card.write_text(bundle_kit.CARD + (f'version = "{version}"\n' if version is not None else ""))
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(epoch))
+    out = tmp / (label if as_dir else f"{label}.edgemed")
+    pack(PackInputs(model=src / "tiny.gguf", license=src / "LICENSE", card=card, name="cardio"), out, as_dir=as_dir,
+         private_key=signing.load_private_key(key) if key else None)
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    return out
+
+
+def _installed(home: Path) -> tuple[str | None, str]:
+    """(version, manifest sha256) of the installed "cardio", from the store's index (in ``home``)."""
+    rec = json.loads((home / "store" / "index.json").read_text())["cardio"]
+    return rec["version"], rec["manifest_sha256"]
+
+
+# -- the rule ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("installed, new, older, by", [
+    (("1.1", None), ("1.0", None), True, VERSION),
+    (("1.0", None), ("1.1", None), False, VERSION),
+    (("1.9", "2025-02-01T00:00:00Z"), ("1.10", "2025-01-01T00:00:00Z"), False, VERSION),  # 1.10 > 1.9: not text order
+    (("2.0", "2025-01-01T00:00:00Z"), ("2.0rc1", "2025-02-01T00:00:00Z"), True, VERSION),  # a pre-release is older
+    (("1.0", "2025-02-01T00:00:00Z"), ("1.0", "2025-01-01T00:00:00Z"), True, CREATED),    # the same version: by time
+    (("clinic-a", "2025-02-01T00:00:00Z"), ("clinic-b", "2025-01-01T00:00:00Z"), True, CREATED),  # not PEP 440
+    ((None, "2025-01-01T00:00:00Z"), (None, "2025-02-01T00:00:00Z"), False, CREATED),
+    (("1.1", "2025-02-01T00:00:00Z"), (None, "2025-01-01T00:00:00Z"), True, CREATED),     # a version on one side only
+])
+def test_the_card_version_orders_first_then_the_creation_time(installed, new, older, by):
+    order = compare(*installed, *new)
+    assert (order.older, order.by) == (older, by)
+
+
+@pytest.mark.parametrize("installed, new, why", [
+    (("clinic-a", None), ("clinic-b", None), "versions that are not both PEP 440 and no creation times"),
+    (("1.0", "2025-01-01T00:00:00Z"), ("1.0", "2025-01-01T00:00:00Z"), "the same version and the same creation time"),
+    ((None, "2025-01-01T00:00:00Z"), (None, "not a time"), "no versions and a creation time on one side only"),
+])
+def test_nothing_is_guessed_where_neither_orders_them(installed, new, why):
+    order = compare(*installed, *new)
+    assert order.older is None and order.by == why
+    note = order.note("cardio")
+    assert note.startswith("could not tell whether") and why in note and "installed it as an update" in note
+
+
+def test_without_the_packaging_library_the_creation_time_still_orders_and_the_note_says_why(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "packaging", None)
+    assert (compare("1.1", "2025-02-01T00:00:00Z", "1.0", "2025-01-01T00:00:00Z").by) == CREATED
+    assert "the packaging library is not installed" in compare("1.1", None, "1.0", None).by
+
+
+# -- install --force of a bundle file ------------------------------------------------------------------------------
+
+def test_install_force_of_an_older_release_is_refused_and_allow_downgrade_installs_it(tmp_path, edgemed_home, monkeypatch):
+    new = _pack(tmp_path, monkeypatch, "new", "1.1", JAN)  # packed first: the version decides, not the time
+    old = _pack(tmp_path, monkeypatch, "old", "1.0", FEB)
+    _cli("install", new)
+    installed = _installed(edgemed_home)
+    out = _cli("install", old, "--force", ok=False)
+    assert "'cardio' is installed at version 1.1" in out and "is version 1.0" in out and "older release by its version" in out
+    assert "--allow-downgrade" in out and "edgemed rollback cardio" in out
+    assert _installed(edgemed_home) == installed
+    out = _cli("install", old, "--force", "--allow-downgrade")
+    assert "downgraded cardio from version 1.1" in out and "to version 1.0" in out and "installed cardio" in out
+    assert _installed(edgemed_home)[0] == "1.0"
+    out = _cli("install", new, "--force")  # an update again: nothing to say of the order
+    assert "downgraded" not in out and "could not tell" not in out and _installed(edgemed_home) == installed
+    assert "could not tell" not in _cli("install", new, "--force")  # the very bundle installed: no note
+
+
+def test_bundles_without_versions_are_ordered_by_creation_time_and_unordered_ones_install_with_a_note(
+        tmp_path, edgemed_home, monkeypatch):
+    from edgemed.packaging.store import Store
+
+    later = _pack(tmp_path, monkeypatch, "later", None, FEB, as_dir=True)
+    earlier = _pack(tmp_path, monkeypatch, "earlier", None, JAN, as_dir=True)
+    store = Store()
+    store.install(later)
+    with pytest.raises(StoreError) as exc:
+        store.install(earlier, force=True)
+    assert "created 2025-02-01T00:00:00Z" in str(exc.value) and "created 2025-01-01T00:00:00Z" in str(exc.value)
+    assert "older release by its creation time" in str(exc.value)
+    orders = []
+    store.install(earlier, force=True, allow_downgrade=True, on_order=orders.append)
+    assert [(o.older, o.by) for o in orders] == [(True, CREATED)]
+    odd = _pack(tmp_path, monkeypatch, "odd", "clinic build", JAN, as_dir=True)  # same time, a version on one side
+    store.install(odd, force=True, on_order=orders.append)
+    assert orders[-1].older is None and "a version on one side only and the same creation time" in orders[-1].by
+
+
+def test_the_installed_creation_time_is_read_only_from_the_manifest_the_index_records(tmp_path, edgemed_home, monkeypatch):
+    from edgemed.packaging.store import Store
+
+    later = _pack(tmp_path, monkeypatch, "later", None, FEB, as_dir=True)
+    store = Store()
+    store.install(later)
+    rec = store.record("cardio")
+    assert release_order.installed_created(store, "cardio", rec) == "2025-02-01T00:00:00Z"
+    assert release_order.installed_created(store, "cardio", {**rec, "manifest_sha256": "0" * 64}) is None
+
+
+# -- pull --force of a tag moved back, through the registry ---------------------------------------------------------
+
+needs_registry = pytest.mark.skipif(registry_kit.missing_reason() is not None, reason=registry_kit.missing_reason() or "")
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = registry_kit.Registry.start(tmp_path / "registry")
+    yield reg
+    reg.stop()
+
+
+@needs_registry
+def test_a_tag_moved_back_to_an_older_signed_release_is_refused_by_the_nightly_pull(registry, tmp_path, edgemed_home, monkeypatch):
+    key, pub = bundle_kit.keypair(tmp_path)
+    v11 = _pack(tmp_path, monkeypatch, "v11", "1.1", FEB, key, as_dir=True)
+    v10 = _pack(tmp_path, monkeypatch, "v10", "1.0", JAN, key, as_dir=True)
+    edgemed_home.mkdir(parents=True, exist_ok=True)
+    (edgemed_home / "trust.toml").write_text(f'[registries."{registry.host}"]\nkeys = ["{pub}"]\n')
+    stable = registry.ref("clinic/cardio:stable")
+    _cli("push", v11, stable)
+    _cli("pull", stable, "--force")
+    installed = _installed(edgemed_home)
+    assert installed[0] == "1.1"
+    assert json.loads(_cli("pull", stable, "--force", "--json"))["already_installed"]  # the same digest: a no-op
+
+    _cli("push", v10, stable)  # the tag moved back
+    seen = len(registry.access())
+    out = _cli("pull", stable, "--force", ok=False)
+    assert "'cardio' is installed at version 1.1" in out and "is version 1.0" in out, out
+    assert "--allow-downgrade" in out and "edgemed rollback cardio" in out
+    assert _installed(edgemed_home) == installed and json.loads(_cli("list", "--json"))[0]["version"] == "1.1"
+    meta = sorted(f"sha256:{hashlib.sha256((v10 / f).read_bytes()).hexdigest()}" for f in ("manifest.json", "model.sig"))
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in registry.access()[seen:] if "/blobs/" in r["path"]) == meta, \
+        "refused on the manifest and signature alone (card.toml, which differs, was not fetched)"
+
+    out = json.loads(_cli("pull", stable, "--force", "--allow-downgrade", "--json"))
+    assert out["release"]["older"] is True and out["release"]["by"] == VERSION
+    assert _installed(edgemed_home)[0] == "1.0"
+    _cli("rollback", "cardio")  # and back to 1.1, the copy the store kept
+    assert _installed(edgemed_home) == installed
+    out = _cli("pull", stable, "--force", "--allow-downgrade")
+    assert "downgraded cardio from version 1.1" in out and "to version 1.0" in out and "installed cardio" in out
