@@ -191,3 +191,10 @@ def test_a_tag_moved_back_to_an_older_signed_release_is_refused_by_the_nightly_p
     assert _installed(edgemed_home) == installed
     out = _cli("pull", stable, "--force", "--allow-downgrade")
     assert "downgraded cardio from version 1.1" in out and "to version 1.0" in out and "installed cardio" in out
+
+    # the tag forward again: an update; a device rolled back from it goes forward at the next nightly pull
+    _cli("push", v11, stable)
+    for step in ("pull", "rollback", "pull"):
+        out = _cli("pull", stable, "--force") if step == "pull" else _cli("rollback", "cardio")
+        assert "downgraded" not in out and "could not tell" not in out
+        assert _installed(edgemed_home)[0] == ("1.1" if step == "pull" else "1.0")
