@@ -1,10 +1,13 @@
-"""Where a registry's credentials go, against a token registry scripted here
+"""Where a registry's credentials go, and how long its tokens serve, against a token registry scripted here
 (``registry_kit.TokenRegistry``: no docker-registry needed) holding a bundle pushed with `edgemed push`:
 
 - a blob GET redirected to a storage host that asks for credentials: the registry's password never goes to the token
   service the storage host names (oras fetched a fresh token there with the stored user name and password), and the
   pull fails saying why; a storage host that serves without credentials serves the pull;
-- a token service other than the one the registry named on ``/v2/`` gets no credentials either.
+- a token service other than the one the registry named on ``/v2/`` gets no credentials either;
+- a token that expires mid-pull or mid-push (Distribution and Harbor answer it with 401; oras sent the same token
+  again, and the next layer was "refused" with advice to log in) is renewed once; a registry refusing the renewed
+  token too still fails with that advice, after one renewal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import bundle_kit
 import registry_kit
 
 from edgemed.cli import cli
+
+TOKEN_S = 2.0  # how long the scripted registry honours a token in the expiry tests
+SLOW_S = 2.5   # how long the GGUF's answer takes there: the next layer's GET comes with an expired token
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +128,59 @@ def test_a_token_service_other_than_the_one_the_registry_named_first_gets_no_cre
     assert registry.realm in r.output and f"{other.base}/token" in r.output, r.output
     assert "edgemed sends credentials only to the first" in r.output.replace("\n", " "), r.output
 
+
+def test_a_token_that_expires_mid_pull_is_renewed(registry, pushed, bundle, edgemed_home):
+    registry.token_s = TOKEN_S
+    registry.delay_s[bundle["gguf"]] = SLOW_S
+    before, refused = registry.token_requests(), len(registry.refused)
+    r = _pull(pushed, bundle)
+    assert r.exit_code == 0, r.output  # was: "The registry refused layer 'LICENSE' ... Fix: log in ..."
+    # the layer after the GGUF came with the token its GET was given, older than TOKEN_S by then
+    assert ("GET", "/v2/clinic/tiny/blobs/" + _digest_of(bundle, "LICENSE")) in registry.refused, registry.refused
+    assert registry.token_requests() - before == 1 + len(registry.refused) - refused  # the first, one per expiry
+    assert _installed(edgemed_home) == ["tiny"]
+
+
+def test_a_registry_refusing_the_renewed_token_fails_with_the_login_advice_after_one_renewal(registry, pushed, bundle,
+                                                                                              edgemed_home):
+    registry.token_s = TOKEN_S
+    registry.delay_s[bundle["gguf"]] = SLOW_S
+    registry.honoured = len(registry.tokens) + 1  # the pull's first token; a renewed one is refused
+    before = registry.token_requests()
+    r = _pull(pushed, bundle)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "The registry refused layer '" in r.output and "Fix: log in with an account allowed" in r.output, r.output
+    assert registry.token_requests() - before == 2  # one renewal, no loop
+    assert _installed(edgemed_home) == []
+
+
+def test_a_token_that_expires_mid_chunked_push_is_renewed(registry, bundle, monkeypatch):
+    from edgemed.packaging import oci_push
+
+    monkeypatch.setattr(oci_push, "CHUNK", 1024)  # the manifest, the signature and the GGUF go up in PATCH chunks
+    registry.token_s = TOKEN_S
+    registry.delay_s["PATCH"] = 0.35 * TOKEN_S  # the manifest's fourth chunk (or its PUT) comes after the token's end
+    r = _cli("push", str(bundle["dir"]), registry.ref("clinic/tiny:1"))
+    assert r.exit_code == 0, r.output  # was: "The upload of ... failed (Issue with ...: Unauthorized)"
+    assert {m for m, _ in registry.refused} & {"PATCH", "PUT"}, registry.refused  # the upload met the expired token
+    assert registry.blobs[bundle["gguf"]] == (bundle["dir"] / _path_of(bundle, bundle["gguf"])).read_bytes()
+
+
+def _digest_of(bundle: dict, path: str) -> str:
+    man = json.loads((bundle["dir"] / "manifest.json").read_text())
+    return "sha256:" + next(f["sha256"] for f in man["files"] if f["path"] == path)
+
+
+def _path_of(bundle: dict, digest: str) -> str:
+    man = json.loads((bundle["dir"] / "manifest.json").read_text())
+    return next(f["path"] for f in man["files"] if f"sha256:{f['sha256']}" == digest)
+
+
+def test_a_token_service_refusing_the_stored_login_is_named(registry, pushed, bundle, edgemed_home):
+    """The password was changed since `edgemed login` (or while a long pull ran, its renewal refused)."""
+    registry.password = "changed-since"
+    r = _pull(pushed, bundle)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    said = r.output.replace("\n", " ")
+    assert "its token service gave no token for this login" in said, said  # was: "asked for no credentials ..."
+    assert f"edgemed login {registry.host}" in said, said

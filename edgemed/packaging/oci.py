@@ -299,6 +299,8 @@ class Client:
           and only on a challenge from the registry itself. A blob GET that the registry redirects to a storage host
           (a CDN, S3) carries no credentials there (requests drops them); when that host answers with a challenge of
           its own, oras fetched a fresh token from the realm it named, sending the stored user name and password;
+        - a 401 on a request that carried a token asks the token service once more (an expired token: Distribution
+          and Harbor answer it with 401, and oras sent the same token again, renewing only on a 403);
         - a 401 or 403 with no challenge this client can answer fails at once, named (oras raised a bare ValueError
           and retried it, sleeping about two minutes, before a traceback)."""
         import oras.auth
@@ -340,11 +342,15 @@ class Client:
                         "ask the registry's administrator to have its redirects work without the registry's "
                         "credentials (signed storage links), or to serve blobs itself (Distribution: storage "
                         "redirect disable: true)")
+                if original.status_code == 401 and getattr(auth, "token", None):  # held, sent, refused: expired
+                    refresh = True
                 headers, changed = answer(original, headers, refresh=refresh)
                 if not changed:
                     raise oras.auth.AuthenticationException(
                         f"The registry {registry} answered HTTP {original.status_code} to {original.request.method} "
-                        f"{original.request.url} and asked for no credentials edgemed can give.")
+                        f"{original.request.url} and " + ("its token service gave no token for this login."
+                                                          if original.headers.get("WWW-Authenticate") else
+                                                          "asked for no credentials edgemed can give."))
                 return headers, changed
 
             auth.authenticate_request = authenticate
