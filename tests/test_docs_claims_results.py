@@ -319,6 +319,22 @@ def test_decision_0004s_measurements_are_their_jsons():
                      r"\(\+(\d[\d.]*) %\)": row["error_pct"]})  # "+" as written: above the measured
 
 
+def test_decision_0004s_status_names_the_planner_it_came_with_and_the_one_that_measured_it():
+    """The planner the decision came with is the one the commit named made (its parent had another), and the planner
+    of the measurement is the one ``plan_memory.json`` was written with, at the commit named, as the Measurement
+    says."""
+    status = _flat(_page(D0004).split("\n\n", 2)[1])
+    came, made = re.search(r"accepted with `(planner/\d+)` \(commit (\w+)\)", status).groups()
+    measured, wrote = re.search(r"the measurement below is `(planner/\d+)`'s \(`plan_memory\.json`, written at commit "
+                                r"(\w+)\)", status).groups()
+    assert sorted(set(re.findall(r"planner/\d+", status))) == sorted({came, measured}), status
+    assert f'METHOD = "{came}"' in _at(made, "edgemed/planner.py")
+    assert f'METHOD = "{came}"' not in _at(f"{made}^", "edgemed/planner.py")
+    assert json.loads(_at(wrote, "benchmarks/results/plan_memory.json")) == _json("plan_memory.json")
+    assert f'METHOD = "{measured}"' in _at(wrote, "edgemed/runtime/plan.py")
+    assert f"`plan_memory.json`, `{measured}`, every row loaded read in" in _measurement(D0004)
+
+
 def test_decision_0005s_measurements_are_a_json_or_a_recorded_run():
     """The capped 7B conversion is its JSON's and is said to predate the change, as convert_cost.md's table notes;
     the default buffers' figures are a recorded run's."""
@@ -516,10 +532,15 @@ def _at(commit: str, path: str) -> str:
     git = shutil.which("git")
     if git is None:
         pytest.skip("git is not installed: the recorded figures cannot be compared with their commits")
-    done = subprocess.run([git, "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        pytest.skip(f"this copy has no commit {commit} (a shallow clone or an export): {done.stderr.strip()}")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([git, "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+
+    held = run("cat-file", "-e", f"{commit}^{{commit}}")
+    if held.returncode != 0:
+        pytest.skip(f"this copy has no commit {commit} (a shallow clone or an export): {held.stderr.strip()}")
+    done = run("show", f"{commit}:{path}")
+    assert done.returncode == 0, f"commit {commit} has no {path}: {done.stderr.strip()}"
     return done.stdout
 
 
