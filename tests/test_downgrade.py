@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import bundle_kit
@@ -90,12 +91,12 @@ def test_nothing_is_guessed_where_neither_orders_them(installed, new, why):
     assert note.startswith("could not tell whether") and why in note and "installed it as an update" in note
 
 
-def test_without_the_packaging_library_the_creation_time_still_orders_and_the_note_says_why(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "packaging", None)
-    assert (compare("1.1", "2025-02-01T00:00:00Z", "1.0", "2025-01-01T00:00:00Z").by) == CREATED
-    assert "the packaging library is not installed" in compare("1.1", None, "1.0", None).by
+def test_packaging_is_a_dependency_of_every_install():
+    """Card versions are ordered as PEP 440 versions on a device install too (`edgemed[gguf,fleet]`): the library
+    that reads them is one of edgemed's own dependencies, not something another package happens to bring."""
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "packaging" for d in deps), deps
 
 
 # -- install --force of a bundle file ------------------------------------------------------------------------------

@@ -53,23 +53,15 @@ def card_version(man: Manifest) -> str | None:
     return str(v)[:256] if v is not None else None
 
 
-def _pep440():
-    """``packaging.version``, or None where the library is not installed (it is no dependency of a device install)."""
-    try:
-        from packaging import version
-    except ImportError:
-        return None
-    return version
-
-
 def _release(text: str | None):
-    """``text`` as a PEP 440 version, or None (absent, not PEP 440, or the ``packaging`` library missing)."""
-    pep440 = _pep440()
-    if text is None or pep440 is None:
+    """``text`` as a PEP 440 version, or None (absent, or not PEP 440)."""
+    from packaging import version  # a dependency of every install (pyproject)
+
+    if text is None:
         return None
     try:
-        return pep440.Version(text)
-    except pep440.InvalidVersion:
+        return version.Version(text)
+    except version.InvalidVersion:
         return None
 
 
@@ -105,8 +97,7 @@ def compare(installed_version: str | None, installed_created: str | None, new_ve
     elif installed_version is None or new_version is None:
         versions = "a version on one side only" if (installed_version, new_version) != (None, None) else "no versions"
     else:
-        versions = "versions that are not both PEP 440" if _pep440() is not None else \
-            "versions not compared (the packaging library is not installed)"
+        versions = "versions that are not both PEP 440"
     if old_t is not None and new_t is not None:
         times = "the same creation time"
     else:
