@@ -350,10 +350,29 @@ def test_decision_0005s_measurements_are_a_json_or_a_recorded_run():
            "the CPU repack (commit 7e83cbf)" in _flat(_page("convert_cost.md"))
 
 
+ONE_AND_A_HALF_B_CAPPED = "convert_cost-qwen2.5-1.5b-instruct-q4_k_m-parity-cap2.5g.json"
+
+
+def test_decision_0008s_context_is_the_7b_shapes_config_and_the_capped_runs_machine():
+    """The 7B's float32 weights are the estimator's parameter count of the shape's config, in float32; the box's
+    cores and memory (to a tenth of a GiB) are the ones both capped runs of the Measurement record."""
+    from edgemed.benchmarks.shaped_checkpoint import shape_config
+    from edgemed.converters.budget.peaks import Dims
+
+    context = _without_recorded(_section(_page(D0008), "## Context"))
+    machines = {(m["cpu_count"], m["ram_bytes"]) for m in
+                (_json(name)["machine"] for name in (ONE_AND_A_HALF_B_CAPPED, SEVEN_B_CAPPED))}
+    assert len(machines) == 1, machines
+    ((cores, ram),) = machines
+    params = Dims.from_config(shape_config("r1-distill-qwen-7b")).params
+    _labelled(context, {r"on the (\d+)-core box": cores,
+                        r"float32 weights alone are (\d[\d.]*) GiB": params * 4 / GIB,  # float32: 4 bytes a weight
+                        r"the box's (\d+\.\d) GiB \(`ram_bytes` in the capped runs' JSONs": ram / GIB})
+
+
 def test_decision_0008s_measurements_are_their_jsons_a_recorded_run_or_the_tests_tolerance():
     text = _measurement(D0008)
-    capped = [_json(name)["runs"]["convert+parity"]
-              for name in ("convert_cost-qwen2.5-1.5b-instruct-q4_k_m-parity-cap2.5g.json", SEVEN_B_CAPPED)]
+    capped = [_json(name)["runs"]["convert+parity"] for name in (ONE_AND_A_HALF_B_CAPPED, SEVEN_B_CAPPED)]
     tolerance = re.search(r"^TOL = (\S+)", (ROOT / "tests" / "test_layered_reference.py").read_text(encoding="utf-8"),
                           re.MULTILINE)[1]
     assert capped[0]["parity"]["passed"] and "parity PASS" in text
