@@ -309,6 +309,49 @@ def test_a_profile_named_for_another_device_plans_for_it_and_loads_within_this_o
     assert "capped at the 4.0 GiB this machine may use (its container limit)" in err.value.problem
 
 
+def _container(tmp_path, limit: int) -> Path:
+    """The x86 container fixture with its cgroup memory limit set to ``limit`` bytes."""
+    import shutil
+
+    root = tmp_path / "box"
+    shutil.copytree(FIXTURES / "x86-avx2-container", root)
+    (root / "sys/fs/cgroup/memory.max").write_text(f"{limit}\n")
+    return root
+
+
+def test_a_reserve_that_takes_the_whole_container_is_named_with_the_fixes_that_make_room(smollm2_gguf, tmp_path):
+    """x86-avx2 keeps 2 GiB for the OS; in a 2 GiB container that left a budget of 0, and every model was refused with
+    "use a smaller quant", which no quant can satisfy. The refusal names the reserve and the container limit, and the
+    fixes that give a model room."""
+    root = _container(tmp_path, 2 * GIB)
+    assert get_profile("x86-avx2").budget_bytes(detect(root)) == 0
+    result = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--root", str(root)])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "budget of 0 MiB" in text
+    assert ("memory.reserve_gb 2.0 GiB (kept for the OS and the software beside the model) of the 2.0 GiB this "
+            "machine may use (its container limit) leaves nothing for a model") in text
+    fix = text.split("Fix:", 1)[1]
+    assert "higher container memory limit" in fix and "smaller memory.reserve_gb" in fix and "EDGEMED_PROFILES_DIR" in fix
+    assert "--budget-mb" in fix and "smaller quant" not in fix  # a budget of 0 fits no quant
+
+
+def test_a_reserve_that_leaves_too_little_puts_room_before_a_smaller_quant(smollm2_gguf, tmp_path):
+    """50 MiB left after the reserve: the model would fit without it, so the reserve is named and making room comes
+    first; a smaller quant stays among the fixes. With room enough the plan goes through unchanged."""
+    from edgemed.runtime.plan import make_plan
+
+    root = _container(tmp_path, 2 * GIB + 50 * (1 << 20))
+    with pytest.raises(PlanError) as err:
+        make_plan(smollm2_gguf, get_profile("x86-avx2"), detect(root))
+    assert "memory.reserve_gb 2.0 GiB" in err.value.problem and "the 2.05 GiB this machine may use" in err.value.problem
+    assert "leaves 50 MiB for a model" in err.value.problem
+    assert err.value.fix.startswith("give the model room: a higher container memory limit")
+    assert "smaller quant" in err.value.fix
+    roomy = _container(tmp_path / "roomy", 4 * GIB)
+    assert make_plan(smollm2_gguf, get_profile("x86-avx2"), detect(roomy)).fits
+
+
 def test_this_machine_is_detected():
     facts = detect("/")
     profile = choose(facts)

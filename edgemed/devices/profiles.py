@@ -38,6 +38,12 @@ def _names(model: str, words: str) -> bool:
     return re.search(r"(?<![0-9a-z])" + re.escape(words.lower()) + r"(?![0-9a-z])", model) is not None
 
 
+def _gib(n: float) -> str:
+    """Bytes as GiB, one decimal unless a second tells two sizes apart (2.05 GiB is not the 2.0 GiB reserve)."""
+    one, two = f"{n / GIB:.1f}", f"{n / GIB:.2f}"
+    return one if float(one) == float(two) else two
+
+
 @dataclass(frozen=True)
 class Profile:
     """One device class: how to recognise it, its memory budget and its engine settings."""
@@ -94,13 +100,41 @@ class Profile:
         return (f"the profile's {fixed / GIB:.1f} GiB is capped at the {total / GIB:.1f} GiB this machine may use"
                 f"{' (its container limit)' if limit else ''}")
 
-    def budget_bytes(self, facts: Facts | None, here: bool = False) -> int:
+    def budget_bytes(self, facts: Facts | None, here: bool = False, reserve: bool = True) -> int:
         """Bytes a model may use: total minus the OS reserve, capped at ``max_fraction`` of total; or, where the
-        GPU's wired-memory limit was set on this machine (``gpu_wired_limit``), capped at that limit instead."""
+        GPU's wired-memory limit was set on this machine (``gpu_wired_limit``), capped at that limit instead.
+        ``reserve=False``: the same without the reserve (what ``memory.reserve_gb`` costs, for ``reserve_note``)."""
         total = self.total_memory_bytes(facts, here)
         wired = self.gpu_wired_limit(facts, here)
         cap = min(wired, total) if wired else total * self.memory["max_fraction"]
-        return int(max(0, min(total - self.memory["reserve_gb"] * GIB, cap)))
+        kept = self.memory["reserve_gb"] * GIB if reserve else 0
+        return int(max(0, min(total - kept, cap)))
+
+    def reserve_note(self, facts: Facts | None, here: bool = False) -> tuple[str, str]:
+        """Where the OS reserve (``memory.reserve_gb``) is what limits the budget: what it takes of the memory there is
+        and the fixes that give a model more room, as ``(note, fix)``; ``("", "")`` where the ``max_fraction`` cap or
+        a wired limit binds instead. ``runtime.plan.make_plan`` adds them to a refusal the reserve causes (a budget
+        of 0 fits no quant, so "use a smaller quant" alone would send the user the wrong way)."""
+        total = self.total_memory_bytes(facts, here)
+        reserve = self.memory["reserve_gb"] * GIB
+        if self.budget_bytes(facts, here) >= self.budget_bytes(facts, here, reserve=False):
+            return "", ""
+        fixed = "total_gb" in self.memory and total >= int(self.memory["total_gb"] * GIB)
+        limit = facts is not None and bool(facts.memory_limit_bytes) and facts.memory_limit_bytes < facts.memory_bytes
+        if fixed:
+            where, more = f"the profile's memory.total_gb {_gib(total)} GiB", "a larger memory.total_gb"
+        else:
+            where = f"the {_gib(total)} GiB this machine may use{' (its container limit)' if limit else ''}"
+            more = ("a higher container memory limit (docker run --memory, the cgroup's memory.max)" if limit
+                    else "a machine with more memory")
+        left = max(0, total - reserve)
+        note = (f"memory.reserve_gb {_gib(reserve)} GiB (kept for the OS and the software beside the "
+                f"model) of {where} leaves {'nothing' if not left else f'{left / (1 << 20):.0f} MiB'} for a model")
+        fix = (f"give the model room: {more}, or a profile with a smaller memory.reserve_gb (copy this one's TOML, its "
+               f"path: `edgemed devices show {self.name}`, into a folder named in ${env.PROFILES_VAR} and lower "
+               "reserve_gb: a user profile overrides the shipped one of the same name); `edgemed plan MODEL "
+               "--budget-mb N` shows what N MiB would hold")
+        return note, fix
 
     def gpu_wired_limit(self, facts: Facts | None, here: bool = False) -> int | None:
         """The GPU wired-memory limit an operator set on this machine (a Mac's ``iogpu.wired_limit_mb``, raised or

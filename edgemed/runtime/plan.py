@@ -491,6 +491,15 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
     return max(best, lo * CTX_STEP), "budget"  # the cap did not fit: the budget chose
 
 
+def _fits(shape: ModelShape, profile: Profile, budget: int, *args) -> bool:
+    """Whether ``choose_context`` finds a context for ``budget`` (its other arguments as ``args``)."""
+    try:
+        choose_context(shape, profile, budget, *args)
+    except PlanError:
+        return False
+    return True
+
+
 def budget_from_mib(mib: float) -> int:
     """A ``--budget-mb`` value in bytes; refuses zero, negative, infinite and NaN sizes."""
     if not isinstance(mib, (int, float)) or isinstance(mib, bool) or not math.isfinite(mib) or not 0 < mib <= MAX_BUDGET_MIB:
@@ -551,11 +560,21 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     try:
         n_ctx, limited_by = choose_context(shape, profile, budget, requested_ctx, adapter_bytes, asked if fixed else 0,
                                            n_seq, gpu, amx, features)
-    except PlanError as exc:  # a budget this machine capped says so: the profile alone would not explain it
-        note = profile.memory_cap_note(facts, here) if budget_given is None else ""
-        if not note:
+    except PlanError as exc:  # a budget this machine capped, or its OS reserve emptied, says so: the profile alone
+        # would not explain it
+        if budget_given is not None:
             raise
-        raise PlanError(f"{exc.problem.rstrip('.')}; {note}.", exc.fix) from None
+        notes, fix = [profile.memory_cap_note(facts, here)], exc.fix
+        reserve, more_room = profile.reserve_note(facts, here)
+        if reserve and (budget == 0 or _fits(shape, profile, profile.budget_bytes(facts, here, reserve=False),
+                                              requested_ctx, adapter_bytes, asked if fixed else 0, n_seq, gpu, amx,
+                                              features)):
+            # the OS reserve is what refuses it: a budget of 0 fits no quant, so the fixes are the ones that make room
+            notes.append(reserve)
+            fix = more_room if budget == 0 else f"{more_room}; or {exc.fix}"
+        if not any(notes):
+            raise
+        raise PlanError(f"{exc.problem.rstrip('.')}; {'; '.join(n for n in notes if n)}.", fix) from None
     settings = profile_settings(profile, shape, gpu, amx, features)
     est = estimate(shape, n_ctx, **settings, adapter_bytes=adapter_bytes, n_seq=n_seq)
     if asked:  # fixed: it fits (choose_context counted it); the profile's: what the budget leaves, in whole MiB
