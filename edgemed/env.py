@@ -171,12 +171,35 @@ def template_dirs() -> list[Path]:
     return _dirs(TEMPLATES_VAR)
 
 
+#: What Hugging Face's libraries take for "on" (``huggingface_hub.constants.ENV_VARS_TRUE_VALUES``); anything else set,
+#: 0 or false, turns their offline switch off.
+_ON = frozenset({"1", "ON", "YES", "TRUE"})
+
+
 def enforce_offline() -> None:
-    """Tell every library we load that the network is off limits (unless allowed)."""
+    """Tell every library we load that the network is off limits, unless ``$EDGEMED_ALLOW_NETWORK`` is 1.
+
+    The variables are set outright: a user's ``HF_HUB_OFFLINE=0`` (left from other work) would otherwise keep
+    huggingface_hub online, which reads ``HF_HUB_OFFLINE`` before ``TRANSFORMERS_OFFLINE``; overriding one says so in a
+    warning. huggingface_hub reads them once, when it is imported, so this runs first: at the start of every ``edgemed``
+    command (``cli.LazyGroup``) and of each entry point that imports transformers; one already imported has its offline
+    switch turned on as well."""
     if os.environ.get(ALLOW_NETWORK_VAR) == "1":
         return
+    import logging
+    import sys
+
     for key, value in _OFFLINE_VARS.items():
-        os.environ.setdefault(key, value)
+        was = os.environ.get(key, "").strip()
+        if was and was.upper() not in _ON:
+            logging.getLogger("edgemed").warning(
+                "%s=%r in the environment would let Hugging Face libraries reach the network; edgemed sets it to %s and "
+                "stays offline (set %s=1 to allow the network deliberately).", key, was[:20], value, ALLOW_NETWORK_VAR)
+        os.environ[key] = value
+    hub = sys.modules.get("huggingface_hub.constants")  # imported before this call: its switches were read already
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+        hub.HF_HUB_DISABLE_TELEMETRY = True
 
 
 def store_dir() -> Path:

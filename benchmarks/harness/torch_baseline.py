@@ -18,13 +18,14 @@ from edgemed.errors import InputError
 
 class HfTimed:
     def __init__(self, path: Path, threads: int | None, dtype: str, seed: int, allow_pickle: bool = False):
+        from edgemed import env
+
+        env.enforce_offline()  # before transformers is imported: huggingface_hub reads it at its import
         import torch
         from transformers import AutoTokenizer
 
-        from edgemed import env
         from edgemed.converters.source.checkpoint import Checkpoint
 
-        env.enforce_offline()
         if threads:
             torch.set_num_threads(int(threads))
         torch.manual_seed(seed)

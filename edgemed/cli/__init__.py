@@ -105,6 +105,9 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx):
+        from edgemed import env
+
+        env.enforce_offline()  # before the command's module loads: huggingface_hub reads the variables at its import
         main = threading.current_thread() is threading.main_thread()  # only the main thread may set a handler
         previous = signal.signal(signal.SIGTERM, _terminated) if main else None
         try:

@@ -22,6 +22,8 @@ def quickstart(model_name, quant, output, force, question):
     checkpoint, convert it to a 4-bit GGUF with a parity report, and answer a
     medical question with it. Nothing touches the network."""
     from edgemed import env
+
+    env.enforce_offline()  # before require_route imports transformers (huggingface_hub reads it at import)
     from edgemed.converters import require_route
     from edgemed.converters.source import pip_models
     from edgemed.converters.gguf.calibration import default_imatrix
@@ -32,7 +34,6 @@ def quickstart(model_name, quant, output, force, question):
     from edgemed.runtime import GenerationSettings, open_engine
     from edgemed.runtime.engine import LoadSettings
 
-    env.enforce_offline()
     output = file_destination(output, "-o", "NAME.gguf") if output is not None else None  # 'dir/' names no file
     name = model_name or pip_models.DEFAULT
     out = output or env.home() / "quickstart" / f"{name}-{quant}.gguf"
