@@ -63,6 +63,17 @@ def test_missing_and_unknown_inputs_name_the_fix():
     assert "6th grade" in edu.messages({"topic": "asthma"})[0]["content"]
 
 
+@pytest.mark.parametrize("options", [{}, {"A": "Vitamin C"}])
+def test_a_choice_from_fewer_than_two_options_is_refused(options):
+    """One option is no question: the model could only name it, and its letter would read as an answer (the page
+    sent one when Enter was pressed in the first option box)."""
+    mcq = get_template("mcq")
+    with pytest.raises(TemplateError, match=f"needs at least 2 options in 'options' \\(got {len(options)}\\)") as err:
+        mcq.messages({"question": "Which vitamin deficiency causes scurvy?", "options": options})
+    assert '"B"' in err.value.fix
+    assert mcq.choices({"question": "q", "options": {"A": "Vitamin C", "B": "Vitamin A"}}) == ("A", "B")
+
+
 # -- contracts -------------------------------------------------------------------------
 MCQ_INPUTS = {"question": "q", "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}}
 

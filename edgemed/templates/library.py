@@ -31,6 +31,8 @@ JINJA_WORDS = {"and", "or", "not", "in", "is", "if", "else", "true", "false", "n
 JINJA_NAMES = {"self", "loop", "super", "caller", "varargs", "kwargs"}
 #: a template file or index is read whole; anything larger is not one
 MAX_FILE_BYTES = 256 * 1024
+#: a choice read from an options input needs this many options: one option is no choice
+MIN_OPTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,11 @@ class Template:
             raise TemplateError(f"Template '{self.name}' takes '{self.contract.choices_from}' as an object of labels "
                                 f"and answers, not {type(options).__name__} {str(options)[:40]!r}.",
                                 "pass --options '{\"A\": \"...\", \"B\": \"...\"}'")
-        if self.contract.choices_from and not options:
-            raise TemplateError(f"Template '{self.name}' needs at least one option.", "pass --options '{\"A\": \"...\"}'")
+        if self.contract.choices_from and len(options or {}) < MIN_OPTIONS:
+            raise TemplateError(f"Template '{self.name}' needs at least {MIN_OPTIONS} options in "
+                                f"'{self.contract.choices_from}' (got {len(options or {})}): with fewer there is "
+                                "nothing to choose between.",
+                                "give two or more, e.g. --options '{\"A\": \"...\", \"B\": \"...\"}'")
         if self.contract.choices_from:
             self._check_labels([str(k) for k in options])
         return values
