@@ -1,8 +1,8 @@
 """The clinician page of ``edgemed serve`` in a real headless Chromium against a real server on SmolLM2.
 
-Covers: the page and its assets (CSP and the other headers; nothing but same-origin files); the model card before
-the first question; a streamed free question sent with Enter, with its audit request id; the ``mcq`` form and
-the parsed letter the server returned; a ``<think>`` block folded away from the answer; stopping a long answer (the slot is freed); a server with keys (refused
+Covers: the page and its assets (CSP and the other headers; nothing but same-origin files); the model card (with the
+model's license) before the first question; a streamed free question sent with Enter, with its audit request id;
+the ``mcq`` form and the parsed letter the server returned; a ``<think>`` block folded away from the answer; stopping a long answer (the slot is freed); a server with keys (refused
 without one, works with one, the key kept in sessionStorage only); hostile input and hostile model output shown
 as text, never run; no request outside the server's origin (the browser's own network log); a page on another
 origin that posts to the server is refused; no field a clinician types in is spell-checked; ``--no-ui``.
@@ -34,7 +34,7 @@ from ui_kit import (
     unlabelled,
 )
 
-CARD = {"intended_use": "Answering exam-style medical questions for the test suite.",
+CARD = {"license": "apache-2.0", "intended_use": "Answering exam-style medical questions for the test suite.",
         "intended_users": ["Test engineers"], "out_of_scope_use": "Patients.",
         "known_limitations": ["Tiny model: often wrong"]}
 KEY = "test-key-" + "x" * 24
@@ -91,6 +91,7 @@ def test_page_and_assets_carry_a_strict_csp_and_come_from_the_package(server):
 def test_info_gives_the_card_and_the_template_index(server):
     info = httpx.get(server.url + "/ui/info").json()
     assert info["model"] == MODEL and info["card"]["intended_use"] == CARD["intended_use"]
+    assert info["card"]["license"] == "apache-2.0"
     templates = {t["name"]: t for t in info["templates"]}
     assert templates["mcq"]["kind"] == "choice" and templates["mcq"]["choices_from"] == "options"
     assert [f["kind"] for f in templates["mcq"]["fields"]] == ["long", "options"]
@@ -130,8 +131,11 @@ def test_cli_reads_the_card_of_a_bundle_and_none_of_a_plain_file(tmp_path):
     from edgemed.cli.serve import _card
     from edgemed.packaging.ref import DIRECTORY, FILE, ModelRef
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"name": "b", "card": CARD}))
-    assert _card(ModelRef(DIRECTORY, tmp_path, "b")) == CARD
+    card = {k: v for k, v in CARD.items() if k != "license"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "b", "model": {"license": "apache-2.0"}, "card": card}))
+    assert _card(ModelRef(DIRECTORY, tmp_path, "b")) == {**card, "license": "apache-2.0"}  # the model's own license
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "b", "model": {"license": ["not", "text"]}, "card": card}))
+    assert _card(ModelRef(DIRECTORY, tmp_path, "b")) == card
     assert _card(ModelRef(FILE, tmp_path / "m.gguf", "m", model_path=tmp_path / "m.gguf")) == {}
 
 
@@ -140,6 +144,7 @@ def test_free_question_streams_with_its_request_id_and_the_card_first(server, br
     page = browser.page(server.url)
     card = page.find("#card").text
     assert CARD["intended_use"] in card and "Test engineers" in card and "Tiny model: often wrong" in card
+    assert page.find('#card-fields dd[data-field="license"]').text == "apache-2.0"
     assert page.find("#mode").get_attribute("value") == ""  # the chat comes first
     assert browser.driver.switch_to.active_element.get_attribute("id") == "prompt"  # type at once, no mouse
     page.max_tokens(32)

@@ -364,17 +364,24 @@ def _is_number(text: str) -> bool:
 
 
 def _card(ref) -> dict:
-    """The model card of a verified bundle (its manifest's "card"), for the page; a plain model file has none."""
+    """The model card of a verified bundle (its manifest's "card"), for the page, with the model's license (the
+    manifest's ``model.license``, from the model's own metadata) as ``license``; a plain model file has none."""
     from edgemed.packaging.manifest import MANIFEST
     from edgemed.packaging.ref import DIRECTORY, STORE
 
     if ref.kind not in (DIRECTORY, STORE) or ref.path is None:
         return {}
     try:
-        card = json.loads((Path(ref.path) / MANIFEST).read_text(encoding="utf-8")).get("card")
+        manifest = json.loads((Path(ref.path) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # verified a moment ago: unreadable now means it changed under us; the page says "no card"
-    return card if isinstance(card, dict) else {}
+    card = manifest.get("card")
+    card = dict(card) if isinstance(card, dict) else {}
+    model = manifest.get("model")  # a verified manifest: both are objects, when there
+    license_id = model.get("license") if isinstance(model, dict) else None
+    if isinstance(license_id, str) and license_id.strip():
+        card["license"] = license_id
+    return card
 
 
 @click.group()

@@ -52,8 +52,9 @@ HEADERS = {
 #: Shown under every answer.
 SAFETY_LINE = ("Decision support only: it supports, and never replaces, a qualified clinician's judgement. "
                "Check facts, doses and references before acting. In an emergency, call local emergency services.")
-#: Card fields the page shows before the first question, in this order (``packaging.card.FIELDS`` names them).
-CARD_FIELDS = ("model_name", "version", "developer", "intended_use", "intended_users", "decision_role",
+#: Card fields the page shows before the first question, in this order (``packaging.card.FIELDS`` names them;
+#: ``license`` is the manifest's ``model.license``, the model's own metadata, which ``edgemed serve`` adds).
+CARD_FIELDS = ("model_name", "version", "developer", "license", "intended_use", "intended_users", "decision_role",
                "out_of_scope_use", "known_limitations")
 
 router = APIRouter()

@@ -7,9 +7,9 @@
 (function () {
   const KEY_SLOT = "edgemed.apiKey";
   const CARD_LABELS = {
-    model_name: "Model", version: "Version", developer: "Developer", intended_use: "Intended use",
-    intended_users: "Intended users", decision_role: "Decision role", out_of_scope_use: "Not for",
-    known_limitations: "Known limitations",
+    model_name: "Model", version: "Version", developer: "Developer", license: "License",
+    intended_use: "Intended use", intended_users: "Intended users", decision_role: "Decision role",
+    out_of_scope_use: "Not for", known_limitations: "Known limitations",
   };
 
   const $ = (id) => document.getElementById(id);
@@ -120,7 +120,7 @@
       else dd.textContent = String(value);
       dl.append(el("dt", { text: CARD_LABELS[k] }), dd);
     }
-    $("card-missing").hidden = keys.length > 0;
+    $("card-missing").hidden = keys.some((k) => k !== "license");  // a license alone is no card
     $("card").hidden = false;
   }
 
