@@ -8,11 +8,17 @@ two whole events; Firefox and some proxies end the body normally then) is shown 
 sent back to the model and marked so in the saved transcript; a stream that finishes still inside the reasoning block
 (the template opened it, or the model did) says there is no answer, whatever the finish reason, and the transcript
 keeps the reasoning under that label; "Sign out (forget key)" clears the conversation from the screen, the history and
-the transcript, and hides the ask form until a key is given again.
+the transcript, and hides the ask form until a key is given again. And: a connection dropped mid-body, an error event
+after part of the answer and Stop are marked incomplete (on the answer, on Copy, in the transcript); a form answer
+not in the form's format is marked, never "Answered."; an answer cut by the room left in the context, and a question
+the context cannot take, tell the clinician to save and start anew; a required field left empty and a choice of one
+option are refused in the page, and Enter in an option goes to the next; a question typed while an answer streams is
+kept; a line after form answers says the model does not see them; the answer being written stays in view.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from types import SimpleNamespace
 
@@ -28,21 +34,44 @@ from starlette.responses import JSONResponse, StreamingResponse
 from ui_kit import MODEL, Browser
 
 from edgemed.serve import page
+from edgemed.templates import load_templates
 
 KEY = "clinic-key-" + "z" * 24
+#: The stand-in's context window (``/ui/info``'s ``context_length``).
+CONTEXT = 1024
 
 
-def event(content: str | None = None, finish: str | None = None) -> str:
-    """One SSE event of a streamed chat completion, as the server writes it."""
+def event(content: str | None = None, finish: str | None = None, **more) -> str:
+    """One SSE event of a streamed chat completion, as the server writes it (``more``: the final chunk's ``edgemed``)."""
     delta = {"content": content} if content is not None else {}
     chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": MODEL,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **more}
     return "data: " + json.dumps(chunk) + "\n\n"
 
 
+def usage(prompt: int, completion: int) -> str:
+    """The usage event (``stream_options.include_usage``) after the final chunk."""
+    chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
+             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+    return "data: " + json.dumps(chunk) + "\n\n"
+
+
+def parsed(ok: bool, value=None, error: str | None = None) -> dict:
+    """The ``edgemed`` field of a template answer's final chunk."""
+    return {"edgemed": {"template": {"id": "mcq", "version": "test"},
+                        "parsed": {"ok": ok, "value": value, "error": error}}}
+
+
 DONE = "data: [DONE]\n\n"
+#: In a script's events: the server dies here, in the middle of the body (its connection drops).
+DROP = object()
 #: A whole answer, as the server sends one.
 WHOLE = [event("Paracetamol 1 g"), event(" every 6 hours."), event(finish="stop"), DONE]
+
+
+def slow(pieces: list[str], pause: float) -> list:
+    """``pieces`` as events, ``pause`` seconds apart (a number in a script is a pause)."""
+    return [x for piece in pieces for x in (event(piece), pause)]
 
 
 class Script:
@@ -53,13 +82,19 @@ class Script:
         self.reset()
 
     def reset(self) -> None:
-        self.events: list[str] = list(WHOLE)
+        self.events: list = list(WHOLE)
         self.headers: dict[str, str] = {}
         self.bodies: list[dict] = []
+        self.refusal: tuple[int, dict] | None = None
         self.require(None)
 
-    def answer(self, events: list[str], headers: dict | None = None) -> None:
-        self.events, self.headers = events, headers or {}
+    def answer(self, events: list, headers: dict | None = None) -> None:
+        self.events, self.headers, self.refusal = events, headers or {}, None
+
+    def refuse(self, status: int, code: str, message: str) -> None:
+        """The next answers are this OpenAI-shaped error, before any stream."""
+        self.refusal = (status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                           "code": code}})
 
     def require(self, key: str | None) -> None:
         self.key = key
@@ -68,7 +103,8 @@ class Script:
 
 def stand_in(script: Script):
     app = FastAPI()
-    app.state.served = SimpleNamespace(config=script.config, batcher=SimpleNamespace(n_ctx_per_slot=1024), templates={})
+    app.state.served = SimpleNamespace(config=script.config, batcher=SimpleNamespace(n_ctx_per_slot=CONTEXT),
+                                       templates=load_templates())
 
     @app.middleware("http")
     async def keys(request: Request, call_next):
@@ -87,12 +123,22 @@ def stand_in(script: Script):
     async def chat(request: Request):
         script.bodies.append(await request.json())
         events = list(script.events)
+        headers = {"x-request-id": f"{len(script.bodies):032x}", **script.headers}
+        if script.refusal is not None:
+            return JSONResponse(script.refusal[1], script.refusal[0], headers=headers)
+
+        if DROP in events:  # the body it promises is longer than what comes before DROP: the connection closes short
+            headers["content-length"] = str(1 << 20)
 
         async def body():
             for e in events:
+                if e is DROP:
+                    return
+                if isinstance(e, (int, float)):
+                    await asyncio.sleep(e)
+                    continue
                 yield e  # and then the body ends, cleanly, whatever the last event was
 
-        headers = {"x-request-id": f"{len(script.bodies):032x}", **script.headers}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     return app
@@ -263,3 +309,212 @@ def test_a_key_refused_mid_conversation_signs_out_and_clears_the_conversation(se
     assert "Patient B" not in driver.execute_script("return document.body.textContent")
     assert "The key was refused" in page.find("#key-error").text and "cleared" in page.find("#status").text
     driver.execute_script("sessionStorage.clear()")
+
+
+#: Copy's clipboard write, kept in the page where the test reads it (headless Chromium grants no clipboard).
+CLIPBOARD = "navigator.clipboard.writeText = (text) => { window.__copied = text; return Promise.resolve(); };"
+
+
+def copied(page, answer) -> str:
+    """What Copy on ``answer`` gives."""
+    page.driver.execute_script(CLIPBOARD + "window.__copied = null;")
+    answer.find_element("css selector", ".copy").click()
+    page.wait(lambda: page.driver.execute_script("return window.__copied") is not None, 5, "the copy")
+    return page.driver.execute_script("return window.__copied")
+
+
+def active_id(page) -> str:
+    return page.driver.switch_to.active_element.get_attribute("id")
+
+
+def test_a_question_typed_while_an_answer_streams_is_kept(served, script, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    script.answer(slow(["Paracetamol 1 g", " every 6 hours,", " at most 4 g", " a day."], 0.6)
+                  + [event(finish="stop"), DONE])
+    page = browser.page(served.url)
+    page.ask("Paracetamol dose for an adult?")
+    page.wait(lambda: "Paracetamol" in page.find("#log .answer-text").text, 10, "the answer's first words")
+    box = page.find("#prompt")
+    box.clear()
+    box.send_keys("And for a child of 20 kg?")
+    box.send_keys(Keys.ENTER)  # too early: nothing is sent, and the page says why
+    assert not page.last().get_attribute("data-done")
+    assert page.find("#status").text == "An answer is still coming: wait, or press Stop."
+    assert page.wait_answer(10).get_attribute("data-done") == "done"
+    assert page.find("#prompt").get_attribute("value") == "And for a child of 20 kg?"  # not wiped by the answer's end
+    assert len(script.bodies) == 1
+
+    script.answer(WHOLE)
+    page.find("#prompt").send_keys(Keys.ENTER)
+    page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
+    assert script.bodies[-1]["messages"][-1] == {"role": "user", "content": "And for a child of 20 kg?"}
+    assert page.find("#prompt").get_attribute("value") == ""  # sent and answered: the box is free again
+
+
+def test_a_form_answer_not_in_the_forms_format_is_marked_not_answered(served, script, browser):
+    error = "the reply names option C but gives the text of option B"
+    script.answer([event("C. Vitamin B12"), event(finish="stop", **parsed(False, error=error)), DONE])
+    page = browser.page(served.url)
+    page.choose("mcq")
+    page.find("#fill-example").click()
+    page.send()
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done") == "not in the form's format"
+    status = page.find("#status").text
+    assert "Answered" not in status and "did not follow the form's format" in status
+    warning = answer.find_element("css selector", ".ending")
+    assert warning.is_displayed() and "no answer was read" in warning.text
+    assert not answer.find_elements("css selector", ".choice-letter") and error in answer.text
+    assert copied(page, answer) == "[NOT IN THE FORM'S FORMAT] C. Vitamin B12"
+    assert "A (NOT IN THE FORM'S FORMAT): C. Vitamin B12" in saved(browser)
+
+
+def test_enter_in_an_option_goes_to_the_next_and_one_option_is_not_sent(served, script, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    page = browser.page(served.url)
+    page.choose("mcq")
+    page.find("#tpl-question").send_keys("Which vitamin deficiency causes scurvy?")
+    page.find("#tpl-options-A").send_keys("Vitamin C" + Keys.ENTER)
+    assert active_id(page) == "tpl-options-B"
+    assert script.bodies == [] and not page.answers()
+    page.send()  # one option: refused in the page, with the fix, and the first empty option to fill
+    assert page.find("#status").text.startswith("Give at least 2 options (1 given)")
+    assert active_id(page) == "tpl-options-B" and script.bodies == [] and not page.answers()
+
+    page.find("#tpl-options-D").send_keys("Vitamin D" + Keys.ENTER)  # the last option: Enter adds the next
+    assert active_id(page) == "tpl-options-E"
+    page.find("#tpl-options-E").send_keys(Keys.ENTER)  # an empty last option adds none
+    assert active_id(page) == "tpl-options-E" and not page.all("#tpl-options-F")
+    page.find("#tpl-options-B").send_keys("Vitamin A" + Keys.CONTROL + Keys.ENTER)  # Ctrl+Enter sends
+    page.wait_answer(10)
+    assert script.bodies[-1]["template_inputs"]["options"] == {"A": "Vitamin C", "B": "Vitamin A", "D": "Vitamin D"}
+
+
+def test_a_required_field_left_empty_is_named_before_sending(served, script, browser):
+    page = browser.page(served.url)
+    page.choose("triage")
+    assert page.find("label[for=tpl-case]").text.endswith("(required)")
+    assert page.find("#tpl-case").get_attribute("required") is not None
+    page.send()
+    assert page.find("#status").text == "Fill in “case” first: this form needs it."
+    assert active_id(page) == "tpl-case" and script.bodies == [] and not page.answers()
+
+
+@pytest.mark.parametrize("events,note,mark", [
+    # the server dies mid-body: Chromium's reader fails with a TypeError after the headers
+    ([event("Give amoxicillin 5"), 0.3, event("00 mg every 8 hours"), 0.3, DROP], "cut off", "CUT OFF, incomplete"),
+    # the server ends the stream with an error event after part of the answer
+    ([event("Give amoxicillin 5"), event("00 mg every 8 hours"),
+      'data: {"error": {"message": "The server failed on this request. The answer above is cut off.", '
+      '"type": "server_error", "param": null, "code": "server_error"}}\n\n', DONE], "failed", "FAILED, incomplete"),
+], ids=["dropped", "failed"])
+def test_an_answer_that_broke_off_is_marked_incomplete(served, script, browser, events, note, mark):
+    script.answer(events)
+    page = browser.page(served.url)
+    page.ask("Amoxicillin dose for an adult?")
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done").startswith(note)
+    warning = answer.find_element("css selector", ".ending")
+    assert warning.is_displayed() and "incomplete" in warning.text and "Answered" not in page.find("#status").text
+    assert copied(page, answer) == f"[{mark}] Give amoxicillin 500 mg every 8 hours"
+    assert f"A ({mark}): Give amoxicillin 500 mg every 8 hours" in saved(browser)
+    assert page.find("#prompt").get_attribute("value") == "Amoxicillin dose for an adult?"  # to ask again
+
+
+def test_a_stopped_answer_is_marked_incomplete(served, script, browser):
+    script.answer(slow(["Give amoxicillin 500 mg", " every 8 hours", " and reduce", " the dose", " in CKD."], 0.5)
+                  + [event(finish="stop"), DONE])
+    page = browser.page(served.url)
+    page.ask("Amoxicillin dose for an adult?")
+    page.wait(lambda: "amoxicillin" in page.find("#log .answer-text").text, 10, "the answer's first words")
+    page.find("#stop").click()
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done") == "stopped"
+    shown = text_of(answer, ".answer-text").strip()
+    assert shown.startswith("Give amoxicillin 500 mg") and not shown.endswith("in CKD.")
+    warning = answer.find_element("css selector", ".ending")
+    assert warning.is_displayed() and "incomplete" in warning.text
+    assert page.find("#status").text == "Stopped: the answer is incomplete."
+    assert copied(page, answer) == "[STOPPED, incomplete] " + shown
+    assert "A (STOPPED, incomplete): " + shown in saved(browser)
+
+
+def test_a_line_after_form_answers_says_the_model_does_not_see_them(served, script, browser):
+    page = browser.page(served.url)
+    page.choose("mcq")
+    page.find("#fill-example").click()
+    for n in (1, 2):  # two form answers in a row: one line, after the last
+        script.answer([event("Answer: C"), event(finish="stop", **parsed(True, "C")), DONE])
+        page.send()
+        page.wait(lambda: len(page.answers()) == n and page.last().get_attribute("data-done"), 10, "the form's answer")
+    dividers = page.all("#log .divider")
+    assert len(dividers) == 1 and dividers[0].is_displayed()
+    assert dividers[0].text.startswith("The model does not see the form answers above")
+    page.choose("")
+    script.answer(WHOLE)
+    page.ask("Why not vitamin A?")
+    page.wait(lambda: len(page.answers()) == 3 and page.last().get_attribute("data-done"), 10, "the chat answer")
+    assert script.bodies[-1]["messages"] == [{"role": "user", "content": "Why not vitamin A?"}]  # what the line says
+    order = [e.get_attribute("class") for e in page.all("#log > li")]
+    assert order == ["turn", "turn", "divider", "turn"]
+    transcript = saved(browser)
+    assert "(The model does not see the form answers above" in transcript
+    assert transcript.index("(The model does not see") > transcript.rindex("A: Answer: C")
+
+
+@pytest.mark.parametrize("prompt,asked,mode,headers,note,says", [
+    # the prompt left 24 tokens of the 1024 and the clinician asked for 200: the conversation filled the context
+    (CONTEXT - 24, 200, "", {}, "cut off: the conversation filled the model's context",
+     "Save it, then start a New conversation"),
+    # ... while the model was still reasoning: no answer, and a longer answer length would not give one
+    (CONTEXT - 24, 200, "", {"x-edgemed-think": "open"}, "no answer: the conversation filled the model's context",
+     "Save it, then start a New conversation"),
+    # a form's own text filled it: there is no conversation to start anew, the text is to be shortened
+    (CONTEXT - 24, 200, "mcq", {}, "cut off: the form's text filled the model's context", "Shorten it"),
+    # the clinician's own limit, with room to spare
+    (100, 24, "", {}, "cut at the answer length limit", "up to the answer length limit"),
+], ids=["context-full", "context-full-reasoning", "form-text-full", "own-limit"])
+def test_an_answer_cut_by_the_context_says_so_not_the_length_limit(served, script, browser, prompt, asked, mode,
+                                                                    headers, note, says):
+    script.answer([event("Start with"), event(" 0.5 mg", finish="length", **parsed(False, error="cut")),
+                   usage(prompt, 24), DONE], headers)
+    page = browser.page(served.url)
+    page.max_tokens(asked)
+    if mode:
+        page.choose(mode)
+        page.find("#fill-example").click()
+        page.send()
+    else:
+        page.ask("And the dose for a child?")
+    answer = page.wait_answer(10)
+    assert script.bodies[-1]["stream_options"] == {"include_usage": True}
+    assert answer.get_attribute("data-done") == note
+    assert says in page.find("#status").text
+
+
+def test_a_conversation_too_long_for_the_model_says_save_and_start_anew(served, script, browser):
+    script.refuse(400, "context_length_exceeded", "The prompt is 1100 tokens, which leaves no room for an answer in the "
+                  "context window of 1024 tokens. Fix: shorten the prompt, or start the server with a larger --ctx or "
+                  "fewer --slots.")
+    page = browser.page(served.url)
+    page.ask("And the dose for a child?")
+    answer = page.wait_answer(10)
+    assert "This conversation is too long for the model: Save it, then start a New conversation." in answer.text
+    assert "--ctx" not in answer.text and "--slots" not in answer.text
+    assert "A: none. This conversation is too long for the model" in saved(browser)
+
+
+def test_the_answer_being_written_stays_in_view(served, script, browser):
+    lines = [x for i in range(40) for x in (event(f"Line {i}: monitor the blood pressure and the heart rate.\n"), 0.01)]
+    page = browser.page(served.url)
+    driver = browser.driver
+    for n in (1, 2, 3):
+        script.answer(lines + [event("The end.", finish="stop"), DONE])
+        page.ask(f"Question {n}?")
+        page.wait(lambda: len(page.answers()) == n and page.last().get_attribute("data-done"), 20, "the answer")
+        bottom, height = driver.execute_script("""
+            const all = document.querySelectorAll('#log .answer-text'), last = all[all.length - 1];
+            return [last.getBoundingClientRect().bottom, window.innerHeight];""")
+        assert 0 < bottom <= height, f"answer {n}: its end is at {bottom} px, the window is {height} px high"

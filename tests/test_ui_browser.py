@@ -5,7 +5,8 @@ model's license) before the first question; a streamed free question sent with E
 the ``mcq`` form and the parsed letter the server returned; a ``<think>`` block folded away from the answer; stopping a long answer (the slot is freed); a server with keys (refused
 without one, works with one, the key kept in sessionStorage only); hostile input and hostile model output shown
 as text, never run; no request outside the server's origin (the browser's own network log); a page on another
-origin that posts to the server is refused; no field a clinician types in is spell-checked; ``--no-ui``.
+origin that posts to the server is refused; no field a clinician types in is spell-checked; ``--no-ui``; an answer
+cut by the room left in the context is told from one cut at the answer length asked for.
 """
 
 from __future__ import annotations
@@ -204,6 +205,8 @@ def test_mcq_form_shows_no_letter_for_a_reply_that_names_two_options(server, bro
     answer = _ask_mcq(server, browser, inputs)
     assert not answer.find_elements("css selector", ".choice-letter")
     assert "did not follow the form's format" in answer.text
+    assert answer.get_attribute("data-done") == "not in the form's format"  # it was "done", and "Answered."
+    assert "Answered" not in browser.driver.find_element("css selector", "#status").text
 
 
 def test_no_field_a_clinician_types_in_is_spell_checked(server, browser):
@@ -426,6 +429,33 @@ def test_a_server_with_keys_refuses_without_one_and_works_with_one(smollm2_gguf,
         assert record and record[0]["key_id"] == "clinic-ward-3" and record[0]["status"] == 200
         assert stored(browser.driver) == {"local": [], "session": ["edgemed.apiKey"], "indexeddb": []}
         browser.driver.execute_script("sessionStorage.clear()")
+
+
+def test_an_answer_cut_by_the_room_left_in_the_context_says_so(smollm2_gguf, tmp_path, browser):
+    """The server caps an answer to the room the prompt leaves in the context; the page tells that from the
+    clinician's own answer length by the usage it asks for (prompt and answer tokens fill the context)."""
+    room = 128
+    with page_server(smollm2_gguf, tmp_path / "audit.jsonl", n_ctx=room) as srv:
+        def question(n: int) -> str:
+            return "Count on from 1 to 500, one number a line: " + "1, 2, 3, " * n
+
+        def tokens(n: int) -> int:
+            return len(srv.batcher.tokenize(srv.batcher.render_chat([{"role": "user", "content": question(n)}], None)))
+
+        n = 0
+        while tokens(n + 1) <= room - 6:  # a question that leaves a few tokens of room
+            n += 1
+        page = browser.page(srv.url)
+        page.max_tokens(500)
+        page.ask(question(n))
+        answer = page.wait_answer()
+        assert answer.get_attribute("data-done") == "cut off: the conversation filled the model's context", answer.text
+        assert "Save it, then start a New conversation" in page.find("#status").text
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": question(n)}], "max_tokens": 500})
+        used = r.json()["usage"]  # what the page read: the context filled, below the 500 tokens asked for
+        assert used["prompt_tokens"] + used["completion_tokens"] == room and used["completion_tokens"] < 500
+        browser.forget(srv.url)
 
 
 def test_readable_at_200_percent_zoom(server, browser):

@@ -75,15 +75,16 @@ def outside(requests: list[tuple[str, str]], origin: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def page_server(model_path: Path, audit_path: Path, *, slots: int = 1, **config):
-    """``create_app`` on SmolLM2 in a uvicorn thread (``serve_kit.ServerThread``): ``srv.url``, ``srv.batcher``."""
+def page_server(model_path: Path, audit_path: Path, *, slots: int = 1, n_ctx: int = 1024, **config):
+    """``create_app`` on SmolLM2 in a uvicorn thread (``serve_kit.ServerThread``), ``n_ctx`` tokens a slot:
+    ``srv.url``, ``srv.batcher``."""
     from edgemed.runtime.batch.batcher import Batcher
     from edgemed.runtime.engine import LoadSettings
     from edgemed.serve.app import create_app
     from edgemed.serve.audit import AuditLog
     from edgemed.serve.config import ServeConfig
 
-    batcher = Batcher(model_path, LoadSettings(n_ctx=1024 * slots, n_threads=2), slots=slots, queue_size=2)
+    batcher = Batcher(model_path, LoadSettings(n_ctx=n_ctx * slots, n_threads=2), slots=slots, queue_size=2)
     batcher.start()
     log = AuditLog(audit_path)
     try:

@@ -11,6 +11,10 @@
     intended_use: "Intended use", intended_users: "Intended users", decision_role: "Decision role",
     out_of_scope_use: "Not for", known_limitations: "Known limitations",
   };
+  // A question that leaves the model no room to answer (the server's context_length_exceeded), in the clinician's
+  // words: the server's own message names the operator's flags (--ctx, --slots).
+  const TOO_LONG = "This conversation is too long for the model: Save it, then start a New conversation.";
+  const FORM_TOO_LONG = "The form's text is too long for the model: shorten it, and send again.";
 
   const $ = (id) => document.getElementById(id);
   // Clinical text is not spell-checked: a browser's enhanced spell check sends what is typed to an online service.
@@ -72,12 +76,13 @@
     }
   }
 
-  async function errorText(response) {
+  // The error of a response that is not ok: its OpenAI-shaped message, and its code when it has one.
+  async function errorOf(response) {
     try {
       const body = await response.json();
-      if (body && body.error && body.error.message) return body.error.message;
+      if (body && body.error && body.error.message) return { message: body.error.message, code: body.error.code || "" };
     } catch (e) { /* not JSON */ }
-    return "The server answered " + response.status + ".";
+    return { message: "The server answered " + response.status + ".", code: "" };
   }
 
   // -- start: the model, its card, the templates -------------------------------------------------------------
@@ -93,7 +98,7 @@
       askForKey(apiKey() ? "That key was refused. Check it and try again." : "");
       return;
     }
-    if (!response.ok) { setStatus(await errorText(response)); return; }
+    if (!response.ok) { setStatus((await errorOf(response)).message); return; }
     const info = await response.json();
     state.info = info;
     $("key-panel").hidden = true;
@@ -161,6 +166,9 @@
   }
 
   function fieldId(name) { return "tpl-" + name; }
+  function fieldLabel(name) { return name.replace(/_/g, " "); }
+  // A choice form needs this many options: with one there is nothing to choose between.
+  const MIN_OPTIONS = 2;
 
   function buildForm(t) {
     $("template-title").textContent = t.title;
@@ -168,7 +176,7 @@
     box.replaceChildren();
     for (const f of t.fields) {
       const id = fieldId(f.name);
-      const label = el("label", { for: id, text: f.name.replace(/_/g, " ") + (f.required ? "" : " (optional)") });
+      const label = el("label", { for: id, text: fieldLabel(f.name) + (f.required ? " (required)" : " (optional)") });
       const help = f.help ? el("p", { id: id + "-help", class: "hint", text: f.help }) : null;
       if (f.kind === "options") {
         box.append(optionsEditor(f));
@@ -176,6 +184,7 @@
       }
       const attrs = { id, name: f.name, "data-field": f.name, ...CLINICAL_TEXT };
       if (help) attrs["aria-describedby"] = id + "-help";
+      if (f.required) attrs.required = "";
       const input = f.kind === "long" ? el("textarea", { ...attrs, rows: "4" }) : el("input", { ...attrs, type: "text" });
       if (f.default) input.value = f.default;
       box.append(el("div", { class: "field" }, label, input, help));
@@ -184,7 +193,7 @@
 
   function optionsEditor(f) {
     const set = el("fieldset", { class: "field options", "data-field": f.name, id: fieldId(f.name) },
-                   el("legend", { text: "Options" }));
+                   el("legend", { text: "Options (required: at least " + MIN_OPTIONS + ")" }));
     const rows = el("div", { class: "option-rows" });
     const add = el("button", { type: "button", text: "Add an option" });
     const addRow = (text) => {
@@ -195,6 +204,16 @@
       add.disabled = rows.children.length >= 26;
     };
     add.addEventListener("click", () => { addRow(""); rows.lastChild.querySelector("input").focus(); });
+    // Enter in an option goes on to the next one, adding one after a filled last option: it never sends a question
+    // with the options typed so far (Ctrl+Enter sends).
+    rows.addEventListener("keydown", (e) => {
+      if (e.key !== "Enter" || e.isComposing || e.ctrlKey || e.metaKey || e.target.tagName !== "INPUT") return;
+      e.preventDefault();
+      e.stopPropagation();
+      const row = e.target.closest(".option");
+      if (!row.nextElementSibling && e.target.value.trim() && !add.disabled) addRow("");
+      if (row.nextElementSibling) row.nextElementSibling.querySelector("input").focus();
+    });
     for (let i = 0; i < 4; i++) addRow("");
     set.append(rows, add);
     return set;
@@ -233,16 +252,58 @@
     return inputs;
   }
 
+  // What stops a form from being sent, in plain words, and the control to fix it in (null when it can go): a required
+  // field left empty, or a choice with fewer than two options. The server refuses both, in the words of the CLI.
+  function formProblem(t, inputs) {
+    for (const f of t.fields) {
+      if (f.kind === "options") {
+        const given = Object.keys(inputs[f.name] || {}).length;
+        if (given < MIN_OPTIONS) {
+          const boxes = [...$(fieldId(f.name)).querySelectorAll("input")];
+          return { message: "Give at least " + MIN_OPTIONS + " options (" + given + " given): a question with " +
+                            "fewer has nothing to choose between.",
+                   control: boxes.find((box) => !box.value.trim()) || boxes[0] };
+        }
+      } else if (f.required && !(f.name in inputs)) {
+        return { message: "Fill in “" + fieldLabel(f.name) + "” first: this form needs it.",
+                 control: $(fieldId(f.name)) };
+      }
+    }
+    return null;
+  }
+
   // -- one answer on the page ---------------------------------------------------------------------------------
   // How a streamed answer ended (``stream`` returns the key) and what the page makes of it: the note under the answer
   // (and its data-done), the status line, a warning on the answer itself, the mark on the answer in the saved
   // transcript and on Copy, whether there is an answer at all, and whether the turn goes back to the model as the
   // conversation so far (only an answer that arrived whole does: the model would read anything else as its own).
   const ASK_AGAIN_LONGER = "the reasoning reached the answer length limit; ask again with a larger answer length";
+  const CONTEXT_FULL = "the conversation filled the model's context";
   const ENDINGS = {
     done: { note: "", status: "Answered.", history: true },
     length: { note: "cut at the answer length limit", status: "Answered, up to the answer length limit.",
               history: true },
+    // cut by the room the conversation left in the model's context, below the length asked for: a longer answer
+    // length would not help, and the next question would not fit either
+    full: { note: "cut off: " + CONTEXT_FULL, mark: "CUT OFF, incomplete",
+            status: "The answer was cut off: " + CONTEXT_FULL + ". Save it, then start a New conversation.",
+            warn: "The answer was cut off because " + CONTEXT_FULL + ": what is shown is incomplete. Save the " +
+                  "conversation, then start a New conversation." },
+    thinkingFull: { note: "no answer: " + CONTEXT_FULL, noAnswer: true,
+                    status: "No answer: " + CONTEXT_FULL + " during the reasoning. Save it, then start a New " +
+                            "conversation.",
+                    warn: "No answer: " + CONTEXT_FULL + " during the reasoning. Save the conversation, then start a " +
+                          "New conversation." },
+    formFull: { note: "cut off: the form's text filled the model's context", mark: "CUT OFF, incomplete",
+                status: "The answer was cut off: the form's text left the model too little room. Shorten it, and " +
+                        "send again.",
+                warn: "The answer was cut off because the form's text filled the model's context: what is shown is " +
+                      "incomplete. Shorten the text, and send again." },
+    // a form's answer the server could not read by the form's contract: the text is shown, never as the answer
+    unformatted: { note: "not in the form's format", mark: "NOT IN THE FORM'S FORMAT",
+                   status: "The answer did not follow the form's format: no answer was read from it. Ask again.",
+                   warn: "Not in the form's format: no answer was read from this reply. Check its text before using " +
+                         "any of it, or ask again." },
     cut: { note: "cut off: the answer stopped before its end; ask again", mark: "CUT OFF, incomplete",
            status: "The answer was cut off before its end; ask again.",
            warn: "The answer was cut off before its end: what is shown is incomplete. Ask again." },
@@ -253,8 +314,13 @@
                       status: "No answer: " + ASK_AGAIN_LONGER + ".", warn: "No answer: " + ASK_AGAIN_LONGER + "." },
     empty: { note: "no answer: the answer was empty; ask again", noAnswer: true,
              status: "The model gave an empty answer; ask again.", warn: "The model gave an empty answer; ask again." },
-    stopped: { note: "stopped", status: "Stopped." },
-    error: { note: "error", status: "The answer failed; see the message." },
+    stopped: { note: "stopped", mark: "STOPPED, incomplete", status: "Stopped: the answer is incomplete.",
+               warn: "Stopped: what is shown is incomplete." },
+    // the server sent an error after some of the answer
+    failed: { note: "failed: the answer stopped before its end; ask again", mark: "FAILED, incomplete",
+              status: "The answer failed before its end; see the message, and ask again.",
+              warn: "The answer failed before its end: what is shown is incomplete." },
+    error: { note: "error", status: "The answer failed; see the message.", noAnswer: true },
   };
 
   function addTurn(question) {
@@ -273,27 +339,45 @@
                                                  el("div", { class: "question-text", text: question })), answer);
     $("log").append(item);
     $("conversation").hidden = false;
+    item.scrollIntoView({ block: "nearest" });
     const turn = { item, answer, warn, think, text, structured, raw, meta, copy,
-                   answerText: "", thinkText: "", requestId: "", ending: "" };
+                   answerText: "", thinkText: "", requestId: "", ending: "", parsed: null, usage: null, error: "" };
     copy.addEventListener("click", () => copyText(turn));
     return turn;
   }
 
+  // Change the answer on screen with ``change``, and keep its end in view if it was in view before (the reader is
+  // following it): a reader who scrolled up to read is left where they are.
+  function following(turn, change) {
+    const before = turn.answer.getBoundingClientRect().bottom;
+    change();
+    if (before > window.innerHeight + 2) return;
+    const after = turn.answer.getBoundingClientRect().bottom;
+    if (after > window.innerHeight) window.scrollBy(0, after - window.innerHeight);
+  }
+
   function showPiece(turn, inThink, text) {
     if (!text) return;
-    if (inThink) {
-      turn.thinkText += text;
-      turn.think.hidden = false;
-      turn.think.querySelector(".think-text").textContent = turn.thinkText;
-    } else {
-      turn.answerText += text;
-      turn.text.textContent = turn.answerText.replace(/^\s+/, "");
-    }
+    following(turn, () => {
+      if (inThink) {
+        turn.thinkText += text;
+        turn.think.hidden = false;
+        turn.think.querySelector(".think-text").textContent = turn.thinkText;
+      } else {
+        turn.answerText += text;
+        turn.text.textContent = turn.answerText.replace(/^\s+/, "");
+      }
+    });
   }
 
   function showStructured(turn, template, edgemed) {
     const parsed = edgemed && edgemed.parsed;
     if (!template || !parsed) return;
+    turn.parsed = parsed;
+    following(turn, () => structure(turn, template, parsed));
+  }
+
+  function structure(turn, template, parsed) {
     const box = turn.structured;
     box.replaceChildren();
     if (!parsed.ok) {
@@ -335,16 +419,22 @@
 
   function finishTurn(turn, ending) {
     const end = ENDINGS[ending];
-    const parts = [];
-    if (turn.requestId) parts.push(el("span", {}, "Request id ", el("code", { class: "request-id", text: turn.requestId })));
-    if (end.note) parts.push(el("span", { class: "note", text: end.note }));
-    turn.meta.replaceChildren(...parts.flatMap((p, i) => (i ? [" · ", p] : [p])));
-    if (end.warn) { turn.warn.textContent = end.warn; turn.warn.hidden = false; }
-    turn.copy.disabled = Boolean(end.noAnswer);  // no answer to copy: never an empty one pasted as the answer
+    following(turn, () => {
+      const parts = [];
+      const id = turn.requestId && el("code", { class: "request-id", text: turn.requestId });
+      if (id) parts.push(el("span", {}, "Request id ", id));
+      if (end.note) parts.push(el("span", { class: "note", text: end.note }));
+      turn.meta.replaceChildren(...parts.flatMap((p, i) => (i ? [" · ", p] : [p])));
+      if (end.warn) { turn.warn.textContent = end.warn; turn.warn.hidden = false; }
+    });
+    // no answer to copy: never an empty one pasted as the answer
+    turn.copy.disabled = Boolean(end.noAnswer) || !turn.answerText.trim();
     turn.ending = ending;
     turn.answer.dataset.done = end.note || "done";
   }
 
+  // Copy gives the answer with its mark when it is not a whole answer (cut off, stopped, failed, not in the form's
+  // format); where the clipboard is refused, the selection made instead starts at the warning above the answer.
   async function copyText(turn) {
     const mark = (ENDINGS[turn.ending] || {}).mark;
     const text = (mark ? "[" + mark + "] " : "") + turn.answerText.trim();
@@ -354,6 +444,7 @@
     } catch (e) {
       const range = document.createRange();
       range.selectNodeContents(turn.text.hidden ? turn.raw.querySelector(".raw-text") : turn.text);
+      if (mark && !turn.warn.hidden) range.setStartBefore(turn.warn);
       getSelection().removeAllRanges();
       getSelection().addRange(range);
       turn.copy.textContent = "Selected: press Ctrl+C";
@@ -368,14 +459,18 @@
   }
 
   async function send() {
-    if (state.busy) return;
+    if (state.busy) { setStatus("An answer is still coming: wait, or press Stop."); return; }
     const t = state.templates[$("mode").value];
-    const body = { model: $("model").value, stream: true };
+    // usage (the prompt's and the answer's tokens) tells an answer cut by the room left in the context from one cut
+    // at the length asked for
+    const body = { model: $("model").value, stream: true, stream_options: { include_usage: true } };
     const max = parseInt($("max-tokens").value, 10);
     if (max > 0) body.max_tokens = max;
     let question, inputs = null;
     if (t) {
       inputs = formInputs(t);
+      const problem = formProblem(t, inputs);
+      if (problem) { setStatus(problem.message); problem.control.focus(); return; }
       body.template = t.name;
       body.template_inputs = inputs;
       question = t.title + "\n" + Object.entries(inputs).map(([k, v]) =>
@@ -387,6 +482,7 @@
     }
     const turn = addTurn(question);
     turn.inputs = inputs;
+    turn.asked = max > 0 ? max : 0;
     const conversation = state.conversation;
     const current = () => conversation === state.conversation;
     const controller = new AbortController();
@@ -400,6 +496,7 @@
       if (e.name === "AbortError") ending = "stopped";
       else { ending = "error"; showError(turn, "The request failed: " + e.message); }
     } finally {
+      if (ending === "error" && turn.answerText.trim()) ending = "failed";  // some of it came: it is incomplete
       state.busy = null;
       busy(false);
       finishTurn(turn, ending);
@@ -407,34 +504,51 @@
         const end = ENDINGS[ending];
         if (!t && end.history) {  // otherwise the question stays in the box: asking again is one key press
           state.history.push({ role: "user", content: question }, { role: "assistant", content: turn.answerText.trim() });
-          $("prompt").value = "";
+          // a question typed while the answer came is the clinician's next one: it stays
+          if ($("prompt").value.trim() === question) $("prompt").value = "";
         }
+        if (t) formDivider(turn);
         state.transcript.push({ question, answer: turn.answerText.trim(), reasoning: turn.thinkText.trim(),
-                                requestId: turn.requestId, ending });
+                                requestId: turn.requestId, ending, error: turn.error, form: Boolean(t) });
         setStatus(end.status);
-        (t ? $("send") : $("prompt")).focus();
+        (t ? $("send") : $("prompt")).focus({ preventScroll: true });
       }
       if (turn.refused !== undefined) signOut(turn.refused);
     }
   }
 
   function showError(turn, message) {
-    turn.structured.replaceChildren(el("p", { class: "error", role: "alert", text: message }));
-    turn.structured.hidden = false;
+    turn.error = message;
+    following(turn, () => {
+      turn.structured.replaceChildren(el("p", { class: "error", role: "alert", text: message }));
+      turn.structured.hidden = false;
+    });
+  }
+
+  // The model sees the chat's own turns only (``state.history``), never a form's question and answer: a line after
+  // the last form answer says so, before a free question is asked as if the model had read it.
+  const FORM_DIVIDER = "The model does not see the form answers above: a free question is answered from the chat alone.";
+
+  function formDivider(turn) {
+    const before = turn.item.previousElementSibling;
+    if (before && before.classList.contains("divider")) before.remove();  // one line, after the last of them
+    turn.item.after(el("li", { class: "divider", role: "note", text: FORM_DIVIDER }));
   }
 
   // POST with stream: true; read the SSE events; returns how the answer ended, a key of ENDINGS. The answer is whole
   // only once a finish_reason or [DONE] arrives: a body that ends without either (a server that failed and closed
-  // between two events; Firefox and some proxies end the body normally then) is cut off, whatever it held.
+  // between two events; Firefox and some proxies end the body normally then) is cut off, whatever it held, and so is
+  // one whose reading fails after the headers (Chromium's TypeError for a connection dropped mid-body).
   async function stream(body, turn, template, signal) {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(true), body: JSON.stringify(body), signal, cache: "no-store",
     });
     turn.requestId = response.headers.get("x-request-id") || "";
     if (!response.ok) {
-      const message = await errorText(response);
-      showError(turn, message);
-      if (response.status === 401) turn.refused = message;  // signed out once the turn is closed
+      const error = await errorOf(response);
+      const tooLong = error.code === "context_length_exceeded" ? (template ? FORM_TOO_LONG : TOO_LONG) : "";
+      showError(turn, tooLong || error.message);
+      if (response.status === 401) turn.refused = error.message;  // signed out once the turn is closed
       return "error";
     }
     const split = window.EdgemedThink.splitter(response.headers.get("x-edgemed-think") === "open");
@@ -443,7 +557,15 @@
     const decoder = new TextDecoder();
     let buffer = "", finish = "", failed = false;
     for (;;) {
-      const { value, done } = await reader.read();
+      let read;
+      try {
+        read = await reader.read();
+      } catch (e) {
+        if (signal.aborted) throw e;  // Stop
+        split.flush(out);
+        return "cut";
+      }
+      const { value, done } = read;
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
       let end;
@@ -463,14 +585,27 @@
           }
         }
         if (chunk.edgemed) showStructured(turn, template, chunk.edgemed);
+        if (chunk.usage) turn.usage = chunk.usage;
       }
     }
     split.flush(out);
     if (failed) return "error";
     if (!finish) return "cut";
+    if (finish === "length" && filledTheContext(turn)) {
+      return template ? "formFull" : split.thinking() ? "thinkingFull" : "full";
+    }
     if (split.thinking()) return finish === "length" ? "thinkingLength" : "thinking";  // whatever the finish reason
+    if (template && turn.parsed && !turn.parsed.ok && turn.answerText.trim()) return "unformatted";
     if (finish === "length") return "length";
     return turn.answerText.trim() ? "done" : "empty";
+  }
+
+  // An answer cut at ``length`` below the length the clinician asked for, whose prompt and answer fill the context
+  // (the server caps an answer to the room the prompt leaves): the conversation, not the answer length, is too long.
+  function filledTheContext(turn) {
+    const u = turn.usage, room = state.info && state.info.context_length;
+    if (!u || !room || u.prompt_tokens + u.completion_tokens < room) return false;
+    return !turn.asked || u.completion_tokens < turn.asked;
   }
 
   function stop() { if (state.busy) state.busy.abort(); }
@@ -494,8 +629,10 @@
   // no answer the line says that, and any reasoning the model wrote follows under its own label, never as the answer.
   function transcriptLines(entry) {
     const end = ENDINGS[entry.ending];
+    const none = end.noAnswer || !entry.answer;
     const lines = ["Q: " + entry.question,
-                   end.noAnswer ? "A: none. " + end.warn : (end.mark ? "A (" + end.mark + "): " : "A: ") + entry.answer];
+                   none ? "A: none. " + (entry.error || end.warn || end.status)
+                        : (end.mark ? "A (" + end.mark + "): " : "A: ") + entry.answer];
     if (entry.reasoning && !entry.answer) lines.push("Reasoning (not an answer): " + entry.reasoning);
     lines.push("Request id: " + (entry.requestId || "none") + (end.note ? " (" + end.note + ")" : ""), "");
     return lines;
@@ -504,7 +641,11 @@
   function exportConversation() {
     if (!state.transcript.length) { setStatus("Nothing to save yet."); return; }
     const lines = ["edgemed conversation — model " + $("model").value, new Date().toISOString(), ""];
-    for (const entry of state.transcript) lines.push(...transcriptLines(entry));
+    state.transcript.forEach((entry, i) => {
+      lines.push(...transcriptLines(entry));
+      const next = state.transcript[i + 1];
+      if (entry.form && !(next && next.form)) lines.push("(" + FORM_DIVIDER + ")", "");
+    });
     lines.push(state.info ? state.info.safety : "");
     const url = URL.createObjectURL(new Blob([lines.join("\n")], { type: "text/plain;charset=utf-8" }));
     const a = el("a", { href: url, download: "edgemed-conversation.txt" });
