@@ -2,7 +2,8 @@
 JSON's, and the few no result file keeps say so.
 
 A figure quoted from a result JSON is compared with that JSON at the precision the page writes it, and each section
-checked here has no figure besides those. A figure from a run no result file keeps (a one-off observation, or an
+checked here has no figure besides those; a figure the budget's estimator gives from a config (convert_memory.md's 7B
+shape) is what it computes now. A figure from a run no result file keeps (a one-off observation, or an
 older planner's run whose JSON the tree has since replaced) stands in a note naming the commit that recorded it and
 saying no result file keeps it; where this clone holds that commit, the figure is the one that commit recorded (a
 table of such a run: each row as that commit held it).
@@ -24,6 +25,7 @@ GIB, MIB = 2**30, 2**20
 D0004, D0005, D0008 = (f"docs/decisions/{name}.md" for name in ("0004-no-mmap-on-cpu-profiles",
                                                                     "0005-parity-without-the-cpu-repack",
                                                                     "0008-layer-at-a-time-reference"))
+MEMORY = "convert_memory.md"
 #: (page, its words, the commit that recorded them, the file that held them there): runs no result file keeps
 RECORDED = [
     ("convert_cost.md", ("peaked at 5.6 GB (numpy's BF16 rounding made 8-byte temporaries of the 136 M-element "
@@ -34,6 +36,21 @@ RECORDED = [
     (D0005, "290 MiB anonymous + 420 MiB file-backed for the 0.5B Q4_0; at 7B Q4_K_M this is 3.0 GiB, the route's "
             "largest term", "c73dcef", "benchmarks/results/convert_memory.md"),
     (D0008, "10.4 GiB", "b29a9ff", "DESIGN.md"),
+    (MEMORY, ("the shared 2-core x86 box (AVX2, 24 GiB, other agents running); llama-cpp-python 0.3.36, torch 2.13 "
+              "CPU, transformers 5.24, onnxruntime as installed"), "c73dcef", "benchmarks/results/convert_memory.md"),
+    (MEMORY, ("both logit sets in float32 and float64, concatenated and differenced, 14-15x one float32 set (a one-off "
+              "probe calling `parity.compare` on random logits of 150 positions: 374 MiB above the two 56 MiB float32 "
+              "sets for a 49k vocabulary, 1,045 MiB above the two 173 MiB sets for 152k)"),
+     "c73dcef", "benchmarks/results/convert_memory.md"),
+    (MEMORY, ("the Q4_0/Q4_K tensors a repacked anonymous copy on AVX2: 290 MiB anonymous + 420 MiB file-backed for "
+              "the 0.5B Q4_0; at 7B Q4_K_M this is 3.0 GiB, the route's largest term"),
+     "c73dcef", "benchmarks/results/convert_memory.md"),
+    (MEMORY, ("`torch.onnx.export` holds about 4.5x the float32 weights for a graph under protobuf's 2 GiB (SmolLM2), "
+              "1.8x for a larger one (the 0.5B: external data); the int4 quantizer 1.5-1.9x; an ONNX Runtime session "
+              "0.8-1.0x (fp32)"), "c73dcef", "benchmarks/results/convert_memory.md"),
+    (MEMORY, "its builder alone was 5.3 GB in `onnx_vs_gguf.md`", "c73dcef", "benchmarks/results/convert_memory.md"),
+    (MEMORY, "the layered imatrix took 713 s on SmolLM2 on this loaded box", "c73dcef",
+     "benchmarks/results/convert_memory.md"),
     (D0008, "NMSE 1.54e-5", "fe3da00", "benchmarks/results/convert_cost.md"),
     ("onnx_vs_gguf.md", ("with transformers 5.24 on this machine: Qwen2.5-0.5B -> int4 CPU in 37 s wall, 5.3 GB peak "
                          "RSS, 862 MB output"), "c6cba6d", "DESIGN.md"),
@@ -381,6 +398,190 @@ def test_decision_0008s_measurements_are_their_jsons_a_recorded_run_or_the_tests
                      r"random weights\), (\d+) GiB cap": capped[1]["cgroup"]["limit_bytes"] / GIB,
                      r"cap: (\d[\d.]*) GiB peak, parity ran": capped[1]["memory"]["tree_peak_rss_bytes"] / GIB,
                      r"within (\d[\d.e-]*) of the largest": float(tolerance)})
+
+
+def _memory_results() -> list[dict]:
+    return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(RESULTS.glob("convert_memory-*.json"))]
+
+
+def _memory_rows() -> dict[tuple[str, str], dict]:
+    """Every row of the convert_memory JSONs, by (model, route)."""
+    return {(result["model"], row["route"]): row for result in _memory_results() for row in result["rows"]}
+
+
+def test_convert_memorys_method_is_the_scripts_and_its_runs_predate_the_commits_named():
+    """The sampling period is the script's, the design's files exist, and each JSON was in the tree, as it is now,
+    before each commit the page says its runs predate."""
+    import inspect
+
+    from edgemed.benchmarks.convert_memory import measure
+
+    text = _page(MEMORY).split("\n| model | route |", 1)[0]
+    period = inspect.signature(measure).parameters["period"].default
+    _labelled(_without_recorded(text), {r"every (\d+) ms": period * 1000})
+    for path in re.findall(r"`(converters/[\w/]+\.py)`", text):
+        assert (ROOT / path).is_file(), path
+    commits = re.findall(r"before commit (\w+), from which", _flat(text))
+    assert len(commits) == 2, commits  # parity prompt by prompt without the repack; the 4-bit types calibrated
+    for commit in commits:
+        for path in sorted(RESULTS.glob("convert_memory-*.json")):
+            at = _at(f"{commit}^", f"benchmarks/results/{path.name}")
+            assert json.loads(at) == json.loads(path.read_text(encoding="utf-8")), (commit, path.name)
+
+
+def test_convert_memorys_table_is_its_jsons():
+    """Each row's estimates, peaks, ratios and biggest term ('same': the row above's) are its JSON row's, and every
+    row of both JSONs is in the table once."""
+    from edgemed.benchmarks.convert_memory import peak_rss
+
+    rows, kept = _table_rows(_page(MEMORY), "| model | route |"), _memory_rows()
+    seen, above = [], None
+    for model, route, resident, anon, ratio, rss, peak, ratio_rss, biggest in rows:
+        key = (model.strip("`"), route.strip("`"))
+        row = kept[key]
+        score, estimate = row["score"], row["score"]["estimate"]
+        assert [resident, anon, rss, peak] == [f"{value / MIB:,.0f} MiB" for value in (
+            estimate["resident"], row["peak_anon"], estimate["rss"], peak_rss(row))], key
+        assert [ratio, ratio_rss] == [f"{score['ratio_anon']:.2f}", f"{score['ratio_total']:.2f}"], key
+        assert biggest == ("same" if estimate["biggest"] == above else estimate["biggest"]), key
+        seen.append(key)
+        above = estimate["biggest"]
+    assert sorted(seen) == sorted(kept), (seen, sorted(kept))
+
+
+def test_convert_memorys_ratios_are_its_jsons():
+    """The routes' largest ratios, the range of the steps' ratios within the JSON's goal, and the two steps outside it
+    with their figures."""
+    (goal,) = {result["goal"] for result in _memory_results()}
+    limit = float(re.search(r"<= (\d[\d.]*)x measured", goal)[1])
+    rows = _memory_rows()
+    steps = {(*key, step): (v["estimate"], v["anon"]) for key, row in rows.items()
+             for step, v in row["score"]["steps"].items()}
+    ratio = {key: estimate / anon for key, (estimate, anon) in steps.items()}
+    within = [r for r in ratio.values() if 1 <= r <= limit]
+    over = [key for key, r in ratio.items() if r > limit]
+    under = [key for key, r in ratio.items() if r < 1]
+    assert [key[1:] for key in over] == [("onnx-fp32-genai", "export")], over  # the page's "genai route's export step"
+    assert [key[1:] for key in under] == [("gguf-q4_k_m-imatrix", "tokenizer_check")], under  # "after the imatrix"
+    (over,), (under,) = over, under
+    assert all(r["score"]["ratio_anon"] >= 1 and r["score"]["ratio_total"] >= 1 for r in rows.values())
+    (text,) = [block for block in map(_flat, _blocks(_page(MEMORY))) if block.startswith("Every route's estimate")]
+    _labelled(text, {r"at most (\d[\d.]*)x it \(resident\)": max(r["score"]["ratio_anon"] for r in rows.values()),
+                     r"/ (\d[\d.]*)x \(RSS\)": max(r["score"]["ratio_total"] for r in rows.values()),
+                     r"`steps`\): (\d[\d.]*)-": min(within),
+                     r"`steps`\): [\d.]+-(\d[\d.]*)x": max(within),
+                     r"the genai route's export step, (\d[\d.]*)x": ratio[over],
+                     r"an estimated ([\d,]+) MiB against": steps[over][0] / MIB,
+                     r"against ([\d,]+) MiB measured\)": steps[over][1] / MIB,
+                     r"after the imatrix, `tokenizer_check` measured ([\d,]+) MiB": steps[under][1] / MIB,
+                     r"against an estimated ([\d,]+) MiB\)": steps[under][0] / MIB})
+
+
+def test_convert_memorys_lessons_are_a_recorded_run_or_the_code():
+    """What the runs taught and what was not measured: recorded figures, and the quantizer's slab size, the code's;
+    the constants named are the estimator's; the builder's 5.3 GB is the onnx_vs_gguf page's recorded run."""
+    from edgemed.converters.budget import peaks
+    from edgemed.converters.gguf.quantize import MAX_BUF_BYTES
+
+    page = _page(MEMORY)
+    text = "What the runs taught" + page.split("\nWhat the runs taught", 1)[1].split("\n## ", 1)[0]
+    _labelled(_without_recorded(text), {r"`quantize\.MAX_BUF_BYTES` \((\d+) MiB\)": MAX_BUF_BYTES / MIB})
+    named = re.findall(r"`([A-Z][A-Z_]+)`", text)
+    assert named and all(isinstance(getattr(peaks, name, None), (int, float)) for name in named), named
+    builder = re.search(r"its builder alone was (\d[\d.]*) GB", page)[1]
+    assert any(f"{builder} GB peak RSS" in words for page_, words, *_ in RECORDED if page_ == "onnx_vs_gguf.md")
+
+
+SHAPE_7B = "r1-distill-qwen-7b"
+
+
+def _shape_7b():
+    from edgemed.benchmarks.shaped_checkpoint import shape_config
+    from edgemed.converters.budget.peaks import Dims
+
+    config = shape_config(SHAPE_7B)
+    return config, Dims.from_config(config)
+
+
+def _seven_b_section() -> str:
+    return _page(MEMORY).split("\n## The 7B shape", 1)[1]
+
+
+def test_convert_memorys_7b_shape_is_the_shaped_checkpoints():
+    """The heading's shape is the config ``shaped_checkpoint`` writes, and the lead into the table has no figure."""
+    config, _ = _shape_7b()
+    heading, lead = _seven_b_section().split("\n", 1)[0], _section(_page(MEMORY), "## The 7B shape").split("\n|")[0]
+    assert "untied" in heading and config["tie_word_embeddings"] is False
+    _labelled(heading, {r"Qwen2, (\d+) layers": config["num_hidden_layers"], r"hidden (\d+)": config["hidden_size"],
+                        r"(\d+)/\d+ heads": config["num_attention_heads"],
+                        r"\d+/(\d+) heads": config["num_key_value_heads"],
+                        r"FFN (\d+)": config["intermediate_size"], r"vocab (\d+)": config["vocab_size"]})
+    assert f'`Dims.from_config(shape_config("{SHAPE_7B}"))`' in _flat(lead)
+    assert not _numbers(lead), _numbers(lead)
+
+
+def _seven_b_estimates(cell: str, dims) -> list:
+    """The estimates a route cell names: one for a GGUF route (its flags as the estimator names them, with the
+    importance matrix a 4-bit type computes by default), the four ONNX variants of one graph."""
+    from edgemed.converters.budget.peaks import estimate_gguf, estimate_onnx
+    from edgemed.converters.gguf.calibration import default_imatrix
+
+    flags = re.match(r"`([^`]*)`", cell)[1]
+    if flags.startswith("--to onnx"):
+        graph = re.fullmatch(r"--to onnx --onnx-graph (\w+)", flags)[1]
+        assert cell == f"`{flags}` (`--quant fp32` or `int4`, with or without `--no-parity`)", cell
+        return [estimate_onnx(dims, out_type=q, graph=graph, parity=p) for q in ("fp32", "int4") for p in (True, False)]
+    out_type = re.match(r"--quant (\w+)", flags)[1]
+    imatrix = "--no-imatrix" not in flags and default_imatrix(out_type) is not None
+    estimate = estimate_gguf(dims, out_type=out_type, parity="--no-parity" not in flags, imatrix=imatrix)
+    assert cell == f"`{flags}`" and estimate.route == f"convert --to gguf {flags}", (cell, estimate.route)
+    return [estimate]
+
+
+def test_convert_memorys_7b_table_is_the_current_estimators():
+    """Each route's resident peak, RSS and biggest term are what the estimator gives for the 7B shape's config now."""
+    _, dims = _shape_7b()
+    rows = _table_rows(_seven_b_section(), "| route |")
+    assert len(rows) >= 10, rows
+    for route, resident, rss, biggest in rows:
+        said = {(f"{e.resident / GIB:.1f} GiB", f"{e.rss / GIB:.1f} GiB", e.biggest)
+                for e in _seven_b_estimates(route, dims)}
+        assert said == {(resident, rss, biggest)}, (route, said)
+
+
+def test_convert_memorys_7b_refusal_is_the_budget_checks():
+    """Under the budget the paragraph names, the default Q4_K_M conversion (importance matrix, parity) fits, and the
+    default ONNX conversion is refused with the words quoted, its fix and figures as the checks give them."""
+    from types import SimpleNamespace
+
+    from edgemed.converters.budget import peaks
+    from edgemed.converters.gguf.calibration import default_imatrix
+    from edgemed.converters.onnx.export import OnnxOptions
+    from edgemed.errors import InputError
+
+    config, dims = _shape_7b()
+    (text,) = [block for block in map(_flat, _blocks(_seven_b_section())) if block.startswith("So with")]
+    budget = re.match(r"So with `--memory-budget (\w+)` the 7B converts to GGUF with its importance matrix and parity "
+                      r"check, and the ONNX route is refused", text)[1]
+    checkpoint = SimpleNamespace(config=config, tensors=None, source_dtype=lambda: "BF16", weight_files=lambda: ())
+    source = SimpleNamespace(checkpoint=checkpoint, adapter=None)
+    fits = peaks.check_gguf(source, SimpleNamespace(out_type="q4_k_m", parity=True, memory_budget=budget,
+                                                    imatrix_from=default_imatrix("q4_k_m")))
+    assert fits.route == "convert --to gguf --quant q4_k_m", fits.route
+    opts = OnnxOptions(memory_budget=budget)
+    with pytest.raises(InputError) as refused:
+        peaks.check_onnx(source, opts)
+    quoted = re.search(r'"would need (.*?)"', text)[1]
+    assert all(part in str(refused.value) for part in quoted.split(" ... ")), (quoted, str(refused.value))
+    fix = re.search(r"Its fix names `([^`]*)`", text)[1]
+    assert fix in refused.value.fix, (fix, refused.value.fix)
+    onnx = peaks.estimate_onnx(dims, out_type=opts.weight_type, graph=opts.graph)
+    plain = peaks.estimate_gguf(dims, out_type="q4_k_m")
+    assert f"(peak {plain.resident / GIB:.1f} GiB)" in fix and "the estimate without the importance matrix" in text
+    export = float(re.search(r", (\d[\d.]*) GiB, in step", onnx.biggest)[1])
+    _labelled(text, {r"would need about (\d[\d.]*) GiB": onnx.resident / GIB,
+                     r"\(float32\), (\d[\d.]*) GiB, in step": export,
+                     r"Q4_K_M peaks at (\d[\d.]*) GiB": fits.resident / GIB})
 
 
 ONNX_DECODE = "onnx_vs_gguf-qwen2.5-0.5b-instruct.json"
