@@ -44,8 +44,22 @@ class TextStream:
         """Add one token; return the text that is now safe to show (maybe empty). Sets ``stopped``."""
         self.ids.append(token)
         text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd"):  # the token ends in part of a character: wait for the rest of it
             return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        """Whatever is left when generation ends without a stop string: the text up to its last whole character.
+        The last token may hold whole characters and then the start of one that never came (a byte-level token
+        such as ``b" \\xc2"``): those whole characters are shown, the dangling bytes are not."""
+        if self.stopped:
+            return ""
+        text = self.decode(self.ids).rstrip("\ufffd")
+        piece = self._take(text) if text != self.text else ""
+        return piece if self.stopped else piece + self._release(len(self.text))
+
+    def _take(self, text: str) -> str:
+        """``text`` is the whole text now: match the stop strings in what is new, release what is safe."""
         if not text.startswith(self.text):  # the decoded text changed behind the last piece: match it anew
             self._state = [0] * len(self.stop)
             start = 0
@@ -57,10 +71,6 @@ class TextStream:
             self.stopped = True
             return self._release(hit)
         return self._release(len(text) - max(self._state, default=0))
-
-    def flush(self) -> str:
-        """Whatever is left when generation ends without a stop string."""
-        return "" if self.stopped else self._release(len(self.text))
 
     def _scan(self, start: int) -> int | None:
         """Feed ``text[start:]`` to every stop string's automaton; the earliest start of a completed stop string."""
