@@ -56,7 +56,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
     the sequences that will share the context, each with its own KV stream (its share is padded apart).
     ``batched``: the settings of ``edgemed serve``'s batcher, else those of the one-sequence engine (``run``,
     ``chat``: ``plan.for_engine``)."""
-    from edgemed.runtime.plan import GPU_MEMORY_NOTE, check_threads, installed_build, prefix_cache_request
+    from edgemed.runtime.plan import GPU_MEMORY_NOTE, check_threads
 
     check_threads(threads, "--threads")  # 0 would silently mean "the profile's", -3 would reach llama.cpp
     profile, facts = resolve(profile_name, root)
@@ -71,15 +71,36 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
         load = LoadSettings(n_ctx=n_ctx or profile.llama["n_ctx"], n_threads=threads_, seed=seed,
                             inter_op_threads=profile.onnx["inter_op_threads"], providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
-    cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
-    plan = make_plan(model, profile, facts, requested_ctx=n_ctx, adapters=adapters, prefix_cache=cache, n_seq=slots,
-                     here=True, batched=batched, **installed_build())
+    plan = plan_load(model, profile, facts, n_ctx=n_ctx, adapters=adapters, prefix_cache=prefix_cache,
+                     prefix_cache_mib=prefix_cache_mib, slots=slots, batched=batched)
     if plan.gpu_memory_unplanned:
         log.warning("%s", GPU_MEMORY_NOTE)
     load = load_settings(plan, seed)
     if threads:
         load = replace(load, n_threads=threads, n_threads_batch=threads)
     return Prepared(plan, load, profile.name)
+
+
+def plan_load(model: Path, profile, facts, *, n_ctx: int | None = None, adapters=(), prefix_cache: bool = False,
+              prefix_cache_mib: int | None = None, slots: int = 1, batched: bool = False, budget: int | None = None,
+              here: bool = True) -> Plan:
+    """The memory plan of a GGUF load, ``make_plan``'s arguments built in this one place for ``prepare`` (``run``,
+    ``chat``, ``serve``) and ``edgemed plan``, so a plan cannot describe another load than the one made.
+
+    ``n_ctx``: the context of all ``slots`` together (``serve --ctx`` is per slot: times ``slots``); ``prefix_cache``
+    and ``prefix_cache_mib``: ``serve --prefix-cache/--no-prefix-cache`` and ``--prefix-cache-mib``; ``batched``:
+    ``serve``'s batcher. ``here``: the model loads on the machine ``facts`` describe, with the llama.cpp installed here
+    (``plan.installed_build``); not ``here``: a plan for the device ``profile`` describes, with the build meant for it
+    (``edgemed plan --profile``). ``budget``: bytes instead of the profile's (``plan --budget-mb``)."""
+    from edgemed.errors import InputError
+    from edgemed.runtime.plan import installed_build, prefix_cache_request
+
+    if not prefix_cache and prefix_cache_mib:
+        raise InputError(f"--no-prefix-cache and --prefix-cache-mib {prefix_cache_mib} contradict each other.",
+                         "pass one of them (--no-prefix-cache turns all prompt reuse off)")
+    cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
+    return make_plan(model, profile, facts, requested_ctx=n_ctx, budget=budget, adapters=adapters, prefix_cache=cache,
+                     n_seq=slots, here=here, batched=batched, **(installed_build() if here else {}))
 
 
 def open_with_adapters(model: Path, load: LoadSettings, adapters=()):

@@ -1,0 +1,108 @@
+"""`edgemed plan --serve` plans the server `edgemed serve` starts with the same options.
+
+`plan --serve` planned one slot (serve starts 4 by default, each with a KV stream of its own), took --ctx as the
+total (serve: per slot) and had no --slots or --adapter: on a 1.45 GiB profile it said 6,912 tokens and no prefix
+cache for Qwen2.5-0.5B, where serve planned 8,192 tokens and 194 MiB of prefix cache. Both now build the plan in
+``session.plan_load``; each case here compares the command's JSON with ``session.prepare`` called as `edgemed serve`
+calls it. Real SmolLM2 GGUF header (and the device-side LoRA kit's adapter); nothing is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgemed.cli import cli
+from edgemed.cli.serve import serve as serve_command
+from edgemed.devices.profiles import get_profile
+from edgemed.runtime.session import prepare
+
+pytest.importorskip("gguf")
+
+#: `edgemed serve --slots`'s default, as serve declares it
+SERVE_SLOTS = next(p for p in serve_command.params if p.name == "slots").default
+
+
+@pytest.fixture
+def small(tmp_path, monkeypatch) -> str:
+    """A user profile for a small x86 box: 1.45 GiB, 0.5 GiB reserve, no flash attention, f16 KV, no mmap.
+    ``extra_buffers = "none"``: nothing is repacked, so the plan made for the device the profile describes (`plan
+    --profile`) and the one made for a load here (`prepare`) are the same whatever llama.cpp build is installed."""
+    toml = Path(get_profile("x86-avx2").source).read_text(encoding="utf-8")
+    toml = toml.replace('name = "x86-avx2"', 'name = "small"').replace(
+        "reserve_gb = 2.0", "total_gb = 1.45\nreserve_gb = 0.5").replace(
+        "use_mlock = false", 'use_mlock = false\nextra_buffers = "none"')
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "small.toml").write_text(toml, encoding="utf-8")
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(folder))
+    profile = get_profile("small")
+    assert profile.memory["total_gb"] == 1.45 and profile.memory["reserve_gb"] == 0.5
+    assert not profile.llama["flash_attn"] and not profile.llama["use_mmap"] and profile.llama["type_k"] == "f16"
+    return "small"
+
+
+def _plan(model, *args) -> dict:
+    result = CliRunner().invoke(cli, ["plan", str(model), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _same(cli_plan: dict, prepared) -> None:
+    want = prepared.to_dict()
+    assert cli_plan["estimate"] == want["estimate"] and cli_plan["budget_bytes"] == want["budget_bytes"]
+    assert cli_plan["llama"]["n_ctx"] == prepared.llama["n_ctx"] == cli_plan["estimate"]["n_ctx"]
+
+
+def test_plan_serve_is_the_plan_serve_makes_with_its_default_slots(smollm2_gguf, small):
+    served = prepare(smollm2_gguf, small, prefix_cache=True, slots=SERVE_SLOTS, batched=True).plan
+    planned = _plan(smollm2_gguf, "--profile", small, "--serve")
+    _same(planned, served)
+    assert planned["serve"] == {"slots": SERVE_SLOTS, "n_ctx_per_slot": served.llama["n_ctx"] // SERVE_SLOTS,
+                                "prefix_cache": True, "adapters": []}
+    assert planned["estimate"]["prefix_cache"] > 0  # the budget left room for saved prefixes, as serve counts it
+    one = prepare(smollm2_gguf, small, prefix_cache=True, slots=1, batched=True).plan
+    assert one.estimate != served.estimate  # one slot (what plan --serve planned) is another server
+
+
+@pytest.mark.parametrize("args, slots, ctx_total, cache", [
+    (["--slots", "2"], 2, None, True),
+    (["--serve", "--slots", "2", "--ctx", "1024"], 2, 2048, True),  # --ctx per slot, as serve takes it
+    (["--no-prefix-cache"], SERVE_SLOTS, None, False),
+])
+def test_plan_takes_serves_options_as_serve_does(smollm2_gguf, small, args, slots, ctx_total, cache):
+    served = prepare(smollm2_gguf, small, n_ctx=ctx_total, prefix_cache=cache, slots=slots, batched=True).plan
+    planned = _plan(smollm2_gguf, "--profile", small, *args)
+    _same(planned, served)
+    assert planned["serve"]["slots"] == slots and planned["serve"]["prefix_cache"] is cache
+    if ctx_total:
+        assert planned["estimate"]["n_ctx"] == ctx_total and planned["serve"]["n_ctx_per_slot"] == ctx_total // slots
+    if not cache:
+        assert planned["estimate"]["prefix_cache"] == 0
+
+
+def test_plan_refuses_what_serve_refuses(smollm2_gguf, small):
+    both = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--profile", small, "--no-prefix-cache",
+                                    "--prefix-cache-mib", "64"])
+    assert both.exit_code == 1 and "contradict each other" in both.output
+    tiny = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--profile", small, "--serve", "--ctx", "32"])
+    assert tiny.exit_code == 2 and "'--ctx'" in tiny.output  # serve takes 64 tokens a slot at least
+
+
+def test_plan_serve_counts_the_adapters_serve_would_apply(smollm2_gguf, small):
+    import lora_gguf_kit
+    from edgemed.runtime.loader import AdapterSpec
+
+    base = lora_gguf_kit.base(smollm2_gguf)
+    lora = lora_gguf_kit.adapter(base, "cardio")
+    served = prepare(base, small, prefix_cache=True, slots=SERVE_SLOTS, batched=True,
+                     adapters=[AdapterSpec(lora)]).plan
+    planned = _plan(base, "--profile", small, "--serve", "--adapter", str(lora))
+    _same(planned, served)
+    assert planned["estimate"]["adapters"] > 0 and planned["serve"]["adapters"] == ["cardio"]
+    run = _plan(base, "--profile", small, "--adapter", str(lora))  # without --serve: `run --adapter`'s plan
+    _same(run, prepare(base, small, adapters=[AdapterSpec(lora)]).plan)
+    assert "serve" not in run
