@@ -38,8 +38,9 @@ def _cli(*args, ok: bool = True) -> str:
 
 
 def _pack(tmp: Path, monkeypatch, label: str, version: str | None, epoch: int, key: Path | None = None, *,
-          as_dir: bool = False) -> Path:
-    """Bundle ``label`` of the model "cardio" (one tiny GGUF for all): its card's version and creation time."""
+          as_dir: bool = False, unquoted: bool = False) -> Path:
+    """Bundle ``label`` of the model "cardio" (one tiny GGUF for all): its card's version and creation time.
+    ``unquoted``: the card says ``version = 1.10``, a TOML number (pack refuses it: see ``_pack_as_before``)."""
     from edgemed.packaging import signing
     from edgemed.packaging.bundle import PackInputs, pack
 
@@ -47,7 +48,8 @@ def _pack(tmp: Path, monkeypatch, label: str, version: str | None, epoch: int, k
     if not src.is_dir():
         bundle_kit.inputs(src)
     card = tmp / f"card-{label}.toml"
-    card.write_text(bundle_kit.CARD + (f'version = "{version}"\n' if version is not None else ""))
+    line = f"version = {version}\n" if unquoted else f'version = "{version}"\n'
+    card.write_text(bundle_kit.CARD + (line if version is not None else ""))
     monkeypatch.setenv("SOURCE_DATE_EPOCH", str(epoch))
     out = tmp / (label if as_dir else f"{label}.edgemed")
     pack(PackInputs(model=src / "tiny.gguf", license=src / "LICENSE", card=card, name="cardio"), out, as_dir=as_dir,
@@ -138,6 +140,64 @@ def test_bundles_without_versions_are_ordered_by_creation_time_and_unordered_one
     assert orders[-1].older is None and "a version on one side only and the same creation time" in orders[-1].by
 
 
+# -- a card version written as a TOML number ---------------------------------------------------------------------
+
+def test_pack_refuses_a_card_version_that_is_a_toml_number_naming_the_quoted_form(tmp_path, monkeypatch):
+    """``version = 1.10`` unquoted is the TOML number 1.1: 1.9 -> 1.10 was ordered as a downgrade and refused on every
+    device's nightly pull --force. pack refuses the card, naming the field and the form that keeps what was written."""
+    from edgemed.errors import InputError
+
+    for written in ("1.10", "2025.10", "3"):
+        with pytest.raises(InputError) as exc:
+            _pack(tmp_path, monkeypatch, "n" + written, written, JAN, unquoted=True)
+        assert "gives version as a number" in str(exc.value) and f'version = "{written}"' in exc.value.fix, str(exc.value)
+    src = tmp_path / "src"
+    card = tmp_path / "card-n1.10.toml"
+    out = _cli("pack", src / "tiny.gguf", "--license", src / "LICENSE", "--card", card, "-o", tmp_path / "x.edgemed", ok=False)
+    assert "version" in out and 'version = "1.10"' in out and not (tmp_path / "x.edgemed").exists(), out
+    _pack(tmp_path, monkeypatch, "quoted", "1.10", JAN)  # the same release, as text: packed
+
+
+def _pack_as_before(tmp: Path, monkeypatch, label: str, written: str, epoch: int) -> Path:
+    """A bundle whose card holds ``version = WRITTEN`` as a TOML number, as pack made one before it refused that."""
+    from edgemed.packaging import card
+
+    with monkeypatch.context() as m:
+        m.setattr(card, "_check_version", lambda *args: None)
+        return _pack(tmp, monkeypatch, label, written, epoch, as_dir=True, unquoted=True)
+
+
+def test_card_versions_that_are_numbers_order_nothing_so_the_creation_time_decides(tmp_path, edgemed_home, monkeypatch):
+    """Bundles packed before pack refused a number: 1.9 installed, then 1.10 (the float 1.1), created later. Ordered as
+    the text "1.1" it was a downgrade, refused with advice to pass --allow-downgrade; a number is no PEP 440 version,
+    so the creation time orders them. ``list`` still shows the installed version as it did."""
+    from edgemed.packaging.manifest import Manifest
+    from edgemed.packaging.store import Store
+
+    v19 = _pack_as_before(tmp_path, monkeypatch, "v19", "1.9", JAN)
+    v110 = _pack_as_before(tmp_path, monkeypatch, "v110", "1.10", FEB)
+    mans = {b: Manifest.from_bytes((b / "manifest.json").read_bytes(), str(b)) for b in (v19, v110)}
+    assert (mans[v19].card["version"], mans[v110].card["version"]) == (1.9, 1.1)
+    store = Store()
+    store.install(v19)
+    assert _installed(edgemed_home)[0] == "1.9" and json.loads(_cli("list", "--json"))[0]["version"] == "1.9"
+    order = release_order.check(store, "cardio", mans[v110], (v110 / "manifest.json").read_bytes(), None)
+    assert (order.older, order.by) == (False, CREATED), order
+    assert (order.installed, order.new) == ("version 1.9 (created 2025-01-01T00:00:00Z)",
+                                            "version 1.1 (created 2025-02-01T00:00:00Z)")
+    orders = []
+    store.install(v110, force=True, on_order=orders.append)  # the update goes in, with nothing to say
+    assert [(o.older, o.by) for o in orders] == [(False, CREATED)] and orders[0].note("cardio") is None
+    with pytest.raises(StoreError, match="older release by its creation time"):  # and back is refused, by the time
+        store.install(v19, force=True)
+    # the installed side is its signed card's number, not the index's text "1.1": a "1.2" made before 1.10 is older
+    v12 = _pack(tmp_path, monkeypatch, "v12", "1.2", JAN, as_dir=True)
+    with pytest.raises(StoreError, match="is version 1.2 .*older release by its creation time"):
+        store.install(v12, force=True)
+    assert compare(1.9, None, 1.1, None).older is None  # numbers alone order nothing
+    assert compare("1.9", None, 1.1, "2025-02-01T00:00:00Z").by == "versions that are not both PEP 440 and a creation time on one side only"
+
+
 def test_the_installed_creation_time_is_read_only_from_the_manifest_the_index_records(tmp_path, edgemed_home, monkeypatch):
     from edgemed.packaging.store import Store
 
@@ -145,8 +205,8 @@ def test_the_installed_creation_time_is_read_only_from_the_manifest_the_index_re
     store = Store()
     store.install(later)
     rec = store.record("cardio")
-    assert release_order.installed_created(store, "cardio", rec) == "2025-02-01T00:00:00Z"
-    assert release_order.installed_created(store, "cardio", {**rec, "manifest_sha256": "0" * 64}) is None
+    assert release_order.installed_manifest(store, "cardio", rec).created == "2025-02-01T00:00:00Z"
+    assert release_order.installed_manifest(store, "cardio", {**rec, "manifest_sha256": "0" * 64}) is None
 
 
 # -- pull --force of a tag moved back, through the registry ---------------------------------------------------------

@@ -3,7 +3,8 @@
 The reference lists are the CHAI Applied Model Card (Coalition for Health AI) and
 the source attributes of ONC's HTI-1 rule for decision support interventions
 (45 CFR 170.315(b)(11)). ``card.toml`` holds flat keys from the table below;
-values are text, lists of text, numbers, or small tables (for metrics). Unknown
+values are text, lists of text, numbers, or small tables (for metrics); ``version`` is
+text (``version = "1.10"``: unquoted, TOML reads the number 1.1, and releases are ordered by it). Unknown
 keys are refused (a typo must not silently drop a governance field) unless they
 start with ``x_``. ``inspect`` shows which fields are missing.
 
@@ -13,6 +14,8 @@ Card text is printed to the operator (``inspect``, ``list``), so it holds no cha
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from edgemed.errors import InputError
@@ -102,6 +105,31 @@ def _simple(value) -> bool:
     return False
 
 
+#: ``version = 1.10`` as a line of the card, unquoted: what the maker wrote, for the fix
+_UNQUOTED_VERSION = re.compile(r"^[ \t]*version[ \t]*=[ \t]*([^\s\"'#][^#\r\n]*?)[ \t]*(?:#.*)?$", re.MULTILINE)
+
+
+def _check_version(path: Path, text: str, version) -> None:
+    """A release version is text: TOML reads ``version = 1.10`` as the number 1.1, and installs order releases by
+    the card's version (``release_order``), so 1.9 -> 1.10 would be refused as a downgrade."""
+    if version is None or isinstance(version, str):
+        return
+    kind = ("boolean" if isinstance(version, bool) else "number" if isinstance(version, (int, float))
+            else "list" if isinstance(version, list) else "table" if isinstance(version, dict) else "date or time")
+    as_text = str(version)
+    for written in _UNQUOTED_VERSION.finditer(text):  # the line TOML read it from (not one inside a prose field)
+        try:
+            if loads_toml(f"v = {written.group(1)}")["v"] == version:
+                as_text = written.group(1)
+                break
+        except ValueError:
+            continue
+    raise InputError(f"The model card '{path}' gives version as a {kind} ({as_text[:40]}), not text: TOML reads an "
+                     "unquoted version = 1.10 as the number 1.1, and devices order releases by the card's version, so "
+                     "a later release could be refused as an older one.",
+                     f"write it as text, in quotes: version = {json.dumps(as_text[:40])}")
+
+
 #: A model card is a page of TOML; a larger one is the wrong file (or /dev/zero).
 MAX_CARD_BYTES = 1 << 20
 
@@ -109,7 +137,8 @@ MAX_CARD_BYTES = 1 << 20
 def load_card(path: Path) -> dict:
     """Parse and check ``card.toml``; return the fields as a flat dict."""
     try:
-        data = loads_toml(read_at_most(Path(path), MAX_CARD_BYTES).decode("utf-8"))
+        text = read_at_most(Path(path), MAX_CARD_BYTES).decode("utf-8")
+        data = loads_toml(text)
     except (OSError, ValueError) as exc:  # UnicodeDecodeError, TOMLDecodeError and TooDeep are ValueErrors
         raise InputError(f"Cannot read the model card '{path}': {exc}.", "pass a TOML file (see README, section Packaging)") from None
     fault = control_in(data, is_prose)
@@ -124,6 +153,7 @@ def load_card(path: Path) -> dict:
     if unknown:
         raise InputError(f"The model card '{path}' has unknown fields: {', '.join(unknown)}.",
                          f"use the documented names ({', '.join(sorted(FIELDS))}) or prefix your own with x_")
+    _check_version(path, text, data.get("version"))
     bad = sorted(k for k, v in data.items() if not _simple(v))
     if bad:
         raise InputError(f"Model card fields {', '.join(bad)} are nested too deeply.", "use text, lists of text, or one level of key = value")

@@ -5,12 +5,16 @@ bundle (a mistaken retag, or someone with push rights replaying an old signed re
 replace a newer model on every device that pulls it with ``--force``. So an install over an installed model
 compares the two releases first, from what the signatures cover:
 
-1. the card's ``version``, as PEP 440 versions (``packaging.version``), when both parse and differ;
+1. the card's ``version``, as PEP 440 versions (``packaging.version``), when both are text that parses and differ;
 2. else the manifest's ``created`` (UTC), when both parse and differ;
 3. else nothing orders them, and nothing is guessed: the install goes on, and says what was compared.
 
-The installed side is the version in the store's index record and the ``created`` of the installed copy's manifest,
-read only when its sha256 is the one the index records (the manifest whose signature was checked at install).
+A card version that is not text orders nothing: ``version = 1.10`` unquoted is the TOML number 1.1, which is not the
+release its maker wrote (``pack`` refuses it now; a bundle packed before that still holds the number), so such a
+bundle is ordered by its creation time.
+
+The installed side is the card of the installed copy's manifest and its ``created``, read only when its sha256 is
+the one the index records (the manifest whose signature was checked at install); else the version in the index record.
 An older release is refused unless the operator asks for it (``--allow-downgrade``); ``edgemed rollback NAME``
 returns to the copy the store kept.
 """
@@ -48,20 +52,24 @@ class Order:
 
 
 def card_version(man: Manifest) -> str | None:
-    """The release version the card gives (CHAI "version"), as the store's index records it."""
-    v = man.card.get("version")
-    return str(v)[:256] if v is not None else None
+    """The release version the card gives (CHAI "version") in words, as the store's index records it and ``list``
+    shows it: the text, or a number as Python writes it (a bundle packed before ``pack`` refused numbers), else None."""
+    return _text(man.card.get("version"))
 
 
-def _release(text: str | None):
-    """``text`` as a PEP 440 version, or None (absent, or not PEP 440)."""
-    from packaging import version  # a dependency of every install (pyproject)
+def _text(version) -> str | None:
+    return str(version)[:256] if version is not None else None
 
-    if text is None:
+
+def _release(version):
+    """A card's ``version`` as a PEP 440 version, or None (absent, not text, or not PEP 440)."""
+    from packaging import version as pep440  # a dependency of every install (pyproject)
+
+    if not isinstance(version, str):
         return None
     try:
-        return version.Version(text)
-    except version.InvalidVersion:
+        return pep440.Version(version)
+    except pep440.InvalidVersion:
         return None
 
 
@@ -82,10 +90,10 @@ def _words(version: str | None, created: str | None) -> str:
         (f" (created {created})" if created else " (no creation time)")
 
 
-def compare(installed_version: str | None, installed_created: str | None, new_version: str | None,
-            new_created: str | None) -> Order:
-    """Order a new release against the installed one: by version, else by creation time, else not at all."""
-    a, b = _words(installed_version, installed_created), _words(new_version, new_created)
+def compare(installed_version, installed_created: str | None, new_version, new_created: str | None) -> Order:
+    """Order a new release against the installed one: by version, else by creation time, else not at all. A version
+    is the card's value (text; a number from a bundle packed before ``pack`` refused numbers orders nothing)."""
+    a, b = _words(_text(installed_version), installed_created), _words(_text(new_version), new_created)
     old_v, new_v = _release(installed_version), _release(new_version)
     if old_v is not None and new_v is not None and old_v != new_v:
         return Order(new_v < old_v, a, b, VERSION)
@@ -105,8 +113,8 @@ def compare(installed_version: str | None, installed_created: str | None, new_ve
     return Order(None, a, b, f"{versions} and {times}")
 
 
-def installed_created(store, name: str, record: dict) -> str | None:
-    """The ``created`` of the installed copy of ``name``, when its manifest is the one the index records."""
+def installed_manifest(store, name: str, record: dict) -> Manifest | None:
+    """The manifest of the installed copy of ``name``, when it is the one the index records; else None."""
     try:
         with open(store.models / name / MANIFEST, "rb") as fh:
             data = fh.read(MAX_MANIFEST_BYTES + 1)
@@ -115,7 +123,7 @@ def installed_created(store, name: str, record: dict) -> str | None:
     if hashlib.sha256(data).hexdigest() != record.get("manifest_sha256"):
         return None
     try:
-        return Manifest.from_bytes(data, f"the installed '{name}'").created or None
+        return Manifest.from_bytes(data, f"the installed '{name}'")
     except EdgemedError:
         return None
 
@@ -125,11 +133,15 @@ def check(store, name: str, man: Manifest, manifest_bytes: bytes, origin: str | 
     """Before ``man`` replaces the installed ``name``: refuse an older release (a StoreError naming both releases and
     the fixes) unless ``allow_downgrade``; return the order, for the install to report."""
     record = store.record(name) or {}
-    version, created = card_version(man), man.created or None
+    version, created = man.card.get("version"), man.created or None
     if record.get("manifest_sha256") == hashlib.sha256(manifest_bytes).hexdigest():
-        same = _words(version, created)
+        same = _words(_text(version), created)
         return Order(False, same, same, "the same bundle")
-    order = compare(record.get("version"), installed_created(store, name, record), version, created)
+    installed = installed_manifest(store, name, record)
+    if installed is not None:  # the card as signed: a number there orders nothing, though the index holds it as text
+        order = compare(installed.card.get("version"), installed.created or None, version, created)
+    else:
+        order = compare(record.get("version"), None, version, created)
     if order.older and not allow_downgrade:
         raise StoreError(
             f"'{name}' is installed at {order.installed}; the bundle from {origin or 'a local file'} is {order.new}, an "

@@ -78,6 +78,7 @@ from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
 from edgemed.packaging.manifest import MANIFEST, FileEntry, Manifest, check_name
+from edgemed.packaging.release_order import card_version as _version  # the index's version: one reading, with release_order's
 from edgemed.packaging.store_files import (SHA256, Damaged, aside_of, is_model_copy, manifest_sha256, read_index, read_journal,
                                            record_problem, set_aside, split_index, valid_name, warn_legacy)
 
@@ -85,12 +86,6 @@ log = logging.getLogger(__name__)
 
 JOURNAL = "journal.json"
 _TMP_BLOB = re.compile(r"\.[0-9a-f]{64}\.[0-9]+")  # _dedupe's link before its rename onto the blob
-
-
-def _version(man: Manifest) -> str | None:
-    """The model's release version as its card gives it (CHAI "version"), else None."""
-    v = man.card.get("version")
-    return str(v)[:256] if v is not None else None
 
 
 _HELD = threading.local()
