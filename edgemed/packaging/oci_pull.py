@@ -19,8 +19,9 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    download, and resuming it would fetch it whole again on every pull. A 416 that names no size, followed by a
    whole blob that ends short, is the same refusal.
    A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``),
-   ``--force`` or not: a nightly ``edgemed pull ... --force`` on every device downloads nothing until the tag
-   moves, then installs the new bundle. A name holding another bundle is refused without ``--force`` before
+   ``--force`` or not, before the trust policy is applied (a certificate expired since the install is a warning:
+   ``run`` judges the installed copy as of its install): a nightly ``edgemed pull ... --force`` on every device
+   downloads nothing until the tag moves, then installs the new bundle. A name holding another bundle is refused without ``--force`` before
    anything large is fetched, and so is an older release than the one installed (``release_order``: the card's
    version, else the manifest's creation time) without ``allow_downgrade``: a tag moved back must not roll every
    device back without a word.
@@ -50,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgemed import env
-from edgemed.errors import EdgemedError, IntegrityError, OutputError, StoreError, output_error
+from edgemed.errors import EdgemedError, IntegrityError, OutputError, SignatureError, StoreError, output_error
 from edgemed.files import flocks
 from edgemed.files.debris import scratch_dir, step, sweep
 from edgemed.files.hashing import BLOCK
@@ -180,12 +181,13 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
             data = (stage / MANIFEST).read_bytes()
             man = Manifest.from_bytes(data, f"{origin} {MANIFEST}")
             oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
-            sig, key = _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
             target_name = check_name(name or man.name)
-            if _installed(store, target_name, data, force):
+            if _installed(store, target_name, data, force):  # judged when installed; run judges it as of then
+                _warn_if_refused_now(stage, man, data, origin, public_key, target_name)
                 stats.name, stats.already_installed = target_name, True
                 _forget(fetched)
                 return stats
+            sig, key = _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
             if (store.models / target_name).exists():  # an update: from the installed model's signer
                 from edgemed.packaging import trust
 
@@ -225,6 +227,17 @@ def _judge(stage: Path, man: Manifest, data: bytes, origin: oci.Ref, public_key)
     sig = signing.well_formed(next((signing.Signature(n, (stage / n).read_bytes()) for n in SIGNATURES
                                     if (stage / n).is_file()), None))
     return sig, trust.decide(str(origin), sig, man, data, key=public_key)
+
+
+def _warn_if_refused_now(stage: Path, man: Manifest, data: bytes, origin: oci.Ref, public_key, name: str) -> None:
+    """``name`` holds this very bundle: nothing changes, whatever the trust policy says of it now. Where it would
+    refuse it now (its signing certificate expired since the install), say so: the nightly pull of an unchanged tag
+    succeeds, and the operator learns the maker must re-sign before the next release can be installed."""
+    try:
+        _judge(stage, man, data, origin, public_key)
+    except SignatureError as exc:
+        log.warning("%s holds this bundle already and was left as it is (edgemed run checks it as of its install); "
+                    "pulled now, it would be refused: %s", name, exc)
 
 
 def _installed(store, name: str, data: bytes, force: bool) -> bool:
