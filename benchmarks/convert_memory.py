@@ -15,7 +15,15 @@ measured peak RSS is the larger of ``vmhwm_sampled`` and the sampled sum over th
 place each sample in a step, so every step's peak is set against its own term of the estimate. Goal: estimate >=
 measured and <= 1.5x measured. The imatrix route calibrates on the shipped medical text (``--imatrix-from
 medical``, the abstracts PubMedQA does not score), as ``edgemed convert`` does.
-``--rescore`` recomputes the estimates for saved measurements without rerunning anything.
+
+Each route is estimated with the settings its conversion runs with (``convert_settings``: its flags, and convert's
+defaults for the rest, such as the importance matrix a 4-bit type computes unless ``--no-imatrix``); a row's
+``score`` records them (``settings``) and the estimator that made its figures (``estimator``: ``peaks.METHOD``, the
+edgemed commit, and the sha256 of each file under converters/ and edgemed/ changed from it). A route rerun replaces
+its row; the rows kept keep their own score.
+``--rescore`` recomputes the estimates for saved measurements without rerunning anything; a file whose estimates
+another estimator made is refused (its measurements were taken by that code), unless ``--rescore-anyway``, which
+records the estimator replaced in each row (``score.rescored_from``; null where the file named none).
 """
 
 from __future__ import annotations
@@ -35,20 +43,48 @@ from edgemed.benchmarks.process_memory import read_status, tree_pids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION = "medical"  # convert's shipped calibration text: PubMedQA abstracts outside its scored test split
-# route name -> (convert arguments, budget route keywords)
-ROUTES: dict[str, tuple[list[str], dict]] = {
-    "gguf-f16": (["--to", "gguf", "--quant", "f16"], {"route": "gguf", "out_type": "f16"}),
-    "gguf-q8_0": (["--to", "gguf", "--quant", "q8_0"], {"route": "gguf", "out_type": "q8_0"}),
-    "gguf-q4_k_m": (["--to", "gguf", "--quant", "q4_k_m"], {"route": "gguf", "out_type": "q4_k_m"}),
-    "gguf-q4_k_m-imatrix": (["--to", "gguf", "--quant", "q4_k_m", "--imatrix-from", CALIBRATION],
-                            {"route": "gguf", "out_type": "q4_k_m", "imatrix": True}),
-    "onnx-fp32": (["--to", "onnx", "--quant", "fp32"], {"route": "onnx", "out_type": "fp32"}),
-    "onnx-int4": (["--to", "onnx", "--quant", "int4"], {"route": "onnx", "out_type": "int4"}),
-    "onnx-fp32-genai": (["--to", "onnx", "--quant", "fp32", "--onnx-graph", "genai"],
-                        {"route": "onnx", "out_type": "fp32", "graph": "genai"}),
-    "onnx-int4-genai": (["--to", "onnx", "--quant", "int4", "--onnx-graph", "genai"],
-                        {"route": "onnx", "out_type": "int4", "graph": "genai"}),
+#: where the estimator's code lives (``peaks`` reads the planner, the calibration bounds and the quantizer's slabs)
+ESTIMATOR_PATHS = ("converters", "edgemed")
+
+
+def convert_settings(args: list[str]) -> dict:
+    """The budget estimator's keywords for ``edgemed convert SOURCE ARGS``: the route and what its conversion does,
+    as the route's budget hook passes them (``peaks.gguf_settings`` / ``onnx_settings``): the flags in ``args``, and
+    for the rest convert's defaults, read where the command reads them (the type: ``constants.DEFAULT_OUTPUT_TYPE``;
+    the importance matrix: ``calibration.default_imatrix``; the graph: ``onnx.graphs.DEFAULT_GRAPH``). ``--to`` must
+    be given; a flag not listed here is refused, so a route cannot run a setting its estimate leaves out."""
+    from edgemed.constants import DEFAULT_OUTPUT_TYPE
+    from edgemed.converters.gguf.calibration import default_imatrix
+    from edgemed.converters.onnx.graphs import DEFAULT_GRAPH
+
+    ap = argparse.ArgumentParser(prog="convert_settings", add_help=False)
+    ap.add_argument("--to", required=True, choices=sorted(DEFAULT_OUTPUT_TYPE))
+    ap.add_argument("--quant")
+    ap.add_argument("--imatrix-from")
+    ap.add_argument("--no-imatrix", action="store_true")
+    ap.add_argument("--no-parity", action="store_true")
+    ap.add_argument("--onnx-graph")
+    a = ap.parse_args(args)
+    out_type = a.quant or DEFAULT_OUTPUT_TYPE[a.to]
+    if a.to == "onnx":
+        return {"route": "onnx", "out_type": out_type, "graph": a.onnx_graph or DEFAULT_GRAPH, "parity": not a.no_parity}
+    calibrated = a.imatrix_from is not None or (not a.no_imatrix and default_imatrix(out_type) is not None)
+    return {"route": "gguf", "out_type": out_type, "parity": not a.no_parity, "imatrix": calibrated}
+
+
+# route name -> convert arguments
+_ARGS: dict[str, list[str]] = {
+    "gguf-f16": ["--to", "gguf", "--quant", "f16"],
+    "gguf-q8_0": ["--to", "gguf", "--quant", "q8_0"],
+    "gguf-q4_k_m": ["--to", "gguf", "--quant", "q4_k_m"],  # calibrated on the shipped text: convert's default
+    "gguf-q4_k_m-imatrix": ["--to", "gguf", "--quant", "q4_k_m", "--imatrix-from", CALIBRATION],
+    "onnx-fp32": ["--to", "onnx", "--quant", "fp32"],
+    "onnx-int4": ["--to", "onnx", "--quant", "int4"],
+    "onnx-fp32-genai": ["--to", "onnx", "--quant", "fp32", "--onnx-graph", "genai"],
+    "onnx-int4-genai": ["--to", "onnx", "--quant", "int4", "--onnx-graph", "genai"],
 }
+# route name -> (convert arguments, the budget estimator's keywords for them)
+ROUTES: dict[str, tuple[list[str], dict]] = {name: (args, convert_settings(args)) for name, args in _ARGS.items()}
 KIB = 1024
 # The measured child: `edgemed convert`, with the wall-clock time at which the route's Timings start written
 # to stderr, so that the report's step durations place every sample in its step exactly.
@@ -118,7 +154,7 @@ def _run(model_dir: Path, name: str, work: Path, kill_above: int | None = None) 
         raise SystemExit(f"{name} failed (rc {r['rc']}, RSS {peak / 2**30:.2f} GiB when it ended):\n{r['stderr'][-1500:]}")
     report = json.loads(r["stdout"][r["stdout"].index("{"):])
     steps = _step_peaks(r["samples"], report["timings_s"], r["t0"])
-    return {"route": name, "wall_s": r["wall_s"], "vmhwm_sampled": r["vmhwm_sampled"], "ru_maxrss": r["ru_maxrss"],
+    return {"route": name, "convert_args": args, "wall_s": r["wall_s"], "vmhwm_sampled": r["vmhwm_sampled"], "ru_maxrss": r["ru_maxrss"],
             "peak_anon": max(s[1] for s in r["samples"]), "peak_file": max(s[2] for s in r["samples"]),
             "peak_sampled_rss": r["peak_sampled_rss"], "steps": steps, "timings_s": report["timings_s"],
             "size_bytes": report["size_bytes"]}
@@ -140,15 +176,52 @@ def _step_peaks(samples, timings: dict, t0: float) -> dict[str, dict]:
     return peaks
 
 
-def score(row: dict, model_dir: Path) -> dict:
-    """The budget estimate for ``row``'s route on ``model_dir`` next to what was measured."""
+def estimator_state() -> dict:
+    """The estimator scoring rows now: ``peaks.METHOD``, the edgemed commit, and the sha256 of each file under
+    ``ESTIMATOR_PATHS`` changed from it (null for one that is gone or not a file); commit None outside a git checkout."""
+    from edgemed.benchmarks.provenance import code_state
+    from edgemed.converters.budget.peaks import METHOD
+    from edgemed.files.hashing import file_sha256
+
+    root = Path(__file__).resolve().parent.parent
+    code = code_state(ESTIMATOR_PATHS)
+    changed = {p: file_sha256(root / p) if (root / p).is_file() else None for p in code["changed"]}
+    return {"method": METHOD, "commit": code["commit"], "changed": changed}
+
+
+def _named(state: dict | None) -> str:
+    if not state:
+        return "an estimator that did not name itself (the file predates estimates that record theirs)"
+    changed = f" and {len(state['changed'])} file(s) changed from it" if state.get("changed") else ""
+    return f"{state.get('method')} at commit {str(state.get('commit'))[:12]}{changed}"
+
+
+def check_rescore(path: Path, rows: list[dict], now: dict) -> None:
+    """Refuse to rescore ``rows`` (read from ``path``) when any was scored by another estimator than ``now``: its
+    measurements were taken by that code state, and this one's figures beside them would mix the two."""
+    other = {r["route"]: (r.get("score") or {}).get("estimator") for r in rows}
+    other = {route: state for route, state in other.items() if state != now}
+    if not other:
+        return
+    made = sorted({_named(s) for s in other.values()})
+    raise SystemExit(
+        f"{path}: the estimates of {', '.join(other)} were made by {'; '.join(made)}, not by this estimator "
+        f"({_named(now)}). Rescoring would write this estimator's figures beside measurements taken by that code.\n"
+        f"Fix: rerun the routes to measure and score them with one code state (--routes {' '.join(other)}), or pass "
+        "--rescore-anyway to rescore them (each row then records the estimator it replaced).")
+
+
+def score(row: dict, model_dir: Path, estimator: dict) -> dict:
+    """The budget estimate for ``row``'s route on ``model_dir`` next to what was measured, with the settings it was
+    estimated for and ``estimator`` (``estimator_state()``: what made the figures)."""
     from edgemed.converters.budget import peaks as budget
 
-    _, kw = ROUTES[row["route"]]
-    est = budget.estimate_for_dir(model_dir, **kw)
+    _, settings = ROUTES[row["route"]]
+    est = budget.estimate_for_dir(model_dir, **settings)
     measured_anon = max(row["peak_anon"], 1)
     measured_total = peak_rss(row)
-    return {"estimate": est.to_dict(), "ratio_anon": round(est.resident / measured_anon, 3),
+    return {"estimator": estimator, "settings": settings, "estimate": est.to_dict(),
+            "ratio_anon": round(est.resident / measured_anon, 3),
             "ratio_total": round(est.rss / measured_total, 3),
             "steps": {k: {"estimate": est.phase_bytes(k), **v} for k, v in row["steps"].items() if est.phase_bytes(k)}}
 
@@ -179,16 +252,28 @@ def main(argv=None) -> None:
     ap.add_argument("--kill-above-gib", type=float, default=6.0,
                     help="kill a run whose RSS (anonymous + file-backed) passes this (default 6 GiB: a shared machine)")
     ap.add_argument("--rescore", type=Path, help="recompute the estimates of a saved result file; run nothing")
+    ap.add_argument("--rescore-anyway", action="store_true",
+                    help="with --rescore: rescore rows another estimator scored (each records the one it replaced)")
     ap.add_argument("-o", "--out", type=Path, help="result JSON (default benchmarks/results/convert_memory-<model>.json)")
     args = ap.parse_args(argv)
+    if args.rescore_anyway and not args.rescore:
+        ap.error("--rescore-anyway goes with --rescore FILE")
 
     from edgemed.files.atomic import write_text
     from edgemed.converters.source import pip_models
 
+    now = estimator_state()
     if args.rescore:
         result = json.loads(args.rescore.read_text())
         model_dir, out = Path(result["checkpoint"]), args.rescore
         rows = result["rows"]
+        if not args.rescore_anyway:
+            check_rescore(args.rescore, rows, now)
+        for row in rows:
+            before = (row.get("score") or {}).get("estimator")
+            row["score"] = score(row, model_dir, now)
+            if before != now:
+                row["score"]["rescored_from"] = before
     else:
         model_dir = Path(args.model) if Path(args.model).is_dir() else pip_models.hf_checkpoint(args.model)
         out = args.out or RESULTS / f"convert_memory-{Path(args.model).name}.json"
@@ -196,12 +281,11 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             for name in args.routes:
                 old[name] = _run(model_dir, name, Path(tmp), int(args.kill_above_gib * 2**30))
+                old[name]["score"] = score(old[name], model_dir, now)  # the rows kept keep their own
                 print(f"{name}: peak RSS {peak_rss(old[name]) / 2**20:,.0f} MiB, RssAnon peak "
                       f"{old[name]['peak_anon'] / 2**20:,.0f} MiB, {old[name]['wall_s']} s", flush=True)
                 rows = [old[k] for k in ROUTES if k in old]
                 write_text(out, json.dumps({"model": args.model, "checkpoint": str(model_dir), "rows": rows}, indent=1) + "\n")
-    for row in rows:
-        row["score"] = score(row, model_dir)
     result = {"model": args.model if not args.rescore else result["model"], "checkpoint": str(model_dir),
               "goal": "estimate >= measured and <= 1.5x measured", "rows": rows}
     print(_table(rows))

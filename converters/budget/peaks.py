@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import env
-from edgemed.converters.gguf.calibration import IMATRIX_BY_DEFAULT
-from edgemed.converters.gguf.calibration import TEXT_BYTES
+from edgemed.converters.gguf.calibration import IMATRIX_BY_DEFAULT, TEXT_BYTES
 from edgemed.converters.budget.memory_room import Budget, detect_budget
 from edgemed.errors import InputError
 
 MIB, GIB = 1 << 20, 1 << 30
+#: Names the estimates' model of memory where a result records one (``Estimate.to_dict``, benchmarks/convert_memory's
+#: JSON); bump when a term or a factor changes.
+METHOD = "convert-budget/1"
 DTYPE_BYTES = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2}
 OUT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # float GGUF types; quantized ones go through an F16/BF16 intermediate
 #: Bits per weight of each GGUF type as llama.cpp's mixes write them (Q4_K_M keeps some tensors at Q6_K).
@@ -166,8 +168,8 @@ class Estimate:
         return self.base + max(parts) if parts else None
 
     def to_dict(self) -> dict:
-        return {"route": self.route, "resident": self.resident, "mapped": self.mapped, "rss": self.rss, "base": self.base,
-                "biggest": self.biggest, "steps": {s.name: {t.name: t.bytes for t in s.terms} for s in self.steps}}
+        return {"method": METHOD, "route": self.route, "resident": self.resident, "mapped": self.mapped, "rss": self.rss,
+                "base": self.base, "biggest": self.biggest, "steps": {s.name: {t.name: t.bytes for t in s.terms} for s in self.steps}}
 
 
 # -- the estimates --------------------------------------------------------------------------------------------------
@@ -305,10 +307,22 @@ def _sizes(source) -> dict:
             "lora_bytes": lora}
 
 
+def gguf_settings(opts) -> dict:
+    """What a ``--to gguf`` conversion run with ``opts`` (``ConvertOptions``) does that its estimate depends on, as
+    ``estimate_gguf``'s keywords: the output type, the parity check, the importance matrix (the user's text or the
+    default one ``edgemed convert`` picks for a 4-bit type: ``calibration.default_imatrix``)."""
+    return {"out_type": opts.out_type, "parity": opts.parity, "imatrix": opts.imatrix_from is not None}
+
+
+def onnx_settings(opts) -> dict:
+    """The same for ``--to onnx`` (``OnnxOptions``), as ``estimate_onnx``'s keywords."""
+    return {"out_type": opts.weight_type, "graph": opts.graph, "parity": opts.parity}
+
+
 def check_gguf(source, opts) -> Estimate:
     """The ``--to gguf`` hook: refuse before anything is written when the conversion of ``source`` (the command's
     opened ``Source``) cannot fit."""
-    kw = dict(out_type=opts.out_type, parity=opts.parity, imatrix=opts.imatrix_from is not None, **_sizes(source))
+    kw = gguf_settings(opts) | _sizes(source)
     dims = Dims.from_config(source.checkpoint.config, source.checkpoint.tensors)
     est = estimate_gguf(dims, **kw)
     alts = [(f"--quant {t}", estimate_gguf(dims, **kw | {"out_type": t})) for t in GGUF_BPW if t not in (opts.out_type, "auto")]
@@ -323,7 +337,7 @@ def check_gguf(source, opts) -> Estimate:
 def check_onnx(source, opts) -> Estimate:
     """The ``--to onnx`` hook: refuse before anything is written when the conversion of ``source`` (the command's
     opened ``Source``) cannot fit."""
-    kw = dict(out_type=opts.weight_type, graph=opts.graph, parity=opts.parity, **_sizes(source))
+    kw = onnx_settings(opts) | _sizes(source)
     dims = Dims.from_config(source.checkpoint.config, source.checkpoint.tensors)
     est = estimate_onnx(dims, **kw)
     gguf_kw = {k: v for k, v in kw.items() if k not in ("graph", "out_type")}
