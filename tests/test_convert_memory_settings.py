@@ -1,10 +1,12 @@
 """The conversion budget is scored and quoted for the conversion that runs: benchmarks/convert_memory estimates each
 route with the settings `edgemed convert` runs it with (a 4-bit type's default importance matrix included), records
-them and the estimator in its JSON, and will not rescore a file another estimator scored unless told to."""
+them and the estimator in its JSON, and will not rescore a file another estimator scored unless told to; check_onnx's
+`--to gguf` suggestion quotes the estimate of the default GGUF conversion, importance matrix and all."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -134,3 +136,20 @@ def test_the_estimator_names_itself():
     state = convert_memory.estimator_state()
     assert state["method"] == peaks.METHOD and (state["commit"] is None or len(state["commit"]) == 40)
     assert all(v is None or len(v) == 64 for v in state["changed"].values())
+
+
+def test_check_onnx_suggests_gguf_at_the_default_conversions_peak(monkeypatch, tmp_path):
+    """The `--to gguf (Q4_K_M)` fix quotes the estimate of `edgemed convert --to gguf` as it runs by default (its
+    importance matrix), which for the 7B shape is not the plain recipe's figure."""
+    from edgemed.converters.onnx.export import OnnxOptions
+    from edgemed.errors import InputError
+
+    default = peaks.gguf_settings(_options(monkeypatch, tmp_path, ["--to", "gguf"]))
+    assert default["imatrix"] is True
+    calibrated = estimate_gguf(SEVEN_B, **default)
+    plain = estimate_gguf(SEVEN_B, **default | {"imatrix": False})
+    assert f"{calibrated.resident / GIB:.1f}" != f"{plain.resident / GIB:.1f}"  # else this test could not tell them apart
+    checkpoint = SimpleNamespace(config=SEVEN_B.config, tensors=None, source_dtype=lambda: "BF16", weight_files=lambda: ())
+    with pytest.raises(InputError) as refused:
+        peaks.check_onnx(SimpleNamespace(checkpoint=checkpoint, adapter=None), OnnxOptions(memory_budget="24GiB"))
+    assert f"--to gguf ({default['out_type'].upper()}) (peak {calibrated.resident / GIB:.1f} GiB)" in refused.value.fix

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemed import env
-from edgemed.converters.gguf.calibration import IMATRIX_BY_DEFAULT, TEXT_BYTES
+from edgemed.constants import DEFAULT_OUTPUT_TYPE
+from edgemed.converters.gguf.calibration import IMATRIX_BY_DEFAULT, TEXT_BYTES, default_imatrix
 from edgemed.converters.budget.memory_room import Budget, detect_budget
 from edgemed.errors import InputError
 
@@ -343,6 +344,8 @@ def check_onnx(source, opts) -> Estimate:
     gguf_kw = {k: v for k, v in kw.items() if k not in ("graph", "out_type")}
     alts = [("--no-parity", estimate_onnx(dims, **kw | {"parity": False}))] if kw["parity"] else []
     alts += [("--onnx-graph " + g, estimate_onnx(dims, **kw | {"graph": g})) for g in ("torch", "genai") if g != kw["graph"]]
-    alts.append(("--to gguf (Q4_K_M)", estimate_gguf(dims, out_type="q4_k_m", **gguf_kw)))
+    gguf = DEFAULT_OUTPUT_TYPE["gguf"]  # `--to gguf` as the command runs it: its default type, calibrated by default
+    alts.append((f"--to gguf ({gguf.upper()})",
+                 estimate_gguf(dims, out_type=gguf, imatrix=default_imatrix(gguf) is not None, **gguf_kw)))
     require_fits(est, detect_budget(opts.memory_budget), tuple(alts))
     return est
