@@ -136,16 +136,49 @@ def test_a_chunk_of_two_never_leaves_the_prompts_last_token_alone():
     """A guard that only worked for chunks over two: ``chunk_of(3, 2, 2)`` took 2, and the next step fed the prompt's
     last token alone (``edgemed serve --prefill-chunk 2``, the floor of two on a slow host, or the rest of a step's
     budget after another prompt's chunk). Now the rest goes together where the batch has room, else it waits."""
-    assert chunk_of(3, 2, 2) == 3 and chunk_of(3, 2, 2, room=2) == 0 and chunk_of(2, 1, 30) == 2
+    assert chunk_of(3, 2, 2) == 3 and chunk_of(3, 2, 2, room=2, capacity=512) == 0 and chunk_of(2, 1, 30) == 2
     for remaining in range(2, 601):
         for budget in (*range(1, 40), 64, 127, 128, 255, 512, 1 << 30):
             for whole in {budget, budget + 1, 2 * budget, 512, 1 << 30} - {1}:  # a step's budget of one: below
                 for room in {budget, budget + 1, remaining - 1, remaining, 512, 1 << 30}:
-                    take = chunk_of(remaining, min(budget, room), whole, room=room)
+                    # rows other prompts took this step: a later step has room for the rest (``capacity``)
+                    take = chunk_of(remaining, min(budget, room), whole, room=room, capacity=1 << 30)
                     assert 0 <= take <= min(room, remaining), (remaining, budget, whole, room, take)
                     assert remaining - take != 1, (remaining, budget, whole, room, take)
                     assert take <= budget + 1 and (take == 0 or take >= 2), (remaining, budget, whole, room, take)
     assert chunk_of(2, 1, 1, room=1) == 1  # a budget of one, in a batch of one free row, still makes progress
+
+
+def test_a_prompt_always_progresses_in_a_batch_too_small_to_hold_its_last_tokens():
+    """Waiting for room to feed the last three tokens together hung a prompt for ever where no step can offer three
+    rows (a profile's n_batch of 2: every odd-length prompt reached "3 left" and waited at each step, the scheduler
+    spinning a core). Where the batch never holds the rest, what fits is taken, one-token piece and all."""
+    for capacity in range(1, 6):
+        for remaining in range(1, 300):
+            left, steps = remaining, 0
+            while left and steps < 2 * remaining:
+                left -= chunk_of(left, capacity, capacity, room=capacity, capacity=capacity)
+                steps += 1
+            assert left == 0, (capacity, remaining, left)
+    assert chunk_of(3, 2, 2, room=2, capacity=2) == 2  # the last token alone, next step: nothing better can come
+
+
+def test_an_odd_prompt_finishes_with_a_batch_of_two_rows(smollm2_gguf):
+    from edgemed.runtime.batch.batcher import Batcher
+
+    settings = LoadSettings(n_ctx=512, n_threads=1, n_batch=2, n_ubatch=2)
+    with Batcher(smollm2_gguf, settings, slots=1, prefix_cache=False) as b:
+        ids = b.tokenize("Fever and a stiff neck in a child: what first?")
+        assert len(ids) % 2 == 1 and len(ids) > 3
+        stream = b.submit(ids, GenerationSettings(max_tokens=3, temperature=0.0), request_id="odd")
+        items = []
+        reader = threading.Thread(target=lambda: items.extend(stream), daemon=True)
+        reader.start()
+        reader.join(60)
+        if reader.is_alive():
+            stream.cancel()
+            pytest.fail("an odd-length prompt never finished with a batch of two rows")
+        assert items[-1].finish_reason in ("length", "stop") and items[-1].prompt_tokens == len(ids)
 
 
 def test_prompts_fed_together_go_in_calls_of_equal_pieces_and_no_piece_is_one_token_of_more():

@@ -1018,7 +1018,8 @@ class Batcher:
             # under WHOLE_PROMPT, or the decode rows' share), it is fed in chunks like a long one, or it would wait
             # at every step for a room that never comes
             short = seq.computed <= WHOLE_PROMPT and remaining <= cap  # computed: the tokens this request feeds
-            take = remaining if short else chunk_of(remaining, min(budget, cap), whole, room=cap)
+            full = min(batch.capacity, ECHO_ROWS) if echo else batch.capacity  # the rows a step can ever offer
+            take = remaining if short else chunk_of(remaining, min(budget, cap), whole, room=cap, capacity=full)
             if take <= 0 or take > cap:
                 continue
             takes.append((seq, take))

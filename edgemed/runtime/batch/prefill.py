@@ -88,26 +88,30 @@ WHOLE_PROMPT = 128
 PREFILL_MIN = 2
 
 
-def chunk_of(remaining: int, budget: int, whole: int, prompt: int = 1 << 30, room: int = 1 << 30) -> int:
+def chunk_of(remaining: int, budget: int, whole: int, prompt: int = 1 << 30, room: int = 1 << 30,
+             capacity: int | None = None) -> int:
     """Prompt tokens to feed now, of ``remaining``, within ``budget`` (what the step has left for this prompt; the
-    step's whole budget is ``whole``) and the batch's free rows ``room``. Never a one-token piece of a longer prompt,
-    taken or left behind (unless the step's budget is one): llama.cpp attends a single row with other kernels than
-    several, so such a piece would make the prompt's KV differ from a run alone, and batched greedy text with it,
-    and its last token alone gives other logits to sample from (``llamacpp.REFEED``). Where a chunk of two or one
-    would leave one token, the prompt's rest goes together if the batch has room for it (one over ``budget``),
-    else it waits for the next step.
+    step's whole budget is ``whole``) and the batch's free rows ``room`` (of ``capacity``, the most rows a step ever
+    offers; default ``room``). Never a one-token piece of a longer prompt, taken or left behind (unless the step's
+    budget is one): llama.cpp attends a single row with other kernels than several, so such a piece would make the
+    prompt's KV differ from a run alone, and batched greedy text with it, and its last token alone gives other logits
+    to sample from (``llamacpp.REFEED``). Where a chunk of two or one would leave one token, the prompt's rest goes
+    together if the batch has room for it (one over ``budget``), else it waits for a step that has, where one can
+    (``capacity`` holds it); a batch that can never hold it (a profile's ``n_batch`` of 1 or 2) takes what fits,
+    one-token piece and all, rather than wait for ever.
     """
     if prompt <= WHOLE_PROMPT and budget > 0:  # ``prompt``: the whole prompt's length
         return remaining
+    capacity = room if capacity is None else capacity
     take = max(0, min(remaining, budget, room))
     if 0 < take < remaining and remaining - take == 1:
         if take > 2:
             take -= 1  # leave two for the next step rather than one
         elif remaining <= room:
             return remaining  # two or three tokens left: all of them now, never the last one alone next step
-        elif whole > 1:
+        elif whole > 1 and remaining <= capacity:
             return 0
-    if take == 1 < remaining and whole > 1:
+    if take == 1 < remaining and whole > 1 and capacity > 1:
         return 0
     return take
 
