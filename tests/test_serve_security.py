@@ -58,6 +58,10 @@ def test_config_refuses_public_bind_without_keys():
     ("ehr.example.org", "is not a web page's origin", "scheme://host[:port]"),
     ("ftp://ehr.example.org", "is not a web page's origin", "scheme://host[:port]"),
     ("https://ehr.example.org:99999", "is not a web page's origin", "scheme://host[:port]"),
+    # browsers send a name in its ASCII form and an IPv6 address compressed, never with a zone
+    ("https://bücher.example", "would never match", "--cors-origin https://xn--bcher-kva.example"),
+    ("http://[0:0:0:0:0:0:0:1]", "would never match", "--cors-origin http://[::1]"),
+    ("http://[fe80::1%25eth0]:8080", "IPv6 zone", "without the zone"),
 ])
 def test_a_cors_origin_no_browser_sends_or_every_local_file_sends_is_refused(origin, message, fix):
     """--cors-origin null was taken without keys, opening the API (/admin too) to any HTML attachment opened on the
@@ -68,7 +72,8 @@ def test_a_cors_origin_no_browser_sends_or_every_local_file_sends_is_refused(ori
         with pytest.raises(InputError) as e:
             ServeConfig(model_id="m", bundle_digest="d", cors_origins=(origin,), api_keys=keys)
         assert message in e.value.problem and fix in e.value.fix, (origin, e.value)
-    for good in ("https://ehr.example.org", "http://localhost:3000", "http://[::1]:8080", "https://x.example:8443"):
+    for good in ("https://ehr.example.org", "http://localhost:3000", "http://[::1]:8080", "https://x.example:8443",
+                 "https://xn--bcher-kva.example", "http://192.168.1.20:8080"):
         assert ServeConfig(model_id="m", bundle_digest="d", cors_origins=(good,)).cors_origins == (good,)
 
 

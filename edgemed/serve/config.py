@@ -6,6 +6,7 @@ path can produce a server on a public address without API keys.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -58,7 +59,7 @@ def check_origin(origin: str) -> None:
         raise InputError(f"--cors-origin '{origin}' is not a web page's origin.",
                          "name it as scheme://host[:port], as the browser's address bar shows it "
                          "(https://ehr.example.org)")
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    host = _browser_host(origin, parts.hostname)
     default = {"http": 80, "https": 443}[parts.scheme.lower()]  # a browser leaves the scheme's own port out
     exact = f"{parts.scheme.lower()}://{host}" + (f":{port}" if port not in (None, default) else "")
     if parts.username is not None or parts.password is not None or parts.path not in ("", "/") or parts.query \
@@ -66,6 +67,26 @@ def check_origin(origin: str) -> None:
         raise InputError(f"--cors-origin '{origin}' would never match: a browser sends a page's origin as "
                          "scheme://host[:port], without a path, a slash at the end, capitals or the scheme's own port.",
                          f"pass --cors-origin {exact}")
+
+
+def _browser_host(origin: str, host: str) -> str:
+    """``host`` (urlsplit's, lower case) as a browser writes it in ``Origin``: an IPv6 address compressed in brackets,
+    an internationalised name in its ASCII (punycode) form."""
+    if ":" in host:
+        if "%" in host:
+            raise InputError(f"--cors-origin '{origin}' names an IPv6 zone, which a browser never sends in an origin.",
+                             "name the page's origin without the zone (%...), or by a host name")
+        try:
+            return f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            raise InputError(f"--cors-origin '{origin}' is not a web page's origin: '{host}' is no IPv6 address.",
+                             "name it as scheme://host[:port] (http://[::1]:8080)") from None
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InputError(f"--cors-origin '{origin}' is not a web page's origin: '{host}' is not a host name.",
+                         "name it as scheme://host[:port], as the browser's address bar shows it "
+                         "(https://ehr.example.org)") from None
 
 
 @dataclass(frozen=True)
