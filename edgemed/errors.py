@@ -8,6 +8,7 @@ message and exit code 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import math
 
 
 class EdgemedError(Exception):
@@ -148,12 +149,19 @@ def output_error(exc: OSError) -> OutputError | None:
     return OutputError(problem.format(what=what), fix)
 
 
+def retry_seconds(retry_after: float) -> int:
+    """The whole seconds a client is told to wait, in the message and in the Retry-After header alike: rounded
+    up (waiting 2 s of an estimated 2.4 s would be turned away again), at least 1."""
+    return max(1, math.ceil(retry_after))
+
+
 class Overloaded(EdgemedError):
     """Every slot is busy and the waiting queue is full (the server answers 429 with Retry-After)."""
 
     def __init__(self, in_flight: int, retry_after: float):
         super().__init__(f"The model is busy: {in_flight} requests are already running or waiting.",
-                         f"retry in {retry_after:.0f} s, or start the server with more slots or a longer queue")
+                         f"retry in {retry_seconds(retry_after)} s, or start the server with more slots or a longer "
+                         "queue")
         self.retry_after = retry_after
 
 

@@ -15,7 +15,11 @@ What each case proves:
   two sequences are counted as forked) with the prompt counted once in usage; a list of prompts gives n each;
 - tools (Qwen2.5): forced, required, auto (streamed, as OpenAI streams deltas) and in a history come back as
   ``tool_calls`` whose arguments parse as JSON and validate against the function's schema; the parser reads
-  tagged, bare and fenced calls to known functions only, and the stream filter never lets a call's text out.
+  tagged, bare and fenced calls to known functions only, and the stream filter never lets a call's text out;
+- tools (SmolLM2 with a Hermes-format chat template swapped in): a streamed call goes through the SDK's own
+  ``.stream()`` helper (later deltas carry no ``"type": null``), and a schema that cannot become a grammar names
+  its field;
+- Retry-After and the 429's message name the same whole seconds.
 """
 
 from __future__ import annotations
@@ -390,3 +394,115 @@ def test_the_stream_filter_holds_a_call_back_and_passes_text_on():
     f = CallFilter({"f"})
     assert [f.push(p) for p in ["{", "1 + 1}"]] == ["", ""]  # could have been a call: held to the end
     assert f.finish() == ("{1 + 1}", [])
+
+
+# -- tool calls as shapes (no model): the SDK's accumulator -------------------------------------------------
+CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+
+
+def shaped(pieces: list[str], reason: str) -> list[dict]:
+    """Every chunk ``ChatShape`` streams for one answer that holds calls to ``f``, as the client reads them."""
+    from edgemed.serve.endpoints import Answer, ChatShape
+    from edgemed.serve.tools import CallFilter
+
+    shape, answer = ChatShape(id="chatcmpl-t", model=SMOL), Answer(0, calls=CallFilter({"f"}))
+    out = shape.head([answer])
+    for piece in pieces:
+        answer.parts.append(piece)
+        out += shape.piece(answer, piece, [])
+    out += shape.final(answer, reason)
+    return [json.loads(json.dumps(c)) for c in out]  # through JSON, as on the wire
+
+
+def test_streamed_tool_call_deltas_accumulate_in_the_sdks_stream_state():
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    chunks = shaped(["Checking. ", CALL[:20], CALL[20:]], "stop")
+    later = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if c["choices"][0]["delta"].get("tool_calls")][1:]
+    assert later == [{"index": 0, "function": {"arguments": '{"a": 1}'}}]  # as OpenAI sends them: no nulls
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and chunks[0]["choices"][0]["finish_reason"] is None
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.construct(**chunk))  # the SDK builds its chunks this way, unvalidated
+    message = state.get_final_completion().choices[0].message
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "f" and json.loads(call.function.arguments) == {"a": 1}
+    assert message.content == "Checking. "
+
+
+def test_retry_after_and_the_message_say_the_same_seconds():
+    from edgemed.errors import Overloaded
+    from edgemed.serve.api import as_api_error
+
+    for estimate, seconds in ((2.2, 3), (2.6, 3), (0.3, 1), (4.0, 4)):
+        err = as_api_error(Overloaded(5, estimate))
+        assert err.status == 429 and err.headers["Retry-After"] == str(seconds)
+        assert f"retry in {seconds} s" in err.message, (estimate, err.message)
+
+
+# -- tools on SmolLM2, with a Hermes-format chat template swapped in -------------------------------------------
+HERMES = """{%- if tools %}<|im_start|>system
+# Tools
+
+You may call one or more functions to assist with the user query. The function signatures are within <tools></tools>:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+#: strict: the SDK's ``.stream()`` helper parses the arguments of strict functions only (and refuses others)
+LOOKUP = {"type": "function", "function": {
+    "name": "formulary_lookup", "description": "Look up a drug in the hospital formulary.", "strict": True,
+    "parameters": {"type": "object", "properties": {"drug": {"type": "string", "maxLength": 24}}, "required": ["drug"],
+                   "additionalProperties": False}}}
+LOOKUP_ASK = [{"role": "user", "content": "Is paracetamol in the formulary? Look it up."}]
+
+
+@pytest.fixture(scope="module")
+def hermes(smollm2_gguf, tmp_path_factory):
+    from test_template_limits import with_chat_template
+
+    path = with_chat_template(smollm2_gguf, tmp_path_factory.mktemp("hermes") / "smollm2-hermes.gguf", HERMES)
+    srv = _server(path, SMOL, slots=1, n_ctx=512)
+    try:
+        yield srv
+    finally:
+        srv.__exit__(None, None, None)
+        srv.batcher.close()
+
+
+def test_a_streamed_tool_call_goes_through_the_sdks_stream_helper(hermes):
+    with hermes.client.chat.completions.stream(model=SMOL, messages=LOOKUP_ASK, tools=[LOOKUP], tool_choice="required",
+                                               parallel_tool_calls=False, max_tokens=64) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and "tool_calls.function.arguments.done" in events
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "formulary_lookup" and call.id
+    jsonschema.validate(call.function.parsed_arguments, LOOKUP["function"]["parameters"])
+
+
+def test_a_schema_that_cannot_become_a_grammar_names_its_field(hermes):
+    bad = {"type": "object", "properties": {"dose": {"type": "string", "pattern": "[0-9]+ mg"}}}  # no ^...$
+    with pytest.raises(openai.BadRequestError) as e:
+        hermes.client.chat.completions.create(model=SMOL, messages=LOOKUP_ASK, max_tokens=2, response_format={
+            "type": "json_schema", "json_schema": {"name": "dose", "schema": bad}})
+    assert e.value.body["param"] == "response_format" and "cannot be turned into a grammar" in e.value.message
+    tool = {"type": "function", "function": {"name": "dose_calculator", "parameters": bad}}
+    with pytest.raises(openai.BadRequestError) as e:
+        hermes.client.chat.completions.create(model=SMOL, messages=LOOKUP_ASK, max_tokens=2, tools=[LOOKUP, tool],
+                                              tool_choice="required")
+    assert e.value.body["param"] == "tools.1.function.parameters" and "dose_calculator" in e.value.message

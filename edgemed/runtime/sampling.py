@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 REPEAT_WINDOW = 64
 
 
+class SchemaError(InputError):
+    """A request's JSON schema that cannot become a grammar: a server names the field that sent it (``param``)."""
+
+
 class Sampler:
     def __init__(self, settings):
         import numpy as np
@@ -119,8 +123,8 @@ def _check_schema_counts(schema: str) -> None:
             for name in _SCHEMA_COUNTS:
                 count = item.get(name)
                 if isinstance(count, (int, float)) and not isinstance(count, bool) and count > MAX_SCHEMA_COUNT:
-                    raise InputError(f"The JSON schema's {name} is {count}; a constrained answer takes counts up to "
-                                     f"{MAX_SCHEMA_COUNT}.", f"set {name} to {MAX_SCHEMA_COUNT} or less, or leave it out")
+                    raise SchemaError(f"The JSON schema's {name} is {count}; a constrained answer takes counts up to "
+                                      f"{MAX_SCHEMA_COUNT}.", f"set {name} to {MAX_SCHEMA_COUNT} or less, or leave it out")
             todo.extend(v for k, v in item.items() if k not in _SCHEMA_DATA)
         elif isinstance(item, list):
             todo.extend(item)
@@ -139,11 +143,11 @@ def grammar_text(settings: GenerationSettings) -> str | None:
         try:
             text = json_schema_to_gbnf(settings.json_schema)
         except RecursionError:
-            raise InputError("The JSON schema is nested too deeply to turn into a grammar.",
-                             "send a flatter JSON schema") from None
+            raise SchemaError("The JSON schema is nested too deeply to turn into a grammar.",
+                              "send a flatter JSON schema") from None
         except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
-            raise InputError(f"The JSON schema cannot be turned into a grammar: {type(exc).__name__} {exc}.",
-                             "send a valid JSON schema (object types, properties, enums)") from None
+            raise SchemaError(f"The JSON schema cannot be turned into a grammar: {type(exc).__name__} {exc}.",
+                              "send a valid JSON schema (object types, properties, enums)") from None
         check_gbnf(text)
         return text
     return None

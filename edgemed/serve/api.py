@@ -27,10 +27,12 @@ import math
 import time
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from edgemed.errors import Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError
+from edgemed.errors import (Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError,
+                            retry_seconds)
 from edgemed.runtime.batch.batcher import UnknownAdapter
+from edgemed.runtime.sampling import SchemaError
 from edgemed.formats.nesting import TooDeep, loads_json
 
 # -- requests ------------------------------------------------------------------------------------
@@ -457,10 +459,20 @@ class ChatCompletion(BaseModel):
 
 
 class ToolCallDelta(BaseModel):
+    """A streamed call, as OpenAI sends it: the first delta has ``id``, ``type`` and ``function.name``; later ones only
+    ``index`` and ``function.arguments``. Fields left unset are left out of the JSON, not sent as null: the openai
+    SDK's stream accumulator copies a later ``"type": null`` over the first delta's ``"function"``."""
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionOut
+
+    @model_serializer(mode="wrap")
+    def _unset_left_out(self, handler):
+        out = {k: v for k, v in handler(self).items() if v is not None}
+        out["function"] = {k: v for k, v in out["function"].items() if v is not None}
+        return out
 
 
 class Delta(BaseModel):
@@ -562,14 +574,20 @@ ERRORS = [
 ]
 
 
+#: EdgemedError subclass -> the request field it is about. A JSON schema reaches the sampler from
+#: ``response_format`` only: a JSON-contract template's schema is made into its grammar when the template loads.
+PARAMS = [(SchemaError, "response_format")]
+
+
 def as_api_error(exc: EdgemedError) -> ApiError:
     message = exc.problem if not exc.fix else f"{exc.problem} Fix: {exc.fix}"
+    param = next((name for kind, name in PARAMS if isinstance(exc, kind)), None)
     for kind, status, type_, code in ERRORS:
         if isinstance(exc, kind):
             headers = {}
             if hasattr(exc, "retry_after"):
-                headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-            return ApiError(status, message, type_, code, headers=headers)
+                headers["Retry-After"] = str(retry_seconds(exc.retry_after))
+            return ApiError(status, message, type_, code, param=param, headers=headers)
     raise TypeError(exc)  # unreachable: EdgemedError is the last row
 
 

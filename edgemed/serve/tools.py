@@ -89,7 +89,8 @@ def plan(body, template: str | None, model_id: str) -> ToolPlan:
             raise ApiError(400, f"'tool_choice' names the function '{name}', which is not in 'tools'. Fix: name one "
                                 f"of: {', '.join(functions)}.", param="tool_choice")
         forced = [functions[name]]
-    return ToolPlan(rendered, grammar(forced, body.parallel_tool_calls), True)
+    where = {t.function.name: i for i, t in enumerate(tools)}
+    return ToolPlan(rendered, grammar(forced, body.parallel_tool_calls, where), True)
 
 
 def _require(template: str | None, model_id: str, param: str) -> str:
@@ -102,8 +103,9 @@ def _require(template: str | None, model_id: str, param: str) -> str:
     return kind
 
 
-def grammar(functions: list, parallel: bool) -> str:
-    """GBNF for one call (or several, when ``parallel``) to one of ``functions``, arguments per their schemas."""
+def _rules(functions: list) -> str:
+    """The GBNF rules of a ``call`` to one of ``functions``, arguments per their schemas (llama-cpp-python's
+    converter, which asserts on schemas it does not know)."""
     from llama_cpp.llama_grammar import SchemaConverter
 
     calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters or {"type": "object"}},
@@ -111,16 +113,32 @@ def grammar(functions: list, parallel: bool) -> str:
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     converter = SchemaConverter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False,
                                 raw_pattern=False)
+    converter.visit(converter.resolve_refs(schema, "tools"), "call")
+    return converter.format_grammar()
+
+
+def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None) -> str:
+    """GBNF for one call (or several, when ``parallel``) to one of ``functions``, arguments per their schemas.
+    ``where``: each function's index in the request's ``tools``, to name the schema the converter refused."""
     try:
-        converter.visit(converter.resolve_refs(schema, "tools"), "call")
-        rules = converter.format_grammar()
+        rules = _rules(functions)
     except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
-        raise ApiError(400, f"A function's 'parameters' schema cannot be turned into a grammar: {type(exc).__name__} "
-                            f"{exc}. Fix: send a JSON schema of objects, types, properties and enums.",
-                       param="tools") from None
+        bad = next((f for f in functions if not _converts(f)), functions[0])
+        at = (where or {}).get(bad.name)
+        raise ApiError(400, f"The 'parameters' schema of the function '{bad.name}' cannot be turned into a grammar: "
+                            f"{type(exc).__name__} {exc}. Fix: send a JSON schema of objects, types, properties and "
+                            "enums.", param="tools" if at is None else f"tools.{at}.function.parameters") from None
     one = f'"{OPEN}\\n" call "\\n{CLOSE}"'
     root = f"root ::= {one} (\"\\n\" {one})*" if parallel else f"root ::= {one}"
     return root + "\n" + rules
+
+
+def _converts(function) -> bool:
+    try:
+        _rules([function])
+    except Exception:  # noqa: BLE001 - as in ``grammar``
+        return False
+    return True
 
 
 @dataclass
