@@ -18,7 +18,7 @@ What each case proves:
   tagged, bare and fenced calls to known functions only, and the stream filter never lets a call's text out;
 - tools (SmolLM2 with a Hermes-format chat template swapped in): a streamed call goes through the SDK's own
   ``.stream()`` helper (later deltas carry no ``"type": null``), and a schema that cannot become a grammar names
-  its field;
+  its field; an answer cut at max_tokens ends with ``length`` and carries no call, whole or streamed;
 - Retry-After and the 429's message name the same whole seconds.
 """
 
@@ -396,8 +396,9 @@ def test_the_stream_filter_holds_a_call_back_and_passes_text_on():
     assert f.finish() == ("{1 + 1}", [])
 
 
-# -- tool calls as shapes (no model): the SDK's accumulator -------------------------------------------------
+# -- tool calls as shapes (no model): the SDK's accumulator, and an answer cut at max_tokens -------------------
 CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+HALF = '<tool_call>\n{"name": "f", "argum'  # a second call, cut at max_tokens while it was written
 
 
 def shaped(pieces: list[str], reason: str) -> list[dict]:
@@ -412,6 +413,16 @@ def shaped(pieces: list[str], reason: str) -> list[dict]:
         out += shape.piece(answer, piece, [])
     out += shape.final(answer, reason)
     return [json.loads(json.dumps(c)) for c in out]  # through JSON, as on the wire
+
+
+def whole(text: str, reason: str) -> dict:
+    from edgemed.runtime.batch.stream import Finished
+    from edgemed.serve.endpoints import Answer, ChatShape
+    from edgemed.serve.tools import CallFilter
+
+    done = Finished(reason, prompt_tokens=3, completion_tokens=9, ttft_s=0.1, total_s=0.2, queue_s=0.0)
+    answer = Answer(0, parts=[text], calls=CallFilter({"f"}), finished=done)
+    return ChatShape(id="chatcmpl-t", model=SMOL).whole([answer], [reason])["choices"][0]
 
 
 def test_streamed_tool_call_deltas_accumulate_in_the_sdks_stream_state():
@@ -429,6 +440,20 @@ def test_streamed_tool_call_deltas_accumulate_in_the_sdks_stream_state():
     call = message.tool_calls[0]
     assert call.type == "function" and call.function.name == "f" and json.loads(call.function.arguments) == {"a": 1}
     assert message.content == "Checking. "
+
+
+def test_an_answer_cut_at_max_tokens_is_length_and_no_call():
+    for reason, finish in (("length", "length"), ("stop", "tool_calls")):
+        choice = whole("Checking.\n" + CALL + "\n" + HALF, reason)
+        assert choice["finish_reason"] == finish, reason
+    cut = whole("Checking.\n" + CALL + "\n" + HALF, "length")
+    assert cut["message"]["tool_calls"] is None and cut["message"]["content"] == "Checking."  # the half call is no text
+    assert whole(HALF, "length")["message"] == {"role": "assistant", "content": None, "refusal": None, "tool_calls": None}
+    assert whole("A plain answer, cut", "length")["message"]["content"] == "A plain answer, cut"
+    chunks = shaped(["Checking.\n", CALL, "\n" + HALF], "length")
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and not any(d.get("tool_calls") for d in deltas)
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking.\n"
 
 
 def test_retry_after_and_the_message_say_the_same_seconds():

@@ -169,6 +169,15 @@ def completion_logprobs(entries, offset: int) -> api.CompletionLogprobs:
         top_logprobs=[{_token(t): lp for t, lp in e.top} if e.logprob is not None else None for e in entries])
 
 
+def _cut_content(text: str | None) -> str | None:
+    """The content of an answer cut at max_tokens that may hold calls: its text outside the calls, less a call it was
+    still writing (from that call's ``<tool_call>`` tag on), which is neither a call nor content."""
+    if text is None:
+        return None
+    at = text.rfind(tools.OPEN)
+    return text[:at] if at >= 0 and tools.CLOSE not in text[at:] else text
+
+
 # -- response shapes ------------------------------------------------------------------------------------
 @dataclass
 class Shape:
@@ -194,6 +203,11 @@ class Shape:
 
 
 class ChatShape(Shape):
+    """Tool calls: an answer that ended by itself (``stop``) and holds calls ends with ``tool_calls``; one cut at
+    max_tokens (``length``) keeps ``length`` and carries no call, not even one it finished before it was cut (a cut
+    answer is no call, as a cut template answer is no answer; llama-server's finish reason is ``tool_calls`` only for
+    an answer that ended by itself too). Its content is ``_cut_content``."""
+
     def chunk(self, choices: list, **more) -> dict:
         return api.ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
                                        **more).model_dump(exclude_none=False)
@@ -214,6 +228,9 @@ class ChatShape(Shape):
         out = []
         if answer.calls is not None:
             rest, calls = answer.calls.finish()
+            if reason != "stop":  # cut: no call (see the class)
+                cut, calls = _cut_content(rest), []
+                rest = cut if cut == rest or cut.strip() else ""
             if rest:
                 out.append(self.chunk([api.ChunkChoice(index=answer.index, delta=api.Delta(content=rest))]))
             for i, call in enumerate(calls):  # as OpenAI streams them: id and name first, then the arguments
@@ -235,7 +252,10 @@ class ChatShape(Shape):
             content, calls = answer.text, None
             if answer.calls is not None:
                 found = tools.parse(content, answer.calls.names)
-                if found.calls:
+                if reason != "stop":  # cut: no call (see the class); the text as it is when it held none
+                    cut = _cut_content(found.content)
+                    content = cut if cut == content else (cut or "").strip() or None
+                elif found.calls:
                     content, calls, reason = found.content, [api.ToolCallOut(**c) for c in found.calls], "tool_calls"
             choices.append(api.ChatChoice(index=answer.index, finish_reason=reason,
                                           message=api.AssistantMessage(content=content, tool_calls=calls),
