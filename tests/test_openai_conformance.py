@@ -19,6 +19,9 @@ What each case proves:
 - tools (SmolLM2 with a Hermes-format chat template swapped in): a streamed call goes through the SDK's own
   ``.stream()`` helper (later deltas carry no ``"type": null``), and a schema that cannot become a grammar names
   its field; an answer cut at max_tokens ends with ``length`` and carries no call, whole or streamed;
+- completions logprobs on text whose characters span tokens (an emoji, Japanese): each ``text_offset`` is where the
+  token's text starts, the character a token completes is that token's, and tokens of part of a character are
+  named by their bytes (``bytes:\\xf0\\x9f``), as OpenAI names them;
 - Retry-After and the 429's message name the same whole seconds.
 """
 
@@ -531,3 +534,41 @@ def test_a_schema_that_cannot_become_a_grammar_names_its_field(hermes):
         hermes.client.chat.completions.create(model=SMOL, messages=LOOKUP_ASK, max_tokens=2, tools=[LOOKUP, tool],
                                               tool_choice="required")
     assert e.value.body["param"] == "tools.1.function.parameters" and "dose_calculator" in e.value.message
+
+
+# -- completions logprobs where a character spans tokens ------------------------------------------------------
+def token_bytes(token: str) -> bytes:
+    """The bytes a completions ``tokens`` entry names: its text, or OpenAI's ``bytes:\\\\xNN`` form."""
+    if not token.startswith("bytes:"):
+        return token.encode()
+    return re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), token[6:].encode("latin-1"))
+
+
+def check_offsets(text: str, lp) -> None:
+    """Offsets never go back nor past the text, and the text from a token's offset to the next one's is what that
+    token's bytes complete (nothing, for a token of part of a character)."""
+    import codecs
+
+    offsets = lp.text_offset + [len(text)]
+    assert offsets == sorted(offsets) and offsets[-2] <= len(text), (offsets, len(text))
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for i, token in enumerate(lp.tokens):
+        assert text[offsets[i]:offsets[i + 1]] == decoder.decode(token_bytes(token)), (i, token, lp.tokens)
+    assert any(t.startswith("bytes:") for t in lp.tokens)  # the prompt's characters did span tokens
+
+
+@pytest.mark.parametrize("prompt", ["Dose: 5 µg, heart 🫀 and lungs 🫁", "心臓は血液を送り出す"])
+def test_completion_text_offsets_follow_characters_that_span_tokens(smol, prompt):
+    out = smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=8, logprobs=1, echo=True)
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt)
+    check_offsets(choice.text, choice.logprobs)
+    chunks = [c.choices[0] for c in smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=8, logprobs=1,
+                                                                   echo=True, stream=True) if c.choices]
+    text = "".join(c.text for c in chunks)
+    streamed = type(choice.logprobs)(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for c in chunks:
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(streamed, name).extend(getattr(c.logprobs, name) if c.logprobs else [])
+    assert text == choice.text and streamed.text_offset == choice.logprobs.text_offset
+    check_offsets(text, streamed)

@@ -9,6 +9,7 @@ the answers (one ``Answer`` per choice) into the endpoint's OpenAI response, who
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import time
@@ -119,6 +120,10 @@ async def completion_prompt(served: Served, record: RequestRecord, body: api.Com
 
 
 # -- answers ----------------------------------------------------------------------------------------------
+def _utf8() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")("replace")
+
+
 @dataclass
 class Answer:
     """One choice as it comes out of the batcher: its text, log probabilities, how it ended."""
@@ -131,6 +136,8 @@ class Answer:
     calls: CallFilter | None = None
     echoed: bool = False  # streaming with echo: the prompt's text went out
     offset: int | None = None  # streaming completions' logprobs: characters of the choice's text so far
+    #: streaming completions' logprobs: the choice's bytes so far, holding a character the last token left unfinished
+    decoder: codecs.IncrementalDecoder = field(default_factory=_utf8)
 
     @property
     def text(self) -> str:
@@ -146,27 +153,39 @@ def usage(answers: list[Answer]) -> api.Usage:
                      prompt_tokens_details=api.PromptTokensDetails(cached_tokens=sum(f.cached_tokens for f in done)))
 
 
-def _token(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
+def token_text(data: bytes) -> str:
+    """A token's name in log probabilities: its text, or, for a token whose bytes are not whole UTF-8 characters
+    (part of an emoji or a CJK character, split by a byte-level tokenizer), OpenAI's ``bytes:`` form: the bytes
+    with printable ASCII as itself and every other byte as ``\\xNN`` (``b" \\xf0\\x9f"`` is ``bytes: \\xf0\\x9f``).
+    Chat entries carry the exact ``bytes`` beside it."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in data)
 
 
 def chat_logprobs(entries) -> api.ChoiceLogprobs:
     return api.ChoiceLogprobs(content=[api.TokenLogprob(
-        token=_token(e.token), logprob=e.logprob, bytes=list(e.token),
-        top_logprobs=[api.TopLogprob(token=_token(t), logprob=lp, bytes=list(t)) for t, lp in e.top])
+        token=token_text(e.token), logprob=e.logprob, bytes=list(e.token),
+        top_logprobs=[api.TopLogprob(token=token_text(t), logprob=lp, bytes=list(t)) for t, lp in e.top])
         for e in entries])
 
 
-def completion_logprobs(entries, offset: int) -> api.CompletionLogprobs:
-    """The legacy shape; ``offset``: characters of the choice's text before these tokens."""
+def completion_logprobs(entries, offset: int, decoder: codecs.IncrementalDecoder) -> tuple[api.CompletionLogprobs, int]:
+    """The legacy shape, and the offset after these tokens. ``offset``: characters of the choice's text before them;
+    ``decoder``: the choice's bytes before them (it holds a character a token before left unfinished). A token's
+    ``text_offset`` is the number of whole characters its predecessors' bytes decode to: the character a token
+    completes belongs to the token that completes it, and a token holding only part of one stands where that
+    character starts (the text between its offset and the next token's is empty)."""
     tokens, offsets = [], []
     for e in entries:
-        tokens.append(_token(e.token))
+        tokens.append(token_text(e.token))
         offsets.append(offset)
-        offset += len(tokens[-1])
+        offset += len(decoder.decode(e.token))
     return api.CompletionLogprobs(
         tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
-        top_logprobs=[{_token(t): lp for t, lp in e.top} if e.logprob is not None else None for e in entries])
+        top_logprobs=[{token_text(t): lp for t, lp in e.top} if e.logprob is not None else None
+                      for e in entries]), offset
 
 
 def _cut_content(text: str | None) -> str | None:
@@ -282,16 +301,17 @@ class CompletionShape(Shape):
 
     def piece(self, answer: Answer, text: str, entries, prompt: bool = False) -> list[dict]:
         if prompt:  # echo: the prompt's text and its tokens' log probabilities, before any output
-            lp = completion_logprobs(entries, 0) if self.logprobs else None
-            answer.echoed, answer.offset = True, len(self._echo(answer))
+            lp, answer.offset = completion_logprobs(entries, 0, answer.decoder) if self.logprobs else (None, None)
+            answer.echoed = True
             return [self.chunk([api.TextChoice(index=answer.index, text=self._echo(answer), logprobs=lp)])]
         out = []
         if self.echo is not None and not answer.echoed:
             answer.echoed = True
             out.append(self.chunk([api.TextChoice(index=answer.index, text=self._echo(answer))]))
-        offset = answer.offset if answer.offset is not None else len(self._echo(answer))
-        lp = completion_logprobs(entries, offset) if self.logprobs else None
-        answer.offset = offset + sum(len(_token(e.token)) for e in entries)
+        lp = None
+        if self.logprobs:
+            offset = answer.offset if answer.offset is not None else len(self._echo(answer))
+            lp, answer.offset = completion_logprobs(entries, offset, answer.decoder)
         return out + [self.chunk([api.TextChoice(index=answer.index, text=text, logprobs=lp)])]
 
     def final(self, answer: Answer, reason: str) -> list[dict]:
@@ -307,7 +327,7 @@ class CompletionShape(Shape):
             lp = None
             if self.logprobs:
                 entries = list(answer.prompt_logprobs) + list(answer.logprobs)
-                lp = completion_logprobs(entries, 0 if answer.prompt_logprobs else len(echo))
+                lp, _ = completion_logprobs(entries, 0 if answer.prompt_logprobs else len(echo), _utf8())
             choices.append(api.TextChoice(index=answer.index, text=echo + answer.text, finish_reason=reason,
                                           logprobs=lp))
         return api.Completion(id=self.id, model=self.model, choices=choices, usage=usage(answers)).model_dump()
