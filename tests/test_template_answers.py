@@ -431,6 +431,13 @@ def test_a_first_line_that_states_one_option_is_that_option(reply, expected):
     "Answer: C/d",
     "answer: c, or d",
     "Answer: C, or A mild variant",
+    # after an aside on the answer, another option alone after "/", "|" or "either", or the answer among the words
+    "Answer: C (Vitamin C) / D",
+    "Answer: C (Vitamin C) | D possibly",
+    "Answer: C (Vitamin C); either D",
+    "Answer: C (Vitamin C) / d",
+    "Answer: C (70%) or d",
+    "Answer: C (either C or D)",
 ])
 def test_another_choice_offered_after_the_answer_is_a_hedge(reply):
     parsed = get_template("mcq").parse(reply, SCURVY)
@@ -453,6 +460,31 @@ def test_another_choice_offered_after_the_answer_is_a_hedge(reply):
 ])
 def test_hedge_words_without_a_second_option_keep_the_answer(reply, expected):
     assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # after "/", "|" or "either", an option that labels a list or opens prose is no second choice
+    ("Answer: C (Vitamin C) | A: night blindness, B: anemia, D: rickets", "C"),
+    ("Answer: C (Vitamin C) / A and B are wrong", "C"),
+    ("Answer: C (Vitamin C). Either A or B would be incorrect.", "C"),
+    # the answer named again is no second choice
+    ("Answer: C (Vitamin C), or option C", "C"),
+    ("Answer: C (C)", "C"),
+])
+def test_a_clear_answer_with_an_aside_is_no_hedge(reply, expected):
+    """The hedge rule took any choice after an aside and an offer word: these clear answers were no answer."""
+    assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Answer: yes (hazard ratio 0.7, 95% CI 0.6-0.9), probably yes", "yes"),
+    ("Answer: yes (the data suggest so) / no harm seen", "yes"),
+    ("Answer: yes (yes)", "yes"),
+    ("Answer: yes (x) / no", None),
+    ("Answer: yes (x), probably no", None),
+])
+def test_a_clear_yes_with_an_aside_is_no_hedge(reply, expected):
+    assert _pubmedqa(reply) == expected
 
 
 @pytest.mark.parametrize("reply, expected", [

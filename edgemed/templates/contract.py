@@ -268,33 +268,48 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     # Single-letter choices are matched case-sensitively in prose: "the answer is a ..." is an article.
     upper = all(len(x) == 1 and x.isupper() for x in choices)
     strict = f"(?-i:{alts})" if upper else alts
-    # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe
-    # yes", "C -> D"
     # "Yes, no adverse events were seen": after a comma, "no" opening prose (a determiner) is no other choice; "no in
     # children", "no depending on ...", "no, ..." still are (word choices only)
     prose_no = "" if single else (r"(?!,[ \t]*no[ \t]+(?!(?:in|for|among|with|when|if|at|on|depending|otherwise|or|and|"
                                   r"but|unless|except)\b)[^\W\d_])")
     arrow = r"->|=>|[\u2192\u21d2\u27f6]"
-    # after "or", ",", "/" and the like, letters are read in their case, as ``offered`` reads them: "C, or a mild
-    # variant of it" holds the article, not option A. A lower-case letter no word follows is still a choice ("C, or d",
-    # "c/d")
-    worded = rf"(?-i:{alts})|(?:{alts})(?![ \t]+[^\W\d_])" if upper else alts
-    hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
-                       rf"(?:{_SEP_LIST}{_HEDGE_WORD})*{_SEP_LIST}(?:{worded})\b|[ \t]+(?:{alts})\b"  # "maybe yes"
-                       rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{alts})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
-    # ... and a few words on: a second choice after a word that offers it as an alternative ("or", "possibly", "maybe",
-    # "less likely", "second choice", "vs", "/", "|"; after "but" or "though" too, and after a short aside on the
-    # answer), with "option" or "choice" before it, or a choice in brackets with such a word after it: "C (or option
-    # D)", "C, but possibly D", "C; less likely D", "C (second choice: D)", "C|D", "C (70%) or D", "C (D possibly)".
-    # The choice is cased as in ``strict``: "C, but possibly a mild case" is prose.
-    offer = (r"(?:or|possibly|maybe|perhaps|probably|alternatively|otherwise|else|either|if[ \t]+not|less[ \t]+likely|"
-             r"second[ \t\-]+(?:choice|best|option|most[ \t]+likely)|next[ \t]+best|vs|versus)\b|[/|]")
+    offer = (r"(?:or|possibly|maybe|perhaps|probably|alternatively|otherwise|else|if[ \t]+not|less[ \t]+likely|"
+             r"second[ \t\-]+(?:choice|best|option|most[ \t]+likely)|next[ \t]+best|vs|versus)\b")
     filler = r"(?:or|possibly|maybe|perhaps|probably|also|else|even|likely|option|choice|answer)\b"
-    offered = re.compile(rf"(?:[ \t\*_]*[\(\[][^\(\)\[\]\n]{{0,40}}[\)\]])?[\s\*_\"'\(\[,;:.\-\u2013\u2014]*"
-                         rf"(?:(?:but|though|although|yet|and)\b[\s,]*)?(?:{offer})(?:[\s\*_\"'\(\[,:.]*{filler})*"
-                         rf"[\s\*_\"'\(\[,:]*(?:{strict})\b"
-                         rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{strict})[ \t\*_\"']*"
-                         r"(?:(?:possibly|maybe|perhaps|probably)\b|\?)[ \t\*_\"'.!?]*[\)\]]", re.I)
+    # after "/", "|" or "either", a choice stands alone: no label of a list ("C (Vitamin C) | A: night blindness, B:
+    # ...") and no subject of prose ("C (Vitamin C) / A and B are wrong", "Either A or B would be incorrect", "yes
+    # (...) / no harm seen"), as ``worded`` reads a lower-case letter; "C | D possibly" still offers D
+    apart = r"(?:either\b|[/|])"
+    alone = r"(?![ \t]*:|[ \t]+(?!(?:possibly|maybe|perhaps|probably)\b)[^\W\d_])"
+
+    def hedges(found: str) -> tuple[re.Pattern, re.Pattern]:
+        """``hedge`` and ``offered`` for the answer ``found``: each looks for a choice other than it offered beside it.
+        The answer named again is no second choice: "C (C)", "C (Vitamin C), or option C", "yes (...), probably yes"."""
+        others = "|".join(re.escape(x) for x in sorted(choices, key=len, reverse=True) if x != found) or r"(?!)"
+        same = f"(?-i:{re.escape(found)})" if upper else re.escape(found)
+        # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe
+        # yes", "C -> D". After "or", ",", "/" and the like, letters are read in their case, as ``offered`` reads them:
+        # "C, or a mild variant of it" holds the article, not option A. A lower-case letter no word follows is still a
+        # choice ("C, or d", "c/d"). The answer itself may stand among the words before the other: "C (either C or D)"
+        worded = rf"(?-i:{others})|(?:{others})(?![ \t]+[^\W\d_])" if upper else others
+        hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
+                           rf"(?:{_SEP_LIST}(?:{_HEDGE_WORD}|(?:{same})\b))*{_SEP_LIST}(?:{worded})\b"
+                           rf"|[ \t]+(?:{others})\b"  # "maybe yes"
+                           rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{others})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
+        # ... and a few words on: a second choice after a word that offers it as an alternative ("or", "possibly",
+        # "maybe", "less likely", "second choice", "vs", "/", "|"; after "but" or "though" too, and after a short aside
+        # on the answer), with "option" or "choice" before it, or a choice in brackets with such a word after it: "C
+        # (or option D)", "C, but possibly D", "C; less likely D", "C (second choice: D)", "C|D", "C (70%) or D", "C (D
+        # possibly)". The choice is read as ``worded`` reads it: "C, but possibly a mild case" is prose, "C (70%) or d"
+        # a hedge. After "/", "|" or "either" it stands alone, in either case (``apart``).
+        then = rf"(?:[\s\*_\"'\(\[,:.]*{filler})*[\s\*_\"'\(\[,:]*"
+        offered = re.compile(rf"(?:[ \t\*_]*[\(\[][^\(\)\[\]\n]{{0,40}}[\)\]])?[\s\*_\"'\(\[,;:.\-\u2013\u2014]*"
+                             rf"(?:(?:but|though|although|yet|and)\b[\s,]*)?"
+                             rf"(?:{offer}{then}(?:{worded})\b|{apart}{then}(?:{others})\b{alone})"
+                             rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{worded})[ \t\*_\"']*"
+                             r"(?:(?:possibly|maybe|perhaps|probably)\b|\?)[ \t\*_\"'.!?]*[\)\]]", re.I)
+        return hedge, offered
+
     label = re.escape(c.label)
     line_re = re.compile(rf"{_LEAD}(?:{_PREFIX}{label}(?:[ \t\*_]*[:\-]|\s+(?P<is>is)\b[ \t]*:?|[ \t\*_]*$)"
                          rf"|{_LEAD_IN}(?:the|my|our)\s+{_ADJ}{label}\s+(?P<lead_is>is)\b[ \t]*:?)(?P<rest>.*)", re.I)
@@ -379,6 +394,7 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         tail = rest[m.end():]
         if tail and unicodedata.category(tail[0]).startswith("M"):  # a combining mark: struck or slashed
             return None
+        hedge, offered = hedges(found)
         if hedge.match(tail) or offered.match(tail) or _CORRECTION.match(tail):
             return None
         if clash(tail, found) is not None:  # the letter says one option, the text another
