@@ -7,8 +7,9 @@ What each case proves:
   400 ``context_length_exceeded``;
 - errors: ``param`` names the offending field, malformed JSON names none, an image part says images are not
   supported by this model; tools on a template without a tool format is a 400 naming the model;
-- logprobs: chat ``top_logprobs`` and completions ``echo`` prompt log probabilities agree within 1e-4 with a
-  log-softmax of the same model's logits computed directly through ``runtime/logits.py``;
+- logprobs: chat ``top_logprobs`` of the first answer token and completions ``echo`` prompt log probabilities agree
+  within 1e-4 with a log-softmax of the same model's logits computed directly through ``runtime/logits.py``; later
+  answer tokens' agree within 1e-4 with rows computed one decode step at a time, as the sampler's were;
 - logit_bias: a token banned with -100 never appears in three sampled choices, though greedy picks it unbanned;
 - penalties: frequency/presence penalties change a greedy answer that repeats;
 - n: three choices at temperature 0.8 from one prefill (the batcher's computed prompt tokens grow by one prompt,
@@ -73,12 +74,18 @@ def smol(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def reference(smol):
-    """The same GGUF's logits computed directly (the project's one logits function), log-softmaxed per row."""
+def logits_run(smol):
+    """The same GGUF loaded through the project's one logits function (``runtime/logits.py``)."""
     from edgemed.runtime.logits import SequenceLogits
 
     with SequenceLogits(smol.path, N_CTX, threads=1) as run:
-        yield lambda tokens: [log_softmax(row) for row in run(tokens)]
+        yield run
+
+
+@pytest.fixture(scope="module")
+def reference(logits_run):
+    """The same GGUF's logits of a whole sequence computed directly, log-softmaxed per row."""
+    return lambda tokens: [log_softmax(row) for row in logits_run(tokens)]
 
 
 def metric(srv, name: str) -> float:
@@ -197,6 +204,25 @@ def test_chat_top_logprobs_agree_with_the_models_own_logits(smol, reference):
     assert [t.logprob for t in first.top_logprobs] == pytest.approx(want, abs=TOLERANCE)
     ids = smol.batcher.tokenize(first.token, add_special=False)
     assert first.logprob == pytest.approx(lp[ids[0]], abs=TOLERANCE) and bytes(first.bytes).decode() == first.token
+
+
+def test_later_answer_tokens_are_the_rows_the_sampler_read(smol, logits_run):
+    """From the second answer token on, a token's entry is the row of the decode step that fed the token before it
+    alone (the row the sampler read), not the row whole-sequence rescoring computes in a batch with the others:
+    docs/openai.md gives how far those two are apart (benchmarks/served_logprobs.py)."""
+    messages = [{"role": "user", "content": "Name two first-line treatments for anaphylaxis."}]
+    out = smol.client.chat.completions.create(model=SMOL, messages=messages, max_tokens=12, logprobs=True,
+                                              top_logprobs=3)
+    entries = out.choices[0].logprobs.content
+    ids = [smol.batcher.tokenize(e.token, add_special=False) for e in entries]
+    assert len(entries) == 12 and all(len(i) == 1 for i in ids), [e.token for e in entries]
+    prompt, ctx = chat_tokens(smol, messages), logits_run.ctx
+    ctx.clear()
+    rows = [ctx.eval(prompt, 0)[-1]] + [ctx.eval(t, len(prompt) + i)[-1] for i, t in enumerate(ids[:-1])]
+    for e, (token,), row in zip(entries, ids, rows):
+        lp = log_softmax(row)
+        assert e.logprob == pytest.approx(lp[token], abs=TOLERANCE), e.token
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(sorted(lp, reverse=True)[:3], abs=TOLERANCE)
 
 
 def test_completion_echo_gives_every_prompt_tokens_logprob(smol, reference):
