@@ -158,7 +158,7 @@ def test_a_served_context_too_large_names_the_per_slot_value_typed(tmp_path):
     from edgemed.runtime.session import prepare
 
     with pytest.raises(InputError, match=r"got 2457600 \(--ctx 614400 per slot x 4 slots\)"):
-        prepare(kit.tiny_gguf(tmp_path / "t.gguf"), "generic", n_ctx=614400 * 4, slots=4, prefix_cache=True)
+        prepare(kit.tiny_gguf(tmp_path / "t.gguf"), "generic", n_ctx=614400, slots=4, prefix_cache=True)  # per slot
 
 
 # -- bundle manifests, the tar head, inspect ------------------------------------------------------

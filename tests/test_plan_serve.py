@@ -74,7 +74,8 @@ def test_plan_serve_is_the_plan_serve_makes_with_its_default_slots(smollm2_gguf,
     (["--no-prefix-cache"], SERVE_SLOTS, None, False),
 ])
 def test_plan_takes_serves_options_as_serve_does(smollm2_gguf, small, args, slots, ctx_total, cache):
-    served = prepare(smollm2_gguf, small, n_ctx=ctx_total, prefix_cache=cache, slots=slots, batched=True).plan
+    per_slot = ctx_total // slots if ctx_total else None  # prepare takes --ctx per slot, as serve passes it
+    served = prepare(smollm2_gguf, small, n_ctx=per_slot, prefix_cache=cache, slots=slots, batched=True).plan
     planned = _plan(smollm2_gguf, "--profile", small, *args)
     _same(planned, served)
     assert planned["serve"]["slots"] == slots and planned["serve"]["prefix_cache"] is cache
@@ -106,3 +107,65 @@ def test_plan_serve_counts_the_adapters_serve_would_apply(smollm2_gguf, small):
     run = _plan(base, "--profile", small, "--adapter", str(lora))  # without --serve: `run --adapter`'s plan
     _same(run, prepare(base, small, adapters=[AdapterSpec(lora)]).plan)
     assert "serve" not in run
+
+
+def test_prepare_takes_the_context_per_slot_and_counts_the_slots(smollm2_gguf, small):
+    """``serve --ctx`` is per slot; serve multiplied it by the slots itself and handed ``prepare`` the total, while
+    ``plan --serve`` did the same sum on its own. ``plan_load`` is now the one place that multiplies: ``prepare`` and
+    ``plan_load`` take the context of each slot."""
+    two = prepare(smollm2_gguf, small, n_ctx=1024, prefix_cache=True, slots=2, batched=True)
+    assert two.plan.estimate.n_ctx == two.load.n_ctx == 2048
+    one = prepare(smollm2_gguf, small, n_ctx=1024)  # run's one slot: the context asked for
+    assert one.plan.estimate.n_ctx == one.load.n_ctx == 1024
+
+
+def test_serve_loads_the_context_plan_serve_plans(smollm2_gguf, small, monkeypatch, tmp_path):
+    """`edgemed serve --slots 2 --ctx 256` hands its batcher the load that `plan --serve` with the same options
+    plans: 2 x 256 tokens, one plan for both (stopped before anything loads)."""
+    from edgemed.errors import EdgemedError
+    from edgemed.runtime.batch import batcher as batcher_module
+
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    seen: dict = {}
+
+    class Stop(EdgemedError):
+        pass
+
+    def stop(path, load, **kwargs):
+        seen.update(load=load, **kwargs)
+        raise Stop("stopped before loading", "this is a test")
+
+    monkeypatch.setattr(batcher_module, "Batcher", stop)
+    args = ["--profile", small, "--slots", "2", "--ctx", "256"]
+    result = CliRunner().invoke(cli, ["serve", str(smollm2_gguf), "--port", "0", "--no-adapters", *args])
+    assert "stopped before loading" in result.output, result.output
+    planned = _plan(smollm2_gguf, *args)
+    assert seen["load"].n_ctx == planned["llama"]["n_ctx"] == planned["estimate"]["n_ctx"] == 2 * 256
+    assert seen["slots"] == planned["serve"]["slots"] == 2 and planned["serve"]["n_ctx_per_slot"] == 256
+    assert seen["prefix_cache_bytes"] == planned["estimate"]["prefix_cache"]
+
+
+def test_serve_refuses_contradicting_cache_options_before_it_opens_the_model(tmp_path, monkeypatch):
+    """The check is ``plan_load``'s; serve makes it first, so a model that is not there is not what it reports."""
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "absent.gguf"), "--port", "0", "--no-prefix-cache",
+                                      "--prefix-cache-mib", "64"])
+    assert result.exit_code == 1
+    assert "--no-prefix-cache and --prefix-cache-mib 64 contradict each other" in result.output
+
+
+def test_plan_takes_serves_options_without_loading_serve():
+    """`plan --serve`'s --slots, --ctx and adapters are declared in ``cli.serving`` with serve's: plan no longer
+    reads them (nor serve's private adapter parser) from the serve command."""
+    import subprocess
+    import sys
+
+    from edgemed.cli import serving
+    from edgemed.cli.plan import plan as plan_command
+
+    code = "import sys, edgemed.cli.plan; print('edgemed.cli.serve' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    for command in (plan_command, serve_command):
+        slots = next(p for p in command.params if p.name == "slots")
+        assert slots.type is serving.SLOTS and slots.default == serving.DEFAULT_SLOTS == SERVE_SLOTS
+    assert next(p for p in serve_command.params if p.name == "n_ctx").type is serving.CTX_PER_SLOT

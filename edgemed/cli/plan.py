@@ -9,13 +9,7 @@ import click
 from click.core import ParameterSource
 
 from edgemed.cli import json_flag
-
-
-def _serve_option(name: str) -> click.Parameter:
-    """``edgemed serve``'s option ``name``: ``plan --serve`` takes the values it takes, with its default."""
-    from edgemed.cli.serve import serve
-
-    return next(p for p in serve.params if p.name == name)
+from edgemed.cli.serving import CTX_PER_SLOT, DEFAULT_SLOTS, SLOTS
 
 
 @click.command()
@@ -32,7 +26,7 @@ def _serve_option(name: str) -> click.Parameter:
               "use n_ubatch_single where the profile sets one), the host RAM of its prompt-prefix cache (the profile's "
               "memory.prefix_cache_mib, reduced to what the budget leaves) and its LoRA adapters (default: every one "
               "found for MODEL, as serve).")
-@click.option("--slots", type=_serve_option("slots").type, default=_serve_option("slots").default, show_default=True,
+@click.option("--slots", type=SLOTS, default=DEFAULT_SLOTS, show_default=True,
               help="Plan for `edgemed serve --slots N` (implies --serve): the requests generated at once.")
 @click.option("--no-prefix-cache", is_flag=True, help="Plan for `edgemed serve --no-prefix-cache` (implies --serve): "
               "no prompt reuse, no host prefix cache.")
@@ -60,8 +54,7 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, slots, no_prefix
     serving = serving or given or no_prefix_cache or prefix_cache_mib is not None or no_adapters  # serve's options
     if serving and n_ctx is not None:  # per slot, as serve takes it, and refused where serve refuses it
         here_ctx = click.get_current_context()
-        _serve_option("n_ctx").type.convert(n_ctx, next(p for p in here_ctx.command.params if p.name == "n_ctx"),
-                                            here_ctx)
+        CTX_PER_SLOT.convert(n_ctx, next(p for p in here_ctx.command.params if p.name == "n_ctx"), here_ctx)
     budget = budget_from_mib(budget_mb) if budget_mb is not None else None
     prof, facts = resolve(profile, root)
     adapters = _adapters(model, adapter_args, no_adapters, serving)
@@ -69,10 +62,9 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, slots, no_prefix
     # the profile detected for this machine plans as `run` loads here: with the installed llama.cpp's offload, AMX
     # buffer and CPU features; a named profile plans for the device it describes (with the build meant for it)
     here = profile is None and Path(root).resolve() == Path("/")
-    p = plan_load(model, prof, facts, n_ctx=n_ctx * slots if n_ctx is not None and serving else n_ctx,
-                  adapters=list(adapters.values()), prefix_cache=serving and not no_prefix_cache,
-                  prefix_cache_mib=prefix_cache_mib, slots=slots, batched=serving, budget=budget, here=here)
     cache = serving and not no_prefix_cache
+    p = plan_load(model, prof, facts, n_ctx=n_ctx, adapters=list(adapters.values()), prefix_cache=cache,
+                  prefix_cache_mib=prefix_cache_mib, slots=slots, batched=serving, budget=budget, here=here)
     load = load_description(p.llama, p.estimate.repacked)
     served = {"serve": {"slots": slots, "n_ctx_per_slot": p.estimate.n_ctx // slots, "prefix_cache": cache,
                         "adapters": sorted(adapters)}} if serving else {}
@@ -125,9 +117,9 @@ def _adapters(model: Path, args, none: bool, serving: bool) -> dict:
 
     ref = runnable(str(model))
     if serving:
-        from edgemed.cli.serve import _adapters as served
+        from edgemed.cli.serving import adapters_to_serve
 
-        return served(ref, args, none)
+        return adapters_to_serve(ref, args, none)
     return {str(a): spec for a, spec in zip(args, adapter_specs(ref, list(args)))}
 
 

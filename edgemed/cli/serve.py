@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgemed.cli import json_flag
+from edgemed.cli.serving import CTX_PER_SLOT, DEFAULT_SLOTS, SLOTS, adapters_to_serve
 
 
 _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
@@ -62,7 +63,7 @@ def _stopping_server(uvicorn):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --api-key-file.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--slots", default=4, show_default=True, type=click.IntRange(1, 64),
+@click.option("--slots", default=DEFAULT_SLOTS, show_default=True, type=SLOTS,
               help="Requests generated at once (continuous batching).")
 @click.option("--queue", "queue_size", default=16, show_default=True, type=click.IntRange(0, 4096),
               help="Requests that may wait for a slot; beyond slots + queue the server answers 429 with Retry-After.")
@@ -83,7 +84,7 @@ def _stopping_server(uvicorn):
               "preamble, and each can tell from cached_tokens or timing whether another sent a prompt that starts "
               "the same way. A request's cache_salt narrows its scope further.")
 @click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`).")
-@click.option("--ctx", "n_ctx", type=click.IntRange(64), help="Context per request (prompt + answer), tokens. "
+@click.option("--ctx", "n_ctx", type=CTX_PER_SLOT, help="Context per request (prompt + answer), tokens. "
               "Default: the largest the memory budget allows, split over the slots.")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's).")
 @click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False),
@@ -148,6 +149,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
     from edgemed.formats.sniff import model_format
     from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable, with_digest
     from edgemed.runtime.plan import check_threads
+    from edgemed.runtime.session import check_prefix_cache
     from edgemed.serve.config import check_options
     from edgemed.serve.security import ApiKeys, bind_socket
 
@@ -155,9 +157,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
     from edgemed.phi import no_core_dumps
 
     no_core_dumps()  # a crash must not write prompts, answers or the prefix cache to a core file
-    if not prefix_cache and prefix_cache_mib:
-        raise InputError(f"--no-prefix-cache and --prefix-cache-mib {prefix_cache_mib} contradict each other.",
-                         "pass one of them (--no-prefix-cache turns all prompt reuse off)")
+    check_prefix_cache(prefix_cache, prefix_cache_mib)  # plan_load's own check, made before anything is opened
     keys = ApiKeys.from_file(api_key_file) if api_key_file else None
     admin_keys = ApiKeys.from_file(admin_key_file) if admin_key_file else None
     metrics_keys = ApiKeys.from_file(metrics_key_file) if metrics_key_file else None
@@ -191,8 +191,8 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
         _refuse_audit_path(Path(audit_log or env.home() / "audit" / f"{model_id}.jsonl"),
                            ref.path if ref.path is not None and ref.path.is_dir() else None)
         card = _card(ref)
-        served_adapters = _adapters(ref, adapter_args, no_adapters)  # name -> AdapterSpec, checked before any load
-        prepared = prepare(path, profile, n_ctx=n_ctx * slots if n_ctx else None, threads=threads,
+        served_adapters = adapters_to_serve(ref, adapter_args, no_adapters)  # name -> AdapterSpec, checked before any load
+        prepared = prepare(path, profile, n_ctx=n_ctx, threads=threads,  # n_ctx per slot: prepare counts the slots
                            prefix_cache=prefix_cache, prefix_cache_mib=prefix_cache_mib, slots=slots, batched=True,
                            **({"adapters": list(served_adapters.values())} if served_adapters else {}))
         if prepared.plan is None:
@@ -324,43 +324,6 @@ def _memory_line(plan, batcher) -> str:
     adapters = f", adapters {e.adapters / MIB:.0f}" if e.adapters else ""
     return (f"memory plan: {e.total / MIB:.0f} of {plan.budget / MIB:.0f} MiB (weights {e.weights / MIB:.0f}, KV "
             f"{e.kv_cache / MIB:.0f}, compute {e.compute / MIB:.0f}{adapters}); {cache}")
-
-
-def _adapters(ref, args, none: bool) -> dict:
-    """The LoRA adapters to serve, name -> ``loader.AdapterSpec``: ``--adapter`` NAME|FILE[:SCALE] (a file is named
-    after itself, less .lora.gguf), else every adapter ``packaging.ref`` finds for the model (``--no-adapters``: none)."""
-    from edgemed.errors import InputError
-    from edgemed.packaging.ref import adapter_specs, adapters
-
-    if none:
-        if args:
-            raise InputError("--no-adapters and --adapter contradict each other.", "pass one of them")
-        return {}
-    if not args:
-        args = sorted(adapters(ref))
-    specs = adapter_specs(ref, list(args))
-    named: dict = {}
-    for text, spec in zip(map(str, args), specs):
-        head, sep, tail = text.rpartition(":")
-        bare = head if sep and head and _is_number(tail) else text  # the argument less its :SCALE
-        if "/" in bare or Path(bare).exists():  # a file: named after itself, less the adapter suffixes
-            name = spec.path.name
-            for suffix in (".gguf", ".lora"):
-                name = name[:-len(suffix)] if name.endswith(suffix) else name
-        else:
-            name = bare
-        if name in named:
-            raise InputError(f"Two adapters would be served as '{name}'.", "rename one of the files, or pass each once")
-        named[name] = spec
-    return named
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _card(ref) -> dict:

@@ -53,7 +53,8 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
     LoRA adapter files (or ``loader.AdapterSpec``) that will be applied, counted by the plan. ``prefix_cache``
     (``edgemed serve``): the plan also counts a host-RAM prefix cache of ``prefix_cache_mib`` MiB (None: the
     profile's, reduced to what fits; see ``plan.make_plan``); ``plan.estimate.prefix_cache`` is its size. ``slots``:
-    the sequences that will share the context, each with its own KV stream (its share is padded apart).
+    the sequences that will share the context, each with its own KV stream (its share is padded apart); ``n_ctx``
+    is the context of each (``serve --ctx``: per slot), so the load's context is ``n_ctx`` x ``slots``.
     ``batched``: the settings of ``edgemed serve``'s batcher, else those of the one-sequence engine (``run``,
     ``chat``: ``plan.for_engine``)."""
     from edgemed.runtime.plan import GPU_MEMORY_NOTE, check_threads
@@ -87,20 +88,31 @@ def plan_load(model: Path, profile, facts, *, n_ctx: int | None = None, adapters
     """The memory plan of a GGUF load, ``make_plan``'s arguments built in this one place for ``prepare`` (``run``,
     ``chat``, ``serve``) and ``edgemed plan``, so a plan cannot describe another load than the one made.
 
-    ``n_ctx``: the context of all ``slots`` together (``serve --ctx`` is per slot: times ``slots``); ``prefix_cache``
-    and ``prefix_cache_mib``: ``serve --prefix-cache/--no-prefix-cache`` and ``--prefix-cache-mib``; ``batched``:
+    ``n_ctx``: the context of each of the ``slots`` (``serve --ctx``, per slot; ``run --ctx`` with its one slot):
+    the load's context is ``n_ctx`` x ``slots``, multiplied here and nowhere else (``make_plan`` takes the whole
+    context, and names the per-slot value a refusal of it). ``prefix_cache`` and ``prefix_cache_mib``: ``serve
+    --prefix-cache/--no-prefix-cache`` and ``--prefix-cache-mib`` (``check_prefix_cache``); ``batched``:
     ``serve``'s batcher. ``here``: the model loads on the machine ``facts`` describe, with the llama.cpp installed here
     (``plan.installed_build``); not ``here``: a plan for the device ``profile`` describes, with the build meant for it
     (``edgemed plan --profile``). ``budget``: bytes instead of the profile's (``plan --budget-mb``)."""
-    from edgemed.errors import InputError
     from edgemed.runtime.plan import installed_build, prefix_cache_request
 
+    check_prefix_cache(prefix_cache, prefix_cache_mib)
+    cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (n_ctx, slots))
+    total = n_ctx * slots if whole else n_ctx  # not whole numbers: to make_plan as given, which refuses them by name
+    return make_plan(model, profile, facts, requested_ctx=total, budget=budget, adapters=adapters, prefix_cache=cache,
+                     n_seq=slots, here=here, batched=batched, **(installed_build() if here else {}))
+
+
+def check_prefix_cache(prefix_cache: bool, prefix_cache_mib: int | None) -> None:
+    """Refuses ``--no-prefix-cache`` with a ``--prefix-cache-mib`` above 0: ``plan_load`` checks it, and ``edgemed
+    serve`` calls it first, before it opens anything (a port, a bundle)."""
     if not prefix_cache and prefix_cache_mib:
+        from edgemed.errors import InputError
+
         raise InputError(f"--no-prefix-cache and --prefix-cache-mib {prefix_cache_mib} contradict each other.",
                          "pass one of them (--no-prefix-cache turns all prompt reuse off)")
-    cache = prefix_cache_request(profile, prefix_cache_mib) if prefix_cache else None
-    return make_plan(model, profile, facts, requested_ctx=n_ctx, budget=budget, adapters=adapters, prefix_cache=cache,
-                     n_seq=slots, here=here, batched=batched, **(installed_build() if here else {}))
 
 
 def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
