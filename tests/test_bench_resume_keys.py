@@ -221,3 +221,65 @@ def test_only_the_draw_size_is_no_difference_in_accuracy_settings(gguf, tmp_path
     monkeypatch.setattr(report, "render", lambda *a, **k: None)
     results = report.build(out, [f16, q4], Settings(profile="x86-avx2"), kept, {}, {}, [], measured=set())
     assert (results["eval_settings_differ"] is not None) == differs
+
+
+# -- the scoring rules' version ----------------------------------------------------------------------------
+def test_records_of_an_earlier_scoring_version_are_not_resumed(tmp_path):
+    """Version 9 changed what a reply scores (a hedge a few words on is no answer) and what a model without a system
+    role is asked (the system text folded in): records of version 8 resumed, and the phase appended new-rule records
+    beside old-rule ones."""
+    plain = _file(tmp_path / "a" / "q4_k_m.gguf", b"GGUF" + b"\3" * 60)
+    settings = Settings(profile="x86-avx2", evals=("medqa.jsonl",), eval_score="both")
+    task, = runner.plan_tasks(tmp_path / "out", [Config("q4_k_m", "gguf", str(plain))], ["accuracy"], settings)
+    items = [Item("medqa:0", "medqa", "q", {"A": "x", "B": "y"}, "A")]
+    records = tmp_path / "records.jsonl"
+    _records(records, plain, items, key=beyond_settings(task.key), score="both")
+    assert accuracy.records_resume(records, task.key, settings)  # the same rules: resumed
+    _records(records, plain, items, key=beyond_settings(task.key), score="both", version=8)
+    assert accuracy.RECORDS_VERSION >= 9 and not accuracy.records_resume(records, task.key, settings)
+
+
+def test_an_accuracy_result_of_earlier_scoring_rules_is_measured_again_and_its_timing_kept(gguf, tmp_path, monkeypatch):
+    """A stored accuracy result kept its key across a change of the scoring rules, and was reported beside new ones:
+    the accuracy key holds the records version; a timing result, which those rules do not touch, is kept."""
+    out, config = tmp_path / "out", Config("q4_k_m", "gguf", str(gguf))
+    settings = Settings(profile="x86-avx2", evals=("medqa.jsonl",))
+    planned = runner.plan_tasks(out, [config], ["timing", "accuracy"], settings)
+    timing, acc = sorted(planned, key=lambda t: t.phase != "timing")
+    assert acc.key["records_version"] == accuracy.RECORDS_VERSION and "records_version" not in timing.key
+    for task in planned:
+        _file(task.raw, json.dumps(_raw(task, settings)).encode())
+
+    monkeypatch.setattr(runner, "RECORDS_VERSION", accuracy.RECORDS_VERSION + 1)  # the rules change again
+    again = {t.phase: t for t in runner.plan_tasks(out, [config], ["timing", "accuracy"], settings)}
+    assert runner.load_raw(again["accuracy"].raw, again["accuracy"].key) is None  # measured again
+    assert runner.load_raw(again["timing"].raw, again["timing"].key) is not None  # kept
+    timing_only = runner.plan_tasks(out, [config], ["timing"], settings)
+    assert runner.earlier_results(out, [config], settings, timing_only) == []  # not reported beside new ones
+
+
+PINNED = {"mcq": Item("medqa:pin", "medqa", "Which vitamin deficiency causes scurvy?",
+                      {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}, "C"),
+          "pubmedqa": Item("pubmedqa:pin", "pubmedqa", "Does the drug lower mortality?",
+                           {"A": "yes", "B": "no", "C": "maybe"}, "A", context="A trial of 900 patients.")}
+
+
+def test_the_scoring_rules_pinned_beside_the_records_version_still_hold():
+    """What the contract reads from a few replies, as the harness parses a generated answer (``score_item``): a
+    change to it without a new RECORDS_VERSION resumes records scored by the old rules beside new ones."""
+    from edgemed.templates import get_template
+
+    version, table = accuracy.RECORDS_PARSES
+    assert version == accuracy.RECORDS_VERSION, (
+        f"RECORDS_VERSION is {accuracy.RECORDS_VERSION} but RECORDS_PARSES pins the verdicts of version {version}: "
+        "check each verdict under the new rules and write the new version into RECORDS_PARSES")
+    changed = []
+    for name, reply, verdict in table:
+        tpl = get_template(name)
+        parsed = tpl.parse(reply, accuracy.template_inputs(tpl, PINNED[name]))
+        if (parsed.value if parsed.ok else None) != verdict:
+            changed.append(f"{name} {reply!r}: {verdict!r} -> {parsed.value if parsed.ok else None!r}")
+    assert not changed, (
+        "the contract now reads these replies otherwise, so records written before score by other rules: raise "
+        f"RECORDS_VERSION to {version + 1} (benchmarks/harness/accuracy.py, with a line saying what changed) and update "
+        "RECORDS_PARSES (its version and these verdicts):\n" + "\n".join(changed))

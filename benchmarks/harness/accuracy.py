@@ -69,14 +69,40 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 8  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
+RECORDS_VERSION = 9  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
 # 4: it stops at the labelled answer line only, and a hedge ("Answer: A or B") or "Answer: a patient" is no answer;
 # 5: an answer is read only from a line that starts with the label; lines that disagree, or a choice only
 # inferred, are no answer; 6: a LaTeX box ("\boxed{C}") is an answer line, and "Answer: Yes, no adverse events ..."
 # is yes (a choice word running on into prose after a comma is prose, not a hedge); 7: the meta names the artifact's
 # sha256 (two files of one name and size were taken for one) and, under the bench runner, the result's key; 8: a chat
 # template that opens a thought (R1 distills) has it closed before the cue and the answer, and a reply cut at
-# max_gen_tokens is no answer (records carry ``thinks``)
+# max_gen_tokens is no answer (records carry ``thinks``); 9: a hedge that offers a second option a few words after the
+# answer ("Answer: C (or option D)", "C, but possibly D", "C|D") is no answer, the answer named again ("C (Vitamin C),
+# or option C") is none, and a model whose chat template takes no system role is asked with the system text folded
+# into the user message (``fold_system``): its prompt, and so its logits, changed too
+#: A few replies and what the contract reads from each (the choice; None: no answer) under ``RECORDS_VERSION``, which
+#: ``RECORDS_PARSES[0]`` names. tests/test_bench_resume_keys.py parses them again: a verdict that changed means records
+#: written before would be resumed beside ones scored by other rules, so raise RECORDS_VERSION with the change and
+#: write the new verdicts (and the new version) here.
+RECORDS_PARSES = (9, (
+    ("mcq", "Answer: C", "C"),
+    ("mcq", "**Answer:** (C) Vitamin C", "C"),
+    ("mcq", "Answer: C (or possibly D)", None),
+    ("mcq", "Answer: C (or option D)", None),
+    ("mcq", "Answer: C, but possibly D", None),
+    ("mcq", "Answer: C|D", None),
+    ("mcq", "Answer: C (Vitamin C), or option C", "C"),
+    ("mcq", "Answer: C (Vitamin C) / A and B are wrong", "C"),
+    ("mcq", "Answer: C, or a mild variant of it", "C"),
+    ("mcq", "Answer: A\n\nAnswer: C", None),
+    ("mcq", "Scurvy is vitamin C deficiency.\n\n$\\boxed{C}$", "C"),
+    ("mcq", "<think>Answer: A</think>\n\nAnswer: C", "C"),
+    ("pubmedqa", "Answer: yes", "yes"),
+    ("pubmedqa", "Answer: Yes, no adverse events were seen.", "yes"),
+    ("pubmedqa", "Answer: yes (hazard ratio 0.7, 95% CI 0.6-0.9), probably yes", "yes"),
+    ("pubmedqa", "Answer: yes (the data suggest so) / no harm seen", "yes"),
+    ("pubmedqa", "Answer: yes, probably no", None),
+))
 #: what is scored per item: the letter logits alone, or the logits and a parsed greedy answer
 SCORES = ("logits", "both")
 

@@ -3,12 +3,13 @@
 ``<out>/raw/<config>-<phase>.json`` is the unit of work. Each carries its key (``task_key``) —
 model digest, device profile and a digest of its settings, edgemed version, the harness's methods version
 (``METHODS_VERSION``), the runtime's installed versions and, for llama.cpp, the digest of its native libraries
-(a rebuild with another compiler keeps the version and changes the speed), and a digest of the settings that
-phase depends on. A file whose key matches is kept (the run resumes where it stopped); a missing, unreadable or
-stale one is measured again, and report.md says of each result whether this run measured it or kept it from an
-earlier one (with its date). Children write atomically, so a killed run leaves complete files or none. The accuracy
-phase also resumes inside a configuration: its per-item records file is appended as it goes, and is started afresh
-when its first line names another artifact (sha256) or key (``accuracy.records_resume``).
+(a rebuild with another compiler keeps the version and changes the speed), a digest of the settings that
+phase depends on and, for accuracy, the rules an item is asked and scored by (``accuracy.RECORDS_VERSION``). A file
+whose key matches is kept (the run resumes where it stopped); a missing, unreadable or stale one is measured again,
+and report.md says of each result whether this run measured it or kept it from an earlier one (with its date).
+Children write atomically, so a killed run leaves complete files or none. The accuracy phase also resumes inside a
+configuration: its per-item records file is appended as it goes, and is started afresh when its first line names
+another artifact (sha256), key or records version (``accuracy.records_resume``).
 
 A phase this run does not measure (left out of ``--phases``) keeps its earlier results in the report when they are
 of the same artifacts, runtime and profile (``earlier_results``). A ``<quant>-mmap`` configuration (the same file,
@@ -38,7 +39,7 @@ from edgemed import __version__
 from edgemed.errors import OutputExists
 from edgemed.files.atomic import check_destination, inside, refuse_store, write_text
 from edgemed.packaging.manifest import MANIFEST
-from edgemed.benchmarks.harness.accuracy import private_replies, records_resume
+from edgemed.benchmarks.harness.accuracy import RECORDS_VERSION, private_replies, records_resume
 from edgemed.benchmarks.harness.artifacts import model_digest
 from edgemed.benchmarks.harness.child import load_raw, publish_raw
 from edgemed.benchmarks.harness.configs import KINDS, PHASES, REFERENCE, Config, Settings, beyond_settings
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 MACHINE = "machine.json"
 #: How the harness measures (the timing loop, the memory reading, the divergence and accuracy rules): part of every
 #: result's key. Raise it with a change to that code that makes an earlier result incomparable, and the next run
-#: measures everything again instead of resuming.
+#: measures everything again instead of resuming. A change to how an accuracy item is asked or scored raises
+#: ``accuracy.RECORDS_VERSION`` instead, which only an accuracy result's key holds: its timings stay.
 METHODS_VERSION = 1
 
 
@@ -124,6 +126,8 @@ def task_key(config: Config, phase: str, settings: Settings, configs: list[Confi
         key["reference_sha256"] = digests[reference.path]
         key["reference_runtime"] = runtime_identity(reference.kind)  # the logits compared against come from it
         key["reference_top_k"] = TOP_K
+    if phase == "accuracy":  # how an item is asked and its reply read: new rules, new scores (timings are kept)
+        key["records_version"] = RECORDS_VERSION
     return key
 
 
