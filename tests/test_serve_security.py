@@ -537,7 +537,11 @@ def test_body_size_token_limit_and_host_check(model, tmp_path):
         assert chunked.status_code == 413
         r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": "Aspirin", "max_tokens": 100})
         assert r.status_code == 400 and r.json()["error"]["code"] == "max_tokens_too_large"
-        assert "32" in r.json()["error"]["message"]
+        assert "32" in r.json()["error"]["message"] and r.json()["error"]["param"] == "max_tokens"
+        r = httpx.post(srv.url + "/v1/chat/completions", json={  # the field the client sent is the one named
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 33})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+        assert r.json()["error"]["message"].startswith("max_completion_tokens 33 is above")
         r = httpx.get(srv.url + "/v1/models", headers={"Host": "attacker.example:8080"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
         r = httpx.get(f"http://localhost:{srv.port}/v1/models")
@@ -742,3 +746,14 @@ def test_serve_options_are_refused_before_the_audit_log_is_made(tmp_path):
         r = CliRunner().invoke(cli, ["serve", str(tmp_path / "absent.gguf"), "--audit-log", str(log), *args])
         assert r.exit_code == 1 and said in r.output, (args, r.output)
         assert not log.exists() and "does not exist" not in r.output, args
+
+
+def test_a_busy_grammar_probe_says_the_seconds_its_header_says():
+    """The grammar probe's 429 message rounded the wait to the nearest second while Retry-After rounds it up: a
+    client told 'retry in 2 s' by the message was sent 3 by the header (waiting 2 would be turned away again)."""
+    from edgemed.errors import retry_seconds
+    from edgemed.runtime.grammar_probe import ProbeBusy
+
+    for wait in (2.4, 2.5, 0.2, 7.0):
+        busy = ProbeBusy(wait)
+        assert f"retry in {retry_seconds(wait)} s" in busy.fix, (wait, busy.fix)

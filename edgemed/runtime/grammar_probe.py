@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgemed.errors import Closed, EdgemedError, InputError, Overloaded
+from edgemed.errors import Closed, EdgemedError, InputError, Overloaded, retry_seconds
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ProbeBusy(Overloaded):
 
     def __init__(self, retry_after: float):
         EdgemedError.__init__(self, "Another request's grammar is being checked, and this one is new to the server.",
-                              f"retry in {retry_after:.0f} s")
+                              f"retry in {retry_seconds(retry_after)} s")
         self.retry_after = retry_after
 
 

@@ -93,8 +93,9 @@ def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
     asked = body.requested_max_tokens()
     limit = config.max_tokens_limit
     if asked is not None and limit is not None and asked > limit:
-        raise ApiError(400, f"max_tokens {asked} is above this server's limit of {limit}. Fix: ask for "
-                            f"{limit} or fewer.", param="max_tokens", code="max_tokens_too_large")
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(400, f"{field} {asked} is above this server's limit of {limit}. Fix: ask for "
+                            f"{limit} or fewer.", param=field, code="max_tokens_too_large")
     max_tokens = min(asked or min(config.default_max_tokens, limit or config.default_max_tokens), room)
     return GenerationSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
