@@ -352,6 +352,33 @@ def test_a_reserve_that_leaves_too_little_puts_room_before_a_smaller_quant(smoll
     assert make_plan(smollm2_gguf, get_profile("x86-avx2"), detect(roomy)).fits
 
 
+def test_detect_says_why_a_container_leaves_no_budget(tmp_path):
+    """`devices detect` in a 2 GiB container printed "memory budget for a model: 0.0 GB" and nothing else: the budget
+    line is followed by the reserve that empties it and the fixes that make room (its JSON carries them too). A budget
+    that shows as more than 0.0 GB gets no note."""
+    import json
+
+    root = _container(tmp_path, 2 * GIB)
+    result = CliRunner().invoke(cli, ["devices", "detect", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    at = next(i for i, line in enumerate(lines) if "memory budget for a model: 0.0 GB" in line)
+    assert lines[at + 1] == ("  memory.reserve_gb 2.0 GiB (kept for the OS and the software beside the model) of the "
+                             "2.0 GiB this machine may use (its container limit) leaves nothing for a model.")
+    assert lines[at + 2].startswith("  Fix: give the model room: a higher container memory limit")
+    assert "smaller memory.reserve_gb" in lines[at + 2] and "--budget-mb" in lines[at + 2]
+    data = json.loads(CliRunner().invoke(cli, ["devices", "detect", "--root", str(root), "--json"]).output)
+    assert data["budget_bytes"] == 0 and "leaves nothing for a model" in data["budget_note"]["problem"]
+    assert data["budget_note"]["fix"].startswith("give the model room")
+    little = _container(tmp_path / "little", 2 * GIB + 30 * (1 << 20))  # 0.03 GB left: shown as 0.0 GB
+    assert "leaves 30 MiB for a model." in CliRunner().invoke(cli, ["devices", "detect", "--root", str(little)]).output
+    roomy = _container(tmp_path / "roomy", 4 * GIB)
+    shown = CliRunner().invoke(cli, ["devices", "detect", "--root", str(roomy)])
+    assert "memory budget for a model: 2.1 GB" in shown.output and "reserve_gb" not in shown.output, shown.output
+    assert json.loads(CliRunner().invoke(cli, ["devices", "detect", "--root", str(roomy), "--json"]).output)[
+        "budget_note"] is None
+
+
 def test_this_machine_is_detected():
     facts = detect("/")
     profile = choose(facts)

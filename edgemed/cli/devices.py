@@ -25,18 +25,23 @@ def detect(root: Path, as_json: bool) -> None:
 
     facts = detect_facts(root)
     profile = choose(facts)
+    budget = profile.budget_bytes(facts)
+    # a budget shown as 0.0 GB says why where the OS reserve is the cause (a small container), with the fixes
+    note, fix = profile.reserve_note(facts) if budget < 0.05e9 else ("", "")
     if as_json:
         click.echo(json.dumps({"profile": profile.name, "platform": facts.platform, "model": facts.model,
                                "physical_cores": facts.physical_cores, "logical_cores": facts.logical_cores,
                                "performance_cores": facts.performance_cores, "memory_bytes": facts.memory_bytes,
                                "memory_limit_bytes": facts.memory_limit_bytes, "cpu_limit": facts.cpu_limit,
-                               "usable_cores": facts.usable_cores,
-                               "budget_bytes": profile.budget_bytes(facts), "details": facts.details}, indent=2))
+                               "usable_cores": facts.usable_cores, "budget_bytes": budget,
+                               "budget_note": {"problem": note, "fix": fix} if note else None,
+                               "details": facts.details}, indent=2))
         return
     click.echo(f"{profile.name} ({facts.summary()})")
     click.echo(f"  {facts.model}")
-    click.echo(f"  memory budget for a model: {profile.budget_bytes(facts) / 1e9:.1f} GB; "
-               f"recommended quant: {profile.recommended_quant}")
+    click.echo(f"  memory budget for a model: {budget / 1e9:.1f} GB; recommended quant: {profile.recommended_quant}")
+    if note:
+        click.echo(f"  {note}.\n  Fix: {fix}.")
 
 
 @devices.command(name="list")
