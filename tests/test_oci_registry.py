@@ -224,6 +224,54 @@ def test_a_tar_bundle_is_pushed_as_the_same_files(registry, tmp_path, edgemed_ho
     assert json.loads((edgemed_home / "store" / "models" / "tiny" / "manifest.json").read_bytes()) == man.to_dict()
 
 
+def _with_card_version(tmp: Path, written: str, value, key: Path) -> Path:
+    """The tiny bundle with ``written`` as its card.toml's version line and ``value`` as its manifest's card version,
+    signed by ``key``: as ``pack`` made it before it refused a version that is not text (1.10 unquoted: 1.1)."""
+    from edgemed.packaging import signing
+    from edgemed.packaging.manifest import FileEntry, Manifest
+
+    src = bundle_kit.inputs(tmp / "src")
+    src["card"].write_text(bundle_kit.CARD + 'version = "1.0"\n')
+    bundle = _pack_dir(src, tmp / "b", "tiny")
+    man = Manifest.from_bytes((bundle / "manifest.json").read_bytes())
+    text = (bundle / "card.toml").read_text().replace('version = "1.0"', written).encode()
+    card = next(f for f in man.files if f.role == "card")
+    (bundle / card.path).write_bytes(text)
+    man.files = [FileEntry(f.path, len(text), hashlib.sha256(text).hexdigest(), f.role) if f is card else f
+                 for f in man.files]
+    man.card = {**man.card, "version": value}
+    data = man.to_bytes()
+    (bundle / "manifest.json").write_bytes(data)
+    sig = signing.sign(man, data, signing.load_private_key(key))
+    (bundle / sig.file).write_bytes(sig.data)
+    return bundle
+
+
+LONG_VERSION = "1.0+" + "build." * 60  # 364 characters: the store's index, and `edgemed list`, keep 256
+
+
+@pytest.mark.parametrize("written, value, listed, in_registry", [
+    ("version = 1.10", 1.1, "1.1", None),  # a number is not the release its maker wrote: the registry leaves it out
+    (f'version = "{LONG_VERSION}"', LONG_VERSION, LONG_VERSION[:256], LONG_VERSION[:256]),
+])
+def test_the_registry_config_gives_the_version_list_shows_where_the_card_gives_text(
+        registry, tmp_path, edgemed_home, maker_key, written, value, listed, in_registry):
+    """The ModelPack config's descriptor.version is read by ``release_order.card_version``, the one reading of a
+    card's version (the store's index, `edgemed list`, release order), where the card gives it as text; a card
+    version that is a number (a bundle packed before pack refused them) is left out of it."""
+    import requests
+
+    bundle = _with_card_version(tmp_path, written, value, maker_key[0])
+    repo = f"clinic/version-{type(value).__name__}"
+    _cli("push", bundle, registry.ref(f"{repo}:v1"))
+    doc = requests.get(f"http://{registry.host}/v2/{repo}/manifests/v1",
+                       headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, timeout=10).json()
+    config = requests.get(f"http://{registry.host}/v2/{repo}/blobs/{doc['config']['digest']}", timeout=10).json()
+    assert config["descriptor"]["name"] == "tiny" and config["descriptor"].get("version") == in_registry
+    _cli("pull", registry.ref(f"{repo}:v1"))
+    assert [r["version"] for r in json.loads(_cli("list", "--json"))] == [listed]
+
+
 def test_a_damaged_bundle_is_not_pushed(registry, tmp_path, maker_key):
     import requests
 

@@ -48,6 +48,7 @@ from edgemed.packaging.manifest import (
     folded,
     max_signature_bytes,
 )
+from edgemed.packaging.release_order import card_version
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +488,11 @@ def precision(quant: str | None) -> str | None:
 def model_config(man: Manifest, layer_digests: list[str]) -> dict:
     """The ModelPack config JSON for a bundle manifest."""
     m, card = man.model, man.card
-    descriptor = {"name": man.name, "createdAt": man.created or None, "version": _text(card.get("version")),
+    # the version `edgemed list` shows (release_order's one reading), where the card gives it as text: a number is a
+    # bundle packed before pack refused them (version = 1.10 unquoted, read as 1.1), so its words ("1.1") are not
+    # the release its maker wrote, and ModelPack's descriptor.version is text; it is left out
+    version = card_version(man) if isinstance(card.get("version"), str) else None
+    descriptor = {"name": man.name, "createdAt": man.created or None, "version": version,
                   "title": _text(card.get("model_name")), "vendor": _text(card.get("developer")), "family": _text(m.get("arch")),
                   "description": _text(card.get("summary"))}
     config = {"format": m.get("format"), "paramSize": param_size(m.get("params")), "precision": precision(m.get("quant")),
