@@ -477,6 +477,40 @@ def test_a_clear_answer_with_an_aside_is_no_hedge(reply, expected):
 
 
 @pytest.mark.parametrize("reply, expected", [
+    # with a blank beside "/" or "|", an option that opens prose or labels a list is no second choice, aside or not
+    ("Answer: C / A and B are wrong", "C"),
+    ("Answer: C | A and B are wrong", "C"),
+    ("Answer: C / A: night blindness, B: anemia", "C"),
+    # ... but one alone, one a hedge word follows, or one under a condition is
+    ("Answer: C / D", None),
+    ("Answer: C / d", None),
+    ("Answer: C / D possibly", None),
+    ("Answer: C / D in pregnancy", None),
+    ("Answer: C (Vitamin C) / D in pregnancy", None),
+    ("Answer: C (Vitamin C) | D if pregnant", None),
+    # written tight, "/" and "|" join two choices whatever follows
+    ("Answer: C/D: both fit", None),
+    ("Answer: C|D: both fit", None),
+    ("Answer: C/D and more", None),
+])
+def test_an_option_after_a_spaced_slash_must_stand_alone(reply, expected):
+    """'Answer: C / A and B are wrong' was no answer (the hedge rule took any option after "/"), though with an aside
+    before the "/" it was C; "C|D: both fit" and "C (Vitamin C) / D in pregnancy" were C."""
+    assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Answer: yes / no harm was seen", "yes"),
+    ("Answer: yes / no", None),
+    ("Answer: yes / no in children", None),
+    ("Answer: yes (x) / no depending on the dose", None),
+    ("Answer: yes/no harm seen", None),
+])
+def test_a_yes_after_a_spaced_slash_reads_the_word_after_it(reply, expected):
+    assert _pubmedqa(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
     ("Answer: yes (hazard ratio 0.7, 95% CI 0.6-0.9), probably yes", "yes"),
     ("Answer: yes (the data suggest so) / no harm seen", "yes"),
     ("Answer: yes (yes)", "yes"),

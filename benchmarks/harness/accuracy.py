@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 9  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
+RECORDS_VERSION = 10  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
 # 4: it stops at the labelled answer line only, and a hedge ("Answer: A or B") or "Answer: a patient" is no answer;
 # 5: an answer is read only from a line that starts with the label; lines that disagree, or a choice only
 # inferred, are no answer; 6: a LaTeX box ("\boxed{C}") is an answer line, and "Answer: Yes, no adverse events ..."
@@ -79,12 +79,14 @@ RECORDS_VERSION = 9  # 2: generation stops after the first parsed answer line; 3
 # max_gen_tokens is no answer (records carry ``thinks``); 9: a hedge that offers a second option a few words after the
 # answer ("Answer: C (or option D)", "C, but possibly D", "C|D") is no answer, the answer named again ("C (Vitamin C),
 # or option C") is none, and a model whose chat template takes no system role is asked with the system text folded
-# into the user message (``fold_system``): its prompt, and so its logits, changed too
+# into the user message (``fold_system``): its prompt, and so its logits, changed too; 10: with a blank beside "/" or
+# "|", the option after it must stand alone to be a second choice ("Answer: C / A and B are wrong" is C), written
+# tight it always is one ("C|D: both fit" was C), and one under a condition after it is ("C (...) / D in pregnancy")
 #: A few replies and what the contract reads from each (the choice; None: no answer) under ``RECORDS_VERSION``, which
 #: ``RECORDS_PARSES[0]`` names. tests/test_bench_resume_keys.py parses them again: a verdict that changed means records
 #: written before would be resumed beside ones scored by other rules, so raise RECORDS_VERSION with the change and
 #: write the new verdicts (and the new version) here.
-RECORDS_PARSES = (9, (
+RECORDS_PARSES = (10, (
     ("mcq", "Answer: C", "C"),
     ("mcq", "**Answer:** (C) Vitamin C", "C"),
     ("mcq", "Answer: C (or possibly D)", None),
@@ -93,6 +95,9 @@ RECORDS_PARSES = (9, (
     ("mcq", "Answer: C|D", None),
     ("mcq", "Answer: C (Vitamin C), or option C", "C"),
     ("mcq", "Answer: C (Vitamin C) / A and B are wrong", "C"),
+    ("mcq", "Answer: C / A and B are wrong", "C"),
+    ("mcq", "Answer: C|D: both fit", None),
+    ("mcq", "Answer: C (Vitamin C) / D in pregnancy", None),
     ("mcq", "Answer: C, or a mild variant of it", "C"),
     ("mcq", "Answer: A\n\nAnswer: C", None),
     ("mcq", "Scurvy is vitamin C deficiency.\n\n$\\boxed{C}$", "C"),

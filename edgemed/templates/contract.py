@@ -278,9 +278,10 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     filler = r"(?:or|possibly|maybe|perhaps|probably|also|else|even|likely|option|choice|answer)\b"
     # after "/", "|" or "either", a choice stands alone: no label of a list ("C (Vitamin C) | A: night blindness, B:
     # ...") and no subject of prose ("C (Vitamin C) / A and B are wrong", "Either A or B would be incorrect", "yes
-    # (...) / no harm seen"), as ``worded`` reads a lower-case letter; "C | D possibly" still offers D
+    # (...) / no harm seen"), as ``worded`` reads a lower-case letter; "C | D possibly" and "C / D in pregnancy" (a
+    # condition, as ``_ALTERNATIVE`` reads one) still offer D
     apart = r"(?:either\b|[/|])"
-    alone = r"(?![ \t]*:|[ \t]+(?!(?:possibly|maybe|perhaps|probably)\b)[^\W\d_])"
+    standing = rf"(?![ \t]*:|[ \t]+(?!(?:possibly|maybe|perhaps|probably)\b|{_COND})[^\W\d_])"
 
     def hedges(found: str) -> tuple[re.Pattern, re.Pattern]:
         """``hedge`` and ``offered`` for the answer ``found``: each looks for a choice other than it offered beside it.
@@ -290,10 +291,16 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe
         # yes", "C -> D". After "or", ",", "/" and the like, letters are read in their case, as ``offered`` reads them:
         # "C, or a mild variant of it" holds the article, not option A. A lower-case letter no word follows is still a
-        # choice ("C, or d", "c/d"). The answer itself may stand among the words before the other: "C (either C or D)"
+        # choice ("C, or d", "c/d"). The answer itself may stand among the words before the other: "C (either C or D)".
+        # A "/" or "|" written tight joins two choices whatever follows ("C/D", "yes/no depending on the dose", "C/D:
+        # both fit"); with a blank beside it, the choice after it stands alone, as ``offered`` reads it: "C / A and B
+        # are wrong" is prose, "C / D" and "C / d" are hedges
         worded = rf"(?-i:{others})|(?:{others})(?![ \t]+[^\W\d_])" if upper else others
-        hedge = re.compile(rf"{_SEP}(?:{prose_no}[,/&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
-                           rf"(?:{_SEP_LIST}(?:{_HEDGE_WORD}|(?:{same})\b))*{_SEP_LIST}(?:{worded})\b"
+        words = rf"(?:{_SEP_LIST}(?:{_HEDGE_WORD}|(?:{same})\b))*{_SEP_LIST}"
+        hedge = re.compile(rf"{_SEP}(?:{prose_no}[,&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
+                           rf"{words}(?:{worded})\b"
+                           rf"|[\*_\)\]\"']*[/|](?![ \t]){words}(?:{worded})\b"  # "C/D"
+                           rf"|{_SEP}[/|]{words}(?:{others})\b{standing}"  # "C / D"
                            rf"|[ \t]+(?:{others})\b"  # "maybe yes"
                            rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{others})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
         # ... and a few words on: a second choice after a word that offers it as an alternative ("or", "possibly",
@@ -301,11 +308,11 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         # on the answer), with "option" or "choice" before it, or a choice in brackets with such a word after it: "C
         # (or option D)", "C, but possibly D", "C; less likely D", "C (second choice: D)", "C|D", "C (70%) or D", "C (D
         # possibly)". The choice is read as ``worded`` reads it: "C, but possibly a mild case" is prose, "C (70%) or d"
-        # a hedge. After "/", "|" or "either" it stands alone, in either case (``apart``).
+        # a hedge. After "/", "|" or "either" it stands alone, in either case (``apart``, ``standing``).
         then = rf"(?:[\s\*_\"'\(\[,:.]*{filler})*[\s\*_\"'\(\[,:]*"
         offered = re.compile(rf"(?:[ \t\*_]*[\(\[][^\(\)\[\]\n]{{0,40}}[\)\]])?[\s\*_\"'\(\[,;:.\-\u2013\u2014]*"
                              rf"(?:(?:but|though|although|yet|and)\b[\s,]*)?"
-                             rf"(?:{offer}{then}(?:{worded})\b|{apart}{then}(?:{others})\b{alone})"
+                             rf"(?:{offer}{then}(?:{worded})\b|{apart}{then}(?:{others})\b{standing})"
                              rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{worded})[ \t\*_\"']*"
                              r"(?:(?:possibly|maybe|perhaps|probably)\b|\?)[ \t\*_\"'.!?]*[\)\]]", re.I)
         return hedge, offered
