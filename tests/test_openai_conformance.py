@@ -5,8 +5,9 @@ What each case proves:
 - models: ``models.retrieve`` answers the served id and 404s another;
 - max_tokens: a cap beyond the room left ends with ``length`` inside the context; a prompt alone too long is a
   400 ``context_length_exceeded``;
-- errors: ``param`` names the offending field, malformed JSON names none, an image part says images are not
-  supported by this model; tools on a template without a tool format is a 400 naming the model;
+- errors: ``param`` names the offending field (edgemed's own ``grammar`` too, when llama.cpp's parser could not take it
+  safely), malformed JSON names none, an image part says images are not supported by this model; tools on a
+  template without a tool format is a 400 naming the model;
 - logprobs: chat ``top_logprobs`` of the first answer token and completions ``echo`` prompt log probabilities agree
   within 1e-4 with a log-softmax of the same model's logits computed directly through ``runtime/logits.py``; later
   answer tokens' agree within 1e-4 with rows computed one decode step at a time, as the sampler's were;
@@ -138,6 +139,24 @@ def test_errors_name_the_offending_field(smol):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": image}])
     assert "Images are not supported by this model" in e.value.message and e.value.body["param"] == "messages.0.content.1"
+
+
+@pytest.mark.parametrize("grammar, words", [('root ::= "a"{2,1}', "at most 1 is fewer than at least 2"),
+                                            ("root ::= " + '("a" ' * 1100 + ")" * 1100, "nests groups more than")])
+def test_a_grammar_llama_cpp_cannot_parse_safely_names_the_grammar_field(smol, grammar, words):
+    """edgemed's own ``grammar`` field, refused by ``check_gbnf``, was a 400 with ``param: null``."""
+    c, msg = smol.client, [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=SMOL, messages=msg, max_tokens=2, extra_body={"grammar": grammar})
+    assert e.value.body["param"] == "grammar" and words in e.value.message, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=SMOL, prompt="x", max_tokens=2, extra_body={"grammar": grammar})
+    assert e.value.body["param"] == "grammar" and words in e.value.message, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:  # through a medical template too
+        inputs = {"question": "q", "options": {"A": "a", "B": "b"}}
+        c.chat.completions.create(model=SMOL, messages=[], max_tokens=2,
+                                  extra_body={"grammar": grammar, "template": "mcq", "template_inputs": inputs})
+    assert e.value.body["param"] == "grammar" and words in e.value.message, e.value.body
     for kind in ({"image": 1}, ["image_url"], 7):  # a part's type that is not a string: a 400, not a server error
         r = httpx.post(smol.url + "/v1/chat/completions", json={
             "model": SMOL, "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": kind, "text": "hi"}]}]})

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgemed.errors import InputError, TemplateError
 from edgemed.runtime.chat_template import fold_system
+from edgemed.runtime.sampling import check_gbnf
 from edgemed.runtime.session import starts_in_think
 from edgemed.serve import api
 from edgemed.serve.middleware import RequestRecord
@@ -62,6 +63,20 @@ class Prompt:
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
+async def _check_grammar(grammar: str | None) -> None:
+    """Refuse the client's own ``grammar`` that llama.cpp's parser cannot take safely (``check_gbnf``) as a 400 naming
+    that field: the batcher checks every grammar it is given again, but cannot tell the client's from a forced tool
+    call's. In a worker thread: a grammar may be 1 MiB long."""
+    if grammar is None:
+        return
+    try:
+        await run_in_threadpool(check_gbnf, grammar)
+    except InputError as exc:
+        error = api.as_api_error(exc)
+        error.param = "grammar"
+        raise error from None
+
+
 async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatRequest) -> Prompt:
     """``messages``, or a medical template's messages, through the GGUF's chat template (with ``tools``)."""
     template = None
@@ -97,6 +112,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
             raise api.ApiError(400, "A forced tool call is constrained by its own grammar; it cannot also follow "
                                     "'grammar' or 'response_format'. Fix: drop one of them.", param="tool_choice")
         constraint = plan.grammar
+    await _check_grammar(body.grammar)
     # Rendering (a limited, but possibly slow, untrusted template) and tokenizing (a long prompt) run in a
     # worker thread: the event loop keeps answering /health and streaming other requests meanwhile.
     prompt = await run_in_threadpool(served.batcher.render_chat, messages, plan.tools or None)
@@ -116,6 +132,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
 
 async def completion_prompt(served: Served, record: RequestRecord, body: api.CompletionRequest) -> Prompt:
     """The prompts as sent: strings or lists of token ids."""
+    await _check_grammar(body.grammar)
     return Prompt(body.prompts(), grammar=body.grammar)
 
 
