@@ -6,7 +6,7 @@ What each case proves:
 - max_tokens: a cap beyond the room left ends with ``length`` inside the context; a prompt alone too long is a
   400 ``context_length_exceeded``;
 - errors: ``param`` names the offending field (edgemed's own ``grammar`` too, when llama.cpp's parser could not take it
-  safely), malformed JSON names none, an image part says images are not supported by this model; tools on a
+  safely, and ``template_inputs``, whose fix says to send the input there), malformed JSON names none, an image part says images are not supported by this model; tools on a
   template without a tool format is a 400 naming the model;
 - logprobs: chat ``top_logprobs`` of the first answer token and completions ``echo`` prompt log probabilities agree
   within 1e-4 with a log-softmax of the same model's logits computed directly through ``runtime/logits.py``; later
@@ -139,6 +139,19 @@ def test_errors_name_the_offending_field(smol):
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": image}])
     assert "Images are not supported by this model" in e.value.message and e.value.body["param"] == "messages.0.content.1"
+
+
+@pytest.mark.parametrize("inputs, says", [({"options": {"A": "a", "B": "b"}}, "needs the input 'question'"),
+                                          ({"question": "q", "options": {"A": "a"}}, "needs at least 2 options")])
+def test_a_templates_input_error_tells_the_client_to_send_template_inputs(smol, inputs, says):
+    """The fix said "pass it with --question or --input question=...": the CLI's options, which no API client has."""
+    with pytest.raises(openai.BadRequestError) as e:
+        smol.client.chat.completions.create(model=SMOL, messages=[], max_tokens=2,
+                                            extra_body={"template": "mcq", "template_inputs": inputs})
+    body = e.value.body
+    assert says in body["message"] and "Fix: " in body["message"] and body["code"] == "invalid_template", body
+    fix = body["message"].split("Fix: ", 1)[1]
+    assert "'template_inputs'" in fix and "--" not in fix and body["param"] == "template_inputs", body
 
 
 @pytest.mark.parametrize("grammar, words", [('root ::= "a"{2,1}', "at most 1 is fewer than at least 2"),

@@ -63,6 +63,38 @@ def test_missing_and_unknown_inputs_name_the_fix():
     assert "6th grade" in edu.messages({"topic": "asthma"})[0]["content"]
 
 
+@pytest.mark.parametrize("inputs, says", [
+    ({"options": {"A": "x", "B": "y"}}, "needs the input 'question'"),
+    ({"question": "q", "options": "A: x, B: y"}, "as an object of labels"),
+    ({"question": "q", "options": {"A": "x"}}, "needs at least 2 options"),
+    ({"question": "q", "options": {"A": "x", "a": "y"}}, "differ only in case"),
+])
+def test_an_input_errors_fix_names_the_way_the_caller_gives_inputs(inputs, says):
+    """The CLI's fix names its options; a served request's names 'template_inputs' (it was told to pass --question,
+    which no API client has)."""
+    mcq = get_template("mcq")
+    with pytest.raises(TemplateError, match=says) as cli:
+        mcq.messages(inputs)
+    assert "--" in cli.value.fix and "template_inputs" not in cli.value.fix
+    with pytest.raises(TemplateError, match=says) as api:
+        mcq.messages(inputs, via="api")
+    assert "template_inputs" in api.value.fix and "--" not in api.value.fix, api.value.fix
+    assert api.value.problem == cli.value.problem
+    with pytest.raises(TemplateError, match=says) as parsed:
+        mcq.parse("Answer: A", inputs, via="api")
+    assert parsed.value.fix == api.value.fix
+
+
+def test_a_missing_inputs_fix_says_how_to_give_that_input():
+    mcq = get_template("mcq")
+    with pytest.raises(TemplateError) as cli:
+        mcq.fill({"options": {"A": "x", "B": "y"}})
+    assert cli.value.fix == "pass it with --question or --input question=..."
+    with pytest.raises(TemplateError) as api:
+        mcq.fill({"options": {"A": "x", "B": "y"}}, via="api")
+    assert api.value.fix == "send it in 'template_inputs': {\"question\": ...}"
+
+
 @pytest.mark.parametrize("options", [{}, {"A": "Vitamin C"}])
 def test_a_choice_from_fewer_than_two_options_is_refused(options):
     """One option is no question: the model could only name it, and its letter would read as an answer (the page

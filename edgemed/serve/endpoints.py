@@ -95,7 +95,13 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
             raise TemplateError(f"No prompt template named '{body.template}'.",
                                 f"choose one of: {', '.join(sorted(served.templates))}")
         record.template = {"id": template.name, "version": template_version(template)}
-        messages = await run_in_threadpool(template.messages, body.template_inputs)
+        try:  # inputs missing or malformed: the fix names 'template_inputs', not the CLI's options
+            await run_in_threadpool(template.fill, body.template_inputs, "api")
+        except TemplateError as exc:
+            error = api.as_api_error(exc)
+            error.param = "template_inputs"
+            raise error from None
+        messages = await run_in_threadpool(template.messages, body.template_inputs, "api")
         # a chat template without a system role (it refuses or drops one): the safety preamble goes in the user message
         messages, _ = await run_in_threadpool(fold_system, served.batcher.render_chat, messages)
         if template.contract.kind == "json" and json_schema is None and body.grammar is None:
@@ -123,7 +129,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     def parsed(text: str, finish_reason: str | None = None) -> dict:
         # an answer cut at max_tokens is no answer, whatever it holds so far ("give 0.5 mg of")
         result = template.parse(text, body.template_inputs, started_in_think=opened_think,
-                                truncated=finish_reason == "length")
+                                truncated=finish_reason == "length", via="api")
         return {"edgemed": {"template": record.template,
                             "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
 

@@ -33,6 +33,15 @@ JINJA_NAMES = {"self", "loop", "super", "caller", "varargs", "kwargs"}
 MAX_FILE_BYTES = 256 * 1024
 #: a choice read from an options input needs this many options: one option is no choice
 MIN_OPTIONS = 2
+#: How a user gives a template its inputs, which the fix of an input error names (``Template.fill``'s ``via``): the
+#: CLI's options (``edgemed run``), or the ``template_inputs`` object of a request to ``edgemed serve``. ``input``:
+#: the fix for a missing input ``{key}`` (``{flag}``: its option); ``options``: how to give the options ``{key}``.
+VIA = {
+    "cli": {"input": "pass it with --{flag} or --input {key}=...", "give": "pass",
+            "options": "--options '{{\"A\": \"...\", \"B\": \"...\"}}'"},
+    "api": {"input": "send it in 'template_inputs': {{\"{key}\": ...}}", "give": "send",
+            "options": "'template_inputs': {{\"{key}\": {{\"A\": \"...\", \"B\": \"...\"}}}}"},
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,11 @@ class Template:
     preamble: str
     source: str
 
-    def fill(self, inputs: dict) -> dict:
-        """Inputs with defaults applied; unknown or missing inputs are errors that name the template."""
+    def fill(self, inputs: dict, via: str = "cli") -> dict:
+        """Inputs with defaults applied; unknown or missing inputs are errors that name the template, and whose fix
+        says how to give an input the way the caller's user gives them (``via``: a key of ``VIA``)."""
+        how = VIA[via]
+        options_like = how["options"].format(key=self.contract.choices_from)
         unknown = set(inputs) - set(self.inputs)
         if unknown:
             raise TemplateError(f"Template '{self.name}' has no input {', '.join(sorted(unknown))}.",
@@ -63,29 +75,29 @@ class Template:
                 values[key] = spec["default"]
             elif spec.get("required", True):
                 raise TemplateError(f"Template '{self.name}' needs the input '{key}' ({spec.get('help', '')}).",
-                                    f"pass it with --{key.replace('_', '-')} or --input {key}=...")
+                                    how["input"].format(key=key, flag=key.replace("_", "-")))
             else:  # optional, no default: the text renders it empty
                 values[key] = ""
         options = values.get(self.contract.choices_from) if self.contract.choices_from else None
         if self.contract.choices_from and options not in (None, "") and not isinstance(options, dict):
             raise TemplateError(f"Template '{self.name}' takes '{self.contract.choices_from}' as an object of labels "
                                 f"and answers, not {type(options).__name__} {str(options)[:40]!r}.",
-                                "pass --options '{\"A\": \"...\", \"B\": \"...\"}'")
+                                f"{how['give']} {options_like}")
         if self.contract.choices_from and len(options or {}) < MIN_OPTIONS:
             raise TemplateError(f"Template '{self.name}' needs at least {MIN_OPTIONS} options in "
                                 f"'{self.contract.choices_from}' (got {len(options or {})}): with fewer there is "
                                 "nothing to choose between.",
-                                "give two or more, e.g. --options '{\"A\": \"...\", \"B\": \"...\"}'")
+                                f"give two or more, e.g. {options_like}")
         if self.contract.choices_from:
-            self._check_labels([str(k) for k in options])
+            self._check_labels([str(k) for k in options], options_like)
         return values
 
-    def _check_labels(self, labels: list[str]) -> None:
+    def _check_labels(self, labels: list[str], options_like: str) -> None:
         """Each option's label is what a reply names it by: none blank, none without a letter or digit (a reply's
         markdown, "**", "_" and "-", would read as that option, and the parse takes a long time over a reply made of
         them), no two that differ only in case (the answer line is read without regard to case: "Answer: a" is option
         A)."""
-        fix = "label each option with its own letter or number, e.g. --options '{\"A\": \"...\", \"B\": \"...\"}'"
+        fix = f"label each option with its own letter or number, e.g. {options_like}"
         blank = [label for label in labels if not label.strip()]
         if blank:
             raise TemplateError(f"Template '{self.name}': an option's label is {'empty' if not blank[0] else 'blank'} "
@@ -101,21 +113,22 @@ class Template:
                 raise TemplateError(f"Template '{self.name}': the options {other!r} and {label!r} differ only in case, "
                                     "so an answer cannot tell them apart.", fix)
 
-    def choices(self, inputs: dict) -> tuple[str, ...]:
-        return self.contract.resolve_choices(self.fill(inputs))
+    def choices(self, inputs: dict, via: str = "cli") -> tuple[str, ...]:
+        return self.contract.resolve_choices(self.fill(inputs, via))
 
-    def messages(self, inputs: dict) -> list[dict]:
-        """System (safety preamble + task + contract) and user messages for ``inputs``."""
-        values = self.fill(inputs)
+    def messages(self, inputs: dict, via: str = "cli") -> list[dict]:
+        """System (safety preamble + task + contract) and user messages for ``inputs`` (``via``: as ``fill``)."""
+        values = self.fill(inputs, via)
         choices = self.contract.resolve_choices(values)
         where = f"template '{self.name}' ({self.source})"
         task = render(self.system, values, where).strip()
         system = "\n\n".join(p for p in (self.preamble.strip(), task, self.contract.instruction(choices)) if p)
         return [{"role": "system", "content": system}, {"role": "user", "content": render(self.user, values, where).strip()}]
 
-    def parse(self, reply: str, inputs: dict, started_in_think: bool = False, truncated: bool = False) -> Parsed:
+    def parse(self, reply: str, inputs: dict, started_in_think: bool = False, truncated: bool = False,
+              via: str = "cli") -> Parsed:
         """``reply`` read by the contract; ``truncated``: it was cut at its token limit, and is no answer."""
-        values = self.fill(inputs)
+        values = self.fill(inputs, via)
         texts = values.get(self.contract.choices_from) if self.contract.choices_from else None
         return self.contract.parse(reply, self.contract.resolve_choices(values), started_in_think, texts, truncated)
 
