@@ -109,12 +109,13 @@ def check_gbnf(text: str) -> None:
         i += 1
 
 
-def _check_schema_counts(schema: str) -> None:
-    """``InputError`` naming a count of the JSON schema above ``MAX_SCHEMA_COUNT`` (before the converter writes it out)."""
+def check_schema_counts(schema: str | dict) -> None:
+    """``SchemaError`` naming a count of the JSON schema (text, or already read) above ``MAX_SCHEMA_COUNT``, before a
+    converter writes it out: a response format's, and each tool's ``parameters``."""
     import json
 
     try:
-        todo = [json.loads(schema)]
+        todo = [json.loads(schema) if isinstance(schema, str) else schema]
     except (ValueError, RecursionError):
         return  # the converter says what is wrong with it
     while todo:
@@ -139,7 +140,7 @@ def grammar_text(settings: GenerationSettings) -> str | None:
     if settings.json_schema:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-        _check_schema_counts(settings.json_schema)
+        check_schema_counts(settings.json_schema)
         try:
             text = json_schema_to_gbnf(settings.json_schema)
         except RecursionError:

@@ -120,6 +120,16 @@ def _rules(functions: list) -> str:
 def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None) -> str:
     """GBNF for one call (or several, when ``parallel``) to one of ``functions``, arguments per their schemas.
     ``where``: each function's index in the request's ``tools``, to name the schema the converter refused."""
+    from edgemed.errors import InputError
+    from edgemed.runtime.sampling import check_schema_counts
+
+    for f in functions:  # a count is written out in full by the converter, on the event loop: bounded first
+        try:
+            check_schema_counts(f.parameters or {})
+        except InputError as exc:
+            at = (where or {}).get(f.name)
+            raise ApiError(400, f"The 'parameters' schema of the function '{f.name}': {exc.problem} Fix: {exc.fix}.",
+                           param="tools" if at is None else f"tools.{at}.function.parameters") from None
     try:
         rules = _rules(functions)
     except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
