@@ -38,3 +38,24 @@ def test_a_token_of_only_partial_bytes_at_the_end_adds_nothing():
 def test_whole_characters_released_at_the_end_still_meet_a_stop_string():
     assert run([b"Dose", b" 5 \xc2"], stop=("5 ",)) == ("Dose ", True)
     assert run([b"Dose", b" 5 \xc2"], stop=(" 5 x",)) == ("Dose 5 ", False)  # a stop prefix held, then released
+
+
+def test_a_stop_string_only_the_final_flush_finds_ends_the_answer_as_stop(smollm2_gguf, monkeypatch):
+    """A token that completes a stop string and ends in part of a character is not scanned by ``push``; when
+    ``max_tokens`` came next, the flush cut the text at the stop string, and the answer still said ``length``."""
+    import edgemed.runtime.text_stream as text_stream
+    from edgemed.runtime.batch.batcher import Batcher
+    from edgemed.runtime.engine import GenerationSettings, LoadSettings
+
+    real = text_stream.TextStream.flush
+
+    def flush(self):  # as the flush does on " mg\xc2" with stop "mg": the text cut there, stopped
+        rest = real(self)
+        self.stopped = True
+        return rest
+
+    monkeypatch.setattr(text_stream.TextStream, "flush", flush)
+    with Batcher(smollm2_gguf, LoadSettings(n_ctx=512, n_threads=1), slots=1, prefix_cache=False) as b:
+        items = list(b.submit("Name one vitamin.", GenerationSettings(max_tokens=2, temperature=0.0, stop=("zz",)),
+                              request_id="flush-stop"))
+    assert items[-1].finish_reason == "stop", items[-1]

@@ -1135,6 +1135,8 @@ class Batcher:
             rest = seq.text.flush()
             if rest or (seq.logprobs and not seq.text.stopped):
                 seq.stream._put(Piece(rest, tuple(seq.logprobs)))
+            if seq.text.stopped:  # a stop string the flush found (its token ended in part of a character): a stop
+                reason = "stop"
         for follower in seq.followers:  # choices still waiting for this prompt: they cannot start now
             if not follower.stream.done:
                 self._finish(follower, reason if reason in ("cancelled", "error", "refused", "costly") else "error",
