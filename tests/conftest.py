@@ -102,6 +102,23 @@ def _temporary_files_in_the_run(tmp_path_factory):
         os.environ["TMPDIR"] = before_env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline_from_the_start():
+    """The offline variables edgemed sets at every command's start, set for the whole run: whether a test sees them
+    must not depend on the developer's shell (``HF_HUB_OFFLINE=0`` made a model load warn) nor on which test ran first
+    (the first CLI test set them for the rest of the process). Tests of the override set their own environment."""
+    from edgemed import env
+
+    before = {key: os.environ.get(key) for key in env._OFFLINE_VARS}
+    os.environ.update(env._OFFLINE_VARS)
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def edgemed_home(tmp_path, monkeypatch):
     home = tmp_path / "edgemed-home"
