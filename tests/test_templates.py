@@ -95,6 +95,20 @@ def test_a_missing_inputs_fix_says_how_to_give_that_input():
     assert api.value.fix == "send it in 'template_inputs': {\"question\": ...}"
 
 
+def test_a_cut_replys_fix_names_the_way_the_caller_raises_the_limit():
+    """A reply cut at its token limit is no answer, and its fix says how to give it room: the CLI's --max-tokens, and
+    a request's max_tokens for a served one (the API's error, shown on the clinician page, named the CLI flag)."""
+    mcq = get_template("mcq")
+    inputs = {"question": "q", "options": {"A": "x", "B": "y"}}
+    cli = mcq.parse("Answer: A, or", inputs, truncated=True)
+    api = mcq.parse("Answer: A, or", inputs, truncated=True, via="api")
+    assert not cli.ok and not api.ok and cli.answer_text == api.answer_text == "Answer: A, or"
+    assert cli.error.endswith("raise max_tokens (--max-tokens) and ask again"), cli.error
+    assert "max_tokens" in api.error and "--" not in api.error, api.error
+    said = "the reply was cut at the token limit before it ended, so its answer may be incomplete"
+    assert cli.error.split(":")[0] == api.error.split(":")[0] == said
+
+
 @pytest.mark.parametrize("options", [{}, {"A": "Vitamin C"}])
 def test_a_choice_from_fewer_than_two_options_is_refused(options):
     """One option is no question: the model could only name it, and its letter would read as an answer (the page

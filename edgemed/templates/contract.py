@@ -43,16 +43,17 @@ class Contract:
         return KINDS[self.kind][0](self, choices)
 
     def parse(self, reply: str, choices: tuple[str, ...], started_in_think: bool = False,
-              texts: dict | None = None, truncated: bool = False) -> Parsed:
+              texts: dict | None = None, truncated: bool = False, cut_fix: str = "raise the token limit") -> Parsed:
         """``texts``: each choice's text (an options table), to recognise a reply that restates one option.
         ``truncated``: the reply was cut at its token limit (finish reason ``length``); whatever it holds is no answer,
-        as its end (a correction, the rest of a dose, the closing brace) is missing."""
+        as its end (a correction, the rest of a dose, the closing brace) is missing. ``cut_fix``: how the caller's
+        user raises that limit (``library.VIA``'s ``cut``: the CLI's option, or the request's field)."""
         text = strip_think(reply, started_in_think)
         if CLOSE in text:  # a closing tag with no opening: the chat template opened the thinking, unannounced
             text = text[text.rindex(CLOSE) + len(CLOSE):].strip()
         if truncated:
             return Parsed(False, None, text, "the reply was cut at the token limit before it ended, so its answer "
-                                             "may be incomplete: raise max_tokens (--max-tokens) and ask again")
+                                             f"may be incomplete: {cut_fix} and ask again")
         return KINDS[self.kind][1](self, text, choices, texts)
 
     def json_schema(self) -> str | None:

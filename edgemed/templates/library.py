@@ -35,12 +35,15 @@ MAX_FILE_BYTES = 256 * 1024
 MIN_OPTIONS = 2
 #: How a user gives a template its inputs, which the fix of an input error names (``Template.fill``'s ``via``): the
 #: CLI's options (``edgemed run``), or the ``template_inputs`` object of a request to ``edgemed serve``. ``input``:
-#: the fix for a missing input ``{key}`` (``{flag}``: its option); ``options``: how to give the options ``{key}``.
+#: the fix for a missing input ``{key}`` (``{flag}``: its option); ``options``: how to give the options ``{key}``;
+#: ``cut``: how to give a reply cut at its token limit more room (``Template.parse``'s ``truncated``).
 VIA = {
     "cli": {"input": "pass it with --{flag} or --input {key}=...", "give": "pass",
-            "options": "--options '{{\"A\": \"...\", \"B\": \"...\"}}'"},
+            "options": "--options '{{\"A\": \"...\", \"B\": \"...\"}}'",
+            "cut": "raise max_tokens (--max-tokens)"},
     "api": {"input": "send it in 'template_inputs': {{\"{key}\": ...}}", "give": "send",
-            "options": "'template_inputs': {{\"{key}\": {{\"A\": \"...\", \"B\": \"...\"}}}}"},
+            "options": "'template_inputs': {{\"{key}\": {{\"A\": \"...\", \"B\": \"...\"}}}}",
+            "cut": "send a larger max_tokens (or max_completion_tokens)"},
 }
 
 
@@ -130,7 +133,8 @@ class Template:
         """``reply`` read by the contract; ``truncated``: it was cut at its token limit, and is no answer."""
         values = self.fill(inputs, via)
         texts = values.get(self.contract.choices_from) if self.contract.choices_from else None
-        return self.contract.parse(reply, self.contract.resolve_choices(values), started_in_think, texts, truncated)
+        return self.contract.parse(reply, self.contract.resolve_choices(values), started_in_think, texts, truncated,
+                                   VIA[via]["cut"])
 
 
 def _load_toml(text: str, source: str) -> dict:
