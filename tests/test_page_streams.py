@@ -11,9 +11,11 @@ keeps the reasoning under that label; "Sign out (forget key)" clears the convers
 the transcript, and hides the ask form until a key is given again. And: a connection dropped mid-body, an error event
 after part of the answer and Stop are marked incomplete (on the answer, on Copy, in the transcript); a form answer
 not in the form's format is marked, never "Answered."; an answer cut by the room left in the context, and a question
-the context cannot take, tell the clinician to save and start anew; a required field left empty and a choice of one
-option are refused in the page, and Enter in an option goes to the next; a question typed while an answer streams is
-kept; a line after form answers says the model does not see them; the answer being written stays in view.
+the context cannot take, tell the clinician to save and start anew, or to shorten the question when it is the
+conversation's first; a required field left empty and a choice of one option are refused in the page, and Enter in an
+option goes to the next; a question typed while an answer streams is kept; a line after form answers says the model
+does not see them; the answer being written stays in view. And: Copy is off until the answer has ended; an answer cut
+at the answer length is marked on Copy and in the transcript, and a form's, never "not in the form's format".
 """
 
 from __future__ import annotations
@@ -441,6 +443,63 @@ def test_a_stopped_answer_is_marked_incomplete(served, script, browser):
     assert "A (STOPPED, incomplete): " + shown in saved(browser)
 
 
+def test_copy_is_off_while_the_answer_is_still_being_written(served, script, browser):
+    """Copy during the stream gave the text so far, unmarked, as if it were the answer."""
+    script.answer(slow(["Give amoxicillin 500 mg", " every 8 hours", " and reduce", " the dose in CKD."], 0.5)
+                  + [event(finish="stop"), DONE])
+    page = browser.page(served.url)
+    page.ask("Amoxicillin dose for an adult?")
+    page.wait(lambda: "amoxicillin" in page.find("#log .answer-text").text, 10, "the answer's first words")
+    answer = page.last()
+    copy = answer.find_element("css selector", ".copy")
+    assert not answer.get_attribute("data-done") and not copy.is_enabled()
+    page.driver.execute_script(CLIPBOARD + "window.__copied = null;")
+    copy.click()  # a click on it does nothing
+    assert page.driver.execute_script("return window.__copied") is None
+    assert page.wait_answer(10).get_attribute("data-done") == "done"
+    assert copied(page, answer) == "Give amoxicillin 500 mg every 8 hours and reduce the dose in CKD."
+
+
+def test_an_answer_cut_at_the_answer_length_is_marked_on_copy_and_in_the_transcript(served, script, browser):
+    script.answer([event("Start with 0.5 mg"), event(" IM, then", finish="length"), usage(100, 24), DONE])
+    page = browser.page(served.url)
+    page.max_tokens(24)
+    page.ask("Adrenaline dose in anaphylaxis?")
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done") == "cut at the answer length limit"
+    assert copied(page, answer) == "[CUT AT THE ANSWER LENGTH] Start with 0.5 mg IM, then"
+    transcript = saved(browser)
+    assert "A (CUT AT THE ANSWER LENGTH): Start with 0.5 mg IM, then" in transcript
+    assert "\nA: Start" not in transcript
+
+
+def test_a_form_answer_cut_at_the_answer_length_says_so_not_unformatted(served, script, browser):
+    """A form's reply cut at the answer length was called not in the form's format ("ask again", which gives the same
+    cut), and showed the server's fix for the CLI ("raise max_tokens (--max-tokens)")."""
+    cli_fix = ("the reply was cut at the token limit before it ended, so its answer may be incomplete: raise "
+               "max_tokens (--max-tokens) and ask again")  # an older server's words: the page does not show them
+    script.answer([event("Answer: C (Vitamin"), event(finish="length", **parsed(False, error=cli_fix)),
+                   usage(200, 4), DONE])
+    page = browser.page(served.url)
+    page.max_tokens(4)
+    page.choose("mcq")
+    page.find("#fill-example").click()
+    page.send()
+    answer = page.wait_answer(10)
+    done = answer.get_attribute("data-done")
+    assert done == "cut at the answer length limit: raise the answer length and send again"
+    status = page.find("#status").text
+    assert "answer length" in status and "form's format" not in status and "Answered" not in status
+    warning = answer.find_element("css selector", ".ending")
+    assert warning.is_displayed() and "Raise the answer length" in warning.text
+    assert not answer.find_elements("css selector", ".choice-letter")
+    assert "--max-tokens" not in page.find("body").get_attribute("textContent")
+    assert "form's format" not in answer.text and "No answer was read" in answer.text
+    assert copied(page, answer) == "[CUT AT THE ANSWER LENGTH] Answer: C (Vitamin"
+    transcript = saved(browser)
+    assert "A (CUT AT THE ANSWER LENGTH): Answer: C (Vitamin" in transcript and "--max-tokens" not in transcript
+
+
 def test_a_line_after_form_answers_says_the_model_does_not_see_them(served, script, browser):
     page = browser.page(served.url)
     page.choose("mcq")
@@ -464,23 +523,33 @@ def test_a_line_after_form_answers_says_the_model_does_not_see_them(served, scri
     assert transcript.index("(The model does not see") > transcript.rindex("A: Answer: C")
 
 
-@pytest.mark.parametrize("prompt,asked,mode,headers,note,says", [
+@pytest.mark.parametrize("before,prompt,asked,mode,headers,note,says", [
     # the prompt left 24 tokens of the 1024 and the clinician asked for 200: the conversation filled the context
-    (CONTEXT - 24, 200, "", {}, "cut off: the conversation filled the model's context",
+    (1, CONTEXT - 24, 200, "", {}, "cut off: the conversation filled the model's context",
      "Save it, then start a New conversation"),
     # ... while the model was still reasoning: no answer, and a longer answer length would not give one
-    (CONTEXT - 24, 200, "", {"x-edgemed-think": "open"}, "no answer: the conversation filled the model's context",
+    (1, CONTEXT - 24, 200, "", {"x-edgemed-think": "open"}, "no answer: the conversation filled the model's context",
      "Save it, then start a New conversation"),
+    # the first question filled it by itself: a new conversation would fill the same way; the question is to be
+    # shortened
+    (0, CONTEXT - 24, 200, "", {}, "cut off: the question filled the model's context", "Shorten it, and send again"),
+    (0, CONTEXT - 24, 200, "", {"x-edgemed-think": "open"}, "no answer: the question filled the model's context",
+     "Shorten it, and send again"),
     # a form's own text filled it: there is no conversation to start anew, the text is to be shortened
-    (CONTEXT - 24, 200, "mcq", {}, "cut off: the form's text filled the model's context", "Shorten it"),
+    (0, CONTEXT - 24, 200, "mcq", {}, "cut off: the form's text filled the model's context", "Shorten it"),
     # the clinician's own limit, with room to spare
-    (100, 24, "", {}, "cut at the answer length limit", "up to the answer length limit"),
-], ids=["context-full", "context-full-reasoning", "form-text-full", "own-limit"])
-def test_an_answer_cut_by_the_context_says_so_not_the_length_limit(served, script, browser, prompt, asked, mode,
-                                                                    headers, note, says):
+    (0, 100, 24, "", {}, "cut at the answer length limit", "up to the answer length limit"),
+], ids=["context-full", "context-full-reasoning", "question-full", "question-full-reasoning", "form-text-full",
+        "own-limit"])
+def test_an_answer_cut_by_the_context_says_so_not_the_length_limit(served, script, browser, before, prompt, asked,
+                                                                    mode, headers, note, says):
+    page = browser.page(served.url)
+    for n in range(before):  # earlier questions and answers: the conversation the model reads grew
+        script.answer(WHOLE)
+        page.ask(f"Paracetamol dose, question {n + 1}?")
+        page.wait(lambda: len(page.answers()) == n + 1 and page.last().get_attribute("data-done"), 10, "an answer")
     script.answer([event("Start with"), event(" 0.5 mg", finish="length", **parsed(False, error="cut")),
                    usage(prompt, 24), DONE], headers)
-    page = browser.page(served.url)
     page.max_tokens(asked)
     if mode:
         page.choose(mode)
@@ -488,22 +557,47 @@ def test_an_answer_cut_by_the_context_says_so_not_the_length_limit(served, scrip
         page.send()
     else:
         page.ask("And the dose for a child?")
-    answer = page.wait_answer(10)
+    page.wait(lambda: len(page.answers()) == before + 1 and page.last().get_attribute("data-done"), 10, "the answer")
+    answer = page.last()
     assert script.bodies[-1]["stream_options"] == {"include_usage": True}
     assert answer.get_attribute("data-done") == note
-    assert says in page.find("#status").text
+    status = page.find("#status").text
+    assert says in status
+    if not before:  # nothing to save and start anew from
+        assert "New conversation" not in status and "New conversation" not in answer.text
 
 
-def test_a_conversation_too_long_for_the_model_says_save_and_start_anew(served, script, browser):
+def refuse_as_too_long(script) -> None:
     script.refuse(400, "context_length_exceeded", "The prompt is 1100 tokens, which leaves no room for an answer in the "
                   "context window of 1024 tokens. Fix: shorten the prompt, or start the server with a larger --ctx or "
                   "fewer --slots.")
+
+
+def test_a_conversation_too_long_for_the_model_says_save_and_start_anew(served, script, browser):
     page = browser.page(served.url)
+    page.ask("Paracetamol dose for an adult?")
+    page.wait_answer(10)
+    refuse_as_too_long(script)
     page.ask("And the dose for a child?")
-    answer = page.wait_answer(10)
+    page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
+    answer = page.last()
     assert "This conversation is too long for the model: Save it, then start a New conversation." in answer.text
     assert "--ctx" not in answer.text and "--slots" not in answer.text
     assert "A: none. This conversation is too long for the model" in saved(browser)
+
+
+def test_a_first_question_too_long_for_the_model_says_shorten_it(served, script, browser):
+    """The first question of a conversation that the context cannot take: saving and starting a new conversation (the
+    advice for a long conversation) would give the same refusal, so the page says to shorten the question."""
+    refuse_as_too_long(script)
+    page = browser.page(served.url)
+    page.ask("Patient notes: " + "BP 150/95, HR 88. " * 40 + "Dose?")
+    answer = page.wait_answer(10)
+    assert "This question is too long for the model: shorten it, and send again." in answer.text
+    shown = answer.text + page.find("#status").text
+    assert "New conversation" not in shown and "--ctx" not in shown
+    assert "A: none. This question is too long for the model: shorten it" in saved(browser)
+    assert page.find("#prompt").get_attribute("value").startswith("Patient notes:")  # to shorten, and send again
 
 
 def test_the_answer_being_written_stays_in_view(served, script, browser):

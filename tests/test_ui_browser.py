@@ -6,7 +6,8 @@ the ``mcq`` form and the parsed letter the server returned; a ``<think>`` block 
 without one, works with one, the key kept in sessionStorage only); hostile input and hostile model output shown
 as text, never run; no request outside the server's origin (the browser's own network log); a page on another
 origin that posts to the server is refused; no field a clinician types in is spell-checked; ``--no-ui``; an answer
-cut by the room left in the context is told from one cut at the answer length asked for.
+cut by the room left in the context is told from one cut at the answer length asked for, and a first question too long
+for the context says to shorten it; an MCQ answer cut at the answer length says so, never the CLI's --max-tokens.
 """
 
 from __future__ import annotations
@@ -433,7 +434,9 @@ def test_a_server_with_keys_refuses_without_one_and_works_with_one(smollm2_gguf,
 
 def test_an_answer_cut_by_the_room_left_in_the_context_says_so(smollm2_gguf, tmp_path, browser):
     """The server caps an answer to the room the prompt leaves in the context; the page tells that from the
-    clinician's own answer length by the usage it asks for (prompt and answer tokens fill the context)."""
+    clinician's own answer length by the usage it asks for (prompt and answer tokens fill the context). The first
+    question of a conversation is to be shortened: a new conversation (the advice it gave) fills the same way, and
+    one longer than the context is refused the same way."""
     room = 128
     with page_server(smollm2_gguf, tmp_path / "audit.jsonl", n_ctx=room) as srv:
         def question(n: int) -> str:
@@ -449,13 +452,38 @@ def test_an_answer_cut_by_the_room_left_in_the_context_says_so(smollm2_gguf, tmp
         page.max_tokens(500)
         page.ask(question(n))
         answer = page.wait_answer()
-        assert answer.get_attribute("data-done") == "cut off: the conversation filled the model's context", answer.text
-        assert "Save it, then start a New conversation" in page.find("#status").text
+        assert answer.get_attribute("data-done") == "cut off: the question filled the model's context", answer.text
+        status = page.find("#status").text
+        assert "Shorten it, and send again" in status and "New conversation" not in status + answer.text
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
             "model": MODEL, "messages": [{"role": "user", "content": question(n)}], "max_tokens": 500})
         used = r.json()["usage"]  # what the page read: the context filled, below the 500 tokens asked for
         assert used["prompt_tokens"] + used["completion_tokens"] == room and used["completion_tokens"] < 500
+
+        page.find("#new-chat").click()
+        assert tokens(2 * n) > room  # a first question the context cannot take at all
+        page.ask(question(2 * n))
+        answer = page.wait_answer()
+        assert "This question is too long for the model: shorten it, and send again." in answer.text
+        assert "New conversation" not in answer.text + page.find("#status").text
         browser.forget(srv.url)
+
+
+def test_a_form_answer_cut_at_the_answer_length_names_the_limit_not_the_cli(server, browser):
+    """An MCQ answer cut at 4 tokens (SmolLM2 writes "C. Vitamin B12" here): the page said it was not in the form's
+    format ("ask again", which cuts it the same way) and showed the server's fix for the CLI, "raise max_tokens
+    (--max-tokens)"."""
+    page = browser.page(server.url)
+    page.choose("mcq")
+    page.fill({"question": "Which vitamin deficiency causes scurvy?",
+               "options": {"A": "Vitamin C", "B": "Vitamin B12", "C": "Vitamin A", "D": "Vitamin D"}})
+    page.max_tokens(4)
+    page.send()
+    answer = page.wait_answer()
+    assert answer.get_attribute("data-done") == "cut at the answer length limit: raise the answer length and send " \
+                                                "again", answer.text
+    assert "answer length" in page.find("#status").text and not answer.find_elements("css selector", ".choice-letter")
+    assert "--max-tokens" not in browser.driver.execute_script("return document.body.textContent")
 
 
 def test_readable_at_200_percent_zoom(server, browser):

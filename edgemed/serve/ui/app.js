@@ -12,8 +12,10 @@
     out_of_scope_use: "Not for", known_limitations: "Known limitations",
   };
   // A question that leaves the model no room to answer (the server's context_length_exceeded), in the clinician's
-  // words: the server's own message names the operator's flags (--ctx, --slots).
+  // words: the server's own message names the operator's flags (--ctx, --slots). The first question of a conversation
+  // is too long by itself: a new conversation would give the same, so it is to be shortened.
   const TOO_LONG = "This conversation is too long for the model: Save it, then start a New conversation.";
+  const QUESTION_TOO_LONG = "This question is too long for the model: shorten it, and send again.";
   const FORM_TOO_LONG = "The form's text is too long for the model: shorten it, and send again.";
 
   const $ = (id) => document.getElementById(id);
@@ -279,10 +281,18 @@
   // conversation so far (only an answer that arrived whole does: the model would read anything else as its own).
   const ASK_AGAIN_LONGER = "the reasoning reached the answer length limit; ask again with a larger answer length";
   const CONTEXT_FULL = "the conversation filled the model's context";
+  const QUESTION_FULL = "the question filled the model's context";
+  const LENGTH_CUT = "cut at the answer length limit";
   const ENDINGS = {
     done: { note: "", status: "Answered.", history: true },
-    length: { note: "cut at the answer length limit", status: "Answered, up to the answer length limit.",
+    length: { note: LENGTH_CUT, mark: "CUT AT THE ANSWER LENGTH", status: "Answered, up to the answer length limit.",
               history: true },
+    // a form's answer cut at the length asked for: the server reads no answer from it, whatever it holds so far
+    formLength: { note: LENGTH_CUT + ": raise the answer length and send again", mark: "CUT AT THE ANSWER LENGTH",
+                  status: "The answer was cut at the answer length limit: no answer was read from it. Raise the " +
+                          "answer length, and send again.",
+                  warn: "Cut at the answer length limit: what is shown is incomplete, and no answer was read from " +
+                        "it. Raise the answer length, and send again." },
     // cut by the room the conversation left in the model's context, below the length asked for: a longer answer
     // length would not help, and the next question would not fit either
     full: { note: "cut off: " + CONTEXT_FULL, mark: "CUT OFF, incomplete",
@@ -294,6 +304,17 @@
                             "conversation.",
                     warn: "No answer: " + CONTEXT_FULL + " during the reasoning. Save the conversation, then start a " +
                           "New conversation." },
+    // the same, on the first question of a conversation: a new conversation would fill the same way
+    questionFull: { note: "cut off: " + QUESTION_FULL, mark: "CUT OFF, incomplete",
+                    status: "The answer was cut off: the question left the model too little room. Shorten it, and " +
+                            "send again.",
+                    warn: "The answer was cut off because " + QUESTION_FULL + ": what is shown is incomplete. " +
+                          "Shorten the question, and send again." },
+    thinkingQuestionFull: { note: "no answer: " + QUESTION_FULL, noAnswer: true,
+                            status: "No answer: " + QUESTION_FULL + " during the reasoning. Shorten it, and send " +
+                                    "again.",
+                            warn: "No answer: " + QUESTION_FULL + " during the reasoning. Shorten the question, and " +
+                                  "send again." },
     formFull: { note: "cut off: the form's text filled the model's context", mark: "CUT OFF, incomplete",
                 status: "The answer was cut off: the form's text left the model too little room. Shorten it, and " +
                         "send again.",
@@ -332,7 +353,8 @@
     const structured = el("div", { class: "structured", hidden: true });
     const raw = el("details", { class: "raw", hidden: true }, el("summary", { text: "Raw text" }), el("pre", { class: "raw-text" }));
     const meta = el("p", { class: "meta" });
-    const copy = el("button", { type: "button", class: "copy", text: "Copy answer" });
+    // off until the answer has ended (finishTurn): text still being written is no answer to paste
+    const copy = el("button", { type: "button", class: "copy", text: "Copy answer", disabled: "" });
     const safety = el("p", { class: "safety", text: (state.info && state.info.safety) || "" });
     answer.append(warn, think, structured, text, raw, el("div", { class: "answer-foot" }, copy, meta), safety);
     const item = el("li", { class: "turn" }, el("div", { class: "question" }, el("span", { class: "who", text: "You" }),
@@ -370,16 +392,24 @@
     });
   }
 
-  function showStructured(turn, template, edgemed) {
+  function showStructured(turn, template, edgemed, finish) {
     const parsed = edgemed && edgemed.parsed;
     if (!template || !parsed) return;
     turn.parsed = parsed;
-    following(turn, () => structure(turn, template, parsed));
+    following(turn, () => structure(turn, template, parsed, finish));
   }
 
-  function structure(turn, template, parsed) {
+  function structure(turn, template, parsed, finish) {
     const box = turn.structured;
     box.replaceChildren();
+    // cut (at the answer length, or by the context): not a reply in the wrong format; the warning says why and what to
+    // do (the server's own fix names its API's max_tokens, not the page's answer length)
+    if (!parsed.ok && finish === "length") {
+      box.append(el("p", { class: "error", text: "No answer was read: the answer was cut off before its end. " +
+                                                 "The model's text is shown below." }));
+      box.hidden = false;
+      return;
+    }
     if (!parsed.ok) {
       box.append(el("p", { class: "error", text: "The answer did not follow the form's format: " + (parsed.error || "unknown") +
                                                  ". The model's text is shown below." }));
@@ -433,8 +463,9 @@
     turn.answer.dataset.done = end.note || "done";
   }
 
-  // Copy gives the answer with its mark when it is not a whole answer (cut off, stopped, failed, not in the form's
-  // format); where the clipboard is refused, the selection made instead starts at the warning above the answer.
+  // Copy gives the answer with its mark when it is not a whole answer (cut off, cut at the answer length, stopped,
+  // failed, not in the form's format), and is off while the answer is still being written; where the clipboard is
+  // refused, the selection made instead starts at the warning above the answer.
   async function copyText(turn) {
     const mark = (ENDINGS[turn.ending] || {}).mark;
     const text = (mark ? "[" + mark + "] " : "") + turn.answerText.trim();
@@ -483,6 +514,7 @@
     const turn = addTurn(question);
     turn.inputs = inputs;
     turn.asked = max > 0 ? max : 0;
+    turn.first = !t && state.history.length === 0;  // the model reads this question alone: shortening it is the fix
     const conversation = state.conversation;
     const current = () => conversation === state.conversation;
     const controller = new AbortController();
@@ -546,7 +578,8 @@
     turn.requestId = response.headers.get("x-request-id") || "";
     if (!response.ok) {
       const error = await errorOf(response);
-      const tooLong = error.code === "context_length_exceeded" ? (template ? FORM_TOO_LONG : TOO_LONG) : "";
+      const tooLong = error.code === "context_length_exceeded"
+        ? (template ? FORM_TOO_LONG : turn.first ? QUESTION_TOO_LONG : TOO_LONG) : "";
       showError(turn, tooLong || error.message);
       if (response.status === 401) turn.refused = error.message;  // signed out once the turn is closed
       return "error";
@@ -584,7 +617,7 @@
             finish = choice.finish_reason;
           }
         }
-        if (chunk.edgemed) showStructured(turn, template, chunk.edgemed);
+        if (chunk.edgemed) showStructured(turn, template, chunk.edgemed, finish);
         if (chunk.usage) turn.usage = chunk.usage;
       }
     }
@@ -592,11 +625,13 @@
     if (failed) return "error";
     if (!finish) return "cut";
     if (finish === "length" && filledTheContext(turn)) {
-      return template ? "formFull" : split.thinking() ? "thinkingFull" : "full";
+      if (template) return "formFull";
+      if (turn.first) return split.thinking() ? "thinkingQuestionFull" : "questionFull";
+      return split.thinking() ? "thinkingFull" : "full";
     }
     if (split.thinking()) return finish === "length" ? "thinkingLength" : "thinking";  // whatever the finish reason
+    if (finish === "length") return template ? "formLength" : "length";  // a form's cut reply is read as no answer
     if (template && turn.parsed && !turn.parsed.ok && turn.answerText.trim()) return "unformatted";
-    if (finish === "length") return "length";
     return turn.answerText.trim() ? "done" : "empty";
   }
 
