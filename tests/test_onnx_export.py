@@ -133,7 +133,8 @@ def test_lora_is_merged_before_export(tiny, tiny_lora, tmp_path):
 
 def test_named_chat_templates_travel_with_the_export(tiny, tmp_path):
     """transformers 5 keeps named chat templates (tool_use, ...) in additional_chat_templates/: the export dropped
-    them, so a tokenizer loaded from it had the default template only."""
+    them, so a tokenizer loaded from it had the default template only. The folder ships 0755 and its files 0644:
+    it was made 0644 with the files (no search bit), so its owner, unless root, could not read or delete it."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -141,9 +142,13 @@ def test_named_chat_templates_travel_with_the_export(tiny, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny, src)
     (src / "additional_chat_templates").mkdir()
-    (src / "additional_chat_templates" / "tool_use.jinja").write_text("{% for m in messages %}TOOL {{ m.content }}{% endfor %}")
+    named = src / "additional_chat_templates" / "tool_use.jinja"
+    named.write_text("{% for m in messages %}TOOL {{ m.content }}{% endfor %}")
+    named.chmod(0o600)  # a private source file: the copy keeps its mode until the export sets it
     out = tmp_path / "out"
     convert_onnx(src, out, OnnxOptions(weight_type="fp32", parity=False), echo=lambda s: None)
+    assert (out / "additional_chat_templates").stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.rglob("*") if p.is_file())
     assert (out / "additional_chat_templates" / "tool_use.jinja").read_text().startswith("{% for m in messages %}TOOL")
     want, got = AutoTokenizer.from_pretrained(src).chat_template, AutoTokenizer.from_pretrained(out).chat_template
     assert isinstance(got, dict) and got == want

@@ -132,8 +132,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
         if not kind.writes_genai_config:  # a builder that writes its own has capped max_length already
             onnx_assets.write_genai_config(ckpt.path, ckpt.config, tmp, MODEL_FILE)
         onnx_assets.check_written(tmp, out)  # read as the engine reads it, whichever kind wrote it
-        for f in tmp.iterdir():  # onnx writes external data as 0600; the directory is meant to be shipped
-            f.chmod(0o644)
+        shippable(tmp)  # onnx writes external data as 0600; the directory is meant to be shipped
         files = output_files(tmp)  # the report names the bytes its parity was measured on: `edgemed pack` checks them
         size = sum(f["size_bytes"] for f in files.values())
         timings.since_start("total")
@@ -144,6 +143,15 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
         )
         report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
     return result
+
+
+def shippable(directory: Path) -> None:
+    """Every file under ``directory`` 0644 and every folder 0755 (``additional_chat_templates/`` included): a folder
+    made 0644 has no search bit, so its owner, unless root, could neither list nor delete what it holds, and a
+    recipient could not read it."""
+    for path in directory.rglob("*"):
+        if not path.is_symlink():  # the export writes none; a link's target is not the directory's to change
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def output_files(directory: Path) -> dict[str, dict]:
