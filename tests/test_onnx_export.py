@@ -431,3 +431,25 @@ def test_a_genai_config_the_engine_would_refuse_fails_the_conversion_and_leaves_
     assert "would be refused by edgemed's ONNX engine" in e.value.problem
     assert f"{outs / 'x' / 'genai_config.json'}: 'model.context_length' must be a positive integer" in e.value.problem
     assert list(outs.iterdir()) == []
+
+
+def test_a_null_context_length_is_refused_by_name_before_the_export(tiny, tmp_path):
+    """config.json's max_position_embeddings null: transformers refuses such a config (the field must be an int), and
+    the export ended in a TypeError traceback. It is refused by name before any work, and nothing is written."""
+    from transformers import AutoConfig
+
+    from edgemed.errors import CheckpointError
+
+    src = tmp_path / "null-context"
+    shutil.copytree(tiny, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": None}))
+    with pytest.raises(Exception, match="max_position_embeddings"):  # what Hugging Face loading does with it
+        AutoConfig.from_pretrained(src)
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    with pytest.raises(CheckpointError) as e:
+        convert_onnx(src, outs / "x", OnnxOptions(weight_type="fp32", parity=False), echo=lambda s: None)
+    assert "'max_position_embeddings' must be a positive integer" in e.value.problem and "not null" in e.value.problem
+    assert "max_position_embeddings" in e.value.fix
+    assert list(outs.iterdir()) == []

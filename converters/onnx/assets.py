@@ -40,6 +40,14 @@ def check_assets(ckpt_dir: Path, config: dict) -> None:
     load_tokenizer_json(ckpt_dir / "tokenizer.json")
     eos_ids(ckpt_dir, config)
     top = genai_format.INTS[("model", "context_length")]  # what the ONNX engine reads as a context length
+    if "max_position_embeddings" in config and config["max_position_embeddings"] is None:
+        # not taken as absent: transformers refuses a config with it null (its field is an int), so the export could not load it
+        raise CheckpointError(
+            f"{ckpt_dir / 'config.json'}: 'max_position_embeddings' must be a positive integer (the context the model "
+            "was trained for), not null: Hugging Face loading refuses such a config, and the ONNX engine needs the "
+            "context length.",
+            "give config.json the context the model was trained for (e.g. \"max_position_embeddings\": 32768), "
+            "as its model card or the original checkpoint's config.json states it")
     context = config.get("max_position_embeddings", DEFAULT_MAX_LENGTH)
     if context > top:  # the GGUF route writes it as it is (a 32-bit field): only this route's reader caps it
         raise CheckpointError(
