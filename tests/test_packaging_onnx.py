@@ -182,3 +182,22 @@ def test_pack_refuses_a_genai_config_the_onnx_engine_would_refuse(tiny_onnx, tmp
     r = _pack(d, tmp_path, "--no-report")
     assert r.exit_code == 1 and f"inputs.{field}" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("link", ["file", "folder", "nested"])
+def test_pack_refuses_a_symbolic_link_in_the_onnx_folder_and_never_follows_it(tiny_onnx, tmp_path, link):
+    """pack followed links: with --no-report, extra.txt -> ../outside.txt was packed with the outside file's bytes,
+    and a link to a folder was left out silently. A link anywhere in the folder is refused, named; nothing is written."""
+    import shutil
+
+    d = shutil.copytree(tiny_onnx, tmp_path / "linked")
+    (tmp_path / "outside.txt").write_text("a file from outside the model folder\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "notes.txt").write_text("outside\n")
+    name = {"file": "extra.txt", "folder": "extra", "nested": "additional_chat_templates/tool_use.jinja"}[link]
+    (d / name).parent.mkdir(exist_ok=True)
+    (d / name).symlink_to({"file": "../outside.txt", "folder": "../outside", "nested": "../../outside.txt"}[link])
+    r = _pack(d, tmp_path, "--no-report")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 1 and f"'{d / name}' in the ONNX directory" in said and "is a symbolic link" in said, r.output
+    assert "Traceback" not in said and not (tmp_path / "b").exists()

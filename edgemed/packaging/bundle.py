@@ -141,6 +141,24 @@ def _report_for(model: Path, given: Path | None) -> Path | None:
     return given if given is not None else existing_report(model)
 
 
+def _onnx_files(model: Path) -> list[Path]:
+    """The files of the ONNX directory ``model``, sorted. A symbolic link anywhere in it is refused, naming it, and
+    never followed: one to a file put that file's bytes in the bundle (a file from outside the directory), one to a
+    folder was left out without a word."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(model, followlinks=False):
+        for n in sorted(dirnames + filenames):  # a link to a folder is listed with the folders, a dangling one with the files
+            p = Path(dirpath) / n
+            if p.is_symlink():
+                raise InputError(f"'{p}' in the ONNX directory '{model}' is a symbolic link (to '{os.readlink(p)}'); a "
+                                 "bundle holds the directory's own files, and pack does not follow links.",
+                                 f"replace '{p.relative_to(model).as_posix()}' with a copy of what it points to, or "
+                                 "remove it, and pack again")
+            if p.is_file():
+                found.append(p)
+    return sorted(found)
+
+
 def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     """(source, bundle path, role) for every file; model facts; provenance."""
     model = inp.model
@@ -154,7 +172,7 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
     elif fmt == "onnx":
         model_facts, prov = facts_mod.onnx_facts(model)
         model_facts["path"] = "model/onnx"
-        files = [(p, f"model/onnx/{p.relative_to(model).as_posix()}", "model") for p in sorted(model.rglob("*")) if p.is_file()]
+        files = [(p, f"model/onnx/{p.relative_to(model).as_posix()}", "model") for p in _onnx_files(model)]
     else:
         raise InputError(f"Model '{model}' is neither a GGUF file nor a directory with .onnx files.",
                          "pass the .gguf that `edgemed convert` wrote")
@@ -233,7 +251,7 @@ def _check_onnx_files(r: dict, report: Path, model: Path) -> None:
             isinstance(v, dict) and isinstance(v.get("size_bytes"), int) and isinstance(v.get("sha256"), str) for v in listed.values()):
         raise InputError(f"The conversion report '{report}' has a 'files' entry that is not a map of path to size_bytes "
                          "and sha256.", _ONNX_REMAKE)
-    found = {p.relative_to(model).as_posix(): p for p in sorted(model.rglob("*")) if p.is_file()}
+    found = {p.relative_to(model).as_posix(): p for p in _onnx_files(model)}
     found.pop(IN_DIRECTORY, None)
     missing, extra = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
     changed = [rel for rel in sorted(set(listed) & set(found))
