@@ -285,7 +285,7 @@ def test_check_runs_the_gate_again_on_an_onnx_directory(tiny, exported, tmp_path
     result = runner.invoke(main, ["check", str(tiny), str(retok)])
     assert result.exit_code != 0 and "tokenizes differently from the source's tokenizer" in result.output, result.output
     result = runner.invoke(main, ["check", str(tiny), str(tmp_path)])
-    assert result.exit_code != 0 and "without model.onnx" in result.output
+    assert result.exit_code != 0 and "without genai_config.json" in result.output
     stale = tmp_path / "stale"
     shutil.copytree(exported["fp32"], stale)
     report = json.loads((stale / "report.json").read_text())
@@ -453,3 +453,41 @@ def test_a_null_context_length_is_refused_by_name_before_the_export(tiny, tmp_pa
     assert "'max_position_embeddings' must be a positive integer" in e.value.problem and "not null" in e.value.problem
     assert "max_position_embeddings" in e.value.fix
     assert list(outs.iterdir()) == []
+
+
+def test_check_gates_the_graph_genai_config_names_which_the_engine_runs(tiny, exported, tmp_path):
+    """`edgemed check` gated model.onnx whatever genai_config.json named, and the ONNX engine runs the graph it names:
+    an int4 folder whose config points at served.onnx (here damaged float32 weights) passed on its model.onnx. The
+    check gates served.onnx and fails it; a folder without genai_config.json is refused as the engine refuses it."""
+    import onnx
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+
+    d = tmp_path / "served"
+    shutil.copytree(exported["int4"], d)
+    (d / "report.json").unlink()  # another tool's folder: nothing but the graph says what it is
+    graph = onnx.load(str(exported["fp32"] / "model.onnx"))
+    onnx.save_model(graph, str(d / "served.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="served.onnx.data")
+    data = bytearray((d / "served.onnx.data").read_bytes())
+    data[: len(data) // 3] = bytes(len(data) // 3)  # a third of the weights zeroed
+    (d / "served.onnx.data").write_bytes(bytes(data))
+    doc = json.loads((d / "genai_config.json").read_text())
+    doc["model"]["decoder"]["filename"] = "served.onnx"
+    (d / "genai_config.json").write_text(json.dumps(doc))
+    runner = CliRunner()
+    result = runner.invoke(main, ["check", str(tiny), str(d), "--json"])
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["out_type"] == "f32"  # served.onnx's gate (float), not model.onnx's (int4)
+    assert "do not ship it" in result.output, result.output
+
+    doc["model"]["decoder"]["filename"] = "gone.onnx"
+    (d / "genai_config.json").write_text(json.dumps(doc))
+    result = runner.invoke(main, ["check", str(tiny), str(d)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "names the graph 'gone.onnx', which is not a file" in said, result.output
+    (d / "genai_config.json").unlink()
+    result = runner.invoke(main, ["check", str(tiny), str(d)])  # model.onnx is there, but the engine cannot run the folder
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "without genai_config.json" in said and "Traceback" not in said, result.output

@@ -22,6 +22,25 @@ GENAI_CONFIG = "genai_config.json"
 GATE_TYPE = {"fp32": "f32", "int4": "int4"}
 
 
+def engine_graph(directory: Path) -> Path:
+    """The graph edgemed's ONNX engine runs for ``directory``: the file its ``genai_config.json`` names
+    (``model.decoder.filename``), the config read as the engine reads it. A folder without that file is refused, as
+    the engine refuses it: what ``check`` gates is what a device runs, not whatever ``model.onnx`` lies beside it."""
+    from edgemed.errors import InputError
+
+    directory = Path(directory)
+    config = directory / GENAI_CONFIG
+    if not os.path.lexists(config):
+        raise InputError(f"'{directory}' is a folder without {GENAI_CONFIG}, which names the graph edgemed's ONNX engine "
+                         "runs: neither a GGUF nor an ONNX directory it can run.",
+                         "pass a .gguf, or the directory `edgemed convert --to onnx` wrote")
+    name = genai_config.read_model(config, engine=True)["decoder"]["filename"]
+    if not (directory / name).is_file():
+        raise InputError(f"'{config}' names the graph '{name}', which is not a file in '{directory}'.",
+                         "re-copy the whole directory, or convert the model again")
+    return directory / name
+
+
 def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
     """float32 logits [positions, vocab] per token list, from an ONNX graph with a KV cache. A graph ONNX Runtime
     cannot open (truncated weights, a missing data file), a graph without past_key_values inputs, or a

@@ -270,18 +270,16 @@ def _file_type(model: Path, meta: dict) -> str:
 
 
 def _check_onnx(opened, model: Path, threads):
-    """``check`` of an ONNX directory: its weight type (from the graph; a report.json naming another is refused), the
-    source its report names, its tokenizer against the source's, then the conversion's gate (``converters.onnx.parity``)."""
-    from edgemed.converters.onnx.export import MODEL_FILE
-    from edgemed.converters.onnx.parity import check_onnx, verify_tokenizer, weight_type_of
+    """``check`` of an ONNX directory: the graph the ONNX engine runs (the one genai_config.json names), its weight type
+    (from the graph; a report.json naming another is refused), the source its report names, its tokenizer against the
+    source's, then the conversion's gate (``converters.onnx.parity``)."""
+    from edgemed.converters.onnx.parity import check_onnx, engine_graph, verify_tokenizer, weight_type_of
     from edgemed.errors import InputError
     from edgemed.formats.conversion_report import existing_report
     from edgemed.formats.input_file import read_at_most
     from edgemed.formats.nesting import loads_json
 
-    if not (model / MODEL_FILE).is_file():
-        raise InputError(f"'{model}' is a folder without {MODEL_FILE}: neither a GGUF nor an ONNX directory edgemed wrote.",
-                         "pass a .gguf, or the directory `edgemed convert --to onnx` wrote")
+    graph = engine_graph(model)
     report = None
     if (found := existing_report(model)) is not None:
         try:
@@ -292,12 +290,12 @@ def _check_onnx(opened, model: Path, threads):
         if not isinstance(report, dict):
             raise InputError(f"'{found}' is not a conversion report (a JSON object).",
                              "convert again, or remove it to check the graph as it is")
-    weight_type = weight_type_of(model / MODEL_FILE, report)
+    weight_type = weight_type_of(graph, report)
     source, lora = (report or {}).get("source"), (report or {}).get("lora")
     _same_source(opened, model, ("report.json source.sha256", source.get("sha256") if isinstance(source, dict) else None),
                  ("report.json lora.sha256", lora.get("sha256") if isinstance(lora, dict) else None))
     verify_tokenizer(opened.checkpoint.path, model)
-    return check_onnx(opened, model / MODEL_FILE, weight_type, threads=threads)
+    return check_onnx(opened, graph, weight_type, threads=threads)
 
 
 def _same_source(opened, model: Path, source: tuple[str, object], lora: tuple[str, object]) -> None:
