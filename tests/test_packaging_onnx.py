@@ -201,3 +201,43 @@ def test_pack_refuses_a_symbolic_link_in_the_onnx_folder_and_never_follows_it(ti
     said = " ".join(r.output.split())
     assert r.exit_code == 1 and f"'{d / name}' in the ONNX directory" in said and "is a symbolic link" in said, r.output
     assert "Traceback" not in said and not (tmp_path / "b").exists()
+
+
+def test_the_onnx_memory_estimate_holds_past_and_present_kv_at_the_graphs_type(tiny_onnx, tmp_path):
+    """The manifest priced an ONNX model's KV cache at f16 and once, while the traced graph carries it as float32
+    (past_*/present_* are tensor(float)) and the engine holds the past it feeds and the present it gets back in
+    every forward: each context's need counts 2 (past, present) x 2 (K, V) x layers x context x KV heads x head dim
+    x 4 bytes."""
+    import onnx
+
+    graph = onnx.load(str(tiny_onnx / "model.onnx"), load_external_data=False).graph
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    r = _pack(tiny_onnx, tmp_path)
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    mem, model = man["memory"], man["model"]
+    layers, kv_heads, head_dim = model["n_layers"], model["n_head_kv"], model["head_dim"]
+    assert (layers, kv_heads, head_dim) == (2, 2, 16)
+    weights = sum(f["size"] for f in man["files"] if f["role"] == "model")
+    assert mem["by_context"] and mem["method"] == "estimate/weights+kv_past_present+compute/2"
+    for ctx, need in mem["by_context"].items():
+        kv = 2 * 2 * layers * int(ctx) * kv_heads * head_dim * 4
+        assert need == weights + kv + model["vocab_size"] * 512 * 4 + (64 << 20), ctx
+    text = CliRunner().invoke(cli, ["inspect", str(tmp_path / "b")], catch_exceptions=False).output
+    assert "memory     (estimate/weights+kv_past_present+compute/2)" in text, text
+
+
+def test_pack_refuses_an_onnx_folder_whose_graph_lacks_the_past_input_its_config_names(tiny_onnx, tmp_path):
+    """The KV cache's type is read from the graph genai_config.json names: a config naming a past input the graph
+    does not have (the ONNX engine refuses it at load) is refused by name, not priced at a guess."""
+    import shutil
+
+    d = shutil.copytree(tiny_onnx, tmp_path / "renamed")
+    cfg = json.loads((d / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["inputs"]["past_key_names"] = "past.%d.key"
+    (d / "genai_config.json").write_text(json.dumps(cfg))
+    r = _pack(d, tmp_path, "--no-report")
+    said = " ".join(r.output.split())
+    assert r.exit_code == 1 and "has no input 'past.0.key'" in said and "Traceback" not in said, r.output
+    assert not (tmp_path / "b").exists()

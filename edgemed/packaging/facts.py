@@ -18,7 +18,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from edgemed.constants import KV_TYPES
 from edgemed.errors import InputError, IntegrityError
 from edgemed.formats import genai_config
 
@@ -168,7 +167,8 @@ def _onnx_template_sha256(model_dir: Path) -> str | None:
 
 # -- memory ------------------------------------------------------------------------------
 CONTEXTS = (2048, 4096, 8192)
-ESTIMATE_METHOD = "estimate/weights+kv_f16+compute/1"
+#: the ONNX estimate's formula (1 priced the KV cache at f16, once; 2 at the graph's type, past and present)
+ESTIMATE_METHOD = "estimate/weights+kv_past_present+compute/2"
 
 
 def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
@@ -180,10 +180,10 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
     flash attention and offload, checked against the profile's budget where the
     profile fixes its memory size (Jetsons, Macs); PC profiles take their budget
     from the machine, so ``fits`` is null there. ONNX: the planner does not read
-    ONNX graphs; a stated estimate from file size and KV-cache shape.
+    ONNX graphs; a stated estimate from file size and KV-cache shape and type.
     """
     if facts.get("format") != "gguf":
-        return _onnx_estimate(facts, model_bytes)
+        return _onnx_estimate(model, facts, model_bytes)
     from edgemed.devices.profiles import load_profiles
     from edgemed.errors import ProfileError
     from edgemed.runtime.plan import METHOD, estimate, for_engine, profile_settings, read_shape
@@ -206,18 +206,46 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
     return {"method": METHOD, "by_context": by_ctx, "profiles": profiles}
 
 
-def _onnx_estimate(facts: dict, model_bytes: int) -> dict:
-    """weights: the files' size; KV cache: 2 x layers x context x KV heads x head dim x 2 bytes (f16);
-    compute: logits for one 512-token batch (vocab x 512 x 4 bytes) + 64 MiB of scratch."""
+def _onnx_estimate(model_dir: Path, facts: dict, model_bytes: int) -> dict:
+    """weights: the files' size; KV cache: past and present (the ONNX engine feeds the past to every forward and holds
+    the present it returns at the same time) x K and V x layers x context x KV heads x head dim x the bytes of the
+    graph's past input type (float32 in the graph edgemed traces); compute: logits for one 512-token batch
+    (vocab x 512 x 4 bytes) + 64 MiB of scratch."""
     layers, kv_heads, head_dim = facts.get("n_layers"), facts.get("n_head_kv"), facts.get("head_dim")
     vocab = facts.get("vocab_size") or 0
     max_ctx = facts.get("context_length") or max(CONTEXTS)
+    element = _onnx_kv_bytes(model_dir)
     by_ctx = {}
     for ctx in sorted({c for c in CONTEXTS if c <= max_ctx} | {min(max_ctx, 32768)}):
-        kv = int(2 * layers * ctx * kv_heads * head_dim * KV_TYPES["f16"].bytes_per_element) if layers and kv_heads and head_dim else 0
+        kv = 2 * 2 * layers * ctx * kv_heads * head_dim * element if layers and kv_heads and head_dim else 0
         by_ctx[str(ctx)] = model_bytes + kv + vocab * 512 * 4 + (64 << 20)
     return {"method": ESTIMATE_METHOD, "by_context": by_ctx, "profiles": {},
-            "note": "ONNX: estimate from file size and KV-cache shape (the planner reads GGUF only)"}
+            "note": "ONNX: estimate from file size and KV-cache shape and type (the planner reads GGUF only)"}
+
+
+def _onnx_kv_bytes(model_dir: Path) -> int:
+    """Bytes per element of the KV cache of the ONNX directory ``model_dir``: the type of its first past-key input,
+    in the graph genai_config.json names (``onnx_facts`` has checked that file as the engine does)."""
+    from edgemed.formats.input_file import NotRegular
+    from edgemed.formats.onnx_inputs import FLOAT_TYPES, input_types
+
+    decoder = genai_config.read_model(model_dir / "genai_config.json", engine=True)["decoder"]
+    graph, past = model_dir / decoder["filename"], decoder["inputs"]["past_key_names"] % 0
+    remake = "re-copy the whole directory, or convert the model again with `edgemed convert --to onnx`"
+    try:
+        types = input_types(graph)
+    except (NotRegular, IsADirectoryError, FileNotFoundError) as exc:
+        raise InputError(f"'{graph}', the graph genai_config.json names, is not a regular file ({exc.strerror or exc}).",
+                         remake) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{graph}' is not an ONNX graph edgemed can read ({exc}).", remake) from None
+    if past not in types:
+        raise InputError(f"The graph '{graph}' has no input '{past}', which genai_config.json names as the first "
+                         "layer's past key: the ONNX engine would refuse the directory.", remake)
+    if types[past] not in FLOAT_TYPES:
+        raise InputError(f"The graph '{graph}' holds its KV cache ('{past}') as ONNX element type {types[past]}, not a "
+                         f"floating type ({', '.join(name for name, _ in FLOAT_TYPES.values())}).", remake)
+    return FLOAT_TYPES[types[past]][1]
 
 
 # -- LoRA adapters -----------------------------------------------------------------------
