@@ -323,3 +323,88 @@ def test_a_thread_count_the_session_does_not_report_is_said(tiny_onnx, monkeypat
     with caplog.at_level(logging.WARNING, logger="edgemed.runtime.onnx_engine"):
         open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=2, inter_op_threads=3)).close()
     assert any("inter_op_num_threads reads back 7 after 3 was set" in r.getMessage() for r in caplog.records)
+
+
+def _copy(tiny_onnx, tmp_path) -> Path:
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_onnx[1], folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.onnx.data"])
+def test_a_fifo_graph_or_weights_file_is_refused_without_hanging(tiny_onnx, tmp_path, name):
+    """`edgemed run DIR` with a FIFO as model.onnx hung for ever: every JSON and template file was checked to be a
+    regular file, and the graph was handed to onnxruntime, which opens it blocking. The graph and its weights file
+    are looked at (never opened blocking) before onnxruntime is asked."""
+    from fifo_kit import run_unblocked
+
+    from edgemed.errors import ModelLoadError
+
+    folder = _copy(tiny_onnx, tmp_path)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)  # nobody writes: a blocking open would wait for ever
+
+    def load():
+        try:
+            open_engine(folder, LoadSettings(n_ctx=128)).close()
+        except ModelLoadError as exc:
+            return exc
+        return None
+
+    got = run_unblocked(load, folder / name, 20, f"loading a folder whose {name} is a FIFO blocked")
+    assert isinstance(got, ModelLoadError), got
+    assert "named pipe (FIFO)" in got.problem and name in got.problem, got.problem
+
+
+def _set_locations(graph: Path, location: str) -> None:
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(graph), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(graph))
+
+
+def _outside(tmp_path, folder) -> Path:
+    import shutil
+
+    (tmp_path / "elsewhere").mkdir()
+    return Path(shutil.copy(folder / "model.onnx.data", tmp_path / "elsewhere" / "x.data"))
+
+
+EXTERNAL = {
+    "a location out of the folder": (lambda f, out: _set_locations(f / "model.onnx", "../elsewhere/x.data"),
+                                     "'../elsewhere/x.data', a path out of the model's folder"),
+    "an absolute location": (lambda f, out: _set_locations(f / "model.onnx", str(out)), "an absolute path"),
+    "a link out of the folder": (lambda f, out: ((f / "model.onnx.data").unlink(), os.symlink(out, f / "model.onnx.data")),
+                                 "'model.onnx.data', a link to"),
+    "missing": (lambda f, out: (f / "model.onnx.data").unlink(), "'model.onnx.data', which is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTERNAL))
+def test_external_data_outside_the_folder_is_refused_naming_it(tiny_onnx, tmp_path, monkeypatch, case):
+    """onnxruntime refuses an escaping or absolute external-data location, or a .data linked out of the folder,
+    and the engine said "check the directory is complete ... onnxruntime >= 1.20". The location and the fix (convert
+    again; external data is a file inside the folder) are named, before onnxruntime reads anything; where it is
+    onnxruntime that refuses (an external-data reference the engine's walk did not list), its refusal gets the
+    same fix."""
+    from edgemed.errors import ModelLoadError
+    from edgemed.formats import onnx_external
+
+    folder = _copy(tiny_onnx, tmp_path)
+    change, says = EXTERNAL[case]
+    change(folder, _outside(tmp_path, folder))
+    with pytest.raises(ModelLoadError) as e:
+        open_engine(folder, LoadSettings(n_ctx=128))
+    assert says in e.value.problem and "model.model.embed_tokens.weight" in e.value.problem, e.value.problem
+    assert "a regular file inside the model's folder" in e.value.problem
+    assert "convert the model again" in e.value.fix and "onnxruntime is >= 1.20" not in e.value.fix
+    monkeypatch.setattr(onnx_external, "external_data", lambda graph: {})
+    with pytest.raises(ModelLoadError) as e:
+        open_engine(folder, LoadSettings(n_ctx=128))
+    assert "onnxruntime refused the external data" in e.value.problem, e.value.problem
+    assert "must be a regular file inside the model's folder" in e.value.fix and "1.20" not in e.value.fix

@@ -17,19 +17,22 @@ What the session took is read back: its providers (``session.get_providers()``:
 onnxruntime drops one whose libraries do not load, with a line in its own log
 only) and the thread counts its options report; a difference is said at WARNING,
 as a llama.cpp load says weights placed elsewhere than asked.
+
+Everything onnxruntime would trip on later is refused at load with the fix: a
+graph or weights file that is not a regular file inside the folder.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 from edgemed import env
 from edgemed.errors import InputError, ModelLoadError, require
-from edgemed.formats import genai_config
-from edgemed.formats.input_file import read_at_most
+from edgemed.formats import genai_config, onnx_external
+from edgemed.formats.input_file import odd_kind, read_at_most
 from edgemed.formats.nesting import loads_json
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
 
@@ -104,6 +107,22 @@ def _token_ids(value, where: Path) -> set[int]:
     return set(ids)
 
 
+_EXTERNAL_FIX = ("convert the model again with `edgemed convert --to onnx`, which writes the weights beside the graph "
+                 "(model.onnx.data), and copy the folder whole: external data must be a regular file inside the "
+                 "model's folder, not a link out of it")
+
+
+def _load_failed(graph: Path, exc: Exception) -> ModelLoadError:
+    """onnxruntime's refusal of ``graph`` as one paragraph; its external-data refusals name that fix."""
+    said = str(exc).strip()
+    if "external data" in said.lower():
+        return ModelLoadError(f"onnxruntime refused the external data (the weights file) that '{graph}' names: "
+                              f"{said}.", _EXTERNAL_FIX)
+    return ModelLoadError(f"onnxruntime could not load '{graph}': {said}.",
+                          "check the directory is complete (model.onnx and model.onnx.data), and that onnxruntime "
+                          "is >= 1.20")
+
+
 class OnnxEngine:
     """One loaded ONNX model directory."""
 
@@ -142,6 +161,8 @@ class OnnxEngine:
         self.bos_token, self.eos_token = _token_text(tok_cfg.get("bos_token")), _token_text(tok_cfg.get("eos_token"))
         self.chat_template = self._load_template(tok_cfg)
 
+        graph = path / dec["filename"]
+        self._check_external_data(graph)  # before onnxruntime opens anything: a FIFO would hang the load
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = {"intra_op_num_threads": load.n_threads, "inter_op_num_threads": load.inter_op_threads}
@@ -153,10 +174,9 @@ class OnnxEngine:
             opts.profile_file_prefix = str(load.extra["profile"])
         asked = choose_providers(load.providers, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(str(path / dec["filename"]), opts, providers=asked)
+            self.session = ort.InferenceSession(str(graph), opts, providers=asked)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelLoadError(f"onnxruntime could not load '{path / dec['filename']}': {exc}.",
-                                 "check the directory is complete (model.onnx and model.onnx.data), and that onnxruntime is >= 1.20") from None
+            raise _load_failed(graph, exc) from None
         self.providers = list(self.session.get_providers())  # what onnxruntime took, not what it was asked for
         self._read_back(asked, threads)
         self.ort = ort
@@ -171,6 +191,43 @@ class OnnxEngine:
         self._kv = (int(dec["num_key_value_heads"]), int(dec["head_size"]), _NP_TYPES.get(spec.type, "float32"))
         self._outputs = [self.names["logits"]] + [
             self.names[key] % i for i in range(self.n_layers) for key in ("present_key_names", "present_value_names")]
+
+    def _check_external_data(self, graph: Path) -> None:
+        """Refuse, before onnxruntime opens anything, a graph file that is not a regular file (a FIFO would hang the
+        load: onnxruntime opens it blocking) and an external-data location that is absolute, outside the folder
+        (by its path or by the link it is), or not a regular file. onnxruntime 1.32 refuses the latter with a message
+        about its own code; older releases read what they were pointed at."""
+        try:
+            locations = onnx_external.external_data(graph)
+        except FileNotFoundError:
+            raise ModelLoadError(f"'{self.path}' has no '{graph.name}' (the graph {GENAI_CONFIG} names).",
+                                 "re-copy the model directory, or convert the model again with "
+                                 "`edgemed convert --to onnx`") from None
+        except OSError as exc:  # NotRegular says which kind of file it is; a folder is IsADirectoryError
+            raise ModelLoadError(f"'{graph}' cannot be read ({exc.strerror or exc}).", _RECOPY) from None
+        except ValueError as exc:
+            raise ModelLoadError(f"'{graph}' is not an ONNX graph onnxruntime could load ({exc}).", _RECOPY) from None
+        folder = Path(os.path.realpath(self.path))
+        for location, tensor in locations.items():
+            where = self.path / location
+            real = Path(os.path.realpath(where))
+            if PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute():
+                why = "an absolute path"
+            elif not Path(os.path.normpath(folder / location)).is_relative_to(folder):
+                why = "a path out of the model's folder"
+            elif not real.is_relative_to(folder):
+                why = f"a link to '{real}', outside the model's folder"
+            elif not os.path.lexists(where):
+                why = "which is missing"
+            elif os.path.isdir(where):
+                why = "a folder"
+            else:
+                kind = odd_kind(where)
+                why = f"{kind}, not a regular file" if kind else None
+            if why:
+                raise ModelLoadError(f"'{graph}' keeps the weights of '{tensor}' in the external data file "
+                                     f"'{location}', {why}: onnxruntime reads external data only from a regular "
+                                     "file inside the model's folder.", _EXTERNAL_FIX)
 
     def _read_back(self, asked: list[str], threads: dict[str, int]) -> None:
         """Say at WARNING where the session differs from what it was asked: an execution provider onnxruntime did not
