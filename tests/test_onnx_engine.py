@@ -408,3 +408,84 @@ def test_external_data_outside_the_folder_is_refused_naming_it(tiny_onnx, tmp_pa
         open_engine(folder, LoadSettings(n_ctx=128))
     assert "onnxruntime refused the external data" in e.value.problem, e.value.problem
     assert "must be a regular file inside the model's folder" in e.value.fix and "1.20" not in e.value.fix
+
+
+def _with_config(tiny_onnx, tmp_path, **decoder) -> Path:
+    import json
+
+    folder = _copy(tiny_onnx, tmp_path)
+    config = json.loads((folder / "genai_config.json").read_text())
+    (folder / "genai_config.json").write_text(json.dumps(_dec(config, **decoder)))
+    return folder
+
+
+def _with_added_token(tiny_onnx, tmp_path) -> Path:
+    import json
+
+    folder = _copy(tiny_onnx, tmp_path)
+    doc = json.loads((folder / "tokenizer.json").read_text())
+    top = max(max(doc["model"]["vocab"].values()), max(t["id"] for t in doc["added_tokens"]))
+    doc["added_tokens"].append({"id": top + 1, "content": "<|tool_call|>", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(doc))
+    return folder
+
+
+SHAPE_LIES = {
+    "num_key_value_heads 2 -> 3": (lambda t, p: _with_config(t, p, num_key_value_heads=3),
+                                   "past_key_values.0.key is [batch, 2, past, 16], and axis 1 is 2, not 3 "
+                                   "(num_key_value_heads)"),
+    "head_size 16 -> 8": (lambda t, p: _with_config(t, p, head_size=8), "axis 3 is 16, not 8 (head_size)"),
+    "a token added to tokenizer.json": (_with_added_token, "has token id 300, but the graph 'model.onnx' scores only "
+                                                           "300 tokens (the last axis of its output logits [batch, seq, "
+                                                           "300])"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPE_LIES))
+def test_a_config_or_tokenizer_the_graph_cannot_run_is_refused_at_load(tiny_onnx, tmp_path, case):
+    """The names were checked, not the sizes: a genai_config.json whose KV shape is not the graph's, or a tokenizer
+    with a token the graph has no row for, loaded, and onnxruntime failed on the first prompt ("Got invalid
+    dimensions for input: past_key_values.1.key", "Gather ... indices element out of data bounds, idx=300"), a
+    51-line traceback from `edgemed run`. Both are refused at load, and `edgemed run` says so in one paragraph."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+    from edgemed.errors import ModelLoadError
+
+    make, says = SHAPE_LIES[case]
+    folder = make(tiny_onnx, tmp_path)
+    with pytest.raises(ModelLoadError) as e:
+        open_engine(folder, LoadSettings(n_ctx=128))
+    assert says in e.value.problem, e.value.problem
+    result = CliRunner().invoke(main, ["run", str(folder), "--prompt", "The patient has diabetes", "--max-tokens", "4"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and says in " ".join(result.output.split()), result.output
+    assert "Fix:" in result.output
+
+
+def test_an_onnxruntime_failure_while_generating_names_the_folder(engine):
+    """A step onnxruntime cannot run (here: a token id past the graph's vocabulary, fed by a caller that passes ids)
+    raised onnxruntime's own exception through `forward`; it is a ModelLoadError naming the folder and the step."""
+    from edgemed.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError) as e:
+        list(engine.generate_tokens([1, 300], GenerationSettings(max_tokens=2)))
+    assert f"onnxruntime could not run the graph of '{engine.path}' on 2 token(s) after 0 cached" in e.value.problem
+    assert "out of" in e.value.problem and "convert the model again" in e.value.fix
+
+
+def test_a_graph_that_names_its_vocabulary_axis_is_held_to_the_configs_vocab_size(engine):
+    """Where the logits' last axis is symbolic, genai_config.json's vocab_size is the count the tokenizer is held to;
+    with neither, nothing is refused (the engine has no count to hold it to)."""
+    from types import SimpleNamespace
+
+    from edgemed.errors import ModelLoadError
+
+    inputs = {i.name: i for i in engine.session.get_inputs()}
+    named = SimpleNamespace(name="logits", shape=["batch", "seq", "vocab"])
+    with pytest.raises(ModelLoadError, match=r"has token id 299, but the graph 'model.onnx' scores only 200 tokens "
+                                             r"\(vocab_size in genai_config.json\)"):
+        engine._check_shapes("model.onnx", inputs, named, 200)
+    engine._check_shapes("model.onnx", inputs, named, 300)
+    engine._check_shapes("model.onnx", inputs, named, None)

@@ -19,7 +19,8 @@ only) and the thread counts its options report; a difference is said at WARNING,
 as a llama.cpp load says weights placed elsewhere than asked.
 
 Everything onnxruntime would trip on later is refused at load with the fix: a
-graph or weights file that is not a regular file inside the folder.
+graph or weights file that is not a regular file inside the folder, names or
+KV shapes the graph does not have, a tokenizer with ids past the graph's logits.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def choose_providers(requested, available: list[str]) -> list[str]:
     return chosen
 
 
+def _dims(shape: list) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
 def _token_text(value) -> str:
     if isinstance(value, dict):  # {"content": "<|im_end|>", ...}
         value = value.get("content")
@@ -105,6 +110,13 @@ def _token_ids(value, where: Path) -> set[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
         raise ModelLoadError(f"'{where}': eos_token_id must be a token id or a list of them, not {str(value)[:40]}.", _RECOPY)
     return set(ids)
+
+
+def _ort_errors(ort) -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception types (Fail, InvalidArgument, RuntimeException, ...): what a run raises when the
+    graph cannot compute the step it was fed."""
+    native = vars(ort.capi.onnxruntime_pybind11_state)
+    return tuple(v for v in native.values() if isinstance(v, type) and issubclass(v, Exception))
 
 
 _EXTERNAL_FIX = ("convert the model again with `edgemed convert --to onnx`, which writes the weights beside the graph "
@@ -180,15 +192,19 @@ class OnnxEngine:
         self.providers = list(self.session.get_providers())  # what onnxruntime took, not what it was asked for
         self._read_back(asked, threads)
         self.ort = ort
+        self._ort_errors = _ort_errors(ort)
         self._past_specs = []
         for i in range(self.n_layers):
             for key in ("past_key_names", "past_value_names"):
                 self._past_specs.append(self.names[key] % i)
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self._check_names(dec["filename"], set(inputs), {o.name for o in self.session.get_outputs()})
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self._check_names(dec["filename"], set(inputs), set(outputs))
         spec = inputs[self._past_specs[0]]
-        # [batch, kv_heads, past, head_dim]; taken from the config (a graph may name the last axis symbolically)
+        # [batch, kv_heads, past, head_dim]; taken from the config (a graph may name the last axis symbolically),
+        # held to the graph's concrete dims
         self._kv = (int(dec["num_key_value_heads"]), int(dec["head_size"]), _NP_TYPES.get(spec.type, "float32"))
+        self._check_shapes(dec["filename"], inputs, outputs[self.names["logits"]], model.get("vocab_size"))
         self._outputs = [self.names["logits"]] + [
             self.names[key] % i for i in range(self.n_layers) for key in ("present_key_names", "present_value_names")]
 
@@ -247,6 +263,40 @@ class OnnxEngine:
         if wrong:
             log.warning("onnxruntime's session for %s did not take edgemed's settings: %s.", self.path.name,
                         "; ".join(wrong))
+
+    def _check_shapes(self, filename: str, inputs: dict, logits, vocab_size) -> None:
+        """Refuse a config whose sizes are not the graph's, and a tokenizer with ids the graph has no row for:
+        onnxruntime would fail at the first prompt (the empty past cache is sized from the config: "Got invalid
+        dimensions for input"; a token id past the embedding: "Gather ... indices element out of data bounds")."""
+        kv_heads, head_dim, _ = self._kv
+        for name in self._past_specs:
+            shape = list(inputs[name].shape)
+            if len(shape) != 4:
+                wrong = [f"it has {len(shape)} axes, not 4 (batch, num_key_value_heads, past, head_size)"]
+            else:
+                wrong = [f"axis {axis} is {shape[axis]}, not {want} ({field})"
+                         for axis, want, field in ((1, kv_heads, "num_key_value_heads"), (3, head_dim, "head_size"))
+                         if isinstance(shape[axis], int) and shape[axis] != want]
+            if wrong:
+                raise ModelLoadError(
+                    f"'{self.path / GENAI_CONFIG}' does not describe the graph '{filename}': its input {name} is "
+                    f"{_dims(shape)}, and {'; '.join(wrong)}.",
+                    "re-copy genai_config.json and the graph from the same converted directory, or convert the model "
+                    "again with `edgemed convert --to onnx`")
+        dims = list(logits.shape)
+        if dims and isinstance(dims[-1], int):
+            rows, where = dims[-1], f"the last axis of its output {logits.name} {_dims(dims)}"
+        elif vocab_size:  # a graph that names the axis: the config's count
+            rows, where = int(vocab_size), f"vocab_size in {GENAI_CONFIG}"
+        else:
+            return
+        top = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= rows:
+            raise ModelLoadError(
+                f"The tokenizer in '{self.path}' has token id {top}, but the graph '{filename}' scores only {rows} "
+                f"tokens ({where}): a prompt holding that token would fail in onnxruntime.",
+                "re-copy tokenizer.json from the converted directory (a token added after the conversion needs the "
+                "model converted again with it, `edgemed convert --to onnx`)")
 
     def _check_names(self, filename: str, graph_inputs: set[str], graph_outputs: set[str]) -> None:
         """Refuse a genai_config.json whose names are not the graph's: onnxruntime would fail on the first prompt
@@ -376,7 +426,14 @@ class OnnxEngine:
         if "position_ids" in self.names:
             positions = np.arange(pos, pos + n, dtype=np.int64)[None, :]
             feeds[self.names["position_ids"]] = ort.OrtValue.ortvalue_from_numpy(positions)
-        outs = self.session.run_with_ort_values(self._outputs, feeds)
+        try:
+            outs = self.session.run_with_ort_values(self._outputs, feeds)
+        except self._ort_errors as exc:
+            raise ModelLoadError(
+                f"onnxruntime could not run the graph of '{self.path}' on {n} token(s) after {pos} cached "
+                f"position(s): {str(exc).strip()}.",
+                "re-copy the model directory, or convert the model again with `edgemed convert --to onnx`; if the "
+                "error persists with a fresh conversion, report it with this message") from None
         return outs[0].numpy()[0], dict(zip(self._past_specs, outs[1:]))
 
     def decode_steps(self, prompt_ids: list[int]):
