@@ -269,60 +269,83 @@ def test_profile_providers_reach_the_load_settings_not_extra(tmp_path):
     assert load.providers == ("CUDAExecutionProvider", "CPUExecutionProvider") and load.extra == {}
 
 
-def test_the_profiles_inter_op_threads_reach_the_session_and_are_read_back(tiny_onnx, tmp_path):
-    """`onnx.inter_op_threads` was required in every profile and reached no session: only the intra-op count was
-    set. Both travel in the load settings and onnxruntime's session options report them."""
+def _threads_now() -> int:
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("the session's threads are counted in /proc/self/task (Linux)")
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_inter_op_threads_are_dropped_with_a_warning_and_the_intra_op_pool_is_counted(tiny_onnx, tmp_path, caplog):
+    """`onnx.inter_op_threads` reached the session's options and did nothing: the session stayed in onnxruntime's
+    sequential mode, which starts no inter-op pool, and the read-back asked the options object, which echoes what it
+    was given. Parallel mode runs the decoder slower, so a count above 1 is dropped with a warning that names the
+    fix; the intra-op pool is what the process's thread count shows (a pool of n: n - 1 new threads)."""
+    import logging
+
     from edgemed.runtime.session import prepare
 
     (tmp_path / "model.onnx").write_bytes(b"")
     assert prepare(tmp_path, "jetson-orin-nano-8gb").load.inter_op_threads == 1
-    with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=2, inter_op_threads=3)) as eng:
-        took = eng.session.get_session_options()
-        assert (took.intra_op_num_threads, took.inter_op_num_threads) == (2, 3)
-    with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128)) as eng:  # unset: onnxruntime's own default (0)
-        assert eng.session.get_session_options().inter_op_num_threads == 0
+    for intra, inter in ((2, 6), (3, 1)):
+        caplog.clear()
+        before = _threads_now()
+        with caplog.at_level(logging.INFO, logger="edgemed.runtime.onnx_engine"):
+            eng = open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=intra, inter_op_threads=inter))
+        try:
+            assert _threads_now() - before == intra - 1  # the intra-op pool, and no inter-op one
+            said = [r.getMessage() for r in caplog.records]
+            assert not [m for m in said if "did not take" in m or "could not be read back" in m], said
+            dropped = [m for m in said if "inter_op_threads" in m]
+            if inter > 1:
+                assert len(dropped) == 1 and f"onnx.inter_op_threads = {inter} is not used" in dropped[0]
+                assert "parallel execution mode" in dropped[0] and "Fix: set onnx.inter_op_threads = 1" in dropped[0]
+            else:
+                assert not dropped, dropped
+            assert "".join(eng.chat(PROMPT, GenerationSettings(max_tokens=4)))
+        finally:
+            eng.close()
 
 
-@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
-def test_a_provider_onnxruntime_did_not_take_is_read_back_and_said(tiny_onnx, monkeypatch, caplog):
-    """A CUDA build whose libraries do not load falls back to the CPU, saying so only in onnxruntime's own log, and
-    the engine reported the providers it had asked for. Here the build is made to list CUDA, which the session
-    then cannot take: the engine reports what the session runs on, and warns naming the provider."""
+def test_an_intra_op_count_the_session_did_not_take_is_said(tiny_onnx, monkeypatch, caplog):
+    """Session options that keep the count on the Python side only: the native session never gets it, and
+    onnxruntime starts its default pool (one thread per physical core). The threads the process gained while the
+    session was made are counted, and the difference from the pool that was asked for is said."""
     import logging
 
     import onnxruntime
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    _threads_now()
+
+    class Deaf(onnxruntime.SessionOptions):
+        @property
+        def intra_op_num_threads(self):
+            return self.__dict__.get("asked", 0)
+
+        @intra_op_num_threads.setter
+        def intra_op_num_threads(self, n):
+            self.__dict__["asked"] = n
+
+    asked = (os.cpu_count() or 1) + 1  # more than onnxruntime's default (the physical cores) starts
+    monkeypatch.setattr(onnxruntime, "SessionOptions", Deaf)
     with caplog.at_level(logging.WARNING, logger="edgemed.runtime.onnx_engine"):
-        with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, providers=("cuda", "cpu"))) as eng:
-            assert eng.providers == eng.session.get_providers() == ["CPUExecutionProvider"]
-            assert "".join(eng.chat(PROMPT, GenerationSettings(max_tokens=4)))  # the load went on, on the CPU
+        with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=asked)) as eng:
+            assert "".join(eng.chat(PROMPT, GenerationSettings(max_tokens=4)))  # the load went on
     said = [r.getMessage() for r in caplog.records if "did not take" in r.getMessage()]
-    assert len(said) == 1 and "CUDAExecutionProvider" in said[0] and "runs on CPUExecutionProvider" in said[0]
-    assert "onnx.providers" in said[0]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="edgemed.runtime.onnx_engine"):
-        with open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, providers=("cpu",))) as eng:
-            assert eng.providers == ["CPUExecutionProvider"]
-    assert not [r for r in caplog.records if "did not take" in r.getMessage()]  # taken as asked: nothing said
+    assert len(said) == 1 and f"intra_op_num_threads {asked} should start {asked - 1} thread(s)" in said[0], said
+    assert "/proc/self/task" in said[0]
 
 
-def test_a_thread_count_the_session_does_not_report_is_said(tiny_onnx, monkeypatch, caplog):
+def test_a_thread_count_that_cannot_be_read_back_is_said(tiny_onnx, monkeypatch, caplog):
     import logging
 
-    import onnxruntime
+    from edgemed.runtime import onnx_engine
 
-    class Reporting(onnxruntime.InferenceSession):
-        def get_session_options(self):
-            took = super().get_session_options()
-            took.inter_op_num_threads = 7
-            return took
-
-    monkeypatch.setattr(onnxruntime, "InferenceSession", Reporting)
-    with caplog.at_level(logging.WARNING, logger="edgemed.runtime.onnx_engine"):
-        open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=2, inter_op_threads=3)).close()
-    assert any("inter_op_num_threads reads back 7 after 3 was set" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(onnx_engine, "os_threads", lambda: None)  # as on macOS or Windows
+    with caplog.at_level(logging.INFO, logger="edgemed.runtime.onnx_engine"):
+        open_engine(tiny_onnx[1], LoadSettings(n_ctx=128, n_threads=2)).close()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("could not be read back" in m and "intra_op_num_threads 2" in m for m in said), said
+    assert not any("did not take" in m for m in said), said
 
 
 def _copy(tiny_onnx, tmp_path) -> Path:
