@@ -24,6 +24,7 @@ from typing import Iterator
 
 from edgemed.files import ownership
 from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
+from edgemed.files.durable import sync_folder, sync_tree
 from edgemed.errors import DISK_REFUSED, OutputExists
 
 __all__ = ["atomic_path", "atomic_paths", "check_destination", "file_destination", "inside", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
@@ -208,7 +209,8 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
     """``atomic_path`` for outputs that belong together (a key pair, a GGUF and its Modelfile).
 
     Every destination is checked before the caller writes anything, so a refusal leaves nothing
-    behind; every temporary is complete before the first rename, so an error while writing (a
+    behind; every temporary is complete, and fsynced (``durable.py``), before the first rename, and the folders
+    are fsynced after the last, so a power cut leaves the old output or the whole new one; an error while writing (a
     full disk, an exception) leaves every destination as it was. The renames follow in order, one
     per output: a kill between two of them leaves the first outputs new and the rest old, so put
     first the ones that are cheapest to lose. A full or forbidden disk's error that names no file (``write``
@@ -237,6 +239,8 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                     _refuse_directory(dest, kind)
                     if not force:
                         raise _appeared(dest, option)
+            for tmp in tmps:  # on disk before a rename publishes it: a power cut must not leave an empty output
+                sync_tree(tmp)
             olds = []
             for tmp, dest in zip(tmps, dests):
                 if force:
@@ -246,6 +250,8 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                         place_new(tmp, dest)
                     except OutputExists:  # it appeared since the check above: said naming the command's option
                         raise _appeared(dest, option) from None
+            for folder in dict.fromkeys(_folder(dest) for dest in dests):  # the renames themselves
+                sync_folder(folder)
             for old in olds:
                 if old is not None:
                     step("atomic.discard-old")

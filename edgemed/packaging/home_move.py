@@ -27,6 +27,7 @@ from pathlib import Path
 from edgemed import env
 from edgemed.errors import InputError
 from edgemed.files.debris import step
+from edgemed.files.durable import sync_folder
 from edgemed.packaging import trust
 
 #: The lock files of a state folder (relative paths), each held by the edgemed commands that change it; every
@@ -78,7 +79,7 @@ def move(old: Path | None = None, new: Path | None = None, cache: Path | None = 
         for name in policy_only:  # a trust policy written into the new folder first (the policy steps, run before
             step(f"bring {name} into the state folder")  # the move): it joins the state, then all moves as one
             os.rename(new / name, old / name)
-        _sync(old)
+        sync_folder(old)
         if new.exists():  # empty, or holding only a cache: a rename onto it needs it empty
             with contextlib.suppress(OSError):
                 new.rmdir()
@@ -88,7 +89,7 @@ def move(old: Path | None = None, new: Path | None = None, cache: Path | None = 
                                  "`edgemed home --move` again")
         step("rename the state folder")
         os.rename(old, new)
-        _sync(new.parent)
+        sync_folder(new.parent)
     done = _finish(new, cache)
     return Moved(new, True, done.cache if done else None, done.left if done else None)
 
@@ -135,7 +136,7 @@ def _finish(new: Path, cache: Path) -> Moved | None:
         os.rename(inside, cache)
     except OSError:  # another file system: the cache is only re-created
         return Moved(new, False, None, inside)
-    _sync(cache.parent)
+    sync_folder(cache.parent)
     return Moved(new, False, cache, None)
 
 
@@ -170,12 +171,3 @@ def _holding_locks(folder: Path):
         for fd in fds:
             os.close(fd)
 
-
-def _sync(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a power cut after the move must not bring the old name back)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

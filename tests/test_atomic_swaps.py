@@ -1,0 +1,92 @@
+"""The swap at the end of every output: durable across a power cut, never deleting what was not approved, never
+leaving the old output hidden or renamed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgemed.files import atomic, debris
+
+import crash_kit  # noqa: E402
+
+_RENAMES = ("atomic.rename-new", "atomic.rename", "atomic.replace", "atomic.exchange")
+
+
+def _record_syncs(monkeypatch) -> list[tuple]:
+    """Every fsync, as ("sync", (dev, ino)), and every rename step, as ("step", name), in order."""
+    events: list[tuple] = []
+    real_fsync, real_step = os.fsync, atomic.step
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("sync", (st.st_dev, st.st_ino)))
+        return real_fsync(fd)
+
+    def step(what):
+        if what in _RENAMES:
+            events.append(("step", what))
+        return real_step(what)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "step", step)
+    return events
+
+
+def _ident(path: Path) -> tuple:
+    st = os.lstat(path)
+    return (st.st_dev, st.st_ino)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "replace"])
+def test_a_file_output_is_synced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch, force):
+    """Nothing written through atomic_path was fsynced: a power cut after the rename could leave an empty file where
+    the old one was."""
+    dest = tmp_path / "report.json"
+    if force:
+        dest.write_text("old")
+    events = _record_syncs(monkeypatch)
+    with atomic.atomic_path(dest, force=force) as tmp:
+        tmp.write_text("new")
+        written = _ident(tmp)
+    rename = next(i for i, e in enumerate(events) if e[0] == "step")
+    assert ("sync", written) in events[:rename], events
+    assert ("sync", _ident(tmp_path)) in events[rename:], events
+    assert dest.read_text() == "new" and _ident(dest) == written
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new", "replace"])
+def test_a_directory_output_is_synced_file_by_file_then_its_folder(tmp_path, monkeypatch, force):
+    dest = tmp_path / "model-onnx"
+
+    def write(text):
+        with atomic.atomic_path(dest, force=True, kind="onnx") as tmp:
+            (tmp / "sub").mkdir(parents=True)
+            (tmp / "model.onnx").write_text(text)
+            (tmp / "sub" / "weights.bin").write_text(text)
+            return tmp, [_ident(p) for p in (tmp / "model.onnx", tmp / "sub" / "weights.bin", tmp / "sub", tmp)]
+
+    if force:
+        write("old")
+    events = _record_syncs(monkeypatch)
+    _, inside = write("new")
+    rename = next(i for i, e in enumerate(events) if e[0] == "step")
+    before = events[:rename]
+    assert all(("sync", ident) in before for ident in inside), events
+    assert before.index(("sync", inside[-1])) > before.index(("sync", inside[0]))  # the folder after its files
+    assert ("sync", _ident(tmp_path)) in events[rename:], events
+    assert (dest / "sub" / "weights.bin").read_text() == "new" and crash_kit.debris(tmp_path) == []
+
+
+def test_a_pair_of_outputs_is_all_synced_before_the_first_rename(tmp_path, monkeypatch):
+    events = _record_syncs(monkeypatch)
+    with atomic.atomic_paths([tmp_path / "k.pem", tmp_path / "k.pub.pem"]) as (a, b):
+        a.write_text("private")
+        b.write_text("public")
+        idents = [_ident(a), _ident(b)]
+    first = next(i for i, e in enumerate(events) if e[0] == "step")
+    assert all(("sync", ident) in events[:first] for ident in idents), events
+    assert events[-1] == ("sync", _ident(tmp_path)), events  # after the last rename
+    assert debris.sweep(tmp_path) == [] and crash_kit.debris(tmp_path) == []
