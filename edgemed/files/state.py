@@ -4,7 +4,8 @@ The store's index and journal, the self-test's verdict cache and the registry of
 files edgemed writes, in folders any local process can write to. ``read_json`` reads one without following a
 link or blocking on a FIFO, within a size limit and the parser's nesting limit; ``writer_lock`` serializes their
 read-merge-replace writers with an ``flock`` on a lock file beside them, opened the same careful way, and gives
-up after a wait instead of hanging; ``replace`` writes one whole, through owner-tagged debris and one rename.
+up after a wait instead of hanging; ``replace`` writes one whole, through owner-tagged debris and one rename,
+synced (``sync``) so that a power cut leaves the old file or the new one, never a renamed empty one.
 None deletes or replaces anything that is not a regular file: that is not edgemed's (``Damaged.foreign``), and
 the caller says so and carries on without it.
 """
@@ -12,6 +13,7 @@ the caller says so and carries on without it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -182,19 +184,37 @@ def writer_lock(path: Path, wait_s: float, warn: Callable[[str], None]) -> Itera
             os.close(fd)
 
 
+def sync(path: Path) -> None:
+    """``fsync`` the file or folder at ``path`` (not following a link): a file's data, or a folder's entries (a
+    rename or a link made in it). A rename survives a power cut only once the renamed file's data was synced before
+    it and its folder after it; ext4's ``auto_da_alloc`` covers a rename over an existing file, not one onto a new
+    name. A file system that cannot sync a folder (EINVAL, ENOTSUP) is let be: it has nothing more to give."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW | _NONBLOCK)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def replace(path: Path, text: str) -> None:
-    """Write the state file ``path`` whole: into owner-tagged debris beside it, then one rename over it, so a kill
-    leaves the old file or the new one. The caller holds ``writer_lock`` and ``load`` found ``path`` writable
-    (a regular file, or nothing), so nothing but edgemed's own file is replaced. Dead owners' debris in the
-    folder is swept first, as every atomic write does (``atomic.py``)."""
+    """Write the state file ``path`` whole: into owner-tagged debris beside it, then one rename over it, synced (the
+    file before the rename, the folder after it), so a kill or a power cut leaves the old file or the new one. The
+    caller holds ``writer_lock`` and ``load`` found ``path`` writable (a regular file, or nothing), so nothing but
+    edgemed's own file is replaced. Dead owners' debris in the folder is swept first, as every atomic write does
+    (``atomic.py``)."""
     folder = Path(os.path.abspath(path)).parent
     sweep(folder)
     with owned(folder):
         tmp = debris_path(folder, Path(path).name)
         try:
             tmp.write_text(text, encoding="utf-8")
+            sync(tmp)  # its data on disk before the rename names it
             step("state.replace")
             os.replace(tmp, path)
+            sync(folder)  # and the rename itself
         except BaseException:
             if os.path.lexists(tmp):
                 discard(tmp)

@@ -71,9 +71,9 @@ from typing import BinaryIO, Iterator
 
 from edgemed import env
 from edgemed.files import flocks
-from edgemed.files.atomic import step, swap_in, write_text
+from edgemed.files.atomic import atomic_path, step, swap_in, write_text
 from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
-from edgemed.files.state import require_folder
+from edgemed.files.state import require_folder, sync
 from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
@@ -256,6 +256,25 @@ class Store:
         write_text(self.index_path, json.dumps(idx, indent=2, sort_keys=True) + "\n")
 
     # -- the journal -----------------------------------------------------------------------
+    def _write_journal(self, text: str) -> None:
+        """Write ``journal.json`` whole and durably: its data synced before the rename that names it, the store's
+        folder after it. The swap that follows is decided by this file: renamed onto a new name and lost to a power
+        cut, it would read empty, be set aside as damaged, and the swap it described be swept with the old copy."""
+        with atomic_path(self.journal_path, force=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+            sync(tmp)
+        sync(self.root)
+
+    def _sync_stage(self, stage: Path) -> None:
+        """Before the journal names ``stage``: its folders' entries (the files ``sink`` synced, links to blobs), the
+        blobs ``_dedupe`` linked in and the stage's own entry in ``tmp/`` on disk, so the folder swapped into
+        ``models/`` is whole after a power cut."""
+        for folder, _dirs, _files in os.walk(stage):
+            sync(Path(folder))
+        if self.blobs.is_dir():
+            sync(self.blobs)
+        sync(self.tmp)
+
     def _settle(self) -> None:
         """Under the lock: finish or undo the operation a journal describes (the same after success and after a kill).
 
@@ -406,7 +425,10 @@ class Store:
                 step("store.stage-file")
                 fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 with os.fdopen(fd, "wb") as dst:
-                    return copy_hashed(src, dst, entry.size, entry.path)
+                    got = copy_hashed(src, dst, entry.size, entry.path)
+                    dst.flush()
+                    os.fsync(dst.fileno())  # on disk before the journal can name it (``_sync_stage``)
+                return got
 
             def check_signature(man: Manifest, data: bytes, sig: signing.Signature | None) -> None:
                 target = check_name(name or man.name)
@@ -442,10 +464,13 @@ class Store:
                                                  "install again once nothing writes to the bundle")
                 step("store.stage-manifest")
                 (stage / MANIFEST).write_bytes(data)
+                sync(stage / MANIFEST)
                 if sig is not None:
                     (stage / sig.file).write_bytes(sig.data)
+                    sync(stage / sig.file)
                 target = check_name(name or man.name)
                 self._dedupe(stage, man)
+                self._sync_stage(stage)
                 record = {"manifest_sha256": hashlib.sha256(data).hexdigest(), "source": _source_text(origin or str(bundle.absolute())),
                           "signed_by": signer.get("key_id"), "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "origin": origin, "version": _version(man), "signer_key": signer.get("pem"),
@@ -456,7 +481,7 @@ class Store:
                     raise StoreError(f"The store record for '{target}' would not be valid: {problem}.",
                                      "install from a shorter path (move the bundle), or report this as a bug")
                 aside = debris_path(self.tmp, f"old-{target}")
-                write_text(self.journal_path, json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
+                self._write_journal(json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
             except BaseException:
                 discard(stage)
@@ -510,7 +535,8 @@ class Store:
                     (stage / rel).parent.mkdir(parents=True, exist_ok=True)
                     step("store.stage-link")
                     os.link(src / rel, stage / rel)
-                write_text(self.journal_path, json.dumps({"op": "install", "name": name, "sha256": prev["manifest_sha256"],
+                self._sync_stage(stage)
+                self._write_journal(json.dumps({"op": "install", "name": name, "sha256": prev["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
             except BaseException:
                 discard(stage)
@@ -708,7 +734,7 @@ class Store:
             if not (self.models / name).is_dir() and name not in self._raw_index():
                 self.model_dir(name)  # raises: no such model
             trash = debris_path(self.tmp, f"rm-{name}")
-            write_text(self.journal_path, json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n")
+            self._write_journal(json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n")
             try:  # from here on the journal decides: the model goes once it is in the trash
                 if os.path.lexists(self.models / name):
                     step("store.remove-rename")
