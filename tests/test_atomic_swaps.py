@@ -90,3 +90,50 @@ def test_a_pair_of_outputs_is_all_synced_before_the_first_rename(tmp_path, monke
     assert all(("sync", ident) in events[:first] for ident in idents), events
     assert events[-1] == ("sync", _ident(tmp_path)), events  # after the last rename
     assert debris.sweep(tmp_path) == [] and crash_kit.debris(tmp_path) == []
+
+
+# -- two renames (no RENAME_EXCHANGE: macOS, NFS, CIFS, FUSE) ---------------------------------------------------
+def _onnx_dir(dest: Path, text: str, force: bool = False) -> None:
+    with atomic.atomic_path(dest, force=force, kind="onnx") as tmp:
+        tmp.mkdir()
+        (tmp / "model.onnx").write_text(text)
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_output_back(tmp_path, monkeypatch):
+    """The error handler discarded the new temporary but left the old output at its aside name for good (and took
+    the lock file that would have let a sweep restore it)."""
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_step = atomic.step
+
+    def step(what):
+        if what == "atomic.rename-in":
+            raise KeyboardInterrupt
+        real_step(what)
+
+    monkeypatch.setattr(atomic, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_dir(dest, "new", force=True)
+    assert (dest / "model.onnx").read_text() == "old"
+    assert crash_kit.debris(tmp_path) == []
+    monkeypatch.setattr(atomic, "step", real_step)
+    _onnx_dir(dest, "new", force=True)  # still edgemed's, unchanged: replaced
+    assert (dest / "model.onnx").read_text() == "new" and crash_kit.debris(tmp_path) == []
+
+
+def test_the_lock_file_stays_while_its_owners_debris_does(tmp_path):
+    """owned() unlinked its lock file whatever debris it left, and a sweep leaves debris without a lock alone: an
+    aside that could not be put back was hidden for good."""
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+
+    def leave_an_aside():
+        with debris.owned(tmp_path):
+            os.rename(out, debris.debris_path(tmp_path, "b", debris.ASIDE))
+
+    assert crash_kit.killed_at(leave_an_aside, 0) == 0  # it ends normally, its aside left
+    assert len(crash_kit.owners(tmp_path)) == 1 and len(crash_kit.debris(tmp_path)) == 2  # the aside and its lock
+    debris.sweep(tmp_path)
+    assert (out / "manifest.json").read_text() == "old" and crash_kit.debris(tmp_path) == []

@@ -344,8 +344,9 @@ def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
 
     A file onto a file is one ``rename``. Anything involving a directory is exchanged in one
     ``renameat2(RENAME_EXCHANGE)`` where the kernel and file system allow it; elsewhere it
-    takes two renames (``dest`` -> ``aside``, ``new`` -> ``dest``), and a kill between them
-    leaves ``aside``, which the next sweep of the folder renames back onto ``dest``.
+    takes two renames (``dest`` -> ``aside``, ``new`` -> ``dest``): an error between them renames ``aside`` back
+    before it is raised, and a kill between them leaves ``aside``, which the next sweep of the folder renames back
+    onto ``dest``.
     """
     if not os.path.lexists(dest):
         step("atomic.rename")
@@ -360,8 +361,12 @@ def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
         return new
     step("atomic.aside")
     os.rename(dest, aside)
-    step("atomic.rename-in")
-    os.rename(new, dest)
+    try:
+        step("atomic.rename-in")
+        os.rename(new, dest)
+    except BaseException:  # an error or an interrupt between the two: the old output goes back, never stays hidden
+        os.rename(aside, dest)
+        raise
     return aside
 
 

@@ -8,7 +8,8 @@ Names (the only names ``sweep`` ever removes)::
 OWNER is 16 random hex digits drawn once per process (again after a fork). The owner
 creates (``O_EXCL``: never opening what is already there) and locks ``.edgemed-OWNER.lock``
 in a folder before it makes any debris there, and unlinks it after its last debris there
-is gone. Where that name is already taken (a directory, a FIFO, a link, any file it did
+is gone (while any is left, the lock file stays, unlocked once the owner is done, so that
+the next sweep removes or restores it). Where that name is already taken (a directory, a FIFO, a link, any file it did
 not just create), the owner draws another id for that folder and leaves the object alone.
 The kernel drops the lock when the process dies however it dies (SIGKILL, segfault, power
 cut), so "the owner is gone" is "the lock can be taken": no pid to be reused, no clock,
@@ -173,9 +174,20 @@ def owned(folder: Path) -> Iterator[str]:
                 step("debris.unlock")
                 path = _lock_path(Path(key), entry[2])
                 with contextlib.suppress(FileNotFoundError):
-                    if _same_file(path, entry[0]):  # never unlink what was put in its place
+                    # never unlink what was put in its place; nor while debris of ours is left (an aside that
+                    # could not be put back): a sweep removes or restores only what a lock file vouches for
+                    if _same_file(path, entry[0]) and not _left(Path(key), entry[2]):
                         os.unlink(path)
                 os.close(entry[0])
+
+
+def _left(folder: Path, owner: str) -> bool:
+    """Whether ``folder`` still holds debris of ``owner``."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any((m := _DEBRIS.fullmatch(n)) is not None and m["owner"] == owner for n in names)
 
 
 def _token(folder: Path) -> str:
