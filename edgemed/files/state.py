@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from edgemed.files import flocks
 from edgemed.files.debris import debris_path, discard, owned, step, sweep
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -135,11 +136,13 @@ def load(path: Path, limit: int, valid: Callable[[object], bool], holds: str, fo
 
 
 @contextlib.contextmanager
-def writer_lock(path: Path, wait_s: float, warn: Callable[[str], None]) -> Iterator[bool]:
+def writer_lock(path: Path, wait_s: float, warn: Callable[[str], None], waiting: str | None = None) -> Iterator[bool]:
     """Yield True while holding an exclusive ``flock`` on the lock file ``path`` (created if missing), False when
     it cannot be had: something that is not a regular file is there, it cannot be opened, or another process held
     it for ``wait_s``. ``warn(why)`` is told why (``why`` reads after the path: "is a FIFO, ..."). A file system
-    without locks yields True: the writer goes on unserialized, as before."""
+    without locks yields True: the writer goes on unserialized, as before. A wait that lasts ``flocks.QUIET_S`` is
+    logged once, as ``flocks.take`` logs one (``waiting``, or a line naming ``path``): a command must not look hung
+    for ``wait_s``."""
     import fcntl
 
     fd = None
@@ -164,12 +167,17 @@ def writer_lock(path: Path, wait_s: float, warn: Callable[[str], None]) -> Itera
                 fd = None
     held = fd is not None
     if held:
-        deadline = time.monotonic() + wait_s
+        start = time.monotonic()
+        deadline, said = start + wait_s, False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not said and time.monotonic() - start >= flocks.QUIET_S:
+                    said = True
+                    flocks.log.warning("%s", waiting or f"waiting for the lock '{path}', held by another edgemed "
+                                                         f"process (for at most {wait_s:.0f} s)")
                 if time.monotonic() > deadline:
                     warn(f"was held by another edgemed for {wait_s:.0f} s")
                     held = False

@@ -74,7 +74,9 @@ def read() -> dict:
 def _locked(path: Path):
     """True while holding the writers' lock at ``path`` (False: could not, leave the cache be)."""
     return writer_lock(path, LOCK_WAIT_S, lambda why: _warn(f"the self-test cache lock '{path}' {why}; this "
-                                                             "verdict is not cached"))
+                                                             "verdict is not cached"),
+                       f"waiting for the self-test cache lock '{path}', held by another edgemed process (for at most "
+                       f"{LOCK_WAIT_S:.0f} s; then this verdict is not cached)")
 
 
 def remember(digest: str, record: dict) -> None:
