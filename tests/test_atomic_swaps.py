@@ -137,3 +137,33 @@ def test_the_lock_file_stays_while_its_owners_debris_does(tmp_path):
     assert len(crash_kit.owners(tmp_path)) == 1 and len(crash_kit.debris(tmp_path)) == 2  # the aside and its lock
     debris.sweep(tmp_path)
     assert (out / "manifest.json").read_text() == "old" and crash_kit.debris(tmp_path) == []
+
+
+def test_a_long_named_output_is_never_restored_under_a_shortened_name(tmp_path, monkeypatch):
+    """An aside's name keeps 120 characters of the output's: a kill between the two renames of a 130-character
+    bundle folder brought the old bundle back under its first 120 characters."""
+    import bundle_kit
+    from edgemed.errors import OutputError
+    from edgemed.packaging.bundle import PackInputs, pack, read_manifest
+
+    src = bundle_kit.inputs(tmp_path / "src")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / ("b" * 130)
+    pack(PackInputs(model=src["model"], license=src["license"], name="old"), out, as_dir=True)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+
+    def run():
+        pack(PackInputs(model=src["model"], license=src["license"], name="new"), out, as_dir=True, force=True)
+
+    log = tmp_path / "steps.log"
+    crash_kit.killed_at(run, 0, log)
+    names = log.read_text().splitlines()
+    for n in range(1, len(names) + 1):  # a kill at each step (at the rename-in step, where the old code had one)
+        crash_kit.killed_at(run, n)
+        debris.sweep(out_dir)
+        assert os.listdir(out_dir) == [out.name], names[n - 1]
+    with pytest.raises(OutputError, match="at most 120 characters"):
+        run()
+    assert os.listdir(out_dir) == [out.name] and crash_kit.debris(tmp_path) == []
+    assert read_manifest(out)[0].name == "old"

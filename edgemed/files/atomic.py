@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed.files import ownership
-from edgemed.files.debris import ASIDE, debris_path, discard, owned, scratch_dir, step, sweep
+from edgemed.files.debris import ASIDE, MAX_LABEL, debris_path, discard, owned, scratch_dir, step, sweep
 from edgemed.files.durable import sync_folder, sync_tree
-from edgemed.errors import DISK_REFUSED, OutputExists
+from edgemed.errors import DISK_REFUSED, OutputError, OutputExists
 
 __all__ = ["atomic_path", "atomic_paths", "check_destination", "file_destination", "inside", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
            "step", "discard"]
@@ -346,7 +346,8 @@ def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
     ``renameat2(RENAME_EXCHANGE)`` where the kernel and file system allow it; elsewhere it
     takes two renames (``dest`` -> ``aside``, ``new`` -> ``dest``): an error between them renames ``aside`` back
     before it is raised, and a kill between them leaves ``aside``, which the next sweep of the folder renames back
-    onto ``dest``.
+    onto ``dest``. The aside keeps ``MAX_LABEL`` characters of the name, so a longer name is refused there
+    (``OutputError``): a sweep would restore it under a name the user never gave.
     """
     if not os.path.lexists(dest):
         step("atomic.rename")
@@ -359,6 +360,8 @@ def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
     step("atomic.exchange")
     if _exchange(new, dest):
         return new
+    if len(dest.name) > MAX_LABEL:  # the aside's name keeps only MAX_LABEL characters: a sweep would restore the
+        raise _too_long_to_set_aside(dest)  # old output under a name the user never gave
     step("atomic.aside")
     os.rename(dest, aside)
     try:
@@ -368,6 +371,16 @@ def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
         os.rename(aside, dest)
         raise
     return aside
+
+
+def _too_long_to_set_aside(dest: Path) -> OutputError:
+    return OutputError(
+        f"Output '{dest}' has a name of {len(dest.name)} characters, on a file system that cannot swap a folder with "
+        "it in one step: the old output would be moved aside first, under a temporary name that keeps only "
+        f"{MAX_LABEL} characters of it, and a crash then would bring it back under that shortened name. Nothing was "
+        "replaced.",
+        f"give the output a name of at most {MAX_LABEL} characters, or move the old '{dest.name}' away yourself "
+        "and run again")
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 ASIDE = "~aside"
 _DEBRIS = re.compile(r"\.(?P<label>.+)\.edgemed-(?P<owner>[0-9a-f]{16})\.(?P<rand>[0-9a-z]{8})(?P<suffix>.*)\.partial", re.S)
 _LOCK = re.compile(r"\.edgemed-(?P<owner>[0-9a-f]{16})\.lock")
-_MAX_LABEL = 120
+#: Characters of an output's name a temporary name keeps (its LABEL); a sweep restores an aside to its LABEL.
+MAX_LABEL = 120
 
 _steps = 0
 
@@ -198,7 +199,7 @@ def _token(folder: Path) -> str:
 
 def debris_path(folder: Path, label: str, suffix: str = "") -> Path:
     """A fresh, unused owner-tagged name in ``folder`` (call inside ``owned(folder)``); nothing is created."""
-    label = label[:_MAX_LABEL] or "out"
+    label = label[:MAX_LABEL] or "out"
     token = _token(folder)
     while True:
         rand = "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(8))
