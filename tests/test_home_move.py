@@ -223,6 +223,57 @@ def test_a_policy_written_into_the_new_folder_first_joins_the_move(user):
     assert env.stranded_home() is None
 
 
+def _policy_first(user: Path) -> Path:
+    """The layout of the test above: the old folder holds the store, the new one only trust.toml and keys/."""
+    old = _old_state(user)
+    (old / "trust.toml").unlink()
+    shutil.rmtree(old / "keys")
+    new = user / ".local" / "share" / "edgemed"
+    (new / "keys").mkdir(parents=True)
+    (new / "keys" / "vendor.pub.pem").write_bytes(PEM)
+    (new / "trust.toml").write_text(POLICY)
+    return new
+
+
+def test_a_move_killed_between_the_keys_and_the_policy_says_to_run_it_again(user):
+    """Killed after it brought keys/ into the old folder and before trust.toml: the policy (in the new folder, which
+    is used) names a key that is in the old one. Every command is refused, saying the move was interrupted, not to
+    put the signer's key there; the move run again joins them."""
+    new = _policy_first(user)
+    assert crash_kit.killed_at(home_move.move, 2) == KILLED
+    assert env.home() == new and not (new / "keys").exists()
+    with pytest.raises(InputError, match="vendor.pub.pem.*which does not exist") as err:
+        trust.load()
+    assert "interrupted `edgemed home --move`" in err.value.fix and "run `edgemed home --move` again" in err.value.fix
+    assert ".pub.pem (or the root certificate) there" not in err.value.fix
+    home_move.move()
+    assert trust.load().local.require_signature and (new / "keys" / "vendor.pub.pem").read_bytes() == PEM
+
+
+def test_a_policy_first_move_killed_at_every_step_is_whole_or_says_to_run_it_again(user, tmp_path):
+    """The policy-first layout, killed at each step: the policy loads in the folder in use, or its refusal names
+    the interrupted move; a second --move leaves all of it whole in the new folder."""
+    def prepare():
+        for folder in (user / ".cache", user / ".local"):
+            shutil.rmtree(folder, ignore_errors=True)
+        _policy_first(user)
+
+    steps = crash_kit.steps(lambda: (prepare(), home_move.move()), tmp_path)
+    assert steps[:2] == ["1 bring keys into the state folder", "2 bring trust.toml into the state folder"]
+    new = user / ".local" / "share" / "edgemed"
+    for n in range(1, len(steps) + 1):
+        prepare()
+        env._told.clear()
+        assert crash_kit.killed_at(home_move.move, n) == KILLED
+        try:
+            assert trust.load().local.require_signature
+        except InputError as exc:
+            assert "interrupted `edgemed home --move`" in exc.fix, (n, exc.fix)
+        home_move.move()
+        assert env.home() == new and trust.load().local.require_signature
+        assert (new / "store" / "models" / "cardio" / "model.gguf").read_bytes() == b"GGUF weights"
+
+
 def test_a_policy_naming_keys_by_full_path_inside_the_old_folder_is_not_moved_broken(user):
     old = _old_state(user)
     (old / "trust.toml").write_text(f'[local]\nkeys = ["{old / "keys" / "vendor.pub.pem"}"]\n')

@@ -148,12 +148,24 @@ def _entry(table, where: str, require_default: bool, home: Path, path: Path, fix
     found = {}
     for k, files in lists.items():
         found[k] = [Path(f) if Path(f).is_absolute() else home / f for f in files]
-        for p in found[k]:
+        for f, p in zip(files, found[k]):
             if not p.is_file():
                 raise InputError(f"The trust policy {path} names the {k[:-1]} {p} ({where}), which does not exist.",
-                                 f"put the signer's .pub.pem (or the root certificate) there, or remove it from {where}")
+                                 _missing_fix(f, home, where))
     keys = tuple(signing.load_public_key(p) for p in found["keys"])
     return Entry(where, keys, req, signing.cert_roots(found["roots"]) if found["roots"] else None)
+
+
+def _missing_fix(written: str, home: Path, where: str) -> str:
+    """The fix for a key or root the policy names that is not there. ``edgemed home --move`` brings a policy written
+    into the new state folder (and its keys) into the old one before it moves the whole: killed between those two
+    renames, the keys are in the old folder (``env.legacy_home()``) and the policy in the new one. Then the file is
+    not lost, and running the move again joins them."""
+    legacy = env.legacy_home()
+    if not Path(written).is_absolute() and Path(home) == env.default_home() != legacy and (legacy / written).is_file():
+        return (f"it is in {legacy / written}: an interrupted `edgemed home --move` left it there; run "
+                "`edgemed home --move` again, which joins the policy and its keys")
+    return f"put the signer's .pub.pem (or the root certificate) there, or remove it from {where}"
 
 
 def _fix(policy: Policy, entry: Entry, repo: str | None) -> str:
