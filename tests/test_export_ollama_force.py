@@ -71,3 +71,18 @@ def test_no_output_lands_in_the_store_or_in_the_bundle_it_reads(tmp_path, instal
     r = runner.invoke(cli, ["export", str(folder), "--gguf", str(mine), "--force"])
     assert r.exit_code == 1 and "inside the bundle" in r.output, r.output
     assert kit_bundle.exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("same", ["tiny.gguf", "Modelfile"])
+def test_gguf_naming_a_file_the_ollama_export_writes_is_refused_before_anything_is_written(tmp_path, installed, same,
+                                                                                          force):
+    """`--ollama DIR --gguf DIR/tiny.gguf` wrote the Ollama export, then failed 'already exists' on the GGUF it had
+    just written (with --force it wrote it twice; --gguf DIR/Modelfile put a GGUF in place of the Modelfile).
+    Refused up front, naming the clash, with DIR left as it was."""
+    out = tmp_path / "ollama"
+    out.mkdir()
+    r = _export(out, "--gguf", str(out / ".." / "ollama" / same), *(["--force"] if force else []))
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "a file --ollama" in r.output and "leave --gguf out" in r.output, r.output
+    assert list(out.iterdir()) == []

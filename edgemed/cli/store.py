@@ -155,6 +155,14 @@ def export(model, ollama_dir, llama_server, gguf_out, system, force):
     read = [("the bundle", v.root)]  # and the store, which refuse_input_as_output refuses for every output
     files = ([(gguf_out, "--gguf")] if gguf_out else []) + \
         ([(ollama_dir / f"{v.manifest.name}.gguf", "--ollama"), (ollama_dir / "Modelfile", "--ollama")] if ollama_dir else [])
+    if gguf_out and ollama_dir:  # --ollama writes it first, then --gguf found it there: 'already exists', or a 2nd copy
+        import os
+
+        for out, _ in files[1:]:
+            if os.path.realpath(gguf_out) == os.path.realpath(out):
+                raise InputError(f"--gguf {gguf_out} is {out}, a file --ollama {ollama_dir} writes itself.",
+                                 f"leave --gguf out (--ollama writes the verified GGUF to {files[1][0]}), or pass "
+                                 "--gguf a path outside the Ollama folder")
     for out, option in files:  # every file written: never into the bundle read, nor into the store
         refuse_input_as_output(out, read, option=option)
     if gguf_out:  # every destination is checked before anything is written: one refused leaves none written
