@@ -167,3 +167,82 @@ def test_a_long_named_output_is_never_restored_under_a_shortened_name(tmp_path, 
         run()
     assert os.listdir(out_dir) == [out.name] and crash_kit.debris(tmp_path) == []
     assert read_manifest(out)[0].name == "old"
+
+
+# -- what is swapped out is what was approved -------------------------------------------------------------------
+def _race(monkeypatch, at: str, act) -> None:
+    """Run ``act()`` at the step ``at`` of the next replacement (once)."""
+    real_step = atomic.step
+    done = []
+
+    def step(what):
+        if what == at and not done:
+            done.append(what)
+            act()
+        real_step(what)
+
+    monkeypatch.setattr(atomic, "step", step)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+@pytest.mark.parametrize("at", ["atomic.exchange", "atomic.discard-old"], ids=["before-swap", "before-discard"])
+def test_notes_added_to_the_old_output_during_the_swap_are_kept(tmp_path, monkeypatch, exchange, at):
+    """A file the user added after the last ownership check went with the old folder into rmtree."""
+    from edgemed.errors import OutputExists
+
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+
+    def add_notes():  # into the old folder, wherever it is now (at its name, or swapped out to a debris name)
+        old = dest if at == "atomic.exchange" else next(p for p in tmp_path.iterdir()
+                                                        if debris.is_debris(p) and (p / "model.onnx").read_text() == "old")
+        (old / "clinic-notes.txt").write_text("the user's")
+
+    _race(monkeypatch, at, add_notes)
+    with pytest.raises(OutputExists, match="changed while edgemed was replacing it"):
+        _onnx_dir(dest, "new", force=True)
+    assert (dest / "clinic-notes.txt").read_text() == "the user's" and (dest / "model.onnx").read_text() == "old"
+    assert crash_kit.debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_users_folder_put_at_the_output_during_the_swap_is_kept(tmp_path, monkeypatch, exchange):
+    from edgemed.errors import OutputExists
+
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+
+    def swap_a_users_folder_in():
+        os.rename(dest, tmp_path / "moved")
+        dest.mkdir()
+        (dest / "clinic-notes.txt").write_text("the user's")
+
+    _race(monkeypatch, "atomic.exchange", swap_a_users_folder_in)
+    with pytest.raises(OutputExists, match="changed while edgemed was replacing it"):
+        _onnx_dir(dest, "new", force=True)
+    assert os.listdir(dest) == ["clinic-notes.txt"] and (dest / "clinic-notes.txt").read_text() == "the user's"
+    assert crash_kit.debris(tmp_path) == []
+
+
+def test_a_users_folder_put_where_a_file_output_was_is_kept(tmp_path, monkeypatch):
+    """A file output replaced with --force: a folder put at its name before the swap was exchanged out and deleted."""
+    from edgemed.errors import OutputExists
+
+    dest = tmp_path / "report"
+    dest.write_text("old")
+
+    def swap_a_users_folder_in():
+        dest.unlink()
+        dest.mkdir()
+        (dest / "clinic-notes.txt").write_text("the user's")
+
+    _race(monkeypatch, "atomic.exchange", swap_a_users_folder_in)
+    with pytest.raises(OutputExists, match="changed while edgemed was replacing it"):
+        with atomic.atomic_path(dest, force=True) as tmp:
+            tmp.mkdir()  # a folder output given no kind is swapped in, not os.replace'd
+            (tmp / "x").write_text("new")
+    assert (dest / "clinic-notes.txt").read_text() == "the user's" and crash_kit.debris(tmp_path) == []

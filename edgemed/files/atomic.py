@@ -7,7 +7,9 @@ Rules, for every output edgemed writes (convert, pack, keygen, export, reports, 
 - Nothing edgemed did not make is deleted. ``force`` may replace an existing *file*; an
   existing *directory* is refused whatever the flag, unless edgemed made it as an output of
   the same kind and nobody changed it since (``ownership.py`` keeps that proof). The current
-  directory, or one above it, is always refused.
+  directory, or one above it, is always refused. What a swap takes out of the destination is deleted only if
+  it is the object approved there (same device and inode; a directory still unchanged, checked again just
+  before it goes); anything else, a folder put there or a file added to it meanwhile, is put back.
 - Temporary files and folders are *debris* until they are renamed into place, and carry
   their owner in their name (``debris.py``). Writing into a folder first sweeps the debris of
   owners that are gone, so a crash costs disk space only until the next run.
@@ -225,6 +227,8 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
             folder = _folder(dest)
             held.enter_context(owned(folder))
             tmps.append(debris_path(folder, dest.name, suffix))
+        approved = {}  # dest -> (st_dev, st_ino) of what may be replaced there
+        olds = []  # (what a swap took out, now at a debris name; the temporary; the destination)
         try:
             yield tmps
             step("atomic.written")
@@ -239,12 +243,16 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                     _refuse_directory(dest, kind)
                     if not force:
                         raise _appeared(dest, option)
+                    approved[dest] = _ident(dest)
             for tmp in tmps:  # on disk before a rename publishes it: a power cut must not leave an empty output
                 sync_tree(tmp)
-            olds = []
             for tmp, dest in zip(tmps, dests):
                 if force:
-                    olds.append(swap_in(tmp, dest, debris_path(_folder(dest), dest.name, ASIDE)))
+                    old = swap_in(tmp, dest, debris_path(_folder(dest), dest.name, ASIDE))
+                    if old is not None:
+                        olds.append((old, tmp, dest))
+                        if not _approved(old, approved.get(dest), kind):  # changed or replaced since the check
+                            raise _changed(dest, option)
                 else:
                     try:
                         place_new(tmp, dest)
@@ -252,11 +260,11 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                         raise _appeared(dest, option) from None
             for folder in dict.fromkeys(_folder(dest) for dest in dests):  # the renames themselves
                 sync_folder(folder)
-            for old in olds:
-                if old is not None:
-                    step("atomic.discard-old")
-                    discard(old)
+            back = _settle(olds, approved, kind)
+            if back:
+                raise _changed(back[0], option)
         except BaseException as exc:
+            _settle(olds, approved, kind)
             for tmp in tmps:
                 if os.path.lexists(tmp):
                     discard(tmp)
@@ -265,6 +273,59 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                 raise type(exc)(exc.errno, exc.strerror, str(dests[0]) if len(dests) == 1 else
                                 " or ".join(str(d) for d in dests)) from exc
             raise
+
+
+def _ident(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+def _approved(old: Path, ident: tuple[int, int] | None, kind: str | None) -> bool:
+    """Whether ``old`` (what a swap took out of a destination) is the object approved there (``ident``) and, for
+    a directory, still an unchanged edgemed ``kind`` output: the only things edgemed deletes."""
+    import stat
+
+    st = os.lstat(old)
+    if ident is None or (st.st_dev, st.st_ino) != ident:
+        return False
+    return not stat.S_ISDIR(st.st_mode) or (kind is not None and ownership.made_by_edgemed(old, kind))
+
+
+def _settle(olds: list, approved: dict, kind: str | None) -> list[Path]:
+    """Discard each swapped-out old output still approved (checked once more, just before); put any other back at
+    its destination (the new output goes to the temporary name, which is debris). Return the destinations put
+    back. ``olds`` is emptied as it goes."""
+    back = []
+    while olds:
+        old, tmp, dest = olds[0]
+        if os.path.lexists(old):
+            step("atomic.discard-old")
+            if _approved(old, approved.get(dest), kind):
+                discard(old)
+            else:
+                _put_back(old, tmp, dest)
+                back.append(dest)
+        olds.pop(0)
+    return back
+
+
+def _put_back(old: Path, tmp: Path, dest: Path) -> None:
+    """Undo ``swap_in``: ``old`` to ``dest`` again, the new output to ``tmp``."""
+    step("atomic.put-back")
+    if old == tmp:  # exchanged: exchange again
+        if not _exchange(tmp, dest):
+            raise OSError(errno.ENOTSUP, "cannot exchange back", str(dest))
+        return
+    os.rename(dest, tmp)  # two renames: a kill between them leaves the aside, which the next sweep puts back
+    step("atomic.put-back-aside")
+    os.rename(old, dest)
+
+
+def _changed(dest: Path, option: str = "-o") -> OutputExists:
+    return OutputExists(
+        f"Output '{dest}' changed while edgemed was replacing it (something was added to it or changed in it, or "
+        "another folder was put there); it is left as it is, and what edgemed wrote was discarded.",
+        f"check what changed in it and move it away yourself, or {_another(option)}")
 
 
 def _appeared(dest: Path, option: str = "-o") -> OutputExists:
