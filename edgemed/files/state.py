@@ -5,7 +5,7 @@ files edgemed writes, in folders any local process can write to. ``read_json`` r
 link or blocking on a FIFO, within a size limit and the parser's nesting limit; ``writer_lock`` serializes their
 read-merge-replace writers with an ``flock`` on a lock file beside them, opened the same careful way, and gives
 up after a wait instead of hanging; ``replace`` writes one whole, through owner-tagged debris and one rename,
-synced (``sync``) so that a power cut leaves the old file or the new one, never a renamed empty one.
+synced (``durable.py``) so that a power cut leaves the old file or the new one, never a renamed empty one.
 None deletes or replaces anything that is not a regular file: that is not edgemed's (``Damaged.foreign``), and
 the caller says so and carries on without it.
 """
@@ -13,7 +13,6 @@ the caller says so and carries on without it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
@@ -23,6 +22,7 @@ from typing import Callable, Iterator
 
 from edgemed.files import flocks
 from edgemed.files.debris import debris_path, discard, owned, step, sweep
+from edgemed.files.durable import sync_folder, sync_tree
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -192,21 +192,6 @@ def writer_lock(path: Path, wait_s: float, warn: Callable[[str], None], waiting:
             os.close(fd)
 
 
-def sync(path: Path) -> None:
-    """``fsync`` the file or folder at ``path`` (not following a link): a file's data, or a folder's entries (a
-    rename or a link made in it). A rename survives a power cut only once the renamed file's data was synced before
-    it and its folder after it; ext4's ``auto_da_alloc`` covers a rename over an existing file, not one onto a new
-    name. A file system that cannot sync a folder (EINVAL, ENOTSUP) is let be: it has nothing more to give."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW | _NONBLOCK)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)
-
-
 def replace(path: Path, text: str) -> None:
     """Write the state file ``path`` whole: into owner-tagged debris beside it, then one rename over it, synced (the
     file before the rename, the folder after it), so a kill or a power cut leaves the old file or the new one. The
@@ -219,10 +204,10 @@ def replace(path: Path, text: str) -> None:
         tmp = debris_path(folder, Path(path).name)
         try:
             tmp.write_text(text, encoding="utf-8")
-            sync(tmp)  # its data on disk before the rename names it
+            sync_tree(tmp)  # its data on disk before the rename names it (``durable.py``)
             step("state.replace")
             os.replace(tmp, path)
-            sync(folder)  # and the rename itself
+            sync_folder(folder)  # and the rename itself
         except BaseException:
             if os.path.lexists(tmp):
                 discard(tmp)

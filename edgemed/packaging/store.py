@@ -20,7 +20,8 @@ is removed. Every load goes through ``packaging.ref.runnable``, which verifies t
 
 Crash safety (a kill at any instant leaves the old model or the new one installed):
 files are streamed into ``tmp/``, hashed as they are written and checked against the
-manifest. Then ``journal.json`` is written (atomically) naming the model, the new
+manifest, and synced to disk with the stage's folders (``_sync_stage``). Then ``journal.json`` is written
+(atomically and synced, ``files/durable.py``: after a power cut it is never an empty file) naming the model, the new
 manifest's sha256, the staged folder, the aside name and the index record. Only then
 does ``models/<name>`` change: one ``renameat2(RENAME_EXCHANGE)``, or two renames
 (old -> aside, staged -> models) where exchange is unavailable. A remove writes its
@@ -71,9 +72,10 @@ from typing import BinaryIO, Iterator
 
 from edgemed import env
 from edgemed.files import flocks
-from edgemed.files.atomic import atomic_path, step, swap_in, write_text
+from edgemed.files.atomic import step, swap_in, write_text
 from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
-from edgemed.files.state import require_folder, sync
+from edgemed.files.durable import sync_folder, sync_tree
+from edgemed.files.state import require_folder
 from edgemed.errors import InputError, IntegrityError, StoreError
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
@@ -256,24 +258,14 @@ class Store:
         write_text(self.index_path, json.dumps(idx, indent=2, sort_keys=True) + "\n")
 
     # -- the journal -----------------------------------------------------------------------
-    def _write_journal(self, text: str) -> None:
-        """Write ``journal.json`` whole and durably: its data synced before the rename that names it, the store's
-        folder after it. The swap that follows is decided by this file: renamed onto a new name and lost to a power
-        cut, it would read empty, be set aside as damaged, and the swap it described be swept with the old copy."""
-        with atomic_path(self.journal_path, force=True) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-            sync(tmp)
-        sync(self.root)
-
     def _sync_stage(self, stage: Path) -> None:
         """Before the journal names ``stage``: its folders' entries (the files ``sink`` synced, links to blobs), the
         blobs ``_dedupe`` linked in and the stage's own entry in ``tmp/`` on disk, so the folder swapped into
         ``models/`` is whole after a power cut."""
         for folder, _dirs, _files in os.walk(stage):
-            sync(Path(folder))
-        if self.blobs.is_dir():
-            sync(self.blobs)
-        sync(self.tmp)
+            sync_folder(folder)
+        sync_folder(self.blobs)
+        sync_folder(self.tmp)
 
     def _settle(self) -> None:
         """Under the lock: finish or undo the operation a journal describes (the same after success and after a kill).
@@ -464,10 +456,10 @@ class Store:
                                                  "install again once nothing writes to the bundle")
                 step("store.stage-manifest")
                 (stage / MANIFEST).write_bytes(data)
-                sync(stage / MANIFEST)
+                sync_tree(stage / MANIFEST)
                 if sig is not None:
                     (stage / sig.file).write_bytes(sig.data)
-                    sync(stage / sig.file)
+                    sync_tree(stage / sig.file)
                 target = check_name(name or man.name)
                 self._dedupe(stage, man)
                 self._sync_stage(stage)
@@ -481,7 +473,7 @@ class Store:
                     raise StoreError(f"The store record for '{target}' would not be valid: {problem}.",
                                      "install from a shorter path (move the bundle), or report this as a bug")
                 aside = debris_path(self.tmp, f"old-{target}")
-                self._write_journal(json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
+                write_text(self.journal_path, json.dumps({"op": "install", "name": target, "sha256": record["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
             except BaseException:
                 discard(stage)
@@ -536,7 +528,7 @@ class Store:
                     step("store.stage-link")
                     os.link(src / rel, stage / rel)
                 self._sync_stage(stage)
-                self._write_journal(json.dumps({"op": "install", "name": name, "sha256": prev["manifest_sha256"],
+                write_text(self.journal_path, json.dumps({"op": "install", "name": name, "sha256": prev["manifest_sha256"],
                                                           "stage": stage.name, "aside": aside.name, "record": record}) + "\n")
             except BaseException:
                 discard(stage)
@@ -734,7 +726,7 @@ class Store:
             if not (self.models / name).is_dir() and name not in self._raw_index():
                 self.model_dir(name)  # raises: no such model
             trash = debris_path(self.tmp, f"rm-{name}")
-            self._write_journal(json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n")
+            write_text(self.journal_path, json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n")
             try:  # from here on the journal decides: the model goes once it is in the trash
                 if os.path.lexists(self.models / name):
                     step("store.remove-rename")
