@@ -246,3 +246,23 @@ def test_a_users_folder_put_where_a_file_output_was_is_kept(tmp_path, monkeypatc
             tmp.mkdir()  # a folder output given no kind is swapped in, not os.replace'd
             (tmp / "x").write_text("new")
     assert (dest / "clinic-notes.txt").read_text() == "the user's" and crash_kit.debris(tmp_path) == []
+
+
+def test_a_folder_sync_the_disk_fails_is_not_hidden(tmp_path, monkeypatch):
+    """A folder's fsync that fails with EIO means the rename may not be on disk: it was swallowed with every other
+    error of the folder's sync, and the command said it had written its output."""
+    import errno
+    import os
+
+    from edgemed.files import durable
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", eio)
+    with pytest.raises(OSError) as e:
+        durable.sync_folder(tmp_path)
+    assert e.value.errno == errno.EIO
+    durable.sync_folder(tmp_path / "gone")  # a folder that is not there any more: nothing to sync, no error
+    (tmp_path / "link").symlink_to(tmp_path)
+    durable.sync_folder(tmp_path / "link")  # a link where the folder was: never followed, no error

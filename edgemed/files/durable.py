@@ -36,8 +36,11 @@ def sync_folder(folder: str | Path) -> None:
     """Make the renames and new names in ``folder`` durable (a folder that cannot be opened is left as it is)."""
     try:
         _fsync(folder, getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        pass  # a folder without read or search permission, or gone: the rename is as durable as the system makes it
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # gone, or not a folder any more: the rename is as durable as the system makes it
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:  # a link where the folder was (O_NOFOLLOW): not edgemed's to sync
+            raise  # EIO: the rename may not reach the disk, which a caller must not be told it did
 
 
 def sync_tree(path: str | Path) -> None:
