@@ -210,13 +210,7 @@ def test_cli_home_shows_and_moves(user):
 def test_a_policy_written_into_the_new_folder_first_joins_the_move(user):
     """The trust-policy steps run on a device an earlier version set up, before the move: the new folder holds
     only trust.toml and keys/. The move brings them into the state and moves all of it; nothing is split."""
-    old = _old_state(user)
-    (old / "trust.toml").unlink()
-    shutil.rmtree(old / "keys")
-    new = user / ".local" / "share" / "edgemed"
-    (new / "keys").mkdir(parents=True)
-    (new / "keys" / "vendor.pub.pem").write_bytes(PEM)
-    (new / "trust.toml").write_text(POLICY)
+    new = _policy_first(user)
     assert home_move.move().state_moved
     assert (new / "store" / "models" / "cardio" / "model.gguf").read_bytes() == b"GGUF weights"
     assert trust.load().path == new / "trust.toml" and trust.load().local.require_signature
@@ -224,7 +218,8 @@ def test_a_policy_written_into_the_new_folder_first_joins_the_move(user):
 
 
 def _policy_first(user: Path) -> Path:
-    """The layout of the test above: the old folder holds the store, the new one only trust.toml and keys/."""
+    """The layout a device an earlier version set up has when the trust-policy steps ran before the move: the old
+    folder holds the store, the new one only trust.toml and keys/."""
     old = _old_state(user)
     (old / "trust.toml").unlink()
     shutil.rmtree(old / "keys")

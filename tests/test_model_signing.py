@@ -215,32 +215,12 @@ def _ca(tmp: Path, name: str, leaf_from=None, leaf_until=None):
     the root from before the leaf until after it."""
     import datetime
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives import serialization as s
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     now = datetime.datetime.now(datetime.timezone.utc)
     leaf_from = leaf_from or now - datetime.timedelta(hours=1)
     leaf_until = leaf_until or now + datetime.timedelta(days=30)
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(1).not_valid_before(min(leaf_from, now) - datetime.timedelta(days=1))
-          .not_valid_after(max(leaf_until, now) + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} model signer")]))
-            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(2)
-            .not_valid_before(leaf_from).not_valid_after(leaf_until)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    (tmp / f"{name}-root.pem").write_bytes(ca.public_bytes(s.Encoding.PEM))
-    (tmp / f"{name}-leaf.pem").write_bytes(leaf.public_bytes(s.Encoding.PEM))
-    (tmp / f"{name}-leaf.key").write_bytes(leaf_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
-    return tmp / f"{name}-root.pem", tmp / f"{name}-leaf.pem", tmp / f"{name}-leaf.key"
+    root, _, leaf, key = _root_and_leaf(tmp, name, min(leaf_from, now) - datetime.timedelta(days=1),
+                                        max(leaf_until, now) + datetime.timedelta(days=30), leaf_from, leaf_until)
+    return root, leaf, key
 
 
 def test_certificate_mode_signs_and_checks_against_the_root(made, tmp_path, edgemed_home):
