@@ -31,7 +31,7 @@ from edgemed.constants import ONNX_OUTPUT_TYPES
 from edgemed.files.atomic import atomic_path, refuse_input_as_output
 from edgemed.files.hashing import file_sha256
 from edgemed.formats.conversion_report import IN_DIRECTORY, existing_report
-from edgemed.formats.input_file import read_at_most
+from edgemed.formats.input_file import odd_kind, read_at_most
 from edgemed.errors import InputError, IntegrityError, UnsafeArchive
 from edgemed.formats.sniff import sniff
 from edgemed.formats.terminal_text import WHY_REFUSED, describe
@@ -142,20 +142,29 @@ def _report_for(model: Path, given: Path | None) -> Path | None:
 
 
 def _onnx_files(model: Path) -> list[Path]:
-    """The files of the ONNX directory ``model``, sorted. A symbolic link anywhere in it is refused, naming it, and
-    never followed: one to a file put that file's bytes in the bundle (a file from outside the directory), one to a
-    folder was left out without a word."""
+    """The files of the ONNX directory ``model``, sorted. Anything in it that is neither a folder nor a regular file
+    is refused, naming it, and never opened (told by ``lstat``): a symbolic link is not followed (one to a file put
+    that file's bytes in the bundle, one to a folder was left out without a word), and a named pipe, socket or
+    device was left out without a word (opening a pipe would block)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(model, followlinks=False):
         for n in sorted(dirnames + filenames):  # a link to a folder is listed with the folders, a dangling one with the files
             p = Path(dirpath) / n
-            if p.is_symlink():
+            rel = p.relative_to(model).as_posix()
+            try:
+                mode = p.lstat().st_mode
+            except FileNotFoundError:  # gone since the folder was listed
+                continue
+            if stat.S_ISLNK(mode):
                 raise InputError(f"'{p}' in the ONNX directory '{model}' is a symbolic link (to '{os.readlink(p)}'); a "
                                  "bundle holds the directory's own files, and pack does not follow links.",
-                                 f"replace '{p.relative_to(model).as_posix()}' with a copy of what it points to, or "
-                                 "remove it, and pack again")
-            if p.is_file():
+                                 f"replace '{rel}' with a copy of what it points to, or remove it, and pack again")
+            if stat.S_ISREG(mode):
                 found.append(p)
+            elif not stat.S_ISDIR(mode):
+                raise InputError(f"'{p}' in the ONNX directory '{model}' is {odd_kind(p) or 'not a regular file'}; a "
+                                 "bundle holds regular files only, and pack does not leave one out without a word.",
+                                 f"remove '{rel}' or move it out of '{model}', and pack again")
     return sorted(found)
 
 
@@ -170,9 +179,10 @@ def _gather(inp: PackInputs) -> tuple[list[tuple[Path, str, str]], dict, dict]:
         model_facts["path"] = f"model/{model.name}"
         files = [(model, model_facts["path"], "model")]
     elif fmt == "onnx":
+        onnx_files = _onnx_files(model)  # first: what is not a regular file is refused before any file is read
         model_facts, prov = facts_mod.onnx_facts(model)
         model_facts["path"] = "model/onnx"
-        files = [(p, f"model/onnx/{p.relative_to(model).as_posix()}", "model") for p in _onnx_files(model)]
+        files = [(p, f"model/onnx/{p.relative_to(model).as_posix()}", "model") for p in onnx_files]
     else:
         raise InputError(f"Model '{model}' is neither a GGUF file nor a directory with .onnx files.",
                          "pass the .gguf that `edgemed convert` wrote")
