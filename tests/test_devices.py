@@ -444,6 +444,25 @@ def test_malformed_profile_names_file_and_field(tmp_path, monkeypatch, edit, fie
     assert result.exit_code == 1 and f"clinic.toml: {field}:" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("count", [2, 8])
+def test_inter_op_threads_above_one_are_refused_when_the_profile_is_read(tmp_path, monkeypatch, count):
+    """`onnx.inter_op_threads = 8` passed the schema and the ONNX engine dropped it at load with a warning (it runs
+    the graph sequentially). The profile is refused when read, naming the key, the value, why and the fix."""
+    text = GOOD.replace('name = "generic"', 'name = "clinic"')
+    assert "inter_op_threads = 1\n" in text
+    _user_profile(tmp_path, monkeypatch, "clinic", text.replace("inter_op_threads = 1\n", f"inter_op_threads = {count}\n"))
+    with pytest.raises(ProfileError) as err:
+        load_profiles()
+    said = f"{err.value} {err.value.fix}"
+    assert str(err.value).startswith(f"clinic.toml: onnx.inter_op_threads: {count} is more than the ONNX engine uses")
+    assert "sequential mode" in said and "set onnx.inter_op_threads = 1 in clinic.toml" in said
+    assert "give the threads to onnx.intra_op_threads" in said
+    result = CliRunner().invoke(cli, ["devices", "list"])
+    assert result.exit_code == 1 and "onnx.inter_op_threads" in result.output and "Traceback" not in result.output
+    _user_profile(tmp_path, monkeypatch, "clinic", text)
+    assert load_profiles()["clinic"].onnx["inter_op_threads"] == 1  # 1, as every shipped profile has it, still loads
+
+
 def test_bad_toml_and_name_mismatch(tmp_path, monkeypatch):
     _user_profile(tmp_path, monkeypatch, "broken", "name = ")
     with pytest.raises(ProfileError, match="broken.toml: not valid TOML"):

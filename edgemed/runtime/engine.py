@@ -72,9 +72,6 @@ class LoadSettings:
     extra_buffers: str = "auto"
     #: ONNX Runtime execution providers in order of preference (profile short names or full names; CPU is added last)
     providers: tuple[str, ...] = ()
-    #: ONNX Runtime's threads across independent graph nodes (``inter_op_num_threads``; ``n_threads`` is its intra-op
-    #: count); None: onnxruntime's default. It runs them only in its parallel execution mode
-    inter_op_threads: int | None = None
     #: Backend-specific options (ONNX Runtime: ``profile``, a profiling file prefix).
     extra: dict = field(default_factory=dict)
 

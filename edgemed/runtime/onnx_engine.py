@@ -18,8 +18,8 @@ onnxruntime drops one whose libraries do not load, with a line in its own log
 only) and the intra-op threads it started (counted in ``/proc/self/task``: its
 options read back the values set, not what it made of them); a difference is said at
 WARNING, as a llama.cpp load says weights placed elsewhere than asked. The graph
-runs in onnxruntime's sequential mode: ``inter_op_threads`` above 1 is dropped
-with a warning (``OnnxEngine._thread_options`` says why).
+runs in onnxruntime's sequential mode, with no inter-op threads
+(``OnnxEngine._thread_options`` says why; a profile that asks for more is refused).
 
 Everything onnxruntime would trip on later is refused at load with the fix: a
 graph or weights file that is not a regular file inside the folder, names or
@@ -262,18 +262,12 @@ class OnnxEngine:
         decoder is a chain of layers with few branches, and onnxruntime's own tuning notes say parallel mode can
         hurt such a graph. Measured on a 4-layer, 896-wide int4 Qwen2 decoder (2 cores), a decode step took
         6.1 ms sequential with 2 intra-op threads, 20.8 ms parallel with 2 + 2 and 13.1 ms with 1 + 2 (medians of
-        5 rounds of 64 steps). So ``inter_op_threads`` above 1 is dropped with a warning, not honoured."""
+        5 rounds of 64 steps). So a device profile's ``onnx.inter_op_threads`` must be 1 (``devices.schema``
+        refuses more when the profile is read), and no load asks for inter-op threads."""
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         threads = {}
         if load.n_threads:
             threads["intra_op_num_threads"] = opts.intra_op_num_threads = int(load.n_threads)
-        if load.inter_op_threads and int(load.inter_op_threads) > 1:
-            log.warning("onnx.inter_op_threads = %d is not used for %s: onnxruntime runs inter-op threads only in its "
-                        "parallel execution mode, which runs a decoder's chain of layers slower than its sequential "
-                        "mode (2-3x per token where measured), so the graph runs sequentially on %s intra-op "
-                        "thread(s). Fix: set onnx.inter_op_threads = 1 in the device profile, and give the threads "
-                        "to onnx.intra_op_threads (or --threads).", int(load.inter_op_threads), self.path.name,
-                        load.n_threads or "onnxruntime's default number of")
         return threads
 
     def _read_back(self, asked: list[str], threads: dict[str, int], before: int | None) -> None:

@@ -70,7 +70,7 @@ def prepare(model: Path, profile_name: str | None = None, n_ctx: int | None = No
                              "or run a GGUF base with --adapter")
         threads_ = threads or profile.threads(profile.onnx["intra_op_threads"], facts)
         load = LoadSettings(n_ctx=n_ctx or profile.llama["n_ctx"], n_threads=threads_, seed=seed,
-                            inter_op_threads=profile.onnx["inter_op_threads"], providers=tuple(profile.onnx["providers"]))
+                            providers=tuple(profile.onnx["providers"]))
         return Prepared(None, load, profile.name)
     plan = plan_load(model, profile, facts, n_ctx=n_ctx, adapters=adapters, prefix_cache=prefix_cache,
                      prefix_cache_mib=prefix_cache_mib, slots=slots, batched=batched)
