@@ -8,6 +8,9 @@ What each case proves:
 - errors: ``param`` names the offending field (edgemed's own ``grammar`` too, when llama.cpp's parser could not take it
   safely, and ``template_inputs``, whose fix says to send the input there), malformed JSON names none, an image part says images are not supported by this model; tools on a
   template without a tool format is a 400 naming the model;
+- grammar errors: an answer its grammar stopped (no token allowed, one token too costly) and a grammar the probe
+  refuses name, whole and streamed, the field the grammar came from in ``param`` and in the fix (``grammar``,
+  ``response_format``, a forced function's ``tools.N.function.parameters`` or ``tools``, a template's ``template``);
 - logprobs: chat ``top_logprobs`` of the first answer token and completions ``echo`` prompt log probabilities agree
   within 1e-4 with a log-softmax of the same model's logits computed directly through ``runtime/logits.py``; later
   answer tokens' agree within 1e-4 with rows computed one decode step at a time, as the sampler's were;
@@ -29,6 +32,7 @@ What each case proves:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -42,6 +46,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
 jsonschema = pytest.importorskip("jsonschema")
 
+from edgemed.runtime.batch import batcher as batcher_module  # noqa: E402
 from edgemed.runtime.batch.batcher import Batcher  # noqa: E402
 from edgemed.runtime.batch.options import log_softmax  # noqa: E402
 from edgemed.runtime.engine import LoadSettings  # noqa: E402
@@ -174,6 +179,74 @@ def test_a_grammar_llama_cpp_cannot_parse_safely_names_the_grammar_field(smol, g
         r = httpx.post(smol.url + "/v1/chat/completions", json={
             "model": SMOL, "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": kind, "text": "hi"}]}]})
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text[:300]
+
+
+#: a character class no character is in: nothing may follow, so no token is allowed there
+NOTHING = "[^\\x00-\\U0010FFFF]"
+CONTINUE = "root ::= " + NOTHING
+NO_STRING = {"type": "string", "pattern": f"^{NOTHING}$"}
+
+
+def create(srv, endpoint: str, **kwargs):
+    """The SDK's create of ``endpoint`` with a small request, the rest of it from ``kwargs``."""
+    if endpoint == "chat":
+        return functools.partial(srv.client.chat.completions.create, model=SMOL,
+                                 messages=[{"role": "user", "content": "hi"}], **kwargs)
+    return functools.partial(srv.client.completions.create, model=SMOL, prompt="x", **kwargs)
+
+
+def stopped(create, **kwargs) -> list:
+    """The errors of a request its grammar stopped: whole (a 400), then streamed (an ``error`` event)."""
+    errors = []
+    for stream in (False, True):
+        with pytest.raises(openai.APIError) as e:
+            out = create(stream=stream, **kwargs)
+            if stream:
+                list(out)
+        errors.append(e.value)
+    return errors
+
+
+def fix_of(error) -> str:
+    assert "Fix: " in error.message, error.message
+    return error.message.split("Fix: ", 1)[1]
+
+
+@pytest.mark.parametrize("endpoint, extra, param", [
+    ("chat", {"extra_body": {"grammar": 'root ::= "yes" | "no"'}}, "grammar"),
+    ("completions", {"extra_body": {"grammar": 'root ::= "yes" | "no"'}}, "grammar"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_an_answer_its_grammar_made_too_costly_names_the_field_the_grammar_came_from(smol, monkeypatch, endpoint,
+                                                                                    extra, param):
+    """``grammar_too_costly`` came with ``param: null``, whole and streamed: the client was not told which field."""
+    monkeypatch.setattr(batcher_module, "GRAMMAR_TOKEN_S", 0.0)  # every grammar's first token is too costly now
+    for error in stopped(create(smol, endpoint, max_tokens=4), **extra):
+        assert (error.code, error.param) == ("grammar_too_costly", param), error.body
+        assert f"'{param}'" in fix_of(error) and "repetition" in fix_of(error), error.message
+
+
+@pytest.mark.parametrize("endpoint, extra, param", [
+    ("chat", {"extra_body": {"grammar": CONTINUE}}, "grammar"),
+    ("completions", {"extra_body": {"grammar": CONTINUE}}, "grammar"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": NO_STRING}}},
+     "response_format"),
+])
+def test_an_answer_its_grammar_left_no_token_names_the_field_the_grammar_came_from(smol, endpoint, extra, param):
+    """``no_token_allowed`` came with ``param: null``; the fix speaks of logit_bias only when the request bans tokens."""
+    for error in stopped(create(smol, endpoint, max_tokens=4), **extra):
+        assert (error.code, error.param) == ("no_token_allowed", param), error.body
+        assert "loosen the " in fix_of(error) and f"'{param}'" in fix_of(error), error.message
+        assert "logit_bias" not in fix_of(error), error.message
+    for error in stopped(create(smol, endpoint, max_tokens=4, logit_bias={"0": -100}), **extra):
+        assert error.param == param and "remove the -100 logit_bias" in fix_of(error), error.message
+
+
+def test_a_grammar_the_probe_refuses_names_the_grammar_field_and_keeps_the_parsers_fix(smol):
+    with pytest.raises(openai.BadRequestError) as e:
+        smol.client.completions.create(model=SMOL, prompt="x", max_tokens=2, extra_body={"grammar": "root ::= ("})
+    assert e.value.param == "grammar" and "does not parse" in e.value.message, e.value.body
+    assert fix_of(e.value).startswith("correct the grammar in 'grammar' (check the GBNF syntax"), e.value.message
 
 
 def test_sampler_values_no_sampler_means_are_refused(smol):
@@ -592,6 +665,26 @@ def test_a_schema_that_cannot_become_a_grammar_names_its_field(hermes):
         hermes.client.chat.completions.create(model=SMOL, messages=LOOKUP_ASK, max_tokens=2, tools=[LOOKUP, tool],
                                               tool_choice="required")
     assert e.value.body["param"] == "tools.1.function.parameters" and "dose_calculator" in e.value.message
+
+
+def test_a_forced_call_or_template_its_grammar_stopped_names_that_field(hermes, monkeypatch):
+    """A forced call's grammar is made from the functions' ``parameters``: one named function's schema is the field
+    to change (``tool_choice`` the way out), several are ``tools``; a JSON template's contract is ``template``."""
+    dose = {"type": "function", "function": {"name": "dose_note", "parameters": {
+        "type": "object", "properties": {"dose": NO_STRING}, "required": ["dose"]}}}
+    call = functools.partial(hermes.client.chat.completions.create, model=SMOL, messages=LOOKUP_ASK,
+                             tools=[LOOKUP, dose], max_tokens=48)
+    for error in stopped(call, tool_choice={"type": "function", "function": {"name": "dose_note"}}):
+        assert (error.code, error.param) == ("no_token_allowed", "tools.1.function.parameters"), error.body
+        assert "'dose_note' in 'tools'" in fix_of(error) and "'tool_choice'" in fix_of(error), error.message
+    monkeypatch.setattr(batcher_module, "GRAMMAR_TOKEN_S", 0.0)  # every grammar's first token is too costly now
+    for error in stopped(call, tool_choice="required"):
+        assert (error.code, error.param) == ("grammar_too_costly", "tools"), error.body
+    triage = functools.partial(hermes.client.chat.completions.create, model=SMOL, messages=[], max_tokens=4,
+                               extra_body={"template": "triage", "template_inputs": {"case": "Chest pain."}})
+    for error in stopped(triage):
+        assert (error.code, error.param) == ("grammar_too_costly", "template"), error.body
+        assert "the template 'triage'" in fix_of(error) and "'messages'" in fix_of(error), error.message
 
 
 # -- completions logprobs where a character spans tokens ------------------------------------------------------

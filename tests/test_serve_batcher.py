@@ -316,6 +316,7 @@ def test_a_grammar_costlier_than_the_limit_for_one_token_ends_its_request_alone(
         plain = b.submit(prompts[1], GREEDY, request_id="p")
         fin = collect(costly)[1]
         assert fin.finish_reason == "costly" and "took" in fin.error and "for one token" in fin.error
+        assert "repetition" in fin.fix and "Fix" not in fin.error  # the fix apart: a server words it for its field
         assert collect(plain)[1].finish_reason in ("stop", "length")
 
 

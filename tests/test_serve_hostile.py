@@ -181,6 +181,8 @@ def test_a_grammar_too_costly_to_follow_is_refused_before_the_server_follows_it(
             r = chat(server, "Name one vitamin.",
                      response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
         assert r.status_code == 400 and "The grammar was refused" in r.json()["error"]["message"], r.text[:300]
+        field = "grammar" if kind == "grammar" else "response_format"  # was null: the client could not tell which
+        assert r.json()["error"]["param"] == field and f"in '{field}'" in r.json()["error"]["message"], r.text[:300]
         if attempt == 0:  # the probe is killed at its limit (2 s + 1 s grace): 30 s leaves room for a loaded box
             assert probe.probes == probes + 1 and time.monotonic() - t0 < 30
         else:
@@ -227,10 +229,11 @@ def test_a_grammar_that_leaves_no_token_is_a_400_and_the_server_stays_up(server)
                                          "grammar": nothing})
     error = is_openai_error(r, 400, "no_token_allowed")
     assert "No token is allowed" in error["message"]
+    assert error["param"] == "grammar" and "Fix: loosen the grammar in 'grammar'" in error["message"], error
     r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Name one vitamin.", "max_tokens": 4,
                                          "grammar": nothing, "stream": True})
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
-    assert events[-1]["error"]["code"] == "no_token_allowed", r.text
+    assert events[-1]["error"]["code"] == "no_token_allowed" and events[-1]["error"]["param"] == "grammar", r.text
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     assert chat(server, "hi").status_code == 200
 

@@ -54,13 +54,22 @@ CALIBRATION = 'root ::= [ -~]*'
 GRACE_SECONDS = 1.0
 #: A worker starting (Python, llama.cpp, the vocabulary) on a slow device; not counted in PROBE_SECONDS.
 STARTUP_SECONDS = 60.0
-#: Verdicts kept (grammar sha256 -> None, or the reason it was refused and its fix).
+#: Verdicts kept (grammar sha256 -> None, or the reason it was refused and the parser's own fix, if any).
 VERDICTS = 256
 #: Longest a request with a new grammar waits for the worker while another new grammar is tried (then 429).
 BUSY_WAIT_S = 5.0
 
 FIX = ("send a grammar whose alternatives do not match the same text under a repetition (or a JSON schema without "
        "such a pattern), or leave it out")
+
+
+class GrammarRefused(InputError):
+    """A grammar the worker could not follow within its limits, that crashed it, or that llama.cpp's parser
+    rejected; ``parser_fix`` is the parser's own fix in that last case (None for the others, whose fix is ``FIX``)."""
+
+    def __init__(self, reason: str, parser_fix: str | None = None):
+        super().__init__(f"The grammar was refused: {reason.rstrip('.')}.", parser_fix or FIX)
+        self.parser_fix = parser_fix
 
 
 class ProbeBusy(Overloaded):
@@ -88,12 +97,12 @@ class GrammarProbe:
         self._state = threading.Lock()  # verdicts, the process handle, closed: held for moments only
         self._proc: subprocess.Popen | None = None
         self._closed = False
-        self._verdicts: collections.OrderedDict[str, tuple[str, str] | None] = collections.OrderedDict()
+        self._verdicts: collections.OrderedDict[str, tuple[str, str | None] | None] = collections.OrderedDict()
         self.limit = seconds  # the worker's calibrated limit, once it has started
         self.probes = self.refused = 0
 
     def check(self, gbnf: str) -> None:
-        """``InputError`` when the worker could not follow ``gbnf`` within the limits (or it crashed the worker);
+        """``GrammarRefused`` when the worker could not follow ``gbnf`` within the limits (or it crashed the worker);
         ``ProbeBusy`` when another new grammar holds the worker longer than ``BUSY_WAIT_S``; ``ProbeUnavailable``
         when the worker cannot run here."""
         key = hashlib.sha256(gbnf.encode("utf-8", "surrogatepass")).hexdigest()
@@ -112,8 +121,7 @@ class GrammarProbe:
             finally:
                 self._probing.release()
         if verdict is not None:
-            reason, fix = verdict
-            raise InputError(f"The grammar was refused: {reason.rstrip('.')}.", fix)
+            raise GrammarRefused(*verdict)
 
     def close(self) -> None:
         """Stop the worker (at once, even while it probes); no worker starts after this."""
@@ -152,12 +160,12 @@ class GrammarProbe:
             return self._refuse("it crashed the grammar parser (the worker process ended)")
         if answer.get("ok"):
             return None
-        return self._refuse(answer.get("error") or "the worker refused it", answer.get("fix") or FIX)
+        return self._refuse(answer.get("error") or "the worker refused it", answer.get("fix"))
 
-    def _refuse(self, reason: str, fix: str = FIX) -> tuple[str, str]:
+    def _refuse(self, reason: str, parser_fix: str | None = None) -> tuple[str, str | None]:
         self.refused += 1
         log.warning("grammar refused by the probe: %s", reason)
-        return reason, fix
+        return reason, parser_fix
 
     def _start(self) -> subprocess.Popen:
         """The running worker, started if need be (caller holds ``_probing``)."""

@@ -22,10 +22,11 @@ from edgemed.errors import InputError, TemplateError
 from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.sampling import check_gbnf
 from edgemed.runtime.session import starts_in_think
-from edgemed.serve import api
+from edgemed.serve import api, grammar_source
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served
 from edgemed.serve import tools
+from edgemed.serve.grammar_source import GRAMMAR, RESPONSE_FORMAT, GrammarSource
 from edgemed.serve.tools import CallFilter, ToolPlan
 
 
@@ -53,6 +54,8 @@ class Prompt:
     extra: Callable[..., dict] = _nothing  # (answer text, finish reason) -> edgemed's fields of the response
     tools: ToolPlan = field(default_factory=ToolPlan)
     grammar: str | None = None  # the request's own, or the one forcing a tool call
+    #: the field the grammar (or JSON schema) came from, which an error about following it names
+    grammar_from: GrammarSource | None = None
     #: the chat template ended the prompt with <think>: the answer starts inside a reasoning block (the response says
     #: so in its ``x-edgemed-think: open`` header, so a client folds exactly that block and nothing else)
     opened_think: bool = False
@@ -81,6 +84,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     """``messages``, or a medical template's messages, through the GGUF's chat template (with ``tools``)."""
     template = None
     json_schema = body.json_schema()
+    schema_from = RESPONSE_FORMAT if json_schema is not None else None
     plan = ToolPlan()
     if body.template:
         if body.messages:
@@ -106,6 +110,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
         messages, _ = await run_in_threadpool(fold_system, served.batcher.render_chat, messages)
         if template.contract.kind == "json" and json_schema is None and body.grammar is None:
             json_schema = template.contract.json_schema()
+            schema_from = grammar_source.template(template.name) if json_schema is not None else None
     elif not body.messages:
         raise api.ApiError(400, "'messages' is empty. Fix: send at least one message, or a 'template' with its "
                                 "inputs.", param="messages")
@@ -119,12 +124,14 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
                                     "'grammar' or 'response_format'. Fix: drop one of them.", param="tool_choice")
         constraint = plan.grammar
     await _check_grammar(body.grammar)
+    source = grammar_source.with_bans(GRAMMAR if body.grammar else plan.source or schema_from, body)
     # Rendering (a limited, but possibly slow, untrusted template) and tokenizing (a long prompt) run in a
     # worker thread: the event loop keeps answering /health and streaming other requests meanwhile.
     prompt = await run_in_threadpool(served.batcher.render_chat, messages, plan.tools or None)
     opened_think = starts_in_think(prompt)  # a reasoning model's template may open <think> itself
     if template is None:
-        return Prompt([prompt], json_schema, tools=plan, grammar=constraint, opened_think=opened_think)
+        return Prompt([prompt], json_schema, tools=plan, grammar=constraint, grammar_from=source,
+                      opened_think=opened_think)
 
     def parsed(text: str, finish_reason: str | None = None) -> dict:
         # an answer cut at max_tokens is no answer, whatever it holds so far ("give 0.5 mg of")
@@ -133,13 +140,14 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
         return {"edgemed": {"template": record.template,
                             "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
 
-    return Prompt([prompt], json_schema, parsed, grammar=constraint, opened_think=opened_think)
+    return Prompt([prompt], json_schema, parsed, grammar=constraint, grammar_from=source, opened_think=opened_think)
 
 
 async def completion_prompt(served: Served, record: RequestRecord, body: api.CompletionRequest) -> Prompt:
     """The prompts as sent: strings or lists of token ids."""
     await _check_grammar(body.grammar)
-    return Prompt(body.prompts(), grammar=body.grammar)
+    return Prompt(body.prompts(), grammar=body.grammar,
+                  grammar_from=grammar_source.with_bans(GRAMMAR if body.grammar else None, body))
 
 
 # -- answers ----------------------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ from starlette.responses import JSONResponse, StreamingResponse
 from edgemed.runtime.batch.options import Extras
 from edgemed.runtime.batch.stream import merged
 from edgemed.runtime.engine import GenerationSettings
+from edgemed.runtime.grammar_probe import GrammarRefused
 from edgemed.serve import api
 from edgemed.serve.api import ApiError, ClientClosed
 from edgemed.serve.endpoints import Answer, Endpoint, usage
+from edgemed.serve.grammar_source import GrammarSource
 from edgemed.serve.tools import CallFilter
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served, request_record, served
@@ -52,10 +54,10 @@ async def generate(endpoint: Endpoint, body, request: Request):
     answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None) for i in range(len(streams))]
     headers = {SEED_HEADER: str(record.seed), **({THINK_HEADER: "open"} if prompt.opened_think else {})}
     if body.stream:
-        response = streaming(srv, record, streams, answers, shape, body.include_usage)
+        response = streaming(srv, record, streams, answers, shape, body.include_usage, prompt.grammar_from)
         response.headers.update(headers)
         return response
-    reasons = await collect(srv, record, request, streams, answers)
+    reasons = await collect(srv, record, request, streams, answers, prompt.grammar_from)
     # the whole answer is read by its template's contract (and for tool calls): a long reply takes a while to read,
     # so the event loop keeps answering other requests meanwhile
     return JSONResponse(await run_in_threadpool(shape.whole, answers, reasons), headers=headers)
@@ -148,7 +150,12 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
             more = {"adapter": record.adapter} if record.adapter else {}  # a batcher without adapters takes no such word
             if (scope := scope_of(srv, record, body)) is not None:
                 more["scope"] = scope
-            streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
+            try:
+                streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
+            except GrammarRefused as exc:  # the probe's verdict: the fix names the field the grammar came from
+                if prompt.grammar_from is None:
+                    raise
+                raise prompt.grammar_from.refused(exc) from None
         if audit is not None:  # queued, and nothing of it sent yet: a refusal (400, 429) never gets here
             accepted(audit, srv, record)
     except BaseException:
@@ -187,10 +194,11 @@ def take(answer: Answer, item) -> None:
         answer.logprobs.extend(item.logprobs)
 
 
-async def collect(srv: Served, record: RequestRecord, request: Request, streams, answers) -> list[str]:
+async def collect(srv: Served, record: RequestRecord, request: Request, streams, answers,
+                  grammar_from: GrammarSource | None = None) -> list[str]:
     """Every choice's whole answer and OpenAI's finish reasons; a client that leaves meanwhile cancels the
     streams (their slots are freed) and raises ``ClientClosed``; a generation that ended neither by stop nor
-    length raises."""
+    length raises (naming ``grammar_from`` when the request's grammar could not be followed)."""
     left = False
 
     async def watch():
@@ -214,7 +222,7 @@ async def collect(srv: Served, record: RequestRecord, request: Request, streams,
         raise ClientClosed()
     for answer, reason in zip(answers, reasons):
         if reason not in api.FINISH_REASONS.values():
-            raise failed(record, answer.finished)
+            raise failed(record, answer.finished, grammar_from)
     return reasons
 
 
@@ -241,9 +249,10 @@ def finish(srv: Served, record: RequestRecord, answers) -> list[str]:
     return reasons
 
 
-def failed(record: RequestRecord, finished) -> ApiError:
+def failed(record: RequestRecord, finished, grammar_from: GrammarSource | None = None) -> ApiError:
     """A generation that ended neither by stop nor length: the server shutting down (503), the request's own
-    constraints leaving no token (400) or a failure (500)."""
+    constraints leaving no token or its grammar too costly to follow (400, naming the field ``grammar_from``) or a
+    failure (500)."""
     detail = getattr(finished, "error", None) or finished.finish_reason
     if finished.finish_reason == "cancelled":
         record.error_code = "unavailable"
@@ -251,10 +260,16 @@ def failed(record: RequestRecord, finished) -> ApiError:
                         "unavailable", headers={"Retry-After": "5"})
     if finished.finish_reason == "refused":  # the request's own grammar and logit bias left no token
         record.error_code = "no_token_allowed"
-        return ApiError(400, f"Generation stopped: {detail}", "invalid_request_error", "no_token_allowed")
+        if grammar_from is not None:
+            return grammar_from.no_token(f"Generation stopped: {detail}")
+        return ApiError(400, f"Generation stopped: {detail} Fix: {finished.fix}.", "invalid_request_error",
+                        "no_token_allowed", param="logit_bias")  # no grammar: its bans alone
     if finished.finish_reason == "costly":  # the request's own grammar took too long to follow
         record.error_code = "grammar_too_costly"
-        return ApiError(400, f"Generation stopped: {detail}", "invalid_request_error", "grammar_too_costly")
+        if grammar_from is not None:
+            return grammar_from.too_costly(f"Generation stopped: {detail}")
+        return ApiError(400, f"Generation stopped: {detail} Fix: {finished.fix}.", "invalid_request_error",
+                        "grammar_too_costly")
     record.error_code = "generation_failed"
     return ApiError(500, f"Generation stopped: {detail}. Fix: retry; if it persists, see the server log for "
                          f"request id {record.request_id}.", "server_error", "generation_failed")
@@ -264,7 +279,8 @@ def sse(data) -> str:
     return "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
 
 
-def streaming(srv: Served, record: RequestRecord, streams, answers, shape, include_usage: bool) -> StreamingResponse:
+def streaming(srv: Served, record: RequestRecord, streams, answers, shape, include_usage: bool,
+              grammar_from: GrammarSource | None = None) -> StreamingResponse:
     """SSE: the shape's head events, chunks per piece of each choice, a final chunk per choice with its finish
     reason (after its tool calls), usage if asked, then [DONE]; a generation that fails after the stream
     started ends it with an ``error`` event."""
@@ -285,9 +301,9 @@ def streaming(srv: Served, record: RequestRecord, streams, answers, shape, inclu
             reasons = finish(srv, record, answers)
             bad = next((a for a, r in zip(answers, reasons) if r not in api.FINISH_REASONS.values()), None)
             if bad is not None:
-                err = failed(record, bad.finished)
+                err = failed(record, bad.finished, grammar_from)
                 record.failed_status = err.status  # the headers said 200; metrics and audit say what happened
-                yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+                yield sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
             else:
                 for answer, reason in zip(answers, reasons):
                     for event in await run_in_threadpool(shape.final, answer, reason):  # reads the answer, as above

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from edgemed.formats.nesting import finite_decoder, loads_json
 from edgemed.serve.api import ApiError
+from edgemed.serve.grammar_source import GrammarSource, forced_call
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
@@ -41,6 +42,7 @@ class ToolPlan:
     tools: list[dict] = field(default_factory=list)  # rendered into the prompt (OpenAI's tool objects)
     grammar: str | None = None
     parse: bool = False
+    source: GrammarSource | None = None  # with a grammar: the functions' schemas in ``tools`` it was made from
 
     @property
     def names(self) -> set[str]:
@@ -90,7 +92,8 @@ def plan(body, template: str | None, model_id: str) -> ToolPlan:
                                 f"of: {', '.join(functions)}.", param="tool_choice")
         forced = [functions[name]]
     where = {t.function.name: i for i, t in enumerate(tools)}
-    return ToolPlan(rendered, grammar(forced, body.parallel_tool_calls, where), True)
+    return ToolPlan(rendered, grammar(forced, body.parallel_tool_calls, where), True,
+                    forced_call([f.name for f in forced], where))
 
 
 def _require(template: str | None, model_id: str, param: str) -> str:

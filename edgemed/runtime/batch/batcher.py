@@ -1087,7 +1087,7 @@ class Batcher:
         try:
             token = seq.sampler.sample(self._ctx, seq.index)
         except NoTokenAllowed as exc:  # this request's own constraints: it ends, the others go on
-            self._finish(seq, "refused", f"{exc.problem} Fix: {exc.fix}.")
+            self._finish(seq, "refused", exc.problem, exc.fix)
             return
         except Exception:  # noqa: BLE001 - this request's sampler failed after a good decode: it ends alone
             log.exception("sampling for request %s failed; it ends, the others go on", seq.stream.request_id)
@@ -1096,8 +1096,8 @@ class Batcher:
         took = time.perf_counter() - t0
         if took > GRAMMAR_TOKEN_S and (seq.settings.grammar or seq.settings.json_schema):
             self._finish(seq, "costly", f"Following the request's grammar took {took:.1f} s for one token (at most "
-                                        f"{GRAMMAR_TOKEN_S:g} s; every other answer waits meanwhile). Fix: send a "
-                                        "grammar whose alternatives do not match the same text under a repetition.")
+                                        f"{GRAMMAR_TOKEN_S:g} s; every other answer waits meanwhile).",
+                         "send a grammar whose alternatives do not match the same text under a repetition")
             return
         if row is not None:
             seq.logprobs.append(entry(self._model, row, token, seq.extras.top_logprobs))
@@ -1126,7 +1126,7 @@ class Batcher:
         else:
             seq.pending = token
 
-    def _finish(self, seq: Seq, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Seq, reason: str, error: str | None = None, fix: str | None = None) -> None:
         """End a running sequence and free its slot (sampler; the KV cells are kept for prefix reuse
         unless it is off or the sequence failed, when what the cells hold is not known)."""
         if seq not in self._active:  # a waiting choice its leader's end has ended already
@@ -1140,7 +1140,7 @@ class Batcher:
         for follower in seq.followers:  # choices still waiting for this prompt: they cannot start now
             if not follower.stream.done:
                 self._finish(follower, reason if reason in ("cancelled", "error", "refused", "costly") else "error",
-                             error or "the choice that computes the prompt ended before it")
+                             error or "the choice that computes the prompt ended before it", fix)
         seq.followers = []
         held = seq.held() if self.prefix_cache and reason != "error" and seq.slot not in self._unsynced else []
         if not (held and self._ctx.trim(seq.slot, len(held))):  # the sampled tokens' cells go
@@ -1152,14 +1152,14 @@ class Batcher:
             self._active.remove(seq)
             self._free.append(seq.slot)
             self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - seq.t_admit)
-            self._end(seq, reason, time.perf_counter(), error)
+            self._end(seq, reason, time.perf_counter(), error, fix)
 
-    def _end(self, seq: Seq, reason: str, now: float, error: str | None = None) -> None:
+    def _end(self, seq: Seq, reason: str, now: float, error: str | None = None, fix: str | None = None) -> None:
         """Count a request's end and send its ``Finished`` (caller holds the lock)."""
         self._n.finished[reason] += 1
         self._n.cached[seq.cached_from] += seq.cached
         self._n.prompt_tokens_cached_total += seq.cached
-        seq.end(reason, now, error)
+        seq.end(reason, now, error, fix)
         loaded, seq.adapter = seq.adapter, None
         if loaded is not None:
             loaded.refs -= 1

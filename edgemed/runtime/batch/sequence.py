@@ -71,7 +71,7 @@ class Seq:
         to change a later greedy answer (a cold run feeds them as prompt)."""
         return self.tokens[:self.pos]
 
-    def end(self, reason: str, now: float, error: str | None = None) -> None:
+    def end(self, reason: str, now: float, error: str | None = None, fix: str | None = None) -> None:
         """Close the sampler and send this request's ``Finished`` (the caller holds the batcher's lock)."""
         if self.sampler is not None:
             self.sampler.close()
@@ -80,7 +80,8 @@ class Seq:
         self.stream._put(Finished(
             finish_reason=reason, prompt_tokens=len(self.tokens), completion_tokens=self.generated,
             ttft_s=(self.t_first - self.t_submit) if self.t_first else 0.0, total_s=now - self.t_submit,
-            queue_s=admitted - self.t_submit, error=error, cached_tokens=self.cached, forked=self.leader is not None))
+            queue_s=admitted - self.t_submit, error=error, fix=fix, cached_tokens=self.cached,
+            forked=self.leader is not None))
         log.info("request %s %s: %d prompt (%d cached) + %d completion tokens, %.3f s", self.stream.request_id,
                  reason, len(self.tokens), self.cached, self.generated, now - self.t_submit)
 

@@ -38,6 +38,7 @@ class Finished:
     total_s: float  # submit -> finished
     queue_s: float  # submit -> admitted to a slot
     error: str | None = None  # set when finish_reason is "error", "refused" or "costly" (or a cancel came from shutdown)
+    fix: str | None = None  # with "refused" and "costly" (the request's own doing): what the request changes
     cached_tokens: int = 0  # prompt tokens whose KV the slot already held (not fed to llama.cpp again)
     forked: bool = False  # one of n > 1 choices that copied another's prompt KV: its prompt was not computed
 

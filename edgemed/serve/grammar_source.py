@@ -1,0 +1,75 @@
+"""Where a request's grammar came from: the client's ``grammar``, the JSON schema in ``response_format``, the
+``parameters`` of the functions a forced tool call (``tool_choice``) may call, or a medical template's contract.
+
+An answer that grammar could not be followed for (no token allowed, one token too costly to follow) and a grammar
+the probe refuses are 400s whose ``param`` names that field and whose fix says what to change in it, as OpenAI's
+error shape has it: the ``openai`` client and LangChain show ``param`` beside the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from edgemed.runtime.batch.options import BAN
+from edgemed.serve.api import ApiError
+
+#: what a grammar too costly to follow needs: llama.cpp tracks every parse, and such alternatives multiply them
+REPETITION = "so that no alternatives match the same text under a repetition"
+
+
+@dataclass(frozen=True)
+class GrammarSource:
+    """The field a request's grammar came from, as a grammar error's ``param`` and fix name it."""
+
+    param: str  # OpenAI's ``param``: the field the client changes
+    names: str  # the grammar, as the fix says it ("the JSON schema in 'response_format'")
+    instead: str  # how to ask without it ("leave out 'response_format'")
+    bans: bool = False  # the request's logit_bias bans tokens (-100) too: a grammar left without a token may be theirs
+
+    def no_token(self, problem: str) -> ApiError:
+        """The answer stopped: the grammar (and the bans) left no token the model may write next."""
+        bias = " or remove the -100 logit_bias entries on tokens it needs" if self.bans else ""
+        return self._error(problem, f"loosen {self.names}{bias}, or {self.instead}", "no_token_allowed")
+
+    def too_costly(self, problem: str) -> ApiError:
+        """The answer stopped: following the grammar took too long for one token."""
+        return self._error(problem, f"change {self.names} {REPETITION}, or {self.instead}", "grammar_too_costly")
+
+    def refused(self, exc) -> ApiError:
+        """The probe refused the grammar (``grammar_probe.GrammarRefused``): too costly, a crash, or a parse error."""
+        if exc.parser_fix is None:
+            fix = f"change {self.names} {REPETITION}"
+        elif self.param == GRAMMAR.param:  # the client's own GBNF: the parser's advice is for it
+            fix = f"correct {self.names} ({exc.parser_fix})"
+        else:  # a grammar made from a schema: the schema is what the client changes
+            fix = f"simplify {self.names}"
+        return self._error(exc.problem, f"{fix}, or {self.instead}", None)
+
+    def _error(self, problem: str, fix: str, code: str | None) -> ApiError:
+        return ApiError(400, f"{problem} Fix: {fix}.", "invalid_request_error", code, param=self.param)
+
+
+GRAMMAR = GrammarSource("grammar", "the grammar in 'grammar'", "leave out 'grammar'")
+RESPONSE_FORMAT = GrammarSource("response_format", "the JSON schema in 'response_format'", "leave out 'response_format'")
+
+
+def forced_call(names: list[str], where: dict[str, int]) -> GrammarSource:
+    """A forced tool call to one of the functions ``names`` (``where``: each one's index in ``tools``)."""
+    instead = "let the model choose whether to call ('tool_choice': 'auto')"
+    if len(names) == 1:
+        return GrammarSource(f"tools.{where[names[0]]}.function.parameters",
+                             f"the 'parameters' schema of the function '{names[0]}' in 'tools'", instead)
+    return GrammarSource("tools", "the functions' 'parameters' schemas in 'tools'", instead)
+
+
+def template(name: str) -> GrammarSource:
+    """A medical template's JSON contract (the request sent neither ``grammar`` nor ``response_format``)."""
+    return GrammarSource("template", f"the contract of the template '{name}'", "send 'messages' instead of 'template'")
+
+
+def with_bans(source: GrammarSource | None, body) -> GrammarSource | None:
+    """``source`` knowing whether ``body``'s logit_bias bans tokens too."""
+    if source is None:
+        return None
+    return dataclasses.replace(source, bans=any(v <= BAN for v in (body.logit_bias or {}).values()))
