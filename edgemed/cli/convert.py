@@ -228,6 +228,7 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     from edgemed.converters.quality.parity import check_gguf, gate_error
 
     opened = Source.open(source, lora=lora, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
+    opened.warn_base(lambda s: click.echo(s, err=as_json))  # the adapter's base, checked and said as convert says it
     if model.is_dir():
         report = _check_onnx(opened, model, threads)
     else:
@@ -246,8 +247,10 @@ def check(source, model, lora, allow_pickle, threads, as_json):
         report = check_gguf(opened, model, out_type, threads=threads)
     if as_json:
         from edgemed.cli import echo_json_result
+        from edgemed.converters.provenance import lora_info
 
-        echo_json_result(json.dumps(report.to_dict(), indent=2))  # with its "passed": the one document on stdout
+        lora_part = {"lora": lora_info(opened.adapter)} if opened.adapter is not None else {}  # base_check as convert's
+        echo_json_result(json.dumps(report.to_dict() | lora_part, indent=2))  # with its "passed": the one document on stdout
     else:
         click.echo(report.summary())
     if report.passed is False:
