@@ -127,6 +127,40 @@ def edgemed_home(tmp_path, monkeypatch):
     return home
 
 
+def _serve_registry(folder: Path, **options):
+    """A real CNCF distribution registry in ``folder`` (registry_kit.Registry), or skip: its binary is not here."""
+    import registry_kit
+
+    reason = registry_kit.missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return registry_kit.Registry.start(folder, **options)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """One real registry per test module (each test pushes to repositories of its own); the test skips, saying how to
+    install it, where the binary is missing. A module with a stand-in registry of its own defines its own fixture."""
+    reg = _serve_registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def start_registry(tmp_path):
+    """``start(name, htpasswd=..., ip=...)``: a registry of this test's own, set up as it needs (basic auth, a LAN
+    address), in ``tmp_path / name``; skips as ``registry`` does; every one started is stopped when the test ends."""
+    started = []
+
+    def start(name: str, **options):
+        started.append(_serve_registry(tmp_path / name, **options))
+        return started[-1]
+
+    yield start
+    for reg in started:
+        reg.stop()
+
+
 def _require_pip_model(name: str):
     from edgemed.converters.source import pip_models
     from edgemed.errors import InputError

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import bundle_kit
 import pytest
-import registry_kit
 from click.testing import CliRunner
 
 from edgemed.cli import cli
@@ -211,17 +210,6 @@ def test_the_installed_creation_time_is_read_only_from_the_manifest_the_index_re
 
 # -- pull --force of a tag moved back, through the registry ---------------------------------------------------------
 
-needs_registry = pytest.mark.skipif(registry_kit.missing_reason() is not None, reason=registry_kit.missing_reason() or "")
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = registry_kit.Registry.start(tmp_path / "registry")
-    yield reg
-    reg.stop()
-
-
-@needs_registry
 def test_a_tag_moved_back_to_an_older_signed_release_is_refused_by_the_nightly_pull(registry, tmp_path, edgemed_home, monkeypatch):
     key, pub = bundle_kit.keypair(tmp_path)
     v11 = _pack(tmp_path, monkeypatch, "v11", "1.1", FEB, key, as_dir=True)

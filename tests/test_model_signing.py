@@ -18,7 +18,6 @@ from pathlib import Path
 
 import bundle_kit as kit
 import pytest
-import registry_kit
 from click.testing import CliRunner
 
 ms = pytest.importorskip("model_signing", reason="the fleet extra (model-signing) is not installed")
@@ -425,9 +424,8 @@ def test_a_root_out_of_its_validity_period_anchors_nothing(made, tmp_path, edgem
     assert runnable("tiny").model_path.is_file()
 
 
-@pytest.mark.skipif(registry_kit.missing_reason() is not None, reason=registry_kit.missing_reason() or "")
 def test_the_nightly_pull_of_the_installed_bundle_changes_nothing_after_its_certificate_expired(
-        made, tmp_path, edgemed_home, monkeypatch, caplog):
+        made, registry, tmp_path, edgemed_home, monkeypatch, caplog):
     """docs/fleet.md: pull is idempotent, the name holding this very bundle is left as it is. The pulled signature was
     judged as of now before that was noticed, so the day the signing certificate expired, every device's nightly
     ``pull --force`` of the unchanged tag failed, though run keeps the installed copy (judged as of its install). Now
@@ -436,33 +434,29 @@ def test_the_nightly_pull_of_the_installed_bundle_changes_nothing_after_its_cert
 
     from edgemed.packaging.ref import runnable
 
-    registry = registry_kit.Registry.start(tmp_path / "registry")
-    try:
-        bundle, root, leaf, key = _cert_signed(made, tmp_path, "nightly", None, None)  # valid for 30 days
-        (edgemed_home / "keys").mkdir(parents=True)
-        shutil.copy(root, edgemed_home / "keys" / "root.pem")
-        (edgemed_home / "trust.toml").write_text(f'[registries."{registry.host}"]\nroots = ["keys/root.pem"]\n')
-        stable = registry.ref("clinic/tiny:stable")
-        assert _run("push", bundle, stable).exit_code == 0
-        r = _run("pull", stable, "--force")
-        assert r.exit_code == 0 and "signature valid (key cert CN=nightly model signer" in r.output, r.output
+    bundle, root, leaf, key = _cert_signed(made, tmp_path, "nightly", None, None)  # valid for 30 days
+    (edgemed_home / "keys").mkdir(parents=True)
+    shutil.copy(root, edgemed_home / "keys" / "root.pem")
+    (edgemed_home / "trust.toml").write_text(f'[registries."{registry.host}"]\nroots = ["keys/root.pem"]\n')
+    stable = registry.ref("clinic/tiny:stable")
+    assert _run("push", bundle, stable).exit_code == 0
+    r = _run("pull", stable, "--force")
+    assert r.exit_code == 0 and "signature valid (key cert CN=nightly model signer" in r.output, r.output
 
-        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=31)  # the leaf has expired
-        check = signing._check_validity
-        monkeypatch.setattr(signing, "_check_validity", lambda sig, roots, at=None: check(sig, roots, at or later))
-        r = _run("pull", stable, "--force", "--json")
-        assert r.exit_code == 0, r.output
-        assert json.loads(r.stdout)["already_installed"] is True
-        assert "tiny holds this bundle already and was left as it is" in caplog.text, caplog.text
-        assert "pulled now, it would be refused" in caplog.text and "expired on" in caplog.text, caplog.text
-        assert runnable("tiny").model_path.is_file()  # run agrees: judged as of its install
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=31)  # the leaf has expired
+    check = signing._check_validity
+    monkeypatch.setattr(signing, "_check_validity", lambda sig, roots, at=None: check(sig, roots, at or later))
+    r = _run("pull", stable, "--force", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["already_installed"] is True
+    assert "tiny holds this bundle already and was left as it is" in caplog.text, caplog.text
+    assert "pulled now, it would be refused" in caplog.text and "expired on" in caplog.text, caplog.text
+    assert runnable("tiny").model_path.is_file()  # run agrees: judged as of its install
 
-        monkeypatch.setenv("SOURCE_DATE_EPOCH", str(int(later.timestamp())))  # the next release, under the same tag
-        newer = tmp_path / "newer"
-        pack(made["inputs"], newer, as_dir=True, private_key=signing.SigningKey(key, "cert", leaf, (root,)))
-        assert _run("push", newer, stable).exit_code == 0
-        r = _run("pull", stable, "--force")
-        assert r.exit_code == 1 and "the signing certificate CN=nightly model signer" in r.output, r.output
-        assert "expired on" in r.output, r.output
-    finally:
-        registry.stop()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(int(later.timestamp())))  # the next release, under the same tag
+    newer = tmp_path / "newer"
+    pack(made["inputs"], newer, as_dir=True, private_key=signing.SigningKey(key, "cert", leaf, (root,)))
+    assert _run("push", newer, stable).exit_code == 0
+    r = _run("pull", stable, "--force")
+    assert r.exit_code == 1 and "the signing certificate CN=nightly model signer" in r.output, r.output
+    assert "expired on" in r.output, r.output

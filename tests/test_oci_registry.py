@@ -23,8 +23,6 @@ from crash_kit import KILLED
 
 from edgemed.cli import cli
 
-pytestmark = pytest.mark.skipif(registry_kit.missing_reason() is not None, reason=registry_kit.missing_reason() or "")
-
 
 def _cli(*args, ok: bool = True, input: str | None = None):
     r = CliRunner().invoke(cli, [str(a) for a in args], input=input)
@@ -33,13 +31,6 @@ def _cli(*args, ok: bool = True, input: str | None = None):
     else:
         assert r.exit_code != 0, r.output
     return r.output
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = registry_kit.Registry.start(tmp_path_factory.mktemp("registry"))
-    yield reg
-    reg.stop()
 
 
 @pytest.fixture(scope="module")
@@ -559,46 +550,44 @@ def _meta_layer_hexes(registry, repo: str, tag: str) -> list[str]:
             if x["annotations"]["org.cncf.model.filepath"] in ("manifest.json", "model.sig")]
 
 
-def test_login_stores_docker_credentials_and_push_pull_use_them(tmp_path, monkeypatch, edgemed_home, trust, maker_key):
+def test_login_stores_docker_credentials_and_push_pull_use_them(tmp_path, monkeypatch, edgemed_home, trust, maker_key,
+                                                                 start_registry):
     line = registry_kit.htpasswd_line("clinic-it", "s3cret-pass")
     if line is None:
         pytest.skip("this Python cannot make a bcrypt htpasswd line (no crypt module)")
     (tmp_path / "htpasswd").write_text(line + "\n")
-    reg = registry_kit.Registry.start(tmp_path / "auth-registry", htpasswd=tmp_path / "htpasswd")
-    try:
-        monkeypatch.setenv("HOME", str(tmp_path / "user"))
-        trust(edgemed_home, reg.host)
-        bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
-        out = _cli("push", bundle, reg.ref("clinic/tiny:v1"), ok=False)
-        assert f"edgemed login {reg.host}" in out
-        out = _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="wrong\n", ok=False)
-        assert "refused the user name and password" in out
-        assert not (tmp_path / "user" / ".docker" / "config.json").exists()
-        _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
-        cfg = tmp_path / "user" / ".docker" / "config.json"
-        assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
-        assert reg.host in json.loads(cfg.read_text())["auths"]
-        _cli("push", bundle, reg.ref("clinic/tiny:v1"))
-        assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--json"))["name"] == "tiny"
-        # a config.json that links into a dotfiles folder stays a link: login writes the file it names
-        (tmp_path / "dotfiles").mkdir()
-        cfg.rename(tmp_path / "dotfiles" / "docker.json")
-        cfg.symlink_to(tmp_path / "dotfiles" / "docker.json")
-        _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
-        assert cfg.is_symlink() and reg.host in json.loads((tmp_path / "dotfiles" / "docker.json").read_text())["auths"]
-        assert stat.S_IMODE((tmp_path / "dotfiles" / "docker.json").stat().st_mode) == 0o600
-        # DOCKER_CONFIG names the folder docker reads instead of ~/.docker: the credentials there, and only there
-        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "ci-docker"))
-        out = _cli("push", bundle, reg.ref("clinic/tiny:v2"), ok=False)
-        assert str(tmp_path / "ci-docker" / "config.json") in out and f"edgemed login {reg.host}" in out
-        _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
-        assert reg.host in json.loads((tmp_path / "ci-docker" / "config.json").read_text())["auths"]
-        _cli("push", bundle, reg.ref("clinic/tiny:v2"))
-        (tmp_path / "ci-docker" / "config.json").write_text("{not json")
-        out = _cli("push", bundle, reg.ref("clinic/tiny:v3"), ok=False)
-        assert "is not valid JSON" in out and "Fix:" in out
-    finally:
-        reg.stop()
+    reg = start_registry("auth-registry", htpasswd=tmp_path / "htpasswd")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    trust(edgemed_home, reg.host)
+    bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
+    out = _cli("push", bundle, reg.ref("clinic/tiny:v1"), ok=False)
+    assert f"edgemed login {reg.host}" in out
+    out = _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="wrong\n", ok=False)
+    assert "refused the user name and password" in out
+    assert not (tmp_path / "user" / ".docker" / "config.json").exists()
+    _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
+    cfg = tmp_path / "user" / ".docker" / "config.json"
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    assert reg.host in json.loads(cfg.read_text())["auths"]
+    _cli("push", bundle, reg.ref("clinic/tiny:v1"))
+    assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--json"))["name"] == "tiny"
+    # a config.json that links into a dotfiles folder stays a link: login writes the file it names
+    (tmp_path / "dotfiles").mkdir()
+    cfg.rename(tmp_path / "dotfiles" / "docker.json")
+    cfg.symlink_to(tmp_path / "dotfiles" / "docker.json")
+    _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
+    assert cfg.is_symlink() and reg.host in json.loads((tmp_path / "dotfiles" / "docker.json").read_text())["auths"]
+    assert stat.S_IMODE((tmp_path / "dotfiles" / "docker.json").stat().st_mode) == 0o600
+    # DOCKER_CONFIG names the folder docker reads instead of ~/.docker: the credentials there, and only there
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "ci-docker"))
+    out = _cli("push", bundle, reg.ref("clinic/tiny:v2"), ok=False)
+    assert str(tmp_path / "ci-docker" / "config.json") in out and f"edgemed login {reg.host}" in out
+    _cli("login", reg.host, "-u", "clinic-it", "--password-stdin", input="s3cret-pass\n")
+    assert reg.host in json.loads((tmp_path / "ci-docker" / "config.json").read_text())["auths"]
+    _cli("push", bundle, reg.ref("clinic/tiny:v2"))
+    (tmp_path / "ci-docker" / "config.json").write_text("{not json")
+    out = _cli("push", bundle, reg.ref("clinic/tiny:v3"), ok=False)
+    assert "is not valid JSON" in out and "Fix:" in out
 
 
 def _put_manifest(registry, repo: str, tag: str, manifest: dict) -> None:
@@ -664,24 +653,21 @@ def test_bad_references_are_refused_with_the_form_to_write(text, expect):
     assert expect in out and "oci://HOST[:PORT]/REPO:TAG" in out
 
 
-def test_tls_is_the_default_for_a_registry_that_is_not_loopback(tmp_path, trust, edgemed_home, maker_key):
+def test_tls_is_the_default_for_a_registry_that_is_not_loopback(tmp_path, trust, edgemed_home, maker_key, start_registry):
     """A plain-HTTP registry on this machine's LAN address: refused without --insecure (TLS fails), used with it."""
     ip = registry_kit.lan_address()
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address to serve a registry on")
-    reg = registry_kit.Registry.start(tmp_path / "lan-registry", ip=ip)
-    try:
-        trust(edgemed_home, reg.host)
-        bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
-        seen = len(reg.access())  # the kit's own readiness check
-        for cmd in (("push", bundle, reg.ref("clinic/tiny:v1")), ("pull", reg.ref("clinic/tiny:v1"))):
-            out = _cli(*cmd, ok=False)
-            assert f"TLS with {reg.host} failed" in out and "--insecure" in out
-        assert reg.access()[seen:] == []  # not one plain-HTTP request went out
-        _cli("push", bundle, reg.ref("clinic/tiny:v1"), "--insecure")
-        assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--insecure", "--json"))["name"] == "tiny"
-    finally:
-        reg.stop()
+    reg = start_registry("lan-registry", ip=ip)
+    trust(edgemed_home, reg.host)
+    bundle = _pack_dir(bundle_kit.inputs(tmp_path / "src"), tmp_path / "tiny", "tiny", maker_key[0])
+    seen = len(reg.access())  # the kit's own readiness check
+    for cmd in (("push", bundle, reg.ref("clinic/tiny:v1")), ("pull", reg.ref("clinic/tiny:v1"))):
+        out = _cli(*cmd, ok=False)
+        assert f"TLS with {reg.host} failed" in out and "--insecure" in out
+    assert reg.access()[seen:] == []  # not one plain-HTTP request went out
+    _cli("push", bundle, reg.ref("clinic/tiny:v1"), "--insecure")
+    assert json.loads(_cli("pull", reg.ref("clinic/tiny:v1"), "--insecure", "--json"))["name"] == "tiny"
 
 
 def test_the_space_check_counts_the_stores_copy_as_well_as_the_download(tmp_path, monkeypatch):

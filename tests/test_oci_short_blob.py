@@ -19,7 +19,6 @@ from pathlib import Path
 
 import bundle_kit
 import pytest
-import registry_kit
 from click.testing import CliRunner
 
 from edgemed.cli import cli
@@ -38,22 +37,11 @@ def _cli(*args, ok: bool = True):
 
 # -- the real registry ---------------------------------------------------------------------------------------------
 
-needs_registry = pytest.mark.skipif(registry_kit.missing_reason() is not None, reason=registry_kit.missing_reason() or "")
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = registry_kit.Registry.start(tmp_path / "registry")
-    yield reg
-    reg.stop()
-
-
 def _gguf_requests(registry, sha: str) -> list[tuple[int, int]]:
     """(status, bytes sent) of each GET of the GGUF's blob, from the registry's access log."""
     return [(r["status"], r["bytes"]) for r in registry.access() if r["method"] == "GET" and r["path"].endswith(f"/blobs/sha256:{sha}")]
 
 
-@needs_registry
 def test_a_short_blob_in_the_registry_is_refused_with_both_sizes_and_never_downloaded_again(registry, tmp_path, edgemed_home):
     from edgemed.packaging import signing
     from edgemed.packaging.bundle import PackInputs, pack
