@@ -343,10 +343,11 @@ def test_an_installed_copy_is_judged_by_its_certificate_at_install_time(made, tm
     assert runnable("tiny").model_path.is_file()
 
 
-def _root_and_leaf(tmp: Path, name: str, root_from, root_until, leaf_from, leaf_until, renewed_until=None):
+def _root_and_leaf(tmp: Path, name: str, root_from, root_until, leaf_from, leaf_until, renewed_until=None, renewed_from=None):
     """A root valid only from ``root_from`` to ``root_until`` and a code-signing leaf under it (EC P-256), as PEM files;
-    with ``renewed_until`` also the root re-issued (same name and key, valid from ``root_from`` until then), the way a
-    certificate authority renews one. Returns (root, renewed root or None, leaf, leaf key)."""
+    with ``renewed_until`` also the root re-issued (same name and key, valid from ``renewed_from``, by default
+    ``root_from``, until then), the way a certificate authority renews one. Returns (root, renewed root or None, leaf,
+    leaf key)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives import serialization as s
@@ -372,7 +373,7 @@ def _root_and_leaf(tmp: Path, name: str, root_from, root_until, leaf_from, leaf_
     renewed = None
     if renewed_until is not None:
         renewed = tmp / f"{name}-root-renewed.pem"
-        renewed.write_bytes(root(3, root_from, renewed_until).public_bytes(s.Encoding.PEM))
+        renewed.write_bytes(root(3, renewed_from or root_from, renewed_until).public_bytes(s.Encoding.PEM))
     (tmp / f"{name}-leaf.pem").write_bytes(leaf.public_bytes(s.Encoding.PEM))
     (tmp / f"{name}-leaf.key").write_bytes(leaf_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()))
     return tmp / f"{name}-root.pem", renewed, tmp / f"{name}-leaf.pem", tmp / f"{name}-leaf.key"
@@ -422,6 +423,51 @@ def test_a_root_out_of_its_validity_period_anchors_nothing(made, tmp_path, edgem
     idx["tiny"]["installed"] = "2020-06-01T00:00:00Z"  # installed while the root was in force
     store.index_path.write_text(_json.dumps(idx))
     assert runnable("tiny").model_path.is_file()
+
+
+def test_a_root_renewed_after_the_leaf_was_issued_anchors_it_with_the_expired_one_listed(made, tmp_path, edgemed_home):
+    """The usual renewal: the root expired on 2021-01-01 and its certificate authority re-issued it (same name and key)
+    valid from 2020-12-01, after the signing certificate (2020-01-01, still in force) was issued under the old one.
+    model-signing builds the chain as of the leaf's start, when only the old root was in force; edgemed builds it again
+    as of now (or the install time), when the renewed one is. With both in trust.toml, verify, install and run accept
+    the bundle, whichever root was in force when the copy was installed; with the expired root alone, a copy installed
+    after it expired is refused, naming the root, its end and the install time."""
+    import datetime
+    import json as _json
+
+    from edgemed.packaging.ref import runnable
+    from edgemed.packaging.store import Store
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    root, renewed, leaf, key = _root_and_leaf(tmp_path, "renewal", _utc("2019-01-01"), _utc("2021-01-01"), _utc("2020-01-01"),
+                                              now + datetime.timedelta(days=30), renewed_from=_utc("2020-12-01"),
+                                              renewed_until=now + datetime.timedelta(days=300))
+    bundle = tmp_path / "renewal-signed"
+    pack(made["inputs"], bundle, as_dir=True, private_key=signing.SigningKey(key, "cert", leaf, (root,)))  # carries the old root
+    both = tmp_path / "both.pem"
+    both.write_bytes(root.read_bytes() + renewed.read_bytes())
+    r = _run("verify", bundle, "--cert-chain", both)
+    assert r.exit_code == 0 and "signature valid (key cert CN=renewal model signer" in r.output, r.output
+
+    (edgemed_home / "keys").mkdir(parents=True)
+    shutil.copy(root, edgemed_home / "keys" / "root.pem")
+    shutil.copy(renewed, edgemed_home / "keys" / "root-renewed.pem")
+    policy = edgemed_home / "trust.toml"
+    policy.write_text('[local]\nrequire_signature = true\nroots = ["keys/root.pem", "keys/root-renewed.pem"]\n')
+    r = _run("install", bundle)
+    assert r.exit_code == 0 and "signature valid (key cert CN=renewal model signer" in r.output, r.output
+    assert runnable("tiny").model_path.is_file()
+
+    store = Store()
+    for installed in ("2020-06-01T00:00:00Z", "2021-06-01T00:00:00Z"):  # under the old root, then under the renewed one
+        idx = _json.loads(store.index_path.read_text())
+        idx["tiny"]["installed"] = installed
+        store.index_path.write_text(_json.dumps(idx))
+        assert runnable("tiny").model_path.is_file(), installed
+    policy.write_text('[local]\nrequire_signature = true\nroots = ["keys/root.pem"]\n')  # the renewal taken out again
+    with pytest.raises(SignatureError, match=r"CN=renewal root .* expired on 2021-01-01 00:00 UTC .* when this copy was "
+                                             r"installed \(2021-06-01 00:00 UTC\)"):
+        runnable("tiny")
 
 
 def test_the_nightly_pull_of_the_installed_bundle_changes_nothing_after_its_certificate_expired(
