@@ -232,40 +232,6 @@ def test_safetensors_under_another_name_convert_to_gguf_and_the_hf_routes_say_wh
         assert r.exit_code == 1 and "does not look for" in r.output and "Traceback" not in r.output, r.output
 
 
-@pytest.mark.parametrize("layout", ["model.pt", "model.pth", "unindexed-shards", "indexed-shards"])
-def test_pickle_weights_transformers_would_not_load_are_refused_on_the_hf_routes(pickled, tmp_path, layout):
-    """from_pretrained reads pytorch_model.bin, or the shards pytorch_model.bin.index.json lists: a .pt, a .pth or
-    shards without their index ended in its OSError traceback; the GGUF route reads them as they are."""
-    import torch
-
-    from edgemed.converters.source.checkpoint import Checkpoint, require_hf_layout
-
-    ckpt = tmp_path / "renamed"
-    shutil.copytree(pickled, ckpt)
-    state = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
-    (ckpt / "pytorch_model.bin").unlink()
-    if layout.endswith("shards"):
-        names = sorted(state)
-        files = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
-                 "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-        for file, keys in files.items():
-            torch.save({k: state[k] for k in keys}, ckpt / file)
-        if layout == "indexed-shards":
-            weight_map = {k: file for file, keys in files.items() for k in keys}
-            (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    else:
-        torch.save(state, ckpt / layout)
-    opened = Checkpoint.open(ckpt, allow_pickle=True)
-    assert set(opened.tensors) == set(state)  # the GGUF route reads every layout
-    if layout == "indexed-shards":
-        require_hf_layout(ckpt, opened.pickle_files)
-        return
-    with pytest.raises(CheckpointError, match="pickle weights under names Hugging Face loading does not look for") as e:
-        opened.hf_model()
-    assert (layout if layout.startswith("model.") else "pytorch_model-00001-of-00002.bin") in e.value.problem
-    assert "model.safetensors" in e.value.fix and "pytorch_model.bin" in e.value.fix and "--to gguf" in e.value.fix
-
-
 def test_the_genai_builder_loads_a_consented_pytorch_model_bin(pickled, tmp_path):
     """Its layout check was given no pickle files, so it refused pytorch_model.bin itself, naming '(none)'."""
     if not _have("onnx", "onnxruntime", "onnxruntime_genai"):

@@ -2,8 +2,9 @@
 
 Tensors are served one at a time from memory-mapped safetensors shards, so a
 converter's peak memory is about one tensor, not one model. Pickle checkpoints
-(``pytorch_model*.bin``) can run code when loaded: they are refused unless the
-user opts in, and then read with ``torch.load(weights_only=True)``.
+(``pytorch_model.bin``, or the shards its index lists) can run code when loaded: they
+are refused unless the user opts in, and then read with ``torch.load(weights_only=True)``.
+Only the pickles Hugging Face loading reads as weights are ever unpickled.
 
 An opened ``Checkpoint`` is opened once by a command, with the user's consent flags
 (``--allow-pickle``), and handed down (inside a ``source.Source``, with the adapter) to
@@ -29,9 +30,9 @@ from edgemed.files.hashing import files_digest
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_NAME = "model.safetensors"
-PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
 PICKLE_NAME = "pytorch_model.bin"  # the pickle weights Hugging Face loading reads, or the shards its index lists
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")  # files that look like torch pickles: named, never read, when not weights
 ZIP_MAGIC = b"PK\x03\x04"  # how torch's (zip) pickle format starts; the legacy format does not
 
 
@@ -77,6 +78,25 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{what} '{path}' must hold a JSON object, not a {type(data).__name__}.",
                               "re-copy the file; it is not a Hugging Face config")
     return data
+
+
+def _indexed_shards(path: Path, index_name: str, what: str) -> list[Path]:
+    """The shard files a Hugging Face index (``model.safetensors.index.json`` or ``pytorch_model.bin.index.json``)
+    lists: plain file names of ``path``, every one there."""
+    index = path / index_name
+    weight_map = _read_json(index, what).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"'{index}' has no weight_map.", "re-copy the index file from the source checkpoint")
+    for name in weight_map.values():  # shard names are plain files of this directory, never paths elsewhere
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"'{index}' names a shard {json.dumps(name)[:80]}, which is not a file name in '{path}'.",
+                                  "re-copy the index file from the source checkpoint")
+    files = sorted({path / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"Shard(s) {', '.join(missing)} listed in {index_name} are missing from '{path}'.",
+                              "copy every shard of the checkpoint")
+    return files
 
 
 # config.json fields the converters read: (keys, kind, upper bound). Bounds keep a corrupt value
@@ -277,7 +297,7 @@ def refuse_what_transformers_would_add(path: Path, config: dict) -> None:
             f"keep the weights the model is and remove the other ({SAFETENSORS_NAME}, or the index and its shards)",
         )
     safetensors = sorted(p.name for p in path.glob("*.safetensors"))
-    pickles = sorted({p.name for pat in PICKLE_PATTERNS for p in path.glob(pat)})
+    pickles = [name for name in (PICKLE_NAME, PICKLE_INDEX) if os.path.lexists(path / name)]
     if safetensors and pickles and hf_weights_name(path) is None:
         raise CheckpointError(
             f"'{path}' holds safetensors under names Hugging Face loading does not look for "
@@ -310,9 +330,9 @@ def hf_weights_name(path: Path) -> str | None:
 def require_hf_layout(path: Path, pickle_files=()) -> None:
     """Refuse, before transformers or the GenAI builder is started, a folder whose weights they would not find
     (the GGUF route reads them under any name; ``from_pretrained`` only under the standard ones). ``pickle_files``:
-    the pickle weights the checkpoint was opened with (with consent), which are then what it loads."""
+    the pickle weights the checkpoint was opened with (with consent): ``Checkpoint.open`` reads the ones
+    ``from_pretrained`` loads (``hf_pickle_files``), so they are what it loads."""
     if pickle_files:
-        _require_hf_pickles(Path(path), pickle_files)
         return
     if hf_weights_name(path) is not None:
         return
@@ -325,26 +345,31 @@ def require_hf_layout(path: Path, pickle_files=()) -> None:
     )
 
 
-def _require_hf_pickles(path: Path, pickle_files) -> None:
-    """Refuse pickle weights ``from_pretrained`` would not load: it reads ``pytorch_model.bin``, else the shards of
-    ``pytorch_model.bin.index.json``, and fails on (or passes over) a ``*.pt``, a ``*.pth`` or unindexed shards."""
-    from fnmatch import fnmatch
+def hf_pickle_files(path: Path) -> list[Path]:
+    """The pickle weights Hugging Face loading reads from ``path``: ``pytorch_model.bin``, else exactly the shards
+    ``pytorch_model.bin.index.json`` lists (checked as the safetensors index is); [] when neither is there. Any other
+    pickle (a stale ``pytorch_model_v0.bin``, Trainer's ``optimizer.pt`` or ``rng_state.pth``) is not weights to
+    it, so edgemed never unpickles it either."""
+    if os.path.lexists(path / PICKLE_NAME):  # a FIFO or a device there is refused by name where it is read
+        return [path / PICKLE_NAME]
+    if os.path.lexists(path / PICKLE_INDEX):
+        return _indexed_shards(path, PICKLE_INDEX, "Pickle index")
+    return []
 
-    if (path / PICKLE_NAME).is_file():
-        loaded = {PICKLE_NAME}
-    elif (path / PICKLE_INDEX).is_file():
-        loaded = {p.name for p in pickle_files if fnmatch(p.name, PICKLE_PATTERNS[0])}
-    else:
-        loaded = set()
-    unread = sorted(p.name for p in pickle_files if p.name not in loaded)
-    if unread:
-        raise CheckpointError(
-            f"'{path}' has pickle weights under names Hugging Face loading does not look for ({', '.join(unread[:3])}"
-            f"{', ...' if len(unread) > 3 else ''}); the ONNX route loads the model with it, from {PICKLE_NAME} or "
-            f"the shards {PICKLE_INDEX} lists only.",
-            f"save the weights as safetensors ({SAFETENSORS_NAME}), or as a single {PICKLE_NAME}; or convert with "
-            "--to gguf, which reads them as they are",
-        )
+
+def no_weights_error(path: Path) -> CheckpointError:
+    """No weights Hugging Face loading reads: none at all, or pickle files under other names, which are not read."""
+    others = sorted({p.name for pat in PICKLE_PATTERNS for p in path.glob(pat)})
+    if not others:
+        return CheckpointError(f"No weights found in '{path}' (no *.safetensors, no {PICKLE_NAME}, no {PICKLE_INDEX}).",
+                               "copy the weight files next to config.json")
+    return CheckpointError(
+        f"'{path}' has no weights Hugging Face loading reads (no *.safetensors, no {PICKLE_NAME}, no {PICKLE_INDEX}); "
+        f"its pickle files ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}) are not read as weights "
+        "(a Trainer's optimizer.pt or rng_state.pth is training state), and none was unpickled.",
+        f"put the model's weights next to config.json as {SAFETENSORS_NAME}, or as {PICKLE_NAME} (or shards with the "
+        f"{PICKLE_INDEX} that lists them), as save_pretrained() writes them: rename weights saved under another name",
+    )
 
 
 def pickle_refused(path: Path, pickles: list[Path]) -> CheckpointError:
@@ -411,35 +436,17 @@ class Checkpoint:
         shards = cls._safetensors_files(path)
         if shards:
             return cls(path, config, _float_only(cls._index_safetensors(shards)))
-        pickles = sorted({p for pat in PICKLE_PATTERNS for p in path.glob(pat)})
+        pickles = hf_pickle_files(path)
         if not pickles:
-            raise CheckpointError(
-                f"No weights found in '{path}' (no *.safetensors, no pytorch_model*.bin).",
-                "copy the weight files next to config.json",
-            )
+            raise no_weights_error(path)
         if not allow_pickle:
             raise pickle_refused(path, pickles)
         return cls(path, config, _float_only(cls._index_pickles(pickles)), pickle_files=pickles)
 
     @staticmethod
     def _safetensors_files(path: Path) -> list[Path]:
-        index = path / SAFETENSORS_INDEX
-        if index.exists():
-            weight_map = _read_json(index, "Safetensors index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"'{index}' has no weight_map.", "re-copy the index file from the source checkpoint")
-            for name in weight_map.values():  # shard names are plain files of this directory, never paths elsewhere
-                if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-                    raise CheckpointError(f"'{index}' names a shard {json.dumps(name)[:80]}, which is not a file name in '{path}'.",
-                                          "re-copy the index file from the source checkpoint")
-            files = sorted({path / name for name in weight_map.values()})
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise CheckpointError(
-                    f"Shard(s) {', '.join(missing)} listed in {SAFETENSORS_INDEX} are missing from '{path}'.",
-                    "copy every shard of the checkpoint",
-                )
-            return files
+        if (path / SAFETENSORS_INDEX).exists():
+            return _indexed_shards(path, SAFETENSORS_INDEX, "Safetensors index")
         return sorted(path.glob("*.safetensors"))
 
     @staticmethod
@@ -486,6 +493,11 @@ class Checkpoint:
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise CheckpointError(f"'{file}' does not hold a state dict of tensors.", "pass the model's saved state_dict")
             for name, t in state.items():
+                if name in refs:  # Hugging Face loading would keep one of the two copies without a word
+                    raise CheckpointError(
+                        f"Tensor '{name}' is in both '{refs[name].file.name}' and '{file.name}', which {PICKLE_INDEX} "
+                        "both lists as shards of the model.",
+                        f"re-copy the shards and {PICKLE_INDEX} from the source checkpoint: each tensor is in one shard")
                 dtype = str(t.dtype).removeprefix("torch.")
                 refs[name] = TensorRef(name, tuple(t.shape), TORCH_DTYPES.get(dtype, dtype), file)
         return refs
