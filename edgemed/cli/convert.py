@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -33,7 +34,8 @@ ADAPTER_TENSOR_TYPES = ("f16", "q8_0", "f32")
               "and auto].")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix (llama.cpp's plain recipe).")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights. Only for checkpoints you trust.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for quantization and parity.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the conversion: torch (LoRA merge, importance matrix, "
+              "parity reference, ONNX export), quantization and the converted model's logits [default: every core].")
 @json_flag("Print the conversion report as JSON.")
 @click.option("--onnx-graph", type=click.Choice(list(GRAPHS)), default=DEFAULT_GRAPH, show_default=True,
               help="With --to onnx: trace the graph with torch, or use onnxruntime-genai's model builder (fused attention).")
@@ -110,7 +112,8 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
                              allow_pickle)
     from edgemed.converters.pipeline import ConvertOptions, convert as run_convert
 
-    output = output or Path(f"{Path(lora).name}.lora.gguf" if adapter_only else f"{Path(source).name}-{out_type}.gguf")
+    output = output or _default_output(f"{_name(lora)}.lora.gguf" if adapter_only else f"{_name(source)}-{out_type}.gguf",
+                                       source, lora)
     _refuse_own_inputs(output, Path(source), lora, ("the --imatrix-from text", imatrix_from), ("the --base GGUF", base_gguf))
     opts = ConvertOptions(out_type=out_type, lora=lora, force=force, parity=not no_parity, pre_tokenizer=pre_tokenizer,
                           allow_pickle=allow_pickle, imatrix_from=imatrix_from, threads=threads, progress=sys.stderr.isatty(),
@@ -122,6 +125,27 @@ def convert(source, lora, target, out_type, max_kld, fit_profile, output, force,
     else:
         click.echo(f"wrote {output} ({report.size_bytes / 1e6:.1f} MB, {out_type.upper()}) in {report.timings_s['total']:.1f} s; "
                    f"report: {output}.report.json")
+
+
+def _name(folder) -> str:
+    """A folder's own name, as typed or as reached (``.``, ``..``, ``model/``: the name of the folder they lead to)."""
+    return Path(folder).resolve().name
+
+
+def _default_output(name: str, *folders) -> Path:
+    """The output named for the user when no -o was given: ``name`` in the current folder, unless that folder is one
+    the conversion reads (the checkpoint's or the adapter's, ``edgemed convert .``), which is refused with the path
+    beside that folder to pass instead."""
+    from edgemed.errors import OutputExists
+    from edgemed.files.atomic import inside
+
+    for folder in folders:
+        if folder is not None and Path(folder).is_dir() and inside(Path(name), folder):
+            beside = os.path.relpath(Path(folder).resolve().parent / name)
+            raise OutputExists(f"No -o was given, and the default output '{name}' would land in the current folder, "
+                               f"which is inside '{folder}' that this conversion reads; edgemed never writes into its input.",
+                               f"pass -o {beside} (beside that folder), or run the command from outside it")
+    return Path(name)
 
 
 def _refuse_own_inputs(output: Path, source: Path, lora, *more, kind: str | None = None) -> None:
@@ -194,7 +218,7 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
 
     if out_type not in ONNX_OUTPUT_TYPES:
         raise InputError(f"--quant {out_type} is a GGUF type; ONNX output is {' or '.join(ONNX_OUTPUT_TYPES)}.", "pass --quant int4 (or fp32) with --to onnx")
-    output = output or Path(f"{source.name}-onnx-{out_type}")
+    output = output or _default_output(f"{_name(source)}-onnx-{out_type}", source, lora)
     _refuse_own_inputs(output, source, lora, kind="onnx")
     opts = OnnxOptions(weight_type=out_type, lora=lora, force=force, parity=not no_parity, threads=threads, graph=graph,
                        memory_budget=memory_budget, allow_pickle=allow_pickle)
@@ -211,7 +235,7 @@ def _convert_onnx(source: Path, lora, out_type, output, force, no_parity, thread
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--lora", type=click.Path(exists=True, path_type=Path), help="The adapter that was merged into MODEL.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (pytorch_model.bin) weights in SOURCE. Only for checkpoints you trust.")
-@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the reference (torch) and the model's logits.")
 @json_flag()
 def check(source, model, lora, allow_pickle, threads, as_json):
     """Parity of MODEL (a GGUF, or a directory `convert --to onnx` wrote) against its Hugging Face SOURCE: NMSE, KL
@@ -226,6 +250,7 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     require_route("onnx" if model.is_dir() else "check")  # an ONNX directory needs no llama.cpp
     from edgemed.converters.source.source import Source
     from edgemed.converters.quality.parity import check_gguf, gate_error
+    from edgemed.converters.route import torch_threads
 
     opened = Source.open(source, lora=lora, allow_pickle=allow_pickle)  # the one source the reference reads, with the user's consent
     opened.warn_base(lambda s: click.echo(s, err=as_json))  # the adapter's base, checked and said as convert says it
@@ -244,7 +269,8 @@ def check(source, model, lora, allow_pickle, threads, as_json):
         # the prompts reach MODEL as the source's token ids: a GGUF whose own tokenizer splits text otherwise would pass
         # on those ids and answer garbage to the text a user types
         verify_tokenization(opened.checkpoint.path, model)
-        report = check_gguf(opened, model, out_type, threads=threads)
+        with torch_threads(threads):  # the HF reference's torch work too
+            report = check_gguf(opened, model, out_type, threads=threads)
     if as_json:
         from edgemed.cli import echo_json_result
         from edgemed.converters.provenance import lora_info
@@ -263,6 +289,12 @@ def _file_type(model: Path, meta: dict) -> str:
     from edgemed.constants import GGUF_TYPES, file_type_name
     from edgemed.errors import InputError
 
+    if meta.get("general.type") == "adapter":
+        raise InputError(f"'{model}' is a LoRA adapter GGUF (`convert --adapter-only`), not a model: it computes nothing "
+                         "without its base, so `check` has no logits of its own to compare.",
+                         "check the merged model (`edgemed convert SOURCE --lora ADAPTER`, then `edgemed check SOURCE "
+                         "MODEL.gguf --lora ADAPTER`), or gate the adapter on its base with `edgemed convert SOURCE --lora "
+                         "ADAPTER --adapter-only --base BASE.gguf`")
     number = meta.get("general.file_type", -1)
     name = file_type_name(number if isinstance(number, int) else -1)
     if name not in GGUF_TYPES:
@@ -277,6 +309,7 @@ def _check_onnx(opened, model: Path, threads):
     (from the graph; a report.json naming another is refused), the source its report names, its tokenizer against the
     source's, then the conversion's gate (``converters.onnx.parity``)."""
     from edgemed.converters.onnx.parity import check_onnx, engine_graph, verify_tokenizer, weight_type_of
+    from edgemed.converters.route import torch_threads
     from edgemed.errors import InputError
     from edgemed.formats.conversion_report import existing_report
     from edgemed.formats.input_file import read_at_most
@@ -298,7 +331,8 @@ def _check_onnx(opened, model: Path, threads):
     _same_source(opened, model, ("report.json source.sha256", source.get("sha256") if isinstance(source, dict) else None),
                  ("report.json lora.sha256", lora.get("sha256") if isinstance(lora, dict) else None))
     verify_tokenizer(opened.checkpoint.path, model)
-    return check_onnx(opened, graph, weight_type, threads=threads)
+    with torch_threads(threads):  # the HF reference's torch work too
+        return check_onnx(opened, graph, weight_type, threads=threads)
 
 
 def _same_source(opened, model: Path, source: tuple[str, object], lora: tuple[str, object]) -> None:
