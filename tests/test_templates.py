@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,68 @@ def test_a_missing_inputs_fix_says_how_to_give_that_input():
     mcq = get_template("mcq")
     with pytest.raises(TemplateError) as cli:
         mcq.fill({"options": {"A": "x", "B": "y"}})
-    assert cli.value.fix == "pass it with --question or --input question=..."
+    assert cli.value.fix == "pass it with --question '...' (or --question @FILE to read it from a file)"
     with pytest.raises(TemplateError) as api:
         mcq.fill({"options": {"A": "x", "B": "y"}}, via="api")
     assert api.value.fix == "send it in 'template_inputs': {\"question\": ...}"
+
+
+def _as_run_takes_it(key: str, value) -> list[str]:
+    if key == "options":
+        return ["--options", json.dumps(value)]
+    return ["--question", value] if key == "question" else ["-i", f"{key}={value}"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TEMPLATES))
+def test_a_missing_inputs_fix_is_an_option_run_has_and_takes_it_by(name, tmp_path):
+    """The fix named options run does not have (--note, --case, --drugs, --topic), and ``--input options=...``, which
+    run then refused (a string where an object belongs). Followed as written, it gets the command past the template,
+    to the model (absent here)."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    tpl = get_template(name)
+    example = tpl.examples[0]
+    for key in [k for k, spec in tpl.inputs.items() if spec.get("required", True) and "default" not in spec]:
+        with pytest.raises(TemplateError) as missing:
+            tpl.fill({k: v for k, v in example.items() if k != key})
+        fix = missing.value.fix
+        flag, shown = shlex.split(fix.removeprefix("pass it with ").removeprefix("pass ").split(" (or ")[0])
+        assert (flag, shown) == tuple(_as_run_takes_it(key, "...")) or key == "options", fix
+        value = json.dumps(example[key]) if key == "options" else example[key]
+        given = [flag, f"{shown.split('=', 1)[0]}={value}" if flag == "-i" else value]
+        others = [arg for k, v in example.items() if k != key for arg in _as_run_takes_it(k, v)]
+        result = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-t", name, *others, *given])
+        assert result.exit_code == 1 and "absent.gguf" in result.output, (fix, result.output)
+
+
+@pytest.mark.parametrize("blank", [" ", "\n\n   \n", "\t"])
+def test_a_required_input_of_only_blanks_is_missing(blank):
+    """A note of blank lines (an empty decrypted file) was summarised as a case the model made up."""
+    note = get_template("note_summary")
+    for via in ("cli", "api"):
+        with pytest.raises(TemplateError, match="needs the input 'note' .*; the one given is blank"):
+            note.fill({"note": blank}, via)
+    with pytest.raises(TemplateError, match="needs the input 'question'"):
+        get_template("mcq").fill({"question": blank, "options": {"A": "x", "B": "y"}})
+    edu = get_template("patient_education")  # an input with a default takes it, one without renders empty
+    assert edu.fill({"topic": "asthma", "reading_level": blank, "language": blank})["reading_level"] == "6th grade"
+    assert edu.fill({"topic": "asthma", "language": blank})["language"] == ""
+
+
+def test_run_refuses_a_blank_input_before_looking_for_the_model(tmp_path):
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    (tmp_path / "blank.txt").write_text("\n\n   \n")
+    model = str(tmp_path / "absent.gguf")
+    for args in (["-t", "note_summary", "-i", f"note=@{tmp_path / 'blank.txt'}"],
+                 ["-t", "mcq", "--question", "   ", "--options", '{"A": "aspirin", "B": "heparin"}']):
+        result = CliRunner().invoke(cli, ["run", model, *args, "--json"])
+        assert result.exit_code == 1 and "absent.gguf" not in result.output, result.output
+        assert json.loads(result.stdout.splitlines()[-1])["problem"].endswith("the one given is blank.")
 
 
 def test_a_cut_replys_fix_names_the_way_the_caller_raises_the_limit():

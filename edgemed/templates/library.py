@@ -35,10 +35,12 @@ MAX_FILE_BYTES = 256 * 1024
 MIN_OPTIONS = 2
 #: How a user gives a template its inputs, which the fix of an input error names (``Template.fill``'s ``via``): the
 #: CLI's options (``edgemed run``), or the ``template_inputs`` object of a request to ``edgemed serve``. ``input``:
-#: the fix for a missing input ``{key}`` (``{flag}``: its option); ``options``: how to give the options ``{key}``;
+#: the fix for a missing input ``{key}``; ``own``: the inputs given otherwise, by an option of their own (``run
+#: --question``; a missing options input's fix is ``options``); ``options``: how to give the options ``{key}``;
 #: ``cut``: how to give a reply cut at its token limit more room (``Template.parse``'s ``truncated``).
 VIA = {
-    "cli": {"input": "pass it with --{flag} or --input {key}=...", "give": "pass",
+    "cli": {"input": "pass it with -i {key}='...' (or -i {key}=@FILE to read it from a file)", "give": "pass",
+            "own": {"question": "pass it with --question '...' (or --question @FILE to read it from a file)"},
             "options": "--options '{{\"A\": \"...\", \"B\": \"...\"}}'",
             "cut": "raise max_tokens (--max-tokens)"},
     "api": {"input": "send it in 'template_inputs': {{\"{key}\": ...}}", "give": "send",
@@ -72,13 +74,18 @@ class Template:
                                 f"its inputs are: {', '.join(self.inputs)}")
         values = {}
         for key, spec in self.inputs.items():
-            if key in inputs and inputs[key] not in (None, ""):
-                values[key] = inputs[key]
+            given = inputs.get(key)
+            blank = given is None or (isinstance(given, str) and not given.strip())  # a note of only blank lines
+            if not blank:
+                values[key] = given
             elif "default" in spec:
                 values[key] = spec["default"]
             elif spec.get("required", True):
-                raise TemplateError(f"Template '{self.name}' needs the input '{key}' ({spec.get('help', '')}).",
-                                    how["input"].format(key=key, flag=key.replace("_", "-")))
+                why = "; the one given is blank" if given is not None else ""
+                fix = (f"{how['give']} {options_like}" if key == self.contract.choices_from
+                       else how.get("own", {}).get(key, how["input"]).format(key=key))
+                raise TemplateError(f"Template '{self.name}' needs the input '{key}' ({spec.get('help', '')}){why}.",
+                                    fix)
             else:  # optional, no default: the text renders it empty
                 values[key] = ""
         options = values.get(self.contract.choices_from) if self.contract.choices_from else None
