@@ -34,7 +34,7 @@ from edgemed.converters.budget import peaks as budget
 from edgemed.converters.source.checkpoint import Checkpoint
 from edgemed.converters.source.lora import lora_alpha
 from edgemed.converters.source.source import Source
-from edgemed.converters.route import RouteOptions, Timings
+from edgemed.converters.route import RouteOptions, Timings, torch_threads
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
 from edgemed.converters.gguf.writer import plan_tensors, write_float_gguf
 from edgemed.errors import DISK_REFUSED, InputError, OutputError
@@ -71,7 +71,8 @@ def report_path(out: Path) -> Path:
 def convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
     require_route("gguf")
     try:
-        return _convert(source, out, opts, echo)
+        with torch_threads(opts.threads):
+            return _convert(source, out, opts, echo)
     except OSError as exc:
         raise _output_error(exc, out, opts.out_type) from None
 

@@ -60,13 +60,15 @@ def merged_checkpoint(ckpt_dir, adapter, work: Path) -> Path:
 def fp32_step(job) -> Path:
     """The ``genai`` row's fp32 step: merge the adapter (if any) into a temp checkpoint, build fp32 from it."""
     job.builder_src = merged_checkpoint(job.ckpt if job.ckpt is not None else job.ckpt_dir, job.adapter, job.work)
-    build(job.builder_src, job.work / "fp32", "fp32", cache=job.work / "cache", pickle_files=_pickle_files(job))
+    build(job.builder_src, job.work / "fp32", "fp32", cache=job.work / "cache", pickle_files=_pickle_files(job),
+          threads=job.threads)
     return job.work / "fp32" / "model.onnx"
 
 
 def int4_step(job, fp32_model: Path, out_dir: Path, recipe: dict) -> None:
     """The ``genai`` row's int4 step: the builder quantizes from the (merged) HF weights, not from ``fp32_model``."""
-    build(job.builder_src, out_dir, "int4", cache=job.work / "cache", pickle_files=_pickle_files(job), **recipe)
+    build(job.builder_src, out_dir, "int4", cache=job.work / "cache", pickle_files=_pickle_files(job), threads=job.threads,
+          **recipe)
 
 
 def _pickle_files(job) -> list:
@@ -77,9 +79,10 @@ def _pickle_files(job) -> list:
 
 
 def build(src: Path, out: Path, precision: str, *, cache: Path, block_size: int = 32, symmetric: bool = False,
-          accuracy_level: int = 4, head_bits: int = 8, max_length: int = 4096, pickle_files=()) -> None:
+          accuracy_level: int = 4, head_bits: int = 8, max_length: int = 4096, pickle_files=(), threads: int | None = None) -> None:
     """Run the builder: ``src`` (HF dir) -> ``out`` (model.onnx + data + genai_config.json), CPU, fp32 or int4.
-    ``pickle_files``: the pickle weights ``src`` was opened with (the user's consent), which the builder loads."""
+    ``pickle_files``: the pickle weights ``src`` was opened with (the user's consent), which the builder loads;
+    ``threads`` (``--threads``): the child's torch threads, through ``OMP_NUM_THREADS``."""
     require("onnxruntime_genai", "convert")
     require_hf_layout(src, pickle_files)  # the builder loads src with from_pretrained: only under the standard names
     env.enforce_offline()
@@ -89,7 +92,8 @@ def build(src: Path, out: Path, precision: str, *, cache: Path, block_size: int 
         if head_bits == 8:
             extra.append("matmul_mixed_precision=last_matmul:int8")
         cmd += ["--extra_options", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    child = os.environ.copy() | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child)
     if proc.returncode != 0 or not (out / "model.onnx").exists():
         tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
         raise EdgemedError(

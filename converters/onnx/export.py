@@ -34,7 +34,7 @@ from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.budget import peaks as budget
 from edgemed.converters.source.checkpoint import Checkpoint
 from edgemed.converters.source.source import Source
-from edgemed.converters.route import RouteOptions, Timings
+from edgemed.converters.route import RouteOptions, Timings, torch_threads
 from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
 from edgemed.errors import InputError, require
 
@@ -65,6 +65,11 @@ class OnnxOptions(RouteOptions):
 
 def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> ConversionReport:
     """Write the ONNX directory ``out`` from the HF checkpoint ``source``; returns the report (also in ``out/report.json``)."""
+    with torch_threads(opts.threads):
+        return _convert_onnx(source, out, opts, echo)
+
+
+def _convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> ConversionReport:
     if opts.weight_type not in ONNX_OUTPUT_TYPES:
         raise InputError(f"Unknown ONNX weight type '{opts.weight_type}'.", f"choose one of: {', '.join(ONNX_OUTPUT_TYPES)}")
     kind = graph_kind(opts.graph)
@@ -96,7 +101,7 @@ def convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Conv
     parity: dict[str, dict] = {}
     with atomic_path(out, force=opts.force, kind="onnx") as tmp, scratch_dir(out.parent, out.name) as work:
         tmp.mkdir()
-        job = GraphJob(ckpt_dir=ckpt.path, adapter=adapter, work=Path(work), ckpt=ckpt)
+        job = GraphJob(ckpt_dir=ckpt.path, adapter=adapter, work=Path(work), ckpt=ckpt, threads=opts.threads)
         with timings.step("export"):
             fp32_path = kind.step("fp32")(job)
 

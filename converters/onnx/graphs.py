@@ -31,6 +31,7 @@ class GraphJob:
     work: Path  # scratch directory, removed with everything in it after the conversion
     builder_src: Path | None = None  # genai: the HF checkpoint (adapter merged) the builder reads
     ckpt: object | None = None  # the opened source (converters.checkpoint.Checkpoint, with the user's pickle consent)
+    threads: int | None = None  # --threads: a builder run in a child process gets them too (torch reads OMP_NUM_THREADS)
 
 
 @dataclass(frozen=True)
