@@ -166,9 +166,9 @@ def test_the_base_check_says_what_it_compared(runs, tmp_path):
     (elsewhere / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tmp_path / "gone" / "model")}))
     check = LoraAdapter.open(elsewhere, Checkpoint.open(runs["v2"])).base_check
     assert (check.matched, check.by) == (True, "names"), check
-    assert str(check) == (f"matches (names only): '{tmp_path / 'gone' / 'model'}' has this checkpoint's name; its weights "
-                          f"were not compared: there is no folder '{tmp_path / 'gone' / 'model'}' here (a hub id, or a "
-                          "path on another machine)")
+    assert str(check) == (f"matches (names only): '{tmp_path / 'gone' / 'model'}' has this checkpoint's folder name "
+                          f"('model'); its weights were not compared: there is no folder '{tmp_path / 'gone' / 'model'}' "
+                          "here (a hub id, or a path on another machine)")
     result = _convert(runs["v2"], "--lora", elsewhere, "--quant", "f32", "-o", tmp_path / "x.gguf")
     assert result.exit_code == 0 and "WARNING" not in result.output, result.output
     assert f"adapter base: {check}" in result.output, result.output
@@ -192,3 +192,50 @@ def test_a_named_checkpoint_that_cannot_be_compared_falls_back_to_its_name(runs,
     why = (f"there is no folder '{tmp_path / 'gone' / 'base'}' here" if case == "gone" else
            f"'{runs['v1']}' stores lm_head.weight as F32 and {ckpt} as BF16, so bits cannot be compared")
     assert f"the weights could not be compared ({why}" in " ".join(result.output.split()), result.output
+
+
+def _naming(lora: Path, out: Path, base: str) -> Path:
+    """A copy of the adapter ``lora`` whose adapter_config.json names ``base`` as its base model."""
+    out = shutil.copytree(lora, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": base}))
+    return out
+
+
+def test_a_parent_named_in_the_config_is_no_match(runs, tmp_path):
+    """transformers 4 saves a fine-tune's config.json with its parent's name as _name_or_path. An adapter trained on
+    that parent, merged into the fine-tune (same shapes, other weights), passed as 'matches (names only)' with no
+    warning: the name says where the checkpoint came from, not which one it is."""
+    from edgemed.converters.source.checkpoint import Checkpoint
+    from edgemed.converters.source.lora import LoraAdapter
+
+    student = shutil.copytree(runs["v2"], tmp_path / "student")
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps(config | {"_name_or_path": "clinic-org/SmolDoc-base"}))
+    lora = _naming(runs["lora"], tmp_path / "lora", "clinic-org/SmolDoc-base")
+    check = LoraAdapter.open(lora, Checkpoint.open(student)).base_check
+    assert (check.matched, check.by) == (False, "names"), check
+    assert "whose folder name is 'student'" in check.detail  # what was compared
+    assert "_name_or_path, 'clinic-org/SmolDoc-base', has the adapter's base name" in check.detail
+    out = tmp_path / "x.gguf"
+    result = _convert(student, "--lora", lora, "--quant", "f32", "-o", out)
+    assert result.exit_code == 0 and f"WARNING: {check.detail}" in result.output, result.output
+    assert json.loads(out.with_name(out.name + ".report.json").read_text())["lora"]["base_check"] == f"name differs: {check.detail}"
+
+
+def test_check_says_what_convert_says_of_the_adapters_base(runs, tmp_path):
+    """`check --lora` ran the base check silently: an adapter naming another base got a bare PASS."""
+    lora = _naming(runs["lora"], tmp_path / "lora", "clinic-org/SmolDoc-base")
+    out = tmp_path / "x.gguf"
+    converted = _convert(runs["v2"], "--lora", lora, "--quant", "f32", "-o", out)
+    assert converted.exit_code == 0, converted.output
+    warned = [line for line in converted.output.splitlines() if line.startswith("WARNING: ")]
+    assert len(warned) == 1, converted.output
+    checked = cli("check", runs["v2"], out, "--lora", lora, "--threads", "1")
+    assert checked.exit_code == 0, checked.output
+    assert [line for line in checked.output.splitlines() if line.startswith("WARNING: ")] == warned
+    as_json = cli("check", runs["v2"], out, "--lora", lora, "--threads", "1", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    assert json.loads(as_json.stdout)["lora"]["base_check"] == report["lora"]["base_check"]
+    assert warned[0] in as_json.stderr  # beside the JSON document, not in it

@@ -634,6 +634,16 @@ def test_adapter_config_not_utf8_or_a_directory(models, tmp_path):
     _refused(_convert(models["llama"], "--lora", lora, "-o", tmp_path / "x.gguf"), "is a directory")
 
 
+def test_adapter_path_that_is_not_a_folder(models, tmp_path):
+    """A mistyped --lora said "is not a PEFT adapter: adapter_config.json is missing"."""
+    _refused(_convert(models["llama"], "--lora", tmp_path / "no_such_lora", "-o", tmp_path / "x.gguf"),
+             f"Adapter folder '{tmp_path / 'no_such_lora'}' does not exist.", "check the --lora path")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    _refused(_convert(models["llama"], "--lora", tmp_path / "adapter_model.safetensors", "-o", tmp_path / "x.gguf"),
+             "is a file, not a PEFT adapter folder", "PeftModel.save_pretrained()")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors"]
+
+
 def test_one_dimensional_lora_tensors(models, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -61,6 +61,11 @@ def lora_alpha(config: dict) -> float:
     return float(config.get("lora_alpha", PEFT_LORA_ALPHA))
 
 
+def lora_rank(config: dict) -> int:
+    """The adapter's ``r`` as PEFT reads it: the config's, else PEFT's default (8); ``rank_pattern`` overrides it."""
+    return int(config.get("r", PEFT_R))
+
+
 def _module_of(key: str) -> str:
     """The base module an adapter tensor belongs to: "base_model.model.lm_head.lora_A.weight" -> "lm_head"."""
     key = key.removeprefix("base_model.model.")
@@ -165,13 +170,17 @@ _MODELING = re.compile(r"transformers\.models\.([a-z0-9_]+)\.modeling_")
 _SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
-def _names_of(ckpt) -> set[str]:
-    """The names the base checkpoint goes by: its folder's name, and the ``_name_or_path`` its config was saved from."""
-    names = {ckpt.path.resolve().name}
+def _last_name(name: str) -> str:
+    """The last part of a model's name or path: "org/SmolDoc-base" -> "smoldoc-base" (names compare without case)."""
+    return Path(name.strip().rstrip("/")).name.lower()
+
+
+def _loaded_from(ckpt) -> str | None:
+    """The ``_name_or_path`` in the checkpoint's config.json: the model transformers loaded before saving this one.
+    A fine-tune saved by transformers 4 carries its parent's name there, so it says where the checkpoint came from,
+    never which checkpoint it is."""
     saved = ckpt.config.get("_name_or_path")
-    if isinstance(saved, str) and saved.strip():
-        names.add(Path(saved.strip().rstrip("/")).name)
-    return {n.lower() for n in names if n}
+    return saved.strip() if isinstance(saved, str) and saved.strip() else None
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -261,8 +270,10 @@ def check_base(config: dict, cfg_path: Path, ckpt) -> BaseCheck | None:
     model type or shape, or whose weights are not this checkpoint's (``_weights_compared``). Otherwise says how it
     matched: it names this very folder, or a folder holding these very weights (``by`` "folder", "weights"); or, when
     the named base cannot be read (a hub id, a path elsewhere, pickle weights, another dtype: nothing to compare
-    offline, and a copy of a model may live under any name), by name alone (``by`` "names", with why), which when
-    the names differ is a warning (``matched`` False). None when no base is named."""
+    offline, and a copy of a model may live under any name), by name alone (``by`` "names", with why): the last part
+    of the name against the checkpoint's folder name, which when they differ is a warning (``matched`` False). The
+    config's ``_name_or_path`` is never taken for a match (it names the model a fine-tune was made from); the warning
+    says so when it alone has the adapter's base name. None when no base is named."""
     named = config.get("base_model_name_or_path")
     if not isinstance(named, str) or not named.strip():
         return None
@@ -313,14 +324,35 @@ def check_base(config: dict, cfg_path: Path, ckpt) -> BaseCheck | None:
             "same adapter into the same weights).",
             f"point --lora at the adapter trained for '{ckpt.path}', or convert the checkpoint the adapter names: "
             f"`edgemed convert {named} --lora {cfg_path.parent}`")
-    if Path(named.rstrip("/")).name.lower() in _names_of(ckpt):
-        return BaseCheck(True, "names", f"'{named}' has this checkpoint's name; its weights were not compared: {why}")
+    folder = ckpt.path.resolve().name
+    if _last_name(named) == folder.lower():
+        return BaseCheck(True, "names", f"'{named}' has this checkpoint's folder name ('{folder}'); its weights were "
+                                        f"not compared: {why}")
+    parent = _loaded_from(ckpt)
+    parent = (f" Its config.json's _name_or_path, '{parent}', has the adapter's base name, but that is the model it was "
+              "loaded from before it was saved (a fine-tune carries its parent's name there), not this checkpoint, so "
+              "it is no match." if parent is not None and _last_name(parent) == _last_name(named) else "")
     return BaseCheck(False, "names", (
         f"the adapter '{cfg_path.parent}' names '{named}' as its base model (adapter_config.json: "
-        f"base_model_name_or_path), but it is being merged into {ours}, and the weights could not be compared ({why}). "
-        "Its tensor shapes fit, so it was merged; if it was trained on another model, the output computes nonsense. "
-        "Check that they belong together (the report records both names: lora.base_model_name_or_path, "
-        "lora.base_check)."))
+        f"base_model_name_or_path), but it is being merged into {ours}, whose folder name is '{folder}', and the "
+        f"weights could not be compared ({why}).{parent} Its tensor shapes fit, so it was merged; if it was trained on "
+        "another model, the output computes nonsense. Check that they belong together (the report records both "
+        "names: lora.base_model_name_or_path, lora.base_check)."))
+
+
+def _refuse_not_a_folder(path: Path) -> None:
+    """A ``--lora`` path that is no folder, in the words of what is there (nothing, a file, a pipe, a broken link)."""
+    if path.is_dir():
+        return
+    from edgemed.formats.input_file import odd_kind
+
+    fix = "pass the adapter's folder, the one PeftModel.save_pretrained() wrote (adapter_config.json and its weights)"
+    if path.is_file():
+        raise AdapterError(f"'{path}' is a file, not a PEFT adapter folder.", fix)
+    odd = odd_kind(path)  # told from its status, never opened: a FIFO would wait for a writer forever
+    if odd is not None:
+        raise AdapterError(f"'{path}' is {odd}, not a PEFT adapter folder.", fix)
+    raise AdapterError(f"Adapter folder '{path}' does not exist.", f"check the --lora path; {fix}")
 
 
 class LoraAdapter:
@@ -348,6 +380,7 @@ class LoraAdapter:
         base_tensors = base if isinstance(base, dict) else base.tensors
         path = Path(path)
         cfg_path = path / ADAPTER_CONFIG
+        _refuse_not_a_folder(path)
         if not cfg_path.exists():
             raise AdapterError(
                 f"'{path}' is not a PEFT adapter: {ADAPTER_CONFIG} is missing.",
@@ -409,7 +442,7 @@ class LoraAdapter:
 
     @classmethod
     def _plan(cls, config: dict, keys: list[str], handle, base_tensors: dict):
-        r_default = config.get("r", PEFT_R)
+        r_default = lora_rank(config)
         alpha_default = lora_alpha(config)
         rank_pattern = config.get("rank_pattern") or {}
         alpha_pattern = config.get("alpha_pattern") or {}
