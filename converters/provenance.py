@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 
 from edgemed import __version__
+from edgemed.converters.source.lora import lora_alpha, lora_rank
 from edgemed.versions import installed_version
 
 __all__ = ["source_info", "lora_info", "converter_info", "installed_version"]
@@ -22,12 +23,16 @@ def source_info(ckpt) -> dict:
 
 
 def lora_info(adapter) -> dict | None:
-    """The merged adapter (None without one): digest, rank, alpha, rsLoRA scaling, tensors it changed."""
+    """The merged adapter (None without one): digest, the rank and alpha the merge used (the config's, else PEFT's
+    defaults; per-module ``rank_pattern`` / ``alpha_pattern`` beside them when the config has them), rsLoRA
+    scaling, tensors it changed."""
     if adapter is None:
         return None
-    info = {"path": str(adapter.path), "sha256": adapter.digest(), "r": adapter.config.get("r"),
-            "lora_alpha": adapter.config.get("lora_alpha"), "use_rslora": bool(adapter.config.get("use_rslora")),
-            "merged_tensors": len(adapter.pairs) + len(adapter.replacements)}
+    config = adapter.config
+    info = {"path": str(adapter.path), "sha256": adapter.digest(), "r": lora_rank(config),
+            "lora_alpha": lora_alpha(config), "use_rslora": bool(config.get("use_rslora"))}
+    info |= {key: dict(config[key]) for key in ("rank_pattern", "alpha_pattern") if config.get(key)}
+    info["merged_tensors"] = len(adapter.pairs) + len(adapter.replacements)
     base = getattr(adapter, "base_name", None)
     if base is not None:  # what the adapter says it was trained on, and whether the source is known to be it
         info["base_model_name_or_path"] = base

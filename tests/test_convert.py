@@ -136,15 +136,33 @@ def _without_alpha(lora: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("adapter", ["lora", "rslora", "no-alpha"])
+def _by_patterns(lora: Path, out: Path) -> Path:
+    """The adapter with neither ``r`` nor ``lora_alpha`` (PEFT's defaults, 8 and 8) and per-module patterns instead:
+    every projection's rank (4, its tensors'), and q_proj's alpha."""
+    shutil.copytree(lora, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config.pop("r") == 4 and config.pop("lora_alpha") != 16
+    (out / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {".*_proj": 4}, "alpha_pattern": {"q_proj": 16}}))
+    return out
+
+
+# what the report's lora section says the merge used: r, lora_alpha and the patterns (never null for a merge)
+USED = {"lora": {"r": 4, "lora_alpha": 8}, "rslora": {"r": 8, "lora_alpha": 4}, "no-alpha": {"r": 4, "lora_alpha": 8},
+        "patterns": {"r": 8, "lora_alpha": 8, "rank_pattern": {".*_proj": 4}, "alpha_pattern": {"q_proj": 16}}}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "no-alpha", "patterns"])
 def test_lora_merge_equals_peft_merge_and_unload(models, tmp_path, adapter):
     from edgemed.converters.arch.llama import _k, _q
     from edgemed.converters.source.checkpoint import Checkpoint
 
-    lora = _without_alpha(models["lora"], tmp_path / "no-alpha") if adapter == "no-alpha" else models[adapter]
+    made = {"no-alpha": _without_alpha, "patterns": _by_patterns}
+    lora = made[adapter](models["lora"], tmp_path / adapter) if adapter in made else models[adapter]
     out = tmp_path / "merged.gguf"
     report = convert(models["llama"], out, ConvertOptions(out_type="f32", lora=lora), echo=lambda s: None)
     assert report.lora["merged_tensors"] == 2 * 7
+    assert {k: report.lora.get(k) for k in USED[adapter]} == USED[adapter]
+    assert ("rank_pattern" in report.lora) == (adapter == "patterns")
     assert report.parity["passed"] is True  # GGUF vs PEFT's own (unmerged) forward pass
     reader = _read(out)
     expected = _peft_merged(models["llama"], lora)
