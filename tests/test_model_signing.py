@@ -401,7 +401,7 @@ def test_a_root_out_of_its_validity_period_anchors_nothing(made, tmp_path, edgem
         r = _run(*args)
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert why in r.output and "expired on 2021-01-01 00:00 UTC" in r.output and str(root) in r.output, r.output
-        assert "current root under roots in trust.toml" in r.output, r.output
+        assert "renewal of it (same name and key) beside it under roots in trust.toml" in r.output, r.output
     (edgemed_home / "keys").mkdir(parents=True)
     shutil.copy(root, edgemed_home / "keys" / "root.pem")
     (edgemed_home / "trust.toml").write_text('[local]\nrequire_signature = true\nroots = ["keys/root.pem"]\n')
@@ -468,6 +468,60 @@ def test_a_root_renewed_after_the_leaf_was_issued_anchors_it_with_the_expired_on
     with pytest.raises(SignatureError, match=r"CN=renewal root .* expired on 2021-01-01 00:00 UTC .* when this copy was "
                                              r"installed \(2021-06-01 00:00 UTC\)"):
         runnable("tiny")
+
+
+def test_a_renewed_root_listed_alone_anchors_the_chain(made, tmp_path, edgemed_home):
+    """Clinic IT replaces the expired root with its renewal (same name and key, valid from after the signing certificate
+    was issued). model-signing checked the chain as of the signing certificate's start, when only the old root was in
+    force, so verify, install and run refused every bundle under it and told them to pass the root they had passed.
+    The chain is now checked as of now (the install time, for an installed copy): the renewal alone anchors it. A root
+    of the same name under another key, or a changed signature, is still refused; a copy installed before the renewal
+    began needs the old root beside it, and the refusal says so."""
+    import datetime
+    import json as _json
+
+    from edgemed.packaging.ref import runnable
+    from edgemed.packaging.store import Store
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    root, renewed, leaf, key = _root_and_leaf(tmp_path, "renew", _utc("2019-01-01"), _utc("2021-01-01"), _utc("2020-01-01"),
+                                              now + datetime.timedelta(days=30), renewed_from=_utc("2020-12-01"),
+                                              renewed_until=now + datetime.timedelta(days=300))
+    bundle = tmp_path / "b"
+    pack(made["inputs"], bundle, as_dir=True, private_key=signing.SigningKey(key, "cert", leaf, (root,)))
+    r = _run("verify", bundle, "--cert-chain", renewed)
+    assert r.exit_code == 0 and "signature valid (key cert CN=renew model signer" in r.output, r.output
+
+    (tmp_path / "other").mkdir()
+    impostor, _, _, _ = _root_and_leaf(tmp_path / "other", "renew", _utc("2020-12-01"), now + datetime.timedelta(days=300),
+                                       _utc("2020-12-01"), now + datetime.timedelta(days=30))  # same name, another key
+    r = _run("verify", bundle, "--cert-chain", impostor)
+    assert r.exit_code == 1 and "does not verify against the certificate chain" in r.output, r.output
+    forged = tmp_path / "forged"
+    shutil.copytree(bundle, forged)
+    _flip(forged / "model.sig", (forged / "model.sig").read_bytes().index(b'"sig"') + 12)
+    r = _run("verify", forged, "--cert-chain", renewed)
+    assert r.exit_code == 1 and "signature valid" not in r.output and "Traceback" not in r.output, r.output
+
+    (edgemed_home / "keys").mkdir(parents=True)
+    shutil.copy(renewed, edgemed_home / "keys" / "root-renewed.pem")
+    (edgemed_home / "trust.toml").write_text('[local]\nrequire_signature = true\nroots = ["keys/root-renewed.pem"]\n')
+    r = _run("install", bundle)
+    assert r.exit_code == 0 and "signature valid (key cert CN=renew model signer" in r.output, r.output
+    assert runnable("tiny").model_path.is_file()
+    store = Store()
+    idx = _json.loads(store.index_path.read_text())
+    idx["tiny"]["installed"] = "2021-06-01T00:00:00Z"  # installed after the old root expired, under the renewal
+    store.index_path.write_text(_json.dumps(idx))
+    assert runnable("tiny").model_path.is_file()
+    idx["tiny"]["installed"] = "2020-06-01T00:00:00Z"  # installed under the old root, before the renewal began
+    store.index_path.write_text(_json.dumps(idx))
+    with pytest.raises(SignatureError) as refused:
+        runnable("tiny")
+    text = str(refused.value)
+    assert "CN=renew root" in text and "is not valid until 2020-12-01 00:00 UTC" in text, text
+    assert "when this copy was installed (2020-06-01 00:00 UTC)" in text and "beside" in text, text
+    assert "edgemed install BUNDLE --force" in text, text
 
 
 def test_the_nightly_pull_of_the_installed_bundle_changes_nothing_after_its_certificate_expired(

@@ -464,8 +464,8 @@ def verify(sig: Signature | None, manifest, manifest_bytes: bytes, key, *, at=No
                                  "pass the ed25519 public key it was signed with (--key), or ask the maker to re-sign")
         return _verify_legacy(sig.data, manifest_bytes, key)
     if isinstance(key, CertRoots):
-        _verify_with(sig, manifest, manifest_bytes, key, lambda c, d: c.use_certificate_verifier(certificate_chain=key.paths))
-        _check_validity(sig, key, at)  # the chain is authentic now: is it still in force, its root included?
+        _verify_with(sig, manifest, manifest_bytes, key, _use_roots(key, _as_of(at)), at)
+        _check_validity(sig, key, at)  # each certificate model.sig carries in force then, and the root the chain ends at
         return signer_id(sig)
     if key.kind != "ec":
         raise SignatureError(f"The bundle carries an OpenSSF model signature (model.sig), but '{key.path}' is an ed25519 "
@@ -509,13 +509,58 @@ def verify_unnamed(sig: Signature, manifest, manifest_bytes: bytes, keys) -> Pub
     return None
 
 
-def _verify_with(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> None:
-    """The library's verifier (set up by ``use(config, folder)``) over model.sig, fed the manifest's digests."""
+def _verify_with(sig: Signature, manifest, manifest_bytes: bytes, key, use, at=None) -> None:
+    """The library's verifier (set up by ``use(config, folder)``) over model.sig, fed the manifest's digests. A
+    certificate chain that does not verify at ``at`` because a certificate is out of its validity period then is
+    refused naming that certificate and its date (``_check_validity``)."""
     _check_hashing(statement(well_formed(sig)))
     try:
         _run_library(sig, manifest, manifest_bytes, key, use)
+        return
     except Exception as exc:  # the library raises ValueError, OpenSSL's chain errors, or InvalidSignature
-        raise _refusal(exc, key, statement(sig), expected_digests(manifest, manifest_bytes)) from None
+        refusal = _refusal(exc, key, statement(sig), expected_digests(manifest, manifest_bytes))
+        chain_failed = isinstance(key, CertRoots) and type(exc).__name__ == "X509StoreContextError"
+    if chain_failed:
+        _check_validity(sig, key, at)
+    raise refusal
+
+
+def _use_roots(roots: CertRoots, at):
+    """Set up the library's certificate verifier over ``roots`` with the chain checked as of ``at``, the time edgemed
+    judges certificates by (now; the install time for an installed copy). The library takes the signing certificate's
+    own start of validity, when a root renewed since (same name and key, in force from a later date) was not yet
+    valid: a clinic that listed the renewal in place of the root it renews had every bundle under it refused. The
+    chain's signatures, the signing certificate's key usage and the envelope are checked by the library as before. A
+    library laid out otherwise keeps its own date (stricter: the renewal then needs the old root listed beside it)."""
+    def use(config, folder: Path) -> None:
+        config.use_certificate_verifier(certificate_chain=roots.paths)
+        verifier = getattr(config, "_verifier", None)
+        if hasattr(verifier, "_store"):  # model-signing 1.1's certificate verifier keeps its OpenSSL store there
+            verifier._store = _store_as_of([cert for _, cert in _anchors(roots)], at)
+
+    return use
+
+
+def _anchors(roots: CertRoots) -> list:
+    """(path, certificate) for each certificate in the files of ``roots``."""
+    from cryptography import x509
+
+    return [(path, cert) for path in roots.paths for cert in x509.load_pem_x509_certificates(_small(path))]
+
+
+def _store_as_of(certs, at):
+    """An OpenSSL store of the trusted ``certs`` that checks chains as of ``at``, whatever time its user sets."""
+    from OpenSSL import crypto
+
+    class _AsOf(crypto.X509Store):
+        def set_time(self, vfy_time) -> None:  # the library sets the signing certificate's start: edgemed's time stands
+            super().set_time(at)
+
+    store = _AsOf()
+    for cert in certs:
+        store.add_cert(crypto.X509.from_cryptography(cert))
+    store.set_time(at)
+    return store
 
 
 def _run_library(sig: Signature, manifest, manifest_bytes: bytes, key, use) -> None:
@@ -574,17 +619,22 @@ def _validity_problem(cert, at, role: str) -> str | None:
     return None
 
 
-def _check_validity(sig: Signature, roots: CertRoots, at=None) -> None:
-    """Certificate mode: refuse model.sig unless its signing certificate, each intermediate it carries, and the
-    certificates of ``roots`` its chain ends at are valid at ``at`` (now by default). model-signing checks the chain at
-    the signing certificate's own start of validity, and nothing in model.sig says when it was made, so without this
-    anyone holding the key of a certificate that expired years ago could sign a bundle today, and a root that expired
-    years ago still anchored one. A self-signed root carried along is not the anchor: the roots the chain is checked
-    against are the trust policy's (or --cert-chain's), not the signature's."""
+def _as_of(at=None):
+    """The time certificates are judged at: ``at`` (an aware datetime) in UTC, or now."""
     import datetime
 
+    return (at or datetime.datetime.now(datetime.timezone.utc)).astimezone(datetime.timezone.utc)
+
+
+def _check_validity(sig: Signature, roots: CertRoots, at=None) -> None:
+    """Certificate mode: refuse model.sig unless its signing certificate, each intermediate it carries, and the
+    certificates of ``roots`` its chain ends at are valid at ``at`` (now by default), naming the one that is not and
+    its date. Nothing in model.sig says when it was made, so a certificate out of its validity period signs nothing:
+    without this anyone holding the key of a certificate that expired years ago could sign a bundle today (an
+    intermediate carried but left out of the chain included). A self-signed root carried along is not the anchor: the
+    roots the chain is checked against are the trust policy's (or --cert-chain's), not the signature's."""
     installed = at is not None
-    at = (at or datetime.datetime.now(datetime.timezone.utc)).astimezone(datetime.timezone.utc)
+    at = _as_of(at)
     when = f"when this copy was installed ({at:%Y-%m-%d %H:%M} UTC)" if installed else f"now ({at:%Y-%m-%d %H:%M} UTC)"
     carried = _carried_certificates(sig)
     for i, cert in enumerate(carried):
@@ -597,23 +647,19 @@ def _check_validity(sig: Signature, roots: CertRoots, at=None) -> None:
                 "when it was made, so a certificate out of its validity period signs nothing edgemed accepts.",
                 "ask the maker to re-sign the bundle with a current certificate (edgemed pack --sign KEY.pem --cert "
                 "CERT.pem --cert-chain ROOT.pem); if the date looks wrong, check this machine's clock")
-    _check_anchor(carried, roots, at, when)
+    _check_anchor(carried, roots, at, when, installed)
 
 
-def _check_anchor(carried: list, roots: CertRoots, at, when: str) -> None:
+def _check_anchor(carried: list, roots: CertRoots, at, when: str, installed: bool) -> None:
     """The chain from ``carried`` (signing certificate first) to a certificate of ``roots`` built again as of ``at``
     (OpenSSL, as the library builds it, which takes an issuer in force at that time where it has one): a refusal
     names the root (or a chain certificate from ``roots``) out of its validity period, the file it came from and the
     date."""
-    from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from OpenSSL import crypto
 
-    anchors = [(path, cert) for path in roots.paths for cert in x509.load_pem_x509_certificates(_small(path))]
-    store = crypto.X509Store()
-    for _, cert in anchors:
-        store.add_cert(crypto.X509.from_cryptography(cert))
-    store.set_time(at)
+    anchors = _anchors(roots)
+    store = _store_as_of([cert for _, cert in anchors], at)
     context = crypto.X509StoreContext(store, crypto.X509.from_cryptography(carried[0]),
                                       [crypto.X509.from_cryptography(c) for c in carried[1:]])
     try:
@@ -624,17 +670,22 @@ def _check_anchor(carried: list, roots: CertRoots, at, when: str) -> None:
     fingerprint = failed.fingerprint(hashes.SHA256())
     source = next((str(path) for path, cert in anchors if cert.fingerprint(hashes.SHA256()) == fingerprint), None)
     why = _validity_problem(failed, at, "root certificate" if failed.subject == failed.issuer else "chain certificate")
-    if why is None:  # not a matter of dates: the chain that verified at the signing certificate's start does not now
-        raise SignatureError(f"model.sig is refused: its certificate chain does not verify against "
-                             f"{', '.join(map(str, roots.paths))} {when}: {text[:200]}.",
+    if why is None:  # not a matter of dates: no root of these, a signature on the chain that does not hold
+        raise SignatureError(f"model.sig does not verify against the certificate chain {', '.join(map(str, roots.paths))} "
+                             f"{when}: {text[:200]}.",
                              "pass the root certificate the signer's certificate chains to (--cert-chain, or roots in "
-                             "trust.toml), or ask the maker to re-sign the bundle with a current certificate")
+                             "trust.toml), or get a bundle signed under your clinic's certificate authority")
+    if at < failed.not_valid_before_utc:  # a renewal listed in place of the root that was in force then, or a wrong clock
+        fix = ("if it renews a root that was in force then, list that root beside it (roots = [\"old-root.pem\", "
+               "\"renewed-root.pem\"] in trust.toml, or both with --cert-chain)"
+               + ("; or install the bundle again (edgemed install BUNDLE --force) to have it judged as of now" if installed else ""))
+    else:
+        fix = ("list the certificate authority's renewal of it (same name and key) beside it under roots in trust.toml "
+               "(or pass both with --cert-chain): the expired one still vouches for copies installed while it was in "
+               "force; a bundle under an authority that has a new key instead must be re-signed by its maker")
     raise SignatureError(
         f"model.sig is refused: {why}{f' (it is in {source})' if source else ''}, so the chain it anchors does not "
-        f"vouch for the bundle {when}.",
-        "list the certificate authority's current root under roots in trust.toml (or pass it with --cert-chain); a "
-        "bundle whose chain ends only at that root must be re-signed by its maker under a current one; if the date looks wrong, "
-        "check this machine's clock")
+        f"vouch for the bundle {when}.", f"{fix}; if the date looks wrong, check this machine's clock")
 
 
 def check_certificate_files(certificate: Path, chain=()) -> None:
