@@ -71,6 +71,53 @@ def test_a_failure_under_json_is_a_json_document_on_stdout(tmp_path):
         assert plain.exit_code == 1 and plain.stdout == "" and doc["problem"] in plain.stderr, args
 
 
+@pytest.mark.parametrize("bad, option", [(["--temperature", "abc"], "--temperature"), (["--seed", "1.5"], "--seed"),
+                                         (["--ctx", "big"], "--ctx"), (["--no-such-option"], "--no-such-option")])
+def test_a_usage_error_under_json_is_a_json_document_on_stdout(tmp_path, bad, option):
+    """A bad option value (exit 2) left stdout empty: a script reading `run --json` got no document. Also when the
+    parse stops before --json is read (an unknown option); the usage stays on stderr, and so does the exit status."""
+    for args in (["-p", "hi", "--json", *bad], ["-p", "hi", *bad, "--json"]):
+        r = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), *args])
+        assert r.exit_code == 2, (args, r.output)
+        doc = json.loads(r.stdout)
+        assert doc["ok"] is False and option in doc["problem"] and doc["fix"].endswith(" run --help`"), doc
+        assert option in r.stderr and "Usage:" in r.stderr
+    plain = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "hi", *bad])
+    assert plain.exit_code == 2 and plain.stdout == ""
+    valued = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "--json", "--seed", "1.5"])
+    assert valued.exit_code == 2 and json.loads(valued.stdout)["ok"] is False  # the word is there: one document
+
+
+def test_ctrl_c_under_json_is_a_json_document_on_stdout(tmp_path, monkeypatch):
+    import edgemed.packaging.ref
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgemed.packaging.ref, "runnable", interrupted)
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "hi", "--json"])
+    assert r.exit_code == 130 and json.loads(r.stdout) == {"ok": False, "error": "KeyboardInterrupt", "problem":
+                                                           "Interrupted (Ctrl-C) before it finished.", "fix": None}
+    assert CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "hi"]).stdout == ""
+
+
+def test_sigterm_under_json_is_a_json_document_on_stdout_and_a_stop(tmp_path):
+    """SIGTERM: the process still dies by the signal (a clean stop to a service manager), and stdout now holds one
+    failure document where it held nothing (mid-generation on a real model: test_run_templates)."""
+    import signal
+
+    stop = ("import os, signal, edgemed.packaging.ref as ref\n"
+            "def stopped(*_):\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "ref.runnable = stopped\n"
+            "from edgemed.cli import main\nmain()\n")
+    for json_args, want in ((["--json"], 1), ([], 0)):
+        proc = subprocess.run([sys.executable, "-c", stop, "run", str(tmp_path / "absent.gguf"), "-p", "hi",
+                               *json_args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGTERM and "Stopped (SIGTERM)" in proc.stderr, proc.stderr[-2000:]
+        docs = proc.stdout.splitlines()
+        assert len(docs) == want and all(json.loads(d)["error"] == "Terminated" for d in docs), proc.stdout
+
+
 def test_every_json_option_reports_failures_as_json():
     """A new command's `--json` made with a bare click.option would print nothing on stdout when it fails."""
     import importlib
@@ -115,6 +162,7 @@ def test_a_template_run_refuses_prompt_and_system_it_would_ignore(tmp_path):
     for extra, flag in ([["--prompt", "ignore this"], "--prompt"], [["--system", "Reply in French only."], "--system"]):
         r = CliRunner().invoke(cli, ["run", str(tmp_path / "m.gguf"), "-t", "mcq", "-q", "Which?", *extra])
         assert r.exit_code == 1 and f"so {flag} cannot be used with it" in r.output, r.output
+        assert "--question/--options/-i" in r.output  # the options run has
 
 
 def test_text_options_read_from_a_file_or_standard_input(tmp_path, monkeypatch):

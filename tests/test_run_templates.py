@@ -307,6 +307,40 @@ def test_sigterm_at_the_chat_prompt_stops_it_as_a_stop(smollm2_gguf):
     assert proc.returncode == -signal.SIGTERM and "Stopped (SIGTERM)" in err, (proc.returncode, err[-2000:])
 
 
+@pytest.mark.parametrize("when, error", [("generating", "Terminated"), ("closing", None)])
+def test_sigterm_under_run_json_leaves_one_document(smollm2_gguf, when, error):
+    """SIGTERM while the answer was written left stdout empty under --json; once the result is printed (the model
+    closing), the stop adds no second document. Either way the process dies by the signal, as a clean stop does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import os, signal\n"
+              "from edgemed.runtime import session\n"
+              "from edgemed.runtime.llama_engine import LlamaEngine\n"
+              "respond, close = session.respond, LlamaEngine.close\n"
+              "def responding(engine, *args, **kwargs):\n"
+              "    engine.answered = True\n"
+              "    for i, item in enumerate(respond(engine, *args, **kwargs)):\n"
+              "        if i == 3 and os.environ['WHEN'] == 'generating':\n"
+              "            os.kill(os.getpid(), signal.SIGTERM)\n"
+              "        yield item\n"
+              "def closing(self):\n"
+              "    close(self)\n"
+              "    if os.environ['WHEN'] == 'closing' and getattr(self, 'answered', False):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "session.respond, LlamaEngine.close = responding, closing\n"
+              "from edgemed.cli import main\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", script, "run", str(smollm2_gguf), "-p", "Describe sepsis in detail.",
+                           "--max-tokens", "24", "--ctx", "512", "--threads", "1", "--json"], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, WHEN=when))
+    assert proc.returncode == -signal.SIGTERM and "Stopped (SIGTERM)" in proc.stderr, proc.stderr[-2000:]
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(docs) == 1, proc.stdout
+    assert docs[0].get("error") == error and ("reply" in docs[0]) == (error is None), docs
+
+
 def test_a_pasted_note_between_triple_quotes_is_one_message(smollm2_gguf, monkeypatch):
     """A pasted note became one turn per line, each answered; between two lines of three double quotes it is one."""
     seen = []

@@ -23,14 +23,17 @@ import click
 from edgemed import __version__
 from edgemed.errors import EdgemedError, output_error
 
-#: ``ctx.meta`` keys (shared by every nested context): the command was given ``--json``; it printed its JSON result
-_JSON_ASKED, _JSON_PRINTED = "edgemed.json", "edgemed.json-printed"
+#: ``ctx.meta`` keys (shared by every nested context): the command was given ``--json``; it printed its JSON result;
+#: ``--json`` is among the words typed after the command's name (a usage error may stop the parse before it is read)
+_JSON_ASKED, _JSON_PRINTED, _JSON_TYPED = "edgemed.json", "edgemed.json-printed", "edgemed.json-typed"
 
 
 def json_flag(help_text: str | None = None):
-    """The ``--json`` option. With it, a failure edgemed reports (exit 1) is also printed to stdout as one JSON
-    object, ``{"ok": false, "error": TYPE, "problem": ..., "fix": ...}``, so a script reading stdout never gets an
-    empty document; the message still goes to stderr. Eager: it is seen before any other option's check can fail."""
+    """The ``--json`` option. With it, a failure is also printed to stdout as one JSON object, ``{"ok": false,
+    "error": TYPE, "problem": ..., "fix": ...}``, so a script reading stdout never gets an empty document: one edgemed
+    reports (exit 1), a usage error (exit 2: ``--seed 1.5``, an unknown option), a stop (SIGTERM, Ctrl-C); the message
+    still goes to stderr and the exit status is the same. Eager: it is seen before any other option's check can
+    fail; an option the parse cannot read at all is caught by ``LazyGroup.resolve_command``'s look at the words."""
 
     def remember(ctx, _param, value):
         if value:
@@ -47,10 +50,19 @@ def echo_json_result(text: str) -> None:
     click.get_current_context().meta[_JSON_PRINTED] = True
 
 
-def _json_failure(ctx, exc: Exception) -> None:
-    if ctx.meta.get(_JSON_ASKED) and not ctx.meta.get(_JSON_PRINTED):
-        problem, fix = (exc.problem, exc.fix) if isinstance(exc, EdgemedError) else (str(exc), None)
-        click.echo(json.dumps({"ok": False, "error": type(exc).__name__, "problem": problem, "fix": fix}))
+def _json_failure(ctx, exc: BaseException, problem: str | None = None) -> None:
+    """The failure document of ``--json`` for ``exc`` (``problem``: its words where the exception has none)."""
+    usage = isinstance(exc, click.UsageError)
+    if not (ctx.meta.get(_JSON_ASKED) or usage and ctx.meta.get(_JSON_TYPED)) or ctx.meta.get(_JSON_PRINTED):
+        return
+    fix = None
+    if isinstance(exc, EdgemedError):
+        problem, fix = exc.problem, exc.fix
+    elif isinstance(exc, click.ClickException):
+        problem = exc.format_message()
+        if usage and exc.ctx is not None:
+            fix = f"see `{exc.ctx.command_path} --help`"
+    click.echo(json.dumps({"ok": False, "error": type(exc).__name__, "problem": problem or str(exc), "fix": fix}))
 
 
 # module under edgemed.cli -> attribute holding the click command or group
@@ -104,6 +116,12 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def resolve_command(self, ctx, args):
+        # A usage error in the parse itself (an unknown option) comes before any option's callback, --json's too
+        words = args[:args.index("--")] if "--" in args else args
+        ctx.meta[_JSON_TYPED] = "--json" in words
+        return super().resolve_command(ctx, args)
+
     def invoke(self, ctx):
         from edgemed import env
 
@@ -122,7 +140,11 @@ class LazyGroup(click.Group):
             logging.getLogger(__name__).debug("the disk refused a write", exc_info=True)
             _json_failure(ctx, clean)
             raise click.ClickException(_printable(clean)) from None
-        except Terminated:
+        except click.ClickException as exc:  # a usage error (exit 2): click prints it, and its usage, on stderr
+            _json_failure(ctx, exc)
+            raise
+        except Terminated as exc:
+            _json_failure(ctx, exc, "Stopped (SIGTERM) before it finished.")
             click.echo("\nStopped (SIGTERM); nothing half-written was left behind.", err=True)
             # Die by the signal, as without a handler: a service manager counts that as a clean stop (an exit status
             # of 143 would be a failure to systemd), and a shell still sees 143
@@ -131,7 +153,8 @@ class LazyGroup(click.Group):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             sys.exit(128 + signal.SIGTERM)  # reached only where the signal is ignored (PID 1 in a container)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            _json_failure(ctx, exc, "Interrupted (Ctrl-C) before it finished.")
             click.echo("\nInterrupted; nothing half-written was left behind.", err=True)
             sys.exit(130)
         finally:

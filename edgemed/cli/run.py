@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgemed.cli import json_flag
+from edgemed.cli import echo_json_result, json_flag
 from edgemed.formats.nesting import TooDeep, loads_json
 
 
@@ -258,7 +258,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         flag = "--prompt" if prompt is not None else "--system"
         raise InputError(f"--template {template_name} writes the whole prompt, its safety preamble included, so {flag} "
                          "cannot be used with it.",
-                         "pass the question with --question/--option/-i (see `edgemed run --help`), or drop --template")
+                         "pass the question with --question/--options/-i (see `edgemed run --help`), or drop --template")
     if raw and (template_name or system):
         flag = "--template" if template_name else "--system"
         raise InputError(f"--raw sends the prompt as it is, without the chat template, so {flag} cannot be used with it.",
@@ -303,9 +303,10 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
             answer = ask(engine, template, inputs, settings, policy, None if as_json else echo_piece(policy.show))
             value = answer.parsed.value
             if as_json:
-                click.echo(json.dumps({"template": template.name, "ok": answer.parsed.ok, "answer": value,
-                                       "forced": answer.forced, "expected": expected, "reply": answer.reply,
-                                       "think": answer.think if policy.show else None, "profile": prepared.profile}))
+                echo_json_result(json.dumps({"template": template.name, "ok": answer.parsed.ok, "answer": value,
+                                             "forced": answer.forced, "expected": expected, "reply": answer.reply,
+                                             "think": answer.think if policy.show else None,
+                                             "profile": prepared.profile}))
             else:
                 click.echo()
                 shown = json.dumps(value) if isinstance(value, (dict, list)) else value
@@ -346,7 +347,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
             reply = {"reply": "".join(text), "cut": was_cut}
             if policy.show:
                 reply["think"] = "".join(thinking)
-            click.echo(json.dumps(reply))
+            echo_json_result(json.dumps(reply))
         else:
             click.echo()
             if was_cut:  # a reply that stops mid-sentence reads as complete otherwise
