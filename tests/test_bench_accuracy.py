@@ -505,6 +505,23 @@ def test_divergence_refuses_a_different_tokenizer(tiny_artifacts, smollm2_gguf, 
         divergence(None, tmp_path / "nope.npz")
 
 
+def test_divergence_refuses_a_reference_written_under_another_key(tiny_artifacts, tmp_path):
+    """The reference names the key it was written under (the F16's sha256, runtime, settings): a divergence against
+    the logits of an earlier F16 is refused, not labelled with the current one."""
+    from edgemed.benchmarks.harness.divergence import divergence, load_texts, reference_key, reference_logits
+
+    old, new = {"model_sha256": "a" * 64, "profile": "x86-avx2"}, {"model_sha256": "b" * 64, "profile": "x86-avx2"}
+    with _scorer(tiny_artifacts, "gguf") as sc:
+        reference_logits(sc, tmp_path / "ref.npz", [load_texts()[0][:250]], top_k=8, key=old)
+        assert reference_key(tmp_path / "ref.npz") == old
+        assert divergence(sc, tmp_path / "ref.npz", key=old)["kld_mean"] < 1e-6
+        with pytest.raises(InputError, match="not of the current reference") as err:
+            divergence(sc, tmp_path / "ref.npz", key=new)
+        assert "model_sha256 differs" in str(err.value) and "bbbbbbbbbbbbbbbb" in str(err.value)
+        assert "run the divergence phase with the reference configuration" in err.value.fix
+    assert reference_key(tmp_path / "missing.npz") is None
+
+
 def test_scores_do_not_depend_on_the_thread_count(smollm2_gguf):
     """llama.cpp splits a matmul's rows across threads: every logit is computed the same way whatever the count,
     which is why the accuracy key leaves threads out (``--eval-threads``)."""

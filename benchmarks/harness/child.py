@@ -145,9 +145,10 @@ def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
     reference = Path(task["reference"])
     scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx)
     try:
-        if task.get("is_reference"):  # the shipped medical passages (divergence.load_texts)
-            divergence.reference_logits(scorer, reference)
-        result = divergence.divergence(scorer, reference)
+        if task.get("is_reference"):  # the shipped medical passages (divergence.load_texts), under this task's key
+            divergence.reference_logits(scorer, reference, key=task["key"])
+        # against the reference the runner holds current: one left by an earlier reference artifact is refused
+        result = divergence.divergence(scorer, reference, key=task.get("reference_key"))
     finally:
         scorer.close()
     return {"reference": task["reference_config"], **result}

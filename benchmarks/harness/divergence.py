@@ -12,6 +12,11 @@ top-1 agreement (the artifact's argmax equals the reference's) and the number of
 (``first``), beside the llama.cpp-compatible figure (``llamacpp``: the second half of each passage) and every
 position (``all``).
 
+**Whose reference.** The bench writes its result key into the reference (``key``: the reference artifact's sha256,
+runtime build, profile, settings; ``reference_key`` reads it back) and ``divergence`` refuses one written under another
+key than the caller expects: a reference left from an earlier F16 (its re-measure failed) never stands in for the
+current one.
+
 **The approximation.** The stored reference is the distribution coarse-grained to k+1 outcomes: the top-k tokens
 one by one and "any other token" lumped together; the artifact's distribution is coarse-grained the same way
 (its probabilities on the same k ids, and the rest). The KL between coarse-grainings is a lower bound on the true
@@ -64,8 +69,10 @@ def _passages(scorer, texts: list[str]) -> list[list[int]]:
     return tokens
 
 
-def reference_logits(scorer, out_path: Path, texts: list[str] | None = None, *, top_k: int = TOP_K) -> dict:
-    """Save the reference's top-``top_k`` log-probs + tail mass per position of ``texts`` to ``out_path`` (npz)."""
+def reference_logits(scorer, out_path: Path, texts: list[str] | None = None, *, top_k: int = TOP_K,
+                     key: dict | None = None) -> dict:
+    """Save the reference's top-``top_k`` log-probs + tail mass per position of ``texts`` to ``out_path`` (npz),
+    under ``key`` (the bench's result key of the reference: what ``divergence`` checks it against)."""
     import numpy as np
 
     from edgemed.files.atomic import atomic_path
@@ -83,7 +90,7 @@ def reference_logits(scorer, out_path: Path, texts: list[str] | None = None, *, 
         logps.append(np.take_along_axis(logp, top, axis=1).astype(np.float32))
         tails.append(_tail_logmass(logp, top).astype(np.float32))
     meta = {"format": FORMAT, "artifact": Path(scorer.path).name, "kind": scorer.kind, "top_k": int(ids[0].shape[1]),
-            "n_vocab": int(scorer.n_vocab), "texts": texts, "tokens": tokens}
+            "n_vocab": int(scorer.n_vocab), "texts": texts, "tokens": tokens, "key": key}
     out_path = Path(out_path)
     with atomic_path(out_path, force=True) as tmp:
         with open(tmp, "wb") as fh:
@@ -111,11 +118,44 @@ def read_reference(path: Path) -> tuple[dict, dict]:
     return meta, arrays
 
 
-def divergence(scorer, reference_path: Path) -> dict:
-    """KL(reference || scorer's artifact) per position over the reference's passages; top-1 agreement."""
+def reference_key(path: Path) -> dict | None:
+    """The key the reference at ``path`` was written under; None when it is missing, unreadable or has none."""
+    import numpy as np
+
+    try:
+        with np.load(Path(path)) as data:  # the meta entry alone: the logits stay on disk
+            meta = json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    return meta.get("key") if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def _check_key(path: Path, meta: dict, key: dict) -> None:
+    """Refuse a reference written under another key than ``key`` (another reference artifact, build or setting)."""
+    have = meta.get("key")
+    if have == key:
+        return
+    if not isinstance(have, dict):
+        why = "it names no key (written by an earlier edgemed or by hand)"
+    else:
+        parts = sorted(k for k in set(have) | set(key) if have.get(k) != key.get(k))
+        why = "its " + ", ".join(parts) + " differ" + ("s" if len(parts) == 1 else "")
+        if "model_sha256" in parts:
+            why += f" (it is of {str(have.get('model_sha256'))[:16]}, the reference now is {str(key.get('model_sha256'))[:16]})"
+    raise InputError(f"The divergence reference '{path}' is not of the current reference artifact and settings: {why}; "
+                     "a divergence against it would be labelled with a reference it was not measured against.",
+                     "measure the reference again: run the divergence phase with the reference configuration (f16) "
+                     "in the run")
+
+
+def divergence(scorer, reference_path: Path, key: dict | None = None) -> dict:
+    """KL(reference || scorer's artifact) per position over the reference's passages; top-1 agreement. ``key``: the
+    key the reference must have been written under (``reference_logits``), refused otherwise."""
     import numpy as np
 
     meta, ref = read_reference(reference_path)
+    if key is not None:
+        _check_key(reference_path, meta, key)
     tokens = _passages(scorer, meta["texts"])
     if tokens != meta["tokens"]:
         bad = next(i for i, (a, b) in enumerate(zip(tokens, meta["tokens"])) if a != b) if len(tokens) == len(meta["tokens"]) else 0

@@ -173,16 +173,32 @@ def earlier_results(out: Path, configs: list[Config], settings: Settings, planne
     return kept
 
 
-def _run_child(task: Task, settings: Settings, out: Path, progress: bool) -> tuple[bool, str]:
+def reference_file(out: Path) -> Path:
+    """The divergence reference's logits (``divergence.reference_logits``), beside its raw result."""
+    return out / "raw" / f"{REFERENCE}-reference.npz"
+
+
+def reference_current(out: Path, reference: Task | None) -> bool:
+    """Whether the divergence reference task ``reference`` is done under its current key: its raw result and the
+    logits file it wrote both carry that key. A raw result alone is not enough: a reference artifact changed and its
+    re-measure failed leaves the earlier one's files, which other artifacts would be compared with."""
+    from edgemed.benchmarks.harness.divergence import reference_key
+
+    return reference is not None and load_raw(reference.raw, reference.key) is not None and \
+        reference_key(reference_file(out)) == reference.key
+
+
+def _run_child(task: Task, settings: Settings, out: Path, progress: bool, reference_key: dict | None = None) -> tuple[bool, str]:
     """Run one task's child. The task file holds the public settings (``Settings.to_dict``: a file's prompts by
     digest); the prompts' text goes to the child on its stdin, so it is never on disk. The task file is removed
-    when the child ends, however it ends; one a killed run leaves is swept by the next (``forget_clinic_text``)."""
+    when the child ends, however it ends; one a killed run leaves is swept by the next (``forget_clinic_text``).
+    ``reference_key``: the divergence reference's current key, which the logits it compares against must hold."""
     tasks_dir = out / "raw" / "tasks"
     tasks_dir.mkdir(parents=True, exist_ok=True)
     body = {"config": task.config.to_dict(), "phase": task.phase, "settings": settings.to_dict(), "key": task.key,
             "out": str(task.raw), "progress": progress,
             "records": str(out / "raw" / f"{task.config.name}-{task.phase}.records.jsonl"),
-            "reference": str(out / "raw" / f"{REFERENCE}-reference.npz"), "reference_config": REFERENCE,
+            "reference": str(reference_file(out)), "reference_config": REFERENCE, "reference_key": reference_key,
             "is_reference": task.config.name == REFERENCE}
     task_file = tasks_dir / f"{task.config.name}-{task.phase}.task.json"
     write_text(task_file, json.dumps(body, indent=1))
@@ -311,19 +327,20 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
     write_text(out / MACHINE, json.dumps(mach, indent=1), force=replace)
     tasks = plan_tasks(out, configs, phases, settings)
     failed, redone, kept = [], [], []
+    reference = next((t for t in tasks if t.phase == "divergence" and t.config.name == REFERENCE), None)
     bar = tqdm(tasks, desc="bench", unit="task", disable=not progress)
     for task in bar:
         label = f"{task.config.name}-{task.phase}"
         bar.set_postfix_str(label)
-        if load_raw(task.raw, task.key) is not None:
+        if load_raw(task.raw, task.key) is not None and (task is not reference or reference_current(out, task)):
             kept.append(label)
             continue
         if not measure:
             failed.append({"task": label, "error": "not measured yet (report written with --report-only)"})
             continue
-        if task.phase == "divergence" and task.config.name != REFERENCE and \
-                load_raw(out / "raw" / f"{REFERENCE}-divergence.json") is None:
-            failed.append({"task": label, "error": "the reference logits were not written"})
+        if task.phase == "divergence" and task is not reference and not reference_current(out, reference):
+            failed.append({"task": label, "error": f"the reference logits of the current {REFERENCE} were not written "
+                                                   f"(its divergence phase failed)"})
             continue
         records = out / "raw" / f"{task.config.name}-{task.phase}.records.jsonl"
         if records.exists() and not records_resume(records, task.key, settings):
@@ -334,7 +351,7 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
         raw_before = task.raw.read_text(encoding="utf-8") if task.raw.exists() else None
         records_before = records.stat().st_size if records.exists() else None
         t = time.perf_counter()
-        ok, why = _run_child(task, settings, out, progress)
+        ok, why = _run_child(task, settings, out, progress, reference.key if reference is not None else None)
         if check is not None:
             try:
                 check()
