@@ -99,3 +99,22 @@ def test_a_reference_whose_logits_file_is_not_of_its_key_is_measured_again(bench
     assert divergence.reference_key(out / "raw" / "f16-reference.npz")["model_sha256"] == again["configs"][0]["keys"]["divergence"]["model_sha256"]
     child = FakeChild()
     assert run(child)["run"]["resumed"] == ["f16-divergence", "q4_k_m-divergence"] and child.ran == []
+
+
+@pytest.mark.parametrize("paired, why", [
+    ({"reference": "f16", "n": 0, "excluded": 0}, "they were scored on different items"),   # another --seed
+    ({"reference": "f16", "n": 0, "excluded": 6}, "the 6 ids they share were asked differently"),  # abstract or not
+    (None, "they were scored on different items"),                                    # no records to pair
+])
+def test_the_accuracy_goal_is_not_met_on_the_same_items_when_no_item_was_paired(paired, why):
+    """F16 and Q4_K_M scored on different draws: the goal read "16.7 points above | yes" under a label saying "same
+    items", from two accuracies over different questions."""
+    from edgemed.benchmarks.harness.goals import check_goals
+
+    q4 = {"n": 6, "acc_logit": 2 / 6, **({"paired_vs_reference": paired} if paired else {})}
+    results = {"configs": [{"name": "f16", "accuracy": {"n": 6, "acc_logit": 1 / 6}}, {"name": "q4_k_m", "accuracy": q4}]}
+    row, = [r for r in check_goals(results) if r[0].startswith("Q4_K_M accuracy")]
+    assert row[1] == "—" and row[2].startswith("not shown: no items in common") and why in row[2]
+    assert "--seed" in row[2] and "yes" not in row[2]
+    results["configs"][0]["accuracy"] = None  # F16 not scored: no accuracy goal at all
+    assert not [r for r in check_goals(results) if r[0].startswith("Q4_K_M accuracy")]

@@ -2,7 +2,8 @@
 
 Each row: label, a function of the results giving the measured figure (None when the
 configurations it needs were not run), the comparison and the threshold. Rows whose
-figure is None are left out of the report.
+figure is None are left out of the report, but for the accuracy goal where both sides were scored on no item in
+common: that row says it is not shown, and why (``_acc_unpaired``).
 """
 
 from __future__ import annotations
@@ -36,15 +37,25 @@ def _best_4bit_roofline(results):
 
 
 def _acc_drop(results, name):
-    """Points lost against F16: on the same items when the paired count is there (always for a partial run)."""
+    """Points lost against F16 on the same items (the paired difference); None without a paired item: two
+    accuracies over different items differ by the draw as much as by the model, and the goal says "same items"."""
+    paired = ((_by(results).get(name) or {}).get("accuracy") or {}).get("paired_vs_reference") or {}
+    return -paired["diff"] if paired.get("n") and paired.get("diff") is not None else None
+
+
+def _acc_unpaired(results, name) -> str | None:
+    """Why the accuracy goal is not shown where ``name`` and F16 both have an accuracy but no item in common (None
+    where they have one, or either has no accuracy): each scored on another draw, or the ids they share asked
+    differently (``scores.compare``'s ``excluded``)."""
     by = _by(results)
     a, b = (by.get(name) or {}).get("accuracy") or {}, (by.get("f16") or {}).get("accuracy") or {}
-    paired = a.get("paired_vs_reference")
-    if paired and paired.get("n"):
-        return -paired["diff"]
-    if a.get("acc_logit") is None or b.get("acc_logit") is None:
+    paired = a.get("paired_vs_reference") or {}
+    if not a.get("n") or not b.get("n") or paired.get("n"):
         return None
-    return b["acc_logit"] - a["acc_logit"]
+    asked = (f"the {paired['excluded']} ids they share were asked differently (PubMedQA with and without its abstract, "
+             "or another item under the id)" if paired.get("excluded") else "they were scored on different items")
+    return (f"not shown: no items in common ({asked}); score both on the same draw (the same --eval files, --seed and "
+            "--eval-context / --no-eval-context) to compare them")
 
 
 def _kld(results, name, part=None):
@@ -86,6 +97,9 @@ def check_goals(results: dict) -> list[list[str]]:
     for label, figure, compare, threshold, fmt in GOALS:
         value = figure(results)
         if value is None:
+            why = _acc_unpaired(results, "q4_k_m") if fmt == "points" else None
+            if why:  # both were scored, on no item in common: the row says so rather than vanish
+                rows.append([label, "—", why])
             continue
         met = "yes" if compare(value, threshold) else "**no**"
         if fmt == "roof" and value > 1:  # faster than the memory it reads allows: the figures disagree
