@@ -243,8 +243,6 @@ ADAPTER_TYPES = ("f16", "q8_0", "f32")
 
 def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) -> ConversionReport:
     """The ``adapter_only`` steps (module docstring): refuse, write the adapter, gate it on a base, report."""
-    from dataclasses import replace
-
     from edgemed.converters.gguf.adapter import plan_adapter, tensor_type_counts, write_adapter_gguf
 
     if not opts.adapter_only:
@@ -273,7 +271,7 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
         from edgemed.converters.gguf.tokenizer import plan_vocab
 
         vocab = plan_vocab(ckpt.path, int(ckpt.hparam("vocab_size")), opts.pre_tokenizer)
-        budget.check_gguf(src, replace(opts, out_type="f16"))  # the F16 base made for the gate must fit
+    budget.check_adapter(src, opts, base["out_type"] if base is not None else None)  # the gate, on either base, must fit
     timings.since_start("inspect")
     parity = None
     with _report_lands_with(out) as wrote_report, atomic_path(out, force=opts.force) as tmp, \

@@ -157,3 +157,44 @@ def test_the_plain_recipe_is_offered_when_the_default_imatrix_pass_does_not_fit(
     text = " ".join(result.output.split())
     assert f"--no-imatrix (llama.cpp's plain recipe) (peak {plain / GIB:.1f} GiB)" in text
     _nothing_left(out_dir)
+
+
+def test_the_adapter_gate_on_a_given_base_is_held_to_the_budget(model, tmp_path):
+    """`--adapter-only --base B.gguf` is estimated too (the reference with the adapter merged, llama.cpp holding the
+    base with the adapter applied), and refused before anything is written, as it is without --base."""
+    lora = tiny.build_lora(model, tmp_path / "lora")
+    base = tmp_path / "base-f16.gguf"
+    assert _convert(model, "--quant", "f16", "--no-parity", "-o", base).exit_code == 0
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for with_base in ([], ["--base", base]):
+        result = _convert(model, "--lora", lora, "--adapter-only", *with_base, "--memory-budget", "1MiB", "-o", out_dir / "a.gguf")
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and "--memory-budget 1MiB" in text, result.output
+        assert ("convert --adapter-only --base (F16)" if with_base else "convert --adapter-only` would need") in text
+        assert "--quant q4_k_m" not in text  # no merged-model types offered for an adapter
+        _nothing_left(out_dir)
+
+
+def test_each_suggested_quant_type_is_priced_as_it_would_run(monkeypatch):
+    """The refusal of a calibrated 4-bit conversion offers `--quant q8_0` at q8_0's own peak: the command computes no
+    importance matrix for q8_0 (nor for a float type), so none is priced in."""
+    from types import SimpleNamespace
+
+    from edgemed.converters.gguf.calibration import default_imatrix
+    from edgemed.converters.pipeline import ConvertOptions
+
+    dims = Dims.from_config(QWEN2_7B)
+    calibrated = estimate_gguf(dims, out_type="q4_k_m", imatrix=True).resident
+    q8 = estimate_gguf(dims, out_type="q8_0").resident
+    assert q8 < estimate_gguf(dims, out_type="q8_0", imatrix=True).resident and q8 < calibrated
+    budget_bytes = (q8 + min(calibrated, estimate_gguf(dims, out_type="q8_0", imatrix=True).resident)) // 2
+    checkpoint = SimpleNamespace(config=QWEN2_7B, tensors=None, source_dtype=lambda: "BF16", weight_files=lambda: ())
+    opts = ConvertOptions(out_type="q4_k_m", imatrix_from=default_imatrix("q4_k_m"), memory_budget=str(budget_bytes))
+    with pytest.raises(InputError) as refused:
+        budget.check_gguf(SimpleNamespace(checkpoint=checkpoint, adapter=None), opts)
+    assert f"--quant q8_0 (peak {q8 / GIB:.1f} GiB)" in refused.value.fix
+    # the user's own text goes with every quantized type; a float type never calibrates
+    own = ConvertOptions(out_type="q4_k_m", imatrix_from=Path("notes.txt"))
+    assert budget._calibrates(own, "q8_0") and not budget._calibrates(own, "f16") and not budget._calibrates(opts, "q8_0")
+

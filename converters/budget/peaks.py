@@ -246,6 +246,28 @@ def estimate_gguf(dims: Dims, *, out_type: str, parity: bool = True, imatrix: bo
     return Estimate(what, BASE_GGUF + dims.vocab * VOCAB_PER_TOKEN, tuple(steps))
 
 
+def estimate_adapter(dims: Dims, *, base_type: str | None, parity: bool = True, lora_bytes: int = 0,
+                     source_dtype: str = "BF16", source_bytes: int | None = None) -> Estimate:
+    """``convert --lora A --adapter-only``: the adapter file (built whole in memory, ``gguf/adapter.py``), then its
+    gate: the base GGUF (``base_type`` None: an F16 one written here first, as ``estimate_gguf`` writes one; else the
+    type of the ``--base`` given) loaded by llama.cpp with the adapter applied, against the HF reference with the
+    adapter merged."""
+    src = DTYPE_BYTES.get(source_dtype, 4)
+    steps = [Step("write", (Term("the adapter's tensors and the file built from them", 2 * lora_bytes),))]
+    if parity:
+        if base_type is None:
+            made = estimate_gguf(dims, out_type="f16", parity=False, source_dtype=source_dtype)
+            steps += [Step("base", s.terms) for s in made.steps if s.name == "write"]
+        # llama.cpp copies the adapter's tensors into its own buffer (not mapped)
+        adapter = Term("llama.cpp: the LoRA adapter applied at run time", lora_bytes)
+        weights = base_type if base_type in GGUF_BPW else "f32" if base_type else "f16"  # a type edgemed does not write:
+        load = _llama_load(dims, weights, PARITY_LONGEST + 8, repack=False)              # mapped, priced at the widest
+        steps += _parity(dims, src, True, (*load, adapter), "parity")
+    base = "" if base_type is None else f" --base ({base_type.upper()})"
+    vocab = dims.vocab * VOCAB_PER_TOKEN if parity and base_type is None else 0  # planned for the base made here
+    return Estimate(f"convert --adapter-only{base}" + ("" if parity else " --no-parity"), BASE_GGUF + vocab, tuple(steps))
+
+
 def estimate_onnx(dims: Dims, *, out_type: str, graph: str = "torch", parity: bool = True, lora_bytes: int = 0,
                   source_dtype: str = "BF16", source_bytes: int | None = None) -> Estimate:
     """``convert --to onnx``: the fp32 graph (torch trace or genai builder), its parity, int4, its parity."""
@@ -326,11 +348,34 @@ def check_gguf(source, opts) -> Estimate:
     kw = gguf_settings(opts) | _sizes(source)
     dims = Dims.from_config(source.checkpoint.config, source.checkpoint.tensors)
     est = estimate_gguf(dims, **kw)
-    alts = [(f"--quant {t}", estimate_gguf(dims, **kw | {"out_type": t})) for t in GGUF_BPW if t not in (opts.out_type, "auto")]
+    alts = [(f"--quant {t}", estimate_gguf(dims, **kw | {"out_type": t, "imatrix": _calibrates(opts, t)}))
+            for t in GGUF_BPW if t not in (opts.out_type, "auto")]
     if kw["parity"]:
         alts.append(("--no-parity, then `edgemed check` on a bigger machine", estimate_gguf(dims, **kw | {"parity": False})))
     if kw["imatrix"]:
         alts.append(("--no-imatrix (llama.cpp's plain recipe)", estimate_gguf(dims, **kw | {"imatrix": False})))
+    require_fits(est, detect_budget(opts.memory_budget), tuple(alts))
+    return est
+
+
+def _calibrates(opts, out_type: str) -> bool:
+    """Whether ``--quant out_type``, put in place of ``opts``' type, computes an importance matrix: a float type
+    never (``--imatrix-from`` is refused with one); otherwise the user's own text still does, and without one the
+    command's default for that type (``calibration.default_imatrix``) decides."""
+    if out_type in OUT_BYTES:
+        return False
+    own = opts.imatrix_from is not None and opts.imatrix_from != default_imatrix(opts.out_type)
+    return own or default_imatrix(out_type) is not None
+
+
+def check_adapter(source, opts, base_type: str | None) -> Estimate:
+    """The ``--adapter-only`` hook: refuse before anything is written when the adapter's gate cannot fit, on the
+    ``--base`` given (``base_type``: its type) or on the F16 base made for it (None)."""
+    kw = _sizes(source)
+    dims = Dims.from_config(source.checkpoint.config, source.checkpoint.tensors)
+    est = estimate_adapter(dims, base_type=base_type, parity=opts.parity, **kw)
+    alts = [("--no-parity (the adapter is written ungated; gate it with --base on a bigger machine)",
+             estimate_adapter(dims, base_type=base_type, parity=False, **kw))] if opts.parity else []
     require_fits(est, detect_budget(opts.memory_budget), tuple(alts))
     return est
 
