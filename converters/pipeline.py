@@ -92,7 +92,7 @@ def _output_error(exc: OSError, out: Path, out_type: str) -> Exception:
             f"No space left on the disk holding '{where}' while writing the {out_type.upper()} output; "
             "the partial output and temporaries were removed.",
             "free space there, or write elsewhere with -o (a quantized conversion also needs room for an F16/BF16 "
-            "intermediate about the size of the source weights)",
+            "intermediate about the size of the source weights, F32 where a weight is beyond F16's range)",
         )
     if exc.errno in _NOT_WRITABLE and about_output:
         return OutputError(
@@ -148,10 +148,15 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     parity = auto = imatrix = None
     with _report_lands_with(out) as wrote_report, atomic_path(out, force=opts.force) as tmp, scratch_dir(out.parent, out.name) as work:
         quantized = opts.out_type not in FLOAT_OUTPUT_TYPES
-        float_type = ("bf16" if ckpt.source_dtype() == "BF16" else "f16") if quantized else opts.out_type
-        float_out = Path(work) / f"intermediate-{float_type}.gguf" if quantized else tmp
         with timings.step("write"):
-            write_float_gguf(ckpt, spec, vocab, float_out, float_type, adapter=adapter, metadata=metadata, progress=opts.progress)
+            if quantized:
+                float_out, float_type = _write_intermediate(
+                    Path(work), "intermediate", "bf16" if ckpt.source_dtype() == "BF16" else "f16", echo,
+                    lambda path, t: write_float_gguf(ckpt, spec, vocab, path, t, adapter=adapter, metadata=metadata,
+                                                     progress=opts.progress))
+            else:
+                float_out, float_type = tmp, opts.out_type
+                write_float_gguf(ckpt, spec, vocab, tmp, float_type, adapter=adapter, metadata=metadata, progress=opts.progress)
         if quantized:
             from edgemed.converters.gguf.quantize import quantize
 
@@ -208,6 +213,28 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
         write_text(report_path(out), result.to_json(), force=opts.force)
         wrote_report.append(True)
     return result
+
+
+def _write_intermediate(work: Path, stem: str, float_type: str, echo, write) -> tuple[Path, str]:
+    """A float GGUF made in ``work`` for llama.cpp to read (``write(path, type)`` writes it): the quantizer's
+    intermediate, or the base an adapter is gated on. ``float_type`` first (F16, or BF16 for a BF16 source); where a
+    weight, or its LoRA merge, lies beyond F16's range it is written again as F32, which holds the source's values as
+    they are (BF16 would hold the range but round every weight to 8 significant bits before the quantizer rounds
+    again). llama.cpp reads F32, F16 and BF16 tensors alike; the budget prices the F32 write (``budget/peaks.py``)."""
+    from edgemed.converters.gguf.writer import BeyondRange
+
+    path = work / f"{stem}-{float_type}.gguf"
+    try:
+        write(path, float_type)
+        return path, float_type
+    except BeyondRange as exc:
+        if float_type != "f16":
+            raise
+        path.unlink(missing_ok=True)
+        echo(f"'{exc.tensor}' holds values beyond F16's range (|x| > 65504): writing the {stem} as F32 instead")
+    path = work / f"{stem}-f32.gguf"
+    write(path, "f32")
+    return path, "f32"
 
 
 #: A report edgemed writes is a few KiB; a larger file at that name is not one to hold in memory and put back.
@@ -282,13 +309,13 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
             from edgemed.converters.quality.parity import check_adapter_gguf, gated
 
             if base is None:
-                from edgemed.converters.gguf.writer import write_float_gguf
-
-                base = {"path": Path(work) / "base-f16.gguf", "out_type": "f16"}
                 with timings.step("base"):
-                    write_float_gguf(ckpt, spec, vocab, base["path"], "f16",
-                                     metadata={"edgemed.source.sha256": source_info["sha256"]})
-                base["made"] = "F16, converted from the source for this check (not kept)"
+                    made, made_type = _write_intermediate(
+                        Path(work), "base", "f16", echo,
+                        lambda path, t: write_float_gguf(ckpt, spec, vocab, path, t,
+                                                         metadata={"edgemed.source.sha256": source_info["sha256"]}))
+                base = {"path": made, "out_type": made_type,
+                        "made": f"{made_type.upper()}, converted from the source for this check (not kept)"}
             with timings.step("parity"):
                 report = check_adapter_gguf(src, base["path"], tmp, base["out_type"], threads=opts.threads)
             what = f"The adapter on the {base['out_type'].upper()} base"

@@ -198,3 +198,14 @@ def test_each_suggested_quant_type_is_priced_as_it_would_run(monkeypatch):
     own = ConvertOptions(out_type="q4_k_m", imatrix_from=Path("notes.txt"))
     assert budget._calibrates(own, "q8_0") and not budget._calibrates(own, "f16") and not budget._calibrates(opts, "q8_0")
 
+
+def test_the_write_step_prices_the_f32_intermediate_an_f64_source_may_need():
+    """A quantized conversion whose F16 intermediate a weight overflows writes it again as F32
+    (pipeline._write_intermediate): from an F64 source that cast copy is 4 bytes a weight, from F32 none."""
+    dims = Dims.from_config(QWEN2_7B)
+
+    def cast(dtype):
+        est = estimate_gguf(dims, out_type="q4_k_m", source_dtype=dtype)
+        return {t.name: t.bytes for s in est.steps if s.name == "write" for t in s.terms}["largest tensor's cast copy"]
+
+    assert cast("F64") == dims.largest * 4 and cast("F32") == dims.largest * 2 and cast("BF16") == 0

@@ -147,6 +147,45 @@ def test_f16_overflow_is_named_as_range_not_nan(tmp_path):
     assert torch.isfinite(tensors[TENSOR]).all()
 
 
+def _beyond_f16(ckpt):
+    """``ckpt`` (float32) with one weight F32 holds and F16 cannot (a fine-tune saved by Trainer may have one)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[TENSOR] = tensors[TENSOR].clone()
+    tensors[TENSOR].view(-1)[3] = 1e5
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+def test_a_weight_beyond_f16_is_quantized_from_an_f32_intermediate(tmp_path):
+    """A quantized type is still made: the intermediate llama.cpp quantizes is written again as F32, which holds
+    the weight as it is, and is gated as F32; the output is the type asked for."""
+    import gguf
+
+    ckpt = _beyond_f16(tiny.build_model(tmp_path / "ckpt", "llama"))
+    said = []
+    report = convert(ckpt, tmp_path / "q8.gguf", ConvertOptions(out_type="q8_0"), echo=said.append)
+    assert f"'{TENSOR}' holds values beyond F16's range (|x| > 65504): writing the intermediate as F32 instead" in said
+    assert report.out_type == "q8_0" and report.parity["passed"] is True
+    assert report.parity["intermediate"]["out_type"] == "f32" and report.parity["intermediate"]["passed"] is True
+    reader = gguf.GGUFReader(str(tmp_path / "q8.gguf"))
+    held = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    assert held.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "q8.gguf", "q8.gguf.report.json"]  # no scratch left
+
+
+def test_the_base_an_adapter_is_gated_on_is_made_f32_past_f16s_range(tmp_path):
+    ckpt = _beyond_f16(tiny.build_model(tmp_path / "ckpt", "llama"))
+    lora = tiny.build_lora(ckpt, tmp_path / "lora")
+    out = tmp_path / "a.lora.gguf"
+    # F32 adapter tensors: llama.cpp multiplies an F16 tensor with activations cast to F16, and the activations
+    # this weight makes do not fit there either
+    report = convert(ckpt, out, ConvertOptions(out_type="f32", lora=lora, adapter_only=True), echo=lambda s: None)
+    assert report.parity["passed"] is True and report.parity["base"]["out_type"] == "f32"
+    assert report.parity["base"]["made"].startswith("F32, converted from the source")
+
+
 def test_nonfinite_lora_merge_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

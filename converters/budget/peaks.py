@@ -37,7 +37,7 @@ MIB, GIB = 1 << 20, 1 << 30
 #: JSON); bump when a term or a factor changes.
 METHOD = "convert-budget/1"
 DTYPE_BYTES = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2}
-OUT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # float GGUF types; quantized ones go through an F16/BF16 intermediate
+OUT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # float GGUF types; quantized ones go through an F16/BF16 intermediate (F32 past F16)
 #: Bits per weight of each GGUF type as llama.cpp's mixes write them (Q4_K_M keeps some tensors at Q6_K).
 GGUF_BPW = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_k_m": 5.0, "q5_k_m": 5.75, "auto": 8.5}
 #: Share of the blocks' weights in Q4_0 / Q4_K (4.5 bpw), which get a repacked copy on CPU (planner.REPACKED_TYPES):
@@ -224,7 +224,10 @@ def estimate_gguf(dims: Dims, *, out_type: str, parity: bool = True, imatrix: bo
     quantized = out_type not in OUT_BYTES
     float_bytes = 2 if quantized else OUT_BYTES[out_type]
     same = (quantized and source_dtype == "BF16") or out_type == source_dtype.lower()  # no cast copy
-    cast = dims.largest * ((0 if same else float_bytes) + (4 if lora_bytes else 0))
+    copy = 0 if same else float_bytes
+    if quantized and source_dtype == "F64":  # an F16 intermediate a weight overflows is written again as F32
+        copy = 4                             # (pipeline._write_intermediate): an F64 source's copy is then wider
+    cast = dims.largest * (copy + (4 if lora_bytes else 0))
     steps = [Step("write", (Term("largest tensor's cast copy", cast),  # safetensors hands out mapped tensors
                             Term("largest tensor, mapped", dims.largest * src, mapped=True)))]
     if imatrix:

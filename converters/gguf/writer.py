@@ -187,16 +187,26 @@ def first_nonfinite(data: np.ndarray, ggml_type) -> int | None:
     return None
 
 
+class BeyondRange(CheckpointError):
+    """A finite weight (or LoRA merge) that the file's float type cannot hold: ``tensor``, the HF name. A quantized
+    conversion writes its intermediate again in F32 (``pipeline``); a float output is refused."""
+
+    def __init__(self, problem: str, fix: str, tensor: str):
+        super().__init__(problem, fix)
+        self.tensor = tensor
+
+
 def _refuse_nonfinite(hf_name: str, out_type_name: str, source, merged: bool) -> CheckpointError:
     import torch
 
     src = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.asarray(source))
     if bool(torch.isfinite(src).all()):  # only on the failure path: finite source, overflow in the cast
         limit = {"F16": torch.float16, "BF16": torch.bfloat16}.get(out_type_name, torch.float32)
-        return CheckpointError(
+        return BeyondRange(
             f"Tensor '{hf_name}' has values beyond {out_type_name}'s range (|x| > {float(torch.finfo(limit).max):g}), "
             "which would become infinity.",
             "convert to bf16 or f32 (--quant bf16 / --quant f32), whose range holds these weights",
+            hf_name,
         )
     where = "after merging the LoRA adapter" if merged else "in the checkpoint"
     return CheckpointError(
