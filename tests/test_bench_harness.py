@@ -303,8 +303,17 @@ def test_report_and_plots_render(tmp_path):
     assert "Q4_K_M peak RSS <= 35 % of F16's | 34.8 % | yes" in md
 
 
+def _key(name: str) -> dict:
+    """A stand-in accuracy key (``runner.accuracy_keys``) of the artifact behind configuration ``name``."""
+    return {"model_sha256": f"sha-of-{name}", "profile": "x86-avx2"}
+
+
 def _write_records(raw: Path, name: str, rows: list[tuple[str, str, str]]) -> None:
-    lines = [json.dumps({"meta": {"version": 3}})] + [
+    from edgemed.benchmarks.harness.accuracy import RECORDS_VERSION
+
+    meta = {"version": RECORDS_VERSION, "artifact": {"name": f"{name}.gguf", "sha256": _key(name)["model_sha256"]},
+            "key": _key(name)}
+    lines = [json.dumps({"meta": meta})] + [
         json.dumps({"id": f"{ds}:{k}", "dataset": ds, "gold": g, "logit_pred": p, "gen_pred": None, "parsed_ok": None})
         for k, (ds, g, p) in enumerate(rows)]
     (raw / f"{name}-accuracy.records.jsonl").write_text("\n".join(lines) + "\n{\"id\": \"cut")  # + a killed line
@@ -322,7 +331,7 @@ def test_paired_accuracy_per_set_and_pooled(tmp_path):
     _write_records(raw, "f16", list(zip(sets, gold, ref)))
     _write_records(raw, "q4_k_m", list(zip(sets, gold, new)))
     entries = [{"name": "f16", "accuracy": {"n": 40}}, {"name": "q4_k_m"}, {"name": "q4_0"}]
-    scores.in_progress(tmp_path, entries)
+    scores.in_progress(tmp_path, entries, {e["name"]: _key(e["name"]) for e in entries})
     scores.add_paired(tmp_path, entries)
     acc = entries[1]["accuracy"]
     assert acc["partial"] and acc["n"] == 40 and acc["acc_logit"] == sum(n == g for g, n in zip(gold, new)) / 40
@@ -344,7 +353,7 @@ def test_paired_accuracy_per_set_and_pooled(tmp_path):
     # the items of the current draw only: records of a larger earlier draw do not enter the figures
     again = [{"name": "f16", "accuracy": {"n": 20}}, {"name": "q4_k_m"}]
     keep = {f"medmcqa:{k}" for k in range(20)}
-    scores.in_progress(tmp_path, again, keep)
+    scores.in_progress(tmp_path, again, {"q4_k_m": _key("q4_k_m")}, keep)
     scores.add_paired(tmp_path, again, keep)
     assert again[1]["accuracy"]["n"] == 20 and set(again[1]["accuracy"]["per_dataset"]) == {"medmcqa"}
     assert again[1]["accuracy"]["paired_vs_reference"]["lost"] == 10
@@ -362,7 +371,7 @@ def test_imatrix_on_off_is_paired_against_the_plain_type(tmp_path):
     for name, preds in (("f16", gold), ("q4_k_m", plain), ("q4_k_m-imatrix", calibrated)):
         _write_records(raw, name, list(zip(sets, gold, preds)))
     entries = [{"name": "f16"}, {"name": "q4_k_m"}, {"name": "q4_k_m-imatrix"}]
-    scores.in_progress(tmp_path, entries)
+    scores.in_progress(tmp_path, entries, {e["name"]: _key(e["name"]) for e in entries})
     scores.add_paired(tmp_path, entries)
     on = entries[2]["accuracy"]["paired_vs_plain"]
     m = [calibrated[i] == gold[i] for i in range(40)]

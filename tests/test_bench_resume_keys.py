@@ -75,7 +75,8 @@ def test_phases_left_out_keep_their_results_and_the_report_says_where_each_comes
     acc, = runner.plan_tasks(out, [config], ["accuracy"], measured_with)
     _file(acc.raw, json.dumps(_raw(acc, measured_with)).encode())
     records = out / "raw" / "q4_k_m-accuracy.records.jsonl"
-    records.write_text("\n".join(json.dumps(r) for r in [{"meta": {}}] + [
+    meta = {"version": accuracy.RECORDS_VERSION, "artifact": {"sha256": acc.key["model_sha256"]}, "key": beyond_settings(acc.key)}
+    records.write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + [
         {"id": f"medmcqa:{k}", "dataset": "medmcqa", "gold": "A", "logit_pred": "A" if k % 2 else "B", "gen_pred": None,
          "parsed_ok": None} for k in range(4)]) + "\n")
 

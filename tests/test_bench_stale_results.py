@@ -118,3 +118,47 @@ def test_the_accuracy_goal_is_not_met_on_the_same_items_when_no_item_was_paired(
     assert "--seed" in row[2] and "yes" not in row[2]
     results["configs"][0]["accuracy"] = None  # F16 not scored: no accuracy goal at all
     assert not [r for r in check_goals(results) if r[0].startswith("Q4_K_M accuracy")]
+
+
+QA = [{"realidx": i, "question": q, "options": dict(zip("ABCD", opts)), "answer_idx": a} for i, (q, opts, a) in enumerate([
+    ("Which drug is first-line for anaphylaxis?", ["Adrenaline", "Aspirin", "Insulin", "Warfarin"], "A"),
+    ("Which organ makes insulin?", ["Liver", "Pancreas", "Kidney", "Lung"], "B"),
+    ("Normal adult resting heart rate?", ["20 bpm", "200 bpm", "60-100 bpm", "5 bpm"], "C")])]
+
+
+def test_a_partial_accuracy_comes_only_from_this_artifacts_records_of_this_draw(tmp_path, monkeypatch):
+    """Another file benchmarked under the same configuration name left its records: a timing-only run reported them
+    as this file's partial accuracy; records asked another way (PubMedQA with its abstract) were reported likewise."""
+    from edgemed.benchmarks.harness import report
+    from edgemed.benchmarks.harness.accuracy import RECORDS_VERSION, item_digest
+    from edgemed.benchmarks.harness.datasets import load_eval_set
+
+    out = tmp_path / "bench"
+    (out / "raw").mkdir(parents=True)
+    config = Config("m", "gguf", str(_file(tmp_path / "m.gguf", b"GGUF" + b"\1" * 60)))
+    qa = _file(tmp_path / "mcq.jsonl", "".join(json.dumps(row) + "\n" for row in QA).encode())
+    drawing = Settings(profile="x86-avx2", threads=1, evals=(str(qa),), eval_n=3)
+    items = load_eval_set(drawing.evals, drawing.eval_counts, drawing.seed, context=drawing.eval_context)
+    monkeypatch.setattr(report, "render", lambda *a, **k: None)
+
+    def write(sha: str, key: dict, asked=lambda item: item_digest(item)) -> None:
+        meta = {"version": RECORDS_VERSION, "artifact": {"name": "m.gguf", "bytes": 64, "sha256": sha}, "key": key}
+        rows = [{"id": it.id, "dataset": it.dataset, "gold": it.answer, "logit_pred": it.answer, "item_sha": asked(it)}
+                for it in items]
+        (out / "raw" / "m-accuracy.records.jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}, *rows]))
+
+    def partial(settings: Settings) -> dict | None:
+        return report.build(out, [config], settings, [], {}, {}, [], measured=set())["configs"][0]["accuracy"]
+
+    timing_only = Settings(profile="x86-avx2", threads=1)
+    write("0" * 64, {"model_sha256": "0" * 64})  # another m.gguf's records
+    assert partial(timing_only) is None and partial(drawing) is None
+    key = runner.accuracy_keys([config], drawing)["m"]
+    assert key["model_sha256"] != "0" * 64 and "settings_sha256" not in key
+    write(key["model_sha256"], {**key, "profile": "jetson-orin-nano-8gb"})  # this file, under another profile
+    assert partial(timing_only) is None
+    write(key["model_sha256"], key)  # its own: shown, marked partial
+    assert partial(timing_only)["n"] == 3 and partial(drawing)["partial"] is True
+    write(key["model_sha256"], key, asked=lambda it: item_digest(it) if it.id == items[0].id else "asked-otherwise")
+    assert partial(drawing)["n"] == 1  # only the item asked as this draw asks it
+    assert partial(timing_only)["n"] == 3  # no draw this run: the records' own items

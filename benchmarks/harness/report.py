@@ -148,8 +148,10 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     if scored and not settings.evals:
         keep = None  # this run draws no items: the records count as the run that measured them drew them
     else:
-        keep = scores.current_ids(settings)  # the items of this draw (a records file may hold a larger earlier one)
-    scores.in_progress(out, entries, keep)
+        keep = scores.current_draw(settings)  # the items of this draw (a records file may hold a larger earlier one)
+    from edgemed.benchmarks.harness.runner import accuracy_keys
+
+    scores.in_progress(out, entries, accuracy_keys(configs, settings), keep)  # a phase still going: its own records
     scores.add_paired(out, entries, keep)
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -47,13 +47,13 @@ POOLED = "pooled"
 
 
 # -- records ----------------------------------------------------------------------------------
-def read_records(out: Path, name: str, keep: set | None = None) -> dict[str, dict]:
+def read_records(out: Path, name: str, keep: dict | set | None = None) -> dict[str, dict]:
     """id -> record of a configuration's accuracy records (``read_file``), restricted to the ids in ``keep`` when
     given (the items of the current draw)."""
     return read_file(out / "raw" / f"{name}-accuracy.records.jsonl", keep)
 
 
-def read_file(path: Path, keep: set | None = None) -> dict[str, dict]:
+def read_file(path: Path, keep: dict | set | None = None) -> dict[str, dict]:
     """id -> record of an accuracy records file, read only: the last line of an id wins (a record redone after its
     item changed, a resumed run), a line cut by a kill is skipped; restricted to the ids in ``keep`` when given."""
     found = {}
@@ -70,28 +70,48 @@ def read_file(path: Path, keep: set | None = None) -> dict[str, dict]:
     return found
 
 
-def current_ids(settings) -> set | None:
-    """Ids of the items the settings draw, or None when the data files cannot be read here (then every record
-    counts: a report rebuilt on another machine)."""
+def current_draw(settings) -> dict[str, str] | None:
+    """id -> ``item_sha`` (``accuracy.item_digest``: what the model is shown, and the gold) of the items the settings
+    draw, or None when they draw none or the data files cannot be read here (then every record counts: a report
+    rebuilt on another machine). As ``keep``, it restricts records to these ids."""
+    from edgemed.benchmarks.harness.accuracy import item_digest
     from edgemed.benchmarks.harness.datasets import load_eval_set
     from edgemed.errors import InputError
 
     if not getattr(settings, "evals", None):
         return None
     try:
-        return {it.id for it in load_eval_set(settings.evals, settings.eval_counts, settings.seed,
-                                              context=settings.eval_context)}
+        return {it.id: item_digest(it) for it in load_eval_set(settings.evals, settings.eval_counts, settings.seed,
+                                                               context=settings.eval_context)}
     except (InputError, OSError):
         return None
 
 
-def in_progress(out: Path, entries: list[dict], keep: set | None = None) -> None:
+def own_records(path: Path, key: dict, draw: dict | set | None = None) -> list[dict]:
+    """The records at ``path`` that are a configuration's own: none unless the meta line names its artifact (sha256)
+    and ``key`` (``runner.accuracy_keys``) under this scoring version, and of those the items of ``draw`` (a dict:
+    the same ids asked the same way, ``item_sha``; a set: the same ids; None: every one)."""
+    from edgemed.benchmarks.harness.accuracy import RECORDS_VERSION, records_meta
+
+    meta = records_meta(path) or {}
+    if meta.get("version") != RECORDS_VERSION or meta.get("key") != key or \
+            (meta.get("artifact") or {}).get("sha256") != key.get("model_sha256"):
+        return []
+    found = read_file(path, draw).values()
+    return [r for r in found if not isinstance(draw, dict) or r.get("item_sha") == draw[r["id"]]]
+
+
+def in_progress(out: Path, entries: list[dict], keys: dict[str, dict], keep: dict | set | None = None) -> None:
     """An accuracy phase that has not finished (a run still going, or stopped) is reported from its records so
-    far, marked partial; the paired comparison then covers exactly the items both have."""
+    far, marked partial; the paired comparison then covers exactly the items both have. Only a configuration's own
+    records count (``own_records``: ``keys`` holds each one's, ``keep`` the current draw): another artifact's left
+    under its name, or items asked another way, are not its accuracy."""
     from edgemed.benchmarks.harness.accuracy import per_dataset, summarize
 
     for e in entries:
-        recs = list(read_records(out, e["name"], keep).values()) if not e.get("accuracy") else []
+        if e.get("accuracy") or e["name"] not in keys:
+            continue
+        recs = own_records(out / "raw" / f"{e['name']}-accuracy.records.jsonl", keys[e["name"]], keep)
         if recs:
             e["accuracy"] = {**summarize(recs), "partial": True, "per_dataset": per_dataset(recs)}
 
@@ -139,7 +159,7 @@ def plain_of(name: str) -> str | None:
     return name.removesuffix(IMATRIX_SUFFIX) if name.endswith(IMATRIX_SUFFIX) else None
 
 
-def add_paired(out: Path, entries: list[dict], keep: set | None = None) -> None:
+def add_paired(out: Path, entries: list[dict], keep: dict | set | None = None) -> None:
     """Each scored configuration's accuracy gets ``paired_vs_reference``, pooled and in every ``per_dataset``; a
     ``<quant>-imatrix`` one also ``paired_vs_plain`` against ``<quant>``."""
     by_name = {e["name"]: e for e in entries if e.get("accuracy")}
