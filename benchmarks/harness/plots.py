@@ -56,6 +56,14 @@ def memory_bars(results: dict):
     return fig
 
 
+def _latency_title(results: dict) -> str:
+    """What the timings measured, from their own settings (a results.json from before they were kept: the run's)."""
+    n = results["timing_settings"] if "timing_settings" in results else results["settings"]
+    if n is None:  # timings kept from runs with other settings
+        return "Single-stream latency, p50: new tokens and runs differ per configuration (report.md)"
+    return f"Single-stream latency: {n['max_tokens']} new tokens, p50 of {n['runs']} runs"
+
+
 def latency_bars(results: dict):
     es = _timed(results)
     if not es:
@@ -73,11 +81,10 @@ def latency_bars(results: dict):
     bars = ax.bar(x, e2e - ttft, 0.6, bottom=ttft, label="decode (e2e p50 − TTFT p50)", color="#e6550d",
                   yerr=[lo, hi], capsize=4, error_kw={"label": "e2e min – p99"})
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in e2e], fontsize=8, padding=2)
-    n = results["settings"]
     ax.set_xticks(x, [e["name"] for e in es], rotation=20, ha="right")
     ax.set_ylabel("end-to-end latency (s)")
     ax.set_xlabel("configuration")
-    ax.set_title(f"Single-stream latency: {n['max_tokens']} new tokens, p50 of {n['runs']} runs")
+    ax.set_title(_latency_title(results))
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return fig

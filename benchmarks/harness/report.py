@@ -22,13 +22,21 @@ from edgemed import __version__
 from edgemed.files.atomic import write_text
 from edgemed.benchmarks.harness.configs import PAPER, PHASES, REFERENCE, Config, Settings, asked_as, public_settings
 from edgemed.benchmarks.harness import scores
-from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token
+from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token, timing_threads
 from edgemed.benchmarks.harness.stats import reduction
 
 SCHEMA = "edgemed.bench/1"
 MIB = 1 << 20
 #: The files ``render`` writes at the top of the report folder (plots: ``plots.files``).
 FILES = ("results.json", "results.csv", "report.md")
+
+#: What a timing result was measured with, as the report describes it (from its own raw file: a timing kept from an
+#: earlier run has its own), and the words for each: the timing phase's settings (``configs.PHASE_SETTINGS``) and
+#: the device profile. Two timings are compared (reductions) only where all of these and their key's profile settings,
+#: methods and, for one runtime, its build agree (``_not_alike``).
+TIMING_SHOWN = {"runs": "timed runs", "warmup": "warm-up runs", "max_tokens": "new tokens", "threads": "threads",
+                "n_ctx": "n_ctx", "seed": "seed", "scenario": "scenario", "prompts_sha256": "prompts",
+                "n_prompts": "number of prompts", "prompts_source": "prompts' source", "profile": "profile"}
 
 DEFINITIONS = """\
 - **Request**: the chat-rendered prompt's token ids handed to the runtime (tokenization excluded, the same text
@@ -70,6 +78,14 @@ def _day(stamp) -> str | None:
     return time.strftime("%Y-%m-%d", time.gmtime(stamp)) if isinstance(stamp, (int, float)) else None
 
 
+def _timing_settings(raw: dict) -> dict | None:
+    """The settings a timing raw result was measured with (``TIMING_SHOWN``), in their public form."""
+    if not isinstance(raw.get("settings"), dict):
+        return None
+    s = public_settings(raw["settings"])
+    return {**{k: s.get(k) for k in TIMING_SHOWN if k != "profile"}, "profile": (raw.get("key") or {}).get("profile")}
+
+
 def _entry(config: Config, raws: dict[str, dict], measured: set[str]) -> dict:
     e = {"name": config.name, "kind": config.kind, "runtime": config.spec.runtime, "path": config.path,
          "dtype": config.dtype or None, "keys": {ph: r["key"] for ph, r in raws.items()},
@@ -87,6 +103,7 @@ def _entry(config: Config, raws: dict[str, dict], measured: set[str]) -> dict:
             "n_params": w["n_params"], "weight_bytes": w["weight_bytes"], "bytes_per_token": bpt, "kv_cache_type": kv_type,
             "prompt_tokens": t["prompt_tokens"], "new_tokens": t["runs"][0]["new_tokens"], "n_runs": len(t["runs"]),
             "n_warmup": len(t["warmup_runs"]), "runtime_settings": t["runtime_settings"], **t["summary"],
+            "timing_settings": _timing_settings(raws["timing"]),
         })
     e["accuracy"] = _get(raws, "accuracy", "result")
     e["divergence"] = _get(raws, "divergence", "result")
@@ -97,24 +114,57 @@ def _p50(e: dict, metric: str):
     return _get(e, metric, "p50")
 
 
-def _derive(entries: list[dict], bw: dict | None) -> dict:
-    """Bits per weight, roofline (``bw``: bandwidth.json, either layout) and reductions vs each baseline present."""
+def _not_alike(e: dict, base: dict) -> str | None:
+    """What makes two timing results incomparable, as the report says it ("threads 2 vs 1"), or None when they were
+    timed alike: the same ``TIMING_SHOWN`` settings, profile settings, methods and, for one runtime, its build. A
+    result without its settings recorded (a results.json from before they were) is taken as timed alike."""
+    mine, theirs = e.get("timing_settings"), base.get("timing_settings")
+    why = [f"{label} {mine.get(k)} vs {theirs.get(k)}" if k != "prompts_sha256" else "other prompts"
+           for k, label in TIMING_SHOWN.items() if mine and theirs and mine.get(k) != theirs.get(k)
+           and k not in ("n_prompts", "prompts_source")]  # other prompts say it
+    ka, kb = _get(e, "keys", "timing") or {}, _get(base, "keys", "timing") or {}
+    if ka and kb:
+        if ka.get("profile_sha256") != kb.get("profile_sha256") and not any(w.startswith("profile") for w in why):
+            why.append("the device profile's settings")
+        if ka.get("methods_version") != kb.get("methods_version"):
+            why.append(f"methods version {ka.get('methods_version')} vs {kb.get('methods_version')}")
+        if e["kind"] == base["kind"] and ka.get("runtime") != kb.get("runtime"):
+            why.append(f"another {e['runtime']} build")
+        if ka.get("settings_sha256") != kb.get("settings_sha256") and not why:
+            why.append("the timing settings")
+    return ", ".join(why) or None
+
+
+def _derive(entries: list[dict], bw: dict | None, others: list[dict] = ()) -> dict:
+    """Bits per weight, roofline and reductions vs each baseline present.
+
+    The roofline of each timing is against the read bandwidth at its own threads (``bw``: bandwidth.json, either
+    layout, at the run's; ``others``: at other thread counts, for timings kept from earlier runs), none where the
+    folder has no figure at that count. A reduction is computed only between timings measured alike
+    (``_not_alike``); otherwise it holds ``not_compared``, the settings that differ, and no figures."""
     by = {e["name"]: e for e in entries}
     baselines = [b for b in [REFERENCE, "hf-fp32", "hf-bf16", "hf-fp16"] if b in by and "peak_rss_bytes" in by[b]]
+    ceilings = {x.get("threads"): x for x in others if x}
     for e in entries:
         if "weight_bytes" in e:
             e["bits_per_weight"] = 8 * e["weight_bytes"] / e["n_params"] if e["n_params"] else None
-        e["roofline"] = rooflines(_p50(e, "decode_tok_s"), e.get("bytes_per_token"), bw)
+        threads = timing_threads(e.get("runtime_settings"), e.get("timing_settings"))
+        own = bw if threads is None or (bw or {}).get("threads") in (None, threads) else ceilings.get(threads)
+        e["roofline"] = {**rooflines(_p50(e, "decode_tok_s"), e.get("bytes_per_token"), own), "threads": threads}
         e["reductions"] = {}
         for b in baselines:
             base = by[b]
             if b == e["name"] or "peak_rss_bytes" not in e:
                 continue
+            red = {"model_bytes": reduction(e["model_bytes"], base["model_bytes"])}  # the files: no timing in it
+            why = _not_alike(e, base)
+            if why:
+                e["reductions"][b] = {"memory": None, "latency": None, **red, "decode_speedup": None, "not_compared": why}
+                continue
             speed = _p50(e, "decode_tok_s"), _p50(base, "decode_tok_s")
             e["reductions"][b] = {
                 "memory": reduction(e["peak_rss_bytes"], base["peak_rss_bytes"]),
-                "latency": reduction(_p50(e, "e2e_s"), _p50(base, "e2e_s")),
-                "model_bytes": reduction(e["model_bytes"], base["model_bytes"]),
+                "latency": reduction(_p50(e, "e2e_s"), _p50(base, "e2e_s")), **red,
                 "decode_speedup": speed[0] / speed[1] if all(speed) else None,
             }
     return {"same_runtime": REFERENCE if REFERENCE in baselines else None,
@@ -122,20 +172,25 @@ def _derive(entries: list[dict], bw: dict | None) -> dict:
 
 
 def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict], machine: dict, bw: dict,
-          failed: list[dict], *, replace: bool = False, measured: set[str] = frozenset()) -> dict:
+          failed: list[dict], *, replace: bool = False, measured: set[str] = frozenset(),
+          other_bandwidths: list[dict] = ()) -> dict:
     """Assemble results.json from the raw files and render everything beside it (``replace``: see ``render``).
 
     ``measured``: the ``<config>-<phase>`` results this run measured; every other one was kept from an earlier run,
-    and report.md says so with its date. Accuracy results kept from a run with other settings (``--phases`` left the
-    accuracy out of this one) are described by the settings they were measured with (``eval_settings``); accuracy results measured with
-    different settings from one another are flagged, each with its own (``eval_settings_differ``, None when they
-    agree but for the size of their draw, ``configs.asked_as``), and paired only on items asked the same way
-    (``scores.compare``)."""
+    and report.md says so with its date. Results kept from a run with other settings (``--phases`` left their phase
+    out of this one) are described by the settings they were measured with: timings by ``timing_settings`` when they
+    all agree, else each by its own (``timing_settings_differ``), and compared only where alike (``_derive``, whose
+    roofline takes ``other_bandwidths`` for timings of other thread counts); accuracy by ``eval_settings``. Accuracy
+    results measured with different settings from one another are flagged, each with its own
+    (``eval_settings_differ``, None when they agree but for the size of their draw, ``configs.asked_as``), and paired
+    only on items asked the same way (``scores.compare``)."""
     per: dict[str, dict[str, dict]] = {}
     for raw in raws:
         per.setdefault(raw["config"]["name"], {})[raw["phase"]] = raw
     entries = [_entry(c, per.get(c.name, {}), measured) for c in configs]
-    baselines = _derive(entries, bw)
+    baselines = _derive(entries, bw, list(other_bandwidths))
+    timing = {e["name"]: e["timing_settings"] for e in entries if e.get("timing_settings")}
+    alike = {json.dumps(t, sort_keys=True) for t in timing.values()}
     kept = [r for r in raws if r["phase"] == "accuracy" and isinstance(r.get("settings"), dict)]
     scored = [r["settings"] for r in kept]
     # accuracy results measured with different settings (kept from earlier runs: another seed or set, PubMedQA with
@@ -144,7 +199,7 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     asked = {json.dumps(asked_as(r["settings"]), sort_keys=True) for r in kept}
     differ = {r["config"]["name"]: public_settings(r["settings"]) for r in kept} if len(asked) > 1 else None
     # an accuracy result's own settings; one an earlier edgemed measured holds the prompts' text: public form only
-    eval_settings = public_settings(scored[0]) if scored and not settings.evals else settings.to_dict()
+    eval_settings = public_settings(scored[0]) if scored else settings.to_dict()
     if scored and not settings.evals:
         keep = None  # this run draws no items: the records count as the run that measured them drew them
     else:
@@ -156,7 +211,10 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "scenario": settings.scenario, "profile": settings.profile, "settings": settings.to_dict(),
-        "eval_settings": eval_settings, "eval_settings_differ": differ, "machine": machine, "bandwidth": bw, "baselines": baselines, "paper": PAPER,
+        "timing_settings": next(iter(timing.values())) if len(alike) == 1 else None,
+        "timing_settings_differ": timing if len(alike) > 1 else None,
+        "eval_settings": eval_settings, "eval_settings_differ": differ, "machine": machine, "bandwidth": bw,
+        "other_bandwidths": list(other_bandwidths), "baselines": baselines, "paper": PAPER,
         "configs": entries, "failed": failed,
     }
     render(out, results, replace=replace)
@@ -227,31 +285,56 @@ def _pct(v):
     return "—" if v is None else f"{v * 100:+.1f} %"
 
 
+def _reduction_cell(red: dict | None, what: str) -> str:
+    """A reduction (``_derive``), or "not shown" between timings measured with other settings."""
+    return "not shown" if red and red.get("not_compared") else _pct((red or {}).get(what))
+
+
 def _roof(v):
     """A roofline fraction; one above 100 % is marked: the decode cannot beat the memory it reads."""
     return _pct(v).lstrip("+") + (" ⚠" if v is not None and v > 1 else "")
 
 
-def _roofline_section(results: dict, timed: list[dict]) -> list[str]:
-    figures = bandwidths(results.get("bandwidth"))
+def _bandwidth_lines(bw: dict | None) -> list[str]:
+    figures = bandwidths(bw)
     read, copy = figures["read"] or {}, figures["copy"] or {}
-    parts = ["## Roofline\n"]
+    lines = []
     if read.get("bytes_per_s"):
-        parts.append(f"Read bandwidth {read['bytes_per_s'] / 1e9:.1f} GB/s ({read['threads']} threads, "
+        lines.append(f"Read bandwidth {read['bytes_per_s'] / 1e9:.1f} GB/s ({read['threads']} threads, "
                      f"{read['buffer_bytes'] / MIB:.0f} MiB buffer, best of {read['repeats']}, bytes read counted once) "
                      "— the ceiling.")
     else:
-        parts.append("Read bandwidth not measured (a folder from before the read ceiling): no roofline fraction.")
+        lines.append("Read bandwidth not measured (a folder from before the read ceiling): no roofline fraction.")
     if copy.get("bytes_per_s"):
-        parts.append(f"Stream-copy bandwidth {copy['bytes_per_s'] / 1e9:.1f} GB/s ({copy['threads']} threads, "
+        lines.append(f"Stream-copy bandwidth {copy['bytes_per_s'] / 1e9:.1f} GB/s ({copy['threads']} threads, "
                      f"{copy['buffer_bytes'] / MIB:.0f} MiB buffer, best of {copy['repeats']}, read + write counted), "
                      "for comparison with older reports.")
-    parts.append("")
-    parts += [_table(["config", "MB read / token", "KV cache", "ceiling tok/s", "decode tok/s", "fraction", "vs copy bandwidth"],
-                     [[e["name"], _f(e["bytes_per_token"] / 1e6), e.get("kv_cache_type") or "—",
-                       _f(_get(e, "roofline", "ceiling_tok_s")), _f(_p50(e, "decode_tok_s"), "{:.2f}"),
-                       _roof(_get(e, "roofline", "fraction")), _pct(_get(e, "roofline", "copy", "fraction")).lstrip("+")]
-                      for e in timed]), ""]
+    return lines
+
+
+def _roofline_section(results: dict, timed: list[dict]) -> list[str]:
+    others = results.get("other_bandwidths") or []
+    parts = ["## Roofline\n"]
+    if others:
+        parts.append(f"At {(results.get('bandwidth') or {}).get('threads')} threads, this run's:")
+    parts += _bandwidth_lines(results.get("bandwidth"))
+    for bw in others:  # timings kept from runs with other threads: each against the ceiling its own threads reach
+        parts += [f"At {bw.get('threads')} threads, for the timings decoded with them:", *_bandwidth_lines(bw)]
+    header = ["config", "MB read / token", "KV cache", "ceiling tok/s", "decode tok/s", "fraction", "vs copy bandwidth"]
+    rows = [[e["name"], _f(e["bytes_per_token"] / 1e6), e.get("kv_cache_type") or "—",
+             _f(_get(e, "roofline", "ceiling_tok_s")), _f(_p50(e, "decode_tok_s"), "{:.2f}"),
+             _roof(_get(e, "roofline", "fraction")), _pct(_get(e, "roofline", "copy", "fraction")).lstrip("+")]
+            for e in timed]
+    if others:
+        header.insert(1, "threads")
+        for row, e in zip(rows, timed):
+            row.insert(1, _get(e, "roofline", "threads") or "—")
+    parts += ["", _table(header, rows), ""]
+    measured = {(bw or {}).get("threads") for bw in [results.get("bandwidth"), *others]}
+    missing = [f"{e['name']} ({t} threads)" for e in timed if (t := _get(e, "roofline", "threads")) not in (None, *measured)]
+    if missing:
+        parts += [f"No read bandwidth was measured in this folder at the thread count {', '.join(missing)} decoded "
+                  "with: no ceiling for it (a run into this folder measures it).\n"]
     over = [e["name"] for e in timed if (_get(e, "roofline", "fraction") or 0) > 1]
     if over:
         parts += [f"⚠ Inconsistent measurement: {', '.join(over)} decoded faster than the read bandwidth allows for "
@@ -290,6 +373,29 @@ def _prompts_line(s: dict) -> str:
     return f"{n} prompt(s)" + (" (built-in)" if s.get("prompts_source") == "built-in" else "")
 
 
+def _timing_line(results: dict) -> str:
+    """The header's sentence on how the timings were measured: by their own settings (``timing_settings``; a
+    results.json from before it: the run's), none when they differ (``_timing_differ`` lists each) or nothing was timed."""
+    s = results["timing_settings"] if "timing_settings" in results else results["settings"]
+    if s is None:
+        return ("Timing settings differ between configurations (each one's: *Latency, throughput, memory*). "
+                if results.get("timing_settings_differ") else "")
+    return (f"{s['runs']} timed runs after {s['warmup']} warm-up per configuration, {s['max_tokens']} new tokens, "
+            f"{s['threads']} threads, n_ctx {s['n_ctx']}, seed {s['seed']}, {_prompts_line(s)}. ")
+
+
+def _timing_differ(results: dict) -> list[str]:
+    """Each configuration's timing settings, where they differ (timings kept from earlier runs with others)."""
+    differ = results.get("timing_settings_differ")
+    if not differ:
+        return []
+    rows = [[name, s["runs"], s["warmup"], s["max_tokens"], s["threads"], s["n_ctx"], s["seed"], _prompts_line(s),
+             s.get("profile") or "—"] for name, s in differ.items()]
+    return ["**The timings were measured with different settings** (kept from earlier runs); each configuration's:\n",
+            _table(["config", "timed runs", "warm-up", "new tokens", "threads", "n_ctx", "seed", "prompts", "profile"],
+                   rows), ""]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -299,16 +405,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def to_markdown(results: dict, plot_files: list[Path]) -> str:
     from edgemed.benchmarks.harness.goals import check_goals
 
-    s, m, entries = results["settings"], results["machine"], results["configs"]
+    m, entries = results["machine"], results["configs"]
     timed = [e for e in entries if "e2e_s" in e]
     parts = [f"# edgemed bench — {results['scenario']}\n",
              f"edgemed {results['edgemed_version']}, profile `{results['profile']}`, {results['created']}. "
-             f"{s['runs']} timed runs after {s['warmup']} warm-up per configuration, {s['max_tokens']} new tokens, "
-             f"{s['threads']} threads, n_ctx {s['n_ctx']}, seed {s['seed']}, {_prompts_line(s)}. "
-             f"Machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} logical cores, "
-             f"{m['memory_bytes'] / 2**30:.1f} GiB, {m['os']} (`machine.json`).\n",
+             f"{_timing_line(results)}Machine: {m['cpu']}, {m['physical_cores']} physical / {m['logical_cores']} "
+             f"logical cores, {m['memory_bytes'] / 2**30:.1f} GiB, {m['os']} (`machine.json`).\n",
              "## Definitions\n", DEFINITIONS,
-             "## Latency, throughput, memory\n",
+             "## Latency, throughput, memory\n", *_timing_differ(results),
              _table(["config", "runtime", "size MiB", "bits/weight", "peak RSS MiB", "load s", "TTFT p50 ms",
                      "TPOT p50 ms", "prefill tok/s", "decode tok/s (± sd)", "e2e p50 / p90 / p99 s", "roofline (read)"],
                     [[e["name"], e["runtime"], _f(_mb(e["model_bytes"])), _f(e.get("bits_per_weight"), "{:.2f}"),
@@ -330,12 +434,16 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
     names = ([base["same_runtime"]] if base["same_runtime"] else []) + base["torch"]
     if names:
         header = ["config"] + [f"{w} vs {b}" for b in names for w in ("memory", "latency")] + ["paper (memory / latency)"]
-        rows = [[e["name"]] + [_pct(_get(e, "reductions", b, w)) for b in names for w in ("memory", "latency")]
+        rows = [[e["name"]] + [_reduction_cell(_get(e, "reductions", b), w) for b in names for w in ("memory", "latency")]
                 + [f"{PAPER['memory_reduction'] * 100:.1f} % / {PAPER['latency_reduction'] * 100:.1f} %"]
                 for e in timed if e["reductions"]]
+        apart = [f"- `{e['name']}` vs `{b}`: not shown, timed with other settings ({red['not_compared']}). Time both "
+                 "alike: run again with `--phases timing` and the same settings for every configuration."
+                 for e in timed for b, red in e["reductions"].items() if red.get("not_compared")]
         parts += ["## Reductions against named baselines\n",
-                  "Memory = peak RSS, latency = e2e p50; 1 - config / baseline. The paper's figures (4-bit vs its "
-                  "unquantized baseline, its own undefined latency) are shown for comparison.\n", _table(header, rows), ""]
+                  "Memory = peak RSS, latency = e2e p50; 1 - config / baseline, only between timings measured with "
+                  "the same settings. The paper's figures (4-bit vs its unquantized baseline, its own undefined "
+                  "latency) are shown for comparison.\n", _table(header, rows), *(["", *apart] if apart else []), ""]
 
     parts += scores.markdown(results, _table)
 
@@ -357,8 +465,8 @@ def to_markdown(results: dict, plot_files: list[Path]) -> str:
 # -- python -m edgemed.benchmarks.harness.report OUT ---------------------------------------------------------------
 def rebuild(out: Path) -> dict:
     """Render ``out``'s report again from what is there, measuring nothing: the configurations and settings of its
-    results.json, machine.json, raw/bandwidth.json and every raw result in raw/ (whatever its key: each is marked as
-    from an earlier run, with its date). For a folder whose report an older edgemed wrote, or a run with fewer phases
+    results.json, machine.json, raw/bandwidth.json (and the bandwidths at other thread counts beside it) and every raw
+    result in raw/ (whatever its key: each is marked as from an earlier run, with its date). For a folder whose report an older edgemed wrote, or a run with fewer phases
     than raw/ holds. Failures of the earlier report stay listed while their result is still missing."""
     from edgemed.benchmarks.harness.child import load_raw, publish_raw
 
@@ -370,9 +478,11 @@ def rebuild(out: Path) -> dict:
     raws = [r for c in configs for ph in PHASES if (r := load_raw(out / "raw" / f"{c.name}-{ph}.json")) is not None]
     machine = json.loads((out / "machine.json").read_text(encoding="utf-8"))
     bw = json.loads((out / "raw" / "bandwidth.json").read_text(encoding="utf-8"))
+    others = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "raw").glob("bandwidth-*-threads.json"))]
     have = {f"{r['config']['name']}-{r['phase']}" for r in raws}
     failed = [f for f in old.get("failed") or [] if f.get("task") not in have]
-    return build(out, configs, settings, raws, machine, bw, failed, replace=True)
+    return build(out, configs, settings, raws, machine, bw, failed, replace=True,
+                 other_bandwidths=[x for x in others if x.get("threads") != bw.get("threads")])
 
 
 if __name__ == "__main__":

@@ -250,6 +250,14 @@ def timing_bytes_per_token(timing: dict) -> tuple[float, str | None]:
     return w["read_bytes"] + kv * pos, f"{tk}/{tv}"
 
 
+def timing_threads(runtime_settings: dict | None, settings: dict | None = None) -> int | None:
+    """The thread count a timing result decoded with: the runtime's own reading (``runtime_settings.n_threads``),
+    else the settings it was measured with; None when neither says. Its roofline is against the read bandwidth at
+    that count, which may be another run's than the report's (a timing kept from an earlier run)."""
+    threads = (runtime_settings or {}).get("n_threads") or (settings or {}).get("threads")
+    return int(threads) if threads else None
+
+
 def bandwidths(saved: dict | None) -> dict:
     """``{"read": {...} | None, "copy": {...} | None}`` from a bandwidth.json of either layout.
 

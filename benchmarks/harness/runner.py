@@ -12,7 +12,9 @@ configuration: its per-item records file is appended as it goes, and is started 
 another artifact (sha256), key or records version (``accuracy.records_resume``).
 
 A phase this run does not measure (left out of ``--phases``) keeps its earlier results in the report when they are
-of the same artifacts, runtime and profile (``earlier_results``). A ``<quant>-mmap`` configuration (the same file,
+of the same artifacts, runtime and profile (``earlier_results``), each described by the settings it was measured
+with; timings are compared with each other only where measured alike, and each has its roofline against the
+bandwidth at its own threads (``other_bandwidths``). A ``<quant>-mmap`` configuration (the same file,
 another load mode) is timed only: its twin's divergence and accuracy are of the same bytes (``twin_of``).
 
 Order: the bandwidth measurement, every timing phase (measured first, while nothing
@@ -239,14 +241,15 @@ def forget_clinic_text(out: Path, keep_replies: bool = False) -> None:
         private_replies(path, keep_replies)
 
 
-def bandwidth(out: Path, threads: int) -> dict:
-    """Read and copy bandwidth, measured once per output folder and thread count (``raw/bandwidth.json``).
+def bandwidth(out: Path, threads: int, name: str = "bandwidth.json") -> dict:
+    """Read and copy bandwidth, measured once per output folder and thread count (``raw/bandwidth.json``; ``name``:
+    another file, for another thread count than the run's, ``other_bandwidths``).
 
     ``{"threads", "read", "copy"}`` (roofline.stream_read_bandwidth / stream_copy_bandwidth). A folder from before
     the read ceiling holds the copy figure alone: it is kept (same threads) and the read one is measured beside it."""
     from edgemed.benchmarks.harness.roofline import bandwidths, stream_copy_bandwidth, stream_read_bandwidth
 
-    path = out / "raw" / "bandwidth.json"
+    path = out / "raw" / name
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         figures = bandwidths(saved if isinstance(saved, dict) else None)
@@ -260,6 +263,16 @@ def bandwidth(out: Path, threads: int) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(result, indent=1))
     return result
+
+
+def other_bandwidths(out: Path, raws: list[dict], bw: dict) -> list[dict]:
+    """The bandwidth at each thread count that a timing result decoded with and this run's (``bw``) is not: a timing
+    kept from an earlier run with other threads has its roofline against the ceiling its own threads reach
+    (``raw/bandwidth-<n>-threads.json``, measured once per folder as ``bandwidth`` is)."""
+    from edgemed.benchmarks.harness.roofline import timing_threads
+
+    counts = {timing_threads(r["result"].get("runtime_settings"), r.get("settings")) for r in raws if r["phase"] == "timing"}
+    return [bandwidth(out, n, f"bandwidth-{n}-threads.json") for n in sorted(c for c in counts if c and c != bw["threads"])]
 
 
 def report_files(out: Path) -> list[Path]:
@@ -387,6 +400,7 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
     bar.close()
     raws = [r for r in (load_raw(t.raw, t.key) for t in tasks) if r is not None]
     raws += earlier_results(out, configs, settings, tasks)  # phases left out of this run, measured before: kept
-    results = report.build(out, configs, settings, raws, mach, bw, failed, replace=replace, measured=set(redone))
+    results = report.build(out, configs, settings, raws, mach, bw, failed, replace=replace, measured=set(redone),
+                           other_bandwidths=other_bandwidths(out, raws, bw))
     results["run"] = {"measured": redone, "resumed": kept}
     return results

@@ -1,0 +1,136 @@
+"""Results a bench run keeps from earlier runs (their phase left out of ``--phases``) are described by the settings
+they were measured with, and timings measured with other settings are not compared: no reduction between them, and
+each roofline against the read bandwidth at its own decode threads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgemed.benchmarks.harness import report, runner, scores
+from edgemed.benchmarks.harness.child import RAW_SCHEMA
+from edgemed.benchmarks.harness.configs import Config, Settings
+from edgemed.benchmarks.harness.stats import summary
+
+MACHINE = {"cpu": "test cpu", "platform": "x86", "physical_cores": 2, "logical_cores": 2, "memory_bytes": 8 << 30,
+           "os": "Linux", "python": "3", "versions": {}, "llama_cpp_system_info": None}
+
+
+def _bw(threads: int, read_gb_s: float) -> dict:
+    figure = {"method": "test", "buffer_bytes": 1 << 30, "threads": threads, "repeats": 7}
+    return {"threads": threads, "read": {**figure, "bytes_per_s": read_gb_s * 1e9},
+            "copy": {**figure, "bytes_per_s": 2 * read_gb_s * 1e9}}
+
+
+@pytest.fixture()
+def configs(tmp_path):
+    made = []
+    for name, byte in (("f16", b"\1"), ("q4_k_m", b"\2")):
+        path = tmp_path / "artifacts" / f"{name}.gguf"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"GGUF" + byte * 60)
+        made.append(Config(name, "gguf", str(path)))
+    return made
+
+
+def _timed(out: Path, config: Config, configs: list[Config], settings: Settings, peak_mib: int, e2e: float) -> dict:
+    """A timing raw result as a child writes it, keyed as the runner keys it, measured with ``settings``."""
+    task, = runner.plan_tasks(out, [config], ["timing"], settings)
+    def stat(v):
+        return summary([v] * settings.runs)
+    result = {"runtime": "llama.cpp", "model_bytes": (peak_mib // 2) << 20, "load_s": 0.1,
+              "peak_rss_bytes": peak_mib << 20, "weights": {"n_params": 1000, "weight_bytes": 2000},
+              "bytes_per_token": 1e9, "runtime_settings": {"n_threads": settings.threads}, "prompt_tokens": [60],
+              "warmup_runs": [], "runs": [{"new_tokens": settings.max_tokens}] * settings.runs,
+              "summary": {"ttft_s": stat(e2e / 4), "tpot_s": stat(e2e / 80), "e2e_s": stat(e2e),
+                          "prefill_tok_s": stat(200.0), "decode_tok_s": stat(10.0 / e2e)}}
+    return {"schema": RAW_SCHEMA, "config": config.to_dict(), "phase": "timing", "key": task.key,
+            "settings": settings.to_dict(), "started": 1_764_000_000.0, "finished": 1_764_000_060.0, "pid": 1,
+            "result": result}
+
+
+def _build(out, configs, settings, raws, bw, monkeypatch, **kw) -> tuple[dict, str]:
+    monkeypatch.setattr(report, "render", lambda *a, **k: None)
+    results = report.build(out, configs, settings, raws, MACHINE, bw, [], **kw)
+    return results, report.to_markdown(results, [])
+
+
+def test_no_reduction_between_timings_measured_with_other_threads(configs, tmp_path, monkeypatch):
+    """f16 timed with 1 thread and q4_k_m re-timed with 2, both kept by a run that measures accuracy only: the
+    memory and latency reductions are not computed, and the report says why and how to time them alike."""
+    out, f16, q4 = tmp_path / "out", *configs
+    one, two = Settings(profile="x86-avx2", threads=1), Settings(profile="x86-avx2", threads=2)
+    raws = [_timed(out, f16, configs, one, 300, 2.0), _timed(out, q4, configs, two, 120, 3.0)]
+    results, md = _build(out, configs, one, raws, _bw(1, 10.0), monkeypatch)
+    red = {e["name"]: e for e in results["configs"]}["q4_k_m"]["reductions"]["f16"]
+    assert red["memory"] is None and red["latency"] is None and red["decode_speedup"] is None
+    assert red["not_compared"] == "threads 2 vs 1" and red["model_bytes"] == pytest.approx(1 - 60 / 150)
+    row = next(line for line in md.splitlines() if line.startswith("| q4_k_m | not shown"))
+    assert "+60.0 %" not in row and "64.7 % / 12.4 %" in row
+    assert "`q4_k_m` vs `f16`: not shown, timed with other settings (threads 2 vs 1)" in md and "--phases timing" in md
+    assert "memory_reduction_vs_f16" not in {k for r in report.csv_rows(results) for k, v in r.items() if v is not None}
+    # the header states no one thread count for both: each configuration's settings are listed
+    header = next(line for line in md.splitlines() if line.startswith("edgemed "))
+    assert "threads" not in header and "Timing settings differ between configurations" in header
+    assert results["timing_settings"] is None and results["timing_settings_differ"]["q4_k_m"]["threads"] == 2
+    assert "| q4_k_m | 5 | 1 | 64 | 2 | 2048 | 0 |" in md and "| f16 | 5 | 1 | 64 | 1 | 2048 | 0 |" in md
+
+    # timed alike: compared as before
+    raws[1] = _timed(out, q4, configs, one, 120, 3.0)
+    results, md = _build(out, configs, one, raws, _bw(1, 10.0), monkeypatch)
+    red = {e["name"]: e for e in results["configs"]}["q4_k_m"]["reductions"]["f16"]
+    assert red["memory"] == pytest.approx(0.6) and red["latency"] == pytest.approx(-0.5) and "not_compared" not in red
+    assert "| q4_k_m | +60.0 % | -50.0 % |" in md and results["timing_settings_differ"] is None
+
+
+def test_kept_results_are_described_by_the_settings_they_were_measured_with(configs, tmp_path, monkeypatch):
+    """A timing kept from a run of 2 runs, 4 tokens and 1 thread is headed so (not with this run's 5 runs, 64 tokens
+    and 2 threads), its roofline is against the 1-thread ceiling, and accuracy asked with the PubMedQA abstract is
+    described as asked with it although this run's settings leave the abstract out."""
+    pytest.importorskip("matplotlib")
+    from edgemed.benchmarks.harness import plots
+
+    out, q4 = tmp_path / "out", configs[1]
+    earlier = Settings(profile="x86-avx2", threads=1, runs=2, warmup=0, max_tokens=4)
+    evals = ("/data/pubmedqa/ori_pqal.json",)
+    asked = Settings(profile="x86-avx2", threads=1, evals=evals, eval_n=3, eval_context=True)
+    acc, = runner.plan_tasks(out, [q4], ["accuracy"], asked)
+    acc_raw = {"schema": RAW_SCHEMA, "config": q4.to_dict(), "phase": "accuracy", "key": acc.key,
+               "settings": asked.to_dict(), "started": 1_764_000_000.0, "finished": 1_764_000_060.0, "pid": 1,
+               "result": {"n": 3, "acc_logit": 1 / 3}}
+    raws = [_timed(out, q4, configs, earlier, 120, 2.0), acc_raw]
+    now = Settings(profile="x86-avx2", threads=2, evals=evals, eval_n=3, eval_context=False)
+
+    # no figure at its threads in the folder (a report rebuilt without measuring): no ceiling, not this run's
+    results, md = _build(out, [q4], now, raws, _bw(2, 20.0), monkeypatch)
+    assert "2 timed runs after 0 warm-up per configuration, 4 new tokens, 1 threads" in md
+    assert "5 timed runs" not in md and "64 new tokens" not in md
+    assert plots.latency_bars(results).axes[0].get_title() == "Single-stream latency: 4 new tokens, p50 of 2 runs"
+    assert results["eval_settings"]["eval_context"] is True
+    accuracy = "\n".join(scores.markdown(results, report._table))
+    assert "PubMedQA asked with its abstract" in accuracy and "question only" not in accuracy
+    assert results["configs"][0]["roofline"]["ceiling_tok_s"] is None
+    assert "No read bandwidth was measured in this folder at the thread count q4_k_m (1 threads)" in md
+
+    # the folder has the figure at 1 thread: the ceiling is that one
+    results, md = _build(out, [q4], now, raws, _bw(2, 20.0), monkeypatch, other_bandwidths=[_bw(1, 8.0)])
+    entry, = results["configs"]
+    assert entry["roofline"]["threads"] == 1 and entry["roofline"]["ceiling_tok_s"] == pytest.approx(8.0)
+    assert "At 1 threads, for the timings decoded with them:" in md and "Read bandwidth 8.0 GB/s (1 threads" in md
+
+
+def test_the_runner_measures_the_bandwidth_at_a_kept_timings_threads(configs, tmp_path, monkeypatch):
+    from edgemed.benchmarks.harness import roofline
+
+    calls = []
+    monkeypatch.setattr(roofline, "stream_read_bandwidth", lambda threads: calls.append(threads) or _bw(threads, 5.0)["read"])
+    monkeypatch.setattr(roofline, "stream_copy_bandwidth", lambda threads: _bw(threads, 5.0)["copy"])
+    out = tmp_path / "out"
+    raws = [_timed(out, configs[0], configs, Settings(profile="x86-avx2", threads=2), 300, 2.0),
+            _timed(out, configs[1], configs, Settings(profile="x86-avx2", threads=3), 120, 2.0)]
+    others = runner.other_bandwidths(out, raws, _bw(2, 20.0))
+    assert [b["threads"] for b in others] == [3] and calls == [3]
+    assert json.loads((out / "raw" / "bandwidth-3-threads.json").read_text())["read"]["threads"] == 3
+    assert runner.other_bandwidths(out, raws, _bw(2, 20.0)) == others and calls == [3]  # measured once per folder
