@@ -33,7 +33,8 @@ back, if ``models/<name>`` is empty and the aside is a copy of that model). A re
 drops the index record only once ``models/<name>`` is gone. So settling never takes a
 model out of ``models/``: it only finishes or undoes what edgemed itself moved. The
 journal goes last. Every store operation settles a journal first; readers settle one
-that no live operation holds, and read a live one through. Readers take no lock; one whose
+that no live operation holds, and read a live one through, or a dead one they cannot settle (a store they cannot
+write: a full disk, a read-only mount, another account's store; a warning says so, and writers refuse). Readers take no lock; one whose
 read fails (a swap came between its reads of the index, the manifest and the files) reads
 again holding the lock shared, under which nothing is swapped (``Store.verify``, ``list``).
 
@@ -76,7 +77,7 @@ from edgemed.files.atomic import step, swap_in, write_text
 from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
 from edgemed.files.durable import sync_folder, sync_tree
 from edgemed.files.state import require_folder
-from edgemed.errors import InputError, IntegrityError, StoreError
+from edgemed.errors import InputError, IntegrityError, OutputError, StoreError, output_error
 from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
 from edgemed.packaging.manifest import MANIFEST, FileEntry, Manifest, check_name
@@ -134,6 +135,7 @@ class Store:
         self.index_path = self.root / "index.json"
         self.journal_path = self.root / JOURNAL
         self.cache = VerifiedCache()
+        self._said: set[str] = set()  # the warnings of ``_settle_dead`` already given by this Store
 
     # -- housekeeping ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -149,7 +151,11 @@ class Store:
             except (FileExistsError, NotADirectoryError):  # a file where one of the store's folders goes
                 require_folder(d, "The store's folder", env.HOME_VAR)
                 raise
-        with open(self.root / "lock", "a") as fh:
+        try:
+            fh = open(self.root / "lock", "a")
+        except OSError as exc:
+            raise self._unfinished(exc) or exc
+        with fh:
             try:
                 if wait:
                     flocks.take(fh, fcntl.LOCK_EX, self._waiting())
@@ -162,7 +168,10 @@ class Store:
             _held().add(key)
             try:
                 self._same_home()  # `edgemed home --move` holds this lock while it renames
-                self._settle()
+                try:
+                    self._settle()
+                except OSError as exc:
+                    raise self._unfinished(exc) or exc
                 self._collect_garbage()
                 yield True
             finally:
@@ -360,13 +369,30 @@ class Store:
         return p if p is not None and is_model_copy(p, prev["manifest_sha256"]) else None
 
     def _settle_dead(self) -> None:
-        """Settle the journal of an operation that died (its lock is free); a live one's is left to it."""
+        """Settle the journal of an operation that died (its lock is free); a live one's is left to it. One that
+        cannot be settled (a damaged index; a store this process cannot write: a full disk, a read-only mount, a
+        store another account owns) is read through by ``_view``, as a live one is, and said once."""
         if os.path.lexists(self.journal_path) and self.root.is_dir():
             try:
                 with self.locked(wait=False):
                     pass
-            except StoreError as exc:  # e.g. a damaged index: settling waits for a writer; read it through
-                log.warning("%s", str(exc).replace("\n", " "))
+            except (StoreError, OutputError, OSError) as exc:  # settling waits for a writer that can: read it through
+                said = str(exc).replace("\n", " ")
+                if said not in self._said:
+                    self._said.add(said)
+                    log.warning("%s", said)
+
+    def _unfinished(self, exc: OSError) -> OutputError | None:
+        """A store that cannot be written (``exc``: a full disk, a read-only mount, no permission) while a dead
+        operation's journal waits there to be settled, as an error naming both; None for anything else."""
+        clean = output_error(exc)
+        if clean is None or not os.path.lexists(self.journal_path):
+            return None
+        return OutputError(f"A change to the store in {self.root} was interrupted, and its journal ({JOURNAL}) cannot "
+                           f"be finished: {clean.problem} Until it is, installed models are read as the journal leaves them, "
+                           "and nothing in the store can be installed, rolled back or removed.",
+                           "make the store writable (free space on its disk, remount it read-write, or use the account "
+                           "that owns it), then run `edgemed list` once: it finishes the change")
 
     def _view(self) -> tuple[dict, dict]:
         """(records, damaged) as a reader should see the index: a dead operation's journal is settled first, a live one
@@ -573,7 +599,7 @@ class Store:
         """(name, manifest) of every installed bundle whose manifest reads (a damaged one is skipped: list shows it)."""
         for name in sorted(self._view()[0]):
             try:
-                yield name, read_manifest(self.models / name)[0]
+                yield name, read_manifest(self._folder(name))[0]
             except (StoreError, IntegrityError, InputError, OSError):
                 continue
 
@@ -604,9 +630,27 @@ class Store:
         d = self.models / name
         if not d.is_dir() and os.path.lexists(self.journal_path):
             self._view()  # a dead install may have left it aside: settle, then look again
+            d = self._folder(name)
         if not d.is_dir():
             raise StoreError(f"No model named '{name}' is installed.", "run `edgemed list` to see installed models, or `edgemed install BUNDLE`")
         return d
+
+    def _folder(self, name: str) -> Path:
+        """Where a reader finds the files of ``name``: ``models/<name>``; or, while a dead install's journal cannot be
+        settled (``_settle_dead``) and its swap stopped between its two renames (``swap_in`` without an exchange),
+        the copy it set aside, when that holds the manifest the index records (settling puts it back)."""
+        d = self.models / name
+        if os.path.lexists(d) or not os.path.lexists(self.journal_path):
+            return d
+        try:
+            j = read_journal(self.journal_path)
+            rec = split_index(self._raw_index())[0].get(name)
+        except (Damaged, StoreError):
+            return d
+        if j is None or j["op"] != "install" or j["name"] != name or rec is None:
+            return d
+        aside = self.tmp / j["aside"]
+        return aside if is_model_copy(aside, rec["manifest_sha256"]) else d
 
     def record(self, name: str) -> dict | None:
         """The index record of an installed model as readers see it (None when it has none)."""
@@ -670,7 +714,7 @@ class Store:
             idx, bad, unusable = {}, {}, exc
         rows = {}
         for name in idx:
-            d = self.models / name
+            d = self._folder(name)
             try:
                 man, data, sig = read_manifest(d)
             except Exception as exc:  # list shows damaged entries rather than failing
