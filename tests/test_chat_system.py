@@ -1,6 +1,7 @@
 """``edgemed chat``'s system message: a model whose chat template takes no system role gets the system text before
 the first message, a system text the model's format refuses ends chat before the first turn, and an answer cut at
---max-tokens says so. The real SmolLM2 (1 thread), re-templated where a test needs another chat template."""
+--max-tokens says so; so does a --max-tokens the context cannot hold after it, and a message chat cannot send is
+named (too long, not UTF-8). The real SmolLM2 (1 thread), re-templated where a test needs another chat template."""
 
 from __future__ import annotations
 
@@ -72,3 +73,46 @@ def test_a_system_text_with_the_model_markup_ends_chat_before_the_first_turn(smo
 def test_an_answer_cut_at_max_tokens_says_so(smollm2_gguf):
     result = chat(smollm2_gguf, "--max-tokens", "3", text="Describe anaemia in detail.\n/exit\n")
     assert result.exit_code == 0 and "(cut at --max-tokens 3" in result.output, result.output
+
+
+@pytest.mark.parametrize("model", ["smollm2_gguf", "no_system_gguf"])
+def test_a_max_tokens_the_context_cannot_hold_ends_chat_before_the_first_turn(model, request):
+    """`chat --ctx 512 --max-tokens 600` started a chat that refused every message, /reset too, and exited 0. The
+    opening messages are counted as the first prompt holds them (in the first user message where the template takes
+    no system role), with the shortest message: the largest --max-tokens left still starts."""
+    gguf = request.getfixturevalue(model)
+    result = chat(gguf, "--max-tokens", "600", text="hi\n/reset\nhi\n")
+    assert result.exit_code == 1 and "you> " not in result.output, result.output
+    assert "--max-tokens 600 does not fit the context window of 512" in result.output, result.output
+    opening = int(result.output.split("take ")[1].split(" tokens")[0])
+    assert f"needs {opening + 600}" in result.output and f"well below {512 - opening}," in result.output
+    assert "--ctx (at least " in result.output and "/reset" not in result.output
+    assert chat(gguf, "--max-tokens", str(513 - opening), text="/exit\n").exit_code == 1
+    assert "--max-tokens 512 (the default) does not fit" in chat(gguf, text="/exit\n").output
+    assert chat(gguf, "--max-tokens", str(512 - opening), text="/exit\n").exit_code == 0
+
+
+def test_a_message_too_long_for_an_empty_conversation_is_not_told_to_reset(smollm2_gguf):
+    """/reset frees room only where earlier turns hold it: the first message's overflow suggested it all the same."""
+    long = "fever " * 500
+    result = chat(smollm2_gguf, "--max-tokens", "4", text=f"{long}\nName one sign of sepsis.\n{long}\n/exit\n")
+    assert result.exit_code == 0, result.output
+    first, later = result.output.split("The prompt is ")[1:3]
+    assert "/reset" not in first and "(type /reset to start over)" in later, result.output
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])
+def test_a_message_that_is_not_utf8_is_named_by_its_byte_and_the_chat_goes_on(smollm2_gguf, errors):
+    """A Latin-1 'é' piped in was 'a lone surrogate' where standard input keeps such a byte as a surrogate escape (the
+    C locale), and a traceback where it decodes strictly (a UTF-8 locale)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edgemed", "chat", str(smollm2_gguf), *ARGS, "--max-tokens", "4"],
+                          input=b"caf\xe9 patient fever\nName one sign of sepsis.\n/exit\n", capture_output=True,
+                          timeout=300, env=dict(os.environ, PYTHONIOENCODING=f"utf-8:{errors}"))
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err[-2000:]
+    assert "Your message is not UTF-8 text (byte 3 is 0xe9)." in err and "surrogate" not in err, err[-2000:]
+    assert out.count("you> ") == 3 and out.split("you> ")[2].split("\n")[0].strip(), out

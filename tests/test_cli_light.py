@@ -157,6 +157,20 @@ def test_run_refuses_an_empty_binary_or_endless_piped_prompt(tmp_path):
         assert r.exit_code == 1 and said in r.output and "does not exist" not in r.output, (args, r.output)
 
 
+def test_run_names_a_typed_byte_that_is_not_utf8(tmp_path):
+    """Python keeps an argument's byte that is not UTF-8 (a Latin-1 'é') as a surrogate escape, which was refused as
+    'a lone surrogate' once rendered; named here as the byte, as a file's is, before the model is looked for."""
+    options = '{"A": "a", "B": "b"}'
+    for args, what in [(["-p", "caf\udce9 fever"], "The text of --prompt"),
+                       (["-t", "note_summary", "-i", "note=caf\udce9"], "The text of --input note"),
+                       (["-t", "mcq", "-q", "caf\udce9?", "--options", options], "The text of --question"),
+                       (["-t", "mcq", "--item-json", '{"question": "caf\udce9?", "options": %s}' % options],
+                        "--item-json")]:
+        r = CliRunner().invoke(cli, ["run", str(tmp_path / "missing.gguf"), *args])
+        assert r.exit_code == 1 and "does not exist" not in r.output, (args, r.output)
+        assert f"{what} is not UTF-8 text (byte " in r.output and "is 0xe9)" in r.output, (args, r.output)
+
+
 def test_a_template_run_refuses_prompt_and_system_it_would_ignore(tmp_path):
     """`run -t mcq --system "Reply in French only." --prompt ...` exited 0 having used neither."""
     for extra, flag in ([["--prompt", "ignore this"], "--prompt"], [["--system", "Reply in French only."], "--system"]):

@@ -255,10 +255,14 @@ def _scripted_respond(monkeypatch, turns):
     monkeypatch.setattr(session, "respond", respond)
 
 
+#: a chat whose --max-tokens leaves room in its context after the safety preamble (512 would not: chat refuses it)
+CHAT_ARGS = ["--ctx", "512", "--threads", "1", "--max-tokens", "64"]
+
+
 def test_ctrl_c_stops_one_answer_and_the_chat_goes_on(smollm2_gguf, monkeypatch):
     """Ctrl-C while an answer was written ended the whole chat (exit 130, the conversation lost)."""
     _scripted_respond(monkeypatch, [[("answer", "Fati"), KeyboardInterrupt()], [("answer", "Pallor.")]])
-    result = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"],
+    result = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), *CHAT_ARGS],
                                 input="Name one symptom of anaemia.\nName one sign of anaemia.\n/exit\n")
     assert result.exit_code == 0, result.output
     assert "(stopped: that question is left out of the conversation)" in result.output
@@ -276,7 +280,7 @@ def test_thinking_that_uses_every_token_is_no_answer(smollm2_gguf, monkeypatch):
     assert "--think cap:N" in r.output
     r = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "-p", "Name one symptom.", "--threads", "1", "--json"])
     assert r.exit_code == 1 and json.loads(r.stdout)["error"] == "NoAnswer", r.output
-    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"],
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), *CHAT_ARGS],
                            input="Name one symptom of anaemia.\nName one.\n/exit\n")
     assert r.exit_code == 0 and "no answer" in r.output and "Fatigue." in r.output, r.output
 
@@ -289,8 +293,8 @@ def test_sigterm_at_the_chat_prompt_stops_it_as_a_stop(smollm2_gguf):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgemed", "chat", str(smollm2_gguf), "--ctx", "512", "--threads",
-                             "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "edgemed", "chat", str(smollm2_gguf), *CHAT_ARGS],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         deadline = time.monotonic() + 120
@@ -352,7 +356,7 @@ def test_a_pasted_note_between_triple_quotes_is_one_message(smollm2_gguf, monkey
 
     monkeypatch.setattr(session, "respond", respond)
     note = 'Summarise:\n"""\nBP 150/95.\nHR 102, febrile.\n\nK+ 3.1.\n"""\n/exit\n'
-    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"], input=note)
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), *CHAT_ARGS], input=note)
     assert r.exit_code == 0 and len(seen) == 2, r.output  # "Summarise:", then the note as one message
     assert "BP 150/95.\nHR 102, febrile.\n\nK+ 3.1." in seen[1] and "answer 3" not in r.output
 
@@ -374,7 +378,7 @@ def test_chat_keeps_the_shipped_safety_preamble_whatever_a_user_folder_replaces(
     monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
     prompts = []
     monkeypatch.setattr(session, "respond", lambda e, prompt, s, p, cut=None: iter([prompts.append(prompt), ("answer", "ok")][1:]))
-    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"], input="hi\n/exit\n")
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), *CHAT_ARGS], input="hi\n/exit\n")
     assert r.exit_code == 0, r.output
     assert safety_preamble().strip()[:60] in prompts[0] and "local wording" not in prompts[0]
 
@@ -399,7 +403,7 @@ def test_ctrl_c_in_a_pasted_note_drops_the_note(smollm2_gguf, monkeypatch):
         return nxt
 
     monkeypatch.setattr(click, "prompt", prompt)
-    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--ctx", "512", "--threads", "1"])
+    r = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), *CHAT_ARGS])
     assert r.exit_code == 0 and "(note dropped)" in r.output, r.output
     assert len(seen) == 1 and "BP 150/95." not in seen[0] and "anaemia" in seen[0]
 

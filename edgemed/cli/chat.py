@@ -30,6 +30,55 @@ def opening(engine, system: str, named: bool) -> list[dict]:
     return []
 
 
+def prompt_tokens(engine, prompt: str) -> int:
+    """The tokens ``engine.complete`` feeds for a rendered ``prompt``: the chat template's markers one token each, as
+    a GGUF's tokenizer reads them only when asked (``parse_special``) and an ONNX model's always does."""
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    special = {"parse_special": True} if isinstance(engine, LlamaEngine) else {}
+    return len(engine.tokenize(prompt, add_special=True, **special))
+
+
+def check_room(engine, base: list[dict], preamble: str, max_tokens: int, default: bool = False) -> None:
+    """Refuse, before the first prompt, a --max-tokens (``default``: not given) the context cannot hold after the
+    opening messages and the shortest message: every message was refused, /reset changed nothing, and the chat ended
+    with exit 0."""
+    from edgemed.errors import ContextOverflow
+    from edgemed.runtime.chat_template import with_system
+
+    shortest = "?"
+    first = base + [{"role": "user", "content": shortest if base else with_system(preamble, shortest)}]
+    n, n_ctx = prompt_tokens(engine, engine.render_chat(first)), engine.n_ctx
+    if n >= n_ctx:
+        raise ContextOverflow(f"The opening messages (the system text) take {n} tokens with the shortest message: the "
+                              f"context window of {n_ctx} has no room for an answer after them.",
+                              f"load with a larger --ctx (at least {n + max_tokens}), or pass a shorter --system")
+    if n + max_tokens > n_ctx:
+        given = f"--max-tokens {max_tokens}{' (the default)' if default else ''}"
+        raise ContextOverflow(f"{given} does not fit the context window of {n_ctx}: the opening messages (the "
+                              f"system text) take {n} tokens with the shortest message, so an answer "
+                              f"needs {n + max_tokens}, and every message would be refused.",
+                              f"pass a --max-tokens well below {n_ctx - n}, the room the opening messages leave (your "
+                              f"messages and the conversation take room too), or load with a larger --ctx (at least "
+                              f"{n + max_tokens}, more for a conversation)")
+
+
+#: what a message that is not UTF-8 is told (``run.typed_text``)
+NOT_UTF8_FIX = ("send it as UTF-8 (a Latin-1 or Windows-1252 text, pasted or piped, is not): set the terminal to "
+                "UTF-8, or convert the file, e.g. iconv -f windows-1252 -t utf-8")
+
+
+def keep_undecodable_bytes() -> None:
+    """Standard input's bytes that are not UTF-8 come in as surrogate escapes, as under the C locale, for
+    ``run.typed_text`` to name: a UTF-8 locale's strict decoder raised UnicodeDecodeError out of the prompt, a
+    traceback that ended the chat."""
+    import sys
+
+    reconfigure = getattr(sys.stdin, "reconfigure", None)  # a TextIOWrapper's; stdin may be something else
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 @click.command()
 @click.argument("model")  # as typed: ./NAME is a path, NAME may be an installed model
 @click.option("--system", "-s", help="System message (default: the templates' safety preamble).")
@@ -54,7 +103,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     Thinking from reasoning models is kept out of the history, so it does not fill the context.
     """
     from edgemed.cli import Terminated
-    from edgemed.cli.run import echo_piece
+    from edgemed.cli.run import echo_piece, typed_text
     from edgemed.errors import ContextOverflow, InputError, NoAnswer
     from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable
     from edgemed.runtime import GenerationSettings
@@ -67,6 +116,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     from edgemed.templates.think import ThinkPolicy
 
     warm()  # the template renderer process starts while the model loads
+    keep_undecodable_bytes()
     policy = ThinkPolicy.parse(think)
     ref = runnable(model)
     specs = adapter_specs(ref, adapters)  # FILE[:SCALE], or NAME[:SCALE] of the model's adapters; refused before load
@@ -85,6 +135,8 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     click.echo(f"edgemed chat: {model}{with_adapters} on '{prepared.profile}', context {engine.n_ctx}. /exit to quit.", err=True)
     try:
         base = opening(engine, preamble, bool(system))
+        source = click.get_current_context().get_parameter_source("max_tokens")
+        check_room(engine, base, preamble, max_tokens, source is click.core.ParameterSource.DEFAULT)
         history = list(base)
         while True:
             try:
@@ -114,6 +166,11 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
                         break
                     lines.append(more)
                 line = "\n".join(lines)
+            try:
+                line = typed_text(line, "Your message", NOT_UTF8_FIX)
+            except InputError as exc:  # this message is refused, the chat goes on
+                click.echo(f"{exc}", err=True)
+                continue
             if not line.strip():
                 continue
             folded = not base and not any(m["role"] == "user" for m in history)
@@ -134,7 +191,8 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
                 continue
             except ContextOverflow as exc:
                 history.pop()
-                click.echo(f"\n{exc}\n(type /reset to start over)", err=True)
+                earlier = len(history) > len(base)  # with none, /reset frees nothing: the message is too long
+                click.echo(f"\n{exc}" + ("\n(type /reset to start over)" if earlier else ""), err=True)
                 continue
             except InputError as exc:  # this message is refused (the model's markup in it, say): the chat goes on
                 history.pop()

@@ -61,6 +61,7 @@ def _item(value: str) -> dict:
             raise InputError(f"--item-json '{value}': '{path}' has fewer than {line} lines.",
                              "pass a line number the file has (counted from 1)")
         text = found
+    text = typed_text(text, "--item-json")
     try:
         item = loads_json(text, finite=True)
     except (json.JSONDecodeError, TooDeep) as exc:
@@ -90,9 +91,9 @@ class TextSource:
         from edgemed.errors import InputError
 
         if value is None or not value.startswith("@"):
-            return value
+            return value if value is None else typed_text(value, f"The text of {option}")
         if value.startswith("@@"):
-            return value[1:]
+            return typed_text(value[1:], f"The text of {option}")
         if value == "@-":
             if self.stdin_by is not None:
                 raise InputError(f"{option} and {self.stdin_by} both ask for standard input (@-), which holds one text.",
@@ -124,11 +125,28 @@ def _read_text(fh, what: str) -> str:
     if len(data) > MAX_TEXT_BYTES:
         raise InputError(f"{what} is over {MAX_TEXT_BYTES >> 20} MiB.",
                          "pass only what the model should read (a model reads a few thousand tokens at most)")
+    return _utf8(data, what, "pass a text file saved as UTF-8")
+
+
+def _utf8(data: bytes, what: str, fix: str) -> str:
+    from edgemed.errors import InputError
+
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{what} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}).",
-                         "pass a text file saved as UTF-8") from None
+        raise InputError(f"{what} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}).", fix) from None
+
+
+def typed_text(text: str, what: str, fix: str = "save it as UTF-8 and pass it from the file (@PATH), or set the "
+               "terminal to UTF-8") -> str:
+    """Text typed on the command line or at a prompt, UTF-8. Python keeps a byte that is not UTF-8 (a Latin-1 'é',
+    0xe9) as a surrogate escape ('\\udce9'), which the template renderer then refused as a character that is not
+    valid Unicode; it is named here as the byte it was, as a file's is (``_read_text``)."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte made (the renderer names it)
+        return text
+    return _utf8(data, what, fix)
 
 
 def template_inputs(question, options, item, pairs, text: TextSource | None = None) -> tuple[dict, str | None]:
