@@ -699,9 +699,10 @@ def test_the_space_check_counts_the_stores_copy_as_well_as_the_download(tmp_path
         oci_pull._check_space(root, store, [card], [held])
 
 
-def test_downloads_no_pull_touched_for_a_week_are_dropped(tmp_path):
+def test_downloads_no_pull_touched_for_a_week_are_dropped(tmp_path, monkeypatch):
     """A pull abandoned once its tag moved left its parts in downloads/ for good (a multi-GB .part never reclaimed);
-    under the downloads lock, parts untouched for STALE_DOWNLOAD_S go. Fresh ones and other names stay."""
+    under the downloads lock, parts untouched for STALE_DOWNLOAD_S go: both by their file time and since an age-out
+    first saw them as they are (test_oci_pull_mend: a clock that was wrong). Fresh ones and other names stay."""
     import time
 
     from edgemed.packaging import oci_pull
@@ -715,6 +716,15 @@ def test_downloads_no_pull_touched_for_a_week_are_dropped(tmp_path):
     week_ago = time.time() - oci_pull.STALE_DOWNLOAD_S - 60
     for n in (old, f"{old}.part", "notes.txt", f"{old}.bak"):
         os.utime(paths[n], (week_ago, week_ago))
+    with oci_pull._exclusive(root):  # first seen now: kept, whatever their file times
+        pass
+    assert len([p for p in root.iterdir() if p.name != "lock"]) == 7 and (root / oci_pull.SEEN).is_file()
+    later = time.time() + oci_pull.STALE_DOWNLOAD_S + 60
+    for n in (fresh, f"{fresh}.part"):  # a pull wrote these meanwhile
+        paths[n].write_bytes(b"xy")
+        os.utime(paths[n], (later, later))
+    monkeypatch.setattr(oci_pull.time, "time", lambda: later)
     with oci_pull._exclusive(root):
         pass
-    assert sorted(p.name for p in root.iterdir()) == sorted([fresh, f"{fresh}.part", "notes.txt", f"{old}.bak", "lock"])
+    assert sorted(p.name for p in root.iterdir()) == sorted([fresh, f"{fresh}.part", "notes.txt", f"{old}.bak", "lock",
+                                                             oci_pull.SEEN])

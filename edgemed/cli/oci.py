@@ -54,7 +54,7 @@ def push(bundle, target, insecure, as_json):
 @click.option("--name", help="Install under this name (default: the bundle's name).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Require a valid signature by this public key.")
 @click.option("--force", is_flag=True, help="Replace an installed model of the same name (kept for `edgemed rollback`); "
-              "a model that is this very bundle already is left as it is.")
+              "a model that is this very bundle already is left as it is (installed again if its copy fails verify).")
 @click.option("--allow-signer-change", is_flag=True,
               help="With --force: replace a signed model with one another signer (or nobody) signed; without it, an "
                    "update must come from the installed model's signer or a key trust.toml trusts for its origin.")
@@ -91,6 +91,9 @@ def pull(source, name, key, force, allow_signer_change, allow_downgrade, insecur
     note = r.release.note(r.name) if r.release is not None else None
     if note:
         click.echo(shown(note))
+    if r.repaired:
+        click.echo(shown(f"{r.name} held this bundle, but its installed copy did not verify ({r.repaired}); "
+                         "installed it again from the registry"))
     resumed = f", {_size(r.bytes_resumed)} resumed" if r.bytes_resumed else ""
     sig = f"; signature valid (key {r.signed_by})" if r.signed_by else ""
     click.echo(shown(f"installed {r.name} from {r.origin}: {r.files} files, {_size(r.bytes_downloaded)} downloaded{resumed}, "

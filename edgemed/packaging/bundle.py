@@ -46,7 +46,9 @@ from edgemed.formats.nesting import loads_json
 
 log = logging.getLogger(__name__)
 
-_DAMAGED = "the bundle is damaged or was altered; get a fresh copy from its maker and verify again"
+#: the fix of a file missing, resized or altered (``ref`` names the copy's own source for an installed model)
+DAMAGED = "the bundle is damaged or was altered; get a fresh copy from its maker and verify again"
+REINSTALL = "reinstall the model: edgemed install BUNDLE --force"  # an installed manifest.json changed
 
 
 @dataclass
@@ -389,7 +391,7 @@ def read_manifest(root: Path) -> tuple[Manifest, bytes, Signature | None]:
     mpath = root / MANIFEST
     for p in (mpath, *(root / n for n in SIGNATURES)):
         if p.is_symlink() or (p.exists() and not p.is_file()):
-            raise UnsafeArchive(f"{p} is not a regular file.", _DAMAGED)
+            raise UnsafeArchive(f"{p} is not a regular file.", DAMAGED)
     if not mpath.is_file():
         raise IntegrityError(f"'{root}' has no manifest.json: it is not a bundle, or the copy is incomplete.",
                              "pass a bundle made by `edgemed pack` (a .edgemed file or directory)")
@@ -408,7 +410,7 @@ def _read_at_most(path: Path, limit: int, what: str) -> bytes:
     except OSError as exc:
         raise InputError(f"Cannot read {path}: {exc.strerror or exc}.", "check the bundle's permissions, or copy it again") from None
     if len(data) > limit:
-        raise IntegrityError(f"{path} holds more than {limit} bytes, too large for {what}.", _DAMAGED)
+        raise IntegrityError(f"{path} holds more than {limit} bytes, too large for {what}.", DAMAGED)
     return data
 
 
@@ -421,11 +423,11 @@ def _walk(root: Path) -> dict[str, os.stat_result]:
             st = os.lstat(p)
             rel = p.relative_to(root).as_posix()
             if stat.S_ISLNK(st.st_mode):
-                raise UnsafeArchive(f"'{rel}' in {root} is a symbolic link; bundles hold only regular files.", _DAMAGED)
+                raise UnsafeArchive(f"'{rel}' in {root} is a symbolic link; bundles hold only regular files.", DAMAGED)
             if stat.S_ISREG(st.st_mode):
                 found[rel] = st
             elif not stat.S_ISDIR(st.st_mode):
-                raise UnsafeArchive(f"'{rel}' in {root} is not a regular file (device, FIFO or socket).", _DAMAGED)
+                raise UnsafeArchive(f"'{rel}' in {root} is not a regular file (device, FIFO or socket).", DAMAGED)
     return found
 
 
@@ -451,7 +453,7 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     msha = hashlib.sha256(data).hexdigest()
     if expect_manifest_sha256 is not None and msha != expect_manifest_sha256:
         raise IntegrityError(f"{root}/manifest.json was changed after install: expected sha256 {expect_manifest_sha256}, actual {msha}.",
-                             "reinstall the model: edgemed install BUNDLE --force")
+                             REINSTALL)
     signed_by = signing.verify(sig, man, data, public_key) if public_key is not None else None
     found = _walk(root)
     extra = sorted(set(found) - {f.path for f in man.files} - set(RESERVED))
@@ -462,15 +464,15 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     for f in man.files:
         st = found.get(f.path)
         if st is None:
-            raise IntegrityError(f"{root} is incomplete: '{f.path}' is listed in the manifest but missing.", _DAMAGED)
+            raise IntegrityError(f"{root} is incomplete: '{f.path}' is listed in the manifest but missing.", DAMAGED)
         if st.st_size != f.size:
             raise IntegrityError(f"'{f.path}' is {st.st_size} bytes, the manifest lists {f.size} (truncated or altered): "
-                                 f"expected sha256 {f.sha256}.", _DAMAGED)
+                                 f"expected sha256 {f.sha256}.", DAMAGED)
         digest, cached = file_digest(root / f.path, cache, full)
         if not cached:
             hashed.append(f.path)
         if digest != f.sha256:
-            raise IntegrityError(f"'{f.path}' does not match the manifest: expected sha256 {f.sha256}, actual {digest}.", _DAMAGED)
+            raise IntegrityError(f"'{f.path}' does not match the manifest: expected sha256 {f.sha256}, actual {digest}.", DAMAGED)
         stamps[root / f.path] = (stamp(st), f.sha256)  # found before the digest: a write since shows as another
     if cache is not None:
         cache.save()

@@ -21,7 +21,10 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    A name that holds this very bundle already (same manifest sha256) is left as it is (``already_installed``),
    ``--force`` or not, before the trust policy is applied (a certificate expired since the install is a warning:
    ``run`` judges the installed copy as of its install): a nightly ``edgemed pull ... --force`` on every device
-   downloads nothing until the tag moves, then installs the new bundle. A name holding another bundle is refused without ``--force`` before
+   downloads nothing until the tag moves, then installs the new bundle. Unless its installed copy fails the store's
+   verify (a damaged file, as ``run`` would find it): then it is installed again from the registry (``repaired``),
+   the version kept for ``rollback`` still kept, since a device that only pulls has no other way to mend it.
+   A name holding another bundle is refused without ``--force`` before
    anything large is fetched, and so is an older release than the one installed (``release_order``: the card's
    version, else the manifest's creation time) without ``allow_downgrade``: a tag moved back must not roll every
    device back without a word.
@@ -29,6 +32,9 @@ Order of work (one pull at a time per machine: ``$EDGEMED_HOME/downloads/lock``)
    obtained, so a store blob it links cannot be collected while the rest downloads. The folder goes to
    ``Store.install`` with the origin; the store verifies every file again, checks the signature under the trust
    policy and swaps the model in atomically. Nothing is under ``models/`` before that.
+5. At the end of every pull, installed or found installed, the downloads of every layer the store now holds are
+   dropped, not only this pull's: a pull killed between the store's copy and the drop left a second copy of the
+   model in ``downloads/`` that no later pull fetched, so none dropped it, and no space check counted it.
 
 Why the GET is edgemed's own: oras's ``download_blob`` neither checks the digest nor resumes. The requests go
 through oras's session (``Client.request``), so its credentials and token handling apply.
@@ -40,6 +46,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -82,6 +89,7 @@ class Pulled:
     signed_by: str | None
     downloaded: list[str] = field(default_factory=list)  # file paths of which this pull received bytes
     already_installed: bool = False  # the name holds this very bundle already (same manifest): nothing was changed
+    repaired: str | None = None  # the name held this bundle, but its copy failed verify (why): installed again
     release: release_order.Order | None = None  # how the bundle ordered against the model it replaced (None: none)
 
     def to_dict(self) -> dict:
@@ -109,23 +117,58 @@ def _exclusive(root: Path) -> Iterator[None]:
 #: A download no pull has touched for this long is dropped (a tag that moved on leaves its parts behind)
 STALE_DOWNLOAD_S = 7 * 24 * 3600
 _DOWNLOAD_NAME = re.compile(r"[0-9a-f]{64}(\.part)?")
+SEEN = "seen.json"  # in downloads/: {name: [size, mtime_ns, when an age-out first saw it so]} (``_age_out``)
+_MAX_SEEN_BYTES = 1 << 20
 
 
 def _age_out(root: Path) -> None:
     """Under the downloads lock: drop the downloads (``<sha256>`` and ``<sha256>.part``, the names pulls give them)
-    that no pull has written for ``STALE_DOWNLOAD_S``. A pull resumes a part by appending to it, so a part in use
-    is a fresh one; any other name is left alone."""
-    cutoff = time.time() - STALE_DOWNLOAD_S
+    that no pull has written for ``STALE_DOWNLOAD_S``; any other name is left alone.
+
+    A file's mtime is the clock of the pull that wrote it, and that clock can be wrong (a box with no real-time clock
+    pulls at boot, before NTP sets it). So a download goes only when its mtime and the time an age-out first saw it
+    as it is now (same size and mtime, recorded in ``SEEN``) are both that old: a part written with the clock days
+    behind is new to the next age-out, which keeps it for the pull to resume, where its mtime alone would have it
+    fetched again from byte 0. A mtime in the future (the clock was ahead) is set to now, so the part ages from today
+    instead of staying until the real time reaches it. A pull resumes a part by appending to it: a part in use is
+    a changed one, so fresh."""
+    from edgemed.files.state import load, replace
+
+    now = time.time()
+    cutoff = now - STALE_DOWNLOAD_S
+    seen, writable = load(root / SEEN, _MAX_SEEN_BYTES, lambda d: isinstance(d, dict), "download times",
+                          lambda why: log.warning("%s %s; downloads age by their file times alone", root / SEEN, why),
+                          lambda why: log.warning("%s %s; it is written again", root / SEEN, why))
+    kept = {}
     with os.scandir(root) as entries:
         for entry in entries:
             try:
-                if (_DOWNLOAD_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
-                        and entry.stat(follow_symlinks=False).st_mtime < cutoff):
-                    step("oci.age-out")
-                    os.unlink(entry.path)
-                    log.info("dropped the download %s, untouched for %d days", entry.name, STALE_DOWNLOAD_S // 86400)
+                if not (_DOWNLOAD_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if st.st_mtime > now:
+                    os.utime(entry.path, (now, now), follow_symlinks=False)
+                    st = os.lstat(entry.path)
+                was = seen.get(entry.name)
+                unchanged = (isinstance(was, list) and was[:2] == [st.st_size, st.st_mtime_ns] and len(was) == 3
+                             and isinstance(was[2], (int, float)) and was[2] <= now)
+                first = was[2] if unchanged else now if writable else st.st_mtime
+                if max(st.st_mtime, first) >= cutoff:
+                    kept[entry.name] = [st.st_size, st.st_mtime_ns, first]
+                    continue
+                step("oci.age-out")
+                os.unlink(entry.path)
+                log.info("dropped the download %s, untouched for %d days", entry.name, STALE_DOWNLOAD_S // 86400)
             except OSError:
                 continue
+    if writable and kept != seen:
+        try:
+            if kept:
+                replace(root / SEEN, json.dumps(kept))
+            else:
+                (root / SEEN).unlink(missing_ok=True)
+        except OSError as exc:  # only the age-out's memory: every download stays, the next pull records them again
+            log.warning("could not write %s (%s)", root / SEEN, exc.strerror or exc)
 
 
 def pull(target: str, *, name: str | None = None, insecure: bool = False, public_key=None, force: bool = False,
@@ -183,10 +226,14 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
             oci.check_against_bundle(layers, man, origin)  # the rest must be its files, digests and sizes
             target_name = check_name(name or man.name)
             if _installed(store, target_name, data, force):  # judged when installed; run judges it as of then
-                _warn_if_refused_now(stage, man, data, origin, public_key, target_name)
-                stats.name, stats.already_installed = target_name, True
-                _forget(fetched)
-                return stats
+                stats.repaired = _damage(store, target_name, lambda: _judge(stage, man, data, origin, public_key))
+                if stats.repaired is None:
+                    _warn_if_refused_now(stage, man, data, origin, public_key, target_name)
+                    stats.name, stats.already_installed = target_name, True
+                    _drop_downloads(root, store, layers, fetched)
+                    return stats
+                log.warning("%s holds this bundle, but its installed copy does not verify (%s); installing it again "
+                            "from %s", target_name, stats.repaired, origin)
             sig, key = _judge(stage, man, data, origin, public_key)  # the trust policy, before anything large is fetched
             if (store.models / target_name).exists():  # an update: from the installed model's signer
                 from edgemed.packaging import trust
@@ -203,11 +250,12 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
         for x in rest:
             get(x)
         orders: list[release_order.Order] = []
-        target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force, origin=str(origin),
-                                                 allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade,
-                                                 on_order=orders.append)
+        repair = stats.repaired is not None  # the same bundle over its damaged copy: nothing else is replaced
+        target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force or repair,
+                                                 origin=str(origin), allow_signer_change=allow_signer_change,
+                                                 allow_downgrade=allow_downgrade, on_order=orders.append)
         stats.release = orders[-1] if orders else None
-        _forget(fetched)  # the store holds its own copy now
+        _drop_downloads(root, store, layers, fetched)  # the store holds its own copy now
     stats.name, stats.signed_by = target_name, signer
     return stats
 
@@ -216,6 +264,45 @@ def _forget(fetched: list[Path]) -> None:
     for p in fetched:
         step("oci.forget-download")
         p.unlink(missing_ok=True)
+
+
+def _drop_downloads(root: Path, store, layers: list[oci.Layer], fetched: list[Path]) -> None:
+    """After a pull that succeeded: drop what it fetched, and the download (whole or part) of every layer whose blob
+    the store holds, of its size: an earlier pull killed after the store's copy was made left it, and this pull,
+    finding the layer in the store, never fetched it again."""
+    _forget(fetched)
+    for x in layers:
+        try:
+            st = (store.blobs / x.sha256).lstat()
+        except OSError:
+            continue  # not in the store (a file system without hard links keeps the installed copy unshared)
+        if stat.S_ISREG(st.st_mode) and st.st_size == x.size:
+            _forget([p for p in (root / x.sha256, root / f"{x.sha256}.part") if _is_file(p)])
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(p.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _damage(store, name: str, judge) -> str | None:
+    """Why the installed copy of ``name`` fails the store's verify (fast path: the verified cache answers for the
+    files unchanged since their last hash), or None when it passes. A signature refusal where today's trust policy
+    (``judge``: the pulled bundle judged now) refuses the bundle itself is no damage: installing it again would not
+    mend it (the caller warns). Any other failure is what ``run`` would refuse."""
+    try:
+        store.verify(name)
+    except SignatureError as exc:
+        try:
+            judge()
+        except SignatureError:
+            return None
+        return exc.problem
+    except IntegrityError as exc:
+        return exc.problem
+    return None
 
 
 def _judge(stage: Path, man: Manifest, data: bytes, origin: oci.Ref, public_key):

@@ -119,13 +119,41 @@ def verified(ref: ModelRef, *, full: bool = False, public_key=None):
     """Verify a bundle directory (through the verified cache) or an installed model; returns ``bundle.Verified``."""
     from edgemed.packaging.bundle import verify_dir
     from edgemed.packaging.digest import VerifiedCache
-    from edgemed.packaging.store import Store
 
     if ref.kind == DIRECTORY:
         return verify_dir(ref.path, full=full, public_key=public_key, cache=VerifiedCache())
     if ref.kind == STORE:
-        return Store().verify(ref.name, full=full, public_key=public_key)
+        return _store_verify(ref.name, full=full, public_key=public_key)
     raise ValueError(f"{ref.kind} is not a verifiable bundle directory")
+
+
+def _store_verify(name: str, *, full: bool = False, public_key=None):
+    """``Store.verify``, where a damaged file's fix names where this copy came from (the store records it): the
+    bundle's maker is not who a device that pulls from a registry asks, and the pull mends a damaged copy."""
+    from edgemed.errors import EdgemedError, IntegrityError
+    from edgemed.packaging.bundle import DAMAGED, REINSTALL
+    from edgemed.packaging.store import Store
+
+    store = Store()
+    try:
+        return store.verify(name, full=full, public_key=public_key)
+    except IntegrityError as exc:
+        if exc.fix in (DAMAGED, REINSTALL):
+            try:
+                exc.fix = _get_again(name, store.record(name) or {})
+            except (EdgemedError, OSError):
+                pass  # the index cannot be read now: the fix stays the bundle's
+        raise
+
+
+def _get_again(name: str, record: dict) -> str:
+    """How to get the installed ``name`` again from where it came: its registry, its bundle file, or any bundle."""
+    origin, source = record.get("origin"), record.get("source")
+    if isinstance(origin, str) and origin.startswith("oci://"):
+        return (f"the installed copy is damaged or was altered; get it again from its registry: "
+                f"edgemed pull {origin} --name {name} --force")
+    bundle = source if isinstance(source, str) and not origin and Path(source).exists() else "BUNDLE"
+    return f"the installed copy is damaged or was altered; install it again: edgemed install {bundle} --name {name} --force"
 
 
 def trusted(ref: ModelRef, *, full: bool = False):
@@ -285,9 +313,7 @@ def adapter_specs(ref: ModelRef, args) -> list:
 def _verify_installed(bundle: str) -> dict:
     """An installed adapter bundle, checked as ``runnable`` checks an installed model: every file, and the trust
     policy. Returns its files as path -> ``Vouched``."""
-    from edgemed.packaging.store import Store
-
-    v = Store().verify(bundle)  # every file, the signature checked at install, and today's trust policy
+    v = _store_verify(bundle)  # every file, the signature checked at install, and today's trust policy
     return dict(_vouched(v, bundle))
 
 
