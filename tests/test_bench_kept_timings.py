@@ -134,3 +134,34 @@ def test_the_runner_measures_the_bandwidth_at_a_kept_timings_threads(configs, tm
     assert [b["threads"] for b in others] == [3] and calls == [3]
     assert json.loads((out / "raw" / "bandwidth-3-threads.json").read_text())["read"]["threads"] == 3
     assert runner.other_bandwidths(out, raws, _bw(2, 20.0)) == others and calls == [3]  # measured once per folder
+
+
+def test_a_goal_over_timings_measured_with_other_settings_is_not_shown(configs, tmp_path, monkeypatch):
+    """The peak-RSS, decode and e2e goals are ratios of two timings: over an F16 (and an HF baseline) timed with 1
+    thread and a Q4_K_M re-timed with 2 they read "yes" / "no" as if measured alike; they say why they are not shown
+    and how to time both alike, and are checked again once both are timed alike."""
+    from edgemed.benchmarks.harness.goals import check_goals
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    hf = Config("hf-fp32", "hf", str(checkpoint), "float32")
+    out, (f16, q4), every = tmp_path / "out", configs, [*configs, hf]
+    one, two = Settings(profile="x86-avx2", threads=1), Settings(profile="x86-avx2", threads=2)
+    base = [_timed(out, f16, every, one, 300, 2.0), _timed(out, hf, every, one, 900, 40.0)]
+
+    def goals(q4_settings: Settings) -> dict[str, list[str]]:
+        results, md = _build(out, every, one, [*base, _timed(out, q4, every, q4_settings, 120, 4.0)], _bw(1, 10.0),
+                             monkeypatch)
+        return {row[0]: row for row in check_goals(results)}
+
+    apart = goals(two)
+    for label in ("Q4_K_M peak RSS <= 35 % of F16's", "Q4_K_M decode >= 2.5x F16",
+                  "Q4_K_M e2e latency <= 15 % of HF-torch fp32"):
+        _, measured, met = apart[label]
+        assert measured == "—" and met.startswith("not shown: timed with other settings (threads 2 vs 1)")
+        assert "--phases timing" in met and "yes" not in met and "no" not in met.split()
+    alike = goals(one)  # the same settings: each goal checked on its figures (120 of 300 MiB is 40 %: not met)
+    assert alike["Q4_K_M peak RSS <= 35 % of F16's"][1:] == ["40.0 %", "**no**"]
+    assert alike["Q4_K_M decode >= 2.5x F16"][1:] == ["0.50x", "**no**"]
+    assert alike["Q4_K_M e2e latency <= 15 % of HF-torch fp32"][1:] == ["10.0 %", "yes"]
