@@ -3,6 +3,7 @@ sandboxed chat template, providers) and the rule that the runtime imports no tor
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,36 @@ def test_stop_string_cuts_the_reply(engine):
     stop = full[4:7]
     cut = "".join(engine.chat(PROMPT, GenerationSettings(max_tokens=16, stop=(stop,))))
     assert cut == full[: full.find(stop)]
+
+
+def _finish(stream):
+    """What a generation returns once its pieces are read: how it ended."""
+    while True:
+        try:
+            next(stream)
+        except StopIteration as end:
+            return end.value
+
+
+def test_a_generation_says_how_it_ended(engine, tiny_onnx):
+    """As ``llamacpp.generate`` does: `run` on an ONNX folder reads "cut" from it, not from the text tokenized again
+    (a sampled reply may read back as fewer tokens than were sampled, or more)."""
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli as main
+    from edgemed.runtime.engine import Finish
+
+    settings = GenerationSettings(max_tokens=12)
+    assert _finish(engine.chat(PROMPT, settings)) == Finish("length", 12)
+    full = "".join(engine.chat(PROMPT, settings))
+    assert _finish(engine.chat(PROMPT, GenerationSettings(max_tokens=12, stop=(full[4:7],)))).reason == "stop"
+    ids = list(engine.generate_tokens(engine.tokenize(engine.render_chat(PROMPT)), settings))
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    engine.eos_ids = {ids[k]}  # as if the model ended its turn there
+    assert _finish(engine.chat(PROMPT, settings)) == Finish("eog", k)
+    result = CliRunner().invoke(main, ["run", str(tiny_onnx[1]), "--prompt", "The patient has diabetes", "--max-tokens",
+                                       "12", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["cut"] is True, result.output
 
 
 def test_sampling_is_seeded(engine):

@@ -1,10 +1,13 @@
 """``edgemed run`` without a template says whether the reply was cut at --max-tokens: a ``cut`` field with --json,
-a line on stderr when streaming; --think show puts the thinking in --json's ``think``. The real SmolLM2 (1 thread)."""
+a line on stderr when streaming (``chat`` too), read from how the sampler stopped; --think show puts the thinking in
+--json's ``think``; ``--think cap:N`` leaves a model that does not think alone; --seed is a fixed seed or refused.
+The real SmolLM2 (1 thread)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from edgemed.cli import cli
@@ -49,5 +52,67 @@ def test_think_show_puts_the_thinking_in_the_json(smollm2_gguf, monkeypatch):
 
     monkeypatch.setattr(session, "respond", respond)
     data = json.loads(run(str(smollm2_gguf), "-p", ASK, "--json", "--think", "show").stdout)
-    assert data == {"reply": "Iron deficiency.", "cut": False, "think": "Low ferritin points to iron."}
+    assert data == {"reply": "Iron deficiency.", "cut": False, "seed": 0, "think": "Low ferritin points to iron."}
     assert "think" not in json.loads(run(str(smollm2_gguf), "-p", ASK, "--json").stdout)
+
+
+#: (prompt, --max-tokens, --temperature, --seed, cut): a sampled reply is not always the tokenizer's own split of its
+#: text. The first samples its 40 tokens, which tokenized again are 39; the second ends its turn after 18, which
+#: tokenized again are 19. "cut" counted the text tokenized again: the first read as whole, the second as cut.
+SAMPLED = [(ASK, 40, "1.0", "25", True), ("Name one sign of sepsis, in a few words.", 19, "1.2", "35", False)]
+
+
+def test_cut_is_how_the_sampler_stopped_not_a_count_of_the_text(smollm2_gguf):
+    from edgemed.runtime.llamacpp import Model
+
+    vocab = Model(smollm2_gguf, vocab_only=True)
+    try:
+        for prompt, max_tokens, temperature, seed, cut in SAMPLED:
+            sampled = ["-p", prompt, "--max-tokens", str(max_tokens), "--temperature", temperature, "--seed", seed]
+            data = json.loads(run(str(smollm2_gguf), *sampled, "--json").stdout)
+            assert (len(vocab.tokenize(data["reply"])) >= max_tokens) is not cut, data  # what the count said
+            assert data["cut"] is cut and data["seed"] == int(seed), data
+            streamed = run(str(smollm2_gguf), *sampled)
+            assert streamed.exit_code == 0 and ("(cut at --max-tokens" in streamed.stderr) is cut, streamed.output
+    finally:
+        vocab.close()
+
+
+def test_think_cap_leaves_a_model_that_does_not_think_alone(smollm2_gguf):
+    """SmolLM2 writes no <think>: --think cap:N stopped its answer at N tokens and fed that text again as prompt,
+    which changed a greedy answer; a sampled one that read back as fewer than N tokens ended there, not cut."""
+    ask = ["-p", "What are the signs of sepsis?", "--max-tokens", "60", "--json"]
+    hidden = json.loads(run(str(smollm2_gguf), *ask).stdout)
+    for cap in ("cap:7", "cap:10"):
+        assert json.loads(run(str(smollm2_gguf), *ask, "--think", cap).stdout) == hidden, cap
+    prompt, max_tokens, temperature, seed, _ = SAMPLED[0]
+    sampled = ["-p", prompt, "--max-tokens", str(max_tokens), "--temperature", temperature, "--seed", seed, "--json"]
+    whole = json.loads(run(str(smollm2_gguf), *sampled).stdout)
+    assert whole["cut"] and json.loads(run(str(smollm2_gguf), *sampled, "--think", "cap:20").stdout) == whole
+
+
+def test_chat_with_a_think_cap_answers_as_without_and_says_it_was_cut(smollm2_gguf):
+    """The answer stopped at the cap (or was fed again as prompt and changed), and went into the history unmarked."""
+    def chat(think):
+        return CliRunner().invoke(cli, ["chat", str(smollm2_gguf), "--max-tokens", "40", "--think", think, *ARGS],
+                                  input="What are the signs of sepsis?\n/exit\n")
+
+    hidden, capped = chat("hide"), chat("cap:8")
+    assert hidden.exit_code == 0 and capped.exit_code == 0, capped.output
+    assert capped.stdout == hidden.stdout and "(cut at --max-tokens 40" in capped.stderr, capped.output
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967295", "4294967296"])
+def test_a_seed_that_is_not_a_fixed_seed_is_refused(tmp_path, seed):
+    """-1 and 2^32 - 1 were both llama.cpp's "random" seed turned into 2^32 - 2, and 2^32 was seed 0, without a word;
+    refused before the model is looked for."""
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "hi", "--temperature", "0.8",
+                                 "--seed", seed])
+    assert r.exit_code == 1 and f"--seed {seed} is not a fixed seed" in r.output, r.output
+    assert "from 0 to 4294967294" in r.output and "does not exist" not in r.output
+
+
+def test_the_highest_fixed_seed_is_taken_and_named_in_the_json(smollm2_gguf):
+    hot = ["-p", "hi", "--temperature", "0.8", "--max-tokens", "8", "--json"]
+    top, zero = (json.loads(run(str(smollm2_gguf), *hot, "--seed", seed).stdout) for seed in ("4294967294", "0"))
+    assert top["seed"] == 4294967294 and zero["seed"] == 0 and top["reply"] != zero["reply"], (top, zero)

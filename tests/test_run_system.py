@@ -45,7 +45,7 @@ def test_a_template_without_a_system_role_gets_the_system_text_before_the_prompt
     result = run(no_system_gguf, "--system", "Be brief.", "-p", ASK, "--json")
     assert result.exit_code == 0, result.output
     assert prompts == [FOLDED]
-    assert set(json.loads(result.stdout)) == {"reply", "cut"}  # --json as documented; the note is on stderr
+    assert set(json.loads(result.stdout)) == {"reply", "cut", "seed"}  # --json as documented; the note is on stderr
     assert "takes no system message, so --system goes before the prompt" in result.stderr
 
 

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgemed.cli import cli
-from edgemed.runtime.engine import GenerationSettings
+from edgemed.runtime.engine import Finish, GenerationSettings
 from edgemed.runtime.session import ask, respond
 from edgemed.templates import get_template
 from edgemed.templates.think import ThinkPolicy
@@ -38,6 +38,8 @@ class ScriptedEngine:
         text = self.replies.pop(0)
         for i in range(0, len(text), 3):  # stream in small pieces, splitting tags
             yield text[i:i + 3]
+        words = len(text.split())  # a word a token: a reply of max_tokens words used them all
+        return Finish("length" if words >= settings.max_tokens else "eog", min(words, settings.max_tokens))
 
     def tokenize(self, text, add_special=False):
         return text.split()
@@ -97,11 +99,12 @@ def test_a_text_reply_cut_at_max_tokens_is_not_ok_and_says_why():
     answer = ask(engine, get_template("open_question"), {"question": "Adrenaline dose in anaphylaxis?"},
                  GenerationSettings(max_tokens=5), ThinkPolicy())
     assert not answer.parsed.ok and "cut at the token limit" in answer.parsed.error and len(engine.calls) == 1
-    engine = ScriptedEngine("<think>Anaphylaxis: IM adrenaline", "Answer: give 0.5 mg of")  # capped thinking
+    thought = "<think>Anaphylaxis: IM adrenaline"  # begun as an answer would be, then again as a capped thought
+    engine = ScriptedEngine(thought, thought, "Answer: give 0.5 mg of")
     answer = ask(engine, get_template("open_question"), {"question": "q"}, GenerationSettings(max_tokens=5),
                  ThinkPolicy(cap=16))
-    assert not answer.parsed.ok and "cut at the token limit" in answer.parsed.error and len(engine.calls) == 2
-    engine = ScriptedEngine("<think>Anaphylaxis: IM adrenaline", "Answer: 0.5 mg IM.")  # the answer, whole
+    assert not answer.parsed.ok and "cut at the token limit" in answer.parsed.error and len(engine.calls) == 3
+    engine = ScriptedEngine(thought, thought, "Answer: 0.5 mg IM.")  # the answer, whole
     answer = ask(engine, get_template("open_question"), {"question": "q"}, GenerationSettings(max_tokens=5),
                  ThinkPolicy(cap=16))
     assert answer.parsed.ok and answer.parsed.value == "0.5 mg IM."

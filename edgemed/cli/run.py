@@ -264,6 +264,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     """
     from edgemed.errors import InputError
     from edgemed.runtime import GenerationSettings
+    from edgemed.runtime.engine import check_seed
     from edgemed.runtime.session import ask, generate, open_with_adapters, prepare, respond
     from edgemed.templates.think import ThinkPolicy
     from edgemed.phi import no_core_dumps
@@ -272,6 +273,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
 
     if model is None:
         raise InputError("No model given.", "pass a .gguf path: edgemed run model.gguf --prompt '...' (make one with `edgemed convert`)")
+    check_seed(seed)  # -1 and 2^32 - 1 were llama.cpp's random seed, 2^32 was seed 0: all taken without a word
     if template_name and (prompt is not None or system):  # they were ignored without a word
         flag = "--prompt" if prompt is not None else "--system"
         raise InputError(f"--template {template_name} writes the whole prompt, its safety preamble included, so {flag} "
@@ -324,7 +326,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
                 echo_json_result(json.dumps({"template": template.name, "ok": answer.parsed.ok, "answer": value,
                                              "forced": answer.forced, "expected": expected, "reply": answer.reply,
                                              "think": answer.think if policy.show else None,
-                                             "profile": prepared.profile}))
+                                             "profile": prepared.profile, "seed": seed}))
             else:
                 click.echo()
                 shown = json.dumps(value) if isinstance(value, (dict, list)) else value
@@ -362,7 +364,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
             raise NoAnswer(max_tokens)
         was_cut = bool(cut) and cut[-1]
         if as_json:
-            reply = {"reply": "".join(text), "cut": was_cut}
+            reply = {"reply": "".join(text), "cut": was_cut, "seed": seed}
             if policy.show:
                 reply["think"] = "".join(thinking)
             echo_json_result(json.dumps(reply))

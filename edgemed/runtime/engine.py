@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Generator, Protocol
 
 from edgemed.constants import DEFAULT_KV_TYPE
 from edgemed.errors import ContextOverflow, InputError
@@ -50,6 +50,32 @@ class GenerationSettings:
 
 #: Highest sampling temperature (OpenAI's bound): beyond it the answer is noise.
 MAX_TEMPERATURE = 2.0
+
+#: The highest seed that is a fixed seed: llama.cpp takes a seed as 32 bits, and 2^32 - 1 (what -1 becomes) as
+#: "draw a random one", so a seed outside 0..MAX_SEED could not give its answer again, or would be another seed.
+MAX_SEED = 2**32 - 2
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """Refuse a sampling seed that is not a fixed seed every backend takes as it is (``MAX_SEED``)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"{option} {seed} is not a fixed seed: seeds are whole numbers from 0 to {MAX_SEED} "
+                         "(llama.cpp keeps 32 bits of a seed and reads 4294967295 as 'pick one at random').",
+                         f"pass {option} from 0 to {MAX_SEED}; the same seed and prompt give the same answer again")
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How one generation ended: ``reason`` "eog" (the model ended its turn), "stop" (a stop string) or "length" (it
+    sampled its ``max_tokens``: the text is cut there); ``tokens``: the tokens it sampled (an end-of-generation token
+    not counted). Each backend's generator returns it (``finish = yield from engine.complete(...)``)."""
+
+    reason: str
+    tokens: int
+
+    @property
+    def cut(self) -> bool:
+        return self.reason == "length"
 
 
 @dataclass(frozen=True)
@@ -95,11 +121,11 @@ class Engine(Protocol):
     #: token ids, and feeds only the rest (a conversation's history; llama.cpp only). Settable: False feeds all.
     prefix_reuse: bool
 
-    def chat(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
+    def chat(self, messages: list[dict], settings: GenerationSettings) -> Generator[str, None, Finish]:
         """Stream the assistant's reply to ``messages`` (rendered by the model's chat template)."""
 
-    def complete(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
-        """Stream a continuation of a raw ``prompt``."""
+    def complete(self, prompt: str, settings: GenerationSettings) -> Generator[str, None, Finish]:
+        """Stream a continuation of a raw ``prompt``; the generator returns how it ended (``Finish``)."""
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Generator
 
 from edgemed.runtime import llamacpp
 from edgemed.runtime.loader import load_adapters, load_model
-from edgemed.runtime.engine import GenerationSettings, LoadSettings
+from edgemed.runtime.engine import Finish, GenerationSettings, LoadSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,10 @@ class LlamaEngine:
             raise
         self.n_ctx = self.ctx.n_ctx
 
-    def chat(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
+    def chat(self, messages: list[dict], settings: GenerationSettings) -> Generator[str, None, Finish]:
         return self.complete(self.render_chat(messages), settings)
 
-    def complete(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
+    def complete(self, prompt: str, settings: GenerationSettings) -> Generator[str, None, Finish]:
         tokens = self.tokenize(prompt, add_special=True, parse_special=True)
         return llamacpp.generate(self.model, self.ctx, tokens, settings, reuse=self.prefix_reuse)
 

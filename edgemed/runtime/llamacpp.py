@@ -18,14 +18,14 @@ import functools
 import logging
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Generator
 
 from edgemed import env
 from edgemed.constants import FULL_PRECISION_KV, KV_TYPES
 from edgemed.errors import InputError, ModelLoadError, NoTokenAllowed, require
 from edgemed.runtime import buffers, native_log
 from edgemed.runtime.params import Params, load_mode
-from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
+from edgemed.runtime.engine import Finish, GenerationSettings, LoadSettings, check_fits
 from edgemed.runtime.sampling import REPEAT_WINDOW, grammar_text  # the penalty window both backends use
 from edgemed.runtime.text_stream import TextStream
 
@@ -714,11 +714,13 @@ class Detokenizer:
 
 
 def generate(model: Model, ctx: Context, tokens: list[int], settings: GenerationSettings,
-             reuse: bool = True) -> Iterator[str]:
-    """Stream the continuation of ``tokens`` in sequence 0 of ``ctx``: text pieces, stop strings held back. The
-    cells before stay where they hold the prompt's first ids as prompt rows, in whole micro-batches
-    (``Context.reusable``: a conversation's earlier turns, a template's preamble), and only the rest is fed, so the
-    answer is the one a cold run gives; ``reuse=False``: every token is fed (the cells are cleared first)."""
+             reuse: bool = True) -> Generator[str, None, Finish]:
+    """Stream the continuation of ``tokens`` in sequence 0 of ``ctx``: text pieces, stop strings held back; returns
+    how it ended (``Finish``: the tokens sampled, and whether an end-of-generation token, a stop string or
+    ``max_tokens`` ended it). The cells before stay where they hold the prompt's first ids as prompt rows, in whole
+    micro-batches (``Context.reusable``: a conversation's earlier turns, a template's preamble), and only the rest is
+    fed, so the answer is the one a cold run gives; ``reuse=False``: every token is fed (the cells are cleared
+    first)."""
     if not tokens:
         raise InputError("The prompt is empty.", "send at least one token of prompt")
     check_fits(len(tokens), settings, ctx.n_ctx)
@@ -733,16 +735,17 @@ def generate(model: Model, ctx: Context, tokens: list[int], settings: Generation
             log.debug("prompt: %d of %d tokens kept from the previous call", n, len(tokens))
         ctx.eval(tokens[n:], n)
         ctx.prompt_cells = list(tokens)  # after the last piece: several rows each (REFEED)
-        pos = len(tokens)
+        pos, reason = len(tokens), "length"
         for _ in range(settings.max_tokens):
             token = sampler.sample(ctx, -1)
             if model.is_eog(token):
+                reason = "eog"
                 break
             piece = text.push(token)
             if piece:
                 yield piece
             if text.stopped:
-                return
+                return Finish("stop", len(text.ids))
             if pos >= ctx.n_ctx:
                 break
             ctx.eval([token], pos)
@@ -750,5 +753,6 @@ def generate(model: Model, ctx: Context, tokens: list[int], settings: Generation
         rest = text.flush()
         if rest:
             yield rest
+        return Finish(reason, len(text.ids))
     finally:
         sampler.close()

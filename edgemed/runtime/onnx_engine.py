@@ -31,14 +31,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterator
+from typing import Generator, Iterator
 
 from edgemed import env
 from edgemed.errors import InputError, ModelLoadError, require
 from edgemed.formats import genai_config, onnx_external
 from edgemed.formats.input_file import odd_kind, read_at_most
 from edgemed.formats.nesting import loads_json
-from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
+from edgemed.runtime.engine import Finish, GenerationSettings, LoadSettings, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -390,21 +390,22 @@ class OnnxEngine:
         return render(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token)
 
     # -- generation -----------------------------------------------------------------------
-    def chat(self, messages: list[dict], settings: GenerationSettings) -> Iterator[str]:
+    def chat(self, messages: list[dict], settings: GenerationSettings) -> Generator[str, None, Finish]:
         return self.generate(self.tokenize(self.render_chat(messages)), settings)
 
-    def complete(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
+    def complete(self, prompt: str, settings: GenerationSettings) -> Generator[str, None, Finish]:
         return self.generate(self.tokenize(prompt, add_special=True), settings)
 
     def _check_fits(self, n_prompt: int, s: GenerationSettings) -> None:
         check_fits(n_prompt, s, self.n_ctx)
 
-    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
-        """Stream the text of up to ``settings.max_tokens`` new tokens after ``prompt_ids``."""
+    def generate(self, prompt_ids: list[int], settings: GenerationSettings) -> Generator[str, None, Finish]:
+        """Stream the text of up to ``settings.max_tokens`` new tokens after ``prompt_ids``; returns how it ended
+        (``Finish``), as ``llamacpp.generate`` does."""
         self._check_fits(len(prompt_ids), settings)  # raised here, before the first next()
         return self._stream(list(prompt_ids), settings)
 
-    def _stream(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+    def _stream(self, prompt_ids: list[int], settings: GenerationSettings) -> Generator[str, None, Finish]:
         from edgemed.runtime.text_stream import TextStream
 
         text = TextStream(self.detokenize, settings.stop)
@@ -415,12 +416,14 @@ class OnnxEngine:
                 if piece:
                     yield piece
                 if text.stopped:
-                    return
+                    return Finish("stop", len(text.ids))
             tail = text.flush()
             if tail:
                 yield tail
         finally:
             tokens.close()
+        # generate_tokens ends before max_tokens only at a stop token
+        return Finish("length" if len(text.ids) >= settings.max_tokens else "eog", len(text.ids))
 
     def generate_tokens(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[int]:
         """New token ids after ``prompt_ids``: at most ``max_tokens``, ending before a stop token."""

@@ -20,7 +20,7 @@ from edgemed.devices.detect import resolve
 from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.plan import Plan, make_plan
 from edgemed.formats.sniff import model_format
-from edgemed.runtime.engine import GenerationSettings, LoadSettings
+from edgemed.runtime.engine import Finish, GenerationSettings, LoadSettings
 from edgemed.templates import Template
 from edgemed.templates.contract import Parsed, choice_grammar
 from edgemed.templates.think import CLOSE, OPEN, ThinkPolicy, ThinkSplitter
@@ -163,23 +163,24 @@ def starts_in_think(prompt: str) -> bool:
 
 
 def generate(engine, prompt: str, settings: GenerationSettings, cut: list | None) -> Iterator[str]:
-    """``engine.complete``'s pieces; with ``cut``, then appends whether the call used all its ``max_tokens`` (counted
-    by tokenizing what it wrote, as ``respond`` counts a capped thought: the engines report no finish reason)."""
-    text, stream = [], engine.complete(prompt, settings)
+    """``engine.complete``'s pieces; with ``cut``, then appends whether the call stopped because it had sampled its
+    ``max_tokens`` (the engine's ``Finish``: a text re-tokenized may count fewer tokens than were sampled, or more)."""
+    stream = engine.complete(prompt, settings)
     try:
-        for piece in stream:
-            text.append(piece)
-            yield piece
-    finally:  # left unfinished (``respond`` drops an answer begun without thinking): the engine's sampler goes now
+        finish = yield from stream
+    finally:  # left unfinished (``respond`` drops a start it does not keep): the engine's sampler goes now
         getattr(stream, "close", lambda: None)()
     if cut is not None:
-        cut.append(len(engine.tokenize("".join(text))) >= settings.max_tokens)
+        if not isinstance(finish, Finish):
+            raise TypeError(f"{type(engine).__name__}.complete returned no Finish: whether the text was cut is unknown")
+        cut.append(finish.cut)
 
 
 def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolicy,
             cut: list | None = None) -> Iterator[tuple[str, str]]:
     """Stream ``(channel, text)`` for a rendered ``prompt``; see the module docstring. ``cut``: a list that gains,
-    per generation call, whether it stopped at its token limit; its last entry says whether the answer was cut short."""
+    per generation call, whether it stopped at its token limit; its last entry says whether the answer was cut short.
+    The cap applies to a thought only: a model that writes no ``<think>`` answers in one call, as with no cap."""
     splitter = ThinkSplitter(in_think=starts_in_think(prompt))
     constrained = bool(settings.json_schema or settings.grammar)
     if think.cap is None and not (constrained and splitter.in_think):
@@ -188,50 +189,43 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
         yield from splitter.flush()
         return
 
-    # Phase 1: think, unconstrained, at most `cap` tokens, stopping at </think>.
+    # The thought: unconstrained, at most `cap` tokens, stopping at </think>.
     cap = min(think.cap or settings.max_tokens, settings.max_tokens)
-    first = ""
     free = replace(settings, max_tokens=cap, stop=(CLOSE,), json_schema=None, grammar=None)
-    if constrained and not splitter.in_think:
-        # Whether the model thinks shows in its first tokens: held back until they say; an answer begun without a
-        # thought would have been sampled unconstrained, so it is dropped and asked for again, constrained.
-        thinks = None
-        pieces = generate(engine, prompt, free, cut)
-        for piece in pieces:
-            first += piece
-            head = first.lstrip()
-            if head.startswith(OPEN):
-                thinks = True
-                yield from splitter.feed(first)
-                break
-            if head and not OPEN.startswith(head):
-                break
-        if not thinks:
-            pieces.close()  # the engine's next call keeps the prompt's cells only (its own prompt is the same)
-            for piece in generate(engine, prompt, settings, cut):
-                yield from splitter.feed(piece)
-            yield from splitter.flush()
-            return
-        for piece in pieces:
-            first += piece
-            yield from splitter.feed(piece)
-    else:
+    first = ""
+    if splitter.in_think:
         for piece in generate(engine, prompt, free, cut):
             first += piece
             yield from splitter.feed(piece)
-    if splitter.in_think or first.lstrip().startswith("<think>"):
-        # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
-        closing = THOUGHT_CLOSING
-        yield from splitter.feed(closing)
-        for piece in generate(engine, prompt + first + closing, settings, cut):
-            yield from splitter.feed(piece)
     else:
-        # The model did not think: what it wrote is the answer; continue it if the cap cut it short.
-        used = len(engine.tokenize(first))
-        if used >= cap and settings.max_tokens > used:
-            more = replace(settings, max_tokens=settings.max_tokens - used)
-            for piece in generate(engine, prompt + first, more, cut):
-                yield from splitter.feed(piece)
+        # Whether the model thinks shows in its first tokens: held back until they say. They are sampled as the call
+        # they most likely start: a constrained one as a thought (an answer begun without one would have been sampled
+        # unconstrained), any other as the answer (as with no cap). A start the model does not go on with is dropped
+        # and the right call made from the prompt again (the engine's next call keeps the prompt's cells only).
+        peek = free if constrained else settings
+        pieces = generate(engine, prompt, peek, cut)
+        thinks = False
+        for piece in pieces:
+            first += piece
+            head = first.lstrip()
+            if head.startswith(OPEN) or (head and not OPEN.startswith(head)):
+                thinks = head.startswith(OPEN)
+                break
+        wanted = free if thinks else settings
+        if wanted is not peek:
+            pieces.close()
+            first, pieces = "", generate(engine, prompt, wanted, cut)
+        yield from splitter.feed(first)
+        for piece in pieces:
+            first += piece
+            yield from splitter.feed(piece)
+        if not thinks:
+            yield from splitter.flush()
+            return
+    # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
+    yield from splitter.feed(THOUGHT_CLOSING)
+    for piece in generate(engine, prompt + first + THOUGHT_CLOSING, settings, cut):
+        yield from splitter.feed(piece)
     yield from splitter.flush()
 
 
