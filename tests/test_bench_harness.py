@@ -34,7 +34,7 @@ FAST = ["--runs", "3", "--warmup", "2", "--max-tokens", "8", "--threads", "1", "
 def model(tmp_path_factory):
     """A tiny random Qwen2 checkpoint and its F16 / Q8_0 GGUFs in the reproduce layout (<out>/artifacts/)."""
     root = tmp_path_factory.mktemp("bench")
-    src = tiny.build_model(root / "src", "qwen2")
+    src = tiny.build_model(root / "src", "qwen2", max_position_embeddings=1024)  # room for the accuracy items
     arts = root / "artifacts"
     arts.mkdir()
     for quant in ("f16", "q8_0"):
@@ -446,7 +446,8 @@ def test_accuracy_and_divergence_phases_on_the_benchmarked_artifacts(model, tmp_
     out = _with_artifacts(model, tmp_path / "acc")
     qa = tmp_path / "mcq.jsonl"
     qa.write_text("".join(json.dumps(row) + "\n" for row in MCQ))
-    args = ["bench", "reproduce", str(model["src"]), "--quants", "f16,q8_0", "--baselines", "", *FAST,
+    # --ctx is every phase's context: these items need ~620 positions of this tokenizer
+    args = ["bench", "reproduce", str(model["src"]), "--quants", "f16,q8_0", "--baselines", "", *FAST, "--ctx", "1024",
             "--eval", str(qa), "--eval-n", "4", "-o", str(out), "--json"]
     results = _run(args)
     assert results["failed"] == []

@@ -55,8 +55,9 @@ def build_tokenizer(out: Path, style: str, vocab_size: int = 384):
 
 
 def build_model(out: Path, arch: str = "llama", seed: int = 0, tie: bool | None = None, vocab_size: int = 384,
-                hidden_size: int = 64) -> Path:
-    """Write a tiny random ``arch`` checkpoint (float32 safetensors + tokenizer) to ``out``."""
+                hidden_size: int = 64, max_position_embeddings: int = 256) -> Path:
+    """Write a tiny random ``arch`` checkpoint (float32 safetensors + tokenizer) to ``out``; its trained context is
+    ``max_position_embeddings`` (a context past it is refused, as for any model)."""
     need_converter("torch", "transformers", "tokenizers")
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -64,7 +65,7 @@ def build_model(out: Path, arch: str = "llama", seed: int = 0, tie: bool | None 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out, "qwen2" if arch == "qwen2" else "gpt2", vocab_size)
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if arch == "qwen2":
         config = Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie, rope_theta=1_000_000.0)

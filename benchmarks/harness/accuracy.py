@@ -40,6 +40,10 @@ replies is made owner-only (0600); a resume without ``keep_replies`` drops the r
 None in a record whose text was not kept, as in one with no generated answer). ``edgemed bench`` keeps none unless
 told (``--keep-replies``), and a run without it takes them out of every records file in its folder.
 
+Every item to score must fit the scorer's context (its cued prompt, and the reply with ``score="both"``): one that
+does not stops the phase before any item is scored, named with the context that fits them all (``check_items_fit``),
+rather than being left out of a figure whose key names the whole draw.
+
 ``logit_s`` and ``gen_s`` in each record split the item's time between the two scores (what the bench default,
 logits only, saves).
 
@@ -60,7 +64,7 @@ from pathlib import Path
 
 from edgemed.benchmarks.harness.datasets import Item
 from edgemed.benchmarks.harness.stats import wilson
-from edgemed.errors import InputError
+from edgemed.errors import ContextOverflow, InputError
 from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.session import THOUGHT_CLOSING, starts_in_think
 from edgemed.templates.think import CLOSE
@@ -292,6 +296,52 @@ class _Prepared:
         return self._tokens[choices]
 
 
+def _asked(scorer, tpl, cue: list[int], inputs: dict) -> tuple[str, bool, list[int], list[int]]:
+    """How an item is put to the model: the rendered prompt, whether it opens a thought, its tokens, and the tokens
+    up to the answer cue."""
+    # as ``session.ask`` sends it: the system message folded into the user's where the chat template takes none (a
+    # model with a system role gets the very messages the template wrote, so its stored results' prompts stand)
+    rendered = scorer.render(fold_system(scorer.render, tpl.messages(inputs))[0])
+    thinks = starts_in_think(rendered)  # a reasoning model's chat template opens the thought (R1: "<think>\n")
+    prompt = scorer.tokenize(rendered)
+    # the cue after the thought, closed as ``session.respond`` closes a capped one: "Answer:" inside an open thought
+    # reads the model's musing, not its answer
+    cued = (scorer.tokenize(rendered + THOUGHT_CLOSING) if thinks else prompt) + cue
+    return rendered, thinks, prompt, cued
+
+
+def positions_needed(scorer, prepared: _Prepared, item: Item, template: str, max_gen_tokens: int,
+                     generate: bool) -> int:
+    """Context positions ``score_item`` uses for ``item``: the cued prompt and its next token and, with ``generate``,
+    the prompt and ``max_gen_tokens`` new tokens (for a model that thinks, a capped thought and then the answer)."""
+    tpl, cue = prepared.template(template_for(item, template))
+    _, thinks, prompt, cued = _asked(scorer, tpl, cue, template_inputs(tpl, item))
+    need = len(cued) + 1
+    if generate:
+        need = max(need, len(cued) - len(cue) + 2 * max_gen_tokens if thinks else len(prompt) + max_gen_tokens)
+    return need
+
+
+def check_items_fit(scorer, prepared: _Prepared, items: list[Item], template: str, max_gen_tokens: int,
+                    generate: bool) -> None:
+    """Refuse, before any item is scored, items that do not fit the scorer's context, naming them and the context
+    that fits them all. The whole phase, not the item: an accuracy without its longest items (PubMedQA with its longest
+    abstracts) is a figure over another draw than the one its key and report name."""
+    needs = {it.id: positions_needed(scorer, prepared, it, template, max_gen_tokens, generate) for it in items}
+    over = {i: n for i, n in needs.items() if n > scorer.n_ctx}
+    if not over:
+        return
+    longest = max(over.values())
+    named = ", ".join(f"{i} needs {n}" for i, n in sorted(over.items(), key=lambda kv: -kv[1])[:5])
+    more = f", and {len(over) - 5} more" if len(over) > 5 else ""
+    abstracts = any(it.context is not None for it in items if it.id in over)
+    raise ContextOverflow(
+        f"{len(over)} of the {len(items)} evaluation items to score need more positions than the {scorer.n_ctx}-token "
+        f"context of the accuracy phase ({named}{more}); none was scored.",
+        f"pass --ctx {longest} or more (edgemed bench's --ctx is the accuracy context too)"
+        + (", or --no-eval-context to ask PubMedQA without its abstract" if abstracts else ""))
+
+
 def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_tokens: int,
                generate: bool = True) -> dict:
     name = template_for(item, template)
@@ -307,14 +357,7 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
 
     before = dict(scorer.counters)
     start = time.perf_counter()
-    # as ``session.ask`` sends it: the system message folded into the user's where the chat template takes none (a
-    # model with a system role gets the very messages the template wrote, so its stored results' prompts stand)
-    rendered = scorer.render(fold_system(scorer.render, tpl.messages(inputs))[0])
-    thinks = starts_in_think(rendered)  # a reasoning model's chat template opens the thought (R1: "<think>\n")
-    prompt = scorer.tokenize(rendered)
-    # the cue after the thought, closed as ``session.respond`` closes a capped one: "Answer:" inside an open thought
-    # reads the model's musing, not its answer
-    cued = (scorer.tokenize(rendered + THOUGHT_CLOSING) if thinks else prompt) + cue
+    rendered, thinks, prompt, cued = _asked(scorer, tpl, cue, inputs)
     probs, mass = choice_probs(scorer.next_logits(cued), tokens)
     logit_s = time.perf_counter() - start
     gen_pred = parsed_ok = reply = None
@@ -394,18 +437,19 @@ def evaluate(scorer, items: list[Item], *, template: str = "auto", records_path:
     if old_meta is not None and old_meta != meta:
         raise InputError(f"{records_path} holds results of another run ({old_meta}), not {meta}.",
                          "pass a new --records file, or the same artifact and settings to resume")
+    if old_meta is None and done:
+        raise InputError(f"{records_path} has item records but no meta line.", "start a new records file")
+    todo = [it for it in items if it.id not in done or done[it.id].get("item_sha") != item_digest(it)]
+    prepared = _Prepared(scorer)
+    check_items_fit(scorer, prepared, todo, template, max_gen_tokens, generate=score == "both")  # before any write
     if old_meta is None:
         records_path.parent.mkdir(parents=True, exist_ok=True)
-        if done:
-            raise InputError(f"{records_path} has item records but no meta line.", "start a new records file")
         append_record(records_path, {"meta": meta})
     private_replies(records_path, keep_replies)
-    todo = [it for it in items if it.id not in done or done[it.id].get("item_sha") != item_digest(it)]
     log.info("%d items, %d already in %s, %d to score", len(items), len(items) - len(todo), records_path, len(todo))
 
     from tqdm import tqdm
 
-    prepared = _Prepared(scorer)
     start = time.perf_counter()
     evaluated = 0
     with tqdm(total=len(todo), desc=f"accuracy {scorer.path.name}", unit="item", file=sys.stderr,

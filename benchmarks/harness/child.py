@@ -3,8 +3,10 @@
 The runner writes the task (configuration, phase, settings in their public form, result key, output
 path) and sends the prompts' text on this process's stdin as a JSON array (a clinic's prompts are never written
 to disk: ``configs.Settings``); by hand, ``... child TASK.json < prompts.json``. This process measures and writes
-one JSON file atomically, so a killed child leaves either its complete result or nothing. Peak RSS is this process's
-own high-water mark (``VmHWM`` on Linux, ``ru_maxrss`` elsewhere: ``peak_rss``), imports included.
+one JSON file atomically, so a killed child leaves either its complete result or nothing; an expected failure
+(``EdgemedError``) writes its problem and fix to the task's ``error`` file instead, for the runner to report whole,
+and exits 1. Peak RSS is this process's own high-water mark (``VmHWM`` on Linux, ``ru_maxrss`` elsewhere:
+``peak_rss``), imports included.
 
 Phases:
 * ``timing``     load, warm-up, N timed requests (timing.py / torch_baseline.py), roofline figures;
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgemed.errors import EdgemedError
 from edgemed.files.atomic import write_text
 from edgemed.benchmarks.harness.configs import Config, Settings, public_settings
 
@@ -128,14 +131,16 @@ def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
     from edgemed.benchmarks.harness.scorer import open_scorer
 
     items = load_eval_set(settings.evals, settings.eval_counts, settings.seed, context=settings.eval_context)
-    scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx)
+    scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx,
+                         profile=settings.profile)  # loaded as the timing phase and `edgemed run` load it
     try:
         result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), score=settings.eval_score,
                                    progress=task.get("progress", True), artifact_sha256=task["key"]["model_sha256"],
                                    key=beyond_settings(task["key"]), keep_replies=settings.eval_replies)
+        runtime_settings = scorer.settings()
     finally:
         scorer.close()
-    return {"peak_rss_bytes": peak_rss_bytes(), **result}
+    return {"peak_rss_bytes": peak_rss_bytes(), "runtime_settings": runtime_settings, **result}
 
 
 def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
@@ -143,15 +148,17 @@ def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
     from edgemed.benchmarks.harness.scorer import open_scorer
 
     reference = Path(task["reference"])
-    scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx)
+    scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx,
+                         profile=settings.profile)
     try:
         if task.get("is_reference"):  # the shipped medical passages (divergence.load_texts), under this task's key
             divergence.reference_logits(scorer, reference, key=task["key"])
         # against the reference the runner holds current: one left by an earlier reference artifact is refused
         result = divergence.divergence(scorer, reference, key=task.get("reference_key"))
+        runtime_settings = scorer.settings()
     finally:
         scorer.close()
-    return {"reference": task["reference_config"], **result}
+    return {"reference": task["reference_config"], "runtime_settings": runtime_settings, **result}
 
 
 PHASE_FUNCTIONS = {"timing": phase_timing, "accuracy": phase_accuracy, "divergence": phase_divergence}
@@ -179,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     no_core_dumps()  # it holds the prompts and what the model says to them: a crash leaves no core file
     task = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     prompts = json.loads(sys.stdin.buffer.read().decode("utf-8"))  # the runner's: the text is never in the task file
-    raw = run_task(task, prompts)
+    try:
+        raw = run_task(task, prompts)
+    except EdgemedError as exc:  # an expected failure: its problem and its fix, whole, for the runner's report
+        if task.get("error"):
+            write_text(Path(task["error"]), json.dumps({"problem": exc.problem, "fix": exc.fix}))
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     write_text(Path(task["out"]), json.dumps(raw, indent=1) + "\n")
     return 0
 

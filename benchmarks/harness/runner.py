@@ -205,11 +205,15 @@ def _run_child(task: Task, settings: Settings, out: Path, progress: bool, refere
     """Run one task's child. The task file holds the public settings (``Settings.to_dict``: a file's prompts by
     digest); the prompts' text goes to the child on its stdin, so it is never on disk. The task file is removed
     when the child ends, however it ends; one a killed run leaves is swept by the next (``forget_clinic_text``).
-    ``reference_key``: the divergence reference's current key, which the logits it compares against must hold."""
+    ``reference_key``: the divergence reference's current key, which the logits it compares against must hold.
+    A failure is told by the child's error file (an ``EdgemedError``: its problem and fix, whole), else by the last
+    line of its stderr (a traceback's exception)."""
     tasks_dir = out / "raw" / "tasks"
     tasks_dir.mkdir(parents=True, exist_ok=True)
+    error_file = tasks_dir / f"{task.config.name}-{task.phase}.error.json"
+    error_file.unlink(missing_ok=True)
     body = {"config": task.config.to_dict(), "phase": task.phase, "settings": settings.to_dict(), "key": task.key,
-            "out": str(task.raw), "progress": progress,
+            "out": str(task.raw), "progress": progress, "error": str(error_file),
             "records": str(out / "raw" / f"{task.config.name}-{task.phase}.records.jsonl"),
             "reference": str(reference_file(out)), "reference_config": REFERENCE, "reference_key": reference_key,
             "is_reference": task.config.name == REFERENCE}
@@ -221,7 +225,14 @@ def _run_child(task: Task, settings: Settings, out: Path, progress: bool, refere
                               stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, check=False)
     finally:
         task_file.unlink(missing_ok=True)
+        try:
+            error = json.loads(error_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            error = None
+        error_file.unlink(missing_ok=True)
     if proc.returncode != 0:
+        if isinstance(error, dict) and error.get("problem"):
+            return False, f"exit {proc.returncode}: {error['problem']}" + (f" Fix: {error['fix']}" if error.get("fix") else "")
         tail = (proc.stderr or "")[-2000:]
         return False, f"exit {proc.returncode}" + (f": {tail.strip().splitlines()[-1]}" if tail.strip() else "")
     return True, ""

@@ -1,8 +1,11 @@
 """Token-level access to one artifact for accuracy and divergence: next-token logits, greedy text, all-position logits.
 
-``open_scorer(artifact, threads=..)`` opens a GGUF file (llama-cpp-python) or an edgemed ONNX directory
-(onnxruntime) through the runtime's own engines, so the chat template, tokenizer and weights are exactly what
-``edgemed run`` uses: accuracy is measured on the very artifact being benchmarked.
+``open_scorer(artifact, threads=.., n_ctx=.., profile=..)`` opens a GGUF file (llama-cpp-python) or an edgemed ONNX
+directory (onnxruntime) through the runtime's own engines, loaded as ``edgemed run`` loads it on that device profile
+(``session.prepare``: KV cache types, flash attention, GPU offload, micro-batch, the memory plan), so the chat
+template, tokenizer, weights and load settings are exactly what the device runs and the timing phase timed: accuracy
+and divergence are measured on the very artifact being benchmarked, keyed by that profile. ``settings()`` reads the
+load back (``timing.gguf_settings``), for the raw result.
 
 **KV prefix reuse.** Every evaluation prompt starts with the same system message, and the logit-scoring prompt
 extends the generation prompt, so each backend keeps the KV cache of the last token sequence it saw. A new request
@@ -75,6 +78,10 @@ class Scorer:
         raise NotImplementedError
 
     def close(self) -> None:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """The load as the runtime made it (threads, context, KV types, offload...), as timing records it."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
@@ -156,12 +163,17 @@ class GgufScorer(Scorer):
 
     kind = "gguf"
 
-    def __init__(self, path: Path, threads: int, n_ctx: int):
+    def __init__(self, path: Path, load: LoadSettings):
         super().__init__(path)
         from edgemed.runtime.llama_engine import LlamaEngine
 
-        self.engine = LlamaEngine(path, LoadSettings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads))
+        self.engine = LlamaEngine(path, load)
         self.n_ctx, self.n_vocab, self.n_batch = self.engine.ctx.n_ctx, self.engine.model.n_vocab, self.engine.ctx.n_batch
+
+    def settings(self) -> dict:
+        from edgemed.benchmarks.harness.timing import gguf_settings
+
+        return gguf_settings(self.engine)
 
     def render(self, messages: list[dict]) -> str:
         return self.engine.render_chat(messages)
@@ -197,14 +209,20 @@ class OnnxScorer(Scorer):
 
     kind = "onnx"
 
-    def __init__(self, path: Path, threads: int, n_ctx: int):
+    def __init__(self, path: Path, load: LoadSettings):
         super().__init__(path)
         from edgemed.runtime.onnx_engine import OnnxEngine
 
-        self.engine = OnnxEngine(path, LoadSettings(n_ctx=n_ctx, n_threads=threads))
+        self.load = load
+        self.engine = OnnxEngine(path, load)
         self.n_ctx = self.engine.n_ctx
         self.n_vocab = self.engine.tokenizer.get_vocab_size()
         self._past = self.engine.empty_past()
+
+    def settings(self) -> dict:
+        from edgemed.benchmarks.harness.timing import onnx_settings
+
+        return onnx_settings(self.engine, self.load)
 
     def render(self, messages: list[dict]) -> str:
         return self.engine.render_chat(messages)
@@ -253,7 +271,11 @@ class OnnxScorer(Scorer):
 SCORERS = {"gguf": GgufScorer, "onnx": OnnxScorer}
 
 
-def open_scorer(artifact: Path, *, threads: int, n_ctx: int = 2048) -> Scorer:
-    """A scorer over ``artifact`` (a .gguf file or an edgemed ONNX directory) with ``threads`` threads."""
+def open_scorer(artifact: Path, *, threads: int, n_ctx: int = 2048, profile: str | None = None) -> Scorer:
+    """A scorer over ``artifact`` (a .gguf file or an edgemed ONNX directory) with ``threads`` threads and an
+    ``n_ctx``-token context, loaded with the settings of device ``profile`` (None: the one this host detects), as
+    ``edgemed run`` and the timing phase load it (``session.prepare``)."""
+    from edgemed.runtime.session import prepare
+
     artifact = Path(artifact)
-    return SCORERS[model_format(artifact)](artifact, threads, n_ctx)
+    return SCORERS[model_format(artifact)](artifact, prepare(artifact, profile, n_ctx, threads).load)

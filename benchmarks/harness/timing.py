@@ -7,7 +7,9 @@ with end-of-generation tokens masked out of the argmax, so every configuration
 generates exactly ``max_tokens`` tokens (a count-based stop: the work is the
 same whatever the model would have said). The timed loop is the runtime's own
 step API (llama.cpp ``eval``, the ONNX engine's ``decode_steps``, torch forward
-with its KV cache), with a timestamp taken as each token's id is known.
+with its KV cache), with a timestamp taken as each token's id is known. Each object's ``n_ctx`` is the context the report states:
+``measure`` refuses, before the first run, a prompt whose tokens and ``max_tokens`` do not fit it, as ``edgemed run``
+refuses such a request (llama.cpp pads its cells past the asked size and would time positions beyond it).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class GgufTimed:
         self.load_s = time.perf_counter() - t
         self.load = self.engine.load
         self.ctx = self.engine.ctx
+        self.n_ctx = self.ctx.n_ctx  # the asked size, not llama.cpp's padded one
         self.banned = np.array(self.engine.model.eog_ids(), dtype=np.int64)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -77,11 +80,7 @@ class GgufTimed:
         return gguf_facts(self.path)
 
     def settings(self) -> dict:
-        s = self.load
-        return {"n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "n_batch": s.n_batch, "n_ctx": s.n_ctx,
-                "n_ubatch": self.ctx.n_ubatch,  # read back from llama.cpp's context
-                "extra_buffers": self.engine.model.placement.mode, "flash_attn": s.flash_attn, "type_k": s.type_k, "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers,
-                "use_mmap": s.use_mmap, "load_mode": self.engine.model.params.written.get("load_mode")}
+        return gguf_settings(self.engine)
 
     def close(self) -> None:
         self.engine.close()
@@ -101,6 +100,7 @@ class OnnxTimed:
         t = time.perf_counter()
         self.engine = OnnxEngine(path, self.load)
         self.load_s = time.perf_counter() - t
+        self.n_ctx = self.engine.n_ctx
         self.banned = np.array(sorted(self.engine.eos_ids), dtype=np.int64)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -126,10 +126,26 @@ class OnnxTimed:
         return onnx_facts(self.path)
 
     def settings(self) -> dict:
-        return {"n_threads": self.load.n_threads, "providers": self.engine.providers, "n_ctx": self.engine.n_ctx}
+        return onnx_settings(self.engine, self.load)
 
     def close(self) -> None:
         self.engine.close()
+
+
+def gguf_settings(engine) -> dict:
+    """A ``LlamaEngine``'s load as it was made (the self-test may have chosen safer buffers; llama.cpp read back):
+    what a timing or a scoring raw result records as ``runtime_settings``."""
+    s = engine.load
+    return {"n_threads": s.n_threads, "n_threads_batch": s.n_threads_batch, "n_batch": s.n_batch, "n_ctx": s.n_ctx,
+            "n_ubatch": engine.ctx.n_ubatch,  # read back from llama.cpp's context
+            "extra_buffers": engine.model.placement.mode, "flash_attn": s.flash_attn, "type_k": s.type_k,
+            "type_v": s.type_v, "n_gpu_layers": s.n_gpu_layers, "use_mmap": s.use_mmap,
+            "load_mode": engine.model.params.written.get("load_mode")}
+
+
+def onnx_settings(engine, load) -> dict:
+    """An ``OnnxEngine``'s threads, the providers onnxruntime took and its context."""
+    return {"n_threads": load.n_threads, "providers": engine.providers, "n_ctx": engine.n_ctx}
 
 
 def open_gguf(path: Path, threads, n_ctx, profile, seed, dtype="", use_mmap=None):
@@ -152,6 +168,21 @@ def one_run(timed, ids: list[int], n: int) -> dict:
             "decode_tok_s": (len(tokens) - 1) / decode_s, "tokens": tokens[:16]}
 
 
+def check_prompts_fit(ids: list[list[int]], max_tokens: int, n_ctx: int) -> None:
+    """Refuse (``engine.check_fits``'s ContextOverflow) when a prompt and its ``max_tokens`` new tokens overrun the
+    ``n_ctx``-token context; the prompt is named by its place in the list, never by its text."""
+    from edgemed.errors import ContextOverflow
+    from edgemed.runtime.engine import GenerationSettings, check_fits
+
+    need = max(len(prompt) for prompt in ids) + max_tokens  # what the longest needs: a --ctx that fits them all
+    for i, prompt in enumerate(ids, 1):
+        try:
+            check_fits(len(prompt), GenerationSettings(max_tokens=max_tokens), n_ctx)
+        except ContextOverflow as exc:
+            raise ContextOverflow(f"Timing prompt {i} of {len(ids)}: {exc.problem}",
+                                  f"pass --ctx {need} or more, lower --max-tokens, or give shorter --prompts") from None
+
+
 METRICS = ("ttft_s", "tpot_s", "e2e_s", "prefill_tok_s", "decode_tok_s")
 
 
@@ -165,6 +196,7 @@ def measure(timed, prompts: tuple[str, ...], runs: int, warmup: int, max_tokens:
     from tqdm import tqdm
 
     ids = [timed.prompt_ids(p) for p in prompts]
+    check_prompts_fit(ids, max_tokens, timed.n_ctx)
     warm = [one_run(timed, ids[i % len(ids)], max_tokens) for i in range(warmup)]
     timed_runs = []
     for i in tqdm(range(runs), desc="timed runs", unit="run", disable=not progress, leave=False):

@@ -17,7 +17,8 @@ from edgemed.errors import InputError
 
 
 class HfTimed:
-    def __init__(self, path: Path, threads: int | None, dtype: str, seed: int, allow_pickle: bool = False):
+    def __init__(self, path: Path, threads: int | None, dtype: str, seed: int, allow_pickle: bool = False,
+                 n_ctx: int = 2048):
         from edgemed import env
 
         env.enforce_offline()  # before transformers is imported: huggingface_hub reads it at its import
@@ -30,6 +31,7 @@ class HfTimed:
             torch.set_num_threads(int(threads))
         torch.manual_seed(seed)
         self.torch = torch
+        self.n_ctx = n_ctx  # the run's --ctx: the same prompts fit it, or are refused, for every configuration
         self.device = "cuda" if dtype == "float16" and torch.cuda.is_available() else "cpu"
         if dtype == "float16" and self.device == "cpu":
             raise InputError("The hf-fp16 baseline needs a GPU, and torch sees none.", "use --baselines hf-fp32,hf-bf16 on a CPU")
@@ -86,4 +88,4 @@ class HfTimed:
 
 
 def open_hf(path: Path, threads, n_ctx, profile, seed, dtype="float32", allow_pickle=False):
-    return HfTimed(path, threads, dtype or "float32", seed, allow_pickle)
+    return HfTimed(path, threads, dtype or "float32", seed, allow_pickle, n_ctx)

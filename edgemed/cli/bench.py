@@ -46,7 +46,9 @@ def _common(f):
         click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      help="A folder laid out like the shared evaluation data: measure the default medical suite "
                           "(MedMCQA, MMLU-medical, the PubMedQA test split) from it."),
-        click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context window for timing."),
+        click.option("--ctx", "n_ctx", type=int,
+                     help="Context window (tokens) of every phase; each prompt and its new tokens must fit it "
+                          "[default: 2048 for timing, 4096 for accuracy and divergence]."),
         click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`)."),
         click.option("--threads", type=int, help="CPU threads for every configuration [default: the device profile's]."),
         click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per request (fixed: EOS is masked)."),
@@ -90,9 +92,13 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
 
     check_threads(threads, "--threads")  # 0 or less used to be taken as "the profile's" without a word
     check_threads(eval_threads, "--eval-threads")
+    _check_ctx(n_ctx)
     if evals and eval_data:
         raise InputError("Both --eval and --eval-data were given.",
                          "pass --eval-data DIR for the default suite, or --eval FILES for your own files")
+    if eval_n and not (evals or eval_data):
+        raise InputError(f"--eval-n {eval_n} sizes the accuracy draw, and no evaluation data was given: it would "
+                         "measure nothing.", "pass --eval FILES or --eval-data DIR with it, or leave --eval-n out")
     if eval_data:
         suite = suite_files(eval_data)
         files, defaults = [p for p, _ in suite], [n for _, n in suite]
@@ -100,28 +106,61 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
         files = [Path(p.strip()).resolve() for p in (evals or "").split(",") if p.strip()]
         defaults = [300] * len(files)
     counts = _counts(eval_n, files, defaults)
+    twice = next((p for i, p in enumerate(files) if p in files[:i]), None)
+    if twice is not None:
+        raise InputError(f"--eval names '{twice}' twice.", "pass each data set file once")
+    drawn: dict[str, Path] = {}  # item id -> its file: each item is asked once, in one file
     for p, n in zip(files, counts):  # read each file now, so a bad one fails before hours of timing, not after
         if not p.is_file():
             raise InputError(f"Evaluation file '{p}' does not exist.", "pass existing files to --eval, comma-separated")
-        available = len(load_items(p, None, seed))
-        if not 1 <= n <= available:
-            raise InputError(f"--eval-n {n} for '{p}', which has {available} items.",
-                             f"pass --eval-n between 1 and {available} for that file")
+        items = load_items(p, None, seed)
+        if not 1 <= n <= len(items):
+            raise InputError(f"--eval-n {n} for '{p}', which has {len(items)} items.",
+                             f"pass --eval-n between 1 and {len(items)} for that file")
+        for item in items[:n]:  # the draw the accuracy phase asks (datasets.draw is prefix-stable)
+            if item.id in drawn:
+                where = "twice in that file" if drawn[item.id] == p else f"in '{drawn[item.id]}' too"
+                raise InputError(f"Item {item.id} of '{p}' is {where}: the paired scores need each item once.",
+                                 "pass each data set once, and give each line its own id (realidx or id)")
+            drawn[item.id] = p
+    sized = {"n_ctx": n_ctx, "eval_ctx": n_ctx} if n_ctx is not None else {}  # else Settings' own: 2048 and 4096
     # a file's prompts are a clinic's: the settings record them by digest (prompts_source "file"), never by text
     return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens,
                     prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,
                     prompts_source="file" if prompts else "built-in",
-                    threads=threads, n_ctx=n_ctx, profile=profile, seed=seed, scenario=scenario,
+                    threads=threads, profile=profile, seed=seed, scenario=scenario, **sized,
                     evals=tuple(str(p) for p in files), eval_sizes=tuple(counts), eval_context=eval_context,
                     eval_score=eval_score, eval_threads=eval_threads, eval_replies=eval_replies)
 
 
-def _phases(phases: str | None, skip_accuracy: bool, settings) -> list[str]:
-    from edgemed.benchmarks.harness.configs import PHASES, parse_list
+def _check_ctx(n_ctx: int | None) -> None:
+    from edgemed.devices.schema import MAX_CTX
+    from edgemed.errors import InputError
 
-    chosen = parse_list(phases, PHASES, "phase") if phases else list(PHASES)
-    if skip_accuracy or not settings.evals:
-        chosen = [p for p in chosen if p != "accuracy"]
+    if n_ctx is not None and not 1 <= n_ctx <= MAX_CTX:
+        raise InputError(f"--ctx {n_ctx}: a context is from 1 to {MAX_CTX} tokens.",
+                         "pass e.g. --ctx 2048 (room for the prompt and --max-tokens), or leave --ctx out")
+
+
+def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str]) -> list[str]:
+    """The phases to measure: those named in ``--phases`` (each refused, with its fix, where it has nothing to
+    measure), else every phase that applies. ``names``: the configurations' names (divergence needs the reference)."""
+    from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, parse_list
+    from edgemed.errors import InputError
+
+    if not phases:
+        return [p for p in PHASES if p != "accuracy" or (settings.evals and not skip_accuracy)]
+    chosen = parse_list(phases, PHASES, "phase")
+    if "accuracy" in chosen and skip_accuracy:
+        raise InputError("--phases names accuracy and --skip-accuracy leaves it out.", "pass one of the two")
+    if "accuracy" in chosen and not settings.evals:
+        raise InputError("--phases names accuracy, and no evaluation data was given: it would measure nothing.",
+                         "pass --eval FILES or --eval-data DIR, or leave accuracy out of --phases")
+    if "divergence" in chosen and REFERENCE not in names:
+        raise InputError(f"--phases names divergence, which compares each configuration with {REFERENCE}'s logits, "
+                         f"and this run has no {REFERENCE} configuration: it would measure nothing.",
+                         f"measure with `edgemed bench reproduce` and {REFERENCE} in --quants, or leave divergence "
+                         "out of --phases")
     return chosen
 
 
@@ -204,7 +243,8 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
                          eval_score, eval_threads, seed, scenario, eval_replies)
     out = output or Path(f"bench-{config.name}")
     _require_bench_extra()  # after the arguments and the model are checked, before anything is measured or written
-    results = runner.run(out, [config], settings, _phases(phases, skip_accuracy, settings),
+    chosen = _phases(phases, skip_accuracy, settings, [config.name])
+    results = runner.run(out, [config], settings, chosen,
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
                          force=force, check=_still_verified(verified) if verified is not None else None)
     _finish(results, out, as_json, measured=not report_only)
@@ -256,7 +296,8 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     # one inside the checkpoint, is refused now
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario, eval_replies)
-    chosen = _phases(phases, skip_accuracy, settings)
+    quant_names = artifacts.parse_quants(quants)
+    chosen = _phases(phases, skip_accuracy, settings, quant_names)  # before the conversions
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     if imatrix_from is not None:
@@ -264,7 +305,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
 
         imatrix_from = resolve(imatrix_from).resolve()
     _require_bench_extra()  # after the arguments, before the conversions: the plots come after every measurement
-    configs = artifacts.prepare(source.resolve(), output, artifacts.parse_quants(quants),
+    configs = artifacts.prepare(source.resolve(), output, quant_names,
                                 parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo,
                                 imatrix_from=imatrix_from, allow_pickle=allow_pickle)
     results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,

@@ -1,0 +1,125 @@
+"""``edgemed bench`` measures what the device runs and refuses what it cannot measure: the scoring phases load the
+model with the device profile's settings and record them; ``--ctx`` is every phase's context and is enforced; a flag
+that would measure nothing, a bad ``--ctx`` or a repeated data set is refused before any work; a failed measurement
+is reported with its whole error, problem and fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("matplotlib")
+
+from edgemed.cli import cli  # noqa: E402
+from edgemed.errors import ContextOverflow  # noqa: E402
+
+MCQ = {"realidx": 0, "question": "Which vitamin deficiency causes scurvy?",
+       "options": {"A": "A", "B": "B12", "C": "D", "D": "C"}, "answer_idx": "D"}
+
+
+def _qa(path: Path, question: str = MCQ["question"]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**MCQ, "question": question}) + "\n", encoding="utf-8")
+    return path
+
+
+def _bench(*args: str):
+    return CliRunner().invoke(cli, ["bench", *args])
+
+
+def test_flags_that_cannot_measure_are_refused_before_any_work(tmp_path, smollm2_gguf):
+    qa = _qa(tmp_path / "a" / "mcq.jsonl")
+    twin = _qa(tmp_path / "b" / "mcq.jsonl")  # another file of the same data set: the same item ids
+    out = tmp_path / "out"
+    quick = [str(smollm2_gguf), "-o", str(out), "--report-only", "--threads", "1"]
+    cases = [
+        (["--ctx", "0"], "--ctx 0", "leave --ctx out"),
+        (["--eval", f"{qa},{qa}", "--eval-n", "1"], "names '" + str(qa.resolve()) + "' twice", "each data set file once"),
+        (["--eval", f"{qa},{twin}", "--eval-n", "1"], "Item mcq:0", "each data set once"),
+        (["--phases", "accuracy"], "no evaluation data", "--eval FILES or --eval-data DIR"),
+        (["--phases", "timing", "--eval-n", "5"], "--eval-n 5", "leave --eval-n out"),
+        (["--phases", "divergence"], "no f16 configuration", "leave divergence out of --phases"),
+    ]
+    for extra, problem, fix in cases:
+        r = _bench("run", *quick, *extra)
+        assert r.exit_code == 1 and problem in r.output and "Fix: " in r.output and fix in r.output, (extra, r.output)
+        assert "Traceback" not in r.output and not out.exists(), extra
+    (tmp_path / "ckpt").mkdir()  # reproduce refuses before it converts anything
+    r = _bench("reproduce", str(tmp_path / "ckpt"), "--quants", "q8_0", "--baselines", "", "--phases", "divergence",
+               "-o", str(out), "--report-only")
+    assert r.exit_code == 1 and "no f16 configuration" in r.output and "f16 in --quants" in r.output, r.output
+    assert not out.exists()
+
+
+def test_ctx_is_the_context_of_every_phase(tmp_path):
+    from edgemed.cli.bench import _settings
+
+    args = dict(prompts=None, runs=1, warmup=0, max_tokens=8, threads=1, profile=None, n_ctx=None, evals=None,
+                eval_data=None, eval_n=None, eval_context=False, eval_score="logits", eval_threads=None, seed=0,
+                scenario="single-stream")
+    default = _settings(**args)
+    assert (default.n_ctx, default.eval_ctx) == (2048, 4096)  # unchanged keys for a run without --ctx
+    asked = _settings(**(args | {"n_ctx": 8192}))
+    assert (asked.n_ctx, asked.eval_ctx) == (8192, 8192)
+
+
+class _Timed:
+    """A runtime whose one prompt is 78 tokens in a 64-token context; generating would time positions past it."""
+
+    n_ctx = 64
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return list(range(78))
+
+    def generate(self, ids, n):
+        raise AssertionError("timed a request past the context the report states")
+
+
+def test_timing_refuses_a_prompt_and_its_tokens_beyond_the_context():
+    from edgemed.benchmarks.harness import timing
+
+    with pytest.raises(ContextOverflow) as err:
+        timing.measure(_Timed(), ("a prompt",), runs=1, warmup=0, max_tokens=60, progress=False)
+    assert "78 tokens" in err.value.problem and "138" in err.value.problem and "64" in err.value.problem
+    assert "--ctx 138" in err.value.fix
+
+
+def test_scoring_loads_as_the_device_profile_and_records_it(tmp_path, smollm2_gguf):
+    """jetson-orin-nano-8gb: flash attention, q8_0 KV, every layer offloaded, as `edgemed run` and the timing phase
+    load it; the accuracy result records the load llama.cpp made."""
+    from edgemed.benchmarks.harness.child import phase_accuracy
+    from edgemed.benchmarks.harness.configs import Config, Settings
+    from edgemed.runtime.session import prepare
+
+    profile = "jetson-orin-nano-8gb"
+    settings = Settings(profile=profile, threads=1, eval_ctx=512, evals=(str(_qa(tmp_path / "mcq.jsonl")),), eval_n=1)
+    task = {"records": str(tmp_path / "records.jsonl"), "progress": False, "key": {"model_sha256": "0" * 64}}
+    result = phase_accuracy(Config("m", "gguf", str(smollm2_gguf)), settings, task)
+    want = prepare(smollm2_gguf, profile, 512, 1).load
+    assert want.flash_attn and want.type_k == "q8_0" and want.n_gpu_layers == -1  # the profile differs from defaults
+    made = result["runtime_settings"]
+    assert (made["flash_attn"], made["type_k"], made["type_v"], made["n_gpu_layers"], made["n_ctx"]) == \
+        (True, "q8_0", "q8_0", -1, 512)
+    assert result["n"] == 1
+
+
+def test_a_failed_measurement_reports_its_whole_error(tmp_path, smollm2_gguf):
+    """--ctx 64 with 60 new tokens: timing refuses the 78-token prompt; an item longer than the accuracy context is
+    refused with every item named, before any is scored. Each failure carries its problem and its fix."""
+    long_qa = _qa(tmp_path / "long.jsonl", "A patient presents with fever. " * 60)
+    out = tmp_path / "out"
+    r = _bench("run", str(smollm2_gguf), "--name", "m", "-o", str(out), "--ctx", "64", "--max-tokens", "60",
+               "--runs", "1", "--warmup", "0", "--threads", "1", "--phases", "timing,accuracy",
+               "--eval", str(long_qa), "--eval-n", "1", "--json")
+    assert r.exit_code == 1, r.output
+    failed = {f["task"]: f["error"] for f in json.loads(r.stdout)["failed"]}
+    timing, accuracy = failed["m-timing"], failed["m-accuracy"]
+    assert "Timing prompt 1 of 1: The prompt is" in timing and "more than the context window of 64" in timing
+    assert "Fix: pass --ctx" in timing
+    assert "1 of the 1 evaluation items to score need more positions than the 64-token context" in accuracy
+    assert "long:0 needs" in accuracy and "none was scored" in accuracy and "Fix: pass --ctx" in accuracy
+    assert not (out / "raw" / "m-accuracy.records.jsonl").exists()  # nothing half-written
+    assert not list((out / "raw" / "tasks").glob("*"))
