@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from edgemed.benchmarks.harness.configs import PAPER, PHASES, REFERENCE, Config,
 from edgemed.benchmarks.harness import scores
 from edgemed.benchmarks.harness.roofline import bandwidths, rooflines, timing_bytes_per_token, timing_threads
 from edgemed.benchmarks.harness.stats import reduction
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "edgemed.bench/1"
 MIB = 1 << 20
@@ -171,6 +174,40 @@ def _derive(entries: list[dict], bw: dict | None, others: list[dict] = ()) -> di
             "torch": [b for b in baselines if b.startswith("hf-")]}
 
 
+def _accuracy_keys(configs: list[Config], settings: Settings, raws: list[dict]) -> dict[str, dict]:
+    """What each scored configuration's accuracy records must name to be its own (``scores.in_progress``): its
+    accuracy key (``runner.task_key``, without the settings digest) with the artifact, device profile (its name and
+    settings digest), runtime and versions its latest raw result was keyed with. From what the results store, not
+    from this machine: a folder renders the same on a laptop that has neither the device's profile nor its runtime.
+    A configuration with no result yet is keyed from its file here, under the profile's digest another result stores
+    (else the profile's own, where this machine knows it); with neither, or no file, nothing ties records to it and
+    none are shown."""
+    from edgemed.benchmarks.harness.artifacts import model_digest
+    from edgemed.benchmarks.harness.configs import beyond_settings
+    from edgemed.benchmarks.harness.runner import applies, profile_digest, task_key
+    from edgemed.errors import ProfileError
+
+    ordered = sorted((r for r in raws if isinstance(r.get("key"), dict)),  # last: the latest under this profile's name
+                     key=lambda r: (r["key"].get("profile") == settings.profile, r.get("finished") or 0))
+    stored = {r["config"]["name"]: beyond_settings(r["key"]) for r in ordered}
+    profile_sha256 = next((r["key"].get("profile_sha256") for r in reversed(ordered)
+                           if r["key"].get("profile") == settings.profile), None)
+    if profile_sha256 is None and any(c.name not in stored for c in configs):
+        try:
+            profile_sha256 = profile_digest(settings.profile)
+        except ProfileError:  # a profile of the device's own, unknown here
+            log.info("no result names the device profile '%s', unknown here: its records are not shown", settings.profile)
+    keys = {}
+    for c in configs:
+        own = stored.get(c.name) or {}
+        if not applies(c, "accuracy", configs) or (not own and (profile_sha256 is None or not Path(c.path).exists())):
+            continue
+        digests = {c.path: own.get("model_sha256") or model_digest(Path(c.path))}
+        key = beyond_settings(task_key(c, "accuracy", settings, configs, digests, own.get("profile_sha256") or profile_sha256))
+        keys[c.name] = {k: own.get(k, v) for k, v in key.items()}
+    return keys
+
+
 def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict], machine: dict, bw: dict,
           failed: list[dict], *, replace: bool = False, measured: set[str] = frozenset(),
           other_bandwidths: list[dict] = ()) -> dict:
@@ -204,9 +241,7 @@ def build(out: Path, configs: list[Config], settings: Settings, raws: list[dict]
         keep = None  # this run draws no items: the records count as the run that measured them drew them
     else:
         keep = scores.current_draw(settings)  # the items of this draw (a records file may hold a larger earlier one)
-    from edgemed.benchmarks.harness.runner import accuracy_keys
-
-    scores.in_progress(out, entries, accuracy_keys(configs, settings), keep)  # a phase still going: its own records
+    scores.in_progress(out, entries, _accuracy_keys(configs, settings, raws), keep)  # a phase still going: its own records
     scores.add_paired(out, entries, keep)
     results = {
         "schema": SCHEMA, "edgemed_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
