@@ -114,3 +114,18 @@ def two_versions(tmp: Path) -> dict[str, tuple[Path, bytes]]:
         else:
             os.environ[env.SOURCE_DATE_EPOCH_VAR] = was
     return out
+
+
+def installed_alone(bundle: Path, name: str = "tiny") -> None:
+    """``bundle`` installed as ``name`` with no other version kept (what was there is removed first): the state a
+    test listed an update's steps from (``crash_kit.steps``). ``install --force`` instead would keep the version it
+    replaces for rollback, and an install links the files whose blobs the store holds, in fewer steps than it
+    copies new ones, so a step number would name another step."""
+    import contextlib
+
+    from edgemed.errors import StoreError
+    from edgemed.packaging.store import Store
+
+    with contextlib.suppress(StoreError):  # nothing installed under that name
+        Store().remove(name)
+    Store().install(bundle)

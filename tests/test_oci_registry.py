@@ -692,11 +692,13 @@ def test_the_space_check_counts_the_stores_copy_as_well_as_the_download(tmp_path
         else:
             with pytest.raises(StoreError, match="needs 1,900.0 MB to download and install .* 1,899.0 MB are free"):
                 oci_pull._check_space(root, store, layers)
-    # a nightly update where only the card changed: the GGUF the store holds is copied by the install all the same
+    # a nightly update where only the card changed: the install links the GGUF the store holds (no copy, no room)
     card, held = oci.Layer("card.toml", "x", "ef" * 32, 1 * mb), oci.Layer("model/m.gguf", "x", "12" * 32, 3000 * mb)
-    monkeypatch.setattr(oci_pull.shutil, "disk_usage", lambda p: usage(10**12, 0, 3000 * mb))
-    with pytest.raises(StoreError, match="needs 3,002.0 MB to download and install"):
+    monkeypatch.setattr(oci_pull.shutil, "disk_usage", lambda p: usage(10**12, 0, 2 * mb - 1))
+    with pytest.raises(StoreError, match="needs 2.0 MB to download and install"):
         oci_pull._check_space(root, store, [card], [held])
+    monkeypatch.setattr(oci_pull.shutil, "disk_usage", lambda p: usage(10**12, 0, 2 * mb))
+    oci_pull._check_space(root, store, [card], [held])
 
 
 def test_downloads_no_pull_touched_for_a_week_are_dropped(tmp_path, monkeypatch):

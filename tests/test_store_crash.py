@@ -43,9 +43,12 @@ def _assert_clean(store: Store) -> None:
     assert all(b.stat().st_nlink >= 2 for b in store.blobs.iterdir())
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
-@pytest.mark.parametrize("bundle_form", ["tar", "dir"])
-def test_install_force_killed_at_every_step_keeps_old_or_new(bundles, tmp_path, monkeypatch, exchange, bundle_form):
+@pytest.mark.parametrize("bundle_form,exchange,start", [
+    ("tar", True, "kept"), ("tar", False, "kept"), ("dir", True, "kept"), ("dir", False, "kept"),
+    ("tar", True, "alone"), ("dir", False, "alone")])
+def test_install_force_killed_at_every_step_keeps_old_or_new(bundles, tmp_path, monkeypatch, exchange, bundle_form, start):
+    """``start``: 'old' installed over 'new', which is kept for rollback (the update links the files of 'new' from
+    their blobs, and drops that kept version as it rolls forward), or 'old' alone (the update copies its files)."""
     if not exchange:
         monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     new_path = bundles["new"][0]
@@ -61,12 +64,20 @@ def test_install_force_killed_at_every_step_keeps_old_or_new(bundles, tmp_path, 
     def run():
         Store().install(new_path, force=True)
 
-    Store().install(bundles["old"][0])
+    def reset():  # the state each run below starts from, settled
+        if start == "kept":
+            Store().install(bundles["old"][0], force=True)
+        else:
+            bundle_kit.installed_alone(bundles["old"][0])
+
+    Store().install(new_path)
+    reset()
     names = crash_kit.steps(run, tmp_path)
-    assert {"store.journal-done", "store.stage"} <= {s.split()[1] for s in names}, names
+    path = ("store.stage-file", "store.blob-replace") if start == "alone" else ("store.stage-blob", "store.drop-version")
+    assert {"store.journal-done", "store.stage", *path} <= {s.split()[1] for s in names}, names
     seen = set()
     for n in range(1, len(names) + 1):
-        Store().install(bundles["old"][0], force=True)  # start from the old model, settled
+        reset()
         where = names[n - 1]
         assert crash_kit.killed_at(run, n) == KILLED, where
         r = _verify()  # a reader: settles the dead install first (nobody holds the lock)

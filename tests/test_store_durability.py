@@ -70,6 +70,7 @@ def test_install_force_syncs_the_staged_files_and_the_journal_before_the_swap(tm
         return real_swap(new, dest, aside)
 
     monkeypatch.setattr(store_module, "swap_in", swap_in)
+    held = {p.name for p in store.blobs.iterdir()}  # linked, not written: each was synced when its blob was made
     _, man, _ = store.install(bundles["new"][0], force=True)
 
     synced = _before(events, "swap")
@@ -78,7 +79,8 @@ def test_install_force_syncs_the_staged_files_and_the_journal_before_the_swap(tm
     assert journal_tmp, f"the journal's temporary file was not synced before the swap: {synced}"
     assert root in synced[journal_tmp[-1] + 1:], "the store's folder was not synced after the journal's rename"
     staged = [p for p in synced if p.startswith(tmp + os.sep)]
-    for rel in [f.path for f in man.files] + [MANIFEST]:
+    assert {f.path for f in man.files if f.sha256 in held} == {"LICENSE"}  # the one file 'old' and 'new' share
+    for rel in [f.path for f in man.files if f.sha256 not in held] + [MANIFEST]:
         assert any(p.endswith(os.sep + rel) for p in staged), f"staged '{rel}' was not synced before the swap: {staged}"
     stage_folders = {str(Path(p).parent) for p in staged if p.endswith(os.sep + MANIFEST)}
     assert stage_folders and all(f in synced for f in stage_folders), "the stage folder's entries were not synced"

@@ -105,7 +105,7 @@ def _killed_install(bundles, tmp_path, at: str = "atomic.exchange") -> dict:
     Store().install(bundles["old"][0])
     run = lambda: Store().install(bundles["new"][0], force=True)  # noqa: E731
     names = crash_kit.steps(run, tmp_path)
-    Store().install(bundles["old"][0], force=True)
+    bundle_kit.installed_alone(bundles["old"][0])
     n = next(i for i, s in enumerate(names, 1) if s.split()[1] == at)
     assert crash_kit.killed_at(run, n) == KILLED
     return json.loads(Store().journal_path.read_text())

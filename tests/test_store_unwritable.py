@@ -75,7 +75,7 @@ def test_a_dead_journal_in_a_store_that_cannot_be_written_is_read_through(tmp_pa
     names = crash_kit.steps(update, tmp_path)
     stuck = set()
     for n in range(1, len(names) + 1):
-        Store().install(b["old"][0], force=True)  # start from the old model, settled
+        bundle_kit.installed_alone(b["old"][0])  # start from the old model alone, settled, as the listing did
         where = names[n - 1]
         assert crash_kit.killed_at(update, n) == KILLED, where
         if not Store().journal_path.exists():

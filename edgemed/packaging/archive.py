@@ -245,20 +245,22 @@ def _damaged(path: Path, exc: Exception) -> IntegrityError:
     return IntegrityError(f"{path} is damaged or truncated ({exc}).", "copy the bundle again and verify")
 
 
-def check_room(manifest: Manifest, path: Path, space: Path | None = None) -> None:
+def check_room(manifest: Manifest, path: Path, space: Path | None = None, held: int = 0) -> None:
     """Refuse a bundle (tar or folder) whose manifest declares more bytes than ``EDGEMED_MAX_BUNDLE_BYTES`` or, with
-    ``space``, than the file system holding that directory has free: before any of its bytes is hashed or copied."""
-    check_bytes(manifest.total_bytes, str(path), space)
+    ``space``, than the file system holding that directory has free: before any of its bytes is hashed or copied.
+    ``held``: the bytes of its files that the store there holds already (linked, not copied), not counted as needed."""
+    check_bytes(manifest.total_bytes, str(path), space, held)
 
 
-def check_bytes(total: int, what: str, space: Path | None = None) -> None:
+def check_bytes(total: int, what: str, space: Path | None = None, held: int = 0) -> None:
     """``check_room`` for ``total`` bytes that ``what`` declares (a bundle, or a pulled artifact's layers)."""
     cap = env.max_bundle_bytes()
     if total > cap:
         raise UnsafeArchive(f"{what} declares {total} bytes, more than the {cap} allowed (${env.MAX_BUNDLE_VAR}).",
                             f"raise ${env.MAX_BUNDLE_VAR} if this bundle is expected to be that large")
-    if space is not None and total > (free := shutil.disk_usage(space).free):
-        raise UnsafeArchive(f"{what} declares {total} bytes; only {free} are free at {space}.",
+    if space is not None and total - held > (free := shutil.disk_usage(space).free):
+        new = f" ({total - held} of them new to the store)" if held else ""
+        raise UnsafeArchive(f"{what} declares {total} bytes{new}; only {free} are free at {space}.",
                             "free disk space, or install somewhere larger (EDGEMED_HOME)")
 
 

@@ -369,12 +369,13 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def _check_space(root: Path, store_root: Path, todo: list[oci.Layer], kept: list[oci.Layer] = ()) -> None:
-    """Room for what is left to download into ``root`` (``todo``), and for the store's own copy of every file: the
-    install copies (and hashes) each staged file before it links the blobs, the ones the store holds already
-    (``kept``) included, so until the downloads are dropped a file is on disk twice. Where the store is on another
-    file system, the files it holds are copied into the staging folder under ``root`` too (a link cannot cross)."""
+    """Room for what is left to download into ``root`` (``todo``), and for the store's own copy of each new file:
+    the install copies each staged file it does not hold, so until the downloads are dropped that file is on disk
+    twice; the ones it holds already (``kept``) it links (``Store.install``), which takes no room. Where the store is
+    on another file system, the files it holds are copied into the staging folder under ``root`` (a link cannot
+    cross)."""
     download = sum(x.size for x in todo) - sum(_part_size(root, x) for x in todo)
-    copy = sum(x.size for x in [*todo, *kept])
+    copy = sum(x.size for x in todo)
     store_at = next(p for p in (store_root, *store_root.parents) if p.exists())
     if os.stat(root).st_dev == os.stat(store_at).st_dev:
         needs = [(root, download + copy, "to download and install")]

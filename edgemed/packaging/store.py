@@ -15,8 +15,10 @@ Layout under ``$EDGEMED_HOME/store``::
 
 Content addressing: two bundles that share a file (same sha256) share one blob
 (one inode, two links). A blob whose link count falls to 1 belongs to no model and
-is removed. Every load goes through ``packaging.ref.runnable``, which verifies the bundle
-(fast path, or ``--full``) before returning the model path.
+is removed. An install links a file whose blob the store holds already (of its size and digest) into its stage
+instead of copying it, and counts only the other files against the free space: an update that changes a bundle's
+card alone copies no weights and needs no room for them. Every load goes through ``packaging.ref.runnable``, which
+verifies the bundle (fast path, or ``--full``) before returning the model path.
 
 Crash safety (a kill at any instant leaves the old model or the new one installed):
 files are streamed into ``tmp/``, hashed as they are written and checked against the
@@ -436,10 +438,17 @@ class Store:
             stage = debris_path(self.tmp, "install")
             step("store.stage")
             stage.mkdir()
+            held: set[str] = set()  # files whose blob the store holds already (``_holds``): linked, never copied
+
+            def link_held(entry: FileEntry) -> bool:
+                dest = stage / entry.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                return entry.path in held and self._link_blob(entry.sha256, dest)
 
             def sink(entry: FileEntry, src: BinaryIO) -> str:
                 dest = stage / entry.path
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                if link_held(entry):
+                    return copy_hashed(src, None, entry.size, entry.path)  # the tar's bytes checked, not written
                 step("store.stage-file")
                 fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 with os.fdopen(fd, "wb") as dst:
@@ -465,16 +474,20 @@ class Store:
                 if key is not None:
                     signer["key_id"] = signing.signer_id(sig) if isinstance(key, signing.CertRoots) else key.key_id
                     signer["pem"] = key.pem.decode("ascii") if isinstance(key, signing.PublicKey) else None
+                held.update(self._holds(man, None if is_tar(bundle) else bundle))
+                check_room(man, bundle, self.root, held=sum(e.size for e in man.files if e.path in held))
 
             try:
                 if is_tar(bundle):
-                    man, data, sig = read_tar(bundle, sink, check_space=self.root, on_manifest=check_signature)
+                    man, data, sig = read_tar(bundle, sink, on_manifest=check_signature)  # the room: check_signature
                 else:
                     man, data, sig = read_manifest(bundle)
-                    check_room(man, bundle, self.root)  # as for a tar: before a byte of it is hashed or copied
-                    check_signature(man, data, sig)
+                    check_room(man, bundle)  # the cap, as for a tar: before a byte of it is hashed or copied
+                    check_signature(man, data, sig)  # and the room the store needs
                     verify_dir(bundle, full=True)  # the source must be whole before we copy it
                     for entry in man.files:
+                        if link_held(entry):
+                            continue
                         with open(bundle / entry.path, "rb") as fh:
                             got = sink(entry, fh)
                         if got != entry.sha256:
@@ -512,6 +525,35 @@ class Store:
         self.cache.forget_under(self.models / target)
         self.cache.save()
         return target, man, signer.get("key_id")
+
+    def _holds(self, man: Manifest, source: Path | None) -> set[str]:
+        """The files of ``man`` whose blob the store holds already, which an install links instead of copying (an
+        update that changes the card alone copies no weights): a blob of the file's size whose digest is right (the
+        verified cache answers for an unchanged one), or the very file that the bundle folder ``source`` has there,
+        which the install hashes in full itself (a pull's staging folder links the store's blobs)."""
+        found = set()
+        for e in man.files:
+            blob = self.blobs / e.sha256
+            try:
+                st = blob.lstat()
+                if not (stat.S_ISREG(st.st_mode) and st.st_size == e.size):
+                    continue
+                if (source is not None and os.path.samestat(st, os.lstat(source / e.path))
+                        or file_digest(blob, self.cache, full=False)[0] == e.sha256):
+                    found.add(e.path)
+            except OSError:  # not there, or unreadable: the file is copied
+                continue
+        return found
+
+    def _link_blob(self, sha256: str, dest: Path) -> bool:
+        """Link the store's blob ``sha256`` at ``dest`` in a stage; False where it cannot be (the file is copied)."""
+        try:
+            step("store.stage-blob")
+            os.link(self.blobs / sha256, dest)
+        except OSError as exc:  # a file system without hard links, or the blob at its most links
+            log.debug("cannot link the store's blob %s (%s); its file is copied", sha256, exc)
+            return False
+        return True
 
     def _previous_of(self, name: str, new_sha: str) -> dict | None:
         """The record an install of ``new_sha`` under ``name`` keeps as ``previous``: the installed one (when
@@ -573,6 +615,8 @@ class Store:
         for entry in man.files:
             staged = stage / entry.path
             blob = self.blobs / entry.sha256
+            if _same_file(staged, blob):  # staged as a link to the blob (``_holds``)
+                continue
             os.chmod(staged, 0o444)
             if blob.exists() and file_digest(blob, self.cache, full=False)[0] == entry.sha256:
                 tmp_link = _unused(stage)  # in the stage, under a name no file of the bundle has (not NAME.link)
@@ -781,6 +825,13 @@ class Store:
 
     def disk_usage(self) -> int:
         return sum(p.lstat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
 
 
 def _unused(folder: Path) -> Path:
