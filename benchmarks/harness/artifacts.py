@@ -6,12 +6,17 @@ Layout (fixed, so artifacts can be made ahead of time with ``edgemed convert``):
     <out>/artifacts/<quant>-imatrix.gguf    edgemed convert SRC --quant <quant> --imatrix-from TEXT -o ...
     <out>/artifacts/onnx-<quant>/           edgemed convert SRC --to onnx --quant <quant> -o <out>/artifacts/onnx-<quant>
 
-An existing artifact is reused only when its conversion report (``<quant>.gguf.report.json``,
-``onnx-<quant>/report.json``) names the same source checkpoint (sha256 of config + weights)
-and, for a GGUF, the same calibration: a ``-imatrix`` artifact's report must name the text's
-sha256, a plain one must have no importance matrix. Anything else is refused, never silently
-measured. A missing one is converted in a child process (the converter's own progress, memory
-and atomic output).
+An existing artifact is reused only when it is what its configuration measures (``_mismatch``): a GGUF's own
+header names the configuration's type (``general.file_type``), no merged LoRA and the same checkpoint, and the file is
+the one its conversion report (``<quant>.gguf.report.json``, ``onnx-<quant>/report.json``) describes (its sha256);
+the report names the same source checkpoint (sha256 of config + weights), type and no LoRA and, for a GGUF, the same
+calibration: a ``-imatrix`` artifact's report must name the text's sha256, a plain one must have no importance matrix.
+
+The folder is shared: artifacts made ahead of time with ``edgemed convert`` (or put there another way) are the
+user's, and one that is not of its configuration is refused, naming it and the fix, never replaced or deleted. Only
+an artifact the bench converted itself, still as it made it (``MADE``: name -> digest), is converted again when it no
+longer matches (another checkpoint at the same path, another calibration text). A missing one is converted in a
+child process (the converter's own progress, memory and atomic output).
 """
 
 from __future__ import annotations
@@ -85,29 +90,104 @@ def _report(artifact: Path) -> Path:
     return report_path(artifact, "gguf" if artifact.suffix == ".gguf" else "onnx")
 
 
-def _check_reuse(artifact: Path, digest: str, imatrix: str | None = None) -> bool:
-    """True when ``artifact`` exists and was made from the checkpoint with ``digest`` (GGUF: with the importance
-    matrix of the calibration text whose sha256 is ``imatrix``, or with none when that is None)."""
-    if not artifact.exists():
-        return False
+#: In ``<out>/artifacts/``: the artifacts the bench converted itself, name -> ``model_digest`` of what it made. Only
+#: those, unchanged, are the bench's to convert again; every other file there is the user's.
+MADE = "made-by-bench.json"
+
+
+def _made(folder: Path) -> dict:
+    try:
+        made = json.loads((folder / MADE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return made if isinstance(made, dict) else {}
+
+
+def _record_made(artifact: Path) -> None:
+    from edgemed.files.atomic import write_text
+
+    made = {**_made(artifact.parent), artifact.name: model_digest(artifact)}
+    try:
+        write_text(artifact.parent / MADE, json.dumps(made, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:  # the artifact is whole: only a later run cannot tell it is the bench's (it refuses, never replaces)
+        log.warning("could not note that the bench converted '%s' (%s): a later run treats it as yours", artifact, exc)
+
+
+def _header_mismatch(artifact: Path, digest: str, quant: str) -> str | None:
+    """Why the GGUF file itself is not ``quant`` converted from the checkpoint ``digest`` alone (its header), or None."""
+    from edgemed.constants import file_type_name
+    from edgemed.errors import EdgemedError
+    from edgemed.formats.gguf_header import LORA_SHA_KEY, SOURCE_SHA_KEY, read_header
+
+    try:
+        meta = read_header(artifact).metadata
+    except EdgemedError as exc:
+        return f"cannot be read as a GGUF model ({exc.problem})"
+    if meta.get("general.type") == "adapter":
+        return "is a LoRA adapter, not a model"
+    number = meta.get("general.file_type")
+    if not isinstance(number, int):
+        return f"states no file type (general.file_type), so it cannot be told to be the {quant} this configuration measures"
+    if file_type_name(number) != quant:
+        return f"is a {file_type_name(number)} GGUF (its general.file_type), not the {quant} this configuration measures"
+    if meta.get(LORA_SHA_KEY):
+        return f"has a LoRA adapter merged into it ({LORA_SHA_KEY} {str(meta[LORA_SHA_KEY])[:12]}...), not the checkpoint alone"
+    named = meta.get(SOURCE_SHA_KEY)
+    if isinstance(named, str) and named != digest:
+        return f"was converted from another checkpoint ({SOURCE_SHA_KEY} {named[:12]}..., this one is {digest[:12]}...)"
+    return None
+
+
+def _mismatch(artifact: Path, digest: str, quant: str, imatrix: str | None) -> str | None:
+    """Why the existing ``artifact`` is not the configuration's (a clause after its name), or None: ``quant`` made from
+    the checkpoint with ``digest`` (GGUF: with the importance matrix of the calibration text whose sha256 is
+    ``imatrix``, or with none when that is None), and the very file its conversion report describes."""
     report = _report(artifact)
+    gguf = artifact.suffix == ".gguf"
     try:
         made = json.loads(report.read_text(encoding="utf-8"))
         named = made["source"]["sha256"]
-        calibrated = (made.get("imatrix") or {}).get("sha256") if artifact.suffix == ".gguf" else None
+        calibrated = (made.get("imatrix") or {}).get("sha256") if gguf else None
+        out_type, lora = made["out_type" if gguf else "weight_type"], made.get("lora")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"'{artifact}' exists but its conversion report '{report.name}' is missing or unreadable, so "
-                         "its source cannot be checked.",
-                         f"delete '{artifact}' to have it converted again, or re-run `edgemed convert` to make it") from None
+        return f"exists but its conversion report '{report.name}' is missing or unreadable, so its source cannot be checked"
+    wrong = _header_mismatch(artifact, digest, quant) if gguf else None
+    if wrong:
+        return wrong
+    if gguf and isinstance(made.get("sha256"), str) and made["sha256"] != model_digest(artifact):
+        return (f"is not the file its conversion report '{report.name}' describes (sha256 {made['sha256'][:12]}...): it "
+                "was replaced or changed after the conversion")
     if named != digest:
-        raise InputError(f"'{artifact}' was converted from another checkpoint (source sha256 {named[:12]}..., "
-                         f"this one is {digest[:12]}...).", f"delete '{artifact}' or use another -o folder")
+        return f"was converted from another checkpoint (source sha256 {str(named)[:12]}..., this one is {digest[:12]}...)"
+    if out_type != quant:
+        return f"was converted to {out_type} (its conversion report), not the {quant} this configuration measures"
+    if lora:
+        return "has a LoRA adapter merged into it (its conversion report names one), not the checkpoint alone"
     if calibrated != imatrix:
         made_with = f"an importance matrix from text sha256 {str(calibrated)[:12]}..." if calibrated else "no importance matrix"
         wanted = f"one from --imatrix-from's text (sha256 {imatrix[:12]}...)" if imatrix else "none"
-        raise InputError(f"'{artifact}' was quantized with {made_with}; this configuration needs {wanted}.",
-                         f"delete '{artifact}' or use another -o folder")
-    return True
+        return f"was quantized with {made_with}; this configuration needs {wanted}"
+    return None
+
+
+def _check_reuse(artifact: Path, digest: str, quant: str, imatrix: str | None = None, echo=print) -> bool:
+    """True when ``artifact`` exists and is the configuration's (``_mismatch``); False when it is to be converted:
+    missing, or one the bench converted itself (``MADE``) that no longer matches. Any other existing artifact that
+    does not match is refused, naming it and why, and left as it is."""
+    if not artifact.exists():
+        return False
+    why = _mismatch(artifact, digest, quant, imatrix)
+    if why is None:
+        return True
+    if _made(artifact.parent).get(artifact.name) == model_digest(artifact):
+        echo(f"'{artifact.name}' {why}; the bench converted it, so it is converted again")
+        return False
+    if why.startswith("exists but"):
+        fix = f"delete '{artifact}' to have it converted again, or re-run `edgemed convert` to make it"
+    else:
+        fix = (f"move '{artifact}' and its conversion report out of '{artifact.parent}' (the bench then converts the "
+               "artifact itself), or use another -o folder")
+    raise InputError(f"'{artifact}' {why}.", fix)
 
 
 def _convert(src: Path, artifact: Path, args: list[str], echo) -> None:
@@ -117,6 +197,12 @@ def _convert(src: Path, artifact: Path, args: list[str], echo) -> None:
     if proc.returncode != 0:
         raise InputError(f"Converting {src} to {artifact.name} failed (exit {proc.returncode}); the message is above.",
                          f"fix the cause, or make the artifact yourself: {' '.join(cmd[2:])}")
+    _record_made(artifact)
+
+
+def _again(artifact: Path) -> list[str]:
+    """``--force`` where the bench converts one of its own artifacts again (``_check_reuse``): replaced atomically."""
+    return ["--force"] if artifact.exists() else []
 
 
 def _text_sha(text: Path) -> str:
@@ -143,22 +229,24 @@ def prepare(src: Path, out: Path, quants: list[str], onnx: list[str], baselines:
     text_sha = _text_sha(imatrix_from) if calibrated else None
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     consent = ["--allow-pickle"] if allow_pickle else []
-    configs = []
+    configs, todo = [], {}  # todo: path -> convert's arguments; every artifact is checked before the first conversion
     for quant in quants:
         mapped = quant.endswith(MMAP_SUFFIX)
         made = quant.removesuffix(MMAP_SUFFIX)  # a -mmap entry measures the file of the type it names
         path = gguf_path(out, made)
         base = made.removesuffix(IMATRIX_SUFFIX)
         sha = text_sha if base != made else None
-        if not _check_reuse(path, digest, sha):
+        if path not in todo and not _check_reuse(path, digest, base, sha, echo):
             calibration = ["--imatrix-from", str(imatrix_from)] if sha else ["--no-imatrix"]  # never convert's default
-            _convert(src, path, ["--quant", base, *calibration, *consent], echo)
+            todo[path] = ["--quant", base, *calibration, *consent, *_again(path)]
         configs.append(Config(quant, "gguf", str(path), use_mmap=True if mapped else None))
     for quant in onnx:
         path = onnx_path(out, quant)
-        if not _check_reuse(path, digest):
-            _convert(src, path, ["--to", "onnx", "--quant", quant, *consent], echo)
+        if not _check_reuse(path, digest, quant, echo=echo):
+            todo[path] = ["--to", "onnx", "--quant", quant, *consent, *_again(path)]
         configs.append(Config(f"onnx-{quant}", "onnx", str(path)))
+    for path, args in todo.items():
+        _convert(src, path, args, echo)
     for name, dtype in baselines.items():
         configs.append(Config(name, "hf", str(src), dtype, allow_pickle))
     return configs
