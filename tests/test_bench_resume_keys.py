@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgemed.benchmarks.harness import accuracy, report, runner, scores
+from edgemed.benchmarks.harness import accuracy, keys, report, runner, scores
 from edgemed.benchmarks.harness.configs import PHASES, Config, Settings, beyond_settings
 from edgemed.benchmarks.harness.datasets import Item
 from edgemed.errors import InputError
@@ -50,7 +50,7 @@ def test_key_names_the_native_build_the_runtime_version_and_the_methods(gguf, tm
     monkeypatch.setattr(native_build, "digest", lambda folder=None: "b" * 64)  # rebuilt, same version
     again, = runner.plan_tasks(out, [config], ["timing"], settings)
     assert runner.load_raw(again.raw, again.key) is None  # measured again, not kept
-    monkeypatch.setattr(runner, "METHODS_VERSION", runner.METHODS_VERSION + 1)
+    monkeypatch.setattr(keys, "METHODS_VERSION", keys.METHODS_VERSION + 1)
     assert runner.plan_tasks(out, [config], ["timing"], settings)[0].key != again.key
 
 
@@ -251,7 +251,7 @@ def test_an_accuracy_result_of_earlier_scoring_rules_is_measured_again_and_its_t
     for task in planned:
         _file(task.raw, json.dumps(_raw(task, settings)).encode())
 
-    monkeypatch.setattr(runner, "RECORDS_VERSION", accuracy.RECORDS_VERSION + 1)  # the rules change again
+    monkeypatch.setattr(keys, "RECORDS_VERSION", accuracy.RECORDS_VERSION + 1)  # the rules change again
     again = {t.phase: t for t in runner.plan_tasks(out, [config], ["timing", "accuracy"], settings)}
     assert runner.load_raw(again["accuracy"].raw, again["accuracy"].key) is None  # measured again
     assert runner.load_raw(again["timing"].raw, again["timing"].key) is not None  # kept

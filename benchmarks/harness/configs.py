@@ -20,7 +20,7 @@ class Kind:
     runtime: str        # what executes it, as the report names it
     timer: str          # "module:function" that opens it for timing (see timing.py)
     scored: bool        # the accuracy and divergence phases can open it (GGUF / ONNX scorer)
-    dists: tuple[str, ...] = ()  # distributions whose installed version is part of a result's key (runner.runtime_identity)
+    dists: tuple[str, ...] = ()  # distributions whose installed version is part of a result's key (keys.runtime_identity)
     native: bool = False  # llama.cpp: its native libraries' digest is part of the key too (a rebuild, same version)
 
 

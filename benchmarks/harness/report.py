@@ -176,7 +176,7 @@ def _derive(entries: list[dict], bw: dict | None, others: list[dict] = ()) -> di
 
 def _accuracy_keys(configs: list[Config], settings: Settings, raws: list[dict]) -> dict[str, dict]:
     """What each scored configuration's accuracy records must name to be its own (``scores.in_progress``): its
-    accuracy key (``runner.task_key``, without the settings digest) with the artifact, device profile (its name and
+    accuracy key (``keys.task_key``, without the settings digest) with the artifact, device profile (its name and
     settings digest), runtime and versions its latest raw result was keyed with. From what the results store, not
     from this machine: a folder renders the same on a laptop that has neither the device's profile nor its runtime.
     A configuration with no result yet is keyed from its file here, under the profile's digest another result stores
@@ -184,7 +184,7 @@ def _accuracy_keys(configs: list[Config], settings: Settings, raws: list[dict]) 
     none are shown."""
     from edgemed.benchmarks.harness.artifacts import model_digest
     from edgemed.benchmarks.harness.configs import beyond_settings
-    from edgemed.benchmarks.harness.runner import applies, profile_digest, task_key
+    from edgemed.benchmarks.harness.keys import applies, profile_digest, task_key
     from edgemed.errors import ProfileError
 
     ordered = sorted((r for r in raws if isinstance(r.get("key"), dict)),  # last: the latest under this profile's name
