@@ -354,8 +354,8 @@ def audit():
 
 @audit.command("verify")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--anchor", help="A head hash recorded earlier: that record must still be in the chain "
-              "(detects records cut from the end, or a rewritten log).")
+@click.option("--anchor", help="A head hash recorded earlier (64 hex digits): that record must still be in the "
+              "chain (detects records cut from the end, or a rewritten log).")
 @click.option("--no-follow", is_flag=True, help="With a rotated log: check PATH alone, not the kept files before it.")
 @json_flag("Print the report as one JSON object.")
 def verify(path, anchor, no_follow, as_json):

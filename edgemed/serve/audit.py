@@ -57,6 +57,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -149,6 +150,7 @@ class _File:
     continues_torn: tuple | None = None  # (torn_bytes, torn_sha256) its genesis holds: that file ends in a torn line
     torn: dict | None = None           # its last line cut short: {"line", "bytes", "sha256"}
     last_kind: str | None = None       # its last good record's kind ("rotated": the chain goes on elsewhere)
+    continued_in: object = None        # when that is "rotated": the record's ``continued_in`` (the live file's name)
     anchor_seen: bool = False
     #: request ids of its ``accepted`` records with no ``request`` record after them in this file (at most
     #: MAX_TRACKED_OPEN; ``open_over``: how many more)
@@ -216,6 +218,7 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
     than ``bounded.MAX_DEPTH`` is reported ``malformed`` without being parsed.
     """
     path = Path(path)
+    anchor = None if anchor is None else _anchor(anchor)
     last = _verify_file(path, anchor)
     if not last.report.ok:
         return last.report
@@ -250,6 +253,16 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
     unfinished, ids, in_flight = _unfinished(chain, path)
     return Report(str(path), True, records, last.report.head, files=files, unfinished=unfinished, unfinished_ids=ids,
                   in_flight=in_flight, torn=torn)
+
+
+def _anchor(value: str) -> str:
+    """An anchor as the chain holds it: a sha256 in 64 hex digits, lower case (upper case is taken and folded)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        shown = repr(value) if len(str(value)) <= 80 else repr(str(value)[:80]) + "..."
+        raise InputError(f"The anchor {shown} is not a head hash: an anchor is 64 hex digits.",
+                         "pass --anchor the hash printed after 'head' by `edgemed audit verify` (or logged by "
+                         "`edgemed serve` at start and stop), all 64 digits and nothing else")
+    return value.lower()
 
 
 def _broken_link(f: _File, detail: str) -> Report:
@@ -394,6 +407,10 @@ def _verify(path: str, lines, anchor: str | None) -> _File:
         if not complete:
             if raw.strip():
                 f.torn = {"line": number, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+                if count == 0:  # no record to go on from: the next start refuses it too
+                    return broken(number, "truncated", f"the file holds no whole record ({len(raw)} bytes and no line "
+                                                       "end): it is not an edgemed audit log, or it was cut before "
+                                                       "its first record was written")
                 return broken(number, "truncated", f"the last line ({len(raw)} bytes) is an incomplete record: "
                                                    "the file was cut, or a write was interrupted (a kill, a full "
                                                    "disk); the next start of `edgemed serve` on it keeps this file as "
@@ -406,6 +423,10 @@ def _verify(path: str, lines, anchor: str | None) -> _File:
             return broken(number, "malformed", f"line {number} is not an audit record ({exc}); it was edited or damaged")
         if record_hash(rec) != stored:
             return broken(number, "edited", f"record seq {seq} (line {number}) does not match its hash: its content was changed")
+        if raw != canonical(rec):  # the same record spelled otherwise: a repeated key shows a reader another value
+            return broken(number, "edited", f"record seq {seq} (line {number}) is not written as edgemed writes it "
+                                            "(its bytes are not the record's canonical encoding: a key repeated, keys "
+                                            "reordered, spaces or a carriage return added): the line was changed")
         expected = f.first_seq + count
         if number == 1:
             kept = _continues(rec)
@@ -433,6 +454,7 @@ def _verify(path: str, lines, anchor: str | None) -> _File:
             return broken(number, "malformed", f"line {number} has seq {seq}, expected {expected}")
         head = stored
         f.last_kind = rec.get("kind")
+        f.continued_in = rec.get("continued_in") if f.last_kind == "rotated" else None
         _track_open(f, rec, count)
         count += 1
         if anchor and stored == anchor:
@@ -580,18 +602,39 @@ class AuditLog:
         report = found.report
         torn = found.torn if report.problem == "truncated" and report.records else None
         if not report.ok and torn is None:
+            fix = "keep that file as evidence, and start the server with a new --audit-log path"
+            if report.problem == "truncated" and not report.records:  # nothing whole: no chain to go on from
+                fix = "start the server with a new --audit-log path, or an edgemed audit log's (that file is left as it is)"
             raise IntegrityError(
-                f"The audit log '{self.path}' is broken at line {report.line} ({report.problem}): {report.detail}.",
-                "keep that file as evidence, and start the server with a new --audit-log path")
+                f"The audit log '{self.path}' is broken at line {report.line} ({report.problem}): {report.detail}.", fix)
+        if found.last_kind == "rotated":  # a kept file of a rotated log, or a rotation cut short in the live file
+            self._check_live(found.continued_in)
         self.head, self.seq = report.head, found.first_seq + report.records
         if torn is not None:  # whole up to a last record a kill cut short: keep it as it is, go on in a new file
             self._keep_torn(torn)
         elif found.last_kind == "rotated":  # a rotation that was cut short (a kill, a power cut): finish it
+            self.path = Path(os.path.realpath(self.path))  # the live name is replaced by a rename: never a link to it
             try:
                 self._start_next(self._kept_name(self.seq - 1))
             except OSError as exc:  # the records go on here: a file that cannot rotate is still a whole chain
                 log.warning("audit log %s: the rotation it ends with could not be finished (%s); records go on in "
                             "this file", self.path, exc.strerror or exc)
+
+    def _check_live(self, continued_in) -> None:
+        """This file ends in a ``rotated`` record: it is the live file only when that record names it. A kept file
+        names the live file its chain goes on in; taking it for a rotation cut short would rename a new file over it
+        and break the real log's chain."""
+        real = Path(os.path.realpath(self.path))
+        if continued_in == real.name:
+            return
+        plain = isinstance(continued_in, str) and _continues({"continues": continued_in}) is not None
+        if not plain:
+            raise InputError(f"The audit log '{self.path}' ends in a 'rotated' record that names no file its chain "
+                             "goes on in: it is a kept file of a rotated log, which is never written again.",
+                             "start the server with --audit-log set to that log's live file, or a new path")
+        raise InputError(f"The audit log '{self.path}' is a kept file of a rotated log: its chain goes on in "
+                         f"'{continued_in}' beside it, and a kept file is never written again.",
+                         f"start the server with --audit-log {real.with_name(continued_in)} (the live file)")
 
     def _keep_torn(self, torn: dict) -> None:
         """The live file verified up to its last line, a record cut short (a kill while it was written): keep the
