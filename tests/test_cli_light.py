@@ -84,8 +84,19 @@ def test_a_usage_error_under_json_is_a_json_document_on_stdout(tmp_path, bad, op
         assert option in r.stderr and "Usage:" in r.stderr
     plain = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "hi", *bad])
     assert plain.exit_code == 2 and plain.stdout == ""
-    valued = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "--json", "--seed", "1.5"])
-    assert valued.exit_code == 2 and json.loads(valued.stdout)["ok"] is False  # the word is there: one document
+
+
+@pytest.mark.parametrize("args, document", [
+    (["run", "M", "--prompt", "--json", "--bogus"], False), (["run", "M", "-p", "--json", "--seed", "1.5"], False),
+    (["run", "M", "-p--json", "--json", "--bogus"], True), (["run", "M", "--prompt=--json", "--bogus"], False),
+    (["run", "M", "-p", "hi", "--bogus", "--json"], True), (["run", "M", "--bogus", "--", "--json"], False),
+    (["bench", "run", "M", "--eval", "--json", "--bogus"], False), (["bench", "run", "M", "--bogus", "--json"], True)])
+def test_json_given_as_an_options_value_asks_for_no_document(args, document):
+    """`--json` that click reads as another option's value (here the prompt or a data set) is not the flag: a usage
+    error then prints its message on stderr only, as it does without the flag."""
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "Usage:" in r.stderr, r.output
+    assert (json.loads(r.stdout)["ok"] is False) if document else r.stdout == "", r.stdout
 
 
 def test_ctrl_c_under_json_is_a_json_document_on_stdout(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from edgemed import __version__
 from edgemed.errors import EdgemedError, output_error
 
 #: ``ctx.meta`` keys (shared by every nested context): the command was given ``--json``; it printed its JSON result;
-#: ``--json`` is among the words typed after the command's name (a usage error may stop the parse before it is read)
+#: ``--json`` is typed as the flag after the command's name (a usage error may stop the parse before it is read)
 _JSON_ASKED, _JSON_PRINTED, _JSON_TYPED = "edgemed.json", "edgemed.json-printed", "edgemed.json-typed"
 
 
@@ -103,6 +103,36 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
+def _json_flag_typed(command: click.Command, ctx, words: list[str]) -> bool:
+    """Whether ``words`` (what follows ``command``'s name on the line, up to any ``--``) hold ``--json`` where click
+    reads it as the flag: not as the value of an option that takes one (``run M --prompt --json``: the prompt), and
+    only for a command that has the flag. A group's words lead to its command's, so ``bench run`` is read as such."""
+    values = {}  # each option word of ``command`` -> how many words after it are its value
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option):
+            values.update(dict.fromkeys(param.opts + param.secondary_opts,
+                                        0 if param.is_flag or param.count else param.nargs))
+    i = 0
+    while i < len(words):
+        word, i = words[i], i + 1
+        if word == "-" or not word.startswith("-"):
+            if isinstance(command, click.Group):  # the command's name: the rest is that command's
+                sub = command.get_command(ctx, word)
+                return sub is not None and _json_flag_typed(sub, ctx, words[i:])
+        elif word.startswith("--"):
+            if word == "--json" and values.get(word) == 0:
+                return True
+            name, equals, _ = word.partition("=")
+            i += 0 if equals else values.get(name, 0)
+        else:  # short options run together (-vv, -pText): the first that takes a value takes the rest, or the next
+            for at, letter in enumerate(word[1:], start=2):
+                taken = values.get("-" + letter, 0)
+                if taken:
+                    i += 0 if at < len(word) else taken
+                    break
+    return False
+
+
 class LazyGroup(click.Group):
     """Imports a command's module only when that command is asked for."""
 
@@ -119,7 +149,7 @@ class LazyGroup(click.Group):
     def resolve_command(self, ctx, args):
         # A usage error in the parse itself (an unknown option) comes before any option's callback, --json's too
         words = args[:args.index("--")] if "--" in args else args
-        ctx.meta[_JSON_TYPED] = "--json" in words
+        ctx.meta[_JSON_TYPED] = _json_flag_typed(self, ctx, words)
         return super().resolve_command(ctx, args)
 
     def invoke(self, ctx):
