@@ -308,7 +308,7 @@ def _threads_now() -> int:
 
 def test_the_intra_op_pool_is_counted_and_no_inter_op_pool_is_started(tiny_onnx, caplog):
     """`onnx.inter_op_threads` reached the session's options and did nothing: the session stays in onnxruntime's
-    sequential mode, which starts no inter-op pool (a profile asking for one is refused when read:
+    sequential mode, which starts no inter-op pool (a profile asking for one gets 1, with a warning when read:
     ``test_devices``), and the read-back asked the options object, which echoes what it was given. The intra-op
     pool is what the process's thread count shows (a pool of n: n - 1 new threads)."""
     import logging

@@ -4,11 +4,17 @@ A user profile with the same name as a shipped one replaces it. Each file is
 validated against ``schema.FIELDS`` on load; its name must match its file stem.
 A user's file is untrusted input: it must be a regular file (not a directory, FIFO
 or symlink loop) of at most ``MAX_PROFILE_BYTES`` of UTF-8 TOML nesting at most
-``bounded.MAX_DEPTH`` deep, or loading stops with a ``ProfileError`` naming it.
+``bounded.MAX_DEPTH`` deep, or it does not read: a ``ProfileError`` names it.
+
+A file that does not read stops what weighs every profile (detection, ``edgemed
+devices list``: the profile it holds might be the one that should win) and what
+asks for its name; anything else leaves it out with one warning naming it and the
+fix, so an upgrade that tightens the schema stops only the commands that use it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -17,7 +23,7 @@ from pathlib import Path
 
 from edgemed import env
 from edgemed.devices.facts import GIB, Facts
-from edgemed.devices.schema import validate
+from edgemed.devices.schema import inert, validate
 from edgemed.errors import ProfileError
 from edgemed.formats.input_file import NotRegular, read_at_most
 from edgemed.formats.nesting import MAX_DEPTH, too_deep
@@ -28,8 +34,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+log = logging.getLogger(__name__)
+
 #: A profile is about 1 KB of TOML; anything far larger is not one.
 MAX_PROFILE_BYTES = 256 << 10
+
+#: warnings this process has logged: each once, however often the profiles are read (a bench reads them per result)
+_SAID: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning("%s", message)
 
 
 def _names(model: str, words: str) -> bool:
@@ -200,6 +217,8 @@ def read_profile(path: Path, text: str | None = None) -> Profile:
     if data["name"] != Path(source).stem:
         raise ProfileError(f"{source}: name: '{data['name']}' does not match the file name.",
                            f"rename the file to {data['name']}.toml or set name = \"{Path(source).stem}\"")
+    for note in inert(data, str(path)):
+        _warn_once(note)
     return Profile(name=data["name"], description=data["description"], priority=data["priority"],
                    recommended_quant=data["recommended_quant"], match=data["match"], memory=data["memory"],
                    llama=data["llama"], onnx=data["onnx"], source=str(path))
@@ -216,10 +235,12 @@ def _named_folder(folder: Path) -> Path:
     return folder
 
 
-def load_profiles() -> dict[str, Profile]:
-    """Every profile by name: shipped first, then user folders (later ones override). Each folder named in
-    ``$EDGEMED_PROFILES_DIR`` must exist; ``$EDGEMED_HOME/profiles`` is read where it does."""
+def read_profiles() -> tuple[dict[str, Profile], dict[Path, ProfileError]]:
+    """Every profile that reads, by name: shipped first, then user folders (later ones override; a user's file that
+    does not read takes its name out), and apart from them each user file that does not read, with why. Each folder
+    named in ``$EDGEMED_PROFILES_DIR`` must exist; ``$EDGEMED_HOME/profiles`` is read where it does."""
     found: dict[str, Profile] = {}
+    broken: dict[Path, ProfileError] = {}
     shipped = _shipped_dir()
     for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
@@ -227,15 +248,46 @@ def load_profiles() -> dict[str, Profile]:
     *named, default = env.profile_dirs()  # $EDGEMED_PROFILES_DIR's folders, then $EDGEMED_HOME/profiles
     for folder in [*map(_named_folder, named), *([default] if default.is_dir() else [])]:
         for path in sorted(folder.glob("*.toml")):
-            found[path.stem] = read_profile(path)
-    if not found:
+            try:
+                found[path.stem] = read_profile(path)
+            except ProfileError as exc:  # never the shipped profile of that name in its place
+                found.pop(path.stem, None)
+                broken[path] = exc
+    if not found and not broken:
         raise ProfileError("No device profiles were found.", "reinstall edgemed: its device_profiles are missing")
+    return found, broken
+
+
+def load_profiles() -> dict[str, Profile]:
+    """Every profile by name, for what weighs them all (detection, ``edgemed devices list``): a user's file that does
+    not read stops it, naming the file and the field, as the profile it holds might be the one that should win."""
+    found, broken = read_profiles()
+    if broken:
+        raise next(iter(broken.values()))
+    return found
+
+
+def _left_out(broken: dict[Path, ProfileError]) -> None:
+    for path, exc in broken.items():
+        _warn_once(f"Device profile {path} is left out: {exc.problem} Fix: {exc.fix}.")
+
+
+def usable_profiles() -> dict[str, Profile]:
+    """Every profile that reads, by name, for what takes each on its own (a bundle's memory table): a user's file that
+    does not read is left out with one warning naming it and the fix."""
+    found, broken = read_profiles()
+    _left_out(broken)
     return found
 
 
 def get_profile(name: str) -> Profile:
-    """The profile called ``name``, or an error listing what exists."""
-    profiles = load_profiles()
+    """The profile called ``name``, or an error listing what exists. Only a file of that name stops it (never the
+    shipped profile in its place); any other user file that does not read is left out with one warning."""
+    profiles, broken = read_profiles()
+    its_own = [exc for path, exc in broken.items() if path.stem == name]
+    if name not in profiles and its_own:
+        raise its_own[-1]  # the last folder's file: the one that would have been used
+    _left_out(broken)
     if name not in profiles:
         raise ProfileError(f"No device profile named '{name}'.",
                            f"run `edgemed devices list` to see profiles; known: {', '.join(sorted(profiles))}")

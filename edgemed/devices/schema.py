@@ -113,7 +113,7 @@ FIELDS: dict[tuple[str, str], tuple[Check, bool]] = {
     ("llama", "extra_buffers"): (_one_of(*EXTRA_BUFFER_MODES), False),
     ("onnx", "providers"): (_str_list, True),
     ("onnx", "intra_op_threads"): (_threads, True),
-    # must be 1: the ONNX engine runs the graph sequentially (``validate`` refuses more, saying why)
+    # the ONNX engine runs the graph sequentially: a count above 1 is used as 1, with a warning (``inert``)
     ("onnx", "inter_op_threads"): (_int(1, MAX_THREADS), True),
 }
 SECTIONS = sorted({section for section, _ in FIELDS if section})
@@ -127,9 +127,9 @@ def _short(value) -> str:
 def validate(data: dict, source: str) -> None:
     """Raise ``ProfileError`` naming ``source`` and the first bad field."""
 
-    def fail(field: str, why: str, fix: str | None = None):
+    def fail(field: str, why: str):
         raise ProfileError(f"{source}: {field}: {why}.",
-                           fix or f"fix '{field}' in {source} (see `edgemed devices show generic` for a valid profile)")
+                           f"fix '{field}' in {source} (see `edgemed devices show generic` for a valid profile)")
 
     for key, value in data.items():
         if key in SECTIONS and not isinstance(value, dict):
@@ -159,13 +159,22 @@ def validate(data: dict, source: str) -> None:
         # llama.cpp refuses a quantized V cache without flash attention, and only when the model loads
         fail("llama.type_v", f"'{data['llama']['type_v']}' (a quantized V cache) needs llama.flash_attn = true; "
                              "or use type_v = \"f16\"")
-    if data["onnx"]["inter_op_threads"] > 1:
-        # the ONNX engine runs the graph in onnxruntime's sequential mode (runtime.onnx_engine says why), which
-        # starts no inter-op thread: a count above 1 would be ignored
-        fail("onnx.inter_op_threads", f"{data['onnx']['inter_op_threads']} is more than the ONNX engine uses: it runs "
-             "the graph in onnxruntime's sequential mode, which has no inter-op threads (its parallel mode ran a "
-             "decoder's chain of layers 2-3x slower per token where measured)",
-             f"set onnx.inter_op_threads = 1 in {source}, and give the threads to onnx.intra_op_threads")
     match = data.get("match", {})
     if match.get("min_memory_gb", 0) > match.get("max_memory_gb", float("inf")):
         fail("match.min_memory_gb", "is larger than match.max_memory_gb")
+
+
+def inert(data: dict, source: str) -> list[str]:
+    """Set each valid value that no engine honours to the one used, and return one warning per value (naming
+    ``source``, the key, why and the fix). Such a value loaded once, so a profile that holds it keeps loading."""
+    notes = []
+    asked = data["onnx"]["inter_op_threads"]
+    if asked > 1:
+        # the ONNX engine runs the graph in onnxruntime's sequential mode (runtime.onnx_engine says why), which
+        # starts no inter-op thread
+        data["onnx"]["inter_op_threads"] = 1
+        notes.append(f"{source}: onnx.inter_op_threads = {asked} is used as 1: the ONNX engine runs the graph in "
+                     "onnxruntime's sequential mode, which has no inter-op threads (its parallel mode ran a decoder's "
+                     "chain of layers 2-3x slower per token where measured). Fix: set onnx.inter_op_threads = 1 in "
+                     f"{source}, and give the threads to onnx.intra_op_threads.")
+    return notes

@@ -184,7 +184,7 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
     """
     if facts.get("format") != "gguf":
         return _onnx_estimate(model, facts, model_bytes)
-    from edgemed.devices.profiles import load_profiles
+    from edgemed.devices.profiles import usable_profiles
     from edgemed.errors import ProfileError
     from edgemed.runtime.plan import METHOD, estimate, for_engine, profile_settings, read_shape
 
@@ -192,7 +192,7 @@ def memory_needs(model: Path, facts: dict, model_bytes: int) -> dict:
     max_ctx = shape.n_ctx_train or max(CONTEXTS)
     by_ctx = {str(c): estimate(shape, c).total for c in sorted({c for c in CONTEXTS if c <= max_ctx} | {min(max_ctx, 32768)})}
     profiles = {}
-    for name, profile in sorted(load_profiles().items()):
+    for name, profile in sorted(usable_profiles().items()):  # a user file that does not read: left out, warned
         n_ctx = min(profile.llama["n_ctx"], max_ctx)
         # the larger of what `run` and `serve` load it with (their micro-batches may differ: plan.for_engine)
         need = max(estimate(shape, n_ctx, **profile_settings(for_engine(profile, batched), shape)).total

@@ -19,7 +19,7 @@ only) and the intra-op threads it started (counted in ``/proc/self/task``: its
 options read back the values set, not what it made of them); a difference is said at
 WARNING, as a llama.cpp load says weights placed elsewhere than asked. The graph
 runs in onnxruntime's sequential mode, with no inter-op threads
-(``OnnxEngine._thread_options`` says why; a profile that asks for more is refused).
+(``OnnxEngine._thread_options`` says why; a profile that asks for more gets 1, with a warning).
 
 Everything onnxruntime would trip on later is refused at load with the fix: a
 graph or weights file that is not a regular file inside the folder, names or
@@ -262,8 +262,8 @@ class OnnxEngine:
         decoder is a chain of layers with few branches, and onnxruntime's own tuning notes say parallel mode can
         hurt such a graph. Measured on a 4-layer, 896-wide int4 Qwen2 decoder (2 cores), a decode step took
         6.1 ms sequential with 2 intra-op threads, 20.8 ms parallel with 2 + 2 and 13.1 ms with 1 + 2 (medians of
-        5 rounds of 64 steps). So a device profile's ``onnx.inter_op_threads`` must be 1 (``devices.schema``
-        refuses more when the profile is read), and no load asks for inter-op threads."""
+        5 rounds of 64 steps). So a device profile's ``onnx.inter_op_threads`` above 1 is used as 1, with a
+        warning when the profile is read (``devices.schema.inert``), and no load asks for inter-op threads."""
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         threads = {}
         if load.n_threads:
