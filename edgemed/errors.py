@@ -43,6 +43,15 @@ class AdapterError(InputError):
     """A LoRA adapter cannot be merged into this base model."""
 
 
+class AdapterNotFound(InputError):
+    """A name that is no adapter of the model (its bundle's, or an installed adapter bundle's for its base);
+    ``available``: the names there are."""
+
+    def __init__(self, problem: str, fix: str, name: str, available: list[str]):
+        super().__init__(problem, fix)
+        self.name, self.available = name, available
+
+
 class TokenizerError(InputError):
     """The tokenizer cannot be converted faithfully."""
 

@@ -138,7 +138,10 @@ def test_a_taken_or_bad_name_is_refused_before_the_self_test_runs(server, kit, m
     """The self-test's child (seconds) ran for the new set before the name was looked at."""
     called = []
     monkeypatch.setitem(globals(), "admit_adapter", lambda *args: called.append(args))
-    for name, words in [("cardio", "already served"), ("no spaces", "not a usable adapter name")]:
+    for name, status, code, words in [("cardio", 409, "adapter_name_taken", "already served"),
+                                      ("no spaces", 400, "invalid_adapter_name", "not a usable adapter name")]:
         r = _add(server, name, kit["triage"])
-        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        error = r.json()["error"]
+        assert r.status_code == status and words in error["message"], r.text
+        assert (error["code"], error["param"]) == (code, "name")
     assert called == [] and set(server.batcher.adapters()) == {"cardio"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 BLOCK = 1 << 20  # 1 MiB reads into one reused buffer: disk speed, no allocation per block
@@ -17,6 +18,12 @@ def file_sha256(path: Path | str) -> str:
         while n := fh.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def stamp(st: os.stat_result) -> tuple[int, ...]:
+    """(device, inode, size, mtime_ns, ctime_ns): two equal stamps of a path mean the file was neither written nor
+    replaced between the two stats (``packaging.digest``'s docstring says why, and what it cannot see)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def files_digest(files: list[Path], root: Path | None = None) -> str:

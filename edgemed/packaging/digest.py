@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from edgemed import env
 from edgemed.files.atomic import write_text
-from edgemed.files.hashing import BLOCK, file_sha256
+from edgemed.files.hashing import BLOCK, file_sha256, stamp  # stamp: re-exported (its readers import it from here)
 from edgemed.errors import EdgemedError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,6 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO | None, size: int, name: str) -> st
             dst.write(block)
         left -= len(block)
     return h.hexdigest()
-
-
-def stamp(st: os.stat_result) -> tuple[int, ...]:
-    """(device, inode, size, mtime_ns, ctime_ns): two equal stamps of a path mean the file was neither written nor
-    replaced between the two stats (the module docstring says why, and what it cannot see)."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _stamp(st: os.stat_result) -> list[int]:

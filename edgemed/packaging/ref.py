@@ -270,30 +270,32 @@ def _is_adapter_path(text: str) -> bool:
     return _is_path_text(text) or Path(text).exists() or Path(text.rpartition(":")[0] or text).exists()
 
 
-def adapter_specs(ref: ModelRef, args) -> list:
+def adapter_specs(ref: ModelRef, args, files: bool = True) -> list:
     """``--adapter`` arguments for ``ref`` as ``runtime.loader.AdapterSpec``: a FILE[:SCALE] as it is, a NAME[:SCALE]
-    from ``adapters(ref)``; an installed adapter bundle is verified (fast path) and passes the trust policy first.
-    An unknown name is refused, naming the adapters there are."""
-    from edgemed.errors import IntegrityError
+    from ``adapters(ref)``; an installed adapter bundle is verified (fast path) and passes the trust policy first, and
+    its spec carries the sha256 the adapter's file was verified as. An unknown name is ``AdapterNotFound``, naming the
+    adapters there are. ``files`` False: each argument is a NAME, whole (a server's HTTP caller names an installed
+    adapter: never a file on the server, nor a scale)."""
+    from edgemed.errors import AdapterNotFound, IntegrityError
     from edgemed.runtime.loader import AdapterSpec
 
     specs, available, checked = [], None, {}
     for text in args:
         text = str(text)
-        if _is_adapter_path(text):
+        if files and _is_adapter_path(text):
             specs.append(AdapterSpec.parse(text))
             continue
         if available is None:
             available = adapters(ref)
         name, sep, tail = text.rpartition(":")
-        if not sep or name not in available:
+        if not files or not sep or name not in available:
             name, tail = text, None
         choice = available.get(name)
         if choice is None:
             there = ", ".join(sorted(available)) or "none"
-            raise InputError(f"--adapter '{text}': '{name}' is neither a file nor an adapter of '{ref.name}' (its adapters: {there}).",
-                             f"pass an adapter name `edgemed list` shows under {ref.name}, install the adapter bundle for it "
-                             "(edgemed install NAME-ADAPTER.edgemed), or pass the .lora.gguf file")
+            raise AdapterNotFound(f"--adapter '{text}': '{name}' is neither a file nor an adapter of '{ref.name}' (its adapters: {there}).",
+                                  f"pass an adapter name `edgemed list` shows under {ref.name}, install the adapter bundle for it "
+                                  "(edgemed install NAME-ADAPTER.edgemed), or pass the .lora.gguf file", name, sorted(available))
         if choice.own:
             vouched = dict(ref.stamps)  # verified with the model (runnable)
             if Path(choice.path).absolute() not in vouched:
@@ -306,7 +308,8 @@ def adapter_specs(ref: ModelRef, args) -> list:
             vouched = checked[choice.bundle]
         spec = AdapterSpec.parse(f"{choice.path}:{tail}" if tail is not None else str(choice.path))
         # the stamp it was verified with travels with it: checked again once it is loaded (``loaded_as_verified``)
-        specs.append(replace(spec, stamp=vouched.get(Path(choice.path).absolute())))
+        verified = vouched.get(Path(choice.path).absolute())
+        specs.append(replace(spec, stamp=verified, sha256=verified.sha256 if verified is not None else None))
     return specs
 
 

@@ -10,6 +10,8 @@ LoRA adapters (GGUF adapter files) load through ``load_adapter``: the file is ch
 base's architecture, made for the checkpoint the base was converted from (both record that checkpoint's sha256:
 ``formats/gguf_header``'s keys) without a LoRA merged into it (``convert --lora``), before llama.cpp reads it; the adapter's metadata is then read back from llama.cpp.
 A model that will carry adapters names them to ``load_model``, so the self-test's child decodes with them applied.
+A server names the weights each adapter answers with by the file's sha256 (``hashed``: its bundle's, or hashed once
+before the load, the file then checked unchanged once it is loaded).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class AdapterSpec:
     #: sha256; None: a file given as it is); the caller that verified it compares it again once the adapter is loaded
     #: (``packaging.ref.loaded_as_verified``)
     stamp: object = field(default=None, compare=False)
+    #: the sha256 of the file's bytes when known before the load (its bundle's verified digest, which the verifier
+    #: compares again once loaded); None: ``hashed`` hashes the file
+    sha256: str | None = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> "AdapterSpec":
@@ -153,6 +158,45 @@ def load_adapter(model, adapter):
         raise AdapterError(f"llama.cpp read '{spec.path.name}' differently from edgemed's header reader.",
                            "copy the adapter again; if it persists, report it with the file")
     return loaded
+
+
+def hashed(spec: AdapterSpec) -> tuple[AdapterSpec, tuple | None]:
+    """``spec`` with the sha256 of its file, and the file's stamp (``files.hashing.stamp``) to give ``unchanged``
+    once it is loaded; a spec that has its sha256 already (its bundle's) as it is, with None: its verifier compares
+    the load (``packaging.ref.loaded_as_verified``). Reads the whole file: call it before any lock a step waits for."""
+    import os
+    from dataclasses import replace
+
+    from edgemed.files.hashing import file_sha256, stamp
+
+    if spec.sha256 is not None:
+        return spec, None
+    try:
+        before = stamp(os.stat(spec.path))
+        return replace(spec, sha256=file_sha256(spec.path)), before
+    except OSError as exc:
+        raise InputError(f"The adapter '{spec.path}' cannot be read: {exc.strerror or exc}.",
+                         "pass a .lora.gguf file this user can read") from None
+
+
+def unchanged(spec: AdapterSpec, before: tuple | None) -> None:
+    """Refuse an adapter whose file was written or replaced between ``hashed`` and the end of its load: the weights
+    loaded might not be the bytes whose sha256 names them."""
+    import os
+
+    from edgemed.errors import IntegrityError
+    from edgemed.files.hashing import stamp
+
+    if before is None:
+        return
+    try:
+        now = stamp(os.stat(spec.path))
+    except OSError:
+        now = None
+    if now != before:
+        raise IntegrityError(f"'{spec.path}' changed while it loaded as an adapter (written, replaced or removed): the "
+                             f"weights loaded may not be the bytes hashed as sha256 {spec.sha256}, so it is not used.",
+                             "find what writes there, then load it again once nothing does")
 
 
 def load_adapters(model, adapters) -> list:

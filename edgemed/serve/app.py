@@ -110,6 +110,9 @@ async def _lifespan(app):
     config, batcher = srv.config, srv.batcher
     start = dict(host=config.host, port=config.port, model=config.model_id, bundle_digest=config.bundle_digest,
                  slots=batcher.slots, queue_size=getattr(batcher, "queue_size", None))
+    if hasattr(batcher, "adapters"):  # the adapters served from the start, each with the weights it stands for
+        start["adapters"] = [{"name": name, "sha256": a["sha256"], "scale": a["scale"]}
+                             for name, a in sorted(batcher.adapters().items())]
     if config.audit is not None:
         head = await asyncio.to_thread(lambda: config.audit.append("start", content_logged=config.audit.content, **start))
         log.info("audit log %s: head %s (record it elsewhere to detect truncation or rewriting)",

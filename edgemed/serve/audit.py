@@ -85,6 +85,8 @@ FIELDS = {
     "request_id", "endpoint", "client", "key_id", "model", "bundle_digest", "template", "status", "outcome",
     "finish_reason", "stream", "prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "queue_s", "error_code",
     "adapter",  # the LoRA adapter a request used, or an admin call added or removed (a served name, never text)
+    "adapter_sha256", "adapter_scale",  # ... the sha256 of that adapter's file and its scale: which weights it was
+    "adapters",  # start: the adapters served from the start, a list sorted by name, each with ADAPTER_KEYS only
     "seed",  # the sampling seed a generation used (the client's, or the one drawn for it): with the prompt, it repeats the answer
     # genesis / start / stop records
     "format", "log_id", "edgemed_version", "host", "port", "slots", "queue_size", "content_logged",
@@ -95,6 +97,8 @@ FIELDS = {
     # refusals: how many refused requests of one client were counted in a window, not recorded one by one
     "suppressed", "window_start", "window_s",
 }
+#: What each entry of a start record's ``adapters`` holds, and nothing else.
+ADAPTER_KEYS = {"name", "sha256", "scale"}
 #: Request text: written only when the operator explicitly turns content logging on.
 CONTENT_FIELDS = {"prompt", "output"}
 
@@ -771,6 +775,8 @@ class AuditLog:
         unknown = set(fields) - allowed - CONTENT_FIELDS
         if unknown:
             raise ValueError(f"audit fields not in the schema: {sorted(unknown)}")
+        if any(not isinstance(a, dict) or set(a) != ADAPTER_KEYS for a in fields.get("adapters", ())):
+            raise ValueError(f"audit field 'adapters' holds entries other than {sorted(ADAPTER_KEYS)}")
         kept = {k: v for k, v in fields.items() if k in allowed}
         with self._lock:
             if self._fd < 0 or self.failed:

@@ -111,8 +111,9 @@ class ServeConfig:
     #: who reuses whose prompt prefixes: "key" (requests of one API key only) or "shared" (every request);
     #: a request's ``cache_salt`` narrows it further (``generate.scope_of``)
     prefix_cache_scope: str = "key"
-    #: NAME[:SCALE] of an installed adapter for this base -> ``loader.AdapterSpec`` (verified, trust policy applied),
-    #: for ``POST /admin/adapters {"adapter": NAME}``; the CLI passes ``packaging.ref.adapter_specs`` for the model.
+    #: NAME of an installed adapter for this base -> ``loader.AdapterSpec`` (verified, trust policy applied, with the
+    #: sha256 its file was verified as), or ``AdapterNotFound``, for ``POST /admin/adapters {"adapter": NAME}``; the
+    #: CLI passes ``packaging.ref.adapter_specs`` for the model, names only.
     resolve_adapter: object = field(default=None, compare=False)
     #: (served AdapterSpecs, the new AdapterSpec) -> None, or an ``EdgemedError``: the checks an adapter added while
     #: serving must pass before it loads (``session.admit_adapter``: base, memory plan, host self-test); None: none.

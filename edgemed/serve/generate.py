@@ -29,7 +29,7 @@ from edgemed.serve.api import ApiError, ClientClosed
 from edgemed.serve.endpoints import Answer, Endpoint, usage
 from edgemed.serve.grammar_source import GrammarSource
 from edgemed.serve.tools import CallFilter
-from edgemed.serve.middleware import RequestRecord
+from edgemed.serve.middleware import RequestRecord, adapter_fields
 from edgemed.serve.state import Served, request_record, served
 
 #: Sent as ``open`` when the chat template opened a reasoning block (the prompt ends with ``<think>``): the answer's
@@ -152,6 +152,7 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
                 more["scope"] = scope
             try:
                 streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
+                bound(record, getattr(streams[-1], "adapter", None))
             except GrammarRefused as exc:  # the probe's verdict: the fix names the field the grammar came from
                 if prompt.grammar_from is None:
                     raise
@@ -165,6 +166,20 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     return streams
 
 
+def bound(record: RequestRecord, weights: dict | None) -> None:
+    """Note the weights the batcher bound a prompt of ``record`` to (``Stream.adapter``): its audit records name
+    them. Each prompt of a request is bound on its own; one bound to other weights than the first (the adapter was
+    removed and added again with another file meanwhile) refuses the request rather than record one of the two."""
+    if weights is None:
+        return
+    if record.adapter_sha256 is not None and (record.adapter_sha256, record.adapter_scale) != \
+            (weights["sha256"], weights["scale"]):
+        raise api.ApiError(409, f"The adapter '{record.adapter}' was replaced while this request's prompts were queued, "
+                                "so they would be answered by two different adapters. Fix: send the request again.",
+                           code="adapter_changed", param="model")
+    record.adapter_sha256, record.adapter_scale = weights["sha256"], weights["scale"]
+
+
 def accepted(audit, srv: Served, record: RequestRecord) -> None:
     """The ``accepted`` record, written (and fsynced) once the request is queued and before anything of its answer is
     sent: a crash or a kill while it runs leaves who asked what on record, and a log that cannot take it refuses the
@@ -172,8 +187,7 @@ def accepted(audit, srv: Served, record: RequestRecord) -> None:
     fields = dict(request_id=record.request_id, endpoint=record.endpoint, client=record.client, key_id=record.key_id,
                   model=srv.config.model_id, bundle_digest=srv.config.bundle_digest, template=record.template,
                   stream=record.stream, seed=record.seed)
-    if record.adapter is not None:
-        fields["adapter"] = record.adapter
+    fields.update(adapter_fields(record))
     try:
         audit.append("accepted", **fields)
         record.accepted = True

@@ -88,6 +88,8 @@ class RequestRecord:
     failed_status: int | None = None  # a stream that failed after its 200 headers: the error's status (500, 503)
     answered: bool = False  # a stream's last event before its end marker has been produced
     adapter: str | None = None  # the LoRA adapter the request asked for (its model MODEL:ADAPTER); None: the base
+    adapter_sha256: str | None = None  # which weights that name stood for: its file's sha256 (``Stream.adapter``) ...
+    adapter_scale: float | None = None  # ... at this scale
     seed: int | None = None  # the sampling seed its generation used (choice i: seed + i)
     accepted: bool = False  # its generation was queued and has an ``accepted`` audit record: its end is always written
 
@@ -114,8 +116,7 @@ class RequestRecord:
                       model=model, bundle_digest=digest, template=self.template, status=self.code,
                       outcome=self.outcome or self._outcome(), error_code=self.error_code, stream=self.stream,
                       latency_s=round(time.perf_counter() - self.started, 4))
-        if self.adapter is not None:
-            fields["adapter"] = self.adapter
+        fields.update(adapter_fields(self))
         if self.seed is not None:
             fields["seed"] = self.seed
         f = self.finished
@@ -131,6 +132,15 @@ class RequestRecord:
         if code < 400:
             return "ok"
         return OUTCOMES.get(code, "bad_request" if code < 500 else "error")
+
+
+def adapter_fields(record: RequestRecord) -> dict:
+    """The audit fields naming the adapter of ``record`` (none for the base): its name, and the sha256 and scale of
+    the weights it stood for, so a name removed and added again with another file tells the two apart."""
+    if record.adapter is None:
+        return {}
+    weights = {"adapter_sha256": record.adapter_sha256, "adapter_scale": record.adapter_scale}
+    return {"adapter": record.adapter, **{k: v for k, v in weights.items() if v is not None}}
 
 
 def record_of(scope) -> RequestRecord:

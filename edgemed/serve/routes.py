@@ -5,7 +5,9 @@
 (``{"name", "path" | "adapter", "scale"}``) and ``DELETE /admin/adapters/{name}`` add and remove adapters on the
 running server (``middleware.Guard``: the API key when the server has keys, else loopback clients only). An added
 adapter first passes ``ServeConfig.admit_adapter`` (made for this base: 400; fits the memory plan with what is
-served: 507; the host self-test for the model with the whole set: 409), one add at a time; a refusal loads nothing.
+served: 507; the host self-test for the model with the whole set: 409), one add at a time; a refusal loads nothing,
+and says in words for an HTTP caller what is wrong, with a ``code`` and the body field at fault in ``param``. Admin
+calls' audit records name the adapter with the sha256 and scale of its weights (``middleware.adapter_fields``).
 ``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
 """
 
@@ -76,17 +78,22 @@ async def model(model_id: str, request: Request):
 
 @router.get("/admin/adapters", name="adapters")  # one label for the path, whatever the method
 async def list_adapters(request: Request):
-    return {"adapters": served(request).batcher.adapters()}
+    """The adapters served (name -> file, scale, sha256) and those removed that still answer running requests
+    (``finishing``: with their count; a name there is free once they end)."""
+    batcher = served(request).batcher
+    return {"adapters": batcher.adapters(), "finishing": batcher.finishing()}
 
 
 @router.post("/admin/adapters", name="adapters")
 async def add_adapter(request: Request):
-    """Load a LoRA adapter on the running server: ``{"name", "path": FILE | "adapter": INSTALLED_NAME, "scale"}``."""
+    """Load a LoRA adapter on the running server: ``{"name", "path": FILE | "adapter": INSTALLED_NAME, "scale"}``.
+    Every refusal is an error with a ``code`` and the body field it is about in ``param``."""
     import math
     from pathlib import Path
 
     from starlette.concurrency import run_in_threadpool
 
+    from edgemed.errors import AdapterNotFound, IntegrityError
     from edgemed.runtime.loader import AdapterSpec
 
     srv = served(request)
@@ -104,33 +111,51 @@ async def add_adapter(request: Request):
     scale = data.get("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not 0 <= scale <= 4:
         raise api.ApiError(400, f"scale must be a number from 0 to 4, not {scale!r}. Fix: pass 1 (as trained) or "
-                                "a fraction.", param="scale")
-    if "path" in data:
-        path = Path(data["path"])
+                                "a fraction.", code="invalid_scale", param="scale")
+    if isinstance(data.get("path"), str):
+        field, path = "path", Path(data["path"])
         if not path.is_file():
             raise api.ApiError(400, f"'{path}' is not a file on the server. Fix: pass the path of a .lora.gguf that "
-                                    "`edgemed convert --adapter-only` wrote.", param="path")
+                                    "`edgemed convert --adapter-only` wrote.", code="adapter_not_found", param="path")
         spec = AdapterSpec(path, float(scale))
     else:
+        field = "adapter"
         if srv.config.resolve_adapter is None:
-            raise api.ApiError(400, "This server cannot look up installed adapters. Fix: pass \"path\".", param="adapter")
-        spec = await run_in_threadpool(srv.config.resolve_adapter, data["adapter"])
+            raise api.ApiError(400, "This server cannot look up installed adapters. Fix: pass \"path\".",
+                               code="adapter_lookup_unavailable", param="adapter")
+        try:
+            spec = await run_in_threadpool(srv.config.resolve_adapter, data["adapter"])
+        except AdapterNotFound as exc:
+            raise api.ApiError(400, f"'{exc.name}' is not an adapter of '{srv.config.model_id}' on this server (its "
+                                    f"adapters: {', '.join(exc.available) or 'none'}). Fix: send one of those as "
+                                    "\"adapter\", install the adapter's bundle on the server first (`edgemed install "
+                                    "NAME-ADAPTER.edgemed`), or send \"path\" with a .lora.gguf file on the server.",
+                               code="adapter_not_found", param="adapter") from None
+        except IntegrityError as exc:  # its bundle fails verification or the trust policy
+            raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", code="adapter_unverified", param="adapter") from None
         spec = dataclasses.replace(spec, scale=float(scale))  # with the stamp its bundle was verified with
-    await run_in_threadpool(_admit_and_add, srv, data["name"], spec)
+    added = await run_in_threadpool(_admit_and_add, srv, data["name"], spec, field)
     record.adapter = data["name"]  # served now
-    return {"added": data["name"], "model": f"{srv.config.model_id}:{data['name']}", "path": str(spec.path),
-            "scale": spec.scale}
+    record.adapter_sha256, record.adapter_scale = added["sha256"], added["scale"]
+    return {"added": data["name"], "model": f"{srv.config.model_id}:{data['name']}", **added}
 
 
-def _admit_and_add(srv, name: str, spec) -> None:
-    """``admit_adapter``'s checks, then the load (a worker thread; one add at a time)."""
+def _admit_and_add(srv, name: str, spec, field: str) -> dict:
+    """``admit_adapter``'s checks, then the load (a worker thread; one add at a time): what ``Batcher.add_adapter``
+    says of it, or an ``ApiError`` whose ``param`` is the body field at fault (``field``: the adapter's)."""
     from pathlib import Path
 
-    from edgemed.errors import IntegrityError, ModelLoadError, PlanError
+    from edgemed.errors import EdgemedError, InputError, ModelLoadError, PlanError
+    from edgemed.runtime.batch.batcher import AdapterNameTaken
     from edgemed.runtime.loader import AdapterSpec
 
     with _ADDING:
-        srv.batcher.check_new_adapter(name)  # a bad or taken name is said before the self-test's child runs for it
+        try:  # a bad or taken name is said before the self-test's child runs for it
+            srv.batcher.check_new_adapter(name)
+        except AdapterNameTaken as exc:
+            raise _name_taken(exc) from None
+        except InputError as exc:  # a name no model name can carry
+            raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}.", code="invalid_adapter_name", param="name") from None
         if srv.config.admit_adapter is not None:
             served = [AdapterSpec(Path(a["path"]), a["scale"]) for a in srv.batcher.adapters().values()]
             try:
@@ -139,13 +164,48 @@ def _admit_and_add(srv, name: str, spec) -> None:
                 raise api.ApiError(507, f"{exc.problem} Fix: {exc.fix}", "server_error", "insufficient_memory") from None
             except ModelLoadError as exc:
                 raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_selftest_failed") from None
+            except EdgemedError as exc:
+                raise _refused(srv, exc, field) from None
         try:  # an installed adapter: the bytes loaded must be the ones verified, before any request can name it
-            srv.batcher.add_adapter(name, spec, check=srv.config.loaded_adapter)
-        except IntegrityError as exc:
-            raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_changed") from None
+            return srv.batcher.add_adapter(name, spec, check=srv.config.loaded_adapter)
         except ModelLoadError as exc:  # a file llama.cpp does not take: the caller's to fix, not a server failure
-            raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}", code="adapter_not_loadable",
-                               param="path") from None
+            raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}", code="adapter_not_loadable", param=field) from None
+        except EdgemedError as exc:
+            raise _refused(srv, exc, field) from None
+
+
+def _refused(srv, exc, field: str):
+    """The HTTP error for an adapter ``admit_adapter`` or the load refused (``field``: the body field naming it)."""
+    from edgemed.errors import AdapterError, InputError, IntegrityError
+    from edgemed.runtime.batch.batcher import AdapterNameTaken
+
+    model = srv.config.model_id
+    if isinstance(exc, AdapterNameTaken):  # added meanwhile
+        return _name_taken(exc)
+    if isinstance(exc, AdapterError):  # made for another base (or architecture), or the base has a LoRA merged in
+        return api.ApiError(400, f"{exc.problem} Fix: send as \"{field}\" an adapter made for '{model}', the model "
+                                 "this server runs; this one runs only on the base it was made for.",
+                            code="adapter_base_mismatch", param=field)
+    if isinstance(exc, IntegrityError):  # the file changed between its verification (or hash) and its load
+        return api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_changed", field)
+    if isinstance(exc, InputError):  # not a GGUF LoRA adapter, or unreadable
+        return api.ApiError(400, f"{exc.problem} Fix: send an adapter that `edgemed convert --adapter-only` wrote for "
+                                 f"'{model}': its .lora.gguf file as \"path\", or its installed bundle's name as "
+                                 "\"adapter\".", code="adapter_not_loadable", param=field)
+    return api.as_api_error(exc)
+
+
+def _name_taken(exc) -> api.ApiError:
+    """409 for a name served now, or removed and still answering its running requests (``AdapterNameTaken``)."""
+    name = exc.name
+    if exc.finishing is None:
+        return api.ApiError(409, f"An adapter named '{name}' is already served. Fix: remove it first (DELETE "
+                                 f"/admin/adapters/{name}) to replace it, or pick another name.",
+                            code="adapter_name_taken", param="name")
+    return api.ApiError(409, f"The adapter '{name}' was removed and still answers {exc.finishing} running request(s); "
+                             "its name is free once they end. Fix: wait until GET /admin/adapters no longer lists "
+                             f"'{name}' under \"finishing\", then add it again (or pick another name).",
+                        code="adapter_finishing", param="name")
 
 
 @router.delete("/admin/adapters/{name}")
@@ -153,9 +213,12 @@ async def remove_adapter(name: str, request: Request):
     """Stop serving an adapter: new requests for it get 404; the running ones finish first, then it is freed."""
     from starlette.concurrency import run_in_threadpool
 
-    left = await run_in_threadpool(served(request).batcher.remove_adapter, name)
-    request_record(request).adapter = name  # a served name (an unknown one raised): never text a client made up
-    return {"removed": name, "requests_finishing": left}
+    removed = await run_in_threadpool(served(request).batcher.remove_adapter, name)
+    record = request_record(request)
+    record.adapter = name  # a served name (an unknown one raised): never text a client made up
+    record.adapter_sha256, record.adapter_scale = removed["sha256"], removed["scale"]
+    return {"removed": name, "requests_finishing": removed["requests"], "sha256": removed["sha256"],
+            "scale": removed["scale"]}
 
 
 #: content part types that carry something other than text

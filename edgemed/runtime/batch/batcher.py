@@ -80,7 +80,9 @@ next decode (about a third of a one-row decode of Qwen2.5-0.5B), so a group keep
 ``adapter_turn`` steps (``ADAPTER_TURN``) before the next group in a round robin takes it: every group still
 generates every ``groups x adapter_turn`` steps, in bursts, and a switch is paid once per turn. A slot's kept
 prompt cells belong to the adapter (and scale) they were computed under and are never reused under another. A
-removed adapter takes no new request; it stays loaded until the last request using it ends.
+removed adapter takes no new request; it stays loaded until the last request using it ends (``finishing``), and
+its name cannot be given to another until then. Each adapter is known by its file's sha256, hashed once before the
+load (``loader.hashed``), and each stream carries the name, sha256 and scale it is generated under (``Stream.adapter``).
 """
 
 from __future__ import annotations
@@ -148,20 +150,41 @@ class UnknownAdapter(InputError):
     """A request named an adapter this batcher does not serve (or no longer: removed)."""
 
 
+class AdapterNameTaken(InputError):
+    """``add_adapter`` was given the name of an adapter served now, or of one removed whose last ``finishing``
+    requests are still running (it is freed, and its name free, once they end)."""
+
+    def __init__(self, name: str, finishing: int | None):
+        self.name, self.finishing = name, finishing
+        if finishing is None:
+            super().__init__(f"An adapter named '{name}' is already served.", "remove it first, or pick another name")
+        else:
+            super().__init__(f"The adapter '{name}' was removed and is still loaded: {finishing} running request(s) "
+                             "use it, and it is freed once they end.",
+                             "wait until those requests finish, then add it again (or pick another name)")
+
+
 @dataclasses.dataclass(eq=False)
 class _Loaded:
-    """A served adapter: llama.cpp's handle, its scale, the requests using it, and whether it was removed."""
+    """A served adapter: llama.cpp's handle, its scale, its file's sha256 (which weights it is), the requests using
+    it, and whether it was removed."""
 
     name: str
     adapter: object  # llamacpp.Adapter
     scale: float
     path: Path
+    sha256: str
     refs: int = 0
     removed: bool = False
 
     @property
     def key(self) -> tuple:
         return (self.name, self.scale, id(self.adapter))
+
+    @property
+    def weights(self) -> dict:
+        """What answers under it: its name, its file's sha256 and its scale (a stream's ``adapter``, the audit's)."""
+        return {"name": self.name, "sha256": self.sha256, "scale": self.scale}
 
 
 #: Prompt rows with logits per step, for requests that score their prompt (echo with logprobs). llama.cpp's output
@@ -242,7 +265,7 @@ class Batcher:
     def start(self) -> None:
         """Load the model and start the scheduler thread."""
         from edgemed.runtime.llamacpp import Batch, Context, physical_cores
-        from edgemed.runtime.loader import load_model
+        from edgemed.runtime.loader import hashed, load_model, unchanged
 
         if self._thread is not None:
             return
@@ -262,7 +285,9 @@ class Batcher:
             self._batch = Batch(self._model.lib, self._ctx.n_batch)
             self._model.token_bounds()  # read from the vocabulary now, not in the first request
             for name, spec in self._initial_adapters.items():
+                spec, before = hashed(_spec_of(spec))
                 self._adapters[name] = self._load_adapter(name, spec)
+                unchanged(spec, before)  # else freed below with the rest
         except BaseException:
             self._free_native()
             raise
@@ -293,17 +318,23 @@ class Batcher:
 
     # -- adapters --------------------------------------------------------------------------
     def _load_adapter(self, name: str, spec) -> _Loaded:
-        from edgemed.runtime.loader import AdapterSpec, load_adapter
+        """``spec`` as ``loader.hashed`` gave it, loaded (no step runs meanwhile)."""
+        from edgemed.runtime.loader import load_adapter
 
-        spec = spec if isinstance(spec, AdapterSpec) else AdapterSpec(Path(spec))
-        loaded = _Loaded(name, load_adapter(self._model, spec), float(spec.scale), spec.path)
-        log.info("adapter %s loaded: %s, scale %g", name, spec.path.name, spec.scale)
+        loaded = _Loaded(name, load_adapter(self._model, spec), float(spec.scale), spec.path, spec.sha256)
+        log.info("adapter %s loaded: %s, scale %g, sha256 %s", name, spec.path.name, spec.scale, spec.sha256)
         return loaded
 
     def adapters(self) -> dict[str, dict]:
-        """The adapters requests may name now (removed ones are gone from here at once): name -> file, scale."""
+        """The adapters requests may name now (removed ones are gone from here at once): name -> file, scale, sha256."""
         with self._cond:
-            return {a.name: {"path": str(a.path), "scale": a.scale} for a in self._adapters.values() if not a.removed}
+            return {a.name: _described(a) for a in self._adapters.values() if not a.removed}
+
+    def finishing(self) -> dict[str, dict]:
+        """The adapters removed and still loaded: name -> file, scale, sha256 and the requests still using it (their
+        names are free once those end)."""
+        with self._cond:
+            return {a.name: {**_described(a), "requests": a.refs} for a in self._adapters.values() if a.removed}
 
     def check_new_adapter(self, name: str) -> None:
         """What ``add_adapter`` refuses ``name`` for, said before anything costly is done for it (the server's self-test
@@ -311,44 +342,52 @@ class Batcher:
         _check_name(name)
         with self._cond:
             if name in self._adapters:
-                raise InputError(f"An adapter named '{name}' is already served"
-                                 f"{' (removed, still finishing requests)' if self._adapters[name].removed else ''}.",
-                                 "remove it first, or pick another name")
+                raise self._taken(name)
 
-    def add_adapter(self, name: str, spec, check=None) -> None:
+    def _taken(self, name: str) -> AdapterNameTaken:
+        """Why ``name`` cannot be added (caller holds the lock; ``name`` is in ``_adapters``)."""
+        loaded = self._adapters[name]
+        return AdapterNameTaken(name, loaded.refs if loaded.removed else None)
+
+    def add_adapter(self, name: str, spec, check=None) -> dict:
         """Load a LoRA adapter (``loader.AdapterSpec`` or a path) under ``name`` while serving; requests may name it
-        once this returns. The running requests keep going (the load waits for the current step to end). ``check``
-        (``spec`` -> None, or raises): run once the file is loaded and before any request can name it; what it raises
-        frees the adapter and propagates (the server's check that the loaded file is the verified one)."""
+        once this returns, and it returns what ``adapters`` says of it (its sha256: the file hashed once, before the
+        load, unless the spec carries its bundle's). The running requests keep going (the load waits for the current
+        step to end). ``check`` (``spec`` -> None, or raises): run once the file is loaded and before any request can
+        name it; what it raises frees the adapter and propagates (the server's check that the loaded file is the
+        verified one). A name served, or removed and still finishing requests, is ``AdapterNameTaken``."""
+        from edgemed.runtime.loader import hashed, unchanged
+
         _check_name(name)
         with self._cond:
             if self._thread is None or self._stopping:
                 raise Closed("The model server is not running.", "start it first")
             if name in self._adapters:
-                raise InputError(f"An adapter named '{name}' is already served"
-                                 f"{' (removed, still finishing requests)' if self._adapters[name].removed else ''}.",
-                                 "remove it first, or pick another name")
+                raise self._taken(name)
+        spec, before = hashed(_spec_of(spec))  # the whole file read here, not under the lock every step waits for
         with self._step_lock, self._native:
             loaded = self._load_adapter(name, spec)
-        if check is not None:
-            try:
+        try:
+            unchanged(spec, before)
+            if check is not None:
                 check(spec)
-            except BaseException:
-                with self._step_lock:
-                    self._close_adapter(loaded, served=False)
-                raise
-        with self._cond:
-            taken = name in self._adapters  # added meanwhile by another call
-            if not taken:
-                self._adapters[name] = loaded
-        if taken:
+        except BaseException:
             with self._step_lock:
                 self._close_adapter(loaded, served=False)
-            raise InputError(f"An adapter named '{name}' is already served.", "pick another name")
+            raise
+        with self._cond:
+            taken = self._taken(name) if name in self._adapters else None  # added meanwhile by another call
+            if taken is None:
+                self._adapters[name] = loaded
+        if taken is not None:
+            with self._step_lock:
+                self._close_adapter(loaded, served=False)
+            raise taken
+        return _described(loaded)
 
-    def remove_adapter(self, name: str) -> int:
+    def remove_adapter(self, name: str) -> dict:
         """Stop serving adapter ``name``: new requests for it are refused at once; it stays loaded until the last
-        running or queued request using it ends. Returns the number of those requests."""
+        running or queued request using it ends. Returns what ``finishing`` says of it (``requests``: those)."""
         with self._cond:
             loaded = self._adapters.get(name)
             if loaded is None or loaded.removed:
@@ -357,20 +396,24 @@ class Batcher:
             loaded.removed = True
             refs = loaded.refs
             if not refs:
-                self._releasing.append(loaded)  # the scheduler frees it between steps (it owns the slots' cells)
-                self._cond.notify_all()
+                self._retire(loaded)
         log.info("adapter %s removed (%d requests still using it)", name, refs)
-        return refs
+        return {**_described(loaded), "requests": refs}
 
     def adapters_unlocked(self) -> list[str]:
         return [a.name for a in self._adapters.values() if not a.removed]
 
-    def _release(self, loaded: _Loaded) -> None:
-        """Free a removed adapter nobody uses any more (scheduler thread, between steps)."""
-        with self._cond:
-            if not loaded.removed or loaded.refs or self._adapters.get(loaded.name) is not loaded:
-                return
+    def _retire(self, loaded: _Loaded) -> None:
+        """A removed adapter's last request ended (or it had none): its name is free at once, and the scheduler frees
+        its tensors between steps (it owns the slots' cells). Caller holds the lock; once per adapter (no request
+        takes a removed one, so its count reaches 0 once)."""
+        if self._adapters.get(loaded.name) is loaded:
             del self._adapters[loaded.name]
+        self._releasing.append(loaded)
+        self._cond.notify_all()
+
+    def _release(self, loaded: _Loaded) -> None:
+        """Free a retired adapter (scheduler thread, between steps)."""
         with self._step_lock:
             self._close_adapter(loaded)
 
@@ -534,9 +577,10 @@ class Batcher:
                 for i in range(extras.n):
                     own = settings if i == 0 else dataclasses.replace(settings, seed=settings.seed + i)
                     sampler = sampler_for(model, own, extras, self.n_ctx_per_slot)
-                    seqs.append(Seq(Stream(request_id, self._wake), tokens, own, sampler,
-                                    TextStream(Detokenizer(model), settings.stop), t_submit, extras=extras,
-                                    leader=seqs[0] if seqs else None, adapter=loaded, scope=scope))
+                    stream = Stream(request_id, self._wake, loaded.weights if loaded else None)
+                    seqs.append(Seq(stream, tokens, own, sampler, TextStream(Detokenizer(model), settings.stop),
+                                    t_submit, extras=extras, leader=seqs[0] if seqs else None, adapter=loaded,
+                                    scope=scope))
             seqs[0].followers = seqs[1:]
             with self._cond:
                 if self._stopping:
@@ -552,8 +596,7 @@ class Batcher:
                 with self._cond:
                     loaded.refs -= extras.n
                     if loaded.removed and not loaded.refs:
-                        self._releasing.append(loaded)
-                        self._cond.notify_all()
+                        self._retire(loaded)
             raise
         log.debug("request %s queued: %d prompt tokens, max_tokens %d, %d choices", request_id, len(tokens),
                   settings.max_tokens, extras.n)
@@ -1164,7 +1207,7 @@ class Batcher:
         if loaded is not None:
             loaded.refs -= 1
             if loaded.removed and not loaded.refs:
-                self._releasing.append(loaded)  # freed after the lock is let go (``_free_released``)
+                self._retire(loaded)  # freed after the lock is let go (``_free_released``)
 
     def _end_all(self, reason: str, error: str) -> None:
         with self._cond:
@@ -1188,11 +1231,12 @@ class Batcher:
     def _free_native(self) -> None:
         self._host.clear()  # states of this context's model: worthless once it is freed
         with self._native:
-            for loaded in list(self._adapters.values()):  # adapters before the context and model
+            for loaded in [*self._adapters.values(), *self._releasing]:  # adapters before the context and model
                 if self._ctx is not None:
                     self._ctx.set_adapters([])
                 loaded.adapter.close()
             self._adapters.clear()
+            self._releasing = []
             for name in ("_batch", "_ctx", "_model"):  # the context before its model
                 obj = getattr(self, name)
                 if obj is not None:
@@ -1229,6 +1273,17 @@ def _common(held, tokens: list[int], limit: int) -> int:
     while n < end and held[n] == tokens[n]:
         n += 1
     return n
+
+
+def _spec_of(spec):
+    """A ``loader.AdapterSpec`` of ``spec`` (one, or a path)."""
+    from edgemed.runtime.loader import AdapterSpec
+
+    return spec if isinstance(spec, AdapterSpec) else AdapterSpec(Path(spec))
+
+
+def _described(loaded: _Loaded) -> dict:
+    return {"path": str(loaded.path), "scale": loaded.scale, "sha256": loaded.sha256}
 
 
 def _check_name(name: str) -> None:

@@ -46,8 +46,10 @@ class Finished:
 class Stream:
     """One request's output: ``Piece`` items then one ``Finished``. Closing the iterator early cancels."""
 
-    def __init__(self, request_id: str, on_cancel):
+    def __init__(self, request_id: str, on_cancel, adapter: dict | None = None):
         self.request_id = request_id
+        #: the served adapter it is generated under, as the batcher bound it (name, sha256, scale); None: the base
+        self.adapter = adapter
         self._on_cancel = on_cancel
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
