@@ -334,12 +334,17 @@ def check_items_fit(scorer, prepared: _Prepared, items: list[Item], template: st
     longest = max(over.values())
     named = ", ".join(f"{i} needs {n}" for i, n in sorted(over.items(), key=lambda kv: -kv[1])[:5])
     more = f", and {len(over) - 5} more" if len(over) > 5 else ""
-    abstracts = any(it.context is not None for it in items if it.id in over)
+    shorter = "--no-eval-context to ask PubMedQA without its abstract" if any(
+        it.context is not None for it in items if it.id in over) else ""
+    wider = scorer.wider_context(longest)
+    if wider:
+        fix = f"{wider} (edgemed bench's --ctx is the accuracy context too)" + (f", or {shorter}" if shorter else "")
+    else:  # past the trained context: no --ctx holds them
+        fix = (f"the model was trained on {scorer.n_ctx_train} tokens, fewer than those items need: "
+               + (f"pass {shorter}, " if shorter else "") + "leave those items out of the --eval file, or pass --skip-accuracy")
     raise ContextOverflow(
-        f"{len(over)} of the {len(items)} evaluation items to score need more positions than the {scorer.n_ctx}-token "
-        f"context of the accuracy phase ({named}{more}); none was scored.",
-        f"pass --ctx {longest} or more (edgemed bench's --ctx is the accuracy context too)"
-        + (", or --no-eval-context to ask PubMedQA without its abstract" if abstracts else ""))
+        f"{len(over)} of the {len(items)} evaluation items to score need more positions than "
+        f"{scorer.context_words('accuracy')}: {named}{more}; none was scored.", fix)
 
 
 def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_tokens: int,

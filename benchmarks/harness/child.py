@@ -132,7 +132,8 @@ def phase_accuracy(config: Config, settings: Settings, task: dict) -> dict:
 
     items = load_eval_set(settings.evals, settings.eval_counts, settings.seed, context=settings.eval_context)
     scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx,
-                         profile=settings.profile)  # loaded as the timing phase and `edgemed run` load it
+                         profile=settings.profile,  # loaded as the timing phase and `edgemed run` load it
+                         ctx_source=settings.context_of("accuracy"))
     try:
         result = accuracy.evaluate(scorer, items, records_path=Path(task["records"]), score=settings.eval_score,
                                    progress=task.get("progress", True), artifact_sha256=task["key"]["model_sha256"],
@@ -149,7 +150,7 @@ def phase_divergence(config: Config, settings: Settings, task: dict) -> dict:
 
     reference = Path(task["reference"])
     scorer = open_scorer(Path(config.path), threads=settings.scoring_threads, n_ctx=settings.eval_ctx,
-                         profile=settings.profile)
+                         profile=settings.profile, ctx_source=settings.context_of("divergence"))
     try:
         if task.get("is_reference"):  # the shipped medical passages (divergence.load_texts), under this task's key
             divergence.reference_logits(scorer, reference, key=task["key"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgemed.errors import InputError
@@ -41,6 +41,9 @@ PHASE_SETTINGS = {"timing": ("runs", "warmup", "max_tokens", "prompts_sha256", "
 #: ... of the accuracy's, the one that only sizes its draw: a larger draw extends the same items (prefix-stable)
 DRAW_SIZE = "eval_counts"
 REFERENCE = "f16"   # the same-runtime baseline, and the divergence reference
+#: The contexts of a run without --ctx: timing's, and accuracy and divergence's. A model trained on fewer tokens is
+#: measured at its own (``Settings.fitted``): a longer context would be refused, as ``edgemed run`` refuses it.
+TIMING_CTX, EVAL_CTX = 2048, 4096
 
 #: The seed paper's claims, shown beside the measured reductions.
 PAPER = {"memory_reduction": 0.647, "latency_reduction": 0.124}
@@ -111,7 +114,7 @@ class Settings:
     prompts_sha256: str = ""       # derived from ``prompts``; given only without them (settings read from a report)
     n_prompts: int = 0             # likewise
     threads: int | None = None
-    n_ctx: int = 2048
+    n_ctx: int = TIMING_CTX
     profile: str | None = None
     seed: int = 0
     scenario: str = "single-stream"
@@ -121,7 +124,8 @@ class Settings:
     eval_context: bool = False     # PubMedQA with its abstract (False: the question-only setting, ~8x cheaper)
     eval_score: str = "logits"     # accuracy.SCORES: letter logits only, or also a parsed generated answer
     eval_threads: int | None = None  # threads for accuracy and divergence (None: ``threads``); scores do not depend on it
-    eval_ctx: int = 4096
+    eval_ctx: int = EVAL_CTX
+    ctx_given: bool = False        # --ctx set n_ctx and eval_ctx; else they are the defaults, ``fitted`` to the model
     eval_replies: bool = False     # keep generated replies' text in the accuracy records (--keep-replies); not scored
     extra: dict = field(default_factory=dict)
 
@@ -185,6 +189,23 @@ class Settings:
     def eval_counts(self) -> tuple[int, ...]:
         """Items drawn from each of ``evals``."""
         return self.eval_sizes or (self.eval_n,) * len(self.evals)
+
+    def fitted(self, trained: int | None) -> Settings:
+        """These settings for a model trained on ``trained`` tokens (None: not known): without --ctx, each phase's
+        default context cut to it (a key changes only where a context does); a --ctx is the user's and stays."""
+        if self.ctx_given or not trained:
+            return self
+        return replace(self, n_ctx=min(self.n_ctx, trained), eval_ctx=min(self.eval_ctx, trained))
+
+    def context_of(self, phase: str) -> str:
+        """How ``phase``'s context was chosen, in a refusal's words: ``--ctx N``, the bench's default, or that default
+        cut to the model's trained context (``fitted``)."""
+        n, default = (self.n_ctx, TIMING_CTX) if phase == "timing" else (self.eval_ctx, EVAL_CTX)
+        if self.ctx_given:
+            return f"--ctx {n}"
+        if n == default:
+            return f"the bench's default {default}"
+        return f"the bench's default {default}, cut to the {n} tokens the model was trained on"
 
     @property
     def scoring_threads(self) -> int:

@@ -63,9 +63,22 @@ def _tail_logmass(logp, ids):
 
 
 def _passages(scorer, texts: list[str]) -> list[list[int]]:
+    """The token ids of ``texts``; refused, before any is measured, where some do not fit the scorer's context (each
+    is evaluated whole: its tokens and the next position), naming them and the context that holds them all."""
+    from edgemed.errors import ContextOverflow
+
     tokens = [scorer.tokenize(t, special=True) for t in texts]
-    for t in tokens:
-        scorer._fits(len(t))
+    over = {i: len(t) + 1 for i, t in enumerate(tokens, 1) if len(t) + 1 > scorer.n_ctx}
+    if over:
+        longest = max(over.values())
+        named = ", ".join(f"passage {i} needs {n}" for i, n in sorted(over.items(), key=lambda kv: -kv[1])[:5])
+        more = f", and {len(over) - 5} more" if len(over) > 5 else ""
+        wider = scorer.wider_context(longest)
+        raise ContextOverflow(
+            f"{len(over)} of the {len(tokens)} divergence passages need more positions than "
+            f"{scorer.context_words('divergence')}: {named}{more}; none was measured.",
+            wider or f"the model was trained on {scorer.n_ctx_train} tokens, fewer than those passages need: leave "
+                     "divergence out of --phases")
     return tokens
 
 

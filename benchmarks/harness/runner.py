@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgemed.errors import OutputExists
+from edgemed.errors import EdgemedError, InputError, OutputExists
 from edgemed.files.atomic import check_destination, inside, refuse_store, write_text
 from edgemed.packaging.manifest import MANIFEST
 from edgemed.benchmarks.harness.accuracy import private_replies, records_resume
@@ -65,6 +65,41 @@ def resolve_settings(settings: Settings) -> Settings:
     profile, facts = resolve(settings.profile)
     threads = settings.threads or profile.threads(profile.llama["n_threads"], facts) or 1
     return replace(settings, profile=profile.name, threads=int(threads))
+
+
+def trained_context(config: Config) -> int | None:
+    """The context ``config``'s model was trained on, as its file says (a GGUF's header, an ONNX export's
+    genai_config.json); None for a kind that names none (an HF baseline) or a file that cannot be read, which its
+    phases then report."""
+    try:
+        if config.kind == "gguf":
+            from edgemed.runtime.plan import read_shape
+
+            return read_shape(Path(config.path)).n_ctx_train
+        if config.kind == "onnx":
+            from edgemed.formats.genai_config import read_model
+            from edgemed.runtime.onnx_engine import GENAI_CONFIG
+
+            return read_model(Path(config.path) / GENAI_CONFIG).get("context_length")
+    except (EdgemedError, OSError):
+        return None
+    return None
+
+
+def fit_context(settings: Settings, configs: list[Config]) -> Settings:
+    """``settings`` for the models measured (``Settings.fitted``): without --ctx, each phase's default context cut to
+    the fewest tokens one of them was trained on, the same for all (their timings stay comparable); a --ctx beyond that
+    is refused before any work, as ``edgemed run`` refuses it, naming a --ctx that fits."""
+    trained = {c.name: n for c in configs if (n := trained_context(c))}
+    if not trained:
+        return settings
+    name, fewest = min(trained.items(), key=lambda kv: kv[1])
+    if settings.ctx_given and settings.n_ctx > fewest:
+        raise InputError(f"--ctx {settings.n_ctx} is more than the {fewest} tokens {name} was trained on: past them "
+                         "its positions are ones it never saw, and its answers degrade.",
+                         f"pass --ctx {fewest} or less, or leave --ctx out (each phase then takes the bench's default "
+                         f"context, cut to {fewest})")
+    return settings.fitted(fewest)
 
 
 def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Settings) -> list[Task]:
@@ -282,6 +317,7 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
 
     from edgemed.benchmarks.harness import machine, report
 
+    settings = fit_context(settings, configs)  # before anything is written: a --ctx beyond the model is refused
     replace = claim(out, force, [c.path for c in configs if c.path])
     out.mkdir(parents=True, exist_ok=True)
     (out / "raw").mkdir(exist_ok=True)

@@ -42,6 +42,8 @@ class Scorer:
     kind = ""
     n_ctx = 0
     n_vocab = 0
+    n_ctx_train: int | None = None  # the context the model was trained on, where its file says
+    ctx_source = ""  # how ``n_ctx`` was chosen (``open_scorer``'s), in a refusal's words
 
     def __init__(self, path: Path):
         self.path = path
@@ -85,6 +87,15 @@ class Scorer:
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
+    def context_words(self, phase: str) -> str:
+        """This context as a refusal of ``phase`` names it: its size, the phase, and how it was chosen."""
+        return f"the {self.n_ctx}-token context of the {phase} phase" + (f" ({self.ctx_source})" if self.ctx_source else "")
+
+    def wider_context(self, need: int) -> str | None:
+        """A fix for ``need`` positions: a --ctx that holds them; None where the model was trained on fewer, so that
+        no --ctx can (``session.prepare`` refuses a context beyond the trained one)."""
+        return None if self.n_ctx_train and need > self.n_ctx_train else f"pass --ctx {need} or more"
+
     def _fits(self, n_tokens: int, max_tokens: int = 1) -> None:
         check_fits(n_tokens, GenerationSettings(max_tokens=max_tokens), self.n_ctx)
 
@@ -169,6 +180,7 @@ class GgufScorer(Scorer):
 
         self.engine = LlamaEngine(path, load)
         self.n_ctx, self.n_vocab, self.n_batch = self.engine.ctx.n_ctx, self.engine.model.n_vocab, self.engine.ctx.n_batch
+        self.n_ctx_train = self.engine.model.n_ctx_train or None
 
     def settings(self) -> dict:
         from edgemed.benchmarks.harness.timing import gguf_settings
@@ -215,7 +227,7 @@ class OnnxScorer(Scorer):
 
         self.load = load
         self.engine = OnnxEngine(path, load)
-        self.n_ctx = self.engine.n_ctx
+        self.n_ctx, self.n_ctx_train = self.engine.n_ctx, self.engine.n_ctx_train
         self.n_vocab = self.engine.tokenizer.get_vocab_size()
         self._past = self.engine.empty_past()
 
@@ -271,11 +283,15 @@ class OnnxScorer(Scorer):
 SCORERS = {"gguf": GgufScorer, "onnx": OnnxScorer}
 
 
-def open_scorer(artifact: Path, *, threads: int, n_ctx: int = 2048, profile: str | None = None) -> Scorer:
+def open_scorer(artifact: Path, *, threads: int, n_ctx: int = 2048, profile: str | None = None,
+                ctx_source: str = "") -> Scorer:
     """A scorer over ``artifact`` (a .gguf file or an edgemed ONNX directory) with ``threads`` threads and an
     ``n_ctx``-token context, loaded with the settings of device ``profile`` (None: the one this host detects), as
-    ``edgemed run`` and the timing phase load it (``session.prepare``)."""
+    ``edgemed run`` and the timing phase load it (``session.prepare``). ``ctx_source``: how ``n_ctx`` was chosen
+    (``configs.Settings.context_of``), for the words of a refusal of an item or passage it cannot hold."""
     from edgemed.runtime.session import prepare
 
     artifact = Path(artifact)
-    return SCORERS[model_format(artifact)](artifact, prepare(artifact, profile, n_ctx, threads).load)
+    scorer = SCORERS[model_format(artifact)](artifact, prepare(artifact, profile, n_ctx, threads).load)
+    scorer.ctx_source = ctx_source
+    return scorer

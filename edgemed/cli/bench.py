@@ -48,7 +48,8 @@ def _common(f):
                           "(MedMCQA, MMLU-medical, the PubMedQA test split) from it."),
         click.option("--ctx", "n_ctx", type=int,
                      help="Context window (tokens) of every phase; each prompt and its new tokens must fit it "
-                          "[default: 2048 for timing, 4096 for accuracy and divergence]."),
+                          "[default: 2048 for timing, 4096 for accuracy and divergence, each cut to the context "
+                          "the model was trained on where that is fewer]."),
         click.option("--profile", help="Device profile (default: detected; see `edgemed devices list`)."),
         click.option("--threads", type=int, help="CPU threads for every configuration [default: the device profile's]."),
         click.option("--max-tokens", type=int, default=64, show_default=True, help="New tokens per request (fixed: EOS is masked)."),
@@ -123,7 +124,8 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
                 raise InputError(f"Item {item.id} of '{p}' is {where}: the paired scores need each item once.",
                                  "pass each data set once, and give each line its own id (realidx or id)")
             drawn[item.id] = p
-    sized = {"n_ctx": n_ctx, "eval_ctx": n_ctx} if n_ctx is not None else {}  # else Settings' own: 2048 and 4096
+    # else Settings' own, 2048 and 4096, each cut to the model's trained context where that is fewer (runner.fit_context)
+    sized = {"n_ctx": n_ctx, "eval_ctx": n_ctx, "ctx_given": True} if n_ctx is not None else {}
     # a file's prompts are a clinic's: the settings record them by digest (prompts_source "file"), never by text
     return Settings(runs=runs, warmup=warmup, max_tokens=max_tokens,
                     prompts=read_prompts(prompts) if prompts else DEFAULT_PROMPTS,

@@ -167,7 +167,8 @@ class OnnxEngine:
         dec = model["decoder"]
         self.n_layers = int(dec["num_hidden_layers"])
         self.names = dec["inputs"] | dec["outputs"]
-        self.n_ctx = min(int(load.n_ctx), int(model.get("context_length") or load.n_ctx))
+        self.n_ctx_train = int(model.get("context_length") or 0) or None  # the context the model was trained on
+        self.n_ctx = min(int(load.n_ctx), self.n_ctx_train or int(load.n_ctx))
         self.eos_ids = _token_ids(model.get("eos_token_id"), path / GENAI_CONFIG)
         self.eos_ids |= _token_ids(_read_json(path / "generation_config.json").get("eos_token_id"),
                                    path / "generation_config.json")
