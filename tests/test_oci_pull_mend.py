@@ -4,6 +4,11 @@
   installed ... nothing was changed" every night (only the manifest's sha256 was compared), and `run`'s fix told a
   device that only pulls to "get a fresh copy from its maker". Now the pull verifies the installed copy first and
   installs it again from the registry, the earlier version still kept; `verify` names that pull as the fix.
+- That repair wrote a good blob for the GGUF, but the version kept for rollback still linked the damaged file (one
+  inode with the damaged current copy), so `rollback` failed with the digest error and told the device to ask the
+  maker. Now settling an install re-links every copy in the store whose manifest expects a blob it wrote and that
+  no longer hashes right (within the journal: a kill at any step leaves both copies damaged or both whole), and a
+  damaged kept copy names the pull of that version as the way out.
 - A pull killed after the store made its blob (before its journal), or after the install (before the downloads were
   dropped), left the whole GGUF in downloads/ for a week: the next pull found it in the store, never fetched it, and
   dropped only what it fetched. Now every successful pull drops the downloads of the layers the store holds.
@@ -122,6 +127,117 @@ def test_a_damaged_installed_model_is_installed_again_by_the_nightly_pull_keepin
 
     again = json.loads(_cli("pull", registry.ref("clinic/mend:1.1"), "--force", "--json"))  # whole now: left as it is
     assert again["already_installed"] and again["repaired"] is None
+
+
+def _kept_is_whole(home: Path) -> bool:
+    """Whether the version kept for rollback verifies in full (every byte hashed)."""
+    from edgemed.errors import IntegrityError
+    from edgemed.packaging.bundle import verify_dir
+    from edgemed.packaging.store import Store
+
+    store = Store()
+    kept = store.kept_version("mend")
+    assert kept is not None and kept.parent.parent == home / "store" / "versions"
+    try:
+        verify_dir(kept, full=True, expect_manifest_sha256=store.record("mend")["previous"]["manifest_sha256"])
+    except IntegrityError:
+        return False
+    return True
+
+
+def _damaged_device(registry, maker, home: Path) -> None:
+    """1.1 installed over 1.0 (kept for rollback), the GGUF they share (one inode) with one bit flipped."""
+    _cli("pull", registry.ref("clinic/mend:1.0"))
+    _cli("pull", registry.ref("clinic/mend:1.1"), "--force")
+    _flip_a_bit(home / "store" / "models" / "mend" / maker["gguf"].path)
+    assert not _kept_is_whole(home)  # the kept version shares the damaged file
+
+
+def _rolls_back_and_forth(maker, home: Path) -> None:
+    """Both versions run: rollback to 1.0 and back to 1.1, each verified in full, and one GGUF inode for both."""
+    for version in ("1.0", "1.1"):
+        out = _cli("rollback", "mend")
+        assert f"mend is back to {version}" in out, out
+        _cli("verify", "mend", "--full")
+        assert _kept_is_whole(home)
+    blob = home / "store" / "blobs" / "sha256" / maker["gguf"].sha256
+    assert blob.stat().st_nlink == 3, "the GGUF is not one blob linked by the model and its kept version"
+
+
+def test_after_the_pull_repairs_a_damaged_model_rollback_returns_to_the_kept_version_whole(registry, maker, device):
+    _damaged_device(registry, maker, device)
+    out = _cli("rollback", "mend", ok=False)  # refused, naming how to get the kept version again
+    assert f"'{maker['gguf'].path}' does not match the manifest" in out and "from its maker" not in out, out
+    assert "edgemed pull oci://" in out and "--name mend --force --allow-downgrade" in out, out
+
+    out = _cli("pull", registry.ref("clinic/mend:1.1"), "--force")
+    assert "installed it again from the registry" in out, out
+    _cli("verify", "mend", "--full")
+    assert _kept_is_whole(device)  # the repair mended the kept version's link too
+    _rolls_back_and_forth(maker, device)
+
+
+def test_a_damaged_kept_copy_alone_names_the_pull_of_that_version_which_mends_it(registry, maker, device):
+    """The kept version's own file (its card, which the current one does not share) damaged: the current one verifies,
+    so its pull changes nothing; rollback's refusal names the pull of the kept version, and that pull works."""
+    from edgemed.packaging.store import Store
+
+    _cli("pull", registry.ref("clinic/mend:1.0"))
+    _cli("pull", registry.ref("clinic/mend:1.1"), "--force")
+    card = next(f for f in Store().kept_version("mend").iterdir() if f.name == "card.toml")
+    _flip_a_bit(card)
+    origin = Store().record("mend")["previous"]["origin"]
+    out = _cli("rollback", "mend", ok=False)
+    assert "kept for rollback" in out and "from its maker" not in out, out
+    fix = f"edgemed pull {origin} --name mend --force --allow-downgrade"
+    assert fix in out, out
+    _cli(*fix.split()[1:])
+    _cli("verify", "mend", "--full")
+    assert Store().record("mend")["version"] == "1.0" and _kept_is_whole(device)
+
+
+def test_the_repair_killed_at_every_step_leaves_both_versions_damaged_or_both_whole(registry, maker, device, tmp_path,
+                                                                                   monkeypatch):
+    """After a kill at any step of the repairing pull, and a reader settling what it left: the current copy and the
+    kept one are both damaged (the pull had not swapped the model in) or both whole; the next pull then leaves both
+    whole, and rollback goes back and forth."""
+    from edgemed.packaging.oci_pull import pull
+
+    ref = registry.ref("clinic/mend:1.1")
+
+    def home(label: str) -> Path:
+        h = tmp_path / label
+        h.mkdir()
+        (h / "trust.toml").write_bytes((device / "trust.toml").read_bytes())
+        monkeypatch.setenv("EDGEMED_HOME", str(h))
+        _damaged_device(registry, maker, h)
+        index = h / "store" / "index.json"  # installed long ago: the repair's record is another, each run the same steps
+        records = json.loads(index.read_text())
+        records["mend"]["installed"] = "2020-01-01T00:00:00Z"
+        index.write_text(json.dumps(records))
+        return h
+
+    killed, seen = set(), set()
+    for n in range(1, 200):
+        h = home(f"home-{n}")
+        steps = tmp_path / f"steps-{n}.log"
+        status = crash_kit.killed_at(lambda: pull(ref, force=True), n, steps)
+        if status == 0:  # it took fewer than n steps: each one of them has been killed at
+            break
+        where = steps.read_text().splitlines()[-1]
+        assert status == KILLED, where
+        killed.add(where.split()[1])
+        whole = CliRunner().invoke(cli, ["verify", "mend", "--full"]).exit_code == 0  # a reader: settles the journal
+        assert _kept_is_whole(h) == whole, (where, whole)
+        seen.add(whole)
+        out = _cli("pull", ref, "--force")
+        assert ("installed it again" in out) != whole, (where, out)
+        _cli("verify", "mend", "--full")
+        _rolls_back_and_forth(maker, h)
+        assert not (h / "store" / "journal.json").exists() and crash_kit.debris(h / "store") == [], where
+    assert status == 0, "the pull never finished"
+    assert {"atomic.exchange", "store.mend-link", "store.mend-replace", "store.journal-done"} <= killed, killed
+    assert seen == {False, True}  # the kills straddle the swap
 
 
 def test_a_damaged_model_installed_from_a_bundle_names_that_bundle_in_its_fix(maker, edgemed_home):

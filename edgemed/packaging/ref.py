@@ -132,7 +132,7 @@ def _store_verify(name: str, *, full: bool = False, public_key=None):
     bundle's maker is not who a device that pulls from a registry asks, and the pull mends a damaged copy."""
     from edgemed.errors import EdgemedError, IntegrityError
     from edgemed.packaging.bundle import DAMAGED, REINSTALL
-    from edgemed.packaging.store import Store
+    from edgemed.packaging.store import Store, get_again
 
     store = Store()
     try:
@@ -140,20 +140,10 @@ def _store_verify(name: str, *, full: bool = False, public_key=None):
     except IntegrityError as exc:
         if exc.fix in (DAMAGED, REINSTALL):
             try:
-                exc.fix = _get_again(name, store.record(name) or {})
+                exc.fix = get_again(name, store.record(name) or {})
             except (EdgemedError, OSError):
                 pass  # the index cannot be read now: the fix stays the bundle's
         raise
-
-
-def _get_again(name: str, record: dict) -> str:
-    """How to get the installed ``name`` again from where it came: its registry, its bundle file, or any bundle."""
-    origin, source = record.get("origin"), record.get("source")
-    if isinstance(origin, str) and origin.startswith("oci://"):
-        return (f"the installed copy is damaged or was altered; get it again from its registry: "
-                f"edgemed pull {origin} --name {name} --force")
-    bundle = source if isinstance(source, str) and not origin and Path(source).exists() else "BUNDLE"
-    return f"the installed copy is damaged or was altered; install it again: edgemed install {bundle} --name {name} --force"
 
 
 def trusted(ref: ModelRef, *, full: bool = False):

@@ -47,6 +47,10 @@ other version of that name. ``rollback`` is an install whose stage is a folder o
 to the kept version and whose record is the kept one (with the current one as its
 ``previous``), under the same journal: a kill at any step leaves the current model or the
 kept one in ``models/<name>``, and the other one kept. A remove drops the kept versions too.
+Rolling an install forward also links each blob the new model holds over every other copy of
+that file in the store (a kept version, another model) that no longer hashes right
+(``_mend_copies``): a repair writes a new blob over a damaged one, and the kept version that
+shared the damaged file must not keep it, or rollback would refuse it.
 
 Adapter-only bundles (LoRA adapters for a base named by its checkpoint sha256, no model file) install through
 the same path and journal; the install is refused, before any weights are read, while no installed model was
@@ -79,8 +83,8 @@ from edgemed.files.atomic import step, swap_in, write_text
 from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
 from edgemed.files.durable import sync_folder, sync_tree
 from edgemed.files.state import require_folder
-from edgemed.errors import InputError, IntegrityError, OutputError, StoreError, output_error
-from edgemed.packaging.bundle import Verified, read_manifest, verify_dir
+from edgemed.errors import EdgemedError, InputError, IntegrityError, OutputError, StoreError, output_error
+from edgemed.packaging.bundle import DAMAGED, REINSTALL, Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
 from edgemed.packaging.manifest import MANIFEST, FileEntry, Manifest, check_name
 from edgemed.packaging.release_order import card_version as _version  # the index's version: one reading, with release_order's
@@ -114,6 +118,19 @@ def _summary(rec: dict | None) -> dict | None:
         return None
     return {"version": rec.get("version"), "digest": "sha256:" + rec["manifest_sha256"], "signed_by": rec["signed_by"],
             "origin": rec.get("origin") or rec["source"], "installed": rec["installed"]}
+
+
+def get_again(name: str, record: dict, kept: bool = False) -> str:
+    """The fix for a damaged copy of ``name`` that ``record`` installed: get that bundle again from where it came (its
+    registry, its bundle file, or any bundle). ``kept``: the copy kept for rollback, which that command installs in
+    place of the current one (kept in its turn), an older release allowed."""
+    origin, source = record.get("origin"), record.get("source")
+    copy, older = ("the copy kept for rollback", " --allow-downgrade") if kept else ("the installed copy", "")
+    if isinstance(origin, str) and origin.startswith("oci://"):
+        return (f"{copy} is damaged or was altered; get it again from its registry: "
+                f"edgemed pull {origin} --name {name} --force{older}")
+    bundle = source if isinstance(source, str) and not origin and Path(source).exists() else "BUNDLE"
+    return f"{copy} is damaged or was altered; install it again: edgemed install {bundle} --name {name} --force{older}"
 
 
 #: ``source`` in an index record holds at most this many characters (``store_files``): a longer path is shortened
@@ -313,6 +330,7 @@ class Store:
             self._write_index(idx)
         if j["op"] == "install" and idx.get(name) == j["record"]:
             self._keep_previous(name, j)
+            self._mend_copies(name, split_index(idx)[0])
         elif j["op"] == "remove" and name not in idx:
             self._drop_versions(name, keep=None)
         for key in ("stage", "aside", "trash"):
@@ -335,6 +353,54 @@ class Store:
                 step("store.keep-version")
                 os.rename(copy, self.versions / name / keep)
         self._drop_versions(name, keep)
+
+    def _mend_copies(self, name: str, idx: dict) -> None:
+        """Under the lock, rolling an install forward: link the store's blob over every copy of its file elsewhere in
+        the store (another model, a kept version) that the copy's manifest expects to be that blob and that no longer
+        hashes to it, for each blob the installed ``name`` links. A repair writes a new blob over a damaged one, but
+        the damaged file stays linked wherever the old blob was (the version kept for rollback shares it), and
+        rollback would refuse it. A copy that is the blob's own file is not read; one that is another file is hashed
+        in full (after a repair: rare). Each file is swapped at once (a link in ``tmp/``, renamed over it); a kill
+        between two leaves the journal, so the next settle goes on."""
+        home = self.models / name
+        try:
+            blobs = {e.sha256: self.blobs / e.sha256 for e in read_manifest(home)[0].files
+                     if _same_file(home / e.path, self.blobs / e.sha256)}
+        except (EdgemedError, OSError):  # not whole enough to read: nothing is mended from it
+            return
+        for folder in self._copies(idx):
+            if folder == home:
+                continue
+            try:
+                entries = [e for e in read_manifest(folder)[0].files if e.sha256 in blobs]
+            except (EdgemedError, OSError):
+                continue
+            for e in entries:
+                if _same_file(folder / e.path, blobs[e.sha256]) or not _fails(folder / e.path, e):
+                    continue
+                with owned(self.tmp):
+                    link = debris_path(self.tmp, "mend")
+                    try:
+                        step("store.mend-link")
+                        os.link(blobs[e.sha256], link)
+                        step("store.mend-replace")
+                        os.replace(link, folder / e.path)
+                    except OSError as exc:  # no hard links here, or the blob at its most: the copy stays as it is
+                        discard(link)
+                        log.warning("could not mend '%s' in %s from the store's blob (%s)", e.path, folder, exc)
+                        continue
+                log.warning("'%s' in %s did not match its manifest; it links the store's whole copy now", e.path, folder)
+
+    def _copies(self, idx: dict) -> Iterator[Path]:
+        """Every model folder of the store whose manifest is the one it is known by: ``models/<name>`` holding what
+        ``idx`` records, ``versions/<name>/<sha>`` holding the manifest of that sha (a link is no copy of the store's)."""
+        for name, rec in idx.items():
+            if is_model_copy(self.models / name, rec["manifest_sha256"]):
+                yield self.models / name
+        if self.versions.is_dir() and not self.versions.is_symlink():
+            for vdir in sorted(self.versions.iterdir()):
+                if vdir.is_dir() and not vdir.is_symlink():
+                    yield from (p for p in sorted(vdir.iterdir()) if SHA256.fullmatch(p.name) and is_model_copy(p, p.name))
 
     def _drop_versions(self, name: str, keep: str | None) -> None:
         """Under the lock: remove ``versions/<name>/<sha>`` folders other than ``keep`` (only names edgemed gives)."""
@@ -583,7 +649,14 @@ class Store:
                 raise StoreError(f"No earlier version of '{name}' is kept: it was installed once, or by an edgemed that "
                                  "kept none, or its kept copy is gone.",
                                  f"install the version you want with --force: edgemed install BUNDLE --name {name} --force")
-            v = verify_dir(src, cache=self.cache, expect_manifest_sha256=prev["manifest_sha256"])
+            try:
+                v = verify_dir(src, cache=self.cache, expect_manifest_sha256=prev["manifest_sha256"])
+            except IntegrityError as exc:  # the kept files alone: a pull of the current version leaves them be
+                if exc.fix not in (DAMAGED, REINSTALL):
+                    raise
+                which = prev.get("version") or "sha256:" + prev["manifest_sha256"][:12]
+                raise IntegrityError(f"The version of '{name}' kept for rollback ({which}) does not verify: {exc.problem}",
+                                     get_again(name, prev, kept=True)) from None
             trust.check_installed(prev, v.signature, v.manifest, v.manifest_bytes)  # the policy of today, as run would
             stage = debris_path(self.tmp, "install")
             record = {**prev, "previous": {k: val for k, val in current.items() if k != "previous"}}
@@ -830,6 +903,16 @@ class Store:
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samestat(os.lstat(a), os.lstat(b))
+    except OSError:
+        return False
+
+
+def _fails(path: Path, entry: FileEntry) -> bool:
+    """Whether the regular file ``path`` does not hold ``entry`` (its size, then every byte); anything else there (gone,
+    a link, a folder) is not a file to mend."""
+    try:
+        st = path.lstat()
+        return stat.S_ISREG(st.st_mode) and (st.st_size != entry.size or file_digest(path, None, full=True)[0] != entry.sha256)
     except OSError:
         return False
 
