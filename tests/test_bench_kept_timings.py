@@ -128,12 +128,64 @@ def test_the_runner_measures_the_bandwidth_at_a_kept_timings_threads(configs, tm
     monkeypatch.setattr(roofline, "stream_read_bandwidth", lambda threads: calls.append(threads) or _bw(threads, 5.0)["read"])
     monkeypatch.setattr(roofline, "stream_copy_bandwidth", lambda threads: _bw(threads, 5.0)["copy"])
     out = tmp_path / "out"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / "bandwidth.json").write_text(json.dumps(_bw(2, 20.0)))  # the run's, measured first
     raws = [_timed(out, configs[0], configs, Settings(profile="x86-avx2", threads=2), 300, 2.0),
             _timed(out, configs[1], configs, Settings(profile="x86-avx2", threads=3), 120, 2.0)]
     others = runner.other_bandwidths(out, raws, _bw(2, 20.0))
     assert [b["threads"] for b in others] == [3] and calls == [3]
     assert json.loads((out / "raw" / "bandwidth-3-threads.json").read_text())["read"]["threads"] == 3
     assert runner.other_bandwidths(out, raws, _bw(2, 20.0)) == others and calls == [3]  # measured once per folder
+    assert json.loads((out / "raw" / "bandwidth.json").read_text()) == _bw(2, 20.0)  # the other count's: kept
+
+
+def test_each_thread_counts_bandwidth_is_measured_once_and_report_only_measures_none(configs, tmp_path, monkeypatch):
+    """A kept timing's roofline moved from run to run (46 % -> 43 % -> 39 %): a run with other threads measured
+    bandwidth.json again over the kept count's figure, the kept count was measured again beside it, and
+    --report-only (for use while a long run goes on) measured too. Each count is now measured once, only where none
+    is on file, never with --report-only."""
+    from edgemed.benchmarks.harness import machine, roofline
+
+    calls = []  # a bandwidth that differs at each measurement, as a real one does
+
+    def read(threads):
+        calls.append(threads)
+        return _bw(threads, 10.0 + len(calls))["read"]
+
+    monkeypatch.setattr(roofline, "stream_read_bandwidth", read)
+    monkeypatch.setattr(roofline, "stream_copy_bandwidth", lambda threads: _bw(threads, 5.0)["copy"])
+    monkeypatch.setattr(machine, "describe", lambda profile=None: dict(MACHINE))
+    monkeypatch.setattr(report, "render", lambda *a, **k: None)
+
+    def child(task, settings, out, progress, reference_key=None):  # a timing as a child writes it, at the run's threads
+        raw = _timed(out, task.config, configs, settings, 120, 2.0)
+        task.raw.write_text(json.dumps({**raw, "key": task.key}))
+        return True, ""
+
+    monkeypatch.setattr(runner, "_run_child", child)
+    out, q4 = tmp_path / "out", configs[1]
+
+    def run(threads: int, phases: list[str], measure: bool = True) -> dict:
+        results = runner.run(out, [q4], Settings(profile="x86-avx2", threads=threads), phases, progress=False,
+                             echo=lambda s: None, measure=measure)
+        return results["configs"][0]["roofline"]
+
+    def files() -> dict:
+        return {p.name: p.read_text() for p in sorted((out / "raw").glob("bandwidth*.json"))}
+
+    first = run(1, ["timing"])
+    assert calls == [1] and first["threads"] == 1 and first["fraction"]
+    on_file = files()
+    assert run(2, []) == first and calls == [1] and files() == on_file  # the kept 1-thread timing: its figure
+    assert run(2, [], measure=False) == first and run(1, [], measure=False) == first
+    assert calls == [1] and files() == on_file
+    again = run(2, ["timing"])  # a timing at 2 threads: that count measured, beside the 1-thread one
+    assert calls == [1, 2] and again["threads"] == 2 and files()["bandwidth.json"] == on_file["bandwidth.json"]
+    assert run(2, ["timing"]) == again and calls == [1, 2]  # on file: not measured again
+
+    out = tmp_path / "new"  # --report-only on a new folder: no figure, no roofline, still a bench's folder
+    assert run(1, ["timing"], measure=False)["fraction"] is None and calls == [1, 2] and runner.made_by_bench(out)
+    assert run(1, ["timing"])["fraction"] and calls == [1, 2, 1]
 
 
 def test_a_goal_over_timings_measured_with_other_settings_is_not_shown(configs, tmp_path, monkeypatch):

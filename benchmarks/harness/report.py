@@ -331,6 +331,8 @@ def _roof(v):
 
 
 def _bandwidth_lines(bw: dict | None) -> list[str]:
+    """The figures of ``bw`` (bandwidth.json, either layout); none where it holds none (``--report-only`` measures
+    nothing: the roofline section names the timings left without a ceiling)."""
     figures = bandwidths(bw)
     read, copy = figures["read"] or {}, figures["copy"] or {}
     lines = []
@@ -338,7 +340,7 @@ def _bandwidth_lines(bw: dict | None) -> list[str]:
         lines.append(f"Read bandwidth {read['bytes_per_s'] / 1e9:.1f} GB/s ({read['threads']} threads, "
                      f"{read['buffer_bytes'] / MIB:.0f} MiB buffer, best of {read['repeats']}, bytes read counted once) "
                      "— the ceiling.")
-    else:
+    elif copy.get("bytes_per_s"):
         lines.append("Read bandwidth not measured (a folder from before the read ceiling): no roofline fraction.")
     if copy.get("bytes_per_s"):
         lines.append(f"Stream-copy bandwidth {copy['bytes_per_s'] / 1e9:.1f} GB/s ({copy['threads']} threads, "
@@ -350,9 +352,10 @@ def _bandwidth_lines(bw: dict | None) -> list[str]:
 def _roofline_section(results: dict, timed: list[dict]) -> list[str]:
     others = results.get("other_bandwidths") or []
     parts = ["## Roofline\n"]
-    if others:
+    own = _bandwidth_lines(results.get("bandwidth"))
+    if others and own:
         parts.append(f"At {(results.get('bandwidth') or {}).get('threads')} threads, this run's:")
-    parts += _bandwidth_lines(results.get("bandwidth"))
+    parts += own
     for bw in others:  # timings kept from runs with other threads: each against the ceiling its own threads reach
         parts += [f"At {bw.get('threads')} threads, for the timings decoded with them:", *_bandwidth_lines(bw)]
     header = ["config", "MB read / token", "KV cache", "ceiling tok/s", "decode tok/s", "fraction", "vs copy bandwidth"]
@@ -365,11 +368,11 @@ def _roofline_section(results: dict, timed: list[dict]) -> list[str]:
         for row, e in zip(rows, timed):
             row.insert(1, _get(e, "roofline", "threads") or "—")
     parts += ["", _table(header, rows), ""]
-    measured = {(bw or {}).get("threads") for bw in [results.get("bandwidth"), *others]}
+    measured = {(bw or {}).get("threads") for bw in [results.get("bandwidth"), *others] if bandwidths(bw)["read"]}
     missing = [f"{e['name']} ({t} threads)" for e in timed if (t := _get(e, "roofline", "threads")) not in (None, *measured)]
     if missing:
         parts += [f"No read bandwidth was measured in this folder at the thread count {', '.join(missing)} decoded "
-                  "with: no ceiling for it (a run into this folder measures it).\n"]
+                  "with: no ceiling for it (a run into this folder without --report-only measures it).\n"]
     over = [e["name"] for e in timed if (_get(e, "roofline", "fraction") or 0) > 1]
     if over:
         parts += [f"⚠ Inconsistent measurement: {', '.join(over)} decoded faster than the read bandwidth allows for "

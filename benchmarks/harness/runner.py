@@ -14,11 +14,12 @@ another artifact (sha256), key or records version (``accuracy.records_resume``).
 A phase this run does not measure (left out of ``--phases``) keeps its earlier results in the report when they are
 of the same artifacts, runtime and profile (``earlier_results``), each described by the settings it was measured
 with; timings are compared with each other only where measured alike, and each has its roofline against the
-bandwidth at its own threads (``other_bandwidths``). A ``<quant>-mmap`` configuration (the same file,
+bandwidth at its own threads, measured once per folder and thread count (``bandwidth``): a kept timing's roofline
+stays as it was, and ``--report-only`` measures nothing. A ``<quant>-mmap`` configuration (the same file,
 another load mode) is timed only: its twin's divergence and accuracy are of the same bytes (``twin_of``).
 
-Order: the bandwidth measurement, every timing phase (measured first, while nothing
-else of ours runs), then divergence (the reference configuration first), then accuracy.
+Order: the bandwidth at the run's threads (where a timing phase is to run and none is on file), every timing phase
+(measured first, while nothing else of ours runs), then divergence (the reference configuration first), then accuracy.
 
 The report files (machine.json, results.json, results.csv, report.md, plots/) are rewritten on every run of a
 folder the bench made, which ``raw/bandwidth.json`` (the first thing a run writes) marks. In any other folder a
@@ -221,38 +222,64 @@ def forget_clinic_text(out: Path, keep_replies: bool = False) -> None:
         private_replies(path, keep_replies)
 
 
-def bandwidth(out: Path, threads: int, name: str = "bandwidth.json") -> dict:
-    """Read and copy bandwidth, measured once per output folder and thread count (``raw/bandwidth.json``; ``name``:
-    another file, for another thread count than the run's, ``other_bandwidths``).
+def _figures(path: Path, threads: int | None = None) -> dict:
+    """The figures ``{"read", "copy"}`` the bandwidth file ``path`` holds (either layout; ``threads``: those at that
+    count only), each None where it holds none (no file, a folder from before the read ceiling: copy alone)."""
+    from edgemed.benchmarks.harness.roofline import bandwidths
 
-    ``{"threads", "read", "copy"}`` (roofline.stream_read_bandwidth / stream_copy_bandwidth). A folder from before
-    the read ceiling holds the copy figure alone: it is kept (same threads) and the read one is measured beside it."""
-    from edgemed.benchmarks.harness.roofline import bandwidths, stream_copy_bandwidth, stream_read_bandwidth
-
-    path = out / "raw" / name
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        figures = bandwidths(saved if isinstance(saved, dict) else None)
     except (OSError, ValueError):
-        figures = {"read": None, "copy": None}
-    figures = {k: v for k, v in figures.items() if isinstance(v, dict) and v.get("threads") == threads}
-    if len(figures) == 2:
+        saved = None
+    figures = bandwidths(saved if isinstance(saved, dict) else None)
+    return {k: v if isinstance(v, dict) and v.get("threads") and threads in (None, v["threads"]) else None
+            for k, v in figures.items()}
+
+
+def bandwidth(out: Path, threads: int, measure: bool = True) -> dict:
+    """Read and copy bandwidth at ``threads``, ``{"threads", "read", "copy"}`` (roofline.stream_read_bandwidth /
+    stream_copy_bandwidth), measured once per output folder and thread count: a figure on file is taken, and no file
+    takes another count's. ``raw/bandwidth.json`` holds the first count a folder measured, and
+    ``raw/bandwidth-<n>-threads.json`` each other. Without ``measure`` (``--report-only``; no timing at that count) nothing is measured:
+    a figure not on file is None. A folder from before the read ceiling holds the copy figure alone: it is kept, and
+    the read one measured beside it."""
+    from edgemed.benchmarks.harness.roofline import stream_copy_bandwidth, stream_read_bandwidth
+
+    first, own = out / "raw" / "bandwidth.json", out / "raw" / f"bandwidth-{threads}-threads.json"
+    counts = {f["threads"] for f in _figures(first).values() if f}
+    # bandwidth.json where it holds this count, or no figure yet (and this count's own file none); else the own file
+    path = first if counts == {threads} or (not counts and not any(_figures(own, threads).values())) else own
+    figures = _figures(path, threads)
+    if all(figures.values()) or not measure:
         return {"threads": threads, **figures}
-    result = {"threads": threads, "read": figures.get("read") or stream_read_bandwidth(threads=threads),
-              "copy": figures.get("copy") or stream_copy_bandwidth(threads=threads)}
+    result = {"threads": threads, "read": figures["read"] or stream_read_bandwidth(threads=threads),
+              "copy": figures["copy"] or stream_copy_bandwidth(threads=threads)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(result, indent=1))
     return result
 
 
-def other_bandwidths(out: Path, raws: list[dict], bw: dict) -> list[dict]:
-    """The bandwidth at each thread count that a timing result decoded with and this run's (``bw``) is not: a timing
-    kept from an earlier run with other threads has its roofline against the ceiling its own threads reach
-    (``raw/bandwidth-<n>-threads.json``, measured once per folder as ``bandwidth`` is)."""
+def timing_threads_of(raws: list[dict]) -> set[int]:
+    """The thread counts the timing results among ``raws`` decoded with: each roofline is against the read bandwidth
+    at its own (``bandwidth``: one kept from an earlier run with other threads has another ceiling than this run's)."""
     from edgemed.benchmarks.harness.roofline import timing_threads
 
     counts = {timing_threads(r["result"].get("runtime_settings"), r.get("settings")) for r in raws if r["phase"] == "timing"}
-    return [bandwidth(out, n, f"bandwidth-{n}-threads.json") for n in sorted(c for c in counts if c and c != bw["threads"])]
+    return {c for c in counts if c}
+
+
+def other_bandwidths(out: Path, raws: list[dict], bw: dict, measure: bool = True) -> list[dict]:
+    """The bandwidth (``bandwidth``: on file, else measured with ``measure``) at each thread count a timing among
+    ``raws`` decoded with that this run's (``bw``) is not: timings kept from earlier runs with other threads."""
+    return [bandwidth(out, n, measure) for n in sorted(timing_threads_of(raws) - {bw["threads"]})]
+
+
+def mark_as_bench(out: Path, threads: int) -> None:
+    """Write ``raw/bandwidth.json`` where a run left none (it measured no bandwidth: ``--report-only``, no timing), with
+    no figure in it: it marks the folder as a bench's (``made_by_bench``), and the first figure measured goes in it."""
+    path = out / "raw" / "bandwidth.json"
+    if not os.path.lexists(path):
+        write_text(path, json.dumps({"threads": threads, "read": None, "copy": None}, indent=1))
 
 
 def report_files(out: Path) -> list[Path]:
@@ -263,14 +290,15 @@ def report_files(out: Path) -> list[Path]:
 
 
 def made_by_bench(out: Path) -> bool:
-    """True when ``out`` is a report folder of edgemed's bench: it holds the bandwidth figure a run measures first."""
+    """True when ``out`` is a report folder of edgemed's bench: it holds the bandwidth file a run writes first, with
+    its figures or none yet (``mark_as_bench``)."""
     from edgemed.benchmarks.harness.roofline import bandwidths
 
     try:
         saved = json.loads((out / "raw" / "bandwidth.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(saved, dict) and any(bandwidths(saved).values())
+    return isinstance(saved, dict) and ({"threads", "read", "copy"} <= set(saved) or any(bandwidths(saved).values()))
 
 
 def claim(out: Path, force: bool, inputs=()) -> bool:
@@ -326,11 +354,11 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique: {names}")
-    bw = bandwidth(out, settings.threads)
-    mach = machine.describe(settings.profile)
-    mach["memory_read_bandwidth"] = {k: bw["read"][k] for k in ("bytes_per_s", "threads", "buffer_bytes", "method")}
-    write_text(out / MACHINE, json.dumps(mach, indent=1), force=replace)
     tasks = plan_tasks(out, configs, phases, settings)
+    # this run's timings decode at its threads: their ceiling is measured (where none is on file) before them, while
+    # nothing else of ours runs
+    bandwidth(out, settings.threads, measure and any(t.phase == "timing" for t in tasks))
+    mark_as_bench(out, settings.threads)
     failed, redone, kept = [], [], []
     reference = next((t for t in tasks if t.phase == "divergence" and t.config.name == REFERENCE), None)
     bar = tqdm(tasks, desc="bench", unit="task", disable=not progress)
@@ -381,7 +409,12 @@ def run(out: Path, configs: list[Config], settings: Settings, phases: list[str],
     bar.close()
     raws = [r for r in (load_raw(t.raw, t.key) for t in tasks) if r is not None]
     raws += earlier_results(out, configs, settings, tasks)  # phases left out of this run, measured before: kept
+    bw = bandwidth(out, settings.threads, measure and settings.threads in timing_threads_of(raws))
+    mach = machine.describe(settings.profile)
+    if bw["read"]:
+        mach["memory_read_bandwidth"] = {k: bw["read"][k] for k in ("bytes_per_s", "threads", "buffer_bytes", "method")}
+    write_text(out / MACHINE, json.dumps(mach, indent=1), force=replace)
     results = report.build(out, configs, settings, raws, mach, bw, failed, replace=replace, measured=set(redone),
-                           other_bandwidths=other_bandwidths(out, raws, bw))
+                           other_bandwidths=other_bandwidths(out, raws, bw, measure))
     results["run"] = {"measured": redone, "resumed": kept}
     return results
