@@ -9,6 +9,9 @@
   maker. Now settling an install re-links every copy in the store whose manifest expects a blob it wrote and that
   no longer hashes right (within the journal: a kill at any step leaves both copies damaged or both whole), and a
   damaged kept copy names the pull of that version as the way out.
+- A repair of a damaged or missing manifest.json dropped the version kept for rollback: the new record's `previous`
+  was taken from the installed copy only when its manifest still matched the index. Now reinstalling the same
+  version keeps the version it kept, whatever state the installed copy is in.
 - A pull killed after the store made its blob (before its journal), or after the install (before the downloads were
   dropped), left the whole GGUF in downloads/ for a week: the next pull found it in the store, never fetched it, and
   dropped only what it fetched. Now every successful pull drops the downloads of the layers the store holds.
@@ -145,23 +148,25 @@ def _kept_is_whole(home: Path) -> bool:
     return True
 
 
-def _damaged_device(registry, maker, home: Path) -> None:
-    """1.1 installed over 1.0 (kept for rollback), the GGUF they share (one inode) with one bit flipped."""
+def _damaged_device(registry, maker, home: Path, damaged: str = "model") -> None:
+    """1.1 installed over 1.0 (kept for rollback), then one bit flipped: in the GGUF they share (one inode), or in
+    1.1's manifest.json (its own file)."""
     _cli("pull", registry.ref("clinic/mend:1.0"))
     _cli("pull", registry.ref("clinic/mend:1.1"), "--force")
-    _flip_a_bit(home / "store" / "models" / "mend" / maker["gguf"].path)
-    assert not _kept_is_whole(home)  # the kept version shares the damaged file
+    _flip_a_bit(home / "store" / "models" / "mend" / (maker["gguf"].path if damaged == "model" else "manifest.json"))
+    assert _kept_is_whole(home) == (damaged != "model")  # the kept version shares the damaged GGUF
 
 
-def _rolls_back_and_forth(maker, home: Path) -> None:
-    """Both versions run: rollback to 1.0 and back to 1.1, each verified in full, and one GGUF inode for both."""
+def _rolls_back_and_forth(maker, home: Path, links: int = 3) -> None:
+    """Both versions run: rollback to 1.0 and back to 1.1, each verified in full, and one GGUF inode for both (and
+    ``links`` names of it in all: its blob, the model and its kept version, and any other model holding it)."""
     for version in ("1.0", "1.1"):
         out = _cli("rollback", "mend")
         assert f"mend is back to {version}" in out, out
         _cli("verify", "mend", "--full")
         assert _kept_is_whole(home)
     blob = home / "store" / "blobs" / "sha256" / maker["gguf"].sha256
-    assert blob.stat().st_nlink == 3, "the GGUF is not one blob linked by the model and its kept version"
+    assert blob.stat().st_nlink == links, "the GGUF is not one blob linked by the model and its kept version"
 
 
 def test_after_the_pull_repairs_a_damaged_model_rollback_returns_to_the_kept_version_whole(registry, maker, device):
@@ -196,11 +201,13 @@ def test_a_damaged_kept_copy_alone_names_the_pull_of_that_version_which_mends_it
     assert Store().record("mend")["version"] == "1.0" and _kept_is_whole(device)
 
 
+@pytest.mark.parametrize("damaged", ["model", "manifest"])
 def test_the_repair_killed_at_every_step_leaves_both_versions_damaged_or_both_whole(registry, maker, device, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, damaged):
     """After a kill at any step of the repairing pull, and a reader settling what it left: the current copy and the
-    kept one are both damaged (the pull had not swapped the model in) or both whole; the next pull then leaves both
-    whole, and rollback goes back and forth."""
+    kept one are both damaged (the pull had not swapped the model in) or both whole (a damaged manifest.json is the
+    current copy's alone: the kept one stays whole and kept at every step); the next pull then leaves both whole, and
+    rollback goes back and forth."""
     from edgemed.packaging.oci_pull import pull
 
     ref = registry.ref("clinic/mend:1.1")
@@ -210,7 +217,7 @@ def test_the_repair_killed_at_every_step_leaves_both_versions_damaged_or_both_wh
         h.mkdir()
         (h / "trust.toml").write_bytes((device / "trust.toml").read_bytes())
         monkeypatch.setenv("EDGEMED_HOME", str(h))
-        _damaged_device(registry, maker, h)
+        _damaged_device(registry, maker, h, damaged)
         index = h / "store" / "index.json"  # installed long ago: the repair's record is another, each run the same steps
         records = json.loads(index.read_text())
         records["mend"]["installed"] = "2020-01-01T00:00:00Z"
@@ -228,7 +235,7 @@ def test_the_repair_killed_at_every_step_leaves_both_versions_damaged_or_both_wh
         assert status == KILLED, where
         killed.add(where.split()[1])
         whole = CliRunner().invoke(cli, ["verify", "mend", "--full"]).exit_code == 0  # a reader: settles the journal
-        assert _kept_is_whole(h) == whole, (where, whole)
+        assert _kept_is_whole(h) == (whole or damaged == "manifest"), (where, whole)
         seen.add(whole)
         out = _cli("pull", ref, "--force")
         assert ("installed it again" in out) != whole, (where, out)
@@ -236,8 +243,30 @@ def test_the_repair_killed_at_every_step_leaves_both_versions_damaged_or_both_wh
         _rolls_back_and_forth(maker, h)
         assert not (h / "store" / "journal.json").exists() and crash_kit.debris(h / "store") == [], where
     assert status == 0, "the pull never finished"
-    assert {"atomic.exchange", "store.mend-link", "store.mend-replace", "store.journal-done"} <= killed, killed
+    mended = {"store.mend-link", "store.mend-replace"} if damaged == "model" else set()  # a manifest shares no blob
+    assert {"atomic.exchange", "store.journal-done"} | mended <= killed, killed
     assert seen == {False, True}  # the kills straddle the swap
+
+
+@pytest.mark.parametrize("how", ["flipped", "deleted"])
+def test_the_repair_of_a_damaged_manifest_keeps_the_earlier_version(registry, maker, device, how):
+    from edgemed.packaging.store import Store
+
+    _cli("pull", registry.ref("clinic/mend:1.0"))
+    _cli("pull", registry.ref("clinic/mend:1.1"), "--force")
+    kept = Store().kept_version("mend")
+    manifest = device / "store" / "models" / "mend" / "manifest.json"
+    _flip_a_bit(manifest) if how == "flipped" else manifest.unlink()
+    out = _cli("verify", "mend", ok=False)
+    assert "edgemed pull oci://" in out and "--name mend --force" in out, out
+
+    out = _cli("pull", registry.ref("clinic/mend:1.1"), "--force")
+    assert "installed it again from the registry" in out, out
+    _cli("verify", "mend", "--full")
+    record = Store().record("mend")
+    assert record["version"] == "1.1" and record["previous"] and record["previous"]["version"] == "1.0", record
+    assert Store().kept_version("mend") == kept and _kept_is_whole(device)
+    _rolls_back_and_forth(maker, device)
 
 
 def test_a_damaged_model_installed_from_a_bundle_names_that_bundle_in_its_fix(maker, edgemed_home):

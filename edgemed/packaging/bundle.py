@@ -431,6 +431,25 @@ def _walk(root: Path) -> dict[str, os.stat_result]:
     return found
 
 
+def _check_as_installed(root: Path, data: bytes | None, expected: str) -> None:
+    """An installed copy's manifest.json (``data``, or read here, before it is parsed: a damaged one may not parse)
+    against the sha256 recorded at install, refused with the fix for an installed model (``ref`` names where the copy
+    came from). A link or a folder in its place is left to ``read_manifest``'s refusal."""
+    import hashlib
+
+    if data is None:
+        try:
+            if not stat.S_ISREG((root / MANIFEST).lstat().st_mode):
+                return
+        except FileNotFoundError:
+            raise IntegrityError(f"{root}/manifest.json is gone: the installed copy is incomplete.", REINSTALL) from None
+        data = _read_at_most(root / MANIFEST, MAX_MANIFEST_BYTES, "a manifest")
+    got = hashlib.sha256(data).hexdigest()
+    if got != expected:
+        raise IntegrityError(f"{root}/manifest.json was changed after install: expected sha256 {expected}, actual {got}.",
+                             REINSTALL)
+
+
 def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: VerifiedCache | None = None,
                expect_manifest_sha256: str | None = None) -> Verified:
     """Check every file of a bundle directory against its manifest (and signature, with ``public_key``).
@@ -447,13 +466,14 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
     from edgemed.packaging.archive import check_room
 
     root = Path(root).absolute()
+    if expect_manifest_sha256 is not None:
+        _check_as_installed(root, None, expect_manifest_sha256)
     man, data, sig = read_manifest(root)
     if expect_manifest_sha256 is None:
         check_room(man, root)  # a huge (sparse) file declared in the manifest would be read in full below
+    else:
+        _check_as_installed(root, data, expect_manifest_sha256)  # as parsed: it may have changed since
     msha = hashlib.sha256(data).hexdigest()
-    if expect_manifest_sha256 is not None and msha != expect_manifest_sha256:
-        raise IntegrityError(f"{root}/manifest.json was changed after install: expected sha256 {expect_manifest_sha256}, actual {msha}.",
-                             REINSTALL)
     signed_by = signing.verify(sig, man, data, public_key) if public_key is not None else None
     found = _walk(root)
     extra = sorted(set(found) - {f.path for f in man.files} - set(RESERVED))

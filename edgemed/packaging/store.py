@@ -622,13 +622,15 @@ class Store:
         return True
 
     def _previous_of(self, name: str, new_sha: str) -> dict | None:
-        """The record an install of ``new_sha`` under ``name`` keeps as ``previous``: the installed one (when
-        ``models/<name>`` holds what the index says), or, reinstalling the same version, the one it kept."""
+        """The record an install of ``new_sha`` under ``name`` keeps as ``previous``: reinstalling the same version,
+        the one it kept, whatever state ``models/<name>`` is in (a repair replaces a copy whose manifest.json is
+        damaged or gone, and the kept version is not that copy); otherwise the installed one, when ``models/<name>``
+        holds what the index says."""
         rec = split_index(self._raw_index())[0].get(name)
+        if rec is not None and rec["manifest_sha256"] == new_sha:
+            return rec.get("previous")
         if rec is None or manifest_sha256(self.models / name) != rec["manifest_sha256"]:
             return None
-        if rec["manifest_sha256"] == new_sha:
-            return rec.get("previous")
         return {k: v for k, v in rec.items() if k != "previous"}
 
     def rollback(self, name: str) -> tuple[dict, dict]:
