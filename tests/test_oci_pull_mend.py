@@ -12,6 +12,9 @@
 - A repair of a damaged or missing manifest.json dropped the version kept for rollback: the new record's `previous`
   was taken from the installed copy only when its manifest still matched the index. Now reinstalling the same
   version keeps the version it kept, whatever state the installed copy is in.
+- Damage only `verify --full` sees (a write below the file system, which leaves the file's stamp as it was): its
+  printed fix, `pull --force`, checked the copy by the verified cache, found it whole and exited 0, so the operator
+  looped. Now a hash that finds a file wrong is remembered (under every name of that file) before the error.
 - A pull killed after the store made its blob (before its journal), or after the install (before the downloads were
   dropped), left the whole GGUF in downloads/ for a week: the next pull found it in the store, never fetched it, and
   dropped only what it fetched. Now every successful pull drops the downloads of the layers the store holds.
@@ -267,6 +270,49 @@ def test_the_repair_of_a_damaged_manifest_keeps_the_earlier_version(registry, ma
     assert record["version"] == "1.1" and record["previous"] and record["previous"]["version"] == "1.0", record
     assert Store().kept_version("mend") == kept and _kept_is_whole(device)
     _rolls_back_and_forth(maker, device)
+
+
+def test_damage_only_a_full_verify_sees_is_mended_by_the_pull_it_names(registry, maker, device):
+    """A write below the file system (a failing disk) changes a file's bytes and leaves its stamp as it was, so the
+    verified cache still answers for it: simulated by giving the cache's entries the file's stamp after the flip.
+    `verify --full` finds it, and the fast path then sees it too, under every name of that file (another model that
+    links the same GGUF): the pull `verify` names installs the model again, and that other copy is mended with it."""
+    from edgemed.packaging.digest import CACHE_NAME, RACY_S, stamp
+    from edgemed.packaging.store import Store
+
+    _cli("pull", registry.ref("clinic/mend:1.0"))
+    _cli("pull", registry.ref("clinic/mend:1.1"), "--force")
+    _cli("pull", registry.ref("clinic/mend:1.1"), "--name", "twin")  # the same GGUF inode
+    time.sleep(RACY_S + 0.2)  # old enough for the cache to hold the files' stamps
+    for name in ("mend", "twin"):
+        _cli("verify", name, "--full")
+    gguf = device / "store" / "models" / "mend" / maker["gguf"].path
+    _flip_a_bit(gguf)
+    cache = device / CACHE_NAME
+    entries = json.loads(cache.read_text())
+    stale = {k: e for k, e in entries["entries"].items() if e["sha256"] == maker["gguf"].sha256}
+    assert {Path(k).parts[-3] for k in stale} >= {"mend", "twin"}, stale
+    for e in stale.values():
+        e["stamp"] = list(stamp(gguf.stat()))
+    cache.write_text(json.dumps(entries))
+    for name in ("mend", "twin"):
+        _cli("verify", name)  # the fast path cannot see it: the documented limit
+
+    origin = Store().record("mend")["origin"]
+    out = _cli("verify", "mend", "--full", ok=False)
+    assert f"'{maker['gguf'].path}' does not match the manifest" in out, out
+    fix = f"edgemed pull {origin} --name mend --force"
+    assert fix in out, out
+    for name in ("mend", "twin"):  # remembered: the fast path refuses it now, under either name
+        out = _cli("verify", name, ok=False)
+        assert f"'{maker['gguf'].path}' does not match the manifest" in out, out
+
+    out = _cli(*fix.split()[1:])
+    assert "installed it again from the registry" in out and "nothing was changed" not in out, out
+    for name in ("mend", "twin"):
+        _cli("verify", name, "--full")
+    assert Store().record("mend")["previous"]["version"] == "1.0"
+    _rolls_back_and_forth(maker, device, links=4)
 
 
 def test_a_damaged_model_installed_from_a_bundle_names_that_bundle_in_its_fix(maker, edgemed_home):

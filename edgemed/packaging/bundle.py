@@ -492,6 +492,8 @@ def verify_dir(root: Path, *, full: bool = False, public_key=None, cache: Verifi
         if not cached:
             hashed.append(f.path)
         if digest != f.sha256:
+            if cache is not None:  # remembered: the fast path (run, the pull's check for damage) sees it too
+                cache.save()
             raise IntegrityError(f"'{f.path}' does not match the manifest: expected sha256 {f.sha256}, actual {digest}.", DAMAGED)
         stamps[root / f.path] = (stamp(st), f.sha256)  # found before the digest: a write since shows as another
     if cache is not None:

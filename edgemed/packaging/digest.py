@@ -8,7 +8,8 @@ from user space), a replace changes the inode, so a hit means "not written since
 it was hashed". A file written in the same clock tick as its hash could slip
 through, so entries younger than ``RACY_S`` seconds are never cached (git's
 "racy clean" rule). What the fast path cannot see: raw writes to the block
-device, or someone who can edit the cache file itself; ``--full`` re-hashes.
+device, or someone who can edit the cache file itself; ``--full`` re-hashes,
+and what it finds is remembered, for every name of that file.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ class VerifiedCache:
         return None
 
     def record(self, path: Path, st: os.stat_result, digest: str) -> None:
+        """Remember ``digest``, just hashed in full from ``path`` as it was at ``st``. An entry of any path with this
+        stamp (the same inode: a hard link, as a store blob and its models' files are) that says another digest is
+        dropped: it was recorded before a write the stamp did not show (a raw write to the disk), and a fast check of
+        that other name would otherwise still answer with it."""
+        held = _stamp(st)
+        for key in [k for k, e in self.entries.items() if isinstance(e, dict) and e.get("stamp") == held
+                    and e.get("sha256") != digest]:
+            del self.entries[key]
+            self.dirty = True
         newest = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
         if time.time() - newest < RACY_S:
             return  # too fresh to trust a stamp; hash again next time
