@@ -304,7 +304,7 @@ def test_report_and_plots_render(tmp_path):
 
 
 def _key(name: str) -> dict:
-    """A stand-in accuracy key (``runner.accuracy_keys``) of the artifact behind configuration ``name``."""
+    """A stand-in accuracy key (``report._accuracy_keys``) of the artifact behind configuration ``name``."""
     return {"model_sha256": f"sha-of-{name}", "profile": "x86-avx2"}
 
 

@@ -153,7 +153,7 @@ def test_a_partial_accuracy_comes_only_from_this_artifacts_records_of_this_draw(
     timing_only = Settings(profile="x86-avx2", threads=1)
     write("0" * 64, {"model_sha256": "0" * 64})  # another m.gguf's records
     assert partial(timing_only) is None and partial(drawing) is None
-    key = runner.accuracy_keys([config], drawing)["m"]
+    key = report._accuracy_keys([config], drawing, [])["m"]
     assert key["model_sha256"] != "0" * 64 and "settings_sha256" not in key
     write(key["model_sha256"], {**key, "profile": "jetson-orin-nano-8gb"})  # this file, under another profile
     assert partial(timing_only) is None

@@ -123,17 +123,6 @@ def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Se
     return tasks
 
 
-def accuracy_keys(configs: list[Config], settings: Settings) -> dict[str, dict]:
-    """What the accuracy records of each scored configuration must name to be its own: its accuracy key under
-    ``settings`` without the settings digest, as ``accuracy.evaluate`` writes it into their meta line beside the
-    artifact's sha256. A report shows a phase still going from its records (``scores.in_progress``) only when they
-    do: records another file of the same configuration name, build or profile left behind are not its results."""
-    scored = [c for c in configs if applies(c, "accuracy", configs)]
-    digests = {c.path: model_digest(Path(c.path)) for c in scored}
-    profile_sha256 = profile_digest(settings.profile)
-    return {c.name: beyond_settings(task_key(c, "accuracy", settings, configs, digests, profile_sha256)) for c in scored}
-
-
 def earlier_results(out: Path, configs: list[Config], settings: Settings, planned: list[Task]) -> list[dict]:
     """Raw results of the phases this run does not measure (left out of ``--phases``, or accuracy without ``--eval``)
     that are still of these artifacts, runtime, profile and methods: a report rebuilt with fewer phases keeps what was

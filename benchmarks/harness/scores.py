@@ -89,7 +89,7 @@ def current_draw(settings) -> dict[str, str] | None:
 
 def own_records(path: Path, key: dict, draw: dict | set | None = None) -> list[dict]:
     """The records at ``path`` that are a configuration's own: none unless the meta line names its artifact (sha256)
-    and ``key`` (``runner.accuracy_keys``) under this scoring version, and of those the items of ``draw`` (a dict:
+    and ``key`` (``report._accuracy_keys``) under this scoring version, and of those the items of ``draw`` (a dict:
     the same ids asked the same way, ``item_sha``; a set: the same ids; None: every one)."""
     from edgemed.benchmarks.harness.accuracy import RECORDS_VERSION, records_meta
 
