@@ -18,12 +18,13 @@ import pytest
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")
 
-from serve_kit import ServerThread
+from serve_kit import ServerThread, wait_until
 from test_serve_adapters import kit  # noqa: F401  (the module fixture: base + adapter files, cached)
 
 from edgemed import env
 from edgemed.runtime.batch.batcher import Batcher
-from edgemed.runtime.engine import LoadSettings
+from edgemed.runtime.batch.options import Extras
+from edgemed.runtime.engine import GenerationSettings, LoadSettings
 from edgemed.runtime.loader import AdapterSpec
 from edgemed.runtime.plan import MIB, adapters_bytes, make_plan
 from edgemed.runtime.session import admit_adapter
@@ -50,7 +51,8 @@ def server(kit, tmp_path_factory):  # noqa: F811
                       adapters={"cardio": AdapterSpec(kit["cardio"])})
     batcher.start()
     config = ServeConfig(model_id=MODEL, bundle_digest="sha256:test",
-                         admit_adapter=lambda served, spec: admit_adapter(plan, batcher.load, served, spec))
+                         admit_adapter=lambda served, spec, finishing: admit_adapter(plan, batcher.load, served, spec,
+                                                                                     finishing))
     try:
         with ServerThread(create_app(batcher, config)) as srv:
             srv.batcher, srv.plan = batcher, plan
@@ -89,6 +91,31 @@ def test_an_adapter_over_the_memory_budget_is_refused_with_507_and_nothing_chang
     assert _add(server, "triage2", copy).status_code == 507
     assert httpx.delete(server.url + "/admin/adapters/triage").status_code == 200
     assert _add(server, "triage2", copy).status_code == 200
+    assert httpx.delete(server.url + "/admin/adapters/triage2").status_code == 200
+
+
+def test_a_removed_adapter_still_finishing_requests_counts_against_the_budget(server, kit, tmp_path):  # noqa: F811
+    """A removed adapter stays loaded while requests run on it, so its memory is still held: an add beside it that
+    the budget has no room for is refused (507) until those requests end; before, it loaded over the budget."""
+    assert _add(server, "triage", kit["triage"]).status_code == 200
+    copy = tmp_path / "triage2.lora.gguf"
+    shutil.copyfile(kit["triage"], copy)
+    no_end = Extras(logit_bias=tuple((t, -100.0) for t in server.batcher._model.eog_ids()))  # runs its max_tokens
+    held = server.batcher.submit(PROMPT, GenerationSettings(max_tokens=400), request_id="held", extras=no_end,
+                                 adapter="triage")
+    try:
+        r = httpx.delete(server.url + "/admin/adapters/triage")
+        assert r.status_code == 200 and r.json()["requests_finishing"] == 1, r.text
+        r = _add(server, "triage2", copy)
+        assert r.status_code == 507, r.text
+        message = r.json()["error"]["message"]
+        assert "1 served adapters and 1 removed ones still loaded for their running requests" in message, message
+        assert "lists none under \"finishing\"" in message, message
+        assert set(server.batcher.adapters()) == {"cardio"} and set(server.batcher.finishing()) == {"triage"}
+    finally:
+        held.cancel()
+    assert wait_until(lambda: not server.batcher.finishing())
+    assert _add(server, "triage2", copy).status_code == 200  # its memory is free once its last request ended
     assert httpx.delete(server.url + "/admin/adapters/triage2").status_code == 200
 
 

@@ -212,7 +212,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
                                  default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
                                  ui=not no_ui, card=card, prefix_cache_scope=prefix_cache_scope, resolve_adapter=lambda name: adapter_specs(ref, [name], files=False)[0],
-                                 admit_adapter=lambda served, spec: admit_adapter(prepared.plan, batcher.load, served, spec),
+                                 admit_adapter=lambda served, spec, finishing: admit_adapter(prepared.plan, batcher.load, served, spec, finishing),
                                  loaded_adapter=lambda spec: loaded_as_verified(None, [spec]))
             batcher = Batcher(path, prepared.load, slots=slots, queue_size=queue_size, prefill_chunk=prefill_chunk,
                               prefix_cache=prefix_cache, prefix_cache_bytes=prepared.plan.estimate.prefix_cache,

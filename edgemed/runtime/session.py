@@ -127,11 +127,13 @@ def open_with_adapters(model: Path, load: LoadSettings, adapters=()):
     return LlamaEngine(model, load, adapters)
 
 
-def admit_adapter(plan: Plan, load: LoadSettings, served=(), added=None) -> None:
+def admit_adapter(plan: Plan, load: LoadSettings, served=(), added=None, finishing=()) -> None:
     """Before the LoRA adapter ``added`` (``loader.AdapterSpec``) joins ``served`` on a running server whose model
     was planned as ``plan`` and loaded with ``load``: the checks ``edgemed serve --adapter`` gets at start. Made for
-    this base (``AdapterError``), fits the memory budget with what is served (``PlanError``), and the host
-    self-test passes for the model with the whole set (``ModelLoadError`` on a native crash). Nothing is loaded."""
+    this base (``AdapterError``), fits the memory budget with what is loaded (``PlanError``), and the host
+    self-test passes for the model with the whole set (``ModelLoadError`` on a native crash). Nothing is loaded.
+    ``finishing``: adapters removed whose running requests keep them loaded; their tensors hold memory until those
+    end, so the budget counts them beside ``served``."""
     from edgemed.errors import PlanError
     from edgemed.formats.gguf_header import read_header
     from edgemed.runtime import selftest
@@ -140,16 +142,21 @@ def admit_adapter(plan: Plan, load: LoadSettings, served=(), added=None) -> None
 
     model = Path(plan.model)
     check_adapter(read_header(model).metadata, model, added.path)
-    needed, budget = adapter_room(plan, served, [added])
+    served, finishing = list(served), list(finishing)
+    needed, budget = adapter_room(plan, [*served, *finishing], [added])
     if needed > budget:
         size = adapters_bytes([added])
+        held = f"{len(served)} served adapters" + (f" and {len(finishing)} removed ones still loaded for their running "
+                                                   "requests" if finishing else "")
+        wait = "wait until GET /admin/adapters lists none under \"finishing\" (their memory is freed then), " \
+            if finishing else ""
         raise PlanError(
             f"The adapter '{added.path.name}' ({size / MIB:.0f} MiB) would bring this server to {needed / MIB:.0f} MiB, "
             f"over the '{plan.profile}' budget of {budget / MIB:.0f} MiB (model, {plan.estimate.n_ctx}-token context, "
-            f"prefix cache {plan.estimate.prefix_cache / MIB:.0f} MiB and {len(list(served))} served adapters); "
+            f"prefix cache {plan.estimate.prefix_cache / MIB:.0f} MiB and {held}); "
             "it was not loaded and the server serves as before.",
-            "remove an adapter first (DELETE /admin/adapters/NAME), or restart edgemed serve with --adapter FILE (the "
-            "plan then makes room for it) or with a smaller --ctx or --prefix-cache-mib")
+            f"{wait}remove an adapter first (DELETE /admin/adapters/NAME), or restart edgemed serve with --adapter FILE "
+            "(the plan then makes room for it) or with a smaller --ctx or --prefix-cache-mib")
     selftest.admit(model, load, [*served, added])
 
 

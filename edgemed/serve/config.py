@@ -115,8 +115,9 @@ class ServeConfig:
     #: sha256 its file was verified as), or ``AdapterNotFound``, for ``POST /admin/adapters {"adapter": NAME}``; the
     #: CLI passes ``packaging.ref.adapter_specs`` for the model, names only.
     resolve_adapter: object = field(default=None, compare=False)
-    #: (served AdapterSpecs, the new AdapterSpec) -> None, or an ``EdgemedError``: the checks an adapter added while
-    #: serving must pass before it loads (``session.admit_adapter``: base, memory plan, host self-test); None: none.
+    #: (served AdapterSpecs, the new AdapterSpec, the removed ones still loaded for running requests) -> None, or an
+    #: ``EdgemedError``: the checks an adapter added while serving must pass before it loads (``session.admit_adapter``:
+    #: base, memory plan, host self-test); None: none.
     admit_adapter: object = field(default=None, compare=False)
     #: AdapterSpec -> None, or an ``IntegrityError``: once an adapter added while serving is loaded, and before any
     #: request can name it (``Batcher.add_adapter``'s check), whether its file is still the one its bundle was verified

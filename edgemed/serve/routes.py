@@ -5,7 +5,7 @@
 (``{"name", "path" | "adapter", "scale"}``) and ``DELETE /admin/adapters/{name}`` add and remove adapters on the
 running server (``middleware.Guard``: the API key when the server has keys, else loopback clients only). An added
 adapter first passes ``ServeConfig.admit_adapter`` (made for this base: 400; fits the memory plan with what is
-served: 507; the host self-test for the model with the whole set: 409), one add at a time; a refusal loads nothing,
+loaded, removed adapters still finishing requests included: 507; the host self-test for the model with the whole set: 409), one add at a time; a refusal loads nothing,
 and says in words for an HTTP caller what is wrong, with a ``code`` and the body field at fault in ``param``. Admin
 calls' audit records name the adapter with the sha256 and scale of its weights (``middleware.adapter_fields``).
 ``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
@@ -158,8 +158,11 @@ def _admit_and_add(srv, name: str, spec, field: str) -> dict:
             raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}.", code="invalid_adapter_name", param="name") from None
         if srv.config.admit_adapter is not None:
             served = [AdapterSpec(Path(a["path"]), a["scale"]) for a in srv.batcher.adapters().values()]
+            # removed ones still answering keep their tensors (asked second: one removed meanwhile is counted twice,
+            # never missed)
+            finishing = [AdapterSpec(Path(a["path"]), a["scale"]) for a in srv.batcher.finishing().values()]
             try:
-                srv.config.admit_adapter(served, spec)
+                srv.config.admit_adapter(served, spec, finishing)
             except PlanError as exc:
                 raise api.ApiError(507, f"{exc.problem} Fix: {exc.fix}", "server_error", "insufficient_memory") from None
             except ModelLoadError as exc:
