@@ -239,6 +239,23 @@ def test_a_sampled_answer_names_its_seed_and_that_seed_gives_it_again(server):
     assert again.parse().choices[0].message.content == first and int(again.headers["x-edgemed-seed"]) == seed
 
 
+def test_a_seed_llama_cpp_would_not_take_as_it_is_is_refused(server):
+    """llama.cpp keeps 32 bits of a seed and reads 2^32 - 1 as "draw one at random": the server took 2^32 as seed 0
+    (the same answer, said nowhere) and -1 as a random draw. Such seeds are a 400 on ``seed``, as ``run --seed``
+    refuses them; with n choices (choice i samples with seed + i) the last choice's seed must be a fixed one too."""
+    from edgemed.runtime.engine import MAX_SEED
+
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "temperature": 1.0}
+    for seed, n in [(-1, 1), (2**32 - 1, 1), (2**32, 1), (MAX_SEED, 2)]:
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client.chat.completions.create(**ask, seed=seed, n=n)
+        assert e.value.body["param"] == "seed" and f"seed {seed} is not a fixed seed" in e.value.message, e.value.body
+        assert f"Fix: send a seed from 0 to {MAX_SEED - (n - 1)}" in e.value.message, e.value.message
+    for seed, n in [(0, 1), (MAX_SEED, 1), (MAX_SEED - 1, 2)]:  # the ends of the range are served, and named
+        raw = server.client.chat.completions.with_raw_response.create(**ask, seed=seed, n=n)
+        assert len(raw.parse().choices) == n and int(raw.headers["x-edgemed-seed"]) == seed
+
+
 # -- overload ---------------------------------------------------------------------------------------------
 def test_overload_gives_429_never_5xx_and_stays_healthy(smollm2_gguf, tmp_path):
     batcher, log, app = _serve(smollm2_gguf, tmp_path / "audit.jsonl", slots=1, queue=1)

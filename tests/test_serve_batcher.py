@@ -14,7 +14,7 @@ import time
 import pytest
 
 from edgemed.errors import ContextOverflow, InputError
-from edgemed.runtime.engine import GenerationSettings, LoadSettings
+from edgemed.runtime.engine import MAX_SEED, GenerationSettings, LoadSettings
 
 pytest.importorskip("llama_cpp")
 
@@ -244,9 +244,11 @@ def test_seeded_sampling_is_per_sequence(batcher, prompts):
     assert collect(batcher.submit(prompts[0], hot, request_id="t3"))[0] == ta
 
 
-@pytest.mark.parametrize("seed", [-1, 0xFFFFFFFF])
+@pytest.mark.parametrize("seed", [MAX_SEED, 0xFFFFFFFF])
 def test_a_seed_that_is_llama_cpps_random_seed_still_repeats(batcher, prompts, seed):
-    """2^32 - 1 (a client's -1 too) is llama.cpp's "draw a random seed": its answers were not repeatable."""
+    """The highest seed a client may send (``MAX_SEED``) repeats; 2^32 - 1 is llama.cpp's "draw a random seed", which
+    the API and ``run --seed`` refuse (a client's -1 or 2^32 no longer wraps into 32 bits there), and a caller of the
+    batcher that passes it still gets repeatable answers."""
     hot = GenerationSettings(max_tokens=16, temperature=1.0, seed=seed)
     first = collect(batcher.submit(prompts[1], hot, request_id="s1"))[0]
     assert all(collect(batcher.submit(prompts[1], hot, request_id=f"s{i}"))[0] == first for i in range(2, 4))

@@ -270,6 +270,22 @@ class _Request(BaseModel):
     #: vLLM's field: this request's prompt KV is reused only by requests with the same salt (and scope)
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
+    @model_validator(mode="after")
+    def _fixed_seed(self):
+        """A seed llama.cpp takes as it is (``engine.MAX_SEED``), for every choice (choice i samples with seed + i):
+        it kept 32 bits of one (0 and 2^32 gave one answer) and reads 2^32 - 1 as "draw one at random", so a seed
+        outside could not give its answer again, or would be another seed (``edgemed run --seed`` refuses them too)."""
+        from edgemed.runtime.engine import MAX_SEED
+
+        top = MAX_SEED - (self.n - 1)
+        if self.seed is not None and not 0 <= self.seed <= top:
+            choices = f" (with n={self.n}, choice i samples with seed + i)" if self.n > 1 else ""
+            raise ApiError(400, f"seed {self.seed} is not a fixed seed: seeds are whole numbers from 0 to {top}{choices}; "
+                                "llama.cpp keeps 32 bits of a seed and reads 4294967295 as 'pick one at random'. Fix: "
+                                f"send a seed from 0 to {top}; the same seed and prompt give the same answer again.",
+                           param="seed")
+        return self
+
     def refused(self) -> None:
         extra = self.model_extra or {}
         for name, (unused, why) in REFUSED.items():
