@@ -380,3 +380,41 @@ def test_a_crash_is_kept_for_the_file_that_crashed_not_for_every_file_of_its_typ
         fh.write(b"\0")
     assert not ok(bad) and calls == ["bad.gguf"] * 2
     assert ok(good) and ok(good) and calls == ["bad.gguf"] * 2 + ["good.gguf"]  # not refused for bad's crash
+
+
+def test_a_generation_never_feeds_its_last_token(smollm2_gguf):
+    """A generation that sampled its ``max_tokens`` fed the last token too: a llama_decode whose logits no one read,
+    a whole step per request. Each sampled token but the last is fed once, the cells end before the last, the greedy
+    text is the one a longer generation starts with, and a next call on these cells answers as a cold one."""
+    from edgemed.runtime import llamacpp
+    from edgemed.runtime.engine import GenerationSettings
+    from edgemed.runtime.llama_engine import LlamaEngine
+
+    def run(engine, tokens, max_tokens, reuse):
+        stream = llamacpp.generate(engine.model, engine.ctx, tokens, GenerationSettings(max_tokens=max_tokens),
+                                   reuse=reuse)
+        pieces = []
+        while True:
+            try:
+                pieces.append(next(stream))
+            except StopIteration as end:
+                return "".join(pieces), end.value
+
+    load = LoadSettings(n_ctx=512, n_threads=1)
+    with LlamaEngine(smollm2_gguf, load) as engine, LlamaEngine(smollm2_gguf, load) as cold:
+        messages = [{"role": "user", "content": "Name three symptoms of anaemia."}]
+        prompt = engine.tokenize(engine.render_chat(messages), add_special=True, parse_special=True)
+        fed, real = [], engine.ctx.eval
+        engine.ctx.eval = lambda tokens, n_past=0, **kw: fed.append((len(tokens), n_past)) or real(tokens, n_past, **kw)
+        text, finish = run(engine, prompt, 8, reuse=False)
+        del engine.ctx.eval
+        assert (finish.reason, finish.tokens) == ("length", 8)
+        n = len(prompt)
+        assert fed == [(n, 0)] + [(1, n + i) for i in range(7)], fed  # sampled tokens 1..7 fed, the 8th never
+        assert engine.ctx.lib.llama_memory_seq_pos_max(engine.ctx.memory, 0) == n + 6  # the last cell: position n + 6
+        assert run(cold, prompt, 16, reuse=False)[0].startswith(text) and text.strip()
+        # the next turn keeps the prompt's cells and answers as a cold run of the whole conversation
+        after = engine.tokenize(engine.render_chat([*messages, {"role": "assistant", "content": text},
+                                                    {"role": "user", "content": "And one cause?"}]),
+                                add_special=True, parse_special=True)
+        assert run(engine, after, 12, reuse=True)[0] == run(cold, after, 12, reuse=False)[0]

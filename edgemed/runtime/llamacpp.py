@@ -720,7 +720,8 @@ def generate(model: Model, ctx: Context, tokens: list[int], settings: Generation
     ``max_tokens`` ended it). The cells before stay where they hold the prompt's first ids as prompt rows, in whole
     micro-batches (``Context.reusable``: a conversation's earlier turns, a template's preamble), and only the rest is
     fed, so the answer is the one a cold run gives; ``reuse=False``: every token is fed (the cells are cleared
-    first)."""
+    first). Each sampled token is fed only for the next one's logits: the last is never fed (a decode whose logits
+    no one reads), so the cells end before it, and nothing continues from them (a next call keeps prompt rows only)."""
     if not tokens:
         raise InputError("The prompt is empty.", "send at least one token of prompt")
     check_fits(len(tokens), settings, ctx.n_ctx)
@@ -736,7 +737,7 @@ def generate(model: Model, ctx: Context, tokens: list[int], settings: Generation
         ctx.eval(tokens[n:], n)
         ctx.prompt_cells = list(tokens)  # after the last piece: several rows each (REFEED)
         pos, reason = len(tokens), "length"
-        for _ in range(settings.max_tokens):
+        for i in range(settings.max_tokens):
             token = sampler.sample(ctx, -1)
             if model.is_eog(token):
                 reason = "eog"
@@ -746,7 +747,7 @@ def generate(model: Model, ctx: Context, tokens: list[int], settings: Generation
                 yield piece
             if text.stopped:
                 return Finish("stop", len(text.ids))
-            if pos >= ctx.n_ctx:
+            if i + 1 == settings.max_tokens or pos >= ctx.n_ctx:  # no token follows: its logits would go unread
                 break
             ctx.eval([token], pos)
             pos += 1
