@@ -54,6 +54,20 @@ def test_flags_that_cannot_measure_are_refused_before_any_work(tmp_path, smollm2
     assert not out.exists()
 
 
+def test_accuracy_settings_without_evaluation_data_are_refused(tmp_path, smollm2_gguf):
+    """--eval-context and --eval-score both change only the accuracy phase: without --eval or --eval-data they were
+    taken and measured nothing. Their defaults, spelled out, are still taken."""
+    out = tmp_path / "out"
+    quick = [str(smollm2_gguf), "-o", str(out), "--report-only", "--threads", "1"]
+    for extra, flag in ((["--eval-context"], "--eval-context"), (["--eval-score", "both"], "--eval-score both")):
+        r = _bench("run", *quick, *extra)
+        assert r.exit_code == 1 and f"{flag} sets how the accuracy phase" in r.output, (extra, r.output)
+        assert "Fix: pass --eval FILES or --eval-data DIR with it" in r.output and "Traceback" not in r.output
+        assert not out.exists(), extra
+    r = _bench("run", *quick, "--no-eval-context", "--eval-score", "logits", "--phases", "timing")
+    assert r.exit_code == 0, r.output
+
+
 def test_ctx_is_the_context_of_every_phase(tmp_path):
     from edgemed.cli.bench import _settings
 

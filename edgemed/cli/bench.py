@@ -100,6 +100,12 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
     if eval_n and not (evals or eval_data):
         raise InputError(f"--eval-n {eval_n} sizes the accuracy draw, and no evaluation data was given: it would "
                          "measure nothing.", "pass --eval FILES or --eval-data DIR with it, or leave --eval-n out")
+    # the accuracy phase's own settings (their defaults are not refused: a script may spell them out)
+    for flag, given in (("--eval-context", eval_context), ("--eval-score both", eval_score != "logits")):
+        if given and not (evals or eval_data):
+            raise InputError(f"{flag} sets how the accuracy phase asks or scores its items, and no evaluation data was "
+                             "given: it would measure nothing.",
+                             f"pass --eval FILES or --eval-data DIR with it, or leave {flag.split()[0]} out")
     if eval_data:
         suite = suite_files(eval_data)
         files, defaults = [p for p, _ in suite], [n for _, n in suite]
