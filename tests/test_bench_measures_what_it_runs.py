@@ -84,6 +84,7 @@ class _Timed:
     """A runtime whose one prompt is 78 tokens in a 64-token context; generating would time positions past it."""
 
     n_ctx = 64
+    n_ctx_train = None
 
     def prompt_ids(self, text: str) -> list[int]:
         return list(range(78))
@@ -99,6 +100,22 @@ def test_timing_refuses_a_prompt_and_its_tokens_beyond_the_context():
         timing.measure(_Timed(), ("a prompt",), runs=1, warmup=0, max_tokens=60, progress=False)
     assert "78 tokens" in err.value.problem and "138" in err.value.problem and "64" in err.value.problem
     assert "--ctx 138" in err.value.fix
+
+
+def test_timings_fix_names_no_ctx_beyond_the_trained_context():
+    """Trained on 256 tokens: 78 prompt tokens and 60 new ones fit a --ctx 138 (named, with its bound); 78 and 200
+    fit no context the model can take, and the fix named --ctx 278, which the bench then refused."""
+    from edgemed.benchmarks.harness import timing
+
+    timed = _Timed()
+    timed.n_ctx_train = 256
+    with pytest.raises(ContextOverflow) as err:
+        timing.measure(timed, ("a prompt",), runs=1, warmup=0, max_tokens=60, progress=False)
+    assert "pass --ctx 138 (up to 256, the context the model was trained on)" in err.value.fix
+    with pytest.raises(ContextOverflow) as err:
+        timing.measure(timed, ("a prompt",), runs=1, warmup=0, max_tokens=200, progress=False)
+    assert "--ctx" not in err.value.fix and "trained on 256 tokens, fewer than the 278" in err.value.fix
+    assert "lower --max-tokens" in err.value.fix
 
 
 def test_scoring_loads_as_the_device_profile_and_records_it(tmp_path, smollm2_gguf):

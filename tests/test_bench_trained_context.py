@@ -96,3 +96,13 @@ def test_what_the_trained_context_cannot_hold_is_refused_in_the_benchs_words(sho
     r = _bench(short_models[256], tmp_path / "given", "--ctx", "512", "--phases", "timing")
     assert r.exit_code == 1 and "--ctx 512 is more than the 256 tokens" in r.output and "leave --ctx out" in r.output
     assert not (tmp_path / "given").exists()
+
+
+def test_timings_fix_stays_within_the_trained_context(short_models, tmp_path):
+    """Trained on 256 tokens, 300 new tokens: no context holds them, and the timing phase's fix named a --ctx past 256
+    (which the bench refuses); it now names what does work, and no --ctx."""
+    r = _bench(short_models[256], tmp_path / "out", "--name", "m", "--phases", "timing", "--max-tokens", "300")
+    assert r.exit_code == 1, r.output
+    timing = {f["task"]: f["error"] for f in json.loads(r.stdout)["failed"]}["m-timing"]
+    assert "Fix: the model was trained on 256 tokens" in timing and "lower --max-tokens" in timing, timing
+    assert "--ctx" not in timing.split("Fix:")[1], timing

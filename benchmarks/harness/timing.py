@@ -2,14 +2,16 @@
 
 Every runtime is opened as a small object with ``prompt_ids(text)``,
 ``generate(ids, n) -> (t_start, token_times, tokens)``, ``weights()`` and
-``close()``; ``measure`` runs the same loop over any of them. Greedy decoding,
+``close()``, its ``n_ctx`` and ``n_ctx_train`` (the context the model was trained on, None where
+unknown); ``measure`` runs the same loop over any of them. Greedy decoding,
 with end-of-generation tokens masked out of the argmax, so every configuration
 generates exactly ``max_tokens`` tokens (a count-based stop: the work is the
 same whatever the model would have said). The timed loop is the runtime's own
 step API (llama.cpp ``eval``, the ONNX engine's ``decode_steps``, torch forward
 with its KV cache), with a timestamp taken as each token's id is known. Each object's ``n_ctx`` is the context the report states:
 ``measure`` refuses, before the first run, a prompt whose tokens and ``max_tokens`` do not fit it, as ``edgemed run``
-refuses such a request (llama.cpp pads its cells past the asked size and would time positions beyond it).
+refuses such a request (llama.cpp pads its cells past the asked size and would time positions beyond it), with a
+fix that stays within the trained context (a --ctx past it is refused before any work).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class GgufTimed:
         self.load = self.engine.load
         self.ctx = self.engine.ctx
         self.n_ctx = self.ctx.n_ctx  # the asked size, not llama.cpp's padded one
+        self.n_ctx_train = self.engine.model.n_ctx_train or None  # the GGUF's context_length
         self.banned = np.array(self.engine.model.eog_ids(), dtype=np.int64)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -100,7 +103,7 @@ class OnnxTimed:
         t = time.perf_counter()
         self.engine = OnnxEngine(path, self.load)
         self.load_s = time.perf_counter() - t
-        self.n_ctx = self.engine.n_ctx
+        self.n_ctx, self.n_ctx_train = self.engine.n_ctx, self.engine.n_ctx_train
         self.banned = np.array(sorted(self.engine.eos_ids), dtype=np.int64)
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -168,19 +171,26 @@ def one_run(timed, ids: list[int], n: int) -> dict:
             "decode_tok_s": (len(tokens) - 1) / decode_s, "tokens": tokens[:16]}
 
 
-def check_prompts_fit(ids: list[list[int]], max_tokens: int, n_ctx: int) -> None:
+def check_prompts_fit(ids: list[list[int]], max_tokens: int, n_ctx: int, n_ctx_train: int | None = None) -> None:
     """Refuse (``engine.check_fits``'s ContextOverflow) when a prompt and its ``max_tokens`` new tokens overrun the
-    ``n_ctx``-token context; the prompt is named by its place in the list, never by its text."""
+    ``n_ctx``-token context; the prompt is named by its place in the list, never by its text. The fix names a --ctx
+    only up to ``n_ctx_train`` (the model's trained context, where known): a larger one is refused before any work."""
     from edgemed.errors import ContextOverflow
     from edgemed.runtime.engine import GenerationSettings, check_fits
 
-    need = max(len(prompt) for prompt in ids) + max_tokens  # what the longest needs: a --ctx that fits them all
+    longest = max(len(prompt) for prompt in ids)
+    need = longest + max_tokens  # what the longest needs: a --ctx that fits them all
+    if n_ctx_train and need > n_ctx_train:  # no --ctx holds them
+        fix = (f"the model was trained on {n_ctx_train} tokens, fewer than the {need} the longest prompt ({longest} "
+               "tokens) and --max-tokens need: lower --max-tokens, or give shorter --prompts")
+    else:
+        upto = f" (up to {n_ctx_train}, the context the model was trained on)" if n_ctx_train else " or more"
+        fix = f"pass --ctx {need}{upto}, lower --max-tokens, or give shorter --prompts"
     for i, prompt in enumerate(ids, 1):
         try:
             check_fits(len(prompt), GenerationSettings(max_tokens=max_tokens), n_ctx)
         except ContextOverflow as exc:
-            raise ContextOverflow(f"Timing prompt {i} of {len(ids)}: {exc.problem}",
-                                  f"pass --ctx {need} or more, lower --max-tokens, or give shorter --prompts") from None
+            raise ContextOverflow(f"Timing prompt {i} of {len(ids)}: {exc.problem}", fix) from None
 
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s", "prefill_tok_s", "decode_tok_s")
@@ -196,7 +206,7 @@ def measure(timed, prompts: tuple[str, ...], runs: int, warmup: int, max_tokens:
     from tqdm import tqdm
 
     ids = [timed.prompt_ids(p) for p in prompts]
-    check_prompts_fit(ids, max_tokens, timed.n_ctx)
+    check_prompts_fit(ids, max_tokens, timed.n_ctx, timed.n_ctx_train)
     warm = [one_run(timed, ids[i % len(ids)], max_tokens) for i in range(warmup)]
     timed_runs = []
     for i in tqdm(range(runs), desc="timed runs", unit="run", disable=not progress, leave=False):

@@ -36,6 +36,7 @@ class HfTimed:
         if dtype == "float16" and self.device == "cpu":
             raise InputError("The hf-fp16 baseline needs a GPU, and torch sees none.", "use --baselines hf-fp32,hf-bf16 on a CPU")
         ckpt = Checkpoint.open(path, allow_pickle=allow_pickle)  # pickle-only weights need the user's --allow-pickle
+        self.n_ctx_train = ckpt.hparam("max_position_embeddings", required=False)  # None where config.json names none
         t = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = ckpt.hf_model(dtype=getattr(torch, dtype)).to(self.device).eval()
