@@ -106,3 +106,20 @@ def test_timings_fix_stays_within_the_trained_context(short_models, tmp_path):
     timing = {f["task"]: f["error"] for f in json.loads(r.stdout)["failed"]}["m-timing"]
     assert "Fix: the model was trained on 256 tokens" in timing and "lower --max-tokens" in timing, timing
     assert "--ctx" not in timing.split("Fix:")[1], timing
+
+
+def test_reproduce_refuses_a_ctx_beyond_the_trained_context_before_converting(tmp_path):
+    """`bench reproduce --ctx` past the checkpoint's trained context was refused only after every conversion; it is
+    now refused first, in the same words, and nothing is written."""
+    pytest.importorskip("matplotlib")
+    import tiny
+
+    from edgemed.cli import cli
+
+    src = tiny.build_model(tmp_path / "src", max_position_embeddings=256)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["bench", "reproduce", str(src), "--quants", "q8_0,f16", "--baselines", "",
+                                 "--ctx", "512", "--phases", "timing", "-o", str(out)])
+    assert r.exit_code == 1, r.output
+    assert "--ctx 512 is more than the 256 tokens q8_0 was trained on" in r.output and "pass --ctx 256 or less" in r.output
+    assert not out.exists()  # no artifact converted

@@ -60,6 +60,20 @@ def source_digest(src: Path, allow_pickle: bool = False) -> str:
     return Checkpoint.open(src, allow_pickle=allow_pickle).digest()
 
 
+def trained_context(src: Path, quants: list[str], onnx: list[str], allow_pickle: bool = False) -> tuple[str, int] | None:
+    """The configuration ``runner.fit_context`` will name and the context it will find in the artifacts ``prepare``
+    makes of ``src``, before any is made: config.json's max_position_embeddings, which the converters write as the
+    GGUF's and the ONNX export's context_length (the first GGUF type, else the first ONNX one, as the configurations
+    are ordered). None without such artifacts or where config.json names none (the conversion then says so)."""
+    from edgemed.converters.source.checkpoint import Checkpoint
+
+    names = [*quants, *(f"onnx-{q}" for q in onnx)]
+    if not names:
+        return None
+    trained = Checkpoint.open(src, allow_pickle=allow_pickle).hparam("max_position_embeddings", required=False)
+    return (names[0], int(trained)) if trained else None
+
+
 #: a ``--quants`` entry ``<quant>-imatrix``: that type quantized with an importance matrix (``--imatrix-from``)
 IMATRIX_SUFFIX = "-imatrix"
 #: a ``--quants`` entry ``<quant>-mmap``: ``<quant>``'s own file, loaded with the file mapped whatever the profile says

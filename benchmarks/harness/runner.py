@@ -95,12 +95,18 @@ def fit_context(settings: Settings, configs: list[Config]) -> Settings:
     if not trained:
         return settings
     name, fewest = min(trained.items(), key=lambda kv: kv[1])
-    if settings.ctx_given and settings.n_ctx > fewest:
-        raise InputError(f"--ctx {settings.n_ctx} is more than the {fewest} tokens {name} was trained on: past them "
-                         "its positions are ones it never saw, and its answers degrade.",
-                         f"pass --ctx {fewest} or less, or leave --ctx out (each phase then takes the bench's default "
-                         f"context, cut to {fewest})")
+    check_ctx(settings, name, fewest)
     return settings.fitted(fewest)
+
+
+def check_ctx(settings: Settings, name: str, trained: int) -> None:
+    """Refuse a --ctx beyond the ``trained`` tokens the configuration ``name`` was trained on, naming a --ctx that
+    fits; ``bench reproduce`` asks it before converting too (``artifacts.trained_context``)."""
+    if settings.ctx_given and settings.n_ctx > trained:
+        raise InputError(f"--ctx {settings.n_ctx} is more than the {trained} tokens {name} was trained on: past them "
+                         "its positions are ones it never saw, and its answers degrade.",
+                         f"pass --ctx {trained} or less, or leave --ctx out (each phase then takes the bench's default "
+                         f"context, cut to {trained})")
 
 
 def plan_tasks(out: Path, configs: list[Config], phases: list[str], settings: Settings) -> list[Task]:

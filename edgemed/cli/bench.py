@@ -313,8 +313,10 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
 
         imatrix_from = resolve(imatrix_from).resolve()
     _require_bench_extra()  # after the arguments, before the conversions: the plots come after every measurement
-    configs = artifacts.prepare(source.resolve(), output, quant_names,
-                                parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type"), base, echo=echo,
+    onnx_types = parse_list(onnx, ONNX_OUTPUT_TYPES, "ONNX type")
+    if settings.ctx_given and (made := artifacts.trained_context(source, quant_names, onnx_types, allow_pickle)):
+        runner.check_ctx(settings, *made)  # a --ctx the artifacts cannot hold, refused before minutes of converting
+    configs = artifacts.prepare(source.resolve(), output, quant_names, onnx_types, base, echo=echo,
                                 imatrix_from=imatrix_from, allow_pickle=allow_pickle)
     results = runner.run(output, configs, settings, chosen, progress=sys.stderr.isatty(), echo=echo,
                          measure=not report_only, force=force)
