@@ -130,11 +130,47 @@ def test_a_name_still_finishing_is_a_409_that_says_to_wait_not_to_remove_it(serv
     assert r.status_code == 200, r.text
 
 
+def _misread_adapter(base, out, *, record, widen: int = 0):
+    """A LoRA adapter for ``base`` whose base record is ``record`` (an int: stored as a number, which edgemed reads as
+    no record and llama.cpp as text) and whose first pair's A is ``widen`` columns wider than the base's weight: a file
+    whose header does not describe what llama.cpp reads, whatever base it names."""
+    import gguf
+    import numpy as np
+
+    from edgemed.formats.gguf_header import BASE_SOURCE_KEY, read_header
+
+    rng, writer = np.random.default_rng(0), gguf.GGUFWriter(str(out), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 8.0)
+    (writer.add_uint32 if isinstance(record, int) else writer.add_string)(BASE_SOURCE_KEY, record)
+    for i, t in enumerate(t for t in read_header(base).tensors if t.name.split(".")[-2] in lora_gguf_kit.TARGETS):
+        n_in, n_out = t.dims
+        writer.add_tensor(f"{t.name}.lora_a", rng.normal(0, 0.02, (4, n_in + (widen if i == 0 else 0))).astype(np.float16))
+        writer.add_tensor(f"{t.name}.lora_b", rng.normal(0, 0.02, (n_out, 4)).astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def test_admin_refusals_name_their_code_and_field_in_words_for_an_http_caller(server, kit, tmp_path):  # noqa: F811
     """Each refusal of POST /admin/adapters: a status, a code, the body field in ``param``, words that never send an
-    HTTP caller to a command-line option; its audit record carries the code. Nothing is added."""
+    HTTP caller to a command-line option; its audit record carries the code. Nothing is added. A file that llama.cpp
+    reads otherwise than its header says (a base record of another type; a tensor of another shape than the base
+    record's base has) is not said to be made for another base: what was read is named."""
+    from edgemed.formats.gguf_header import SOURCE_SHA_KEY, read_header
+
     wrong = lora_gguf_kit.adapter(kit["base"], "wrong", seed=5, base_source_sha256="ab" * 32)
+    numbered = _misread_adapter(kit["base"], tmp_path / "numbered.lora.gguf", record=12345)
+    ours = read_header(kit["base"]).metadata[SOURCE_SHA_KEY]
+    widened = _misread_adapter(kit["base"], tmp_path / "widened.lora.gguf", record=ours, widen=8)
     cases = [  # body, status, code, param, words
+        ({"name": "x", "path": str(numbered)}, 400, "adapter_not_loadable", "path",
+         "edgemed.base.source_sha256 is '12345' to llama.cpp and None to edgemed"),
+        ({"name": "x", "path": str(widened)}, 400, "adapter_not_loadable", "path",
+         "has incorrect shape. Its header names the checkpoint this base was converted from"),
         ({"name": "x", "adapter": "nope"}, 400, "adapter_not_found", "adapter", "'nope' is not an adapter of"),
         ({"name": "x", "adapter": str(kit["radio"])}, 400, "adapter_not_found", "adapter", "is not an adapter of"),
         ({"name": "x", "path": str(tmp_path / "none.lora.gguf")}, 400, "adapter_not_found", "path", "is not a file"),
@@ -158,7 +194,7 @@ def test_admin_refusals_name_their_code_and_field_in_words_for_an_http_caller(se
 def test_an_adapter_file_is_hashed_once_and_one_changed_while_it_loads_is_not_served(kit, tmp_path, monkeypatch):  # noqa: F811
     """The sha256 is taken once, before the load (not per request; not at all where its bundle's verification gave
     it); a file replaced between that hash and the end of the load is refused, since the sha256 would name other bytes."""
-    from edgemed.errors import IntegrityError
+    from edgemed.errors import InputError, IntegrityError
     from edgemed.files import hashing
     from edgemed.runtime import loader
 
@@ -187,6 +223,16 @@ def test_an_adapter_file_is_hashed_once_and_one_changed_while_it_loads_is_not_se
             return loaded
 
         monkeypatch.setattr(loader, "load_adapter", swapped_while_loading)
+        with pytest.raises(IntegrityError, match="changed while it loaded"):
+            b.add_adapter("radio", AdapterSpec(file))
+        assert "radio" not in b.adapters() and "radio" not in b._adapters
+
+        def swapped_and_misread(model, spec):  # a file replaced mid-load reads wrong: the change is what is said
+            shutil.copyfile(kit["cardio"], tmp_path / "other.lora.gguf")
+            os.replace(tmp_path / "other.lora.gguf", file)
+            raise InputError("llama.cpp and edgemed's header reader read the adapter differently.", "copy it again")
+
+        monkeypatch.setattr(loader, "load_adapter", swapped_and_misread)
         with pytest.raises(IntegrityError, match="changed while it loaded"):
             b.add_adapter("radio", AdapterSpec(file))
         assert "radio" not in b.adapters() and "radio" not in b._adapters

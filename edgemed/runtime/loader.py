@@ -144,19 +144,47 @@ def load_model(path: Path | str, load: LoadSettings | None = None, adapters=()):
     return llamacpp.Model(path, settings, tensors=header.tensors)
 
 
+#: llama.cpp's line when it refuses an adapter file (llama-adapter.cpp): the reason, without its guess at the cause
+REFUSED_LINE = r"failed to apply lora adapter: (?P<why>.+?)(?: \(hint: [^)]*\))?\s*$"
+#: what to do with an adapter file whose tensors or metadata do not read as its header says
+DAMAGED_FIX = ("copy the adapter file again and compare its sha256 with the original's, or re-make it for this base "
+               "(`edgemed convert BASE_CHECKPOINT --lora PEFT_ADAPTER --adapter-only`)")
+
+
 def load_adapter(model, adapter):
     """A ``llamacpp.Adapter`` for ``model`` (``adapter``: a path or ``AdapterSpec``), checked against the base first;
-    its base record is read back from llama.cpp."""
+    its base record is read back from llama.cpp.
+
+    What llama.cpp finds wrong once edgemed's checks passed (a tensor's shape, a tensor the base lacks, data past the
+    file's end) says nothing of which base the file was made for: edgemed already compared the base records, so the
+    refusal names what llama.cpp read and never claims another base (llama.cpp's own hint guesses one)."""
+    from edgemed.errors import ModelLoadError
     from edgemed.formats.gguf_header import BASE_SOURCE_KEY, read_header
-    from edgemed.runtime import llamacpp
+    from edgemed.runtime import llamacpp, native_log
 
     spec = _specs([adapter])[0]
     facts = check_adapter(read_header(model.path).metadata, model.path, spec.path)
-    loaded = llamacpp.Adapter(model, spec.path)
-    if loaded.meta(BASE_SOURCE_KEY) != facts.base_source_sha256 or loaded.meta("adapter.type") != "lora":
+    with native_log.watch(REFUSED_LINE) as said:
+        try:
+            loaded = llamacpp.Adapter(model, spec.path)
+        except ModelLoadError as exc:
+            if not said:  # llama.cpp said nothing (its log not routed here): its layer's words stand
+                raise
+            found = ("Its header names the checkpoint this base was converted from as its base, so its tensors are "
+                     "not what that header describes: the file is damaged, or was written wrong."
+                     if facts.base_source_sha256 else
+                     "Its header records no base: it may be made for another model of this architecture, or damaged.")
+            raise ModelLoadError(f"llama.cpp refused the LoRA adapter '{spec.path.name}' for '{model.path.name}': "
+                                 f"{said[-1]['why']}. {found}", DAMAGED_FIX) from exc
+    read = {"adapter.type": (loaded.meta("adapter.type"), "lora"),
+            BASE_SOURCE_KEY: (loaded.meta(BASE_SOURCE_KEY), facts.base_source_sha256)}
+    differ = {key: pair for key, pair in read.items() if pair[0] != pair[1]}
+    if differ:
         loaded.close()
-        raise AdapterError(f"llama.cpp read '{spec.path.name}' differently from edgemed's header reader.",
-                           "copy the adapter again; if it persists, report it with the file")
+        what = "; ".join(f"{key} is {theirs!r} to llama.cpp and {ours!r} to edgemed" for key, (theirs, ours) in differ.items())
+        raise InputError(f"llama.cpp and edgemed's header reader read the adapter '{spec.path.name}' differently ({what}"
+                         "; None: not a string there): the file is damaged or not laid out as edgemed writes adapters, "
+                         "so which base it was made for is not known.", DAMAGED_FIX)
     return loaded
 
 

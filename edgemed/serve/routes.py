@@ -185,7 +185,8 @@ def _refused(srv, exc, field: str):
     model = srv.config.model_id
     if isinstance(exc, AdapterNameTaken):  # added meanwhile
         return _name_taken(exc)
-    if isinstance(exc, AdapterError):  # made for another base (or architecture), or the base has a LoRA merged in
+    if isinstance(exc, AdapterError):  # its header names another base (or architecture), or the base has a LoRA
+        # merged in; a file llama.cpp reads otherwise than its header is an InputError below (damaged, not another base)
         return api.ApiError(400, f"{exc.problem} Fix: send as \"{field}\" an adapter made for '{model}', the model "
                                  "this server runs; this one runs only on the base it was made for.",
                             code="adapter_base_mismatch", param=field)

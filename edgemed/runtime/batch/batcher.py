@@ -356,6 +356,7 @@ class Batcher:
         step to end). ``check`` (``spec`` -> None, or raises): run once the file is loaded and before any request can
         name it; what it raises frees the adapter and propagates (the server's check that the loaded file is the
         verified one). A name served, or removed and still finishing requests, is ``AdapterNameTaken``."""
+        from edgemed.errors import EdgemedError
         from edgemed.runtime.loader import hashed, unchanged
 
         _check_name(name)
@@ -366,7 +367,11 @@ class Batcher:
                 raise self._taken(name)
         spec, before = hashed(_spec_of(spec))  # the whole file read here, not under the lock every step waits for
         with self._step_lock, self._native:
-            loaded = self._load_adapter(name, spec)
+            try:
+                loaded = self._load_adapter(name, spec)
+            except EdgemedError:  # a file written while it loaded reads wrong: that change is what was found
+                unchanged(spec, before)
+                raise
         try:
             unchanged(spec, before)
             if check is not None:
