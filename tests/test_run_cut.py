@@ -102,12 +102,13 @@ def test_chat_with_a_think_cap_answers_as_without_and_says_it_was_cut(smollm2_gg
     assert capped.stdout == hidden.stdout and "(cut at --max-tokens 40" in capped.stderr, capped.output
 
 
+@pytest.mark.parametrize("command", [["run", "-p", "hi"], ["chat"]], ids=["run", "chat"])
 @pytest.mark.parametrize("seed", ["-1", "4294967295", "4294967296"])
-def test_a_seed_that_is_not_a_fixed_seed_is_refused(tmp_path, seed):
+def test_a_seed_that_is_not_a_fixed_seed_is_refused(tmp_path, seed, command):
     """-1 and 2^32 - 1 were both llama.cpp's "random" seed turned into 2^32 - 2, and 2^32 was seed 0, without a word;
-    refused before the model is looked for."""
-    r = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-p", "hi", "--temperature", "0.8",
-                                 "--seed", seed])
+    refused before the model is looked for, by chat as by run."""
+    r = CliRunner().invoke(cli, [command[0], str(tmp_path / "absent.gguf"), *command[1:], "--temperature", "0.8",
+                                 "--seed", seed], input="hi\n/exit\n")
     assert r.exit_code == 1 and f"--seed {seed} is not a fixed seed" in r.output, r.output
     assert "from 0 to 4294967294" in r.output and "does not exist" not in r.output
 
@@ -116,3 +117,15 @@ def test_the_highest_fixed_seed_is_taken_and_named_in_the_json(smollm2_gguf):
     hot = ["-p", "hi", "--temperature", "0.8", "--max-tokens", "8", "--json"]
     top, zero = (json.loads(run(str(smollm2_gguf), *hot, "--seed", seed).stdout) for seed in ("4294967294", "0"))
     assert top["seed"] == 4294967294 and zero["seed"] == 0 and top["reply"] != zero["reply"], (top, zero)
+
+
+def test_chat_samples_with_its_seed_as_run_does(smollm2_gguf):
+    """chat had no --seed: every sampled conversation drew with seed 0. Its first answer is run's with that seed."""
+    hot = ["--system", "Be brief.", "--temperature", "0.8", "--max-tokens", "8", *ARGS]
+    replies = []
+    for seed in ("4294967294", "0"):
+        alone = json.loads(run(str(smollm2_gguf), *hot, "-p", "hi", "--seed", seed, "--json").stdout)["reply"]
+        chat = CliRunner().invoke(cli, ["chat", str(smollm2_gguf), *hot, "--seed", seed], input="hi\n/exit\n")
+        assert chat.exit_code == 0 and f"you> hi\n{alone}\n" in chat.stdout, (alone, chat.output)
+        replies.append(alone)
+    assert replies[0] != replies[1], replies

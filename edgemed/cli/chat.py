@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from edgemed.cli.run import seed_option
+
 
 #: A line holding only this opens, and a second one closes, a message of several lines
 BLOCK = '"""'
@@ -86,6 +88,7 @@ def keep_undecodable_bytes() -> None:
 @click.option("--think", default="hide", show_default=True, help="hide, show, or cap:N tokens of <think>.")
 @click.option("--max-tokens", default=512, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
+@seed_option
 @click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile allows).")
 @click.option("--threads", type=int)
 @click.option("--adapter", "adapters", multiple=True, metavar="FILE|NAME[:SCALE]",
@@ -94,7 +97,7 @@ def keep_undecodable_bytes() -> None:
 @click.option("--no-prefix-cache", is_flag=True,
               help="Compute the whole conversation again every turn (by default the earlier turns' cells are kept "
               "and each turn computes only what is new).")
-def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads, adapters, no_prefix_cache):
+def chat(model, system, profile, think, max_tokens, temperature, seed, n_ctx, threads, adapters, no_prefix_cache):
     """Chat with MODEL. Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D) quits.
     A message of several lines (a pasted note) goes between two lines that hold only three double quotes.
     Ctrl-C while an answer is written stops that answer (the question is dropped, the conversation goes on); at the
@@ -108,6 +111,7 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     from edgemed.packaging.ref import adapter_specs, loaded_as_verified, runnable
     from edgemed.runtime import GenerationSettings
     from edgemed.runtime.chat_template import warm, with_system
+    from edgemed.runtime.engine import check_seed
     from edgemed.phi import no_core_dumps
 
     no_core_dumps()  # the conversation never goes to a core file (nor the template worker's: it inherits this)
@@ -115,15 +119,16 @@ def chat(model, system, profile, think, max_tokens, temperature, n_ctx, threads,
     from edgemed.templates.library import safety_preamble
     from edgemed.templates.think import ThinkPolicy
 
+    check_seed(seed)  # as run's: refused before the model is looked for
     warm()  # the template renderer process starts while the model loads
     keep_undecodable_bytes()
     policy = ThinkPolicy.parse(think)
     ref = runnable(model)
     specs = adapter_specs(ref, adapters)  # FILE[:SCALE], or NAME[:SCALE] of the model's adapters; refused before load
     model = ref.model_path
-    prepared = prepare(model, profile, n_ctx, threads, adapters=specs)
+    prepared = prepare(model, profile, n_ctx, threads, seed, adapters=specs)
     preamble = system or safety_preamble()  # the shipped one: a user folder's template must not change chat's
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature, seed=seed)
     engine = open_with_adapters(model, prepared.load, specs)
     try:
         loaded_as_verified(ref, specs)  # the bytes loaded are the ones verified (a bundle, an installed model)

@@ -12,6 +12,12 @@ from edgemed.cli import echo_json_result, json_flag
 from edgemed.formats.nesting import TooDeep, loads_json
 
 
+#: ``--seed`` of ``run`` and ``chat``: one definition, so both take and check a seed alike (``engine.check_seed``,
+#: called before the model loads)
+seed_option = click.option("--seed", default=0, show_default=True,
+                           help="Sampling seed (with --temperature above 0): the same seed and prompt give the same "
+                           "answer again.")
+
 #: One line of an ``--item-json`` JSONL file (one question and its options) is read up to this many bytes
 MAX_ITEM_LINE_BYTES = 1 << 20
 
@@ -241,7 +247,7 @@ def _stdin_prompt() -> str:
 @click.option("--max-tokens", default=256, show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy (reproducible).")
 @click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@seed_option
 @click.option("--ctx", "n_ctx", type=int, help="Context window (default: the largest the profile's memory budget allows).")
 @click.option("--threads", type=int, help="CPU threads (default: the profile's, usually physical cores).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME|FILE[:SCALE]",
