@@ -473,6 +473,23 @@ def test_an_answer_cut_at_the_answer_length_is_marked_on_copy_and_in_the_transcr
     assert "\nA: Start" not in transcript
 
 
+def test_an_answer_cut_at_the_answer_length_says_so_on_it_and_stays_in_the_conversation(served, script, browser):
+    """The clinician read the cut answer: the next question's conversation holds it as it stands (as chat's does, so
+    "go on" works), and the answer itself says it was cut and kept (a small note under it was all it said)."""
+    script.answer([event("Start with 0.5 mg"), event(" IM, then", finish="length"), usage(100, 24), DONE])
+    page = browser.page(served.url)
+    page.max_tokens(24)
+    page.ask("Adrenaline dose in anaphylaxis?")
+    answer = page.wait_answer(10)
+    warning = answer.find_element("css selector", ".ending")
+    assert warning.is_displayed() and "incomplete" in warning.text and "stays in the conversation" in warning.text
+    assert page.find("#prompt").get_attribute("value") == ""  # answered: the box is free for the next question
+    script.answer(WHOLE)
+    page.ask("Go on.")
+    page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
+    assert assistant_turns(script.bodies[-1]) == ["Start with 0.5 mg IM, then"]
+
+
 def test_a_form_answer_cut_at_the_answer_length_says_so_not_unformatted(served, script, browser):
     """A form's reply cut at the answer length was called not in the form's format ("ask again", which gives the same
     cut), and showed the server's fix for the CLI ("raise max_tokens (--max-tokens)")."""

@@ -278,7 +278,9 @@
   // How a streamed answer ended (``stream`` returns the key) and what the page makes of it: the note under the answer
   // (and its data-done), the status line, a warning on the answer itself, the mark on the answer in the saved
   // transcript and on Copy, whether there is an answer at all, and whether the turn goes back to the model as the
-  // conversation so far (only an answer that arrived whole does: the model would read anything else as its own).
+  // conversation so far: an answer that arrived whole does, and so does one cut at the answer length, as it stands
+  // (the clinician read it, told it was cut, and may ask the model to go on: the model's context is what was shown,
+  // as in `edgemed chat`); no other does (the model would read it as its own answer, and the clinician asks again).
   const ASK_AGAIN_LONGER = "the reasoning reached the answer length limit; ask again with a larger answer length";
   const CONTEXT_FULL = "the conversation filled the model's context";
   const QUESTION_FULL = "the question filled the model's context";
@@ -286,6 +288,8 @@
   const ENDINGS = {
     done: { note: "", status: "Answered.", history: true },
     length: { note: LENGTH_CUT, mark: "CUT AT THE ANSWER LENGTH", status: "Answered, up to the answer length limit.",
+              warn: "Cut at the answer length limit: what is shown is incomplete, and stays in the conversation as " +
+                    "it stands. Ask the model to go on, or raise the answer length.",
               history: true },
     // a form's answer cut at the length asked for: the server reads no answer from it, whatever it holds so far
     formLength: { note: LENGTH_CUT + ": raise the answer length and send again", mark: "CUT AT THE ANSWER LENGTH",
