@@ -68,6 +68,29 @@ def test_accuracy_settings_without_evaluation_data_are_refused(tmp_path, smollm2
     assert r.exit_code == 0, r.output
 
 
+
+def test_accuracy_settings_with_the_accuracy_phase_left_out_are_refused(tmp_path, smollm2_gguf):
+    """--eval-n, --eval-context and --eval-score both with --skip-accuracy, or with a --phases list without accuracy,
+    were taken and measured nothing. The data alone with the phase left out is still taken."""
+    qa = tmp_path / "mcq.jsonl"  # the 300 items --eval-n's default draws
+    qa.write_text("".join(json.dumps({**MCQ, "realidx": i}) + "\n" for i in range(300)), encoding="utf-8")
+    out = tmp_path / "out"
+    quick = [str(smollm2_gguf), "-o", str(out), "--report-only", "--threads", "1", "--eval", str(qa)]
+    cases = [
+        (["--skip-accuracy", "--eval-n", "1"], "--eval-n 1", "--skip-accuracy leaves", "drop --skip-accuracy"),
+        (["--skip-accuracy", "--eval-context"], "--eval-context", "--skip-accuracy leaves", "drop --skip-accuracy"),
+        (["--phases", "timing", "--eval-score", "both"], "--eval-score both", "--phases leaves",
+         "add accuracy to --phases"),
+        (["--phases", "timing", "--eval-n", "1"], "--eval-n 1", "--phases leaves", "add accuracy to --phases"),
+    ]
+    for extra, flag, why, measure in cases:
+        r = _bench("run", *quick, *extra)
+        assert r.exit_code == 1 and f"{flag} sets how the accuracy phase" in r.output, (extra, r.output)
+        assert why in r.output and f"Fix: leave {flag.split()[0]} out, or {measure}" in r.output, (extra, r.output)
+        assert "Traceback" not in r.output and not out.exists(), extra
+    r = _bench("run", *quick, "--skip-accuracy", "--no-eval-context", "--eval-score", "logits")
+    assert r.exit_code == 0, r.output
+
 def test_ctx_is_the_context_of_every_phase(tmp_path):
     from edgemed.cli.bench import _settings
 

@@ -150,25 +150,37 @@ def _check_ctx(n_ctx: int | None) -> None:
                          "pass e.g. --ctx 2048 (room for the prompt and --max-tokens), or leave --ctx out")
 
 
-def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str]) -> list[str]:
+def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str], eval_n: str | None = None) -> list[str]:
     """The phases to measure: those named in ``--phases`` (each refused, with its fix, where it has nothing to
-    measure), else every phase that applies. ``names``: the configurations' names (divergence needs the reference)."""
+    measure), else every phase that applies. ``names``: the configurations' names (divergence needs the reference).
+    An accuracy setting (``eval_n``: ``--eval-n`` as given) with the accuracy phase left out is refused too."""
     from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, parse_list
     from edgemed.errors import InputError
 
     if not phases:
-        return [p for p in PHASES if p != "accuracy" or (settings.evals and not skip_accuracy)]
-    chosen = parse_list(phases, PHASES, "phase")
-    if "accuracy" in chosen and skip_accuracy:
-        raise InputError("--phases names accuracy and --skip-accuracy leaves it out.", "pass one of the two")
-    if "accuracy" in chosen and not settings.evals:
-        raise InputError("--phases names accuracy, and no evaluation data was given: it would measure nothing.",
-                         "pass --eval FILES or --eval-data DIR, or leave accuracy out of --phases")
-    if "divergence" in chosen and REFERENCE not in names:
-        raise InputError(f"--phases names divergence, which compares each configuration with {REFERENCE}'s logits, "
-                         f"and this run has no {REFERENCE} configuration: it would measure nothing.",
-                         f"measure with `edgemed bench reproduce` and {REFERENCE} in --quants, or leave divergence "
-                         "out of --phases")
+        chosen = [p for p in PHASES if p != "accuracy" or (settings.evals and not skip_accuracy)]
+    else:
+        chosen = parse_list(phases, PHASES, "phase")
+        if "accuracy" in chosen and skip_accuracy:
+            raise InputError("--phases names accuracy and --skip-accuracy leaves it out.", "pass one of the two")
+        if "accuracy" in chosen and not settings.evals:
+            raise InputError("--phases names accuracy, and no evaluation data was given: it would measure nothing.",
+                             "pass --eval FILES or --eval-data DIR, or leave accuracy out of --phases")
+        if "divergence" in chosen and REFERENCE not in names:
+            raise InputError(f"--phases names divergence, which compares each configuration with {REFERENCE}'s logits, "
+                             f"and this run has no {REFERENCE} configuration: it would measure nothing.",
+                             f"measure with `edgemed bench reproduce` and {REFERENCE} in --quants, or leave divergence "
+                             "out of --phases")
+    if "accuracy" not in chosen and settings.evals:  # without data, ``_settings`` refused these already
+        # the accuracy phase's own settings (their defaults are not refused: a script may spell them out)
+        given = [(f"--eval-n {eval_n}", bool(eval_n)), ("--eval-context", settings.eval_context),
+                 ("--eval-score both", settings.eval_score != "logits")]
+        flag = next((f for f, on in given if on), None)
+        if flag is not None:
+            why, measure = (("--skip-accuracy leaves", "drop --skip-accuracy") if skip_accuracy else
+                            ("--phases leaves", "add accuracy to --phases"))
+            raise InputError(f"{flag} sets how the accuracy phase draws, asks or scores its items, and {why} that phase "
+                             "out: it would measure nothing.", f"leave {flag.split()[0]} out, or {measure}")
     return chosen
 
 
@@ -251,7 +263,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
                          eval_score, eval_threads, seed, scenario, eval_replies)
     out = output or Path(f"bench-{config.name}")
     _require_bench_extra()  # after the arguments and the model are checked, before anything is measured or written
-    chosen = _phases(phases, skip_accuracy, settings, [config.name])
+    chosen = _phases(phases, skip_accuracy, settings, [config.name], eval_n)
     results = runner.run(out, [config], settings, chosen,
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
                          force=force, check=_still_verified(verified) if verified is not None else None)
@@ -305,7 +317,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario, eval_replies)
     quant_names = artifacts.parse_quants(quants)
-    chosen = _phases(phases, skip_accuracy, settings, quant_names)  # before the conversions
+    chosen = _phases(phases, skip_accuracy, settings, quant_names, eval_n)  # before the conversions
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     if imatrix_from is not None:
