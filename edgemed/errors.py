@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import math
+from dataclasses import dataclass
 
 
 class EdgemedError(Exception):
@@ -156,6 +157,27 @@ def output_error(exc: OSError) -> OutputError | None:
     problem, fix = DISK_REFUSED[exc.errno]
     what = f"'{exc.filename}'" if exc.filename is not None else "a file"
     return OutputError(problem.format(what=what), fix)
+
+
+@dataclass
+class Done:
+    """What a command had made take effect when a stop (Ctrl-C, SIGTERM) came after its commit point: ``what`` in a
+    clause ("'tiny' was installed: ..."), ``left`` what the stop cut short and what finishes it, ``result`` the
+    document its ``--json`` prints when it finishes (None: it prints none)."""
+
+    what: str
+    left: str
+    result: dict | None = None
+
+
+def stopped_after(stop: BaseException, done: Done) -> None:
+    """Mark ``stop`` as having come once ``done`` took effect: the CLI reports that, not a change that never was."""
+    stop.edgemed_done = done
+
+
+def done_before(stop: BaseException) -> Done | None:
+    """What ``stop`` came after (``stopped_after``); None: it came before anything took effect."""
+    return getattr(stop, "edgemed_done", None)
 
 
 def retry_seconds(retry_after: float) -> int:

@@ -48,6 +48,26 @@ def killed_at(fn, n: int, log: Path | None = None) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
+#: ``edgemed`` whose injected kill (``$EDGEMED_TEST_KILL_AT``) is a SIGTERM: a service manager's stop, which the CLI
+#: turns into ``Terminated`` where the command is, rather than SIGKILL's end with nothing run after it
+_TERMINATED_CLI = ("import signal, types\n"
+                   "import edgemed.files.debris as debris\n"
+                   "debris.signal = types.SimpleNamespace(SIGKILL=signal.SIGTERM)\n"
+                   "from edgemed.cli import main\nmain()\n")
+
+
+def terminated_at(args: list[str], n: int, log: Path | None = None):
+    """Run ``edgemed ARGS`` in a child process that sends itself SIGTERM at its n-th filesystem step (0: never);
+    returns the ``subprocess.CompletedProcess`` (its stdout and stderr as text)."""
+    import subprocess
+
+    from edgemed import env
+
+    extra = {env.KILL_AT_VAR: str(n), **({env.STEP_LOG_VAR: str(log)} if log is not None else {})}
+    return subprocess.run([sys.executable, "-c", _TERMINATED_CLI, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **extra}, check=False)
+
+
 def steps(fn, tmp: Path) -> list[str]:
     """The filesystem steps a clean run of ``fn`` takes (it must succeed)."""
     log = tmp / f"steps-{os.getpid()}-{len(list(tmp.glob('steps-*')))}.log"

@@ -730,3 +730,47 @@ def test_downloads_no_pull_touched_for_a_week_are_dropped(tmp_path, monkeypatch)
         pass
     assert sorted(p.name for p in root.iterdir()) == sorted([fresh, f"{fresh}.part", "notes.txt", f"{old}.bak", "lock",
                                                              oci_pull.SEEN])
+
+
+def test_a_stop_at_every_step_from_the_swap_on_reports_the_pull_it_installed(registry, tmp_path, monkeypatch, trust,
+                                                                               maker_key):
+    """SIGTERM once the store had swapped the pulled bundle in gave `pull --json` an {"ok": false} document and "nothing
+    half-written was left behind", while the model was installed: fleet tooling took the pull for a failure. Stopped
+    at the swap and at every step after it (the store's settling, the pull's clean-up of its downloads), the report
+    matches the store: not installed and a failure document, or installed and the pull's result marked ``stopped``
+    (each kind of step once: a pull's steps take two seconds each here)."""
+    import signal
+
+    src = bundle_kit.inputs(tmp_path / "src")
+    _pack_dir(src, tmp_path / "b", "tiny", maker_key[0])
+    ref = registry.ref("clinic/stopped:v1")
+    _cli("push", tmp_path / "b", ref)
+    log = tmp_path / "steps.log"
+    monkeypatch.setenv("EDGEMED_HOME", str(trust(tmp_path / "count")))
+    assert crash_kit.terminated_at(["pull", ref, "--json"], 0, log).returncode == 0
+    names = log.read_text().splitlines()
+    swap = next(i for i, s in enumerate(names) if s.split()[1] == "atomic.rename" and "store.stage-manifest" in
+                " ".join(names[:i]))  # the fresh install's one rename into models/
+    assert "oci.forget-download" in " ".join(names[swap:]), names[swap:]
+    kinds = {}  # the first step of each kind from the swap on, and the last step: the pull's clean-up repeats its own
+    for n in range(swap + 1, len(names) + 1):
+        kinds.setdefault(names[n - 1].split()[1], n)
+    outcomes = set()
+    for n in sorted({*kinds.values(), len(names)}):
+        home = trust(tmp_path / f"home-{n}")
+        monkeypatch.setenv("EDGEMED_HOME", str(home))
+        proc = crash_kit.terminated_at(["pull", ref, "--json"], n)
+        where, err = names[n - 1], proc.stderr
+        assert proc.returncode == -signal.SIGTERM and "Traceback" not in err, (where, err[-2000:])
+        doc = json.loads(proc.stdout)
+        if _models(home) == ["tiny"]:
+            outcomes.add("installed")
+            assert doc["name"] == "tiny" and doc["stopped"] == "SIGTERM" and doc["unfinished"] and "ok" not in doc, (where, doc)
+            assert doc["origin"].startswith(ref.split(":v1")[0] + "@sha256:"), doc
+            assert "Stopped (SIGTERM) after 'tiny' was installed" in err and "nothing half-written" not in err, err
+            _cli("verify", "tiny", "--full")
+        else:
+            outcomes.add("absent")
+            assert doc["ok"] is False and doc["error"] == "Terminated", (where, doc)
+            assert "nothing half-written was left behind" in err, (where, err)
+    assert outcomes == {"absent", "installed"}, names[swap:]  # the stops straddle the commit point

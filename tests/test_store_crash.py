@@ -243,3 +243,43 @@ def test_a_forked_child_counts_its_steps_from_one_whatever_its_parent_counted(tm
     log = tmp_path / "child.log"
     assert crash_kit.killed_at(lambda: [step(f"child-{i}") for i in range(3)], 2, log) == KILLED
     assert log.read_text().splitlines() == ["1 child-0", "2 child-1"]
+
+
+def test_a_stop_at_every_step_from_the_swap_on_says_which_version_is_installed(bundles, tmp_path, monkeypatch):
+    """SIGTERM once `install --force` had swapped the new version in said "nothing half-written was left behind",
+    while the new version was installed: fleet tooling took the update for a failure. Stopped at the swap and at every
+    step after it, the report matches the store: the old version with nothing left behind, or the new one installed
+    and the clean-up the stop cut short. The process dies by SIGTERM either way (a clean stop to a service manager)."""
+    import os
+    import signal
+
+    from edgemed.packaging.store_files import manifest_sha256
+
+    def start(home):  # 'old' installed over 'new', which is kept for rollback
+        monkeypatch.setenv("EDGEMED_HOME", str(home))
+        Store().install(bundles["new"][0])
+        Store().install(bundles["old"][0], force=True)
+
+    update = ["install", bundles["new"][0], "--force"]
+    start(tmp_path / "count")
+    log = tmp_path / "steps.log"
+    assert crash_kit.terminated_at(update, 0, log).returncode == 0
+    names = log.read_text().splitlines()
+    swap = next(i for i, s in enumerate(names) if s.split()[1] in ("atomic.exchange", "atomic.aside"))
+    assert len(names) - swap > 3, names
+    outcomes = set()
+    for n in range(swap + 1, len(names) + 1):
+        start(tmp_path / f"home-{n}")
+        proc = crash_kit.terminated_at(update, n)
+        where, err = names[n - 1], proc.stderr
+        assert proc.returncode == -signal.SIGTERM and "Traceback" not in err, (where, err[-2000:])
+        installed = {_sha(bundles["old"][1]): "old", _sha(bundles["new"][1]): "new"}[manifest_sha256(Store().models / "tiny")]
+        outcomes.add(installed)
+        if installed == "new":
+            assert "Stopped (SIGTERM) after 'tiny' was installed: sha256:" in err and "Not finished: " in err, (where, err)
+            assert "nothing half-written" not in err, (where, err)
+        else:
+            assert "Stopped (SIGTERM); nothing half-written was left behind." in err, (where, err)
+        assert os.environ["EDGEMED_HOME"].endswith(f"home-{n}") and _verify().exit_code == 0, where
+        assert Store().record("tiny")["manifest_sha256"] == _sha(bundles[installed][1]), where
+    assert outcomes == {"old", "new"}, names[swap:]  # the stops straddle the commit point

@@ -31,7 +31,8 @@ _JSON_ASKED, _JSON_PRINTED, _JSON_TYPED = "edgemed.json", "edgemed.json-printed"
 def json_flag(help_text: str | None = None):
     """The ``--json`` option. With it, a failure is also printed to stdout as one JSON object, ``{"ok": false,
     "error": TYPE, "problem": ..., "fix": ...}``, so a script reading stdout never gets an empty document: one edgemed
-    reports (exit 1), a usage error (exit 2: ``--seed 1.5``, an unknown option), a stop (SIGTERM, Ctrl-C); the message
+    reports (exit 1), a usage error (exit 2: ``--seed 1.5``, an unknown option), a stop (SIGTERM, Ctrl-C) before the
+    command's change took effect (after it: its result, marked ``stopped``, ``_stopped``); the message
     still goes to stderr and the exit status is the same. Eager: it is seen before any other option's check can
     fail; an option the parse cannot read at all is caught by ``LazyGroup.resolve_command``'s look at the words."""
 
@@ -95,7 +96,8 @@ COMMANDS: dict[str, str] = {
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager's or ``kill``'s stop), raised where the command is, so it unwinds as Ctrl-C does:
-    its own temporary files go, and whatever it was replacing stays as it was."""
+    its own temporary files go, and whatever it was replacing stays as it was (or, once the new one is in, the
+    report says so: ``_stopped``)."""
 
 
 def _terminated(signum, frame):
@@ -174,18 +176,17 @@ class LazyGroup(click.Group):
             _json_failure(ctx, exc)
             raise
         except Terminated as exc:
-            _json_failure(ctx, exc, "Stopped (SIGTERM) before it finished.")
-            click.echo("\nStopped (SIGTERM); nothing half-written was left behind.", err=True)
-            # Die by the signal, as without a handler: a service manager counts that as a clean stop (an exit status
-            # of 143 would be a failure to systemd), and a shell still sees 143
+            _stopped(ctx, exc, "Stopped (SIGTERM)", "Stopped (SIGTERM) before it finished.")
+            # Die by the signal, as without a handler, also when the change had taken effect (``_stopped``): a service
+            # manager counts that as a clean stop (an exit status of 143 would be a failure to systemd), and a shell
+            # still sees 143
             sys.stdout.flush()
             sys.stderr.flush()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             sys.exit(128 + signal.SIGTERM)  # reached only where the signal is ignored (PID 1 in a container)
         except KeyboardInterrupt as exc:
-            _json_failure(ctx, exc, "Interrupted (Ctrl-C) before it finished.")
-            click.echo("\nInterrupted; nothing half-written was left behind.", err=True)
+            _stopped(ctx, exc, "Interrupted", "Interrupted (Ctrl-C) before it finished.")
             sys.exit(130)
         finally:
             if main:
@@ -201,6 +202,31 @@ def cli(verbose: int) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def _stopped(ctx, stop: KeyboardInterrupt, said: str, problem: str) -> None:
+    """Say what a stop (``said``: how it came) left. Before the command's change took effect, nothing: its own
+    temporary files went, and ``--json`` prints the failure document (``problem``). After it (the stage that passed
+    its commit point marked the stop: ``errors.Done``, e.g. a pull or install killed once the new version was swapped
+    in), what took effect and what was cut short; ``--json`` prints the command's result document with ``stopped``
+    and ``unfinished`` added, never a failure.
+
+    The exit status stays the stop's either way (death by SIGTERM, 130 for Ctrl-C): the process was stopped, and a
+    service manager or shell must see the stop it asked for whatever instant it landed on. What took effect is told
+    by the words and the document; a script reading ``--json`` sees the install, and running the same pull again
+    finds the bundle installed and finishes the clean-up."""
+    from edgemed.errors import done_before
+    from edgemed.formats.terminal_text import shown_prose
+
+    done = done_before(stop)
+    if done is None:
+        _json_failure(ctx, stop, problem)
+        click.echo(f"\n{said}; nothing half-written was left behind.", err=True)
+        return
+    if ctx.meta.get(_JSON_ASKED) and not ctx.meta.get(_JSON_PRINTED):
+        click.echo(json.dumps({**(done.result or {"done": done.what}), "stopped": "SIGTERM" if isinstance(stop, Terminated)
+                               else "Ctrl-C", "unfinished": done.left}, indent=2))
+    click.echo(shown_prose(f"\n{said} after {done.what}. Not finished: {done.left}.", ""), err=True)
 
 
 def _printable(exc: Exception) -> str:

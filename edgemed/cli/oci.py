@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgemed.cli import json_flag
+from edgemed.cli import echo_json_result, json_flag
 from edgemed.formats.terminal_text import shown
 
 
@@ -82,7 +82,7 @@ def pull(source, name, key, force, allow_signer_change, allow_downgrade, insecur
     r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force,
                 allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade)
     if as_json:
-        click.echo(json.dumps(r.to_dict(), indent=2))
+        echo_json_result(json.dumps(r.to_dict(), indent=2))  # a stop after it adds no failure document
         return
     if r.already_installed:
         click.echo(shown(f"{r.name} is already installed from this bundle ({r.origin}); nothing was changed "

@@ -58,7 +58,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgemed import env
-from edgemed.errors import EdgemedError, IntegrityError, OutputError, SignatureError, StoreError, output_error
+from edgemed.errors import (Done, EdgemedError, IntegrityError, OutputError, SignatureError, StoreError, done_before,
+                             output_error, stopped_after)
 from edgemed.files import flocks
 from edgemed.files.debris import scratch_dir, step, sweep
 from edgemed.files.hashing import BLOCK
@@ -198,7 +199,7 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
     root = downloads_dir()
     stats = Pulled(name="", ref=target, origin=str(origin), files=len(layers), bytes_downloaded=0, bytes_resumed=0,
                    blobs_in_store=0, signed_by=None)
-    with _exclusive(root), scratch_dir(root, "pull") as stage:
+    with _stop_told(stats, root), _exclusive(root), scratch_dir(root, "pull") as stage:
         fetched: list[Path] = []
 
         def get(x: oci.Layer) -> None:
@@ -249,15 +250,36 @@ def pull(target: str, *, name: str | None = None, insecure: bool = False, public
         _check_space(root, store.root, [x for x in rest if x not in held], held)
         for x in rest:
             get(x)
-        orders: list[release_order.Order] = []
         repair = stats.repaired is not None  # the same bundle over its damaged copy: nothing else is replaced
-        target_name, man, signer = store.install(stage, name=name, public_key=public_key, force=force or repair,
-                                                 origin=str(origin), allow_signer_change=allow_signer_change,
-                                                 allow_downgrade=allow_downgrade, on_order=orders.append)
-        stats.release = orders[-1] if orders else None
+        stats.name, _, stats.signed_by = store.install(stage, name=name, public_key=public_key, force=force or repair,
+                                                       origin=str(origin), allow_signer_change=allow_signer_change,
+                                                       allow_downgrade=allow_downgrade,
+                                                       on_order=lambda order: setattr(stats, "release", order))
         _drop_downloads(root, store, layers, fetched)  # the store holds its own copy now
-    stats.name, stats.signed_by = target_name, signer
-    return stats
+        return stats
+
+
+@contextlib.contextmanager
+def _stop_told(stats: Pulled, root: Path) -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM) once the store has the bundle (``Store.install`` marks a stop after its swap so;
+    ``stats.name`` is set once it returned, or found the bundle installed) goes on marked with the pull's result, so
+    the command reports the model installed and the clean-up it cut short, never a failed pull."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        installed = done_before(stop)
+        if installed is None and not stats.name:
+            raise
+        if installed is not None:  # stopped in the store, past its swap
+            stats.name, stats.signed_by = installed.result["name"], installed.result["signed_by"]
+            what, left = f"{installed.what} from {stats.origin}", installed.left + "; "
+        elif stats.already_installed:
+            what, left = f"'{stats.name}' was found holding {stats.origin} already (nothing was changed)", ""
+        else:
+            what, left = f"'{stats.name}' was installed from {stats.origin}", ""
+        left += f"the clean-up of the pull's downloads in {root} (the next pull does it)"
+        stopped_after(stop, Done(what, left, stats.to_dict()))
+        raise
 
 
 def _forget(fetched: list[Path]) -> None:

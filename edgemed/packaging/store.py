@@ -38,7 +38,9 @@ journal goes last. Every store operation settles a journal first; readers settle
 that no live operation holds, and read a live one through, or a dead one they cannot settle (a store they cannot
 write: a full disk, a read-only mount, another account's store; a warning says so, and writers refuse). Readers take no lock; one whose
 read fails (a swap came between its reads of the index, the manifest and the files) reads
-again holding the lock shared, under which nothing is swapped (``Store.verify``, ``list``).
+again holding the lock shared, under which nothing is swapped (``Store.verify``, ``list``). A stop (Ctrl-C, SIGTERM)
+that comes once an install or rollback has swapped ``models/<name>`` cannot undo it: it goes on marked with the
+version now installed and what it cut short (``_stop_told``), which the command reports instead of "nothing changed".
 
 Update and rollback: an install over an installed model records the old record as the new
 one's ``previous``; rolling forward then moves the replaced copy (the aside, or the stage
@@ -83,7 +85,8 @@ from edgemed.files.atomic import step, swap_in, write_text
 from edgemed.files.debris import debris_path, discard, is_debris, owned, sweep
 from edgemed.files.durable import sync_folder, sync_tree
 from edgemed.files.state import require_folder
-from edgemed.errors import EdgemedError, InputError, IntegrityError, OutputError, StoreError, output_error
+from edgemed.errors import (Done, EdgemedError, InputError, IntegrityError, OutputError, StoreError, output_error,
+                             stopped_after)
 from edgemed.packaging.bundle import DAMAGED, REINSTALL, Verified, read_manifest, verify_dir
 from edgemed.packaging.digest import VerifiedCache, copy_hashed, file_digest
 from edgemed.packaging.manifest import MANIFEST, FileEntry, Manifest, check_name
@@ -226,6 +229,36 @@ class Store:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _stop_told(self, verb: str) -> Iterator[dict]:
+        """Around an install or a rollback, which names its swap in the dict yielded (``name``, ``record``) before it
+        makes it (and sets ``cleaned`` once it collected the garbage): a stop (Ctrl-C, SIGTERM) that comes once ``models/<name>`` holds that record's manifest cannot undo
+        it (settling rolls it forward), so the stop goes on marked with what took effect (``errors.stopped_after``)
+        and what it cut short, for the command to report the model it installed, not a change that never was."""
+        swap: dict = {}
+        try:
+            yield swap
+        except KeyboardInterrupt as stop:
+            name, record = swap.get("name"), swap.get("record")
+            with contextlib.suppress(OSError):
+                if record is not None and manifest_sha256(self.models / name) == record["manifest_sha256"]:
+                    stopped_after(stop, self._done(name, record, verb, swap.get("cleaned", False)))
+            raise
+
+    def _done(self, name: str, record: dict, verb: str, cleaned: bool) -> Done:
+        """What an install or rollback of ``record`` as ``name`` left when a stop came after its swap."""
+        digest = "sha256:" + record["manifest_sha256"]
+        left = [] if cleaned else [("the clean-up of its staging folder and of the files no model uses any more (the "
+                                    "next install, pull, rollback or remove does it)")]
+        if os.path.lexists(self.journal_path):  # every reader reads the new version through it already
+            kept = ", keeping the version it replaced for rollback" if record.get("previous") else ""
+            left.insert(0, f"settling its journal (recording it in {self.index_path.name}{kept}; the next edgemed "
+                           "command that reads the store does it)")
+        version = f"version {record['version']} ({digest[:19]})" if record.get("version") else digest[:19]
+        return Done(f"'{name}' {verb} {version}", "; ".join(left) or "nothing the store needs (it was releasing its lock)",
+                    {"name": name, "version": record.get("version"), "digest": digest,
+                     "signed_by": record.get("signed_by")})
 
     def _waiting(self) -> str:
         return f"waiting for another edgemed command to finish with the store in {self.root} (one change at a time)"
@@ -499,7 +532,7 @@ class Store:
             raise InputError(f"Bundle '{bundle}' does not exist.", "pass a .edgemed file or bundle directory made by `edgemed pack`")
         signer: dict = {}
 
-        with self.locked(), owned(self.tmp):
+        with self._stop_told("was installed:") as swap, self.locked(), owned(self.tmp):
             self._raw_index()  # a damaged index is refused before anything is staged or swapped
             stage = debris_path(self.tmp, "install")
             step("store.stage")
@@ -583,14 +616,16 @@ class Store:
             except BaseException:
                 discard(stage)
                 raise
+            swap.update(name=target, record=record)  # a stop once it is in place reports it (``_stop_told``)
             try:  # from here on the journal decides, by the same rule after success, an error or a kill
                 swap_in(stage, self.models / target, aside)
             finally:
                 self._settle()
             self._collect_garbage()
-        self.cache.forget_under(self.models / target)
-        self.cache.save()
-        return target, man, signer.get("key_id")
+            swap["cleaned"] = True
+            self.cache.forget_under(self.models / target)
+            self.cache.save()
+            return target, man, signer.get("key_id")
 
     def _holds(self, man: Manifest, source: Path | None) -> set[str]:
         """The files of ``man`` whose blob the store holds already, which an install links instead of copying (an
@@ -638,7 +673,7 @@ class Store:
         one is kept in its place, so a second rollback returns to it. Returns (record now installed, record kept)."""
         from edgemed.packaging import trust
 
-        with self.locked(), owned(self.tmp):
+        with self._stop_told("was rolled back to") as swap, self.locked(), owned(self.tmp):
             check_name(name)
             current = split_index(self._raw_index())[0].get(name)
             if current is None:
@@ -676,14 +711,16 @@ class Store:
             except BaseException:
                 discard(stage)
                 raise
+            swap.update(name=name, record=record)
             try:  # from here on the journal decides, as for an install
                 swap_in(stage, self.models / name, aside)
             finally:
                 self._settle()
             self._collect_garbage()
-        self.cache.forget_under(self.models / name)
-        self.cache.save()
-        return record, record["previous"]
+            swap["cleaned"] = True
+            self.cache.forget_under(self.models / name)
+            self.cache.save()
+            return record, record["previous"]
 
     def _dedupe(self, stage: Path, man: Manifest) -> None:
         """Replace each staged file by a link to its blob (creating the blob if new)."""
