@@ -2,6 +2,7 @@
 
 - integer / bool dtypes where weights are expected are refused when the checkpoint is read;
 - NaN / infinite weights are refused while tensors stream (with --no-parity too), naming the tensor;
+- a finite weight no GGUF type holds (F64 past F32's range) is the checkpoint's to fix, not a wider type's;
 - quantized outputs are gated: finite logits and top-1 agreement >= parity.TOP1_GATE;
 - a quantizer failure says what went wrong (llama.cpp's own error line), not "check disk space".
 """
@@ -262,3 +263,38 @@ def test_quantize_failure_reports_llama_cpp_reason_not_disk_space(bf16_model, tm
         quantize(f16, tmp_path / "q.gguf", "q4_0")
     text = str(info.value)
     assert "disk" not in text.lower() and "NaN" in text and "llama.cpp said:" in text
+
+
+@pytest.mark.parametrize("tensor, out_type", [(TENSOR, "f16"), (TENSOR, "bf16"), (TENSOR, "q8_0"),
+                                              ("model.layers.0.self_attn.q_proj.weight", "f32")])  # q: laid out first
+def test_an_f64_weight_beyond_f32_names_the_checkpoint_not_a_wider_type(tmp_path, tensor, out_type):
+    """No GGUF type holds a value past F32's range (BF16 has F32's): the advice to convert to bf16 or f32 could not
+    be followed, and a quantized conversion does not try an F32 intermediate first."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tiny.build_model(tmp_path / "ckpt", "llama")
+    tensors = {k: v.to(torch.float64) for k, v in load_file(ckpt / "model.safetensors").items()}
+    tensors[tensor].view(-1)[3] = 1e39  # finite in F64
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    said = []
+    with pytest.raises(CheckpointError) as info:
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type=out_type, parity=False), echo=said.append)
+    assert f"'{tensor}' holds values beyond F32's range" in info.value.problem
+    assert "no GGUF type holds" in info.value.problem and "NaN" not in info.value.problem
+    assert info.value.fix.startswith("fix the checkpoint") and "--quant" not in info.value.fix
+    assert not any("writing the intermediate as F32" in s for s in said)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_bf16_overflow_is_sent_to_f32_only(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tiny.build_model(tmp_path / "ckpt", "llama")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors[TENSOR] = tensors[TENSOR].clone()
+    tensors[TENSOR].view(-1)[3] = 3.4e38  # F32 holds it, BF16's largest is 3.3895e38
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="beyond BF16's range") as info:
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type="bf16", parity=False), echo=lambda s: None)
+    assert info.value.fix.startswith("convert to f32 (--quant f32)")

@@ -196,16 +196,33 @@ class BeyondRange(CheckpointError):
         self.tensor = tensor
 
 
-def _refuse_nonfinite(hf_name: str, out_type_name: str, source, merged: bool) -> CheckpointError:
+#: the float types a cast may overflow, and the wider types whose range holds more (F32: the widest GGUF holds)
+_WIDER = {"F16": "bf16 or f32 (--quant bf16 / --quant f32)", "BF16": "f32 (--quant f32)"}
+
+
+def _refuse_nonfinite(hf_name: str, out_type_name: str, ckpt: Checkpoint, written, merged: bool) -> CheckpointError:
+    """Why ``written`` (tensor ``hf_name`` merged, laid out and about to be cast to ``out_type_name``) has a NaN or an
+    infinity there: a stored value beyond F32's range (an F64 checkpoint's), which no GGUF type holds; a finite value
+    the cast's type cannot hold (``BeyondRange``: a wider type can); or a NaN / infinity stored or merged."""
     import torch
 
-    src = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.asarray(source))
-    if bool(torch.isfinite(src).all()):  # only on the failure path: finite source, overflow in the cast
-        limit = {"F16": torch.float16, "BF16": torch.bfloat16}.get(out_type_name, torch.float32)
+    stored = next(ckpt.iter_tensors([hf_name]))[1]  # read again on this failure path, not held through every write
+    f32_max = float(torch.finfo(torch.float32).max)
+    if stored.dtype == torch.float64 and bool(torch.isfinite(stored).all()) and bool((stored.abs() > f32_max).any()):
+        return CheckpointError(
+            f"Tensor '{hf_name}' holds values beyond F32's range (|x| > {f32_max:g}), which no GGUF type holds "
+            "(F32 is the widest, and BF16 has no more range), so every output type would hold infinity there.",
+            "fix the checkpoint: re-copy it from its source; if the copy is intact, that weight is broken (a diverged "
+            "training run, or a bad edit of the file), so re-save the model with its weights within F32's range",
+        )
+    del stored
+    src = written if isinstance(written, torch.Tensor) else torch.from_numpy(np.asarray(written))
+    if bool(torch.isfinite(src).all()) and out_type_name in _WIDER:  # finite before the cast: it overflowed there
+        limit = {"F16": torch.float16, "BF16": torch.bfloat16}[out_type_name]
         return BeyondRange(
             f"Tensor '{hf_name}' has values beyond {out_type_name}'s range (|x| > {float(torch.finfo(limit).max):g}), "
             "which would become infinity.",
-            "convert to bf16 or f32 (--quant bf16 / --quant f32), whose range holds these weights",
+            f"convert to {_WIDER[out_type_name]}, whose range holds these weights",
             hf_name,
         )
     where = "after merging the LoRA adapter" if merged else "in the checkpoint"
@@ -277,7 +294,7 @@ def write_float_gguf(
                 tensor = transform(tensor.to(torch.float32).numpy(), ckpt)
             data = _cast(tensor, p.ggml_type)
             if first_nonfinite(data, p.ggml_type) is not None:
-                raise _refuse_nonfinite(hf_name, p.ggml_type.name, tensor, adapter is not None and adapter.touches(hf_name))
+                raise _refuse_nonfinite(hf_name, p.ggml_type.name, ckpt, tensor, adapter is not None and adapter.touches(hf_name))
             _write(writer, data, out_path)
             del data
             bar.update(_nbytes(p.shape, p.ggml_type))
