@@ -499,12 +499,24 @@ def prefill_check(server: _Server, prompts: list[str], long_text: str, max_token
 
 
 
+def server_timings(extra: dict | None) -> dict:
+    """The server's own account of a response, where it gives one: llama-server adds ``timings`` (milliseconds of
+    prompt processing and of generation, in its slot) to each completion; edgemed adds nothing (its scheduler's
+    counters are read from ``/metrics`` instead: ``EdgemedServer.scheduler_metrics``)."""
+    t = (extra or {}).get("timings")
+    if not isinstance(t, dict) or not isinstance(t.get("predicted_ms"), (int, float)):
+        return {}
+    return {"server_prompt_ms": float(t.get("prompt_ms") or 0.0), "server_predicted_ms": float(t["predicted_ms"]),
+            "server_predicted_n": int(t.get("predicted_n") or 0)}
+
+
 def openai_chat_level(server: _Server, conversations: list[list[dict]], streams: int, requests: int,
                       max_tokens: int) -> list[dict]:
     """``streams`` threads of the official ``openai`` client, each sending ``requests`` chat completions back to
     back (non-streaming, greedy, ``max_tokens``; nothing but OpenAI's fields, so each server keeps its own
     defaults, ``cache_prompt`` included). Stream ``i``'s ``j``-th request asks ``conversations[(i + j * streams) %
-    len]``. Rows: send time, latency, completion / prompt / cached tokens, finish reason."""
+    len]``. Rows: send time, latency, completion / prompt / cached tokens, finish reason, and the server's own
+    timings where it gives them (``server_timings``)."""
     import openai
 
     rows: list[dict] = []
@@ -522,7 +534,7 @@ def openai_chat_level(server: _Server, conversations: list[list[dict]], streams:
                 row = {"t0": t0, "latency_s": time.perf_counter() - t0, "tokens": resp.usage.completion_tokens,
                        "prompt_tokens": resp.usage.prompt_tokens,
                        "cached_tokens": details.cached_tokens if details is not None else None,
-                       "finish": resp.choices[0].finish_reason}
+                       "finish": resp.choices[0].finish_reason, **server_timings(resp.model_extra)}
                 with lock:
                     rows.append(row)
 

@@ -141,6 +141,35 @@ def throughput_summary(rows: list[dict], wall: float) -> dict:
             "finish": {f: sum(r["finish"] == f for r in rows) for f in sorted({r["finish"] for r in rows})}}
 
 
+def time_account(rows: list[dict], wall: float, before: dict | None = None, after: dict | None = None) -> dict:
+    """Where one throughput run's time went, in milliseconds per completion token (its wall time over its tokens).
+
+    edgemed (``before``/``after``: its ``/metrics`` scheduler counters read around the run): the scrape-to-scrape
+    wall time splits into ``llama_decode`` (native), the rest of its steps (sampling, detokenizing, stop checks,
+    handing text to the HTTP threads), idle (no request to step: the client's turnaround, HTTP, rendering and
+    tokenizing a request) and between steps (gathering, admitting, the lock). llama-server (rows carrying its
+    ``timings``): the in-slot milliseconds per token (its ``predicted_ms / predicted_n``, mean over requests) and
+    each request's turnaround outside its slot (latency less prompt and generation time: HTTP, queueing,
+    templating), mean."""
+    tokens = sum(r["tokens"] for r in rows)
+    if not tokens:
+        return {}
+    out = {"ms_per_token": 1000 * wall / tokens}
+    if before and after:
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        span = d.get("wall_seconds", wall)
+        decode, step, idle = (d.get(k, 0.0) for k in ("decode_seconds_total", "step_seconds_total", "idle_seconds_total"))
+        out |= {"span_s": span, "steps": int(d.get("decode_steps_total", 0)),
+                "llama_decode_ms": 1000 * decode / tokens, "step_rest_ms": 1000 * (step - decode) / tokens,
+                "idle_ms": 1000 * idle / tokens, "between_ms": 1000 * (span - step - idle) / tokens}
+    timed = [r for r in rows if r.get("server_predicted_n")]
+    if timed:
+        out |= {"in_slot_ms_per_token": statistics.mean(r["server_predicted_ms"] / r["server_predicted_n"] for r in timed),
+                "turnaround_ms": statistics.mean(1000 * r["latency_s"] - r["server_prompt_ms"] - r["server_predicted_ms"]
+                                                 for r in timed)}
+    return out
+
+
 # -- the parts ---------------------------------------------------------------------------------------------------
 def send_together(server: _Server, conversations: list[list[dict]], stagger_s: float, max_tokens: int) -> list[dict]:
     """One thread per request, released together; request ``i`` waits ``i * stagger_s`` more. Rows as
@@ -242,6 +271,14 @@ def summarize_template(cells: dict) -> dict:
     return cells
 
 
+def _counted(server: _Server, fn, *a, **kw) -> tuple[object, dict | None, dict | None]:
+    """``fn(*a, **kw)`` with edgemed's scheduler counters read just before and after (None for llama-server)."""
+    read = getattr(server, "scheduler_metrics", None)
+    before = read() if read else None
+    out = fn(*a, **kw)
+    return out, before, read() if read else None
+
+
 def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     levels: dict[str, dict] = {}
@@ -249,10 +286,11 @@ def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
         for n in sizes.throughput_levels:
             lv = levels.setdefault(str(n), {"runs": {name: [] for name in servers}})
             for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
-                rows, info = _timed(servers, openai_chat_level, servers[name], conversations, n,
-                                    sizes.throughput_requests, sizes.throughput_tokens)
+                (rows, before, after), info = _timed(servers, _counted, servers[name], openai_chat_level,
+                                                     servers[name], conversations, n, sizes.throughput_requests,
+                                                     sizes.throughput_tokens)
                 s = {"round": r, **throughput_summary(rows, info["wall_s"]), "loadavg": info["loadavg"],
-                     "settle_s": info["settle_s"]}
+                     "settle_s": info["settle_s"], "account": sc._r(time_account(rows, info["wall_s"], before, after))}
                 lv["runs"][name].append(s)
                 print(f"throughput round {r} {n} streams {name}: {s['aggregate_tok_s']:.1f} tok/s, "
                       f"load {info['loadavg'][0]:.1f}", flush=True)
@@ -344,6 +382,31 @@ def _goal(value: float | None, p: dict | None, goal: float, at_most: bool = True
     return mark + (f" ({miss} of {len(p['per_round'])} rounds miss)" if miss else "")
 
 
+def account_md(levels: dict) -> list[str]:
+    """The throughput part's time account (``time_account``) of each level's best runs, as a table; none for results
+    stored before runs carried one."""
+    rows = []
+    for n, lv in levels.items():
+        e = (lv["best"].get("edgemed") or {}).get("account") or {}
+        ls = (lv["best"].get("llama-server") or {}).get("account") or {}
+        if "llama_decode_ms" not in e:
+            continue
+        rows.append(f"| {n} | {e['ms_per_token']:.2f} | {e['llama_decode_ms']:.2f} | {e['step_rest_ms']:.2f} | "
+                    f"{e['idle_ms']:.2f} | {e['between_ms']:.2f} | {_f(ls.get('ms_per_token'))} | "
+                    f"{_f(ls.get('in_slot_ms_per_token'))} | {_f(ls.get('turnaround_ms'), '{:.1f}')} |")
+    if not rows:
+        return []
+    return ["Where the time goes, in the best runs above: milliseconds of wall time per completion token. edgemed's "
+            "from its `/metrics` scheduler counters read just before and after the run: inside `llama_decode`, the "
+            "rest of its steps (sampling, detokenizing, stop checks), idle (no request to step: the client's "
+            "turnaround, HTTP, templating and tokenizing), between steps (gathering, admitting). llama-server's from "
+            "the `timings` of its responses: milliseconds per token in its slot (one slot's view: at several streams "
+            "a step serves them all) and each request's mean turnaround outside its slot (HTTP, queueing, templating).",
+            "", "| streams | edgemed ms/token | in llama_decode | rest of step | idle | between steps | "
+            "llama-server ms/token | in slot per token | turnaround per request (ms) |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def report_md(m: dict) -> str:
     lines = [f"# Prompt-reuse workloads: {m['model']}", "",
              "edgemed serve (its defaults) against llama-server with its own defaults (`-m -t -c -np` only"
@@ -427,6 +490,7 @@ def report_md(m: dict) -> str:
                          f"{_goal(lv.get('ratio'), lv.get('ratio_paired'), GOALS['throughput'], at_most=False)} | "
                          + ", ".join(_load(run) for rs in lv["runs"].values() for run in rs) + " |")
         lines.append("")
+        lines += account_md(p["throughput"]["levels"])
     if "long" in p:
         lg = p["long"]
         lines += ["## Long prompt while 3 stream", "", f"A {lg['prompt_tokens'][0]}-token prompt arrives while 3 "

@@ -57,6 +57,34 @@ def test_throughput_summary_counts_tokens_over_the_wall_time():
     assert s["latency_p50_s"] == 3.0 and s["cached_tokens"] == 59 and s["finish"] == {"length": 1, "stop": 1}
 
 
+def test_time_account_splits_edgemed_wall_time_and_reads_llama_server_timings():
+    rows = [{"latency_s": 1.0, "tokens": 50}, {"latency_s": 1.5, "tokens": 50}]
+    before = {"decode_steps_total": 10, "decode_seconds_total": 1.0, "step_seconds_total": 1.2,
+              "idle_seconds_total": 5.0, "wall_seconds": 100.0}
+    after = {"decode_steps_total": 110, "decode_seconds_total": 2.6, "step_seconds_total": 3.0,
+             "idle_seconds_total": 5.1, "wall_seconds": 102.0}
+    a = sw.time_account(rows, 2.0, before, after)
+    # 100 tokens over 2 s: 20 ms each = 16 in llama_decode + 2 rest of step + 1 idle + 1 between steps
+    assert a["ms_per_token"] == pytest.approx(20) and a["steps"] == 100
+    assert (a["llama_decode_ms"], a["step_rest_ms"], a["idle_ms"], a["between_ms"]) == pytest.approx((16, 2, 1, 1))
+    assert "in_slot_ms_per_token" not in a
+    timed = [{"latency_s": 1.0, "tokens": 50, "server_prompt_ms": 100.0, "server_predicted_ms": 850.0,
+              "server_predicted_n": 50},
+             {"latency_s": 1.0, "tokens": 50, "server_prompt_ms": 80.0, "server_predicted_ms": 900.0,
+              "server_predicted_n": 50}]
+    b = sw.time_account(timed, 2.0)
+    assert b["in_slot_ms_per_token"] == pytest.approx(17.5) and b["turnaround_ms"] == pytest.approx(35)
+    assert "llama_decode_ms" not in b and sw.time_account([], 1.0) == {}
+
+
+def test_server_timings_reads_llama_servers_and_ignores_what_is_not_there():
+    from edgemed.benchmarks.serve_bench_client import server_timings
+
+    assert server_timings({"timings": {"prompt_ms": 12.5, "predicted_ms": 300, "predicted_n": 20}}) == {
+        "server_prompt_ms": 12.5, "server_predicted_ms": 300.0, "server_predicted_n": 20}
+    assert server_timings(None) == {} and server_timings({"timings": "x"}) == {} and server_timings({}) == {}
+
+
 def test_unknown_part_is_refused_with_the_choices():
     with pytest.raises(EdgemedError, match="Unknown part") as exc:
         sw.main(["--parts", "conversation,speed"])
@@ -88,6 +116,12 @@ def test_quick_run_reports_every_part(smollm2_gguf, tmp_path, monkeypatch):
             assert lv["best"][name]["aggregate_tok_s"] > 0 and lv["best"][name]["completion_tokens"] > 0
             # every run waited for both servers to be quiet first (at least one whole window)
             assert all(run["settle_s"] >= SETTLE_WINDOW_S for run in lv["runs"][name])
+        # each run's time account: edgemed's from its /metrics counters, llama-server's from its responses' timings
+        account = lv["best"]["edgemed"]["account"]
+        assert account["llama_decode_ms"] > 0 and account["steps"] > 0
+        if "llama-server" in servers:
+            assert lv["best"]["llama-server"]["account"]["in_slot_ms_per_token"] > 0
+    assert "Where the time goes" in text
     for name in servers:
         long = m["parts"]["long"]["best"][name]
         assert long["long_ttft_s"] > 0 and long["gap_before_s"] > 0
