@@ -116,6 +116,40 @@ class _Timed:
         raise AssertionError("timed a request past the context the report states")
 
 
+
+def test_the_scoring_phases_fix_names_no_ctx_beyond_the_trained_context(monkeypatch):
+    """Accuracy and divergence, as timing: items or passages that need 100 positions of a 64-token context named
+    "--ctx 100 or more", with no bound, for a model trained on 256 tokens (a --ctx past it is refused before any work);
+    past the trained context no --ctx holds them, and the fix says so with the figure."""
+    from types import SimpleNamespace
+
+    from edgemed.benchmarks.harness import accuracy, divergence
+    from edgemed.benchmarks.harness.scorer import Scorer
+
+    class _Scorer(Scorer):  # a passage of n characters is n tokens
+        n_ctx = 64
+
+        def tokenize(self, text: str, special: bool = True) -> list[int]:
+            return list(range(len(text)))
+
+    def refusals(n_ctx_train, need):
+        scorer = _Scorer(Path("model.gguf"))
+        scorer.n_ctx_train = n_ctx_train
+        monkeypatch.setattr(accuracy, "positions_needed", lambda *a: need)
+        with pytest.raises(ContextOverflow) as acc:
+            accuracy.check_items_fit(scorer, None, [SimpleNamespace(id="mcq:0", context=None)], "", 8, False)
+        with pytest.raises(ContextOverflow) as div:
+            divergence._passages(scorer, ["x" * (need - 1)])  # its tokens and the next position
+        return acc.value.fix, div.value.fix
+
+    bounded = "pass --ctx 100 (up to 256, the context the model was trained on)"
+    for fix in refusals(256, 100):
+        assert bounded in fix and "or more" not in fix, fix
+    for fix in refusals(None, 100):  # the trained context unknown
+        assert "pass --ctx 100 or more" in fix, fix
+    for fix in refusals(256, 300):
+        assert "--ctx" not in fix and "trained on 256 tokens, fewer than the 300 positions" in fix, fix
+
 def test_timing_refuses_a_prompt_and_its_tokens_beyond_the_context():
     from edgemed.benchmarks.harness import timing
 

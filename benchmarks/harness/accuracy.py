@@ -338,10 +338,11 @@ def check_items_fit(scorer, prepared: _Prepared, items: list[Item], template: st
         it.context is not None for it in items if it.id in over) else ""
     wider = scorer.wider_context(longest)
     if wider:
-        fix = f"{wider} (edgemed bench's --ctx is the accuracy context too)" + (f", or {shorter}" if shorter else "")
+        fix = f"{wider}: edgemed bench's --ctx is the accuracy context too" + (f"; or {shorter}" if shorter else "")
     else:  # past the trained context: no --ctx holds them
-        fix = (f"the model was trained on {scorer.n_ctx_train} tokens, fewer than those items need: "
-               + (f"pass {shorter}, " if shorter else "") + "leave those items out of the --eval file, or pass --skip-accuracy")
+        fix = (f"the model was trained on {scorer.n_ctx_train} tokens, fewer than the {longest} positions the longest "
+               "item needs: " + (f"pass {shorter}, " if shorter else "")
+               + "leave those items out of the --eval file, or pass --skip-accuracy")
     raise ContextOverflow(
         f"{len(over)} of the {len(items)} evaluation items to score need more positions than "
         f"{scorer.context_words('accuracy')}: {named}{more}; none was scored.", fix)

@@ -77,8 +77,8 @@ def _passages(scorer, texts: list[str]) -> list[list[int]]:
         raise ContextOverflow(
             f"{len(over)} of the {len(tokens)} divergence passages need more positions than "
             f"{scorer.context_words('divergence')}: {named}{more}; none was measured.",
-            wider or f"the model was trained on {scorer.n_ctx_train} tokens, fewer than those passages need: leave "
-                     "divergence out of --phases")
+            wider or f"the model was trained on {scorer.n_ctx_train} tokens, fewer than the {longest} positions the "
+                     "longest passage needs: leave divergence out of --phases")
     return tokens
 
 

@@ -92,9 +92,13 @@ class Scorer:
         return f"the {self.n_ctx}-token context of the {phase} phase" + (f" ({self.ctx_source})" if self.ctx_source else "")
 
     def wider_context(self, need: int) -> str | None:
-        """A fix for ``need`` positions: a --ctx that holds them; None where the model was trained on fewer, so that
-        no --ctx can (``session.prepare`` refuses a context beyond the trained one)."""
-        return None if self.n_ctx_train and need > self.n_ctx_train else f"pass --ctx {need} or more"
+        """A fix for ``need`` positions: a --ctx that holds them, bounded by the trained context where known (a larger
+        one is refused before any work); None where the model was trained on fewer, so that no --ctx can
+        (``session.prepare`` refuses a context beyond the trained one)."""
+        if self.n_ctx_train and need > self.n_ctx_train:
+            return None
+        upto = f" (up to {self.n_ctx_train}, the context the model was trained on)" if self.n_ctx_train else " or more"
+        return f"pass --ctx {need}{upto}"
 
     def _fits(self, n_tokens: int, max_tokens: int = 1) -> None:
         check_fits(n_tokens, GenerationSettings(max_tokens=max_tokens), self.n_ctx)
