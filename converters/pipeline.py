@@ -195,7 +195,8 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
                 reference = source_logits(src)
                 intermediate = _gate_intermediate(src, float_out, float_type, opts, reference, echo) if quantized else None
                 report = check_gguf(src, tmp, opts.out_type, threads=opts.threads, reference=reference)
-            parity = gated(report, f"The {opts.out_type.upper()} GGUF", echo)
+            parity = gated(report, f"The {opts.out_type.upper()} GGUF", echo,
+                           f16_fix=_WIDER_THAN_F16 if opts.out_type == "f16" else None)
             if intermediate is not None:
                 parity["intermediate"] = intermediate
         size = tmp.stat().st_size
@@ -236,6 +237,9 @@ def _write_intermediate(work: Path, stem: str, float_type: str, echo, write) -> 
     write(path, "f32")
     return path, "f32"
 
+
+#: The fix for an F16 GGUF (an output, or the intermediate a quantized type is made from) whose logits overflow.
+_WIDER_THAN_F16 = "convert to f32 or bf16 (--quant f32 / --quant bf16)"
 
 #: A report edgemed writes is a few KiB; a larger file at that name is not one to hold in memory and put back.
 _MAX_OLD_REPORT = 4 << 20
@@ -320,7 +324,7 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
                 report = check_adapter_gguf(src, base["path"], tmp, base["out_type"], threads=opts.threads)
             what = f"The adapter on the {base['out_type'].upper()} base"
             shown = {k: str(v) for k, v in base.items() if not (k == "path" and "made" in base)}  # scratch is gone
-            parity = gated(report, what, echo) | {"base": shown}
+            parity = gated(report, what, echo, f16_fix=_adapter_f16_fix(tensor_type_counts(tmp), base)) | {"base": shown}
         size, digest = tmp.stat().st_size, file_sha256(tmp)
         timings.since_start("total")
         lora_info = (lora_info or {}) | {
@@ -335,6 +339,15 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
         write_text(report_path(out), result.to_json(), force=opts.force)
         wrote_report.append(True)
     return result
+
+
+def _adapter_f16_fix(tensor_types: dict[str, int], base: dict) -> str | None:
+    """What keeps F32 the F16 tensors an adapter's gate computed with (its own: f16, or q8_0's F16 lora_b; the
+    base's), for non-finite logits there (``parity.gate_error``); None when none was F16."""
+    parts = (["write the adapter's tensors as F32 (--quant f32)"] if "F16" in tensor_types else []) + \
+        (["gate it on an F32 base (--base, a GGUF of this checkpoint converted with --quant f32)"]
+         if base["out_type"] == "f16" else [])
+    return " and ".join(parts) or None
 
 
 def _adapter_base(path: Path, spec, source_sha256: str, lora: Path, lora_sha256: str) -> dict:
@@ -382,6 +395,8 @@ def _gate_intermediate(src, float_out: Path, float_type: str, opts, reference, e
         echo(f"parity of the {float_type.upper()} intermediate left out: {why}")
         return {"skipped": why}
     report = check_gguf(src, float_out, float_type, threads=opts.threads, reference=reference)
-    gated(report, f"The {float_type.upper()} intermediate the quantizer read", echo)
+    gated(report, f"The {float_type.upper()} intermediate the quantizer read", echo,
+          f16_fix=f"{_WIDER_THAN_F16}, as a quantized type is checked on the F16 file it is made from first"
+          if float_type == "f16" else None)
     return {"out_type": float_type, "nmse": report.nmse, "gate_nmse": report.gate_nmse, "passed": report.passed,
             "top1": report.top1, "kld": report.kld}

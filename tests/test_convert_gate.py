@@ -298,3 +298,58 @@ def test_a_bf16_overflow_is_sent_to_f32_only(tmp_path):
     with pytest.raises(CheckpointError, match="beyond BF16's range") as info:
         convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type="bf16", parity=False), echo=lambda s: None)
     assert info.value.fix.startswith("convert to f32 (--quant f32)")
+
+
+# -- (c) activations past F16's range ----------------------------------------------------------------
+def _loud(ckpt):
+    """``ckpt`` (float32) whose layer-1 MLP makes activations past 65504 at its down_proj input, from weights F16
+    holds (|w| < 100): llama.cpp rounds that input to F16 for an F16 down_proj and computes infinity."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    for name in (TENSOR, TENSOR.replace("up_proj", "gate_proj")):
+        tensors[name] = tensors[name] * 300
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+@pytest.mark.parametrize("out_type, fix", [("f16", "convert to f32 or bf16 (--quant f32 / --quant bf16): "),
+                                           ("q8_0", "convert to f32 or bf16 (--quant f32 / --quant bf16), as a quantized")])
+def test_f16_logits_past_f16s_range_name_the_wider_type(tmp_path, out_type, fix):
+    """Non-finite logits from finite F16 weights are the F16 activations' overflow, not a converter bug: the fix
+    names the type that keeps them (BF16 passes), for the output and for a quantized type's F16 intermediate."""
+    ckpt = _loud(tiny.build_model(tmp_path / "ckpt", "llama"))
+    with pytest.raises(EdgemedError) as info:
+        convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type=out_type), echo=lambda s: None)
+    assert "NaN or infinite logits" in info.value.problem
+    assert info.value.fix.startswith(fix) and "65504" in info.value.fix and "converter bug" not in info.value.fix
+    assert convert(ckpt, tmp_path / "x.gguf", ConvertOptions(out_type="bf16"), echo=lambda s: None).parity["passed"]
+    if out_type == "f16":  # `edgemed check` of an F16 file written without the gate says the same
+        convert(ckpt, tmp_path / "f16.gguf", ConvertOptions(out_type="f16", parity=False), echo=lambda s: None)
+        result = CliRunner().invoke(cli, ["check", str(ckpt), str(tmp_path / "f16.gguf")])
+        _refused(result, "NaN or infinite logits", "--quant f32", "65504")
+
+
+def test_f16_adapter_tensors_past_f16s_range_name_quant_f32(tmp_path):
+    """An adapter's lora_b takes lora_a's product as its input: F16 there (f16, and q8_0's lora_b below rank 32)
+    rounds activations past 65504 to infinity. The fix is --quant f32, which passes
+    (test_the_base_an_adapter_is_gated_on_is_made_f32_past_f16s_range)."""
+    ckpt = _beyond_f16(tiny.build_model(tmp_path / "ckpt", "llama"))
+    lora = tiny.build_lora(ckpt, tmp_path / "lora")
+    out = tmp_path / "a.lora.gguf"
+    with pytest.raises(EdgemedError) as info:
+        convert(ckpt, out, ConvertOptions(out_type="f16", lora=lora, adapter_only=True), echo=lambda s: None)
+    assert "NaN or infinite logits" in info.value.problem and "F32 base" in info.value.problem  # made F32: the adapter's
+    assert info.value.fix.startswith("write the adapter's tensors as F32 (--quant f32): llama.cpp rounds")
+    assert "--base" not in info.value.fix and not out.exists()
+
+
+@pytest.mark.parametrize("types, base, fix", [
+    ({"F32": 28}, "f32", None),
+    ({"Q8_0": 14, "F16": 14}, "f32", "write the adapter's tensors as F32 (--quant f32)"),
+    ({"F32": 28}, "f16", "gate it on an F32 base (--base, a GGUF of this checkpoint converted with --quant f32)"),
+])
+def test_an_adapters_f16_fix_names_each_f16_part(types, base, fix):
+    from edgemed.converters.pipeline import _adapter_f16_fix
+
+    assert _adapter_f16_fix(types, {"out_type": base}) == fix

@@ -150,8 +150,18 @@ def compare(backend: str, out_type: str, token_lists, src: list, converted: list
     )
 
 
-def gate_error(report: ParityReport, what: str, outcome: str = "nothing was written"):
-    """The ``ParityError`` for a report that failed its gate; ``what`` names the artifact ("The Q4_K_M GGUF")."""
+#: Why F16 tensors give non-finite logits where the source's are finite (``gate_error``'s ``f16_fix``): ggml rounds
+#: a matrix product's input to F16 for an F16 weight (a LoRA pair's lora_b takes lora_a's product as its input), so
+#: activations past F16's largest value become infinite; F32 (and BF16) weights take them as F32.
+F16_ACTIVATIONS = ("llama.cpp rounds the input of every product with an F16 tensor to F16, and this model's "
+                   "activations there pass F16's largest value (65504), so they become infinite; an F32 (or BF16) tensor's "
+                   "product keeps F32's range")
+
+
+def gate_error(report: ParityReport, what: str, outcome: str = "nothing was written", f16_fix: str | None = None):
+    """The ``ParityError`` for a report that failed its gate; ``what`` names the artifact ("The Q4_K_M GGUF").
+    ``f16_fix``: where the artifact computes with F16 tensors, the option that keeps them F32, given as the fix
+    when its logits are not finite and the source's are."""
     from edgemed.errors import ParityError
 
     if not report.source_finite:
@@ -170,14 +180,16 @@ def gate_error(report: ParityReport, what: str, outcome: str = "nothing was writ
     fix = ("this is a converter bug for this checkpoint: rerun with -vv and report it, with the checkpoint's config.json"
            if report.gate_nmse is not None else
            "convert to a wider type (--quant q8_0, or f16) and compare; if that also fails, report it with config.json")
+    if not report.finite and f16_fix is not None:
+        fix = f"{f16_fix}: {F16_ACTIVATIONS}"
     return ParityError(f"{problem}; {outcome}.", fix)
 
 
-def gated(report: ParityReport, what: str, echo) -> dict:
+def gated(report: ParityReport, what: str, echo, f16_fix: str | None = None) -> dict:
     """Show ``report``; raise its ``gate_error`` when it failed; else its dict for the conversion report."""
     echo(report.summary())
     if report.passed is False:
-        raise gate_error(report, what)
+        raise gate_error(report, what, f16_fix=f16_fix)
     return report.to_dict()
 
 

@@ -280,7 +280,9 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     else:
         click.echo(report.summary())
     if report.passed is False:
-        raise gate_error(report, f"'{model.name}'", "do not ship it")
+        raise gate_error(report, f"'{model.name}'", "do not ship it",
+                         f16_fix="convert it again as f32 or bf16 (--quant f32 / --quant bf16)"
+                         if not model.is_dir() and out_type == "f16" else None)
 
 
 def _file_type(model: Path, meta: dict) -> str:
