@@ -4,8 +4,8 @@ event: streams the real server does not send on cue, and signing out at a shared
 The stand-in serves the page's own files and ``/ui/info`` (``edgemed.serve.page``'s router, with its headers and
 Content-Security-Policy) and a scripted ``/v1/chat/completions``; it checks a Bearer key when the test asks for one.
 Covers: a stream that ends cleanly without a ``finish_reason`` or ``[DONE]`` (a server that failed and closed between
-two whole events; Firefox and some proxies end the body normally then) is shown as cut off, kept out of the history
-sent back to the model and marked so in the saved transcript; a stream that finishes still inside the reasoning block
+two whole events; Firefox and some proxies end the body normally then) is shown as cut off, sent back to the model
+with its mark and marked so in the saved transcript; a stream that finishes still inside the reasoning block
 (the template opened it, or the model did) says there is no answer, whatever the finish reason, and the transcript
 keeps the reasoning under that label; "Sign out (forget key)" clears the conversation from the screen, the history and
 the transcript, and hides the ask form until a key is given again. And: a connection dropped mid-body, an error event
@@ -15,7 +15,12 @@ the context cannot take, tell the clinician to save and start anew, or to shorte
 conversation's first; a required field left empty and a choice of one option are refused in the page, and Enter in an
 option goes to the next; a question typed while an answer streams is kept; a line after form answers says the model
 does not see them; the answer being written stays in view. And: Copy is off until the answer has ended; an answer cut
-at the answer length is marked on Copy and in the transcript, and a form's, never "not in the form's format".
+at the answer length is marked on Copy and in the transcript, and a form's, never "not in the form's format". And: a
+stopped answer goes back to the model marked, and a question left out of what it is sent has a line saying so; bidi
+controls are shown, copied and saved escaped; the key is kept in no storage, and one with an invisible character is
+named, never used; each answer names its model, and a change of model is marked; a busy server, a body too large and
+a server that cannot be reached are said in the clinician's words; the answer length box refuses what is not a whole
+number of 1 or more, and reads 1e2 as 100.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class Script:
         self.headers: dict[str, str] = {}
         self.bodies: list[dict] = []
         self.refusal: tuple[int, dict] | None = None
+        self.models: list[str] = [MODEL]
         self.require(None)
 
     def answer(self, events: list, headers: dict | None = None) -> None:
@@ -119,7 +125,7 @@ def stand_in(script: Script):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+        return {"object": "list", "data": [{"id": m, "object": "model"} for m in script.models]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -205,16 +211,19 @@ def test_a_stream_that_ends_without_its_end_marker_is_cut_off_not_answered(serve
     assert "A (CUT OFF, incomplete): Give amoxicillin 500 mg every 8 hours, and reduce the dose" in transcript
     assert "\nA: Give" not in transcript
 
-    script.answer(WHOLE)  # a whole answer to the next question: it is answered, and the cut one is not its context
+    cut = "[CUT OFF, incomplete] Give amoxicillin 500 mg every 8 hours, and reduce the dose"
+    script.answer(WHOLE)  # a whole answer to the next question: the cut one is its context, marked as on Copy
     page.ask("What about paracetamol?")
     answer = page.wait_answer(10)
     assert answer.get_attribute("data-done") == "done" and page.find("#status").text == "Answered."
     assert not answer.find_element("css selector", ".ending").is_displayed()
-    assert script.bodies[-1]["messages"] == [{"role": "user", "content": "What about paracetamol?"}]
+    assert script.bodies[-1]["messages"] == [
+        {"role": "user", "content": "Amoxicillin dose for an adult with CKD stage 4?"},
+        {"role": "assistant", "content": cut}, {"role": "user", "content": "What about paracetamol?"}]
     script.answer(WHOLE)
     page.ask("And for a child?")
     page.wait(lambda: len(page.answers()) == 3 and page.last().get_attribute("data-done"), 10, "the third answer")
-    assert assistant_turns(script.bodies[-1]) == ["Paracetamol 1 g every 6 hours."]
+    assert assistant_turns(script.bodies[-1]) == [cut, "Paracetamol 1 g every 6 hours."]
 
 
 @pytest.mark.parametrize("headers,events", [
@@ -629,3 +638,153 @@ def test_the_answer_being_written_stays_in_view(served, script, browser):
             const all = document.querySelectorAll('#log .answer-text'), last = all[all.length - 1];
             return [last.getBoundingClientRect().bottom, window.innerHeight];""")
         assert 0 < bottom <= height, f"answer {n}: its end is at {bottom} px, the window is {height} px high"
+
+
+def test_a_stopped_answer_goes_back_marked_and_a_failed_question_is_said_to_be_left_out(served, script, browser):
+    """After Stop the follow-up ("for her?") reached the model without the patient it was about, and nothing on the
+    page said so: what is on screen as one conversation is now what the model is sent, a cut answer marked as cut,
+    and a question that got no answer has a line under it saying the model does not see it."""
+    script.answer(slow(["Warfarin in an 82-year-old", " with eGFR 18", " needs", " a lower dose."], 0.5)
+                  + [event(finish="stop"), DONE])
+    page = browser.page(served.url)
+    page.ask("Patient: 82-year-old woman, eGFR 18, on warfarin. Her anticoagulation?")
+    page.wait(lambda: "Warfarin" in page.find("#log .answer-text").text, 10, "the answer's first words")
+    page.find("#stop").click()
+    stopped = text_of(page.wait_answer(10), ".answer-text").strip()
+    assert not page.all("#log .divider")  # it is the model's context: no line says otherwise
+    script.answer(WHOLE)
+    page.ask("What dose do you suggest for her?")
+    page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
+    assert script.bodies[-1]["messages"] == [
+        {"role": "user", "content": "Patient: 82-year-old woman, eGFR 18, on warfarin. Her anticoagulation?"},
+        {"role": "assistant", "content": "[STOPPED, incomplete] " + stopped},
+        {"role": "user", "content": "What dose do you suggest for her?"}]
+
+    script.refuse(500, "server_error", "The server failed on this request.")
+    page.ask("And her INR target?")
+    page.wait(lambda: len(page.answers()) == 3 and page.last().get_attribute("data-done"), 10, "the third answer")
+    dividers = page.all("#log .divider")
+    assert len(dividers) == 1 and dividers[0].text.startswith("The model does not see the question above")
+    assert [e.get_attribute("class") for e in page.all("#log > li")] == ["turn", "turn", "turn", "divider"]
+    assert page.find("#prompt").get_attribute("value") == "And her INR target?"  # to send again
+    transcript = saved(browser)
+    assert transcript.index("(The model does not see the question above") > transcript.index("Q: And her INR target?")
+    script.answer(WHOLE)
+    page.ask("Her INR target?")
+    page.wait(lambda: len(page.answers()) == 4 and page.last().get_attribute("data-done"), 10, "the fourth answer")
+    assert [m["content"] for m in script.bodies[-1]["messages"] if m["role"] == "user"][-2:] == [
+        "What dose do you suggest for her?", "Her INR target?"]
+
+
+def test_bidi_controls_are_shown_copied_and_saved_escaped_in_the_order_written(served, script, browser):
+    """U+202E reversed "gm 01" into "10 mg" on screen while the text, Copy and Save held "gm 01"."""
+    script.answer([event("Give warfarin \u202e gm 01\u202c daily."), event(finish="stop"), DONE])
+    page = browser.page(served.url)
+    page.ask("Dose \u2067of\u2069 warfarin?")
+    answer = page.wait_answer(10)
+    assert text_of(answer, ".answer-text") == "Give warfarin \\u202e gm 01\\u202c daily."
+    assert page.find("#log .question-text").get_attribute("textContent") == "Dose \\u2067of\\u2069 warfarin?"
+    assert copied(page, answer) == "Give warfarin \\u202e gm 01\\u202c daily."
+    transcript = saved(browser)
+    assert "A: Give warfarin \\u202e gm 01\\u202c daily." in transcript and "Q: Dose \\u2067of\\u2069" in transcript
+    assert not any(c in transcript for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    assert script.bodies[-1]["messages"][-1]["content"] == "Dose \u2067of\u2069 warfarin?"  # the model gets the text
+
+
+def test_the_key_is_kept_in_no_storage_a_reload_asks_again(served, script, browser):
+    """sessionStorage came back with a restored or duplicated tab: the next person at the workstation was signed in."""
+    page = _signed_in(served, script, browser)
+    driver = browser.driver
+    assert driver.execute_script("return Object.keys(sessionStorage)") == []
+    page.ask("Hello")
+    page.wait_answer(10)
+    page.open().ready()
+    page.wait(lambda: not page.find("#key-panel").get_attribute("hidden"), 10, "the key prompt")
+    assert page.find("#ask").get_attribute("hidden") and not page.find("#forget-key").is_displayed()
+
+
+def test_a_key_with_an_invisible_character_is_named_and_not_kept(served, script, browser):
+    """A key pasted with U+200B said "The server cannot be reached", and stayed to jam every reload of the tab."""
+    script.require(KEY)
+    page = browser.page(served.url)
+    page.find("#key").send_keys(KEY + "\u200b\n")
+    page.wait(lambda: page.find("#key-error").text, 10, "the key's error")
+    assert page.find("#key-error").text == "That key holds a character a key cannot have (U+200B): paste it again " \
+                                           "without it."
+    assert not page.find("#key-panel").get_attribute("hidden") and page.find("#ask").get_attribute("hidden")
+    assert "cannot be reached" not in page.find("#status").text
+    assert browser.driver.execute_script("return Object.keys(sessionStorage)") == []
+    page.find("#key").send_keys(KEY + "\n")  # pasted again without it
+    page.wait(lambda: not page.find("#ask").get_attribute("hidden"), 10, "the page after the key")
+
+
+def test_each_answer_names_its_model_and_a_change_of_model_is_marked(served, script, browser):
+    """The saved transcript named the model picked at saving for every answer, and the screen named none."""
+    from selenium.webdriver.support.ui import Select
+
+    other = MODEL + ":spec2"
+    script.models = [MODEL, other]
+    page = browser.page(served.url)
+    page.ask("Paracetamol dose?")
+    page.wait_answer(10)
+    Select(page.find("#model")).select_by_value(other)
+    script.answer(WHOLE)
+    page.ask("And for a child?")
+    page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
+    assert [b["model"] for b in script.bodies] == [MODEL, other]
+    assert [e.text for e in page.all("#log .meta .model")] == [MODEL, other]
+    dividers = page.all("#log .divider")
+    assert len(dividers) == 1 and dividers[0].text.startswith(f"Model changed to {other}")
+    transcript = saved(browser)
+    assert transcript.startswith(f"edgemed conversation — models {MODEL}, {other}\n")
+    assert f"Request id: {1:032x}, model {MODEL}" in transcript and f"Request id: {2:032x}, model {other}" in transcript
+    assert transcript.index(f"(Model changed to {other}") < transcript.index("Q: And for a child?")
+
+
+#: The server's own messages for these refusals: the operator's fixes (--slots, --max-body).
+BUSY = ("The model is busy: 1 requests are already running or waiting. Fix: retry in 14 s, or start the server with "
+        "more slots or a longer queue")
+TOO_LARGE = "The request body is over 1048576 bytes. Fix: shorten the request, or start the server with a larger --max-body."
+
+
+@pytest.mark.parametrize("status,code,message,headers,says", [
+    (429, "server_overloaded", BUSY, {"retry-after": "14"}, "The model is busy with other questions: send again in about 14 s."),
+    (413, "request_too_large", TOO_LARGE, {}, "This text is too long to send: shorten it, and send again."),
+], ids=["busy", "too-large"])
+def test_refusals_a_clinician_meets_are_in_their_words(served, script, browser, status, code, message, headers, says):
+    script.answer([], headers)
+    script.refuse(status, code, message)
+    page = browser.page(served.url)
+    page.ask("Paracetamol dose?")
+    answer = page.wait_answer(10)
+    assert says in answer.text and "Fix:" not in answer.text and "--max-body" not in answer.text
+    assert page.find("#prompt").get_attribute("value") == "Paracetamol dose?"
+
+
+def test_a_server_that_cannot_be_reached_is_said_so_not_failed_to_fetch(served, script, browser):
+    page = browser.page(served.url)
+    # what Chromium's fetch does when nothing listens on the port any more
+    page.driver.execute_script("window.fetch = () => Promise.reject(new TypeError('Failed to fetch'));")
+    page.ask("Paracetamol dose?")
+    answer = page.wait_answer(10)
+    assert "The server cannot be reached (it may have been stopped): send again when it is back." in answer.text
+    assert "Failed to fetch" not in answer.text
+
+
+@pytest.mark.parametrize("typed", ["0", "-5", "2.5"])
+def test_an_answer_length_that_is_no_whole_number_of_1_or_more_is_refused_in_the_page(served, script, browser, typed):
+    """0 and -5 were dropped for the server's default without a word, and 2.5 sent 2."""
+    page = browser.page(served.url)
+    page.max_tokens(typed)
+    page.ask("Paracetamol dose?")
+    assert page.find("#status").text.startswith("Longest answer (tokens): give a whole number of 1 or more")
+    assert active_id(page) == "max-tokens" and script.bodies == [] and not page.answers()
+
+
+def test_an_answer_length_in_exponent_form_is_the_number_typed(served, script, browser):
+    """parseInt read "1e2", which the number box takes as 100, as 1."""
+    page = browser.page(served.url)
+    page.max_tokens("1e2")
+    page.ask("Paracetamol dose?")
+    page.wait_answer(10)
+    assert script.bodies[-1]["max_tokens"] == 100

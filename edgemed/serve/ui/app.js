@@ -1,11 +1,11 @@
 // The clinician page of `edgemed serve`: talks to this server's /v1 API only (same origin), like any client.
 // Every piece of text from the model or the user is put on the page with textContent, never as HTML; the
 // server's Content-Security-Policy (Trusted Types, no inline script) makes the browser refuse HTML from strings.
-// Nothing is written to localStorage or IndexedDB; the API key, when one is needed, lives in sessionStorage.
+// Nothing is written to localStorage, sessionStorage or IndexedDB; the API key, when one is needed, lives in a variable
+// of this page only (see heldKey).
 "use strict";
 
 (function () {
-  const KEY_SLOT = "edgemed.apiKey";
   const CARD_LABELS = {
     model_name: "Model", version: "Version", developer: "Developer", license: "License",
     intended_use: "Intended use", intended_users: "Intended users", decision_role: "Decision role",
@@ -25,10 +25,20 @@
   // earlier one never lands in the history or the transcript of the next patient's.
   const state = { info: null, templates: {}, history: [], busy: null, transcript: [], conversation: 0 };
 
+  // The bidirectional embedding, override and isolate controls (U+202A-U+202E, U+2066-U+2069) and the invisible
+  // direction marks (U+200E, U+200F, U+061C) reorder the text around them on screen: "Give \u202e gm 01\u202c" reads
+  // "Give 10 mg" ("Trojan Source"). Text of the model's or the user's is shown, copied and saved with each of them
+  // written as its escape, as the CLI prints them (formats/terminal_text.shown): what the clinician reads is the text
+  // in the order it was written, and the same as the saved text. What goes to the model is the text as it is.
+  const BIDI = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  function shown(text) {
+    return String(text).replace(BIDI, (c) => "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0"));
+  }
+
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "text") node.textContent = v;
+      if (k === "text") node.textContent = shown(v);
       else if (k === "class") node.className = v;
       else if (k === "hidden") node.hidden = Boolean(v);
       else node.setAttribute(k, v);
@@ -40,7 +50,21 @@
   function setStatus(text) { $("status").textContent = text; }
 
   // -- the key ---------------------------------------------------------------------------------------------
-  function apiKey() { return sessionStorage.getItem(KEY_SLOT) || ""; }
+  // The key is held in this variable only, never in sessionStorage: a browser restores a tab's sessionStorage with the
+  // tab (reopening a closed tab, restoring the session at start-up or after a crash, Duplicate tab), which signed the
+  // next person at a shared workstation in as the last clinician. A reload asks for the key again.
+  let heldKey = "";
+  function apiKey() { return heldKey; }
+
+  // Why ``key`` cannot be one, in the clinician's words ("" when it can): a key is printable ASCII (the server's keys
+  // hold no space, and a browser refuses any other header value, which read as "the server cannot be reached"). A copy
+  // from a mail or a chat often brings an invisible character with it (U+200B, U+00A0).
+  function keyProblem(key) {
+    const bad = [...key].find((c) => c < "!" || c > "~");
+    if (bad === undefined) return "";
+    const code = "U+" + bad.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    return "That key holds a character a key cannot have (" + code + "): paste it again without it.";
+  }
 
   function headers(json) {
     const h = {};
@@ -51,7 +75,7 @@
   }
 
   function askForKey(message, status) {
-    sessionStorage.removeItem(KEY_SLOT);
+    heldKey = "";
     $("forget-key").hidden = true;
     $("key-panel").hidden = false;
     $("key-error").textContent = message || "";
@@ -124,7 +148,7 @@
       const value = card[k];
       const dd = el("dd", { "data-field": k });
       if (Array.isArray(value)) dd.append(el("ul", {}, ...value.map((v) => el("li", { text: String(v) }))));
-      else dd.textContent = String(value);
+      else dd.textContent = shown(value);
       dl.append(el("dt", { text: CARD_LABELS[k] }), dd);
     }
     $("card-missing").hidden = keys.some((k) => k !== "license");  // a license alone is no card
@@ -280,7 +304,8 @@
   // transcript and on Copy, whether there is an answer at all, and whether the turn goes back to the model as the
   // conversation so far: an answer that arrived whole does, and so does one cut at the answer length, as it stands
   // (the clinician read it, told it was cut, and may ask the model to go on: the model's context is what was shown,
-  // as in `edgemed chat`); no other does (the model would read it as its own answer, and the clinician asks again).
+  // as in `edgemed chat`); one the clinician read part of (stopped, cut off, failed: history "marked") goes back with
+  // its mark, as on Copy (see send); a turn with nothing the model could read does not, and a line under it says so.
   const ASK_AGAIN_LONGER = "the reasoning reached the answer length limit; ask again with a larger answer length";
   const CONTEXT_FULL = "the conversation filled the model's context";
   const QUESTION_FULL = "the question filled the model's context";
@@ -299,7 +324,7 @@
                         "it. Raise the answer length, and send again." },
     // cut by the room the conversation left in the model's context, below the length asked for: a longer answer
     // length would not help, and the next question would not fit either
-    full: { note: "cut off: " + CONTEXT_FULL, mark: "CUT OFF, incomplete",
+    full: { note: "cut off: " + CONTEXT_FULL, mark: "CUT OFF, incomplete", history: "marked",
             status: "The answer was cut off: " + CONTEXT_FULL + ". Save it, then start a New conversation.",
             warn: "The answer was cut off because " + CONTEXT_FULL + ": what is shown is incomplete. Save the " +
                   "conversation, then start a New conversation." },
@@ -330,6 +355,7 @@
                    warn: "Not in the form's format: no answer was read from this reply. Check its text before using " +
                          "any of it, or ask again." },
     cut: { note: "cut off: the answer stopped before its end; ask again", mark: "CUT OFF, incomplete",
+           history: "marked",
            status: "The answer was cut off before its end; ask again.",
            warn: "The answer was cut off before its end: what is shown is incomplete. Ask again." },
     thinking: { note: "no answer: the model gave no answer outside its reasoning; ask again", noAnswer: true,
@@ -340,9 +366,11 @@
     empty: { note: "no answer: the answer was empty; ask again", noAnswer: true,
              status: "The model gave an empty answer; ask again.", warn: "The model gave an empty answer; ask again." },
     stopped: { note: "stopped", mark: "STOPPED, incomplete", status: "Stopped: the answer is incomplete.",
+               history: "marked",
                warn: "Stopped: what is shown is incomplete." },
     // the server sent an error after some of the answer
     failed: { note: "failed: the answer stopped before its end; ask again", mark: "FAILED, incomplete",
+              history: "marked",
               status: "The answer failed before its end; see the message, and ask again.",
               warn: "The answer failed before its end: what is shown is incomplete." },
     error: { note: "error", status: "The answer failed; see the message.", noAnswer: true },
@@ -388,10 +416,10 @@
       if (inThink) {
         turn.thinkText += text;
         turn.think.hidden = false;
-        turn.think.querySelector(".think-text").textContent = turn.thinkText;
+        turn.think.querySelector(".think-text").textContent = shown(turn.thinkText);
       } else {
         turn.answerText += text;
-        turn.text.textContent = turn.answerText.replace(/^\s+/, "");
+        turn.text.textContent = shown(turn.answerText.replace(/^\s+/, ""));
       }
     });
   }
@@ -434,7 +462,7 @@
     box.hidden = false;
     turn.text.hidden = true;  // the raw text is one click away
     turn.raw.hidden = false;
-    turn.raw.querySelector(".raw-text").textContent = turn.answerText;
+    turn.raw.querySelector(".raw-text").textContent = shown(turn.answerText);
   }
 
   function jsonTable(value, columns) {
@@ -445,7 +473,7 @@
       const cell = el("td");
       if (Array.isArray(v)) cell.append(v.length ? el("ul", {}, ...v.map((x) => el("li", { text: typeof x === "string" ? x : JSON.stringify(x) })))
                                                    : el("span", { class: "none", text: "none" }));
-      else cell.textContent = typeof v === "string" ? v : JSON.stringify(v);
+      else cell.textContent = shown(typeof v === "string" ? v : JSON.stringify(v));
       body.append(el("tr", {}, el("th", { scope: "row", text: k.replace(/_/g, " ") }), cell));
     }
     return el("table", { class: "json" }, el("caption", { text: "Structured answer" }), body);
@@ -456,6 +484,7 @@
     following(turn, () => {
       const parts = [];
       const id = turn.requestId && el("code", { class: "request-id", text: turn.requestId });
+      if (turn.model) parts.push(el("span", {}, "Model ", el("code", { class: "model", text: turn.model })));
       if (id) parts.push(el("span", {}, "Request id ", id));
       if (end.note) parts.push(el("span", { class: "note", text: end.note }));
       turn.meta.replaceChildren(...parts.flatMap((p, i) => (i ? [" · ", p] : [p])));
@@ -472,9 +501,8 @@
   // refused, the selection made instead starts at the warning above the answer.
   async function copyText(turn) {
     const mark = (ENDINGS[turn.ending] || {}).mark;
-    const text = (mark ? "[" + mark + "] " : "") + turn.answerText.trim();
     try {
-      await navigator.clipboard.writeText(text);
+      await navigator.clipboard.writeText(shown(marked(turn)));
       turn.copy.textContent = "Copied";
     } catch (e) {
       const range = document.createRange();
@@ -486,11 +514,27 @@
     }
   }
 
+  // The answer with its mark, as Copy gives it and as a stopped or broken answer goes back to the model.
+  function marked(turn) {
+    const mark = (ENDINGS[turn.ending] || {}).mark;
+    return (mark ? "[" + mark + "] " : "") + turn.answerText.trim();
+  }
+
   // -- asking -------------------------------------------------------------------------------------------------
   function busy(on) {
     $("send").disabled = on;
     $("stop").disabled = !on;
     $("mode").disabled = on;
+  }
+
+  // The answer length asked for: null when the box is empty (the server's default), NaN when it holds anything but
+  // a whole number of 1 or more. The browser's own number: parseInt read "1e2" as 1 and "2.5" as 2, and "0" and "-5"
+  // were dropped without a word for the server's default.
+  function answerLength() {
+    const box = $("max-tokens");
+    if (box.value === "" && !box.validity.badInput) return null;
+    const n = box.valueAsNumber;
+    return Number.isInteger(n) && n >= 1 ? n : NaN;
   }
 
   async function send() {
@@ -499,8 +543,14 @@
     // usage (the prompt's and the answer's tokens) tells an answer cut by the room left in the context from one cut
     // at the length asked for
     const body = { model: $("model").value, stream: true, stream_options: { include_usage: true } };
-    const max = parseInt($("max-tokens").value, 10);
-    if (max > 0) body.max_tokens = max;
+    const max = answerLength();
+    if (Number.isNaN(max)) {
+      setStatus("Longest answer (tokens): give a whole number of 1 or more, or leave it empty for the server's " +
+                "default.");
+      $("max-tokens").focus();
+      return;
+    }
+    if (max) body.max_tokens = max;
     let question, inputs = null;
     if (t) {
       inputs = formInputs(t);
@@ -515,9 +565,14 @@
       if (!question) { setStatus("Type a question first."); $("prompt").focus(); return; }
       body.messages = [...state.history, { role: "user", content: question }];
     }
+    const before = state.transcript[state.transcript.length - 1];
+    if (before && before.model !== body.model) {
+      $("log").append(el("li", { class: "divider", role: "note", text: modelChange(body.model, before.model) }));
+    }
     const turn = addTurn(question);
+    turn.model = body.model;
     turn.inputs = inputs;
-    turn.asked = max > 0 ? max : 0;
+    turn.asked = max || 0;
     turn.first = !t && state.history.length === 0;  // the model reads this question alone: shortening it is the fix
     const conversation = state.conversation;
     const current = () => conversation === state.conversation;
@@ -538,14 +593,23 @@
       finishTurn(turn, ending);
       if (current()) {
         const end = ENDINGS[ending];
-        if (!t && end.history) {  // otherwise the question stays in the box: asking again is one key press
-          state.history.push({ role: "user", content: question }, { role: "assistant", content: turn.answerText.trim() });
-          // a question typed while the answer came is the clinician's next one: it stays
-          if ($("prompt").value.trim() === question) $("prompt").value = "";
+        // What is on screen as one conversation is what the model is sent next: a clinician who read part of an
+        // answer (stopped, cut off, failed) and asks "and for her?" means the patient of the question above. So the
+        // question and what came of its answer go back, marked as on Copy ("[STOPPED, incomplete] ..."); a turn
+        // with nothing the model could read (an error, no answer) is left out, and a line under it says so.
+        const kept = !t && end.history && turn.answerText.trim() !== "";
+        if (kept) {
+          const answer = end.history === "marked" ? marked(turn) : turn.answerText.trim();
+          state.history.push({ role: "user", content: question }, { role: "assistant", content: answer });
+          // a question typed while the answer came is the clinician's next one: it stays; after an incomplete answer
+          // the question stays too (asking again is one key press)
+          if (end.history === true && $("prompt").value.trim() === question) $("prompt").value = "";
         }
         if (t) formDivider(turn);
+        else if (!kept) turn.item.after(el("li", { class: "divider", role: "note", text: LEFT_OUT }));
         state.transcript.push({ question, answer: turn.answerText.trim(), reasoning: turn.thinkText.trim(),
-                                requestId: turn.requestId, ending, error: turn.error, form: Boolean(t) });
+                                requestId: turn.requestId, ending, error: turn.error, form: Boolean(t),
+                                left: !t && !kept, model: body.model });
         setStatus(end.status);
         (t ? $("send") : $("prompt")).focus({ preventScroll: true });
       }
@@ -567,8 +631,35 @@
 
   function formDivider(turn) {
     const before = turn.item.previousElementSibling;
-    if (before && before.classList.contains("divider")) before.remove();  // one line, after the last of them
+    if (before && before.textContent === FORM_DIVIDER) before.remove();  // one line, after the last of them
     turn.item.after(el("li", { class: "divider", role: "note", text: FORM_DIVIDER }));
+  }
+
+  // A chat question the model was not sent back (an error, no answer it could read): the next is answered without it.
+  const LEFT_OUT = "The model does not see the question above: the next question is answered without it. To " +
+                   "include it, send it again.";
+
+  // The model picker changed within a conversation: a line says the answers below are another model's (or adapter's)
+  // than those above, on screen and in the saved transcript; each answer names its own model besides.
+  function modelChange(model, before) {
+    return "Model changed to " + model + ": the answers below are its own, those above came from " + before + ".";
+  }
+
+  // The refusals a clinician can meet, in their words: the server's own name the operator's flags (--slots,
+  // --max-body).
+  const UNREACHABLE = "The server cannot be reached (it may have been stopped): send again when it is back.";
+
+  function inWords(error, response) {
+    if (error.code === "server_overloaded") {
+      const wait = parseInt(response.headers.get("retry-after"), 10);
+      return "The model is busy with other questions: send again " +
+             (wait > 0 ? "in about " + wait + " s." : "in a moment.");
+    }
+    if (error.code === "unavailable") {
+      return "The model is not answering now (the server may be stopping or restarting): send again in a moment.";
+    }
+    if (error.code === "request_too_large") return "This text is too long to send: shorten it, and send again.";
+    return error.message;
   }
 
   // POST with stream: true; read the SSE events; returns how the answer ended, a key of ENDINGS. The answer is whole
@@ -576,15 +667,22 @@
   // between two events; Firefox and some proxies end the body normally then) is cut off, whatever it held, and so is
   // one whose reading fails after the headers (Chromium's TypeError for a connection dropped mid-body).
   async function stream(body, turn, template, signal) {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(true), body: JSON.stringify(body), signal, cache: "no-store",
-    });
+    let response;
+    try {
+      response = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(true), body: JSON.stringify(body), signal, cache: "no-store",
+      });
+    } catch (e) {
+      if (signal.aborted) throw e;  // Stop
+      showError(turn, UNREACHABLE);  // a fetch fails with a bare TypeError ("Failed to fetch") when no server answers
+      return "error";
+    }
     turn.requestId = response.headers.get("x-request-id") || "";
     if (!response.ok) {
       const error = await errorOf(response);
       const tooLong = error.code === "context_length_exceeded"
         ? (template ? FORM_TOO_LONG : turn.first ? QUESTION_TOO_LONG : TOO_LONG) : "";
-      showError(turn, tooLong || error.message);
+      showError(turn, tooLong || inWords(error, response));
       if (response.status === 401) turn.refused = error.message;  // signed out once the turn is closed
       return "error";
     }
@@ -673,20 +771,28 @@
                    none ? "A: none. " + (entry.error || end.warn || end.status)
                         : (end.mark ? "A (" + end.mark + "): " : "A: ") + entry.answer];
     if (entry.reasoning && !entry.answer) lines.push("Reasoning (not an answer): " + entry.reasoning);
-    lines.push("Request id: " + (entry.requestId || "none") + (end.note ? " (" + end.note + ")" : ""), "");
+    lines.push("Request id: " + (entry.requestId || "none") + ", model " + entry.model +
+               (end.note ? " (" + end.note + ")" : ""), "");
     return lines;
   }
 
+  // The saved text, with each bidi control escaped as on screen (``shown``): the file reads as the page did. Its head
+  // names the models that answered in it, each answer its own: the picker may have changed between them.
   function exportConversation() {
     if (!state.transcript.length) { setStatus("Nothing to save yet."); return; }
-    const lines = ["edgemed conversation — model " + $("model").value, new Date().toISOString(), ""];
+    const models = [...new Set(state.transcript.map((entry) => entry.model))];
+    const lines = ["edgemed conversation — model" + (models.length > 1 ? "s " : " ") + models.join(", "),
+                   new Date().toISOString(), ""];
     state.transcript.forEach((entry, i) => {
+      const before = state.transcript[i - 1];
+      if (before && before.model !== entry.model) lines.push("(" + modelChange(entry.model, before.model) + ")", "");
       lines.push(...transcriptLines(entry));
       const next = state.transcript[i + 1];
       if (entry.form && !(next && next.form)) lines.push("(" + FORM_DIVIDER + ")", "");
+      if (entry.left) lines.push("(" + LEFT_OUT + ")", "");
     });
     lines.push(state.info ? state.info.safety : "");
-    const url = URL.createObjectURL(new Blob([lines.join("\n")], { type: "text/plain;charset=utf-8" }));
+    const url = URL.createObjectURL(new Blob([shown(lines.join("\n"))], { type: "text/plain;charset=utf-8" }));
     const a = el("a", { href: url, download: "edgemed-conversation.txt" });
     document.body.append(a);
     a.click();
@@ -700,8 +806,10 @@
       e.preventDefault();
       const key = $("key").value.trim();
       if (!key) return;
-      sessionStorage.setItem(KEY_SLOT, key);
       $("key").value = "";
+      const problem = keyProblem(key);
+      if (problem) { askForKey(problem, "That key cannot be used: paste it again."); return; }
+      heldKey = key;
       load();
     });
     $("forget-key").addEventListener("click", () => signOut());
