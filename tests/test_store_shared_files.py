@@ -133,6 +133,29 @@ def test_versions_that_share_the_model_survive_rollback_update_and_remove_of_ano
     assert list(s.blobs.iterdir()) == []
 
 
+def test_one_check_answers_for_a_blob_held_absent_or_damaged(releases, caplog):
+    """The install (``Store._holds``) and the pull (``oci_pull._in_store``) each checked a blob's size and digest in a
+    copy of their own; both ask ``Store.blob`` now: held, absent (no such blob, another size) or damaged (its bytes
+    hash to another digest), and only the pull says so of a damaged one, which it downloads again."""
+    from edgemed.packaging import oci, oci_pull
+
+    _cli("install", releases["1.0"])
+    store = Store()
+    man = Manifest.from_bytes((store.models / "tiny" / "manifest.json").read_bytes(), "test")
+    gguf = next(e for e in man.files if e.path == GGUF)
+    layer = oci.Layer(GGUF, "application/octet-stream", gguf.sha256, gguf.size)
+    assert store.blob(gguf.sha256, gguf.size) == store_mod.BLOB_HELD and oci_pull._in_store(store, layer)
+    assert store.blob(gguf.sha256, gguf.size + 1) == store.blob("0" * 64, gguf.size) == store_mod.BLOB_ABSENT
+    blob = store.blobs / gguf.sha256
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    assert store.blob(gguf.sha256, gguf.size) == store_mod.BLOB_DAMAGED and GGUF not in store._holds(man, None)
+    assert not caplog.records and not oci_pull._in_store(store, layer)
+    assert "does not hold what its name says" in caplog.text
+
+
 def test_a_card_only_pull_needs_room_for_the_card_alone(registry, releases, edgemed_home, monkeypatch):
     """Was: "The pull needs 0.2 MB to download and install ...", the kept GGUF counted as a copy to make."""
     edgemed_home.mkdir(parents=True, exist_ok=True)

@@ -365,22 +365,15 @@ def _installed(store, name: str, data: bytes, force: bool) -> bool:
 
 
 def _in_store(store, x: oci.Layer) -> bool:
-    """Whether the store's blob of ``x`` can stand for its download: there, of its size, and of its digest (the
-    verified-digest cache answers for an unchanged blob; a damaged one is hashed, found wrong, and downloaded
-    again, rather than linked into every pull that shares it and refused there each time)."""
-    from edgemed.packaging.digest import file_digest
+    """Whether the store's blob of ``x`` can stand for its download (``Store.blob``). A damaged one is downloaded
+    again, rather than linked into every pull that shares it and refused there each time."""
+    from edgemed.packaging.store import BLOB_DAMAGED, BLOB_HELD
 
-    blob = store.blobs / x.sha256
-    try:
-        st = blob.lstat()
-        if not (stat.S_ISREG(st.st_mode) and st.st_size == x.size):
-            return False
-        if file_digest(blob, store.cache, full=False)[0] == x.sha256:
-            return True
-    except OSError:
-        return False
-    log.warning("the store's blob %s does not hold what its name says: the layer '%s' is downloaded instead", blob, x.path)
-    return False
+    found = store.blob(x.sha256, x.size)
+    if found == BLOB_DAMAGED:
+        log.warning("the store's blob %s does not hold what its name says: the layer '%s' is downloaded instead",
+                    store.blobs / x.sha256, x.path)
+    return found == BLOB_HELD
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

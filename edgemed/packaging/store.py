@@ -98,6 +98,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL = "journal.json"
 _TMP_BLOB = re.compile(r"\.[0-9a-f]{64}\.[0-9]+")  # _dedupe's link before its rename onto the blob
+BLOB_HELD, BLOB_ABSENT, BLOB_DAMAGED = "held", "absent", "damaged"  # what ``Store.blob`` finds
 
 
 _HELD = threading.local()
@@ -628,23 +629,29 @@ class Store:
             return target, man, signer.get("key_id")
 
     def _holds(self, man: Manifest, source: Path | None) -> set[str]:
-        """The files of ``man`` whose blob the store holds already, which an install links instead of copying (an
-        update that changes the card alone copies no weights): a blob of the file's size whose digest is right (the
-        verified cache answers for an unchanged one), or the very file that the bundle folder ``source`` has there,
-        which the install hashes in full itself (a pull's staging folder links the store's blobs)."""
-        found = set()
-        for e in man.files:
-            blob = self.blobs / e.sha256
-            try:
-                st = blob.lstat()
-                if not (stat.S_ISREG(st.st_mode) and st.st_size == e.size):
-                    continue
-                if (source is not None and os.path.samestat(st, os.lstat(source / e.path))
-                        or file_digest(blob, self.cache, full=False)[0] == e.sha256):
-                    found.add(e.path)
-            except OSError:  # not there, or unreadable: the file is copied
-                continue
-        return found
+        """The files of ``man`` whose blob the store holds already (``blob``), which an install links instead of
+        copying (an update that changes the card alone copies no weights); ``source``: the bundle folder, whose very
+        file there stands for its blob (the install hashes it in full itself; a pull's staging folder links them)."""
+        return {e.path for e in man.files
+                if self.blob(e.sha256, e.size, source / e.path if source is not None else None) == BLOB_HELD}
+
+    def blob(self, sha256: str, size: int, same_as: Path | None = None) -> str:
+        """Whether the store's blob ``sha256`` can stand for a file of ``size`` bytes with that digest (an install
+        links it, a pull does not download it): ``BLOB_HELD``, a regular file of that size whose digest is right (the
+        verified-digest cache answers for an unchanged one; or it is the file ``same_as``, which the caller hashes
+        itself); ``BLOB_ABSENT``, not there, another kind of file or size, or unreadable; ``BLOB_DAMAGED``, of that
+        size but its bytes hash to another digest (a caller fetches the file again rather than link the damage)."""
+        blob = self.blobs / sha256
+        try:
+            st = blob.lstat()
+            if not (stat.S_ISREG(st.st_mode) and st.st_size == size):
+                return BLOB_ABSENT
+            if (same_as is not None and os.path.samestat(st, os.lstat(same_as))
+                    or file_digest(blob, self.cache, full=False)[0] == sha256):
+                return BLOB_HELD
+        except OSError:  # not there, or unreadable: the file is copied or downloaded
+            return BLOB_ABSENT
+        return BLOB_DAMAGED
 
     def _link_blob(self, sha256: str, dest: Path) -> bool:
         """Link the store's blob ``sha256`` at ``dest`` in a stage; False where it cannot be (the file is copied)."""
