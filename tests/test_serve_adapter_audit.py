@@ -191,6 +191,34 @@ def test_admin_refusals_name_their_code_and_field_in_words_for_an_http_caller(se
     assert set(server.batcher.adapters()) == {"cardio", "triage"}
 
 
+
+def test_a_truncated_adapter_is_the_callers_file_and_a_merged_base_the_servers(server, kit, tmp_path):  # noqa: F811
+    """A truncated file, unchanged since it was sent, is refused by the header reader as truncated: a 400 naming the
+    file (it was a 409 adapter_changed, a server error, as if written while it loaded). A base with a LoRA merged in
+    is the server's fault, not the adapter's: its own code, and the fix is to serve the unmerged base (it was
+    adapter_base_mismatch, whose fix sent the caller after another adapter). Nothing is added."""
+    from edgemed.formats.gguf_header import LORA_SHA_KEY
+    from edgemed.serve.app import create_app
+
+    short = tmp_path / "short.lora.gguf"
+    short.write_bytes(kit["radio"].read_bytes()[:os.path.getsize(kit["radio"]) // 2])
+    r = httpx.post(server.url + "/admin/adapters", json={"name": "short", "path": str(short)}, timeout=120)
+    error = r.json()["error"]
+    assert (r.status_code, error["type"], error["code"], error["param"]) == \
+        (400, "invalid_request_error", "adapter_not_loadable", "path"), r.text
+    assert f"'{short}' is truncated or damaged" in error["message"] and "Fix: copy the file again" in error["message"]
+    assert "short" not in server.batcher.adapters()
+
+    merged = lora_gguf_kit.rewrite(kit["base"], tmp_path / "merged.gguf", {LORA_SHA_KEY: "cd" * 32})
+    with Batcher(merged, LoadSettings(n_ctx=512, n_threads=1, n_threads_batch=1), slots=1) as batcher, \
+            ServerThread(create_app(batcher, ServeConfig(model_id=MODEL, bundle_digest="sha256:test"))) as srv:
+        r = httpx.post(srv.url + "/admin/adapters", json={"name": "radio", "path": str(kit["radio"])}, timeout=120)
+        error = r.json()["error"]
+        assert (r.status_code, error["code"], error["param"]) == (409, "base_has_merged_lora", "path"), r.text
+        assert "The base 'merged.gguf' already has a LoRA adapter (cdcdcdcdcdcd...) merged" in error["message"]
+        assert "Fix: serve the unmerged base" in error["message"] and "an adapter made for" not in error["message"]
+        assert batcher.adapters() == {}
+
 def test_an_adapter_file_is_hashed_once_and_one_changed_while_it_loads_is_not_served(kit, tmp_path, monkeypatch):  # noqa: F811
     """The sha256 is taken once, before the load (not per request; not at all where its bundle's verification gave
     it); a file replaced between that hash and the end of the load is refused, since the sha256 would name other bytes."""

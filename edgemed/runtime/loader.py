@@ -64,6 +64,11 @@ def _specs(adapters) -> tuple[AdapterSpec, ...]:
     return tuple(a if isinstance(a, AdapterSpec) else AdapterSpec(Path(a)) for a in adapters or ())
 
 
+class MergedBase(AdapterError):
+    """The base, not the adapter, is at fault: it has a LoRA merged into its weights, so no adapter edgemed made runs
+    on it (``refuse_merged_base``)."""
+
+
 #: what to do with a base that has a LoRA merged in, at run time (``convert --adapter-only --base`` says its own)
 MERGED_BASE_FIX = ("run the adapter on a GGUF converted from the checkpoint without --lora (`edgemed convert CHECKPOINT`), "
                    "or run the merged file as it is, without --adapter")
@@ -86,8 +91,8 @@ def refuse_merged_base(base_meta: dict, base_name: str, adapter_name: str, adapt
         what, effect = "this very adapter", "applied again it adds its change twice"
     else:
         what, effect = f"a LoRA adapter ({merged[:12]}...)", "applied on top it changes a model it was not trained on"
-    raise AdapterError(f"The base '{base_name}' already has {what} merged into its weights ({LORA_SHA_KEY}), and the "
-                       f"adapter '{adapter_name}' was made and gated for the plain checkpoint: {effect}.", fix)
+    raise MergedBase(f"The base '{base_name}' already has {what} merged into its weights ({LORA_SHA_KEY}), and the "
+                     f"adapter '{adapter_name}' was made and gated for the plain checkpoint: {effect}.", fix)
 
 
 def check_adapter(base_meta: dict, base_path: Path, adapter_path: Path):

@@ -149,6 +149,8 @@ def _admit_and_add(srv, name: str, spec, field: str) -> dict:
     from edgemed.runtime.batch.batcher import AdapterNameTaken
     from edgemed.runtime.loader import AdapterSpec
 
+    # the file as its bundle was verified, else as it is now: an IntegrityError with it still so is its own damage
+    before = tuple(spec.stamp.stamp) if spec.stamp is not None else _file_stamp(spec.path)
     with _ADDING:
         try:  # a bad or taken name is said before the self-test's child runs for it
             srv.batcher.check_new_adapter(name)
@@ -168,29 +170,53 @@ def _admit_and_add(srv, name: str, spec, field: str) -> dict:
             except ModelLoadError as exc:
                 raise api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_selftest_failed") from None
             except EdgemedError as exc:
-                raise _refused(srv, exc, field) from None
+                raise _refused(srv, exc, field, spec, before) from None
         try:  # an installed adapter: the bytes loaded must be the ones verified, before any request can name it
             return srv.batcher.add_adapter(name, spec, check=srv.config.loaded_adapter)
         except ModelLoadError as exc:  # a file llama.cpp does not take: the caller's to fix, not a server failure
             raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}", code="adapter_not_loadable", param=field) from None
         except EdgemedError as exc:
-            raise _refused(srv, exc, field) from None
+            raise _refused(srv, exc, field, spec, before) from None
 
 
-def _refused(srv, exc, field: str):
-    """The HTTP error for an adapter ``admit_adapter`` or the load refused (``field``: the body field naming it)."""
+def _file_stamp(path) -> tuple | None:
+    """``path``'s stamp now (``files.hashing.stamp``; None: gone)."""
+    import os
+
+    from edgemed.files.hashing import stamp
+
+    try:
+        return stamp(os.stat(path))
+    except OSError:
+        return None
+
+
+def _refused(srv, exc, field: str, spec=None, before: tuple | None = None):
+    """The HTTP error for an adapter ``admit_adapter`` or the load refused (``field``: the body field naming it).
+    ``spec``'s file with its stamp still ``before`` (as verified or first seen) had no change for an ``IntegrityError``
+    to find: that one is the file's own damage (the header reader's "truncated or damaged"), the caller's to fix, told
+    from a change as ``Batcher.add_adapter`` tells them apart."""
     from edgemed.errors import AdapterError, InputError, IntegrityError
     from edgemed.runtime.batch.batcher import AdapterNameTaken
+    from edgemed.runtime.loader import MergedBase
 
     model = srv.config.model_id
     if isinstance(exc, AdapterNameTaken):  # added meanwhile
         return _name_taken(exc)
-    if isinstance(exc, AdapterError):  # its header names another base (or architecture), or the base has a LoRA
-        # merged in; a file llama.cpp reads otherwise than its header is an InputError below (damaged, not another base)
+    if isinstance(exc, MergedBase):  # the server's base is at fault: no adapter made for its checkpoint runs on it
+        return api.ApiError(409, f"{exc.problem} Fix: serve the unmerged base: restart this server on a GGUF converted "
+                                 "from the plain checkpoint (`edgemed convert CHECKPOINT`), then add the adapter to it.",
+                            code="base_has_merged_lora", param=field)
+    if isinstance(exc, AdapterError):  # its header names another base (or architecture); a file llama.cpp reads
+        # otherwise than its header is an InputError below (damaged, not another base)
         return api.ApiError(400, f"{exc.problem} Fix: send as \"{field}\" an adapter made for '{model}', the model "
                                  "this server runs; this one runs only on the base it was made for.",
                             code="adapter_base_mismatch", param=field)
-    if isinstance(exc, IntegrityError):  # the file changed between its verification (or hash) and its load
+    if isinstance(exc, IntegrityError):
+        if spec is not None and before is not None and _file_stamp(spec.path) == before:  # damaged as it was given
+            return api.ApiError(400, f"{exc.problem} Fix: {exc.fix}, then send it again.", code="adapter_not_loadable",
+                                param=field)
+        # the file changed between its verification (or first stat) and its load
         return api.ApiError(409, f"{exc.problem} Fix: {exc.fix}", "server_error", "adapter_changed", field)
     if isinstance(exc, InputError):  # not a GGUF LoRA adapter, or unreadable
         return api.ApiError(400, f"{exc.problem} Fix: send an adapter that `edgemed convert --adapter-only` wrote for "
