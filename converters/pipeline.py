@@ -32,7 +32,6 @@ from edgemed.formats.conversion_report import ConversionReport, report_path as _
 from edgemed.converters import arch_spec, provenance, require_route
 from edgemed.converters.budget import peaks as budget
 from edgemed.converters.source.checkpoint import Checkpoint
-from edgemed.converters.source.lora import lora_alpha
 from edgemed.converters.source.source import Source
 from edgemed.converters.route import RouteOptions, Timings, torch_threads
 from edgemed.constants import FLOAT_OUTPUT_TYPES, GGUF_OUTPUT_TYPES
@@ -329,7 +328,6 @@ def _convert_adapter(source: Path, out: Path, opts: ConvertOptions, echo=print) 
         timings.since_start("total")
         lora_info = (lora_info or {}) | {
             "form": "gguf-adapter", "tensor_type": opts.out_type, "tensor_types": tensor_type_counts(tmp), "pairs": len(planned),
-            "alpha": lora_alpha(src.adapter.config),
             "base_source_sha256": source_info["sha256"]}
         lora_info.pop("merged_tensors", None)
         result = ConversionReport(

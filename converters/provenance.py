@@ -23,14 +23,22 @@ def source_info(ckpt) -> dict:
 
 
 def lora_info(adapter) -> dict | None:
-    """The merged adapter (None without one): digest, the rank and alpha the merge used (the config's, else PEFT's
-    defaults; per-module ``rank_pattern`` / ``alpha_pattern`` beside them when the config has them), rsLoRA
-    scaling, tensors it changed."""
+    """The merged adapter (None without one): digest, the ranks and alphas its pairs were used with, rsLoRA scaling,
+    tensors it changed.
+
+    ``r`` and ``lora_alpha`` are what PEFT applies to the adapted modules: one number when every pair has the same,
+    else the sorted distinct values (``rank_pattern`` / ``alpha_pattern``, kept beside them, say which module has
+    which); a pattern's value where it covers a module, else the config's ``r`` / ``lora_alpha``, else PEFT's
+    default (8). An adapter of full replacement weights only (``modules_to_save``) reports the config's. A GGUF
+    adapter file's ``adapter.lora.alpha`` is the config's ``lora_alpha``, per-module differences folded into
+    ``lora_b`` (``gguf/adapter.py``)."""
     if adapter is None:
         return None
     config = adapter.config
-    info = {"path": str(adapter.path), "sha256": adapter.digest(), "r": lora_rank(config),
-            "lora_alpha": lora_alpha(config), "use_rslora": bool(config.get("use_rslora"))}
+    info = {"path": str(adapter.path), "sha256": adapter.digest(),
+            "r": _used([p.rank for p in adapter.pairs.values()], lora_rank(config)),
+            "lora_alpha": _used([p.alpha for p in adapter.pairs.values()], lora_alpha(config)),
+            "use_rslora": bool(config.get("use_rslora"))}
     info |= {key: dict(config[key]) for key in ("rank_pattern", "alpha_pattern") if config.get(key)}
     info["merged_tensors"] = len(adapter.pairs) + len(adapter.replacements)
     base = getattr(adapter, "base_name", None)
@@ -40,6 +48,12 @@ def lora_info(adapter) -> dict | None:
         info["base_check"] = ("name differs: " + adapter.base_warning if adapter.base_warning
                               else str(check) if check is not None else "matches")
     return info
+
+
+def _used(values: list, default):
+    """One value when all of ``values`` are the same, else their sorted distinct values; ``default`` for none."""
+    distinct = sorted(set(values))
+    return default if not distinct else distinct[0] if len(distinct) == 1 else distinct
 
 
 def converter_info(tools: dict[str, str], **extra) -> dict:

@@ -215,3 +215,6 @@ def test_per_module_scales_and_architectures_pass_the_gate(tmp_path, arch, extra
     assert report.lora["tensor_type"] == "f32" and {t.type_name for t in read_header(out).tensors} == {"F32"}
     # and the scales are not all 1: without the fold, this adapter computes another model
     assert report.lora["use_rslora"] == bool(extra)
+    # the ranks and alphas the pairs use, once (no second "alpha"): the patterns' beside the config's r and lora_alpha
+    assert {k: report.lora.get(k) for k in ("r", "lora_alpha", "alpha")} == \
+        ({"r": [4, 8], "lora_alpha": [4, 32], "alpha": None} if extra else {"r": 8, "lora_alpha": 4, "alpha": None})

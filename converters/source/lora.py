@@ -104,6 +104,8 @@ class LoraPair:
     a: str  # tensor name in the adapter file
     b: str
     scale: float
+    rank: int  # what PEFT uses for this module: rank_pattern's where it matches, else r (else 8)
+    alpha: float  # ... alpha_pattern's where it matches, else lora_alpha (else 8)
 
 
 def _positive_int(v) -> bool:
@@ -495,7 +497,7 @@ class LoraAdapter:
                 )
             alpha = float(cls._pattern_value(module, alpha_pattern, alpha_default))
             scale = alpha / math.sqrt(r) if rslora else alpha / r
-            pairs[base] = LoraPair(a_key, b_key, scale)
+            pairs[base] = LoraPair(a_key, b_key, scale, r, alpha)
         for key in keys:
             if ".lora_" in key:
                 continue
