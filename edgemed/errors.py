@@ -133,6 +133,15 @@ class TemplateError(InputError):
     """A prompt template is malformed, missing inputs, or a chat template misbehaved."""
 
 
+class TemplateInputError(TemplateError):
+    """A template input given is no value the template can render (an array, an option without text); ``key``: which
+    one (``options.A`` for an option), the ``param`` of the API's error."""
+
+    def __init__(self, problem: str, fix: str, key: str):
+        super().__init__(problem, fix)
+        self.key = key
+
+
 class OutputError(EdgemedError):
     """An output cannot be written: no space left, no permission, a read-only file system."""
 

@@ -128,6 +128,20 @@ def test_lone_surrogate_is_a_400_naming_the_field(server):
     assert is_openai_error(r, 400, None)["param"] == "template_inputs.question"
 
 
+@pytest.mark.parametrize("inputs, param, says", [
+    ({"question": ["a", "b"], "options": {"A": "x", "B": "y"}}, "template_inputs.question",
+     "template_inputs.question must be text, not an array"),
+    ({"question": "q", "options": {"A": "", "B": "y"}}, "template_inputs.options.A",
+     "the option 'A' in template_inputs.options has no text"),
+])
+def test_a_template_input_that_is_not_text_is_a_400_naming_it(server, inputs, param, says):
+    """An array reached the prompt as Python's repr ("Question: ['a', 'b']"), an empty option as "A." alone."""
+    error = is_openai_error(post(server, "/v1/chat/completions", {"model": MODEL, "max_tokens": 4, "messages": [],
+                                                                   "template": "mcq", "template_inputs": inputs}),
+                            400, "invalid_template")
+    assert error["param"] == param and says in error["message"] and "template_inputs" in error["message"], error
+
+
 def test_a_schema_the_grammar_converter_rejects_is_a_400(server):
     """llama-cpp-python's converter asserts on an unknown type; the llama layer's ``grammar_text`` makes it an
     InputError."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgemed.errors import InputError, TemplateError
+from edgemed.errors import InputError, TemplateError, TemplateInputError
 from edgemed.runtime.chat_template import render as render_chat
 from edgemed.templates import get_template, load_templates
 from edgemed.templates.contract import choice_grammar
@@ -177,6 +177,60 @@ def test_a_choice_from_fewer_than_two_options_is_refused(options):
         mcq.messages({"question": "Which vitamin deficiency causes scurvy?", "options": options})
     assert '"B"' in err.value.fix
     assert mcq.choices({"question": "q", "options": {"A": "Vitamin C", "B": "Vitamin A"}}) == ("A", "B")
+
+
+@pytest.mark.parametrize("value, kind", [(["a", "b"], "an array"), ({"q": 1}, "an object"), (True, "true"),
+                                         (False, "false"), (None, "null")])
+def test_an_input_that_is_not_text_is_refused_naming_it(value, kind):
+    """A served request's template_inputs (and an --item-json's fields) are any JSON: ["a", "b"] reached the prompt
+    as "Question: ['a', 'b']", true as "True", and a false context was dropped by the text's {% if %}."""
+    mcq = get_template("mcq")
+    inputs = {"question": value, "options": {"A": "x", "B": "y"}}
+    with pytest.raises(TemplateInputError) as api:
+        mcq.messages(inputs, "api")
+    assert api.value.problem == f"Template 'mcq': template_inputs.question must be text, not {kind}."
+    assert api.value.key == "question" and "'template_inputs': {\"question\": \"...\"}" in api.value.fix
+    with pytest.raises(TemplateInputError, match=f"the input 'question' must be text, not {kind}") as cli:
+        mcq.messages(inputs)
+    assert "--item-json" in cli.value.fix
+
+
+def test_a_number_input_is_its_text_and_a_zero_is_kept():
+    """A number is text written out (an age of 54); a context of 0 rendered nothing."""
+    user = get_template("open_question").messages({"question": "Dose?", "context": 0}, "api")[1]["content"]
+    assert user.startswith("Context: 0\n")
+    assert get_template("mcq").fill({"question": 54, "options": {"A": 5, "B": 10.5}}) == {
+        "question": "54", "options": {"A": "5", "B": "10.5"}}
+
+
+@pytest.mark.parametrize("options, label, why", [
+    ({"A": "", "B": "heparin"}, "A", "has no text"),
+    ({"A": "aspirin", "B": "  "}, "B", "has no text"),
+    ({"A": None, "B": "heparin"}, "A", "is null, not text"),
+    ({"A": "aspirin", "B": {"z": [1]}}, "B", "is an object, not text"),
+])
+def test_an_option_without_text_is_refused_naming_it(options, label, why):
+    """They reached the model as "A." and "B. {'z': [1]}": a choice between empty lines."""
+    mcq = get_template("mcq")
+    with pytest.raises(TemplateInputError) as err:
+        mcq.messages({"question": "Which anticoagulant?", "options": options}, "api")
+    assert err.value.problem.startswith(f"Template 'mcq': the option '{label}' in template_inputs.options {why}")
+    assert err.value.key == f"options.{label}" and "template_inputs" in err.value.fix
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"A": "x", "B": "y", "A ": "z"}, "the option label 'A ' has spaces around it"),
+    ({" A": "x", "B": "y"}, "the option label ' A' has spaces around it"),
+    ({"A\nB": "x", "C": "y"}, "the option label 'A\\nB' holds a line break or an invisible character"),
+    ({"A\u200b": "x", "B": "y"}, "the option label 'A\\u200b' holds a line break or an invisible character"),
+    ({"A": "x", "\uff21": "y"}, "the options 'A' and '\uff21' differ only in case or width"),
+])
+def test_an_option_label_no_answer_line_can_name_is_refused(options, says):
+    """"A " beside "A": "Answer: A " parsed as A, so option "A " could never be the answer; "A\nB" rendered as two
+    lines that read as two options, and no answer line could name it."""
+    with pytest.raises(TemplateError) as err:
+        get_template("mcq").messages({"question": "q", "options": options}, "api")
+    assert says in err.value.problem and "label each option" in err.value.fix
 
 
 # -- contracts -------------------------------------------------------------------------
@@ -402,11 +456,28 @@ BAD_TEMPLATES = {
                            "contract.schema: template 'mine' has a choice contract, which does not use 'schema'"),
     "choices on a text": (template_text(contract='{ kind = "text", choices = ["yes", "no"] }'),
                           "contract.choices: template 'mine' has a text contract, which does not use 'choices'"),
+    # a default of ["a", 1] rendered as Python's repr: defaults are values of their input, checked at load
+    "default an array": (template_text('[inputs.question]\ndefault = ["a", 1]\n'),
+                         "inputs.question.default: expected a string, got an array"),
+    "default true": (template_text('[inputs.question]\ndefault = true\n'),
+                     "inputs.question.default: expected a string, got true or false"),
+    "options default a string": (template_text(INPUTS + '[inputs.opts]\ndefault = "A, B"\n',
+                                               contract='{ kind = "choice", choices_from = "opts" }'),
+                                 "inputs.opts.default: expected a table of option texts, got a string"),
+    "options default blank": (template_text(INPUTS + '[inputs.opts]\ndefault = { A = "x", B = " " }\n',
+                                            contract='{ kind = "choice", choices_from = "opts" }'),
+                              "inputs.opts.default: the option 'B' has no text"),
+    # an empty user message loaded, and the model was asked nothing
+    "user empty": (template_text(user='" \\n "'), "user: empty: the model would be asked nothing"),
+    # a name that is not "mine" to the eye: trailing space, zero-width space, a right-to-left override
+    "name with a zero-width space": (template_text(name='"mi\\u200bne"'), "name: 'mi\\u200bne' is no template name"),
+    "name with a bidi control": (template_text(name='"\\u202emine"'), "name: '\\u202emine' is no template name"),
 }
 #: the fix each refusal above names, where it says more than "fix the field"
 FIXES = {"input named self": "rename the input", "undeclared variable": "declare [inputs.ward]", "choice label empty": 'set label = "Answer"',
          "choices differ in case": "list each choice once", "a choice of markdown": "name each choice in words", "choices and choices_from": "keep either choices",
-         "schema on a choice": "remove 'schema' from [contract]"}
+         "schema on a choice": "remove 'schema' from [contract]", "user empty": "write the question's layout in 'user'",
+         "name with a zero-width space": "rename the template"}
 
 
 def _folder(tmp_path: Path, index: str, template: str | None) -> Path:
@@ -448,6 +519,26 @@ def test_an_optional_input_without_a_default_renders_empty(tmp_path, monkeypatch
     assert mine.messages({"question": "fever?", "context": "day 2"})[1]["content"] == "fever?|day 2|"
 
 
+def test_a_user_message_that_renders_empty_is_refused(tmp_path, monkeypatch):
+    """An optional input was the whole question: left out, the model was sent an empty user turn."""
+    text = template_text('[inputs.question]\nrequired = false\nhelp = "q"\n')
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(_folder(tmp_path, GOOD_INDEX, text)))
+    mine = load_templates()["mine"]
+    with pytest.raises(TemplateError, match="its user message comes out empty for these inputs") as err:
+        mine.messages({})
+    assert "question" in err.value.fix and "mine.toml" in err.value.fix
+    assert mine.messages({"question": "fever?"})[1]["content"] == "fever?"
+
+
+def test_a_template_folder_saved_with_a_byte_order_mark_loads(tmp_path, monkeypatch):
+    """Windows Notepad starts a UTF-8 file with EF BB BF: the index was "not valid TOML (... line 1, column 1)"."""
+    folder = _folder(tmp_path, GOOD_INDEX, GOOD_TEMPLATE)
+    for name in ("index.toml", "mine.toml"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    assert load_templates()["mine"].messages({"question": "fever?"})[1]["content"] == "fever?"
+
+
 BAD_INDEXES = {
     "unknown key": ('preambel = "x"\n' + GOOD_INDEX, "preambel: unknown key"),
     "template a table": ('[template]\nname = "mine"\nfile = "mine.toml"\n', "template: expected [[template]] entries"),
@@ -457,6 +548,9 @@ BAD_INDEXES = {
     "listed twice": (GOOD_INDEX + GOOD_INDEX, "template[1].name: 'mine' is listed twice"),
     "missing file": ('[[template]]\nname = "mine"\nfile = "other.toml"\n', "other.toml: no such file"),
     "preamble a number": ('preamble = 3\n' + GOOD_INDEX, "preamble: expected a string, got int"),
+    # "mcq " loaded beside "mcq" without `replaces = true`
+    "name with a trailing space": (GOOD_INDEX.replace('"mine"', '"mine "'),
+                                   "template[0].name: 'mine ' is no template name: a template's name is letters, digits"),
 }
 
 

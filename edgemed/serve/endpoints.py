@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from edgemed.errors import InputError, TemplateError
+from edgemed.errors import InputError, TemplateError, TemplateInputError
 from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.sampling import check_gbnf
 from edgemed.runtime.session import starts_in_think
@@ -103,7 +103,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
             await run_in_threadpool(template.fill, body.template_inputs, "api")
         except TemplateError as exc:
             error = api.as_api_error(exc)
-            error.param = "template_inputs"
+            error.param = f"template_inputs.{exc.key}" if isinstance(exc, TemplateInputError) else "template_inputs"
             raise error from None
         messages = await run_in_threadpool(template.messages, body.template_inputs, "api")
         # a chat template without a system role (it refuses or drops one): the safety preamble goes in the user message

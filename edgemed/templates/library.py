@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
 from edgemed import env
-from edgemed.errors import TemplateError
+from edgemed.errors import TemplateError, TemplateInputError
 from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_toml
 from edgemed.templates.contract import JSON_TYPES, KINDS, Contract, Parsed
@@ -24,6 +26,10 @@ INDEX_KEYS = {"preamble", "preamble_file", "template"}
 ENTRY_KEYS = {"name", "file", "replaces"}
 #: an input is a variable of the template's Jinja text, and a --input KEY / page field: a plain ASCII name
 INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: a template's name is what --template, the index and the page name it by: plain ASCII, so that "mcq " or a name
+#: with an invisible or right-to-left character is not a second "mcq" that loads without `replaces = true`
+TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "a template's name is letters, digits, _ and - (a letter or digit first, at most 64): [A-Za-z0-9][A-Za-z0-9_-]*"
 #: names Jinja reads as its own operators and literals: an input so named could not be used in the text
 JINJA_WORDS = {"and", "or", "not", "in", "is", "if", "else", "true", "false", "none", "True", "False", "None"}
 #: names Jinja gives a meaning of its own: ``self`` (the template; an input so named fails every render), ``loop``
@@ -37,13 +43,17 @@ MIN_OPTIONS = 2
 #: CLI's options (``edgemed run``), or the ``template_inputs`` object of a request to ``edgemed serve``. ``input``:
 #: the fix for a missing input ``{key}``; ``own``: the inputs given otherwise, by an option of their own (``run
 #: --question``; a missing options input's fix is ``options``); ``options``: how to give the options ``{key}``;
-#: ``cut``: how to give a reply cut at its token limit more room (``Template.parse``'s ``truncated``).
+#: ``cut``: how to give a reply cut at its token limit more room (``Template.parse``'s ``truncated``); ``name``: an
+#: input as the caller's user names it, ``text``: how to give it as text (on the CLI only --item-json holds other
+#: JSON values).
 VIA = {
     "cli": {"input": "pass it with -i {key}='...' (or -i {key}=@FILE to read it from a file)", "give": "pass",
+            "name": "the input '{key}'", "text": "write it as a JSON string (\"...\") in --item-json",
             "own": {"question": "pass it with --question '...' (or --question @FILE to read it from a file)"},
             "options": "--options '{{\"A\": \"...\", \"B\": \"...\"}}'",
             "cut": "raise max_tokens (--max-tokens)"},
     "api": {"input": "send it in 'template_inputs': {{\"{key}\": ...}}", "give": "send",
+            "name": "template_inputs.{key}", "text": "send it as a JSON string: 'template_inputs': {{\"{key}\": \"...\"}}",
             "options": "'template_inputs': {{\"{key}\": {{\"A\": \"...\", \"B\": \"...\"}}}}",
             "cut": "send a larger max_tokens (or max_completion_tokens)"},
 }
@@ -75,11 +85,13 @@ class Template:
         values = {}
         for key, spec in self.inputs.items():
             given = inputs.get(key)
+            if key in inputs and key != self.contract.choices_from:
+                given = self._text(key, given, how)
             blank = given is None or (isinstance(given, str) and not given.strip())  # a note of only blank lines
             if not blank:
                 values[key] = given
-            elif "default" in spec:
-                values[key] = spec["default"]
+            elif "default" in spec:  # of the type checked at load (``_check_default``)
+                values[key] = spec["default"] if key == self.contract.choices_from else _as_text(spec["default"])
             elif spec.get("required", True):
                 why = "; the one given is blank" if given is not None else ""
                 fix = (f"{how['give']} {options_like}" if key == self.contract.choices_from
@@ -100,28 +112,66 @@ class Template:
                                 f"give two or more, e.g. {options_like}")
         if self.contract.choices_from:
             self._check_labels([str(k) for k in options], options_like)
+            values[self.contract.choices_from] = self._option_texts(options, options_like, how)
         return values
+
+    def _text(self, key: str, value, how: dict) -> str:
+        """An input given as the text the template renders. An array, an object, true or null (a served request's
+        ``template_inputs`` are any JSON, as an --item-json's fields are) rendered as Python's repr ("['a', 'b']",
+        "True"), and a 0 or false was dropped by the text's ``{% if %}``."""
+        text = _as_text(value)
+        if text is None:
+            raise TemplateInputError(f"Template '{self.name}': {how['name'].format(key=key)} must be text, not "
+                                     f"{_json_kind(value)}.", how["text"].format(key=key), key)
+        return text
+
+    def _option_texts(self, options: dict, options_like: str, how: dict) -> dict:
+        """Each option's text as text: a blank one ("A": "") had the model choose between empty lines, and null, an
+        array or an object rendered as Python's repr ("A. None")."""
+        texts = {}
+        for label, value in options.items():
+            text = _as_text(value)
+            if text is None or not text.strip():
+                why = "has no text" if text is not None else f"is {_json_kind(value)}, not text"
+                raise TemplateInputError(f"Template '{self.name}': the option {str(label)!r} in "
+                                         f"{how['name'].format(key=self.contract.choices_from)} {why}, so it is no "
+                                         "answer the model can choose.",
+                                         f"give each option its text, e.g. {options_like}",
+                                         f"{self.contract.choices_from}.{label}")
+            texts[label] = text
+        return texts
 
     def _check_labels(self, labels: list[str], options_like: str) -> None:
         """Each option's label is what a reply names it by: none blank, none without a letter or digit (a reply's
         markdown, "**", "_" and "-", would read as that option, and the parse takes a long time over a reply made of
-        them), no two that differ only in case (the answer line is read without regard to case: "Answer: a" is option
-        A)."""
+        them), none with spaces around it or a line break or invisible character in it (the answer line is read
+        stripped, one line: "A " and "A\nB" could never be the answer), no two that differ only in case or width (the
+        answer line is read without regard to case: "Answer: a" is option A; "Ａ" is a full-width "A")."""
         fix = f"label each option with its own letter or number, e.g. {options_like}"
         blank = [label for label in labels if not label.strip()]
         if blank:
             raise TemplateError(f"Template '{self.name}': an option's label is {'empty' if not blank[0] else 'blank'} "
                                 f"({blank[0]!r}), so no answer can name it.", fix)
+        padded = [label for label in labels if label != label.strip()]
+        if padded:
+            raise TemplateError(f"Template '{self.name}': the option label {padded[0]!r} has spaces around it, so an "
+                                "answer (read without them) cannot name it.", fix)
+        hidden = [label for label in labels if any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029"
+                                                   for c in label)]
+        if hidden:
+            raise TemplateError(f"Template '{self.name}': the option label {hidden[0]!r} holds a line break or an "
+                                "invisible character, so an answer line cannot name it (a label is one line of "
+                                "visible text).", fix)
         marks = [label for label in labels if not re.search(r"[^\W_]", label)]
         if marks:
             raise TemplateError(f"Template '{self.name}': the option label {marks[0]!r} has no letter or digit, so a "
                                 "reply's punctuation or markdown would read as that option.", fix)
         seen: dict[str, str] = {}
         for label in labels:
-            other = seen.setdefault(label.casefold(), label)
+            other = seen.setdefault(unicodedata.normalize("NFKC", label).casefold(), label)
             if other != label:
-                raise TemplateError(f"Template '{self.name}': the options {other!r} and {label!r} differ only in case, "
-                                    "so an answer cannot tell them apart.", fix)
+                raise TemplateError(f"Template '{self.name}': the options {other!r} and {label!r} differ only in case "
+                                    "or width, so an answer cannot tell them apart.", fix)
 
     def choices(self, inputs: dict, via: str = "cli") -> tuple[str, ...]:
         return self.contract.resolve_choices(self.fill(inputs, via))
@@ -133,7 +183,13 @@ class Template:
         where = f"template '{self.name}' ({self.source})"
         task = render(self.system, values, where).strip()
         system = "\n\n".join(p for p in (self.preamble.strip(), task, self.contract.instruction(choices)) if p)
-        return [{"role": "system", "content": system}, {"role": "user", "content": render(self.user, values, where).strip()}]
+        user = render(self.user, values, where).strip()
+        if not user:  # the model would answer nothing in particular, as `run` refuses an empty --prompt for
+            raise TemplateError(f"Template '{self.name}': its user message comes out empty for these inputs, so the "
+                                "model would be asked nothing.",
+                                f"give the inputs its question needs ({', '.join(self.inputs) or 'it has none'}), or "
+                                f"fix 'user' in {self.source}")
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     def parse(self, reply: str, inputs: dict, started_in_think: bool = False, truncated: bool = False,
               via: str = "cli") -> Parsed:
@@ -149,6 +205,23 @@ def _load_toml(text: str, source: str) -> dict:
         return loads_toml(text)
     except ValueError as exc:  # TOMLDecodeError and TooDeep
         raise TemplateError(f"{source}: not valid TOML ({exc}).", f"fix the syntax of {source}") from None
+
+
+def _as_text(value) -> str | None:
+    """A value as the text a template renders: a string, or a number written out (an age of 54); None for anything
+    else (an array, an object, true or false, null)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return None
+
+
+def _json_kind(value) -> str:
+    """A value's JSON type, as a client or an --item-json wrote it."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return {dict: "an object", list: "an array"}.get(type(value), type(value).__name__)
 
 
 def _kind(value) -> str:
@@ -172,8 +245,10 @@ def _build(data: dict, source: str, preamble: str) -> Template:
             fail(key, "missing")
     for key in ("name", "title", "system", "user"):
         want(key, data[key], str)
-    if not data["name"].strip():
-        fail("name", "empty")
+    if not TEMPLATE_NAME.fullmatch(data["name"]):
+        fail("name", f"{data['name']!r} is no template name: {NAME_RULE}", "rename the template (and its index entry)")
+    if not data["user"].strip():
+        fail("user", "empty: the model would be asked nothing", "write the question's layout in 'user'")
     inputs = data.get("inputs", {})
     want("inputs", inputs, dict)
     for name, spec in inputs.items():
@@ -241,6 +316,9 @@ def _build(data: dict, source: str, preamble: str) -> Template:
         fail("contract.schema", "a json contract needs a schema table")
     if contract["kind"] == "json" and (problem := _schema_problem(contract["schema"])):
         fail(*problem)
+    for name, spec in inputs.items():
+        if "default" in spec and (why := _default_problem(spec["default"], name == contract.get("choices_from"))):
+            fail(f"inputs.{name}.default", why)
     examples = data.get("examples", [])
     want("examples", examples, list)
     for i, example in enumerate(examples):
@@ -250,6 +328,17 @@ def _build(data: dict, source: str, preamble: str) -> Template:
                                       choices=tuple(contract.get("choices", ())),
                                       choices_from=contract.get("choices_from", ""), schema=contract.get("schema", {})),
                     examples=tuple(data.get("examples", ())), preamble=preamble, source=source)
+
+
+def _default_problem(default, options: bool) -> str | None:
+    """Why ``default`` is no value of its input, or None: text (or a number), as an input given is (``Template.fill``);
+    for the options input, a table of option texts. A default of ["a", 1] rendered as Python's repr."""
+    if not options:
+        return None if _as_text(default) is not None else f"expected a string, got {_kind(default)}"
+    if not isinstance(default, dict):
+        return f"expected a table of option texts, got {_kind(default)}"
+    bad = next((label for label, text in default.items() if not (_as_text(text) or "").strip()), None)
+    return None if bad is None else f"the option {bad!r} has no text (expected a non-empty string, got {_kind(default[bad])})"
 
 
 def _undeclared(source: str, inputs: set[str]) -> tuple[str, str]:
@@ -365,6 +454,8 @@ def _check_index(index: dict, where: str) -> None:
                 fail(f"{field}.{key}", "unknown key")
         if not isinstance(entry.get("name"), str) or not entry["name"].strip():
             fail(f"{field}.name", "missing or not a string")
+        if not TEMPLATE_NAME.fullmatch(entry["name"]):
+            fail(f"{field}.name", f"{entry['name']!r} is no template name: {NAME_RULE}")
         if entry["name"] in seen:
             fail(f"{field}.name", f"'{entry['name']}' is listed twice")
         seen.add(entry["name"])
@@ -375,7 +466,8 @@ def _check_index(index: dict, where: str) -> None:
 
 def _read_user_file(folder: Path, name: str) -> str:
     """A file of a user's template folder: a regular file (a FIFO or a device would hang or never end), at most
-    ``MAX_FILE_BYTES``, UTF-8."""
+    ``MAX_FILE_BYTES``, UTF-8 (a byte-order mark at the start, which Windows Notepad writes, is dropped: TOML
+    refused it as "Invalid statement at line 1, column 1" of a file that looks right in any editor)."""
     path = folder / name
     fix = f"check the template folder {folder}"
     try:
@@ -387,7 +479,7 @@ def _read_user_file(folder: Path, name: str) -> str:
     except ValueError:
         raise TemplateError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB, which no template is.", fix) from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise TemplateError(f"{path}: not UTF-8 text (byte {exc.start}).", f"save {path} as UTF-8") from None
 
