@@ -185,6 +185,38 @@ def test_options_still_name_malformed_json():
     assert template_inputs("Which?", '{"A": 1.5}', None, [])[0]["options"] == {"A": 1.5}
 
 
+ASKED = '{"question": "Scurvy?", "options": {"A": "Vitamin A", "B": "Vitamin C"}, "answer_idx": "B"}'
+
+
+@pytest.mark.parametrize("question, options, pairs, says", [
+    ("Other?", None, [], "--item-json and --question both give the input 'question'"),
+    (None, '{"A": "Vitamin C", "B": "Vitamin A"}', [], "--item-json and --options both give the input 'options'"),
+    (None, None, ["question=Third?"], "--item-json and -i question both give the input 'question'"),
+])
+def test_an_items_inputs_are_not_replaced_under_its_expected_answer(tmp_path, question, options, pairs, says):
+    """--options over an item's options kept its answer_idx: run printed "Expected: B" where A was now correct."""
+    args = ["run", str(tmp_path / "absent.gguf"), "-t", "mcq", "--item-json", ASKED, "--json"]
+    args += (["--question", question] if question else []) + (["--options", options] if options else [])
+    result = CliRunner().invoke(cli, args + [a for pair in pairs for a in ("-i", pair)])
+    assert result.exit_code == 1 and "absent.gguf" not in result.output, result.output
+    error = json.loads(result.stdout.splitlines()[-1])
+    assert error["problem"] == says + "." and "ask the item as it is" in error["fix"], error
+
+
+def test_an_input_given_two_ways_is_refused():
+    """--question, then -i question: the -i one won without a word."""
+    from edgemed.cli.run import template_inputs
+    from edgemed.errors import InputError
+
+    with pytest.raises(InputError, match="--question and -i question both give the input 'question'") as err:
+        template_inputs("Scurvy?", None, None, ["question=Rickets?"])
+    assert err.value.fix == "give it once: drop --question or -i question"
+    with pytest.raises(InputError, match="-i context is given twice"):
+        template_inputs("Scurvy?", None, None, ["context=a", "context=b"])
+    inputs, expected = template_inputs(None, None, ASKED.replace('"Scurvy?"', "null"), ["question=Rickets?"])
+    assert inputs["question"] == "Rickets?" and expected == "B"  # a null field is one the item does not give
+
+
 @pytest.mark.parametrize("field", ["options", "answer_idx"])
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_item_json_refuses_numbers_json_cannot_write(tmp_path, field, number):

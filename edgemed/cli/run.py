@@ -157,32 +157,52 @@ def typed_text(text: str, what: str, fix: str = "save it as UTF-8 and pass it fr
 
 def template_inputs(question, options, item, pairs, text: TextSource | None = None) -> tuple[dict, str | None]:
     """Template inputs from the CLI options (``--question``, ``--options`` and each ``-i`` value may be ``@PATH`` or
-    ``@-``: ``TextSource``); also the item's expected answer, if it has one."""
+    ``@-``: ``TextSource``); also the item's expected answer, if it has one.
+
+    Each input is given one way. A second one overwrote the first without a word: the -i question won over
+    --question, and --options over an --item-json's options while its answer_idx was still printed as "Expected"
+    for options it no longer matched."""
     from edgemed.errors import InputError
 
     text = text or TextSource()
     inputs: dict = {}
+    given: dict[str, str] = {}  # input -> the option that gave it
+
+    def put(key: str, value, by: str) -> None:
+        if key in given:
+            first = given[key]
+            if first == by:
+                raise InputError(f"{by} is given twice.", f"give the input '{key}' once")
+            fix = (f"ask the item as it is (its answer_idx is the expected answer): drop {by}; or ask your own "
+                   "question: drop --item-json" if first == "--item-json" else f"give it once: drop {first} or {by}")
+            raise InputError(f"{first} and {by} both give the input '{key}'.", fix)
+        given[key] = by
+        inputs[key] = value
+
     expected = None
     if item:
         data = _item(item)
-        inputs.update({k: data[k] for k in ("question", "options", "context") if k in data})
+        for key in ("question", "options", "context"):
+            if data.get(key) is not None:  # null: the item has none
+                put(key, data[key], "--item-json")
         expected = data.get("answer_idx")
     question, options = text("--question", question), text("--options", options)
-    if question:
-        inputs["question"] = question
-    if options:
+    if question is not None:
+        put("question", question, "--question")
+    if options is not None:
         try:
-            inputs["options"] = loads_json(options, finite=True)
+            parsed = loads_json(options, finite=True)
         except json.JSONDecodeError:
             raise InputError("--options is not a JSON object.", "pass --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
         except ValueError as exc:  # NaN, Infinity, 1e999 (which no JSON reader takes back), or nesting too deep
             raise InputError(f"--options is not plain JSON: {exc}.",
                              "write each option as a quoted string: --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
+        put("options", parsed, "--options")
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise InputError(f"--input '{pair}' is not KEY=VALUE.", "pass e.g. --input reading_level='5th grade'")
-        inputs[key.strip()] = text(f"--input {key.strip()}", value)
+        put(key.strip(), text(f"--input {key.strip()}", value), f"-i {key.strip()}")
     return inputs, expected
 
 
@@ -238,7 +258,9 @@ def _stdin_prompt() -> str:
               "differential, drug, triage, patient_education, note_summary.")
 @click.option("--question", "-q", help="The question (templates; @PATH: from a file, @-: standard input).")
 @click.option("--options", help="Answer options as a JSON object, e.g. '{\"A\": \"...\", \"B\": \"...\"}' (mcq).")
-@click.option("--item-json", help="One MedMCQA/MedQA JSONL item (a JSON object, or PATH:LINE): question + options.")
+@click.option("--item-json", help="One MedMCQA/MedQA JSONL item (a JSON object, or PATH:LINE): question + options "
+              "(+ context); its answer_idx is printed as Expected. --question, --options and -i cannot also give an "
+              "input the item has: ask the item as it is, or your own question without it.")
 @click.option("--input", "-i", "pairs", multiple=True, help="Other template inputs as KEY=VALUE (repeatable); KEY=@PATH "
               "reads the value from a file, KEY=@- from standard input (e.g. -i note=@note.txt).")
 @click.option("--profile", help="Device profile to use (default: detected; see `edgemed devices list`).")
