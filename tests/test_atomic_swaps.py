@@ -122,6 +122,33 @@ def test_an_interrupt_between_the_two_renames_puts_the_old_output_back(tmp_path,
     assert (dest / "model.onnx").read_text() == "new" and crash_kit.debris(tmp_path) == []
 
 
+@pytest.mark.parametrize("after", [1, 2], ids=["after-the-first-rename", "after-the-second-rename"])
+def test_a_stop_at_each_instant_of_the_two_renames_leaves_old_or_new_and_is_still_a_stop(tmp_path, monkeypatch, after):
+    """A stop (SIGTERM, Ctrl-C) raised just after the second rename, still inside its ``try``, renamed the old copy
+    back onto the new, non-empty folder: an OSError took the stop's place and the old copy stayed aside. Stopped just
+    after either rename, the stop is raised as it came and the destination holds the old folder (the new one still
+    at its temporary name) or the new one (the old one at the aside, as a swap that finished returns it)."""
+    new, dest, aside = tmp_path / "new", tmp_path / "dest", tmp_path / "aside"
+    for folder, text in ((new, "new"), (dest, "old")):
+        folder.mkdir()
+        (folder / "model.onnx").write_text(text)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    real_rename, renames = os.rename, []
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        renames.append(dst)
+        if len(renames) == after:  # the signal handler runs once the rename's call has returned
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.swap_in(new, dest, aside)
+    monkeypatch.setattr(os, "rename", real_rename)
+    held = {p.name: (p / "model.onnx").read_text() for p in tmp_path.iterdir()}
+    assert held == ({"dest": "old", "new": "new"} if after == 1 else {"dest": "new", "aside": "old"}), held
+
+
 def test_the_lock_file_stays_while_its_owners_debris_does(tmp_path):
     """owned() unlinked its lock file whatever debris it left, and a sweep leaves debris without a lock alone: an
     aside that could not be put back was hidden for good."""

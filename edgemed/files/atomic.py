@@ -405,9 +405,10 @@ def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
 
     A file onto a file is one ``rename``. Anything involving a directory is exchanged in one
     ``renameat2(RENAME_EXCHANGE)`` where the kernel and file system allow it; elsewhere it
-    takes two renames (``dest`` -> ``aside``, ``new`` -> ``dest``): an error between them renames ``aside`` back
-    before it is raised, and a kill between them leaves ``aside``, which the next sweep of the folder renames back
-    onto ``dest``. The aside keeps ``MAX_LABEL`` characters of the name, so a longer name is refused there
+    takes two renames (``dest`` -> ``aside``, ``new`` -> ``dest``): an error or a stop (Ctrl-C, SIGTERM) between them
+    renames ``aside`` back before it is raised, one that lands just after the second (the new output in place, the old
+    at ``aside``) is raised as it came, and a kill between them leaves ``aside``, which the next sweep of the folder
+    renames back onto ``dest``. The aside keeps ``MAX_LABEL`` characters of the name, so a longer name is refused there
     (``OutputError``): a sweep would restore it under a name the user never gave.
     """
     if not os.path.lexists(dest):
@@ -424,13 +425,14 @@ def swap_in(new: Path, dest: Path, aside: Path) -> Path | None:
     if len(dest.name) > MAX_LABEL:  # the aside's name keeps only MAX_LABEL characters: a sweep would restore the
         raise _too_long_to_set_aside(dest)  # old output under a name the user never gave
     step("atomic.aside")
-    os.rename(dest, aside)
     try:
+        os.rename(dest, aside)
         step("atomic.rename-in")
         os.rename(new, dest)
-    except BaseException:  # an error or an interrupt between the two: the old output goes back, never stays hidden
-        os.rename(aside, dest)
-        raise
+    except BaseException:  # an error or a stop: where it came, not where it was raised, says what is in place
+        if os.path.lexists(aside) and not os.path.lexists(dest):  # between the two: the old output goes back,
+            os.rename(aside, dest)  # never stays hidden
+        raise  # else before the first (nothing moved) or after the second (the new output is in, as on success)
     return aside
 
 
