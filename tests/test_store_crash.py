@@ -283,3 +283,38 @@ def test_a_stop_at_every_step_from_the_swap_on_says_which_version_is_installed(b
         assert os.environ["EDGEMED_HOME"].endswith(f"home-{n}") and _verify().exit_code == 0, where
         assert Store().record("tiny")["manifest_sha256"] == _sha(bundles[installed][1]), where
     assert outcomes == {"old", "new"}, names[swap:]  # the stops straddle the commit point
+
+
+def test_a_stop_at_every_step_from_the_trash_on_says_the_model_was_removed(bundles, tmp_path, monkeypatch):
+    """SIGTERM once `remove` had moved the model into its trash said "nothing half-written was left behind", while
+    the model was gone (its record dropped by the next command that read the store). Stopped at the rename and at
+    every step after it, the report matches the store: the model still installed with nothing left behind, or
+    removed and the clean-up the stop cut short. The process dies by SIGTERM either way."""
+    import signal
+
+    def start(home):
+        monkeypatch.setenv("EDGEMED_HOME", str(home))
+        Store().install(bundles["new"][0])
+
+    start(tmp_path / "count")
+    log = tmp_path / "steps.log"
+    assert crash_kit.terminated_at(["remove", "tiny"], 0, log).returncode == 0
+    names = log.read_text().splitlines()
+    rename = next(i for i, s in enumerate(names) if s.split()[1] == "store.remove-rename")
+    assert len(names) - rename > 3, names
+    outcomes = set()
+    for n in range(rename + 1, len(names) + 1):
+        start(tmp_path / f"home-{n}")
+        proc = crash_kit.terminated_at(["remove", "tiny"], n)
+        where, err = names[n - 1], proc.stderr
+        assert proc.returncode == -signal.SIGTERM and "Traceback" not in err, (where, err[-2000:])
+        removed = not (Store().models / "tiny").exists()
+        outcomes.add(removed)
+        if removed:
+            assert "Stopped (SIGTERM) after 'tiny' was removed. Not finished: " in err, (where, err)
+            assert "nothing half-written" not in err, (where, err)
+            assert Store().list() == [], where  # the journal settled: its record dropped
+        else:
+            assert "Stopped (SIGTERM); nothing half-written was left behind." in err, (where, err)
+            assert _verify().exit_code == 0, where
+    assert outcomes == {False, True}, names[rename:]  # the stops straddle the commit point

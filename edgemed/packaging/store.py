@@ -39,8 +39,9 @@ that no live operation holds, and read a live one through, or a dead one they ca
 write: a full disk, a read-only mount, another account's store; a warning says so, and writers refuse). Readers take no lock; one whose
 read fails (a swap came between its reads of the index, the manifest and the files) reads
 again holding the lock shared, under which nothing is swapped (``Store.verify``, ``list``). A stop (Ctrl-C, SIGTERM)
-that comes once an install or rollback has swapped ``models/<name>`` cannot undo it: it goes on marked with the
-version now installed and what it cut short (``_stop_told``), which the command reports instead of "nothing changed".
+that comes once an install or rollback has swapped ``models/<name>``, or a remove has moved it into its trash, cannot
+undo it: it goes on marked with the version now installed (or the model removed) and what it cut short
+(``_stop_told``), which the command reports instead of "nothing changed".
 
 Update and rollback: an install over an installed model records the old record as the new
 one's ``previous``; rolling forward then moves the replaced copy (the aside, or the stage
@@ -233,8 +234,8 @@ class Store:
 
     @contextlib.contextmanager
     def _stop_told(self, verb: str) -> Iterator[dict]:
-        """Around an install or a rollback, which names its swap in the dict yielded (``name``, ``record``) before it
-        makes it (and sets ``cleaned`` once it collected the garbage): a stop (Ctrl-C, SIGTERM) that comes once ``models/<name>`` holds that record's manifest cannot undo
+        """Around an install or a rollback, which names its swap in the dict yielded (``name``, ``record``; a remove:
+        ``name``, ``removed``) before it makes it (and sets ``cleaned`` once it collected the garbage): a stop (Ctrl-C, SIGTERM) that comes once ``models/<name>`` holds that record's manifest cannot undo
         it (settling rolls it forward), so the stop goes on marked with what took effect (``errors.stopped_after``)
         and what it cut short, for the command to report the model it installed, not a change that never was."""
         swap: dict = {}
@@ -242,10 +243,29 @@ class Store:
             yield swap
         except KeyboardInterrupt as stop:
             name, record = swap.get("name"), swap.get("record")
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, StoreError):
                 if record is not None and manifest_sha256(self.models / name) == record["manifest_sha256"]:
                     stopped_after(stop, self._done(name, record, verb, swap.get("cleaned", False)))
+                elif swap.get("removed") and self._removed(name):
+                    stopped_after(stop, self._gone(name, swap.get("cleaned", False)))
             raise
+
+    def _removed(self, name: str) -> bool:
+        """Whether a remove of ``name`` (``swap["removed"]``, set before its journal is written) has taken effect:
+        ``models/<name>`` is gone, and its journal waits to drop the record (settling does that whatever comes) or
+        has dropped it. Neither: the stop came before the journal was written, and nothing changed."""
+        if os.path.lexists(self.models / name):
+            return False
+        return os.path.lexists(self.journal_path) or name not in self._raw_index()
+
+    def _gone(self, name: str, cleaned: bool) -> Done:
+        """What a remove of ``name`` left when a stop came once it took effect (``_removed``)."""
+        left = [] if cleaned else [("the clean-up of its files no other model uses (the next install, pull, "
+                                    "rollback or remove does it)")]
+        if os.path.lexists(self.journal_path):
+            left.insert(0, f"settling its journal (dropping its record from {self.index_path.name}, its kept versions "
+                           "and its folder in the trash; the next edgemed command that reads the store does it)")
+        return Done(f"'{name}' was removed", "; ".join(left) or "nothing the store needs (it was releasing its lock)")
 
     def _done(self, name: str, record: dict, verb: str, cleaned: bool) -> Done:
         """What an install or rollback of ``record`` as ``name`` left when a stop came after its swap."""
@@ -928,11 +948,12 @@ class Store:
 
     def remove(self, name: str) -> int:
         """Remove a model; return the bytes freed (files no other model shares)."""
-        with self.locked(), owned(self.tmp):
+        with self._stop_told("was removed") as swap, self.locked(), owned(self.tmp):
             check_name(name)
             if not (self.models / name).is_dir() and name not in self._raw_index():
                 self.model_dir(name)  # raises: no such model
             trash = debris_path(self.tmp, f"rm-{name}")
+            swap.update(name=name, removed=True)  # a stop once it is in the trash reports it (``_stop_told``)
             write_text(self.journal_path, json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n")
             try:  # from here on the journal decides: the model goes once it is in the trash
                 if os.path.lexists(self.models / name):
@@ -940,7 +961,9 @@ class Store:
                     os.rename(self.models / name, trash)
             finally:
                 self._settle()
-            return self._collect_garbage()
+            freed = self._collect_garbage()
+            swap["cleaned"] = True
+            return freed
 
     def disk_usage(self) -> int:
         return sum(p.lstat().st_size for p in self.blobs.iterdir()) if self.blobs.is_dir() else 0
