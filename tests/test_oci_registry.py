@@ -774,3 +774,31 @@ def test_a_stop_at_every_step_from_the_swap_on_reports_the_pull_it_installed(reg
             assert doc["ok"] is False and doc["error"] == "Terminated", (where, doc)
             assert "nothing half-written was left behind" in err, (where, err)
     assert outcomes == {"absent", "installed"}, names[swap:]  # the stops straddle the commit point
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_stop_while_the_pull_prints_its_result_reports_the_install(registry, tmp_path, monkeypatch, trust, maker_key,
+                                                                     as_json):
+    """A stop (here Ctrl-C) in the moment between the pull returning and its result being printed said "nothing
+    half-written was left behind" (and, with --json, printed a failure document), while the model was installed."""
+    import edgemed.cli.oci
+
+    src = bundle_kit.inputs(tmp_path / "src")
+    _pack_dir(src, tmp_path / "b", "tiny", maker_key[0])
+    ref = registry.ref("clinic/printing:v1")
+    _cli("push", tmp_path / "b", ref)
+    home = trust(tmp_path / "home")
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+
+    def stopped(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgemed.cli.oci, "echo_json_result" if as_json else "shown", stopped)
+    r = CliRunner().invoke(cli, ["pull", ref, *(["--json"] if as_json else [])])
+    assert r.exit_code == 130 and _models(home) == ["tiny"], r.output
+    assert "Interrupted after 'tiny' was installed from oci://" in r.stderr and "nothing half-written" not in r.stderr
+    if as_json:
+        doc = json.loads(r.stdout)
+        assert doc["name"] == "tiny" and doc["stopped"] == "Ctrl-C" and "ok" not in doc, doc
+    else:
+        assert r.stdout == ""

@@ -318,3 +318,29 @@ def test_a_stop_at_every_step_from_the_trash_on_says_the_model_was_removed(bundl
             assert "Stopped (SIGTERM); nothing half-written was left behind." in err, (where, err)
             assert _verify().exit_code == 0, where
     assert outcomes == {False, True}, names[rename:]  # the stops straddle the commit point
+
+
+@pytest.mark.parametrize("command", ["install", "rollback", "remove"])
+def test_a_stop_while_the_command_prints_its_result_reports_the_change(bundles, tmp_path, monkeypatch, command):
+    """A stop (here Ctrl-C) in the moment between install, rollback or remove returning and its result being printed
+    said "nothing half-written was left behind", while the change had taken effect."""
+    import edgemed.cli.store
+
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    Store().install(bundles["old"][0])
+    if command == "rollback":
+        Store().install(bundles["new"][0], force=True)
+
+    def stopped(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(edgemed.cli.store, "shown", stopped)
+    args = {"install": ["install", bundles["new"][0], "--force"], "rollback": ["rollback", "tiny"],
+            "remove": ["remove", "tiny"]}[command]
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    verb = {"install": "installed", "rollback": "rolled back to sha256:", "remove": "removed"}[command]
+    assert r.exit_code == 130 and f"Interrupted after 'tiny' was {verb}" in r.stderr, r.output
+    assert "nothing half-written" not in r.stderr and r.stdout == ""
+    held = [row.get("digest") for row in Store().list()]
+    assert held == {"install": ["sha256:" + _sha(bundles["new"][1])], "rollback": ["sha256:" + _sha(bundles["old"][1])],
+                    "remove": []}[command], held

@@ -10,6 +10,7 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -21,7 +22,7 @@ import threading
 import click
 
 from edgemed import __version__
-from edgemed.errors import EdgemedError, output_error
+from edgemed.errors import Done, EdgemedError, done_before, output_error, stopped_after
 
 #: ``ctx.meta`` keys (shared by every nested context): the command was given ``--json``; it printed its JSON result;
 #: ``--json`` is typed as the flag after the command's name (a usage error may stop the parse before it is read)
@@ -49,6 +50,19 @@ def echo_json_result(text: str) -> None:
     document to stdout."""
     click.echo(text)
     click.get_current_context().meta[_JSON_PRINTED] = True
+
+
+@contextlib.contextmanager
+def reporting(done: Done):
+    """Around what a command prints once its change took effect (``done``: the result is known). A stop (Ctrl-C,
+    SIGTERM) while it prints goes on marked with ``done`` (``_stopped`` reports the change, not "nothing
+    half-written"); one that a stage marked already, past its own commit point, keeps that stage's words."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        if done_before(stop) is None:
+            stopped_after(stop, done)
+        raise
 
 
 def _json_failure(ctx, exc: BaseException, problem: str | None = None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgemed.cli import echo_json_result, json_flag
+from edgemed.cli import echo_json_result, json_flag, reporting
 from edgemed.formats.terminal_text import shown
 
 
@@ -76,11 +76,18 @@ def pull(source, name, key, force, allow_signer_change, allow_downgrade, insecur
     Then: edgemed run NAME
     """
     from edgemed.packaging import signing
+    from edgemed.packaging.oci_pull import done
     from edgemed.packaging.oci_pull import pull as do_pull
 
     public_key = signing.load_public_key(key) if key else None
     r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force,
                 allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade)
+    with reporting(done(r, "printing its report (`edgemed list` shows the model)")):
+        _said(r, as_json)
+
+
+def _said(r, as_json: bool) -> None:
+    """What a pull that finished prints (``r``: its result)."""
     if as_json:
         echo_json_result(json.dumps(r.to_dict(), indent=2))  # a stop after it adds no failure document
         return

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgemed.cli import json_flag
+from edgemed.cli import json_flag, reporting
 from edgemed.formats.terminal_text import shown
 
 
@@ -37,6 +37,7 @@ def install(bundle, name, key, cert_chain, force, allow_signer_change, allow_dow
     unless all of it matches and the trust policy ($EDGEMED_HOME/trust.toml) accepts
     its signer. Then: edgemed run NAME.
     """
+    from edgemed.errors import Done
     from edgemed.packaging import signing
     from edgemed.packaging.store import Store
 
@@ -46,6 +47,12 @@ def install(bundle, name, key, cert_chain, force, allow_signer_change, allow_dow
     target, man, signer = store.install(bundle, name=name, public_key=public_key, force=force,
                                         allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade,
                                         on_order=orders.append)
+    with reporting(Done(f"'{target}' was installed", "printing its report (`edgemed list` shows it)")):
+        _installed(store, target, man, signer, orders)
+
+
+def _installed(store, target: str, man, signer: str | None, orders: list) -> None:
+    """What an install that finished prints."""
     note = orders[-1].note(target) if orders else None
     if note:
         click.echo(shown(note))
@@ -103,10 +110,12 @@ def list_(as_json):
 @click.argument("name")
 def remove(name):
     """Remove NAME from the local store (files another model shares stay)."""
+    from edgemed.errors import Done
     from edgemed.packaging.store import Store
 
     freed = Store().remove(name)
-    click.echo(shown(f"removed {name}; freed {freed / 1e6:,.1f} MB"))
+    with reporting(Done(f"'{name}' was removed", "printing the space it freed (nothing the store needs)")):
+        click.echo(shown(f"removed {name}; freed {freed / 1e6:,.1f} MB"))
 
 
 @click.command()
@@ -188,8 +197,12 @@ def rollback(name):
     The switch is atomic (a kill at any point leaves one of the two installed), and the
     version rolled back from is kept: a second rollback returns to it.
     """
+    from edgemed.errors import Done
     from edgemed.packaging.store import Store
 
     now, kept = Store().rollback(name)
-    click.echo(shown(f"{name} is back to {now.get('version') or 'the earlier version'} (sha256:{now['manifest_sha256'][:12]}, "
-                     f"from {now.get('origin') or now['source']}); kept sha256:{kept['manifest_sha256'][:12]} for `edgemed rollback {name}`"))
+    with reporting(Done(f"'{name}' was rolled back to sha256:{now['manifest_sha256'][:12]}",
+                        "printing its report (`edgemed list` shows it)")):
+        click.echo(shown(f"{name} is back to {now.get('version') or 'the earlier version'} (sha256:{now['manifest_sha256'][:12]}, "
+                         f"from {now.get('origin') or now['source']}); kept sha256:{kept['manifest_sha256'][:12]} for "
+                         f"`edgemed rollback {name}`"))

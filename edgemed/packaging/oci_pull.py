@@ -270,16 +270,21 @@ def _stop_told(stats: Pulled, root: Path) -> Iterator[None]:
         installed = done_before(stop)
         if installed is None and not stats.name:
             raise
+        left = f"the clean-up of the pull's downloads in {root} (the next pull does it)"
         if installed is not None:  # stopped in the store, past its swap
             stats.name, stats.signed_by = installed.result["name"], installed.result["signed_by"]
-            what, left = f"{installed.what} from {stats.origin}", installed.left + "; "
-        elif stats.already_installed:
-            what, left = f"'{stats.name}' was found holding {stats.origin} already (nothing was changed)", ""
+            stopped_after(stop, Done(f"{installed.what} from {stats.origin}", f"{installed.left}; {left}", stats.to_dict()))
         else:
-            what, left = f"'{stats.name}' was installed from {stats.origin}", ""
-        left += f"the clean-up of the pull's downloads in {root} (the next pull does it)"
-        stopped_after(stop, Done(what, left, stats.to_dict()))
+            stopped_after(stop, done(stats, left))
         raise
+
+
+def done(stats: Pulled, left: str) -> Done:
+    """A pull that installed its bundle, or found it installed (``stats``), as a stop after that reports it; ``left``:
+    what the stop cut short."""
+    what = (f"'{stats.name}' was found holding {stats.origin} already (nothing was changed)" if stats.already_installed
+            else f"'{stats.name}' was installed from {stats.origin}")
+    return Done(what, left, stats.to_dict())
 
 
 def _forget(fetched: list[Path]) -> None:
