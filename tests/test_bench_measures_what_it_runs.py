@@ -91,6 +91,20 @@ def test_accuracy_settings_with_the_accuracy_phase_left_out_are_refused(tmp_path
     r = _bench("run", *quick, "--skip-accuracy", "--no-eval-context", "--eval-score", "logits")
     assert r.exit_code == 0, r.output
 
+def test_a_small_eval_file_with_the_accuracy_phase_left_out_is_taken(tmp_path, smollm2_gguf):
+    """An --eval file of fewer than 300 items with --skip-accuracy (or --phases without accuracy) was refused with
+    "pass --eval-n between 1 and N", and --eval-n is refused with the phase left out: no way out but dropping --eval.
+    The draw is checked only where the accuracy phase may run."""
+    qa = tmp_path / "mcq.jsonl"
+    qa.write_text("".join(json.dumps({**MCQ, "realidx": i}) + "\n" for i in range(5)), encoding="utf-8")
+    quick = [str(smollm2_gguf), "-o", str(tmp_path / "out"), "--report-only", "--threads", "1", "--eval", str(qa)]
+    for extra in (["--skip-accuracy"], ["--phases", "timing"]):
+        r = _bench("run", *quick, *extra)
+        assert r.exit_code == 0, (extra, r.output)
+    r = _bench("run", *quick)  # the phase runs: 300 items asked of a file of 5
+    assert r.exit_code == 1 and "--eval-n 300 for" in r.output and "between 1 and 5" in r.output, r.output
+
+
 def test_ctx_is_the_context_of_every_phase(tmp_path):
     from edgemed.cli.bench import _settings
 

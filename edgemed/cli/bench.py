@@ -85,7 +85,10 @@ def _counts(eval_n: str | None, files: list[Path], defaults: list[int]) -> list[
 
 
 def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-              eval_score, eval_threads, seed, scenario, eval_replies=False):
+              eval_score, eval_threads, seed, scenario, eval_replies=False, accuracy=True):
+    """The run's settings, each refused with its fix before any work. ``accuracy``: the accuracy phase may run (False:
+    ``--skip-accuracy``, or a ``--phases`` list without it); without it the data files' draw is not checked, as
+    nothing asks it (a file of fewer than 300 items was refused, and --eval-n with the phase left out too)."""
     from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
     from edgemed.benchmarks.harness.datasets import load_items, suite_files
     from edgemed.errors import InputError
@@ -121,6 +124,8 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
         if not p.is_file():
             raise InputError(f"Evaluation file '{p}' does not exist.", "pass existing files to --eval, comma-separated")
         items = load_items(p, None, seed)
+        if not accuracy:
+            continue
         if not 1 <= n <= len(items):
             raise InputError(f"--eval-n {n} for '{p}', which has {len(items)} items.",
                              f"pass --eval-n between 1 and {len(items)} for that file")
@@ -139,6 +144,13 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
                     threads=threads, profile=profile, seed=seed, scenario=scenario, **sized,
                     evals=tuple(str(p) for p in files), eval_sizes=tuple(counts), eval_context=eval_context,
                     eval_score=eval_score, eval_threads=eval_threads, eval_replies=eval_replies)
+
+
+def _asks_accuracy(phases: str | None, skip_accuracy: bool) -> bool:
+    """Whether the accuracy phase may run: neither ``--skip-accuracy`` nor a ``--phases`` list without it."""
+    from edgemed.benchmarks.harness.configs import PHASES, parse_list
+
+    return not skip_accuracy and (not phases or "accuracy" in parse_list(phases, PHASES, "phase"))
 
 
 def _check_ctx(n_ctx: int | None) -> None:
@@ -260,7 +272,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
     path = verified.model_path if verified is not None else ref.path
     config = config_for_artifact(path.resolve(), name, allow_pickle)
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-                         eval_score, eval_threads, seed, scenario, eval_replies)
+                         eval_score, eval_threads, seed, scenario, eval_replies, _asks_accuracy(phases, skip_accuracy))
     out = output or Path(f"bench-{config.name}")
     _require_bench_extra()  # after the arguments and the model are checked, before anything is measured or written
     chosen = _phases(phases, skip_accuracy, settings, [config.name], eval_n)
@@ -315,7 +327,7 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     runner.claim(output, force, [source])  # before the conversions: a folder whose files are not the bench's, or
     # one inside the checkpoint, is refused now
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-                         eval_score, eval_threads, seed, scenario, eval_replies)
+                         eval_score, eval_threads, seed, scenario, eval_replies, _asks_accuracy(phases, skip_accuracy))
     quant_names = artifacts.parse_quants(quants)
     chosen = _phases(phases, skip_accuracy, settings, quant_names, eval_n)  # before the conversions
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
