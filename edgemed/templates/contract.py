@@ -49,8 +49,8 @@ class Contract:
         as its end (a correction, the rest of a dose, the closing brace) is missing. ``cut_fix``: how the caller's
         user raises that limit (``library.VIA``'s ``cut``: the CLI's option, or the request's field)."""
         text = strip_think(reply, started_in_think)
-        if CLOSE in text:  # a closing tag with no opening: the chat template opened the thinking, unannounced
-            text = text[text.rindex(CLOSE) + len(CLOSE):].strip()
+        if text == reply.strip() and CLOSE in text:  # no thinking marked, and a closing tag: the chat template
+            text = text[text.index(CLOSE) + len(CLOSE):].strip()  # opened the thinking, unannounced; it ends there
         if truncated:
             return Parsed(False, None, text, "the reply was cut at the token limit before it ended, so its answer "
                                              f"may be incomplete: {cut_fix} and ask again")

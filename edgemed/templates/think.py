@@ -4,6 +4,12 @@
 channel ``"think"`` or ``"answer"``, even when a tag is split across pieces.
 ``strip_think`` removes thinking from a finished reply so answer extraction
 never reads it. ``ThinkPolicy`` is the user's choice: hide, show, or cap:N.
+
+Only a block before the answer's first word is thinking: one the chat template
+opened (its prompt ends with ``<think>``) or one the reply opens first thing. A
+tag once the answer has begun is the answer's own text: shown, and read by the
+parse, so "Answer: A <think> no, D" is no clear A. The page (``ui/think.js``)
+splits the same way.
 """
 
 from __future__ import annotations
@@ -15,14 +21,16 @@ from typing import Iterator
 from edgemed.errors import InputError
 
 OPEN, CLOSE = "<think>", "</think>"
-_BLOCK = re.compile(r"<think>.*?(</think>|\Z)", re.S)
+#: the blocks before the answer's first word (blank text between them); an unterminated one runs to the end
+_LEADING = re.compile(r"(?:\s*<think>.*?(?:</think>|\Z))*", re.DOTALL)
 
 
 def strip_think(text: str, started_in_think: bool = False) -> str:
-    """The reply without thinking. An unterminated block hides everything after it (no answer yet)."""
+    """The reply without its leading thinking. An unterminated block hides everything after it (no answer yet); a
+    tag after the answer's first word is kept, as answer text."""
     if started_in_think:
         text = OPEN + text
-    return _BLOCK.sub("", text).strip()
+    return text[_LEADING.match(text).end():].strip()
 
 
 @dataclass(frozen=True)
@@ -56,17 +64,24 @@ class ThinkSplitter:
     def feed(self, piece: str) -> Iterator[tuple[str, str]]:
         self.pending += piece
         while self.pending:
+            if self.answer_started:  # the answer has begun: a tag from here on is its text
+                yield from self._emit(self.pending)
+                self.pending = ""
+                break
             tag = CLOSE if self.in_think else OPEN
             idx = self.pending.find(tag)
-            if idx >= 0:
-                yield from self._emit(self.pending[:idx])
-                self.pending = self.pending[idx + len(tag):]
-                self.in_think = not self.in_think
-                continue
-            keep = self._partial_tag(self.pending, tag)
-            yield from self._emit(self.pending[: len(self.pending) - keep])
-            self.pending = self.pending[len(self.pending) - keep:]
-            break
+            keep = 0 if idx >= 0 else self._partial_tag(self.pending, tag)
+            before = self.pending[:idx] if idx >= 0 else self.pending[: len(self.pending) - keep]
+            if not self.in_think and before.strip():  # words before any <think>: the answer, tags and all
+                text, self.pending = self.pending, ""
+                yield from self._emit(text)
+                break
+            yield from self._emit(before)
+            if idx < 0:
+                self.pending = self.pending[len(self.pending) - keep:]
+                break
+            self.pending = self.pending[idx + len(tag):]
+            self.in_think = not self.in_think
 
     def flush(self) -> Iterator[tuple[str, str]]:
         text, self.pending = self.pending, ""
