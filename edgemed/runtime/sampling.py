@@ -8,6 +8,7 @@ GBNF a request is constrained by (llama.cpp's sampler chain applies it first).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from edgemed.errors import InputError, TemplateError
@@ -152,6 +153,31 @@ def grammar_text(settings: GenerationSettings) -> str | None:
         check_gbnf(text)
         return text
     return None
+
+
+#: GBNF as pieces: a comment, a string literal, a character class, a word (a rule name where it is not in the others)
+_GBNF_PIECES = re.compile(r'#[^\n]*|"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[A-Za-z0-9_-]+|.', re.DOTALL)
+
+
+def after_thought(gbnf: str) -> str:
+    """``gbnf`` for the answer after a thought the prompt opened (an R1 distill's chat template ends it with
+    ``<think>``): any text without ``</think>``, then ``</think>``, at most 4 blank characters, then what ``gbnf``
+    accepts. Applied from the first token, ``gbnf`` would leave the model no way to think or to close the block;
+    ``session.respond`` (``run``) constrains the answer alone too, in a second call. Its ``root`` is renamed, and the
+    rules added here take a name prefix no rule of ``gbnf`` starts with."""
+    pieces = [m.group() for m in _GBNF_PIECES.finditer(gbnf)]
+    words = {p for p in pieces if p[0].isalnum() or p[0] in "_-"}
+    t = "thought"
+    while any(w.startswith(t) for w in words):
+        t += "x"
+    answer = "".join(f"{t}-answer" if p == "root" else p for p in pieces)
+    # text without </think>: a "<" starts a prefix of the tag that either breaks off (a character that neither goes
+    # on with it nor starts another "<"), or is followed by another "<" or by the closing tag itself
+    return (f'root ::= {t}-text "</think>" [ \\t\\r\\n]{{0,4}} {t}-answer\n'
+            f'{t}-text ::= ( [^<] | {t}-prefix* {t}-break )* {t}-prefix*\n'
+            f'{t}-prefix ::= "<" ( "/" ( "t" ( "h" ( "i" ( "n" "k"? )? )? )? )? )?\n'
+            f'{t}-break ::= "<" ( [^/<] | "/" ( [^t<] | "t" ( [^h<] | "h" ( [^i<] | "i" ( [^n<] | "n" ( [^k<] | '
+            f'"k" [^><] ) ) ) ) ) )\n' + answer)
 
 
 def check_template_grammar(template) -> None:

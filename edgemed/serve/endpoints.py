@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from edgemed.errors import InputError, TemplateError, TemplateInputError
 from edgemed.runtime.chat_template import fold_system
-from edgemed.runtime.sampling import check_gbnf
+from edgemed.runtime.engine import GenerationSettings
+from edgemed.runtime.sampling import after_thought, check_gbnf, grammar_text
 from edgemed.runtime.session import starts_in_think
 from edgemed.serve import api, grammar_source
 from edgemed.serve.middleware import RequestRecord
@@ -129,6 +130,10 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     # worker thread: the event loop keeps answering /health and streaming other requests meanwhile.
     prompt = await run_in_threadpool(served.batcher.render_chat, messages, plan.tools or None)
     opened_think = starts_in_think(prompt)  # a reasoning model's template may open <think> itself
+    if opened_think and (json_schema is not None or constraint is not None):
+        # as `run`, the constraint is the answer's: from the first token it would leave no way to think or close it
+        settings = GenerationSettings(json_schema=json_schema, grammar=constraint)
+        constraint, json_schema = after_thought(await run_in_threadpool(grammar_text, settings)), None
     if template is None:
         return Prompt([prompt], json_schema, tools=plan, grammar=constraint, grammar_from=source,
                       opened_think=opened_think)
