@@ -309,6 +309,33 @@ def test_a_profile_named_for_another_device_plans_for_it_and_loads_within_this_o
     assert "capped at the 4.0 GiB this machine may use (its container limit)" in err.value.problem
 
 
+@pytest.mark.parametrize("name", ["jetson", "apple"])
+def test_a_profile_sized_by_its_device_is_not_sized_by_the_machine_planning_for_it(smollm2_gguf, name):
+    """`plan --profile jetson` on a 33 GB workstation planned a budget of most of the workstation's RAM (the smallest
+    Jetson has under 4 GiB) and the workstation's 8 cores as the device's threads. Off the device its memory is
+    unknown: the plan asks for --budget-mb, and threads stay the device's to resolve."""
+    pc = ["--root", str(FIXTURES / "x86-avx2")]
+    refused = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--profile", name, *pc])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+    assert f"Profile '{name}' takes its memory size from the device" in refused.output
+    assert "--budget-mb" in " ".join(refused.output.split())
+    given = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--profile", name, "--budget-mb", "3000", *pc])
+    assert given.exit_code == 0, given.output
+    threads = get_profile(name).llama["n_threads"]  # "physical", or an Apple's "performance"
+    assert "(budget 3000 MiB)" in given.output and f"n_threads={threads} (the device's)" in given.output
+    fixed = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--profile", "jetson-agx-orin-64gb", *pc])
+    assert fixed.exit_code == 0 and "n_threads=physical (the device's)" in fixed.output, fixed.output
+
+
+def test_a_profile_sized_by_its_device_plans_with_that_device_facts(smollm2_gguf):
+    """On the device (or a copy of its /proc) the catch-all takes its memory and cores, as before."""
+    from edgemed.runtime.plan import make_plan
+
+    jetson, box = get_profile("jetson"), detect(FIXTURES / "jetson-in-container")
+    plan = make_plan(smollm2_gguf, jetson, box)
+    assert plan.budget == jetson.budget_bytes(box) > 0 and plan.llama["n_threads"] == box.usable_cores == 6
+
+
 def _container(tmp_path, limit: int) -> Path:
     """The x86 container fixture with its cgroup memory limit set to ``limit`` bytes."""
     import shutil

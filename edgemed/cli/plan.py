@@ -102,7 +102,8 @@ def plan(model: Path, profile, n_ctx, budget_mb, root, serving, slots, no_prefix
              "(memory.unified), so offloaded layers are counted in the budget", "host+gpu": GPU_MEMORY_NOTE}
     click.echo(f"memory   {pools[p.pool]}")
     click.echo(f"load     {load[0]}: {load[1]}")
-    s = p.llama
+    s = {k: f"{prof.llama[k]} (the device's)" if k.startswith("n_threads") and v is None else v  # named elsewhere
+         for k, v in p.llama.items()}
     click.echo(f"settings n_threads={s['n_threads']} n_threads_batch={s['n_threads_batch']} n_gpu_layers={s['n_gpu_layers']} "
                f"n_batch={s['n_batch']} n_ubatch={s['n_ubatch']} flash_attn={s['flash_attn']} "
                f"type_k={s['type_k']} type_v={s['type_v']} use_mmap={s['use_mmap']} use_mlock={s['use_mlock']}")

@@ -54,7 +54,7 @@ from edgemed.constants import DEFAULT_KV_TYPE, KV_TYPES
 from edgemed.devices.facts import Facts
 from edgemed.devices.profiles import Profile
 from edgemed.devices.schema import MAX_CTX, MAX_PREFIX_CACHE_MIB, MAX_THREADS
-from edgemed.errors import InputError, PlanError
+from edgemed.errors import InputError, PlanError, ProfileError
 from edgemed.runtime.buffers import MATMUL_WEIGHT, REPACK_RULES, repackable
 
 MIB = 1 << 20
@@ -541,15 +541,30 @@ def make_plan(model: Path | str, profile: Profile, facts: Facts | None, requeste
     otherwise (the profile's) it gets what the budget leaves after the model and its context, at most ``bytes``.
     ``here``: the model will load on the machine ``facts`` describe, so its memory caps the budget whichever profile
     was named (``Profile.budget_bytes``), and the CPU features of the llama.cpp installed here are those of the build
-    that loads it unless ``features`` are given (``profile_settings``). ``batched``: for ``edgemed serve``'s batcher,
-    else the one-sequence engine (``for_engine``: the micro-batch each runs)."""
+    that loads it unless ``features`` are given (``profile_settings``). Not ``here``, ``facts`` count only where they
+    match ``profile`` (a tree of the device, or this machine of its class): another device's memory and cores are
+    not this machine's, so a profile without ``memory.total_gb`` needs ``budget``, and its threads are the device's.
+    ``batched``: for ``edgemed serve``'s batcher, else the one-sequence engine (``for_engine``: the micro-batch each
+    runs)."""
     profile = for_engine(profile, batched)
+    elsewhere = not here and facts is not None and not profile.matches(facts)
+    if elsewhere:  # planned for another device: this machine's memory and cores are not its own
+        facts = None
     if features is None and here:
         features = installed_features()
     shape = read_shape(model)
     adapter_bytes = adapters_bytes(adapters)
     budget_given = budget
-    budget = profile.budget_bytes(facts, here) if budget is None else budget
+    try:
+        budget = profile.budget_bytes(facts, here) if budget is None else budget
+    except ProfileError:
+        if not elsewhere:
+            raise
+        raise ProfileError(f"Profile '{profile.name}' takes its memory size from the device it runs on (it has no "
+                           "memory.total_gb), and the machine planning is not that device.",
+                           "pass --budget-mb N with the MiB a model may use there (`edgemed devices detect` on the "
+                           "device prints its budget), or plan on the device (or --root a copy of its /proc), or "
+                           "name a profile with memory.total_gb") from None
     if not _is_int(budget) or budget < 0:
         raise InputError(f"The memory budget must be a whole number of bytes >= 0, got {budget!r}.",
                          "pass --budget-mb with a finite number of MiB, or leave it out to use the profile's")
