@@ -266,6 +266,53 @@ def test_detection_never_reads_a_fifo_a_device_or_a_huge_file(tmp_path):
     assert proc.returncode == 0 and proc.stdout.split() == ["generic", "0"], proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("line", ["MemTotal:       abc kB", "MemTotal:", "MemTotal: \u00b2\u00b3 kB",
+                                  "MemTotal: 999999999999999999999999999 kB", "MemTotal: 12 MB"])
+def test_a_memtotal_that_is_not_a_size_counts_as_unknown(tmp_path, caplog, line):
+    """A MemTotal of "abc", none or "²³" stopped `devices detect --root` with a traceback, and one of 10^27 kB was
+    taken as 10^21 GB that every plan fitted. Each now counts as unknown, with a warning naming it."""
+    import logging
+    import shutil
+
+    root = tmp_path / "box"
+    shutil.copytree(FIXTURES / "x86-avx2", root)
+    (root / "proc" / "meminfo").write_text(line + "\nMemAvailable:   6000000 kB\n")
+    with caplog.at_level(logging.WARNING, logger="edgemed.devices.facts"):
+        assert detect(root).memory_bytes == 0
+    assert _warnings(caplog, "MemTotal")
+    result = CliRunner().invoke(cli, ["devices", "detect", "--root", str(root)])
+    assert result.exit_code == 1 and "memory is unknown" in result.output, result.output
+    (root / "proc" / "meminfo").write_text("MemTotal:       32714472 kB\n")  # a real one still reads
+    assert detect(root).memory_bytes == 32714472 * 1024
+
+
+def test_a_cgroup_figure_of_thousands_of_digits_is_no_limit(tmp_path):
+    """int() refuses a string of more than 4300 digits: a memory.max of 5000 stopped detection with a ValueError."""
+    root = _container(tmp_path, 0)
+    (root / "sys/fs/cgroup/memory.max").write_text("9" * 5000 + "\n")
+    assert detect(root).memory_limit_bytes is None
+
+
+@pytest.mark.parametrize("key", ["hw.memsize", "hw.physicalcpu", "hw.logicalcpu", "iogpu.wired_limit_mb"])
+def test_an_apple_sysctl_value_with_a_non_ascii_digit_counts_as_absent(tmp_path, key):
+    """str.isdigit() takes "²", which int() refuses: `devices detect` on such a sysctl.txt ended in a traceback."""
+    import re
+    import shutil
+
+    root = tmp_path / "mac"
+    shutil.copytree(FIXTURES / "apple-m1", root)
+    text = (root / "sysctl.txt").read_text()
+    (root / "sysctl.txt").write_text(re.sub(rf"^{re.escape(key)}:.*$", f"{key}: \u00b2", text, flags=re.M))
+    facts = detect(root)
+    assert facts.platform == "apple"
+    if key == "hw.memsize":
+        assert facts.memory_bytes == 0
+    elif key == "iogpu.wired_limit_mb":
+        assert facts.gpu_wired_limit_bytes is None
+    else:
+        assert facts.physical_cores >= 1 and facts.logical_cores >= 1
+
+
 def test_jetson_uses_fixed_memory_and_offloads_everything():
     profile = get_profile("jetson-orin-nano-8gb")
     assert profile.budget_bytes(None) == int(min(7.4 * GIB - 1.5 * GIB, 7.4 * GIB * 0.8))

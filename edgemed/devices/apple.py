@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from edgemed.devices.cgroup import DIGITS
 from edgemed.devices.facts import Facts, Host
 
 
 def _int(host: Host, key: str) -> int | None:
     value = host.sysctl(key)
-    return int(value) if value and value.strip().isdigit() else None
+    return int(value.strip()) if value and DIGITS.fullmatch(value.strip()) else None  # "²" or "abc": absent
 
 
 def probe(host: Host) -> Facts | None:

@@ -93,7 +93,7 @@ def cpu_limit(host: Host) -> tuple[int, str] | None:
         else:  # two files; a quota of -1 is none
             where = str(folder / "cpu.cfs_quota_us")
             quota, period = ((host.read(str(folder / f)) or "").strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
-        if _DIGITS.fullmatch(quota) and _DIGITS.fullmatch(period) and int(period) > 0 and int(quota) > 0:
+        if DIGITS.fullmatch(quota) and DIGITS.fullmatch(period) and int(period) > 0 and int(quota) > 0:
             found.append((max(1, math.ceil(int(quota) / int(period))), where))
     return min(found, default=None)
 
@@ -143,12 +143,14 @@ def _mounts(mountinfo: str, fstype: str, controller: str | None) -> list[tuple[P
     return found
 
 
-_DIGITS = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit takes "²", which int() refuses)
+#: A whole number as a system file writes one: ASCII digits only (str.isdigit takes "²", which int() refuses), at
+#: most 20 (2^64 has 20; int() refuses a string of thousands)
+DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 def _read_limit(host: Host, path: PurePosixPath) -> int | None:
     raw = (host.read(str(path)) or "").strip()
-    if not _DIGITS.fullmatch(raw) or int(raw) >= _NONE:  # "max", missing, unreadable or v1's "no limit"
+    if not DIGITS.fullmatch(raw) or int(raw) >= _NONE:  # "max", missing, unreadable or v1's "no limit"
         return None
     return int(raw)
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgemed.devices.cgroup import cpu_limit, tightest_limit
+from edgemed.devices.cgroup import DIGITS, cpu_limit, tightest_limit
+from edgemed.devices.schema import MAX_GB
 
 GIB = 1 << 30
 #: The most a detection file is read: /proc/cpuinfo of a 256-core machine is well under 1 MiB
@@ -119,10 +120,18 @@ class Host:
 # -- Linux readers shared by the Jetson and x86 probes ------------------------------------
 
 def meminfo_total(host: Host) -> int:
-    """MemTotal from /proc/meminfo, in bytes (0 if unknown)."""
+    """MemTotal from /proc/meminfo, in bytes (0 if unknown). A value that is not a whole number of kB, or is past
+    ``schema.MAX_GB``, counts as unknown with a warning: a plan on it would be a crash or a budget no machine has."""
     for line in (host.read("/proc/meminfo") or "").splitlines():
         if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
+            value = line[len("MemTotal:"):].strip()
+            number, _, unit = value.partition(" ")
+            if DIGITS.fullmatch(number) and unit.strip() in ("kB", "") and int(number) * 1024 <= MAX_GB * GIB:
+                return int(number) * 1024
+            logging.getLogger(__name__).warning(
+                "/proc/meminfo: MemTotal %s is not a size in kB of at most %d GiB; this machine's memory counts as "
+                "unknown", ascii(value[:40]), MAX_GB)
+            return 0
     return 0
 
 
