@@ -26,7 +26,8 @@ CORPUS = [
 ] * 40
 
 
-def build(out: Path, *, seed: int = 0) -> Path:
+def build(out: Path, *, seed: int = 0, tie: bool = False) -> Path:
+    """``tie``: the LM head is the embedding table (tie_word_embeddings), as in SmolLM2 and Qwen2.5-0.5B."""
     need_converter("torch", "transformers", "tokenizers")
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,7 +53,7 @@ def build(out: Path, *, seed: int = 0) -> Path:
     eos = tok.token_to_id("<|im_end|>")
     cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, eos_token_id=eos, bos_token_id=tok.token_to_id("<|endoftext|>"),
+                      tie_word_embeddings=tie, eos_token_id=eos, bos_token_id=tok.token_to_id("<|endoftext|>"),
                       pad_token_id=tok.token_to_id("<|endoftext|>"))
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():
@@ -64,6 +65,18 @@ def build(out: Path, *, seed: int = 0) -> Path:
                 model.lm_head.weight[tid] *= 20.0
     model.save_pretrained(out)
     return out
+
+
+def set_external(graph: Path, key: str, value: str) -> None:
+    """The ``key`` entry (location, offset, length) of the graph's first externally stored tensor set to ``value``,
+    as a hand-edited or damaged graph could say it; the data file is left as it is."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    first = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    entry = next((e for e in first.external_data if e.key == key), None) or first.external_data.add(key=key)
+    entry.value = value
+    graph.write_bytes(model.SerializeToString())
 
 
 def add_lora(base: Path, out: Path, *, seed: int = 1) -> Path:

@@ -447,11 +447,48 @@ def test_external_data_outside_the_folder_is_refused_naming_it(tiny_onnx, tmp_pa
     assert says in e.value.problem and "model.model.embed_tokens.weight" in e.value.problem, e.value.problem
     assert "a regular file inside the model's folder" in e.value.problem
     assert "convert the model again" in e.value.fix and "onnxruntime is >= 1.20" not in e.value.fix
-    monkeypatch.setattr(onnx_external, "external_data", lambda graph: {})
+    monkeypatch.setattr(onnx_external, "external_tensors", lambda graph: [])
     with pytest.raises(ModelLoadError) as e:
         open_engine(folder, LoadSettings(n_ctx=128))
     assert "onnxruntime refused the external data" in e.value.problem, e.value.problem
     assert "must be a regular file inside the model's folder" in e.value.fix and "1.20" not in e.value.fix
+
+
+SPANS = {
+    "a NUL byte in the location": ("location", "model.onnx.data\x00x",
+                                   "'model.onnx.data\\x00x', which is not a file name (it holds a NUL byte)"),
+    "a negative offset": ("offset", "-4096", "at the offset '-4096', which is not a whole number of bytes"),
+    "an offset of 2^62": ("offset", str(2**62), "at bytes 4,611,686,018,427,387,904 to"),
+    "a length past the end": ("length", str(2**40), "at bytes 0 to 1,099,511,627,776, past the end of its"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPANS))
+def test_external_data_onnxruntime_must_not_be_handed_is_refused_at_load(tiny_onnx, tmp_path, monkeypatch, case):
+    """A NUL byte in a location ended `edgemed run` in a traceback (ValueError: embedded null byte, from
+    os.path.realpath); an offset or length past the data file's end was left to onnxruntime, whose refusal ("...
+    are out of bounds") got the fix "check ... that onnxruntime is >= 1.20". Both are refused before onnxruntime
+    opens anything, naming the tensor, and where onnxruntime is the one to refuse, its refusal gets the fix of
+    external data too, with no guess at a version."""
+    from onnx_tiny import set_external
+
+    from edgemed.errors import ModelLoadError
+    from edgemed.formats import onnx_external
+
+    folder = _copy(tiny_onnx, tmp_path)
+    key, value, says = SPANS[case]
+    set_external(folder / "model.onnx", key, value)
+    with pytest.raises(ModelLoadError) as e:
+        open_engine(folder, LoadSettings(n_ctx=128))
+    assert says in e.value.problem and "'model.model.embed_tokens.weight'" in e.value.problem, e.value.problem
+    assert "convert the model again" in e.value.fix and "1.20" not in e.value.fix
+    if key == "location":
+        return
+    monkeypatch.setattr(onnx_external, "external_tensors", lambda graph: [])  # as if edgemed had not looked
+    with pytest.raises(ModelLoadError) as e:
+        open_engine(folder, LoadSettings(n_ctx=128))
+    assert "onnxruntime refused the external data" in e.value.problem, e.value.problem
+    assert "convert the model again" in e.value.fix and "1.20" not in e.value.fix
 
 
 def _with_config(tiny_onnx, tmp_path, **decoder) -> Path:

@@ -132,3 +132,51 @@ def test_a_fifo_or_a_folder_is_refused_without_being_opened(tmp_path):
     (tmp_path / "folder.onnx").mkdir()
     with pytest.raises(IsADirectoryError):
         external_data(tmp_path / "folder.onnx")
+
+
+def _span_tensor(location: bytes, entries: dict[bytes, bytes], dims=(4,), elem: int = 1) -> bytes:
+    """A TensorProto with ``dims`` (field 1, one varint each), ``elem`` (data_type 2) and external-data entries."""
+    kv = _message(13, _message(1, b"location") + _message(2, location))
+    for key, value in entries.items():
+        kv += _message(13, _message(1, key) + _message(2, value))
+    shape = b"".join(_varint(1 << 3) + _varint(d) for d in dims)
+    return shape + _varint(2 << 3) + _varint(elem) + _message(8, b"w") + kv + _varint(14 << 3) + _varint(1)
+
+
+SPANS = {  # the data file holds 64 bytes; a float32 [4] tensor needs 16
+    "within the file": ({b"offset": b"48", b"length": b"16"}, (4,), None),
+    "no length: its shape's 16 bytes, within": ({b"offset": b"48"}, (4,), None),
+    "no length: its shape's 80 bytes, past the end": ({}, (4, 5), "at bytes 0 to 80, past the end of its 64 bytes"),
+    "an offset past the end": ({b"offset": b"4611686018427387904", b"length": b"16"}, (4,), "past the end of its 64"),
+    "a length past the end": ({b"offset": b"0", b"length": b"65"}, (4,), "at bytes 0 to 65, past the end of its 64"),
+    "a negative offset": ({b"offset": b"-16", b"length": b"16"}, (4,), "the offset '-16', which is not a whole number"),
+    "a length that is not a number": ({b"length": b"0x10"}, (4,), "the length '0x10', which is not a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPANS))
+def test_offsets_and_lengths_are_held_to_the_data_files_size(tmp_path, case):
+    """onnx_external read only the location: an offset or length past the end of the data file (a truncated copy, a
+    hand-edited graph) was left to onnxruntime, which sizes the tensor from what the graph says (older releases read
+    what they were pointed at). Each tensor's bytes are held to its file before onnxruntime is handed the graph."""
+    from edgemed.formats.onnx_external import external_tensors, refusal
+
+    entries, dims, says = SPANS[case]
+    (tmp_path / "model.onnx").write_bytes(_model(_span_tensor(b"model.onnx.data", entries, dims)))
+    (tmp_path / "model.onnx.data").write_bytes(bytes(64))
+    why = refusal(tmp_path, external_tensors(tmp_path / "model.onnx"))
+    if says is None:
+        assert why is None, why
+    else:
+        assert why is not None and says in why and "'w'" in why, why
+
+
+def test_a_location_with_a_nul_byte_is_refused_not_a_value_error(tmp_path):
+    """``os.path.realpath`` raises ValueError ("embedded null byte") on such a location: `edgemed run` ended in a
+    traceback. It is not a file name, and said so."""
+    from edgemed.formats.onnx_external import external_tensors, refusal
+
+    (tmp_path / "model.onnx").write_bytes(_model(_span_tensor(b"model.onnx.data\x00x", {})))
+    (tmp_path / "model.onnx.data").write_bytes(bytes(64))
+    why = refusal(tmp_path, external_tensors(tmp_path / "model.onnx"))
+    assert why is not None and "'model.onnx.data\\x00x', which is not a file name (it holds a NUL byte)" in why, why

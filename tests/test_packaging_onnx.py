@@ -273,3 +273,41 @@ def test_pack_refuses_an_onnx_folder_whose_graph_lacks_the_past_input_its_config
     said = " ".join(r.output.split())
     assert r.exit_code == 1 and "has no input 'past.0.key'" in said and "Traceback" not in said, r.output
     assert not (tmp_path / "b").exists()
+
+
+def _truncate(path: Path, size: int) -> None:
+    os.truncate(path, size)
+
+
+def _external(key: str, value: str):
+    from onnx_tiny import set_external
+
+    return lambda d: set_external(d / "model.onnx", key, value)
+
+
+UNLOADABLE = {
+    "no weights file": (lambda d: (d / "model.onnx.data").unlink(), "'model.onnx.data', which is missing"),
+    "weights at /etc/passwd": (_external("location", "/etc/passwd"), "'/etc/passwd', an absolute path"),
+    "an offset of 2^62": (_external("offset", str(2**62)), "at bytes 4,611,686,018,427,387,904 to"),
+    "a truncated weights file": (lambda d: _truncate(d / "model.onnx.data", 1000), "past the end of its 1,000 bytes"),
+    "no tokenizer.json": (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNLOADABLE))
+def test_pack_refuses_an_onnx_folder_the_engine_cannot_load_with_or_without_a_report(tiny_onnx, tmp_path, case):
+    """Without report.json (a builder's folder, a copy without it) or with --no-report, pack checked only
+    genai_config.json: a folder without its weights or tokenizer, or whose graph points at /etc/passwd or past the
+    end of its data file, became a bundle that passed verify and install and failed at its first run on every
+    device. The folder is checked as the engine loads it, the bad file named, and nothing is written."""
+    import shutil
+
+    d = shutil.copytree(tiny_onnx, tmp_path / "broken")
+    (d / "report.json").unlink()
+    change, says = UNLOADABLE[case]
+    change(d)
+    for extra in ((), ("--no-report",)):
+        r = _pack(d, tmp_path, *extra)
+        said = " ".join(r.output.split())
+        assert r.exit_code == 1 and says in said and "Traceback" not in said, r.output
+        assert "Fix:" in said and not (tmp_path / "b").exists()

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from edgemed.errors import InputError, IntegrityError
-from edgemed.formats import genai_config
+from edgemed.formats import genai_config, onnx_external
 
 # GGUF metadata key (after "<arch>.") -> manifest fact name
 _ARCH_KEYS = {
@@ -135,6 +135,7 @@ def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
                          "pack the directory `edgemed convert --to onnx` wrote, which has it, or convert the model again")
     cfg = genai_config.read_model(cfg_path, engine=True)  # the checks the engine makes at load, made before packing
     decoder = cfg.get("decoder", {})
+    _check_onnx_files(model_dir, decoder["filename"])
     facts.update(arch=cfg.get("type"), context_length=cfg.get("context_length"), vocab_size=cfg.get("vocab_size"),
                  n_layers=decoder.get("num_hidden_layers"), n_head=decoder.get("num_attention_heads"),
                  n_head_kv=decoder.get("num_key_value_heads"), head_dim=decoder.get("head_size"))
@@ -142,6 +143,28 @@ def onnx_facts(model_dir: Path) -> tuple[dict, dict]:
     facts["tokenizer_sha256"] = file_sha256(tok) if tok.is_file() else None
     facts["chat_template_sha256"] = _onnx_template_sha256(model_dir)
     return facts, {}
+
+
+def _check_onnx_files(model_dir: Path, graph_name: str) -> None:
+    """The files the ONNX engine reads at load, as it reads them: the graph genai_config.json names, its external
+    data (``onnx_external.refusal``: inside the folder, each tensor's bytes within the file) and tokenizer.json. A
+    folder without a report (or packed with --no-report) has no file list to be held to, and a bundle of a folder
+    that fails these would pass verify and install and fail at its first run on every device."""
+    graph = model_dir / graph_name
+    remake = "pack the directory `edgemed convert --to onnx` wrote, copied whole, or convert the model again"
+    try:
+        why = onnx_external.refusal(model_dir, onnx_external.external_tensors(graph))
+    except FileNotFoundError:
+        raise InputError(f"'{model_dir}' has no '{graph_name}', the graph its genai_config.json names.", remake) from None
+    except OSError as exc:  # NotRegular says which kind of file it is; a folder is IsADirectoryError
+        raise InputError(f"'{graph}' cannot be read ({exc.strerror or exc}).", remake) from None
+    except ValueError as exc:
+        raise InputError(f"'{graph}' is not an ONNX graph onnxruntime could load ({exc}).", remake) from None
+    if why:
+        raise InputError(f"'{graph}' {why} The ONNX engine refuses it at load.", onnx_external.FIX)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise InputError(f"'{model_dir}' has no tokenizer.json, which the ONNX engine tokenizes with.",
+                         "copy tokenizer.json from the converted directory (or the checkpoint) into it, and pack again")
 
 
 def _onnx_template_sha256(model_dir: Path) -> str | None:

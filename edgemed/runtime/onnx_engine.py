@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Generator, Iterator
 
 from edgemed import env
 from edgemed.errors import InputError, ModelLoadError, require
 from edgemed.formats import genai_config, onnx_external
-from edgemed.formats.input_file import odd_kind, read_at_most
+from edgemed.formats.input_file import read_at_most
 from edgemed.formats.nesting import loads_json
 from edgemed.runtime.engine import Finish, GenerationSettings, LoadSettings, check_fits
 
@@ -130,20 +130,22 @@ def _ort_errors(ort) -> tuple[type[BaseException], ...]:
     return tuple(v for v in native.values() if isinstance(v, type) and issubclass(v, Exception))
 
 
-_EXTERNAL_FIX = ("convert the model again with `edgemed convert --to onnx`, which writes the weights beside the graph "
-                 "(model.onnx.data), and copy the folder whole: external data must be a regular file inside the "
-                 "model's folder, not a link out of it")
+_EXTERNAL_FIX = onnx_external.FIX
+#: the words of onnxruntime's refusals of external data: "external data", "External initializer: X offset: ... out
+#: of bounds", "... data file ... does not exist"
+_EXTERNAL_WORDS = ("external data", "external initializer", "data file")
 
 
 def _load_failed(graph: Path, exc: Exception) -> ModelLoadError:
-    """onnxruntime's refusal of ``graph`` as one paragraph; its external-data refusals name that fix."""
+    """onnxruntime's refusal of ``graph`` as one paragraph; its external-data refusals name that fix. A message it
+    does not recognise gets the fix of a folder that is not what a conversion wrote, and no guess at its cause."""
     said = str(exc).strip()
-    if "external data" in said.lower():
+    if any(words in said.lower() for words in _EXTERNAL_WORDS):
         return ModelLoadError(f"onnxruntime refused the external data (the weights file) that '{graph}' names: "
                               f"{said}.", _EXTERNAL_FIX)
     return ModelLoadError(f"onnxruntime could not load '{graph}': {said}.",
-                          "check the directory is complete (model.onnx and model.onnx.data), and that onnxruntime "
-                          "is >= 1.20")
+                          "re-copy the model directory whole (the graph, its .data file and genai_config.json), or "
+                          "convert the model again with `edgemed convert --to onnx`")
 
 
 class OnnxEngine:
@@ -220,11 +222,12 @@ class OnnxEngine:
 
     def _check_external_data(self, graph: Path) -> None:
         """Refuse, before onnxruntime opens anything, a graph file that is not a regular file (a FIFO would hang the
-        load: onnxruntime opens it blocking) and an external-data location that is absolute, outside the folder
-        (by its path or by the link it is), or not a regular file. onnxruntime 1.32 refuses the latter with a message
-        about its own code; older releases read what they were pointed at."""
+        load: onnxruntime opens it blocking) and external data onnxruntime must not be handed
+        (``onnx_external.refusal``: a location that is not a regular file inside the folder, an offset or length past
+        the end of its file). onnxruntime 1.32 refuses these with a message about its own code; older releases read
+        what they were pointed at."""
         try:
-            locations = onnx_external.external_data(graph)
+            tensors = onnx_external.external_tensors(graph)
         except FileNotFoundError:
             raise ModelLoadError(f"'{self.path}' has no '{graph.name}' (the graph {GENAI_CONFIG} names).",
                                  "re-copy the model directory, or convert the model again with "
@@ -233,27 +236,12 @@ class OnnxEngine:
             raise ModelLoadError(f"'{graph}' cannot be read ({exc.strerror or exc}).", _RECOPY) from None
         except ValueError as exc:
             raise ModelLoadError(f"'{graph}' is not an ONNX graph onnxruntime could load ({exc}).", _RECOPY) from None
-        folder = Path(os.path.realpath(self.path))
-        for location, tensor in locations.items():
-            where = self.path / location
-            real = Path(os.path.realpath(where))
-            if PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute():
-                why = "an absolute path"
-            elif not Path(os.path.normpath(folder / location)).is_relative_to(folder):
-                why = "a path out of the model's folder"
-            elif not real.is_relative_to(folder):
-                why = f"a link to '{real}', outside the model's folder"
-            elif not os.path.lexists(where):
-                why = "which is missing"
-            elif os.path.isdir(where):
-                why = "a folder"
-            else:
-                kind = odd_kind(where)
-                why = f"{kind}, not a regular file" if kind else None
-            if why:
-                raise ModelLoadError(f"'{graph}' keeps the weights of '{tensor}' in the external data file "
-                                     f"'{location}', {why}: onnxruntime reads external data only from a regular "
-                                     "file inside the model's folder.", _EXTERNAL_FIX)
+        try:
+            why = onnx_external.refusal(self.path, tensors)
+        except OSError as exc:  # changed while it was looked at
+            raise ModelLoadError(f"The external data of '{graph}' cannot be read ({exc.strerror or exc}).", _RECOPY) from None
+        if why:
+            raise ModelLoadError(f"'{graph}' {why}", _EXTERNAL_FIX)
 
     def _thread_options(self, ort, opts, load: LoadSettings) -> dict[str, int]:
         """Set the session's threads; the counts set, by option name (unset: onnxruntime's default).
