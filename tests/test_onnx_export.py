@@ -491,3 +491,57 @@ def test_check_gates_the_graph_genai_config_names_which_the_engine_runs(tiny, ex
     result = runner.invoke(main, ["check", str(tiny), str(d)])  # model.onnx is there, but the engine cannot run the folder
     said = " ".join(result.output.split())
     assert result.exit_code == 1 and "without genai_config.json" in said and "Traceback" not in said, result.output
+
+
+def test_a_tied_head_converts_to_int4_with_the_genai_builder(tmp_path):
+    """SmolLM2 ties its LM head to its embedding: onnxruntime-genai's builder then shared the quantized head with the
+    embedding under a name it did not write ("Node input 'lm_head.MatMul.weight_Q8G32' is not a graph input"), and
+    onnxruntime refused the int4 graph. The embedding stays its own float32 table, as the report says, and the graph
+    passes the gate and runs."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+
+    from edgemed.runtime.engine import GenerationSettings, open_engine
+
+    src = build(tmp_path / "tied", tie=True)
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] is True
+    out = tmp_path / "tied-int4"
+    report = convert_onnx(src, out, OnnxOptions(weight_type="int4", graph="genai"), echo=lambda s: None)
+    assert report.parity["int4"]["passed"] and report.quantization["embeddings"] == "float32"
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops, ops
+    engine = open_engine(out)
+    assert len(list(engine.generate_tokens([3, 140, 22], GenerationSettings(max_tokens=3)))) == 3
+    engine.close()
+
+
+def test_an_int4_builder_graph_onnxruntime_cannot_open_is_the_builders_failure(tiny, tmp_path, monkeypatch):
+    """onnxruntime's refusal of the builder's int4 graph was cut at 200 characters (mid-name), named the temporary
+    folder, and said "convert again, or re-copy the whole directory", which fails the same way. It is the builder's
+    failure, onnxruntime's message kept whole without the temporary path, with the way round it."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+    from onnx import helper
+
+    from edgemed.converters.onnx import builder
+    from edgemed.converters.onnx.export import trace_fp32
+    from edgemed.errors import EdgemedError
+
+    def unloadable(job, fp32_model, out_dir, recipe):  # what the builder wrote for a tied head
+        node = helper.make_node("Identity", ["lm_head.MatMul.weight_Q8G32"], ["logits"])
+        graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1])])
+        onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)]),
+                  str(out_dir / "model.onnx"))
+
+    monkeypatch.setattr(builder, "fp32_step", trace_fp32)  # the fp32 gate is not what this is about
+    monkeypatch.setattr(builder, "int4_step", unloadable)
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    with pytest.raises(EdgemedError) as e:
+        convert_onnx(tiny, outs / "x", OnnxOptions(weight_type="int4", graph="genai"), echo=lambda s: None)
+    said = e.value.problem
+    assert "int4 graph that the onnxruntime-genai model builder" in said and str(tiny) in said, said
+    assert "Node input 'lm_head.MatMul.weight_Q8G32' is not a graph input, initializer, or output" in said, said
+    assert ".partial" not in said and str(outs) not in said, said
+    assert "--onnx-graph torch" in e.value.fix and "re-copy" not in e.value.fix
+    assert list(outs.iterdir()) == []

@@ -88,7 +88,10 @@ def build(src: Path, out: Path, precision: str, *, cache: Path, block_size: int 
     env.enforce_offline()
     cmd = [sys.executable, "-m", MODULE, "-i", str(src), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
     if precision == "int4":
-        extra = [f"block_size={block_size}", f"accuracy_level={accuracy_level}", f"is_symmetric={str(symmetric).lower()}"]
+        extra = [f"block_size={block_size}", f"accuracy_level={accuracy_level}", f"is_symmetric={str(symmetric).lower()}",
+                 # its default for a tied head (SmolLM2, Qwen2.5-0.5B) feeds the embedding the quantized head under a
+                 # name it does not write (int8 head) or as uint8 (int4): a graph onnxruntime cannot load
+                 "shared_embeddings=false"]
         if head_bits == 8:
             extra.append("matmul_mixed_precision=last_matmul:int8")
         cmd += ["--extra_options", *extra]

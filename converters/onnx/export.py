@@ -36,7 +36,7 @@ from edgemed.converters.source.checkpoint import Checkpoint
 from edgemed.converters.source.source import Source
 from edgemed.converters.route import RouteOptions, Timings, torch_threads
 from edgemed.converters.onnx.graphs import DEFAULT_GRAPH, GRAPHS, GraphJob, graph_kind
-from edgemed.errors import InputError, require
+from edgemed.errors import EdgemedError, InputError, require
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Con
 
         source_cache = None
         if opts.parity:
-            from edgemed.converters.onnx.parity import check_onnx
+            from edgemed.converters.onnx.parity import GraphNotOpened, check_onnx
             from edgemed.converters.quality.parity import gated, source_logits
 
             with timings.step("parity_fp32"):
@@ -122,7 +122,12 @@ def _convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Con
                 kind.step("int4")(job, fp32_path, tmp, opts.recipe())
             if opts.parity:
                 with timings.step("parity_int4"):
-                    report = check_onnx(src, tmp / MODEL_FILE, "int4", threads=opts.threads, reference=source_cache)
+                    try:
+                        report = check_onnx(src, tmp / MODEL_FILE, "int4", threads=opts.threads, reference=source_cache)
+                    except GraphNotOpened as exc:
+                        if kind.int4_from_fp32:
+                            raise
+                        raise _unloadable_build(source, kind, exc) from None
                 # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
                 parity["int4"] = gated(report, "The int4 ONNX model", echo)
         else:
@@ -148,6 +153,15 @@ def _convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Con
         )
         report_path(tmp, "onnx").write_text(result.to_json() + "\n", encoding="utf-8")
     return result
+
+
+def _unloadable_build(source: Path, kind, exc: Exception) -> EdgemedError:
+    """A graph kind that rebuilds int4 from the HF weights wrote a graph ONNX Runtime cannot open: its builder's
+    failure, named with the way round it, not a damaged copy ("convert again" fails the same way)."""
+    return EdgemedError(f"ONNX Runtime cannot load the int4 graph that the {kind.builds} wrote for '{source}': "
+                        f"{exc.said}",
+                        "convert with the traced graph instead (--onnx-graph torch), which supports every architecture "
+                        "edgemed does")
 
 
 def shippable(directory: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgemed.converters.quality.parity import ParityReport, compare, same_vocabulary, source_logits
 from edgemed.converters.onnx.trace import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from edgemed.errors import InputError
 from edgemed.formats import genai_config
 
 GENAI_CONFIG = "genai_config.json"
@@ -41,6 +42,24 @@ def engine_graph(directory: Path) -> Path:
     return directory / name
 
 
+#: onnxruntime's refusal is one line, a few hundred characters; kept whole up to this, never cut at a word
+MAX_SAID = 2000
+
+
+class GraphNotOpened(InputError):
+    """ONNX Runtime refused to open a graph. ``said`` is its message, the graph's folder left out: a conversion's
+    graph sits in a temporary folder the user never sees, and the conversion says whose graph it was."""
+
+    def __init__(self, problem: str, fix: str, said: str):
+        super().__init__(problem, fix)
+        self.said = said
+
+
+def _said(exc: Exception, model_path: Path) -> str:
+    said = " ".join(str(exc).split()).replace(str(model_path), Path(model_path).name)
+    return said if len(said) <= MAX_SAID else said[:MAX_SAID].rsplit(" ", 1)[0] + " ..."
+
+
 def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | None = None) -> list:
     """float32 logits [positions, vocab] per token list, from an ONNX graph with a KV cache. A graph ONNX Runtime
     cannot open (truncated weights, a missing data file), a graph without past_key_values inputs, or a
@@ -49,16 +68,15 @@ def onnx_logits(model_path: Path, token_lists: list[list[int]], threads: int | N
     import numpy as np
     import onnxruntime as ort
 
-    from edgemed.errors import InputError
-
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for a damaged model
-        raise InputError(f"ONNX Runtime cannot open '{model_path}': {str(exc)[:200]}",
-                         "convert again, or re-copy the whole directory (the graph and its .data file)") from None
+        said = _said(exc, model_path)
+        raise GraphNotOpened(f"ONNX Runtime cannot open '{model_path}': {said}",
+                             "convert again, or re-copy the whole directory (the graph and its .data file)", said) from None
     names = {i.name for i in session.get_inputs()}
     config = Path(model_path).parent / GENAI_CONFIG
     # checked as the ONNX engine checks it: a regular file of bounded size, its sizes positive integers
