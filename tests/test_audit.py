@@ -191,7 +191,25 @@ def test_cli_verify(logfile):
     report = json.loads(as_json.output)
     assert report["ok"] is False and report["line"] == 3 and report["problem"] == "edited"
     missing = runner.invoke(cli, ["audit", "verify", str(logfile.parent / "nope.jsonl")])
-    assert missing.exit_code == 1 and "Cannot read" in missing.output and "Traceback" not in missing.output
+    assert missing.exit_code == 2 and "Cannot read" in missing.output and "Traceback" not in missing.output
+
+
+def test_cli_verify_tells_a_log_it_could_not_read_from_a_broken_one(tmp_path):
+    """Exit code 2 (nothing checked: a wrong path, not a file, a bad anchor) is not 1 (the log is broken), and --json
+    prints one document for each."""
+    runner = CliRunner()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder.jsonl").mkdir()
+    _log(tmp_path / "good.jsonl").close()
+    for args in ([str(tmp_path / "nope.jsonl")], [str(tmp_path / "fifo")], [str(tmp_path / "folder.jsonl")],
+                 [str(tmp_path / "good.jsonl"), "--anchor", "abc"]):
+        for as_json in (False, True):
+            r = runner.invoke(cli, ["audit", "verify", *args, *(["--json"] if as_json else [])])
+            assert r.exit_code == 2 and "Traceback" not in r.output, (args, r.output)
+            if as_json:
+                doc = json.loads(r.stdout)  # one document, and nothing else on stdout
+                assert doc["ok"] is False and doc["error"] in ("InputError", "BadParameter") and doc["fix"], doc
+    assert "Exit codes" in runner.invoke(cli, ["audit", "verify", "--help"]).output
 
 
 def test_a_record_being_written_when_verify_reads_is_not_called_truncated(logfile):
@@ -298,7 +316,7 @@ def test_a_rotation_cut_short_is_finished_at_the_next_start(tmp_path, monkeypatc
     """A kill inside a rotation leaves the live file ending in `rotated` (maybe already linked, maybe with a half-made
     next file): the chain still verifies, and the next start finishes the rotation."""
     path = tmp_path / "audit.jsonl"
-    log = _log(path, 3, rotate_bytes=10**9)
+    log = _log(path, 3, rotate_bytes=10**9, reserve_bytes=0)  # no reserve: its descriptors are closed under it below
     real_link, real_rename = os.link, os.rename
 
     class Killed(BaseException):

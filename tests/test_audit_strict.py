@@ -109,7 +109,7 @@ def test_an_anchor_is_64_hex_digits_and_upper_case_is_folded(tmp_path):
             verify(path, anchor=bad)
         assert repr(bad) in err.value.problem
         out = runner.invoke(cli, ["audit", "verify", str(path), "--anchor", bad])
-        assert out.exit_code == 1 and "64 hex digits" in out.output and "BROKEN" not in out.output, out.output
+        assert out.exit_code == 2 and "64 hex digits" in out.output and "BROKEN" not in out.output, out.output
         assert "rewritten" not in out.output and "Traceback" not in out.output
     assert "'aaaaaaaa" in str(pytest.raises(InputError, verify, path, anchor="a" * 500).value)
 

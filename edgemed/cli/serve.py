@@ -347,6 +347,20 @@ def _card(ref) -> dict:
     return card
 
 
+#: ``audit verify``'s exit code when nothing was checked (1: the log is broken)
+UNCHECKED = 2
+
+
+def _duration(seconds: float) -> str:
+    """How far a record's time is from the one before's, in words: "400 days before", "10 years after"."""
+    span, where = abs(seconds), "before" if seconds < 0 else "after"
+    for unit, size, shown in (("years", 365.25 * 86400, 2), ("days", 86400, 1), ("hours", 3600, 1),
+                              ("minutes", 60, 1)):
+        if span >= shown * size:
+            return f"{span / size:.{1 if unit == 'years' else 0}f} {unit} {where}"
+    return f"{span:.1f} s {where}"
+
+
 @click.group()
 def audit():
     """Check the hash-chained audit log written by `edgemed serve`."""
@@ -362,12 +376,30 @@ def verify(path, anchor, no_follow, as_json):
     """Verify every record of the audit log at PATH: hashes, chain, sequence.
 
     A log rotated by `serve --audit-rotate-mib` is checked through the kept files before PATH, back to its first
-    record. Exit code 0 when intact; 1 when a record was edited, deleted, reordered or truncated, naming the first
-    broken line. Prints the head hash: record it elsewhere, and pass it later as --anchor.
+    record. Prints the head hash: record it elsewhere, and pass it later as --anchor. Also named, without failing:
+    where the disk filled, and record times that step back or jump ahead (the server's clock was set).
+
+    \b
+    Exit codes:
+      0  the chain is intact
+      1  a record was edited, deleted, reordered or truncated (the first broken line is named)
+      2  nothing was checked: PATH is missing, unreadable or not a file, or an option is wrong
+    With --json, stdout holds one JSON document in every case: the report, or for exit code 2 the error
+    ({"ok": false, "error": ..., "problem": ..., "fix": ...}).
     """
+    from edgemed.cli import _JSON_PRINTED, _json_failure, _printable
+    from edgemed.errors import InputError
     from edgemed.serve.audit import verify as verify_log
 
-    report = verify_log(path, anchor=anchor, follow=not no_follow)
+    try:
+        report = verify_log(path, anchor=anchor, follow=not no_follow)
+    except InputError as exc:  # not a verdict on the log: a path or an anchor to fix (exit 1 is a broken log)
+        ctx = click.get_current_context()
+        _json_failure(ctx, exc)
+        ctx.meta[_JSON_PRINTED] = True
+        unchecked = click.ClickException(_printable(exc))
+        unchecked.exit_code = UNCHECKED
+        raise unchecked from None
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     elif report.ok:
@@ -377,9 +409,21 @@ def verify(path, anchor, no_follow, as_json):
             click.echo(f"line {cut['line']} of {cut['path']} is a record cut short ({cut['bytes']} bytes, sha256 "
                        f"{cut['sha256']}): a kill, or a full disk, while the server wrote it; that file is kept as it "
                        "was, and the genesis of the file after it records those bytes")
+        for full in report.disk_full or []:
+            click.echo(f"seq {full['seq']} ({full['time']}) of {full['path']}: the log's disk was full; the server "
+                       f"refused new requests from there, and wrote the end records of the {full['open_requests']} "
+                       "generation(s) it was answering from its reserve")
+        for jump in report.time_jumps or []:
+            click.echo(f"warning: record seq {jump['seq']} of {jump['path']} is dated {jump['time']}, "
+                       f"{_duration(jump['seconds'])} the record before it ({jump['previous_time']}): the server's "
+                       "clock was set (the chain is intact; read the times around it with care)")
         if report.unfinished:
-            click.echo(f"{report.unfinished} generation(s) accepted with no record of their end (the server stopped "
-                       f"while they ran: a crash or a kill), e.g. request id {', '.join(report.unfinished_ids or [])}")
+            why = "the server stopped while they ran: a crash or a kill"
+            if report.disk_full:
+                why = ("the log's disk filled while they ran: their end records did not fit, or the server stopped "
+                       "before writing them")
+            click.echo(f"{report.unfinished} generation(s) accepted with no record of their end ({why}), e.g. request "
+                       f"id {', '.join(report.unfinished_ids or [])}")
         if report.in_flight:
             click.echo(f"{report.in_flight} generation(s) accepted with no record of their end yet: the server writing "
                        "this log is running, and may still be answering them")

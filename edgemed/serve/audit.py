@@ -23,9 +23,16 @@ what; the request is refused if that record cannot be written) and its ``request
 once it is over (status, tokens, timings). A crash or a kill in between leaves the
 ``accepted`` record with no ``request`` record of its id; ``verify`` counts those
 (``unfinished``), apart from the ones a running server may still be answering (``in_flight``:
-accepted since its last ``start`` while a writer holds the file's lock). A failed write (disk
-full) stops the writer for good and the server then answers 503 instead of serving requests it cannot record (fail closed);
-the part of its record that did reach the file is cut off again, so the restart that follows finds a whole chain. The file
+accepted since its last ``start`` while a writer holds the file's lock). A failed write stops the writer for good and the
+server then answers 503 instead of serving requests it cannot record (fail closed); the part of its record that did reach
+the file is cut off again, so the restart that follows finds a whole chain.
+
+A full disk must not lose the end of a generation already accepted (its answer may have gone out): the writer holds a
+reserve (``RESERVE_BYTES``), a file of its own beside the log (an owner-tagged name, ``files.debris``, so only that file
+is ever removed, and a killed server's is swept). When a write fails for space, the reserve is removed, a ``disk_full``
+record marks the place (with how many generations were open), and from then on the writer takes only the ``request``
+records of generations it had accepted (their text left out: ``content_dropped``) and the ``stop`` record; every new
+request is refused (503) as after any failed write. ``verify`` reports those marks (``Report.disk_full``). The file
 is opened ``O_APPEND`` with mode 0600 and held under an exclusive ``flock``, so a second server cannot interleave its own
 chain into it.
 
@@ -53,6 +60,7 @@ answer 401, until the disk is full and the server fails closed for every clinici
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -79,6 +87,12 @@ MAX_LINE_BYTES = 64 << 20
 #: server's write of one record is done in microseconds, and a file really cut stays cut
 TORN_TAIL_WAIT_S = 1.0
 
+#: Bytes of the writer's reserve beside the log: freed when the disk fills, for the end records of the generations
+#: accepted by then (a few hundred bytes each, text left out: at most slots + queue, 64 + 4,096) and the stop record
+RESERVE_BYTES = 4 << 20
+#: The errors of a write that found no room
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
 #: What a record may hold (besides seq / prev / hash / time / kind). Anything else is a bug, refused.
 FIELDS = {
     # request records
@@ -96,6 +110,9 @@ FIELDS = {
     "torn_bytes", "torn_sha256",
     # refusals: how many refused requests of one client were counted in a window, not recorded one by one
     "suppressed", "window_start", "window_s",
+    # disk_full: the generations accepted and not yet over when the disk filled; an end record written after it
+    # without the text that --audit-content would have put in it
+    "open_requests", "content_dropped",
 }
 #: What each entry of a start record's ``adapters`` holds, and nothing else.
 ADAPTER_KEYS = {"name", "sha256", "scale"}
@@ -138,6 +155,13 @@ class Report:
     #: kept files of the chain that end in a record cut short (a kill while it was written), which the genesis after
     #: each accounts for: {"path", "line", "bytes", "sha256"} each, oldest first
     torn: list[dict] | None = None
+    #: where the log's disk filled (``disk_full`` records): {"path", "seq", "time", "open_requests"} each, oldest first;
+    #: the generations accepted before one and with no end record lost theirs to the full disk (or a kill after it)
+    disk_full: list[dict] | None = None
+    #: record times that step back (more than ``TIME_BACK_S``) or ahead (more than ``TIME_AHEAD_S``) from the record
+    #: before (the server's clock was set): {"path", "seq", "time", "previous_time", "seconds"} each, the first
+    #: ``MAX_TIME_JUMPS``. The chain is still whole; the times are what an auditor reads as "when", so each is reported.
+    time_jumps: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +188,10 @@ class _File:
     #: file opened: generations accepted in the file before it (rotation) and finished here
     closed_early: set = field(default_factory=set)
     last_start: int = -1  # seq of its last ``start`` record (-1: none)
+    disk_full: list = field(default_factory=list)  # its ``disk_full`` records: {"seq", "time", "open_requests"}
+    first_time: tuple | None = None  # (seq, time text, seconds) of its first record with a readable time
+    last_time: tuple | None = None   # ... and of its last
+    time_jumps: list = field(default_factory=list)  # jumps between its records (``Report.time_jumps``)
 
 
 def _read_record(raw: bytes) -> dict:
@@ -255,8 +283,22 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
                       f"no record has the anchored hash {anchor}: records were cut from the end, or the whole log "
                       f"was rewritten{unchecked}", files)
     unfinished, ids, in_flight = _unfinished(chain, path)
+    full = [{"path": f.report.path, **mark} for f in reversed(chain) for mark in f.disk_full] or None
     return Report(str(path), True, records, last.report.head, files=files, unfinished=unfinished, unfinished_ids=ids,
-                  in_flight=in_flight, torn=torn)
+                  in_flight=in_flight, torn=torn, disk_full=full, time_jumps=_time_jumps(chain))
+
+
+def _time_jumps(chain: list[_File]) -> list[dict] | None:
+    """The time jumps of the chain's files and between them (a file's first record against the one before's last),
+    oldest first."""
+    jumps: list[dict] = []
+    before = None
+    for f in reversed(chain):  # the chain is newest first
+        if f.first_time is not None:
+            _time_jump(jumps, f.report.path, before, f.first_time)
+            jumps.extend(f.time_jumps[:MAX_TIME_JUMPS - len(jumps)])
+            before = f.last_time
+    return jumps or None
 
 
 def _anchor(value: str) -> str:
@@ -332,10 +374,49 @@ MAX_TRACKED_OPEN = 10_000
 MAX_IN_FLIGHT = 8_192
 
 
+#: A record time more than this after the record before it is reported (a server idle over a holiday is not) ...
+TIME_AHEAD_S = 30 * 86400.0
+#: ... and one more than this before it (a clock stepped back by NTP's slew-or-step threshold or less is not)
+TIME_BACK_S = 1.0
+#: Time jumps ``verify`` lists (more are not listed)
+MAX_TIME_JUMPS = 100
+
+
+def _seconds(text) -> float | None:
+    """A record's ``time`` (``_now``: 2026-12-07T02:53:04.123Z) in seconds since 1970; None when it is not one."""
+    import calendar
+
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z", text) if isinstance(text, str) else None
+    if m is None:
+        return None
+    try:
+        return calendar.timegm(time.strptime(m[1], "%Y-%m-%dT%H:%M:%S")) + int(m[2]) / 1000
+    except ValueError:
+        return None
+
+
+def _time_jump(jumps: list, path: str, before: tuple | None, after: tuple) -> None:
+    """Note in ``jumps`` the step from record ``before`` to ``after`` ((seq, time, seconds) each) when it goes back
+    more than ``TIME_BACK_S``, or further ahead than ``TIME_AHEAD_S``."""
+    if before is None or len(jumps) >= MAX_TIME_JUMPS:
+        return
+    step = after[2] - before[2]
+    if step < -TIME_BACK_S or step > TIME_AHEAD_S:
+        jumps.append({"path": path, "seq": after[0], "time": after[1], "previous_time": before[1],
+                      "seconds": round(step, 3)})
+
+
 def _track_open(f: _File, rec: dict, index: int) -> None:
     rid, kind = rec.get("request_id"), rec.get("kind")
     if kind == "start" and isinstance(rec.get("seq"), int):
         f.last_start = rec["seq"]
+    seconds = _seconds(rec.get("time"))
+    if seconds is not None:
+        now = (rec.get("seq"), rec["time"], seconds)
+        _time_jump(f.time_jumps, f.report.path, f.last_time, now)
+        f.first_time, f.last_time = f.first_time or now, now
+    if kind == "disk_full":
+        f.disk_full.append({"seq": rec.get("seq"), "time": rec.get("time"), "open_requests": rec.get("open_requests")})
     if not isinstance(rid, str):
         return
     if kind == "accepted":
@@ -350,7 +431,8 @@ def _track_open(f: _File, rec: dict, index: int) -> None:
 
 def _unfinished(chain: list[_File], live: Path) -> tuple[int, list[str] | None, int]:
     """Generations accepted and never recorded as over, through the chain's files oldest first: (how many ended with
-    their server, the first few of their ids, how many a server still holding ``live`` may be answering)."""
+    their server or the disk, the first few of their ids, how many a server still holding ``live`` may be
+    answering)."""
     still: dict = {}
     over = 0
     for f in reversed(chain):  # the chain is newest first
@@ -538,7 +620,7 @@ class AuditLog:
     """The single writer of one audit file. Thread-safe; ``append`` returns the new head hash."""
 
     def __init__(self, path: Path | str, *, content: bool = False, rotate_bytes: int | None = None,
-                 refusals: RefusalBudget | None = None):
+                 refusals: RefusalBudget | None = None, reserve_bytes: int = RESERVE_BYTES):
         import fcntl
 
         # with rotation, the real path: the live name is replaced by a rename, which must not replace a link to it
@@ -548,6 +630,10 @@ class AuditLog:
         self.failed: str | None = None  # set when a write failed: the server then refuses requests (fail closed)
         self.refusals = refusals or RefusalBudget()
         self._lock = threading.Lock()
+        self._open: set[str] = set()  # request ids of the generations accepted and not yet over
+        self._closing = False  # the disk filled and the reserve is freed: only end records and the stop record go in
+        self._reserve: tuple | None = None  # (path, open descriptor) of the reserve file this writer made
+        self._reserve_owner: contextlib.ExitStack | None = None  # holds its owner lock (files.debris) while it is there
         fix = "pass --audit-log with a file in a folder this user can write (default: $EDGEMED_HOME/audit/)"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -582,18 +668,73 @@ class AuditLog:
                                  f"{exc.strerror or exc}.", "run with --audit-rotate-mib in a folder this user can "
                                  "write, on a file system with hard links (not FAT or exFAT), or without the option") from None
         try:
+            if reserve_bytes:
+                self._make_reserve(reserve_bytes)
             self._open_chain()
         except OSError as exc:  # the genesis record could not be written (/proc, a full or read-only disk)
+            self._drop_reserve()
             os.close(self._fd)
             raise InputError(f"Cannot write the audit log '{self.path}': {exc.strerror or exc}.", fix) from None
         except BaseException:
+            self._drop_reserve()
             os.close(self._fd)
             raise
+
+    def _make_reserve(self, size: int) -> None:
+        """Write the reserve: ``size`` bytes in a new file of this writer's beside the log (the same file system), random
+        so that a compressing file system stores them all. A disk without that room refuses the start: a server that
+        starts on it could answer a request and then lose its end record."""
+        from edgemed.files.debris import debris_path, owned, sweep
+
+        folder = Path(os.path.realpath(self.path)).parent
+        stack = contextlib.ExitStack()
+        stack.enter_context(owned(folder))
+        sweep(folder)  # the reserves of servers that were killed
+        path = debris_path(folder, f"{self.path.name}.reserve")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            stack.close()
+            raise
+        self._reserve, self._reserve_owner = (path, fd), stack  # held open: its room is freed through it, not its name
+        try:
+            chunk = os.urandom(min(size, 1 << 16))
+            left = size
+            while left > 0:
+                left -= os.write(fd, chunk[:left])
+            os.fsync(fd)
+        except OSError as exc:
+            self._drop_reserve()
+            if exc.errno in NO_SPACE:
+                raise InputError(f"The audit log's disk ({folder}) has no room for the {size >> 10} KiB the server "
+                                 "keeps in reserve, so that the end records of requests it answered always fit.",
+                                 "free disk space there, or pass --audit-log with a file on another disk") from None
+            raise
+
+    def _drop_reserve(self) -> bool:
+        """Free the reserve: empty the file through its open descriptor (this writer's own file, whatever its name
+        holds now), and remove its name if that is still the same file. True when its room was freed."""
+        reserve, owner = self._reserve, self._reserve_owner
+        self._reserve = self._reserve_owner = None
+        freed = False
+        if reserve is not None:
+            path, fd = reserve
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                freed = True
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and os.path.samestat(st, os.fstat(fd)):  # held open: no inode reused
+                    os.unlink(path)
+            os.close(fd)
+        if owner is not None:
+            owner.close()
+        return freed
 
     def _genesis(self, **fields) -> None:
         from edgemed import __version__
 
-        self._write({"kind": "genesis", "format": FORMAT, "log_id": uuid.uuid4().hex, "edgemed_version": __version__,
+        self._put({"kind": "genesis", "format": FORMAT, "log_id": uuid.uuid4().hex, "edgemed_version": __version__,
                      **fields})
 
     def _open_chain(self) -> None:
@@ -742,6 +883,41 @@ class AuditLog:
         log.info("audit log: records up to seq %d kept in %s", self.seq - 2, kept)
 
     def _write(self, fields: dict) -> str:
+        """Append one record; a failure stops the writer (fail closed). A failure for space with the reserve still
+        there frees it and marks the place (``disk_full``): from then on only the end records of the generations
+        accepted by then, and the stop record, go in (``append``)."""
+        try:
+            return self._put(fields)
+        except OSError as exc:
+            if self.failed is None:
+                self.failed = f"writing {self.path} failed: {exc.strerror or exc}"  # write nothing new: fail closed
+            if self._closing or exc.errno not in NO_SPACE or not self._drop_reserve():
+                self._closing = False  # nothing more can go in
+                raise
+            code = errno.errorcode[exc.errno]
+        self._closing = True
+        log.error("audit log %s: the disk is full; the server's reserve beside it is freed for the end records of the "
+                  "%d generation(s) it is answering and its stop record, and new requests are refused (503). Fix: free "
+                  "disk space, then restart the server", self.path, len(self._open))
+        try:
+            self._put({"kind": "disk_full", "error_code": code, "open_requests": len(self._open)})
+            if fields.get("kind") == "accepted":  # a new generation: refused, as every one from now on
+                raise OSError(errno.ENOSPC, "the disk is full: the server takes no new requests")
+            return self._put(self._closing_fields(fields))
+        except OSError:
+            if fields.get("kind") != "accepted":
+                self._closing = False
+            raise
+
+    @staticmethod
+    def _closing_fields(fields: dict) -> dict:
+        """A record written from the reserve: without the request's text, which could be larger than all of it."""
+        if not CONTENT_FIELDS & set(fields):
+            return fields
+        return {**{k: v for k, v in fields.items() if k not in CONTENT_FIELDS}, "content_dropped": True}
+
+    def _put(self, fields: dict) -> str:
+        """Write one record and fsync it; on a failure, take back what of it went in, and raise."""
         record = {**fields, "seq": self.seq, "prev": self.head, "time": _now()}
         record["hash"] = record_hash(record)
         line = canonical(record) + b"\n"
@@ -752,10 +928,9 @@ class AuditLog:
             while written < len(line):
                 written += os.write(self._fd, view[written:])
             os.fsync(self._fd)
-        except OSError as exc:
+        except OSError:
             if 0 < written < len(line):  # part of the line went in (a full disk): take it back, so a restart opens
                 self._cut_back(size, written)
-            self.failed = f"writing {self.path} failed: {exc.strerror or exc}"  # write nothing more: fail closed
             raise
         self.head, self.seq = record["hash"], self.seq + 1
         return self.head
@@ -779,12 +954,19 @@ class AuditLog:
             raise ValueError(f"audit field 'adapters' holds entries other than {sorted(ADAPTER_KEYS)}")
         kept = {k: v for k, v in fields.items() if k in allowed}
         with self._lock:
-            if self._fd < 0 or self.failed:
+            ends = kind == "stop" or kind == "request" and kept.get("request_id") in self._open
+            if self._fd < 0 or self.failed and not (self._closing and ends):
                 raise OSError(f"audit log {self.path} is {'closed' if self._fd < 0 else 'failed'}")
+            if self._closing:
+                kept = self._closing_fields(kept)
             for counted in self.refusals.due(final=kind == "stop"):
                 self._write({"kind": "refusals", **counted})
             head = self._write({"kind": kind, **kept})
-            if self.rotate_bytes and os.fstat(self._fd).st_size >= self.rotate_bytes:
+            if kind == "accepted":
+                self._open.add(kept.get("request_id"))
+            elif kind == "request":
+                self._open.discard(kept.get("request_id"))
+            if self.rotate_bytes and not self.failed and os.fstat(self._fd).st_size >= self.rotate_bytes:
                 self._rotate()
             return head
 
@@ -800,3 +982,4 @@ class AuditLog:
             if self._fd >= 0:
                 os.close(self._fd)  # releases the flock
                 self._fd = -1
+            self._drop_reserve()

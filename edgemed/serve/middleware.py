@@ -198,9 +198,10 @@ class Observe:
                 await error_response(failed)(scope, receive, send_observed)
         finally:
             self.metrics.request_done(record.endpoint, record.code, time.perf_counter() - record.started)
-            if self.config.audit is not None and not self.config.audit.failed and _audited(path, record):
+            audit = self.config.audit  # a generation it accepted gets its end record after a failure too (its reserve)
+            if audit is not None and (not audit.failed or record.accepted) and _audited(path, record):
                 fields = record.audit_fields(self.config.model_id, self.config.bundle_digest)
-                await _audit(self.config.audit, "request", fields, refused=record.refused_unidentified)
+                await _audit(audit, "request", fields, refused=record.refused_unidentified)
 
 
 def _audited(path: str, record: RequestRecord) -> bool:
@@ -224,7 +225,8 @@ async def _audit(audit, kind: str, fields: dict, refused: bool = False) -> None:
             else:
                 await anyio.to_thread.run_sync(lambda: audit.append(kind, **fields))
         except OSError as exc:
-            log.error("audit record not written (%s); refusing API requests until restarted", exc)
+            log.error("audit record of request %s (status %s) not written (%s); refusing API requests until restarted",
+                      fields.get("request_id"), fields.get("status"), exc)
 
 
 class Guard:
