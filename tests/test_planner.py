@@ -286,6 +286,25 @@ def test_choose_largest_context_and_refuse(tiny):
         choose_context(s, profile, budget, requested=2048)
 
 
+def test_a_ctx_refusal_never_sends_the_user_to_a_second_refusal(tiny):
+    """`plan --ctx 256` on a budget no context fits said "leave --ctx out to get the largest context that fits", and
+    without --ctx the plan was refused again. Where even the smallest context does not fit, the fixes are the ones
+    that make room; where it does, leaving --ctx out is still the advice."""
+    s = read_shape(tiny)
+    profile = get_profile("x86-avx2")
+    opts = profile_settings(profile, s)
+    short = estimate(s, 256, **opts).total - 1  # not even 256 tokens: nor the 512 the search starts from
+    with pytest.raises(PlanError, match="nothing was loaded"):
+        choose_context(s, profile, short)
+    for requested in (256, 2048):
+        with pytest.raises(PlanError) as err:
+            choose_context(s, profile, short, requested=requested)
+        assert "leave --ctx out" not in err.value.fix and "smaller quant" in err.value.fix
+    with pytest.raises(PlanError, match="leave --ctx out") as err:
+        choose_context(s, profile, estimate(s, 1024, **opts).total, requested=2048)
+    assert choose_context(s, profile, estimate(s, 1024, **opts).total)[0] >= 1024  # as the fix says
+
+
 def test_a_trained_context_off_the_256_grid_is_kept_whole_when_it_fits(tmp_path):
     """A model trained on 1,000 tokens was planned at 768 "limited by budget" with the budget all but unused (the
     search walks multiples of 256); one trained on 300 got 300. The whole cap is taken when it fits."""

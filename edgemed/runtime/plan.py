@@ -448,6 +448,14 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
     parts = [f"LoRA adapters {adapter_bytes / MIB:.0f} MiB"] * bool(adapter_bytes) + \
         [f"--prefix-cache-mib {prefix_cache_bytes / MIB:.0f} MiB"] * bool(prefix_cache_bytes)
     with_adapters = f" ({', '.join(parts)} of it)" if parts else ""
+    cap, limited_by = profile.llama["n_ctx"], "profile"
+    if shape.n_ctx_train < cap:
+        cap, limited_by = shape.n_ctx_train, "model"
+    smallest = estimate(shape, min(MIN_CTX, cap), **opts)  # what the largest context that fits starts from
+    smaller = (("pass a smaller --prefix-cache-mib (or leave it out: the profile's cache is reduced to fit), or "
+                if prefix_cache_bytes else "") +
+               f"use a smaller quant (the profile recommends {profile.recommended_quant}) or a smaller model; "
+               "nothing was loaded")
     if requested is not None:
         if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
             slots = (f" (--ctx {requested // n_seq} per slot x {n_seq} slots)"
@@ -464,20 +472,15 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
             raise PlanError(
                 f"A {requested}-token context needs {est.total / MIB:.0f} MiB{with_adapters}, over the '{profile.name}' budget "
                 f"of {budget / MIB:.0f} MiB.",
-                "leave --ctx out to get the largest context that fits, or use a smaller quant / model")
+                # without --ctx the smallest context is tried too: where it does not fit, that is a second refusal
+                "leave --ctx out to get the largest context that fits, or use a smaller quant / model"
+                if smallest.total <= budget else smaller)
         return requested, "request"
-    cap, limited_by = profile.llama["n_ctx"], "profile"
-    if shape.n_ctx_train < cap:
-        cap, limited_by = shape.n_ctx_train, "model"
-    smallest = estimate(shape, min(MIN_CTX, cap), **opts)
     if smallest.total > budget:
         raise PlanError(
             f"The model needs {smallest.total / MIB:.0f} MiB even with a {smallest.n_ctx}-token context "
             f"(weights {smallest.weights / MIB:.0f} MiB{''.join(', ' + p for p in parts)}), over the '{profile.name}' budget of {budget / MIB:.0f} MiB.",
-            ("pass a smaller --prefix-cache-mib (or leave it out: the profile's cache is reduced to fit), or "
-             if prefix_cache_bytes else "") +
-            f"use a smaller quant (the profile recommends {profile.recommended_quant}) or a smaller model; "
-            "nothing was loaded")
+            smaller)
     if estimate(shape, cap, **opts).total <= budget:  # the whole cap fits: it is the answer, whatever its multiple
         return cap, limited_by
     best = smallest.n_ctx
