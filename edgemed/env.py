@@ -162,8 +162,10 @@ def _dirs(var: str) -> list[Path]:
 
 
 def profile_dirs() -> list[Path]:
-    """User device-profile folders: ``$EDGEMED_PROFILES_DIR`` entries, then ``$EDGEMED_HOME/profiles``."""
-    return _dirs(PROFILES_VAR) + [home() / "profiles"]
+    """User device-profile folders in the order they are read, a later one's profile replacing an earlier one's of the
+    same name: ``$EDGEMED_HOME/profiles``, then ``$EDGEMED_PROFILES_DIR``'s entries (the folders a user names win
+    over the default one)."""
+    return [home() / "profiles"] + _dirs(PROFILES_VAR)
 
 
 def template_dirs() -> list[Path]:

@@ -664,6 +664,35 @@ def test_a_profiles_folder_named_in_the_variable_must_be_one(tmp_path, monkeypat
     assert "generic" in load_profiles()
 
 
+def test_a_profiles_folder_named_in_the_variable_wins_over_the_home_folder(tmp_path, monkeypatch, edgemed_home, caplog):
+    """A stale `$EDGEMED_HOME/profiles/x86-avx512.toml` silently replaced the one in the folder `$EDGEMED_PROFILES_DIR`
+    names, the place the reserve refusal's own fix tells the user to copy a profile to. The named folder wins, and
+    one warning names both files; a stale copy that no longer reads stops nothing the named one serves."""
+    import logging
+
+    named = tmp_path / "site"
+    named.mkdir()
+    (edgemed_home / "profiles").mkdir(parents=True)
+    shipped = (Path(__file__).parents[1] / "device_profiles" / "x86-avx512.toml").read_text()
+    (named / "x86-avx512.toml").write_text(shipped.replace('description = "', 'description = "site: ', 1))
+    stale = edgemed_home / "profiles" / "x86-avx512.toml"
+    stale.write_text(shipped.replace('description = "', 'description = "stale: ', 1))
+    monkeypatch.setenv("EDGEMED_PROFILES_DIR", str(named))
+    from edgemed.devices import profiles as module
+
+    monkeypatch.setattr(module, "_SAID", set())
+    with caplog.at_level(logging.WARNING, logger="edgemed.devices.profiles"):
+        profile = get_profile("x86-avx512")
+    assert profile.source == str(named / "x86-avx512.toml") and profile.description.startswith("site: ")
+    said = _warnings(caplog, "replaces")
+    assert len(said) == 1 and str(named / "x86-avx512.toml") in said[0] and str(stale) in said[0]
+    stale.write_text("not = [toml")
+    assert load_profiles()["x86-avx512"].source == str(named / "x86-avx512.toml")
+    monkeypatch.delenv("EDGEMED_PROFILES_DIR")  # the home folder alone: its file is the user's profile
+    with pytest.raises(ProfileError, match="not valid TOML"):
+        load_profiles()
+
+
 def test_the_apple_probes_sysctl_runs_no_process_off_macos(monkeypatch):
     """Linux has a ``sysctl`` of its own that knows none of the Apple probe's keys: every context made without a thread
     count ran it twice (about 5 ms) to learn so. Off macOS no process runs; on macOS the real command is asked."""

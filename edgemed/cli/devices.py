@@ -47,7 +47,8 @@ def detect(root: Path, as_json: bool) -> None:
 @devices.command(name="list")
 @json_flag()
 def list_profiles(as_json: bool) -> None:
-    """List every profile (shipped, then $EDGEMED_PROFILES_DIR)."""
+    """List every profile (shipped, then $EDGEMED_HOME/profiles, then $EDGEMED_PROFILES_DIR: a later one replaces
+    an earlier one of the same name)."""
     from edgemed.devices import load_profiles
 
     profiles = load_profiles()

@@ -1,6 +1,9 @@
 """Load device profiles: the shipped ``device_profiles/`` plus the user's folders.
 
-A user profile with the same name as a shipped one replaces it. Each file is
+A user profile with the same name as a shipped one replaces it. User folders are read in ``env.profile_dirs``'s
+order, ``$EDGEMED_HOME/profiles`` first and then each folder ``$EDGEMED_PROFILES_DIR`` names: a later folder's file
+replaces an earlier one's of the same name (a folder the user names wins over the default one), with one warning
+naming both files, as a stale copy would otherwise stand in without a word. Each file is
 validated against ``schema.FIELDS`` on load; its name must match its file stem.
 A user's file is untrusted input: it must be a regular file (not a directory, FIFO
 or symlink loop) of at most ``MAX_PROFILE_BYTES`` of UTF-8 TOML nesting at most
@@ -236,18 +239,28 @@ def _named_folder(folder: Path) -> Path:
 
 
 def read_profiles() -> tuple[dict[str, Profile], dict[Path, ProfileError]]:
-    """Every profile that reads, by name: shipped first, then user folders (later ones override; a user's file that
-    does not read takes its name out), and apart from them each user file that does not read, with why. Each folder
-    named in ``$EDGEMED_PROFILES_DIR`` must exist; ``$EDGEMED_HOME/profiles`` is read where it does."""
+    """Every profile that reads, by name: shipped first, then user folders (``$EDGEMED_HOME/profiles``, then
+    ``$EDGEMED_PROFILES_DIR``'s: later ones override, with a warning where one user file replaces another; a user's
+    file that does not read takes its name out), and apart from them each user file that does not read, with why.
+    Each folder named in ``$EDGEMED_PROFILES_DIR`` must exist; ``$EDGEMED_HOME/profiles`` is read where it does."""
     found: dict[str, Profile] = {}
     broken: dict[Path, ProfileError] = {}
     shipped = _shipped_dir()
     for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
             found[entry.name[:-5]] = read_profile(Path(str(entry)), entry.read_text(encoding="utf-8"))
-    *named, default = env.profile_dirs()  # $EDGEMED_PROFILES_DIR's folders, then $EDGEMED_HOME/profiles
-    for folder in [*map(_named_folder, named), *([default] if default.is_dir() else [])]:
+    default, *named = env.profile_dirs()  # $EDGEMED_HOME/profiles, then $EDGEMED_PROFILES_DIR's folders
+    users: dict[str, Path] = {}  # name -> the user file that holds it now
+    for folder in [*([default] if default.is_dir() else []), *map(_named_folder, named)]:
         for path in sorted(folder.glob("*.toml")):
+            if path.stem in users and users[path.stem].resolve() == path.resolve():
+                continue  # one folder named twice (or $EDGEMED_HOME/profiles named in the variable): read once
+            if path.stem in users:  # the earlier file, read or not, gives way to this one
+                _warn_once(f"Device profile {path} replaces {users[path.stem]} of the same name (a folder in "
+                           f"${env.PROFILES_VAR} wins over $EDGEMED_HOME/profiles, a later one over an earlier one); "
+                           "remove the one you do not mean to use")
+                broken.pop(users[path.stem], None)
+            users[path.stem] = path
             try:
                 found[path.stem] = read_profile(path)
             except ProfileError as exc:  # never the shipped profile of that name in its place
