@@ -62,19 +62,37 @@ def test_a_system_text_with_the_model_markup_is_refused_naming_system(no_system_
     assert prompts == []
 
 
+#: Qwen2.5's way: with no system message the template writes its own default one
+QWEN_LIKE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n{% endif %}"
+             "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+             "{% endfor %}")
+
+
 def test_a_template_with_its_own_default_system_message_takes_ours():
     """Qwen2.5's way: with no system message the template writes its own, so a prompt that differs without ours is
     not a dropped one."""
     from edgemed.runtime.chat_template import no_system_role, render
 
-    qwen_like = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n{% endif %}"
-                 "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-                 "{% endfor %}")
-    assert no_system_role(lambda messages: render(qwen_like, messages), "Be brief.") is None
+    assert no_system_role(lambda messages: render(QWEN_LIKE, messages), "Be brief.") is None
     dropped = no_system_role(lambda messages: render(DROPS_SYSTEM, messages), "Be brief.")
     assert dropped == "the model's chat template leaves a system message out of the prompt"
     refused = no_system_role(lambda messages: render(NO_SYSTEM, messages), "Be brief.")
     assert refused.startswith("The model's chat template refused the conversation: Conversation roles must alternate")
+
+
+def test_a_system_text_that_is_the_templates_own_default_goes_as_a_system_message():
+    """The user's --system equal to the template's default rendered the same prompt as no system message, read as
+    one the template drops: it went into the user message, after the template's own system message with it."""
+    from edgemed.runtime.chat_template import fold_system, no_system_role, render
+
+    def qwen(messages):
+        return render(QWEN_LIKE, messages)
+
+    assert no_system_role(qwen, "You are Qwen.") is None
+    messages = [{"role": "system", "content": "You are Qwen."}, {"role": "user", "content": ASK}]
+    assert fold_system(qwen, messages) == (messages, None)
+    dropped = no_system_role(lambda messages: render(DROPS_SYSTEM, messages), ".")  # the other text's own
+    assert dropped == "the model's chat template leaves a system message out of the prompt"
 
 
 #: one MedMCQA-style question for ``run --template mcq``

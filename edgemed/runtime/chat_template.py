@@ -77,11 +77,18 @@ def no_system_role(render_chat, system: str) -> str | None:
     A template without a system role (Mistral's, Gemma 2's) either refuses a system message (the reason is its
     refusal) or leaves it out of the prompt without a word (the prompt is the same with it as without it): either way
     the text would not reach the model. ``InputError`` when the template refuses the text in the first user message
-    too (the model's markup in it); the caller names where the text came from."""
+    too (the model's markup in it); the caller names where the text came from.
+
+    A template that writes its own default system message where none is given (SmolLM2's, Qwen2.5's) renders the
+    same prompt with that very text sent as ours: another text tells it from one that drops every system message."""
     probe = {"role": "user", "content": "x"}
     try:
-        if render_chat([{"role": "system", "content": system}, probe]) != render_chat([probe]):
+        alone = render_chat([probe])
+        if render_chat([{"role": "system", "content": system}, probe]) != alone:
             return None
+        other = "." if system != "." else ","  # a text that is not the template's default
+        if render_chat([{"role": "system", "content": other}, probe]) != alone:
+            return None  # the system text was the template's own default: it is taken, not dropped
         why = "the model's chat template leaves a system message out of the prompt"
     except InputError as exc:
         why = exc.problem.rstrip(".")
