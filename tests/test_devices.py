@@ -313,6 +313,22 @@ def test_an_apple_sysctl_value_with_a_non_ascii_digit_counts_as_absent(tmp_path,
         assert facts.physical_cores >= 1 and facts.logical_cores >= 1
 
 
+def test_detect_shows_the_device_strings_escaped(tmp_path):
+    """`devices detect --root` printed the device-tree model raw: an OSC sequence in it set the terminal's title (and
+    could rewrite the lines around it). The model and the power mode's name are shown escaped, as a bundle's text is."""
+    import shutil
+
+    root = tmp_path / "jet"
+    shutil.copytree(FIXTURES / "jetson-orin-nano-8gb", root)
+    (root / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x1b]0;pwned\x07RED\x00")
+    conf = root / "etc/nvpmodel.conf"
+    conf.write_text(conf.read_text().replace("NAME=15W", "NAME=15W\x1b[2K"))
+    result = CliRunner().invoke(cli, ["devices", "detect", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "Kit\\x1b]0;pwned\\x07RED" in result.output and "15W\\x1b[2K mode" in result.output
+
+
 def test_jetson_uses_fixed_memory_and_offloads_everything():
     profile = get_profile("jetson-orin-nano-8gb")
     assert profile.budget_bytes(None) == int(min(7.4 * GIB - 1.5 * GIB, 7.4 * GIB * 0.8))

@@ -22,6 +22,7 @@ def devices() -> None:
 def detect(root: Path, as_json: bool) -> None:
     """Detect this machine and print the profile edgemed would use."""
     from edgemed.devices.detect import choose, detect as detect_facts
+    from edgemed.formats.terminal_text import shown
 
     facts = detect_facts(root)
     profile = choose(facts)
@@ -37,8 +38,9 @@ def detect(root: Path, as_json: bool) -> None:
                                "budget_note": {"problem": note, "fix": fix} if note else None,
                                "details": facts.details}, indent=2))
         return
-    click.echo(f"{profile.name} ({facts.summary()})")
-    click.echo(f"  {facts.model}")
+    # the model string and the power mode's name are the device's files (a --root tree is anyone's): shown escaped
+    click.echo(f"{profile.name} ({shown(facts.summary())})")
+    click.echo(f"  {shown(facts.model)}")
     click.echo(f"  memory budget for a model: {budget / 1e9:.1f} GB; recommended quant: {profile.recommended_quant}")
     if note:
         click.echo(f"  {note}.\n  Fix: {fix}.")
