@@ -42,8 +42,11 @@ from ui_kit import MODEL, Browser
 
 from edgemed.serve import page
 from edgemed.templates import load_templates
+from edgemed.templates.library import safety_preamble
 
 KEY = "clinic-key-" + "z" * 24
+#: What the page's chat sends first: the safety preamble, as ``edgemed chat`` does
+PREAMBLE = {"role": "system", "content": safety_preamble()}
 #: The stand-in's context window (``/ui/info``'s ``context_length``).
 CONTEXT = 1024
 
@@ -218,12 +221,34 @@ def test_a_stream_that_ends_without_its_end_marker_is_cut_off_not_answered(serve
     assert answer.get_attribute("data-done") == "done" and page.find("#status").text == "Answered."
     assert not answer.find_element("css selector", ".ending").is_displayed()
     assert script.bodies[-1]["messages"] == [
-        {"role": "user", "content": "Amoxicillin dose for an adult with CKD stage 4?"},
+        PREAMBLE, {"role": "user", "content": "Amoxicillin dose for an adult with CKD stage 4?"},
         {"role": "assistant", "content": cut}, {"role": "user", "content": "What about paracetamol?"}]
     script.answer(WHOLE)
     page.ask("And for a child?")
     page.wait(lambda: len(page.answers()) == 3 and page.last().get_attribute("data-done"), 10, "the third answer")
     assert assistant_turns(script.bodies[-1]) == [cut, "Paracetamol 1 g every 6 hours."]
+
+
+def test_the_chat_sends_the_safety_preamble_first_and_a_form_its_templates_own(served, script, browser):
+    """The page's chat sent the clinician's turns alone: the model answered under its chat template's own default
+    system message (SmolLM2's "a helpful AI assistant named SmolLM"), never the safety preamble `edgemed chat` sends.
+    The preamble is the server's (``/ui/info``), once per request, and a form sends its template's, not a second."""
+    page = browser.page(served.url)
+    page.ask("Max paracetamol dose for an adult?")
+    page.wait_answer(10)
+    script.answer(WHOLE)
+    page.ask("And with liver disease?")
+    page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
+    for body in script.bodies:
+        assert body["messages"][0] == PREAMBLE and [m["role"] for m in body["messages"]].count("system") == 1, body
+    page.choose("mcq")
+    page.find("#fill-example").click()
+    script.answer([event("Answer: C"), event(finish="stop", **parsed(True, "C")), DONE])
+    page.send()
+    page.wait(lambda: len(page.answers()) == 3 and page.last().get_attribute("data-done"), 10, "the form's answer")
+    assert script.bodies[-1]["template"] == "mcq" and "messages" not in script.bodies[-1]
+    head = saved(browser).split("\n\n")[0]
+    assert "after edgemed's safety preamble" in head and safety_preamble() not in head, head
 
 
 @pytest.mark.parametrize("headers,events", [
@@ -300,7 +325,7 @@ def test_sign_out_forgets_the_key_and_clears_the_conversation(served, script, br
     assert page.find("#status").text == "Nothing to save yet."
     page.ask("Hello")
     page.wait_answer(10)
-    assert script.bodies[-1]["messages"] == [{"role": "user", "content": "Hello"}]
+    assert script.bodies[-1]["messages"] == [PREAMBLE, {"role": "user", "content": "Hello"}]
     driver.execute_script("sessionStorage.clear()")
 
 
@@ -541,7 +566,7 @@ def test_a_line_after_form_answers_says_the_model_does_not_see_them(served, scri
     script.answer(WHOLE)
     page.ask("Why not vitamin A?")
     page.wait(lambda: len(page.answers()) == 3 and page.last().get_attribute("data-done"), 10, "the chat answer")
-    assert script.bodies[-1]["messages"] == [{"role": "user", "content": "Why not vitamin A?"}]  # what the line says
+    assert script.bodies[-1]["messages"] == [PREAMBLE, {"role": "user", "content": "Why not vitamin A?"}]  # as said
     order = [e.get_attribute("class") for e in page.all("#log > li")]
     assert order == ["turn", "turn", "divider", "turn"]
     transcript = saved(browser)
@@ -656,7 +681,7 @@ def test_a_stopped_answer_goes_back_marked_and_a_failed_question_is_said_to_be_l
     page.ask("What dose do you suggest for her?")
     page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
     assert script.bodies[-1]["messages"] == [
-        {"role": "user", "content": "Patient: 82-year-old woman, eGFR 18, on warfarin. Her anticoagulation?"},
+        PREAMBLE, {"role": "user", "content": "Patient: 82-year-old woman, eGFR 18, on warfarin. Her anticoagulation?"},
         {"role": "assistant", "content": "[STOPPED, incomplete] " + stopped},
         {"role": "user", "content": "What dose do you suggest for her?"}]
 

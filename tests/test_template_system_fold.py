@@ -93,7 +93,8 @@ def test_the_harness_prompt_for_a_chat_template_with_a_system_role_is_the_templa
 
 
 # -- edgemed serve ---------------------------------------------------------------------------------------------------
-def _served_prompt(chat_template: str) -> str:
+def _served_prompt(chat_template: str, messages: list[dict] | None = None) -> str:
+    """The prompt ``edgemed serve`` renders for the mcq template, or for ``messages`` where given."""
     from edgemed.serve import api
     from edgemed.serve.endpoints import chat_prompt
     from edgemed.serve.middleware import RequestRecord
@@ -106,7 +107,8 @@ def _served_prompt(chat_template: str) -> str:
             return render(chat_template, messages)
 
     served = SimpleNamespace(batcher=Batcher(), templates=load_templates(), config=SimpleNamespace(model_id="m"))
-    body = api.ChatRequest(model="m", messages=[], template="mcq", template_inputs=INPUTS)
+    body = (api.ChatRequest(model="m", messages=messages) if messages else
+            api.ChatRequest(model="m", messages=[], template="mcq", template_inputs=INPUTS))
     return asyncio.run(chat_prompt(served, RequestRecord("r1", "chat", None), body)).value
 
 
@@ -119,3 +121,15 @@ def test_serve_sends_a_template_preamble_in_the_user_turn_where_the_chat_templat
 
 def test_serve_sends_a_template_messages_as_they_are_where_the_chat_template_has_a_system_role():
     assert _served_prompt(CHATML) == _as_is()
+
+
+@NO_ROLE
+def test_serve_sends_a_clients_system_message_in_the_user_turn_where_the_chat_template_has_no_system_role(chat_template):
+    """The clinician page's chat starts with the safety preamble as a system message: every question was a 400 (the
+    chat template refused it), or the model never read it (the chat template dropped it)."""
+    messages = [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "Q?"},
+                {"role": "assistant", "content": "A."}, {"role": "user", "content": "More?"}]
+    assert _served_prompt(chat_template, messages) == ("<|im_start|>user\nBe careful.\n\nQ?<|im_end|>\n<|im_start|>"
+                                                       "assistant\nA.<|im_end|>\n<|im_start|>user\nMore?<|im_end|>\n"
+                                                       "<|im_start|>assistant\n")
+    assert _served_prompt(CHATML, messages) == render(CHATML, messages)  # a system role: as sent

@@ -44,6 +44,19 @@ HOSTILE = '</script><img src=x onerror="window.__pwned=1">'
 #: SmolLM2 answers this (greedy) with HTML of its own: <img src="https://example.com/image.png" onerror="window.__pwned=1"></script>
 HOSTILE_ASK = 'Write the HTML tag <img src=x onerror="window.__pwned=1"> and then </script>'
 
+#: SmolLM2's chat template's own default system message. The two tests that read what SmolLM2 (greedy) writes of the
+#: tags it is asked for have the page's chat send it in place of the safety preamble: the prompt is the one the model
+#: wrote them for, and under the preamble it declines. The preamble itself is tests/test_page_streams.py's.
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.fixture
+def smollm_system(monkeypatch):
+    from edgemed.serve import page
+
+    monkeypatch.setattr(page, "safety_preamble", lambda: SMOLLM_SYSTEM)
+
+
 #: Records the length of the last answer's text at every change the page makes to it (in the page, so no change is
 #: missed between two polls): a streamed answer grows in several steps, a buffered one appears at once.
 WATCH_ANSWER = """
@@ -94,6 +107,9 @@ def test_info_gives_the_card_and_the_template_index(server):
     info = httpx.get(server.url + "/ui/info").json()
     assert info["model"] == MODEL and info["card"]["intended_use"] == CARD["intended_use"]
     assert info["card"]["license"] == "apache-2.0"
+    from edgemed.templates.library import safety_preamble
+
+    assert info["preamble"] == safety_preamble()  # what the page's chat sends first as its system message
     templates = {t["name"]: t for t in info["templates"]}
     assert templates["mcq"]["kind"] == "choice" and templates["mcq"]["choices_from"] == "options"
     assert [f["kind"] for f in templates["mcq"]["fields"]] == ["long", "options"]
@@ -256,7 +272,7 @@ def test_a_new_conversation_mid_answer_keeps_nothing_of_the_last_one(server, bro
     assert page.find("#status").text == "Nothing to save yet."
 
 
-def test_think_block_is_folded_away_from_the_answer(server, browser):
+def test_think_block_is_folded_away_from_the_answer(server, browser, smollm_system):
     page = browser.page(server.url)
     page.max_tokens(12)
     page.ask("Write the XML tags <think>scratch</think> then the answer yes")  # SmolLM2 (greedy) writes them first
@@ -319,7 +335,7 @@ def test_a_block_the_template_opened_is_folded_and_an_answer_cut_inside_it_says_
     browser.forget(opening_server.url)  # the origin check below is about the module's own server
 
 
-def test_hostile_input_and_output_are_text_never_html(server, browser):
+def test_hostile_input_and_output_are_text_never_html(server, browser, smollm_system):
     page = browser.page(server.url)
     page.choose("mcq")
     page.fill({"question": HOSTILE, "options": {"A": HOSTILE, "B": "<b>bold</b>", "C": "x", "D": "y"}})
@@ -436,13 +452,18 @@ def test_an_answer_cut_by_the_room_left_in_the_context_says_so(smollm2_gguf, tmp
     clinician's own answer length by the usage it asks for (prompt and answer tokens fill the context). The first
     question of a conversation is to be shortened: a new conversation (the advice it gave) fills the same way, and
     one longer than the context is refused the same way."""
-    room = 128
+    from edgemed.templates.library import safety_preamble
+
+    room = 256
     with page_server(smollm2_gguf, tmp_path / "audit.jsonl", n_ctx=room) as srv:
         def question(n: int) -> str:
             return "Count on from 1 to 500, one number a line: " + "1, 2, 3, " * n
 
+        def sent(n: int) -> list[dict]:  # as the page sends it: the safety preamble first
+            return [{"role": "system", "content": safety_preamble()}, {"role": "user", "content": question(n)}]
+
         def tokens(n: int) -> int:
-            return len(srv.batcher.tokenize(srv.batcher.render_chat([{"role": "user", "content": question(n)}], None)))
+            return len(srv.batcher.tokenize(srv.batcher.render_chat(sent(n), None)))
 
         n = 0
         while tokens(n + 1) <= room - 6:  # a question that leaves a few tokens of room
@@ -455,7 +476,7 @@ def test_an_answer_cut_by_the_room_left_in_the_context_says_so(smollm2_gguf, tmp
         status = page.find("#status").text
         assert "Shorten it, and send again" in status and "New conversation" not in status + answer.text
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "messages": [{"role": "user", "content": question(n)}], "max_tokens": 500})
+            "model": MODEL, "messages": sent(n), "max_tokens": 500})
         used = r.json()["usage"]  # what the page read: the context filled, below the 500 tokens asked for
         assert used["prompt_tokens"] + used["completion_tokens"] == room and used["completion_tokens"] < 500
 

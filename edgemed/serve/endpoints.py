@@ -117,6 +117,8 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
                                 "inputs.", param="messages")
     else:
         messages = [m.as_template_message() for m in body.messages]
+        # as a template's: a system message (the page's safety preamble) reaches a chat template without a system role
+        messages, _ = await run_in_threadpool(fold_system, served.batcher.render_chat, messages)
         plan = tools.plan(body, served.batcher.chat_template(), served.config.model_id)
     constraint = body.grammar
     if plan.grammar is not None:

@@ -7,7 +7,8 @@ that says so to the browser (``default-src 'self'``, ``connect-src 'self'``, no 
 output and form inputs can only ever be shown as text.
 
 The page talks to the same ``/v1`` API, keys and audit as any other client. What no ``/v1`` route says —
-the model card's intended use, users and limitations, and the template index that drives the forms — is
+the model card's intended use, users and limitations, the template index that drives the forms, and the safety
+preamble the page's chat sends first as its system message (``edgemed chat``'s default) — is
 ``GET /ui/info`` (read only; behind the API key when the server has keys, like ``/v1``; see ``middleware.Guard``).
 """
 
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from edgemed.serve.state import served
+from edgemed.templates.library import safety_preamble
 
 #: Where the page's files live inside the package.
 UI_DIR = "ui"
@@ -101,12 +103,13 @@ def template_info(template) -> dict:
 
 @router.get(INFO_PATH, include_in_schema=False)
 async def info(request: Request):
-    """The model, its card, and the template index: what the page shows before the first question."""
+    """The model, its card, and the template index: what the page shows before the first question; and the shipped
+    safety preamble its chat sends as the system message (a template's requests carry their own)."""
     srv = served(request)
     config = srv.config
     card = {key: config.card[key] for key in CARD_FIELDS if config.card.get(key)}
     body = {"model": config.model_id, "context_length": srv.batcher.n_ctx_per_slot, "card": card,
-            "safety": SAFETY_LINE, "keys_required": config.api_keys is not None,
+            "safety": SAFETY_LINE, "preamble": safety_preamble(), "keys_required": config.api_keys is not None,
             "templates": [template_info(t) for t in srv.templates.values()]}
     return JSONResponse(body, headers=HEADERS)
 

@@ -563,7 +563,9 @@
     } else {
       question = $("prompt").value.trim();
       if (!question) { setStatus("Type a question first."); $("prompt").focus(); return; }
-      body.messages = [...state.history, { role: "user", content: question }];
+      // the safety preamble first, as `edgemed chat` sends it (the server's text; a form's template has its own)
+      body.messages = [{ role: "system", content: state.info.preamble }, ...state.history,
+                       { role: "user", content: question }];
     }
     const before = state.transcript[state.transcript.length - 1];
     if (before && before.model !== body.model) {
@@ -776,13 +778,17 @@
     return lines;
   }
 
+  // The saved transcript's head: what the model read before each question, which the transcript does not repeat.
+  const PREAMBLE_SENT = "Each question went to the model after edgemed's safety preamble (its medical system " +
+                        "message); a form's after its template's own.";
+
   // The saved text, with each bidi control escaped as on screen (``shown``): the file reads as the page did. Its head
   // names the models that answered in it, each answer its own: the picker may have changed between them.
   function exportConversation() {
     if (!state.transcript.length) { setStatus("Nothing to save yet."); return; }
     const models = [...new Set(state.transcript.map((entry) => entry.model))];
     const lines = ["edgemed conversation — model" + (models.length > 1 ? "s " : " ") + models.join(", "),
-                   new Date().toISOString(), ""];
+                   new Date().toISOString(), PREAMBLE_SENT, ""];
     state.transcript.forEach((entry, i) => {
       const before = state.transcript[i - 1];
       if (before && before.model !== entry.model) lines.push("(" + modelChange(entry.model, before.model) + ")", "");
