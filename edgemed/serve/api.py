@@ -43,6 +43,10 @@ MAX_TOP_LOGPROBS = 20
 MAX_BIAS = 300
 MAX_REPEAT_PENALTY = 10.0  # llama.cpp divides a repeated token's logit by it: far past any useful value
 MAX_STOP_CHARS = 1024  # a stop string longer than this is no stop string a client means
+#: OpenAI's fields typed "X or null" whose null means "the default": a null is read as the field left out (clients
+#: that serialize every field, pydantic's ``model_dump()`` among them, send them so)
+NULL_IS_DEFAULT = ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream",
+                   "parallel_tool_calls", "echo")
 
 
 
@@ -250,10 +254,18 @@ class _Request(BaseModel):
                            param=where)
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """``NULL_IS_DEFAULT``: an explicit null takes the field's default, in this one place."""
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in NULL_IS_DEFAULT if k in cls.model_fields):
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_IS_DEFAULT and k in cls.model_fields)}
+        return data
+
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1)  # 0: OpenAI's "most deterministic", the most likely token (top-1)
     top_k: int = Field(0, ge=0, le=2**31 - 1)  # llama.cpp's k is an int32; any k above the vocabulary keeps all
     min_p: float = Field(0.0, ge=0, le=1)
     repeat_penalty: float = Field(1.0, gt=0, le=MAX_REPEAT_PENALTY, allow_inf_nan=False)
@@ -319,8 +331,12 @@ class _Request(BaseModel):
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 16 or any(not s for s in stops):
-            raise ApiError(400, "'stop' takes 1 to 16 non-empty strings. Fix: shorten the stop list.", param="stop")
+        if any(not s for s in stops):  # it would match everywhere: the answer would end before it began
+            raise ApiError(400, "'stop' holds an empty string, which matches before any text. Fix: remove the empty "
+                                "stop string.", param="stop")
+        if len(stops) > 16:
+            raise ApiError(400, f"'stop' holds {len(stops)} strings; at most 16. Fix: shorten the stop list.",
+                           param="stop")
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ApiError(400, f"A stop string is {max(len(s) for s in stops):,} characters long; at most "
                                 f"{MAX_STOP_CHARS:,}. Fix: stop on a shorter string.", param="stop")
@@ -369,9 +385,24 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    #: OpenAI's default for /v1/completions; 0 with ``echo``: score the prompt only (its text and log probabilities,
+    #: no answer), as the legacy API did for scorers such as lm-eval-harness
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _no_answer_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens 0 asks for no answer, which only scores the prompt with \"echo\": true. "
+                                "Fix: send max_tokens 1 or more, or \"echo\": true to get the prompt (and its "
+                                "logprobs) back.", param="max_tokens")
+        return self
+
+    @property
+    def scoring(self) -> bool:
+        """max_tokens 0 with echo: the prompt scored, no answer (``generate.take`` drops the one token computed)."""
+        return self.max_tokens == 0
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -383,13 +414,20 @@ class CompletionRequest(_Request):
         """The prompts: one string or token-id list, or several (each answered as its own ``n`` choices)."""
         p = self.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
-            return [p]
-        if not p:
+            prompts = [p]
+        elif not p:
             raise ApiError(400, "'prompt' is empty. Fix: send a prompt (text or token ids).", param="prompt")
-        if len(p) > MAX_PROMPTS:
+        elif len(p) > MAX_PROMPTS:
             raise ApiError(400, f"'prompt' holds {len(p)} prompts; at most {MAX_PROMPTS} per request. Fix: split "
                                 "the list over several requests.", param="prompt")
-        return list(p)
+        else:
+            prompts = list(p)
+        for i, one in enumerate(prompts):
+            if not one:
+                where = "prompt" if len(prompts) == 1 and prompts[0] is p else f"prompt.{i}"
+                raise ApiError(400, f"'{where}' is empty. Fix: send a prompt of at least one token (text or token "
+                                    "ids).", param=where)
+        return prompts
 
 
 # -- responses -----------------------------------------------------------------------------------

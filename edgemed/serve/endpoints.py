@@ -173,6 +173,7 @@ class Answer:
     finished: object = None
     calls: CallFilter | None = None
     echoed: bool = False  # streaming with echo: the prompt's text went out
+    scoring: bool = False  # max_tokens 0 with echo: the prompt alone, scored (``generate.take``)
     offset: int | None = None  # streaming completions' logprobs: characters of the choice's text so far
     #: streaming completions' logprobs: the choice's bytes so far, holding a character the last token left unfinished
     decoder: codecs.IncrementalDecoder = field(default_factory=_utf8)

@@ -51,7 +51,8 @@ async def generate(endpoint: Endpoint, body, request: Request):
         echo = [p if isinstance(p, str) else await run_in_threadpool(srv.batcher.detokenize, p) for p in prompt.values]
     shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=body.model, extra=prompt.extra,
                            logprobs=body.top_logprobs_wanted() is not None, echo=echo, n=body.n)
-    answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None) for i in range(len(streams))]
+    answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None,
+                      scoring=getattr(body, "scoring", False)) for i in range(len(streams))]
     headers = {SEED_HEADER: str(record.seed), **({THINK_HEADER: "open"} if prompt.opened_think else {})}
     if body.stream:
         response = streaming(srv, record, streams, answers, shape, body.include_usage, prompt.grammar_from)
@@ -99,8 +100,12 @@ def settings_for(srv: Served, body, prompt_tokens: int, json_schema: str | None,
         raise ApiError(400, f"{field} {asked} is above this server's limit of {limit}. Fix: ask for "
                             f"{limit} or fewer.", param=field, code="max_tokens_too_large")
     max_tokens = min(asked or min(config.default_max_tokens, limit or config.default_max_tokens), room)
-    return GenerationSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
+    if getattr(body, "scoring", False):  # max_tokens 0 with echo: one token is computed, and dropped (``take``)
+        max_tokens = 1
+    # top_p 0 is OpenAI's "most deterministic": the most likely token alone, which is top-1 whatever the temperature
+    top_p, top_k = (1.0, 1) if body.top_p == 0 else (body.top_p, body.top_k)
+    return GenerationSettings(max_tokens=max_tokens, temperature=body.temperature, top_p=top_p,
+                              top_k=top_k, min_p=body.min_p, repeat_penalty=body.repeat_penalty,
                               seed=seed,
                               stop=body.stops(), json_schema=json_schema,
                               grammar=grammar if grammar is not None else body.grammar)
@@ -144,8 +149,8 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     # answer can be had again (the prompt, the model and this seed)
     record.seed = body.seed if body.seed is not None else secrets.randbits(31)  # choices' seed + i stay below 2^32 - 1
     try:
-        for value in prompt.values:
-            tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
+        for i, value in enumerate(prompt.values):
+            tokens = prompt_tokens(srv, body, value, i if len(prompt.values) > 1 else None)
             settings = settings_for(srv, body, len(tokens), prompt.json_schema, prompt.grammar, seed=record.seed)
             more = {"adapter": record.adapter} if record.adapter else {}  # a batcher without adapters takes no such word
             if (scope := scope_of(srv, record, body)) is not None:
@@ -164,6 +169,22 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
             stream.cancel()
         raise
     return streams
+
+
+def prompt_tokens(srv: Served, body, value, index: int | None) -> list[int]:
+    """The tokens of one prompt, refused with a 400 naming its field (``prompt``, or ``prompt.i`` of several) when
+    there are none (a text that tokenizes to nothing) or ids the model does not have."""
+    tokens = srv.batcher.tokenize(value) if isinstance(value, str) else value
+    field = ("prompt" if index is None else f"prompt.{index}") if not hasattr(body, "messages") else "messages"
+    if not tokens:
+        raise ApiError(400, f"'{field}' makes no tokens. Fix: send a prompt of at least one token.", param=field)
+    n_vocab = srv.batcher.n_vocab
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"'{field}' holds the token id {bad}, which is outside this model's vocabulary "
+                            f"(0..{n_vocab - 1}). Fix: tokenize with this model's tokenizer, or send the prompt as "
+                            "text.", param=field)
+    return tokens
 
 
 def bound(record: RequestRecord, weights: dict | None) -> None:
@@ -197,15 +218,21 @@ def accepted(audit, srv: Served, record: RequestRecord) -> None:
                            "server_error", "audit_unavailable") from None
 
 
-def take(answer: Answer, item) -> None:
-    """Add one batcher item (a ``Piece`` or the ``Finished``) to its choice."""
+def take(answer: Answer, item) -> bool:
+    """Add one batcher item (a ``Piece`` or the ``Finished``) to its choice; False: a piece that is not part of the
+    answer (a scoring request's one computed token, ``CompletionRequest.scoring``), not to be sent."""
     if not hasattr(item, "text"):
+        if answer.scoring and item.finish_reason in api.FINISH_REASONS:  # no answer asked for: none was given
+            item = dataclasses.replace(item, finish_reason="length", completion_tokens=0)
         answer.finished = item
     elif item.prompt:
         answer.prompt_logprobs.extend(item.logprobs)
+    elif answer.scoring:
+        return False
     else:
         answer.parts.append(item.text)
         answer.logprobs.extend(item.logprobs)
+    return True
 
 
 async def collect(srv: Served, record: RequestRecord, request: Request, streams, answers,
@@ -306,8 +333,7 @@ def streaming(srv: Served, record: RequestRecord, streams, answers, shape, inclu
             async with contextlib.aclosing(merged(streams)) as items:  # closed before the drain below reads on
                 async for i, item in items:
                     answer = answers[i]
-                    take(answer, item)
-                    if hasattr(item, "text"):
+                    if take(answer, item) and hasattr(item, "text"):
                         for event in (shape.piece(answer, item.text, item.logprobs, True) if item.prompt
                                       else shape.piece(answer, item.text, item.logprobs)):
                             yield sse(event)
