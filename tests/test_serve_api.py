@@ -129,6 +129,31 @@ def test_json_schema_response_format_constrains_output(server):
     assert json.loads(resp.choices[0].message.content)["answer"] in ("yes", "no")
 
 
+def test_json_schema_bounds_the_grammar_drops_are_refused_when_strict_and_checked_otherwise(server):
+    """The grammar drops minimum/maximum: a strict schema with them is a 400 naming one; otherwise the answer, whole
+    or streamed, says in ``edgemed.schema`` whether it keeps them (at temperature 1 SmolLM2 wrote 373.2 and 8)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "additionalProperties": False, "required": ["temp_c", "hr"],
+              "properties": {"temp_c": {"type": "number", "minimum": 30, "maximum": 45},
+                             "hr": {"type": "integer", "minimum": 20, "maximum": 250}}}
+    ask = {"model": MODEL, "max_tokens": 40, "temperature": 1, "seed": 4,
+           "messages": [{"role": "user", "content": "Patient temperature in Celsius and heart rate, as JSON."}]}
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(**ask, response_format={"type": "json_schema", "json_schema": {
+            "name": "vitals", "strict": True, "schema": schema}})
+    assert e.value.body["param"] == "response_format.json_schema.schema.properties.temp_c.minimum"
+    loose = {"type": "json_schema", "json_schema": {"name": "vitals", "schema": schema}}
+    resp = server.client.chat.completions.create(**ask, response_format=loose)
+    report = resp.model_extra["edgemed"]["schema"]
+    if resp.choices[0].finish_reason == "stop":
+        value = json.loads(resp.choices[0].message.content)
+        assert report["valid"] is jsonschema.Draft202012Validator(schema).is_valid(value)
+    else:
+        assert report["valid"] is False
+    chunks = list(server.client.chat.completions.create(**ask, response_format=loose, stream=True))
+    assert chunks[-1].model_extra["edgemed"]["schema"] == report  # the same seed: the same answer
+
+
 def test_errors_come_in_openai_shape(server):
     c = server.client
     msg = [{"role": "user", "content": "hi"}]

@@ -19,15 +19,17 @@ from typing import Awaitable, Callable
 from starlette.concurrency import run_in_threadpool
 
 from edgemed.errors import InputError, TemplateError, TemplateInputError
+from edgemed.formats.nesting import loads_json
 from edgemed.runtime.chat_template import fold_system
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.runtime.sampling import after_thought, check_gbnf, grammar_text
+from edgemed.runtime.schema_check import violations
 from edgemed.runtime.session import starts_in_think
 from edgemed.serve import api, grammar_source
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served
 from edgemed.serve import tools
-from edgemed.serve.grammar_source import GRAMMAR, RESPONSE_FORMAT, GrammarSource
+from edgemed.serve.grammar_source import GRAMMAR, RESPONSE_FORMAT, GrammarSource, strict_refusal
 from edgemed.serve.tools import CallFilter, ToolPlan
 
 
@@ -86,6 +88,11 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     template = None
     json_schema = body.json_schema()
     schema_from = RESPONSE_FORMAT if json_schema is not None else None
+    response_schema = json.loads(json_schema) if json_schema is not None else None
+    fmt = body.response_format.json_schema if json_schema is not None else None
+    if fmt is not None and fmt.strict and (refused := strict_refusal(
+            fmt.schema_, "response_format.json_schema.schema", "The JSON schema in 'response_format'")):
+        raise refused
     plan = ToolPlan()
     if body.template:
         if body.messages:
@@ -136,18 +143,60 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
         # as `run`, the constraint is the answer's: from the first token it would leave no way to think or close it
         settings = GenerationSettings(json_schema=json_schema, grammar=constraint)
         constraint, json_schema = after_thought(await run_in_threadpool(grammar_text, settings)), None
-    if template is None:
-        return Prompt([prompt], json_schema, tools=plan, grammar=constraint, grammar_from=source,
-                      opened_think=opened_think)
+    checked = answer_check(response_schema, plan)
 
-    def parsed(text: str, finish_reason: str | None = None) -> dict:
-        # an answer cut at max_tokens is no answer, whatever it holds so far ("give 0.5 mg of")
-        result = template.parse(text, body.template_inputs, started_in_think=opened_think,
-                                truncated=finish_reason == "length", via="api")
-        return {"edgemed": {"template": record.template,
-                            "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}}
+    def extra(text: str, finish_reason: str | None = None) -> dict:
+        out = {}
+        if template is not None:  # an answer cut at max_tokens is no answer, whatever it holds ("give 0.5 mg of")
+            result = template.parse(text, body.template_inputs, started_in_think=opened_think,
+                                    truncated=finish_reason == "length", via="api")
+            out = {"template": record.template,
+                   "parsed": {"ok": result.ok, "value": result.value, "error": result.error or None}}
+        if checked is not None and (report := checked(text.rpartition("</think>")[2] if opened_think else text,
+                                                      finish_reason)) is not None:
+            out["schema"] = report
+        return {"edgemed": out} if out else {}
 
-    return Prompt([prompt], json_schema, parsed, grammar=constraint, grammar_from=source, opened_think=opened_think)
+    return Prompt([prompt], json_schema, extra, tools=plan, grammar=constraint, grammar_from=source,
+                  opened_think=opened_think)
+
+
+def answer_check(schema: dict | None, plan: ToolPlan) -> Callable[[str, str | None], dict | None] | None:
+    """The answer's ``edgemed.schema`` (``{"valid", "errors"}``), read from its text and finish reason: its content
+    checked against the ``response_format`` schema, or each tool call's arguments against its function's
+    ``parameters``, with every keyword (``schema_check.violations``): the grammar drops some (``minimum``, ``format``:
+    see ``schema_check``), and an answer outside them must not pass for one inside. ``valid`` is null where the schema
+    cannot be checked. None: nothing to check (no schema, no tools)."""
+    functions = {t["function"]["name"]: t["function"].get("parameters") or {} for t in plan.tools} if plan.parse else {}
+    if schema is None and not functions:
+        return None
+
+    def check(text: str, finish_reason: str | None) -> dict | None:
+        if finish_reason == "length":
+            return _invalid("the answer was cut at max_tokens")
+        if schema is not None:
+            try:
+                found = [("content", loads_json(text, finite=True), schema)]
+            except ValueError as exc:
+                return _invalid(f"the answer is not JSON ({exc})")
+        else:
+            calls = tools.parse(text, set(functions)).calls
+            if not calls:  # the model answered in text (tool_choice auto): nothing to check
+                return None if plan.grammar is None else _invalid("the answer holds no tool call")
+            found = [(f"tool_calls.{i}.function.arguments", json.loads(c["function"]["arguments"]),
+                      functions[c["function"]["name"]]) for i, c in enumerate(calls)]
+        try:
+            errors = [{**e, "path": f"{at}.{e['path']}" if e["path"] else at}
+                      for at, value, against in found for e in violations(against, value)]
+        except ValueError as exc:  # the schema itself cannot be checked: say so rather than call the answer valid
+            return {"valid": None, "errors": [{"path": "", "keyword": None, "message": str(exc)}]}
+        return {"valid": not errors, "errors": errors}
+
+    return check
+
+
+def _invalid(message: str) -> dict:
+    return {"valid": False, "errors": [{"path": "content", "keyword": None, "message": message}]}
 
 
 async def completion_prompt(served: Served, record: RequestRecord, body: api.CompletionRequest) -> Prompt:

@@ -3,7 +3,8 @@
 
 An answer that grammar could not be followed for (no token allowed, one token too costly to follow) and a grammar
 the probe refuses are 400s whose ``param`` names that field and whose fix says what to change in it, as OpenAI's
-error shape has it: the ``openai`` client and LangChain show ``param`` beside the message.
+error shape has it: the ``openai`` client and LangChain show ``param`` beside the message. A strict schema holding a
+keyword its grammar would drop is refused up front the same way (``strict_refusal``), naming that keyword.
 """
 
 from __future__ import annotations
@@ -66,6 +67,24 @@ def forced_call(names: list[str], where: dict[str, int]) -> GrammarSource:
 def template(name: str) -> GrammarSource:
     """A medical template's JSON contract (the request sent neither ``grammar`` nor ``response_format``)."""
     return GrammarSource("template", f"the contract of the template '{name}'", "send 'messages' instead of 'template'")
+
+
+def strict_refusal(schema, param: str, names: str) -> ApiError | None:
+    """The 400 for a strict schema (OpenAI's ``strict: true``) holding keywords its grammar drops
+    (``schema_check.unenforced``): the answer could break them, where the client asked for one that cannot. ``param``:
+    where the schema sits in the request; ``names``: the schema, as the message says it."""
+    from edgemed.runtime.schema_check import unenforced
+
+    dropped = unenforced(schema) if isinstance(schema, dict) else []
+    if not dropped:
+        return None
+    where = [f"{path}.{key}" if path else key for path, key in dropped]
+    more = f" (also {', '.join(where[1:6])}{', ...' if len(where) > 6 else ''})" if len(where) > 1 else ""
+    return ApiError(400, f"{names} is strict, but its '{where[0]}'{more} cannot be enforced while sampling, so the "
+                         "answer could break it. Fix: drop those keywords and check the values client-side, or send "
+                         "it with 'strict': false: the answer is then checked against the whole schema after "
+                         "generation, and its 'edgemed.schema' says whether it matches.",
+                    code="unsupported_schema_keyword", param=f"{param}.{where[0]}")
 
 
 def with_bans(source: GrammarSource | None, body) -> GrammarSource | None:

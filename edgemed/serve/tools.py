@@ -13,7 +13,8 @@ A template that does not mention ``tools`` is a 400 naming the model; one that r
 is a 400 too (its calls could not be read back). ``tool_choice``: ``none`` renders no tools and parses nothing;
 ``auto`` renders them and parses whatever calls the model writes; ``required`` and a named function constrain
 sampling with a grammar (llama.cpp GBNF, from the functions' JSON schemas) so the answer is one call (or, with
-``parallel_tool_calls``, one or more) whose arguments match the schema.
+``parallel_tool_calls``, one or more) whose arguments match the schema's keywords the grammar enforces (a strict
+function's schema holding one it drops is a 400; ``endpoints.answer_check`` checks the arguments after).
 
 Hand-written rather than taken from a library: llama-cpp-python's own chat handlers hard-code per-model
 formats and do not work on a template string, and llama.cpp's C++ ``common/chat`` parser is not exposed
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 from edgemed.formats.nesting import finite_decoder, loads_json
 from edgemed.serve.api import ApiError
-from edgemed.serve.grammar_source import GrammarSource, forced_call
+from edgemed.serve.grammar_source import GrammarSource, forced_call, strict_refusal
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
@@ -127,12 +128,15 @@ def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None
     from edgemed.runtime.sampling import check_schema_counts
 
     for f in functions:  # a count is written out in full by the converter, on the event loop: bounded first
+        at = (where or {}).get(f.name)
         try:
             check_schema_counts(f.parameters or {})
         except InputError as exc:
-            at = (where or {}).get(f.name)
             raise ApiError(400, f"The 'parameters' schema of the function '{f.name}': {exc.problem} Fix: {exc.fix}.",
                            param="tools" if at is None else f"tools.{at}.function.parameters") from None
+        if f.strict and (refused := strict_refusal(f.parameters, "tools" if at is None else f"tools.{at}.function."
+                                                   "parameters", f"The 'parameters' schema of '{f.name}'")):
+            raise refused
     try:
         rules = _rules(functions)
     except Exception as exc:  # noqa: BLE001 - the converter asserts on schemas it does not know
