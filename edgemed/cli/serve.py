@@ -13,7 +13,8 @@ from edgemed.cli.serving import CTX_PER_SLOT, DEFAULT_SLOTS, SLOTS, adapters_to_
 
 _NOT_GGUF = "convert it with `edgemed convert ... --quant q4_k_m`"
 #: Seconds a stop signal leaves running answers to finish; those still running ``GRACE_MARGIN_S`` before its end are
-#: ended by the batcher (a 503 ``unavailable`` event, and an audit record saying so) before uvicorn cuts connections.
+#: ended by the batcher (a 503 ``unavailable`` event, and an audit record saying so). A request still running
+#: ``GRACE_MARGIN_S`` after the batcher has closed (a client that stopped reading) is cancelled, and recorded so.
 GRACE_S, GRACE_MARGIN_S = 10, 2
 
 
@@ -28,14 +29,28 @@ def _stopped(signum, frame):
 def _stopping_server(uvicorn):
     """uvicorn's ``Server`` that, at the first stop signal, gives running answers the grace period less a margin and
     then calls ``on_stop`` (the batcher's close: what is left ends with a 503 event and its audit record), so no
-    client is cut off without a word and no request goes unrecorded."""
+    client is cut off without a word and no request goes unrecorded.
+
+    uvicorn's own deadline (``timeout_graceful_shutdown``) is off: it cancelled running answers at a fixed time,
+    whether or not the batcher had ended them yet (a decode step on a loaded machine can take seconds), so a client
+    was cut off with no error event and the request's record, written after the log's stop record, said ``ok``.
+    Here the requests still running ``GRACE_MARGIN_S`` after ``on_stop`` returned are cancelled, and uvicorn waits
+    for every request to end (its record written) before the lifespan writes the stop record."""
+    import asyncio
     import logging
     import threading
+    import time
+
+    log = logging.getLogger(__name__)
 
     class Server(uvicorn.Server):
         def __init__(self, config, on_stop):
             super().__init__(config)
-            self._on_stop, self._timer = on_stop, None
+            self._on_stop, self._timer, self._loop = on_stop, None, None
+
+        async def startup(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()  # the timer thread cancels what is left through it
+            await super().startup(sockets=sockets)
 
         def handle_exit(self, sig, frame):
             if self._timer is None:
@@ -48,7 +63,23 @@ def _stopping_server(uvicorn):
             try:
                 self._on_stop()
             except Exception:  # noqa: BLE001 - a timer thread: say it here, uvicorn's own shutdown goes on
-                logging.getLogger(__name__).exception("ending the running answers at shutdown failed")
+                log.exception("ending the running answers at shutdown failed")
+            deadline = time.monotonic() + GRACE_MARGIN_S  # for their last events and audit records to go out
+            while self.server_state.tasks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.server_state.tasks and self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._cancel_left)
+                except RuntimeError:  # the loop is closed: nothing is left to cancel
+                    pass
+
+        def _cancel_left(self) -> None:
+            tasks = list(self.server_state.tasks)
+            if tasks:
+                log.warning("%d request(s) still running %d s after the answers were ended at shutdown (a client not "
+                            "reading its answer) are cancelled", len(tasks), GRACE_MARGIN_S)
+            for task in tasks:
+                task.cancel(msg="edgemed serve is stopping")
 
         def stopped(self) -> None:
             """The server has shut down: the timer's work is the caller's ``finally`` now."""
@@ -254,9 +285,9 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                 logging.getLogger(__name__).info("open files limit %d (hard %d)", *files)
             server = _stopping_server(uvicorn)(uvicorn.Config(
                 app, host=host, port=port, log_level=logging.getLevelName(min(level, logging.INFO)).lower(),
-                access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=GRACE_S,
+                access_log=True, proxy_headers=False, server_header=False, timeout_graceful_shutdown=None,
                 http=header_deadline(AutoHTTPProtocol)),  # a client that never finishes its request head is let go
-                on_stop=batcher.close)
+                on_stop=lambda: _stop_answers(app, batcher))
             access = AccessLogPaths(app)
             logging.getLogger("uvicorn.access").addFilter(access)
             try:
@@ -278,6 +309,13 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
                 batcher.close()
             click.echo(f"audit log {audit_path}: head {audit.head} (record it elsewhere)", err=True)
             audit.close()
+
+
+def _stop_answers(app, batcher) -> None:
+    """The grace period is over: a stream cut from now on is the server's doing (``Served.stopping``), and the
+    batcher ends every answer still running ("cancelled": a 503 ``unavailable`` event and its audit record)."""
+    app.state.served.stopping.set()
+    batcher.close()
 
 
 def _metrics_access(config) -> str:
@@ -377,7 +415,8 @@ def verify(path, anchor, no_follow, as_json):
 
     A log rotated by `serve --audit-rotate-mib` is checked through the kept files before PATH, back to its first
     record. Prints the head hash: record it elsewhere, and pass it later as --anchor. Also named, without failing:
-    where the disk filled, and record times that step back or jump ahead (the server's clock was set).
+    where the disk filled, record times that step back or jump ahead (the server's clock was set), and request
+    records written after a stop record of the server.
 
     \b
     Exit codes:
@@ -417,6 +456,11 @@ def verify(path, anchor, no_follow, as_json):
             click.echo(f"warning: record seq {jump['seq']} of {jump['path']} is dated {jump['time']}, "
                        f"{_duration(jump['seconds'])} the record before it ({jump['previous_time']}): the server's "
                        "clock was set (the chain is intact; read the times around it with care)")
+        for late in report.after_stop or []:
+            click.echo(f"warning: record seq {late['seq']} of {late['path']} ({late['kind']}, request id "
+                       f"{late['request_id']}) comes after the server's stop record (seq {late['stop_seq']}): the "
+                       "server went on with that request, or recorded it, after it logged that it had stopped "
+                       "(the chain is intact; its outcome may not be what the client got)")
         if report.unfinished:
             why = "the server stopped while they ran: a crash or a kill"
             if report.disk_full:

@@ -162,6 +162,10 @@ class Report:
     #: before (the server's clock was set): {"path", "seq", "time", "previous_time", "seconds"} each, the first
     #: ``MAX_TIME_JUMPS``. The chain is still whole; the times are what an auditor reads as "when", so each is reported.
     time_jumps: list[dict] | None = None
+    #: request records written after the server's ``stop`` record (and before its next ``start``): a request the
+    #: server went on with, or recorded, after it had logged that it stopped (``Report`` stays ok: the chain is whole):
+    #: {"path", "seq", "kind", "request_id", "stop_seq"} each, the first ``MAX_AFTER_STOP``
+    after_stop: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,6 +196,8 @@ class _File:
     first_time: tuple | None = None  # (seq, time text, seconds) of its first record with a readable time
     last_time: tuple | None = None   # ... and of its last
     time_jumps: list = field(default_factory=list)  # jumps between its records (``Report.time_jumps``)
+    stop_seq: int | None = None  # seq of a ``stop`` record with no ``start`` after it yet
+    after_stop: list = field(default_factory=list)  # request records after it (``Report.after_stop``)
 
 
 def _read_record(raw: bytes) -> dict:
@@ -284,8 +290,9 @@ def verify(path: Path | str, anchor: str | None = None, follow: bool = True) -> 
                       f"was rewritten{unchecked}", files)
     unfinished, ids, in_flight = _unfinished(chain, path)
     full = [{"path": f.report.path, **mark} for f in reversed(chain) for mark in f.disk_full] or None
+    late = [mark for f in reversed(chain) for mark in f.after_stop][:MAX_AFTER_STOP] or None
     return Report(str(path), True, records, last.report.head, files=files, unfinished=unfinished, unfinished_ids=ids,
-                  in_flight=in_flight, torn=torn, disk_full=full, time_jumps=_time_jumps(chain))
+                  in_flight=in_flight, torn=torn, disk_full=full, time_jumps=_time_jumps(chain), after_stop=late)
 
 
 def _time_jumps(chain: list[_File]) -> list[dict] | None:
@@ -380,6 +387,8 @@ TIME_AHEAD_S = 30 * 86400.0
 TIME_BACK_S = 1.0
 #: Time jumps ``verify`` lists (more are not listed)
 MAX_TIME_JUMPS = 100
+#: Request records after a stop record that ``verify`` lists (more are not listed)
+MAX_AFTER_STOP = 100
 
 
 def _seconds(text) -> float | None:
@@ -410,6 +419,11 @@ def _track_open(f: _File, rec: dict, index: int) -> None:
     rid, kind = rec.get("request_id"), rec.get("kind")
     if kind == "start" and isinstance(rec.get("seq"), int):
         f.last_start = rec["seq"]
+    if kind in ("start", "stop"):
+        f.stop_seq = rec.get("seq") if kind == "stop" else None
+    elif kind in ("accepted", "request") and f.stop_seq is not None and len(f.after_stop) < MAX_AFTER_STOP:
+        f.after_stop.append({"path": f.report.path, "seq": rec.get("seq"), "kind": kind, "request_id": rid,
+                             "stop_seq": f.stop_seq})
     seconds = _seconds(rec.get("time"))
     if seconds is not None:
         now = (rec.get("seq"), rec["time"], seconds)

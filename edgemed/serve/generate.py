@@ -353,7 +353,10 @@ def streaming(srv: Served, record: RequestRecord, streams, answers, shape, inclu
             record.answered = True  # every event is out but the end marker: a client gone now left nothing unread
             yield sse("[DONE]")
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
-            left = True  # the client went away: Starlette cancelled (or closed) this generator
+            if srv.stopping.is_set():  # the server stopped with this answer still going: its doing, not the client's
+                record.failed_status, record.error_code, record.outcome = 503, "unavailable", "cancelled"
+            else:
+                left = True  # the client went away: Starlette cancelled (or closed) this generator
             raise
         except Exception:  # a bug: the stream ends with an error event (a client, or the page, may take a close
             # between two whole events for the end of an answer), then the failure goes on to Observe's 500 and log
@@ -386,6 +389,14 @@ class SseResponse(StreamingResponse):
     def __init__(self, content, record: RequestRecord, **kw):
         super().__init__(content, **kw)
         self.record = record
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # a cancel that landed in a send leaves the generator open: its ``finally`` (the streams' end and
+            # token counts, how the answer ended) must run before ``Observe`` writes the audit record, not at GC
+            with anyio.CancelScope(shield=True), contextlib.suppress(RuntimeError):  # RuntimeError: still running
+                await self.body_iterator.aclose()
 
     async def listen_for_disconnect(self, receive) -> None:
         await super().listen_for_disconnect(receive)  # returns only on http.disconnect, else it is cancelled

@@ -7,6 +7,7 @@ an app.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -25,6 +26,9 @@ class Served:
     metrics: Metrics
     templates: dict = field(default_factory=dict)  # template name -> templates.Template
     created: int = 0  # when the app was made (/v1/models' "created")
+    #: set when the server ends the answers still running at a stop (``cli.serve``): a stream cut from then on is
+    #: the server's doing (503 ``unavailable``), not a client that left
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 def served(request: Request) -> Served:

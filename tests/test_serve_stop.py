@@ -1,0 +1,122 @@
+"""A stop signal to ``edgemed serve`` while a stream runs, when the batcher is slow to end the answers (a decode step
+on a loaded machine takes seconds): uvicorn's own deadline cancelled the stream before the batcher had ended it, so
+the client was cut off with no error event and no ``[DONE]``, a traceback was logged, and the request's audit record
+came after the log's stop record saying ``ok`` / 200 with no token count. Now the stream ends with the 503
+``unavailable`` event and ``[DONE]``, its record says it was cancelled (with its tokens) and comes before the stop
+record; and ``audit verify`` reports a request record found after a stop record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from edgemed.serve import audit
+
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx2")
+
+#: the real CLI, with the batcher taking 2 s to end the answers at shutdown, and a grace period of 3 s less 1
+SLOW_END = """
+import runpy, sys, time
+import edgemed.cli.serve as serve
+from edgemed.runtime.batch.batcher import Batcher
+serve.GRACE_S, serve.GRACE_MARGIN_S = 3, 1
+end_all = Batcher._end_all
+def slow(self, reason, error):
+    time.sleep(2)
+    end_all(self, reason, error)
+Batcher._end_all = slow
+sys.argv = ["edgemed", *sys.argv[1:]]
+runpy.run_module("edgemed", run_name="__main__")
+"""
+
+
+def test_a_stop_ends_a_stream_the_batcher_is_slow_to_end_with_a_503_recorded_before_the_stop(smollm2_gguf, tmp_path):
+    home, log = tmp_path / "home", tmp_path / "audit.jsonl"
+    script = tmp_path / "slow_end.py"
+    script.write_text(SLOW_END)
+    cmd = [sys.executable, str(script), "serve", str(smollm2_gguf), "--port", "0", "--slots", "1", "--no-ui",
+           "--no-adapters", "--threads", "1", "--ctx", "2048", "--prefix-cache-mib", "0", "--audit-log", str(log)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, EDGEMED_HOME=str(home)))
+    events: list[str] = []
+    try:
+        url = None
+        while url is None:
+            line = proc.stderr.readline()
+            assert line, "the server ended before listening"
+            if line.startswith("OpenAI base_url: "):
+                url = line.split()[2]
+        model = httpx.get(url + "/models", timeout=30).json()["data"][0]["id"]
+        body = {"model": model, "stream": True, "max_tokens": 2000, "logit_bias": {"2": -100}, "messages": [
+            {"role": "user", "content": "Write a very long history of medicine, century by century."}]}
+        started = threading.Event()
+
+        def stream():
+            with httpx.stream("POST", url + "/chat/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    events.append(line)
+                    if len(events) > 6:
+                        started.set()
+
+        client = threading.Thread(target=stream, daemon=True)
+        client.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        client.join(60)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    data = [e[6:] for e in events if e.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    error = json.loads(data[-2])["error"]
+    assert error["code"] == "unavailable" and error["type"] == "server_error", error
+
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    request = next(r for r in records if r["kind"] == "request" and r.get("endpoint") == "chat")
+    assert kinds.index("stop") > records.index(request), kinds  # the end of the request, then the stop
+    assert request["status"] == 503 and request["outcome"] == "cancelled" and request["error_code"] == "unavailable"
+    assert request["finish_reason"] == "cancelled" and request["completion_tokens"] > 0, request
+    report = audit.verify(log)
+    assert report.ok and report.after_stop is None and report.unfinished == 0, report
+
+
+def test_verify_reports_a_request_record_after_the_stop_record(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = audit.AuditLog(path, reserve_bytes=0)
+    try:
+        log.append("start", model="m")
+        log.append("accepted", request_id="r1", endpoint="chat")
+        log.append("stop", model="m")
+        log.append("request", request_id="r1", endpoint="chat", status=200, outcome="ok")
+    finally:
+        log.close()
+    report = audit.verify(path)
+    assert report.ok  # the chain is whole: what is wrong is the order the server wrote in
+    assert report.after_stop == [{"path": str(path), "seq": 4, "kind": "request", "request_id": "r1", "stop_seq": 3}]
+
+    from click.testing import CliRunner
+
+    from edgemed.cli import cli
+
+    out = CliRunner().invoke(cli, ["audit", "verify", str(path)])
+    assert out.exit_code == 0 and "comes after the server's stop record (seq 3)" in out.output, out.output
+    log = audit.AuditLog(path, reserve_bytes=0)  # a later start: its requests are not after a stop
+    try:
+        log.append("start", model="m")
+        log.append("accepted", request_id="r2", endpoint="chat")
+        log.append("request", request_id="r2", endpoint="chat", status=200, outcome="ok")
+    finally:
+        log.close()
+    assert len(audit.verify(path).after_stop) == 1
