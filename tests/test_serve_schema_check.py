@@ -132,3 +132,36 @@ def test_each_keyword_named_as_dropped_is_dropped_by_the_converter(schema):
             node = node[int(step)] if isinstance(node, list) else node[step]
         del node[keyword]
         assert json_schema_to_gbnf(json.dumps(less)) == whole, (path, keyword)
+
+
+@pytest.mark.parametrize(("pattern", "construct"), [
+    (r"^\bdose\b$", "\\b"),
+    (r"^\D+$", "\\D"),
+    (r"^(a)\1$", "\\1"),
+    (r"^a$|^b$", "the anchor '$' inside the pattern"),
+    (r"^[^\d]+$", "\\d in a negated class"),
+    (r"^[0-9]+\$", "an escaped '$' at its end"),
+    (r'^say "hi"$', 'the character "'),
+])
+def test_a_pattern_no_grammar_enforces_is_refused_strict_or_not(pattern, construct):
+    schema = {"type": "object", "properties": {"mrn": {"type": "string", "pattern": pattern}}, "required": ["mrn"]}
+    for strict in (True, False):
+        with pytest.raises(api.ApiError) as caught:
+            _prompt(response_format={"type": "json_schema",
+                                     "json_schema": {"name": "x", "strict": strict, "schema": schema}})
+        err = caught.value
+        assert (err.status, err.code) == (400, "unsupported_schema_pattern")
+        assert err.param == "response_format.json_schema.schema.properties.mrn.pattern"
+        assert construct in err.message and "Fix: " in err.message
+
+
+def test_a_strict_schema_with_digit_escapes_is_taken_and_its_grammar_writes_digits():
+    schema = {"type": "object", "additionalProperties": False, "required": ["mrn"],
+              "properties": {"mrn": {"type": "string", "pattern": r"^\d{6}$"}}}
+    prompt = _prompt(response_format={"type": "json_schema",
+                                      "json_schema": {"name": "x", "strict": True, "schema": schema}})
+    from edgemed.runtime.engine import GenerationSettings
+    from edgemed.runtime.sampling import grammar_text
+
+    gbnf = grammar_text(GenerationSettings(json_schema=prompt.json_schema))
+    assert "[0-9]" in gbnf and "\\d" not in gbnf

@@ -20,7 +20,8 @@ def test_a_tool_schema_count_beyond_the_bound_is_refused_before_its_grammar_is_w
                                                        count: 10**8}}}
     if count == "maxProperties":
         huge = {"type": "object", "maxProperties": 10**8}
-    functions = [SimpleNamespace(name="ok", parameters={"type": "object"}), SimpleNamespace(name="dose", parameters=huge)]
+    functions = [SimpleNamespace(name="ok", parameters={"type": "object"}, strict=False),
+                 SimpleNamespace(name="dose", parameters=huge, strict=False)]
     started = time.monotonic()
     with pytest.raises(ApiError) as e:
         tools.grammar(functions, parallel=False, where={"ok": 0, "dose": 1})
@@ -32,4 +33,4 @@ def test_a_tool_schema_count_beyond_the_bound_is_refused_before_its_grammar_is_w
 def test_a_tool_schema_within_the_bound_still_becomes_a_grammar():
     fine = {"type": "object", "properties": {"doses": {"type": "array", "items": {"type": "number"},
                                                        "maxItems": MAX_SCHEMA_COUNT // 100}}}
-    assert "call" in tools.grammar([SimpleNamespace(name="dose", parameters=fine)], parallel=True)
+    assert "call" in tools.grammar([SimpleNamespace(name="dose", parameters=fine, strict=False)], parallel=True)

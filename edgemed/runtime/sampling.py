@@ -8,6 +8,7 @@ GBNF a request is constrained by (llama.cpp's sampler chain applies it first).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING
 
@@ -133,17 +134,23 @@ def check_schema_counts(schema: str | dict) -> None:
 
 
 def grammar_text(settings: GenerationSettings) -> str | None:
-    """The GBNF a request is constrained by: its grammar, or its JSON schema converted by llama-cpp-python; checked
-    (``check_gbnf``) before llama.cpp parses it."""
+    """The GBNF a request is constrained by: its grammar, or its JSON schema converted by llama-cpp-python (its
+    patterns first written as the converter reads them right, ``schema_check.for_grammar``); checked (``check_gbnf``)
+    before llama.cpp parses it."""
     if settings.grammar:
         check_gbnf(settings.grammar)
         return settings.grammar
     if settings.json_schema:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+        from edgemed.runtime.schema_check import PatternError, for_grammar
+
         check_schema_counts(settings.json_schema)
         try:
-            text = json_schema_to_gbnf(settings.json_schema)
+            text = json_schema_to_gbnf(json.dumps(for_grammar(json.loads(settings.json_schema))))
+        except PatternError as exc:
+            raise SchemaError(f"The JSON schema's 'pattern' at '{exc.path}' holds {exc.construct}, which cannot become "
+                              "a grammar: the answer could not match it.", exc.fix) from None
         except RecursionError:
             raise SchemaError("The JSON schema is nested too deeply to turn into a grammar.",
                               "send a flatter JSON schema") from None

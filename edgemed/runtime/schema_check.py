@@ -8,9 +8,14 @@ email``, ``uniqueItems``, a ``maxLength`` beside a ``pattern``... so a "strict" 
 temperature of 373.2. ``unenforced`` names those keywords (a strict schema holding one is refused before sampling);
 ``violations`` validates the finished answer against the whole schema with ``jsonschema`` (a non-strict answer that
 breaks a keyword says so). ``oneOf`` counts as unenforced: the grammar takes a value matching two alternatives.
+A ``pattern`` is rewritten where the converter would misread it (``for_grammar``: ``\\d`` was copied as it stood),
+and refused, strict or not, where no rewrite is exact (``\\b``, ``\\D``): its grammar would force text that cannot
+match.
 """
 
 from __future__ import annotations
+
+import re
 
 #: keywords that constrain a value (JSON Schema 2020-12 and draft 7); annotations (``title``, ``description``,
 #: ``default``, ``examples``...) and unknown keywords constrain nothing, so they are never named
@@ -124,6 +129,148 @@ def unenforced(schema: dict) -> list[tuple[str, str]]:
             continue
         todo += [(f"{path}.{step}" if path else step, child) for step, child in _children(node, branch)]
     return found
+
+
+#: escape classes the converter copies into the grammar as they stand (``\\d``, an escape llama.cpp's parser does not
+#: know), and what a grammar that means them says instead. Each is a subset of
+#: what Python's ``re`` (the answer's check) and ECMA-262 (JSON Schema's regex dialect) match: ``\\d`` and ``\\w`` are
+#: ECMA's exactly; ``\\s`` only the space, since a tab or line break in a JSON string is written escaped
+#: (``\\n``), never as the character the grammar would write
+CLASSES = {"d": "0-9", "w": "A-Za-z0-9_", "s": " "}
+#: what a ``pattern`` may hold that no grammar of the converter enforces, and the fix
+UNENFORCEABLE = {
+    "D": "write a negated class of what you mean instead of \\D",
+    "W": "write a negated class of what you mean instead of \\W",
+    "S": "write a negated class of what you mean instead of \\S",
+    "b": "leave out the word boundary \\b",
+    "B": "leave out \\B",
+}
+
+
+class PatternError(ValueError):
+    """A ``pattern`` whose grammar would not be the pattern: ``path`` (dotted, to the ``pattern``), ``construct`` (what
+    in it), ``fix``."""
+
+    def __init__(self, path: str, construct: str, fix: str):
+        super().__init__(f"{path}: {construct}")
+        self.path, self.construct, self.fix = path, construct, fix
+
+
+def grammar_pattern(pattern: str) -> str:
+    """``pattern`` as llama-cpp-python's converter reads it right (``ValueError(construct, fix)`` where none does).
+
+    The converter copies a backslash escape into the grammar as it stands: ``\\d``, ``\\w``, ``\\s`` and an escaped
+    ``.``, ``-`` or ``/`` become escapes llama.cpp's parser does not know (``^\\d+$`` gave ``"\\d"+``),
+    and an escape takes a quantifier after it with the text before it (``ab\\.+``). Each becomes a one-character
+    class (``[0-9]``, ``[\\x2E]``). A lazy quantifier (``+?``, ``{2}?``) becomes ``(x+)?`` in the grammar, which takes
+    an empty text: it is written greedy, which matches the same whole texts. A ``]`` or ``}`` outside a class (the
+    character, to Python) had the converter loop forever; each is a class too. What has no class (``\\D``, ``\\b``,
+    a back reference, an anchor inside the pattern) is refused. A pattern that is not ``^...$`` is left to the
+    converter, which refuses it."""
+    if len(pattern) < 2 or not pattern.startswith("^") or not pattern.endswith("$"):
+        return pattern
+    if (len(pattern) - 1 - len(pattern[:-1].rstrip("\\"))) % 2:
+        raise ValueError("an escaped '$' at its end", "end the pattern with an unescaped $, as in ^[0-9]+\\$$")
+    out, i, n, in_class = ["^"], 1, len(pattern) - 1, False
+    start = class_at = 0  # where the open class starts in out, and its first character in pattern
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            e = pattern[i + 1]
+            i += 2
+            if e in "xuU":  # \x41, \u00e9, \U0001F600: hex digits follow, which llama.cpp reads the same
+                width = {"x": 2, "u": 4, "U": 8}[e]
+                digits = pattern[i:i + width]
+                if len(digits) < width or not all(d in "0123456789abcdefABCDEF" for d in digits):
+                    raise ValueError(f"the escape \\{e}{digits}", f"write \\{e} with {width} hex digits")
+                i += width
+                text = f"\\{e}{digits}"
+            elif e in CLASSES:
+                if in_class and out[start] == "[^":
+                    raise ValueError(f"\\{e} in a negated class", f"list what the class excludes ([^0-9], not "
+                                                                     f"[^\\{e}])")
+                text = CLASSES[e]
+            elif e in "tnrfv0":
+                text = {"t": "\\t", "n": "\\n", "r": "\\r", "f": "\\x0C", "v": "\\x0B", "0": "\\x00"}[e]
+            elif e in UNENFORCEABLE:
+                raise ValueError(f"\\{e}", UNENFORCEABLE[e])
+            elif e.isalnum() or e == "_":
+                raise ValueError(f"\\{e}", "write the characters it stands for, or a class of them ([0-9])")
+            elif e in "\\\"":
+                raise ValueError(f"the character {e}", "leave it out: JSON writes it escaped (\\\\, \\\"), so the "
+                                                      "grammar cannot write it as the pattern reads it")
+            else:  # an escaped character: as its code, which a grammar class reads as that character
+                text = f"\\x{ord(e):02X}" if ord(e) < 0x100 else f"\\U{ord(e):08X}"
+            out.append(text if in_class else f"[{text}]")
+            continue
+        if in_class:
+            if c == "]" and i == class_at:  # first in a class, "]" is the character: llama.cpp would end the class
+                c = "\\x5D"
+            elif c == "]":
+                in_class = False
+            elif c == "[" and pattern[i + 1:i + 2] == ":":
+                raise ValueError("a POSIX class ([:digit:])", "write the range instead ([0-9])")
+            out.append(c)
+            i += 1
+            continue
+        if c == "[":
+            in_class, start = True, len(out)
+            negated = pattern[i + 1:i + 2] == "^"
+            out.append("[^" if negated else "[")
+            i += 2 if negated else 1
+            class_at = i
+            continue
+        if c == "{":  # a count; any other "{" is the character, as Python reads it
+            count = re.match(r"\{\d*(,\d*)?\}", pattern[i:n])
+            if count and count.group() != "{}":
+                out.append(count.group())
+                i += len(count.group())
+                continue
+            c = "[\\x7B]"
+        elif c in "]}":  # the character: the converter loops forever on one outside a class
+            c = f"[\\x{ord(c):02X}]"
+        elif c == '"':
+            raise ValueError("the character \"", "leave it out: JSON writes it escaped (\\\"), so the grammar "
+                                                "cannot write it as the pattern reads it")
+        elif c in "^$":
+            raise ValueError(f"the anchor '{c}' inside the pattern", "anchor the whole pattern once, ^(a|b)$")
+        if c == "?" and (out[-1] in ("*", "+", "?") or out[-1].startswith("{")):
+            i += 1  # lazy: the same whole texts as greedy
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out) + "$"
+
+
+def for_grammar(schema):
+    """A copy of ``schema`` with each ``pattern`` as the converter reads it right (``grammar_pattern``);
+    ``PatternError`` naming the first it cannot take. Values (``enum``, ``const``...) are left as they are."""
+    if isinstance(schema, list):
+        return [for_grammar(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return _rewritten(schema, "")
+
+
+def _rewritten(node, path: str):
+    if isinstance(node, list):
+        return [_rewritten(item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        at = f"{path}.{key}" if path else key
+        if key == "pattern" and isinstance(value, str):
+            try:
+                out[key] = grammar_pattern(value)
+            except ValueError as exc:
+                construct, fix = exc.args
+                raise PatternError(at, construct, fix) from None
+        elif key in ("enum", "const", "default", "examples"):
+            out[key] = value
+        else:
+            out[key] = _rewritten(value, at)
+    return out
 
 
 def violations(schema: dict, value, limit: int = 10) -> list[dict]:

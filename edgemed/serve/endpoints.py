@@ -29,7 +29,7 @@ from edgemed.serve import api, grammar_source
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served
 from edgemed.serve import tools
-from edgemed.serve.grammar_source import GRAMMAR, RESPONSE_FORMAT, GrammarSource, strict_refusal
+from edgemed.serve.grammar_source import GRAMMAR, RESPONSE_FORMAT, GrammarSource, pattern_refusal, strict_refusal
 from edgemed.serve.tools import CallFilter, ToolPlan
 
 
@@ -90,9 +90,13 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     schema_from = RESPONSE_FORMAT if json_schema is not None else None
     response_schema = json.loads(json_schema) if json_schema is not None else None
     fmt = body.response_format.json_schema if json_schema is not None else None
-    if fmt is not None and fmt.strict and (refused := strict_refusal(
-            fmt.schema_, "response_format.json_schema.schema", "The JSON schema in 'response_format'")):
-        raise refused
+    if fmt is not None:
+        at, names = "response_format.json_schema.schema", "The JSON schema in 'response_format'"
+        refused = pattern_refusal(fmt.schema_, at, names)
+        if refused is None and fmt.strict:
+            refused = strict_refusal(fmt.schema_, at, names)
+        if refused is not None:
+            raise refused
     plan = ToolPlan()
     if body.template:
         if body.messages:
@@ -182,7 +186,7 @@ def answer_check(schema: dict | None, plan: ToolPlan) -> Callable[[str, str | No
         else:
             calls = tools.parse(text, set(functions)).calls
             if not calls:  # the model answered in text (tool_choice auto): nothing to check
-                return None if plan.grammar is None else _invalid("the answer holds no tool call")
+                return None if plan.grammar is None or plan.optional else _invalid("the answer holds no tool call")
             found = [(f"tool_calls.{i}.function.arguments", json.loads(c["function"]["arguments"]),
                       functions[c["function"]["name"]]) for i, c in enumerate(calls)]
         try:

@@ -4,7 +4,8 @@
 An answer that grammar could not be followed for (no token allowed, one token too costly to follow) and a grammar
 the probe refuses are 400s whose ``param`` names that field and whose fix says what to change in it, as OpenAI's
 error shape has it: the ``openai`` client and LangChain show ``param`` beside the message. A strict schema holding a
-keyword its grammar would drop is refused up front the same way (``strict_refusal``), naming that keyword.
+keyword its grammar would drop is refused up front the same way (``strict_refusal``), naming that keyword, and any
+schema whose ``pattern`` cannot become a grammar (``pattern_refusal``).
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ GRAMMAR = GrammarSource("grammar", "the grammar in 'grammar'", "leave out 'gramm
 RESPONSE_FORMAT = GrammarSource("response_format", "the JSON schema in 'response_format'", "leave out 'response_format'")
 
 
-def forced_call(names: list[str], where: dict[str, int]) -> GrammarSource:
-    """A forced tool call to one of the functions ``names`` (``where``: each one's index in ``tools``)."""
-    instead = "let the model choose whether to call ('tool_choice': 'auto')"
+def forced_call(names: list[str], where: dict[str, int], instead: str | None = None) -> GrammarSource:
+    """A forced tool call to one of the functions ``names`` (``where``: each one's index in ``tools``); ``instead``:
+    how to ask without the grammar, when that is not ``tool_choice: auto`` (a strict function's grammar under it)."""
+    instead = instead or "let the model choose whether to call ('tool_choice': 'auto')"
     if len(names) == 1:
         return GrammarSource(f"tools.{where[names[0]]}.function.parameters",
                              f"the 'parameters' schema of the function '{names[0]}' in 'tools'", instead)
@@ -85,6 +87,21 @@ def strict_refusal(schema, param: str, names: str) -> ApiError | None:
                          "it with 'strict': false: the answer is then checked against the whole schema after "
                          "generation, and its 'edgemed.schema' says whether it matches.",
                     code="unsupported_schema_keyword", param=f"{param}.{where[0]}")
+
+
+def pattern_refusal(schema, param: str, names: str) -> ApiError | None:
+    """The 400 for a schema whose ``pattern`` no grammar enforces (``schema_check.for_grammar``: ``\\b``, ``\\D``, a
+    back reference), strict or not: its grammar would force text that cannot match, where a dropped keyword only
+    leaves the value unchecked. ``param`` and ``names`` as for ``strict_refusal``."""
+    from edgemed.runtime.schema_check import PatternError, for_grammar
+
+    try:
+        for_grammar(schema)
+    except PatternError as exc:
+        return ApiError(400, f"{names} has a 'pattern' at '{exc.path}' holding {exc.construct}, which cannot become "
+                             f"a grammar: the answer could not match it. Fix: {exc.fix}.",
+                        code="unsupported_schema_pattern", param=f"{param}.{exc.path}")
+    return None
 
 
 def with_bans(source: GrammarSource | None, body) -> GrammarSource | None:

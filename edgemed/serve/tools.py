@@ -11,10 +11,11 @@ is the Hermes one (Qwen2.5, Hermes, many fine-tunes), a JSON object per call bet
 
 A template that does not mention ``tools`` is a 400 naming the model; one that renders tools in another format
 is a 400 too (its calls could not be read back). ``tool_choice``: ``none`` renders no tools and parses nothing;
-``auto`` renders them and parses whatever calls the model writes; ``required`` and a named function constrain
-sampling with a grammar (llama.cpp GBNF, from the functions' JSON schemas) so the answer is one call (or, with
-``parallel_tool_calls``, one or more) whose arguments match the schema's keywords the grammar enforces (a strict
-function's schema holding one it drops is a 400; ``endpoints.answer_check`` checks the arguments after).
+``auto`` renders them and parses whatever calls the model writes (with a ``strict`` function among them, a grammar
+makes any call follow its schema, as OpenAI's ``strict`` promises, and leaves text free); ``required`` and a named
+function constrain sampling with a grammar (llama.cpp GBNF, from the functions' JSON schemas) so the answer is one
+call (or, with ``parallel_tool_calls``, one or more) whose arguments match the schema's keywords the grammar enforces
+(a strict function's schema holding one it drops is a 400; ``endpoints.answer_check`` checks the arguments after).
 
 Hand-written rather than taken from a library: llama-cpp-python's own chat handlers hard-code per-model
 formats and do not work on a template string, and llama.cpp's C++ ``common/chat`` parser is not exposed
@@ -30,7 +31,12 @@ from dataclasses import dataclass, field
 
 from edgemed.formats.nesting import finite_decoder, loads_json
 from edgemed.serve.api import ApiError
-from edgemed.serve.grammar_source import GrammarSource, forced_call, strict_refusal
+from edgemed.serve.grammar_source import (
+    GrammarSource,
+    forced_call,
+    pattern_refusal,
+    strict_refusal,
+)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
@@ -44,6 +50,7 @@ class ToolPlan:
     grammar: str | None = None
     parse: bool = False
     source: GrammarSource | None = None  # with a grammar: the functions' schemas in ``tools`` it was made from
+    optional: bool = False  # the grammar takes a text answer too (``auto`` with a strict function): no call is owed
 
     @property
     def names(self) -> set[str]:
@@ -82,8 +89,17 @@ def plan(body, template: str | None, model_id: str) -> ToolPlan:
     rendered = [t.model_dump(exclude_none=True) for t in tools]
     if choice == "none":
         return ToolPlan()
+    where = {t.function.name: i for i, t in enumerate(tools)}
     if choice == "auto":
-        return ToolPlan(rendered, None, True)
+        if not any(f.strict for f in functions.values()) or body.grammar is not None or body.json_schema() is not None:
+            return ToolPlan(rendered, None, True)
+        # OpenAI's strict: a call the model makes follows its schema; it may still answer in text. Non-strict
+        # functions' calls are any object, as without a grammar.
+        called = [f if f.strict else f.model_copy(update={"parameters": {"type": "object"}})
+                  for f in functions.values()]
+        source = forced_call(list(functions), where, "send the functions with 'strict': false")
+        return ToolPlan(rendered, grammar(called, body.parallel_tool_calls, where, optional=True), True, source,
+                        optional=True)
     if choice == "required":
         forced = list(functions.values())
     else:
@@ -92,7 +108,6 @@ def plan(body, template: str | None, model_id: str) -> ToolPlan:
             raise ApiError(400, f"'tool_choice' names the function '{name}', which is not in 'tools'. Fix: name one "
                                 f"of: {', '.join(functions)}.", param="tool_choice")
         forced = [functions[name]]
-    where = {t.function.name: i for i, t in enumerate(tools)}
     return ToolPlan(rendered, grammar(forced, body.parallel_tool_calls, where), True,
                     forced_call([f.name for f in forced], where))
 
@@ -112,18 +127,60 @@ def _rules(functions: list) -> str:
     converter, which asserts on schemas it does not know)."""
     from llama_cpp.llama_grammar import SchemaConverter
 
-    calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters or {"type": "object"}},
-              "required": ["name", "arguments"]} for f in functions]
+    from edgemed.runtime.schema_check import for_grammar
+
+    defs, calls = {}, []
+    for f in functions:
+        arguments = _rooted(f.name, for_grammar(f.parameters or {"type": "object"}), defs)
+        calls.append({"type": "object", "properties": {"name": {"const": f.name}, "arguments": arguments},
+                      "required": ["name", "arguments"]})
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if defs:
+        schema = {**schema, "$defs": defs}
     converter = SchemaConverter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False,
                                 raw_pattern=False)
     converter.visit(converter.resolve_refs(schema, "tools"), "call")
     return converter.format_grammar()
 
 
-def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None) -> str:
+def _rooted(name: str, parameters: dict, defs: dict) -> dict:
+    """A copy of a function's ``parameters`` whose local ``$ref``s (``#/$defs/Dose``: relative to ``parameters``) point
+    at copies of their targets in ``defs``, the root ``$defs`` of the grammar's schema, each under a name of this
+    function's own: wrapped in the call object, they would be looked up from the wrong root, and two functions' refs
+    of one name would share one rule. The client's schema is left as it is (the converter rewrites refs in place).
+    A ref that points nowhere is left for the converter to refuse."""
+    import copy
+
+    from edgemed.runtime.schema_check import _target
+
+    parameters, named = copy.deepcopy(parameters), {}
+
+    def visit(node):
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+        elif isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#") and _target(parameters, ref) is not None:
+                if ref not in named:
+                    key = f"{name}-{ref.rstrip('/').rpartition('/')[2] or 'root'}"
+                    while key in defs:
+                        key += "-"
+                    named[ref] = key
+                    defs[key] = _target(parameters, ref)[1]  # the copy, whose own refs this walk rewrites
+                node["$ref"] = f"#/$defs/{named[ref]}"
+            for key, value in node.items():
+                if key not in ("enum", "const", "default", "examples"):  # data, not schemas
+                    visit(value)
+
+    visit(parameters)
+    return parameters
+
+
+def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None, optional: bool = False) -> str:
     """GBNF for one call (or several, when ``parallel``) to one of ``functions``, arguments per their schemas.
-    ``where``: each function's index in the request's ``tools``, to name the schema the converter refused."""
+    ``where``: each function's index in the request's ``tools``, to name the schema the converter refused.
+    ``optional``: text may come before the calls, or be the whole answer (``_text_rules``)."""
     from edgemed.errors import InputError
     from edgemed.runtime.sampling import check_schema_counts
 
@@ -134,8 +191,11 @@ def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None
         except InputError as exc:
             raise ApiError(400, f"The 'parameters' schema of the function '{f.name}': {exc.problem} Fix: {exc.fix}.",
                            param="tools" if at is None else f"tools.{at}.function.parameters") from None
-        if f.strict and (refused := strict_refusal(f.parameters, "tools" if at is None else f"tools.{at}.function."
-                                                   "parameters", f"The 'parameters' schema of '{f.name}'")):
+        param = "tools" if at is None else f"tools.{at}.function.parameters"
+        refused = pattern_refusal(f.parameters, param, f"The 'parameters' schema of '{f.name}'")
+        if refused is None and f.strict:
+            refused = strict_refusal(f.parameters, param, f"The 'parameters' schema of '{f.name}'")
+        if refused is not None:
             raise refused
     try:
         rules = _rules(functions)
@@ -146,8 +206,25 @@ def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None
                             f"{type(exc).__name__} {exc}. Fix: send a JSON schema of objects, types, properties and "
                             "enums.", param="tools" if at is None else f"tools.{at}.function.parameters") from None
     one = f'"{OPEN}\\n" call "\\n{CLOSE}"'
-    root = f"root ::= {one} (\"\\n\" {one})*" if parallel else f"root ::= {one}"
-    return root + "\n" + rules
+    calls = f"{one} (\"\\n\" {one})*" if parallel else one
+    if not optional:
+        return f"root ::= {calls}\n" + rules
+    t = "text"
+    while re.search(rf"^{t}", rules, re.MULTILINE):
+        t += "x"
+    return f"root ::= {t} ( {calls} )?\n" + _text_rules(t) + rules
+
+
+def _text_rules(t: str) -> str:
+    """GBNF rules, named ``t`` and ``t-...``, of text that ``parse`` finds no call in: without ``<tool_call>``, and
+    not a bare JSON object (or fenced one) either, so its first character after blanks is no ``{`` or backtick."""
+    body = OPEN[1:]  # the tag after its "<": a "<" breaks off a prefix of it, or is followed by a character that does
+    prefix = '"<"' + "".join(f' ( "{c}"' for c in body[:-1]) + " )?" * (len(body) - 1)
+    brk = '"<" ' + "".join(f'( [^{c}<] | "{c}" ' for c in body[:-1]) + f"[^{body[-1]}<]" + " )" * (len(body) - 1)
+    return (f"{t} ::= [ \\t\\r\\n]* ( [^ \\t\\r\\n{{`<] {t}-any | {t}-prefix* {t}-break {t}-any | {t}-prefix+ )?\n"
+            f"{t}-any ::= ( [^<] | {t}-prefix* {t}-break )* {t}-prefix*\n"
+            f"{t}-prefix ::= {prefix}\n"
+            f"{t}-break ::= {brk}\n")
 
 
 def _converts(function) -> bool:
