@@ -205,3 +205,34 @@ def q4_0_gguf(smollm2_gguf):
         assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(tmp).encode(), ctypes.byref(params)) == 0
         tmp.replace(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_k_m(smollm2_gguf) -> Path:
+    """SmolLM2 requantized to Q4_K_M, cached: most matrices fall back to Q5_0/Q8_0 (576 is no multiple of 256),
+    the FFN down ones are Q4_K/Q6_K, as in the quickstart file."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from edgemed.files.atomic import atomic_path
+
+    out = TEST_CACHE / "packaging" / "smollm2-135m-instruct.requant-q4_k_m.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True
+    params.nthread = 1
+    saved = os.dup(2)
+    with atomic_path(out) as tmp:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)  # llama.cpp prints one line per tensor
+        try:
+            rc = llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(devnull)
+            os.close(saved)
+        assert rc == 0
+    return out

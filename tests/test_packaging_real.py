@@ -9,44 +9,14 @@ matrices. It is still a real trained model, which is what the round trip needs.
 
 from __future__ import annotations
 
-import ctypes
 import os
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import TEST_CACHE
 from edgemed.cli import cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def smollm2_q4_k_m(smollm2_gguf) -> Path:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from edgemed.files.atomic import atomic_path
-
-    out = TEST_CACHE / "packaging" / "smollm2-135m-instruct.requant-q4_k_m.gguf"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.allow_requantize = True
-    params.nthread = 1
-    saved = os.dup(2)
-    with atomic_path(out) as tmp:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)  # llama.cpp prints one line per tensor
-        try:
-            rc = llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
-        finally:
-            os.dup2(saved, 2)
-            os.close(devnull)
-            os.close(saved)
-        assert rc == 0
-    return out
 
 
 def _cli(*args):

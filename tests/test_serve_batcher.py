@@ -1,7 +1,9 @@
 """Continuous batching on the real SmolLM2: concurrent requests must not mix, and every stream must end.
 
 References are the same prompts run one at a time through the same batcher (greedy),
-and, for the loop itself, llama-cpp-python's own single-sequence generation.
+and, for the loop itself, llama-cpp-python's own single-sequence generation. Batched text equals the single run's
+because the tests' file (Q4_1) is computed alike in every layout the batcher sends (``test_row_layouts.py``); on a
+Q4_K_M file it is not, and greedy text under load differs (docs/serve.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Prompt-prefix reuse per slot, on the real SmolLM2: a request whose prompt starts with the token ids a
-free slot holds is prefilled from where they part, and answers exactly as a cold run does.
+free slot holds is prefilled from where they part, and answers exactly as a cold run does: on the tests' Q4_1
+file, whose rows llama.cpp computes alike however the prompt is cut (``test_row_layouts.py``; not so on Q4_K_M).
 
 What ``cached_tokens`` counts: the prompt tokens whose KV the slot already held and that were not fed to
 llama.cpp again, i.e. the common prefix of the prompt and the slot's held ids (its last request's prompt;
