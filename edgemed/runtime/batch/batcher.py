@@ -27,10 +27,10 @@ rather than throwing a long history away for a few shared template tokens. At le
 token-id prefix of what it computed itself; a request that fails mid-step leaves its slot empty (its
 cells are unknown). Only prompt cells are kept, never those of sampled tokens (``Seq.held``): those are
 computed one row at a time, and the next turn, which resends them as prompt, would answer differently
-from a cold run (seen on multi-turn SmolLM2 chats); with prompt cells only, SmolLM2 answers token for
-token as cold. Qwen2.5-1.5B Q4_K_M does not (docs/serve.md): a row's cells depend in the last bits on the size of
-the chunk that computed it, and chunks here are sized by the load (``llamacpp.Context.reuse_unit``, which makes the
-one-sequence engine exact, has no counterpart here yet).
+from a cold run (seen on multi-turn SmolLM2 chats); with prompt cells only, SmolLM2's Q4_1 file answers token for
+token as cold. Its Q4_K_M file and Qwen2.5-1.5B Q4_K_M do not (docs/serve.md, ``tests/test_row_layouts.py``): a
+row's cells depend in the last bits on the size of the chunk that computed it, and chunks here are sized by the load
+(``llamacpp.Context.reuse_unit``, which makes the one-sequence engine exact, has no counterpart here yet).
 
 Answers kept while idle (same switch). The next turn of a chat resends the last answer as prompt. Its cells as
 sampled are not kept (above), so when the scheduler has nothing else to do it feeds each finished answer's sampled
