@@ -126,6 +126,7 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
     src = Source.with_adapter(ckpt, opts.lora, allow_pickle=opts.allow_pickle)  # the one opening of the adapter
     adapter = src.adapter
     src.warn_base(echo)
+    from edgemed.converters.gguf.runtime_fields import verify_runtime_fields
     from edgemed.converters.gguf.tokenizer import plan_vocab, verify_tokenization
 
     if opts.imatrix_from is not None:  # fail on a bad calibration file before writing anything
@@ -185,8 +186,9 @@ def _convert(source: Path, out: Path, opts: ConvertOptions, echo=print) -> Conve
             imatrix = made[0] if made else None
         with timings.step("tokenizer_check"):
             n_tok = verify_tokenization(ckpt.path, tmp)
+            fields = verify_runtime_fields(ckpt, tmp)  # what parity cannot see: template, special tokens, rope, context
         tok_info = {"model": vocab.model, "pre": vocab.pre, "n_vocab": len(vocab.tokens), "verified_tokens": n_tok,
-                    "chat_template": bool(vocab.special.chat_template)}
+                    "chat_template": bool(vocab.special.chat_template), "runtime_fields": fields}
         if opts.parity:
             from edgemed.converters.quality.parity import check_gguf, gated, source_logits
 

@@ -33,7 +33,8 @@ def whole_logits(model_dir: Path, lora: Path | None, prompts=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgemed.converters.quality.parity import PROMPTS
+    from edgemed.converters.quality.layered import CTX_MARGIN
+    from edgemed.converters.quality.prompts import token_lists
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -44,8 +45,7 @@ def whole_logits(model_dir: Path, lora: Path | None, prompts=None):
     model.eval()
     ids, logits = [], []
     with torch.inference_mode():
-        for text in PROMPTS if prompts is None else prompts:
-            t = tok(text, add_special_tokens=True)["input_ids"]
+        for t in token_lists(tok, prompts, model.config.max_position_embeddings - CTX_MARGIN):  # the gate's ids (its chat in the template too): the oracle checks the math
             ids.append(t)
             logits.append(model(torch.tensor([t])).logits[0].float().numpy())
     return ids, logits

@@ -25,6 +25,7 @@ from edgemed.converters.source.checkpoint import Checkpoint, TensorRef, check_st
 from edgemed.converters.source.source import Source, as_source
 from edgemed.errors import CheckpointError
 
+CTX_MARGIN = 8  # a prompt stays this far inside the trained context (the converted side's ``runtime.logits`` margin)
 BLOCK_BYTES = 64 * 2**20  # one float32 row block of the embedding table or the LM head
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm"
@@ -204,11 +205,11 @@ def reference_logits(source: "Source | Checkpoint | Path", prompts=None) -> tupl
     The contract of ``parity.source_logits``: same tokenization, same float32 math to rounding."""
     import torch
 
-    from edgemed.converters.quality.prompts import PROMPTS
+    from edgemed.converters.quality.prompts import token_lists
 
     src = as_source(source)  # before the tokenizer: a refused checkpoint is refused first
-    tok = hf_tokenizer(src.path)
-    ids = [tok(text, add_special_tokens=True)["input_ids"] for text in (PROMPTS if prompts is None else prompts)]
+    context = src.checkpoint.hparam("max_position_embeddings", required=False)
+    ids = token_lists(hf_tokenizer(src.path), prompts, int(context) - CTX_MARGIN if context else None)
     model = LayeredModel.open(src)
     with torch.inference_mode():
         return ids, model.logits(model.hidden(ids))

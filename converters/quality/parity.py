@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgemed.converters.quality.prompts import PROMPTS
+from edgemed.converters.quality.prompts import PROMPTS  # noqa: F401 (the gate's prompts, read here by callers)
 
 # Float output type -> NMSE a faithful conversion must reach.
 NMSE_GATES: dict[str, float | None] = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
@@ -88,9 +88,10 @@ def _nmse(a, b) -> float:
     return float(((b - a) ** 2).sum() / max((a ** 2).sum(), 1e-30))
 
 
-def source_logits(source, prompts=PROMPTS) -> tuple[list[list[int]], list]:
+def source_logits(source, prompts=None) -> tuple[list[list[int]], list]:
     """Token ids and float32 logits of the Hugging Face source (+ its LoRA adapter) per prompt: PEFT's unmerged
-    model's to float32 rounding, computed one decoder layer at a time (``layered.py``).
+    model's to float32 rounding, computed one decoder layer at a time (``layered.py``). ``prompts``: texts; by
+    default ``PROMPTS`` and the chat in the source's own template (``prompts.token_lists``).
 
     ``source``: the command's opened ``Source`` (checkpoint, adapter, pickle consent); a ``Checkpoint`` or a
     directory stands for one without adapter (a directory opened without consent)."""

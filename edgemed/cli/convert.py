@@ -269,6 +269,9 @@ def check(source, model, lora, allow_pickle, threads, as_json):
         # the prompts reach MODEL as the source's token ids: a GGUF whose own tokenizer splits text otherwise would pass
         # on those ids and answer garbage to the text a user types
         verify_tokenization(opened.checkpoint.path, model)
+        from edgemed.converters.gguf.runtime_fields import verify_runtime_fields
+
+        verify_runtime_fields(opened.checkpoint, model)  # ... nor a chat template, special token or rope field it never reads
         with torch_threads(threads):  # the HF reference's torch work too
             report = check_gguf(opened, model, out_type, threads=threads)
     if as_json:
