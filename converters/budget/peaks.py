@@ -52,15 +52,16 @@ LIBS_MAPPED = 150 * MIB   # the libraries' code: file-backed pages
 QUANT_EXTRA = 64 * MIB    # llama.cpp quantize beside its slabs (output metadata, threads)
 REF_LIBS = 100 * MIB      # transformers' model code imported by the reference
 TOKENIZER_PER_TOKEN = 1000  # the reference's HF tokenizer
-PARITY_POSITIONS = 160    # converters.parity.PROMPTS: 150 tokens with SmolLM2's tokenizer, 144 with Qwen2.5's
-PARITY_LONGEST = 40       # ... 36 in the longest prompt
+PARITY_POSITIONS = 220    # converters.quality.prompts.token_lists: 217 tokens with SmolLM2's tokenizer, 209 with Qwen2.5's
+PARITY_LONGEST = 70       # ... 67 in the longest prompt (the chat)
 IMATRIX_TOKENS, IMATRIX_LONGEST = 32 * 256, 256  # imatrix.MAX_CHUNKS x CHUNK_TOKENS, one chunk at a time
 TEXT_COPIES = 4           # the calibration text's passages (at most imatrix.TEXT_BYTES read; up to 4 bytes a character)
 TOKENIZE_PER_BYTE = 400   # the HF fast tokenizer encoding it whole, per byte: 384 measured on random ASCII with a
                           # 384-token vocabulary (a token a byte, the worst case), 291 on prose (the joined text aside)
 AUTO_PASSAGE_TOKENS = 1024  # --quant auto: the longest search passage llama.cpp evaluates at once (assumed)
 COMPARE_COPIES = 2        # parity.compare: both logit sets held in float32 ...
-COMPARE_PROMPT_COPIES = 8  # ... and one prompt at a time in float64 (casts, difference, log-softmax of both)
+COMPARE_PROMPT_COPIES = 8  # ... and a block of one prompt's rows in float64 (casts, difference, log-softmax of both)
+COMPARE_ROWS = 40         # ... that block's rows (parity.COMPARE_ROWS)
 PROTOBUF_LIMIT = 2 * GIB  # torch.onnx builds a graph under this in memory; a larger one goes to external data
 EXPORT_COPIES_SMALL = 5.0  # torch.onnx.export, graph < 2 GiB: model + folded constants + proto + bytes (x fp32)
 EXPORT_COPIES_LARGE = 2.0  # ... > 2 GiB: tensors written as external data
@@ -195,7 +196,7 @@ def _parity(dims: Dims, src: int, lora: bool, artifact: tuple[Term, ...], prefix
             Step(f"{prefix}:compare", (Term("transformers' model code", REF_LIBS),
                                        _logits(dims, COMPARE_COPIES, "both logits in float32 (compare)"),
                                        Term("one prompt's logits in float64 (compare)",
-                                            PARITY_LONGEST * dims.vocab * 8 * COMPARE_PROMPT_COPIES)))]
+                                            min(PARITY_LONGEST, COMPARE_ROWS) * dims.vocab * 8 * COMPARE_PROMPT_COPIES)))]
 
 
 def _llama_load(dims: Dims, out_type: str, n_ctx: int, *, repack: bool = True) -> tuple[Term, ...]:
