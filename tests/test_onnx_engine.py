@@ -21,8 +21,6 @@ from edgemed.errors import ContextOverflow, InputError  # noqa: E402
 from edgemed.runtime.engine import GenerationSettings, LoadSettings, open_engine  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "The patient has diabetes"}]
-#: `run`'s system message in place of the safety preamble, which alone is more than the tiny model's 256-token context
-SHORT_SYSTEM = ["--system", "Be brief."]
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +109,7 @@ def test_a_generation_says_how_it_ended(engine, tiny_onnx):
     engine.eos_ids = {ids[k]}  # as if the model ended its turn there
     assert _finish(engine.chat(PROMPT, settings)) == Finish("eog", k)
     result = CliRunner().invoke(main, ["run", str(tiny_onnx[1]), "--prompt", "The patient has diabetes", "--max-tokens",
-                                       "12", "--json", *SHORT_SYSTEM])
+                                       "12", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["cut"] is True, result.output
 
 
@@ -257,8 +255,7 @@ def test_cli_run_answers_from_an_onnx_directory(tiny_onnx):
 
     from edgemed.cli import cli as main
 
-    result = CliRunner().invoke(main, ["run", str(tiny_onnx[1]), "--prompt", "The patient has diabetes", "--max-tokens", "8",
-                                       *SHORT_SYSTEM])
+    result = CliRunner().invoke(main, ["run", str(tiny_onnx[1]), "--prompt", "The patient has diabetes", "--max-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert len(result.output.strip()) > 3
 

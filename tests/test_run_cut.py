@@ -33,12 +33,12 @@ def test_a_reply_cut_at_max_tokens_says_so(smollm2_gguf):
 
 
 def test_a_whole_reply_is_not_cut_and_think_show_is_in_the_json(smollm2_gguf):
-    result = run(str(smollm2_gguf), "-p", "Name one sign of sepsis, in a few words.", "--max-tokens", "64", "--json",
+    result = run(str(smollm2_gguf), "-p", "Reply with the single word: yes", "--max-tokens", "64", "--json",
                  "--think", "show")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["cut"] is False and data["think"] == "", data  # SmolLM2 does not think
-    streamed = run(str(smollm2_gguf), "-p", "Name one sign of sepsis, in a few words.", "--max-tokens", "64")
+    streamed = run(str(smollm2_gguf), "-p", "Reply with the single word: yes", "--max-tokens", "64")
     assert "(cut at" not in streamed.output
 
 
@@ -57,9 +57,9 @@ def test_think_show_puts_the_thinking_in_the_json(smollm2_gguf, monkeypatch):
 
 
 #: (prompt, --max-tokens, --temperature, --seed, cut): a sampled reply is not always the tokenizer's own split of its
-#: text. The first samples its 40 tokens, which tokenized again are 39; the second ends its turn before its 14th,
-#: and tokenized again is 14. "cut" counted the text tokenized again: the first read as whole, the second as cut.
-SAMPLED = [(ASK, 40, "1.0", "49", True), ("Name one sign of sepsis, in a few words.", 14, "1.5", "116", False)]
+#: text. The first samples its 40 tokens, which tokenized again are 39; the second ends its turn after 18, which
+#: tokenized again are 19. "cut" counted the text tokenized again: the first read as whole, the second as cut.
+SAMPLED = [(ASK, 40, "1.0", "25", True), ("Name one sign of sepsis, in a few words.", 19, "1.2", "35", False)]
 
 
 def test_cut_is_how_the_sampler_stopped_not_a_count_of_the_text(smollm2_gguf):

@@ -62,27 +62,6 @@ def test_a_system_text_with_the_model_markup_is_refused_naming_system(no_system_
     assert prompts == []
 
 
-def test_a_prompt_without_system_gets_the_safety_preamble_as_chat_does(smollm2_gguf, prompts):
-    """`run --prompt` sent the prompt alone: SmolLM2 answered under its own default system message ("a helpful AI
-    assistant named SmolLM"), without the safety preamble chat sends. --raw stays the prompt as it is."""
-    from edgemed.templates.library import safety_preamble
-
-    result = run(smollm2_gguf, "-p", ASK)
-    assert result.exit_code == 0, result.output
-    assert prompts == [f"<|im_start|>system\n{safety_preamble()}<|im_end|>\n<|im_start|>user\n{ASK}<|im_end|>\n"
-                       "<|im_start|>assistant\n"]
-    assert run(smollm2_gguf, "--raw", "-p", ASK).exit_code == 0 and prompts[-1] == ASK
-
-
-def test_a_template_without_a_system_role_gets_the_safety_preamble_before_the_prompt(no_system_gguf, prompts):
-    from edgemed.templates.library import safety_preamble
-
-    result = run(no_system_gguf, "-p", ASK)
-    assert result.exit_code == 0, result.output
-    assert prompts == [f"<|im_start|>user\n{safety_preamble()}\n\n{ASK}<|im_end|>\n<|im_start|>assistant\n"]
-    assert "so the safety preamble (the default system message) goes before the prompt" in result.stderr
-
-
 #: Qwen2.5's way: with no system message the template writes its own default one
 QWEN_LIKE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen.<|im_end|>\n{% endif %}"
              "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"

@@ -226,22 +226,19 @@ def echo_piece(show_think: bool):
 
 
 def _messages(engine, system: str | None, prompt: str) -> list[dict]:
-    """The conversation ``run`` sends: --system, or else the shipped safety preamble (chat's default system message),
-    as a message of its own, or before the prompt in the user message where the model's chat template takes no
-    system role (``fold_system``: it refuses or drops one), as chat does."""
+    """The conversation ``run`` sends: --system as a message of its own, or before the prompt in the user message
+    where the model's chat template takes no system role (``fold_system``: it refuses or drops one), as chat does."""
     from edgemed.errors import InputError
     from edgemed.runtime.chat_template import fold_system
-    from edgemed.templates.library import safety_preamble
 
-    what = "--system" if system else "the safety preamble (the default system message)"
-    messages = [{"role": "system", "content": system or safety_preamble()}, {"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
         messages, why = fold_system(engine.render_chat, messages)
     except InputError as exc:
-        raise InputError(f"{what} cannot be sent to this model: {exc.problem}",
-                         "pass a --system text without the model's markup" if system else exc.fix) from None
+        raise InputError(f"--system cannot be sent to this model: {exc.problem}",
+                         "pass a --system text without the model's markup") from None
     if why is not None:
-        click.echo(f"({why}; this model's chat template takes no system message, so {what} goes before the prompt)",
+        click.echo(f"({why}; this model's chat template takes no system message, so --system goes before the prompt)",
                    err=True)
     return messages
 
@@ -253,12 +250,10 @@ def _stdin_prompt() -> str:
 
 @click.command()
 @click.argument("model", required=False)  # as typed: ./NAME is a path, NAME may be an installed model
-@click.option("--prompt", "-p", help="A user message, rendered with the model's chat template after the safety "
-              "preamble, as chat sends it (@PATH: from a file; with no --prompt, standard input is read).")
-@click.option("--raw", is_flag=True, help="Send --prompt as raw text; the model's chat template and the safety "
-              "preamble are not used at all.")
-@click.option("--system", "-s", help="A system message to put before the prompt instead of the safety preamble "
-              "(@PATH: from a file).")
+@click.option("--prompt", "-p", help="A user message, rendered with the model's chat template (@PATH: from a file; "
+              "with no --prompt, standard input is read).")
+@click.option("--raw", is_flag=True, help="Send --prompt as raw text; the model's chat template is not used at all.")
+@click.option("--system", "-s", help="A system message to put before the prompt (@PATH: from a file).")
 @click.option("--template", "-t", "template_name", help="A medical prompt template: mcq, pubmedqa, open_question, "
               "differential, drug, triage, patient_education, note_summary.")
 @click.option("--question", "-q", help="The question (templates; @PATH: from a file, @-: standard input).")
