@@ -229,7 +229,6 @@ def _stopped(ctx, stop: KeyboardInterrupt, said: str, problem: str) -> None:
     service manager or shell must see the stop it asked for whatever instant it landed on. What took effect is told
     by the words and the document; a script reading ``--json`` sees the install, and running the same pull again
     finds the bundle installed and finishes the clean-up."""
-    from edgemed.errors import done_before
     from edgemed.formats.terminal_text import shown_prose
 
     done = done_before(stop)
