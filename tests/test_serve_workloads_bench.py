@@ -77,6 +77,22 @@ def test_time_account_splits_edgemed_wall_time_and_reads_llama_server_timings():
     assert "llama_decode_ms" not in b and sw.time_account([], 1.0) == {}
 
 
+def test_idle_seconds_count_a_wait_in_progress():
+    # the account reads the counters around a run: a wait that began before the first reading must not fall into
+    # the run when it ends (it was counted at its end: 170 ms of "idle" per token at 1 stream, the rest negative)
+    import time
+
+    from edgemed.runtime.batch.sequence import Counters
+
+    n = Counters(idle_seconds_total=2.0)
+    assert n.totals()["idle_seconds_total"] == 2.0
+    n.idle_since = time.perf_counter() - 3.0
+    first = n.totals()["idle_seconds_total"]
+    assert first >= 5.0
+    time.sleep(0.05)
+    assert n.totals()["idle_seconds_total"] >= first + 0.05
+
+
 def test_server_timings_reads_llama_servers_and_ignores_what_is_not_there():
     from edgemed.benchmarks.serve_bench_client import server_timings
 

@@ -649,11 +649,12 @@ class Batcher:
                     answer = self._answer_to_keep() if idle else None
                     trim = idle and answer is None and self._worked
                     if idle and answer is None and not trim:
-                        t_idle = time.perf_counter()
+                        self._n.idle_since = time.perf_counter()  # stats() counts a wait in progress
                         while not (self._stopping or self._queue or self._active or self._releasing):
                             self._cond.wait()
                         self._gather()
-                        self._n.idle_seconds_total += time.perf_counter() - t_idle
+                        self._n.idle_seconds_total += time.perf_counter() - self._n.idle_since
+                        self._n.idle_since = None
                     elif trimmed and self._queue:  # a request came during the trim: its company too, as from idle
                         self._gather()
                     trimmed = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass, field
 
 from edgemed.runtime.engine import GenerationSettings
@@ -103,12 +104,18 @@ class Counters:
     adapter_switches_total: int = 0  # adapter set changes on the context (``Batcher._use``)
     decode_seconds_total: float = 0.0  # inside llama_decode
     step_seconds_total: float = 0.0  # whole steps: batch building, llama_decode, sampling, text, hand-over
-    idle_seconds_total: float = 0.0  # scheduler waiting for work
+    idle_seconds_total: float = 0.0  # scheduler waiting for work (a wait in progress: ``idle_since``)
+    idle_since: float | None = None  # perf_counter() when the scheduler's current wait began; None while it works
     heap_trims_total: int = 0  # idle moments that handed freed heap pages back to the OS (``runtime.heap``)
     finished: dict = field(default_factory=lambda: collections.Counter())
 
     def totals(self) -> dict:
-        """The counters as ``stats()`` reports them (``finished`` as ``finished_total``, a plain dict)."""
+        """The counters as ``stats()`` reports them (``finished`` as ``finished_total``, a plain dict). The idle
+        seconds include a wait still in progress, so two readings around a run count only the idle time between
+        them (counted at the wait's end, a wait that began long before the first reading fell into the run)."""
+        idle = self.idle_seconds_total
+        if self.idle_since is not None:
+            idle += max(time.perf_counter() - self.idle_since, 0.0)
         return {"requests_total": self.requests_total, "overloaded_total": self.overloaded_total,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "prompt_tokens_cached_total": self.prompt_tokens_cached_total,
@@ -122,4 +129,4 @@ class Counters:
                 "decode_steps_total": self.decode_steps_total, "adapter_switches_total": self.adapter_switches_total,
                 "finished_total": dict(self.finished),
                 "decode_seconds_total": self.decode_seconds_total, "step_seconds_total": self.step_seconds_total,
-                "idle_seconds_total": self.idle_seconds_total, "heap_trims_total": self.heap_trims_total}
+                "idle_seconds_total": idle, "heap_trims_total": self.heap_trims_total}
