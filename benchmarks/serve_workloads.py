@@ -141,7 +141,8 @@ def throughput_summary(rows: list[dict], wall: float) -> dict:
             "finish": {f: sum(r["finish"] == f for r in rows) for f in sorted({r["finish"] for r in rows})}}
 
 
-def time_account(rows: list[dict], wall: float, before: dict | None = None, after: dict | None = None) -> dict:
+def time_account(rows: list[dict], wall: float, before: dict | None = None, after: dict | None = None,
+                 split: dict | None = None) -> dict:
     """Where one throughput run's time went, in milliseconds per completion token (its wall time over its tokens).
 
     edgemed (``before``/``after``: its ``/metrics`` scheduler counters read around the run): the scrape-to-scrape
@@ -155,8 +156,11 @@ def time_account(rows: list[dict], wall: float, before: dict | None = None, afte
     if not tokens:
         return {}
     out = {"ms_per_token": 1000 * wall / tokens}
-    if before and after:
-        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    if split:
+        out |= {"compute_cpu_ms": 1000 * split["compute_cpu_s"] / tokens,
+                "serving_cpu_ms": 1000 * split["serving_cpu_s"] / tokens}
+    if before and after and "decode_seconds_total" in after:
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after if k != "threads"}
         span = d.get("wall_seconds", wall)
         decode, step, idle = (d.get(k, 0.0) for k in ("decode_seconds_total", "step_seconds_total", "idle_seconds_total"))
         out |= {"span_s": span, "steps": int(d.get("decode_steps_total", 0)),
@@ -272,11 +276,36 @@ def summarize_template(cells: dict) -> dict:
 
 
 def _counted(server: _Server, fn, *a, **kw) -> tuple[object, dict | None, dict | None]:
-    """``fn(*a, **kw)`` with edgemed's scheduler counters read just before and after (None for llama-server)."""
+    """``fn(*a, **kw)`` with edgemed's scheduler counters (none for llama-server) and every server's per-thread CPU
+    seconds (``threads``, for ``thread_split``) read just before and after."""
     read = getattr(server, "scheduler_metrics", None)
-    before = read() if read else None
+    before = (read() if read else {}) | {"threads": server.thread_cpu()}
     out = fn(*a, **kw)
-    return out, before, read() if read else None
+    after = (read() if read else {}) | {"threads": server.thread_cpu()}
+    return out, before, after
+
+
+def thread_split(before: dict[int, float], after: dict[int, float], main: int, compute: int,
+                 main_computes: bool) -> dict[str, float]:
+    """CPU seconds of one run split between llama.cpp's compute threads and the serving threads, from per-thread
+    readings (thread id -> CPU seconds) around it. ``compute``: the threads llama.cpp computes with (``-t``); with
+    OpenMP they are the thread that calls ``llama_decode`` and ``compute - 1`` workers. ``main_computes``: the
+    process's main thread (id ``main``) calls ``llama_decode`` (llama-server's slot loop); otherwise (edgemed, whose
+    main thread runs the HTTP event loop) the busiest other thread does (the scheduler). The remaining compute
+    threads are the busiest of the rest; everything else is serving (HTTP, the event loop, the audit writer)."""
+    used = {t: after[t] - before.get(t, 0.0) for t in after}
+    others = sorted((t for t in used if t != main), key=lambda t: used[t], reverse=True)
+    busy = ([main] if main_computes else []) + others[:compute - (1 if main_computes else 0)]
+    return {"compute_cpu_s": sum(used[t] for t in busy if t in used),
+            "serving_cpu_s": sum(v for t, v in used.items() if t not in busy)}
+
+
+def _split(server: _Server, before: dict, after: dict) -> dict | None:
+    """``thread_split`` of one run on ``server`` (None where a reading is missing: a server that exited)."""
+    if not (before.get("threads") and after.get("threads")):
+        return None
+    return thread_split(before["threads"], after["threads"], server.proc.pid, server.threads,
+                        main_computes=server.name == "llama-server")
 
 
 def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
@@ -290,7 +319,9 @@ def part_throughput(servers: dict, sizes: Sizes, rounds: int) -> dict:
                                                      servers[name], conversations, n, sizes.throughput_requests,
                                                      sizes.throughput_tokens)
                 s = {"round": r, **throughput_summary(rows, info["wall_s"]), "loadavg": info["loadavg"],
-                     "settle_s": info["settle_s"], "account": sc._r(time_account(rows, info["wall_s"], before, after))}
+                     "settle_s": info["settle_s"],
+                     "account": sc._r(time_account(rows, info["wall_s"], before, after, _split(servers[name], before,
+                                                                                               after)))}
                 lv["runs"][name].append(s)
                 print(f"throughput round {r} {n} streams {name}: {s['aggregate_tok_s']:.1f} tok/s, "
                       f"load {info['loadavg'][0]:.1f}", flush=True)
@@ -404,7 +435,28 @@ def account_md(levels: dict) -> list[str]:
             "a step serves them all) and each request's mean turnaround outside its slot (HTTP, queueing, templating).",
             "", "| streams | edgemed ms/token | in llama_decode | rest of step | idle | between steps | "
             "llama-server ms/token | in slot per token | turnaround per request (ms) |",
-            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|---|---|---|", *rows, "", *cpu_md(levels)]
+
+
+def cpu_md(levels: dict) -> list[str]:
+    """The CPU side of the account (``thread_split``) of each level's best runs; none for results stored before
+    runs carried it."""
+    rows = []
+    for n, lv in levels.items():
+        e = (lv["best"].get("edgemed") or {}).get("account") or {}
+        ls = (lv["best"].get("llama-server") or {}).get("account") or {}
+        if "compute_cpu_ms" not in e:
+            continue
+        rows.append(f"| {n} | {e['compute_cpu_ms']:.2f} | {e['serving_cpu_ms']:.2f} | "
+                    f"{_f(ls.get('compute_cpu_ms'))} | {_f(ls.get('serving_cpu_ms'))} |")
+    if not rows:
+        return []
+    return ["CPU time per completion token in the same runs, from each server's per-thread CPU seconds read around "
+            "the run: llama.cpp's compute threads (the one calling `llama_decode` and its OpenMP workers, as many "
+            "as `--threads`; their spinning counts) and the serving threads (everything else: HTTP, edgemed's event "
+            "loop, the audit writer). With as many cores as compute threads, serving CPU is taken from compute.",
+            "", "| streams | edgemed compute CPU ms | edgemed serving CPU ms | llama-server compute CPU ms | "
+            "llama-server serving CPU ms |", "|---|---|---|---|---|", *rows, ""]
 
 
 def report_md(m: dict) -> str:

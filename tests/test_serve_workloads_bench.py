@@ -77,6 +77,19 @@ def test_time_account_splits_edgemed_wall_time_and_reads_llama_server_timings():
     assert "llama_decode_ms" not in b and sw.time_account([], 1.0) == {}
 
 
+def test_thread_split_finds_the_compute_threads_of_each_server():
+    before = {100: 1.0, 101: 5.0, 102: 4.0, 103: 0.5, 104: 0.0}
+    after = {100: 1.4, 101: 9.0, 102: 7.9, 103: 0.6, 104: 0.2, 105: 0.1}  # 105: a thread started during the run
+    # edgemed: the main thread (100) serves HTTP; the scheduler (101) and one OpenMP worker (102) compute
+    e = sw.thread_split(before, after, main=100, compute=2, main_computes=False)
+    assert e == pytest.approx({"compute_cpu_s": 4.0 + 3.9, "serving_cpu_s": 0.4 + 0.1 + 0.2 + 0.1})
+    # llama-server: its main thread runs the slots and computes, with the busiest other thread as its worker
+    ls = sw.thread_split(before, after, main=100, compute=2, main_computes=True)
+    assert ls == pytest.approx({"compute_cpu_s": 0.4 + 4.0, "serving_cpu_s": 3.9 + 0.1 + 0.2 + 0.1})
+    a = sw.time_account([{"latency_s": 1.0, "tokens": 100}], 2.0, split=e)
+    assert a["compute_cpu_ms"] == pytest.approx(79) and a["serving_cpu_ms"] == pytest.approx(8)
+
+
 def test_idle_seconds_count_a_wait_in_progress():
     # the account reads the counters around a run: a wait that began before the first reading must not fall into
     # the run when it ends (it was counted at its end: 170 ms of "idle" per token at 1 stream, the rest negative)
