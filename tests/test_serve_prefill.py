@@ -321,6 +321,53 @@ def test_requests_sent_together_to_an_idle_server_are_gathered_into_one_first_st
     assert len(seconds) == 3 and max(firsts) < min(seconds), events
 
 
+def test_announced_requests_are_waited_for_and_a_lone_one_is_not(smollm2_gguf, monkeypatch):
+    """A server announces each request from its arrival to its submit (``Batcher.arriving``): the idle scheduler
+    woken by one waits for the others still being prepared, however long that takes within GATHER_MAX_S, and
+    prefills them in one first step; a request with none on its way starts without the fixed quiet."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.runtime.batch import batcher as batcher_module
+    from edgemed.runtime.batch import stream as stream_module
+    from edgemed.runtime.batch.batcher import Batcher, Piece
+
+    # a quiet no lone request could sit out here, and a window the slow preparations fit in on a loaded box
+    monkeypatch.setattr(batcher_module, "GATHER_QUIET_S", 20.0)
+    monkeypatch.setattr(batcher_module, "GATHER_MAX_S", 20.0)
+    events: list[str] = []
+    put = stream_module.Stream._put
+    monkeypatch.setattr(stream_module.Stream, "_put",
+                        lambda self, item: (events.append(self.request_id) if isinstance(item, Piece) else None,
+                                            put(self, item))[1])
+    questions = ["What is the normal adult resting heart rate?", "Name two signs of dehydration.",
+                 "What does HbA1c measure?"]
+    with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
+        list(b.submit("Warm up.", GenerationSettings(max_tokens=2), request_id="warm"))
+        t0 = time.monotonic()
+        with b.arriving():
+            lone = b.submit("What is sepsis?", GenerationSettings(max_tokens=2), request_id="lone")
+        list(lone)
+        assert time.monotonic() - t0 < 10.0  # not the 20 s quiet: nothing else was announced
+        events.clear()
+        streams, ready = [], threading.Barrier(3)
+
+        def send(i: int) -> None:
+            with b.arriving():
+                ready.wait()  # all three announced before the first submits
+                time.sleep(0.3 * i)  # prepared 0, 0.3 and 0.6 s apart: far beyond any fixed quiet
+                streams.append(b.submit(questions[i], GenerationSettings(max_tokens=6), request_id=f"g{i}"))
+
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        for s in streams:
+            list(s)
+    firsts = [events.index(f"g{i}") for i in range(3)]
+    seconds = [i for i, rid in enumerate(events) if events[:i].count(rid) == 1]
+    assert len(seconds) == 3 and max(firsts) < min(seconds), events
+
+
 def test_a_measured_budget_feeds_a_long_prompt_while_three_streams_keep_getting_tokens(smollm2_gguf):
     """No fixed chunk: the cost model sizes the chunks from the batcher's own calls; the three running streams
     get a token every step while the long prompt is read (steps without prompt tokens included)."""

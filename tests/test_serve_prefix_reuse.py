@@ -227,6 +227,30 @@ def test_a_request_stops_an_idle_answer_call_and_the_answer_is_fed_again_later(s
     assert fin2.cached_tokens >= len(first) + fin.completion_tokens
 
 
+def test_a_request_sent_straight_after_an_answer_finds_no_idle_call_running(smollm2_gguf, cold, monkeypatch):
+    """A client that sends its next request straight after an answer (a script, an agent) gets the cores for it: the
+    answer is fed back only after ``ANSWER_GRACE_S`` without a request, so no idle call starts and is given up
+    meanwhile; it is fed once the server is idle, and the conversation's next turn still finds it."""
+    from edgemed.runtime.batch import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "ANSWER_GRACE_S", 5.0)  # far beyond a loaded box's turnaround
+    other = cold.tokenize("Sepsis is defined as", add_special=False)
+    with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=2) as b:
+        messages = [{"role": "user", "content": TURNS[0]}]
+        first = b.tokenize(b.render_chat(messages))
+        text, fin = collect(b.submit(first, CHAT, request_id="t0"))
+        collect(b.submit(other, GREEDY, request_id="other"))  # straight after: within the grace
+        stats = b.stats()
+        assert stats["answer_calls_interrupted_total"] == 0 and stats["answer_tokens_kept_total"] == 0
+        settle(b)  # then kept, once the grace is over
+        assert b.stats()["answer_tokens_kept_total"] >= fin.completion_tokens
+        assert b.stats()["answer_calls_interrupted_total"] == 0
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": TURNS[1]}]
+        second = b.tokenize(b.render_chat(messages))
+        fin2 = collect(b.submit(second, CHAT, request_id="t1"))[1]
+    assert fin2.cached_tokens >= len(first) + fin.completion_tokens
+
+
 def test_cells_a_given_up_idle_call_left_are_trimmed_and_no_request_fails(smollm2_gguf, cold):
     """llama.cpp gives an idle answer call up at its next graph node, and keeps the micro-batches it had finished
     ("processed ubatches will remain"). The batcher trims its slot back to the kept cells after any call that did
@@ -239,11 +263,12 @@ def test_cells_a_given_up_idle_call_left_are_trimmed_and_no_request_fails(smollm
     other = cold.tokenize("Sepsis is defined as", add_special=False)
     alone = collect(cold.submit(other, GREEDY, request_id="alone"))[0]
     with Batcher(smollm2_gguf, LOAD, slots=2, queue_size=4) as b:
-        real, queued, left = b._ctx.decode_unless, threading.Event(), {}
+        real, queued, started, left = b._ctx.decode_unless, threading.Event(), threading.Event(), {}
 
         def first_call_writes_half_then_gives_up(batch, stop):
             if left:
                 return real(batch, stop)
+            started.set()
             queued.wait(30)  # the next turn and another clinician's request are waiting now
             part = Batch(b._ctx.lib, batch.n)
             try:
@@ -259,6 +284,7 @@ def test_cells_a_given_up_idle_call_left_are_trimmed_and_no_request_fails(smollm
         b._ctx.decode_unless = first_call_writes_half_then_gives_up
         messages = [{"role": "user", "content": TURNS[0]}]
         text, fin = collect(b.submit(b.tokenize(b.render_chat(messages)), CHAT, request_id="t0"))
+        assert started.wait(30)  # the idle call began (after ``ANSWER_GRACE_S`` without a request)
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": TURNS[1]}]
         second = b.submit(b.tokenize(b.render_chat(messages)), CHAT, request_id="t1")
         another = b.submit(other, GREEDY, request_id="other")

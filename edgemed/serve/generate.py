@@ -42,10 +42,11 @@ SEED_HEADER = "x-edgemed-seed"
 async def generate(endpoint: Endpoint, body, request: Request):
     """Answer ``body`` (already validated as ``endpoint.request``) the way ``endpoint`` describes."""
     srv, record = served(request), request_record(request)
-    record.adapter = check_model(srv, body.model)
-    body.refused()
-    prompt = await endpoint.prompt(srv, record, body)
-    streams = await run_in_threadpool(submit, srv, record, prompt, body)
+    with arriving(srv):  # an idle scheduler gathers the requests sent with this one while they are prepared
+        record.adapter = check_model(srv, body.model)
+        body.refused()
+        prompt = await endpoint.prompt(srv, record, body)
+        streams = await run_in_threadpool(submit, srv, record, prompt, body)
     echo = None
     if getattr(body, "echo", False):
         echo = [p if isinstance(p, str) else await run_in_threadpool(srv.batcher.detokenize, p) for p in prompt.values]
@@ -62,6 +63,12 @@ async def generate(endpoint: Endpoint, body, request: Request):
     # the whole answer is read by its template's contract (and for tool calls): a long reply takes a while to read,
     # so the event loop keeps answering other requests meanwhile
     return JSONResponse(await run_in_threadpool(shape.whole, answers, reasons), headers=headers)
+
+
+def arriving(srv: Served):
+    """The batcher's ``arriving`` (a batcher that has none, such as a test's stand-in: nothing to announce)."""
+    announce = getattr(srv.batcher, "arriving", None)
+    return announce() if announce is not None else contextlib.nullcontext()
 
 
 def served_models(srv: Served) -> list[str]:
