@@ -123,9 +123,8 @@ GATHER_QUIET_S = 0.030
 GATHER_MAX_S = 0.100
 #: A server whose requests announce themselves (``Batcher.arriving``) gathers differently: while any request is
 #: between its arrival and its submit, the scheduler waits for it (at most ``GATHER_MAX_S``); once none is, only
-#: this long for one whose bytes are still on their way. A lone request so starts ``GATHER_QUIET_S`` sooner: one
-#: client's back-to-back requests (Qwen2.5-0.5B Q4_K_M, 2 threads, official client) got their first token in
-#: 103-107 ms against 131-140 ms with the fixed quiet, llama-server 67-70 ms (measured with the quiet set to 1 ms).
+#: this long for one whose bytes are still on their way. A lone request so starts ``GATHER_QUIET_S`` sooner (a
+#: conversation's later turn, one client's back-to-back requests: decision 0023).
 GATHER_LATE_S = 0.005
 #: A finished answer is fed back into its slot (``_keep_answer``) only once the scheduler has had no request for this
 #: long: a client sending its next request straight after an answer (a script, an agent) finds the cores free for
