@@ -71,7 +71,8 @@ def test_accuracy_settings_without_evaluation_data_are_refused(tmp_path, smollm2
 
 def test_accuracy_settings_with_the_accuracy_phase_left_out_are_refused(tmp_path, smollm2_gguf):
     """--eval-n, --eval-context and --eval-score both with --skip-accuracy, or with a --phases list without accuracy,
-    were taken and measured nothing. The data alone with the phase left out is still taken."""
+    were taken and measured nothing. The defaults of those settings, spelled out, are still taken (the data alone,
+    with the phase left out, is refused: see the next test)."""
     qa = tmp_path / "mcq.jsonl"  # the 300 items --eval-n's default draws
     qa.write_text("".join(json.dumps({**MCQ, "realidx": i}) + "\n" for i in range(300)), encoding="utf-8")
     out = tmp_path / "out"
@@ -88,21 +89,40 @@ def test_accuracy_settings_with_the_accuracy_phase_left_out_are_refused(tmp_path
         assert r.exit_code == 1 and f"{flag} sets how the accuracy phase" in r.output, (extra, r.output)
         assert why in r.output and f"Fix: leave {flag.split()[0]} out, or {measure}" in r.output, (extra, r.output)
         assert "Traceback" not in r.output and not out.exists(), extra
+    quick.remove("--eval")
+    quick.remove(str(qa))
     r = _bench("run", *quick, "--skip-accuracy", "--no-eval-context", "--eval-score", "logits")
     assert r.exit_code == 0, r.output
 
-def test_a_small_eval_file_with_the_accuracy_phase_left_out_is_taken(tmp_path, smollm2_gguf):
-    """An --eval file of fewer than 300 items with --skip-accuracy (or --phases without accuracy) was refused with
-    "pass --eval-n between 1 and N", and --eval-n is refused with the phase left out: no way out but dropping --eval.
-    The draw is checked only where the accuracy phase may run."""
+
+def test_evaluation_data_with_the_accuracy_phase_left_out_is_refused(tmp_path, smollm2_gguf):
+    """--eval FILES or --eval-data DIR with --skip-accuracy, or with a --phases list without accuracy, were taken and
+    silently unused: no phase but accuracy reads them. Each is refused before any work, naming the flag given and
+    both ways out. A small --eval file is refused the same way (its draw is checked only where the accuracy phase may
+    run: it used to be refused with "pass --eval-n between 1 and N", which --eval-n with the phase left out is not)."""
+    from conftest import EVAL_DATA
+
     qa = tmp_path / "mcq.jsonl"
     qa.write_text("".join(json.dumps({**MCQ, "realidx": i}) + "\n" for i in range(5)), encoding="utf-8")
-    quick = [str(smollm2_gguf), "-o", str(tmp_path / "out"), "--report-only", "--threads", "1", "--eval", str(qa)]
-    for extra in (["--skip-accuracy"], ["--phases", "timing"]):
-        r = _bench("run", *quick, *extra)
-        assert r.exit_code == 0, (extra, r.output)
-    r = _bench("run", *quick)  # the phase runs: 300 items asked of a file of 5
+    out = tmp_path / "out"
+    quick = [str(smollm2_gguf), "-o", str(out), "--report-only", "--threads", "1"]
+    for data in (["--eval", str(qa)], ["--eval-data", str(EVAL_DATA / "sample")]):
+        flag = data[0]
+        for extra, why, measure in ((["--skip-accuracy"], "--skip-accuracy leaves", "drop --skip-accuracy"),
+                                    (["--phases", "timing"], "--phases leaves", "add accuracy to --phases")):
+            r = _bench("run", *quick, *data, *extra)
+            assert r.exit_code == 1 and f"{flag} gives the accuracy phase its items, and {why} that phase out" \
+                in r.output, (data, extra, r.output)
+            assert f"Fix: leave {flag} out, or {measure}" in r.output and "Traceback" not in r.output, r.output
+            assert not out.exists(), (data, extra)
+    (tmp_path / "ckpt").mkdir()  # reproduce refuses it before it converts anything
+    r = _bench("reproduce", str(tmp_path / "ckpt"), "--quants", "q8_0", "--baselines", "", "--phases", "timing",
+               "--eval", str(qa), "-o", str(out), "--report-only")
+    assert r.exit_code == 1 and "Fix: leave --eval out, or add accuracy to --phases" in r.output, r.output
+    r = _bench("run", *quick, "--eval", str(qa))  # the phase runs: 300 items asked of a file of 5
     assert r.exit_code == 1 and "--eval-n 300 for" in r.output and "between 1 and 5" in r.output, r.output
+    r = _bench("run", *quick, "--phases", "timing")  # no data: the timing alone is measured
+    assert r.exit_code == 0, r.output
 
 
 def test_ctx_is_the_context_of_every_phase(tmp_path):

@@ -162,10 +162,12 @@ def _check_ctx(n_ctx: int | None) -> None:
                          "pass e.g. --ctx 2048 (room for the prompt and --max-tokens), or leave --ctx out")
 
 
-def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str], eval_n: str | None = None) -> list[str]:
+def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str], eval_n: str | None = None,
+            data_flag: str = "--eval") -> list[str]:
     """The phases to measure: those named in ``--phases`` (each refused, with its fix, where it has nothing to
     measure), else every phase that applies. ``names``: the configurations' names (divergence needs the reference).
-    An accuracy setting (``eval_n``: ``--eval-n`` as given) with the accuracy phase left out is refused too."""
+    An accuracy setting (``eval_n``: ``--eval-n`` as given) or the evaluation data (``data_flag``: ``--eval`` or
+    ``--eval-data``, the one given) with the accuracy phase left out is refused too."""
     from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, parse_list
     from edgemed.errors import InputError
 
@@ -188,11 +190,14 @@ def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str],
         given = [(f"--eval-n {eval_n}", bool(eval_n)), ("--eval-context", settings.eval_context),
                  ("--eval-score both", settings.eval_score != "logits")]
         flag = next((f for f, on in given if on), None)
+        why, measure = (("--skip-accuracy leaves", "drop --skip-accuracy") if skip_accuracy else
+                        ("--phases leaves", "add accuracy to --phases"))
         if flag is not None:
-            why, measure = (("--skip-accuracy leaves", "drop --skip-accuracy") if skip_accuracy else
-                            ("--phases leaves", "add accuracy to --phases"))
             raise InputError(f"{flag} sets how the accuracy phase draws, asks or scores its items, and {why} that phase "
                              "out: it would measure nothing.", f"leave {flag.split()[0]} out, or {measure}")
+        # the data alone: no phase of this run reads it (only the accuracy phase's results are keyed by it)
+        raise InputError(f"{data_flag} gives the accuracy phase its items, and {why} that phase out: it would measure "
+                         "nothing.", f"leave {data_flag} out, or {measure}")
     return chosen
 
 
@@ -275,7 +280,7 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
                          eval_score, eval_threads, seed, scenario, eval_replies, _asks_accuracy(phases, skip_accuracy))
     out = output or Path(f"bench-{config.name}")
     _require_bench_extra()  # after the arguments and the model are checked, before anything is measured or written
-    chosen = _phases(phases, skip_accuracy, settings, [config.name], eval_n)
+    chosen = _phases(phases, skip_accuracy, settings, [config.name], eval_n, "--eval-data" if eval_data else "--eval")
     results = runner.run(out, [config], settings, chosen,
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
                          force=force, check=_still_verified(verified) if verified is not None else None)
@@ -329,7 +334,8 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
                          eval_score, eval_threads, seed, scenario, eval_replies, _asks_accuracy(phases, skip_accuracy))
     quant_names = artifacts.parse_quants(quants)
-    chosen = _phases(phases, skip_accuracy, settings, quant_names, eval_n)  # before the conversions
+    chosen = _phases(phases, skip_accuracy, settings, quant_names, eval_n,  # before the conversions
+                     "--eval-data" if eval_data else "--eval")
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     if imatrix_from is not None:
