@@ -246,14 +246,42 @@ def test_seeded_sampling_is_per_sequence(batcher, prompts):
     assert collect(batcher.submit(prompts[0], hot, request_id="t3"))[0] == ta
 
 
-@pytest.mark.parametrize("seed", [MAX_SEED, 0xFFFFFFFF])
-def test_a_seed_that_is_llama_cpps_random_seed_still_repeats(batcher, prompts, seed):
-    """The highest seed a client may send (``MAX_SEED``) repeats; 2^32 - 1 is llama.cpp's "draw a random seed", which
-    the API and ``run --seed`` refuse (a client's -1 or 2^32 no longer wraps into 32 bits there), and a caller of the
-    batcher that passes it still gets repeatable answers."""
-    hot = GenerationSettings(max_tokens=16, temperature=1.0, seed=seed)
+def test_the_highest_fixed_seed_repeats(batcher, prompts):
+    """The highest seed a caller may pass (``MAX_SEED``, one below llama.cpp's "draw a random seed") repeats."""
+    hot = GenerationSettings(max_tokens=16, temperature=1.0, seed=MAX_SEED)
     first = collect(batcher.submit(prompts[1], hot, request_id="s1"))[0]
     assert all(collect(batcher.submit(prompts[1], hot, request_id=f"s{i}"))[0] == first for i in range(2, 4))
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**32, 2**40])
+def test_a_seed_llama_cpp_would_not_take_as_it_is_is_refused_for_every_caller(seed):
+    """The API and ``run --seed`` refuse these; a Python caller of the batcher had them masked to 32 bits (2^40 was
+    seed 0: the same answer, said nowhere) or moved off llama.cpp's random draw (2^32 - 1 was 2^32 - 2). Now the
+    settings refuse them where they are made, as the API does."""
+    import dataclasses
+
+    with pytest.raises(InputError) as err:
+        GenerationSettings(max_tokens=4, temperature=1.0, seed=seed)
+    assert f"seed {seed} is not a fixed seed" in str(err.value) and f"from 0 to {MAX_SEED}" in err.value.fix
+    with pytest.raises(InputError, match=f"seed {seed} is not a fixed seed"):  # a copy with another seed, too
+        dataclasses.replace(GREEDY, seed=seed)
+
+
+def test_the_last_choices_seed_must_be_a_fixed_seed_too(batcher, prompts):
+    """Choice i of n samples with seed + i: a seed whose last choice's seed is past ``MAX_SEED`` is refused before
+    anything is queued, naming n (and not as another seed's error from inside the batcher)."""
+    from edgemed.runtime.batch.options import Extras
+
+    before = batcher.stats()["requests_total"]
+    with pytest.raises(InputError) as err:  # n choices sample with seed + i: the last one's must be fixed too
+        batcher.submit_n(prompts[1], GenerationSettings(max_tokens=4, temperature=1.0, seed=MAX_SEED - 1),
+                         request_id="n3", extras=Extras(n=3))
+    assert "seed 4294967293 is not a fixed seed" in str(err.value) and "with n=3 choices" in str(err.value)
+    assert f"from 0 to {MAX_SEED - 2}" in err.value.fix
+    assert batcher.stats()["requests_total"] == before
+    two = batcher.submit_n(prompts[1], GenerationSettings(max_tokens=4, temperature=1.0, seed=MAX_SEED - 1),
+                           request_id="n2", extras=Extras(n=2))  # the end of the range is served
+    assert [collect(s)[1].finish_reason for s in two] == ["length", "length"]
 
 
 def test_cancel_frees_the_slot(smollm2_gguf, prompts):

@@ -46,6 +46,7 @@ class GenerationSettings:
                              "pass --temperature 0 for greedy decoding, up to 2 for more varied answers")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}.", "pass --top-p 1.0 to disable nucleus sampling")
+        check_seed(self.seed, "seed")  # any caller's, not only the CLI's and the API's: never masked into another
 
 
 #: Highest sampling temperature (OpenAI's bound): beyond it the answer is noise.
@@ -56,12 +57,15 @@ MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**32 - 2
 
 
-def check_seed(seed: int, option: str = "--seed") -> None:
-    """Refuse a sampling seed that is not a fixed seed every backend takes as it is (``MAX_SEED``)."""
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"{option} {seed} is not a fixed seed: seeds are whole numbers from 0 to {MAX_SEED} "
+def check_seed(seed: int, option: str = "--seed", n: int = 1) -> None:
+    """Refuse a sampling seed that is not a fixed seed every backend takes as it is (``MAX_SEED``); with ``n``
+    choices (choice i samples with seed + i), the last choice's seed too."""
+    top = MAX_SEED - (n - 1)
+    if not 0 <= seed <= top:
+        choices = f", with n={n} choices (choice i samples with seed + i)" if n > 1 else ""
+        raise InputError(f"{option} {seed} is not a fixed seed: seeds are whole numbers from 0 to {top}{choices} "
                          "(llama.cpp keeps 32 bits of a seed and reads 4294967295 as 'pick one at random').",
-                         f"pass {option} from 0 to {MAX_SEED}; the same seed and prompt give the same answer again")
+                         f"pass {option} from 0 to {top}; the same seed and prompt give the same answer again")
 
 
 @dataclass(frozen=True)

@@ -584,10 +584,6 @@ def _token_data_dtype(lc):
     return dtype
 
 
-#: llama.cpp's LLAMA_DEFAULT_SEED: a sampler given it draws a random seed of its own.
-LLAMA_DEFAULT_SEED = 0xFFFFFFFF
-
-
 class SamplerChain:
     """One request's sampler: grammar, repetition penalty, then greedy or top-k/top-p/min-p/temperature/seeded draw.
 
@@ -620,10 +616,7 @@ class SamplerChain:
             if settings.min_p > 0:
                 self._add(lc.llama_sampler_init_min_p(settings.min_p, 1))
             self._add(lc.llama_sampler_init_temp(settings.temperature))
-            seed = settings.seed & 0xFFFFFFFF
-            if seed == LLAMA_DEFAULT_SEED:  # llama.cpp's "draw a random seed": that answer could not be had again
-                seed -= 1
-            self._add(lc.llama_sampler_init_dist(seed))
+            self._add(lc.llama_sampler_init_dist(settings.seed))  # a fixed seed, as taken (``engine.check_seed``)
         except BaseException:
             self.close()
             raise

@@ -100,7 +100,7 @@ from edgemed.errors import (  # re-exported
 )
 from edgemed.runtime import heap
 from edgemed.runtime.llamacpp import REFEED  # a prompt found whole in a slot still feeds its last REFEED tokens
-from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits
+from edgemed.runtime.engine import GenerationSettings, LoadSettings, check_fits, check_seed
 from edgemed.runtime.text_stream import TextStream
 from edgemed.runtime.batch.options import Extras, entry, sampler_for
 from edgemed.runtime.grammar_probe import GrammarProbe
@@ -557,7 +557,8 @@ class Batcher:
         """Queue a request and return its stream. Thread-safe; never waits for the model.
 
         Raises ``Overloaded`` (no room), ``ContextOverflow`` (prompt + max_tokens > n_ctx_per_slot),
-        ``InputError`` (empty prompt, unknown token ids, a grammar that does not parse), ``Closed``.
+        ``InputError`` (empty prompt, unknown token ids, a grammar that does not parse, a choice's seed + i past
+        ``engine.MAX_SEED``), ``Closed``.
         """
         if extras is not None and extras.n != 1:
             raise InputError("Batcher.submit answers one choice.", "call submit_n for n > 1")
@@ -575,6 +576,7 @@ class Batcher:
         from edgemed.runtime.llamacpp import Detokenizer
 
         extras = extras or Extras()
+        check_seed(settings.seed, "seed", extras.n)  # the last choice's seed + n - 1 too: it is never masked
         gbnf = grammar_text(settings)
         if settings.json_schema and gbnf is not None:  # converted once here, not again by each choice's sampler
             settings = dataclasses.replace(settings, grammar=gbnf, json_schema=None)
