@@ -20,7 +20,10 @@ stopped answer goes back to the model marked, and a question left out of what it
 controls are shown, copied and saved escaped; the key is kept in no storage, and one with an invisible character is
 named, never used; each answer names its model, and a change of model is marked; a busy server, a body too large and
 a server that cannot be reached are said in the clinician's words; the answer length box refuses what is not a whole
-number of 1 or more, and reads 1e2 as 100.
+number of 1 or more, and reads 1e2 as 100. And: an answer cut at the answer length, or ended by any finish reason
+but stop, is never "Answered." and its status is set apart; a model removed mid-conversation, an error event in the
+stream and a server out of reach when the page loads are said in the clinician's words, the server's own under
+"Technical detail (for IT)".
 """
 
 from __future__ import annotations
@@ -524,6 +527,43 @@ def test_an_answer_cut_at_the_answer_length_says_so_on_it_and_stays_in_the_conve
     assert assistant_turns(script.bodies[-1]) == ["Start with 0.5 mg IM, then"]
 
 
+def test_an_answer_cut_at_the_answer_length_is_not_called_answered(served, script, browser):
+    """The status line of an answer cut at the answer length began "Answered, up to the answer length limit.": read
+    at a glance, a truncated answer passed for a complete one."""
+    page = browser.page(served.url)
+    page.ask("Paracetamol dose?")
+    page.wait_answer(10)
+    status = page.find("#status")
+    assert status.text == "Answered." and "warn" not in status.get_attribute("class")
+    script.answer([event("Start with 0.5 mg"), event(" IM, then", finish="length"), usage(100, 24), DONE])
+    page.max_tokens(24)
+    page.ask("Adrenaline dose in anaphylaxis?")
+    page.wait(lambda: len(page.answers()) == 2 and page.last().get_attribute("data-done"), 10, "the second answer")
+    status = page.find("#status")
+    assert "Answered" not in status.text and status.text.startswith("Incomplete answer")
+    assert "cut at the answer length limit" in status.text and "go on" in status.text
+    assert "Longest answer (tokens)" in status.text  # the page's own control for a longer answer
+    assert "warn" in status.get_attribute("class")  # set apart from a whole answer's status
+    assert status.value_of_css_property("color") != page.find("#prompt-hint").value_of_css_property("color")
+
+
+@pytest.mark.parametrize("finish", ["content_filter", "tool_calls"])
+def test_an_answer_that_ended_for_another_reason_is_not_called_answered(served, script, browser, finish):
+    """A finish reason other than stop or length (a content filter's; calls where the page asked for none) was read
+    as a whole answer: "Answered.", Copy and the transcript unmarked."""
+    script.answer([event("Give 0.5 mg"), event(finish=finish), DONE])
+    page = browser.page(served.url)
+    page.ask("Adrenaline dose in anaphylaxis?")
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done") == f"ended early, not as a whole answer (finish reason: {finish})"
+    status = page.find("#status")
+    assert "Answered" not in status.text and "incomplete" in status.text and "warn" in status.get_attribute("class")
+    warning = answer.find_element("css selector", ".ending")
+    assert warning.is_displayed() and "incomplete" in warning.text
+    assert copied(page, answer) == "[ENDED EARLY, may be incomplete] Give 0.5 mg"
+    assert "A (ENDED EARLY, may be incomplete): Give 0.5 mg" in saved(browser)
+
+
 def test_a_form_answer_cut_at_the_answer_length_says_so_not_unformatted(served, script, browser):
     """A form's reply cut at the answer length was called not in the form's format ("ask again", which gives the same
     cut), and showed the server's fix for the CLI ("raise max_tokens (--max-tokens)")."""
@@ -589,7 +629,7 @@ def test_a_line_after_form_answers_says_the_model_does_not_see_them(served, scri
     # a form's own text filled it: there is no conversation to start anew, the text is to be shortened
     (0, CONTEXT - 24, 200, "mcq", {}, "cut off: the form's text filled the model's context", "Shorten it"),
     # the clinician's own limit, with room to spare
-    (0, 100, 24, "", {}, "cut at the answer length limit", "up to the answer length limit"),
+    (0, 100, 24, "", {}, "cut at the answer length limit", "cut at the answer length limit"),
 ], ids=["context-full", "context-full-reasoning", "question-full", "question-full-reasoning", "form-text-full",
         "own-limit"])
 def test_an_answer_cut_by_the_context_says_so_not_the_length_limit(served, script, browser, before, prompt, asked,
@@ -784,6 +824,76 @@ def test_refusals_a_clinician_meets_are_in_their_words(served, script, browser, 
     answer = page.wait_answer(10)
     assert says in answer.text and "Fix:" not in answer.text and "--max-body" not in answer.text
     assert page.find("#prompt").get_attribute("value") == "Paracetamol dose?"
+
+
+def test_a_specialty_removed_mid_conversation_is_said_in_the_clinicians_words(served, script, browser):
+    """An adapter removed from the server while its name was still picked showed the server's message, which names
+    its API ("GET /v1/models lists them")."""
+    from selenium.webdriver.support.ui import Select
+
+    other = MODEL + ":cardiology"
+    script.models = [MODEL, other]
+    page = browser.page(served.url)
+    Select(page.find("#model")).select_by_value(other)
+    message = (f"The model '{other}' is not served here. Fix: use one of '{MODEL}' (GET /v1/models lists them).")
+    script.refuse(404, "model_not_found", message)
+    page.ask("Troponin threshold?")
+    answer = page.wait_answer(10)
+    error = answer.find_element("css selector", ".structured .error")
+    assert error.text == (f"The model chosen for this question ({other}) is no longer available on this server: pick "
+                          "another under “Model”, or reload the page to see the models available now.")
+    assert "GET /v1/models" not in answer.text and "Fix:" not in answer.text  # folded, not on the answer
+    detail = answer.find_element("css selector", ".structured details.detail")
+    assert detail.find_element("css selector", "summary").text == "Technical detail (for IT)"
+    assert detail.find_element("css selector", "p").get_attribute("textContent") == message
+    assert page.find("#prompt").get_attribute("value") == "Troponin threshold?"  # to send again with another model
+    assert f"(Technical detail: {message})" in saved(browser)
+
+
+@pytest.mark.parametrize("code,says", [
+    ("unavailable", "The model is not answering now"),
+    ("grammar_too_costly", "could not write an answer in the required format"),
+    ("generation_failed", "The model failed while answering"),
+])
+def test_an_error_event_in_the_stream_is_said_in_the_clinicians_words(served, script, browser, code, says):
+    """The server's error event mid-stream (shutting down, a grammar too costly to follow, a failed generation) was
+    shown in its own words, naming its fixes."""
+    message = f"Generation stopped: the test's {code}. Fix: retry with a larger --slots."
+    script.answer(['data: ' + json.dumps({"error": {"message": message, "type": "server_error", "param": None,
+                                                    "code": code}}) + "\n\n", DONE])
+    page = browser.page(served.url)
+    page.ask("Paracetamol dose?")
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done") == "error"
+    assert says in answer.find_element("css selector", ".structured .error").text
+    assert "Fix:" not in answer.text and "--slots" not in answer.text
+    detail = answer.find_element("css selector", ".structured details.detail p")
+    assert detail.get_attribute("textContent") == message
+    status = page.find("#status")
+    assert "Answered" not in status.text and "warn" in status.get_attribute("class")
+
+
+def test_a_server_out_of_reach_at_start_is_said_in_the_clinicians_words(served, script, browser):
+    """The first load, with no answer from the server, said "Is `edgemed serve` running?": the operator's words,
+    on the clinician's screen."""
+    driver = browser.driver
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/ui/info"]})
+    try:
+        page = ui_kit.Page(driver, served.url).open()
+        page.wait(lambda: page.find("#status").text not in ("", "Loading…"), 10, "the page's first status")
+        status = page.find("#status")
+        assert status.text.startswith("The assistant cannot be reached") and "contact IT" in status.text
+        assert "edgemed serve" not in status.text and "warn" in status.get_attribute("class")
+        detail = page.find("#status-detail")
+        assert detail.is_displayed() and detail.find_element("css selector", "summary").text.startswith(
+            "Technical detail")
+        assert "`edgemed serve`" in page.find("#status-detail-text").get_attribute("textContent")
+        assert not page.find("#status-detail-text").is_displayed()  # folded until asked for
+    finally:
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    page = browser.page(served.url)  # the server back: the page starts, and the detail goes with the problem
+    assert page.find("#status").text.startswith("Ready.") and not page.find("#status-detail").is_displayed()
 
 
 def test_a_server_that_cannot_be_reached_is_said_so_not_failed_to_fetch(served, script, browser):

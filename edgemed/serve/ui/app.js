@@ -47,7 +47,16 @@
     return node;
   }
 
-  function setStatus(text) { $("status").textContent = text; }
+  // The status line: ``warn`` marks what is not a whole answer or not a working page (an answer cut, stopped or
+  // failed; a server out of reach), set apart from "Answered." at a glance; ``detail`` is the technical text
+  // (the server's own message, for IT), folded under the line. Each status replaces the last one's detail.
+  function setStatus(text, opts) {
+    const { warn = false, detail = "" } = opts || {};
+    $("status").textContent = text;
+    $("status").classList.toggle("warn", Boolean(warn));
+    $("status-detail").hidden = !detail;
+    $("status-detail-text").textContent = shown(detail);
+  }
 
   // -- the key ---------------------------------------------------------------------------------------------
   // The key is held in this variable only, never in sessionStorage: a browser restores a tab's sessionStorage with the
@@ -112,19 +121,31 @@
   }
 
   // -- start: the model, its card, the templates -------------------------------------------------------------
+  // The page could not start: in the clinician's words, what to do; what IT needs to look into under "Technical
+  // detail".
+  const NOT_REACHABLE = "The assistant cannot be reached from this page. Reload the page in a moment; if it still " +
+                        "cannot be reached, contact IT or whoever runs the assistant.";
+  const NOT_AVAILABLE = "The assistant is not available now. Reload the page in a moment; if it is still not " +
+                        "available, contact IT or whoever runs the assistant.";
+
   async function load() {
     let response;
     try {
       response = await fetch("/ui/info", { headers: headers(false), cache: "no-store" });
     } catch (e) {
-      setStatus("The server cannot be reached. Is `edgemed serve` running?");
+      setStatus(NOT_REACHABLE, { warn: true, detail: "No answer from the edgemed server at " + location.origin +
+                                                     " (GET /ui/info: " + e.message + "). Is `edgemed serve` running?" });
       return;
     }
     if (response.status === 401) {
       askForKey(apiKey() ? "That key was refused. Check it and try again." : "");
       return;
     }
-    if (!response.ok) { setStatus((await errorOf(response)).message); return; }
+    if (!response.ok) {
+      const error = await errorOf(response);
+      setStatus(NOT_AVAILABLE, { warn: true, detail: "GET /ui/info answered " + response.status + ": " + error.message });
+      return;
+    }
     const info = await response.json();
     state.info = info;
     $("key-panel").hidden = true;
@@ -312,7 +333,10 @@
   const LENGTH_CUT = "cut at the answer length limit";
   const ENDINGS = {
     done: { note: "", status: "Answered.", history: true },
-    length: { note: LENGTH_CUT, mark: "CUT AT THE ANSWER LENGTH", status: "Answered, up to the answer length limit.",
+    // never "Answered": a clinician reads that as the whole answer
+    length: { note: LENGTH_CUT, mark: "CUT AT THE ANSWER LENGTH",
+              status: "Incomplete answer: it was cut at the answer length limit. Ask the model to go on, or raise " +
+                      "“Longest answer (tokens)” and ask again.",
               warn: "Cut at the answer length limit: what is shown is incomplete, and stays in the conversation as " +
                     "it stands. Ask the model to go on, or raise the answer length.",
               history: true },
@@ -374,6 +398,11 @@
               status: "The answer failed before its end; see the message, and ask again.",
               warn: "The answer failed before its end: what is shown is incomplete." },
     error: { note: "error", status: "The answer failed; see the message.", noAnswer: true },
+    // a finish reason other than stop or length (a content filter's, tool calls: this server sends neither to the
+    // page): the server did not say the answer is whole; the note names the reason
+    ended: { note: "ended early, not as a whole answer", mark: "ENDED EARLY, may be incomplete", history: "marked",
+             status: "The answer ended early: what is shown may be incomplete. Ask again.",
+             warn: "The answer ended early, not as a whole answer: what is shown may be incomplete. Ask again." },
   };
 
   function addTurn(question) {
@@ -486,14 +515,19 @@
       const id = turn.requestId && el("code", { class: "request-id", text: turn.requestId });
       if (turn.model) parts.push(el("span", {}, "Model ", el("code", { class: "model", text: turn.model })));
       if (id) parts.push(el("span", {}, "Request id ", id));
-      if (end.note) parts.push(el("span", { class: "note", text: end.note }));
+      if (end.note) parts.push(el("span", { class: "note", text: note(turn, end) }));
       turn.meta.replaceChildren(...parts.flatMap((p, i) => (i ? [" · ", p] : [p])));
       if (end.warn) { turn.warn.textContent = end.warn; turn.warn.hidden = false; }
     });
     // no answer to copy: never an empty one pasted as the answer
     turn.copy.disabled = Boolean(end.noAnswer) || !turn.answerText.trim();
     turn.ending = ending;
-    turn.answer.dataset.done = end.note || "done";
+    turn.answer.dataset.done = note(turn, end) || "done";
+  }
+
+  // The note under an answer; one that ended early names the server's finish reason.
+  function note(turn, end) {
+    return end === ENDINGS.ended ? end.note + " (finish reason: " + turn.finish + ")" : end.note;
   }
 
   // Copy gives the answer with its mark when it is not a whole answer (cut off, cut at the answer length, stopped,
@@ -610,19 +644,23 @@
         if (t) formDivider(turn);
         else if (!kept) turn.item.after(el("li", { class: "divider", role: "note", text: LEFT_OUT }));
         state.transcript.push({ question, answer: turn.answerText.trim(), reasoning: turn.thinkText.trim(),
-                                requestId: turn.requestId, ending, error: turn.error, form: Boolean(t),
+                                requestId: turn.requestId, ending, error: turn.error,
+                                detail: turn.errorDetail, form: Boolean(t),
                                 left: !t && !kept, model: body.model });
-        setStatus(end.status);
+        setStatus(end.status, { warn: ending !== "done" });
         (t ? $("send") : $("prompt")).focus({ preventScroll: true });
       }
       if (turn.refused !== undefined) signOut(turn.refused);
     }
   }
 
-  function showError(turn, message) {
+  // ``detail``: the server's own words (they name the operator's flags and fixes), folded under the clinician's.
+  function showError(turn, message, detail) {
     turn.error = message;
+    turn.errorDetail = detail && detail !== message ? detail : "";
     following(turn, () => {
-      turn.structured.replaceChildren(el("p", { class: "error", role: "alert", text: message }));
+      turn.structured.replaceChildren(el("p", { class: "error", role: "alert", text: message }),
+                                      turn.errorDetail ? technical(turn.errorDetail) : null);
       turn.structured.hidden = false;
     });
   }
@@ -647,13 +685,31 @@
     return "Model changed to " + model + ": the answers below are its own, those above came from " + before + ".";
   }
 
-  // The refusals a clinician can meet, in their words: the server's own name the operator's flags (--slots,
-  // --max-body).
-  const UNREACHABLE = "The server cannot be reached (it may have been stopped): send again when it is back.";
+  function technical(detail) {
+    return el("details", { class: "detail" }, el("summary", { text: "Technical detail (for IT)" }),
+              el("p", { text: detail }));
+  }
 
-  function inWords(error, response) {
+  // The refusals a clinician can meet, in their words: the server's own name the operator's flags (--slots,
+  // --max-body) and its API's fields; they are kept as the technical detail.
+  const UNREACHABLE = "The server cannot be reached (it may have been stopped): send again when it is back.";
+  const ASK_IT = "if it happens again, contact IT or whoever runs the assistant";
+
+  // ``response``: the refusal's, for its Retry-After (null for an error event in the stream); ``model``: the one asked.
+  function inWords(error, response, model) {
+    if (error.code === "model_not_found") {
+      // an adapter (a specialty's model) removed from the server since the page listed it
+      return "The model chosen for this question (" + model + ") is no longer available on this server: pick " +
+             "another under “Model”, or reload the page to see the models available now.";
+    }
+    if (error.code === "no_token_allowed" || error.code === "grammar_too_costly") {
+      return "The model could not write an answer in the required format: ask again; " + ASK_IT + ".";
+    }
+    if (error.code === "generation_failed" || error.code === "server_error") {
+      return "The model failed while answering: ask again; " + ASK_IT + ", with the request id.";
+    }
     if (error.code === "server_overloaded") {
-      const wait = parseInt(response.headers.get("retry-after"), 10);
+      const wait = parseInt(response && response.headers.get("retry-after"), 10);
       return "The model is busy with other questions: send again " +
              (wait > 0 ? "in about " + wait + " s." : "in a moment.");
     }
@@ -684,7 +740,7 @@
       const error = await errorOf(response);
       const tooLong = error.code === "context_length_exceeded"
         ? (template ? FORM_TOO_LONG : turn.first ? QUESTION_TOO_LONG : TOO_LONG) : "";
-      showError(turn, tooLong || inWords(error, response));
+      showError(turn, tooLong || inWords(error, response, turn.model), error.message);
       if (response.status === 401) turn.refused = error.message;  // signed out once the turn is closed
       return "error";
     }
@@ -713,7 +769,11 @@
         if (!data) continue;
         if (data === "[DONE]") { finish = finish || "stop"; continue; }
         const chunk = JSON.parse(data);
-        if (chunk.error) { showError(turn, chunk.error.message); failed = true; continue; }
+        if (chunk.error) {
+          showError(turn, inWords(chunk.error, null, turn.model), chunk.error.message);
+          failed = true;
+          continue;
+        }
         for (const choice of chunk.choices || []) {
           if (choice.delta && choice.delta.content) split.feed(choice.delta.content, out);
           if (choice.finish_reason) {
@@ -735,6 +795,7 @@
     }
     if (split.thinking()) return finish === "length" ? "thinkingLength" : "thinking";  // whatever the finish reason
     if (finish === "length") return template ? "formLength" : "length";  // a form's cut reply is read as no answer
+    if (finish !== "stop") { turn.finish = finish; return "ended"; }
     if (template && turn.parsed && !turn.parsed.ok && turn.answerText.trim()) return "unformatted";
     return turn.answerText.trim() ? "done" : "empty";
   }
@@ -770,7 +831,8 @@
     const end = ENDINGS[entry.ending];
     const none = end.noAnswer || !entry.answer;
     const lines = ["Q: " + entry.question,
-                   none ? "A: none. " + (entry.error || end.warn || end.status)
+                   none ? "A: none. " + (entry.error || end.warn || end.status) +
+                          (entry.detail ? " (Technical detail: " + entry.detail + ")" : "")
                         : (end.mark ? "A (" + end.mark + "): " : "A: ") + entry.answer];
     if (entry.reasoning && !entry.answer) lines.push("Reasoning (not an answer): " + entry.reasoning);
     lines.push("Request id: " + (entry.requestId || "none") + ", model " + entry.model +
