@@ -92,6 +92,98 @@ def test_a_stop_ends_a_stream_the_batcher_is_slow_to_end_with_a_503_recorded_bef
     assert report.ok and report.after_stop is None and report.unfinished == 0, report
 
 
+#: the real CLI with a grace period of 3 s less 1, where a non-streaming chat request, once queued, never collects
+#: its answer: it is still running when the batcher has closed and the margin has passed, so the stop cancels it
+HELD = """
+import asyncio, runpy, sys
+import edgemed.cli.serve as serve
+from edgemed.serve import generate
+serve.GRACE_S, serve.GRACE_MARGIN_S = 3, 1
+async def held(*args, **kwargs):
+    await asyncio.Event().wait()
+generate.collect = held
+sys.argv = ["edgemed", *sys.argv[1:]]
+runpy.run_module("edgemed", run_name="__main__")
+"""
+
+
+def test_a_stop_cancelling_a_request_still_running_answers_and_records_503_not_500(smollm2_gguf, tmp_path):
+    """A non-streaming request still running when the stop cancels what is left (``GRACE_MARGIN_S`` after the
+    batcher closed) was answered with uvicorn's plain-text 500 and a traceback, and recorded (audit, metrics) as a
+    500 server error. It is the server's shutdown: a 503 ``unavailable`` in OpenAI's shape, to retry, recorded so;
+    a stream running beside it still ends with the 503 event and ``[DONE]``."""
+    home, log = tmp_path / "home", tmp_path / "audit.jsonl"
+    script = tmp_path / "held.py"
+    script.write_text(HELD)
+    cmd = [sys.executable, str(script), "serve", str(smollm2_gguf), "--port", "0", "--slots", "2", "--no-ui",
+           "--no-adapters", "--threads", "1", "--ctx", "2048", "--prefix-cache-mib", "0", "--audit-log", str(log)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, EDGEMED_HOME=str(home)))
+    events: list[str] = []
+    whole: list = []
+    try:
+        url = None
+        while url is None:
+            line = proc.stderr.readline()
+            assert line, "the server ended before listening"
+            if line.startswith("OpenAI base_url: "):
+                url = line.split()[2]
+        model = httpx.get(url + "/models", timeout=30).json()["data"][0]["id"]
+        body = {"model": model, "max_tokens": 2000, "logit_bias": {"2": -100}, "messages": [
+            {"role": "user", "content": "Write a very long history of medicine, century by century."}]}
+        started = threading.Event()
+
+        def stream():
+            with httpx.stream("POST", url + "/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+                for line in r.iter_lines():
+                    events.append(line)
+                    if len(events) > 6:
+                        started.set()
+
+        streaming = threading.Thread(target=stream, daemon=True)
+        streaming.start()
+        assert started.wait(60)
+        plain = threading.Thread(target=lambda: whole.append(
+            httpx.post(url + "/chat/completions", json={**body, "max_tokens": 8}, timeout=120)), daemon=True)
+        plain.start()
+        for _ in range(600):  # queued: its accepted record is written (and fsynced) before the answer is collected
+            if any(r["kind"] == "accepted" and r.get("stream") is False
+                   for r in map(json.loads, log.read_text().splitlines())):
+                break
+            threading.Event().wait(0.1)
+        else:
+            pytest.fail("the non-streaming request was not accepted within 60 s")
+        proc.send_signal(signal.SIGTERM)
+        streaming.join(60)
+        plain.join(60)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    response = whole[0]
+    assert response.status_code == 503, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert error["code"] == "unavailable" and error["type"] == "server_error", error
+    assert "shutting down" in error["message"] and "Fix: retry" in error["message"], error
+    assert response.headers["retry-after"] == "5"
+    data = [e[6:] for e in events if e.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    assert json.loads(data[-2])["error"]["code"] == "unavailable", data[-2]
+
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    stop = next(i for i, r in enumerate(records) if r["kind"] == "stop")
+    ends = {r["stream"]: (i, r) for i, r in enumerate(records) if r["kind"] == "request" and r.get("endpoint") == "chat"}
+    for i, request in ends.values():
+        assert i < stop, records  # each request's end, then the stop
+        assert request["status"] == 503 and request["outcome"] == "cancelled", request
+        assert request["error_code"] == "unavailable", request
+    assert set(ends) == {True, False}, ends
+    report = audit.verify(log)
+    assert report.ok and report.after_stop is None and report.unfinished == 0, report
+
+
 def test_verify_reports_a_request_record_after_the_stop_record(tmp_path):
     path = tmp_path / "audit.jsonl"
     log = audit.AuditLog(path, reserve_bytes=0)

@@ -60,7 +60,7 @@ def create_app(batcher, config: ServeConfig, templates: dict | None = None):
                            allow_headers=["authorization", "content-type"], allow_credentials=False, max_age=600,
                            expose_headers=["x-request-id", "x-edgemed-seed", "x-edgemed-think"])
     app.add_middleware(Observe, config=config, metrics=metrics, labels={**LABELS, **page.LABELS},
-                       patterns=PATTERNS)
+                       patterns=PATTERNS, stopping=app.state.served.stopping)
     return app
 
 

@@ -6,7 +6,9 @@ and the key refusals of ``/metrics`` and ``KEYED_PATHS`` but not their reads; a 
 its client's budget, ``audit.RefusalBudget``, else it is counted).
 An exception that escapes the app becomes a 500 in OpenAI's shape here. A client that closes the
 connection before its body is all read or its answer all sent (``RequestRecord.client_left``) is recorded
-with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not a server error.
+with nginx's 499 and outcome ``client_disconnected``: a client's time-out is not a server error. Nor is a request
+the server's own stop cancelled, still running at the end of the grace period (``cli.serve``): it is answered, where
+nothing of its answer went out yet, and recorded as a 503 ``unavailable`` to retry (outcome ``cancelled``).
 
 ``Guard`` (innermost) refuses, in this order: on loopback binds, a ``Host`` that is not a loopback name (400: DNS
 rebinding from a web page); a request with effects (POST, DELETE) that a page on another origin made a
@@ -23,6 +25,7 @@ buffered body); a body not all there ``BODY_TIMEOUT_S`` after the headers (408, 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -152,11 +155,13 @@ class Observe:
     """Request id, security headers, one audit record per API request, request metrics."""
 
     def __init__(self, app, *, config: ServeConfig, metrics: Metrics, labels: dict[str, str],
-                 patterns: tuple = ()):
+                 patterns: tuple = (), stopping: threading.Event | None = None):
         """``labels``: path -> endpoint label of the metrics and the audit (``routes.LABELS``); ``patterns``:
         (compiled path pattern, label) of the routes with a path parameter (``routes.PATTERNS``); any other path is
-        "other", so label values stay few."""
+        "other", so label values stay few. ``stopping``: set once the server ends the answers still running at a
+        stop (``Served.stopping``); a request cancelled from then on was cancelled by the stop."""
         self.app, self.config, self.metrics, self.labels, self.patterns = app, config, metrics, labels, patterns
+        self.stopping = stopping
 
     def label(self, path: str) -> str:
         found = self.labels.get(path)
@@ -171,8 +176,12 @@ class Observe:
         client = scope.get("client")
         record = RequestRecord(uuid.uuid4().hex, self.label(path), client[0] if client else None)
         scope.setdefault("state", {})["edgemed"] = record
+        sent = False  # the whole response went out
 
         async def send_observed(message):
+            nonlocal sent
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent = True
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 headers = MutableHeaders(scope=message)
@@ -186,6 +195,13 @@ class Observe:
             await self.app(scope, receive, send_observed)
         except ClientDisconnect:  # Starlette's word for a client gone while it read or wrote
             record.client_left()
+        except anyio.get_cancelled_exc_class():
+            if self.stopping is None or not self.stopping.is_set():
+                raise
+            # the stop's cancel, the request's end: answered and recorded here, not re-raised into uvicorn's plain
+            # 500 and traceback (``cli.serve`` has logged how many requests it cancelled)
+            if not sent:
+                await _cancelled_by_stop(record, scope, receive, send_observed)
         except Exception:
             log.exception("request %s failed", record.request_id)
             record.outcome, record.client_closed = "error", False  # the server's failure, even if the client left too
@@ -202,6 +218,21 @@ class Observe:
             if audit is not None and (not audit.failed or record.accepted) and _audited(path, record):
                 fields = record.audit_fields(self.config.model_id, self.config.bundle_digest)
                 await _audit(audit, "request", fields, refused=record.refused_unidentified)
+
+
+async def _cancelled_by_stop(record: RequestRecord, scope, receive, send) -> None:
+    """A request the server's stop cancelled, still running at the end of the grace period: the server's doing, a 503
+    ``unavailable`` to retry (as the batcher's end of an answer at a stop is), never a server error. A client that had
+    left already stays the client's doing (499)."""
+    if record.client_closed:
+        return
+    record.outcome, record.error_code = "cancelled", "unavailable"
+    if record.status is None:  # nothing of its answer went out: the client is told
+        await error_response(ApiError(503, "The model server is shutting down, and this request was still running at "
+                                           "the end of its grace period. Fix: retry when the server is back.",
+                                      "server_error", "unavailable", headers={"Retry-After": "5"}))(scope, receive, send)
+    else:  # its headers went out: the client is cut off, and the record says 503, not what they said
+        record.failed_status = record.failed_status or 503
 
 
 def _audited(path: str, record: RequestRecord) -> bool:
