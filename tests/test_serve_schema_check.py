@@ -142,6 +142,14 @@ def test_each_keyword_named_as_dropped_is_dropped_by_the_converter(schema):
     (r"^[^\d]+$", "\\d in a negated class"),
     (r"^[0-9]+\$", "an escaped '$' at its end"),
     (r'^say "hi"$', 'the character "'),
+    # an escape for a character a JSON string writes escaped: the grammar would write it bare
+    (r"^a\x22b$", 'the character " (written \\x22)'),
+    (r"^\u0022$", 'the character " (written \\u0022)'),
+    (r"^C:\x5Cdata$", "the character \\ (written \\x5C)"),
+    (r"^[a\u005c]+$", "the character \\ (written \\u005c)"),
+    (r"^a\tb$", "the control character U+0009 (written \\t)"),
+    (r"^line\x0Anext$", "the control character U+000A (written \\x0A)"),
+    (r"^[\x00-\x1F]+$", "the range \\x00-\\x1F"),
 ])
 def test_a_pattern_no_grammar_enforces_is_refused_strict_or_not(pattern, construct):
     schema = {"type": "object", "properties": {"mrn": {"type": "string", "pattern": pattern}}, "required": ["mrn"]}
@@ -165,3 +173,32 @@ def test_a_strict_schema_with_digit_escapes_is_taken_and_its_grammar_writes_digi
 
     gbnf = grammar_text(GenerationSettings(json_schema=prompt.json_schema))
     assert "[0-9]" in gbnf and "\\d" not in gbnf
+
+
+@pytest.mark.parametrize("pattern", [r"^a{1000000}$", r"^[0-9]{2,999999}$", r"^(ab){1001,}$"])
+def test_a_count_in_a_pattern_above_the_bound_is_refused_before_the_converter_writes_it(pattern):
+    """The converter writes a pattern's count out in full (``a{1000000}`` a million-character rule, ``{2,999999}``
+    groups nested a million deep): one request's memory and time. Refused, naming the pattern and the limit."""
+    from edgemed.runtime.engine import GenerationSettings
+    from edgemed.runtime.sampling import MAX_SCHEMA_COUNT, SchemaError, grammar_text
+
+    count = pattern[pattern.index("{"):pattern.index("}") + 1]
+    schema = {"type": "object", "properties": {"mrn": {"type": "string", "pattern": pattern}}, "required": ["mrn"]}
+    with pytest.raises(api.ApiError) as caught:
+        _prompt(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    err = caught.value
+    assert (err.status, err.code) == (400, "unsupported_schema_pattern")
+    assert err.param == "response_format.json_schema.schema.properties.mrn.pattern"
+    assert f"the count {count}" in err.message and f"up to {MAX_SCHEMA_COUNT}" in err.message, err.message
+    assert f"Fix: repeat at most {MAX_SCHEMA_COUNT} times" in err.message, err.message
+    with pytest.raises(SchemaError) as refused:
+        grammar_text(GenerationSettings(json_schema=json.dumps(schema)))
+    assert "properties.mrn.pattern" in refused.value.problem and str(MAX_SCHEMA_COUNT) in refused.value.problem
+
+
+def test_a_count_in_a_pattern_at_the_bound_still_becomes_a_grammar():
+    from edgemed.runtime.engine import GenerationSettings
+    from edgemed.runtime.sampling import MAX_SCHEMA_COUNT, grammar_text
+
+    schema = {"type": "string", "pattern": f"^[0-9]{{1,{MAX_SCHEMA_COUNT}}}$"}
+    assert grammar_text(GenerationSettings(json_schema=json.dumps(schema)))

@@ -110,6 +110,11 @@ PATTERNS = [
     (r"^a]$", ["a]"]),
     (r"^a}$", ["a}"]),
     (r"^x{a}$", ["x{a}"]),
+    # "." and a class spanning a quote, a backslash or control characters: written without them (JSON escapes them)
+    (r"^.+$", ["a b", "$5.00"]),
+    (r"^[^a-z]+$", ["AB-1", "9 Z"]),
+    (r"^[ -~]{1,6}$", ["a b", "]{}"]),
+    (r"^[\x00-\x7F]+$", ["a.b"]),
 ]
 #: what a JSON string holds unescaped (no quote, backslash or control character), some of it beyond ASCII
 ALPHABET = "0123456789abzABZ_-./,$@]{} \u00e9\u0663\u00a0"
@@ -145,6 +150,25 @@ def test_a_patterns_grammar_takes_what_the_pattern_matches(pattern, texts):
             assert taken == matches, (pattern, text)
     for text in texts:
         assert grammar.fullmatch(f'"{text}"'), (pattern, text)
+
+
+#: what a grammar must never write inside a JSON string: the string would end early, or not be JSON
+JSON_BREAKERS = ['"', 'a"b', "\\", "a\\b", "\x00", "\x01", "\t", "a\nb", "\x1f", '\\"']
+
+
+@pytest.mark.parametrize("pattern", [r"^.+$", r"^.*x$", r"^[^a-z]+$", r"^[^0-9]*$", r"^[ -~]+$", r"^[\x00-\x7F]+$",
+                                     r"^[^\n]+$", r'^[^"\\]+$', r"^(.|[^x]){1,4}$"])
+def test_a_patterns_grammar_never_writes_a_quote_a_backslash_or_a_control_character(pattern):
+    """The converter's ``.`` took any character but a line break, and a negated class anything it did not list: the
+    grammar wrote a bare ``"`` (the string ended early), a lone ``\\`` or a control character, none of which a JSON
+    string holds. The pattern's own characters are still taken."""
+    grammar = _grammar_regex(pattern)
+    for text in JSON_BREAKERS:
+        assert not grammar.fullmatch(f'"{text}"') and not grammar.fullmatch(f'"{text}" '), (pattern, text)
+    taken = [t for t in ("A", "AB", "x", "%", "AB x") if grammar.fullmatch(f'"{t}"')]
+    assert taken and all(re.search(pattern, t) for t in taken), pattern
+    for text in taken:
+        assert json.loads(f'"{text}"') == text
 
 
 DOSE_DEFS = {"type": "object", "required": ["dose"], "properties": {"dose": {"$ref": "#/$defs/Dose"}},

@@ -34,3 +34,12 @@ def test_a_tool_schema_within_the_bound_still_becomes_a_grammar():
     fine = {"type": "object", "properties": {"doses": {"type": "array", "items": {"type": "number"},
                                                        "maxItems": MAX_SCHEMA_COUNT // 100}}}
     assert "call" in tools.grammar([SimpleNamespace(name="dose", parameters=fine, strict=False)], parallel=True)
+
+
+def test_a_count_in_a_tool_schemas_pattern_beyond_the_bound_is_refused_before_its_grammar_is_written():
+    """A pattern's count is written out in full too (``{1000000}`` a million-character rule)."""
+    huge = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^x{1000000}$"}}}
+    with pytest.raises(ApiError) as e:
+        tools.grammar([SimpleNamespace(name="code", parameters=huge, strict=False)], parallel=False, where={"code": 0})
+    assert e.value.status == 400 and e.value.param == "tools.0.function.parameters.properties.code.pattern", e.value
+    assert "{1000000}" in str(e.value) and str(MAX_SCHEMA_COUNT) in str(e.value) and "'code'" in str(e.value)

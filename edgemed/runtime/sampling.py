@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from edgemed.errors import InputError, TemplateError
+from edgemed.runtime.schema_check import MAX_SCHEMA_COUNT
 
 if TYPE_CHECKING:
     from edgemed.runtime.engine import GenerationSettings
@@ -64,9 +65,6 @@ MAX_GRAMMAR_CHARS = 1 << 20
 #: Deepest nesting of ( ) groups: llama.cpp parses a grammar by recursion, and ~20,000 levels overflow an 8 MiB stack
 #: (a segfault that takes the server down). A JSON schema's maxLength n nests about n groups.
 MAX_GRAMMAR_DEPTH = 1024
-#: Largest count a JSON schema may ask for (minItems, maxItems, minLength, maxLength, minProperties, maxProperties):
-#: the converter writes a count out in full, one rule copy (or one nested group) per unit, before anything checks it.
-MAX_SCHEMA_COUNT = 1000
 _SCHEMA_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
 #: Keywords whose values are data, not schemas: a "maxItems" inside an enum value is a value
 _SCHEMA_DATA = ("enum", "const", "default", "examples")
@@ -150,7 +148,7 @@ def grammar_text(settings: GenerationSettings) -> str | None:
             text = json_schema_to_gbnf(json.dumps(for_grammar(json.loads(settings.json_schema))))
         except PatternError as exc:
             raise SchemaError(f"The JSON schema's 'pattern' at '{exc.path}' holds {exc.construct}, which cannot become "
-                              "a grammar: the answer could not match it.", exc.fix) from None
+                              f"a grammar: {exc.reason}.", exc.fix) from None
         except RecursionError:
             raise SchemaError("The JSON schema is nested too deeply to turn into a grammar.",
                               "send a flatter JSON schema") from None

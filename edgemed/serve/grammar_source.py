@@ -91,15 +91,16 @@ def strict_refusal(schema, param: str, names: str) -> ApiError | None:
 
 def pattern_refusal(schema, param: str, names: str) -> ApiError | None:
     """The 400 for a schema whose ``pattern`` no grammar enforces (``schema_check.for_grammar``: ``\\b``, ``\\D``, a
-    back reference), strict or not: its grammar would force text that cannot match, where a dropped keyword only
-    leaves the value unchecked. ``param`` and ``names`` as for ``strict_refusal``."""
+    back reference, a character JSON writes escaped, a count above ``MAX_SCHEMA_COUNT``), strict or not: its grammar
+    would force text that cannot match (or not be written at all), where a dropped keyword only leaves the value
+    unchecked. ``param`` and ``names`` as for ``strict_refusal``."""
     from edgemed.runtime.schema_check import PatternError, for_grammar
 
     try:
         for_grammar(schema)
     except PatternError as exc:
         return ApiError(400, f"{names} has a 'pattern' at '{exc.path}' holding {exc.construct}, which cannot become "
-                             f"a grammar: the answer could not match it. Fix: {exc.fix}.",
+                             f"a grammar: {exc.reason}. Fix: {exc.fix}.",
                         code="unsupported_schema_pattern", param=f"{param}.{exc.path}")
     return None
 
