@@ -293,3 +293,114 @@ def test_a_folder_sync_the_disk_fails_is_not_hidden(tmp_path, monkeypatch):
     durable.sync_folder(tmp_path / "gone")  # a folder that is not there any more: nothing to sync, no error
     (tmp_path / "link").symlink_to(tmp_path)
     durable.sync_folder(tmp_path / "link")  # a link where the folder was: never followed, no error
+
+
+# -- a stop the instant a swap is done, before it is recorded ---------------------------------------------------
+def _stop_after(monkeypatch, exchanges: int = 0, renames: int = 0) -> None:
+    """Raise KeyboardInterrupt (a stop: Ctrl-C, SIGTERM) just after the ``exchanges``-th exchange, or the
+    ``renames``-th rename of a replacement, has succeeded: the call done, before the code that made it goes on."""
+    real_exchange, real_rename, done = atomic._exchange, os.rename, {"exchange": 0, "rename": 0}
+
+    def exchange(a, b):
+        if exchanges == 0:
+            return False  # two renames, as on a file system without RENAME_EXCHANGE
+        swapped = real_exchange(a, b)
+        done["exchange"] += 1
+        if swapped and done["exchange"] == exchanges:
+            raise KeyboardInterrupt
+        return swapped
+
+    def rename(a, b):
+        real_rename(a, b)
+        if debris.is_debris(a) or debris.is_debris(b):  # the replacement's renames, not a test's own
+            done["rename"] += 1
+            if done["rename"] == renames:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "_exchange", exchange)
+    monkeypatch.setattr(os, "rename", rename)
+
+
+_STOPS = {"exchange": {"exchanges": 1}, "put-back-exchange": {"exchanges": 2},
+          "second-rename": {"renames": 2}, "put-back-first-rename": {"renames": 3},
+          "put-back-second-rename": {"renames": 4}}
+
+
+@pytest.mark.parametrize("stop", list(_STOPS))
+def test_a_stop_just_after_a_swap_never_deletes_a_changed_old_folder(tmp_path, monkeypatch, stop):
+    """A stop right after the exchange, before ``swap_in`` returned, left the old folder at the temporary's name, and
+    the error path deleted every temporary it found: the user's notes in the old folder went with it, unchecked (and a
+    stop just after the exchange that puts it back took them the same way). Stopped at each such instant, the changed
+    old folder is back at its name, whole, and nothing of edgemed's is left."""
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+
+    def add_notes():  # into the old folder, wherever it is now (at its name, or swapped out to a debris name)
+        old = next(p for p in [dest, *tmp_path.iterdir()] if (p / "model.onnx").is_file()
+                   and (p / "model.onnx").read_text() == "old")
+        (old / "clinic-notes.txt").write_text("the user's")
+
+    # before the swap (put back at once), or after it and before the old folder is discarded (put back in settling)
+    _race(monkeypatch, "atomic.discard-old" if stop.startswith("put-back") else "atomic.exchange", add_notes)
+    _stop_after(monkeypatch, **_STOPS[stop])
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_dir(dest, "new", force=True)
+    assert (dest / "clinic-notes.txt").read_text() == "the user's" and (dest / "model.onnx").read_text() == "old"
+    assert crash_kit.debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("stop", ["exchange", "second-rename"])
+def test_a_stop_just_after_a_swap_never_deletes_a_users_folder_put_there(tmp_path, monkeypatch, stop):
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+
+    def swap_a_users_folder_in():
+        os.rename(dest, tmp_path / "moved")
+        dest.mkdir()
+        (dest / "clinic-notes.txt").write_text("the user's")
+
+    _race(monkeypatch, "atomic.exchange", swap_a_users_folder_in)
+    _stop_after(monkeypatch, **_STOPS[stop])
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_dir(dest, "new", force=True)
+    assert os.listdir(dest) == ["clinic-notes.txt"] and (dest / "clinic-notes.txt").read_text() == "the user's"
+    assert crash_kit.debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("stop", ["exchange", "second-rename"])
+def test_a_stop_just_after_a_swap_replaces_an_unchanged_edgemed_folder_as_a_finished_one_does(tmp_path, monkeypatch,
+                                                                                               stop):
+    """The approved old output (edgemed's, unchanged) is discarded as on success: the new output stays in place, the
+    stop is still raised, and no temporary is left."""
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+    _stop_after(monkeypatch, **_STOPS[stop])
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_dir(dest, "new", force=True)
+    assert os.listdir(dest) == ["model.onnx"] and (dest / "model.onnx").read_text() == "new"
+    assert crash_kit.debris(tmp_path) == []
+
+
+def test_a_stop_while_an_approved_old_folder_is_deleted_leaves_the_new_output(tmp_path, monkeypatch):
+    """A stop in the middle of deleting the approved old folder: the error path found it changed (half deleted), so
+    not approved, and put it back over the finished new output, which it then deleted: neither old nor new was left.
+    Now the new output stays, and what is left of the old one is debris for the next sweep."""
+    dest = tmp_path / "model-onnx"
+    with atomic.atomic_path(dest, kind="onnx") as tmp:
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "model.onnx").write_text("old")
+        (tmp / "sub" / "weights.bin").write_text("old")
+    real_discard = atomic.discard
+
+    def discard(path):
+        if (path / "sub").is_dir():  # the old folder: one file goes, then the stop
+            (path / "sub" / "weights.bin").unlink()
+            raise KeyboardInterrupt
+        real_discard(path)
+
+    monkeypatch.setattr(atomic, "discard", discard)
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_dir(dest, "new", force=True)
+    assert os.listdir(dest) == ["model.onnx"] and (dest / "model.onnx").read_text() == "new"
+    left = [d for d in crash_kit.debris(tmp_path) if not d.endswith(".lock")]
+    assert len(left) == 1 and (tmp_path / left[0] / "model.onnx").read_text() == "old", left

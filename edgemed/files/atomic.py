@@ -228,7 +228,8 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
             held.enter_context(owned(folder))
             tmps.append(debris_path(folder, dest.name, suffix))
         approved = {}  # dest -> (st_dev, st_ino) of what may be replaced there
-        olds = []  # (what a swap took out, now at a debris name; the temporary; the destination)
+        ours = {}  # temporary -> (st_dev, st_ino) of what was written there, taken just before its swap
+        swaps = []  # (temporary, destination, aside) of each swap begun and not yet settled
         try:
             yield tmps
             step("atomic.written")
@@ -248,11 +249,14 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                 sync_tree(tmp)
             for tmp, dest in zip(tmps, dests):
                 if force:
-                    old = swap_in(tmp, dest, debris_path(_folder(dest), dest.name, ASIDE))
-                    if old is not None:
-                        olds.append((old, tmp, dest))
-                        if not _approved(old, approved.get(dest), kind):  # changed or replaced since the check
-                            raise _changed(dest, option)
+                    # recorded before the swap: a stop the instant it is done (before swap_in returns) still finds
+                    # what it took out, at the temporary's name (exchanged) or at the aside (two renames)
+                    ours[tmp] = _ident(tmp)
+                    aside = debris_path(_folder(dest), dest.name, ASIDE)
+                    swaps.append((tmp, dest, aside))
+                    old = swap_in(tmp, dest, aside)
+                    if old is not None and not _approved(old, approved.get(dest), kind):  # changed or replaced
+                        raise _changed(dest, option)  # since the check
                 else:
                     try:
                         place_new(tmp, dest)
@@ -260,13 +264,14 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                         raise _appeared(dest, option) from None
             for folder in dict.fromkeys(_folder(dest) for dest in dests):  # the renames themselves
                 sync_folder(folder)
-            back = _settle(olds, approved, kind)
+            back = _settle(swaps, ours, approved, kind)
             if back:
                 raise _changed(back[0], option)
         except BaseException as exc:
-            _settle(olds, approved, kind)
-            for tmp in tmps:
-                if os.path.lexists(tmp):
+            _settle(swaps, ours, approved, kind)
+            for tmp in tmps:  # what we wrote, never what a swap took out (one a stop cut short while discarding it
+                # stays as debris, for the next sweep)
+                if os.path.lexists(tmp) and (tmp not in ours or _ident(tmp) == ours[tmp]):
                     discard(tmp)
             if isinstance(exc, OSError) and exc.filename is None and exc.errno in DISK_REFUSED:
                 # a write() on a full disk names no file: name the output it was for
@@ -291,32 +296,49 @@ def _approved(old: Path, ident: tuple[int, int] | None, kind: str | None) -> boo
     return not stat.S_ISDIR(st.st_mode) or (kind is not None and ownership.made_by_edgemed(old, kind))
 
 
-def _settle(olds: list, approved: dict, kind: str | None) -> list[Path]:
-    """Discard each swapped-out old output still approved (checked once more, just before); put any other back at
-    its destination (the new output goes to the temporary name, which is debris). Return the destinations put
-    back. ``olds`` is emptied as it goes."""
+def _settle(swaps: list, ours: dict, approved: dict, kind: str | None) -> list[Path]:
+    """For each swap begun (``swaps``: temporary, destination, aside), find what it took out of the destination, by
+    what is on disk and not by what ``swap_in`` returned (a stop may land after the swap and before the return):
+    discard it if it is still the approved object (checked once more, just before); put any other back at its
+    destination (the new output goes to the temporary name, which is debris). Return the destinations put back.
+    ``swaps`` is emptied as it goes; run again after a stop, it finishes what the stop cut short."""
     back = []
-    while olds:
-        old, tmp, dest = olds[0]
-        if os.path.lexists(old):
+    while swaps:
+        tmp, dest, aside = swaps[0]
+        old = _taken_out(tmp, aside, ours.get(tmp))
+        if old is not None:
             step("atomic.discard-old")
             if _approved(old, approved.get(dest), kind):
+                swaps.pop(0)  # first: a stop during the discard leaves the rest as debris, never puts it back
                 discard(old)
-            else:
-                _put_back(old, tmp, dest)
-                back.append(dest)
-        olds.pop(0)
+                continue
+            _put_back(old, tmp, dest)
+            back.append(dest)
+        swaps.pop(0)
     return back
 
 
+def _taken_out(tmp: Path, aside: Path, written: tuple[int, int] | None) -> Path | None:
+    """Where what a swap took out of its destination is now: the temporary's name when that no longer holds what
+    was written there (``written``: its device and inode; exchanged), else the aside (two renames), else None
+    (nothing was taken out, it was put back, or it was replaced outright)."""
+    if written is not None and os.path.lexists(tmp) and _ident(tmp) != written:
+        return tmp
+    if os.path.lexists(aside):
+        return aside
+    return None
+
+
 def _put_back(old: Path, tmp: Path, dest: Path) -> None:
-    """Undo ``swap_in``: ``old`` to ``dest`` again, the new output to ``tmp``."""
+    """Undo ``swap_in``: ``old`` to ``dest`` again, the new output to ``tmp``. Run again after a stop between its
+    two renames, it does the second."""
     step("atomic.put-back")
     if old == tmp:  # exchanged: exchange again
         if not _exchange(tmp, dest):
             raise OSError(errno.ENOTSUP, "cannot exchange back", str(dest))
         return
-    os.rename(dest, tmp)  # two renames: a kill between them leaves the aside, which the next sweep puts back
+    if not os.path.lexists(tmp):  # else the new output is there already, moved back by a try a stop cut short
+        os.rename(dest, tmp)  # two renames: a kill between them leaves the aside, which the next sweep puts back
     step("atomic.put-back-aside")
     os.rename(old, dest)
 
