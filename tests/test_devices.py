@@ -267,10 +267,13 @@ def test_detection_never_reads_a_fifo_a_device_or_a_huge_file(tmp_path):
 
 
 @pytest.mark.parametrize("line", ["MemTotal:       abc kB", "MemTotal:", "MemTotal: \u00b2\u00b3 kB",
-                                  "MemTotal: 999999999999999999999999999 kB", "MemTotal: 12 MB"])
+                                  "MemTotal: 999999999999999999999999999 kB", "MemTotal: 12 MB",
+                                  "MemTotal:              0 kB"])
 def test_a_memtotal_that_is_not_a_size_counts_as_unknown(tmp_path, caplog, line):
     """A MemTotal of "abc", none or "²³" stopped `devices detect --root` with a traceback, and one of 10^27 kB was
-    taken as 10^21 GB that every plan fitted. Each now counts as unknown, with a warning naming it."""
+    taken as 10^21 GB that every plan fitted. Each now counts as unknown, with a warning naming it; so does one of
+    0 kB, which counted as unknown without a word. The refusal on the device names `plan --budget-mb`, the fix that
+    plans there (it said "run on the device itself", to a user on it)."""
     import logging
     import shutil
 
@@ -282,6 +285,7 @@ def test_a_memtotal_that_is_not_a_size_counts_as_unknown(tmp_path, caplog, line)
     assert _warnings(caplog, "MemTotal")
     result = CliRunner().invoke(cli, ["devices", "detect", "--root", str(root)])
     assert result.exit_code == 1 and "memory is unknown" in result.output, result.output
+    assert "--budget-mb N" in result.output and "run on the device itself" not in result.output, result.output
     (root / "proc" / "meminfo").write_text("MemTotal:       32714472 kB\n")  # a real one still reads
     assert detect(root).memory_bytes == 32714472 * 1024
 
@@ -388,6 +392,23 @@ def test_a_profile_sized_by_its_device_is_not_sized_by_the_machine_planning_for_
     assert "(budget 3000 MiB)" in given.output and f"n_threads={threads} (the device's)" in given.output
     fixed = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--profile", "jetson-agx-orin-64gb", *pc])
     assert fixed.exit_code == 0 and "n_threads=physical (the device's)" in fixed.output, fixed.output
+
+
+def test_on_the_device_an_unknown_memory_is_planned_with_budget_mb(tmp_path, smollm2_gguf):
+    """`plan` on a device whose memory detection could not read (here a MemTotal of 0 kB) told the user, who was on
+    the device, to "run on the device itself"; `--budget-mb`, the flag that plans there, went unnamed. The refusal
+    names it, and the plan with it is made."""
+    import shutil
+
+    root = tmp_path / "box"
+    shutil.copytree(FIXTURES / "x86-avx2", root)
+    (root / "proc" / "meminfo").write_text("MemTotal:              0 kB\n")
+    refused = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--root", str(root)])
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "Profile 'x86-avx2' has no fixed memory size" in text, refused.output
+    assert "Fix: pass `edgemed plan MODEL --budget-mb N`" in text and "run on the device itself" not in text, text
+    given = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--root", str(root), "--budget-mb", "3000"])
+    assert given.exit_code == 0 and "(budget 3000 MiB)" in given.output, given.output
 
 
 def test_a_profile_sized_by_its_device_plans_with_that_device_facts(smollm2_gguf):

@@ -93,6 +93,25 @@ def test_plan_refuses_what_serve_refuses(smollm2_gguf, small):
     assert tiny.exit_code == 2 and "'--ctx'" in tiny.output  # serve takes 64 tokens a slot at least
 
 
+def test_a_context_refused_for_the_slots_says_ctx_is_per_slot(smollm2_gguf, small):
+    """`plan --serve --ctx 2048 --slots 4` over the budget was refused as "A 8192-token context needs ..." with "leave
+    --ctx out": the user asked for 2,048 tokens, and --ctx is per slot there. The refusal names what was asked (the
+    per-slot --ctx and the slots) and the two settings that shrink it; `run`'s one slot is refused as before."""
+    def refused(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["plan", str(smollm2_gguf), "--profile", small, *args])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        return " ".join(result.output.split())
+
+    text = refused("--serve", "--ctx", "2048", "--slots", "4", "--budget-mb", "300")
+    assert "A 8192-token context (--ctx 2048 per slot x 4 slots) needs" in text, text
+    assert "Fix: pass a smaller --ctx (tokens per slot: 2048 now) or fewer --slots (4 now)" in text, text
+    text = refused("--ctx", "8192", "--slots", "4")  # the profile's own budget, its reserve note added
+    assert "A 32768-token context (--ctx 8192 per slot x 4 slots) needs" in text and "memory.reserve_gb" in text
+    assert "pass a smaller --ctx (tokens per slot: 8192 now) or fewer --slots (4 now)" in text, text
+    text = refused("--ctx", "8192", "--budget-mb", "300")  # run: one slot, --ctx is the whole context
+    assert "A 8192-token context needs" in text and "per slot" not in text and "--slots" not in text, text
+
+
 def test_plan_serve_counts_the_adapters_serve_would_apply(smollm2_gguf, small):
     import lora_gguf_kit
     from edgemed.runtime.loader import AdapterSpec

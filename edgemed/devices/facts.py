@@ -120,17 +120,18 @@ class Host:
 # -- Linux readers shared by the Jetson and x86 probes ------------------------------------
 
 def meminfo_total(host: Host) -> int:
-    """MemTotal from /proc/meminfo, in bytes (0 if unknown). A value that is not a whole number of kB, or is past
-    ``schema.MAX_GB``, counts as unknown with a warning: a plan on it would be a crash or a budget no machine has."""
+    """MemTotal from /proc/meminfo, in bytes (0 if unknown). A value that is not a whole number of kB above 0, or is
+    past ``schema.MAX_GB``, counts as unknown with a warning: a plan on it would be a crash or a budget no machine
+    has (0 kB is no machine's memory either: it is a reader that could not tell)."""
     for line in (host.read("/proc/meminfo") or "").splitlines():
         if line.startswith("MemTotal:"):
             value = line[len("MemTotal:"):].strip()
             number, _, unit = value.partition(" ")
-            if DIGITS.fullmatch(number) and unit.strip() in ("kB", "") and int(number) * 1024 <= MAX_GB * GIB:
+            if DIGITS.fullmatch(number) and unit.strip() in ("kB", "") and 0 < int(number) * 1024 <= MAX_GB * GIB:
                 return int(number) * 1024
             logging.getLogger(__name__).warning(
-                "/proc/meminfo: MemTotal %s is not a size in kB of at most %d GiB; this machine's memory counts as "
-                "unknown", ascii(value[:40]), MAX_GB)
+                "/proc/meminfo: MemTotal %s is not a size in kB above 0 and at most %d GiB; this machine's memory "
+                "counts as unknown", ascii(value[:40]), MAX_GB)
             return 0
     return 0
 

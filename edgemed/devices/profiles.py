@@ -103,10 +103,20 @@ class Profile:
             if facts is not None and facts.usable_memory_bytes and (here or self.matches(facts)):
                 total = min(total, facts.usable_memory_bytes)
             return total
-        if facts is None or not facts.usable_memory_bytes:
+        if facts is None:  # planned with no machine at hand (a package's card, `convert --fit-profile`)
             raise ProfileError(
                 f"Profile '{self.name}' has no fixed memory size and this machine's memory is unknown.",
                 "run on the device itself, or choose a profile with memory.total_gb",
+            )
+        if not facts.usable_memory_bytes:  # on the device (or a --root tree of it), and detection read no size
+            raise ProfileError(
+                f"Profile '{self.name}' has no fixed memory size and this machine's memory is unknown: detection "
+                "found no size for it.",
+                "pass `edgemed plan MODEL --budget-mb N` with the MiB a model may use on this machine; for `run`, "
+                "`chat` and `serve`, name a profile with memory.total_gb (--profile), or give this one a size (copy "
+                f"its TOML, its path: `edgemed devices show {self.name}`, into a folder named in "
+                f"${env.PROFILES_VAR} and set memory.total_gb: a user profile overrides the shipped one of the same "
+                "name)",
             )
         return facts.usable_memory_bytes
 

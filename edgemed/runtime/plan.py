@@ -457,9 +457,12 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
                f"use a smaller quant (the profile recommends {profile.recommended_quant}) or a smaller model; "
                "nothing was loaded")
     if requested is not None:
+        # a server's --ctx is per slot (plan_load multiplied it by the slots): a refusal names what was asked
+        slots = (f" (--ctx {requested // n_seq} per slot x {n_seq} slots)"
+                 if n_seq > 1 and _is_int(requested) and requested % n_seq == 0 else "")
+        fewer = (f"pass a smaller --ctx (tokens per slot: {requested // n_seq} now) or fewer --slots ({n_seq} now), "
+                 "or " if slots else "")
         if not _is_int(requested) or not 1 <= requested <= MAX_CTX:
-            slots = (f" (--ctx {requested // n_seq} per slot x {n_seq} slots)"
-                     if n_seq > 1 and _is_int(requested) and requested % n_seq == 0 else "")
             raise InputError(f"The context must be an integer from 1 to {MAX_CTX} tokens in all, got {requested!r}{slots}.",
                              "pass a smaller --ctx (or fewer --slots), or leave --ctx out")
         per_seq = requested // max(n_seq, 1)
@@ -470,10 +473,10 @@ def choose_context(shape: ModelShape, profile: Profile, budget: int, requested: 
         est = estimate(shape, requested, **opts)
         if est.total > budget:
             raise PlanError(
-                f"A {requested}-token context needs {est.total / MIB:.0f} MiB{with_adapters}, over the '{profile.name}' budget "
-                f"of {budget / MIB:.0f} MiB.",
+                f"A {requested}-token context{slots} needs {est.total / MIB:.0f} MiB{with_adapters}, over the "
+                f"'{profile.name}' budget of {budget / MIB:.0f} MiB.",
                 # without --ctx the smallest context is tried too: where it does not fit, that is a second refusal
-                "leave --ctx out to get the largest context that fits, or use a smaller quant / model"
+                f"{fewer}leave --ctx out to get the largest context that fits, or use a smaller quant / model"
                 if smallest.total <= budget else smaller)
         return requested, "request"
     if smallest.total > budget:
