@@ -499,6 +499,59 @@ def test_an_option_after_a_spaced_slash_must_stand_alone(reply, expected):
     assert _mcq(reply) == expected
 
 
+@pytest.mark.parametrize("reply", [
+    # the answer named again, then another option offered: a hedge as it is without the answer named again
+    "Answer: C (C or D)",
+    "Answer: C (C/D)",
+    "Answer: C (C / D)",
+    "Answer: C (C, D)",
+    "Answer: C (C and D)",
+    "Answer: C (C, but possibly D)",
+    "Answer: C (C or possibly D)",
+    # the answer line says its own answer is wrong
+    "Answer: C (C and D are both wrong)",
+    "Answer: C (both C and D are wrong)",
+    "Answer: C (A and C are incorrect)",
+    "Answer: C (C is wrong)",
+    "Answer: C; option C is incorrect",
+    "Answer: C (not C)",
+])
+def test_the_answer_named_again_with_another_or_said_to_be_wrong_is_no_answer(reply):
+    """'Answer: C (C or D)' and 'Answer: C (C and D are both wrong)' were C: the answer named again hid the hedge,
+    and nothing read a line that contradicts its own answer."""
+    parsed = get_template("mcq").parse(reply, SCURVY)
+    assert not parsed.ok and parsed.value is None and "no single" in parsed.error
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # another option ruled out explains the answer: no hedge
+    ("Answer: C (not D)", "C"),
+    ("Answer: C (C, not D)", "C"),
+    ("Answer: C (C and not D)", "C"),
+    ("Answer: C (C, since D is wrong)", "C"),
+    ("Answer: C (A, B and D are wrong)", "C"),
+    ("Answer: C (D is wrong, C is right)", "C"),
+    ("Answer: C (Vitamin C is wrong for rickets)", "C"),  # an option's text, not the letter, said to be wrong
+    ("Answer: C (C)", "C"),
+    ("Answer: C (C, or a mild variant)", "C"),
+])
+def test_another_option_ruled_out_beside_the_answer_named_again_keeps_it(reply, expected):
+    assert _mcq(reply) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Answer: yes (yes or no)", None),
+    ("Answer: yes (yes/no)", None),
+    ("Answer: yes (yes and no are both wrong)", None),
+    ("Answer: yes (yes is wrong)", None),
+    ("Answer: no (yes is wrong)", "no"),
+    ("Answer: yes (not no)", "yes"),
+    ("Answer: yes (yes, no adverse events were seen)", "yes"),
+])
+def test_a_yes_named_again_with_another_or_said_to_be_wrong(reply, expected):
+    assert _pubmedqa(reply) == expected
+
+
 @pytest.mark.parametrize("reply, expected", [
     ("Answer: yes / no harm was seen", "yes"),
     ("Answer: yes / no", None),

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 #: template="auto": an item with a context is a PubMedQA question with its abstract, anything else an MCQ
 AUTO_TEMPLATE = {True: "pubmedqa", False: "mcq"}
-RECORDS_VERSION = 10  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
+RECORDS_VERSION = 11  # 2: generation stops after the first parsed answer line; 3: item_sha, logit_s / gen_s, score;
 # 4: it stops at the labelled answer line only, and a hedge ("Answer: A or B") or "Answer: a patient" is no answer;
 # 5: an answer is read only from a line that starts with the label; lines that disagree, or a choice only
 # inferred, are no answer; 6: a LaTeX box ("\boxed{C}") is an answer line, and "Answer: Yes, no adverse events ..."
@@ -85,12 +85,15 @@ RECORDS_VERSION = 10  # 2: generation stops after the first parsed answer line; 
 # or option C") is none, and a model whose chat template takes no system role is asked with the system text folded
 # into the user message (``fold_system``): its prompt, and so its logits, changed too; 10: with a blank beside "/" or
 # "|", the option after it must stand alone to be a second choice ("Answer: C / A and B are wrong" is C), written
-# tight it always is one ("C|D: both fit" was C), and one under a condition after it is ("C (...) / D in pregnancy")
+# tight it always is one ("C|D: both fit" was C), and one under a condition after it is ("C (...) / D in pregnancy");
+# 11: the answer named again and then another option offered is a hedge ("Answer: C (C or D)", "C (C/D)" were C), and
+# an answer line that says its own answer is wrong is no answer ("Answer: C (C and D are both wrong)", "C (not C)");
+# another option ruled out is still no hedge ("Answer: C (not D)", "C (C, since D is wrong)" are C)
 #: A few replies and what the contract reads from each (the choice; None: no answer) under ``RECORDS_VERSION``, which
 #: ``RECORDS_PARSES[0]`` names. tests/test_bench_resume_keys.py parses them again: a verdict that changed means records
 #: written before would be resumed beside ones scored by other rules, so raise RECORDS_VERSION with the change and
 #: write the new verdicts (and the new version) here.
-RECORDS_PARSES = (10, (
+RECORDS_PARSES = (11, (
     ("mcq", "Answer: C", "C"),
     ("mcq", "**Answer:** (C) Vitamin C", "C"),
     ("mcq", "Answer: C (or possibly D)", None),
@@ -103,6 +106,13 @@ RECORDS_PARSES = (10, (
     ("mcq", "Answer: C|D: both fit", None),
     ("mcq", "Answer: C (Vitamin C) / D in pregnancy", None),
     ("mcq", "Answer: C, or a mild variant of it", "C"),
+    ("mcq", "Answer: C (C or D)", None),
+    ("mcq", "Answer: C (C/D)", None),
+    ("mcq", "Answer: C (C and D are both wrong)", None),
+    ("mcq", "Answer: C (both C and D are wrong)", None),
+    ("mcq", "Answer: C (not D)", "C"),
+    ("mcq", "Answer: C (C, since D is wrong)", "C"),
+    ("mcq", "Answer: C (C)", "C"),
     ("mcq", "Answer: A\n\nAnswer: C", None),
     ("mcq", "Scurvy is vitamin C deficiency.\n\n$\\boxed{C}$", "C"),
     ("mcq", "<think>Answer: A</think>\n\nAnswer: C", "C"),

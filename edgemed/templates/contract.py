@@ -284,11 +284,16 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     apart = r"(?:either\b|[/|])"
     standing = rf"(?![ \t]*:|[ \t]+(?!(?:possibly|maybe|perhaps|probably)\b|{_COND})[^\W\d_])"
 
-    def hedges(found: str) -> tuple[re.Pattern, re.Pattern]:
+    def hedges(found: str) -> tuple[re.Pattern, re.Pattern, re.Pattern]:
         """``hedge`` and ``offered`` for the answer ``found``: each looks for a choice other than it offered beside it.
-        The answer named again is no second choice: "C (C)", "C (Vitamin C), or option C", "yes (...), probably yes"."""
+        The answer named again is no second choice: "C (C)", "C (Vitamin C), or option C", "yes (...), probably yes";
+        but the answer named again and then another choice offered is a hedge as it would be without it: "C (C or D)",
+        "C (C/D)", "C (C, but possibly D)". ``disowned`` looks for the answer itself said to be wrong on its line: "C
+        (C and D are both wrong)", "C (not C)" contradict it. Another option ruled out is no hedge: "C (not D)", "C (C,
+        since D is wrong)" explain why the answer is C."""
         others = "|".join(re.escape(x) for x in sorted(choices, key=len, reverse=True) if x != found) or r"(?!)"
         same = f"(?-i:{re.escape(found)})" if upper else re.escape(found)
+        again = rf"(?:{_SEP}(?:{same})\b(?![\-\u2013\u2014]\w))?"  # the answer named again first: "C (C or D)"
         # another choice offered right after the answer: "A or B", "B (or C)", "C (possibly D)", "C. Perhaps D", "maybe
         # yes", "C -> D". After "or", ",", "/" and the like, letters are read in their case, as ``offered`` reads them:
         # "C, or a mild variant of it" holds the article, not option A. A lower-case letter no word follows is still a
@@ -298,12 +303,12 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         # are wrong" is prose, "C / D" and "C / d" are hedges
         worded = rf"(?-i:{others})|(?:{others})(?![ \t]+[^\W\d_])" if upper else others
         words = rf"(?:{_SEP_LIST}(?:{_HEDGE_WORD}|(?:{same})\b))*{_SEP_LIST}"
-        hedge = re.compile(rf"{_SEP}(?:{prose_no}[,&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
+        hedge = re.compile(rf"{again}(?:{_SEP}(?:{prose_no}[,&]|{arrow}|(?:[;:.\-\u2013\u2014]{_SEP})?{_HEDGE_WORD})"
                            rf"{words}(?:{worded})\b"
                            rf"|[\*_\)\]\"']*[/|](?![ \t]){words}(?:{worded})\b"  # "C/D"
                            rf"|{_SEP}[/|]{words}(?:{others})\b{standing}"  # "C / D"
                            rf"|[ \t]+(?:{others})\b"  # "maybe yes"
-                           rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{others})[ \t\*_\"'.!?]*[\)\]]", re.I)  # "C (D)"
+                           rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{others})[ \t\*_\"'.!?]*[\)\]])", re.I)  # "C (D)"
         # ... and a few words on: a second choice after a word that offers it as an alternative ("or", "possibly",
         # "maybe", "less likely", "second choice", "vs", "/", "|"; after "but" or "though" too, and after a short aside
         # on the answer), with "option" or "choice" before it, or a choice in brackets with such a word after it: "C
@@ -311,12 +316,25 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         # possibly)". The choice is read as ``worded`` reads it: "C, but possibly a mild case" is prose, "C (70%) or d"
         # a hedge. After "/", "|" or "either" it stands alone, in either case (``apart``, ``standing``).
         then = rf"(?:[\s\*_\"'\(\[,:.]*{filler})*[\s\*_\"'\(\[,:]*"
-        offered = re.compile(rf"(?:[ \t\*_]*[\(\[][^\(\)\[\]\n]{{0,40}}[\)\]])?[\s\*_\"'\(\[,;:.\-\u2013\u2014]*"
-                             rf"(?:(?:but|though|although|yet|and)\b[\s,]*)?"
+        offered = re.compile(rf"{again}(?:(?:[ \t\*_]*[\(\[][^\(\)\[\]\n]{{0,40}}[\)\]])?"
+                             rf"[\s\*_\"'\(\[,;:.\-\u2013\u2014]*(?:(?:but|though|although|yet|and)\b[\s,]*)?"
                              rf"(?:{offer}{then}(?:{worded})\b|{apart}{then}(?:{others})\b{standing})"
                              rf"|[ \t\*_]*[\(\[][ \t\*_\"']*(?:{worded})[ \t\*_\"']*"
-                             r"(?:(?:possibly|maybe|perhaps|probably)\b|\?)[ \t\*_\"'.!?]*[\)\]]", re.I)
-        return hedge, offered
+                             r"(?:(?:possibly|maybe|perhaps|probably)\b|\?)[ \t\*_\"'.!?]*[\)\]])", re.I)
+        # the answer said to be wrong: as a subject, alone or in a short list of choices ("C is wrong", "both C and D
+        # are incorrect", "A and C are ruled out"), or after "not" opening a bracket or a clause ("C (not C)")
+        joint = r"(?:[ \t]*,[ \t]*(?:(?:and|&)[ \t]+)?|[ \t]+(?:and|&)[ \t]+)(?:option[ \t]+)?"
+        member = rf"(?:{strict})\b[ \t\*_\"'\)\]]*"
+        itself = rf"(?:{same})\b(?![\-\u2013\u2014]\w)"
+        disowned = re.compile(
+            rf"(?:^|[\(\[,;:/.!?\-\u2013\u2014]|\b(?:and|but|though|although|while|whereas)\b)[ \t\*_\"']*"
+            rf"(?:both[ \t]+)?(?:option[ \t]+)?(?:{member}{joint}){{0,4}}{itself}[ \t\*_\"'\)\]]*"
+            rf"(?:{joint}{member}){{0,4}}"
+            r"(?:is|are|was|were|seems?|looks?)[ \t]+(?:(?:both|all|also|clearly|definitely|certainly|obviously|"
+            r"probably|likely|actually|equally)[ \t]+)*(?:wrong|incorrect|false|not[ \t]+(?:correct|right|the[ \t]+"
+            r"answer)|ruled[ \t]+out|excluded|eliminated|unlikely(?![ \t]+to\b))\b"
+            rf"|[\(\[,;:\-\u2013\u2014][ \t\*_\"']*(?:but[ \t]+)?not[ \t]+(?:option[ \t]+)?{itself}", re.I)
+        return hedge, offered, disowned
 
     label = re.escape(c.label)
     line_re = re.compile(rf"{_LEAD}(?:{_PREFIX}{label}(?:[ \t\*_]*[:\-]|\s+(?P<is>is)\b[ \t]*:?|[ \t\*_]*$)"
@@ -393,8 +411,8 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
     def value(rest: str, is_form: bool) -> str | None:
         """The choice that opens ``rest`` (what follows the label on its line), or None when it is no clean answer:
         prose ("a patient"), a hedge ("A or B", "C (possibly D)"), a correction ("No, wait - yes"), a mark over it
-        ("C̸"), another choice said to be the answer too ("C; D is also possible"), another option's text after the
-        letter ("B. Vitamin C")."""
+        ("C̸"), another choice said to be the answer too ("C; D is also possible"), the answer itself said to be wrong
+        ("C (C and D are both wrong)"), another option's text after the letter ("B. Vitamin C")."""
         m = re.match(rf"{_DECO}(?:option[ \t]+{_DECO})?({strict if is_form else alts})\b", rest, flags=re.I)
         found = canonical(m.group(1)) if m else None
         if found is None:
@@ -402,8 +420,10 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
         tail = rest[m.end():]
         if tail and unicodedata.category(tail[0]).startswith("M"):  # a combining mark: struck or slashed
             return None
-        hedge, offered = hedges(found)
+        hedge, offered, disowned = hedges(found)
         if hedge.match(tail) or offered.match(tail) or _CORRECTION.match(tail):
+            return None
+        if disowned.search(tail):  # "C (C and D are both wrong)": the line contradicts its own answer
             return None
         if clash(tail, found) is not None:  # the letter says one option, the text another
             return None
@@ -497,7 +517,8 @@ def _parse_choice(c: Contract, text: str, choices, texts: dict | None = None) ->
             return Parsed(True, found, text)
     if unclear:
         return Parsed(False, None, text, f"the '{c.label}:' line gives no single one of {', '.join(choices)} "
-                                         "(a hedge, a negation, a correction, another option's text after the letter, "
+                                         "(a hedge, a negation, the answer said to be wrong, a correction, another "
+                                         "option's text after the letter, "
                                          "or prose)")
     return Parsed(False, None, text, f"no '{c.label}: X' line with X in {', '.join(choices)}")
 
