@@ -109,15 +109,38 @@ def fold_system(render_chat, messages: list[dict]) -> tuple[list[dict], str | No
     (``with_system``), so it reaches the model: ``edgemed run``'s --system and a template's safety preamble alike.
     Other conversations are returned as they are. ``InputError`` as ``no_system_role`` raises it; the caller names
     where the text came from."""
-    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+    if not system_then_user(messages):
         return messages, None
-    system, first = messages[0].get("content"), messages[1].get("content")
-    if not isinstance(system, str) or not isinstance(first, str):
+    return folded(messages, no_system_role(render_chat, messages[0]["content"]))
+
+
+def system_then_user(messages: list[dict]) -> bool:
+    """Whether ``messages`` start with a system message and then a user message, both of plain text: the only
+    conversation ``fold_system`` may change."""
+    return (len(messages) >= 2 and messages[0].get("role") == "system" and messages[1].get("role") == "user"
+            and isinstance(messages[0].get("content"), str) and isinstance(messages[1].get("content"), str))
+
+
+def folded(messages: list[dict], why: str | None) -> tuple[list[dict], str | None]:
+    """``fold_system``'s answer where ``why`` (``no_system_role``'s, None: the template takes a system role) is
+    already known: the system text before the first user message's, or ``messages`` as they are."""
+    if why is None or not system_then_user(messages):
         return messages, None
-    why = no_system_role(render_chat, system)
-    if why is None:
-        return messages, None
+    system, first = messages[0]["content"], messages[1]["content"]
     return [{**messages[1], "content": with_system(system, first)}, *messages[2:]], why
+
+
+#: the system text ``probe_system_role`` sends: no markup, and not a real template's default system message
+PROBE_SYSTEM = "."
+
+
+def probe_system_role(render_chat) -> str | None:
+    """``no_system_role`` for the chat template itself rather than for one system text: whether it takes a system
+    role depends on the template, not on what a request's system message says, so a server learns it once (with the
+    probe text ``PROBE_SYSTEM``) and folds every request's messages with ``folded``, at one render per request instead
+    of ``fold_system``'s two to four probes more. A request's text the template refuses (the model's markup in it) is
+    refused when its prompt is rendered. ``InputError``, ``TemplateError`` as the renders raise them."""
+    return no_system_role(render_chat, PROBE_SYSTEM)
 
 
 def warm() -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -20,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgemed.errors import InputError, TemplateError, TemplateInputError
 from edgemed.formats.nesting import loads_json
-from edgemed.runtime.chat_template import fold_system
+from edgemed.runtime.chat_template import folded, probe_system_role, system_then_user
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.runtime.sampling import after_thought, check_gbnf, grammar_text
 from edgemed.runtime.schema_check import violations
@@ -83,6 +85,28 @@ async def _check_grammar(grammar: str | None) -> None:
         raise error from None
 
 
+#: per batcher, held weakly (the entry goes with it): its chat template text, and ``probe_system_role``'s answer for it
+_SYSTEM_ROLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SYSTEM_ROLES_LOCK = threading.Lock()
+
+
+def fold_system_once(batcher, messages: list[dict]) -> list[dict]:
+    """``chat_template.fold_system``'s messages for the batcher's chat template, at no render of their own: whether the
+    template takes a system role is probed once per batcher and chat template text (``probe_system_role``, at the
+    first request with a system message) and reused, so a request's one render is its prompt's. A probe that fails is
+    not kept: the request fails as ``fold_system`` would have failed it, and the next one probes again."""
+    if not system_then_user(messages):
+        return messages
+    template = batcher.chat_template()
+    with _SYSTEM_ROLES_LOCK:
+        known = _SYSTEM_ROLES.get(batcher)
+    if known is None or known[0] != template:  # two first requests at once may both probe: the same answer
+        known = (template, probe_system_role(batcher.render_chat))
+        with _SYSTEM_ROLES_LOCK:
+            _SYSTEM_ROLES[batcher] = known
+    return folded(messages, known[1])[0]
+
+
 async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatRequest) -> Prompt:
     """``messages``, or a medical template's messages, through the GGUF's chat template (with ``tools``)."""
     template = None
@@ -119,7 +143,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
             raise error from None
         messages = await run_in_threadpool(template.messages, body.template_inputs, "api")
         # a chat template without a system role (it refuses or drops one): the safety preamble goes in the user message
-        messages, _ = await run_in_threadpool(fold_system, served.batcher.render_chat, messages)
+        messages = await run_in_threadpool(fold_system_once, served.batcher, messages)
         if template.contract.kind == "json" and json_schema is None and body.grammar is None:
             json_schema = template.contract.json_schema()
             schema_from = grammar_source.template(template.name) if json_schema is not None else None
@@ -129,7 +153,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     else:
         messages = [m.as_template_message() for m in body.messages]
         # as a template's: a system message (the page's safety preamble) reaches a chat template without a system role
-        messages, _ = await run_in_threadpool(fold_system, served.batcher.render_chat, messages)
+        messages = await run_in_threadpool(fold_system_once, served.batcher, messages)
         plan = tools.plan(body, served.batcher.chat_template(), served.config.model_id)
     constraint = body.grammar
     if plan.grammar is not None:
