@@ -27,6 +27,9 @@ What each case proves:
 - completions logprobs on text whose characters span tokens (an emoji, Japanese): each ``text_offset`` is where the
   token's text starts, the character a token completes is that token's, and tokens of part of a character are
   named by their bytes (``bytes:\\xf0\\x9f``), as OpenAI names them;
+- completions echo on a tokenizer that adds a BOS (SmolLM2 with ``add_bos_token`` set): the echoed text is the prompt
+  as sent, the BOS is listed first (``usage.prompt_tokens`` counts it) with an empty span at offset 0, and the other
+  tokens' offsets index that text, whole and streamed; a BOS the client sent as a token id is its text's;
 - Retry-After and the 429's message name the same whole seconds.
 """
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 
 import pytest
 
@@ -723,3 +727,62 @@ def test_completion_text_offsets_follow_characters_that_span_tokens(smol, prompt
             getattr(streamed, name).extend(getattr(c.logprobs, name) if c.logprobs else [])
     assert text == choice.text and streamed.text_offset == choice.logprobs.text_offset
     check_offsets(text, streamed)
+
+
+def echoed(client, prompt, stream: bool):
+    """A completion of ``prompt`` with ``echo`` and ``logprobs``: its text and legacy logprobs, whole or streamed."""
+    out = client.completions.create(model=SMOL, prompt=prompt, max_tokens=4, logprobs=1, echo=True, stream=stream)
+    if not stream:
+        return out.choices[0].text, out.choices[0].logprobs
+    chunks = [c.choices[0] for c in out if c.choices]
+    lp = type(chunks[0].logprobs)(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for c in chunks:
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(lp, name).extend(getattr(c.logprobs, name) if c.logprobs else [])
+    return "".join(c.text for c in chunks), lp
+
+
+@pytest.fixture(scope="module")
+def bos_smol(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 with ``tokenizer.ggml.add_bos_token`` set: its tokenizer puts its BOS (<|im_start|>) before a text."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path_factory.mktemp("bos") / "smollm2-add-bos.gguf"
+    shutil.copyfile(smollm2_gguf, path)
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.fields["tokenizer.ggml.add_bos_token"]
+    field.parts[field.data[0]][...] = True
+    reader.data.flush()
+    del reader
+    srv = _server(path, SMOL, slots=1)
+    try:
+        yield srv
+    finally:
+        srv.__exit__(None, None, None)
+        srv.batcher.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_echoed_prompt_lists_the_bos_its_tokenizer_added_with_an_empty_span(bos_smol, stream):
+    prompt = "Dose: 5 µg, heart 🫀"
+    batcher = bos_smol.batcher
+    tokens = batcher.tokenize(prompt)
+    assert tokens[1:] == batcher.tokenize(prompt, add_special=False)  # the tokenizer added tokens[0], the BOS
+    bos = batcher.detokenize(tokens[:1])
+    text, lp = echoed(bos_smol.client, prompt, stream)
+    assert text.startswith(prompt) and not text.startswith(bos)  # the prompt as sent
+    assert lp.tokens[0] == bos and lp.token_logprobs[0] is None and lp.text_offset[:2] == [0, 0]
+    rest = type(lp)(tokens=lp.tokens[1:], token_logprobs=lp.token_logprobs[1:], top_logprobs=lp.top_logprobs[1:],
+                    text_offset=lp.text_offset[1:])
+    check_offsets(text, rest)  # every other token's offset indexes the echoed text
+    whole = bos_smol.client.completions.create(model=SMOL, prompt=prompt, max_tokens=4, logprobs=1, echo=True)
+    assert len(whole.choices[0].logprobs.tokens) == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    assert whole.usage.prompt_tokens == len(tokens)
+
+
+def test_a_bos_the_client_sent_as_a_token_id_is_echoed_as_its_text(bos_smol):
+    prompt = "Dose: 5 µg, heart 🫀"
+    tokens = bos_smol.batcher.tokenize(prompt)
+    bos = bos_smol.batcher.detokenize(tokens[:1])
+    text, lp = echoed(bos_smol.client, tokens, stream=False)
+    assert text.startswith(bos + prompt) and lp.text_offset[:2] == [0, len(bos)]
+    check_offsets(text, lp)

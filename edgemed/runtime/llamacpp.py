@@ -204,6 +204,11 @@ class Model:
     def bos(self) -> int:
         return self.lib.llama_vocab_bos(self.vocab)
 
+    def adds_bos(self) -> bool:
+        """Whether ``tokenize(text, add_special=True)`` puts a BOS before the text's tokens (the vocabulary's
+        ``add_bos_token``)."""
+        return bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+
     def eos(self) -> int:
         return self.lib.llama_vocab_eos(self.vocab)
 

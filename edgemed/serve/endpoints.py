@@ -287,17 +287,21 @@ def chat_logprobs(entries) -> api.ChoiceLogprobs:
         for e in entries])
 
 
-def completion_logprobs(entries, offset: int, decoder: codecs.IncrementalDecoder) -> tuple[api.CompletionLogprobs, int]:
+def completion_logprobs(entries, offset: int, decoder: codecs.IncrementalDecoder,
+                        bos: bool = False) -> tuple[api.CompletionLogprobs, int]:
     """The legacy shape, and the offset after these tokens. ``offset``: characters of the choice's text before them;
     ``decoder``: the choice's bytes before them (it holds a character a token before left unfinished). A token's
     ``text_offset`` is the number of whole characters its predecessors' bytes decode to: the character a token
     completes belongs to the token that completes it, and a token holding only part of one stands where that
-    character starts (the text between its offset and the next token's is empty)."""
+    character starts (the text between its offset and the next token's is empty). ``bos``: the first entry is the BOS
+    the tokenizer put before a text prompt, a prompt token (``usage.prompt_tokens`` counts it) but none of the text the
+    client sent: it is listed, at ``offset``, with an empty span."""
     tokens, offsets = [], []
-    for e in entries:
+    for i, e in enumerate(entries):
         tokens.append(token_text(e.token))
         offsets.append(offset)
-        offset += len(decoder.decode(e.token))
+        if not (bos and i == 0):
+            offset += len(decoder.decode(e.token))
     return api.CompletionLogprobs(
         tokens=tokens, token_logprobs=[e.logprob for e in entries], text_offset=offsets,
         top_logprobs=[{token_text(t): lp for t, lp in e.top} if e.logprob is not None else None
@@ -317,7 +321,8 @@ def _cut_content(text: str | None) -> str | None:
 @dataclass
 class Shape:
     """One request's OpenAI response: ``whole`` when collected, else ``head``, ``piece`` per text, ``final``, ``usage``.
-    ``logprobs``: whether choices carry them; ``echo``: the prompt text (per prompt) that opens each completion."""
+    ``logprobs``: whether choices carry them; ``echo``: the prompt text (per prompt) that opens each completion;
+    ``bos``: per prompt, whether its tokens open with a BOS its tokenizer added to its text (echo only)."""
 
     id: str
     model: str
@@ -325,6 +330,7 @@ class Shape:
     created: int = field(default_factory=lambda: int(time.time()))  # of the streamed chunks
     logprobs: bool = False
     echo: list | None = None
+    bos: list | None = None
     n: int = 1
 
     def chunk(self, choices: list, **more) -> dict:
@@ -412,12 +418,16 @@ class CompletionShape(Shape):
     def _echo(self, answer: Answer) -> str:
         return self.echo[answer.index // self.n] if self.echo is not None else ""
 
+    def _bos(self, answer: Answer) -> bool:
+        return bool(self.bos and self.bos[answer.index // self.n])
+
     def head(self, answers: list[Answer]) -> list[dict]:
         return []
 
     def piece(self, answer: Answer, text: str, entries, prompt: bool = False) -> list[dict]:
         if prompt:  # echo: the prompt's text and its tokens' log probabilities, before any output
-            lp, answer.offset = completion_logprobs(entries, 0, answer.decoder) if self.logprobs else (None, None)
+            lp, answer.offset = (completion_logprobs(entries, 0, answer.decoder, self._bos(answer)) if self.logprobs
+                                 else (None, None))
             answer.echoed = True
             return [self.chunk([api.TextChoice(index=answer.index, text=self._echo(answer), logprobs=lp)])]
         out = []
@@ -443,7 +453,8 @@ class CompletionShape(Shape):
             lp = None
             if self.logprobs:
                 entries = list(answer.prompt_logprobs) + list(answer.logprobs)
-                lp, _ = completion_logprobs(entries, 0 if answer.prompt_logprobs else len(echo), _utf8())
+                scored = bool(answer.prompt_logprobs)  # echo with logprobs: the prompt's entries come first
+                lp, _ = completion_logprobs(entries, 0 if scored else len(echo), _utf8(), scored and self._bos(answer))
             choices.append(api.TextChoice(index=answer.index, text=echo + answer.text, finish_reason=reason,
                                           logprobs=lp))
         return api.Completion(id=self.id, model=self.model, choices=choices, usage=usage(answers)).model_dump()

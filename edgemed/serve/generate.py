@@ -47,11 +47,15 @@ async def generate(endpoint: Endpoint, body, request: Request):
         body.refused()
         prompt = await endpoint.prompt(srv, record, body)
         streams = await run_in_threadpool(submit, srv, record, prompt, body)
-    echo = None
+    echo = bos = None
     if getattr(body, "echo", False):
         echo = [p if isinstance(p, str) else await run_in_threadpool(srv.batcher.detokenize, p) for p in prompt.values]
+        # a text prompt's tokens open with the BOS its tokenizer adds, if it adds one; token ids are the client's own
+        texts = any(isinstance(p, str) for p in prompt.values)
+        adds = texts and await run_in_threadpool(lambda: srv.batcher.adds_bos)
+        bos = [adds and isinstance(p, str) for p in prompt.values]
     shape = endpoint.shape(id=endpoint.id_prefix + record.request_id, model=body.model, extra=prompt.extra,
-                           logprobs=body.top_logprobs_wanted() is not None, echo=echo, n=body.n)
+                           logprobs=body.top_logprobs_wanted() is not None, echo=echo, bos=bos, n=body.n)
     answers = [Answer(i, calls=CallFilter(prompt.tools.names) if prompt.tools.parse else None,
                       scoring=getattr(body, "scoring", False)) for i in range(len(streams))]
     headers = {SEED_HEADER: str(record.seed), **({THINK_HEADER: "open"} if prompt.opened_think else {})}

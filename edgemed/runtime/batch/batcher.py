@@ -504,6 +504,13 @@ class Batcher:
         with self._native:
             return self._require_model().n_vocab
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether ``tokenize`` of a text puts a BOS before its tokens (the vocabulary's ``add_bos_token``): a text
+        prompt's first token is then one the client did not send."""
+        with self._native:
+            return self._require_model().adds_bos()
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """``text``'s token ids; a text sure to be longer than a slot's context is refused before it is tokenized
         (``ContextOverflow``: ``_refuse_unfit``)."""
