@@ -172,3 +172,94 @@ def test_a_taken_or_bad_name_is_refused_before_the_self_test_runs(server, kit, m
         assert r.status_code == status and words in error["message"], r.text
         assert (error["code"], error["param"]) == (code, "name")
     assert called == [] and set(server.batcher.adapters()) == {"cardio"}
+
+
+@pytest.fixture(scope="module")
+def roomy(kit, tmp_path_factory):  # noqa: F811
+    """A server with no adapter at start and a budget with room for any, on a base of its own at ``srv.base`` (a
+    hard link to the kit's, else a copy) that a test may replace on disk; ``srv.checks["admit"]``: whether an add
+    goes through ``admit_adapter`` (False: straight to the load, as a server without the checks)."""
+    from edgemed.devices.profiles import get_profile
+    from edgemed.serve.app import create_app
+
+    base = tmp_path_factory.mktemp("roomy") / "base.gguf"
+    try:
+        os.link(kit["base"], base)  # replacing this name later leaves the kit's file and its bytes as they are
+    except OSError:
+        shutil.copyfile(kit["base"], base)
+    plan = make_plan(base, get_profile("generic"), None, requested_ctx=2048, budget=1 << 40)
+    batcher = Batcher(base, LoadSettings(n_ctx=2048, n_threads=1, n_threads_batch=1), slots=1, queue_size=2)
+    batcher.start()
+    checks = {"admit": True}
+
+    def admit(served, spec, finishing):
+        if checks["admit"]:
+            admit_adapter(plan, batcher.load, served, spec, finishing)
+
+    config = ServeConfig(model_id=MODEL, bundle_digest="sha256:test", admit_adapter=admit)
+    try:
+        with ServerThread(create_app(batcher, config)) as srv:
+            srv.batcher, srv.base, srv.checks = batcher, base, checks
+            yield srv
+    finally:
+        batcher.close()
+
+
+def test_a_base_file_that_no_longer_reads_is_the_servers_error_not_the_adapters(roomy, kit):  # noqa: F811
+    """The base the server loaded is replaced on disk by a truncated copy, then by a file that is no GGUF: adding a
+    good adapter is the server's error (500 base_unreadable, naming the base file and a restart on a good one), at
+    the admit checks and at the load alike; it was the caller's 400 adapter_not_loadable, telling it to fix its
+    adapter. With the base back, the same adapter is added."""
+    base = roomy.base
+    aside = base.with_name("base.aside")
+    os.rename(base, aside)  # the loaded file (its inode) stays whole, under another name
+    try:
+        with open(aside, "rb") as f:
+            head = f.read(1 << 20)
+        for content in (head, b"not a model\n"):  # truncated, then no GGUF at all
+            base.write_bytes(content)
+            for checked in (True, False):  # refused by admit_adapter's checks, and by the load's own
+                roomy.checks["admit"] = checked
+                r = _add(roomy, "triage", kit["triage"])
+                assert r.status_code == 500, r.text
+                error = r.json()["error"]
+                assert (error["code"], error["type"], error["param"]) == ("base_unreadable", "server_error", None)
+                message = error["message"]
+                assert f"The base model file '{base}'" in message and "no longer reads as a GGUF" in message, message
+                assert "restart the server on it" in message and "'triage.lora.gguf' could not be checked" in message
+                assert roomy.batcher.adapters() == {}
+    finally:
+        roomy.checks["admit"] = True
+        os.replace(aside, base)
+    r = _add(roomy, "triage", kit["triage"])
+    assert r.status_code == 200, r.text
+    assert httpx.delete(roomy.url + "/admin/adapters/triage").status_code == 200
+
+
+def test_the_self_test_of_an_add_applies_the_removed_adapters_still_finishing_requests(roomy, kit, tmp_path,  # noqa: F811
+                                                                                        monkeypatch):
+    """A removed adapter stays loaded while requests run on it, so the set a new adapter joins includes it: the memory
+    check counted it, and the host self-test's child now applies it too (it decoded with the served ones and the new
+    one only, a set the server does not hold)."""
+    from edgemed.runtime import selftest
+
+    assert wait_until(lambda: not roomy.batcher.finishing())
+    assert _add(roomy, "triage", kit["triage"]).status_code == 200
+    copy = tmp_path / "triage2.lora.gguf"
+    shutil.copyfile(kit["triage"], copy)
+    tested = []
+    monkeypatch.setattr(selftest, "admit", lambda path, load, adapters: tested.append((path, list(adapters))))
+    no_end = Extras(logit_bias=tuple((t, -100.0) for t in roomy.batcher._model.eog_ids()))  # runs its max_tokens
+    held = roomy.batcher.submit(PROMPT, GenerationSettings(max_tokens=1900), request_id="held", extras=no_end,
+                                adapter="triage")
+    try:
+        r = httpx.delete(roomy.url + "/admin/adapters/triage")
+        assert r.status_code == 200 and r.json()["requests_finishing"] == 1, r.text
+        r = _add(roomy, "triage2", copy)
+        assert r.status_code == 200, r.text
+        assert set(roomy.batcher.finishing()) == {"triage"}, "the held request ended early: the test proves nothing"
+    finally:
+        held.cancel()
+    assert tested == [(roomy.base, [AdapterSpec(kit["triage"]), AdapterSpec(copy)])]
+    assert wait_until(lambda: not roomy.batcher.finishing())
+    assert httpx.delete(roomy.url + "/admin/adapters/triage2").status_code == 200

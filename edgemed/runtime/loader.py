@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemed.errors import AdapterError, InputError
+from edgemed.errors import AdapterError, EdgemedError, InputError
 from edgemed.runtime.engine import LoadSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,29 @@ def _specs(adapters) -> tuple[AdapterSpec, ...]:
 class MergedBase(AdapterError):
     """The base, not the adapter, is at fault: it has a LoRA merged into its weights, so no adapter edgemed made runs
     on it (``refuse_merged_base``)."""
+
+
+class BaseUnreadable(EdgemedError):
+    """The base file a model was loaded from no longer reads as a GGUF (replaced, truncated or made unreadable on disk
+    since the load): the fault is the server's file, not the adapter checked against it (``loaded_base_metadata``)."""
+
+
+def loaded_base_metadata(base_path: Path, adapter_path: Path) -> dict:
+    """The metadata of ``base_path``, the file a model already loaded came from, to check the adapter ``adapter_path``
+    against; a header that no longer reads is ``BaseUnreadable``, naming the base and a restart on a good one, never
+    a refusal of the adapter."""
+    from edgemed.errors import IntegrityError
+    from edgemed.formats.gguf_header import read_header
+
+    try:
+        return read_header(base_path).metadata
+    except (InputError, IntegrityError) as exc:
+        raise BaseUnreadable(
+            f"The base model file '{base_path}', which this model was loaded from, no longer reads as a GGUF (it was "
+            f"replaced, truncated or made unreadable since the load): {exc.problem} The adapter "
+            f"'{Path(adapter_path).name}' could not be checked against it and was not loaded.",
+            "put back the base the server was started on (reinstall its bundle, or convert it again) and restart the "
+            "server on it; then add the adapter again") from exc
 
 
 #: what to do with a base that has a LoRA merged in, at run time (``convert --adapter-only --base`` says its own)
@@ -164,11 +187,11 @@ def load_adapter(model, adapter):
     file's end) says nothing of which base the file was made for: edgemed already compared the base records, so the
     refusal names what llama.cpp read and never claims another base (llama.cpp's own hint guesses one)."""
     from edgemed.errors import ModelLoadError
-    from edgemed.formats.gguf_header import BASE_SOURCE_KEY, read_header
+    from edgemed.formats.gguf_header import BASE_SOURCE_KEY
     from edgemed.runtime import llamacpp, native_log
 
     spec = _specs([adapter])[0]
-    facts = check_adapter(read_header(model.path).metadata, model.path, spec.path)
+    facts = check_adapter(loaded_base_metadata(model.path, spec.path), model.path, spec.path)
     with native_log.watch(REFUSED_LINE) as said:
         try:
             loaded = llamacpp.Adapter(model, spec.path)

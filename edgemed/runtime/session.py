@@ -133,15 +133,16 @@ def admit_adapter(plan: Plan, load: LoadSettings, served=(), added=None, finishi
     this base (``AdapterError``), fits the memory budget with what is loaded (``PlanError``), and the host
     self-test passes for the model with the whole set (``ModelLoadError`` on a native crash). Nothing is loaded.
     ``finishing``: adapters removed whose running requests keep them loaded; their tensors hold memory until those
-    end, so the budget counts them beside ``served``."""
+    end, so the budget counts them beside ``served``, and the self-test's child applies them too (the set the new
+    adapter joins is all that is loaded). A base file that no longer reads is ``loader.BaseUnreadable``: the
+    server's, not the adapter's."""
     from edgemed.errors import PlanError
-    from edgemed.formats.gguf_header import read_header
     from edgemed.runtime import selftest
-    from edgemed.runtime.loader import check_adapter
+    from edgemed.runtime.loader import check_adapter, loaded_base_metadata
     from edgemed.runtime.plan import MIB, adapter_room, adapters_bytes
 
     model = Path(plan.model)
-    check_adapter(read_header(model).metadata, model, added.path)
+    check_adapter(loaded_base_metadata(model, added.path), model, added.path)
     served, finishing = list(served), list(finishing)
     needed, budget = adapter_room(plan, [*served, *finishing], [added])
     if needed > budget:
@@ -157,7 +158,7 @@ def admit_adapter(plan: Plan, load: LoadSettings, served=(), added=None, finishi
             "it was not loaded and the server serves as before.",
             f"{wait}remove an adapter first (DELETE /admin/adapters/NAME), or restart edgemed serve with --adapter FILE "
             "(the plan then makes room for it) or with a smaller --ctx or --prefix-cache-mib")
-    selftest.admit(model, load, [*served, added])
+    selftest.admit(model, load, [*served, *finishing, added])
 
 
 #: what closes a thought (finished or capped) before the answer is asked for (``respond``; the accuracy harness's cue)

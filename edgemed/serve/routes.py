@@ -5,7 +5,8 @@
 (``{"name", "path" | "adapter", "scale"}``) and ``DELETE /admin/adapters/{name}`` add and remove adapters on the
 running server (``middleware.Guard``: the API key when the server has keys, else loopback clients only). An added
 adapter first passes ``ServeConfig.admit_adapter`` (made for this base: 400; fits the memory plan with what is
-loaded, removed adapters still finishing requests included: 507; the host self-test for the model with the whole set: 409), one add at a time; a refusal loads nothing,
+loaded, removed adapters still finishing requests included: 507; the host self-test for the model with that whole set
+and the new one: 409), one add at a time; a base file that no longer reads is the server's 500; a refusal loads nothing,
 and says in words for an HTTP caller what is wrong, with a ``code`` and the body field at fault in ``param``. Admin
 calls' audit records name the adapter with the sha256 and scale of its weights (``middleware.adapter_fields``).
 ``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
@@ -198,11 +199,13 @@ def _refused(srv, exc, field: str, spec=None, before: tuple | None = None):
     from a change as ``Batcher.add_adapter`` tells them apart."""
     from edgemed.errors import AdapterError, InputError, IntegrityError
     from edgemed.runtime.batch.batcher import AdapterNameTaken
-    from edgemed.runtime.loader import MergedBase
+    from edgemed.runtime.loader import BaseUnreadable, MergedBase
 
     model = srv.config.model_id
     if isinstance(exc, AdapterNameTaken):  # added meanwhile
         return _name_taken(exc)
+    if isinstance(exc, BaseUnreadable):  # the server's own base file: nothing the caller sends mends it
+        return api.ApiError(500, f"{exc.problem} Fix: {exc.fix}.", "server_error", "base_unreadable")
     if isinstance(exc, MergedBase):  # the server's base is at fault: no adapter made for its checkpoint runs on it
         return api.ApiError(409, f"{exc.problem} Fix: serve the unmerged base: restart this server on a GGUF converted "
                                  "from the plain checkpoint (`edgemed convert CHECKPOINT`), then add the adapter to it.",
