@@ -802,3 +802,38 @@ def test_a_stop_while_the_pull_prints_its_result_reports_the_install(registry, t
         assert doc["name"] == "tiny" and doc["stopped"] == "Ctrl-C" and "ok" not in doc, doc
     else:
         assert r.stdout == ""
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_stop_as_the_pull_returns_before_the_result_is_in_hand_reports_the_install(registry, tmp_path, monkeypatch,
+                                                                                     trust, maker_key, as_json):
+    """A stop (here Ctrl-C) that landed the instant the pull returned, before the command had its result and opened
+    its report, said "nothing half-written was left behind" (and, with --json, printed {"ok": false}), while the
+    model was installed. Now it reports the install, read from the store, and exits with the stop's status."""
+    from edgemed.packaging import oci_pull
+
+    src = bundle_kit.inputs(tmp_path / "src")
+    _pack_dir(src, tmp_path / "b", "tiny", maker_key[0])
+    ref = registry.ref("clinic/returned:v1")
+    _cli("push", tmp_path / "b", ref)
+    home = trust(tmp_path / "home")
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    pull = oci_pull.pull
+
+    def then_stopped(*args, **kwargs):
+        pull(*args, **kwargs)  # done, and the pull's own guard is left behind
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oci_pull, "pull", then_stopped)
+    r = CliRunner().invoke(cli, ["pull", ref, *(["--json"] if as_json else [])])
+    assert r.exit_code == 130 and _models(home) == ["tiny"], r.output
+    assert "Interrupted after 'tiny' was installed" in r.stderr and "nothing half-written" not in r.stderr, r.stderr
+    if as_json:
+        doc = json.loads(r.stdout)
+        assert doc["name"] == "tiny" and doc["digest"].startswith("sha256:") and doc["stopped"] == "Ctrl-C", doc
+        assert "ok" not in doc and doc["unfinished"].startswith("printing its report"), doc
+    else:
+        assert r.stdout == ""
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGEMED_HOME", str(home))
+    _cli("verify", "tiny", "--full")

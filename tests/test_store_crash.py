@@ -344,3 +344,53 @@ def test_a_stop_while_the_command_prints_its_result_reports_the_change(bundles, 
     held = [row.get("digest") for row in Store().list()]
     assert held == {"install": ["sha256:" + _sha(bundles["new"][1])], "rollback": ["sha256:" + _sha(bundles["old"][1])],
                     "remove": []}[command], held
+
+
+@pytest.mark.parametrize("command", ["install", "rollback", "remove"])
+def test_a_stop_as_the_store_returns_before_the_result_is_in_hand_reports_the_change(bundles, tmp_path, monkeypatch,
+                                                                                      command):
+    """A stop (here Ctrl-C) that landed the instant install, rollback or remove returned, before the command had its
+    result and opened its report, said "nothing half-written was left behind", while the change had taken effect.
+    Now it says what took effect, the store agrees, and the exit status is still the stop's."""
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    Store().install(bundles["old"][0])
+    if command == "rollback":
+        Store().install(bundles["new"][0], force=True)
+    method = getattr(Store, command)
+
+    def then_stopped(self, *args, **kwargs):
+        method(self, *args, **kwargs)  # done, and the store's own guard is left behind
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, command, then_stopped)
+    args = {"install": ["install", bundles["new"][0], "--force"], "rollback": ["rollback", "tiny"],
+            "remove": ["remove", "tiny"]}[command]
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    want = {"install": "new", "rollback": "old", "remove": None}[command]
+    verb = {"install": "installed: sha256:", "rollback": "rolled back to sha256:", "remove": "removed"}[command]
+    assert r.exit_code == 130 and f"Interrupted after 'tiny' was {verb}" in r.stderr, r.output
+    assert "Not finished: printing " in r.stderr and "nothing half-written" not in r.stderr and r.stdout == "", r.output
+    if want is not None:
+        assert f"sha256:{_sha(bundles[want][1])[:12]}" in r.stderr, r.stderr
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    held = [row.get("digest") for row in Store().list()]
+    assert held == ([] if want is None else ["sha256:" + _sha(bundles[want][1])]), held
+    _assert_clean(Store())
+
+
+def test_a_store_command_stopped_before_its_commit_point_still_says_nothing_changed(bundles, tmp_path, monkeypatch):
+    """The other side of the same guard: a stop before the store changed anything (here as the store lock is
+    taken) is reported as nothing half-written, and the model installed stays as it was."""
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    Store().install(bundles["old"][0])
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "locked", stopped)
+    r = CliRunner().invoke(cli, ["install", str(bundles["new"][0]), "--force"])
+    assert r.exit_code == 130 and "Interrupted; nothing half-written was left behind." in r.stderr, r.output
+    monkeypatch.undo()
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    assert [row.get("digest") for row in Store().list()] == ["sha256:" + _sha(bundles["old"][1])]

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 import click
 
@@ -53,15 +54,19 @@ def echo_json_result(text: str) -> None:
 
 
 @contextlib.contextmanager
-def reporting(done: Done):
-    """Around what a command prints once its change took effect (``done``: the result is known). A stop (Ctrl-C,
-    SIGTERM) while it prints goes on marked with ``done`` (``_stopped`` reports the change, not "nothing
-    half-written"); one that a stage marked already, past its own commit point, keeps that stage's words."""
+def reporting(took_effect: Callable[[], Done | None]):
+    """Around a command's change and what it prints once the change took effect. A stop (Ctrl-C, SIGTERM) that its
+    stage marked already, past its own commit point, keeps that stage's words; any other goes on marked with what
+    ``took_effect()``, asked then, says is in place (``_stopped`` reports the change, not "nothing half-written"):
+    so a stop that lands after the stage returned and before the command has its result in hand is told as truly as
+    one while it prints. None: nothing took effect, and the stop is reported as such."""
     try:
         yield
     except KeyboardInterrupt as stop:
         if done_before(stop) is None:
-            stopped_after(stop, done)
+            done = took_effect()
+            if done is not None:
+                stopped_after(stop, done)
         raise
 
 
@@ -222,8 +227,8 @@ def _stopped(ctx, stop: KeyboardInterrupt, said: str, problem: str) -> None:
     """Say what a stop (``said``: how it came) left. Before the command's change took effect, nothing: its own
     temporary files went, and ``--json`` prints the failure document (``problem``). After it (the stage that passed
     its commit point marked the stop: ``errors.Done``, e.g. a pull or install killed once the new version was swapped
-    in), what took effect and what was cut short; ``--json`` prints the command's result document with ``stopped``
-    and ``unfinished`` added, never a failure.
+    in; or ``reporting`` did, for a stop after the stage returned), what took effect and what was cut short;
+    ``--json`` prints the command's result document with ``stopped`` and ``unfinished`` added, never a failure.
 
     The exit status stays the stop's either way (death by SIGTERM, 130 for Ctrl-C): the process was stopped, and a
     service manager or shell must see the stop it asked for whatever instant it landed on. What took effect is told

@@ -78,12 +78,16 @@ def pull(source, name, key, force, allow_signer_change, allow_downgrade, insecur
     from edgemed.packaging import signing
     from edgemed.packaging.oci_pull import done
     from edgemed.packaging.oci_pull import pull as do_pull
+    from edgemed.packaging.store import Store
 
     public_key = signing.load_public_key(key) if key else None
-    r = do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force,
-                allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade)
-    with reporting(done(r, "printing its report (`edgemed list` shows the model)")):
-        _said(r, as_json)
+    store, pulled = Store(), []  # pulled: the pull's result, once it is in hand
+    left = "printing its report (`edgemed list` shows the model)"
+    # opened before the pull: a stop just after it returned, before its result is in hand, is told by the store
+    with reporting(lambda: done(pulled[0], left) if pulled else store.change_made(left)):
+        pulled.append(do_pull(source, name=name, insecure=insecure, public_key=public_key, force=force, store=store,
+                              allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade))
+        _said(pulled[0], as_json)
 
 
 def _said(r, as_json: bool) -> None:

@@ -37,17 +37,17 @@ def install(bundle, name, key, cert_chain, force, allow_signer_change, allow_dow
     unless all of it matches and the trust policy ($EDGEMED_HOME/trust.toml) accepts
     its signer. Then: edgemed run NAME.
     """
-    from edgemed.errors import Done
     from edgemed.packaging import signing
     from edgemed.packaging.store import Store
 
     public_key = signing.load_public_key(key) if key else signing.cert_roots(cert_chain) if cert_chain else None
     store = Store()
     orders = []
-    target, man, signer = store.install(bundle, name=name, public_key=public_key, force=force,
-                                        allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade,
-                                        on_order=orders.append)
-    with reporting(Done(f"'{target}' was installed", "printing its report (`edgemed list` shows it)")):
+    # opened before the install: a stop just after it returned, before its result is in hand, reports the install too
+    with reporting(lambda: store.change_made("printing its report (`edgemed list` shows it)")):
+        target, man, signer = store.install(bundle, name=name, public_key=public_key, force=force,
+                                            allow_signer_change=allow_signer_change, allow_downgrade=allow_downgrade,
+                                            on_order=orders.append)
         _installed(store, target, man, signer, orders)
 
 
@@ -110,11 +110,11 @@ def list_(as_json):
 @click.argument("name")
 def remove(name):
     """Remove NAME from the local store (files another model shares stay)."""
-    from edgemed.errors import Done
     from edgemed.packaging.store import Store
 
-    freed = Store().remove(name)
-    with reporting(Done(f"'{name}' was removed", "printing the space it freed (nothing the store needs)")):
+    store = Store()
+    with reporting(lambda: store.change_made("printing the space it freed (nothing the store needs)")):
+        freed = store.remove(name)
         click.echo(shown(f"removed {name}; freed {freed / 1e6:,.1f} MB"))
 
 
@@ -197,12 +197,11 @@ def rollback(name):
     The switch is atomic (a kill at any point leaves one of the two installed), and the
     version rolled back from is kept: a second rollback returns to it.
     """
-    from edgemed.errors import Done
     from edgemed.packaging.store import Store
 
-    now, kept = Store().rollback(name)
-    with reporting(Done(f"'{name}' was rolled back to sha256:{now['manifest_sha256'][:12]}",
-                        "printing its report (`edgemed list` shows it)")):
+    store = Store()
+    with reporting(lambda: store.change_made("printing its report (`edgemed list` shows it)")):
+        now, kept = store.rollback(name)
         click.echo(shown(f"{name} is back to {now.get('version') or 'the earlier version'} (sha256:{now['manifest_sha256'][:12]}, "
                          f"from {now.get('origin') or now['source']}); kept sha256:{kept['manifest_sha256'][:12]} for "
                          f"`edgemed rollback {name}`"))

@@ -41,7 +41,8 @@ read fails (a swap came between its reads of the index, the manifest and the fil
 again holding the lock shared, under which nothing is swapped (``Store.verify``, ``list``). A stop (Ctrl-C, SIGTERM)
 that comes once an install or rollback has swapped ``models/<name>``, or a remove has moved it into its trash, cannot
 undo it: it goes on marked with the version now installed (or the model removed) and what it cut short
-(``_stop_told``), which the command reports instead of "nothing changed".
+(``_stop_told``; a stop after the method returned, before the command printed its result: ``change_made``),
+which the command reports instead of "nothing changed".
 
 Update and rollback: an install over an installed model records the old record as the new
 one's ``previous``; rolling forward then moves the replaced copy (the aside, or the stage
@@ -160,6 +161,7 @@ class Store:
         self.journal_path = self.root / JOURNAL
         self.cache = VerifiedCache()
         self._said: set[str] = set()  # the warnings of ``_settle_dead`` already given by this Store
+        self._change: tuple[str, dict] | None = None  # the last install, rollback or remove begun: verb, swap
 
     # -- housekeeping ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -239,16 +241,36 @@ class Store:
         it (settling rolls it forward), so the stop goes on marked with what took effect (``errors.stopped_after``)
         and what it cut short, for the command to report the model it installed, not a change that never was."""
         swap: dict = {}
+        self._change = verb, swap
         try:
             yield swap
         except KeyboardInterrupt as stop:
-            name, record = swap.get("name"), swap.get("record")
-            with contextlib.suppress(OSError, StoreError):
-                if record is not None and manifest_sha256(self.models / name) == record["manifest_sha256"]:
-                    stopped_after(stop, self._done(name, record, verb, swap.get("cleaned", False)))
-                elif swap.get("removed") and self._removed(name):
-                    stopped_after(stop, self._gone(name, swap.get("cleaned", False)))
+            done = self._took_effect(verb, swap)
+            if done is not None:
+                stopped_after(stop, done)
             raise
+
+    def change_made(self, after: str) -> Done | None:
+        """What the last install, rollback or remove this Store began has made take effect, for a stop (Ctrl-C,
+        SIGTERM) that comes once it returned, before the command has printed its result (``after``: that report,
+        which the stop cut short); None where it made none (it failed, or was stopped before its commit point) or
+        none was begun. Read from the store as ``_stop_told`` reads it, so it holds for a stop at any instant."""
+        if self._change is None:
+            return None
+        verb, swap = self._change
+        return self._took_effect(verb, swap, after)
+
+    def _took_effect(self, verb: str, swap: dict, after: str = "nothing the store needs (it was releasing its lock)"
+                     ) -> Done | None:
+        """What the change ``swap`` names made take effect (``_stop_told``); ``after``: what is left once the store
+        has nothing left to do."""
+        name, record = swap.get("name"), swap.get("record")
+        with contextlib.suppress(OSError, StoreError):
+            if record is not None and manifest_sha256(self.models / name) == record["manifest_sha256"]:
+                return self._done(name, record, verb, swap.get("cleaned", False), after)
+            if swap.get("removed") and self._removed(name):
+                return self._gone(name, swap.get("cleaned", False), after)
+        return None
 
     def _removed(self, name: str) -> bool:
         """Whether a remove of ``name`` (``swap["removed"]``, set before its journal is written) has taken effect:
@@ -258,16 +280,16 @@ class Store:
             return False
         return os.path.lexists(self.journal_path) or name not in self._raw_index()
 
-    def _gone(self, name: str, cleaned: bool) -> Done:
+    def _gone(self, name: str, cleaned: bool, after: str) -> Done:
         """What a remove of ``name`` left when a stop came once it took effect (``_removed``)."""
         left = [] if cleaned else [("the clean-up of its files no other model uses (the next install, pull, "
                                     "rollback or remove does it)")]
         if os.path.lexists(self.journal_path):
             left.insert(0, f"settling its journal (dropping its record from {self.index_path.name}, its kept versions "
                            "and its folder in the trash; the next edgemed command that reads the store does it)")
-        return Done(f"'{name}' was removed", "; ".join(left) or "nothing the store needs (it was releasing its lock)")
+        return Done(f"'{name}' was removed", "; ".join(left) or after)
 
-    def _done(self, name: str, record: dict, verb: str, cleaned: bool) -> Done:
+    def _done(self, name: str, record: dict, verb: str, cleaned: bool, after: str) -> Done:
         """What an install or rollback of ``record`` as ``name`` left when a stop came after its swap."""
         digest = "sha256:" + record["manifest_sha256"]
         left = [] if cleaned else [("the clean-up of its staging folder and of the files no model uses any more (the "
@@ -277,7 +299,7 @@ class Store:
             left.insert(0, f"settling its journal (recording it in {self.index_path.name}{kept}; the next edgemed "
                            "command that reads the store does it)")
         version = f"version {record['version']} ({digest[:19]})" if record.get("version") else digest[:19]
-        return Done(f"'{name}' {verb} {version}", "; ".join(left) or "nothing the store needs (it was releasing its lock)",
+        return Done(f"'{name}' {verb} {version}", "; ".join(left) or after,
                     {"name": name, "version": record.get("version"), "digest": digest,
                      "signed_by": record.get("signed_by")})
 
