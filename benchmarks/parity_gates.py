@@ -2,6 +2,8 @@
 
     python -m edgemed.benchmarks.parity_gates                       # SmolLM2-135M and Qwen2.5-0.5B, four types
     python -m edgemed.benchmarks.parity_gates --model smollm2-135m-instruct --types q4_k_m
+    python -m edgemed.benchmarks.parity_gates --model smollm2-135m-instruct --types onnx-fp32,onnx-int4 \
+        --name parity_gates-onnx                                    # the ONNX route's outputs
 
 Per model (its Hugging Face checkpoint from the pip package, ``pip_models.hf_checkpoint``) and type, converts the
 checkpoint as ``edgemed convert`` does (4-bit types with the default importance matrix), then breaks copies of the
@@ -13,9 +15,16 @@ file in place, each in one way a conversion or a later edit could:
 - ``special``: the embedding rows of the chat template's special tokens zeroed (<|im_start|>, <|im_end|>);
 - ``blocks``: 1 % of the quant blocks of every decoder matrix zeroed.
 
-Each file is compared with the source on the gate's own prompts (``parity.check_gguf``, the reference computed once
-per model) and its headline figures (``fidelity``: first position left out) are written to
-``<results-dir>/parity_gates.json`` and its table to ``parity_gates.md``; decision 0022 reads them.
+An ``onnx-<weight type>`` type (``onnx-fp32``, ``onnx-int4``) is the directory ``edgemed convert --to onnx`` writes
+(the traced graph, the int4 recipe's defaults), broken in a copy of its graph and data file (``break_onnx``):
+``layer`` and ``special`` as above; ``blocks``: 1 % of the int4 blocks of every decoder ``MatMulNBits`` zeroed (their
+scales, so the block's weights are 0 whatever its zero point), or for float32 1 % of the decoder matrices' elements
+(as an F16 GGUF's "blocks" are single values). No ``rope``: the graph holds no rope-base field, as the GGUF header does.
+
+Each file is compared with the source on the gate's own prompts (``parity.check_gguf``, ``onnx.parity.check_onnx``;
+the reference computed once per model) and its headline figures (``fidelity``: first position left out) are written
+to ``<results-dir>/<name>.json`` and its table to ``<name>.md`` (``--name``, default ``parity_gates``); decision 0022
+reads them.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("smollm2-135m-instruct", "qwen2.5-0.5b-instruct")
 TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
 DAMAGE = ("layer", "rope", "special", "blocks")
+#: ``--types`` entries for the ONNX route: ``onnx-`` and the weight type ``convert --to onnx --quant`` takes
+ONNX_PREFIX = "onnx-"
+ONNX_DAMAGE = ("layer", "special", "blocks")
 
 
 def _break(path: Path, how: str, special: list[int]) -> None:
@@ -71,6 +83,83 @@ def _break(path: Path, how: str, special: list[int]) -> None:
     r.data.flush()
 
 
+def break_onnx(directory: Path, out: Path, how: str, special: list[int], layers: int) -> None:
+    """Write into the new folder ``out`` a copy of the ONNX directory ``directory`` (``convert --to onnx``'s) with its
+    graph's weights damaged (``how``: one of ``ONNX_DAMAGE``; ``special``: the chat tokens' ids; ``layers``: the
+    model's decoder layer count). The copy is written anew (graph and one data file), the original left as it is."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from edgemed.converters.onnx.export import MODEL_FILE
+    from edgemed.converters.onnx.quant import save_single_file
+
+    shutil.copytree(directory, out, ignore=shutil.ignore_patterns(MODEL_FILE, MODEL_FILE + ".data"))
+    model = onnx.load(str(directory / MODEL_FILE))
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def edit(name, change):  # one initializer through numpy, written back in place
+        array = numpy_helper.to_array(inits[name]).copy()
+        change(array)
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+
+    def zero(array):
+        array[...] = 0
+
+    # the decoder's weight products: MatMul's weight, or MatMulNBits' block scales (a zero scale: a zero block)
+    products = [(n, n.input[2] if n.op_type == "MatMulNBits" else n.input[1]) for n in model.graph.node
+                if n.op_type in ("MatMul", "MatMulNBits") and "/layers." in n.name and n.input[1] in inits]
+    if how == "layer":
+        mid = f"/layers.{layers // 2}/"
+        hit = [w for n, w in products if mid in n.name and ("/o_proj/" in n.name or "/down_proj/" in n.name)]
+        assert len(hit) == 2, hit
+        for name in hit:
+            edit(name, zero)
+    elif how == "special":
+        embed = next(n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+
+        def rows(array):
+            array[special] = 0
+
+        edit(embed, rows)
+    elif how == "blocks":
+        rng = np.random.default_rng(0)
+
+        def some(array):
+            array[rng.random(array.shape) < 0.01] = 0
+
+        assert products
+        for _, name in products:
+            edit(name, some)
+    else:
+        raise ValueError(how)
+    save_single_file(model, out / MODEL_FILE)
+
+
+def _measure_onnx(ckpt, model: str, weight_type: str, work: Path, threads, reference, special):
+    """Rows for the intact ``convert --to onnx`` directory of ``weight_type`` and its broken copies, one at a time."""
+    from edgemed.converters.onnx.export import MODEL_FILE, OnnxOptions, convert_onnx
+    from edgemed.converters.onnx.parity import check_onnx
+
+    layers = json.loads((Path(ckpt) / "config.json").read_text())["num_hidden_layers"]
+    intact = work / f"{model}-onnx-{weight_type}"
+    if not intact.exists():
+        convert_onnx(ckpt, intact, OnnxOptions(weight_type=weight_type, parity=False, threads=threads),
+                     echo=lambda s: None)
+    for how in ("intact", *ONNX_DAMAGE):
+        path = intact
+        if how != "intact":
+            path = work / f"{model}-onnx-{weight_type}-{how}"
+            break_onnx(intact, path, how, special, layers)
+        t0 = time.perf_counter()
+        report = check_onnx(ckpt, path / MODEL_FILE, weight_type, threads=threads, reference=reference)
+        row = {"model": model, "type": ONNX_PREFIX + weight_type, "file": how, **_figures(report),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        if path != intact:
+            shutil.rmtree(path)
+        yield row
+
+
 def _figures(report) -> dict:
     return {"kld": report.kld, "kld_p99": report.fidelity.get("kld_p99"), "top1": report.top1, "nmse": report.nmse,
             "n_positions": report.n_positions, "passed": report.passed}
@@ -93,6 +182,11 @@ def measure(model: str, types, work: Path, threads: int | None, echo=print) -> l
     echo(f"{model}: reference in {time.perf_counter() - t0:.1f} s")
     rows = []
     for out_type in types:
+        if out_type.startswith(ONNX_PREFIX):
+            for row in _measure_onnx(ckpt, model, out_type[len(ONNX_PREFIX):], work, threads, reference, special):
+                echo(json.dumps(row))
+                rows.append(row)
+            continue
         intact = work / f"{model}-{out_type}.gguf"
         if not intact.exists():
             convert(ckpt, intact, ConvertOptions(out_type=out_type, parity=False, threads=threads), echo=lambda s: None)
@@ -124,10 +218,12 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help=f"pip model name (repeatable) [default: {', '.join(MODELS)}]")
-    ap.add_argument("--types", default=",".join(TYPES), help="comma-separated GGUF types")
+    ap.add_argument("--types", default=",".join(TYPES),
+                    help=f"comma-separated GGUF types, or {ONNX_PREFIX}fp32 / {ONNX_PREFIX}int4 for the ONNX route")
     ap.add_argument("--work", type=Path, help="folder for the converted files [default: a temporary one]")
     ap.add_argument("--threads", type=int, help="CPU threads")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="parity_gates", help="the results files' name: <name>.json and <name>.md")
     args = ap.parse_args()
     import tempfile
 
@@ -141,14 +237,18 @@ def main() -> None:
         for model in args.model or MODELS:
             rows += measure(model, args.types.split(","), work, args.threads)
     gates = {"nmse": NMSE_GATES, "top1": TOP1_GATE, "kld": KLD_GATES}
-    doc = {"command": "python -m edgemed.benchmarks.parity_gates", "rule": RULE, "metric_version": VERSION,
+    command = "python -m edgemed.benchmarks.parity_gates"
+    if args.model or args.types != ",".join(TYPES) or args.name != "parity_gates":
+        command += "".join(f" --model {m}" for m in args.model or ()) + f" --types {args.types}" + (
+            f" --name {args.name}" if args.name != "parity_gates" else "")
+    doc = {"command": command, "rule": RULE, "metric_version": VERSION,
            "gates_when_measured": gates, "rows": rows}
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    write_text(args.results_dir / "parity_gates.json", json.dumps(doc, indent=1) + "\n", force=True)
+    write_text(args.results_dir / f"{args.name}.json", json.dumps(doc, indent=1) + "\n", force=True)
     page = (f"# Parity gates: intact conversions against broken copies\n\n`{doc['command']}` (figures in "
-            "`parity_gates.json`). Headline positions (each prompt's first left out); \"gate then\": the gates in force "
+            f"`{args.name}.json`). Headline positions (each prompt's first left out); \"gate then\": the gates in force "
             f"when measured ({json.dumps(gates)}).\n\n{table(rows)}\n")
-    write_text(args.results_dir / "parity_gates.md", page, force=True)
+    write_text(args.results_dir / f"{args.name}.md", page, force=True)
     print(table(rows))
 
 

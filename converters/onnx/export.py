@@ -8,7 +8,7 @@ Steps, each refusing bad input before anything is written:
    ``genai`` has onnxruntime-genai's model builder write it from the merged weights, ``onnx_builder``);
 3. parity gate: float32 ONNX vs the HF source (+ PEFT, unmerged) must reach NMSE < 1e-4;
 4. for ``int4``: the kind's int4 step, ``MatMulNBits`` weights, block 32, asymmetric, LM head 8-bit, accuracy
-   level 4; gated on finite logits and top-1 agreement >= parity.TOP1_GATE;
+   level 4; gated on finite logits, top-1 agreement >= parity.TOP1_GATE and KLD <= parity.KLD_GATES["int4"];
 5. copy tokenizer, chat template, generation config, and prove the copied ``tokenizer.json``, as the ONNX engine
    reads it, splits medical text as the source's Hugging Face tokenizer does (``parity.verify_tokenizer``); write
    ``genai_config.json`` and ``report.json``;
@@ -128,7 +128,7 @@ def _convert_onnx(source: Path, out: Path, opts: OnnxOptions, echo=print) -> Con
                         if kind.int4_from_fp32:
                             raise
                         raise _unloadable_build(source, kind, exc) from None
-                # quantized: finite logits and top-1 agreement (parity.TOP1_GATE)
+                # quantized: finite logits, top-1 agreement (parity.TOP1_GATE) and its KLD bar (KLD_GATES)
                 parity["int4"] = gated(report, "The int4 ONNX model", echo)
         else:
             for f in fp32_path.parent.iterdir():

@@ -7,9 +7,10 @@ so it stays light):
 - ``fp32(job) -> Path``: writes the float32 graph under ``job.work`` and returns its model file; the fp32
   parity gate (NMSE against the HF source + PEFT, unmerged) runs on that file;
 - ``int4(job, fp32_model, out_dir, recipe)``: writes the int4 graph into ``out_dir``; the int4 gate (finite
-  logits, top-1 >= ``parity.TOP1_GATE``) runs on the result. ``int4_from_fp32`` says whether it quantizes
-  the gated fp32 graph (so the fp32 gate vouches for the int4 graph's structure) or rebuilds from the HF weights
-  (then the fp32 graph is deleted first, and the gate proves the builder's graph, the int4 report the weights).
+  logits, top-1 >= ``parity.TOP1_GATE``, KLD <= ``parity.KLD_GATES["int4"]``) runs on the result.
+  ``int4_from_fp32`` says whether it quantizes the gated fp32 graph (so the fp32 gate vouches for the int4 graph's
+  structure) or rebuilds from the HF weights (then the fp32 graph is deleted first, and the gate proves the
+  builder's graph, the int4 report the weights).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Same prompts, same token ids, same metrics as the GGUF gate
 (``edgemed.converters.quality.parity``): float32 ONNX must reach NMSE < 1e-4; int4 must
-give finite logits and top-1 agreement >= ``parity.TOP1_GATE``. Each prompt is run as one prefill with
+give finite logits and top-1 agreement >= ``parity.TOP1_GATE``; each has a bar on its KL divergence
+(``parity.KLD_GATES``, under its ``GATE_TYPE`` key; decision 0022). Each prompt is run as one prefill with
 an empty KV cache, which is the path every generation starts with.
 """
 
@@ -19,7 +20,8 @@ from edgemed.formats import genai_config
 
 GENAI_CONFIG = "genai_config.json"
 
-# ONNX weight type -> the parity gate's output-type key (f32: the NMSE gate; int4: the quantized top-1 gate)
+# ONNX weight type -> the parity gate's output-type key (f32: the NMSE gate; int4: the quantized top-1 gate; each
+# with its ``KLD_GATES`` bar)
 GATE_TYPE = {"fp32": "f32", "int4": "int4"}
 
 
@@ -162,8 +164,8 @@ def verify_tokenizer(source_dir: Path, onnx_dir: Path, samples=None) -> int:
 
 def weight_type_of(path: Path, report: dict | None) -> str:
     """The weight type of the ONNX graph at ``path``, read from it (int4: ``MatMulNBits`` nodes; else fp32), which
-    chooses the gate (fp32: NMSE; int4: top-1 agreement); its directory's conversion ``report`` saying otherwise is
-    refused rather than let choose the looser gate."""
+    chooses the gate (fp32: NMSE; int4: top-1 agreement; each its KLD bar); its directory's conversion ``report``
+    saying otherwise is refused rather than let choose the looser gate."""
     import onnx
 
     from edgemed.errors import InputError

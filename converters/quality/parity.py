@@ -33,11 +33,12 @@ NMSE_GATES: dict[str, float | None] = {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-3}
 TOP1_GATE = 0.4
 #: Rows of one prompt compared at once in float64 (``compare``): 40 rows of a 152k vocabulary are 49 MB a copy.
 COMPARE_ROWS = 40
-# Every GGUF type -> the headline KLD (nats) a file may reach: the bar that catches what keeps most argmaxes (a
-# decoder layer that adds nothing, damaged blocks, wiped chat-token rows). 1.3x or more what an intact conversion of
+# Every GGUF type, and the ONNX route's int4 graph (``int4``; its fp32 graph is gated as ``f32``: ``onnx.parity.
+# GATE_TYPE``) -> the headline KLD (nats) a file may reach: the bar that catches what keeps most argmaxes (a decoder
+# layer that adds nothing, damaged blocks, wiped chat-token rows). 1.3x or more what an intact conversion of
 # SmolLM2-135M (the least faithful model measured) reaches, under its broken ones; decision 0022.
 KLD_GATES: dict[str, float] = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-3, "q8_0": 0.03, "q5_k_m": 0.15, "q4_k_m": 0.15,
-                                "q4_0": 0.7}
+                                "q4_0": 0.7, "int4": 0.7}
 
 
 @dataclass
@@ -204,9 +205,10 @@ def gate_error(report: ParityReport, what: str, outcome: str = "nothing was writ
         problem = (f"{what} does not match its source: KL divergence {report.kld:.3g} nats over {report.n_positions} "
                    f"positions (must be <= {report.gate_kld:g} for {report.out_type.upper()}, a bar set above what "
                    f"intact {report.out_type.upper()} conversions measure; top-1 {report.top1:.1%})")
+    wider = "--to onnx --quant fp32" if report.backend == "onnx" else "--quant q8_0, or f16"
     fix = ("this is a converter bug for this checkpoint: rerun with -vv and report it, with the checkpoint's config.json"
            if report.gate_nmse is not None else
-           "convert to a wider type (--quant q8_0, or f16) and compare; if that also fails, report it with config.json")
+           f"convert to a wider type ({wider}) and compare; if that also fails, report it with config.json")
     if not report.finite and f16_fix is not None:
         fix = f"{f16_fix}: {F16_ACTIVATIONS}"
     return ParityError(f"{problem}; {outcome}.", fix)

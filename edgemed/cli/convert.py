@@ -241,7 +241,8 @@ def check(source, model, lora, allow_pickle, threads, as_json):
     """Parity of MODEL (a GGUF, or a directory `convert --to onnx` wrote) against its Hugging Face SOURCE: NMSE, KL
     divergence, top-1 agreement.
 
-    Exits 1 when MODEL fails its gate (float types: NMSE; quantized types: top-1 agreement; all: finite logits).
+    Exits 1 when MODEL fails its gate (float types: NMSE; quantized types: top-1 agreement; a KL-divergence bar per
+    type; all: finite logits).
     """
     import json
 
