@@ -50,8 +50,11 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def int4(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "tiny-int4"
-    report = convert_onnx(tiny, out, OnnxOptions(weight_type="int4"), echo=lambda s: None)
+    root = tmp_path_factory.mktemp("onnx")
+    out = root / "tiny-int4"
+    with pytest.MonkeyPatch.context() as env:  # before the per-test home: the output is recorded in this one
+        env.setenv("EDGEMED_HOME", str(root / "edgemed-home"))
+        report = convert_onnx(tiny, out, OnnxOptions(weight_type="int4"), echo=lambda s: None)
     assert report.parity["int4"]["passed"] is True, report.parity
     return out
 
