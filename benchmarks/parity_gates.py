@@ -30,8 +30,10 @@ reads them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,18 +148,27 @@ def _measure_onnx(ckpt, model: str, weight_type: str, work: Path, threads, refer
     if not intact.exists():
         convert_onnx(ckpt, intact, OnnxOptions(weight_type=weight_type, parity=False, threads=threads),
                      echo=lambda s: None)
-    for how in ("intact", *ONNX_DAMAGE):
-        path = intact
-        if how != "intact":
-            path = work / f"{model}-onnx-{weight_type}-{how}"
-            break_onnx(intact, path, how, special, layers)
-        t0 = time.perf_counter()
-        report = check_onnx(ckpt, path / MODEL_FILE, weight_type, threads=threads, reference=reference)
-        row = {"model": model, "type": ONNX_PREFIX + weight_type, "file": how, **_figures(report),
-               "seconds": round(time.perf_counter() - t0, 1)}
-        if path != intact:
-            shutil.rmtree(path)
-        yield row
+    with _scratch(work) as scratch:
+        for how in ("intact", *ONNX_DAMAGE):
+            path = intact
+            if how != "intact":
+                path = scratch / how
+                break_onnx(intact, path, how, special, layers)
+            t0 = time.perf_counter()
+            report = check_onnx(ckpt, path / MODEL_FILE, weight_type, threads=threads, reference=reference)
+            yield {"model": model, "type": ONNX_PREFIX + weight_type, "file": how, **_figures(report),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@contextlib.contextmanager
+def _scratch(work: Path):
+    """A new folder of this run's own inside ``work`` (which may be the user's ``--work``) for the broken copies,
+    removed whole afterwards: nothing of the same name already in ``work`` is overwritten or deleted."""
+    folder = Path(tempfile.mkdtemp(prefix="broken-", dir=work))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _figures(report) -> dict:
@@ -190,20 +201,21 @@ def measure(model: str, types, work: Path, threads: int | None, echo=print) -> l
         intact = work / f"{model}-{out_type}.gguf"
         if not intact.exists():
             convert(ckpt, intact, ConvertOptions(out_type=out_type, parity=False, threads=threads), echo=lambda s: None)
-        for how in ("intact", *DAMAGE):
-            path = intact
-            if how != "intact":
-                path = work / f"{model}-{out_type}-{how}.gguf"
-                shutil.copyfile(intact, path)
-                _break(path, how, special)
-            t0 = time.perf_counter()
-            report = check_gguf(ckpt, path, out_type, threads=threads, reference=reference)
-            row = {"model": model, "type": out_type, "file": how, **_figures(report),
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            echo(json.dumps(row))
-            rows.append(row)
-            if path != intact:
-                path.unlink()
+        with _scratch(work) as scratch:
+            for how in ("intact", *DAMAGE):
+                path = intact
+                if how != "intact":
+                    path = scratch / f"{how}.gguf"
+                    shutil.copyfile(intact, path)
+                    _break(path, how, special)
+                t0 = time.perf_counter()
+                report = check_gguf(ckpt, path, out_type, threads=threads, reference=reference)
+                row = {"model": model, "type": out_type, "file": how, **_figures(report),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                echo(json.dumps(row))
+                rows.append(row)
+                if path != intact:
+                    path.unlink()  # the next copy's disk space; the scratch folder goes afterwards anyway
     return rows
 
 
@@ -225,7 +237,6 @@ def main() -> None:
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--name", default="parity_gates", help="the results files' name: <name>.json and <name>.md")
     args = ap.parse_args()
-    import tempfile
 
     from edgemed.converters.quality.fidelity import RULE, VERSION
     from edgemed.converters.quality.parity import KLD_GATES, NMSE_GATES, TOP1_GATE
