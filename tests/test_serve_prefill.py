@@ -280,26 +280,43 @@ def test_short_prompts_that_arrive_together_start_generating_in_the_same_step(sm
     assert len(seconds) == 3 and max(firsts) < min(seconds), pieces
 
 
+GATHERED = ["What is the normal adult resting heart rate?", "Name two signs of dehydration.", "What does HbA1c measure?"]
+
+
+def record_pieces(monkeypatch) -> list[str]:
+    """The request id of every text piece the batcher hands over, in order (``Stream._put`` wrapped)."""
+    from edgemed.runtime.batch import stream as stream_module
+    from edgemed.runtime.batch.stream import Piece
+
+    events: list[str] = []
+    put = stream_module.Stream._put
+    monkeypatch.setattr(stream_module.Stream, "_put",
+                        lambda self, item: (events.append(self.request_id) if isinstance(item, Piece) else None,
+                                            put(self, item))[1])
+    return events
+
+
+def assert_first_step_together(events: list[str], ids: list[str]) -> None:
+    """Every one of ``ids`` got its first piece before any got its second: they were prefilled in one first step."""
+    firsts = [events.index(rid) for rid in ids]
+    seconds = [i for i, rid in enumerate(events) if events[:i].count(rid) == 1]
+    assert len(seconds) == len(ids) and max(firsts) < min(seconds), events
+
+
 def test_requests_sent_together_to_an_idle_server_are_gathered_into_one_first_step(smollm2_gguf, monkeypatch):
     """HTTP requests sent at once reach the batcher milliseconds apart: an idle scheduler waits for the
     stragglers (GATHER_QUIET_S) so all of them are prefilled in its first step."""
     pytest.importorskip("llama_cpp")
     from edgemed.runtime.batch import batcher as batcher_module
-    from edgemed.runtime.batch import stream as stream_module
-    from edgemed.runtime.batch.batcher import Batcher, Piece
+    from edgemed.runtime.batch.batcher import Batcher
 
     assert batcher_module.GATHER_QUIET_S >= 0.005 and batcher_module.GATHER_MAX_S <= 0.1  # cheap next to a prefill
     # The mechanism, not the tuning: on a loaded CI box a thread that sleeps 4 ms may run 50 ms later, so the
     # windows are widened here; the senders are still 0, 2 and 4 ms apart.
     monkeypatch.setattr(batcher_module, "GATHER_QUIET_S", 1.0)
     monkeypatch.setattr(batcher_module, "GATHER_MAX_S", 3.0)
-    events: list[str] = []
-    put = stream_module.Stream._put
-    monkeypatch.setattr(stream_module.Stream, "_put",
-                        lambda self, item: (events.append(self.request_id) if isinstance(item, Piece) else None,
-                                            put(self, item))[1])
-    questions = ["What is the normal adult resting heart rate?", "Name two signs of dehydration.",
-                 "What does HbA1c measure?"]
+    events = record_pieces(monkeypatch)
+    questions = GATHERED
     with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
         list(b.submit("Warm up.", GenerationSettings(max_tokens=2), request_id="warm"))
         events.clear()
@@ -316,9 +333,7 @@ def test_requests_sent_together_to_an_idle_server_are_gathered_into_one_first_st
             t.join()
         for s in streams:
             list(s)
-    firsts = [events.index(f"g{i}") for i in range(3)]
-    seconds = [i for i, rid in enumerate(events) if events[:i].count(rid) == 1]
-    assert len(seconds) == 3 and max(firsts) < min(seconds), events
+    assert_first_step_together(events, [f"g{i}" for i in range(3)])
 
 
 def test_announced_requests_are_waited_for_and_a_lone_one_is_not(smollm2_gguf, monkeypatch):
@@ -327,19 +342,13 @@ def test_announced_requests_are_waited_for_and_a_lone_one_is_not(smollm2_gguf, m
     prefills them in one first step; a request with none on its way starts without the fixed quiet."""
     pytest.importorskip("llama_cpp")
     from edgemed.runtime.batch import batcher as batcher_module
-    from edgemed.runtime.batch import stream as stream_module
-    from edgemed.runtime.batch.batcher import Batcher, Piece
+    from edgemed.runtime.batch.batcher import Batcher
 
     # a quiet no lone request could sit out here, and a window the slow preparations fit in on a loaded box
     monkeypatch.setattr(batcher_module, "GATHER_QUIET_S", 20.0)
     monkeypatch.setattr(batcher_module, "GATHER_MAX_S", 20.0)
-    events: list[str] = []
-    put = stream_module.Stream._put
-    monkeypatch.setattr(stream_module.Stream, "_put",
-                        lambda self, item: (events.append(self.request_id) if isinstance(item, Piece) else None,
-                                            put(self, item))[1])
-    questions = ["What is the normal adult resting heart rate?", "Name two signs of dehydration.",
-                 "What does HbA1c measure?"]
+    events = record_pieces(monkeypatch)
+    questions = GATHERED
     with Batcher(smollm2_gguf, LOAD, slots=4, queue_size=4) as b:
         list(b.submit("Warm up.", GenerationSettings(max_tokens=2), request_id="warm"))
         t0 = time.monotonic()
@@ -363,9 +372,7 @@ def test_announced_requests_are_waited_for_and_a_lone_one_is_not(smollm2_gguf, m
             t.join()
         for s in streams:
             list(s)
-    firsts = [events.index(f"g{i}") for i in range(3)]
-    seconds = [i for i, rid in enumerate(events) if events[:i].count(rid) == 1]
-    assert len(seconds) == 3 and max(firsts) < min(seconds), events
+    assert_first_step_together(events, [f"g{i}" for i in range(3)])
 
 
 def test_a_measured_budget_feeds_a_long_prompt_while_three_streams_keep_getting_tokens(smollm2_gguf):
