@@ -23,6 +23,26 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx2")
 
 #: the real CLI, with the batcher taking 2 s to end the answers at shutdown, and a grace period of 3 s less 1
+def start(patch: str, gguf, tmp_path, log, slots: int) -> subprocess.Popen:
+    """``edgemed serve`` of ``gguf`` on a free port, 1 thread, ``slots`` slots, its audit log at ``log``, run through
+    a script that first applies ``patch`` (Python source ending in running the CLI) to the server's modules."""
+    script = tmp_path / "patched_serve.py"
+    script.write_text(patch)
+    cmd = [sys.executable, str(script), "serve", str(gguf), "--port", "0", "--slots", str(slots), "--no-ui",
+           "--no-adapters", "--threads", "1", "--ctx", "2048", "--prefix-cache-mib", "0", "--audit-log", str(log)]
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, EDGEMED_HOME=str(tmp_path / "home")))
+
+
+def base_url(proc: subprocess.Popen) -> str:
+    """The OpenAI base URL the server prints once it listens (its stderr read up to that line)."""
+    while True:
+        line = proc.stderr.readline()
+        assert line, "the server ended before listening"
+        if line.startswith("OpenAI base_url: "):
+            return line.split()[2]
+
+
 SLOW_END = """
 import runpy, sys, time
 import edgemed.cli.serve as serve
@@ -39,21 +59,11 @@ runpy.run_module("edgemed", run_name="__main__")
 
 
 def test_a_stop_ends_a_stream_the_batcher_is_slow_to_end_with_a_503_recorded_before_the_stop(smollm2_gguf, tmp_path):
-    home, log = tmp_path / "home", tmp_path / "audit.jsonl"
-    script = tmp_path / "slow_end.py"
-    script.write_text(SLOW_END)
-    cmd = [sys.executable, str(script), "serve", str(smollm2_gguf), "--port", "0", "--slots", "1", "--no-ui",
-           "--no-adapters", "--threads", "1", "--ctx", "2048", "--prefix-cache-mib", "0", "--audit-log", str(log)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, EDGEMED_HOME=str(home)))
+    log = tmp_path / "audit.jsonl"
+    proc = start(SLOW_END, smollm2_gguf, tmp_path, log, slots=1)
     events: list[str] = []
     try:
-        url = None
-        while url is None:
-            line = proc.stderr.readline()
-            assert line, "the server ended before listening"
-            if line.startswith("OpenAI base_url: "):
-                url = line.split()[2]
+        url = base_url(proc)
         model = httpx.get(url + "/models", timeout=30).json()["data"][0]["id"]
         body = {"model": model, "stream": True, "max_tokens": 2000, "logit_bias": {"2": -100}, "messages": [
             {"role": "user", "content": "Write a very long history of medicine, century by century."}]}
@@ -112,22 +122,12 @@ def test_a_stop_cancelling_a_request_still_running_answers_and_records_503_not_5
     batcher closed) was answered with uvicorn's plain-text 500 and a traceback, and recorded (audit, metrics) as a
     500 server error. It is the server's shutdown: a 503 ``unavailable`` in OpenAI's shape, to retry, recorded so;
     a stream running beside it still ends with the 503 event and ``[DONE]``."""
-    home, log = tmp_path / "home", tmp_path / "audit.jsonl"
-    script = tmp_path / "held.py"
-    script.write_text(HELD)
-    cmd = [sys.executable, str(script), "serve", str(smollm2_gguf), "--port", "0", "--slots", "2", "--no-ui",
-           "--no-adapters", "--threads", "1", "--ctx", "2048", "--prefix-cache-mib", "0", "--audit-log", str(log)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, EDGEMED_HOME=str(home)))
+    log = tmp_path / "audit.jsonl"
+    proc = start(HELD, smollm2_gguf, tmp_path, log, slots=2)
     events: list[str] = []
     whole: list = []
     try:
-        url = None
-        while url is None:
-            line = proc.stderr.readline()
-            assert line, "the server ended before listening"
-            if line.startswith("OpenAI base_url: "):
-                url = line.split()[2]
+        url = base_url(proc)
         model = httpx.get(url + "/models", timeout=30).json()["data"][0]["id"]
         body = {"model": model, "max_tokens": 2000, "logit_bias": {"2": -100}, "messages": [
             {"role": "user", "content": "Write a very long history of medicine, century by century."}]}
