@@ -413,13 +413,18 @@ def _goal(value: float | None, p: dict | None, goal: float, at_most: bool = True
     return mark + (f" ({miss} of {len(p['per_round'])} rounds miss)" if miss else "")
 
 
+def _best_accounts(levels: dict):
+    """``(streams, edgemed's account, llama-server's account)`` of each level's best runs (``{}`` where none)."""
+    for n, lv in levels.items():
+        yield (n, (lv["best"].get("edgemed") or {}).get("account") or {},
+               (lv["best"].get("llama-server") or {}).get("account") or {})
+
+
 def account_md(levels: dict) -> list[str]:
     """The throughput part's time account (``time_account``) of each level's best runs, as a table; none for results
     stored before runs carried one."""
     rows = []
-    for n, lv in levels.items():
-        e = (lv["best"].get("edgemed") or {}).get("account") or {}
-        ls = (lv["best"].get("llama-server") or {}).get("account") or {}
+    for n, e, ls in _best_accounts(levels):
         if "llama_decode_ms" not in e:
             continue
         rows.append(f"| {n} | {e['ms_per_token']:.2f} | {e['llama_decode_ms']:.2f} | {e['step_rest_ms']:.2f} | "
@@ -442,9 +447,7 @@ def cpu_md(levels: dict) -> list[str]:
     """The CPU side of the account (``thread_split``) of each level's best runs; none for results stored before
     runs carried it."""
     rows = []
-    for n, lv in levels.items():
-        e = (lv["best"].get("edgemed") or {}).get("account") or {}
-        ls = (lv["best"].get("llama-server") or {}).get("account") or {}
+    for n, e, ls in _best_accounts(levels):
         if "compute_cpu_ms" not in e:
             continue
         rows.append(f"| {n} | {e['compute_cpu_ms']:.2f} | {e['serving_cpu_ms']:.2f} | "
