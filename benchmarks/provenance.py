@@ -89,12 +89,21 @@ def _llama_cpp_python() -> str | None:
         return None
 
 
-def code_state(paths: tuple[str, ...] = ("edgemed",)) -> dict:
+def code_state(paths: tuple[str, ...] = ("edgemed",), root: Path | None = None) -> dict:
     """The edgemed code the servers ran: the git commit and the files under ``paths`` (edgemed/) changed from it (the
-    workloads measure the tree as it is), or None outside a git checkout."""
+    workloads measure the tree as it is), or None outside a git checkout. ``root``: the checkout to read; by default
+    the one holding the ``edgemed`` package this process imported, which the servers it starts import too (a clean
+    worktree put first on ``PYTHONPATH`` is that worktree, not the checkout this script came from)."""
+    if root is None:
+        import edgemed
+
+        root = Path(edgemed.__file__).resolve().parent.parent
+    return _git_state(root, paths)
+
+
+def _git_state(root: Path, paths: tuple[str, ...]) -> dict:
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,

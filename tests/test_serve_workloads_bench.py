@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -331,3 +332,28 @@ def test_template_throughput_and_long_ratios_are_paired_by_round():
         "llama-server": [{"round": 0, "long_ttft_s": 4.0}, {"round": 1, "long_ttft_s": 1.0}]}})
     assert long["ratio_long_ttft"] == pytest.approx((0.5 + 4.0) / 2)
     assert "1 of 2 rounds miss" in sw._goal(long["ratio_long_ttft"], long["ratio_long_ttft_paired"], 2.5)
+
+
+def test_code_state_reads_the_checkout_of_the_imported_package_not_the_script_s(tmp_path, monkeypatch):
+    """A before/after run puts a clean worktree first on PYTHONPATH: the servers import edgemed from there, and the
+    commit and changed files recorded must be that worktree's, not those of the checkout the script came from."""
+    import subprocess
+    import types
+
+    from edgemed.benchmarks import provenance
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "edgemed").mkdir()
+    (tmp_path / "edgemed" / "__init__.py").write_text("")
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "base")
+    git("add", "edgemed/__init__.py")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "package")
+    (tmp_path / "edgemed" / "__init__.py").write_text("# changed\n")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    monkeypatch.setitem(sys.modules, "edgemed", types.SimpleNamespace(__file__=str(tmp_path / "edgemed" / "__init__.py")))
+    state = provenance.code_state()
+    assert state == {"commit": head, "changed": ["edgemed/__init__.py"]}
