@@ -65,7 +65,7 @@ from pathlib import Path
 from edgemed.benchmarks.harness.datasets import Item
 from edgemed.benchmarks.harness.stats import wilson
 from edgemed.errors import ContextOverflow, InputError
-from edgemed.runtime.chat_template import fold_system
+from edgemed.runtime.chat_template import folded, probe_system_role, system_then_user
 from edgemed.runtime.session import THOUGHT_CLOSING, starts_in_think
 from edgemed.templates.think import CLOSE
 
@@ -282,12 +282,27 @@ def private_replies(path: Path, keep: bool) -> None:
 
 # -- one item ---------------------------------------------------------------------------
 class _Prepared:
-    """Templates, cue tokens and choice tokens, built once per template / choice set."""
+    """Templates, cue tokens and choice tokens, built once per template / choice set; whether the scorer's chat
+    template takes a system role, learnt once per run (one scorer: one model, one chat template)."""
 
     def __init__(self, scorer):
         self.scorer = scorer
         self._templates: dict = {}
         self._tokens: dict = {}
+        self._probed, self._no_system_role = False, None  # ``probe_system_role``'s answer, once probed
+
+    def messages(self, tpl, inputs: dict) -> list[dict]:
+        """``tpl``'s messages for ``inputs`` as ``chat_template.fold_system`` gives them to the chat template (the
+        system message folded into the user's where the template takes none), at no render of their own: whether it
+        takes a system role is probed once (``probe_system_role``, at the first item) and reused for every item, not
+        probed again with each item's system text (two to four renders more, twice an item). A probe that fails is not
+        kept: the item fails as ``fold_system`` failed it."""
+        messages = tpl.messages(inputs)
+        if not system_then_user(messages):
+            return messages
+        if not self._probed:
+            self._no_system_role, self._probed = probe_system_role(self.scorer.render), True
+        return folded(messages, self._no_system_role)[0]
 
     def template(self, name: str):
         if name not in self._templates:
@@ -306,12 +321,13 @@ class _Prepared:
         return self._tokens[choices]
 
 
-def _asked(scorer, tpl, cue: list[int], inputs: dict) -> tuple[str, bool, list[int], list[int]]:
+def _asked(prepared: _Prepared, tpl, cue: list[int], inputs: dict) -> tuple[str, bool, list[int], list[int]]:
     """How an item is put to the model: the rendered prompt, whether it opens a thought, its tokens, and the tokens
     up to the answer cue."""
+    scorer = prepared.scorer
     # as ``session.ask`` sends it: the system message folded into the user's where the chat template takes none (a
     # model with a system role gets the very messages the template wrote, so its stored results' prompts stand)
-    rendered = scorer.render(fold_system(scorer.render, tpl.messages(inputs))[0])
+    rendered = scorer.render(prepared.messages(tpl, inputs))
     thinks = starts_in_think(rendered)  # a reasoning model's chat template opens the thought (R1: "<think>\n")
     prompt = scorer.tokenize(rendered)
     # the cue after the thought, closed as ``session.respond`` closes a capped one: "Answer:" inside an open thought
@@ -325,7 +341,7 @@ def positions_needed(scorer, prepared: _Prepared, item: Item, template: str, max
     """Context positions ``score_item`` uses for ``item``: the cued prompt and its next token and, with ``generate``,
     the prompt and ``max_gen_tokens`` new tokens (for a model that thinks, a capped thought and then the answer)."""
     tpl, cue = prepared.template(template_for(item, template))
-    _, thinks, prompt, cued = _asked(scorer, tpl, cue, template_inputs(tpl, item))
+    _, thinks, prompt, cued = _asked(prepared, tpl, cue, template_inputs(tpl, item))
     need = len(cued) + 1
     if generate:
         need = max(need, len(cued) - len(cue) + 2 * max_gen_tokens if thinks else len(prompt) + max_gen_tokens)
@@ -373,7 +389,7 @@ def score_item(scorer, prepared: _Prepared, item: Item, template: str, max_gen_t
 
     before = dict(scorer.counters)
     start = time.perf_counter()
-    rendered, thinks, prompt, cued = _asked(scorer, tpl, cue, inputs)
+    rendered, thinks, prompt, cued = _asked(prepared, tpl, cue, inputs)
     probs, mass = choice_probs(scorer.next_logits(cued), tokens)
     logit_s = time.perf_counter() - start
     gen_pred = parsed_ok = reply = None
