@@ -149,6 +149,10 @@ def test_a_schema_the_grammar_converter_rejects_is_a_400(server):
     is_openai_error(chat(server, "Name one vitamin.", response_format=fmt), 400, None)
 
 
+#: a free-text field at the bound of one count
+NOTE = {"type": "string", "maxLength": 1000}
+
+
 @pytest.mark.parametrize("kind,value,words", [
     # llama.cpp's parser builds rules for {2,1} until memory runs out
     ("grammar", 'root ::= "a"{2,1}', "at most 1 is fewer than at least 2"),
@@ -158,6 +162,12 @@ def test_a_schema_the_grammar_converter_rejects_is_a_400(server):
     ("schema", {"type": "string", "maxLength": 30_000}, "maxLength is 30000"),
     # ... and writes minItems out in full (about 18 characters an item) before anything reads it
     ("schema", {"type": "array", "items": {"type": "integer"}, "minItems": 10**8}, "minItems is 100000000"),
+    # ... and counts each within the bound can add up: a count of a group repeats all of it, each length is written
+    ("schema", {"type": "string", "pattern": "^(a{999}){999}$"}, "998,001 characters written out"),
+    ("schema", {"type": "object", "properties": {f"n{i}": NOTE for i in range(21)}},
+     "comes to 21,000 with its counts written out"),
+    # the converter wrote a reversed count as its lower bound
+    ("schema", {"type": "string", "pattern": "^[0-9]{5,2}$"}, "the count {5,2}"),
 ])
 def test_a_grammar_llama_cpp_cannot_parse_safely_is_a_400_and_the_server_stays_up(server, kind, value, words):
     if kind == "grammar":
@@ -215,6 +225,17 @@ def test_a_count_inside_an_enum_value_is_data_not_a_schema():
 def test_a_schema_within_the_limits_still_constrains_the_answer(server):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"v": {"type": "string", "maxLength": 1000}}, "required": ["v"]}}}
+    r = chat(server, "Name one vitamin.", response_format=fmt, max_tokens=24)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+
+def test_a_schema_at_the_size_bound_still_constrains_the_answer(server):
+    from edgemed.runtime.schema_check import MAX_SCHEMA_COUNT, MAX_SCHEMA_SIZE
+
+    pattern = f"^([0-9]{{{MAX_SCHEMA_COUNT}}}){{{MAX_SCHEMA_SIZE // MAX_SCHEMA_COUNT}}}$"
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"v": {"type": "string", "pattern": pattern}}, "required": ["v"]}}}
     r = chat(server, "Name one vitamin.", response_format=fmt, max_tokens=24)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")

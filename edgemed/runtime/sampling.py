@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from edgemed.errors import InputError, TemplateError
-from edgemed.runtime.schema_check import MAX_SCHEMA_COUNT
+from edgemed.runtime.schema_check import MAX_SCHEMA_COUNT, MAX_SCHEMA_SIZE, grammar_size
 
 if TYPE_CHECKING:
     from edgemed.runtime.engine import GenerationSettings
@@ -110,14 +110,16 @@ def check_gbnf(text: str) -> None:
 
 
 def check_schema_counts(schema: str | dict) -> None:
-    """``SchemaError`` naming a count of the JSON schema (text, or already read) above ``MAX_SCHEMA_COUNT``, before a
-    converter writes it out: a response format's, and each tool's ``parameters``."""
+    """``SchemaError`` naming a count of the JSON schema (text, or already read) above ``MAX_SCHEMA_COUNT``, or counts
+    that add up beyond ``MAX_SCHEMA_SIZE`` (``schema_check.grammar_size``), before a converter writes them out: a
+    response format's, and each tool's ``parameters``."""
     import json
 
     try:
         todo = [json.loads(schema) if isinstance(schema, str) else schema]
     except (ValueError, RecursionError):
         return  # the converter says what is wrong with it
+    root = todo[0]
     while todo:
         item = todo.pop()
         if isinstance(item, dict):
@@ -129,6 +131,12 @@ def check_schema_counts(schema: str | dict) -> None:
             todo.extend(v for k, v in item.items() if k not in _SCHEMA_DATA)
         elif isinstance(item, list):
             todo.extend(item)
+    size = grammar_size(root)
+    if size > MAX_SCHEMA_SIZE:
+        raise SchemaError(f"The JSON schema comes to {size:,} with its counts written out (each pattern's characters "
+                          f"and count copies, and each maxLength/minLength and maxItems/minItems, summed over the "
+                          f"schema); a constrained answer's schema takes at most {MAX_SCHEMA_SIZE:,}.",
+                          "lower those counts, or leave some out and check those lengths after the answer")
 
 
 def grammar_text(settings: GenerationSettings) -> str | None:
