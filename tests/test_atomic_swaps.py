@@ -404,3 +404,154 @@ def test_a_stop_while_an_approved_old_folder_is_deleted_leaves_the_new_output(tm
     assert os.listdir(dest) == ["model.onnx"] and (dest / "model.onnx").read_text() == "new"
     left = [d for d in crash_kit.debris(tmp_path) if not d.endswith(".lock")]
     assert len(left) == 1 and (tmp_path / left[0] / "model.onnx").read_text() == "old", left
+
+
+
+# -- a stop while the error path puts the old output back ------------------------------------------------------
+def _stops(monkeypatch, exchange: bool, at: set[str], race: str | None = None, act=None) -> list[str]:
+    """Raise KeyboardInterrupt (a stop) once at each event named in ``at``: a step ("atomic.put-back", as it is
+    reached), or "exchange N" / "rename N" (just after the N-th exchange, or rename of a replacement, has succeeded);
+    without ``exchange``, folders are swapped in two renames. ``act()`` runs once at the step ``race``, before any stop
+    there. Returns the events that stopped, in order."""
+    real_step, real_exchange, real_rename = atomic.step, atomic._exchange, os.rename
+    counts, fired, raced = {"exchange": 0, "rename": 0}, [], []
+
+    def stop(event):
+        if event in at and event not in fired:
+            fired.append(event)
+            raise KeyboardInterrupt
+
+    def step(what):
+        if what == race and not raced:
+            raced.append(what)
+            act()
+        stop(what)
+        real_step(what)
+
+    def exchanged(a, b):
+        if not exchange or not real_exchange(a, b):
+            return False
+        counts["exchange"] += 1
+        stop(f"exchange {counts['exchange']}")
+        return True
+
+    def rename(a, b):
+        real_rename(a, b)
+        if debris.is_debris(a) or debris.is_debris(b):  # the replacement's renames, not a test's own
+            counts["rename"] += 1
+            stop(f"rename {counts['rename']}")
+
+    monkeypatch.setattr(atomic, "step", step)
+    monkeypatch.setattr(atomic, "_exchange", exchanged)
+    monkeypatch.setattr(os, "rename", rename)
+    return fired
+
+
+#: each instant of a put-back: the steps before it, after its exchange, after each of its two renames (the swap's own
+#: renames are the first two)
+_PUT_BACK = {True: ["atomic.discard-old", "atomic.put-back", "exchange 2"],
+             False: ["atomic.discard-old", "atomic.put-back", "rename 3", "atomic.put-back-aside", "rename 4"]}
+
+
+@pytest.mark.parametrize("exchange,first,second", [(x, f, s) for x in (True, False) for f in ("changed", "stop")
+                                                   for s in _PUT_BACK[x]],
+                         ids=lambda v: {True: "renameat2", False: "two-renames"}[v] if isinstance(v, bool) else v)
+def test_a_stop_while_the_error_path_puts_the_old_output_back_still_leaves_it_in_place(tmp_path, monkeypatch, exchange,
+                                                                                       first, second):
+    """The error path (after a change found once the swap was done, or after a stop just after it) put the changed
+    old folder back, and a stop inside that put-back went out with it half done: the old folder, with the user's
+    notes, stayed at the temporary's name for the next sweep to delete, or the destination stayed empty. Now the
+    put-back is finished and the stop is raised after it: the old folder at its name, whole, nothing of edgemed's
+    left."""
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+
+    def add_notes():  # into the old folder, wherever it is now (at its name, or swapped out to a debris name)
+        old = next(p for p in [dest, *tmp_path.iterdir()] if (p / "model.onnx").is_file()
+                   and (p / "model.onnx").read_text() == "old")
+        (old / "clinic-notes.txt").write_text("the user's")
+
+    # "changed": notes added before the swap, found after it (OutputExists, put back by the error path); "stop": a
+    # stop just after the swap, notes added before the error path looks at what it took out
+    swapped = "exchange 1" if exchange else "rename 2"
+    fired = _stops(monkeypatch, exchange, {second} | ({swapped} if first == "stop" else set()),
+                   "atomic.exchange" if first == "changed" else "atomic.discard-old", add_notes)
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_dir(dest, "new", force=True)
+    assert fired == ([swapped] if first == "stop" else []) + [second]
+    assert (dest / "clinic-notes.txt").read_text() == "the user's" and (dest / "model.onnx").read_text() == "old"
+    assert crash_kit.debris(tmp_path) == []
+
+
+def test_a_second_stop_between_the_two_renames_never_leaves_the_destination_empty(tmp_path, monkeypatch):
+    """A stop just after the first of the two renames, then another before ``swap_in`` renamed the old folder back:
+    the error path found the old folder at the aside, unchanged, so approved, and discarded it, then the new one at
+    its temporary's name: neither was left. Now an old folder whose destination is empty is put back."""
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+    real_rename, renames = os.rename, []
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+
+    def rename(a, b):
+        replacing = debris.is_debris(a) or debris.is_debris(b)
+        if replacing:
+            renames.append(b)
+            if len(renames) == 2:  # swap_in's own rename back: stopped before it is made
+                raise KeyboardInterrupt
+        real_rename(a, b)
+        if replacing and len(renames) == 1:  # dest -> aside done
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_dir(dest, "new", force=True)
+    assert debris.is_debris(renames[0]) and renames[1] == dest
+    assert os.listdir(dest) == ["model.onnx"] and (dest / "model.onnx").read_text() == "old"
+    assert crash_kit.debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_a_kill_at_each_step_of_a_put_back_is_settled_by_the_next_command(tmp_path, exchange):
+    """Killed (SIGKILL: nothing runs after it) at each step of a replacement whose old folder was changed during the
+    swap, so put back: the next command writing that output sweeps what the kill left first. The destination then
+    holds the old folder or the new one, whole, never nothing, and nothing of edgemed's is left; killed once the
+    put-back has begun to move anything, it is the old folder with the user's notes (the new output, at its
+    temporary's name, removed; an aside, with its destination empty, restored)."""
+    from edgemed.errors import OutputExists
+
+    def run(dest: Path):
+        def go():  # in the killed child only: the race, and a file system without an exchange
+            real_step = atomic.step
+
+            def step(what):
+                if what == "atomic.exchange":
+                    (dest / "clinic-notes.txt").write_text("the user's")
+                real_step(what)
+
+            atomic.step = step
+            if not exchange:
+                atomic._exchange = lambda a, b: False
+            _onnx_dir(dest, "new", force=True)
+        return go
+
+    def old_output(n: int) -> Path:
+        (tmp_path / str(n)).mkdir()
+        _onnx_dir(tmp_path / str(n) / "model-onnx", "old")
+        return tmp_path / str(n) / "model-onnx"
+
+    log = tmp_path / "steps.log"
+    assert crash_kit.killed_at(run(old_output(0)), 0, log) == 2  # OutputExists: it was put back
+    names = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    put_back = names.index("atomic.put-back") + 1
+    for n in range(1, len(names) + 1):
+        dest = old_output(n)
+        assert crash_kit.killed_at(run(dest), n) == crash_kit.KILLED, names[n - 1]
+        try:
+            _onnx_dir(dest, "next", force=True)  # replaces only an unchanged edgemed folder (the new one)
+        except OutputExists:
+            pass  # the old folder, with the user's notes: left as it is
+        held = {p.name: p.read_text() for p in dest.iterdir()}
+        assert held in ({"model.onnx": "old", "clinic-notes.txt": "the user's"}, {"model.onnx": "next"}), (n, held)
+        if n > put_back:
+            assert held["model.onnx"] == "old", (names[n - 1], held)
+        assert crash_kit.debris(dest.parent) == [], (names[n - 1], crash_kit.debris(dest.parent))

@@ -268,11 +268,9 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
             if back:
                 raise _changed(back[0], option)
         except BaseException as exc:
-            _settle(swaps, ours, approved, kind)
-            for tmp in tmps:  # what we wrote, never what a swap took out (one a stop cut short while discarding it
-                # stays as debris, for the next sweep)
-                if os.path.lexists(tmp) and (tmp not in ours or _ident(tmp) == ours[tmp]):
-                    discard(tmp)
+            stop = _past_stops(lambda: _clean_up(tmps, swaps, ours, approved, kind))
+            if stop is not None and not isinstance(exc, KeyboardInterrupt):
+                raise stop  # a stop while an error was cleaned up: the command was stopped
             if isinstance(exc, OSError) and exc.filename is None and exc.errno in DISK_REFUSED:
                 # a write() on a full disk names no file: name the output it was for
                 raise type(exc)(exc.errno, exc.strerror, str(dests[0]) if len(dests) == 1 else
@@ -296,11 +294,37 @@ def _approved(old: Path, ident: tuple[int, int] | None, kind: str | None) -> boo
     return not stat.S_ISDIR(st.st_mode) or (kind is not None and ownership.made_by_edgemed(old, kind))
 
 
+def _clean_up(tmps: list[Path], swaps: list, ours: dict, approved: dict, kind: str | None) -> None:
+    """After an error or a stop: settle the swaps begun (``_settle``), then discard what we wrote, never what a swap
+    took out (one a stop cut short while discarding it stays as debris, for the next sweep). Run again after a stop,
+    it finishes what the stop cut short."""
+    _settle(swaps, ours, approved, kind)
+    for tmp in tmps:
+        if os.path.lexists(tmp) and (tmp not in ours or _ident(tmp) == ours[tmp]):
+            discard(tmp)
+
+
+def _past_stops(work) -> KeyboardInterrupt | None:
+    """Run ``work`` (a clean-up that, run again, finishes what a stop cut short) to its end, again after each stop
+    (Ctrl-C, SIGTERM) that lands in it; return the first such stop, or None, for the caller to raise once it is done.
+    Cut short, a put-back left the old output at a temporary's name, which the next sweep deletes, or its destination
+    empty. Each try needs a new stop; an error is raised as it comes."""
+    first = None
+    while True:
+        try:
+            work()
+            return first
+        except KeyboardInterrupt as stop:
+            first = first or stop
+
+
 def _settle(swaps: list, ours: dict, approved: dict, kind: str | None) -> list[Path]:
     """For each swap begun (``swaps``: temporary, destination, aside), find what it took out of the destination, by
     what is on disk and not by what ``swap_in`` returned (a stop may land after the swap and before the return):
-    discard it if it is still the approved object (checked once more, just before); put any other back at its
-    destination (the new output goes to the temporary name, which is debris). Return the destinations put back.
+    discard it if it is still the approved object (checked once more, just before) and the destination holds
+    something; put any other back at its destination (the new output goes to the temporary name, which is debris),
+    and so one that a stop left with its destination empty (between the two renames of a swap or of a put-back),
+    which would otherwise go with the new output too. Return the destinations put back.
     ``swaps`` is emptied as it goes; run again after a stop, it finishes what the stop cut short."""
     back = []
     while swaps:
@@ -308,7 +332,7 @@ def _settle(swaps: list, ours: dict, approved: dict, kind: str | None) -> list[P
         old = _taken_out(tmp, aside, ours.get(tmp))
         if old is not None:
             step("atomic.discard-old")
-            if _approved(old, approved.get(dest), kind):
+            if os.path.lexists(dest) and _approved(old, approved.get(dest), kind):
                 swaps.pop(0)  # first: a stop during the discard leaves the rest as debris, never puts it back
                 discard(old)
                 continue
