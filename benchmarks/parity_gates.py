@@ -4,6 +4,7 @@
     python -m edgemed.benchmarks.parity_gates --model smollm2-135m-instruct --types q4_k_m
     python -m edgemed.benchmarks.parity_gates --model smollm2-135m-instruct --types onnx-fp32,onnx-int4 \
         --name parity_gates-onnx                                    # the ONNX route's outputs
+    python -m edgemed.benchmarks.parity_gates --name parity_gates-onnx --render  # its files again, nothing measured
 
 Per model (its Hugging Face checkpoint from the pip package, ``pip_models.hf_checkpoint``) and type, converts the
 checkpoint as ``edgemed convert`` does (4-bit types with the default importance matrix), then breaks copies of the
@@ -24,7 +25,9 @@ scales, so the block's weights are 0 whatever its zero point), or for float32 1 
 Each file is compared with the source on the gate's own prompts (``parity.check_gguf``, ``onnx.parity.check_onnx``;
 the reference computed once per model) and its headline figures (``fidelity``: first position left out) are written
 to ``<results-dir>/<name>.json`` and its table to ``<name>.md`` (``--name``, default ``parity_gates``); decision 0022
-reads them.
+reads them. Beside the gate tables in force (``gates_when_measured``) the JSON names every gate each type's rows were
+held to (``gates_applied``, an ONNX type under its gate key; the "gate then" column); ``--render`` writes both files
+again from the JSON's rows and tables, measuring nothing.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ def _measure_onnx(ckpt, model: str, weight_type: str, work: Path, threads, refer
                 break_onnx(intact, path, how, special, layers)
             t0 = time.perf_counter()
             report = check_onnx(ckpt, path / MODEL_FILE, weight_type, threads=threads, reference=reference)
-            yield {"model": model, "type": ONNX_PREFIX + weight_type, "file": how, **_figures(report),
+            row_type = ONNX_PREFIX + weight_type
+            yield {"model": model, "type": row_type, "file": how, **_figures(report, row_type),
                    "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -171,7 +175,15 @@ def _scratch(work: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _figures(report) -> dict:
+def _figures(report, row_type: str) -> dict:
+    """A row's figures from its check's ``report``; the gates it applied must be the ones ``gates_applied`` writes for
+    ``row_type`` (the block names every gate a row was held to, or the run stops here)."""
+    from edgemed.converters.quality.parity import gates_for
+
+    applied = {"nmse": report.gate_nmse, "top1": report.gate_top1, "kld": report.gate_kld}
+    if applied != gates_for(gate_key(row_type)):
+        raise RuntimeError(f"{row_type}: the check applied {applied}, not the gates the results would record "
+                           f"({gates_for(gate_key(row_type))}): gate_key or parity.gates_for is out of step with it")
     return {"kld": report.kld, "kld_p99": report.fidelity.get("kld_p99"), "top1": report.top1, "nmse": report.nmse,
             "n_positions": report.n_positions, "passed": report.passed}
 
@@ -210,7 +222,7 @@ def measure(model: str, types, work: Path, threads: int | None, echo=print) -> l
                     _break(path, how, special)
                 t0 = time.perf_counter()
                 report = check_gguf(ckpt, path, out_type, threads=threads, reference=reference)
-                row = {"model": model, "type": out_type, "file": how, **_figures(report),
+                row = {"model": model, "type": out_type, "file": how, **_figures(report, out_type),
                        "seconds": round(time.perf_counter() - t0, 1)}
                 echo(json.dumps(row))
                 rows.append(row)
@@ -227,6 +239,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gate_key(row_type: str) -> str:
+    """The gate tables' key for a row's type: a GGUF type is its own; ``onnx-<weight type>`` is gated under
+    ``onnx.parity.GATE_TYPE``'s key (fp32 as ``f32``, int4 as ``int4``), as ``check_onnx`` gates it."""
+    if not row_type.startswith(ONNX_PREFIX):
+        return row_type
+    from edgemed.converters.onnx.parity import GATE_TYPE
+
+    weight_type = row_type[len(ONNX_PREFIX):]
+    return GATE_TYPE.get(weight_type, weight_type)
+
+
+def gates_applied(rows: list[dict], when: dict) -> dict[str, dict]:
+    """Row type -> every gate its files were held to (``parity.gates_for``: ``nmse``, ``top1``, ``kld``; None where
+    it had none) under ``when``, the gate tables in force when the rows were measured (``gates_when_measured``): what
+    the "gate then" column applied, type by type, an ONNX type under its own key."""
+    from edgemed.converters.quality.parity import gates_for
+
+    return {t: gates_for(gate_key(t), when) for t in dict.fromkeys(r["type"] for r in rows)}
+
+
+def with_gates_applied(doc: dict) -> dict:
+    """A results document with its ``gates_applied`` (re)made from its rows and ``gates_when_measured``, beside them."""
+    out = {k: v for k, v in doc.items() if k not in ("gates_applied", "rows")}
+    return {**out, "gates_applied": gates_applied(doc["rows"], doc["gates_when_measured"]), "rows": doc["rows"]}
+
+
+def _gate_words(gates: dict) -> str:
+    words = [f"NMSE < {gates['nmse']:g}" if gates["nmse"] is not None else f"top-1 >= {gates['top1']:g}",
+             f"KLD <= {gates['kld']:g}" if gates["kld"] is not None else "no KLD bar"]
+    return ", ".join(words)
+
+
+def write(results_dir: Path, name: str, doc: dict) -> None:
+    """``<name>.json`` (``doc`` with its ``gates_applied``) and its page ``<name>.md`` in ``results_dir``."""
+    doc = with_gates_applied(doc)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_text(results_dir / f"{name}.json", json.dumps(doc, indent=1) + "\n", force=True)
+    then = "; ".join(f"{t.upper()}: {_gate_words(g)}" for t, g in doc["gates_applied"].items())
+    page = (f"# Parity gates: intact conversions against broken copies\n\n`{doc['command']}` (figures in "
+            f"`{name}.json`). Headline positions (each prompt's first left out); \"gate then\": the gates in force "
+            f"when measured ({then}; `gates_applied`, from the tables in `gates_when_measured`).\n\n"
+            f"{table(doc['rows'])}\n")
+    write_text(results_dir / f"{name}.md", page, force=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help=f"pip model name (repeatable) [default: {', '.join(MODELS)}]")
@@ -236,7 +293,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="CPU threads")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--name", default="parity_gates", help="the results files' name: <name>.json and <name>.md")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: write <name>.json's gates_applied and <name>.md again from its rows and "
+                         "gates_when_measured")
     args = ap.parse_args()
+
+    if args.render:
+        path = args.results_dir / f"{args.name}.json"
+        if not path.is_file():
+            ap.error(f"--render reads {path}, which does not exist: pass the --results-dir and --name it was written "
+                     "with, or measure first (leave out --render)")
+        write(args.results_dir, args.name, json.loads(path.read_text(encoding="utf-8")))
+        print(f"{path} and its .md written again from its rows")
+        return
 
     from edgemed.converters.quality.fidelity import RULE, VERSION
     from edgemed.converters.quality.parity import KLD_GATES, NMSE_GATES, TOP1_GATE
@@ -247,19 +316,13 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for model in args.model or MODELS:
             rows += measure(model, args.types.split(","), work, args.threads)
-    gates = {"nmse": NMSE_GATES, "top1": TOP1_GATE, "kld": KLD_GATES}
     command = "python -m edgemed.benchmarks.parity_gates"
     if args.model or args.types != ",".join(TYPES) or args.name != "parity_gates":
         command += "".join(f" --model {m}" for m in args.model or ()) + f" --types {args.types}" + (
             f" --name {args.name}" if args.name != "parity_gates" else "")
     doc = {"command": command, "rule": RULE, "metric_version": VERSION,
-           "gates_when_measured": gates, "rows": rows}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    write_text(args.results_dir / f"{args.name}.json", json.dumps(doc, indent=1) + "\n", force=True)
-    page = (f"# Parity gates: intact conversions against broken copies\n\n`{doc['command']}` (figures in "
-            f"`{args.name}.json`). Headline positions (each prompt's first left out); \"gate then\": the gates in force "
-            f"when measured ({json.dumps(gates)}).\n\n{table(rows)}\n")
-    write_text(args.results_dir / f"{args.name}.md", page, force=True)
+           "gates_when_measured": {"nmse": NMSE_GATES, "top1": TOP1_GATE, "kld": KLD_GATES}, "rows": rows}
+    write(args.results_dir, args.name, doc)
     print(table(rows))
 
 

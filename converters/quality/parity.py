@@ -41,6 +41,16 @@ KLD_GATES: dict[str, float] = {"f32": 1e-3, "f16": 1e-3, "bf16": 1e-3, "q8_0": 0
                                 "q4_0": 0.7, "int4": 0.7}
 
 
+def gates_for(out_type: str, when: dict | None = None) -> dict[str, float | None]:
+    """The gates a file of ``out_type`` (a GGUF type, or ``onnx.parity.GATE_TYPE``'s key) is held to: ``nmse`` its
+    NMSE bar (float types), else ``top1`` the top-1 floor, and ``kld`` its KLD bar; None where it has none. From
+    ``NMSE_GATES``, ``TOP1_GATE`` and ``KLD_GATES``, or from ``when``, those tables as a results file recorded them
+    (``{"nmse": ..., "top1": ..., "kld": ...}``: ``benchmarks/parity_gates``' gates in force when it measured)."""
+    when = when or {"nmse": NMSE_GATES, "top1": TOP1_GATE, "kld": KLD_GATES}
+    nmse = when["nmse"].get(out_type)
+    return {"nmse": nmse, "top1": None if nmse is not None else when["top1"], "kld": when["kld"].get(out_type)}
+
+
 @dataclass
 class ParityReport:
     backend: str
@@ -161,9 +171,8 @@ def compare(backend: str, out_type: str, token_lists, src: list, converted: list
     max_all = float(np.max(all_diff))
     max_head = float(np.max(head_diff)) if max(head_diff) != float("-inf") else max_all
     nmse = num / max(den, 1e-30)
-    gate = NMSE_GATES.get(out_type)
-    top1_gate = None if gate is not None else TOP1_GATE
-    kld_gate = KLD_GATES.get(out_type)
+    gates = gates_for(out_type)
+    gate, top1_gate, kld_gate = gates["nmse"], gates["top1"], gates["kld"]
     passed = finite and source_finite and (nmse < gate if gate is not None else fid["top1"] >= top1_gate) \
         and (kld_gate is None or fid["kld_mean"] <= kld_gate)
     return ParityReport(
