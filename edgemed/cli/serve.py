@@ -144,6 +144,9 @@ def _stopping_server(uvicorn):
               "(default: what fits the context).")
 @click.option("--default-max-tokens", default=512, show_default=True, type=click.IntRange(1),
               help="max_tokens for chat requests that name none.")
+@click.option("--think-cap", type=click.IntRange(1), metavar="N",
+              help="Reasoning models: at most N tokens of a chat answer's <think> block, then the server closes it and "
+              "asks for the answer (as run --think cap:N); a request's think_cap overrides it. Default: no cap.")
 @click.option("--adapter", "adapter_args", multiple=True, metavar="NAME|FILE[:SCALE]",
               help="Serve this LoRA adapter for MODEL (repeatable): the NAME of one in MODEL's bundle or an installed "
               "adapter bundle for it, or a GGUF adapter file (served under its file name without .lora.gguf). "
@@ -157,7 +160,7 @@ def _stopping_server(uvicorn):
 @click.option("--no-ui", is_flag=True, help="Do not serve the clinician page at / (the API alone). The page is also "
               "off whenever the server listens off loopback without API keys.")
 def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, prefix_cache_mib, prefix_cache_scope, profile, n_ctx, threads, api_key_file, admin_key_file, metrics_key_file, audit_log, audit_rotate_mib, audit_content,
-          cors_origins, max_body, max_tokens_limit, default_max_tokens, adapter_args, adapter_turn, no_adapters, no_ui):
+          cors_origins, max_body, max_tokens_limit, default_max_tokens, think_cap, adapter_args, adapter_turn, no_adapters, no_ui):
     """Serve MODEL (an installed bundle's name, a bundle directory or a .gguf) over OpenAI's HTTP API.
 
     Any OpenAI client works with base_url=http://127.0.0.1:8080/v1: /v1/chat/completions and
@@ -241,7 +244,7 @@ def serve(model, host, port, slots, queue_size, prefill_chunk, prefix_cache, pre
             config = ServeConfig(model_id=model_id, bundle_digest=digest, host=host, port=port, api_keys=keys, admin_keys=admin_keys,
                                  metrics_keys=metrics_keys,
                                  cors_origins=tuple(cors_origins), max_body_bytes=max_body,
-                                 default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, audit=audit,
+                                 default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit, think_cap=think_cap, audit=audit,
                                  ui=not no_ui, card=card, prefix_cache_scope=prefix_cache_scope, resolve_adapter=lambda name: adapter_specs(ref, [name], files=False)[0],
                                  admit_adapter=lambda served, spec, finishing: admit_adapter(prepared.plan, batcher.load, served, spec, finishing),
                                  loaded_adapter=lambda spec: loaded_as_verified(None, [spec]))

@@ -2,11 +2,12 @@
 
 ``prepare`` chooses the profile (named or detected), plans memory from the
 file's tensor table (refusing before anything loads when it cannot fit) and
-returns the ``LoadSettings`` the profile prescribes. ``respond`` streams a
-reply as ``(channel, text)`` pairs — ``think`` or ``answer`` — applying the
-think policy: capped thinking is closed with ``</think>`` and the answer is
-generated after it; an output constraint (JSON schema, grammar) applies to the
-answer only, never to the thinking.
+returns the ``LoadSettings`` the profile prescribes. ``replies`` streams a
+reply's text applying the think policy: capped thinking is closed with
+``</think>`` and the answer is generated after it; an output constraint (JSON
+schema, grammar) applies to the answer only, never to the thinking. ``respond``
+splits it into ``(channel, text)`` pairs — ``think`` or ``answer`` (``run``,
+``chat``); ``edgemed serve --think-cap`` runs ``replies`` over its batcher.
 """
 
 from __future__ import annotations
@@ -184,33 +185,52 @@ def generate(engine, prompt: str, settings: GenerationSettings, cut: list | None
         cut.append(finish.cut)
 
 
-def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolicy,
-            cut: list | None = None) -> Iterator[tuple[str, str]]:
-    """Stream ``(channel, text)`` for a rendered ``prompt``; see the module docstring. ``cut``: a list that gains,
-    per generation call, whether it stopped at its token limit; its last entry says whether the answer was cut short.
-    The cap applies to a thought only: a model that writes no ``<think>`` answers in one call, as with no cap."""
-    splitter = ThinkSplitter(in_think=starts_in_think(prompt))
+def thought_settings(settings: GenerationSettings, think: ThinkPolicy) -> GenerationSettings:
+    """The settings of a capped thought: unconstrained, at most the cap (and ``max_tokens``), stopping at ``</think>``."""
+    cap = min(think.cap or settings.max_tokens, settings.max_tokens)
+    return replace(settings, max_tokens=cap, stop=(CLOSE,), json_schema=None, grammar=None)
+
+
+def splits(prompt: str, settings: GenerationSettings, think: ThinkPolicy) -> bool:
+    """Whether ``replies`` may make two calls (a thought, then its answer): a cap, or a constraint the answer alone
+    follows after a thought the prompt opened. Otherwise it is one call with ``settings``."""
     constrained = bool(settings.json_schema or settings.grammar)
-    if think.cap is None and not (constrained and splitter.in_think):
-        for piece in generate(engine, prompt, settings, cut):
-            yield from splitter.feed(piece)
-        yield from splitter.flush()
+    return think.cap is not None or (constrained and starts_in_think(prompt))
+
+
+def opening_settings(prompt: str, settings: GenerationSettings, think: ThinkPolicy) -> GenerationSettings:
+    """The settings of ``replies``' first call (``edgemed serve`` queues it before the reply is read)."""
+    if not splits(prompt, settings, think):
+        return settings
+    constrained = bool(settings.json_schema or settings.grammar)
+    return thought_settings(settings, think) if starts_in_think(prompt) or constrained else settings
+
+
+def replies(engine, prompt: str, settings: GenerationSettings, think: ThinkPolicy,
+            cut: list | None = None) -> Iterator[str]:
+    """The reply's text as the client reads it, under the think policy (see the module docstring): the model's
+    pieces, and ``THOUGHT_CLOSING`` between a thought that was closed or capped and the answer asked for after it
+    (a second ``engine.complete`` whose prompt is ``prompt`` + the thought + ``THOUGHT_CLOSING``). ``cut``: a list
+    that gains, per generation call, whether it stopped at its token limit; its last entry says whether the answer
+    was cut short. The cap applies to a thought only: a model that writes no ``<think>`` answers in one call, as with
+    no cap."""
+    if not splits(prompt, settings, think):
+        yield from generate(engine, prompt, settings, cut)
         return
 
     # The thought: unconstrained, at most `cap` tokens, stopping at </think>.
-    cap = min(think.cap or settings.max_tokens, settings.max_tokens)
-    free = replace(settings, max_tokens=cap, stop=(CLOSE,), json_schema=None, grammar=None)
+    free = thought_settings(settings, think)
     first = ""
-    if splitter.in_think:
+    if starts_in_think(prompt):
         for piece in generate(engine, prompt, free, cut):
             first += piece
-            yield from splitter.feed(piece)
+            yield piece
     else:
         # Whether the model thinks shows in its first tokens: held back until they say. They are sampled as the call
         # they most likely start: a constrained one as a thought (an answer begun without one would have been sampled
         # unconstrained), any other as the answer (as with no cap). A start the model does not go on with is dropped
         # and the right call made from the prompt again (the engine's next call keeps the prompt's cells only).
-        peek = free if constrained else settings
+        peek = opening_settings(prompt, settings, think)
         pieces = generate(engine, prompt, peek, cut)
         thinks = False
         for piece in pieces:
@@ -220,19 +240,26 @@ def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolic
                 thinks = head.startswith(OPEN)
                 break
         wanted = free if thinks else settings
-        if wanted is not peek:
+        if wanted != peek:
             pieces.close()
             first, pieces = "", generate(engine, prompt, wanted, cut)
-        yield from splitter.feed(first)
+        if first:
+            yield first
         for piece in pieces:
             first += piece
-            yield from splitter.feed(piece)
+            yield piece
         if not thinks:
-            yield from splitter.flush()
             return
     # Close the thought (whether the model finished it or hit the cap) and ask for the answer.
-    yield from splitter.feed(THOUGHT_CLOSING)
-    for piece in generate(engine, prompt + first + THOUGHT_CLOSING, settings, cut):
+    yield THOUGHT_CLOSING
+    yield from generate(engine, prompt + first + THOUGHT_CLOSING, settings, cut)
+
+
+def respond(engine, prompt: str, settings: GenerationSettings, think: ThinkPolicy,
+            cut: list | None = None) -> Iterator[tuple[str, str]]:
+    """Stream ``(channel, text)`` for a rendered ``prompt``: ``replies``' text, split into thinking and answer."""
+    splitter = ThinkSplitter(in_think=starts_in_think(prompt))
+    for piece in replies(engine, prompt, settings, think, cut):
         yield from splitter.feed(piece)
     yield from splitter.flush()
 

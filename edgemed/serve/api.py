@@ -12,6 +12,8 @@ edgemed's additions (request body, e.g. through the openai client's ``extra_body
   builds the messages; ``messages`` must then be empty. The response gains
   ``edgemed: {"template": {"id", "version"}, "parsed": {"ok", "value", "error"}}``.
 * ``grammar`` — a GBNF grammar constraining the output (llama.cpp);
+* ``think_cap`` — chat: at most this many tokens of a reasoning model's ``<think>`` block, then the answer
+  (``edgemed serve --think-cap`` for this request; ``serve.thought``);
 * ``top_k``, ``min_p``, ``repeat_penalty`` — sampler settings OpenAI does not have.
 
 ``response_format`` ``{"type": "json_schema", "json_schema": {"schema": {...}}}`` and
@@ -166,6 +168,9 @@ REFUSED = {
     "suffix": (_empty, "suffix (fill-in-the-middle) is not supported"),
     "best_of": (_one, "best_of is not supported"),
     "audio": (_empty, "audio output is not supported"),
+    # a chat field (``ChatRequest.think_cap``): only a completions request has it left over
+    "think_cap": (_empty, "think_cap caps the thought of a chat answer (/v1/chat/completions), whose prompt the chat "
+                          "template makes; a completion's prompt is the client's own text"),
 }
 
 
@@ -358,6 +363,21 @@ class ChatRequest(_Request):
     response_format: ResponseFormat | None = None
     template: str | None = None
     template_inputs: dict = Field(default_factory=dict)
+    #: at most this many tokens of a reasoning model's ``<think>`` block, then the answer (``serve --think-cap``'s,
+    #: for this request; ``serve.thought``)
+    think_cap: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_think_cap(cls, data):
+        """``think_cap`` is a whole number of tokens, 1 or more: a float (``5.0``), a string or a boolean is refused
+        rather than read as one (the pydantic default would take ``"5"`` and ``5.0``)."""
+        cap = data.get("think_cap") if isinstance(data, dict) else None
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ApiError(400, f"think_cap {json.dumps(cap, default=str)} is not a number of tokens. Fix: send think_cap as a whole "
+                                "number of 1 or more (at most the request's max_tokens), or leave it out for the "
+                                "server's --think-cap.", param="think_cap", code="invalid_think_cap")
+        return data
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -111,6 +111,9 @@ class ServeConfig:
     #: who reuses whose prompt prefixes: "key" (requests of one API key only) or "shared" (every request);
     #: a request's ``cache_salt`` narrows it further (``generate.scope_of``)
     prefix_cache_scope: str = "key"
+    #: ``--think-cap``: at most this many tokens of a reasoning model's ``<think>`` block in a chat answer, then the
+    #: answer is asked for (``serve.thought``); a request's ``think_cap`` overrides it. None: no cap.
+    think_cap: int | None = None
     #: NAME of an installed adapter for this base -> ``loader.AdapterSpec`` (verified, trust policy applied, with the
     #: sha256 its file was verified as), or ``AdapterNotFound``, for ``POST /admin/adapters {"adapter": NAME}``; the
     #: CLI passes ``packaging.ref.adapter_specs`` for the model, names only.
@@ -127,6 +130,10 @@ class ServeConfig:
     def __post_init__(self) -> None:
         check_options(self.host, self.api_keys, self.admin_keys, self.max_body_bytes, self.prefix_cache_scope,
                       self.cors_origins, self.metrics_keys)
+        if self.think_cap is not None and (isinstance(self.think_cap, bool) or not isinstance(self.think_cap, int)
+                                           or self.think_cap < 1):
+            raise InputError(f"--think-cap {self.think_cap} is not a number of tokens.",
+                             "pass --think-cap N with N a whole number of 1 or more, or leave it out (no cap)")
 
     @property
     def loopback(self) -> bool:

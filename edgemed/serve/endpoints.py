@@ -64,10 +64,19 @@ class Prompt:
     #: the chat template ended the prompt with <think>: the answer starts inside a reasoning block (the response says
     #: so in its ``x-edgemed-think: open`` header, so a client folds exactly that block and nothing else)
     opened_think: bool = False
+    #: with ``opened_think``: the answer's own constraint ``(json_schema, grammar)``, which ``json_schema`` and
+    #: ``grammar`` hold after a thought (``after_thought``); a request with a reasoning cap asks for its answer in a
+    #: call of its own, which follows this one (``serve.thought``). None: ``(json_schema, grammar)`` as they are.
+    answer_only: tuple | None = None
 
     @property
     def value(self):
         return self.values[0]
+
+    @property
+    def answer_constraint(self) -> tuple:
+        """``(json_schema, grammar)`` of the answer alone, after any thought."""
+        return self.answer_only if self.answer_only is not None else (self.json_schema, self.grammar)
 
 
 # -- prompts ---------------------------------------------------------------------------------------------
@@ -167,7 +176,9 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     # worker thread: the event loop keeps answering /health and streaming other requests meanwhile.
     prompt = await run_in_threadpool(served.batcher.render_chat, messages, plan.tools or None)
     opened_think = starts_in_think(prompt)  # a reasoning model's template may open <think> itself
+    answer_only = None
     if opened_think and (json_schema is not None or constraint is not None):
+        answer_only = (json_schema, constraint)
         # as `run`, the constraint is the answer's: from the first token it would leave no way to think or close it
         settings = GenerationSettings(json_schema=json_schema, grammar=constraint)
         constraint, json_schema = after_thought(await run_in_threadpool(grammar_text, settings)), None
@@ -186,7 +197,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
         return {"edgemed": out} if out else {}
 
     return Prompt([prompt], json_schema, extra, tools=plan, grammar=constraint, grammar_from=source,
-                  opened_think=opened_think)
+                  opened_think=opened_think, answer_only=answer_only)
 
 
 def answer_check(schema: dict | None, plan: ToolPlan) -> Callable[[str, str | None], dict | None] | None:

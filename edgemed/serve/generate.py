@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import secrets
 
@@ -24,7 +25,7 @@ from edgemed.runtime.batch.options import Extras
 from edgemed.runtime.batch.stream import merged
 from edgemed.runtime.engine import GenerationSettings
 from edgemed.runtime.grammar_probe import GrammarRefused
-from edgemed.serve import api
+from edgemed.serve import api, thought
 from edgemed.serve.api import ApiError, ClientClosed
 from edgemed.serve.endpoints import Answer, Endpoint, usage
 from edgemed.serve.grammar_source import GrammarSource
@@ -159,15 +160,19 @@ def submit(srv: Served, record: RequestRecord, prompt, body) -> list:
     # one seed for the request, drawn when the client sent none: the response and the audit record name it, so the
     # answer can be had again (the prompt, the model and this seed)
     record.seed = body.seed if body.seed is not None else secrets.randbits(31)  # choices' seed + i stay below 2^32 - 1
+    cap = thought.cap_for(srv.config, body)  # a reasoning cap: the thought, then the answer in a call of its own
     try:
         for i, value in enumerate(prompt.values):
             tokens = prompt_tokens(srv, body, value, i if len(prompt.values) > 1 else None)
-            settings = settings_for(srv, body, len(tokens), prompt.json_schema, prompt.grammar, seed=record.seed)
+            json_schema, grammar = (prompt.json_schema, prompt.grammar) if cap is None else prompt.answer_constraint
+            settings = settings_for(srv, body, len(tokens), json_schema, grammar, seed=record.seed)
             more = {"adapter": record.adapter} if record.adapter else {}  # a batcher without adapters takes no such word
             if (scope := scope_of(srv, record, body)) is not None:
                 more["scope"] = scope
+            submit_n = srv.batcher.submit_n if cap is None else \
+                functools.partial(thought.submit_capped, srv.batcher, value, cap)
             try:
-                streams += srv.batcher.submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
+                streams += submit_n(tokens, settings, request_id=record.request_id, extras=extras, **more)
                 bound(record, getattr(streams[-1], "adapter", None))
             except GrammarRefused as exc:  # the probe's verdict: the fix names the field the grammar came from
                 if prompt.grammar_from is None:
