@@ -120,8 +120,9 @@ runpy.run_module("edgemed", run_name="__main__")
 def test_a_stop_cancelling_a_request_still_running_answers_and_records_503_not_500(smollm2_gguf, tmp_path):
     """A non-streaming request still running when the stop cancels what is left (``GRACE_MARGIN_S`` after the
     batcher closed) was answered with uvicorn's plain-text 500 and a traceback, and recorded (audit, metrics) as a
-    500 server error. It is the server's shutdown: a 503 ``unavailable`` in OpenAI's shape, to retry, recorded so;
-    a stream running beside it still ends with the 503 event and ``[DONE]``."""
+    500 server error. It is the server's shutdown: a 503 ``unavailable`` in OpenAI's shape, to retry, recorded so,
+    with the token counts computed before the stop (its record had none; a stream's has them); a stream running
+    beside it still ends with the 503 event and ``[DONE]``."""
     log = tmp_path / "audit.jsonl"
     proc = start(HELD, smollm2_gguf, tmp_path, log, slots=2)
     events: list[str] = []
@@ -180,6 +181,10 @@ def test_a_stop_cancelling_a_request_still_running_answers_and_records_503_not_5
         assert request["status"] == 503 and request["outcome"] == "cancelled", request
         assert request["error_code"] == "unavailable", request
     assert set(ends) == {True, False}, ends
+    # each keeps what was computed before the stop, as a stream's record does: the non-streaming one lost its counts
+    plain = ends[False][1]
+    assert plain["prompt_tokens"] > 0 and 0 <= plain["completion_tokens"] <= 8, plain
+    assert ends[True][1]["completion_tokens"] > 0, ends[True][1]
     report = audit.verify(log)
     assert report.ok and report.after_stop is None and report.unfinished == 0, report
 

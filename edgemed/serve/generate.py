@@ -4,7 +4,8 @@ the whole answer, or SSE chunks then ``[DONE]``; with the audit's and the metric
 A client that disconnects cancels its ``Stream``, which frees the slot before the next decode step:
 streaming through Starlette's disconnect listener, non-streaming through a task that waits for
 ``http.disconnect`` while the answer is collected. Either way the request is recorded as the client's
-doing (``RequestRecord.client_left``: 499, ``client_disconnected``), not as a server error.
+doing (``RequestRecord.client_left``: 499, ``client_disconnected``), not as a server error. An answer cut off,
+by its client or by the server's stop cancelling the request, keeps its token counts for the audit (``ended_early``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ async def generate(endpoint: Endpoint, body, request: Request):
         response = streaming(srv, record, streams, answers, shape, body.include_usage, prompt.grammar_from)
         response.headers.update(headers)
         return response
-    reasons = await collect(srv, record, request, streams, answers, prompt.grammar_from)
+    try:
+        reasons = await collect(srv, record, request, streams, answers, prompt.grammar_from)
+    except anyio.get_cancelled_exc_class():  # the server's stop cancelled it before its answer was all collected
+        await ended_early(srv, record, streams, answers)
+        raise
     # the whole answer is read by its template's contract (and for tool calls): a long reply takes a while to read,
     # so the event loop keeps answering other requests meanwhile
     return JSONResponse(await run_in_threadpool(shape.whole, answers, reasons), headers=headers)
@@ -306,6 +311,20 @@ def finish(srv: Served, record: RequestRecord, answers) -> list[str]:
     return reasons
 
 
+async def ended_early(srv: Served, record: RequestRecord, streams, answers) -> None:
+    """An answer cut off before its end (its client left, or the server's stop cancelled the request): cancel its
+    streams and read how the batcher ends them (before its next step; at once, once it has closed), so the audit
+    record keeps what was computed: the prompt's tokens and those sampled. Shielded, and 5 s at most."""
+    for stream in streams:
+        stream.cancel()
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        for i, stream in enumerate(streams):
+            if answers[i].finished is None:
+                async for item in stream:
+                    take(answers[i], item)
+        finish(srv, record, answers)
+
+
 def failed(record: RequestRecord, finished, grammar_from: GrammarSource | None = None) -> ApiError:
     """A generation that ended neither by stop nor length: the server shutting down (503), the request's own
     constraints leaving no token or its grammar too costly to follow (400, naming the field ``grammar_from``) or a
@@ -383,15 +402,7 @@ def streaming(srv: Served, record: RequestRecord, streams, answers, shape, inclu
             raise
         finally:
             if not ended:
-                for stream in streams:
-                    stream.cancel()
-                # the batcher ends the streams before its next step: keep their token counts for the audit
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    for i, stream in enumerate(streams):
-                        if answers[i].finished is None:
-                            async for item in stream:
-                                take(answers[i], item)
-                    finish(srv, record, answers)
+                await ended_early(srv, record, streams, answers)
             if left:
                 record.client_left()
 
