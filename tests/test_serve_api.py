@@ -281,6 +281,30 @@ def test_a_seed_llama_cpp_would_not_take_as_it_is_is_refused(server):
         assert len(raw.parse().choices) == n and int(raw.headers["x-edgemed-seed"]) == seed
 
 
+def test_the_api_and_the_runtime_refuse_a_seed_by_one_rule():
+    """The API's seed check (a 400 on ``seed``) and the runtime's (``engine.check_seed``: the CLI's and the batcher's)
+    were two copies of one rule, already worded apart: one rule now, so both take and refuse the same seeds, name the
+    same top and say the same problem, each with its own fix."""
+    from edgemed.errors import InputError
+    from edgemed.runtime.engine import MAX_SEED, check_seed
+    from edgemed.serve import api
+
+    messages = [{"role": "user", "content": QUESTION}]
+    for n in (1, 3):
+        top = MAX_SEED - (n - 1)
+        for seed in (0, top):
+            check_seed(seed, "seed", n)
+            assert api.ChatRequest(model=MODEL, messages=messages, seed=seed, n=n).seed == seed
+        for seed in (-1, top + 1):
+            with pytest.raises(InputError) as ran:
+                check_seed(seed, "seed", n)
+            with pytest.raises(api.ApiError) as served:
+                api.ChatRequest(model=MODEL, messages=messages, seed=seed, n=n)
+            assert (served.value.status, served.value.param) == (400, "seed")
+            assert served.value.message.startswith(ran.value.problem + " Fix: "), (served.value.message, ran.value)
+            assert f"from 0 to {top}" in ran.value.fix and f"Fix: send a seed from 0 to {top};" in served.value.message
+
+
 # -- overload ---------------------------------------------------------------------------------------------
 def test_overload_gives_429_never_5xx_and_stays_healthy(smollm2_gguf, tmp_path):
     batcher, log, app = _serve(smollm2_gguf, tmp_path / "audit.jsonl", slots=1, queue=1)

@@ -57,15 +57,34 @@ MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**32 - 2
 
 
+def highest_seed(n: int = 1) -> int:
+    """The highest seed of a generation of ``n`` choices: choice i samples with seed + i, and the last one's seed
+    must be a fixed seed too (``MAX_SEED``)."""
+    return MAX_SEED - (n - 1)
+
+
+def seed_problem(seed: int, option: str = "--seed", n: int = 1) -> str | None:
+    """What is wrong with ``seed`` (given as ``option``) as the sampling seed of ``n`` choices, in one sentence;
+    None: it is a fixed seed every backend takes as it is. The fix is a seed from 0 to ``highest_seed(n)``: the CLI
+    (``check_seed``) and the API (``serve.api``) say it in their own words around this one rule."""
+    top = highest_seed(n)
+    if 0 <= seed <= top:
+        return None
+    choices = f", with n={n} choices (choice i samples with seed + i)" if n > 1 else ""
+    return (f"{option} {seed} is not a fixed seed: seeds are whole numbers from 0 to {top}{choices} (llama.cpp keeps "
+            "32 bits of a seed and reads 4294967295 as 'pick one at random').")
+
+
+#: Why a fixed seed is asked for, the end of both fixes (``check_seed``'s and the API's)
+SEED_REPEATS = "the same seed and prompt give the same answer again"
+
+
 def check_seed(seed: int, option: str = "--seed", n: int = 1) -> None:
     """Refuse a sampling seed that is not a fixed seed every backend takes as it is (``MAX_SEED``); with ``n``
     choices (choice i samples with seed + i), the last choice's seed too."""
-    top = MAX_SEED - (n - 1)
-    if not 0 <= seed <= top:
-        choices = f", with n={n} choices (choice i samples with seed + i)" if n > 1 else ""
-        raise InputError(f"{option} {seed} is not a fixed seed: seeds are whole numbers from 0 to {top}{choices} "
-                         "(llama.cpp keeps 32 bits of a seed and reads 4294967295 as 'pick one at random').",
-                         f"pass {option} from 0 to {top}; the same seed and prompt give the same answer again")
+    problem = seed_problem(seed, option, n)
+    if problem is not None:
+        raise InputError(problem, f"pass {option} from 0 to {highest_seed(n)}; {SEED_REPEATS}")
 
 
 @dataclass(frozen=True)

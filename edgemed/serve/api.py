@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 from edgemed.errors import (Closed, ContextOverflow, EdgemedError, InputError, Overloaded, TemplateError,
                             retry_seconds)
 from edgemed.runtime.batch.batcher import UnknownAdapter
+from edgemed.runtime.engine import SEED_REPEATS, highest_seed, seed_problem
 from edgemed.runtime.sampling import SchemaError
 from edgemed.formats.nesting import TooDeep, loads_json
 
@@ -291,15 +292,11 @@ class _Request(BaseModel):
     def _fixed_seed(self):
         """A seed llama.cpp takes as it is (``engine.MAX_SEED``), for every choice (choice i samples with seed + i):
         it kept 32 bits of one (0 and 2^32 gave one answer) and reads 2^32 - 1 as "draw one at random", so a seed
-        outside could not give its answer again, or would be another seed (``edgemed run --seed`` refuses them too)."""
-        from edgemed.runtime.engine import MAX_SEED
-
-        top = MAX_SEED - (self.n - 1)
-        if self.seed is not None and not 0 <= self.seed <= top:
-            choices = f" (with n={self.n}, choice i samples with seed + i)" if self.n > 1 else ""
-            raise ApiError(400, f"seed {self.seed} is not a fixed seed: seeds are whole numbers from 0 to {top}{choices}; "
-                                "llama.cpp keeps 32 bits of a seed and reads 4294967295 as 'pick one at random'. Fix: "
-                                f"send a seed from 0 to {top}; the same seed and prompt give the same answer again.",
+        outside could not give its answer again, or would be another seed (``edgemed run --seed`` refuses them too, by
+        the same rule: ``engine.seed_problem``)."""
+        problem = None if self.seed is None else seed_problem(self.seed, "seed", self.n)
+        if problem is not None:
+            raise ApiError(400, f"{problem} Fix: send a seed from 0 to {highest_seed(self.n)}; {SEED_REPEATS}.",
                            param="seed")
         return self
 
