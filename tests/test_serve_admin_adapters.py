@@ -263,3 +263,32 @@ def test_the_self_test_of_an_add_applies_the_removed_adapters_still_finishing_re
     assert tested == [(roomy.base, [AdapterSpec(kit["triage"]), AdapterSpec(copy)])]
     assert wait_until(lambda: not roomy.batcher.finishing())
     assert httpx.delete(roomy.url + "/admin/adapters/triage2").status_code == 200
+
+
+def test_a_base_file_replaced_by_another_gguf_is_the_servers_error_not_the_adapters(roomy, kit,  # noqa: F811
+                                                                                     smollm2_gguf):
+    """The base the server loaded is replaced on disk by another good GGUF (SmolLM2's own Q4_1, which records no
+    checkpoint): adding the kit's adapter was the caller's 400 adapter_base_mismatch, a verdict on a file the server
+    does not run. It is the server's 500 base_changed, naming the change and a restart, at the admit checks and at the
+    load alike (the identity of the file loaded is taken at start). With the loaded file back, the adapter is added."""
+    base = roomy.base
+    aside = base.with_name("base.aside")
+    os.rename(base, aside)  # the loaded file stays whole under another name, and is the same file once back
+    try:
+        shutil.copyfile(smollm2_gguf, base)
+        for checked in (True, False):  # refused before admit_adapter's checks and before the load's own
+            roomy.checks["admit"] = checked
+            r = _add(roomy, "triage", kit["triage"])
+            assert r.status_code == 500, r.text
+            error = r.json()["error"]
+            assert (error["code"], error["type"], error["param"]) == ("base_changed", "server_error", None)
+            message = error["message"]
+            assert f"The base model file '{base}' is no longer the file this server loaded" in message, message
+            assert "restart the server" in message and "'triage.lora.gguf' was not checked" in message, message
+            assert roomy.batcher.adapters() == {}
+    finally:
+        roomy.checks["admit"] = True
+        os.replace(aside, base)
+    r = _add(roomy, "triage", kit["triage"])
+    assert r.status_code == 200, r.text
+    assert httpx.delete(roomy.url + "/admin/adapters/triage").status_code == 200

@@ -33,7 +33,7 @@ from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
 from edgemed.serve.middleware import CORS_PATHS, Guard, Observe, record_of
 from edgemed.serve.routes import LABELS, PATTERNS, router
-from edgemed.serve.state import Served
+from edgemed.serve.state import Served, base_identity
 from edgemed.templates import load_templates
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ def create_app(batcher, config: ServeConfig, templates: dict | None = None):
     metrics = Metrics(batcher)
     app = FastAPI(title="edgemed", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     templates = load_templates() if templates is None else templates
-    app.state.served = Served(batcher, config, metrics, templates, int(time.time()))
+    # the base file as loaded (the batcher has started): an adapter add later checks it is still that file
+    app.state.served = Served(batcher, config, metrics, templates, int(time.time()),
+                              base=base_identity(getattr(batcher, "model_path", None)))
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(EdgemedError, _edgemed_error)
     app.add_exception_handler(RequestValidationError, _invalid)

@@ -6,7 +6,8 @@
 running server (``middleware.Guard``: the API key when the server has keys, else loopback clients only). An added
 adapter first passes ``ServeConfig.admit_adapter`` (made for this base: 400; fits the memory plan with what is
 loaded, removed adapters still finishing requests included: 507; the host self-test for the model with that whole set
-and the new one: 409), one add at a time; a base file that no longer reads is the server's 500; a refusal loads nothing,
+and the new one: 409), one add at a time; a base file that no longer reads, or that is no longer the file loaded at
+start (replaced on disk), is the server's 500; a refusal loads nothing,
 and says in words for an HTTP caller what is wrong, with a ``code`` and the body field at fault in ``param``. Admin
 calls' audit records name the adapter with the sha256 and scale of its weights (``middleware.adapter_fields``).
 ``LABELS`` (path -> the handler's name) is what the metrics and the audit call each route, read off the router.
@@ -23,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from edgemed.serve import api
 from edgemed.serve.endpoints import ENDPOINTS, Endpoint
 from edgemed.serve.generate import check_model, generate, served_models
-from edgemed.serve.state import request_record, served
+from edgemed.serve.state import base_identity, request_record, served
 
 router = APIRouter()
 #: One admin add at a time: two adds checked against the same free memory must not both load.
@@ -159,6 +160,10 @@ def _admit_and_add(srv, name: str, spec, field: str) -> dict:
             raise _name_taken(exc) from None
         except InputError as exc:  # a name no model name can carry
             raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}.", code="invalid_adapter_name", param="name") from None
+        try:  # every verdict below reads the base file: it must still be the one the model served was loaded from
+            _same_base(srv, spec)
+        except EdgemedError as exc:
+            raise _refused(srv, exc, field, spec, before) from None
         if srv.config.admit_adapter is not None:
             served = [AdapterSpec(Path(a["path"]), a["scale"]) for a in srv.batcher.adapters().values()]
             # removed ones still answering keep their tensors (asked second: one removed meanwhile is counted twice,
@@ -178,6 +183,26 @@ def _admit_and_add(srv, name: str, spec, field: str) -> dict:
             raise api.ApiError(400, f"{exc.problem} Fix: {exc.fix}", code="adapter_not_loadable", param=field) from None
         except EdgemedError as exc:
             raise _refused(srv, exc, field, spec, before) from None
+
+
+def _same_base(srv, spec) -> None:
+    """Refuse an add, as the server's fault (500 ``base_changed``), when the base file on disk is no longer the one
+    loaded at start (``Served.base``: replaced by another file, or rewritten): the adapter's checks read that file, so
+    their verdict would be about a model this server does not run. A file there that no longer reads as a GGUF is
+    ``loader.BaseUnreadable`` (``base_unreadable``), as the checks and the load say it."""
+    from edgemed.runtime.loader import loaded_base_metadata
+
+    if srv.base is None:  # not known (a batcher with no model file)
+        return
+    path = srv.batcher.model_path
+    if base_identity(path) == srv.base:
+        return
+    loaded_base_metadata(path, spec.path)  # raises where it no longer reads
+    raise api.ApiError(500, f"The base model file '{path}' is no longer the file this server loaded at its start: "
+                            "it was replaced or rewritten on disk since, and the server still runs the model it loaded "
+                            f"then. The adapter '{spec.path.name}' was not checked against the new file, nor loaded. "
+                            "Fix: restart the server to load the base file now there (then add the adapter again), or "
+                            "put back the file it was started on.", "server_error", "base_changed")
 
 
 def _file_stamp(path) -> tuple | None:

@@ -7,11 +7,13 @@ an app.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from edgemed.files.hashing import stamp
 from edgemed.serve.config import ServeConfig
 from edgemed.serve.metrics import Metrics
 from edgemed.serve.middleware import RequestRecord, record_of
@@ -29,6 +31,21 @@ class Served:
     #: set when the server ends the answers still running at a stop (``cli.serve``): a stream cut from then on is
     #: the server's doing (503 ``unavailable``), not a client that left
     stopping: threading.Event = field(default_factory=threading.Event)
+    #: which file the base model was loaded from (``base_identity`` of the batcher's ``model_path`` at start; None:
+    #: not known): an adapter added later is checked against the file there only while it is still that one
+    base: tuple | None = None
+
+
+def base_identity(path) -> tuple | None:
+    """Which file ``path`` is now: its device, inode, size and mtime (``files.hashing.stamp`` less the ctime, which a
+    hard link or a rename there and back changes, not the file). Another file put there, or this one rewritten, gives
+    another identity; None: no path, or no file there."""
+    if path is None:
+        return None
+    try:
+        return stamp(os.stat(path))[:4]
+    except OSError:
+        return None
 
 
 def served(request: Request) -> Served:
