@@ -59,6 +59,9 @@ class ScriptedBatcher:
     def stats(self) -> dict:
         return {}
 
+    def check_grammar(self, settings) -> None:
+        """The batcher's up-front grammar check: every grammar passes here."""
+
     def submit_n(self, prompt, settings, *, request_id, extras=None, adapter=None, scope=None):
         text = prompt if isinstance(prompt, str) else self.detokenize(prompt)
         with self.lock:
@@ -154,6 +157,28 @@ def test_the_answer_alone_follows_the_constraint(serve):
     (_, thinking), (_, answering) = batcher.calls
     assert thinking.json_schema is None and thinking.grammar is None
     assert json.loads(answering.json_schema) == {"type": "object"} and answering.grammar is None
+
+
+class RefusingProbe(ScriptedBatcher):
+    """A server whose grammar probe refuses every grammar (as a costly one is refused)."""
+
+    def check_grammar(self, settings):
+        from edgemed.runtime.grammar_probe import GrammarRefused
+
+        self.checked = settings
+        raise GrammarRefused("following it took longer than the probe's limit")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_answer_grammar_the_probe_refuses_is_a_400_before_the_thought(serve, stream):
+    """The constraint is the answer's, asked for after the thought: a grammar the probe refuses is the request's 400
+    up front, as without a cap, not an answer that fails once the thought is spent."""
+    pytest.importorskip("llama_cpp")
+    batcher = RefusingProbe()
+    with pytest.raises(openai.BadRequestError) as caught:
+        _ask(serve(batcher), stream, think_cap=6, response_format={"type": "json_object"})
+    assert "grammar was refused" in caught.value.body["message"] and caught.value.body["param"] == "response_format"
+    assert batcher.calls == [] and json.loads(batcher.checked.json_schema) == {"type": "object"}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -177,6 +177,8 @@ def submit_capped(batcher, prompt: str, cap: int, tokens: list[int], settings: G
     each answered by ``session.replies`` with ``think cap:cap``. The opening calls are queued here (their refusals
     raise, and cancel those queued before); the rest runs in a thread per choice."""
     t_submit = time.perf_counter()
+    if settings.grammar or settings.json_schema:  # the answer's constraint, refused now if the probe refuses it
+        batcher.check_grammar(settings)
     one = replace(extras, n=1)
     queued: list[tuple[BatcherCalls, Stream, GenerationSettings]] = []
     try:

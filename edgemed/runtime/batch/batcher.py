@@ -571,6 +571,14 @@ class Batcher:
             raise InputError("Batcher.submit answers one choice.", "call submit_n for n > 1")
         return self.submit_n(prompt, settings, request_id=request_id, extras=extras, adapter=adapter, scope=scope)[0]
 
+    def check_grammar(self, settings: GenerationSettings) -> None:
+        """The grammar check ``submit_n`` makes (the request's grammar or JSON schema, converted, then tried by the probe),
+        without queuing anything: for a caller whose constrained call comes later (a reasoning cap's answer), so that a
+        grammar the probe refuses is the request's 400 before the thought, not an answer that fails after it."""
+        gbnf = grammar_text(settings)
+        if self._probe is not None and gbnf is not None:
+            self._probe.check(gbnf)
+
     def submit_n(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
                  extras: Extras | None = None, adapter: str | None = None, scope: object = None) -> list[Stream]:
         """``submit`` for ``extras.n`` choices of one prompt: one stream each. The first computes the prompt;
