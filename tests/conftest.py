@@ -1,8 +1,9 @@
 """Shared fixtures, and the rules that let the suite run in both installs.
 
-Every test gets its own EDGEMED_HOME (nothing touches the user's store). Derived
-caches that are slow to rebuild (a dequantized real checkpoint) live in one
-session-wide folder, ``EDGEMED_TEST_CACHE`` or ``~/.cache/edgemed-test``.
+Every test gets its own EDGEMED_HOME (nothing touches the user's store); what runs before it is set (session
+and module fixtures: conversions, bundles, servers) gets one home of the run's own, and a run that changed the user's
+own state folders fails at its end. Derived caches that are slow to rebuild (a dequantized real checkpoint) live in
+one session-wide folder, ``EDGEMED_TEST_CACHE`` or ``~/.cache/edgemed-test``.
 
 The suite runs in the workstation venv (``pip install -e '.[all]'``) and in a device venv
 (``pip install '.[gguf,serve,test]'``: no torch, transformers, safetensors, peft or onnx; CI's
@@ -75,6 +76,55 @@ if _installed_as_wheel():
     os.environ["PYTHONSAFEPATH"] = "1"
 
 
+#: The user's own state folders (``user_state_folders``) as the run found them, by ``pytest_configure``.
+USER_STATE: dict[Path, dict[str, tuple[int, int]]] = {}
+
+
+def user_state_folders() -> list[Path]:
+    """The edgemed state folders of whoever runs the tests, which the run must leave alone: ``$EDGEMED_HOME`` as the
+    shell set it, and the default and older ones (``edgemed.env``) that edgemed uses where it is unset."""
+    from edgemed import env
+
+    folders = [env.default_home(), env.legacy_home()]
+    if os.environ.get(env.HOME_VAR):
+        folders.insert(0, Path(os.environ[env.HOME_VAR]).expanduser())
+    return list(dict.fromkeys(folders))
+
+
+def state_of(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry of the state folder ``folder`` but its cache, as (size, mtime in ns) by its path within it."""
+    from edgemed import env
+
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if Path(dirpath) == folder:
+            dirnames[:] = [d for d in dirnames if d != env.CACHE_ENTRY]
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            try:
+                st = path.lstat()
+            except OSError:  # gone since it was listed
+                continue
+            state[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+def changed_state(before: dict[Path, dict[str, tuple[int, int]]]) -> dict[Path, list[str]]:
+    """The entries of each folder in ``before`` (``state_of``) added, removed or rewritten since."""
+    changed = {}
+    for folder, then in before.items():
+        now = state_of(folder)
+        names = sorted(name for name in then.keys() | now.keys() if then.get(name) != now.get(name))
+        if names:
+            changed[folder] = names
+    return changed
+
+
+def pytest_configure(config):
+    """Note the user's own state folders before anything runs; ``_home_of_the_run`` checks them at the end."""
+    USER_STATE.update({folder: state_of(folder) for folder in user_state_folders()})
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A skip raised by ``need_converter`` is reported at the test that needed it (``-rs``), not at this file."""
@@ -83,6 +133,26 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and isinstance(report.longrepr, tuple) and Path(report.longrepr[0]).resolve() == Path(__file__).resolve():
         path, line = item.reportinfo()[:2]
         report.longrepr = (os.fspath(path), line + 1, report.longrepr[2])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _home_of_the_run(tmp_path_factory):
+    """One EDGEMED_HOME, and the test cache, for what runs before a test's own home is set: session and module
+    fixtures convert, package and start servers, and a conversion records its output in the ``made-dirs.json`` of the
+    home it sees. At the end the user's own state folders must be as the run found them, or the run fails."""
+    from edgemed import env
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(env.HOME_VAR, str(tmp_path_factory.mktemp("edgemed-home", numbered=False)))
+        patch.setenv(env.CACHE_VAR, str(TEST_CACHE))
+        yield
+    changed = changed_state(USER_STATE)
+    if changed:
+        where = "; ".join(f"{folder}: {', '.join(names[:8])}" for folder, names in changed.items())
+        pytest.fail(f"the run changed the edgemed state folder of whoever runs it ({where}), outside the run's own "
+                    f"EDGEMED_HOME: a fixture or test reached it with {env.HOME_VAR} unset or set to it (a test that "
+                    "unsets it sets HOME and XDG_DATA_HOME to folders of its own). If you ran edgemed yourself "
+                    "meanwhile, that changed it: run the tests again", pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
