@@ -4,8 +4,8 @@ works in the run's home and the test cache, never in the user's; and the check t
 from __future__ import annotations
 
 import pytest
-
 from conftest import TEST_CACHE, USER_STATE, changed_state, state_of
+
 from edgemed import env
 
 
