@@ -23,7 +23,9 @@ a server that cannot be reached are said in the clinician's words; the answer le
 number of 1 or more, and reads 1e2 as 100. And: an answer cut at the answer length, or ended by any finish reason
 but stop, is never "Answered." and its status is set apart; a model removed mid-conversation, an error event in the
 stream and a server out of reach when the page loads are said in the clinician's words, the server's own under
-"Technical detail (for IT)".
+"Technical detail (for IT)". And: a refusal with no code the page knows (a bare 400, 403, 413, 429, 5xx: a proxy's,
+a check before the model) and a 401 (no key, or one withdrawn) are said in the clinician's words, the server's own as
+the technical detail.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Script:
     def answer(self, events: list, headers: dict | None = None) -> None:
         self.events, self.headers, self.refusal = events, headers or {}, None
 
-    def refuse(self, status: int, code: str, message: str) -> None:
+    def refuse(self, status: int, code: str | None, message: str) -> None:
         """The next answers are this OpenAI-shaped error, before any stream."""
         self.refusal = (status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
                                            "code": code}})
@@ -904,6 +906,66 @@ def test_a_server_that_cannot_be_reached_is_said_so_not_failed_to_fetch(served, 
     answer = page.wait_answer(10)
     assert "The server cannot be reached (it may have been stopped): send again when it is back." in answer.text
     assert "Failed to fetch" not in answer.text
+
+
+@pytest.mark.parametrize("status,code,headers,says", [
+    (400, None, {}, "The server did not accept this question as the page sent it: send it again; if it happens "
+                    "again, contact IT or whoever runs the assistant, with the request id."),
+    (400, "invalid_template", {}, "The server did not accept this question as the page sent it: send it again;"),
+    (400, "max_tokens_too_large", {}, "The answer length asked for is above this server's limit: lower “Longest "
+                                      "answer (tokens)”, or leave it empty, and send again."),
+    (403, None, {}, "The server does not allow this page to ask it questions: contact IT or whoever runs the "
+                    "assistant, with the request id."),
+    (413, None, {}, "This text is too long to send: shorten it, and send again."),
+    (429, None, {"retry-after": "9"}, "The model is busy with other questions: send again in about 9 s."),
+    (429, None, {}, "The model is busy with other questions: send again in a moment."),
+    (502, None, {}, "The server could not answer this question: send it again in a moment;"),
+], ids=["400", "400-unknown-code", "400-answer-length", "403", "413", "429", "429-no-retry-after", "502"])
+def test_a_refusal_without_a_code_the_page_knows_is_in_the_clinicians_words(served, script, browser, status, code,
+                                                                              headers, says):
+    """A refusal with no code, or one the page does not know (a proxy's bare status, a check before the model), was
+    shown in the server's own words, which name its flags and its API, as the answer's error."""
+    message = f"Refused ({status}). Fix: send 'max_tokens' under --max-body, or restart the server with --slots 4."
+    script.answer([], headers)
+    script.refuse(status, code, message)
+    page = browser.page(served.url)
+    page.ask("Paracetamol dose?")
+    answer = page.wait_answer(10)
+    assert answer.get_attribute("data-done") == "error"
+    assert answer.find_element("css selector", ".structured .error").text.startswith(says)
+    assert "Fix:" not in answer.text and "--" not in answer.text and "max_tokens" not in answer.text
+    detail = answer.find_element("css selector", ".structured details.detail")
+    assert detail.find_element("css selector", "summary").text == "Technical detail (for IT)"
+    assert detail.find_element("css selector", "p").get_attribute("textContent") == message
+    assert page.find("#prompt").get_attribute("value") == "Paracetamol dose?"  # to send again
+    assert f"(Technical detail: {message})" in saved(browser)
+
+
+#: The real server's 401 (``serve.middleware``): the operator's header and flag.
+UNAUTHORIZED = ("Missing or incorrect API key. Fix: send 'Authorization: Bearer KEY' with a key from the server's "
+                "--api-key-file.")
+
+
+@pytest.mark.parametrize("signed_in,says,status", [
+    (False, "This page is not signed in to the server: ask your IT contact for the API key, and enter it here.",
+     "The server asks for a key, so the conversation on screen was cleared."),
+    (True, "The key was refused (it may have been changed or withdrawn): enter the current key; ask your IT contact "
+           "for it if you do not have it.", "The key was refused, so the conversation on screen was cleared."),
+], ids=["no-key", "key-withdrawn"])
+def test_a_401_is_said_in_the_clinicians_words(served, script, browser, signed_in, says, status):
+    """A 401 on a question put the server's words in the key panel ("The key was refused: Missing or incorrect API
+    key. Fix: send 'Authorization: Bearer KEY' ..."): the operator's header and flag, not what the clinician is to
+    do; and a page that held no key (the server asked for none when it loaded) said its key was refused."""
+    page = _signed_in(served, script, browser) if signed_in else browser.page(served.url)
+    script.refuse(401, "invalid_api_key", UNAUTHORIZED)
+    page.ask("Patient C, 70, fall at home: head CT?")
+    page.wait(lambda: not page.find("#key-panel").get_attribute("hidden"), 10, "the key prompt")
+    assert page.find("#key-error").text == says
+    assert page.find("#status").text.startswith(status)
+    assert "Patient C" not in browser.driver.execute_script("return document.body.textContent")
+    assert page.find("#status-detail").is_displayed()  # the server's words, folded, for IT
+    assert page.find("#status-detail-text").get_attribute("textContent") == UNAUTHORIZED
+    assert not page.find("#status-detail-text").is_displayed()
 
 
 @pytest.mark.parametrize("typed", ["0", "-5", "2.5"])

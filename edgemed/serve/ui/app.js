@@ -83,12 +83,13 @@
     return h;
   }
 
-  function askForKey(message, status) {
+  // ``detail``: the server's own words for a refusal, folded under the status line for IT.
+  function askForKey(message, status, detail) {
     heldKey = "";
     $("forget-key").hidden = true;
     $("key-panel").hidden = false;
     $("key-error").textContent = message || "";
-    setStatus(status || "An API key is needed.");
+    setStatus(status || "An API key is needed.", { detail: detail || "" });
     $("key").focus();
   }
 
@@ -96,8 +97,10 @@
   // conversation clears (the history, the transcript Save would write, the answers on screen, an answer still
   // streaming) and the question typed but not sent; the ask form stays hidden until a key is given again.
   // A key the server refuses mid-conversation (revoked, rotated at a shift change) signs out the same way: whoever
-  // sits at the screen next has no key either, so the conversation goes with it.
+  // sits at the screen next has no key either, so the conversation goes with it. ``refused``: the server's message,
+  // kept as the technical detail; the key panel says what happened in the clinician's words.
   function signOut(refused) {
+    const words = keyWords();  // before the key is forgotten: refused, or never given
     clearConversation();
     $("prompt").value = "";
     $("template-fields").replaceChildren();
@@ -106,8 +109,8 @@
     if (refused === undefined) {
       askForKey("", "Signed out: the key is forgotten and the conversation cleared. Enter a key to go on.");
     } else {
-      askForKey("The key was refused: " + refused,
-                "The key was refused, so the conversation on screen was cleared. Enter a key to go on.");
+      askForKey(words, (words === KEY_REFUSED ? "The key was refused" : "The server asks for a key") +
+                ", so the conversation on screen was cleared. Enter a key to go on.", refused);
     }
   }
 
@@ -694,8 +697,25 @@
   // --max-body) and its API's fields; they are kept as the technical detail.
   const UNREACHABLE = "The server cannot be reached (it may have been stopped): send again when it is back.";
   const ASK_IT = "if it happens again, contact IT or whoever runs the assistant";
+  const FAILED = "The model failed while answering: ask again; " + ASK_IT + ", with the request id.";
+  const TOO_LARGE = "This text is too long to send: shorten it, and send again.";
+  // A 401: the page holds no key the server takes (none given, or one changed or withdrawn since it was given).
+  const NOT_SIGNED_IN = "This page is not signed in to the server: ask your IT contact for the API key, and enter " +
+                        "it here.";
+  const KEY_REFUSED = "The key was refused (it may have been changed or withdrawn): enter the current key; ask your " +
+                      "IT contact for it if you do not have it.";
 
-  // ``response``: the refusal's, for its Retry-After (null for an error event in the stream); ``model``: the one asked.
+  function keyWords() { return apiKey() ? KEY_REFUSED : NOT_SIGNED_IN; }
+
+  function busyWords(response) {
+    const wait = parseInt(response && response.headers.get("retry-after"), 10);
+    return "The model is busy with other questions: send again " +
+           (wait > 0 ? "in about " + wait + " s." : "in a moment.");
+  }
+
+  // ``response``: the refusal's, for its status and Retry-After (null for an error event in the stream); ``model``:
+  // the one asked. A refusal whose code the page does not know, or that has none (a proxy's bare status, a check
+  // before the model), is said by its status: never in the server's words, which are the technical detail.
   function inWords(error, response, model) {
     if (error.code === "model_not_found") {
       // an adapter (a specialty's model) removed from the server since the page listed it
@@ -705,19 +725,33 @@
     if (error.code === "no_token_allowed" || error.code === "grammar_too_costly") {
       return "The model could not write an answer in the required format: ask again; " + ASK_IT + ".";
     }
-    if (error.code === "generation_failed" || error.code === "server_error") {
-      return "The model failed while answering: ask again; " + ASK_IT + ", with the request id.";
-    }
-    if (error.code === "server_overloaded") {
-      const wait = parseInt(response && response.headers.get("retry-after"), 10);
-      return "The model is busy with other questions: send again " +
-             (wait > 0 ? "in about " + wait + " s." : "in a moment.");
-    }
+    if (error.code === "generation_failed" || error.code === "server_error") return FAILED;
+    if (error.code === "server_overloaded") return busyWords(response);
     if (error.code === "unavailable") {
       return "The model is not answering now (the server may be stopping or restarting): send again in a moment.";
     }
-    if (error.code === "request_too_large") return "This text is too long to send: shorten it, and send again.";
-    return error.message;
+    if (error.code === "request_too_large") return TOO_LARGE;
+    if (error.code === "max_tokens_too_large") {
+      return "The answer length asked for is above this server's limit: lower “Longest answer (tokens)”, or leave " +
+             "it empty, and send again.";
+    }
+    const status = response ? response.status : 0;
+    if (status === 401) return keyWords();
+    if (status === 403) {
+      return "The server does not allow this page to ask it questions: contact IT or whoever runs the assistant, " +
+             "with the request id.";
+    }
+    if (status === 413) return TOO_LARGE;
+    if (status === 429) return busyWords(response);
+    if (status >= 400 && status < 500) {
+      return "The server did not accept this question as the page sent it: send it again; " + ASK_IT +
+             ", with the request id.";
+    }
+    if (status >= 500) {
+      return "The server could not answer this question: send it again in a moment; " + ASK_IT +
+             ", with the request id.";
+    }
+    return FAILED;  // an error event in the stream, of a code the page does not know
   }
 
   // POST with stream: true; read the SSE events; returns how the answer ended, a key of ENDINGS. The answer is whole
