@@ -317,6 +317,53 @@ def test_an_apple_sysctl_value_with_a_non_ascii_digit_counts_as_absent(tmp_path,
         assert facts.physical_cores >= 1 and facts.logical_cores >= 1
 
 
+#: What every unknown-memory warning says besides its source: what a plan does without the size, and the fix.
+UNKNOWN_MEMORY = ("this machine's memory counts as unknown: a plan takes the device profile's memory.total_gb unchecked "
+                  "against this machine, and a profile without one is refused. Fix: pass `edgemed plan MODEL "
+                  "--budget-mb N`")
+
+
+def test_a_meminfo_missing_or_without_memtotal_is_unknown_with_one_warning(tmp_path, caplog):
+    """A missing /proc/meminfo, or one without a MemTotal line, gave 0 ("unknown") without a word, while a malformed
+    MemTotal warned: the plan then took the profile's size unchecked, or was refused, with nothing saying why. Each
+    warns now, once however often the machine is read, naming the file, what a plan does without it and the fix."""
+    import logging
+
+    from edgemed.devices.facts import Host, meminfo_total
+
+    host, path = Host(tmp_path), tmp_path / "proc" / "meminfo"
+    with caplog.at_level(logging.WARNING, logger="edgemed.devices.facts"):
+        assert meminfo_total(host) == 0 and meminfo_total(host) == 0
+        path.parent.mkdir()
+        path.write_text("MemFree:         8000000 kB\nMemAvailable:    6000000 kB\n")
+        assert meminfo_total(host) == 0 and detect(tmp_path).memory_bytes == 0
+    said = _warnings(caplog, "memory counts as unknown")
+    assert len(said) == 2, said
+    assert said[0].startswith(f"{path} cannot be read (missing, or not a readable file); {UNKNOWN_MEMORY}"), said
+    assert said[1].startswith(f"{path} has no MemTotal line; {UNKNOWN_MEMORY}"), said
+    assert said[0].endswith("name a profile with memory.total_gb (--profile)")
+
+
+@pytest.mark.parametrize("memsize,says", [(None, "is missing"), ("0", "is '0', not a size")], ids=["missing", "zero"])
+def test_an_apple_memsize_missing_or_0_is_unknown_with_one_warning(tmp_path, caplog, memsize, says):
+    """An Apple hw.memsize of 0, or none, gave 0 ("unknown") without a word."""
+    import logging
+
+    from edgemed.devices import apple
+    from edgemed.devices.facts import Host
+
+    values = {"hw.optional.arm64": "1", "machdep.cpu.brand_string": "Apple M2", "hw.physicalcpu": "8",
+              "hw.memsize": memsize}
+    host = Host(tmp_path, sysctl=values.get)
+    with caplog.at_level(logging.WARNING, logger="edgemed.devices.facts"):
+        assert apple.probe(host).memory_bytes == 0 and apple.probe(host).memory_bytes == 0
+    said = _warnings(caplog, "memory counts as unknown")
+    assert len(said) == 1 and said[0].startswith(f"sysctl hw.memsize (of the machine at {tmp_path}) {says}; "
+                                                 + UNKNOWN_MEMORY), said
+    values["hw.memsize"] = str(16 * GIB)
+    assert apple.probe(host).memory_bytes == 16 * GIB
+
+
 def test_detect_shows_the_device_strings_escaped(tmp_path):
     """`devices detect --root` printed the device-tree model raw: an OSC sequence in it set the terminal's title (and
     could rewrite the lines around it). The model and the power mode's name are shown escaped, as a bundle's text is."""

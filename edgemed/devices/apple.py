@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edgemed.devices.cgroup import DIGITS
-from edgemed.devices.facts import Facts, Host
+from edgemed.devices.facts import Facts, Host, memory_unknown
+
+
+def _number(value: str | None) -> int | None:
+    return int(value.strip()) if value and DIGITS.fullmatch(value.strip()) else None  # "²" or "abc": absent
 
 
 def _int(host: Host, key: str) -> int | None:
-    value = host.sysctl(key)
-    return int(value.strip()) if value and DIGITS.fullmatch(value.strip()) else None  # "²" or "abc": absent
+    return _number(host.sysctl(key))
+
+
+def _memsize(host: Host) -> int:
+    """``hw.memsize`` in bytes; 0 (unknown) with a warning naming the key when it is missing, 0 or not a number."""
+    value = host.sysctl("hw.memsize")
+    size = _number(value)
+    if size:
+        return size
+    where = "sysctl hw.memsize" + ("" if host.root == Path("/") else f" (of the machine at {host.root})")
+    memory_unknown(f"{where} is missing" if value is None else f"{where} is {ascii(value.strip()[:40])}, not a size")
+    return 0
 
 
 def probe(host: Host) -> Facts | None:
@@ -23,5 +39,5 @@ def probe(host: Host) -> Facts | None:
     return Facts(platform="apple", model=brand or "Apple Silicon", physical_cores=physical,
                  logical_cores=_int(host, "hw.logicalcpu") or physical,
                  performance_cores=_int(host, "hw.perflevel0.physicalcpu"),
-                 memory_bytes=_int(host, "hw.memsize") or 0, details=details,
+                 memory_bytes=_memsize(host), details=details,
                  gpu_wired_limit_bytes=wired << 20 if wired else None)  # 0: macOS's default working set

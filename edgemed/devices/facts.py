@@ -117,13 +117,35 @@ class Host:
         return None
 
 
+# -- memory that could not be read ---------------------------------------------------------
+
+#: the unknown-memory warnings this process has logged: each once, however often a machine is detected
+_SAID: set[str] = set()
+
+
+def memory_unknown(where: str) -> None:
+    """Warn, once per ``where`` in this process, that this machine's memory could not be read (``where`` names the
+    file or key and what was wrong with it), what a plan does without it (``Profile.total_memory_bytes``) and the
+    fix."""
+    message = (f"{where}; this machine's memory counts as unknown: a plan takes the device profile's memory.total_gb "
+               "unchecked against this machine, and a profile without one is refused. Fix: pass `edgemed plan MODEL "
+               "--budget-mb N` with the MiB a model may use here; for `run`, `chat` and `serve`, name a profile with "
+               "memory.total_gb (--profile)")
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger(__name__).warning("%s", message)
+
+
 # -- Linux readers shared by the Jetson and x86 probes ------------------------------------
 
-def meminfo_total(host: Host) -> int:
+def meminfo_total(host: Host, warn_missing: bool = True) -> int:
     """MemTotal from /proc/meminfo, in bytes (0 if unknown). A value that is not a whole number of kB above 0, or is
     past ``schema.MAX_GB``, counts as unknown with a warning: a plan on it would be a crash or a budget no machine
-    has (0 kB is no machine's memory either: it is a reader that could not tell)."""
-    for line in (host.read("/proc/meminfo") or "").splitlines():
+    has (0 kB is no machine's memory either: it is a reader that could not tell). So does a /proc/meminfo that cannot
+    be read or has no MemTotal line (``memory_unknown``), unless ``warn_missing`` is False: a caller with another
+    source of the size (the generic probe's sysconf) says so itself when that fails too."""
+    text = host.read("/proc/meminfo")
+    for line in (text or "").splitlines():
         if line.startswith("MemTotal:"):
             value = line[len("MemTotal:"):].strip()
             number, _, unit = value.partition(" ")
@@ -133,6 +155,10 @@ def meminfo_total(host: Host) -> int:
                 "/proc/meminfo: MemTotal %s is not a size in kB above 0 and at most %d GiB; this machine's memory "
                 "counts as unknown", ascii(value[:40]), MAX_GB)
             return 0
+    if warn_missing:
+        path = host.root / "proc" / "meminfo"
+        memory_unknown(f"{path} cannot be read (missing, or not a readable file)" if text is None
+                       else f"{path} has no MemTotal line")
     return 0
 
 
@@ -166,8 +192,8 @@ def cpuinfo(host: Host) -> tuple[frozenset[str], int, int, str]:
     return frozenset(flags), physical, max(logical, 1), model
 
 
-def linux_memory(host: Host) -> tuple[int, int | None]:
-    return meminfo_total(host), cgroup_limit(host)
+def linux_memory(host: Host, warn_missing: bool = True) -> tuple[int, int | None]:
+    return meminfo_total(host, warn_missing), cgroup_limit(host)
 
 
 def cpus_allowed(host: Host) -> int | None:
