@@ -125,6 +125,37 @@ def test_evaluation_data_with_the_accuracy_phase_left_out_is_refused(tmp_path, s
     assert r.exit_code == 0, r.output
 
 
+def test_the_accuracy_phase_left_out_is_refused_before_any_data_is_read_or_model_resolved(tmp_path):
+    """The refusal of evaluation data (or an accuracy setting) with the accuracy phase left out came after the model
+    was resolved and each data file read: a missing or unreadable file, or a missing model, was refused in its place,
+    and mending it only led to this refusal. It comes first now: the model and the files named here are never
+    there, or never data."""
+    missing, garbled, empty = tmp_path / "nowhere.jsonl", tmp_path / "garbled.jsonl", tmp_path / "empty"
+    garbled.write_text("this is not JSON\n", encoding="utf-8")
+    empty.mkdir()  # a folder laid out like no suite
+    out = tmp_path / "out"
+    run = ["run", str(tmp_path / "absent.gguf"), "-o", str(out), "--report-only"]
+    (tmp_path / "ckpt").mkdir()
+    reproduce = ["reproduce", str(tmp_path / "ckpt"), "--quants", "q8_0", "--baselines", "", "-o", str(out),
+                 "--report-only"]
+    for command, data, extra, says in [
+        (run, ["--eval", str(missing)], ["--skip-accuracy"], "--eval gives the accuracy phase its items, and "
+                                                             "--skip-accuracy leaves that phase out"),
+        (run, ["--eval", str(garbled)], ["--phases", "timing"], "--eval gives the accuracy phase its items, and "
+                                                                "--phases leaves that phase out"),
+        (run, ["--eval-data", str(empty)], ["--skip-accuracy"], "--eval-data gives the accuracy phase its items"),
+        (run, ["--eval", str(missing), "--eval-n", "5"], ["--skip-accuracy"], "--eval-n 5 sets how the accuracy phase"),
+        (run, ["--eval", str(garbled)], ["--skip-accuracy", "--phases", "timing,accuracy"],
+         "--phases names accuracy and --skip-accuracy leaves it out"),
+        (reproduce, ["--eval", str(missing)], ["--phases", "timing"], "Fix: leave --eval out, or add accuracy to "
+                                                                      "--phases"),
+    ]:
+        r = _bench(*command, *data, *extra)
+        assert r.exit_code == 1 and says in " ".join(r.output.split()), (data, extra, r.output)
+        assert "does not exist" not in r.output and "Traceback" not in r.output, r.output
+        assert not out.exists(), (data, extra)
+
+
 def test_ctx_is_the_context_of_every_phase(tmp_path):
     from edgemed.cli.bench import _settings
 

@@ -85,10 +85,10 @@ def _counts(eval_n: str | None, files: list[Path], defaults: list[int]) -> list[
 
 
 def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-              eval_score, eval_threads, seed, scenario, eval_replies=False, accuracy=True):
-    """The run's settings, each refused with its fix before any work. ``accuracy``: the accuracy phase may run (False:
-    ``--skip-accuracy``, or a ``--phases`` list without it); without it the data files' draw is not checked, as
-    nothing asks it (a file of fewer than 300 items was refused, and --eval-n with the phase left out too)."""
+              eval_score, eval_threads, seed, scenario, eval_replies=False):
+    """The run's settings, each refused with its fix before any work. The evaluation data is read and its draw
+    checked here: the accuracy phase is asked for (``_check_accuracy_phase`` refused data with the phase left out,
+    before this)."""
     from edgemed.benchmarks.harness.configs import DEFAULT_PROMPTS, Settings, read_prompts
     from edgemed.benchmarks.harness.datasets import load_items, suite_files
     from edgemed.errors import InputError
@@ -124,8 +124,6 @@ def _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals,
         if not p.is_file():
             raise InputError(f"Evaluation file '{p}' does not exist.", "pass existing files to --eval, comma-separated")
         items = load_items(p, None, seed)
-        if not accuracy:
-            continue
         if not 1 <= n <= len(items):
             raise InputError(f"--eval-n {n} for '{p}', which has {len(items)} items.",
                              f"pass --eval-n between 1 and {len(items)} for that file")
@@ -162,12 +160,11 @@ def _check_ctx(n_ctx: int | None) -> None:
                          "pass e.g. --ctx 2048 (room for the prompt and --max-tokens), or leave --ctx out")
 
 
-def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str], eval_n: str | None = None,
-            data_flag: str = "--eval") -> list[str]:
+def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str]) -> list[str]:
     """The phases to measure: those named in ``--phases`` (each refused, with its fix, where it has nothing to
     measure), else every phase that applies. ``names``: the configurations' names (divergence needs the reference).
-    An accuracy setting (``eval_n``: ``--eval-n`` as given) or the evaluation data (``data_flag``: ``--eval`` or
-    ``--eval-data``, the one given) with the accuracy phase left out is refused too."""
+    Evaluation data or an accuracy setting with the accuracy phase left out was refused before
+    (``_check_accuracy_phase``)."""
     from edgemed.benchmarks.harness.configs import PHASES, REFERENCE, parse_list
     from edgemed.errors import InputError
 
@@ -175,8 +172,6 @@ def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str],
         chosen = [p for p in PHASES if p != "accuracy" or (settings.evals and not skip_accuracy)]
     else:
         chosen = parse_list(phases, PHASES, "phase")
-        if "accuracy" in chosen and skip_accuracy:
-            raise InputError("--phases names accuracy and --skip-accuracy leaves it out.", "pass one of the two")
         if "accuracy" in chosen and not settings.evals:
             raise InputError("--phases names accuracy, and no evaluation data was given: it would measure nothing.",
                              "pass --eval FILES or --eval-data DIR, or leave accuracy out of --phases")
@@ -185,20 +180,36 @@ def _phases(phases: str | None, skip_accuracy: bool, settings, names: list[str],
                              f"and this run has no {REFERENCE} configuration: it would measure nothing.",
                              f"measure with `edgemed bench reproduce` and {REFERENCE} in --quants, or leave divergence "
                              "out of --phases")
-    if "accuracy" not in chosen and settings.evals:  # without data, ``_settings`` refused these already
-        # the accuracy phase's own settings (their defaults are not refused: a script may spell them out)
-        given = [(f"--eval-n {eval_n}", bool(eval_n)), ("--eval-context", settings.eval_context),
-                 ("--eval-score both", settings.eval_score != "logits")]
-        flag = next((f for f, on in given if on), None)
-        why, measure = (("--skip-accuracy leaves", "drop --skip-accuracy") if skip_accuracy else
-                        ("--phases leaves", "add accuracy to --phases"))
-        if flag is not None:
-            raise InputError(f"{flag} sets how the accuracy phase draws, asks or scores its items, and {why} that phase "
-                             "out: it would measure nothing.", f"leave {flag.split()[0]} out, or {measure}")
-        # the data alone: no phase of this run reads it (only the accuracy phase's results are keyed by it)
-        raise InputError(f"{data_flag} gives the accuracy phase its items, and {why} that phase out: it would measure "
-                         "nothing.", f"leave {data_flag} out, or {measure}")
     return chosen
+
+
+def _check_accuracy_phase(phases: str | None, skip_accuracy: bool, evals: str | None, eval_data: Path | None,
+                          eval_n: str | None, eval_context: bool, eval_score: str) -> None:
+    """Refuse ``--phases`` naming accuracy with ``--skip-accuracy``, and the evaluation data (``--eval`` or
+    ``--eval-data``, the one given) or an accuracy setting (``eval_n``: ``--eval-n`` as given) with the accuracy phase
+    left out (``--skip-accuracy``, or a ``--phases`` list without it): no other phase reads them. The bench's first
+    check, before any data file is read or the model is resolved: a missing or unreadable file was refused in its
+    place, and mending it only led to this refusal. Without data, ``_settings`` refuses the settings."""
+    from edgemed.benchmarks.harness.configs import PHASES, parse_list
+    from edgemed.errors import InputError
+
+    if phases and skip_accuracy and "accuracy" in parse_list(phases, PHASES, "phase"):
+        raise InputError("--phases names accuracy and --skip-accuracy leaves it out.", "pass one of the two")
+    if _asks_accuracy(phases, skip_accuracy) or not (evals or eval_data):
+        return
+    # the accuracy phase's own settings (their defaults are not refused: a script may spell them out)
+    given = [(f"--eval-n {eval_n}", bool(eval_n)), ("--eval-context", eval_context),
+             ("--eval-score both", eval_score != "logits")]
+    flag = next((f for f, on in given if on), None)
+    why, measure = (("--skip-accuracy leaves", "drop --skip-accuracy") if skip_accuracy else
+                    ("--phases leaves", "add accuracy to --phases"))
+    if flag is not None:
+        raise InputError(f"{flag} sets how the accuracy phase draws, asks or scores its items, and {why} that phase "
+                         "out: it would measure nothing.", f"leave {flag.split()[0]} out, or {measure}")
+    # the data alone: no phase of this run reads it (only the accuracy phase's results are keyed by it)
+    data_flag = "--eval-data" if eval_data else "--eval"
+    raise InputError(f"{data_flag} gives the accuracy phase its items, and {why} that phase out: it would measure "
+                     "nothing.", f"leave {data_flag} out, or {measure}")
 
 
 def _finish(results: dict, out: Path, as_json: bool, measured: bool = True) -> None:
@@ -272,15 +283,18 @@ def run(model, name, output, scenario, prompts, runs, warmup, max_tokens, thread
 
     from edgemed.packaging.ref import STORE, resolve, runnable
 
+    # the accuracy phase's flags first: a run that leaves the phase out reads no data file, and resolves no model, to
+    # refuse it
+    _check_accuracy_phase(phases, skip_accuracy, evals, eval_data, eval_n, eval_context, eval_score)
     ref = resolve(model)  # a path is measured as given; an installed name is verified first
     verified = runnable(model) if ref.kind == STORE else None
     path = verified.model_path if verified is not None else ref.path
     config = config_for_artifact(path.resolve(), name, allow_pickle)
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-                         eval_score, eval_threads, seed, scenario, eval_replies, _asks_accuracy(phases, skip_accuracy))
+                         eval_score, eval_threads, seed, scenario, eval_replies)
     out = output or Path(f"bench-{config.name}")
     _require_bench_extra()  # after the arguments and the model are checked, before anything is measured or written
-    chosen = _phases(phases, skip_accuracy, settings, [config.name], eval_n, "--eval-data" if eval_data else "--eval")
+    chosen = _phases(phases, skip_accuracy, settings, [config.name])
     results = runner.run(out, [config], settings, chosen,
                          progress=sys.stderr.isatty(), echo=lambda s: click.echo(s, err=True), measure=not report_only,
                          force=force, check=_still_verified(verified) if verified is not None else None)
@@ -329,13 +343,14 @@ def reproduce(source, quants, imatrix_from, onnx, baselines, output, scenario, p
     from edgemed.benchmarks.harness.configs import HF_BASELINES, parse_list
     from edgemed.constants import ONNX_OUTPUT_TYPES
 
+    # the accuracy phase's flags first: a run that leaves the phase out reads no data file to refuse it
+    _check_accuracy_phase(phases, skip_accuracy, evals, eval_data, eval_n, eval_context, eval_score)
     runner.claim(output, force, [source])  # before the conversions: a folder whose files are not the bench's, or
     # one inside the checkpoint, is refused now
     settings = _settings(prompts, runs, warmup, max_tokens, threads, profile, n_ctx, evals, eval_data, eval_n, eval_context,
-                         eval_score, eval_threads, seed, scenario, eval_replies, _asks_accuracy(phases, skip_accuracy))
+                         eval_score, eval_threads, seed, scenario, eval_replies)
     quant_names = artifacts.parse_quants(quants)
-    chosen = _phases(phases, skip_accuracy, settings, quant_names, eval_n,  # before the conversions
-                     "--eval-data" if eval_data else "--eval")
+    chosen = _phases(phases, skip_accuracy, settings, quant_names)  # before the conversions
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
     base = {b: HF_BASELINES[b] for b in parse_list(baselines, HF_BASELINES, "baseline")}
     if imatrix_from is not None:
