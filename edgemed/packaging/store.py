@@ -33,7 +33,10 @@ install rolls forward (writes the index record, drops the old copy) only if
 ``models/<name>`` holds the journal's manifest; otherwise it rolls back (the aside goes
 back, if ``models/<name>`` is empty and the aside is a copy of that model). A remove
 drops the index record only once ``models/<name>`` is gone. So settling never takes a
-model out of ``models/``: it only finishes or undoes what edgemed itself moved. The
+model out of ``models/``: it only finishes or undoes what edgemed itself moved. What it frees (copies it drops,
+staging, blobs no copy links) goes before its one write, the index's, so a full disk lets a remove's journal finish in
+the room the removed model frees; ``remove`` makes room for its own journal, where it finds none, by dropping the
+model's kept versions first, and refuses a disk still full naming it (``_full``). The
 journal goes last. Every store operation settles a journal first; readers settle one
 that no live operation holds, and read a live one through, or a dead one they cannot settle (a store they cannot
 write: a full disk, a read-only mount, another account's store; a warning says so, and writers refuse). Readers take no lock; one whose
@@ -69,17 +72,19 @@ its word; in ``tmp/`` only dead owners' debris is removed, and an aside copy goe
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from edgemed import env
 from edgemed.files import flocks
@@ -101,6 +106,19 @@ log = logging.getLogger(__name__)
 JOURNAL = "journal.json"
 _TMP_BLOB = re.compile(r"\.[0-9a-f]{64}\.[0-9]+")  # _dedupe's link before its rename onto the blob
 BLOB_HELD, BLOB_ABSENT, BLOB_DAMAGED = "held", "absent", "damaged"  # what ``Store.blob`` finds
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a write refused for lack of room: freeing space lets it through
+
+
+def _no_room(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NO_ROOM
+
+
+def _free_bytes(path: Path) -> int:
+    """The bytes this user may still write on the disk holding ``path`` (0 where that cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
 
 
 _HELD = threading.local()
@@ -165,9 +183,11 @@ class Store:
 
     # -- housekeeping ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self, wait: bool = True) -> Iterator[bool]:
+    def locked(self, wait: bool = True, make_room: Callable[[], bool] | None = None) -> Iterator[bool]:
         """Hold the store lock (settling a dead operation's journal, then sweeping); yields False
-        at once, without the lock, if ``wait`` is False and a live operation holds it. Waiting, it says so."""
+        at once, without the lock, if ``wait`` is False and a live operation holds it. Waiting, it says so.
+        ``make_room``: where settling finds the disk full, what frees space (returning whether it freed any) before it
+        is tried once more (``remove``: the kept versions of the model it removes)."""
         import fcntl
 
         self._same_home()  # before a folder is made: never a store again where the state moved away from
@@ -195,7 +215,12 @@ class Store:
             try:
                 self._same_home()  # `edgemed home --move` holds this lock while it renames
                 try:
-                    self._settle()
+                    try:
+                        self._settle()
+                    except OSError as exc:
+                        if not (_no_room(exc) and make_room is not None and make_room()):
+                            raise
+                        self._settle()  # with the room made
                 except OSError as exc:
                     raise self._unfinished(exc) or exc
                 self._collect_garbage()
@@ -315,11 +340,16 @@ class Store:
 
     def _collect_garbage(self) -> int:
         """Under the lock, after ``_settle``: drop dead owners' staging and blobs no model links to. Returns bytes freed."""
-        freed = 0
         sweep(self.root)  # a killed write of index.json or journal.json
         self._rescue_asides()  # before the sweep: an aside whose journal is gone may be a model's only copy
         sweep(self.tmp)
         warn_legacy(self.tmp)
+        return self._collect_blobs()
+
+    def _collect_blobs(self) -> int:
+        """Under the lock: remove the blobs no model, kept version or stage links to any more. Returns bytes freed.
+        Safe while a journal waits (``_settle`` frees its room this way): every copy it may keep links its blobs."""
+        freed = 0
         for blob in self.blobs.iterdir():
             if not (SHA256.fullmatch(blob.name) or _TMP_BLOB.fullmatch(blob.name)):
                 continue  # not a name edgemed gives a blob: not ours to remove
@@ -359,7 +389,7 @@ class Store:
         return read_index(self.index_path, self.models)
 
     def _write_index(self, idx: dict) -> None:
-        write_text(self.index_path, json.dumps(idx, indent=2, sort_keys=True) + "\n")
+        self._write_room(self.index_path, json.dumps(idx, indent=2, sort_keys=True) + "\n")
 
     # -- the journal -----------------------------------------------------------------------
     def _sync_stage(self, stage: Path) -> None:
@@ -376,14 +406,20 @@ class Store:
 
         Settling acts only on what edgemed staged and can check: an install rolls forward only when ``models/<name>``
         holds the journal's manifest, and back only into an empty ``models/<name>`` from the journal's aside (never
-        discarded); a remove drops the index record only once ``models/<name>`` is gone."""
+        discarded); a remove drops the index record only once ``models/<name>`` is gone.
+
+        What settling frees (the copies it drops, the staging, the blobs no copy links any more) goes before the one
+        write it makes, the index's: once ``models/<name>`` has decided which way it goes, each of those steps is what
+        the journal leads to anyway and is done again, or found done, by the next settle after a kill. So a journal
+        left on a full disk finishes with the room its own change frees (a remove's: the removed model's files).
+        Returns the bytes freed."""
         try:
             j = read_journal(self.journal_path)
         except Damaged as exc:
             set_aside(self.journal_path, str(exc))
-            return
+            return 0
         if j is None:
-            return
+            return 0
         name = j["name"]
         dest = self.models / name
         before = self._raw_index()  # a damaged index: StoreError, the journal stays, nothing has changed
@@ -401,12 +437,9 @@ class Store:
                     log.warning("restored '%s' from %s; its manifest is not the one the index records", name, aside)
                 step("store.restore")
                 os.rename(aside, dest)
-        if idx != before:
-            step("store.index")
-            self._write_index(idx)
-        if j["op"] == "install" and idx.get(name) == j["record"]:
+        forward = j["op"] == "install" and idx.get(name) == j["record"]
+        if forward:
             self._keep_previous(name, j)
-            self._mend_copies(name, split_index(idx)[0])
         elif j["op"] == "remove" and name not in idx:
             self._drop_versions(name, keep=None)
         for key in ("stage", "aside", "trash"):
@@ -414,8 +447,15 @@ class Store:
             if p is not None and os.path.lexists(p):
                 step("store.discard")
                 discard(p)
+        freed = self._collect_blobs()
+        if idx != before:
+            step("store.index")
+            self._write_index(idx)
+        if forward:
+            self._mend_copies(name, split_index(idx)[0])
         step("store.journal-done")
         self.journal_path.unlink()
+        return freed
 
     def _keep_previous(self, name: str, j: dict) -> None:
         """Under the lock, rolling an install forward: the replaced copy (aside, or stage after an exchange) becomes
@@ -478,19 +518,21 @@ class Store:
                 if vdir.is_dir() and not vdir.is_symlink():
                     yield from (p for p in sorted(vdir.iterdir()) if SHA256.fullmatch(p.name) and is_model_copy(p, p.name))
 
-    def _drop_versions(self, name: str, keep: str | None) -> None:
-        """Under the lock: remove ``versions/<name>/<sha>`` folders other than ``keep`` (only names edgemed gives)."""
-        import shutil
-
+    def _drop_versions(self, name: str, keep: str | None) -> int:
+        """Under the lock: remove ``versions/<name>/<sha>`` folders other than ``keep`` (only names edgemed gives);
+        return how many went."""
         vdir = self._versions_of(name)
         if vdir is None:
-            return
+            return 0
+        dropped = 0
         for p in vdir.iterdir():
             if p.name != keep and SHA256.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
                 step("store.drop-version")
                 shutil.rmtree(p)
+                dropped += 1
         if keep is None and not any(vdir.iterdir()):
             vdir.rmdir()
+        return dropped
 
     def _versions_of(self, name: str, create: bool = False) -> Path | None:
         """``versions/<name>`` when it is a real folder of the store's (made with ``create``); None otherwise (a link
@@ -532,11 +574,51 @@ class Store:
         clean = output_error(exc)
         if clean is None or not os.path.lexists(self.journal_path):
             return None
+        if _no_room(exc):
+            return self._full(exc, f"a change to the store was interrupted ({self._pending()}), and its journal ({JOURNAL}) "
+                                   f"cannot be finished until there is room to record it in {self.index_path.name}; until then nothing "
+                                   "can be installed, rolled back or removed (installed models are read as that change "
+                                   "leaves them: `edgemed list`, `run` and `verify` work)",
+                              "run `edgemed list` once: it finishes the change")
         return OutputError(f"A change to the store in {self.root} was interrupted, and its journal ({JOURNAL}) cannot "
                            f"be finished: {clean.problem} Until it is, installed models are read as the journal leaves them, "
                            "and nothing in the store can be installed, rolled back or removed.",
                            "make the store writable (free space on its disk, remount it read-write, or use the account "
                            "that owns it), then run `edgemed list` once: it finishes the change")
+
+    def _pending(self) -> str:
+        """The change the journal waits to finish, in words, for a message."""
+        try:
+            j = read_journal(self.journal_path)
+        except (Damaged, OSError):
+            j = None
+        if j is None:
+            return "its journal names no change edgemed can read"
+        if j["op"] == "remove":
+            return f"the removal of '{j['name']}'"
+        version = j["record"].get("version") or "sha256:" + j["sha256"][:12]
+        return f"the install or rollback of '{j['name']}' to {version}"
+
+    def _full(self, exc: OSError, what: str, then: str) -> OutputError:
+        """A write the store's disk refused for lack of room (``exc``), as an error naming the disk, the bytes free
+        there, what waits for the room (``what``) and the fix, ending in ``then`` (what to run once there is room)."""
+        need = getattr(exc, "edgemed_need", None)
+        want = f"at least {need:,} bytes: " if need else ""
+        quota = " (or within your quota)" if exc.errno == errno.EDQUOT else ""
+        return OutputError(f"The disk holding the model store {self.root} is full ({_free_bytes(self.root):,} bytes free"
+                           f"{quota}; writing {exc.filename or 'a file'} was refused): {what}.",
+                           f"free space on that disk outside the store ({want}`df -h {self.root}` shows the disk; old "
+                           f"logs and downloaded bundles are the usual room), then {then}")
+
+    def _write_room(self, path: Path, text: str) -> None:
+        """``write_text`` of one of the store's files; refused for lack of room, the error carries the bytes the write
+        needed (``edgemed_need``: the new file, written whole beside the old one) for ``_full`` to name."""
+        try:
+            write_text(path, text)
+        except OSError as exc:
+            if _no_room(exc):
+                exc.edgemed_need = len(text.encode("utf-8"))
+            raise
 
     def _view(self) -> tuple[dict, dict]:
         """(records, damaged) as a reader should see the index: a dead operation's journal is settled first, a live one
@@ -969,21 +1051,61 @@ class Store:
             return []
 
     def remove(self, name: str) -> int:
-        """Remove a model; return the bytes freed (files no other model shares)."""
-        with self._stop_told("was removed") as swap, self.locked(), owned(self.tmp):
-            check_name(name)
+        """Remove a model; return the bytes freed (files no other model shares).
+
+        It works on a full disk, where it is how an operator frees space: its journal is written before the model
+        leaves ``models/`` and the index after its files are freed (``_settle``). Where even the journal (or that of
+        an interrupted change, settled first) finds no room, the model's kept versions go first: the remove drops them
+        in any case, and no journal guards them (they are no part of ``models/``); a kill then leaves the model
+        installed, without its copy for rollback. A disk still too full is refused, naming it and the fix."""
+        check_name(name)
+        room = {"tried": False, "versions": 0, "bytes": 0}
+
+        def make_room() -> bool:  # once: the model's kept versions, and the blobs only they held
+            if room["tried"]:
+                return False
+            room.update(tried=True, versions=self._drop_versions(name, keep=None), bytes=self._collect_blobs())
+            if room["versions"]:
+                log.warning("the disk holding %s is full: the kept versions of '%s' were removed first, to make room "
+                            "for its removal", self.root, name)
+            return room["versions"] > 0 or room["bytes"] > 0
+
+        with self._stop_told("was removed") as swap, self.locked(make_room=make_room), owned(self.tmp):
             if not (self.models / name).is_dir() and name not in self._raw_index():
                 self.model_dir(name)  # raises: no such model
             trash = debris_path(self.tmp, f"rm-{name}")
             swap.update(name=name, removed=True)  # a stop once it is in the trash reports it (``_stop_told``)
-            write_text(self.journal_path, json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n")
+            journal = json.dumps({"op": "remove", "name": name, "trash": trash.name}) + "\n"
+            try:
+                try:
+                    self._write_room(self.journal_path, journal)
+                except OSError as exc:
+                    if not (_no_room(exc) and make_room()):
+                        raise
+                    self._write_room(self.journal_path, journal)  # with the room made
+            except OSError as exc:
+                if not _no_room(exc):
+                    raise
+                left = ("nothing was removed" if not room["versions"] else
+                        f"'{name}' is still installed (its kept versions were dropped to make room, not enough)")
+                raise self._full(exc, f"removing '{name}' writes its journal ({JOURNAL}) before the model leaves the "
+                                      f"store, and there is no room for it; {left}",
+                                 f"run `edgemed remove {name}` again") from exc
             try:  # from here on the journal decides: the model goes once it is in the trash
                 if os.path.lexists(self.models / name):
                     step("store.remove-rename")
                     os.rename(self.models / name, trash)
             finally:
-                self._settle()
-            freed = self._collect_garbage()
+                try:
+                    freed = self._settle() + room["bytes"]
+                except OSError as exc:
+                    if not _no_room(exc):
+                        raise
+                    raise self._full(exc, f"'{name}' was taken out of the store and its files no other model shares "
+                                          f"were freed, but its record cannot be dropped from {self.index_path.name} "
+                                          "until there is room (every command reads it as removed meanwhile)",
+                                     "run `edgemed list` once: it finishes the removal") from exc
+            freed += self._collect_garbage()
             swap["cleaned"] = True
             return freed
 
