@@ -4,6 +4,7 @@ leaving the old output hidden or renamed."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -223,8 +224,8 @@ def test_notes_added_to_the_old_output_during_the_swap_are_kept(tmp_path, monkey
         monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
 
     def add_notes():  # into the old folder, wherever it is now (at its name, or swapped out to a debris name)
-        old = dest if at == "atomic.exchange" else next(p for p in tmp_path.iterdir()
-                                                        if debris.is_debris(p) and (p / "model.onnx").read_text() == "old")
+        old = dest if at == "atomic.exchange" else next(p for p in tmp_path.iterdir() if debris.is_debris(p)
+                                                        and p.is_dir() and (p / "model.onnx").read_text() == "old")
         (old / "clinic-notes.txt").write_text("the user's")
 
     _race(monkeypatch, at, add_notes)
@@ -555,3 +556,95 @@ def test_a_kill_at_each_step_of_a_put_back_is_settled_by_the_next_command(tmp_pa
         if n > put_back:
             assert held["model.onnx"] == "old", (names[n - 1], held)
         assert crash_kit.debris(dest.parent) == [], (names[n - 1], crash_kit.debris(dest.parent))
+
+
+# -- a kill after a swap, before the old folder is settled: the next command settles it --------------------------
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+@pytest.mark.parametrize("at", ["atomic.discard-old", "atomic.put-back"])
+@pytest.mark.parametrize("then", ["next-command", "new-output-removed", "users-folder-put-there"])
+def test_a_kill_between_a_swap_and_its_put_back_never_loses_the_changed_old_folder(tmp_path, caplog, exchange, at,
+                                                                                    then):
+    """Killed (SIGKILL) once the swap was done and before its put-back moved anything, the changed old folder (the
+    user's notes in it) stayed at a temporary's name, and the next command's sweep deleted it as a dead run's debris.
+    Now the swap is noted first, and the sweep settles it by the error path's rules: the old folder is back at its
+    name; where something the user put there since holds the name, it is kept beside it, under a name that says so,
+    and a warning says where. Never deleted."""
+    from edgemed.errors import OutputExists
+
+    def old_output(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        _onnx_dir(tmp_path / name / "model-onnx", "old")
+        return tmp_path / name / "model-onnx"
+
+    def run(dest: Path):
+        def go():  # in the killed child only: the user adds notes during the swap; a file system without an exchange
+            real_step = atomic.step
+
+            def step(what):
+                if what == "atomic.exchange":
+                    (dest / "clinic-notes.txt").write_text("the user's")
+                real_step(what)
+
+            atomic.step = step
+            if not exchange:
+                atomic._exchange = lambda a, b: False
+            _onnx_dir(dest, "new", force=True)
+        return go
+
+    log = tmp_path / "steps.log"
+    assert crash_kit.killed_at(run(old_output("clean")), 0, log) == 2  # OutputExists: the steps of a put-back
+    names = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    dest = old_output("killed")
+    assert crash_kit.killed_at(run(dest), names.index(at) + 1) == crash_kit.KILLED
+    assert (dest / "model.onnx").read_text() == "new"  # the kill's state: the new output in, the old one out
+    kept = dest.parent / "model-onnx.old-kept-by-edgemed"
+    if then == "new-output-removed":
+        shutil.rmtree(dest)
+    elif then == "users-folder-put-there":
+        dest.rename(dest.parent / "users-moved")
+        dest.mkdir()
+        (dest / "draft.txt").write_text("the user's too")
+    with pytest.raises(OutputExists):  # a folder edgemed did not make, or one the user changed: never replaced
+        _onnx_dir(dest, "next", force=True)
+    if then == "users-folder-put-there":
+        assert {p.name: p.read_text() for p in dest.iterdir()} == {"draft.txt": "the user's too"}
+        assert {p.name: p.read_text() for p in kept.iterdir()} == {"model.onnx": "old",
+                                                                   "clinic-notes.txt": "the user's"}
+        assert str(kept) in caplog.text
+    else:
+        assert {p.name: p.read_text() for p in dest.iterdir()} == {"model.onnx": "old",
+                                                                   "clinic-notes.txt": "the user's"}
+        assert not kept.exists()
+    assert crash_kit.debris(dest.parent) == []
+
+
+def test_a_swap_note_that_cannot_be_read_leaves_that_runs_debris_alone(tmp_path, caplog):
+    """A note is the only thing that says what a killed swap took out: one that is damaged (or of another shape)
+    proves nothing, so the sweep neither settles nor removes anything of that run, and a warning names it."""
+    def run(dest: Path):
+        def go():  # in the killed child only: the user adds notes during the swap
+            real_step = atomic.step
+
+            def step(what):
+                if what == "atomic.exchange":
+                    (dest / "clinic-notes.txt").write_text("the user's")
+                real_step(what)
+
+            atomic.step = step
+            _onnx_dir(dest, "new", force=True)
+        _onnx_dir(dest, "old")
+        return go
+
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "killed").mkdir()
+    log = tmp_path / "steps.log"
+    assert crash_kit.killed_at(run(tmp_path / "clean" / "model-onnx"), 0, log) == 2  # OutputExists: put back
+    at = [line.split(" ", 1)[1] for line in log.read_text().splitlines()].index("atomic.discard-old") + 1
+    dest = tmp_path / "killed" / "model-onnx"
+    assert crash_kit.killed_at(run(dest), at) == crash_kit.KILLED
+    note = next(p for p in dest.parent.iterdir() if p.name.endswith(debris.SWAP + ".partial"))
+    note.write_text('{"dest": "model-onnx"}')
+    _onnx_dir(dest, "next", force=True)  # the new output was edgemed's, unchanged: replaced
+    assert (dest / "model.onnx").read_text() == "next" and f"could not settle '{note}'" in caplog.text
+    kept = [p for p in dest.parent.iterdir() if p.is_dir() and (p / "clinic-notes.txt").is_file()]
+    assert len(kept) == 1 and debris.is_debris(kept[0]) and (kept[0] / "model.onnx").read_text() == "old"

@@ -10,6 +10,9 @@ Rules, for every output edgemed writes (convert, pack, keygen, export, reports, 
   directory, or one above it, is always refused. What a swap takes out of the destination is deleted only if
   it is the object approved there (same device and inode; a directory still unchanged, checked again just
   before it goes); anything else, a folder put there or a file added to it meanwhile, is put back.
+- A folder swap is noted first (a ``SWAP`` note beside it: the output's name, the temporaries, what was written and
+  what was approved), so a kill (SIGKILL) before the swap is settled leaves no user's folder to a sweep: the next
+  sweep of the folder settles the note by the same rules (``_settle_noted``), and only then removes the debris.
 - Temporary files and folders are *debris* until they are renamed into place, and carry
   their owner in their name (``debris.py``). Writing into a folder first sweeps the debris of
   owners that are gone, so a crash costs disk space only until the next run.
@@ -20,17 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import logging
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
 from edgemed.files import ownership
-from edgemed.files.debris import ASIDE, MAX_LABEL, debris_path, discard, owned, scratch_dir, step, sweep
+from edgemed.files.debris import (ASIDE, MAX_LABEL, SWAP, debris_path, discard, is_debris, owned, owner_of,
+                                  scratch_dir, settle_swaps_with, step, sweep)
 from edgemed.files.durable import sync_folder, sync_tree
 from edgemed.errors import DISK_REFUSED, OutputError, OutputExists
 
 __all__ = ["atomic_path", "atomic_paths", "check_destination", "file_destination", "inside", "refuse_input_as_output", "refuse_store", "write_text", "place_new", "swap_in", "scratch_dir", "sweep",
            "step", "discard"]
+
+log = logging.getLogger(__name__)
 
 
 def _folder(path: Path) -> Path:
@@ -229,7 +238,7 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
             tmps.append(debris_path(folder, dest.name, suffix))
         approved = {}  # dest -> (st_dev, st_ino) of what may be replaced there
         ours = {}  # temporary -> (st_dev, st_ino) of what was written there, taken just before its swap
-        swaps = []  # (temporary, destination, aside) of each swap begun and not yet settled
+        swaps = []  # (temporary, destination, aside, note or None) of each swap begun and not yet settled
         try:
             yield tmps
             step("atomic.written")
@@ -253,7 +262,11 @@ def atomic_paths(dests: list[Path | str], *, force: bool = False, suffix: str = 
                     # what it took out, at the temporary's name (exchanged) or at the aside (two renames)
                     ours[tmp] = _ident(tmp)
                     aside = debris_path(_folder(dest), dest.name, ASIDE)
-                    swaps.append((tmp, dest, aside))
+                    # a folder swap is noted first: a kill before it is settled leaves its note for the next sweep
+                    note = debris_path(_folder(dest), dest.name, SWAP) if tmp.is_dir() or dest.is_dir() else None
+                    swaps.append((tmp, dest, aside, note))
+                    if note is not None:
+                        _note_swap(note, tmp, dest, aside, ours[tmp], approved.get(dest), kind)
                     old = swap_in(tmp, dest, aside)
                     if old is not None and not _approved(old, approved.get(dest), kind):  # changed or replaced
                         raise _changed(dest, option)  # since the check
@@ -318,28 +331,115 @@ def _past_stops(work) -> KeyboardInterrupt | None:
             first = first or stop
 
 
-def _settle(swaps: list, ours: dict, approved: dict, kind: str | None) -> list[Path]:
-    """For each swap begun (``swaps``: temporary, destination, aside), find what it took out of the destination, by
-    what is on disk and not by what ``swap_in`` returned (a stop may land after the swap and before the return):
+def _settle(swaps: list, ours: dict, approved: dict, kind: str | None, swept: bool = False) -> list[Path]:
+    """For each swap begun (``swaps``: temporary, destination, aside, note), find what it took out of the destination,
+    by what is on disk and not by what ``swap_in`` returned (a stop may land after the swap and before the return):
     discard it if it is still the approved object (checked once more, just before) and the destination holds
     something; put any other back at its destination (the new output goes to the temporary name, which is debris),
     and so one that a stop left with its destination empty (between the two renames of a swap or of a put-back),
-    which would otherwise go with the new output too. Return the destinations put back.
-    ``swaps`` is emptied as it goes; run again after a stop, it finishes what the stop cut short."""
+    which would otherwise go with the new output too; where the destination holds something else than what was
+    written (put there since), keep it beside it instead (``_keep_aside``). The swap's note goes once it is settled
+    (before a discard: a note must never bring back a half-deleted folder). Return the destinations not replaced.
+    ``swaps`` is emptied as it goes; run again after a stop, it finishes what the stop cut short. ``swept``: a sweep
+    settles a dead run's note, and a warning tells what it put back."""
     back = []
     while swaps:
-        tmp, dest, aside = swaps[0]
+        tmp, dest, aside, note = swaps[0]
         old = _taken_out(tmp, aside, ours.get(tmp))
         if old is not None:
             step("atomic.discard-old")
             if os.path.lexists(dest) and _approved(old, approved.get(dest), kind):
                 swaps.pop(0)  # first: a stop during the discard leaves the rest as debris, never puts it back
+                _forget(note)
                 discard(old)
                 continue
-            _put_back(old, tmp, dest)
+            if os.path.lexists(dest) and _ident(dest) != ours.get(tmp):  # not what was written: never moved
+                _keep_aside(old, dest)
+            else:
+                _put_back(old, tmp, dest)
+                if swept:
+                    log.warning("'%s' is back as it was: an edgemed run that was replacing it was killed, and it had "
+                                "changed (or was not edgemed's), so it was not replaced; what that run wrote was "
+                                "discarded", dest)
             back.append(dest)
+        _forget(note)
         swaps.pop(0)
     return back
+
+
+def _forget(note: Path | None) -> None:
+    if note is not None and os.path.lexists(note):
+        discard(note)
+
+
+_NOTE_KEYS = {"dest", "tmp", "aside", "written", "approved", "kind"}
+_MAX_NOTE = 4096  # bytes: a note holds three names of at most 255 characters, and numbers
+
+
+def _note_swap(note: Path, tmp: Path, dest: Path, aside: Path, written: tuple, approved: tuple | None,
+               kind: str | None) -> None:
+    """Write the swap's note at ``note`` (whole or not at all: written beside it, synced, then renamed to it), on disk
+    before the swap: what a sweep needs to settle it if this process dies first (``_settle_noted``)."""
+    text = json.dumps({"dest": dest.name, "tmp": tmp.name, "aside": aside.name, "written": list(written),
+                       "approved": list(approved) if approved else None, "kind": kind})
+    draft = debris_path(_folder(dest), dest.name, SWAP + "-draft")  # swept as any debris, if a kill leaves it
+    step("atomic.note-swap")
+    try:
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.write(fd, text.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
+        sync_tree(draft)
+        os.replace(draft, note)  # a fresh name: nothing is replaced
+        sync_folder(_folder(dest))
+    except BaseException:
+        _forget(draft if os.path.lexists(draft) else None)
+        raise
+
+
+def _read_note(note: Path) -> tuple:
+    """(temporary, destination, aside, written, approved, kind) from a swap's note, read as untrusted: names of this
+    folder only, the temporaries debris of the note's own owner. OSError where it is not a note edgemed wrote."""
+    fd = os.open(note, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(note))
+        raw = os.read(fd, _MAX_NOTE + 1)
+    finally:
+        os.close(fd)
+
+    def name(v) -> bool:
+        return isinstance(v, str) and 0 < len(v) <= 255 and v not in (".", "..") and not any(c in v for c in "/\0")
+
+    def ident(v) -> bool:
+        return isinstance(v, list) and len(v) == 2 and all(type(i) is int and i >= 0 for i in v)
+
+    try:
+        d = json.loads(raw.decode("utf-8", "surrogateescape")) if len(raw) <= _MAX_NOTE else None
+    except ValueError:
+        d = None
+    if not (isinstance(d, dict) and set(d) == _NOTE_KEYS and all(name(d[k]) for k in ("dest", "tmp", "aside"))
+            and all(is_debris(note.parent / d[k]) and owner_of(note.parent / d[k]) == owner_of(note)
+                    for k in ("tmp", "aside"))
+            and ident(d["written"]) and (d["approved"] is None or ident(d["approved"]))
+            and (d["kind"] is None or (isinstance(d["kind"], str) and 0 < len(d["kind"]) <= 64))):
+        raise OSError(errno.EINVAL, "not a swap's note that edgemed wrote (damaged, or of another shape)", str(note))
+    folder = note.parent
+    return (folder / d["tmp"], folder / d["dest"], folder / d["aside"], tuple(d["written"]),
+            tuple(d["approved"]) if d["approved"] else None, d["kind"])
+
+
+def _settle_noted(note: Path) -> None:
+    """Settle the swap that ``note`` describes, for a run that died before it did (``debris.sweep`` calls this,
+    holding the dead owner's lock, before it removes that owner's other debris): by ``_settle``'s rules, what the swap
+    took out is discarded only if it is the approved folder, unchanged; any other goes back to its name (or, where
+    something put there since holds it, beside it). OSError where the note cannot be read: the sweep leaves it all."""
+    tmp, dest, aside, written, approved, kind = _read_note(note)
+    _settle([(tmp, dest, aside, note)], {tmp: written}, {dest: approved} if approved else {}, kind, swept=True)
+
+
+settle_swaps_with(_settle_noted)  # a sweep (below this module) settles the notes this module writes
 
 
 def _taken_out(tmp: Path, aside: Path, written: tuple[int, int] | None) -> Path | None:
@@ -354,17 +454,37 @@ def _taken_out(tmp: Path, aside: Path, written: tuple[int, int] | None) -> Path 
 
 
 def _put_back(old: Path, tmp: Path, dest: Path) -> None:
-    """Undo ``swap_in``: ``old`` to ``dest`` again, the new output to ``tmp``. Run again after a stop between its
-    two renames, it does the second."""
+    """Undo ``swap_in``: ``old`` to ``dest`` again, the new output (if it is still there) to ``tmp``. Run again after
+    a stop between its two renames, it does the second."""
     step("atomic.put-back")
-    if old == tmp:  # exchanged: exchange again
+    if old == tmp and os.path.lexists(dest):  # exchanged: exchange again
         if not _exchange(tmp, dest):
             raise OSError(errno.ENOTSUP, "cannot exchange back", str(dest))
         return
-    if not os.path.lexists(tmp):  # else the new output is there already, moved back by a try a stop cut short
+    if old != tmp and not os.path.lexists(tmp) and os.path.lexists(dest):  # else the new output is at tmp already
         os.rename(dest, tmp)  # two renames: a kill between them leaves the aside, which the next sweep puts back
     step("atomic.put-back-aside")
     os.rename(old, dest)
+
+
+def _keep_aside(old: Path, dest: Path) -> Path:
+    """Move ``old``, what a swap took out of ``dest``, beside it under a name that says what it is, where it cannot
+    go back: something other than what edgemed wrote holds ``dest`` now (put there since), which is never moved.
+    A warning says where it went."""
+    for n in range(1, 100):
+        kept = dest.with_name(f"{dest.name}.old-kept-by-edgemed" + (f"-{n}" if n > 1 else ""))
+        if os.path.lexists(kept):
+            continue
+        step("atomic.keep-old")
+        try:
+            if not _rename_noreplace(old, kept):
+                os.rename(old, kept)
+        except OutputExists:  # taken a moment ago: the next name
+            continue
+        log.warning("'%s' was kept as '%s': an edgemed run that was replacing it was stopped before it could put it "
+                    "back, and something else is at its name now; move it back yourself if you need it", dest, kept)
+        return kept
+    raise OSError(errno.EEXIST, "no free name beside it to keep the old output under", str(dest))
 
 
 def _changed(dest: Path, option: str = "-o") -> OutputExists:

@@ -22,7 +22,12 @@ whose lock is missing, or whose lock name holds a file with content, is not edge
 
 ``sweep(folder)`` removes the debris of gone owners, except an ``ASIDE`` (a directory
 output moved aside during a two-rename replacement) whose output is missing: that one is
-renamed back, so a kill between the two renames leaves the old output in place. A lock
+renamed back, so a kill between the two renames leaves the old output in place. A ``SWAP``
+note (written by ``atomic.py`` before it swaps a folder out of an output's place: the output's name, the
+temporaries, what was written and what was approved) is settled first, by the settler ``atomic.py`` hands
+``settle_swaps_with``: what the swap took out of the output's place is discarded only if it was approved and is
+unchanged, else put back; a user's changed folder is never swept as debris. Where no settler is loaded, or settling
+fails, that owner's debris is left as it is, its lock with it, for a later sweep. A lock
 name held by anything but a regular file (a directory, a FIFO, a link) is not edgemed's
 lock: it is opened without following links and without blocking, never removed, and its
 owner's debris counts as live.
@@ -49,12 +54,15 @@ from edgemed.errors import OutputError
 log = logging.getLogger(__name__)
 
 ASIDE = "~aside"
+#: The suffix of a swap's note: what a sweep must settle before it removes that owner's other debris.
+SWAP = "~swap"
 _DEBRIS = re.compile(r"\.(?P<label>.+)\.edgemed-(?P<owner>[0-9a-f]{16})\.(?P<rand>[0-9a-z]{8})(?P<suffix>.*)\.partial", re.S)
 _LOCK = re.compile(r"\.edgemed-(?P<owner>[0-9a-f]{16})\.lock")
 #: Characters of an output's name a temporary name keeps (its LABEL); a sweep restores an aside to its LABEL.
 MAX_LABEL = 120
 
 _steps = 0
+_settle_swap = None  # settles one SWAP note of a gone owner (``atomic.py`` hands it over: it writes the notes)
 
 
 def step(what: str) -> None:
@@ -182,13 +190,18 @@ def owned(folder: Path) -> Iterator[str]:
                 os.close(entry[0])
 
 
-def _left(folder: Path, owner: str) -> bool:
-    """Whether ``folder`` still holds debris of ``owner``."""
+def _pieces(folder: Path, owner: str) -> list[re.Match]:
+    """The debris of ``owner`` in ``folder``, as it is now."""
     try:
         names = os.listdir(folder)
     except OSError:
-        return False
-    return any((m := _DEBRIS.fullmatch(n)) is not None and m["owner"] == owner for n in names)
+        return []
+    return [m for n in names if (m := _DEBRIS.fullmatch(n)) is not None and m["owner"] == owner]
+
+
+def _left(folder: Path, owner: str) -> bool:
+    """Whether ``folder`` still holds debris of ``owner``."""
+    return bool(_pieces(folder, owner))
 
 
 def _token(folder: Path) -> str:
@@ -210,6 +223,12 @@ def debris_path(folder: Path, label: str, suffix: str = "") -> Path:
 
 def is_debris(path: Path) -> bool:
     return _DEBRIS.fullmatch(Path(path).name) is not None
+
+
+def owner_of(path: Path) -> str | None:
+    """The owner id in a piece of debris's name; None for any other name."""
+    m = _DEBRIS.fullmatch(Path(path).name)
+    return m["owner"] if m else None
 
 
 def label_of(path: Path) -> str:
@@ -253,8 +272,33 @@ def scratch_dir(folder: Path, label: str = "work") -> Iterator[Path]:
             discard(path)
 
 
+def settle_swaps_with(settle) -> None:
+    """Have ``sweep`` call ``settle(note)`` for each ``SWAP`` note of a gone owner, before it removes that owner's
+    other debris (``atomic.py``, which writes the notes and owns the rules for what a swap took out, hands it here:
+    this module sits below it)."""
+    global _settle_swap
+    _settle_swap = settle
+
+
+def _settled(folder: Path, notes: list[re.Match]) -> bool:
+    """Settle a gone owner's swap notes (``settle_swaps_with``); False where they could not be (left for later)."""
+    for m in sorted(notes, key=lambda m: m.string):
+        note = folder / m.string
+        if _settle_swap is None:
+            log.info("left %s as it is: a swap it notes is settled by a command that writes an output there", note)
+            return False
+        try:
+            _settle_swap(note)
+        except OSError as exc:
+            log.warning("could not settle '%s', an interrupted replacement of '%s' (%s); it is left as it is, for the "
+                        "next command that writes there", note, folder / m["label"], exc)
+            return False
+    return True
+
+
 def sweep(folder: Path) -> list[Path]:
-    """Remove from ``folder`` the debris whose owner is gone (restoring a stranded aside); return what went."""
+    """Remove from ``folder`` the debris whose owner is gone (settling its swaps first, restoring a stranded aside);
+    return what went."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -273,6 +317,11 @@ def sweep(folder: Path) -> list[Path]:
         with _if_gone(folder, owner) as dead:
             if not dead:
                 continue
+            notes = [m for m in pieces.get(owner, []) if m["suffix"] == SWAP]
+            if notes:
+                if not _settled(folder, notes):
+                    continue  # never swept: what a swap took out may be a user's folder, at a temporary's name
+                pieces[owner] = _pieces(folder, owner)  # settling moved some (a put-back), removed others
             for m in sorted(pieces.get(owner, []), key=lambda m: m["suffix"] != ASIDE):
                 p = folder / m.string
                 target = folder / m["label"]
@@ -325,7 +374,7 @@ def _if_gone(folder: Path, owner: str) -> Iterator[bool]:
             return
         yield True
         with contextlib.suppress(FileNotFoundError):
-            if _same_file(path, fd):
+            if _same_file(path, fd) and not _left(folder, owner):  # while debris is left, its lock vouches for it
                 step("debris.sweep-lock")
                 os.unlink(path)
     finally:
