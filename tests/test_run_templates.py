@@ -217,6 +217,79 @@ def test_an_input_given_two_ways_is_refused():
     assert inputs["question"] == "Rickets?" and expected == "B"  # a null field is one the item does not give
 
 
+PICK = ('name = "pick"\ntitle = "Pick one"\nsystem = "Choose the best answer."\n'
+        'user = "{{ question }}\\n{% for k, v in answers.items() %}{{ k }}. {{ v }}\\n{% endfor %}"\n'
+        'contract = { kind = "choice", choices_from = "answers" }\n'
+        '[inputs.question]\nhelp = "the question"\n[inputs.answers]\nhelp = "the answers"\n')
+
+
+@pytest.fixture
+def pick(tmp_path, monkeypatch):
+    """A user's template whose choices come from the input 'answers', not 'options'."""
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    (folder / "index.toml").write_text('[[template]]\nname = "pick"\nfile = "pick.toml"\n')
+    (folder / "pick.toml").write_text(PICK)
+    monkeypatch.setenv("EDGEMED_TEMPLATES_DIR", str(folder))
+    return get_template("pick")
+
+
+def test_a_choices_table_other_than_options_is_given_with_i_as_json(pick, tmp_path):
+    """-i answers=... reached the template as text, which it refused, with a fix that named --options (an input it
+    does not have): a template taking its choices from another input could not be run from the CLI at all."""
+    from edgemed.cli.run import template_inputs
+
+    table = tmp_path / "table.json"
+    table.write_text('{"A": "Vitamin C", "B": "Vitamin D"}\n')
+    for value in (f"@{table}", '{"A": "Vitamin C", "B": "Vitamin D"}'):
+        inputs, _ = template_inputs("Scurvy?", None, None, [f"answers={value}"], template=pick)
+        assert inputs["answers"] == {"A": "Vitamin C", "B": "Vitamin D"}
+        assert "A. Vitamin C\nB. Vitamin D" in pick.messages(inputs)[1]["content"]
+        assert pick.choices(inputs) == ("A", "B")
+    assert template_inputs("Which?", None, None, ['options={"A": "x"}'])[0]["options"] == '{"A": "x"}'  # no template
+
+
+@pytest.mark.parametrize("args, problem, fix", [
+    (["-i", "answers=A: Vitamin C, B: Vitamin D"], "-i answers is not a JSON object.", "-i answers='{"),
+    (["-i", 'answers=["Vitamin C", "Vitamin D"]'], "-i answers is an array, not a JSON object", "-i answers=@FILE"),
+    (["-i", 'answers={"A": NaN, "B": "x"}'], "-i answers is not plain JSON: NaN is not a finite number.",
+     "quoted string"),
+    (["-i", 'answers={"A": "Vitamin C"}'], "needs at least 2 options in 'answers'", "-i answers='{"),
+    ([], "needs the input 'answers'", "pass -i answers='{"),
+    (["--options", '{"A": "Vitamin C", "B": "Vitamin D"}'],
+     "template 'pick' has none: it takes its choices from the input 'answers'", "pass them with -i answers='{"),
+])
+def test_a_choices_table_given_wrong_names_the_input_and_the_option_that_gives_it(pick, tmp_path, args, problem, fix):
+    """Refused before the model is looked for; the fix names -i answers, never --options (which gives 'options')."""
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "absent.gguf"), "-t", "pick", "-q", "Scurvy?", "--json",
+                                      *args])
+    assert result.exit_code == 1 and "absent.gguf" not in result.output, result.output
+    error = json.loads(result.stdout.splitlines()[-1])
+    assert problem in error["problem"] and fix in error["fix"] and "--options" not in error["fix"], error
+
+
+def test_the_options_fix_still_names_options_for_mcq_and_template_inputs_for_a_request(pick):
+    from edgemed.errors import TemplateError
+
+    with pytest.raises(TemplateError) as mcq:
+        get_template("mcq").messages({"question": "q"})
+    assert "--options '{" in mcq.value.fix
+    with pytest.raises(TemplateError) as api:
+        pick.messages({"question": "q"}, via="api")
+    assert "'template_inputs': {\"answers\": {" in api.value.fix
+
+
+def test_run_a_template_whose_choices_come_from_another_input(pick, tmp_path, smollm2_gguf):
+    table = tmp_path / "table.json"
+    table.write_text('{"A": "Vitamin C", "B": "Vitamin D"}')
+    question = "Which vitamin deficiency causes scurvy?"
+    result = CliRunner().invoke(cli, ["run", str(smollm2_gguf), "-t", "pick", "-q", question, "-i", f"answers=@{table}",
+                                      "--max-tokens", "16", "--ctx", "1024", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["template"] == "pick" and data["ok"] and data["answer"] in ("A", "B"), data
+
+
 @pytest.mark.parametrize("field", ["options", "answer_idx"])
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_item_json_refuses_numbers_json_cannot_write(tmp_path, field, number):

@@ -155,9 +155,34 @@ def typed_text(text: str, what: str, fix: str = "save it as UTF-8 and pass it fr
     return _utf8(data, what, fix)
 
 
-def template_inputs(question, options, item, pairs, text: TextSource | None = None) -> tuple[dict, str | None]:
+def _table(by: str, value: str, example: str) -> dict:
+    """An options table given on the command line: ``--options``, or ``-i KEY`` for the input a template takes its
+    choices from (its contract's ``choices_from``), as a JSON object of labels and answers. ``by`` names the option in
+    the errors, ``example`` is how to give it."""
+    from edgemed.errors import InputError
+
+    try:
+        parsed = loads_json(value, finite=True)
+    except json.JSONDecodeError:
+        raise InputError(f"{by} is not a JSON object.", f"pass {example}") from None
+    except ValueError as exc:  # NaN, Infinity, 1e999 (which no JSON reader takes back), or nesting too deep
+        raise InputError(f"{by} is not plain JSON: {exc}.",
+                         f"write each option as a quoted string: {example}") from None
+    if not isinstance(parsed, dict):
+        kind = {list: "an array", str: "a string", bool: "true or false"}.get(type(parsed), "null" if parsed is None
+                                                                              else "a number")
+        raise InputError(f"{by} is {kind}, not a JSON object of labels and answers.", f"pass {example}")
+    return parsed
+
+
+def template_inputs(question, options, item, pairs, text: TextSource | None = None,
+                    template=None) -> tuple[dict, str | None]:
     """Template inputs from the CLI options (``--question``, ``--options`` and each ``-i`` value may be ``@PATH`` or
     ``@-``: ``TextSource``); also the item's expected answer, if it has one.
+
+    ``template``: the template asked. The ``-i`` value of the input its choices come from (its contract's
+    ``choices_from``) is read as a JSON object, as ``--options`` is: ``-i answers=@table.json``. It arrived as text,
+    which the template refused, with a fix that named --options, an input such a template does not have.
 
     Each input is given one way. A second one overwrote the first without a word: the -i question won over
     --question, and --options over an --item-json's options while its answer_idx was still printed as "Expected"
@@ -165,6 +190,7 @@ def template_inputs(question, options, item, pairs, text: TextSource | None = No
     from edgemed.errors import InputError
 
     text = text or TextSource()
+    table = template.contract.choices_from if template is not None else ""
     inputs: dict = {}
     given: dict[str, str] = {}  # input -> the option that gave it
 
@@ -190,19 +216,22 @@ def template_inputs(question, options, item, pairs, text: TextSource | None = No
     if question is not None:
         put("question", question, "--question")
     if options is not None:
-        try:
-            parsed = loads_json(options, finite=True)
-        except json.JSONDecodeError:
-            raise InputError("--options is not a JSON object.", "pass --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
-        except ValueError as exc:  # NaN, Infinity, 1e999 (which no JSON reader takes back), or nesting too deep
-            raise InputError(f"--options is not plain JSON: {exc}.",
-                             "write each option as a quoted string: --options '{\"A\": \"...\", \"B\": \"...\"}'") from None
-        put("options", parsed, "--options")
+        if table not in ("", "options") and "options" not in template.inputs:
+            raise InputError(f"--options gives the input 'options', and template '{template.name}' has none: it takes "
+                             f"its choices from the input '{table}'.",
+                             f"pass them with -i {table}='{{\"A\": \"...\", \"B\": \"...\"}}' (or -i {table}=@FILE, "
+                             "a file holding that JSON object)")
+        put("options", _table("--options", options, "--options '{\"A\": \"...\", \"B\": \"...\"}'"), "--options")
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise InputError(f"--input '{pair}' is not KEY=VALUE.", "pass e.g. --input reading_level='5th grade'")
-        put(key.strip(), text(f"--input {key.strip()}", value), f"-i {key.strip()}")
+        key = key.strip()
+        value = text(f"--input {key}", value)
+        if table and key == table:  # the choices' table: a JSON object, as --options
+            value = _table(f"-i {key}", value, f"-i {key}='{{\"A\": \"...\", \"B\": \"...\"}}' (or -i {key}=@FILE, "
+                           "a file holding that JSON object)")
+        put(key, value, f"-i {key}")
     return inputs, expected
 
 
@@ -257,12 +286,15 @@ def _stdin_prompt() -> str:
 @click.option("--template", "-t", "template_name", help="A medical prompt template: mcq, pubmedqa, open_question, "
               "differential, drug, triage, patient_education, note_summary.")
 @click.option("--question", "-q", help="The question (templates; @PATH: from a file, @-: standard input).")
-@click.option("--options", help="Answer options as a JSON object, e.g. '{\"A\": \"...\", \"B\": \"...\"}' (mcq).")
+@click.option("--options", help="Answer options as a JSON object, e.g. '{\"A\": \"...\", \"B\": \"...\"}' (mcq; "
+              "a template that takes its choices from another input takes that one as -i KEY='{...}').")
 @click.option("--item-json", help="One MedMCQA/MedQA JSONL item (a JSON object, or PATH:LINE): question + options "
               "(+ context); its answer_idx is printed as Expected. --question, --options and -i cannot also give an "
               "input the item has: ask the item as it is, or your own question without it.")
 @click.option("--input", "-i", "pairs", multiple=True, help="Other template inputs as KEY=VALUE (repeatable); KEY=@PATH "
-              "reads the value from a file, KEY=@- from standard input (e.g. -i note=@note.txt).")
+              "reads the value from a file, KEY=@- from standard input (e.g. -i note=@note.txt). The input a template "
+              "takes its choices from is a JSON object of labels and answers, as --options (e.g. -i "
+              "answers=@table.json).")
 @click.option("--profile", help="Device profile to use (default: detected; see `edgemed devices list`).")
 @click.option("--think", default="hide", show_default=True, help="Reasoning models' <think> block: hide, show, or cap:N tokens.")
 @json_flag("Print one JSON object (templates: the parsed answer) instead of streaming.")
@@ -323,7 +355,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
         from edgemed.templates import get_template
 
         template = get_template(template_name)
-        inputs, expected = template_inputs(question, options, item_json, pairs, text)
+        inputs, expected = template_inputs(question, options, item_json, pairs, text, template)
         template.messages(inputs)  # missing inputs fail here, before the model loads
         from edgemed.runtime.sampling import check_template_grammar
 

@@ -42,7 +42,9 @@ MIN_OPTIONS = 2
 #: How a user gives a template its inputs, which the fix of an input error names (``Template.fill``'s ``via``): the
 #: CLI's options (``edgemed run``), or the ``template_inputs`` object of a request to ``edgemed serve``. ``input``:
 #: the fix for a missing input ``{key}``; ``own``: the inputs given otherwise, by an option of their own (``run
-#: --question``; a missing options input's fix is ``options``); ``options``: how to give the options ``{key}``;
+#: --question``; a missing options input's fix is ``options``); ``options``: how to give the options ``{key}`` (the
+#: input the contract's ``choices_from`` names), ``own_options``: the options inputs given by an option of their own
+#: (``run --options``);
 #: ``cut``: how to give a reply cut at its token limit more room (``Template.parse``'s ``truncated``); ``name``: an
 #: input as the caller's user names it, ``text``: how to give it as text (on the CLI only --item-json holds other
 #: JSON values).
@@ -50,7 +52,8 @@ VIA = {
     "cli": {"input": "pass it with -i {key}='...' (or -i {key}=@FILE to read it from a file)", "give": "pass",
             "name": "the input '{key}'", "text": "write it as a JSON string (\"...\") in --item-json",
             "own": {"question": "pass it with --question '...' (or --question @FILE to read it from a file)"},
-            "options": "--options '{{\"A\": \"...\", \"B\": \"...\"}}'",
+            "options": "-i {key}='{{\"A\": \"...\", \"B\": \"...\"}}'",
+            "own_options": {"options": "--options '{{\"A\": \"...\", \"B\": \"...\"}}'"},
             "cut": "raise max_tokens (--max-tokens)"},
     "api": {"input": "send it in 'template_inputs': {{\"{key}\": ...}}", "give": "send",
             "name": "template_inputs.{key}", "text": "send it as a JSON string: 'template_inputs': {{\"{key}\": \"...\"}}",
@@ -77,7 +80,8 @@ class Template:
         """Inputs with defaults applied; unknown or missing inputs are errors that name the template, and whose fix
         says how to give an input the way the caller's user gives them (``via``: a key of ``VIA``)."""
         how = VIA[via]
-        options_like = how["options"].format(key=self.contract.choices_from)
+        table = self.contract.choices_from
+        options_like = how.get("own_options", {}).get(table, how["options"]).format(key=table)
         unknown = set(inputs) - set(self.inputs)
         if unknown:
             raise TemplateError(f"Template '{self.name}' has no input {', '.join(sorted(unknown))}.",
