@@ -30,6 +30,8 @@ SELFTEST_VAR = "EDGEMED_SELFTEST"
 SELFTEST_CHILD_VAR = "EDGEMED_SELFTEST_CHILD"
 #: The memory a conversion may use at its peak ("6GiB", "6000MB", or bytes), instead of what is available now.
 MEMORY_BUDGET_VAR = "EDGEMED_MEMORY_BUDGET"
+#: Set to 1 to let a process that holds prompts and answers write a core file and be traced (gdb, py-spy): edgemed.phi.
+ALLOW_CORE_DUMPS_VAR = "EDGEMED_ALLOW_CORE_DUMPS"
 #: Fault injection for edgemed's own tests (e.g. ``selftest-crash:all``); never set it in production.
 FAULT_VAR = "EDGEMED_FAULT"
 
@@ -202,6 +204,22 @@ def enforce_offline() -> None:
     if hub is not None:
         hub.HF_HUB_OFFLINE = True
         hub.HF_HUB_DISABLE_TELEMETRY = True
+
+
+def core_dumps_allowed() -> bool:
+    """``$EDGEMED_ALLOW_CORE_DUMPS``: 1 keeps core dumps and same-user tracing on (debugging); 0 or unset turns them
+    off (``phi.no_core_dumps``). Anything else is refused rather than guessed: a typo must neither leave clinicians'
+    text open to a core file nor take away the dump someone asked for."""
+    value = os.environ.get(ALLOW_CORE_DUMPS_VAR, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    from edgemed.errors import InputError
+
+    shown = value[:40] + ("..." if len(value) > 40 else "")
+    raise InputError(f"${ALLOW_CORE_DUMPS_VAR} must be 1 (allow core dumps, for debugging) or 0, not {shown!r}.",
+                     f"set {ALLOW_CORE_DUMPS_VAR}=1 to debug with a core file, gdb or py-spy, or unset it")
 
 
 def store_dir() -> Path:

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from edgemed.phi import no_core_dumps
 
-    no_core_dumps()  # it holds the prompts and what the model says to them: a crash leaves no core file
+    no_core_dumps(quiet=True)  # it holds the prompts and what the model says to them: a crash leaves no core file
     task = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     prompts = json.loads(sys.stdin.buffer.read().decode("utf-8"))  # the runner's: the text is never in the task file
     try:

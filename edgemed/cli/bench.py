@@ -255,7 +255,7 @@ def bench() -> None:
     """
     from edgemed.phi import no_core_dumps
 
-    no_core_dumps()  # a clinic's prompts and the replies to them never go to a core file (the children inherit it)
+    no_core_dumps()  # a clinic's prompts and the replies to them never go to a core file (the measuring child sets the same itself)
 
 
 def _require_bench_extra() -> None:

@@ -114,7 +114,7 @@ def chat(model, system, profile, think, max_tokens, temperature, seed, n_ctx, th
     from edgemed.runtime.engine import check_seed
     from edgemed.phi import no_core_dumps
 
-    no_core_dumps()  # the conversation never goes to a core file (nor the template worker's: it inherits this)
+    no_core_dumps()  # the conversation never goes to a core file (the template worker sets the same itself)
     from edgemed.runtime.session import open_with_adapters, prepare, respond
     from edgemed.templates.library import safety_preamble
     from edgemed.templates.think import ThinkPolicy

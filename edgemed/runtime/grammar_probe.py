@@ -304,7 +304,7 @@ def _worker(path: str, tokens: int) -> None:
     from edgemed.phi import no_core_dumps
     from edgemed.runtime.llamacpp import Model
 
-    no_core_dumps()  # it follows requests' grammars and schemas: whoever started it, a crash leaves no core file
+    no_core_dumps(quiet=True)  # it follows requests' grammars and schemas: whoever started it, a crash leaves no core file
     model = Model(path, vocab_only=True)
     t0 = time.perf_counter()
     _follow(model, CALIBRATION, tokens, float("inf"))

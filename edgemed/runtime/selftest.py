@@ -391,5 +391,5 @@ if __name__ == "__main__":
 
     # the child's crash is what the check looks for: no core file of a model-sized process lands in edgemed's folder
     # (the child's working folder) or the system's crash collector (systemd-coredump honours the limit)
-    no_core_dumps()
+    no_core_dumps(quiet=True)
     _child(*sys.argv[1:4])

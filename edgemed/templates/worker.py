@@ -202,7 +202,7 @@ def write_frame(stream, message: dict) -> None:
 
 def main(argv: list[str]) -> int:
     memory, recursion = int(argv[0]), int(argv[1])
-    no_core_dumps()  # it renders clinicians' text: whoever started it, a crash leaves no core file
+    no_core_dumps(quiet=True)  # it renders clinicians' text: whoever started it, a crash leaves no core file
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner handles Ctrl-C, then closes our stdin
     if hasattr(signal, "SIGALRM"):
         signal.signal(signal.SIGALRM, _on_alarm)
