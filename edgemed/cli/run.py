@@ -329,7 +329,7 @@ def run(model, prompt, raw, system, template_name, question, options, item_json,
     from edgemed.templates.think import ThinkPolicy
     from edgemed.phi import no_core_dumps
 
-    no_core_dumps()  # the prompt and the reply never go to a core file (nor the template worker's: it inherits this)
+    no_core_dumps()  # the prompt and the reply never go to a core file (the template worker sets the same itself)
 
     if model is None:
         raise InputError("No model given.", "pass a .gguf path: edgemed run model.gguf --prompt '...' (make one with `edgemed convert`)")
