@@ -17,6 +17,7 @@ without consent, so a reader given a path refuses pickle weights with the same p
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,23 +81,87 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _indexed_shards(path: Path, index_name: str, what: str) -> list[Path]:
-    """The shard files a Hugging Face index (``model.safetensors.index.json`` or ``pytorch_model.bin.index.json``)
-    lists: plain file names of ``path``, every one there."""
+@dataclass(frozen=True)
+class ShardIndex:
+    """A Hugging Face shard index (``model.safetensors.index.json`` or ``pytorch_model.bin.index.json``): the shard
+    each tensor is in (``weight_map``) and the bytes of tensors its writer counted (``metadata.total_size``)."""
+
+    file: Path
+    weight_map: dict[str, str]
+    total_size: int | None
+
+    @property
+    def shards(self) -> list[Path]:
+        """The shard files it lists: plain file names of its folder, every one there (checked on reading)."""
+        return sorted({self.file.parent / name for name in self.weight_map.values()})
+
+    def check(self, tables: dict[Path, dict[str, tuple[str, list[int]]]]) -> None:
+        """Refuse shards that do not hold what the index says, tensor by tensor; ``tables``: each shard's tensors
+        (name -> dtype, shape), as its header (or, for a pickle read with consent, its state dict) lists them.
+
+        Hugging Face loading and the GGUF route take each tensor from the shard that holds it: a tensor the index
+        misplaces, leaves out or lists twice, or one no shard holds, means a shard (or the index) from another save,
+        and the weights converted would not be the ones the index describes."""
+        where: dict[str, list[str]] = {}
+        for file, table in tables.items():
+            for name in table:
+                where.setdefault(name, []).append(file.name)
+        problems: list[str] = []
+        for name, held in where.items():
+            listed = self.weight_map.get(name)
+            if len(held) > 1:
+                lists = f"the index lists it in '{listed}'" if listed else "the index does not list it"
+                problems.append(f"tensor '{name}' is in both '{held[0]}' and '{held[1]}' ({lists})")
+            elif listed is None:
+                problems.append(f"'{held[0]}' holds tensor '{name}', which the index does not list")
+            elif listed != held[0]:
+                problems.append(f"tensor '{name}' is listed in '{listed}' but stored in '{held[0]}'")
+        problems += [f"tensor '{name}' is listed in '{shard}', which does not hold it, nor does any shard the "
+                     "index lists" for name, shard in self.weight_map.items() if name not in where]
+        if problems:
+            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise CheckpointError(
+                f"'{self.file}' does not match its shards: {'; '.join(problems[:3])}{more}. A shard (or the index) "
+                "is from another save of the model, or cut short, so the weights read would not be the ones the "
+                "index describes.",
+                f"re-copy the shards named here and {self.file.name} from the source checkpoint, as one "
+                "save_pretrained() wrote them: each tensor is in one shard, the one the index names")
+        entries = [entry for table in tables.values() for entry in table.values()]
+        if self.total_size is None or any(dtype not in DTYPE_SIZES for dtype, _ in entries):
+            return  # a dtype with no byte size is refused by name (_float_only)
+        held_bytes = sum(DTYPE_SIZES[dtype] * math.prod(shape) for dtype, shape in entries)
+        # writers count total_size differently (huggingface_hub: each tensor's whole storage, a view's included;
+        # mlx-lm: the shard files, headers included), never below the tensors' own bytes
+        if self.total_size < held_bytes:
+            names = ", ".join(f.name for f in list(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+            raise CheckpointError(
+                f"'{self.file}' counts {self.total_size:,} bytes of tensors (metadata.total_size), but its shards "
+                f"({names}) hold {held_bytes:,}: a shard holds bigger tensors (another dtype or shape) than the one "
+                "the index was written with.",
+                f"re-copy the shards from the source checkpoint (compare each file's size with the source's listing); "
+                f"if they are the source's, re-copy {self.file.name} too: it is from another save")
+
+
+def read_shard_index(path: Path, index_name: str, what: str) -> ShardIndex:
+    """The Hugging Face index ``index_name`` of ``path``: its shards are plain file names of ``path``, every one
+    there. The tensors are checked against the shards' own lists by ``ShardIndex.check``."""
     index = path / index_name
-    weight_map = _read_json(index, what).get("weight_map")
+    doc = _read_json(index, what)
+    weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"'{index}' has no weight_map.", "re-copy the index file from the source checkpoint")
     for name in weight_map.values():  # shard names are plain files of this directory, never paths elsewhere
         if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
             raise CheckpointError(f"'{index}' names a shard {json.dumps(name)[:80]}, which is not a file name in '{path}'.",
                                   "re-copy the index file from the source checkpoint")
-    files = sorted({path / name for name in weight_map.values()})
-    missing = [f.name for f in files if not f.exists()]
+    meta = doc.get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
+    shard_index = ShardIndex(index, weight_map, total if _is_int(total) else None)  # optional, and not always a number
+    missing = [f.name for f in shard_index.shards if not f.exists()]
     if missing:
         raise CheckpointError(f"Shard(s) {', '.join(missing)} listed in {index_name} are missing from '{path}'.",
                               "copy every shard of the checkpoint")
-    return files
+    return shard_index
 
 
 # config.json fields the converters read: (keys, kind, upper bound). Bounds keep a corrupt value
@@ -353,7 +418,7 @@ def hf_pickle_files(path: Path) -> list[Path]:
     if os.path.lexists(path / PICKLE_NAME):  # a FIFO or a device there is refused by name where it is read
         return [path / PICKLE_NAME]
     if os.path.lexists(path / PICKLE_INDEX):
-        return _indexed_shards(path, PICKLE_INDEX, "Pickle index")
+        return read_shard_index(path, PICKLE_INDEX, "Pickle index").shards
     return []
 
 
@@ -433,42 +498,36 @@ class Checkpoint:
         validate_config(config, path)
         refuse_what_transformers_would_add(path, config)
         check_side_files(path)
-        shards = cls._safetensors_files(path)
+        index = None
+        if (path / SAFETENSORS_INDEX).exists():
+            index = read_shard_index(path, SAFETENSORS_INDEX, "Safetensors index")
+        shards = index.shards if index else sorted(path.glob("*.safetensors"))
         if shards:
-            return cls(path, config, _float_only(cls._index_safetensors(shards)))
+            tables = {file: read_safetensors_header(file) for file in shards}  # headers only: no tensor data is read
+            if index:
+                index.check(tables)
+            return cls(path, config, _float_only(_tensor_refs(tables)))
         pickles = hf_pickle_files(path)
         if not pickles:
             raise no_weights_error(path)
         if not allow_pickle:
             raise pickle_refused(path, pickles)
-        return cls(path, config, _float_only(cls._index_pickles(pickles)), pickle_files=pickles)
+        tables = cls._pickle_tables(pickles)
+        if pickles != [path / PICKLE_NAME]:  # the shards pytorch_model.bin.index.json lists: checked as unpickled
+            read_shard_index(path, PICKLE_INDEX, "Pickle index").check(tables)
+        return cls(path, config, _float_only(_tensor_refs(tables)), pickle_files=pickles)
 
     @staticmethod
-    def _safetensors_files(path: Path) -> list[Path]:
-        if (path / SAFETENSORS_INDEX).exists():
-            return _indexed_shards(path, SAFETENSORS_INDEX, "Safetensors index")
-        return sorted(path.glob("*.safetensors"))
-
-    @staticmethod
-    def _index_safetensors(files: list[Path]) -> dict[str, TensorRef]:
-        refs: dict[str, TensorRef] = {}
-        for file in files:
-            for name, (dtype, shape) in read_safetensors_header(file).items():
-                if name in refs:
-                    raise CheckpointError(f"Tensor '{name}' is in both '{refs[name].file.name}' and '{file.name}'.",
-                                          "remove stray shards: keep only those the checkpoint's index lists")
-                refs[name] = TensorRef(name, tuple(shape), dtype, file)
-        return refs
-
-    @staticmethod
-    def _index_pickles(files: list[Path]) -> dict[str, TensorRef]:
+    def _pickle_tables(files: list[Path]) -> dict[Path, dict[str, tuple[str, list[int]]]]:
+        """Each pickle's tensors (name -> dtype, shape), unpickled (``weights_only``, memory-mapped): only ever
+        called with the user's consent."""
         import torch
 
         import zipfile
 
         from edgemed.formats.input_file import open_regular
 
-        refs: dict[str, TensorRef] = {}
+        tables: dict[Path, dict[str, tuple[str, list[int]]]] = {}
         for file in files:
             try:
                 with open_regular(file) as fh:  # a FIFO would block the reader, a device never end
@@ -492,15 +551,11 @@ class Checkpoint:
                                       "re-copy the file, or convert the checkpoint to safetensors") from None
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise CheckpointError(f"'{file}' does not hold a state dict of tensors.", "pass the model's saved state_dict")
+            table = tables[file] = {}
             for name, t in state.items():
-                if name in refs:  # Hugging Face loading would keep one of the two copies without a word
-                    raise CheckpointError(
-                        f"Tensor '{name}' is in both '{refs[name].file.name}' and '{file.name}', which {PICKLE_INDEX} "
-                        "both lists as shards of the model.",
-                        f"re-copy the shards and {PICKLE_INDEX} from the source checkpoint: each tensor is in one shard")
                 dtype = str(t.dtype).removeprefix("torch.")
-                refs[name] = TensorRef(name, tuple(t.shape), TORCH_DTYPES.get(dtype, dtype), file)
-        return refs
+                table[name] = (TORCH_DTYPES.get(dtype, dtype), list(t.shape))
+        return tables
 
     # -- facts ----------------------------------------------------------------------------
     @property
@@ -690,6 +745,19 @@ def as_checkpoint(source: "Checkpoint | Path | str", *, allow_pickle: bool = Fal
     if isinstance(source, Checkpoint):
         return source
     return Checkpoint.open(source, allow_pickle=allow_pickle)
+
+
+def _tensor_refs(tables: dict[Path, dict[str, tuple[str, list[int]]]]) -> dict[str, TensorRef]:
+    """One reference per tensor, to the file that holds it; a tensor in two files is refused (Hugging Face loading
+    would keep one of the copies without a word). Shards an index lists were checked against it already."""
+    refs: dict[str, TensorRef] = {}
+    for file, table in tables.items():
+        for name, (dtype, shape) in table.items():
+            if name in refs:
+                raise CheckpointError(f"Tensor '{name}' is in both '{refs[name].file.name}' and '{file.name}'.",
+                                      "remove stray shards: keep only those the checkpoint's index lists")
+            refs[name] = TensorRef(name, tuple(shape), dtype, file)
+    return refs
 
 
 def _float_only(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
