@@ -168,6 +168,9 @@ NOTE = {"type": "string", "maxLength": 1000}
      "comes to 21,000 with its counts written out"),
     # the converter wrote a reversed count as its lower bound
     ("schema", {"type": "string", "pattern": "^[0-9]{5,2}$"}, "the count {5,2}"),
+    # ... and names each rule by its path of property names, written once per copy a count makes of it: 2 MB
+    ("schema", {"type": "object", "properties": {"x" * 2000: {"type": "array", "minItems": 1000, "items": {
+        "type": "object", "properties": {"dose": {"type": "number"}}}}}}, "characters of rule names alone"),
 ])
 def test_a_grammar_llama_cpp_cannot_parse_safely_is_a_400_and_the_server_stays_up(server, kind, value, words):
     if kind == "grammar":
@@ -239,6 +242,31 @@ def test_a_schema_at_the_size_bound_still_constrains_the_answer(server):
     r = chat(server, "Name one vitamin.", response_format=fmt, max_tokens=24)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("schema,field,words", [
+    ({"type": "object", "properties": {"code": {"type": "string", "minLength": 5, "maxLength": 2}}},
+     "properties.code.minLength", "minLength is 5, above its maxLength of 2"),
+    ({"type": "object", "properties": {"hr": {"type": "integer", "minimum": 250, "maximum": 20}}},
+     "properties.hr.minimum", "minimum is 250 and maximum is 20"),
+    ({"type": "object", "properties": {"route": {"enum": []}}}, "properties.route.enum", "enum is []"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "const": "a"}}}, "properties.n.const", 'const is "a"'),
+])
+def test_a_schema_no_answer_could_match_is_a_400_naming_the_field(server, schema, field, words):
+    """The converter took each silently (five characters for maxLength 2, "a" for an integer, an empty grammar for
+    enum [], no bound at all for minimum 250): a 200 whose answer broke the schema every time."""
+    r = chat(server, "Name one vitamin.",
+             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    error = is_openai_error(r, 400, "unsatisfiable_schema")
+    assert error["param"] == f"response_format.json_schema.schema.{field}" and words in error["message"], error
+
+
+def test_a_long_property_name_within_the_bound_still_constrains_the_answer(server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"v" * 2000: {"type": "string", "maxLength": 1000}}, "required": ["v" * 2000]}}}
+    r = chat(server, "Name one vitamin.", response_format=fmt, max_tokens=24)
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["choices"][0]["message"]["content"].replace(" ", "").startswith('{"vvv')
 
 
 def test_a_body_nested_too_deeply_is_a_400_not_a_500(server):

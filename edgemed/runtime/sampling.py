@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from edgemed.errors import InputError, TemplateError
+from edgemed.runtime.schema_bounds import contradiction, names_size, shown
 from edgemed.runtime.schema_check import MAX_SCHEMA_COUNT, MAX_SCHEMA_SIZE, grammar_size
 
 if TYPE_CHECKING:
@@ -110,9 +111,12 @@ def check_gbnf(text: str) -> None:
 
 
 def check_schema_counts(schema: str | dict) -> None:
-    """``SchemaError`` naming a count of the JSON schema (text, or already read) above ``MAX_SCHEMA_COUNT``, or counts
-    that add up beyond ``MAX_SCHEMA_SIZE`` (``schema_check.grammar_size``), before a converter writes them out: a
-    response format's, and each tool's ``parameters``."""
+    """``SchemaError`` naming a bound of the JSON schema (text, or already read) that no value meets
+    (``schema_bounds.contradiction``: a minLength above its maxLength, an empty enum), a count above
+    ``MAX_SCHEMA_COUNT``, counts that add up beyond ``MAX_SCHEMA_SIZE`` (``schema_check.grammar_size``), or rule names
+    that alone come to more than ``MAX_GRAMMAR_CHARS`` (``schema_bounds.names_size``: long property names under a
+    count, or nested deep), before a converter writes them out: a response format's, and each tool's
+    ``parameters``."""
     import json
 
     try:
@@ -120,6 +124,10 @@ def check_schema_counts(schema: str | dict) -> None:
     except (ValueError, RecursionError):
         return  # the converter says what is wrong with it
     root = todo[0]
+    bound = contradiction(root)
+    if bound is not None:
+        raise SchemaError(f"The JSON schema's '{shown(bound.at)}' cannot be met: {bound.problem}, so no answer could "
+                          "match the schema.", bound.fix)
     while todo:
         item = todo.pop()
         if isinstance(item, dict):
@@ -137,6 +145,13 @@ def check_schema_counts(schema: str | dict) -> None:
                           f"and count copies, and each maxLength/minLength and maxItems/minItems, summed over the "
                           f"schema); a constrained answer's schema takes at most {MAX_SCHEMA_SIZE:,}.",
                           "lower those counts, or leave some out and check those lengths after the answer")
+    written, most = names_size(root)
+    if written > MAX_GRAMMAR_CHARS:
+        raise SchemaError(f"The JSON schema's grammar would hold at least {written:,} characters of rule names alone: "
+                          f"the converter names each part by its path of property names and writes that name once "
+                          f"per copy a count makes of it ('{shown(most)}' adds the most); a grammar is at most "
+                          f"{MAX_GRAMMAR_CHARS:,} characters.", "shorten the property names (and $defs names) on that "
+                          "path, nest them less deeply, or lower the counts under them")
 
 
 def grammar_text(settings: GenerationSettings) -> str | None:

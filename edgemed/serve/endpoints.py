@@ -31,7 +31,14 @@ from edgemed.serve import api, grammar_source
 from edgemed.serve.middleware import RequestRecord
 from edgemed.serve.state import Served
 from edgemed.serve import tools
-from edgemed.serve.grammar_source import GRAMMAR, RESPONSE_FORMAT, GrammarSource, pattern_refusal, strict_refusal
+from edgemed.serve.grammar_source import (
+    GRAMMAR,
+    RESPONSE_FORMAT,
+    GrammarSource,
+    bound_refusal,
+    pattern_refusal,
+    strict_refusal,
+)
 from edgemed.serve.tools import CallFilter, ToolPlan
 
 
@@ -125,7 +132,7 @@ async def chat_prompt(served: Served, record: RequestRecord, body: api.ChatReque
     fmt = body.response_format.json_schema if json_schema is not None else None
     if fmt is not None:
         at, names = "response_format.json_schema.schema", "The JSON schema in 'response_format'"
-        refused = pattern_refusal(fmt.schema_, at, names)
+        refused = bound_refusal(fmt.schema_, at, names) or pattern_refusal(fmt.schema_, at, names)
         if refused is None and fmt.strict:
             refused = strict_refusal(fmt.schema_, at, names)
         if refused is not None:

@@ -5,7 +5,8 @@ An answer that grammar could not be followed for (no token allowed, one token to
 the probe refuses are 400s whose ``param`` names that field and whose fix says what to change in it, as OpenAI's
 error shape has it: the ``openai`` client and LangChain show ``param`` beside the message. A strict schema holding a
 keyword its grammar would drop is refused up front the same way (``strict_refusal``), naming that keyword, and any
-schema whose ``pattern`` cannot become a grammar (``pattern_refusal``).
+schema whose ``pattern`` cannot become a grammar (``pattern_refusal``), and any schema with a bound no value meets
+(``bound_refusal``: a minLength above its maxLength).
 """
 
 from __future__ import annotations
@@ -103,6 +104,21 @@ def pattern_refusal(schema, param: str, names: str) -> ApiError | None:
                              f"a grammar: {exc.reason}. Fix: {exc.fix}.",
                         code="unsupported_schema_pattern", param=f"{param}.{exc.path}")
     return None
+
+
+def bound_refusal(schema, param: str, names: str) -> ApiError | None:
+    """The 400 for a schema with a bound no value meets (``schema_bounds.contradiction``: a minLength above its
+    maxLength, minimum above maximum, an empty enum, a const outside its type), strict or not, before its grammar is
+    written: the converter takes it silently, and every answer breaks it. ``param`` and ``names`` as for
+    ``strict_refusal``."""
+    from edgemed.runtime.schema_bounds import contradiction, shown
+
+    bound = contradiction(schema) if isinstance(schema, dict) else None
+    if bound is None:
+        return None
+    where = f"at '{shown(bound.path)}'" if bound.path else "at its root"
+    return ApiError(400, f"{names} cannot be met {where}: {bound.problem}, so no answer could match it. Fix: "
+                         f"{bound.fix}.", code="unsatisfiable_schema", param=f"{param}.{bound.at}")
 
 
 def with_bans(source: GrammarSource | None, body) -> GrammarSource | None:

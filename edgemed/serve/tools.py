@@ -33,6 +33,7 @@ from edgemed.formats.nesting import finite_decoder, loads_json
 from edgemed.serve.api import ApiError
 from edgemed.serve.grammar_source import (
     GrammarSource,
+    bound_refusal,
     forced_call,
     pattern_refusal,
     strict_refusal,
@@ -186,12 +187,15 @@ def grammar(functions: list, parallel: bool, where: dict[str, int] | None = None
 
     for f in functions:  # a count is written out in full by the converter, on the event loop: bounded first
         at = (where or {}).get(f.name)
+        param = "tools" if at is None else f"tools.{at}.function.parameters"
+        refused = bound_refusal(f.parameters, param, f"The 'parameters' schema of '{f.name}'")
+        if refused is not None:
+            raise refused
         try:
             check_schema_counts(f.parameters or {})
         except InputError as exc:
             raise ApiError(400, f"The 'parameters' schema of the function '{f.name}': {exc.problem} Fix: {exc.fix}.",
-                           param="tools" if at is None else f"tools.{at}.function.parameters") from None
-        param = "tools" if at is None else f"tools.{at}.function.parameters"
+                           param=param) from None
         refused = pattern_refusal(f.parameters, param, f"The 'parameters' schema of '{f.name}'")
         if refused is None and f.strict:
             refused = strict_refusal(f.parameters, param, f"The 'parameters' schema of '{f.name}'")
