@@ -648,3 +648,26 @@ def test_a_swap_note_that_cannot_be_read_leaves_that_runs_debris_alone(tmp_path,
     assert (dest / "model.onnx").read_text() == "next" and f"could not settle '{note}'" in caplog.text
     kept = [p for p in dest.parent.iterdir() if p.is_dir() and (p / "clinic-notes.txt").is_file()]
     assert len(kept) == 1 and debris.is_debris(kept[0]) and (kept[0] / "model.onnx").read_text() == "old"
+
+
+@pytest.mark.parametrize("dest_name", ["model-onnx", "clinic-notes"], ids=["its-own-name", "another-name"])
+def test_a_crafted_swap_note_never_moves_a_users_folder_into_debris(tmp_path, dest_name):
+    """A swap's note is on-disk state anyone who can write the folder can alter. One that named a user's folder as
+    the swap's output (its own name, or another one in the folder) and its device and inode as what was "written"
+    made the sweep move that folder to a dead run's temporary name, then delete it with that run's debris. Now a
+    sweep moves out of an output's place only a folder edgemed made as that kind, unchanged, and a note must name
+    the output its own name stands for: the user's folder stays, whole."""
+    owner = "0123456789abcdef"
+    (tmp_path / f".edgemed-{owner}.lock").touch()  # a dead run's lock: nobody holds it
+    users = tmp_path / dest_name
+    users.mkdir()
+    (users / "notes.txt").write_text("the user's")
+    tmp = tmp_path / f".model-onnx.edgemed-{owner}.aaaaaaaa.partial"
+    tmp.mkdir()
+    (tmp / "model.onnx").write_text("debris")
+    note = tmp_path / f".model-onnx.edgemed-{owner}.bbbbbbbb{debris.SWAP}.partial"
+    note.write_text(atomic.json.dumps({"dest": dest_name, "tmp": tmp.name,
+                                       "aside": f".model-onnx.edgemed-{owner}.cccccccc{debris.ASIDE}.partial",
+                                       "written": list(_ident(users)), "approved": None, "kind": "onnx"}))
+    debris.sweep(tmp_path)
+    assert {p.name: p.read_text() for p in users.iterdir()} == {"notes.txt": "the user's"}

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemed.files import ownership
-from edgemed.files.debris import (ASIDE, MAX_LABEL, SWAP, debris_path, discard, is_debris, owned, owner_of,
-                                  scratch_dir, settle_swaps_with, step, sweep)
+from edgemed.files.debris import (ASIDE, MAX_LABEL, SWAP, debris_path, discard, is_debris, label_of, owned,
+                                  owner_of, scratch_dir, settle_swaps_with, step, sweep)
 from edgemed.files.durable import sync_folder, sync_tree
 from edgemed.errors import DISK_REFUSED, OutputError, OutputExists
 
@@ -338,7 +338,8 @@ def _settle(swaps: list, ours: dict, approved: dict, kind: str | None, swept: bo
     something; put any other back at its destination (the new output goes to the temporary name, which is debris),
     and so one that a stop left with its destination empty (between the two renames of a swap or of a put-back),
     which would otherwise go with the new output too; where the destination holds something else than what was
-    written (put there since), keep it beside it instead (``_keep_aside``). The swap's note goes once it is settled
+    written (put there since; from a note, ``swept``, anything but a folder edgemed made as ``kind``, unchanged),
+    keep it beside it instead (``_keep_aside``). The swap's note goes once it is settled
     (before a discard: a note must never bring back a half-deleted folder). Return the destinations not replaced.
     ``swaps`` is emptied as it goes; run again after a stop, it finishes what the stop cut short. ``swept``: a sweep
     settles a dead run's note, and a warning tells what it put back."""
@@ -353,8 +354,8 @@ def _settle(swaps: list, ours: dict, approved: dict, kind: str | None, swept: bo
                 _forget(note)
                 discard(old)
                 continue
-            if os.path.lexists(dest) and _ident(dest) != ours.get(tmp):  # not what was written: never moved
-                _keep_aside(old, dest)
+            if os.path.lexists(dest) and (_ident(dest) != ours.get(tmp) or (swept and not _made(dest, kind))):
+                _keep_aside(old, dest)  # not what was written (or, from a note, not provably ours): never moved
             else:
                 _put_back(old, tmp, dest)
                 if swept:
@@ -365,6 +366,12 @@ def _settle(swaps: list, ours: dict, approved: dict, kind: str | None, swept: bo
         _forget(note)
         swaps.pop(0)
     return back
+
+
+def _made(dest: Path, kind: str | None) -> bool:
+    """Whether ``dest`` is a folder edgemed made as a ``kind`` output, unchanged: what a sweep may move out of an
+    output's place on a note's word (a note's device and inode alone are forgeable, and reused once freed)."""
+    return kind is not None and dest.is_dir() and not dest.is_symlink() and ownership.made_by_edgemed(dest, kind)
 
 
 def _forget(note: Path | None) -> None:
@@ -400,7 +407,7 @@ def _note_swap(note: Path, tmp: Path, dest: Path, aside: Path, written: tuple, a
 
 def _read_note(note: Path) -> tuple:
     """(temporary, destination, aside, written, approved, kind) from a swap's note, read as untrusted: names of this
-    folder only, the temporaries debris of the note's own owner. OSError where it is not a note edgemed wrote."""
+    folder only, the output the note's own name stands for, the temporaries debris of the note's owner for it. OSError where it is not a note edgemed wrote."""
     fd = os.open(note, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -421,7 +428,8 @@ def _read_note(note: Path) -> tuple:
         d = None
     if not (isinstance(d, dict) and set(d) == _NOTE_KEYS and all(name(d[k]) for k in ("dest", "tmp", "aside"))
             and all(is_debris(note.parent / d[k]) and owner_of(note.parent / d[k]) == owner_of(note)
-                    for k in ("tmp", "aside"))
+                    and label_of(note.parent / d[k]) == label_of(note) for k in ("tmp", "aside"))
+            and d["dest"][:MAX_LABEL] == label_of(note)  # the output the note's own name stands for, no other
             and ident(d["written"]) and (d["approved"] is None or ident(d["approved"]))
             and (d["kind"] is None or (isinstance(d["kind"], str) and 0 < len(d["kind"]) <= 64))):
         raise OSError(errno.EINVAL, "not a swap's note that edgemed wrote (damaged, or of another shape)", str(note))
