@@ -671,3 +671,30 @@ def test_a_crafted_swap_note_never_moves_a_users_folder_into_debris(tmp_path, de
                                        "written": list(_ident(users)), "approved": None, "kind": "onnx"}))
     debris.sweep(tmp_path)
     assert {p.name: p.read_text() for p in users.iterdir()} == {"notes.txt": "the user's"}
+
+
+def test_a_swap_note_is_gone_on_disk_before_the_old_folder_it_approved_is_deleted(tmp_path, monkeypatch):
+    """The note went (an unlink) and the approved old folder was deleted right after, with no fsync of the folder
+    between: after a power cut the note could come back beside a half-deleted old folder, which no longer proves
+    unchanged, so the sweep would put it back over the new output. Now the folder is synced once the note is gone."""
+    dest = tmp_path / "model-onnx"
+    _onnx_dir(dest, "old")
+    events: list[tuple] = []
+    real_fsync, real_discard = os.fsync, atomic.discard
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("sync", (st.st_dev, st.st_ino)))
+        return real_fsync(fd)
+
+    def discard(path):
+        events.append(("note" if Path(path).name.endswith(debris.SWAP + ".partial") else "discard", Path(path).name))
+        return real_discard(path)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "discard", discard)
+    _onnx_dir(dest, "new", force=True)
+    kinds = [e[0] for e in events]
+    note, old = kinds.index("note"), kinds.index("discard")
+    assert note < old and ("sync", _ident(tmp_path)) in events[note:old], events
+    assert (dest / "model.onnx").read_text() == "new" and crash_kit.debris(tmp_path) == []

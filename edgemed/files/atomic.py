@@ -351,8 +351,8 @@ def _settle(swaps: list, ours: dict, approved: dict, kind: str | None, swept: bo
             step("atomic.discard-old")
             if os.path.lexists(dest) and _approved(old, approved.get(dest), kind):
                 swaps.pop(0)  # first: a stop during the discard leaves the rest as debris, never puts it back
-                _forget(note)
-                discard(old)
+                _forget(note, durably=True)  # gone on disk first: after a power cut, never back beside a half-deleted
+                discard(old)  # old folder (no longer unchanged: the sweep would put it back over the new output)
                 continue
             if os.path.lexists(dest) and (_ident(dest) != ours.get(tmp) or (swept and not _made(dest, kind))):
                 _keep_aside(old, dest)  # not what was written (or, from a note, not provably ours): never moved
@@ -374,9 +374,12 @@ def _made(dest: Path, kind: str | None) -> bool:
     return kind is not None and dest.is_dir() and not dest.is_symlink() and ownership.made_by_edgemed(dest, kind)
 
 
-def _forget(note: Path | None) -> None:
+def _forget(note: Path | None, durably: bool = False) -> None:
+    """Remove a swap's note (``durably``: and sync its folder, so that the removal is on disk before what follows)."""
     if note is not None and os.path.lexists(note):
         discard(note)
+        if durably:
+            sync_folder(note.parent)
 
 
 _NOTE_KEYS = {"dest", "tmp", "aside", "written", "approved", "kind"}
