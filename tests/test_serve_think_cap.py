@@ -41,6 +41,7 @@ class ScriptedBatcher:
     def __init__(self, opens_think: bool = True):
         self.opens_think = opens_think
         self.calls: list[tuple[str, object]] = []
+        self.choices: list[int] = []  # each call's number of choices
         self.lock = threading.Lock()
 
     def chat_template(self):
@@ -63,18 +64,25 @@ class ScriptedBatcher:
         """The batcher's up-front grammar check: every grammar passes here."""
 
     def submit_n(self, prompt, settings, *, request_id, extras=None, adapter=None, scope=None):
+        """One stream per choice (``extras.n``); choices after the first copy the first's prompt, as the batcher's
+        do (``forked``, nothing cached)."""
         text = prompt if isinstance(prompt, str) else self.detokenize(prompt)
+        n = extras.n if extras is not None else 1
         with self.lock:
             self.calls.append((text, settings))
-        stream = Stream(request_id, lambda: None)
+            self.choices.append(n)
         thinking = text.endswith("<think>\n")
         pieces = [THOUGHT] * settings.max_tokens if thinking else ANSWER[:settings.max_tokens]
         reason = "length" if thinking or len(pieces) < len(ANSWER) else "stop"
-        for piece in pieces:
-            stream._put(Piece(piece))
-        stream._put(Finished(reason, len(text), len(pieces), 0.01, 0.02, 0.0,
-                             cached_tokens=3 if thinking else len(text) - len(THOUGHT_CLOSING)))
-        return [stream]
+        streams = []
+        for i in range(n):
+            stream = Stream(request_id, lambda: None)
+            for piece in pieces:
+                stream._put(Piece(piece))
+            cached = 0 if i else 3 if thinking else len(text) - len(THOUGHT_CLOSING)
+            stream._put(Finished(reason, len(text), len(pieces), 0.01, 0.02, 0.0, cached_tokens=cached, forked=i > 0))
+            streams.append(stream)
+        return streams
 
 
 @pytest.fixture
@@ -140,6 +148,34 @@ def test_a_capped_thought_is_closed_and_the_answer_asked_for(serve, stream, wher
     metrics = server.app.state.served.metrics.registry
     assert metrics.get_sample_value("edgemed_completion_tokens_total") == 9  # the request counted once
     assert metrics.get_sample_value("edgemed_adapter_generations_total", {"adapter": ""}) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_n_choices_count_their_prompt_once(serve, stream):
+    """n > 1 with a cap: the thoughts are one batcher call of n choices (one prefill, as without a cap), and the usage
+    and the audit record count the prompt once, as OpenAI's usage does for n choices, not once per choice."""
+    batcher = ScriptedBatcher()
+    server = serve(batcher)
+    request = dict(model=MODEL, messages=QUESTION, max_tokens=10, n=2, extra_body={"think_cap": 6})
+    if stream:
+        texts, usage = ["", ""], None
+        for chunk in server.client.chat.completions.create(**request, stream=True,
+                                                           stream_options={"include_usage": True}):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+            usage = chunk.usage or usage
+    else:
+        reply = server.client.chat.completions.create(**request)
+        texts, usage = [c.message.content for c in reply.choices], reply.usage
+    prompt = batcher.render_chat(QUESTION)
+    assert texts == [THOUGHT * 6 + THOUGHT_CLOSING + "".join(ANSWER)] * 2
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), 2 * (6 + 3))
+    assert usage.prompt_tokens_details.cached_tokens == 3
+    record = _request_records(server.audit_path)[0]
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (len(prompt), 18)
+    assert batcher.choices == [2, 1, 1]  # both thoughts in one call, then each choice's answer
+    seed = batcher.calls[0][1].seed
+    assert sorted(settings.seed for _, settings in batcher.calls[1:]) == [seed, seed + 1]  # each choice's own seed
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

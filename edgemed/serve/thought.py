@@ -125,8 +125,9 @@ class BatcherCalls:
 
 
 def run(calls: BatcherCalls, outer: Stream, prompt: str, settings: GenerationSettings, cap: int,
-        t_submit: float) -> None:
-    """Drive ``session.replies`` and put its text on ``outer``, then the one ``Finished`` (in a thread of its own)."""
+        t_submit: float, forked: bool = False) -> None:
+    """Drive ``session.replies`` and put its text on ``outer``, then the one ``Finished`` (in a thread of its own);
+    ``forked``: a choice after the first of n, whose prompt the request's usage counts once (the first's)."""
     ttft = 0.0
     ended: Finished | None = None
     try:
@@ -149,7 +150,7 @@ def run(calls: BatcherCalls, outer: Stream, prompt: str, settings: GenerationSet
     outer._put(replace(ended, prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
                        completion_tokens=sum(f.completion_tokens for f in calls.kept if f is not ended)
                        + ended.completion_tokens,
-                       ttft_s=ttft, queue_s=first.queue_s, total_s=time.perf_counter() - t_submit, forked=False))
+                       ttft_s=ttft, queue_s=first.queue_s, total_s=time.perf_counter() - t_submit, forked=forked))
 
 
 def cap_for(config, body) -> int | None:
@@ -174,28 +175,24 @@ def cap_for(config, body) -> int | None:
 def submit_capped(batcher, prompt: str, cap: int, tokens: list[int], settings: GenerationSettings, *,
                   request_id: str, extras: Extras, **more) -> list[Stream]:
     """``Batcher.submit_n`` for a request with a reasoning cap: one stream per choice (choice i samples with seed + i),
-    each answered by ``session.replies`` with ``think cap:cap``. The opening calls are queued here (their refusals
-    raise, and cancel those queued before); the rest runs in a thread per choice."""
+    each answered by ``session.replies`` with ``think cap:cap``. The opening calls are one ``submit_n`` of every choice
+    (one prefill, the others copy its KV, as without a cap; its refusals raise); the rest runs in a thread per choice.
+    Choices after the first are ``forked``: the request's usage counts its prompt once, as without a cap."""
     t_submit = time.perf_counter()
     if settings.grammar or settings.json_schema:  # the answer's constraint, refused now if the probe refuses it
         batcher.check_grammar(settings)
+    policy = ThinkPolicy(cap=cap)
+    # the batcher samples choice i with seed + i: its opening is ``opening_settings`` of that choice's own settings
+    owns = [settings if i == 0 else replace(settings, seed=settings.seed + i) for i in range(extras.n)]
+    streams = batcher.submit_n(tokens, opening_settings(prompt, settings, policy), request_id=request_id,
+                               extras=extras, **more)
     one = replace(extras, n=1)
-    queued: list[tuple[BatcherCalls, Stream, GenerationSettings]] = []
-    try:
-        for i in range(extras.n):
-            own = settings if i == 0 else replace(settings, seed=settings.seed + i)
-            opening = opening_settings(prompt, own, ThinkPolicy(cap=cap))
-            stream = batcher.submit_n(tokens, opening, request_id=request_id, extras=one, **more)[0]
-            calls = BatcherCalls(batcher, request_id, prompt, tokens, own.max_tokens, (opening, stream), one, more)
-            queued.append((calls, stream, own))
-    except BaseException:
-        for _, stream, _ in queued:
-            stream.cancel()
-        raise
     outers = []
-    for calls, stream, own in queued:
+    for i, (own, stream) in enumerate(zip(owns, streams)):
+        calls = BatcherCalls(batcher, request_id, prompt, tokens, own.max_tokens,
+                             (opening_settings(prompt, own, policy), stream), one, more)
         outer = Stream(request_id, calls.cancel, stream.adapter)
-        threading.Thread(target=run, args=(calls, outer, prompt, own, cap, t_submit), daemon=True,
+        threading.Thread(target=run, args=(calls, outer, prompt, own, cap, t_submit, i > 0), daemon=True,
                          name=f"think-cap-{request_id}").start()
         outers.append(outer)
     return outers
