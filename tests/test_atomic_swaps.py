@@ -698,3 +698,16 @@ def test_a_swap_note_is_gone_on_disk_before_the_old_folder_it_approved_is_delete
     note, old = kinds.index("note"), kinds.index("discard")
     assert note < old and ("sync", _ident(tmp_path)) in events[note:old], events
     assert (dest / "model.onnx").read_text() == "new" and crash_kit.debris(tmp_path) == []
+
+
+def test_a_deeply_nested_swap_note_is_left_alone_never_a_crash(tmp_path, caplog):
+    """A note of nested brackets (under the size a note may have) made the JSON reader raise RecursionError, which
+    no sweep caught: every command writing into that folder failed with a traceback. Now it is a note that cannot be
+    read: that run's debris is left alone, a warning names it, and the output is written."""
+    owner = "0123456789abcdef"
+    (tmp_path / f".edgemed-{owner}.lock").touch()  # a dead run's lock: nobody holds it
+    note = tmp_path / f".model-onnx.edgemed-{owner}.bbbbbbbb{debris.SWAP}.partial"
+    note.write_text("[" * 4000)
+    _onnx_dir(tmp_path / "model-onnx", "new")
+    assert (tmp_path / "model-onnx" / "model.onnx").read_text() == "new"
+    assert note.exists() and f"could not settle '{note}'" in caplog.text

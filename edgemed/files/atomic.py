@@ -427,7 +427,7 @@ def _read_note(note: Path) -> tuple:
 
     try:
         d = json.loads(raw.decode("utf-8", "surrogateescape")) if len(raw) <= _MAX_NOTE else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: brackets nested deeper than the reader goes
         d = None
     if not (isinstance(d, dict) and set(d) == _NOTE_KEYS and all(name(d[k]) for k in ("dest", "tmp", "aside"))
             and all(is_debris(note.parent / d[k]) and owner_of(note.parent / d[k]) == owner_of(note)
