@@ -317,6 +317,19 @@ def test_queue_full_raises_overloaded(smollm2_gguf, prompts):
         assert collect(b.submit(prompts[2], GenerationSettings(max_tokens=3), request_id="ok"))[1].finish_reason == "length"
 
 
+def test_a_held_call_keeps_its_requests_place_in_a_full_queue(smollm2_gguf, prompts):
+    """``held`` (a reasoning cap's answer, after its thought): the request was taken already, so a queue other requests
+    filled meanwhile neither refuses its next call nor counts it as a refusal."""
+    with Batcher(smollm2_gguf, LOAD, slots=1, queue_size=1) as b:
+        running = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="r")
+        queued = b.submit(prompts[3], GenerationSettings(max_tokens=400), request_id="q")
+        answer = b.submit_n(prompts[2], GenerationSettings(max_tokens=3), request_id="a", held=True)[0]
+        assert b.stats()["overloaded_total"] == 0
+        running.cancel()
+        queued.cancel()
+        assert collect(answer)[1].finish_reason == "length"
+
+
 def test_a_request_cancelled_behind_the_head_of_the_queue_gives_its_place_back(smollm2_gguf, prompts):
     """Only the head of the queue was dropped when cancelled: one further back kept its place until it reached the
     head, so a new request got a 429 meanwhile, and its own client waited for that turn to learn it had ended."""

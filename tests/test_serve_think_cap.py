@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
+from edgemed.errors import Overloaded  # noqa: E402
 from edgemed.runtime.batch.stream import Finished, Piece, Stream  # noqa: E402
 from edgemed.runtime.session import THOUGHT_CLOSING  # noqa: E402
 from edgemed.serve import audit  # noqa: E402
@@ -63,7 +64,7 @@ class ScriptedBatcher:
     def check_grammar(self, settings) -> None:
         """The batcher's up-front grammar check: every grammar passes here."""
 
-    def submit_n(self, prompt, settings, *, request_id, extras=None, adapter=None, scope=None):
+    def submit_n(self, prompt, settings, *, request_id, extras=None, adapter=None, scope=None, held=False):
         """One stream per choice (``extras.n``); choices after the first copy the first's prompt, as the batcher's
         do (``forked``, nothing cached)."""
         text = prompt if isinstance(prompt, str) else self.detokenize(prompt)
@@ -193,6 +194,28 @@ def test_the_answer_alone_follows_the_constraint(serve):
     (_, thinking), (_, answering) = batcher.calls
     assert thinking.json_schema is None and thinking.grammar is None
     assert json.loads(answering.json_schema) == {"type": "object"} and answering.grammar is None
+
+
+class FullQueue(ScriptedBatcher):
+    """A server whose queue other requests filled while the thought ran: a call that holds no place is refused."""
+
+    def submit_n(self, prompt, settings, *, held=False, **kw):
+        if self.calls and not held:
+            raise Overloaded(6, 2.0)
+        return super().submit_n(prompt, settings, **kw)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_answer_keeps_the_requests_place_in_a_full_queue(serve, stream):
+    """The thought ends and other requests fill the queue before its answer is asked for: the answer keeps the place
+    the request held (``Batcher.submit_n``'s ``held``), rather than polling for room and failing as the server's 500
+    once the thought is spent."""
+    batcher = FullQueue()
+    server = serve(batcher)
+    content, reason, usage = _ask(server, stream, think_cap=6)
+    assert (content, reason) == (THOUGHT * 6 + THOUGHT_CLOSING + "".join(ANSWER), "stop")
+    assert len(batcher.calls) == 2 and usage.completion_tokens == 9
+    assert _request_records(server.audit_path)[0]["outcome"] == "ok"
 
 
 class RefusingProbe(ScriptedBatcher):

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import replace
 
-from edgemed.errors import Closed, ContextOverflow, EdgemedError, Overloaded
+from edgemed.errors import Closed, ContextOverflow, EdgemedError
 from edgemed.runtime.batch.options import Extras
 from edgemed.runtime.batch.stream import Finished, Piece, Stream
 from edgemed.runtime.engine import Finish, GenerationSettings
@@ -28,10 +28,6 @@ from edgemed.serve.api import ApiError
 from edgemed.templates.think import ThinkPolicy
 
 log = logging.getLogger(__name__)
-
-#: how long a second call waits for room in a full queue before the answer ends with an error
-OVERLOADED_WAIT_S = 10.0
-
 
 class Ended(Exception):
     """A call ended neither by stop nor length (cancelled, failed, its grammar refused): the reply ends with it."""
@@ -83,19 +79,13 @@ class BatcherCalls:
         if left < 1:
             return None
         settings = replace(settings, max_tokens=min(settings.max_tokens, left))
-        deadline = time.monotonic() + OVERLOADED_WAIT_S
-        while True:
-            with self._lock:
-                if self.cancelled:
-                    raise Ended(Finished("cancelled", 0, 0, 0.0, 0.0, 0.0))
-            try:
-                stream = self.batcher.submit_n(source, settings, request_id=self.request_id, extras=self.extras,
-                                               **self.more)[0]
-                break
-            except Overloaded:  # another request took the place the thought freed: wait for one
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        with self._lock:
+            if self.cancelled:
+                raise Ended(Finished("cancelled", 0, 0, 0.0, 0.0, 0.0))
+        # the request keeps the place its opening call held (``held``): a queue filled meanwhile by other requests
+        # does not turn it away halfway, after its thought
+        stream = self.batcher.submit_n(source, settings, request_id=self.request_id, extras=self.extras, held=True,
+                                       **self.more)[0]
         with self._lock:
             self._current = stream
             if self.cancelled:
@@ -140,8 +130,8 @@ def run(calls: BatcherCalls, outer: Stream, prompt: str, settings: GenerationSet
         ended = exc.finished
     except Closed as exc:  # the server stopped between the thought and its answer: a 503 to retry, as a cancel
         ended = Finished("cancelled", 0, 0, 0.0, 0.0, 0.0, error=exc.problem)
-    except EdgemedError as exc:  # the answer's call could not be queued (a queue full for OVERLOADED_WAIT_S, its
-        # grammar refused by the probe): the answer ends as a failed generation, saying why
+    except EdgemedError as exc:  # the answer's call could not be queued (its adapter no longer served, its grammar
+        # refused by the probe): the answer ends as a failed generation, saying why
         ended = Finished("error", 0, 0, 0.0, 0.0, 0.0, error=exc.problem, fix=exc.fix)
     except Exception as exc:  # a bug: the reply ends as a failed generation, not a stream that never ends
         log.exception("request %s: the reasoning cap's calls failed", outer.request_id)

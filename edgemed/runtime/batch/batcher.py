@@ -549,9 +549,12 @@ class Batcher:
                 self._arriving -= 1
                 self._cond.notify_all()
 
-    def _check_capacity(self, n: int = 1) -> None:
+    def _check_capacity(self, n: int = 1, held: bool = False) -> None:
         """``Overloaded`` unless ``n`` more requests fit (caller holds the lock); a queued request whose client left
-        holds no place (the scheduler drops it at its next turn)."""
+        holds no place (the scheduler drops it at its next turn). ``held``: the requests hold their places already
+        (``submit_n``'s ``held``): nothing to check."""
+        if held:
+            return
         in_flight = (sum(1 + len(q.followers) for q in self._queue if not q.stream.cancelled) + len(self._active)
                      + len(self._admitting))
         if in_flight + n > self.slots + self.queue_size:
@@ -580,14 +583,17 @@ class Batcher:
             self._probe.check(gbnf)
 
     def submit_n(self, prompt: str | list[int], settings: GenerationSettings, *, request_id: str,
-                 extras: Extras | None = None, adapter: str | None = None, scope: object = None) -> list[Stream]:
+                 extras: Extras | None = None, adapter: str | None = None, scope: object = None,
+                 held: bool = False) -> list[Stream]:
         """``submit`` for ``extras.n`` choices of one prompt: one stream each. The first computes the prompt;
         the others copy its KV once it is done (one prefill) and sample from the same last row, each with its
         own sampler (seed + i), in slots of their own, admitted together. ``adapter``: the name of a served
         adapter to generate with (None: the base); an unknown or removed one raises ``UnknownAdapter``. ``scope``
         (hashable): the prompt KV this request computes is reused only by requests of an equal scope, and it reuses
         only theirs (a server scopes by API key: what one clinician's prompt holds is neither served nor timed to
-        another's probe); None is one scope of its own, everyone's."""
+        another's probe); None is one scope of its own, everyone's. ``held``: the next call of a request already
+        taken (a reasoning cap's answer, once its thought ended), which keeps the place that request held: it is not
+        refused for room (``Overloaded``), so a request admitted is never turned away halfway."""
         from edgemed.runtime.llamacpp import Detokenizer
 
         extras = extras or Extras()
@@ -599,7 +605,7 @@ class Batcher:
             with self._cond:  # a request that could not be queued anyway is not worth a probe
                 if self._stopping or self._thread is None:
                     raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
-                self._check_capacity(extras.n)
+                self._check_capacity(extras.n, held)
             self._probe.check(gbnf)  # before this process parses it: a costly or crashing grammar is a 400 here
         if not 1 <= extras.n <= self.slots:
             raise InputError(f"n={extras.n} choices need as many slots; this server runs {self.slots}.",
@@ -608,7 +614,7 @@ class Batcher:
         with self._cond:
             if self._stopping or self._thread is None:
                 raise Closed("The model server is not running.", "start it (or wait for the restart) and retry")
-            self._check_capacity(extras.n)
+            self._check_capacity(extras.n, held)
             loaded = self._acquire(adapter, extras.n)
         seqs: list[Seq] = []
         try:
@@ -634,7 +640,7 @@ class Batcher:
             with self._cond:
                 if self._stopping:
                     raise Closed("The model server is shutting down.", "retry when it is back")
-                self._check_capacity(extras.n)
+                self._check_capacity(extras.n, held)
                 self._queue.append(seqs[0])
                 self._n.requests_total += 1
                 self._cond.notify_all()
