@@ -218,6 +218,35 @@ def test_the_answer_keeps_the_requests_place_in_a_full_queue(serve, stream):
     assert _request_records(server.audit_path)[0]["outcome"] == "ok"
 
 
+class SwappedAdapter(ScriptedBatcher):
+    """An adapter ``a`` removed and added again with another file while the thought ran: the answer's call is bound
+    to other weights than the thought's."""
+
+    def adapters(self):
+        return {"a": {"sha256": "2" * 64, "scale": 1.0}}
+
+    def submit_n(self, prompt, settings, **kw):
+        streams = super().submit_n(prompt, settings, **kw)
+        for stream in streams:
+            stream.adapter = {"name": "a", "sha256": ("2" if len(self.calls) > 1 else "1") * 64, "scale": 1.0}
+        return streams
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_answer_bound_to_other_adapter_weights_than_its_thought_is_refused(serve, stream):
+    """The audit record names the weights the request was bound to (the thought's): an answer from the file put in
+    their place would be recorded as theirs. The reply ends after the thought as a failed generation naming the
+    change, and that answer is not generated."""
+    batcher = SwappedAdapter()
+    server = serve(batcher)
+    with pytest.raises(openai.APIError) as caught:
+        _ask(server, stream, think_cap=6, model=f"{MODEL}:a")
+    assert "adapter 'a' was replaced while this request was thinking" in caught.value.message
+    assert len(batcher.calls) == 2  # the answer's call was made, bound to the new weights, and dropped
+    record = _request_records(server.audit_path)[0]
+    assert record["adapter_sha256"] == "1" * 64 and record["outcome"] == "error", record
+
+
 class RefusingProbe(ScriptedBatcher):
     """A server whose grammar probe refuses every grammar (as a costly one is refused)."""
 

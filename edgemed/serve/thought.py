@@ -53,6 +53,7 @@ class BatcherCalls:
         self._first_prompt, self._first_tokens = prompt, tokens
         self._lock = threading.Lock()
         self._current: Stream | None = opening[1]
+        self._weights = opening[1].adapter  # the adapter weights the request is bound to (its audit record's)
         self.cancelled = False
         self.kept: list[Finished] = []  # the calls whose text the client gets
         self.pending: list = []  # log probabilities of pieces not yet handed on
@@ -90,6 +91,11 @@ class BatcherCalls:
             self._current = stream
             if self.cancelled:
                 stream.cancel()
+        if stream.adapter != self._weights:  # the request's adapter was removed and added again with another file
+            stream.cancel()
+            raise EdgemedError(f"The adapter '{self.more.get('adapter')}' was replaced while this request was "
+                               "thinking: its answer would come from other weights than its thought and than its "
+                               "audit record names", "send the request again")
         return stream
 
     def complete(self, prompt: str, settings: GenerationSettings):
