@@ -157,7 +157,7 @@ def test_n_choices_count_their_prompt_once(serve, stream):
     and the audit record count the prompt once, as OpenAI's usage does for n choices, not once per choice."""
     batcher = ScriptedBatcher()
     server = serve(batcher)
-    request = dict(model=MODEL, messages=QUESTION, max_tokens=10, n=2, extra_body={"think_cap": 6})
+    request = {"model": MODEL, "messages": QUESTION, "max_tokens": 10, "n": 2, "extra_body": {"think_cap": 6}}
     if stream:
         texts, usage = ["", ""], None
         for chunk in server.client.chat.completions.create(**request, stream=True,
