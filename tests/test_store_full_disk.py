@@ -181,3 +181,23 @@ def test_a_disk_with_no_room_to_free_is_refused_naming_it_and_the_fix(bundles, t
     r = CliRunner().invoke(cli, ["remove", "other"])
     assert r.exit_code == 0, r.output
     _consistent(Store())
+
+
+def test_a_remove_that_dropped_the_kept_version_and_still_found_no_room_says_rollback_is_gone(bundles, monkeypatch):
+    """The kept version of the model being removed goes first on a full disk; when even that is not room enough the
+    model stays installed, and the refusal says it can no longer be rolled back (its kept copy is gone)."""
+    Store().install(bundles["other", "a"])
+    Store().install(bundles["other", "b"], force=True)  # keeps "a" for rollback
+    assert Store().kept_version("other") is not None
+    with monkeypatch.context() as m:
+        disk = FullDisk(Store().root, m)
+        disk.mark -= 10**9  # a gigabyte short: dropping the kept version is not enough
+        r = CliRunner().invoke(cli, ["remove", "other"])
+        assert r.exit_code == 1, r.output
+        said = " ".join(r.output.split())
+        assert "'other' is still installed, and can no longer be rolled back" in said, said
+        assert Store().kept_version("other") is None
+        assert [row["name"] for row in Store().list()] == ["other"]
+    r = CliRunner().invoke(cli, ["remove", "other"])  # space back
+    assert r.exit_code == 0, r.output
+    _consistent(Store())

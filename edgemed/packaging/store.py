@@ -1087,7 +1087,8 @@ class Store:
                 if not _no_room(exc):
                     raise
                 left = ("nothing was removed" if not room["versions"] else
-                        f"'{name}' is still installed (its kept versions were dropped to make room, not enough)")
+                        f"'{name}' is still installed, and can no longer be rolled back: its kept versions were "
+                        "dropped to make room, and that was not enough")
                 raise self._full(exc, f"removing '{name}' writes its journal ({JOURNAL}) before the model leaves the "
                                       f"store, and there is no room for it; {left}",
                                  f"run `edgemed remove {name}` again") from exc
