@@ -100,6 +100,32 @@ def _onnx_dir(dest: Path, text: str, force: bool = False) -> None:
         (tmp / "model.onnx").write_text(text)
 
 
+def _old_output(parent: Path) -> Path:
+    """An ONNX output edgemed made in a new folder ``parent``, holding "old"."""
+    parent.mkdir()
+    _onnx_dir(parent / "model-onnx", "old")
+    return parent / "model-onnx"
+
+
+def _replaced_while_notes_are_added(dest: Path, exchange: bool = True):
+    """What a killed child runs: ``dest`` replaced by a new ONNX output while the user adds notes to the old one at
+    the swap's exchange step (the race that makes the swap put the old folder back); ``exchange`` False: a file system
+    without renameat2's exchange (two renames)."""
+    def go():
+        real_step = atomic.step
+
+        def step(what):
+            if what == "atomic.exchange":
+                (dest / "clinic-notes.txt").write_text("the user's")
+            real_step(what)
+
+        atomic.step = step
+        if not exchange:
+            atomic._exchange = lambda a, b: False
+        _onnx_dir(dest, "new", force=True)
+    return go
+
+
 def test_an_interrupt_between_the_two_renames_puts_the_old_output_back(tmp_path, monkeypatch):
     """The error handler discarded the new temporary but left the old output at its aside name for good (and took
     the lock file that would have let a sweep restore it)."""
@@ -521,31 +547,14 @@ def test_a_kill_at_each_step_of_a_put_back_is_settled_by_the_next_command(tmp_pa
     from edgemed.errors import OutputExists
 
     def run(dest: Path):
-        def go():  # in the killed child only: the race, and a file system without an exchange
-            real_step = atomic.step
-
-            def step(what):
-                if what == "atomic.exchange":
-                    (dest / "clinic-notes.txt").write_text("the user's")
-                real_step(what)
-
-            atomic.step = step
-            if not exchange:
-                atomic._exchange = lambda a, b: False
-            _onnx_dir(dest, "new", force=True)
-        return go
-
-    def old_output(n: int) -> Path:
-        (tmp_path / str(n)).mkdir()
-        _onnx_dir(tmp_path / str(n) / "model-onnx", "old")
-        return tmp_path / str(n) / "model-onnx"
+        return _replaced_while_notes_are_added(dest, exchange)
 
     log = tmp_path / "steps.log"
-    assert crash_kit.killed_at(run(old_output(0)), 0, log) == 2  # OutputExists: it was put back
+    assert crash_kit.killed_at(run(_old_output(tmp_path / "0")), 0, log) == 2  # OutputExists: it was put back
     names = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
     put_back = names.index("atomic.put-back") + 1
     for n in range(1, len(names) + 1):
-        dest = old_output(n)
+        dest = _old_output(tmp_path / str(n))
         assert crash_kit.killed_at(run(dest), n) == crash_kit.KILLED, names[n - 1]
         try:
             _onnx_dir(dest, "next", force=True)  # replaces only an unchanged edgemed folder (the new one)
@@ -571,30 +580,13 @@ def test_a_kill_between_a_swap_and_its_put_back_never_loses_the_changed_old_fold
     and a warning says where. Never deleted."""
     from edgemed.errors import OutputExists
 
-    def old_output(name: str) -> Path:
-        (tmp_path / name).mkdir()
-        _onnx_dir(tmp_path / name / "model-onnx", "old")
-        return tmp_path / name / "model-onnx"
-
     def run(dest: Path):
-        def go():  # in the killed child only: the user adds notes during the swap; a file system without an exchange
-            real_step = atomic.step
-
-            def step(what):
-                if what == "atomic.exchange":
-                    (dest / "clinic-notes.txt").write_text("the user's")
-                real_step(what)
-
-            atomic.step = step
-            if not exchange:
-                atomic._exchange = lambda a, b: False
-            _onnx_dir(dest, "new", force=True)
-        return go
+        return _replaced_while_notes_are_added(dest, exchange)
 
     log = tmp_path / "steps.log"
-    assert crash_kit.killed_at(run(old_output("clean")), 0, log) == 2  # OutputExists: the steps of a put-back
+    assert crash_kit.killed_at(run(_old_output(tmp_path / "clean")), 0, log) == 2  # OutputExists: the steps of a put-back
     names = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
-    dest = old_output("killed")
+    dest = _old_output(tmp_path / "killed")
     assert crash_kit.killed_at(run(dest), names.index(at) + 1) == crash_kit.KILLED
     assert (dest / "model.onnx").read_text() == "new"  # the kill's state: the new output in, the old one out
     kept = dest.parent / "model-onnx.old-kept-by-edgemed"
@@ -621,27 +613,11 @@ def test_a_kill_between_a_swap_and_its_put_back_never_loses_the_changed_old_fold
 def test_a_swap_note_that_cannot_be_read_leaves_that_runs_debris_alone(tmp_path, caplog):
     """A note is the only thing that says what a killed swap took out: one that is damaged (or of another shape)
     proves nothing, so the sweep neither settles nor removes anything of that run, and a warning names it."""
-    def run(dest: Path):
-        def go():  # in the killed child only: the user adds notes during the swap
-            real_step = atomic.step
-
-            def step(what):
-                if what == "atomic.exchange":
-                    (dest / "clinic-notes.txt").write_text("the user's")
-                real_step(what)
-
-            atomic.step = step
-            _onnx_dir(dest, "new", force=True)
-        _onnx_dir(dest, "old")
-        return go
-
-    (tmp_path / "clean").mkdir()
-    (tmp_path / "killed").mkdir()
     log = tmp_path / "steps.log"
-    assert crash_kit.killed_at(run(tmp_path / "clean" / "model-onnx"), 0, log) == 2  # OutputExists: put back
+    assert crash_kit.killed_at(_replaced_while_notes_are_added(_old_output(tmp_path / "clean")), 0, log) == 2  # put back
     at = [line.split(" ", 1)[1] for line in log.read_text().splitlines()].index("atomic.discard-old") + 1
-    dest = tmp_path / "killed" / "model-onnx"
-    assert crash_kit.killed_at(run(dest), at) == crash_kit.KILLED
+    dest = _old_output(tmp_path / "killed")
+    assert crash_kit.killed_at(_replaced_while_notes_are_added(dest), at) == crash_kit.KILLED
     note = next(p for p in dest.parent.iterdir() if p.name.endswith(debris.SWAP + ".partial"))
     note.write_text('{"dest": "model-onnx"}')
     _onnx_dir(dest, "next", force=True)  # the new output was edgemed's, unchanged: replaced
