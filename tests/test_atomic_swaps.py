@@ -584,7 +584,8 @@ def test_a_kill_between_a_swap_and_its_put_back_never_loses_the_changed_old_fold
         return _replaced_while_notes_are_added(dest, exchange)
 
     log = tmp_path / "steps.log"
-    assert crash_kit.killed_at(run(_old_output(tmp_path / "clean")), 0, log) == 2  # OutputExists: the steps of a put-back
+    clean = _old_output(tmp_path / "clean")
+    assert crash_kit.killed_at(run(clean), 0, log) == 2  # OutputExists: the steps of a put-back
     names = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
     dest = _old_output(tmp_path / "killed")
     assert crash_kit.killed_at(run(dest), names.index(at) + 1) == crash_kit.KILLED
@@ -614,7 +615,8 @@ def test_a_swap_note_that_cannot_be_read_leaves_that_runs_debris_alone(tmp_path,
     """A note is the only thing that says what a killed swap took out: one that is damaged (or of another shape)
     proves nothing, so the sweep neither settles nor removes anything of that run, and a warning names it."""
     log = tmp_path / "steps.log"
-    assert crash_kit.killed_at(_replaced_while_notes_are_added(_old_output(tmp_path / "clean")), 0, log) == 2  # put back
+    clean = _old_output(tmp_path / "clean")
+    assert crash_kit.killed_at(_replaced_while_notes_are_added(clean), 0, log) == 2  # OutputExists: put back
     at = [line.split(" ", 1)[1] for line in log.read_text().splitlines()].index("atomic.discard-old") + 1
     dest = _old_output(tmp_path / "killed")
     assert crash_kit.killed_at(_replaced_while_notes_are_added(dest), at) == crash_kit.KILLED
